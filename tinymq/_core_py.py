@@ -1,0 +1,573 @@
+"""The pure-Python core: the readable specification of ``_core.pyx``.
+
+Both cores offer the same names with the same behaviour; tests run against
+both. The compiled core keeps the same state in C values and relies on the
+GIL where this one takes ``self._lock``.
+
+- ``ReadyQueue``: ready jobs in three FIFO levels (HIGH, MEDIUM, LOW) under one
+  lock and one capacity, with per-type concurrency slots: a job whose type is
+  saturated is passed over and keeps its place. It also keeps the queue's
+  accounting (unfinished jobs for ``join``, lifetime counters), so a job is
+  counted in the same critical section that makes it visible.
+- ``DelayedHeap``: a min-heap on (run_at, insertion order) with capped eviction.
+- ``Alarm``: a latched wake-up for the one thread (scheduler, watchdog) that
+  sleeps until a deadline.
+- ``WorkerSlot`` and ``run_worker``: one worker's attempt, as the watchdog sees
+  it, and the per-job loop.
+- ``retry_delay`` and ``new_job_id``.
+"""
+import ctypes
+import heapq
+import itertools
+import math
+import os
+import random
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+
+from .errors import JobTimeout, QueueFull, QueueStopped
+
+__all__ = [
+    "ReadyQueue", "DelayedHeap", "Alarm", "WorkerSlot", "TypeState",
+    "run_worker", "retry_delay", "new_job_id", "interrupt_thread",
+    "ENQUEUED", "SUCCEEDED", "FAILED", "RETRIED", "TIMED_OUT", "EVICTED",
+]
+
+# Lifetime counters, by index into ReadyQueue.counters().
+ENQUEUED, SUCCEEDED, FAILED, RETRIED, TIMED_OUT, EVICTED = range(6)
+_LEVELS = (2, 1, 0)  # HIGH, MEDIUM, LOW: the order in which levels are served
+_UNLIMITED = 1 << 62  # the slot limit of a type with no executor yet
+_INF = math.inf
+_REFRESH_EVERY = 1024  # successes between two looks at the log level, off the per-job path
+
+
+# --- job ids ------------------------------------------------------------------
+
+_id_prefix = ""
+_id_counter: "itertools.count[int]" = itertools.count(1)
+
+
+def _reseed_ids() -> None:
+    """A fresh random prefix: per process, and again in every forked child."""
+    global _id_prefix, _id_counter
+    _id_prefix = os.urandom(6).hex() + "-"
+    _id_counter = itertools.count(1)
+
+
+_reseed_ids()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reseed_ids)
+
+
+def new_job_id() -> str:
+    """A random per-process prefix plus a counter: unique without urandom per job."""
+    return _id_prefix + format(next(_id_counter), "x")
+
+
+# --- backoff ------------------------------------------------------------------
+
+
+def retry_delay(
+    k: int, initial_delay: float, max_delay: float, backoff_multiple: float, jitter: float = 0.0
+) -> float:
+    """Seconds before the k-th retry: min(initial * multiple**(k-1), max), jittered by ±jitter."""
+    if initial_delay <= 0.0:
+        delay = 0.0
+    else:
+        try:
+            delay = min(initial_delay * backoff_multiple ** (k - 1), max_delay)
+        except OverflowError:
+            delay = max_delay
+    if jitter > 0.0 and delay > 0.0:
+        delay = min(delay * (1.0 + jitter * (2.0 * random.random() - 1.0)), max_delay)
+    return delay
+
+
+# --- per-type slots -----------------------------------------------------------
+
+
+class TypeState:
+    """One job type: its executor, its concurrency slots, its waiting jobs.
+
+    Guarded by the owning ReadyQueue's lock.
+    """
+
+    __slots__ = ("name", "fn", "limit", "active", "timeout", "takes_context", "interrupt", "levels")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.fn: Optional[Callable[..., Any]] = None  # None: no executor registered
+        self.limit = _UNLIMITED  # at most this many attempts at once
+        self.active = 0  # attempts running now (their functions have not returned)
+        self.timeout: Optional[float] = None
+        self.takes_context = False
+        self.interrupt = False
+        self.levels: Tuple[Deque[Tuple[int, Any]], ...] = (deque(), deque(), deque())  # (seq, job)
+
+    def pending(self) -> int:
+        return len(self.levels[0]) + len(self.levels[1]) + len(self.levels[2])
+
+
+def _priority_level(job: Any) -> int:
+    priority = job.priority
+    if not isinstance(priority, int) or not 0 <= priority <= 2:
+        raise ValueError(f"priority must be a Priority (LOW=0, MEDIUM=1, HIGH=2), got {priority!r}")
+    return int(priority)
+
+
+# --- the ready queue ----------------------------------------------------------
+
+
+class ReadyQueue:
+    """Ready jobs by priority, per-type slots, and the queue's accounting.
+
+    A worker's ``pop`` takes the oldest job of the highest non-empty level whose
+    type has a free slot, and takes that slot; ``release`` gives it back.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        # Everything below is guarded by _lock.
+        self._types: Dict[Any, TypeState] = {}  # job type -> its slots and jobs
+        self._sizes = [0, 0, 0]  # ready jobs per level; sum(_sizes) <= capacity
+        self._overflow: Deque[Any] = deque()  # counted jobs owed room; nonempty only when full
+        self._seq = itertools.count()  # insertion order: FIFO within a level
+        self._closed = False
+        self._unfinished = 0  # accepted jobs not yet succeeded or failed for good
+        self._counters = [0, 0, 0, 0, 0, 0]
+        self._eligible = threading.Condition(self._lock)  # a job may be poppable
+        self._room = threading.Condition(self._lock)  # the buffer may have room
+        self._all_done = threading.Condition(self._lock)  # _unfinished may be 0
+
+    # executors
+
+    def configure(
+        self, job_type: Any, fn: Callable[..., Any], limit: int,
+        timeout: Optional[float], takes_context: bool, interrupt: bool,
+    ) -> TypeState:
+        """Register or replace the executor of ``job_type``; running attempts keep their slots."""
+        with self._lock:
+            state = self._type_state(job_type)
+            state.fn, state.limit, state.timeout = fn, limit, timeout
+            state.takes_context, state.interrupt = takes_context, interrupt
+            if state.pending():
+                self._eligible.notify_all()  # a higher limit may free jobs
+            return state
+
+    def executor_stats(self) -> Dict[Any, Tuple[int, int]]:
+        """``{job_type: (active, limit)}`` for every registered executor."""
+        with self._lock:
+            return {s.name: (s.active, s.limit) for s in self._types.values() if s.fn is not None}
+
+    def _type_state(self, job_type: Any) -> TypeState:
+        state = self._types.get(job_type)
+        if state is None:
+            state = self._types[job_type] = TypeState(job_type)
+        return state
+
+    # pushing
+
+    def _append(self, job: Any, level: int) -> None:
+        self._type_state(job.type).levels[level].append((next(self._seq), job))
+        self._sizes[level] += 1
+
+    def _accept(self, n: int) -> None:
+        self._unfinished += n
+        self._counters[ENQUEUED] += n
+
+    def push(self, job: Any) -> bool:
+        """Accept a new ready job; False, with no effect, when the buffer is full."""
+        level = _priority_level(job)
+        with self._lock:
+            if self._closed:
+                raise QueueStopped("the queue is stopped")
+            if sum(self._sizes) >= self.capacity:
+                return False
+            self._append(job, level)
+            self._accept(1)
+            self._eligible.notify()
+            return True
+
+    def put(self, job: Any, timeout: Optional[float] = None) -> bool:
+        """Accept a new ready job, waiting for room like ``queue.Queue.put``; False on timeout."""
+        level = _priority_level(job)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while True:
+                if self._closed:
+                    raise QueueStopped("the queue is stopped")
+                if sum(self._sizes) < self.capacity and not self._overflow:
+                    break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0.0:
+                    return False
+                self._room.wait(remaining)
+            self._append(job, level)
+            self._accept(1)
+            self._eligible.notify()
+            return True
+
+    def push_many(self, jobs: List[Any], also_accept: int = 0) -> bool:
+        """Accept every job or none: False, with no effect, when they do not all fit.
+
+        ``also_accept`` more jobs, which the caller places itself, are counted
+        in the same step (the delayed part of a batch).
+        """
+        levels = [_priority_level(job) for job in jobs]
+        with self._lock:
+            if self._closed:
+                raise QueueStopped("the queue is stopped")
+            if sum(self._sizes) + len(jobs) > self.capacity:
+                return False
+            for job, level in zip(jobs, levels):
+                self._append(job, level)
+            self._accept(len(jobs) + also_accept)
+            self._eligible.notify(len(jobs))
+            return True
+
+    def accept(self, n: int = 1) -> None:
+        """Count ``n`` new jobs that the caller places itself (delayed set, or ``requeue``)."""
+        with self._lock:
+            if self._closed:
+                raise QueueStopped("the queue is stopped")
+            self._accept(n)
+
+    def requeue(self, job: Any) -> None:
+        """Make an accepted job ready (due, retried, recovered): never refused, never dropped.
+
+        With the buffer full it waits in the overflow line, ahead of blocked
+        producers, and moves in as soon as a pop makes room.
+        """
+        level = _priority_level(job)
+        with self._lock:
+            if sum(self._sizes) >= self.capacity or self._overflow:
+                self._overflow.append(job)
+                return
+            self._append(job, level)
+            self._eligible.notify()
+
+    # popping
+
+    def _take(self) -> Optional[Tuple[Any, TypeState]]:
+        for level in _LEVELS:
+            if not self._sizes[level]:
+                continue
+            best: Optional[TypeState] = None
+            best_seq = 0
+            for state in self._types.values():
+                waiting = state.levels[level]
+                if waiting and state.active < state.limit and (best is None or waiting[0][0] < best_seq):
+                    best, best_seq = state, waiting[0][0]
+            if best is not None:
+                _, job = best.levels[level].popleft()
+                self._sizes[level] -= 1
+                best.active += 1
+                self._refill()
+                return job, best
+        return None
+
+    def _refill(self) -> None:
+        """One pop made room for one job: the overflow line first, else a blocked producer."""
+        if self._overflow:
+            job = self._overflow.popleft()
+            self._append(job, _priority_level(job))
+            self._eligible.notify()
+        else:
+            self._room.notify()
+
+    def pop_with_type(self, timeout: Optional[float] = None) -> Optional[Tuple[Any, TypeState]]:
+        """Take a job and a slot of its type; None when closed or on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while not self._closed:
+                taken = self._take()
+                if taken is not None:
+                    return taken
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0.0:
+                    return None
+                self._eligible.wait(remaining)
+            return None
+
+    def pop(self, timeout: Optional[float] = None) -> Any:
+        """Take a job and a slot of its type (give it back with ``release``); None when closed or on timeout."""
+        taken = self.pop_with_type(timeout)
+        return None if taken is None else taken[0]
+
+    def release(self, job_type: Any) -> None:
+        """An attempt of ``job_type`` returned: free its slot."""
+        with self._lock:
+            self._release(self._types[job_type])
+
+    def release_state(self, state: TypeState) -> None:
+        with self._lock:
+            self._release(state)
+
+    def _release(self, state: TypeState) -> None:
+        state.active -= 1
+        if state.pending():
+            self._eligible.notify()
+
+    # sizes and lifecycle
+
+    def sizes(self) -> Tuple[int, int, int]:
+        """Ready jobs per level: (high, medium, low)."""
+        with self._lock:
+            return self._sizes[2], self._sizes[1], self._sizes[0]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(self._sizes)
+
+    @property
+    def overflow_size(self) -> int:
+        with self._lock:
+            return len(self._overflow)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Stop: pops return None, pushes raise QueueStopped, every waiter wakes."""
+        with self._lock:
+            self._closed = True
+            self._eligible.notify_all()
+            self._room.notify_all()
+            self._all_done.notify_all()
+
+    # accounting
+
+    def count(self, event: int, n: int = 1) -> None:
+        with self._lock:
+            self._counters[event] += n
+
+    def counters(self) -> Tuple[int, ...]:
+        with self._lock:
+            return tuple(self._counters)
+
+    @property
+    def unfinished(self) -> int:
+        return self._unfinished
+
+    def task_done(self, n: int = 1) -> None:
+        """``n`` accepted jobs finished for good."""
+        with self._lock:
+            self._unfinished -= n
+            if self._unfinished <= 0:
+                self._all_done.notify_all()
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every accepted job finished; False on timeout or when closed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._unfinished > 0:
+                if self._closed:
+                    return False
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0.0:
+                    return False
+                self._all_done.wait(remaining)
+            return True
+
+
+# --- the delayed heap ---------------------------------------------------------
+
+
+class DelayedHeap:
+    """Jobs waiting for their run_at, earliest first; FIFO among equal run_at.
+
+    With ``capacity`` > 0, pushing onto a full heap evicts and returns the job
+    with the earliest run_at (the new job is always added).
+    """
+
+    def __init__(self, capacity: int = 0) -> None:
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0 (0 = unlimited), got {capacity}")
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._heap: List[Tuple[float, int, Any]] = []  # guarded by _lock; a heapq
+        self._seq = itertools.count()
+
+    def push(self, job: Any, run_at: float) -> Any:
+        """Add ``job`` due at ``run_at``; return the evicted job, or None."""
+        entry = (float(run_at), next(self._seq), job)
+        with self._lock:
+            if self.capacity and len(self._heap) >= self.capacity:
+                return heapq.heapreplace(self._heap, entry)[2]  # pops the earliest, then adds
+            heapq.heappush(self._heap, entry)
+            return None
+
+    def pop_due(self, now: float) -> List[Any]:
+        """Remove and return, earliest first, every job with run_at <= now."""
+        due = []
+        with self._lock:
+            heap = self._heap
+            while heap and heap[0][0] <= now:
+                due.append(heapq.heappop(heap)[2])
+        return due
+
+    def pop_all(self) -> List[Any]:
+        """Remove and return every job, earliest first."""
+        with self._lock:
+            jobs = [entry[2] for entry in sorted(self._heap)]
+            self._heap.clear()
+        return jobs
+
+    def next_run_at(self) -> Optional[float]:
+        with self._lock:
+            return self._heap[0][0] if self._heap else None
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+
+# --- sleeping until a deadline ----------------------------------------------
+
+
+class Alarm:
+    """A latched wake-up for one sleeper.
+
+    ``armed_at`` is when the sleeper will wake on its own (in the clock the
+    caller uses), or +inf while it is awake: ``wake_before(t)`` wakes it only
+    when ``t`` is earlier, and a wake-up that arrives while it is awake is kept
+    for its next ``sleep``.
+    """
+
+    def __init__(self) -> None:
+        self.armed_at = _INF
+        self._woken = threading.Event()
+
+    def sleep(self, timeout: float, armed_at: float) -> None:
+        self.armed_at = armed_at
+        if timeout > 0.0:
+            self._woken.wait(None if timeout == _INF else timeout)
+        self.armed_at = _INF
+        self._woken.clear()
+
+    def wake(self) -> None:
+        self._woken.set()
+
+    def wake_before(self, when: float) -> None:
+        if when < self.armed_at:
+            self._woken.set()
+
+
+# --- one worker -------------------------------------------------------------
+
+
+class WorkerSlot:
+    """The attempt one worker runs now, as the watchdog sees it.
+
+    ``expire`` (watchdog) and ``end`` (worker) decide the attempt exactly once
+    between them, under ``_lock``.
+    """
+
+    __slots__ = ("_lock", "job", "type_state", "deadline", "context", "expired",
+                 "interrupted", "retired", "thread_id", "on_start", "on_success")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.job: Any = None  # the running attempt's job, None between attempts
+        self.type_state: Optional[TypeState] = None
+        self.deadline = _INF  # monotonic
+        self.context: Any = None
+        self.expired = False  # the watchdog decided this attempt: its outcome is ignored
+        self.interrupted = False  # JobTimeout was raised into the thread
+        self.retired = False  # the worker leaves after this attempt
+        self.thread_id = 0
+        self.on_start: Optional[Callable[[Any], None]] = None  # set by the dispatcher
+        self.on_success: Optional[Callable[[Any], None]] = None  # set by the dispatcher
+
+    def begin(self, job: Any, state: TypeState, deadline: float, context: Any) -> None:
+        with self._lock:
+            self.job, self.type_state, self.deadline, self.context = job, state, deadline, context
+
+    def end(self) -> bool:
+        """The function returned: True when the watchdog had already decided the attempt."""
+        with self._lock:
+            expired = self.expired
+            self.job = self.type_state = self.context = None
+            self.deadline = _INF
+            self.expired = False
+            return expired
+
+    def expire(self, now: float) -> Any:
+        """Decide a running attempt past its deadline as timed out: its job, or None."""
+        with self._lock:
+            if self.job is None or self.expired or self.deadline > now:
+                return None
+            self.expired = True
+            self.retired = True
+            state = self.type_state
+            if state is not None and state.interrupt:
+                self.interrupted = interrupt_thread(self.thread_id, JobTimeout)
+            return self.job
+
+
+def interrupt_thread(thread_id: int, exc_type: Optional[type]) -> bool:
+    """Raise ``exc_type`` in another thread at its next bytecode (None clears it)."""
+    exc = ctypes.py_object(exc_type) if exc_type is not None else None
+    return ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), exc) == 1
+
+
+def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher: Any) -> None:
+    """Run attempts until the queue closes or the watchdog retires this worker.
+
+    The fast path (success) stays here; everything else goes to ``dispatcher``:
+    ``refresh_hooks(slot)``, ``new_context(job, deadline)``, ``attempt_failed(job, state, exc)``, ``no_executor(job, state)`` and
+    ``after_expired(slot, exc)``.
+    """
+    slot.thread_id = threading.get_ident()
+    monotonic = time.monotonic
+    succeeded = 0
+    while True:
+        taken = ready.pop_with_type()
+        if taken is None:
+            return
+        job, state = taken
+        fn = state.fn
+        if fn is None:
+            dispatcher.no_executor(job, state)
+            continue
+        deadline = _INF if state.timeout is None else monotonic() + state.timeout
+        context = dispatcher.new_context(job, deadline) if state.takes_context else None
+        slot.begin(job, state, deadline, context)
+        watchdog.wake_before(deadline)
+        error: Optional[BaseException] = None
+        expired = False
+        try:
+            try:
+                if slot.on_start is not None:
+                    slot.on_start(job)
+                if context is None:
+                    fn(job)
+                else:
+                    fn(job, context)
+            except BaseException as exc:  # the attempt's failure, whatever it is
+                error = exc
+            expired = slot.end()
+        except JobTimeout as late:  # an interruption that landed after the function returned
+            expired = slot.end() or True
+            error = late
+        finally:
+            ready.release_state(state)
+        if expired:
+            dispatcher.after_expired(slot, error)
+            return
+        if error is None:
+            ready.count(SUCCEEDED)
+            succeeded += 1
+            if not succeeded % _REFRESH_EVERY:
+                dispatcher.refresh_hooks(slot)
+            on_success = slot.on_success
+            if on_success is not None:
+                on_success(job)
+            ready.task_done()
+        else:
+            dispatcher.attempt_failed(job, state, error)

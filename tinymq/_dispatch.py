@@ -1,0 +1,318 @@
+"""The moving parts: worker threads, the delayed-job scheduler, the timeout watchdog.
+
+Workers pull straight from the core's ReadyQueue and run the per-job loop in
+the core (``core.run_worker``); they come back here only for what is not the
+fast path: failures, retries, timeouts, persistence and callbacks.
+
+Threads:
+- ``workers`` worker threads; one stuck in a timed-out attempt is retired and
+  replaced at once, so the pool keeps serving at its size.
+- the scheduler sleeps until the earliest run_at (at most
+  ``scheduler_interval``) and is woken at once by an earlier arrival.
+- the watchdog sleeps until the earliest attempt deadline and is woken when an
+  attempt starts with an earlier one.
+"""
+import logging
+import math
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Set
+
+from ._pick_core import core
+from .config import Config, ExecutorConfig
+from .context import JobContext
+from .errors import JobTimeout, PersistenceError
+
+__all__ = ["Dispatcher", "FailureCallback"]
+
+logger = logging.getLogger("tinymq")
+
+FailureCallback = Callable[[Any, str, Optional[BaseException]], None]
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{exc.__class__.__name__}: {exc}"
+
+
+class Dispatcher:
+    """Owns the core structures and the threads that move jobs through them."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.ready = core.ReadyQueue(config.buffer_size)
+        self.delayed = core.DelayedHeap(config.max_delayed_jobs)
+        self.recovered = core.DelayedHeap(0)  # recovered delayed jobs: never evicted
+        self.scheduler_alarm = core.Alarm()  # armed in wall-clock time (run_at)
+        self.watchdog_alarm = core.Alarm()  # armed in monotonic time (deadlines)
+        self.failure_callbacks: List[FailureCallback] = []
+        self.store: Any = None
+        self._lock = threading.Lock()
+        # Guarded by _lock: the live worker slots, the threads, the lifecycle.
+        self._slots: Set[Any] = set()
+        self._threads: List[threading.Thread] = []
+        self._worker_count = 0  # the pool's size: live, non-retired workers
+        self._started = False
+        self._stopping = False
+        self._worker_number = 0
+
+    # --- executors and persistence ----------------------------------------
+
+    def register(self, job_type: str, fn: Callable[..., Any], config: ExecutorConfig,
+                 takes_context: bool) -> None:
+        self.ready.configure(job_type, fn, config.max_concurrent_jobs, config.timeout,
+                             takes_context, config.interrupt_on_timeout)
+
+    def set_store(self, store: Any) -> None:
+        with self._lock:
+            self.store = store
+            for slot in self._slots:
+                self._set_hooks(slot)
+
+    def _set_hooks(self, slot: Any) -> None:
+        store = self.store
+        slot.on_start = self._mark_running if getattr(store, "mark_running", None) else None
+        debug = logger.isEnabledFor(logging.DEBUG)
+        slot.on_success = self._succeeded if (store is not None or debug) else None
+
+    def refresh_hooks(self, slot: Any) -> None:
+        """Called by the worker loop now and then: picks up a changed log level."""
+        with self._lock:
+            self._set_hooks(slot)
+
+    def _store_call(self, what: str, method: Callable[..., Any], *args: Any) -> None:
+        """Call the store; a failure is logged and the queue keeps working."""
+        try:
+            method(*args)
+        except Exception:
+            logger.exception("persistence %s failed for job %s", what,
+                             getattr(args[0], "id", args[0]))
+
+    def save(self, job: Any) -> None:
+        """Save before the job becomes visible; a failure is the caller's error."""
+        try:
+            self.store.save(job)
+        except PersistenceError:
+            raise
+        except Exception as exc:
+            raise PersistenceError(f"could not save job {job.id} ({job.type!r}): {_describe(exc)}") from exc
+
+    def _mark_running(self, job: Any) -> None:
+        store = self.store
+        if store is not None:
+            self._store_call("mark_running", store.mark_running, job)
+
+    def _succeeded(self, job: Any) -> None:
+        logger.debug("job %s (%s) succeeded", job.id, job.type)
+        store = self.store
+        if store is not None:
+            self._store_call("delete", store.delete, job.id)
+
+    # --- lifecycle ---------------------------------------------------------
+
+    def start(self, workers: int) -> None:
+        with self._lock:
+            if self._started:
+                raise RuntimeError("start_dispatcher() was already called on this queue")
+            if self._stopping:
+                raise RuntimeError("the queue is stopped; it cannot be started again")
+            self._started = True
+            self._worker_count = workers
+            for _ in range(workers):
+                self._start_worker()
+            self._start_thread(self._schedule, "tinymq-scheduler")
+            self._start_thread(self._watch, "tinymq-watchdog")
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    @property
+    def worker_count(self) -> int:
+        return self._worker_count
+
+    def _start_thread(self, target: Callable[..., None], name: str, *args: Any) -> None:
+        thread = threading.Thread(target=target, name=name, args=args, daemon=True)
+        self._threads = [t for t in self._threads if t.is_alive()]
+        self._threads.append(thread)
+        thread.start()
+
+    def _start_worker(self) -> None:
+        """Start one worker thread. Called with _lock held."""
+        slot = core.WorkerSlot()
+        self._set_hooks(slot)
+        self._slots.add(slot)
+        self._worker_number += 1
+        self._start_thread(self._work, f"tinymq-worker-{self._worker_number}", slot)
+
+    def _work(self, slot: Any) -> None:
+        try:
+            core.run_worker(self.ready, slot, self.watchdog_alarm, self)
+        except JobTimeout:
+            pass  # a late interruption landing in a retired worker on its way out
+        except BaseException:
+            logger.exception("tinymq worker crashed; starting a replacement")
+            with self._lock:
+                if not self._stopping and not slot.retired:
+                    self._start_worker()
+        finally:
+            with self._lock:
+                self._slots.discard(slot)
+
+    def stop(self, wait: bool = True, timeout: Optional[float] = None) -> None:
+        with self._lock:
+            self._stopping = True
+            slots = list(self._slots)
+            threads = list(self._threads)
+        self.ready.close()
+        self.scheduler_alarm.wake()
+        self.watchdog_alarm.wake()
+        for slot in slots:
+            context = slot.context
+            if context is not None:
+                context._cancel("the queue stopped")
+        if wait:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            current = threading.current_thread()
+            for thread in threads:
+                if thread is current:
+                    continue  # stop() called from an executor: don't wait for ourselves
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                thread.join(remaining)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    # --- delayed jobs ----------------------------------------------------
+
+    def push_delayed(self, job: Any, run_at: float, recovered: bool = False) -> None:
+        """Add an accepted job to the delayed set; an evicted one fails at once, here."""
+        evicted = (self.recovered if recovered else self.delayed).push(job, run_at)
+        self.scheduler_alarm.wake_before(run_at)
+        if evicted is not None:
+            self.ready.count(core.EVICTED)
+            self.fail(evicted, "evicted", None)
+
+    def _schedule(self) -> None:
+        interval = self.config.scheduler_interval
+        delayed, recovered, alarm = self.delayed, self.recovered, self.scheduler_alarm
+        while not self._stopping:
+            try:
+                now = time.time()
+                for heap in (delayed, recovered):
+                    for job in heap.pop_due(now):
+                        self.ready.requeue(job)
+                wake_at = now + interval
+                for heap in (delayed, recovered):
+                    next_run_at = heap.next_run_at()
+                    if next_run_at is not None and next_run_at < wake_at:
+                        wake_at = next_run_at
+                alarm.sleep(wake_at - time.time(), wake_at)
+            except Exception:  # pragma: no cover - a bug; keep scheduling
+                logger.exception("tinymq scheduler error")
+
+    def delayed_count(self) -> int:
+        return len(self.delayed) + len(self.recovered)
+
+    # --- timeouts ----------------------------------------------------------
+
+    def _watch(self) -> None:
+        alarm = self.watchdog_alarm
+        while not self._stopping:
+            try:
+                now = time.monotonic()
+                earliest = math.inf
+                with self._lock:
+                    slots = list(self._slots)
+                for slot in slots:
+                    job = slot.expire(now)
+                    if job is not None:
+                        self._timed_out(slot, job)
+                    elif slot.job is not None and not slot.expired and slot.deadline < earliest:
+                        earliest = slot.deadline
+                alarm.sleep(earliest - time.monotonic(), earliest)
+            except Exception:  # pragma: no cover - a bug; keep watching
+                logger.exception("tinymq watchdog error")
+
+    def _timed_out(self, slot: Any, job: Any) -> None:
+        """The watchdog decided ``slot``'s attempt: fail it now, replace the stuck worker."""
+        state = slot.type_state
+        context = slot.context
+        if context is not None:
+            context._cancel("timed out")
+        with self._lock:
+            if not self._stopping:
+                self._start_worker()  # the pool keeps its size while the old thread is stuck
+        self.ready.count(core.TIMED_OUT)
+        exc = JobTimeout(f"job {job.id} ({job.type!r}) timed out after {state.timeout:g}s")
+        logger.warning("job %s (%s) timed out after %gs; its thread is retired and replaced",
+                       job.id, job.type, state.timeout)
+        self.attempt_failed(job, state, exc)
+
+    def after_expired(self, slot: Any, error: Optional[BaseException]) -> None:
+        """A timed-out attempt finally returned; its outcome was decided at the deadline."""
+        if slot.interrupted:
+            core.interrupt_thread(slot.thread_id, None)  # clear an interruption still pending
+        logger.debug("a timed-out attempt returned late (%s); its result is ignored",
+                     "ok" if error is None else _describe(error))
+
+    def new_context(self, job: Any, deadline: float) -> JobContext:
+        return JobContext(job, None if deadline == math.inf else deadline)
+
+    # --- failures --------------------------------------------------------
+
+    def no_executor(self, job: Any, state: Any) -> None:
+        self.ready.release_state(state)
+        self.ready.count(core.FAILED)
+        self.fail(job, "no_executor", None)
+
+    def attempt_failed(self, job: Any, state: Any, exc: BaseException) -> None:
+        """An attempt failed: schedule its retry, or fail the job for good."""
+        try:
+            job.retries += 1
+            job.last_error = _describe(exc)
+            retry_config = job.retry_config
+            if job.retries > retry_config.max_retries:
+                self.ready.count(core.FAILED)
+                self.fail(job, "retries_exhausted", exc)
+                return
+            delay = retry_config.retry_delay(job.retries)
+            job.run_at = time.time() + delay
+            self.ready.count(core.RETRIED)
+            logger.info("job %s (%s) failed (%s); retry %d of %d in %.3gs", job.id, job.type,
+                        job.last_error, job.retries, retry_config.max_retries, delay)
+            if self.store is not None:
+                self._store_call("save", self.store.save, job)
+            if delay <= 0.0:
+                self.ready.requeue(job)
+            else:
+                self.push_delayed(job, job.run_at)
+        except Exception:  # a bug or a hostile job: never lose track of the job
+            logger.exception("tinymq could not handle the failure of job %r", job)
+            self.ready.task_done()
+
+    def fail(self, job: Any, reason: str, exc: Optional[BaseException]) -> None:
+        """The job leaves the queue without success (already counted): log, callbacks, store, finished."""
+        if exc is not None:
+            logger.error("job %s (%s) failed permanently (%s): %s", job.id, job.type, reason,
+                         _describe(exc))
+        else:
+            logger.error("job %s (%s) failed permanently (%s)", job.id, job.type, reason)
+        for callback in list(self.failure_callbacks):
+            try:
+                callback(job, reason, exc)
+            except Exception:
+                logger.exception("failure callback %r raised for job %s", callback, job.id)
+        store = self.store
+        if store is not None:
+            mark_dead = getattr(store, "mark_dead", None)
+            if mark_dead is not None:
+                self._store_call("mark_dead", mark_dead, job, reason, exc)
+            else:
+                self._store_call("delete", store.delete, job.id)
+        self.ready.task_done()
+
+    # --- stats -------------------------------------------------------------
+
+    def executor_stats(self) -> Dict[str, Any]:
+        return self.ready.executor_stats()

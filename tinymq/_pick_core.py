@@ -1,0 +1,28 @@
+"""Choose the compiled core or its pure-Python twin, once, at import.
+
+TINYMQ_NO_EXTENSIONS=1 (read here and at build time) selects the pure core;
+so does any interpreter other than CPython, or an install where the compiled
+core was not built (a machine without a C compiler).
+"""
+import os
+import platform
+
+__all__ = ["core", "HAS_EXTENSION"]
+
+if os.environ.get("TINYMQ_NO_EXTENSIONS", "") not in ("", "0") or (
+    platform.python_implementation() != "CPython"
+):
+    from . import _core_py as core
+
+    HAS_EXTENSION = False
+else:
+    try:
+        from . import _core as core  # type: ignore[no-redef]
+
+        HAS_EXTENSION = True
+    except ImportError:  # not built: no compiler at install time
+        if os.environ.get("TINYMQ_REQUIRE_EXTENSIONS", "") not in ("", "0"):
+            raise
+        from . import _core_py as core  # type: ignore[no-redef]
+
+        HAS_EXTENSION = False

@@ -1,0 +1,132 @@
+"""Immutable, validated configuration: RetryConfig, Config, ExecutorConfig.
+
+Every duration is seconds as a float and also accepts ``datetime.timedelta``.
+Bad values raise ValueError or TypeError naming the value, at construction.
+"""
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional, Union
+
+from ._pick_core import core
+
+__all__ = ["RetryConfig", "Config", "ExecutorConfig", "Duration"]
+
+Duration = Union[float, int, timedelta]
+
+
+def _seconds(name: str, value: object, *, allow_none: bool = False) -> Optional[float]:
+    """Return ``value`` as non-negative float seconds, or raise naming it."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        expected = "seconds (float), a timedelta or None" if allow_none else "seconds (float) or a timedelta"
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
+    if not seconds >= 0.0 or seconds == float("inf"):  # also rejects NaN
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return seconds
+
+
+def _count(name: str, value: object, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return value
+
+
+def _set(instance: object, name: str, value: object) -> None:
+    object.__setattr__(instance, name, value)  # frozen dataclass: normalise once, here
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """How often a failed job is retried, and how long to wait before each retry.
+
+    The k-th retry (k = 1 .. max_retries) runs
+    ``min(initial_delay * backoff_multiple**(k-1), max_delay)`` seconds after the
+    failed attempt ended. ``jitter`` (0 .. 1) spreads each delay uniformly over
+    ``delay * (1 ± jitter)``, still capped at ``max_delay``.
+    """
+
+    max_retries: int = 3
+    initial_delay: Duration = 1.0
+    max_delay: Duration = 300.0
+    backoff_multiple: float = 2.0
+    jitter: float = 0.0
+
+    def __post_init__(self) -> None:
+        _count("max_retries", self.max_retries, 0)
+        _set(self, "initial_delay", _seconds("initial_delay", self.initial_delay))
+        _set(self, "max_delay", _seconds("max_delay", self.max_delay))
+        multiple = self.backoff_multiple
+        if not isinstance(multiple, (int, float)) or isinstance(multiple, bool):
+            raise TypeError(f"backoff_multiple must be a number, got {multiple!r}")
+        if not 1.0 <= multiple < float("inf"):
+            raise ValueError(f"backoff_multiple must be a finite number >= 1, got {multiple!r}")
+        _set(self, "backoff_multiple", float(multiple))
+        jitter = self.jitter
+        if not isinstance(jitter, (int, float)) or isinstance(jitter, bool):
+            raise TypeError(f"jitter must be a number, got {jitter!r}")
+        if not 0.0 <= jitter <= 1.0:
+            raise ValueError(f"jitter must be between 0 and 1, got {jitter!r}")
+        _set(self, "jitter", float(jitter))
+
+    def retry_delay(self, k: int) -> float:
+        """Seconds to wait before the k-th retry (k >= 1)."""
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"retry number k must be an int >= 1, got {k!r}")
+        return core.retry_delay(
+            k, self.initial_delay, self.max_delay, self.backoff_multiple, self.jitter
+        )
+
+
+@dataclass(frozen=True)
+class Config:
+    """Queue-wide settings.
+
+    ``buffer_size`` caps the ready jobs of all priorities together;
+    ``scheduler_interval`` is the longest the delayed-job scheduler sleeps
+    without looking; ``max_delayed_jobs`` caps the delayed set (0 = unlimited).
+    """
+
+    buffer_size: int = 100
+    scheduler_interval: Duration = 0.1
+    max_delayed_jobs: int = 10000
+
+    def __post_init__(self) -> None:
+        _count("buffer_size", self.buffer_size, 1)
+        interval = _seconds("scheduler_interval", self.scheduler_interval)
+        if interval == 0.0:
+            raise ValueError(f"scheduler_interval must be > 0, got {self.scheduler_interval!r}")
+        _set(self, "scheduler_interval", interval)
+        _count("max_delayed_jobs", self.max_delayed_jobs, 0)
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """Per job type: how many attempts may run at once, and for how long.
+
+    ``timeout=None`` means no timeout. At the deadline the attempt counts as
+    failed with JobTimeout; Python cannot kill a thread, so the function is told
+    cooperatively (its JobContext is cancelled) and, with
+    ``interrupt_on_timeout=True``, JobTimeout is also raised inside its thread at
+    the next Python bytecode. The type's slot stays taken until the function
+    really returns, so ``max_concurrent_jobs`` is never exceeded.
+    """
+
+    max_concurrent_jobs: int = 10
+    timeout: Optional[Duration] = 30.0
+    interrupt_on_timeout: bool = False
+
+    def __post_init__(self) -> None:
+        _count("max_concurrent_jobs", self.max_concurrent_jobs, 1)
+        timeout = _seconds("timeout", self.timeout, allow_none=True)
+        if timeout == 0.0:
+            raise ValueError(f"timeout must be > 0 or None, got {self.timeout!r}")
+        _set(self, "timeout", timeout)
+        if not isinstance(self.interrupt_on_timeout, bool):
+            raise TypeError(f"interrupt_on_timeout must be a bool, got {self.interrupt_on_timeout!r}")

@@ -1,0 +1,55 @@
+"""JobContext: how an executor observes its deadline and its cancellation.
+
+An executor whose function takes two required positional parameters is called
+as ``fn(job, ctx)``. Python cannot kill a thread, so a long-running executor
+that wants to stop on time polls ``ctx.cancelled`` or ``ctx.check()``, or
+sleeps with ``ctx.wait(seconds)``, which returns early when cancelled.
+"""
+import threading
+import time
+from typing import Any, Optional
+
+from .errors import JobTimeout
+
+__all__ = ["JobContext"]
+
+
+class JobContext:
+    """One attempt of one job: its deadline and whether it was cancelled.
+
+    ``cancelled`` becomes True when the attempt times out or the queue stops.
+    """
+
+    __slots__ = ("job", "deadline", "_cancelled", "_reason")
+
+    def __init__(self, job: Any, deadline: Optional[float]) -> None:
+        self.job = job
+        self.deadline = deadline  # time.monotonic() seconds, or None without a timeout
+        self._cancelled = threading.Event()
+        self._reason = ""
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def remaining(self) -> Optional[float]:
+        """Seconds left before the deadline (never negative), or None without a timeout."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - time.monotonic())
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True as soon as the attempt is cancelled."""
+        return self._cancelled.wait(seconds)
+
+    def check(self) -> None:
+        """Raise JobTimeout if the attempt was cancelled."""
+        if self._cancelled.is_set():
+            raise JobTimeout(f"job {self.job.id} was cancelled: {self._reason}")
+
+    def _cancel(self, reason: str) -> None:
+        self._reason = reason
+        self._cancelled.set()
+
+    def __repr__(self) -> str:
+        return f"JobContext(job={self.job!r}, deadline={self.deadline!r}, cancelled={self.cancelled})"

@@ -1,0 +1,184 @@
+"""Job and Priority: the plain data every other module passes around.
+
+``Job`` is a ``__slots__`` class shared by both cores. Its id and its tags dict
+are made on first use, so a job that never needs them costs neither.
+"""
+import dataclasses
+import time
+from datetime import datetime, timedelta
+from enum import IntEnum
+from typing import Any, Dict, Mapping, Optional, Union
+
+from ._pick_core import core
+from .config import RetryConfig, _seconds
+
+__all__ = [
+    "Priority", "Job", "RunAt",
+    "new_job", "new_high_priority_job", "new_low_priority_job", "new_delayed_job",
+]
+
+RunAt = Union[float, int, datetime]
+
+
+class Priority(IntEnum):
+    """Strict scheduling order: every HIGH job is taken before any MEDIUM one."""
+
+    LOW = 0
+    MEDIUM = 1
+    HIGH = 2
+
+
+_DEFAULT_RETRY_CONFIG = RetryConfig()  # frozen, so every job may share it
+_PRIORITIES = {int(p): p for p in Priority}
+_now = time.time
+
+
+def _as_priority(value: object) -> Priority:
+    priority = _PRIORITIES.get(value) if isinstance(value, int) and not isinstance(value, bool) else None
+    if priority is None:
+        raise ValueError(f"priority must be a Priority (LOW=0, MEDIUM=1, HIGH=2), got {value!r}")
+    return priority
+
+
+def _as_run_at(value: object) -> float:
+    """A point in time as Unix epoch seconds: a number, or an aware datetime."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"run_at must be an aware datetime (with tzinfo), got {value!r}")
+        return value.timestamp()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        run_at = float(value)
+        if run_at != run_at:
+            raise ValueError(f"run_at must not be NaN, got {value!r}")
+        return run_at
+    raise TypeError(f"run_at must be Unix epoch seconds (float) or an aware datetime, got {value!r}")
+
+
+def _check_type(job_type: object) -> None:
+    if not isinstance(job_type, str):
+        raise TypeError(f"job type must be a str, got {job_type!r}")
+    if not job_type:
+        raise ValueError("job type must be a non-empty str, got ''")
+
+
+class Job:
+    """One unit of work: ``type`` names the executor that runs it.
+
+    Attributes are plain and writable. ``retries`` counts failed attempts so
+    far; ``last_error`` describes the latest failure. ``run_at`` defaults to
+    the creation time ``timestamp`` (Unix epoch seconds).
+    """
+
+    __slots__ = (
+        "_id", "type", "payload", "priority", "_tags", "timestamp", "run_at",
+        "retries", "retry_config", "last_error",
+    )
+
+    def __init__(
+        self,
+        type: str,
+        payload: Any = None,
+        *,
+        priority: Priority = Priority.MEDIUM,
+        tags: Optional[Mapping[str, str]] = None,
+        run_at: Optional[RunAt] = None,
+        retry_config: Optional[RetryConfig] = None,
+        id: Optional[str] = None,
+    ) -> None:
+        if type.__class__ is not str or not type:
+            _check_type(type)
+        if id is not None and (id.__class__ is not str or not id):
+            raise ValueError(f"id must be a non-empty str or None, got {id!r}")
+        self._id = id
+        self.type = type
+        self.payload = payload
+        self.priority = priority if priority.__class__ is Priority else _as_priority(priority)
+        self._tags = None if tags is None else dict(tags)
+        now = _now()
+        self.timestamp = now
+        self.run_at = now if run_at is None else _as_run_at(run_at)
+        self.retries = 0
+        if retry_config is None:
+            retry_config = _DEFAULT_RETRY_CONFIG
+        elif not isinstance(retry_config, RetryConfig):
+            raise TypeError(f"retry_config must be a RetryConfig or None, got {retry_config!r}")
+        self.retry_config = retry_config
+        self.last_error: Optional[str] = None
+
+    @property
+    def id(self) -> str:
+        """Unique across threads, processes and restarts; made on first use."""
+        job_id = self._id
+        if job_id is None:
+            job_id = self._id = core.new_job_id()
+        return job_id
+
+    @id.setter
+    def id(self, value: str) -> None:
+        if value.__class__ is not str or not value:
+            raise ValueError(f"id must be a non-empty str, got {value!r}")
+        self._id = value
+
+    @property
+    def tags(self) -> Dict[str, str]:
+        tags = self._tags
+        if tags is None:
+            tags = self._tags = {}
+        return tags
+
+    @tags.setter
+    def tags(self, value: Mapping[str, str]) -> None:
+        self._tags = dict(value)
+
+    # Fluent setters: each returns the job itself, so they chain.
+
+    def with_priority(self, priority: Priority) -> "Job":
+        self.priority = _as_priority(priority)
+        return self
+
+    def with_high_priority(self) -> "Job":
+        self.priority = Priority.HIGH
+        return self
+
+    def with_low_priority(self) -> "Job":
+        self.priority = Priority.LOW
+        return self
+
+    def with_retry_config(self, retry_config: RetryConfig) -> "Job":
+        if not isinstance(retry_config, RetryConfig):
+            raise TypeError(f"retry_config must be a RetryConfig, got {retry_config!r}")
+        self.retry_config = retry_config
+        return self
+
+    def with_max_retries(self, max_retries: int) -> "Job":
+        self.retry_config = dataclasses.replace(self.retry_config, max_retries=max_retries)
+        return self
+
+    def __repr__(self) -> str:
+        priority = self.priority
+        name = priority.name if isinstance(priority, Priority) else repr(priority)
+        return (
+            f"Job(id={self.id!r}, type={self.type!r}, priority={name}, "
+            f"run_at={self.run_at!r}, retries={self.retries!r})"
+        )
+
+
+def new_job(type: str, payload: Any = None) -> Job:
+    """A MEDIUM-priority job that is ready now."""
+    return Job(type, payload)
+
+
+def new_high_priority_job(type: str, payload: Any = None) -> Job:
+    return Job(type, payload, priority=Priority.HIGH)
+
+
+def new_low_priority_job(type: str, payload: Any = None) -> Job:
+    return Job(type, payload, priority=Priority.LOW)
+
+
+def new_delayed_job(type: str, payload: Any, delay: Union[float, timedelta]) -> Job:
+    """A MEDIUM-priority job whose ``run_at`` is ``delay`` seconds from now."""
+    seconds = _seconds("delay", delay)
+    job = Job(type, payload)
+    job.run_at = job.timestamp + seconds
+    return job

@@ -1,0 +1,282 @@
+"""The Queue façade: register executors, enqueue, stats, join, stop.
+
+Everything here is safe to call from any thread, executors included. The
+per-job path (``enqueue`` of a ready job with no store) is one call into the
+core; everything else takes the slow path below it.
+"""
+import inspect
+import logging
+import time
+import weakref
+from datetime import timedelta
+from typing import Any, Callable, Iterable, List, Optional, TypeVar, Union
+
+from ._dispatch import Dispatcher, FailureCallback
+from ._pick_core import core
+from .config import Config, ExecutorConfig, _seconds
+from .errors import PersistenceError, QueueFull, QueueStopped
+from .job import Job, _as_run_at, _check_type
+from .stats import ExecutorStats, QueueStats
+
+__all__ = ["Queue"]
+
+logger = logging.getLogger("tinymq")
+logger.addHandler(logging.NullHandler())
+
+F = TypeVar("F", bound=Callable[..., Any])
+_now = time.time
+
+
+def _takes_context(fn: Callable[..., Any]) -> bool:
+    """True when ``fn`` has two required positional parameters: call it as fn(job, ctx)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no signature: call them with the job
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p for p in parameters if p.kind in positional and p.default is p.empty]
+    return len(required) >= 2
+
+
+def _check_job(job: object) -> Job:
+    if not isinstance(job, Job):
+        raise TypeError(f"expected a tinymq.Job, got {job!r}")
+    return job
+
+
+class Queue:
+    """An in-process job queue with strict priorities, delayed jobs and per-type limits.
+
+    ``Queue(100)`` caps the ready buffer at 100 jobs; ``Queue(config=Config(...))``
+    sets everything. Nothing runs before ``start_dispatcher``.
+    """
+
+    def __init__(self, buffer_size: Optional[int] = None, *, config: Optional[Config] = None) -> None:
+        if config is None:
+            config = Config() if buffer_size is None else Config(buffer_size=buffer_size)
+        elif buffer_size is not None:
+            raise ValueError(f"give buffer_size or config, not both (got buffer_size={buffer_size!r})")
+        elif not isinstance(config, Config):
+            raise TypeError(f"config must be a tinymq.Config, got {config!r}")
+        self.config = config
+        self._dispatcher = Dispatcher(config)
+        self._ready = self._dispatcher.ready
+        self._store: Any = None
+        # Dropping the queue without stop() still stops its threads.
+        self._finalizer = weakref.finalize(self, self._dispatcher.stop, False)
+
+    # --- executors -----------------------------------------------------------
+
+    def register_executor(
+        self, job_type: str, fn: Callable[..., Any], config: Optional[ExecutorConfig] = None
+    ) -> None:
+        """Run jobs of ``job_type`` with ``fn(job)`` (or ``fn(job, ctx)``); replaces any earlier one.
+
+        ``fn`` returns normally on success and raises on failure.
+        """
+        _check_type(job_type)
+        if not callable(fn):
+            raise TypeError(f"executor for {job_type!r} must be callable, got {fn!r}")
+        if config is None:
+            config = ExecutorConfig()
+        elif not isinstance(config, ExecutorConfig):
+            raise TypeError(f"config must be a tinymq.ExecutorConfig, got {config!r}")
+        self._dispatcher.register(job_type, fn, config, _takes_context(fn))
+
+    def executor(
+        self, job_type: str, *, config: Optional[ExecutorConfig] = None, **options: Any
+    ) -> Callable[[F], F]:
+        """Decorator form: ``@q.executor("email", max_concurrent_jobs=5, timeout=10)``."""
+        if config is not None and options:
+            raise ValueError(f"give config or options, not both (got {sorted(options)})")
+        if options:
+            config = ExecutorConfig(**options)
+
+        def decorate(fn: F) -> F:
+            self.register_executor(job_type, fn, config)
+            return fn
+
+        return decorate
+
+    def on_failure(self, fn: FailureCallback) -> FailureCallback:
+        """Call ``fn(job, reason, exc)`` for every job that leaves without success; returns ``fn``."""
+        if not callable(fn):
+            raise TypeError(f"failure callback must be callable, got {fn!r}")
+        self._dispatcher.failure_callbacks.append(fn)
+        return fn
+
+    def start_dispatcher(self, workers: int = 1) -> None:
+        """Start ``workers`` worker threads (and the scheduler and watchdog)."""
+        if not isinstance(workers, int) or isinstance(workers, bool):
+            raise TypeError(f"workers must be an int, got {workers!r}")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self._dispatcher.start(workers)
+
+    # --- enqueueing ----------------------------------------------------------
+
+    def enqueue(self, job: Job, *, block: bool = False, timeout: Union[float, timedelta, None] = None) -> Job:
+        """Accept ``job``: ready now, or delayed until its ``run_at``.
+
+        With the ready buffer full, raise QueueFull, or with ``block=True`` wait
+        for room (at most ``timeout`` seconds). Never a silent drop.
+        """
+        if job.__class__ is not Job:
+            _check_job(job)
+        run_at = job.run_at
+        if run_at.__class__ is not float:
+            run_at = job.run_at = _as_run_at(run_at)
+        if self._store is None and run_at <= _now() and self._ready.push(job):
+            return job
+        return self._enqueue_slow(job, run_at, block, timeout)
+
+    def _enqueue_slow(self, job: Job, run_at: float, block: bool, timeout: Any) -> Job:
+        wait = None if timeout is None else _seconds("timeout", timeout)
+        store = self._store
+        if store is not None:
+            self._dispatcher.save(job)
+        try:
+            if run_at > _now():
+                self._ready.accept(1)
+                self._dispatcher.push_delayed(job, run_at)
+            elif not self._ready.push(job) and not (block and self._ready.put(job, wait)):
+                raise QueueFull(
+                    f"the ready buffer is full ({self.config.buffer_size} jobs); job {job.id} "
+                    f"({job.type!r}) was not enqueued"
+                )
+        except BaseException:
+            if store is not None:
+                self._dispatcher._store_call("delete", store.delete, job.id)
+            raise
+        return job
+
+    def enqueue_delayed(self, job: Job, delay: Union[float, timedelta]) -> Job:
+        """Enqueue ``job`` to run ``delay`` seconds from now (sets its ``run_at``)."""
+        _check_job(job)
+        job.run_at = _now() + _seconds("delay", delay)
+        return self.enqueue(job)
+
+    def enqueue_many(self, jobs: Iterable[Job]) -> List[Job]:
+        """Accept all of ``jobs`` or none: one store transaction, one core call.
+
+        Raises QueueFull, with nothing enqueued, when the ready ones do not all fit.
+        """
+        batch = [job if job.__class__ is Job else _check_job(job) for job in jobs]
+        now = _now()
+        ready_jobs, delayed_jobs = [], []
+        for job in batch:
+            if job.run_at.__class__ is not float:
+                job.run_at = _as_run_at(job.run_at)
+            (delayed_jobs if job.run_at > now else ready_jobs).append(job)
+        store = self._store
+        if store is not None and batch:
+            save_many = getattr(store, "save_many", None)
+            try:
+                if save_many is not None:
+                    save_many(batch)
+                else:
+                    for job in batch:
+                        store.save(job)
+            except Exception as exc:
+                for job in batch:
+                    self._dispatcher._store_call("delete", store.delete, job.id)
+                if isinstance(exc, PersistenceError):
+                    raise
+                raise PersistenceError(f"could not save a batch of {len(batch)} jobs: {exc}") from exc
+        try:
+            if not self._ready.push_many(ready_jobs, len(delayed_jobs)):
+                raise QueueFull(
+                    f"the ready buffer has no room for {len(ready_jobs)} more jobs "
+                    f"(buffer_size={self.config.buffer_size}); none of the batch was enqueued"
+                )
+        except BaseException:
+            if store is not None:
+                for job in batch:
+                    self._dispatcher._store_call("delete", store.delete, job.id)
+            raise
+        for job in delayed_jobs:
+            self._dispatcher.push_delayed(job, job.run_at)
+        return batch
+
+    # --- persistence ---------------------------------------------------------
+
+    def set_persistence(self, store: Any) -> None:
+        """Use ``store`` from now on, and enqueue every job it holds (delayed ones keep run_at).
+
+        Recovery never drops a job for lack of room, and recovered delayed jobs
+        are never evicted.
+        """
+        for method in ("save", "delete", "load_all"):
+            if not callable(getattr(store, method, None)):
+                raise TypeError(f"persistence store must have a callable {method}(), got {store!r}")
+        if self._dispatcher.stopping:
+            raise QueueStopped("the queue is stopped")
+        try:
+            jobs = list(store.load_all())
+        except Exception as exc:
+            raise PersistenceError(f"could not load jobs from {store!r}: {exc}") from exc
+        self._store = store
+        self._dispatcher.set_store(store)
+        if not jobs:
+            return
+        self._ready.accept(len(jobs))
+        now = _now()
+        for job in jobs:
+            if job.run_at > now:
+                self._dispatcher.push_delayed(job, job.run_at, recovered=True)
+            else:
+                self._ready.requeue(job)
+        logger.info("recovered %d jobs from %r", len(jobs), store)
+
+    # --- observing and stopping ---------------------------------------------
+
+    def get_stats(self) -> QueueStats:
+        high, medium, low = self._ready.sizes()
+        enqueued, succeeded, failed, retried, timed_out, evicted = self._ready.counters()
+        return QueueStats(
+            high_queue_size=high,
+            medium_queue_size=medium,
+            low_queue_size=low,
+            delayed_jobs_count=self._dispatcher.delayed_count(),
+            max_delayed_jobs=self.config.max_delayed_jobs,
+            worker_count=self._dispatcher.worker_count,
+            executor_stats={
+                job_type: ExecutorStats(active_jobs=active, max_jobs=limit)
+                for job_type, (active, limit) in self._dispatcher.executor_stats().items()
+            },
+            jobs_enqueued=enqueued,
+            jobs_succeeded=succeeded,
+            jobs_failed=failed,
+            jobs_retried=retried,
+            jobs_timed_out=timed_out,
+            jobs_evicted=evicted,
+            waiting_for_room=self._ready.overflow_size,
+        )
+
+    def join(self, timeout: Union[float, timedelta, None] = None) -> bool:
+        """Wait until every job enqueued so far, retries and delayed jobs included, has finished.
+
+        Returns False on timeout, or at once when the queue was stopped with jobs left.
+        """
+        wait = None if timeout is None else _seconds("timeout", timeout)
+        return self._ready.join(wait)
+
+    def stop(self, wait: bool = True, timeout: Union[float, timedelta, None] = None) -> None:
+        """Accept no more jobs, let running attempts finish (when ``wait``), stop all threads.
+
+        Idempotent. Jobs still queued are not run; a persistence store keeps them.
+        """
+        limit = None if timeout is None else _seconds("timeout", timeout)
+        self._dispatcher.stop(wait, limit)
+
+    def __enter__(self) -> "Queue":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return (
+            f"<tinymq.Queue buffer_size={self.config.buffer_size} ready={len(self._ready)} "
+            f"delayed={self._dispatcher.delayed_count()} workers={self._dispatcher.worker_count}>"
+        )

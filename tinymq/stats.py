@@ -1,0 +1,38 @@
+"""Snapshots of a queue's state: QueueStats and ExecutorStats."""
+from dataclasses import dataclass, field
+from typing import Dict
+
+__all__ = ["QueueStats", "ExecutorStats"]
+
+
+@dataclass(frozen=True)
+class ExecutorStats:
+    """One job type: ``active_jobs`` attempts are running now, at most ``max_jobs``."""
+
+    active_jobs: int
+    max_jobs: int
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """A consistent snapshot of the queue, taken by ``Queue.get_stats()``.
+
+    Sizes are ready jobs per priority; the ``jobs_*`` fields are lifetime event
+    counters. ``waiting_for_room`` counts due jobs, retries and recovered jobs
+    that are owed a place in a full ready buffer (they are never dropped).
+    """
+
+    high_queue_size: int
+    medium_queue_size: int
+    low_queue_size: int
+    delayed_jobs_count: int
+    max_delayed_jobs: int
+    worker_count: int
+    executor_stats: Dict[str, ExecutorStats] = field(default_factory=dict)
+    jobs_enqueued: int = 0
+    jobs_succeeded: int = 0
+    jobs_failed: int = 0
+    jobs_retried: int = 0
+    jobs_timed_out: int = 0
+    jobs_evicted: int = 0
+    waiting_for_room: int = 0
