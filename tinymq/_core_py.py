@@ -31,7 +31,7 @@ from .errors import JobTimeout, QueueFull, QueueStopped
 
 __all__ = [
     "ReadyQueue", "DelayedHeap", "Alarm", "WorkerSlot", "TypeState",
-    "run_worker", "retry_delay", "new_job_id", "interrupt_thread",
+    "run_worker", "retry_delay", "new_job_id", "interrupt_thread", "monotonic",
     "ENQUEUED", "SUCCEEDED", "FAILED", "RETRIED", "TIMED_OUT", "EVICTED",
 ]
 
@@ -40,6 +40,7 @@ ENQUEUED, SUCCEEDED, FAILED, RETRIED, TIMED_OUT, EVICTED = range(6)
 _LEVELS = (2, 1, 0)  # HIGH, MEDIUM, LOW: the order in which levels are served
 _UNLIMITED = 1 << 62  # the slot limit of a type with no executor yet
 _INF = math.inf
+monotonic = time.monotonic  # the clock of every deadline in this core
 _REFRESH_EVERY = 1024  # successes between two looks at the log level, off the per-job path
 
 
@@ -524,7 +525,6 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
     ``after_expired(slot, exc)``.
     """
     slot.thread_id = threading.get_ident()
-    monotonic = time.monotonic
     succeeded = 0
     while True:
         taken = ready.pop_with_type()

@@ -220,7 +220,7 @@ class Dispatcher:
         alarm = self.watchdog_alarm
         while not self._stopping:
             try:
-                now = time.monotonic()
+                now = core.monotonic()
                 earliest = math.inf
                 with self._lock:
                     slots = list(self._slots)
@@ -230,7 +230,7 @@ class Dispatcher:
                         self._timed_out(slot, job)
                     elif slot.job is not None and not slot.expired and slot.deadline < earliest:
                         earliest = slot.deadline
-                alarm.sleep(earliest - time.monotonic(), earliest)
+                alarm.sleep(earliest - core.monotonic(), earliest)
             except Exception:  # pragma: no cover - a bug; keep watching
                 logger.exception("tinymq watchdog error")
 

@@ -6,9 +6,9 @@ that wants to stop on time polls ``ctx.cancelled`` or ``ctx.check()``, or
 sleeps with ``ctx.wait(seconds)``, which returns early when cancelled.
 """
 import threading
-import time
 from typing import Any, Optional
 
+from ._pick_core import core
 from .errors import JobTimeout
 
 __all__ = ["JobContext"]
@@ -24,7 +24,7 @@ class JobContext:
 
     def __init__(self, job: Any, deadline: Optional[float]) -> None:
         self.job = job
-        self.deadline = deadline  # time.monotonic() seconds, or None without a timeout
+        self.deadline = deadline  # core.monotonic() seconds (time.monotonic's clock), or None without a timeout
         self._cancelled = threading.Event()
         self._reason = ""
 
@@ -36,7 +36,7 @@ class JobContext:
         """Seconds left before the deadline (never negative), or None without a timeout."""
         if self.deadline is None:
             return None
-        return max(0.0, self.deadline - time.monotonic())
+        return max(0.0, self.deadline - core.monotonic())
 
     def wait(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; True as soon as the attempt is cancelled."""

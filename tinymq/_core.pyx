@@ -1,0 +1,885 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""The compiled core: the same names and behaviour as ``_core_py.py``, which is
+its readable specification; read that first.
+
+Where the pure core takes ``self._lock``, this one relies on the GIL: every
+critical section below runs with the GIL held and calls no Python code between
+a read and the write that depends on it, so no other thread can interleave
+(the design of CPython's ``_queue.SimpleQueue``). The module is not marked
+free-threading compatible, so a free-threaded interpreter keeps the GIL on.
+Blocking waits release the GIL inside ``PyThread_acquire_lock_timed`` and stay
+interruptible by signals (Ctrl-C reaches the main thread).
+"""
+cimport cython
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF, PyObject
+from libc.math cimport INFINITY, pow
+from libc.stdint cimport uint64_t
+from libc.string cimport memcpy
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+import os
+from collections import deque
+
+from .errors import JobTimeout, QueueStopped
+
+cdef extern from "pythread.h":
+    ctypedef void *PyThread_type_lock
+    ctypedef long long PY_TIMEOUT_T
+    ctypedef enum PyLockStatus:
+        PY_LOCK_FAILURE
+        PY_LOCK_ACQUIRED
+        PY_LOCK_INTR
+    PyThread_type_lock PyThread_allocate_lock()
+    void PyThread_free_lock(PyThread_type_lock)
+    int PyThread_acquire_lock(PyThread_type_lock, int) nogil
+    PyLockStatus PyThread_acquire_lock_timed(PyThread_type_lock, PY_TIMEOUT_T, int) nogil
+    void PyThread_release_lock(PyThread_type_lock) nogil
+    unsigned long PyThread_get_thread_ident()
+
+cdef extern from "Python.h":
+    int PyThreadState_SetAsyncExc(unsigned long, PyObject *)
+    object PyUnicode_FromStringAndSize(const char *, Py_ssize_t)
+
+__all__ = [
+    "ReadyQueue", "DelayedHeap", "Alarm", "WorkerSlot", "TypeState",
+    "run_worker", "retry_delay", "new_job_id", "interrupt_thread", "monotonic",
+    "ENQUEUED", "SUCCEEDED", "FAILED", "RETRIED", "TIMED_OUT", "EVICTED",
+]
+
+# Lifetime counters, by index into ReadyQueue.counters().
+ENQUEUED, SUCCEEDED, FAILED, RETRIED, TIMED_OUT, EVICTED = range(6)
+cdef enum:
+    N_COUNTERS = 6
+    C_ENQUEUED = 0
+    C_SUCCEEDED = 1
+    REFRESH_EVERY = 1024  # successes between two looks at the log level, off the per-job path
+cdef Py_ssize_t UNLIMITED = (<Py_ssize_t>1) << 62  # the slot limit of a type with no executor yet
+cdef double WAIT_FOREVER = -1.0  # a deadline meaning "no deadline"
+
+
+# --- clock and blocking waits -------------------------------------------------
+
+cdef inline double _monotonic() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+def monotonic():
+    """The clock of every deadline in this core (CLOCK_MONOTONIC, as time.monotonic on Linux)."""
+    return _monotonic()
+
+
+cdef double _deadline(object timeout) except? -2.0:
+    """A monotonic deadline for a timeout in seconds; WAIT_FOREVER for None."""
+    if timeout is None:
+        return WAIT_FOREVER
+    cdef double seconds = timeout
+    if seconds < 0.0:
+        seconds = 0.0
+    return _monotonic() + seconds
+
+
+@cython.final
+cdef class _Waiter:
+    """One blocked thread: it sleeps on its own lock until a notifier releases it."""
+    cdef PyThread_type_lock lock
+    cdef bint notified  # a notifier took this waiter off its list and released the lock
+
+    def __cinit__(self):
+        self.lock = PyThread_allocate_lock()
+        if self.lock == NULL:
+            raise MemoryError("cannot allocate a lock")
+        PyThread_acquire_lock(self.lock, 1)
+
+    def __dealloc__(self):
+        if self.lock != NULL:
+            if not self.notified:
+                PyThread_release_lock(self.lock)
+            PyThread_free_lock(self.lock)
+
+
+cdef int _sleep_on(PyThread_type_lock lock, double deadline) except -1:
+    """Acquire ``lock`` by ``deadline`` (WAIT_FOREVER: no limit), GIL released: 1 acquired, 0 timed out."""
+    cdef PY_TIMEOUT_T microseconds
+    cdef PyLockStatus status
+    cdef double remaining
+    while True:
+        if deadline == WAIT_FOREVER:
+            microseconds = -1
+        else:
+            remaining = deadline - _monotonic()
+            if remaining <= 0.0:
+                microseconds = 0
+            elif remaining > 1e9:
+                microseconds = <PY_TIMEOUT_T>1e15  # far below PY_TIMEOUT_MAX on every platform
+            else:
+                microseconds = <PY_TIMEOUT_T>(remaining * 1e6)
+        with nogil:
+            status = PyThread_acquire_lock_timed(lock, microseconds, 1)
+        if status == PY_LOCK_INTR:
+            PyErr_CheckSignals()  # raises KeyboardInterrupt & co. in the main thread
+            continue
+        return status == PY_LOCK_ACQUIRED
+
+
+cdef int _wait(list waiters, double deadline) except -1:
+    """Join ``waiters`` and sleep until notified or ``deadline``: 1 notified, 0 timed out."""
+    cdef _Waiter waiter = _Waiter()
+    waiters.append(waiter)
+    try:
+        _sleep_on(waiter.lock, deadline)
+    except BaseException:
+        if waiter.notified:
+            _notify(waiters)  # pass the wake-up on rather than lose it
+        else:
+            waiters.remove(waiter)
+        raise
+    if not waiter.notified:
+        waiters.remove(waiter)
+        return 0
+    return 1
+
+
+cdef inline void _notify(list waiters):
+    cdef _Waiter waiter
+    if waiters:
+        waiter = <_Waiter>waiters.pop(0)
+        waiter.notified = True
+        PyThread_release_lock(waiter.lock)
+
+
+cdef inline void _notify_all(list waiters):
+    while waiters:
+        _notify(waiters)
+
+
+# --- job ids ------------------------------------------------------------------
+
+cdef char _id_buffer[64]  # the random per-process prefix, then room for the counter
+cdef Py_ssize_t _id_prefix_length = 0
+cdef uint64_t _id_counter = 0
+cdef uint64_t _random_state = 0
+
+
+def _reseed():
+    """A fresh random prefix and jitter seed: per process, and again in every forked child."""
+    global _id_prefix_length, _id_counter, _random_state
+    prefix = (os.urandom(6).hex() + "-").encode("ascii")
+    memcpy(_id_buffer, <const char *>prefix, len(prefix))
+    _id_prefix_length = len(prefix)
+    _id_counter = 0
+    _random_state = int.from_bytes(os.urandom(8), "little") | 1
+
+
+_reseed()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reseed)
+
+
+def new_job_id():
+    """A random per-process prefix plus a counter: unique without urandom per job."""
+    global _id_counter
+    cdef char digits[16]
+    cdef Py_ssize_t n = 0, i
+    cdef uint64_t value
+    _id_counter += 1
+    value = _id_counter
+    while True:
+        digits[n] = b"0123456789abcdef"[value & 15]
+        n += 1
+        value >>= 4
+        if value == 0:
+            break
+    for i in range(n):
+        _id_buffer[_id_prefix_length + i] = digits[n - 1 - i]
+    return PyUnicode_FromStringAndSize(_id_buffer, _id_prefix_length + n)
+
+
+# --- backoff ------------------------------------------------------------------
+
+cdef inline double _random_unit() noexcept:
+    """xorshift64*: uniform in [0, 1); jitter needs spread, not secrecy."""
+    global _random_state
+    _random_state ^= _random_state >> 12
+    _random_state ^= _random_state << 25
+    _random_state ^= _random_state >> 27
+    return ((_random_state * 2685821657736338717ULL) >> 11) * (1.0 / 9007199254740992.0)
+
+
+cpdef double retry_delay(long k, double initial_delay, double max_delay,
+                         double backoff_multiple, double jitter=0.0):
+    """Seconds before the k-th retry: min(initial * multiple**(k-1), max), jittered by ±jitter."""
+    cdef double delay
+    if initial_delay <= 0.0:
+        delay = 0.0
+    else:
+        delay = initial_delay * pow(backoff_multiple, <double>(k - 1))  # overflow gives inf
+        if not delay <= max_delay:
+            delay = max_delay
+    if jitter > 0.0 and delay > 0.0:
+        delay = delay * (1.0 + jitter * (2.0 * _random_unit() - 1.0))
+        if delay > max_delay:
+            delay = max_delay
+    return delay
+
+
+# --- per-type slots and their FIFOs ------------------------------------------
+
+cdef struct Entry:
+    PyObject *job  # an owned reference
+    uint64_t seq  # insertion order across the whole ReadyQueue
+
+cdef struct Fifo:  # a growable ring buffer of entries
+    Entry *items
+    Py_ssize_t head
+    Py_ssize_t count
+    Py_ssize_t capacity
+
+
+cdef int _fifo_push(Fifo *fifo, object job, uint64_t seq) except -1:
+    cdef Py_ssize_t capacity, i
+    cdef Entry *items
+    if fifo.count == fifo.capacity:
+        capacity = 8 if fifo.capacity == 0 else fifo.capacity * 2
+        items = <Entry *>PyMem_Malloc(capacity * sizeof(Entry))
+        if items == NULL:
+            raise MemoryError()
+        for i in range(fifo.count):  # unwrap the ring into the new buffer
+            items[i] = fifo.items[(fifo.head + i) % fifo.capacity]
+        PyMem_Free(fifo.items)
+        fifo.items, fifo.head, fifo.capacity = items, 0, capacity
+    Py_INCREF(job)
+    fifo.items[(fifo.head + fifo.count) % fifo.capacity] = Entry(<PyObject *>job, seq)
+    fifo.count += 1
+    return 0
+
+
+cdef inline object _fifo_pop(Fifo *fifo):
+    """Remove the head; the caller has checked that the FIFO is not empty."""
+    cdef PyObject *job = fifo.items[fifo.head].job
+    fifo.head = (fifo.head + 1) % fifo.capacity
+    fifo.count -= 1
+    result = <object>job  # a new reference...
+    Py_DECREF(result)  # ...so the entry's own reference goes
+    if fifo.count == 0 and fifo.capacity > 4096:
+        PyMem_Free(fifo.items)  # give a burst's memory back
+        fifo.items, fifo.head, fifo.capacity = NULL, 0, 0
+    return result
+
+
+cdef void _fifo_clear(Fifo *fifo):
+    cdef Py_ssize_t i
+    for i in range(fifo.count):
+        Py_XDECREF(fifo.items[(fifo.head + i) % fifo.capacity].job)
+    PyMem_Free(fifo.items)
+    fifo.items, fifo.head, fifo.count, fifo.capacity = NULL, 0, 0, 0
+
+
+@cython.final
+cdef class TypeState:
+    """One job type: its executor, its concurrency slots, its waiting jobs.
+
+    Guarded by the GIL, through the owning ReadyQueue.
+    """
+    cdef readonly object name
+    cdef public object fn  # None: no executor registered
+    cdef public Py_ssize_t limit  # at most this many attempts at once
+    cdef readonly Py_ssize_t active  # attempts running now (their functions have not returned)
+    cdef double timeout_seconds  # < 0: no timeout
+    cdef public bint takes_context
+    cdef public bint interrupt
+    cdef Fifo levels[3]  # LOW, MEDIUM, HIGH
+    cdef Py_ssize_t waiting  # jobs in all three levels
+
+    def __cinit__(self, name):
+        self.name = name
+        self.fn = None
+        self.limit = UNLIMITED
+        self.timeout_seconds = -1.0
+
+    def __dealloc__(self):
+        for level in range(3):
+            _fifo_clear(&self.levels[level])
+
+    @property
+    def timeout(self):
+        return None if self.timeout_seconds < 0.0 else self.timeout_seconds
+
+    @timeout.setter
+    def timeout(self, value):
+        self.timeout_seconds = -1.0 if value is None else value
+
+    def pending(self):
+        return self.waiting
+
+
+cdef inline int _level_of(object job) except -1:
+    priority = job.priority
+    if not isinstance(priority, int) or not 0 <= priority <= 2:
+        raise ValueError(f"priority must be a Priority (LOW=0, MEDIUM=1, HIGH=2), got {priority!r}")
+    return priority
+
+
+# --- the ready queue ----------------------------------------------------------
+
+@cython.final
+cdef class ReadyQueue:
+    """Ready jobs by priority, per-type slots, and the queue's accounting.
+
+    A worker's ``pop`` takes the oldest job of the highest non-empty level whose
+    type has a free slot, and takes that slot; ``release`` gives it back.
+    """
+    cdef readonly Py_ssize_t capacity
+    # All guarded by the GIL (see the module docstring).
+    cdef dict types  # job type -> TypeState
+    cdef list type_list  # the same TypeStates, for a C-speed scan
+    cdef Py_ssize_t level_sizes[3]  # ready jobs per level (LOW, MEDIUM, HIGH)
+    cdef Py_ssize_t size  # sum(level_sizes) <= capacity
+    cdef object overflow  # deque: counted jobs owed room; nonempty only when full
+    cdef uint64_t seq  # insertion order: FIFO within a level
+    cdef bint _closed
+    cdef Py_ssize_t _unfinished  # accepted jobs not yet succeeded or failed for good
+    cdef long long _counters[N_COUNTERS]
+    cdef list getters  # _Waiters: workers waiting for an eligible job
+    cdef list putters  # _Waiters: producers waiting for room
+    cdef list joiners  # _Waiters: join() callers waiting for _unfinished == 0
+
+    def __cinit__(self, Py_ssize_t capacity):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.types = {}
+        self.type_list = []
+        self.overflow = deque()
+        self.getters = []
+        self.putters = []
+        self.joiners = []
+
+    # executors
+
+    def configure(self, job_type, fn, Py_ssize_t limit, timeout, bint takes_context, bint interrupt):
+        """Register or replace the executor of ``job_type``; running attempts keep their slots."""
+        cdef TypeState state = self._type_state(job_type)
+        state.fn = fn
+        state.limit = limit
+        state.timeout = timeout
+        state.takes_context = takes_context
+        state.interrupt = interrupt
+        if state.waiting:
+            _notify_all(self.getters)  # a higher limit may free jobs
+        return state
+
+    def executor_stats(self):
+        """``{job_type: (active, limit)}`` for every registered executor."""
+        cdef TypeState state
+        return {state.name: (state.active, state.limit)
+                for state in self.type_list if state.fn is not None}
+
+    cdef TypeState _type_state(self, object job_type):
+        state = self.types.get(job_type)
+        if state is None:
+            state = TypeState(job_type)
+            self.types[job_type] = state
+            self.type_list.append(state)
+        return <TypeState>state
+
+    # pushing
+
+    cdef int _append(self, object job, int level) except -1:
+        cdef TypeState state = self._type_state(job.type)
+        _fifo_push(&state.levels[level], job, self.seq)
+        self.seq += 1
+        state.waiting += 1
+        self.level_sizes[level] += 1
+        self.size += 1
+        if self.getters and state.active < state.limit:
+            _notify(self.getters)
+        return 0
+
+    cdef inline void _accept(self, Py_ssize_t n):
+        self._unfinished += n
+        self._counters[C_ENQUEUED] += n
+
+    cdef inline int _check_open(self) except -1:
+        if self._closed:
+            raise QueueStopped("the queue is stopped")
+        return 0
+
+    cpdef bint push(self, object job) except -1:
+        """Accept a new ready job; False, with no effect, when the buffer is full."""
+        cdef int level = _level_of(job)
+        self._check_open()
+        if self.size >= self.capacity:
+            return False
+        self._append(job, level)
+        self._accept(1)
+        return True
+
+    def put(self, object job, timeout=None):
+        """Accept a new ready job, waiting for room like ``queue.Queue.put``; False on timeout."""
+        cdef int level = _level_of(job)
+        cdef double deadline = _deadline(timeout)
+        while True:
+            self._check_open()
+            if self.size < self.capacity and not self.overflow:
+                break
+            if deadline != WAIT_FOREVER and _monotonic() >= deadline:
+                return False
+            _wait(self.putters, deadline)
+        self._append(job, level)
+        self._accept(1)
+        return True
+
+    def push_many(self, jobs, Py_ssize_t also_accept=0):
+        """Accept every job or none: False, with no effect, when they do not all fit.
+
+        ``also_accept`` more jobs, which the caller places itself, are counted
+        in the same step (the delayed part of a batch).
+        """
+        jobs = list(jobs)
+        levels = [_level_of(job) for job in jobs]
+        self._check_open()
+        if self.size + len(jobs) > self.capacity:
+            return False
+        for job, level in zip(jobs, levels):
+            self._append(job, level)
+        self._accept(len(jobs) + also_accept)
+        return True
+
+    def accept(self, Py_ssize_t n=1):
+        """Count ``n`` new jobs that the caller places itself (delayed set, or ``requeue``)."""
+        self._check_open()
+        self._accept(n)
+
+    def requeue(self, object job):
+        """Make an accepted job ready (due, retried, recovered): never refused, never dropped.
+
+        With the buffer full it waits in the overflow line, ahead of blocked
+        producers, and moves in as soon as a pop makes room.
+        """
+        cdef int level = _level_of(job)
+        if self.size >= self.capacity or self.overflow:
+            self.overflow.append(job)
+        else:
+            self._append(job, level)
+
+    # popping
+
+    cdef object _take(self, PyObject **taken_state):
+        # taken_state receives a borrowed reference: type_list keeps every TypeState alive
+        cdef int level
+        cdef Py_ssize_t i, n = len(self.type_list)
+        cdef TypeState state, best
+        cdef Fifo *fifo
+        cdef uint64_t best_seq = 0
+        for level in range(2, -1, -1):
+            if not self.level_sizes[level]:
+                continue
+            best = None
+            for i in range(n):
+                state = <TypeState>self.type_list[i]
+                fifo = &state.levels[level]
+                if fifo.count and state.active < state.limit and (
+                        best is None or fifo.items[fifo.head].seq < best_seq):
+                    best = state
+                    best_seq = fifo.items[fifo.head].seq
+            if best is not None:
+                job = _fifo_pop(&best.levels[level])
+                best.waiting -= 1
+                self.level_sizes[level] -= 1
+                self.size -= 1
+                best.active += 1
+                self._refill()
+                taken_state[0] = <PyObject *>best
+                return job
+        return None
+
+    cdef int _refill(self) except -1:
+        """One pop made room for one job: the overflow line first, else a blocked producer."""
+        if self.overflow:
+            job = self.overflow.popleft()
+            self._append(job, _level_of(job))
+        elif self.putters:
+            _notify(self.putters)
+        return 0
+
+    cdef object _pop(self, double deadline, PyObject **taken_state):
+        while not self._closed:
+            job = self._take(taken_state)
+            if job is not None:
+                return job
+            if deadline != WAIT_FOREVER and _monotonic() >= deadline:
+                return None
+            _wait(self.getters, deadline)
+        return None
+
+    def pop_with_type(self, timeout=None):
+        """Take a job and a slot of its type; None when closed or on timeout."""
+        cdef PyObject *state = NULL
+        job = self._pop(_deadline(timeout), &state)
+        return None if job is None else (job, <TypeState>state)
+
+    def pop(self, timeout=None):
+        """Take a job and a slot of its type (give it back with ``release``); None when closed or on timeout."""
+        cdef PyObject *state = NULL
+        return self._pop(_deadline(timeout), &state)
+
+    def release(self, job_type):
+        """An attempt of ``job_type`` returned: free its slot."""
+        self._release(<TypeState?>self.types[job_type])
+
+    def release_state(self, TypeState state):
+        self._release(state)
+
+    cdef inline void _release(self, TypeState state):
+        state.active -= 1
+        if state.waiting and self.getters:
+            _notify(self.getters)
+
+    # sizes and lifecycle
+
+    def sizes(self):
+        """Ready jobs per level: (high, medium, low)."""
+        return self.level_sizes[2], self.level_sizes[1], self.level_sizes[0]
+
+    def __len__(self):
+        return self.size
+
+    @property
+    def overflow_size(self):
+        return len(self.overflow)
+
+    @property
+    def closed(self):
+        return self._closed
+
+    def close(self):
+        """Stop: pops return None, pushes raise QueueStopped, every waiter wakes."""
+        self._closed = True
+        _notify_all(self.getters)
+        _notify_all(self.putters)
+        _notify_all(self.joiners)
+
+    # accounting
+
+    def count(self, int event, long long n=1):
+        if not 0 <= event < N_COUNTERS:
+            raise ValueError(f"event must be one of the counter constants, got {event}")
+        self._counters[event] += n
+
+    def counters(self):
+        return tuple([self._counters[i] for i in range(N_COUNTERS)])
+
+    @property
+    def unfinished(self):
+        return self._unfinished
+
+    cdef inline void _task_done(self, Py_ssize_t n):
+        self._unfinished -= n
+        if self._unfinished <= 0 and self.joiners:
+            _notify_all(self.joiners)
+
+    def task_done(self, Py_ssize_t n=1):
+        """``n`` accepted jobs finished for good."""
+        self._task_done(n)
+
+    def join(self, timeout=None):
+        """Wait until every accepted job finished; False on timeout or when closed first."""
+        cdef double deadline = _deadline(timeout)
+        while self._unfinished > 0:
+            if self._closed:
+                return False
+            if deadline != WAIT_FOREVER and _monotonic() >= deadline:
+                return False
+            _wait(self.joiners, deadline)
+        return True
+
+
+# --- the delayed heap ---------------------------------------------------------
+
+cdef struct HeapEntry:
+    double run_at
+    uint64_t seq
+    PyObject *job  # an owned reference
+
+
+cdef inline bint _earlier(HeapEntry *a, HeapEntry *b) noexcept nogil:
+    return a.run_at < b.run_at or (a.run_at == b.run_at and a.seq < b.seq)
+
+
+@cython.final
+cdef class DelayedHeap:
+    """Jobs waiting for their run_at, earliest first; FIFO among equal run_at.
+
+    With ``capacity`` > 0, pushing onto a full heap evicts and returns the job
+    with the earliest run_at (the new job is always added).
+    """
+    cdef readonly Py_ssize_t capacity
+    # Guarded by the GIL: a binary min-heap in a growable C array.
+    cdef HeapEntry *entries
+    cdef Py_ssize_t count
+    cdef Py_ssize_t allocated
+    cdef uint64_t seq
+
+    def __cinit__(self, Py_ssize_t capacity=0):
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0 (0 = unlimited), got {capacity}")
+        self.capacity = capacity
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        for i in range(self.count):
+            Py_XDECREF(self.entries[i].job)
+        PyMem_Free(self.entries)
+
+    cdef void _sift_up(self, Py_ssize_t i) noexcept:
+        cdef HeapEntry item = self.entries[i]
+        cdef Py_ssize_t parent
+        while i > 0:
+            parent = (i - 1) >> 1
+            if not _earlier(&item, &self.entries[parent]):
+                break
+            self.entries[i] = self.entries[parent]
+            i = parent
+        self.entries[i] = item
+
+    cdef void _sift_down(self, Py_ssize_t i) noexcept:
+        cdef HeapEntry item = self.entries[i]
+        cdef Py_ssize_t child, n = self.count
+        while True:
+            child = 2 * i + 1
+            if child >= n:
+                break
+            if child + 1 < n and _earlier(&self.entries[child + 1], &self.entries[child]):
+                child += 1
+            if not _earlier(&self.entries[child], &item):
+                break
+            self.entries[i] = self.entries[child]
+            i = child
+        self.entries[i] = item
+
+    def push(self, object job, double run_at):
+        """Add ``job`` due at ``run_at``; return the evicted job, or None."""
+        cdef HeapEntry entry
+        cdef Py_ssize_t allocated
+        cdef HeapEntry *entries
+        Py_INCREF(job)
+        entry = HeapEntry(run_at, self.seq, <PyObject *>job)
+        self.seq += 1
+        if self.capacity and self.count >= self.capacity:
+            evicted = <object>self.entries[0].job  # the earliest of those already waiting
+            Py_DECREF(evicted)
+            self.entries[0] = entry
+            self._sift_down(0)
+            return evicted
+        if self.count == self.allocated:
+            allocated = 16 if self.allocated == 0 else self.allocated * 2
+            entries = <HeapEntry *>PyMem_Realloc(self.entries, allocated * sizeof(HeapEntry))
+            if entries == NULL:
+                Py_DECREF(job)
+                raise MemoryError()
+            self.entries, self.allocated = entries, allocated
+        self.entries[self.count] = entry
+        self.count += 1
+        self._sift_up(self.count - 1)
+        return None
+
+    cdef object _pop_root(self):
+        job = <object>self.entries[0].job
+        Py_DECREF(job)
+        self.count -= 1
+        if self.count:
+            self.entries[0] = self.entries[self.count]
+            self._sift_down(0)
+        return job
+
+    def pop_due(self, double now):
+        """Remove and return, earliest first, every job with run_at <= now."""
+        cdef list due = []
+        while self.count and self.entries[0].run_at <= now:
+            due.append(self._pop_root())
+        return due
+
+    def pop_all(self):
+        """Remove and return every job, earliest first."""
+        cdef list jobs = []
+        while self.count:
+            jobs.append(self._pop_root())
+        return jobs
+
+    def next_run_at(self):
+        return self.entries[0].run_at if self.count else None
+
+    def __len__(self):
+        return self.count
+
+
+# --- sleeping until a deadline ----------------------------------------------
+
+@cython.final
+cdef class Alarm:
+    """A latched wake-up for one sleeper.
+
+    ``armed_at`` is when the sleeper will wake on its own (in the clock the
+    caller uses), or +inf while it is awake: ``wake_before(t)`` wakes it only
+    when ``t`` is earlier, and a wake-up that arrives while it is awake is kept
+    for its next ``sleep``.
+    """
+    cdef readonly double armed_at
+    cdef PyThread_type_lock lock  # held unless a wake-up is pending
+    cdef bint latched  # a wake-up is pending: the lock is released
+
+    def __cinit__(self):
+        self.armed_at = INFINITY
+        self.lock = PyThread_allocate_lock()
+        if self.lock == NULL:
+            raise MemoryError("cannot allocate a lock")
+        PyThread_acquire_lock(self.lock, 1)
+
+    def __dealloc__(self):
+        if self.lock != NULL:
+            if not self.latched:
+                PyThread_release_lock(self.lock)
+            PyThread_free_lock(self.lock)
+
+    def sleep(self, double timeout, double armed_at):
+        cdef bint woken
+        self.armed_at = armed_at
+        try:
+            if timeout == INFINITY:
+                woken = _sleep_on(self.lock, WAIT_FOREVER)
+            else:
+                woken = _sleep_on(self.lock, _monotonic() + (timeout if timeout > 0.0 else 0.0))
+            if not woken and self.latched:
+                PyThread_acquire_lock(self.lock, 0)  # woken just after the timeout: consume it
+        finally:
+            self.armed_at = INFINITY
+        self.latched = False
+
+    cdef inline void _wake(self):
+        if not self.latched:
+            self.latched = True
+            PyThread_release_lock(self.lock)
+
+    def wake(self):
+        self._wake()
+
+    def wake_before(self, double when):
+        if when < self.armed_at:
+            self._wake()
+
+
+# --- one worker -------------------------------------------------------------
+
+def interrupt_thread(unsigned long thread_id, exc_type):
+    """Raise ``exc_type`` in another thread at its next bytecode (None clears it)."""
+    if exc_type is None:
+        return PyThreadState_SetAsyncExc(thread_id, NULL) == 1
+    return PyThreadState_SetAsyncExc(thread_id, <PyObject *>exc_type) == 1
+
+
+@cython.final
+cdef class WorkerSlot:
+    """The attempt one worker runs now, as the watchdog sees it.
+
+    ``expire`` (watchdog) and the worker's end of an attempt decide it exactly
+    once between them; both run under the GIL without calling Python code.
+    """
+    cdef public object job  # the running attempt's job, None between attempts
+    cdef public object type_state
+    cdef public double deadline  # monotonic
+    cdef public object context
+    cdef public bint expired  # the watchdog decided this attempt: its outcome is ignored
+    cdef public bint interrupted  # JobTimeout was raised into the thread
+    cdef public bint retired  # the worker leaves after this attempt
+    cdef public unsigned long thread_id
+    cdef public object on_start  # set by the dispatcher
+    cdef public object on_success  # set by the dispatcher
+
+    def __cinit__(self):
+        self.deadline = INFINITY
+
+    def begin(self, job, state, double deadline, context):
+        self.job, self.type_state, self.deadline, self.context = job, state, deadline, context
+
+    cpdef bint end(self):
+        """The function returned: True when the watchdog had already decided the attempt."""
+        cdef bint expired = self.expired
+        if expired and self.interrupted:
+            PyThreadState_SetAsyncExc(self.thread_id, NULL)  # clear one still pending
+        self.job = self.type_state = self.context = None
+        self.deadline = INFINITY
+        self.expired = False
+        return expired
+
+    def expire(self, double now):
+        """Decide a running attempt past its deadline as timed out: its job, or None."""
+        if self.job is None or self.expired or self.deadline > now:
+            return None
+        self.expired = True
+        self.retired = True
+        state = self.type_state
+        if state is not None and (<TypeState>state).interrupt:
+            self.interrupted = PyThreadState_SetAsyncExc(self.thread_id, <PyObject *>JobTimeout) == 1
+        return self.job
+
+
+def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
+    """Run attempts until the queue closes or the watchdog retires this worker.
+
+    The fast path (success) stays here; everything else goes to ``dispatcher``:
+    ``refresh_hooks(slot)``, ``new_context(job, deadline)``, ``attempt_failed(job,
+    state, exc)``, ``no_executor(job, state)`` and ``after_expired(slot, exc)``.
+    """
+    cdef PyObject *taken = NULL
+    cdef TypeState state
+    cdef double deadline
+    cdef bint expired
+    cdef long succeeded = 0
+    slot.thread_id = PyThread_get_thread_ident()
+    while True:
+        job = ready._pop(WAIT_FOREVER, &taken)
+        if job is None:
+            return
+        state = <TypeState>taken
+        fn = state.fn
+        if fn is None:
+            dispatcher.no_executor(job, state)
+            continue
+        deadline = INFINITY if state.timeout_seconds < 0.0 else _monotonic() + state.timeout_seconds
+        context = dispatcher.new_context(job, deadline) if state.takes_context else None
+        slot.job = job
+        slot.type_state = state
+        slot.deadline = deadline
+        slot.context = context
+        if deadline < watchdog.armed_at:
+            watchdog._wake()
+        error = None
+        try:
+            if slot.on_start is not None:
+                slot.on_start(job)
+            if context is None:
+                fn(job)
+            else:
+                fn(job, context)
+        except BaseException as exc:  # the attempt's failure, whatever it is
+            error = exc
+        expired = slot.end()
+        ready._release(state)
+        if expired:
+            dispatcher.after_expired(slot, error)
+            return
+        if error is None:
+            ready._counters[C_SUCCEEDED] += 1
+            succeeded += 1
+            if succeeded % REFRESH_EVERY == 0:
+                dispatcher.refresh_hooks(slot)
+            on_success = slot.on_success
+            if on_success is not None:
+                on_success(job)
+            ready._task_done(1)
+        else:
+            dispatcher.attempt_failed(job, state, error)
