@@ -125,21 +125,28 @@ cdef int _sleep_on(PyThread_type_lock lock, double deadline) except -1:
         return status == PY_LOCK_ACQUIRED
 
 
-cdef int _wait(list waiters, double deadline) except -1:
-    """Join ``waiters`` and sleep until notified or ``deadline``: 1 notified, 0 timed out."""
+cdef int _wait(list waiters, double deadline, Py_ssize_t *waking=NULL) except -1:
+    """Join ``waiters`` and sleep until notified or ``deadline``: 1 notified, 0 timed out.
+
+    ``waking``, if given, counts notified waiters that have not run yet.
+    """
     cdef _Waiter waiter = _Waiter()
     waiters.append(waiter)
     try:
         _sleep_on(waiter.lock, deadline)
     except BaseException:
-        if waiter.notified:
-            _notify(waiters)  # pass the wake-up on rather than lose it
-        else:
+        if not waiter.notified:
             waiters.remove(waiter)
+        elif waiters:
+            _notify(waiters)  # pass the wake-up on rather than lose it
+        elif waking != NULL:
+            waking[0] -= 1
         raise
     if not waiter.notified:
         waiters.remove(waiter)
         return 0
+    if waking != NULL:
+        waking[0] -= 1
     return 1
 
 
@@ -344,6 +351,7 @@ cdef class ReadyQueue:
     cdef Py_ssize_t _unfinished  # accepted jobs not yet succeeded or failed for good
     cdef long long _counters[N_COUNTERS]
     cdef list getters  # _Waiters: workers waiting for an eligible job
+    cdef Py_ssize_t waking  # getters notified that have not taken the GIL back yet
     cdef list putters  # _Waiters: producers waiting for room
     cdef list joiners  # _Waiters: join() callers waiting for _unfinished == 0
 
@@ -369,6 +377,7 @@ cdef class ReadyQueue:
         state.takes_context = takes_context
         state.interrupt = interrupt
         if state.waiting:
+            self.waking += len(self.getters)
             _notify_all(self.getters)  # a higher limit may free jobs
         return state
 
@@ -396,8 +405,14 @@ cdef class ReadyQueue:
         self.level_sizes[level] += 1
         self.size += 1
         if self.getters and state.active < state.limit:
-            _notify(self.getters)
+            self._wake_getter()
         return 0
+
+    cdef inline void _wake_getter(self):
+        """Wake one idle worker, unless those already woken are enough for the ready jobs."""
+        if self.waking < self.size:
+            self.waking += 1
+            _notify(self.getters)
 
     cdef inline void _accept(self, Py_ssize_t n):
         self._unfinished += n
@@ -513,7 +528,7 @@ cdef class ReadyQueue:
                 return job
             if deadline != WAIT_FOREVER and _monotonic() >= deadline:
                 return None
-            _wait(self.getters, deadline)
+            _wait(self.getters, deadline, &self.waking)
         return None
 
     def pop_with_type(self, timeout=None):
@@ -537,7 +552,7 @@ cdef class ReadyQueue:
     cdef inline void _release(self, TypeState state):
         state.active -= 1
         if state.waiting and self.getters:
-            _notify(self.getters)
+            self._wake_getter()
 
     # sizes and lifecycle
 
@@ -559,6 +574,7 @@ cdef class ReadyQueue:
     def close(self):
         """Stop: pops return None, pushes raise QueueStopped, every waiter wakes."""
         self._closed = True
+        self.waking += len(self.getters)
         _notify_all(self.getters)
         _notify_all(self.putters)
         _notify_all(self.joiners)

@@ -41,7 +41,7 @@ class Dispatcher:
         self.config = config
         self.ready = core.ReadyQueue(config.buffer_size)
         self.delayed = core.DelayedHeap(config.max_delayed_jobs)
-        self.recovered = core.DelayedHeap(0)  # recovered delayed jobs: never evicted
+        self.uncapped = core.DelayedHeap(0)  # retries and recovered jobs: never evicted
         self.scheduler_alarm = core.Alarm()  # armed in wall-clock time (run_at)
         self.watchdog_alarm = core.Alarm()  # armed in monotonic time (deadlines)
         self.failure_callbacks: List[FailureCallback] = []
@@ -185,9 +185,14 @@ class Dispatcher:
 
     # --- delayed jobs ----------------------------------------------------
 
-    def push_delayed(self, job: Any, run_at: float, recovered: bool = False) -> None:
-        """Add an accepted job to the delayed set; an evicted one fails at once, here."""
-        evicted = (self.recovered if recovered else self.delayed).push(job, run_at)
+    def push_delayed(self, job: Any, run_at: float, evictable: bool = True) -> None:
+        """Add an accepted job to the delayed set; an evicted one fails at once, here.
+
+        Only new delayed jobs count against ``max_delayed_jobs`` and can be
+        evicted: a retry or a recovered job was accepted long ago and is never
+        pushed out by a newcomer.
+        """
+        evicted = (self.delayed if evictable else self.uncapped).push(job, run_at)
         self.scheduler_alarm.wake_before(run_at)
         if evicted is not None:
             self.ready.count(core.EVICTED)
@@ -195,15 +200,15 @@ class Dispatcher:
 
     def _schedule(self) -> None:
         interval = self.config.scheduler_interval
-        delayed, recovered, alarm = self.delayed, self.recovered, self.scheduler_alarm
+        delayed, uncapped, alarm = self.delayed, self.uncapped, self.scheduler_alarm
         while not self._stopping:
             try:
                 now = time.time()
-                for heap in (delayed, recovered):
+                for heap in (delayed, uncapped):
                     for job in heap.pop_due(now):
                         self.ready.requeue(job)
                 wake_at = now + interval
-                for heap in (delayed, recovered):
+                for heap in (delayed, uncapped):
                     next_run_at = heap.next_run_at()
                     if next_run_at is not None and next_run_at < wake_at:
                         wake_at = next_run_at
@@ -212,7 +217,7 @@ class Dispatcher:
                 logger.exception("tinymq scheduler error")
 
     def delayed_count(self) -> int:
-        return len(self.delayed) + len(self.recovered)
+        return len(self.delayed) + len(self.uncapped)
 
     # --- timeouts ----------------------------------------------------------
 
@@ -286,7 +291,7 @@ class Dispatcher:
             if delay <= 0.0:
                 self.ready.requeue(job)
             else:
-                self.push_delayed(job, job.run_at)
+                self.push_delayed(job, job.run_at, evictable=False)
         except Exception:  # a bug or a hostile job: never lose track of the job
             logger.exception("tinymq could not handle the failure of job %r", job)
             self.ready.task_done()

@@ -21,7 +21,6 @@ from .stats import ExecutorStats, QueueStats
 __all__ = ["Queue"]
 
 logger = logging.getLogger("tinymq")
-logger.addHandler(logging.NullHandler())
 
 F = TypeVar("F", bound=Callable[..., Any])
 _now = time.time
@@ -204,7 +203,7 @@ class Queue:
         """Use ``store`` from now on, and enqueue every job it holds (delayed ones keep run_at).
 
         Recovery never drops a job for lack of room, and recovered delayed jobs
-        are never evicted.
+        are never evicted (nor are retries waiting for their backoff).
         """
         for method in ("save", "delete", "load_all"):
             if not callable(getattr(store, method, None)):
@@ -223,7 +222,7 @@ class Queue:
         now = _now()
         for job in jobs:
             if job.run_at > now:
-                self._dispatcher.push_delayed(job, job.run_at, recovered=True)
+                self._dispatcher.push_delayed(job, job.run_at, evictable=False)
             else:
                 self._ready.requeue(job)
         logger.info("recovered %d jobs from %r", len(jobs), store)
