@@ -189,20 +189,14 @@ if hasattr(os, "register_at_fork"):
 def new_job_id():
     """A random per-process prefix plus a counter: unique without urandom per job."""
     global _id_counter
-    cdef char digits[16]
-    cdef Py_ssize_t n = 0, i
+    cdef Py_ssize_t i
     cdef uint64_t value
     _id_counter += 1
     value = _id_counter
-    while True:
-        digits[n] = b"0123456789abcdef"[value & 15]
-        n += 1
+    for i in range(15, -1, -1):  # 16 hex digits, fixed width: ids sort by creation
+        _id_buffer[_id_prefix_length + i] = b"0123456789abcdef"[value & 15]
         value >>= 4
-        if value == 0:
-            break
-    for i in range(n):
-        _id_buffer[_id_prefix_length + i] = digits[n - 1 - i]
-    return PyUnicode_FromStringAndSize(_id_buffer, _id_prefix_length + n)
+    return PyUnicode_FromStringAndSize(_id_buffer, _id_prefix_length + 16)
 
 
 # --- backoff ------------------------------------------------------------------

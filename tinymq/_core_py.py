@@ -64,7 +64,7 @@ if hasattr(os, "register_at_fork"):
 
 def new_job_id() -> str:
     """A random per-process prefix plus a counter: unique without urandom per job."""
-    return _id_prefix + format(next(_id_counter), "x")
+    return _id_prefix + format(next(_id_counter), "016x")  # fixed width: ids sort by creation
 
 
 # --- backoff ------------------------------------------------------------------

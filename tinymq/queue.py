@@ -15,7 +15,7 @@ from ._dispatch import Dispatcher, FailureCallback
 from ._pick_core import core
 from .config import Config, ExecutorConfig, _seconds
 from .errors import PersistenceError, QueueFull, QueueStopped
-from .job import Job, _as_run_at, _check_type
+from .job import Job, _as_priority, _as_run_at, _check_type
 from .stats import ExecutorStats, QueueStats
 
 __all__ = ["Queue"]
@@ -136,6 +136,7 @@ class Queue:
             self._dispatcher.save(job)
         try:
             if run_at > _now():
+                job.priority = _as_priority(job.priority)  # the core checks it only when ready
                 self._ready.accept(1)
                 self._dispatcher.push_delayed(job, run_at)
             elif not self._ready.push(job) and not (block and self._ready.put(job, wait)):
@@ -166,18 +167,24 @@ class Queue:
         for job in batch:
             if job.run_at.__class__ is not float:
                 job.run_at = _as_run_at(job.run_at)
-            (delayed_jobs if job.run_at > now else ready_jobs).append(job)
+            if job.run_at > now:
+                job.priority = _as_priority(job.priority)  # the core checks ready ones
+                delayed_jobs.append(job)
+            else:
+                ready_jobs.append(job)
         store = self._store
         if store is not None and batch:
             save_many = getattr(store, "save_many", None)
+            saved: List[Job] = []  # what to take back if the batch fails half-way
             try:
                 if save_many is not None:
-                    save_many(batch)
+                    save_many(batch)  # all-or-nothing by the hook's contract
                 else:
                     for job in batch:
                         store.save(job)
+                        saved.append(job)
             except Exception as exc:
-                for job in batch:
+                for job in saved:
                     self._dispatcher._store_call("delete", store.delete, job.id)
                 if isinstance(exc, PersistenceError):
                     raise

@@ -1,0 +1,59 @@
+"""The Persistence protocol: what a durable store must offer the Queue.
+
+A store needs only ``save``, ``delete`` and ``load_all``. The Queue also calls
+the optional hooks below when a store has them (looked up with ``getattr``),
+so a minimal store stays minimal and a richer one gets better guarantees:
+
+``save_many(jobs)``
+    Save a batch all-or-nothing (one transaction). ``Queue.enqueue_many`` uses
+    it; without it the Queue calls ``save`` per job.
+``mark_running(job)``
+    An attempt is starting. A store that records this can count a process
+    crash during the attempt as a failed attempt when it reloads, so a job
+    that kills its process cannot loop forever.
+``mark_dead(job, reason, error)``
+    The job failed permanently (``reason`` is "retries_exhausted",
+    "no_executor" or "evicted"; ``error`` the last exception or None). The
+    store keeps it for inspection instead of deleting it.
+"""
+from typing import Iterable, Optional, Protocol, Sequence, runtime_checkable
+
+from ..job import Job
+
+__all__ = ["Persistence", "Serializer"]
+
+
+@runtime_checkable
+class Persistence(Protocol):
+    """A durable store of the jobs a Queue has accepted and not yet finished."""
+
+    def save(self, job: Job) -> None:
+        """Store ``job`` (insert or overwrite by ``job.id``) before it is visible to workers."""
+
+    def delete(self, job_id: str) -> None:
+        """Forget a job that finished; deleting an unknown id is not an error."""
+
+    def load_all(self) -> Iterable[Job]:
+        """Every stored job still to run, ready and delayed (``run_at`` kept)."""
+
+
+@runtime_checkable
+class Serializer(Protocol):
+    """Turns a payload into ``bytes`` or ``str`` and back.
+
+    Whatever ``loads`` does with stored data is the only code a store ever
+    runs on the file's behalf, so it must not execute anything (JSON doesn't).
+    """
+
+    def dumps(self, obj: object) -> "bytes | str": ...
+
+    def loads(self, data: "bytes | str") -> object: ...
+
+
+# Documented for type checkers; the Queue duck-types these hooks.
+class _OptionalHooks(Protocol):
+    def save_many(self, jobs: Sequence[Job]) -> None: ...
+
+    def mark_running(self, job: Job) -> None: ...
+
+    def mark_dead(self, job: Job, reason: str, error: Optional[BaseException]) -> None: ...
