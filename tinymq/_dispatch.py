@@ -306,7 +306,7 @@ class Dispatcher:
         for callback in list(self.failure_callbacks):
             try:
                 callback(job, reason, exc)
-            except Exception:
+            except BaseException:  # whatever a callback raises, the queue carries on
                 logger.exception("failure callback %r raised for job %s", callback, job.id)
         store = self.store
         if store is not None:

@@ -1,0 +1,146 @@
+"""Shared helpers for the Queue-level tests.
+
+Everything here synchronises on events and conditions, never on sleeps: a test
+waits for the thing it needs to have happened, with a generous deadline, and
+fails with a clear message when it does not happen.
+
+Executors are plain functions (closures), not bound methods or callable
+instances, so that the single-argument ``fn(job)`` form is what the queue sees.
+"""
+import threading
+import time
+
+from tinymq import Config, Queue
+
+# Generous upper bound for "this should happen soon" on a noisy 2-core machine.
+WAIT = 10.0
+# How long to watch for something that must NOT happen (a bounded Event.wait).
+QUIET = 0.25
+
+
+def make_queue(**config):
+    """A Queue with the given Config fields (use as a context manager)."""
+    return Queue(config=Config(**config))
+
+
+def wait_until(predicate, timeout=WAIT, interval=0.002):
+    """Poll ``predicate`` until it is true or ``timeout`` passes; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+class Recorder:
+    """A thread-safe log of events that tests can wait on."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self.items = []
+
+    def add(self, item):
+        with self._cond:
+            self.items.append(item)
+            self._cond.notify_all()
+
+    def wait_for(self, count, timeout=WAIT):
+        """True once at least ``count`` items have been recorded."""
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self.items) >= count, timeout)
+
+    def snapshot(self):
+        with self._cond:
+            return list(self.items)
+
+    def __len__(self):
+        with self._cond:
+            return len(self.items)
+
+
+class Blocker:
+    """An executor that records each attempt and blocks until released.
+
+    ``blocker.fn`` is the executor; it tracks how many attempts run at once
+    (``active``/``max_active``) under a lock. Use ``with blocker:`` so that it
+    is always released, even when an assertion fails, and the queue can stop.
+    """
+
+    def __init__(self, hold=WAIT, name="blocker"):
+        self._cond = threading.Condition()
+        self._release = threading.Event()
+        self.hold = hold
+        self.name = name
+        self.started = []
+        self.finished = []
+        self.threads = []
+        self.active = 0
+        self.max_active = 0
+
+        def fn(job):
+            with self._cond:
+                self.started.append(job)
+                self.threads.append(threading.current_thread())
+                self.active += 1
+                self.max_active = max(self.max_active, self.active)
+                self._cond.notify_all()
+            try:
+                if not self._release.wait(self.hold):
+                    raise RuntimeError(f"{self.name} was never released")
+            finally:
+                with self._cond:
+                    self.active -= 1
+                    self.finished.append(job)
+                    self._cond.notify_all()
+
+        self.fn = fn
+
+    def release(self):
+        self._release.set()
+
+    def wait_started(self, count, timeout=WAIT):
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self.started) >= count, timeout)
+
+    def wait_finished(self, count, timeout=WAIT):
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self.finished) >= count, timeout)
+
+    def started_payloads(self):
+        with self._cond:
+            return [job.payload for job in self.started]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+class FailureLog:
+    """An ``on_failure`` callback that records (job, reason, exc, thread, stats)."""
+
+    def __init__(self, queue=None):
+        self._recorder = Recorder()
+        self.queue = queue
+
+        def callback(job, reason, exc):
+            stats = self.queue.get_stats() if self.queue is not None else None
+            self._recorder.add((job, reason, exc, threading.current_thread(), stats))
+
+        self.callback = callback
+
+    @property
+    def entries(self):
+        return self._recorder.snapshot()
+
+    def reasons(self):
+        return [entry[1] for entry in self.entries]
+
+    def wait_for(self, count, timeout=WAIT):
+        return self._recorder.wait_for(count, timeout)
+
+    def __len__(self):
+        return len(self._recorder)

@@ -1,0 +1,44 @@
+"""The ``core`` fixture: every core test runs against both cores.
+
+``pure`` is ``tinymq._core_py`` (the specification); ``compiled`` is
+``tinymq._core``. The compiled param is skipped when TINYMQ_NO_EXTENSIONS=1,
+or when the extension cannot be imported (not built) -- except under
+TINYMQ_REQUIRE_EXTENSIONS=1, where a missing extension is a test failure.
+"""
+import importlib
+import os
+
+import pytest
+
+PURE_CORE = "tinymq._core_py"
+COMPILED_CORE = "tinymq._core"
+
+
+def env_flag(name):
+    """The switch convention of setup.py and tinymq._pick_core: set and not "0"."""
+    return os.environ.get(name, "") not in ("", "0")
+
+
+def load_core(name):
+    """Import core ``name``, or skip/fail the calling test as the environment asks."""
+    if name == COMPILED_CORE:
+        if env_flag("TINYMQ_NO_EXTENSIONS"):
+            pytest.skip("TINYMQ_NO_EXTENSIONS=1: the compiled core is not in use")
+        try:
+            return importlib.import_module(name)
+        except ImportError as exc:
+            if env_flag("TINYMQ_REQUIRE_EXTENSIONS"):
+                pytest.fail(
+                    f"TINYMQ_REQUIRE_EXTENSIONS=1 but {name} cannot be imported: {exc!r}",
+                    pytrace=False,
+                )
+            pytest.skip(f"{name} is not built ({exc}); set TINYMQ_REQUIRE_EXTENSIONS=1 to fail instead")
+    return importlib.import_module(name)
+
+
+@pytest.fixture(
+    params=[pytest.param(PURE_CORE, id="pure"), pytest.param(COMPILED_CORE, id="compiled")]
+)
+def core(request):
+    """The core module under test: ``tinymq._core_py`` or ``tinymq._core``."""
+    return load_core(request.param)

@@ -1,0 +1,131 @@
+"""Threaded stress on both cores: producers and consumers move many items
+through a small ReadyQueue with blocking put/pop; each item arrives exactly once.
+"""
+import random
+import threading
+import time
+
+import pytest
+
+WAIT = 10.0
+PRODUCERS = 4
+CONSUMERS = 4
+ITEMS = 200_000
+PER_PRODUCER = ITEMS // PRODUCERS
+
+
+class Item:
+    __slots__ = ("type", "priority", "origin")
+
+    def __init__(self, type, priority, origin):
+        self.type = type
+        self.priority = priority
+        self.origin = origin
+
+
+def noop(job):
+    pass
+
+
+@pytest.mark.timeout(600)
+def test_four_producers_four_consumers_move_every_item_exactly_once(core):
+    q = core.ReadyQueue(64)
+    q.configure("limited", noop, 2, None, False, False)  # 4 consumers, 2 slots: passing over happens
+    barrier = threading.Barrier(PRODUCERS + CONSUMERS + 1)
+    received = [[] for _ in range(CONSUMERS)]
+    errors = []
+
+    def produce(producer):
+        try:
+            rng = random.Random(producer)
+            jobs = [
+                Item(rng.choice(("a", "b", "limited")), rng.randrange(3), (producer, i))
+                for i in range(PER_PRODUCER)
+            ]
+            barrier.wait(WAIT)
+            put = q.put
+            for job in jobs:
+                if not put(job, WAIT * 6):
+                    raise AssertionError(f"put timed out at {job.origin}")
+        except BaseException as exc:
+            errors.append(exc)
+
+    def consume(out):
+        try:
+            barrier.wait(WAIT)
+            pop, release, task_done, append = q.pop, q.release, q.task_done, out.append
+            while True:
+                job = pop()
+                if job is None:  # closed
+                    return
+                append(job.origin)
+                release(job.type)
+                task_done()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=produce, args=(p,), daemon=True) for p in range(PRODUCERS)]
+    threads += [threading.Thread(target=consume, args=(out,), daemon=True) for out in received]
+    for thread in threads:
+        thread.start()
+    began = time.monotonic()
+    barrier.wait(WAIT)
+    for thread in threads[:PRODUCERS]:
+        thread.join(400)
+    assert not any(thread.is_alive() for thread in threads[:PRODUCERS]), "a producer is stuck"
+    assert q.join(timeout=120), f"{q.unfinished} items never arrived"
+    q.close()
+    for thread in threads[PRODUCERS:]:
+        thread.join(WAIT)
+    assert not any(thread.is_alive() for thread in threads), "a consumer did not stop on close()"
+    assert errors == []
+    elapsed = time.monotonic() - began
+
+    everything = [origin for out in received for origin in out]
+    assert len(everything) == ITEMS
+    assert set(everything) == {(p, i) for p in range(PRODUCERS) for i in range(PER_PRODUCER)}
+    assert all(len(out) > 0 for out in received), "a consumer never got an item"
+    assert len(q) == 0 and q.overflow_size == 0
+    assert q.counters()[core.ENQUEUED] == ITEMS
+    assert q.unfinished == 0
+    assert q.executor_stats() == {"limited": (0, 2)}
+    print(f"{core.__name__}: {ITEMS} items in {elapsed:.2f} s")
+
+
+@pytest.mark.timeout(300)
+def test_requeues_under_contention_are_never_lost(core):
+    """Requeues overflow a tiny buffer while consumers pop; nothing is dropped."""
+    q = core.ReadyQueue(2)
+    total = 20_000
+    barrier = threading.Barrier(3)
+    received = [[] for _ in range(2)]
+    q.accept(total)
+
+    def requeue_all():
+        barrier.wait(WAIT)
+        for i in range(total):
+            q.requeue(Item("t", i % 3, i))
+
+    def consume(out):
+        barrier.wait(WAIT)
+        while True:
+            job = q.pop()
+            if job is None:
+                return
+            out.append(job.origin)
+            q.release(job.type)
+            q.task_done()
+
+    producer = threading.Thread(target=requeue_all, daemon=True)
+    consumers = [threading.Thread(target=consume, args=(out,), daemon=True) for out in received]
+    for thread in [producer, *consumers]:
+        thread.start()
+    producer.join(200)
+    assert not producer.is_alive()
+    assert q.join(timeout=120), f"{q.unfinished} requeued items never arrived"
+    q.close()
+    for thread in consumers:
+        thread.join(WAIT)
+    assert not any(thread.is_alive() for thread in consumers)
+    assert sorted(received[0] + received[1]) == list(range(total))
+    assert q.overflow_size == 0 and len(q) == 0

@@ -1,0 +1,157 @@
+"""Thread-safety under load: 4 producers x 25,000 jobs, 3 limited types, 4 workers.
+
+Every job runs exactly once, no per-type limit is ever exceeded, and the final
+stats agree with what ran. API.md: "Every method is safe to call from any thread",
+"At most max_concurrent_jobs attempts of one job type run at a time", "Stats".
+"""
+import random
+import threading
+import time
+
+import pytest
+
+from tinymq import Config, ExecutorConfig, Job, Priority, Queue
+
+from _helpers import WAIT
+
+PRODUCERS = 4
+JOBS_PER_PRODUCER = 25_000
+TOTAL = PRODUCERS * JOBS_PER_PRODUCER
+LIMITS = {"a": 2, "b": 3, "c": 1000}
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("block", [True, False], ids=["block", "big-buffer"])
+def test_many_producers_many_workers(block):
+    lock = threading.Lock()
+    runs = bytearray(TOTAL)  # runs[i] = how many times job i ran
+    active = dict.fromkeys(LIMITS, 0)
+    peak = dict.fromkeys(LIMITS, 0)
+    ran_by_type = dict.fromkeys(LIMITS, 0)
+    violations = []
+
+    def make_executor(job_type):
+        limit = LIMITS[job_type]
+
+        def fn(job):
+            with lock:
+                active[job_type] += 1
+                if active[job_type] > limit:
+                    violations.append((job_type, active[job_type]))
+                if active[job_type] > peak[job_type]:
+                    peak[job_type] = active[job_type]
+                runs[job.payload] += 1
+                ran_by_type[job_type] += 1
+            # Yield the GIL mid-attempt (not synchronisation): other workers run now,
+            # so an attempt beyond the type's limit would overlap and be seen.
+            time.sleep(0)
+            with lock:
+                active[job_type] -= 1
+
+        return fn
+
+    buffer_size = 1_000 if block else TOTAL
+    with Queue(config=Config(buffer_size=buffer_size)) as q:
+        for job_type, limit in LIMITS.items():
+            q.register_executor(job_type, make_executor(job_type), ExecutorConfig(max_concurrent_jobs=limit))
+        q.start_dispatcher(4)
+        start = threading.Barrier(PRODUCERS, timeout=WAIT)
+        errors = []
+        expected_by_type = [dict.fromkeys(LIMITS, 0) for _ in range(PRODUCERS)]
+
+        def producer(index):
+            rng = random.Random(index)
+            priorities = list(Priority)
+            types = list(LIMITS)
+            counts = expected_by_type[index]
+            try:
+                start.wait()
+                base = index * JOBS_PER_PRODUCER
+                for i in range(base, base + JOBS_PER_PRODUCER):
+                    job_type = types[rng.randrange(3)]
+                    counts[job_type] += 1
+                    job = Job(job_type, i, priority=priorities[rng.randrange(3)])
+                    if block:
+                        q.enqueue(job, block=True, timeout=60)
+                    else:
+                        q.enqueue(job)
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=producer, args=(k,)) for k in range(PRODUCERS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads), "a producer is stuck"
+        assert errors == []
+        assert q.join(120), "join() timed out: some jobs never finished"
+        stats = q.get_stats()
+
+    assert violations == [], f"limits exceeded: {violations[:5]}"
+    not_once = [i for i, n in enumerate(runs) if n != 1]
+    assert not_once == [], f"{len(not_once)} jobs did not run exactly once, e.g. {not_once[:5]}"
+    expected = {t: sum(c[t] for c in expected_by_type) for t in LIMITS}
+    assert ran_by_type == expected
+    assert stats.jobs_enqueued == TOTAL
+    assert stats.jobs_succeeded == TOTAL
+    assert (stats.jobs_failed, stats.jobs_retried, stats.jobs_timed_out, stats.jobs_evicted) == (0, 0, 0, 0)
+    assert (stats.high_queue_size, stats.medium_queue_size, stats.low_queue_size) == (0, 0, 0)
+    for job_type, limit in LIMITS.items():
+        assert stats.executor_stats[job_type].active_jobs == 0
+        assert stats.executor_stats[job_type].max_jobs == limit
+        assert peak[job_type] <= limit
+
+
+@pytest.mark.timeout(120)
+def test_failures_retries_and_delays_under_load():
+    """A mix of failing, retried and delayed jobs from several threads: counters stay exact."""
+    lock = threading.Lock()
+    attempts = {}
+    failures = []
+    n_per_thread = 1_500
+
+    def fn(job):
+        with lock:
+            attempts[job.payload] = attempts.get(job.payload, 0) + 1
+            n = attempts[job.payload]
+        kind = job.payload % 3
+        if kind == 1 and n == 1:
+            raise RuntimeError("flaky")  # succeeds on the retry
+        if kind == 2:
+            raise RuntimeError("always")  # fails permanently after 1 retry
+
+    from tinymq import RetryConfig
+    retry = RetryConfig(max_retries=1, initial_delay=0.001)
+    with Queue(config=Config(buffer_size=100_000, max_delayed_jobs=0)) as q:
+        q.on_failure(lambda job, reason, exc: failures.append((job.payload, reason)))
+        q.register_executor("t", fn, ExecutorConfig(max_concurrent_jobs=3))
+        q.start_dispatcher(4)
+
+        def producer(index):
+            for i in range(index * n_per_thread, (index + 1) * n_per_thread):
+                job = Job("t", i, retry_config=retry)
+                if i % 5 == 0:
+                    q.enqueue_delayed(job, 0.001 * (i % 50))
+                else:
+                    q.enqueue(job)
+
+        threads = [threading.Thread(target=producer, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert q.join(60)
+        stats = q.get_stats()
+
+    total = 4 * n_per_thread
+    kinds = [sum(1 for i in range(total) if i % 3 == k) for k in range(3)]
+    assert sorted(attempts) == list(range(total))
+    assert all(attempts[i] == (1 if i % 3 == 0 else 2) for i in range(total))
+    assert stats.jobs_enqueued == total
+    assert stats.jobs_succeeded == kinds[0] + kinds[1]
+    assert stats.jobs_failed == kinds[2]
+    assert stats.jobs_retried == kinds[1] + kinds[2]
+    assert sorted(failures) == [(i, "retries_exhausted") for i in range(total) if i % 3 == 2]
+    assert stats.executor_stats["t"].active_jobs == 0
+    assert stats.delayed_jobs_count == 0
