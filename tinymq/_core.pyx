@@ -543,10 +543,15 @@ cdef class ReadyQueue:
     def release_state(self, TypeState state):
         self._release(state)
 
-    cdef inline void _release(self, TypeState state):
+    cdef inline int _release(self, TypeState state) except -1:
         state.active -= 1
-        if state.waiting and self.getters:
-            self._wake_getter()
+        if state.waiting:
+            if self.getters:
+                self._wake_getter()
+        elif state.fn is None and not state.active:
+            del self.types[state.name]  # an unregistered type leaves nothing behind
+            self.type_list.remove(state)
+        return 0
 
     # sizes and lifecycle
 
@@ -812,18 +817,23 @@ cdef class WorkerSlot:
     def __cinit__(self):
         self.deadline = INFINITY
 
-    def begin(self, job, state, double deadline, context):
+    cpdef begin(self, job, state, double deadline, context):
         self.job, self.type_state, self.deadline, self.context = job, state, deadline, context
+        self.expired = self.interrupted = False
 
     cpdef bint end(self):
-        """The function returned: True when the watchdog had already decided the attempt."""
-        cdef bint expired = self.expired
-        if expired and self.interrupted:
-            PyThreadState_SetAsyncExc(self.thread_id, NULL)  # clear one still pending
+        """The function returned: True when the watchdog had already decided the attempt.
+
+        An expired attempt's record stays for the watchdog, which reads it after
+        ``expire`` while this thread may already be here.
+        """
+        if self.expired:
+            if self.interrupted:
+                PyThreadState_SetAsyncExc(self.thread_id, NULL)  # clear one still pending
+            return True
         self.job = self.type_state = self.context = None
         self.deadline = INFINITY
-        self.expired = False
-        return expired
+        return False
 
     def expire(self, double now):
         """Decide a running attempt past its deadline as timed out: its job, or None."""
@@ -861,10 +871,7 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
             continue
         deadline = INFINITY if state.timeout_seconds < 0.0 else _monotonic() + state.timeout_seconds
         context = dispatcher.new_context(job, deadline) if state.takes_context else None
-        slot.job = job
-        slot.type_state = state
-        slot.deadline = deadline
-        slot.context = context
+        slot.begin(job, state, deadline, context)
         if deadline < watchdog.armed_at:
             watchdog._wake()
         error = None

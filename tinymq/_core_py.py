@@ -313,6 +313,8 @@ class ReadyQueue:
         state.active -= 1
         if state.pending():
             self._eligible.notify()
+        elif state.fn is None and not state.active:
+            del self._types[state.name]  # an unregistered type leaves nothing behind
 
     # sizes and lifecycle
 
@@ -488,15 +490,20 @@ class WorkerSlot:
     def begin(self, job: Any, state: TypeState, deadline: float, context: Any) -> None:
         with self._lock:
             self.job, self.type_state, self.deadline, self.context = job, state, deadline, context
+            self.expired = self.interrupted = False
 
     def end(self) -> bool:
-        """The function returned: True when the watchdog had already decided the attempt."""
+        """The function returned: True when the watchdog had already decided the attempt.
+
+        An expired attempt's record stays for the watchdog, which reads it after
+        ``expire`` while this thread may already be here.
+        """
         with self._lock:
-            expired = self.expired
+            if self.expired:
+                return True
             self.job = self.type_state = self.context = None
             self.deadline = _INF
-            self.expired = False
-            return expired
+            return False
 
     def expire(self, now: float) -> Any:
         """Decide a running attempt past its deadline as timed out: its job, or None."""
