@@ -344,6 +344,36 @@ def test_ready_jobs_never_evict():
         assert q.get_stats().delayed_jobs_count == 1
 
 
+def test_retries_waiting_for_backoff_are_never_evicted_and_never_evict():
+    """A retry was accepted long ago: max_delayed_jobs does not push it out, nor it others.
+
+    (API.md is silent on whether retries count against max_delayed_jobs; the
+    implementation keeps them out of the cap. See the report of this suite.)
+    """
+    attempts = Recorder()
+
+    def flaky(job):
+        attempts.add(job.retries)
+        if job.retries == 0:
+            raise RuntimeError("once")
+
+    from tinymq import RetryConfig
+    with make_queue(max_delayed_jobs=1) as q:
+        failures = FailureLog(q)
+        q.on_failure(failures.callback)
+        q.register_executor("t", flaky)
+        q.start_dispatcher(1)
+        q.enqueue(Job("t", "user-1", run_at=time.time() + 30))  # fills the delayed set
+        q.enqueue(Job("t", "flaky", retry_config=RetryConfig(max_retries=1, initial_delay=0.3)))
+        assert attempts.wait_for(1)
+        assert wait_until(lambda: q.get_stats().jobs_retried == 1)
+        q.enqueue(Job("t", "user-2", run_at=time.time() + 40))  # evicts user-1, not the retry
+        assert attempts.wait_for(2), "the retry was lost"
+        assert wait_until(lambda: q.get_stats().jobs_succeeded == 1)
+        assert [(e[0].payload, e[1]) for e in failures.entries] == [("user-1", "evicted")]
+        assert q.get_stats().jobs_evicted == 1
+
+
 # --- a due job and a full buffer ----------------------------------------------------------
 
 def test_a_due_job_that_finds_the_buffer_full_waits_and_is_not_dropped():

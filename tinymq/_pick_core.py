@@ -6,6 +6,7 @@ core was not built (a machine without a C compiler).
 """
 import os
 import platform
+import warnings
 
 __all__ = ["core", "HAS_EXTENSION"]
 
@@ -20,9 +21,16 @@ else:
         from . import _core as core  # type: ignore[no-redef]
 
         HAS_EXTENSION = True
-    except ImportError:  # not built: no compiler at install time
+    except ImportError as exc:  # not built: no compiler at install time
         if os.environ.get("TINYMQ_REQUIRE_EXTENSIONS", "") not in ("", "0"):
             raise
         from . import _core_py as core  # type: ignore[no-redef]
 
         HAS_EXTENSION = False
+        warnings.warn(
+            f"tinymq's compiled core is not available ({exc}); using the pure-Python core, "
+            "which behaves the same but is several times slower. Reinstall with a C compiler, "
+            "or set TINYMQ_NO_EXTENSIONS=1 to choose the pure core and silence this warning.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
