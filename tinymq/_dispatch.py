@@ -16,7 +16,7 @@ import logging
 import math
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from ._pick_core import core
 from .config import Config, ExecutorConfig
@@ -136,16 +136,18 @@ class Dispatcher:
         self._threads.append(thread)
         thread.start()
 
-    def _start_worker(self) -> None:
-        """Start one worker thread. Called with _lock held."""
+    def _start_worker(self, failure: Optional[Tuple[Any, Any, BaseException]] = None) -> None:
+        """Start one worker thread, which first handles ``failure``. Called with _lock held."""
         slot = core.WorkerSlot()
         self._set_hooks(slot)
         self._slots.add(slot)
         self._worker_number += 1
-        self._start_thread(self._work, f"tinymq-worker-{self._worker_number}", slot)
+        self._start_thread(self._work, f"tinymq-worker-{self._worker_number}", slot, failure)
 
-    def _work(self, slot: Any) -> None:
+    def _work(self, slot: Any, failure: Optional[Tuple[Any, Any, BaseException]]) -> None:
         try:
+            if failure is not None:
+                self.attempt_failed(*failure)
             core.run_worker(self.ready, slot, self.watchdog_alarm, self)
         except JobTimeout:
             pass  # a late interruption landing in a retired worker on its way out
@@ -245,13 +247,16 @@ class Dispatcher:
         context = slot.context
         if context is not None:
             context._cancel("timed out")
-        with self._lock:
-            if not self._stopping:
-                self._start_worker()  # the pool keeps its size while the old thread is stuck
         self.ready.count(core.TIMED_OUT)
         exc = JobTimeout(f"job {job.id} ({job.type!r}) timed out after {state.timeout:g}s")
         logger.warning("job %s (%s) timed out after %gs; its thread is retired and replaced",
                        job.id, job.type, state.timeout)
+        with self._lock:
+            if not self._stopping:
+                # The pool keeps its size while the old thread is stuck; the replacement
+                # handles the failure first, so a slow callback never delays the watchdog.
+                self._start_worker((job, state, exc))
+                return
         self.attempt_failed(job, state, exc)
 
     def after_expired(self, slot: Any, error: Optional[BaseException]) -> None:
