@@ -98,6 +98,12 @@ def test_new_job_id_is_a_nonempty_str(core):
     assert core.new_job_id() != job_id
 
 
+def test_new_job_ids_sort_by_creation(core):
+    ids = [core.new_job_id() for _ in range(5000)]  # crosses several hex digit counts
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+
+
 @pytest.mark.timeout(300)
 def test_new_job_id_is_unique_across_threads(core):
     threads, per_thread = 8, 50_000
@@ -242,6 +248,26 @@ def test_alarm_infinite_sleep_waits_until_woken(core):
     thread.join(WAIT)
 
 
+def test_alarm_huge_finite_timeout_waits_until_woken(core):
+    """The watchdog sleeps until the earliest deadline: an executor timeout may be 1e10 s."""
+    alarm = core.Alarm()
+    errors = []
+    done = threading.Event()
+
+    def run():
+        try:
+            alarm.sleep(1e10, 1e10)
+        except BaseException as exc:
+            errors.append(exc)
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert not done.wait(QUIET), f"sleep(1e10) returned on its own: {errors}"
+    alarm.wake()
+    assert done.wait(WAIT)
+    assert errors == []
+
+
 # --- WorkerSlot --------------------------------------------------------------------------------
 
 
@@ -315,6 +341,11 @@ def test_worker_slot_expire_and_end_decide_exactly_once_under_races(core):
         assert (job == i and expired is True) or (job is None and expired is False), (i, job, expired)
 
 
+@pytest.mark.xfail(
+    sys.version_info[:2] == (3, 13),
+    reason="CPython 3.13 may deliver the async exception outside the try (python/cpython#139622)",
+    strict=False,
+)
 def test_worker_slot_expire_interrupts_the_worker_thread(core):
     state = type_state(core, interrupt=True)
     slot = core.WorkerSlot()

@@ -4,6 +4,7 @@ API.md "Concurrency limits and timeouts". The cooperative context (``fn(job, ctx
 ``ExecutorConfig(interrupt_on_timeout=True)`` are the implementation's documented design
 for "the executor is told cooperatively".
 """
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -338,6 +339,12 @@ def test_single_argument_function_with_an_optional_second_parameter_gets_only_th
 
 # --- the interruption tier ----------------------------------------------------------------
 
+# CPython 3.13 can deliver an asynchronous exception where the executor's own try/except
+# does not see it (python/cpython#139622): it still stops the executor, and the worker
+# loop still catches it, but the executor cannot catch it itself.
+ASYNC_EXCEPTIONS_ESCAPE_TRY = sys.version_info[:2] == (3, 13)
+
+
 def test_interrupt_on_timeout_raises_job_timeout_inside_a_python_loop():
     seen = {}
 
@@ -359,10 +366,12 @@ def test_interrupt_on_timeout_raises_job_timeout_inside_a_python_loop():
         started = time.monotonic()
         q.enqueue(Job("t", retry_config=no_retries()))
         assert q.join(WAIT)
-        assert wait_until(lambda: "raised_inside" in seen or "ran_to_the_end" in seen)
-        elapsed = time.monotonic() - started
+        # The slot is released only when the function really returned: it returned early.
         assert wait_until(lambda: q.get_stats().executor_stats["t"].active_jobs == 0)
-    assert "raised_inside" in seen, "JobTimeout was not raised inside the executor"
+        elapsed = time.monotonic() - started
+    assert "ran_to_the_end" not in seen, "the executor was not interrupted"
+    if not ASYNC_EXCEPTIONS_ESCAPE_TRY:
+        assert "raised_inside" in seen, "JobTimeout was not raised inside the executor"
     assert elapsed < WAIT / 2
     assert failures.reasons() == ["retries_exhausted"]
     assert isinstance(failures.entries[0][2], JobTimeout)

@@ -44,6 +44,14 @@ monotonic = time.monotonic  # the clock of every deadline in this core
 _REFRESH_EVERY = 1024  # successes between two looks at the log level, off the per-job path
 
 
+def _remaining(deadline: Optional[float]) -> Optional[float]:
+    """Seconds left before a monotonic deadline, for Condition.wait (None: no deadline)."""
+    if deadline is None:
+        return None
+    remaining = deadline - time.monotonic()
+    return None if remaining >= threading.TIMEOUT_MAX else remaining
+
+
 # --- job ids ------------------------------------------------------------------
 
 _id_prefix = ""
@@ -204,7 +212,7 @@ class ReadyQueue:
                     raise QueueStopped("the queue is stopped")
                 if sum(self._sizes) < self.capacity and not self._overflow:
                     break
-                remaining = None if deadline is None else deadline - time.monotonic()
+                remaining = _remaining(deadline)
                 if remaining is not None and remaining <= 0.0:
                     return False
                 self._room.wait(remaining)
@@ -289,7 +297,7 @@ class ReadyQueue:
                 taken = self._take()
                 if taken is not None:
                     return taken
-                remaining = None if deadline is None else deadline - time.monotonic()
+                remaining = _remaining(deadline)
                 if remaining is not None and remaining <= 0.0:
                     return None
                 self._eligible.wait(remaining)
@@ -372,7 +380,7 @@ class ReadyQueue:
             while self._unfinished > 0:
                 if self._closed:
                     return False
-                remaining = None if deadline is None else deadline - time.monotonic()
+                remaining = _remaining(deadline)
                 if remaining is not None and remaining <= 0.0:
                     return False
                 self._all_done.wait(remaining)
@@ -449,7 +457,7 @@ class Alarm:
     def sleep(self, timeout: float, armed_at: float) -> None:
         self.armed_at = armed_at
         if timeout > 0.0:
-            self._woken.wait(None if timeout == _INF else timeout)
+            self._woken.wait(None if timeout >= threading.TIMEOUT_MAX else timeout)
         self.armed_at = _INF
         self._woken.clear()
 
