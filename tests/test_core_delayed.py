@@ -3,8 +3,12 @@ deadline, and capped eviction of the earliest waiting job.
 
 A Hypothesis state machine compares the heap with a sorted-list model.
 """
+import gc
 import math
+import random
+import sys
 import threading
+import weakref
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -78,6 +82,16 @@ def test_pop_all_is_earliest_first_and_empties(core):
     assert names(heap.pop_all()) == ["early", "x", "y", "late"]
     assert len(heap) == 0
     assert heap.next_run_at() is None
+
+
+def test_pop_all_orders_many_jobs_by_run_at_then_insertion(core):
+    rng = random.Random(7)
+    heap = core.DelayedHeap()
+    run_ats = [float(rng.randrange(40)) for _ in range(300)]
+    for i, run_at in enumerate(run_ats):
+        heap.push(Item(i), run_at)
+    expected = sorted(range(300), key=lambda i: (run_ats[i], i))
+    assert names(heap.pop_all()) == expected
 
 
 def test_run_at_may_be_an_int_and_next_run_at_is_a_float(core):
@@ -154,6 +168,41 @@ def test_concurrent_pushes_and_pops_lose_nothing(core):
     rest = heap.pop_all()
     seen = names(rest) + names(popped[0]) + names(popped[1])
     assert sorted(seen) == list(range(2 * per_thread))
+
+
+class Collectable:
+    __slots__ = ("name", "__weakref__")
+
+    def __init__(self, name):
+        self.name = name
+
+
+def test_jobs_are_not_leaked_or_freed_early(core):
+    job = Collectable("x")
+    before = sys.getrefcount(job)
+    heap = core.DelayedHeap(2)
+    for _ in range(100):
+        heap.push(job, 1.0)
+        assert heap.pop_due(1.0) == [job]
+        heap.push(job, 1.0)
+        heap.push(job, 2.0)
+        assert heap.push(job, 3.0) is job  # evicted
+        assert heap.pop_all() == [job, job]
+    assert sys.getrefcount(job) == before
+
+
+def test_a_dropped_heap_frees_its_jobs(core):
+    heap = core.DelayedHeap()
+    jobs = [Collectable(i) for i in range(20)]
+    for i, job in enumerate(jobs):
+        heap.push(job, float(i))
+    freed = []
+    refs = [weakref.ref(job, freed.append) for job in jobs]
+    del jobs, job
+    assert not freed
+    del heap
+    gc.collect()
+    assert len(freed) == 20 and all(ref() is None for ref in refs)
 
 
 # --- the reference model ---------------------------------------------------------------------

@@ -6,10 +6,12 @@ the unit tests below pin the cases a reader should see spelled out. Threads
 synchronise on Barriers, Events and joins; a bounded ``join(QUIET)`` is only
 used to watch for something that must NOT happen (a blocked call returning).
 """
+import gc
 import signal
 import sys
 import threading
 import time
+import weakref
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -340,11 +342,80 @@ def test_overflow_goes_ahead_of_a_blocked_producer(core):
     assert box == {"result": True}
 
 
+def test_a_job_moving_in_from_overflow_wakes_a_blocked_popper(core):
+    q = core.ReadyQueue(1)
+    q.configure("A", noop, 1, None, False, False)
+    q.push(Item("A", MEDIUM, "a1"))
+    assert q.pop(timeout=0).name == "a1"
+    q.push(Item("A", MEDIUM, "a2"))  # full, and A is saturated
+    q.requeue(Item("B", MEDIUM, "b1"))  # owed room
+    barrier = threading.Barrier(3)
+
+    def pop_after_barrier():
+        barrier.wait(WAIT)
+        return q.pop(LONG)
+
+    started = [start(pop_after_barrier) for _ in range(2)]
+    barrier.wait(WAIT)
+    for thread, _ in started:
+        thread.join(QUIET / 2)
+    assert all(thread.is_alive() for thread, _ in started)
+    q.release("A")  # one popper takes a2; b1 moves in and must wake the other
+    for thread, _ in started:
+        thread.join(WAIT)
+    assert not any(thread.is_alive() for thread, _ in started), "a popper was not woken"
+    assert sorted(box["result"].name for _, box in started) == ["a2", "b1"]
+
+
 def test_requeue_after_close_is_not_refused(core):
     q = core.ReadyQueue(1)
     q.close()
     q.requeue(Item("a"))  # an accepted job is never dropped on the floor
     assert len(q) == 1
+
+
+class Collectable:
+    """A job that can be watched for being freed."""
+
+    __slots__ = ("type", "priority", "__weakref__")
+
+    def __init__(self, type="a", priority=MEDIUM):
+        self.type = type
+        self.priority = priority
+
+
+def test_jobs_are_not_leaked_or_freed_early(core):
+    job = Collectable()
+    before = sys.getrefcount(job)
+    q = core.ReadyQueue(1)
+    for _ in range(100):
+        assert q.push(job)
+        assert q.pop(timeout=0) is job
+        q.release("a")
+        q.requeue(job)
+        q.requeue(job)  # into the overflow line
+        assert q.pop(timeout=0) is job
+        q.release("a")
+        assert q.pop(timeout=0) is job
+        q.release("a")
+        assert q.push_many([job])
+        assert q.pop_with_type(timeout=0)[0] is job
+        q.release("a")
+    assert sys.getrefcount(job) == before
+
+
+def test_a_dropped_queue_frees_its_jobs(core):
+    q = core.ReadyQueue(1)
+    ready, owed = Collectable(), Collectable()
+    q.push(ready)
+    q.requeue(owed)
+    freed = []
+    refs = [weakref.ref(ready, freed.append), weakref.ref(owed, freed.append)]
+    del ready, owed
+    assert not freed  # the queue still holds them
+    del q
+    gc.collect()
+    assert len(freed) == 2 and all(ref() is None for ref in refs)
 
 
 # --- close ----------------------------------------------------------------------------------------
@@ -603,6 +674,35 @@ def test_every_blocked_popper_gets_a_job_from_requeues_and_pushes(core):
     assert sorted(box["result"].name for _, box in started) == [0, 1, 2, 3]
 
 
+# Finite but beyond threading.TIMEOUT_MAX (~9.2e9 s): the façade accepts such a timeout
+# (any finite number >= 0), so the core must wait as with None rather than raise.
+HUGE = 1e10
+
+
+def test_huge_finite_timeouts_wait_like_none(core):
+    q = core.ReadyQueue(1)
+    popper, pop_box = start(q.pop, HUGE)
+    popper.join(QUIET)
+    assert popper.is_alive(), pop_box
+    q.push(Item("a", MEDIUM, "popped"))
+    popper.join(WAIT)
+    assert not popper.is_alive(), "not woken"
+    assert pop_box["result"].name == "popped", pop_box
+
+    q.push(Item("a", MEDIUM, "kept"))
+    producer, put_box = start(q.put, Item("a", MEDIUM, "put"), HUGE)
+    joiner, join_box = start(q.join, HUGE)
+    producer.join(QUIET)
+    assert producer.is_alive() and joiner.is_alive(), (put_box, join_box)
+    assert q.pop(timeout=0).name == "kept"
+    producer.join(WAIT)
+    assert put_box == {"result": True}
+    assert q.pop(timeout=HUGE).name == "put"
+    q.task_done(3)
+    joiner.join(WAIT)
+    assert join_box == {"result": True}
+
+
 def test_blocked_pop_releases_the_gil(core):
     """The main thread keeps running while another thread waits in pop."""
     q = core.ReadyQueue(1)
@@ -610,15 +710,15 @@ def test_blocked_pop_releases_the_gil(core):
 
     def wait_in_pop():
         ready.set()
-        return q.pop(timeout=3.0)
+        return q.pop(timeout=LONG)
 
     popper, box = start(wait_in_pop)
     assert ready.wait(WAIT)
     began = time.monotonic()
-    popper.join(QUIET)  # were the GIL held in pop, this would return only after pop's 3 s
-    assert popper.is_alive()
-    counted = sum(range(200_000))  # real Python work while the other thread waits
-    assert counted and time.monotonic() - began < 2.0
+    # Were the GIL held during pop's wait, this join could return only after pop's LONG timeout.
+    popper.join(QUIET)
+    assert sum(range(200_000))  # real Python work while the other thread waits
+    assert popper.is_alive() and time.monotonic() - began < LONG / 2
     item = Item("a")
     q.push(item)
     popper.join(WAIT)
@@ -667,6 +767,14 @@ def test_blocked_pop_in_main_thread_is_interruptible(core):
         helper.join(WAIT)
         signal.signal(signal.SIGINT, previous)
     assert elapsed < 5.0, f"pop was interrupted only after {elapsed:.1f} s"
+    # The interrupted waiter left no trace: the next push wakes a real waiter.
+    popper, box = start(q.pop, LONG)
+    popper.join(QUIET)
+    item = Item("a")
+    q.push(item)
+    popper.join(WAIT)
+    assert not popper.is_alive(), "a push after an interrupted pop woke nobody"
+    assert box["result"] is item
 
 
 # --- the reference model ---------------------------------------------------------------------

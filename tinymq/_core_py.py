@@ -227,6 +227,7 @@ class ReadyQueue:
         ``also_accept`` more jobs, which the caller places itself, are counted
         in the same step (the delayed part of a batch).
         """
+        jobs = list(jobs)
         levels = [_priority_level(job) for job in jobs]
         with self._lock:
             if self._closed:
@@ -355,6 +356,8 @@ class ReadyQueue:
     # accounting
 
     def count(self, event: int, n: int = 1) -> None:
+        if not 0 <= event < len(self._counters):
+            raise ValueError(f"event must be one of the counter constants, got {event}")
         with self._lock:
             self._counters[event] += n
 
@@ -407,6 +410,8 @@ class DelayedHeap:
 
     def push(self, job: Any, run_at: float) -> Any:
         """Add ``job`` due at ``run_at``; return the evicted job, or None."""
+        if not isinstance(run_at, (int, float)):
+            raise TypeError(f"run_at must be a float, got {run_at!r}")
         entry = (float(run_at), next(self._seq), job)
         with self._lock:
             if self.capacity and len(self._heap) >= self.capacity:
