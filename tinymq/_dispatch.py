@@ -123,10 +123,6 @@ class Dispatcher:
             self._start_thread(self._watch, "tinymq-watchdog")
 
     @property
-    def started(self) -> bool:
-        return self._started
-
-    @property
     def worker_count(self) -> int:
         return self._worker_count
 
