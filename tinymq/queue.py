@@ -125,7 +125,8 @@ class Queue:
         run_at = job.run_at
         if run_at.__class__ is not float:
             run_at = job.run_at = _as_run_at(run_at)
-        if self._store is None and run_at <= _now() and self._ready.push(job):
+        # A run_at at or before the job's creation is due without asking the clock.
+        if self._store is None and (run_at <= job.timestamp or run_at <= _now()) and self._ready.push(job):
             return job
         return self._enqueue_slow(job, run_at, block, timeout)
 
