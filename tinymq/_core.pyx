@@ -901,7 +901,12 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
         if fn is None:
             dispatcher.no_executor(job, state)
             continue
-        deadline = INFINITY if state.timeout_seconds < 0.0 else _monotonic_not_before() + state.timeout_seconds
+        if state.timeout_seconds < 0.0:
+            deadline = INFINITY
+        elif state.takes_context:  # the executor reads its deadline: make it exact
+            deadline = _monotonic() + state.timeout_seconds
+        else:  # only the watchdog reads it: at most one clock tick late, never early
+            deadline = _monotonic_not_before() + state.timeout_seconds
         context = dispatcher.new_context(job, deadline) if state.takes_context else None
         slot.begin(job, state, deadline, context)
         if deadline < watchdog.armed_at:
