@@ -11,7 +11,8 @@ Blocking waits release the GIL inside ``PyThread_acquire_lock_timed`` and stay
 interruptible by signals (Ctrl-C reaches the main thread).
 """
 cimport cython
-from cpython.exc cimport PyErr_CheckSignals
+from cpython.exc cimport PyErr_CheckSignals, PyErr_Clear, PyErr_Occurred
+from cpython.long cimport PyLong_AsLong, PyLong_Check
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF, PyObject
 from libc.math cimport INFINITY, pow
@@ -265,7 +266,7 @@ cdef struct Entry:
     PyObject *job  # an owned reference
     uint64_t seq  # insertion order across the whole ReadyQueue
 
-cdef struct Fifo:  # a growable ring buffer of entries
+cdef struct Fifo:  # a growable ring buffer of entries; capacity is a power of two
     Entry *items
     Py_ssize_t head
     Py_ssize_t count
@@ -281,11 +282,11 @@ cdef int _fifo_push(Fifo *fifo, object job, uint64_t seq) except -1:
         if items == NULL:
             raise MemoryError()
         for i in range(fifo.count):  # unwrap the ring into the new buffer
-            items[i] = fifo.items[(fifo.head + i) % fifo.capacity]
+            items[i] = fifo.items[(fifo.head + i) & (fifo.capacity - 1)]
         PyMem_Free(fifo.items)
         fifo.items, fifo.head, fifo.capacity = items, 0, capacity
     Py_INCREF(job)
-    fifo.items[(fifo.head + fifo.count) % fifo.capacity] = Entry(<PyObject *>job, seq)
+    fifo.items[(fifo.head + fifo.count) & (fifo.capacity - 1)] = Entry(<PyObject *>job, seq)
     fifo.count += 1
     return 0
 
@@ -293,7 +294,7 @@ cdef int _fifo_push(Fifo *fifo, object job, uint64_t seq) except -1:
 cdef inline object _fifo_pop(Fifo *fifo):
     """Remove the head; the caller has checked that the FIFO is not empty."""
     cdef PyObject *job = fifo.items[fifo.head].job
-    fifo.head = (fifo.head + 1) % fifo.capacity
+    fifo.head = (fifo.head + 1) & (fifo.capacity - 1)
     fifo.count -= 1
     result = <object>job  # a new reference...
     Py_DECREF(result)  # ...so the entry's own reference goes
@@ -306,7 +307,7 @@ cdef inline object _fifo_pop(Fifo *fifo):
 cdef void _fifo_clear(Fifo *fifo):
     cdef Py_ssize_t i
     for i in range(fifo.count):
-        Py_XDECREF(fifo.items[(fifo.head + i) % fifo.capacity].job)
+        Py_XDECREF(fifo.items[(fifo.head + i) & (fifo.capacity - 1)].job)
     PyMem_Free(fifo.items)
     fifo.items, fifo.head, fifo.count, fifo.capacity = NULL, 0, 0, 0
 
@@ -351,9 +352,14 @@ cdef class TypeState:
 
 cdef inline int _level_of(object job) except -1:
     priority = job.priority
-    if not isinstance(priority, int) or not 0 <= priority <= 2:
+    cdef long level = -1
+    if PyLong_Check(priority):  # Priority is an IntEnum: compare it as a C long
+        level = PyLong_AsLong(priority)
+        if level == -1 and PyErr_Occurred():
+            PyErr_Clear()
+    if not 0 <= level <= 2:
         raise ValueError(f"priority must be a Priority (LOW=0, MEDIUM=1, HIGH=2), got {priority!r}")
-    return priority
+    return level
 
 
 # --- the ready queue ----------------------------------------------------------
@@ -368,6 +374,8 @@ cdef class ReadyQueue:
     cdef readonly Py_ssize_t capacity
     # All guarded by the GIL (see the module docstring).
     cdef dict types  # job type -> TypeState
+    cdef object last_type  # a one-entry cache in front of types: this key...
+    cdef TypeState last_state  # ...maps to this state (both None when empty)
     cdef list type_list  # the same TypeStates, for a C-speed scan
     cdef Py_ssize_t level_sizes[3]  # ready jobs per level (LOW, MEDIUM, HIGH)
     cdef Py_ssize_t size  # sum(level_sizes) <= capacity
@@ -414,11 +422,15 @@ cdef class ReadyQueue:
                 for state in self.type_list if state.fn is not None}
 
     cdef TypeState _type_state(self, object job_type):
+        if job_type is self.last_type:  # most pushes repeat the previous type: skip the dict
+            return self.last_state
         state = self.types.get(job_type)
         if state is None:
             state = TypeState(job_type)
             self.types[job_type] = state
             self.type_list.append(state)
+        self.last_type = job_type
+        self.last_state = <TypeState>state
         return <TypeState>state
 
     # pushing
@@ -570,7 +582,10 @@ cdef class ReadyQueue:
 
     def release(self, job_type):
         """An attempt of ``job_type`` returned: free its slot."""
-        self._release(<TypeState?>self.types[job_type])
+        if job_type is self.last_type:
+            self._release(self.last_state)
+        else:
+            self._release(<TypeState?>self.types[job_type])
 
     def release_state(self, TypeState state):
         self._release(state)
@@ -583,6 +598,8 @@ cdef class ReadyQueue:
         elif state.fn is None and not state.active:
             del self.types[state.name]  # an unregistered type leaves nothing behind
             self.type_list.remove(state)
+            if state is self.last_state:
+                self.last_type = self.last_state = None
         return 0
 
     # sizes and lifecycle
