@@ -115,6 +115,22 @@ cdef double _deadline(object timeout) except? -2.0:
     return _monotonic() + seconds
 
 
+cdef PyThread_type_lock _held_lock() except NULL:
+    """A new lock, already acquired: the next acquire blocks until someone releases it."""
+    cdef PyThread_type_lock lock = PyThread_allocate_lock()
+    if lock == NULL:
+        raise MemoryError("cannot allocate a lock")
+    PyThread_acquire_lock(lock, 1)
+    return lock
+
+
+cdef void _free_lock(PyThread_type_lock lock, bint released) noexcept:
+    if lock != NULL:
+        if not released:
+            PyThread_release_lock(lock)  # a lock is freed unlocked
+        PyThread_free_lock(lock)
+
+
 @cython.final
 cdef class _Waiter:
     """One blocked thread: it sleeps on its own lock until a notifier releases it."""
@@ -122,16 +138,10 @@ cdef class _Waiter:
     cdef bint notified  # a notifier took this waiter off its list and released the lock
 
     def __cinit__(self):
-        self.lock = PyThread_allocate_lock()
-        if self.lock == NULL:
-            raise MemoryError("cannot allocate a lock")
-        PyThread_acquire_lock(self.lock, 1)
+        self.lock = _held_lock()
 
     def __dealloc__(self):
-        if self.lock != NULL:
-            if not self.notified:
-                PyThread_release_lock(self.lock)
-            PyThread_free_lock(self.lock)
+        _free_lock(self.lock, self.notified)
 
 
 cdef int _sleep_on(PyThread_type_lock lock, double deadline) except -1:
@@ -798,16 +808,10 @@ cdef class Alarm:
 
     def __cinit__(self):
         self.armed_at = INFINITY
-        self.lock = PyThread_allocate_lock()
-        if self.lock == NULL:
-            raise MemoryError("cannot allocate a lock")
-        PyThread_acquire_lock(self.lock, 1)
+        self.lock = _held_lock()
 
     def __dealloc__(self):
-        if self.lock != NULL:
-            if not self.latched:
-                PyThread_release_lock(self.lock)
-            PyThread_free_lock(self.lock)
+        _free_lock(self.lock, self.latched)
 
     def sleep(self, double timeout, double armed_at):
         cdef bint woken
