@@ -16,7 +16,7 @@ import logging
 import math
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, cast
 
 from ._pick_core import core
 from .config import Config, ExecutorConfig
@@ -59,7 +59,8 @@ class Dispatcher:
 
     def register(self, job_type: str, fn: Callable[..., Any], config: ExecutorConfig,
                  takes_context: bool) -> None:
-        self.ready.configure(job_type, fn, config.max_concurrent_jobs, config.timeout,
+        timeout = cast(Optional[float], config.timeout)  # a float or None once constructed
+        self.ready.configure(job_type, fn, config.max_concurrent_jobs, timeout,
                              takes_context, config.interrupt_on_timeout)
 
     def set_store(self, store: Any) -> None:
@@ -197,7 +198,7 @@ class Dispatcher:
             self.fail(evicted, "evicted", None)
 
     def _schedule(self) -> None:
-        interval = self.config.scheduler_interval
+        interval = cast(float, self.config.scheduler_interval)
         delayed, uncapped, alarm = self.delayed, self.uncapped, self.scheduler_alarm
         while not self._stopping:
             try:

@@ -18,7 +18,7 @@ if os.environ.get("TINYMQ_NO_EXTENSIONS", "") not in ("", "0") or (
     HAS_EXTENSION = False
 else:
     try:
-        from . import _core as core  # type: ignore[no-redef]
+        from . import _core as core  # type: ignore[no-redef, attr-defined]
 
         HAS_EXTENSION = True
     except ImportError as exc:  # not built: no compiler at install time

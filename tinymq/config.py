@@ -5,7 +5,7 @@ Bad values raise ValueError or TypeError naming the value, at construction.
 """
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional, Union
+from typing import Optional, Union, cast
 
 from ._pick_core import core
 
@@ -14,20 +14,24 @@ __all__ = ["RetryConfig", "Config", "ExecutorConfig", "Duration"]
 Duration = Union[float, int, timedelta]
 
 
-def _seconds(name: str, value: object, *, allow_none: bool = False) -> Optional[float]:
+def _seconds(name: str, value: object, *, expected: str = "seconds (float) or a timedelta") -> float:
     """Return ``value`` as non-negative float seconds, or raise naming it."""
-    if value is None and allow_none:
-        return None
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
     else:
-        expected = "seconds (float), a timedelta or None" if allow_none else "seconds (float) or a timedelta"
         raise TypeError(f"{name} must be {expected}, got {value!r}")
     if not seconds >= 0.0 or seconds == float("inf"):  # also rejects NaN
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return seconds
+
+
+def _optional_seconds(name: str, value: object) -> Optional[float]:
+    """Like ``_seconds``, where None means "no limit"."""
+    if value is None:
+        return None
+    return _seconds(name, value, expected="seconds (float), a timedelta or None")
 
 
 def _count(name: str, value: object, minimum: int) -> int:
@@ -79,8 +83,9 @@ class RetryConfig:
         """Seconds to wait before the k-th retry (k >= 1)."""
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"retry number k must be an int >= 1, got {k!r}")
-        return core.retry_delay(
-            k, self.initial_delay, self.max_delay, self.backoff_multiple, self.jitter
+        return core.retry_delay(  # durations are floats once constructed
+            k, cast(float, self.initial_delay), cast(float, self.max_delay),
+            self.backoff_multiple, self.jitter,
         )
 
 
@@ -124,7 +129,7 @@ class ExecutorConfig:
 
     def __post_init__(self) -> None:
         _count("max_concurrent_jobs", self.max_concurrent_jobs, 1)
-        timeout = _seconds("timeout", self.timeout, allow_none=True)
+        timeout = _optional_seconds("timeout", self.timeout)
         if timeout == 0.0:
             raise ValueError(f"timeout must be > 0 or None, got {self.timeout!r}")
         _set(self, "timeout", timeout)

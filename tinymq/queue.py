@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, List, Optional, TypeVar, Union
 
 from ._dispatch import Dispatcher, FailureCallback
 from ._pick_core import core
-from .config import Config, ExecutorConfig, _seconds
+from .config import Config, ExecutorConfig, _optional_seconds, _seconds
 from .errors import PersistenceError, QueueFull, QueueStopped
 from .job import Job, _as_priority, _as_run_at, _check_type
 from .stats import ExecutorStats, QueueStats
@@ -131,7 +131,7 @@ class Queue:
         return self._enqueue_slow(job, run_at, block, timeout)
 
     def _enqueue_slow(self, job: Job, run_at: float, block: bool, timeout: Any) -> Job:
-        wait = None if timeout is None else _seconds("timeout", timeout)
+        wait = _optional_seconds("timeout", timeout)
         store = self._store
         if store is not None:
             self._dispatcher.save(job)
@@ -265,7 +265,7 @@ class Queue:
 
         Returns False on timeout, or at once when the queue was stopped with jobs left.
         """
-        wait = None if timeout is None else _seconds("timeout", timeout)
+        wait = _optional_seconds("timeout", timeout)
         return self._ready.join(wait)
 
     def stop(self, wait: bool = True, timeout: Union[float, timedelta, None] = None) -> None:
@@ -273,7 +273,7 @@ class Queue:
 
         Idempotent. Jobs still queued are not run; a persistence store keeps them.
         """
-        limit = None if timeout is None else _seconds("timeout", timeout)
+        limit = _optional_seconds("timeout", timeout)
         self._dispatcher.stop(wait, limit)
 
     def __enter__(self) -> "Queue":

@@ -224,17 +224,15 @@ class SQLitePersistence:
         cached = self._retry_json.get(id(config))
         if cached is None or cached[0] is not config:
             cached = self._remember_retry_config(config)
-        tags = job.tags
-        if tags:
+        tags_text: Optional[str] = None
+        if job.tags:
             try:
-                tags = self._tags_json(tags)
+                tags_text = self._tags_json(job.tags)
             except (TypeError, ValueError) as exc:
                 raise PersistenceError(f"cannot serialise the tags of job {job.id!r}: {exc}") from exc
-        else:
-            tags = None
         return (
             job.id, state, job.type, int(job.priority), job.run_at, job.timestamp,
-            job.retries, cached[1], tags,
+            job.retries, cached[1], tags_text,
             job.last_error if last_error is None else last_error, reason, payload,
         )
 
