@@ -13,6 +13,7 @@ import html
 import json
 import math
 import os
+import statistics
 import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -58,6 +59,7 @@ class Bench:
         stats = raw.get("stats") or {}
         self.median = stats.get("median", float("nan"))
         self.rounds = stats.get("rounds", 0)
+        self.runs = 1  # how many runs the figures are the median of
 
     @property
     def per_op(self) -> float:
@@ -82,7 +84,12 @@ class Bench:
 # --- loading ----------------------------------------------------------------------
 
 def load(paths: List[str]) -> Tuple[List[Bench], Dict[str, Any], List[str], List[str]]:
-    benches: Dict[str, Bench] = {}
+    """Read one or more runs; a case seen in several runs gets the median of its medians.
+
+    Several runs tame a noisy machine: each figure (time median, latency
+    percentile, bytes) is the median of that figure over the runs.
+    """
+    runs: Dict[str, List[Bench]] = {}
     machine: Dict[str, Any] = {}
     commands: List[str] = []
     dates: List[str] = []
@@ -90,12 +97,23 @@ def load(paths: List[str]) -> Tuple[List[Bench], Dict[str, Any], List[str], List
         with open(path) as handle:
             data = json.load(handle)
         machine = machine or data.get("machine_info", {})
-        commands.append(data.get("command") or f"(command not recorded in {path})")
+        command = data.get("command") or f"(command not recorded in {path})"
+        if command not in commands:
+            commands.append(command)
         if data.get("datetime"):
             dates.append(data["datetime"])
         for raw in data.get("benchmarks", []):
-            benches[raw.get("fullname", raw.get("name"))] = Bench(raw)  # a later file wins
-    return list(benches.values()), machine, commands, dates
+            runs.setdefault(raw.get("fullname", raw.get("name")), []).append(Bench(raw))
+    benches = []
+    for seen in runs.values():
+        bench = seen[0]
+        bench.runs = len(seen)
+        bench.median = statistics.median(b.median for b in seen)
+        bench.rounds = sum(b.rounds for b in seen)
+        bench.metrics = {key: statistics.median(b.metrics[key] for b in seen if key in b.metrics)
+                         for key in bench.metrics}
+        benches.append(bench)
+    return benches, machine, commands, dates
 
 
 def by_group(benches: List[Bench]) -> Dict[str, List[Bench]]:
@@ -295,8 +313,9 @@ def markdown(benches: List[Bench], machine: Dict[str, Any], commands: List[str],
         f"python bench/report.py {' '.join(sys.argv[1:]) if sys.argv[1:] else '...'}",
         "```",
         "",
-        "The machine is shared and noisy (2 cores): compare ratios from one run, not absolute "
-        "numbers across runs.",
+        f"The machine is shared and noisy (2 cores). Every figure is the median over "
+        f"{max((b.runs for b in benches), default=1)} run(s) of the whole suite (each run's figure "
+        "being itself a median over rounds); compare ratios, not absolute numbers across machines.",
         "",
         "## Results",
         "",

@@ -72,7 +72,7 @@ def _deque_pairs(line: "deque[Any]", job: Any, n: int) -> None:
         popleft()
 
 
-@pytest.mark.benchmark(group="core: ready-queue push+pop")
+@pytest.mark.benchmark(group="core: ready-queue push+pop", warmup=True, warmup_iterations=20)
 @pytest.mark.parametrize("core_name", CORE_NAMES)
 def test_ready_queue_push_pop(benchmark: Any, core_name: str) -> None:
     core = load_core(core_name)
@@ -83,7 +83,7 @@ def test_ready_queue_push_pop(benchmark: Any, core_name: str) -> None:
     assert len(ready) == 0
 
 
-@pytest.mark.benchmark(group="core: ready-queue push+pop")
+@pytest.mark.benchmark(group="core: ready-queue push+pop", warmup=True, warmup_iterations=20)
 @pytest.mark.parametrize("baseline", ["queue.PriorityQueue", "heapq + Lock", "collections.deque"])
 def test_ready_queue_push_pop_baseline(benchmark: Any, baseline: str) -> None:
     job = Job("noop")
