@@ -80,7 +80,7 @@ class Dispatcher:
         with self._lock:
             self._set_hooks(slot)
 
-    def _store_call(self, what: str, method: Callable[..., Any], *args: Any) -> None:
+    def call_store(self, what: str, method: Callable[..., Any], *args: Any) -> None:
         """Call the store; a failure is logged and the queue keeps working."""
         try:
             method(*args)
@@ -100,13 +100,13 @@ class Dispatcher:
     def _mark_running(self, job: Any) -> None:
         store = self.store
         if store is not None:
-            self._store_call("mark_running", store.mark_running, job)
+            self.call_store("mark_running", store.mark_running, job)
 
     def _succeeded(self, job: Any) -> None:
         logger.debug("job %s (%s) succeeded", job.id, job.type)
         store = self.store
         if store is not None:
-            self._store_call("delete", store.delete, job.id)
+            self.call_store("delete", store.delete, job.id)
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -289,7 +289,7 @@ class Dispatcher:
             logger.info("job %s (%s) failed (%s); retry %d of %d in %.3gs", job.id, job.type,
                         job.last_error, job.retries, retry_config.max_retries, delay)
             if self.store is not None:
-                self._store_call("save", self.store.save, job)
+                self.call_store("save", self.store.save, job)
             if delay <= 0.0:
                 self.ready.requeue(job)
             else:
@@ -314,9 +314,9 @@ class Dispatcher:
         if store is not None:
             mark_dead = getattr(store, "mark_dead", None)
             if mark_dead is not None:
-                self._store_call("mark_dead", mark_dead, job, reason, exc)
+                self.call_store("mark_dead", mark_dead, job, reason, exc)
             else:
-                self._store_call("delete", store.delete, job.id)
+                self.call_store("delete", store.delete, job.id)
         self.ready.task_done()
 
     # --- stats -------------------------------------------------------------

@@ -147,7 +147,7 @@ class Queue:
                 )
         except BaseException:
             if store is not None:
-                self._dispatcher._store_call("delete", store.delete, job.id)
+                self._dispatcher.call_store("delete", store.delete, job.id)
             raise
         return job
 
@@ -186,7 +186,7 @@ class Queue:
                         saved.append(job)
             except Exception as exc:
                 for job in saved:
-                    self._dispatcher._store_call("delete", store.delete, job.id)
+                    self._dispatcher.call_store("delete", store.delete, job.id)
                 if isinstance(exc, PersistenceError):
                     raise
                 raise PersistenceError(f"could not save a batch of {len(batch)} jobs: {exc}") from exc
@@ -199,7 +199,7 @@ class Queue:
         except BaseException:
             if store is not None:
                 for job in batch:
-                    self._dispatcher._store_call("delete", store.delete, job.id)
+                    self._dispatcher.call_store("delete", store.delete, job.id)
             raise
         for job in delayed_jobs:
             self._dispatcher.push_delayed(job, job.run_at)
