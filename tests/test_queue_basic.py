@@ -605,3 +605,13 @@ def test_methods_from_many_threads_at_once():
             t.join(WAIT)
         assert q.join(WAIT)
         assert sorted(seen.items) == sorted(k * 1000 + i for k in range(4) for i in range(250))
+
+
+def test_a_coroutine_function_is_refused_as_an_executor():
+    """An async def would only make a coroutine in a worker thread and 'succeed' without running."""
+    async def send(job):
+        pass
+
+    with Queue(10) as q:
+        with pytest.raises(TypeError, match="coroutine function"):
+            q.register_executor("email", send)

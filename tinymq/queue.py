@@ -76,6 +76,11 @@ class Queue:
         _check_type(job_type)
         if not callable(fn):
             raise TypeError(f"executor for {job_type!r} must be callable, got {fn!r}")
+        if inspect.iscoroutinefunction(fn):  # calling it would only make a coroutine, never run it
+            raise TypeError(
+                f"executor for {job_type!r} is a coroutine function ({fn!r}); tinymq runs "
+                "executors in threads: register a plain function (e.g. one that calls asyncio.run)"
+            )
         if config is None:
             config = ExecutorConfig()
         elif not isinstance(config, ExecutorConfig):
