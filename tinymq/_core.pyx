@@ -374,6 +374,8 @@ cdef inline int _level_of(object job) except -1:
 
 # --- the ready queue ----------------------------------------------------------
 
+cdef object _NO_TYPE = object()  # the empty type cache's key: no job type is this object
+
 @cython.final
 cdef class ReadyQueue:
     """Ready jobs by priority, per-type slots, and the queue's accounting.
@@ -385,7 +387,7 @@ cdef class ReadyQueue:
     # All guarded by the GIL (see the module docstring).
     cdef dict types  # job type -> TypeState
     cdef object last_type  # a one-entry cache in front of types: this key...
-    cdef TypeState last_state  # ...maps to this state (both None when empty)
+    cdef TypeState last_state  # ...maps to this state (_NO_TYPE and None when empty)
     cdef list type_list  # the same TypeStates, for a C-speed scan
     cdef Py_ssize_t level_sizes[3]  # ready jobs per level (LOW, MEDIUM, HIGH)
     cdef Py_ssize_t size  # sum(level_sizes) <= capacity
@@ -403,6 +405,7 @@ cdef class ReadyQueue:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
+        self.last_type = _NO_TYPE
         self.types = {}
         self.type_list = []
         self.overflow = deque()
@@ -609,7 +612,7 @@ cdef class ReadyQueue:
             del self.types[state.name]  # an unregistered type leaves nothing behind
             self.type_list.remove(state)
             if state is self.last_state:
-                self.last_type = self.last_state = None
+                self.last_type, self.last_state = _NO_TYPE, None
         return 0
 
     # sizes and lifecycle

@@ -557,12 +557,12 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
             continue
         deadline = _INF if state.timeout is None else monotonic() + state.timeout
         context = dispatcher.new_context(job, deadline) if state.takes_context else None
-        slot.begin(job, state, deadline, context)
-        watchdog.wake_before(deadline)
         error: Optional[BaseException] = None
         expired = False
-        try:
+        try:  # from begin() on, an interruption may land anywhere: the slot is released below
+            slot.begin(job, state, deadline, context)
             try:
+                watchdog.wake_before(deadline)
                 if slot.on_start is not None:
                     slot.on_start(job)
                 if context is None:

@@ -146,8 +146,8 @@ class Dispatcher:
             if failure is not None:
                 self.attempt_failed(*failure)
             core.run_worker(self.ready, slot, self.watchdog_alarm, self)
-        except JobTimeout:
-            pass  # a late interruption landing in a retired worker on its way out
+        except JobTimeout:  # a late interruption landing in a retired worker on its way out
+            logger.debug("a retired worker received its interruption late; it exits")
         except BaseException:
             logger.exception("tinymq worker crashed; starting a replacement")
             with self._lock:
@@ -205,7 +205,7 @@ class Dispatcher:
                 now = time.time()
                 for heap in (delayed, uncapped):
                     for job in heap.pop_due(now):
-                        self.ready.requeue(job)
+                        self.make_ready(job)
                 wake_at = now + interval
                 for heap in (delayed, uncapped):
                     next_run_at = heap.next_run_at()
@@ -214,6 +214,14 @@ class Dispatcher:
                 alarm.sleep(wake_at - time.time(), wake_at)
             except Exception:  # pragma: no cover - a bug; keep scheduling
                 logger.exception("tinymq scheduler error")
+
+    def make_ready(self, job: Any) -> None:
+        """Move an accepted job into the ready buffer; one that cannot go fails, loudly."""
+        try:
+            self.ready.requeue(job)
+        except Exception as exc:  # e.g. a priority made invalid while the job waited
+            self.ready.count(core.FAILED)
+            self.fail(job, "retries_exhausted", exc)
 
     def delayed_count(self) -> int:
         return len(self.delayed) + len(self.uncapped)
@@ -241,20 +249,25 @@ class Dispatcher:
     def _timed_out(self, slot: Any, job: Any) -> None:
         """The watchdog decided ``slot``'s attempt: fail it now, replace the stuck worker."""
         state = slot.type_state
-        context = slot.context
-        if context is not None:
-            context._cancel("timed out")
-        self.ready.count(core.TIMED_OUT)
-        exc = JobTimeout(f"job {job.id} ({job.type!r}) timed out after {state.timeout:g}s")
-        logger.warning("job %s (%s) timed out after %gs; its thread is retired and replaced",
-                       job.id, job.type, state.timeout)
-        with self._lock:
-            if not self._stopping:
-                # The pool keeps its size while the old thread is stuck; the replacement
-                # handles the failure first, so a slow callback never delays the watchdog.
-                self._start_worker((job, state, exc))
-                return
-        self.attempt_failed(job, state, exc)
+        timeout = state.timeout  # None if the executor was registered again without one
+        limit = f"its {timeout:g}s timeout" if timeout is not None else "its deadline"
+        exc = JobTimeout(f"job {job.id} ({job.type!r}) ran past {limit}")
+        try:
+            context = slot.context
+            if context is not None:
+                context._cancel("timed out")
+            self.ready.count(core.TIMED_OUT)
+            logger.warning("job %s (%s) timed out; its thread is retired and replaced",
+                           job.id, job.type)
+        finally:  # whatever happened above, the job and the pool are looked after
+            with self._lock:
+                replaced = not self._stopping
+                if replaced:
+                    # The pool keeps its size while the old thread is stuck; the replacement
+                    # handles the failure first, so a slow callback never delays the watchdog.
+                    self._start_worker((job, state, exc))
+            if not replaced:
+                self.attempt_failed(job, state, exc)
 
     def after_expired(self, slot: Any, error: Optional[BaseException]) -> None:
         """A timed-out attempt finally returned; its outcome was decided at the deadline."""
@@ -291,12 +304,13 @@ class Dispatcher:
             if self.store is not None:
                 self.call_store("save", self.store.save, job)
             if delay <= 0.0:
-                self.ready.requeue(job)
+                self.make_ready(job)
             else:
                 self.push_delayed(job, job.run_at, evictable=False)
-        except Exception:  # a bug or a hostile job: never lose track of the job
-            logger.exception("tinymq could not handle the failure of job %r", job)
-            self.ready.task_done()
+        except Exception as error:  # a job made unusable (e.g. its retry_config): fail it, loudly
+            logger.exception("tinymq could not schedule the retry of job %r", job)
+            self.ready.count(core.FAILED)
+            self.fail(job, "retries_exhausted", error)
 
     def fail(self, job: Any, reason: str, exc: Optional[BaseException]) -> None:
         """The job leaves the queue without success (already counted): log, callbacks, store, finished."""

@@ -237,7 +237,7 @@ class Queue:
             if job.run_at > now:
                 self._dispatcher.push_delayed(job, job.run_at, evictable=False)
             else:
-                self._ready.requeue(job)
+                self._dispatcher.make_ready(job)
         logger.info("recovered %d jobs from %r", len(jobs), store)
 
     # --- observing and stopping ---------------------------------------------
