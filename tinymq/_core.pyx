@@ -897,6 +897,8 @@ cdef class WorkerSlot:
             return None
         self.expired = True
         self.retired = True
+        if self.context is not None:
+            self.context._cancel("timed out")  # before any interruption: a clean wake-up first
         state = self.type_state
         if state is not None and (<TypeState>state).interrupt:
             self.interrupted = PyThreadState_SetAsyncExc(self.thread_id, <PyObject *>JobTimeout) == 1

@@ -453,25 +453,36 @@ class Alarm:
     caller uses), or +inf while it is awake: ``wake_before(t)`` wakes it only
     when ``t`` is earlier, and a wake-up that arrives while it is awake is kept
     for its next ``sleep``.
+
+    The latch is a raw lock, held while no wake-up is pending: waking is one C
+    call, so an interruption (``interrupt_thread``) landing in a worker that is
+    waking the watchdog can never leave it half done, as it could a Condition.
     """
 
     def __init__(self) -> None:
         self.armed_at = _INF
-        self._woken = threading.Event()
+        self._no_wake_up = threading.Lock()  # held unless a wake-up is pending
+        self._no_wake_up.acquire()
 
     def sleep(self, timeout: float, armed_at: float) -> None:
         self.armed_at = armed_at
-        if timeout > 0.0:
-            self._woken.wait(None if timeout >= threading.TIMEOUT_MAX else timeout)
+        if timeout <= 0.0:
+            self._no_wake_up.acquire(False)  # take a pending wake-up, if any
+        elif timeout >= threading.TIMEOUT_MAX:
+            self._no_wake_up.acquire()
+        else:
+            self._no_wake_up.acquire(True, timeout)
         self.armed_at = _INF
-        self._woken.clear()
 
     def wake(self) -> None:
-        self._woken.set()
+        try:
+            self._no_wake_up.release()
+        except RuntimeError:
+            pass  # a wake-up is pending already
 
     def wake_before(self, when: float) -> None:
         if when < self.armed_at:
-            self._woken.set()
+            self.wake()
 
 
 # --- one worker -------------------------------------------------------------
@@ -526,6 +537,8 @@ class WorkerSlot:
             self.expired = True
             self.retired = True
             state = self.type_state
+            if self.context is not None:
+                self.context._cancel("timed out")  # before any interruption: a clean wake-up first
             if state is not None and state.interrupt:
                 self.interrupted = interrupt_thread(self.thread_id, JobTimeout)
             return self.job
@@ -572,6 +585,8 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
             except BaseException as exc:  # the attempt's failure, whatever it is
                 error = exc
             expired = slot.end()
+            if expired and slot.interrupted:
+                interrupt_thread(slot.thread_id, None)  # from here on nothing may land
         except JobTimeout as late:  # an interruption that landed after the function returned
             expired = slot.end() or True
             error = late

@@ -252,10 +252,7 @@ class Dispatcher:
         timeout = state.timeout  # None if the executor was registered again without one
         limit = f"its {timeout:g}s timeout" if timeout is not None else "its deadline"
         exc = JobTimeout(f"job {job.id} ({job.type!r}) ran past {limit}")
-        try:
-            context = slot.context
-            if context is not None:
-                context._cancel("timed out")
+        try:  # slot.expire() has cancelled the attempt's context already
             self.ready.count(core.TIMED_OUT)
             logger.warning("job %s (%s) timed out; its thread is retired and replaced",
                            job.id, job.type)

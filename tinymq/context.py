@@ -20,17 +20,21 @@ class JobContext:
     ``cancelled`` becomes True when the attempt times out or the queue stops.
     """
 
-    __slots__ = ("job", "deadline", "_cancelled", "_reason")
+    __slots__ = ("job", "deadline", "_cancelled", "_not_cancelled", "_reason")
 
     def __init__(self, job: Any, deadline: Optional[float]) -> None:
         self.job = job
         self.deadline = deadline  # core.monotonic() seconds (time.monotonic's clock), or None without a timeout
-        self._cancelled = threading.Event()
+        self._cancelled = False
+        # A raw lock, held until cancelled: cancelling is one C call, so an interruption
+        # landing in the executor can never leave it half done (as it could an Event).
+        self._not_cancelled = threading.Lock()
+        self._not_cancelled.acquire()
         self._reason = ""
 
     @property
     def cancelled(self) -> bool:
-        return self._cancelled.is_set()
+        return self._cancelled
 
     def remaining(self) -> Optional[float]:
         """Seconds left before the deadline (never negative), or None without a timeout."""
@@ -40,16 +44,26 @@ class JobContext:
 
     def wait(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; True as soon as the attempt is cancelled."""
-        return self._cancelled.wait(seconds)
+        if self._cancelled:
+            return True
+        if self._not_cancelled.acquire(True, min(max(seconds, 0.0), threading.TIMEOUT_MAX)):
+            self._not_cancelled.release()  # let every other waiter see it too
+        return self._cancelled
 
     def check(self) -> None:
         """Raise JobTimeout if the attempt was cancelled."""
-        if self._cancelled.is_set():
+        if self._cancelled:
             raise JobTimeout(f"job {self.job.id} was cancelled: {self._reason}")
 
     def _cancel(self, reason: str) -> None:
+        if self._cancelled:
+            return
         self._reason = reason
-        self._cancelled.set()
+        self._cancelled = True
+        try:
+            self._not_cancelled.release()
+        except RuntimeError:
+            pass  # released already
 
     def __repr__(self) -> str:
         return f"JobContext(job={self.job!r}, deadline={self.deadline!r}, cancelled={self.cancelled})"
