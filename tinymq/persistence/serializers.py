@@ -21,6 +21,22 @@ def _reject(value: object) -> Any:
     raise TypeError(f"a value of type {type_name} ({value!r:.80}) is not JSON-serialisable")
 
 
+def _c_encoder() -> Any:
+    """json's C encoder with JSONSerializer's settings, or None where it is not available."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return None
+    try:
+        encode = make(None, _reject, json.encoder.encode_basestring, None, ":", ",",
+                      False, False, True)
+        sample = {"a": [1, 2.5, None, True, "é\n"], "b": {"c": "d"}}
+        if "".join(encode(sample, 0)) != json.dumps(sample, separators=(",", ":"), ensure_ascii=False):
+            return None  # a Python whose C encoder takes other arguments: use the wrapper
+    except TypeError:
+        return None
+    return encode
+
+
 class JSONSerializer:
     """Compact JSON text (UTF-8, no ASCII escaping); the default, and safe to load."""
 
@@ -30,8 +46,15 @@ class JSONSerializer:
             separators=(",", ":"), ensure_ascii=False, default=_reject, check_circular=True
         ).encode
         self._decode = json.JSONDecoder().decode
+        # The C encoder behind JSONEncoder.encode, also built once (its wrapper builds one per
+        # call: 3 µs of a durable enqueue's ~25 here). Without circular-reference markers a
+        # cyclic payload raises RecursionError instead of ValueError: still refused, loudly.
+        self._c_encode = _c_encoder()
 
     def dumps(self, obj: object) -> str:
+        c_encode = self._c_encode
+        if c_encode is not None:
+            return "".join(c_encode(obj, 0))
         return self._encode(obj)
 
     def loads(self, data: Union[bytes, str]) -> object:
