@@ -111,3 +111,22 @@ def test_failures_are_logged_even_with_callbacks(caplog):
         job = q.enqueue(Job("nobody"))
         assert q.join(WAIT)
     assert [r for r in tinymq_records(caplog) if mentions(r, job)]
+
+
+def test_success_debug_lines_appear_within_1024_jobs_of_enabling_debug(caplog):
+    """The README's promise: per-job debug lines cost nothing when off, and start soon when on."""
+    logger = logging.getLogger("tinymq")
+    with Queue(config=Config(buffer_size=3000)) as q:
+        q.register_executor("t", lambda job: None)
+        q.start_dispatcher(1)
+        for _ in range(10):
+            q.enqueue(Job("t"))
+        assert q.join(WAIT)
+        with caplog.at_level(logging.DEBUG, logger="tinymq"):
+            assert logger.isEnabledFor(logging.DEBUG)
+            for _ in range(2100):
+                q.enqueue(Job("t"))
+            assert q.join(WAIT)
+        successes = [r for r in caplog.records if r.levelno == logging.DEBUG and "succeeded" in r.getMessage()]
+    assert successes, "no debug line for successful jobs after enabling DEBUG"
+    assert len(successes) >= 2100 - 1024
