@@ -67,6 +67,25 @@ def start(target, *args):
     return thread, box
 
 
+def start_poppers(q, n, timeout=None, settle=True):
+    """Start ``n`` threads that each pop once (up to ``timeout``), all at once behind a barrier.
+
+    With ``settle``, give them a moment (QUIET in all) to block in the core before returning.
+    """
+    barrier = threading.Barrier(n + 1)
+
+    def pop_after_barrier():
+        barrier.wait(WAIT)
+        return q.pop(timeout)
+
+    started = [start(pop_after_barrier) for _ in range(n)]
+    barrier.wait(WAIT)
+    if settle:
+        for thread, _ in started:
+            thread.join(QUIET / n)
+    return started
+
+
 # --- construction, push, sizes -------------------------------------------------------------
 
 
@@ -349,16 +368,7 @@ def test_a_job_moving_in_from_overflow_wakes_a_blocked_popper(core):
     assert q.pop(timeout=0).name == "a1"
     q.push(Item("A", MEDIUM, "a2"))  # full, and A is saturated
     q.requeue(Item("B", MEDIUM, "b1"))  # owed room
-    barrier = threading.Barrier(3)
-
-    def pop_after_barrier():
-        barrier.wait(WAIT)
-        return q.pop(LONG)
-
-    started = [start(pop_after_barrier) for _ in range(2)]
-    barrier.wait(WAIT)
-    for thread, _ in started:
-        thread.join(QUIET / 2)
+    started = start_poppers(q, 2, LONG)
     assert all(thread.is_alive() for thread, _ in started)
     q.release("A")  # one popper takes a2; b1 moves in and must wake the other
     for thread, _ in started:
@@ -480,14 +490,7 @@ def test_close_wakes_blocked_pop_put_and_join(core):
 
 def test_close_wakes_many_blocked_poppers(core):
     q = core.ReadyQueue(4)
-    barrier = threading.Barrier(7)
-
-    def pop_after_barrier():
-        barrier.wait(WAIT)
-        return q.pop()
-
-    started = [start(pop_after_barrier) for _ in range(6)]
-    barrier.wait(WAIT)
+    started = start_poppers(q, 6, settle=False)
     q.close()
     for thread, box in started:
         thread.join(WAIT)
@@ -633,16 +636,7 @@ def test_blocked_pop_wakes_on_configure_raising_the_limit(core):
 def test_every_blocked_popper_gets_a_job_from_one_batch(core):
     """A pop wakes the next waiter: one push_many of 3 serves 3 blocked poppers."""
     q = core.ReadyQueue(8)
-    barrier = threading.Barrier(4)
-
-    def pop_after_barrier():
-        barrier.wait(WAIT)
-        return q.pop(LONG)
-
-    started = [start(pop_after_barrier) for _ in range(3)]
-    barrier.wait(WAIT)
-    for thread, _ in started:
-        thread.join(QUIET / 3)
+    started = start_poppers(q, 3, LONG)
     batch = [Item("a", MEDIUM, i) for i in range(3)]
     assert q.push_many(batch)
     for thread, _ in started:
@@ -654,16 +648,7 @@ def test_every_blocked_popper_gets_a_job_from_one_batch(core):
 
 def test_every_blocked_popper_gets_a_job_from_requeues_and_pushes(core):
     q = core.ReadyQueue(8)
-    barrier = threading.Barrier(5)
-
-    def pop_after_barrier():
-        barrier.wait(WAIT)
-        return q.pop(LONG)
-
-    started = [start(pop_after_barrier) for _ in range(4)]
-    barrier.wait(WAIT)
-    for thread, _ in started:
-        thread.join(QUIET / 4)
+    started = start_poppers(q, 4, LONG)
     q.requeue(Item("a", HIGH, 0))
     q.push(Item("b", LOW, 1))
     q.requeue(Item("c", MEDIUM, 2))
