@@ -20,19 +20,23 @@ def path(tmp_path):
     return str(tmp_path / "jobs.db")
 
 
-@pytest.fixture
-def store(path):
-    with SQLitePersistence(path) as s:
+@pytest.fixture(params=[True, False], ids=["journal", "no-journal"])
+def store(path, request):
+    with SQLitePersistence(path, journal=request.param) as s:
         yield s
 
 
-def rows(path, where="1"):
-    with sqlite3.connect(path) as conn:
+def rows(store, where="1"):
+    """The table as another reader sees it once ``store`` has flushed its journal."""
+    store.flush()
+    with sqlite3.connect(store.path) as conn:
         return dict(conn.execute(f"SELECT id, state FROM tinymq_jobs WHERE {where}").fetchall())
 
 
-def raw_update(path, sql, *params):
-    conn = sqlite3.connect(path, isolation_level=None)
+def raw_update(store, sql, *params):
+    """Change the table behind ``store``'s back, after its journal is applied."""
+    store.flush()
+    conn = sqlite3.connect(store.path, isolation_level=None)
     conn.execute(sql, params)
     conn.close()
 
@@ -71,7 +75,7 @@ def test_save_overwrites_and_delete_forgets(store, path):
     assert [(j.retries, j.last_error) for j in store.load_all()] == [(1, "boom")]
     store.delete("a")
     store.delete("never-saved")  # not an error
-    assert store.load_all() == [] and rows(path) == {}
+    assert store.load_all() == [] and rows(store) == {}
 
 
 def test_save_many_is_all_or_nothing(store, path):
@@ -81,7 +85,7 @@ def test_save_many_is_all_or_nothing(store, path):
     bad = [Job("t", 1, id="ok-1"), Job("t", {1, 2}, id="bad"), Job("t", 3, id="ok-2")]
     with pytest.raises(PersistenceError, match="bad"):
         store.save_many(bad)
-    assert "ok-1" not in rows(path) and "ok-2" not in rows(path)
+    assert "ok-1" not in rows(store) and "ok-2" not in rows(store)
 
 
 def test_unserialisable_payload_names_job_and_type(store, path):
@@ -94,17 +98,17 @@ def test_unserialisable_payload_names_job_and_type(store, path):
     message = str(info.value)
     assert "job-42" in message and "'report'" in message and "Opaque" in message
     assert isinstance(info.value.__cause__, TypeError)
-    assert rows(path) == {}
+    assert rows(store) == {}
 
 
 def test_running_row_comes_back_ready_with_the_crash_counted(store, path):
     job = Job("t", id="a")
     store.save(job)
     store.mark_running(job)
-    assert rows(path) == {"a": "running"}
+    assert rows(store) == {"a": "running"}
     (loaded,) = store.load_all()
     assert loaded.retries == 1 and "died" in loaded.last_error
-    assert rows(path) == {"a": "ready"}
+    assert rows(store) == {"a": "ready"}
 
 
 def test_a_job_that_keeps_crashing_its_process_ends_dead(store, path, caplog):
@@ -117,7 +121,7 @@ def test_a_job_that_keeps_crashing_its_process_ends_dead(store, path, caplog):
     store.mark_running(job)
     with caplog.at_level(logging.ERROR, logger="tinymq"):
         assert store.load_all() == []
-    assert rows(path) == {"a": "dead"}
+    assert rows(store) == {"a": "dead"}
     (dead,) = store.dead_jobs()
     assert dead.job.id == "a" and dead.reason == "crashed" and dead.job.retries == 3
     assert "crashed" in caplog.text
@@ -149,12 +153,12 @@ def test_dead_rows_are_kept_listed_and_purged_not_loaded(store):
 def test_corrupt_rows_are_quarantined_and_logged_while_the_rest_loads(store, path, caplog, column, value):
     for name in ("good-1", "bad", "good-2"):
         store.save(Job("t", {"n": name}, id=name))
-    raw_update(path, f"UPDATE tinymq_jobs SET {column} = ? WHERE id = 'bad'", value)
+    raw_update(store, f"UPDATE tinymq_jobs SET {column} = ? WHERE id = 'bad'", value)
     with caplog.at_level(logging.ERROR, logger="tinymq"):
         loaded = store.load_all()
     assert sorted(j.id for j in loaded) == ["good-1", "good-2"]
     assert "bad" in caplog.text and "quarantined" in caplog.text
-    assert rows(path)["bad"] == "corrupt"
+    assert rows(store)["bad"] == "corrupt"
     assert [row[0] for row in store.quarantined()] == ["bad"]
     assert sorted(j.id for j in store.load_all()) == ["good-1", "good-2"]  # not retried
     assert store.purge_quarantined() == 1
@@ -173,11 +177,14 @@ def test_file_is_created_with_mode_0600(tmp_path):
 
 
 def test_two_stores_on_one_file(path):
+    """A live store's writes reach the shared table when its journal is applied (flush)."""
     with SQLitePersistence(path) as a, SQLitePersistence(path) as b:
         a.save(Job("t", id="from-a"))
         b.save(Job("t", id="from-b"))
+        b.flush()
         assert sorted(j.id for j in a.load_all()) == ["from-a", "from-b"]
         b.delete("from-a")
+        b.flush()
         assert [j.id for j in a.load_all()] == ["from-b"]
 
 
@@ -266,7 +273,7 @@ def test_concurrent_saves_and_deletes_from_8_threads(store, path):
     assert errors == []
     expected = {f"{t}-{i}" for t in range(8) for i in range(0, per_thread, 2)}
     expected |= {f"{t}-{i}-batch-{k}" for t in range(8) for i in range(0, per_thread, 50) for k in range(5)}
-    assert set(rows(path)) == expected
+    assert set(rows(store)) == expected
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
@@ -294,7 +301,7 @@ def test_group_commit_under_full_shares_transactions(path):
             thread.start()
         for thread in threads:
             thread.join()
-        assert len(rows(path)) == 400
+        assert len(rows(store)) == 400
         assert max(commits) > 1, "no commit ever carried more than one thread's save"
 
 
@@ -312,7 +319,7 @@ def test_group_commit_failure_is_reported_to_every_writer_of_the_batch(store):
 
 
 def test_store_error_becomes_persistence_error_with_cause(path):
-    with SQLitePersistence(path, busy_timeout=0) as store:
+    with SQLitePersistence(path, busy_timeout=0, journal=False) as store:
         locker = sqlite3.connect(path, isolation_level=None)
         locker.execute("BEGIN IMMEDIATE")  # another writer holds the lock
         try:
@@ -323,6 +330,41 @@ def test_store_error_becomes_persistence_error_with_cause(path):
             locker.execute("ROLLBACK")
             locker.close()
         store.save(Job("t"))  # and it recovers
+
+
+def test_journaled_writes_wait_out_a_locked_database(path, caplog):
+    """The save is durable in the journal; applying it retries until the database is free."""
+    with SQLitePersistence(path, busy_timeout=0) as store:
+        locker = sqlite3.connect(path, isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")
+        try:
+            store.save(Job("t", id="waits"))  # accepted: the journal has it
+            with pytest.raises(PersistenceError) as info:
+                store.flush()
+            assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        assert rows(store) == {"waits": "ready"}
+
+
+def test_a_full_journal_backlog_refuses_writes_naming_the_reason(path, monkeypatch):
+    """When the table cannot take writes, the backlog is bounded: writers wait, then get an error."""
+    monkeypatch.setattr("tinymq.persistence.sqlite._MAX_BACKLOG", 5)
+    with SQLitePersistence(path, busy_timeout=0.2) as store:
+        locker = sqlite3.connect(path, isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")
+        try:
+            for i in range(5):
+                store.save(Job("t", id=f"ok-{i}"))
+            with pytest.raises(PersistenceError, match="5 journaled writes are waiting") as info:
+                store.save(Job("t", id="refused"))
+            assert "database is locked" in str(info.value)
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        store.save(Job("t", id="after"))  # room again once the table takes the backlog
+        assert rows(store) == {f"ok-{i}": "ready" for i in range(5)} | {"after": "ready"}
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes")

@@ -1,0 +1,263 @@
+"""SQLitePersistence's write-behind journal: durable on return, replayed after a crash."""
+import logging
+import marshal
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+import tinymq
+from tinymq import PersistenceError
+from tinymq.job import Job
+from tinymq.persistence import SQLitePersistence, _journal
+
+pytestmark = pytest.mark.skipif(not _journal.SUPPORTED, reason="the journal needs flock()")
+
+
+@pytest.fixture
+def path(tmp_path):
+    return str(tmp_path / "jobs.db")
+
+
+@pytest.fixture
+def manual_flush(monkeypatch):
+    """The flusher thread never applies on its own: only flush() and close() do."""
+    monkeypatch.setattr(_journal, "_LINGER", 3600.0)
+
+
+def table(path):
+    with sqlite3.connect(path) as conn:
+        return dict(conn.execute("SELECT id, state FROM tinymq_jobs").fetchall())
+
+
+def journal_files(path):
+    directory, name = os.path.split(path)
+    return sorted(f for f in os.listdir(directory) if f.startswith(name + "-tinymq-"))
+
+
+def crash(store):
+    """What SIGKILL leaves: the journal on disk, unapplied, and its lock released."""
+    journal = store._journal
+    journal._stop.set()
+    with journal._lock:
+        if journal._idle:
+            journal._idle = False
+            journal._wake.release()
+    journal._thread.join()
+    journal.abandon_after_fork()  # closes the files without applying anything
+    _journal._live.discard(journal)
+    store._conn.close()
+    store._closed = True
+
+
+def test_writes_are_in_the_table_after_flush_and_the_journal_is_gone_after_close(path):
+    with SQLitePersistence(path) as store:
+        assert store.journal is True
+        store.save(Job("t", id="a"))
+        store.save_many([Job("t", id="b"), Job("t", id="c")])
+        store.mark_running(Job("t", id="b"))
+        store.delete("c")
+        store.mark_dead(Job("t", id="d"), "retries_exhausted", ValueError("boom"))
+        store.flush()
+        assert table(path) == {"a": "ready", "b": "running", "d": "dead"}
+        assert journal_files(path)  # the live journal: a lock file and the current segment
+    assert journal_files(path) == []
+
+
+def test_rows_reach_the_table_without_flush(path):
+    """The flusher applies on its own within moments: no flush() needed (bounded wait: 2 s)."""
+    store = SQLitePersistence(path)
+    store.save(Job("t", id="a"))
+    for _ in range(200):
+        if table(path):
+            break
+        store._journal._stop.wait(0.01)  # polling another connection's view, bounded
+    assert table(path) == {"a": "ready"}
+    store.close()
+
+
+def test_a_crashed_store_s_journal_is_replayed_by_the_next_open(path, manual_flush):
+    store = SQLitePersistence(path)
+    store.save(Job("t", {"n": 1}, id="saved"))
+    store.save_many([Job("t", id="batch-1"), Job("t", id="batch-2")])
+    store.save(Job("t", id="finished"))
+    store.delete("finished")
+    store.save(Job("t", id="started"))
+    store.mark_running(Job("t", id="started"))
+    crash(store)
+    assert table(path) == {}  # nothing was applied before the "crash"
+    with SQLitePersistence(path) as again:
+        assert table(path) == {"saved": "ready", "batch-1": "ready", "batch-2": "ready", "started": "running"}
+        loaded = {job.id: job for job in again.load_all()}
+        assert sorted(loaded) == ["batch-1", "batch-2", "saved", "started"]
+        assert loaded["saved"].payload == {"n": 1}
+        assert loaded["started"].retries == 1  # the crash during its attempt counts
+        assert len(journal_files(path)) == 2  # only again's own lock file and segment
+    assert journal_files(path) == []
+
+
+def test_a_live_store_s_journal_is_left_to_its_owner(path, manual_flush):
+    with SQLitePersistence(path) as owner, SQLitePersistence(path) as other:
+        owner.save(Job("t", id="owned"))
+        assert other.load_all() == []  # not replayed: its process is alive and will apply it
+        owner.flush()
+        assert [job.id for job in other.load_all()] == ["owned"]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_jobs_journaled_by_a_process_killed_with_sigkill_are_recovered(path):
+    """A real kill -9: the child's flusher is stuck, so its jobs exist only in its journal."""
+    child = textwrap.dedent(f"""
+        import sys, threading
+        from tinymq.job import Job
+        from tinymq.persistence import SQLitePersistence
+        SQLitePersistence._apply = lambda self, operations: threading.Event().wait()  # a hung disk
+        store = SQLitePersistence({path!r})
+        for i in range(500):
+            store.save(Job("t", i, id=f"job-{{i}}"))
+        store.delete("job-7")
+        print("saved", flush=True)
+        threading.Event().wait()
+    """)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(tinymq.__file__)))
+    process = subprocess.Popen([sys.executable, "-c", child], env=env, stdout=subprocess.PIPE)
+    try:
+        assert process.stdout.readline() == b"saved\n"
+        with SQLitePersistence(path) as live:
+            assert live.load_all() == []  # the child is alive: its journal is its own
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    with SQLitePersistence(path) as store:
+        recovered = {job.id: job.payload for job in store.load_all()}
+    assert recovered == {f"job-{i}": i for i in range(500) if i != 7}
+    assert journal_files(path) == []
+
+
+def test_a_torn_last_record_is_skipped_and_the_rest_replayed(path, manual_flush, caplog):
+    store = SQLitePersistence(path)
+    store.save(Job("t", id="whole"))
+    segment = store._journal._segment(store._journal._seq)
+    crash(store)
+    with open(segment, "ab") as f:  # a write() cut short by the kill
+        f.write(_journal.encode((_journal.SAVE, SQLitePersistence._row(store, Job("t", id="torn"))))[:-5])
+    with caplog.at_level(logging.WARNING, logger="tinymq"):
+        with SQLitePersistence(path) as again:
+            assert [job.id for job in again.load_all()] == ["whole"]
+    assert "torn record" in caplog.text
+
+
+@pytest.mark.parametrize("body", [
+    marshal.dumps(("S", ("id", "ready", {1, 2}))),  # a set: not a plain value
+    marshal.dumps(("S", (compile("1", "x", "eval"),))),  # a code object: never accepted
+    marshal.dumps(("X", "id")),  # unknown kind
+    marshal.dumps(["S", "id"]),  # not a tuple
+    b"\xffnot marshal at all",
+])
+def test_a_damaged_record_is_logged_and_skipped(tmp_path, caplog, body):
+    segment = str(tmp_path / "segment.log")
+    good = _journal.encode((_journal.DELETE, "after"))
+    with open(segment, "wb") as f:
+        f.write(_journal._HEADER.pack(len(body), __import__("zlib").crc32(body)) + body + good)
+    with caplog.at_level(logging.ERROR, logger="tinymq"):
+        assert _journal.read_segment(segment) == [(_journal.DELETE, "after")]
+    assert "damaged record" in caplog.text
+
+
+def test_a_record_with_a_bad_checksum_is_skipped(tmp_path, caplog):
+    segment = str(tmp_path / "segment.log")
+    record = bytearray(_journal.encode((_journal.DELETE, "flipped")))
+    record[-2] ^= 0xFF
+    with open(segment, "wb") as f:
+        f.write(bytes(record) + _journal.encode((_journal.DELETE, "kept")))
+    with caplog.at_level(logging.ERROR, logger="tinymq"):
+        assert _journal.read_segment(segment) == [(_journal.DELETE, "kept")]
+
+
+def test_journal_is_refused_where_it_cannot_keep_its_promise(path):
+    with pytest.raises(ValueError, match="synchronous OFF or NORMAL.*'FULL'"):
+        SQLitePersistence(path, synchronous="FULL", journal=True)
+    with pytest.raises(ValueError, match="':memory:'"):
+        SQLitePersistence(":memory:", journal=True)
+    with pytest.raises(TypeError, match="'yes'"):
+        SQLitePersistence(path, journal="yes")
+    with SQLitePersistence(path, synchronous="FULL") as full:
+        assert full.journal is False  # FULL commits (with group commit) before returning
+
+
+def test_a_closed_store_refuses_journaled_writes(path):
+    store = SQLitePersistence(path)
+    store.close()
+    with pytest.raises(PersistenceError, match="closed"):
+        store.save(Job("t"))
+    with pytest.raises(PersistenceError, match="closed"):
+        store.flush()
+
+
+# -- the journal against a model: any operations, flushes and crashes ------------------
+
+_IDS = ["a", "b", "c"]
+_step = st.one_of(
+    st.tuples(st.just("save"), st.sampled_from(_IDS), st.integers(0, 3)),
+    st.tuples(st.just("save_many"), st.lists(st.sampled_from(_IDS), min_size=1, max_size=3, unique=True),
+              st.integers(0, 3)),
+    st.tuples(st.just("running"), st.sampled_from(_IDS)),
+    st.tuples(st.just("dead"), st.sampled_from(_IDS)),
+    st.tuples(st.just("delete"), st.sampled_from(_IDS)),
+    st.tuples(st.just("flush")),
+    st.tuples(st.just("crash")),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(_step, max_size=25))
+@example(steps=[("save", "a", 0), ("flush",), ("delete", "a"), ("running", "a"), ("flush",)])
+@example(steps=[("save", "a", 1), ("running", "a"), ("crash",), ("delete", "a"), ("save", "a", 2)])
+def test_the_table_always_ends_as_the_operations_say(tmp_path_factory, manual_flush, steps):
+    """Replaying journals (coalesced, after any crash) leaves each row as its last write left it."""
+    path = str(tmp_path_factory.mktemp("model") / "jobs.db")
+    model = {}  # id -> (state, retries) as a store committing every write would have it
+    store = SQLitePersistence(path)
+    try:
+        for step in steps:
+            kind = step[0]
+            if kind == "save":
+                job = Job("t", id=step[1])
+                job.retries = step[2]
+                store.save(job)
+                model[step[1]] = ("ready", step[2])
+            elif kind == "save_many":
+                jobs = [Job("t", id=job_id) for job_id in step[1]]
+                for job in jobs:
+                    job.retries = step[2]
+                store.save_many(jobs)
+                model.update({job_id: ("ready", step[2]) for job_id in step[1]})
+            elif kind == "running":
+                store.mark_running(Job("t", id=step[1]))
+                if step[1] in model:
+                    model[step[1]] = ("running", model[step[1]][1])
+            elif kind == "dead":
+                store.mark_dead(Job("t", id=step[1]), "retries_exhausted", None)
+                model[step[1]] = ("dead", 0)
+            elif kind == "delete":
+                store.delete(step[1])
+                model.pop(step[1], None)
+            elif kind == "flush":
+                store.flush()
+            else:
+                crash(store)
+                store = SQLitePersistence(path)  # opening replays the dead journal
+        store.flush()
+        with sqlite3.connect(path) as conn:
+            rows = {job_id: (state, retries) for job_id, state, retries in
+                    conn.execute("SELECT id, state, retries FROM tinymq_jobs")}
+        assert rows == model
+    finally:
+        store.close()
+    assert journal_files(path) == []

@@ -1,0 +1,396 @@
+"""The write-behind journal that makes a durable write cost one ``write()`` call.
+
+A committed SQLite transaction survives a crash of the process because its
+WAL frames are in the OS page cache; so does a record appended to a plain file
+with ``os.write``, at a fraction of the cost (one system call instead of a
+transaction's locks and page writes). ``SQLitePersistence`` therefore logs each
+write here and returns; a background thread applies the logged operations to
+the table in batches, one transaction each, and then deletes the log segment.
+
+Files, next to the database ``DB``, for one journal (``TOKEN`` = pid + random):
+
+    DB-tinymq-TOKEN.lock          held with flock() while the journal's process lives
+    DB-tinymq-TOKEN.NNNNNNNNNN.log  segments; a new one starts at every batch
+
+A record is ``<length><crc32>`` (little-endian uint32 each) and a ``marshal``
+body: a tuple ``(kind, argument)`` of plain values (str, int, float, bytes,
+None) and nothing else. ``marshal`` never runs code; recovery checks every
+value's type and drops a record that has anything else. A process killed during
+``write()`` leaves a short record at the end of a segment: its write never
+returned, so nothing was promised, and recovery skips it.
+
+Recovery (``orphans``) takes the lock of every journal whose process died
+(flock is released by the kernel, even after SIGKILL) and returns its records
+in order; the store applies them and then calls ``remove``. Applying the same
+records twice gives the same rows, so a crash between the two only repeats work.
+"""
+import atexit
+import errno
+import glob
+import logging
+import marshal
+import os
+import secrets
+import struct
+import threading
+import weakref
+import zlib
+from typing import Any, Callable, List, Optional, Tuple
+
+from ..errors import PersistenceError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: the store commits each write instead
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["Journal", "SUPPORTED", "orphans", "remove", "SAVE", "SAVE_MANY", "RUNNING", "DELETE"]
+
+logger = logging.getLogger("tinymq.persistence")
+
+SUPPORTED = fcntl is not None
+
+# Operation kinds, the first item of every record.
+SAVE = "S"  # (SAVE, row): insert or overwrite the row
+SAVE_MANY = "M"  # (SAVE_MANY, (row, ...)): several rows, all-or-nothing (one record)
+RUNNING = "R"  # (RUNNING, job_id): the job's attempt started
+DELETE = "D"  # (DELETE, job_id): the job finished
+
+_HEADER = struct.Struct("<II")  # body length, crc32 of the body
+_PLAIN = (str, int, float, bytes, type(None))
+_LINGER = 0.002  # seconds the flusher lets a batch grow after waking: fewer, larger transactions
+
+_live: "weakref.WeakSet[Journal]" = weakref.WeakSet()
+
+
+def _prefix(db_path: str, token: str) -> str:
+    return f"{db_path}-tinymq-{token}"
+
+
+def encode(operation: Tuple[str, Any]) -> bytes:
+    """One framed record for ``operation``."""
+    body = marshal.dumps(operation)
+    return _HEADER.pack(len(body), zlib.crc32(body)) + body
+
+
+class Journal:
+    """An append-only log of store operations, applied to the table by a background thread.
+
+    ``append`` returns once the record is in the OS (it survives a crash of
+    the process). ``apply(operations)`` is called, from the flusher thread or
+    from ``flush()``, with every operation appended since the last successful
+    call, in order; when it returns, those operations' segments are deleted.
+    If it raises, the same operations (and newer ones) are offered again.
+    """
+
+    def __init__(self, db_path: str, apply: Callable[[List[Tuple[str, Any]]], None],
+                 max_backlog: int, wait_timeout: float) -> None:
+        self._apply = apply
+        self._max_backlog = max_backlog
+        self._wait_timeout = wait_timeout
+        self._prefix = _prefix(db_path, f"{os.getpid()}-{secrets.token_hex(4)}")
+        self._lock_fd = os.open(self._prefix + ".lock", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._seq = 0
+        self._fd = self._open_segment(0)
+        # Invariant: _lock guards _fd, _seq, _operations, _damaged, _backlog, _idle, _closing;
+        # every record in the current segment is in _operations, in the same order.
+        self._lock = threading.Lock()
+        self._damaged: Optional[OSError] = None  # the current segment has a torn record
+        self._room = threading.Condition(self._lock)  # producers waiting while the backlog is full
+        self._operations: List[Tuple[str, Any]] = []
+        self._backlog = 0  # operations appended and not yet applied
+        self._idle = False  # the flusher is blocked on _wake
+        self._closing = False
+        self._wake = threading.Lock()  # released to wake the flusher; held while it sleeps
+        self._wake.acquire()
+        self._stop = threading.Event()
+        # Only a holder of _flush_lock touches _unapplied (segments swapped out, not yet applied).
+        self._flush_lock = threading.Lock()
+        self._unapplied: List[Tuple[int, str, List[Tuple[str, Any]]]] = []
+        self.last_error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name=f"tinymq-journal-{os.path.basename(db_path)}",
+                                        daemon=True)
+        self._thread.start()
+        _live.add(self)
+
+    def _segment(self, seq: int) -> str:
+        return f"{self._prefix}.{seq:010d}.log"
+
+    def _open_segment(self, seq: int) -> int:
+        return os.open(self._segment(seq), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    # -- producers ---------------------------------------------------------------
+
+    def append(self, operation: Tuple[str, Any], record: bytes) -> None:
+        """Log ``operation`` (framed as ``record``); it is durable when this returns."""
+        with self._lock:
+            if self._backlog >= self._max_backlog:
+                self._wait_for_room()
+            if self._closing:
+                raise PersistenceError("the store is closed")
+            if self._damaged is not None:
+                raise PersistenceError(f"the journal segment {self._segment(self._seq)!r} is damaged "
+                                       f"and is being replaced: {self._damaged}")
+            fd = self._fd
+            try:
+                written = os.write(fd, record)
+            except OSError as exc:
+                self._cut(fd, 0)
+                raise PersistenceError(f"cannot write the journal {self._segment(self._seq)!r}: {exc}") from exc
+            if written != len(record):
+                self._cut(fd, written)
+                raise PersistenceError(f"short write to the journal {self._segment(self._seq)!r} "
+                                       f"({written} of {len(record)} bytes; disk full?)")
+            self._operations.append(operation)
+            self._backlog += 1
+            if self._idle:
+                self._idle = False
+                self._wake.release()
+
+    def _cut(self, fd: int, written: int) -> None:
+        """Remove a partly written record, so that records after it stay readable."""
+        try:
+            os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_END) - written)
+        except OSError as exc:
+            # Refuse writes until the flusher starts a fresh segment (recovery skips a torn tail).
+            logger.exception("journal segment %s could not be repaired", self._segment(self._seq))
+            self._damaged = exc
+            if self._idle:
+                self._idle = False
+                self._wake.release()
+
+    def _wait_for_room(self) -> None:
+        """Called with _lock held: block until the flusher has applied part of the backlog."""
+        if not self._room.wait_for(lambda: self._backlog < self._max_backlog or self._closing,
+                                   timeout=self._wait_timeout):
+            reason = f"last error: {self.last_error}" if self.last_error else "the database is slow"
+            raise PersistenceError(
+                f"{self._backlog} journaled writes are waiting for the database, and none was "
+                f"applied for {self._wait_timeout:g} s ({reason})"
+            )
+
+    # -- applying ------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Apply every operation appended before this call; raises if the database refuses them."""
+        with self._flush_lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        with self._lock:
+            pending = bool(self._operations or self._damaged)
+        if pending:
+            # Only _flush_lock holders change _seq: open the next segment outside _lock,
+            # so producers keep appending meanwhile.
+            fd = self._open_segment(self._seq + 1)
+            with self._lock:
+                self._unapplied.append((self._fd, self._segment(self._seq), self._operations))
+                self._operations = []
+                self._fd = fd
+                self._seq += 1
+                self._damaged = None
+        if not self._unapplied:
+            return
+        batch = [operation for _, _, operations in self._unapplied for operation in operations]
+        try:
+            self._apply(batch)
+        except BaseException as exc:
+            self.last_error = exc
+            raise
+        self.last_error = None
+        for fd, path, _ in self._unapplied:
+            os.close(fd)
+            _unlink(path)
+        self._unapplied.clear()
+        with self._lock:
+            self._backlog -= len(batch)
+            self._room.notify_all()
+
+    def _run(self) -> None:
+        delay = 0.0
+        while True:
+            with self._lock:  # after a failure (delay > 0), retry even with nothing new
+                idle = not delay and not self._operations and not self._damaged and not self._closing
+                self._idle = idle
+            if idle:
+                self._wake.acquire()
+            # Let a batch grow (fewer, larger transactions); back off after a failure.
+            if self._stop.wait(delay or _LINGER):
+                return  # closing: close() applies the rest itself
+            try:
+                self.flush()
+                if delay:
+                    logger.warning("journal: the database took the backlog again")
+                delay = 0.0
+            except Exception:
+                if not delay:  # once per outage, not at every retry
+                    logger.exception("journal: applying %d writes to the database failed; retrying "
+                                     "until it works (they are safe in the journal)", self._backlog)
+                delay = min(max(delay * 2, 0.01), 0.2)
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Apply the backlog and remove this journal's files; on failure the files stay for recovery."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            self._room.notify_all()
+            if self._idle:
+                self._idle = False
+                self._wake.release()
+        self._stop.set()
+        self._thread.join()
+        _live.discard(self)
+        with self._flush_lock:
+            try:
+                self._flush_locked()
+            finally:
+                # Applied or not, the files are closed; what is left is recovered like a crash's.
+                applied = not self._unapplied and not self._operations
+                for fd, _, _ in self._unapplied:
+                    _close(fd)
+                _close(self._fd)
+                if applied:
+                    _unlink(self._segment(self._seq))
+                    _unlink(self._prefix + ".lock")
+                _close(self._lock_fd)  # releases the lock: a leftover journal is now an orphan
+
+    def abandon_after_fork(self) -> None:
+        """In a forked child: let go of the parent's files without touching its journal or threads."""
+        for fd in [self._lock_fd, self._fd] + [fd for fd, _, _ in self._unapplied]:
+            _close(fd)
+        self._closing = True
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _close_all_at_exit() -> None:
+    """A normal exit leaves every row in the table and no journal behind."""
+    for journal in list(_live):
+        try:
+            journal.close()
+        except Exception:
+            logger.exception("journal: could not apply the backlog at exit; the next start recovers it")
+
+
+atexit.register(_close_all_at_exit)
+
+
+def _after_fork_in_child() -> None:
+    for journal in list(_live):
+        journal.abandon_after_fork()
+    _live.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    # A child holding the parent's lock descriptor would keep the parent's journal
+    # from being recovered after the parent dies: close it at once, not on first use.
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# -- recovery ---------------------------------------------------------------------
+
+
+def orphans(db_path: str) -> Tuple[List[Tuple[str, Any]], List[str], List[int]]:
+    """The records of every journal of ``db_path`` whose process is gone, oldest first.
+
+    Returns ``(operations, paths, lock_fds)``: apply the operations, then
+    call ``remove(paths, lock_fds)``. The locks stay held until then, so two
+    processes never recover the same journal at once.
+    """
+    operations: List[Tuple[str, Any]] = []
+    paths: List[str] = []
+    lock_fds: List[int] = []
+    if not SUPPORTED:
+        return operations, paths, lock_fds
+    for lock_path in sorted(glob.glob(glob.escape(db_path) + "-tinymq-*.lock")):
+        try:
+            fd = os.open(lock_path, os.O_RDWR)
+        except FileNotFoundError:
+            continue  # recovered and removed by someone else just now
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                continue  # its process is alive and owns it
+            raise
+        lock_fds.append(fd)
+        prefix = lock_path[: -len(".lock")]
+        segments = sorted(glob.glob(glob.escape(prefix) + ".*.log"))
+        for segment in segments:
+            operations.extend(read_segment(segment))
+        paths.extend(segments)
+        paths.append(lock_path)
+    return operations, paths, lock_fds
+
+
+def remove(paths: List[str], lock_fds: List[int]) -> None:
+    """Delete recovered journal files (segments before their lock file) and release the locks."""
+    for path in paths:
+        _unlink(path)
+    for fd in lock_fds:
+        _close(fd)
+
+
+def read_segment(path: str) -> List[Tuple[str, Any]]:
+    """Every valid record of one segment; a torn tail or a damaged record is logged and skipped."""
+    with open(path, "rb") as f:
+        data = f.read()
+    operations: List[Tuple[str, Any]] = []
+    offset, end = 0, len(data)
+    while offset < end:
+        if end - offset < _HEADER.size:
+            logger.warning("journal %s: skipped a torn record at byte %d (a write cut by a crash)", path, offset)
+            break
+        length, crc = _HEADER.unpack_from(data, offset)
+        body = data[offset + _HEADER.size: offset + _HEADER.size + length]
+        if len(body) < length:
+            logger.warning("journal %s: skipped a torn record at byte %d (a write cut by a crash)", path, offset)
+            break
+        offset += _HEADER.size + length
+        operation = None
+        if zlib.crc32(body) == crc:
+            try:
+                operation = _checked(marshal.loads(body))
+            except (ValueError, EOFError, TypeError):
+                operation = None
+        if operation is None:
+            logger.error("journal %s: skipped a damaged record ending at byte %d", path, offset)
+            continue
+        operations.append(operation)
+    return operations
+
+
+def _checked(value: Any) -> Optional[Tuple[str, Any]]:
+    """``value`` if it is a well-formed operation of plain values, else None."""
+    if type(value) is not tuple or len(value) != 2:
+        return None
+    kind, argument = value
+    if kind in (RUNNING, DELETE):
+        return value if type(argument) is str else None
+    if kind == SAVE:
+        return value if _is_row(argument) else None
+    if kind == SAVE_MANY:
+        ok = type(argument) is tuple and all(_is_row(row) for row in argument)
+        return value if ok else None
+    return None
+
+
+def _is_row(row: Any) -> bool:
+    return type(row) is tuple and all(type(item) in _PLAIN for item in row) and bool(row) and type(row[0]) is str
