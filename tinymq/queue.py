@@ -136,12 +136,12 @@ class Queue:
         return self._enqueue_slow(job, run_at, block, timeout)
 
     def _enqueue_slow(self, job: Job, run_at: float, block: bool, timeout: Any) -> Job:
-        wait = _optional_seconds("timeout", timeout)
+        wait = None if timeout is None else _optional_seconds("timeout", timeout)
         store = self._store
         if store is not None:
             self._dispatcher.save(job)
         try:
-            if run_at > _now():
+            if run_at > job.timestamp and run_at > _now():
                 job.priority = _as_priority(job.priority)  # the core checks it only when ready
                 self._ready.accept(1)
                 self._dispatcher.push_delayed(job, run_at)

@@ -57,8 +57,11 @@ RUNNING = "R"  # (RUNNING, job_id): the job's attempt started
 DELETE = "D"  # (DELETE, job_id): the job finished
 
 _HEADER = struct.Struct("<II")  # body length, crc32 of the body
+_pack_header, _marshal, _crc32, _write = _HEADER.pack, marshal.dumps, zlib.crc32, os.write
 _PLAIN = (str, int, float, bytes, type(None))
-_LINGER = 0.002  # seconds the flusher lets a batch grow after waking: fewer, larger transactions
+# Seconds the flusher lets a batch grow after waking. Each batch costs the producers GIL
+# hand-offs (context switches): 20 ms batches measured 2x faster than 2 ms ones here.
+_LINGER = 0.02
 
 _live: "weakref.WeakSet[Journal]" = weakref.WeakSet()
 
@@ -69,8 +72,8 @@ def _prefix(db_path: str, token: str) -> str:
 
 def encode(operation: Tuple[str, Any]) -> bytes:
     """One framed record for ``operation``."""
-    body = marshal.dumps(operation)
-    return _HEADER.pack(len(body), zlib.crc32(body)) + body
+    body = _marshal(operation)
+    return _pack_header(len(body), _crc32(body)) + body
 
 
 class Journal:
@@ -84,8 +87,10 @@ class Journal:
     """
 
     def __init__(self, db_path: str, apply: Callable[[List[Tuple[str, Any]]], None],
-                 max_backlog: int, wait_timeout: float) -> None:
+                 max_backlog: int, wait_timeout: float,
+                 on_fork: Optional[Callable[[], None]] = None) -> None:
         self._apply = apply
+        self._on_fork = on_fork  # called in a forked child, where this journal is no longer usable
         self._max_backlog = max_backlog
         self._wait_timeout = wait_timeout
         self._prefix = _prefix(db_path, f"{os.getpid()}-{secrets.token_hex(4)}")
@@ -93,10 +98,12 @@ class Journal:
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._seq = 0
         self._fd = self._open_segment(0)
-        # Invariant: _lock guards _fd, _seq, _operations, _damaged, _backlog, _idle, _closing;
+        # Invariant: _lock guards _fd, _seq, _operations, _damaged, _refusal, _backlog, _idle, _closing;
         # every record in the current segment is in _operations, in the same order.
         self._lock = threading.Lock()
-        self._damaged: Optional[OSError] = None  # the current segment has a torn record
+        self._acquire, self._release = self._lock.acquire, self._lock.release
+        self._damaged = False  # the current segment has a torn record it could not cut
+        self._refusal: Optional[str] = None  # why append() refuses: closed, or damaged
         self._room = threading.Condition(self._lock)  # producers waiting while the backlog is full
         self._operations: List[Tuple[str, Any]] = []
         self._backlog = 0  # operations appended and not yet applied
@@ -122,19 +129,19 @@ class Journal:
 
     # -- producers ---------------------------------------------------------------
 
-    def append(self, operation: Tuple[str, Any], record: bytes) -> None:
-        """Log ``operation`` (framed as ``record``); it is durable when this returns."""
-        with self._lock:
+    def append(self, operation: Tuple[str, Any]) -> None:
+        """Log ``operation``; it is durable when this returns."""
+        body = _marshal(operation)
+        record = _pack_header(len(body), _crc32(body)) + body
+        self._acquire()
+        try:
             if self._backlog >= self._max_backlog:
                 self._wait_for_room()
-            if self._closing:
-                raise PersistenceError("the store is closed")
-            if self._damaged is not None:
-                raise PersistenceError(f"the journal segment {self._segment(self._seq)!r} is damaged "
-                                       f"and is being replaced: {self._damaged}")
+            if self._refusal is not None:
+                raise PersistenceError(self._refusal)
             fd = self._fd
             try:
-                written = os.write(fd, record)
+                written = _write(fd, record)
             except OSError as exc:
                 self._cut(fd, 0)
                 raise PersistenceError(f"cannot write the journal {self._segment(self._seq)!r}: {exc}") from exc
@@ -147,6 +154,8 @@ class Journal:
             if self._idle:
                 self._idle = False
                 self._wake.release()
+        finally:
+            self._release()
 
     def _cut(self, fd: int, written: int) -> None:
         """Remove a partly written record, so that records after it stay readable."""
@@ -155,7 +164,9 @@ class Journal:
         except OSError as exc:
             # Refuse writes until the flusher starts a fresh segment (recovery skips a torn tail).
             logger.exception("journal segment %s could not be repaired", self._segment(self._seq))
-            self._damaged = exc
+            self._damaged = True
+            self._refusal = (f"the journal segment {self._segment(self._seq)!r} is damaged ({exc}) "
+                             f"and is being replaced")
             if self._idle:
                 self._idle = False
                 self._wake.release()
@@ -189,7 +200,9 @@ class Journal:
                 self._operations = []
                 self._fd = fd
                 self._seq += 1
-                self._damaged = None
+                if self._damaged:
+                    self._damaged = False
+                    self._refusal = None if not self._closing else self._refusal
         if not self._unapplied:
             return
         batch = [operation for _, _, operations in self._unapplied for operation in operations]
@@ -237,6 +250,7 @@ class Journal:
             if self._closing:
                 return
             self._closing = True
+            self._refusal = "the store is closed"
             self._room.notify_all()
             if self._idle:
                 self._idle = False
@@ -263,6 +277,9 @@ class Journal:
         for fd in [self._lock_fd, self._fd] + [fd for fd, _, _ in self._unapplied]:
             _close(fd)
         self._closing = True
+        self._refusal = "the journal belongs to the parent process"
+        if self._on_fork is not None:
+            self._on_fork()
 
 
 def _close(fd: int) -> None:

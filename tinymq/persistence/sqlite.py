@@ -28,11 +28,12 @@ import sqlite3
 import threading
 import time
 from collections import deque
+from itertools import chain
 from typing import Any, Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from ..config import RetryConfig
 from ..errors import PersistenceError
-from ..job import Job
+from ..job import _DEFAULT_RETRY_CONFIG, Job
 from . import _journal
 from ._journal import DELETE, RUNNING, SAVE, SAVE_MANY
 from ._protocol import Serializer
@@ -57,7 +58,7 @@ CREATE TABLE IF NOT EXISTS {_TABLE} (
     run_at       REAL,               -- Unix epoch seconds (wall clock)
     timestamp    REAL,
     retries      INTEGER,            -- failed attempts so far
-    retry_config TEXT,               -- JSON object of RetryConfig fields
+    retry_config TEXT,               -- JSON object of RetryConfig fields; NULL: RetryConfig()
     tags         TEXT,               -- JSON object, NULL when empty
     last_error   TEXT,
     reason       TEXT,               -- why dead or corrupt
@@ -69,9 +70,12 @@ _UPSERT = f"INSERT OR REPLACE INTO {_TABLE} VALUES ({', '.join('?' * len(_COLUMN
 _DELETE = f"DELETE FROM {_TABLE} WHERE id = ?"
 _MARK_RUNNING = f"UPDATE {_TABLE} SET state = 'running' WHERE id = ?"
 _SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
-# Rows per multi-row INSERT in save_many: one statement beats executemany; stay
-# under SQLite's bound-variable limit (999 before 3.32).
-_ROWS_PER_INSERT = 100 if sqlite3.sqlite_version_info >= (3, 32) else 999 // len(_COLUMNS)
+# Rows per multi-row INSERT: a power of two, and smaller statements for the rest of a
+# batch halve down to 1 row, so a dozen statements serve every batch size from
+# sqlite3's statement cache: preparing a new 1,000-row INSERT costs as much as running
+# it. Large statements also mean fewer GIL hand-offs between the journal's flusher and
+# producers. Stay under SQLite's bound-variable limit (32766; 999 before 3.32).
+_ROWS_PER_INSERT = 1024 if sqlite3.sqlite_version_info >= (3, 32) else 64
 _RETRY_FIELDS = ("max_retries", "initial_delay", "max_delay", "backoff_multiple", "jitter")
 
 _MAX_BACKLOG = 100_000  # journaled writes not yet in the table, before writers wait
@@ -211,7 +215,7 @@ class SQLitePersistence:
             try:
                 # A writer facing a full backlog waits out two of the flusher's attempts.
                 self._journal = _journal.Journal(self.path, self._apply, _MAX_BACKLOG,
-                                                 2 * self.busy_timeout + 0.5)
+                                                 2 * self.busy_timeout + 0.5, self._forget_journal)
             except OSError as exc:
                 raise PersistenceError(f"cannot create the journal of {self.path!r}: {exc}") from exc
 
@@ -274,18 +278,23 @@ class SQLitePersistence:
                     f"payload type {type(payload).__name__}) with {self.serializer!r}: {exc}"
                 ) from exc
         config = job.retry_config
-        cached = self._retry_json.get(id(config))
-        if cached is None or cached[0] is not config:
-            cached = self._remember_retry_config(config)
+        if config is _DEFAULT_RETRY_CONFIG:
+            config_text = None  # most jobs: a shorter row to log, bind and store
+        else:
+            cached = self._retry_json.get(id(config))
+            if cached is None or cached[0] is not config:
+                cached = self._remember_retry_config(config)
+            config_text = cached[1]
+        tags = job._tags  # not job.tags: that would give every job a dict
         tags_text: Optional[str] = None
-        if job.tags:
+        if tags:
             try:
-                tags_text = self._tags_json(job.tags)
+                tags_text = self._tags_json(tags)
             except (TypeError, ValueError) as exc:
                 raise PersistenceError(f"cannot serialise the tags of job {job.id!r}: {exc}") from exc
         return (
             job.id, state, job.type, int(job.priority), job.run_at, job.timestamp,
-            job.retries, cached[1], tags_text,
+            job.retries, config_text, tags_text,
             job.last_error if last_error is None else last_error, reason, payload,
         )
 
@@ -328,6 +337,8 @@ class SQLitePersistence:
         return job
 
     def _load_retry_config(self, text: object) -> RetryConfig:
+        if text is None:
+            return _DEFAULT_RETRY_CONFIG
         fields = json.loads(text)  # type: ignore[arg-type]
         if not isinstance(fields, dict) or set(fields) - set(_RETRY_FIELDS):
             raise ValueError(f"retry_config must be a JSON object of {_RETRY_FIELDS}, got {text!r}")
@@ -413,7 +424,13 @@ class SQLitePersistence:
 
     def save(self, job: Job) -> None:
         """Insert or overwrite ``job`` as ready (or delayed, by its ``run_at``)."""
-        self._log((SAVE, self._row(job))) if self.journal else self._write_one(_UPSERT, self._row(job))
+        journal = self._journal
+        if journal is not None:  # the hot path: one record (None in a forked child until reopened)
+            journal.append((SAVE, self._row(job)))
+        elif self.journal:
+            self._log((SAVE, self._row(job)))
+        else:
+            self._write_one(_UPSERT, self._row(job))
 
     def save_many(self, jobs: Iterable[Job]) -> None:
         """Save every job in one transaction (or one journal record): all of them are stored, or none."""
@@ -447,9 +464,15 @@ class SQLitePersistence:
 
     def _log(self, operation: Operation) -> None:
         """Journal one operation: durable when this returns, in the table soon after."""
-        if self._pid != os.getpid() or self._closed:
+        journal = self._journal
+        if journal is None:  # a forked child: its own connection and journal
             self._connection()
-        self._journal.append(operation, _journal.encode(operation))  # type: ignore[union-attr]
+            journal = self._journal
+        journal.append(operation)  # type: ignore[union-attr]
+
+    def _forget_journal(self) -> None:
+        """In a forked child (at fork): the parent's journal is unusable; the next write reopens."""
+        self._journal = None
 
     def _apply(self, operations: List[Operation]) -> None:
         """The journal's flusher: put ``operations`` into the table, in one transaction."""
@@ -501,15 +524,18 @@ class SQLitePersistence:
         return statements
 
     def _insert_statements(self, rows: List[tuple]) -> List[Statement]:
-        """Multi-row INSERTs of up to _ROWS_PER_INSERT rows each: faster than executemany."""
+        """Multi-row INSERTs of power-of-two sizes (faster than executemany, always cached)."""
         statements: List[Statement] = []
-        for start in range(0, len(rows), _ROWS_PER_INSERT):
-            chunk = rows[start:start + _ROWS_PER_INSERT]
-            sql = self._insert_sql.get(len(chunk))
+        start, size = 0, _ROWS_PER_INSERT
+        while start < len(rows):
+            while size > len(rows) - start:
+                size >>= 1
+            sql = self._insert_sql.get(size)
             if sql is None:
-                values = ", ".join(["(" + ", ".join("?" * len(_COLUMNS)) + ")"] * len(chunk))
-                sql = self._insert_sql[len(chunk)] = f"INSERT OR REPLACE INTO {_TABLE} VALUES {values}"
-            statements.append((sql, [value for r in chunk for value in r], False))
+                values = ", ".join(["(" + ", ".join("?" * len(_COLUMNS)) + ")"] * size)
+                sql = self._insert_sql[size] = f"INSERT OR REPLACE INTO {_TABLE} VALUES {values}"
+            statements.append((sql, list(chain.from_iterable(rows[start:start + size])), False))
+            start += size
         return statements
 
     def _transaction_after_replay(self, conn: sqlite3.Connection,
