@@ -45,10 +45,14 @@ logger = logging.getLogger("tinymq.persistence")
 
 _TABLE = "tinymq_jobs"
 _SCHEMA_VERSION = 1
+# The order of a row tuple (the journal's format too), named in every statement: the
+# columns that are NULL for most jobs come last, so a row can skip them (see _LEAN).
 _COLUMNS = (
-    "id", "state", "type", "priority", "run_at", "timestamp", "retries",
-    "retry_config", "tags", "last_error", "reason", "payload",
+    "id", "state", "type", "priority", "run_at", "timestamp", "retries", "payload",
+    "retry_config", "tags", "last_error", "reason",
 )
+_LEAN = 8  # rows whose last four values are NULL insert only the first eight: ~1 us/row less
+_NULLS = (None,) * (len(_COLUMNS) - _LEAN)
 _CREATE = f"""
 CREATE TABLE IF NOT EXISTS {_TABLE} (
     id           TEXT PRIMARY KEY NOT NULL,
@@ -66,7 +70,8 @@ CREATE TABLE IF NOT EXISTS {_TABLE} (
 ) WITHOUT ROWID
 """
 # WITHOUT ROWID: the id is the key, so a save writes one b-tree instead of two.
-_UPSERT = f"INSERT OR REPLACE INTO {_TABLE} VALUES ({', '.join('?' * len(_COLUMNS))})"
+_UPSERT = f"INSERT OR REPLACE INTO {_TABLE} ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM {_TABLE}"
 _DELETE = f"DELETE FROM {_TABLE} WHERE id = ?"
 _MARK_RUNNING = f"UPDATE {_TABLE} SET state = 'running' WHERE id = ?"
 _SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -169,7 +174,7 @@ class SQLitePersistence:
         self._tags_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
         self._retry_json: dict = {}  # id(config) -> (config, json): configs are frozen and shared
         self._retry_configs: dict = {}  # json -> RetryConfig, so loading 100k jobs builds a handful
-        self._insert_sql: dict = {}  # rows -> "INSERT ... VALUES (...), (...)"
+        self._insert_sql: dict = {}  # (columns, rows) -> "INSERT ... VALUES (...), (...)"
         self._closed = False
         self._abandoned: List[sqlite3.Connection] = []  # inherited across fork(): never touched again
         self._journal: Optional[_journal.Journal] = None
@@ -293,9 +298,8 @@ class SQLitePersistence:
             except (TypeError, ValueError) as exc:
                 raise PersistenceError(f"cannot serialise the tags of job {job.id!r}: {exc}") from exc
         return (
-            job.id, state, job.type, int(job.priority), job.run_at, job.timestamp,
-            job.retries, config_text, tags_text,
-            job.last_error if last_error is None else last_error, reason, payload,
+            job.id, state, job.type, int(job.priority), job.run_at, job.timestamp, job.retries,
+            payload, config_text, tags_text, job.last_error if last_error is None else last_error, reason,
         )
 
     def _remember_retry_config(self, config: RetryConfig) -> Tuple[RetryConfig, str]:
@@ -308,7 +312,7 @@ class SQLitePersistence:
     def _job(self, row: Sequence[Any]) -> Job:
         """Rebuild a Job from a row; raises (ValueError, TypeError, ...) on any inconsistency."""
         (job_id, _state, job_type, priority, run_at, timestamp, retries,
-         retry_text, tags_text, last_error, _reason, payload) = row
+         payload, retry_text, tags_text, last_error, _reason) = row
         retry_config = self._retry_configs.get(retry_text)
         if retry_config is None:
             retry_config = self._load_retry_config(retry_text)
@@ -524,18 +528,26 @@ class SQLitePersistence:
         return statements
 
     def _insert_statements(self, rows: List[tuple]) -> List[Statement]:
-        """Multi-row INSERTs of power-of-two sizes (faster than executemany, always cached)."""
+        """Multi-row INSERTs of power-of-two sizes (faster than executemany, always cached).
+
+        Rows whose last four columns are NULL (most) go in statements that leave them out.
+        """
+        lean = [row[:_LEAN] for row in rows if row[8:] == _NULLS]
+        full = rows if not lean else [row for row in rows if row[8:] != _NULLS]
         statements: List[Statement] = []
-        start, size = 0, _ROWS_PER_INSERT
-        while start < len(rows):
-            while size > len(rows) - start:
-                size >>= 1
-            sql = self._insert_sql.get(size)
-            if sql is None:
-                values = ", ".join(["(" + ", ".join("?" * len(_COLUMNS)) + ")"] * size)
-                sql = self._insert_sql[size] = f"INSERT OR REPLACE INTO {_TABLE} VALUES {values}"
-            statements.append((sql, list(chain.from_iterable(rows[start:start + size])), False))
-            start += size
+        for columns, group in ((_LEAN, lean), (len(_COLUMNS), full)):
+            start, size = 0, _ROWS_PER_INSERT
+            while start < len(group):
+                while size > len(group) - start:
+                    size >>= 1
+                sql = self._insert_sql.get((columns, size))
+                if sql is None:
+                    values = ", ".join(["(" + ", ".join("?" * columns) + ")"] * size)
+                    sql = self._insert_sql[columns, size] = (
+                        f"INSERT OR REPLACE INTO {_TABLE} ({', '.join(_COLUMNS[:columns])}) VALUES {values}"
+                    )
+                statements.append((sql, list(chain.from_iterable(group[start:start + size])), False))
+                start += size
         return statements
 
     def _transaction_after_replay(self, conn: sqlite3.Connection,
@@ -594,7 +606,7 @@ class SQLitePersistence:
 
     def _recover(self, conn: sqlite3.Connection) -> List[Job]:
         rows = conn.execute(
-            f"SELECT * FROM {_TABLE} WHERE state NOT IN ('dead', 'corrupt') ORDER BY timestamp"
+            f"{_SELECT} WHERE state NOT IN ('dead', 'corrupt') ORDER BY timestamp"
         ).fetchall()
         jobs: List[Job] = []
         corrupt: List[Tuple[str, Any]] = []
@@ -640,11 +652,11 @@ class SQLitePersistence:
 
     def dead_jobs(self) -> List[DeadJob]:
         """Permanently failed jobs, oldest first, with their reason and last error."""
-        rows = self._read(f"SELECT * FROM {_TABLE} WHERE state = 'dead' ORDER BY timestamp")
+        rows = self._read(f"{_SELECT} WHERE state = 'dead' ORDER BY timestamp")
         dead = []
         for row in rows:
             try:
-                dead.append(DeadJob(self._job(row), row[10], row[9]))
+                dead.append(DeadJob(self._job(row), row[11], row[10]))
             except Exception as exc:
                 logger.error("persistence %s: dead job row %r cannot be decoded: %s", self.path, row[0], exc)
         return dead
