@@ -57,7 +57,8 @@ RUNNING = "R"  # (RUNNING, job_id): the job's attempt started
 DELETE = "D"  # (DELETE, job_id): the job finished
 
 _HEADER = struct.Struct("<II")  # body length, crc32 of the body
-_pack_header, _marshal, _crc32, _write = _HEADER.pack, marshal.dumps, zlib.crc32, os.write
+_MARSHAL_VERSION = 2  # no back-references: half the cost of version 4 for these flat tuples
+_marshal, _pack_header, _crc32, _write = marshal.dumps, _HEADER.pack, zlib.crc32, os.write
 _PLAIN = (str, int, float, bytes, type(None))
 # Seconds the flusher lets a batch grow after waking. Each batch costs the producers GIL
 # hand-offs (context switches): 20 ms batches measured 2x faster than 2 ms ones here.
@@ -72,7 +73,7 @@ def _prefix(db_path: str, token: str) -> str:
 
 def encode(operation: Tuple[str, Any]) -> bytes:
     """One framed record for ``operation``."""
-    body = _marshal(operation)
+    body = _marshal(operation, _MARSHAL_VERSION)
     return _pack_header(len(body), _crc32(body)) + body
 
 
@@ -131,7 +132,7 @@ class Journal:
 
     def append(self, operation: Tuple[str, Any]) -> None:
         """Log ``operation``; it is durable when this returns."""
-        body = _marshal(operation)
+        body = _marshal(operation, _MARSHAL_VERSION)
         record = _pack_header(len(body), _crc32(body)) + body
         self._acquire()
         try:

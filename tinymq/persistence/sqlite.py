@@ -438,14 +438,13 @@ class SQLitePersistence:
 
     def save_many(self, jobs: Iterable[Job]) -> None:
         """Save every job in one transaction (or one journal record): all of them are stored, or none."""
-        row = self._row
-        rows = [row(job) for job in jobs]
+        rows = tuple(map(self._row, jobs))
         if not rows:
             return
         if self.journal:
-            self._log((SAVE_MANY, tuple(rows)))
+            self._log((SAVE_MANY, rows))
             return
-        statements = self._insert_statements(rows)
+        statements = self._insert_statements(list(rows))
         if len(statements) == 1 and not statements[0][2]:
             self._write_one(*statements[0][:2])  # one statement is atomic by itself
         else:
