@@ -7,6 +7,8 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
+import zlib
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -153,20 +155,30 @@ def test_a_torn_last_record_is_skipped_and_the_rest_replayed(path, manual_flush,
     assert "torn record" in caplog.text
 
 
+def write_segment(path, *bodies, header=True):
+    with open(path, "wb") as f:
+        if header:
+            f.write(_journal.encode((_journal.FORMAT, _journal.VERSION)))
+        for body in bodies:
+            f.write(_journal._HEADER.pack(len(body), zlib.crc32(body)) + body)
+
+
+ROW = 12  # columns in a row
+
+
 @pytest.mark.parametrize("body", [
-    marshal.dumps(("S", ("id", "ready", {1, 2}))),  # a set: not a plain value
+    marshal.dumps(("S", ("id", "ready") + (None,) * 9 + (frozenset(),))),  # not a plain value
     marshal.dumps(("S", (compile("1", "x", "eval"),))),  # a code object: never accepted
+    marshal.dumps(("S", ("id", "ready", None))),  # a row of another length
     marshal.dumps(("X", "id")),  # unknown kind
     marshal.dumps(["S", "id"]),  # not a tuple
     b"\xffnot marshal at all",
 ])
 def test_a_damaged_record_is_logged_and_skipped(tmp_path, caplog, body):
     segment = str(tmp_path / "segment.log")
-    good = _journal.encode((_journal.DELETE, "after"))
-    with open(segment, "wb") as f:
-        f.write(_journal._HEADER.pack(len(body), __import__("zlib").crc32(body)) + body + good)
+    write_segment(segment, body, marshal.dumps((_journal.DELETE, "after")))
     with caplog.at_level(logging.ERROR, logger="tinymq"):
-        assert _journal.read_segment(segment) == [(_journal.DELETE, "after")]
+        assert _journal.read_segment(segment, ROW) == [(_journal.DELETE, "after")]
     assert "damaged record" in caplog.text
 
 
@@ -175,9 +187,24 @@ def test_a_record_with_a_bad_checksum_is_skipped(tmp_path, caplog):
     record = bytearray(_journal.encode((_journal.DELETE, "flipped")))
     record[-2] ^= 0xFF
     with open(segment, "wb") as f:
-        f.write(bytes(record) + _journal.encode((_journal.DELETE, "kept")))
+        f.write(_journal.encode((_journal.FORMAT, _journal.VERSION)) + bytes(record)
+                + _journal.encode((_journal.DELETE, "kept")))
     with caplog.at_level(logging.ERROR, logger="tinymq"):
-        assert _journal.read_segment(segment) == [(_journal.DELETE, "kept")]
+        assert _journal.read_segment(segment, ROW) == [(_journal.DELETE, "kept")]
+
+
+def test_a_segment_of_another_format_is_refused_and_kept(path, manual_flush):
+    store = SQLitePersistence(path)
+    store.save(Job("t", id="a"))
+    segment = store._journal._segment(store._journal._seq)
+    crash(store)
+    data = open(segment, "rb").read()
+    first = len(_journal.encode((_journal.FORMAT, _journal.VERSION)))
+    with open(segment, "wb") as f:
+        f.write(_journal.encode((_journal.FORMAT, _journal.VERSION + 1)) + data[first:])
+    with pytest.raises(PersistenceError, match="format version"):
+        SQLitePersistence(path)
+    assert os.path.exists(segment)  # left for a tinymq that reads it
 
 
 def test_journal_is_refused_where_it_cannot_keep_its_promise(path):
@@ -261,3 +288,109 @@ def test_the_table_always_ends_as_the_operations_say(tmp_path_factory, manual_fl
     finally:
         store.close()
     assert journal_files(path) == []
+
+
+# -- regressions found in review ---------------------------------------------------------
+
+
+def test_a_chdir_after_opening_does_not_scatter_the_journal(tmp_path, monkeypatch, manual_flush):
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    home.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(home)
+    store = SQLitePersistence("jobs.db")  # a relative path
+    store.save(Job("t", id="first"))
+    monkeypatch.chdir(elsewhere)
+    store.flush()  # starts a new segment
+    store.save(Job("t", id="second"))
+    crash(store)
+    assert os.listdir(elsewhere) == []
+    with SQLitePersistence(str(home / "jobs.db")) as again:
+        assert sorted(job.id for job in again.load_all()) == ["first", "second"]
+
+
+def test_a_journal_applied_before_a_crash_is_not_replayed_over_newer_writes(path, manual_flush, monkeypatch):
+    """Crash between the apply's COMMIT and the unlink: its files remain, but their watermark says applied."""
+    other = SQLitePersistence(path)  # a store already open on the file
+    first = SQLitePersistence(path)
+    first.save(Job("t", id="nightly"))
+    first.delete("nightly")
+    monkeypatch.setattr(_journal, "_unlink", lambda path: None)  # the crash comes before the unlink
+    first.flush()
+    monkeypatch.undo()
+    token = first._journal.token
+    crash(first)
+    assert any(token in name for name in journal_files(path))  # the applied segments are still there
+    other.save(Job("t", id="nightly"))  # the same id, enqueued again
+    other.flush()
+    with SQLitePersistence(path) as later:  # replays first's leftover files: all already applied
+        assert [job.id for job in later.load_all()] == ["nightly"]
+        assert not any(token in name for name in journal_files(path))  # first's files are gone
+    other.close()
+
+
+def test_a_failed_flush_from_another_thread_does_not_strand_a_full_backlog(path, monkeypatch):
+    """Another thread's flush() takes the new writes and fails just after the flusher's own success:
+    the flusher must retry them, not sleep while writers wait for room."""
+    monkeypatch.setattr("tinymq.persistence.sqlite._MAX_BACKLOG", 3)
+    with SQLitePersistence(path, busy_timeout=0.2) as store:
+        journal = store._journal
+        real_flush = journal.flush
+        locker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        armed, injected = threading.Event(), threading.Event()
+
+        def flush_then_lose_the_race():  # runs in the flusher thread
+            real_flush()
+            if armed.is_set() and not injected.is_set():
+                locker.execute("BEGIN IMMEDIATE")  # the database becomes busy ...
+                for i in range(3):  # ... new writes fill the backlog ...
+                    journal.append((_journal.SAVE, store._row(Job("t", id=f"ok-{i}"))))
+                try:  # ... and "another thread's" flush takes them and fails
+                    real_flush()
+                except PersistenceError:
+                    pass
+                injected.set()
+
+        monkeypatch.setattr(journal, "flush", flush_then_lose_the_race)
+        armed.set()
+        store.save(Job("t", id="trigger"))
+        assert injected.wait(10)
+        locker.execute("ROLLBACK")
+        locker.close()
+        store.save(Job("t", id="after"))  # needs room: the flusher must retry the failed batch
+        monkeypatch.undo()
+        store.flush()
+        assert table(path) == {"trigger": "ready", "ok-0": "ready", "ok-1": "ready", "ok-2": "ready",
+                               "after": "ready"}
+
+
+def test_concurrent_closes_both_wait_for_the_journal(path, manual_flush):
+    store = SQLitePersistence(path)
+    for i in range(100):
+        store.save(Job("t", id=f"job-{i}"))
+    barrier = threading.Barrier(2)
+    errors = []
+
+    def close():
+        barrier.wait()
+        try:
+            store.close()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        assert len(table(path)) == 100  # whichever returns, the rows are in
+
+    threads = [threading.Thread(target=close) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert journal_files(path) == []
+
+
+def test_save_many_with_a_repeated_id_keeps_the_last_without_journal(path):
+    with SQLitePersistence(path, journal=False) as store:
+        old = Job("t", "old", id="same", tags={"v": "old"})  # a full row: tags are set
+        new = Job("t", "new", id="same")  # a lean row: inserted by another statement
+        store.save_many([old, new])
+        assert [job.payload for job in store.load_all()] == ["new"]

@@ -5,24 +5,28 @@ WAL frames are in the OS page cache; so does a record appended to a plain file
 with ``os.write``, at a fraction of the cost (one system call instead of a
 transaction's locks and page writes). ``SQLitePersistence`` therefore logs each
 write here and returns; a background thread applies the logged operations to
-the table in batches, one transaction each, and then deletes the log segment.
+the table in batches, one transaction each, and then deletes the log segments.
 
-Files, next to the database ``DB``, for one journal (``TOKEN`` = pid + random):
+Files, next to the database ``DB`` (its real path), for one journal (``TOKEN`` =
+pid + random):
 
-    DB-tinymq-TOKEN.lock          held with flock() while the journal's process lives
-    DB-tinymq-TOKEN.NNNNNNNNNN.log  segments; a new one starts at every batch
+    DB-tinymq-TOKEN.lock            held with flock() while the journal's process lives
+    DB-tinymq-TOKEN.NNNNNNNNNN.log  segments, numbered; a new one starts at every batch
 
 A record is ``<length><crc32>`` (little-endian uint32 each) and a ``marshal``
 body: a tuple ``(kind, argument)`` of plain values (str, int, float, bytes,
 None) and nothing else. ``marshal`` never runs code; recovery checks every
-value's type and drops a record that has anything else. A process killed during
-``write()`` leaves a short record at the end of a segment: its write never
-returned, so nothing was promised, and recovery skips it.
+value's type and drops a record that has anything else. Every segment starts
+with a ``(FORMAT, version)`` record. A process killed during ``write()`` leaves
+a short record at the end of a segment: its write never returned, so nothing
+was promised, and recovery skips it.
 
-Recovery (``orphans``) takes the lock of every journal whose process died
-(flock is released by the kernel, even after SIGKILL) and returns its records
-in order; the store applies them and then calls ``remove``. Applying the same
-records twice gives the same rows, so a crash between the two only repeats work.
+The store applies a batch and records, in the same transaction, the number of
+the last segment applied (its "watermark"). Recovery (``orphans``) takes the
+lock of every journal whose process died (flock is released by the kernel,
+even after SIGKILL); the store applies the segments above that journal's
+watermark and then calls ``remove``. So a crash at any point neither loses a
+record nor applies one twice.
 """
 import atexit
 import errno
@@ -35,7 +39,7 @@ import struct
 import threading
 import weakref
 import zlib
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 
 from ..errors import PersistenceError
 
@@ -44,7 +48,8 @@ try:
 except ImportError:  # pragma: no cover - Windows: the store commits each write instead
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["Journal", "SUPPORTED", "orphans", "remove", "SAVE", "SAVE_MANY", "RUNNING", "DELETE"]
+__all__ = ["Journal", "Orphan", "SUPPORTED", "orphans", "tokens", "remove", "release", "read_segment",
+           "SAVE", "SAVE_MANY", "RUNNING", "DELETE"]
 
 logger = logging.getLogger("tinymq.persistence")
 
@@ -55,6 +60,11 @@ SAVE = "S"  # (SAVE, row): insert or overwrite the row
 SAVE_MANY = "M"  # (SAVE_MANY, (row, ...)): several rows, all-or-nothing (one record)
 RUNNING = "R"  # (RUNNING, job_id): the job's attempt started
 DELETE = "D"  # (DELETE, job_id): the job finished
+FORMAT = "V"  # (FORMAT, VERSION): the first record of every segment
+VERSION = 1
+
+Operation = Tuple[str, Any]
+Apply = Callable[[List[Operation], str, int], None]  # (operations, token, last segment number)
 
 _HEADER = struct.Struct("<II")  # body length, crc32 of the body
 _MARSHAL_VERSION = 2  # no back-references: half the cost of version 4 for these flat tuples
@@ -67,55 +77,63 @@ _LINGER = 0.02
 _live: "weakref.WeakSet[Journal]" = weakref.WeakSet()
 
 
-def _prefix(db_path: str, token: str) -> str:
-    return f"{db_path}-tinymq-{token}"
-
-
-def encode(operation: Tuple[str, Any]) -> bytes:
+def encode(operation: Operation) -> bytes:
     """One framed record for ``operation``."""
     body = _marshal(operation, _MARSHAL_VERSION)
     return _pack_header(len(body), _crc32(body)) + body
+
+
+_FORMAT_RECORD = encode((FORMAT, VERSION))
 
 
 class Journal:
     """An append-only log of store operations, applied to the table by a background thread.
 
     ``append`` returns once the record is in the OS (it survives a crash of
-    the process). ``apply(operations)`` is called, from the flusher thread or
-    from ``flush()``, with every operation appended since the last successful
-    call, in order; when it returns, those operations' segments are deleted.
-    If it raises, the same operations (and newer ones) are offered again.
+    the process). ``apply(operations, token, last_seq)`` is called, from the
+    flusher thread or from ``flush()``, with every operation appended since
+    the last successful call, in order; it must record ``last_seq`` as this
+    journal's watermark in the same transaction. When it returns, those
+    operations' segments are deleted; if it raises, the same operations (and
+    newer ones) are offered again. ``close()`` calls ``forget(token)`` once
+    the journal's files are gone.
     """
 
-    def __init__(self, db_path: str, apply: Callable[[List[Tuple[str, Any]]], None],
-                 max_backlog: int, wait_timeout: float,
-                 on_fork: Optional[Callable[[], None]] = None) -> None:
+    def __init__(self, db_path: str, apply: Apply, forget: Callable[[str], None], max_backlog: int,
+                 wait_timeout: float, on_fork: Optional[Callable[[], None]] = None) -> None:
         self._apply = apply
+        self._forget = forget  # drops this journal's watermark once its files are gone
         self._on_fork = on_fork  # called in a forked child, where this journal is no longer usable
         self._max_backlog = max_backlog
         self._wait_timeout = wait_timeout
-        self._prefix = _prefix(db_path, f"{os.getpid()}-{secrets.token_hex(4)}")
-        self._lock_fd = os.open(self._prefix + ".lock", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self.token = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._prefix = f"{db_path}-tinymq-{self.token}"
+        # Lock first, then give the lock file its name: recovery never sees an unlocked one.
+        self._lock_fd = os.open(self._prefix + ".lock-new", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(self._prefix + ".lock-new", self._prefix + ".lock")
         self._seq = 0
         self._fd = self._open_segment(0)
-        # Invariant: _lock guards _fd, _seq, _operations, _damaged, _refusal, _backlog, _idle, _closing;
-        # every record in the current segment is in _operations, in the same order.
+        # Invariant: _lock guards _fd, _seq, _operations, _damaged, _refusal, _backlog, _idle,
+        # _closing; every record in the current segment is in _operations, in the same order.
         self._lock = threading.Lock()
         self._acquire, self._release = self._lock.acquire, self._lock.release
-        self._damaged = False  # the current segment has a torn record it could not cut
-        self._refusal: Optional[str] = None  # why append() refuses: closed, or damaged
+        self._damaged = False  # the current segment has a torn record that could not be cut
+        self._refusal: Optional[str] = None  # why append() refuses: closed, forked, damaged
         self._room = threading.Condition(self._lock)  # producers waiting while the backlog is full
-        self._operations: List[Tuple[str, Any]] = []
+        self._operations: List[Operation] = []
         self._backlog = 0  # operations appended and not yet applied
         self._idle = False  # the flusher is blocked on _wake
         self._closing = False
         self._wake = threading.Lock()  # released to wake the flusher; held while it sleeps
         self._wake.acquire()
         self._stop = threading.Event()
-        # Only a holder of _flush_lock touches _unapplied (segments swapped out, not yet applied).
+        self._closed = threading.Event()  # close() has finished (successfully or not)
+        # Only a holder of _flush_lock touches _unapplied (segments swapped out, not yet
+        # applied: descriptor, path, number, operations) and _files_closed.
         self._flush_lock = threading.Lock()
-        self._unapplied: List[Tuple[int, str, List[Tuple[str, Any]]]] = []
+        self._unapplied: List[Tuple[int, str, int, List[Operation]]] = []
+        self._files_closed = False
         self.last_error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._run, name=f"tinymq-journal-{os.path.basename(db_path)}",
                                         daemon=True)
@@ -126,11 +144,18 @@ class Journal:
         return f"{self._prefix}.{seq:010d}.log"
 
     def _open_segment(self, seq: int) -> int:
-        return os.open(self._segment(seq), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(self._segment(seq), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, _FORMAT_RECORD)
+        except OSError:
+            os.close(fd)
+            _unlink(self._segment(seq))
+            raise
+        return fd
 
     # -- producers ---------------------------------------------------------------
 
-    def append(self, operation: Tuple[str, Any]) -> None:
+    def append(self, operation: Operation) -> None:
         """Log ``operation``; it is durable when this returns."""
         body = _marshal(operation, _MARSHAL_VERSION)
         record = _pack_header(len(body), _crc32(body)) + body
@@ -168,12 +193,17 @@ class Journal:
             self._damaged = True
             self._refusal = (f"the journal segment {self._segment(self._seq)!r} is damaged ({exc}) "
                              f"and is being replaced")
-            if self._idle:
-                self._idle = False
-                self._wake.release()
+            self._wake_flusher()
+
+    def _wake_flusher(self) -> None:
+        """Called with _lock held."""
+        if self._idle:
+            self._idle = False
+            self._wake.release()
 
     def _wait_for_room(self) -> None:
         """Called with _lock held: block until the flusher has applied part of the backlog."""
+        self._wake_flusher()
         if not self._room.wait_for(lambda: self._backlog < self._max_backlog or self._closing,
                                    timeout=self._wait_timeout):
             reason = f"last error: {self.last_error}" if self.last_error else "the database is slow"
@@ -187,34 +217,46 @@ class Journal:
     def flush(self) -> None:
         """Apply every operation appended before this call; raises if the database refuses them."""
         with self._flush_lock:
-            self._flush_locked()
+            if self._files_closed:
+                raise PersistenceError("the journal is closed; its files are left for the next open to recover")
+            self._flush_locked(final=False)
 
-    def _flush_locked(self) -> None:
+    def _flush_locked(self, final: bool) -> None:
+        """Swap the current segment out (for good when ``final``) and apply every swapped-out one."""
         with self._lock:
-            pending = bool(self._operations or self._damaged)
+            pending = final or bool(self._operations or self._damaged)
         if pending:
-            # Only _flush_lock holders change _seq: open the next segment outside _lock,
-            # so producers keep appending meanwhile.
-            fd = self._open_segment(self._seq + 1)
-            with self._lock:
-                self._unapplied.append((self._fd, self._segment(self._seq), self._operations))
+            fd = -1
+            if not final:
+                try:  # outside _lock, so producers keep appending meanwhile
+                    fd = self._open_segment(self._seq + 1)
+                except OSError:
+                    logger.exception("journal: cannot start a new segment; applying what is swapped out")
+                    pending = False
+        if pending:
+            with self._lock:  # only _flush_lock holders change _seq
+                self._unapplied.append((self._fd, self._segment(self._seq), self._seq, self._operations))
                 self._operations = []
                 self._fd = fd
                 self._seq += 1
                 if self._damaged:
                     self._damaged = False
-                    self._refusal = None if not self._closing else self._refusal
+                    if not self._closing:
+                        self._refusal = None
         if not self._unapplied:
             return
-        batch = [operation for _, _, operations in self._unapplied for operation in operations]
+        batch = [operation for _, _, _, operations in self._unapplied for operation in operations]
         try:
-            self._apply(batch)
+            if batch:
+                self._apply(batch, self.token, self._unapplied[-1][2])
         except BaseException as exc:
             self.last_error = exc
+            with self._lock:
+                self._wake_flusher()  # a failed flush() from another thread: the flusher retries
             raise
         self.last_error = None
-        for fd, path, _ in self._unapplied:
-            os.close(fd)
+        for fd, path, _, _ in self._unapplied:
+            _close(fd)
             _unlink(path)
         self._unapplied.clear()
         with self._lock:
@@ -225,7 +267,7 @@ class Journal:
         delay = 0.0
         while True:
             with self._lock:  # after a failure (delay > 0), retry even with nothing new
-                idle = not delay and not self._operations and not self._damaged and not self._closing
+                idle = not (delay or self._operations or self._damaged or self._unapplied or self._closing)
                 self._idle = idle
             if idle:
                 self._wake.acquire()
@@ -246,44 +288,54 @@ class Journal:
     # -- lifecycle ------------------------------------------------------------------
 
     def close(self) -> None:
-        """Apply the backlog and remove this journal's files; on failure the files stay for recovery."""
+        """Apply the backlog, remove this journal's files, then forget its watermark.
+
+        On failure the files stay and the lock is released: the next store to
+        open the database recovers them. A second caller waits for the first.
+        """
         with self._lock:
-            if self._closing:
-                return
+            first = not self._closing
             self._closing = True
             self._refusal = "the store is closed"
             self._room.notify_all()
-            if self._idle:
-                self._idle = False
-                self._wake.release()
-        self._stop.set()
-        self._thread.join()
-        _live.discard(self)
-        with self._flush_lock:
-            try:
-                self._flush_locked()
-            finally:
-                # Applied or not, the files are closed; what is left is recovered like a crash's.
-                applied = not self._unapplied and not self._operations
-                for fd, _, _ in self._unapplied:
-                    _close(fd)
-                _close(self._fd)
-                if applied:
-                    _unlink(self._segment(self._seq))
-                    _unlink(self._prefix + ".lock")
-                _close(self._lock_fd)  # releases the lock: a leftover journal is now an orphan
+            self._wake_flusher()
+        if not first:
+            self._closed.wait()
+            return
+        try:
+            self._stop.set()
+            self._thread.join()
+            _live.discard(self)
+            with self._flush_lock:
+                try:
+                    self._flush_locked(final=True)
+                finally:
+                    applied = not self._unapplied
+                    for fd, _, _, _ in self._unapplied:
+                        _close(fd)
+                    self._unapplied = [(-1, path, seq, ops) for _, path, seq, ops in self._unapplied]
+                    self._files_closed = True
+                    if applied:
+                        _unlink(self._prefix + ".lock")
+                    _close(self._lock_fd)  # releases the lock: a leftover journal is now an orphan
+            self._forget(self.token)
+        finally:
+            self._closed.set()
 
     def abandon_after_fork(self) -> None:
         """In a forked child: let go of the parent's files without touching its journal or threads."""
-        for fd in [self._lock_fd, self._fd] + [fd for fd, _, _ in self._unapplied]:
+        for fd in [self._lock_fd, self._fd] + [fd for fd, _, _, _ in self._unapplied]:
             _close(fd)
         self._closing = True
+        self._files_closed = True
         self._refusal = "the journal belongs to the parent process"
         if self._on_fork is not None:
             self._on_fork()
 
 
 def _close(fd: int) -> None:
+    if fd < 0:
+        return
     try:
         os.close(fd)
     except OSError:
@@ -324,54 +376,82 @@ if hasattr(os, "register_at_fork"):
 # -- recovery ---------------------------------------------------------------------
 
 
-def orphans(db_path: str) -> Tuple[List[Tuple[str, Any]], List[str], List[int]]:
-    """The records of every journal of ``db_path`` whose process is gone, oldest first.
+class Orphan(NamedTuple):
+    """The journal of a process that died, locked by the caller of ``orphans()``."""
 
-    Returns ``(operations, paths, lock_fds)``: apply the operations, then
-    call ``remove(paths, lock_fds)``. The locks stay held until then, so two
-    processes never recover the same journal at once.
+    token: str
+    lock_path: str
+    lock_fd: int
+    segments: List[Tuple[int, str]]  # (number, path), in order
+
+
+def orphans(db_path: str) -> List[Orphan]:
+    """Every journal of ``db_path`` whose process is gone, locked, oldest first.
+
+    The locks stay held until ``remove``, so two processes never recover the
+    same journal at once.
     """
-    operations: List[Tuple[str, Any]] = []
-    paths: List[str] = []
-    lock_fds: List[int] = []
+    found: List[Tuple[float, Orphan]] = []
     if not SUPPORTED:
-        return operations, paths, lock_fds
-    for lock_path in sorted(glob.glob(glob.escape(db_path) + "-tinymq-*.lock")):
+        return []
+    for lock_path in glob.glob(glob.escape(db_path) + "-tinymq-*.lock"):
         try:
             fd = os.open(lock_path, os.O_RDWR)
         except FileNotFoundError:
             continue  # recovered and removed by someone else just now
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            mine = os.fstat(fd)
+            named = os.stat(lock_path)
         except OSError as exc:
             os.close(fd)
-            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                continue  # its process is alive and owns it
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, errno.ENOENT):
+                continue  # its process is alive and owns it, or it was just removed
             raise
-        lock_fds.append(fd)
+        if (mine.st_ino, mine.st_dev) != (named.st_ino, named.st_dev):
+            os.close(fd)  # removed and replaced while we opened it: look again next time
+            continue
         prefix = lock_path[: -len(".lock")]
-        segments = sorted(glob.glob(glob.escape(prefix) + ".*.log"))
-        for segment in segments:
-            operations.extend(read_segment(segment))
-        paths.extend(segments)
-        paths.append(lock_path)
-    return operations, paths, lock_fds
+        segments = []
+        for path in glob.glob(glob.escape(prefix) + ".*.log"):
+            number = path[len(prefix) + 1: -len(".log")]
+            if number.isdigit():
+                segments.append((int(number), path))
+        token = prefix[len(db_path) + len("-tinymq-"):]
+        found.append((named.st_mtime, Orphan(token, lock_path, fd, sorted(segments))))
+    found.sort(key=lambda item: (item[0], item[1].token))
+    return [orphan for _, orphan in found]
 
 
-def remove(paths: List[str], lock_fds: List[int]) -> None:
-    """Delete recovered journal files (segments before their lock file) and release the locks."""
-    for path in paths:
+def tokens(db_path: str) -> List[str]:
+    """The tokens of every journal of ``db_path`` that still has its lock file, live or not."""
+    pattern = glob.escape(db_path) + "-tinymq-*.lock"
+    return [path[len(db_path) + len("-tinymq-"): -len(".lock")] for path in glob.glob(pattern)]
+
+
+def remove(orphan: Orphan) -> None:
+    """Delete a recovered journal's files (segments before the lock file) and release its lock."""
+    for _, path in orphan.segments:
         _unlink(path)
-    for fd in lock_fds:
-        _close(fd)
+    _unlink(orphan.lock_path)
+    _close(orphan.lock_fd)
 
 
-def read_segment(path: str) -> List[Tuple[str, Any]]:
-    """Every valid record of one segment; a torn tail or a damaged record is logged and skipped."""
+def release(orphan: Orphan) -> None:
+    """Give up recovering ``orphan`` (keep its files) and release its lock."""
+    _close(orphan.lock_fd)
+
+
+def read_segment(path: str, row_length: int) -> List[Operation]:
+    """Every valid record of one segment; a torn tail or a damaged record is logged and skipped.
+
+    Raises PersistenceError for a segment of another format version: its
+    records are kept on disk rather than misread.
+    """
     with open(path, "rb") as f:
         data = f.read()
-    operations: List[Tuple[str, Any]] = []
-    offset, end = 0, len(data)
+    operations: List[Operation] = []
+    offset, end, first = 0, len(data), True
     while offset < end:
         if end - offset < _HEADER.size:
             logger.warning("journal %s: skipped a torn record at byte %d (a write cut by a crash)", path, offset)
@@ -382,12 +462,21 @@ def read_segment(path: str) -> List[Tuple[str, Any]]:
             logger.warning("journal %s: skipped a torn record at byte %d (a write cut by a crash)", path, offset)
             break
         offset += _HEADER.size + length
-        operation = None
+        value: Any = None
         if zlib.crc32(body) == crc:
             try:
-                operation = _checked(marshal.loads(body))
+                value = marshal.loads(body)
             except (ValueError, EOFError, TypeError):
-                operation = None
+                value = None
+        if first:
+            first = False
+            if value != (FORMAT, VERSION):
+                raise PersistenceError(
+                    f"journal segment {path!r} is not in format version {VERSION} (it starts with "
+                    f"{value!r:.80}); it was left in place"
+                )
+            continue
+        operation = _checked(value, row_length)
         if operation is None:
             logger.error("journal %s: skipped a damaged record ending at byte %d", path, offset)
             continue
@@ -395,20 +484,21 @@ def read_segment(path: str) -> List[Tuple[str, Any]]:
     return operations
 
 
-def _checked(value: Any) -> Optional[Tuple[str, Any]]:
+def _checked(value: Any, row_length: int) -> Optional[Operation]:
     """``value`` if it is a well-formed operation of plain values, else None."""
     if type(value) is not tuple or len(value) != 2:
         return None
     kind, argument = value
     if kind in (RUNNING, DELETE):
-        return value if type(argument) is str else None
+        return value if type(argument) is str and argument else None
     if kind == SAVE:
-        return value if _is_row(argument) else None
+        return value if _is_row(argument, row_length) else None
     if kind == SAVE_MANY:
-        ok = type(argument) is tuple and all(_is_row(row) for row in argument)
+        ok = type(argument) is tuple and all(_is_row(row, row_length) for row in argument)
         return value if ok else None
     return None
 
 
-def _is_row(row: Any) -> bool:
-    return type(row) is tuple and all(type(item) in _PLAIN for item in row) and bool(row) and type(row[0]) is str
+def _is_row(row: Any, row_length: int) -> bool:
+    return (type(row) is tuple and len(row) == row_length and type(row[0]) is str and bool(row[0])
+            and type(row[1]) is str and all(type(item) in _PLAIN for item in row))

@@ -70,6 +70,14 @@ CREATE TABLE IF NOT EXISTS {_TABLE} (
 ) WITHOUT ROWID
 """
 # WITHOUT ROWID: the id is the key, so a save writes one b-tree instead of two.
+_JOURNALS = "tinymq_journal_applied"
+_CREATE_JOURNALS = f"""
+CREATE TABLE IF NOT EXISTS {_JOURNALS} (
+    journal TEXT PRIMARY KEY NOT NULL,  -- a journal's token (see _journal.py)
+    applied INTEGER NOT NULL            -- its segments up to this number are in the table
+) WITHOUT ROWID
+"""
+_SET_APPLIED = f"INSERT OR REPLACE INTO {_JOURNALS} VALUES (?, ?)"
 _UPSERT = f"INSERT OR REPLACE INTO {_TABLE} ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM {_TABLE}"
 _DELETE = f"DELETE FROM {_TABLE} WHERE id = ?"
@@ -157,6 +165,8 @@ class SQLitePersistence:
         self.path = os.fspath(path)
         self.synchronous = synchronous.upper()
         self._plain_file = self.path != ":memory:" and not self.path.startswith("file:")
+        # Journals are named after the real path: a chdir() or a symlinked name finds the same ones.
+        self._journal_base = os.path.realpath(self.path) if self._plain_file else ""
         journal_possible = self._plain_file and self.synchronous in ("OFF", "NORMAL") and _journal.SUPPORTED
         if journal is None:
             journal = journal_possible
@@ -208,6 +218,7 @@ class SQLitePersistence:
             conn.execute("PRAGMA wal_autocheckpoint=10000")  # checkpoint every ~10 MiB of WAL
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.execute(_CREATE)
+            conn.execute(_CREATE_JOURNALS)
             if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
                 conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
         except sqlite3.Error as exc:
@@ -219,7 +230,7 @@ class SQLitePersistence:
         if self.journal:
             try:
                 # A writer facing a full backlog waits out two of the flusher's attempts.
-                self._journal = _journal.Journal(self.path, self._apply, _MAX_BACKLOG,
+                self._journal = _journal.Journal(self._journal_base, self._apply, self._forget_applied, _MAX_BACKLOG,
                                                  2 * self.busy_timeout + 0.5, self._forget_journal)
             except OSError as exc:
                 raise PersistenceError(f"cannot create the journal of {self.path!r}: {exc}") from exc
@@ -444,7 +455,7 @@ class SQLitePersistence:
         if self.journal:
             self._log((SAVE_MANY, rows))
             return
-        statements = self._insert_statements(list(rows))
+        statements = self._insert_statements(list({row[0]: row for row in rows}.values()))  # last wins
         if len(statements) == 1 and not statements[0][2]:
             self._write_one(*statements[0][:2])  # one statement is atomic by itself
         else:
@@ -477,17 +488,24 @@ class SQLitePersistence:
         """In a forked child (at fork): the parent's journal is unusable; the next write reopens."""
         self._journal = None
 
-    def _apply(self, operations: List[Operation]) -> None:
-        """The journal's flusher: put ``operations`` into the table, in one transaction."""
+    def _apply(self, operations: List[Operation], token: str, last_segment: int) -> None:
+        """The journal's flusher: put ``operations`` into the table, and its watermark, in one transaction."""
         statements = self._statements(operations)
-        if not statements:
-            return
+        statements.append((_SET_APPLIED, (token, last_segment), False))
         with self._commit_lock:
             conn = self._conn  # the journal is per process: never a parent's connection
             try:
                 self._execute(conn, statements)
             except sqlite3.Error as exc:
                 raise PersistenceError(f"{self!r}: applying the journal failed: {exc}") from exc
+
+    def _forget_applied(self, token: str) -> None:
+        """A journal's files are gone: its watermark is no longer needed."""
+        with self._commit_lock:
+            try:
+                self._conn.execute(f"DELETE FROM {_JOURNALS} WHERE journal = ?", (token,))
+            except sqlite3.Error as exc:  # a leftover row is harmless: the next replay sweeps it
+                logger.warning("persistence %s: could not drop journal %s's watermark: %s", self.path, token, exc)
 
     def _statements(self, operations: List[Operation]) -> List[Statement]:
         """SQL for the net effect of ``operations``: one statement group per kind, each row once.
@@ -553,16 +571,29 @@ class SQLitePersistence:
                                   work: Optional[Callable[[sqlite3.Connection], Any]], what: str) -> Any:
         """One write transaction: first the journals of dead processes, then ``work(conn)``.
 
-        The caller holds _commit_lock. Without ``work``, no journal to replay means no transaction.
+        A journal's segments above its watermark are applied and the watermark
+        moved past them in the same transaction; the files are removed after
+        the commit, so a crash at any point neither loses nor repeats a write.
+        The caller holds _commit_lock. Without ``work``, no journal to replay
+        means no transaction.
         """
-        operations, paths, lock_fds = _journal.orphans(self.path) if self._plain_file else ([], [], [])
-        if not paths and work is None:
+        found = _journal.orphans(self._journal_base) if self._plain_file else []
+        if not found and work is None:
             return None
-        if paths:
-            logger.warning("persistence %s: replaying %d journaled writes of a process that died",
-                           self.path, len(operations))
 
         def replay_then_work(conn: sqlite3.Connection) -> Any:
+            operations: List[Operation] = []
+            for orphan in found:
+                row = conn.execute(f"SELECT applied FROM {_JOURNALS} WHERE journal = ?", (orphan.token,)).fetchone()
+                applied = -1 if row is None else row[0]
+                for number, path in orphan.segments:
+                    if number > applied:
+                        operations.extend(_journal.read_segment(path, len(_COLUMNS)))
+                if orphan.segments:
+                    conn.execute(_SET_APPLIED, (orphan.token, max(applied, orphan.segments[-1][0])))
+            if operations:
+                logger.warning("persistence %s: replaying %d journaled writes of %d process(es) that died",
+                               self.path, len(operations), len(found))
             for sql, parameters, many in self._statements(operations):
                 (conn.executemany if many else conn.execute)(sql, parameters)
             return None if work is None else work(conn)
@@ -570,9 +601,17 @@ class SQLitePersistence:
         try:
             result = self._in_transaction(conn, replay_then_work, what)
         except BaseException:
-            _journal.remove([], lock_fds)  # keep the files for the next attempt, release the locks
+            for orphan in found:
+                _journal.release(orphan)  # keep the files for the next attempt
             raise
-        _journal.remove(paths, lock_fds)  # applied: a crash before this only replays them again
+        for orphan in found:
+            _journal.remove(orphan)
+        if found:  # watermarks of journals whose files are all gone (these, or a crash's leftovers)
+            live = _journal.tokens(self._journal_base)
+            try:
+                conn.execute(f"DELETE FROM {_JOURNALS} WHERE journal NOT IN ({', '.join('?' * len(live))})", live)
+            except sqlite3.Error as exc:
+                logger.warning("persistence %s: could not drop old journal watermarks: %s", self.path, exc)
         return result
 
     def _in_transaction(self, conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], Any],
