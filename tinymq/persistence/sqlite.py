@@ -137,7 +137,9 @@ class SQLitePersistence:
 
     Several stores, in one process or in several, may open the same file;
     delivery stays at-least-once (each ``load_all`` returns every unfinished
-    row in the file, and replays the journal of any process that died).
+    row in the file, and replays the journal of any process that died; so does
+    opening a store). Keep the file on a local filesystem: the journal relies
+    on ``flock()``, which network filesystems may only emulate.
 
     ``serializer`` turns payloads into stored bytes/text (JSON by default;
     see ``PickleSerializer`` for the opt-in alternative).
