@@ -193,18 +193,31 @@ def test_a_record_with_a_bad_checksum_is_skipped(tmp_path, caplog):
         assert _journal.read_segment(segment, ROW) == [(_journal.DELETE, "kept")]
 
 
-def test_a_segment_of_another_format_is_refused_and_kept(path, manual_flush):
-    store = SQLitePersistence(path)
-    store.save(Job("t", id="a"))
-    segment = store._journal._segment(store._journal._seq)
-    crash(store)
+def test_a_segment_of_another_format_is_kept_and_logged_and_the_rest_recovered(path, manual_flush, caplog):
+    future = SQLitePersistence(path)
+    future.save(Job("t", id="future"))
+    segment = future._journal._segment(future._journal._seq)
+    crash(future)
     data = open(segment, "rb").read()
     first = len(_journal.encode((_journal.FORMAT, _journal.VERSION)))
     with open(segment, "wb") as f:
         f.write(_journal.encode((_journal.FORMAT, _journal.VERSION + 1)) + data[first:])
-    with pytest.raises(PersistenceError, match="format version"):
-        SQLitePersistence(path)
+    current = SQLitePersistence(path)
+    current.save(Job("t", id="current"))
+    crash(current)
+    with caplog.at_level(logging.ERROR, logger="tinymq"):
+        with SQLitePersistence(path) as store:
+            assert [job.id for job in store.load_all()] == ["current"]
+    assert "format version 2" in caplog.text
     assert os.path.exists(segment)  # left for a tinymq that reads it
+
+
+def test_a_damaged_first_record_does_not_hide_the_rest(tmp_path, caplog):
+    segment = str(tmp_path / "segment.log")
+    write_segment(segment, b"\0" * 16, marshal.dumps((_journal.DELETE, "kept")), header=False)
+    with caplog.at_level(logging.ERROR, logger="tinymq"):
+        assert _journal.read_segment(segment, ROW) == [(_journal.DELETE, "kept")]
+    assert "first record is damaged" in caplog.text
 
 
 def test_journal_is_refused_where_it_cannot_keep_its_promise(path):
@@ -394,3 +407,84 @@ def test_save_many_with_a_repeated_id_keeps_the_last_without_journal(path):
         new = Job("t", "new", id="same")  # a lean row: inserted by another statement
         store.save_many([old, new])
         assert [job.payload for job in store.load_all()] == ["new"]
+
+
+def test_an_applied_batch_is_never_applied_again_even_if_its_files_cannot_be_removed(path, monkeypatch, caplog):
+    with SQLitePersistence(path) as mine, SQLitePersistence(path) as other:
+        mine.save(Job("t", "v1", id="job"))
+        real_unlink = os.unlink
+
+        def failing_unlink(target, *args, **kwargs):
+            if target.endswith(".log"):
+                raise PermissionError(13, "read-only for a moment", target)
+            return real_unlink(target, *args, **kwargs)
+
+        monkeypatch.setattr(os, "unlink", failing_unlink)
+        with caplog.at_level(logging.ERROR, logger="tinymq"):
+            mine.flush()  # applied; removing the segment fails and is logged
+        monkeypatch.undo()
+        assert "cannot remove the applied segment" in caplog.text
+        other.save(Job("t", "v2", id="job"))
+        other.flush()
+        mine.flush()  # nothing new: must not write v1 again
+        assert [job.payload for job in other.load_all()] == ["v2"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_a_database_outage_does_not_pile_up_open_files(path, monkeypatch):
+    with SQLitePersistence(path, busy_timeout=0) as store:
+        locker = sqlite3.connect(path, isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")
+        try:
+            before = len(os.listdir("/proc/self/fd"))
+            for i in range(40):
+                store.save(Job("t", id=f"job-{i}"))
+                with pytest.raises(PersistenceError):
+                    store.flush()  # a new segment each time, none applied
+            assert len(os.listdir("/proc/self/fd")) <= before + 3
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        store.flush()
+        assert len(table(path)) == 40
+
+
+def test_values_sqlite_cannot_store_are_refused_when_saved_not_later(path):
+    class Upper(str):
+        pass
+
+    class Listing:
+        def dumps(self, obj):
+            return [obj]
+
+        def loads(self, data):
+            return data
+
+    with SQLitePersistence(path) as store:
+        job = Job("t", id="huge")
+        job.retries = 2 ** 63
+        with pytest.raises(PersistenceError, match="retries"):
+            store.save(job)
+        store.save(Job(Upper("typed"), id="subclass"))  # a str subclass is stored as its text
+        store.flush()
+        assert [(j.id, j.type, type(j.type)) for j in store.load_all()] == [("subclass", "typed", str)]
+    with SQLitePersistence(path, serializer=Listing()) as store:
+        with pytest.raises(PersistenceError, match="must return str or bytes"):
+            store.save(Job("t", "payload", id="listed"))
+        store.flush()  # nothing poisoned the journal
+
+
+def test_a_failed_reopen_in_a_forked_child_is_retried(path, monkeypatch):
+    store = SQLitePersistence(path)
+    store._journal.abandon_after_fork()  # as the at-fork hook does in a child ...
+    store._pid = -1  # ... whose pid differs from the parent's
+    monkeypatch.setattr(_journal, "Journal", lambda *args, **kwargs: (_ for _ in ()).throw(OSError(24, "EMFILE")))
+    with pytest.raises(PersistenceError, match="EMFILE"):
+        store.save(Job("t", id="refused"))
+    with pytest.raises(PersistenceError, match="EMFILE"):
+        store.flush()  # no silent no-op: the store is still waiting to reopen
+    monkeypatch.undo()
+    store.save(Job("t", id="accepted"))  # the next call reopens
+    assert store._pid == os.getpid()
+    store.close()
+    assert table(path) == {"accepted": "ready"}

@@ -108,37 +108,47 @@ class Journal:
         self._wait_timeout = wait_timeout
         self.token = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._prefix = f"{db_path}-tinymq-{self.token}"
-        # Lock first, then give the lock file its name: recovery never sees an unlocked one.
-        self._lock_fd = os.open(self._prefix + ".lock-new", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.rename(self._prefix + ".lock-new", self._prefix + ".lock")
-        self._seq = 0
-        self._fd = self._open_segment(0)
         # Invariant: _lock guards _fd, _seq, _operations, _damaged, _refusal, _backlog, _idle,
         # _closing; every record in the current segment is in _operations, in the same order.
         self._lock = threading.Lock()
         self._acquire, self._release = self._lock.acquire, self._lock.release
+        self._fd = self._lock_fd = -1
+        self._seq = 0
+        self._closing = False
+        self._files_closed = False
+        # Only a holder of _flush_lock touches _unapplied (segments swapped out, closed, not yet
+        # applied: path, number, operations) and _files_closed.
+        self._flush_lock = threading.Lock()
+        self._unapplied: List[Tuple[str, int, List[Operation]]] = []
+        _live.add(self)  # from here on a fork() lets go of these files in the child
+        try:
+            # Lock first, then give the lock file its name: recovery never sees an unlocked one.
+            self._lock_fd = os.open(self._prefix + ".lock-new", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(self._prefix + ".lock-new", self._prefix + ".lock")
+            self._fd = self._open_segment(0)
+        except BaseException:
+            _live.discard(self)
+            _close(self._lock_fd)
+            _unlink(self._prefix + ".lock-new")
+            _unlink(self._prefix + ".lock")
+            raise
         self._damaged = False  # the current segment has a torn record that could not be cut
         self._refusal: Optional[str] = None  # why append() refuses: closed, forked, damaged
         self._room = threading.Condition(self._lock)  # producers waiting while the backlog is full
         self._operations: List[Operation] = []
         self._backlog = 0  # operations appended and not yet applied
         self._idle = False  # the flusher is blocked on _wake
-        self._closing = False
         self._wake = threading.Lock()  # released to wake the flusher; held while it sleeps
         self._wake.acquire()
         self._stop = threading.Event()
         self._closed = threading.Event()  # close() has finished (successfully or not)
-        # Only a holder of _flush_lock touches _unapplied (segments swapped out, not yet
-        # applied: descriptor, path, number, operations) and _files_closed.
-        self._flush_lock = threading.Lock()
-        self._unapplied: List[Tuple[int, str, int, List[Operation]]] = []
-        self._files_closed = False
+        self._close_error: Optional[BaseException] = None
+        self._segment_error_logged = False
         self.last_error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._run, name=f"tinymq-journal-{os.path.basename(db_path)}",
                                         daemon=True)
         self._thread.start()
-        _live.add(self)
 
     def _segment(self, seq: int) -> str:
         return f"{self._prefix}.{seq:010d}.log"
@@ -230,12 +240,16 @@ class Journal:
             if not final:
                 try:  # outside _lock, so producers keep appending meanwhile
                     fd = self._open_segment(self._seq + 1)
+                    self._segment_error_logged = False
                 except OSError:
-                    logger.exception("journal: cannot start a new segment; applying what is swapped out")
+                    if not self._segment_error_logged:  # once per outage
+                        self._segment_error_logged = True
+                        logger.exception("journal: cannot start a new segment; applying what is swapped out")
                     pending = False
         if pending:
             with self._lock:  # only _flush_lock holders change _seq
-                self._unapplied.append((self._fd, self._segment(self._seq), self._seq, self._operations))
+                full = self._fd
+                self._unapplied.append((self._segment(self._seq), self._seq, self._operations))
                 self._operations = []
                 self._fd = fd
                 self._seq += 1
@@ -243,25 +257,31 @@ class Journal:
                     self._damaged = False
                     if not self._closing:
                         self._refusal = None
+            _close(full)  # nobody writes to it any more: only its path is needed from here on
         if not self._unapplied:
             return
-        batch = [operation for _, _, _, operations in self._unapplied for operation in operations]
+        batch = [operation for _, _, operations in self._unapplied for operation in operations]
         try:
             if batch:
-                self._apply(batch, self.token, self._unapplied[-1][2])
+                self._apply(batch, self.token, self._unapplied[-1][1])
         except BaseException as exc:
             self.last_error = exc
             with self._lock:
                 self._wake_flusher()  # a failed flush() from another thread: the flusher retries
             raise
+        # Applied (and the watermark moved past them): never offer these again, whatever follows.
+        done, self._unapplied = self._unapplied, []
         self.last_error = None
-        for fd, path, _, _ in self._unapplied:
-            _close(fd)
-            _unlink(path)
-        self._unapplied.clear()
         with self._lock:
             self._backlog -= len(batch)
             self._room.notify_all()
+        for path, _, _ in done:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError:  # recovery skips it by the watermark; log and go on
+                logger.exception("journal: cannot remove the applied segment %s", path)
 
     def _run(self) -> None:
         delay = 0.0
@@ -291,7 +311,8 @@ class Journal:
         """Apply the backlog, remove this journal's files, then forget its watermark.
 
         On failure the files stay and the lock is released: the next store to
-        open the database recovers them. A second caller waits for the first.
+        open the database recovers them. A second caller waits for the first,
+        and gets its error.
         """
         with self._lock:
             first = not self._closing
@@ -301,34 +322,41 @@ class Journal:
             self._wake_flusher()
         if not first:
             self._closed.wait()
+            if self._close_error is not None:
+                raise PersistenceError(f"closing the journal failed: {self._close_error}") from self._close_error
             return
         try:
             self._stop.set()
             self._thread.join()
-            _live.discard(self)
             with self._flush_lock:
                 try:
                     self._flush_locked(final=True)
                 finally:
-                    applied = not self._unapplied
-                    for fd, _, _, _ in self._unapplied:
-                        _close(fd)
-                    self._unapplied = [(-1, path, seq, ops) for _, path, seq, ops in self._unapplied]
                     self._files_closed = True
-                    if applied:
-                        _unlink(self._prefix + ".lock")
-                    _close(self._lock_fd)  # releases the lock: a leftover journal is now an orphan
+                    try:
+                        if not self._unapplied:
+                            _unlink(self._prefix + ".lock")
+                    finally:
+                        _close(self._lock_fd)  # releases the lock: a leftover journal is now an orphan
+                        _live.discard(self)
             self._forget(self.token)
+        except BaseException as exc:
+            self._close_error = exc
+            raise
         finally:
             self._closed.set()
 
     def abandon_after_fork(self) -> None:
         """In a forked child: let go of the parent's files without touching its journal or threads."""
-        for fd in [self._lock_fd, self._fd] + [fd for fd, _, _, _ in self._unapplied]:
-            _close(fd)
+        _close(self._lock_fd)
+        _close(self._fd)
         self._closing = True
         self._files_closed = True
         self._refusal = "the journal belongs to the parent process"
+        _live.discard(self)
+        closed = getattr(self, "_closed", None)  # None while __init__ runs
+        if closed is not None:
+            closed.set()  # nothing to wait for in this process: close() returns at once
         if self._on_fork is not None:
             self._on_fork()
 
@@ -470,12 +498,14 @@ def read_segment(path: str, row_length: int) -> List[Operation]:
                 value = None
         if first:
             first = False
-            if value != (FORMAT, VERSION):
-                raise PersistenceError(
-                    f"journal segment {path!r} is not in format version {VERSION} (it starts with "
-                    f"{value!r:.80}); it was left in place"
-                )
-            continue
+            if type(value) is tuple and len(value) == 2 and value[0] == FORMAT:
+                if value[1] != VERSION:
+                    raise PersistenceError(
+                        f"journal segment {path!r} has format version {value[1]!r}; this tinymq "
+                        f"reads version {VERSION}, so the segment was left in place"
+                    )
+                continue
+            logger.error("journal %s: the segment's first record is damaged; reading on", path)
         operation = _checked(value, row_length)
         if operation is None:
             logger.error("journal %s: skipped a damaged record ending at byte %d", path, offset)
@@ -501,4 +531,8 @@ def _checked(value: Any, row_length: int) -> Optional[Operation]:
 
 def _is_row(row: Any, row_length: int) -> bool:
     return (type(row) is tuple and len(row) == row_length and type(row[0]) is str and bool(row[0])
-            and type(row[1]) is str and all(type(item) in _PLAIN for item in row))
+            and type(row[1]) is str and all(type(item) in _PLAIN for item in row)
+            and all(-_INT64 <= item < _INT64 for item in row if type(item) is int))
+
+
+_INT64 = 1 << 63  # SQLite's integers

@@ -91,6 +91,7 @@ _SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 _ROWS_PER_INSERT = 1024 if sqlite3.sqlite_version_info >= (3, 32) else 64
 _RETRY_FIELDS = ("max_retries", "initial_delay", "max_delay", "backoff_multiple", "jitter")
 
+_INT64 = 1 << 63  # SQLite's integers
 _MAX_BACKLOG = 100_000  # journaled writes not yet in the table, before writers wait
 
 Statement = Tuple[str, Any, bool]  # (sql, parameters, executemany?)
@@ -195,11 +196,11 @@ class SQLitePersistence:
     # -- connection lifecycle ------------------------------------------------
 
     def _open(self) -> None:
-        """(Re)build the connection and the locks for the current process."""
-        self._pid = os.getpid()
-        # Invariant: only the holder of _commit_lock uses _conn.
-        self._commit_lock = threading.Lock()
-        self._pending: "deque[_Unit]" = deque()  # units waiting for the next committer
+        """(Re)build the connection, the locks and the journal for the current process.
+
+        All or nothing: on failure the store keeps its old state (in a forked
+        child, the parent's), so the next call tries again.
+        """
         if self._plain_file:
             try:  # create it 0600 ourselves: sqlite3 would use 0644 (less umask)
                 os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
@@ -213,29 +214,41 @@ class SQLitePersistence:
                 check_same_thread=False,  # guarded by _commit_lock instead
                 uri=self.path.startswith("file:"),
             )
-            # Rows are small: 1 KiB pages make each commit append a quarter of the WAL
-            # bytes of the default 4 KiB (ignored for an existing file).
-            conn.execute("PRAGMA page_size=1024")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA wal_autocheckpoint=10000")  # checkpoint every ~10 MiB of WAL
-            conn.execute(f"PRAGMA synchronous={self.synchronous}")
-            conn.execute(_CREATE)
-            conn.execute(_CREATE_JOURNALS)
-            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
-                conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             raise PersistenceError(f"cannot open persistence file {self.path!r}: {exc}") from exc
+        try:
+            try:
+                # Rows are small: 1 KiB pages make each commit append a quarter of the WAL
+                # bytes of the default 4 KiB (ignored for an existing file).
+                conn.execute("PRAGMA page_size=1024")
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA wal_autocheckpoint=10000")  # checkpoint every ~10 MiB of WAL
+                conn.execute(f"PRAGMA synchronous={self.synchronous}")
+                conn.execute(_CREATE)
+                conn.execute(_CREATE_JOURNALS)
+                if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+                    conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            except sqlite3.Error as exc:
+                raise PersistenceError(f"cannot open persistence file {self.path!r}: {exc}") from exc
+            self._replay_dead_journals(conn, None, "replaying the journal of a process that died")
+            journal = None
+            if self.journal:
+                try:
+                    # A writer facing a full backlog waits out two of the flusher's attempts.
+                    journal = _journal.Journal(self._journal_base, self._apply, self._forget_applied,
+                                               _MAX_BACKLOG, 2 * self.busy_timeout + 0.5, self._forget_journal)
+                except OSError as exc:
+                    raise PersistenceError(f"cannot create the journal of {self.path!r}: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        # Invariant: only the holder of _commit_lock uses _conn.
+        self._commit_lock = threading.Lock()
+        self._pending: "deque[_Unit]" = deque()  # units waiting for the next committer
         self._conn = conn
         self._cursor = conn.cursor()  # reused by the single-statement fast path
-        with self._commit_lock:
-            self._transaction_after_replay(conn, None, "replaying the journal of a process that died")
-        if self.journal:
-            try:
-                # A writer facing a full backlog waits out two of the flusher's attempts.
-                self._journal = _journal.Journal(self._journal_base, self._apply, self._forget_applied, _MAX_BACKLOG,
-                                                 2 * self.busy_timeout + 0.5, self._forget_journal)
-            except OSError as exc:
-                raise PersistenceError(f"cannot create the journal of {self.path!r}: {exc}") from exc
+        self._journal = journal
+        self._pid = os.getpid()
 
     def _connection(self) -> sqlite3.Connection:
         if self._pid != os.getpid():
@@ -286,6 +299,7 @@ class SQLitePersistence:
 
     def _row(self, job: Job, state: str = "ready", reason: Optional[str] = None,
              last_error: Optional[str] = None) -> tuple:
+        """The row for ``job``: plain values only, checked here so that no bad row is ever accepted."""
         payload = job.payload
         if payload is not None:
             try:
@@ -295,6 +309,9 @@ class SQLitePersistence:
                     f"cannot serialise the payload of job {job.id!r} (type {job.type!r}, "
                     f"payload type {type(payload).__name__}) with {self.serializer!r}: {exc}"
                 ) from exc
+            if payload.__class__ is not str and payload.__class__ is not bytes:
+                raise PersistenceError(f"{self.serializer!r} returned {type(payload).__name__} for job "
+                                       f"{job.id!r}; a serializer must return str or bytes")
         config = job.retry_config
         if config is _DEFAULT_RETRY_CONFIG:
             config_text = None  # most jobs: a shorter row to log, bind and store
@@ -310,10 +327,30 @@ class SQLitePersistence:
                 tags_text = self._tags_json(tags)
             except (TypeError, ValueError) as exc:
                 raise PersistenceError(f"cannot serialise the tags of job {job.id!r}: {exc}") from exc
+        job_type, run_at, timestamp, retries = job.type, job.run_at, job.timestamp, job.retries
+        if last_error is None:
+            last_error = job.last_error
+        if (job_type.__class__ is not str or run_at.__class__ is not float or timestamp.__class__ is not float
+                or retries.__class__ is not int or not 0 <= retries < _INT64
+                or (last_error is not None and last_error.__class__ is not str)):
+            job_type, run_at, timestamp, retries, last_error = self._plain_fields(job, last_error)
         return (
-            job.id, state, job.type, int(job.priority), job.run_at, job.timestamp, job.retries,
-            payload, config_text, tags_text, job.last_error if last_error is None else last_error, reason,
+            job.id, state, job_type, int(job.priority), run_at, timestamp, retries,
+            payload, config_text, tags_text, last_error, reason,
         )
+
+    @staticmethod
+    def _plain_fields(job: Job, last_error: object) -> Tuple[str, float, float, int, Optional[str]]:
+        """Job fields someone set to another type, as the plain values a row holds (or PersistenceError)."""
+        try:
+            job_type = str.__str__(job.type)  # a str subclass (a str Enum, say): its text
+            run_at, timestamp = float(job.run_at), float(job.timestamp)
+        except (TypeError, ValueError) as exc:
+            raise PersistenceError(f"job {job.id!r} cannot be stored: {exc}") from exc
+        retries = job.retries
+        if retries.__class__ is not int or not 0 <= retries < _INT64:
+            raise PersistenceError(f"job {job.id!r} cannot be stored: retries must be an int >= 0, got {retries!r}")
+        return job_type, run_at, timestamp, retries, None if last_error is None else str(last_error)
 
     def _remember_retry_config(self, config: RetryConfig) -> Tuple[RetryConfig, str]:
         if len(self._retry_json) > 256:
@@ -484,7 +521,9 @@ class SQLitePersistence:
         if journal is None:  # a forked child: its own connection and journal
             self._connection()
             journal = self._journal
-        journal.append(operation)  # type: ignore[union-attr]
+            if journal is None:
+                raise PersistenceError(f"{self!r} has no journal in this process")
+        journal.append(operation)
 
     def _forget_journal(self) -> None:
         """In a forked child (at fork): the parent's journal is unusable; the next write reopens."""
@@ -498,7 +537,7 @@ class SQLitePersistence:
             conn = self._conn  # the journal is per process: never a parent's connection
             try:
                 self._execute(conn, statements)
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
                 raise PersistenceError(f"{self!r}: applying the journal failed: {exc}") from exc
 
     def _forget_applied(self, token: str) -> None:
@@ -569,52 +608,72 @@ class SQLitePersistence:
                 start += size
         return statements
 
-    def _transaction_after_replay(self, conn: sqlite3.Connection,
-                                  work: Optional[Callable[[sqlite3.Connection], Any]], what: str) -> Any:
+    def _replay_dead_journals(self, conn: sqlite3.Connection,
+                              work: Optional[Callable[[sqlite3.Connection], Any]], what: str) -> Any:
         """One write transaction: first the journals of dead processes, then ``work(conn)``.
 
         A journal's segments above its watermark are applied and the watermark
         moved past them in the same transaction; the files are removed after
         the commit, so a crash at any point neither loses nor repeats a write.
-        The caller holds _commit_lock. Without ``work``, no journal to replay
+        Only this thread uses ``conn``. Without ``work``, no journal to replay
         means no transaction.
         """
         found = _journal.orphans(self._journal_base) if self._plain_file else []
         if not found and work is None:
             return None
-
-        def replay_then_work(conn: sqlite3.Connection) -> Any:
-            operations: List[Operation] = []
-            for orphan in found:
+        operations: List[Operation] = []
+        marks: List[Tuple[str, int]] = []
+        readable = []
+        for orphan in found:  # locked by us: nobody else moves these watermarks meanwhile
+            try:
                 row = conn.execute(f"SELECT applied FROM {_JOURNALS} WHERE journal = ?", (orphan.token,)).fetchone()
                 applied = -1 if row is None else row[0]
-                for number, path in orphan.segments:
-                    if number > applied:
-                        operations.extend(_journal.read_segment(path, len(_COLUMNS)))
-                if orphan.segments:
-                    conn.execute(_SET_APPLIED, (orphan.token, max(applied, orphan.segments[-1][0])))
-            if operations:
-                logger.warning("persistence %s: replaying %d journaled writes of %d process(es) that died",
-                               self.path, len(operations), len(found))
+                records = [op for number, path in orphan.segments if number > applied
+                           for op in _journal.read_segment(path, len(_COLUMNS))]
+            except (PersistenceError, OSError, sqlite3.Error) as exc:
+                logger.error("persistence %s: journal %s left in place, not replayed: %s", self.path, orphan.token, exc)
+                _journal.release(orphan)
+                continue
+            readable.append(orphan)
+            operations.extend(records)
+            if orphan.segments:
+                marks.append((orphan.token, max(applied, orphan.segments[-1][0])))
+        if operations:
+            logger.warning("persistence %s: replaying %d journaled writes of %d process(es) that died",
+                           self.path, len(operations), len(readable))
+
+        def replay_then_work(conn: sqlite3.Connection) -> Any:
             for sql, parameters, many in self._statements(operations):
                 (conn.executemany if many else conn.execute)(sql, parameters)
+            conn.executemany(_SET_APPLIED, marks)
             return None if work is None else work(conn)
 
         try:
             result = self._in_transaction(conn, replay_then_work, what)
         except BaseException:
-            for orphan in found:
+            for orphan in readable:
                 _journal.release(orphan)  # keep the files for the next attempt
             raise
-        for orphan in found:
+        for orphan in readable:
             _journal.remove(orphan)
-        if found:  # watermarks of journals whose files are all gone (these, or a crash's leftovers)
-            live = _journal.tokens(self._journal_base)
-            try:
-                conn.execute(f"DELETE FROM {_JOURNALS} WHERE journal NOT IN ({', '.join('?' * len(live))})", live)
-            except sqlite3.Error as exc:
-                logger.warning("persistence %s: could not drop old journal watermarks: %s", self.path, exc)
+        if readable:
+            self._sweep_watermarks(conn)
         return result
+
+    def _sweep_watermarks(self, conn: sqlite3.Connection) -> None:
+        """Drop the watermarks of journals whose files are all gone (a crash's leftovers included).
+
+        The lock files are listed inside the write transaction: a journal names
+        its lock file before its first apply, and that apply needs this lock.
+        """
+        def sweep(conn: sqlite3.Connection) -> None:
+            live = _journal.tokens(self._journal_base)
+            conn.execute(f"DELETE FROM {_JOURNALS} WHERE journal NOT IN ({', '.join('?' * len(live))})", live)
+
+        try:
+            self._in_transaction(conn, sweep, "dropping old journal watermarks")
+        except PersistenceError as exc:  # harmless leftovers: the next replay tries again
+            logger.warning("persistence %s: %s", self.path, exc)
 
     def _in_transaction(self, conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], Any],
                         what: str) -> Any:
@@ -642,7 +701,7 @@ class SQLitePersistence:
         """
         self.flush()
         with self._commit_lock:
-            return self._transaction_after_replay(self._connection(), self._recover, "load_all")  # type: ignore[no-any-return]
+            return self._replay_dead_journals(self._connection(), self._recover, "load_all")  # type: ignore[no-any-return]
 
     def _recover(self, conn: sqlite3.Connection) -> List[Job]:
         rows = conn.execute(
