@@ -13,7 +13,7 @@ With ``synchronous`` OFF or NORMAL (the default), a write is appended to a
 journal (``_journal.py``: one ``write()`` call, durable through a crash of the
 process, like a WAL commit under NORMAL) and a background thread applies the
 journal to the table in batches, one transaction each; a row reaches the table
-a few milliseconds after the call, or at once with ``flush()``.
+within about 20 ms of the call, or at once with ``flush()``.
 
 With FULL or EXTRA (or ``journal=False``) every write is committed before the
 call returns. Writes from all threads then go through one connection and one
@@ -70,6 +70,9 @@ CREATE TABLE IF NOT EXISTS {_TABLE} (
 ) WITHOUT ROWID
 """
 # WITHOUT ROWID: the id is the key, so a save writes one b-tree instead of two.
+
+# Each journal's watermark: written in the transaction that applies its segments, so
+# recovery knows which of a dead journal's segments are already in the table.
 _JOURNALS = "tinymq_journal_applied"
 _CREATE_JOURNALS = f"""
 CREATE TABLE IF NOT EXISTS {_JOURNALS} (
@@ -132,9 +135,11 @@ class SQLitePersistence:
     a write is in the OS page cache when the call returns, in the journal
     (``DB-tinymq-*.log`` files beside the database) and then in the table.
     ``"FULL"`` also survives power loss, at an fsync per commit, shared by
-    concurrent producers through group commit. ``journal=False`` commits
-    every write to the table before returning, for readers of the table that
-    cannot wait for ``flush()``; it is about three times slower.
+    concurrent producers through group commit. ``journal`` defaults to on
+    wherever it can keep that promise (OFF or NORMAL, a file path, ``flock()``);
+    ``journal=False`` commits every write to the table before returning, for
+    readers of the table that cannot wait for ``flush()``; it is two to three
+    times slower.
 
     Several stores, in one process or in several, may open the same file;
     delivery stays at-least-once (each ``load_all`` returns every unfinished
