@@ -223,6 +223,12 @@ class Queue:
                 raise TypeError(f"persistence store must have a callable {method}(), got {store!r}")
         if self._dispatcher.stopping:
             raise QueueStopped("the queue is stopped")
+        flush = getattr(self._store, "flush", None)
+        if callable(flush):  # the old store's pending writes come before anything the new one does
+            try:
+                flush()
+            except Exception as exc:
+                raise PersistenceError(f"could not flush {self._store!r} before switching stores: {exc}") from exc
         try:
             jobs = list(store.load_all())
         except Exception as exc:

@@ -48,7 +48,7 @@ try:
 except ImportError:  # pragma: no cover - Windows: the store commits each write instead
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["Journal", "Orphan", "SUPPORTED", "orphans", "tokens", "remove", "release", "read_segment",
+__all__ = ["Journal", "Orphan", "SUPPORTED", "live_on", "orphans", "tokens", "remove", "release", "read_segment", "utf8",
            "SAVE", "SAVE_MANY", "RUNNING", "DELETE"]
 
 logger = logging.getLogger("tinymq.persistence")
@@ -106,12 +106,12 @@ class Journal:
         self._on_fork = on_fork  # called in a forked child, where this journal is no longer usable
         self._max_backlog = max_backlog
         self._wait_timeout = wait_timeout
+        self.db_path = db_path
         self.token = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._prefix = f"{db_path}-tinymq-{self.token}"
         # Invariant: _lock guards _fd, _seq, _operations, _damaged, _refusal, _backlog, _idle,
         # _closing; every record in the current segment is in _operations, in the same order.
         self._lock = threading.Lock()
-        self._acquire, self._release = self._lock.acquire, self._lock.release
         self._fd = self._lock_fd = -1
         self._seq = 0
         self._closing = False
@@ -169,8 +169,7 @@ class Journal:
         """Log ``operation``; it is durable when this returns."""
         body = _marshal(operation, _MARSHAL_VERSION)
         record = _pack_header(len(body), _crc32(body)) + body
-        self._acquire()
-        try:
+        with self._lock:  # a with block: an exception raised in a thread (async) cannot leak it
             if self._backlog >= self._max_backlog:
                 self._wait_for_room()
             if self._refusal is not None:
@@ -190,8 +189,6 @@ class Journal:
             if self._idle:
                 self._idle = False
                 self._wake.release()
-        finally:
-            self._release()
 
     def _cut(self, fd: int, written: int) -> None:
         """Remove a partly written record, so that records after it stay readable."""
@@ -235,17 +232,18 @@ class Journal:
         """Swap the current segment out (for good when ``final``) and apply every swapped-out one."""
         with self._lock:
             pending = final or bool(self._operations or self._damaged)
+        swap_error: Optional[OSError] = None
         if pending:
             fd = -1
             if not final:
                 try:  # outside _lock, so producers keep appending meanwhile
                     fd = self._open_segment(self._seq + 1)
                     self._segment_error_logged = False
-                except OSError:
+                except OSError as exc:
                     if not self._segment_error_logged:  # once per outage
                         self._segment_error_logged = True
                         logger.exception("journal: cannot start a new segment; applying what is swapped out")
-                    pending = False
+                    swap_error, pending = exc, False
         if pending:
             with self._lock:  # only _flush_lock holders change _seq
                 full = self._fd
@@ -259,6 +257,8 @@ class Journal:
                         self._refusal = None
             _close(full)  # nobody writes to it any more: only its path is needed from here on
         if not self._unapplied:
+            if swap_error is not None:
+                raise PersistenceError(f"cannot start a new journal segment: {swap_error}") from swap_error
             return
         batch = [operation for _, _, operations in self._unapplied for operation in operations]
         try:
@@ -282,6 +282,8 @@ class Journal:
                 pass
             except OSError:  # recovery skips it by the watermark; log and go on
                 logger.exception("journal: cannot remove the applied segment %s", path)
+        if swap_error is not None:  # the current segment's writes are not in the table yet
+            raise PersistenceError(f"cannot start a new journal segment: {swap_error}") from swap_error
 
     def _run(self) -> None:
         delay = 0.0
@@ -359,6 +361,11 @@ class Journal:
             closed.set()  # nothing to wait for in this process: close() returns at once
         if self._on_fork is not None:
             self._on_fork()
+
+
+def live_on(db_path: str) -> List[Journal]:
+    """The journals of this process that write to ``db_path``."""
+    return [journal for journal in list(_live) if journal.db_path == db_path and not journal._closing]
 
 
 def _close(fd: int) -> None:
@@ -520,7 +527,7 @@ def _checked(value: Any, row_length: int) -> Optional[Operation]:
         return None
     kind, argument = value
     if kind in (RUNNING, DELETE):
-        return value if type(argument) is str and argument else None
+        return value if type(argument) is str and argument and utf8(argument) else None
     if kind == SAVE:
         return value if _is_row(argument, row_length) else None
     if kind == SAVE_MANY:
@@ -532,7 +539,19 @@ def _checked(value: Any, row_length: int) -> Optional[Operation]:
 def _is_row(row: Any, row_length: int) -> bool:
     return (type(row) is tuple and len(row) == row_length and type(row[0]) is str and bool(row[0])
             and type(row[1]) is str and all(type(item) in _PLAIN for item in row)
-            and all(-_INT64 <= item < _INT64 for item in row if type(item) is int))
+            and all(-_INT64 <= item < _INT64 for item in row if type(item) is int)
+            and all(utf8(item) for item in row if type(item) is str))
+
+
+def utf8(text: str) -> bool:
+    """Whether SQLite can store ``text`` (no lone surrogates)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 _INT64 = 1 << 63  # SQLite's integers

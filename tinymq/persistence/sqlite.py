@@ -120,6 +120,11 @@ class _Unit:
         self.error: Optional[BaseException] = None
 
 
+def _check_id(job_id: object) -> None:
+    if job_id.__class__ is not str or not job_id or not _journal.utf8(job_id):  # type: ignore[arg-type]
+        raise PersistenceError(f"a job id must be a non-empty str SQLite can store, got {job_id!r}")
+
+
 def _error_text(error: object) -> Optional[str]:
     if error is None or isinstance(error, str):
         return error
@@ -339,8 +344,16 @@ class SQLitePersistence:
                 or retries.__class__ is not int or not 0 <= retries < _INT64
                 or (last_error is not None and last_error.__class__ is not str)):
             job_type, run_at, timestamp, retries, last_error = self._plain_fields(job, last_error)
+        job_id = job.id
+        if not (job_id.isascii() and job_type.isascii() and (payload.__class__ is not str or payload.isascii())
+                and (tags_text is None or tags_text.isascii()) and (last_error is None or last_error.isascii())):
+            for name, text in (("id", job_id), ("type", job_type), ("payload", payload),
+                               ("tags", tags_text), ("last_error", last_error)):
+                if text.__class__ is str and not _journal.utf8(text):
+                    raise PersistenceError(f"job {job_id!r} cannot be stored: its {name} has text that is "
+                                           f"not valid Unicode (a lone surrogate?): {text!r:.80}")
         return (
-            job.id, state, job_type, int(job.priority), run_at, timestamp, retries,
+            job_id, state, job_type, int(job.priority), run_at, timestamp, retries,
             payload, config_text, tags_text, last_error, reason,
         )
 
@@ -410,20 +423,7 @@ class SQLitePersistence:
     # -- writing, with group commit --------------------------------------------
 
     def _write_one(self, sql: str, parameters: Any) -> None:
-        """One statement. Fast path when nobody else is writing: no batching bookkeeping."""
-        if self._pid != os.getpid():
-            self._connection()
-        lock = self._commit_lock
-        if lock.acquire(False):
-            if not self._pending and not self._closed:
-                try:
-                    self._cursor.execute(sql, parameters)  # autocommit: its own transaction
-                    return
-                except sqlite3.Error as exc:
-                    raise PersistenceError(f"{self!r}: write failed: {exc}") from exc
-                finally:
-                    lock.release()
-            lock.release()
+        """One statement, committed before this returns (possibly with other threads' writes)."""
         self._write([(sql, parameters, False)])
 
     def _write(self, statements: List[Statement]) -> None:
@@ -507,10 +507,12 @@ class SQLitePersistence:
 
     def delete(self, job_id: str) -> None:
         """Forget a finished job; an unknown id is not an error."""
+        _check_id(job_id)
         self._log((DELETE, job_id)) if self.journal else self._write_one(_DELETE, (job_id,))
 
     def mark_running(self, job: Job) -> None:
         """An attempt starts: if the process dies now, reloading counts it as failed."""
+        _check_id(job.id)
         self._log((RUNNING, job.id)) if self.journal else self._write_one(_MARK_RUNNING, (job.id,))
 
     def mark_dead(self, job: Job, reason: str, error: object = None) -> None:
@@ -705,6 +707,9 @@ class SQLitePersistence:
         that cannot be decoded becomes "corrupt", is logged, and is skipped.
         """
         self.flush()
+        for journal in _journal.live_on(self._journal_base):  # other stores of this process, same file
+            if journal is not self._journal:
+                journal.flush()
         with self._commit_lock:
             return self._replay_dead_journals(self._connection(), self._recover, "load_all")  # type: ignore[no-any-return]
 
