@@ -136,7 +136,7 @@ class Queue:
         return self._enqueue_slow(job, run_at, block, timeout)
 
     def _enqueue_slow(self, job: Job, run_at: float, block: bool, timeout: Any) -> Job:
-        wait = None if timeout is None else _optional_seconds("timeout", timeout)
+        wait = _optional_seconds("timeout", timeout)
         store = self._store
         if store is not None:
             self._dispatcher.save(job)
@@ -223,12 +223,6 @@ class Queue:
                 raise TypeError(f"persistence store must have a callable {method}(), got {store!r}")
         if self._dispatcher.stopping:
             raise QueueStopped("the queue is stopped")
-        flush = getattr(self._store, "flush", None)
-        if callable(flush):  # the old store's pending writes come before anything the new one does
-            try:
-                flush()
-            except Exception as exc:
-                raise PersistenceError(f"could not flush {self._store!r} before switching stores: {exc}") from exc
         try:
             jobs = list(store.load_all())
         except Exception as exc:

@@ -167,8 +167,7 @@ class Journal:
 
     def append(self, operation: Operation) -> None:
         """Log ``operation``; it is durable when this returns."""
-        body = _marshal(operation, _MARSHAL_VERSION)
-        record = _pack_header(len(body), _crc32(body)) + body
+        record = encode(operation)
         with self._lock:  # a with block: an exception raised in a thread (async) cannot leak it
             if self._backlog >= self._max_backlog:
                 self._wait_for_room()
@@ -429,7 +428,7 @@ def orphans(db_path: str) -> List[Orphan]:
     found: List[Tuple[float, Orphan]] = []
     if not SUPPORTED:
         return []
-    for lock_path in glob.glob(glob.escape(db_path) + "-tinymq-*.lock"):
+    for token, lock_path in _lock_files(db_path):
         try:
             fd = os.open(lock_path, os.O_RDWR)
         except FileNotFoundError:
@@ -452,16 +451,20 @@ def orphans(db_path: str) -> List[Orphan]:
             number = path[len(prefix) + 1: -len(".log")]
             if number.isdigit():
                 segments.append((int(number), path))
-        token = prefix[len(db_path) + len("-tinymq-"):]
         found.append((named.st_mtime, Orphan(token, lock_path, fd, sorted(segments))))
     found.sort(key=lambda item: (item[0], item[1].token))
     return [orphan for _, orphan in found]
 
 
+def _lock_files(db_path: str) -> List[Tuple[str, str]]:
+    """``(token, lock file path)`` of every journal of ``db_path`` that has a lock file, live or not."""
+    start = len(db_path) + len("-tinymq-")
+    return [(path[start:-len(".lock")], path) for path in glob.glob(glob.escape(db_path) + "-tinymq-*.lock")]
+
+
 def tokens(db_path: str) -> List[str]:
     """The tokens of every journal of ``db_path`` that still has its lock file, live or not."""
-    pattern = glob.escape(db_path) + "-tinymq-*.lock"
-    return [path[len(db_path) + len("-tinymq-"): -len(".lock")] for path in glob.glob(pattern)]
+    return [token for token, _ in _lock_files(db_path)]
 
 
 def remove(orphan: Orphan) -> None:

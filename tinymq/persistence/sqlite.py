@@ -483,13 +483,8 @@ class SQLitePersistence:
 
     def save(self, job: Job) -> None:
         """Insert or overwrite ``job`` as ready (or delayed, by its ``run_at``)."""
-        journal = self._journal
-        if journal is not None:  # the hot path: one record (None in a forked child until reopened)
-            journal.append((SAVE, self._row(job)))
-        elif self.journal:
-            self._log((SAVE, self._row(job)))
-        else:
-            self._write_one(_UPSERT, self._row(job))
+        row = self._row(job)
+        self._log((SAVE, row)) if self.journal else self._write_one(_UPSERT, row)
 
     def save_many(self, jobs: Iterable[Job]) -> None:
         """Save every job in one transaction (or one journal record): all of them are stored, or none."""
@@ -499,11 +494,7 @@ class SQLitePersistence:
         if self.journal:
             self._log((SAVE_MANY, rows))
             return
-        statements = self._insert_statements(list({row[0]: row for row in rows}.values()))  # last wins
-        if len(statements) == 1 and not statements[0][2]:
-            self._write_one(*statements[0][:2])  # one statement is atomic by itself
-        else:
-            self._write(statements)
+        self._write(self._insert_statements(list({row[0]: row for row in rows}.values())))  # last id wins
 
     def delete(self, job_id: str) -> None:
         """Forget a finished job; an unknown id is not an error."""
