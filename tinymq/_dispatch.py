@@ -194,8 +194,7 @@ class Dispatcher:
         evicted = (self.delayed if evictable else self.uncapped).push(job, run_at)
         self.scheduler_alarm.wake_before(run_at)
         if evicted is not None:
-            self.ready.count(core.EVICTED)
-            self.fail(evicted, "evicted", None)
+            self.fail(evicted, "evicted", None, core.EVICTED)
 
     def _schedule(self) -> None:
         interval = cast(float, self.config.scheduler_interval)
@@ -220,7 +219,6 @@ class Dispatcher:
         try:
             self.ready.requeue(job)
         except Exception as exc:  # e.g. a priority made invalid while the job waited
-            self.ready.count(core.FAILED)
             self.fail(job, "retries_exhausted", exc)
 
     def delayed_count(self) -> int:
@@ -280,7 +278,6 @@ class Dispatcher:
 
     def no_executor(self, job: Any, state: Any) -> None:
         self.ready.release_state(state)
-        self.ready.count(core.FAILED)
         self.fail(job, "no_executor", None)
 
     def attempt_failed(self, job: Any, state: Any, exc: BaseException) -> None:
@@ -290,7 +287,6 @@ class Dispatcher:
             job.last_error = _describe(exc)
             retry_config = job.retry_config
             if job.retries > retry_config.max_retries:
-                self.ready.count(core.FAILED)
                 self.fail(job, "retries_exhausted", exc)
                 return
             delay = retry_config.retry_delay(job.retries)
@@ -306,11 +302,11 @@ class Dispatcher:
                 self.push_delayed(job, job.run_at, evictable=False)
         except Exception as error:  # a job made unusable (e.g. its retry_config): fail it, loudly
             logger.exception("tinymq could not schedule the retry of job %r", job)
-            self.ready.count(core.FAILED)
             self.fail(job, "retries_exhausted", error)
 
-    def fail(self, job: Any, reason: str, exc: Optional[BaseException]) -> None:
-        """The job leaves the queue without success (already counted): log, callbacks, store, finished."""
+    def fail(self, job: Any, reason: str, exc: Optional[BaseException], counter: int = core.FAILED) -> None:
+        """The job leaves the queue without success: count, log, callbacks, store, finished."""
+        self.ready.count(counter)
         if exc is not None:
             logger.error("job %s (%s) failed permanently (%s): %s", job.id, job.type, reason,
                          _describe(exc))
