@@ -12,8 +12,8 @@ tells recovery what to do with it:
 With ``synchronous`` OFF or NORMAL (the default), a write is appended to a
 journal (``_journal.py``: one ``write()`` call, durable through a crash of the
 process, like a WAL commit under NORMAL) and a background thread applies the
-journal to the table in batches, one transaction each; a row reaches the table
-within about 20 ms of the call, or at once with ``flush()``.
+journal to the table in batches, one transaction each (it waits 20 ms to gather a
+batch), so a row reaches the table shortly after the call, or at once with ``flush()``.
 
 With FULL or EXTRA (or ``journal=False``) every write is committed before the
 call returns. Writes from all threads then go through one connection and one
