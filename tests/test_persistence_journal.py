@@ -599,14 +599,14 @@ def test_flush_reports_writes_it_could_not_apply(path, monkeypatch):
         assert table(path) == {"pending": "ready"}
 
 
-def test_switching_stores_flushes_the_old_one_first(path, manual_flush):
+def test_switching_stores_applies_the_old_stores_writes_first(path, manual_flush):
     from tinymq import Queue
 
     first, second = SQLitePersistence(path), SQLitePersistence(path)
     q = Queue(10)
     q.set_persistence(first)
     q.enqueue(Job("t", "v1", id="x"))  # journaled by first, not yet in the table
-    q.set_persistence(second)  # flushes first: its write is in the table, then loads it
+    q.set_persistence(second)  # second.load_all() flushes first first: x is in the table, then loaded
     second.delete("x")
     second.flush()
     first.flush()  # nothing left in first to write x back
