@@ -1,7 +1,7 @@
-"""The ``core`` fixture: every core test runs against both cores.
+"""The ``core`` and ``codec`` fixtures: every core and codec test runs against both twins.
 
 ``pure`` is ``tinymq._core_py`` (the specification); ``compiled`` is
-``tinymq._core``. The compiled param is skipped when TINYMQ_NO_EXTENSIONS=1,
+``tinymq._core``; likewise ``tinymq._codec_py`` and ``tinymq._codec``. The compiled param is skipped when TINYMQ_NO_EXTENSIONS=1,
 or when the extension cannot be imported (not built) -- except under
 TINYMQ_REQUIRE_EXTENSIONS=1, where a missing extension is a test failure.
 """
@@ -12,6 +12,8 @@ import pytest
 
 PURE_CORE = "tinymq._core_py"
 COMPILED_CORE = "tinymq._core"
+PURE_CODEC = "tinymq._codec_py"
+COMPILED_CODEC = "tinymq._codec"
 
 
 def env_flag(name):
@@ -21,7 +23,7 @@ def env_flag(name):
 
 def load_core(name):
     """Import core ``name``, or skip/fail the calling test as the environment asks."""
-    if name == COMPILED_CORE:
+    if name in (COMPILED_CORE, COMPILED_CODEC):
         if env_flag("TINYMQ_NO_EXTENSIONS"):
             pytest.skip("TINYMQ_NO_EXTENSIONS=1: the compiled core is not in use")
         try:
@@ -41,4 +43,12 @@ def load_core(name):
 )
 def core(request):
     """The core module under test: ``tinymq._core_py`` or ``tinymq._core``."""
+    return load_core(request.param)
+
+
+@pytest.fixture(
+    params=[pytest.param(PURE_CODEC, id="pure"), pytest.param(COMPILED_CODEC, id="compiled")]
+)
+def codec(request):
+    """The codec module under test: ``tinymq._codec_py`` or ``tinymq._codec``."""
     return load_core(request.param)

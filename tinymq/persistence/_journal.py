@@ -41,6 +41,7 @@ import weakref
 import zlib
 from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 
+from .._pick_core import codec
 from ..errors import PersistenceError
 
 try:
@@ -66,9 +67,8 @@ VERSION = 1
 Operation = Tuple[str, Any]
 Apply = Callable[[List[Operation], str, int], None]  # (operations, token, last segment number)
 
-_HEADER = struct.Struct("<II")  # body length, crc32 of the body
-_MARSHAL_VERSION = 2  # no back-references: half the cost of version 4 for these flat tuples
-_marshal, _pack_header, _crc32, _write = marshal.dumps, _HEADER.pack, zlib.crc32, os.write
+_HEADER = struct.Struct("<II")  # body length, crc32 of the body (codec.frame writes it)
+_write = codec.write  # keeps the GIL, when compiled: see tinymq/_codec_py.py
 _PLAIN = (str, int, float, bytes, type(None))
 # Seconds the flusher lets a batch grow after waking. Each batch costs the producers GIL
 # hand-offs (context switches): 20 ms batches measured 2x faster than 2 ms ones here.
@@ -77,11 +77,7 @@ _LINGER = 0.02
 _live: "weakref.WeakSet[Journal]" = weakref.WeakSet()
 
 
-def encode(operation: Operation) -> bytes:
-    """One framed record for ``operation``."""
-    body = _marshal(operation, _MARSHAL_VERSION)
-    return _pack_header(len(body), _crc32(body)) + body
-
+encode = codec.frame  # one framed record for an operation
 
 _FORMAT_RECORD = encode((FORMAT, VERSION))
 

@@ -10,7 +10,11 @@ import pickle
 import warnings
 from typing import Any, Union
 
+from .._pick_core import codec
+
 __all__ = ["JSONSerializer", "PickleSerializer"]
+
+json_text = codec.json_text
 
 
 def _reject(value: object) -> Any:
@@ -19,22 +23,6 @@ def _reject(value: object) -> Any:
     if module not in ("builtins", None):
         type_name = f"{module}.{type_name}"
     raise TypeError(f"a value of type {type_name} ({value!r:.80}) is not JSON-serialisable")
-
-
-def _c_encoder() -> Any:
-    """json's C encoder with JSONSerializer's settings, or None where it is not available."""
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:
-        return None
-    try:
-        encode = make(None, _reject, json.encoder.encode_basestring, None, ":", ",",
-                      False, False, True)
-        sample = {"a": [1, 2.5, None, True, "é\n"], "b": {"c": "d"}}
-        if "".join(encode(sample, 0)) != json.dumps(sample, separators=(",", ":"), ensure_ascii=False):
-            return None  # a Python whose C encoder takes other arguments: use the wrapper
-    except TypeError:
-        return None
-    return encode
 
 
 class JSONSerializer:
@@ -46,16 +34,10 @@ class JSONSerializer:
             separators=(",", ":"), ensure_ascii=False, default=_reject, check_circular=True
         ).encode
         self._decode = json.JSONDecoder().decode
-        # The C encoder behind JSONEncoder.encode, also built once (its wrapper builds one per
-        # call: 3 µs of a durable enqueue's ~25 here). Without circular-reference markers a
-        # cyclic payload raises RecursionError instead of ValueError: still refused, loudly.
-        self._c_encode = _c_encoder()
 
     def dumps(self, obj: object) -> str:
-        c_encode = self._c_encode
-        if c_encode is not None:
-            return "".join(c_encode(obj, 0))
-        return self._encode(obj)
+        text = json_text(obj)  # plain values, fast; the encoder above for the rest, and for errors
+        return self._encode(obj) if text is None else text
 
     def loads(self, data: Union[bytes, str]) -> object:
         if isinstance(data, (bytes, bytearray, memoryview)):

@@ -1,0 +1,172 @@
+"""The codec twins: the per-job steps of a durable write.
+
+``json_text``'s contract: the text of ``json.dumps(value, separators=(",", ":"),
+ensure_ascii=False)``, byte for byte, or None (the serializer's full encoder
+then takes over). Plain values must never be declined, or the fast path
+would be dead weight. ``frame`` is the journal's record format; ``write``
+behaves as ``os.write``.
+"""
+import enum
+import errno
+import json
+import marshal
+import math
+import os
+import select
+import signal
+import struct
+import zlib
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tinymq.persistence import JSONSerializer
+
+
+STATELESS = [HealthCheck.function_scoped_fixture]  # the codec fixture is a module: nothing to reset
+
+
+def reference(value):
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+plain_text = st.text(st.characters(exclude_categories=("Cs",)))  # no lone surrogates
+plain_scalars = (
+    st.none() | st.booleans() | st.integers(-(2 ** 63), 2 ** 63 - 1)
+    | st.floats(allow_nan=True, allow_infinity=True) | plain_text
+)
+plain_values = st.recursive(
+    plain_scalars,
+    lambda children: st.lists(children, max_size=5) | st.tuples(children, children)
+    | st.dictionaries(plain_text, children, max_size=5),
+    max_leaves=40,
+)
+any_scalars = plain_scalars | st.integers() | st.text()  # big ints, lone surrogates
+any_values = st.recursive(
+    any_scalars,
+    lambda children: st.lists(children, max_size=5)
+    | st.dictionaries(any_scalars.filter(lambda key: not isinstance(key, float) or not math.isnan(key)),
+                      children, max_size=5),  # int, bool, None keys: json turns them into text
+    max_leaves=40,
+)
+
+
+@settings(max_examples=500, suppress_health_check=STATELESS)
+@given(plain_values)
+def test_plain_values_are_encoded_as_json_dumps_does(codec, value):
+    assert codec.json_text(value) == reference(value)
+
+
+@settings(max_examples=500, suppress_health_check=STATELESS)
+@given(any_values)
+def test_any_value_is_encoded_as_json_dumps_does_or_declined(codec, value):
+    try:
+        expected = reference(value)
+    except (TypeError, ValueError, RecursionError):
+        expected = None
+    text = codec.json_text(value)
+    assert text is None or text == expected
+
+
+def test_control_characters_quotes_and_non_ascii(codec):
+    value = {"k\"ey": "\x00\x01\x08\x09\x0a\x0c\x0d\x1f\x7f \\ / é \u2028 中 \U0001f600"}
+    assert codec.json_text(value) == reference(value)
+
+
+def test_int_and_float_edges(codec):
+    value = [0, -1, 2 ** 63 - 1, -(2 ** 63), 0.0, -0.0, 1e16, 1e-7, 5e-324, 1.7976931348623157e308,
+             0.1 + 0.2, math.nan, math.inf, -math.inf]
+    assert codec.json_text(value) == reference(value)
+
+
+def test_large_payload_grows_past_the_first_buffer(codec):
+    value = {"text": "é\n\"😀" * 50_000, "items": list(range(20_000)), "nested": [[{"a": 1.5}]] * 1000}
+    assert codec.json_text(value) == reference(value)
+
+
+class Color(enum.IntEnum):
+    RED = 1
+
+
+class Text(str):
+    pass
+
+
+@pytest.mark.parametrize("value", [
+    {1: "int key"}, {None: 1, True: 2}, 2 ** 64, -(2 ** 70), Color.RED, Text("sub"), {"k": Text("v")},
+    "lone \ud800 surrogate", [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]],
+])
+def test_the_serializer_stores_what_json_dumps_would_for_anything_it_accepts(value):
+    """Values the fast path may decline still store the same text, through the full encoder."""
+    assert JSONSerializer().dumps(value) == reference(value)
+
+
+def test_the_serializer_refuses_what_json_refuses():
+    cyclic: list = []
+    cyclic.append(cyclic)
+    with pytest.raises(ValueError, match="Circular reference"):
+        JSONSerializer().dumps({"a": cyclic})
+    with pytest.raises(TypeError, match="set"):
+        JSONSerializer().dumps({"a": {1, 2}})
+
+
+journal_values = st.none() | st.integers(-(2 ** 63), 2 ** 63 - 1) | st.floats(allow_nan=False) | st.text() | st.binary()
+
+
+@settings(suppress_health_check=STATELESS)
+@given(st.tuples(st.sampled_from("SMRDV"), journal_values | st.tuples(*[journal_values] * 12)))
+def test_frame_is_length_crc_and_marshal(codec, operation):
+    record = codec.frame(operation)
+    length, crc = struct.unpack_from("<II", record)
+    body = record[8:]
+    assert (length, crc) == (len(body), zlib.crc32(body))
+    assert marshal.loads(body) == operation
+    assert body == marshal.dumps(operation, 2)  # what recovery of older journals reads too
+
+
+def test_write_writes_and_reports_errors_by_errno(codec, tmp_path):
+    fd = os.open(tmp_path / "segment", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        assert codec.write(fd, b"record") == 6
+        assert (tmp_path / "segment").read_bytes() == b"record"
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as caught:
+        codec.write(fd, b"closed")
+    assert caught.value.errno == errno.EBADF
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer")
+@pytest.mark.parametrize("handler_raises", [False, True])
+def test_write_interrupted_by_a_signal_retries_or_raises_what_the_handler_raised(codec, handler_raises):
+    """As os.write (PEP 475): after EINTR, run the handlers; retry unless one raised."""
+    reader, writer = os.pipe()
+    os.set_blocking(writer, False)
+    try:
+        while True:  # fill the pipe, so that the next write blocks
+            os.write(writer, b"x" * 4096)
+    except BlockingIOError:
+        pass
+    os.set_blocking(writer, True)
+
+    def on_alarm(signum, frame):
+        if handler_raises:
+            raise KeyboardInterrupt
+        while os.read(reader, 65536):  # make room: the retried write goes through
+            if not select.select([reader], [], [], 0)[0]:
+                break
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, 0.05)
+    try:
+        if handler_raises:
+            with pytest.raises(KeyboardInterrupt):
+                codec.write(writer, b"0123456789")
+        else:
+            assert codec.write(writer, b"0123456789") == 10
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        os.close(reader)
+        os.close(writer)
