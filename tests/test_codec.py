@@ -3,8 +3,8 @@
 ``json_text``'s contract: the text of ``json.dumps(value, separators=(",", ":"),
 ensure_ascii=False)``, byte for byte, or None (the serializer's full encoder
 then takes over). Plain values must never be declined, or the fast path
-would be dead weight. ``frame`` is the journal's record format; ``write``
-behaves as ``os.write``.
+would be dead weight. ``ready_row`` is the store's own row, or declines;
+``frame`` is the journal's record format; ``write`` behaves as ``os.write``.
 """
 import enum
 import errno
@@ -21,7 +21,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tinymq.persistence import JSONSerializer
+from tinymq import Job, PersistenceError, Priority, RetryConfig
+from tinymq.job import _DEFAULT_RETRY_CONFIG
+from tinymq.persistence import JSONSerializer, PickleSerializer, SQLitePersistence
 
 
 STATELESS = [HealthCheck.function_scoped_fixture]  # the codec fixture is a module: nothing to reset
@@ -125,6 +127,17 @@ def test_frame_is_length_crc_and_marshal(codec, operation):
     assert body == marshal.dumps(operation, 2)  # what recovery of older journals reads too
 
 
+@pytest.mark.parametrize("operation", [
+    ("S", ("id", "ready", "t", 2 ** 31 - 1, -0.0, math.inf, -(2 ** 31), "é中😀" * 5000, None, b"\x00" * 600, None, "x")),
+    ("S", ("id", "ready", "t", 2 ** 31, math.nan, 1e-310, -(2 ** 31) - 1, "lone \ud800", True, False, "", b"")),
+    ("M", tuple(("id%d" % i, "ready", "t", i, 1.5, 2.5, 0, "{}", None, None, None, None) for i in range(300))),
+])
+def test_frame_of_edge_values_and_records_larger_than_the_first_buffer(codec, operation):
+    record = codec.frame(operation)
+    assert record[8:] == marshal.dumps(operation, 2)
+    assert struct.unpack_from("<II", record) == (len(record) - 8, zlib.crc32(record[8:]))
+
+
 def test_write_writes_and_reports_errors_by_errno(codec, tmp_path):
     fd = os.open(tmp_path / "segment", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     try:
@@ -170,3 +183,61 @@ def test_write_interrupted_by_a_signal_retries_or_raises_what_the_handler_raised
         signal.signal(signal.SIGALRM, previous)
         os.close(reader)
         os.close(writer)
+
+
+class _Serializer:
+    """A user's serializer: whatever ``dumps`` returns or raises, the row matches the store's own."""
+
+    def __init__(self, result):
+        self.result = result
+
+    def dumps(self, obj):
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+    def loads(self, data):  # pragma: no cover - rows are built, not loaded, here
+        return data
+
+
+ids = st.none() | st.sampled_from(["job-1", "jöb-2", "job\ud800"])
+job_types = st.sampled_from(["email", "émail"])
+serializers = st.sampled_from([None, "pickle"]) | st.builds(
+    _Serializer, st.sampled_from(["text", "tëxt", "lone \udc00", b"bytes", 42, ValueError("no")]))
+
+
+@st.composite
+def jobs(draw):
+    job = Job(draw(job_types), draw(any_values | st.builds(set) | st.just(["lone \ud800"])), id=draw(ids),
+              priority=draw(st.sampled_from(list(Priority)) | st.integers(0, 2)),
+              tags=draw(st.none() | st.just({}) | st.just({"k": "v"})),
+              retry_config=draw(st.none() | st.just(RetryConfig(max_retries=1))))
+    job.retries = draw(st.integers(0, 3) | st.integers(2 ** 63 - 1, 2 ** 64) | st.just(-1) | st.just("2"))
+    job.last_error = draw(st.none() | st.just("boom"))
+    job.run_at = draw(st.just(job.run_at) | st.just(5) | st.just(1e300))
+    return job
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=STATELESS)
+@given(job=jobs(), serializer=serializers)
+def test_ready_row_is_the_stores_row_or_declines(codec, job, serializer):
+    """A store saves ``ready_row(job) or _row(job)``: the first must never differ from the second."""
+    if serializer == "pickle":
+        with pytest.warns(UserWarning):
+            serializer = PickleSerializer()
+    store = SQLitePersistence(":memory:", **({} if serializer is None else {"serializer": serializer}))
+    try:
+        row = codec.ready_row(job, store._dumps, serializer is None, _DEFAULT_RETRY_CONFIG)
+        try:
+            expected = store._row(job)
+        except PersistenceError:
+            assert row is None  # the store raises; the codec must not have built a row
+            return
+        assert row is None or row == expected
+        plain = (job._tags in (None, {}) and job.retry_config is _DEFAULT_RETRY_CONFIG
+                 and job.last_error is None and job.id.isascii() and job.type.isascii()
+                 and type(job.run_at) is float and type(job.retries) is int)
+        if plain:
+            assert row == expected  # the fast path is taken for every plain job
+    finally:
+        store.close()

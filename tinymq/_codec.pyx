@@ -10,8 +10,10 @@ ints, lone surrogates, deep nesting) is declined with None, and the caller's
 full encoder handles it. No Python code runs while a value is written, so the
 containers cannot change under us.
 
-``frame`` builds a journal record in one buffer; ``write`` keeps the GIL
-during the system call (why: see ``_codec_py.py``).
+``frame`` writes a journal record in one buffer: the marshal bytes of plain
+tuples (str, int, float, bytes, None) are written here, and checked against
+``marshal`` by the tests; anything else goes through ``marshal`` itself.
+``write`` keeps the GIL during the system call (why: see ``_codec_py.py``).
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
@@ -19,12 +21,11 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.ref cimport PyObject
 from libc.math cimport isfinite
 from libc.errno cimport EINTR, errno
-from libc.stdint cimport uint32_t
+from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy
 from posix.unistd cimport write as c_write
 
 import os
-import zlib
 
 cdef extern from "Python.h":
     int PyDict_Next(object, Py_ssize_t *, PyObject **, PyObject **)
@@ -35,8 +36,11 @@ cdef extern from "Python.h":
     double PyFloat_AS_DOUBLE(object)
     long long PyLong_AsLongLongAndOverflow(object, int *) except? -1
     Py_ssize_t PyUnicode_GET_LENGTH(object)
+    bint PyUnicode_IS_ASCII(object)
     int PyUnicode_KIND(object)
     void *PyUnicode_DATA(object)
+    enum:
+        PyUnicode_1BYTE_KIND
     unsigned int PyUnicode_READ(int, void *, Py_ssize_t)  # a code point (Py_UCS4, as a C int)
     char *PyOS_double_to_string(double, char, int, int, int *) except NULL
     object PyUnicode_DecodeUTF8(const char *, Py_ssize_t, const char *)
@@ -56,10 +60,10 @@ cdef extern from *:
     """
     int TINYMQ_UNICODE_READY(object) except -1
 
-__all__ = ["json_text", "frame", "write", "MARSHAL_VERSION"]
+__all__ = ["json_text", "ready_row", "utf8", "frame", "write", "MARSHAL_VERSION"]
 
 MARSHAL_VERSION = 2
-cdef object crc32 = zlib.crc32
+cdef object INT64 = 1 << 63  # SQLite's integers
 
 cdef enum:
     DONE = 0
@@ -108,22 +112,27 @@ cdef inline int put_char(Buffer *out, char c) except -1:
     return 0
 
 
-cdef int put_str(Buffer *out, str text) except -1:
-    """A JSON string, UTF-8: json's escapes for ``"``, ``\\`` and control characters only."""
+cdef int put_text(Buffer *out, str text, bint json) except -1:
+    """``text`` as UTF-8; with ``json``, quoted, with json's escapes for ``"``, ``\\`` and controls."""
     TINYMQ_UNICODE_READY(text)
     cdef Py_ssize_t i, length = PyUnicode_GET_LENGTH(text)
+    cdef bint ascii = PyUnicode_IS_ASCII(text)
     cdef int kind = PyUnicode_KIND(text)
     cdef void *data = PyUnicode_DATA(text)
+    cdef const unsigned char *ascii_data = <const unsigned char *>data
     cdef unsigned int c
     cdef char *p
+    if ascii and not json:
+        return put(out, <const char *>data, length)  # ASCII is its own UTF-8
     if out.size + 6 * length + 2 > out.capacity:  # the longest escape is 6 bytes per character
         grow(out, 6 * length + 2)
     p = out.data + out.size
-    p[0] = b'"'
-    p += 1
+    if json:
+        p[0] = b'"'
+        p += 1
     for i in range(length):
-        c = PyUnicode_READ(kind, data, i)
-        if c >= 0x20 and c != 0x22 and c != 0x5c:
+        c = ascii_data[i] if ascii else PyUnicode_READ(kind, data, i)
+        if not json or (c >= 0x20 and c != 0x22 and c != 0x5c):
             if c < 0x80:
                 p[0] = <char>c
                 p += 1
@@ -163,8 +172,10 @@ cdef int put_str(Buffer *out, str text) except -1:
             p[5] = HEX[c & 0xf]
             p += 4
         p += 2
-    p[0] = b'"'
-    out.size = p + 1 - out.data
+    if json:
+        p[0] = b'"'
+        p += 1
+    out.size = p - out.data
     return DONE
 
 
@@ -210,7 +221,7 @@ cdef int put_value(Buffer *out, object value, int depth) except -1:
     cdef PyObject *key
     cdef PyObject *item
     if kind is str:
-        return put_str(out, <str>value)
+        return put_text(out, <str>value, True)
     if kind is int:
         return put_int(out, value)
     if kind is float:
@@ -231,7 +242,7 @@ cdef int put_value(Buffer *out, object value, int depth) except -1:
             if not first:
                 put_char(out, b',')
             first = False
-            if put_str(out, <str>key) == DECLINED:
+            if put_text(out, <str>key, True) == DECLINED:
                 return DECLINED
             put_char(out, b':')
             if put_value(out, <object>item, depth + 1) == DECLINED:
@@ -264,19 +275,167 @@ def json_text(value):
             PyMem_Free(out.data)
 
 
-def frame(operation):
-    """One framed journal record for ``operation``, a tuple of plain values."""
-    cdef bytes body = PyMarshal_WriteObjectToString(operation, MARSHAL_VERSION)
-    cdef Py_ssize_t size = PyBytes_GET_SIZE(body)
-    cdef uint32_t checksum = <uint32_t>crc32(body)
-    cdef bytes record = PyBytes_FromStringAndSize(NULL, size + 8)
-    cdef unsigned char *data = <unsigned char *>PyBytes_AS_STRING(record)
+# -- store rows -------------------------------------------------------------------------
+
+cdef bint has_surrogate(str text) noexcept:
+    """Whether ``text`` holds a lone surrogate, which UTF-8 (and so SQLite) cannot hold."""
+    cdef int kind = PyUnicode_KIND(text)
+    cdef void *data = PyUnicode_DATA(text)
+    cdef Py_ssize_t i
+    cdef unsigned int c
+    if PyUnicode_IS_ASCII(text) or kind == PyUnicode_1BYTE_KIND:
+        return False
+    for i in range(PyUnicode_GET_LENGTH(text)):
+        c = PyUnicode_READ(kind, data, i)
+        if 0xd800 <= c <= 0xdfff:
+            return True
+    return False
+
+
+def utf8(str text):
+    """Whether SQLite can store ``text`` (no lone surrogates)."""
+    TINYMQ_UNICODE_READY(text)
+    return not has_surrogate(text)
+
+
+def ready_row(job, dumps, bint plain_json, default_retry_config):
+    """The row of ``job`` (state "ready"), or None for a job the store's ``_row`` must build."""
+    if job.retry_config is not default_retry_config or job._tags or job.last_error is not None:
+        return None
+    job_id, job_type, run_at, timestamp, retries = job.id, job.type, job.run_at, job.timestamp, job.retries
+    if (type(job_id) is not str or not PyUnicode_IS_ASCII(job_id) or type(job_type) is not str
+            or not PyUnicode_IS_ASCII(job_type) or type(run_at) is not float or type(timestamp) is not float
+            or type(retries) is not int or not 0 <= retries < INT64):
+        return None
+    payload = job.payload
+    if payload is not None:
+        text = json_text(payload) if plain_json else None
+        if text is None:
+            try:
+                text = dumps(payload)
+            except Exception:
+                return None  # _row serialises again, to raise the error that names the job
+            if type(text) is str:
+                TINYMQ_UNICODE_READY(text)
+                if has_surrogate(<str>text):
+                    return None  # _row raises the error
+            elif type(text) is not bytes:
+                return None
+        payload = text
+    return (job_id, "ready", job_type, int(job.priority), run_at, timestamp, retries, payload,
+            None, None, None, None)
+
+
+# -- journal records ------------------------------------------------------------------
+
+cdef uint32_t CRC_TABLE[256]  # zlib's CRC-32 (reflected polynomial 0xedb88320), a byte at a time
+
+
+cdef void fill_crc_table() noexcept:
+    cdef uint32_t n, k, c
+    for n in range(256):
+        c = n
+        for k in range(8):
+            c = (0xedb88320 ^ (c >> 1)) if c & 1 else c >> 1
+        CRC_TABLE[n] = c
+
+
+fill_crc_table()
+
+
+cdef uint32_t crc32_of(const unsigned char *data, Py_ssize_t size) noexcept:
+    cdef uint32_t c = 0xffffffff
+    cdef Py_ssize_t i
+    for i in range(size):
+        c = CRC_TABLE[(c ^ data[i]) & 0xff] ^ (c >> 8)
+    return c ^ 0xffffffff
+
+
+cdef inline void set_le32(char *at, uint32_t value) noexcept:
     cdef int i
     for i in range(4):  # little-endian, whatever the machine's byte order
-        data[i] = (<uint32_t>size >> (8 * i)) & 0xff
-        data[4 + i] = (checksum >> (8 * i)) & 0xff
-    memcpy(data + 8, PyBytes_AS_STRING(body), size)
-    return record
+        at[i] = <char>((value >> (8 * i)) & 0xff)
+
+
+cdef inline int put_le32(Buffer *out, uint32_t value) except -1:
+    if out.size + 4 > out.capacity:
+        grow(out, 4)
+    set_le32(out.data + out.size, value)
+    out.size += 4
+    return DONE
+
+
+cdef int put_marshal(Buffer *out, object value, int depth) except -1:
+    """``value`` as ``marshal.dumps(value, 2)`` writes it, for plain values; others are declined."""
+    cdef type kind = type(value)
+    cdef Py_ssize_t i, start, size
+    cdef int overflow = 0
+    cdef long long number
+    cdef double real
+    cdef uint64_t bits
+    if kind is str:
+        if PyUnicode_GET_LENGTH(value) > 0x1fffffff:
+            return DECLINED  # its UTF-8 might not fit marshal's 32-bit size: marshal decides
+        put_char(out, b'u')  # TYPE_UNICODE: size, then UTF-8
+        start = out.size
+        put_le32(out, 0)
+        if put_text(out, <str>value, False) == DECLINED:
+            return DECLINED
+        set_le32(out.data + start, <uint32_t>(out.size - start - 4))
+        return DONE
+    if kind is int:
+        number = PyLong_AsLongLongAndOverflow(value, &overflow)
+        if overflow or number > 0x7fffffff or number < -0x80000000:
+            return DECLINED  # TYPE_LONG, marshal's own digits
+        put_char(out, b'i')
+        return put_le32(out, <uint32_t>(number & 0xffffffff))
+    if kind is float:
+        real = PyFloat_AS_DOUBLE(value)
+        memcpy(&bits, &real, 8)
+        put_char(out, b'g')  # TYPE_BINARY_FLOAT: IEEE 754, little-endian
+        put_le32(out, <uint32_t>(bits & 0xffffffff))
+        return put_le32(out, <uint32_t>(bits >> 32))
+    if value is None:
+        return put_char(out, b'N')
+    if value is True:
+        return put_char(out, b'T')
+    if value is False:
+        return put_char(out, b'F')
+    if kind is bytes:
+        size = PyBytes_GET_SIZE(value)
+        if size > 0x7fffffff:
+            return DECLINED
+        put_char(out, b's')
+        put_le32(out, <uint32_t>size)
+        return put(out, PyBytes_AS_STRING(value), size)
+    if kind is tuple and depth < MAX_DEPTH:
+        size = PyTuple_GET_SIZE(value)
+        put_char(out, b'(')
+        put_le32(out, <uint32_t>size)
+        for i in range(size):
+            if put_marshal(out, <object>PyTuple_GET_ITEM(value, i), depth + 1) == DECLINED:
+                return DECLINED
+        return DONE
+    return DECLINED
+
+
+def frame(operation):
+    """One framed journal record for ``operation``, a tuple of plain values."""
+    cdef char stack[STACK_BYTES]
+    cdef Buffer out
+    cdef bytes body
+    out.data, out.size, out.capacity, out.on_heap = stack, 8, STACK_BYTES, False  # the header comes last
+    try:
+        if put_marshal(&out, operation, 0) == DECLINED:
+            body = PyMarshal_WriteObjectToString(operation, MARSHAL_VERSION)
+            out.size = 8
+            put(&out, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
+        set_le32(out.data, <uint32_t>(out.size - 8))
+        set_le32(out.data + 4, crc32_of(<const unsigned char *>out.data + 8, out.size - 8))
+        return PyBytes_FromStringAndSize(out.data, out.size)
+    finally:
+        if out.on_heap:
+            PyMem_Free(out.data)
 
 
 def write(int fd, bytes data):

@@ -8,6 +8,13 @@ any value; text it does return is always the full encoder's, byte for byte.
 This one runs the standard library's C encoder, built once (``json.dumps``
 builds one per call); the compiled twin writes plain values itself.
 
+``ready_row(job, dumps, plain_json, default_retry_config)`` is the store row
+of a ready (or delayed) job in the common case: the default retry config, no
+tags, no last error, plain field types, ASCII id and type. For any other job
+it returns None before serialising anything, and the store's general
+``_row`` builds the row (and raises its errors): a payload is never
+serialised twice, except to report an error.
+
 ``frame(operation)`` is one journal record: ``<length><crc32>`` (little-endian
 uint32 each) and a marshal (version 2) body. ``write(fd, data)`` is one
 ``write()`` system call. The compiled twin keeps the GIL during that call, which
@@ -21,12 +28,13 @@ import marshal
 import os
 import struct
 import zlib
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
-__all__ = ["json_text", "frame", "write", "MARSHAL_VERSION"]
+__all__ = ["json_text", "ready_row", "utf8", "frame", "write", "MARSHAL_VERSION"]
 
 MARSHAL_VERSION = 2  # no back-references: half the cost of version 4 for these flat tuples
 _HEADER = struct.Struct("<II")  # body length, crc32 of the body
+_INT64 = 1 << 63  # SQLite's integers
 
 
 def _c_encoder() -> Any:
@@ -60,6 +68,47 @@ def json_text(value: object) -> Optional[str]:
         return "".join(_encode(value, 0))
     except Exception:
         return None
+
+
+def ready_row(job: Any, dumps: Callable[[Any], Any], plain_json: bool, default_retry_config: object) -> Optional[tuple]:
+    """The row of ``job`` (state "ready"), or None for a job the store's ``_row`` must build.
+
+    ``plain_json``: ``dumps`` is JSONSerializer's, so ``json_text`` may stand in for it.
+    """
+    if job.retry_config is not default_retry_config or job._tags or job.last_error is not None:
+        return None
+    job_id, job_type, run_at, timestamp, retries = job.id, job.type, job.run_at, job.timestamp, job.retries
+    if (job_id.__class__ is not str or not job_id.isascii() or job_type.__class__ is not str
+            or not job_type.isascii() or run_at.__class__ is not float or timestamp.__class__ is not float
+            or retries.__class__ is not int or not 0 <= retries < _INT64):
+        return None
+    payload = job.payload
+    if payload is not None:
+        text = json_text(payload) if plain_json else None
+        if text is None:
+            try:
+                text = dumps(payload)
+            except Exception:
+                return None  # _row serialises again, to raise the error that names the job
+        if text.__class__ is str:
+            if not utf8(text):
+                return None  # _row raises the error
+        elif text.__class__ is not bytes:
+            return None
+        payload = text
+    return (job_id, "ready", job_type, int(job.priority), run_at, timestamp, retries, payload,
+            None, None, None, None)
+
+
+def utf8(text: str) -> bool:
+    """Whether SQLite can store ``text`` (no lone surrogates)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def frame(operation: Tuple[str, Any]) -> bytes:

@@ -542,15 +542,7 @@ def _is_row(row: Any, row_length: int) -> bool:
             and all(utf8(item) for item in row if type(item) is str))
 
 
-def utf8(text: str) -> bool:
-    """Whether SQLite can store ``text`` (no lone surrogates)."""
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+utf8 = codec.utf8  # whether SQLite can store a str (no lone surrogates)
 
 
 _INT64 = 1 << 63  # SQLite's integers

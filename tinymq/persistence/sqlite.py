@@ -31,6 +31,7 @@ from collections import deque
 from itertools import chain
 from typing import Any, Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
+from .._pick_core import codec
 from ..config import RetryConfig
 from ..errors import PersistenceError
 from ..job import _DEFAULT_RETRY_CONFIG, Job
@@ -95,6 +96,7 @@ _ROWS_PER_INSERT = 1024 if sqlite3.sqlite_version_info >= (3, 32) else 64
 _RETRY_FIELDS = ("max_retries", "initial_delay", "max_delay", "backoff_multiple", "jitter")
 
 _INT64 = 1 << 63  # SQLite's integers
+_ready_row = codec.ready_row  # the row of a plain job, built in C; _row builds any other (and raises)
 _MAX_BACKLOG = 100_000  # journaled writes not yet in the table, before writers wait
 
 Statement = Tuple[str, Any, bool]  # (sql, parameters, executemany?)
@@ -194,6 +196,7 @@ class SQLitePersistence:
         self.serializer = serializer
         self.busy_timeout = float(busy_timeout)
         self._dumps = serializer.dumps
+        self._plain_json = type(serializer) is JSONSerializer  # its dumps is the codec's json_text, or errors
         self._tags_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
         self._retry_json: dict = {}  # id(config) -> (config, json): configs are frozen and shared
         self._retry_configs: dict = {}  # json -> RetryConfig, so loading 100k jobs builds a handful
@@ -483,12 +486,13 @@ class SQLitePersistence:
 
     def save(self, job: Job) -> None:
         """Insert or overwrite ``job`` as ready (or delayed, by its ``run_at``)."""
-        row = self._row(job)
+        row = _ready_row(job, self._dumps, self._plain_json, _DEFAULT_RETRY_CONFIG) or self._row(job)
         self._log((SAVE, row)) if self.journal else self._write_one(_UPSERT, row)
 
     def save_many(self, jobs: Iterable[Job]) -> None:
         """Save every job in one transaction (or one journal record): all of them are stored, or none."""
-        rows = tuple(map(self._row, jobs))
+        dumps, plain_json = self._dumps, self._plain_json
+        rows = tuple([_ready_row(job, dumps, plain_json, _DEFAULT_RETRY_CONFIG) or self._row(job) for job in jobs])
         if not rows:
             return
         if self.journal:
