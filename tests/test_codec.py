@@ -14,6 +14,7 @@ import math
 import os
 import select
 import signal
+import sqlite3
 import struct
 import zlib
 
@@ -241,3 +242,51 @@ def test_ready_row_is_the_stores_row_or_declines(codec, job, serializer):
             assert row == expected  # the fast path is taken for every plain job
     finally:
         store.close()
+
+
+def _apply_one_by_one(conn, operations):
+    for kind, argument in operations:
+        if kind in ("S", "M"):
+            for row in (argument,) if kind == "S" else argument:
+                conn.execute(f"INSERT OR REPLACE INTO t VALUES ({', '.join('?' * 12)})", row)
+        elif kind == "D":
+            conn.execute("DELETE FROM t WHERE id = ?", (argument,))
+        else:
+            conn.execute("UPDATE t SET state = 'running' WHERE id = ?", (argument,))
+
+
+def _apply_net_effect(conn, net):
+    lean, full, deleted, running = net
+    conn.executemany("DELETE FROM t WHERE id = ?", deleted)
+    for columns, parameters in ((8, lean), (12, full)):
+        assert len(parameters) % columns == 0
+        for start in range(0, len(parameters), columns):
+            values = parameters[start:start + columns] + [None] * (12 - columns)
+            conn.execute(f"INSERT OR REPLACE INTO t VALUES ({', '.join('?' * 12)})", values)
+    conn.executemany("UPDATE t SET state = 'running' WHERE id = ?", running)
+
+
+job_ids = st.sampled_from(["a", "b", "c", "d"])
+rows_ = st.builds(lambda job_id, n, tail: (job_id, "ready", "t", n, 1.5, 2.5, 0, "{}") + tail,
+                  job_ids, st.integers(0, 2), st.sampled_from([(None,) * 4, (None, '{"k":"v"}', None, None),
+                                                               (None, None, "boom", "why")]))
+operations_ = st.lists(
+    st.tuples(st.just("S"), rows_) | st.tuples(st.just("M"), st.lists(rows_, max_size=4).map(tuple))
+    | st.tuples(st.sampled_from("DR"), job_ids), max_size=30)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=STATELESS)
+@given(before=st.lists(rows_, max_size=4), operations=operations_)
+def test_net_effect_leaves_the_table_as_the_operations_one_by_one(codec, before, operations):
+    tables = []
+    for apply in (lambda conn: _apply_one_by_one(conn, operations),
+                  lambda conn: _apply_net_effect(conn, codec.net_effect(operations))):
+        conn = sqlite3.connect(":memory:")
+        conn.execute("CREATE TABLE t (id PRIMARY KEY, state, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11)")
+        _apply_one_by_one(conn, [("M", tuple(before))])
+        apply(conn)
+        tables.append(conn.execute("SELECT * FROM t ORDER BY id").fetchall())
+    assert tables[0] == tables[1]
+    lean, full, deleted, running = codec.net_effect(operations)
+    ids = [job_id for (job_id,) in deleted + running] + lean[::8] + full[::12]
+    assert len(ids) == len(set(ids))  # each job once: one statement per row, whatever the batch

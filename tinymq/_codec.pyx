@@ -60,9 +60,12 @@ cdef extern from *:
     """
     int TINYMQ_UNICODE_READY(object) except -1
 
-__all__ = ["json_text", "ready_row", "utf8", "frame", "write", "MARSHAL_VERSION"]
+__all__ = ["json_text", "ready_row", "utf8", "net_effect", "frame", "write", "MARSHAL_VERSION",
+           "SAVE", "SAVE_MANY", "RUNNING", "DELETE", "LEAN"]
 
 MARSHAL_VERSION = 2
+SAVE, SAVE_MANY, RUNNING, DELETE = "S", "M", "R", "D"  # journal operation kinds
+LEAN = 8
 cdef object INT64 = 1 << 63  # SQLite's integers
 
 cdef enum:
@@ -324,6 +327,48 @@ def ready_row(job, dumps, bint plain_json, default_retry_config):
         payload = text
     return (job_id, "ready", job_type, int(job.priority), run_at, timestamp, retries, payload,
             None, None, None, None)
+
+
+# -- applying a batch ---------------------------------------------------------------------
+
+def net_effect(list operations):
+    """``(lean, full, deleted, running)``: flat INSERT parameters, then ``(job_id,)`` lists."""
+    cdef dict final = {}  # job id -> its last row, DELETE or RUNNING
+    cdef list lean = [], full = [], deleted = [], running = []
+    cdef tuple operation, row
+    cdef Py_ssize_t i, position = 0
+    cdef PyObject *key
+    cdef PyObject *item
+    for operation in operations:
+        kind, argument = operation
+        if kind == SAVE:
+            final[(<tuple>argument)[0]] = argument
+        elif kind == SAVE_MANY:
+            for row in <tuple>argument:
+                final[row[0]] = row
+        elif kind == DELETE:
+            final[argument] = DELETE
+        else:  # RUNNING: an update of the row, wherever it is
+            current = final.get(argument)
+            if type(current) is tuple:
+                final[argument] = (current[0], "running") + (<tuple>current)[2:]
+            elif current is None:
+                final[argument] = RUNNING
+    while PyDict_Next(final, &position, &key, &item):
+        value = <object>item
+        if type(value) is tuple:
+            row = <tuple>value
+            if (PyTuple_GET_SIZE(row) == 12 and row[8] is None and row[9] is None and row[10] is None
+                    and row[11] is None):
+                for i in range(LEAN):
+                    lean.append(row[i])
+            else:
+                full.extend(row)
+        elif value is DELETE:
+            deleted.append((<object>key,))
+        else:
+            running.append((<object>key,))
+    return lean, full, deleted, running
 
 
 # -- journal records ------------------------------------------------------------------

@@ -15,6 +15,11 @@ it returns None before serialising anything, and the store's general
 ``_row`` builds the row (and raises its errors): a payload is never
 serialised twice, except to report an error.
 
+``net_effect(operations)`` is what a batch of journal operations leaves in
+the table: each job id once, with its last row, or deleted, or marked running.
+Rows come as flat parameter lists for multi-row INSERTs, the rows whose four
+mostly-NULL columns are NULL apart, with their first eight values only.
+
 ``frame(operation)`` is one journal record: ``<length><crc32>`` (little-endian
 uint32 each) and a marshal (version 2) body. ``write(fd, data)`` is one
 ``write()`` system call. The compiled twin keeps the GIL during that call, which
@@ -28,13 +33,22 @@ import marshal
 import os
 import struct
 import zlib
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
-__all__ = ["json_text", "ready_row", "utf8", "frame", "write", "MARSHAL_VERSION"]
+__all__ = ["json_text", "ready_row", "utf8", "net_effect", "frame", "write", "MARSHAL_VERSION",
+           "SAVE", "SAVE_MANY", "RUNNING", "DELETE", "LEAN"]
 
 MARSHAL_VERSION = 2  # no back-references: half the cost of version 4 for these flat tuples
 _HEADER = struct.Struct("<II")  # body length, crc32 of the body
 _INT64 = 1 << 63  # SQLite's integers
+
+# Journal operation kinds, the first item of every operation (see persistence/_journal.py).
+SAVE = "S"  # (SAVE, row): insert or overwrite the row
+SAVE_MANY = "M"  # (SAVE_MANY, (row, ...)): several rows, all-or-nothing
+RUNNING = "R"  # (RUNNING, job_id): the job's attempt started
+DELETE = "D"  # (DELETE, job_id): the job finished
+LEAN = 8  # a row's columns before the four that are NULL for most jobs
+_NULLS = (None,) * 4
 
 
 def _c_encoder() -> Any:
@@ -109,6 +123,39 @@ def utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def net_effect(operations: List[Tuple[str, Any]]) -> Tuple[list, list, list, list]:
+    """``(lean, full, deleted, running)``: flat INSERT parameters, then ``(job_id,)`` lists."""
+    final: dict = {}  # job id -> its last row, DELETE or RUNNING
+    for kind, argument in operations:
+        if kind == SAVE:
+            final[argument[0]] = argument
+        elif kind == SAVE_MANY:
+            for row in argument:
+                final[row[0]] = row
+        elif kind == DELETE:
+            final[argument] = DELETE
+        else:  # RUNNING: an update of the row, wherever it is
+            current = final.get(argument)
+            if type(current) is tuple:
+                final[argument] = (current[0], "running") + current[2:]
+            elif current is None:
+                final[argument] = RUNNING
+    lean: list = []
+    full: list = []
+    deleted, running = [], []
+    for job_id, value in final.items():
+        if type(value) is tuple:
+            if value[LEAN:] == _NULLS:
+                lean.extend(value[:LEAN])
+            else:
+                full.extend(value)
+        elif value is DELETE:
+            deleted.append((job_id,))
+        else:
+            running.append((job_id,))
+    return lean, full, deleted, running
 
 
 def frame(operation: Tuple[str, Any]) -> bytes:

@@ -56,11 +56,8 @@ logger = logging.getLogger("tinymq.persistence")
 
 SUPPORTED = fcntl is not None
 
-# Operation kinds, the first item of every record.
-SAVE = "S"  # (SAVE, row): insert or overwrite the row
-SAVE_MANY = "M"  # (SAVE_MANY, (row, ...)): several rows, all-or-nothing (one record)
-RUNNING = "R"  # (RUNNING, job_id): the job's attempt started
-DELETE = "D"  # (DELETE, job_id): the job finished
+# Operation kinds, the first item of every record (defined with the code that applies them).
+SAVE, SAVE_MANY, RUNNING, DELETE = codec.SAVE, codec.SAVE_MANY, codec.RUNNING, codec.DELETE
 FORMAT = "V"  # (FORMAT, VERSION): the first record of every segment
 VERSION = 1
 

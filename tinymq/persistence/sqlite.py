@@ -28,7 +28,6 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from itertools import chain
 from typing import Any, Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from .._pick_core import codec
@@ -52,8 +51,7 @@ _COLUMNS = (
     "id", "state", "type", "priority", "run_at", "timestamp", "retries", "payload",
     "retry_config", "tags", "last_error", "reason",
 )
-_LEAN = 8  # rows whose last four values are NULL insert only the first eight: ~1 us/row less
-_NULLS = (None,) * (len(_COLUMNS) - _LEAN)
+_LEAN = codec.LEAN  # rows whose last four values are NULL insert only the first eight: ~1 us/row less
 _CREATE = f"""
 CREATE TABLE IF NOT EXISTS {_TABLE} (
     id           TEXT PRIMARY KEY NOT NULL,
@@ -498,7 +496,8 @@ class SQLitePersistence:
         if self.journal:
             self._log((SAVE_MANY, rows))
             return
-        self._write(self._insert_statements(list({row[0]: row for row in rows}.values())))  # last id wins
+        lean, full, _, _ = codec.net_effect([(SAVE_MANY, rows)])  # each id once: the last row wins
+        self._write(self._insert_statements(lean, full))
 
     def delete(self, job_id: str) -> None:
         """Forget a finished job; an unknown id is not an error."""
@@ -556,49 +555,27 @@ class SQLitePersistence:
         A job saved and deleted within the batch costs one no-op DELETE, however
         many times it was written.
         """
-        final: dict = {}  # job id -> its last row, DELETE or RUNNING
-        for kind, argument in operations:
-            if kind == SAVE:
-                final[argument[0]] = argument
-            elif kind == SAVE_MANY:
-                for row in argument:
-                    final[row[0]] = row
-            elif kind == DELETE:
-                final[argument] = DELETE
-            else:  # RUNNING: an update of the row, wherever it is
-                current = final.get(argument)
-                if type(current) is tuple:
-                    final[argument] = (current[0], "running") + current[2:]
-                elif current is None:
-                    final[argument] = RUNNING
-        rows, deleted, running = [], [], []
-        for job_id, value in final.items():
-            if type(value) is tuple:
-                rows.append(value)
-            elif value == DELETE:
-                deleted.append((job_id,))
-            else:
-                running.append((job_id,))
+        lean, full, deleted, running = codec.net_effect(operations)
         statements: List[Statement] = []
         if deleted:
             statements.append((_DELETE, deleted, True))
-        statements.extend(self._insert_statements(rows))
+        statements.extend(self._insert_statements(lean, full))
         if running:
             statements.append((_MARK_RUNNING, running, True))
         return statements
 
-    def _insert_statements(self, rows: List[tuple]) -> List[Statement]:
+    def _insert_statements(self, lean: list, full: list) -> List[Statement]:
         """Multi-row INSERTs of power-of-two sizes (faster than executemany, always cached).
 
-        Rows whose last four columns are NULL (most) go in statements that leave them out.
+        ``lean`` and ``full`` are flat parameter lists: rows of their first
+        eight columns (the others NULL), and rows of all twelve.
         """
-        lean = [row[:_LEAN] for row in rows if row[8:] == _NULLS]
-        full = rows if not lean else [row for row in rows if row[8:] != _NULLS]
         statements: List[Statement] = []
-        for columns, group in ((_LEAN, lean), (len(_COLUMNS), full)):
+        for columns, parameters in ((_LEAN, lean), (len(_COLUMNS), full)):
+            rows = len(parameters) // columns
             start, size = 0, _ROWS_PER_INSERT
-            while start < len(group):
-                while size > len(group) - start:
+            while start < rows:
+                while size > rows - start:
                     size >>= 1
                 sql = self._insert_sql.get((columns, size))
                 if sql is None:
@@ -606,7 +583,7 @@ class SQLitePersistence:
                     sql = self._insert_sql[columns, size] = (
                         f"INSERT OR REPLACE INTO {_TABLE} ({', '.join(_COLUMNS[:columns])}) VALUES {values}"
                     )
-                statements.append((sql, list(chain.from_iterable(group[start:start + size])), False))
+                statements.append((sql, parameters[start * columns:(start + size) * columns], False))
                 start += size
         return statements
 
