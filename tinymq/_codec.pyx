@@ -29,6 +29,7 @@ import os
 
 cdef extern from "Python.h":
     int PyDict_Next(object, Py_ssize_t *, PyObject **, PyObject **)
+    void PyObject_GC_UnTrack(PyObject *)
     Py_ssize_t PyList_GET_SIZE(object)
     PyObject *PyList_GET_ITEM(object, Py_ssize_t)
     Py_ssize_t PyTuple_GET_SIZE(object)
@@ -325,8 +326,10 @@ def ready_row(job, dumps, bint plain_json, default_retry_config):
             elif type(text) is not bytes:
                 return None
         payload = text
-    return (job_id, "ready", job_type, int(job.priority), run_at, timestamp, retries, payload,
-            None, None, None, None)
+    row = (job_id, "ready", job_type, int(job.priority), run_at, timestamp, retries, payload,
+           None, None, None, None)
+    PyObject_GC_UnTrack(<PyObject *>row)  # plain values only: it can never be part of a cycle
+    return row
 
 
 # -- applying a batch ---------------------------------------------------------------------
@@ -373,7 +376,7 @@ def net_effect(list operations):
 
 # -- journal records ------------------------------------------------------------------
 
-cdef uint32_t CRC_TABLE[256]  # zlib's CRC-32 (reflected polynomial 0xedb88320), a byte at a time
+cdef uint32_t CRC_TABLE[4][256]  # zlib's CRC-32 (reflected polynomial 0xedb88320), 4 bytes a step
 
 
 cdef void fill_crc_table() noexcept:
@@ -382,7 +385,10 @@ cdef void fill_crc_table() noexcept:
         c = n
         for k in range(8):
             c = (0xedb88320 ^ (c >> 1)) if c & 1 else c >> 1
-        CRC_TABLE[n] = c
+        CRC_TABLE[0][n] = c
+    for n in range(256):  # table k: the CRC of byte n followed by k zero bytes
+        for k in range(1, 4):
+            CRC_TABLE[k][n] = (CRC_TABLE[k - 1][n] >> 8) ^ CRC_TABLE[0][CRC_TABLE[k - 1][n] & 0xff]
 
 
 fill_crc_table()
@@ -390,9 +396,15 @@ fill_crc_table()
 
 cdef uint32_t crc32_of(const unsigned char *data, Py_ssize_t size) noexcept:
     cdef uint32_t c = 0xffffffff
-    cdef Py_ssize_t i
-    for i in range(size):
-        c = CRC_TABLE[(c ^ data[i]) & 0xff] ^ (c >> 8)
+    cdef Py_ssize_t i = 0
+    while i + 4 <= size:
+        c ^= data[i] | (<uint32_t>data[i + 1] << 8) | (<uint32_t>data[i + 2] << 16) | (<uint32_t>data[i + 3] << 24)
+        c = (CRC_TABLE[3][c & 0xff] ^ CRC_TABLE[2][(c >> 8) & 0xff]
+             ^ CRC_TABLE[1][(c >> 16) & 0xff] ^ CRC_TABLE[0][c >> 24])
+        i += 4
+    while i < size:
+        c = CRC_TABLE[0][(c ^ data[i]) & 0xff] ^ (c >> 8)
+        i += 1
     return c ^ 0xffffffff
 
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, cast
 from ._pick_core import core
 from .config import Config, ExecutorConfig
 from .context import JobContext
-from .errors import JobTimeout, PersistenceError
+from .errors import JobTimeout
 
 __all__ = ["Dispatcher", "FailureCallback"]
 
@@ -87,15 +87,6 @@ class Dispatcher:
         except Exception:
             logger.exception("persistence %s failed for job %s", what,
                              getattr(args[0], "id", args[0]))
-
-    def save(self, job: Any) -> None:
-        """Save before the job becomes visible; a failure is the caller's error."""
-        try:
-            self.store.save(job)
-        except PersistenceError:
-            raise
-        except Exception as exc:
-            raise PersistenceError(f"could not save job {job.id} ({job.type!r}): {_describe(exc)}") from exc
 
     def _mark_running(self, job: Any) -> None:
         store = self.store

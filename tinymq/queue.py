@@ -11,7 +11,7 @@ import weakref
 from datetime import timedelta
 from typing import Any, Callable, Iterable, List, Optional, TypeVar, Union
 
-from ._dispatch import Dispatcher, FailureCallback
+from ._dispatch import Dispatcher, FailureCallback, _describe
 from ._pick_core import core
 from .config import Config, ExecutorConfig, _optional_seconds, _seconds
 from .errors import PersistenceError, QueueFull, QueueStopped
@@ -136,10 +136,15 @@ class Queue:
         return self._enqueue_slow(job, run_at, block, timeout)
 
     def _enqueue_slow(self, job: Job, run_at: float, block: bool, timeout: Any) -> Job:
-        wait = _optional_seconds("timeout", timeout)
+        wait = None if timeout is None else _optional_seconds("timeout", timeout)
         store = self._store
         if store is not None:
-            self._dispatcher.save(job)
+            try:  # saved before it is visible: a failure is the caller's error
+                store.save(job)
+            except PersistenceError:
+                raise
+            except Exception as exc:
+                raise PersistenceError(f"could not save job {job.id} ({job.type!r}): {_describe(exc)}") from exc
         try:
             if run_at > job.timestamp and run_at > _now():
                 job.priority = _as_priority(job.priority)  # the core checks it only when ready

@@ -485,7 +485,11 @@ class SQLitePersistence:
     def save(self, job: Job) -> None:
         """Insert or overwrite ``job`` as ready (or delayed, by its ``run_at``)."""
         row = _ready_row(job, self._dumps, self._plain_json, _DEFAULT_RETRY_CONFIG) or self._row(job)
-        self._log((SAVE, row)) if self.journal else self._write_one(_UPSERT, row)
+        journal = self._journal  # inlined _log: this is every durable enqueue
+        if journal is not None:
+            journal.append((SAVE, row))
+        else:
+            self._log((SAVE, row)) if self.journal else self._write_one(_UPSERT, row)
 
     def save_many(self, jobs: Iterable[Job]) -> None:
         """Save every job in one transaction (or one journal record): all of them are stored, or none."""
