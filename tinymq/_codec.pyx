@@ -10,6 +10,10 @@ ints, lone surrogates, deep nesting) is declined with None, and the caller's
 full encoder handles it. No Python code runs while a value is written, so the
 containers cannot change under us.
 
+``ready_row`` reads a job's fields and builds its row in one call, and
+``net_effect`` coalesces a journal batch with C-level dict and list calls:
+both replace Python that ran once per job (see _codec_py.py, their specification).
+
 ``frame`` writes a journal record in one buffer: the marshal bytes of plain
 tuples (str, int, float, bytes, None) are written here, and checked against
 ``marshal`` by the tests; anything else goes through ``marshal`` itself.
@@ -313,7 +317,7 @@ def ready_row(job, dumps, bint plain_json, default_retry_config):
         return None
     payload = job.payload
     if payload is not None:
-        text = json_text(payload) if plain_json else None
+        text = json_text(payload) if plain_json else None  # which never writes a lone surrogate
         if text is None:
             try:
                 text = dumps(payload)
