@@ -71,7 +71,6 @@ __all__ = ["json_text", "ready_row", "utf8", "net_effect", "frame", "write", "MA
 MARSHAL_VERSION = 2
 SAVE, SAVE_MANY, RUNNING, DELETE = "S", "M", "R", "D"  # journal operation kinds
 LEAN = 8
-cdef object INT64 = 1 << 63  # SQLite's integers
 
 cdef enum:
     DONE = 0
@@ -308,13 +307,14 @@ def utf8(str text):
 
 def ready_row(job, dumps, bint plain_json, default_retry_config):
     """The row of ``job`` (state "ready"), or None for a job the store's ``_row`` must build."""
+    cdef int overflow = 0
     if job.retry_config is not default_retry_config or job._tags or job.last_error is not None:
         return None
     job_id, job_type, run_at, timestamp, retries = job.id, job.type, job.run_at, job.timestamp, job.retries
     if (type(job_id) is not str or not PyUnicode_IS_ASCII(job_id) or type(job_type) is not str
             or not PyUnicode_IS_ASCII(job_type) or type(run_at) is not float or type(timestamp) is not float
-            or type(retries) is not int or not 0 <= retries < INT64):
-        return None
+            or type(retries) is not int or PyLong_AsLongLongAndOverflow(retries, &overflow) < 0 or overflow):
+        return None  # (retries: SQLite's integers are int64)
     payload = job.payload
     if payload is not None:
         text = json_text(payload) if plain_json else None  # which never writes a lone surrogate
@@ -388,7 +388,7 @@ cdef void fill_crc_table() noexcept:
     for n in range(256):
         c = n
         for k in range(8):
-            c = (0xedb88320 ^ (c >> 1)) if c & 1 else c >> 1
+            c = (0xedb88320U ^ (c >> 1)) if c & 1 else c >> 1
         CRC_TABLE[0][n] = c
     for n in range(256):  # table k: the CRC of byte n followed by k zero bytes
         for k in range(1, 4):
@@ -399,7 +399,7 @@ fill_crc_table()
 
 
 cdef uint32_t crc32_of(const unsigned char *data, Py_ssize_t size) noexcept:
-    cdef uint32_t c = 0xffffffff
+    cdef uint32_t c = 0xffffffffU
     cdef Py_ssize_t i = 0
     while i + 4 <= size:
         c ^= data[i] | (<uint32_t>data[i + 1] << 8) | (<uint32_t>data[i + 2] << 16) | (<uint32_t>data[i + 3] << 24)
@@ -409,7 +409,7 @@ cdef uint32_t crc32_of(const unsigned char *data, Py_ssize_t size) noexcept:
     while i < size:
         c = CRC_TABLE[0][(c ^ data[i]) & 0xff] ^ (c >> 8)
         i += 1
-    return c ^ 0xffffffff
+    return c ^ 0xffffffffU
 
 
 cdef inline void set_le32(char *at, uint32_t value) noexcept:
@@ -446,15 +446,15 @@ cdef int put_marshal(Buffer *out, object value, int depth) except -1:
         return DONE
     if kind is int:
         number = PyLong_AsLongLongAndOverflow(value, &overflow)
-        if overflow or number > 0x7fffffff or number < -0x80000000:
+        if overflow or number > 0x7fffffff or number < -0x7fffffff - 1:
             return DECLINED  # TYPE_LONG, marshal's own digits
         put_char(out, b'i')
-        return put_le32(out, <uint32_t>(number & 0xffffffff))
+        return put_le32(out, <uint32_t>(number & 0xffffffffLL))
     if kind is float:
         real = PyFloat_AS_DOUBLE(value)
         memcpy(&bits, &real, 8)
         put_char(out, b'g')  # TYPE_BINARY_FLOAT: IEEE 754, little-endian
-        put_le32(out, <uint32_t>(bits & 0xffffffff))
+        put_le32(out, <uint32_t>(bits & 0xffffffffULL))
         return put_le32(out, <uint32_t>(bits >> 32))
     if value is None:
         return put_char(out, b'N')
