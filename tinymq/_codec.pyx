@@ -119,6 +119,28 @@ cdef inline int put_char(Buffer *out, char c) except -1:
     return 0
 
 
+cdef inline char *put_escape(char *p, unsigned int c) noexcept:
+    """json's escape of ``c`` (``"``, ``\\`` or a control character) at ``p``; returns the end."""
+    p[0] = b'\\'
+    if c == 0x22 or c == 0x5c:
+        p[1] = <char>c
+    elif c == 0x08:
+        p[1] = b'b'
+    elif c == 0x0c:
+        p[1] = b'f'
+    elif c == 0x0a:
+        p[1] = b'n'
+    elif c == 0x0d:
+        p[1] = b'r'
+    elif c == 0x09:
+        p[1] = b't'
+    else:
+        p[1], p[2], p[3], p[4] = b'u', b'0', b'0', <char>(48 + (c >> 4))
+        p[5] = HEX[c & 0xf]
+        return p + 6
+    return p + 2
+
+
 cdef int put_text(Buffer *out, str text, bint json) except -1:
     """``text`` as UTF-8; with ``json``, quoted, with json's escapes for ``"``, ``\\`` and controls."""
     TINYMQ_UNICODE_READY(text)
@@ -129,6 +151,7 @@ cdef int put_text(Buffer *out, str text, bint json) except -1:
     cdef const unsigned char *ascii_data = <const unsigned char *>data
     cdef unsigned int c
     cdef char *p
+    cdef Py_ssize_t plain = 0  # ASCII text: where the run of characters to copy as they are starts
     if ascii and not json:
         return put(out, <const char *>data, length)  # ASCII is its own UTF-8
     if out.size + 6 * length + 2 > out.capacity:  # the longest escape is 6 bytes per character
@@ -137,8 +160,19 @@ cdef int put_text(Buffer *out, str text, bint json) except -1:
     if json:
         p[0] = b'"'
         p += 1
-    for i in range(length):
-        c = ascii_data[i] if ascii else PyUnicode_READ(kind, data, i)
+    if ascii:  # (json) most text: copy runs, escape what json escapes
+        for i in range(length):
+            if ascii_data[i] < 0x20 or ascii_data[i] == 0x22 or ascii_data[i] == 0x5c:
+                memcpy(p, ascii_data + plain, i - plain)
+                p += i - plain
+                plain = i + 1
+                p = put_escape(p, ascii_data[i])
+        memcpy(p, ascii_data + plain, length - plain)
+        p[length - plain] = b'"'
+        out.size = p + length - plain + 1 - out.data
+        return DONE
+    for i in range(length):  # any other text: UTF-8, a character at a time
+        c = PyUnicode_READ(kind, data, i)
         if not json or (c >= 0x20 and c != 0x22 and c != 0x5c):
             if c < 0x80:
                 p[0] = <char>c
@@ -161,24 +195,7 @@ cdef int put_text(Buffer *out, str text, bint json) except -1:
                 p[3] = <char>(0x80 | (c & 0x3f))
                 p += 4
             continue
-        p[0] = b'\\'
-        if c == 0x22 or c == 0x5c:
-            p[1] = <char>c
-        elif c == 0x08:
-            p[1] = b'b'
-        elif c == 0x0c:
-            p[1] = b'f'
-        elif c == 0x0a:
-            p[1] = b'n'
-        elif c == 0x0d:
-            p[1] = b'r'
-        elif c == 0x09:
-            p[1] = b't'
-        else:
-            p[1], p[2], p[3], p[4] = b'u', b'0', b'0', <char>(48 + (c >> 4))
-            p[5] = HEX[c & 0xf]
-            p += 4
-        p += 2
+        p = put_escape(p, c)
     if json:
         p[0] = b'"'
         p += 1
