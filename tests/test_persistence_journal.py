@@ -673,3 +673,26 @@ def test_exceptions_raised_into_a_writer_thread_never_wedge_the_journal(path, ma
             if thread is not None:
                 thread.join(5)
     store.close()
+
+
+def _save_and_exit_without_closing(path, count):
+    """A multiprocessing child's work: journaled writes, then the child's own exit (os._exit)."""
+    store = SQLitePersistence(path)
+    for i in range(count):
+        store.save(Job("t", id=f"child-{i}"))
+
+
+@pytest.mark.parametrize("start_method", ["fork", "forkserver", "spawn"])
+def test_a_multiprocessing_child_applies_its_journal_when_it_exits(path, start_method):
+    """Its exit skips atexit; multiprocessing's own exit hook applies and removes the journal."""
+    import multiprocessing
+
+    if start_method not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"no {start_method} start method here")
+    child = multiprocessing.get_context(start_method).Process(target=_save_and_exit_without_closing,
+                                                              args=(path, 50))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    assert journal_files(path) == []  # nothing left for the next open to replay
+    assert table(path) == {f"child-{i}": "ready" for i in range(50)}  # read without a store: no replay

@@ -36,6 +36,7 @@ import marshal
 import os
 import secrets
 import struct
+import sys
 import threading
 import weakref
 import zlib
@@ -114,6 +115,7 @@ class Journal:
         self._flush_lock = threading.Lock()
         self._unapplied: List[Tuple[str, int, List[Operation]]] = []
         _live.add(self)  # from here on a fork() lets go of these files in the child
+        _close_at_multiprocessing_exit()
         try:
             # Lock first, then give the lock file its name: recovery never sees an unlocked one.
             self._lock_fd = os.open(self._prefix + ".lock-new", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -386,6 +388,18 @@ def _close_all_at_exit() -> None:
 
 
 atexit.register(_close_all_at_exit)
+_exit_hook_pid = 0  # the process whose multiprocessing exit hook is registered
+
+
+def _close_at_multiprocessing_exit() -> None:
+    """A multiprocessing child ends with os._exit(), skipping atexit: close its journals in
+    the exit hook multiprocessing runs instead (its registry is per process, so once per pid)."""
+    global _exit_hook_pid
+    util = sys.modules.get("multiprocessing.util")
+    if util is None or _exit_hook_pid == os.getpid():
+        return
+    util.Finalize(None, _close_all_at_exit, exitpriority=0)  # type: ignore[attr-defined]
+    _exit_hook_pid = os.getpid()
 
 
 def _after_fork_in_child() -> None:
