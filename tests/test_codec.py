@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from tinymq import Job, PersistenceError, Priority, RetryConfig
 from tinymq.job import _DEFAULT_RETRY_CONFIG
-from tinymq.persistence import JSONSerializer, PickleSerializer, SQLitePersistence
+from tinymq.persistence import JSONSerializer, PickleSerializer, SQLitePersistence, _journal
 
 
 STATELESS = [HealthCheck.function_scoped_fixture]  # the codec fixture is a module: nothing to reset
@@ -86,6 +86,63 @@ def test_int_and_float_edges(codec):
 def test_large_payload_grows_past_the_first_buffer(codec):
     value = {"text": "é\n\"😀" * 50_000, "items": list(range(20_000)), "nested": [[{"a": 1.5}]] * 1000}
     assert codec.json_text(value) == reference(value)
+
+
+@pytest.mark.parametrize("prefix", ["", "é", "中", "😀"])
+@pytest.mark.parametrize("character", ["\x00", '"', "a", "\n"])
+@pytest.mark.parametrize("count", [0, 1, 84, 85, 86, 511, 512, 513, 10_000])
+def test_text_at_every_buffer_boundary(codec, prefix, character, count):
+    """Escapes (up to six bytes each) and UTF-8 around the sizes where the first buffer ends."""
+    text = prefix + character * count
+    assert codec.json_text(text) == reference(text)
+    assert codec.json_text([text, {text: text}]) == reference([text, {text: text}])
+    assert codec.frame(("S", (text, text)))[8:] == marshal.dumps(("S", (text, text)), 2)
+
+
+@pytest.mark.parametrize("depth", [62, 63, 64, 65, 200])
+def test_deep_nesting_is_encoded_exactly_or_declined(codec, depth):
+    value: object = "leaf"
+    nested_tuple: object = ("leaf",)
+    for _ in range(depth):
+        value, nested_tuple = [value], (nested_tuple,)
+    assert codec.json_text(value) in (None, reference(value))
+    assert codec.frame(("S", nested_tuple))[8:] == marshal.dumps(("S", nested_tuple), 2)
+
+
+@pytest.mark.parametrize("operations", [
+    [("S", ())], [("S", "abc")], [("S", ["a", "b"])], [("M", ((),))], [("M", [("a",) * 12])], [("S",)], [()],
+])
+def test_malformed_operations_raise_or_return_never_crash(codec, operations):
+    try:
+        codec.net_effect(operations)
+    except (TypeError, ValueError, IndexError):
+        pass
+
+
+def test_none_is_refused_not_read(codec, tmp_path):
+    with pytest.raises((TypeError, AttributeError)):
+        codec.utf8(None)
+    fd = os.open(tmp_path / "segment", os.O_WRONLY | os.O_CREAT)
+    try:
+        with pytest.raises(TypeError):
+            codec.write(fd, None)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "segment").read_bytes() == b""
+
+
+def test_a_record_over_the_size_limit_is_refused_and_the_store_says_so(codec, monkeypatch, tmp_path):
+    monkeypatch.setattr(codec, "MAX_RECORD_BYTES", 1000)
+    with pytest.raises(ValueError, match="over the limit of 1000 bytes"):
+        codec.frame(("S", ("x" * 1000,)))
+    assert len(codec.frame(("S", ("x" * 900,)))) < 1000
+    monkeypatch.setattr(_journal, "encode", codec.frame)
+    store = SQLitePersistence(str(tmp_path / "jobs.db"), journal=_journal.SUPPORTED)
+    try:
+        with pytest.raises(PersistenceError, match="over the limit"):
+            store.save(Job("t", "x" * 2000))
+    finally:
+        store.close()
 
 
 class Color(enum.IntEnum):
@@ -235,6 +292,7 @@ def test_ready_row_is_the_stores_row_or_declines(codec, job, serializer):
             assert row is None  # the store raises; the codec must not have built a row
             return
         assert row is None or row == expected
+        assert row is None or [type(value) for value in row] == [type(value) for value in expected]
         plain = (job._tags in (None, {}) and job.retry_config is _DEFAULT_RETRY_CONFIG
                  and job.last_error is None and job.id.isascii() and job.type.isascii()
                  and type(job.run_at) is float and type(job.retries) is int)

@@ -19,6 +19,7 @@ tuples (str, int, float, bytes, None) are written here, and checked against
 ``marshal`` by the tests; anything else goes through ``marshal`` itself.
 ``write`` keeps the GIL during the system call (why: see ``_codec_py.py``).
 """
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
@@ -65,10 +66,11 @@ cdef extern from *:
     """
     int TINYMQ_UNICODE_READY(object) except -1
 
-__all__ = ["json_text", "ready_row", "utf8", "net_effect", "frame", "write", "MARSHAL_VERSION",
+__all__ = ["json_text", "ready_row", "utf8", "net_effect", "frame", "write", "MARSHAL_VERSION", "MAX_RECORD_BYTES",
            "SAVE", "SAVE_MANY", "RUNNING", "DELETE", "LEAN"]
 
 MARSHAL_VERSION = 2
+MAX_RECORD_BYTES = 1 << 30  # a record is one write(), which Linux caps just under 2 GiB
 SAVE, SAVE_MANY, RUNNING, DELETE = "S", "M", "R", "D"  # journal operation kinds
 LEAN = 8
 
@@ -141,61 +143,91 @@ cdef inline char *put_escape(char *p, unsigned int c) noexcept:
     return p + 2
 
 
+cdef inline Py_ssize_t escaped_size(unsigned int c) noexcept:
+    """Bytes json writes for the ASCII character ``c``."""
+    if c >= 0x20 and c != 0x22 and c != 0x5c:
+        return 1
+    return 2 if c == 0x22 or c == 0x5c or c == 0x08 or c == 0x0c or c == 0x0a or c == 0x0d or c == 0x09 else 6
+
+
 cdef int put_text(Buffer *out, str text, bint json) except -1:
-    """``text`` as UTF-8; with ``json``, quoted, with json's escapes for ``"``, ``\\`` and controls."""
+    """``text`` as UTF-8; with ``json``, quoted, with json's escapes for ``"``, ``\\`` and controls.
+
+    Room is reserved for exactly what is written (a payload may be large).
+    """
     TINYMQ_UNICODE_READY(text)
-    cdef Py_ssize_t i, length = PyUnicode_GET_LENGTH(text)
-    cdef bint ascii = PyUnicode_IS_ASCII(text)
+    cdef Py_ssize_t i, size, written, length = PyUnicode_GET_LENGTH(text)
     cdef int kind = PyUnicode_KIND(text)
     cdef void *data = PyUnicode_DATA(text)
     cdef const unsigned char *ascii_data = <const unsigned char *>data
     cdef unsigned int c
     cdef char *p
     cdef Py_ssize_t plain = 0  # ASCII text: where the run of characters to copy as they are starts
-    if ascii and not json:
-        return put(out, <const char *>data, length)  # ASCII is its own UTF-8
-    if out.size + 6 * length + 2 > out.capacity:  # the longest escape is 6 bytes per character
-        grow(out, 6 * length + 2)
-    p = out.data + out.size
-    if json:
+    if PyUnicode_IS_ASCII(text):
+        if not json:
+            return put(out, <const char *>data, length)  # ASCII is its own UTF-8
+        if out.size + length + 2 > out.capacity:
+            grow(out, length + 2)
+        p = out.data + out.size
         p[0] = b'"'
         p += 1
-    if ascii:  # (json) most text: copy runs, escape what json escapes
-        for i in range(length):
+        for i in range(length):  # copy runs, escape what json escapes (more room as needed)
             if ascii_data[i] < 0x20 or ascii_data[i] == 0x22 or ascii_data[i] == 0x5c:
                 memcpy(p, ascii_data + plain, i - plain)
                 p += i - plain
                 plain = i + 1
+                written = p - out.data
+                if written + 6 + (length - i) + 1 > out.capacity:
+                    out.size = written
+                    grow(out, 6 + (length - i) + 1)
+                    p = out.data + written
                 p = put_escape(p, ascii_data[i])
         memcpy(p, ascii_data + plain, length - plain)
         p[length - plain] = b'"'
         out.size = p + length - plain + 1 - out.data
         return DONE
-    for i in range(length):  # any other text: UTF-8, a character at a time
+    size = 2 if json else 0  # any other text: measure first (a lone surrogate declines here)
+    for i in range(length):
         c = PyUnicode_READ(kind, data, i)
-        if not json or (c >= 0x20 and c != 0x22 and c != 0x5c):
-            if c < 0x80:
+        if c < 0x80:
+            size += escaped_size(c) if json else 1
+        elif c < 0x800:
+            size += 2
+        elif c < 0x10000:
+            if 0xd800 <= c <= 0xdfff:
+                return DECLINED  # not UTF-8 (the row check refuses it)
+            size += 3
+        else:
+            size += 4
+    if out.size + size > out.capacity:
+        grow(out, size)
+    p = out.data + out.size
+    if json:
+        p[0] = b'"'
+        p += 1
+    for i in range(length):  # then write, a character at a time
+        c = PyUnicode_READ(kind, data, i)
+        if c < 0x80:
+            if json and escaped_size(c) > 1:
+                p = put_escape(p, c)
+            else:
                 p[0] = <char>c
                 p += 1
-            elif c < 0x800:
-                p[0] = <char>(0xc0 | (c >> 6))
-                p[1] = <char>(0x80 | (c & 0x3f))
-                p += 2
-            elif c < 0x10000:
-                if 0xd800 <= c <= 0xdfff:
-                    return DECLINED  # a lone surrogate: not UTF-8 (the row check refuses it)
-                p[0] = <char>(0xe0 | (c >> 12))
-                p[1] = <char>(0x80 | ((c >> 6) & 0x3f))
-                p[2] = <char>(0x80 | (c & 0x3f))
-                p += 3
-            else:
-                p[0] = <char>(0xf0 | (c >> 18))
-                p[1] = <char>(0x80 | ((c >> 12) & 0x3f))
-                p[2] = <char>(0x80 | ((c >> 6) & 0x3f))
-                p[3] = <char>(0x80 | (c & 0x3f))
-                p += 4
-            continue
-        p = put_escape(p, c)
+        elif c < 0x800:
+            p[0] = <char>(0xc0 | (c >> 6))
+            p[1] = <char>(0x80 | (c & 0x3f))
+            p += 2
+        elif c < 0x10000:
+            p[0] = <char>(0xe0 | (c >> 12))
+            p[1] = <char>(0x80 | ((c >> 6) & 0x3f))
+            p[2] = <char>(0x80 | (c & 0x3f))
+            p += 3
+        else:
+            p[0] = <char>(0xf0 | (c >> 18))
+            p[1] = <char>(0x80 | ((c >> 12) & 0x3f))
+            p[2] = <char>(0x80 | ((c >> 6) & 0x3f))
+            p[3] = <char>(0x80 | (c & 0x3f))
+            p += 4
     if json:
         p[0] = b'"'
         p += 1
@@ -316,7 +348,7 @@ cdef bint has_surrogate(str text) noexcept:
     return False
 
 
-def utf8(str text):
+def utf8(str text not None):
     """Whether SQLite can store ``text`` (no lone surrogates)."""
     TINYMQ_UNICODE_READY(text)
     return not has_surrogate(text)
@@ -328,10 +360,14 @@ def ready_row(job, dumps, bint plain_json, default_retry_config):
     if job.retry_config is not default_retry_config or job._tags or job.last_error is not None:
         return None
     job_id, job_type, run_at, timestamp, retries = job.id, job.type, job.run_at, job.timestamp, job.retries
-    if (type(job_id) is not str or not PyUnicode_IS_ASCII(job_id) or type(job_type) is not str
-            or not PyUnicode_IS_ASCII(job_type) or type(run_at) is not float or type(timestamp) is not float
-            or type(retries) is not int or PyLong_AsLongLongAndOverflow(retries, &overflow) < 0 or overflow):
+    if (type(job_id) is not str or type(job_type) is not str or type(run_at) is not float
+            or type(timestamp) is not float or type(retries) is not int
+            or PyLong_AsLongLongAndOverflow(retries, &overflow) < 0 or overflow):
         return None  # (retries: SQLite's integers are int64)
+    TINYMQ_UNICODE_READY(job_id)
+    TINYMQ_UNICODE_READY(job_type)
+    if not PyUnicode_IS_ASCII(job_id) or not PyUnicode_IS_ASCII(job_type):
+        return None
     payload = job.payload
     if payload is not None:
         text = json_text(payload) if plain_json else None  # which never writes a lone surrogate
@@ -355,6 +391,7 @@ def ready_row(job, dumps, bint plain_json, default_retry_config):
 
 # -- applying a batch ---------------------------------------------------------------------
 
+@cython.boundscheck(True)  # operations come from a file too: a bad one raises, as in the pure twin
 def net_effect(list operations):
     """``(lean, full, deleted, running)``: flat INSERT parameters, then ``(job_id,)`` lists."""
     cdef dict final = {}  # job id -> its last row, DELETE or RUNNING
@@ -366,16 +403,16 @@ def net_effect(list operations):
     for operation in operations:
         kind, argument = operation
         if kind == SAVE:
-            final[(<tuple>argument)[0]] = argument
+            final[(<tuple?>argument)[0]] = argument
         elif kind == SAVE_MANY:
-            for row in <tuple>argument:
+            for row in <tuple?>argument:
                 final[row[0]] = row
         elif kind == DELETE:
             final[argument] = DELETE
         else:  # RUNNING: an update of the row, wherever it is
             current = final.get(argument)
             if type(current) is tuple:
-                final[argument] = (current[0], "running") + (<tuple>current)[2:]
+                final[argument] = (current[0], "running") + (<tuple?>current)[2:]
             elif current is None:
                 final[argument] = RUNNING
     while PyDict_Next(final, &position, &key, &item):
@@ -452,6 +489,7 @@ cdef int put_marshal(Buffer *out, object value, int depth) except -1:
     cdef double real
     cdef uint64_t bits
     if kind is str:
+        TINYMQ_UNICODE_READY(value)
         if PyUnicode_GET_LENGTH(value) > 0x1fffffff:
             return DECLINED  # its UTF-8 might not fit marshal's 32-bit size: marshal decides
         put_char(out, b'u')  # TYPE_UNICODE: size, then UTF-8
@@ -498,7 +536,7 @@ cdef int put_marshal(Buffer *out, object value, int depth) except -1:
 
 
 def frame(operation):
-    """One framed journal record for ``operation``, a tuple of plain values."""
+    """One framed journal record for ``operation``, a tuple of plain values (ValueError if too big)."""
     cdef char stack[STACK_BYTES]
     cdef Buffer out
     cdef bytes body
@@ -508,6 +546,9 @@ def frame(operation):
             body = PyMarshal_WriteObjectToString(operation, MARSHAL_VERSION)
             out.size = 8
             put(&out, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
+        if out.size - 8 > MAX_RECORD_BYTES:
+            raise ValueError(f"a journal record of {out.size - 8} bytes is over the limit of "
+                             f"{MAX_RECORD_BYTES} bytes (one write() call)")
         set_le32(out.data, <uint32_t>(out.size - 8))
         set_le32(out.data + 4, crc32_of(<const unsigned char *>out.data + 8, out.size - 8))
         return PyBytes_FromStringAndSize(out.data, out.size)
@@ -516,7 +557,7 @@ def frame(operation):
             PyMem_Free(out.data)
 
 
-def write(int fd, bytes data):
+def write(int fd, bytes data not None):
     """One write() of ``data`` to ``fd``, the GIL held; the number of bytes written."""
     cdef Py_ssize_t written
     while True:

@@ -35,10 +35,11 @@ import struct
 import zlib
 from typing import Any, Callable, List, Optional, Tuple
 
-__all__ = ["json_text", "ready_row", "utf8", "net_effect", "frame", "write", "MARSHAL_VERSION",
+__all__ = ["json_text", "ready_row", "utf8", "net_effect", "frame", "write", "MARSHAL_VERSION", "MAX_RECORD_BYTES",
            "SAVE", "SAVE_MANY", "RUNNING", "DELETE", "LEAN"]
 
 MARSHAL_VERSION = 2  # no back-references: half the cost of version 4 for these flat tuples
+MAX_RECORD_BYTES = 1 << 30  # a record is one write(), which Linux caps just under 2 GiB
 _HEADER = struct.Struct("<II")  # body length, crc32 of the body
 _INT64 = 1 << 63  # SQLite's integers
 
@@ -159,8 +160,11 @@ def net_effect(operations: List[Tuple[str, Any]]) -> Tuple[list, list, list, lis
 
 
 def frame(operation: Tuple[str, Any]) -> bytes:
-    """One framed journal record for ``operation``, a tuple of plain values."""
+    """One framed journal record for ``operation``, a tuple of plain values (ValueError if too big)."""
     body = marshal.dumps(operation, MARSHAL_VERSION)
+    if len(body) > MAX_RECORD_BYTES:
+        raise ValueError(f"a journal record of {len(body)} bytes is over the limit of "
+                         f"{MAX_RECORD_BYTES} bytes (one write() call)")
     return _HEADER.pack(len(body), zlib.crc32(body)) + body
 
 

@@ -162,7 +162,10 @@ class Journal:
 
     def append(self, operation: Operation) -> None:
         """Log ``operation``; it is durable when this returns."""
-        record = encode(operation)
+        try:
+            record = encode(operation)
+        except ValueError as exc:  # too big for one record
+            raise PersistenceError(str(exc)) from exc
         with self._lock:  # a with block: an exception raised in a thread (async) cannot leak it
             if self._backlog >= self._max_backlog:
                 self._wait_for_room()
