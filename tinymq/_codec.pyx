@@ -355,7 +355,7 @@ def utf8(str text not None):
 
 
 def ready_row(job, dumps, bint plain_json, default_retry_config):
-    """The row of ``job`` (state "ready"), or None for a job the store's ``_row`` must build."""
+    """The row of ``job`` (state "ready"), or None for a job the store's ``_general_row`` must build."""
     cdef int overflow = 0
     if job.retry_config is not default_retry_config or job._tags or job.last_error is not None:
         return None
@@ -375,11 +375,11 @@ def ready_row(job, dumps, bint plain_json, default_retry_config):
             try:
                 text = dumps(payload)
             except Exception:
-                return None  # _row serialises again, to raise the error that names the job
+                return None  # _general_row serialises again, to raise the error that names the job
             if type(text) is str:
                 TINYMQ_UNICODE_READY(text)
                 if has_surrogate(<str>text):
-                    return None  # _row raises the error
+                    return None  # _general_row raises the error
             elif type(text) is not bytes:
                 return None
         payload = text

@@ -11,8 +11,8 @@ builds one per call); the compiled twin writes plain values itself.
 ``ready_row(job, dumps, plain_json, default_retry_config)`` is the store row
 of a ready (or delayed) job in the common case: the default retry config, no
 tags, no last error, plain field types, ASCII id and type. For any other job
-it returns None before serialising anything, and the store's general
-``_row`` builds the row (and raises its errors): a payload is never
+it returns None before serialising anything, and the store's
+``_general_row`` builds the row (and raises its errors): a payload is never
 serialised twice, except to report an error.
 
 ``net_effect(operations)`` is what a batch of journal operations leaves in
@@ -86,7 +86,7 @@ def json_text(value: object) -> Optional[str]:
 
 
 def ready_row(job: Any, dumps: Callable[[Any], Any], plain_json: bool, default_retry_config: object) -> Optional[tuple]:
-    """The row of ``job`` (state "ready"), or None for a job the store's ``_row`` must build.
+    """The row of ``job`` (state "ready"), or None for a job the store's ``_general_row`` must build.
 
     ``plain_json``: ``dumps`` is JSONSerializer's, so ``json_text`` may stand in for it.
     """
@@ -104,10 +104,10 @@ def ready_row(job: Any, dumps: Callable[[Any], Any], plain_json: bool, default_r
             try:
                 text = dumps(payload)
             except Exception:
-                return None  # _row serialises again, to raise the error that names the job
+                return None  # _general_row serialises again, to raise the error that names the job
         if text.__class__ is str:
             if not utf8(text):
-                return None  # _row raises the error
+                return None  # _general_row raises the error
         elif text.__class__ is not bytes:
             return None
         payload = text

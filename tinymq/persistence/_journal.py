@@ -50,8 +50,8 @@ try:
 except ImportError:  # pragma: no cover - Windows: the store commits each write instead
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["Journal", "Orphan", "SUPPORTED", "live_on", "orphans", "tokens", "remove", "release", "read_segment", "utf8",
-           "SAVE", "SAVE_MANY", "RUNNING", "DELETE"]
+__all__ = ["Journal", "Orphan", "SUPPORTED", "live_on", "orphans", "tokens", "remove", "release", "read_segment",
+           "encode", "utf8", "INT64", "SAVE", "SAVE_MANY", "RUNNING", "DELETE"]
 
 logger = logging.getLogger("tinymq.persistence")
 
@@ -66,16 +66,16 @@ Operation = Tuple[str, Any]
 Apply = Callable[[List[Operation], str, int], None]  # (operations, token, last segment number)
 
 _HEADER = struct.Struct("<II")  # body length, crc32 of the body (codec.frame writes it)
+encode = codec.frame  # one framed record for an operation
 _write = codec.write  # keeps the GIL, when compiled: see tinymq/_codec_py.py
+utf8 = codec.utf8  # whether SQLite can store a str (no lone surrogates)
+INT64 = 1 << 63  # SQLite's integers are in [-INT64, INT64)
 _PLAIN = (str, int, float, bytes, type(None))
 # Seconds the flusher lets a batch grow after waking. Each batch costs the producers GIL
 # hand-offs (context switches): 20 ms batches measured 2x faster than 2 ms ones here.
 _LINGER = 0.02
 
 _live: "weakref.WeakSet[Journal]" = weakref.WeakSet()
-
-
-encode = codec.frame  # one framed record for an operation
 
 _FORMAT_RECORD = encode((FORMAT, VERSION))
 
@@ -552,11 +552,6 @@ def _checked(value: Any, row_length: int) -> Optional[Operation]:
 def _is_row(row: Any, row_length: int) -> bool:
     return (type(row) is tuple and len(row) == row_length and type(row[0]) is str and bool(row[0])
             and type(row[1]) is str and all(type(item) in _PLAIN for item in row)
-            and all(-_INT64 <= item < _INT64 for item in row if type(item) is int)
+            and all(-INT64 <= item < INT64 for item in row if type(item) is int)
             and all(utf8(item) for item in row if type(item) is str))
 
-
-utf8 = codec.utf8  # whether SQLite can store a str (no lone surrogates)
-
-
-_INT64 = 1 << 63  # SQLite's integers

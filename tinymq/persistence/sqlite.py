@@ -93,8 +93,7 @@ _SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 _ROWS_PER_INSERT = 1024 if sqlite3.sqlite_version_info >= (3, 32) else 64
 _RETRY_FIELDS = ("max_retries", "initial_delay", "max_delay", "backoff_multiple", "jitter")
 
-_INT64 = 1 << 63  # SQLite's integers
-_ready_row = codec.ready_row  # the row of a plain job, built in C; _row builds any other (and raises)
+_ready_row = codec.ready_row  # the row of a plain job in one codec call; None for any other
 _MAX_BACKLOG = 100_000  # journaled writes not yet in the table, before writers wait
 
 Statement = Tuple[str, Any, bool]  # (sql, parameters, executemany?)
@@ -194,7 +193,7 @@ class SQLitePersistence:
         self.serializer = serializer
         self.busy_timeout = float(busy_timeout)
         self._dumps = serializer.dumps
-        self._plain_json = type(serializer) is JSONSerializer  # its dumps is the codec's json_text, or errors
+        self._plain_json = type(serializer) is JSONSerializer  # then ready_row calls codec.json_text itself
         self._tags_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
         self._retry_json: dict = {}  # id(config) -> (config, json): configs are frozen and shared
         self._retry_configs: dict = {}  # json -> RetryConfig, so loading 100k jobs builds a handful
@@ -311,6 +310,15 @@ class SQLitePersistence:
     def _row(self, job: Job, state: str = "ready", reason: Optional[str] = None,
              last_error: Optional[str] = None) -> tuple:
         """The row for ``job``: plain values only, checked here so that no bad row is ever accepted."""
+        if state == "ready":  # most rows: a plain job's, built in one codec call
+            row = _ready_row(job, self._dumps, self._plain_json, _DEFAULT_RETRY_CONFIG)
+            if row is not None:
+                return row
+        return self._general_row(job, state, reason, last_error)
+
+    def _general_row(self, job: Job, state: str = "ready", reason: Optional[str] = None,
+                     last_error: Optional[str] = None) -> tuple:
+        """The row for any job, in Python (``codec.ready_row`` declines all but plain ones)."""
         payload = job.payload
         if payload is not None:
             try:
@@ -342,7 +350,7 @@ class SQLitePersistence:
         if last_error is None:
             last_error = job.last_error
         if (job_type.__class__ is not str or run_at.__class__ is not float or timestamp.__class__ is not float
-                or retries.__class__ is not int or not 0 <= retries < _INT64
+                or retries.__class__ is not int or not 0 <= retries < _journal.INT64
                 or (last_error is not None and last_error.__class__ is not str)):
             job_type, run_at, timestamp, retries, last_error = self._plain_fields(job, last_error)
         job_id = job.id
@@ -367,7 +375,7 @@ class SQLitePersistence:
         except (TypeError, ValueError) as exc:
             raise PersistenceError(f"job {job.id!r} cannot be stored: {exc}") from exc
         retries = job.retries
-        if retries.__class__ is not int or not 0 <= retries < _INT64:
+        if retries.__class__ is not int or not 0 <= retries < _journal.INT64:
             raise PersistenceError(f"job {job.id!r} cannot be stored: retries must be an int >= 0, got {retries!r}")
         return job_type, run_at, timestamp, retries, None if last_error is None else str(last_error)
 
@@ -484,17 +492,18 @@ class SQLitePersistence:
 
     def save(self, job: Job) -> None:
         """Insert or overwrite ``job`` as ready (or delayed, by its ``run_at``)."""
-        row = _ready_row(job, self._dumps, self._plain_json, _DEFAULT_RETRY_CONFIG) or self._row(job)
-        journal = self._journal  # inlined _log: this is every durable enqueue
-        if journal is not None:
+        row = self._row(job)
+        journal = self._journal
+        if journal is not None:  # the hot path: one record (None in a forked child until reopened)
             journal.append((SAVE, row))
+        elif self.journal:
+            self._log((SAVE, row))
         else:
-            self._log((SAVE, row)) if self.journal else self._write_one(_UPSERT, row)
+            self._write_one(_UPSERT, row)
 
     def save_many(self, jobs: Iterable[Job]) -> None:
         """Save every job in one transaction (or one journal record): all of them are stored, or none."""
-        dumps, plain_json = self._dumps, self._plain_json
-        rows = tuple([_ready_row(job, dumps, plain_json, _DEFAULT_RETRY_CONFIG) or self._row(job) for job in jobs])
+        rows = tuple(map(self._row, jobs))
         if not rows:
             return
         if self.journal:
