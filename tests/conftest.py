@@ -21,8 +21,8 @@ def env_flag(name):
     return os.environ.get(name, "") not in ("", "0")
 
 
-def load_core(name):
-    """Import core ``name``, or skip/fail the calling test as the environment asks."""
+def load_twin(name):
+    """Import twin module ``name`` (a core or a codec), or skip/fail the calling test as the environment asks."""
     if name in (COMPILED_CORE, COMPILED_CODEC):
         if env_flag("TINYMQ_NO_EXTENSIONS"):
             pytest.skip("TINYMQ_NO_EXTENSIONS=1: the compiled core is not in use")
@@ -43,7 +43,7 @@ def load_core(name):
 )
 def core(request):
     """The core module under test: ``tinymq._core_py`` or ``tinymq._core``."""
-    return load_core(request.param)
+    return load_twin(request.param)
 
 
 @pytest.fixture(
@@ -51,4 +51,4 @@ def core(request):
 )
 def codec(request):
     """The codec module under test: ``tinymq._codec_py`` or ``tinymq._codec``."""
-    return load_core(request.param)
+    return load_twin(request.param)

@@ -3,11 +3,10 @@
 
 ``json_text`` writes plain values (exact dict, list, tuple, str, int, float,
 bool and None; str keys) straight into one buffer, as ``json.dumps`` with
-``separators=(",", ":")`` and ``ensure_ascii=False`` would: the standard
-library's C encoder builds a list of small strings and joins them, five times
-slower on a typical payload. Anything else (subclasses, other key types, big
-ints, lone surrogates, deep nesting) is declined with None, and the caller's
-full encoder handles it. No Python code runs while a value is written, so the
+``separators=(",", ":")`` and ``ensure_ascii=False`` would (the standard
+library's C encoder builds a list of small strings and joins them). Anything
+else (subclasses, other key types, big ints, lone surrogates, deep nesting) is
+declined with None, and the caller's full encoder handles it. No Python code runs while a value is written, so the
 containers cannot change under us.
 
 ``ready_row`` reads a job's fields and builds its row in one call, and

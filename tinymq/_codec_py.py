@@ -22,11 +22,12 @@ mostly-NULL columns are NULL apart, with their first eight values only.
 
 ``frame(operation)`` is one journal record: ``<length><crc32>`` (little-endian
 uint32 each) and a marshal (version 2) body. ``write(fd, data)`` is one
-``write()`` system call. The compiled twin keeps the GIL during that call, which
-takes about a microsecond into the page cache: releasing it hands the GIL to the
-journal's flusher thread at every job, which made a durable enqueue 1.7x slower
-in an A/B run here. The price: if the kernel makes that write wait (a full disk
-cache being written back), the process's other threads wait for the GIL meanwhile.
+``write()`` system call. The compiled twin keeps the GIL during that call, a copy
+into the page cache: releasing it hands the GIL to the journal's flusher thread
+at every job, which made a durable enqueue 1.7x slower in an A/B script during
+development (not part of bench/). The price: if the kernel makes that write wait
+(a full disk cache being written back), the process's other threads wait for the
+GIL meanwhile.
 """
 import json
 import marshal

@@ -142,8 +142,8 @@ class SQLitePersistence:
     concurrent producers through group commit. ``journal`` defaults to on
     wherever it can keep that promise (OFF or NORMAL, a file path, ``flock()``);
     ``journal=False`` commits every write to the table before returning, for
-    readers of the table that cannot wait for ``flush()``; it is two to three
-    times slower.
+    readers of the table that cannot wait for ``flush()``; it is several times
+    slower (see bench/test_bench_durable.py).
 
     Several stores, in one process or in several, may open the same file;
     delivery stays at-least-once (each ``load_all`` returns every unfinished
