@@ -224,7 +224,9 @@ def finishing_calls(store, job_id):
 
 @pytest.mark.parametrize("delayed", [False, True], ids=["ready", "delayed"])
 def test_a_job_is_saved_before_a_worker_can_see_it(delayed):
-    store = RecordingStore()
+    # A slow save: a job made visible before its save returns runs first. For a delayed job
+    # the save outlasts the delay, so one put in the delayed set before its save comes due first.
+    store = RecordingStore(slow={"save": 0.1 if delayed else 0.01})
     seen = Recorder()  # (job id, its store calls as the executor sees them)
 
     def executor(job):
@@ -496,14 +498,14 @@ def test_a_failing_save_many_enqueues_nothing():
 
 # --- stop -------------------------------------------------------------------------------------
 
-def cooperative(entered, cancel_seen, store, finished):
+def cooperative(entered, cancel_seen, finished):
     """An executor that waits for its cancellation, then says so with ctx.check()."""
 
     def fn(job, ctx):
         entered.add(threading.current_thread())
         try:
             if ctx.wait(WAIT):
-                cancel_seen.append(len(store.calls))  # where the store log stood at the cancel
+                cancel_seen.append(ctx.cancelled)
             ctx.check()
         finally:
             finished.set()
@@ -520,7 +522,7 @@ def test_an_attempt_cancelled_by_stop_is_not_a_failure_and_stays_stored(stop_kwa
         failures = FailureLog(q)
         q.on_failure(failures.callback)
         q.set_persistence(store)
-        q.register_executor("t", cooperative(entered, cancel_seen, store, finished),
+        q.register_executor("t", cooperative(entered, cancel_seen, finished),
                             ExecutorConfig(max_concurrent_jobs=1, timeout=None))
         q.start_dispatcher(1)
         running = q.enqueue(Job("t", "running", retry_config=fast_retries(3)))
@@ -528,6 +530,7 @@ def test_an_attempt_cancelled_by_stop_is_not_a_failure_and_stays_stored(stop_kwa
         queued = [q.enqueue(Job("t", f"queued-{i}")) for i in range(2)]
         delayed = q.enqueue_delayed(Job("t", "delayed"), 60)
         started = time.monotonic()
+        before_stop = len(store.calls)  # the cancel happens after this point
     finally:
         q.stop(**stop_kwargs)
     assert time.monotonic() - started < WAIT / 2
@@ -546,7 +549,7 @@ def test_an_attempt_cancelled_by_stop_is_not_a_failure_and_stays_stored(stop_kwa
     assert running.retries == 0
     # it stays stored, ready again (a save after the cancel), so a restart does not count a crash
     assert finishing_calls(store, running.id) == []
-    after_cancel = [call for call in store.calls[cancel_seen[0]:] if call.concerns(running.id)]
+    after_cancel = [call for call in store.calls[before_stop:] if call.concerns(running.id)]
     assert [call.method for call in after_cancel] == ["save"], after_cancel
     assert after_cancel[0].job.retries == 0
     assert store.state_of(running.id) == "ready"

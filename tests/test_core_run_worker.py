@@ -1,0 +1,386 @@
+"""``core.run_worker(ready, slot, watchdog_alarm, dispatcher)`` on both cores.
+
+The worker loop keeps the success path to itself and hands everything else to
+its dispatcher through the callbacks named in ``run_worker``'s docstring:
+``refresh_hooks(slot)``, ``new_context(job, deadline)``,
+``attempt_failed(job, state, exc)``, ``no_executor(job, state)`` and
+``after_expired(slot, exc)``. A ``FakeDispatcher`` records those calls.
+
+Every worker runs in a thread; closing the ReadyQueue ends it, and the test
+joins it with a timeout. The tests use ``push`` only (not ``push_many``,
+``accept`` or ``task_done``), so they do not depend on how jobs are counted in.
+"""
+import math
+import threading
+
+import pytest
+
+from tinymq import Job, RetryConfig
+
+WAIT = 10.0
+
+
+class Boom(Exception):
+    pass
+
+
+class Log:
+    """A thread-safe list of events that a test can wait on."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self.items = []
+
+    def add(self, item):
+        with self._cond:
+            self.items.append(item)
+            self._cond.notify_all()
+
+    def wait_for(self, predicate, timeout=WAIT):
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self.items), timeout)
+
+    def snapshot(self):
+        with self._cond:
+            return list(self.items)
+
+
+class FakeContext:
+    def __init__(self, job, deadline):
+        self.job, self.deadline = job, deadline
+
+
+class FakeDispatcher:
+    """The dispatcher side of run_worker's callback protocol; records every call.
+
+    Each entry is (callback name, args..., the type's active attempts at call time).
+    """
+
+    def __init__(self, ready):
+        self.ready = ready
+        self.log = Log()
+        self.contexts = []
+
+    def _active(self, job_type):
+        return self.ready.executor_stats().get(job_type, (None, None))[0]
+
+    def refresh_hooks(self, slot):
+        self.log.add(("refresh_hooks", slot))
+
+    def new_context(self, job, deadline):
+        context = FakeContext(job, deadline)
+        self.contexts.append(context)
+        self.log.add(("new_context", job, deadline))
+        return context
+
+    def attempt_failed(self, job, state, exc):
+        self.log.add(("attempt_failed", job, state.name, exc, self._active(state.name)))
+
+    def no_executor(self, job, state):
+        self.log.add(("no_executor", job, state.name))
+
+    def after_expired(self, slot, exc):
+        self.log.add(("after_expired", slot, exc))
+
+    def names(self):
+        return [entry[0] for entry in self.log.snapshot()]
+
+    def calls(self, name):
+        return [entry for entry in self.log.snapshot() if entry[0] == name]
+
+
+class Worker:
+    """``core.run_worker`` in a thread; ``errors`` holds whatever escaped it."""
+
+    def __init__(self, core, ready, dispatcher, slot=None):
+        self.slot = core.WorkerSlot() if slot is None else slot
+        self.alarm = core.Alarm()
+        self.errors = []
+        self.returned = threading.Event()
+
+        def target():
+            try:
+                core.run_worker(ready, self.slot, self.alarm, dispatcher)
+            except BaseException as exc:  # reported by the test, not lost in the thread
+                self.errors.append(exc)
+            finally:
+                self.returned.set()
+
+        self.thread = threading.Thread(target=target, name="test-run-worker", daemon=True)
+        self.thread.start()
+
+    def join(self, timeout=WAIT):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "run_worker did not return"
+        assert self.errors == [], f"run_worker raised {self.errors!r}"
+
+
+@pytest.fixture
+def ready(core):
+    """A ReadyQueue that is closed at the end of the test, so no worker thread is left behind."""
+    queue = core.ReadyQueue(1000)
+    yield queue
+    queue.close()
+
+
+def configure(ready, job_type, fn, limit=1, timeout=None, takes_context=False):
+    ready.configure(job_type, fn, limit, timeout, takes_context, False)
+
+
+def no_retries():
+    return RetryConfig(max_retries=0)
+
+
+# --- success --------------------------------------------------------------------------------
+
+def test_a_successful_attempt_releases_the_slot_counts_and_finishes_the_job(core, ready):
+    order = Log()
+    dispatcher = FakeDispatcher(ready)
+    job = Job("t", "payload")
+
+    def fn(job):
+        order.add(("fn", job, ready.executor_stats()["t"]))
+
+    configure(ready, "t", fn, limit=1)
+    slot = core.WorkerSlot()
+    slot.on_start = lambda job: order.add(("on_start", job, ready.executor_stats()["t"]))
+    slot.on_success = lambda job: order.add(("on_success", job, ready.executor_stats()["t"],
+                                             ready.unfinished))
+    assert ready.push(job)
+    assert ready.unfinished == 1
+    worker = Worker(core, ready, dispatcher, slot)
+    try:
+        assert ready.join(WAIT), "the job did not finish: unfinished was not decremented"
+    finally:
+        ready.close()
+    worker.join()
+    assert order.snapshot() == [
+        ("on_start", job, (1, 1)),  # before the function, with the slot taken
+        ("fn", job, (1, 1)),
+        ("on_success", job, (0, 1), 1),  # slot released; still unfinished while the hook runs
+    ]
+    assert ready.unfinished == 0
+    assert ready.counters()[core.SUCCEEDED] == 1
+    assert ready.counters()[core.FAILED] == 0
+    assert ready.executor_stats()["t"] == (0, 1)
+    assert dispatcher.names() == []  # the success path calls nothing on the dispatcher
+
+
+def test_a_successful_attempt_without_hooks(core, ready):
+    ran = Log()
+    dispatcher = FakeDispatcher(ready)
+    configure(ready, "t", lambda job: ran.add(job.payload), limit=2)
+    for i in range(3):
+        assert ready.push(Job("t", i))
+    worker = Worker(core, ready, dispatcher)
+    try:
+        assert ready.join(WAIT)
+    finally:
+        ready.close()
+    worker.join()
+    assert ran.snapshot() == [0, 1, 2]
+    assert ready.counters()[core.SUCCEEDED] == 3
+    assert ready.unfinished == 0
+    assert ready.executor_stats()["t"] == (0, 2)
+    assert dispatcher.names() == []
+
+
+# --- failure --------------------------------------------------------------------------------
+
+def test_a_failed_attempt_goes_to_attempt_failed_with_the_slot_already_released(core, ready):
+    error = Boom("no")
+    dispatcher = FakeDispatcher(ready)
+    on_success = Log()
+
+    def fn(job):
+        raise error
+
+    configure(ready, "t", fn, limit=1)
+    slot = core.WorkerSlot()
+    slot.on_success = on_success.add
+    job = Job("t", retry_config=no_retries())
+    assert ready.push(job)
+    worker = Worker(core, ready, dispatcher, slot)
+    try:
+        assert dispatcher.log.wait_for(lambda items: len(items) >= 1)
+    finally:
+        ready.close()
+    worker.join()
+    assert dispatcher.log.snapshot() == [("attempt_failed", job, "t", error, 0)]
+    assert on_success.snapshot() == []
+    assert ready.counters()[core.SUCCEEDED] == 0
+    assert ready.unfinished == 1  # finishing a failed job is the dispatcher's decision
+    assert ready.executor_stats()["t"] == (0, 1)
+
+
+def test_the_loop_carries_on_after_a_failure(core, ready):
+    dispatcher = FakeDispatcher(ready)
+    ran = Log()
+
+    def fn(job):
+        ran.add(job.payload)
+        if job.payload == "bad":
+            raise Boom(job.payload)
+
+    configure(ready, "t", fn)
+    for payload in ("bad", "good"):
+        assert ready.push(Job("t", payload))
+    worker = Worker(core, ready, dispatcher)
+    try:
+        assert ran.wait_for(lambda items: len(items) == 2)
+        assert dispatcher.log.wait_for(lambda items: len(items) == 1)
+    finally:
+        ready.close()
+    worker.join()
+    assert ran.snapshot() == ["bad", "good"]
+    assert dispatcher.names() == ["attempt_failed"]
+    assert ready.counters()[core.SUCCEEDED] == 1
+
+
+def test_a_job_without_an_executor_goes_to_no_executor_and_the_loop_carries_on(core, ready):
+    dispatcher = FakeDispatcher(ready)
+    ran = Log()
+    configure(ready, "known", lambda job: ran.add(job.payload))
+    ghost = Job("ghost")
+    assert ready.push(ghost)
+    assert ready.push(Job("known", "after"))
+    worker = Worker(core, ready, dispatcher)
+    try:
+        assert ran.wait_for(lambda items: items == ["after"])
+    finally:
+        ready.close()
+    worker.join()
+    assert dispatcher.log.snapshot() == [("no_executor", ghost, "ghost")]
+    assert ready.counters()[core.SUCCEEDED] == 1
+
+
+# --- contexts -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("timeout", [5.0, None], ids=["timeout", "no-timeout"])
+def test_an_executor_taking_a_context_gets_new_contexts_object(core, ready, timeout):
+    dispatcher = FakeDispatcher(ready)
+    received = Log()
+    configure(ready, "t", lambda job, ctx: received.add((job, ctx)), timeout=timeout, takes_context=True)
+    configure(ready, "plain", lambda job: received.add((job, None)), timeout=timeout)
+    job, plain = Job("t"), Job("plain")
+    before = core.monotonic()
+    assert ready.push(job)
+    assert ready.push(plain)
+    worker = Worker(core, ready, dispatcher)
+    try:
+        assert received.wait_for(lambda items: len(items) == 2)
+        after = core.monotonic()
+    finally:
+        ready.close()
+    worker.join()
+    assert dispatcher.contexts and received.snapshot() == [(job, dispatcher.contexts[0]), (plain, None)]
+    assert len(dispatcher.calls("new_context")) == 1, "a context was made for an executor without one"
+    _, context_job, deadline = dispatcher.calls("new_context")[0]
+    assert context_job is job
+    if timeout is None:
+        assert deadline == math.inf
+    else:
+        assert before + timeout <= deadline <= after + timeout
+
+
+# --- ending the loop ------------------------------------------------------------------------
+
+def test_the_loop_returns_when_the_ready_queue_is_closed(core, ready):
+    dispatcher = FakeDispatcher(ready)
+    worker = Worker(core, ready, dispatcher)
+    assert not worker.returned.wait(0.1), "run_worker returned with the queue open"
+    ready.close()
+    worker.join()
+    assert dispatcher.names() == []
+
+
+def test_the_loop_returns_at_once_on_a_closed_queue(core, ready):
+    dispatcher = FakeDispatcher(ready)
+    ready.close()
+    worker = Worker(core, ready, dispatcher)
+    worker.join()
+    assert dispatcher.names() == []
+
+
+@pytest.mark.parametrize("outcome", ["returns", "raises"])
+def test_an_attempt_expired_by_the_watchdog_makes_the_worker_retire(core, ready, outcome):
+    dispatcher = FakeDispatcher(ready)
+    entered, release = threading.Event(), threading.Event()
+    error = Boom("late")
+    ran = Log()
+
+    def fn(job):
+        ran.add(job.payload)
+        if job.payload == "stuck":
+            entered.set()
+            assert release.wait(WAIT)
+            if outcome == "raises":
+                raise error
+
+    configure(ready, "t", fn, limit=2, timeout=0.05)
+    stuck = Job("t", "stuck")
+    assert ready.push(stuck)
+    worker = Worker(core, ready, dispatcher)
+    try:
+        assert entered.wait(WAIT)
+        assert worker.slot.expire(core.monotonic() + 60.0) is stuck
+        assert worker.slot.retired
+        assert ready.push(Job("t", "next"))  # a retired worker must leave it for another
+        release.set()
+        assert worker.returned.wait(WAIT), "the worker did not retire after its expired attempt"
+        worker.join()
+        assert len(ready) == 1, "the retiring worker took another job"
+    finally:
+        release.set()
+        ready.close()
+    worker.join()
+    assert ran.snapshot() == ["stuck"]
+    assert dispatcher.log.snapshot() == [("after_expired", worker.slot, None if outcome == "returns" else error)]
+    assert ready.counters()[core.SUCCEEDED] == 0  # decided at the deadline: a late return is ignored
+    assert ready.executor_stats()["t"] == (0, 2), "the expired attempt's slot was not released"
+    assert ready.unfinished == 2
+
+
+# --- concurrency ----------------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_several_workers_never_exceed_max_concurrent_jobs(core, ready):
+    limits = {"a": 2, "b": 3, "c": 1}
+    jobs_per_type = 150
+    dispatcher = FakeDispatcher(ready)
+    lock = threading.Lock()
+    active = {name: 0 for name in limits}
+    most = {name: 0 for name in limits}
+    over = []
+
+    def make(name):
+        def fn(job):
+            with lock:
+                active[name] += 1
+                most[name] = max(most[name], active[name])
+                if active[name] > limits[name]:
+                    over.append((name, active[name]))
+            try:
+                threading.Event().wait(0.0005)  # hold the slot a moment so attempts overlap
+            finally:
+                with lock:
+                    active[name] -= 1
+        return fn
+
+    for name, limit in limits.items():
+        configure(ready, name, make(name), limit=limit)
+    workers = [Worker(core, ready, dispatcher) for _ in range(5)]
+    try:
+        for i in range(jobs_per_type):
+            for name in limits:
+                assert ready.push(Job(name, i))
+        assert ready.join(WAIT * 3), "not every job finished"
+    finally:
+        ready.close()
+    for worker in workers:
+        worker.join()
+    assert over == [], f"max_concurrent_jobs exceeded: {over[:5]}"
+    assert ready.counters()[core.SUCCEEDED] == jobs_per_type * len(limits)
+    assert dispatcher.names().count("attempt_failed") == 0
+    assert all(ready.executor_stats()[name] == (0, limit) for name, limit in limits.items())
+    assert most["b"] >= 2, "the attempts never overlapped: this run did not test the limit"
