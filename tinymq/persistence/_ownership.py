@@ -126,7 +126,7 @@ def lock(path: str) -> int:
         except OSError as exc:
             raise PersistenceError(f"cannot create the lock file {path!r}: {exc}") from exc
         try:
-            _check_lock_file(path, os.fstat(fd))
+            _check_lock_file(path, fd)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -151,12 +151,16 @@ def lock(path: str) -> int:
     raise PersistenceError(f"the lock file {path!r} kept being replaced while it was being locked")
 
 
-def _check_lock_file(path: str, st: os.stat_result) -> None:
+def _check_lock_file(path: str, fd: int) -> None:
+    """A regular file of ours, mode 0600 (tightened through its descriptor: it is not the database)."""
+    st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise PersistenceError(f"the lock file {path!r} is not a regular file: refused")
     if st.st_uid != os.getuid():
         raise PersistenceError(f"the lock file {path!r} belongs to uid {st.st_uid}, not to this "
                                f"process's uid {os.getuid()}: refused")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.fchmod(fd, PRIVATE_MODE)
 
 
 def _read_pid(fd: int) -> Optional[int]:
