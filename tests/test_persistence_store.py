@@ -486,3 +486,23 @@ def test_a_writer_whose_unit_a_failed_committer_drained_gets_an_error_not_silenc
         thread.join(10)
         assert len(outcome) == 1 and "interrupted before its commit" in outcome[0]
         assert rows(store) == {}
+
+
+def test_a_merged_batch_has_the_effect_of_its_statements_in_order(path):
+    """Group commit merges runs of single-row statements: the table must end as if run one by one."""
+    from tinymq.persistence.sqlite import _DELETE, _MARK_RUNNING
+
+    with SQLitePersistence(path) as store:
+        statements = [
+            store._upsert(Job("t", "v1", id="a")), store._upsert(Job("t", "v2", id="a")),
+            store._upsert(Job("t", id="b", tags={"full": "row"})), store._upsert(Job("t", id="c")),
+            (_MARK_RUNNING, ("a",)), (_MARK_RUNNING, ("c",)),
+            (_DELETE, ("c",)), (_DELETE, ("b",)),
+            store._upsert(Job("t", "v3", id="b")),
+        ]
+        merged = store._merged(statements)
+        assert len(merged) == 6  # a+a, b, c, marks, deletes, b
+        with store._commit_lock:
+            store._execute(merged)
+        assert rows(store) == {"a": "running", "b": "ready"}
+        assert {j.id: j.payload for j in store.jobs()} == {"a": "v2", "b": "v3"}
