@@ -279,6 +279,15 @@ def test_looser_existing_files_are_tightened_to_0600(path):
             assert stat.S_IMODE(os.stat(path + suffix).st_mode) == 0o600, suffix
 
 
+def test_a_refused_opener_changes_nothing_of_the_owner_s_files(path):
+    with Owner(path) as owner:
+        os.chmod(path, 0o644)
+        with pytest.raises(PersistenceError, match=f"pid {owner.pid}"):
+            SQLitePersistence(path)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644  # not ours to tighten
+        owner.exit()
+
+
 def test_a_crash_s_looser_wal_is_tightened_before_use(path):
     with Owner(path) as owner:
         owner.kill()
@@ -412,6 +421,23 @@ def test_a_forked_child_gets_a_clear_error_and_the_parent_keeps_its_store(path):
     with pytest.raises(PersistenceError, match=f"pid {os.getpid()}"):
         SQLitePersistence(path)  # still the owner
     store.close()
+
+
+def test_a_fork_after_close_leaves_the_child_s_descriptors_alone(path, tmp_path):
+    store = SQLitePersistence(path)
+    lock_fd = store._lock_fd
+    store.close()
+    with open(tmp_path / "other", "w") as other:  # likely reuses the lock's descriptor number
+        fd = other.fileno()
+
+        def child():
+            try:
+                os.fstat(fd)
+            except OSError:
+                return 1
+            return 0
+
+        assert _in_forked_child(child) == b"\x00", (lock_fd, fd)
 
 
 def test_a_fork_while_another_thread_commits_does_not_deadlock_the_child(path):

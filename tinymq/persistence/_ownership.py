@@ -53,13 +53,15 @@ class OwnedError(PersistenceError):
                          f"read_only=True to inspect it")
 
 
-def check_file(path: str, *, tighten: bool) -> Optional[os.stat_result]:
+def check_file(path: str, *, mode: str) -> Optional[os.stat_result]:
     """``os.lstat(path)`` of a regular file of ours, or None when it does not exist.
 
     A symlink, a special file or another uid's file raises PersistenceError.
-    A mode looser than 0600 is tightened (``tighten``) or, when others may
-    write it, refused. ``chmod`` goes by path, never through a descriptor: closing
-    any descriptor of the database would drop the process's SQLite locks on it.
+    ``mode`` says what to do with a mode looser than 0600: "tighten" it,
+    "refuse" it when others may write the file, or "keep" it (a look before
+    the file is ours). ``chmod`` goes by path, never through a descriptor:
+    closing any descriptor of the database would drop the process's SQLite
+    locks on it.
     """
     try:
         st = os.lstat(path)
@@ -74,16 +76,15 @@ def check_file(path: str, *, tighten: bool) -> Optional[os.stat_result]:
     if st.st_uid != os.getuid():
         raise PersistenceError(f"{path!r} belongs to uid {st.st_uid}, not to this process's uid "
                                f"{os.getuid()}: refused (another user may have planted it)")
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:
-        if tighten:
-            try:
-                os.chmod(path, mode & 0o700)
-            except OSError as exc:
-                raise PersistenceError(f"{path!r} has mode {mode:o} and cannot be made 0600: {exc}") from exc
-        elif mode & 0o022:
-            raise PersistenceError(f"{path!r} has mode {mode:o}: others may write it, so it is not "
-                                   "read; open it once for writing to make it 0600")
+    bits = stat.S_IMODE(st.st_mode)
+    if bits & 0o077 and mode == "tighten":
+        try:
+            os.chmod(path, bits & 0o700)
+        except OSError as exc:
+            raise PersistenceError(f"{path!r} has mode {bits:o} and cannot be made 0600: {exc}") from exc
+    elif bits & 0o022 and mode == "refuse":
+        raise PersistenceError(f"{path!r} has mode {bits:o}: others may write it, so it is not "
+                               "read; open it once for writing to make it 0600")
     return st
 
 

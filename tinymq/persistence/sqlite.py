@@ -251,8 +251,11 @@ class SQLitePersistence:
         self._closed = False
         self._pid = os.getpid()
         if read_only:
-            with self._read_only_connection() as conn:  # fail now if it cannot be read
+            conn = self._read_only_connection()  # fail now if it cannot be read
+            try:
                 self._check_schema(conn)
+            finally:
+                conn.close()
             return
         # Invariant: only the holder of _commit_lock uses _conn and _cursor.
         self._commit_lock = threading.Lock()
@@ -292,13 +295,13 @@ class SQLitePersistence:
     def _open_owned(self) -> Tuple[sqlite3.Connection, int, Tuple[int, int]]:
         """Lock, check and open the file, and record this process as its owner; all or nothing."""
         db = self._file
-        found = _ownership.check_file(db, tighten=True)
+        found = _ownership.check_file(db, mode="keep")  # a look, changing nothing: not ours yet
         if found is not None:
-            _ownership.owned_here((found.st_dev, found.st_ino), self.path)  # before touching anything
+            _ownership.owned_here((found.st_dev, found.st_ino), self.path)
         lock_fd = _ownership.lock(db + LOCK_SUFFIX)
         try:
-            found = _ownership.check_file(db, tighten=True)
-            beside = [_ownership.check_file(db + suffix, tighten=True) for suffix in ("-wal", "-shm")]
+            found = _ownership.check_file(db, mode="tighten")
+            beside = [_ownership.check_file(db + suffix, mode="tighten") for suffix in ("-wal", "-shm")]
             if found is None:
                 if any(beside):
                     raise PersistenceError(f"{db!r} does not exist but its -wal or -shm file does: "
@@ -309,7 +312,7 @@ class SQLitePersistence:
             try:
                 conn = self._connect("mode=rw")
                 try:
-                    again = _ownership.check_file(db, tighten=False)
+                    again = _ownership.check_file(db, mode="keep")
                     if again is None or (again.st_dev, again.st_ino) != key:
                         raise PersistenceError(f"{db!r} was replaced while it was being opened")
                     self._prepare(conn)
@@ -386,10 +389,10 @@ class SQLitePersistence:
         file alone is the whole content (``immutable``: no lock, no -shm).
         """
         db = self._file
-        if _ownership.check_file(db, tighten=False) is None:
+        if _ownership.check_file(db, mode="refuse") is None:
             raise PersistenceError(f"cannot open {self.path!r} read-only: it does not exist")
-        wal = _ownership.check_file(db + "-wal", tighten=False)
-        shm = _ownership.check_file(db + "-shm", tighten=False)
+        wal = _ownership.check_file(db + "-wal", mode="refuse")
+        shm = _ownership.check_file(db + "-shm", mode="refuse")
         if wal is None:
             return self._connect("mode=ro&immutable=1")
         if shm is None:
@@ -410,6 +413,7 @@ class SQLitePersistence:
 
     def _inherited_by_fork(self) -> None:
         """In a forked child (at fork): never close the parent's connection, nor pin its lock."""
+        _live_stores.discard(self)  # done once: a grandchild must not close this descriptor number again
         _inherited.append(self._conn)  # garbage collection would close it from the child
         try:
             os.close(self._lock_fd)  # our copy only: the parent's flock stays held by its own descriptor
@@ -446,6 +450,7 @@ class SQLitePersistence:
                 self._conn.execute(f"DELETE FROM {_OWNER} WHERE pid = ?", (self._pid,))
             except sqlite3.Error as exc:  # a stale owner row is harmless: the lock file decides
                 logger.warning("persistence %s: could not clear the owner row: %s", self.path, exc)
+            _live_stores.discard(self)  # a later fork must not close the released descriptor's number
             try:
                 self._conn.close()
             finally:
