@@ -506,3 +506,20 @@ def test_a_merged_batch_has_the_effect_of_its_statements_in_order(path):
             store._execute(merged)
         assert rows(store) == {"a": "running", "b": "ready"}
         assert {j.id: j.payload for j in store.jobs()} == {"a": "v2", "b": "v3"}
+
+
+def test_a_file_of_the_previous_layout_opens_and_a_newer_schema_is_refused(path):
+    """Files written before the owner table existed: same jobs table, columns in another order."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE tinymq_jobs (id TEXT PRIMARY KEY NOT NULL, state TEXT NOT NULL, type TEXT, "
+                 "priority INTEGER, run_at REAL, timestamp REAL, retries INTEGER, retry_config TEXT, "
+                 "tags TEXT, last_error TEXT, reason TEXT, payload BLOB) WITHOUT ROWID")
+    conn.execute("INSERT INTO tinymq_jobs (id, state, type, priority, run_at, timestamp, retries, payload) "
+                 "VALUES ('old', 'ready', 't', 1, 1.0, 1.0, 0, '{\"x\":1}')")
+    conn.execute("PRAGMA user_version=1")
+    conn.close()
+    with SQLitePersistence(path) as store:
+        assert [(j.id, j.payload) for j in store.load_all()] == [("old", {"x": 1})]
+        store._conn.execute("PRAGMA user_version=99")
+    with pytest.raises(PersistenceError, match="schema version 99, written by a newer tinymq"):
+        SQLitePersistence(path)

@@ -44,7 +44,7 @@ __all__ = ["SQLitePersistence", "DeadJob"]
 logger = logging.getLogger("tinymq.persistence")
 
 _TABLE = "tinymq_jobs"
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 1  # the jobs table; the owner table is created beside it when missing
 # The columns that are NULL for most jobs come last, so a "lean" row can leave them out.
 _COLUMNS = (
     "id", "state", "type", "priority", "run_at", "timestamp", "retries", "payload",
@@ -355,9 +355,9 @@ class SQLitePersistence:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
-            elif version != _SCHEMA_VERSION:
-                raise PersistenceError(f"{self.path!r} has schema version {version}; this tinymq "
-                                       f"reads version {_SCHEMA_VERSION}")
+            elif version > _SCHEMA_VERSION:
+                raise PersistenceError(f"{self.path!r} has schema version {version}, written by a newer "
+                                       f"tinymq; this one reads version {_SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             raise PersistenceError(f"cannot open persistence file {self.path!r}: {exc}") from exc
 
