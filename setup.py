@@ -22,7 +22,7 @@ def _extensions():
 
     trace = _flag("TINYMQ_CYTHON_TRACE")
     extensions = cythonize(
-        ["tinymq/_core.pyx", "tinymq/_codec.pyx"],
+        ["tinymq/_core.pyx"],
         language_level=3,
         compiler_directives={"linetrace": trace, "binding": trace},
     )

@@ -54,8 +54,18 @@ with tempfile.TemporaryDirectory() as directory:
         except PersistenceError as exc:
             print(f"PersistenceError: {exc}")
 
+        # A file has one live owner: a second store on it is refused while this one is open.
+        try:
+            SQLitePersistence(path)
+        except PersistenceError as exc:
+            print(f"second store refused: {exc}")
+
         print(f"run 1 stopped with {q.get_stats().jobs_enqueued} jobs accepted and none run")
         # Leaving the block stops the queue without running them; they stay stored.
+
+    # Inspecting a file never needs ownership, and changes nothing (a queue may be running).
+    view = SQLitePersistence(path, read_only=True)
+    print(f"stored between the runs: {view.counts()}")
 
     # Run 2: a new store on the same file, a new queue: the jobs come back.
     with SQLitePersistence(path) as store, Queue(100) as q:

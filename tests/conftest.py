@@ -1,7 +1,7 @@
-"""The ``core`` and ``codec`` fixtures: every core and codec test runs against both twins.
+"""The ``core`` fixture: every core test runs against both twins.
 
 ``pure`` is ``tinymq._core_py`` (the specification); ``compiled`` is
-``tinymq._core``; likewise ``tinymq._codec_py`` and ``tinymq._codec``. The compiled param is skipped when TINYMQ_NO_EXTENSIONS=1,
+``tinymq._core``. The compiled param is skipped when TINYMQ_NO_EXTENSIONS=1,
 or when the extension cannot be imported (not built) -- except under
 TINYMQ_REQUIRE_EXTENSIONS=1, where a missing extension is a test failure.
 """
@@ -12,8 +12,6 @@ import pytest
 
 PURE_CORE = "tinymq._core_py"
 COMPILED_CORE = "tinymq._core"
-PURE_CODEC = "tinymq._codec_py"
-COMPILED_CODEC = "tinymq._codec"
 
 
 def env_flag(name):
@@ -22,8 +20,8 @@ def env_flag(name):
 
 
 def load_twin(name):
-    """Import twin module ``name`` (a core or a codec), or skip/fail the calling test as the environment asks."""
-    if name in (COMPILED_CORE, COMPILED_CODEC):
+    """Import core module ``name``, or skip/fail the calling test as the environment asks."""
+    if name == COMPILED_CORE:
         if env_flag("TINYMQ_NO_EXTENSIONS"):
             pytest.skip("TINYMQ_NO_EXTENSIONS=1: the compiled core is not in use")
         try:
@@ -45,10 +43,3 @@ def core(request):
     """The core module under test: ``tinymq._core_py`` or ``tinymq._core``."""
     return load_twin(request.param)
 
-
-@pytest.fixture(
-    params=[pytest.param(PURE_CODEC, id="pure"), pytest.param(COMPILED_CODEC, id="compiled")]
-)
-def codec(request):
-    """The codec module under test: ``tinymq._codec_py`` or ``tinymq._codec``."""
-    return load_twin(request.param)

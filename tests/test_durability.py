@@ -30,26 +30,47 @@ def _lines(path):
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_jobs_survive_sigkill_at_random_moments(tmp_path):
-    total, workers, kills = 3000, 4, 10
-    db, acked, ran = (str(tmp_path / name) for name in ("jobs.db", "acked", "ran"))
+    """Kills land while enqueueing, while working, while recovering and while closing.
+
+    Each restart takes over the killed owner's file (its lock died with it) and
+    must find every job whose enqueue returned.
+    """
+    total, workers, kills = 3000, 4, 16
+    db, acked, ran, stage = (str(tmp_path / name) for name in ("jobs.db", "acked", "ran", "stage"))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
         os.path.dirname(os.path.dirname(tinymq.__file__)), os.environ.get("PYTHONPATH")])))
     rng = random.Random(4)
-    command = [sys.executable, CHILD, db, acked, ran, str(total), str(workers)]
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 90
     killed = 0
+    landed = {"recovering": 0, "running": 0, "closing": 0}  # the child's last stage when killed
     for kill in range(kills):
-        watched = acked if kill % 2 == 0 else ran  # alternate: mid-enqueue, mid-work
-        target = len(_lines(watched)) + rng.randint(1, 250)
+        moment = ("enqueue", "work", "recovery", "close")[kill % 4]
+        mode = "close" if moment == "close" else "run"
+        command = [sys.executable, CHILD, db, acked, ran, stage, str(total), str(workers), mode]
+        stages_before = len(_lines(stage))
+        if moment in ("enqueue", "work"):
+            watched = acked if moment == "enqueue" else ran
+            target = len(_lines(watched)) + rng.randint(1, 250)
+
+            def due():
+                return len(_lines(watched)) >= target
+        else:
+            wanted = "recovering" if moment == "recovery" else "closing"
+
+            def due():
+                return wanted in _lines(stage)[stages_before:]
         child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        while child.poll() is None and len(_lines(watched)) < target and time.monotonic() < deadline:
-            time.sleep(0.001)  # polling a file another process writes; not a synchronisation sleep
+        while child.poll() is None and not due() and time.monotonic() < deadline:
+            time.sleep(0.0005)  # polling a file another process writes; not a synchronisation sleep
         if child.poll() is None:
             child.send_signal(signal.SIGKILL)
             killed += 1
+            last = (_lines(stage)[stages_before:] or ["recovering"])[-1]
+            landed[last] += 1
         _, stderr = child.communicate()
         assert child.returncode in (0, -signal.SIGKILL), stderr.decode()
-    final = subprocess.run(command, env=env, capture_output=True, timeout=60)
+    command = [sys.executable, CHILD, db, acked, ran, stage, str(total), str(workers), "run"]
+    final = subprocess.run(command, env=env, capture_output=True, timeout=90)
     assert final.returncode == 0 and b"done" in final.stdout, final.stderr.decode()
 
     accepted, completed = _lines(acked), _lines(ran)
@@ -60,10 +81,16 @@ def test_jobs_survive_sigkill_at_random_moments(tmp_path):
     # enqueue that returned but was not yet recorded as acknowledged.
     assert duplicates <= killed * (workers + 2), (duplicates, killed)
     assert killed >= kills // 2, "the child finished before most kills: test did not test"
-    print(f"crash test: {killed} kills, {len(completed)} completions of {total} jobs, {duplicates} duplicates")
-    with sqlite3.connect(db) as conn:
+    assert landed["closing"] >= 1 and landed["recovering"] >= 1, landed
+    print(f"crash test: {killed} kills (last stage: {landed}), {len(completed)} completions "
+          f"of {total} jobs, {duplicates} duplicates")
+    conn = sqlite3.connect(db)
+    try:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-        assert conn.execute("SELECT count(*) FROM tinymq_jobs WHERE state != 'ready'").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM tinymq_jobs").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM tinymq_owner").fetchone() == (0,)  # closed cleanly
+    finally:
+        conn.close()
 
 
 class FlakyStore:

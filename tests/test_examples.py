@@ -132,6 +132,8 @@ def check_error_handling(out):
 def check_persistence(out):
     assert "PersistenceError: cannot serialise the payload" in out
     assert "run 1 stopped with 3 jobs accepted and none run" in out
+    assert "second store refused: " in out and "is owned by a live store (pid" in out
+    assert "stored between the runs: {'ready': 2, 'delayed': 1, 'running': 0, 'dead': 0, 'corrupt': 0}" in out
     assert "run 2 recovered 3 jobs" in out
     for message in ("Welcome email", "Password reset", "Follow-up"):
         assert f"ran {message!r} (saved by run 1)" in out, out

@@ -1,4 +1,7 @@
-"""SQLitePersistence on its own: rows, recovery, quarantine, serialisers, threads, fork."""
+"""SQLitePersistence on its own: rows, recovery, quarantine, dead jobs, serialisers, threads, limits.
+
+Ownership, read-only stores, file safety and fork() are in test_persistence_ownership.py.
+"""
 import logging
 import os
 import sqlite3
@@ -20,22 +23,23 @@ def path(tmp_path):
     return str(tmp_path / "jobs.db")
 
 
-@pytest.fixture(params=[True, False], ids=["journal", "no-journal"])
+@pytest.fixture(params=["NORMAL", "FULL"])
 def store(path, request):
-    with SQLitePersistence(path, journal=request.param) as s:
+    with SQLitePersistence(path, synchronous=request.param) as s:
         yield s
 
 
 def rows(store, where="1"):
-    """The table as another reader sees it once ``store`` has flushed its journal."""
-    store.flush()
-    with sqlite3.connect(store.path) as conn:
+    """The table as another reader sees it: every write is committed when its call returns."""
+    conn = sqlite3.connect(store.path)
+    try:
         return dict(conn.execute(f"SELECT id, state FROM tinymq_jobs WHERE {where}").fetchall())
+    finally:
+        conn.close()
 
 
 def raw_update(store, sql, *params):
-    """Change the table behind ``store``'s back, after its journal is applied."""
-    store.flush()
+    """Change the table behind ``store``'s back."""
     conn = sqlite3.connect(store.path, isolation_level=None)
     conn.execute(sql, params)
     conn.close()
@@ -161,31 +165,21 @@ def test_corrupt_rows_are_quarantined_and_logged_while_the_rest_loads(store, pat
     assert rows(store)["bad"] == "corrupt"
     assert [row[0] for row in store.quarantined()] == ["bad"]
     assert sorted(j.id for j in store.load_all()) == ["good-1", "good-2"]  # not retried
+    assert store.counts()["corrupt"] == 1
     assert store.purge_quarantined() == 1
 
 
-def test_file_is_created_with_mode_0600(tmp_path):
+def test_files_are_created_with_mode_0600_whatever_the_umask(tmp_path):
     path = tmp_path / "private.db"
     old = os.umask(0)
     try:
         with SQLitePersistence(path) as s:
             s.save(Job("t"))
-            for name in (path, tmp_path / "private.db-wal"):
+            for name in (path, tmp_path / "private.db-wal", tmp_path / "private.db-shm",
+                         tmp_path / "private.db-tinymq.lock"):
                 assert stat.S_IMODE(os.stat(name).st_mode) == 0o600, name
     finally:
         os.umask(old)
-
-
-def test_two_stores_on_one_file(path):
-    """A live store's writes reach the shared table when its journal is applied (flush)."""
-    with SQLitePersistence(path) as a, SQLitePersistence(path) as b:
-        a.save(Job("t", id="from-a"))
-        b.save(Job("t", id="from-b"))
-        b.flush()
-        assert sorted(j.id for j in a.load_all()) == ["from-a", "from-b"]
-        b.delete("from-a")
-        b.flush()
-        assert [j.id for j in a.load_all()] == ["from-b"]
 
 
 def test_close_and_context_manager(path):
@@ -225,29 +219,6 @@ def test_custom_serializer(path):
         assert s.load_all()[0].payload == "ABC"
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_a_forked_child_uses_its_own_connection(store, path):
-    store.save(Job("t", id="parent"))
-    parent_connection = store._conn
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: report and leave without running any cleanup
-        code = 1
-        try:
-            store.save(Job("t", id="child"))
-            code = 0 if store._conn is not parent_connection else 2
-        finally:
-            os.write(write, bytes([code]))
-            os._exit(0)
-    os.close(write)
-    status = os.read(read, 1)
-    os.close(read)
-    os.waitpid(pid, 0)
-    assert status == b"\x00"
-    assert store._conn is parent_connection
-    assert sorted(j.id for j in store.load_all()) == ["child", "parent"]
-
-
 def test_concurrent_saves_and_deletes_from_8_threads(store, path):
     per_thread = 300
     barrier = threading.Barrier(8)
@@ -284,9 +255,9 @@ def test_group_commit_under_full_shares_transactions(path):
         commits = []
         original = store._commit
 
-        def counting_commit(conn, batch):
+        def counting_commit(batch):
             commits.append(len(batch))
-            original(conn, batch)
+            original(batch)
 
         store._commit = counting_commit
         barrier = threading.Barrier(8)
@@ -307,19 +278,19 @@ def test_group_commit_under_full_shares_transactions(path):
 
 def test_group_commit_failure_is_reported_to_every_writer_of_the_batch(store):
     """A failed batch is retried unit by unit, so one failure does not fail the others."""
-    from tinymq.persistence.sqlite import _UPSERT, _Unit
+    from tinymq.persistence.sqlite import _Unit
 
-    good = _Unit([(_UPSERT, store._row(Job("t", id="good")), False)])
-    bad = _Unit([("INSERT INTO no_such_table VALUES (1)", (), False)])
+    good = _Unit([store._upsert(Job("t", id="good"))])
+    bad = _Unit([("INSERT INTO no_such_table VALUES (1)", ())])
     with store._commit_lock:
-        store._commit(store._conn, [good, bad])
+        store._commit([good, bad])
     assert good.done and good.error is None
-    assert bad.done and isinstance(bad.error, sqlite3.Error)
+    assert not bad.done and isinstance(bad.error, sqlite3.Error)
     assert [j.id for j in store.load_all()] == ["good"]
 
 
 def test_store_error_becomes_persistence_error_with_cause(path):
-    with SQLitePersistence(path, busy_timeout=0, journal=False) as store:
+    with SQLitePersistence(path, busy_timeout=0) as store:
         locker = sqlite3.connect(path, isolation_level=None)
         locker.execute("BEGIN IMMEDIATE")  # another writer holds the lock
         try:
@@ -332,46 +303,223 @@ def test_store_error_becomes_persistence_error_with_cause(path):
         store.save(Job("t"))  # and it recovers
 
 
-def test_journaled_writes_wait_out_a_locked_database(path, caplog):
-    """The save is durable in the journal; applying it retries until the database is free."""
-    with SQLitePersistence(path, busy_timeout=0) as store:
-        locker = sqlite3.connect(path, isolation_level=None)
-        locker.execute("BEGIN IMMEDIATE")
-        try:
-            store.save(Job("t", id="waits"))  # accepted: the journal has it
-            with pytest.raises(PersistenceError) as info:
-                store.flush()
-            assert isinstance(info.value.__cause__, sqlite3.OperationalError)
-        finally:
-            locker.execute("ROLLBACK")
-            locker.close()
-        assert rows(store) == {"waits": "ready"}
+def test_dead_jobs_are_requeued_with_retries_reset_and_loaded_again(store):
+    job = Job("t", {"x": 1}, id="d1")
+    job.retries = 3
+    store.mark_dead(job, "retries_exhausted", ValueError("boom"))
+    store.mark_dead(Job("t", id="d2"), "no_executor")
+    store.mark_dead(Job("t", id="d3"), "evicted")
+    assert store.load_all() == []
+    assert store.requeue_dead(["d1", "unknown"]) == 1
+    (again,) = store.load_all()
+    assert (again.id, again.retries, again.payload) == ("d1", 0, {"x": 1})
+    assert sorted(d.job.id for d in store.dead_jobs()) == ["d2", "d3"]
+    assert store.requeue_dead() == 2
+    assert sorted(j.id for j in store.load_all()) == ["d1", "d2", "d3"]
+    assert store.dead_jobs() == []
+    store.mark_dead(Job("t", id="d4"), "evicted")
+    store.mark_dead(Job("t", id="d5"), "evicted")
+    assert store.purge_dead(["d4"]) == 1 and [d.job.id for d in store.dead_jobs()] == ["d5"]
+    with pytest.raises(TypeError, match="one str"):
+        store.requeue_dead("d5")
 
 
-def test_a_full_journal_backlog_refuses_writes_naming_the_reason(path, monkeypatch):
-    """When the table cannot take writes, the backlog is bounded: writers wait, then get an error."""
-    monkeypatch.setattr("tinymq.persistence.sqlite._MAX_BACKLOG", 5)
-    with SQLitePersistence(path, busy_timeout=0.2) as store:
-        locker = sqlite3.connect(path, isolation_level=None)
-        locker.execute("BEGIN IMMEDIATE")
-        try:
-            for i in range(5):
-                store.save(Job("t", id=f"ok-{i}"))
-            with pytest.raises(PersistenceError, match="5 journaled writes are waiting") as info:
-                store.save(Job("t", id="refused"))
-            assert "database is locked" in str(info.value)
-        finally:
-            locker.execute("ROLLBACK")
-            locker.close()
-        store.save(Job("t", id="after"))  # room again once the table takes the backlog
-        assert rows(store) == {f"ok-{i}": "ready" for i in range(5)} | {"after": "ready"}
+def test_counts_and_jobs_show_rows_by_state_without_changing_them(store):
+    store.save(Job("t", id="now"))
+    store.save(Job("t", id="later", run_at=4_000_000_000.0))
+    store.save(Job("t", id="busy"))
+    store.mark_running(Job("t", id="busy"))
+    store.mark_dead(Job("t", id="gone"), "evicted")
+    assert store.counts() == {"ready": 1, "delayed": 1, "running": 1, "dead": 1, "corrupt": 0}
+    assert sorted(j.id for j in store.jobs()) == ["busy", "later", "now"]
+    assert [j.retries for j in store.jobs() if j.id == "busy"] == [0]  # jobs() counts no crash
+    assert rows(store)["busy"] == "running"
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes")
-def test_existing_file_keeps_its_mode(tmp_path):
-    path = tmp_path / "shared.db"
-    path.touch(mode=0o640)
-    os.chmod(path, 0o640)
-    with SQLitePersistence(path):
+def test_save_many_with_a_repeated_id_keeps_the_last(path):
+    with SQLitePersistence(path) as store:
+        old = Job("t", "old", id="same", tags={"v": "old"})  # a full row
+        new = Job("t", "new", id="same")  # a lean row: inserted by another statement
+        store.save_many([old, new])
+        assert [(job.payload, job.tags) for job in store.load_all()] == [("new", {})]
+
+
+def test_save_many_is_one_transaction_even_when_sqlite_refuses_a_row_midway(path):
+    """The refusal comes from SQLite itself, after other rows of the batch were inserted."""
+    with SQLitePersistence(path) as store:
+        store._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 10_000)  # store._max_length still says 1e9
+        jobs = [Job("t", "x" * 10, id=f"ok-{i}") for i in range(600)]  # more than one INSERT statement
+        jobs.append(Job("t", "y" * 20_000, id="too-long"))
+        with pytest.raises(PersistenceError) as info:
+            store.save_many(jobs)
+        assert isinstance(info.value.__cause__, sqlite3.Error)
+        assert rows(store) == {}
+        store.save_many(jobs[:-1])  # nothing stuck: the next batch goes in
+        assert len(rows(store)) == 600
+
+
+def test_a_payload_over_sqlite_s_length_limit_is_refused_at_save_and_blocks_nothing(path):
+    with SQLitePersistence(path) as store:
+        store._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 100_000)
+        store._max_length = 100_000  # as if opened with that limit: the check reads it at open
+        with pytest.raises(PersistenceError, match="over SQLite's limit of 100000 bytes") as info:
+            store.save(Job("t", "x" * 100_000, id="huge"))
+        assert "huge" in str(info.value)
+        with pytest.raises(PersistenceError, match="over SQLite's limit"):
+            store.save(Job("t", "é" * 60_000, id="huge-utf8"))  # 120,000 bytes in UTF-8
+        with pytest.raises(PersistenceError, match="over SQLite's limit"):
+            store.save_many([Job("t", 1, id="fine-1"), Job("t", "x" * 100_000, id="huge-2")])
+        store.save(Job("t", "x" * 1000, id="normal"))
+        assert rows(store) == {"normal": "ready"}
+
+
+def test_a_row_sqlite_refuses_fails_only_its_own_call_even_past_the_check(path):
+    """Were the check to miss a row, SQLite's refusal still reaches only its caller."""
+    with SQLitePersistence(path) as store:
+        store._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 10_000)
+        with pytest.raises(PersistenceError) as info:
+            store.save(Job("t", "x" * 20_000, id="huge"))
+        assert isinstance(info.value.__cause__, sqlite3.Error)
+        store.save(Job("t", id="next"))
+        assert rows(store) == {"next": "ready"}
+
+
+def test_sqlite_s_real_length_limit_is_read_from_the_connection(path):
+    with SQLitePersistence(path) as store:
+        expected = store._conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH) if hasattr(store._conn, "getlimit") else 10 ** 9
+        assert store._max_length == expected
+
+
+def test_values_sqlite_cannot_store_are_refused_when_saved(path):
+    class Upper(str):
         pass
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+
+    class Listing:
+        def dumps(self, obj):
+            return [obj]
+
+        def loads(self, data):
+            return data
+
+    with SQLitePersistence(path) as store:
+        job = Job("t", id="huge")
+        job.retries = 2 ** 63
+        with pytest.raises(PersistenceError, match="retries"):
+            store.save(job)
+        store.save(Job(Upper("typed"), id="subclass"))  # a str subclass is stored as its text
+        assert [(j.id, j.type, type(j.type)) for j in store.load_all()] == [("subclass", "typed", str)]
+    with SQLitePersistence(path, serializer=Listing()) as store:
+        with pytest.raises(PersistenceError, match="must return str or bytes"):
+            store.save(Job("t", "payload", id="listed"))
+        store.save(Job("t", id="after"))
+
+
+def test_text_sqlite_cannot_store_is_refused_when_saved(path):
+    import json
+
+    lone = json.loads('{"n": "\\ud800"}')  # what any JSON client can send
+    with SQLitePersistence(path) as store:
+        with pytest.raises(PersistenceError, match="not valid Unicode"):
+            store.save(Job("t", lone, id="bad-payload"))
+        with pytest.raises(PersistenceError, match="not valid Unicode"):
+            store.save(Job("t", id="bad-tags", tags={"k": "\ud800"}))
+        with pytest.raises(PersistenceError, match="SQLite can store"):
+            store.delete("\ud800")
+        store.save(Job("t", {"n": "é✓"}, id="fine"))  # non-ASCII text is fine
+        assert [job.payload for job in store.load_all()] == [{"n": "é✓"}]
+
+
+def test_a_closed_store_refuses_every_call(path):
+    store = SQLitePersistence(path)
+    store.close()
+    for call in (lambda: store.save(Job("t")), lambda: store.delete("x"), store.load_all,
+                 store.dead_jobs, store.counts, lambda: store.save_many([Job("t")])):
+        with pytest.raises(PersistenceError, match="closed"):
+            call()
+
+
+def test_two_producer_threads_all_land_through_group_commit(path):
+    per_thread = 2000
+    with SQLitePersistence(path) as store:
+        barrier = threading.Barrier(2)
+        errors = []
+
+        def producer(name):
+            try:
+                barrier.wait()
+                for i in range(per_thread):
+                    store.save(Job("t", i, id=f"{name}-{i}"))
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=producer, args=(name,)) for name in ("a", "b")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        assert len(rows(store)) == 2 * per_thread
+        assert len(store.load_all()) == 2 * per_thread
+
+
+def test_a_writer_whose_unit_a_failed_committer_drained_gets_an_error_not_silence(path):
+    """If the committing thread dies (an exception raised into it) after taking others' units, they raise."""
+    import time
+
+    with SQLitePersistence(path) as store:
+        outcome = []
+
+        def writer():
+            try:
+                store.save(Job("t", id="drained"))
+                outcome.append("returned")
+            except PersistenceError as exc:
+                outcome.append(str(exc))
+
+        with store._commit_lock:  # as a committer holding the lock
+            thread = threading.Thread(target=writer)
+            thread.start()
+            deadline = time.monotonic() + 10
+            while not store._pending and time.monotonic() < deadline:
+                time.sleep(0.001)  # waiting for the writer to queue its unit
+            store._pending.popleft()  # drained, then the committer dies before committing
+        thread.join(10)
+        assert len(outcome) == 1 and "interrupted before its commit" in outcome[0]
+        assert rows(store) == {}
+
+
+def test_a_merged_batch_has_the_effect_of_its_statements_in_order(path):
+    """Group commit merges runs of single-row statements: the table must end as if run one by one."""
+    from tinymq.persistence.sqlite import _DELETE, _MARK_RUNNING
+
+    with SQLitePersistence(path) as store:
+        statements = [
+            store._upsert(Job("t", "v1", id="a")), store._upsert(Job("t", "v2", id="a")),
+            store._upsert(Job("t", id="b", tags={"full": "row"})), store._upsert(Job("t", id="c")),
+            (_MARK_RUNNING, ("a",)), (_MARK_RUNNING, ("c",)),
+            (_DELETE, ("c",)), (_DELETE, ("b",)),
+            store._upsert(Job("t", "v3", id="b")),
+        ]
+        merged = store._merged(statements)
+        assert len(merged) == 6  # a+a, b, c, marks, deletes, b
+        with store._commit_lock:
+            store._execute(merged)
+        assert rows(store) == {"a": "running", "b": "ready"}
+        assert {j.id: j.payload for j in store.jobs()} == {"a": "v2", "b": "v3"}
+
+
+def test_a_file_of_the_previous_layout_opens_and_a_newer_schema_is_refused(path):
+    """Files written before the owner table existed: same jobs table, columns in another order."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE tinymq_jobs (id TEXT PRIMARY KEY NOT NULL, state TEXT NOT NULL, type TEXT, "
+                 "priority INTEGER, run_at REAL, timestamp REAL, retries INTEGER, retry_config TEXT, "
+                 "tags TEXT, last_error TEXT, reason TEXT, payload BLOB) WITHOUT ROWID")
+    conn.execute("INSERT INTO tinymq_jobs (id, state, type, priority, run_at, timestamp, retries, payload) "
+                 "VALUES ('old', 'ready', 't', 1, 1.0, 1.0, 0, '{\"x\":1}')")
+    conn.execute("PRAGMA user_version=1")
+    conn.close()
+    with SQLitePersistence(path) as store:
+        assert [(j.id, j.payload) for j in store.load_all()] == [("old", {"x": 1})]
+        store._conn.execute("PRAGMA user_version=99")
+    with pytest.raises(PersistenceError, match="schema version 99, written by a newer tinymq"):
+        SQLitePersistence(path)

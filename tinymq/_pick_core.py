@@ -1,34 +1,30 @@
-"""Choose the compiled modules or their pure-Python twins, once, at import.
+"""Choose the compiled core or its pure-Python twin, once, at import.
 
-Two pairs: ``_core`` / ``_core_py`` (the queue's structures) and ``_codec`` /
-``_codec_py`` (the durable write path's encoders). TINYMQ_NO_EXTENSIONS=1
-(read here and at build time) selects the pure twins; so does any interpreter
-other than CPython, or an install where the compiled modules were not built
-(a machine without a C compiler).
+``_core`` / ``_core_py``: the queue's structures. TINYMQ_NO_EXTENSIONS=1 (read
+here and at build time) selects the pure twin; so does any interpreter other
+than CPython, or an install where the compiled core was not built (a machine
+without a C compiler).
 """
 import os
 import platform
 import warnings
 
-__all__ = ["core", "codec", "HAS_EXTENSION"]
+__all__ = ["core", "HAS_EXTENSION"]
 
 if os.environ.get("TINYMQ_NO_EXTENSIONS", "") not in ("", "0") or (
     platform.python_implementation() != "CPython"
 ):
-    from . import _codec_py as codec
     from . import _core_py as core
 
     HAS_EXTENSION = False
 else:
     try:
-        from . import _codec as codec  # type: ignore[no-redef, attr-defined]
         from . import _core as core  # type: ignore[no-redef, attr-defined]
 
         HAS_EXTENSION = True
     except ImportError as exc:  # not built: no compiler at install time
         if os.environ.get("TINYMQ_REQUIRE_EXTENSIONS", "") not in ("", "0"):
             raise
-        from . import _codec_py as codec  # type: ignore[no-redef]
         from . import _core_py as core  # type: ignore[no-redef]
 
         HAS_EXTENSION = False

@@ -8,13 +8,9 @@ only build plain data; pickle can run arbitrary code.
 import json
 import pickle
 import warnings
-from typing import Any, Union
-
-from .._pick_core import codec
+from typing import Any, Callable, Optional, Union
 
 __all__ = ["JSONSerializer", "PickleSerializer"]
-
-json_text = codec.json_text
 
 
 def _reject(value: object) -> Any:
@@ -25,19 +21,50 @@ def _reject(value: object) -> Any:
     raise TypeError(f"a value of type {type_name} ({value!r:.80}) is not JSON-serialisable")
 
 
+def _refuse(value: object) -> Any:
+    raise TypeError  # not plain JSON: the full encoder says why
+
+
+def _one_shot_encoder() -> Optional[Callable[[object, int], Any]]:
+    """json's C encoder with JSONSerializer's settings, built once, or None where there is none.
+
+    ``JSONEncoder.encode`` builds this object again on every call; most of a
+    small payload's cost is that. No circular-reference markers: a cycle ends
+    in RecursionError, and the full encoder then reports it.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return None
+    try:
+        encode = make(None, _refuse, json.encoder.encode_basestring, None, ":", ",", False, False, True)
+        sample = {"a": [1, 2.5, None, True, "é\n"], "b": {"c": "d"}}
+        if "".join(encode(sample, 0)) != json.dumps(sample, separators=(",", ":"), ensure_ascii=False):
+            return None  # a Python whose C encoder takes other arguments
+    except TypeError:
+        return None
+    return encode
+
+
 class JSONSerializer:
     """Compact JSON text (UTF-8, no ASCII escaping); the default, and safe to load."""
 
     def __init__(self) -> None:
-        # One encoder, built once: json.dumps with arguments builds a new one per call.
+        # The full encoder (built once: json.dumps with arguments builds one per call)
+        # encodes what the fast one declines, and words the errors.
         self._encode = json.JSONEncoder(
             separators=(",", ":"), ensure_ascii=False, default=_reject, check_circular=True
         ).encode
+        self._fast = _one_shot_encoder()
         self._decode = json.JSONDecoder().decode
 
     def dumps(self, obj: object) -> str:
-        text = json_text(obj)  # plain values, fast; the encoder above for the rest, and for errors
-        return self._encode(obj) if text is None else text
+        fast = self._fast
+        if fast is not None:
+            try:
+                return "".join(fast(obj, 0))
+            except Exception:
+                pass  # not plain JSON, or a cycle: the full encoder raises the error to show
+        return self._encode(obj)
 
     def loads(self, data: Union[bytes, str]) -> object:
         if isinstance(data, (bytes, bytearray, memoryview)):

@@ -1,4 +1,4 @@
-"""SQLitePersistence: the embedded durable store, on the standard library's sqlite3.
+"""SQLitePersistence: the embedded durable store, plain SQLite through the standard library.
 
 One row per job, keyed by its id, in a WAL-mode database. A row's ``state``
 tells recovery what to do with it:
@@ -6,36 +6,36 @@ tells recovery what to do with it:
     ready    saved and waiting (``run_at`` in the future for a delayed job)
     running  an attempt started; still "running" at load time means the
              process died during the attempt, so the crash counts as one
-    dead     failed permanently; kept with ``reason`` until purged
+    dead     failed permanently; kept with ``reason`` until requeued or purged
     corrupt  could not be decoded at load time; quarantined, never run
 
-With ``synchronous`` OFF or NORMAL (the default), a write is appended to a
-journal (``_journal.py``: one ``write()`` call, durable through a crash of the
-process, like a WAL commit under NORMAL) and a background thread applies the
-journal to the table in batches, one transaction each (it waits 20 ms to gather a
-batch), so a row reaches the table shortly after the call, or at once with ``flush()``.
+Every write is committed before the call returns. Writes from all threads go
+through one connection and one commit lock, with group commit: a thread that
+finds the lock taken queues its statements, and the next lock holder commits
+everyone's in one transaction (if that fails, each caller's statements are
+retried alone, so one bad write fails only its own call).
 
-With FULL or EXTRA (or ``journal=False``) every write is committed before the
-call returns. Writes from all threads then go through one connection and one
-commit lock, with group commit: a thread that finds the lock taken queues its
-statements, and the next lock holder commits everyone's in one transaction, so
-many producers do not pay one fsync each.
+A file has one live owner (see ``_ownership.py``); ``read_only=True`` opens a
+file for inspection without owning it, and writes nothing.
 """
+import itertools
 import json
 import logging
+import operator
 import os
 import sqlite3
 import threading
 import time
+import urllib.parse
+import weakref
 from collections import deque
-from typing import Any, Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-from .._pick_core import codec
 from ..config import RetryConfig
 from ..errors import PersistenceError
 from ..job import _DEFAULT_RETRY_CONFIG, Job
-from . import _journal
-from ._journal import DELETE, RUNNING, SAVE, SAVE_MANY
+from . import _ownership
+from ._ownership import LOCK_SUFFIX, OwnedError
 from ._protocol import Serializer
 from .serializers import JSONSerializer
 
@@ -44,14 +44,14 @@ __all__ = ["SQLitePersistence", "DeadJob"]
 logger = logging.getLogger("tinymq.persistence")
 
 _TABLE = "tinymq_jobs"
-_SCHEMA_VERSION = 1
-# The order of a row tuple (the journal's format too), named in every statement: the
-# columns that are NULL for most jobs come last, so a row can skip them (see _LEAN).
+_SCHEMA_VERSION = 1  # the jobs table; the owner table is created beside it when missing
+# The columns that are NULL for most jobs come last, so a "lean" row can leave them out.
 _COLUMNS = (
     "id", "state", "type", "priority", "run_at", "timestamp", "retries", "payload",
     "retry_config", "tags", "last_error", "reason",
 )
-_LEAN = codec.LEAN  # rows whose last four values are NULL insert only the first eight: ~1 us/row less
+_LEAN = 8  # a lean row's columns: the rest are NULL
+_NULLS = (None,) * (len(_COLUMNS) - _LEAN)
 _CREATE = f"""
 CREATE TABLE IF NOT EXISTS {_TABLE} (
     id           TEXT PRIMARY KEY NOT NULL,
@@ -61,50 +61,64 @@ CREATE TABLE IF NOT EXISTS {_TABLE} (
     run_at       REAL,               -- Unix epoch seconds (wall clock)
     timestamp    REAL,
     retries      INTEGER,            -- failed attempts so far
+    payload      BLOB,               -- serializer output, NULL for None
     retry_config TEXT,               -- JSON object of RetryConfig fields; NULL: RetryConfig()
     tags         TEXT,               -- JSON object, NULL when empty
     last_error   TEXT,
-    reason       TEXT,               -- why dead or corrupt
-    payload      BLOB                -- serializer output, NULL for None
+    reason       TEXT                -- why dead or corrupt
 ) WITHOUT ROWID
 """
 # WITHOUT ROWID: the id is the key, so a save writes one b-tree instead of two.
 
-# Each journal's watermark: written in the transaction that applies its segments, so
-# recovery knows which of a dead journal's segments are already in the table.
-_JOURNALS = "tinymq_journal_applied"
-_CREATE_JOURNALS = f"""
-CREATE TABLE IF NOT EXISTS {_JOURNALS} (
-    journal TEXT PRIMARY KEY NOT NULL,  -- a journal's token (see _journal.py)
-    applied INTEGER NOT NULL            -- its segments up to this number are in the table
-) WITHOUT ROWID
+# The owner of the file (one row): see _ownership.py for why a lock file is not enough.
+_OWNER = "tinymq_owner"
+_CREATE_OWNER = f"""
+CREATE TABLE IF NOT EXISTS {_OWNER} (
+    slot    INTEGER PRIMARY KEY CHECK (slot = 0),
+    pid     INTEGER NOT NULL,
+    started TEXT,                    -- the process's start time (clock ticks since boot)
+    host    TEXT NOT NULL,           -- host name and boot id
+    lock    TEXT NOT NULL,           -- "st_dev:st_ino" of the lock file it holds
+    since   REAL NOT NULL            -- Unix epoch seconds
+)
 """
-_SET_APPLIED = f"INSERT OR REPLACE INTO {_JOURNALS} VALUES (?, ?)"
-_UPSERT = f"INSERT OR REPLACE INTO {_TABLE} ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+
+
+def _insert(columns: int, rows: int = 1) -> str:
+    values = ", ".join(["(" + ", ".join("?" * columns) + ")"] * rows)
+    return f"INSERT OR REPLACE INTO {_TABLE} ({', '.join(_COLUMNS[:columns])}) VALUES {values}"
+
+
+_UPSERT_LEAN = _insert(_LEAN)
+_UPSERT = _insert(len(_COLUMNS))
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM {_TABLE}"
 _DELETE = f"DELETE FROM {_TABLE} WHERE id = ?"
 _MARK_RUNNING = f"UPDATE {_TABLE} SET state = 'running' WHERE id = ?"
-_SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
-# Rows per multi-row INSERT: a power of two, and smaller statements for the rest of a
-# batch halve down to 1 row, so a dozen statements serve every batch size from
-# sqlite3's statement cache: preparing a new 1,000-row INSERT costs as much as running
-# it. Large statements also mean fewer GIL hand-offs between the journal's flusher and
-# producers. Stay under SQLite's bound-variable limit (32766; 999 before 3.32).
-_ROWS_PER_INSERT = 1024 if sqlite3.sqlite_version_info >= (3, 32) else 64
+_MERGED_DELETE = f"DELETE FROM {_TABLE} WHERE id IN ({{}})"
+_MERGED_MARK_RUNNING = f"UPDATE {_TABLE} SET state = 'running' WHERE id IN ({{}})"
+_MERGEABLE = (_UPSERT_LEAN, _UPSERT, _DELETE, _MARK_RUNNING)
+_SYNCHRONOUS_MODES = ("NORMAL", "FULL")
+# Rows per multi-row INSERT of save_many: powers of two, halving down to 1 for the rest of
+# a batch, so a dozen statements serve every batch size from the statement cache. Stay
+# under SQLite's bound-variable limit (32766; 999 before 3.32).
+_ROWS_PER_INSERT = 512 if sqlite3.sqlite_version_info >= (3, 32) else 64
+_DEFAULT_MAX_LENGTH = 1_000_000_000  # SQLITE_MAX_LENGTH's default, where getlimit() is missing
+_ROW_OVERHEAD = 512  # bytes a row's header and numbers may add to its text and blobs
+_INT64 = 1 << 63
 _RETRY_FIELDS = ("max_retries", "initial_delay", "max_delay", "backoff_multiple", "jitter")
+_CACHE_LIMIT = 256  # retry configs remembered by identity / by text
+_STATEMENT_CACHE = 512  # prepared statements per connection: merged ones come in many sizes
+_CHECKPOINT_PAGES = 10_000  # about 10 MiB of WAL with 1 KiB pages
+_MAX_MERGED_ROWS = 256  # rows per merged statement, well under the bound-variable limit
 
-_ready_row = codec.ready_row  # the row of a plain job in one codec call; None for any other
-_MAX_BACKLOG = 100_000  # journaled writes not yet in the table, before writers wait
-
-Statement = Tuple[str, Any, bool]  # (sql, parameters, executemany?)
-Operation = Tuple[str, Any]  # a journal record: (SAVE, row), (DELETE, job_id), ...
+Statement = Tuple[str, Any]  # (sql, parameters)
 
 
 class DeadJob(NamedTuple):
     """A job kept after failing permanently, as ``SQLitePersistence.dead_jobs()`` lists it."""
 
     job: Job
-    reason: str  # retries_exhausted | no_executor | evicted | crashed
+    reason: str  # retries_exhausted | no_executor | evicted | cancelled | permanent_failure | crashed
     error: Optional[str]
 
 
@@ -115,12 +129,23 @@ class _Unit:
 
     def __init__(self, statements: List[Statement]) -> None:
         self.statements = statements
-        self.done = False
+        self.done = False  # committed
         self.error: Optional[BaseException] = None
 
 
+def _storable(text: str) -> bool:
+    """Whether SQLite can store ``text`` (no lone surrogates)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_id(job_id: object) -> None:
-    if job_id.__class__ is not str or not job_id or not _journal.utf8(job_id):  # type: ignore[arg-type]
+    if job_id.__class__ is not str or not job_id or not _storable(job_id):  # type: ignore[arg-type]
         raise PersistenceError(f"a job id must be a non-empty str SQLite can store, got {job_id!r}")
 
 
@@ -132,24 +157,57 @@ def _error_text(error: object) -> Optional[str]:
     return str(error)
 
 
+def _utf8_length(value: object) -> int:
+    if value is None:
+        return 0
+    if value.__class__ is str:
+        return len(value) if value.isascii() else len(value.encode("utf-8"))  # type: ignore[union-attr]
+    return len(value)  # type: ignore[arg-type]
+
+
+_live_stores: "weakref.WeakSet[SQLitePersistence]" = weakref.WeakSet()
+# Connections a forked child inherited: referenced forever, so the child never closes them.
+_inherited: List[sqlite3.Connection] = []
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_live_stores):
+        store._inherited_by_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _release(lock_fd: int, key: Tuple[int, int], pid: int) -> None:
+    """Give up ownership (close() or garbage collection), in the process that took it only."""
+    if os.getpid() != pid:
+        return
+    _ownership.unregister(key)
+    try:
+        _ownership.unlock(lock_fd)
+    except OSError:
+        pass
+
+
 class SQLitePersistence:
-    """A durable job store in one SQLite file.
+    """A durable job store in one SQLite file, owned by one live store at a time.
 
-    ``synchronous="NORMAL"`` (the default) survives a crash of the process:
-    a write is in the OS page cache when the call returns, in the journal
-    (``DB-tinymq-*.log`` files beside the database) and then in the table.
-    ``"FULL"`` also survives power loss, at an fsync per commit, shared by
-    concurrent producers through group commit. ``journal`` defaults to on
-    wherever it can keep that promise (OFF or NORMAL, a file path, ``flock()``);
-    ``journal=False`` commits every write to the table before returning, for
-    readers of the table that cannot wait for ``flush()``; it is several times
-    slower (see bench/test_bench_durable.py).
+    ``synchronous="NORMAL"`` (the default) survives a crash of the process: a
+    write is committed to the WAL when the call returns. ``"FULL"`` also
+    survives power loss, at an fsync per commit, shared by concurrent
+    producers through group commit.
 
-    Several stores, in one process or in several, may open the same file;
-    delivery stays at-least-once (each ``load_all`` returns every unfinished
-    row in the file, and replays the journal of any process that died; so does
-    opening a store). Keep the file on a local filesystem: the journal relies
-    on ``flock()``, which network filesystems may only emulate.
+    Opening a file that a live store owns, in this process or another, raises
+    PersistenceError naming the owner's pid; a file whose owner exited or died
+    is taken over (``load_all`` then brings its running jobs back, each crash
+    counted). ``claim("jobs-{}.db", slots=8)`` opens the first free one of
+    several files. ``read_only=True`` inspects a file at any time, owned or
+    not, without taking ownership or writing anything.
+
+    The database and the files beside it (``-wal``, ``-shm``, ``-tinymq.lock``)
+    are mode 0600; a symlink or another user's file is refused. Keep the file
+    on a local filesystem (ownership relies on ``flock()`` and process ids).
 
     ``serializer`` turns payloads into stored bytes/text (JSON by default;
     see ``PickleSerializer`` for the opt-in alternative).
@@ -162,7 +220,7 @@ class SQLitePersistence:
         synchronous: str = "NORMAL",
         serializer: Optional[Serializer] = None,
         busy_timeout: float = 5.0,
-        journal: Optional[bool] = None,
+        read_only: bool = False,
     ) -> None:
         if not isinstance(synchronous, str) or synchronous.upper() not in _SYNCHRONOUS_MODES:
             raise ValueError(f"synchronous must be one of {_SYNCHRONOUS_MODES}, got {synchronous!r}")
@@ -170,131 +228,233 @@ class SQLitePersistence:
             raise TypeError(f"busy_timeout must be seconds (float), got {busy_timeout!r}")
         if not 0 <= busy_timeout < float("inf"):
             raise ValueError(f"busy_timeout must be a finite number >= 0, got {busy_timeout!r}")
+        if not isinstance(read_only, bool):
+            raise TypeError(f"read_only must be True or False, got {read_only!r}")
         if serializer is None:
             serializer = JSONSerializer()
         elif not (callable(getattr(serializer, "dumps", None)) and callable(getattr(serializer, "loads", None))):
             raise TypeError(f"serializer must have dumps() and loads(), got {serializer!r}")
         self.path = os.fspath(path)
+        if not isinstance(self.path, str) or not self.path or self.path == ":memory:":
+            raise ValueError(f"path must name a file, got {path!r}")
         self.synchronous = synchronous.upper()
-        self._plain_file = self.path != ":memory:" and not self.path.startswith("file:")
-        # Journals are named after the real path: a chdir() or a symlinked name finds the same ones.
-        self._journal_base = os.path.realpath(self.path) if self._plain_file else ""
-        journal_possible = self._plain_file and self.synchronous in ("OFF", "NORMAL") and _journal.SUPPORTED
-        if journal is None:
-            journal = journal_possible
-        elif not isinstance(journal, bool):
-            raise TypeError(f"journal must be True, False or None, got {journal!r}")
-        elif journal and not journal_possible:
-            raise ValueError(
-                f"journal=True needs synchronous OFF or NORMAL, a file path and flock(); "
-                f"got synchronous={self.synchronous!r}, path={self.path!r}"
-            )
-        self.journal = journal
+        self.read_only = read_only
         self.serializer = serializer
         self.busy_timeout = float(busy_timeout)
         self._dumps = serializer.dumps
-        self._plain_json = type(serializer) is JSONSerializer  # then ready_row calls codec.json_text itself
+        self._file = os.path.abspath(self.path)  # a chdir() later does not move the store
         self._tags_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-        self._retry_json: dict = {}  # id(config) -> (config, json): configs are frozen and shared
-        self._retry_configs: dict = {}  # json -> RetryConfig, so loading 100k jobs builds a handful
-        self._insert_sql: dict = {}  # (columns, rows) -> "INSERT ... VALUES (...), (...)"
+        self._retry_json: Dict[int, Tuple[RetryConfig, str]] = {}  # id(config) -> (config, json)
+        self._retry_configs: Dict[Optional[str], RetryConfig] = {}  # json -> config, for loading
+        self._insert_sql: Dict[Tuple[int, int], str] = {}  # (columns, rows) -> multi-row INSERT
+        self._merged_sql: Dict[Tuple[str, int], str] = {}  # (single-row statement, rows) -> merged
         self._closed = False
-        self._abandoned: List[sqlite3.Connection] = []  # inherited across fork(): never touched again
-        self._journal: Optional[_journal.Journal] = None
-        self._open()
+        self._pid = os.getpid()
+        if read_only:
+            conn = self._read_only_connection()  # fail now if it cannot be read
+            try:
+                self._check_schema(conn)
+            finally:
+                conn.close()
+            return
+        # Invariant: only the holder of _commit_lock uses _conn and _cursor.
+        self._commit_lock = threading.Lock()
+        self._pending: "deque[_Unit]" = deque()  # units waiting for the next committer
+        self._conn, self._lock_fd, self._key = self._open_owned()
+        self._cursor = self._conn.cursor()
+        self._max_length = (self._conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)  # type: ignore[attr-defined]
+                            if hasattr(self._conn, "getlimit") else _DEFAULT_MAX_LENGTH)
+        self._finalizer = weakref.finalize(self, _release, self._lock_fd, self._key, self._pid)
+        _live_stores.add(self)
 
-    # -- connection lifecycle ------------------------------------------------
+    @classmethod
+    def claim(cls, pattern: str, slots: int = 8, **kwargs: Any) -> "SQLitePersistence":
+        """Open the first of ``pattern.format(0)`` .. ``pattern.format(slots - 1)`` no live store owns.
 
-    def _open(self) -> None:
-        """(Re)build the connection, the locks and the journal for the current process.
-
-        All or nothing: on failure the store keeps its old state (in a forked
-        child, the parent's), so the next call tries again.
+        For several processes of one app: each claims a file of its own, and a
+        restarted process takes over the file (and the jobs) of one that died.
+        Raises PersistenceError when every slot is owned.
         """
-        if self._plain_file:
-            try:  # create it 0600 ourselves: sqlite3 would use 0644 (less umask)
-                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-            except OSError as exc:
-                raise PersistenceError(f"cannot create persistence file {self.path!r}: {exc}") from exc
+        if not isinstance(pattern, str) or "{}" not in pattern:
+            raise ValueError(f"pattern must be a str with one '{{}}' for the slot number, got {pattern!r}")
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"slots must be an int >= 1, got {slots!r}")
+        if kwargs.get("read_only"):
+            raise ValueError("claim() takes ownership: open a file with read_only=True directly")
+        owners = []
+        for slot in range(slots):
+            try:
+                return cls(pattern.format(slot), **kwargs)
+            except OwnedError as exc:
+                owners.append(exc.pid)
+        raise PersistenceError(f"every one of the {slots} slots of {pattern!r} is owned by a live store "
+                               f"(pids {', '.join(str(pid) for pid in owners)})")
+
+    # -- opening: ownership, files, connection ----------------------------------
+
+    def _open_owned(self) -> Tuple[sqlite3.Connection, int, Tuple[int, int]]:
+        """Lock, check and open the file, and record this process as its owner; all or nothing."""
+        db = self._file
+        found = _ownership.check_file(db, mode="keep")  # a look, changing nothing: not ours yet
+        if found is not None:
+            _ownership.owned_here((found.st_dev, found.st_ino), self.path)
+        lock_fd = _ownership.lock(db + LOCK_SUFFIX)
         try:
-            conn = sqlite3.connect(
-                self.path,
-                timeout=self.busy_timeout,
-                isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+            found = _ownership.check_file(db, mode="tighten")
+            beside = [_ownership.check_file(db + suffix, mode="tighten") for suffix in ("-wal", "-shm")]
+            if found is None:
+                if any(beside):
+                    raise PersistenceError(f"{db!r} does not exist but its -wal or -shm file does: "
+                                           "refused (they belong to another database); remove them")
+                found = _ownership.create_private(db)
+            key = (found.st_dev, found.st_ino)
+            _ownership.register(key, self.path)
+            try:
+                conn = self._connect("mode=rw")
+                try:
+                    again = _ownership.check_file(db, mode="keep")
+                    if again is None or (again.st_dev, again.st_ino) != key:
+                        raise PersistenceError(f"{db!r} was replaced while it was being opened")
+                    self._prepare(conn)
+                    lock_stat = os.fstat(lock_fd)
+                    self._take_over(conn, f"{lock_stat.st_dev}:{lock_stat.st_ino}")
+                except BaseException:
+                    conn.close()
+                    raise
+            except BaseException:
+                _ownership.unregister(key)
+                raise
+        except BaseException:
+            _ownership.unlock(lock_fd)
+            raise
+        return conn, lock_fd, key
+
+    def _connect(self, mode: str) -> sqlite3.Connection:
+        uri = f"file:{urllib.parse.quote(self._file)}?{mode}"
+        try:
+            return sqlite3.connect(
+                uri, uri=True, timeout=self.busy_timeout,
+                isolation_level=None,  # autocommit; group commits issue BEGIN/COMMIT themselves
                 check_same_thread=False,  # guarded by _commit_lock instead
-                uri=self.path.startswith("file:"),
+                cached_statements=_STATEMENT_CACHE,
             )
         except sqlite3.Error as exc:
             raise PersistenceError(f"cannot open persistence file {self.path!r}: {exc}") from exc
-        try:
-            try:
-                # Rows are small: 1 KiB pages make each commit append a quarter of the WAL
-                # bytes of the default 4 KiB (ignored for an existing file).
-                conn.execute("PRAGMA page_size=1024")
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA wal_autocheckpoint=10000")  # checkpoint every ~10 MiB of WAL
-                conn.execute(f"PRAGMA synchronous={self.synchronous}")
-                conn.execute(_CREATE)
-                conn.execute(_CREATE_JOURNALS)
-                if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
-                    conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
-            except sqlite3.Error as exc:
-                raise PersistenceError(f"cannot open persistence file {self.path!r}: {exc}") from exc
-            self._replay_dead_journals(conn, None, "replaying the journal of a process that died")
-            journal = None
-            if self.journal:
-                try:
-                    # A writer facing a full backlog waits out two of the flusher's attempts.
-                    journal = _journal.Journal(self._journal_base, self._apply, self._forget_applied,
-                                               _MAX_BACKLOG, 2 * self.busy_timeout + 0.5, self._forget_journal)
-                except OSError as exc:
-                    raise PersistenceError(f"cannot create the journal of {self.path!r}: {exc}") from exc
-        except BaseException:
-            conn.close()
-            raise
-        # Invariant: only the holder of _commit_lock uses _conn.
-        self._commit_lock = threading.Lock()
-        self._pending: "deque[_Unit]" = deque()  # units waiting for the next committer
-        self._conn = conn
-        self._cursor = conn.cursor()  # reused by the single-statement fast path
-        self._journal = journal
-        self._pid = os.getpid()
 
-    def _connection(self) -> sqlite3.Connection:
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        try:
+            # Rows are small: 1 KiB pages make each commit append a quarter of the WAL
+            # bytes of the default 4 KiB (ignored for an existing file).
+            conn.execute("PRAGMA page_size=1024")
+            conn.execute("PRAGMA journal_mode=WAL")
+            # A checkpoint (two fsyncs under NORMAL) every _CHECKPOINT_PAGES pages of WAL, not every 1,000.
+            conn.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_PAGES}")
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            conn.execute(_CREATE)
+            conn.execute(_CREATE_OWNER)
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            elif version > _SCHEMA_VERSION:
+                raise PersistenceError(f"{self.path!r} has schema version {version}, written by a newer "
+                                       f"tinymq; this one reads version {_SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
+            raise PersistenceError(f"cannot open persistence file {self.path!r}: {exc}") from exc
+
+    def _take_over(self, conn: sqlite3.Connection, lock_id: str) -> None:
+        """Record this process as the owner, unless a live owner of another lock file is recorded.
+
+        We hold the lock file, so a recorded owner of *this* lock file is gone.
+        A recorded owner of another one had its lock file deleted under it:
+        refuse while it lives.
+        """
+        pid, started, host = _ownership.this_process()
+
+        def claim(conn: sqlite3.Connection) -> None:
+            row = conn.execute(f"SELECT pid, started, host, lock FROM {_OWNER}").fetchone()
+            if row is not None and row[3] != lock_id and _ownership.is_alive(row[0], row[1], row[2]):
+                raise OwnedError(self.path, row[0], ", whose lock file was removed or replaced")
+            conn.execute(f"INSERT OR REPLACE INTO {_OWNER} VALUES (0, ?, ?, ?, ?, ?)",
+                         (pid, started, host, lock_id, time.time()))
+
+        self._in_transaction(conn, claim, "taking ownership")
+
+    def _read_only_connection(self) -> sqlite3.Connection:
+        """A connection that can neither write nor create anything, opened for one inspection.
+
+        A WAL reader needs the -shm index: with both -wal and -shm present it
+        uses them read-only (``readonly_shm``), so it works while another
+        process owns and writes the file, and in a read-only directory. With
+        no -wal, no process has the file open for writing, and the database
+        file alone is the whole content (``immutable``: no lock, no -shm).
+        """
+        db = self._file
+        if _ownership.check_file(db, mode="refuse") is None:
+            raise PersistenceError(f"cannot open {self.path!r} read-only: it does not exist")
+        wal = _ownership.check_file(db + "-wal", mode="refuse")
+        shm = _ownership.check_file(db + "-shm", mode="refuse")
+        if wal is None:
+            return self._connect("mode=ro&immutable=1")
+        if shm is None:
+            raise PersistenceError(f"cannot open {self.path!r} read-only: its -wal has no -shm "
+                                   "beside it (reading it would create one); open it for writing "
+                                   "once to recover it")
+        return self._connect("mode=ro&readonly_shm=1")
+
+    def _check_schema(self, conn: sqlite3.Connection) -> None:
+        try:
+            found = conn.execute("SELECT count(*) FROM sqlite_master WHERE name = ?", (_TABLE,)).fetchone()[0]
+        except sqlite3.Error as exc:
+            raise PersistenceError(f"cannot read {self.path!r}: {exc}") from exc
+        if not found:
+            raise PersistenceError(f"{self.path!r} is not a tinymq store (no {_TABLE} table)")
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def _inherited_by_fork(self) -> None:
+        """In a forked child (at fork): never close the parent's connection, nor pin its lock."""
+        _live_stores.discard(self)  # done once: a grandchild must not close this descriptor number again
+        _inherited.append(self._conn)  # garbage collection would close it from the child
+        try:
+            os.close(self._lock_fd)  # our copy only: the parent's flock stays held by its own descriptor
+        except OSError:
+            pass
+
+    def _check_usable(self) -> None:
         if self._pid != os.getpid():
-            # A forked child: the parent's connection (and any lock a parent
-            # thread held) must never be used here. Keep it referenced so that
-            # garbage collection never closes it from the child either.
-            self._abandoned.append(self._conn)
-            self._open()
+            raise PersistenceError(
+                f"SQLitePersistence({self.path!r}) was opened in pid {self._pid}, used in forked "
+                f"child pid {os.getpid()}: open a new store in the child"
+            )
         if self._closed:
             raise PersistenceError(f"SQLitePersistence({self.path!r}) is closed")
-        return self._conn
+        if self.read_only:
+            raise PersistenceError(f"SQLitePersistence({self.path!r}) is read-only")
 
     def close(self) -> None:
-        """Apply the journal and close the connection; later calls raise PersistenceError. Idempotent.
+        """Give up the file: later calls raise PersistenceError. Idempotent.
 
-        If the journal cannot be applied (the database refuses it), it stays on
-        disk for the next ``load_all`` and this raises PersistenceError.
+        In a forked child, it only marks this store closed: the connection
+        and the lock are the parent's.
         """
         if self._closed:
             return
-        if self._pid != os.getpid():
-            self._closed = True  # the parent's connection is the parent's to close
+        if self.read_only or self._pid != os.getpid():
+            self._closed = True
             return
-        try:
-            if self._journal is not None:
-                self._journal.close()
-        finally:
-            with self._commit_lock:
-                self._closed = True
+        with self._commit_lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._conn.execute(f"DELETE FROM {_OWNER} WHERE pid = ?", (self._pid,))
+            except sqlite3.Error as exc:  # a stale owner row is harmless: the lock file decides
+                logger.warning("persistence %s: could not clear the owner row: %s", self.path, exc)
+            _live_stores.discard(self)  # a later fork must not close the released descriptor's number
+            try:
                 self._conn.close()
-
-    def flush(self) -> None:
-        """Return once every write made before the call is in the table (a no-op without journal)."""
-        self._connection()
-        if self._journal is not None:
-            self._journal.flush()
+            finally:
+                self._finalizer()
 
     def __enter__(self) -> "SQLitePersistence":
         return self
@@ -303,22 +463,21 @@ class SQLitePersistence:
         self.close()
 
     def __repr__(self) -> str:
-        return f"SQLitePersistence({self.path!r}, synchronous={self.synchronous!r}, journal={self.journal})"
+        mode = ", read_only=True" if self.read_only else ""
+        return f"SQLitePersistence({self.path!r}, synchronous={self.synchronous!r}{mode})"
 
     # -- rows ------------------------------------------------------------------
 
+    def _upsert(self, job: Job, state: str = "ready", reason: Optional[str] = None,
+                last_error: Optional[str] = None) -> Statement:
+        """The INSERT for ``job``'s row, checked here so that no row SQLite would refuse is accepted."""
+        row = self._row(job, state, reason, last_error)
+        if row[_LEAN:] == _NULLS:
+            return _UPSERT_LEAN, row[:_LEAN]
+        return _UPSERT, row
+
     def _row(self, job: Job, state: str = "ready", reason: Optional[str] = None,
              last_error: Optional[str] = None) -> tuple:
-        """The row for ``job``: plain values only, checked here so that no bad row is ever accepted."""
-        if state == "ready":  # most rows: a plain job's, built in one codec call
-            row = _ready_row(job, self._dumps, self._plain_json, _DEFAULT_RETRY_CONFIG)
-            if row is not None:
-                return row
-        return self._general_row(job, state, reason, last_error)
-
-    def _general_row(self, job: Job, state: str = "ready", reason: Optional[str] = None,
-                     last_error: Optional[str] = None) -> tuple:
-        """The row for any job, in Python (``codec.ready_row`` declines all but plain ones)."""
         payload = job.payload
         if payload is not None:
             try:
@@ -332,9 +491,8 @@ class SQLitePersistence:
                 raise PersistenceError(f"{self.serializer!r} returned {type(payload).__name__} for job "
                                        f"{job.id!r}; a serializer must return str or bytes")
         config = job.retry_config
-        if config is _DEFAULT_RETRY_CONFIG:
-            config_text = None  # most jobs: a shorter row to log, bind and store
-        else:
+        config_text: Optional[str] = None  # the default config: most jobs
+        if config is not _DEFAULT_RETRY_CONFIG:
             cached = self._retry_json.get(id(config))
             if cached is None or cached[0] is not config:
                 cached = self._remember_retry_config(config)
@@ -346,25 +504,28 @@ class SQLitePersistence:
                 tags_text = self._tags_json(tags)
             except (TypeError, ValueError) as exc:
                 raise PersistenceError(f"cannot serialise the tags of job {job.id!r}: {exc}") from exc
-        job_type, run_at, timestamp, retries = job.type, job.run_at, job.timestamp, job.retries
+        job_id, job_type, run_at, timestamp, retries = job.id, job.type, job.run_at, job.timestamp, job.retries
         if last_error is None:
             last_error = job.last_error
         if (job_type.__class__ is not str or run_at.__class__ is not float or timestamp.__class__ is not float
-                or retries.__class__ is not int or not 0 <= retries < _journal.INT64
+                or retries.__class__ is not int or not 0 <= retries < _INT64
                 or (last_error is not None and last_error.__class__ is not str)):
             job_type, run_at, timestamp, retries, last_error = self._plain_fields(job, last_error)
-        job_id = job.id
+        texts = (job_id, job_type, payload, tags_text, last_error)
         if not (job_id.isascii() and job_type.isascii() and (payload.__class__ is not str or payload.isascii())
                 and (tags_text is None or tags_text.isascii()) and (last_error is None or last_error.isascii())):
-            for name, text in (("id", job_id), ("type", job_type), ("payload", payload),
-                               ("tags", tags_text), ("last_error", last_error)):
-                if text.__class__ is str and not _journal.utf8(text):
+            for name, text in zip(("id", "type", "payload", "tags", "last_error"), texts):
+                if text.__class__ is str and not _storable(text):
                     raise PersistenceError(f"job {job_id!r} cannot be stored: its {name} has text that is "
                                            f"not valid Unicode (a lone surrogate?): {text!r:.80}")
-        return (
-            job_id, state, job_type, int(job.priority), run_at, timestamp, retries,
-            payload, config_text, tags_text, last_error, reason,
-        )
+        # SQLite refuses a value or row over SQLITE_LIMIT_LENGTH bytes: refuse it here, for this call only.
+        if payload is not None and len(payload) > (self._max_length >> 3):
+            size = sum(map(_utf8_length, texts)) + _ROW_OVERHEAD
+            if size > self._max_length:
+                raise PersistenceError(f"job {job_id!r} cannot be stored: its row would be {size} bytes, "
+                                       f"over SQLite's limit of {self._max_length} bytes")
+        return (job_id, state, job_type, int(job.priority), run_at, timestamp, retries, payload,
+                config_text, tags_text, last_error, reason)
 
     @staticmethod
     def _plain_fields(job: Job, last_error: object) -> Tuple[str, float, float, int, Optional[str]]:
@@ -375,12 +536,12 @@ class SQLitePersistence:
         except (TypeError, ValueError) as exc:
             raise PersistenceError(f"job {job.id!r} cannot be stored: {exc}") from exc
         retries = job.retries
-        if retries.__class__ is not int or not 0 <= retries < _journal.INT64:
+        if retries.__class__ is not int or not 0 <= retries < _INT64:
             raise PersistenceError(f"job {job.id!r} cannot be stored: retries must be an int >= 0, got {retries!r}")
         return job_type, run_at, timestamp, retries, None if last_error is None else str(last_error)
 
     def _remember_retry_config(self, config: RetryConfig) -> Tuple[RetryConfig, str]:
-        if len(self._retry_json) > 256:
+        if len(self._retry_json) > _CACHE_LIMIT:
             self._retry_json.clear()  # callers making a config per job: don't grow forever
         text = json.dumps({name: getattr(config, name) for name in _RETRY_FIELDS}, separators=(",", ":"))
         entry = self._retry_json[id(config)] = (config, text)
@@ -417,259 +578,111 @@ class SQLitePersistence:
         job.last_error = last_error
         return job
 
-    def _load_retry_config(self, text: object) -> RetryConfig:
+    def _load_retry_config(self, text: Optional[str]) -> RetryConfig:
         if text is None:
             return _DEFAULT_RETRY_CONFIG
-        fields = json.loads(text)  # type: ignore[arg-type]
+        fields = json.loads(text)
         if not isinstance(fields, dict) or set(fields) - set(_RETRY_FIELDS):
             raise ValueError(f"retry_config must be a JSON object of {_RETRY_FIELDS}, got {text!r}")
         config = RetryConfig(**fields)
-        if len(self._retry_configs) > 256:
+        if len(self._retry_configs) > _CACHE_LIMIT:
             self._retry_configs.clear()
         self._retry_configs[text] = config
         return config
 
     # -- writing, with group commit --------------------------------------------
 
-    def _write_one(self, sql: str, parameters: Any) -> None:
-        """One statement, committed before this returns (possibly with other threads' writes)."""
-        self._write([(sql, parameters, False)])
-
     def _write(self, statements: List[Statement]) -> None:
-        """Commit ``statements`` atomically, possibly in one transaction with other threads' units."""
+        """Commit ``statements`` atomically, possibly in one transaction with other threads' units.
+
+        Returns only once they are committed; raises PersistenceError otherwise.
+        """
+        if self._pid != os.getpid() or self._closed or self.read_only:
+            self._check_usable()
         unit = _Unit(statements)
-        self._connection()  # fork check before touching the queue or the lock
         self._pending.append(unit)
         with self._commit_lock:
             if not unit.done:  # nobody committed it for us while we waited: lead a batch
-                conn = self._connection()
                 pending = self._pending
                 batch = [pending.popleft() for _ in range(len(pending))]
-                self._commit(conn, batch)
-        if unit.error is not None:
-            raise PersistenceError(f"{self!r}: write failed: {unit.error}") from unit.error
+                if self._closed:
+                    for waiting in batch:
+                        waiting.error = PersistenceError(f"{self!r} was closed")
+                elif batch:
+                    self._commit(batch)
+        if not unit.done:
+            error = unit.error
+            if isinstance(error, PersistenceError):
+                raise error
+            raise PersistenceError(f"{self!r}: write failed: {error or 'interrupted before its commit'}") from error
 
-    def _commit(self, conn: sqlite3.Connection, batch: List[_Unit]) -> None:
+    def _commit(self, batch: List[_Unit]) -> None:
+        """One transaction for the whole batch; if it fails, each unit alone. Caller holds _commit_lock."""
         try:
-            self._execute(conn, [s for unit in batch for s in unit.statements])
-        except BaseException as exc:
-            if len(batch) == 1 or not isinstance(exc, sqlite3.Error):
-                for unit in batch:
-                    unit.error = exc
-                    unit.done = True
-                if not isinstance(exc, sqlite3.Error):
-                    raise
+            if len(batch) == 1:
+                self._execute(batch[0].statements)
+            else:
+                self._execute(self._merged([s for unit in batch for s in unit.statements]))
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].error = exc
                 return
-            for unit in batch:  # one bad unit must not fail the others: retry each alone
+            for unit in batch:  # one bad unit must not fail the others
                 try:
-                    self._execute(conn, unit.statements)
-                except sqlite3.Error as unit_exc:
+                    self._execute(unit.statements)
+                except Exception as unit_exc:
                     unit.error = unit_exc
-                unit.done = True
+                else:
+                    unit.done = True
             return
         for unit in batch:
             unit.done = True
 
-    @staticmethod
-    def _execute(conn: sqlite3.Connection, statements: List[Statement]) -> None:
-        if len(statements) == 1 and not statements[0][2]:
-            conn.execute(statements[0][0], statements[0][1])  # autocommit: its own transaction
-            return
-        conn.execute("BEGIN IMMEDIATE")  # take the write lock now: no deadlock on upgrade
-        try:
-            for sql, parameters, many in statements:
-                if many:
-                    conn.executemany(sql, parameters)
-                else:
-                    conn.execute(sql, parameters)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+    def _merged(self, statements: List[Statement]) -> List[Statement]:
+        """Runs of one single-row statement (upserts, deletes, marks) as one multi-row statement each.
 
-    # -- the Persistence protocol ------------------------------------------------
-
-    def save(self, job: Job) -> None:
-        """Insert or overwrite ``job`` as ready (or delayed, by its ``run_at``)."""
-        row = self._row(job)
-        journal = self._journal
-        if journal is not None:  # the hot path: one record (None in a forked child until reopened)
-            journal.append((SAVE, row))
-        elif self.journal:
-            self._log((SAVE, row))
-        else:
-            self._write_one(_UPSERT, row)
-
-    def save_many(self, jobs: Iterable[Job]) -> None:
-        """Save every job in one transaction (or one journal record): all of them are stored, or none."""
-        rows = tuple(map(self._row, jobs))
-        if not rows:
-            return
-        if self.journal:
-            self._log((SAVE_MANY, rows))
-            return
-        lean, full, _, _ = codec.net_effect([(SAVE_MANY, rows)])  # each id once: the last row wins
-        self._write(self._insert_statements(lean, full))
-
-    def delete(self, job_id: str) -> None:
-        """Forget a finished job; an unknown id is not an error."""
-        _check_id(job_id)
-        self._log((DELETE, job_id)) if self.journal else self._write_one(_DELETE, (job_id,))
-
-    def mark_running(self, job: Job) -> None:
-        """An attempt starts: if the process dies now, reloading counts it as failed."""
-        _check_id(job.id)
-        self._log((RUNNING, job.id)) if self.journal else self._write_one(_MARK_RUNNING, (job.id,))
-
-    def mark_dead(self, job: Job, reason: str, error: object = None) -> None:
-        """Keep a permanently failed job, with why, for ``dead_jobs()``."""
-        row = self._row(job, "dead", reason, _error_text(error))
-        self._log((SAVE, row)) if self.journal else self._write_one(_UPSERT, row)
-
-    # -- the journal ---------------------------------------------------------------
-
-    def _log(self, operation: Operation) -> None:
-        """Journal one operation: durable when this returns, in the table soon after."""
-        journal = self._journal
-        if journal is None:  # a forked child: its own connection and journal
-            self._connection()
-            journal = self._journal
-            if journal is None:
-                raise PersistenceError(f"{self!r} has no journal in this process")
-        journal.append(operation)
-
-    def _forget_journal(self) -> None:
-        """In a forked child (at fork): the parent's journal is unusable; the next write reopens."""
-        self._journal = None
-
-    def _apply(self, operations: List[Operation], token: str, last_segment: int) -> None:
-        """The journal's flusher: put ``operations`` into the table, and its watermark, in one transaction."""
-        statements = self._statements(operations)
-        statements.append((_SET_APPLIED, (token, last_segment), False))
-        with self._commit_lock:
-            conn = self._conn  # the journal is per process: never a parent's connection
-            try:
-                self._execute(conn, statements)
-            except (sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
-                raise PersistenceError(f"{self!r}: applying the journal failed: {exc}") from exc
-
-    def _forget_applied(self, token: str) -> None:
-        """A journal's files are gone: its watermark is no longer needed."""
-        with self._commit_lock:
-            try:
-                self._conn.execute(f"DELETE FROM {_JOURNALS} WHERE journal = ?", (token,))
-            except sqlite3.Error as exc:  # a leftover row is harmless: the next replay sweeps it
-                logger.warning("persistence %s: could not drop journal %s's watermark: %s", self.path, token, exc)
-
-    def _statements(self, operations: List[Operation]) -> List[Statement]:
-        """SQL for the net effect of ``operations``: one statement group per kind, each row once.
-
-        A job saved and deleted within the batch costs one no-op DELETE, however
-        many times it was written.
+        The same effect in the same order (a multi-row INSERT OR REPLACE applies
+        its rows in order), in fewer calls into SQLite: a batch of other
+        threads' saves becomes one statement, committed on its own.
         """
-        lean, full, deleted, running = codec.net_effect(operations)
-        statements: List[Statement] = []
-        if deleted:
-            statements.append((_DELETE, deleted, True))
-        statements.extend(self._insert_statements(lean, full))
-        if running:
-            statements.append((_MARK_RUNNING, running, True))
-        return statements
-
-    def _insert_statements(self, lean: list, full: list) -> List[Statement]:
-        """Multi-row INSERTs of power-of-two sizes (faster than executemany, always cached).
-
-        ``lean`` and ``full`` are flat parameter lists: rows of their first
-        eight columns (the others NULL), and rows of all twelve.
-        """
-        statements: List[Statement] = []
-        for columns, parameters in ((_LEAN, lean), (len(_COLUMNS), full)):
-            rows = len(parameters) // columns
-            start, size = 0, _ROWS_PER_INSERT
-            while start < rows:
-                while size > rows - start:
-                    size >>= 1
-                sql = self._insert_sql.get((columns, size))
-                if sql is None:
-                    values = ", ".join(["(" + ", ".join("?" * columns) + ")"] * size)
-                    sql = self._insert_sql[columns, size] = (
-                        f"INSERT OR REPLACE INTO {_TABLE} ({', '.join(_COLUMNS[:columns])}) VALUES {values}"
-                    )
-                statements.append((sql, parameters[start * columns:(start + size) * columns], False))
-                start += size
-        return statements
-
-    def _replay_dead_journals(self, conn: sqlite3.Connection,
-                              work: Optional[Callable[[sqlite3.Connection], Any]], what: str) -> Any:
-        """One write transaction: first the journals of dead processes, then ``work(conn)``.
-
-        A journal's segments above its watermark are applied and the watermark
-        moved past them in the same transaction; the files are removed after
-        the commit, so a crash at any point neither loses nor repeats a write.
-        Only this thread uses ``conn``. Without ``work``, no journal to replay
-        means no transaction.
-        """
-        found = _journal.orphans(self._journal_base) if self._plain_file else []
-        if not found and work is None:
-            return None
-        operations: List[Operation] = []
-        marks: List[Tuple[str, int]] = []
-        readable = []
-        for orphan in found:  # locked by us: nobody else moves these watermarks meanwhile
-            try:
-                row = conn.execute(f"SELECT applied FROM {_JOURNALS} WHERE journal = ?", (orphan.token,)).fetchone()
-                applied = -1 if row is None else row[0]
-                records = [op for number, path in orphan.segments if number > applied
-                           for op in _journal.read_segment(path, len(_COLUMNS))]
-            except (PersistenceError, OSError, sqlite3.Error) as exc:
-                logger.error("persistence %s: journal %s left in place, not replayed: %s", self.path, orphan.token, exc)
-                _journal.release(orphan)
+        merged: List[Statement] = []
+        for sql, run in itertools.groupby(statements, key=operator.itemgetter(0)):
+            parameters = [p for _, p in run]
+            if len(parameters) == 1 or sql not in _MERGEABLE:
+                merged.extend((sql, p) for p in parameters)
                 continue
-            readable.append(orphan)
-            operations.extend(records)
-            if orphan.segments:
-                marks.append((orphan.token, max(applied, orphan.segments[-1][0])))
-        if operations:
-            logger.warning("persistence %s: replaying %d journaled writes of %d process(es) that died",
-                           self.path, len(operations), len(readable))
+            for start in range(0, len(parameters), _MAX_MERGED_ROWS):
+                merged.append(self._merged_statement(sql, parameters[start:start + _MAX_MERGED_ROWS]))
+        return merged
 
-        def replay_then_work(conn: sqlite3.Connection) -> Any:
-            for sql, parameters, many in self._statements(operations):
-                (conn.executemany if many else conn.execute)(sql, parameters)
-            conn.executemany(_SET_APPLIED, marks)
-            return None if work is None else work(conn)
+    def _merged_statement(self, sql: str, run: List[Any]) -> Statement:
+        merged_sql = self._merged_sql.get((sql, len(run)))
+        if merged_sql is None:
+            if sql in (_UPSERT_LEAN, _UPSERT):
+                merged_sql = _insert(_LEAN if sql == _UPSERT_LEAN else len(_COLUMNS), len(run))
+            else:
+                template = _MERGED_DELETE if sql == _DELETE else _MERGED_MARK_RUNNING
+                merged_sql = template.format(", ".join("?" * len(run)))
+            self._merged_sql[sql, len(run)] = merged_sql
+        return merged_sql, [value for parameters in run for value in parameters]
 
+    def _execute(self, statements: List[Statement]) -> None:
+        cursor = self._cursor
+        if len(statements) == 1:
+            cursor.execute(*statements[0])  # autocommit: its own transaction
+            return
+        cursor.execute("BEGIN IMMEDIATE")  # take the write lock now: no deadlock on upgrade
         try:
-            result = self._in_transaction(conn, replay_then_work, what)
+            for sql, parameters in statements:
+                cursor.execute(sql, parameters)
+            cursor.execute("COMMIT")
         except BaseException:
-            for orphan in readable:
-                _journal.release(orphan)  # keep the files for the next attempt
+            if self._conn.in_transaction:
+                cursor.execute("ROLLBACK")
             raise
-        for orphan in readable:
-            _journal.remove(orphan)
-        if readable:
-            self._sweep_watermarks(conn)
-        return result
 
-    def _sweep_watermarks(self, conn: sqlite3.Connection) -> None:
-        """Drop the watermarks of journals whose files are all gone (a crash's leftovers included).
-
-        The lock files are listed inside the write transaction: a journal names
-        its lock file before its first apply, and that apply needs this lock.
-        """
-        def sweep(conn: sqlite3.Connection) -> None:
-            live = _journal.tokens(self._journal_base)
-            conn.execute(f"DELETE FROM {_JOURNALS} WHERE journal NOT IN ({', '.join('?' * len(live))})", live)
-
-        try:
-            self._in_transaction(conn, sweep, "dropping old journal watermarks")
-        except PersistenceError as exc:  # harmless leftovers: the next replay tries again
-            logger.warning("persistence %s: %s", self.path, exc)
-
-    def _in_transaction(self, conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], Any],
-                        what: str) -> Any:
-        """Run ``work(conn)`` in one write transaction; the caller holds _commit_lock."""
+    def _in_transaction(self, conn: sqlite3.Connection, work: Any, what: str) -> Any:
+        """Run ``work(conn)`` in one write transaction (the caller holds _commit_lock, or is opening)."""
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -683,6 +696,59 @@ class SQLitePersistence:
             raise PersistenceError(f"{self!r}: {what} failed: {exc}") from exc
         return result
 
+    # -- the Persistence protocol ------------------------------------------------
+
+    def save(self, job: Job) -> None:
+        """Insert or overwrite ``job`` as ready (or delayed, by its ``run_at``); committed on return."""
+        self._write([self._upsert(job)])
+
+    def save_many(self, jobs: Iterable[Job]) -> None:
+        """Save every job in one transaction: all of them are stored, or none (PersistenceError)."""
+        last: Dict[str, tuple] = {}  # each id once: the last row wins, as with one save each
+        for job in jobs:
+            row = self._row(job)
+            last[row[0]] = row
+        if not last:
+            return
+        lean: List[Any] = []
+        full: List[Any] = []
+        for row in last.values():
+            if row[_LEAN:] == _NULLS:
+                lean.extend(row[:_LEAN])
+            else:
+                full.extend(row)
+        self._write(self._insert_statements(lean, full))
+
+    def _insert_statements(self, lean: List[Any], full: List[Any]) -> List[Statement]:
+        """Multi-row INSERTs of power-of-two sizes (faster than executemany, always cached)."""
+        statements: List[Statement] = []
+        for columns, parameters in ((_LEAN, lean), (len(_COLUMNS), full)):
+            rows = len(parameters) // columns
+            start, size = 0, _ROWS_PER_INSERT
+            while start < rows:
+                while size > rows - start:
+                    size >>= 1
+                sql = self._insert_sql.get((columns, size))
+                if sql is None:
+                    sql = self._insert_sql[columns, size] = _insert(columns, size)
+                statements.append((sql, parameters[start * columns:(start + size) * columns]))
+                start += size
+        return statements
+
+    def delete(self, job_id: str) -> None:
+        """Forget a finished job; an unknown id is not an error."""
+        _check_id(job_id)
+        self._write([(_DELETE, (job_id,))])
+
+    def mark_running(self, job: Job) -> None:
+        """An attempt starts: if the process dies now, reloading counts it as failed."""
+        _check_id(job.id)
+        self._write([(_MARK_RUNNING, (job.id,))])
+
+    def mark_dead(self, job: Job, reason: str, error: object = None) -> None:
+        """Keep a permanently failed job, with why, for ``dead_jobs()``."""
+        self._write([self._upsert(job, "dead", reason, _error_text(error))])
+
     def load_all(self) -> List[Job]:
         """Every job to run, oldest first; recovers crashed attempts and quarantines bad rows.
 
@@ -691,44 +757,35 @@ class SQLitePersistence:
         becomes dead (reason "crashed") once that uses up its retries. A row
         that cannot be decoded becomes "corrupt", is logged, and is skipped.
         """
-        self.flush()
-        for journal in _journal.live_on(self._journal_base):  # other stores of this process, same file
-            if journal is not self._journal:
-                journal.flush()
+        self._check_usable()
         with self._commit_lock:
-            return self._replay_dead_journals(self._connection(), self._recover, "load_all")  # type: ignore[no-any-return]
+            self._check_usable()
+            return self._in_transaction(self._conn, self._recover, "load_all")  # type: ignore[no-any-return]
 
     def _recover(self, conn: sqlite3.Connection) -> List[Job]:
-        rows = conn.execute(
-            f"{_SELECT} WHERE state NOT IN ('dead', 'corrupt') ORDER BY timestamp"
-        ).fetchall()
+        rows = conn.execute(f"{_SELECT} WHERE state IN ('ready', 'running') ORDER BY timestamp").fetchall()
         jobs: List[Job] = []
         corrupt: List[Tuple[str, Any]] = []
         crashed: List[Tuple[Any, ...]] = []
+        for row in conn.execute(f"SELECT id, state FROM {_TABLE} WHERE state NOT IN "
+                                "('ready', 'running', 'dead', 'corrupt')"):
+            logger.error("persistence %s: quarantined job row %r: unknown state %r", self.path, row[0], row[1])
+            corrupt.append((f"corrupt: unknown state {row[1]!r}", row[0]))
         for row in rows:
-            state = row[1]
             try:
-                if state not in ("ready", "running"):
-                    raise ValueError(f"unknown state {state!r}")
                 job = self._job(row)
             except Exception as exc:
-                logger.error(
-                    "persistence %s: quarantined corrupt job row %r: %s: %s",
-                    self.path, row[0], type(exc).__name__, exc,
-                )
+                logger.error("persistence %s: quarantined corrupt job row %r: %s: %s",
+                             self.path, row[0], type(exc).__name__, exc)
                 corrupt.append((f"corrupt: {type(exc).__name__}: {exc}", row[0]))
                 continue
-            if state == "running":
+            if row[1] == "running":
                 job.retries += 1
-                job.last_error = (
-                    f"the process died during an attempt (recovered by pid {os.getpid()} "
-                    f"at {time.strftime('%Y-%m-%dT%H:%M:%S%z')})"
-                )
+                job.last_error = (f"the process died during an attempt (recovered by pid {os.getpid()} "
+                                  f"at {time.strftime('%Y-%m-%dT%H:%M:%S%z')})")
                 if job.retries > job.retry_config.max_retries:
-                    logger.error(
-                        "persistence %s: job %r (type %r) crashed its process %d times; "
-                        "kept as dead with reason 'crashed'", self.path, job.id, job.type, job.retries,
-                    )
+                    logger.error("persistence %s: job %r (type %r) crashed its process %d times; "
+                                 "kept as dead with reason 'crashed'", self.path, job.id, job.type, job.retries)
                     crashed.append(("dead", "crashed", job.retries, job.last_error, job.id))
                     continue
                 crashed.append(("ready", None, job.retries, job.last_error, job.id))
@@ -736,51 +793,96 @@ class SQLitePersistence:
         if corrupt:
             conn.executemany(f"UPDATE {_TABLE} SET state = 'corrupt', reason = ? WHERE id = ?", corrupt)
         if crashed:
-            conn.executemany(
-                f"UPDATE {_TABLE} SET state = ?, reason = ?, retries = ?, last_error = ? WHERE id = ?",
-                crashed,
-            )
+            conn.executemany(f"UPDATE {_TABLE} SET state = ?, reason = ?, retries = ?, last_error = ? "
+                             "WHERE id = ?", crashed)
         return jobs
 
-    # -- dead and quarantined rows ---------------------------------------------------
+    # -- inspection (read-only stores too) ---------------------------------------------
+
+    def _read(self, sql: str, parameters: Sequence[Any] = ()) -> List[Any]:
+        if self.read_only:
+            if self._closed:
+                raise PersistenceError(f"SQLitePersistence({self.path!r}) is closed")
+            conn = self._read_only_connection()
+            try:
+                return conn.execute(sql, parameters).fetchall()
+            except sqlite3.Error as exc:
+                raise PersistenceError(f"{self!r}: read failed: {exc}") from exc
+            finally:
+                conn.close()
+        if self._pid != os.getpid() or self._closed:
+            self._check_usable()
+        with self._commit_lock:
+            if self._closed:
+                self._check_usable()
+            try:
+                return self._conn.execute(sql, parameters).fetchall()
+            except sqlite3.Error as exc:
+                raise PersistenceError(f"{self!r}: read failed: {exc}") from exc
+
+    def _decoded(self, rows: List[Any], what: str) -> List[Job]:
+        jobs = []
+        for row in rows:
+            try:
+                jobs.append(self._job(row))
+            except Exception as exc:
+                logger.error("persistence %s: %s row %r cannot be decoded: %s", self.path, what, row[0], exc)
+        return jobs
+
+    def jobs(self) -> List[Job]:
+        """Every unfinished job (ready, delayed or running), oldest first, as stored; changes nothing."""
+        rows = self._read(f"{_SELECT} WHERE state IN ('ready', 'running') ORDER BY timestamp")
+        return self._decoded(rows, "job")
 
     def dead_jobs(self) -> List[DeadJob]:
         """Permanently failed jobs, oldest first, with their reason and last error."""
         rows = self._read(f"{_SELECT} WHERE state = 'dead' ORDER BY timestamp")
-        dead = []
-        for row in rows:
-            try:
-                dead.append(DeadJob(self._job(row), row[11], row[10]))
-            except Exception as exc:
-                logger.error("persistence %s: dead job row %r cannot be decoded: %s", self.path, row[0], exc)
-        return dead
-
-    def purge_dead(self) -> int:
-        """Delete every dead row; returns how many."""
-        return self._purge("dead")
+        reasons = {row[0]: (row[11], row[10]) for row in rows}
+        return [DeadJob(job, *reasons[job.id]) for job in self._decoded(rows, "dead job")]
 
     def quarantined(self) -> List[Tuple[str, str]]:
         """``(job id, why)`` for every row quarantined as corrupt."""
         return [tuple(row) for row in self._read(f"SELECT id, reason FROM {_TABLE} WHERE state = 'corrupt'")]
 
+    def counts(self) -> Dict[str, int]:
+        """How many rows are in each state: ready (due now), delayed, running, dead, corrupt."""
+        counts = dict.fromkeys(("ready", "delayed", "running", "dead", "corrupt"), 0)
+        rows = self._read(f"SELECT CASE WHEN state = 'ready' AND run_at > ? THEN 'delayed' ELSE state END, "
+                          f"count(*) FROM {_TABLE} GROUP BY 1", (time.time(),))
+        for state, number in rows:
+            counts[state] = number
+        return counts
+
+    # -- dead and quarantined rows ----------------------------------------------------
+
+    def requeue_dead(self, ids: Optional[Iterable[str]] = None) -> int:
+        """Dead jobs (all, or those of ``ids``) back to ready with retries reset; returns how many.
+
+        They run after the next ``load_all`` (the next start of a queue on this file).
+        """
+        return self._change_dead(f"UPDATE {_TABLE} SET state = 'ready', retries = 0, reason = NULL "
+                                 "WHERE state = 'dead'", ids)
+
+    def purge_dead(self, ids: Optional[Iterable[str]] = None) -> int:
+        """Delete dead rows (all, or those of ``ids``); returns how many."""
+        return self._change_dead(f"DELETE FROM {_TABLE} WHERE state = 'dead'", ids)
+
     def purge_quarantined(self) -> int:
         """Delete every quarantined (corrupt) row; returns how many."""
-        return self._purge("corrupt")
+        return self._change(lambda conn: conn.execute(f"DELETE FROM {_TABLE} WHERE state = 'corrupt'").rowcount)
 
-    def _read(self, sql: str) -> list:
-        self.flush()
-        with self._commit_lock:
-            conn = self._connection()
-            try:
-                return conn.execute(sql).fetchall()
-            except sqlite3.Error as exc:
-                raise PersistenceError(f"{self!r}: read failed: {exc}") from exc
+    def _change_dead(self, sql: str, ids: Optional[Iterable[str]]) -> int:
+        if ids is None:
+            return self._change(lambda conn: conn.execute(sql).rowcount)
+        if isinstance(ids, str):
+            raise TypeError(f"ids must be an iterable of job ids, not one str: {ids!r}")
+        chosen = [(job_id,) for job_id in ids]
+        for (job_id,) in chosen:
+            _check_id(job_id)
+        return self._change(lambda conn: conn.executemany(sql + " AND id = ?", chosen).rowcount)
 
-    def _purge(self, state: str) -> int:
-        self.flush()
+    def _change(self, work: Any) -> int:
+        self._check_usable()
         with self._commit_lock:
-            conn = self._connection()
-            try:
-                return conn.execute(f"DELETE FROM {_TABLE} WHERE state = ?", (state,)).rowcount
-            except sqlite3.Error as exc:
-                raise PersistenceError(f"{self!r}: purge of {state} rows failed: {exc}") from exc
+            self._check_usable()
+            return self._in_transaction(self._conn, work, "changing dead rows")  # type: ignore[no-any-return]
