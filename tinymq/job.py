@@ -48,17 +48,53 @@ def _as_run_at(value: object) -> float:
         return value.timestamp()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         run_at = float(value)
-        if run_at != run_at:
-            raise ValueError(f"run_at must not be NaN, got {value!r}")
+        if run_at - run_at != 0.0:  # NaN or infinite: a job that would never (or always) be due
+            raise ValueError(f"run_at must be a finite number, got {value!r}")
         return run_at
     raise TypeError(f"run_at must be Unix epoch seconds (float) or an aware datetime, got {value!r}")
 
 
-def _check_type(job_type: object) -> None:
+def _as_type(job_type: object) -> str:
+    """A job type as an exact, non-empty ``str`` (the text of a ``str`` subclass, e.g. a str Enum)."""
     if not isinstance(job_type, str):
         raise TypeError(f"job type must be a str, got {job_type!r}")
     if not job_type:
         raise ValueError("job type must be a non-empty str, got ''")
+    # The core hashes types with no Python code of a subclass's __hash__/__eq__ running.
+    return str.__str__(job_type)
+
+
+def _as_tags(tags: object) -> Optional[Dict[str, str]]:
+    """Tags as a fresh ``str -> str`` dict (None stays None)."""
+    if tags is None:
+        return None
+    try:
+        items = dict(tags)  # type: ignore[call-overload]
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"tags must be a mapping of str to str, got {tags!r}") from exc
+    for key, value in items.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"tags must map str to str, got {key!r}: {value!r}")
+    return {str.__str__(key): str.__str__(value) for key, value in items.items()}
+
+
+def _as_retry_config(retry_config: object) -> RetryConfig:
+    if not isinstance(retry_config, RetryConfig):
+        raise TypeError(f"retry_config must be a RetryConfig, got {retry_config!r}")
+    return retry_config
+
+
+def _validate(job: "Job") -> float:
+    """Check (and normalise) every attribute the queue relies on, however it was set; returns run_at.
+
+    Called by ``Queue.enqueue`` for any job that is not plainly valid already.
+    """
+    job.type = _as_type(job.type)
+    job.priority = _as_priority(job.priority)
+    run_at = job.run_at = _as_run_at(job.run_at)
+    job._tags = _as_tags(job._tags)
+    job.retry_config = _as_retry_config(job.retry_config)
+    return run_at
 
 
 class Job:
@@ -86,23 +122,19 @@ class Job:
         id: Optional[str] = None,
     ) -> None:
         if type.__class__ is not str or not type:
-            _check_type(type)
+            type = _as_type(type)
         if id is not None and (id.__class__ is not str or not id):
             raise ValueError(f"id must be a non-empty str or None, got {id!r}")
         self._id = id
         self.type = type
         self.payload = payload
         self.priority = priority if priority.__class__ is Priority else _as_priority(priority)
-        self._tags = None if tags is None else dict(tags)
+        self._tags = None if tags is None else _as_tags(tags)
         now = _now()
         self.timestamp = now
         self.run_at = now if run_at is None else _as_run_at(run_at)
         self.retries = 0
-        if retry_config is None:
-            retry_config = _DEFAULT_RETRY_CONFIG
-        elif not isinstance(retry_config, RetryConfig):
-            raise TypeError(f"retry_config must be a RetryConfig or None, got {retry_config!r}")
-        self.retry_config = retry_config
+        self.retry_config = _DEFAULT_RETRY_CONFIG if retry_config is None else _as_retry_config(retry_config)
         self.last_error: Optional[str] = None
 
     @property
@@ -128,7 +160,8 @@ class Job:
 
     @tags.setter
     def tags(self, value: Mapping[str, str]) -> None:
-        self._tags = dict(value)
+        tags = _as_tags(value)
+        self._tags = {} if tags is None else tags
 
     # Fluent setters: each returns the job itself, so they chain.
 
@@ -145,9 +178,7 @@ class Job:
         return self
 
     def with_retry_config(self, retry_config: RetryConfig) -> "Job":
-        if not isinstance(retry_config, RetryConfig):
-            raise TypeError(f"retry_config must be a RetryConfig, got {retry_config!r}")
-        self.retry_config = retry_config
+        self.retry_config = _as_retry_config(retry_config)
         return self
 
     def with_max_retries(self, max_retries: int) -> "Job":
