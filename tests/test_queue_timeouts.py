@@ -301,7 +301,8 @@ def test_context_wait_returns_false_when_not_cancelled():
     assert results == [False]
 
 
-def test_context_is_cancelled_on_stop():
+@pytest.mark.parametrize("how", [{"wait": False}, {"wait": True, "timeout": 0.1}])
+def test_context_is_cancelled_when_stop_stops_waiting(how):
     entered = threading.Event()
     outcome = {}
 
@@ -318,7 +319,8 @@ def test_context_is_cancelled_on_stop():
         assert entered.wait(WAIT)
         started = time.monotonic()
     finally:
-        q.stop(wait=True)
+        q.stop(**how)
+    assert wait_until(lambda: len(outcome) == 2)
     assert time.monotonic() - started < WAIT / 2
     assert outcome == {"woke_early": True, "cancelled": True}
 

@@ -11,11 +11,25 @@ Threads:
   ``scheduler_interval``) and is woken at once by an earlier arrival.
 - the watchdog sleeps until the earliest attempt deadline and is woken when an
   attempt starts with an earlier one.
+
+Every wait here is on the monotonic clock: a delayed job or a retry is due
+``delay`` seconds after it was scheduled, whatever the wall clock does
+meanwhile (``run_at`` is only what the user sees and a store keeps).
+
+Stopping: ``stop(wait=True)`` waits for running attempts (timeouts still
+apply), then cancels the contexts of any still running; a cancelled attempt is
+not a failure (its job stays stored for the next start). At interpreter exit
+every running queue is stopped like ``stop(wait=True)`` from threading's exit
+hook, the one ``concurrent.futures`` uses, so attempts finish before ``atexit``
+handlers (a store's ``close``) run. Worker threads are daemon threads only so
+that one stuck in an attempt that already timed out, which nothing waits for,
+can never hold the interpreter open.
 """
 import logging
 import math
 import threading
 import time
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, cast
 
 from ._pick_core import core
@@ -34,6 +48,34 @@ def _describe(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {exc}"
 
 
+# Dispatchers that may still have work at interpreter exit (see _stop_at_exit).
+_live: "weakref.WeakSet[Dispatcher]" = weakref.WeakSet()
+_exit_hook_lock = threading.Lock()
+_exit_hook_registered = False
+
+
+def _stop_at_exit() -> None:
+    """Threading's exit hook: stop every live queue like ``stop(wait=True)``."""
+    for dispatcher in list(_live):
+        try:
+            dispatcher.stop(True, None, "at interpreter exit")
+        except Exception:  # pragma: no cover - a bug; stop the others all the same
+            logger.exception("tinymq could not stop a queue at interpreter exit")
+
+
+def _register_exit_hook() -> None:
+    global _exit_hook_registered
+    with _exit_hook_lock:
+        if _exit_hook_registered:
+            return
+        try:
+            # Runs before threading joins non-daemon threads and before atexit handlers.
+            threading._register_atexit(_stop_at_exit)  # type: ignore[attr-defined]
+        except RuntimeError:  # the interpreter is shutting down already
+            return
+        _exit_hook_registered = True
+
+
 class Dispatcher:
     """Owns the core structures and the threads that move jobs through them."""
 
@@ -50,10 +92,16 @@ class Dispatcher:
         # Guarded by _lock: the live worker slots, the threads, the lifecycle.
         self._slots: Set[Any] = set()
         self._threads: List[threading.Thread] = []
+        self._thread_ids: Set[int] = set()  # this queue's threads: join() there would wait for itself
         self._worker_count = 0  # the pool's size: live, non-retired workers
         self._started = False
         self._stopping = False
         self._worker_number = 0
+        self._stop_cancelled: Set[Any] = set()  # jobs whose attempt stop() cancelled: not failures
+        self._workers_changed = threading.Condition(self._lock)  # a worker exited or was retired
+        self._in_callback = threading.local()  # .depth > 0 while a failure callback runs
+        _live.add(self)
+        _register_exit_hook()
 
     # --- executors and persistence ----------------------------------------
 
@@ -119,10 +167,24 @@ class Dispatcher:
         return self._worker_count
 
     def _start_thread(self, target: Callable[..., None], name: str, *args: Any) -> None:
-        thread = threading.Thread(target=target, name=name, args=args, daemon=True)
+        """Start a thread of this queue's. Called with _lock held."""
+        thread = threading.Thread(target=self._run_thread, name=name, args=(target, *args), daemon=True)
         self._threads = [t for t in self._threads if t.is_alive()]
         self._threads.append(thread)
         thread.start()
+
+    def _run_thread(self, target: Callable[..., None], *args: Any) -> None:
+        ident = threading.get_ident()
+        self._thread_ids.add(ident)
+        try:
+            target(*args)
+        finally:
+            with self._lock:
+                self._thread_ids.discard(ident)
+
+    def waits_for_itself(self) -> bool:
+        """True in this queue's own threads and in its failure callbacks, where join() cannot return."""
+        return threading.get_ident() in self._thread_ids or getattr(self._in_callback, "depth", 0) > 0
 
     def _start_worker(self, failure: Optional[Tuple[Any, Any, BaseException]] = None) -> None:
         """Start one worker thread, which first handles ``failure``. Called with _lock held."""
@@ -147,27 +209,65 @@ class Dispatcher:
         finally:
             with self._lock:
                 self._slots.discard(slot)
+                self._workers_changed.notify_all()
+                stopping = self._stopping
+            if stopping:
+                self.watchdog_alarm.wake()
 
-    def stop(self, wait: bool = True, timeout: Optional[float] = None) -> None:
+    def stop(self, wait: bool = True, timeout: Optional[float] = None, why: Optional[str] = None) -> None:
+        """Accept nothing more; with ``wait``, wait for running attempts (at most ``timeout``).
+
+        Attempts still running afterwards have their contexts cancelled; such
+        an attempt's failure is not counted (see ``attempt_failed``). Attempts
+        that already timed out are never waited for. ``why`` (exit, garbage
+        collection) makes the jobs left unrun a WARNING instead of INFO.
+        """
         with self._lock:
+            first = not self._stopping
             self._stopping = True
-            slots = list(self._slots)
-            threads = list(self._threads)
         self.ready.close()
         self.scheduler_alarm.wake()
-        self.watchdog_alarm.wake()
-        for slot in slots:
-            context = slot.context
-            if context is not None:
-                context._cancel("the queue stopped")
-        if wait:
+        own_thread = self.waits_for_itself()  # an executor or callback: it cannot wait for itself
+        if wait and not own_thread:
             deadline = None if timeout is None else time.monotonic() + timeout
-            current = threading.current_thread()
-            for thread in threads:
-                if thread is current:
-                    continue  # stop() called from an executor: don't wait for ourselves
-                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                thread.join(remaining)
+            with self._lock:
+                while self._running_workers():
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0.0:
+                        break
+                    self._workers_changed.wait(remaining)
+        if not (wait and own_thread):
+            with self._lock:
+                slots = self._running_workers()
+            for slot in slots:
+                self._cancel_for_stop(slot)
+        self.watchdog_alarm.wake()  # it leaves once no worker is left to watch
+        if first:
+            self._report_unrun(why)
+
+    def _running_workers(self) -> List[Any]:
+        """The slots of live workers that were not retired. Called with _lock held."""
+        return [slot for slot in self._slots if not slot.retired]
+
+    def _cancel_for_stop(self, slot: Any) -> None:
+        job, context = slot.job, slot.context
+        if job is None or context is None:
+            return
+        with self._lock:
+            self._stop_cancelled.add(job)
+        context._cancel("the queue stopped")
+
+    def _report_unrun(self, why: Optional[str]) -> None:
+        unrun = self.ready.unfinished
+        if unrun <= 0:
+            return
+        kept = ("a persistence store keeps them for the next start" if self.store is not None
+                else "they are lost: the queue has no persistence store")
+        if why is None:
+            logger.info("queue stopped with %d accepted jobs not run (%s)", unrun, kept)
+        else:
+            logger.warning("queue stopped %s with %d accepted jobs not run (%s); call stop() "
+                           "(or use `with Queue() as q:`) to decide when", why, unrun, kept)
 
     @property
     def stopping(self) -> bool:
@@ -175,33 +275,36 @@ class Dispatcher:
 
     # --- delayed jobs ----------------------------------------------------
 
-    def push_delayed(self, job: Any, run_at: float, evictable: bool = True) -> None:
-        """Add an accepted job to the delayed set; an evicted one fails at once, here.
+    def push_delayed(self, job: Any, delay: float, evictable: bool = True) -> None:
+        """Add an accepted job, due ``delay`` seconds from now, to the delayed set.
 
-        Only new delayed jobs count against ``max_delayed_jobs`` and can be
-        evicted: a retry or a recovered job was accepted long ago and is never
-        pushed out by a newcomer.
+        The heaps are keyed by monotonic due time. An evicted job fails at once,
+        here. Only new delayed jobs count against ``max_delayed_jobs`` and can
+        be evicted: a retry or a recovered job was accepted long ago and is
+        never pushed out by a newcomer.
         """
-        evicted = (self.delayed if evictable else self.uncapped).push(job, run_at)
-        self.scheduler_alarm.wake_before(run_at)
+        due = core.monotonic() + delay
+        evicted = (self.delayed if evictable else self.uncapped).push(job, due)
+        self.scheduler_alarm.wake_before(due)
         if evicted is not None:
             self.fail(evicted, "evicted", None, core.EVICTED)
 
     def _schedule(self) -> None:
         interval = cast(float, self.config.scheduler_interval)
         delayed, uncapped, alarm = self.delayed, self.uncapped, self.scheduler_alarm
+        monotonic = core.monotonic
         while not self._stopping:
             try:
-                now = time.time()
+                now = monotonic()
                 for heap in (delayed, uncapped):
                     for job in heap.pop_due(now):
                         self.make_ready(job)
                 wake_at = now + interval
                 for heap in (delayed, uncapped):
-                    next_run_at = heap.next_run_at()
-                    if next_run_at is not None and next_run_at < wake_at:
-                        wake_at = next_run_at
-                alarm.sleep(wake_at - time.time(), wake_at)
+                    next_due = heap.next_run_at()
+                    if next_due is not None and next_due < wake_at:
+                        wake_at = next_due
+                alarm.sleep(wake_at - monotonic(), wake_at)
             except Exception:  # pragma: no cover - a bug; keep scheduling
                 logger.exception("tinymq scheduler error")
 
@@ -219,12 +322,14 @@ class Dispatcher:
 
     def _watch(self) -> None:
         alarm = self.watchdog_alarm
-        while not self._stopping:
+        while True:
             try:
                 now = core.monotonic()
                 earliest = math.inf
                 with self._lock:
                     slots = list(self._slots)
+                    if self._stopping and not self._running_workers():
+                        return  # timeouts apply until the last attempt has ended
                 for slot in slots:
                     job = slot.expire(now)
                     if job is not None:
@@ -252,6 +357,7 @@ class Dispatcher:
                     # The pool keeps its size while the old thread is stuck; the replacement
                     # handles the failure first, so a slow callback never delays the watchdog.
                     self._start_worker((job, state, exc))
+                self._workers_changed.notify_all()  # stop() never waits for a retired worker
             if not replaced:
                 self.attempt_failed(job, state, exc)
 
@@ -272,7 +378,20 @@ class Dispatcher:
         self.fail(job, "no_executor", None)
 
     def attempt_failed(self, job: Any, state: Any, exc: BaseException) -> None:
-        """An attempt failed: schedule its retry, or fail the job for good."""
+        """An attempt failed: schedule its retry, or fail the job for good.
+
+        An attempt that ``stop()`` cancelled is no failure: nothing is counted,
+        retried or reported, and the job is saved back as ready, so the next
+        start runs it without counting a crash.
+        """
+        if self._stopping and job in self._stop_cancelled:
+            with self._lock:
+                self._stop_cancelled.discard(job)
+            logger.info("job %s (%s): its attempt was cancelled by stop() (%s); not counted as a failure",
+                        job.id, job.type, _describe(exc))
+            if self.store is not None:
+                self.call_store("save", self.store.save, job)
+            return
         try:
             job.retries += 1
             job.last_error = _describe(exc)
@@ -281,7 +400,7 @@ class Dispatcher:
                 self.fail(job, "retries_exhausted", exc)
                 return
             delay = retry_config.retry_delay(job.retries)
-            job.run_at = time.time() + delay
+            job.run_at = time.time() + delay  # what the user and a store see; the wait is monotonic
             self.ready.count(core.RETRIED)
             logger.info("job %s (%s) failed (%s); retry %d of %d in %.3gs", job.id, job.type,
                         job.last_error, job.retries, retry_config.max_retries, delay)
@@ -290,7 +409,7 @@ class Dispatcher:
             if delay <= 0.0:
                 self.make_ready(job)
             else:
-                self.push_delayed(job, job.run_at, evictable=False)
+                self.push_delayed(job, delay, evictable=False)
         except Exception as error:  # a job made unusable (e.g. its retry_config): fail it, loudly
             logger.exception("tinymq could not schedule the retry of job %r", job)
             self.fail(job, "retries_exhausted", error)
@@ -303,11 +422,16 @@ class Dispatcher:
                          _describe(exc))
         else:
             logger.error("job %s (%s) failed permanently (%s)", job.id, job.type, reason)
-        for callback in list(self.failure_callbacks):
-            try:
-                callback(job, reason, exc)
-            except BaseException:  # whatever a callback raises, the queue carries on
-                logger.exception("failure callback %r raised for job %s", callback, job.id)
+        in_callback = self._in_callback
+        in_callback.depth = getattr(in_callback, "depth", 0) + 1
+        try:
+            for callback in list(self.failure_callbacks):
+                try:
+                    callback(job, reason, exc)
+                except BaseException:  # whatever a callback raises, the queue carries on
+                    logger.exception("failure callback %r raised for job %s", callback, job.id)
+        finally:
+            in_callback.depth -= 1
         store = self.store
         if store is not None:
             mark_dead = getattr(store, "mark_dead", None)
@@ -315,7 +439,7 @@ class Dispatcher:
                 self.call_store("mark_dead", mark_dead, job, reason, exc)
             else:
                 self.call_store("delete", store.delete, job.id)
-        self.ready.task_done()
+        self.ready.task_done(job)
 
     # --- stats -------------------------------------------------------------
 

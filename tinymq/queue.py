@@ -6,6 +6,7 @@ core; everything else takes the slow path below it.
 """
 import inspect
 import logging
+import threading
 import time
 import weakref
 from datetime import timedelta
@@ -13,9 +14,9 @@ from typing import Any, Callable, Iterable, List, Optional, TypeVar, Union
 
 from ._dispatch import Dispatcher, FailureCallback, _describe
 from ._pick_core import core
-from .config import Config, ExecutorConfig, _optional_seconds, _seconds
-from .errors import PersistenceError, QueueFull, QueueStopped
-from .job import Job, _as_priority, _as_run_at, _check_type
+from .config import Config, ExecutorConfig, RetryConfig, _optional_seconds, _seconds
+from .errors import DuplicateJob, PersistenceError, QueueFull, QueueStopped
+from .job import Job, _as_priority, _as_type, _validate
 from .stats import ExecutorStats, QueueStats
 
 __all__ = ["Queue"]
@@ -26,15 +27,35 @@ F = TypeVar("F", bound=Callable[..., Any])
 _now = time.time
 
 
-def _takes_context(fn: Callable[..., Any]) -> bool:
-    """True when ``fn`` has two required positional parameters: call it as fn(job, ctx)."""
+def _takes_context(job_type: str, fn: Callable[..., Any]) -> bool:
+    """How to call executor ``fn``: True for ``fn(job, ctx)``, False for ``fn(job)``.
+
+    Raises TypeError for what would never run its body (a generator or
+    coroutine function) or cannot be called with either.
+    """
+    for target in (fn, getattr(fn, "__call__", None)):
+        if inspect.isgeneratorfunction(target) or inspect.isasyncgenfunction(target):
+            raise TypeError(f"executor for {job_type!r} is a generator function ({fn!r}): calling "
+                            "it would only create a generator, never run its body")
+        if inspect.iscoroutinefunction(target):
+            raise TypeError(
+                f"executor for {job_type!r} is a coroutine function ({fn!r}); tinymq runs "
+                "executors in threads: register a plain function (e.g. one that calls asyncio.run)"
+            )
     try:
-        parameters = inspect.signature(fn).parameters.values()
+        signature = inspect.signature(fn)
     except (TypeError, ValueError):  # some builtins have no signature: call them with the job
         return False
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    required = [p for p in parameters if p.kind in positional and p.default is p.empty]
-    return len(required) >= 2
+    required = [p for p in signature.parameters.values() if p.kind in positional and p.default is p.empty]
+    for takes_context in (len(required) >= 2, len(required) < 2):
+        try:
+            signature.bind(*((None, None) if takes_context else (None,)))
+            return takes_context
+        except TypeError:
+            continue
+    raise TypeError(f"executor for {job_type!r} must be callable as fn(job) or fn(job, ctx); "
+                    f"{fn!r} has the signature {signature}")
 
 
 def _check_job(job: object) -> Job:
@@ -51,6 +72,8 @@ class Queue:
     """
 
     def __init__(self, buffer_size: Optional[int] = None, *, config: Optional[Config] = None) -> None:
+        # Invariant: jobs whose id was set before enqueue, with a store, are saved and
+        # pushed under _claim_lock, so a duplicate is refused before it overwrites a row.
         if config is None:
             config = Config() if buffer_size is None else Config(buffer_size=buffer_size)
         elif buffer_size is not None:
@@ -61,8 +84,10 @@ class Queue:
         self._dispatcher = Dispatcher(config)
         self._ready = self._dispatcher.ready
         self._store: Any = None
-        # Dropping the queue without stop() still stops its threads.
-        self._finalizer = weakref.finalize(self, self._dispatcher.stop, False)
+        self._claim_lock = threading.Lock()
+        # Dropping the queue without stop() still stops its threads, and says what was left.
+        self._finalizer = weakref.finalize(self, self._dispatcher.stop, False, None,
+                                           "garbage-collected without stop()")
 
     # --- executors -----------------------------------------------------------
 
@@ -73,19 +98,15 @@ class Queue:
 
         ``fn`` returns normally on success and raises on failure.
         """
-        _check_type(job_type)
+        job_type = _as_type(job_type)
         if not callable(fn):
             raise TypeError(f"executor for {job_type!r} must be callable, got {fn!r}")
-        if inspect.iscoroutinefunction(fn):  # calling it would only make a coroutine, never run it
-            raise TypeError(
-                f"executor for {job_type!r} is a coroutine function ({fn!r}); tinymq runs "
-                "executors in threads: register a plain function (e.g. one that calls asyncio.run)"
-            )
+        takes_context = _takes_context(job_type, fn)
         if config is None:
             config = ExecutorConfig()
         elif not isinstance(config, ExecutorConfig):
             raise TypeError(f"config must be a tinymq.ExecutorConfig, got {config!r}")
-        self._dispatcher.register(job_type, fn, config, _takes_context(fn))
+        self._dispatcher.register(job_type, fn, config, takes_context)
 
     def executor(
         self, job_type: str, *, config: Optional[ExecutorConfig] = None, **options: Any
@@ -122,14 +143,18 @@ class Queue:
     def enqueue(self, job: Job, *, block: bool = False, timeout: Union[float, timedelta, None] = None) -> Job:
         """Accept ``job``: ready now, or delayed until its ``run_at``.
 
-        With the ready buffer full, raise QueueFull, or with ``block=True`` wait
-        for room (at most ``timeout`` seconds). Never a silent drop.
+        Every attribute the queue relies on is checked here, however it was set
+        (TypeError/ValueError naming it). With the ready buffer full, raise
+        QueueFull, or with ``block=True`` wait for room (at most ``timeout``
+        seconds). Never a silent drop. An id of an unfinished job raises DuplicateJob.
         """
         if job.__class__ is not Job:
             _check_job(job)
         run_at = job.run_at
-        if run_at.__class__ is not float:
-            run_at = job.run_at = _as_run_at(run_at)
+        job_type = job.type
+        if (run_at.__class__ is not float or run_at - run_at != 0.0 or job_type.__class__ is not str
+                or not job_type or job._tags is not None or job.retry_config.__class__ is not RetryConfig):
+            run_at = _validate(job)  # the core checks priority itself
         # A run_at at or before the job's creation is due without asking the clock.
         if self._store is None and (run_at <= job.timestamp or run_at <= _now()) and self._ready.push(job):
             return job
@@ -137,6 +162,14 @@ class Queue:
 
     def _enqueue_slow(self, job: Job, run_at: float, block: bool, timeout: Any) -> Job:
         wait = None if timeout is None else _optional_seconds("timeout", timeout)
+        if self._store is not None and job._id is not None:
+            with self._claim_lock:  # checked before save: a duplicate must not overwrite the stored row
+                if self._ready.has_id(job._id):
+                    raise DuplicateJob(f"a job with id {job._id!r} is already queued and unfinished")
+                return self._save_and_place(job, run_at, block, wait)
+        return self._save_and_place(job, run_at, block, wait)
+
+    def _save_and_place(self, job: Job, run_at: float, block: bool, wait: Optional[float]) -> Job:
         store = self._store
         if store is not None:
             try:  # saved before it is visible: a failure is the caller's error
@@ -146,10 +179,11 @@ class Queue:
             except Exception as exc:
                 raise PersistenceError(f"could not save job {job.id} ({job.type!r}): {_describe(exc)}") from exc
         try:
-            if run_at > job.timestamp and run_at > _now():
-                job.priority = _as_priority(job.priority)  # the core checks it only when ready
-                self._ready.accept(1)
-                self._dispatcher.push_delayed(job, run_at)
+            delay = run_at - _now()
+            if run_at > job.timestamp and delay > 0.0:
+                job.priority = _as_priority(job.priority)  # the core reads it only when due
+                self._ready.accept([job])
+                self._dispatcher.push_delayed(job, delay)
             elif not self._ready.push(job) and not (block and self._ready.put(job, wait)):
                 raise QueueFull(
                     f"the ready buffer is full ({self.config.buffer_size} jobs); job {job.id} "
@@ -170,19 +204,43 @@ class Queue:
     def enqueue_many(self, jobs: Iterable[Job]) -> List[Job]:
         """Accept all of ``jobs`` or none: one store transaction, one core call.
 
-        Raises QueueFull, with nothing enqueued, when the ready ones do not all fit.
+        Raises QueueFull, with nothing enqueued, when the ready ones do not all
+        fit; DuplicateJob when an id is taken (or given twice in the batch).
         """
         batch = [job if job.__class__ is Job else _check_job(job) for job in jobs]
+        ready_jobs: List[Job] = []
+        delayed_jobs: List[Job] = []
+        delays: List[float] = []
         now = _now()
-        ready_jobs, delayed_jobs = [], []
         for job in batch:
-            if job.run_at.__class__ is not float:
-                job.run_at = _as_run_at(job.run_at)
-            if job.run_at > now:
-                job.priority = _as_priority(job.priority)  # the core checks ready ones
+            run_at = _validate(job)
+            if run_at > now:
                 delayed_jobs.append(job)
+                delays.append(run_at - now)
             else:
                 ready_jobs.append(job)
+        if self._store is not None and any(job._id is not None for job in batch):
+            with self._claim_lock:  # checked before save: a duplicate must not overwrite stored rows
+                self._check_ids(batch)
+                self._save_and_place_many(batch, ready_jobs, delayed_jobs)
+        else:
+            self._save_and_place_many(batch, ready_jobs, delayed_jobs)
+        for job, delay in zip(delayed_jobs, delays):
+            self._dispatcher.push_delayed(job, delay)
+        return batch
+
+    def _check_ids(self, batch: List[Job]) -> None:
+        seen = set()
+        for job in batch:
+            job_id = job._id
+            if job_id is None:
+                continue
+            if job_id in seen or self._ready.has_id(job_id):
+                raise DuplicateJob(f"a job with id {job_id!r} is already queued and unfinished "
+                                   "(or twice in this batch); none of the batch was enqueued")
+            seen.add(job_id)
+
+    def _save_and_place_many(self, batch: List[Job], ready_jobs: List[Job], delayed_jobs: List[Job]) -> None:
         store = self._store
         if store is not None and batch:
             save_many = getattr(store, "save_many", None)
@@ -201,7 +259,7 @@ class Queue:
                     raise
                 raise PersistenceError(f"could not save a batch of {len(batch)} jobs: {exc}") from exc
         try:
-            if not self._ready.push_many(ready_jobs, len(delayed_jobs)):
+            if not self._ready.push_many(ready_jobs, delayed_jobs):
                 raise QueueFull(
                     f"the ready buffer has no room for {len(ready_jobs)} more jobs "
                     f"(buffer_size={self.config.buffer_size}); none of the batch was enqueued"
@@ -211,15 +269,14 @@ class Queue:
                 for job in batch:
                     self._dispatcher.call_store("delete", store.delete, job.id)
             raise
-        for job in delayed_jobs:
-            self._dispatcher.push_delayed(job, job.run_at)
-        return batch
 
     # --- persistence ---------------------------------------------------------
 
     def set_persistence(self, store: Any) -> None:
         """Use ``store`` from now on, and enqueue every job it holds (delayed ones keep run_at).
 
+        Call it once, before the first enqueue: jobs enqueued earlier would not
+        be durable, and a second store's jobs could run twice (RuntimeError).
         Recovery never drops a job for lack of room, and recovered delayed jobs
         are never evicted (nor are retries waiting for their backoff).
         """
@@ -228,19 +285,26 @@ class Queue:
                 raise TypeError(f"persistence store must have a callable {method}(), got {store!r}")
         if self._dispatcher.stopping:
             raise QueueStopped("the queue is stopped")
+        if self._store is not None:
+            raise RuntimeError(f"set_persistence() was called already (with {self._store!r}); "
+                               "a queue uses one store for its whole life")
+        enqueued = self._ready.counters()[core.ENQUEUED]
+        if enqueued:
+            raise RuntimeError(f"set_persistence() must be called before the first enqueue; "
+                               f"{enqueued} jobs were enqueued without a store")
         try:
             jobs = list(store.load_all())
         except Exception as exc:
             raise PersistenceError(f"could not load jobs from {store!r}: {exc}") from exc
+        self._ready.accept(jobs)
         self._store = store
         self._dispatcher.set_store(store)
         if not jobs:
             return
-        self._ready.accept(len(jobs))
         now = _now()
         for job in jobs:
             if job.run_at > now:
-                self._dispatcher.push_delayed(job, job.run_at, evictable=False)
+                self._dispatcher.push_delayed(job, job.run_at - now, evictable=False)
             else:
                 self._dispatcher.make_ready(job)
         logger.info("recovered %d jobs from %r", len(jobs), store)
@@ -274,8 +338,13 @@ class Queue:
         """Wait until every job enqueued so far, retries and delayed jobs included, has finished.
 
         Returns False on timeout, or at once when the queue was stopped with jobs left.
+        Raises RuntimeError in an executor or a failure callback of this queue,
+        where it would wait for itself.
         """
         wait = _optional_seconds("timeout", timeout)
+        if self._dispatcher.waits_for_itself():
+            raise RuntimeError("join() called from an executor or a failure callback of this queue "
+                               "would wait for itself; call it from another thread")
         return self._ready.join(wait)
 
     def stop(self, wait: bool = True, timeout: Union[float, timedelta, None] = None) -> None:
