@@ -857,7 +857,8 @@ cdef class WorkerSlot:
     """The attempt one worker runs now, as the watchdog sees it.
 
     ``expire`` (watchdog) and the worker's end of an attempt decide it exactly
-    once between them; both run under the GIL without calling Python code.
+    once between them; both decide under the GIL without calling Python code, so
+    ``end`` sees ``expired``, ``retired`` and ``interrupted`` all set or none.
     """
     cdef public object job  # the running attempt's job, None between attempts
     cdef public object type_state
@@ -895,14 +896,17 @@ cdef class WorkerSlot:
         """Decide a running attempt past its deadline as timed out: its job, or None."""
         if self.job is None or self.expired or self.deadline > now:
             return None
+        # The decision runs no Python code, so the worker's end() sees it whole: set by
+        # Python code in between, interrupted could come after end() had read it.
         self.expired = True
         self.retired = True
-        if self.context is not None:
-            self.context._cancel("timed out")  # before any interruption: a clean wake-up first
         state = self.type_state
         if state is not None and (<TypeState>state).interrupt:
             self.interrupted = PyThreadState_SetAsyncExc(self.thread_id, <PyObject *>JobTimeout) == 1
-        return self.job
+        job, context = self.job, self.context
+        if context is not None:  # decided: the context's code may let the worker end meanwhile
+            context._cancel("timed out")
+        return job
 
 
 def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):

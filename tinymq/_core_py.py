@@ -492,7 +492,8 @@ class WorkerSlot:
     """The attempt one worker runs now, as the watchdog sees it.
 
     ``expire`` (watchdog) and ``end`` (worker) decide the attempt exactly once
-    between them, under ``_lock``.
+    between them, under ``_lock``: ``end`` sees ``expired``, ``retired`` and
+    ``interrupted`` all set or none.
     """
 
     __slots__ = ("_lock", "job", "type_state", "deadline", "context", "expired",
@@ -537,11 +538,12 @@ class WorkerSlot:
             self.expired = True
             self.retired = True
             state = self.type_state
-            if self.context is not None:
-                self.context._cancel("timed out")  # before any interruption: a clean wake-up first
             if state is not None and state.interrupt:
                 self.interrupted = interrupt_thread(self.thread_id, JobTimeout)
-            return self.job
+            job, context = self.job, self.context
+        if context is not None:  # decided: the context's code may let the worker end meanwhile
+            context._cancel("timed out")
+        return job
 
 
 def interrupt_thread(thread_id: int, exc_type: Optional[type]) -> bool:
