@@ -124,10 +124,11 @@ cdef PyThread_type_lock _held_lock() except NULL:
     return lock
 
 
-cdef void _free_lock(PyThread_type_lock lock, bint released) noexcept:
+cdef void _free_lock(PyThread_type_lock lock) noexcept:
+    """Free ``lock`` unlocked, whoever holds it: no bookkeeping to get wrong."""
     if lock != NULL:
-        if not released:
-            PyThread_release_lock(lock)  # a lock is freed unlocked
+        PyThread_acquire_lock(lock, 0)  # held now, either way...
+        PyThread_release_lock(lock)  # ...so this release leaves it unlocked
         PyThread_free_lock(lock)
 
 
@@ -141,7 +142,7 @@ cdef class _Waiter:
         self.lock = _held_lock()
 
     def __dealloc__(self):
-        _free_lock(self.lock, self.notified)
+        _free_lock(self.lock)  # held again if the waiter woke by taking it, released if not
 
 
 cdef int _sleep_on(PyThread_type_lock lock, double deadline) except -1:
@@ -814,7 +815,7 @@ cdef class Alarm:
         self.lock = _held_lock()
 
     def __dealloc__(self):
-        _free_lock(self.lock, self.latched)
+        _free_lock(self.lock)
 
     def sleep(self, double timeout, double armed_at):
         cdef bint woken
