@@ -4,7 +4,7 @@ Usage: python _crash_child.py DB ACKED RAN TOTAL WORKERS
 
 On start it reloads the store (``set_persistence``), then enqueues every job
 ``job-0 .. job-{TOTAL-1}`` whose id is not yet in ACKED, appending each id to
-ACKED once ``enqueue`` has returned. The executor appends the job's id to RAN
+ACKED once ``enqueue`` has returned (or refused it as a duplicate of a recovered job). The executor appends the job's id to RAN
 when it completes. Each line is one ``os.write`` on an O_APPEND descriptor, so
 a SIGKILL never leaves half a line. Prints "done" after ``join()``.
 """
@@ -14,6 +14,7 @@ import time
 
 import tinymq
 from tinymq import Config, Job, RetryConfig
+from tinymq.errors import DuplicateJob
 from tinymq.persistence import SQLitePersistence
 
 
@@ -38,7 +39,10 @@ def main() -> None:
     for i in range(total):
         job_id = f"job-{i}"
         if job_id not in acked:
-            q.enqueue(Job("work", i, id=job_id, retry_config=retry), block=True)
+            try:
+                q.enqueue(Job("work", i, id=job_id, retry_config=retry), block=True)
+            except DuplicateJob:  # saved before a kill, unacknowledged, and recovered: queued already
+                pass
             os.write(acked_fd, f"{job_id}\n".encode())
     if not q.join(timeout=60):
         sys.exit("join timed out")

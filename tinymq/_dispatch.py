@@ -315,7 +315,7 @@ class Dispatcher:
                 self.call_store("mark_dead", mark_dead, job, reason, exc)
             else:
                 self.call_store("delete", store.delete, job.id)
-        self.ready.task_done()
+        self.ready.task_done(job)
 
     # --- stats -------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 """tinymq's exceptions, defined once and raised by both cores and the façade."""
 import queue
 
-__all__ = ["TinyMQError", "QueueFull", "QueueStopped", "PersistenceError", "JobTimeout"]
+__all__ = [
+    "TinyMQError", "QueueFull", "QueueStopped", "PersistenceError", "JobTimeout", "DuplicateJob",
+]
 
 
 class TinyMQError(Exception):
@@ -22,3 +24,7 @@ class PersistenceError(TinyMQError):
 
 class JobTimeout(TinyMQError, TimeoutError):
     """An attempt ran past its executor's timeout."""
+
+
+class DuplicateJob(TinyMQError, ValueError):
+    """A job with this id is already in the queue and unfinished."""

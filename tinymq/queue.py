@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, List, Optional, TypeVar, Union
 from ._dispatch import Dispatcher, FailureCallback, _describe
 from ._pick_core import core
 from .config import Config, ExecutorConfig, _optional_seconds, _seconds
-from .errors import PersistenceError, QueueFull, QueueStopped
+from .errors import DuplicateJob, PersistenceError, QueueFull, QueueStopped
 from .job import Job, _as_priority, _as_run_at, _check_type
 from .stats import ExecutorStats, QueueStats
 
@@ -139,6 +139,7 @@ class Queue:
         wait = None if timeout is None else _optional_seconds("timeout", timeout)
         store = self._store
         if store is not None:
+            self._refuse_taken_ids([job])
             try:  # saved before it is visible: a failure is the caller's error
                 store.save(job)
             except PersistenceError:
@@ -148,7 +149,7 @@ class Queue:
         try:
             if run_at > job.timestamp and run_at > _now():
                 job.priority = _as_priority(job.priority)  # the core checks it only when ready
-                self._ready.accept(1)
+                self._ready.accept([job])
                 self._dispatcher.push_delayed(job, run_at)
             elif not self._ready.push(job) and not (block and self._ready.put(job, wait)):
                 raise QueueFull(
@@ -185,6 +186,7 @@ class Queue:
                 ready_jobs.append(job)
         store = self._store
         if store is not None and batch:
+            self._refuse_taken_ids(batch)
             save_many = getattr(store, "save_many", None)
             saved: List[Job] = []  # what to take back if the batch fails half-way
             try:
@@ -201,7 +203,7 @@ class Queue:
                     raise
                 raise PersistenceError(f"could not save a batch of {len(batch)} jobs: {exc}") from exc
         try:
-            if not self._ready.push_many(ready_jobs, len(delayed_jobs)):
+            if not self._ready.push_many(ready_jobs, delayed_jobs):
                 raise QueueFull(
                     f"the ready buffer has no room for {len(ready_jobs)} more jobs "
                     f"(buffer_size={self.config.buffer_size}); none of the batch was enqueued"
@@ -214,6 +216,14 @@ class Queue:
         for job in delayed_jobs:
             self._dispatcher.push_delayed(job, job.run_at)
         return batch
+
+    def _refuse_taken_ids(self, jobs: List[Job]) -> None:
+        """DuplicateJob before a store saves: a taken id's save, then delete, would remove the row of
+        the unfinished job that holds it (the core checks again when the jobs are handed over)."""
+        for job in jobs:
+            job_id = job._id
+            if job_id is not None and self._ready.has_id(job_id):
+                raise DuplicateJob(f"a job with id {job_id!r} is already queued and unfinished")
 
     # --- persistence ---------------------------------------------------------
 
@@ -234,9 +244,10 @@ class Queue:
             raise PersistenceError(f"could not load jobs from {store!r}: {exc}") from exc
         self._store = store
         self._dispatcher.set_store(store)
+        jobs = [job for job in jobs if not self._ready.has_id(job.id)]  # those queued here already
         if not jobs:
             return
-        self._ready.accept(len(jobs))
+        self._ready.accept(jobs)
         now = _now()
         for job in jobs:
             if job.run_at > now:
