@@ -5,7 +5,8 @@ Usage: python _crash_child.py DB ACKED RAN STAGE TOTAL WORKERS MODE
 On start it takes over the store (the previous child was killed: its lock is
 gone), reloads it (``set_persistence``), then enqueues every job
 ``job-0 .. job-{TOTAL-1}`` whose id is not yet in ACKED, appending each id to
-ACKED once ``enqueue`` has returned. The executor appends the job's id to RAN
+ACKED once ``enqueue`` has returned (or refused it as a duplicate of a
+recovered job). The executor appends the job's id to RAN
 when it completes. STAGE gets a line as the child moves on: "recovering"
 before ``set_persistence``, "running" after it, "closing" before
 ``stop()``/``close()``. Each line is one ``os.write`` on an O_APPEND
@@ -21,6 +22,7 @@ import time
 
 import tinymq
 from tinymq import Config, Job, RetryConfig
+from tinymq.errors import DuplicateJob
 from tinymq.persistence import SQLitePersistence
 
 CLOSE_BATCH = 400
@@ -53,7 +55,10 @@ def main() -> None:
         if job_id not in acked:
             if mode == "close" and enqueued == CLOSE_BATCH:
                 break
-            q.enqueue(Job("work", i, id=job_id, retry_config=retry), block=True)
+            try:
+                q.enqueue(Job("work", i, id=job_id, retry_config=retry), block=True)
+            except DuplicateJob:  # saved before a kill, unacknowledged, and recovered: queued already
+                pass
             os.write(acked_fd, f"{job_id}\n".encode())
             enqueued += 1
     if mode == "run" and not q.join(timeout=60):

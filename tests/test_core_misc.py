@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tinymq._core_py
+from tinymq.context import JobContext
 from tinymq.errors import JobTimeout
 
 WAIT = 10.0
@@ -271,6 +272,15 @@ def test_alarm_huge_finite_timeout_waits_until_woken(core):
 # --- WorkerSlot --------------------------------------------------------------------------------
 
 
+class Item:
+    """The smallest job the core accepts: a type, a priority and an id slot."""
+
+    __slots__ = ("type", "priority", "_id", "name")
+
+    def __init__(self, type, priority=1, name=None, id=None):
+        self.type, self.priority, self._id, self.name = type, priority, id, name
+
+
 def noop(job):
     pass
 
@@ -374,3 +384,92 @@ def test_worker_slot_expire_interrupts_the_worker_thread(core):
     assert outcome == {"interrupted": True, "end": True}
     assert slot.interrupted is True
     assert slot.retired is True
+
+
+class WakingContext(JobContext):
+    """A context that also wakes an event loop when cancelled, as an async executor's would:
+    writing to the loop's self-pipe releases the GIL, so the woken worker runs meanwhile."""
+
+    __slots__ = ()
+
+    def _cancel(self, reason):
+        super()._cancel(reason)
+        time.sleep(0.0005)
+
+
+class ExpiryDispatcher:
+    """What run_worker calls back, for one attempt that the watchdog decides."""
+
+    def __init__(self, context_class):
+        self.context_class = context_class
+        self.expired_errors = []
+
+    def refresh_hooks(self, slot):
+        pass
+
+    def new_context(self, job, deadline):
+        return self.context_class(job, deadline)
+
+    def no_executor(self, job, state):
+        raise AssertionError(f"no executor for {job!r}")
+
+    def attempt_failed(self, job, state, exc):
+        raise AssertionError(f"an attempt the watchdog decided was failed by the worker: {exc!r}")
+
+    def after_expired(self, slot, error):
+        self.expired_errors.append(error)  # no clean-up here: the core must have done it
+
+
+@pytest.mark.timeout(120)
+def test_an_interruption_never_lands_outside_its_attempt_when_the_timeout_ends_a_context_executor(core):
+    """The watchdog expires an attempt whose executor waits on its context, so cancelling the
+    context is what ends the attempt: the JobTimeout raised into the worker lands inside the
+    attempt or is cleared at its end, never in the code the thread runs afterwards.
+
+    (The compiled expire once cancelled the context between setting ``expired`` and
+    ``interrupted``; the worker could end in between and leave the interruption pending.)
+    """
+    rounds = 400
+    leaks = []
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: the race shows up
+    try:
+        for round_number in range(rounds):
+            ready = core.ReadyQueue(1)
+            started = threading.Event()
+
+            def wait_for_cancel(job, ctx):
+                started.set()
+                ctx.wait(WAIT)  # returns when the watchdog cancels the context
+
+            ready.configure("t", wait_for_cancel, 1, 60.0, True, True)
+            ready.push(Item("t", 1, round_number))
+            context_class = WakingContext if round_number % 2 else JobContext
+            slot, dispatcher = core.WorkerSlot(), ExpiryDispatcher(context_class)
+            decided = threading.Event()
+
+            def worker():
+                where = "run_worker"
+                try:
+                    core.run_worker(ready, slot, core.Alarm(), dispatcher)
+                    where = "the thread's code after run_worker"
+                    while not decided.is_set():  # bytecode, where a pending interruption lands
+                        pass
+                    for _ in range(100):
+                        pass
+                except JobTimeout:
+                    leaks.append((round_number, where))
+
+            thread = threading.Thread(target=worker, daemon=True)
+            thread.start()
+            assert started.wait(WAIT)
+            assert slot.expire(math.inf) is not None  # decided: the executor was still waiting
+            decided.set()
+            thread.join(WAIT)
+            assert not thread.is_alive()
+            assert len(dispatcher.expired_errors) == 1
+            assert isinstance(dispatcher.expired_errors[0], (JobTimeout, type(None)))
+            assert ready.unfinished == 1 and ready.executor_stats() == {"t": (0, 1)}
+    finally:
+        sys.setswitchinterval(switch_interval)
+    assert leaks == [], f"{len(leaks)} of {rounds} interruptions landed outside their attempt"

@@ -26,7 +26,7 @@ from hypothesis.stateful import (
 )
 
 import tinymq
-from tinymq.errors import QueueStopped
+from tinymq.errors import DuplicateJob, QueueStopped
 
 WAIT = 10.0  # generous bound for "this happens soon" on a noisy 2-core machine
 QUIET = 0.25  # how long to watch for something that must not happen
@@ -35,17 +35,18 @@ HIGH, MEDIUM, LOW = 2, 1, 0
 
 
 class Item:
-    """The smallest job the core accepts: a type and a priority."""
+    """The smallest job the core accepts: a type, a priority and an id (None: none yet)."""
 
-    __slots__ = ("type", "priority", "name")
+    __slots__ = ("type", "priority", "_id", "name")
 
-    def __init__(self, type, priority=MEDIUM, name=None):
+    def __init__(self, type, priority=MEDIUM, name=None, id=None):
         self.type = type
         self.priority = priority
+        self._id = id
         self.name = name
 
     def __repr__(self):
-        return f"Item({self.type!r}, {self.priority}, {self.name!r})"
+        return f"Item({self.type!r}, {self.priority}, {self.name!r}, id={self._id!r})"
 
 
 def noop(job):
@@ -171,16 +172,16 @@ def test_push_many_is_all_or_nothing(core):
     assert len(q) == 1
     assert q.counters()[core.ENQUEUED] == 1
     batch = [Item("b", LOW, "x"), Item("b", HIGH, "y"), Item("c", MEDIUM, "z")]
-    assert q.push_many(batch, also_accept=2) is True
+    assert q.push_many(batch, [Item("d"), Item("d")]) is True
     assert q.sizes() == (1, 1, 2)
     assert q.counters()[core.ENQUEUED] == 1 + 3 + 2  # the delayed part is counted too
     assert q.unfinished == 6
     assert [q.pop(timeout=0).name for _ in range(4)] == ["y", "z", "first", "x"]
 
 
-def test_push_many_empty_counts_only_also_accept(core):
+def test_push_many_with_no_ready_jobs_counts_the_delayed_ones(core):
     q = core.ReadyQueue(1)
-    assert q.push_many([], also_accept=3) is True
+    assert q.push_many([], [Item("d") for _ in range(3)]) is True
     assert len(q) == 0
     assert q.unfinished == 3
     assert q.counters()[core.ENQUEUED] == 3
@@ -188,20 +189,23 @@ def test_push_many_empty_counts_only_also_accept(core):
 
 def test_accept_and_count_and_task_done(core):
     q = core.ReadyQueue(1)
-    q.accept(5)
+    jobs = [Item("d") for _ in range(6)]
+    q.accept(jobs[:5])
     assert q.unfinished == 5
     assert len(q) == 0
-    q.accept()
+    q.accept(jobs[5:])
+    assert q.unfinished == 6
+    q.accept([])
     assert q.unfinished == 6
     for event in (core.SUCCEEDED, core.FAILED, core.RETRIED, core.TIMED_OUT, core.EVICTED):
         q.count(event, event + 10)
     q.count(core.SUCCEEDED)
     assert q.counters() == (6, 12, 12, 13, 14, 15)
-    q.task_done(4)
-    q.task_done()
+    for job in jobs[:5]:
+        q.task_done(job)
     assert q.unfinished == 1
     assert q.join(timeout=0) is False
-    q.task_done()
+    q.task_done(jobs[5])
     assert q.unfinished == 0
     assert q.join(timeout=0) is True
 
@@ -387,11 +391,12 @@ def test_requeue_after_close_is_not_refused(core):
 class Collectable:
     """A job that can be watched for being freed."""
 
-    __slots__ = ("type", "priority", "__weakref__")
+    __slots__ = ("type", "priority", "_id", "__weakref__")
 
     def __init__(self, type="a", priority=MEDIUM):
         self.type = type
         self.priority = priority
+        self._id = None
 
 
 def test_jobs_are_not_leaked_or_freed_early(core):
@@ -428,6 +433,232 @@ def test_a_dropped_queue_frees_its_jobs(core):
     assert len(freed) == 2 and all(ref() is None for ref in refs)
 
 
+# --- what the core reads of a job, and when -----------------------------------------------------
+
+
+class NoisyStr(str):
+    """A str subclass that records every time the core would run its Python code."""
+
+    calls = []
+
+    def __hash__(self):
+        NoisyStr.calls.append("__hash__")
+        return str.__hash__(self)
+
+    def __eq__(self, other):
+        NoisyStr.calls.append("__eq__")
+        return str.__eq__(self, other)
+
+
+def assert_untouched(core, q):
+    assert len(q) == 0 and q.overflow_size == 0
+    assert q.unfinished == 0 and q.counters()[core.ENQUEUED] == 0
+    assert q.executor_stats() == {}
+
+
+@pytest.mark.parametrize("bad_type", [NoisyStr("a"), None, 7, b"a"])
+def test_a_job_type_that_is_not_exactly_a_str_is_refused_with_no_effect(core, bad_type):
+    q = core.ReadyQueue(4)
+    bad = Item(bad_type)
+    NoisyStr.calls.clear()
+    calls = {
+        "push": lambda: q.push(bad),
+        "put": lambda: q.put(bad, timeout=0),
+        "push_many": lambda: q.push_many([Item("a"), bad]),
+        "requeue": lambda: q.requeue(bad),
+        "configure": lambda: q.configure(bad_type, noop, 1, None, False, False),
+        "release": lambda: q.release(bad_type),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match="job type must be a str, got") as raised:
+            call()
+        assert type(bad_type).__qualname__ in str(raised.value), name
+        assert_untouched(core, q)
+    assert NoisyStr.calls == []  # the subclass's Python code never ran in the core
+
+
+def test_a_full_buffer_refuses_a_bad_type_as_a_type_error(core):
+    q = core.ReadyQueue(1)
+    assert q.push(Item("a"))
+    with pytest.raises(TypeError, match="job type"):
+        q.push(Item(NoisyStr("a")))  # a bad job is refused before the buffer is looked at
+
+
+def test_a_job_in_the_overflow_keeps_the_level_and_type_it_was_requeued_with(core):
+    """Changing a parked job's priority (or type) once made the pop that moved it in raise:
+    the popped job and the parked one vanished, and join() never returned."""
+    q = core.ReadyQueue(1)
+    first, parked = Item("a", LOW, "first"), Item("a", HIGH, "parked")
+    q.push(first)
+    q.accept([parked])
+    q.requeue(parked)  # full: it waits in the overflow
+    assert q.overflow_size == 1
+    parked.priority = "bogus"
+    parked.type = NoisyStr("elsewhere")
+    NoisyStr.calls.clear()
+    assert q.pop(timeout=0) is first
+    assert q.sizes() == (1, 0, 0)  # moved in at HIGH, the level it was requeued with
+    assert q.overflow_size == 0
+    job, state = q.pop_with_type(timeout=0)
+    assert job is parked and state.name == "a"
+    assert NoisyStr.calls == []
+    q.release("a")
+    q.release_state(state)
+    q.task_done(first)
+    q.task_done(parked)
+    assert q.join(timeout=WAIT) is True
+    assert q.executor_stats() == {}
+
+
+def test_a_blocked_put_keeps_the_level_and_type_it_was_called_with(core):
+    q = core.ReadyQueue(1)
+    q.push(Item("a", LOW, "first"))
+    waiting = Item("a", HIGH, "waiting")
+    producer, box = start(q.put, waiting, LONG)
+    producer.join(QUIET)
+    assert producer.is_alive()
+    waiting.priority = "bogus"
+    waiting.type = NoisyStr("elsewhere")
+    NoisyStr.calls.clear()
+    assert q.pop(timeout=0).name == "first"
+    producer.join(WAIT)
+    assert box == {"result": True}
+    assert q.sizes() == (1, 0, 0)
+    job, state = q.pop_with_type(timeout=0)
+    assert job is waiting and state.name == "a"
+    assert NoisyStr.calls == []
+
+
+# --- unique ids among the unfinished jobs -------------------------------------------------------
+
+
+def test_a_second_push_of_an_unfinished_id_is_refused_with_no_effect(core):
+    q = core.ReadyQueue(4)
+    first = Item("a", MEDIUM, "first", id="job-1")
+    assert q.push(first)
+    assert q.has_id("job-1") and not q.has_id("job-2")
+    for call in (lambda job: q.push(job), lambda job: q.put(job, timeout=0),
+                 lambda job: q.push_many([job]), lambda job: q.push_many([], [job]),
+                 lambda job: q.accept([job])):
+        with pytest.raises(DuplicateJob, match="'job-1' is already queued and unfinished"):
+            call(Item("a", HIGH, "second", id="job-1"))
+        assert q.sizes() == (0, 1, 0)
+        assert q.unfinished == 1 and q.counters()[core.ENQUEUED] == 1
+    assert issubclass(DuplicateJob, ValueError) and issubclass(DuplicateJob, tinymq.TinyMQError)
+
+
+def test_a_duplicate_is_refused_even_when_the_buffer_is_full(core):
+    q = core.ReadyQueue(1)
+    assert q.push(Item("a", id="job-1"))
+    with pytest.raises(DuplicateJob):
+        q.push(Item("a", id="job-1"))
+    assert q.push(Item("a", id="job-2")) is False
+    assert not q.has_id("job-2")  # registered only when the push succeeds
+
+
+def test_ids_repeated_within_a_batch_are_refused_with_no_effect(core):
+    q = core.ReadyQueue(8)
+    for ready, delayed in (
+        ([Item("a", id="x"), Item("a", id="x")], []),
+        ([Item("a", id="x")], [Item("a", id="x")]),
+        ([], [Item("a", id="y"), Item("a"), Item("a", id="y")]),
+    ):
+        with pytest.raises(DuplicateJob):
+            q.push_many(ready, delayed)
+        with pytest.raises(DuplicateJob):
+            q.accept(ready + delayed)
+        assert_untouched(core, q)
+        assert not q.has_id("x") and not q.has_id("y")
+
+
+def test_a_batch_registers_every_id_and_counts_every_job(core):
+    q = core.ReadyQueue(2)
+    ready = [Item("a", id="r1"), Item("a")]
+    delayed = [Item("a", id="d1"), Item("a"), Item("a", id="d2")]
+    assert q.push_many(ready, delayed)
+    assert q.unfinished == 5 and q.counters()[core.ENQUEUED] == 5 and len(q) == 2
+    assert [q.has_id(i) for i in ("r1", "d1", "d2")] == [True, True, True]
+    assert q.push_many([Item("a", id="r2")], [Item("a", id="d3")]) is False  # no room: no effect
+    assert not q.has_id("r2") and not q.has_id("d3") and q.unfinished == 5
+    recovered = [Item("a", id="s1"), Item("a", id="s2")]
+    q.accept(recovered)
+    assert q.has_id("s1") and q.has_id("s2") and q.unfinished == 7
+
+
+def test_task_done_frees_the_id_of_that_very_job_only(core):
+    q = core.ReadyQueue(4)
+    first = Item("a", id="job-1")
+    q.push(first)
+    q.pop(timeout=0)
+    q.release("a")
+    q.requeue(first)  # a retry: no id check, the id stays registered
+    assert q.has_id("job-1")
+    q.pop(timeout=0)
+    q.release("a")
+    q.task_done(first)
+    assert not q.has_id("job-1") and q.unfinished == 0
+    second = Item("a", id="job-1")
+    assert q.push(second)  # the id is free again
+    stranger = Item("a")
+    q.accept([stranger])
+    stranger._id = "job-1"  # e.g. an id set after it was accepted
+    q.task_done(stranger)
+    assert q.has_id("job-1"), "task_done of another job freed the id"
+    q.pop(timeout=0)
+    q.release("a")
+    q.task_done(second)
+    assert not q.has_id("job-1") and q.unfinished == 0
+
+
+def test_an_id_made_after_acceptance_is_not_registered(core):
+    q = core.ReadyQueue(4)
+    job = Item("a")
+    q.push(job)
+    job._id = "late"  # Job.id makes its id on first use: after the push, here
+    assert not q.has_id("late")
+    assert q.push(Item("a", id="late"))
+    q.task_done(job)
+    assert q.has_id("late")
+
+
+@pytest.mark.parametrize("bad_id", [NoisyStr("job-1"), 7, b"job-1"])
+def test_an_id_that_is_not_exactly_a_str_is_refused(core, bad_id):
+    q = core.ReadyQueue(4)
+    NoisyStr.calls.clear()
+    bad = Item("a", id=bad_id)
+    for call in (lambda: q.push(bad), lambda: q.put(bad, timeout=0), lambda: q.push_many([bad]),
+                 lambda: q.push_many([], [bad]), lambda: q.accept([bad]), lambda: q.has_id(bad_id)):
+        with pytest.raises(TypeError, match="job id must be a str, got"):
+            call()
+        assert_untouched(core, q)
+    assert NoisyStr.calls == []
+
+
+def test_a_put_waiting_for_room_is_refused_when_its_id_arrives_meanwhile(core):
+    q = core.ReadyQueue(1)
+    q.push(Item("a", MEDIUM, "first"))
+    waiting = Item("a", MEDIUM, "waiting", id="job-1")
+    producer, box = start(q.put, waiting, LONG)
+    producer.join(QUIET)
+    assert producer.is_alive()
+    q.accept([Item("a", id="job-1")])  # e.g. a delayed job with that id
+    q.pop(timeout=0)  # room: the producer wakes, and must see the id taken
+    producer.join(WAIT)
+    assert not producer.is_alive()
+    assert isinstance(box.get("error"), DuplicateJob), box
+    assert len(q) == 0 and q.unfinished == 2
+
+
+def test_jobs_without_ids_leave_no_trace(core):
+    q = core.ReadyQueue(4)
+    jobs = [Item("a") for _ in range(3)]
+    assert q.push(jobs[0]) and q.push_many(jobs[1:2], jobs[2:])
+    for job in jobs:
+        q.task_done(job)
+    assert q.unfinished == 0 and q.join(timeout=0)
+
+
+
 # --- close ----------------------------------------------------------------------------------------
 
 
@@ -443,7 +674,7 @@ def test_closed_queue_refuses_new_jobs_and_pops_nothing(core):
     with pytest.raises(QueueStopped):
         q.push_many([Item("a")])
     with pytest.raises(QueueStopped):
-        q.accept(1)
+        q.accept([Item("a")])
     assert q.pop(timeout=0) is None
     assert q.pop() is None  # closed: does not block even without a timeout
     assert q.pop_with_type() is None
@@ -550,11 +781,12 @@ def test_put_with_room_does_not_wait(core):
 
 def test_join_timeout_returns_false_on_time(core):
     q = core.ReadyQueue(1)
-    q.accept(1)
+    job = Item("a")
+    q.accept([job])
     began = time.monotonic()
     assert q.join(timeout=0.2) is False
     assert_took(began)
-    q.task_done()
+    q.task_done(job)
     assert q.join(timeout=0.2) is True
 
 
@@ -592,12 +824,13 @@ def test_blocked_put_wakes_on_pop(core):
 
 def test_blocked_join_wakes_on_last_task_done(core):
     q = core.ReadyQueue(1)
-    q.accept(2)
+    first, second = Item("a"), Item("a")
+    q.accept([first, second])
     joiner, box = start(q.join, LONG)
-    q.task_done()
+    q.task_done(first)
     joiner.join(QUIET)
     assert joiner.is_alive(), "join returned with one job unfinished"
-    q.task_done()
+    q.task_done(second)
     joiner.join(WAIT)
     assert not joiner.is_alive(), "not woken"
     assert box == {"result": True}
@@ -669,13 +902,14 @@ def test_huge_finite_timeouts_wait_like_none(core):
     popper, pop_box = start(q.pop, HUGE)
     popper.join(QUIET)
     assert popper.is_alive(), pop_box
-    q.push(Item("a", MEDIUM, "popped"))
+    jobs = [Item("a", MEDIUM, "popped"), Item("a", MEDIUM, "kept"), Item("a", MEDIUM, "put")]
+    q.push(jobs[0])
     popper.join(WAIT)
     assert not popper.is_alive(), "not woken"
     assert pop_box["result"].name == "popped", pop_box
 
-    q.push(Item("a", MEDIUM, "kept"))
-    producer, put_box = start(q.put, Item("a", MEDIUM, "put"), HUGE)
+    q.push(jobs[1])
+    producer, put_box = start(q.put, jobs[2], HUGE)
     joiner, join_box = start(q.join, HUGE)
     producer.join(QUIET)
     assert producer.is_alive() and joiner.is_alive(), (put_box, join_box)
@@ -683,7 +917,8 @@ def test_huge_finite_timeouts_wait_like_none(core):
     producer.join(WAIT)
     assert put_box == {"result": True}
     assert q.pop(timeout=HUGE).name == "put"
-    q.task_done(3)
+    for job in jobs:
+        q.task_done(job)
     joiner.join(WAIT)
     assert join_box == {"result": True}
 
@@ -764,9 +999,11 @@ def test_blocked_pop_in_main_thread_is_interruptible(core):
 
 # --- the reference model ---------------------------------------------------------------------
 
+DUPLICATE = "DuplicateJob"  # what the model expects when the queue must raise DuplicateJob
+
 
 class ReadyModel:
-    """A list-based restatement of ReadyQueue's scheduling rules."""
+    """A list-based restatement of ReadyQueue's scheduling rules and of its unfinished ids."""
 
     def __init__(self, capacity):
         self.capacity = capacity
@@ -776,6 +1013,8 @@ class ReadyModel:
         self.limits = {}  # configured types only
         self.active = {}
         self.enqueued = 0
+        self.finished = 0
+        self.ids = {}  # id -> the unfinished job registered under it
 
     def sizes(self):
         return tuple(sum(1 for _, job in self.ready if job.priority == p) for p in (HIGH, MEDIUM, LOW))
@@ -784,20 +1023,39 @@ class ReadyModel:
         self.ready.append((self.seq, job))
         self.seq += 1
 
+    def _taken(self, jobs):
+        """True when an id of ``jobs`` belongs to an unfinished job or repeats within ``jobs``."""
+        ids = [job._id for job in jobs if job._id is not None]
+        return len(set(ids)) < len(ids) or any(job_id in self.ids for job_id in ids)
+
+    def _accept(self, jobs):
+        self.enqueued += len(jobs)
+        self.ids.update((job._id, job) for job in jobs if job._id is not None)
+
     def push(self, job):
+        if self._taken([job]):
+            return DUPLICATE
         if len(self.ready) >= self.capacity:
             return False
         self._append(job)
-        self.enqueued += 1
+        self._accept([job])
         return True
 
-    def push_many(self, jobs, also_accept):
+    def push_many(self, jobs, delayed_jobs):
+        if self._taken(jobs + delayed_jobs):
+            return DUPLICATE
         if len(self.ready) + len(jobs) > self.capacity:
             return False
         for job in jobs:
             self._append(job)
-        self.enqueued += len(jobs) + also_accept
+        self._accept(jobs + delayed_jobs)
         return True
+
+    def accept(self, jobs):
+        if self._taken(jobs):
+            return DUPLICATE
+        self._accept(jobs)
+        return None
 
     def requeue(self, job):
         if len(self.ready) >= self.capacity or self.overflow:
@@ -822,10 +1080,18 @@ class ReadyModel:
     def release(self, job_type):
         self.active[job_type] -= 1
 
+    def task_done(self, job):
+        self.finished += 1
+        if job._id is not None and self.ids.get(job._id) is job:  # never another job's id
+            del self.ids[job._id]
+
 
 TYPES = ("A", "B", "C")
+IDS = ("x", "y", "z")  # few, so that ids collide
 types = st.sampled_from(TYPES)
 priorities = st.sampled_from((LOW, MEDIUM, HIGH))
+job_ids = st.none() | st.sampled_from(IDS)
+specs = st.lists(st.tuples(types, priorities, job_ids), max_size=4)
 
 
 class ReadyQueueMachine(RuleBasedStateMachine):
@@ -838,35 +1104,72 @@ class ReadyQueueMachine(RuleBasedStateMachine):
         self.queue = None
         self.running = []  # (job, state) popped and not yet released
         self.made = 0
+        self.accepted = {}  # id(job) -> job, for every job the queue counted
+        self.placed_by_caller = []  # accepted jobs not handed to the queue yet (delayed ones)
+        self.finishable = []  # accepted jobs popped and not yet task_done
 
-    def item(self, job_type, priority):
+    def item(self, job_type, priority, job_id=None):
         self.made += 1
-        return Item(job_type, priority, self.made)
+        return Item(job_type, priority, self.made, job_id)
+
+    def expect(self, expected, call, *args):
+        """Call ``call(*args)`` and check its result, or that it raised DuplicateJob."""
+        if expected == DUPLICATE:
+            with pytest.raises(DuplicateJob, match="already queued and unfinished"):
+                call(*args)
+            return False
+        assert call(*args) == expected
+        return expected is not False
+
+    def counted(self, jobs, placed_by_caller=()):
+        for job in [*jobs, *placed_by_caller]:
+            self.accepted[id(job)] = job
+        self.placed_by_caller.extend(placed_by_caller)
 
     @initialize(capacity=st.integers(1, 6))
     def create(self, capacity):
         self.queue = self.core.ReadyQueue(capacity)
         self.model = ReadyModel(capacity)
 
-    @rule(job_type=types, priority=priorities)
-    def push(self, job_type, priority):
-        job = self.item(job_type, priority)
-        assert self.queue.push(job) == self.model.push(job)
+    @rule(job_type=types, priority=priorities, job_id=job_ids)
+    def push(self, job_type, priority, job_id):
+        job = self.item(job_type, priority, job_id)
+        if self.expect(self.model.push(job), self.queue.push, job):
+            self.counted([job])
 
-    @rule(job_type=types, priority=priorities)
-    def put_without_waiting(self, job_type, priority):
-        job = self.item(job_type, priority)
+    @rule(job_type=types, priority=priorities, job_id=job_ids)
+    def put_without_waiting(self, job_type, priority, job_id):
+        job = self.item(job_type, priority, job_id)
         expected = self.model.push(job)  # full means overflow is empty or ready is full
-        assert self.queue.put(job, timeout=0) == expected
+        if self.expect(expected, self.queue.put, job, 0):
+            self.counted([job])
 
-    @rule(specs=st.lists(st.tuples(types, priorities), max_size=4), also_accept=st.integers(0, 2))
-    def push_many(self, specs, also_accept):
-        jobs = [self.item(t, p) for t, p in specs]
-        assert self.queue.push_many(jobs, also_accept) == self.model.push_many(jobs, also_accept)
+    @rule(ready_specs=specs, delayed_specs=specs)
+    def push_many(self, ready_specs, delayed_specs):
+        jobs = [self.item(*spec) for spec in ready_specs]
+        delayed = [self.item(*spec) for spec in delayed_specs]
+        if self.expect(self.model.push_many(jobs, delayed), self.queue.push_many, jobs, delayed):
+            self.counted(jobs, delayed)
+
+    @rule(accepted_specs=specs)
+    def accept(self, accepted_specs):
+        jobs = [self.item(*spec) for spec in accepted_specs]
+        expected = self.model.accept(jobs)
+        self.expect(expected, self.queue.accept, jobs)
+        if expected != DUPLICATE:
+            self.counted((), jobs)
 
     @rule(job_type=types, priority=priorities)
     def requeue(self, job_type, priority):
         job = self.item(job_type, priority)
+        self.queue.requeue(job)
+        self.model.requeue(job)
+
+    @precondition(lambda self: self.placed_by_caller)
+    @rule(data=st.data())
+    def requeue_accepted(self, data):
+        """An accepted job becomes ready: no id check, its id stays registered."""
+        job = self.placed_by_caller.pop(data.draw(st.integers(0, len(self.placed_by_caller) - 1)))
         self.queue.requeue(job)
         self.model.requeue(job)
 
@@ -889,6 +1192,8 @@ class ReadyQueueMachine(RuleBasedStateMachine):
         assert state.name == job.type
         assert state.active == self.model.active[job.type]
         self.running.append((job, state))
+        if id(job) in self.accepted:
+            self.finishable.append(job)
 
     @precondition(lambda self: self.running)
     @rule(data=st.data(), by_state=st.booleans())
@@ -899,6 +1204,16 @@ class ReadyQueueMachine(RuleBasedStateMachine):
         else:
             self.queue.release(job.type)
         self.model.release(job.type)
+
+    @precondition(lambda self: self.finishable)
+    @rule(data=st.data(), renamed=st.booleans(), new_id=job_ids)
+    def task_done(self, data, renamed, new_id):
+        """A job finishes; renamed first, it must not free the id another job holds."""
+        job = self.finishable.pop(data.draw(st.integers(0, len(self.finishable) - 1)))
+        if renamed:
+            job._id = new_id
+        self.queue.task_done(job)
+        self.model.task_done(job)
 
     @rule(job_type=types, limit=st.integers(1, 3))
     def configure(self, job_type, limit):
@@ -917,10 +1232,11 @@ class ReadyQueueMachine(RuleBasedStateMachine):
         if model.overflow:
             assert len(model.ready) == model.capacity  # owed room only while full
         assert self.queue.counters()[self.core.ENQUEUED] == model.enqueued
-        assert self.queue.unfinished == model.enqueued
+        assert self.queue.unfinished == model.enqueued - model.finished
         assert self.queue.executor_stats() == {
             t: (model.active.get(t, 0), limit) for t, limit in model.limits.items()
         }
+        assert [self.queue.has_id(job_id) for job_id in IDS] == [job_id in model.ids for job_id in IDS]
 
 
 MACHINE_SETTINGS = settings(

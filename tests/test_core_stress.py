@@ -1,6 +1,7 @@
 """Threaded stress on both cores: producers and consumers move many items
 through a small ReadyQueue with blocking put/pop; each item arrives exactly once.
 """
+import gc
 import random
 import threading
 import time
@@ -15,11 +16,12 @@ PER_PRODUCER = ITEMS // PRODUCERS
 
 
 class Item:
-    __slots__ = ("type", "priority", "origin")
+    __slots__ = ("type", "priority", "_id", "origin")
 
-    def __init__(self, type, priority, origin):
+    def __init__(self, type, priority, origin, id=None):
         self.type = type
         self.priority = priority
+        self._id = id
         self.origin = origin
 
 
@@ -60,7 +62,7 @@ def test_four_producers_four_consumers_move_every_item_exactly_once(core):
                     return
                 append(job.origin)
                 release(job.type)
-                task_done()
+                task_done(job)
         except BaseException as exc:
             errors.append(exc)
 
@@ -99,12 +101,13 @@ def test_requeues_under_contention_are_never_lost(core):
     total = 20_000
     barrier = threading.Barrier(3)
     received = [[] for _ in range(2)]
-    q.accept(total)
+    jobs = [Item("t", i % 3, i) for i in range(total)]
+    q.accept(jobs)
 
     def requeue_all():
         barrier.wait(WAIT)
-        for i in range(total):
-            q.requeue(Item("t", i % 3, i))
+        for job in jobs:
+            q.requeue(job)
 
     def consume(out):
         barrier.wait(WAIT)
@@ -114,7 +117,7 @@ def test_requeues_under_contention_are_never_lost(core):
                 return
             out.append(job.origin)
             q.release(job.type)
-            q.task_done()
+            q.task_done(job)
 
     producer = threading.Thread(target=requeue_all, daemon=True)
     consumers = [threading.Thread(target=consume, args=(out,), daemon=True) for out in received]
@@ -129,3 +132,52 @@ def test_requeues_under_contention_are_never_lost(core):
     assert not any(thread.is_alive() for thread in consumers)
     assert sorted(received[0] + received[1]) == list(range(total))
     assert q.overflow_size == 0 and len(q) == 0
+
+
+class Yielder:
+    """Cyclic garbage whose finalizer gives the GIL away, wherever the collector runs it."""
+
+    def __init__(self):
+        self.cycle = self
+
+    def __del__(self):
+        time.sleep(0)
+
+
+@pytest.mark.timeout(300)
+def test_requeues_are_not_stranded_in_the_overflow_when_the_collector_switches_threads(core):
+    """An allocation may run the garbage collector, and a finalizer may switch threads: a
+    requeue that made its overflow entry after seeing the buffer full could park a job there
+    after a pop had made room, and with the buffer drained nothing would ever move it in."""
+    q = core.ReadyQueue(2)
+    jobs = [Item("t", i % 3, i) for i in range(20_000)]
+    q.accept(jobs)
+    received = []
+
+    def consume():
+        while True:
+            job = q.pop()
+            if job is None:
+                return
+            received.append(job.origin)
+            q.release(job.type)
+            q.task_done(job)
+
+    consumers = [threading.Thread(target=consume, daemon=True) for _ in range(2)]
+    thresholds = gc.get_threshold()
+    gc.set_threshold(5, 1, 1)  # collect at almost every allocation
+    try:
+        for thread in consumers:
+            thread.start()
+        for i, job in enumerate(jobs):
+            if i % 5 == 0:
+                Yielder()
+            q.requeue(job)
+        finished = q.join(timeout=60)
+    finally:
+        gc.set_threshold(*thresholds)
+        q.close()
+    for thread in consumers:
+        thread.join(WAIT)
+    assert finished, f"{q.unfinished} jobs never ran ({q.overflow_size} in the overflow, {len(q)} ready)"
+    assert sorted(received) == list(range(len(jobs)))

@@ -3,9 +3,12 @@ import sys
 import threading
 import time
 
-from tinymq import ExecutorConfig, Job, Queue, RetryConfig
+import pytest
 
-from _helpers import WAIT, FailureLog, wait_until
+from tinymq import Config, ExecutorConfig, Job, Priority, Queue, RetryConfig
+from tinymq.errors import DuplicateJob
+
+from _helpers import WAIT, Blocker, FailureLog, Recorder, wait_until
 
 
 JOBS = 2000  # enough attempts for the race to show up in most runs
@@ -15,18 +18,28 @@ def no_retries():
     return RetryConfig(max_retries=0)
 
 
-def test_a_job_whose_type_was_set_to_none_fails_as_no_executor():
-    """The compiled core's type cache once treated None as a cached key and crashed."""
+def test_a_job_whose_type_was_set_to_none_is_refused_and_never_crashes_the_core():
+    """The compiled core's type cache once treated None as a cached key and crashed. The core
+    now takes only an exact str as a type: enqueue refuses such a job, and the retry of a job
+    whose executor set it fails that job."""
+
+    def break_the_type(job):
+        job.type = None  # attributes are writable
+        raise RuntimeError("retry me")
+
     with Queue(10) as q:
         failures = FailureLog(q)
         q.on_failure(failures.callback)
         q.register_executor("x", lambda job: None)
+        q.register_executor("breaks", break_the_type)
         q.start_dispatcher(1)
         job = Job("x")
-        job.type = None  # attributes are writable
-        q.enqueue(job)
+        job.type = None
+        with pytest.raises(TypeError, match="job type must be a str, got None"):
+            q.enqueue(job)
+        q.enqueue(Job("breaks", retry_config=RetryConfig(max_retries=1, initial_delay=0.0)))
         assert q.join(WAIT)
-    assert failures.reasons() == ["no_executor"]
+    assert failures.reasons() == ["retries_exhausted"]
 
 
 def test_registering_again_without_a_timeout_mid_attempt_still_fails_the_timed_out_job():
@@ -102,3 +115,53 @@ def test_interruptions_racing_the_start_of_attempts_never_leak_a_slot():
     finally:
         sys.setswitchinterval(interval)
         sys.unraisablehook = unraisable_hook
+
+
+def test_a_parked_job_whose_priority_was_made_invalid_still_runs_at_its_level():
+    """The core re-read the priority of a job waiting for room: set to a bad value meanwhile,
+    it made the pop that moved the job in raise, which lost that job and the popped one, and
+    join() never returned."""
+    ran = Recorder()
+    with Blocker() as blocker, Queue(config=Config(buffer_size=1)) as q:
+        q.register_executor("block", blocker.fn)
+        q.register_executor("work", lambda job: ran.add(job.payload))
+        q.start_dispatcher(1)
+        q.enqueue(Job("block"))
+        assert blocker.wait_started(1)
+        q.enqueue(Job("work", "filler"))  # the buffer is full
+        parked = Job("work", "parked", priority=Priority.HIGH)
+        q.enqueue_delayed(parked, 0.001)  # due at once: the scheduler parks it, owed room
+        assert wait_until(lambda: q.get_stats().waiting_for_room == 1)
+        parked.priority = "bogus"
+        blocker.release()
+        assert q.join(WAIT), "a job vanished"
+        assert ran.snapshot() == ["filler", "parked"]
+        stats = q.get_stats()
+        assert (stats.jobs_succeeded, stats.jobs_failed) == (3, 0)
+
+
+def test_an_id_is_taken_until_its_job_succeeds_or_fails_for_good():
+    def fails(job):
+        raise RuntimeError("no")
+
+    once = RetryConfig(max_retries=0)
+    with Blocker() as blocker, Queue(10) as q:
+        q.register_executor("block", blocker.fn)
+        q.register_executor("ok", lambda job: None)
+        q.register_executor("fails", fails)
+        q.start_dispatcher(1)
+        q.enqueue(Job("block", id="unique"))
+        assert blocker.wait_started(1)
+        for duplicate in (lambda: q.enqueue(Job("ok", id="unique")),
+                          lambda: q.enqueue_delayed(Job("ok", id="unique"), 60),
+                          lambda: q.enqueue_many([Job("ok", id="other"), Job("ok", id="unique")])):
+            with pytest.raises(DuplicateJob, match="'unique'"):
+                duplicate()
+        assert q.get_stats().jobs_enqueued == 1
+        blocker.release()
+        assert q.join(WAIT)
+        for job_type in ("ok", "fails", "ok"):  # each one frees the id for the next
+            q.enqueue(Job(job_type, id="unique", retry_config=once))
+            assert q.join(WAIT)
+        stats = q.get_stats()
+        assert (stats.jobs_succeeded, stats.jobs_failed) == (3, 1)

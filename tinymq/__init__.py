@@ -8,7 +8,7 @@ import logging
 from ._pick_core import HAS_EXTENSION
 from .config import Config, ExecutorConfig, RetryConfig
 from .context import JobContext
-from .errors import JobTimeout, PersistenceError, QueueFull, QueueStopped, TinyMQError
+from .errors import DuplicateJob, JobTimeout, PersistenceError, QueueFull, QueueStopped, TinyMQError
 from .job import Job, Priority, new_delayed_job, new_high_priority_job, new_job, new_low_priority_job
 from .persistence import Persistence, SQLitePersistence
 from .queue import Queue
@@ -21,7 +21,7 @@ logging.getLogger("tinymq").addHandler(logging.NullHandler())
 __all__ = [
     "Queue", "Job", "Priority", "Config", "ExecutorConfig", "RetryConfig",
     "QueueStats", "ExecutorStats", "Persistence", "SQLitePersistence", "JobContext",
-    "TinyMQError", "QueueFull", "QueueStopped", "PersistenceError", "JobTimeout",
+    "TinyMQError", "QueueFull", "QueueStopped", "PersistenceError", "JobTimeout", "DuplicateJob",
     "new_job", "new_high_priority_job", "new_low_priority_job", "new_delayed_job",
     "HAS_EXTENSION", "__version__",
 ]

@@ -5,7 +5,9 @@ its readable specification; read that first.
 Where the pure core takes ``self._lock``, this one relies on the GIL: every
 critical section below runs with the GIL held and calls no Python code between
 a read and the write that depends on it, so no other thread can interleave
-(the design of CPython's ``_queue.SimpleQueue``). The module is not marked
+(the design of CPython's ``_queue.SimpleQueue``). A job's attributes are read,
+and the objects a section stores are made, before it starts: attribute reads
+may run Python code, and so may an allocation (the garbage collector). The module is not marked
 free-threading compatible, so a free-threaded interpreter keeps the GIL on.
 Blocking waits release the GIL inside ``PyThread_acquire_lock_timed`` and stay
 interruptible by signals (Ctrl-C reaches the main thread).
@@ -15,6 +17,7 @@ from cpython.exc cimport PyErr_CheckSignals, PyErr_Clear, PyErr_Occurred
 from cpython.long cimport PyLong_AsLong, PyLong_Check
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF, PyObject
+from cpython.unicode cimport PyUnicode_CheckExact
 from libc.math cimport INFINITY, pow
 from libc.stdint cimport uint64_t
 from libc.string cimport memcpy
@@ -23,7 +26,7 @@ from posix.time cimport CLOCK_MONOTONIC, clock_getres, clock_gettime, timespec
 import os
 from collections import deque
 
-from .errors import JobTimeout, QueueStopped
+from .errors import DuplicateJob, JobTimeout, QueueStopped
 
 cdef extern from "pythread.h":
     ctypedef void *PyThread_type_lock
@@ -124,10 +127,11 @@ cdef PyThread_type_lock _held_lock() except NULL:
     return lock
 
 
-cdef void _free_lock(PyThread_type_lock lock, bint released) noexcept:
+cdef void _free_lock(PyThread_type_lock lock) noexcept:
+    """Free ``lock`` unlocked, whoever holds it: no bookkeeping to get wrong."""
     if lock != NULL:
-        if not released:
-            PyThread_release_lock(lock)  # a lock is freed unlocked
+        PyThread_acquire_lock(lock, 0)  # held now, either way...
+        PyThread_release_lock(lock)  # ...so this release leaves it unlocked
         PyThread_free_lock(lock)
 
 
@@ -141,7 +145,7 @@ cdef class _Waiter:
         self.lock = _held_lock()
 
     def __dealloc__(self):
-        _free_lock(self.lock, self.notified)
+        _free_lock(self.lock)  # held again if the waiter woke by taking it, released if not
 
 
 cdef int _sleep_on(PyThread_type_lock lock, double deadline) except -1:
@@ -372,6 +376,55 @@ cdef inline int _level_of(object job) except -1:
     return level
 
 
+cdef object _not_a_str(str what, object value):
+    # str.__repr__: a str subclass's own __repr__ is not called
+    shown = str.__repr__(value) if isinstance(value, str) else repr(value)
+    return TypeError(f"{what} must be a str, got {shown} ({type(value).__qualname__})")
+
+
+cdef inline object _exact_type(object job_type):
+    """``job_type`` if it is exactly a str: a subclass's __hash__/__eq__ never runs in the core."""
+    if not PyUnicode_CheckExact(job_type):
+        raise _not_a_str("job type", job_type)
+    return job_type
+
+
+cdef inline object _type_of(object job):
+    """The job's type, if it is exactly a str: a subclass's __hash__/__eq__ never runs in the core."""
+    job_type = job.type
+    if not PyUnicode_CheckExact(job_type):
+        raise _not_a_str("job type", job_type)
+    return job_type
+
+
+cdef inline object _id_of(object job):
+    """The job's id, or None when it has none (yet): exactly a str, like a type."""
+    job_id = job._id
+    if job_id is not None and not PyUnicode_CheckExact(job_id):
+        raise _not_a_str("job id", job_id)
+    return job_id
+
+
+cdef object _duplicate(object job_id):
+    return DuplicateJob(f"a job with id {job_id!r} is already queued and unfinished")
+
+
+cdef tuple _batch_ids(list jobs):
+    """``{id: job}`` for the jobs that have an id (None when none has), and an id
+    repeated within ``jobs`` (None when none is)."""
+    cdef dict batch = None
+    repeated = None
+    for job in jobs:
+        job_id = _id_of(job)
+        if job_id is not None:
+            if batch is None:
+                batch = {}
+            elif repeated is None and job_id in batch:
+                repeated = job_id
+            batch[job_id] = job
+    return batch, repeated
+
+
 # --- the ready queue ----------------------------------------------------------
 
 cdef object _NO_TYPE = object()  # the empty type cache's key: no job type is this object
@@ -382,6 +435,14 @@ cdef class ReadyQueue:
 
     A worker's ``pop`` takes the oldest job of the highest non-empty level whose
     type has a free slot, and takes that slot; ``release`` gives it back.
+
+    The unfinished jobs that have an id are known by it: a second job with the
+    same id is refused (DuplicateJob) until ``task_done`` of the first.
+
+    Entry points check in one order: the job's own fields (TypeError,
+    ValueError), then QueueStopped, then DuplicateJob, then room (False); any
+    refusal leaves everything as it was. The fields are read first, as they may
+    run Python code; the decision after them runs none.
     """
     cdef readonly Py_ssize_t capacity
     # All guarded by the GIL (see the module docstring).
@@ -391,10 +452,11 @@ cdef class ReadyQueue:
     cdef list type_list  # the same TypeStates, for a C-speed scan
     cdef Py_ssize_t level_sizes[3]  # ready jobs per level (LOW, MEDIUM, HIGH)
     cdef Py_ssize_t size  # sum(level_sizes) <= capacity
-    cdef object overflow  # deque: counted jobs owed room; nonempty only when full
+    cdef object overflow  # deque of (job, type, level): counted jobs owed room; nonempty only when full
     cdef uint64_t seq  # insertion order: FIFO within a level
     cdef bint _closed
     cdef Py_ssize_t _unfinished  # accepted jobs not yet succeeded or failed for good
+    cdef dict ids  # id -> the unfinished job registered under it (exact str keys: no Python runs)
     cdef long long _counters[N_COUNTERS]
     cdef list getters  # _Waiters: workers waiting for an eligible job
     cdef Py_ssize_t waking  # getters notified that have not taken the GIL back yet
@@ -407,6 +469,7 @@ cdef class ReadyQueue:
         self.capacity = capacity
         self.last_type = _NO_TYPE
         self.types = {}
+        self.ids = {}
         self.type_list = []
         self.overflow = deque()
         self.getters = []
@@ -417,7 +480,7 @@ cdef class ReadyQueue:
 
     def configure(self, job_type, fn, Py_ssize_t limit, timeout, bint takes_context, bint interrupt):
         """Register or replace the executor of ``job_type``; running attempts keep their slots."""
-        cdef TypeState state = self._type_state(job_type)
+        cdef TypeState state = self._type_state(_exact_type(job_type))
         state.fn = fn
         state.limit = limit
         state.timeout = timeout
@@ -448,8 +511,8 @@ cdef class ReadyQueue:
 
     # pushing
 
-    cdef int _append(self, object job, int level) except -1:
-        cdef TypeState state = self._type_state(job.type)
+    cdef int _append(self, object job, object job_type, int level) except -1:
+        cdef TypeState state = self._type_state(job_type)
         _fifo_push(&state.levels[level], job, self.seq)
         self.seq += 1
         state.waiting += 1
@@ -465,72 +528,112 @@ cdef class ReadyQueue:
             self.waking += 1
             _notify(self.getters)
 
-    cdef inline void _accept(self, Py_ssize_t n):
-        self._unfinished += n
-        self._counters[C_ENQUEUED] += n
-
     cdef inline int _check_open(self) except -1:
         if self._closed:
             raise QueueStopped("the queue is stopped")
         return 0
 
+    cdef int _check_unregistered(self, dict batch, object repeated) except -1:
+        if repeated is not None:
+            raise _duplicate(repeated)
+        if batch is not None:
+            for job_id in batch:
+                if job_id in self.ids:
+                    raise _duplicate(job_id)
+        return 0
+
+    cdef inline int _accept(self, Py_ssize_t n, dict batch) except -1:
+        self._unfinished += n
+        self._counters[C_ENQUEUED] += n
+        if batch is not None:
+            self.ids.update(batch)
+        return 0
+
+    cdef inline int _accept_one(self, object job, object job_id) except -1:
+        self._unfinished += 1
+        self._counters[C_ENQUEUED] += 1
+        if job_id is not None:
+            self.ids[job_id] = job
+        return 0
+
     cpdef bint push(self, object job) except -1:
         """Accept a new ready job; False, with no effect, when the buffer is full."""
+        cdef object job_type = _type_of(job)
         cdef int level = _level_of(job)
+        cdef object job_id = _id_of(job)
         self._check_open()
+        if job_id is not None and job_id in self.ids:
+            raise _duplicate(job_id)
         if self.size >= self.capacity:
             return False
-        self._append(job, level)
-        self._accept(1)
+        self._append(job, job_type, level)
+        self._accept_one(job, job_id)
         return True
 
     def put(self, object job, timeout=None):
         """Accept a new ready job, waiting for room like ``queue.Queue.put``; False on timeout."""
+        cdef object job_type = _type_of(job)
         cdef int level = _level_of(job)
+        cdef object job_id = _id_of(job)
         cdef double deadline = _deadline(timeout)
         while True:
             self._check_open()
+            if job_id is not None and job_id in self.ids:  # again after every wait
+                raise _duplicate(job_id)
             if self.size < self.capacity and not self.overflow:
                 break
             if deadline != WAIT_FOREVER and _monotonic() >= deadline:
                 return False
             _wait(self.putters, deadline)
-        self._append(job, level)
-        self._accept(1)
+        self._append(job, job_type, level)
+        self._accept_one(job, job_id)
         return True
 
-    def push_many(self, jobs, Py_ssize_t also_accept=0):
-        """Accept every job or none: False, with no effect, when they do not all fit.
+    def push_many(self, ready_jobs, delayed_jobs=()):
+        """Accept every job or none: False, with no effect, when the ready ones do not all fit.
 
-        ``also_accept`` more jobs, which the caller places itself, are counted
-        in the same step (the delayed part of a batch).
+        ``delayed_jobs``, which the caller places itself, are counted and their
+        ids registered in the same step; no id may repeat across both lists.
         """
-        jobs = list(jobs)
-        levels = [_level_of(job) for job in jobs]
+        cdef list ready = list(ready_jobs)
+        cdef list delayed = list(delayed_jobs)
+        cdef list placed = [(job, _type_of(job), _level_of(job)) for job in ready]
+        cdef dict batch
+        batch, repeated = _batch_ids(ready + delayed)
+        cdef int level
         self._check_open()
-        if self.size + len(jobs) > self.capacity:
+        self._check_unregistered(batch, repeated)
+        if self.size + len(placed) > self.capacity:
             return False
-        for job, level in zip(jobs, levels):
-            self._append(job, level)
-        self._accept(len(jobs) + also_accept)
+        for job, job_type, level in placed:
+            self._append(job, job_type, level)
+        self._accept(len(ready) + len(delayed), batch)
         return True
 
-    def accept(self, Py_ssize_t n=1):
-        """Count ``n`` new jobs that the caller places itself (delayed set, or ``requeue``)."""
+    def accept(self, jobs):
+        """Count ``jobs``, which the caller places itself (delayed, recovered), and register their ids."""
+        cdef list accepted = list(jobs)
+        cdef dict batch
+        batch, repeated = _batch_ids(accepted)
         self._check_open()
-        self._accept(n)
+        self._check_unregistered(batch, repeated)
+        self._accept(len(accepted), batch)
 
     def requeue(self, object job):
         """Make an accepted job ready (due, retried, recovered): never refused, never dropped.
 
         With the buffer full it waits in the overflow line, ahead of blocked
-        producers, and moves in as soon as a pop makes room.
+        producers, and moves in as soon as a pop makes room. Its type and level
+        are read now: changing them later changes nothing here.
         """
+        cdef object job_type = _type_of(job)
         cdef int level = _level_of(job)
+        # Made before the decision: allocating may run the garbage collector, and Python code.
+        cdef tuple owed = (job, job_type, level)
         if self.size >= self.capacity or self.overflow:
-            self.overflow.append(job)
+            self.overflow.append(owed)
         else:
-            self._append(job, level)
+            self._append(job, job_type, level)
 
     # popping
 
@@ -565,9 +668,10 @@ cdef class ReadyQueue:
 
     cdef int _refill(self) except -1:
         """One pop made room for one job: the overflow line first, else a blocked producer."""
+        cdef int level
         if self.overflow:
-            job = self.overflow.popleft()
-            self._append(job, _level_of(job))
+            job, job_type, level = self.overflow.popleft()
+            self._append(job, job_type, level)
         elif self.putters:
             _notify(self.putters)
         return 0
@@ -598,7 +702,7 @@ cdef class ReadyQueue:
         if job_type is self.last_type:
             self._release(self.last_state)
         else:
-            self._release(<TypeState?>self.types[job_type])
+            self._release(<TypeState?>self.types[_exact_type(job_type)])
 
     def release_state(self, TypeState state):
         self._release(state)
@@ -654,14 +758,25 @@ cdef class ReadyQueue:
     def unfinished(self):
         return self._unfinished
 
-    cdef inline void _task_done(self, Py_ssize_t n):
-        self._unfinished -= n
+    def has_id(self, job_id):
+        """Whether an unfinished job was accepted with this id."""
+        if not PyUnicode_CheckExact(job_id):
+            raise _not_a_str("job id", job_id)
+        return job_id in self.ids
+
+    cdef inline int _task_done(self, object job) except -1:
+        # With no id registered this job has none to free: its _id is not even read.
+        cdef object job_id = job._id if self.ids else None
+        self._unfinished -= 1
+        if job_id is not None and PyUnicode_CheckExact(job_id) and self.ids.get(job_id) is job:
+            del self.ids[job_id]  # not another job's id
         if self._unfinished <= 0 and self.joiners:
             _notify_all(self.joiners)
+        return 0
 
-    def task_done(self, Py_ssize_t n=1):
-        """``n`` accepted jobs finished for good."""
-        self._task_done(n)
+    def task_done(self, object job):
+        """``job``, accepted earlier, finished for good: its id is free again."""
+        self._task_done(job)
 
     def join(self, timeout=None):
         """Wait until every accepted job finished; False on timeout or when closed first."""
@@ -814,7 +929,7 @@ cdef class Alarm:
         self.lock = _held_lock()
 
     def __dealloc__(self):
-        _free_lock(self.lock, self.latched)
+        _free_lock(self.lock)
 
     def sleep(self, double timeout, double armed_at):
         cdef bint woken
@@ -857,7 +972,8 @@ cdef class WorkerSlot:
     """The attempt one worker runs now, as the watchdog sees it.
 
     ``expire`` (watchdog) and the worker's end of an attempt decide it exactly
-    once between them; both run under the GIL without calling Python code.
+    once between them; both decide under the GIL without calling Python code, so
+    ``end`` sees ``expired``, ``retired`` and ``interrupted`` all set or none.
     """
     cdef public object job  # the running attempt's job, None between attempts
     cdef public object type_state
@@ -895,14 +1011,17 @@ cdef class WorkerSlot:
         """Decide a running attempt past its deadline as timed out: its job, or None."""
         if self.job is None or self.expired or self.deadline > now:
             return None
+        # The decision runs no Python code, so the worker's end() sees it whole: set by
+        # Python code in between, interrupted could come after end() had read it.
         self.expired = True
         self.retired = True
-        if self.context is not None:
-            self.context._cancel("timed out")  # before any interruption: a clean wake-up first
         state = self.type_state
         if state is not None and (<TypeState>state).interrupt:
             self.interrupted = PyThreadState_SetAsyncExc(self.thread_id, <PyObject *>JobTimeout) == 1
-        return self.job
+        job, context = self.job, self.context
+        if context is not None:  # decided: the context's code may let the worker end meanwhile
+            context._cancel("timed out")
+        return job
 
 
 def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
@@ -960,6 +1079,6 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
             on_success = slot.on_success
             if on_success is not None:
                 on_success(job)
-            ready._task_done(1)
+            ready._task_done(job)
         else:
             dispatcher.attempt_failed(job, state, error)

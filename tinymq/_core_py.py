@@ -7,14 +7,19 @@ GIL where this one takes ``self._lock``.
 - ``ReadyQueue``: ready jobs in three FIFO levels (HIGH, MEDIUM, LOW) under one
   lock and one capacity, with per-type concurrency slots: a job whose type is
   saturated is passed over and keeps its place. It also keeps the queue's
-  accounting (unfinished jobs for ``join``, lifetime counters), so a job is
-  counted in the same critical section that makes it visible.
+  accounting (unfinished jobs for ``join``, their ids, lifetime counters), so a
+  job is counted in the same critical section that makes it visible.
 - ``DelayedHeap``: a min-heap on (run_at, insertion order) with capped eviction.
 - ``Alarm``: a latched wake-up for the one thread (scheduler, watchdog) that
   sleeps until a deadline.
 - ``WorkerSlot`` and ``run_worker``: one worker's attempt, as the watchdog sees
   it, and the per-job loop.
 - ``retry_delay`` and ``new_job_id``.
+
+To the core a job is any object with ``type`` (exactly a ``str``), ``priority``
+(0, 1 or 2: LOW, MEDIUM, HIGH) and ``_id`` (None, or exactly a ``str``). The
+core reads them once, when it is handed the job (push, put, push_many, accept,
+requeue), keeps what it read, and never reads them again while it holds the job.
 """
 import ctypes
 import heapq
@@ -25,9 +30,9 @@ import random
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple
 
-from .errors import JobTimeout, QueueFull, QueueStopped
+from .errors import DuplicateJob, JobTimeout, QueueStopped
 
 __all__ = [
     "ReadyQueue", "DelayedHeap", "Alarm", "WorkerSlot", "TypeState",
@@ -126,6 +131,49 @@ def _priority_level(job: Any) -> int:
     return int(priority)
 
 
+def _not_a_str(what: str, value: Any) -> TypeError:
+    # str.__repr__: a str subclass's own __repr__ is not called
+    shown = str.__repr__(value) if isinstance(value, str) else repr(value)
+    return TypeError(f"{what} must be a str, got {shown} ({type(value).__qualname__})")
+
+
+def _exact_type(job_type: Any) -> str:
+    """``job_type`` if it is exactly a str: a subclass's __hash__/__eq__ never runs in the core."""
+    if type(job_type) is not str:
+        raise _not_a_str("job type", job_type)
+    return job_type
+
+
+def _ready_fields(job: Any) -> Tuple[str, int]:
+    """What the core keeps of a job it places: its type and its level, read once."""
+    return _exact_type(job.type), _priority_level(job)
+
+
+def _id_of(job: Any) -> Optional[str]:
+    """The job's id, or None when it has none (yet): exactly a str, like a type."""
+    job_id = job._id
+    if job_id is not None and type(job_id) is not str:
+        raise _not_a_str("job id", job_id)
+    return job_id
+
+
+def _duplicate(job_id: str) -> DuplicateJob:
+    return DuplicateJob(f"a job with id {job_id!r} is already queued and unfinished")
+
+
+def _batch_ids(jobs: List[Any]) -> Tuple[Dict[str, Any], Optional[str]]:
+    """``{id: job}`` for the jobs that have an id, and an id repeated within ``jobs`` (or None)."""
+    batch: Dict[str, Any] = {}
+    repeated = None
+    for job in jobs:
+        job_id = _id_of(job)
+        if job_id is not None:
+            if repeated is None and job_id in batch:
+                repeated = job_id
+            batch[job_id] = job
+    return batch, repeated
+
+
 # --- the ready queue ----------------------------------------------------------
 
 
@@ -134,6 +182,13 @@ class ReadyQueue:
 
     A worker's ``pop`` takes the oldest job of the highest non-empty level whose
     type has a free slot, and takes that slot; ``release`` gives it back.
+
+    The unfinished jobs that have an id are known by it: a second job with the
+    same id is refused (DuplicateJob) until ``task_done`` of the first.
+
+    Entry points check in one order: the job's own fields (TypeError,
+    ValueError), then QueueStopped, then DuplicateJob, then room (False); any
+    refusal leaves everything as it was.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -142,12 +197,14 @@ class ReadyQueue:
         self.capacity = capacity
         self._lock = threading.Lock()
         # Everything below is guarded by _lock.
-        self._types: Dict[Any, TypeState] = {}  # job type -> its slots and jobs
+        self._types: Dict[str, TypeState] = {}  # job type -> its slots and jobs
         self._sizes = [0, 0, 0]  # ready jobs per level; sum(_sizes) <= capacity
-        self._overflow: Deque[Any] = deque()  # counted jobs owed room; nonempty only when full
+        # (job, type, level) of counted jobs owed room; nonempty only when full
+        self._overflow: Deque[Tuple[Any, str, int]] = deque()
         self._seq = itertools.count()  # insertion order: FIFO within a level
         self._closed = False
         self._unfinished = 0  # accepted jobs not yet succeeded or failed for good
+        self._ids: Dict[str, Any] = {}  # id -> the unfinished job registered under it
         self._counters = [0, 0, 0, 0, 0, 0]
         self._eligible = threading.Condition(self._lock)  # a job may be poppable
         self._room = threading.Condition(self._lock)  # the buffer may have room
@@ -156,10 +213,11 @@ class ReadyQueue:
     # executors
 
     def configure(
-        self, job_type: Any, fn: Callable[..., Any], limit: int,
+        self, job_type: str, fn: Callable[..., Any], limit: int,
         timeout: Optional[float], takes_context: bool, interrupt: bool,
     ) -> TypeState:
         """Register or replace the executor of ``job_type``; running attempts keep their slots."""
+        _exact_type(job_type)
         with self._lock:
             state = self._type_state(job_type)
             state.fn, state.limit, state.timeout = fn, limit, timeout
@@ -168,12 +226,12 @@ class ReadyQueue:
                 self._eligible.notify_all()  # a higher limit may free jobs
             return state
 
-    def executor_stats(self) -> Dict[Any, Tuple[int, int]]:
+    def executor_stats(self) -> Dict[str, Tuple[int, int]]:
         """``{job_type: (active, limit)}`` for every registered executor."""
         with self._lock:
             return {s.name: (s.active, s.limit) for s in self._types.values() if s.fn is not None}
 
-    def _type_state(self, job_type: Any) -> TypeState:
+    def _type_state(self, job_type: str) -> TypeState:
         state = self._types.get(job_type)
         if state is None:
             state = self._types[job_type] = TypeState(job_type)
@@ -181,84 +239,111 @@ class ReadyQueue:
 
     # pushing
 
-    def _append(self, job: Any, level: int) -> None:
-        self._type_state(job.type).levels[level].append((next(self._seq), job))
+    def _append(self, job: Any, job_type: str, level: int) -> None:
+        self._type_state(job_type).levels[level].append((next(self._seq), job))
         self._sizes[level] += 1
 
-    def _accept(self, n: int) -> None:
+    def _check_open(self) -> None:
+        if self._closed:
+            raise QueueStopped("the queue is stopped")
+
+    def _check_unregistered(self, batch: Dict[str, Any], repeated: Optional[str]) -> None:
+        if repeated is not None:
+            raise _duplicate(repeated)
+        for job_id in batch:
+            if job_id in self._ids:
+                raise _duplicate(job_id)
+
+    def _accept(self, n: int, batch: Dict[str, Any]) -> None:
         self._unfinished += n
         self._counters[ENQUEUED] += n
+        if batch:
+            self._ids.update(batch)
+
+    def _accept_one(self, job: Any, job_id: Optional[str]) -> None:
+        self._unfinished += 1
+        self._counters[ENQUEUED] += 1
+        if job_id is not None:
+            self._ids[job_id] = job
 
     def push(self, job: Any) -> bool:
         """Accept a new ready job; False, with no effect, when the buffer is full."""
-        level = _priority_level(job)
+        job_type, level = _ready_fields(job)
+        job_id = _id_of(job)
         with self._lock:
-            if self._closed:
-                raise QueueStopped("the queue is stopped")
+            self._check_open()
+            if job_id is not None and job_id in self._ids:
+                raise _duplicate(job_id)
             if sum(self._sizes) >= self.capacity:
                 return False
-            self._append(job, level)
-            self._accept(1)
+            self._append(job, job_type, level)
+            self._accept_one(job, job_id)
             self._eligible.notify()
             return True
 
     def put(self, job: Any, timeout: Optional[float] = None) -> bool:
         """Accept a new ready job, waiting for room like ``queue.Queue.put``; False on timeout."""
-        level = _priority_level(job)
+        job_type, level = _ready_fields(job)
+        job_id = _id_of(job)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while True:
-                if self._closed:
-                    raise QueueStopped("the queue is stopped")
+                self._check_open()
+                if job_id is not None and job_id in self._ids:  # again after every wait
+                    raise _duplicate(job_id)
                 if sum(self._sizes) < self.capacity and not self._overflow:
                     break
                 remaining = _remaining(deadline)
                 if remaining is not None and remaining <= 0.0:
                     return False
                 self._room.wait(remaining)
-            self._append(job, level)
-            self._accept(1)
+            self._append(job, job_type, level)
+            self._accept_one(job, job_id)
             self._eligible.notify()
             return True
 
-    def push_many(self, jobs: List[Any], also_accept: int = 0) -> bool:
-        """Accept every job or none: False, with no effect, when they do not all fit.
+    def push_many(self, ready_jobs: Iterable[Any], delayed_jobs: Iterable[Any] = ()) -> bool:
+        """Accept every job or none: False, with no effect, when the ready ones do not all fit.
 
-        ``also_accept`` more jobs, which the caller places itself, are counted
-        in the same step (the delayed part of a batch).
+        ``delayed_jobs``, which the caller places itself, are counted and their
+        ids registered in the same step; no id may repeat across both lists.
         """
-        jobs = list(jobs)
-        levels = [_priority_level(job) for job in jobs]
+        ready_jobs, delayed_jobs = list(ready_jobs), list(delayed_jobs)
+        placed = [(job, *_ready_fields(job)) for job in ready_jobs]
+        batch, repeated = _batch_ids(ready_jobs + delayed_jobs)
         with self._lock:
-            if self._closed:
-                raise QueueStopped("the queue is stopped")
-            if sum(self._sizes) + len(jobs) > self.capacity:
+            self._check_open()
+            self._check_unregistered(batch, repeated)
+            if sum(self._sizes) + len(placed) > self.capacity:
                 return False
-            for job, level in zip(jobs, levels):
-                self._append(job, level)
-            self._accept(len(jobs) + also_accept)
-            self._eligible.notify(len(jobs))
+            for job, job_type, level in placed:
+                self._append(job, job_type, level)
+            self._accept(len(ready_jobs) + len(delayed_jobs), batch)
+            self._eligible.notify(len(placed))
             return True
 
-    def accept(self, n: int = 1) -> None:
-        """Count ``n`` new jobs that the caller places itself (delayed set, or ``requeue``)."""
+    def accept(self, jobs: Iterable[Any]) -> None:
+        """Count ``jobs``, which the caller places itself (delayed, recovered), and register their ids."""
+        jobs = list(jobs)
+        batch, repeated = _batch_ids(jobs)
         with self._lock:
-            if self._closed:
-                raise QueueStopped("the queue is stopped")
-            self._accept(n)
+            self._check_open()
+            self._check_unregistered(batch, repeated)
+            self._accept(len(jobs), batch)
 
     def requeue(self, job: Any) -> None:
         """Make an accepted job ready (due, retried, recovered): never refused, never dropped.
 
         With the buffer full it waits in the overflow line, ahead of blocked
-        producers, and moves in as soon as a pop makes room.
+        producers, and moves in as soon as a pop makes room. Its type and level
+        are read now: changing them later changes nothing here.
         """
-        level = _priority_level(job)
+        job_type, level = _ready_fields(job)
         with self._lock:
             if sum(self._sizes) >= self.capacity or self._overflow:
-                self._overflow.append(job)
+                self._overflow.append((job, job_type, level))
                 return
-            self._append(job, level)
+            self._append(job, job_type, level)
             self._eligible.notify()
 
     # popping
@@ -284,8 +369,7 @@ class ReadyQueue:
     def _refill(self) -> None:
         """One pop made room for one job: the overflow line first, else a blocked producer."""
         if self._overflow:
-            job = self._overflow.popleft()
-            self._append(job, _priority_level(job))
+            self._append(*self._overflow.popleft())
             self._eligible.notify()
         else:
             self._room.notify()
@@ -309,8 +393,9 @@ class ReadyQueue:
         taken = self.pop_with_type(timeout)
         return None if taken is None else taken[0]
 
-    def release(self, job_type: Any) -> None:
+    def release(self, job_type: str) -> None:
         """An attempt of ``job_type`` returned: free its slot."""
+        _exact_type(job_type)
         with self._lock:
             self._release(self._types[job_type])
 
@@ -369,10 +454,21 @@ class ReadyQueue:
     def unfinished(self) -> int:
         return self._unfinished
 
-    def task_done(self, n: int = 1) -> None:
-        """``n`` accepted jobs finished for good."""
+    def has_id(self, job_id: str) -> bool:
+        """Whether an unfinished job was accepted with this id."""
+        if type(job_id) is not str:
+            raise _not_a_str("job id", job_id)
         with self._lock:
-            self._unfinished -= n
+            return job_id in self._ids
+
+    def task_done(self, job: Any) -> None:
+        """``job``, accepted earlier, finished for good: its id is free again."""
+        # With no id registered this job has none to free: its _id is not even read.
+        job_id = job._id if self._ids else None
+        with self._lock:
+            self._unfinished -= 1
+            if type(job_id) is str and self._ids.get(job_id) is job:  # not another job's id
+                del self._ids[job_id]
             if self._unfinished <= 0:
                 self._all_done.notify_all()
 
@@ -492,7 +588,8 @@ class WorkerSlot:
     """The attempt one worker runs now, as the watchdog sees it.
 
     ``expire`` (watchdog) and ``end`` (worker) decide the attempt exactly once
-    between them, under ``_lock``.
+    between them, under ``_lock``: ``end`` sees ``expired``, ``retired`` and
+    ``interrupted`` all set or none.
     """
 
     __slots__ = ("_lock", "job", "type_state", "deadline", "context", "expired",
@@ -537,11 +634,12 @@ class WorkerSlot:
             self.expired = True
             self.retired = True
             state = self.type_state
-            if self.context is not None:
-                self.context._cancel("timed out")  # before any interruption: a clean wake-up first
             if state is not None and state.interrupt:
                 self.interrupted = interrupt_thread(self.thread_id, JobTimeout)
-            return self.job
+            job, context = self.job, self.context
+        if context is not None:  # decided: the context's code may let the worker end meanwhile
+            context._cancel("timed out")
+        return job
 
 
 def interrupt_thread(thread_id: int, exc_type: Optional[type]) -> bool:
@@ -603,6 +701,6 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
             on_success = slot.on_success
             if on_success is not None:
                 on_success(job)
-            ready.task_done()
+            ready.task_done(job)
         else:
             dispatcher.attempt_failed(job, state, error)

@@ -1,7 +1,9 @@
 """tinymq's exceptions, defined once and raised by both cores and the façade."""
 import queue
 
-__all__ = ["TinyMQError", "QueueFull", "QueueStopped", "PersistenceError", "JobTimeout", "DuplicateJob"]
+__all__ = [
+    "TinyMQError", "QueueFull", "QueueStopped", "PersistenceError", "JobTimeout", "DuplicateJob",
+]
 
 
 class TinyMQError(Exception):
