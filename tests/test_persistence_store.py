@@ -344,6 +344,12 @@ def test_save_many_with_a_repeated_id_keeps_the_last(path):
         assert [(job.payload, job.tags) for job in store.load_all()] == [("new", {})]
 
 
+# Connection.setlimit arrived in Python 3.11; before it, SQLite refuses only rows near 1 GB.
+needs_setlimit = pytest.mark.skipif(not hasattr(sqlite3.Connection, "setlimit"),
+                                    reason="sqlite3.Connection.setlimit needs Python 3.11")
+
+
+@needs_setlimit
 def test_save_many_is_one_transaction_even_when_sqlite_refuses_a_row_midway(path):
     """The refusal comes from SQLite itself, after other rows of the batch were inserted."""
     with SQLitePersistence(path) as store:
@@ -360,7 +366,8 @@ def test_save_many_is_one_transaction_even_when_sqlite_refuses_a_row_midway(path
 
 def test_a_payload_over_sqlite_s_length_limit_is_refused_at_save_and_blocks_nothing(path):
     with SQLitePersistence(path) as store:
-        store._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 100_000)
+        if hasattr(store._conn, "setlimit"):
+            store._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 100_000)
         store._max_length = 100_000  # as if opened with that limit: the check reads it at open
         with pytest.raises(PersistenceError, match="over SQLite's limit of 100000 bytes") as info:
             store.save(Job("t", "x" * 100_000, id="huge"))
@@ -373,6 +380,7 @@ def test_a_payload_over_sqlite_s_length_limit_is_refused_at_save_and_blocks_noth
         assert rows(store) == {"normal": "ready"}
 
 
+@needs_setlimit
 def test_a_row_sqlite_refuses_fails_only_its_own_call_even_past_the_check(path):
     """Were the check to miss a row, SQLite's refusal still reaches only its caller."""
     with SQLitePersistence(path) as store:
