@@ -1,0 +1,332 @@
+"""Reproducers for defects found by the outside attack (branch ``attack``).
+
+Each test states the promised behaviour and is marked ``xfail(strict=True)``
+until the defect is fixed: when a fix lands, the test XPASSes and the mark
+must be removed.
+"""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import tinymq
+from tinymq import (DuplicateJob, ExecutorConfig, Job, PersistenceError, Queue, QueueFull,
+                    RetryConfig)
+from tinymq.persistence import SQLitePersistence
+
+from _helpers import WAIT, Recorder, make_queue, wait_until
+
+posix = pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX: flock, modes, SIGKILL")
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
+        os.path.dirname(os.path.dirname(tinymq.__file__)), os.environ.get("PYTHONPATH")])))
+
+
+@pytest.fixture
+def path(tmp_path):
+    return str(tmp_path / "jobs.db")
+
+
+# -- 1. hang: a blocked producer holds the claim lock -----------------------------------
+
+@pytest.mark.xfail(strict=True, reason="Queue._enqueue_slow holds _claim_lock across the blocking "
+                   "put(): every other enqueue of a job with an explicit id waits, even block=False")
+def test_blocking_enqueue_with_a_store_does_not_block_other_non_blocking_enqueues(path):
+    store = SQLitePersistence(path)
+    q = Queue(1)
+    q.set_persistence(store)
+    q.enqueue(Job("t", id="fills-the-buffer"))
+    producer = threading.Thread(
+        target=lambda: pytest.raises(Exception, q.enqueue, Job("t", id="waits"), block=True, timeout=WAIT))
+    producer.start()
+    try:
+        assert wait_until(lambda: q._claim_lock.locked()), "the blocking producer never got going"
+        outcome = Recorder()
+
+        def non_blocking():
+            try:
+                q.enqueue(Job("t", id="must-not-wait"), block=False)
+                outcome.add("enqueued")
+            except Exception as exc:  # QueueFull expected; QueueStopped once the test stops the queue
+                outcome.add(type(exc).__name__)
+
+        threading.Thread(target=non_blocking, daemon=True).start()
+        # block=False must answer at once (QueueFull): it waited for the other producer's timeout
+        # instead. With workers doing this in an executor, the queue deadlocks for good.
+        assert outcome.wait_for(1, timeout=2.0), "enqueue(block=False) blocked behind another producer"
+        assert outcome.snapshot() == ["QueueFull"]
+    finally:
+        q.stop()
+        producer.join(WAIT)
+        store.close()
+
+
+# -- 2. duplicate: the same Job object enqueued twice without a store ----------------------
+
+@pytest.mark.xfail(strict=True, reason="ReadyQueue.push registers only ids already made: a Job "
+                   "whose id was never read is accepted twice (with a store, save() makes the id "
+                   "and the second enqueue raises DuplicateJob)")
+def test_the_same_job_object_enqueued_twice_is_refused_as_with_a_store():
+    with make_queue(buffer_size=10) as q:
+        job = Job("t")
+        q.enqueue(job)
+        with pytest.raises(DuplicateJob):
+            q.enqueue(job)  # accepted: the one job (one id) is queued, and run, twice
+
+
+# -- 3. duplicate: changing the id of a queued job ------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="Job.id setter works on a queued job: ReadyQueue._ids and the "
+                   "store row keep the old id, delete()/task_done() use the new one")
+def test_changing_the_id_of_a_queued_job_leaves_no_stored_row_and_frees_the_id(path):
+    store = SQLitePersistence(path)
+    q = Queue(10)
+    q.set_persistence(store)
+    ran = Recorder()
+    q.register_executor("t", lambda job: ran.add(job.id))
+    job = q.enqueue(Job("t", id="report-2026-12"))
+    job.id = "renamed"  # the attribute is documented as writable
+    q.start_dispatcher(1)
+    try:
+        assert q.join(WAIT)
+        # The finished job's row must be gone (it is not: it runs again at the next start) ...
+        assert [j.id for j in store.jobs()] == []
+        # ... and its id free again (it is not: DuplicateJob for the life of the queue).
+        q.enqueue(Job("t", id="report-2026-12"))
+        assert q.join(WAIT)
+    finally:
+        q.stop()
+        store.close()
+
+
+# -- 4. silent failure: "crashed" never reaches on_failure -------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="SQLitePersistence._recover marks crashed jobs dead itself; "
+                   "Queue.set_persistence never reports them to on_failure nor counts jobs_failed "
+                   "(API.md: 'crashed' is handed to every callback)")
+def test_a_job_that_crashed_its_process_too_often_is_reported_as_crashed(path):
+    with SQLitePersistence(path) as store:  # what a store killed mid-attempt leaves behind
+        job = Job("t", id="kills-its-process", retry_config=RetryConfig(max_retries=0))
+        store.save(job)
+        store.mark_running(job)
+    store = SQLitePersistence(path)
+    q = Queue(10)
+    failures = Recorder()
+    q.on_failure(lambda job, reason, exc: failures.add((job.id, reason, exc)))
+    try:
+        q.set_persistence(store)
+        assert [d.reason for d in store.dead_jobs()] == ["crashed"]
+        assert failures.snapshot() == [("kills-its-process", "crashed", None)]
+        assert q.get_stats().jobs_failed == 1
+    finally:
+        q.stop()
+        store.close()
+
+
+# -- 5. wrong outcome: stop(timeout=...) returns before the cancelled attempt is saved back --------
+
+@pytest.mark.xfail(strict=True, reason="Dispatcher.stop cancels running attempts and returns without "
+                   "waiting for them to unwind; the 'saved back as ready' write then hits a closed store, "
+                   "the row stays 'running' and the next start counts a crash (dead with max_retries=0)")
+def test_an_attempt_cancelled_by_stop_is_not_counted_as_a_crash_after_close(path):
+    store = SQLitePersistence(path)
+    q = Queue(10)
+    q.set_persistence(store)
+    started, release = threading.Event(), threading.Event()
+
+    def cooperative(job, ctx):
+        started.set()
+        ctx.wait(WAIT)  # returns once stop() cancels the context
+        release.wait(WAIT)  # a moment of cleanup, as a real executor has
+        raise RuntimeError("cancelled, unwinding")
+
+    q.register_executor("t", cooperative, ExecutorConfig(timeout=None))
+    q.start_dispatcher(1)
+    q.enqueue(Job("t", id="cancelled", retry_config=RetryConfig(max_retries=0)))
+    assert started.wait(WAIT)
+    q.stop(timeout=0.2)  # gives up waiting, cancels the attempt
+    store.close()  # the store goes with the queue: what every app does after stop()
+    release.set()
+    assert wait_until(lambda: not any(t.name.startswith("tinymq-worker") for t in threading.enumerate()))
+    with SQLitePersistence(path) as reopened:
+        jobs = reopened.load_all()
+        assert reopened.dead_jobs() == []  # it never failed: it must not end dead as "crashed"
+        assert [(j.id, j.retries) for j in jobs] == [("cancelled", 0)]
+
+
+# -- 6. planted file loaded: a hot -journal of another user is replayed -----------------------------
+
+EVIL_JOURNAL = textwrap.dedent("""
+    import os, sqlite3, sys
+    conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+    conn.execute("PRAGMA journal_mode=DELETE")
+    conn.execute("PRAGMA cache_size=1")
+    conn.execute("BEGIN")
+    conn.execute("DELETE FROM tinymq_jobs")
+    for i in range(50):
+        conn.execute("INSERT INTO tinymq_jobs (id, state) VALUES (?, 'x')", (str(i) * 200,))
+    print("journal written", flush=True)
+    os.kill(os.getpid(), 9)  # dies mid-transaction: the -journal is hot
+""")
+
+
+@posix
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="needs root to chown")
+@pytest.mark.xfail(strict=True, reason="SQLitePersistence._open_owned checks -wal/-shm/lock files but "
+                   "not '-journal': SQLite rolls another user's hot journal back into the database")
+def test_a_hot_journal_planted_by_another_user_is_never_loaded(tmp_path):
+    victim = str(tmp_path / "jobs.db")
+    with SQLitePersistence(victim) as store:
+        store.save(Job("email", "hello", id="legit"))
+    # Another local user builds a store of their own with a job of their choosing ...
+    (tmp_path / "evil").mkdir()
+    evil = str(tmp_path / "evil" / "evil.db")
+    with SQLitePersistence(evil) as store:
+        store.save(Job("email", "attacker's payload", id="planted"))
+    # ... leaves a hot rollback journal of it, and plants that beside the victim's database.
+    done = subprocess.run([sys.executable, "-c", EVIL_JOURNAL, evil], capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL and "journal written" in done.stdout, done.stderr
+    with open(evil + "-journal", "rb") as src, open(victim + "-journal", "wb") as dst:
+        dst.write(src.read())
+    os.chown(victim + "-journal", 12345, 12345)
+    try:
+        with SQLitePersistence(victim) as store:
+            loaded = [job.id for job in store.load_all()]
+    except PersistenceError:
+        loaded = []  # refusing the planted file is fine too
+    assert "planted" not in loaded
+
+
+# -- 7. two owners: `rm jobs.db-*` under a live owner --------------------------------------------
+
+OWNER = textwrap.dedent("""
+    import sys
+    from tinymq import Job, SQLitePersistence
+    store = SQLitePersistence(sys.argv[1])
+    for i in range(20):
+        store.save(Job("t", i, id=f"acked-{i}"))
+    print("ready", flush=True)
+    for line in sys.stdin:
+        store.save(Job("t", id=line.strip()))
+        print("saved", flush=True)
+""")
+
+
+class _Owner:
+    def __init__(self, path):
+        self.process = subprocess.Popen([sys.executable, "-c", OWNER, path], env=_env(), text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE)
+        line = self.process.stdout.readline()
+        assert line == "ready\n", (line, self.process.stderr.read())
+
+    def save(self, job_id):
+        self.process.stdin.write(job_id + "\n")
+        self.process.stdin.flush()
+        return self.process.stdout.readline() == "saved\n"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
+            stream.close()
+
+
+def _rm_side_files(path):
+    for suffix in ("-tinymq.lock", "-wal", "-shm"):  # `rm jobs.db-*`, a "cleanup" under a live owner
+        try:
+            os.unlink(path + suffix)
+        except FileNotFoundError:
+            pass
+
+
+@posix
+@pytest.mark.xfail(strict=True, reason="the owner row lives only in the WAL until a checkpoint: with the "
+                   "lock file and the -wal removed, SQLitePersistence._take_over finds no owner row and "
+                   "admits a second live owner")
+def test_removing_the_side_files_of_a_live_owner_lets_no_second_owner_in(path):
+    with _Owner(path):
+        _rm_side_files(path)
+        with pytest.raises(PersistenceError, match="owned by a live store"):
+            SQLitePersistence(path).close()
+
+
+@posix
+@pytest.mark.xfail(strict=True, reason="a -wal removed under a live owner is not noticed: the store keeps "
+                   "acknowledging saves into the unlinked WAL, and every acknowledged job since the last "
+                   "checkpoint is lost when the owner dies")
+def test_removing_the_wal_of_a_live_owner_loses_no_acknowledged_job(path):
+    with _Owner(path) as owner:
+        os.unlink(path + "-wal")
+        acked = [f"after-{i}" for i in range(3) if owner.save(f"after-{i}")]
+    # The owner is dead (SIGKILL). Every save that returned must be found by the next store.
+    with SQLitePersistence(path) as store:
+        stored = {job.id for job in store.load_all()}
+    assert {f"acked-{i}" for i in range(20)} | set(acked) <= stored
+
+
+# -- 8. wrong behaviour: a delayed job runs at once when its timestamp is later than run_at ---------
+
+@pytest.mark.xfail(strict=True, reason="Queue.enqueue's fast path treats run_at <= job.timestamp as due "
+                   "without asking the clock; timestamp is a writable attribute")
+def test_a_future_run_at_is_honoured_whatever_the_job_timestamp_says():
+    with make_queue(buffer_size=10) as q:
+        ran = threading.Event()
+        q.register_executor("t", lambda job: ran.set())
+        q.start_dispatcher(1)
+        job = Job("t", run_at=time.time() + 3600)
+        job.timestamp = time.time() + 7200  # e.g. copied from a host whose clock runs ahead
+        q.enqueue(job)
+        assert q.get_stats().delayed_jobs_count == 1
+        assert not ran.wait(0.5), "a job due in an hour ran at once"
+
+
+# -- 9. wrong error: bad values accepted or reported without their name ---------------------------
+
+@pytest.mark.xfail(strict=True, reason="Queue.enqueue validates timeout only on the slow path "
+                   "(_enqueue_slow); the fast path accepts NaN or a negative timeout")
+def test_enqueue_rejects_a_bad_timeout_even_when_the_buffer_has_room():
+    with make_queue(buffer_size=10) as q:
+        with pytest.raises(ValueError, match="timeout"):
+            q.enqueue(Job("t"), timeout=float("nan"))
+        with pytest.raises(ValueError, match="timeout"):
+            q.enqueue(Job("t"), block=True, timeout=-1)
+
+
+@pytest.mark.xfail(strict=True, reason="job._as_run_at calls float() on an int too large for a float: "
+                   "OverflowError 'int too large to convert to float', not a ValueError naming run_at")
+def test_an_int_run_at_too_large_for_a_float_is_a_value_error_naming_run_at():
+    with pytest.raises(ValueError, match="run_at"):
+        Job("t", run_at=10 ** 400)
+
+
+# -- 10. silent data change: payloads JSON cannot store faithfully -----------------------------------
+
+@pytest.mark.xfail(strict=True, reason="JSONSerializer accepts payloads it cannot round-trip (int dict "
+                   "keys become str, tuples become lists): the job runs with another payload after a "
+                   "restart, with no error at enqueue")
+def test_a_payload_the_store_cannot_keep_as_is_is_refused_at_enqueue(path):
+    store = SQLitePersistence(path)
+    q = Queue(10)
+    q.set_persistence(store)
+    try:
+        payload = {1: ("a", "b")}
+        try:
+            q.enqueue(Job("t", payload))
+        except PersistenceError:
+            return  # refused with a clear error: fine
+        assert [job.payload for job in store.jobs()] == [payload]  # what a restart would run
+    finally:
+        q.stop()
+        store.close()
