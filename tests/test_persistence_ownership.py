@@ -327,7 +327,7 @@ def test_a_symlinked_new_database_is_refused_and_its_target_untouched(tmp_path):
 def test_a_planted_wal_beside_a_missing_database_is_refused(path):
     with open(path + "-wal", "wb") as f:
         f.write(b"planted")
-    with pytest.raises(PersistenceError, match="does not exist but its -wal or -shm"):
+    with pytest.raises(PersistenceError, match="does not exist but its -wal, -shm or -journal"):
         SQLitePersistence(path)
     assert not os.path.exists(path)
 

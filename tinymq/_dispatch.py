@@ -250,12 +250,20 @@ class Dispatcher:
         return [slot for slot in self._slots if not slot.retired]
 
     def _cancel_for_stop(self, slot: Any) -> None:
+        """Cancel a running attempt; its job is saved back as ready now, before stop() returns.
+
+        Not when the attempt fails: by then the store may be closed, and a row
+        left "running" would count as a crash at the next start.
+        """
         job, context = slot.job, slot.context
         if job is None or context is None:
             return
         with self._lock:
             self._stop_cancelled.add(job)
         context._cancel("the queue stopped")
+        store = self.store
+        if store is not None:
+            self.call_store("save", store.save, job)
 
     def _report_unrun(self, why: Optional[str]) -> None:
         unrun = self.ready.unfinished
@@ -381,16 +389,14 @@ class Dispatcher:
         """An attempt failed: schedule its retry, or fail the job for good.
 
         An attempt that ``stop()`` cancelled is no failure: nothing is counted,
-        retried or reported, and the job is saved back as ready, so the next
-        start runs it without counting a crash.
+        retried or reported (``stop()`` saved the job back as ready, so the
+        next start runs it without counting a crash).
         """
         if self._stopping and job in self._stop_cancelled:
             with self._lock:
                 self._stop_cancelled.discard(job)
             logger.info("job %s (%s): its attempt was cancelled by stop() (%s); not counted as a failure",
                         job.id, job.type, _describe(exc))
-            if self.store is not None:
-                self.call_store("save", self.store.save, job)
             return
         try:
             job.retries += 1

@@ -47,7 +47,10 @@ def _as_run_at(value: object) -> float:
             raise ValueError(f"run_at must be an aware datetime (with tzinfo), got {value!r}")
         return value.timestamp()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        run_at = float(value)
+        try:
+            run_at = float(value)
+        except OverflowError:  # an int beyond any float
+            raise ValueError(f"run_at must be a finite number, got {value!r:.40}") from None
         if run_at - run_at != 0.0:  # NaN or infinite: a job that would never (or always) be due
             raise ValueError(f"run_at must be a finite number, got {value!r}")
         return run_at
@@ -139,7 +142,7 @@ class Job:
 
     @property
     def id(self) -> str:
-        """Unique across threads, processes and restarts; made on first use."""
+        """Unique across threads, processes and restarts; made on first use, then fixed."""
         job_id = self._id
         if job_id is None:
             job_id = self._id = core.new_job_id()
@@ -149,6 +152,10 @@ class Job:
     def id(self, value: str) -> None:
         if value.__class__ is not str or not value:
             raise ValueError(f"id must be a non-empty str, got {value!r}")
+        if self._id is not None and self._id != value:
+            # The id names the job in its queue (DuplicateJob) and its store row.
+            raise ValueError(f"job id {self._id!r} cannot change to {value!r}: a job keeps its id "
+                             "once it has one; make a new Job instead")
         self._id = value
 
     @property

@@ -10,7 +10,7 @@ import threading
 import time
 import weakref
 from datetime import timedelta
-from typing import Any, Callable, Iterable, List, Optional, TypeVar, Union
+from typing import Any, Callable, Iterable, List, Optional, Set, TypeVar, Union
 
 from ._dispatch import Dispatcher, FailureCallback, _describe
 from ._pick_core import core
@@ -72,8 +72,9 @@ class Queue:
     """
 
     def __init__(self, buffer_size: Optional[int] = None, *, config: Optional[Config] = None) -> None:
-        # Invariant: jobs whose id was set before enqueue, with a store, are saved and
-        # pushed under _claim_lock, so a duplicate is refused before it overwrites a row.
+        # Invariant (with a store): an id set before enqueue is in _claimed, guarded by
+        # _claim_lock, from before its save until the core has it, so a duplicate is
+        # refused before its save could overwrite the unfinished job's row.
         if config is None:
             config = Config() if buffer_size is None else Config(buffer_size=buffer_size)
         elif buffer_size is not None:
@@ -85,6 +86,7 @@ class Queue:
         self._ready = self._dispatcher.ready
         self._store: Any = None
         self._claim_lock = threading.Lock()
+        self._claimed: Set[str] = set()
         # Dropping the queue without stop() still stops its threads, and says what was left.
         self._finalizer = weakref.finalize(self, self._dispatcher.stop, False, None,
                                            "garbage-collected without stop()")
@@ -150,24 +152,40 @@ class Queue:
         """
         if job.__class__ is not Job:
             _check_job(job)
+        if timeout is not None:
+            timeout = _optional_seconds("timeout", timeout)
         run_at = job.run_at
         job_type = job.type
         if (run_at.__class__ is not float or run_at - run_at != 0.0 or job_type.__class__ is not str
                 or not job_type or job._tags is not None or job.retry_config.__class__ is not RetryConfig):
             run_at = _validate(job)  # the core checks priority itself
-        # A run_at at or before the job's creation is due without asking the clock.
-        if self._store is None and (run_at <= job.timestamp or run_at <= _now()) and self._ready.push(job):
+        # A job due at its creation (the default: the same float) is due now, whatever the clock did.
+        if self._store is None and (run_at is job.timestamp or run_at <= _now()) and self._ready.push(job):
             return job
         return self._enqueue_slow(job, run_at, block, timeout)
 
-    def _enqueue_slow(self, job: Job, run_at: float, block: bool, timeout: Any) -> Job:
-        wait = None if timeout is None else _optional_seconds("timeout", timeout)
-        if self._store is not None and job._id is not None:
-            with self._claim_lock:  # checked before save: a duplicate must not overwrite the stored row
-                if self._ready.has_id(job._id):
-                    raise DuplicateJob(f"a job with id {job._id!r} is already queued and unfinished")
-                return self._save_and_place(job, run_at, block, wait)
-        return self._save_and_place(job, run_at, block, wait)
+    def _enqueue_slow(self, job: Job, run_at: float, block: bool, wait: Optional[float]) -> Job:
+        job_id = job._id if self._store is not None else None
+        if job_id is None:  # no store (the core refuses duplicates), or an id the save makes: unique
+            return self._save_and_place(job, run_at, block, wait)
+        self._claim([job_id])
+        try:
+            return self._save_and_place(job, run_at, block, wait)
+        finally:
+            self._unclaim([job_id])
+
+    def _claim(self, job_ids: List[str]) -> None:
+        """Reserve ids before a store saves them: a duplicate's save would overwrite the unfinished job's row."""
+        with self._claim_lock:
+            for job_id in job_ids:
+                if job_id in self._claimed or self._ready.has_id(job_id):
+                    raise DuplicateJob(f"a job with id {job_id!r} is already queued and unfinished")
+            self._claimed.update(job_ids)
+
+    def _unclaim(self, job_ids: List[str]) -> None:
+        """The jobs were handed to the core (which knows their ids from now on), or refused."""
+        with self._claim_lock:
+            self._claimed.difference_update(job_ids)
 
     def _save_and_place(self, job: Job, run_at: float, block: bool, wait: Optional[float]) -> Job:
         store = self._store
@@ -180,7 +198,7 @@ class Queue:
                 raise PersistenceError(f"could not save job {job.id} ({job.type!r}): {_describe(exc)}") from exc
         try:
             delay = run_at - _now()
-            if run_at > job.timestamp and delay > 0.0:
+            if run_at is not job.timestamp and delay > 0.0:
                 job.priority = _as_priority(job.priority)  # the core reads it only when due
                 self._ready.accept([job])
                 self._dispatcher.push_delayed(job, delay)
@@ -214,31 +232,26 @@ class Queue:
         now = _now()
         for job in batch:
             run_at = _validate(job)
-            if run_at > now:
+            if run_at is not job.timestamp and run_at > now:
                 delayed_jobs.append(job)
                 delays.append(run_at - now)
             else:
                 ready_jobs.append(job)
-        if self._store is not None and any(job._id is not None for job in batch):
-            with self._claim_lock:  # checked before save: a duplicate must not overwrite stored rows
-                self._check_ids(batch)
-                self._save_and_place_many(batch, ready_jobs, delayed_jobs)
-        else:
+        job_ids = [job._id for job in batch if job._id is not None] if self._store is not None else []
+        if len(set(job_ids)) < len(job_ids):
+            raise DuplicateJob(f"an id is given twice in this batch of {len(batch)} jobs; "
+                               "none of the batch was enqueued")
+        if not job_ids:
             self._save_and_place_many(batch, ready_jobs, delayed_jobs)
+        else:
+            self._claim(job_ids)
+            try:
+                self._save_and_place_many(batch, ready_jobs, delayed_jobs)
+            finally:
+                self._unclaim(job_ids)
         for job, delay in zip(delayed_jobs, delays):
             self._dispatcher.push_delayed(job, delay)
         return batch
-
-    def _check_ids(self, batch: List[Job]) -> None:
-        seen = set()
-        for job in batch:
-            job_id = job._id
-            if job_id is None:
-                continue
-            if job_id in seen or self._ready.has_id(job_id):
-                raise DuplicateJob(f"a job with id {job_id!r} is already queued and unfinished "
-                                   "(or twice in this batch); none of the batch was enqueued")
-            seen.add(job_id)
 
     def _save_and_place_many(self, batch: List[Job], ready_jobs: List[Job], delayed_jobs: List[Job]) -> None:
         store = self._store
@@ -277,6 +290,8 @@ class Queue:
 
         Call it once, before the first enqueue: jobs enqueued earlier would not
         be durable, and a second store's jobs could run twice (RuntimeError).
+        Jobs the store found crashed too often are reported to the failure
+        callbacks registered so far (reason "crashed").
         Recovery never drops a job for lack of room, and recovered delayed jobs
         are never evicted (nor are retries waiting for their backoff).
         """
@@ -292,13 +307,17 @@ class Queue:
         if enqueued:
             raise RuntimeError(f"set_persistence() must be called before the first enqueue; "
                                f"{enqueued} jobs were enqueued without a store")
+        take_crashed = getattr(store, "take_crashed", None)
         try:
             jobs = list(store.load_all())
+            crashed = [] if take_crashed is None else list(take_crashed())
         except Exception as exc:
             raise PersistenceError(f"could not load jobs from {store!r}: {exc}") from exc
-        self._ready.accept(jobs)
+        self._ready.accept(jobs + crashed)
         self._store = store
         self._dispatcher.set_store(store)
+        for job in crashed:  # their process died during too many attempts: they failed here
+            self._dispatcher.fail(job, "crashed", None)
         if not jobs:
             return
         now = _now()

@@ -11,9 +11,13 @@ so a minimal store stays minimal and a richer one gets better guarantees:
     An attempt is starting. A store that records this can count a process
     crash during the attempt as a failed attempt when it reloads, so a job
     that kills its process cannot loop forever.
+``take_crashed()``
+    After ``load_all``: the jobs it found crashed too often (their process
+    died during more attempts than their retries allow), each returned once.
+    The Queue reports them as failures with reason "crashed".
 ``mark_dead(job, reason, error)``
     The job failed permanently (``reason`` is "retries_exhausted",
-    "no_executor" or "evicted"; ``error`` the last exception or None). The
+    "no_executor", "evicted" or "crashed"; ``error`` the last exception or None). The
     store keeps it for inspection instead of deleting it.
 """
 from typing import Iterable, Optional, Protocol, Sequence, runtime_checkable
@@ -57,3 +61,5 @@ class _OptionalHooks(Protocol):
     def mark_running(self, job: Job) -> None: ...
 
     def mark_dead(self, job: Job, reason: str, error: Optional[BaseException]) -> None: ...
+
+    def take_crashed(self) -> Iterable[Job]: ...

@@ -102,6 +102,7 @@ _SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 # a batch, so a dozen statements serve every batch size from the statement cache. Stay
 # under SQLite's bound-variable limit (32766; 999 before 3.32).
 _ROWS_PER_INSERT = 512 if sqlite3.sqlite_version_info >= (3, 32) else 64
+_SIDE_FILES = ("-wal", "-shm", "-journal")  # what SQLite reads beside a database, besides our lock
 _DEFAULT_MAX_LENGTH = 1_000_000_000  # SQLITE_MAX_LENGTH's default, where getlimit() is missing
 _ROW_OVERHEAD = 512  # bytes a row's header and numbers may add to its text and blobs
 _INT64 = 1 << 63
@@ -249,6 +250,7 @@ class SQLitePersistence:
         self._insert_sql: Dict[Tuple[int, int], str] = {}  # (columns, rows) -> multi-row INSERT
         self._merged_sql: Dict[Tuple[str, int], str] = {}  # (single-row statement, rows) -> merged
         self._closed = False
+        self._crashed: List[Job] = []  # dead as "crashed" by load_all, not yet taken by the Queue
         self._pid = os.getpid()
         if read_only:
             conn = self._read_only_connection()  # fail now if it cannot be read
@@ -301,10 +303,11 @@ class SQLitePersistence:
         lock_fd = _ownership.lock(db + LOCK_SUFFIX)
         try:
             found = _ownership.check_file(db, mode="tighten")
-            beside = [_ownership.check_file(db + suffix, mode="tighten") for suffix in ("-wal", "-shm")]
+            # A -journal too: SQLite rolls a hot one back into the database when it opens it.
+            beside = [_ownership.check_file(db + suffix, mode="tighten") for suffix in _SIDE_FILES]
             if found is None:
                 if any(beside):
-                    raise PersistenceError(f"{db!r} does not exist but its -wal or -shm file does: "
+                    raise PersistenceError(f"{db!r} does not exist but its -wal, -shm or -journal file does: "
                                            "refused (they belong to another database); remove them")
                 found = _ownership.create_private(db)
             key = (found.st_dev, found.st_ino)
@@ -378,6 +381,10 @@ class SQLitePersistence:
                          (pid, started, host, lock_id, time.time()))
 
         self._in_transaction(conn, claim, "taking ownership")
+        try:  # into the database file itself: the owner row must outlive a removed -wal
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:
+            raise PersistenceError(f"cannot open persistence file {self.path!r}: {exc}") from exc
 
     def _read_only_connection(self) -> sqlite3.Connection:
         """A connection that can neither write nor create anything, opened for one inspection.
@@ -391,8 +398,7 @@ class SQLitePersistence:
         db = self._file
         if _ownership.check_file(db, mode="refuse") is None:
             raise PersistenceError(f"cannot open {self.path!r} read-only: it does not exist")
-        wal = _ownership.check_file(db + "-wal", mode="refuse")
-        shm = _ownership.check_file(db + "-shm", mode="refuse")
+        wal, shm, _ = (_ownership.check_file(db + suffix, mode="refuse") for suffix in _SIDE_FILES)
         if wal is None:
             return self._connect("mode=ro&immutable=1")
         if shm is None:
@@ -760,11 +766,22 @@ class SQLitePersistence:
         self._check_usable()
         with self._commit_lock:
             self._check_usable()
-            return self._in_transaction(self._conn, self._recover, "load_all")  # type: ignore[no-any-return]
+            jobs, crashed = self._in_transaction(self._conn, self._recover, "load_all")
+            self._crashed.extend(crashed)
+            return jobs  # type: ignore[no-any-return]
 
-    def _recover(self, conn: sqlite3.Connection) -> List[Job]:
+    def take_crashed(self) -> List[Job]:
+        """The jobs ``load_all`` kept as dead with reason "crashed", each returned once.
+
+        The Queue reports them to its failure callbacks after ``load_all``.
+        """
+        crashed, self._crashed = self._crashed, []
+        return crashed
+
+    def _recover(self, conn: sqlite3.Connection) -> Tuple[List[Job], List[Job]]:
         rows = conn.execute(f"{_SELECT} WHERE state IN ('ready', 'running') ORDER BY timestamp").fetchall()
         jobs: List[Job] = []
+        dead: List[Job] = []
         corrupt: List[Tuple[str, Any]] = []
         crashed: List[Tuple[Any, ...]] = []
         for row in conn.execute(f"SELECT id, state FROM {_TABLE} WHERE state NOT IN "
@@ -787,6 +804,7 @@ class SQLitePersistence:
                     logger.error("persistence %s: job %r (type %r) crashed its process %d times; "
                                  "kept as dead with reason 'crashed'", self.path, job.id, job.type, job.retries)
                     crashed.append(("dead", "crashed", job.retries, job.last_error, job.id))
+                    dead.append(job)
                     continue
                 crashed.append(("ready", None, job.retries, job.last_error, job.id))
             jobs.append(job)
@@ -795,7 +813,7 @@ class SQLitePersistence:
         if crashed:
             conn.executemany(f"UPDATE {_TABLE} SET state = ?, reason = ?, retries = ?, last_error = ? "
                              "WHERE id = ?", crashed)
-        return jobs
+        return jobs, dead
 
     # -- inspection (read-only stores too) ---------------------------------------------
 
