@@ -50,6 +50,11 @@ class Recorder:
         with self._cond:
             return self._cond.wait_for(lambda: len(self.items) >= count, timeout)
 
+    def wait_until(self, predicate, timeout=WAIT):
+        """True once ``predicate(items)`` holds."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self.items), timeout)
+
     def snapshot(self):
         with self._cond:
             return list(self.items)

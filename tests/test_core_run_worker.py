@@ -17,32 +17,11 @@ import pytest
 
 from tinymq import Job, RetryConfig
 
-WAIT = 10.0
+from _helpers import WAIT, Recorder
 
 
 class Boom(Exception):
     pass
-
-
-class Log:
-    """A thread-safe list of events that a test can wait on."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self.items = []
-
-    def add(self, item):
-        with self._cond:
-            self.items.append(item)
-            self._cond.notify_all()
-
-    def wait_for(self, predicate, timeout=WAIT):
-        with self._cond:
-            return self._cond.wait_for(lambda: predicate(self.items), timeout)
-
-    def snapshot(self):
-        with self._cond:
-            return list(self.items)
 
 
 class FakeContext:
@@ -58,7 +37,7 @@ class FakeDispatcher:
 
     def __init__(self, ready):
         self.ready = ready
-        self.log = Log()
+        self.log = Recorder()
         self.contexts = []
 
     def _active(self, job_type):
@@ -134,7 +113,7 @@ def no_retries():
 # --- success --------------------------------------------------------------------------------
 
 def test_a_successful_attempt_releases_the_slot_counts_and_finishes_the_job(core, ready):
-    order = Log()
+    order = Recorder()
     dispatcher = FakeDispatcher(ready)
     job = Job("t", "payload")
 
@@ -167,7 +146,7 @@ def test_a_successful_attempt_releases_the_slot_counts_and_finishes_the_job(core
 
 
 def test_a_successful_attempt_without_hooks(core, ready):
-    ran = Log()
+    ran = Recorder()
     dispatcher = FakeDispatcher(ready)
     configure(ready, "t", lambda job: ran.add(job.payload), limit=2)
     for i in range(3):
@@ -190,7 +169,7 @@ def test_a_successful_attempt_without_hooks(core, ready):
 def test_a_failed_attempt_goes_to_attempt_failed_with_the_slot_already_released(core, ready):
     error = Boom("no")
     dispatcher = FakeDispatcher(ready)
-    on_success = Log()
+    on_success = Recorder()
 
     def fn(job):
         raise error
@@ -202,7 +181,7 @@ def test_a_failed_attempt_goes_to_attempt_failed_with_the_slot_already_released(
     assert ready.push(job)
     worker = Worker(core, ready, dispatcher, slot)
     try:
-        assert dispatcher.log.wait_for(lambda items: len(items) >= 1)
+        assert dispatcher.log.wait_until(lambda items: len(items) >= 1)
     finally:
         ready.close()
     worker.join()
@@ -215,7 +194,7 @@ def test_a_failed_attempt_goes_to_attempt_failed_with_the_slot_already_released(
 
 def test_the_loop_carries_on_after_a_failure(core, ready):
     dispatcher = FakeDispatcher(ready)
-    ran = Log()
+    ran = Recorder()
 
     def fn(job):
         ran.add(job.payload)
@@ -227,8 +206,8 @@ def test_the_loop_carries_on_after_a_failure(core, ready):
         assert ready.push(Job("t", payload))
     worker = Worker(core, ready, dispatcher)
     try:
-        assert ran.wait_for(lambda items: len(items) == 2)
-        assert dispatcher.log.wait_for(lambda items: len(items) == 1)
+        assert ran.wait_until(lambda items: len(items) == 2)
+        assert dispatcher.log.wait_until(lambda items: len(items) == 1)
     finally:
         ready.close()
     worker.join()
@@ -239,14 +218,14 @@ def test_the_loop_carries_on_after_a_failure(core, ready):
 
 def test_a_job_without_an_executor_goes_to_no_executor_and_the_loop_carries_on(core, ready):
     dispatcher = FakeDispatcher(ready)
-    ran = Log()
+    ran = Recorder()
     configure(ready, "known", lambda job: ran.add(job.payload))
     ghost = Job("ghost")
     assert ready.push(ghost)
     assert ready.push(Job("known", "after"))
     worker = Worker(core, ready, dispatcher)
     try:
-        assert ran.wait_for(lambda items: items == ["after"])
+        assert ran.wait_until(lambda items: items == ["after"])
     finally:
         ready.close()
     worker.join()
@@ -259,7 +238,7 @@ def test_a_job_without_an_executor_goes_to_no_executor_and_the_loop_carries_on(c
 @pytest.mark.parametrize("timeout", [5.0, None], ids=["timeout", "no-timeout"])
 def test_an_executor_taking_a_context_gets_new_contexts_object(core, ready, timeout):
     dispatcher = FakeDispatcher(ready)
-    received = Log()
+    received = Recorder()
     configure(ready, "t", lambda job, ctx: received.add((job, ctx)), timeout=timeout, takes_context=True)
     configure(ready, "plain", lambda job: received.add((job, None)), timeout=timeout)
     job, plain = Job("t"), Job("plain")
@@ -268,7 +247,7 @@ def test_an_executor_taking_a_context_gets_new_contexts_object(core, ready, time
     assert ready.push(plain)
     worker = Worker(core, ready, dispatcher)
     try:
-        assert received.wait_for(lambda items: len(items) == 2)
+        assert received.wait_until(lambda items: len(items) == 2)
         after = core.monotonic()
     finally:
         ready.close()
@@ -307,7 +286,7 @@ def test_an_attempt_expired_by_the_watchdog_makes_the_worker_retire(core, ready,
     dispatcher = FakeDispatcher(ready)
     entered, release = threading.Event(), threading.Event()
     error = Boom("late")
-    ran = Log()
+    ran = Recorder()
 
     def fn(job):
         ran.add(job.payload)
