@@ -1,0 +1,189 @@
+"""Where the durable cases' time goes, and the ceilings it implies (issue #10).
+
+    python bench/durable_bounds.py
+
+Not a benchmark of its own (pytest does not collect it): it runs the cases of
+test_bench_durable.py with the store instrumented and prints, per job:
+
+- wall: the measured time per job;
+- held: how long SQLite's one writer (our commit lock) was held. Writes are
+  serial in SQLite, so 1 / held is a ceiling no thread layout can pass, short
+  of committing more jobs per transaction;
+- sqlite: the part of ``held`` spent inside sqlite3 calls (the GIL is released there);
+- commits, units/commit: transactions per job, and callers' writes per transaction
+  (group commit's batch size);
+- switches: context switches per job (voluntary + involuntary, all threads).
+
+Then two costs that bound what group commit can win on this machine: a
+blocking hand-off between two threads (what each follower of a batch pays to
+wait and be woken), and the GIL-held Python time of one durable enqueue with
+SQLite taken out (no number of producer threads can beat 1 / that).
+"""
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Callable, Dict, List
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_bench_durable import PRODUCERS, WORKERS, _payloads  # noqa: E402
+
+from tinymq import Config, Job, Queue, SQLitePersistence  # noqa: E402
+
+ROUNDS = 5
+perf_counter = time.perf_counter
+
+
+class _TimedLock:
+    """The commit lock, timing how long it is held."""
+
+    def __init__(self, figures: Dict[str, float]) -> None:
+        self._lock = threading.Lock()
+        self._figures = figures
+        self._since = 0.0
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self._since = perf_counter()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._figures["held"] += perf_counter() - self._since
+        self._lock.release()
+
+
+def _instrument(store: SQLitePersistence) -> Dict[str, float]:
+    figures = dict.fromkeys(("held", "sqlite", "commits", "units"), 0.0)
+    store._commit_lock = _TimedLock(figures)  # type: ignore[assignment]
+    execute, commit = store._execute, store._commit
+
+    def timed_execute(statements: Any) -> None:
+        start = perf_counter()
+        try:
+            execute(statements)
+        finally:
+            figures["sqlite"] += perf_counter() - start
+
+    def counted_commit(batch: List[Any]) -> None:
+        figures["commits"] += 1
+        figures["units"] += len(batch)
+        commit(batch)
+
+    store._execute = timed_execute  # type: ignore[method-assign]
+    store._commit = counted_commit  # type: ignore[method-assign]
+    return figures
+
+
+def _switches() -> int:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread's, ended ones too
+    return usage.ru_nvcsw + usage.ru_nivcsw
+
+
+def _case(name: str, jobs: int, workers: int, producers: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SQLitePersistence(os.path.join(tmp, "bounds.db"))
+        queue = Queue(config=Config(buffer_size=10_000_000))
+        queue.set_persistence(store)
+        if workers:
+            queue.register_executor("email", lambda job: None)
+            queue.start_dispatcher(workers)
+        figures = _instrument(store)
+        rows = []
+        for round_number in range(ROUNDS + 1):  # the first round warms up
+            payloads = _payloads(jobs)
+            for key in figures:
+                figures[key] = 0.0
+            switches, start = _switches(), perf_counter()
+            _produce(queue, payloads, producers)
+            if workers:
+                assert queue.join(120)
+            wall = perf_counter() - start
+            if round_number:
+                rows.append((wall, dict(figures), _switches() - switches))
+        queue.stop(wait=bool(workers))
+        store.close()
+    wall, figures, switches = sorted(rows, key=lambda row: row[0])[len(rows) // 2]  # the median round
+    per_job = 1e6 / jobs
+    print(f"{name:44s} {jobs / wall / 1e3:6.1f}k/s  wall {wall * per_job:5.1f}us  "
+          f"held {figures['held'] * per_job:5.1f}us (ceiling {jobs / figures['held'] / 1e3:5.1f}k/s)  "
+          f"sqlite {figures['sqlite'] * per_job:5.1f}us  commits {figures['commits'] / jobs:4.2f}  "
+          f"units/commit {figures['units'] / max(figures['commits'], 1):4.2f}  switches {switches / jobs:4.2f}")
+
+
+def _produce(queue: Queue, payloads: List[dict], producers: int) -> None:
+    enqueue = queue.enqueue
+    if producers == 1:
+        for payload in payloads:
+            enqueue(Job("email", payload))
+        return
+    barrier = threading.Barrier(producers)
+
+    def produce(share: List[dict]) -> None:
+        barrier.wait()
+        for payload in share:
+            enqueue(Job("email", payload))
+
+    threads = [threading.Thread(target=produce, args=(payloads[k::producers],)) for k in range(producers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def _hand_off_cost(rounds: int = 20_000) -> float:
+    """Microseconds per blocking hand-off between two threads (a Lock ping-pong, one way)."""
+    ping, pong = threading.Lock(), threading.Lock()
+    ping.acquire()
+    pong.acquire()
+
+    def other() -> None:
+        for _ in range(rounds):
+            ping.acquire()
+            pong.release()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    start = perf_counter()
+    for _ in range(rounds):
+        ping.release()
+        pong.acquire()
+    elapsed = perf_counter() - start
+    thread.join()
+    return elapsed / (2 * rounds) * 1e6
+
+
+def _python_only_enqueue(jobs: int = 20_000) -> float:
+    """Microseconds per durable enqueue with SQLite's calls taken out: the GIL-held part."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SQLitePersistence(os.path.join(tmp, "python-only.db"))
+        store._execute = lambda statements: None  # type: ignore[method-assign]
+        queue = Queue(config=Config(buffer_size=10_000_000))
+        queue.set_persistence(store)
+        times = []
+        for _ in range(3):
+            payloads = _payloads(jobs)
+            start = perf_counter()
+            _produce(queue, payloads, 1)
+            times.append(perf_counter() - start)
+        queue.stop(wait=False)
+        store.close()
+    return statistics.median(times) / jobs * 1e6
+
+
+def main() -> None:
+    print(f"{os.cpu_count()} CPUs; per job, median of {ROUNDS} rounds")
+    _case("durable enqueue, one producer", 1000, 0, 1)
+    _case(f"durable enqueue, {PRODUCERS} producer threads", 1000, 0, PRODUCERS)
+    _case(f"durable enqueue, {PRODUCERS} producer threads, 10k/round", 10_000, 0, PRODUCERS)
+    for workers in sorted({1, 2, WORKERS}):
+        _case(f"durable end to end, {workers} workers", 10_000, workers, 1)
+    print(f"blocking hand-off between two threads: {_hand_off_cost():.1f}us")
+    python_only = _python_only_enqueue()
+    print(f"durable enqueue with SQLite taken out (GIL-held): {python_only:.1f}us "
+          f"(ceiling {1e3 / python_only:.0f}k/s for any number of producer threads)")
+
+
+if __name__ == "__main__":
+    main()
