@@ -235,9 +235,6 @@ def test_removing_the_side_files_of_a_live_owner_lets_no_second_owner_in(path):
 
 
 @posix
-@pytest.mark.xfail(strict=True, reason="a -wal removed under a live owner is not noticed: the store keeps "
-                   "acknowledging saves into the unlinked WAL, and every acknowledged job since the last "
-                   "checkpoint is lost when the owner dies")
 def test_removing_the_wal_of_a_live_owner_loses_no_acknowledged_job(path):
     with _Owner(path) as owner:
         os.unlink(path + "-wal")

@@ -33,7 +33,7 @@ try:
 except ImportError:  # pragma: no cover - Windows: no flock()
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["OwnedError", "LOCK_SUFFIX", "check_file", "create_private", "lock", "unlock",
+__all__ = ["OwnedError", "LOCK_SUFFIX", "check_file", "identity", "create_private", "lock", "unlock",
            "this_process", "is_alive", "register", "unregister", "owned_here"]
 
 LOCK_SUFFIX = "-tinymq.lock"
@@ -86,6 +86,15 @@ def check_file(path: str, *, mode: str) -> Optional[os.stat_result]:
         raise PersistenceError(f"{path!r} has mode {bits:o}: others may write it, so it is not "
                                "read; open it once for writing to make it 0600")
     return st
+
+
+def identity(path: str) -> Optional[Tuple[int, int]]:
+    """(st_dev, st_ino) of the file at ``path`` (never followed), or None when there is none."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def create_private(path: str) -> os.stat_result:

@@ -264,6 +264,7 @@ class SQLitePersistence:
         self._pending: "deque[_Unit]" = deque()  # units waiting for the next committer
         self._conn, self._lock_fd, self._key = self._open_owned()
         self._cursor = self._conn.cursor()
+        self._wal = _ownership.identity(self._file + "-wal")  # the -wal our connection writes
         self._max_length = (self._conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)  # type: ignore[attr-defined]
                             if hasattr(self._conn, "getlimit") else _DEFAULT_MAX_LENGTH)
         self._finalizer = weakref.finalize(self, _release, self._lock_fd, self._key, self._pid)
@@ -616,11 +617,41 @@ class SQLitePersistence:
                         waiting.error = PersistenceError(f"{self!r} was closed")
                 elif batch:
                     self._commit(batch)
+                    if _ownership.identity(self._file + "-wal") != self._wal:
+                        self._rescue_wal(batch)
         if not unit.done:
             error = unit.error
             if isinstance(error, PersistenceError):
                 raise error
             raise PersistenceError(f"{self!r}: write failed: {error or 'interrupted before its commit'}") from error
+
+    def _rescue_wal(self, batch: List[_Unit]) -> None:
+        """Our -wal was removed or replaced (a cleaner, ``rm jobs.db-*``): what it holds would die with us.
+
+        Copy it into the database file (a checkpoint reads the WAL through
+        SQLite's open descriptor), then continue on a new connection and a new
+        -wal. If that fails, nothing more is acknowledged. Caller holds _commit_lock.
+        """
+        logger.error("persistence %s: its -wal file was removed or replaced under this store; "
+                     "checkpointing into the database and reopening", self.path)
+        try:
+            busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if busy:
+                raise sqlite3.OperationalError("a reader kept the checkpoint from finishing")
+            self._conn.close()
+            self._conn = self._connect("mode=rw")
+            self._prepare(self._conn)
+            self._cursor = self._conn.cursor()
+            self._conn.execute(f"UPDATE {_OWNER} SET pid = pid")  # a first commit creates the new -wal
+            self._wal = _ownership.identity(self._file + "-wal")
+        except (sqlite3.Error, PersistenceError) as exc:
+            self._closed = True  # every later call refuses: nothing more can be made durable here
+            for unit in batch:
+                if unit.done:
+                    unit.done = False
+                    unit.error = PersistenceError(
+                        f"{self!r}: its -wal file was removed or replaced, and what it held could not "
+                        f"be saved into the database ({exc}); this store is closed: open a new one")
 
     def _commit(self, batch: List[_Unit]) -> None:
         """One transaction for the whole batch; if it fails, each unit alone. Caller holds _commit_lock."""
