@@ -535,7 +535,9 @@ cdef class ReadyQueue:
     cdef Py_ssize_t _unfinished  # accepted jobs not yet succeeded or failed for good
     cdef dict ids  # id -> the unfinished job registered under it (exact str keys: no Python runs)
     cdef long long _counters[N_COUNTERS]
-    cdef list getters  # _Waiters: idle workers, the latest last; empty while a job is poppable
+    # _Waiters: idle workers, the latest last. None waits while a job is poppable, except while
+    # the worker that freed its slot comes back for it (release_state(hand_off=False)).
+    cdef list getters
     cdef list putters  # _Waiters: producers waiting for room
     cdef list joiners  # _Waiters: join() callers waiting for _unfinished == 0
 
@@ -872,14 +874,15 @@ cdef class ReadyQueue:
         else:
             self._release(<TypeState?>self.types[_exact_type(job_type)])
 
-    def release_state(self, TypeState state):
-        self._release(state)
+    def release_state(self, TypeState state, bint hand_off=True):
+        """Free a slot of ``state``; ``hand_off=False``: the caller pops next and takes its job itself."""
+        self._release(state, hand_off)
 
-    cdef inline int _release(self, TypeState state) except -1:
+    cdef inline int _release(self, TypeState state, bint hand_off=True) except -1:
         state.active -= 1
         if state.waiting:
             self._readmit(state)
-            if self.getters:
+            if hand_off and self.getters:  # else a worker handing the job over would sleep as it wakes
                 self._hand_off()
         elif state.fn is None and not state.active:
             del self.types[state.name]  # an unregistered type leaves nothing behind
@@ -1236,7 +1239,8 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
         except BaseException as exc:  # the attempt's failure, whatever it is
             error = exc
         expired = slot.end()
-        ready._release(state)
+        # A worker going straight back to pop takes the job its slot frees itself.
+        ready._release(state, expired or error is not None or slot.on_success is not None)
         if expired:
             dispatcher.after_expired(slot, error)
             return

@@ -260,7 +260,9 @@ class ReadyQueue:
         self._unfinished = 0  # accepted jobs not yet succeeded or failed for good
         self._ids: Dict[str, Any] = {}  # id -> the unfinished job registered under it
         self._counters = [0, 0, 0, 0, 0, 0]
-        self._getters: List[_Waiter] = []  # idle workers in pop, the latest last; none while a job is poppable
+        # Idle workers in pop, the latest last. None waits while a job is poppable, except while
+        # the worker that freed its slot comes back for it (release_state(hand_off=False)).
+        self._getters: List[_Waiter] = []
         self._room = threading.Condition(self._lock)  # the buffer may have room
         self._all_done = threading.Condition(self._lock)  # _unfinished may be 0
 
@@ -529,15 +531,17 @@ class ReadyQueue:
         with self._lock:
             self._release(self._types[job_type])
 
-    def release_state(self, state: TypeState) -> None:
+    def release_state(self, state: TypeState, hand_off: bool = True) -> None:
+        """Free a slot of ``state``; ``hand_off=False``: the caller pops next and takes its job itself."""
         with self._lock:
-            self._release(state)
+            self._release(state, hand_off)
 
-    def _release(self, state: TypeState) -> None:
+    def _release(self, state: TypeState, hand_off: bool = True) -> None:
         state.active -= 1
         if state.pending():
             self._readmit(state)
-            self._hand_off()
+            if hand_off:  # else a worker handing the job over to another would sleep as it wakes
+                self._hand_off()
         elif state.fn is None and not state.active:
             del self._types[state.name]  # an unregistered type leaves nothing behind
 
@@ -803,6 +807,7 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
         context = dispatcher.new_context(job, deadline) if state.takes_context else None
         error: Optional[BaseException] = None
         expired = False
+        straight_back = False  # this worker pops again at once, taking the job its slot frees
         try:  # from begin() on, an interruption may land anywhere: the slot is released below
             slot.begin(job, state, deadline, context)
             try:
@@ -818,11 +823,13 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
             expired = slot.end()
             if expired and slot.interrupted:
                 interrupt_thread(slot.thread_id, None)  # from here on nothing may land
+            straight_back = error is None and not expired and slot.on_success is None
         except JobTimeout as late:  # an interruption that landed after the function returned
             expired = slot.end() or True
             error = late
+            straight_back = False
         finally:
-            ready.release_state(state)
+            ready.release_state(state, hand_off=not straight_back)
         if expired:
             dispatcher.after_expired(slot, error)
             return
