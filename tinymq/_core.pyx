@@ -851,7 +851,7 @@ cdef class ReadyQueue:
             if waiter.job is not None:
                 job = waiter.job
                 taken_state[0] = <PyObject *>waiter.state  # borrowed, as from _take
-                waiter.job = None
+                waiter.job = waiter.state = None  # an idle worker keeps no job or type alive
                 return job
             # woken by close(), or timed out: look again
         return None

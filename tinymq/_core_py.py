@@ -505,8 +505,9 @@ class ReadyQueue:
                         waiter.taken = None
                         self._give_back(job, state, waiter.level)
                 raise
-            if waiter.taken is not None:
-                return waiter.taken
+            taken, waiter.taken = waiter.taken, None  # an idle worker keeps no job alive
+            if taken is not None:
+                return taken
             # woken by close(), or timed out: look again
 
     def _leave(self, waiter: "_Waiter") -> None:
