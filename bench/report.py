@@ -19,6 +19,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 E2E_GROUP = "queue: end-to-end no-op jobs, 4 workers"
+TYPES_GROUP = "queue: end-to-end no-op jobs by number of job types, 4 workers"
+REGISTER_GROUP = "queue: register 10,000 job types"
+INTERLEAVED_GROUP = "queue: enqueue->start latency, idle pool, interleaved with ThreadPoolExecutor"
 SHORT = {  # chart labels
     "core: ready-queue push+pop": "core push+pop",
     "core: delayed heap, push 1M": "delayed push (1M)",
@@ -28,6 +31,9 @@ SHORT = {  # chart labels
     "queue: enqueue->start latency, idle pool": "enqueue→start p50",
     "queue: delayed-job lateness": "lateness p99",
     "queue: bytes per queued job (job included)": "bytes/queued job",
+    TYPES_GROUP: "jobs/s by types",
+    REGISTER_GROUP: "register 10k types",
+    INTERLEAVED_GROUP: "enqueue→start p50, interleaved",
     "durable enqueue, synchronous=NORMAL": "durable NORMAL",
     "durable enqueue, synchronous=FULL": "durable FULL",
     "durable enqueue, 4 producer threads, synchronous=NORMAL": "durable 4 producers",
@@ -42,6 +48,9 @@ GROUP_ORDER = [
     "queue: enqueue->start latency, idle pool",
     "queue: delayed-job lateness",
     "queue: bytes per queued job (job included)",
+    TYPES_GROUP,
+    REGISTER_GROUP,
+    INTERLEAVED_GROUP,
 ]
 
 
@@ -288,6 +297,41 @@ def _threads_vs_one(at_least: float) -> Callable[..., Optional[Tuple[str, bool]]
     return check
 
 
+def _types_vs_one(types: str, at_least: float) -> Callable[..., Optional[Tuple[str, bool]]]:
+    """The end-to-end rate with ``types`` job types against the rate with one (compiled core)."""
+    def check(groups: Dict[str, List[Bench]]) -> Optional[Tuple[str, bool]]:
+        many = _tinymq_named(groups, TYPES_GROUP, f"tinymq (compiled), {types} types")
+        one = _tinymq_named(groups, TYPES_GROUP, "tinymq (compiled), 1 type")
+        if many is None or one is None:
+            return None
+        r = many.rate / one.rate
+        return f"{fmt_ratio(r)}: {fmt_rate(many.rate)} vs {fmt_rate(one.rate)}", r >= at_least
+    return check
+
+
+def _round_under(group: str, seconds: float) -> Callable[..., Optional[Tuple[str, bool]]]:
+    """The compiled tinymq contender's median round time."""
+    def check(groups: Dict[str, List[Bench]]) -> Optional[Tuple[str, bool]]:
+        ours = _tinymq_named(groups, group, "tinymq (compiled)")
+        if ours is None:
+            return None
+        return f"{fmt_time(ours.median)} ({ours.name})", ours.median < seconds
+    return check
+
+
+def _metric_vs(group: str, key: str, baseline: str, factor: float) -> Callable[..., Optional[Tuple[str, bool]]]:
+    """The compiled tinymq contender's ``key`` against the baseline's, measured in the same run."""
+    def check(groups: Dict[str, List[Bench]]) -> Optional[Tuple[str, bool]]:
+        ours = _tinymq_named(groups, group, "tinymq (compiled)")
+        theirs = find(groups, group, baseline)
+        if ours is None or theirs is None or key not in ours.metrics or key not in theirs.metrics:
+            return None
+        r = ours.metrics[key] / theirs.metrics[key]
+        return (f"{fmt_ratio(r)}: {ours.metrics[key]:g} vs {theirs.metrics[key]:g} ({theirs.name})",
+                r <= factor)
+    return check
+
+
 GOALS: List[Goal] = [
     ("core: ready-queue push+pop ≥ 20× faster than queue.PriorityQueue put+get",
      _speedup("core: ready-queue push+pop", "queue.PriorityQueue", 20)),
@@ -305,6 +349,12 @@ GOALS: List[Goal] = [
      _at_most("queue: enqueue->start latency, idle pool", "p50_us", 20.0, "µs")),
     ("queue: ≤ 200 B per queued job, job included",
      _at_most("queue: bytes per queued job (job included)", "bytes_per_job", 200, "B")),
+    ("queue: 10,000 job types ≥ 0.5× the 1-type jobs/s (4 workers, limits 1–4, round robin)",
+     _types_vs_one("10,000", 0.5)),
+    ("queue: 1,000 job types ≥ 0.8× the 1-type jobs/s", _types_vs_one("1,000", 0.8)),
+    ("queue: registering 10,000 job types < 50 ms", _round_under(REGISTER_GROUP, 0.050)),
+    ("queue: enqueue→start p50 ≤ 0.8× ThreadPoolExecutor's, interleaved in one run",
+     _metric_vs(INTERLEAVED_GROUP, "p50_us", "ThreadPoolExecutor", 0.8)),
     ("durable: one producer's enqueue ≥ 1.5× the faster of huey SqliteHuey / persist-queue (NORMAL)",
      _durable_vs_fastest_peer("tinymq enqueue", 1.5)),
     ("durable: 4 producer threads ≥ 2× one producer's enqueue rate (group commit)", _threads_vs_one(2)),
@@ -404,6 +454,14 @@ def markdown(benches: List[Bench], machine: Dict[str, Any], commands: List[str],
         "Condition, sleeping until the earliest run_at), which shows how much of the tail is the "
         "machine. Both run 3 rounds; the table gives the median of the rounds' percentiles and "
         "the worst round's p99.",
+        "- Job types: a round enqueues N no-op jobs round robin over 1, 100, 1,000 or 10,000 "
+        "registered types (type i may run 1 + i % 4 jobs at once) into a started pool of 4 workers "
+        "and waits for all; ThreadPoolExecutor runs the same no-op jobs (it has no types). "
+        "Registering: 10,000 `register_executor` calls on a new Queue, against a dict of "
+        "(function, `BoundedSemaphore`). Interleaved latency: tinymq and ThreadPoolExecutor take "
+        "turns, 5 rounds of 1,000 jobs each, with one method (stamp `perf_counter()`, call "
+        "`enqueue`/`submit`, sleep 1 ms; the executor's first line takes the difference); the "
+        "table gives the median of the rounds' percentiles. See `bench/test_bench_scale.py`.",
         "- Durable enqueue: 1,000 jobs per round, every contender on a fresh file with the same "
         "`PRAGMA synchronous`; a job is committed to SQLite when its enqueue returns, in every "
         "contender. One producer thread, or 4 at once (tinymq commits concurrent producers' writes "

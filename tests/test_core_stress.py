@@ -181,3 +181,72 @@ def test_requeues_are_not_stranded_in_the_overflow_when_the_collector_switches_t
         thread.join(WAIT)
     assert finished, f"{q.unfinished} jobs never ran ({q.overflow_size} in the overflow, {len(q)} ready)"
     assert sorted(received) == list(range(len(jobs)))
+
+
+@pytest.mark.timeout(600)
+def test_many_types_never_exceed_their_limits_and_every_job_runs_once(core):
+    """4 producers and 4 consumers over 1,000 types with limits 1-3: a consumer counts the
+    attempts of each type running at once, which must never exceed its limit."""
+    type_count, per_producer = 1_000, 25_000
+    names = [f"tenant-{i}" for i in range(type_count)]
+    limits = {name: 1 + i % 3 for i, name in enumerate(names)}
+    q = core.ReadyQueue(256)
+    for name, limit in limits.items():
+        q.configure(name, noop, limit, None, False, False)
+    running = dict.fromkeys(names, 0)
+    running_lock = threading.Lock()
+    barrier = threading.Barrier(PRODUCERS + CONSUMERS + 1)
+    received = [[] for _ in range(CONSUMERS)]
+    errors = []
+
+    def produce(producer):
+        try:
+            rng = random.Random(producer)
+            jobs = [Item(rng.choice(names), rng.randrange(3), (producer, i)) for i in range(per_producer)]
+            barrier.wait(WAIT)
+            for job in jobs:
+                if not q.put(job, WAIT * 6):
+                    raise AssertionError(f"put timed out at {job.origin}")
+        except BaseException as exc:
+            errors.append(exc)
+
+    def consume(out):
+        try:
+            barrier.wait(WAIT)
+            while True:
+                taken = q.pop_with_type()
+                if taken is None:  # closed
+                    return
+                job, state = taken
+                with running_lock:
+                    running[job.type] += 1
+                    if running[job.type] > limits[job.type]:
+                        raise AssertionError(f"{job.type}: {running[job.type]} running, limit {limits[job.type]}")
+                out.append(job.origin)
+                if len(out) % 7 == 0:
+                    time.sleep(0)  # let the others pile up behind a saturated type
+                with running_lock:
+                    running[job.type] -= 1
+                q.release_state(state)
+                q.task_done(job)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=produce, args=(p,), daemon=True) for p in range(PRODUCERS)]
+    threads += [threading.Thread(target=consume, args=(out,), daemon=True) for out in received]
+    for thread in threads:
+        thread.start()
+    barrier.wait(WAIT)
+    for thread in threads[:PRODUCERS]:
+        thread.join(400)
+    assert not any(thread.is_alive() for thread in threads[:PRODUCERS]), "a producer is stuck"
+    assert q.join(timeout=120), f"{q.unfinished} items never arrived"
+    q.close()
+    for thread in threads[PRODUCERS:]:
+        thread.join(WAIT)
+    assert errors == []
+    everything = [origin for out in received for origin in out]
+    assert len(everything) == PRODUCERS * per_producer
+    assert set(everything) == {(p, i) for p in range(PRODUCERS) for i in range(per_producer)}
+    assert len(q) == 0 and q.overflow_size == 0 and q.unfinished == 0
+    assert q.executor_stats() == {name: (0, limit) for name, limit in limits.items()}

@@ -125,6 +125,35 @@ def test_register_refuses_executors_that_could_never_run_a_job(fn, words):
     assert "t" not in q.get_stats().executor_stats
 
 
+def _registered_with_context(q, job_type):
+    """Whether the queue will call ``job_type``'s executor with a context (queue not started)."""
+    q.enqueue(Job(job_type))
+    job, state = q._ready.pop_with_type(timeout=0)
+    q._ready.release_state(state)
+    q._ready.task_done(job)
+    return state.takes_context
+
+
+def test_a_function_registered_again_is_judged_by_its_shape_now():
+    """One function for many types is inspected once, unless its code or defaults changed."""
+    def handler(job, ctx):
+        pass
+
+    q = Queue(10)
+    for i in range(3):
+        q.register_executor(f"tenant-{i}", handler)
+    assert _registered_with_context(q, "tenant-2")
+    handler.__code__ = (lambda job: None).__code__
+    q.register_executor("tenant-3", handler)
+    assert not _registered_with_context(q, "tenant-3")
+    handler.__code__ = (lambda job, ctx, extra: None).__code__
+    with pytest.raises(TypeError, match=r"fn\(job\)"):
+        q.register_executor("tenant-4", handler)
+    handler.__defaults__ = (None,)  # extra=None: callable as fn(job, ctx) again
+    q.register_executor("tenant-4", handler)
+    assert _registered_with_context(q, "tenant-4")
+
+
 def test_register_calls_each_accepted_shape_as_it_can_be_called():
     calls = Recorder()
     with Queue(10) as q:

@@ -137,9 +137,17 @@ cdef void _free_lock(PyThread_type_lock lock) noexcept:
 
 @cython.final
 cdef class _Waiter:
-    """One blocked thread: it sleeps on its own lock until a notifier releases it."""
+    """One blocked thread: it sleeps on its own lock until a notifier releases it.
+
+    A worker waiting in ``ReadyQueue.pop`` keeps one for all its waits: a
+    producer pops the job for it (``job``, ``state``, ``level``) and releases
+    the lock, once per job, so nothing is allocated between a wake-up and the job.
+    """
     cdef PyThread_type_lock lock
     cdef bint notified  # a notifier took this waiter off its list and released the lock
+    cdef object job  # handed by a producer with a slot of ``state``; None otherwise
+    cdef object state  # a TypeState
+    cdef int level  # the handed job's level, to give it back
 
     def __cinit__(self):
         self.lock = _held_lock()
@@ -172,11 +180,8 @@ cdef int _sleep_on(PyThread_type_lock lock, double deadline) except -1:
         return status == PY_LOCK_ACQUIRED
 
 
-cdef int _wait(list waiters, double deadline, Py_ssize_t *waking=NULL) except -1:
-    """Join ``waiters`` and sleep until notified or ``deadline``: 1 notified, 0 timed out.
-
-    ``waking``, if given, counts notified waiters that have not run yet.
-    """
+cdef int _wait(list waiters, double deadline) except -1:
+    """Join ``waiters`` and sleep until notified or ``deadline``: 1 notified, 0 timed out."""
     cdef _Waiter waiter = _Waiter()
     waiters.append(waiter)
     try:
@@ -186,14 +191,10 @@ cdef int _wait(list waiters, double deadline, Py_ssize_t *waking=NULL) except -1
             waiters.remove(waiter)
         elif waiters:
             _notify(waiters)  # pass the wake-up on rather than lose it
-        elif waking != NULL:
-            waking[0] -= 1
         raise
     if not waiter.notified:
         waiters.remove(waiter)
         return 0
-    if waking != NULL:
-        waking[0] -= 1
     return 1
 
 
@@ -326,6 +327,73 @@ cdef void _fifo_clear(Fifo *fifo):
     fifo.items, fifo.head, fifo.count, fifo.capacity = NULL, 0, 0, 0
 
 
+# --- the runnable heaps: per level, the types that may run, by their oldest job ----
+
+cdef struct Listing:
+    uint64_t seq  # insertion order of the type's oldest job at this level: the key
+    PyObject *state  # borrowed: a listed type has a waiting job, so ReadyQueue.types keeps it
+
+cdef struct RunnableHeap:  # a binary min-heap on seq in a C array
+    Listing *items
+    Py_ssize_t count
+    Py_ssize_t allocated
+
+
+cdef int _heap_reserve(RunnableHeap *heap, Py_ssize_t needed) except -1:
+    """Room for ``needed`` listings, made before any decision: pushing never allocates."""
+    cdef Py_ssize_t allocated
+    cdef Listing *items
+    if needed <= heap.allocated:
+        return 0
+    allocated = heap.allocated * 2 if heap.allocated else 16
+    while allocated < needed:
+        allocated *= 2
+    items = <Listing *>PyMem_Realloc(heap.items, allocated * sizeof(Listing))
+    if items == NULL:
+        raise MemoryError()
+    heap.items, heap.allocated = items, allocated
+    return 0
+
+
+cdef inline void _heap_push(RunnableHeap *heap, uint64_t seq, PyObject *state) noexcept:
+    cdef Py_ssize_t parent, i = heap.count
+    heap.count += 1
+    while i > 0:
+        parent = (i - 1) >> 1
+        if heap.items[parent].seq <= seq:
+            break
+        heap.items[i] = heap.items[parent]
+        i = parent
+    heap.items[i] = Listing(seq, state)
+
+
+cdef inline void _heap_sift_down(RunnableHeap *heap, Listing item) noexcept:
+    """Place ``item`` at the root's hole and sift it down."""
+    cdef Py_ssize_t child, i = 0, n = heap.count
+    while True:
+        child = 2 * i + 1
+        if child >= n:
+            break
+        if child + 1 < n and heap.items[child + 1].seq < heap.items[child].seq:
+            child += 1
+        if item.seq <= heap.items[child].seq:
+            break
+        heap.items[i] = heap.items[child]
+        i = child
+    heap.items[i] = item
+
+
+cdef inline void _heap_pop(RunnableHeap *heap) noexcept:
+    heap.count -= 1
+    if heap.count:
+        _heap_sift_down(heap, heap.items[heap.count])
+
+
+cdef inline void _heap_replace_top(RunnableHeap *heap, uint64_t seq) noexcept:
+    """The top's type, keyed again by its next oldest job."""
+    _heap_sift_down(heap, Listing(seq, heap.items[0].state))
+
+
 @cython.final
 cdef class TypeState:
     """One job type: its executor, its concurrency slots, its waiting jobs.
@@ -341,6 +409,7 @@ cdef class TypeState:
     cdef public bint interrupt
     cdef Fifo levels[3]  # LOW, MEDIUM, HIGH
     cdef Py_ssize_t waiting  # jobs in all three levels
+    cdef bint listed[3]  # this type has its one entry in the ReadyQueue's runnable heap of that level
 
     def __cinit__(self, name):
         self.name = name
@@ -362,6 +431,10 @@ cdef class TypeState:
 
     def pending(self):
         return self.waiting
+
+    cdef inline bint admits(self) noexcept:
+        """Whether a job of this type may start now: the one admission rule (see the pure twin)."""
+        return self.active < self.limit
 
 
 cdef inline int _level_of(object job) except -1:
@@ -434,7 +507,9 @@ cdef class ReadyQueue:
     """Ready jobs by priority, per-type slots, and the queue's accounting.
 
     A worker's ``pop`` takes the oldest job of the highest non-empty level whose
-    type has a free slot, and takes that slot; ``release`` gives it back.
+    type has a free slot, and takes that slot; ``release`` gives it back. Per
+    level, a heap of the types that may run, keyed by their oldest job there,
+    finds it in O(log types): see the pure twin for how the heaps are kept.
 
     The unfinished jobs that have an id are known by it: a second job with the
     same id is refused (DuplicateJob) until ``task_done`` of the first.
@@ -449,8 +524,10 @@ cdef class ReadyQueue:
     cdef dict types  # job type -> TypeState
     cdef object last_type  # a one-entry cache in front of types: this key...
     cdef TypeState last_state  # ...maps to this state (_NO_TYPE and None when empty)
-    cdef list type_list  # the same TypeStates, for a C-speed scan
     cdef Py_ssize_t level_sizes[3]  # ready jobs per level (LOW, MEDIUM, HIGH)
+    # Per level: every type with a job waiting there that admits jobs has exactly one listing,
+    # keyed by its oldest job there; listed types that stopped admitting may too (dropped when seen).
+    cdef RunnableHeap runnable[3]
     cdef Py_ssize_t size  # sum(level_sizes) <= capacity
     cdef object overflow  # deque of (job, type, level): counted jobs owed room; nonempty only when full
     cdef uint64_t seq  # insertion order: FIFO within a level
@@ -458,8 +535,9 @@ cdef class ReadyQueue:
     cdef Py_ssize_t _unfinished  # accepted jobs not yet succeeded or failed for good
     cdef dict ids  # id -> the unfinished job registered under it (exact str keys: no Python runs)
     cdef long long _counters[N_COUNTERS]
-    cdef list getters  # _Waiters: workers waiting for an eligible job
-    cdef Py_ssize_t waking  # getters notified that have not taken the GIL back yet
+    # _Waiters: idle workers, the latest last. None waits while a job is poppable, except while
+    # the worker that freed its slot comes back for it (release_state(hand_off=False)).
+    cdef list getters
     cdef list putters  # _Waiters: producers waiting for room
     cdef list joiners  # _Waiters: join() callers waiting for _unfinished == 0
 
@@ -470,11 +548,14 @@ cdef class ReadyQueue:
         self.last_type = _NO_TYPE
         self.types = {}
         self.ids = {}
-        self.type_list = []
         self.overflow = deque()
         self.getters = []
         self.putters = []
         self.joiners = []
+
+    def __dealloc__(self):
+        for level in range(3):
+            PyMem_Free(self.runnable[level].items)  # borrowed listings: nothing to release
 
     # executors
 
@@ -487,15 +568,15 @@ cdef class ReadyQueue:
         state.takes_context = takes_context
         state.interrupt = interrupt
         if state.waiting:
-            self.waking += len(self.getters)
-            _notify_all(self.getters)  # a higher limit may free jobs
+            self._readmit(state)  # a higher limit may free jobs
+            self._hand_off()
         return state
 
     def executor_stats(self):
         """``{job_type: (active, limit)}`` for every registered executor."""
         cdef TypeState state
         return {state.name: (state.active, state.limit)
-                for state in self.type_list if state.fn is not None}
+                for state in self.types.values() if state.fn is not None}
 
     cdef TypeState _type_state(self, object job_type):
         if job_type is self.last_type:  # most pushes repeat the previous type: skip the dict
@@ -503,8 +584,9 @@ cdef class ReadyQueue:
         state = self.types.get(job_type)
         if state is None:
             state = TypeState(job_type)
+            for level in range(3):  # every type fits in every heap: listing never allocates
+                _heap_reserve(&self.runnable[level], len(self.types) + 1)
             self.types[job_type] = state
-            self.type_list.append(state)
         self.last_type = job_type
         self.last_state = <TypeState>state
         return <TypeState>state
@@ -512,21 +594,32 @@ cdef class ReadyQueue:
     # pushing
 
     cdef int _append(self, object job, object job_type, int level) except -1:
+        """Place a job; the entry point hands it off afterwards if a worker waits."""
         cdef TypeState state = self._type_state(job_type)
-        _fifo_push(&state.levels[level], job, self.seq)
+        cdef Fifo *fifo = &state.levels[level]
+        _fifo_push(fifo, job, self.seq)
+        if fifo.count == 1 and state.admits():  # its oldest job at this level: list the type
+            self._list(state, level, self.seq)
         self.seq += 1
         state.waiting += 1
         self.level_sizes[level] += 1
         self.size += 1
-        if self.getters and state.active < state.limit:
-            self._wake_getter()
         return 0
 
-    cdef inline void _wake_getter(self):
-        """Wake one idle worker, unless those already woken are enough for the ready jobs."""
-        if self.waking < self.size:
-            self.waking += 1
-            _notify(self.getters)
+    cdef inline void _list(self, TypeState state, int level, uint64_t seq) noexcept:
+        if not state.listed[level]:
+            state.listed[level] = True
+            _heap_push(&self.runnable[level], seq, <PyObject *>state)
+
+    cdef void _readmit(self, TypeState state) noexcept:
+        """``state`` may admit jobs again: list it wherever it has jobs waiting and is not listed."""
+        cdef int level
+        cdef Fifo *fifo
+        if state.admits():
+            for level in range(3):
+                fifo = &state.levels[level]
+                if fifo.count:
+                    self._list(state, level, fifo.items[fifo.head].seq)
 
     cdef inline int _check_open(self) except -1:
         if self._closed:
@@ -568,6 +661,8 @@ cdef class ReadyQueue:
             return False
         self._append(job, job_type, level)
         self._accept_one(job, job_id)
+        if self.getters:
+            self._hand_off()
         return True
 
     def put(self, object job, timeout=None):
@@ -587,6 +682,8 @@ cdef class ReadyQueue:
             _wait(self.putters, deadline)
         self._append(job, job_type, level)
         self._accept_one(job, job_id)
+        if self.getters:
+            self._hand_off()
         return True
 
     def push_many(self, ready_jobs, delayed_jobs=()):
@@ -608,6 +705,8 @@ cdef class ReadyQueue:
         for job, job_type, level in placed:
             self._append(job, job_type, level)
         self._accept(len(ready) + len(delayed), batch)
+        if self.getters:
+            self._hand_off()
         return True
 
     def accept(self, jobs):
@@ -634,35 +733,42 @@ cdef class ReadyQueue:
             self.overflow.append(owed)
         else:
             self._append(job, job_type, level)
+            if self.getters:
+                self._hand_off()
 
     # popping
 
-    cdef object _take(self, PyObject **taken_state):
-        # taken_state receives a borrowed reference: type_list keeps every TypeState alive
+    cdef object _take(self, PyObject **taken_state, int *taken_level):
+        """Take the next job and a slot of its type, or None.
+
+        ``taken_state`` receives a borrowed reference: a type with a running attempt stays in types.
+        """
         cdef int level
-        cdef Py_ssize_t i, n = len(self.type_list)
-        cdef TypeState state, best
+        cdef RunnableHeap *runnable
+        cdef TypeState state
         cdef Fifo *fifo
-        cdef uint64_t best_seq = 0
         for level in range(2, -1, -1):
-            if not self.level_sizes[level]:
-                continue
-            best = None
-            for i in range(n):
-                state = <TypeState>self.type_list[i]
+            runnable = &self.runnable[level]
+            while runnable.count:
+                state = <TypeState>runnable.items[0].state
+                if not state.admits():  # saturated since it was listed: _readmit lists it again
+                    state.listed[level] = False
+                    _heap_pop(runnable)
+                    continue
                 fifo = &state.levels[level]
-                if fifo.count and state.active < state.limit and (
-                        best is None or fifo.items[fifo.head].seq < best_seq):
-                    best = state
-                    best_seq = fifo.items[fifo.head].seq
-            if best is not None:
-                job = _fifo_pop(&best.levels[level])
-                best.waiting -= 1
+                job = _fifo_pop(fifo)
+                state.waiting -= 1
                 self.level_sizes[level] -= 1
                 self.size -= 1
-                best.active += 1
+                state.active += 1
+                if fifo.count and state.admits():  # keyed by its next oldest job now
+                    _heap_replace_top(runnable, fifo.items[fifo.head].seq)
+                else:
+                    state.listed[level] = False
+                    _heap_pop(runnable)
                 self._refill()
-                taken_state[0] = <PyObject *>best
+                taken_state[0] = <PyObject *>state
+                taken_level[0] = level
                 return job
         return None
 
@@ -671,31 +777,95 @@ cdef class ReadyQueue:
         cdef int level
         if self.overflow:
             job, job_type, level = self.overflow.popleft()
-            self._append(job, job_type, level)
+            self._append(job, job_type, level)  # the caller hands it off if a worker waits
         elif self.putters:
             _notify(self.putters)
         return 0
 
-    cdef object _pop(self, double deadline, PyObject **taken_state):
+    cdef int _hand_off(self) except -1:
+        """While workers wait and a job is poppable, pop it for the latest idle worker and wake it.
+
+        One lock release per job; the woken worker returns the job as soon as
+        it has the GIL back, without looking at the queue again.
+        """
+        cdef PyObject *state
+        cdef int level
+        cdef _Waiter waiter
+        while self.getters:
+            job = self._take(&state, &level)
+            if job is None:
+                return 0
+            waiter = <_Waiter>self.getters.pop()
+            waiter.job = job
+            waiter.state = <TypeState>state
+            waiter.level = level
+            PyThread_release_lock(waiter.lock)
+        return 0
+
+    cdef int _give_back(self, _Waiter waiter) except -1:
+        """Undo a hand-off that its worker will not return (interrupted): like a requeue."""
+        cdef TypeState state = <TypeState>waiter.state
+        job = waiter.job
+        owed = (job, state.name, waiter.level)  # made before the decision, as in requeue
+        waiter.job = waiter.state = None
+        state.active -= 1
+        if self.size >= self.capacity or self.overflow:
+            self.overflow.append(owed)
+        else:
+            self._append(job, state.name, waiter.level)
+        self._readmit(state)
+        if self.getters:
+            self._hand_off()
+        return 0
+
+    cdef int _leave(self, _Waiter waiter) except -1:
+        """``waiter`` stops waiting: off the list, or take the wake-up sent to it."""
+        if waiter in self.getters:
+            self.getters.remove(waiter)
+        else:
+            PyThread_acquire_lock(waiter.lock, 0)  # released for it (a job, or close): held again
+        return 0
+
+    cdef object _pop(self, double deadline, PyObject **taken_state, _Waiter waiter):
+        """Take a job and a slot of its type; wait on ``waiter`` (made here when None)."""
+        cdef int level
+        cdef int woken
         while not self._closed:
-            job = self._take(taken_state)
+            job = self._take(taken_state, &level)
             if job is not None:
                 return job
             if deadline != WAIT_FOREVER and _monotonic() >= deadline:
                 return None
-            _wait(self.getters, deadline, &self.waking)
+            if waiter is None:
+                waiter = _Waiter()
+            self.getters.append(waiter)
+            try:
+                woken = _sleep_on(waiter.lock, deadline)
+            except BaseException:  # e.g. KeyboardInterrupt in the main thread
+                self._leave(waiter)
+                if waiter.job is not None:
+                    self._give_back(waiter)
+                raise
+            if not woken:  # timed out; a hand-off may have come meanwhile
+                self._leave(waiter)
+            if waiter.job is not None:
+                job = waiter.job
+                taken_state[0] = <PyObject *>waiter.state  # borrowed, as from _take
+                waiter.job = waiter.state = None  # an idle worker keeps no job or type alive
+                return job
+            # woken by close(), or timed out: look again
         return None
 
     def pop_with_type(self, timeout=None):
         """Take a job and a slot of its type; None when closed or on timeout."""
         cdef PyObject *state = NULL
-        job = self._pop(_deadline(timeout), &state)
+        job = self._pop(_deadline(timeout), &state, None)
         return None if job is None else (job, <TypeState>state)
 
     def pop(self, timeout=None):
         """Take a job and a slot of its type (give it back with ``release``); None when closed or on timeout."""
         cdef PyObject *state = NULL
-        return self._pop(_deadline(timeout), &state)
+        return self._pop(_deadline(timeout), &state, None)
 
     def release(self, job_type):
         """An attempt of ``job_type`` returned: free its slot."""
@@ -704,17 +874,18 @@ cdef class ReadyQueue:
         else:
             self._release(<TypeState?>self.types[_exact_type(job_type)])
 
-    def release_state(self, TypeState state):
-        self._release(state)
+    def release_state(self, TypeState state, bint hand_off=True):
+        """Free a slot of ``state``; ``hand_off=False``: the caller pops next and takes its job itself."""
+        self._release(state, hand_off)
 
-    cdef inline int _release(self, TypeState state) except -1:
+    cdef inline int _release(self, TypeState state, bint hand_off=True) except -1:
         state.active -= 1
         if state.waiting:
-            if self.getters:
-                self._wake_getter()
+            self._readmit(state)
+            if hand_off and self.getters:  # else a worker handing the job over would sleep as it wakes
+                self._hand_off()
         elif state.fn is None and not state.active:
             del self.types[state.name]  # an unregistered type leaves nothing behind
-            self.type_list.remove(state)
             if state is self.last_state:
                 self.last_type, self.last_state = _NO_TYPE, None
         return 0
@@ -739,8 +910,8 @@ cdef class ReadyQueue:
     def close(self):
         """Stop: pops return None, pushes raise QueueStopped, every waiter wakes."""
         self._closed = True
-        self.waking += len(self.getters)
-        _notify_all(self.getters)
+        while self.getters:  # with no job: they see the queue closed
+            PyThread_release_lock((<_Waiter>self.getters.pop()).lock)
         _notify_all(self.putters)
         _notify_all(self.joiners)
 
@@ -1036,9 +1207,10 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
     cdef double deadline
     cdef bint expired
     cdef long succeeded = 0
+    cdef _Waiter waiter = _Waiter()  # this worker's, for every wait
     slot.thread_id = PyThread_get_thread_ident()
     while True:
-        job = ready._pop(WAIT_FOREVER, &taken)
+        job = ready._pop(WAIT_FOREVER, &taken, waiter)
         if job is None:
             return
         state = <TypeState>taken
@@ -1067,7 +1239,8 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
         except BaseException as exc:  # the attempt's failure, whatever it is
             error = exc
         expired = slot.end()
-        ready._release(state)
+        # A worker going straight back to pop takes the job its slot frees itself.
+        ready._release(state, expired or error is not None or slot.on_success is not None)
         if expired:
             dispatcher.after_expired(slot, error)
             return

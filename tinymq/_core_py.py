@@ -6,9 +6,11 @@ GIL where this one takes ``self._lock``.
 
 - ``ReadyQueue``: ready jobs in three FIFO levels (HIGH, MEDIUM, LOW) under one
   lock and one capacity, with per-type concurrency slots: a job whose type is
-  saturated is passed over and keeps its place. It also keeps the queue's
-  accounting (unfinished jobs for ``join``, their ids, lifetime counters), so a
-  job is counted in the same critical section that makes it visible.
+  saturated is passed over and keeps its place. Per level, a heap of the types
+  that may run keyed by their oldest waiting job finds the next job in
+  O(log types). It also keeps the queue's accounting (unfinished jobs for
+  ``join``, their ids, lifetime counters), so a job is counted in the same
+  critical section that makes it visible.
 - ``DelayedHeap``: a min-heap on (run_at, insertion order) with capped eviction.
 - ``Alarm``: a latched wake-up for the one thread (scheduler, watchdog) that
   sleeps until a deadline.
@@ -108,7 +110,8 @@ class TypeState:
     Guarded by the owning ReadyQueue's lock.
     """
 
-    __slots__ = ("name", "fn", "limit", "active", "timeout", "takes_context", "interrupt", "levels")
+    __slots__ = ("name", "fn", "limit", "active", "timeout", "takes_context", "interrupt", "levels",
+                 "listed")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -119,9 +122,20 @@ class TypeState:
         self.takes_context = False
         self.interrupt = False
         self.levels: Tuple[Deque[Tuple[int, Any]], ...] = (deque(), deque(), deque())  # (seq, job)
+        # listed[level]: this type has its one entry in the ReadyQueue's runnable heap of that level
+        self.listed = [False, False, False]
 
     def pending(self) -> int:
         return len(self.levels[0]) + len(self.levels[1]) + len(self.levels[2])
+
+    def admits(self) -> bool:
+        """Whether a job of this type may start now: the one admission rule of ``ReadyQueue``.
+
+        A type that fails it is dropped from the runnable heaps when seen there,
+        and comes back through ``ReadyQueue._readmit`` when it may run again (a
+        slot freed, a limit raised; a rate limit's wake-up would be a third way).
+        """
+        return self.active < self.limit
 
 
 def _priority_level(job: Any) -> int:
@@ -177,11 +191,48 @@ def _batch_ids(jobs: List[Any]) -> Tuple[Dict[str, Any], Optional[str]]:
 # --- the ready queue ----------------------------------------------------------
 
 
+class _Waiter:
+    """A worker waiting in ``ReadyQueue.pop``, asleep on its own lock.
+
+    The lock is held unless a wake-up is pending. A producer pops the job for
+    the waiter (``taken``) and releases the lock: one release per job. A
+    worker keeps its waiter, so nothing is allocated between a wake-up and the job.
+    """
+
+    __slots__ = ("_lock", "taken", "level")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self.taken: Optional[Tuple[Any, TypeState]] = None  # handed by a producer, under the queue's lock
+        self.level = 0  # the taken job's level, to give it back
+
+    def sleep(self, timeout: Optional[float]) -> bool:
+        """Wait for a wake-up (at most ``timeout`` seconds): True when one came."""
+        if timeout is None:
+            return self._lock.acquire()
+        if timeout <= 0.0:
+            return self._lock.acquire(False)
+        return self._lock.acquire(True, timeout)
+
+    def wake(self) -> None:
+        self._lock.release()
+
+
 class ReadyQueue:
     """Ready jobs by priority, per-type slots, and the queue's accounting.
 
     A worker's ``pop`` takes the oldest job of the highest non-empty level whose
     type has a free slot, and takes that slot; ``release`` gives it back.
+
+    To find that job without looking at every type, each level has a heap of
+    ``(seq, type)``: the types with a job waiting at that level, keyed by the
+    insertion order of their oldest one there. A type is in a level's heap at
+    most once (``TypeState.listed``), so the heaps hold at most 3 entries per
+    type. A type that stops admitting jobs (saturated) is not taken out at
+    once: its entry is dropped when it reaches the top, and ``_readmit`` puts
+    it back when it admits jobs again. An entry's key never goes stale: the
+    oldest job of a type at a level only leaves through that very entry.
 
     The unfinished jobs that have an id are known by it: a second job with the
     same id is refused (DuplicateJob) until ``task_done`` of the first.
@@ -199,6 +250,9 @@ class ReadyQueue:
         # Everything below is guarded by _lock.
         self._types: Dict[str, TypeState] = {}  # job type -> its slots and jobs
         self._sizes = [0, 0, 0]  # ready jobs per level; sum(_sizes) <= capacity
+        # Per level, a heapq of (seq of the type's oldest job there, type): every type with a job
+        # waiting at that level that admits jobs has exactly one entry; listed, saturated ones may too.
+        self._runnable: Tuple[List[Tuple[int, TypeState]], ...] = ([], [], [])
         # (job, type, level) of counted jobs owed room; nonempty only when full
         self._overflow: Deque[Tuple[Any, str, int]] = deque()
         self._seq = itertools.count()  # insertion order: FIFO within a level
@@ -206,7 +260,9 @@ class ReadyQueue:
         self._unfinished = 0  # accepted jobs not yet succeeded or failed for good
         self._ids: Dict[str, Any] = {}  # id -> the unfinished job registered under it
         self._counters = [0, 0, 0, 0, 0, 0]
-        self._eligible = threading.Condition(self._lock)  # a job may be poppable
+        # Idle workers in pop, the latest last. None waits while a job is poppable, except while
+        # the worker that freed its slot comes back for it (release_state(hand_off=False)).
+        self._getters: List[_Waiter] = []
         self._room = threading.Condition(self._lock)  # the buffer may have room
         self._all_done = threading.Condition(self._lock)  # _unfinished may be 0
 
@@ -223,7 +279,8 @@ class ReadyQueue:
             state.fn, state.limit, state.timeout = fn, limit, timeout
             state.takes_context, state.interrupt = takes_context, interrupt
             if state.pending():
-                self._eligible.notify_all()  # a higher limit may free jobs
+                self._readmit(state)  # a higher limit may free jobs
+                self._hand_off()
             return state
 
     def executor_stats(self) -> Dict[str, Tuple[int, int]]:
@@ -240,8 +297,25 @@ class ReadyQueue:
     # pushing
 
     def _append(self, job: Any, job_type: str, level: int) -> None:
-        self._type_state(job_type).levels[level].append((next(self._seq), job))
+        state = self._type_state(job_type)
+        waiting = state.levels[level]
+        seq = next(self._seq)
+        waiting.append((seq, job))
         self._sizes[level] += 1
+        if len(waiting) == 1 and state.admits():  # its oldest job at this level: list the type
+            self._list(state, level, seq)
+
+    def _list(self, state: TypeState, level: int, seq: int) -> None:
+        if not state.listed[level]:
+            state.listed[level] = True
+            heapq.heappush(self._runnable[level], (seq, state))
+
+    def _readmit(self, state: TypeState) -> None:
+        """``state`` may admit jobs again: list it wherever it has jobs waiting and is not listed."""
+        if state.admits():
+            for level, waiting in enumerate(state.levels):
+                if waiting:
+                    self._list(state, level, waiting[0][0])
 
     def _check_open(self) -> None:
         if self._closed:
@@ -278,7 +352,7 @@ class ReadyQueue:
                 return False
             self._append(job, job_type, level)
             self._accept_one(job, job_id)
-            self._eligible.notify()
+            self._hand_off()
             return True
 
     def put(self, job: Any, timeout: Optional[float] = None) -> bool:
@@ -299,7 +373,7 @@ class ReadyQueue:
                 self._room.wait(remaining)
             self._append(job, job_type, level)
             self._accept_one(job, job_id)
-            self._eligible.notify()
+            self._hand_off()
             return True
 
     def push_many(self, ready_jobs: Iterable[Any], delayed_jobs: Iterable[Any] = ()) -> bool:
@@ -319,7 +393,7 @@ class ReadyQueue:
             for job, job_type, level in placed:
                 self._append(job, job_type, level)
             self._accept(len(ready_jobs) + len(delayed_jobs), batch)
-            self._eligible.notify(len(placed))
+            self._hand_off()
             return True
 
     def accept(self, jobs: Iterable[Any]) -> None:
@@ -344,49 +418,108 @@ class ReadyQueue:
                 self._overflow.append((job, job_type, level))
                 return
             self._append(job, job_type, level)
-            self._eligible.notify()
+            self._hand_off()
 
     # popping
 
-    def _take(self) -> Optional[Tuple[Any, TypeState]]:
+    def _take(self) -> Optional[Tuple[Any, TypeState, int]]:
+        """Take the next job and a slot of its type: (job, type, level), or None."""
         for level in _LEVELS:
-            if not self._sizes[level]:
-                continue
-            best: Optional[TypeState] = None
-            best_seq = 0
-            for state in self._types.values():
+            runnable = self._runnable[level]
+            while runnable:
+                state = runnable[0][1]
+                if not state.admits():  # saturated since it was listed: _readmit lists it again
+                    heapq.heappop(runnable)
+                    state.listed[level] = False
+                    continue
                 waiting = state.levels[level]
-                if waiting and state.active < state.limit and (best is None or waiting[0][0] < best_seq):
-                    best, best_seq = state, waiting[0][0]
-            if best is not None:
-                _, job = best.levels[level].popleft()
+                _, job = waiting.popleft()
                 self._sizes[level] -= 1
-                best.active += 1
+                state.active += 1
+                if waiting and state.admits():  # keyed by its next oldest job now
+                    heapq.heapreplace(runnable, (waiting[0][0], state))
+                else:
+                    heapq.heappop(runnable)
+                    state.listed[level] = False
                 self._refill()
-                return job, best
+                return job, state, level
         return None
 
     def _refill(self) -> None:
         """One pop made room for one job: the overflow line first, else a blocked producer."""
         if self._overflow:
-            self._append(*self._overflow.popleft())
-            self._eligible.notify()
+            self._append(*self._overflow.popleft())  # the caller hands it off if a worker waits
         else:
             self._room.notify()
 
-    def pop_with_type(self, timeout: Optional[float] = None) -> Optional[Tuple[Any, TypeState]]:
-        """Take a job and a slot of its type; None when closed or on timeout."""
+    def _hand_off(self) -> None:
+        """While workers wait and a job is poppable, pop it for the latest idle worker and wake it.
+
+        One lock release per job, and the woken worker returns the job at
+        once: it never takes ``_lock`` again, as a Condition's waiter would.
+        """
+        while self._getters:
+            taken = self._take()
+            if taken is None:
+                return
+            waiter = self._getters.pop()
+            waiter.taken, waiter.level = taken[:2], taken[2]
+            waiter.wake()
+
+    def _give_back(self, job: Any, state: TypeState, level: int) -> None:
+        """Undo a hand-off that its worker will not return (interrupted): like a requeue."""
+        state.active -= 1
+        if sum(self._sizes) >= self.capacity or self._overflow:
+            self._overflow.append((job, state.name, level))
+        else:
+            self._append(job, state.name, level)
+        self._readmit(state)
+        self._hand_off()
+
+    def _pop(self, timeout: Optional[float], waiter: "Optional[_Waiter]") -> Optional[Tuple[Any, TypeState]]:
+        """Take a job and a slot of its type; wait on ``waiter`` (made here when None)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
-            while not self._closed:
+        while True:
+            with self._lock:
+                if self._closed:
+                    return None
                 taken = self._take()
                 if taken is not None:
-                    return taken
+                    return taken[:2]
                 remaining = _remaining(deadline)
                 if remaining is not None and remaining <= 0.0:
                     return None
-                self._eligible.wait(remaining)
-            return None
+                if waiter is None:
+                    waiter = _Waiter()
+                waiter.taken = None
+                self._getters.append(waiter)
+            try:
+                if not waiter.sleep(remaining):  # timed out; a hand-off may have come meanwhile
+                    with self._lock:
+                        self._leave(waiter)
+            except BaseException:  # e.g. KeyboardInterrupt in the main thread, even just after a hand-off
+                with self._lock:
+                    self._leave(waiter)
+                    if waiter.taken is not None:
+                        job, state = waiter.taken
+                        waiter.taken = None
+                        self._give_back(job, state, waiter.level)
+                raise
+            taken, waiter.taken = waiter.taken, None  # an idle worker keeps no job alive
+            if taken is not None:
+                return taken
+            # woken by close(), or timed out: look again
+
+    def _leave(self, waiter: "_Waiter") -> None:
+        """``waiter`` stops waiting: off the list, or take the wake-up sent to it. Called with _lock."""
+        if waiter in self._getters:
+            self._getters.remove(waiter)
+        else:
+            waiter.sleep(0.0)  # its wake-up came (a job, or close): the lock is free, take it
+
+    def pop_with_type(self, timeout: Optional[float] = None) -> Optional[Tuple[Any, TypeState]]:
+        """Take a job and a slot of its type; None when closed or on timeout."""
+        return self._pop(timeout, None)
 
     def pop(self, timeout: Optional[float] = None) -> Any:
         """Take a job and a slot of its type (give it back with ``release``); None when closed or on timeout."""
@@ -399,14 +532,17 @@ class ReadyQueue:
         with self._lock:
             self._release(self._types[job_type])
 
-    def release_state(self, state: TypeState) -> None:
+    def release_state(self, state: TypeState, hand_off: bool = True) -> None:
+        """Free a slot of ``state``; ``hand_off=False``: the caller pops next and takes its job itself."""
         with self._lock:
-            self._release(state)
+            self._release(state, hand_off)
 
-    def _release(self, state: TypeState) -> None:
+    def _release(self, state: TypeState, hand_off: bool = True) -> None:
         state.active -= 1
         if state.pending():
-            self._eligible.notify()
+            self._readmit(state)
+            if hand_off:  # else a worker handing the job over to another would sleep as it wakes
+                self._hand_off()
         elif state.fn is None and not state.active:
             del self._types[state.name]  # an unregistered type leaves nothing behind
 
@@ -434,7 +570,8 @@ class ReadyQueue:
         """Stop: pops return None, pushes raise QueueStopped, every waiter wakes."""
         with self._lock:
             self._closed = True
-            self._eligible.notify_all()
+            while self._getters:
+                self._getters.pop().wake()  # with nothing: they see the queue closed
             self._room.notify_all()
             self._all_done.notify_all()
 
@@ -657,8 +794,9 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
     """
     slot.thread_id = threading.get_ident()
     succeeded = 0
+    waiter = _Waiter()  # this worker's, for every wait
     while True:
-        taken = ready.pop_with_type()
+        taken = ready._pop(None, waiter)
         if taken is None:
             return
         job, state = taken
@@ -670,6 +808,7 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
         context = dispatcher.new_context(job, deadline) if state.takes_context else None
         error: Optional[BaseException] = None
         expired = False
+        straight_back = False  # this worker pops again at once, taking the job its slot frees
         try:  # from begin() on, an interruption may land anywhere: the slot is released below
             slot.begin(job, state, deadline, context)
             try:
@@ -685,11 +824,13 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
             expired = slot.end()
             if expired and slot.interrupted:
                 interrupt_thread(slot.thread_id, None)  # from here on nothing may land
+            straight_back = error is None and not expired and slot.on_success is None
         except JobTimeout as late:  # an interruption that landed after the function returned
             expired = slot.end() or True
             error = late
+            straight_back = False
         finally:
-            ready.release_state(state)
+            ready.release_state(state, hand_off=not straight_back)
         if expired:
             dispatcher.after_expired(slot, error)
             return

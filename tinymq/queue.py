@@ -8,9 +8,10 @@ import inspect
 import logging
 import threading
 import time
+import types
 import weakref
 from datetime import timedelta
-from typing import Any, Callable, Iterable, List, Optional, Set, TypeVar, Union
+from typing import Any, Callable, Iterable, List, Optional, Set, Tuple, TypeVar, Union
 
 from ._dispatch import Dispatcher, FailureCallback, _describe
 from ._pick_core import core
@@ -27,12 +28,30 @@ F = TypeVar("F", bound=Callable[..., Any])
 _now = time.time
 
 
+# A plain function's answer, for the next registration of the same function (one handler for
+# many job types): valid while the code and defaults that decided it are the same objects.
+_plain_answers: "weakref.WeakKeyDictionary[Any, Tuple[Any, Any, Any, bool]]" = weakref.WeakKeyDictionary()
+
+
 def _takes_context(job_type: str, fn: Callable[..., Any]) -> bool:
     """How to call executor ``fn``: True for ``fn(job, ctx)``, False for ``fn(job)``.
 
     Raises TypeError for what would never run its body (a generator or
     coroutine function) or cannot be called with either.
     """
+    if fn.__class__ is not types.FunctionType or fn.__dict__:  # __wrapped__, __signature__...
+        return _inspect_takes_context(job_type, fn)
+    known = _plain_answers.get(fn)
+    keyword_defaults = tuple(fn.__kwdefaults__ or ())  # a copy: the dict may change in place
+    if (known is not None and known[0] is fn.__code__ and known[1] is fn.__defaults__
+            and known[2] == keyword_defaults):
+        return known[3]
+    answer = _inspect_takes_context(job_type, fn)
+    _plain_answers[fn] = (fn.__code__, fn.__defaults__, keyword_defaults, answer)
+    return answer
+
+
+def _inspect_takes_context(job_type: str, fn: Callable[..., Any]) -> bool:
     for target in (fn, getattr(fn, "__call__", None)):
         if inspect.isgeneratorfunction(target) or inspect.isasyncgenfunction(target):
             raise TypeError(f"executor for {job_type!r} is a generator function ({fn!r}): calling "
