@@ -1,0 +1,114 @@
+"""Reproducers for defects found by the fresh-eyes review (branch ``review``).
+
+Each test states the promised behaviour; ``xfail(strict=True)`` while the
+defect is not fixed. Core-level ones run on both twins (``core`` fixture).
+"""
+import threading
+import time
+
+import pytest
+
+from tinymq import DuplicateJob, Job, Priority
+
+from _helpers import WAIT, Recorder, wait_until
+
+
+class J:
+    """The least a core needs of a job."""
+
+    def __init__(self, job_type, priority=1, job_id=None):
+        self.type = job_type
+        self.priority = priority
+        self._id = job_id
+
+    def __repr__(self):
+        return f"J({self.type!r}, {self._id!r})"
+
+
+def _noop(job):
+    pass
+
+
+def _pop_in_thread(ready, timeout=WAIT):
+    """Start a thread blocked in ``ready.pop``; its result lands in the returned list."""
+    got = []
+    thread = threading.Thread(target=lambda: got.append(ready.pop(timeout)), daemon=True)
+    thread.start()
+    return thread, got
+
+
+def _wait_idle(ready, n=1):
+    """Wait until ``n`` workers sleep in pop (a private list in both twins)."""
+    getters = "_getters" if hasattr(ready, "_getters") else None
+
+    def idle():
+        if getters is not None:
+            return len(ready._getters) >= n
+        return True  # compiled: no window into it; give the thread time to get there
+
+    assert wait_until(idle)
+    time.sleep(0.2)
+
+
+# -- 1. lost wake-up: a worker's own pop moves an overflow job in and nobody hands it off --
+
+@pytest.mark.xfail(strict=True, reason="ReadyQueue._pop/_take: the job _refill moves in from the "
+                   "overflow line during a direct pop is not handed to an idle worker")
+def test_overflow_job_moved_in_by_a_direct_pop_reaches_an_idle_worker(core):
+    ready = core.ReadyQueue(1)
+    ready.configure("a", _noop, 1, None, False, False)
+    ready.configure("b", _noop, 1, None, False, False)
+    assert ready.push(J("a"))
+    first, state_a = ready.pop_with_type(0)  # "a" is saturated now
+    assert ready.push(J("a"))  # the buffer (1) is full; it waits for the slot
+    late = J("b")
+    ready.requeue(late)  # due/retried job: into the overflow line
+    assert ready.overflow_size == 1
+    thread, got = _pop_in_thread(ready)
+    try:
+        _wait_idle(ready)
+        # A worker returning from its attempt frees its slot and takes the job it admits itself.
+        ready.release_state(state_a, hand_off=False)
+        assert ready.pop(0) is not None
+        # That pop made room: "b" moved in, its slot is free, a worker is idle. It must get it.
+        thread.join(2.0)
+        assert got == [late], "an idle worker sleeps while a runnable job waits"
+    finally:
+        ready.close()
+        thread.join(WAIT)
+
+
+# -- 2. lost wake-up: a woken producer that raises DuplicateJob swallows the room notice --
+
+@pytest.mark.xfail(strict=True, reason="ReadyQueue.put: a producer woken for room that then raises "
+                   "DuplicateJob does not pass the wake-up on; another blocked producer sleeps "
+                   "though there is room")
+def test_room_is_not_lost_when_the_woken_producer_raises_duplicate(core):
+    ready = core.ReadyQueue(1)
+    ready.configure("t", _noop, 10, None, False, False)
+    assert ready.push(J("t"))
+    outcomes = Recorder()
+
+    def producer(job):
+        try:
+            outcomes.add((job._id, ready.put(job, WAIT)))
+        except DuplicateJob:
+            outcomes.add((job._id, "duplicate"))
+        except Exception as exc:  # QueueStopped once the test closes the queue
+            outcomes.add((job._id, type(exc).__name__))
+
+    first = threading.Thread(target=producer, args=(J("t", job_id="x"),), daemon=True)
+    first.start()
+    time.sleep(0.3)  # the first producer waits first: it gets the first room notice
+    second = threading.Thread(target=producer, args=(J("t", job_id="y"),), daemon=True)
+    second.start()
+    time.sleep(0.3)
+    ready.accept([J("t", job_id="x")])  # a delayed job with id "x" is accepted meanwhile
+    try:
+        assert ready.pop(0) is not None  # room for one
+        assert outcomes.wait_for(2, timeout=2.0), f"a producer sleeps though there is room: {outcomes.snapshot()}"
+        assert sorted(outcomes.snapshot()) == [("x", "duplicate"), ("y", True)]
+    finally:
+        ready.close()
+        first.join(WAIT)
+        second.join(WAIT)
