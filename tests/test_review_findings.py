@@ -112,3 +112,61 @@ def test_room_is_not_lost_when_the_woken_producer_raises_duplicate(core):
         ready.close()
         first.join(WAIT)
         second.join(WAIT)
+
+
+# -- 3. duplicate: stop() saves back a job whose attempt then succeeds (and was deleted) ---------
+
+class _DictStore:
+    """A minimal store; ``save`` from ``slow_thread`` takes its time (an fsync, a busy disk)."""
+
+    def __init__(self):
+        self.rows = {}
+        self.lock = threading.Lock()
+        self.deleted = threading.Event()
+        self.slow_thread = None
+
+    def save(self, job):
+        if threading.current_thread() is self.slow_thread:
+            self.deleted.wait(2.0)  # bounded: never needed for the promised order
+        with self.lock:
+            self.rows[job.id] = job
+
+    def delete(self, job_id):
+        with self.lock:
+            self.rows.pop(job_id, None)
+        self.deleted.set()
+
+    def load_all(self):
+        with self.lock:
+            return list(self.rows.values())
+
+
+@pytest.mark.xfail(strict=True, reason="Dispatcher._cancel_for_stop: cancels the context before it "
+                   "saves the job back, unsynchronised with the worker; an attempt that returns "
+                   "normally is counted succeeded and deleted, then the save resurrects its row")
+def test_stop_never_resurrects_a_job_whose_attempt_succeeded():
+    from tinymq import ExecutorConfig, Queue
+
+    store = _DictStore()
+    q = Queue(10)
+    q.set_persistence(store)
+    started = threading.Event()
+
+    def cooperative(job, ctx):
+        started.set()
+        ctx.wait(WAIT)  # returns (normally) once stop() cancels the context
+
+    q.register_executor("t", cooperative, ExecutorConfig(timeout=None))
+    q.start_dispatcher(1)
+    q.enqueue(Job("t", id="once"))
+    assert started.wait(WAIT)
+    stopper = threading.Thread(target=q.stop, kwargs={"timeout": 0.2})
+    store.slow_thread = stopper
+    stopper.start()
+    stopper.join(WAIT)
+    assert not stopper.is_alive()
+    assert wait_until(lambda: not any(t.name.startswith("tinymq-worker") for t in threading.enumerate()))
+    succeeded = q.get_stats().jobs_succeeded
+    # Either outcome is coherent: succeeded and gone from the store, or cancelled and kept.
+    # Counted as a success AND kept for the next start runs the job twice.
+    assert (succeeded, sorted(store.rows)) in [(1, []), (0, ["once"])]
