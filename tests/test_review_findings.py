@@ -170,3 +170,54 @@ def test_stop_never_resurrects_a_job_whose_attempt_succeeded():
     # Either outcome is coherent: succeeded and gone from the store, or cancelled and kept.
     # Counted as a success AND kept for the next start runs the job twice.
     assert (succeeded, sorted(store.rows)) in [(1, []), (0, ["once"])]
+
+
+# -- 4. wrong error: enqueue after stop() saves first, so a closed store answers instead ---------
+
+@pytest.mark.xfail(strict=True, reason="Queue._enqueue_slow/_save_and_place: the store saves before "
+                   "the core says QueueStopped; after stop() + store.close() (what apps do) enqueue "
+                   "raises PersistenceError, and an open store briefly holds a refused job")
+def test_enqueue_after_stop_raises_queue_stopped_and_never_touches_the_store():
+    from tinymq import Queue, QueueStopped
+
+    class Recording(_DictStore):
+        saves = 0
+        closed = False
+
+        def save(self, job):
+            self.saves += 1
+            if self.closed:
+                raise RuntimeError("store is closed")
+            super().save(job)
+
+    store = Recording()
+    q = Queue(5)
+    q.set_persistence(store)
+    q.stop()
+    store.closed = True  # store.close() after q.stop(), as the docs show
+    with pytest.raises(QueueStopped):
+        q.enqueue(Job("t", id="late"))
+    assert store.saves == 0
+
+
+# -- 5. wrong error: a bool priority is accepted on the ready path, refused when delayed ---------
+
+@pytest.mark.xfail(strict=True, reason="Queue.enqueue fast path (and _save_and_place) leave priority "
+                   "to the core, whose isinstance(int) check takes True/False; _as_priority refuses "
+                   "them (delayed path), so validation depends on run_at")
+def test_a_bool_priority_is_refused_whether_the_job_is_ready_or_delayed():
+    from tinymq import Queue
+
+    q = Queue(5)
+    try:
+        delayed = Job("t")
+        delayed.priority = True
+        delayed.run_at = delayed.timestamp + 60
+        with pytest.raises(ValueError):
+            q.enqueue(delayed)
+        ready = Job("t")
+        ready.priority = True
+        with pytest.raises(ValueError):
+            q.enqueue(ready)
+    finally:
+        q.stop(wait=False)
