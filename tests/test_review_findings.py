@@ -1,7 +1,7 @@
 """Reproducers for defects found by the fresh-eyes review (branch ``review``).
 
-Each test states the promised behaviour; ``xfail(strict=True)`` while the
-defect is not fixed. Core-level ones run on both twins (``core`` fixture).
+Each test states the promised behaviour and failed before its fix. Core-level
+ones run on both twins (``core`` fixture).
 """
 import threading
 import time
@@ -52,8 +52,6 @@ def _wait_idle(ready, n=1):
 
 # -- 1. lost wake-up: a worker's own pop moves an overflow job in and nobody hands it off --
 
-@pytest.mark.xfail(strict=True, reason="ReadyQueue._pop/_take: the job _refill moves in from the "
-                   "overflow line during a direct pop is not handed to an idle worker")
 def test_overflow_job_moved_in_by_a_direct_pop_reaches_an_idle_worker(core):
     ready = core.ReadyQueue(1)
     ready.configure("a", _noop, 1, None, False, False)
@@ -80,9 +78,6 @@ def test_overflow_job_moved_in_by_a_direct_pop_reaches_an_idle_worker(core):
 
 # -- 2. lost wake-up: a woken producer that raises DuplicateJob swallows the room notice --
 
-@pytest.mark.xfail(strict=True, reason="ReadyQueue.put: a producer woken for room that then raises "
-                   "DuplicateJob does not pass the wake-up on; another blocked producer sleeps "
-                   "though there is room")
 def test_room_is_not_lost_when_the_woken_producer_raises_duplicate(core):
     ready = core.ReadyQueue(1)
     ready.configure("t", _noop, 10, None, False, False)
@@ -141,9 +136,6 @@ class _DictStore:
             return list(self.rows.values())
 
 
-@pytest.mark.xfail(strict=True, reason="Dispatcher._cancel_for_stop: cancels the context before it "
-                   "saves the job back, unsynchronised with the worker; an attempt that returns "
-                   "normally is counted succeeded and deleted, then the save resurrects its row")
 def test_stop_never_resurrects_a_job_whose_attempt_succeeded():
     from tinymq import ExecutorConfig, Queue
 
@@ -174,9 +166,6 @@ def test_stop_never_resurrects_a_job_whose_attempt_succeeded():
 
 # -- 4. wrong error: enqueue after stop() saves first, so a closed store answers instead ---------
 
-@pytest.mark.xfail(strict=True, reason="Queue._enqueue_slow/_save_and_place: the store saves before "
-                   "the core says QueueStopped; after stop() + store.close() (what apps do) enqueue "
-                   "raises PersistenceError, and an open store briefly holds a refused job")
 def test_enqueue_after_stop_raises_queue_stopped_and_never_touches_the_store():
     from tinymq import Queue, QueueStopped
 
@@ -202,9 +191,6 @@ def test_enqueue_after_stop_raises_queue_stopped_and_never_touches_the_store():
 
 # -- 5. wrong error: a bool priority is accepted on the ready path, refused when delayed ---------
 
-@pytest.mark.xfail(strict=True, reason="Queue.enqueue fast path (and _save_and_place) leave priority "
-                   "to the core, whose isinstance(int) check takes True/False; _as_priority refuses "
-                   "them (delayed path), so validation depends on run_at")
 def test_a_bool_priority_is_refused_whether_the_job_is_ready_or_delayed():
     from tinymq import Queue
 
@@ -225,8 +211,6 @@ def test_a_bool_priority_is_refused_whether_the_job_is_ready_or_delayed():
 
 # -- 6. wrong count: an attempt stop() cancelled is still counted as timed out later -------------
 
-@pytest.mark.xfail(strict=True, reason="Dispatcher._timed_out counts TIMED_OUT (and logs a timeout) "
-                   "before attempt_failed notices the attempt was cancelled by stop()")
 def test_an_attempt_cancelled_by_stop_is_not_counted_when_its_deadline_passes():
     from tinymq import ExecutorConfig, Queue
 
@@ -252,9 +236,6 @@ def test_an_attempt_cancelled_by_stop_is_not_counted_when_its_deadline_passes():
 
 # -- 7. job run after stop(): close() racing a hand-off ------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="ReadyQueue._pop (both twins) returns a job handed to an idle "
-                   "worker even when close() came before the worker woke; stop(wait=False) sees no "
-                   "attempt to cancel, and the job starts after stop() returned")
 def test_no_attempt_starts_after_stop_returned():
     import sys
 

@@ -13,6 +13,7 @@ Blocking waits release the GIL inside ``PyThread_acquire_lock_timed`` and stay
 interruptible by signals (Ctrl-C reaches the main thread).
 """
 cimport cython
+from cpython.bool cimport PyBool_Check
 from cpython.exc cimport PyErr_CheckSignals, PyErr_Clear, PyErr_Occurred
 from cpython.long cimport PyLong_AsLong, PyLong_Check
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
@@ -440,7 +441,7 @@ cdef class TypeState:
 cdef inline int _level_of(object job) except -1:
     priority = job.priority
     cdef long level = -1
-    if PyLong_Check(priority):  # Priority is an IntEnum: compare it as a C long
+    if PyLong_Check(priority) and not PyBool_Check(priority):  # an IntEnum: compare it as a C long
         level = PyLong_AsLong(priority)
         if level == -1 and PyErr_Occurred():
             PyErr_Clear()
@@ -671,11 +672,15 @@ cdef class ReadyQueue:
         cdef int level = _level_of(job)
         cdef object job_id = _id_of(job)
         cdef double deadline = _deadline(timeout)
+        cdef bint has_room
         while True:
             self._check_open()
+            has_room = self.size < self.capacity and not self.overflow
             if job_id is not None and job_id in self.ids:  # again after every wait
+                if has_room and self.putters:
+                    _notify(self.putters)  # the room we were woken for is the next producer's
                 raise _duplicate(job_id)
-            if self.size < self.capacity and not self.overflow:
+            if has_room:
                 break
             if deadline != WAIT_FOREVER and _monotonic() >= deadline:
                 return False
@@ -833,6 +838,8 @@ cdef class ReadyQueue:
         while not self._closed:
             job = self._take(taken_state, &level)
             if job is not None:
+                if self.getters:  # _take may have moved an overflow job in: an idle worker's
+                    self._hand_off()
                 return job
             if deadline != WAIT_FOREVER and _monotonic() >= deadline:
                 return None
@@ -849,6 +856,9 @@ cdef class ReadyQueue:
             if not woken:  # timed out; a hand-off may have come meanwhile
                 self._leave(waiter)
             if waiter.job is not None:
+                if self._closed:  # handed over just before close(): no attempt starts after stop
+                    self._give_back(waiter)
+                    return None
                 job = waiter.job
                 taken_state[0] = <PyObject *>waiter.state  # borrowed, as from _take
                 waiter.job = waiter.state = None  # an idle worker keeps no job or type alive

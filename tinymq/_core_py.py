@@ -140,7 +140,7 @@ class TypeState:
 
 def _priority_level(job: Any) -> int:
     priority = job.priority
-    if not isinstance(priority, int) or not 0 <= priority <= 2:
+    if not isinstance(priority, int) or isinstance(priority, bool) or not 0 <= priority <= 2:
         raise ValueError(f"priority must be a Priority (LOW=0, MEDIUM=1, HIGH=2), got {priority!r}")
     return int(priority)
 
@@ -363,9 +363,12 @@ class ReadyQueue:
         with self._lock:
             while True:
                 self._check_open()
+                has_room = sum(self._sizes) < self.capacity and not self._overflow
                 if job_id is not None and job_id in self._ids:  # again after every wait
+                    if has_room:
+                        self._room.notify()  # the room we were woken for is the next producer's
                     raise _duplicate(job_id)
-                if sum(self._sizes) < self.capacity and not self._overflow:
+                if has_room:
                     break
                 remaining = _remaining(deadline)
                 if remaining is not None and remaining <= 0.0:
@@ -485,6 +488,8 @@ class ReadyQueue:
                     return None
                 taken = self._take()
                 if taken is not None:
+                    if self._getters:  # _take may have moved an overflow job in: an idle worker's
+                        self._hand_off()
                     return taken[:2]
                 remaining = _remaining(deadline)
                 if remaining is not None and remaining <= 0.0:
@@ -507,6 +512,10 @@ class ReadyQueue:
                 raise
             taken, waiter.taken = waiter.taken, None  # an idle worker keeps no job alive
             if taken is not None:
+                if self._closed:  # handed over just before close(): no attempt starts after stop
+                    with self._lock:
+                        self._give_back(taken[0], taken[1], waiter.level)
+                    return None
                 return taken
             # woken by close(), or timed out: look again
 

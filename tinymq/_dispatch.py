@@ -97,7 +97,11 @@ class Dispatcher:
         self._started = False
         self._stopping = False
         self._worker_number = 0
+        # stop() cancelling an attempt and its worker deciding the outcome take _stop_order,
+        # so a job's store row ends as the one that came last says, never resurrected.
+        self._stop_order = threading.Lock()
         self._stop_cancelled: Set[Any] = set()  # jobs whose attempt stop() cancelled: not failures
+        self._decided: Set[Any] = set()  # jobs whose attempt ended on its own after stop() began
         self._workers_changed = threading.Condition(self._lock)  # a worker exited or was retired
         self._in_callback = threading.local()  # .depth > 0 while a failure callback runs
         _live.add(self)
@@ -144,7 +148,13 @@ class Dispatcher:
     def _succeeded(self, job: Any) -> None:
         logger.debug("job %s (%s) succeeded", job.id, job.type)
         store = self.store
-        if store is not None:
+        if store is None:
+            return
+        if not self._stopping:
+            self.call_store("delete", store.delete, job.id)
+            return
+        with self._stop_order:  # after stop()'s save-back of this job, if it made one
+            self._decided.add(job)
             self.call_store("delete", store.delete, job.id)
 
     # --- lifecycle ---------------------------------------------------------
@@ -258,12 +268,14 @@ class Dispatcher:
         job, context = slot.job, slot.context
         if job is None or context is None:
             return
-        with self._lock:
+        with self._stop_order:
+            if job in self._decided:
+                return  # it ended meanwhile: its own outcome stands
             self._stop_cancelled.add(job)
+            store = self.store
+            if store is not None:
+                self.call_store("save", store.save, job)
         context._cancel("the queue stopped")
-        store = self.store
-        if store is not None:
-            self.call_store("save", store.save, job)
 
     def _report_unrun(self, why: Optional[str]) -> None:
         unrun = self.ready.unfinished
@@ -355,9 +367,10 @@ class Dispatcher:
         limit = f"its {timeout:g}s timeout" if timeout is not None else "its deadline"
         exc = JobTimeout(f"job {job.id} ({job.type!r}) ran past {limit}")
         try:  # slot.expire() has cancelled the attempt's context already
-            self.ready.count(core.TIMED_OUT)
-            logger.warning("job %s (%s) timed out; its thread is retired and replaced",
-                           job.id, job.type)
+            if not (self._stopping and job in self._stop_cancelled):  # stop's: not counted
+                self.ready.count(core.TIMED_OUT)
+                logger.warning("job %s (%s) timed out; its thread is retired and replaced",
+                               job.id, job.type)
         finally:  # whatever happened above, the job and the pool are looked after
             with self._lock:
                 replaced = not self._stopping
@@ -392,12 +405,15 @@ class Dispatcher:
         retried or reported (``stop()`` saved the job back as ready, so the
         next start runs it without counting a crash).
         """
-        if self._stopping and job in self._stop_cancelled:
-            with self._lock:
-                self._stop_cancelled.discard(job)
-            logger.info("job %s (%s): its attempt was cancelled by stop() (%s); not counted as a failure",
-                        job.id, job.type, _describe(exc))
-            return
+        if self._stopping:
+            with self._stop_order:
+                cancelled = job in self._stop_cancelled
+                if not cancelled:
+                    self._decided.add(job)  # a failure of its own: stop() leaves its row alone
+            if cancelled:
+                logger.info("job %s (%s): its attempt was cancelled by stop() (%s); not counted as a "
+                            "failure", job.id, job.type, _describe(exc))
+                return
         try:
             job.retries += 1
             job.last_error = _describe(exc)

@@ -193,6 +193,10 @@ class Queue:
         finally:
             self._unclaim([job_id])
 
+    def _refuse_if_stopped(self) -> None:
+        if self._dispatcher.stopping:
+            raise QueueStopped("the queue is stopped")
+
     def _claim(self, job_ids: List[str]) -> None:
         """Reserve ids before a store saves them: a duplicate's save would overwrite the unfinished job's row."""
         with self._claim_lock:
@@ -209,6 +213,7 @@ class Queue:
     def _save_and_place(self, job: Job, run_at: float, block: bool, wait: Optional[float]) -> Job:
         store = self._store
         if store is not None:
+            self._refuse_if_stopped()  # before the save: a refused job never touches the store
             try:  # saved before it is visible: a failure is the caller's error
                 store.save(job)
             except PersistenceError:
@@ -275,6 +280,7 @@ class Queue:
     def _save_and_place_many(self, batch: List[Job], ready_jobs: List[Job], delayed_jobs: List[Job]) -> None:
         store = self._store
         if store is not None and batch:
+            self._refuse_if_stopped()
             save_many = getattr(store, "save_many", None)
             saved: List[Job] = []  # what to take back if the batch fails half-way
             try:
