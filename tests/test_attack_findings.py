@@ -238,6 +238,7 @@ def test_removing_the_side_files_of_a_live_owner_lets_no_second_owner_in(path):
 def test_removing_the_wal_of_a_live_owner_loses_no_acknowledged_job(path):
     with _Owner(path) as owner:
         os.unlink(path + "-wal")
+        time.sleep(0.2)  # longer than the store's interval between looks at its -wal
         acked = [f"after-{i}" for i in range(3) if owner.save(f"after-{i}")]
     # The owner is dead (SIGKILL). Every save that returned must be found by the next store.
     with SQLitePersistence(path) as store:

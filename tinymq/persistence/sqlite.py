@@ -102,6 +102,7 @@ _SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 # a batch, so a dozen statements serve every batch size from the statement cache. Stay
 # under SQLite's bound-variable limit (32766; 999 before 3.32).
 _ROWS_PER_INSERT = 512 if sqlite3.sqlite_version_info >= (3, 32) else 64
+_WAL_CHECK_INTERVAL = 0.05  # seconds between looks at whether our -wal was removed under us
 _SIDE_FILES = ("-wal", "-shm", "-journal")  # what SQLite reads beside a database, besides our lock
 _DEFAULT_MAX_LENGTH = 1_000_000_000  # SQLITE_MAX_LENGTH's default, where getlimit() is missing
 _ROW_OVERHEAD = 512  # bytes a row's header and numbers may add to its text and blobs
@@ -264,7 +265,9 @@ class SQLitePersistence:
         self._pending: "deque[_Unit]" = deque()  # units waiting for the next committer
         self._conn, self._lock_fd, self._key = self._open_owned()
         self._cursor = self._conn.cursor()
-        self._wal = _ownership.identity(self._file + "-wal")  # the -wal our connection writes
+        self._wal_path = self._file + "-wal"
+        self._wal = _ownership.identity(self._wal_path)  # the -wal our connection writes
+        self._next_wal_check = 0.0  # time.monotonic() of the next look at it (see _rescue_wal)
         self._max_length = (self._conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)  # type: ignore[attr-defined]
                             if hasattr(self._conn, "getlimit") else _DEFAULT_MAX_LENGTH)
         self._finalizer = weakref.finalize(self, _release, self._lock_fd, self._key, self._pid)
@@ -617,8 +620,11 @@ class SQLitePersistence:
                         waiting.error = PersistenceError(f"{self!r} was closed")
                 elif batch:
                     self._commit(batch)
-                    if _ownership.identity(self._file + "-wal") != self._wal:
-                        self._rescue_wal(batch)
+                    now = time.monotonic()
+                    if now >= self._next_wal_check:  # a stat per commit would cost a user-visible share
+                        self._next_wal_check = now + _WAL_CHECK_INTERVAL
+                        if _ownership.identity(self._wal_path) != self._wal:
+                            self._rescue_wal(batch)
         if not unit.done:
             error = unit.error
             if isinstance(error, PersistenceError):
@@ -628,9 +634,10 @@ class SQLitePersistence:
     def _rescue_wal(self, batch: List[_Unit]) -> None:
         """Our -wal was removed or replaced (a cleaner, ``rm jobs.db-*``): what it holds would die with us.
 
-        Copy it into the database file (a checkpoint reads the WAL through
-        SQLite's open descriptor), then continue on a new connection and a new
-        -wal. If that fails, nothing more is acknowledged. Caller holds _commit_lock.
+        Looked for after a commit, at most every _WAL_CHECK_INTERVAL. Copy the
+        WAL into the database file (a checkpoint reads it through SQLite's open
+        descriptor), then continue on a new connection and a new -wal. If that
+        fails, nothing more is acknowledged. Caller holds _commit_lock.
         """
         logger.error("persistence %s: its -wal file was removed or replaced under this store; "
                      "checkpointing into the database and reopening", self.path)
@@ -643,7 +650,7 @@ class SQLitePersistence:
             self._prepare(self._conn)
             self._cursor = self._conn.cursor()
             self._conn.execute(f"UPDATE {_OWNER} SET pid = pid")  # a first commit creates the new -wal
-            self._wal = _ownership.identity(self._file + "-wal")
+            self._wal = _ownership.identity(self._wal_path)
         except (sqlite3.Error, PersistenceError) as exc:
             self._closed = True  # every later call refuses: nothing more can be made durable here
             for unit in batch:
