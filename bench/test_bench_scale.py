@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List
 import pytest
 
 from conftest import assert_queue_core, contender, load_core, percentile, queue_core
+from test_bench_queue import ThreadPool
 from tinymq import Config, ExecutorConfig, Job, Queue
 
 WORKERS = 4
@@ -75,24 +76,6 @@ class ManyTypes:
         self.swap.__exit__(None, None, None)
 
 
-class ThreadPool:
-    def __init__(self) -> None:
-        self.n = JOBS["ThreadPoolExecutor"]
-
-    def start(self) -> None:
-        self.pool = concurrent.futures.ThreadPoolExecutor(WORKERS)
-        concurrent.futures.wait([self.pool.submit(time.sleep, 0.01) for _ in range(WORKERS)])
-
-    def run(self) -> None:
-        submit = self.pool.submit
-        for _ in range(self.n):
-            submit(noop)
-        self.pool.shutdown(wait=True)
-
-    def stop(self) -> None:
-        self.pool.shutdown(wait=True)
-
-
 @pytest.mark.benchmark(group=GROUP_TYPES)
 @pytest.mark.parametrize("types", TYPE_COUNTS)
 @pytest.mark.parametrize("core_name", ["compiled", "pure"])
@@ -107,7 +90,7 @@ def test_types_end_to_end(benchmark: Any, core_name: str, types: int) -> None:
 
 @pytest.mark.benchmark(group=GROUP_TYPES)
 def test_types_end_to_end_thread_pool(benchmark: Any) -> None:
-    subject = ThreadPool()
+    subject = ThreadPool(JOBS["ThreadPoolExecutor"])
     contender(benchmark, "ThreadPoolExecutor (no types)", is_tinymq=False, ops=subject.n, op="job")
     benchmark.pedantic(subject.run, setup=subject.start, teardown=subject.stop,
                        rounds=ROUNDS, warmup_rounds=1, iterations=1)

@@ -10,6 +10,9 @@ instances, so that the single-argument ``fn(job)`` form is what the queue sees.
 import threading
 import time
 
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import run_state_machine_as_test
+
 from tinymq import Config, Queue
 
 # Generous upper bound for "this should happen soon" on a noisy 2-core machine.
@@ -149,3 +152,11 @@ class FailureLog:
 
     def __len__(self):
         return len(self._recorder)
+
+
+def run_model_test(machine_class, core, max_examples, steps):
+    """Run the hypothesis state machine ``machine_class`` against ``core`` (a class per twin)."""
+    machine = type(f"{machine_class.__name__}[{core.__name__}]", (machine_class,), {"core": core})
+    run_state_machine_as_test(machine, settings=settings(
+        max_examples=max_examples, stateful_step_count=steps, deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]))

@@ -11,7 +11,6 @@ import threading
 import weakref
 
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -19,8 +18,9 @@ from hypothesis.stateful import (
     invariant,
     precondition,
     rule,
-    run_state_machine_as_test,
 )
+
+from _helpers import run_model_test
 
 WAIT = 10.0
 
@@ -299,14 +299,5 @@ class DelayedHeapMachine(RuleBasedStateMachine):
         assert self.heap.next_run_at() == self.model.next_run_at()
 
 
-MACHINE_SETTINGS = settings(
-    max_examples=80,
-    stateful_step_count=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-
-
 def test_delayed_heap_matches_the_model(core):
-    machine = type(f"DelayedHeapMachine[{core.__name__}]", (DelayedHeapMachine,), {"core": core})
-    run_state_machine_as_test(machine, settings=MACHINE_SETTINGS)
+    run_model_test(DelayedHeapMachine, core, max_examples=80, steps=40)

@@ -8,7 +8,6 @@ limits), with many types, saturate/release churn and limits that change.
 import threading
 
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -16,10 +15,11 @@ from hypothesis.stateful import (
     invariant,
     precondition,
     rule,
-    run_state_machine_as_test,
 )
 
 from test_core_ready import HIGH, LOW, MEDIUM, WAIT, Item, ReadyModel, noop
+
+from _helpers import run_model_test
 
 MANY_TYPES = [f"type-{i}" for i in range(24)]
 types = st.sampled_from(MANY_TYPES)
@@ -110,17 +110,8 @@ class ManyTypesMachine(RuleBasedStateMachine):
         }
 
 
-MACHINE_SETTINGS = settings(
-    max_examples=150,
-    stateful_step_count=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-
-
 def test_many_types_match_the_model(core):
-    machine = type(f"ManyTypesMachine[{core.__name__}]", (ManyTypesMachine,), {"core": core})
-    run_state_machine_as_test(machine, settings=MACHINE_SETTINGS)
+    run_model_test(ManyTypesMachine, core, max_examples=150, steps=60)
 
 
 # --- spelled out ------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import time
 import weakref
 
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -22,11 +21,12 @@ from hypothesis.stateful import (
     invariant,
     precondition,
     rule,
-    run_state_machine_as_test,
 )
 
 import tinymq
 from tinymq.errors import DuplicateJob, QueueStopped
+
+from _helpers import run_model_test
 
 WAIT = 10.0  # generous bound for "this happens soon" on a noisy 2-core machine
 QUIET = 0.25  # how long to watch for something that must not happen
@@ -1239,14 +1239,5 @@ class ReadyQueueMachine(RuleBasedStateMachine):
         assert [self.queue.has_id(job_id) for job_id in IDS] == [job_id in model.ids for job_id in IDS]
 
 
-MACHINE_SETTINGS = settings(
-    max_examples=80,
-    stateful_step_count=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-
-
 def test_ready_queue_matches_the_model(core):
-    machine = type(f"ReadyQueueMachine[{core.__name__}]", (ReadyQueueMachine,), {"core": core})
-    run_state_machine_as_test(machine, settings=MACHINE_SETTINGS)
+    run_model_test(ReadyQueueMachine, core, max_examples=80, steps=40)
