@@ -30,6 +30,26 @@ def noop(job):
 
 
 @pytest.mark.timeout(600)
+
+def _produce_then_drain(q, barrier, produce, consume, received):
+    """Run PRODUCERS producers and a consumer per list in ``received``; close once all is done.
+
+    Returns the threads (producers first); the consumers have been joined.
+    """
+    threads = [threading.Thread(target=produce, args=(p,), daemon=True) for p in range(PRODUCERS)]
+    threads += [threading.Thread(target=consume, args=(out,), daemon=True) for out in received]
+    for thread in threads:
+        thread.start()
+    barrier.wait(WAIT)
+    for thread in threads[:PRODUCERS]:
+        thread.join(400)
+    assert not any(thread.is_alive() for thread in threads[:PRODUCERS]), "a producer is stuck"
+    assert q.join(timeout=120), f"{q.unfinished} items never arrived"
+    q.close()
+    for thread in threads[PRODUCERS:]:
+        thread.join(WAIT)
+    return threads
+
 def test_four_producers_four_consumers_move_every_item_exactly_once(core):
     q = core.ReadyQueue(64)
     q.configure("limited", noop, 2, None, False, False)  # 4 consumers, 2 slots: passing over happens
@@ -66,19 +86,8 @@ def test_four_producers_four_consumers_move_every_item_exactly_once(core):
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=produce, args=(p,), daemon=True) for p in range(PRODUCERS)]
-    threads += [threading.Thread(target=consume, args=(out,), daemon=True) for out in received]
-    for thread in threads:
-        thread.start()
     began = time.monotonic()
-    barrier.wait(WAIT)
-    for thread in threads[:PRODUCERS]:
-        thread.join(400)
-    assert not any(thread.is_alive() for thread in threads[:PRODUCERS]), "a producer is stuck"
-    assert q.join(timeout=120), f"{q.unfinished} items never arrived"
-    q.close()
-    for thread in threads[PRODUCERS:]:
-        thread.join(WAIT)
+    threads = _produce_then_drain(q, barrier, produce, consume, received)
     assert not any(thread.is_alive() for thread in threads), "a consumer did not stop on close()"
     assert errors == []
     elapsed = time.monotonic() - began
@@ -232,18 +241,7 @@ def test_many_types_never_exceed_their_limits_and_every_job_runs_once(core):
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=produce, args=(p,), daemon=True) for p in range(PRODUCERS)]
-    threads += [threading.Thread(target=consume, args=(out,), daemon=True) for out in received]
-    for thread in threads:
-        thread.start()
-    barrier.wait(WAIT)
-    for thread in threads[:PRODUCERS]:
-        thread.join(400)
-    assert not any(thread.is_alive() for thread in threads[:PRODUCERS]), "a producer is stuck"
-    assert q.join(timeout=120), f"{q.unfinished} items never arrived"
-    q.close()
-    for thread in threads[PRODUCERS:]:
-        thread.join(WAIT)
+    _produce_then_drain(q, barrier, produce, consume, received)
     assert errors == []
     everything = [origin for out in received for origin in out]
     assert len(everything) == PRODUCERS * per_producer
