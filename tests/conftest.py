@@ -43,3 +43,44 @@ def core(request):
     """The core module under test: ``tinymq._core_py`` or ``tinymq._core``."""
     return load_twin(request.param)
 
+
+
+# --- a real redis-server (tests/_redis_server.py) ------------------------------------------
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One ``redis-server`` for the session, our child on a loopback port (skip/fail without it)."""
+    from _redis_server import RedisServer, require_redis
+
+    require_redis()
+    server = RedisServer(str(tmp_path_factory.mktemp("redis"))).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """The session server's URL, emptied (FLUSHALL) before the test."""
+    with redis_server.client() as client:
+        client.flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+def own_redis_server(tmp_path):
+    """A server of the test's own, with ``appendfsync always``, that it may kill and restart."""
+    from _redis_server import RedisServer, require_redis
+
+    require_redis()
+    server = RedisServer(str(tmp_path / "redis"), appendfsync="always")
+    os.makedirs(server.directory)
+    server.start()
+    yield server
+    server.stop()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that uses a Redis server ``redis`` (.ci/run checks that some ran)."""
+    for item in items:
+        if {"redis_server", "own_redis_server"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.redis)
