@@ -102,6 +102,9 @@ class QueueLink:
         self._round_lock = threading.Lock()
         self._unsent: Optional[Tuple[str, str, int, List[SettleOp]]] = None  # (proc, fetch id, n, ops)
         self._fetch_ids = itertools.count(1)
+        # Fetched jobs whose id the core still holds (a copy this process gave up, still running):
+        # placed once that copy is done. Guarded by _round_lock.
+        self._held: List[Any] = []
         self._released = False
         self._next_due = math.inf  # monotonic time of the earliest delayed job
         self._timer_alarm = core.Alarm()
@@ -368,8 +371,22 @@ class QueueLink:
             self._report(crashed.id, crashed.body, "crashed", crashed.retries, crashed.error)
         return jobs
 
+    def _place(self, job: Any) -> bool:
+        """Into the core; False when a copy of the job is still there. Called with _round_lock held."""
+        try:
+            self.ready.accept([job])
+        except DuplicateJob:
+            return False
+        self.ready.requeue(job)
+        return True
+
     def _take(self, fetched: Sequence[Any]) -> int:
         """Hand fetched attempts to the core. Called with _round_lock held."""
+        if self._held:
+            try:
+                self._held = [job for job in self._held if job in self._attempts and not self._place(job)]
+            except QueueStopped:
+                self._held = []  # stop() gives them back
         if not fetched:
             return 0
         jobs = []
@@ -390,9 +407,9 @@ class QueueLink:
             self._in_hand += len(jobs)
         for job, attempt in jobs:
             try:
-                self.ready.accept([job])
-                self.ready.requeue(job)
-            except (DuplicateJob, QueueStopped):  # stopping, or a copy abandoned earlier is still here
+                if not self._place(job):
+                    self._held.append(job)
+            except QueueStopped:
                 give_back.append(job)
         if give_back:
             with self._lock:
@@ -410,6 +427,7 @@ class QueueLink:
                     record.state = _GIVEN_BACK  # a worker that pops it refuses it
             held = sum(1 for r in self._attempts.values() if r.state == _STARTED and not r.expired)
             self._attempts = {job: r for job, r in self._attempts.items() if r.state == _STARTED}
+            self._held = []  # (called with _round_lock held)
             self._in_hand = held  # running attempts still occupy their workers
             self._ops = []  # their attempts are no longer ours: every op would be stale
             old, self._proc = self._proc, self._new_proc_id()
