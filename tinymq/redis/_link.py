@@ -457,22 +457,17 @@ class QueueLink:
         blocking = self.broker._blocking_client(_IDLE_WAIT + self.broker.lease)
         signal_key = self.scripts.key("signal")
         pause = _BACKOFF_MIN
+        backlog = False  # the last round filled its batch: Redis has more
         try:
             while True:
                 with self._lock:
-                    while not self._closing and self._unsent is None and self._free() == 0:
-                        if not self._ops:
-                            self._changed.wait()
-                        elif (len(self._ops) >= _SETTLE_BATCH
-                              or time.monotonic() - self._ops_since >= _SETTLE_DELAY):
-                            break
-                        else:
-                            self._changed.wait(_SETTLE_DELAY)
+                    self._wait_for_a_round(backlog)
                     if self._closing:
                         return
                     asked = self._free()
                 try:
                     taken = self._round()
+                    backlog = asked > 0 and taken >= asked
                     pause = _BACKOFF_MIN
                 except self._redis_error as exc:
                     self._log_outage("fetch", exc)
@@ -497,6 +492,30 @@ class QueueLink:
             logger.exception("tinymq Redis pump crashed")
         finally:
             blocking.close()
+
+    def _wait_for_a_round(self, backlog: bool) -> None:
+        """Wait until a round is worth its round trip. Called with _lock held.
+
+        Idle, a single free slot is worth it (latency). With a backlog, wait up
+        to ``_SETTLE_DELAY`` for the whole batch of slots to free, so a round
+        carries many settles and jobs; unsent ops wait as long at most.
+        """
+        full = self._workers + _PREFETCH
+        since = None
+        while not self._closing and self._unsent is None:
+            free = self._free()
+            if free >= (full if backlog else 1) or len(self._ops) >= _SETTLE_BATCH:
+                return
+            if free or self._ops:
+                now = time.monotonic()
+                if since is None:
+                    since = min(now, self._ops_since) if self._ops else now
+                left = since + _SETTLE_DELAY - now
+                if left <= 0.0:
+                    return
+                self._changed.wait(left)
+            else:
+                self._changed.wait()
 
     def _wake_key(self) -> str:
         return self.scripts.key("wake:" + self._proc)

@@ -87,10 +87,16 @@ class EnqueueReply(NamedTuple):
     ready: int = 0  # with "full": ready jobs already there
 
 
+_SHORT_OPS = frozenset("SEB")  # sent as (op, attempt) only
+
+
 def _ops_args(ops: Iterable[SettleOp]) -> List[Any]:
     flat: List[Any] = []
     for op in ops:
-        flat.extend(op)
+        if op.op in _SHORT_OPS:
+            flat += op[:2]
+        else:
+            flat.extend(op)
     return flat
 
 

@@ -100,9 +100,20 @@ local function unpark_one(t)
   return false
 end
 
-local function release_slot(t)
-  if redis.call('HINCRBY', K_RUNNING, t, -1) <= 0 then redis.call('HDEL', K_RUNNING, t) end
-  if redis.call('HEXISTS', K_PARKEDN, t) == 1 then unpark_one(t) end
+-- Slots freed are summed per type and written once (flush_released), before anything
+-- in the same script admits jobs again.
+local released = {}
+local function release_slot(t) released[t] = (released[t] or 0) + 1 end
+local function flush_released()
+  for t, k in pairs(released) do
+    if redis.call('HINCRBY', K_RUNNING, t, -k) <= 0 then redis.call('HDEL', K_RUNNING, t) end
+    if redis.call('HEXISTS', K_PARKEDN, t) == 1 then
+      for _ = 1, k do
+        if not unpark_one(t) then break end
+      end
+    end
+  end
+  released = {}
 end
 
 local function job_dead(id, reason, err, retries, now)
@@ -137,7 +148,8 @@ local function give_back(id)
   end
 end
 
---[[ Settle ops, 6 ARGV entries each: op, attempt, retries, delay ms, reason, error.
+--[[ Settle ops. S, E and B take 2 ARGV entries (op, attempt); Y, Z, y and z take 6
+(op, attempt, retries, delay ms, reason, error).
   S  success                          (L)    -> job deleted, slot freed
   Y  failed, retry after delay        (L)    -> slot freed, job delayed (or ready)
   Z  failed for good, reason, error   (L)    -> slot freed, job dead
@@ -147,10 +159,13 @@ end
   B  give back unstarted / cancelled  (L)    -> slot freed, job at the head of its level
 An attempt not in the process's inflight hash (reaped, or settled already: a resend)
 is stale and changes nothing. Returns the number of stale ops. ]]
+local SHORT_OPS = {S = true, E = true, B = true}
 local function settle(proc, argv, first, n, now)
   local ik = inflight_key(proc)
   local stale = 0
-  for i = first, first + (n - 1) * 6, 6 do
+  local finished = {} -- keys of succeeded jobs: one DEL at the end
+  local i = first
+  for _ = 1, n do
     local op, attempt = argv[i], argv[i + 1]
     local v = redis.call('HGET', ik, attempt)
     local state = v and string.sub(v, 1, 1)
@@ -161,7 +176,7 @@ local function settle(proc, argv, first, n, now)
     elseif op == 'S' and state == 'L' then
       redis.call('HDEL', ik, attempt)
       release_slot(t)
-      redis.call('DEL', job_key(id))
+      table.insert(finished, job_key(id))
       count('succeeded', 1)
       count('outstanding', -1)
     elseif (op == 'Y' or op == 'Z') and state == 'L' then
@@ -186,7 +201,10 @@ local function settle(proc, argv, first, n, now)
     else
       stale = stale + 1 -- an op that does not fit the attempt's state: a resend
     end
+    if SHORT_OPS[op] then i = i + 2 else i = i + 6 end
   end
+  if #finished > 0 then redis.call('DEL', unpack(finished)) end
+  flush_released()
   return stale
 end
 
@@ -218,6 +236,7 @@ local function reap_proc(proc, now, max_crash, crashed)
   redis.call('DEL', ik)
   redis.call('ZREM', K_PROCS, proc)
   redis.call('HDEL', K_FETCHED, proc)
+  flush_released()
 end
 
 local function reap(now, max_crash, crashed)
