@@ -47,6 +47,8 @@ _ROOM_POLL_MIN = 0.001  # enqueue(block=True) and join() look again after this, 
 _ROOM_POLL_MAX = 0.05
 _LOG_EVERY = 30.0  # seconds between two warnings about the same outage
 _MS = 1000.0
+_US = 1_000_000.0
+_DIGITS = 3  # delays are sent in ms to the microsecond
 
 _PENDING, _STARTED, _GIVEN_BACK = range(3)
 
@@ -132,8 +134,8 @@ class QueueLink:
                                    "none of the batch was enqueued")
             seen.add(job_id)
             run_at = job.run_at
-            delay = 0 if run_at is job.timestamp else math.ceil((run_at - now) * _MS)
-            rows.append((job_id, job.type, int(job.priority), max(delay, 0), encode_job(job)))
+            delay = 0.0 if run_at is job.timestamp else round((run_at - now) * _MS, _DIGITS)
+            rows.append((job_id, job.type, int(job.priority), delay if delay > 0.0 else 0, encode_job(job)))
         token = os.urandom(8).hex()  # a resend of this call is recognised by it
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = _ROOM_POLL_MIN
@@ -282,7 +284,7 @@ class QueueLink:
             else:
                 del self._attempts[job]
                 self._in_hand -= 1
-            self._queue_op(SettleOp(op, record.attempt, job.retries, max(0, math.ceil(delay * _MS)),
+            self._queue_op(SettleOp(op, record.attempt, job.retries, max(0.0, round(delay * _MS, _DIGITS)),
                                     reason, error))
         self._flush_if_idle()
 
@@ -352,6 +354,7 @@ class QueueLink:
                 self._unsent = (proc, format(next(self._fetch_ids), "x"), n, ops)
             proc, fetch_id, n, ops = self._unsent
             self.broker._check_server()
+            sent = time.monotonic()
             reply = self.scripts.fetch(proc, fetch_id, n, self._lease_ms, self.broker.max_crash_recoveries,
                                        self._registered, ops)
             received = time.monotonic()
@@ -363,7 +366,9 @@ class QueueLink:
             if reply.next_due_ms is None:
                 self._next_due = math.inf
             else:
-                due = received + (reply.next_due_ms - reply.now_ms) / _MS
+                # The script ran about half a round trip before the reply came; fire half a round
+                # trip early, so the fetch reaches the server at the due time.
+                due = sent + (reply.next_due_ms * _MS - reply.now_us) / _US
                 self._next_due = due
                 self._timer_alarm.wake_before(due)
             jobs = self._take(reply.jobs)
