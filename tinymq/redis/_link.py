@@ -96,6 +96,10 @@ class QueueLink:
         self._workers = 0  # 0 until start: a producer-only queue fetches nothing
         self._closing = False
         self._pump_idle = False  # the pump is blocked in Redis: workers flush their own ops
+        # What the pump waits for on _changed: this many free slots (0: it waits on a timer
+        # already, or not at all), or _SETTLE_BATCH ops. Wakes it only when it may go.
+        self._pump_goal = 1
+        self._pump_asleep = False  # it waits with nothing to do: the first op or slot wakes it
         self._limits: Dict[str, int] = {}
         self._limits_dirty = False
         self._proc = self._new_proc_id()
@@ -244,7 +248,12 @@ class QueueLink:
         if not self._ops:
             self._ops_since = time.monotonic()
         self._ops.append(op)
-        self._changed.notify_all()
+        self._wake_pump()
+
+    def _wake_pump(self) -> None:
+        """A slot freed or an op came: wake the pump if that is what it waits for. With _lock held."""
+        if self._pump_asleep or len(self._ops) >= _SETTLE_BATCH or self._free() >= self._pump_goal:
+            self._changed.notify()
 
     def _flush_if_idle(self) -> None:
         if self._pump_idle:  # the pump sleeps in Redis: send it now, from this thread
@@ -269,7 +278,7 @@ class QueueLink:
             if record is not None and not record.expired:
                 record.expired = True
                 self._in_hand -= 1
-                self._changed.notify_all()
+                self._wake_pump()
 
     def _decide(self, job: Any, op: str, delay: float = 0.0, reason: str = "", error: str = "") -> None:
         with self._lock:
@@ -340,18 +349,16 @@ class QueueLink:
             if self._unsent is None:  # else resend the failed call as it was: the script knows it
                 with self._lock:
                     ops, self._ops = self._ops, []
-                    n = self._free()
-                    proc = self._proc
+                    self._unsent = (self._proc, format(next(self._fetch_ids), "x"), self._free(), ops)
                     limits = dict(self._limits) if self._limits_dirty else None
                     self._limits_dirty = False
-                if limits:
+                if limits:  # before the fetch, so that it admits by the current limits
                     try:
                         self.scripts.set_limits(limits)
                     except BaseException:
                         with self._lock:
                             self._limits_dirty = True
                         raise
-                self._unsent = (proc, format(next(self._fetch_ids), "x"), n, ops)
             proc, fetch_id, n, ops = self._unsent
             self.broker._check_server()
             sent = time.monotonic()
@@ -410,12 +417,17 @@ class QueueLink:
             for job, attempt in jobs:
                 self._attempts[job] = _Attempt(attempt)
             self._in_hand += len(jobs)
-        for job, attempt in jobs:
-            try:
-                if not self._place(job):
-                    self._held.append(job)
-            except QueueStopped:
-                give_back.append(job)
+        try:  # the whole batch in one core call, most of the time
+            placed = self.ready.push_many([job for job, _ in jobs])
+        except (DuplicateJob, QueueStopped):
+            placed = False
+        if not placed:  # one by one: the buffer is small, or a given-up copy holds an id
+            for job, attempt in jobs:
+                try:
+                    if not self._place(job):
+                        self._held.append(job)
+                except QueueStopped:
+                    give_back.append(job)
         if give_back:
             with self._lock:
                 for job in give_back:
@@ -505,22 +517,29 @@ class QueueLink:
         to ``_SETTLE_DELAY`` for the whole batch of slots to free, so a round
         carries many settles and jobs; unsent ops wait as long at most.
         """
-        full = self._workers + _PREFETCH
+        goal = self._workers + _PREFETCH if backlog else 1
         since = None
-        while not self._closing and self._unsent is None:
-            free = self._free()
-            if free >= (full if backlog else 1) or len(self._ops) >= _SETTLE_BATCH:
-                return
-            if free or self._ops:
-                now = time.monotonic()
-                if since is None:
-                    since = min(now, self._ops_since) if self._ops else now
-                left = since + _SETTLE_DELAY - now
-                if left <= 0.0:
+        try:
+            while not self._closing and self._unsent is None:
+                free = self._free()
+                if free >= goal or len(self._ops) >= _SETTLE_BATCH:
                     return
-                self._changed.wait(left)
-            else:
-                self._changed.wait()
+                self._pump_goal = goal
+                if free or self._ops:
+                    now = time.monotonic()
+                    if since is None:
+                        since = min(now, self._ops_since) if self._ops else now
+                    left = since + _SETTLE_DELAY - now
+                    if left <= 0.0:
+                        return
+                    self._changed.wait(left)
+                else:
+                    self._pump_asleep = True
+                    self._changed.wait()
+                    self._pump_asleep = False
+        finally:
+            self._pump_asleep = False
+            self._pump_goal = 1
 
     def _wake_key(self) -> str:
         return self.scripts.key("wake:" + self._proc)
@@ -570,7 +589,7 @@ class QueueLink:
             if self._closing:
                 return
             self._closing = True
-            self._changed.notify_all()
+            self._changed.notify_all()  # (the pump is the only waiter)
         self._stopped.set()
         self._timer_alarm.wake()
         started = [thread for thread in self._threads if thread.is_alive()]
