@@ -31,7 +31,7 @@ from .._pick_core import core
 from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError
 from ..stats import ExecutorStats, QueueStats
 from ._codec import decode_job, encode_job
-from ._scripts import SettleOp
+from ._scripts import Scripts, SettleOp
 
 __all__ = ["QueueLink"]
 
@@ -49,6 +49,7 @@ _LOG_EVERY = 30.0  # seconds between two warnings about the same outage
 _MS = 1000.0
 _US = 1_000_000.0
 _DIGITS = 3  # delays are sent in ms to the microsecond
+_SOCKET_TIMEOUT = 10.0  # a round's reply slower than this is a dead connection
 
 _PENDING, _STARTED, _GIVEN_BACK = range(3)
 
@@ -108,6 +109,7 @@ class QueueLink:
         self._round_lock = threading.Lock()
         self._unsent: Optional[Tuple[str, str, int, List[SettleOp]]] = None  # (proc, fetch id, n, ops)
         self._fetch_ids = itertools.count(1)
+        self._round_connection: Any = None  # its own connection: rounds are one at a time anyway
         # Fetched jobs whose id the core still holds (a copy this process gave up, still running):
         # placed once that copy is done. Guarded by _round_lock.
         self._held: List[Any] = []
@@ -354,7 +356,7 @@ class QueueLink:
                     self._limits_dirty = False
                 if limits:  # before the fetch, so that it admits by the current limits
                     try:
-                        self.scripts.set_limits(limits)
+                        self._round_scripts().set_limits(limits)
                     except BaseException:
                         with self._lock:
                             self._limits_dirty = True
@@ -362,7 +364,7 @@ class QueueLink:
             proc, fetch_id, n, ops = self._unsent
             self.broker._check_server()
             sent = time.monotonic()
-            reply = self.scripts.fetch(proc, fetch_id, n, self._lease_ms, self.broker.max_crash_recoveries,
+            reply = self._round_scripts().fetch(proc, fetch_id, n, self._lease_ms, self.broker.max_crash_recoveries,
                                        self._registered, ops)
             received = time.monotonic()
             self._unsent = None
@@ -391,6 +393,12 @@ class QueueLink:
             return False
         self.ready.requeue(job)
         return True
+
+    def _round_scripts(self) -> Any:
+        """The scripts on this link's own connection, for calls made under _round_lock."""
+        if self._round_connection is None:
+            self._round_connection = Scripts(self.broker._dedicated_client(_SOCKET_TIMEOUT), self.broker.name)
+        return self._round_connection
 
     def _take(self, fetched: Sequence[Any]) -> int:
         """Hand fetched attempts to the core. Called with _round_lock held."""
@@ -471,7 +479,7 @@ class QueueLink:
             logger.warning("Redis queue %r: %s failed (%s); retrying", self.broker.name, what, exc)
 
     def _pump(self) -> None:
-        blocking = self.broker._blocking_client(_IDLE_WAIT + self.broker.lease)
+        blocking = self.broker._dedicated_client(_IDLE_WAIT + _SOCKET_TIMEOUT)
         signal_key = self.scripts.key("signal")
         pause = _BACKOFF_MIN
         backlog = False  # the last round filled its batch: Redis has more
@@ -569,7 +577,7 @@ class QueueLink:
             try:
                 with self._round_lock:  # never beside a round: a reap answer must meet a settled state
                     proc, registered = self._proc, self._registered
-                    alive, _, crashed = self.scripts.beat(proc, self._lease_ms, self.broker.max_crash_recoveries,
+                    alive, _, crashed = self._round_scripts().beat(proc, self._lease_ms, self.broker.max_crash_recoveries,
                                                           registered)
                     if not alive:
                         self._abandon()
@@ -611,11 +619,16 @@ class QueueLink:
                 proc, registered = self._proc, self._registered
             self._released = True
             if not registered and not ops:
+                if self._round_connection is not None:
+                    self._round_connection.client.close()
                 return
             try:
-                self.scripts.release(proc, ops)
+                self._round_scripts().release(proc, ops)
                 self.client.delete(self._wake_key())
             except self._redis_error as exc:
                 logger.warning("Redis queue %r: could not give back %d unstarted job(s) at stop (%s); "
                                "they return when this process's lease expires", self.broker.name,
                                len(unstarted), exc)
+            finally:
+                if self._round_connection is not None:
+                    self._round_connection.client.close()
