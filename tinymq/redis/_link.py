@@ -453,6 +453,7 @@ class QueueLink:
             held = sum(1 for r in self._attempts.values() if r.state == _STARTED and not r.expired)
             self._attempts = {job: r for job, r in self._attempts.items() if r.state == _STARTED}
             self._held = []  # (called with _round_lock held)
+            self._unsent = None  # a call for the old id: resent, it would register that id again
             self._in_hand = held  # running attempts still occupy their workers
             self._ops = []  # their attempts are no longer ours: every op would be stale
             old, self._proc = self._proc, self._new_proc_id()
