@@ -148,7 +148,8 @@ class QueueLink:
         while True:
             try:
                 self.broker._check_server()
-                reply = self.scripts.enqueue(token, self.config.buffer_size, self.config.max_delayed_jobs, rows)
+                reply = self.broker.call_resending(self.scripts.enqueue, token, self.config.buffer_size,
+                                                   self.config.max_delayed_jobs, rows)
             except self._redis_error as exc:
                 raise TinyMQError(f"could not enqueue {len(rows)} job(s) to Redis queue "
                                   f"{self.broker.name!r}: {exc}") from exc
@@ -624,7 +625,7 @@ class QueueLink:
                     self._round_connection.client.close()
                 return
             try:
-                self._round_scripts().release(proc, ops)
+                self.broker.call_resending(self._round_scripts().release, proc, ops)
                 self.client.delete(self._wake_key())
             except self._redis_error as exc:
                 logger.warning("Redis queue %r: could not give back %d unstarted job(s) at stop (%s); "
