@@ -5,9 +5,10 @@ NOSCRIPT, after a server restart) and returns the script's reply as plain
 Python values. The scripts themselves (``*.lua`` beside this file, each with
 ``lib.lua`` in front) document their keys, arguments, replies and invariants.
 
-Every script is idempotent against a resend of the same call (redis-py resends
-after a connection error): enqueue by its token, settle ops by attempt id, fetch
-by (process, fetch id); beat, reap and release leave nothing to do twice.
+Every script is idempotent against a resend of the same call (the client sends
+a call again when the connection failed before its reply came): enqueue by its
+token, settle ops by attempt id, fetch by (process, fetch id); beat, reap and
+release leave nothing to do twice.
 """
 import os
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
