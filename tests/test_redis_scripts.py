@@ -86,6 +86,17 @@ def test_a_resent_fetch_returns_the_same_attempts_and_takes_nothing_more(scripts
     check_invariants(scripts)
 
 
+def test_ids_and_types_may_hold_any_character(scripts):
+    odd = ["a:b", "line\nbreak", "{tag}", "é ü"]
+    scripts.enqueue("tok", 100, 0, [(job_id, "ty:pe\n", 1, 0, "body") for job_id in odd])
+    first = scripts.fetch("p1", "1", 4, LEASE_MS, 3, False)
+    assert [j.id for j in first.jobs] == odd
+    assert scripts.fetch("p1", "1", 4, LEASE_MS, 3, True).jobs == first.jobs  # a resend
+    assert scripts.settle("p1", [SettleOp("S", j.attempt) for j in first.jobs]) == 0
+    assert stats(scripts)["outstanding"] == 0
+    check_invariants(scripts)
+
+
 def test_a_resent_settle_is_stale_and_counts_once(scripts):
     scripts.enqueue("tok", 100, 0, rows("a"))
     attempt = scripts.fetch("p1", "1", 1, LEASE_MS, 3, False).jobs[0].attempt
