@@ -107,6 +107,19 @@ def _crashed(rows: Sequence[Sequence[Any]]) -> List[Crashed]:
     return [Crashed(row[0], row[1], int(row[2] or 0), row[3] or "") for row in rows]
 
 
+try:  # redis-py's own packing looks at every argument in Python first; hiredis packs in C
+    from hiredis import pack_command as _pack_command
+except ImportError:  # pragma: no cover - hiredis is optional
+    _pack_command = None
+
+
+def _send(connection: Any, command: Tuple[Any, ...]) -> None:
+    if _pack_command is None:
+        connection.send_command(*command)
+    else:
+        connection.send_packed_command([_pack_command(command)])
+
+
 class Connections:
     """At most ``size`` raw redis-py connections, made by ``connect()``, lent one at a time.
 
@@ -175,16 +188,17 @@ class Scripts:
         import redis
 
         registered = self._script[script]
+        command = ("EVALSHA", registered.sha, 1, self.prefix, *args)
         connection = connections.acquire()
         broken = True
         try:
             try:
-                connection.send_command("EVALSHA", registered.sha, 1, self.prefix, *args)
+                _send(connection, command)
                 reply = connection.read_response()
             except redis.exceptions.NoScriptError:  # a restarted server: load it, call it again
                 connection.send_command("SCRIPT", "LOAD", registered.script)
                 connection.read_response()
-                connection.send_command("EVALSHA", registered.sha, 1, self.prefix, *args)
+                _send(connection, command)
                 reply = connection.read_response()
             broken = False
             return reply
