@@ -213,3 +213,15 @@ def test_requeue_and_purge_dead(scripts):
     assert scripts.purge_dead(["b", "a"]) == 1
     assert not scripts.client.exists(key(scripts, "job:b"))
     check_invariants(scripts)
+
+
+def test_enqueueing_the_id_of_a_dead_job_replaces_it(scripts):
+    scripts.enqueue("tok", 100, 0, rows("a"))
+    attempt = scripts.fetch("p1", "1", 1, LEASE_MS, 3, False).jobs[0].attempt
+    scripts.settle("p1", [SettleOp("Z", attempt, 2, 0, "retries_exhausted", "boom")])
+    assert scripts.client.zrange(key(scripts, "dead"), 0, -1) == ["a"]
+    assert scripts.enqueue("tok2", 100, 0, rows("a")).status == "ok"
+    assert scripts.client.zrange(key(scripts, "dead"), 0, -1) == []
+    assert scripts.client.hgetall(key(scripts, "job:a")) == {
+        "t": "t", "p": "1", "b": "body-a", "r": "0", "k": "tok2"}
+    check_invariants(scripts)
