@@ -133,16 +133,23 @@ def test_a_reaped_process_late_result_is_ignored_and_it_registers_again(shared):
         worker.start_dispatcher(1)
         producer.enqueue(Job("t", "x"))
         assert blocker.wait_started(1)
-        scripts = producer.broker._scripts
         proc = worker._link._proc
-        scripts.client.zadd(scripts.key("procs"), {proc: 0})  # as if it had been silent too long
-        assert scripts.reap(1)[0] == 1
+        assert expire_and_reap(producer.broker._scripts, proc) == 1
         assert wait_until(lambda: worker._link._proc != proc)  # its heartbeat learnt it
         blocker.release()
         assert producer.join(WAIT)  # the job ran again, in its second life
     assert [job.payload for job in blocker.started] == ["x", "x"]
     stats = producer.get_stats()
     assert (stats.jobs_succeeded, stats.jobs_failed) == (1, 0)  # the fenced success counted once
+
+
+def expire_and_reap(scripts, proc):
+    """Reap ``proc`` as if it had been silent past its lease: one transaction, so that its own
+    heartbeat cannot renew the lease in between."""
+    with scripts.client.pipeline(transaction=True) as pipe:
+        pipe.zadd(scripts.key("procs"), {proc: 0})
+        scripts._script["reap"](keys=[scripts.prefix], args=[1], client=pipe)
+        return pipe.execute()[1][0]
 
 
 def _start_worker(url, name, lease=1.0, max_crashes=1):
@@ -214,3 +221,25 @@ def test_redis_killed_and_restarted_enqueue_raises_then_workers_resume(own_redis
         assert (stats.jobs_enqueued, stats.jobs_succeeded) == (20, 20)  # the AOF kept the counters
     finally:
         backend.close()
+
+
+def test_an_evicting_maxmemory_policy_is_warned_about_at_connect(tmp_path, caplog):
+    from _redis_server import RedisServer, require_redis
+
+    require_redis()
+    directory = tmp_path / "lru"
+    directory.mkdir()
+    server = RedisServer(str(directory), extra=["--maxmemory-policy", "allkeys-lru"]).start()
+    try:
+        with caplog.at_level("WARNING", logger="tinymq"):
+            broker = RedisBroker(server.url, name="lru")
+        broker.close()
+        assert any("allkeys-lru" in r.getMessage() and "noeviction" in r.getMessage() for r in caplog.records)
+    finally:
+        server.stop()
+
+
+def test_noeviction_gives_no_warning(redis_url, caplog):
+    with caplog.at_level("WARNING", logger="tinymq"):
+        RedisBroker(redis_url, name="quiet").close()
+    assert caplog.records == []
