@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 from ._cli import LOG_LEVELS, CommandError, configure_logging, positive_int, whole_number
 from ._demo import DESCRIPTION as DEMO_DESCRIPTION
 from ._demo import run_demo
-from ._status import change_dead_in_db, db_status, render_status
+from ._status import change_dead_in_db, change_dead_in_redis, db_status, redis_status, render_status
 from ._worker import Supervisor, default_workers, run_child, split_target
 
 _PUBLIC_COMMANDS = "{demo,status,requeue-dead,purge-dead,worker}"
@@ -24,9 +24,19 @@ def _logging_option(parser: argparse.ArgumentParser, default: str) -> None:
                         help=f"messages on stderr from this level up (default {default})")
 
 
-def _store_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--db", metavar="PATH", required=True,
-                        help="the SQLite file of a queue's SQLitePersistence store")
+def _queue_options(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--db", metavar="PATH", help="the SQLite file of a queue's SQLitePersistence store")
+    where.add_argument("--redis", metavar="URL", help="the Redis server of a shared queue (with --name)")
+    parser.add_argument("--name", help="the shared queue's name, as given to RedisBroker(name=...)")
+    parser.set_defaults(parser=parser)  # to report a usage error as this command's
+
+
+def _check_queue_options(arguments: argparse.Namespace) -> None:
+    if arguments.redis is not None and not arguments.name:
+        arguments.parser.error("--redis needs --name (the queue's name, as given to RedisBroker)")
+    if arguments.db is not None and arguments.name is not None:
+        arguments.parser.error("--name goes with --redis, not --db")
 
 
 def _ids_options(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -55,24 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser(
         "status", help="a queue's sizes, counts and dead jobs",
         description="Print a queue's sizes, counts and dead jobs. --db opens the file read-only: "
-                    "it works while a live queue owns it, and changes nothing.")
-    _store_options(status)
+                    "it works while a live queue owns it, and changes nothing. --redis reads the shared "
+                    "queue without registering as a worker process.")
+    _queue_options(status)
     status.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     status.add_argument("--limit", type=whole_number, default=_DEAD_LIMIT, metavar="N",
                         help=f"dead jobs the table lists, the newest (default {_DEAD_LIMIT}; 0: all; "
                              "--json lists all)")
     _logging_option(status, "WARNING")
 
-    for verb, what in (("requeue", "back to ready, retries reset (they run at the next start of a queue "
-                                   "on the file)"),
+    for verb, what in (("requeue", "back to ready, retries reset (with --db they run at the next start "
+                                   "of a queue on the file)"),
                        ("purge", "deleted for good")):
         command = commands.add_parser(
             f"{verb}-dead", help=f"dead jobs {what.split(' (')[0]}",
-            description=f"Dead jobs, those given by id or --all, {what}. This changes the file, so it "
-                        "needs the file to itself: while a live queue owns it, this fails naming the "
-                        "owner's pid. All or nothing: an id that is not a dead job changes nothing.")
-        command.set_defaults(parser=command)  # to report a usage error as this command's
-        _store_options(command)
+            description=f"Dead jobs, those given by id or --all, {what}. With --db this changes the "
+                        "file, so it needs the file to itself: while a live queue owns it, this fails "
+                        "naming the owner's pid. All or nothing: an id that is not a dead job changes "
+                        "nothing.")
+        _queue_options(command)
         _ids_options(command, verb)
         _logging_option(command, "WARNING")
 
@@ -101,10 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _change_dead(arguments: argparse.Namespace) -> int:
+    _check_queue_options(arguments)
     if bool(arguments.ids) == arguments.all:
         arguments.parser.error("give the ids of the dead jobs, or --all (not both)")
     ids: Optional[List[str]] = None if arguments.all else arguments.ids
-    print(change_dead_in_db(arguments.db, arguments.command.split("-")[0], ids))
+    action = arguments.command.split("-")[0]
+    if arguments.db is not None:
+        print(change_dead_in_db(arguments.db, action, ids))
+    else:
+        print(change_dead_in_redis(arguments.redis, arguments.name, action, ids))
     return 0
 
 
@@ -114,7 +130,10 @@ def run(arguments: argparse.Namespace) -> int:
         return run_demo()
     configure_logging(arguments.log_level)
     if command == "status":
-        print(render_status(db_status(arguments.db), as_json=arguments.json, limit=arguments.limit))
+        _check_queue_options(arguments)
+        report = db_status(arguments.db) if arguments.db is not None else redis_status(arguments.redis,
+                                                                                       arguments.name)
+        print(render_status(report, as_json=arguments.json, limit=arguments.limit))
         return 0
     if command in ("requeue-dead", "purge-dead"):
         return _change_dead(arguments)

@@ -8,19 +8,27 @@ which ``--json`` prints as it is and the default prints as tables.
 file, and changes nothing. ``requeue-dead`` and ``purge-dead --db`` change the
 file, so they take ownership of it for the moment they need, and refuse, naming
 the owner's pid, while a live queue owns it.
+
+``--redis`` goes through a Queue built on the broker, which is never started:
+it registers no worker process and fetches nothing.
 """
+import dataclasses
 import json
 import os
 import time
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+import urllib.parse
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar
 
 from ._cli import CommandError, counted
-from .errors import PersistenceError
+from .errors import PersistenceError, TinyMQError
 from .job import Job, Priority
 from .persistence._ownership import OwnedError
 from .persistence.sqlite import DeadJob, SQLitePersistence
+from .queue import Queue
 
-__all__ = ["db_status", "render_status", "change_dead_in_db"]
+__all__ = ["db_status", "redis_status", "render_status", "change_dead_in_db", "change_dead_in_redis"]
+
+T = TypeVar("T")
 
 _PRIORITIES = (Priority.HIGH, Priority.MEDIUM, Priority.LOW)  # the order of the tables
 _ERROR_WIDTH = 60  # characters of a last error shown in the text table (--json has it whole)
@@ -69,6 +77,109 @@ def db_status(path: str) -> Dict[str, Any]:
         "dead_jobs": _dead_fields(dead),
         "quarantined": [{"id": job_id, "reason": reason} for job_id, reason in quarantined],
     }
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password, fit to print."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    hidden = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urllib.parse.urlunsplit(parts._replace(netloc=hidden))
+
+
+def _with_redis_queue(url: str, name: str, work: Callable[[Queue], T]) -> T:
+    """``work(queue)`` on a Queue over ``RedisBroker(url, name=name)``, never started; closed after."""
+    try:
+        from .redis import RedisBroker
+
+        broker = RedisBroker(url, name=name)
+    except (ImportError, ValueError, TypeError) as exc:
+        raise CommandError(f"cannot use Redis queue {name!r} at {redacted(url)}: {exc}") from None
+    try:
+        return work(Queue(broker=broker))
+    except TinyMQError as exc:
+        raise CommandError(str(exc)) from None
+    finally:
+        broker.close()
+
+
+def _shared_executors(queue: Queue) -> Tuple[Dict[str, Dict[str, int]], int]:
+    """Every process's executors: type -> attempts taken and global limit; and live worker processes.
+
+    An attempt is taken from when a worker process fetches it (to run it, or
+    buffered to run next) until its outcome is settled: that is what the global
+    limit counts.
+
+    ``get_stats()`` has this process's executors only (none here), so this reads
+    the broker's ``limits``, ``running`` and ``procs`` keys, as tinymq/redis/lib.lua
+    lays them out.
+    """
+    broker: Any = queue.broker
+    key = broker._scripts.key
+    try:
+        pipe = broker.client.pipeline(transaction=False)
+        pipe.hgetall(key("limits"))
+        pipe.hgetall(key("running"))
+        pipe.time()
+        limits, running, (seconds, microseconds) = pipe.execute()
+        now_ms = seconds * 1000 + microseconds // 1000
+        processes = broker.client.zcount(key("procs"), now_ms, "+inf")  # leases not yet run out
+    except Exception as exc:  # redis.RedisError; redis-py may not be importable here by name
+        raise TinyMQError(f"could not read the executors of Redis queue {broker.name!r}: {exc}") from exc
+    executors = {job_type: {"taken": int(running.get(job_type, 0)), "max_jobs": int(limit)}
+                 for job_type, limit in sorted(limits.items())}
+    return executors, processes
+
+
+def redis_status(url: str, name: str) -> Dict[str, Any]:
+    """The report of ``status --redis URL --name NAME``."""
+
+    def read(queue: Queue) -> Dict[str, Any]:
+        stats = queue.get_stats()
+        executors, processes = _shared_executors(queue)
+        dead = queue.broker.dead_jobs()  # type: ignore[attr-defined]
+        counters = {field.name: getattr(stats, field.name) for field in dataclasses.fields(stats)
+                    if field.name.startswith("jobs_")}
+        ready = {"HIGH": stats.high_queue_size, "MEDIUM": stats.medium_queue_size,
+                 "LOW": stats.low_queue_size}
+        return {
+            "backend": "redis",
+            "redis": redacted(url),
+            "name": name,
+            "counts": {"ready": sum(ready.values()), "delayed": stats.delayed_jobs_count,
+                       "taken": sum(executor["taken"] for executor in executors.values()),
+                       "dead": len(dead)},
+            "priorities": {level: {"ready": size} for level, size in ready.items()},
+            "max_delayed_jobs": stats.max_delayed_jobs,
+            "worker_processes": processes,
+            "executors": executors,
+            "counters": counters,
+            "dead_jobs": _dead_fields(dead),
+        }
+
+    return _with_redis_queue(url, name, read)
+
+
+def change_dead_in_redis(url: str, name: str, action: str, ids: Optional[Sequence[str]]) -> str:
+    """Requeue or purge dead jobs of a Redis queue; an id that is not a dead job changes nothing."""
+
+    def change(queue: Queue) -> str:
+        broker: Any = queue.broker
+        if ids is not None:
+            dead = {entry.job.id for entry in broker.dead_jobs()}
+            missing = [job_id for job_id in ids if job_id not in dead]
+            if missing:
+                raise CommandError(f"no dead job with id {', '.join(map(repr, missing))} in Redis queue "
+                                   f"{name!r}; nothing changed")
+        if action == "requeue":
+            changed = broker.requeue_dead(ids)
+            return (f"requeued {counted(changed, 'dead job')} in Redis queue {name!r}, retries reset; "
+                    "workers take them at once")
+        changed = broker.purge_dead(ids)
+        return f"purged {counted(changed, 'dead job')} from Redis queue {name!r}"
+
+    return _with_redis_queue(url, name, change)
 
 
 def change_dead_in_db(path: str, action: str, ids: Optional[Sequence[str]]) -> str:
@@ -163,8 +274,35 @@ def _db_lines(report: Dict[str, Any], limit: int) -> List[str]:
     return lines
 
 
+def _redis_lines(report: Dict[str, Any], limit: int) -> List[str]:
+    counts = report["counts"]
+    lines = [f"tinymq queue {report['name']!r} on {report['redis']}", ""]
+    lines += _table(("ready", "delayed", "taken", "dead", "worker processes"),
+                    [[counts["ready"], counts["delayed"], counts["taken"], counts["dead"],
+                      report["worker_processes"]]])
+    lines.append("")
+    lines += _table(("priority", "ready"),
+                    [(name, sizes["ready"]) for name, sizes in report["priorities"].items()])
+    lines.append(f"(delayed: at most {report['max_delayed_jobs'] or 'unlimited'})")
+    lines.append("")
+    lines += _table(("counter", "events"), list(report["counters"].items()))
+    lines.append("")
+    if report["executors"]:
+        lines += _table(("executor", "taken", "max"),
+                        [(job_type, executor["taken"], executor["max_jobs"])
+                         for job_type, executor in report["executors"].items()])
+        lines.append("(taken: attempts that worker processes hold, running or next in line; "
+                     "max: the global limit)")
+    else:
+        lines.append("executors: none registered yet (a worker process registers its executors)")
+    lines.append("")
+    lines += _dead_lines(report["dead_jobs"], limit)
+    return lines
+
+
 def render_status(report: Dict[str, Any], *, as_json: bool, limit: int) -> str:
     """The text ``status`` prints: one JSON document, or readable tables."""
     if as_json:
         return json.dumps(report, indent=2, default=repr)
-    return "\n".join(_db_lines(report, limit))
+    lines = _db_lines(report, limit) if report["backend"] == "sqlite" else _redis_lines(report, limit)
+    return "\n".join(lines)

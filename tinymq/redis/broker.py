@@ -111,8 +111,8 @@ class RedisBroker:
                     "tinymq's keys and lose jobs; set maxmemory-policy noeviction", _safe_url(self.url), policy)
             self._checked = True
 
-    def _blocking_client(self, timeout: float) -> Any:
-        """A connection of its own for one thread's blocking waits (never from the pool)."""
+    def _dedicated_client(self, timeout: float) -> Any:
+        """A connection of its own, for one thread at a time (a blocking wait, or fetch rounds)."""
         redis = _redis()
         return redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=timeout,
                                     socket_connect_timeout=_CONNECT_TIMEOUT, max_connections=1,

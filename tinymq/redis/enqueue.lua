@@ -1,6 +1,6 @@
 --[[ enqueue: accept 1..N jobs, all or none.
 KEYS[1] prefix. ARGV: token, buffer_size, max_delayed_jobs (0: unlimited), n,
-then 5 per job: id, type, priority (0..2), delay ms (> 0: delayed), body.
+then 5 per job: id, type, priority (0..2), delay ms (fractional; > 0: delayed), body.
 Returns one of
   {'ok', {{id, body}, ...}}   accepted; the jobs evicted from the delayed set
                               (now dead, reason "evicted") for on_failure
@@ -42,8 +42,9 @@ for i = 5, 4 + n * 5, 5 do
       count('failed', -1) -- evictions have their own counter
       count('evicted', 1)
     end
-    redis.call('ZADD', K_CAPPED, now + delay, id)
-    add_delayed(id, now + delay)
+    local due = exact_ms() + delay
+    redis.call('ZADD', K_CAPPED, due, id)
+    add_delayed(id, due)
   else
     table.insert(by_level[tonumber(ARGV[i + 2])], id)
   end
