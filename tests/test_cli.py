@@ -654,6 +654,18 @@ def test_a_second_signal_while_stopping_is_a_hard_stop(shared_project, producer,
     assert worker.wait() == 0, worker.log()
 
 
+def test_sigterm_to_every_process_at_once_still_stops_gracefully(shared_project, producer, record):
+    """As systemd stops a service: SIGTERM to the supervisor and to its worker processes together."""
+    worker = shared_project("app.shared:queue", "--processes", 1, "--workers", 1)
+    producer.enqueue(tinymq.Job("record", {"seconds": 1.0}, id="slow"))
+    pop(record, "started", 1)
+    os.kill(worker.children()[0], signal.SIGTERM)
+    worker.signal(signal.SIGTERM)  # forwarded: the worker process's second SIGTERM
+    assert worker.wait() == 0, worker.log()
+    assert pop(record, "finished", 1)[0][0] == "slow"
+    assert producer.get_stats().jobs_succeeded == 1
+
+
 def test_worker_processes_stop_when_the_supervisor_dies(shared_project, producer, record):
     worker = shared_project("app.shared:queue", "--processes", 2, "--workers", 1)
     worker.wait_for(r"worker process started", count=2)

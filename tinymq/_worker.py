@@ -7,9 +7,10 @@ takes the Queue and calls ``start_dispatcher(workers)``.
 
 - SIGTERM or SIGINT to the supervisor is forwarded to every child (as SIGTERM),
   and each child stops gracefully with ``queue.stop(wait=True)``: running
-  attempts finish, buffered jobs go back to the broker. A second signal while
-  stopping is a hard stop: the children are killed (their leased attempts go
-  back when the leases run out).
+  attempts finish, buffered jobs go back to the broker. A child ignores further
+  signals while it stops. A second signal to the supervisor while stopping is a
+  hard stop: it kills the children (their leased attempts go back when the
+  leases run out).
 - A child that exits without being asked to (a crash, a signal, the OOM killer)
   is started again after a delay that doubles, up to a few seconds, while it
   keeps crashing soon after its start.
@@ -141,13 +142,6 @@ def _ignore(number: int, frame: Any) -> None:
 # --- a child ----------------------------------------------------------------------------
 
 
-def _hard_stop(number: int, frame: Any) -> None:
-    logger.warning("second %s while stopping: hard stop (running attempts go back to the queue when "
-                   "their leases run out)", signal.Signals(number).name)
-    logging.shutdown()
-    os._exit(1)
-
-
 def run_child(target: str, workers: int, check: bool) -> int:
     """A worker process: load the queue, run it until told to stop, stop it gracefully.
 
@@ -176,8 +170,8 @@ def run_child(target: str, workers: int, check: bool) -> int:
             stop_reason = signal.Signals(number).name
         if supervisor_pipe in readable and not os.read(supervisor_pipe, _READ_SIZE):
             stop_reason = stop_reason or "the supervisor exited"
-    for number in _STOP_SIGNALS:
-        signal.signal(number, _hard_stop)
+    # Signals that come now change nothing: a supervisor that forwards one after systemd sent it
+    # to the whole control group must not hurry a graceful stop. The hard stop is its SIGKILL.
     logger.info("stopping (%s): running attempts finish, buffered jobs go back to the queue", stop_reason)
     queue.stop(wait=True)
     logger.info("worker process stopped")

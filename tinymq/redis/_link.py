@@ -148,7 +148,8 @@ class QueueLink:
         while True:
             try:
                 self.broker._check_server()
-                reply = self.scripts.enqueue(token, self.config.buffer_size, self.config.max_delayed_jobs, rows)
+                reply = self.broker.call_resending(self.scripts.enqueue, token, self.config.buffer_size,
+                                                   self.config.max_delayed_jobs, rows)
             except self._redis_error as exc:
                 raise TinyMQError(f"could not enqueue {len(rows)} job(s) to Redis queue "
                                   f"{self.broker.name!r}: {exc}") from exc
@@ -397,7 +398,8 @@ class QueueLink:
     def _round_scripts(self) -> Any:
         """The scripts on this link's own connection, for calls made under _round_lock."""
         if self._round_connection is None:
-            self._round_connection = Scripts(self.broker._dedicated_client(_SOCKET_TIMEOUT), self.broker.name)
+            self._round_connection = Scripts(self.client, self.broker.name,
+                                             self.broker._connections(1, _SOCKET_TIMEOUT))
         return self._round_connection
 
     def _take(self, fetched: Sequence[Any]) -> int:
@@ -621,10 +623,10 @@ class QueueLink:
             self._released = True
             if not registered and not ops:
                 if self._round_connection is not None:
-                    self._round_connection.client.close()
+                    self._round_connection.connections.close()
                 return
             try:
-                self._round_scripts().release(proc, ops)
+                self.broker.call_resending(self._round_scripts().release, proc, ops)
                 self.client.delete(self._wake_key())
             except self._redis_error as exc:
                 logger.warning("Redis queue %r: could not give back %d unstarted job(s) at stop (%s); "
@@ -632,4 +634,4 @@ class QueueLink:
                                len(unstarted), exc)
             finally:
                 if self._round_connection is not None:
-                    self._round_connection.client.close()
+                    self._round_connection.connections.close()
