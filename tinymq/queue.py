@@ -90,7 +90,8 @@ class Queue:
     sets everything. Nothing runs before ``start_dispatcher``.
     """
 
-    def __init__(self, buffer_size: Optional[int] = None, *, config: Optional[Config] = None) -> None:
+    def __init__(self, buffer_size: Optional[int] = None, *, config: Optional[Config] = None,
+                 broker: Any = None) -> None:
         # Invariant (with a store): an id set before enqueue is in _claimed, guarded by
         # _claim_lock, from before its save until the core has it, so a duplicate is
         # refused before its save could overwrite the unfinished job's row.
@@ -106,6 +107,16 @@ class Queue:
         self._store: Any = None
         self._claim_lock = threading.Lock()
         self._claimed: Set[str] = set()
+        # With a broker (tinymq.redis.RedisBroker) the queue's state lives there: the link
+        # enqueues, joins and counts through it, and the dispatcher reports attempts to it.
+        self._broker = broker
+        self._link: Any = None
+        if broker is not None:
+            attach = getattr(broker, "_attach", None)
+            if not callable(attach):
+                raise TypeError(f"broker must be a tinymq broker (e.g. tinymq.redis.RedisBroker), got {broker!r}")
+            self._link = attach(config, self._dispatcher)
+            self._dispatcher.ledger = self._link
         # Dropping the queue without stop() still stops its threads, and says what was left.
         self._finalizer = weakref.finalize(self, self._dispatcher.stop, False, None,
                                            "garbage-collected without stop()")
@@ -128,6 +139,8 @@ class Queue:
         elif not isinstance(config, ExecutorConfig):
             raise TypeError(f"config must be a tinymq.ExecutorConfig, got {config!r}")
         self._dispatcher.register(job_type, fn, config, takes_context)
+        if self._link is not None:
+            self._link.set_limit(job_type, config.max_concurrent_jobs)
 
     def executor(
         self, job_type: str, *, config: Optional[ExecutorConfig] = None, **options: Any
@@ -158,6 +171,8 @@ class Queue:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self._dispatcher.start(workers)
+        if self._link is not None:
+            self._link.start(workers)
 
     # --- enqueueing ----------------------------------------------------------
 
@@ -178,6 +193,10 @@ class Queue:
         if (run_at.__class__ is not float or run_at - run_at != 0.0 or job_type.__class__ is not str
                 or not job_type or job._tags is not None or job.retry_config.__class__ is not RetryConfig):
             run_at = _validate(job)  # the core checks priority itself
+        if self._link is not None:
+            job.priority = _as_priority(job.priority)
+            self._link.enqueue([job], block, timeout)
+            return job
         # A job due at its creation (the default: the same float) is due now, whatever the clock did.
         if self._store is None and (run_at is job.timestamp or run_at <= _now()) and self._ready.push(job):
             return job
@@ -261,6 +280,10 @@ class Queue:
                 delays.append(run_at - now)
             else:
                 ready_jobs.append(job)
+        if self._link is not None:
+            if batch:
+                self._link.enqueue(batch, False, None)
+            return batch
         job_ids = [job._id for job in batch if job._id is not None] if self._store is not None else []
         if len(set(job_ids)) < len(job_ids):
             raise DuplicateJob(f"an id is given twice in this batch of {len(batch)} jobs; "
@@ -320,6 +343,9 @@ class Queue:
         Recovery never drops a job for lack of room, and recovered delayed jobs
         are never evicted (nor are retries waiting for their backoff).
         """
+        if self._link is not None:
+            raise RuntimeError(f"set_persistence() cannot be used with a broker ({self._broker!r}): "
+                               "the broker is the queue's durable store")
         for method in ("save", "delete", "load_all"):
             if not callable(getattr(store, method, None)):
                 raise TypeError(f"persistence store must have a callable {method}(), got {store!r}")
@@ -355,7 +381,15 @@ class Queue:
 
     # --- observing and stopping ---------------------------------------------
 
+    @property
+    def broker(self) -> Any:
+        """The broker this queue's state lives in, or None for an in-process queue."""
+        return self._broker
+
     def get_stats(self) -> QueueStats:
+        """Sizes, counters and executors; with a broker, the shared queue's sizes and counters."""
+        if self._link is not None:
+            return self._link.stats()
         high, medium, low = self._ready.sizes()
         enqueued, succeeded, failed, retried, timed_out, evicted = self._ready.counters()
         return QueueStats(
@@ -389,6 +423,8 @@ class Queue:
         if self._dispatcher.waits_for_itself():
             raise RuntimeError("join() called from an executor or a failure callback of this queue "
                                "would wait for itself; call it from another thread")
+        if self._link is not None:
+            return self._link.join(wait)
         return self._ready.join(wait)
 
     def stop(self, wait: bool = True, timeout: Union[float, timedelta, None] = None) -> None:
