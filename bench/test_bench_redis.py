@@ -12,13 +12,13 @@ its own worker CLI. tinymq uses its public API only (``redis_peers/tinymq_app.py
 the producer is this process, the workers are ``redis_peers/tinymq_worker.py``
 processes calling ``start_dispatcher(4)``.
 
-Every job, in every contender, writes one record ``(index, pid, time.time(),
-perf_counter())`` to a FIFO that this process reads (``redis_peers/record.py``):
-completions are counted without a Redis command, at the same small cost for all.
+Every job, in every contender, writes one record ``(index, pid, perf_counter())`` to a
+FIFO that this process reads (``redis_peers/record.py``): completions are counted
+without a Redis command, at the same small cost for all.
 
 Groups (no-op jobs, 2 worker processes, this machine's 2 cores):
 
-- ``redis: end to end``: 2 worker processes x 4 threads (or the peer's equivalent
+- ``redis: end to end``: 2 worker processes × 4 threads (or the peer's equivalent
   concurrency), one producer enqueueing N jobs in batches of 100 where the peer has a
   bulk API (tinymq ``enqueue_many``, RQ ``enqueue_many``) and one by one where it has
   none (arq, saq: ``asyncio.gather`` of 100 enqueues, as saq's own ``map`` does;
@@ -33,11 +33,14 @@ Groups (no-op jobs, 2 worker processes, this machine's 2 cores):
   peers without a bulk API with what their users would write instead (named in the row).
 - ``redis: enqueue->start latency, idle``: one job every ~1 ms into an idle fleet;
   start (in the worker) minus the moment just before the enqueue call.
-- ``redis: delayed-job lateness``: jobs due at random times over 2 s; start - due time.
+- ``redis: delayed-job lateness``: jobs due at random times over 2 s; start minus due
+  time, the due time being the moment just before the enqueue call plus the delay.
 - ``redis: restart after a worker's SIGKILL`` (tinymq only): worker A holds 4
   running jobs, worker B idles, A is SIGKILLed; the time until the last of A's jobs
-  starts again in B, against the lease. The peers' defaults are 60 s and more (see
-  shared design notes), so they are not run.
+  starts again in B, against the lease. The peers are not run here: by default they give
+  a dead worker's jobs back after a minute or more (saq's sweep runs every 60 s after the
+  job's timeout, dramatiq waits for a 60-s heartbeat, arq for the job timeout + 10 s,
+  RQ for its maintenance pass), and huey's Redis consumer pops jobs without redelivery.
 """
 import contextlib
 import json
@@ -125,16 +128,16 @@ def _peer_version(name: str) -> str:
 def fleet_label(name: str) -> str:
     """The contender as the end-to-end and latency tables show it: library and workers."""
     if name == "tinymq":
-        return f"tinymq RedisBroker ({PROCESSES} processes x {THREADS} threads)"
+        return f"tinymq RedisBroker ({PROCESSES} processes × {THREADS} threads)"
     version = _peer_version(name)
     return {
         "rq": f"RQ {version} ({RQ_WORKERS} SimpleWorker processes)",
-        "arq": f"arq {version} ({PROCESSES} processes x max_jobs {ASYNC_CONCURRENCY}, poll_delay 0.01 s)",
-        "arq-default": f"arq {version} ({PROCESSES} processes x max_jobs {ASYNC_CONCURRENCY}, "
+        "arq": f"arq {version} ({PROCESSES} processes × max_jobs {ASYNC_CONCURRENCY}, poll_delay 0.01 s)",
+        "arq-default": f"arq {version} ({PROCESSES} processes × max_jobs {ASYNC_CONCURRENCY}, "
                        "default poll_delay 0.5 s)",
-        "saq": f"saq {version} ({PROCESSES} processes x concurrency {ASYNC_CONCURRENCY})",
-        "dramatiq": f"dramatiq {version} RedisBroker ({PROCESSES} processes x {THREADS} threads)",
-        "huey": f"huey {version} RedisHuey ({PROCESSES} consumers x {THREADS} threads)",
+        "saq": f"saq {version} ({PROCESSES} processes × concurrency {ASYNC_CONCURRENCY})",
+        "dramatiq": f"dramatiq {version} RedisBroker ({PROCESSES} processes × {THREADS} threads)",
+        "huey": f"huey {version} RedisHuey ({PROCESSES} consumers × {THREADS} threads)",
     }[name]
 
 
@@ -345,8 +348,11 @@ class TinymqProducer:
     def delayed(self, start: int, delays: Sequence[float]) -> List[float]:
         from tinymq import Job
 
-        return [self.queue.enqueue_delayed(Job("noop", index), delay).run_at
-                for index, delay in enumerate(delays, start)]
+        due, enqueue_delayed, clock = [], self.queue.enqueue_delayed, time.perf_counter
+        for index, delay in enumerate(delays, start):
+            due.append(clock() + delay)
+            enqueue_delayed(Job("noop", index), delay)
+        return due
 
     def hold(self, start: int, n: int) -> None:
         from tinymq import Job
@@ -614,11 +620,11 @@ def _latency(benchmark: Any, bench: Bench, name: str) -> None:
         rounds.append([perf - stamps[index - start] for index, _, perf in got])
 
     benchmark.pedantic(one_round, rounds=SAMPLE_ROUNDS.get(name, 1), iterations=1)
-    p50s = [percentile(delays, 50) * 1e3 for delays in rounds]
-    p99s = [percentile(delays, 99) * 1e3 for delays in rounds]
+    p50s = [percentile(delays, 50) * 1e6 for delays in rounds]
+    p99s = [percentile(delays, 99) * 1e6 for delays in rounds]
     contender(benchmark, fleet_label(name), is_tinymq=name == "tinymq", ops=n, op="job", kind="metric",
-              p50_ms=round(percentile(p50s, 50), 3), p99_ms=round(percentile(p99s, 50), 3),
-              worst_round_p99_ms=round(max(p99s), 3))
+              p50_us=round(percentile(p50s, 50), 1), p99_us=round(percentile(p99s, 50), 1),
+              worst_round_p99_us=round(max(p99s), 1))
 
 
 def _lateness(benchmark: Any, bench: Bench, name: str) -> None:
