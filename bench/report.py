@@ -546,7 +546,8 @@ def markdown(benches: List[Bench], machine: Dict[str, Any], commands: List[str],
         "script; checked by a calibration at start). Latency: one job every ~1 ms into idle "
         "workers. Lateness: jobs due at random times over 2 s. Restart: a worker holding 4 running "
         "jobs is SIGKILLed; the time until the last of them starts again in the other worker. "
-        "See `bench/test_bench_redis.py`.",
+        "See `bench/test_bench_redis.py`; alone: `python -m pytest bench/test_bench_redis.py "
+        "--benchmark-only` (it runs `bench/redis_peers/setup.sh` to make the peers' venvs).",
         "",
     ]
     return "\n".join(out)

@@ -62,8 +62,12 @@ from conftest import BENCH_DIR, contender, percentile
 ROOT = os.path.dirname(BENCH_DIR)
 PEERS_DIR = os.path.join(BENCH_DIR, "redis_peers")
 VENVS = os.environ.get("BENCH_VENVS", os.path.join(ROOT, ".bench-venvs"))
+sys.path.insert(0, PEERS_DIR)  # record.py and tinymq_app.py, shared with the worker processes
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-sys.path.insert(0, PEERS_DIR)
+try:  # the tests' server helper; tests/ leaves sys.path again (it has a conftest of its own)
+    from _redis_server import RedisServer, require_redis
+finally:
+    sys.path.remove(os.path.join(ROOT, "tests"))
 
 from record import FIFO_ENV, RECORD  # noqa: E402
 
@@ -455,9 +459,6 @@ class Bench:
     """The server, the records FIFO, the producers and at most one running fleet."""
 
     def __init__(self, directory: str) -> None:
-        from _redis_server import RedisServer, require_redis
-
-        require_redis()
         self.directory = directory
         self.server = RedisServer(os.path.join(directory, "redis"), appendfsync="everysec")
         os.makedirs(self.server.directory)
@@ -545,6 +546,7 @@ def _setup_peer_venvs() -> None:
 
 @pytest.fixture(scope="module")
 def bench() -> Iterator[Bench]:
+    require_redis()
     _setup_peer_venvs()
     directory = tempfile.mkdtemp(prefix="tinymq-bench-redis-")
     env = Bench(directory)
