@@ -5,9 +5,10 @@ NOSCRIPT, after a server restart) and returns the script's reply as plain
 Python values. The scripts themselves (``*.lua`` beside this file, each with
 ``lib.lua`` in front) document their keys, arguments, replies and invariants.
 
-Every script is idempotent against a resend of the same call (redis-py resends
-after a connection error): enqueue by its token, settle ops by attempt id, fetch
-by (process, fetch id); beat, reap and release leave nothing to do twice.
+Every script is idempotent against a resend of the same call (the client sends
+a call again when the connection failed before its reply came): enqueue by its
+token, settle ops by attempt id, fetch by (process, fetch id); beat, reap and
+release leave nothing to do twice.
 """
 import os
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
@@ -44,7 +45,7 @@ class SettleOp(NamedTuple):
     op: str
     attempt: str
     retries: int = 0
-    delay_ms: int = 0
+    delay_ms: float = 0
     reason: str = ""
     error: str = ""
 
@@ -74,10 +75,11 @@ class Fetched(NamedTuple):
 class FetchReply(NamedTuple):
     reaped: bool  # this process was declared dead: nothing was done
     now_ms: int  # the server clock
-    next_due_ms: Optional[int]  # the earliest delayed job's due time, if any
+    next_due_ms: Optional[float]  # the earliest delayed job's due time, if any
     stale: int  # settle ops that changed nothing
     crashed: List[Crashed]
     jobs: List[Fetched]
+    now_us: int = 0  # the server clock in microseconds (now_ms is it floored)
 
 
 class EnqueueReply(NamedTuple):
@@ -87,10 +89,16 @@ class EnqueueReply(NamedTuple):
     ready: int = 0  # with "full": ready jobs already there
 
 
+_SHORT_OPS = frozenset("SEB")  # sent as (op, attempt) only
+
+
 def _ops_args(ops: Iterable[SettleOp]) -> List[Any]:
     flat: List[Any] = []
     for op in ops:
-        flat.extend(op)
+        if op.op in _SHORT_OPS:
+            flat += op[:2]
+        else:
+            flat.extend(op)
     return flat
 
 
@@ -117,8 +125,8 @@ class Scripts:
         return self._script[script](keys=self._keys, args=args)
 
     def enqueue(self, token: str, buffer_size: int, max_delayed_jobs: int,
-                jobs: Sequence[Tuple[str, str, int, int, str]]) -> EnqueueReply:
-        """Enqueue ``(id, type, priority, delay_ms, body)`` rows, all or none."""
+                jobs: Sequence[Tuple[str, str, int, float, str]]) -> EnqueueReply:
+        """Enqueue ``(id, type, priority, delay_ms, body)`` rows, all or none (delay_ms may be fractional)."""
         args: List[Any] = [token, buffer_size, max_delayed_jobs, len(jobs)]
         for row in jobs:
             args.extend(row)
@@ -137,11 +145,12 @@ class Scripts:
         """Settle ``ops``, renew, reap, promote, and take up to ``n`` jobs for ``proc``."""
         reply = self._call("fetch", [proc, fetch_id, n, lease_ms, max_crash_recoveries,
                                      "1" if registered else "0", len(ops), *_ops_args(ops)])
-        due = int(reply[2])
+        due = float(reply[2])
         return FetchReply(
             reaped=int(reply[0]) == 0, now_ms=int(reply[1]), next_due_ms=None if due < 0 else due,
             stale=int(reply[3]), crashed=_crashed(reply[4]),
             jobs=[Fetched(row[0], row[1], int(row[2] or 0), row[3] or "") for row in reply[5]],
+            now_us=int(reply[6]),
         )
 
     def settle(self, proc: str, ops: Sequence[SettleOp]) -> int:

@@ -1,6 +1,6 @@
 --[[ enqueue: accept 1..N jobs, all or none.
 KEYS[1] prefix. ARGV: token, buffer_size, max_delayed_jobs (0: unlimited), n,
-then 5 per job: id, type, priority (0..2), delay ms (> 0: delayed), body.
+then 5 per job: id, type, priority (0..2), delay ms (fractional; > 0: delayed), body.
 Returns one of
   {'ok', {{id, body}, ...}}   accepted; the jobs evicted from the delayed set
                               (now dead, reason "evicted") for on_failure
@@ -26,6 +26,8 @@ if ready_added > 0 then
 end
 local now = now_ms()
 local evicted = {}
+local by_level = {[0] = {}, [1] = {}, [2] = {}}
+local PUSH_CHUNK = 1000 -- ids per RPUSH: well under Lua's unpack limit
 for i = 5, 4 + n * 5, 5 do
   local id, delay = ARGV[i], tonumber(ARGV[i + 3])
   local jk = job_key(id)
@@ -40,10 +42,17 @@ for i = 5, 4 + n * 5, 5 do
       count('failed', -1) -- evictions have their own counter
       count('evicted', 1)
     end
-    redis.call('ZADD', K_CAPPED, now + delay, id)
-    add_delayed(id, now + delay)
+    local due = exact_ms() + delay
+    redis.call('ZADD', K_CAPPED, due, id)
+    add_delayed(id, due)
   else
-    redis.call('RPUSH', READY[tonumber(ARGV[i + 2])], id)
+    table.insert(by_level[tonumber(ARGV[i + 2])], id)
+  end
+end
+for p = 2, 0, -1 do -- one RPUSH per level and chunk, not one per job
+  local ids = by_level[p]
+  for first = 1, #ids, PUSH_CHUNK do
+    redis.call('RPUSH', READY[p], unpack(ids, first, math.min(first + PUSH_CHUNK - 1, #ids)))
   end
 end
 count('enqueued', n)

@@ -7,7 +7,8 @@ it, so all of a queue's keys share one hash slot (Redis Cluster-safe).
 Keys (after the prefix):
   ready:2 ready:1 ready:0  LIST  job ids, HIGH / MEDIUM / LOW; RPUSH new, LPOP to take,
                                  LPUSH to give back at the head
-  delayed                  ZSET  id -> due ms (server clock): new delayed jobs and retries
+  delayed                  ZSET  id -> due time in ms, fractional (server clock): new delayed
+                                 jobs and retries
   capped                   ZSET  the subset of `delayed` that max_delayed_jobs counts
                                  and may evict (new delayed jobs; never retries)
   job:<id>                 HASH  t type, p priority, b body (client JSON), r retries,
@@ -52,10 +53,13 @@ local REAP_PER_CALL = 2      -- dead processes reaped per call: bounded work
 local PROMOTE_PER_CALL = 100 -- due delayed jobs promoted per call
 local PARK_PER_CALL = 100    -- jobs parked per fetch before it stops looking
 
+local now_us = 0 -- the server clock in microseconds, as of the last now_ms() call
 local function now_ms()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  return math.floor(now_us / 1000)
 end
+local function exact_ms() return now_us / 1000 end -- after now_ms(): the same instant, in fractional ms
 
 local function job_key(id) return P .. 'job:' .. id end
 local function inflight_key(proc) return P .. 'inflight:' .. proc end
@@ -100,9 +104,20 @@ local function unpark_one(t)
   return false
 end
 
-local function release_slot(t)
-  if redis.call('HINCRBY', K_RUNNING, t, -1) <= 0 then redis.call('HDEL', K_RUNNING, t) end
-  if redis.call('HEXISTS', K_PARKEDN, t) == 1 then unpark_one(t) end
+-- Slots freed are summed per type and written once (flush_released), before anything
+-- in the same script admits jobs again.
+local released = {}
+local function release_slot(t) released[t] = (released[t] or 0) + 1 end
+local function flush_released()
+  for t, k in pairs(released) do
+    if redis.call('HINCRBY', K_RUNNING, t, -k) <= 0 then redis.call('HDEL', K_RUNNING, t) end
+    if redis.call('HEXISTS', K_PARKEDN, t) == 1 then
+      for _ = 1, k do
+        if not unpark_one(t) then break end
+      end
+    end
+  end
+  released = {}
 end
 
 local function job_dead(id, reason, err, retries, now)
@@ -124,7 +139,7 @@ local function job_retry(id, retries, err, delay, now)
     redis.call('RPUSH', READY[tonumber(redis.call('HGET', jk, 'p'))], id)
     signal()
   else
-    add_delayed(id, now + delay)
+    add_delayed(id, exact_ms() + delay)
   end
   count('retried', 1)
 end
@@ -137,9 +152,10 @@ local function give_back(id)
   end
 end
 
---[[ Settle ops, 6 ARGV entries each: op, attempt, retries, delay ms, reason, error.
+--[[ Settle ops. S, E and B take 2 ARGV entries (op, attempt); Y, Z, y and z take 6
+(op, attempt, retries, delay ms, reason, error).
   S  success                          (L)    -> job deleted, slot freed
-  Y  failed, retry after delay        (L)    -> slot freed, job delayed (or ready)
+  Y  failed, retry after delay ms (fractional) (L) -> slot freed, job delayed (or ready)
   Z  failed for good, reason, error   (L)    -> slot freed, job dead
   y/z  the same, decided at the attempt's deadline while it may still run:
        (L) -> attempt becomes X and keeps its slot; (R) -> attempt removed
@@ -147,10 +163,13 @@ end
   B  give back unstarted / cancelled  (L)    -> slot freed, job at the head of its level
 An attempt not in the process's inflight hash (reaped, or settled already: a resend)
 is stale and changes nothing. Returns the number of stale ops. ]]
+local SHORT_OPS = {S = true, E = true, B = true}
 local function settle(proc, argv, first, n, now)
   local ik = inflight_key(proc)
   local stale = 0
-  for i = first, first + (n - 1) * 6, 6 do
+  local finished = {} -- keys of succeeded jobs: one DEL at the end
+  local i = first
+  for _ = 1, n do
     local op, attempt = argv[i], argv[i + 1]
     local v = redis.call('HGET', ik, attempt)
     local state = v and string.sub(v, 1, 1)
@@ -161,7 +180,7 @@ local function settle(proc, argv, first, n, now)
     elseif op == 'S' and state == 'L' then
       redis.call('HDEL', ik, attempt)
       release_slot(t)
-      redis.call('DEL', job_key(id))
+      table.insert(finished, job_key(id))
       count('succeeded', 1)
       count('outstanding', -1)
     elseif (op == 'Y' or op == 'Z') and state == 'L' then
@@ -186,7 +205,10 @@ local function settle(proc, argv, first, n, now)
     else
       stale = stale + 1 -- an op that does not fit the attempt's state: a resend
     end
+    if SHORT_OPS[op] then i = i + 2 else i = i + 6 end
   end
+  if #finished > 0 then redis.call('DEL', unpack(finished)) end
+  flush_released()
   return stale
 end
 
@@ -218,6 +240,7 @@ local function reap_proc(proc, now, max_crash, crashed)
   redis.call('DEL', ik)
   redis.call('ZREM', K_PROCS, proc)
   redis.call('HDEL', K_FETCHED, proc)
+  flush_released()
 end
 
 local function reap(now, max_crash, crashed)
@@ -226,9 +249,9 @@ local function reap(now, max_crash, crashed)
   return #expired
 end
 
-local function next_due()
+local function next_due() -- the earliest due time as text (a Lua number would be truncated), or -1
   local first = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
-  if first[2] then return tonumber(first[2]) end
+  if first[2] then return first[2] end
   return -1
 end
 

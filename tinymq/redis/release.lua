@@ -1,5 +1,5 @@
 --[[ release: a process leaves (stop): settle its last ops, then unregister.
-KEYS[1] prefix. ARGV: proc, settle count, then 6 per op (B ops for unstarted jobs, sent
+KEYS[1] prefix. ARGV: proc, settle count, then the ops (B ops for unstarted jobs, sent
 last-first so they land at the head of their levels in their order).
 Whatever it still holds afterwards is handed back without counting a crash: L attempts
 go back to the head of their level, X attempts free their slot.
@@ -13,6 +13,7 @@ for i = 1, #entries, 2 do
   if state ~= 'R' then release_slot(t) end
   if state ~= 'X' then give_back(id_of(entries[i])) end
 end
+flush_released()
 redis.call('DEL', ik)
 redis.call('ZREM', K_PROCS, proc)
 redis.call('HDEL', K_FETCHED, proc)
