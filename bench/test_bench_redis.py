@@ -129,10 +129,17 @@ def _peer_version(name: str) -> str:
     raise AssertionError(f"{dist} is not pinned in redis_peers/requirements/{dist}.txt")
 
 
+def _core_name() -> str:
+    """The core the workers run: they inherit this process's interpreter and environment."""
+    import tinymq
+
+    return "compiled" if tinymq.HAS_EXTENSION else "pure"
+
+
 def fleet_label(name: str) -> str:
     """The contender as the end-to-end and latency tables show it: library and workers."""
     if name == "tinymq":
-        return f"tinymq RedisBroker ({PROCESSES} processes × {THREADS} threads)"
+        return f"tinymq RedisBroker ({PROCESSES} processes × {THREADS} threads, {_core_name()} core)"
     version = _peer_version(name)
     return {
         "rq": f"RQ {version} ({RQ_WORKERS} SimpleWorker processes)",
@@ -147,7 +154,7 @@ def fleet_label(name: str) -> str:
 
 def enqueue_label(name: str) -> str:
     if name == "tinymq":
-        return "tinymq Queue.enqueue"
+        return f"tinymq Queue.enqueue ({_core_name()} core)"
     version = _peer_version(name)
     return {"rq": f"RQ {version} Queue.enqueue", "arq": f"arq {version} enqueue_job (awaited one by one)",
             "saq": f"saq {version} Queue.enqueue (awaited one by one)",
@@ -156,7 +163,7 @@ def enqueue_label(name: str) -> str:
 
 def many_label(name: str) -> str:
     if name == "tinymq":
-        return f"tinymq Queue.enqueue_many({BATCH})"
+        return f"tinymq Queue.enqueue_many({BATCH}) ({_core_name()} core)"
     version = _peer_version(name)
     return {"rq": f"RQ {version} Queue.enqueue_many({BATCH}) (one pipeline)",
             "arq": f"arq {version}: no bulk API; asyncio.gather of {BATCH} enqueue_job",
@@ -706,6 +713,6 @@ def test_restart_after_kill(benchmark: Any, bench: Bench) -> None:
             producer.close()
 
     benchmark.pedantic(one_round, rounds=KILL_ROUNDS, iterations=1)
-    contender(benchmark, f"tinymq RedisBroker, lease {KILL_LEASE:g} s", is_tinymq=True, ops=THREADS,
-              op="job", kind="metric", restart_s=round(percentile(restarts, 50), 3),
+    contender(benchmark, f"tinymq RedisBroker, lease {KILL_LEASE:g} s ({_core_name()} core)", is_tinymq=True,
+              ops=THREADS, op="job", kind="metric", restart_s=round(percentile(restarts, 50), 3),
               worst_round_restart_s=round(max(restarts), 3), lease_s=KILL_LEASE)
