@@ -129,6 +129,18 @@ def _peer_version(name: str) -> str:
     raise AssertionError(f"{dist} is not pinned in redis_peers/requirements/{dist}.txt")
 
 
+def tinymq_version() -> str:
+    import tinymq
+
+    return tinymq.__version__
+
+
+def _distribution_version(dist: str) -> str:
+    from importlib.metadata import version
+
+    return version(dist)
+
+
 def _core_name() -> str:
     """The core the workers run: they inherit this process's interpreter and environment."""
     import tinymq
@@ -327,7 +339,8 @@ class TinymqProducer:
         from tinymq_app import build_queue
 
         self.queue = build_queue(url, QUEUE_NAME, lease)
-        self.versions = {"bulk": "Queue.enqueue_many"}
+        self.versions = {"tinymq": tinymq_version(), "redis-py": _distribution_version("redis"),
+                         "core": _core_name()}
 
     def call(self, op: str, *args: Any) -> Any:
         return getattr(self, op)(*args)
@@ -386,6 +399,9 @@ class PeerAgent:
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=PEERS_DIR,
                 env=peer_env(url, records, name), text=True, bufsize=1)
         self.versions = self.call("hello")
+        pinned = _peer_version(name)
+        assert self.versions["peer"] == pinned, (f"{venv} venv runs {self.versions['peer']}, pinned {pinned}: "
+                                                 "run bench/redis_peers/setup.sh")
 
     def call(self, op: str, *args: Any) -> Any:
         assert self.process.stdin is not None and self.process.stdout is not None
@@ -472,6 +488,7 @@ class Bench:
         self.server.start()
         self.client = self.server.client()
         calibrate(self.client)
+        self.server_version = str(self.client.info("server")["redis_version"])
         self.records = Records(directory)
         self.agents: Dict[str, Any] = {}
         self.fleet: Optional[Fleet] = None
@@ -564,6 +581,11 @@ def bench() -> Iterator[Bench]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def describe(benchmark: Any, bench: Bench, producer: Any) -> None:
+    """Record the versions measured: the contender's (its agent says) and the server's."""
+    benchmark.extra_info["versions"] = dict(producer.versions, redis_server=bench.server_version)
+
+
 # --- enqueue without workers -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", CONTENDERS)
@@ -573,6 +595,7 @@ def test_enqueue(benchmark: Any, bench: Bench, name: str) -> None:
     producer = bench.producer(name)
     n = ENQUEUE_JOBS.get(name, ENQUEUE_JOBS_PEER)
     contender(benchmark, enqueue_label(name), is_tinymq=name == "tinymq", ops=n, op="job")
+    describe(benchmark, bench, producer)
     benchmark.pedantic(lambda start: producer.call("enqueue", start, n),
                        setup=lambda: ((bench.indices(n),), {}), rounds=ENQUEUE_ROUNDS, warmup_rounds=1)
 
@@ -584,6 +607,7 @@ def test_enqueue_many(benchmark: Any, bench: Bench, name: str) -> None:
     producer = bench.producer(name)
     n = MANY_JOBS.get(name, MANY_JOBS_PEER)
     contender(benchmark, many_label(name), is_tinymq=name == "tinymq", ops=n, op="job")
+    describe(benchmark, bench, producer)
     benchmark.pedantic(lambda start: producer.call("enqueue_many", start, n, BATCH),
                        setup=lambda: ((bench.indices(n),), {}), rounds=ENQUEUE_ROUNDS, warmup_rounds=1)
 
@@ -670,6 +694,7 @@ def test_with_workers(benchmark: Any, bench: Bench, name: str, case: str) -> Non
     fleet = bench.use_fleet(name)
     CASES[case](benchmark, bench, name)
     fleet.check_alive()
+    describe(benchmark, bench, bench.producer(name))
 
 
 # --- tinymq: restart after a worker's SIGKILL ---------------------------------------------------------
@@ -716,3 +741,5 @@ def test_restart_after_kill(benchmark: Any, bench: Bench) -> None:
     contender(benchmark, f"tinymq RedisBroker, lease {KILL_LEASE:g} s ({_core_name()} core)", is_tinymq=True,
               ops=THREADS, op="job", kind="metric", restart_s=round(percentile(restarts, 50), 3),
               worst_round_restart_s=round(max(restarts), 3), lease_s=KILL_LEASE)
+    benchmark.extra_info["versions"] = {"tinymq": tinymq_version(), "core": _core_name(),
+                                        "redis_server": bench.server_version}

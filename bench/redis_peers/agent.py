@@ -40,7 +40,7 @@ def main() -> int:
         try:
             if op == "hello":
                 result: Any = {"peer": version(DISTRIBUTIONS[peer]), "redis-py": version("redis"),
-                               "bulk": module.BULK}
+                               "hiredis": version("hiredis")}
             else:
                 result = getattr(producer, op)(*request.get("args", ()))
                 if inspect.isawaitable(result):

@@ -15,7 +15,6 @@ from arq.connections import RedisSettings
 
 from record import record
 
-BULK = None  # arq has no bulk enqueue: a user gathers enqueue_job coroutines
 
 POLL_DELAY = float(os.environ.get("BENCH_ARQ_POLL_DELAY", "0.01"))
 MAX_JOBS = int(os.environ.get("BENCH_CONCURRENCY", "10"))
@@ -59,6 +58,7 @@ class Producer:
             await pool.enqueue_job("noop", index)
 
     async def enqueue_many(self, start: int, n: int, batch: int) -> None:
+        """No bulk enqueue in arq: a user gathers ``enqueue_job`` coroutines."""
         pool, end = await self._pool(), start + n
         for first in range(start, end, batch):
             await asyncio.gather(*(pool.enqueue_job("noop", index)

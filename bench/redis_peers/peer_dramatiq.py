@@ -11,7 +11,6 @@ from dramatiq.brokers.redis import RedisBroker
 
 from record import record
 
-BULK = None  # dramatiq has no bulk enqueue: group(...).run() sends message by message
 
 broker = RedisBroker(url=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
 dramatiq.set_broker(broker)
@@ -32,6 +31,7 @@ class Producer:
             send(index)
 
     def enqueue_many(self, start: int, n: int, batch: int) -> None:
+        """No bulk enqueue in dramatiq: ``group(...).run()`` sends message by message."""
         end = start + n
         for first in range(start, end, batch):
             dramatiq.group(noop.message(index) for index in range(first, min(first + batch, end))).run()

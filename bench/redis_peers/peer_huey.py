@@ -12,7 +12,6 @@ from huey import RedisHuey
 
 from record import record
 
-BULK = None  # huey has no bulk enqueue: Task.map enqueues one by one
 
 huey = RedisHuey("bench", url=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"), results=False)
 
@@ -31,6 +30,7 @@ class Producer:
             noop(index)
 
     def enqueue_many(self, start: int, n: int, batch: int) -> None:
+        """No bulk enqueue in huey: ``Task.map`` enqueues one by one."""
         end = start + n
         for first in range(start, end, batch):
             noop.map(range(first, min(first + batch, end)))

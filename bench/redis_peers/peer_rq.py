@@ -14,7 +14,6 @@ from rq import Queue
 from record import record
 
 QUEUE = "bench"
-BULK = "Queue.enqueue_many (one pipeline per batch)"
 
 
 def noop(index: int) -> None:
@@ -31,6 +30,7 @@ class Producer:
             enqueue(noop, index, result_ttl=0)
 
     def enqueue_many(self, start: int, n: int, batch: int) -> None:
+        """RQ's bulk API: ``Queue.enqueue_many``, one pipeline per batch."""
         prepare, end = Queue.prepare_data, start + n
         for first in range(start, end, batch):
             self.queue.enqueue_many([prepare(noop, (index,), result_ttl=0)

@@ -14,7 +14,6 @@ from saq import Queue
 
 from record import record
 
-BULK = None  # saq has no bulk enqueue: its own Queue.map gathers enqueue coroutines
 
 CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "10"))
 
@@ -51,6 +50,7 @@ class Producer:
             await queue.enqueue("noop", index=index, ttl=-1)
 
     async def enqueue_many(self, start: int, n: int, batch: int) -> None:
+        """No bulk enqueue in saq: gather ``enqueue`` coroutines, as saq's own ``Queue.map`` does."""
         queue, end = await self._connect(), start + n
         for first in range(start, end, batch):
             await asyncio.gather(*(queue.enqueue("noop", index=index, ttl=-1)
