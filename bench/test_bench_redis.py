@@ -550,22 +550,36 @@ class Bench:
         self.warm(self.fleet, self.producer(name))
         return self.fleet
 
-    def warm(self, fleet: Fleet, producer: Any, batch: int = 20) -> None:
+    def warm(self, fleet: Fleet, producer: Any, batch: int = 20, drain: bool = True) -> None:
         """Enqueue small batches until every job-running process of the fleet has run one.
 
         A batch's jobs may stay buffered in a busy process: the loop goes on without them.
+        With ``drain``, it then waits for every warm-up job, so that none starts during the
+        case that follows.
         """
         pids: set = set()
+        sent: List[int] = []
+        seen: set = set()
         deadline = time.monotonic() + START_TIMEOUT
-        while len(pids) < fleet.job_processes:
+
+        def check_time() -> None:
             fleet.check_alive()
             if time.monotonic() > deadline:
                 raise AssertionError(f"{fleet.name}: {len(pids)} of {fleet.job_processes} worker processes "
-                                     f"ran a job within {START_TIMEOUT} s; {fleet.log_path}:\n"
-                                     f"{_tail(fleet.log_path)}")
-            producer.call("enqueue", self.indices(batch), batch)
+                                     f"ran a job, {len(seen)} of {len(sent)} warm-up jobs started within "
+                                     f"{START_TIMEOUT} s; {fleet.log_path}:\n{_tail(fleet.log_path)}")
+
+        while len(pids) < fleet.job_processes:
+            check_time()
+            start = self.indices(batch)
+            producer.call("enqueue", start, batch)
+            sent.extend(range(start, start + batch))
             got = self.records.until(lambda got: len(got) >= batch, WARM_WAIT)
             pids.update(pid for _, pid, _ in got)
+            seen.update(index for index, _, _ in got)
+        while drain and not seen.issuperset(sent):
+            check_time()
+            seen.update(index for index, _, _ in self.records.until(lambda got: bool(got), WARM_WAIT))
 
     def close(self) -> None:
         self.stop_fleet()
@@ -740,7 +754,7 @@ def test_restart_after_kill(benchmark: Any, bench: Bench) -> None:
             held = bench.records.collect(start, THREADS)
             victim = a.processes[0].pid
             assert {pid for pid, _ in held.values()} == {victim}, held
-            bench.warm(b.start(), producer, batch=1)
+            bench.warm(b.start(), producer, batch=1, drain=False)  # A may hold one, until it dies
             killed_at = time.perf_counter()
             os.kill(victim, signal.SIGKILL)
             wanted = set(range(start, start + THREADS))
