@@ -110,7 +110,9 @@ class Queue:
     """An in-process job queue with strict priorities, delayed jobs and per-type limits.
 
     ``Queue(100)`` caps the ready buffer at 100 jobs; ``Queue(config=Config(...))``
-    sets everything. Nothing runs before ``start_dispatcher``.
+    sets everything. Nothing runs before ``start_dispatcher``. With
+    ``broker=tinymq.redis.RedisBroker(...)`` the queue is shared by every process
+    that builds one on the same broker name (see docs/redis.md).
     """
 
     def __init__(self, buffer_size: Optional[int] = None, *, config: Optional[Config] = None,

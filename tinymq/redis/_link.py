@@ -398,7 +398,8 @@ class QueueLink:
     def _round_scripts(self) -> Any:
         """The scripts on this link's own connection, for calls made under _round_lock."""
         if self._round_connection is None:
-            self._round_connection = Scripts(self.broker._dedicated_client(_SOCKET_TIMEOUT), self.broker.name)
+            self._round_connection = Scripts(self.client, self.broker.name,
+                                             self.broker._connections(1, _SOCKET_TIMEOUT))
         return self._round_connection
 
     def _take(self, fetched: Sequence[Any]) -> int:
@@ -622,7 +623,7 @@ class QueueLink:
             self._released = True
             if not registered and not ops:
                 if self._round_connection is not None:
-                    self._round_connection.client.close()
+                    self._round_connection.connections.close()
                 return
             try:
                 self.broker.call_resending(self._round_scripts().release, proc, ops)
@@ -633,4 +634,4 @@ class QueueLink:
                                len(unstarted), exc)
             finally:
                 if self._round_connection is not None:
-                    self._round_connection.client.close()
+                    self._round_connection.connections.close()

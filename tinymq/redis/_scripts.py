@@ -11,9 +11,10 @@ token, settle ops by attempt id, fetch by (process, fetch id); beat, reap and
 release leave nothing to do twice.
 """
 import os
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+import threading
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
-__all__ = ["Scripts", "SettleOp", "Crashed", "Fetched", "FetchReply", "EnqueueReply", "key_prefix"]
+__all__ = ["Scripts", "Connections", "SettleOp", "Crashed", "Fetched", "FetchReply", "EnqueueReply", "key_prefix"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SCRIPT_NAMES = ("enqueue", "fetch", "settle", "beat", "reap", "release", "limits",
@@ -106,14 +107,73 @@ def _crashed(rows: Sequence[Sequence[Any]]) -> List[Crashed]:
     return [Crashed(row[0], row[1], int(row[2] or 0), row[3] or "") for row in rows]
 
 
+try:  # redis-py's own packing looks at every argument in Python first; hiredis packs in C
+    from hiredis import pack_command as _pack_command
+except ImportError:  # pragma: no cover - hiredis is optional
+    _pack_command = None
+
+
+def _send(connection: Any, command: Tuple[Any, ...]) -> None:
+    if _pack_command is None:
+        connection.send_command(*command)
+    else:
+        connection.send_packed_command([_pack_command(command)])
+
+
+class Connections:
+    """At most ``size`` raw redis-py connections, made by ``connect()``, lent one at a time.
+
+    A thread waits for a free one, as with redis-py's BlockingConnectionPool,
+    but without that pool's per-call bookkeeping: a script call is one
+    ``send_command`` and one ``read_response`` on a connection of its own.
+    """
+
+    def __init__(self, connect: Callable[[], Any], size: int, wait: float) -> None:
+        self._connect = connect
+        self._wait = wait
+        self._lock = threading.Lock()
+        self._idle: List[Any] = []  # guarded by _lock
+        self._slots = threading.BoundedSemaphore(size)  # one per connection lent or idle
+
+    def acquire(self) -> Any:
+        if not self._slots.acquire(True, self._wait):
+            import redis
+
+            raise redis.ConnectionError(f"no Redis connection became free within {self._wait}s")
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        try:
+            return self._connect()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def release(self, connection: Any, broken: bool) -> None:
+        if broken:  # a reply may be half read: never reuse it
+            connection.disconnect()
+        else:
+            with self._lock:
+                self._idle.append(connection)
+        self._slots.release()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.disconnect()
+
+
 class Scripts:
     """The scripts of the queue ``name``, called through ``client`` (a redis-py client
-    created with ``decode_responses=True``)."""
+    created with ``decode_responses=True``), or through ``connections`` when given
+    (the same client then serves only reads, e.g. ``key()``'s users)."""
 
-    def __init__(self, client: Any, name: str) -> None:
+    def __init__(self, client: Any, name: str, connections: Optional[Connections] = None) -> None:
         self.prefix = key_prefix(name)
         self._keys = [self.prefix]
         self.client = client
+        self.connections = connections
         lib = _source("lib")
         self._script = {script: client.register_script(lib + "\n" + _source(script))
                         for script in _SCRIPT_NAMES}
@@ -122,7 +182,31 @@ class Scripts:
         return self.prefix + suffix
 
     def _call(self, script: str, args: List[Any]) -> Any:
-        return self._script[script](keys=self._keys, args=args)
+        connections = self.connections
+        if connections is None:
+            return self._script[script](keys=self._keys, args=args)
+        import redis
+
+        registered = self._script[script]
+        command = ("EVALSHA", registered.sha, 1, self.prefix, *args)
+        connection = connections.acquire()
+        broken = True
+        try:
+            try:
+                _send(connection, command)
+                reply = connection.read_response()
+            except redis.exceptions.NoScriptError:  # a restarted server: load it, call it again
+                connection.send_command("SCRIPT", "LOAD", registered.script)
+                connection.read_response()
+                _send(connection, command)
+                reply = connection.read_response()
+            broken = False
+            return reply
+        except redis.exceptions.ResponseError:
+            broken = False  # the server answered with an error: the connection is fine
+            raise
+        finally:
+            connections.release(connection, broken)
 
     def enqueue(self, token: str, buffer_size: int, max_delayed_jobs: int,
                 jobs: Sequence[Tuple[str, str, int, float, str]]) -> EnqueueReply:

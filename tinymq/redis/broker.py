@@ -16,7 +16,7 @@ from ..config import _seconds
 from ..errors import TinyMQError
 from ..persistence.sqlite import DeadJob
 from ._codec import decode_job
-from ._scripts import Scripts, key_prefix
+from ._scripts import Connections, Scripts, key_prefix
 
 __all__ = ["RedisBroker"]
 
@@ -74,8 +74,8 @@ class RedisBroker:
         self._pool = redis.BlockingConnectionPool.from_url(
             url, max_connections=_POOL_SIZE, timeout=_POOL_WAIT, decode_responses=True,
             socket_timeout=_SOCKET_TIMEOUT, socket_connect_timeout=_CONNECT_TIMEOUT, retry=self._no_retry())
-        self.client = redis.Redis(connection_pool=self._pool)
-        self._scripts = Scripts(self.client, name)
+        self.client = redis.Redis(connection_pool=self._pool)  # reads (stats, join, dead jobs)
+        self._scripts = Scripts(self.client, name, self._connections(_POOL_SIZE, _SOCKET_TIMEOUT))
         self._checked = False
         self._check_lock = threading.Lock()
         self._queue: Any = None  # the one Queue link this broker serves
@@ -119,6 +119,14 @@ class RedisBroker:
         return redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=timeout,
                                     socket_connect_timeout=_CONNECT_TIMEOUT, max_connections=1,
                                     retry=self._no_retry())
+
+    def _connections(self, size: int, timeout: float) -> Connections:
+        """Raw connections for script calls (see Connections), set up as the pool's are."""
+        redis = _redis()
+        options = redis.ConnectionPool.from_url(
+            self.url, decode_responses=True, socket_timeout=timeout,
+            socket_connect_timeout=_CONNECT_TIMEOUT, retry=self._no_retry())
+        return Connections(lambda: options.connection_class(**options.connection_kwargs), size, _POOL_WAIT)
 
     def call_resending(self, call: Any, *args: Any) -> Any:
         """``call(*args)``, sent again (up to _RESENDS times) when the connection failed: its
@@ -206,6 +214,8 @@ class RedisBroker:
         if queue is not None:
             queue.dispatcher.stop(True, None)
         self._pool.disconnect()
+        if self._scripts.connections is not None:
+            self._scripts.connections.close()
 
     def __enter__(self) -> "RedisBroker":
         return self

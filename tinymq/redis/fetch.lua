@@ -21,8 +21,10 @@ if registered == '1' and not redis.call('ZSCORE', K_PROCS, proc) then return {0,
 redis.call('ZADD', K_PROCS, now + lease, proc)
 local jobs = {}
 local last = redis.call('HGET', K_FETCHED, proc)
-if last and string.sub(last, 1, #fid + 1) == fid .. '\n' then -- a resend of the last fetch
-  for attempt in string.gmatch(string.sub(last, #fid + 2), '[^\n]+') do
+last = last and cjson.decode(last) -- {fetch id, attempt, ...}: job ids may hold any character
+if last and last[1] == fid then -- a resend of the last fetch
+  for k = 2, #last do
+    local attempt = last[k]
     local v = redis.call('HGET', ik, attempt)
     if v and string.sub(v, 1, 1) == 'L' then
       local f = redis.call('HMGET', job_key(id_of(attempt)), 'b', 'r', 'e')
@@ -80,7 +82,8 @@ for p = 2, 0, -1 do
 end
 if #fields > 0 then redis.call('HSET', ik, unpack(fields)) end
 for t, k in pairs(took) do redis.call('HINCRBY', K_RUNNING, t, k) end
-redis.call('HSET', K_FETCHED, proc, fid .. '\n' .. table.concat(taken, '\n'))
+table.insert(taken, 1, fid)
+redis.call('HSET', K_FETCHED, proc, cjson.encode(taken))
 if (#taken >= n or parked_budget == 0) and ready_left() > 0 then signal() end -- chain the wake-up
 flush_counts()
 return {1, now, next_due(), stale, crashed, jobs, now_us}

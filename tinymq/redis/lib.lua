@@ -19,7 +19,7 @@ Keys (after the prefix):
                                  L live (buffered or running), X timed out and decided
                                  but still running (holds only its type slot),
                                  R returned after its deadline, decision not yet seen
-  fetched                  HASH  proc -> "<fetch id>\n<attempt>\n..." (its last fetch,
+  fetched                  HASH  proc -> JSON [fetch id, attempt, ...] (its last fetch,
                                  so a resent fetch returns the same attempts)
   limits                   HASH  type -> max concurrent attempts (absent: unlimited)
   running                  HASH  type -> attempts holding a slot (states L and X)
