@@ -33,7 +33,7 @@ from .config import _seconds
 from .errors import DuplicateJob, QueueFull, QueueStopped
 from .job import Job, Priority, _as_priority, _as_run_at, _as_type
 
-__all__ = ["Periodic", "ScheduleStats", "SCHEDULE_TAG", "cron_next", "tick_job_id"]
+__all__ = ["Periodic", "ScheduleStats", "SCHEDULE_TAG", "cron_next", "tick_job_id", "tick_of_job_id"]
 
 logger = logging.getLogger("tinymq")
 
@@ -67,6 +67,15 @@ def tick_job_id(name: str, tick_wall: float) -> str:
     """The id of the job of schedule ``name``'s tick at ``tick_wall`` (epoch seconds)."""
     moment = datetime.fromtimestamp(tick_wall, timezone.utc)
     return f"{name}@{moment.strftime('%Y-%m-%dT%H:%M:%S.%fZ')}"
+
+
+def tick_of_job_id(job_id: str) -> Optional[float]:
+    """The tick time (epoch seconds) in a tick's job id, or None if ``job_id`` is no such id."""
+    _, _, moment = job_id.rpartition("@")
+    try:
+        return datetime.strptime(moment, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+    except ValueError:
+        return None
 
 
 def _croniter() -> Any:
@@ -106,7 +115,8 @@ def cron_next(expression: str, tz: tzinfo, after: float) -> float:
 class _Trigger(Protocol):
     description: str
 
-    def first(self, now_mono: float, now_wall: float) -> "_Tick": ...
+    def first(self, now_mono: float, now_wall: float, fired_until: float) -> "_Tick":
+        """The first tick from now on; never one at or before ``fired_until`` (a tick already fired)."""
 
     def after(self, tick: "_Tick", now_mono: float, now_wall: float) -> "_Tick": ...
 
@@ -124,7 +134,8 @@ class _Every:
         self.first_delay = first_delay
         self.description = f"every {interval:g}s"
 
-    def first(self, now_mono: float, now_wall: float) -> _Tick:
+    def first(self, now_mono: float, now_wall: float, fired_until: float) -> _Tick:
+        # A new series: ticks on the monotonic clock do not survive a restart.
         delay = self.interval if self.first_delay is None else self.first_delay
         return _Tick(now_mono + delay, now_wall + delay, 0)
 
@@ -144,8 +155,8 @@ class _Cron:
     def _tick(self, wall: float, now_mono: float, now_wall: float) -> _Tick:
         return _Tick(now_mono + (wall - now_wall), wall, -1)
 
-    def first(self, now_mono: float, now_wall: float) -> _Tick:
-        return self._tick(cron_next(self.expression, self.tz, now_wall), now_mono, now_wall)
+    def first(self, now_mono: float, now_wall: float, fired_until: float) -> _Tick:
+        return self._tick(cron_next(self.expression, self.tz, max(now_wall, fired_until)), now_mono, now_wall)
 
     def after(self, tick: _Tick, now_mono: float, now_wall: float) -> _Tick:
         # Strictly after both the tick and now: a tick is never fired twice, a missed one not made up.
@@ -317,7 +328,7 @@ class Periodic:
                 if name is None:
                     continue
                 known = self._recovered.get(name)
-                if known is None or job.run_at >= known.run_at:
+                if known is None or (tick_of_job_id(job.id) or -math.inf) >= (tick_of_job_id(known.id) or -math.inf):
                     self._recovered[name] = job
                 schedule = self._schedules.get(name)
                 if schedule is not None and schedule.last_job_id is None:
@@ -355,7 +366,9 @@ class Periodic:
         Called with _lock held.
         """
         now_mono = self._monotonic()
-        schedule.tick = schedule.trigger.first(now_mono, self._wall())
+        recovered = self._recovered.get(schedule.name)
+        fired_until = -math.inf if recovered is None else (tick_of_job_id(recovered.id) or -math.inf)
+        schedule.tick = schedule.trigger.first(now_mono, self._wall(), fired_until)
         schedule.begin_at = now_mono
 
     def _place_first_tick(self, schedule: _Schedule) -> None:
