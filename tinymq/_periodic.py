@@ -164,7 +164,11 @@ class _Cron:
 
 
 class _Schedule:
-    """One registered schedule. Fields are guarded by Periodic._lock (tick, counters)."""
+    """One registered schedule.
+
+    ``tick``, ``begun``, ``begin_at`` and the counters are guarded by Periodic._lock;
+    ``active`` and ``last_job_id`` change only under Periodic._firing.
+    """
 
     def __init__(self, name: str, job_type: str, payload: Any, priority: Priority, trigger: Any) -> None:
         self.name = name
@@ -237,7 +241,7 @@ class Periodic:
         self._queue = weakref.ref(queue, self._queue_gone)  # the timer never keeps the queue alive
         self._monotonic = monotonic
         self._wall = wall
-        self.backend: Any = _LocalTicks(queue)
+        self.backend: TickBackend = _LocalTicks(queue)  # a broker's Queue sets its own
         # Reentrant: the weakref callback that stops the timer may run (as garbage collection)
         # in a thread that holds it.
         self._lock = threading.RLock()
@@ -468,7 +472,7 @@ class Periodic:
                         logger.debug("schedule %r enqueued job %s", schedule.name, schedule.last_job_id)
                 elif outcome != "taken":  # "taken": another process fired this tick
                     schedule.skipped += 1
-                    if outcome == "busy":
-                        logger.info("schedule %r skipped a tick: its previous job %s is unfinished",
-                                    schedule.name, schedule.last_job_id)
+                    if outcome == "busy" and logger.isEnabledFor(logging.DEBUG):
+                        logger.debug("schedule %r skipped a tick: its previous job %s is unfinished",
+                                     schedule.name, schedule.last_job_id)
                 schedule.tick = schedule.trigger.after(tick, self._monotonic(), self._wall())
