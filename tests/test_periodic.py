@@ -494,11 +494,13 @@ def test_two_queues_on_one_broker_fire_each_every_tick_once(redis_backend):
     ids = [job.id for job in runs.jobs]
     assert len(ids) == len(set(ids)), ids  # no tick ran twice
     shared = redis_backend.brokers[0].client.hgetall(f"tmq:{{{redis_backend.queue_name}}}:schedule:tick")
-    assert int(shared["fired"]) == len(ids) and "skipped" not in shared  # each tick claimed once
-    # The ticks are one grid: consecutive, 0.1 s apart, whichever process fired them.
+    assert int(shared["fired"]) == len(ids)  # each tick claimed once, and its job enqueued once
+    # The ticks are one grid, 0.1 s apart, whichever process fired them (a tick that a late
+    # timer merged into the next one leaves a gap of two intervals).
     moments = sorted(datetime.strptime(i.split("@")[1], "%Y-%m-%dT%H:%M:%S.%fZ") for i in ids)
-    gaps = {round((b - a).total_seconds(), 3) for a, b in zip(moments, moments[1:])}
-    assert gaps == {0.1}, gaps
+    gaps = [(b - a).total_seconds() / 0.1 for a, b in zip(moments, moments[1:])]
+    assert all(gap >= 1 and gap == pytest.approx(round(gap), abs=1e-3) for gap in gaps), gaps
+    assert gaps.count(1.0) >= len(gaps) // 2, gaps
     assert time.monotonic() - started < 8 * 0.1 + WAIT
 
 
@@ -518,16 +520,16 @@ def test_over_a_broker_no_pile_up_across_processes(redis_backend):
 
 def test_over_a_broker_a_cron_tick_fires_once(redis_backend):
     runs = Runs()
-    clock = clock_just_before_a_minute(lead=0.3)
     queues = redis_backend.pair()
+    clock = clock_just_before_a_minute(lead=0.3)
     for q in queues:
         q._periodic._wall = clock
         q.register_executor("minutely", runs)
-        q.register_executor("witness", runs)
         q.cron("* * * * *", "minutely", name="m")
         q.start_dispatcher()
+    minute = schedule_of(queues[0], "m").next_run_at
+    assert schedule_of(queues[1], "m").next_run_at == minute
     runs.wait_for(1)
-    minute = schedule_of(queues[0], "m").next_run_at - 60
     assert wait_until(lambda: all(schedule_of(q, "m").next_run_at == minute + 60 for q in queues))
     assert queues[0].join(WAIT)
     assert [job.id for job in runs.jobs] == [tick_job_id("m", minute)]
