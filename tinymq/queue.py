@@ -14,10 +14,11 @@ from datetime import timedelta
 from typing import Any, Callable, Iterable, List, Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union
 
 from ._dispatch import AttemptLedger, Dispatcher, FailureCallback, _describe
+from ._periodic import Periodic, ScheduleStats
 from ._pick_core import core
 from .config import Config, ExecutorConfig, RetryConfig, _optional_seconds, _seconds
 from .errors import DuplicateJob, PersistenceError, QueueFull, QueueStopped
-from .job import Job, _as_priority, _as_type, _validate
+from .job import Job, Priority, RunAt, _as_priority, _as_type, _validate
 from .stats import ExecutorStats, QueueStats
 
 __all__ = ["Queue"]
@@ -99,6 +100,9 @@ class BrokerLink(AttemptLedger, Protocol):
     def start(self, workers: int) -> None:
         """Start taking jobs for ``workers`` worker threads."""
 
+    def ticks(self, queue: "Queue") -> Any:
+        """The TickBackend (tinymq/_periodic.py) that fires each schedule's tick once across processes."""
+
 
 def _check_job(job: object) -> Job:
     if not isinstance(job, Job):
@@ -142,6 +146,9 @@ class Queue:
                 raise TypeError(f"broker must be a tinymq broker (e.g. tinymq.redis.RedisBroker), got {broker!r}")
             self._link = attach(config, self._dispatcher)
             self._dispatcher.ledger = self._link
+        self._periodic = Periodic(self)  # q.every / q.cron: see _periodic.py
+        if self._link is not None:
+            self._periodic.backend = self._link.ticks(self)
         # Dropping the queue without stop() still stops its threads, and says what was left.
         self._finalizer = weakref.finalize(self, self._dispatcher.stop, False, None,
                                            "garbage-collected without stop()")
@@ -198,6 +205,7 @@ class Queue:
         self._dispatcher.start(workers)
         if self._link is not None:
             self._link.start(workers)
+        self._periodic.start()
 
     # --- enqueueing ----------------------------------------------------------
 
@@ -356,6 +364,40 @@ class Queue:
                     self._dispatcher.call_store("delete", store.delete, job.id)
             raise
 
+    # --- periodic jobs (tinymq/_periodic.py) ----------------------------------
+
+    def every(self, interval: Union[float, timedelta], job_type: str, payload: Any = None, *,
+              name: Optional[str] = None, priority: Priority = Priority.MEDIUM,
+              first_at: Optional[RunAt] = None) -> str:
+        """Enqueue a ``job_type`` job every ``interval`` seconds (monotonic clock); returns the name.
+
+        The first tick is one interval after ``start_dispatcher`` (or after this
+        call, if later), or at ``first_at`` (epoch seconds or an aware datetime).
+        ``name`` defaults to ``job_type``; a name in use raises ValueError.
+        A tick is skipped, and counted, while the previous tick's job is unfinished.
+        """
+        return self._periodic.every(interval, job_type, payload, name, priority, first_at)
+
+    def cron(self, expression: str, job_type: str, payload: Any = None, *, name: Optional[str] = None,
+             priority: Priority = Priority.MEDIUM, tz: Any = None) -> str:
+        """Enqueue a ``job_type`` job at each tick of cron ``expression``; returns the name.
+
+        Needs ``croniter`` (``pip install 'tinymq[cron]'``). ``tz``: a tzinfo or an
+        IANA name; None means UTC. ``name`` defaults to ``"<job_type> <expression>"``.
+        """
+        return self._periodic.cron(expression, job_type, payload, name, priority, tz)
+
+    def unschedule(self, name: str) -> bool:
+        """Stop schedule ``name``: True if it existed, False if not (like ``cancel``).
+
+        No tick of it enqueues a job once this returns; a job it already enqueued still runs.
+        """
+        return self._periodic.unschedule(name)
+
+    def schedules(self) -> List[ScheduleStats]:
+        """The registered schedules, with their next tick and fired/skipped counts."""
+        return self._periodic.schedules()
+
     # --- persistence ---------------------------------------------------------
 
     def set_persistence(self, store: Any) -> None:
@@ -392,6 +434,7 @@ class Queue:
         self._ready.accept(jobs + crashed)
         self._store = store
         self._dispatcher.set_store(store)
+        self._periodic.recovered(jobs)
         for job in crashed:  # their process died during too many attempts: they failed here
             self._dispatcher.fail(job, "crashed", None)
         if not jobs:
@@ -458,6 +501,7 @@ class Queue:
         Idempotent. Jobs still queued are not run; a persistence store keeps them.
         """
         limit = _optional_seconds("timeout", timeout)
+        self._periodic.stop()
         self._dispatcher.stop(wait, limit)
 
     def __enter__(self) -> "Queue":

@@ -466,6 +466,12 @@ class QueueLink:
 
     # --- threads -----------------------------------------------------------------
 
+    def ticks(self, queue: Any) -> Any:
+        """The TickBackend of ``queue``'s schedules: each tick claimed once in Redis."""
+        from ._schedules import BrokerTicks
+
+        return BrokerTicks(self, queue)
+
     def start(self, workers: int) -> None:
         with self._lock:
             self._workers = workers
