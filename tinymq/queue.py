@@ -307,7 +307,13 @@ class Queue:
         delays: List[float] = []
         now = _now()
         for job in batch:
-            run_at = _validate(job)
+            run_at = job.run_at
+            job_type = job.type
+            # As in enqueue(), and a Priority as is: the store saves every job before the core looks.
+            if (run_at.__class__ is not float or run_at - run_at != 0.0 or job_type.__class__ is not str
+                    or not job_type or job._tags is not None or job.retry_config.__class__ is not RetryConfig
+                    or job.priority.__class__ is not Priority):
+                run_at = _validate(job)
             if run_at is not job.timestamp and run_at > now:
                 delayed_jobs.append(job)
                 delays.append(run_at - now)
