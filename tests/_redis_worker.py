@@ -28,8 +28,8 @@ def main() -> None:
 
     queue.register_executor("record", record)
     queue.register_executor("poison", poison)
+    print("ready", flush=True)  # before it starts: a poison job may end it at once
     queue.start_dispatcher(2)
-    print("ready", flush=True)
     sys.stdin.read()
     queue.stop()
 

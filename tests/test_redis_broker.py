@@ -221,3 +221,25 @@ def test_redis_killed_and_restarted_enqueue_raises_then_workers_resume(own_redis
         assert (stats.jobs_enqueued, stats.jobs_succeeded) == (20, 20)  # the AOF kept the counters
     finally:
         backend.close()
+
+
+def test_an_evicting_maxmemory_policy_is_warned_about_at_connect(tmp_path, caplog):
+    from _redis_server import RedisServer, require_redis
+
+    require_redis()
+    directory = tmp_path / "lru"
+    directory.mkdir()
+    server = RedisServer(str(directory), extra=["--maxmemory-policy", "allkeys-lru"]).start()
+    try:
+        with caplog.at_level("WARNING", logger="tinymq"):
+            broker = RedisBroker(server.url, name="lru")
+        broker.close()
+        assert any("allkeys-lru" in r.getMessage() and "noeviction" in r.getMessage() for r in caplog.records)
+    finally:
+        server.stop()
+
+
+def test_noeviction_gives_no_warning(redis_url, caplog):
+    with caplog.at_level("WARNING", logger="tinymq"):
+        RedisBroker(redis_url, name="quiet").close()
+    assert caplog.records == []

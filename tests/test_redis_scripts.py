@@ -86,6 +86,17 @@ def test_a_resent_fetch_returns_the_same_attempts_and_takes_nothing_more(scripts
     check_invariants(scripts)
 
 
+def test_ids_and_types_may_hold_any_character(scripts):
+    odd = ["a:b", "line\nbreak", "{tag}", "é ü"]
+    scripts.enqueue("tok", 100, 0, [(job_id, "ty:pe\n", 1, 0, "body") for job_id in odd])
+    first = scripts.fetch("p1", "1", 4, LEASE_MS, 3, False)
+    assert [j.id for j in first.jobs] == odd
+    assert scripts.fetch("p1", "1", 4, LEASE_MS, 3, True).jobs == first.jobs  # a resend
+    assert scripts.settle("p1", [SettleOp("S", j.attempt) for j in first.jobs]) == 0
+    assert stats(scripts)["outstanding"] == 0
+    check_invariants(scripts)
+
+
 def test_a_resent_settle_is_stale_and_counts_once(scripts):
     scripts.enqueue("tok", 100, 0, rows("a"))
     attempt = scripts.fetch("p1", "1", 1, LEASE_MS, 3, False).jobs[0].attempt
@@ -201,4 +212,16 @@ def test_requeue_and_purge_dead(scripts):
     assert scripts.client.hget(key(scripts, "job:a"), "r") == "0"
     assert scripts.purge_dead(["b", "a"]) == 1
     assert not scripts.client.exists(key(scripts, "job:b"))
+    check_invariants(scripts)
+
+
+def test_enqueueing_the_id_of_a_dead_job_replaces_it(scripts):
+    scripts.enqueue("tok", 100, 0, rows("a"))
+    attempt = scripts.fetch("p1", "1", 1, LEASE_MS, 3, False).jobs[0].attempt
+    scripts.settle("p1", [SettleOp("Z", attempt, 2, 0, "retries_exhausted", "boom")])
+    assert scripts.client.zrange(key(scripts, "dead"), 0, -1) == ["a"]
+    assert scripts.enqueue("tok2", 100, 0, rows("a")).status == "ok"
+    assert scripts.client.zrange(key(scripts, "dead"), 0, -1) == []
+    assert scripts.client.hgetall(key(scripts, "job:a")) == {
+        "t": "t", "p": "1", "b": "body-a", "r": "0", "k": "tok2"}
     check_invariants(scripts)

@@ -30,12 +30,7 @@ import math
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, cast
-
-try:  # Python 3.8+ has it; the fallback keeps type checkers honest only
-    from typing import Protocol
-except ImportError:  # pragma: no cover
-    Protocol = object  # type: ignore[assignment,misc]
+from typing import Any, Callable, Dict, List, Optional, Protocol, Set, Tuple, cast
 
 from ._pick_core import core
 from .config import Config, ExecutorConfig

@@ -11,9 +11,9 @@ import time
 import types
 import weakref
 from datetime import timedelta
-from typing import Any, Callable, Iterable, List, Optional, Set, Tuple, TypeVar, Union
+from typing import Any, Callable, Iterable, List, Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union
 
-from ._dispatch import Dispatcher, FailureCallback, _describe
+from ._dispatch import AttemptLedger, Dispatcher, FailureCallback, _describe
 from ._pick_core import core
 from .config import Config, ExecutorConfig, RetryConfig, _optional_seconds, _seconds
 from .errors import DuplicateJob, PersistenceError, QueueFull, QueueStopped
@@ -77,6 +77,29 @@ def _inspect_takes_context(job_type: str, fn: Callable[..., Any]) -> bool:
                     f"{fn!r} has the signature {signature}")
 
 
+class BrokerLink(AttemptLedger, Protocol):
+    """What a Queue built with ``broker=`` uses: the one seam to a shared backend.
+
+    ``broker._attach(config, dispatcher)`` returns it (``tinymq.redis`` meets it).
+    The Queue validates jobs as always, then hands these calls to the link
+    instead of the core; as the dispatcher's ``AttemptLedger`` it also hears
+    every attempt's outcome. Without a broker none of this runs.
+    """
+
+    def enqueue(self, jobs: Sequence[Job], block: bool, timeout: Optional[float]) -> None:
+        """All of ``jobs`` or none (QueueFull, DuplicateJob, QueueStopped, TinyMQError)."""
+
+    def stats(self) -> QueueStats: ...
+
+    def join(self, timeout: Optional[float]) -> bool: ...
+
+    def set_limit(self, job_type: str, limit: int) -> None:
+        """A registered executor's max_concurrent_jobs, as the shared (global) limit."""
+
+    def start(self, workers: int) -> None:
+        """Start taking jobs for ``workers`` worker threads."""
+
+
 def _check_job(job: object) -> Job:
     if not isinstance(job, Job):
         raise TypeError(f"expected a tinymq.Job, got {job!r}")
@@ -87,7 +110,9 @@ class Queue:
     """An in-process job queue with strict priorities, delayed jobs and per-type limits.
 
     ``Queue(100)`` caps the ready buffer at 100 jobs; ``Queue(config=Config(...))``
-    sets everything. Nothing runs before ``start_dispatcher``.
+    sets everything. Nothing runs before ``start_dispatcher``. With
+    ``broker=tinymq.redis.RedisBroker(...)`` the queue is shared by every process
+    that builds one on the same broker name (see docs/redis.md).
     """
 
     def __init__(self, buffer_size: Optional[int] = None, *, config: Optional[Config] = None,
@@ -110,7 +135,7 @@ class Queue:
         # With a broker (tinymq.redis.RedisBroker) the queue's state lives there: the link
         # enqueues, joins and counts through it, and the dispatcher reports attempts to it.
         self._broker = broker
-        self._link: Any = None
+        self._link: Optional[BrokerLink] = None
         if broker is not None:
             attach = getattr(broker, "_attach", None)
             if not callable(attach):

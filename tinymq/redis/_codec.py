@@ -10,7 +10,7 @@ import json
 from typing import Any, Dict, Optional
 
 from ..config import RetryConfig
-from ..job import Job, _DEFAULT_RETRY_CONFIG
+from ..job import _DEFAULT_RETRY_CONFIG, Job, Priority
 from ..persistence.serializers import JSONSerializer
 
 __all__ = ["encode_job", "decode_job"]
@@ -19,6 +19,8 @@ _RETRY_FIELDS = ("max_retries", "initial_delay", "max_delay", "backoff_multiple"
 _serializer = JSONSerializer()
 _retry_configs: Dict[str, RetryConfig] = {}  # decoded config text -> config, shared by jobs
 _CACHE_LIMIT = 256  # distinct retry configs remembered
+_PRIORITIES = {int(p): p for p in Priority}
+_new_job = object.__new__
 
 
 def _retry_fields(config: RetryConfig) -> Optional[Dict[str, Any]]:
@@ -50,11 +52,22 @@ def _retry_config(fields: Optional[Dict[str, Any]]) -> RetryConfig:
 
 
 def decode_job(job_id: str, body: str, retries: Any = 0, last_error: Optional[str] = None) -> Job:
-    """The Job that ``encode_job`` wrote, with the retries and last error Redis kept."""
+    """The Job that ``encode_job`` wrote, with the retries and last error Redis kept.
+
+    A body as ``encode_job`` writes it is taken as it is; anything else goes
+    through ``Job()``, which checks every field (ValueError/TypeError).
+    """
     job_type, priority, payload, timestamp, run_at, retry_fields, tags = _serializer.loads(body)  # type: ignore[misc]
-    job = Job(job_type, payload, priority=priority, tags=tags, run_at=run_at,
-              retry_config=_retry_config(retry_fields), id=job_id)
-    job.timestamp = timestamp
+    if (job_type.__class__ is str and job_type and priority.__class__ is int and priority in _PRIORITIES
+            and run_at.__class__ is float and run_at - run_at == 0.0 and timestamp.__class__ is float
+            and tags is None and retry_fields is None):
+        job = _new_job(Job)  # the common case, without Job()'s checks: they all hold
+        job._id, job.type, job.payload, job.priority, job._tags = job_id, job_type, payload, _PRIORITIES[priority], None
+        job.timestamp, job.run_at, job.retry_config = timestamp, run_at, _DEFAULT_RETRY_CONFIG
+    else:
+        job = Job(job_type, payload, priority=priority, tags=tags, run_at=run_at,
+                  retry_config=_retry_config(retry_fields), id=job_id)
+        job.timestamp = float(timestamp)
     job.retries = int(retries or 0)
     job.last_error = last_error or None
     return job

@@ -31,7 +31,7 @@ from .._pick_core import core
 from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError
 from ..stats import ExecutorStats, QueueStats
 from ._codec import decode_job, encode_job
-from ._scripts import SettleOp
+from ._scripts import Scripts, SettleOp
 
 __all__ = ["QueueLink"]
 
@@ -47,6 +47,9 @@ _ROOM_POLL_MIN = 0.001  # enqueue(block=True) and join() look again after this, 
 _ROOM_POLL_MAX = 0.05
 _LOG_EVERY = 30.0  # seconds between two warnings about the same outage
 _MS = 1000.0
+_US = 1_000_000.0
+_DIGITS = 3  # delays are sent in ms to the microsecond
+_SOCKET_TIMEOUT = 10.0  # a round's reply slower than this is a dead connection
 
 _PENDING, _STARTED, _GIVEN_BACK = range(3)
 
@@ -94,6 +97,10 @@ class QueueLink:
         self._workers = 0  # 0 until start: a producer-only queue fetches nothing
         self._closing = False
         self._pump_idle = False  # the pump is blocked in Redis: workers flush their own ops
+        # What the pump waits for on _changed: this many free slots (0: it waits on a timer
+        # already, or not at all), or _SETTLE_BATCH ops. Wakes it only when it may go.
+        self._pump_goal = 1
+        self._pump_asleep = False  # it waits with nothing to do: the first op or slot wakes it
         self._limits: Dict[str, int] = {}
         self._limits_dirty = False
         self._proc = self._new_proc_id()
@@ -102,6 +109,7 @@ class QueueLink:
         self._round_lock = threading.Lock()
         self._unsent: Optional[Tuple[str, str, int, List[SettleOp]]] = None  # (proc, fetch id, n, ops)
         self._fetch_ids = itertools.count(1)
+        self._round_connection: Any = None  # its own connection: rounds are one at a time anyway
         # Fetched jobs whose id the core still holds (a copy this process gave up, still running):
         # placed once that copy is done. Guarded by _round_lock.
         self._held: List[Any] = []
@@ -132,15 +140,16 @@ class QueueLink:
                                    "none of the batch was enqueued")
             seen.add(job_id)
             run_at = job.run_at
-            delay = 0 if run_at is job.timestamp else math.ceil((run_at - now) * _MS)
-            rows.append((job_id, job.type, int(job.priority), max(delay, 0), encode_job(job)))
+            delay = 0.0 if run_at is job.timestamp else round((run_at - now) * _MS, _DIGITS)
+            rows.append((job_id, job.type, int(job.priority), delay if delay > 0.0 else 0, encode_job(job)))
         token = os.urandom(8).hex()  # a resend of this call is recognised by it
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = _ROOM_POLL_MIN
         while True:
             try:
                 self.broker._check_server()
-                reply = self.scripts.enqueue(token, self.config.buffer_size, self.config.max_delayed_jobs, rows)
+                reply = self.broker.call_resending(self.scripts.enqueue, token, self.config.buffer_size,
+                                                   self.config.max_delayed_jobs, rows)
             except self._redis_error as exc:
                 raise TinyMQError(f"could not enqueue {len(rows)} job(s) to Redis queue "
                                   f"{self.broker.name!r}: {exc}") from exc
@@ -242,7 +251,12 @@ class QueueLink:
         if not self._ops:
             self._ops_since = time.monotonic()
         self._ops.append(op)
-        self._changed.notify_all()
+        self._wake_pump()
+
+    def _wake_pump(self) -> None:
+        """A slot freed or an op came: wake the pump if that is what it waits for. With _lock held."""
+        if self._pump_asleep or len(self._ops) >= _SETTLE_BATCH or self._free() >= self._pump_goal:
+            self._changed.notify()
 
     def _flush_if_idle(self) -> None:
         if self._pump_idle:  # the pump sleeps in Redis: send it now, from this thread
@@ -267,7 +281,7 @@ class QueueLink:
             if record is not None and not record.expired:
                 record.expired = True
                 self._in_hand -= 1
-                self._changed.notify_all()
+                self._wake_pump()
 
     def _decide(self, job: Any, op: str, delay: float = 0.0, reason: str = "", error: str = "") -> None:
         with self._lock:
@@ -282,7 +296,7 @@ class QueueLink:
             else:
                 del self._attempts[job]
                 self._in_hand -= 1
-            self._queue_op(SettleOp(op, record.attempt, job.retries, max(0, math.ceil(delay * _MS)),
+            self._queue_op(SettleOp(op, record.attempt, job.retries, max(0.0, round(delay * _MS, _DIGITS)),
                                     reason, error))
         self._flush_if_idle()
 
@@ -338,21 +352,20 @@ class QueueLink:
             if self._unsent is None:  # else resend the failed call as it was: the script knows it
                 with self._lock:
                     ops, self._ops = self._ops, []
-                    n = self._free()
-                    proc = self._proc
+                    self._unsent = (self._proc, format(next(self._fetch_ids), "x"), self._free(), ops)
                     limits = dict(self._limits) if self._limits_dirty else None
                     self._limits_dirty = False
-                if limits:
+                if limits:  # before the fetch, so that it admits by the current limits
                     try:
-                        self.scripts.set_limits(limits)
+                        self._round_scripts().set_limits(limits)
                     except BaseException:
                         with self._lock:
                             self._limits_dirty = True
                         raise
-                self._unsent = (proc, format(next(self._fetch_ids), "x"), n, ops)
             proc, fetch_id, n, ops = self._unsent
             self.broker._check_server()
-            reply = self.scripts.fetch(proc, fetch_id, n, self._lease_ms, self.broker.max_crash_recoveries,
+            sent = time.monotonic()
+            reply = self._round_scripts().fetch(proc, fetch_id, n, self._lease_ms, self.broker.max_crash_recoveries,
                                        self._registered, ops)
             received = time.monotonic()
             self._unsent = None
@@ -363,7 +376,9 @@ class QueueLink:
             if reply.next_due_ms is None:
                 self._next_due = math.inf
             else:
-                due = received + (reply.next_due_ms - reply.now_ms) / _MS
+                # The script ran about half a round trip before the reply came; fire half a round
+                # trip early, so the fetch reaches the server at the due time.
+                due = sent + (reply.next_due_ms * _MS - reply.now_us) / _US
                 self._next_due = due
                 self._timer_alarm.wake_before(due)
             jobs = self._take(reply.jobs)
@@ -379,6 +394,13 @@ class QueueLink:
             return False
         self.ready.requeue(job)
         return True
+
+    def _round_scripts(self) -> Any:
+        """The scripts on this link's own connection, for calls made under _round_lock."""
+        if self._round_connection is None:
+            self._round_connection = Scripts(self.client, self.broker.name,
+                                             self.broker._connections(1, _SOCKET_TIMEOUT))
+        return self._round_connection
 
     def _take(self, fetched: Sequence[Any]) -> int:
         """Hand fetched attempts to the core. Called with _round_lock held."""
@@ -405,12 +427,17 @@ class QueueLink:
             for job, attempt in jobs:
                 self._attempts[job] = _Attempt(attempt)
             self._in_hand += len(jobs)
-        for job, attempt in jobs:
-            try:
-                if not self._place(job):
-                    self._held.append(job)
-            except QueueStopped:
-                give_back.append(job)
+        try:  # the whole batch in one core call, most of the time
+            placed = self.ready.push_many([job for job, _ in jobs])
+        except (DuplicateJob, QueueStopped):
+            placed = False
+        if not placed:  # one by one: the buffer is small, or a given-up copy holds an id
+            for job, attempt in jobs:
+                try:
+                    if not self._place(job):
+                        self._held.append(job)
+                except QueueStopped:
+                    give_back.append(job)
         if give_back:
             with self._lock:
                 for job in give_back:
@@ -428,6 +455,7 @@ class QueueLink:
             held = sum(1 for r in self._attempts.values() if r.state == _STARTED and not r.expired)
             self._attempts = {job: r for job, r in self._attempts.items() if r.state == _STARTED}
             self._held = []  # (called with _round_lock held)
+            self._unsent = None  # a call for the old id: resent, it would register that id again
             self._in_hand = held  # running attempts still occupy their workers
             self._ops = []  # their attempts are no longer ours: every op would be stale
             old, self._proc = self._proc, self._new_proc_id()
@@ -454,7 +482,7 @@ class QueueLink:
             logger.warning("Redis queue %r: %s failed (%s); retrying", self.broker.name, what, exc)
 
     def _pump(self) -> None:
-        blocking = self.broker._blocking_client(_IDLE_WAIT + self.broker.lease)
+        blocking = self.broker._dedicated_client(_IDLE_WAIT + _SOCKET_TIMEOUT)
         signal_key = self.scripts.key("signal")
         pause = _BACKOFF_MIN
         backlog = False  # the last round filled its batch: Redis has more
@@ -500,22 +528,29 @@ class QueueLink:
         to ``_SETTLE_DELAY`` for the whole batch of slots to free, so a round
         carries many settles and jobs; unsent ops wait as long at most.
         """
-        full = self._workers + _PREFETCH
+        goal = self._workers + _PREFETCH if backlog else 1
         since = None
-        while not self._closing and self._unsent is None:
-            free = self._free()
-            if free >= (full if backlog else 1) or len(self._ops) >= _SETTLE_BATCH:
-                return
-            if free or self._ops:
-                now = time.monotonic()
-                if since is None:
-                    since = min(now, self._ops_since) if self._ops else now
-                left = since + _SETTLE_DELAY - now
-                if left <= 0.0:
+        try:
+            while not self._closing and self._unsent is None:
+                free = self._free()
+                if free >= goal or len(self._ops) >= _SETTLE_BATCH:
                     return
-                self._changed.wait(left)
-            else:
-                self._changed.wait()
+                self._pump_goal = goal
+                if free or self._ops:
+                    now = time.monotonic()
+                    if since is None:
+                        since = min(now, self._ops_since) if self._ops else now
+                    left = since + _SETTLE_DELAY - now
+                    if left <= 0.0:
+                        return
+                    self._changed.wait(left)
+                else:
+                    self._pump_asleep = True
+                    self._changed.wait()
+                    self._pump_asleep = False
+        finally:
+            self._pump_asleep = False
+            self._pump_goal = 1
 
     def _wake_key(self) -> str:
         return self.scripts.key("wake:" + self._proc)
@@ -545,7 +580,7 @@ class QueueLink:
             try:
                 with self._round_lock:  # never beside a round: a reap answer must meet a settled state
                     proc, registered = self._proc, self._registered
-                    alive, _, crashed = self.scripts.beat(proc, self._lease_ms, self.broker.max_crash_recoveries,
+                    alive, _, crashed = self._round_scripts().beat(proc, self._lease_ms, self.broker.max_crash_recoveries,
                                                           registered)
                     if not alive:
                         self._abandon()
@@ -565,7 +600,7 @@ class QueueLink:
             if self._closing:
                 return
             self._closing = True
-            self._changed.notify_all()
+            self._changed.notify_all()  # (the pump is the only waiter)
         self._stopped.set()
         self._timer_alarm.wake()
         started = [thread for thread in self._threads if thread.is_alive()]
@@ -587,11 +622,16 @@ class QueueLink:
                 proc, registered = self._proc, self._registered
             self._released = True
             if not registered and not ops:
+                if self._round_connection is not None:
+                    self._round_connection.connections.close()
                 return
             try:
-                self.scripts.release(proc, ops)
+                self.broker.call_resending(self._round_scripts().release, proc, ops)
                 self.client.delete(self._wake_key())
             except self._redis_error as exc:
                 logger.warning("Redis queue %r: could not give back %d unstarted job(s) at stop (%s); "
                                "they return when this process's lease expires", self.broker.name,
                                len(unstarted), exc)
+            finally:
+                if self._round_connection is not None:
+                    self._round_connection.connections.close()

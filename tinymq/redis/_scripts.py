@@ -5,14 +5,16 @@ NOSCRIPT, after a server restart) and returns the script's reply as plain
 Python values. The scripts themselves (``*.lua`` beside this file, each with
 ``lib.lua`` in front) document their keys, arguments, replies and invariants.
 
-Every script is idempotent against a resend of the same call (redis-py resends
-after a connection error): enqueue by its token, settle ops by attempt id, fetch
-by (process, fetch id); beat, reap and release leave nothing to do twice.
+Every script is idempotent against a resend of the same call (the client sends
+a call again when the connection failed before its reply came): enqueue by its
+token, settle ops by attempt id, fetch by (process, fetch id); beat, reap and
+release leave nothing to do twice.
 """
 import os
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+import threading
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
-__all__ = ["Scripts", "SettleOp", "Crashed", "Fetched", "FetchReply", "EnqueueReply", "key_prefix"]
+__all__ = ["Scripts", "Connections", "SettleOp", "Crashed", "Fetched", "FetchReply", "EnqueueReply", "key_prefix"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SCRIPT_NAMES = ("enqueue", "fetch", "settle", "beat", "reap", "release", "limits",
@@ -44,7 +46,7 @@ class SettleOp(NamedTuple):
     op: str
     attempt: str
     retries: int = 0
-    delay_ms: int = 0
+    delay_ms: float = 0
     reason: str = ""
     error: str = ""
 
@@ -74,10 +76,11 @@ class Fetched(NamedTuple):
 class FetchReply(NamedTuple):
     reaped: bool  # this process was declared dead: nothing was done
     now_ms: int  # the server clock
-    next_due_ms: Optional[int]  # the earliest delayed job's due time, if any
+    next_due_ms: Optional[float]  # the earliest delayed job's due time, if any
     stale: int  # settle ops that changed nothing
     crashed: List[Crashed]
     jobs: List[Fetched]
+    now_us: int = 0  # the server clock in microseconds (now_ms is it floored)
 
 
 class EnqueueReply(NamedTuple):
@@ -104,14 +107,73 @@ def _crashed(rows: Sequence[Sequence[Any]]) -> List[Crashed]:
     return [Crashed(row[0], row[1], int(row[2] or 0), row[3] or "") for row in rows]
 
 
+try:  # redis-py's own packing looks at every argument in Python first; hiredis packs in C
+    from hiredis import pack_command as _pack_command
+except ImportError:  # pragma: no cover - hiredis is optional
+    _pack_command = None
+
+
+def _send(connection: Any, command: Tuple[Any, ...]) -> None:
+    if _pack_command is None:
+        connection.send_command(*command)
+    else:
+        connection.send_packed_command([_pack_command(command)])
+
+
+class Connections:
+    """At most ``size`` raw redis-py connections, made by ``connect()``, lent one at a time.
+
+    A thread waits for a free one, as with redis-py's BlockingConnectionPool,
+    but without that pool's per-call bookkeeping: a script call is one
+    ``send_command`` and one ``read_response`` on a connection of its own.
+    """
+
+    def __init__(self, connect: Callable[[], Any], size: int, wait: float) -> None:
+        self._connect = connect
+        self._wait = wait
+        self._lock = threading.Lock()
+        self._idle: List[Any] = []  # guarded by _lock
+        self._slots = threading.BoundedSemaphore(size)  # one per connection lent or idle
+
+    def acquire(self) -> Any:
+        if not self._slots.acquire(True, self._wait):
+            import redis
+
+            raise redis.ConnectionError(f"no Redis connection became free within {self._wait}s")
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        try:
+            return self._connect()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def release(self, connection: Any, broken: bool) -> None:
+        if broken:  # a reply may be half read: never reuse it
+            connection.disconnect()
+        else:
+            with self._lock:
+                self._idle.append(connection)
+        self._slots.release()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.disconnect()
+
+
 class Scripts:
     """The scripts of the queue ``name``, called through ``client`` (a redis-py client
-    created with ``decode_responses=True``)."""
+    created with ``decode_responses=True``), or through ``connections`` when given
+    (the same client then serves only reads, e.g. ``key()``'s users)."""
 
-    def __init__(self, client: Any, name: str) -> None:
+    def __init__(self, client: Any, name: str, connections: Optional[Connections] = None) -> None:
         self.prefix = key_prefix(name)
         self._keys = [self.prefix]
         self.client = client
+        self.connections = connections
         lib = _source("lib")
         self._script = {script: client.register_script(lib + "\n" + _source(script))
                         for script in _SCRIPT_NAMES}
@@ -120,11 +182,35 @@ class Scripts:
         return self.prefix + suffix
 
     def _call(self, script: str, args: List[Any]) -> Any:
-        return self._script[script](keys=self._keys, args=args)
+        connections = self.connections
+        if connections is None:
+            return self._script[script](keys=self._keys, args=args)
+        import redis
+
+        registered = self._script[script]
+        command = ("EVALSHA", registered.sha, 1, self.prefix, *args)
+        connection = connections.acquire()
+        broken = True
+        try:
+            try:
+                _send(connection, command)
+                reply = connection.read_response()
+            except redis.exceptions.NoScriptError:  # a restarted server: load it, call it again
+                connection.send_command("SCRIPT", "LOAD", registered.script)
+                connection.read_response()
+                _send(connection, command)
+                reply = connection.read_response()
+            broken = False
+            return reply
+        except redis.exceptions.ResponseError:
+            broken = False  # the server answered with an error: the connection is fine
+            raise
+        finally:
+            connections.release(connection, broken)
 
     def enqueue(self, token: str, buffer_size: int, max_delayed_jobs: int,
-                jobs: Sequence[Tuple[str, str, int, int, str]]) -> EnqueueReply:
-        """Enqueue ``(id, type, priority, delay_ms, body)`` rows, all or none."""
+                jobs: Sequence[Tuple[str, str, int, float, str]]) -> EnqueueReply:
+        """Enqueue ``(id, type, priority, delay_ms, body)`` rows, all or none (delay_ms may be fractional)."""
         args: List[Any] = [token, buffer_size, max_delayed_jobs, len(jobs)]
         for row in jobs:
             args.extend(row)
@@ -143,11 +229,12 @@ class Scripts:
         """Settle ``ops``, renew, reap, promote, and take up to ``n`` jobs for ``proc``."""
         reply = self._call("fetch", [proc, fetch_id, n, lease_ms, max_crash_recoveries,
                                      "1" if registered else "0", len(ops), *_ops_args(ops)])
-        due = int(reply[2])
+        due = float(reply[2])
         return FetchReply(
             reaped=int(reply[0]) == 0, now_ms=int(reply[1]), next_due_ms=None if due < 0 else due,
             stale=int(reply[3]), crashed=_crashed(reply[4]),
             jobs=[Fetched(row[0], row[1], int(row[2] or 0), row[3] or "") for row in reply[5]],
+            now_us=int(reply[6]),
         )
 
     def settle(self, proc: str, ops: Sequence[SettleOp]) -> int:

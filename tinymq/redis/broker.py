@@ -8,6 +8,7 @@ idle (made by ``_link``). It also offers the dead-job admin calls.
 import logging
 import re
 import threading
+import time
 from datetime import timedelta
 from typing import Any, Iterable, List, Optional, Union
 
@@ -15,7 +16,7 @@ from ..config import _seconds
 from ..errors import TinyMQError
 from ..persistence.sqlite import DeadJob
 from ._codec import decode_job
-from ._scripts import Scripts, key_prefix
+from ._scripts import Connections, Scripts, key_prefix
 
 __all__ = ["RedisBroker"]
 
@@ -26,9 +27,8 @@ _POOL_SIZE = 16  # connections shared by the pump, heartbeat, timer, producers a
 _POOL_WAIT = 20.0  # seconds a thread waits for a pooled connection before it is an error
 _SOCKET_TIMEOUT = 10.0  # a reply slower than this is a dead connection
 _CONNECT_TIMEOUT = 2.0
-_RESENDS = 2  # redis-py resends a command after a connection error this often (scripts are idempotent)
-_RESEND_BACKOFF_CAP = 0.1
-_RESEND_BACKOFF_BASE = 0.01
+_RESENDS = 2  # tinymq resends a call whose reply was lost this often (every script is idempotent)
+_RESEND_PAUSE = 0.02  # seconds before the first resend, doubling
 _PAGE = 500  # ids per admin script call: bounded work in Redis
 
 
@@ -65,15 +65,17 @@ class RedisBroker:
         self.name = name
         self.lease = lease
         self.max_crash_recoveries = max_crash_recoveries
-        from redis.backoff import ExponentialBackoff
+        from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        self._retry = lambda: Retry(ExponentialBackoff(_RESEND_BACKOFF_CAP, _RESEND_BACKOFF_BASE), _RESENDS)
+        # redis-py resends nothing by itself: tinymq resends (call_resending), the same call with
+        # the same token or fetch id, which is what makes a resend safe.
+        self._no_retry = lambda: Retry(NoBackoff(), 0)
         self._pool = redis.BlockingConnectionPool.from_url(
             url, max_connections=_POOL_SIZE, timeout=_POOL_WAIT, decode_responses=True,
-            socket_timeout=_SOCKET_TIMEOUT, socket_connect_timeout=_CONNECT_TIMEOUT)
-        self.client = redis.Redis(connection_pool=self._pool, retry=self._retry())
-        self._scripts = Scripts(self.client, name)
+            socket_timeout=_SOCKET_TIMEOUT, socket_connect_timeout=_CONNECT_TIMEOUT, retry=self._no_retry())
+        self.client = redis.Redis(connection_pool=self._pool)  # reads (stats, join, dead jobs)
+        self._scripts = Scripts(self.client, name, self._connections(_POOL_SIZE, _SOCKET_TIMEOUT))
         self._checked = False
         self._check_lock = threading.Lock()
         self._queue: Any = None  # the one Queue link this broker serves
@@ -111,12 +113,34 @@ class RedisBroker:
                     "tinymq's keys and lose jobs; set maxmemory-policy noeviction", _safe_url(self.url), policy)
             self._checked = True
 
-    def _blocking_client(self, timeout: float) -> Any:
-        """A connection of its own for one thread's blocking waits (never from the pool)."""
+    def _dedicated_client(self, timeout: float) -> Any:
+        """A connection of its own, for one thread at a time (a blocking wait, or fetch rounds)."""
         redis = _redis()
         return redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=timeout,
                                     socket_connect_timeout=_CONNECT_TIMEOUT, max_connections=1,
-                                    retry=self._retry())
+                                    retry=self._no_retry())
+
+    def _connections(self, size: int, timeout: float) -> Connections:
+        """Raw connections for script calls (see Connections), set up as the pool's are."""
+        redis = _redis()
+        options = redis.ConnectionPool.from_url(
+            self.url, decode_responses=True, socket_timeout=timeout,
+            socket_connect_timeout=_CONNECT_TIMEOUT, retry=self._no_retry())
+        return Connections(lambda: options.connection_class(**options.connection_kwargs), size, _POOL_WAIT)
+
+    def call_resending(self, call: Any, *args: Any) -> Any:
+        """``call(*args)``, sent again (up to _RESENDS times) when the connection failed: its
+        reply may have been lost after the server ran it, and every script is idempotent."""
+        redis = _redis()
+        pause = _RESEND_PAUSE
+        for resends_left in range(_RESENDS, -1, -1):
+            try:
+                return call(*args)
+            except (redis.ConnectionError, redis.TimeoutError):
+                if not resends_left:
+                    raise
+            time.sleep(pause)
+            pause *= 2
 
     def _attach(self, config: Any, dispatcher: Any) -> Any:
         from ._link import QueueLink
@@ -143,7 +167,7 @@ class RedisBroker:
 
     def _admin(self, what: str, call: Any, ids: List[str]) -> int:
         try:
-            return sum(call(ids[i:i + _PAGE]) for i in range(0, len(ids), _PAGE))
+            return sum(self.call_resending(call, ids[i:i + _PAGE]) for i in range(0, len(ids), _PAGE))
         except _redis().RedisError as exc:
             raise TinyMQError(f"could not {what} on {_safe_url(self.url)}: {exc}") from exc
 
@@ -190,6 +214,8 @@ class RedisBroker:
         if queue is not None:
             queue.dispatcher.stop(True, None)
         self._pool.disconnect()
+        if self._scripts.connections is not None:
+            self._scripts.connections.close()
 
     def __enter__(self) -> "RedisBroker":
         return self

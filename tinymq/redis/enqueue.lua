@@ -1,6 +1,6 @@
 --[[ enqueue: accept 1..N jobs, all or none.
 KEYS[1] prefix. ARGV: token, buffer_size, max_delayed_jobs (0: unlimited), n,
-then 5 per job: id, type, priority (0..2), delay ms (> 0: delayed), body.
+then 5 per job: id, type, priority (0..2), delay ms (fractional; > 0: delayed), body.
 Returns one of
   {'ok', {{id, body}, ...}}   accepted; the jobs evicted from the delayed set
                               (now dead, reason "evicted") for on_failure
@@ -11,12 +11,14 @@ A job whose id is dead is replaced. The evicted job is the earliest-due one amon
 already in `capped`, never one being added; the new job is always added. ]]
 local token, buffer_size, max_delayed, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local ready_added = 0
+local dead = {} -- ids of dead jobs this batch replaces
 for i = 5, 4 + n * 5, 5 do
   local f = redis.call('HMGET', job_key(ARGV[i]), 'k', 'x')
   if f[1] and not f[2] then
     if f[1] == token then return {'again'} end
     return {'dup', ARGV[i]}
   end
+  if f[2] then dead[ARGV[i]] = true end
   if tonumber(ARGV[i + 3]) <= 0 then ready_added = ready_added + 1 end
 end
 if ready_added > 0 then
@@ -31,7 +33,10 @@ local PUSH_CHUNK = 1000 -- ids per RPUSH: well under Lua's unpack limit
 for i = 5, 4 + n * 5, 5 do
   local id, delay = ARGV[i], tonumber(ARGV[i + 3])
   local jk = job_key(id)
-  if redis.call('ZREM', K_DEAD, id) == 1 then redis.call('DEL', jk) end
+  if dead[id] then
+    redis.call('ZREM', K_DEAD, id)
+    redis.call('DEL', jk)
+  end
   redis.call('HSET', jk, 't', ARGV[i + 1], 'p', ARGV[i + 2], 'b', ARGV[i + 4], 'r', 0, 'k', token)
   if delay > 0 then
     if max_delayed > 0 and redis.call('ZCARD', K_CAPPED) >= max_delayed then
@@ -42,8 +47,9 @@ for i = 5, 4 + n * 5, 5 do
       count('failed', -1) -- evictions have their own counter
       count('evicted', 1)
     end
-    redis.call('ZADD', K_CAPPED, now + delay, id)
-    add_delayed(id, now + delay)
+    local due = exact_ms() + delay
+    redis.call('ZADD', K_CAPPED, due, id)
+    add_delayed(id, due)
   else
     table.insert(by_level[tonumber(ARGV[i + 2])], id)
   end

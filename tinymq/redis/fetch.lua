@@ -2,8 +2,9 @@
 KEYS[1] prefix. ARGV: proc, fetch id, n, lease ms, max crash recoveries,
 registered ('1' when proc fetched or beat before), settle count, then settle ops
 (2 or 6 entries each, see settle in lib.lua).
-Returns {status, server now ms, next due ms (-1: none), stale settles,
-         crashed {{id, body, retries, error}...}, jobs {{attempt, body, retries, error}...}}
+Returns {status, server now ms, next due ms (fractional, as text; -1: none), stale settles,
+         crashed {{id, body, retries, error}...}, jobs {{attempt, body, retries, error}...},
+         server now us (to time the next due job)}
 status 1 = ok; 0 = this process was reaped (nothing else done: it must abandon its
 buffer and register again under a new id).
 Jobs come strictly by level (HIGH first), FIFO within one. A job whose type has no free
@@ -16,24 +17,26 @@ local lease, max_crash, registered = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[
 local nsettle = tonumber(ARGV[7])
 local now = now_ms()
 local ik = inflight_key(proc)
-if registered == '1' and not redis.call('ZSCORE', K_PROCS, proc) then return {0, now, -1, 0, {}, {}} end
+if registered == '1' and not redis.call('ZSCORE', K_PROCS, proc) then return {0, now, -1, 0, {}, {}, now_us} end
 redis.call('ZADD', K_PROCS, now + lease, proc)
 local jobs = {}
 local last = redis.call('HGET', K_FETCHED, proc)
-if last and string.sub(last, 1, #fid + 1) == fid .. '\n' then -- a resend of the last fetch
-  for attempt in string.gmatch(string.sub(last, #fid + 2), '[^\n]+') do
+last = last and cjson.decode(last) -- {fetch id, attempt, ...}: job ids may hold any character
+if last and last[1] == fid then -- a resend of the last fetch
+  for k = 2, #last do
+    local attempt = last[k]
     local v = redis.call('HGET', ik, attempt)
     if v and string.sub(v, 1, 1) == 'L' then
       local f = redis.call('HMGET', job_key(id_of(attempt)), 'b', 'r', 'e')
       table.insert(jobs, {attempt, f[1], f[2] or '0', f[3] or ''})
     end
   end
-  return {1, now, next_due(), nsettle, {}, jobs}
+  return {1, now, next_due(), nsettle, {}, jobs, now_us}
 end
 local stale = settle(proc, ARGV, 8, nsettle, now)
 local crashed = {}
 reap(now, max_crash, crashed)
-local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', now, 'LIMIT', 0, PROMOTE_PER_CALL)
+local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', exact_ms(), 'LIMIT', 0, PROMOTE_PER_CALL)
 for _, id in ipairs(due) do
   redis.call('ZREM', K_DELAYED, id)
   redis.call('ZREM', K_CAPPED, id)
@@ -79,7 +82,8 @@ for p = 2, 0, -1 do
 end
 if #fields > 0 then redis.call('HSET', ik, unpack(fields)) end
 for t, k in pairs(took) do redis.call('HINCRBY', K_RUNNING, t, k) end
-redis.call('HSET', K_FETCHED, proc, fid .. '\n' .. table.concat(taken, '\n'))
+table.insert(taken, 1, fid)
+redis.call('HSET', K_FETCHED, proc, cjson.encode(taken))
 if (#taken >= n or parked_budget == 0) and ready_left() > 0 then signal() end -- chain the wake-up
 flush_counts()
-return {1, now, next_due(), stale, crashed, jobs}
+return {1, now, next_due(), stale, crashed, jobs, now_us}

@@ -7,7 +7,8 @@ it, so all of a queue's keys share one hash slot (Redis Cluster-safe).
 Keys (after the prefix):
   ready:2 ready:1 ready:0  LIST  job ids, HIGH / MEDIUM / LOW; RPUSH new, LPOP to take,
                                  LPUSH to give back at the head
-  delayed                  ZSET  id -> due ms (server clock): new delayed jobs and retries
+  delayed                  ZSET  id -> due time in ms, fractional (server clock): new delayed
+                                 jobs and retries
   capped                   ZSET  the subset of `delayed` that max_delayed_jobs counts
                                  and may evict (new delayed jobs; never retries)
   job:<id>                 HASH  t type, p priority, b body (client JSON), r retries,
@@ -18,7 +19,7 @@ Keys (after the prefix):
                                  L live (buffered or running), X timed out and decided
                                  but still running (holds only its type slot),
                                  R returned after its deadline, decision not yet seen
-  fetched                  HASH  proc -> "<fetch id>\n<attempt>\n..." (its last fetch,
+  fetched                  HASH  proc -> JSON [fetch id, attempt, ...] (its last fetch,
                                  so a resent fetch returns the same attempts)
   limits                   HASH  type -> max concurrent attempts (absent: unlimited)
   running                  HASH  type -> attempts holding a slot (states L and X)
@@ -52,10 +53,13 @@ local REAP_PER_CALL = 2      -- dead processes reaped per call: bounded work
 local PROMOTE_PER_CALL = 100 -- due delayed jobs promoted per call
 local PARK_PER_CALL = 100    -- jobs parked per fetch before it stops looking
 
+local now_us = 0 -- the server clock in microseconds, as of the last now_ms() call
 local function now_ms()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  return math.floor(now_us / 1000)
 end
+local function exact_ms() return now_us / 1000 end -- after now_ms(): the same instant, in fractional ms
 
 local function job_key(id) return P .. 'job:' .. id end
 local function inflight_key(proc) return P .. 'inflight:' .. proc end
@@ -135,7 +139,7 @@ local function job_retry(id, retries, err, delay, now)
     redis.call('RPUSH', READY[tonumber(redis.call('HGET', jk, 'p'))], id)
     signal()
   else
-    add_delayed(id, now + delay)
+    add_delayed(id, exact_ms() + delay)
   end
   count('retried', 1)
 end
@@ -151,7 +155,7 @@ end
 --[[ Settle ops. S, E and B take 2 ARGV entries (op, attempt); Y, Z, y and z take 6
 (op, attempt, retries, delay ms, reason, error).
   S  success                          (L)    -> job deleted, slot freed
-  Y  failed, retry after delay        (L)    -> slot freed, job delayed (or ready)
+  Y  failed, retry after delay ms (fractional) (L) -> slot freed, job delayed (or ready)
   Z  failed for good, reason, error   (L)    -> slot freed, job dead
   y/z  the same, decided at the attempt's deadline while it may still run:
        (L) -> attempt becomes X and keeps its slot; (R) -> attempt removed
@@ -245,9 +249,9 @@ local function reap(now, max_crash, crashed)
   return #expired
 end
 
-local function next_due()
+local function next_due() -- the earliest due time as text (a Lua number would be truncated), or -1
   local first = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
-  if first[2] then return tonumber(first[2]) end
+  if first[2] then return first[2] end
   return -1
 end
 
