@@ -25,6 +25,7 @@ checks the same with a real short lease and a real wait.
 """
 import copy
 import itertools
+import json
 import os
 from collections import Counter
 from typing import Any, Dict, List, Optional, Tuple
@@ -42,6 +43,7 @@ LEASE = 3 * UNIT
 TYPES = ("a", "b", "c")
 NAME = "model"
 MAX_PROCS = 4
+ODD_IDS = ("x:y", "line\nbreak", "ünï/€", "sp ace", '["q"]', "back\\slash", "{tag}")  # ids may hold any character
 # More examples for a longer hunt: TINYMQ_MODEL_EXAMPLES=2000 python -m pytest --timeout 0 ...
 EXAMPLES = int(os.environ.get("TINYMQ_MODEL_EXAMPLES", "100"))
 EXERCISED: Counter = Counter()  # what the machine's steps exercised, over all examples
@@ -53,9 +55,13 @@ HEAD_BLOCK_FIFO = False  # jobs pushed back to the head by one call keep their F
 DUE_TIE_FIFO = False  # delayed jobs with the same due time come out in the order they went in
 
 
-def server_ms(client) -> int:
+def server_us(client) -> int:
     seconds, micros = client.time()
-    return seconds * 1000 + micros // 1000
+    return seconds * 1_000_000 + micros
+
+
+def server_ms(client) -> int:
+    return server_us(client) // 1000
 
 
 def tick(client, after: int) -> None:
@@ -173,14 +179,14 @@ class Model:
         self.stats["failed"] += 1
         self.stats["outstanding"] -= 1
 
-    def job_retry(self, job_id: str, retries: str, error: str, delay: int, now: int) -> None:
+    def job_retry(self, job_id: str, retries: str, error: str, delay: int, now_us: int) -> None:
         job = self.jobs[job_id]
         job.retries = str(retries)
         job.error = error
         if delay <= 0:
             self.push_tail(job_id)
         else:
-            self.add_delayed(job_id, now + delay, capped=False)
+            self.add_delayed(job_id, now_us / 1000 + delay, capped=False)
         self.stats["retried"] += 1
 
     def give_back(self, job_id: str) -> None:
@@ -213,7 +219,7 @@ class Model:
 
     # -- settle ops (lib.lua's table)
 
-    def settle(self, proc: str, ops: List[SettleOp], now: int) -> int:
+    def settle(self, proc: str, ops: List[SettleOp], now_us: int) -> int:
         held = self.inflight.get(proc, {})
         stale = 0
         released: Counter = Counter()
@@ -235,7 +241,7 @@ class Model:
                 del held[op.attempt]
                 released[job_type] += 1
                 if op.op == "Y":
-                    self.job_retry(job_id, str(op.retries), op.error, op.delay_ms, now)
+                    self.job_retry(job_id, str(op.retries), op.error, op.delay_ms, now_us)
                 else:
                     self.job_dead(job_id, op.reason, op.error, str(op.retries))
             elif op.op in "yz" and state in "LR":
@@ -245,7 +251,7 @@ class Model:
                     del held[op.attempt]
                 self.stats["timed_out"] += 1
                 if op.op == "y":
-                    self.job_retry(job_id, str(op.retries), op.error, op.delay_ms, now)
+                    self.job_retry(job_id, str(op.retries), op.error, op.delay_ms, now_us)
                 else:
                     self.job_dead(job_id, op.reason, op.error, str(op.retries))
             elif op.op == "E" and state in "XL":
@@ -267,7 +273,8 @@ class Model:
         self.flush_released(released)
         return stale
 
-    def reap(self, now: int, crashed: List[Tuple[str, str, int, str]]) -> int:
+    def reap(self, now_us: int, crashed: List[Tuple[str, str, int, str]]) -> int:
+        now = now_us // 1000
         expired = sorted((expiry, proc) for proc, expiry in self.procs.items() if expiry < now)[:2]
         for _, proc in expired:
             released: Counter = Counter()
@@ -290,7 +297,7 @@ class Model:
 
     # -- the scripts
 
-    def enqueue(self, token: str, rows: List[Tuple[str, str, int, int, str]], now: int):
+    def enqueue(self, token: str, rows: List[Tuple[str, str, int, int, str]], now_us: int):
         self.begin_call()
         unfinished = self.unfinished()
         for job_id, *_ in rows:
@@ -318,28 +325,28 @@ class Model:
                     self.job_dead(out, "evicted", "", self.jobs[out].retries)
                     self.stats["failed"] -= 1
                     self.stats["evicted"] += 1
-                self.add_delayed(job_id, now + delay, capped=True)
+                self.add_delayed(job_id, now_us / 1000 + delay, capped=True)
             else:
                 self.push_tail(job_id)
         self.stats["enqueued"] += len(rows)
         self.stats["outstanding"] += len(rows)
         return ("ok", evicted, None, 0)
 
-    def fetch(self, proc: str, fetch_id: str, n: int, registered: bool, ops: List[SettleOp], now: int):
+    def fetch(self, proc: str, fetch_id: str, n: int, registered: bool, ops: List[SettleOp], now_us: int):
         """Returns (reaped, stale, crashed, jobs, next due)."""
         self.begin_call()
         if registered and proc not in self.procs:
             return (True, 0, [], [], None)
-        self.procs[proc] = now + LEASE
+        self.procs[proc] = now_us // 1000 + LEASE
         last = self.fetched.get(proc)
         if last is not None and last[0] == fetch_id:  # a resend: the same attempts, nothing new
             held = self.inflight.get(proc, {})
             jobs = [self.fetched_row(a) for a in last[1] if held.get(a, "").startswith("L")]
             return (False, len(ops), [], jobs, self.next_due())
-        stale = self.settle(proc, ops, now)
+        stale = self.settle(proc, ops, now_us)
         crashed: List[Tuple[str, str, int, str]] = []
-        self.reap(now, crashed)
-        due = sorted((self.due_key(i, s), i) for i, s in self.delayed.items() if s <= now)[:100]
+        self.reap(now_us, crashed)
+        due = sorted((self.due_key(i, s), i) for i, s in self.delayed.items() if s <= now_us / 1000)[:100]
         for _, job_id in due:
             del self.delayed[job_id]
             self.capped.pop(job_id, None)
@@ -370,27 +377,27 @@ class Model:
         job = self.jobs[attempt.split(":", 1)[1]]
         return (attempt, job.body, int(job.retries), job.error or "")
 
-    def beat(self, proc: str, registered: bool, now: int):
+    def beat(self, proc: str, registered: bool, now_us: int):
         self.begin_call()
         if registered and proc not in self.procs:
             return (False, [])
-        self.procs[proc] = now + LEASE
+        self.procs[proc] = now_us // 1000 + LEASE
         crashed: List[Tuple[str, str, int, str]] = []
-        self.reap(now, crashed)
+        self.reap(now_us, crashed)
         return (True, sorted(crashed))
 
-    def reap_call(self, now: int):
+    def reap_call(self, now_us: int):
         self.begin_call()
         crashed: List[Tuple[str, str, int, str]] = []
-        return (self.reap(now, crashed), sorted(crashed))
+        return (self.reap(now_us, crashed), sorted(crashed))
 
-    def settle_call(self, proc: str, ops: List[SettleOp], now: int) -> int:
+    def settle_call(self, proc: str, ops: List[SettleOp], now_us: int) -> int:
         self.begin_call()
-        return self.settle(proc, ops, now)
+        return self.settle(proc, ops, now_us)
 
-    def release(self, proc: str, ops: List[SettleOp], now: int) -> int:
+    def release(self, proc: str, ops: List[SettleOp], now_us: int) -> int:
         self.begin_call()
-        stale = self.settle(proc, ops, now)
+        stale = self.settle(proc, ops, now_us)
         released: Counter = Counter()
         for attempt, value in self.inflight.pop(proc, {}).items():
             state, job_type = value[0], value[1:]
@@ -456,8 +463,7 @@ class Model:
             "dead": set(self.dead),
             "inflight": {proc: dict(held) for proc, held in self.inflight.items() if held},
             "procs": dict(self.procs),
-            "fetched": {proc: "\n".join([fid] + taken) if taken else fid + "\n"
-                        for proc, (fid, taken) in self.fetched.items()},
+            "fetched": {proc: [fid] + taken for proc, (fid, taken) in self.fetched.items()},
             "limits": dict(self.limits),
             "running": {t: n for t, n in self.running.items() if n},
             "stats": {k: n for k, n in self.stats.items() if n},
@@ -492,13 +498,14 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
     replies = pipe.execute()
     out["ready"] = {level: replies[level] for level in (0, 1, 2)}
     for i, name in enumerate(("delayed", "capped", "procs")):
-        out[name] = {member: int(score) for member, score in replies[3 + i]}
+        out[name] = {member: score for member, score in replies[3 + i]}
     out["dead"] = set(replies[6])
     for i, name in enumerate(("parkedn", "fetched", "limits", "running", "stats")):
         out[name] = replies[7 + i]
     out["signal"] = replies[12]
     for name in ("parkedn", "limits", "running", "stats"):
         out[name] = {k: int(v) for k, v in out[name].items() if int(v) != 0}
+    out["fetched"] = {proc: json.loads(last) for proc, last in out["fetched"].items()}
     for k, value in zip(dynamic, replies[13:]):
         rest = k[len(prefix):]
         if rest.startswith("parked:"):
@@ -619,13 +626,13 @@ class ScriptsMachine(RuleBasedStateMachine):
     def call(self, kind: str, run, expect) -> Any:
         """Run ``run()`` (one script call); ``expect(model, now)`` says what it must reply.
 
-        ``now`` is the server time the script saw: from the reply when it returns it,
-        else from a due time it wrote, else the time just before the call (every
-        decision that depends on it is whole UNITs away from it).
+        ``now`` is the server time the script saw, in microseconds: from the reply when
+        it returns it, else from a due time it wrote, else the time just before the call
+        (every decision that depends on it is whole UNITs away from it).
         """
-        before = server_ms(self.client)
+        before = server_us(self.client)
         reply = run()
-        after = server_ms(self.client)
+        after = server_us(self.client)
         held = read_redis(self.scripts)
         now = self.now_of(kind, reply, held, before, after)
         variants = [TYPES] if HEAD_BLOCK_FIFO else list(itertools.permutations(TYPES))
@@ -648,7 +655,7 @@ class ScriptsMachine(RuleBasedStateMachine):
                 f"{expected_reply!r}" + (f"\n state differs:\n{state_diff}" if state_diff else ""))
         check_invariants(held)
         self.events(kind, reply)
-        tick(self.client, after)
+        tick(self.client, after // 1000)
         return reply
 
     def events(self, kind, reply) -> None:
@@ -677,16 +684,16 @@ class ScriptsMachine(RuleBasedStateMachine):
 
     def now_of(self, kind, reply, held, before, after) -> int:
         if kind == "fetch":
-            return reply.now_ms
+            return reply.now_us
         if kind == "beat":
-            return reply[1]
+            return reply[1] * 1000
         written = [(job_id, delay) for job_id, delay in self.pending_delays  # due times this call wrote
                    if job_id in held["delayed"] and job_id not in self.model.delayed]
         for job_id, delay in written:  # (ops of one batch may offer one job several delays)
-            now = held["delayed"][job_id] - delay
+            now = round((held["delayed"][job_id] - delay) * 1000)
             if before <= now <= after:
                 return now
-        assert not written, f"due times {written} do not fit a call between {before} and {after} ms"
+        assert not written, f"due times {written} do not fit a call between {before} and {after} us"
         return before
 
     @staticmethod
@@ -726,6 +733,8 @@ class ScriptsMachine(RuleBasedStateMachine):
         for _ in range(n):
             # mostly a new id (not in creation order when sorted); sometimes one used before
             job_id = f"j{next(self.ids) * 7919 % 1000:03d}"
+            if data.draw(st.integers(0, 9), label="an odd id?") == 0:
+                job_id = data.draw(st.sampled_from(ODD_IDS), label="odd id")
             if self.used_ids and data.draw(st.integers(0, 3), label="reuse an id?") == 0:
                 job_id = data.draw(st.sampled_from(self.used_ids), label="id")
             if job_id in (row[0] for row in rows):
