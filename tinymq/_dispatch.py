@@ -310,7 +310,7 @@ class Dispatcher:
         if runner is not None and first:
             if not own_thread:  # cancelled coroutines unwind before the loop stops, briefly
                 runner.wait_finished(time.monotonic() + _UNWIND_WAIT, undecided_only=False)
-            runner.stop(wait_for_thread=not own_thread)
+            runner.stop(wait_for_thread=not own_thread, when_idle=wait and own_thread)
         self.watchdog_alarm.wake()  # it leaves once no worker is left to watch
         if self.ledger is not None:
             self.ledger.stop()

@@ -62,6 +62,7 @@ class LoopRunner:
         self._attempts: Dict[int, _Attempt] = {}  # id(task) -> attempt
         self._all_finished = threading.Condition(self._lock)  # _attempts may have emptied
         self._drain_scheduled = False  # loop thread only: a _drain is queued with call_soon
+        self._stop_when_idle = False  # stop() from one of its attempts: the loop stops after the last
         self._thread_done = threading.Event()
 
     # --- the loop thread ----------------------------------------------------
@@ -174,8 +175,11 @@ class LoopRunner:
             decided = attempt.decided
             if decided is None:
                 attempt.decided = "returned"
-            if not self._attempts:
+            idle = not self._attempts
+            if idle:
                 self._all_finished.notify_all()
+        if idle and self._stop_when_idle:
+            self.loop.stop()
         if attempt.timer is not None:
             attempt.timer.cancel()
         state = attempt.state
@@ -267,14 +271,22 @@ class LoopRunner:
         with self._lock:
             self._all_finished.notify_all()
 
-    def stop(self, wait_for_thread: bool) -> None:
-        """Stop the loop (after what is queued on it); with ``wait_for_thread``, wait for its thread."""
+    def stop(self, wait_for_thread: bool, when_idle: bool = False) -> None:
+        """Stop the loop (after what is queued on it); with ``wait_for_thread``, wait for its thread.
+
+        ``when_idle``: only once no attempt runs (stop() awaited in one of them, which it cannot wait for).
+        """
         try:
-            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.loop.call_soon_threadsafe(self._stop_loop if when_idle else self.loop.stop)
         except RuntimeError:
             return  # closed already
         if wait_for_thread:
             self._thread_done.wait(_UNWIND_WAIT * 2)
+
+    def _stop_loop(self) -> None:
+        self._stop_when_idle = True
+        if not self._attempts:
+            self.loop.stop()
 
     @property
     def active(self) -> int:
