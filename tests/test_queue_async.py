@@ -440,3 +440,30 @@ def test_queued_jobs_move_to_the_loop_when_their_type_gets_an_async_executor(mak
     q.start_dispatcher()
     assert q.join(WAIT)
     assert sorted(ran.items, key=lambda item: item[1]) == [("tinymq-loop", i) for i in range(6)]
+
+
+def test_every_attempt_times_out_at_its_own_deadline(make):
+    q = make()
+    failed = failures(q)
+    ends = Recorder()
+
+    async def stuck(job):
+        try:
+            await asyncio.sleep(WAIT)
+        finally:
+            ends.add(job.payload)
+
+    q.register_executor("a", stuck, ExecutorConfig(max_concurrent_jobs=5, timeout=0.05))
+    q.start_dispatcher()
+    for i in range(5):
+        q.enqueue(Job("a", i, retry_config=NO_RETRY))
+    assert failed.wait_for(5)
+    q.register_executor("a", stuck, ExecutorConfig(max_concurrent_jobs=5, timeout=0.3))
+    q.register_executor("b", stuck, ExecutorConfig(timeout=0.05))
+    q.enqueue(Job("a", "longer", retry_config=NO_RETRY))
+    q.enqueue(Job("b", "other", retry_config=NO_RETRY))
+    assert failed.wait_for(7) and q.join(WAIT) and ends.wait_for(7)  # cancelled, then unwound
+    assert sorted(map(str, ends.items)) == sorted(map(str, [0, 1, 2, 3, 4, "longer", "other"]))
+    assert [p for p, _, _ in failed.items][-2:] == ["other", "longer"]  # each by its own timeout
+    assert all(isinstance(exc, JobTimeout) for _, _, exc in failed.items)
+    assert q.get_stats().jobs_timed_out == 7

@@ -11,7 +11,9 @@ drains everything the core can give it, a batch at a time, in priority order.
 A busy loop is never woken per job. A slot freed on the loop schedules a drain
 with a plain ``call_soon``.
 
-Each attempt is a task; a timer cancels it at its deadline. Every decision
+Each attempt is a task. Deadlines: the attempts of one type with one timeout
+start in deadline order, so each (type, timeout) keeps its attempts in a FIFO
+with one loop timer, armed for the oldest: no timer per attempt. Every decision
 about an attempt (success, failure, timeout, cancel, stop) is taken once,
 under ``_lock`` (``_decide``); the type's slot is freed only when the task
 has finished, so ``max_concurrent_jobs`` counts coroutines still unwinding.
@@ -20,7 +22,8 @@ import asyncio
 import inspect
 import logging
 import threading
-from typing import Any, Dict, List, Optional
+from collections import deque
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from ._pick_core import core
 from .context import JobContext
@@ -37,17 +40,27 @@ _UNWIND_WAIT = 1.0  # seconds stop() waits for cancelled coroutines to unwind be
 class _Attempt:
     """One running attempt of an async executor. ``decided`` is guarded by LoopRunner._lock."""
 
-    __slots__ = ("job", "state", "context", "task", "timer", "decided", "started_at")
+    __slots__ = ("job", "state", "context", "task", "deadline", "deadlines", "decided")
 
     def __init__(self, job: Any, state: Any, context: Optional[JobContext]) -> None:
         self.job = job
         self.state = state
         self.context = context
         self.task: Optional["asyncio.Task[Any]"] = None
-        self.timer: Optional[asyncio.TimerHandle] = None
+        self.deadline = 0.0  # in loop.time(), when it has a timeout
+        self.deadlines: "Optional[_Deadlines]" = None  # the FIFO it waits in for its deadline
         # None while undecided; then "returned", "timed_out", "cancelled" or "stopped"
         self.decided: Optional[str] = None
-        self.started_at = 0.0
+
+
+class _Deadlines:
+    """The attempts of one type and timeout, by start (so by deadline); one timer for the oldest."""
+
+    __slots__ = ("attempts", "timer")
+
+    def __init__(self) -> None:
+        self.attempts: Deque[_Attempt] = deque()
+        self.timer: Optional[asyncio.TimerHandle] = None
 
 
 class LoopRunner:
@@ -64,6 +77,7 @@ class LoopRunner:
         self._drain_scheduled = False  # loop thread only: a _drain is queued with call_soon
         self._stop_when_idle = False  # stop() from one of its attempts: the loop stops after the last
         self._thread_done = threading.Event()
+        self._deadlines: Dict[Tuple[Any, float], _Deadlines] = {}  # loop thread only
 
     # --- the loop thread ----------------------------------------------------
 
@@ -125,7 +139,10 @@ class LoopRunner:
             else:
                 fn = state.fn
                 awaitable = fn(job) if context is None else fn(job, context)
-            task = asyncio.ensure_future(awaitable, loop=self.loop)
+            if asyncio.iscoroutine(awaitable):
+                task = self.loop.create_task(awaitable)
+            else:  # a Future, or an object with __await__
+                task = asyncio.ensure_future(awaitable, loop=self.loop)
         except BaseException as exc:  # the call itself raised, or returned no awaitable
             if isinstance(exc, TypeError) and "awaitable" in str(exc):
                 exc = TypeError(f"executor for {job.type!r} returned no awaitable: {exc}")
@@ -137,8 +154,33 @@ class LoopRunner:
         with self._lock:
             self._attempts[id(task)] = attempt
         if timeout is not None:
-            attempt.timer = self.loop.call_later(timeout, self._expire, attempt)
+            self._watch(attempt, timeout)
         task.add_done_callback(self._finished)
+
+    def _watch(self, attempt: _Attempt, timeout: float) -> None:
+        key = (attempt.state, timeout)
+        deadlines = self._deadlines.get(key)
+        if deadlines is None:
+            deadlines = self._deadlines[key] = _Deadlines()
+        attempt.deadline = self.loop.time() + timeout
+        attempt.deadlines = deadlines
+        deadlines.attempts.append(attempt)
+        if deadlines.timer is None:
+            deadlines.timer = self.loop.call_at(attempt.deadline, self._expire_due, deadlines)
+
+    def _expire_due(self, deadlines: _Deadlines) -> None:
+        """The oldest attempt's deadline: expire every undecided one that is due, re-arm for the next."""
+        attempts = deadlines.attempts
+        now = self.loop.time()
+        while attempts:
+            attempt = attempts[0]
+            if attempt.decided is None and attempt.deadline > now:
+                deadlines.timer = self.loop.call_at(attempt.deadline, self._expire_due, deadlines)
+                return
+            attempts.popleft()
+            if attempt.decided is None:
+                self._expire(attempt)
+        deadlines.timer = None
 
     async def _with_hooks(self, attempt: _Attempt) -> Any:
         """The attempt with the dispatcher's start hook (a store's mark_running, a broker's lease)."""
@@ -180,8 +222,11 @@ class LoopRunner:
                 self._all_finished.notify_all()
         if idle and self._stop_when_idle:
             self.loop.stop()
-        if attempt.timer is not None:
-            attempt.timer.cancel()
+        deadlines = attempt.deadlines
+        if deadlines is not None:  # forget the decided attempts at its head: they need no deadline
+            waiting = deadlines.attempts
+            while waiting and waiting[0].decided is not None:
+                waiting.popleft()
         state = attempt.state
         self.ready.release_state(state, False)
         if state.pending():
