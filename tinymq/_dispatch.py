@@ -11,6 +11,8 @@ Threads:
   ``scheduler_interval``) and is woken at once by an earlier arrival.
 - the watchdog sleeps until the earliest attempt deadline and is woken when an
   attempt starts with an earlier one.
+- the event loop (``_event_loop.LoopRunner``) runs async executors' attempts as
+  tasks; their timeouts are the loop's own timers, which cancel the tasks.
 
 Every wait here is on the monotonic clock: a delayed job or a retry is due
 ``delay`` seconds after it was scheduled, whatever the wall clock does

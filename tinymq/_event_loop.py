@@ -112,6 +112,8 @@ class LoopRunner:
             self.loop.call_soon_threadsafe(self._drain)
         except RuntimeError:  # the loop is closed: the queue stopped
             pass
+        except Exception:  # pragma: no cover - never into the core's caller (an enqueue that succeeded)
+            logger.exception("tinymq could not wake its event loop")
 
     def _schedule_drain(self) -> None:
         if not self._drain_scheduled:
@@ -141,11 +143,11 @@ class LoopRunner:
                 awaitable = fn(job) if context is None else fn(job, context)
             if asyncio.iscoroutine(awaitable):
                 task = self.loop.create_task(awaitable)
-            else:  # a Future, or an object with __await__
+            elif inspect.isawaitable(awaitable):  # a Future, or an object with __await__
                 task = asyncio.ensure_future(awaitable, loop=self.loop)
+            else:
+                raise TypeError(f"async executor for {job.type!r} returned {awaitable!r}, not an awaitable")
         except BaseException as exc:  # the call itself raised, or returned no awaitable
-            if isinstance(exc, TypeError) and "awaitable" in str(exc):
-                exc = TypeError(f"executor for {job.type!r} returned no awaitable: {exc}")
             self.ready.release_state(state, False)
             self._schedule_drain()
             self._report(dispatcher.attempt_failed, job, state, exc)
