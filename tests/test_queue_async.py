@@ -333,7 +333,7 @@ def test_aenqueue_ajoin_astop_from_another_event_loop(make):
     ran = Recorder()
     gate = threading.Event()
 
-    @q.executor("a")
+    @q.executor("a", max_concurrent_jobs=1)
     async def run(job):
         while not gate.is_set():
             await asyncio.sleep(0.001)
@@ -344,16 +344,16 @@ def test_aenqueue_ajoin_astop_from_another_event_loop(make):
     async def producer():
         ticks = 0
 
-        async def ticker():  # runs while the producer waits: the loop is never blocked
+        async def ticker():  # runs while the producer waits for room: the loop is not blocked
             nonlocal ticks
             while True:
                 ticks += 1
+                if ticks == 5:
+                    gate.set()  # only this lets the jobs, then the producer, go on
                 await asyncio.sleep(0.001)
 
         tick_task = asyncio.ensure_future(ticker())
-        for i in range(6):  # more than the buffer: block=True waits for room off the loop
-            if i == 4:
-                gate.set()
+        for i in range(6):  # one running, two buffered: block=True waits for room off the loop
             await q.aenqueue(Job("a", i), block=True, timeout=WAIT)
         ticks_before_join = ticks
         assert await q.ajoin(WAIT)

@@ -199,7 +199,7 @@ def test_cancel_races_with_start_success_and_timeout(kind):
         def on_failure(job, reason, exc):
             with lock:
                 reports[job.id] += 1
-                reasons[job.id] = reason
+                reasons[job.id] = (reason, type(exc).__name__)
 
         q.on_failure(on_failure)
         config = ExecutorConfig(max_concurrent_jobs=4, timeout=0.003)
@@ -223,7 +223,10 @@ def test_cancel_races_with_start_success_and_timeout(kind):
         assert q._ready.unfinished == 0
         stats = q.get_stats()
         assert all(count == 1 for count in reports.values())
-        assert {job_id for job_id, reason in reasons.items() if reason == "cancelled"} == cancelled
+        assert {job_id for job_id, (reason, _) in reasons.items() if reason == "cancelled"} == cancelled
+        # a cancel never lands in another attempt: what was not cancelled only ever timed out
+        assert {why for job_id, why in reasons.items() if job_id not in cancelled} <= {
+            ("retries_exhausted", "JobTimeout")}
         assert stats.jobs_cancelled == len(cancelled)
         assert stats.jobs_succeeded + stats.jobs_failed + stats.jobs_cancelled == n
 
