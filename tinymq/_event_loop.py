@@ -32,6 +32,7 @@ import asyncio
 import inspect
 import logging
 import threading
+import types
 from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
@@ -87,6 +88,7 @@ class LoopRunner:
         # Guarded by _lock: the attempts whose tasks have not finished, and their decisions.
         self._attempts: Dict[int, _Attempt] = {}  # id(attempt) -> attempt, until it has unwound
         self._all_finished = threading.Condition(self._lock)  # _attempts may have emptied
+        self._waiting_for_end = 0  # threads in wait_finished: only then is _all_finished notified
         # Loop thread only: jobs taken from the core (slots held) for the runners; idle runners'
         # wake-up futures; runners woken or started and not yet back for a job; shutting down.
         self._todo: Deque[Tuple[Any, Any]] = deque()
@@ -218,7 +220,7 @@ class LoopRunner:
                 await self.loop.run_in_executor(None, dispatcher.attempt_starting, job)
             fn = state.fn
             awaitable = fn(job) if context is None else fn(job, context)
-            if not inspect.isawaitable(awaitable):
+            if awaitable.__class__ is not types.CoroutineType and not inspect.isawaitable(awaitable):
                 raise TypeError(f"async executor for {job.type!r} returned {awaitable!r}, not an awaitable")
             await awaitable
         except asyncio.CancelledError as exc:
@@ -243,7 +245,7 @@ class LoopRunner:
             if decided is None:
                 attempt.decided = "returned"
             idle = not self._attempts
-            if idle:
+            if self._waiting_for_end and (idle or decided is None):
                 self._all_finished.notify_all()
         if idle and self._stop_when_idle:
             self.loop.stop()
@@ -370,14 +372,18 @@ class LoopRunner:
     def wait_finished(self, deadline: Optional[float], undecided_only: bool) -> bool:
         """Wait until no attempt (``undecided_only``: no undecided one) runs; False at ``deadline``."""
         with self._lock:
-            while True:
-                attempts = self._attempts.values()
-                if not any(a.decided is None for a in attempts) if undecided_only else not attempts:
-                    return True
-                remaining = None if deadline is None else deadline - core.monotonic()
-                if remaining is not None and remaining <= 0.0:
-                    return False
-                self._all_finished.wait(None if remaining is None else min(remaining, threading.TIMEOUT_MAX))
+            self._waiting_for_end += 1
+            try:
+                while True:
+                    attempts = self._attempts.values()
+                    if not any(a.decided is None for a in attempts) if undecided_only else not attempts:
+                        return True
+                    remaining = None if deadline is None else deadline - core.monotonic()
+                    if remaining is not None and remaining <= 0.0:
+                        return False
+                    self._all_finished.wait(None if remaining is None else min(remaining, threading.TIMEOUT_MAX))
+            finally:
+                self._waiting_for_end -= 1
 
     def notify_decided(self) -> None:
         with self._lock:
