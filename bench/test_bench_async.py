@@ -7,10 +7,12 @@
 - no-op async jobs end to end, job creation included: tinymq vs an ``asyncio.Queue``
   drained by ``CONSUMERS`` consumer tasks (one object created per item);
 - enqueue->start latency of an async executor on an idle queue (the loop is woken
-  from the producer's thread), a producer that sleeps 1 ms between jobs.
+  from the producer's thread), a producer that sleeps 1 ms between jobs; beside it the
+  same hand-off without a queue, ``asyncio.run_coroutine_threadsafe`` into a loop thread.
 """
 import asyncio
 import concurrent.futures
+import threading
 import time
 from typing import Any, List
 
@@ -169,15 +171,46 @@ def _latency(core_name: str) -> List[float]:
     return delays
 
 
+def _latency_run_coroutine_threadsafe() -> List[float]:
+    """The same hand-off without a queue: a thread submits coroutines to a loop running in another."""
+    delays: List[float] = []
+    clock = time.perf_counter
+
+    async def record(started: float) -> None:
+        delays.append(clock() - started)
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+    try:
+        time.sleep(0.05)
+        futures = []
+        for _ in range(LATENCY_JOBS):
+            futures.append(asyncio.run_coroutine_threadsafe(record(clock()), loop))
+            time.sleep(0.001)
+        for future in futures:
+            future.result(30.0)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+    return delays
+
+
 @pytest.mark.benchmark(group=LATENCY_GROUP)
-@pytest.mark.parametrize("name", list(CORE_NAMES))
+@pytest.mark.parametrize("name", list(CORE_NAMES) + ["asyncio.run_coroutine_threadsafe"])
 def test_enqueue_to_start_latency(benchmark: Any, name: str) -> None:
-    with queue_core(name):
-        pass
+    if name in CORE_NAMES:
+        with queue_core(name):
+            pass
+        measure = lambda: _latency(name)  # noqa: E731
+    else:
+        measure = _latency_run_coroutine_threadsafe
     rounds: List[List[float]] = []
-    benchmark.pedantic(lambda: rounds.append(_latency(name)), rounds=SAMPLE_ROUNDS, iterations=1)
+    benchmark.pedantic(lambda: rounds.append(measure()), rounds=SAMPLE_ROUNDS, iterations=1)
     assert all(len(delays) == LATENCY_JOBS for delays in rounds)
     p50s = [percentile(delays, 50) * 1e6 for delays in rounds]
     p99s = [percentile(delays, 99) * 1e6 for delays in rounds]
-    contender(benchmark, f"tinymq ({name})", is_tinymq=True, ops=LATENCY_JOBS, op="job", kind="metric",
+    contender(benchmark, f"tinymq ({name})" if name in CORE_NAMES else name, is_tinymq=name in CORE_NAMES,
+              ops=LATENCY_JOBS, op="job", kind="metric",
               p50_us=round(percentile(p50s, 50), 1), p99_us=round(percentile(p99s, 50), 1))
