@@ -329,10 +329,6 @@ class LoopRunner:
 
     # --- from any thread ----------------------------------------------------
 
-    def running(self) -> List[_Attempt]:
-        with self._lock:
-            return [a for a in self._attempts.values() if a.decided is None]
-
     def cancel(self, job_id: str) -> Optional[Any]:
         """Decide the running attempt of ``job_id`` as cancelled and cancel its task: its job, or None."""
         with self._lock:
@@ -385,10 +381,6 @@ class LoopRunner:
             finally:
                 self._waiting_for_end -= 1
 
-    def notify_decided(self) -> None:
-        with self._lock:
-            self._all_finished.notify_all()
-
     def stop(self, wait_for_thread: bool, when_idle: bool = False) -> None:
         """Stop the loop (after what is queued on it); with ``wait_for_thread``, wait for its thread.
 
@@ -405,10 +397,6 @@ class LoopRunner:
         self._stop_when_idle = True
         if not self._attempts:
             self.loop.stop()
-
-    @property
-    def active(self) -> int:
-        return len(self._attempts)
 
 
 def is_async_executor(fn: Any) -> bool:
