@@ -28,6 +28,9 @@ REDIS_MANY = "redis: enqueue_many(100)"
 REDIS_LATENCY = "redis: enqueue->start latency, idle"
 REDIS_LATENESS = "redis: delayed-job lateness"
 REDIS_KILL = "redis: restart after a worker's SIGKILL"
+ASYNC_SLEEP_GROUP = "async: 10,000 jobs awaiting sleep(5 ms), concurrency 500"
+ASYNC_NOOP_GROUP = "async: end-to-end no-op jobs"
+ASYNC_LATENCY_GROUP = "async: enqueue->start latency, idle queue"
 SHORT = {  # chart labels
     "core: ready-queue push+pop": "core push+pop",
     "core: delayed heap, push 1M": "delayed push (1M)",
@@ -408,6 +411,14 @@ GOALS: List[Goal] = [
     ("queue: registering 10,000 job types < 50 ms", _round_under(REGISTER_GROUP, 0.050)),
     ("queue: enqueue→start p50 ≤ 0.8× ThreadPoolExecutor's, interleaved in one run",
      _metric_vs(INTERLEAVED_GROUP, "p50_us", "ThreadPoolExecutor", 0.8)),
+    ("async: 10,000 jobs awaiting sleep(5 ms) at concurrency 500 ≥ 0.8× asyncio.gather + Semaphore(500)",
+     _speedup(ASYNC_SLEEP_GROUP, "asyncio.gather", 0.8)),
+    ("async: the same ≥ 5× ThreadPoolExecutor(64) running time.sleep(5 ms)",
+     _speedup(ASYNC_SLEEP_GROUP, "ThreadPoolExecutor(64)", 5)),
+    ("async: end-to-end no-op jobs/s (job creation included) ≥ 1× an asyncio.Queue drained by consumer tasks",
+     _speedup(ASYNC_NOOP_GROUP, "asyncio.Queue", 1)),
+    ("async: enqueue→start p50 ≤ 50 µs, idle queue",
+     _at_most(ASYNC_LATENCY_GROUP, "p50_us", 50.0, "µs")),
     ("durable: one producer's enqueue ≥ 1.5× the faster of huey SqliteHuey / persist-queue (NORMAL)",
      _durable_vs_fastest_peer("tinymq enqueue", 1.5)),
     ("durable: 4 producer threads ≥ 2× one producer's enqueue rate (group commit)", _threads_vs_one(2)),

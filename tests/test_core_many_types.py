@@ -219,7 +219,7 @@ def test_unregistered_types_leave_nothing_behind_among_many(core):
     assert q.executor_stats() == {} and len(q) == 0
     types = getattr(q, "_types", None)  # the pure core's table, where it can be seen
     if types is not None:
-        assert types == {} and all(not heap for heap in q._runnable)
+        assert types == {} and all(not heap for heaps in q._runnable for heap in heaps)
 
 
 def test_saturate_release_churn_keeps_one_listing_per_type_and_level(core):
@@ -235,7 +235,8 @@ def test_saturate_release_churn_keeps_one_listing_per_type_and_level(core):
         job = q.pop(timeout=0)
         q.release(job.type)
         q.configure(job.type, noop, 1 + len(q) % 2, None, False, False)
-        assert all(len(heap) <= len(names) for heap in q._runnable)
-        for level, heap in enumerate(q._runnable):
+        threads_heaps = q._runnable[core.THREADS]
+        assert all(len(heap) <= len(names) for heap in threads_heaps)
+        for level, heap in enumerate(threads_heaps):
             listed = [state.name for _, state in heap]
             assert len(listed) == len(set(listed))

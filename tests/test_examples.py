@@ -143,6 +143,14 @@ def check_persistence(out):
     assert "custom store holds 0 jobs after join()" in out
 
 
+def check_fastapi_app(out):
+    for line in ("cancel slow: cancelled", "cancel again: 404", "ok: delivered", "gone: permanent_failure",
+                 "busy: delivered", "slow: cancelled", "cancelled: 1"):
+        assert line in out.splitlines(), out
+
+
+NEEDS = {"fastapi_app.py": ("fastapi", "httpx")}  # examples that need packages outside the test extra
+
 CHECKS = {
     "quick_start.py": check_quick_start,
     "priorities.py": check_priorities,
@@ -154,6 +162,7 @@ CHECKS = {
     "concurrency_control.py": check_concurrency_control,
     "error_handling.py": check_error_handling,
     "persistence.py": check_persistence,
+    "fastapi_app.py": check_fastapi_app,
 }
 
 
@@ -164,4 +173,6 @@ def test_every_example_is_checked():
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_example(name):
+    for module in NEEDS.get(name, ()):
+        pytest.importorskip(module)
     CHECKS[name](run_example(name))

@@ -30,6 +30,7 @@ def test_import_surface():
         "Queue", "Job", "Priority", "Config", "ExecutorConfig", "RetryConfig",
         "QueueStats", "ExecutorStats", "Persistence", "SQLitePersistence",
         "TinyMQError", "QueueFull", "QueueStopped", "PersistenceError", "JobTimeout",
+        "PermanentFailure", "RetryAfter",
         "new_job", "new_high_priority_job", "new_low_priority_job", "new_delayed_job",
     ]
     missing = [name for name in names if not hasattr(tinymq, name)]
@@ -610,11 +611,16 @@ def test_methods_from_many_threads_at_once():
         assert sorted(seen.items) == sorted(k * 1000 + i for k in range(4) for i in range(250))
 
 
-def test_a_coroutine_function_is_refused_as_an_executor():
-    """An async def would only make a coroutine in a worker thread and 'succeed' without running."""
+def test_a_coroutine_function_runs_its_body_on_the_queues_loop():
+    """An async def is an async executor: its body runs (it is awaited), not just created."""
+    ran = Recorder()
+
     async def send(job):
-        pass
+        ran.add(job.payload)
 
     with Queue(10) as q:
-        with pytest.raises(TypeError, match="coroutine function"):
-            q.register_executor("email", send)
+        q.register_executor("email", send)
+        q.start_dispatcher(1)
+        q.enqueue(Job("email", "hello"))
+        assert q.join(WAIT)
+    assert ran.items == ["hello"]

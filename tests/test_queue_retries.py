@@ -393,7 +393,7 @@ def test_base_exception_subclasses_from_executors_are_failures():
         q.enqueue(Job("ok"))
         assert q.join(WAIT)
     assert len(seen) == 1
-    assert failures.reasons() == ["retries_exhausted"]
+    assert failures.reasons() == ["permanent_failure"]  # outside the default retry_on=(Exception,)
     assert isinstance(failures.entries[0][2], Custom)
 
 

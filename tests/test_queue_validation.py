@@ -97,10 +97,6 @@ def _generator(job):
     yield job
 
 
-async def _coroutine(job):
-    return job
-
-
 class _CallableGenerator:
     def __call__(self, job):
         yield job
@@ -112,7 +108,6 @@ class _CallableGenerator:
         (_generator, "generator"),
         (_CallableGenerator(), "generator"),
         (functools.partial(_generator), "generator"),
-        (_coroutine, "coroutine"),
         (lambda: None, "fn(job)"),
         (lambda job, ctx, extra: None, "fn(job)"),
         (lambda *, job: None, "fn(job)"),

@@ -8,7 +8,8 @@ import logging
 from ._pick_core import HAS_EXTENSION
 from .config import Config, ExecutorConfig, RetryConfig
 from .context import JobContext
-from .errors import DuplicateJob, JobTimeout, PersistenceError, QueueFull, QueueStopped, TinyMQError
+from .errors import (DuplicateJob, JobTimeout, PermanentFailure, PersistenceError, QueueFull, QueueStopped,
+                     RetryAfter, TinyMQError)
 from .job import Job, Priority, new_delayed_job, new_high_priority_job, new_job, new_low_priority_job
 from .persistence import Persistence, SQLitePersistence
 from .queue import Queue
@@ -22,6 +23,7 @@ __all__ = [
     "Queue", "Job", "Priority", "Config", "ExecutorConfig", "RetryConfig",
     "QueueStats", "ExecutorStats", "Persistence", "SQLitePersistence", "JobContext",
     "TinyMQError", "QueueFull", "QueueStopped", "PersistenceError", "JobTimeout", "DuplicateJob",
+    "PermanentFailure", "RetryAfter",
     "new_job", "new_high_priority_job", "new_low_priority_job", "new_delayed_job",
     "HAS_EXTENSION", "__version__",
 ]

@@ -50,13 +50,17 @@ cdef extern from "Python.h":
 __all__ = [
     "ReadyQueue", "DelayedHeap", "Alarm", "WorkerSlot", "TypeState",
     "run_worker", "retry_delay", "new_job_id", "interrupt_thread", "monotonic",
-    "ENQUEUED", "SUCCEEDED", "FAILED", "RETRIED", "TIMED_OUT", "EVICTED",
+    "ENQUEUED", "SUCCEEDED", "FAILED", "RETRIED", "TIMED_OUT", "EVICTED", "CANCELLED",
+    "THREADS", "LOOP",
 ]
 
 # Lifetime counters, by index into ReadyQueue.counters().
-ENQUEUED, SUCCEEDED, FAILED, RETRIED, TIMED_OUT, EVICTED = range(6)
+ENQUEUED, SUCCEEDED, FAILED, RETRIED, TIMED_OUT, EVICTED, CANCELLED = range(7)
+# Who runs a type's attempts: worker threads, or the queue's event loop (async executors).
+THREADS, LOOP = 0, 1
 cdef enum:
-    N_COUNTERS = 6
+    N_COUNTERS = 7
+    N_RUNNERS = 2
     C_ENQUEUED = 0
     C_SUCCEEDED = 1
     REFRESH_EVERY = 1024  # successes between two looks at the log level, off the per-job path
@@ -328,6 +332,26 @@ cdef void _fifo_clear(Fifo *fifo):
     fifo.items, fifo.head, fifo.count, fifo.capacity = NULL, 0, 0, 0
 
 
+cdef Py_ssize_t _fifo_find(Fifo *fifo, object job_id) except -2:
+    """The position (from the head) of the job whose ``_id`` is ``job_id``, or -1."""
+    cdef Py_ssize_t i
+    for i in range(fifo.count):
+        if (<object>fifo.items[(fifo.head + i) & (fifo.capacity - 1)].job)._id == job_id:
+            return i
+    return -1
+
+
+cdef object _fifo_remove(Fifo *fifo, Py_ssize_t position):
+    """Remove the entry ``position`` places from the head; later entries move up by one."""
+    cdef Py_ssize_t i, mask = fifo.capacity - 1
+    result = <object>fifo.items[(fifo.head + position) & mask].job
+    Py_DECREF(result)  # the entry's reference; ``result`` holds its own
+    for i in range(position, fifo.count - 1):
+        fifo.items[(fifo.head + i) & mask] = fifo.items[(fifo.head + i + 1) & mask]
+    fifo.count -= 1
+    return result
+
+
 # --- the runnable heaps: per level, the types that may run, by their oldest job ----
 
 cdef struct Listing:
@@ -408,6 +432,7 @@ cdef class TypeState:
     cdef double timeout_seconds  # < 0: no timeout
     cdef public bint takes_context
     cdef public bint interrupt
+    cdef readonly int runner  # whose runnable heaps list it: THREADS, or LOOP for an async executor
     cdef Fifo levels[3]  # LOW, MEDIUM, HIGH
     cdef Py_ssize_t waiting  # jobs in all three levels
     cdef bint listed[3]  # this type has its one entry in the ReadyQueue's runnable heap of that level
@@ -526,9 +551,12 @@ cdef class ReadyQueue:
     cdef object last_type  # a one-entry cache in front of types: this key...
     cdef TypeState last_state  # ...maps to this state (_NO_TYPE and None when empty)
     cdef Py_ssize_t level_sizes[3]  # ready jobs per level (LOW, MEDIUM, HIGH)
-    # Per level: every type with a job waiting there that admits jobs has exactly one listing,
-    # keyed by its oldest job there; listed types that stopped admitting may too (dropped when seen).
-    cdef RunnableHeap runnable[3]
+    # Per runner (THREADS, LOOP) and level, at runner * 3 + level: every type with a job waiting
+    # there that admits jobs has exactly one listing in its runner's heap, keyed by its oldest job
+    # there; listed types that stopped admitting may too (dropped when seen).
+    cdef RunnableHeap runnable[6]
+    cdef object loop_waker  # the event loop's wake-up (set_loop_waker), or None
+    cdef bint loop_idle  # the loop found nothing last time and was not woken since
     cdef Py_ssize_t size  # sum(level_sizes) <= capacity
     cdef object overflow  # deque of (job, type, level): counted jobs owed room; nonempty only when full
     cdef uint64_t seq  # insertion order: FIFO within a level
@@ -555,14 +583,24 @@ cdef class ReadyQueue:
         self.joiners = []
 
     def __dealloc__(self):
-        for level in range(3):
+        for level in range(3 * N_RUNNERS):
             PyMem_Free(self.runnable[level].items)  # borrowed listings: nothing to release
 
     # executors
 
-    def configure(self, job_type, fn, Py_ssize_t limit, timeout, bint takes_context, bint interrupt):
-        """Register or replace the executor of ``job_type``; running attempts keep their slots."""
-        cdef TypeState state = self._type_state(_exact_type(job_type))
+    def configure(self, job_type, fn, Py_ssize_t limit, timeout, bint takes_context, bint interrupt,
+                  int runner=THREADS):
+        """Register or replace the executor of ``job_type``; running attempts keep their slots.
+
+        ``runner``: THREADS (worker threads pop its jobs) or LOOP (``take_for_loop``).
+        """
+        cdef TypeState state
+        if runner != THREADS and runner != LOOP:
+            raise ValueError(f"runner must be THREADS or LOOP, got {runner!r}")
+        state = self._type_state(_exact_type(job_type))
+        if state.runner != runner:  # its waiting jobs move to the other runner's heaps
+            self._unlist(state)
+            state.runner = runner
         state.fn = fn
         state.limit = limit
         state.timeout = timeout
@@ -585,7 +623,7 @@ cdef class ReadyQueue:
         state = self.types.get(job_type)
         if state is None:
             state = TypeState(job_type)
-            for level in range(3):  # every type fits in every heap: listing never allocates
+            for level in range(3 * N_RUNNERS):  # every type fits in every heap: listing never allocates
                 _heap_reserve(&self.runnable[level], len(self.types) + 1)
             self.types[job_type] = state
         self.last_type = job_type
@@ -610,7 +648,28 @@ cdef class ReadyQueue:
     cdef inline void _list(self, TypeState state, int level, uint64_t seq) noexcept:
         if not state.listed[level]:
             state.listed[level] = True
-            _heap_push(&self.runnable[level], seq, <PyObject *>state)
+            _heap_push(&self.runnable[state.runner * 3 + level], seq, <PyObject *>state)
+
+    cdef void _unlist(self, TypeState state) noexcept:
+        """Take ``state``'s listings out of its runner's heaps (it changes runner, or a head left)."""
+        cdef int level
+        for level in range(3):
+            if state.listed[level]:
+                self._unlist_level(state, level)
+
+    cdef void _unlist_level(self, TypeState state, int level) noexcept:
+        cdef RunnableHeap *heap = &self.runnable[state.runner * 3 + level]
+        cdef Py_ssize_t i, n = heap.count
+        cdef Listing item
+        heap.count = 0
+        for i in range(n):  # re-push the others: a push writes at most at index i, already read
+            item = heap.items[i]
+            if item.state != <PyObject *>state:
+                _heap_push(heap, item.seq, item.state)
+        state.listed[level] = False
+
+    cdef inline bint _loop_has_work(self) noexcept:
+        return (self.runnable[3].count or self.runnable[4].count or self.runnable[5].count) != 0
 
     cdef void _readmit(self, TypeState state) noexcept:
         """``state`` may admit jobs again: list it wherever it has jobs waiting and is not listed."""
@@ -662,7 +721,7 @@ cdef class ReadyQueue:
             return False
         self._append(job, job_type, level)
         self._accept_one(job, job_id)
-        if self.getters:
+        if self.getters or self.loop_idle:
             self._hand_off()
         return True
 
@@ -687,7 +746,7 @@ cdef class ReadyQueue:
             _wait(self.putters, deadline)
         self._append(job, job_type, level)
         self._accept_one(job, job_id)
-        if self.getters:
+        if self.getters or self.loop_idle:
             self._hand_off()
         return True
 
@@ -710,7 +769,7 @@ cdef class ReadyQueue:
         for job, job_type, level in placed:
             self._append(job, job_type, level)
         self._accept(len(ready) + len(delayed), batch)
-        if self.getters:
+        if self.getters or self.loop_idle:
             self._hand_off()
         return True
 
@@ -738,13 +797,13 @@ cdef class ReadyQueue:
             self.overflow.append(owed)
         else:
             self._append(job, job_type, level)
-            if self.getters:
+            if self.getters or self.loop_idle:
                 self._hand_off()
 
     # popping
 
-    cdef object _take(self, PyObject **taken_state, int *taken_level):
-        """Take the next job and a slot of its type, or None.
+    cdef object _take(self, PyObject **taken_state, int *taken_level, int runner=THREADS):
+        """Take ``runner``'s next job and a slot of its type, or None.
 
         ``taken_state`` receives a borrowed reference: a type with a running attempt stays in types.
         """
@@ -753,7 +812,7 @@ cdef class ReadyQueue:
         cdef TypeState state
         cdef Fifo *fifo
         for level in range(2, -1, -1):
-            runnable = &self.runnable[level]
+            runnable = &self.runnable[runner * 3 + level]
             while runnable.count:
                 state = <TypeState>runnable.items[0].state
                 if not state.admits():  # saturated since it was listed: _readmit lists it again
@@ -799,12 +858,15 @@ cdef class ReadyQueue:
         while self.getters:
             job = self._take(&state, &level)
             if job is None:
-                return 0
+                break
             waiter = <_Waiter>self.getters.pop()
             waiter.job = job
             waiter.state = <TypeState>state
             waiter.level = level
             PyThread_release_lock(waiter.lock)
+        if self.loop_idle and self._loop_has_work():  # the loop's jobs: one wake-up, it drains
+            self.loop_idle = False
+            self.loop_waker()  # the last step: the state above is complete if it lets others run
         return 0
 
     cdef int _give_back(self, _Waiter waiter) except -1:
@@ -819,7 +881,7 @@ cdef class ReadyQueue:
         else:
             self._append(job, state.name, waiter.level)
         self._readmit(state)
-        if self.getters:
+        if self.getters or self.loop_idle:
             self._hand_off()
         return 0
 
@@ -838,7 +900,7 @@ cdef class ReadyQueue:
         while not self._closed:
             job = self._take(taken_state, &level)
             if job is not None:
-                if self.getters:  # _take may have moved an overflow job in: an idle worker's
+                if self.getters or self.loop_idle:  # _take may have moved an overflow job in
                     self._hand_off()
                 return job
             if deadline != WAIT_FOREVER and _monotonic() >= deadline:
@@ -877,6 +939,75 @@ cdef class ReadyQueue:
         cdef PyObject *state = NULL
         return self._pop(_deadline(timeout), &state, None)
 
+    def set_loop_waker(self, waker):
+        """``waker()`` (cheap, never raising) asks the event loop to call ``take_for_loop`` soon.
+
+        It is called at most once between two ``take_for_loop`` calls that
+        found nothing, so a busy loop is never woken per job. None detaches.
+        """
+        self.loop_waker = waker
+        self.loop_idle = False
+        if waker is not None and self._loop_has_work():
+            waker()
+        else:
+            self.loop_idle = waker is not None
+
+    def take_for_loop(self, Py_ssize_t max_jobs):
+        """Take up to ``max_jobs`` of the loop's jobs (and their slots), in priority order.
+
+        Fewer than ``max_jobs`` means there were no more: the next job the loop
+        can take wakes it (``set_loop_waker``). Nothing once closed.
+        """
+        cdef list taken = []
+        cdef PyObject *state
+        cdef int level
+        if self._closed:
+            return taken
+        while len(taken) < max_jobs:
+            job = self._take(&state, &level, LOOP)
+            if job is None:
+                self.loop_idle = self.loop_waker is not None
+                break
+            taken.append((job, <TypeState>state))
+        if self.getters:  # _take may have moved a worker thread's job in from the overflow line
+            self._hand_off()
+        return taken
+
+    def remove(self, job_id):
+        """Take the ready (or overflow) job with this id out of the queue: the job, or None.
+
+        The job stays unfinished: the caller ends it (``task_done``). Scans
+        every waiting job: for a cancel, not for a per-job path.
+        """
+        cdef TypeState state
+        cdef Fifo *fifo
+        cdef Py_ssize_t position, index
+        cdef int level
+        if not PyUnicode_CheckExact(job_id):
+            raise _not_a_str("job id", job_id)
+        for index, owed in enumerate(self.overflow):
+            if owed[0]._id == job_id:
+                del self.overflow[index]
+                return owed[0]
+        for state in list(self.types.values()):
+            for level in range(3):
+                fifo = &state.levels[level]
+                position = _fifo_find(fifo, job_id)
+                if position < 0:
+                    continue
+                job = _fifo_remove(fifo, position)
+                state.waiting -= 1
+                self.level_sizes[level] -= 1
+                self.size -= 1
+                if position == 0 and state.listed[level]:  # its listing was keyed by this job
+                    self._unlist_level(state, level)
+                    self._readmit(state)
+                self._refill()
+                if self.getters or self.loop_idle:
+                    self._hand_off()
+                return job
+        return None
+
     def release(self, job_type):
         """An attempt of ``job_type`` returned: free its slot."""
         if job_type is self.last_type:
@@ -892,7 +1023,7 @@ cdef class ReadyQueue:
         state.active -= 1
         if state.waiting:
             self._readmit(state)
-            if hand_off and self.getters:  # else a worker handing the job over would sleep as it wakes
+            if hand_off and (self.getters or self.loop_idle):  # else a worker handing over would sleep
                 self._hand_off()
         elif state.fn is None and not state.active:
             del self.types[state.name]  # an unregistered type leaves nothing behind
@@ -1086,6 +1217,21 @@ cdef class DelayedHeap:
     def next_run_at(self):
         return self.entries[0].run_at if self.count else None
 
+    def remove(self, job_id):
+        """Take the job whose ``_id`` is ``job_id`` out of the heap: the job, or None."""
+        cdef Py_ssize_t i
+        for i in range(self.count):
+            if (<object>self.entries[i].job)._id == job_id:
+                job = <object>self.entries[i].job
+                Py_DECREF(job)
+                self.count -= 1
+                if i < self.count:
+                    self.entries[i] = self.entries[self.count]
+                    self._sift_down(i)
+                    self._sift_up(i)
+                return job
+        return None
+
     def __len__(self):
         return self.count
 
@@ -1188,9 +1334,12 @@ cdef class WorkerSlot:
         self.deadline = INFINITY
         return False
 
-    def expire(self, double now):
-        """Decide a running attempt past its deadline as timed out: its job, or None."""
-        if self.job is None or self.expired or self.deadline > now:
+    def expire(self, double now, object job=None):
+        """Decide a running attempt past its deadline as timed out: its job, or None.
+
+        With ``job``, only that job's attempt (a cancel: ``now`` is +inf).
+        """
+        if self.job is None or self.expired or self.deadline > now or (job is not None and self.job is not job):
             return None
         # The decision runs no Python code, so the worker's end() sees it whole: set by
         # Python code in between, interrupted could come after end() had read it.

@@ -39,11 +39,14 @@ from .errors import DuplicateJob, JobTimeout, QueueStopped
 __all__ = [
     "ReadyQueue", "DelayedHeap", "Alarm", "WorkerSlot", "TypeState",
     "run_worker", "retry_delay", "new_job_id", "interrupt_thread", "monotonic",
-    "ENQUEUED", "SUCCEEDED", "FAILED", "RETRIED", "TIMED_OUT", "EVICTED",
+    "ENQUEUED", "SUCCEEDED", "FAILED", "RETRIED", "TIMED_OUT", "EVICTED", "CANCELLED",
+    "THREADS", "LOOP",
 ]
 
 # Lifetime counters, by index into ReadyQueue.counters().
-ENQUEUED, SUCCEEDED, FAILED, RETRIED, TIMED_OUT, EVICTED = range(6)
+ENQUEUED, SUCCEEDED, FAILED, RETRIED, TIMED_OUT, EVICTED, CANCELLED = range(7)
+# Who runs a type's attempts: worker threads, or the queue's event loop (async executors).
+THREADS, LOOP = 0, 1
 _LEVELS = (2, 1, 0)  # HIGH, MEDIUM, LOW: the order in which levels are served
 _UNLIMITED = 1 << 62  # the slot limit of a type with no executor yet
 _INF = math.inf
@@ -111,7 +114,7 @@ class TypeState:
     """
 
     __slots__ = ("name", "fn", "limit", "active", "timeout", "takes_context", "interrupt", "levels",
-                 "listed")
+                 "listed", "runner")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -124,6 +127,7 @@ class TypeState:
         self.levels: Tuple[Deque[Tuple[int, Any]], ...] = (deque(), deque(), deque())  # (seq, job)
         # listed[level]: this type has its one entry in the ReadyQueue's runnable heap of that level
         self.listed = [False, False, False]
+        self.runner = THREADS  # whose runnable heaps list it: THREADS, or LOOP for an async executor
 
     def pending(self) -> int:
         return len(self.levels[0]) + len(self.levels[1]) + len(self.levels[2])
@@ -250,16 +254,21 @@ class ReadyQueue:
         # Everything below is guarded by _lock.
         self._types: Dict[str, TypeState] = {}  # job type -> its slots and jobs
         self._sizes = [0, 0, 0]  # ready jobs per level; sum(_sizes) <= capacity
-        # Per level, a heapq of (seq of the type's oldest job there, type): every type with a job
-        # waiting at that level that admits jobs has exactly one entry; listed, saturated ones may too.
-        self._runnable: Tuple[List[Tuple[int, TypeState]], ...] = ([], [], [])
+        # Per runner (THREADS, LOOP) and level, a heapq of (seq of the type's oldest job there, type):
+        # every type with a job waiting at that level that admits jobs has exactly one entry in its
+        # runner's heap; listed, saturated ones may too. The two runners never take each other's jobs.
+        self._runnable: Tuple[Tuple[List[Tuple[int, TypeState]], ...], ...] = (([], [], []), ([], [], []))
+        # The event loop's wake-up (set_loop_waker), and whether the loop waits for one: it found
+        # nothing to take last time and was not woken since. At most one wake-up is in flight.
+        self._loop_waker: Optional[Callable[[], None]] = None
+        self._loop_idle = False
         # (job, type, level) of counted jobs owed room; nonempty only when full
         self._overflow: Deque[Tuple[Any, str, int]] = deque()
         self._seq = itertools.count()  # insertion order: FIFO within a level
         self._closed = False
         self._unfinished = 0  # accepted jobs not yet succeeded or failed for good
         self._ids: Dict[str, Any] = {}  # id -> the unfinished job registered under it
-        self._counters = [0, 0, 0, 0, 0, 0]
+        self._counters = [0] * 7
         # Idle workers in pop, the latest last. None waits while a job is poppable, except while
         # the worker that freed its slot comes back for it (release_state(hand_off=False)).
         self._getters: List[_Waiter] = []
@@ -270,12 +279,20 @@ class ReadyQueue:
 
     def configure(
         self, job_type: str, fn: Callable[..., Any], limit: int,
-        timeout: Optional[float], takes_context: bool, interrupt: bool,
+        timeout: Optional[float], takes_context: bool, interrupt: bool, runner: int = THREADS,
     ) -> TypeState:
-        """Register or replace the executor of ``job_type``; running attempts keep their slots."""
+        """Register or replace the executor of ``job_type``; running attempts keep their slots.
+
+        ``runner``: THREADS (worker threads pop its jobs) or LOOP (``take_for_loop``).
+        """
         _exact_type(job_type)
+        if runner not in (THREADS, LOOP):
+            raise ValueError(f"runner must be THREADS or LOOP, got {runner!r}")
         with self._lock:
             state = self._type_state(job_type)
+            if state.runner != runner:  # its waiting jobs move to the other runner's heaps
+                self._unlist(state)
+                state.runner = runner
             state.fn, state.limit, state.timeout = fn, limit, timeout
             state.takes_context, state.interrupt = takes_context, interrupt
             if state.pending():
@@ -308,7 +325,15 @@ class ReadyQueue:
     def _list(self, state: TypeState, level: int, seq: int) -> None:
         if not state.listed[level]:
             state.listed[level] = True
-            heapq.heappush(self._runnable[level], (seq, state))
+            heapq.heappush(self._runnable[state.runner][level], (seq, state))
+
+    def _unlist(self, state: TypeState) -> None:
+        """Take ``state``'s entries out of its runner's heaps (it changes runner: rare)."""
+        for level, runnable in enumerate(self._runnable[state.runner]):
+            if state.listed[level]:
+                runnable[:] = [entry for entry in runnable if entry[1] is not state]
+                heapq.heapify(runnable)
+                state.listed[level] = False
 
     def _readmit(self, state: TypeState) -> None:
         """``state`` may admit jobs again: list it wherever it has jobs waiting and is not listed."""
@@ -425,10 +450,10 @@ class ReadyQueue:
 
     # popping
 
-    def _take(self) -> Optional[Tuple[Any, TypeState, int]]:
-        """Take the next job and a slot of its type: (job, type, level), or None."""
+    def _take(self, runner: int = THREADS) -> Optional[Tuple[Any, TypeState, int]]:
+        """Take ``runner``'s next job and a slot of its type: (job, type, level), or None."""
         for level in _LEVELS:
-            runnable = self._runnable[level]
+            runnable = self._runnable[runner][level]
             while runnable:
                 state = runnable[0][1]
                 if not state.admits():  # saturated since it was listed: _readmit lists it again
@@ -464,10 +489,13 @@ class ReadyQueue:
         while self._getters:
             taken = self._take()
             if taken is None:
-                return
+                break
             waiter = self._getters.pop()
             waiter.taken, waiter.level = taken[:2], taken[2]
             waiter.wake()
+        if self._loop_idle and any(self._runnable[LOOP]):  # the loop's jobs: one wake-up, it drains
+            self._loop_idle = False
+            self._loop_waker()  # type: ignore[misc]  # set whenever _loop_idle is
 
     def _give_back(self, job: Any, state: TypeState, level: int) -> None:
         """Undo a hand-off that its worker will not return (interrupted): like a requeue."""
@@ -488,7 +516,7 @@ class ReadyQueue:
                     return None
                 taken = self._take()
                 if taken is not None:
-                    if self._getters:  # _take may have moved an overflow job in: an idle worker's
+                    if self._getters or self._loop_idle:  # _take may have moved an overflow job in
                         self._hand_off()
                     return taken[:2]
                 remaining = _remaining(deadline)
@@ -534,6 +562,71 @@ class ReadyQueue:
         """Take a job and a slot of its type (give it back with ``release``); None when closed or on timeout."""
         taken = self.pop_with_type(timeout)
         return None if taken is None else taken[0]
+
+    def set_loop_waker(self, waker: Optional[Callable[[], None]]) -> None:
+        """``waker()`` (cheap, never raising) asks the event loop to call ``take_for_loop`` soon.
+
+        It is called at most once between two ``take_for_loop`` calls that
+        found nothing, so a busy loop is never woken per job. None detaches.
+        """
+        with self._lock:
+            self._loop_waker = waker
+            self._loop_idle = False
+            if waker is not None and any(self._runnable[LOOP]):
+                waker()
+            else:
+                self._loop_idle = waker is not None
+
+    def take_for_loop(self, max_jobs: int) -> List[Tuple[Any, TypeState]]:
+        """Take up to ``max_jobs`` of the loop's jobs (and their slots), in priority order.
+
+        Fewer than ``max_jobs`` means there were no more: the next job the loop
+        can take wakes it (``set_loop_waker``). Nothing once closed.
+        """
+        taken: List[Tuple[Any, TypeState]] = []
+        with self._lock:
+            if self._closed:
+                return taken
+            while len(taken) < max_jobs:
+                one = self._take(LOOP)
+                if one is None:
+                    self._loop_idle = self._loop_waker is not None
+                    break
+                taken.append(one[:2])
+            if self._getters:  # _take may have moved a worker thread's job in from the overflow line
+                self._hand_off()
+        return taken
+
+    def remove(self, job_id: str) -> Any:
+        """Take the ready (or overflow) job with this id out of the queue: the job, or None.
+
+        The job stays unfinished: the caller ends it (``task_done``). Scans
+        every waiting job: for a cancel, not for a per-job path.
+        """
+        if type(job_id) is not str:
+            raise _not_a_str("job id", job_id)
+        with self._lock:
+            for index, (job, job_type, level) in enumerate(self._overflow):
+                if job._id == job_id:
+                    del self._overflow[index]
+                    return job
+            for state in self._types.values():
+                for level, waiting in enumerate(state.levels):
+                    for index, (_, job) in enumerate(waiting):
+                        if job._id != job_id:
+                            continue
+                        del waiting[index]
+                        self._sizes[level] -= 1
+                        if index == 0 and state.listed[level]:  # its heap entry was keyed by this job
+                            runnable = self._runnable[state.runner][level]
+                            runnable[:] = [entry for entry in runnable if entry[1] is not state]
+                            heapq.heapify(runnable)
+                            state.listed[level] = False
+                            self._readmit(state)
+                        self._refill()
+                        self._hand_off()
+                        return job
+        return None
 
     def release(self, job_type: str) -> None:
         """An attempt of ``job_type`` returned: free its slot."""
@@ -677,6 +770,17 @@ class DelayedHeap:
             self._heap.clear()
         return jobs
 
+    def remove(self, job_id: str) -> Any:
+        """Take the job whose ``_id`` is ``job_id`` out of the heap: the job, or None."""
+        with self._lock:
+            for index, entry in enumerate(self._heap):
+                if entry[2]._id == job_id:
+                    self._heap[index] = self._heap[-1]
+                    self._heap.pop()
+                    heapq.heapify(self._heap)
+                    return entry[2]
+        return None
+
     def next_run_at(self) -> Optional[float]:
         with self._lock:
             return self._heap[0][0] if self._heap else None
@@ -772,10 +876,13 @@ class WorkerSlot:
             self.deadline = _INF
             return False
 
-    def expire(self, now: float) -> Any:
-        """Decide a running attempt past its deadline as timed out: its job, or None."""
+    def expire(self, now: float, job: Any = None) -> Any:
+        """Decide a running attempt past its deadline as timed out: its job, or None.
+
+        With ``job``, only that job's attempt (a cancel: ``now`` is +inf).
+        """
         with self._lock:
-            if self.job is None or self.expired or self.deadline > now:
+            if self.job is None or self.expired or self.deadline > now or (job is not None and self.job is not job):
                 return None
             self.expired = True
             self.retired = True

@@ -11,6 +11,8 @@ Threads:
   ``scheduler_interval``) and is woken at once by an earlier arrival.
 - the watchdog sleeps until the earliest attempt deadline and is woken when an
   attempt starts with an earlier one.
+- the event loop (``_event_loop.LoopRunner``) runs async executors' attempts as
+  tasks; their timeouts are the loop's own timers, which cancel the tasks.
 
 Every wait here is on the monotonic clock: a delayed job or a retry is due
 ``delay`` seconds after it was scheduled, whatever the wall clock does
@@ -34,10 +36,13 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Set, Tuple, ca
 
 from ._pick_core import core
 from .config import Config, ExecutorConfig
+from ._event_loop import LoopRunner
 from .context import JobContext
-from .errors import JobTimeout
+from .errors import JobTimeout, PermanentFailure, RetryAfter
 
 __all__ = ["Dispatcher", "FailureCallback", "AttemptLedger"]
+
+_UNWIND_WAIT = 1.0  # seconds stop() gives cancelled coroutines to unwind before the loop stops
 
 logger = logging.getLogger("tinymq")
 
@@ -140,16 +145,20 @@ class Dispatcher:
         self._decided: Set[Any] = set()  # jobs whose attempt ended on its own after stop() began
         self._workers_changed = threading.Condition(self._lock)  # a worker exited or was retired
         self._in_callback = threading.local()  # .depth > 0 while a failure callback runs
+        self._retry_on: Dict[str, Tuple[type, ...]] = {}  # job type -> ExecutorConfig.retry_on
+        self.loop_runner: Optional[LoopRunner] = None  # async executors' loop, made by start()
         _live.add(self)
         _register_exit_hook()
 
     # --- executors and persistence ----------------------------------------
 
     def register(self, job_type: str, fn: Callable[..., Any], config: ExecutorConfig,
-                 takes_context: bool) -> None:
+                 takes_context: bool, is_async: bool = False) -> None:
         timeout = cast(Optional[float], config.timeout)  # a float or None once constructed
+        self._retry_on[job_type] = config.retry_on
         self.ready.configure(job_type, fn, config.max_concurrent_jobs, timeout,
-                             takes_context, config.interrupt_on_timeout)
+                             takes_context, config.interrupt_on_timeout,
+                             core.LOOP if is_async else core.THREADS)
 
     def set_store(self, store: Any) -> None:
         with self._lock:
@@ -209,6 +218,8 @@ class Dispatcher:
             self._worker_count = workers
             for _ in range(workers):
                 self._start_worker()
+            self.loop_runner = LoopRunner(self)
+            self._start_thread(self.loop_runner.run, "tinymq-loop")
             self._start_thread(self._schedule, "tinymq-scheduler")
             self._start_thread(self._watch, "tinymq-watchdog")
 
@@ -264,7 +275,8 @@ class Dispatcher:
             if stopping:
                 self.watchdog_alarm.wake()
 
-    def stop(self, wait: bool = True, timeout: Optional[float] = None, why: Optional[str] = None) -> None:
+    def stop(self, wait: bool = True, timeout: Optional[float] = None, why: Optional[str] = None,
+             on_own_loop: bool = False) -> None:
         """Accept nothing more; with ``wait``, wait for running attempts (at most ``timeout``).
 
         Attempts still running afterwards have their contexts cancelled; such
@@ -277,7 +289,8 @@ class Dispatcher:
             self._stopping = True
         self.ready.close()
         self.scheduler_alarm.wake()
-        own_thread = self.waits_for_itself()  # an executor or callback: it cannot wait for itself
+        own_thread = self.waits_for_itself() or on_own_loop  # it cannot wait for itself
+        runner = self.loop_runner
         if wait and not own_thread:
             deadline = None if timeout is None else time.monotonic() + timeout
             with self._lock:
@@ -286,11 +299,20 @@ class Dispatcher:
                     if remaining is not None and remaining <= 0.0:
                         break
                     self._workers_changed.wait(remaining)
+            if runner is not None:
+                runner.wait_finished(deadline, undecided_only=True)
         if not (wait and own_thread):
             with self._lock:
                 slots = self._running_workers()
             for slot in slots:
                 self._cancel_for_stop(slot)
+            if runner is not None:
+                for job in runner.cancel_for_stop():
+                    self._stopped_async(job)
+        if runner is not None and first:
+            if not own_thread:  # cancelled coroutines unwind before the loop stops, briefly
+                runner.wait_finished(time.monotonic() + _UNWIND_WAIT, undecided_only=False)
+            runner.stop(wait_for_thread=not own_thread, when_idle=wait and own_thread)
         self.watchdog_alarm.wake()  # it leaves once no worker is left to watch
         if self.ledger is not None:
             self.ledger.stop()
@@ -318,6 +340,18 @@ class Dispatcher:
             if store is not None:
                 self.call_store("save", store.save, job)
         context._cancel("the queue stopped")
+
+    def _stopped_async(self, job: Any) -> None:
+        """stop() cancelled this async attempt: saved back as ready, not a failure."""
+        with self._stop_order:
+            self._stop_cancelled.add(job)
+            store = self.store
+            if store is not None:
+                self.call_store("save", store.save, job)
+        logger.info("job %s (%s): its attempt was cancelled by stop(); not counted as a failure",
+                    job.id, job.type)
+        if self.ledger is not None:
+            self.ledger.given_back(job)
 
     def _report_unrun(self, why: Optional[str]) -> None:
         unrun = self.ready.unfinished
@@ -438,6 +472,79 @@ class Dispatcher:
     def new_context(self, job: Any, deadline: float) -> JobContext:
         return JobContext(job, None if deadline == math.inf else deadline)
 
+    # --- async attempts (called by the LoopRunner, on the loop) -------------
+
+    def needs_hooks(self) -> bool:
+        """Whether an attempt must be announced before it runs (a store's mark_running, a broker)."""
+        return self.ledger is not None or getattr(self.store, "mark_running", None) is not None
+
+    def attempt_starting(self, job: Any) -> None:
+        if self.ledger is not None:
+            self.ledger.started(job)
+        else:
+            self._mark_running(job)
+
+    def blocks(self) -> bool:
+        """Whether reporting an outcome may block (a store or a broker): then not on the loop."""
+        return self.store is not None or self.ledger is not None
+
+    def async_succeeded(self, job: Any) -> None:
+        self.ready.count(core.SUCCEEDED)
+        if self.ledger is not None:
+            self.ledger.succeeded(job)
+        elif self.store is not None or logger.isEnabledFor(logging.DEBUG):
+            self._succeeded(job)
+        self.ready.task_done(job)
+
+    def async_timed_out(self, job: Any, state: Any, exc: JobTimeout) -> None:
+        """An async attempt's deadline: its task is being cancelled; the slot stays until it unwinds."""
+        if self.ledger is not None:
+            self.ledger.expired(job)
+        self.ready.count(core.TIMED_OUT)
+        logger.warning("job %s (%s) timed out; its task is cancelled", job.id, job.type)
+        self.attempt_failed(job, state, exc)
+
+    def returned_late(self, job: Any) -> None:
+        if self.ledger is not None:
+            self.ledger.returned_late(job)
+
+    # --- cancelling ----------------------------------------------------------
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel the unfinished job ``job_id``: queued, delayed or running. False when none."""
+        job = self.ready.remove(job_id)
+        if job is None:
+            job = self.delayed.remove(job_id)
+        if job is None:
+            job = self.uncapped.remove(job_id)
+        if job is None and self.loop_runner is not None:
+            job = self.loop_runner.cancel(job_id)
+        if job is None:
+            job = self._cancel_thread_attempt(job_id)
+        if job is None:
+            return False
+        self.fail(job, "cancelled", None, core.CANCELLED)
+        return True
+
+    def _cancel_thread_attempt(self, job_id: str) -> Any:
+        """Decide a worker's running attempt of ``job_id`` as cancelled; retire and replace the worker."""
+        with self._lock:
+            slots = list(self._slots)
+        for slot in slots:
+            job = slot.job
+            if job is None or job._id != job_id:
+                continue
+            if slot.expire(math.inf, job) is None:  # decided already (it ended, or timed out)
+                continue
+            with self._lock:
+                if not self._stopping:  # its thread may run on: the pool keeps its size
+                    self._start_worker()
+                self._workers_changed.notify_all()
+            if slot.context is not None:
+                slot.context._reason = "cancelled"
+            return job
+        return None
+
     # --- failures --------------------------------------------------------
 
     def no_executor(self, job: Any, state: Any) -> None:
@@ -469,11 +576,19 @@ class Dispatcher:
         try:
             job.retries += 1
             job.last_error = _describe(exc)
+            if not isinstance(exc, RetryAfter) and (
+                    isinstance(exc, PermanentFailure)
+                    or not isinstance(exc, self._retry_on.get(job.type, (Exception,)))):
+                self.fail(job, "permanent_failure", exc)
+                return
             retry_config = job.retry_config
             if job.retries > retry_config.max_retries:
                 self.fail(job, "retries_exhausted", exc)
                 return
-            delay = retry_config.retry_delay(job.retries)
+            if isinstance(exc, RetryAfter):
+                delay = exc.seconds
+            else:
+                delay = retry_config.retry_delay(job.retries)
             job.run_at = time.time() + delay  # what the user and a store see; the wait is monotonic
             self.ready.count(core.RETRIED)
             logger.info("job %s (%s) failed (%s); retry %d of %d in %.3gs", job.id, job.type,
@@ -500,7 +615,7 @@ class Dispatcher:
             self.ledger.failed(job, reason, exc)
         store = self.store
         if store is not None:
-            mark_dead = getattr(store, "mark_dead", None)
+            mark_dead = getattr(store, "mark_dead", None) if reason != "cancelled" else None
             if mark_dead is not None:
                 self.call_store("mark_dead", mark_dead, job, reason, exc)
             else:

@@ -5,7 +5,7 @@ Bad values raise ValueError or TypeError naming the value, at construction.
 """
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional, Union, cast
+from typing import Optional, Tuple, Type, Union, cast
 
 from ._pick_core import core
 
@@ -120,12 +120,18 @@ class ExecutorConfig:
     cooperatively (its JobContext is cancelled) and, with
     ``interrupt_on_timeout=True``, JobTimeout is also raised inside its thread at
     the next Python bytecode. The type's slot stays taken until the function
-    really returns, so ``max_concurrent_jobs`` is never exceeded.
+    really returns, so ``max_concurrent_jobs`` is never exceeded. An async
+    executor's task is cancelled at the deadline instead.
+
+    ``retry_on``: only exceptions of these classes are retried; any other fails
+    the job at once (reason ``"permanent_failure"``), as ``PermanentFailure``
+    always does. ``RetryAfter`` is always retried, after its own delay.
     """
 
     max_concurrent_jobs: int = 10
     timeout: Optional[Duration] = 30.0
     interrupt_on_timeout: bool = False
+    retry_on: Tuple[Type[BaseException], ...] = (Exception,)
 
     def __post_init__(self) -> None:
         _count("max_concurrent_jobs", self.max_concurrent_jobs, 1)
@@ -135,3 +141,7 @@ class ExecutorConfig:
         _set(self, "timeout", timeout)
         if not isinstance(self.interrupt_on_timeout, bool):
             raise TypeError(f"interrupt_on_timeout must be a bool, got {self.interrupt_on_timeout!r}")
+        retry_on = self.retry_on
+        if not isinstance(retry_on, tuple) or not all(
+                isinstance(kind, type) and issubclass(kind, BaseException) for kind in retry_on):
+            raise TypeError(f"retry_on must be a tuple of exception classes, got {retry_on!r}")

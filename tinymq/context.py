@@ -3,8 +3,11 @@
 An executor whose function takes two required positional parameters is called
 as ``fn(job, ctx)``. Python cannot kill a thread, so a long-running executor
 that wants to stop on time polls ``ctx.cancelled`` or ``ctx.check()``, or
-sleeps with ``ctx.wait(seconds)``, which returns early when cancelled.
+sleeps with ``ctx.wait(seconds)``, which returns early when cancelled. An async
+executor's task is cancelled for real (``asyncio.CancelledError`` at its next
+``await``); it may also ``await ctx.sleep(seconds)``.
 """
+import asyncio
 import threading
 from typing import Any, Optional
 
@@ -17,7 +20,8 @@ __all__ = ["JobContext"]
 class JobContext:
     """One attempt of one job: its deadline and whether it was cancelled.
 
-    ``cancelled`` becomes True when the attempt times out or the queue stops.
+    ``cancelled`` becomes True when the attempt times out, is cancelled
+    (``Queue.cancel``) or the queue stops.
     """
 
     __slots__ = ("job", "deadline", "_cancelled", "_not_cancelled", "_reason")
@@ -48,6 +52,18 @@ class JobContext:
             return True
         if self._not_cancelled.acquire(True, min(max(seconds, 0.0), threading.TIMEOUT_MAX)):
             self._not_cancelled.release()  # let every other waiter see it too
+        return self._cancelled
+
+    async def sleep(self, seconds: float) -> bool:
+        """For coroutines: sleep ``seconds``; True when the attempt is cancelled.
+
+        A cancelled async attempt's task is cancelled too, so a sleep under way
+        raises ``asyncio.CancelledError`` (let it propagate); a sleep begun
+        after the cancellation (in cleanup code) returns True at once.
+        """
+        if self._cancelled:
+            return True
+        await asyncio.sleep(max(seconds, 0.0))
         return self._cancelled
 
     def check(self) -> None:

@@ -1,8 +1,12 @@
 """tinymq's exceptions, defined once and raised by both cores and the façade."""
+import math
 import queue
+from datetime import timedelta
+from typing import Optional, Union
 
 __all__ = [
     "TinyMQError", "QueueFull", "QueueStopped", "PersistenceError", "JobTimeout", "DuplicateJob",
+    "PermanentFailure", "RetryAfter",
 ]
 
 
@@ -28,3 +32,29 @@ class JobTimeout(TinyMQError, TimeoutError):
 
 class DuplicateJob(TinyMQError, ValueError):
     """A job with this id is already in the queue and unfinished."""
+
+
+class PermanentFailure(TinyMQError):
+    """Raised by an executor: the job fails now, without retries (reason ``"permanent_failure"``).
+
+    ``raise PermanentFailure("HTTP 404") from exc`` keeps ``exc`` as its cause.
+    """
+
+
+class RetryAfter(TinyMQError):
+    """Raised by an executor: this attempt failed; retry after ``seconds`` instead of the backoff.
+
+    The retry still counts against ``max_retries``.
+    """
+
+    def __init__(self, seconds: Union[float, int, timedelta], message: Optional[str] = None) -> None:
+        if isinstance(seconds, timedelta):
+            delay = seconds.total_seconds()
+        elif isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
+            delay = float(seconds)
+        else:
+            raise TypeError(f"RetryAfter seconds must be seconds (float) or a timedelta, got {seconds!r}")
+        if not 0.0 <= delay < math.inf:  # also rejects NaN
+            raise ValueError(f"RetryAfter seconds must be a finite number >= 0, got {seconds!r}")
+        self.seconds = delay
+        super().__init__(message if message is not None else f"retry after {delay:g}s")

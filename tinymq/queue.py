@@ -4,6 +4,7 @@ Everything here is safe to call from any thread, executors included. The
 per-job path (``enqueue`` of a ready job with no store) is one call into the
 core; everything else takes the slow path below it.
 """
+import asyncio
 import inspect
 import logging
 import threading
@@ -15,6 +16,7 @@ from typing import Any, Callable, Iterable, List, Optional, Protocol, Sequence, 
 
 from ._dispatch import AttemptLedger, Dispatcher, FailureCallback, _describe
 from ._periodic import Periodic, ScheduleStats
+from ._event_loop import is_async_executor
 from ._pick_core import core
 from .config import Config, ExecutorConfig, RetryConfig, _optional_seconds, _seconds
 from .errors import DuplicateJob, PersistenceError, QueueFull, QueueStopped
@@ -37,8 +39,8 @@ _plain_answers: "weakref.WeakKeyDictionary[Any, Tuple[Any, Any, Any, bool]]" = w
 def _takes_context(job_type: str, fn: Callable[..., Any]) -> bool:
     """How to call executor ``fn``: True for ``fn(job, ctx)``, False for ``fn(job)``.
 
-    Raises TypeError for what would never run its body (a generator or
-    coroutine function) or cannot be called with either.
+    Raises TypeError for what would never run its body (a generator
+    function) or cannot be called with either.
     """
     if fn.__class__ is not types.FunctionType or fn.__dict__:  # __wrapped__, __signature__...
         return _inspect_takes_context(job_type, fn)
@@ -57,11 +59,6 @@ def _inspect_takes_context(job_type: str, fn: Callable[..., Any]) -> bool:
         if inspect.isgeneratorfunction(target) or inspect.isasyncgenfunction(target):
             raise TypeError(f"executor for {job_type!r} is a generator function ({fn!r}): calling "
                             "it would only create a generator, never run its body")
-        if inspect.iscoroutinefunction(target):
-            raise TypeError(
-                f"executor for {job_type!r} is a coroutine function ({fn!r}); tinymq runs "
-                "executors in threads: register a plain function (e.g. one that calls asyncio.run)"
-            )
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):  # some builtins have no signature: call them with the job
@@ -160,7 +157,9 @@ class Queue:
     ) -> None:
         """Run jobs of ``job_type`` with ``fn(job)`` (or ``fn(job, ctx)``); replaces any earlier one.
 
-        ``fn`` returns normally on success and raises on failure.
+        ``fn`` returns normally on success and raises on failure. An ``async def``
+        ``fn`` (or a partial of one, or an object with an ``async def __call__``)
+        runs on the queue's event loop instead of a worker thread.
         """
         job_type = _as_type(job_type)
         if not callable(fn):
@@ -170,7 +169,7 @@ class Queue:
             config = ExecutorConfig()
         elif not isinstance(config, ExecutorConfig):
             raise TypeError(f"config must be a tinymq.ExecutorConfig, got {config!r}")
-        self._dispatcher.register(job_type, fn, config, takes_context)
+        self._dispatcher.register(job_type, fn, config, takes_context, is_async_executor(fn))
         if self._link is not None:
             self._link.set_limit(job_type, config.max_concurrent_jobs)
 
@@ -465,7 +464,7 @@ class Queue:
         if self._link is not None:
             return self._link.stats()
         high, medium, low = self._ready.sizes()
-        enqueued, succeeded, failed, retried, timed_out, evicted = self._ready.counters()
+        enqueued, succeeded, failed, retried, timed_out, evicted, cancelled = self._ready.counters()
         return QueueStats(
             high_queue_size=high,
             medium_queue_size=medium,
@@ -483,6 +482,7 @@ class Queue:
             jobs_retried=retried,
             jobs_timed_out=timed_out,
             jobs_evicted=evicted,
+            jobs_cancelled=cancelled,
             waiting_for_room=self._ready.overflow_size,
         )
 
@@ -509,6 +509,58 @@ class Queue:
         limit = _optional_seconds("timeout", timeout)
         self._periodic.stop()
         self._dispatcher.stop(wait, limit)
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel the unfinished job ``job_id``; False when no unfinished job has that id.
+
+        A queued or delayed job is removed (and deleted from the store). A running
+        attempt is cancelled: its context is cancelled, an async executor's task
+        is cancelled, a thread with ``interrupt_on_timeout=True`` is interrupted;
+        it is not retried. The job is reported with reason ``"cancelled"``.
+        """
+        if type(job_id) is not str:
+            raise TypeError(f"job_id must be a str, got {job_id!r}")
+        if self._link is not None:
+            raise NotImplementedError(f"cancel() is not available with a broker ({self._broker!r}) yet")
+        return self._dispatcher.cancel(job_id)
+
+    async def aenqueue(self, job: Job, *, block: bool = False,
+                       timeout: Union[float, timedelta, None] = None) -> Job:
+        """``enqueue`` for async code: never blocks the event loop it is awaited on.
+
+        A save to a store, or a wait for room (``block=True``), runs in the
+        loop's default executor.
+        """
+        if self._store is None and self._link is None:
+            try:
+                return self.enqueue(job)  # no store: one call into the core, never blocking
+            except QueueFull:
+                if not block:
+                    raise
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, lambda: self.enqueue(job, block=block, timeout=timeout))
+
+    async def ajoin(self, timeout: Union[float, timedelta, None] = None) -> bool:
+        """``join`` for async code: waits in the loop's default executor, not on the loop."""
+        wait = _optional_seconds("timeout", timeout)
+        runner = self._dispatcher.loop_runner
+        loop = asyncio.get_running_loop()
+        if runner is not None and loop is runner.loop:
+            raise RuntimeError("ajoin() awaited in an async executor of this queue would wait for "
+                               "itself; await it from another event loop")
+        return await loop.run_in_executor(None, self.join, wait)
+
+    async def astop(self, wait: bool = True, timeout: Union[float, timedelta, None] = None) -> None:
+        """``stop`` for async code: waits in the loop's default executor, not on the loop.
+
+        Awaited in one of this queue's async executors it does not wait for
+        running attempts (its own among them), like ``stop`` in an executor.
+        """
+        limit = _optional_seconds("timeout", timeout)
+        runner = self._dispatcher.loop_runner
+        loop = asyncio.get_running_loop()
+        on_own_loop = runner is not None and loop is runner.loop
+        await loop.run_in_executor(None, lambda: self._dispatcher.stop(wait, limit, None, on_own_loop))
 
     def __enter__(self) -> "Queue":
         return self

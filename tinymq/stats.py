@@ -35,4 +35,5 @@ class QueueStats:
     jobs_retried: int = 0
     jobs_timed_out: int = 0
     jobs_evicted: int = 0
+    jobs_cancelled: int = 0
     waiting_for_room: int = 0

@@ -1,0 +1,408 @@
+"""The queue's event loop: where async executors' attempts run.
+
+One loop per queue, in its own thread (``tinymq-loop``), started with the
+dispatcher. The core keeps the jobs of async executors' types apart from the
+worker threads' (``core.LOOP``): worker threads never take them, and the loop
+never takes a thread executor's job, so neither kind waits for the other.
+
+Hand-off: the core calls ``_wake`` (one ``call_soon_threadsafe``) only when
+the loop had found nothing to take and was not woken since; the loop then
+drains everything the core can give it, a batch at a time, in priority order.
+A busy loop is never woken per job.
+
+Runners: attempts run in long-lived runner tasks, one attempt at a time each,
+not in a task per attempt (creating and scheduling a task is most of what a
+short coroutine costs). A runner that ends an attempt takes the next job from
+``_todo``, or from the core itself, without suspending; an idle one waits on a
+future; ``_call_runners`` wakes or starts one for every job waiting in
+``_todo``, so a job never waits for another's attempt. Timeouts, cancels and
+stop cancel the runner's task while it is inside that attempt (``running``,
+checked on the loop); the runner takes the CancelledError as the attempt's end
+and goes on. A runner's context variables carry over from one of its attempts
+to the next, as in any long-lived task.
+
+Deadlines: the attempts of one type with one timeout
+start in deadline order, so each (type, timeout) keeps its attempts in a FIFO
+with one loop timer, armed for the oldest: no timer per attempt. Every decision
+about an attempt (success, failure, timeout, cancel, stop) is taken once,
+under ``_lock`` (``_decide``); the type's slot is freed only when the attempt
+has unwound, so ``max_concurrent_jobs`` counts coroutines still unwinding.
+"""
+import asyncio
+import inspect
+import logging
+import threading
+import types
+from collections import deque
+from typing import Any, Deque, Dict, List, Optional, Tuple
+
+from ._pick_core import core
+from .context import JobContext
+from .errors import JobTimeout
+
+__all__ = ["LoopRunner"]
+
+logger = logging.getLogger("tinymq")
+
+_DRAIN_BATCH = 256  # jobs started per loop callback: the loop runs other callbacks between batches
+_UNWIND_WAIT = 1.0  # seconds stop() waits for cancelled coroutines to unwind before leaving them
+
+
+class _Attempt:
+    """One running attempt of an async executor. ``decided`` is guarded by LoopRunner._lock."""
+
+    __slots__ = ("job", "state", "context", "task", "deadline", "deadlines", "decided", "running",
+                 "cancel_requested")
+
+    def __init__(self, job: Any, state: Any, context: Optional[JobContext]) -> None:
+        self.job = job
+        self.state = state
+        self.context = context
+        self.task: Any = None  # the runner's task that runs it
+        self.running = False  # loop thread only: its runner is inside it (awaiting its coroutine)
+        self.cancel_requested = False  # loop thread only: the runner's task.cancel() was called for it
+        self.deadline = 0.0  # in loop.time(), when it has a timeout
+        self.deadlines: "Optional[_Deadlines]" = None  # the FIFO it waits in for its deadline
+        # None while undecided; then "returned", "timed_out", "cancelled" or "stopped"
+        self.decided: Optional[str] = None
+
+
+class _Deadlines:
+    """The attempts of one type and timeout, by start (so by deadline); one timer for the oldest."""
+
+    __slots__ = ("attempts", "timer")
+
+    def __init__(self) -> None:
+        self.attempts: Deque[_Attempt] = deque()
+        self.timer: Optional[asyncio.TimerHandle] = None
+
+
+class LoopRunner:
+    """Runs async executors on one event loop thread, for one Dispatcher."""
+
+    def __init__(self, dispatcher: Any) -> None:
+        self.dispatcher = dispatcher
+        self.ready = dispatcher.ready
+        self.loop = asyncio.new_event_loop()
+        self._lock = threading.Lock()
+        # Guarded by _lock: the attempts whose tasks have not finished, and their decisions.
+        self._attempts: Dict[int, _Attempt] = {}  # id(attempt) -> attempt, until it has unwound
+        self._all_finished = threading.Condition(self._lock)  # _attempts may have emptied
+        self._waiting_for_end = 0  # threads in wait_finished: only then is _all_finished notified
+        # Loop thread only: jobs taken from the core (slots held) for the runners; idle runners'
+        # wake-up futures; runners woken or started and not yet back for a job; shutting down.
+        self._todo: Deque[Tuple[Any, Any]] = deque()
+        self._idle: Deque["asyncio.Future[None]"] = deque()
+        self._coming = 0
+        self._closing = False
+        self._stop_when_idle = False  # stop() from one of its attempts: the loop stops after the last
+        self._thread_done = threading.Event()
+        self._deadlines: Dict[Tuple[Any, float], _Deadlines] = {}  # loop thread only
+
+    # --- the loop thread ----------------------------------------------------
+
+    def run(self) -> None:
+        """The loop thread's body: runs until ``stop``."""
+        loop = self.loop
+        asyncio.set_event_loop(loop)
+        try:
+            self.ready.set_loop_waker(self._wake)  # drains at once if jobs are waiting
+            loop.run_forever()
+        finally:
+            self.ready.set_loop_waker(None)
+            self._closing = True
+            try:
+                for waiting in self._idle:
+                    waiting.cancel()  # idle runners end
+                for job in self.cancel_for_stop():  # stop() from an attempt on this loop waited for none
+                    self.dispatcher._stopped_async(job)
+                while self._todo:  # taken from the core, never started: back to the store, uncounted
+                    job, state = self._todo.popleft()
+                    self.ready.release_state(state, False)
+                    self.dispatcher._stopped_async(job)
+                pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+                for task in pending:  # only coroutines that ignored their cancellation are left
+                    task.cancel()
+                if pending:
+                    loop.run_until_complete(asyncio.wait(pending, timeout=_UNWIND_WAIT))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.run_until_complete(loop.shutdown_default_executor())  # outcomes reported off the loop
+            except Exception:  # pragma: no cover - a bug; the loop closes all the same
+                logger.exception("tinymq event loop did not shut down cleanly")
+            finally:
+                loop.close()
+                self._thread_done.set()
+
+    def _wake(self) -> None:
+        """Called by the core (any thread): the loop has jobs to take."""
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed: the queue stopped
+            pass
+        except Exception:  # pragma: no cover - never into the core's caller (an enqueue that succeeded)
+            logger.exception("tinymq could not wake its event loop")
+
+    def _drain(self) -> None:
+        """Take what the core has for the loop into ``_todo`` and see that a runner comes for each."""
+        if not self._closing and self._take():
+            self._call_runners()
+
+    def _take(self) -> bool:
+        """Move a batch of the core's jobs (their slots taken) into ``_todo``: False when none."""
+        taken = self.ready.take_for_loop(_DRAIN_BATCH)
+        if not taken:
+            return False
+        self._todo.extend(taken)
+        if len(taken) == _DRAIN_BATCH:  # maybe more: after the callbacks queued meanwhile
+            self.loop.call_soon(self._drain)
+        return True
+
+    def _call_runners(self) -> None:
+        """Wake idle runners, or start new ones, until one is on its way for every job in ``_todo``."""
+        todo, idle = self._todo, self._idle
+        while self._coming < len(todo):
+            self._coming += 1
+            while idle:
+                waiting = idle.popleft()
+                if not waiting.done():
+                    waiting.set_result(None)
+                    break
+            else:
+                self.loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        """A runner: runs attempts from ``_todo`` one after another; idles on a future when none.
+
+        Runners outlive attempts, so an attempt costs no task of its own: a
+        timeout or a cancel cancels the runner's task while it awaits that
+        attempt, and the runner takes the CancelledError as the attempt's end.
+        """
+        todo, idle = self._todo, self._idle
+        task = asyncio.current_task()
+        coming = True  # woken or started for a job in _todo (counted in _coming)
+        in_a_row = 0
+        while not self._closing:
+            if coming:
+                coming = False
+                self._coming -= 1
+            if not todo and not self._take():
+                waiting = self.loop.create_future()
+                idle.append(waiting)
+                await waiting  # cancelled at shutdown: the runner ends
+                coming = True
+                continue
+            if len(todo) > 1 and self._coming < len(todo) - 1:
+                self._call_runners()  # the others in _todo must not wait for this attempt to end
+            job, state = todo.popleft()
+            await self._attempt(task, job, state)
+            in_a_row += 1
+            if in_a_row >= _DRAIN_BATCH:  # attempts that never suspend: let the loop breathe
+                in_a_row = 0
+                await asyncio.sleep(0)
+
+    async def _attempt(self, task: Any, job: Any, state: Any) -> None:
+        dispatcher = self.dispatcher
+        timeout = state.timeout
+        context = None
+        if state.takes_context:
+            context = JobContext(job, None if timeout is None else core.monotonic() + timeout)
+        attempt = _Attempt(job, state, context)
+        attempt.task = task
+        with self._lock:
+            self._attempts[id(attempt)] = attempt
+        if timeout is not None:
+            self._watch(attempt, timeout)
+        error: Optional[BaseException] = None
+        ours = False  # the CancelledError that ended it came from a decision (timeout, cancel, stop)
+        attempt.running = True
+        try:
+            if dispatcher.needs_hooks():
+                await self.loop.run_in_executor(None, dispatcher.attempt_starting, job)
+            fn = state.fn
+            awaitable = fn(job) if context is None else fn(job, context)
+            if awaitable.__class__ is not types.CoroutineType and not inspect.isawaitable(awaitable):
+                raise TypeError(f"async executor for {job.type!r} returned {awaitable!r}, not an awaitable")
+            await awaitable
+        except asyncio.CancelledError as exc:
+            ours = attempt.decided is not None
+            if not ours:
+                error = exc
+        except BaseException as exc:  # the attempt's failure, whatever it is
+            error = exc
+        attempt.running = False
+        if attempt.cancel_requested:
+            uncancel = getattr(task, "uncancel", None)  # 3.11+: the runner is not being cancelled itself
+            if uncancel is not None:
+                while task.cancelling():
+                    uncancel()
+        self._finished(attempt, error, ours)
+
+    def _finished(self, attempt: _Attempt, error: Optional[BaseException], ours: bool) -> None:
+        """The attempt has ended (unwound): free the slot, then report what was not decided yet."""
+        with self._lock:
+            del self._attempts[id(attempt)]
+            decided = attempt.decided
+            if decided is None:
+                attempt.decided = "returned"
+            idle = not self._attempts
+            if self._waiting_for_end and (idle or decided is None):
+                self._all_finished.notify_all()
+        if idle and self._stop_when_idle:
+            self.loop.stop()
+        deadlines = attempt.deadlines
+        if deadlines is not None:  # forget the decided attempts at its head: they need no deadline
+            waiting = deadlines.attempts
+            while waiting and waiting[0].decided is not None:
+                waiting.popleft()
+        state = attempt.state
+        self.ready.release_state(state, False)  # this runner takes the next job itself
+        job = attempt.job
+        if decided is None:
+            if error is None:
+                self._report(self.dispatcher.async_succeeded, job)
+            else:
+                self._report(self.dispatcher.attempt_failed, job, state, error)
+            return
+        if not ours:  # it was cancelled (timeout, cancel, stop) and carried on
+            logger.warning("job %s (%s): its coroutine ignored its cancellation (%s) and ran until it "
+                           "returned; its slot was held until then", job.id, job.type, decided)
+        self.dispatcher.returned_late(job)
+
+    def _watch(self, attempt: _Attempt, timeout: float) -> None:
+        key = (attempt.state, timeout)
+        deadlines = self._deadlines.get(key)
+        if deadlines is None:
+            deadlines = self._deadlines[key] = _Deadlines()
+        attempt.deadline = self.loop.time() + timeout
+        attempt.deadlines = deadlines
+        deadlines.attempts.append(attempt)
+        if deadlines.timer is None:
+            deadlines.timer = self.loop.call_at(attempt.deadline, self._expire_due, deadlines)
+
+    def _expire_due(self, deadlines: _Deadlines) -> None:
+        """The oldest attempt's deadline: expire every undecided one that is due, re-arm for the next."""
+        attempts = deadlines.attempts
+        now = self.loop.time()
+        while attempts:
+            attempt = attempts[0]
+            if attempt.decided is None and attempt.deadline > now:
+                deadlines.timer = self.loop.call_at(attempt.deadline, self._expire_due, deadlines)
+                return
+            attempts.popleft()
+            if attempt.decided is None:
+                self._expire(attempt)
+        deadlines.timer = None
+
+    def _decide(self, attempt: _Attempt, how: str) -> bool:
+        """Decide ``attempt`` as ``how``, unless it was decided already: True when this call did."""
+        with self._lock:
+            if attempt.decided is not None:
+                return False
+            attempt.decided = how
+        return True
+
+    def _expire(self, attempt: _Attempt) -> None:
+        """The attempt's deadline (on the loop): it failed with JobTimeout; its task is cancelled."""
+        if not self._decide(attempt, "timed_out"):
+            return
+        job, state = attempt.job, attempt.state
+        if attempt.context is not None:
+            attempt.context._cancel("timed out")
+        self._cancel_running(attempt)
+        limit = f"its {state.timeout:g}s timeout" if state.timeout is not None else "its deadline"
+        self._report(self.dispatcher.async_timed_out, job, state,
+                     JobTimeout(f"job {job.id} ({job.type!r}) ran past {limit}"))
+
+    def _report(self, report: Any, *args: Any) -> None:
+        """Hand an outcome to the dispatcher: on the loop, or off it when a store or broker may block."""
+        if self.dispatcher.blocks():
+            self.loop.run_in_executor(None, self._report_safely, report, args)
+        else:
+            self._report_safely(report, args)
+
+    @staticmethod
+    def _report_safely(report: Any, args: Any) -> None:
+        try:
+            report(*args)
+        except Exception:  # pragma: no cover - a bug; the loop keeps running
+            logger.exception("tinymq could not report an async attempt's outcome")
+
+    # --- from any thread ----------------------------------------------------
+
+    def cancel(self, job_id: str) -> Optional[Any]:
+        """Decide the running attempt of ``job_id`` as cancelled and cancel its task: its job, or None."""
+        with self._lock:
+            for attempt in self._attempts.values():
+                if attempt.decided is None and attempt.job._id == job_id:
+                    attempt.decided = "cancelled"
+                    break
+            else:
+                return None
+        self._cancel_task(attempt, "cancelled")
+        return attempt.job
+
+    def cancel_for_stop(self) -> List[Any]:
+        """Decide every undecided attempt as stopped (not a failure) and cancel its task: their jobs."""
+        with self._lock:
+            stopped = [a for a in self._attempts.values() if a.decided is None]
+            for attempt in stopped:
+                attempt.decided = "stopped"
+        for attempt in stopped:
+            self._cancel_task(attempt, "the queue stopped")
+        return [attempt.job for attempt in stopped]
+
+    def _cancel_task(self, attempt: _Attempt, reason: str) -> None:
+        if attempt.context is not None:
+            attempt.context._cancel(reason)
+        try:
+            self.loop.call_soon_threadsafe(self._cancel_running, attempt)
+        except RuntimeError:  # the loop is closed: the attempt ended with it
+            pass
+
+    def _cancel_running(self, attempt: _Attempt) -> None:
+        """On the loop: cancel the runner's task while, and only while, it is inside ``attempt``."""
+        if attempt.running and not attempt.cancel_requested:
+            attempt.cancel_requested = True
+            attempt.task.cancel()
+
+    def wait_finished(self, deadline: Optional[float], undecided_only: bool) -> bool:
+        """Wait until no attempt (``undecided_only``: no undecided one) runs; False at ``deadline``."""
+        with self._lock:
+            self._waiting_for_end += 1
+            try:
+                while True:
+                    attempts = self._attempts.values()
+                    if not any(a.decided is None for a in attempts) if undecided_only else not attempts:
+                        return True
+                    remaining = None if deadline is None else deadline - core.monotonic()
+                    if remaining is not None and remaining <= 0.0:
+                        return False
+                    self._all_finished.wait(None if remaining is None else min(remaining, threading.TIMEOUT_MAX))
+            finally:
+                self._waiting_for_end -= 1
+
+    def stop(self, wait_for_thread: bool, when_idle: bool = False) -> None:
+        """Stop the loop (after what is queued on it); with ``wait_for_thread``, wait for its thread.
+
+        ``when_idle``: only once no attempt runs (stop() awaited in one of them, which it cannot wait for).
+        """
+        try:
+            self.loop.call_soon_threadsafe(self._stop_loop if when_idle else self.loop.stop)
+        except RuntimeError:
+            return  # closed already
+        if wait_for_thread:
+            self._thread_done.wait(_UNWIND_WAIT * 2)
+
+    def _stop_loop(self) -> None:
+        self._stop_when_idle = True
+        if not self._attempts:
+            self.loop.stop()
+
+
+def is_async_executor(fn: Any) -> bool:
+    """Whether ``fn`` is run on the loop: an ``async def`` function, a ``functools.partial`` of
+    one, a function wrapping one (``functools.wraps``), or an object whose ``__call__`` is one."""
+    for target in (fn, getattr(fn, "__call__", None), inspect.unwrap(fn) if callable(fn) else None):
+        if inspect.iscoroutinefunction(target):
+            return True
+    return False
