@@ -6,7 +6,7 @@ whether it is the one in use (``TINYMQ_NO_EXTENSIONS=1`` selects the pure twin).
 import logging
 
 from ._pick_core import HAS_EXTENSION
-from .config import Config, ExecutorConfig, RetryConfig
+from .config import Config, ExecutorConfig, RateLimit, RetryConfig
 from .context import JobContext
 from .errors import DuplicateJob, JobTimeout, PersistenceError, QueueFull, QueueStopped, TinyMQError
 from .job import Job, Priority, new_delayed_job, new_high_priority_job, new_job, new_low_priority_job
@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 logging.getLogger("tinymq").addHandler(logging.NullHandler())
 
 __all__ = [
-    "Queue", "Job", "Priority", "Config", "ExecutorConfig", "RetryConfig",
+    "Queue", "Job", "Priority", "Config", "ExecutorConfig", "RetryConfig", "RateLimit",
     "QueueStats", "ExecutorStats", "Persistence", "SQLitePersistence", "JobContext",
     "TinyMQError", "QueueFull", "QueueStopped", "PersistenceError", "JobTimeout", "DuplicateJob",
     "new_job", "new_high_priority_job", "new_low_priority_job", "new_delayed_job",

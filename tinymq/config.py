@@ -9,7 +9,7 @@ from typing import Optional, Union, cast
 
 from ._pick_core import core
 
-__all__ = ["RetryConfig", "Config", "ExecutorConfig", "Duration"]
+__all__ = ["RetryConfig", "Config", "ExecutorConfig", "RateLimit", "Duration"]
 
 Duration = Union[float, int, timedelta]
 
@@ -112,6 +112,29 @@ class Config:
 
 
 @dataclass(frozen=True)
+class RateLimit:
+    """At most ``max_starts`` attempts of a job type start in any window of ``per`` seconds.
+
+    An exact sliding window: a type may start an attempt when its
+    ``max_starts``-th latest start is at least ``per`` seconds ago (monotonic
+    clock). Every attempt counts, retries and attempts that time out included.
+    ``RateLimit(100, per=60.0)``: at most 100 starts a minute. ``per`` also
+    accepts a ``timedelta``. The in-process core and a broker read the same
+    two fields.
+    """
+
+    max_starts: int
+    per: Duration
+
+    def __post_init__(self) -> None:
+        _count("max_starts", self.max_starts, 1)
+        per = _seconds("per", self.per)
+        if per == 0.0:
+            raise ValueError(f"per must be > 0 seconds, got {self.per!r}")
+        _set(self, "per", per)
+
+
+@dataclass(frozen=True)
 class ExecutorConfig:
     """Per job type: how many attempts may run at once, and for how long.
 
@@ -121,11 +144,15 @@ class ExecutorConfig:
     ``interrupt_on_timeout=True``, JobTimeout is also raised inside its thread at
     the next Python bytecode. The type's slot stays taken until the function
     really returns, so ``max_concurrent_jobs`` is never exceeded.
+
+    ``rate_limit=RateLimit(max_starts, per=seconds)`` also caps how many
+    attempts start in any window of ``per`` seconds; None means no rate limit.
     """
 
     max_concurrent_jobs: int = 10
     timeout: Optional[Duration] = 30.0
     interrupt_on_timeout: bool = False
+    rate_limit: Optional[RateLimit] = None
 
     def __post_init__(self) -> None:
         _count("max_concurrent_jobs", self.max_concurrent_jobs, 1)
@@ -135,3 +162,5 @@ class ExecutorConfig:
         _set(self, "timeout", timeout)
         if not isinstance(self.interrupt_on_timeout, bool):
             raise TypeError(f"interrupt_on_timeout must be a bool, got {self.interrupt_on_timeout!r}")
+        if self.rate_limit is not None and not isinstance(self.rate_limit, RateLimit):
+            raise TypeError(f"rate_limit must be a tinymq.RateLimit or None, got {self.rate_limit!r}")

@@ -11,7 +11,7 @@ import time
 import types
 import weakref
 from datetime import timedelta
-from typing import Any, Callable, Iterable, List, Optional, Set, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, TypeVar, Union
 
 from ._dispatch import Dispatcher, FailureCallback, _describe
 from ._pick_core import core
@@ -357,7 +357,8 @@ class Queue:
 
     def get_stats(self) -> QueueStats:
         high, medium, low = self._ready.sizes()
-        enqueued, succeeded, failed, retried, timed_out, evicted = self._ready.counters()
+        enqueued, succeeded, failed, retried, timed_out, evicted, cancelled = self._ready.counters()
+        type_counters = self._ready.type_counters()
         return QueueStats(
             high_queue_size=high,
             medium_queue_size=medium,
@@ -366,7 +367,7 @@ class Queue:
             max_delayed_jobs=self.config.max_delayed_jobs,
             worker_count=self._dispatcher.worker_count,
             executor_stats={
-                job_type: ExecutorStats(active_jobs=active, max_jobs=limit)
+                job_type: ExecutorStats(active, limit, *type_counters.get(job_type, ()))
                 for job_type, (active, limit) in self._dispatcher.executor_stats().items()
             },
             jobs_enqueued=enqueued,
@@ -376,7 +377,12 @@ class Queue:
             jobs_timed_out=timed_out,
             jobs_evicted=evicted,
             waiting_for_room=self._ready.overflow_size,
+            jobs_cancelled=cancelled,
         )
+
+    def _attempt_durations(self) -> Dict[str, Tuple[Tuple[int, ...], float]]:
+        """Per registered type: attempts per duration bucket (``ATTEMPT_DURATION_BUCKETS``, +inf) and their sum."""
+        return self._ready.attempt_durations()
 
     def join(self, timeout: Union[float, timedelta, None] = None) -> bool:
         """Wait until every job enqueued so far, retries and delayed jobs included, has finished.
