@@ -185,6 +185,19 @@ def test_an_idle_worker_gets_the_job_when_the_window_opens(core):
     assert box.get("result") is waiting
 
 
+def test_a_popping_worker_reopens_a_due_window_itself(core):
+    """Busy workers never wait for the scheduler: a pop after the opening takes the job."""
+    q = limited(core, r=RateLimit(1, per=PER))
+    q.push(Item("r", name=0))
+    waiting = Item("r", name=1)
+    q.push(waiting)
+    assert q.pop(timeout=0) is not None
+    assert q.pop(timeout=0) is None
+    sleep_until(core, q.next_rate_opening())
+    assert q.pop(timeout=0) is waiting  # no reopen_rate_limited() call
+    assert q.next_rate_opening() is None
+
+
 def test_parking_wakes_the_alarm_armed_for_later(core):
     alarm = core.Alarm()
     q = limited(core, alarm=alarm, r=RateLimit(1, per=PER))

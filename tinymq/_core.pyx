@@ -425,7 +425,7 @@ cdef inline void _heap_replace_top(RunnableHeap *heap, uint64_t seq) noexcept:
 
 cdef struct Parked:
     double open_at  # the key: the type may start an attempt from then on
-    PyObject *state  # an owned reference
+    PyObject *state  # borrowed: a type once parked is never dropped from ReadyQueue.types
 
 cdef struct ParkedHeap:  # a binary min-heap on open_at in a C array
     Parked *items
@@ -507,6 +507,7 @@ cdef class TypeState:
     cdef double rate_per
     cdef double rate_open_at  # the oldest remembered start + per (-inf: always open)
     cdef double rate_parked_until  # the key of its latest entry in the heap of closed windows (+inf: none)
+    cdef bint ever_parked  # the heap of closed windows may refer to it: ReadyQueue.types keeps it
     cdef long long counters[N_COUNTERS]  # per-type lifetime counters, by event (TYPE_EVENTS)
     cdef long long durations[N_BUCKETS]  # attempts by duration bucket (not cumulative)
     cdef double duration_sum
@@ -708,12 +709,9 @@ cdef class ReadyQueue:
         self.joiners = []
 
     def __dealloc__(self):
-        cdef Py_ssize_t i
         for level in range(3):
             PyMem_Free(self.runnable[level].items)  # borrowed listings: nothing to release
-        for i in range(self.parked.count):
-            Py_XDECREF(self.parked.items[i].state)
-        PyMem_Free(self.parked.items)
+        PyMem_Free(self.parked.items)  # borrowed too
 
     # executors
 
@@ -831,7 +829,7 @@ cdef class ReadyQueue:
         cdef double open_at = state.rate_open_at
         if open_at < state.rate_parked_until and state.rate_closed():
             state.rate_parked_until = open_at
-            Py_INCREF(state)
+            state.ever_parked = True
             _parked_push(&self.parked, open_at, <PyObject *>state)  # room was reserved
             if self.alarm is not None and open_at < self.alarm.armed_at:
                 self.alarm._wake()
@@ -842,21 +840,21 @@ cdef class ReadyQueue:
 
     def reopen_rate_limited(self, double now):
         """Readmit the types whose rate windows opened by ``now``; idle workers take their jobs."""
+        self._reopen_due(now)
+        if self.getters:
+            self._hand_off()
+
+    cdef void _reopen_due(self, double now) noexcept:
         cdef Parked top
         cdef TypeState state
-        cdef list reopened = []  # holds the parked references until the end: no dealloc in between
         while self.parked.count and self.parked.items[0].open_at <= now:
             top = _parked_pop(&self.parked)
-            reopened.append(<object>top.state)  # a new reference...
-            Py_DECREF(<object>top.state)  # ...so the heap's own goes
             state = <TypeState>top.state
             if top.open_at != state.rate_parked_until:
                 continue  # stale: parked again since, with an earlier opening
             state.rate_parked_until = INFINITY
             if state.waiting:
                 self._readmit(state)  # parks it again if starts moved its window meanwhile
-        if self.getters:
-            self._hand_off()
 
     cdef inline int _check_open(self) except -1:
         if self._closed:
@@ -988,6 +986,11 @@ cdef class ReadyQueue:
         cdef RunnableHeap *runnable
         cdef TypeState state
         cdef Fifo *fifo
+        cdef double now
+        if self.parked.count:  # a busy worker reopens a window without the scheduler
+            now = _monotonic()
+            if self.parked.items[0].open_at <= now:
+                self._reopen_due(now)
         for level in range(2, -1, -1):
             runnable = &self.runnable[level]
             while runnable.count:
@@ -1135,7 +1138,7 @@ cdef class ReadyQueue:
             self._readmit(state)
             if hand_off and self.getters:  # else a worker handing the job over would sleep as it wakes
                 self._hand_off()
-        elif state.fn is None and not state.active:
+        elif state.fn is None and not state.active and not state.ever_parked:
             del self.types[state.name]  # an unregistered type leaves nothing behind
             if state is self.last_state:
                 self.last_type, self.last_state = _NO_TYPE, None

@@ -315,7 +315,9 @@ class ReadyQueue:
     ``next_rate_opening()`` and calls ``reopen_rate_limited(now)``, which
     readmits the types whose windows opened and hands their jobs to idle
     workers; ``alarm`` (the scheduler's) is woken when a type parks there with
-    an earlier opening than the scheduler is armed for. Nothing polls.
+    an earlier opening than the scheduler is armed for. A worker that pops
+    reopens due windows itself, so busy workers never wait for the scheduler's
+    wake-up. Nothing polls.
 
     The unfinished jobs that have an id are known by it: a second job with the
     same id is refused (DuplicateJob) until ``task_done`` of the first.
@@ -450,15 +452,18 @@ class ReadyQueue:
     def reopen_rate_limited(self, now: float) -> None:
         """Readmit the types whose rate windows opened by ``now``; idle workers take their jobs."""
         with self._lock:
-            closed = self._rate_closed
-            while closed and closed[0][0] <= now:
-                open_at, _, state = heapq.heappop(closed)
-                if open_at != state.rate_parked_until:
-                    continue  # stale: parked again since, with an earlier opening
-                state.rate_parked_until = _INF
-                if state.pending():
-                    self._readmit(state)  # parks it again if starts moved its window meanwhile
+            self._reopen_due(now)
             self._hand_off()
+
+    def _reopen_due(self, now: float) -> None:
+        closed = self._rate_closed
+        while closed and closed[0][0] <= now:
+            open_at, _, state = heapq.heappop(closed)
+            if open_at != state.rate_parked_until:
+                continue  # stale: parked again since, with an earlier opening
+            state.rate_parked_until = _INF
+            if state.pending():
+                self._readmit(state)  # parks it again if starts moved its window meanwhile
 
     def _check_open(self) -> None:
         if self._closed:
@@ -570,6 +575,8 @@ class ReadyQueue:
 
     def _take(self) -> Optional[Tuple[Any, TypeState, int]]:
         """Take the next job and a slot of its type: (job, type, level), or None."""
+        if self._rate_closed and self._rate_closed[0][0] <= monotonic():
+            self._reopen_due(monotonic())  # a busy worker reopens a window without the scheduler
         for level in _LEVELS:
             runnable = self._runnable[level]
             while runnable:
