@@ -109,7 +109,7 @@ class PrometheusCollector(Collector):
 
 def _cumulative(counts: Tuple[int, ...]) -> List[Tuple[str, float]]:
     """Per-bucket counts -> Prometheus' cumulative ``(le, count)`` pairs, +Inf last."""
-    buckets = []
+    buckets: List[Tuple[str, float]] = []
     running = 0
     for label, count in zip(_BUCKET_LABELS, counts):
         running += count
