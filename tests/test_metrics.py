@@ -62,8 +62,14 @@ def test_the_scrape_matches_get_stats():
             for priority in (Priority.HIGH, Priority.LOW, Priority.LOW, Priority.MEDIUM):
                 q.enqueue(Job("held", priority=priority))
             assert blocker.wait_started(2)
-            # Everything but the held jobs finishes: 4 work jobs, the ghost, the evicted job.
-            assert wait_until(lambda: q.get_stats().jobs_succeeded == 3 and q.get_stats().jobs_failed == 2)
+            # Everything but the held jobs finishes: 4 work jobs, the ghost, the evicted job,
+            # and the timed-out attempt's function has returned (its slot is free).
+            def settled():
+                stats = q.get_stats()
+                return (stats.jobs_succeeded, stats.jobs_failed,
+                        stats.executor_stats["work"].active_jobs) == (3, 2, 0)
+
+            assert wait_until(settled)
             stats = q.get_stats()
             samples, types = scrape(q)
         finally:
