@@ -81,9 +81,9 @@ def _switches() -> int:
     return usage.ru_nvcsw + usage.ru_nivcsw
 
 
-def _case(name: str, jobs: int, workers: int, producers: int) -> None:
+def _case(name: str, jobs: int, workers: int, producers: int, synchronous: str = "NORMAL") -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        store = SQLitePersistence(os.path.join(tmp, "bounds.db"))
+        store = SQLitePersistence(os.path.join(tmp, "bounds.db"), synchronous=synchronous)
         queue = Queue(config=Config(buffer_size=10_000_000))
         queue.set_persistence(store)
         if workers:
@@ -177,6 +177,8 @@ def main() -> None:
     _case("durable enqueue, one producer", 1000, 0, 1)
     _case(f"durable enqueue, {PRODUCERS} producer threads", 1000, 0, PRODUCERS)
     _case(f"durable enqueue, {PRODUCERS} producer threads, 10k/round", 10_000, 0, PRODUCERS)
+    _case("durable enqueue, one producer, FULL", 1000, 0, 1, "FULL")
+    _case(f"durable enqueue, {PRODUCERS} producer threads, FULL", 1000, 0, PRODUCERS, "FULL")
     for workers in sorted({1, 2, WORKERS}):
         _case(f"durable end to end, {workers} workers", 10_000, workers, 1)
     print(f"blocking hand-off between two threads: {_hand_off_cost():.1f}us")

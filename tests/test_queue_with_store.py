@@ -11,6 +11,7 @@ costs it an attempt.
 ``mark_dead``); ``MinimalStore`` has only ``save``, ``delete`` and ``load_all``,
 for the paths where the Queue falls back.
 """
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from tinymq import (
     ExecutorConfig,
     Job,
     PersistenceError,
+    Priority,
     Queue,
     QueueStopped,
     RetryConfig,
@@ -777,3 +779,36 @@ def test_enqueue_many_with_a_duplicate_id_enqueues_nothing(clash):
     assert after == before
     assert not any(call.method == "save_many" for call in store.calls), "the refused batch was saved"
     assert all(store.calls_for(job.id) == [] for job in batch if job.id != "dup")
+
+
+@pytest.mark.parametrize(
+    "attribute, value, error",
+    [("priority", 7, ValueError), ("priority", True, ValueError), ("run_at", math.nan, ValueError),
+     ("type", "", ValueError), ("retry_config", {"max_retries": 1}, TypeError)],
+)
+def test_enqueue_many_refuses_a_bad_attribute_before_the_store_sees_the_batch(attribute, value, error):
+    """A bad attribute set after construction fails the whole batch before save_many, not after it."""
+    store = RecordingStore()
+    with Queue(10) as q:
+        q.set_persistence(store)
+        bad = Job("t")
+        setattr(bad, attribute, value)
+        with pytest.raises(error):
+            q.enqueue_many([Job("t"), bad])
+        assert [call.method for call in store.calls] == ["load_all"]
+        assert q.get_stats().jobs_enqueued == 0
+
+
+def test_enqueue_many_stores_and_runs_a_plain_int_priority_and_a_str_subclass_type_as_plain_values():
+    class Kind(str):
+        pass
+
+    store = RecordingStore()
+    with Queue(10) as q:
+        q.set_persistence(store)
+        job = Job("t")
+        job.priority = 2
+        job.type = Kind("t")
+        q.enqueue_many([job])
+        assert job.priority is Priority.HIGH and job.type.__class__ is str
+        assert [call.method for call in store.calls] == ["load_all", "save_many"]

@@ -1,202 +1,158 @@
-"""``python -m tinymq``: the seed README's Quick Start, live, in about three seconds.
+"""``python -m tinymq``: the demo, and the commands ``status``, ``requeue-dead``, ``purge-dead``, ``worker``.
 
-One default in-memory Queue shows, section by section: strict priorities,
-delayed jobs starting on time, a retry with exponential backoff, a
-concurrency limit at work, a timeout observed through the job context, and
-the queue's own statistics at the end. Every section waits with ``q.join()``.
+With no arguments it runs the demo (``_demo.py``). Exit codes: 0 done, 1 an
+error (one clear line on stderr, no traceback, for a user's mistake), 2 bad
+usage (argparse).
 """
 import argparse
 import os
 import sys
-import threading
-import time
 from typing import List, Optional, Sequence
 
-import tinymq
-from tinymq import ExecutorConfig, Job, JobContext, Queue, QueueStats, RetryConfig
+from ._cli import LOG_LEVELS, CommandError, configure_logging, positive_int, whole_number
+from ._demo import DESCRIPTION as DEMO_DESCRIPTION
+from ._demo import run_demo
+from ._status import change_dead_in_db, change_dead_in_redis, db_status, redis_status, render_status
+from ._worker import Supervisor, default_workers, run_child, split_target
 
-_print_lock = threading.Lock()
-
-
-def say(text: str = "") -> None:
-    """print() from several worker threads without interleaving lines."""
-    with _print_lock:
-        print(text, flush=True)
+_PUBLIC_COMMANDS = "{demo,status,requeue-dead,purge-dead,worker}"
+_DEAD_LIMIT = 20  # dead jobs that the status table lists by default
 
 
-def heading(number: int, title: str) -> None:
-    say()
-    say(f"{number}. {title}")
+def _logging_option(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=default,
+                        help=f"messages on stderr from this level up (default {default})")
 
 
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:+7.1f} ms"
+def _queue_options(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--db", metavar="PATH", help="the SQLite file of a queue's SQLitePersistence store")
+    where.add_argument("--redis", metavar="URL", help="the Redis server of a shared queue (with --name)")
+    parser.add_argument("--name", help="the shared queue's name, as given to RedisBroker(name=...)")
+    parser.set_defaults(parser=parser)  # to report a usage error as this command's
 
 
-# --- sections ----------------------------------------------------------------------------
+def _check_queue_options(arguments: argparse.Namespace) -> None:
+    if arguments.redis is not None and not arguments.name:
+        arguments.parser.error("--redis needs --name (the queue's name, as given to RedisBroker)")
+    if arguments.db is not None and arguments.name is not None:
+        arguments.parser.error("--name goes with --redis, not --db")
 
 
-def show_priorities(q: Queue) -> None:
-    heading(1, "Priorities: HIGH, then MEDIUM, then LOW; FIFO within a priority")
-    say("   6 emails enqueued before start_dispatcher(); one email at a time")
-
-    @q.executor("email", max_concurrent_jobs=1, timeout=5)
-    def send_email(job: Job) -> None:
-        say(f"   {job.priority.name:<6} Sending email: {job.payload}")
-        time.sleep(0.05)
-
-    q.enqueue(tinymq.new_low_priority_job("email", "Monthly newsletter"))
-    q.enqueue(tinymq.new_job("email", "Welcome email"))
-    q.enqueue(tinymq.new_high_priority_job("email", "Password reset"))
-    q.enqueue(tinymq.new_low_priority_job("email", "Cleanup reminder"))
-    q.enqueue(tinymq.new_job("email", "Weekly digest"))
-    q.enqueue(tinymq.new_high_priority_job("email", "Security alert"))
-    q.start_dispatcher(4)
-    q.join()
+def _ids_options(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument("ids", nargs="*", metavar="ID", help=f"the dead jobs to {verb}")
+    parser.add_argument("--all", action="store_true", help=f"{verb} every dead job")
 
 
-def show_delayed_jobs(q: Queue) -> None:
-    heading(2, "Delayed jobs start on time (the scheduler sleeps until the earliest run_at)")
-    started = time.time()
-
-    @q.executor("reminder", timeout=5)
-    def remind(job: Job) -> None:
-        now = time.time()
-        say(f"   {job.payload:<20} planned {ms(job.run_at - started)}   "
-            f"started {ms(now - started)}   late {(now - job.run_at) * 1000:5.2f} ms")
-
-    # Enqueued out of order on purpose: they run in run_at order.
-    q.enqueue_delayed(Job("reminder", "enqueue_delayed(0.6)"), 0.6)
-    q.enqueue_delayed(Job("reminder", "enqueue_delayed(0.2)"), 0.2)
-    q.enqueue(Job("reminder", "run_at=now+0.4", run_at=started + 0.4))
-    q.join()
+def _target(text: str) -> str:
+    try:
+        split_target(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
-def show_retries(q: Queue) -> None:
-    heading(3, "Retry with exponential backoff (initial_delay=0.1 s, backoff_multiple=2)")
-    first_attempt: List[float] = []
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tinymq",
+        description="tinymq's command line. With no command, it runs the demo (see `demo --help`).",
+    )
+    commands = parser.add_subparsers(dest="command", metavar=_PUBLIC_COMMANDS)
 
-    @q.executor("flaky", timeout=5)
-    def flaky(job: Job) -> None:
-        now = time.monotonic()
-        if not first_attempt:
-            first_attempt.append(now)
-        attempt = job.retries + 1
-        planned = sum(job.retry_config.retry_delay(k) for k in range(1, attempt))
-        outcome = "fails" if attempt <= 3 else "succeeds"
-        say(f"   attempt {attempt} at {ms(now - first_attempt[0])} "
-            f"(backoff so far {planned * 1000:5.0f} ms): {outcome}")
-        if attempt <= 3:
-            raise ConnectionError("upstream unavailable")
+    commands.add_parser("demo", help="the live tour (what `python -m tinymq` alone runs)",
+                        description=DEMO_DESCRIPTION)
 
-    retry_config = RetryConfig(max_retries=4, initial_delay=0.1, max_delay=1.0, backoff_multiple=2.0)
-    q.enqueue(Job("flaky", "sync account", retry_config=retry_config))
-    q.join()
+    status = commands.add_parser(
+        "status", help="a queue's sizes, counts and dead jobs",
+        description="Print a queue's sizes, counts and dead jobs. --db opens the file read-only: "
+                    "it works while a live queue owns it, and changes nothing. --redis reads the shared "
+                    "queue without registering as a worker process.")
+    _queue_options(status)
+    status.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    status.add_argument("--limit", type=whole_number, default=_DEAD_LIMIT, metavar="N",
+                        help=f"dead jobs the table lists, the newest (default {_DEAD_LIMIT}; 0: all; "
+                             "--json lists all)")
+    _logging_option(status, "WARNING")
 
+    for verb, what in (("requeue", "back to ready, retries reset (with --db they run at the next start "
+                                   "of a queue on the file)"),
+                       ("purge", "deleted for good")):
+        command = commands.add_parser(
+            f"{verb}-dead", help=f"dead jobs {what.split(' (')[0]}",
+            description=f"Dead jobs, those given by id or --all, {what}. With --db this changes the "
+                        "file, so it needs the file to itself: while a live queue owns it, this fails "
+                        "naming the owner's pid. All or nothing: an id that is not a dead job changes "
+                        "nothing.")
+        _queue_options(command)
+        _ids_options(command, verb)
+        _logging_option(command, "WARNING")
 
-def show_concurrency_limit(q: Queue) -> None:
-    heading(4, "Concurrency limit: 6 thumbnails, max_concurrent_jobs=2, 4 workers")
-    lock = threading.Lock()
-    running = [0]
-    seen = {"by_executor": 0, "by_stats": 0}
+    worker = commands.add_parser(
+        "worker", help="run worker processes for a Queue with a broker",
+        description="Run worker processes for the tinymq.Queue at TARGET (a Queue built with a broker, "
+                    "so that the processes share it). SIGTERM or SIGINT stops them gracefully: running "
+                    "attempts finish and buffered jobs go back to the broker; a second one kills them. "
+                    "A worker process that crashes is started again.")
+    worker.add_argument("target", metavar="TARGET", type=_target,
+                        help="package.module:queue (the attribute may be a dotted path: module:app.queue)")
+    worker.add_argument("--processes", type=positive_int, default=1, metavar="N",
+                        help="worker processes (default 1)")
+    worker.add_argument("--workers", type=positive_int, default=None, metavar="M",
+                        help="worker threads per process, start_dispatcher(M) (default: the number of "
+                             "CPUs, or 4 when it cannot be told)")
+    _logging_option(worker, "INFO")
 
-    def thumbnail(job: Job) -> None:
-        with lock:
-            running[0] += 1
-            seen["by_executor"] = max(seen["by_executor"], running[0])
-        # Stats are safe to read from inside an executor.
-        active = q.get_stats().executor_stats["thumbnail"].active_jobs
-        with lock:
-            seen["by_stats"] = max(seen["by_stats"], active)
-        time.sleep(0.25)
-        with lock:
-            running[0] -= 1
-
-    q.register_executor("thumbnail", thumbnail, ExecutorConfig(max_concurrent_jobs=2, timeout=5))
-    began = time.monotonic()
-    for number in range(6):
-        q.enqueue(Job("thumbnail", f"photo-{number}.jpg"))
-    q.join()
-    elapsed = time.monotonic() - began
-    say(f"   max running at once: {seen['by_executor']} (limit 2; "
-        f"get_stats() saw at most {seen['by_stats']} active)")
-    say(f"   6 jobs x 250 ms in {elapsed * 1000:.0f} ms: three waves of two")
-
-
-def show_timeout(q: Queue) -> None:
-    heading(5, "Timeout: executor(job, ctx) sees its deadline and stops when cancelled")
-    returned = threading.Event()
-
-    @q.on_failure
-    def report_failure(job: Job, reason: str, exc: Optional[BaseException]) -> None:
-        say(f"   on_failure({job.payload['name']!r}, {reason!r}, {type(exc).__name__}: {exc})")
-
-    @q.executor("export", timeout=0.25)
-    def export(job: Job, ctx: JobContext) -> None:
-        try:
-            chunks = job.payload["chunks"]
-            say(f"   {job.payload['name']}: {chunks} chunks x 100 ms, "
-                f"{ctx.remaining():.2f} s before the deadline")
-            for done in range(1, chunks + 1):
-                if ctx.wait(0.1):  # returns True at once when the attempt is cancelled
-                    say(f"   {job.payload['name']}: cancelled after {done - 1} chunks; returning")
-                    return
-            say(f"   {job.payload['name']}: all {chunks} chunks done")
-        finally:
-            if job.payload["chunks"] > 2:
-                returned.set()
-
-    q.enqueue(Job("export", {"name": "small export", "chunks": 2}))
-    q.enqueue(Job("export", {"name": "huge export", "chunks": 50}).with_max_retries(0))
-    q.join()
-    returned.wait(5)  # the slot stays taken until the function really returns
+    # Run by `worker` only, once per worker process (and once with --check before they start).
+    child = commands.add_parser("_worker-child")
+    child.add_argument("target")
+    child.add_argument("--workers", type=positive_int, required=True)
+    child.add_argument("--check", action="store_true")
+    _logging_option(child, "INFO")
+    return parser
 
 
-def show_stats(stats: QueueStats) -> None:
-    heading(6, "q.get_stats()")
-    rows = [
-        ("ready (high/medium/low)",
-         f"{stats.high_queue_size}/{stats.medium_queue_size}/{stats.low_queue_size}"),
-        ("delayed", f"{stats.delayed_jobs_count}/{stats.max_delayed_jobs}"),
-        ("workers", stats.worker_count),
-        ("jobs_enqueued", stats.jobs_enqueued),
-        ("jobs_succeeded", stats.jobs_succeeded),
-        ("jobs_failed", stats.jobs_failed),
-        ("jobs_retried", stats.jobs_retried),
-        ("jobs_timed_out", stats.jobs_timed_out),
-        ("jobs_evicted", stats.jobs_evicted),
-    ]
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        say(f"   {name:<{width}}  {value:>7}")
-    say()
-    type_width = max([len("executor")] + [len(t) for t in stats.executor_stats])
-    say(f"   {'executor':<{type_width}}  {'active':>6}  {'max':>4}")
-    say(f"   {'-' * type_width}  {'-' * 6}  {'-' * 4}")
-    for job_type, executor in sorted(stats.executor_stats.items()):
-        say(f"   {job_type:<{type_width}}  {executor.active_jobs:>6}  {executor.max_jobs:>4}")
+def _change_dead(arguments: argparse.Namespace) -> int:
+    _check_queue_options(arguments)
+    if bool(arguments.ids) == arguments.all:
+        arguments.parser.error("give the ids of the dead jobs, or --all (not both)")
+    ids: Optional[List[str]] = None if arguments.all else arguments.ids
+    action = arguments.command.split("-")[0]
+    if arguments.db is not None:
+        print(change_dead_in_db(arguments.db, action, ids))
+    else:
+        print(change_dead_in_redis(arguments.redis, arguments.name, action, ids))
+    return 0
+
+
+def run(arguments: argparse.Namespace) -> int:
+    command = arguments.command
+    if command in (None, "demo"):
+        return run_demo()
+    configure_logging(arguments.log_level)
+    if command == "status":
+        _check_queue_options(arguments)
+        report = db_status(arguments.db) if arguments.db is not None else redis_status(arguments.redis,
+                                                                                       arguments.name)
+        print(render_status(report, as_json=arguments.json, limit=arguments.limit))
+        return 0
+    if command in ("requeue-dead", "purge-dead"):
+        return _change_dead(arguments)
+    workers = arguments.workers or default_workers()
+    if command == "worker":
+        return Supervisor(arguments.target, arguments.processes, workers, arguments.log_level).run()
+    return run_child(arguments.target, workers, arguments.check)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tinymq",
-        description="A live tour of tinymq (about three seconds): priorities, delayed jobs, "
-                    "retries, concurrency limits, timeouts and stats.",
-    )
-    parser.parse_args(argv)
-    core = "compiled core" if tinymq.HAS_EXTENSION else "pure-Python core"
-    say(f"tinymq {tinymq.__version__} ({core})")
-    began = time.monotonic()
-    with Queue(100) as q:
-        show_priorities(q)
-        show_delayed_jobs(q)
-        show_retries(q)
-        show_concurrency_limit(q)
-        show_timeout(q)
-        show_stats(q.get_stats())
-    say()
-    say(f"done in {time.monotonic() - began:.1f} s")
-    return 0
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    try:
+        return run(arguments)
+    except CommandError as exc:
+        print(f"{parser.prog} {arguments.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # before the signal handling of `worker` is in place, or in a status
+        return 130
 
 
 if __name__ == "__main__":

@@ -31,14 +31,14 @@ import math
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, cast
+from typing import Any, Callable, Dict, List, Optional, Protocol, Set, Tuple, cast
 
 from ._pick_core import core
 from .config import Config, ExecutorConfig
 from .context import JobContext
 from .errors import JobTimeout
 
-__all__ = ["Dispatcher", "FailureCallback"]
+__all__ = ["Dispatcher", "FailureCallback", "AttemptLedger"]
 
 logger = logging.getLogger("tinymq")
 
@@ -47,6 +47,41 @@ FailureCallback = Callable[[Any, str, Optional[BaseException]], None]
 
 def _describe(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {exc}"
+
+
+class AttemptLedger(Protocol):
+    """Where a queue fed by a broker reports each attempt (``tinymq.redis`` meets it).
+
+    Without one, the core's ReadyQueue is the whole truth. With one, the jobs
+    in the core are attempts leased from the broker: the ledger records every
+    outcome there, and the shared counters live there too.
+    """
+
+    def started(self, job: Any) -> None:
+        """Before the executor runs; raises when the attempt is no longer held (it is not run)."""
+
+    def succeeded(self, job: Any) -> None: ...
+
+    def expired(self, job: Any) -> None:
+        """The watchdog decided the attempt at its deadline; its function may still run."""
+
+    def returned_late(self, job: Any) -> None:
+        """A timed-out attempt's function returned: its type slot is free."""
+
+    def retry(self, job: Any, delay: float) -> None:
+        """The attempt failed; the job runs again ``delay`` seconds from now."""
+
+    def failed(self, job: Any, reason: str, exc: Optional[BaseException]) -> None:
+        """The job failed for good (after the failure callbacks ran)."""
+
+    def not_held(self, job: Any, exc: BaseException) -> bool:
+        """True when ``exc`` is the ledger refusing the attempt at its start: not a failure."""
+
+    def given_back(self, job: Any) -> None:
+        """stop() cancelled the attempt: the job goes back, uncounted."""
+
+    def stop(self) -> None:
+        """The dispatcher stopped: give back what was not started, and leave."""
 
 
 # Dispatchers that may still have work at interpreter exit (see _stop_at_exit).
@@ -89,6 +124,7 @@ class Dispatcher:
         self.watchdog_alarm = core.Alarm()  # armed in monotonic time (deadlines)
         self.failure_callbacks: List[FailureCallback] = []
         self.store: Any = None
+        self.ledger: Optional[AttemptLedger] = None  # set once, before start, by a broker's Queue
         self._lock = threading.Lock()
         # Guarded by _lock: the live worker slots, the threads, the lifecycle.
         self._slots: Set[Any] = set()
@@ -123,6 +159,10 @@ class Dispatcher:
                 self._set_hooks(slot)
 
     def _set_hooks(self, slot: Any) -> None:
+        ledger = self.ledger
+        if ledger is not None:
+            slot.on_start, slot.on_success = ledger.started, ledger.succeeded
+            return
         store = self.store
         slot.on_start = self._mark_running if getattr(store, "mark_running", None) else None
         debug = logger.isEnabledFor(logging.DEBUG)
@@ -253,7 +293,9 @@ class Dispatcher:
             for slot in slots:
                 self._cancel_for_stop(slot)
         self.watchdog_alarm.wake()  # it leaves once no worker is left to watch
-        if first:
+        if self.ledger is not None:
+            self.ledger.stop()
+        elif first:
             self._report_unrun(why)
 
     def _running_workers(self) -> List[Any]:
@@ -371,6 +413,8 @@ class Dispatcher:
         timeout = state.timeout  # None if the executor was registered again without one
         limit = f"its {timeout:g}s timeout" if timeout is not None else "its deadline"
         exc = JobTimeout(f"job {job.id} ({job.type!r}) ran past {limit}")
+        if self.ledger is not None:
+            self.ledger.expired(job)
         try:  # slot.expire() has cancelled the attempt's context already
             if not (self._stopping and job in self._stop_cancelled):  # stop's: not counted
                 self.ready.record_duration(state, core.monotonic() - slot.started)
@@ -392,6 +436,8 @@ class Dispatcher:
         """A timed-out attempt finally returned; its outcome was decided at the deadline."""
         if slot.interrupted:
             core.interrupt_thread(slot.thread_id, None)  # clear an interruption still pending
+        if self.ledger is not None and slot.job is not None:
+            self.ledger.returned_late(slot.job)
         logger.debug("a timed-out attempt returned late (%s); its result is ignored",
                      "ok" if error is None else _describe(error))
 
@@ -419,7 +465,13 @@ class Dispatcher:
             if cancelled:
                 logger.info("job %s (%s): its attempt was cancelled by stop() (%s); not counted as a "
                             "failure", job.id, job.type, _describe(exc))
+                if self.ledger is not None:
+                    self.ledger.given_back(job)
                 return
+        ledger = self.ledger
+        if ledger is not None and ledger.not_held(job, exc):
+            self.ready.task_done(job)  # given back before it started: nothing to count
+            return
         try:
             job.retries += 1
             job.last_error = _describe(exc)
@@ -432,6 +484,10 @@ class Dispatcher:
             self.ready.count(core.RETRIED, 1, job.type)
             logger.info("job %s (%s) failed (%s); retry %d of %d in %.3gs", job.id, job.type,
                         job.last_error, job.retries, retry_config.max_retries, delay)
+            if ledger is not None:  # the broker keeps the retry: a crash here never loses it
+                ledger.retry(job, delay)
+                self.ready.task_done(job)
+                return
             if self.store is not None:
                 self.call_store("save", self.store.save, job)
             if delay <= 0.0:
@@ -449,6 +505,20 @@ class Dispatcher:
         ``no_executor`` counts only in the queue-wide counters.
         """
         self.ready.count(counter, 1, job.type)
+        self.report_failure(job, reason, exc)
+        if self.ledger is not None:
+            self.ledger.failed(job, reason, exc)
+        store = self.store
+        if store is not None:
+            mark_dead = getattr(store, "mark_dead", None)
+            if mark_dead is not None:
+                self.call_store("mark_dead", mark_dead, job, reason, exc)
+            else:
+                self.call_store("delete", store.delete, job.id)
+        self.ready.task_done(job)
+
+    def report_failure(self, job: Any, reason: str, exc: Optional[BaseException]) -> None:
+        """Log a permanent failure and run the failure callbacks (a broker counts it itself)."""
         if exc is not None:
             logger.error("job %s (%s) failed permanently (%s): %s", job.id, job.type, reason,
                          _describe(exc))
@@ -464,14 +534,6 @@ class Dispatcher:
                     logger.exception("failure callback %r raised for job %s", callback, job.id)
         finally:
             in_callback.depth -= 1
-        store = self.store
-        if store is not None:
-            mark_dead = getattr(store, "mark_dead", None)
-            if mark_dead is not None:
-                self.call_store("mark_dead", mark_dead, job, reason, exc)
-            else:
-                self.call_store("delete", store.delete, job.id)
-        self.ready.task_done(job)
 
     # --- stats -------------------------------------------------------------
 

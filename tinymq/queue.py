@@ -11,13 +11,14 @@ import time
 import types
 import weakref
 from datetime import timedelta
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union
 
-from ._dispatch import Dispatcher, FailureCallback, _describe
+from ._dispatch import AttemptLedger, Dispatcher, FailureCallback, _describe
+from ._periodic import Periodic, ScheduleStats
 from ._pick_core import core
 from .config import Config, ExecutorConfig, RetryConfig, _optional_seconds, _seconds
 from .errors import DuplicateJob, PersistenceError, QueueFull, QueueStopped
-from .job import Job, _as_priority, _as_type, _validate
+from .job import Job, Priority, RunAt, _as_priority, _as_type, _validate
 from .stats import ExecutorStats, QueueStats
 
 __all__ = ["Queue"]
@@ -77,6 +78,32 @@ def _inspect_takes_context(job_type: str, fn: Callable[..., Any]) -> bool:
                     f"{fn!r} has the signature {signature}")
 
 
+class BrokerLink(AttemptLedger, Protocol):
+    """What a Queue built with ``broker=`` uses: the one seam to a shared backend.
+
+    ``broker._attach(config, dispatcher)`` returns it (``tinymq.redis`` meets it).
+    The Queue validates jobs as always, then hands these calls to the link
+    instead of the core; as the dispatcher's ``AttemptLedger`` it also hears
+    every attempt's outcome. Without a broker none of this runs.
+    """
+
+    def enqueue(self, jobs: Sequence[Job], block: bool, timeout: Optional[float]) -> None:
+        """All of ``jobs`` or none (QueueFull, DuplicateJob, QueueStopped, TinyMQError)."""
+
+    def stats(self) -> QueueStats: ...
+
+    def join(self, timeout: Optional[float]) -> bool: ...
+
+    def set_limit(self, job_type: str, limit: int) -> None:
+        """A registered executor's max_concurrent_jobs, as the shared (global) limit."""
+
+    def start(self, workers: int) -> None:
+        """Start taking jobs for ``workers`` worker threads."""
+
+    def ticks(self, queue: "Queue") -> Any:
+        """The TickBackend (tinymq/_periodic.py) that fires each schedule's tick once across processes."""
+
+
 def _check_job(job: object) -> Job:
     if not isinstance(job, Job):
         raise TypeError(f"expected a tinymq.Job, got {job!r}")
@@ -87,10 +114,13 @@ class Queue:
     """An in-process job queue with strict priorities, delayed jobs and per-type limits.
 
     ``Queue(100)`` caps the ready buffer at 100 jobs; ``Queue(config=Config(...))``
-    sets everything. Nothing runs before ``start_dispatcher``.
+    sets everything. Nothing runs before ``start_dispatcher``. With
+    ``broker=tinymq.redis.RedisBroker(...)`` the queue is shared by every process
+    that builds one on the same broker name (see docs/redis.md).
     """
 
-    def __init__(self, buffer_size: Optional[int] = None, *, config: Optional[Config] = None) -> None:
+    def __init__(self, buffer_size: Optional[int] = None, *, config: Optional[Config] = None,
+                 broker: Any = None) -> None:
         # Invariant (with a store): an id set before enqueue is in _claimed, guarded by
         # _claim_lock, from before its save until the core has it, so a duplicate is
         # refused before its save could overwrite the unfinished job's row.
@@ -106,6 +136,19 @@ class Queue:
         self._store: Any = None
         self._claim_lock = threading.Lock()
         self._claimed: Set[str] = set()
+        # With a broker (tinymq.redis.RedisBroker) the queue's state lives there: the link
+        # enqueues, joins and counts through it, and the dispatcher reports attempts to it.
+        self._broker = broker
+        self._link: Optional[BrokerLink] = None
+        if broker is not None:
+            attach = getattr(broker, "_attach", None)
+            if not callable(attach):
+                raise TypeError(f"broker must be a tinymq broker (e.g. tinymq.redis.RedisBroker), got {broker!r}")
+            self._link = attach(config, self._dispatcher)
+            self._dispatcher.ledger = self._link
+        self._periodic = Periodic(self)  # q.every / q.cron: see _periodic.py
+        if self._link is not None:
+            self._periodic.backend = self._link.ticks(self)
         # Dropping the queue without stop() still stops its threads, and says what was left.
         self._finalizer = weakref.finalize(self, self._dispatcher.stop, False, None,
                                            "garbage-collected without stop()")
@@ -128,6 +171,8 @@ class Queue:
         elif not isinstance(config, ExecutorConfig):
             raise TypeError(f"config must be a tinymq.ExecutorConfig, got {config!r}")
         self._dispatcher.register(job_type, fn, config, takes_context)
+        if self._link is not None:
+            self._link.set_limit(job_type, config.max_concurrent_jobs)
 
     def executor(
         self, job_type: str, *, config: Optional[ExecutorConfig] = None, **options: Any
@@ -158,6 +203,9 @@ class Queue:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self._dispatcher.start(workers)
+        if self._link is not None:
+            self._link.start(workers)
+        self._periodic.start()
 
     # --- enqueueing ----------------------------------------------------------
 
@@ -178,6 +226,10 @@ class Queue:
         if (run_at.__class__ is not float or run_at - run_at != 0.0 or job_type.__class__ is not str
                 or not job_type or job._tags is not None or job.retry_config.__class__ is not RetryConfig):
             run_at = _validate(job)  # the core checks priority itself
+        if self._link is not None:
+            job.priority = _as_priority(job.priority)
+            self._link.enqueue([job], block, timeout)
+            return job
         # A job due at its creation (the default: the same float) is due now, whatever the clock did.
         if self._store is None and (run_at is job.timestamp or run_at <= _now()) and self._ready.push(job):
             return job
@@ -255,12 +307,22 @@ class Queue:
         delays: List[float] = []
         now = _now()
         for job in batch:
-            run_at = _validate(job)
+            run_at = job.run_at
+            job_type = job.type
+            # As in enqueue(), and a Priority as is: the store saves every job before the core looks.
+            if (run_at.__class__ is not float or run_at - run_at != 0.0 or job_type.__class__ is not str
+                    or not job_type or job._tags is not None or job.retry_config.__class__ is not RetryConfig
+                    or job.priority.__class__ is not Priority):
+                run_at = _validate(job)
             if run_at is not job.timestamp and run_at > now:
                 delayed_jobs.append(job)
                 delays.append(run_at - now)
             else:
                 ready_jobs.append(job)
+        if self._link is not None:
+            if batch:
+                self._link.enqueue(batch, False, None)
+            return batch
         job_ids = [job._id for job in batch if job._id is not None] if self._store is not None else []
         if len(set(job_ids)) < len(job_ids):
             raise DuplicateJob(f"an id is given twice in this batch of {len(batch)} jobs; "
@@ -308,6 +370,40 @@ class Queue:
                     self._dispatcher.call_store("delete", store.delete, job.id)
             raise
 
+    # --- periodic jobs (tinymq/_periodic.py) ----------------------------------
+
+    def every(self, interval: Union[float, timedelta], job_type: str, payload: Any = None, *,
+              name: Optional[str] = None, priority: Priority = Priority.MEDIUM,
+              first_at: Optional[RunAt] = None) -> str:
+        """Enqueue a ``job_type`` job every ``interval`` seconds (monotonic clock); returns the name.
+
+        The first tick is one interval after ``start_dispatcher`` (or after this
+        call, if later), or at ``first_at`` (epoch seconds or an aware datetime).
+        ``name`` defaults to ``job_type``; a name in use raises ValueError.
+        A tick is skipped, and counted, while the previous tick's job is unfinished.
+        """
+        return self._periodic.every(interval, job_type, payload, name, priority, first_at)
+
+    def cron(self, expression: str, job_type: str, payload: Any = None, *, name: Optional[str] = None,
+             priority: Priority = Priority.MEDIUM, tz: Any = None) -> str:
+        """Enqueue a ``job_type`` job at each tick of cron ``expression``; returns the name.
+
+        Needs ``croniter`` (``pip install 'tinymq[cron]'``). ``tz``: a tzinfo or an
+        IANA name; None means UTC. ``name`` defaults to ``"<job_type> <expression>"``.
+        """
+        return self._periodic.cron(expression, job_type, payload, name, priority, tz)
+
+    def unschedule(self, name: str) -> bool:
+        """Stop schedule ``name``: True if it existed, False if not (like ``cancel``).
+
+        No tick of it enqueues a job once this returns; a job it already enqueued still runs.
+        """
+        return self._periodic.unschedule(name)
+
+    def schedules(self) -> List[ScheduleStats]:
+        """The registered schedules, with their next tick and fired/skipped counts."""
+        return self._periodic.schedules()
+
     # --- persistence ---------------------------------------------------------
 
     def set_persistence(self, store: Any) -> None:
@@ -320,6 +416,9 @@ class Queue:
         Recovery never drops a job for lack of room, and recovered delayed jobs
         are never evicted (nor are retries waiting for their backoff).
         """
+        if self._link is not None:
+            raise RuntimeError(f"set_persistence() cannot be used with a broker ({self._broker!r}): "
+                               "the broker is the queue's durable store")
         for method in ("save", "delete", "load_all"):
             if not callable(getattr(store, method, None)):
                 raise TypeError(f"persistence store must have a callable {method}(), got {store!r}")
@@ -341,6 +440,7 @@ class Queue:
         self._ready.accept(jobs + crashed)
         self._store = store
         self._dispatcher.set_store(store)
+        self._periodic.recovered(jobs)
         for job in crashed:  # their process died during too many attempts: they failed here
             self._dispatcher.fail(job, "crashed", None)
         if not jobs:
@@ -355,7 +455,15 @@ class Queue:
 
     # --- observing and stopping ---------------------------------------------
 
+    @property
+    def broker(self) -> Any:
+        """The broker this queue's state lives in, or None for an in-process queue."""
+        return self._broker
+
     def get_stats(self) -> QueueStats:
+        """Sizes, counters and executors; with a broker, the shared queue's sizes and counters."""
+        if self._link is not None:
+            return self._link.stats()
         high, medium, low = self._ready.sizes()
         enqueued, succeeded, failed, retried, timed_out, evicted, cancelled = self._ready.counters()
         type_counters = self._ready.type_counters()
@@ -395,6 +503,8 @@ class Queue:
         if self._dispatcher.waits_for_itself():
             raise RuntimeError("join() called from an executor or a failure callback of this queue "
                                "would wait for itself; call it from another thread")
+        if self._link is not None:
+            return self._link.join(wait)
         return self._ready.join(wait)
 
     def stop(self, wait: bool = True, timeout: Union[float, timedelta, None] = None) -> None:
@@ -403,6 +513,7 @@ class Queue:
         Idempotent. Jobs still queued are not run; a persistence store keeps them.
         """
         limit = _optional_seconds("timeout", timeout)
+        self._periodic.stop()
         self._dispatcher.stop(wait, limit)
 
     def __enter__(self) -> "Queue":

@@ -1,0 +1,735 @@
+"""The command line, run as users run it: ``python -m tinymq ...`` in a subprocess.
+
+``status`` / ``requeue-dead`` / ``purge-dead`` on a SQLite file (owned by a live
+queue in another process, or by nobody), and the error paths of ``worker``.
+Exit codes: 0 done, 1 an error (a clear message, no traceback), 2 bad usage.
+"""
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import tinymq
+from tinymq import SQLitePersistence
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX: flock, signals, sessions")
+
+ROOT = Path(tinymq.__file__).resolve().parent.parent
+TIMEOUT = 60  # seconds for one command: every command here returns in well under one
+
+
+def env(**extra):
+    variables = dict(os.environ, **extra)
+    variables["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return variables
+
+
+def cli(*args, cwd=None):
+    """Run ``python -m tinymq *args``; the finished process (text output)."""
+    return subprocess.run([sys.executable, "-m", "tinymq", *map(str, args)], cwd=cwd, env=env(),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def assert_user_error(result, *fragments, code=1):
+    """Exit ``code`` with every fragment in stderr, no traceback, nothing on stdout."""
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, (fragment, result.stderr)
+    assert result.stdout == ""
+
+
+def snapshot(directory):
+    """Every file in ``directory``: name -> sha256 of its bytes."""
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(Path(directory).iterdir())}
+
+
+# --- a live queue that owns the file, in another process -----------------------------------
+
+# A queue on the store, with jobs in every state: one email running (held until stdin
+# closes), one HIGH and one LOW email ready behind it (emails run one at a time), one
+# delayed email, and three dead jobs (two failed attempts, one with no executor).
+OWNER = textwrap.dedent("""
+    import json, os, sys, threading, time
+    import tinymq
+    from tinymq import ExecutorConfig, Job, Priority
+
+    store = tinymq.SQLitePersistence(sys.argv[1])
+    queue = tinymq.Queue(100)
+    queue.set_persistence(store)
+    release = threading.Event()
+    running = threading.Event()
+    failed = []
+    reported = threading.Event()
+
+    def email(job):
+        running.set()
+        release.wait()
+
+    def fail(job):
+        raise ValueError(f"boom {job.payload}")
+
+    @queue.on_failure
+    def record(job, reason, exc):
+        failed.append(job.id)
+        if len(failed) == 3:
+            reported.set()
+
+    queue.register_executor("email", email, ExecutorConfig(max_concurrent_jobs=1, timeout=None))
+    queue.register_executor("fail", fail)
+    jobs = [
+        Job("email", "first", priority=Priority.HIGH, id="email-high-1"),
+        Job("email", "second", priority=Priority.HIGH, id="email-high-2"),
+        Job("email", "last", priority=Priority.LOW, id="email-low"),
+        Job("email", "tomorrow", run_at=time.time() + 86400, id="email-delayed"),
+        Job("fail", 1, id="fail-1").with_max_retries(0),
+        Job("fail", 2, id="fail-2").with_max_retries(0),
+        Job("sms", None, id="sms-1", tags={"user": "7"}),
+    ]
+    for job in jobs:
+        queue.enqueue(job)
+    queue.start_dispatcher(2)
+    assert running.wait(30) and reported.wait(30)
+    print(json.dumps({"pid": os.getpid()}), flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+    release.set()
+    queue.stop()
+    store.close()
+""")
+
+
+class Owner:
+    """The process running OWNER on ``path``, until ``exit()``."""
+
+    def __init__(self, path):
+        self.process = subprocess.Popen([sys.executable, "-c", OWNER, str(path)], env=env(),
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+        line = self.process.stdout.readline()
+        assert line, self.process.stderr.read()
+        self.pid = json.loads(line)["pid"]
+        assert self.pid == self.process.pid
+
+    def exit(self):
+        _, errors = self.process.communicate(timeout=TIMEOUT)
+        assert self.process.returncode == 0, errors
+
+
+@pytest.fixture
+def owned(tmp_path):
+    """(path of a store owned by a live queue in another process, that Owner)."""
+    path = tmp_path / "jobs.db"
+    owner = Owner(path)
+    yield path, owner
+    if owner.process.poll() is None:
+        owner.process.kill()
+        owner.process.wait()
+
+
+def status_json(path):
+    result = cli("status", "--db", path, "--json")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    return json.loads(result.stdout)
+
+
+def test_status_json_of_a_file_owned_by_a_live_queue(owned):
+    path, owner = owned
+    report = status_json(path)
+    assert report["backend"] == "sqlite"
+    assert report["db"] == str(path)
+    assert report["counts"] == {"ready": 2, "delayed": 1, "running": 1, "dead": 3, "corrupt": 0}
+    # Due: ready or running. The running one is a HIGH email.
+    assert report["priorities"] == {
+        "HIGH": {"due": 2, "delayed": 0},
+        "MEDIUM": {"due": 0, "delayed": 1},
+        "LOW": {"due": 1, "delayed": 0},
+    }
+    assert report["types"] == {"email": {"due": 3, "delayed": 1}}
+    dead = {entry["id"]: entry for entry in report["dead_jobs"]}
+    assert set(dead) == {"fail-1", "fail-2", "sms-1"}
+    assert dead["fail-1"]["reason"] == "retries_exhausted"
+    assert dead["fail-1"]["error"] == "ValueError: boom 1"
+    assert dead["fail-2"]["payload"] == 2
+    assert dead["fail-2"]["retries"] == 1
+    assert dead["sms-1"]["reason"] == "no_executor"
+    assert dead["sms-1"]["type"] == "sms"
+    assert dead["sms-1"]["priority"] == "MEDIUM"
+    assert dead["sms-1"]["tags"] == {"user": "7"}
+    assert report["quarantined"] == []
+    assert owner.process.poll() is None  # the owner was not disturbed
+
+
+def test_status_table_of_a_file_owned_by_a_live_queue(owned):
+    path, owner = owned
+    result = cli("status", "--db", path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"tinymq store {path}"
+    header = lines.index("ready  delayed  running  dead  corrupt")
+    assert lines[header + 2].split() == ["2", "1", "1", "3", "0"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines
+            if line.split()[:1] in (["HIGH"], ["MEDIUM"], ["LOW"])}
+    assert rows == {"HIGH": ["2", "0"], "MEDIUM": ["0", "1"], "LOW": ["1", "0"]}
+    assert "dead jobs: 3" in lines
+    dead_rows = {line.split()[0]: line for line in lines if line.startswith(("fail-", "sms-"))}
+    assert set(dead_rows) == {"fail-1", "fail-2", "sms-1"}
+    assert "retries_exhausted" in dead_rows["fail-1"] and "ValueError: boom 1" in dead_rows["fail-1"]
+    assert "no_executor" in dead_rows["sms-1"]
+
+
+def test_status_changes_nothing(owned):
+    path, owner = owned
+    before = snapshot(path.parent)
+    assert cli("status", "--db", path).returncode == 0
+    assert cli("status", "--db", path, "--json").returncode == 0
+    assert snapshot(path.parent) == before
+    owner.exit()
+    before = snapshot(path.parent)  # no owner: the database alone, read as it is
+    assert status_json(path)["counts"]["dead"] == 3
+    assert snapshot(path.parent) == before
+
+
+def test_status_limits_the_dead_jobs_listed(owned):
+    path, _ = owned
+    result = cli("status", "--db", path, "--limit", "1")
+    assert result.returncode == 0, result.stderr
+    listed = [line for line in result.stdout.splitlines() if line.startswith(("fail-", "sms-"))]
+    assert len(listed) == 1
+    assert "(the newest 1 of 3;" in result.stdout
+    assert len(status_json(path)["dead_jobs"]) == 3  # --json lists all
+
+
+def test_status_of_a_missing_file_creates_nothing(tmp_path):
+    result = cli("status", "--db", tmp_path / "nothing.db")
+    assert_user_error(result, "nothing.db", "does not exist")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_status_of_a_file_that_is_not_a_store(tmp_path):
+    path = tmp_path / "other.db"
+    import sqlite3
+    with sqlite3.connect(str(path)) as connection:
+        connection.execute("CREATE TABLE users (name TEXT)")
+    connection.close()
+    os.chmod(path, 0o600)
+    before = snapshot(tmp_path)
+    assert_user_error(cli("status", "--db", path), "other.db", "is not a tinymq store")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["requeue-dead", "purge-dead"])
+def test_changing_dead_jobs_is_refused_while_a_live_queue_owns_the_file(owned, command):
+    path, owner = owned
+    for ids in (["fail-1"], ["--all"]):
+        result = cli(command, "--db", path, *ids)  # at once: subprocess.run's timeout would fail a hang
+        assert_user_error(result, str(path), f"pid {owner.pid}", "stop that process first")
+    assert status_json(path)["counts"]["dead"] == 3
+    assert owner.process.poll() is None
+
+
+def test_requeue_and_purge_dead_jobs_once_the_owner_has_exited(owned):
+    path, owner = owned
+    owner.exit()
+    result = cli("requeue-dead", "--db", path, "fail-1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"requeued 1 dead job in {path}")
+    report = status_json(path)
+    assert {entry["id"] for entry in report["dead_jobs"]} == {"fail-2", "sms-1"}
+    with SQLitePersistence(path, read_only=True) as store:
+        requeued = [job for job in store.jobs() if job.id == "fail-1"]
+    assert len(requeued) == 1 and requeued[0].retries == 0 and requeued[0].payload == 1
+
+    result = cli("purge-dead", "--db", path, "--all")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"purged 2 dead jobs from {path}")
+    report = status_json(path)
+    assert report["dead_jobs"] == [] and report["counts"]["dead"] == 0
+    # The requeued job runs on the next queue that opens the file.
+    ran = []
+    done = threading.Event()
+    with SQLitePersistence(path) as store:
+        queue = tinymq.Queue(100)
+        queue.register_executor("fail", lambda job: (ran.append(job.id), done.set()))
+        queue.register_executor("email", lambda job: None)
+        queue.set_persistence(store)
+        queue.start_dispatcher(1)
+        assert done.wait(TIMEOUT)
+        queue.stop()
+    assert ran == ["fail-1"]
+
+
+def test_changing_dead_jobs_is_all_or_nothing(owned):
+    path, owner = owned
+    owner.exit()
+    before = snapshot(path.parent)
+    for command in ("requeue-dead", "purge-dead"):
+        result = cli(command, "--db", path, "fail-1", "email-low", "no-such-job")
+        assert_user_error(result, "'email-low', 'no-such-job'", "nothing changed")
+    assert {entry["id"] for entry in status_json(path)["dead_jobs"]} == {"fail-1", "fail-2", "sms-1"}
+    assert snapshot(path.parent).keys() == before.keys()
+
+
+def test_changing_dead_jobs_of_a_missing_file_creates_nothing(tmp_path):
+    for command in ("requeue-dead", "purge-dead"):
+        assert_user_error(cli(command, "--db", tmp_path / "nothing.db", "--all"), "does not exist")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("arguments", [
+    ["requeue-dead", "--db", "jobs.db"],                     # neither ids nor --all
+    ["purge-dead", "--db", "jobs.db", "--all", "some-id"],   # both
+    ["status"],                                              # no --db
+    ["status", "--db", "jobs.db", "--limit", "-1"],
+    ["worker", "app:queue", "--processes", "0"],
+    ["worker", "app:queue", "--workers", "many"],
+    ["worker", "app"],                                       # no attribute
+    ["worker", "app:queue:more"],
+    ["no-such-command"],
+])
+def test_bad_usage_exits_2(tmp_path, arguments):
+    result = cli(*arguments, cwd=tmp_path)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "usage: python -m tinymq" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_lists_the_commands():
+    result = cli("--help")
+    assert result.returncode == 0
+    for command in ("demo", "status", "requeue-dead", "purge-dead", "worker"):
+        assert f"    {command} " in result.stdout, result.stdout
+    assert "_worker-child" not in result.stdout
+
+
+# --- worker: targets that cannot run ----------------------------------------------------
+
+APP = textwrap.dedent("""
+    import tinymq
+    queue = tinymq.Queue(10)
+    settings = {"queue": "not here"}
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.queue = queue
+""")
+
+BROKEN = textwrap.dedent("""
+    def configure():
+        return undefined_setting
+
+    queue = configure()
+""")
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A directory with the user's modules, for ``worker`` to import from (it is the cwd)."""
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "__init__.py").write_text("")
+    (tmp_path / "app" / "tasks.py").write_text(APP)
+    (tmp_path / "app" / "broken.py").write_text(BROKEN)
+    return tmp_path
+
+
+@pytest.mark.parametrize("target, fragments", [
+    ("app.missing:queue", ["cannot import 'app.missing'", "no module named 'app.missing'"]),
+    ("elsewhere:queue", ["cannot import 'elsewhere'", "no module named 'elsewhere'"]),
+    ("app.tasks:nothing", ["'app.tasks' has no attribute 'nothing'"]),
+    ("app.tasks:holder.nothing", ["'app.tasks:holder' has no attribute 'nothing'"]),
+    ("app.tasks:settings", ["'app.tasks:settings' is a dict ({'queue': 'not here'}), not a tinymq.Queue"]),
+    ("app.tasks:Holder", ["'app.tasks:Holder' is a type", "not a tinymq.Queue"]),
+    ("app.tasks:queue", ["'app.tasks:queue' is a tinymq.Queue without a broker", "RedisBroker"]),
+    ("app.tasks:holder.queue", ["'app.tasks:holder.queue' is a tinymq.Queue without a broker"]),
+])
+def test_worker_refuses_a_target_that_is_not_a_queue_with_a_broker(project, target, fragments):
+    result = cli("worker", target, "--processes", "2", cwd=project)
+    assert_user_error(result, f"python -m tinymq worker: error: {fragments[0]}", *fragments[1:])
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # said once, not once per process
+
+
+def test_worker_shows_where_the_users_module_failed_to_import(project):
+    result = cli("worker", "app.broken:queue", cwd=project)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("python -m tinymq worker: error: importing 'app.broken' "
+                                    "(from 'app.broken:queue') raised an exception:\n")
+    # The user's own frames and exception, without importlib's or tinymq's.
+    assert 'broken.py", line 5, in <module>' in result.stderr
+    assert 'broken.py", line 3, in configure' in result.stderr
+    assert result.stderr.rstrip().endswith("NameError: name 'undefined_setting' is not defined")
+    assert "importlib" not in result.stderr and "_worker.py" not in result.stderr
+
+
+# --- worker and status on a queue shared through Redis ------------------------------------
+
+# The user's module for `worker`: every attempt is recorded in Redis lists ("started",
+# "finished": "<job id> <pid>"). A job with {"hold_once": true} holds its first attempt
+# for a minute (a running attempt to stop or kill); "fail" jobs always fail.
+SHARED = textwrap.dedent("""
+    import os, time
+    import redis
+    import tinymq
+    from tinymq.redis import RedisBroker
+
+    URL = os.environ["TINYMQ_TEST_REDIS"]
+    record = redis.Redis.from_url(URL)
+    queue = tinymq.Queue(config=tinymq.Config(buffer_size=1000),
+                         broker=RedisBroker(URL, name="cli", lease=float(os.environ["TINYMQ_TEST_LEASE"])))
+
+    @queue.executor("record", max_concurrent_jobs=50, timeout=120)
+    def run(job):
+        seconds = job.payload.get("seconds", 0)
+        if job.payload.get("hold_once") and record.set(f"held:{job.id}", 1, nx=True):
+            seconds = 60
+        record.rpush("started", f"{job.id} {os.getpid()}")
+        time.sleep(seconds)
+        record.rpush("finished", f"{job.id} {os.getpid()}")
+
+    @queue.executor("fail", max_concurrent_jobs=2)
+    def fail(job):
+        raise ValueError(f"cannot {job.payload}")
+""")
+
+# Crashes (exit 7) just after its start, but loads fine for the supervisor's check.
+CRASHING = textwrap.dedent("""
+    import os, sys, threading
+    from app.shared import queue
+
+    if "--check" not in sys.argv:
+        threading.Timer(0.05, os._exit, (7,)).start()
+""")
+
+LEASE = 2.0  # seconds: a killed worker process's attempts go back within about this
+
+
+class WorkerCLI:
+    """``python -m tinymq worker`` in a subprocess; its log (stdout and stderr) read as it comes."""
+
+    def __init__(self, project, redis_url, target, *options):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tinymq", "worker", target, *map(str, options)], cwd=str(project),
+            env=env(TINYMQ_TEST_REDIS=redis_url, TINYMQ_TEST_LEASE=str(LEASE)),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines = []
+        self.changed = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            with self.changed:
+                self.lines.append(line.rstrip("\n"))
+                self.changed.notify_all()
+        with self.changed:
+            self.lines.append(None)  # end of output
+            self.changed.notify_all()
+
+    def log(self):
+        with self.changed:
+            return "\n".join(line for line in self.lines if line is not None)
+
+    def wait_for(self, pattern, count=1, timeout=TIMEOUT):
+        """The first ``count`` matches of regex ``pattern`` in the log, once there are that many."""
+        regex = re.compile(pattern)
+        with self.changed:
+            def found():
+                return [m for m in map(regex.search, filter(None, self.lines)) if m]
+            if not self.changed.wait_for(lambda: len(found()) >= count or None in self.lines, timeout):
+                pytest.fail(f"no {count} x {pattern!r} in {timeout} s; log:\n{self.log()}")
+            matches = found()
+            assert len(matches) >= count, f"exited before {count} x {pattern!r}; log:\n{self.log()}"
+            return matches[:count]
+
+    def children(self):
+        """Worker process number -> pid of its latest start."""
+        with self.changed:
+            starts = re.findall(r"started worker process (\d+) \(pid (\d+)\)", self.log())
+        return {int(number): int(pid) for number, pid in starts}
+
+    def signal(self, number):
+        self.process.send_signal(number)
+
+    def wait(self, timeout=TIMEOUT):
+        code = self.process.wait(timeout)
+        self.reader.join(timeout)
+        return code
+
+    def kill(self):
+        """Cleanup: the supervisor and every child it started, by pid."""
+        pids = [int(pid) for pid in re.findall(r"\(pid (\d+)\)", self.log())]
+        for pid in [self.process.pid] + pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.wait()
+
+
+@pytest.fixture
+def shared_project(project, redis_url):
+    (project / "app" / "shared.py").write_text(SHARED)
+    (project / "app" / "crashing.py").write_text(CRASHING)
+    started = []
+
+    def start(target="app.shared:queue", *options):
+        worker = WorkerCLI(project, redis_url, target, *options)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.kill()
+
+
+@pytest.fixture
+def producer(redis_url):
+    """A Queue on the same broker name, in the test process: it enqueues and joins, runs nothing."""
+    from tinymq.redis import RedisBroker
+
+    queue = tinymq.Queue(config=tinymq.Config(buffer_size=1000), broker=RedisBroker(redis_url, name="cli"))
+    yield queue
+    queue.stop()
+    queue.broker.close()
+
+
+@pytest.fixture
+def record(redis_url):
+    import redis
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+def pop(record, key, count):
+    """The next ``count`` entries of list ``key`` ("<job id> <pid>"), waiting for each (BLPOP)."""
+    entries = []
+    for _ in range(count):
+        entry = record.blpop([key], timeout=TIMEOUT)
+        assert entry is not None, f"only {entries} in {key!r} after {TIMEOUT} s"
+        job_id, pid = entry[1].split()
+        entries.append((job_id, int(pid)))
+    return entries
+
+
+def redis_status(redis_url, *options):
+    result = cli("status", "--redis", redis_url, "--name", "cli", *options)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def alive(pid):
+    """Whether ``pid`` runs (a zombie that nobody reaped yet counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def eventually(predicate, what, timeout=TIMEOUT):
+    """Wait for ``predicate()`` where nothing can announce it to this process (another's state)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"not {what} after {timeout} s"
+        time.sleep(0.05)
+
+
+def record_jobs(count, **payload):
+    return [tinymq.Job("record", dict(payload), id=f"job-{number}") for number in range(count)]
+
+
+def test_worker_processes_run_the_shared_queue(shared_project, producer, record, redis_url):
+    worker = shared_project("app.shared:queue", "--processes", 2, "--workers", 2)
+    worker.wait_for(r"worker process started: 2 worker threads", count=2)
+    children = set(worker.children().values())
+    assert len(children) == 2
+    producer.enqueue_many(record_jobs(40, seconds=0.05))
+    assert producer.join(timeout=TIMEOUT)
+    finished = pop(record, "finished", 40)
+    assert sorted(job_id for job_id, _ in finished) == sorted(f"job-{n}" for n in range(40))
+    assert {pid for _, pid in finished} == children  # both worker processes ran jobs
+    assert record.llen("finished") == 0  # each ran once
+    stats = producer.get_stats()
+    assert stats.jobs_succeeded == 40 and stats.jobs_failed == 0
+
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0, worker.log()
+    assert "Traceback" not in worker.log()
+    assert not any(alive(pid) for pid in children)
+
+
+def test_sigterm_lets_started_jobs_finish_and_leaves_the_rest_in_redis(shared_project, producer, record,
+                                                                       redis_url):
+    worker = shared_project("app.shared:queue", "--processes", 2, "--workers", 1)
+    worker.wait_for(r"worker process started", count=2)
+    producer.enqueue_many(record_jobs(12, seconds=1.5))
+    started = pop(record, "started", 2)  # one attempt running in each process
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0, worker.log()
+    assert len(re.findall(r"stopping \(SIGTERM\)", worker.log())) == 2
+    assert "all worker processes stopped" in worker.log()
+
+    started += [tuple(entry.split()) for entry in record.lrange("started", 0, -1)]
+    finished = [tuple(entry.split()) for entry in record.lrange("finished", 0, -1)]
+    assert sorted(job_id for job_id, _ in started) == sorted(job_id for job_id, _ in finished)  # all finished
+    left = 12 - len(finished)
+    assert left >= 8  # 1.5 s each, one at a time per process: most never started
+    report = json.loads(redis_status(redis_url, "--json").stdout)
+    assert report["counts"] == {"ready": left, "delayed": 0, "taken": 0, "dead": 0}
+    assert report["worker_processes"] == 0
+    assert report["counters"]["jobs_succeeded"] == len(finished)
+
+    # The jobs left run in the next worker, each once, none of them a second time.
+    record.delete("started", "finished")
+    worker = shared_project("app.shared:queue", "--processes", 1, "--workers", 8)
+    assert producer.join(timeout=TIMEOUT)
+    ran = [job_id for job_id, _ in pop(record, "finished", left)]
+    assert sorted(ran + [job_id for job_id, _ in finished]) == sorted(f"job-{n}" for n in range(12))
+    worker.signal(signal.SIGINT)
+    assert worker.wait() == 0, worker.log()
+
+
+def test_a_killed_worker_process_is_restarted_and_the_queue_drains(shared_project, producer, record):
+    worker = shared_project("app.shared:queue", "--processes", 2, "--workers", 2)
+    worker.wait_for(r"worker process started", count=2)
+    producer.enqueue_many(record_jobs(30, seconds=0.2))
+    victim = worker.children()[0]
+    running_in_victim = None
+    while running_in_victim is None:  # wait until the victim runs an attempt: it dies with one
+        job_id, pid = pop(record, "started", 1)[0]
+        if pid == victim:
+            running_in_victim = job_id
+    os.kill(victim, signal.SIGKILL)
+    worker.wait_for(rf"worker process 0 \(pid {victim}\) was killed by SIGKILL; starting it again in 0.5 s")
+    worker.wait_for(r"started worker process 0 \(pid (\d+)\)", count=2)
+    assert worker.children()[0] != victim
+    assert producer.join(timeout=TIMEOUT)  # the killed attempt came back (lease) and ran
+    finished = {job_id for job_id, _ in (entry.split() for entry in record.lrange("finished", 0, -1))}
+    assert finished == {f"job-{n}" for n in range(30)}
+    stats = producer.get_stats()
+    assert stats.jobs_succeeded == 30 and stats.jobs_failed == 0
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0, worker.log()
+
+
+def test_a_worker_process_crashing_at_start_is_restarted_with_a_growing_delay(shared_project):
+    worker = shared_project("app.crashing:queue", "--processes", 1, "--workers", 1)
+    crashes = worker.wait_for(r"exited with code 7; starting it again in ([\d.]+) s", count=4)
+    assert [float(match.group(1)) for match in crashes] == [0.5, 1.0, 2.0, 4.0]
+    worker.signal(signal.SIGTERM)  # while a restart is pending
+    assert worker.wait() == 0, worker.log()
+    assert len(worker.children()) == 1 and len(re.findall("started worker process", worker.log())) == 4
+
+
+def test_a_second_signal_while_stopping_is_a_hard_stop(shared_project, producer, record):
+    worker = shared_project("app.shared:queue", "--processes", 1, "--workers", 1)
+    producer.enqueue(tinymq.Job("record", {"hold_once": True}, id="held"))
+    pop(record, "started", 1)
+    child = worker.children()[0]
+    worker.signal(signal.SIGINT)
+    worker.wait_for(r"stopping \(SIGTERM\)")  # the child waits for its running attempt
+    worker.signal(signal.SIGINT)
+    assert worker.wait() == 1
+    assert "second SIGINT while stopping: hard stop" in worker.log()
+    assert not alive(child)
+    # The attempt it was running comes back when its lease runs out, and runs in the next worker.
+    worker = shared_project("app.shared:queue", "--processes", 1, "--workers", 1)
+    assert producer.join(timeout=TIMEOUT)
+    assert pop(record, "finished", 1)[0][0] == "held"
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0, worker.log()
+
+
+def test_sigterm_to_every_process_at_once_still_stops_gracefully(shared_project, producer, record):
+    """As systemd stops a service: SIGTERM to the supervisor and to its worker processes together."""
+    worker = shared_project("app.shared:queue", "--processes", 1, "--workers", 1)
+    producer.enqueue(tinymq.Job("record", {"seconds": 1.0}, id="slow"))
+    pop(record, "started", 1)
+    os.kill(worker.children()[0], signal.SIGTERM)
+    worker.signal(signal.SIGTERM)  # forwarded: the worker process's second SIGTERM
+    assert worker.wait() == 0, worker.log()
+    assert pop(record, "finished", 1)[0][0] == "slow"
+    assert producer.get_stats().jobs_succeeded == 1
+
+
+def test_worker_processes_stop_when_the_supervisor_dies(shared_project, producer, record):
+    worker = shared_project("app.shared:queue", "--processes", 2, "--workers", 1)
+    worker.wait_for(r"worker process started", count=2)
+    children = list(worker.children().values())
+    producer.enqueue_many(record_jobs(2, seconds=1.0))
+    pop(record, "started", 2)
+    worker.process.kill()  # kill -9: no signal is forwarded
+    worker.wait_for(r"stopping \(the supervisor exited\)", count=2)
+    worker.wait_for(r"worker process stopped", count=2)
+    assert producer.join(timeout=TIMEOUT)  # the running attempts finished
+    assert len(record.lrange("finished", 0, -1)) == 2
+    eventually(lambda: not any(alive(pid) for pid in children), "exited")
+
+
+def test_status_of_a_redis_queue_and_its_dead_jobs(shared_project, producer, record, redis_url):
+    report = json.loads(redis_status(redis_url, "--json").stdout)
+    assert report["worker_processes"] == 0 and report["executors"] == {}
+    assert record.exists("tmq:{cli}:procs") == 0  # status registered no worker process
+
+    worker = shared_project("app.shared:queue", "--processes", 2, "--workers", 1)
+    worker.wait_for(r"worker process started", count=2)
+    producer.enqueue_many([tinymq.Job("fail", n, id=f"fail-{n}").with_max_retries(0) for n in range(3)])
+    assert producer.join(timeout=TIMEOUT)
+    producer.enqueue(tinymq.Job("record", {}, id="later", run_at=time.time() + 3600))
+    producer.enqueue(tinymq.Job("record", {"hold_once": True}, id="held", priority=tinymq.Priority.HIGH))
+    pop(record, "started", 1)
+
+    report = json.loads(redis_status(redis_url, "--json").stdout)
+    assert report["backend"] == "redis" and report["name"] == "cli" and report["redis"] == redis_url
+    assert report["counts"] == {"ready": 0, "delayed": 1, "taken": 1, "dead": 3}
+    assert report["worker_processes"] == 2
+    assert report["executors"] == {"fail": {"taken": 0, "max_jobs": 2},
+                                   "record": {"taken": 1, "max_jobs": 50}}
+    assert report["counters"]["jobs_enqueued"] == 5
+    assert report["counters"]["jobs_failed"] == 3
+    dead = {entry["id"]: entry for entry in report["dead_jobs"]}
+    assert set(dead) == {"fail-0", "fail-1", "fail-2"}
+    assert dead["fail-1"]["reason"] == "retries_exhausted"
+    assert dead["fail-1"]["error"] == "ValueError: cannot 1"
+    assert dead["fail-1"]["payload"] == 1
+
+    text = redis_status(redis_url).stdout
+    assert text.splitlines()[0] == f"tinymq queue 'cli' on {redis_url}"
+    assert re.search(r"^\s+0\s+1\s+1\s+3\s+2$", text, re.MULTILINE), text
+    assert re.search(r"^record\s+1\s+50$", text, re.MULTILINE), text
+    assert re.search(r"^fail-1\s+fail\s+MEDIUM\s+1\s+retries_exhausted\s+ValueError: cannot 1$", text,
+                     re.MULTILINE), text
+
+    result = cli("requeue-dead", "--redis", redis_url, "--name", "cli", "fail-1", "nothing")
+    assert_user_error(result, "no dead job with id 'nothing'", "nothing changed")
+    result = cli("purge-dead", "--redis", redis_url, "--name", "cli", "fail-0")
+    assert result.returncode == 0 and result.stdout == "purged 1 dead job from Redis queue 'cli'\n"
+    result = cli("requeue-dead", "--redis", redis_url, "--name", "cli", "--all")
+    assert result.returncode == 0 and result.stdout.startswith("requeued 2 dead jobs in Redis queue 'cli'")
+    eventually(lambda: producer.get_stats().jobs_failed == 5, "failed again")  # they ran again
+    report = json.loads(redis_status(redis_url, "--json").stdout)
+    assert {entry["id"] for entry in report["dead_jobs"]} == {"fail-1", "fail-2"}
+    worker.signal(signal.SIGTERM)
+    worker.wait_for(r"stopping \(SIGTERM\)", count=2)
+    worker.kill()  # the held attempt would take a minute
+
+
+def test_status_of_an_unreachable_redis_is_an_error():
+    result = cli("status", "--redis", "redis://127.0.0.1:1/0", "--name", "cli")
+    assert result.returncode == 1
+    assert "python -m tinymq status: error: " in result.stderr and "127.0.0.1:1" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,549 @@
+"""Periodic jobs: q.every, q.cron, q.unschedule, q.schedules (API.md "Rate limits and periodic jobs").
+
+The real timer path runs with sub-second ``every`` intervals. Cron ticks are
+checked against croniter (and hand-written instants) for DST edges through
+``cron_next``, and through the timer with the schedule's wall clock moved to
+just before a minute boundary.
+"""
+import math
+import sys
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from tinymq import Job, Priority, Queue, QueueStopped, SQLitePersistence
+from tinymq._periodic import SCHEDULE_TAG, cron_next, tick_job_id
+
+from _backends import Redis
+from _helpers import WAIT, Recorder, make_queue, wait_until
+
+croniter = pytest.importorskip("croniter").croniter
+
+INTERVAL = 0.05
+
+
+def schedule_of(q, name):
+    return {s.name: s for s in q.schedules()}[name]
+
+
+class Runs:
+    """Each run of an executor: (monotonic time, job); optionally held until released."""
+
+    def __init__(self, hold=False):
+        self.recorder = Recorder()
+        self.release = threading.Event()
+        self.crash = False  # a released run raises: what a process killed mid-attempt would leave
+        if not hold:
+            self.release.set()
+
+    def __call__(self, job):
+        self.recorder.add((time.monotonic(), job))
+        assert self.release.wait(WAIT), "the test never released the executor"
+        if self.crash:
+            raise RuntimeError("cancelled by stop()")
+
+    @property
+    def jobs(self):
+        return [job for _, job in list(self.recorder.items)]
+
+    def wait_for(self, count):
+        assert self.recorder.wait_for(count), f"{count} runs expected, saw {len(self.recorder.items)}"
+
+
+# --- every: the real timer --------------------------------------------------------------------
+
+def test_every_ticks_on_its_interval_and_never_early():
+    runs = Runs()
+    with make_queue() as q:
+        q.register_executor("tick", runs)
+        assert q.every(INTERVAL, "tick", {"n": 1}) == "tick"
+        assert schedule_of(q, "tick").next_run_at is None  # nothing before start_dispatcher
+        started = time.monotonic()
+        q.start_dispatcher()
+        runs.wait_for(6)
+    times = [t for t, _ in runs.recorder.items]
+    for k, at in enumerate(times[:6], start=1):  # tick k is due k intervals after the start
+        assert at >= started + k * INTERVAL - 0.005, f"tick {k} ran {started + k * INTERVAL - at:.3f}s early"
+    assert times[5] - started < 6 * INTERVAL + 2.0  # generous: a noisy machine
+    jobs = runs.jobs
+    assert all(job.type == "tick" and job.payload == {"n": 1} for job in jobs)
+    assert all(job.tags[SCHEDULE_TAG] == "tick" and job.id.startswith("tick@") for job in jobs)
+    assert len({job.id for job in jobs}) == len(jobs)
+    assert len({id(job.payload) for job in jobs}) == len(jobs)  # each tick's job has its own copy
+
+
+def test_every_accepts_timedelta_priority_and_first_at_now_fires_at_once():
+    runs = Runs()
+    with make_queue() as q:
+        q.register_executor("tick", runs)
+        q.every(timedelta(hours=1), "tick", name="hourly", priority=Priority.HIGH, first_at=time.time())
+        q.every(3600.0, "tick", name="aware", first_at=datetime.now(timezone.utc) - timedelta(seconds=5))
+        q.start_dispatcher()
+        runs.wait_for(2)
+        stats = schedule_of(q, "hourly")
+        assert stats.fired == 1 and stats.trigger == "every 3600s"
+        assert stats.next_run_at == pytest.approx(time.time() + 3600, abs=60)
+    assert sorted(job.id.split("@")[0] for job in runs.jobs) == ["aware", "hourly"]
+    assert {job.priority for job in runs.jobs} == {Priority.HIGH, Priority.MEDIUM}
+
+
+def test_a_wall_clock_step_never_shifts_every_ticks():
+    runs = Runs()
+    with make_queue() as q:
+        q.register_executor("tick", runs)
+        q._periodic._wall = lambda: time.time() - 86400.0  # the wall clock steps back a day
+        q.every(INTERVAL, "tick")
+        q.start_dispatcher()
+        runs.wait_for(4)  # would hang for a day if ticks followed the wall clock
+
+
+def test_a_schedule_registered_after_start_begins_at_once():
+    runs = Runs()
+    with make_queue() as q:
+        q.register_executor("tick", runs)
+        q.start_dispatcher()
+        registered = time.monotonic()
+        q.every(INTERVAL, "tick")
+        runs.wait_for(2)
+    assert runs.recorder.items[0][0] >= registered + INTERVAL - 0.005
+
+
+# --- no pile-up --------------------------------------------------------------------------------
+
+def test_ticks_are_skipped_and_counted_while_the_previous_job_runs():
+    runs = Runs(hold=True)
+    with make_queue() as q:
+        q.register_executor("slow", runs)
+        q.every(INTERVAL, "slow")
+        q.start_dispatcher(4)  # free workers: only the schedule's rule keeps a second job out
+        runs.wait_for(1)
+        assert wait_until(lambda: schedule_of(q, "slow").skipped >= 3)
+        assert len(runs.jobs) == 1 and q.get_stats().jobs_enqueued == 1
+        stats = schedule_of(q, "slow")
+        assert stats.fired == 1 and stats.last_job_id == runs.jobs[0].id
+        runs.release.set()
+        runs.wait_for(2)  # the first tick after it finished fires again
+        assert len({job.id for job in runs.jobs}) == len(runs.jobs)
+
+
+def test_a_job_waiting_for_its_retry_is_unfinished_too():
+    attempts = Recorder()
+
+    def flaky(job):
+        attempts.add(job.id)
+        if job.retries == 0:
+            raise RuntimeError("first attempt fails")  # its retry waits the default backoff, 1s
+
+    with make_queue() as q:
+        q.register_executor("flaky", flaky)
+        q.every(INTERVAL, "flaky")
+        q.start_dispatcher(2)
+        assert attempts.wait_for(1)
+        assert wait_until(lambda: schedule_of(q, "flaky").skipped >= 3)
+        assert len(attempts.items) == 1  # the retry has not run yet, and no other tick's job has
+        assert attempts.wait_for(3)
+    assert attempts.items[0] == attempts.items[1]  # the retry came before the next tick's job
+
+
+def test_a_full_buffer_skips_the_tick_and_says_so(caplog):
+    with make_queue(buffer_size=1) as q:
+        q.register_executor("other", lambda job: None)
+        q.enqueue(Job("other"))  # no dispatcher yet: the buffer stays full
+        q.every(INTERVAL, "tick", first_at=time.time())
+        q._periodic.start()  # the timer alone, without workers to empty the buffer
+        assert wait_until(lambda: schedule_of(q, "tick").skipped >= 1)
+        assert schedule_of(q, "tick").fired == 0
+    assert any("schedule 'tick' skipped a tick" in r.getMessage() and r.levelname == "WARNING"
+               for r in caplog.records)
+
+
+# --- unschedule --------------------------------------------------------------------------------
+
+def test_unschedule_from_the_ticks_own_job_stops_later_ticks():
+    witness = Runs()
+    results = []
+    with make_queue() as q:
+        def once(job):
+            results.append(q.unschedule("once"))
+
+        q.register_executor("once", once)
+        q.register_executor("witness", witness)
+        q.every(INTERVAL, "once")
+        q.every(INTERVAL, "witness")
+        q.start_dispatcher(2)
+        assert wait_until(lambda: results)
+        count = len(witness.jobs)
+        witness.wait_for(count + 4)  # four more ticks of the same interval: none for "once"
+        assert results == [True]
+        assert [s.name for s in q.schedules()] == ["witness"]
+        assert q.get_stats().jobs_enqueued == len(results) + len(witness.jobs)
+        assert q.unschedule("once") is False
+
+
+class SlowStore:
+    """An in-memory store whose save() waits while ``hold`` is clear (a slow disk)."""
+
+    def __init__(self):
+        self.rows = {}
+        self.hold = threading.Event()
+        self.hold.set()
+        self.saving = threading.Event()
+
+    def save(self, job):
+        self.saving.set()
+        assert self.hold.wait(WAIT)
+        self.rows[job.id] = job
+
+    def delete(self, job_id):
+        self.rows.pop(job_id, None)
+
+    def load_all(self):
+        return []
+
+
+def test_unschedule_while_a_tick_is_being_enqueued_waits_for_it_then_no_more():
+    store = SlowStore()
+    runs = Runs()
+    with make_queue() as q:
+        q.set_persistence(store)
+        q.register_executor("tick", runs)
+        q.every(INTERVAL, "tick")
+        store.hold.clear()
+        q.start_dispatcher()
+        assert store.saving.wait(WAIT)  # the timer is inside the tick's enqueue
+        done = []
+        remover = threading.Thread(target=lambda: done.append(q.unschedule("tick")))
+        remover.start()
+        remover.join(0.1)
+        assert remover.is_alive()  # it waits for the tick in progress ...
+        store.hold.set()
+        remover.join(WAIT)
+        assert done == [True]
+        runs.wait_for(1)  # ... whose job is enqueued and runs
+        assert q.join(WAIT)
+        q.every(INTERVAL, "witness")
+        q.register_executor("witness", runs)
+        runs.wait_for(4)
+    assert [job.type for job in runs.jobs].count("tick") == 1
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("interval, error, text", [
+    (0, ValueError, "interval must be > 0 seconds, got 0"),
+    (-1.0, ValueError, "got -1.0"),
+    (math.nan, ValueError, "got nan"),
+    (math.inf, ValueError, "got inf"),
+    ("5", TypeError, "interval must be seconds (float) or a timedelta, got '5'"),
+    (timedelta(0), ValueError, "interval must be > 0"),
+])
+def test_every_refuses_a_bad_interval_naming_it(interval, error, text):
+    with Queue() as q:
+        with pytest.raises(error, match=None) as info:
+            q.every(interval, "tick")
+        assert text in str(info.value)
+        assert q.schedules() == []
+
+
+def test_bad_arguments_name_the_value():
+    with Queue() as q:
+        with pytest.raises(ValueError, match="job type must be a non-empty str"):
+            q.every(1.0, "")
+        with pytest.raises(ValueError, match="priority must be a Priority .* got 7"):
+            q.every(1.0, "tick", priority=7)
+        with pytest.raises(ValueError, match="run_at must be a finite number, got nan"):
+            q.every(1.0, "tick", first_at=math.nan)
+        with pytest.raises(ValueError, match="aware datetime"):
+            q.every(1.0, "tick", first_at=datetime.now())
+        with pytest.raises(ValueError, match="schedule name must be a non-empty str, got ''"):
+            q.every(1.0, "tick", name="")
+        with pytest.raises(TypeError, match="cannot be copied for each tick"):
+            q.every(1.0, "tick", payload=threading.Lock())
+        with pytest.raises(ValueError, match=r"invalid cron expression '\*/5 \* \*'"):
+            q.cron("*/5 * *", "tick")
+        with pytest.raises(ValueError, match="invalid cron expression '61 \\* \\* \\* \\*'"):
+            q.cron("61 * * * *", "tick")
+        with pytest.raises(TypeError, match="cron expression must be a str .* got 5"):
+            q.cron(5, "tick")
+        with pytest.raises(ValueError, match="IANA time zone name .* got 'Mars/Olympus'"):
+            q.cron("* * * * *", "tick", tz="Mars/Olympus")
+        with pytest.raises(TypeError, match="tz must be a tzinfo .* got 3"):
+            q.cron("* * * * *", "tick", tz=3)
+        assert q.schedules() == []
+
+
+def test_a_duplicate_name_raises_value_error_naming_it():
+    with Queue() as q:
+        q.every(1.0, "report")
+        with pytest.raises(ValueError, match="a schedule named 'report' exists already"):
+            q.every(2.0, "report")
+        assert q.every(2.0, "report", name="report-fast") == "report-fast"
+        assert q.cron("0 3 * * *", "report") == "report 0 3 * * *"
+        with pytest.raises(ValueError, match="'report 0 3 \\* \\* \\*' exists already"):
+            q.cron("0 3 * * *", "report", tz="Europe/Berlin")
+        assert q.unschedule("report") is True
+        q.every(5.0, "report")  # the name is free again
+        assert sorted(s.name for s in q.schedules()) == ["report", "report 0 3 * * *", "report-fast"]
+
+
+def test_cron_without_croniter_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "croniter", None)  # import croniter now raises ImportError
+    with Queue() as q:
+        with pytest.raises(ImportError, match=r"pip install 'tinymq\[cron\]'"):
+            q.cron("* * * * *", "tick")
+
+
+def test_schedules_after_stop_are_refused():
+    q = Queue()
+    q.stop()
+    with pytest.raises(QueueStopped):
+        q.every(1.0, "tick")
+
+
+# --- cron: time zones and DST -------------------------------------------------------------------
+
+def utc(*fields):
+    return datetime(*fields, tzinfo=timezone.utc).timestamp()
+
+
+@pytest.mark.parametrize("zone, expression, start, expected_utc", [
+    # New York springs forward at 02:00 EST on 2026-03-08: 02:30 does not exist; it runs at the jump
+    ("America/New_York", "30 2 * * *", datetime(2026, 3, 7, 12), [utc(2026, 3, 8, 7, 0), utc(2026, 3, 9, 6, 30)]),
+    # ... and falls back at 02:00 EDT on 2026-11-01: 01:30 happens twice, and runs at both instants
+    ("America/New_York", "30 1 * * *", datetime(2026, 10, 31, 12),
+     [utc(2026, 11, 1, 5, 30), utc(2026, 11, 1, 6, 30), utc(2026, 11, 2, 6, 30)]),
+    ("America/New_York", "30 2 * * *", datetime(2026, 10, 31, 12), [utc(2026, 11, 1, 7, 30), utc(2026, 11, 2, 7, 30)]),
+    # Berlin: 2026-03-29 02:30 does not exist (runs at 03:00 CEST); 2026-10-25 02:30 happens twice
+    ("Europe/Berlin", "30 2 * * *", datetime(2026, 3, 28, 12), [utc(2026, 3, 29, 1, 0), utc(2026, 3, 30, 0, 30)]),
+    ("Europe/Berlin", "30 2 * * *", datetime(2026, 10, 24, 12),
+     [utc(2026, 10, 25, 0, 30), utc(2026, 10, 25, 1, 30), utc(2026, 10, 26, 1, 30)]),
+    ("Europe/Berlin", "0 * * * *", datetime(2026, 10, 25, 1, 30),
+     [utc(2026, 10, 25, 0, 0), utc(2026, 10, 25, 1, 0), utc(2026, 10, 25, 2, 0)]),
+    ("UTC", "*/15 * * * *", datetime(2026, 12, 1, 17, 55), [utc(2026, 12, 1, 18, 0), utc(2026, 12, 1, 18, 15)]),
+])
+def test_cron_ticks_across_dst_match_croniter(zone, expression, start, expected_utc):
+    tz = ZoneInfo(zone)
+    after = start.replace(tzinfo=tz).timestamp()
+    reference = croniter(expression, start.replace(tzinfo=tz))
+    ticks = []
+    for _ in expected_utc:
+        after = cron_next(expression, tz, after)  # the timer steps from each tick it fired
+        ticks.append(after)
+    assert ticks == expected_utc
+    assert ticks == [reference.get_next(float) for _ in expected_utc]
+
+
+def test_cron_tz_defaults_to_utc_and_accepts_names_and_tzinfo():
+    with Queue() as q:
+        q.cron("0 3 * * *", "a")
+        q.cron("0 3 * * *", "b", tz="Asia/Tokyo")
+        q.cron("0 3 * * *", "c", tz=ZoneInfo("Asia/Tokyo"))
+        q._periodic.start()
+        stats = {s.job_type: s for s in q.schedules()}
+    assert datetime.fromtimestamp(stats["a"].next_run_at, timezone.utc).hour == 3
+    assert datetime.fromtimestamp(stats["b"].next_run_at, ZoneInfo("Asia/Tokyo")).hour == 3
+    assert stats["b"].next_run_at == stats["c"].next_run_at
+    assert "Asia/Tokyo" in stats["b"].trigger
+
+
+class ShiftedClock:
+    """The wall clock as a schedule sees it: real time plus ``offset`` (settable)."""
+
+    def __init__(self, offset=0.0):
+        self.offset = offset
+
+    def __call__(self):
+        return time.time() + self.offset
+
+
+def clock_just_before_a_minute(lead=0.2):
+    now = time.time()
+    return ShiftedClock(math.ceil(now / 60.0 + 1) * 60.0 - now - lead)
+
+
+def test_cron_fires_through_the_timer_at_the_wall_clock_minute():
+    runs = Runs()
+    clock = clock_just_before_a_minute()
+    with make_queue() as q:
+        q._periodic._wall = clock
+        q.register_executor("minutely", runs)
+        q.cron("* * * * *", "minutely", name="m")
+        q.start_dispatcher()
+        minute = schedule_of(q, "m").next_run_at
+        assert minute % 60 == 0 and 0 < minute - clock() <= 0.2 + 0.05
+        runs.wait_for(1)
+        assert clock() >= minute
+        assert runs.jobs[0].id == tick_job_id("m", minute)
+        assert schedule_of(q, "m").next_run_at == minute + 60
+
+
+def stop_with_the_attempt_cancelled(q, runs):
+    """A process stopping under a running attempt: stop() cancels it, its job stays stored."""
+    q.stop(wait=False)  # saves the running job back as ready, and cancels the attempt
+    runs.crash = True
+    runs.release.set()
+    for thread in list(q._dispatcher._threads):
+        thread.join(WAIT)
+        assert not thread.is_alive()
+
+
+# --- with a store: restarts ----------------------------------------------------------------------
+
+def test_a_recovered_unfinished_job_keeps_its_schedule_from_piling_up(tmp_path):
+    path = str(tmp_path / "jobs.db")
+    first = Runs(hold=True)
+    with SQLitePersistence(path) as store:
+        q = make_queue()
+        q.set_persistence(store)
+        q.register_executor("slow", first)
+        q.every(INTERVAL, "slow")
+        q.start_dispatcher()
+        first.wait_for(1)
+        stop_with_the_attempt_cancelled(q, first)
+    again = Runs(hold=True)
+    with SQLitePersistence(path) as store:
+        q = make_queue()
+        q.register_executor("slow", again)
+        q.every(INTERVAL, "slow")  # registered before the store gives the job back: both orders work
+        q.set_persistence(store)
+        q.start_dispatcher(2)
+        again.wait_for(1)
+        assert again.jobs[0].id == first.jobs[0].id  # the recovered job runs ...
+        assert wait_until(lambda: schedule_of(q, "slow").skipped >= 3)
+        assert len(again.jobs) == 1  # ... and no tick piles a job up beside it
+        again.release.set()
+        again.wait_for(2)
+        q.stop()
+    assert again.jobs[1].id != first.jobs[0].id
+
+
+def test_a_cron_tick_is_not_enqueued_twice_across_a_restart(tmp_path):
+    path = str(tmp_path / "jobs.db")
+    clock = clock_just_before_a_minute()
+    first = Runs(hold=True)
+    with SQLitePersistence(path) as store:
+        q = make_queue()
+        q._periodic._wall = clock
+        q.set_persistence(store)
+        q.register_executor("nightly", first)
+        q.cron("* * * * *", "nightly", name="n")
+        q.start_dispatcher()
+        first.wait_for(1)
+        tick = schedule_of(q, "n").next_run_at - 60
+        stop_with_the_attempt_cancelled(q, first)
+    assert first.jobs[0].id == tick_job_id("n", tick)
+    # The next process starts with its clock before that tick again (a step back, a fast restart);
+    # the tick's job, given back by the store, says the tick fired: the next one is a minute on.
+    clock.offset -= 0.3
+    again = Runs()
+    with SQLitePersistence(path) as store:
+        q = make_queue()
+        q._periodic._wall = clock
+        q.set_persistence(store)
+        q.register_executor("nightly", again)
+        q.cron("* * * * *", "nightly", name="n")
+        q.register_executor("witness", again)
+        q.start_dispatcher()
+        assert wait_until(lambda: schedule_of(q, "n").next_run_at == tick + 60)
+        assert q.join(WAIT)
+        stats = schedule_of(q, "n")
+        q.stop()
+    assert [job.id for job in again.jobs] == [tick_job_id("n", tick)]  # the stored one, run once
+    assert stats.fired == 0 and stats.skipped == 0
+
+
+# --- garbage collection -------------------------------------------------------------------------
+
+def test_a_dropped_queue_stops_its_timer():
+    q = make_queue()
+    q.every(3600.0, "tick")
+    q.start_dispatcher()
+    timer = q._periodic._thread
+    assert timer.is_alive()
+    del q
+    import gc
+    gc.collect()
+    timer.join(WAIT)
+    assert not timer.is_alive()
+
+
+# --- over a Redis broker: each tick once across processes ------------------------------------------
+
+@pytest.fixture
+def redis_backend(redis_url):
+    made = Redis(redis_url)
+    yield made
+    made.close()
+
+
+def test_two_queues_on_one_broker_fire_each_every_tick_once(redis_backend):
+    runs = Runs()
+    queues = redis_backend.pair()
+    started = time.monotonic()
+    for q in queues:
+        q.register_executor("tick", runs)
+        q.every(0.1, "tick")
+        q.start_dispatcher(2)
+    runs.wait_for(8)
+    for q in queues:
+        assert q.unschedule("tick")
+    assert queues[0].join(WAIT)
+    ids = [job.id for job in runs.jobs]
+    assert len(ids) == len(set(ids)), ids  # no tick ran twice
+    shared = redis_backend.brokers[0].client.hgetall(f"tmq:{{{redis_backend.queue_name}}}:schedule:tick")
+    assert int(shared["fired"]) == len(ids)  # each tick claimed once, and its job enqueued once
+    # The ticks are one grid, 0.1 s apart, whichever process fired them (a tick that a late
+    # timer merged into the next one leaves a gap of two intervals).
+    moments = sorted(datetime.strptime(i.split("@")[1], "%Y-%m-%dT%H:%M:%S.%fZ") for i in ids)
+    gaps = [(b - a).total_seconds() / 0.1 for a, b in zip(moments, moments[1:])]
+    assert all(gap >= 1 and gap == pytest.approx(round(gap), abs=1e-3) for gap in gaps), gaps
+    assert gaps.count(1.0) >= len(gaps) // 2, gaps
+    assert time.monotonic() - started < 8 * 0.1 + WAIT
+
+
+def test_over_a_broker_no_pile_up_across_processes(redis_backend):
+    runs = Runs(hold=True)
+    queues = redis_backend.pair()
+    for q in queues:
+        q.register_executor("slow", runs)
+        q.every(INTERVAL, "slow")
+        q.start_dispatcher(2)
+    runs.wait_for(1)
+    assert wait_until(lambda: sum(schedule_of(q, "slow").skipped for q in queues) >= 4)
+    assert len(runs.jobs) == 1
+    runs.release.set()
+    runs.wait_for(2)
+
+
+def test_over_a_broker_a_cron_tick_fires_once(redis_backend):
+    runs = Runs()
+    queues = redis_backend.pair()
+    clock = clock_just_before_a_minute(lead=0.3)
+    for q in queues:
+        q._periodic._wall = clock
+        q.register_executor("minutely", runs)
+        q.cron("* * * * *", "minutely", name="m")
+        q.start_dispatcher()
+    minute = schedule_of(queues[0], "m").next_run_at
+    assert schedule_of(queues[1], "m").next_run_at == minute
+    runs.wait_for(1)
+    assert wait_until(lambda: all(schedule_of(q, "m").next_run_at == minute + 60 for q in queues))
+    assert queues[0].join(WAIT)
+    assert [job.id for job in runs.jobs] == [tick_job_id("m", minute)]
+    assert sorted(schedule_of(q, "m").fired for q in queues) == [0, 1]
+
+
+def test_a_queue_that_never_starts_fires_nothing(redis_backend):
+    producer, worker = redis_backend.pair()
+    runs = Runs()
+    producer.every(INTERVAL, "tick")  # a web process: registers, never starts a dispatcher
+    worker.register_executor("tick", runs)
+    worker.register_executor("witness", runs)
+    worker.every(INTERVAL, "witness")
+    worker.start_dispatcher()
+    runs.wait_for(4)
+    assert {job.type for job in runs.jobs} == {"witness"}
+    assert schedule_of(producer, "tick").next_run_at is None

@@ -1,0 +1,245 @@
+"""What is particular to a queue shared through Redis (API.md "Scale-out").
+
+Separate Queue objects (and processes) on one broker name; stop() giving jobs
+back; dead jobs; a reaped process's late results; crash recovery counted and
+reported once; Redis killed and restarted under a running queue.
+"""
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from tinymq import Config, ExecutorConfig, Job, Queue, RetryConfig, SQLitePersistence, TinyMQError
+from tinymq.redis import RedisBroker
+
+from _backends import Redis
+from _helpers import QUIET, WAIT, Blocker, Recorder, wait_until
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture
+def shared(redis_url):
+    made = Redis(redis_url, lease=1.0, max_crash_recoveries=1)
+    yield made
+    made.close()
+
+
+def ready_ids(queue, level=1):
+    scripts = queue.broker._scripts
+    return scripts.client.lrange(scripts.key(f"ready:{level}"), 0, -1)
+
+
+def test_broker_property_and_no_persistence_with_a_broker(shared, tmp_path):
+    queue = shared.queue()
+    assert isinstance(queue.broker, RedisBroker)
+    assert Queue().broker is None
+    with pytest.raises(RuntimeError, match="broker"):
+        queue.set_persistence(SQLitePersistence(str(tmp_path / "jobs.db")))
+    with pytest.raises(ValueError, match="one RedisBroker per Queue"):
+        Queue(broker=queue.broker)
+
+
+@pytest.mark.parametrize("name", ["", "a{b", "c}"])
+def test_broker_rejects_a_name_that_is_not_one_hash_tag(redis_url, name):
+    with pytest.raises(ValueError, match="name"):
+        RedisBroker(redis_url, name=name)
+
+
+def test_global_limit_across_two_worker_queues(shared):
+    producer = shared.queue()
+    workers = [shared.queue(), shared.queue()]
+    with Blocker() as blocker:
+        for worker in workers:
+            worker.register_executor("t", blocker.fn, ExecutorConfig(max_concurrent_jobs=2))
+            worker.start_dispatcher(3)
+        producer.enqueue_many([Job("t", i) for i in range(6)])
+        assert blocker.wait_started(2)
+        assert not blocker.wait_started(3, timeout=QUIET)
+        assert producer.get_stats().medium_queue_size == 4  # waiting, parked or listed
+    assert producer.join(WAIT)
+    assert blocker.max_active == 2
+    assert sorted(job.payload for job in blocker.started) == list(range(6))
+
+
+def test_stop_gives_unstarted_buffered_jobs_back_to_the_head_in_order(shared):
+    producer, worker = shared.pair()
+    with Blocker() as blocker:
+        worker.register_executor("t", blocker.fn)
+        worker.start_dispatcher(1)  # fetches 2: one runs, one waits in this process
+        producer.enqueue_many([Job("t", name, id=name) for name in "abcd"])
+        assert blocker.wait_started(1)
+        assert wait_until(lambda: ready_ids(producer) == ["c", "d"])
+        stopper = threading.Thread(target=worker.stop)
+        stopper.start()
+        assert wait_until(lambda: worker._dispatcher.stopping)
+        blocker.release()  # "a" finishes during stop(wait=True); "b" never started
+        stopper.join(WAIT)
+    assert ready_ids(producer) == ["b", "c", "d"]
+    stats = producer.get_stats()
+    assert (stats.jobs_succeeded, stats.medium_queue_size, stats.jobs_failed) == (1, 3, 0)
+    again = shared.queue()
+    ran = Recorder()
+    again.register_executor("t", lambda job: ran.add(job.payload))
+    again.start_dispatcher(1)
+    assert producer.join(WAIT)
+    assert ran.snapshot() == ["b", "c", "d"]
+
+
+def test_an_attempt_cancelled_by_stop_is_given_back_not_counted(shared):
+    producer, worker = shared.pair()
+    with Blocker() as blocker:
+        worker.register_executor("t", blocker.fn)
+        worker.start_dispatcher(1)
+        producer.enqueue(Job("t", "x", id="x"))
+        assert blocker.wait_started(1)
+        worker.stop(wait=False)
+        assert ready_ids(producer) == ["x"]
+    stats = producer.get_stats()
+    assert (stats.jobs_failed, stats.jobs_retried, stats.jobs_succeeded) == (0, 0, 0)
+
+
+def test_dead_jobs_requeue_and_purge(shared):
+    producer, worker = shared.pair()
+    healthy = threading.Event()
+
+    def fn(job):
+        if not healthy.is_set():
+            raise RuntimeError(f"broken {job.payload}")
+
+    worker.register_executor("t", fn)
+    worker.start_dispatcher(2)
+    producer.enqueue_many([Job("t", i, id=f"j{i}", retry_config=RetryConfig(max_retries=0)) for i in range(3)])
+    assert producer.join(WAIT)
+    dead = producer.broker.dead_jobs()
+    assert sorted((d.job.id, d.reason, d.error) for d in dead) == [
+        (f"j{i}", "retries_exhausted", f"RuntimeError: broken {i}") for i in range(3)]
+    assert dead[0].job.payload in (0, 1, 2) and dead[0].job.retries == 1
+    healthy.set()
+    assert producer.broker.requeue_dead(["j0", "j1"]) == 2
+    assert producer.join(WAIT)
+    assert [d.job.id for d in producer.broker.dead_jobs()] == ["j2"]
+    assert producer.get_stats().jobs_succeeded == 2
+    assert producer.broker.purge_dead() == 1
+    assert producer.broker.dead_jobs() == []
+
+
+def test_a_reaped_process_late_result_is_ignored_and_it_registers_again(shared):
+    producer, worker = shared.pair()
+    with Blocker() as blocker:
+        worker.register_executor("t", blocker.fn)
+        worker.start_dispatcher(1)
+        producer.enqueue(Job("t", "x"))
+        assert blocker.wait_started(1)
+        proc = worker._link._proc
+        assert expire_and_reap(producer.broker._scripts, proc) == 1
+        assert wait_until(lambda: worker._link._proc != proc)  # its heartbeat learnt it
+        blocker.release()
+        assert producer.join(WAIT)  # the job ran again, in its second life
+    assert [job.payload for job in blocker.started] == ["x", "x"]
+    stats = producer.get_stats()
+    assert (stats.jobs_succeeded, stats.jobs_failed) == (1, 0)  # the fenced success counted once
+
+
+def expire_and_reap(scripts, proc):
+    """Reap ``proc`` as if it had been silent past its lease: one transaction, so that its own
+    heartbeat cannot renew the lease in between."""
+    with scripts.client.pipeline(transaction=True) as pipe:
+        pipe.zadd(scripts.key("procs"), {proc: 0})
+        scripts._script["reap"](keys=[scripts.prefix], args=[1], client=pipe)
+        return pipe.execute()[1][0]
+
+
+def _start_worker(url, name, lease=1.0, max_crashes=1):
+    child = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "_redis_worker.py"), url, name, str(lease), str(max_crashes)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ready"
+    return child
+
+
+def _output(url):
+    import redis
+
+    return [line.decode() for line in redis.Redis.from_url(url).lrange("tmq-test-out", 0, -1)]
+
+
+def test_a_worker_in_another_process_runs_the_jobs(shared, redis_url):
+    producer = shared.queue()
+    child = _start_worker(redis_url, shared.queue_name)
+    try:
+        producer.enqueue_many([Job("record", i) for i in range(50)])
+        assert producer.join(WAIT)
+        out = _output(redis_url)
+        assert sorted(int(line.split(":")[1]) for line in out) == list(range(50))
+        assert {line.split(":")[0] for line in out} == {str(child.pid)}
+    finally:
+        child.stdin.close()
+        assert child.wait(WAIT) == 0
+    assert producer.get_stats().jobs_succeeded == 50
+
+
+def test_a_job_that_kills_its_process_is_dead_after_max_crash_recoveries_reported_once(shared, redis_url):
+    producer = shared.queue()
+    producer.enqueue(Job("poison", "p", id="poison"))
+    for _ in range(2):  # max_crash_recoveries=1: started twice, then dead
+        child = _start_worker(redis_url, shared.queue_name)
+        assert child.wait(WAIT + 2 * shared.lease) == 3  # it took the job and died
+    reaper = shared.queue()
+    crashed = Recorder()
+    reaper.on_failure(lambda job, reason, exc: crashed.add((job.id, reason, exc)))
+    reaper.register_executor("poison", lambda job: crashed.add("ran here"))
+    reaper.start_dispatcher(1)
+    assert producer.join(WAIT)
+    assert crashed.snapshot() == [("poison", "crashed", None)]
+    assert not crashed.wait_for(2, timeout=QUIET)
+    assert len(_output(redis_url)) == 2
+    assert [(d.job.id, d.reason) for d in producer.broker.dead_jobs()] == [("poison", "crashed")]
+    assert producer.get_stats().jobs_failed == 1
+
+
+def test_redis_killed_and_restarted_enqueue_raises_then_workers_resume(own_redis_server):
+    backend = Redis(own_redis_server.url, lease=2.0)
+    try:
+        producer, worker = backend.pair(buffer_size=1000)
+        ran = Recorder()
+        worker.register_executor("t", lambda job: ran.add(job.payload))
+        worker.start_dispatcher(2)
+        producer.enqueue_many([Job("t", i) for i in range(10)])
+        assert producer.join(WAIT)
+        own_redis_server.kill()
+        with pytest.raises(TinyMQError) as raised:
+            producer.enqueue(Job("t", "while down"))
+        assert raised.value.__cause__ is not None
+        own_redis_server.start()
+        producer.enqueue_many([Job("t", i) for i in range(10, 20)])
+        assert producer.join(WAIT)
+        assert sorted(ran.snapshot()) == list(range(20))
+        stats = producer.get_stats()
+        assert (stats.jobs_enqueued, stats.jobs_succeeded) == (20, 20)  # the AOF kept the counters
+    finally:
+        backend.close()
+
+
+def test_an_evicting_maxmemory_policy_is_warned_about_at_connect(tmp_path, caplog):
+    from _redis_server import RedisServer, require_redis
+
+    require_redis()
+    directory = tmp_path / "lru"
+    directory.mkdir()
+    server = RedisServer(str(directory), extra=["--maxmemory-policy", "allkeys-lru"]).start()
+    try:
+        with caplog.at_level("WARNING", logger="tinymq"):
+            broker = RedisBroker(server.url, name="lru")
+        broker.close()
+        assert any("allkeys-lru" in r.getMessage() and "noeviction" in r.getMessage() for r in caplog.records)
+    finally:
+        server.stop()
+
+
+def test_noeviction_gives_no_warning(redis_url, caplog):
+    with caplog.at_level("WARNING", logger="tinymq"):
+        RedisBroker(redis_url, name="quiet").close()
+    assert caplog.records == []

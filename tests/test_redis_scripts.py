@@ -1,0 +1,227 @@
+"""The Lua scripts through their low-level API (tinymq/redis/_scripts.py), on a real server.
+
+What a resend after a lost reply must not change, how a dead process's attempts
+come back, fencing of late settles, the timeout states, parking and giving back.
+A process "dies" here by having its lease set in the past, as time would.
+"""
+import pytest
+
+from tinymq.redis._scripts import Scripts, SettleOp
+
+LEASE_MS = 60_000
+
+
+@pytest.fixture
+def redis_client(redis_url):
+    import redis
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def scripts(redis_client):
+    return Scripts(redis_client, "s")
+
+
+def key(scripts, suffix):
+    return scripts.key(suffix)
+
+
+def stats(scripts):
+    return {k: int(v) for k, v in scripts.client.hgetall(key(scripts, "stats")).items()}
+
+
+def ready(scripts, level=1):
+    return scripts.client.lrange(key(scripts, f"ready:{level}"), 0, -1)
+
+
+def expire(scripts, proc):
+    """As if ``proc`` stopped renewing its lease long ago."""
+    scripts.client.zadd(key(scripts, "procs"), {proc: 0})
+
+
+def check_invariants(scripts):
+    """running[t] = L and X attempts of t; outstanding = unfinished jobs."""
+    client = scripts.client
+    held = {}
+    unfinished = set()
+    for inflight in client.scan_iter(key(scripts, "inflight:*")):
+        for attempt, value in client.hgetall(inflight).items():
+            if value[0] in "LX":
+                held[value[1:]] = held.get(value[1:], 0) + 1
+            if value[0] in "LR":
+                unfinished.add(attempt.split(":", 1)[1])
+    assert {t: int(n) for t, n in client.hgetall(key(scripts, "running")).items()} == held
+    for level in (0, 1, 2):
+        unfinished.update(client.lrange(key(scripts, f"ready:{level}"), 0, -1))
+    unfinished.update(client.zrange(key(scripts, "delayed"), 0, -1))
+    for parked in client.scan_iter(key(scripts, "parked:*")):
+        unfinished.update(client.lrange(parked, 0, -1))
+    assert int(client.hget(key(scripts, "stats"), "outstanding") or 0) == len(unfinished)
+
+
+def rows(*ids, job_type="t", priority=1, delay_ms=0):
+    return [(job_id, job_type, priority, delay_ms, f"body-{job_id}") for job_id in ids]
+
+
+def test_an_enqueue_resent_with_its_token_changes_nothing(scripts):
+    assert scripts.enqueue("tok", 100, 0, rows("a", "b")).status == "ok"
+    assert scripts.enqueue("tok", 100, 0, rows("a", "b")).status == "again"
+    assert scripts.enqueue("other", 100, 0, rows("a")).status == "dup"
+    assert ready(scripts) == ["a", "b"]
+    assert stats(scripts)["enqueued"] == 2
+    check_invariants(scripts)
+
+
+def test_a_resent_fetch_returns_the_same_attempts_and_takes_nothing_more(scripts):
+    scripts.enqueue("tok", 100, 0, rows("a", "b", "c"))
+    first = scripts.fetch("p1", "1", 2, LEASE_MS, 3, False)
+    again = scripts.fetch("p1", "1", 2, LEASE_MS, 3, True)
+    assert [j.id for j in first.jobs] == ["a", "b"]
+    assert again.jobs == first.jobs
+    assert ready(scripts) == ["c"]
+    assert scripts.client.hget(key(scripts, "running"), "t") == "2"
+    check_invariants(scripts)
+
+
+def test_ids_and_types_may_hold_any_character(scripts):
+    odd = ["a:b", "line\nbreak", "{tag}", "é ü"]
+    scripts.enqueue("tok", 100, 0, [(job_id, "ty:pe\n", 1, 0, "body") for job_id in odd])
+    first = scripts.fetch("p1", "1", 4, LEASE_MS, 3, False)
+    assert [j.id for j in first.jobs] == odd
+    assert scripts.fetch("p1", "1", 4, LEASE_MS, 3, True).jobs == first.jobs  # a resend
+    assert scripts.settle("p1", [SettleOp("S", j.attempt) for j in first.jobs]) == 0
+    assert stats(scripts)["outstanding"] == 0
+    check_invariants(scripts)
+
+
+def test_a_resent_settle_is_stale_and_counts_once(scripts):
+    scripts.enqueue("tok", 100, 0, rows("a"))
+    attempt = scripts.fetch("p1", "1", 1, LEASE_MS, 3, False).jobs[0].attempt
+    assert scripts.settle("p1", [SettleOp("S", attempt)]) == 0
+    assert scripts.settle("p1", [SettleOp("S", attempt)]) == 1
+    assert stats(scripts)["succeeded"] == 1
+    assert stats(scripts)["outstanding"] == 0
+    check_invariants(scripts)
+
+
+def test_a_dead_process_attempts_go_back_to_the_head_and_its_late_settles_are_ignored(scripts):
+    scripts.enqueue("tok", 100, 0, rows("a", "b", "c"))
+    taken = scripts.fetch("p1", "1", 2, LEASE_MS, 3, False).jobs
+    expire(scripts, "p1")
+    reaped, crashed = scripts.reap(3)
+    assert (reaped, crashed) == (1, [])
+    assert sorted(ready(scripts)[:2]) == ["a", "b"] and ready(scripts)[2] == "c"
+    assert scripts.client.hget(key(scripts, "job:a"), "c") == "1"
+    # The reaped process's results are fenced, and it learns it was reaped.
+    assert scripts.settle("p1", [SettleOp("S", taken[0].attempt)]) == 1
+    assert scripts.fetch("p1", "2", 1, LEASE_MS, 3, True).reaped
+    assert scripts.beat("p1", LEASE_MS, 3, True)[0] is False
+    assert stats(scripts).get("succeeded", 0) == 0
+    check_invariants(scripts)
+
+
+def test_a_job_that_keeps_killing_its_process_ends_dead_reported_once(scripts):
+    scripts.enqueue("tok", 100, 0, rows("poison"))
+    crashed_reports = []
+    for n in range(3):  # max_crash_recoveries = 2: the third crash is the end
+        proc = f"p{n}"
+        assert [j.id for j in scripts.fetch(proc, "1", 1, LEASE_MS, 2, False).jobs] == ["poison"]
+        expire(scripts, proc)
+        alive, _, crashed = scripts.beat("reaper", LEASE_MS, 2, False)
+        assert alive
+        crashed_reports.extend(crashed)
+    assert [c.id for c in crashed_reports] == ["poison"]
+    assert scripts.client.zrange(key(scripts, "dead"), 0, -1) == ["poison"]
+    assert scripts.client.hget(key(scripts, "job:poison"), "x") == "crashed"
+    assert stats(scripts)["failed"] == 1 and stats(scripts)["outstanding"] == 0
+    assert scripts.reap(2) == (0, [])  # nothing reported twice
+    check_invariants(scripts)
+
+
+@pytest.mark.parametrize("late_return_first", [False, True])
+def test_a_timed_out_attempt_holds_its_slot_until_it_returns_in_either_order(scripts, late_return_first):
+    scripts.set_limits({"t": 1})
+    scripts.enqueue("tok", 100, 0, rows("a"))
+    attempt = scripts.fetch("p1", "1", 1, LEASE_MS, 3, False).jobs[0].attempt
+    decision = SettleOp("y", attempt, retries=1, delay_ms=0, error="JobTimeout: late")
+    late = SettleOp("E", attempt)
+    if late_return_first:
+        scripts.settle("p1", [late])
+        assert scripts.client.hget(key(scripts, "running"), "t") is None  # returned: slot free
+        scripts.settle("p1", [decision])
+    else:
+        scripts.settle("p1", [decision])
+        # Retried, but the first attempt still runs: the retry is parked, not handed out.
+        assert scripts.client.hget(key(scripts, "running"), "t") == "1"
+        assert scripts.fetch("p1", "2", 1, LEASE_MS, 3, True).jobs == []
+        scripts.settle("p1", [late])
+    check_invariants(scripts)
+    again = scripts.fetch("p1", "3", 1, LEASE_MS, 3, True).jobs
+    assert [(j.id, j.retries, j.error) for j in again] == [("a", 1, "JobTimeout: late")]
+    assert stats(scripts)["timed_out"] == 1 and stats(scripts)["retried"] == 1
+    # A resend of either op changes nothing.
+    assert scripts.settle("p1", [decision, late]) == 2
+    check_invariants(scripts)
+
+
+def test_a_saturated_type_is_parked_in_order_and_released_on_settle(scripts):
+    scripts.set_limits({"slow": 1})
+    scripts.enqueue("tok", 100, 0, rows("s1", "s2", "s3", job_type="slow") + rows("f1", job_type="fast"))
+    first = scripts.fetch("p1", "1", 5, LEASE_MS, 3, False).jobs
+    assert [j.id for j in first] == ["s1", "f1"]
+    assert stats(scripts)["parked:1"] == 2
+    check_invariants(scripts)
+    nxt = scripts.fetch("p1", "2", 5, LEASE_MS, 3, True, [SettleOp("S", first[0].attempt)]).jobs
+    assert [j.id for j in nxt] == ["s2"]
+    assert scripts.set_limits({"slow": 3}) == 1  # a raised limit releases what now fits
+    assert ready(scripts) == ["s3"]
+    check_invariants(scripts)
+
+
+def test_release_gives_unstarted_attempts_back_to_the_head_in_order(scripts):
+    scripts.enqueue("tok", 100, 0, rows("a", "b", "c", "d"))
+    taken = scripts.fetch("p1", "1", 3, LEASE_MS, 3, False).jobs
+    ops = [SettleOp("S", taken[0].attempt)] + [SettleOp("B", j.attempt) for j in reversed(taken[1:])]
+    assert scripts.release("p1", ops) == 0
+    assert ready(scripts) == ["b", "c", "d"]
+    assert scripts.client.zscore(key(scripts, "procs"), "p1") is None
+    assert stats(scripts)["succeeded"] == 1
+    check_invariants(scripts)
+
+
+def test_delayed_jobs_are_promoted_by_fetch_when_due(scripts):
+    scripts.enqueue("tok", 100, 0, rows("later", delay_ms=60_000) + rows("soon", delay_ms=1))
+    reply = scripts.fetch("p1", "1", 5, LEASE_MS, 3, False)
+    while not reply.jobs:  # "soon" is due a millisecond after it was enqueued
+        reply = scripts.fetch("p1", format(int(reply.now_ms), "x"), 5, LEASE_MS, 3, True)
+    assert [j.id for j in reply.jobs] == ["soon"]
+    assert reply.next_due_ms is not None and reply.next_due_ms > reply.now_ms + 50_000
+    check_invariants(scripts)
+
+
+def test_requeue_and_purge_dead(scripts):
+    scripts.enqueue("tok", 100, 0, rows("a", "b"))
+    taken = scripts.fetch("p1", "1", 2, LEASE_MS, 3, False).jobs
+    scripts.settle("p1", [SettleOp("Z", j.attempt, 3, 0, "retries_exhausted", "boom") for j in taken])
+    assert stats(scripts)["outstanding"] == 0
+    assert scripts.requeue_dead(["a", "nope"]) == 1
+    assert ready(scripts) == ["a"] and stats(scripts)["outstanding"] == 1
+    assert scripts.client.hget(key(scripts, "job:a"), "r") == "0"
+    assert scripts.purge_dead(["b", "a"]) == 1
+    assert not scripts.client.exists(key(scripts, "job:b"))
+    check_invariants(scripts)
+
+
+def test_enqueueing_the_id_of_a_dead_job_replaces_it(scripts):
+    scripts.enqueue("tok", 100, 0, rows("a"))
+    attempt = scripts.fetch("p1", "1", 1, LEASE_MS, 3, False).jobs[0].attempt
+    scripts.settle("p1", [SettleOp("Z", attempt, 2, 0, "retries_exhausted", "boom")])
+    assert scripts.client.zrange(key(scripts, "dead"), 0, -1) == ["a"]
+    assert scripts.enqueue("tok2", 100, 0, rows("a")).status == "ok"
+    assert scripts.client.zrange(key(scripts, "dead"), 0, -1) == []
+    assert scripts.client.hgetall(key(scripts, "job:a")) == {
+        "t": "t", "p": "1", "b": "body-a", "r": "0", "k": "tok2"}
+    check_invariants(scripts)

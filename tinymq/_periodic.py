@@ -1,0 +1,478 @@
+"""Periodic jobs: ``q.every(...)`` and ``q.cron(...)``, one timer thread for all of a queue's schedules.
+
+A schedule enqueues a new job at each of its ticks, from ``start_dispatcher``
+on (a schedule registered later begins at once). The timer thread sleeps until
+the earliest tick of any schedule and is woken by a registration; nothing polls.
+
+- ``every`` ticks on the monotonic clock: tick k is due ``first delay + k * interval``
+  after the schedule began, whatever the wall clock does meanwhile.
+- ``cron`` ticks are wall-clock instants computed by ``croniter`` in the schedule's
+  time zone (UTC unless given). A wait is measured on the monotonic clock but never
+  trusted for longer than ``_WALL_CLOCK_RECHECK``: a stepped wall clock moves the tick.
+
+No pile-up: a tick is skipped, and counted in the schedule's ``skipped``, while
+the job of the schedule's previous fired tick is unfinished (queued, delayed,
+running or waiting for a retry), or when the queue refuses its job (full).
+A tick's job has a deterministic id, ``"<name>@<tick time, UTC ISO 8601>"``, and
+the tag ``tinymq.schedule = <name>``: with a store, a recovered unfinished job
+of the schedule is its previous job, and the same tick is never enqueued twice.
+Over a broker (``tinymq.redis``) the ticks are claimed in Redis, so each fires
+once across all processes (``tinymq/redis/_schedules.py``).
+"""
+import copy
+import logging
+import math
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone, tzinfo
+from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tuple, Union
+
+from .config import _seconds
+from .errors import DuplicateJob, QueueFull, QueueStopped
+from .job import Job, Priority, _as_priority, _as_run_at, _as_type
+
+__all__ = ["Periodic", "ScheduleStats", "SCHEDULE_TAG", "cron_next", "tick_job_id", "tick_of_job_id"]
+
+logger = logging.getLogger("tinymq")
+
+SCHEDULE_TAG = "tinymq.schedule"  # the tag naming the schedule that enqueued a job
+# The longest a cron wait relies on the monotonic clock keeping pace with the wall clock.
+_WALL_CLOCK_RECHECK = 60.0
+_BEGIN_RETRY = 1.0  # seconds before a schedule whose backend failed to begin it tries again
+_CRON_EXTRA_HINT = "q.cron() needs the croniter package: pip install 'tinymq[cron]'"
+
+
+@dataclass(frozen=True)
+class ScheduleStats:
+    """One schedule, as ``Queue.schedules()`` reports it.
+
+    ``fired`` counts ticks that enqueued a job, ``skipped`` ticks that did not
+    (the previous job was unfinished, or the queue refused the job); with a
+    broker both count this process's ticks only. ``next_run_at`` is the next
+    tick in Unix epoch seconds (None before ``start_dispatcher``).
+    """
+
+    name: str
+    job_type: str
+    trigger: str
+    next_run_at: Optional[float]
+    fired: int
+    skipped: int
+    last_job_id: Optional[str]
+
+
+def tick_job_id(name: str, tick_wall: float) -> str:
+    """The id of the job of schedule ``name``'s tick at ``tick_wall`` (epoch seconds)."""
+    moment = datetime.fromtimestamp(tick_wall, timezone.utc)
+    return f"{name}@{moment.strftime('%Y-%m-%dT%H:%M:%S.%fZ')}"
+
+
+def tick_of_job_id(job_id: str) -> Optional[float]:
+    """The tick time (epoch seconds) in a tick's job id, or None if ``job_id`` is no such id."""
+    _, _, moment = job_id.rpartition("@")
+    try:
+        return datetime.strptime(moment, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+    except ValueError:
+        return None
+
+
+def _croniter() -> Any:
+    try:
+        from croniter import croniter
+    except ImportError as exc:
+        raise ImportError(_CRON_EXTRA_HINT) from exc
+    return croniter
+
+
+def _as_tz(tz: object) -> tzinfo:
+    if tz is None:
+        return timezone.utc
+    if isinstance(tz, tzinfo):
+        return tz
+    if isinstance(tz, str):
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            return ZoneInfo(tz)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"tz must be an IANA time zone name (e.g. 'Europe/Berlin'), got {tz!r}: "
+                             f"{exc} (install 'tzdata' where the system has no zone database)") from None
+    raise TypeError(f"tz must be a tzinfo (e.g. zoneinfo.ZoneInfo), an IANA zone name or None, got {tz!r}")
+
+
+def cron_next(expression: str, tz: tzinfo, after: float) -> float:
+    """The first tick of ``expression`` in zone ``tz`` strictly after epoch ``after``.
+
+    A wall time that a DST jump skips runs at the jump; one that the clock
+    passes twice runs at both instants (croniter's rule).
+    """
+    iterator = _croniter()(expression, datetime.fromtimestamp(after, tz))
+    return float(iterator.get_next(float))
+
+
+class _Trigger(Protocol):
+    description: str
+
+    def first(self, now_mono: float, now_wall: float, fired_until: float) -> "_Tick":
+        """The first tick from now on; never one at or before ``fired_until`` (a tick already fired)."""
+
+    def after(self, tick: "_Tick", now_mono: float, now_wall: float) -> "_Tick": ...
+
+
+@dataclass(frozen=True)
+class _Tick:
+    due: float  # monotonic time the timer wakes for it
+    wall: float  # the tick as epoch seconds: its job's run_at and id
+    index: int  # every: k, the tick's place on the schedule's grid; cron: -1
+
+
+class _Every:
+    def __init__(self, interval: float, first_delay: Optional[float]) -> None:
+        self.interval = interval
+        self.first_delay = first_delay
+        self.description = f"every {interval:g}s"
+
+    def first(self, now_mono: float, now_wall: float, fired_until: float) -> _Tick:
+        # A new series: ticks on the monotonic clock do not survive a restart.
+        delay = self.interval if self.first_delay is None else self.first_delay
+        return _Tick(now_mono + delay, now_wall + delay, 0)
+
+    def after(self, tick: _Tick, now_mono: float, now_wall: float) -> _Tick:
+        # Ticks the timer overslept (a blocked store, a suspended machine) are merged into one.
+        steps = max(1, math.floor((now_mono - tick.due) / self.interval) + 1)
+        due = tick.due + steps * self.interval
+        return _Tick(due, now_wall + (due - now_mono), tick.index + steps)
+
+
+class _Cron:
+    def __init__(self, expression: str, tz: tzinfo) -> None:
+        self.expression = expression
+        self.tz = tz
+        self.description = f"cron {expression!r} ({tz})"
+
+    def _tick(self, wall: float, now_mono: float, now_wall: float) -> _Tick:
+        return _Tick(now_mono + (wall - now_wall), wall, -1)
+
+    def first(self, now_mono: float, now_wall: float, fired_until: float) -> _Tick:
+        return self._tick(cron_next(self.expression, self.tz, max(now_wall, fired_until)), now_mono, now_wall)
+
+    def after(self, tick: _Tick, now_mono: float, now_wall: float) -> _Tick:
+        # Strictly after both the tick and now: a tick is never fired twice, a missed one not made up.
+        return self._tick(cron_next(self.expression, self.tz, max(tick.wall, now_wall)), now_mono, now_wall)
+
+
+class _Schedule:
+    """One registered schedule.
+
+    ``tick``, ``begun``, ``begin_at`` and the counters are guarded by Periodic._lock;
+    ``active`` and ``last_job_id`` change only under Periodic._firing.
+    """
+
+    def __init__(self, name: str, job_type: str, payload: Any, priority: Priority, trigger: Any) -> None:
+        self.name = name
+        self.job_type = job_type
+        self.payload = payload
+        self.priority = priority
+        self.trigger = trigger
+        self.tick: Optional[_Tick] = None  # None until the schedule begins
+        self.begun = False  # the backend has placed the first tick (a broker: on the shared grid)
+        self.begin_at = 0.0  # monotonic time to (try to) begin it
+        self.fired = 0
+        self.skipped = 0
+        self.last_job_id: Optional[str] = None
+        self.active = True  # cleared by unschedule, under Periodic._firing
+
+    def new_job_at(self, tick_wall: float) -> Job:
+        """The job of the tick at ``tick_wall`` (epoch seconds): due now, named after the tick."""
+        return Job(self.job_type, copy.deepcopy(self.payload), priority=self.priority,
+                   tags={SCHEDULE_TAG: self.name}, id=tick_job_id(self.name, tick_wall))
+
+    def stats(self) -> ScheduleStats:
+        tick = self.tick
+        return ScheduleStats(self.name, self.job_type, self.trigger.description,
+                             None if tick is None else tick.wall, self.fired, self.skipped, self.last_job_id)
+
+
+class TickBackend(Protocol):
+    """How a tick turns into a job: in-process (below) or over a broker (tinymq.redis)."""
+
+    def begin(self, schedule: _Schedule, first: _Tick) -> _Tick:
+        """The schedule begins; returns its first tick (a broker aligns it with other processes')."""
+
+    def fire(self, schedule: _Schedule, tick: _Tick) -> str:
+        """Enqueue the tick's job: "fired", "busy" (the previous job is unfinished) or "taken"."""
+
+
+class _LocalTicks:
+    """The queue's own core knows every unfinished job id: the previous job is busy while it has it."""
+
+    def __init__(self, queue: Any) -> None:
+        self._queue = weakref.ref(queue)
+
+    def begin(self, schedule: _Schedule, first: _Tick) -> _Tick:
+        return first
+
+    def fire(self, schedule: _Schedule, tick: _Tick) -> str:
+        queue = self._queue()
+        if queue is None:
+            raise QueueStopped("the queue was garbage-collected")
+        previous = schedule.last_job_id
+        if previous is not None and queue._ready.has_id(previous):
+            return "busy"
+        job = schedule.new_job_at(tick.wall)
+        try:
+            queue.enqueue(job)
+        except DuplicateJob:  # this very tick's job, recovered from a store and unfinished
+            schedule.last_job_id = job.id
+            return "busy"
+        schedule.last_job_id = job.id
+        return "fired"
+
+
+_Now = Callable[[], float]
+
+
+class Periodic:
+    """A queue's schedules and the one timer thread that fires them."""
+
+    def __init__(self, queue: Any, monotonic: _Now = time.monotonic, wall: _Now = time.time) -> None:
+        self._queue = weakref.ref(queue, self._queue_gone)  # the timer never keeps the queue alive
+        self._monotonic = monotonic
+        self._wall = wall
+        self.backend: TickBackend = _LocalTicks(queue)  # a broker's Queue sets its own
+        # Reentrant: the weakref callback that stops the timer may run (as garbage collection)
+        # in a thread that holds it.
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)  # a schedule was added or removed, or stop
+        # Guarded by _lock: the schedules by name, the lifecycle, the timer thread.
+        self._schedules: Dict[str, _Schedule] = {}
+        self._started = False
+        self._stopped = False
+        self._thread: Optional[threading.Thread] = None
+        # Held while a tick is fired: unschedule() takes it, so no job is enqueued once it returns.
+        # Reentrant: a failure callback run by that enqueue (an eviction) may call unschedule().
+        self._firing = threading.RLock()
+        self._recovered: Dict[str, Job] = {}  # schedule name -> its latest job a store gave back
+
+    # --- registering -------------------------------------------------------------
+
+    def every(self, interval: Union[float, timedelta], job_type: str, payload: Any, name: Optional[str],
+              priority: Any, first_at: Any) -> str:
+        seconds = _seconds("interval", interval)
+        if seconds <= 0.0:
+            raise ValueError(f"interval must be > 0 seconds, got {interval!r}")
+        job_type = _as_type(job_type)
+        first_delay = None
+        if first_at is not None:
+            first_delay = max(0.0, _as_run_at(first_at) - self._wall())  # like run_at: a delay from now
+        return self._add(name if name is not None else job_type, job_type, payload, priority,
+                         _Every(seconds, first_delay))
+
+    def cron(self, expression: str, job_type: str, payload: Any, name: Optional[str], priority: Any,
+             tz: Any) -> str:
+        if not isinstance(expression, str):
+            raise TypeError(f"cron expression must be a str like '*/5 * * * *', got {expression!r}")
+        croniter = _croniter()
+        job_type = _as_type(job_type)
+        zone = _as_tz(tz)
+        if not croniter.is_valid(expression):
+            raise ValueError(f"invalid cron expression {expression!r}")
+        return self._add(name if name is not None else f"{job_type} {expression}", job_type, payload,
+                         priority, _Cron(expression, zone))
+
+    def _add(self, name: str, job_type: str, payload: Any, priority: Any, trigger: Any) -> str:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"schedule name must be a non-empty str, got {name!r}")
+        priority = _as_priority(priority)
+        try:
+            copy.deepcopy(payload)  # each tick's job gets its own copy: an executor may change it
+        except Exception as exc:
+            raise TypeError(f"payload of schedule {name!r} cannot be copied for each tick: {exc!r}") from exc
+        schedule = _Schedule(name, job_type, payload, priority, trigger)
+        with self._lock:
+            if self._stopped:
+                raise QueueStopped("the queue is stopped")
+            if name in self._schedules:
+                raise ValueError(f"a schedule named {name!r} exists already; pass another name= "
+                                 "or unschedule it first")
+            recovered = self._recovered.get(name)
+            if recovered is not None:
+                schedule.last_job_id = recovered.id
+            self._schedules[name] = schedule
+            if self._started:
+                self._begin(schedule)
+                self._ensure_thread()
+                self._changed.notify()
+        logger.info("schedule %r: %s enqueues %r jobs", name, trigger.description, job_type)
+        return name
+
+    def unschedule(self, name: str) -> bool:
+        """Remove schedule ``name``: True if it existed. No tick of it enqueues a job after this returns."""
+        with self._firing, self._lock:
+            schedule = self._schedules.pop(name, None)
+            if schedule is None:
+                return False
+            schedule.active = False
+            self._changed.notify()
+        logger.info("schedule %r removed", name)
+        return True
+
+    def schedules(self) -> List[ScheduleStats]:
+        with self._lock:
+            return [schedule.stats() for schedule in self._schedules.values()]
+
+    def recovered(self, jobs: Iterable[Job]) -> None:
+        """Jobs a store gave back: a schedule's latest one is its previous job (no pile-up)."""
+        with self._lock:
+            for job in jobs:
+                tags = job._tags
+                name = tags.get(SCHEDULE_TAG) if tags else None
+                if name is None:
+                    continue
+                known = self._recovered.get(name)
+                if known is None or (tick_of_job_id(job.id) or -math.inf) >= (tick_of_job_id(known.id) or -math.inf):
+                    self._recovered[name] = job
+                schedule = self._schedules.get(name)
+                if schedule is not None and schedule.last_job_id is None:
+                    schedule.last_job_id = self._recovered[name].id
+
+    # --- running -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """start_dispatcher() was called: every schedule begins now."""
+        with self._lock:
+            if self._started or self._stopped:
+                return
+            self._started = True
+            for schedule in self._schedules.values():
+                self._begin(schedule)
+            if self._schedules:
+                self._ensure_thread()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._changed.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _queue_gone(self, _ref: Any) -> None:
+        with self._lock:
+            self._stopped = True
+            self._changed.notify()
+
+    def _begin(self, schedule: _Schedule) -> None:
+        """The schedule's first tick counts from now; the timer thread has the backend place it.
+
+        Called with _lock held.
+        """
+        now_mono = self._monotonic()
+        recovered = self._recovered.get(schedule.name)
+        fired_until = -math.inf if recovered is None else (tick_of_job_id(recovered.id) or -math.inf)
+        schedule.tick = schedule.trigger.first(now_mono, self._wall(), fired_until)
+        schedule.begin_at = now_mono
+
+    def _place_first_tick(self, schedule: _Schedule) -> None:
+        """Outside _lock: a broker's backend asks Redis where the shared grid is."""
+        first = schedule.tick
+        try:
+            tick = self.backend.begin(schedule, first)
+        except QueueStopped:
+            raise
+        except Exception:
+            logger.exception("schedule %r could not begin; trying again in %gs", schedule.name, _BEGIN_RETRY)
+            with self._lock:
+                schedule.begin_at = self._monotonic() + _BEGIN_RETRY
+            return
+        with self._lock:
+            schedule.tick = tick
+            schedule.begun = True
+
+    def _ensure_thread(self) -> None:
+        """Called with _lock held."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="tinymq-periodic", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                work = self._wait_for_work()
+                if work is None:
+                    return
+                to_begin, due = work
+                for schedule in to_begin:
+                    self._place_first_tick(schedule)
+                for schedule in due:
+                    self._fire(schedule)
+            except QueueStopped:
+                return
+            except Exception:  # pragma: no cover - a bug; keep the schedules going
+                logger.exception("tinymq periodic timer error")
+                with self._lock:
+                    self._changed.wait(1.0)
+
+    def _is_due(self, tick: _Tick, now_mono: float, now_wall: float) -> bool:
+        return tick.due <= now_mono and (tick.index >= 0 or tick.wall <= now_wall)
+
+    def _wait_for_work(self) -> Optional[Tuple[List[_Schedule], List[_Schedule]]]:
+        """Sleep until a schedule is to begin or a tick is due: (to begin, due), or None once stopped."""
+        with self._lock:
+            while not self._stopped:
+                now_mono, now_wall = self._monotonic(), self._wall()
+                to_begin: List[_Schedule] = []
+                due: List[_Schedule] = []
+                wake_at = math.inf
+                for schedule in self._schedules.values():
+                    tick = schedule.tick
+                    if tick is None:
+                        continue
+                    if not schedule.begun:
+                        if schedule.begin_at <= now_mono:
+                            to_begin.append(schedule)
+                        else:
+                            wake_at = min(wake_at, schedule.begin_at)
+                    elif self._is_due(tick, now_mono, now_wall):
+                        due.append(schedule)
+                        continue
+                    if tick.index < 0:  # cron: due by the wall clock, rechecked now and then
+                        tick = schedule.tick = schedule.trigger._tick(tick.wall, now_mono, now_wall)
+                        wake_at = min(wake_at, tick.due, now_mono + _WALL_CLOCK_RECHECK)
+                    else:
+                        wake_at = min(wake_at, tick.due)
+                if to_begin or due:
+                    return to_begin, due
+                self._changed.wait(None if wake_at == math.inf else max(0.0, wake_at - now_mono))
+            return None
+
+    def _fire(self, schedule: _Schedule) -> None:
+        with self._firing:
+            with self._lock:
+                tick = schedule.tick
+                if not schedule.active or self._stopped or tick is None or not schedule.begun:
+                    return
+            try:
+                outcome = self.backend.fire(schedule, tick)
+            except QueueStopped:
+                raise
+            except QueueFull as exc:
+                outcome = "refused"
+                logger.warning("schedule %r skipped a tick: %s", schedule.name, exc)
+            except Exception:
+                outcome = "refused"
+                logger.exception("schedule %r could not enqueue its tick's job; the tick is skipped",
+                                 schedule.name)
+            with self._lock:
+                if outcome == "fired":
+                    schedule.fired += 1
+                    if logger.isEnabledFor(logging.DEBUG):
+                        logger.debug("schedule %r enqueued job %s", schedule.name, schedule.last_job_id)
+                elif outcome != "taken":  # "taken": another process fired this tick
+                    schedule.skipped += 1
+                    if outcome == "busy" and logger.isEnabledFor(logging.DEBUG):
+                        logger.debug("schedule %r skipped a tick: its previous job %s is unfinished",
+                                     schedule.name, schedule.last_job_id)
+                schedule.tick = schedule.trigger.after(tick, self._monotonic(), self._wall())

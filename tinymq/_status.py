@@ -1,0 +1,308 @@
+"""``python -m tinymq status``, ``requeue-dead`` and ``purge-dead``: look at a queue, fix its dead jobs.
+
+Each command works on a SQLite store (``--db``) or a shared Redis queue
+(``--redis URL --name NAME``). ``status`` builds one report (a plain dict),
+which ``--json`` prints as it is and the default prints as tables.
+
+``status --db`` opens the file read-only: it works while a live queue owns the
+file, and changes nothing. ``requeue-dead`` and ``purge-dead --db`` change the
+file, so they take ownership of it for the moment they need, and refuse, naming
+the owner's pid, while a live queue owns it.
+
+``--redis`` goes through a Queue built on the broker, which is never started:
+it registers no worker process and fetches nothing.
+"""
+import dataclasses
+import json
+import os
+import time
+import urllib.parse
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar
+
+from ._cli import CommandError, counted
+from .errors import PersistenceError, TinyMQError
+from .job import Job, Priority
+from .persistence._ownership import OwnedError
+from .persistence.sqlite import DeadJob, SQLitePersistence
+from .queue import Queue
+
+__all__ = ["db_status", "redis_status", "render_status", "change_dead_in_db", "change_dead_in_redis"]
+
+T = TypeVar("T")
+
+_PRIORITIES = (Priority.HIGH, Priority.MEDIUM, Priority.LOW)  # the order of the tables
+_ERROR_WIDTH = 60  # characters of a last error shown in the text table (--json has it whole)
+
+
+# --- reports ----------------------------------------------------------------------------
+
+
+def _job_fields(job: Job) -> Dict[str, Any]:
+    return {
+        "id": job.id, "type": job.type, "priority": Priority(job.priority).name,
+        "retries": job.retries, "timestamp": job.timestamp, "run_at": job.run_at,
+        "tags": dict(job.tags), "payload": job.payload,
+    }
+
+
+def _dead_fields(dead: Iterable[DeadJob]) -> List[Dict[str, Any]]:
+    return [dict(_job_fields(entry.job), reason=entry.reason, error=entry.error) for entry in dead]
+
+
+def db_status(path: str) -> Dict[str, Any]:
+    """The report of ``status --db``, read through a read-only store."""
+    try:
+        store = SQLitePersistence(path, read_only=True)
+        with store:
+            counts = store.counts()
+            jobs = store.jobs()
+            dead = store.dead_jobs()
+            quarantined = store.quarantined()
+    except PersistenceError as exc:
+        raise CommandError(str(exc)) from None
+    now = time.time()
+    # jobs() does not say which are running: "due" is ready or running, "delayed" waits for run_at.
+    priorities = {priority.name: {"due": 0, "delayed": 0} for priority in _PRIORITIES}
+    types: Dict[str, Dict[str, int]] = {}
+    for job in jobs:
+        column = "delayed" if job.run_at > now else "due"
+        priorities[Priority(job.priority).name][column] += 1
+        types.setdefault(job.type, {"due": 0, "delayed": 0})[column] += 1
+    return {
+        "backend": "sqlite",
+        "db": os.path.abspath(path),
+        "counts": counts,
+        "priorities": priorities,
+        "types": dict(sorted(types.items())),
+        "dead_jobs": _dead_fields(dead),
+        "quarantined": [{"id": job_id, "reason": reason} for job_id, reason in quarantined],
+    }
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password, fit to print."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    hidden = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urllib.parse.urlunsplit(parts._replace(netloc=hidden))
+
+
+def _with_redis_queue(url: str, name: str, work: Callable[[Queue], T]) -> T:
+    """``work(queue)`` on a Queue over ``RedisBroker(url, name=name)``, never started; closed after."""
+    try:
+        from .redis import RedisBroker
+
+        broker = RedisBroker(url, name=name)
+    except (ImportError, ValueError, TypeError) as exc:
+        raise CommandError(f"cannot use Redis queue {name!r} at {redacted(url)}: {exc}") from None
+    try:
+        return work(Queue(broker=broker))
+    except TinyMQError as exc:
+        raise CommandError(str(exc)) from None
+    finally:
+        broker.close()
+
+
+def _shared_executors(queue: Queue) -> Tuple[Dict[str, Dict[str, int]], int]:
+    """Every process's executors: type -> attempts taken and global limit; and live worker processes.
+
+    An attempt is taken from when a worker process fetches it (to run it, or
+    buffered to run next) until its outcome is settled: that is what the global
+    limit counts.
+
+    ``get_stats()`` has this process's executors only (none here), so this reads
+    the broker's ``limits``, ``running`` and ``procs`` keys, as tinymq/redis/lib.lua
+    lays them out.
+    """
+    broker: Any = queue.broker
+    key = broker._scripts.key
+    try:
+        pipe = broker.client.pipeline(transaction=False)
+        pipe.hgetall(key("limits"))
+        pipe.hgetall(key("running"))
+        pipe.time()
+        limits, running, (seconds, microseconds) = pipe.execute()
+        now_ms = seconds * 1000 + microseconds // 1000
+        processes = broker.client.zcount(key("procs"), now_ms, "+inf")  # leases not yet run out
+    except Exception as exc:  # redis.RedisError; redis-py may not be importable here by name
+        raise TinyMQError(f"could not read the executors of Redis queue {broker.name!r}: {exc}") from exc
+    executors = {job_type: {"taken": int(running.get(job_type, 0)), "max_jobs": int(limit)}
+                 for job_type, limit in sorted(limits.items())}
+    return executors, processes
+
+
+def redis_status(url: str, name: str) -> Dict[str, Any]:
+    """The report of ``status --redis URL --name NAME``."""
+
+    def read(queue: Queue) -> Dict[str, Any]:
+        stats = queue.get_stats()
+        executors, processes = _shared_executors(queue)
+        dead = queue.broker.dead_jobs()  # type: ignore[attr-defined]
+        counters = {field.name: getattr(stats, field.name) for field in dataclasses.fields(stats)
+                    if field.name.startswith("jobs_")}
+        ready = {"HIGH": stats.high_queue_size, "MEDIUM": stats.medium_queue_size,
+                 "LOW": stats.low_queue_size}
+        return {
+            "backend": "redis",
+            "redis": redacted(url),
+            "name": name,
+            "counts": {"ready": sum(ready.values()), "delayed": stats.delayed_jobs_count,
+                       "taken": sum(executor["taken"] for executor in executors.values()),
+                       "dead": len(dead)},
+            "priorities": {level: {"ready": size} for level, size in ready.items()},
+            "max_delayed_jobs": stats.max_delayed_jobs,
+            "worker_processes": processes,
+            "executors": executors,
+            "counters": counters,
+            "dead_jobs": _dead_fields(dead),
+        }
+
+    return _with_redis_queue(url, name, read)
+
+
+def change_dead_in_redis(url: str, name: str, action: str, ids: Optional[Sequence[str]]) -> str:
+    """Requeue or purge dead jobs of a Redis queue; an id that is not a dead job changes nothing."""
+
+    def change(queue: Queue) -> str:
+        broker: Any = queue.broker
+        if ids is not None:
+            dead = {entry.job.id for entry in broker.dead_jobs()}
+            missing = [job_id for job_id in ids if job_id not in dead]
+            if missing:
+                raise CommandError(f"no dead job with id {', '.join(map(repr, missing))} in Redis queue "
+                                   f"{name!r}; nothing changed")
+        if action == "requeue":
+            changed = broker.requeue_dead(ids)
+            return (f"requeued {counted(changed, 'dead job')} in Redis queue {name!r}, retries reset; "
+                    "workers take them at once")
+        changed = broker.purge_dead(ids)
+        return f"purged {counted(changed, 'dead job')} from Redis queue {name!r}"
+
+    return _with_redis_queue(url, name, change)
+
+
+def change_dead_in_db(path: str, action: str, ids: Optional[Sequence[str]]) -> str:
+    """Requeue or purge dead jobs (all, or those of ``ids``); returns what to tell the user.
+
+    All or nothing: an id that is not a dead job changes nothing. The store is
+    opened read-only first, so a missing or foreign file is refused instead of
+    being created by taking ownership.
+    """
+    try:
+        SQLitePersistence(path, read_only=True).close()
+        store = SQLitePersistence(path)
+    except OwnedError as exc:
+        raise CommandError(f"{path!r} is owned by a live store in pid {exc.pid}: {action}-dead changes "
+                           "the file, which only its owner may do; stop that process first (`status` "
+                           "reads the file at any time)") from None
+    except PersistenceError as exc:
+        raise CommandError(str(exc)) from None
+    with store:
+        if ids is not None:
+            dead = {entry.job.id for entry in store.dead_jobs()}
+            missing = [job_id for job_id in ids if job_id not in dead]
+            if missing:
+                raise CommandError(f"no dead job with id {', '.join(map(repr, missing))} in {path!r}; "
+                                   "nothing changed")
+        if action == "requeue":
+            changed = store.requeue_dead(ids)
+            return (f"requeued {counted(changed, 'dead job')} in {path}, retries reset; the next "
+                    "queue to open the file runs them")
+        changed = store.purge_dead(ids)
+        return f"purged {counted(changed, 'dead job')} from {path}"
+
+
+# --- printing ---------------------------------------------------------------------------
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> List[str]:
+    """Aligned columns: numbers to the right, text to the left."""
+    cells = [[str(value) for value in row] for row in rows]
+    numeric = [all(isinstance(row[column], int) for row in rows) and bool(rows)
+               for column in range(len(headers))]
+    widths = [max([len(header)] + [len(row[column]) for row in cells])
+              for column, header in enumerate(headers)]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(value.rjust(width) if right else value.ljust(width)
+                         for value, width, right in zip(values, widths, numeric)).rstrip()
+
+    return [line(headers), line(["-" * width for width in widths])] + [line(row) for row in cells]
+
+
+def _shortened(text: Optional[str]) -> str:
+    if not text:
+        return ""
+    text = " ".join(text.split())  # one line per job
+    return text if len(text) <= _ERROR_WIDTH else text[:_ERROR_WIDTH - 3] + "..."
+
+
+def _dead_lines(dead: List[Dict[str, Any]], limit: int) -> List[str]:
+    lines = [f"dead jobs: {len(dead)}"]
+    if not dead:
+        return lines
+    shown = dead if limit == 0 else dead[-limit:]  # the newest
+    rows = [(entry["id"], entry["type"], entry["priority"], entry["retries"], entry["reason"] or "",
+             _shortened(entry["error"])) for entry in shown]
+    lines += _table(("id", "type", "priority", "retries", "reason", "last error"), rows)
+    if len(shown) < len(dead):
+        lines.append(f"(the newest {len(shown)} of {len(dead)}; --limit 0 lists all, --json has every field)")
+    return lines
+
+
+def _db_lines(report: Dict[str, Any], limit: int) -> List[str]:
+    counts = report["counts"]
+    lines = [f"tinymq store {report['db']}", ""]
+    lines += _table(("ready", "delayed", "running", "dead", "corrupt"),
+                    [[counts[state] for state in ("ready", "delayed", "running", "dead", "corrupt")]])
+    lines.append("")
+    lines += _table(("priority", "due", "delayed"),
+                    [(name, sizes["due"], sizes["delayed"]) for name, sizes in report["priorities"].items()])
+    if report["types"]:
+        lines.append("")
+        lines += _table(("type", "due", "delayed"),
+                        [(name, sizes["due"], sizes["delayed"]) for name, sizes in report["types"].items()])
+    lines.append("(due: ready or running now; delayed: waiting for its run_at)")
+    lines.append("")
+    lines += _dead_lines(report["dead_jobs"], limit)
+    if report["quarantined"]:
+        lines.append("")
+        lines.append(f"quarantined (corrupt) rows: {len(report['quarantined'])}")
+        lines += _table(("id", "why"),
+                        [(row["id"], _shortened(row["reason"])) for row in report["quarantined"]])
+    return lines
+
+
+def _redis_lines(report: Dict[str, Any], limit: int) -> List[str]:
+    counts = report["counts"]
+    lines = [f"tinymq queue {report['name']!r} on {report['redis']}", ""]
+    lines += _table(("ready", "delayed", "taken", "dead", "worker processes"),
+                    [[counts["ready"], counts["delayed"], counts["taken"], counts["dead"],
+                      report["worker_processes"]]])
+    lines.append("")
+    lines += _table(("priority", "ready"),
+                    [(name, sizes["ready"]) for name, sizes in report["priorities"].items()])
+    lines.append(f"(delayed: at most {report['max_delayed_jobs'] or 'unlimited'})")
+    lines.append("")
+    lines += _table(("counter", "events"), list(report["counters"].items()))
+    lines.append("")
+    if report["executors"]:
+        lines += _table(("executor", "taken", "max"),
+                        [(job_type, executor["taken"], executor["max_jobs"])
+                         for job_type, executor in report["executors"].items()])
+        lines.append("(taken: attempts that worker processes hold, running or next in line; "
+                     "max: the global limit)")
+    else:
+        lines.append("executors: none registered yet (a worker process registers its executors)")
+    lines.append("")
+    lines += _dead_lines(report["dead_jobs"], limit)
+    return lines
+
+
+def render_status(report: Dict[str, Any], *, as_json: bool, limit: int) -> str:
+    """The text ``status`` prints: one JSON document, or readable tables."""
+    if as_json:
+        return json.dumps(report, indent=2, default=repr)
+    lines = _db_lines(report, limit) if report["backend"] == "sqlite" else _redis_lines(report, limit)
+    return "\n".join(lines)

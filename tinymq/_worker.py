@@ -1,0 +1,316 @@
+"""``python -m tinymq worker package.module:queue``: worker processes for a queue shared through a broker.
+
+The supervisor (the process the user starts) runs ``--processes`` children,
+each ``python -m tinymq _worker-child``: a fresh interpreter (never a fork of
+a process holding connections or threads) that imports the user's module,
+takes the Queue and calls ``start_dispatcher(workers)``.
+
+- SIGTERM or SIGINT to the supervisor is forwarded to every child (as SIGTERM),
+  and each child stops gracefully with ``queue.stop(wait=True)``: running
+  attempts finish, buffered jobs go back to the broker. A child ignores further
+  signals while it stops. A second signal to the supervisor while stopping is a
+  hard stop: it kills the children (their leased attempts go back when the
+  leases run out).
+- A child that exits without being asked to (a crash, a signal, the OOM killer)
+  is started again after a delay that doubles, up to a few seconds, while it
+  keeps crashing soon after its start.
+- Children run in a session of their own, so a Ctrl-C in the terminal reaches
+  the supervisor only (which forwards it once), and each child reads a pipe from
+  the supervisor: when the supervisor dies, the pipe closes and the child stops.
+
+The only thing asked of the queue beyond the public Queue API is a broker
+(``queue.broker is not None``): without one, worker processes would not share it.
+"""
+import importlib
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any, List, Optional, Tuple
+
+from ._cli import CommandError, counted
+from .queue import Queue
+
+__all__ = ["default_workers", "split_target", "load_queue", "run_child", "Supervisor"]
+
+logger = logging.getLogger("tinymq.worker")
+
+EXIT_BAD_TARGET = 3  # a child could not load the target: starting it again would not help
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_FIRST_RESTART_DELAY = 0.5  # seconds before restarting a crashed child
+_MAX_RESTART_DELAY = 5.0  # the cap of the doubling delay of a child that keeps crashing
+_STABLE_AFTER = 30.0  # seconds a child must run for a crash to restart it after the first delay again
+_READ_SIZE = 512
+_REPR_WIDTH = 80  # characters of an unexpected object shown in an error
+
+
+def default_workers() -> int:
+    """``--workers`` when not given: the number of CPUs, or 4 when it cannot be told."""
+    return os.cpu_count() or 4
+
+
+def split_target(target: str) -> Tuple[str, str]:
+    """``"package.module:attribute.path"`` as (module name, attribute path); ValueError otherwise."""
+    module_name, colon, attribute_path = target.partition(":")
+    parts = module_name.split(".") + attribute_path.split(".")
+    if not colon or not all(part.isidentifier() for part in parts):
+        raise ValueError(f"the target must look like 'package.module:queue', got {target!r}")
+    return module_name, attribute_path
+
+
+def _import_error(module_name: str, target: str, exc: BaseException) -> CommandError:
+    """A CommandError for a failed import: one line when the module is missing, else its traceback."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name and (
+            module_name == exc.name or module_name.startswith(exc.name + ".")):
+        return CommandError(f"cannot import {module_name!r} (from {target!r}): no module named {exc.name!r} "
+                            f"(looked in the current directory {os.getcwd()!r} and sys.path)")
+    # The user's module raised: its own frames say where; importlib's frames say nothing.
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__)
+              if frame.filename not in (__file__, importlib.__file__)
+              and not frame.filename.startswith("<frozen importlib")]
+    text = "".join(traceback.format_list(frames) + traceback.format_exception_only(type(exc), exc))
+    return CommandError(f"importing {module_name!r} (from {target!r}) raised an exception:\n"
+                        f"Traceback (most recent call last):\n{text.rstrip()}")
+
+
+def load_queue(target: str) -> Queue:
+    """Import ``package.module:attribute.path`` and return that Queue; CommandError when it is not one."""
+    try:
+        module_name, attribute_path = split_target(target)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        found: Any = importlib.import_module(module_name)
+    except Exception as exc:
+        raise _import_error(module_name, target, exc) from None
+    walked = module_name
+    for part in attribute_path.split("."):
+        try:
+            found = getattr(found, part)
+        except AttributeError:
+            raise CommandError(f"{walked!r} has no attribute {part!r} (from {target!r})") from None
+        walked = f"{walked}{'.' if walked != module_name else ':'}{part}"
+    if not isinstance(found, Queue):
+        shown = repr(found)
+        if len(shown) > _REPR_WIDTH:
+            shown = shown[:_REPR_WIDTH - 3] + "..."
+        kind = type(found).__qualname__
+        if type(found).__module__ != "builtins":
+            kind = f"{type(found).__module__}.{kind}"
+        raise CommandError(f"{target!r} is a {kind} ({shown}), not a tinymq.Queue")
+    if getattr(found, "broker", None) is None:
+        raise CommandError(f"{target!r} is a tinymq.Queue without a broker: worker processes share a "
+                           "queue through Redis; build it with Queue(..., broker=RedisBroker(url, name=...))")
+    return found
+
+
+class _SignalWakeup:
+    """Signals that only write their numbers to a socket, for the main loop to read (main thread only).
+
+    The handlers do nothing else, so no Python code runs inside a signal
+    handler while the main thread may hold a lock.
+    """
+
+    def __init__(self, signals: Tuple[int, ...]) -> None:
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+        signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        for number in signals:
+            signal.signal(number, _ignore)
+
+    def fileno(self) -> int:
+        return self._reader.fileno()
+
+    def received(self) -> List[int]:
+        """The signals that came since the last call (their numbers), oldest first."""
+        try:
+            return list(self._reader.recv(_READ_SIZE))
+        except BlockingIOError:
+            return []
+
+
+def _ignore(number: int, frame: Any) -> None:
+    """The Python-level handler: the number is written to the wakeup socket by the interpreter."""
+
+
+# --- a child ----------------------------------------------------------------------------
+
+
+def run_child(target: str, workers: int, check: bool) -> int:
+    """A worker process: load the queue, run it until told to stop, stop it gracefully.
+
+    With ``check``, only load the target (the supervisor does this once before
+    starting the children, to report a bad target once). Returns the exit code.
+    """
+    wakeup = None if check else _SignalWakeup(_STOP_SIGNALS)  # before the import: it may be slow
+    try:
+        queue = load_queue(target)
+    except CommandError as exc:
+        # The supervisor shows a check's message as its own error; a worker's goes among the logs.
+        print(exc if check else f"tinymq worker: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_TARGET
+    if wakeup is None:
+        return 0
+    supervisor_pipe = sys.stdin.fileno()
+    stop_reason = None
+    for number in wakeup.received():  # a signal that came during the import
+        stop_reason = signal.Signals(number).name
+    if stop_reason is None:
+        queue.start_dispatcher(workers)
+        logger.info("worker process started: %s for %s", counted(workers, "worker thread"), target)
+    while stop_reason is None:
+        readable, _, _ = select.select([wakeup, supervisor_pipe], [], [])
+        for number in wakeup.received():
+            stop_reason = signal.Signals(number).name
+        if supervisor_pipe in readable and not os.read(supervisor_pipe, _READ_SIZE):
+            stop_reason = stop_reason or "the supervisor exited"
+    # Signals that come now change nothing: a supervisor that forwards one after systemd sent it
+    # to the whole control group must not hurry a graceful stop. The hard stop is its SIGKILL.
+    logger.info("stopping (%s): running attempts finish, buffered jobs go back to the queue", stop_reason)
+    queue.stop(wait=True)
+    logger.info("worker process stopped")
+    return 0
+
+
+# --- the supervisor ---------------------------------------------------------------------
+
+
+class _Slot:
+    """One of the ``--processes`` places: its current child, and when to start the next."""
+
+    __slots__ = ("number", "process", "started", "restart_at", "delay")
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.process: Optional["subprocess.Popen[bytes]"] = None
+        self.started = 0.0  # time.monotonic() of the current child's start
+        self.restart_at: Optional[float] = None  # time.monotonic() at which to start the next child
+        self.delay = _FIRST_RESTART_DELAY  # before the next restart, doubling while crashes come soon
+
+
+def _exit_description(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class Supervisor:
+    """Runs ``processes`` worker children for ``target`` until SIGTERM/SIGINT."""
+
+    def __init__(self, target: str, processes: int, workers: int, log_level: str) -> None:
+        self.target = target
+        self.workers = workers
+        self.log_level = log_level
+        self.slots = [_Slot(number) for number in range(processes)]
+        self.stopping = False
+        self.exit_code = 0
+
+    def _command(self, *extra: str) -> List[str]:
+        return [sys.executable, "-m", "tinymq", "_worker-child", self.target,
+                "--workers", str(self.workers), "--log-level", self.log_level, *extra]
+
+    def check_target(self) -> None:
+        """Load the target once in a child of its own: a bad one is reported once, before any start."""
+        result = subprocess.run(self._command("--check"), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        sys.stdout.buffer.write(result.stdout)  # whatever the user's module printed at import
+        if result.returncode == EXIT_BAD_TARGET:
+            raise CommandError(result.stderr.decode(errors="replace").strip())
+        sys.stderr.buffer.write(result.stderr)
+        if result.returncode != 0:
+            raise CommandError(f"loading {self.target!r} failed: the process that checked it "
+                               f"{_exit_description(result.returncode)}")
+
+    def _start(self, slot: _Slot) -> None:
+        # stdin: a pipe the child reads until it closes, when this process ends, however it ends.
+        slot.process = subprocess.Popen(self._command(), stdin=subprocess.PIPE, start_new_session=True)
+        slot.started = time.monotonic()
+        slot.restart_at = None
+        logger.info("started worker process %d (pid %d)", slot.number, slot.process.pid)
+
+    def _reap(self, slot: _Slot) -> None:
+        """Notice that the slot's child has exited; schedule its restart unless stopping."""
+        process = slot.process
+        if process is None or process.poll() is None:
+            return
+        slot.process = None
+        if process.stdin is not None:
+            process.stdin.close()
+        code = process.returncode
+        if self.stopping:
+            if code not in (0, -signal.SIGTERM):  # SIGTERM: it was still starting, nothing to stop
+                logger.error("worker process %d (pid %d) %s while stopping", slot.number, process.pid,
+                             _exit_description(code))
+                self.exit_code = 1
+            return
+        if code == EXIT_BAD_TARGET:
+            logger.error("worker process %d (pid %d) could not load %r (see its error above): stopping",
+                         slot.number, process.pid, self.target)
+            self.exit_code = 1
+            self._begin_stop()
+            return
+        now = time.monotonic()
+        if now - slot.started >= _STABLE_AFTER:
+            slot.delay = _FIRST_RESTART_DELAY
+        slot.restart_at = now + slot.delay
+        logger.error("worker process %d (pid %d) %s; starting it again in %.1f s", slot.number,
+                     process.pid, _exit_description(code), slot.delay)
+        slot.delay = min(slot.delay * 2, _MAX_RESTART_DELAY)
+
+    def _begin_stop(self) -> None:
+        self.stopping = True
+        for slot in self.slots:
+            slot.restart_at = None
+            if slot.process is not None and slot.process.poll() is None:
+                slot.process.send_signal(signal.SIGTERM)
+
+    def _kill_all(self) -> None:
+        for slot in self.slots:
+            if slot.process is not None:
+                slot.process.kill()
+                slot.process.wait()
+                slot.process = None
+
+    def run(self) -> int:
+        """Start the children and supervise them; returns the exit code (0 after a clean stop)."""
+        self.check_target()
+        wakeup = _SignalWakeup(_STOP_SIGNALS + (signal.SIGCHLD,))
+        for slot in self.slots:
+            self._start(slot)
+        logger.info("supervising %s for %s (%s each); SIGTERM or Ctrl-C stops them gracefully",
+                    counted(len(self.slots), "worker process", "worker processes"), self.target,
+                    counted(self.workers, "thread"))
+        while True:
+            for slot in self.slots:
+                self._reap(slot)
+            if self.stopping and all(slot.process is None for slot in self.slots):
+                logger.info("all worker processes stopped")
+                return self.exit_code
+            now = time.monotonic()
+            for slot in self.slots:
+                if slot.restart_at is not None and slot.restart_at <= now:
+                    self._start(slot)
+            pending = [slot.restart_at for slot in self.slots if slot.restart_at is not None]
+            timeout = max(0.0, min(pending) - now) if pending else None
+            select.select([wakeup], [], [], timeout)
+            for number in wakeup.received():
+                if number == signal.SIGCHLD:
+                    continue
+                name = signal.Signals(number).name
+                if self.stopping:
+                    logger.warning("second %s while stopping: hard stop, killing the worker processes",
+                                   name)
+                    self._kill_all()
+                    return 1
+                logger.info("%s: stopping the worker processes gracefully (a second one kills them)",
+                            name)
+                self._begin_stop()

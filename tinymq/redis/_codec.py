@@ -1,0 +1,73 @@
+"""A job's body in Redis: JSON text, with the payload through the stores' JSONSerializer.
+
+The body holds what never changes while the job waits: type, priority, payload,
+timestamp, run_at, retry config and tags. The scripts keep the fields that do
+change (retries, last error, crash count) beside it in the job's hash.
+The retry config is written as the SQLite store writes it: an object of
+RetryConfig's fields, or null for the default one.
+"""
+import json
+from typing import Any, Dict, Optional
+
+from ..config import RetryConfig
+from ..job import _DEFAULT_RETRY_CONFIG, Job, Priority
+from ..persistence.serializers import JSONSerializer
+
+__all__ = ["encode_job", "decode_job"]
+
+_RETRY_FIELDS = ("max_retries", "initial_delay", "max_delay", "backoff_multiple", "jitter")
+_serializer = JSONSerializer()
+_retry_configs: Dict[str, RetryConfig] = {}  # decoded config text -> config, shared by jobs
+_CACHE_LIMIT = 256  # distinct retry configs remembered
+_PRIORITIES = {int(p): p for p in Priority}
+_new_job = object.__new__
+
+
+def _retry_fields(config: RetryConfig) -> Optional[Dict[str, Any]]:
+    if config is _DEFAULT_RETRY_CONFIG:
+        return None
+    return {name: getattr(config, name) for name in _RETRY_FIELDS}
+
+
+def encode_job(job: Job) -> str:
+    """The JSON body of ``job`` (TypeError naming the job when its payload is not JSON)."""
+    try:
+        return _serializer.dumps([job.type, int(job.priority), job.payload, job.timestamp, job.run_at,
+                                  _retry_fields(job.retry_config), job._tags or None])
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise TypeError(f"job {job.id!r} ({job.type!r}) cannot be sent to Redis: its payload "
+                        f"must be JSON-serialisable ({exc})") from exc
+
+
+def _retry_config(fields: Optional[Dict[str, Any]]) -> RetryConfig:
+    if fields is None:
+        return _DEFAULT_RETRY_CONFIG
+    key = json.dumps(fields, sort_keys=True)
+    config = _retry_configs.get(key)
+    if config is None:
+        if len(_retry_configs) > _CACHE_LIMIT:
+            _retry_configs.clear()
+        config = _retry_configs[key] = RetryConfig(**fields)
+    return config
+
+
+def decode_job(job_id: str, body: str, retries: Any = 0, last_error: Optional[str] = None) -> Job:
+    """The Job that ``encode_job`` wrote, with the retries and last error Redis kept.
+
+    A body as ``encode_job`` writes it is taken as it is; anything else goes
+    through ``Job()``, which checks every field (ValueError/TypeError).
+    """
+    job_type, priority, payload, timestamp, run_at, retry_fields, tags = _serializer.loads(body)  # type: ignore[misc]
+    if (job_type.__class__ is str and job_type and priority.__class__ is int and priority in _PRIORITIES
+            and run_at.__class__ is float and run_at - run_at == 0.0 and timestamp.__class__ is float
+            and tags is None and retry_fields is None):
+        job = _new_job(Job)  # the common case, without Job()'s checks: they all hold
+        job._id, job.type, job.payload, job.priority, job._tags = job_id, job_type, payload, _PRIORITIES[priority], None
+        job.timestamp, job.run_at, job.retry_config = timestamp, run_at, _DEFAULT_RETRY_CONFIG
+    else:
+        job = Job(job_type, payload, priority=priority, tags=tags, run_at=run_at,
+                  retry_config=_retry_config(retry_fields), id=job_id)
+        job.timestamp = float(timestamp)
+    job.retries = int(retries or 0)
+    job.last_error = last_error or None
+    return job

@@ -1,0 +1,643 @@
+"""QueueLink: one Queue's end of the broker — enqueue, the pump, the heartbeat, the timer.
+
+The Cython core stays this process's local buffer: the pump fetches leased
+attempts from Redis (``free slots + 1`` per call, settles of finished attempts
+in the same call) and hands them to the core's ReadyQueue, where the usual
+workers, local limits and watchdog run them. The dispatcher tells this link
+every attempt's outcome (it is the dispatcher's ``AttemptLedger``); outcomes
+are batched into the next script call.
+
+Threads (started by ``start``):
+- the pump: flush settles + fetch; when Redis has nothing, it blocks in BLPOP
+  on the ``signal`` list (its own connection) for at most ``_IDLE_WAIT``;
+  meanwhile a worker that finishes an attempt flushes it itself;
+- the timer: fetches at the earliest delayed job's due time, measured on the
+  local monotonic clock from the server's reply (Redis's blocking timeouts are
+  too coarse for this);
+- the heartbeat: renews this process's lease every ``lease / 4`` and reaps
+  dead processes; if this process was reaped, it abandons its buffer and
+  registers again under a new id.
+"""
+import itertools
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .._pick_core import core
+from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError
+from ..stats import ExecutorStats, QueueStats
+from ._codec import decode_job, encode_job
+from ._scripts import Scripts, SettleOp
+
+__all__ = ["QueueLink"]
+
+logger = logging.getLogger("tinymq")
+
+_PREFETCH = 1  # jobs fetched beyond the free worker slots: the next one is at hand
+_SETTLE_BATCH = 32  # settle ops that make the pump flush at once
+_SETTLE_DELAY = 0.001  # seconds an op may wait for company before the pump flushes it
+_IDLE_WAIT = 1.0  # seconds an idle pump blocks in Redis before it looks again
+_BACKOFF_MIN = 0.05  # seconds before the first retry after Redis failed
+_BACKOFF_MAX = 2.0
+_ROOM_POLL_MIN = 0.001  # enqueue(block=True) and join() look again after this, doubling
+_ROOM_POLL_MAX = 0.05
+_LOG_EVERY = 30.0  # seconds between two warnings about the same outage
+_MS = 1000.0
+_US = 1_000_000.0
+_DIGITS = 3  # delays are sent in ms to the microsecond
+_SOCKET_TIMEOUT = 10.0  # a round's reply slower than this is a dead connection
+
+_PENDING, _STARTED, _GIVEN_BACK = range(3)
+
+
+class _NotHeld(TinyMQError):
+    """Raised at an attempt's start when this process no longer holds it (stopped, or reaped)."""
+
+
+class _Attempt:
+    """This process's hold on one job: guarded by QueueLink._lock."""
+
+    __slots__ = ("attempt", "state", "expired", "decided", "returned")
+
+    def __init__(self, attempt: str) -> None:
+        self.attempt = attempt
+        self.state = _PENDING
+        self.expired = False  # the watchdog decided it at its deadline; it may still run
+        self.decided = False  # its retry/dead op was queued
+        self.returned = False  # a timed-out attempt's function came back
+
+
+def _describe(exc: Optional[BaseException]) -> str:
+    return "" if exc is None else f"{exc.__class__.__name__}: {exc}"
+
+
+class QueueLink:
+    """What one Queue does through its broker (see the module docstring)."""
+
+    def __init__(self, broker: Any, config: Any, dispatcher: Any) -> None:
+        self.broker = broker
+        self.config = config
+        self.dispatcher = dispatcher
+        self.ready = dispatcher.ready
+        self.scripts = broker._scripts
+        self.client = broker.client
+        self._redis_error = __import__("redis").RedisError
+        self._lease_ms = max(1, int(broker.lease * _MS))
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # slots freed, ops added, closing
+        # Guarded by _lock:
+        self._attempts: Dict[Any, _Attempt] = {}  # job -> this process's attempt of it
+        self._in_hand = 0  # attempts fetched and not yet decided (buffered or running)
+        self._ops: List[SettleOp] = []  # outcomes not yet sent
+        self._ops_since = 0.0  # monotonic time of the oldest unsent op
+        self._workers = 0  # 0 until start: a producer-only queue fetches nothing
+        self._closing = False
+        self._pump_idle = False  # the pump is blocked in Redis: workers flush their own ops
+        # What the pump waits for on _changed: this many free slots (0: it waits on a timer
+        # already, or not at all), or _SETTLE_BATCH ops. Wakes it only when it may go.
+        self._pump_goal = 1
+        self._pump_asleep = False  # it waits with nothing to do: the first op or slot wakes it
+        self._limits: Dict[str, int] = {}
+        self._limits_dirty = False
+        self._proc = self._new_proc_id()
+        self._registered = False  # the server knows _proc (a fetch or beat succeeded)
+        # Guarded by _round_lock: one fetch round at a time, and the round to resend, if any.
+        self._round_lock = threading.Lock()
+        self._unsent: Optional[Tuple[str, str, int, List[SettleOp]]] = None  # (proc, fetch id, n, ops)
+        self._fetch_ids = itertools.count(1)
+        self._round_connection: Any = None  # its own connection: rounds are one at a time anyway
+        # Fetched jobs whose id the core still holds (a copy this process gave up, still running):
+        # placed once that copy is done. Guarded by _round_lock.
+        self._held: List[Any] = []
+        self._released = False
+        self._next_due = math.inf  # monotonic time of the earliest delayed job
+        self._timer_alarm = core.Alarm()
+        self._stopped = threading.Event()
+        self._threads: List[threading.Thread] = []
+        self._outage_logged = 0.0
+
+    @staticmethod
+    def _new_proc_id() -> str:
+        return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+
+    # --- producing ---------------------------------------------------------------
+
+    def enqueue(self, jobs: Sequence[Any], block: bool, timeout: Optional[float]) -> None:
+        """Send ``jobs`` in one script call: all are accepted, or none (QueueFull, DuplicateJob)."""
+        if self.dispatcher.stopping:
+            raise QueueStopped("the queue is stopped")
+        now = time.time()
+        rows = []
+        seen = set()
+        for job in jobs:
+            job_id = job.id
+            if job_id in seen:
+                raise DuplicateJob(f"an id is given twice in this batch of {len(jobs)} jobs; "
+                                   "none of the batch was enqueued")
+            seen.add(job_id)
+            run_at = job.run_at
+            delay = 0.0 if run_at is job.timestamp else round((run_at - now) * _MS, _DIGITS)
+            rows.append((job_id, job.type, int(job.priority), delay if delay > 0.0 else 0, encode_job(job)))
+        token = os.urandom(8).hex()  # a resend of this call is recognised by it
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = _ROOM_POLL_MIN
+        while True:
+            try:
+                self.broker._check_server()
+                reply = self.broker.call_resending(self.scripts.enqueue, token, self.config.buffer_size,
+                                                   self.config.max_delayed_jobs, rows)
+            except self._redis_error as exc:
+                raise TinyMQError(f"could not enqueue {len(rows)} job(s) to Redis queue "
+                                  f"{self.broker.name!r}: {exc}") from exc
+            if reply.status in ("ok", "again"):
+                break
+            if reply.status == "dup":
+                raise DuplicateJob(f"a job with id {reply.duplicate_id!r} is already queued and unfinished"
+                                   + ("" if len(rows) == 1 else "; none of the batch was enqueued"))
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if not block or (remaining is not None and remaining <= 0.0) or self.dispatcher.stopping:
+                if len(rows) == 1:
+                    raise QueueFull(f"the ready buffer is full ({self.config.buffer_size} jobs); job "
+                                    f"{rows[0][0]} ({rows[0][1]!r}) was not enqueued")
+                raise QueueFull(f"the ready buffer has no room for {len(rows)} more jobs "
+                                f"(buffer_size={self.config.buffer_size}); none of the batch was enqueued")
+            time.sleep(pause if remaining is None else min(pause, remaining))
+            pause = min(pause * 2, _ROOM_POLL_MAX)
+        for job_id, body in reply.evicted:
+            self._report(job_id, body, "evicted")
+
+    def _report(self, job_id: str, body: str, reason: str, retries: int = 0, error: str = "") -> None:
+        try:
+            job = decode_job(job_id, body, retries, error)
+        except Exception:
+            logger.exception("job %s failed permanently (%s) and cannot be decoded", job_id, reason)
+            return
+        self.dispatcher.report_failure(job, reason, None)
+
+    # --- observing ---------------------------------------------------------------
+
+    def stats(self) -> QueueStats:
+        prefix = self.scripts.prefix
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for level in (2, 1, 0):
+                pipe.llen(f"{prefix}ready:{level}")
+            pipe.zcard(f"{prefix}delayed")
+            pipe.hgetall(f"{prefix}stats")
+            high, medium, low, delayed, counters = pipe.execute()
+        except self._redis_error as exc:
+            raise TinyMQError(f"could not read the stats of Redis queue {self.broker.name!r}: {exc}") from exc
+
+        def counter(name: str) -> int:
+            return int(counters.get(name, 0))
+
+        return QueueStats(
+            high_queue_size=high + counter("parked:2"),
+            medium_queue_size=medium + counter("parked:1"),
+            low_queue_size=low + counter("parked:0"),
+            delayed_jobs_count=delayed,
+            max_delayed_jobs=self.config.max_delayed_jobs,
+            worker_count=self.dispatcher.worker_count,
+            executor_stats={job_type: ExecutorStats(active_jobs=active, max_jobs=limit)
+                            for job_type, (active, limit) in self.dispatcher.executor_stats().items()},
+            jobs_enqueued=counter("enqueued"),
+            jobs_succeeded=counter("succeeded"),
+            jobs_failed=counter("failed"),
+            jobs_retried=counter("retried"),
+            jobs_timed_out=counter("timed_out"),
+            jobs_evicted=counter("evicted"),
+        )
+
+    def join(self, timeout: Optional[float]) -> bool:
+        """Wait until the shared queue has no unfinished job; False on timeout or when stopped."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        key = self.scripts.key("stats")
+        pause = _ROOM_POLL_MIN
+        while True:
+            try:
+                if int(self.client.hget(key, "outstanding") or 0) <= 0:
+                    return True
+            except self._redis_error as exc:
+                self._log_outage("join()", exc)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0.0:
+                return False
+            if self._stopped.wait(pause if remaining is None else min(pause, remaining)):
+                return False
+            pause = min(pause * 2, _ROOM_POLL_MAX)
+
+    def set_limit(self, job_type: str, limit: int) -> None:
+        """A registered executor's ``max_concurrent_jobs``: sent before this process's next fetch."""
+        with self._lock:
+            self._limits[job_type] = limit
+            self._limits_dirty = True
+
+    # --- the AttemptLedger: what the dispatcher reports ------------------------------
+
+    def started(self, job: Any) -> None:
+        """A worker is about to run ``job``: refuse it unless this process still holds it."""
+        with self._lock:
+            record = self._attempts.get(job)
+            if record is None or record.state != _PENDING:
+                raise _NotHeld(f"job {job.id} was given back before it started")
+            record.state = _STARTED
+
+    def _queue_op(self, op: SettleOp) -> None:
+        """Called with _lock held."""
+        if not self._ops:
+            self._ops_since = time.monotonic()
+        self._ops.append(op)
+        self._wake_pump()
+
+    def _wake_pump(self) -> None:
+        """A slot freed or an op came: wake the pump if that is what it waits for. With _lock held."""
+        if self._pump_asleep or len(self._ops) >= _SETTLE_BATCH or self._free() >= self._pump_goal:
+            self._changed.notify()
+
+    def _flush_if_idle(self) -> None:
+        if self._pump_idle:  # the pump sleeps in Redis: send it now, from this thread
+            try:
+                self._round()
+            except self._redis_error as exc:
+                self._log_outage("settle", exc)
+
+    def succeeded(self, job: Any) -> None:
+        with self._lock:
+            record = self._attempts.pop(job, None)
+            if record is None:
+                return
+            self._in_hand -= 1
+            self._queue_op(SettleOp("S", record.attempt))
+        self._flush_if_idle()
+
+    def expired(self, job: Any) -> None:
+        """The watchdog decided ``job``'s attempt; a replacement worker takes its place."""
+        with self._lock:
+            record = self._attempts.get(job)
+            if record is not None and not record.expired:
+                record.expired = True
+                self._in_hand -= 1
+                self._wake_pump()
+
+    def _decide(self, job: Any, op: str, delay: float = 0.0, reason: str = "", error: str = "") -> None:
+        with self._lock:
+            record = self._attempts.get(job)
+            if record is None:
+                return
+            if record.expired:
+                record.decided = True
+                if record.returned:
+                    del self._attempts[job]
+                op = op.lower()
+            else:
+                del self._attempts[job]
+                self._in_hand -= 1
+            self._queue_op(SettleOp(op, record.attempt, job.retries, max(0.0, round(delay * _MS, _DIGITS)),
+                                    reason, error))
+        self._flush_if_idle()
+
+    def retry(self, job: Any, delay: float) -> None:
+        self._decide(job, "Y", delay=delay, error=job.last_error or "")
+
+    def failed(self, job: Any, reason: str, exc: Optional[BaseException]) -> None:
+        self._decide(job, "Z", reason=reason, error=_describe(exc) or (job.last_error or ""))
+
+    def returned_late(self, job: Any) -> None:
+        """A timed-out attempt's function returned: its type slot is free."""
+        with self._lock:
+            record = self._attempts.get(job)
+            if record is None:
+                return
+            record.returned = True
+            if record.decided:
+                del self._attempts[job]
+            self._queue_op(SettleOp("E", record.attempt))
+        self._flush_if_idle()
+
+    def not_held(self, job: Any, exc: BaseException) -> bool:
+        """Whether a failed attempt was only refused at its start (given back already)."""
+        if not isinstance(exc, _NotHeld):
+            return False
+        with self._lock:
+            self._attempts.pop(job, None)
+        return True
+
+    def given_back(self, job: Any) -> None:
+        """An attempt that stop() cancelled: back to Redis, not counted."""
+        with self._lock:
+            record = self._attempts.pop(job, None)
+            if record is None:
+                return
+            if not record.expired:
+                self._in_hand -= 1
+                self._queue_op(SettleOp("B", record.attempt))
+
+    # --- fetching ----------------------------------------------------------------
+
+    def _free(self) -> int:
+        """Jobs to ask for. Called with _lock held."""
+        if self._closing or not self._workers:
+            return 0
+        return max(0, self._workers + _PREFETCH - self._in_hand)
+
+    def _round(self) -> int:
+        """One fetch script call: send the unsent ops, take up to the free slots; jobs taken."""
+        with self._round_lock:
+            if self._released:
+                return 0
+            if self._unsent is None:  # else resend the failed call as it was: the script knows it
+                with self._lock:
+                    ops, self._ops = self._ops, []
+                    self._unsent = (self._proc, format(next(self._fetch_ids), "x"), self._free(), ops)
+                    limits = dict(self._limits) if self._limits_dirty else None
+                    self._limits_dirty = False
+                if limits:  # before the fetch, so that it admits by the current limits
+                    try:
+                        self._round_scripts().set_limits(limits)
+                    except BaseException:
+                        with self._lock:
+                            self._limits_dirty = True
+                        raise
+            proc, fetch_id, n, ops = self._unsent
+            self.broker._check_server()
+            sent = time.monotonic()
+            reply = self._round_scripts().fetch(proc, fetch_id, n, self._lease_ms, self.broker.max_crash_recoveries,
+                                       self._registered, ops)
+            received = time.monotonic()
+            self._unsent = None
+            if reply.reaped:
+                self._abandon()
+                return 0
+            self._registered = True
+            if reply.next_due_ms is None:
+                self._next_due = math.inf
+            else:
+                # The script ran about half a round trip before the reply came; fire half a round
+                # trip early, so the fetch reaches the server at the due time.
+                due = sent + (reply.next_due_ms * _MS - reply.now_us) / _US
+                self._next_due = due
+                self._timer_alarm.wake_before(due)
+            jobs = self._take(reply.jobs)
+        for crashed in reply.crashed:
+            self._report(crashed.id, crashed.body, "crashed", crashed.retries, crashed.error)
+        return jobs
+
+    def _place(self, job: Any) -> bool:
+        """Into the core; False when a copy of the job is still there. Called with _round_lock held."""
+        try:
+            self.ready.accept([job])
+        except DuplicateJob:
+            return False
+        self.ready.requeue(job)
+        return True
+
+    def _round_scripts(self) -> Any:
+        """The scripts on this link's own connection, for calls made under _round_lock."""
+        if self._round_connection is None:
+            self._round_connection = Scripts(self.client, self.broker.name,
+                                             self.broker._connections(1, _SOCKET_TIMEOUT))
+        return self._round_connection
+
+    def _take(self, fetched: Sequence[Any]) -> int:
+        """Hand fetched attempts to the core. Called with _round_lock held."""
+        if self._held:
+            try:
+                self._held = [job for job in self._held if job in self._attempts and not self._place(job)]
+            except QueueStopped:
+                self._held = []  # stop() gives them back
+        if not fetched:
+            return 0
+        jobs = []
+        give_back = []
+        for item in fetched:
+            try:
+                job = decode_job(item.id, item.body, item.retries, item.error)
+            except Exception as exc:  # written by another program, or a broken client
+                logger.error("job %s in Redis cannot be decoded (%s); it is dead", item.id, _describe(exc))
+                with self._lock:
+                    self._queue_op(SettleOp("Z", item.attempt, item.retries, 0, "permanent_failure",
+                                            f"cannot decode: {_describe(exc)}"))
+                continue
+            jobs.append((job, item.attempt))
+        with self._lock:
+            for job, attempt in jobs:
+                self._attempts[job] = _Attempt(attempt)
+            self._in_hand += len(jobs)
+        try:  # the whole batch in one core call, most of the time
+            placed = self.ready.push_many([job for job, _ in jobs])
+        except (DuplicateJob, QueueStopped):
+            placed = False
+        if not placed:  # one by one: the buffer is small, or a given-up copy holds an id
+            for job, attempt in jobs:
+                try:
+                    if not self._place(job):
+                        self._held.append(job)
+                except QueueStopped:
+                    give_back.append(job)
+        if give_back:
+            with self._lock:
+                for job in give_back:
+                    record = self._attempts.pop(job)
+                    self._in_hand -= 1
+                    self._queue_op(SettleOp("B", record.attempt))
+        return len(jobs)
+
+    def _abandon(self) -> None:
+        """This process was reaped (silent past its lease): drop what it held, register anew."""
+        with self._lock:
+            for record in self._attempts.values():
+                if record.state == _PENDING:
+                    record.state = _GIVEN_BACK  # a worker that pops it refuses it
+            held = sum(1 for r in self._attempts.values() if r.state == _STARTED and not r.expired)
+            self._attempts = {job: r for job, r in self._attempts.items() if r.state == _STARTED}
+            self._held = []  # (called with _round_lock held)
+            self._unsent = None  # a call for the old id: resent, it would register that id again
+            self._in_hand = held  # running attempts still occupy their workers
+            self._ops = []  # their attempts are no longer ours: every op would be stale
+            old, self._proc = self._proc, self._new_proc_id()
+            self._registered = False
+        logger.warning("this process (%s) was silent past its %gs lease and its jobs were given to "
+                       "others; it dropped its buffer and registers again as %s", old, self.broker.lease,
+                       self._proc)
+
+    # --- threads -----------------------------------------------------------------
+
+    def ticks(self, queue: Any) -> Any:
+        """The TickBackend of ``queue``'s schedules: each tick claimed once in Redis."""
+        from ._schedules import BrokerTicks
+
+        return BrokerTicks(self, queue)
+
+    def start(self, workers: int) -> None:
+        with self._lock:
+            self._workers = workers
+        for target, name in ((self._pump, "tinymq-redis-pump"), (self._timer, "tinymq-redis-timer"),
+                             (self._heartbeat, "tinymq-redis-heartbeat")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _log_outage(self, what: str, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._outage_logged >= _LOG_EVERY:
+            self._outage_logged = now
+            logger.warning("Redis queue %r: %s failed (%s); retrying", self.broker.name, what, exc)
+
+    def _pump(self) -> None:
+        blocking = self.broker._dedicated_client(_IDLE_WAIT + _SOCKET_TIMEOUT)
+        signal_key = self.scripts.key("signal")
+        pause = _BACKOFF_MIN
+        backlog = False  # the last round filled its batch: Redis has more
+        try:
+            while True:
+                with self._lock:
+                    self._wait_for_a_round(backlog)
+                    if self._closing:
+                        return
+                    asked = self._free()
+                try:
+                    taken = self._round()
+                    backlog = asked > 0 and taken >= asked
+                    pause = _BACKOFF_MIN
+                except self._redis_error as exc:
+                    self._log_outage("fetch", exc)
+                    self._stopped.wait(pause)
+                    pause = min(pause * 2, _BACKOFF_MAX)
+                    continue
+                if asked and taken < asked:  # Redis has nothing more for us now: wait for a signal
+                    with self._lock:
+                        if self._ops or self._closing:
+                            continue
+                        self._pump_idle = True
+                    try:
+                        blocking.blpop([signal_key, self._wake_key()], _IDLE_WAIT)
+                    except self._redis_error as exc:
+                        self._log_outage("waiting for jobs", exc)
+                        self._stopped.wait(pause)
+                        pause = min(pause * 2, _BACKOFF_MAX)
+                    finally:
+                        with self._lock:
+                            self._pump_idle = False
+        except BaseException:  # pragma: no cover - a bug: say so, the heartbeat keeps the lease
+            logger.exception("tinymq Redis pump crashed")
+        finally:
+            blocking.close()
+
+    def _wait_for_a_round(self, backlog: bool) -> None:
+        """Wait until a round is worth its round trip. Called with _lock held.
+
+        Idle, a single free slot is worth it (latency). With a backlog, wait up
+        to ``_SETTLE_DELAY`` for the whole batch of slots to free, so a round
+        carries many settles and jobs; unsent ops wait as long at most.
+        """
+        goal = self._workers + _PREFETCH if backlog else 1
+        since = None
+        try:
+            while not self._closing and self._unsent is None:
+                free = self._free()
+                if free >= goal or len(self._ops) >= _SETTLE_BATCH:
+                    return
+                self._pump_goal = goal
+                if free or self._ops:
+                    now = time.monotonic()
+                    if since is None:
+                        since = min(now, self._ops_since) if self._ops else now
+                    left = since + _SETTLE_DELAY - now
+                    if left <= 0.0:
+                        return
+                    self._changed.wait(left)
+                else:
+                    self._pump_asleep = True
+                    self._changed.wait()
+                    self._pump_asleep = False
+        finally:
+            self._pump_asleep = False
+            self._pump_goal = 1
+
+    def _wake_key(self) -> str:
+        return self.scripts.key("wake:" + self._proc)
+
+    def _timer(self) -> None:
+        alarm = self._timer_alarm
+        while not self._closing:
+            due = self._next_due
+            now = time.monotonic()
+            if due > now:
+                alarm.sleep(min(due - now, _IDLE_WAIT), due)
+                continue
+            self._next_due = math.inf  # the round below sets the next one
+            with self._lock:
+                free = self._free()
+            if not free:
+                continue  # the pump fetches, and promotes, when a slot frees
+            try:
+                self._round()
+            except self._redis_error as exc:
+                self._log_outage("fetching due jobs", exc)
+                self._next_due = time.monotonic() + _BACKOFF_MIN
+
+    def _heartbeat(self) -> None:
+        interval = self.broker.lease / 4
+        while not self._stopped.wait(interval):
+            try:
+                with self._round_lock:  # never beside a round: a reap answer must meet a settled state
+                    proc, registered = self._proc, self._registered
+                    alive, _, crashed = self._round_scripts().beat(proc, self._lease_ms, self.broker.max_crash_recoveries,
+                                                          registered)
+                    if not alive:
+                        self._abandon()
+                    else:
+                        self._registered = True
+            except self._redis_error as exc:
+                self._log_outage("heartbeat", exc)
+                continue
+            for item in crashed:
+                self._report(item.id, item.body, "crashed", item.retries, item.error)
+
+    # --- stopping ----------------------------------------------------------------
+
+    def stop(self) -> None:
+        """After the dispatcher stopped: give back unstarted jobs (in order), settle, unregister."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            self._changed.notify_all()  # (the pump is the only waiter)
+        self._stopped.set()
+        self._timer_alarm.wake()
+        started = [thread for thread in self._threads if thread.is_alive()]
+        if started:
+            try:
+                self.client.rpush(self._wake_key(), "1")  # out of its BLPOP
+            except self._redis_error:
+                pass
+        for thread in started:
+            if thread is not threading.current_thread():
+                thread.join(_IDLE_WAIT + 1.0)
+        with self._round_lock:
+            with self._lock:
+                unstarted = [r for r in self._attempts.values() if r.state == _PENDING]
+                for record in unstarted:
+                    record.state = _GIVEN_BACK
+                ops = self._ops + [SettleOp("B", r.attempt) for r in reversed(unstarted)]
+                self._ops = []
+                proc, registered = self._proc, self._registered
+            self._released = True
+            if not registered and not ops:
+                if self._round_connection is not None:
+                    self._round_connection.connections.close()
+                return
+            try:
+                self.broker.call_resending(self._round_scripts().release, proc, ops)
+                self.client.delete(self._wake_key())
+            except self._redis_error as exc:
+                logger.warning("Redis queue %r: could not give back %d unstarted job(s) at stop (%s); "
+                               "they return when this process's lease expires", self.broker.name,
+                               len(unstarted), exc)
+            finally:
+                if self._round_connection is not None:
+                    self._round_connection.connections.close()

@@ -1,0 +1,78 @@
+"""Periodic jobs over the broker: each tick of a schedule fires once across all processes.
+
+Every process that started a dispatcher runs its own timer (tinymq/_periodic.py);
+at a tick, it claims the tick in Redis (``schedule_tick.lua``) and only the
+claimant enqueues the tick's job. The claim also applies the no-pile-up rule
+against the schedule's previous job, whichever process enqueued it.
+
+Ticks must mean the same instant in every process: a ``cron`` tick is its wall-clock
+time; an ``every`` schedule's ticks lie on a grid kept in Redis on the server's
+clock (``schedule_begin.lua``), tick k at ``anchor + k * interval``, which each
+process maps onto its own monotonic clock when the schedule begins.
+"""
+import math
+import os
+import time
+import weakref
+from typing import Any, Dict, List
+
+from .._periodic import _Tick, tick_job_id
+from ..errors import QueueStopped
+from ._scripts import _source
+
+__all__ = ["BrokerTicks"]
+
+_US = 1_000_000
+_MS = 1000
+
+
+class BrokerTicks:
+    """The TickBackend of a Queue built with a RedisBroker (see tinymq/_periodic.py)."""
+
+    def __init__(self, link: Any, queue: Any) -> None:
+        self._link = link
+        self._queue = weakref.ref(queue)  # the timer never keeps the queue alive
+        scripts = link.scripts
+        self._keys = [scripts.prefix]
+        lib = _source("lib")
+        self._begin = scripts.client.register_script(lib + "\n" + _source("schedule_begin"))
+        self._tick = scripts.client.register_script(lib + "\n" + _source("schedule_tick"))
+        self._grids: Dict[str, float] = {}  # schedule name -> server time (s) of its tick 0
+        self._claims = 0
+        self._token_prefix = os.urandom(8).hex()
+
+    def _call(self, script: Any, args: List[Any]) -> Any:
+        return self._link.broker.call_resending(lambda: script(keys=self._keys, args=args))
+
+    def begin(self, schedule: Any, first: _Tick) -> _Tick:
+        trigger = schedule.trigger
+        if first.index < 0:  # cron: wall-clock ticks mean the same instant everywhere
+            return first
+        interval_us = max(1, round(trigger.interval * _US))
+        first_delay_us = round((first.due - time.monotonic()) * _US)
+        monotonic_before = time.monotonic()
+        anchor_us, interval_us, server_us = (int(value) for value in self._call(
+            self._begin, [schedule.name, interval_us, max(0, first_delay_us)]))
+        monotonic_now = (monotonic_before + time.monotonic()) / 2  # the reply's instant, give or take
+        anchor, interval, server_now = anchor_us / _US, interval_us / _US, server_us / _US
+        self._grids[schedule.name] = anchor
+        index = max(0, math.ceil((server_now - anchor) / interval))
+        due_server = anchor + index * interval
+        return _Tick(monotonic_now + (due_server - server_now), time.time() + (due_server - server_now), index)
+
+    def fire(self, schedule: Any, tick: _Tick) -> str:
+        queue = self._queue()
+        if queue is None:
+            raise QueueStopped("the queue was garbage-collected")
+        if tick.index < 0:
+            number, wall = round(tick.wall * _MS), tick.wall
+        else:
+            number, wall = tick.index, self._grids[schedule.name] + tick.index * schedule.trigger.interval
+        job = schedule.new_job_at(wall)
+        self._claims += 1
+        outcome = self._call(self._tick, [schedule.name, number, job.id, f"{self._token_prefix}:{self._claims}"])
+        if outcome != "fire":
+            return str(outcome)  # "busy" or "taken"
+        queue.enqueue(job)  # a crash before this line loses the tick (at most once per tick)
+        schedule.last_job_id = job.id
+        return "fired"

@@ -1,0 +1,272 @@
+"""The stable low-level API over tinymq's Lua scripts: one method per script.
+
+Each method is one EVALSHA (redis-py's ``Script`` reloads the script on
+NOSCRIPT, after a server restart) and returns the script's reply as plain
+Python values. The scripts themselves (``*.lua`` beside this file, each with
+``lib.lua`` in front) document their keys, arguments, replies and invariants.
+
+Every script is idempotent against a resend of the same call (the client sends
+a call again when the connection failed before its reply came): enqueue by its
+token, settle ops by attempt id, fetch by (process, fetch id); beat, reap and
+release leave nothing to do twice.
+"""
+import os
+import threading
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+
+__all__ = ["Scripts", "Connections", "SettleOp", "Crashed", "Fetched", "FetchReply", "EnqueueReply", "key_prefix"]
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SCRIPT_NAMES = ("enqueue", "fetch", "settle", "beat", "reap", "release", "limits",
+                 "requeue_dead", "purge_dead")
+
+
+def key_prefix(name: str) -> str:
+    """``tmq:{<name>}:``: every key of the queue shares this hash tag (one Cluster slot)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"broker name must be a non-empty str, got {name!r}")
+    if "{" in name or "}" in name:
+        raise ValueError(f"broker name must not contain '{{' or '}}' (it is a hash tag), got {name!r}")
+    return f"tmq:{{{name}}}:"
+
+
+def _source(name: str) -> str:
+    with open(os.path.join(_HERE, f"{name}.lua"), encoding="utf-8") as file:
+        return file.read()
+
+
+class SettleOp(NamedTuple):
+    """One attempt's outcome, as lib.lua's ``settle`` takes it.
+
+    ``op``: "S" success, "Y" retry after ``delay_ms``, "Z" dead for ``reason``;
+    "y"/"z" the same decided at the deadline (the attempt keeps its slot until
+    "E", its late return); "B" give back (not counted).
+    """
+
+    op: str
+    attempt: str
+    retries: int = 0
+    delay_ms: float = 0
+    reason: str = ""
+    error: str = ""
+
+
+class Crashed(NamedTuple):
+    """A job that died with its process once too often (now dead, reason "crashed")."""
+
+    id: str
+    body: str
+    retries: int
+    error: str
+
+
+class Fetched(NamedTuple):
+    """One attempt handed to a process."""
+
+    attempt: str
+    body: str
+    retries: int
+    error: str
+
+    @property
+    def id(self) -> str:
+        return self.attempt.split(":", 1)[1]
+
+
+class FetchReply(NamedTuple):
+    reaped: bool  # this process was declared dead: nothing was done
+    now_ms: int  # the server clock
+    next_due_ms: Optional[float]  # the earliest delayed job's due time, if any
+    stale: int  # settle ops that changed nothing
+    crashed: List[Crashed]
+    jobs: List[Fetched]
+    now_us: int = 0  # the server clock in microseconds (now_ms is it floored)
+
+
+class EnqueueReply(NamedTuple):
+    status: str  # "ok", "again" (a resend of an accepted batch), "dup", "full"
+    evicted: List[Tuple[str, str]]  # (id, body) of jobs evicted from the delayed set
+    duplicate_id: Optional[str] = None
+    ready: int = 0  # with "full": ready jobs already there
+
+
+_SHORT_OPS = frozenset("SEB")  # sent as (op, attempt) only
+
+
+def _ops_args(ops: Iterable[SettleOp]) -> List[Any]:
+    flat: List[Any] = []
+    for op in ops:
+        if op.op in _SHORT_OPS:
+            flat += op[:2]
+        else:
+            flat.extend(op)
+    return flat
+
+
+def _crashed(rows: Sequence[Sequence[Any]]) -> List[Crashed]:
+    return [Crashed(row[0], row[1], int(row[2] or 0), row[3] or "") for row in rows]
+
+
+try:  # redis-py's own packing looks at every argument in Python first; hiredis packs in C
+    from hiredis import pack_command as _pack_command
+except ImportError:  # pragma: no cover - hiredis is optional
+    _pack_command = None
+
+
+def _send(connection: Any, command: Tuple[Any, ...]) -> None:
+    if _pack_command is None:
+        connection.send_command(*command)
+    else:
+        connection.send_packed_command([_pack_command(command)])
+
+
+class Connections:
+    """At most ``size`` raw redis-py connections, made by ``connect()``, lent one at a time.
+
+    A thread waits for a free one, as with redis-py's BlockingConnectionPool,
+    but without that pool's per-call bookkeeping: a script call is one
+    ``send_command`` and one ``read_response`` on a connection of its own.
+    """
+
+    def __init__(self, connect: Callable[[], Any], size: int, wait: float) -> None:
+        self._connect = connect
+        self._wait = wait
+        self._lock = threading.Lock()
+        self._idle: List[Any] = []  # guarded by _lock
+        self._slots = threading.BoundedSemaphore(size)  # one per connection lent or idle
+
+    def acquire(self) -> Any:
+        if not self._slots.acquire(True, self._wait):
+            import redis
+
+            raise redis.ConnectionError(f"no Redis connection became free within {self._wait}s")
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        try:
+            return self._connect()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def release(self, connection: Any, broken: bool) -> None:
+        if broken:  # a reply may be half read: never reuse it
+            connection.disconnect()
+        else:
+            with self._lock:
+                self._idle.append(connection)
+        self._slots.release()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.disconnect()
+
+
+class Scripts:
+    """The scripts of the queue ``name``, called through ``client`` (a redis-py client
+    created with ``decode_responses=True``), or through ``connections`` when given
+    (the same client then serves only reads, e.g. ``key()``'s users)."""
+
+    def __init__(self, client: Any, name: str, connections: Optional[Connections] = None) -> None:
+        self.prefix = key_prefix(name)
+        self._keys = [self.prefix]
+        self.client = client
+        self.connections = connections
+        lib = _source("lib")
+        self._script = {script: client.register_script(lib + "\n" + _source(script))
+                        for script in _SCRIPT_NAMES}
+
+    def key(self, suffix: str) -> str:
+        return self.prefix + suffix
+
+    def _call(self, script: str, args: List[Any]) -> Any:
+        connections = self.connections
+        if connections is None:
+            return self._script[script](keys=self._keys, args=args)
+        import redis
+
+        registered = self._script[script]
+        command = ("EVALSHA", registered.sha, 1, self.prefix, *args)
+        connection = connections.acquire()
+        broken = True
+        try:
+            try:
+                _send(connection, command)
+                reply = connection.read_response()
+            except redis.exceptions.NoScriptError:  # a restarted server: load it, call it again
+                connection.send_command("SCRIPT", "LOAD", registered.script)
+                connection.read_response()
+                _send(connection, command)
+                reply = connection.read_response()
+            broken = False
+            return reply
+        except redis.exceptions.ResponseError:
+            broken = False  # the server answered with an error: the connection is fine
+            raise
+        finally:
+            connections.release(connection, broken)
+
+    def enqueue(self, token: str, buffer_size: int, max_delayed_jobs: int,
+                jobs: Sequence[Tuple[str, str, int, float, str]]) -> EnqueueReply:
+        """Enqueue ``(id, type, priority, delay_ms, body)`` rows, all or none (delay_ms may be fractional)."""
+        args: List[Any] = [token, buffer_size, max_delayed_jobs, len(jobs)]
+        for row in jobs:
+            args.extend(row)
+        reply = self._call("enqueue", args)
+        status = reply[0]
+        if status == "ok":
+            return EnqueueReply("ok", [(row[0], row[1]) for row in reply[1]])
+        if status == "dup":
+            return EnqueueReply("dup", [], duplicate_id=reply[1])
+        if status == "full":
+            return EnqueueReply("full", [], ready=int(reply[1]))
+        return EnqueueReply(status, [])
+
+    def fetch(self, proc: str, fetch_id: str, n: int, lease_ms: int, max_crash_recoveries: int,
+              registered: bool, ops: Sequence[SettleOp] = ()) -> FetchReply:
+        """Settle ``ops``, renew, reap, promote, and take up to ``n`` jobs for ``proc``."""
+        reply = self._call("fetch", [proc, fetch_id, n, lease_ms, max_crash_recoveries,
+                                     "1" if registered else "0", len(ops), *_ops_args(ops)])
+        due = float(reply[2])
+        return FetchReply(
+            reaped=int(reply[0]) == 0, now_ms=int(reply[1]), next_due_ms=None if due < 0 else due,
+            stale=int(reply[3]), crashed=_crashed(reply[4]),
+            jobs=[Fetched(row[0], row[1], int(row[2] or 0), row[3] or "") for row in reply[5]],
+            now_us=int(reply[6]),
+        )
+
+    def settle(self, proc: str, ops: Sequence[SettleOp]) -> int:
+        """Record ``ops`` for ``proc``; returns how many were stale."""
+        return int(self._call("settle", [proc, len(ops), *_ops_args(ops)]))
+
+    def beat(self, proc: str, lease_ms: int, max_crash_recoveries: int,
+             registered: bool) -> Tuple[bool, int, List[Crashed]]:
+        """Renew ``proc``'s lease and reap; ``(alive, server now ms, crashed)``."""
+        reply = self._call("beat", [proc, lease_ms, max_crash_recoveries, "1" if registered else "0"])
+        return int(reply[0]) == 1, int(reply[1]), _crashed(reply[2])
+
+    def reap(self, max_crash_recoveries: int) -> Tuple[int, List[Crashed]]:
+        """Reap up to two processes whose lease expired; ``(reaped, crashed)``."""
+        reply = self._call("reap", [max_crash_recoveries])
+        return int(reply[0]), _crashed(reply[1])
+
+    def release(self, proc: str, ops: Sequence[SettleOp] = ()) -> int:
+        """Settle ``ops`` and unregister ``proc``, handing back what it still holds."""
+        return int(self._call("release", [proc, len(ops), *_ops_args(ops)]))
+
+    def set_limits(self, limits: Dict[str, int]) -> int:
+        """Set global per-type limits; returns how many parked jobs were released."""
+        if not limits:
+            return 0
+        args: List[Any] = []
+        for job_type, limit in limits.items():
+            args.extend((job_type, limit))
+        return int(self._call("limits", args))
+
+    def requeue_dead(self, ids: Sequence[str]) -> int:
+        return int(self._call("requeue_dead", list(ids))) if ids else 0
+
+    def purge_dead(self, ids: Sequence[str]) -> int:
+        return int(self._call("purge_dead", list(ids))) if ids else 0

@@ -1,0 +1,229 @@
+"""RedisBroker: where a Queue's state lives when many processes share it.
+
+A broker object belongs to one Queue (``Queue(..., broker=broker)``); every
+process builds its own with the same ``name``. It owns the connections: a small
+pool for the scripts, and the one connection a worker process blocks on while
+idle (made by ``_link``). It also offers the dead-job admin calls.
+"""
+import logging
+import re
+import threading
+import time
+from datetime import timedelta
+from typing import Any, Iterable, List, Optional, Union
+
+from ..config import _seconds
+from ..errors import TinyMQError
+from ..persistence.sqlite import DeadJob
+from ._codec import decode_job
+from ._scripts import Connections, Scripts, key_prefix
+
+__all__ = ["RedisBroker"]
+
+logger = logging.getLogger("tinymq")
+
+_MIN_VERSION = (6, 2)
+_POOL_SIZE = 16  # connections shared by the pump, heartbeat, timer, producers and flushing workers
+_POOL_WAIT = 20.0  # seconds a thread waits for a pooled connection before it is an error
+_SOCKET_TIMEOUT = 10.0  # a reply slower than this is a dead connection
+_CONNECT_TIMEOUT = 2.0
+_RESENDS = 2  # tinymq resends a call whose reply was lost this often (every script is idempotent)
+_RESEND_PAUSE = 0.02  # seconds before the first resend, doubling
+_PAGE = 500  # ids per admin script call: bounded work in Redis
+
+
+def _redis() -> Any:
+    try:
+        import redis
+    except ImportError as exc:  # pragma: no cover - the extra is missing
+        raise ImportError("tinymq.redis needs redis-py: pip install 'tinymq[redis]'") from exc
+    return redis
+
+
+class RedisBroker:
+    """One queue's state in Redis (>= 6.2, or Valkey), shared by every Queue built on ``name``.
+
+    ``lease``: seconds a process may go silent before its attempts are given
+    to others (it renews every ``lease / 4``). ``max_crash_recoveries``: a job
+    whose process died during it more often than this is dead ("crashed").
+    """
+
+    def __init__(self, url: str = "redis://localhost:6379/0", *, name: str,
+                 lease: Union[float, timedelta] = 30.0, max_crash_recoveries: int = 3) -> None:
+        redis = _redis()
+        if not isinstance(url, str):
+            raise TypeError(f"url must be a str, got {url!r}")
+        key_prefix(name)  # checks the name
+        lease = _seconds("lease", lease)
+        if lease <= 0.0:
+            raise ValueError(f"lease must be > 0 seconds, got {lease!r}")
+        if (not isinstance(max_crash_recoveries, int) or isinstance(max_crash_recoveries, bool)):
+            raise TypeError(f"max_crash_recoveries must be an int, got {max_crash_recoveries!r}")
+        if max_crash_recoveries < 0:
+            raise ValueError(f"max_crash_recoveries must be >= 0, got {max_crash_recoveries}")
+        self.url = url
+        self.name = name
+        self.lease = lease
+        self.max_crash_recoveries = max_crash_recoveries
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        # redis-py resends nothing by itself: tinymq resends (call_resending), the same call with
+        # the same token or fetch id, which is what makes a resend safe.
+        self._no_retry = lambda: Retry(NoBackoff(), 0)
+        self._pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=_POOL_SIZE, timeout=_POOL_WAIT, decode_responses=True,
+            socket_timeout=_SOCKET_TIMEOUT, socket_connect_timeout=_CONNECT_TIMEOUT, retry=self._no_retry())
+        self.client = redis.Redis(connection_pool=self._pool)  # reads (stats, join, dead jobs)
+        self._scripts = Scripts(self.client, name, self._connections(_POOL_SIZE, _SOCKET_TIMEOUT))
+        self._checked = False
+        self._check_lock = threading.Lock()
+        self._queue: Any = None  # the one Queue link this broker serves
+        self._closed = False
+        try:
+            self._check_server()
+        except redis.RedisError as exc:  # checked again at the first use that reaches it
+            logger.warning("Redis at %s is not reachable yet (%s); tinymq will keep trying",
+                           _safe_url(url), exc)
+
+    def __repr__(self) -> str:
+        return f"RedisBroker({_safe_url(self.url)!r}, name={self.name!r}, lease={self.lease!r})"
+
+    # --- connecting ------------------------------------------------------------
+
+    def _check_server(self) -> None:
+        """Once, at the first reply: refuse Redis < 6.2, warn unless maxmemory-policy is noeviction."""
+        if self._checked:
+            return
+        with self._check_lock:
+            if self._checked:
+                return
+            info = self.client.info("server")
+            version = str(info.get("redis_version", "0"))
+            parts = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
+            if parts < _MIN_VERSION:
+                raise TinyMQError(f"tinymq needs Redis >= 6.2 (or Valkey); {_safe_url(self.url)} runs {version}")
+            try:
+                policy = self.client.config_get("maxmemory-policy").get("maxmemory-policy")
+            except _redis().ResponseError:  # CONFIG is disabled on some managed services
+                policy = None
+            if policy is not None and policy != "noeviction":
+                logger.warning(
+                    "Redis at %s has maxmemory-policy %r: under memory pressure it may evict "
+                    "tinymq's keys and lose jobs; set maxmemory-policy noeviction", _safe_url(self.url), policy)
+            self._checked = True
+
+    def _dedicated_client(self, timeout: float) -> Any:
+        """A connection of its own, for one thread at a time (a blocking wait, or fetch rounds)."""
+        redis = _redis()
+        return redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=timeout,
+                                    socket_connect_timeout=_CONNECT_TIMEOUT, max_connections=1,
+                                    retry=self._no_retry())
+
+    def _connections(self, size: int, timeout: float) -> Connections:
+        """Raw connections for script calls (see Connections), set up as the pool's are."""
+        redis = _redis()
+        options = redis.ConnectionPool.from_url(
+            self.url, decode_responses=True, socket_timeout=timeout,
+            socket_connect_timeout=_CONNECT_TIMEOUT, retry=self._no_retry())
+        return Connections(lambda: options.connection_class(**options.connection_kwargs), size, _POOL_WAIT)
+
+    def call_resending(self, call: Any, *args: Any) -> Any:
+        """``call(*args)``, sent again (up to _RESENDS times) when the connection failed: its
+        reply may have been lost after the server ran it, and every script is idempotent."""
+        redis = _redis()
+        pause = _RESEND_PAUSE
+        for resends_left in range(_RESENDS, -1, -1):
+            try:
+                return call(*args)
+            except (redis.ConnectionError, redis.TimeoutError):
+                if not resends_left:
+                    raise
+            time.sleep(pause)
+            pause *= 2
+
+    def _attach(self, config: Any, dispatcher: Any) -> Any:
+        from ._link import QueueLink
+
+        if self._closed:
+            raise TinyMQError(f"{self!r} is closed")
+        if self._queue is not None:
+            raise ValueError(f"{self!r} already serves a Queue; build one RedisBroker per Queue")
+        self._queue = QueueLink(self, config, dispatcher)
+        return self._queue
+
+    # --- dead jobs -------------------------------------------------------------
+
+    def _dead_ids(self, ids: Optional[Iterable[str]]) -> List[str]:
+        if ids is None:
+            return list(self.client.zrange(self._scripts.key("dead"), 0, -1))
+        if isinstance(ids, str):
+            raise TypeError(f"ids must be an iterable of job ids, not one str: {ids!r}")
+        ids = list(ids)
+        for job_id in ids:
+            if not isinstance(job_id, str):
+                raise TypeError(f"job ids must be str, got {job_id!r}")
+        return ids
+
+    def _admin(self, what: str, call: Any, ids: List[str]) -> int:
+        try:
+            return sum(self.call_resending(call, ids[i:i + _PAGE]) for i in range(0, len(ids), _PAGE))
+        except _redis().RedisError as exc:
+            raise TinyMQError(f"could not {what} on {_safe_url(self.url)}: {exc}") from exc
+
+    def dead_jobs(self) -> List[DeadJob]:
+        """Permanently failed jobs, oldest death first, with their reason and last error."""
+        try:
+            ids = self._dead_ids(None)
+            rows: List[Any] = []
+            for i in range(0, len(ids), _PAGE):
+                pipe = self.client.pipeline(transaction=False)
+                for job_id in ids[i:i + _PAGE]:
+                    pipe.hmget(self._scripts.key("job:" + job_id), "b", "r", "e", "x")
+                rows.extend(pipe.execute())
+        except _redis().RedisError as exc:
+            raise TinyMQError(f"could not list dead jobs on {_safe_url(self.url)}: {exc}") from exc
+        dead = []
+        for job_id, (body, retries, error, reason) in zip(ids, rows):
+            if body is None:
+                continue  # purged meanwhile
+            try:
+                job = decode_job(job_id, body, retries, error)
+            except Exception:
+                logger.exception("dead job %s cannot be decoded; skipped", job_id)
+                continue
+            dead.append(DeadJob(job, reason or "", error or None))
+        return dead
+
+    def requeue_dead(self, ids: Optional[Iterable[str]] = None) -> int:
+        """Dead jobs (all, or those of ``ids``) back to ready with retries reset; returns how many."""
+        return self._admin("requeue dead jobs", self._scripts.requeue_dead, self._dead_ids(ids))
+
+    def purge_dead(self, ids: Optional[Iterable[str]] = None) -> int:
+        """Delete dead jobs (all, or those of ``ids``); returns how many."""
+        return self._admin("purge dead jobs", self._scripts.purge_dead, self._dead_ids(ids))
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the Queue it serves (if running) and close its connections. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        queue = self._queue
+        if queue is not None:
+            queue.dispatcher.stop(True, None)
+        self._pool.disconnect()
+        if self._scripts.connections is not None:
+            self._scripts.connections.close()
+
+    def __enter__(self) -> "RedisBroker":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)

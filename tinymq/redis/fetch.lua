@@ -1,0 +1,89 @@
+--[[ fetch: settle a batch, renew the lease, reap, promote due jobs, take up to n jobs.
+KEYS[1] prefix. ARGV: proc, fetch id, n, lease ms, max crash recoveries,
+registered ('1' when proc fetched or beat before), settle count, then settle ops
+(2 or 6 entries each, see settle in lib.lua).
+Returns {status, server now ms, next due ms (fractional, as text; -1: none), stale settles,
+         crashed {{id, body, retries, error}...}, jobs {{attempt, body, retries, error}...},
+         server now us (to time the next due job)}
+status 1 = ok; 0 = this process was reaped (nothing else done: it must abandon its
+buffer and register again under a new id).
+Jobs come strictly by level (HIGH first), FIFO within one. A job whose type has no free
+slot is parked (so a saturated type never blocks others) and comes back when a slot of
+its type frees. Taking a job takes its type's slot and writes the attempt to
+inflight:<proc> in the same step. A resent call (same proc and fetch id) takes nothing
+new and returns the attempts the first call took. ]]
+local proc, fid, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local lease, max_crash, registered = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local nsettle = tonumber(ARGV[7])
+local now = now_ms()
+local ik = inflight_key(proc)
+if registered == '1' and not redis.call('ZSCORE', K_PROCS, proc) then return {0, now, -1, 0, {}, {}, now_us} end
+redis.call('ZADD', K_PROCS, now + lease, proc)
+local jobs = {}
+local last = redis.call('HGET', K_FETCHED, proc)
+last = last and cjson.decode(last) -- {fetch id, attempt, ...}: job ids may hold any character
+if last and last[1] == fid then -- a resend of the last fetch
+  for k = 2, #last do
+    local attempt = last[k]
+    local v = redis.call('HGET', ik, attempt)
+    if v and string.sub(v, 1, 1) == 'L' then
+      local f = redis.call('HMGET', job_key(id_of(attempt)), 'b', 'r', 'e')
+      table.insert(jobs, {attempt, f[1], f[2] or '0', f[3] or ''})
+    end
+  end
+  return {1, now, next_due(), nsettle, {}, jobs, now_us}
+end
+local stale = settle(proc, ARGV, 8, nsettle, now)
+local crashed = {}
+reap(now, max_crash, crashed)
+local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', exact_ms(), 'LIMIT', 0, PROMOTE_PER_CALL)
+for _, id in ipairs(due) do
+  redis.call('ZREM', K_DELAYED, id)
+  redis.call('ZREM', K_CAPPED, id)
+  local p = redis.call('HGET', job_key(id), 'p')
+  if p then redis.call('RPUSH', READY[tonumber(p)], id) end
+end
+local taken, parked_budget = {}, PARK_PER_CALL
+local limits, running, took, fields = {}, {}, {}, {}
+for p = 2, 0, -1 do
+  while #taken < n and parked_budget > 0 do
+    local ids = redis.call('LPOP', READY[p], n - #taken) -- LPOP with a count: Redis >= 6.2
+    if not ids then break end
+    for k, id in ipairs(ids) do
+      if parked_budget == 0 then -- looked at enough for one call: the rest go back, in order
+        for j = #ids, k, -1 do redis.call('LPUSH', READY[p], ids[j]) end
+        break
+      end
+      local jk = job_key(id)
+      local f = redis.call('HMGET', jk, 't', 'b', 'r', 'e')
+      local t = f[1]
+      if t then -- (a purged job's id has no hash: dropped)
+        if limits[t] == nil then
+          limits[t] = tonumber(redis.call('HGET', K_LIMITS, t)) or false
+          running[t] = tonumber(redis.call('HGET', K_RUNNING, t)) or 0
+        end
+        if limits[t] and running[t] >= limits[t] then
+          redis.call('RPUSH', parked_key(p, t), id)
+          redis.call('HINCRBY', K_PARKEDN, t, 1)
+          count('parked:' .. p, 1)
+          parked_budget = parked_budget - 1
+        else
+          running[t] = running[t] + 1
+          took[t] = (took[t] or 0) + 1
+          local attempt = fid .. ':' .. id -- unique in this process: fetch ids never repeat
+          table.insert(fields, attempt)
+          table.insert(fields, 'L' .. t)
+          table.insert(taken, attempt)
+          table.insert(jobs, {attempt, f[2], f[3] or '0', f[4] or ''})
+        end
+      end
+    end
+  end
+end
+if #fields > 0 then redis.call('HSET', ik, unpack(fields)) end
+for t, k in pairs(took) do redis.call('HINCRBY', K_RUNNING, t, k) end
+table.insert(taken, 1, fid)
+redis.call('HSET', K_FETCHED, proc, cjson.encode(taken))
+if (#taken >= n or parked_budget == 0) and ready_left() > 0 then signal() end -- chain the wake-up
+flush_counts()
+return {1, now, next_due(), stale, crashed, jobs, now_us}

@@ -1,0 +1,7 @@
+--[[ reap: give back the attempts of up to two processes whose lease expired.
+KEYS[1] prefix. ARGV: max crash recoveries.
+Returns {reaped process count, crashed {{id, body, retries, error}...}}. ]]
+local crashed = {}
+local n = reap(now_ms(), tonumber(ARGV[1]), crashed)
+flush_counts()
+return {n, crashed}

@@ -1,0 +1,20 @@
+--[[ requeue_dead: dead jobs back to the tail of their level, retries and crashes reset.
+KEYS[1] prefix. ARGV: ids (at most a few hundred per call; the client pages).
+Ids that are not dead are skipped. Returns how many were requeued. ]]
+local n = 0
+for _, id in ipairs(ARGV) do
+  if redis.call('ZREM', K_DEAD, id) == 1 then
+    local jk = job_key(id)
+    local p = redis.call('HGET', jk, 'p')
+    if p then
+      redis.call('HDEL', jk, 'x', 'e')
+      redis.call('HSET', jk, 'r', 0, 'c', 0)
+      redis.call('RPUSH', READY[tonumber(p)], id)
+      n = n + 1
+    end
+  end
+end
+count('outstanding', n)
+flush_counts()
+if n > 0 then signal() end
+return n
