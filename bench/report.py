@@ -22,6 +22,7 @@ E2E_GROUP = "queue: end-to-end no-op jobs, 4 workers"
 TYPES_GROUP = "queue: end-to-end no-op jobs by number of job types, 4 workers"
 REGISTER_GROUP = "queue: register 10,000 job types"
 INTERLEAVED_GROUP = "queue: enqueue->start latency, idle pool, interleaved with ThreadPoolExecutor"
+RATE_GROUP = "queue: a type limited to 1,000 starts/s beside a full-speed type, 4 workers"
 REDIS_E2E = "redis: end to end, 2 worker processes, no-op jobs"
 REDIS_ENQUEUE = "redis: enqueue, one thread"
 REDIS_MANY = "redis: enqueue_many(100)"
@@ -43,6 +44,7 @@ SHORT = {  # chart labels
     TYPES_GROUP: "jobs/s by types",
     REGISTER_GROUP: "register 10k types",
     INTERLEAVED_GROUP: "enqueue→start p50, interleaved",
+    RATE_GROUP: "full speed beside a rate limit",
     "durable enqueue, synchronous=NORMAL": "durable NORMAL",
     "durable enqueue, synchronous=FULL": "durable FULL",
     "durable enqueue, 4 producer threads, synchronous=NORMAL": "durable 4 producers",
@@ -66,6 +68,7 @@ GROUP_ORDER = [
     TYPES_GROUP,
     REGISTER_GROUP,
     INTERLEAVED_GROUP,
+    RATE_GROUP,
     REDIS_E2E,
     REDIS_ENQUEUE,
     REDIS_MANY,
@@ -353,6 +356,30 @@ def _metric_vs(group: str, key: str, baseline: str, factor: float) -> Callable[.
     return check
 
 
+def _rate_held(percent: float) -> Callable[..., Optional[Tuple[str, bool]]]:
+    """The compiled core's rate-limited type: its measured starts/s against its 1,000/s limit."""
+    def check(groups: Dict[str, List[Bench]]) -> Optional[Tuple[str, bool]]:
+        ours = _tinymq_named(groups, RATE_GROUP, "tinymq (compiled), 1,000/s type + full-speed type")
+        if ours is None or "rate_error_pct" not in ours.metrics:
+            return None
+        error = ours.metrics["rate_error_pct"]
+        return f"{ours.metrics['limited_starts_per_s']:g} starts/s ({error:g}% off)", error <= percent
+    return check
+
+
+def _full_speed_kept(at_least: float) -> Callable[..., Optional[Tuple[str, bool]]]:
+    """The full-speed type's jobs/s beside the rate-limited one against its jobs/s alone (compiled)."""
+    def check(groups: Dict[str, List[Bench]]) -> Optional[Tuple[str, bool]]:
+        beside = _tinymq_named(groups, RATE_GROUP, "tinymq (compiled), 1,000/s type + full-speed type")
+        alone = find(groups, RATE_GROUP, "tinymq (compiled), full-speed type alone")
+        if beside is None or alone is None:
+            return None
+        r = beside.metrics["fast_jobs_per_s"] / alone.metrics["fast_jobs_per_s"]
+        return (f"{fmt_ratio(r)}: {fmt_rate(beside.metrics['fast_jobs_per_s'])} vs "
+                f"{fmt_rate(alone.metrics['fast_jobs_per_s'])} alone", r >= at_least)
+    return check
+
+
 def _rate(group: str, at_least: float) -> Callable[..., Optional[Tuple[str, bool]]]:
     """The tinymq contender's rate (jobs/s) in ``group``."""
     def check(groups: Dict[str, List[Bench]]) -> Optional[Tuple[str, bool]]:
@@ -427,6 +454,9 @@ GOALS: List[Goal] = [
      _speedup(DURABLE_E2E, "huey", 5)),
     ("durable end to end (enqueue, run, delete; 4 workers) ≥ 5× persist-queue get/ack",
      _speedup(DURABLE_E2E, "persist-queue", 5)),
+    ("rate limit: a type limited to 1,000 starts/s holds its rate within 1% over 3 s",
+     _rate_held(1.0)),
+    ("rate limit: a full-speed type beside it keeps ≥ 0.9× its jobs/s alone", _full_speed_kept(0.9)),
     ("redis: end to end ≥ 20k jobs/s (2 worker processes × 4 threads, enqueue_many(100))",
      _rate(REDIS_E2E, 20_000)),
     ("redis: end to end ≥ 8× the fastest peer (RQ, arq, saq, dramatiq, huey)", _vs_fastest_peer(REDIS_E2E, 8)),

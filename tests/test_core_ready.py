@@ -197,10 +197,10 @@ def test_accept_and_count_and_task_done(core):
     assert q.unfinished == 6
     q.accept([])
     assert q.unfinished == 6
-    for event in (core.SUCCEEDED, core.FAILED, core.RETRIED, core.TIMED_OUT, core.EVICTED):
+    for event in (core.SUCCEEDED, core.FAILED, core.RETRIED, core.TIMED_OUT, core.EVICTED, core.CANCELLED):
         q.count(event, event + 10)
     q.count(core.SUCCEEDED)
-    assert q.counters() == (6, 12, 12, 13, 14, 15, 0)
+    assert q.counters() == (6, 12, 12, 13, 14, 15, 16)
     for job in jobs[:5]:
         q.task_done(job)
     assert q.unfinished == 1

@@ -6,7 +6,7 @@ whether it is the one in use (``TINYMQ_NO_EXTENSIONS=1`` selects the pure twin).
 import logging
 
 from ._pick_core import HAS_EXTENSION
-from .config import Config, ExecutorConfig, RetryConfig
+from .config import Config, ExecutorConfig, RateLimit, RetryConfig
 from .context import JobContext
 from .errors import (DuplicateJob, JobTimeout, PermanentFailure, PersistenceError, QueueFull, QueueStopped,
                      RetryAfter, TinyMQError)
@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 logging.getLogger("tinymq").addHandler(logging.NullHandler())
 
 __all__ = [
-    "Queue", "Job", "Priority", "Config", "ExecutorConfig", "RetryConfig",
+    "Queue", "Job", "Priority", "Config", "ExecutorConfig", "RetryConfig", "RateLimit",
     "QueueStats", "ExecutorStats", "Persistence", "SQLitePersistence", "JobContext",
     "TinyMQError", "QueueFull", "QueueStopped", "PersistenceError", "JobTimeout", "DuplicateJob",
     "PermanentFailure", "RetryAfter",

@@ -22,7 +22,7 @@ from cpython.unicode cimport PyUnicode_CheckExact
 from libc.math cimport INFINITY, pow
 from libc.stdint cimport uint64_t
 from libc.string cimport memcpy
-from posix.time cimport CLOCK_MONOTONIC, clock_getres, clock_gettime, timespec
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 import os
 from collections import deque
@@ -52,60 +52,37 @@ __all__ = [
     "run_worker", "retry_delay", "new_job_id", "interrupt_thread", "monotonic",
     "ENQUEUED", "SUCCEEDED", "FAILED", "RETRIED", "TIMED_OUT", "EVICTED", "CANCELLED",
     "THREADS", "LOOP",
+    "TYPE_EVENTS", "ATTEMPT_DURATION_BUCKETS",
 ]
 
 # Lifetime counters, by index into ReadyQueue.counters().
 ENQUEUED, SUCCEEDED, FAILED, RETRIED, TIMED_OUT, EVICTED, CANCELLED = range(7)
 # Who runs a type's attempts: worker threads, or the queue's event loop (async executors).
 THREADS, LOOP = 0, 1
+# The events also counted per job type, in the order of ReadyQueue.type_counters()' tuples.
+TYPE_EVENTS = (SUCCEEDED, FAILED, RETRIED, TIMED_OUT, CANCELLED)
 cdef enum:
     N_COUNTERS = 7
     N_RUNNERS = 2
     C_ENQUEUED = 0
     C_SUCCEEDED = 1
+    N_BUCKETS = 16  # len(ATTEMPT_DURATION_BUCKETS) + the +inf bucket
     REFRESH_EVERY = 1024  # successes between two looks at the log level, off the per-job path
+# Upper bounds (seconds) of the attempt-duration histogram's buckets; a last one is +inf.
+cdef double DURATION_BOUNDS[N_BUCKETS - 1]
+DURATION_BOUNDS[:] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                      30.0, 60.0, 300.0]
+ATTEMPT_DURATION_BUCKETS = tuple([DURATION_BOUNDS[i] for i in range(N_BUCKETS - 1)])
 cdef Py_ssize_t UNLIMITED = (<Py_ssize_t>1) << 62  # the slot limit of a type with no executor yet
 cdef double WAIT_FOREVER = -1.0  # a deadline meaning "no deadline"
 
 
 # --- clock and blocking waits -------------------------------------------------
 
-cdef extern from *:
-    """
-    #ifndef CLOCK_MONOTONIC_COARSE
-    #define CLOCK_MONOTONIC_COARSE CLOCK_MONOTONIC
-    #endif
-    """
-    int CLOCK_MONOTONIC_COARSE
-
 cdef inline double _monotonic() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return ts.tv_sec + ts.tv_nsec * 1e-9
-
-
-cdef double _coarse_resolution = 0.0
-
-
-cdef inline double _monotonic_not_before() noexcept nogil:
-    """Now, from the cheap coarse clock, rounded up: never earlier than _monotonic().
-
-    An attempt's deadline needs no nanoseconds, and on a virtual machine the
-    fine clock costs ~100 ns a read, a tenth of a whole job here.
-    """
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9 + _coarse_resolution
-
-
-def _measure_coarse_resolution():
-    global _coarse_resolution
-    cdef timespec ts
-    if clock_getres(CLOCK_MONOTONIC_COARSE, &ts) == 0:
-        _coarse_resolution = ts.tv_sec + ts.tv_nsec * 1e-9
-
-
-_measure_coarse_resolution()
 
 
 def monotonic():
@@ -280,6 +257,55 @@ cpdef double retry_delay(long k, double initial_delay, double max_delay,
     return delay
 
 
+# --- sleeping until a deadline ----------------------------------------------
+
+@cython.final
+cdef class Alarm:
+    """A latched wake-up for one sleeper.
+
+    ``armed_at`` is when the sleeper will wake on its own (in the clock the
+    caller uses), or +inf while it is awake: ``wake_before(t)`` wakes it only
+    when ``t`` is earlier, and a wake-up that arrives while it is awake is kept
+    for its next ``sleep``.
+    """
+    cdef readonly double armed_at
+    cdef PyThread_type_lock lock  # held unless a wake-up is pending
+    cdef bint latched  # a wake-up is pending: the lock is released
+
+    def __cinit__(self):
+        self.armed_at = INFINITY
+        self.lock = _held_lock()
+
+    def __dealloc__(self):
+        _free_lock(self.lock)
+
+    def sleep(self, double timeout, double armed_at):
+        cdef bint woken
+        self.armed_at = armed_at
+        try:
+            if timeout == INFINITY:
+                woken = _sleep_on(self.lock, WAIT_FOREVER)
+            else:
+                woken = _sleep_on(self.lock, _monotonic() + (timeout if timeout > 0.0 else 0.0))
+            if not woken and self.latched:
+                PyThread_acquire_lock(self.lock, 0)  # woken just after the timeout: consume it
+        finally:
+            self.armed_at = INFINITY
+        self.latched = False
+
+    cdef inline void _wake(self):
+        if not self.latched:
+            self.latched = True
+            PyThread_release_lock(self.lock)
+
+    def wake(self):
+        self._wake()
+
+    def wake_before(self, double when):
+        if when < self.armed_at:
+            self._wake()
+
+
 # --- per-type slots and their FIFOs ------------------------------------------
 
 cdef struct Entry:
@@ -419,6 +445,69 @@ cdef inline void _heap_replace_top(RunnableHeap *heap, uint64_t seq) noexcept:
     _heap_sift_down(heap, Listing(seq, heap.items[0].state))
 
 
+# --- the closed rate windows: the types waiting for theirs to open, by when it opens ----
+
+cdef struct Parked:
+    double open_at  # the key: the type may start an attempt from then on
+    PyObject *state  # borrowed: a type once parked is never dropped from ReadyQueue.types
+
+cdef struct ParkedHeap:  # a binary min-heap on open_at in a C array
+    Parked *items
+    Py_ssize_t count
+    Py_ssize_t allocated
+
+
+cdef int _parked_reserve(ParkedHeap *heap, Py_ssize_t needed) except -1:
+    """Room for ``needed`` entries, made before any decision: parking never allocates."""
+    cdef Py_ssize_t allocated
+    cdef Parked *items
+    if needed <= heap.allocated:
+        return 0
+    allocated = heap.allocated * 2 if heap.allocated else 16
+    while allocated < needed:
+        allocated *= 2
+    items = <Parked *>PyMem_Realloc(heap.items, allocated * sizeof(Parked))
+    if items == NULL:
+        raise MemoryError()
+    heap.items, heap.allocated = items, allocated
+    return 0
+
+
+cdef inline void _parked_push(ParkedHeap *heap, double open_at, PyObject *state) noexcept:
+    cdef Py_ssize_t parent, i = heap.count
+    heap.count += 1
+    while i > 0:
+        parent = (i - 1) >> 1
+        if heap.items[parent].open_at <= open_at:
+            break
+        heap.items[i] = heap.items[parent]
+        i = parent
+    heap.items[i] = Parked(open_at, state)
+
+
+cdef inline Parked _parked_pop(ParkedHeap *heap) noexcept:
+    """Remove and return the top; the caller has checked that the heap is not empty."""
+    cdef Parked top = heap.items[0]
+    cdef Parked item
+    cdef Py_ssize_t child, i = 0, n
+    heap.count -= 1
+    n = heap.count
+    if n:
+        item = heap.items[n]
+        while True:
+            child = 2 * i + 1
+            if child >= n:
+                break
+            if child + 1 < n and heap.items[child + 1].open_at < heap.items[child].open_at:
+                child += 1
+            if item.open_at <= heap.items[child].open_at:
+                break
+            heap.items[i] = heap.items[child]
+            i = child
+        heap.items[i] = item
+    return top
+
+
 @cython.final
 cdef class TypeState:
     """One job type: its executor, its concurrency slots, its waiting jobs.
@@ -436,16 +525,30 @@ cdef class TypeState:
     cdef Fifo levels[3]  # LOW, MEDIUM, HIGH
     cdef Py_ssize_t waiting  # jobs in all three levels
     cdef bint listed[3]  # this type has its one entry in the ReadyQueue's runnable heap of that level
+    # The rate limit: a ring of the latest rate_max start times (monotonic); NULL without one.
+    cdef double *rate_starts
+    cdef Py_ssize_t rate_max
+    cdef Py_ssize_t rate_oldest  # index of the oldest start, the next to be replaced
+    cdef double rate_per
+    cdef double rate_open_at  # the oldest remembered start + per (-inf: always open)
+    cdef double rate_parked_until  # the key of its latest entry in the heap of closed windows (+inf: none)
+    cdef bint ever_parked  # the heap of closed windows may refer to it: ReadyQueue.types keeps it
+    cdef long long counters[N_COUNTERS]  # per-type lifetime counters, by event (TYPE_EVENTS)
+    cdef long long durations[N_BUCKETS]  # attempts by duration bucket (not cumulative)
+    cdef double duration_sum
 
     def __cinit__(self, name):
         self.name = name
         self.fn = None
         self.limit = UNLIMITED
         self.timeout_seconds = -1.0
+        self.rate_open_at = -INFINITY
+        self.rate_parked_until = INFINITY
 
     def __dealloc__(self):
         for level in range(3):
             _fifo_clear(&self.levels[level])
+        PyMem_Free(self.rate_starts)
 
     @property
     def timeout(self):
@@ -460,7 +563,51 @@ cdef class TypeState:
 
     cdef inline bint admits(self) noexcept:
         """Whether a job of this type may start now: the one admission rule (see the pure twin)."""
-        return self.active < self.limit
+        return self.active < self.limit and (self.rate_open_at == -INFINITY
+                                             or self.rate_open_at <= _monotonic())
+
+    cdef inline bint rate_closed(self) noexcept:
+        """A free slot, but the rate window is closed: only time will readmit this type."""
+        return (self.active < self.limit and self.rate_open_at != -INFINITY
+                and self.rate_open_at > _monotonic())
+
+    cdef void set_rate_limit(self, double *ring, Py_ssize_t max_starts, double per) noexcept:
+        """Take ``ring`` (max_starts doubles, or NULL: no limit); the latest remembered starts still count."""
+        cdef Py_ssize_t i, kept = 0, old = self.rate_max
+        cdef double start
+        if ring != NULL:
+            for i in range(max_starts):
+                ring[i] = -INFINITY
+            # The newest old starts fill the new ring from its end, oldest first.
+            for i in range(old - 1, -1, -1):
+                if kept == max_starts:
+                    break
+                start = self.rate_starts[(self.rate_oldest + i) % old]
+                if start == -INFINITY:
+                    break
+                ring[max_starts - 1 - kept] = start
+                kept += 1
+        PyMem_Free(self.rate_starts)
+        self.rate_starts, self.rate_max, self.rate_oldest, self.rate_per = ring, max_starts, 0, per
+        self.rate_open_at = -INFINITY if ring == NULL else ring[0] + per
+
+    cdef inline void record_start(self, double now) noexcept:
+        """An attempt starts now: it replaces the oldest start in the rate limit's ring."""
+        cdef Py_ssize_t oldest = self.rate_oldest
+        self.rate_starts[oldest] = now
+        oldest += 1
+        if oldest == self.rate_max:
+            oldest = 0
+        self.rate_oldest = oldest
+        self.rate_open_at = self.rate_starts[oldest] + self.rate_per
+
+    cdef inline void record_duration(self, double seconds) noexcept:
+        """An attempt was decided after ``seconds``: one more in its histogram bucket."""
+        cdef int bucket = 0
+        while bucket < N_BUCKETS - 1 and seconds > DURATION_BOUNDS[bucket]:
+            bucket += 1
+        self.durations[bucket] += 1
+        self.duration_sum += seconds
 
 
 cdef inline int _level_of(object job) except -1:
@@ -535,7 +682,9 @@ cdef class ReadyQueue:
     A worker's ``pop`` takes the oldest job of the highest non-empty level whose
     type has a free slot, and takes that slot; ``release`` gives it back. Per
     level, a heap of the types that may run, keyed by their oldest job there,
-    finds it in O(log types): see the pure twin for how the heaps are kept.
+    finds it in O(log types): see the pure twin for how the heaps are kept, and
+    for how a type whose rate window is closed waits in the heap of parked
+    types until the scheduler reopens it.
 
     The unfinished jobs that have an id are known by it: a second job with the
     same id is refused (DuplicateJob) until ``task_done`` of the first.
@@ -557,6 +706,10 @@ cdef class ReadyQueue:
     cdef RunnableHeap runnable[6]
     cdef object loop_waker  # the event loop's wake-up (set_loop_waker), or None
     cdef bint loop_idle  # the loop found nothing last time and was not woken since
+    # Every type with jobs waiting whose rate window is closed while it has a free slot has an
+    # entry keyed rate_parked_until, no later than its opening; entries with another key are stale.
+    cdef ParkedHeap parked
+    cdef Alarm alarm  # the scheduler's: woken when a type parks earlier than it is armed for; or None
     cdef Py_ssize_t size  # sum(level_sizes) <= capacity
     cdef object overflow  # deque of (job, type, level): counted jobs owed room; nonempty only when full
     cdef uint64_t seq  # insertion order: FIFO within a level
@@ -570,10 +723,11 @@ cdef class ReadyQueue:
     cdef list putters  # _Waiters: producers waiting for room
     cdef list joiners  # _Waiters: join() callers waiting for _unfinished == 0
 
-    def __cinit__(self, Py_ssize_t capacity):
+    def __cinit__(self, Py_ssize_t capacity, Alarm alarm=None):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
+        self.alarm = alarm
         self.last_type = _NO_TYPE
         self.types = {}
         self.ids = {}
@@ -585,19 +739,40 @@ cdef class ReadyQueue:
     def __dealloc__(self):
         for level in range(3 * N_RUNNERS):
             PyMem_Free(self.runnable[level].items)  # borrowed listings: nothing to release
+        PyMem_Free(self.parked.items)  # borrowed too
 
     # executors
 
     def configure(self, job_type, fn, Py_ssize_t limit, timeout, bint takes_context, bint interrupt,
-                  int runner=THREADS):
+                  int runner=THREADS, rate_limit=None):
         """Register or replace the executor of ``job_type``; running attempts keep their slots.
 
         ``runner``: THREADS (worker threads pop its jobs) or LOOP (``take_for_loop``).
+        ``rate_limit``: None, or any object with ``max_starts`` (int >= 1) and
+        ``per`` (seconds > 0), such as ``tinymq.RateLimit``; it applies to later
+        starts, and the starts the type remembers still count.
         """
+        cdef Py_ssize_t max_starts = 0
+        cdef double per = 0.0
+        cdef double *ring = NULL
         cdef TypeState state
         if runner != THREADS and runner != LOOP:
             raise ValueError(f"runner must be THREADS or LOOP, got {runner!r}")
-        state = self._type_state(_exact_type(job_type))
+        if rate_limit is not None:  # read, and the ring made, before any decision
+            max_starts, per = rate_limit.max_starts, rate_limit.per
+            if max_starts < 1 or not 0.0 < per < INFINITY:
+                raise ValueError(f"rate_limit must allow >= 1 start per finite seconds > 0, got {rate_limit!r}")
+            ring = <double *>PyMem_Malloc(max_starts * sizeof(double))
+            if ring == NULL:
+                raise MemoryError()
+        try:
+            state = self._type_state(_exact_type(job_type))
+            # A limit that opens the window earlier parks the type again: one stale entry more.
+            _parked_reserve(&self.parked, self.parked.count + len(self.types) + 1)
+        except BaseException:
+            PyMem_Free(ring)
+            raise
+        state.set_rate_limit(ring, max_starts, per)
         if state.runner != runner:  # its waiting jobs move to the other runner's heaps
             self._unlist(state)
             state.runner = runner
@@ -617,6 +792,22 @@ cdef class ReadyQueue:
         return {state.name: (state.active, state.limit)
                 for state in self.types.values() if state.fn is not None}
 
+    def type_counters(self):
+        """``{job_type: (succeeded, failed, retried, timed_out, cancelled)}`` per registered executor."""
+        cdef TypeState state
+        return {state.name: (state.counters[1], state.counters[2], state.counters[3],
+                             state.counters[4], state.counters[6])
+                for state in self.types.values() if state.fn is not None}
+
+    def attempt_durations(self):
+        """``{job_type: (attempts per bucket, sum of seconds)}`` per registered executor.
+
+        The buckets are ``ATTEMPT_DURATION_BUCKETS`` then +inf, not cumulative.
+        """
+        cdef TypeState state
+        return {state.name: (tuple([state.durations[i] for i in range(N_BUCKETS)]), state.duration_sum)
+                for state in self.types.values() if state.fn is not None}
+
     cdef TypeState _type_state(self, object job_type):
         if job_type is self.last_type:  # most pushes repeat the previous type: skip the dict
             return self.last_state
@@ -625,6 +816,7 @@ cdef class ReadyQueue:
             state = TypeState(job_type)
             for level in range(3 * N_RUNNERS):  # every type fits in every heap: listing never allocates
                 _heap_reserve(&self.runnable[level], len(self.types) + 1)
+            _parked_reserve(&self.parked, self.parked.count + len(self.types) + 1)
             self.types[job_type] = state
         self.last_type = job_type
         self.last_state = <TypeState>state
@@ -637,8 +829,11 @@ cdef class ReadyQueue:
         cdef TypeState state = self._type_state(job_type)
         cdef Fifo *fifo = &state.levels[level]
         _fifo_push(fifo, job, self.seq)
-        if fifo.count == 1 and state.admits():  # its oldest job at this level: list the type
-            self._list(state, level, self.seq)
+        if fifo.count == 1:  # its oldest job at this level: list the type
+            if state.admits():
+                self._list(state, level, self.seq)
+            else:
+                self._wait_for_window(state)
         self.seq += 1
         state.waiting += 1
         self.level_sizes[level] += 1
@@ -672,7 +867,7 @@ cdef class ReadyQueue:
         return (self.runnable[3].count or self.runnable[4].count or self.runnable[5].count) != 0
 
     cdef void _readmit(self, TypeState state) noexcept:
-        """``state`` may admit jobs again: list it wherever it has jobs waiting and is not listed."""
+        """``state``, with jobs waiting, may admit jobs again: list it wherever it is not listed."""
         cdef int level
         cdef Fifo *fifo
         if state.admits():
@@ -680,6 +875,41 @@ cdef class ReadyQueue:
                 fifo = &state.levels[level]
                 if fifo.count:
                     self._list(state, level, fifo.items[fifo.head].seq)
+        else:
+            self._wait_for_window(state)
+
+    cdef void _wait_for_window(self, TypeState state) noexcept:
+        """``state`` has jobs waiting and admits none: if its rate window is what is closed,
+        park it until the window opens (the scheduler reopens it then)."""
+        cdef double open_at = state.rate_open_at
+        if open_at < state.rate_parked_until and state.rate_closed():
+            state.rate_parked_until = open_at
+            state.ever_parked = True
+            _parked_push(&self.parked, open_at, <PyObject *>state)  # room was reserved
+            if self.alarm is not None and open_at < self.alarm.armed_at:
+                self.alarm._wake()
+
+    def next_rate_opening(self):
+        """When (monotonic) the earliest closed rate window of a type with jobs waiting opens."""
+        return self.parked.items[0].open_at if self.parked.count else None
+
+    def reopen_rate_limited(self, double now):
+        """Readmit the types whose rate windows opened by ``now``; idle workers take their jobs."""
+        self._reopen_due(now)
+        if self.getters:
+            self._hand_off()
+
+    cdef void _reopen_due(self, double now) noexcept:
+        cdef Parked top
+        cdef TypeState state
+        while self.parked.count and self.parked.items[0].open_at <= now:
+            top = _parked_pop(&self.parked)
+            state = <TypeState>top.state
+            if top.open_at != state.rate_parked_until:
+                continue  # stale: parked again since, with an earlier opening
+            state.rate_parked_until = INFINITY
+            if state.waiting:
+                self._readmit(state)  # parks it again if starts moved its window meanwhile
 
     cdef inline int _check_open(self) except -1:
         if self._closed:
@@ -811,13 +1041,19 @@ cdef class ReadyQueue:
         cdef RunnableHeap *runnable
         cdef TypeState state
         cdef Fifo *fifo
+        cdef double now
+        if self.parked.count:  # a busy worker reopens a window without the scheduler
+            now = _monotonic()
+            if self.parked.items[0].open_at <= now:
+                self._reopen_due(now)
         for level in range(2, -1, -1):
             runnable = &self.runnable[runner * 3 + level]
             while runnable.count:
                 state = <TypeState>runnable.items[0].state
-                if not state.admits():  # saturated since it was listed: _readmit lists it again
+                if not state.admits():  # saturated or rate-limited since it was listed
                     state.listed[level] = False
                     _heap_pop(runnable)
+                    self._wait_for_window(state)  # else _readmit lists it again
                     continue
                 fifo = &state.levels[level]
                 job = _fifo_pop(fifo)
@@ -825,11 +1061,15 @@ cdef class ReadyQueue:
                 self.level_sizes[level] -= 1
                 self.size -= 1
                 state.active += 1
+                if state.rate_starts != NULL:
+                    state.record_start(_monotonic())
                 if fifo.count and state.admits():  # keyed by its next oldest job now
                     _heap_replace_top(runnable, fifo.items[fifo.head].seq)
                 else:
                     state.listed[level] = False
                     _heap_pop(runnable)
+                    if fifo.count:
+                        self._wait_for_window(state)
                 self._refill()
                 taken_state[0] = <PyObject *>state
                 taken_level[0] = level
@@ -1025,7 +1265,7 @@ cdef class ReadyQueue:
             self._readmit(state)
             if hand_off and (self.getters or self.loop_idle):  # else a worker handing over would sleep
                 self._hand_off()
-        elif state.fn is None and not state.active:
+        elif state.fn is None and not state.active and not state.ever_parked:
             del self.types[state.name]  # an unregistered type leaves nothing behind
             if state is self.last_state:
                 self.last_type, self.last_state = _NO_TYPE, None
@@ -1058,10 +1298,26 @@ cdef class ReadyQueue:
 
     # accounting
 
-    def count(self, int event, long long n=1):
+    def count(self, int event, long long n=1, job_type=None):
+        """Count ``n`` events; with ``job_type`` (a registered executor's), per type too."""
         if not 0 <= event < N_COUNTERS:
             raise ValueError(f"event must be one of the counter constants, got {event}")
+        cdef object state = None
+        if PyUnicode_CheckExact(job_type):
+            state = self.types.get(job_type)  # exact str keys: no Python code runs
         self._counters[event] += n
+        if state is not None and (<TypeState>state).fn is not None:
+            (<TypeState>state).counters[event] += n
+
+    def attempt_succeeded(self, TypeState state, double seconds):
+        """An attempt of ``state`` succeeded after ``seconds``: count it, queue-wide and per type."""
+        self._counters[C_SUCCEEDED] += 1
+        state.counters[C_SUCCEEDED] += 1
+        state.record_duration(seconds)
+
+    def record_duration(self, TypeState state, double seconds):
+        """An attempt of ``state`` was decided (failed, timed out) after ``seconds``."""
+        state.record_duration(seconds)
 
     def counters(self):
         return tuple([self._counters[i] for i in range(N_COUNTERS)])
@@ -1236,55 +1492,6 @@ cdef class DelayedHeap:
         return self.count
 
 
-# --- sleeping until a deadline ----------------------------------------------
-
-@cython.final
-cdef class Alarm:
-    """A latched wake-up for one sleeper.
-
-    ``armed_at`` is when the sleeper will wake on its own (in the clock the
-    caller uses), or +inf while it is awake: ``wake_before(t)`` wakes it only
-    when ``t`` is earlier, and a wake-up that arrives while it is awake is kept
-    for its next ``sleep``.
-    """
-    cdef readonly double armed_at
-    cdef PyThread_type_lock lock  # held unless a wake-up is pending
-    cdef bint latched  # a wake-up is pending: the lock is released
-
-    def __cinit__(self):
-        self.armed_at = INFINITY
-        self.lock = _held_lock()
-
-    def __dealloc__(self):
-        _free_lock(self.lock)
-
-    def sleep(self, double timeout, double armed_at):
-        cdef bint woken
-        self.armed_at = armed_at
-        try:
-            if timeout == INFINITY:
-                woken = _sleep_on(self.lock, WAIT_FOREVER)
-            else:
-                woken = _sleep_on(self.lock, _monotonic() + (timeout if timeout > 0.0 else 0.0))
-            if not woken and self.latched:
-                PyThread_acquire_lock(self.lock, 0)  # woken just after the timeout: consume it
-        finally:
-            self.armed_at = INFINITY
-        self.latched = False
-
-    cdef inline void _wake(self):
-        if not self.latched:
-            self.latched = True
-            PyThread_release_lock(self.lock)
-
-    def wake(self):
-        self._wake()
-
-    def wake_before(self, double when):
-        if when < self.armed_at:
-            self._wake()
-
-
 # --- one worker -------------------------------------------------------------
 
 def interrupt_thread(unsigned long thread_id, exc_type):
@@ -1304,6 +1511,7 @@ cdef class WorkerSlot:
     """
     cdef public object job  # the running attempt's job, None between attempts
     cdef public object type_state
+    cdef public double started  # monotonic: when the running attempt started (set before begin)
     cdef public double deadline  # monotonic
     cdef public object context
     cdef public bint expired  # the watchdog decided this attempt: its outcome is ignored
@@ -1363,7 +1571,7 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
     """
     cdef PyObject *taken = NULL
     cdef TypeState state
-    cdef double deadline
+    cdef double started, ended, deadline
     cdef bint expired
     cdef long succeeded = 0
     cdef _Waiter waiter = _Waiter()  # this worker's, for every wait
@@ -1377,13 +1585,10 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
         if fn is None:
             dispatcher.no_executor(job, state)
             continue
-        if state.timeout_seconds < 0.0:
-            deadline = INFINITY
-        elif state.takes_context:  # the executor reads its deadline: make it exact
-            deadline = _monotonic() + state.timeout_seconds
-        else:  # only the watchdog reads it: at most one clock tick late, never early
-            deadline = _monotonic_not_before() + state.timeout_seconds
+        started = _monotonic()  # for the attempt's duration, and its exact deadline
+        deadline = INFINITY if state.timeout_seconds < 0.0 else started + state.timeout_seconds
         context = dispatcher.new_context(job, deadline) if state.takes_context else None
+        slot.started = started
         slot.begin(job, state, deadline, context)
         if deadline < watchdog.armed_at:
             watchdog._wake()
@@ -1397,6 +1602,7 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
                 fn(job, context)
         except BaseException as exc:  # the attempt's failure, whatever it is
             error = exc
+        ended = _monotonic()
         expired = slot.end()
         # A worker going straight back to pop takes the job its slot frees itself.
         ready._release(state, expired or error is not None or slot.on_success is not None)
@@ -1405,6 +1611,8 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
             return
         if error is None:
             ready._counters[C_SUCCEEDED] += 1
+            state.counters[C_SUCCEEDED] += 1
+            state.record_duration(ended - started)
             succeeded += 1
             if succeeded % REFRESH_EVERY == 0:
                 dispatcher.refresh_hooks(slot)
@@ -1413,4 +1621,5 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
                 on_success(job)
             ready._task_done(job)
         else:
+            state.record_duration(ended - started)
             dispatcher.attempt_failed(job, state, error)

@@ -5,12 +5,13 @@ both. The compiled core keeps the same state in C values and relies on the
 GIL where this one takes ``self._lock``.
 
 - ``ReadyQueue``: ready jobs in three FIFO levels (HIGH, MEDIUM, LOW) under one
-  lock and one capacity, with per-type concurrency slots: a job whose type is
-  saturated is passed over and keeps its place. Per level, a heap of the types
-  that may run keyed by their oldest waiting job finds the next job in
-  O(log types). It also keeps the queue's accounting (unfinished jobs for
-  ``join``, their ids, lifetime counters), so a job is counted in the same
-  critical section that makes it visible.
+  lock and one capacity, with per-type concurrency slots and rate limits: a job
+  whose type is saturated, or whose rate window is closed, is passed over and
+  keeps its place. Per level, a heap of the types that may run keyed by their
+  oldest waiting job finds the next job in O(log types). It also keeps the
+  queue's accounting (unfinished jobs for ``join``, their ids, lifetime
+  counters, per-type counters and attempt durations), so a job is counted in
+  the same critical section that makes it visible.
 - ``DelayedHeap``: a min-heap on (run_at, insertion order) with capped eviction.
 - ``Alarm``: a latched wake-up for the one thread (scheduler, watchdog) that
   sleeps until a deadline.
@@ -27,6 +28,7 @@ import ctypes
 import heapq
 import itertools
 import math
+import operator
 import os
 import random
 import threading
@@ -41,15 +43,24 @@ __all__ = [
     "run_worker", "retry_delay", "new_job_id", "interrupt_thread", "monotonic",
     "ENQUEUED", "SUCCEEDED", "FAILED", "RETRIED", "TIMED_OUT", "EVICTED", "CANCELLED",
     "THREADS", "LOOP",
+    "TYPE_EVENTS", "ATTEMPT_DURATION_BUCKETS",
 ]
 
 # Lifetime counters, by index into ReadyQueue.counters().
 ENQUEUED, SUCCEEDED, FAILED, RETRIED, TIMED_OUT, EVICTED, CANCELLED = range(7)
 # Who runs a type's attempts: worker threads, or the queue's event loop (async executors).
 THREADS, LOOP = 0, 1
+_N_COUNTERS = 7
+# The events also counted per job type, in the order of ReadyQueue.type_counters()' tuples.
+TYPE_EVENTS = (SUCCEEDED, FAILED, RETRIED, TIMED_OUT, CANCELLED)
+# Upper bounds (seconds) of the attempt-duration histogram's buckets; a last one is +inf.
+ATTEMPT_DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                            30.0, 60.0, 300.0)
+_N_BUCKETS = len(ATTEMPT_DURATION_BUCKETS) + 1
 _LEVELS = (2, 1, 0)  # HIGH, MEDIUM, LOW: the order in which levels are served
 _UNLIMITED = 1 << 62  # the slot limit of a type with no executor yet
 _INF = math.inf
+_ALWAYS_OPEN = -math.inf  # TypeState.rate_open_at of a type whose rate window never closes now
 monotonic = time.monotonic  # the clock of every deadline in this core
 _REFRESH_EVERY = 1024  # successes between two looks at the log level, off the per-job path
 
@@ -114,7 +125,9 @@ class TypeState:
     """
 
     __slots__ = ("name", "fn", "limit", "active", "timeout", "takes_context", "interrupt", "levels",
-                 "listed", "runner")
+    __slots__ = ("name", "fn", "limit", "active", "timeout", "takes_context", "interrupt", "levels",
+                 "listed", "runner", "rate_starts", "rate_oldest", "rate_per", "rate_open_at",
+                 "rate_parked_until", "counters", "durations", "duration_sum")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -128,6 +141,16 @@ class TypeState:
         # listed[level]: this type has its one entry in the ReadyQueue's runnable heap of that level
         self.listed = [False, False, False]
         self.runner = THREADS  # whose runnable heaps list it: THREADS, or LOOP for an async executor
+        # The rate limit: a ring of the latest max_starts start times (monotonic), empty without one.
+        self.rate_starts: List[float] = []
+        self.rate_oldest = 0  # index in rate_starts of the oldest start, the next to be replaced
+        self.rate_per = 0.0
+        self.rate_open_at = _ALWAYS_OPEN  # the oldest remembered start + per: no start before it
+        # The key of its latest entry in the ReadyQueue's heap of closed windows; +inf: none
+        self.rate_parked_until = _INF
+        self.counters = [0] * _N_COUNTERS  # per-type lifetime counters, by event (TYPE_EVENTS)
+        self.durations = [0] * _N_BUCKETS  # attempts by duration bucket (not cumulative)
+        self.duration_sum = 0.0
 
     def pending(self) -> int:
         return len(self.levels[0]) + len(self.levels[1]) + len(self.levels[2])
@@ -135,11 +158,64 @@ class TypeState:
     def admits(self) -> bool:
         """Whether a job of this type may start now: the one admission rule of ``ReadyQueue``.
 
-        A type that fails it is dropped from the runnable heaps when seen there,
-        and comes back through ``ReadyQueue._readmit`` when it may run again (a
-        slot freed, a limit raised; a rate limit's wake-up would be a third way).
+        A free slot, and an open rate window. A type that fails it is dropped
+        from the runnable heaps when seen there, and comes back through
+        ``ReadyQueue._readmit`` when it may run again: a slot freed, a limit
+        raised, or (for a closed rate window) the scheduler's wake-up at
+        ``rate_open_at``, through ``ReadyQueue.reopen_rate_limited``.
         """
-        return self.active < self.limit
+        open_at = self.rate_open_at
+        return self.active < self.limit and (open_at == _ALWAYS_OPEN or open_at <= monotonic())
+
+    def rate_closed(self) -> bool:
+        """A free slot, but the rate window is closed: only time will readmit this type."""
+        open_at = self.rate_open_at
+        return self.active < self.limit and open_at != _ALWAYS_OPEN and open_at > monotonic()
+
+    def set_rate_limit(self, max_starts: int, per: float) -> None:
+        """At most ``max_starts`` starts per ``per`` seconds (0: no limit); the latest remembered starts still count."""
+        if not max_starts:
+            self.rate_starts, self.rate_oldest, self.rate_per = [], 0, 0.0
+            self.rate_open_at = _ALWAYS_OPEN
+            return
+        ring = self.rate_starts
+        latest = ring[self.rate_oldest:] + ring[:self.rate_oldest]  # oldest first
+        latest = [t for t in latest if t != _ALWAYS_OPEN][-max_starts:]
+        self.rate_starts = [_ALWAYS_OPEN] * (max_starts - len(latest)) + latest
+        self.rate_oldest = 0
+        self.rate_per = per
+        self.rate_open_at = self.rate_starts[0] + per
+
+    def record_start(self, now: float) -> None:
+        """An attempt starts now: it replaces the oldest start in the rate limit's ring."""
+        ring = self.rate_starts
+        oldest = self.rate_oldest
+        ring[oldest] = now
+        oldest += 1
+        if oldest == len(ring):
+            oldest = 0
+        self.rate_oldest = oldest
+        self.rate_open_at = ring[oldest] + self.rate_per
+
+    def record_duration(self, seconds: float) -> None:
+        """An attempt was decided after ``seconds``: one more in its histogram bucket."""
+        bucket = 0
+        for bound in ATTEMPT_DURATION_BUCKETS:
+            if seconds <= bound:
+                break
+            bucket += 1
+        self.durations[bucket] += 1
+        self.duration_sum += seconds
+
+
+def _rate_fields(rate_limit: Any) -> Tuple[int, float]:
+    """``(max_starts, per)`` of a ``RateLimit``-like object, or ``(0, 0.0)`` for None: no limit."""
+    if rate_limit is None:
+        return 0, 0.0
+    max_starts, per = operator.index(rate_limit.max_starts), float(rate_limit.per)
+    if max_starts < 1 or not 0.0 < per < _INF:
+        raise ValueError(f"rate_limit must allow >= 1 start per finite seconds > 0, got {rate_limit!r}")
+    return max_starts, per
 
 
 def _priority_level(job: Any) -> int:
@@ -238,6 +314,16 @@ class ReadyQueue:
     it back when it admits jobs again. An entry's key never goes stale: the
     oldest job of a type at a level only leaves through that very entry.
 
+    Rate limits: a type whose rate window is closed (``TypeState.rate_closed``)
+    is dropped from the runnable heaps like a saturated one, and waits in
+    another heap, keyed by when its window opens. The scheduler sleeps until
+    ``next_rate_opening()`` and calls ``reopen_rate_limited(now)``, which
+    readmits the types whose windows opened and hands their jobs to idle
+    workers; ``alarm`` (the scheduler's) is woken when a type parks there with
+    an earlier opening than the scheduler is armed for. A worker that pops
+    reopens due windows itself, so busy workers never wait for the scheduler's
+    wake-up. Nothing polls.
+
     The unfinished jobs that have an id are known by it: a second job with the
     same id is refused (DuplicateJob) until ``task_done`` of the first.
 
@@ -246,10 +332,11 @@ class ReadyQueue:
     refusal leaves everything as it was.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, alarm: "Optional[Alarm]" = None) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
+        self._alarm = alarm  # woken (wake_before) at the earliest time a closed rate window opens
         self._lock = threading.Lock()
         # Everything below is guarded by _lock.
         self._types: Dict[str, TypeState] = {}  # job type -> its slots and jobs
@@ -262,13 +349,17 @@ class ReadyQueue:
         # nothing to take last time and was not woken since. At most one wake-up is in flight.
         self._loop_waker: Optional[Callable[[], None]] = None
         self._loop_idle = False
+        # A heapq of (rate_open_at, seq, type): every type with jobs waiting whose rate window is
+        # closed while it has a free slot has an entry keyed rate_parked_until, no later than its
+        # opening; entries with another key are stale (a later limit parked it earlier): skipped.
+        self._rate_closed: List[Tuple[float, int, TypeState]] = []
         # (job, type, level) of counted jobs owed room; nonempty only when full
         self._overflow: Deque[Tuple[Any, str, int]] = deque()
         self._seq = itertools.count()  # insertion order: FIFO within a level
         self._closed = False
         self._unfinished = 0  # accepted jobs not yet succeeded or failed for good
         self._ids: Dict[str, Any] = {}  # id -> the unfinished job registered under it
-        self._counters = [0] * 7
+        self._counters = [0] * _N_COUNTERS
         # Idle workers in pop, the latest last. None waits while a job is poppable, except while
         # the worker that freed its slot comes back for it (release_state(hand_off=False)).
         self._getters: List[_Waiter] = []
@@ -280,16 +371,22 @@ class ReadyQueue:
     def configure(
         self, job_type: str, fn: Callable[..., Any], limit: int,
         timeout: Optional[float], takes_context: bool, interrupt: bool, runner: int = THREADS,
+        rate_limit: Any = None,
     ) -> TypeState:
         """Register or replace the executor of ``job_type``; running attempts keep their slots.
 
         ``runner``: THREADS (worker threads pop its jobs) or LOOP (``take_for_loop``).
+        ``rate_limit``: None, or any object with ``max_starts`` (int >= 1) and
+        ``per`` (seconds > 0), such as ``tinymq.RateLimit``; it applies to later
+        starts, and the starts the type remembers still count.
         """
         _exact_type(job_type)
         if runner not in (THREADS, LOOP):
             raise ValueError(f"runner must be THREADS or LOOP, got {runner!r}")
+        max_starts, per = _rate_fields(rate_limit)
         with self._lock:
             state = self._type_state(job_type)
+            state.set_rate_limit(max_starts, per)
             if state.runner != runner:  # its waiting jobs move to the other runner's heaps
                 self._unlist(state)
                 state.runner = runner
@@ -305,6 +402,21 @@ class ReadyQueue:
         with self._lock:
             return {s.name: (s.active, s.limit) for s in self._types.values() if s.fn is not None}
 
+    def type_counters(self) -> Dict[str, Tuple[int, ...]]:
+        """``{job_type: (succeeded, failed, retried, timed_out, cancelled)}`` per registered executor."""
+        with self._lock:
+            return {s.name: tuple([s.counters[event] for event in TYPE_EVENTS])
+                    for s in self._types.values() if s.fn is not None}
+
+    def attempt_durations(self) -> Dict[str, Tuple[Tuple[int, ...], float]]:
+        """``{job_type: (attempts per bucket, sum of seconds)}`` per registered executor.
+
+        The buckets are ``ATTEMPT_DURATION_BUCKETS`` then +inf, not cumulative.
+        """
+        with self._lock:
+            return {s.name: (tuple(s.durations), s.duration_sum)
+                    for s in self._types.values() if s.fn is not None}
+
     def _type_state(self, job_type: str) -> TypeState:
         state = self._types.get(job_type)
         if state is None:
@@ -319,8 +431,11 @@ class ReadyQueue:
         seq = next(self._seq)
         waiting.append((seq, job))
         self._sizes[level] += 1
-        if len(waiting) == 1 and state.admits():  # its oldest job at this level: list the type
-            self._list(state, level, seq)
+        if len(waiting) == 1:  # its oldest job at this level: list the type
+            if state.admits():
+                self._list(state, level, seq)
+            else:
+                self._wait_for_window(state)
 
     def _list(self, state: TypeState, level: int, seq: int) -> None:
         if not state.listed[level]:
@@ -336,11 +451,44 @@ class ReadyQueue:
                 state.listed[level] = False
 
     def _readmit(self, state: TypeState) -> None:
-        """``state`` may admit jobs again: list it wherever it has jobs waiting and is not listed."""
+        """``state``, with jobs waiting, may admit jobs again: list it wherever it is not listed."""
         if state.admits():
             for level, waiting in enumerate(state.levels):
                 if waiting:
                     self._list(state, level, waiting[0][0])
+        else:
+            self._wait_for_window(state)
+
+    def _wait_for_window(self, state: TypeState) -> None:
+        """``state`` has jobs waiting and admits none: if its rate window is what is closed,
+        park it until the window opens (the scheduler reopens it then)."""
+        open_at = state.rate_open_at
+        if open_at < state.rate_parked_until and state.rate_closed():
+            state.rate_parked_until = open_at
+            heapq.heappush(self._rate_closed, (open_at, next(self._seq), state))
+            if self._alarm is not None:
+                self._alarm.wake_before(open_at)
+
+    def next_rate_opening(self) -> Optional[float]:
+        """When (monotonic) the earliest closed rate window of a type with jobs waiting opens."""
+        with self._lock:
+            return self._rate_closed[0][0] if self._rate_closed else None
+
+    def reopen_rate_limited(self, now: float) -> None:
+        """Readmit the types whose rate windows opened by ``now``; idle workers take their jobs."""
+        with self._lock:
+            self._reopen_due(now)
+            self._hand_off()
+
+    def _reopen_due(self, now: float) -> None:
+        closed = self._rate_closed
+        while closed and closed[0][0] <= now:
+            open_at, _, state = heapq.heappop(closed)
+            if open_at != state.rate_parked_until:
+                continue  # stale: parked again since, with an earlier opening
+            state.rate_parked_until = _INF
+            if state.pending():
+                self._readmit(state)  # parks it again if starts moved its window meanwhile
 
     def _check_open(self) -> None:
         if self._closed:
@@ -452,23 +600,30 @@ class ReadyQueue:
 
     def _take(self, runner: int = THREADS) -> Optional[Tuple[Any, TypeState, int]]:
         """Take ``runner``'s next job and a slot of its type: (job, type, level), or None."""
+        if self._rate_closed and self._rate_closed[0][0] <= monotonic():
+            self._reopen_due(monotonic())  # a busy worker reopens a window without the scheduler
         for level in _LEVELS:
             runnable = self._runnable[runner][level]
             while runnable:
                 state = runnable[0][1]
-                if not state.admits():  # saturated since it was listed: _readmit lists it again
+                if not state.admits():  # saturated or rate-limited since it was listed
                     heapq.heappop(runnable)
                     state.listed[level] = False
+                    self._wait_for_window(state)  # else _readmit lists it again
                     continue
                 waiting = state.levels[level]
                 _, job = waiting.popleft()
                 self._sizes[level] -= 1
                 state.active += 1
+                if state.rate_starts:
+                    state.record_start(monotonic())
                 if waiting and state.admits():  # keyed by its next oldest job now
                     heapq.heapreplace(runnable, (waiting[0][0], state))
                 else:
                     heapq.heappop(runnable)
                     state.listed[level] = False
+                    if waiting:
+                        self._wait_for_window(state)
                 self._refill()
                 return job, state, level
         return None
@@ -679,11 +834,28 @@ class ReadyQueue:
 
     # accounting
 
-    def count(self, event: int, n: int = 1) -> None:
+    def count(self, event: int, n: int = 1, job_type: Optional[str] = None) -> None:
+        """Count ``n`` events; with ``job_type`` (a registered executor's), per type too."""
         if not 0 <= event < len(self._counters):
             raise ValueError(f"event must be one of the counter constants, got {event}")
         with self._lock:
             self._counters[event] += n
+            if type(job_type) is str:
+                state = self._types.get(job_type)
+                if state is not None and state.fn is not None:
+                    state.counters[event] += n
+
+    def attempt_succeeded(self, state: TypeState, seconds: float) -> None:
+        """An attempt of ``state`` succeeded after ``seconds``: count it, queue-wide and per type."""
+        with self._lock:
+            self._counters[SUCCEEDED] += 1
+            state.counters[SUCCEEDED] += 1
+            state.record_duration(seconds)
+
+    def record_duration(self, state: TypeState, seconds: float) -> None:
+        """An attempt of ``state`` was decided (failed, timed out) after ``seconds``."""
+        with self._lock:
+            state.record_duration(seconds)
 
     def counters(self) -> Tuple[int, ...]:
         with self._lock:
@@ -842,13 +1014,14 @@ class WorkerSlot:
     ``interrupted`` all set or none.
     """
 
-    __slots__ = ("_lock", "job", "type_state", "deadline", "context", "expired",
+    __slots__ = ("_lock", "job", "type_state", "started", "deadline", "context", "expired",
                  "interrupted", "retired", "thread_id", "on_start", "on_success")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.job: Any = None  # the running attempt's job, None between attempts
         self.type_state: Optional[TypeState] = None
+        self.started = 0.0  # monotonic: when the running attempt started (set before begin)
         self.deadline = _INF  # monotonic
         self.context: Any = None
         self.expired = False  # the watchdog decided this attempt: its outcome is ignored
@@ -920,12 +1093,15 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
         if fn is None:
             dispatcher.no_executor(job, state)
             continue
-        deadline = _INF if state.timeout is None else monotonic() + state.timeout
+        started = monotonic()
+        deadline = _INF if state.timeout is None else started + state.timeout
         context = dispatcher.new_context(job, deadline) if state.takes_context else None
         error: Optional[BaseException] = None
         expired = False
         straight_back = False  # this worker pops again at once, taking the job its slot frees
+        ended = started
         try:  # from begin() on, an interruption may land anywhere: the slot is released below
+            slot.started = started
             slot.begin(job, state, deadline, context)
             try:
                 watchdog.wake_before(deadline)
@@ -937,6 +1113,7 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
                     fn(job, context)
             except BaseException as exc:  # the attempt's failure, whatever it is
                 error = exc
+            ended = monotonic()
             expired = slot.end()
             if expired and slot.interrupted:
                 interrupt_thread(slot.thread_id, None)  # from here on nothing may land
@@ -951,7 +1128,7 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
             dispatcher.after_expired(slot, error)
             return
         if error is None:
-            ready.count(SUCCEEDED)
+            ready.attempt_succeeded(state, ended - started)
             succeeded += 1
             if not succeeded % _REFRESH_EVERY:
                 dispatcher.refresh_hooks(slot)
@@ -960,4 +1137,5 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
                 on_success(job)
             ready.task_done(job)
         else:
+            ready.record_duration(state, ended - started)
             dispatcher.attempt_failed(job, state, error)

@@ -7,8 +7,9 @@ fast path: failures, retries, timeouts, persistence and callbacks.
 Threads:
 - ``workers`` worker threads; one stuck in a timed-out attempt is retired and
   replaced at once, so the pool keeps serving at its size.
-- the scheduler sleeps until the earliest run_at (at most
-  ``scheduler_interval``) and is woken at once by an earlier arrival.
+- the scheduler sleeps until the earliest run_at or the earliest opening of
+  a closed rate window (at most ``scheduler_interval``), and is woken at once
+  by an earlier arrival or a type newly closed by its rate limit.
 - the watchdog sleeps until the earliest attempt deadline and is woken when an
   attempt starts with an earlier one.
 - the event loop (``_event_loop.LoopRunner``) runs async executors' attempts as
@@ -121,10 +122,10 @@ class Dispatcher:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.ready = core.ReadyQueue(config.buffer_size)
+        self.scheduler_alarm = core.Alarm()  # armed in monotonic time (due jobs, rate windows)
+        self.ready = core.ReadyQueue(config.buffer_size, self.scheduler_alarm)
         self.delayed = core.DelayedHeap(config.max_delayed_jobs)
         self.uncapped = core.DelayedHeap(0)  # retries and recovered jobs: never evicted
-        self.scheduler_alarm = core.Alarm()  # armed in wall-clock time (run_at)
         self.watchdog_alarm = core.Alarm()  # armed in monotonic time (deadlines)
         self.failure_callbacks: List[FailureCallback] = []
         self.store: Any = None
@@ -158,7 +159,7 @@ class Dispatcher:
         self._retry_on[job_type] = config.retry_on
         self.ready.configure(job_type, fn, config.max_concurrent_jobs, timeout,
                              takes_context, config.interrupt_on_timeout,
-                             core.LOOP if is_async else core.THREADS)
+                             core.LOOP if is_async else core.THREADS, config.rate_limit)
 
     def set_store(self, store: Any) -> None:
         with self._lock:
@@ -387,7 +388,7 @@ class Dispatcher:
 
     def _schedule(self) -> None:
         interval = cast(float, self.config.scheduler_interval)
-        delayed, uncapped, alarm = self.delayed, self.uncapped, self.scheduler_alarm
+        delayed, uncapped, alarm, ready = self.delayed, self.uncapped, self.scheduler_alarm, self.ready
         monotonic = core.monotonic
         while not self._stopping:
             try:
@@ -395,11 +396,15 @@ class Dispatcher:
                 for heap in (delayed, uncapped):
                     for job in heap.pop_due(now):
                         self.make_ready(job)
+                ready.reopen_rate_limited(now)
                 wake_at = now + interval
                 for heap in (delayed, uncapped):
                     next_due = heap.next_run_at()
                     if next_due is not None and next_due < wake_at:
                         wake_at = next_due
+                next_opening = ready.next_rate_opening()
+                if next_opening is not None and next_opening < wake_at:
+                    wake_at = next_opening
                 alarm.sleep(wake_at - monotonic(), wake_at)
             except Exception:  # pragma: no cover - a bug; keep scheduling
                 logger.exception("tinymq scheduler error")
@@ -446,7 +451,8 @@ class Dispatcher:
             self.ledger.expired(job)
         try:  # slot.expire() has cancelled the attempt's context already
             if not (self._stopping and job in self._stop_cancelled):  # stop's: not counted
-                self.ready.count(core.TIMED_OUT)
+                self.ready.record_duration(state, core.monotonic() - slot.started)
+                self.ready.count(core.TIMED_OUT, 1, job.type)
                 logger.warning("job %s (%s) timed out; its thread is retired and replaced",
                                job.id, job.type)
         finally:  # whatever happened above, the job and the pool are looked after
@@ -590,7 +596,7 @@ class Dispatcher:
             else:
                 delay = retry_config.retry_delay(job.retries)
             job.run_at = time.time() + delay  # what the user and a store see; the wait is monotonic
-            self.ready.count(core.RETRIED)
+            self.ready.count(core.RETRIED, 1, job.type)
             logger.info("job %s (%s) failed (%s); retry %d of %d in %.3gs", job.id, job.type,
                         job.last_error, job.retries, retry_config.max_retries, delay)
             if ledger is not None:  # the broker keeps the retry: a crash here never loses it
@@ -608,8 +614,12 @@ class Dispatcher:
             self.fail(job, "retries_exhausted", error)
 
     def fail(self, job: Any, reason: str, exc: Optional[BaseException], counter: int = core.FAILED) -> None:
-        """The job leaves the queue without success: count, log, callbacks, store, finished."""
-        self.ready.count(counter)
+        """The job leaves the queue without success: count, log, callbacks, store, finished.
+
+        Counted per type too when its type has an executor: a job failed as
+        ``no_executor`` counts only in the queue-wide counters.
+        """
+        self.ready.count(counter, 1, job.type)
         self.report_failure(job, reason, exc)
         if self.ledger is not None:
             self.ledger.failed(job, reason, exc)

@@ -9,7 +9,7 @@ from typing import Optional, Tuple, Type, Union, cast
 
 from ._pick_core import core
 
-__all__ = ["RetryConfig", "Config", "ExecutorConfig", "Duration"]
+__all__ = ["RetryConfig", "Config", "ExecutorConfig", "RateLimit", "Duration"]
 
 Duration = Union[float, int, timedelta]
 
@@ -112,6 +112,29 @@ class Config:
 
 
 @dataclass(frozen=True)
+class RateLimit:
+    """At most ``max_starts`` attempts of a job type start in any window of ``per`` seconds.
+
+    An exact sliding window: a type may start an attempt when its
+    ``max_starts``-th latest start is at least ``per`` seconds ago (monotonic
+    clock). Every attempt counts, retries and attempts that time out included.
+    ``RateLimit(100, per=60.0)``: at most 100 starts a minute. ``per`` also
+    accepts a ``timedelta``. The in-process core and a broker read the same
+    two fields.
+    """
+
+    max_starts: int
+    per: Duration
+
+    def __post_init__(self) -> None:
+        _count("max_starts", self.max_starts, 1)
+        per = _seconds("per", self.per)
+        if per == 0.0:
+            raise ValueError(f"per must be > 0 seconds, got {self.per!r}")
+        _set(self, "per", per)
+
+
+@dataclass(frozen=True)
 class ExecutorConfig:
     """Per job type: how many attempts may run at once, and for how long.
 
@@ -126,12 +149,16 @@ class ExecutorConfig:
     ``retry_on``: only exceptions of these classes are retried; any other fails
     the job at once (reason ``"permanent_failure"``), as ``PermanentFailure``
     always does. ``RetryAfter`` is always retried, after its own delay.
+
+    ``rate_limit=RateLimit(max_starts, per=seconds)`` also caps how many
+    attempts start in any window of ``per`` seconds; None means no rate limit.
     """
 
     max_concurrent_jobs: int = 10
     timeout: Optional[Duration] = 30.0
     interrupt_on_timeout: bool = False
     retry_on: Tuple[Type[BaseException], ...] = (Exception,)
+    rate_limit: Optional[RateLimit] = None
 
     def __post_init__(self) -> None:
         _count("max_concurrent_jobs", self.max_concurrent_jobs, 1)
@@ -145,3 +172,5 @@ class ExecutorConfig:
         if not isinstance(retry_on, tuple) or not all(
                 isinstance(kind, type) and issubclass(kind, BaseException) for kind in retry_on):
             raise TypeError(f"retry_on must be a tuple of exception classes, got {retry_on!r}")
+        if self.rate_limit is not None and not isinstance(self.rate_limit, RateLimit):
+            raise TypeError(f"rate_limit must be a tinymq.RateLimit or None, got {self.rate_limit!r}")

@@ -12,7 +12,7 @@ import time
 import types
 import weakref
 from datetime import timedelta
-from typing import Any, Callable, Iterable, List, Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union
 
 from ._dispatch import AttemptLedger, Dispatcher, FailureCallback, _describe
 from ._periodic import Periodic, ScheduleStats
@@ -465,6 +465,7 @@ class Queue:
             return self._link.stats()
         high, medium, low = self._ready.sizes()
         enqueued, succeeded, failed, retried, timed_out, evicted, cancelled = self._ready.counters()
+        type_counters = self._ready.type_counters()
         return QueueStats(
             high_queue_size=high,
             medium_queue_size=medium,
@@ -473,7 +474,7 @@ class Queue:
             max_delayed_jobs=self.config.max_delayed_jobs,
             worker_count=self._dispatcher.worker_count,
             executor_stats={
-                job_type: ExecutorStats(active_jobs=active, max_jobs=limit)
+                job_type: ExecutorStats(active, limit, *type_counters.get(job_type, ()))
                 for job_type, (active, limit) in self._dispatcher.executor_stats().items()
             },
             jobs_enqueued=enqueued,
@@ -484,7 +485,12 @@ class Queue:
             jobs_evicted=evicted,
             jobs_cancelled=cancelled,
             waiting_for_room=self._ready.overflow_size,
+            jobs_cancelled=cancelled,
         )
+
+    def _attempt_durations(self) -> Dict[str, Tuple[Tuple[int, ...], float]]:
+        """Per registered type: attempts per duration bucket (``ATTEMPT_DURATION_BUCKETS``, +inf) and their sum."""
+        return self._ready.attempt_durations()
 
     def join(self, timeout: Union[float, timedelta, None] = None) -> bool:
         """Wait until every job enqueued so far, retries and delayed jobs included, has finished.

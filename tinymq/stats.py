@@ -7,10 +7,21 @@ __all__ = ["QueueStats", "ExecutorStats"]
 
 @dataclass(frozen=True)
 class ExecutorStats:
-    """One job type: ``active_jobs`` attempts are running now, at most ``max_jobs``."""
+    """One job type: ``active_jobs`` attempts are running now, at most ``max_jobs``.
+
+    Lifetime event counters of the type, like QueueStats' ``jobs_*``:
+    ``succeeded``, ``failed`` (for good), ``retried``, ``timed_out``, ``cancelled``.
+    A job whose type has no executor (reason ``no_executor``) is counted in
+    ``QueueStats.jobs_failed`` only.
+    """
 
     active_jobs: int
     max_jobs: int
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+    timed_out: int = 0
+    cancelled: int = 0
 
 
 @dataclass(frozen=True)
@@ -37,3 +48,4 @@ class QueueStats:
     jobs_evicted: int = 0
     jobs_cancelled: int = 0
     waiting_for_room: int = 0
+    jobs_cancelled: int = 0

@@ -1,0 +1,144 @@
+"""tinymq.metrics.PrometheusCollector (#14), scraped through prometheus_client's own
+exposition (``generate_latest``) and parsed back with its parser, then compared
+with ``get_stats()``.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+prometheus_client = pytest.importorskip("prometheus_client")
+from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from tinymq import Config, ExecutorConfig, Job, Priority, Queue, RetryConfig  # noqa: E402
+from tinymq.metrics import ATTEMPT_DURATION_BUCKETS, PrometheusCollector  # noqa: E402
+
+from _helpers import WAIT, Blocker, wait_until  # noqa: E402
+
+OUTCOMES = ("succeeded", "failed", "retried", "timed_out", "cancelled")
+
+
+def scrape(queue):
+    """{(sample name, frozenset(labels)): value} and {family name: type}, as a server would see them."""
+    registry = CollectorRegistry()
+    registry.register(PrometheusCollector(queue))
+    text = generate_latest(registry).decode("utf-8")
+    samples, types = {}, {}
+    for family in text_string_to_metric_families(text):
+        types[family.name] = family.type
+        for sample in family.samples:
+            key = (sample.name, frozenset(sample.labels.items()))
+            assert key not in samples, f"{key} exposed twice"
+            samples[key] = sample.value
+    return samples, types
+
+
+def value(samples, name, **labels):
+    return samples[(name, frozenset(labels.items()))]
+
+
+def test_the_scrape_matches_get_stats():
+    def fn(job, ctx):
+        if job.payload == "fail":
+            raise ValueError("no")
+        if job.payload == "slow" and job.retries == 0:
+            ctx.wait(WAIT)  # times out
+
+    with Blocker() as blocker:
+        q = Queue(config=Config(buffer_size=50, max_delayed_jobs=1))
+        try:
+            q.register_executor("work", fn, ExecutorConfig(timeout=0.05))
+            q.register_executor("held", blocker.fn, ExecutorConfig(max_concurrent_jobs=2))
+            q.register_executor("idle", fn)
+            q.start_dispatcher(4)
+            retry = RetryConfig(max_retries=1, initial_delay=0)
+            for payload in ("ok", "ok", "fail", "slow"):
+                q.enqueue(Job("work", payload, retry_config=retry))
+            q.enqueue(Job("ghost"))  # no executor
+            for _ in range(2):
+                q.enqueue_delayed(Job("work", "ok"), 3600)  # the second evicts the first
+            for priority in (Priority.HIGH, Priority.LOW, Priority.LOW, Priority.MEDIUM):
+                q.enqueue(Job("held", priority=priority))
+            assert blocker.wait_started(2)
+            # Everything but the held jobs finishes: 4 work jobs, the ghost, the evicted job,
+            # and the timed-out attempt's function has returned (its slot is free).
+            def settled():
+                stats = q.get_stats()
+                return (stats.jobs_succeeded, stats.jobs_failed,
+                        stats.executor_stats["work"].active_jobs) == (3, 2, 0)
+
+            assert wait_until(settled)
+            stats = q.get_stats()
+            samples, types = scrape(q)
+        finally:
+            blocker.release()
+            q.stop()
+
+    assert types["tinymq_jobs"] == "counter"
+    assert types["tinymq_attempt_duration_seconds"] == "histogram"
+    assert types["tinymq_queue_size"] == "gauge"
+    assert (stats.jobs_succeeded, stats.jobs_failed, stats.jobs_retried, stats.jobs_timed_out,
+            stats.jobs_evicted) == (3, 2, 2, 1, 1)
+    for job_type, executor in stats.executor_stats.items():
+        for outcome in OUTCOMES:
+            assert value(samples, "tinymq_jobs_total", type=job_type, outcome=outcome) == getattr(executor, outcome)
+        assert value(samples, "tinymq_active_jobs", type=job_type) == executor.active_jobs
+        assert value(samples, "tinymq_max_concurrent_jobs", type=job_type) == executor.max_jobs
+    assert value(samples, "tinymq_active_jobs", type="held") == 2
+    assert value(samples, "tinymq_max_concurrent_jobs", type="held") == 2
+    assert not any(dict(labels).get("type") == "ghost" for _, labels in samples)
+    for field, event in (("jobs_enqueued", "enqueued"), ("jobs_succeeded", "succeeded"),
+                         ("jobs_failed", "failed"), ("jobs_retried", "retried"),
+                         ("jobs_timed_out", "timed_out"), ("jobs_evicted", "evicted"),
+                         ("jobs_cancelled", "cancelled")):
+        assert value(samples, "tinymq_queue_events_total", event=event) == getattr(stats, field)
+    assert value(samples, "tinymq_queue_size", priority="high") == stats.high_queue_size
+    assert value(samples, "tinymq_queue_size", priority="medium") == stats.medium_queue_size
+    assert value(samples, "tinymq_queue_size", priority="low") == stats.low_queue_size == 2  # HIGH, MEDIUM run
+    assert value(samples, "tinymq_delayed_jobs") == stats.delayed_jobs_count == 1
+
+    # The histogram: cumulative buckets, +Inf == _count == every decided attempt.
+    work = stats.executor_stats["work"]
+    attempts = work.succeeded + work.retried + work.failed  # each attempt ends one of these ways
+    buckets = [value(samples, "tinymq_attempt_duration_seconds_bucket", type="work",
+                     le=prometheus_client.utils.floatToGoString(bound)) for bound in ATTEMPT_DURATION_BUCKETS]
+    infinite = value(samples, "tinymq_attempt_duration_seconds_bucket", type="work", le="+Inf")
+    assert buckets == sorted(buckets) and buckets[-1] <= infinite
+    assert infinite == value(samples, "tinymq_attempt_duration_seconds_count", type="work") == attempts == 6
+    # The timed-out attempt ran at least its 0.05 s timeout: it is above the 0.025 bucket.
+    assert value(samples, "tinymq_attempt_duration_seconds_bucket", type="work", le="0.025") <= attempts - 1
+    assert value(samples, "tinymq_attempt_duration_seconds_sum", type="work") >= 0.05
+    assert value(samples, "tinymq_attempt_duration_seconds_count", type="idle") == 0
+
+
+def test_registering_reads_nothing_and_the_collector_follows_the_queue():
+    with Queue(10) as q:
+        collector = PrometheusCollector(q)
+        names = sorted(family.name for family in collector.describe())
+        assert names == sorted(["tinymq_jobs", "tinymq_queue_events", "tinymq_queue_size",
+                                "tinymq_delayed_jobs", "tinymq_active_jobs",
+                                "tinymq_max_concurrent_jobs", "tinymq_attempt_duration_seconds"])
+        assert all(not family.samples for family in collector.describe())
+        samples, _ = scrape(q)
+        assert value(samples, "tinymq_queue_events_total", event="enqueued") == 0
+        q.register_executor("a", lambda job: None)
+        q.start_dispatcher(1)
+        q.enqueue(Job("a"))
+        assert q.join(WAIT)
+        samples, _ = scrape(q)
+        assert value(samples, "tinymq_jobs_total", type="a", outcome="succeeded") == 1
+
+
+def test_the_collector_needs_a_queue():
+    with pytest.raises(TypeError, match="tinymq.Queue, got 'not a queue'"):
+        PrometheusCollector("not a queue")
+
+
+def test_importing_without_prometheus_client_names_the_extra():
+    code = ("import sys; sys.modules['prometheus_client'] = None\n"
+            "try:\n    import tinymq.metrics\nexcept ImportError as exc:\n    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ), timeout=60)
+    assert "pip install 'tinymq[prometheus]'" in out.stdout, out.stdout + out.stderr
