@@ -29,7 +29,7 @@ def limited(core, capacity=64, alarm=None, **types):
     """A ReadyQueue with an executor per keyword: ``name=RateLimit(...)`` (or None), limit unlimited."""
     q = core.ReadyQueue(capacity, alarm) if alarm is not None else core.ReadyQueue(capacity)
     for job_type, rate_limit in types.items():
-        q.configure(job_type, noop, 1000, None, False, False, rate_limit)
+        q.configure(job_type, noop, 1000, None, False, False, rate_limit=rate_limit)
     return q
 
 
@@ -153,7 +153,7 @@ def test_a_reopened_type_keeps_its_place_among_types(core):
 
 def test_a_type_both_saturated_and_rate_limited_waits_for_both(core):
     q = core.ReadyQueue(16)
-    q.configure("r", noop, 1, None, False, False, RateLimit(2, per=PER))
+    q.configure("r", noop, 1, None, False, False, rate_limit=RateLimit(2, per=PER))
     for i in range(4):
         q.push(Item("r", name=i))
     job, state = q.pop_with_type(timeout=0)
@@ -219,7 +219,7 @@ def test_parking_wakes_the_alarm_armed_for_later(core):
 def test_no_alarm_for_a_type_that_is_only_saturated(core):
     alarm = core.Alarm()
     q = core.ReadyQueue(8, alarm)
-    q.configure("s", noop, 1, None, False, False, None)
+    q.configure("s", noop, 1, None, False, False, rate_limit=None)
     q.push(Item("s"))
     q.push(Item("s"))
     assert q.pop(timeout=0) is not None
@@ -246,7 +246,7 @@ class _Fields:
 def test_configure_refuses_a_rate_limit_that_allows_nothing(core, max_starts, per):
     q = core.ReadyQueue(4)
     with pytest.raises(ValueError, match="rate_limit"):
-        q.configure("t", noop, 1, None, False, False, _Fields(max_starts, per))
+        q.configure("t", noop, 1, None, False, False, rate_limit=_Fields(max_starts, per))
     assert q.executor_stats() == {}
 
 
@@ -257,10 +257,10 @@ def test_raising_the_limit_applies_to_later_starts(core):
         q.push(job)
     assert q.pop(timeout=0) is jobs[0]
     assert q.pop(timeout=0) is None
-    q.configure("r", noop, 1000, None, False, False, RateLimit(5, per=60.0))
+    q.configure("r", noop, 1000, None, False, False, rate_limit=RateLimit(5, per=60.0))
     assert [q.pop(timeout=0) for _ in range(4)] == jobs[1:5]  # the remembered start counts
     assert q.pop(timeout=0) is None
-    q.configure("r", noop, 1000, None, False, False, None)  # no limit any more
+    q.configure("r", noop, 1000, None, False, False, rate_limit=None)  # no limit any more
     assert [q.pop(timeout=0) for _ in range(2)] == jobs[5:]
 
 
@@ -270,7 +270,7 @@ def test_lowering_the_limit_keeps_the_latest_starts(core):
         q.push(Item("r", name=i))
     for _ in range(3):
         assert q.pop(timeout=0) is not None
-    q.configure("r", noop, 1000, None, False, False, RateLimit(2, per=60.0))
+    q.configure("r", noop, 1000, None, False, False, rate_limit=RateLimit(2, per=60.0))
     assert q.pop(timeout=0) is None  # 3 starts in the window already: over the new 2
 
 
@@ -281,7 +281,7 @@ def test_a_shorter_window_reopens_a_parked_type_sooner(core):
     q.push(waiting)
     assert q.pop(timeout=0) is not None
     assert q.pop(timeout=0) is None  # parked for a minute
-    q.configure("r", noop, 1000, None, False, False, RateLimit(1, per=PER))
+    q.configure("r", noop, 1000, None, False, False, rate_limit=RateLimit(1, per=PER))
     opening = q.next_rate_opening()
     assert opening is not None and opening < core.monotonic() + PER * 2  # parked again, earlier
     starts, _ = drive(q, core, 1)

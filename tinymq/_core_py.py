@@ -125,7 +125,6 @@ class TypeState:
     """
 
     __slots__ = ("name", "fn", "limit", "active", "timeout", "takes_context", "interrupt", "levels",
-    __slots__ = ("name", "fn", "limit", "active", "timeout", "takes_context", "interrupt", "levels",
                  "listed", "runner", "rate_starts", "rate_oldest", "rate_per", "rate_open_at",
                  "rate_parked_until", "counters", "durations", "duration_sum")
 

@@ -485,7 +485,6 @@ class Queue:
             jobs_evicted=evicted,
             jobs_cancelled=cancelled,
             waiting_for_room=self._ready.overflow_size,
-            jobs_cancelled=cancelled,
         )
 
     def _attempt_durations(self) -> Dict[str, Tuple[Tuple[int, ...], float]]:

@@ -48,4 +48,3 @@ class QueueStats:
     jobs_evicted: int = 0
     jobs_cancelled: int = 0
     waiting_for_room: int = 0
-    jobs_cancelled: int = 0
