@@ -223,5 +223,5 @@ def test_enqueueing_the_id_of_a_dead_job_replaces_it(scripts):
     assert scripts.enqueue("tok2", 100, 0, rows("a")).status == "ok"
     assert scripts.client.zrange(key(scripts, "dead"), 0, -1) == []
     assert scripts.client.hgetall(key(scripts, "job:a")) == {
-        "t": "t", "p": "1", "b": "body-a", "r": "0", "k": "tok2"}
+        "t": "t", "p": "1", "b": "body-a", "r": "0", "k": "tok2", "o": "2"}  # o: its FIFO order
     check_invariants(scripts)

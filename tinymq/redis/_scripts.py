@@ -85,7 +85,7 @@ class FetchReply(NamedTuple):
 
 class EnqueueReply(NamedTuple):
     status: str  # "ok", "again" (a resend of an accepted batch), "dup", "full"
-    evicted: List[Tuple[str, str]]  # (id, body) of jobs evicted from the delayed set
+    evicted: List[Tuple[str, str]]  # (id, body) of jobs evicted from the delayed set (by the first call, with "again")
     duplicate_id: Optional[str] = None
     ready: int = 0  # with "full": ready jobs already there
 
@@ -216,8 +216,8 @@ class Scripts:
             args.extend(row)
         reply = self._call("enqueue", args)
         status = reply[0]
-        if status == "ok":
-            return EnqueueReply("ok", [(row[0], row[1]) for row in reply[1]])
+        if status in ("ok", "again"):
+            return EnqueueReply(status, [(row[0], row[1]) for row in reply[1]])
         if status == "dup":
             return EnqueueReply("dup", [], duplicate_id=reply[1])
         if status == "full":
