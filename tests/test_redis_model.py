@@ -7,8 +7,8 @@ late return, give back), beat, reap, release on stop, a process that dies (it st
 calling) or goes silent past its lease and comes back as a zombie, enqueue and
 enqueue_many with delays, priorities, types with different global limits, duplicate
 ids, ``buffer_size`` and ``max_delayed_jobs`` eviction, raised limits, dead jobs
-requeued or purged, and every script call resent as redis-py resends it after a
-connection error.
+requeued or purged, and every script call resent as the client resends a call whose
+reply was lost.
 
 A plain Python ``Model`` says what each call must reply and what Redis must hold
 afterwards. After EVERY step the whole queue is read back from Redis and compared with
@@ -24,8 +24,9 @@ than a test runs, so real time never decides anything by itself. One test at the
 checks the same with a real short lease and a real wait.
 """
 import copy
-import json
 import itertools
+import json
+import math
 import os
 from collections import Counter
 from typing import Any, Dict, List, Optional, Tuple
@@ -43,6 +44,7 @@ LEASE = 3 * UNIT
 TYPES = ("a", "b", "c")
 NAME = "model"
 MAX_PROCS = 4
+ODD_IDS = ("x:y", "line\nbreak", "ünï/€", "sp ace", '["q"]', "back\\slash", "{tag}")  # ids may hold any character
 # More examples for a longer hunt: TINYMQ_MODEL_EXAMPLES=2000 python -m pytest --timeout 0 ...
 EXAMPLES = int(os.environ.get("TINYMQ_MODEL_EXAMPLES", "100"))
 EXERCISED: Counter = Counter()  # what the machine's steps exercised, over all examples
@@ -54,9 +56,13 @@ HEAD_BLOCK_FIFO = True  # jobs pushed back to the head by one call keep their FI
 DUE_TIE_FIFO = True  # delayed jobs with the same due time come out in the order they went in
 
 
-def server_ms(client) -> int:
+def server_us(client) -> int:
     seconds, micros = client.time()
-    return seconds * 1000 + micros // 1000
+    return seconds * 1_000_000 + micros
+
+
+def server_ms(client) -> int:
+    return server_us(client) // 1000
 
 
 def tick(client, after: int) -> None:
@@ -110,6 +116,7 @@ class Model:
         self.jobs: Dict[str, MJob] = {}
         self.ready: Dict[int, List[str]] = {0: [], 1: [], 2: []}
         self.head: Dict[int, int] = {0: 0, 1: 0, 2: 0}  # ids pushed to the head in this call
+        self.placed: Dict[float, float] = {}  # due time asked -> the score its last job got, this call
         self.parked: Dict[Tuple[int, str], List[str]] = {}
         self.delayed: Dict[str, int] = {}
         self.capped: Dict[str, int] = {}
@@ -134,6 +141,7 @@ class Model:
 
     def begin_call(self) -> None:
         self.head = {0: 0, 1: 0, 2: 0}
+        self.placed = {}
 
     def push_tail(self, job_id: str) -> None:
         job = self.jobs[job_id]
@@ -159,7 +167,19 @@ class Model:
     def due_key(self, job_id: str, score: int) -> Tuple[int, Any]:
         return (score, self.jobs[job_id].order if DUE_TIE_FIFO else job_id)
 
+    def after_ties(self, due: float) -> float:
+        """lib.lua's after_ties: a job due at the same instant as others goes one ulp after the last."""
+        last = self.placed.get(due)
+        if last is None:
+            tied = [s for s in self.delayed.values() if due <= s <= due + 0.0005]
+            last = max(tied) if tied else None
+        score = due if last is None else math.nextafter(last, math.inf)
+        self.placed[due] = score
+        return score
+
     def add_delayed(self, job_id: str, due: int, capped: bool) -> None:
+        if DUE_TIE_FIFO:
+            due = self.after_ties(due)
         self.jobs[job_id].order = next(self.order)
         self.delayed[job_id] = due
         if capped:
@@ -175,14 +195,14 @@ class Model:
         self.stats["failed"] += 1
         self.stats["outstanding"] -= 1
 
-    def job_retry(self, job_id: str, retries: str, error: str, delay: int, now: int) -> None:
+    def job_retry(self, job_id: str, retries: str, error: str, delay: int, now_us: int) -> None:
         job = self.jobs[job_id]
         job.retries = str(retries)
         job.error = error
         if delay <= 0:
             self.push_tail(job_id)
         else:
-            self.add_delayed(job_id, now + delay, capped=False)
+            self.add_delayed(job_id, now_us / 1000 + delay, capped=False)
         self.stats["retried"] += 1
 
     def give_back(self, job_id: str) -> None:
@@ -215,7 +235,7 @@ class Model:
 
     # -- settle ops (lib.lua's table)
 
-    def settle(self, proc: str, ops: List[SettleOp], now: int) -> int:
+    def settle(self, proc: str, ops: List[SettleOp], now_us: int) -> int:
         held = self.inflight.get(proc, {})
         stale = 0
         released: Counter = Counter()
@@ -237,7 +257,7 @@ class Model:
                 del held[op.attempt]
                 released[job_type] += 1
                 if op.op == "Y":
-                    self.job_retry(job_id, str(op.retries), op.error, op.delay_ms, now)
+                    self.job_retry(job_id, str(op.retries), op.error, op.delay_ms, now_us)
                 else:
                     self.job_dead(job_id, op.reason, op.error, str(op.retries))
             elif op.op in "yz" and state in "LR":
@@ -247,7 +267,7 @@ class Model:
                     del held[op.attempt]
                 self.stats["timed_out"] += 1
                 if op.op == "y":
-                    self.job_retry(job_id, str(op.retries), op.error, op.delay_ms, now)
+                    self.job_retry(job_id, str(op.retries), op.error, op.delay_ms, now_us)
                 else:
                     self.job_dead(job_id, op.reason, op.error, str(op.retries))
             elif op.op == "E" and state in "XL":
@@ -269,7 +289,8 @@ class Model:
         self.flush_released(released)
         return stale
 
-    def reap(self, now: int, crashed: List[Tuple[str, str, int, str]]) -> int:
+    def reap(self, now_us: int, crashed: List[Tuple[str, str, int, str]]) -> int:
+        now = now_us // 1000
         expired = sorted((expiry, proc) for proc, expiry in self.procs.items() if expiry < now)[:2]
         for _, proc in expired:
             released: Counter = Counter()
@@ -292,7 +313,7 @@ class Model:
 
     # -- the scripts
 
-    def enqueue(self, token: str, rows: List[Tuple[str, str, int, int, str]], now: int):
+    def enqueue(self, token: str, rows: List[Tuple[str, str, int, int, str]], now_us: int):
         self.begin_call()
         if token in self.tokens:  # a resend, even after its jobs finished: with what it evicted
             return ("again", list(self.tokens[token]), None, 0)
@@ -322,7 +343,7 @@ class Model:
                     self.job_dead(out, "evicted", "", self.jobs[out].retries)
                     self.stats["failed"] -= 1
                     self.stats["evicted"] += 1
-                self.add_delayed(job_id, now + delay, capped=True)
+                self.add_delayed(job_id, now_us / 1000 + delay, capped=True)
             else:
                 self.push_tail(job_id)
         self.stats["enqueued"] += len(rows)
@@ -330,21 +351,21 @@ class Model:
         self.tokens[token] = list(evicted)
         return ("ok", evicted, None, 0)
 
-    def fetch(self, proc: str, fetch_id: str, n: int, registered: bool, ops: List[SettleOp], now: int):
+    def fetch(self, proc: str, fetch_id: str, n: int, registered: bool, ops: List[SettleOp], now_us: int):
         """Returns (reaped, stale, crashed, jobs, next due)."""
         self.begin_call()
         if registered and proc not in self.procs:
             return (True, 0, [], [], None)
-        self.procs[proc] = now + LEASE
+        self.procs[proc] = now_us // 1000 + LEASE
         last = self.fetched.get(proc)
         if last is not None and last[0] == fetch_id:  # a resend: the same attempts, nothing new
             held = self.inflight.get(proc, {})
             jobs = [self.fetched_row(a) for a in last[1] if held.get(a, "").startswith("L")]
             return (False, len(ops), sorted(last[2]), jobs, self.next_due())
-        stale = self.settle(proc, ops, now)
+        stale = self.settle(proc, ops, now_us)
         crashed: List[Tuple[str, str, int, str]] = []
-        self.reap(now, crashed)
-        due = sorted((self.due_key(i, s), i) for i, s in self.delayed.items() if s <= now)[:100]
+        self.reap(now_us, crashed)
+        due = sorted((self.due_key(i, s), i) for i, s in self.delayed.items() if s <= now_us / 1000)[:100]
         for _, job_id in due:
             del self.delayed[job_id]
             self.capped.pop(job_id, None)
@@ -383,27 +404,27 @@ class Model:
         job = self.jobs[attempt.split(":", 1)[1]]
         return (attempt, job.body, int(job.retries), job.error or "")
 
-    def beat(self, proc: str, registered: bool, now: int):
+    def beat(self, proc: str, registered: bool, now_us: int):
         self.begin_call()
         if registered and proc not in self.procs:
             return (False, [])
-        self.procs[proc] = now + LEASE
+        self.procs[proc] = now_us // 1000 + LEASE
         crashed: List[Tuple[str, str, int, str]] = []
-        self.reap(now, crashed)
+        self.reap(now_us, crashed)
         return (True, sorted(crashed))
 
-    def reap_call(self, now: int):
+    def reap_call(self, now_us: int):
         self.begin_call()
         crashed: List[Tuple[str, str, int, str]] = []
-        return (self.reap(now, crashed), sorted(crashed))
+        return (self.reap(now_us, crashed), sorted(crashed))
 
-    def settle_call(self, proc: str, ops: List[SettleOp], now: int) -> int:
+    def settle_call(self, proc: str, ops: List[SettleOp], now_us: int) -> int:
         self.begin_call()
-        return self.settle(proc, ops, now)
+        return self.settle(proc, ops, now_us)
 
-    def release(self, proc: str, ops: List[SettleOp], now: int) -> int:
+    def release(self, proc: str, ops: List[SettleOp], now_us: int) -> int:
         self.begin_call()
-        stale = self.settle(proc, ops, now)
+        stale = self.settle(proc, ops, now_us)
         released: Counter = Counter()
         for attempt, value in self.inflight.pop(proc, {}).items():
             state, job_type = value[0], value[1:]
@@ -505,7 +526,7 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
     replies = pipe.execute()
     out["ready"] = {level: replies[level] for level in (0, 1, 2)}
     for i, name in enumerate(("delayed", "capped", "procs")):
-        out[name] = {member: int(score) for member, score in replies[3 + i]}
+        out[name] = {member: score for member, score in replies[3 + i]}
     out["dead"] = set(replies[6])
     for i, name in enumerate(("parkedn", "fetched", "limits", "running", "stats")):
         out[name] = replies[7 + i]
@@ -639,13 +660,13 @@ class ScriptsMachine(RuleBasedStateMachine):
     def call(self, kind: str, run, expect) -> Any:
         """Run ``run()`` (one script call); ``expect(model, now)`` says what it must reply.
 
-        ``now`` is the server time the script saw: from the reply when it returns it,
-        else from a due time it wrote, else the time just before the call (every
-        decision that depends on it is whole UNITs away from it).
+        ``now`` is the server time the script saw, in microseconds: from the reply when
+        it returns it, else from a due time it wrote, else the time just before the call
+        (every decision that depends on it is whole UNITs away from it).
         """
-        before = server_ms(self.client)
+        before = server_us(self.client)
         reply = run()
-        after = server_ms(self.client)
+        after = server_us(self.client)
         held = read_redis(self.scripts)
         now = self.now_of(kind, reply, held, before, after)
         variants = [TYPES] if HEAD_BLOCK_FIFO else list(itertools.permutations(TYPES))
@@ -668,7 +689,7 @@ class ScriptsMachine(RuleBasedStateMachine):
                 f"{expected_reply!r}" + (f"\n state differs:\n{state_diff}" if state_diff else ""))
         check_invariants(held)
         self.events(kind, reply)
-        tick(self.client, after)
+        tick(self.client, after // 1000)
         return reply
 
     def events(self, kind, reply) -> None:
@@ -697,16 +718,16 @@ class ScriptsMachine(RuleBasedStateMachine):
 
     def now_of(self, kind, reply, held, before, after) -> int:
         if kind == "fetch":
-            return reply.now_ms
+            return reply.now_us
         if kind == "beat":
-            return reply[1]
+            return reply[1] * 1000
         written = [(job_id, delay) for job_id, delay in self.pending_delays  # due times this call wrote
                    if job_id in held["delayed"] and job_id not in self.model.delayed]
         for job_id, delay in written:  # (ops of one batch may offer one job several delays)
-            now = held["delayed"][job_id] - delay
+            now = round((held["delayed"][job_id] - delay) * 1000)
             if before <= now <= after:
                 return now
-        assert not written, f"due times {written} do not fit a call between {before} and {after} ms"
+        assert not written, f"due times {written} do not fit a call between {before} and {after} us"
         return before
 
     @staticmethod
@@ -715,8 +736,7 @@ class ScriptsMachine(RuleBasedStateMachine):
             return (reply.status, [tuple(e) for e in reply.evicted], reply.duplicate_id, reply.ready)
         if kind == "fetch":
             return (reply.reaped, reply.stale, sorted(tuple(c) for c in reply.crashed),
-                    [tuple(j) for j in reply.jobs],  # (due times are fractional ms; the model's whole)
-                    None if reply.next_due_ms is None else int(reply.next_due_ms))
+                    [tuple(j) for j in reply.jobs], reply.next_due_ms)
         if kind == "beat":
             return (reply[0], sorted(tuple(c) for c in reply[2]))
         if kind == "reap":
@@ -747,6 +767,8 @@ class ScriptsMachine(RuleBasedStateMachine):
         for _ in range(n):
             # mostly a new id (not in creation order when sorted); sometimes one used before
             job_id = f"j{next(self.ids) * 7919 % 1000:03d}"
+            if data.draw(st.integers(0, 9), label="an odd id?") == 0:
+                job_id = data.draw(st.sampled_from(ODD_IDS), label="odd id")
             if self.used_ids and data.draw(st.integers(0, 3), label="reuse an id?") == 0:
                 job_id = data.draw(st.sampled_from(self.used_ids), label="id")
             if job_id in (row[0] for row in rows):
@@ -812,9 +834,8 @@ class ScriptsMachine(RuleBasedStateMachine):
         return self.procs[name]
 
     def reaped(self, proc: Proc) -> None:
-        """The process learnt it was reaped: it drops what it held and registers anew."""
-        for attempt in self.model.inflight.get(proc.name, {}):
-            self.zombie_attempts.append((proc.name, attempt))  # (none: reaping deleted them)
+        """The process learnt it was reaped: it drops what it held and registers anew
+        (what it held is in zombie_attempts, remembered before the call)."""
         del self.procs[proc.name]
         new = Proc(f"p{next(self.names)}")
         self.procs[new.name] = new
@@ -953,7 +974,8 @@ class ScriptsMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.zombie_attempts)
     @rule(data=st.data())
     def late_settle(self, data):
-        """A result arriving from an identity that was reaped or settled it already: stale."""
+        """A result for an attempt an identity once held: stale when that identity was
+        reaped or released, or the attempt was settled already (the model says which)."""
         name, attempt = data.draw(st.sampled_from(self.zombie_attempts), label="late attempt")
         op = data.draw(st.sampled_from(ALL_OPS), label="late op")
         if op in "YyZz":
@@ -1048,12 +1070,20 @@ def redis_client(redis_url):
     client.close()
 
 
+# Cases every run must reach (each comes up many times in a run of the default length),
+# so that a change to the machine that stops exercising one does not pass unnoticed.
+MUST_COME_UP = ("enqueue ok", "enqueue dup", "enqueue again", "enqueue full", "evicted", "fetch took 2+",
+                "settle", "release", "reaped a process", "something parked", "an X attempt holds a slot")
+
+
 def test_scripts_follow_the_model(redis_client):
+    EXERCISED.clear()
     machine = type("ScriptsMachine", (ScriptsMachine,), {"client": redis_client})
     run_state_machine_as_test(machine, settings=settings(
         max_examples=EXAMPLES, stateful_step_count=50, deadline=None,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]))
-    print(sorted(EXERCISED.items()))
+    missing = [case for case in MUST_COME_UP if not EXERCISED[case]]
+    assert not missing, f"the machine never exercised {missing}; it did {sorted(EXERCISED.items())}"
 
 
 SHORT_LEASE_MS = 100  # real time, for the one test that lets a lease run out by itself
