@@ -637,10 +637,6 @@ def test_a_killed_workers_jobs_start_again_within_the_lease_and_a_quarter(redis_
 PAUSE_MS = 500  # CLIENT PAUSE: Redis answers no client for this long
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a process silent past its lease starts its buffered job after it resumes, before its heartbeat "
-    "or pump learns it was reaped: the job, already handed to another process, runs twice "
-    "(QueueLink.started() checks only the local record, not how old the last renewal is)"))
 def test_a_resumed_zombie_starts_no_buffered_job_before_it_can_renew(redis_url, fleet_factory):
     name = "zombie-buffer"
     fleet = fleet_factory(redis_url, name, lease=LEASE_B, max_crashes=3, threads=1)
@@ -660,7 +656,7 @@ def test_a_resumed_zombie_starts_no_buffered_job_before_it_can_renew(redis_url, 
                             == {"running", "buffered"}, START_WAIT)
             # Redis is slow to answer as the zombie wakes (a loaded server, a flaky link): it cannot
             # renew, so it cannot know it still holds anything
-            with queue.broker._blocking_client(START_WAIT) as pauser:
+            with queue.broker._dedicated_client(START_WAIT) as pauser:
                 pauser.execute_command("CLIENT", "PAUSE", PAUSE_MS, "ALL")
         finally:
             zombie.process.send_signal(signal.SIGCONT)
@@ -703,10 +699,6 @@ OUTAGE_LEASES = 2.5  # the Redis outage, in leases
 LONG_MS = 4000.0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a Redis outage longer than the lease: at restart every lease is past on the server clock, and the "
-    "first live worker to reach Redis reaps the others; their running jobs run twice and count a crash "
-    "(with max_crash_recoveries=0 they die 'crashed') though no process died"))
 def test_a_redis_outage_longer_than_the_lease_reaps_no_live_worker(own_redis_server, fleet_factory):
     server = own_redis_server
     name = "outage"
