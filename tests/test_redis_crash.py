@@ -576,20 +576,24 @@ def test_a_job_that_kills_its_process_dies_crashed_once_and_spares_the_others(re
     poison_starts = [line for line in lines if line.kind == "S" and line.id == "poison"]
     failures = [(line.id, line.reason) for line in lines if line.kind == "F"]
     crashed_workers = [w for w in fleet.workers if w.process.returncode == 3]
-    assert 1 <= len(poison_starts) <= MAX_CRASHES_D + 1
+    # Each start killed its process. A start counts a crash unless the poison was its process's
+    # newest attempt beyond its threads (taken to wait for a thread, started as the attempt
+    # before it ended, which the process died before telling): that looks like an attempt that
+    # never started, and is bounded apart (lib.lua's reap_proc), so it starts at most twice as often.
+    assert MAX_CRASHES_D + 1 <= len(poison_starts) <= 2 * (MAX_CRASHES_D + 1)
     assert len(crashed_workers) == len(poison_starts)  # each start killed its process, nothing else did
-    assert held_at_crashes["poison"] == MAX_CRASHES_D + 1
+    assert held_at_crashes["poison"] == len(poison_starts)
     # reported once, by a process that reaped it (not one that ran it), and kept dead
     assert failures.count(("poison", "crashed")) == 1
     (reported,) = [line for line in lines if line.kind == "F" and line.id == "poison"]
     assert reported.pid not in {line.pid for line in poison_starts}
     assert dead.get("poison") == "crashed"
-    # every other job ran, except the ones held by a process that the poison killed more than
-    # max_crash_recoveries times: those die too (a defect, see the xfail test after this one)
+    # every other job ran, except the ones running in a process that the poison killed more
+    # than max_crash_recoveries times: those die too (the ones waiting for a thread do not)
     ended = {line.id for line in lines if line.kind == "E"}
     collateral = {job_id for job_id in dead if job_id != "poison"}
     assert sorted({job.id for job in innocent} - ended - collateral) == []
-    assert all(held_at_crashes[job_id] == MAX_CRASHES_D + 1 and dead[job_id] == "crashed" for job_id in collateral)
+    assert all(held_at_crashes[job_id] >= MAX_CRASHES_D + 1 and dead[job_id] == "crashed" for job_id in collateral)
     assert sorted(failures) == sorted((job_id, "crashed") for job_id in dead)  # each reported once
     assert (stats.jobs_succeeded, stats.jobs_failed) == (INNOCENT_JOBS - len(collateral), 1 + len(collateral))
     print(f"\n(d) the poison job started {len(poison_starts)} times (max_crash_recoveries={MAX_CRASHES_D}); "
@@ -669,10 +673,6 @@ def test_a_resumed_zombie_starts_no_buffered_job_before_it_can_renew(redis_url, 
     assert [l.id for l in fleet.lines() if l.pid == zombie.pid and l.kind == "S"] == ["running"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a job fetched beside a poison job, buffered and never started, counts a crash when the poison "
-    "kills the process, and dies 'crashed' without ever having run (reap_proc in lib.lua counts a crash "
-    "for every attempt the dead process held)"))
 def test_a_job_buffered_beside_a_poison_job_is_not_counted_as_crashed(redis_url, fleet_factory):
     name = "poison-neighbour"
     fleet = fleet_factory(redis_url, name, lease=LEASE_D, max_crashes=0, threads=1)
