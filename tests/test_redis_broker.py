@@ -5,9 +5,11 @@ back; dead jobs; a reaped process's late results; crash recovery counted and
 reported once; Redis killed and restarted under a running queue.
 """
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -221,6 +223,43 @@ def test_redis_killed_and_restarted_enqueue_raises_then_workers_resume(own_redis
         assert (stats.jobs_enqueued, stats.jobs_succeeded) == (20, 20)  # the AOF kept the counters
     finally:
         backend.close()
+
+
+OUTAGE_WATCH = 4.0  # seconds a worker tries to reach a server that is not there
+RETRY_GAP = 1.0  # the longest pause allowed between two tries late in an outage (0.25 s + noise)
+
+
+def test_a_worker_keeps_trying_at_a_short_interval_through_a_long_outage():
+    # A port that accepts and drops every connection: a server that is down (or restarting).
+    # The pump's retries may back off, but not so far that a worker sits idle for seconds
+    # after Redis is back (it used to double up to 2 s).
+    listener = socket.create_server(("127.0.0.1", 0))
+    tries = []
+
+    def accept():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            tries.append(time.monotonic())
+            connection.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    broker = RedisBroker(f"redis://127.0.0.1:{listener.getsockname()[1]}/0", name="down", lease=60.0)
+    queue = Queue(broker=broker)
+    queue.register_executor("t", lambda job: None)
+    try:
+        start = time.monotonic()
+        queue.start_dispatcher(1)
+        time.sleep(OUTAGE_WATCH)
+        end = time.monotonic()
+    finally:
+        queue.stop(wait=False)
+        broker.close()
+        listener.close()
+    late = [start + 1.0] + [t for t in tries if start + 1.0 < t < end] + [end]  # (stop() tries once more)
+    assert max(b - a for a, b in zip(late, late[1:])) < RETRY_GAP, [round(t - start, 3) for t in tries]
 
 
 def test_an_evicting_maxmemory_policy_is_warned_about_at_connect(tmp_path, caplog):
