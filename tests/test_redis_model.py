@@ -44,7 +44,8 @@ LEASE = 3 * UNIT
 TYPES = ("a", "b", "c")
 NAME = "model"
 MAX_PROCS = 4
-ODD_IDS = ("x:y", "line\nbreak", "ünï/€", "sp ace", '["q"]', "back\\slash", "{tag}")  # ids may hold any character
+# Job ids may hold any character: a few that a script could split, quote or tag wrongly.
+ODD_IDS = ("x:y", "line\nbreak", "ünï/€", "sp ace", '["q"]', "back\\slash", "{tag}")
 # More examples for a longer hunt: TINYMQ_MODEL_EXAMPLES=2000 python -m pytest --timeout 0 ...
 EXAMPLES = int(os.environ.get("TINYMQ_MODEL_EXAMPLES", "100"))
 EXERCISED: Counter = Counter()  # what the machine's steps exercised, over all examples
