@@ -66,6 +66,24 @@ def test_global_limit_across_two_worker_queues(shared):
     assert sorted(job.payload for job in blocker.started) == list(range(6))
 
 
+def test_shared_executors_show_the_fleets_slots_and_live_worker_processes(shared):
+    producer = shared.queue()  # never started: not a worker process
+    workers = [shared.queue(), shared.queue()]
+    assert producer.broker.shared_executors() == ({}, 0)
+    with Blocker() as blocker:
+        for worker in workers:
+            worker.register_executor("t", blocker.fn, ExecutorConfig(max_concurrent_jobs=2))
+            worker.register_executor("u", blocker.fn)  # the default limit, 10
+            worker.start_dispatcher(3)
+        producer.enqueue_many([Job("t", i) for i in range(3)])
+        assert blocker.wait_started(2)
+        assert producer.broker.shared_executors() == ({"t": (2, 2), "u": (0, 10)}, 2)
+    assert producer.join(WAIT)
+    assert producer.broker.shared_executors() == ({"t": (0, 2), "u": (0, 10)}, 2)
+    workers[0].stop()
+    assert producer.broker.shared_executors() == ({"t": (0, 2), "u": (0, 10)}, 1)
+
+
 def test_stop_gives_unstarted_buffered_jobs_back_to_the_head_in_order(shared):
     producer, worker = shared.pair()
     with Blocker() as blocker:
