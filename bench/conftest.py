@@ -146,7 +146,8 @@ def pytest_benchmark_update_machine_info(config: Any, machine_info: Dict[str, An
     machine_info["cpu_model"] = cpu_model()
     machine_info["cores"] = os.cpu_count()
     machine_info["peers"] = {name: _version(name) for name in
-                             ("huey", "dramatiq", "persist-queue", "pytest-benchmark", "Cython")}
+                             ("huey", "dramatiq", "persist-queue", "redis", "hiredis",
+                              "pytest-benchmark", "Cython")}
 
 
 def pytest_benchmark_update_json(config: Any, benchmarks: Any, output_json: Dict[str, Any]) -> None:

@@ -22,6 +22,12 @@ E2E_GROUP = "queue: end-to-end no-op jobs, 4 workers"
 TYPES_GROUP = "queue: end-to-end no-op jobs by number of job types, 4 workers"
 REGISTER_GROUP = "queue: register 10,000 job types"
 INTERLEAVED_GROUP = "queue: enqueue->start latency, idle pool, interleaved with ThreadPoolExecutor"
+REDIS_E2E = "redis: end to end, 2 worker processes, no-op jobs"
+REDIS_ENQUEUE = "redis: enqueue, one thread"
+REDIS_MANY = "redis: enqueue_many(100)"
+REDIS_LATENCY = "redis: enqueue->start latency, idle"
+REDIS_LATENESS = "redis: delayed-job lateness"
+REDIS_KILL = "redis: restart after a worker's SIGKILL"
 SHORT = {  # chart labels
     "core: ready-queue push+pop": "core push+pop",
     "core: delayed heap, push 1M": "delayed push (1M)",
@@ -38,6 +44,12 @@ SHORT = {  # chart labels
     "durable enqueue, synchronous=FULL": "durable FULL",
     "durable enqueue, 4 producer threads, synchronous=NORMAL": "durable 4 producers",
     "durable end to end, 4 workers, synchronous=NORMAL": "durable end to end",
+    REDIS_E2E: "redis end to end",
+    REDIS_ENQUEUE: "redis enqueue",
+    REDIS_MANY: "redis enqueue_many(100)",
+    REDIS_LATENCY: "redis enqueue→start p50",
+    REDIS_LATENESS: "redis lateness p99",
+    REDIS_KILL: "redis restart after kill",
 }
 GROUP_ORDER = [
     "core: ready-queue push+pop",
@@ -51,6 +63,12 @@ GROUP_ORDER = [
     TYPES_GROUP,
     REGISTER_GROUP,
     INTERLEAVED_GROUP,
+    REDIS_E2E,
+    REDIS_ENQUEUE,
+    REDIS_MANY,
+    REDIS_LATENCY,
+    REDIS_LATENESS,
+    REDIS_KILL,
 ]
 
 
@@ -332,6 +350,41 @@ def _metric_vs(group: str, key: str, baseline: str, factor: float) -> Callable[.
     return check
 
 
+def _rate(group: str, at_least: float) -> Callable[..., Optional[Tuple[str, bool]]]:
+    """The tinymq contender's rate (jobs/s) in ``group``."""
+    def check(groups: Dict[str, List[Bench]]) -> Optional[Tuple[str, bool]]:
+        ours = primary(groups.get(group, []))
+        if ours is None:
+            return None
+        return f"{fmt_rate(ours.rate)} ({ours.name})", ours.rate >= at_least
+    return check
+
+
+def _vs_fastest_peer(group: str, at_least: float) -> Callable[..., Optional[Tuple[str, bool]]]:
+    """The tinymq contender's rate against the fastest baseline's in ``group``."""
+    def check(groups: Dict[str, List[Bench]]) -> Optional[Tuple[str, bool]]:
+        ours = primary(groups.get(group, []))
+        peers = [b for b in groups.get(group, []) if not b.is_tinymq]
+        if ours is None or not peers:
+            return None
+        fastest = max(peers, key=lambda b: b.rate)
+        r = ratio(fastest, ours)
+        return f"{fmt_ratio(r)}: {fmt_rate(ours.rate)} vs {fastest.name} {fmt_rate(fastest.rate)}", r >= at_least
+    return check
+
+
+def _restart_within_lease(extra: float) -> Callable[..., Optional[Tuple[str, bool]]]:
+    """Restart time of a SIGKILLed worker's jobs against lease × (1 + extra)."""
+    def check(groups: Dict[str, List[Bench]]) -> Optional[Tuple[str, bool]]:
+        ours = primary(groups.get(REDIS_KILL, []))
+        if ours is None or "restart_s" not in ours.metrics or "lease_s" not in ours.metrics:
+            return None
+        limit = ours.metrics["lease_s"] * (1 + extra)
+        return (f"{ours.metrics['restart_s']:g} s (lease {ours.metrics['lease_s']:g} s, limit {limit:g} s)",
+                ours.metrics["restart_s"] <= limit)
+    return check
+
+
 GOALS: List[Goal] = [
     ("core: ready-queue push+pop ≥ 20× faster than queue.PriorityQueue put+get",
      _speedup("core: ready-queue push+pop", "queue.PriorityQueue", 20)),
@@ -363,6 +416,17 @@ GOALS: List[Goal] = [
      _speedup(DURABLE_E2E, "huey", 5)),
     ("durable end to end (enqueue, run, delete; 4 workers) ≥ 5× persist-queue get/ack",
      _speedup(DURABLE_E2E, "persist-queue", 5)),
+    ("redis: end to end ≥ 20k jobs/s (2 worker processes × 4 threads, enqueue_many(100))",
+     _rate(REDIS_E2E, 20_000)),
+    ("redis: end to end ≥ 8× the fastest peer (RQ, arq, saq, dramatiq, huey)", _vs_fastest_peer(REDIS_E2E, 8)),
+    ("redis: enqueue from one thread ≥ 10k jobs/s", _rate(REDIS_ENQUEUE, 10_000)),
+    ("redis: enqueue_many(100) ≥ 150k jobs/s", _rate(REDIS_MANY, 150_000)),
+    ("redis: enqueue→start p50 ≤ 0.5 ms, idle workers", _at_most(REDIS_LATENCY, "p50_us", 500, "µs")),
+    ("redis: delayed-job lateness p99 ≤ 5 ms", _at_most(REDIS_LATENESS, "p99_ms", 5, "ms")),
+    ("redis: ≤ 15 Redis commands per job (those inside Lua included), enqueue + run",
+     _at_most(REDIS_E2E, "commands_per_job", 15, "")),
+    ("redis: ≤ 0.1 round trips per job, enqueue + run", _at_most(REDIS_E2E, "round_trips_per_job", 0.1, "")),
+    ("redis: a SIGKILLed worker's jobs start again within lease + lease/4", _restart_within_lease(0.25)),
 ]
 
 
@@ -468,6 +532,22 @@ def markdown(benches: List[Bench], machine: Dict[str, Any], commands: List[str],
         "together). End to end: enqueue N jobs and run them to completion with 4 worker threads, "
         "every step durable (tinymq: enqueue, a running mark, a delete; huey: its consumer; "
         "persist-queue: get and ack). See `bench/test_bench_durable.py`.",
+        "- Redis: the bench starts its own `redis-server` (loopback, temp dir, `appendonly yes`, "
+        "`appendfsync everysec`) and empties it before each contender's cases. Each peer (RQ, arq, "
+        "saq, dramatiq's RedisBroker, huey's RedisHuey) runs from its own venv with pinned versions "
+        "(`bench/redis_peers/setup.sh`), its producer in a subprocess, its workers from its own "
+        "worker CLI; every job writes its start to a FIFO the bench reads, the same cost for all. "
+        "End to end: 2 worker processes × 4 threads (RQ: 8 SimpleWorker processes; arq and saq: their "
+        "default 10 jobs in flight per process), one producer enqueueing in batches of 100 (bulk APIs "
+        "where they exist; what a user writes instead where not, named in the row), time from the "
+        "first enqueue until every job started. Commands per job count those run inside Lua and "
+        "MULTI (`total_commands_processed`); round trips per job count the server's reply writes "
+        "(`total_writes_processed`: one per client call, whether one command, a pipeline or a "
+        "script; checked by a calibration at start). Latency: one job every ~1 ms into idle "
+        "workers. Lateness: jobs due at random times over 2 s. Restart: a worker holding 4 running "
+        "jobs is SIGKILLed; the time until the last of them starts again in the other worker. "
+        "See `bench/test_bench_redis.py`; alone: `python -m pytest bench/test_bench_redis.py "
+        "--benchmark-only` (it runs `bench/redis_peers/setup.sh` to make the peers' venvs).",
         "",
     ]
     return "\n".join(out)
