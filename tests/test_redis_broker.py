@@ -75,6 +75,8 @@ def test_shared_executors_show_the_fleets_slots_and_live_worker_processes(shared
             worker.register_executor("t", blocker.fn, ExecutorConfig(max_concurrent_jobs=2))
             worker.register_executor("u", blocker.fn)  # the default limit, 10
             worker.start_dispatcher(3)
+        # a worker process counts from its first call to Redis (it registers then)
+        assert wait_until(lambda: producer.broker.shared_executors()[1] == 2)
         producer.enqueue_many([Job("t", i) for i in range(3)])
         assert blocker.wait_started(2)
         assert producer.broker.shared_executors() == ({"t": (2, 2), "u": (0, 10)}, 2)
