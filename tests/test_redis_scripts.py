@@ -264,3 +264,16 @@ def test_a_job_that_kills_its_process_as_soon_as_it_starts_from_the_buffer_still
         assert scripts.purge_dead([]) == 0 and scripts.client.lrem(key(scripts, "ready:2"), 0, f"before{n}") == 1
     assert [c.id for c in reports] == ["poison"]
     assert scripts.client.hmget(key(scripts, "job:poison"), "x", "c", "u") == ["crashed", None, "3"]  # given back twice, dead the third time
+
+
+def test_a_resent_beat_reports_what_the_first_call_found_crashed(scripts):
+    scripts.enqueue("tok", 100, 0, rows("poison"))
+    scripts.fetch("p1", "1", 1, LEASE_MS, 0, False)
+    expire(scripts, "p1")
+    first = scripts.beat("p2", LEASE_MS, 0, False, "1")
+    assert [c.id for c in first[2]] == ["poison"]
+    again = scripts.beat("p2", LEASE_MS, 0, True, "1")  # its reply was lost: sent again
+    assert again[0] and again[2] == first[2]  # (was [] without the beat id)
+    assert scripts.beat("p2", LEASE_MS, 0, True, "2")[2] == []  # the next beat: nothing new
+    scripts.release("p2")
+    assert scripts.client.hgetall(key(scripts, "beaten")) == {}

@@ -118,6 +118,7 @@ class QueueLink:
         self._round_lock = threading.Lock()
         self._unsent: Optional[Tuple[str, str, int, List[SettleOp]]] = None  # (proc, fetch id, n, ops)
         self._fetch_ids = itertools.count(1)
+        self._beat_ids = itertools.count(1)  # (used by the heartbeat only)
         self._round_connection: Any = None  # its own connection: rounds are one at a time anyway
         # Fetched jobs whose id the core still holds (a copy this process gave up, still running):
         # placed once that copy is done. Guarded by _round_lock.
@@ -612,8 +613,9 @@ class QueueLink:
                 with self._round_lock:  # never beside a round: a reap answer must meet a settled state
                     proc, registered = self._proc, self._registered
                     sent = time.monotonic()
-                    alive, _, crashed = self._round_scripts().beat(proc, self._lease_ms, self.broker.max_crash_recoveries,
-                                                          registered)
+                    alive, _, crashed = self.broker.call_resending(  # (its crashed jobs must not be lost)
+                        self._round_scripts().beat, proc, self._lease_ms, self.broker.max_crash_recoveries,
+                        registered, format(next(self._beat_ids), "x"))
                     if not alive:
                         self._abandon()
                     else:

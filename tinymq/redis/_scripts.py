@@ -246,9 +246,13 @@ class Scripts:
         return int(self._call("settle", [proc, len(ops), *_ops_args(ops)]))
 
     def beat(self, proc: str, lease_ms: int, max_crash_recoveries: int,
-             registered: bool) -> Tuple[bool, int, List[Crashed]]:
-        """Renew ``proc``'s lease and reap; ``(alive, server now ms, crashed)``."""
-        reply = self._call("beat", [proc, lease_ms, max_crash_recoveries, "1" if registered else "0"])
+             registered: bool, beat_id: str = "") -> Tuple[bool, int, List[Crashed]]:
+        """Renew ``proc``'s lease and reap; ``(alive, server now ms, crashed)``.
+
+        With a ``beat_id``, the same call sent again (its reply was lost) returns the
+        jobs the first found crashed, and reaps nothing more.
+        """
+        reply = self._call("beat", [proc, lease_ms, max_crash_recoveries, "1" if registered else "0", beat_id])
         return int(reply[0]) == 1, int(reply[1]), _crashed(reply[2])
 
     def reap(self, max_crash_recoveries: int) -> Tuple[int, List[Crashed]]:

@@ -30,6 +30,8 @@ Keys (after the prefix):
   fetched                  HASH  proc -> JSON [fetch id, [attempt...], [crashed...], worker
                                  threads] of its last fetch: a resent fetch returns the same;
                                  a reap reads which attempts cannot have started
+  beaten                   HASH  proc -> JSON [beat id, crashed rows] of its last beat (a
+                                 resent beat returns the same)
   limits                   HASH  type -> max concurrent attempts (absent: unlimited)
   running                  HASH  type -> attempts holding a slot (states L and X)
   parked:<p>:<type>        LIST  ids taken while their type was saturated, in order
@@ -52,6 +54,7 @@ local K_DELAYED = P .. 'delayed'
 local K_CAPPED = P .. 'capped'
 local K_PROCS = P .. 'procs'
 local K_FETCHED = P .. 'fetched'
+local K_BEATEN = P .. 'beaten'
 local K_LIMITS = P .. 'limits'
 local K_RUNNING = P .. 'running'
 local K_PARKEDN = P .. 'parkedn'
@@ -332,6 +335,7 @@ local function reap_proc(proc, now, max_crash, crashed)
   redis.call('DEL', ik)
   redis.call('ZREM', K_PROCS, proc)
   redis.call('HDEL', K_FETCHED, proc)
+  redis.call('HDEL', K_BEATEN, proc)
   flush_released()
 end
 

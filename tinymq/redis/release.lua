@@ -16,6 +16,7 @@ flush_released()
 redis.call('DEL', ik)
 redis.call('ZREM', K_PROCS, proc)
 redis.call('HDEL', K_FETCHED, proc)
+redis.call('HDEL', K_BEATEN, proc)
 flush_head() -- everything given back, and what it unparked, in FIFO order
 flush_counts()
 return stale
