@@ -245,6 +245,33 @@ def test_redis_killed_and_restarted_enqueue_raises_then_workers_resume(own_redis
         backend.close()
 
 
+def test_a_job_held_past_the_lease_during_an_outage_waits_and_stop_does_not_hang(own_redis_server):
+    # Redis goes down while a worker runs one job and holds the next: once the lease since
+    # its last renewal has run out, the worker may not start the next one (another process
+    # may have it), and stop() must not wait for a renewal that cannot come.
+    backend = Redis(own_redis_server.url, lease=0.5)
+    try:
+        queue = backend.queue()
+        with Blocker() as blocker:
+            queue.register_executor("t", blocker.fn)
+            queue.start_dispatcher(1)
+            queue.enqueue_many([Job("t", "first"), Job("t", "held")])
+            assert blocker.wait_started(1)
+            scripts = queue.broker._scripts
+            assert wait_until(lambda: len(scripts.client.keys(scripts.key("inflight:*"))) == 1
+                              and len(scripts.client.hgetall(scripts.client.keys(scripts.key("inflight:*"))[0])) == 2)
+            own_redis_server.kill()
+            time.sleep(1.0)  # two leases without a renewal
+            blocker.release()
+            assert not blocker.wait_started(2, timeout=QUIET)  # "held" waits for a renewal
+            began = time.monotonic()
+            queue.stop(wait=True)
+            assert time.monotonic() - began < WAIT / 2
+        assert [job.payload for job in blocker.started] == ["first"]
+    finally:
+        backend.close()
+
+
 OUTAGE_WATCH = 4.0  # seconds a worker tries to reach a server that is not there
 RETRY_GAP = 1.0  # the longest pause allowed between two tries late in an outage (0.25 s + noise)
 

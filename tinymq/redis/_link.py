@@ -263,7 +263,7 @@ class QueueLink:
                     raise _NotHeld(f"job {job.id} was given back before it started")
                 if time.monotonic() < self._renewed_at + lease:
                     break
-                if self._closing:  # release() hands it back with whatever else is still held
+                if self._closing or self.dispatcher.stopping:  # release() hands it back with the rest
                     raise _NotHeld(f"job {job.id} was not started: this process stops, and its "
                                    f"lease was last confirmed more than {lease:g}s ago")
                 self._renewal.wait(_RENEWAL_POLL)
