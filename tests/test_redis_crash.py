@@ -576,24 +576,21 @@ def test_a_job_that_kills_its_process_dies_crashed_once_and_spares_the_others(re
     poison_starts = [line for line in lines if line.kind == "S" and line.id == "poison"]
     failures = [(line.id, line.reason) for line in lines if line.kind == "F"]
     crashed_workers = [w for w in fleet.workers if w.process.returncode == 3]
-    # Each start killed its process. A start counts a crash unless the poison was its process's
-    # newest attempt beyond its threads (taken to wait for a thread, started as the attempt
-    # before it ended, which the process died before telling): that looks like an attempt that
-    # never started, and is bounded apart (lib.lua's reap_proc), so it starts at most twice as often.
-    assert MAX_CRASHES_D + 1 <= len(poison_starts) <= 2 * (MAX_CRASHES_D + 1)
+    assert 1 <= len(poison_starts) <= MAX_CRASHES_D + 1
     assert len(crashed_workers) == len(poison_starts)  # each start killed its process, nothing else did
-    assert held_at_crashes["poison"] == len(poison_starts)
+    assert held_at_crashes["poison"] == MAX_CRASHES_D + 1
     # reported once, by a process that reaped it (not one that ran it), and kept dead
     assert failures.count(("poison", "crashed")) == 1
     (reported,) = [line for line in lines if line.kind == "F" and line.id == "poison"]
     assert reported.pid not in {line.pid for line in poison_starts}
     assert dead.get("poison") == "crashed"
-    # every other job ran, except the ones running in a process that the poison killed more
-    # than max_crash_recoveries times: those die too (the ones waiting for a thread do not)
+    # every other job ran, except the ones held by a process that the poison killed more than
+    # max_crash_recoveries times: those die too (every attempt a dead process held counts a crash:
+    # Redis cannot tell a started one from one waiting for a thread, and API.md bounds the poison's starts)
     ended = {line.id for line in lines if line.kind == "E"}
     collateral = {job_id for job_id in dead if job_id != "poison"}
     assert sorted({job.id for job in innocent} - ended - collateral) == []
-    assert all(held_at_crashes[job_id] >= MAX_CRASHES_D + 1 and dead[job_id] == "crashed" for job_id in collateral)
+    assert all(held_at_crashes[job_id] == MAX_CRASHES_D + 1 and dead[job_id] == "crashed" for job_id in collateral)
     assert sorted(failures) == sorted((job_id, "crashed") for job_id in dead)  # each reported once
     assert (stats.jobs_succeeded, stats.jobs_failed) == (INNOCENT_JOBS - len(collateral), 1 + len(collateral))
     print(f"\n(d) the poison job started {len(poison_starts)} times (max_crash_recoveries={MAX_CRASHES_D}); "
@@ -671,28 +668,6 @@ def test_a_resumed_zombie_starts_no_buffered_job_before_it_can_renew(redis_url, 
         queue.broker.close()
         fleet.close()
     assert [l.id for l in fleet.lines() if l.pid == zombie.pid and l.kind == "S"] == ["running"]
-
-
-def test_a_job_buffered_beside_a_poison_job_is_not_counted_as_crashed(redis_url, fleet_factory):
-    name = "poison-neighbour"
-    fleet = fleet_factory(redis_url, name, lease=LEASE_D, max_crashes=0, threads=1)
-    queue = producer_queue(redis_url, name, LEASE_D, 0)
-    try:
-        queue.enqueue_many([Job("poison", 0.0, id="poison", priority=Priority.HIGH),
-                            Job("a", 0.0, id="innocent", priority=Priority.HIGH)])
-        first = fleet.start(wait=False)  # one thread: it takes both, starts the poison and dies
-        assert first.process.wait(START_WAIT) == 3
-        fleet.start()  # reaps it
-        assert queue.join(DRAIN_WAIT)
-        dead = [(d.job.id, d.reason) for d in queue.broker.dead_jobs()]
-    finally:
-        queue.stop()
-        queue.broker.close()
-        fleet.close()
-    lines = fleet.lines()
-    assert [l.id for l in lines if l.kind == "S"].count("poison") == 1
-    assert dead == [("poison", "crashed")]
-    assert "innocent" in {l.id for l in lines if l.kind == "E"}
 
 
 OUTAGE_LEASES = 2.5  # the Redis outage, in leases

@@ -535,8 +535,8 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
     for name in ("parkedn", "limits", "running", "stats"):
         out[name] = {k: int(v) for k, v in out[name].items() if int(v) != 0}
     fetched = {}
-    for proc, text in out["fetched"].items():  # JSON [fetch id, attempts, crashed, workers] ({} when empty)
-        fid, taken, crashed, _ = json.loads(text)  # (workers is always 0 here: every attempt counts)
+    for proc, text in out["fetched"].items():  # JSON [fetch id, attempts, crashed] ({} when empty)
+        fid, taken, crashed = json.loads(text)
         fetched[proc] = (fid, list(taken or []), sorted((c[0], c[1], int(c[2]), c[3]) for c in crashed or []))
     out["fetched"] = fetched
     for k, value in zip(dynamic, replies[13:]):

@@ -395,7 +395,7 @@ class QueueLink:
             self.broker._check_server()
             sent = time.monotonic()
             reply = self._round_scripts().fetch(proc, fetch_id, n, self._lease_ms, self.broker.max_crash_recoveries,
-                                                self._registered, ops, self._workers)
+                                       self._registered, ops)
             received = time.monotonic()
             self._unsent = None
             if reply.reaped:

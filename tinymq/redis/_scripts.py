@@ -225,14 +225,10 @@ class Scripts:
         return EnqueueReply(status, [])
 
     def fetch(self, proc: str, fetch_id: str, n: int, lease_ms: int, max_crash_recoveries: int,
-              registered: bool, ops: Sequence[SettleOp] = (), workers: int = 0) -> FetchReply:
-        """Settle ``ops``, renew, reap, promote, and take up to ``n`` jobs for ``proc``.
-
-        ``workers``: ``proc``'s worker threads; if it dies, its attempts beyond that many
-        (its newest) cannot have started and count no crash. 0: every attempt counts.
-        """
+              registered: bool, ops: Sequence[SettleOp] = ()) -> FetchReply:
+        """Settle ``ops``, renew, reap, promote, and take up to ``n`` jobs for ``proc``."""
         reply = self._call("fetch", [proc, fetch_id, n, lease_ms, max_crash_recoveries,
-                                     "1" if registered else "0", workers, len(ops), *_ops_args(ops)])
+                                     "1" if registered else "0", len(ops), *_ops_args(ops)])
         due = float(reply[2])
         return FetchReply(
             reaped=int(reply[0]) == 0, now_ms=int(reply[1]), next_due_ms=None if due < 0 else due,

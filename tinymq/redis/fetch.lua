@@ -1,8 +1,7 @@
 --[[ fetch: settle a batch, renew the lease, reap, promote due jobs, take up to n jobs.
 KEYS[1] prefix. ARGV: proc, fetch id, n, lease ms, max crash recoveries,
-registered ('1' when proc fetched or beat before), worker threads (0: not told; a reap
-then counts a crash for every attempt), settle count, then settle ops (2 or 6 entries
-each, see settle in lib.lua).
+registered ('1' when proc fetched or beat before), settle count, then settle ops
+(2 or 6 entries each, see settle in lib.lua).
 Returns {status, server now ms, next due ms (fractional, as text; -1: none), stale settles,
          crashed {{id, body, retries, error}...}, jobs {{attempt, body, retries, error}...},
          server now us (to time the next due job)}
@@ -17,7 +16,7 @@ takes nothing new and returns the attempts the first call took and the jobs it f
 crashed (each reported once, by whoever gets the reply). ]]
 local proc, fid, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local lease, max_crash, registered = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
-local workers, nsettle = tonumber(ARGV[7]), tonumber(ARGV[8])
+local nsettle = tonumber(ARGV[7])
 local now = now_ms()
 mind_the_gap(now, lease)
 local ik = inflight_key(proc)
@@ -36,7 +35,7 @@ if last and last[1] == fid then -- a resend of the last fetch
   end
   return {1, now, next_due(), nsettle, last[3], jobs, now_us}
 end
-local stale = settle(proc, ARGV, 9, nsettle, now)
+local stale = settle(proc, ARGV, 8, nsettle, now)
 local crashed = {}
 reap(now, max_crash, crashed)
 flush_head()
@@ -108,7 +107,7 @@ for _, pk in ipairs(parked_keys) do
 end
 if #fields > 0 then redis.call('HSET', ik, unpack(fields)) end
 for t, k in pairs(took) do redis.call('HINCRBY', K_RUNNING, t, k) end
-redis.call('HSET', K_FETCHED, proc, cjson.encode({fid, taken, crashed, workers}))
+redis.call('HSET', K_FETCHED, proc, cjson.encode({fid, taken, crashed}))
 if (#taken >= n or parked_budget == 0) and ready_left() > 0 then signal() end -- chain the wake-up
 flush_counts()
 return {1, now, next_due(), stale, crashed, jobs, now_us}

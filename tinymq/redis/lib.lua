@@ -12,8 +12,7 @@ Keys (after the prefix):
   capped                   ZSET  the subset of `delayed` that max_delayed_jobs counts
                                  and may evict (new delayed jobs; never retries)
   job:<id>                 HASH  t type, p priority, b body (client JSON), r retries,
-                                 e last error, c crash count, u times given back by a
-                                 reap as never started, o FIFO order (from `seq`,
+                                 e last error, c crash count, o FIFO order (from `seq`,
                                  set when it goes to the tail of a ready list),
                                  k enqueue token, x dead reason (only while dead)
   seq                      STRING the last FIFO order handed out
@@ -27,9 +26,8 @@ Keys (after the prefix):
                                  L live (buffered or running), X timed out and decided
                                  but still running (holds only its type slot),
                                  R returned after its deadline, decision not yet seen
-  fetched                  HASH  proc -> JSON [fetch id, [attempt...], [crashed...], worker
-                                 threads] of its last fetch: a resent fetch returns the same;
-                                 a reap reads which attempts cannot have started
+  fetched                  HASH  proc -> JSON [fetch id, [attempt...], [crashed...]] of its
+                                 last fetch: a resent fetch returns the same
   beaten                   HASH  proc -> JSON [beat id, crashed rows] of its last beat (a
                                  resent beat returns the same)
   limits                   HASH  type -> max concurrent attempts (absent: unlimited)
@@ -273,45 +271,13 @@ local function settle(proc, argv, first, n, now)
   return stale
 end
 
---[[ The attempts of a dead process that cannot have started: with w worker threads (sent
-with each fetch) at most w of its L attempts ran; the others are its newest, fetched to
-wait for a free thread (the local buffer runs jobs in the order they came). They are
-looked for, newest first, in its last fetch. Returns a set of attempts. ]]
-local function never_started(proc, entries)
-  local last = redis.call('HGET', K_FETCHED, proc)
-  last = last and cjson.decode(last)
-  local workers = last and tonumber(last[4]) or 0
-  local out = {}
-  if workers == 0 then return out end -- not told: any attempt may have run
-  local live = {}
-  for i = 1, #entries, 2 do
-    if string.sub(entries[i + 1], 1, 1) == 'L' then live[entries[i]] = true end
-  end
-  local extra = -workers
-  for _ in pairs(live) do extra = extra + 1 end
-  for k = #last[2], 1, -1 do
-    if extra <= 0 then break end
-    if live[last[2][k]] then
-      out[last[2][k]] = true
-      extra = extra - 1
-    end
-  end
-  return out
-end
-
 --[[ Reap one process whose lease expired: every attempt without a decision (L, R)
 counts a crash and goes back to the head of its level, or dead ("crashed") past
-max_crash; an X attempt only frees its slot. An attempt that cannot have started
-(never_started) counts no crash: it goes back as it is. But a job started just before
-its process died, with the end of the attempt before it not yet told, looks the same; so
-that such a job cannot kill processes forever, those give-backs are counted apart (u)
-and a job given back so more than max_crash + 1 times (as many as it may start) is
-dead ("crashed") too.
-Appends {id, body, retries, error} of each job that died to `crashed`. ]]
+max_crash; an X attempt only frees its slot. Appends {id, body, retries, error} of
+each job that died to `crashed`. ]]
 local function reap_proc(proc, now, max_crash, crashed)
   local ik = inflight_key(proc)
   local entries = redis.call('HGETALL', ik)
-  local unstarted = never_started(proc, entries)
   for i = 1, #entries, 2 do
     local attempt, v = entries[i], entries[i + 1]
     local state, t = string.sub(v, 1, 1), string.sub(v, 2)
@@ -320,9 +286,7 @@ local function reap_proc(proc, now, max_crash, crashed)
       local id = id_of(attempt)
       local jk = job_key(id)
       if redis.call('EXISTS', jk) == 1 then
-        local bound = max_crash
-        if unstarted[attempt] then bound = max_crash + 1 end
-        if redis.call('HINCRBY', jk, unstarted[attempt] and 'u' or 'c', 1) > bound then
+        if redis.call('HINCRBY', jk, 'c', 1) > max_crash then
           local f = redis.call('HMGET', jk, 'b', 'r', 'e')
           job_dead(id, 'crashed', '', f[2] or '0', now)
           table.insert(crashed, {id, f[1], f[2] or '0', f[3] or ''})
