@@ -26,7 +26,7 @@ Keys (after the prefix):
                                  L live (buffered or running), X timed out and decided
                                  but still running (holds only its type slot),
                                  R returned after its deadline, decision not yet seen
-  fetched                  HASH  proc -> JSON [fetch id, [attempt...], [crashed...]] of its
+  fetched                  HASH  proc -> JSON [fetch id, [attempt...], [crashed...] ] of its
                                  last fetch: a resent fetch returns the same
   beaten                   HASH  proc -> JSON [beat id, crashed rows] of its last beat (a
                                  resent beat returns the same)
