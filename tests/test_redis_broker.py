@@ -5,9 +5,11 @@ back; dead jobs; a reaped process's late results; crash recovery counted and
 reported once; Redis killed and restarted under a running queue.
 """
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -62,6 +64,26 @@ def test_global_limit_across_two_worker_queues(shared):
     assert producer.join(WAIT)
     assert blocker.max_active == 2
     assert sorted(job.payload for job in blocker.started) == list(range(6))
+
+
+def test_shared_executors_show_the_fleets_slots_and_live_worker_processes(shared):
+    producer = shared.queue()  # never started: not a worker process
+    workers = [shared.queue(), shared.queue()]
+    assert producer.broker.shared_executors() == ({}, 0)
+    with Blocker() as blocker:
+        for worker in workers:
+            worker.register_executor("t", blocker.fn, ExecutorConfig(max_concurrent_jobs=2))
+            worker.register_executor("u", blocker.fn)  # the default limit, 10
+            worker.start_dispatcher(3)
+        # a worker process counts from its first call to Redis (it registers then)
+        assert wait_until(lambda: producer.broker.shared_executors()[1] == 2)
+        producer.enqueue_many([Job("t", i) for i in range(3)])
+        assert blocker.wait_started(2)
+        assert producer.broker.shared_executors() == ({"t": (2, 2), "u": (0, 10)}, 2)
+    assert producer.join(WAIT)
+    assert producer.broker.shared_executors() == ({"t": (0, 2), "u": (0, 10)}, 2)
+    workers[0].stop()
+    assert producer.broker.shared_executors() == ({"t": (0, 2), "u": (0, 10)}, 1)
 
 
 def test_stop_gives_unstarted_buffered_jobs_back_to_the_head_in_order(shared):
@@ -221,6 +243,70 @@ def test_redis_killed_and_restarted_enqueue_raises_then_workers_resume(own_redis
         assert (stats.jobs_enqueued, stats.jobs_succeeded) == (20, 20)  # the AOF kept the counters
     finally:
         backend.close()
+
+
+def test_a_job_held_past_the_lease_during_an_outage_waits_and_stop_does_not_hang(own_redis_server):
+    # Redis goes down while a worker runs one job and holds the next: once the lease since
+    # its last renewal has run out, the worker may not start the next one (another process
+    # may have it), and stop() must not wait for a renewal that cannot come.
+    backend = Redis(own_redis_server.url, lease=0.5)
+    try:
+        queue = backend.queue()
+        with Blocker() as blocker:
+            queue.register_executor("t", blocker.fn)
+            queue.start_dispatcher(1)
+            queue.enqueue_many([Job("t", "first"), Job("t", "held")])
+            assert blocker.wait_started(1)
+            scripts = queue.broker._scripts
+            assert wait_until(lambda: len(scripts.client.keys(scripts.key("inflight:*"))) == 1
+                              and len(scripts.client.hgetall(scripts.client.keys(scripts.key("inflight:*"))[0])) == 2)
+            own_redis_server.kill()
+            time.sleep(1.0)  # two leases without a renewal
+            blocker.release()
+            assert not blocker.wait_started(2, timeout=QUIET)  # "held" waits for a renewal
+            began = time.monotonic()
+            queue.stop(wait=True)
+            assert time.monotonic() - began < WAIT / 2
+        assert [job.payload for job in blocker.started] == ["first"]
+    finally:
+        backend.close()
+
+
+OUTAGE_WATCH = 4.0  # seconds a worker tries to reach a server that is not there
+RETRY_GAP = 1.0  # the longest pause allowed between two tries late in an outage (0.25 s + noise)
+
+
+def test_a_worker_keeps_trying_at_a_short_interval_through_a_long_outage():
+    # A port that accepts and drops every connection: a server that is down (or restarting).
+    # The pump's retries may back off, but not so far that a worker sits idle for seconds
+    # after Redis is back (it used to double up to 2 s).
+    listener = socket.create_server(("127.0.0.1", 0))
+    tries = []
+
+    def accept():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            tries.append(time.monotonic())
+            connection.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    broker = RedisBroker(f"redis://127.0.0.1:{listener.getsockname()[1]}/0", name="down", lease=60.0)
+    queue = Queue(broker=broker)
+    queue.register_executor("t", lambda job: None)
+    try:
+        start = time.monotonic()
+        queue.start_dispatcher(1)
+        time.sleep(OUTAGE_WATCH)
+        end = time.monotonic()
+    finally:
+        queue.stop(wait=False)
+        broker.close()
+        listener.close()
+    late = [start + 1.0] + [t for t in tries if start + 1.0 < t < end] + [end]  # (stop() tries once more)
+    assert max(b - a for a, b in zip(late, late[1:])) < RETRY_GAP, [round(t - start, 3) for t in tries]
 
 
 def test_an_evicting_maxmemory_policy_is_warned_about_at_connect(tmp_path, caplog):

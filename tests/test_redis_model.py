@@ -26,6 +26,7 @@ checks the same with a real short lease and a real wait.
 import copy
 import itertools
 import json
+import math
 import os
 from collections import Counter
 from typing import Any, Dict, List, Optional, Tuple
@@ -52,8 +53,8 @@ EXERCISED: Counter = Counter()  # what the machine's steps exercised, over all e
 # Orders the model demands. With True, the model asks for the FIFO order the API
 # promises; with False it follows the order the scripts currently produce (each is a
 # finding with a strict xfail reproducer below), so the model test can go on finding others.
-HEAD_BLOCK_FIFO = False  # jobs pushed back to the head by one call keep their FIFO order
-DUE_TIE_FIFO = False  # delayed jobs with the same due time come out in the order they went in
+HEAD_BLOCK_FIFO = True  # jobs pushed back to the head by one call keep their FIFO order
+DUE_TIE_FIFO = True  # delayed jobs with the same due time come out in the order they went in
 
 
 def server_us(client) -> int:
@@ -116,13 +117,15 @@ class Model:
         self.jobs: Dict[str, MJob] = {}
         self.ready: Dict[int, List[str]] = {0: [], 1: [], 2: []}
         self.head: Dict[int, int] = {0: 0, 1: 0, 2: 0}  # ids pushed to the head in this call
+        self.placed: Dict[float, float] = {}  # due time asked -> the score its last job got, this call
         self.parked: Dict[Tuple[int, str], List[str]] = {}
         self.delayed: Dict[str, int] = {}
         self.capped: Dict[str, int] = {}
         self.dead: set = set()
         self.inflight: Dict[str, Dict[str, str]] = {}  # in insertion order (HGETALL's order)
         self.procs: Dict[str, int] = {}
-        self.fetched: Dict[str, Tuple[str, List[str]]] = {}
+        self.fetched: Dict[str, Tuple[str, List[str], List[Tuple[str, str, int, str]]]] = {}
+        self.tokens: Dict[str, List[Tuple[str, str]]] = {}  # accepted enqueue token -> what it evicted
         self.limits: Dict[str, int] = {}
         self.running: Counter = Counter()
         self.stats: Counter = Counter()
@@ -139,6 +142,7 @@ class Model:
 
     def begin_call(self) -> None:
         self.head = {0: 0, 1: 0, 2: 0}
+        self.placed = {}
 
     def push_tail(self, job_id: str) -> None:
         job = self.jobs[job_id]
@@ -164,7 +168,19 @@ class Model:
     def due_key(self, job_id: str, score: int) -> Tuple[int, Any]:
         return (score, self.jobs[job_id].order if DUE_TIE_FIFO else job_id)
 
+    def after_ties(self, due: float) -> float:
+        """lib.lua's after_ties: a job due at the same instant as others goes one ulp after the last."""
+        last = self.placed.get(due)
+        if last is None:
+            tied = [s for s in self.delayed.values() if due <= s <= due + 0.0005]
+            last = max(tied) if tied else None
+        score = due if last is None else math.nextafter(last, math.inf)
+        self.placed[due] = score
+        return score
+
     def add_delayed(self, job_id: str, due: int, capped: bool) -> None:
+        if DUE_TIE_FIFO:
+            due = self.after_ties(due)
         self.jobs[job_id].order = next(self.order)
         self.delayed[job_id] = due
         if capped:
@@ -300,6 +316,8 @@ class Model:
 
     def enqueue(self, token: str, rows: List[Tuple[str, str, int, int, str]], now_us: int):
         self.begin_call()
+        if token in self.tokens:  # a resend, even after its jobs finished: with what it evicted
+            return ("again", list(self.tokens[token]), None, 0)
         unfinished = self.unfinished()
         for job_id, *_ in rows:
             if job_id in unfinished:
@@ -331,6 +349,7 @@ class Model:
                 self.push_tail(job_id)
         self.stats["enqueued"] += len(rows)
         self.stats["outstanding"] += len(rows)
+        self.tokens[token] = list(evicted)
         return ("ok", evicted, None, 0)
 
     def fetch(self, proc: str, fetch_id: str, n: int, registered: bool, ops: List[SettleOp], now_us: int):
@@ -343,7 +362,7 @@ class Model:
         if last is not None and last[0] == fetch_id:  # a resend: the same attempts, nothing new
             held = self.inflight.get(proc, {})
             jobs = [self.fetched_row(a) for a in last[1] if held.get(a, "").startswith("L")]
-            return (False, len(ops), [], jobs, self.next_due())
+            return (False, len(ops), sorted(last[2]), jobs, self.next_due())
         stale = self.settle(proc, ops, now_us)
         crashed: List[Tuple[str, str, int, str]] = []
         self.reap(now_us, crashed)
@@ -354,21 +373,29 @@ class Model:
             self.push_tail(job_id)
         taken: List[str] = []
         running = dict(self.running)
+        parking: Dict[Tuple[int, str], List[str]] = {}
         for level in (2, 1, 0):
             while len(taken) < n and self.ready[level]:
                 job_id = self.pop_head(level)
                 job = self.jobs[job_id]
                 limit = self.limits.get(job.type)
                 if limit is not None and running.get(job.type, 0) >= limit:
-                    self.parked.setdefault((level, job.type), []).append(job_id)
+                    parking.setdefault((level, job.type), []).append(job_id)
                     self.stats[f"parked:{level}"] += 1
                 else:
                     running[job.type] = running.get(job.type, 0) + 1
                     attempt = f"{fetch_id}:{job_id}"
                     self.inflight.setdefault(proc, {})[attempt] = "L" + job.type
                     taken.append(attempt)
+        for key, ids in parking.items():  # behind the parked ones, but jobs older than the first in front
+            line = self.parked.setdefault(key, [])
+            front = 0
+            while line and front < len(ids) and self.jobs[ids[front]].order < self.jobs[line[0]].order:
+                front += 1
+            line[:0] = ids[:front]
+            line.extend(ids[front:])
         self.running = Counter(running)
-        self.fetched[proc] = (fetch_id, taken)
+        self.fetched[proc] = (fetch_id, taken, sorted(crashed))
         return (False, stale, sorted(crashed), [self.fetched_row(a) for a in taken], self.next_due())
 
     def next_due(self) -> Optional[int]:
@@ -464,7 +491,8 @@ class Model:
             "dead": set(self.dead),
             "inflight": {proc: dict(held) for proc, held in self.inflight.items() if held},
             "procs": dict(self.procs),
-            "fetched": {proc: [fid] + taken for proc, (fid, taken) in self.fetched.items()},
+            "fetched": {proc: (fid, list(taken), sorted(crashed))
+                        for proc, (fid, taken, crashed) in self.fetched.items()},
             "limits": dict(self.limits),
             "running": {t: n for t, n in self.running.items() if n},
             "stats": {k: n for k, n in self.stats.items() if n},
@@ -506,7 +534,11 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
     out["signal"] = replies[12]
     for name in ("parkedn", "limits", "running", "stats"):
         out[name] = {k: int(v) for k, v in out[name].items() if int(v) != 0}
-    out["fetched"] = {proc: json.loads(last) for proc, last in out["fetched"].items()}
+    fetched = {}
+    for proc, text in out["fetched"].items():  # JSON [fetch id, attempts, crashed] ({} when empty)
+        fid, taken, crashed = json.loads(text)
+        fetched[proc] = (fid, list(taken or []), sorted((c[0], c[1], int(c[2]), c[3]) for c in crashed or []))
+    out["fetched"] = fetched
     for k, value in zip(dynamic, replies[13:]):
         rest = k[len(prefix):]
         if rest.startswith("parked:"):
@@ -514,12 +546,14 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
             out["parked"][(int(level), job_type)] = value
         elif rest.startswith("inflight:"):
             out["inflight"][rest[len("inflight:"):]] = value
-        else:
-            out["jobs"][rest[len("job:"):]] = value
+        else:  # (o, the FIFO order, is the model's MJob.order: compared through the orders it makes)
+            out["jobs"][rest[len("job:"):]] = {k: v for k, v in value.items() if k != "o"}
     known = {prefix + name for name in ("ready:0", "ready:1", "ready:2", "delayed", "capped", "procs",
                                         "dead", "parkedn", "fetched", "limits", "running", "stats",
                                         "signal")}
-    out["unknown keys"] = sorted(set(keys) - known - set(dynamic))
+    known |= {prefix + "seq", prefix + "clock"}  # the FIFO order counter; the outage clock
+    out["unknown keys"] = sorted(set(keys) - known - set(dynamic)
+                                 - {k for k in keys if k.startswith(prefix + "tokens:")})
     return out
 
 
@@ -1091,7 +1125,7 @@ def test_a_short_lease_runs_out_in_real_time_and_a_delay_comes_due(redis_client)
     check_invariants(read_redis(scripts))
 
 
-# --- findings: each a minimal reproducer, xfail until the scripts are fixed ----------------
+# --- findings: each a minimal reproducer (xfail until the scripts were fixed) -------------
 
 
 @pytest.fixture
@@ -1112,18 +1146,14 @@ def expire(scripts: Scripts, proc: str) -> None:
     scripts.client.zadd(scripts.key("procs"), {proc: 0})
 
 
-@pytest.mark.xfail(strict=True, reason="reap pushes a dead process's attempts back one by one (LPUSH), "
-                                       "so they come back in reverse order: FIFO at hand-out is broken")
 def test_reaped_attempts_go_back_to_the_head_in_their_order(scripts):
     scripts.enqueue("tok", 10, 0, rows("a", "b", "c"))
     assert [j.id for j in scripts.fetch("p1", "1", 2, LEASE, 3, False).jobs] == ["a", "b"]
     expire(scripts, "p1")
     assert scripts.reap(3) == (1, [])
-    assert ready_ids(scripts) == ["a", "b", "c"]  # is ["b", "a", "c"]
+    assert ready_ids(scripts) == ["a", "b", "c"]  # (was ["b", "a", "c"] before the fix)
 
 
-@pytest.mark.xfail(strict=True, reason="slots freed together unpark their type's parked jobs one by one "
-                                       "(LPOP parked, LPUSH ready): they come back in reverse order")
 @pytest.mark.parametrize("how", ["settle", "raise the limit"])
 def test_jobs_unparked_together_keep_their_order(scripts, how):
     scripts.set_limits({"t": 2})
@@ -1134,24 +1164,18 @@ def test_jobs_unparked_together_keep_their_order(scripts, how):
         assert scripts.settle("p1", [SettleOp("S", j.attempt) for j in taken]) == 0
     else:
         assert scripts.set_limits({"t": 4}) == 2
-    assert ready_ids(scripts) == ["s3", "s4"]  # is ["s4", "s3"]
+    assert ready_ids(scripts) == ["s3", "s4"]  # (was ["s4", "s3"] before the fix)
 
 
-@pytest.mark.xfail(strict=True, reason="release gives back the unstarted attempts at the head, then unparks "
-                                       "the jobs their freed slots let in ahead of them: a later job of the "
-                                       "same level overtakes the given-back one")
 def test_stop_gives_back_ahead_of_jobs_parked_behind(scripts):
     scripts.set_limits({"t": 1})
     scripts.enqueue("tok", 10, 0, rows("a", "b"))
     taken = scripts.fetch("p1", "1", 2, LEASE, 3, False).jobs
     assert [j.id for j in taken] == ["a"]  # b parked behind a
     assert scripts.release("p1", [SettleOp("B", taken[0].attempt)]) == 0
-    assert ready_ids(scripts) == ["a", "b"]  # is ["b", "a"]
+    assert ready_ids(scripts) == ["a", "b"]  # (was ["b", "a"] before the fix)
 
 
-@pytest.mark.xfail(strict=True, reason="delayed jobs with the same due time are ordered by id in the ZSET, "
-                                       "not in the order they were enqueued (the in-process heap is FIFO "
-                                       "among equal run_at)")
 def test_delayed_jobs_due_together_come_out_in_enqueue_order(scripts):
     scripts.enqueue("tok", 10, 0, rows("b", "a", delay_ms=1))  # one call: one due time
     jobs: List[str] = []
@@ -1160,23 +1184,17 @@ def test_delayed_jobs_due_together_come_out_in_enqueue_order(scripts):
         jobs += [j.id for j in reply.jobs]
         if len(jobs) == 2:
             break
-    assert jobs == ["b", "a"]  # is ["a", "b"]
+    assert jobs == ["b", "a"]  # (was ["a", "b"] before the fix)
 
 
-@pytest.mark.xfail(strict=True, reason="the 'again' reply of a resent enqueue does not carry the jobs the "
-                                       "first call evicted: when the first reply is lost, the evictions are "
-                                       "never reported to on_failure")
 def test_a_resent_enqueue_reports_what_the_first_call_evicted(scripts):
     scripts.enqueue("tok1", 10, 1, rows("old", delay_ms=UNIT))
     first = scripts.enqueue("tok2", 10, 1, rows("new", delay_ms=UNIT))
     assert first.status == "ok" and first.evicted == [("old", "body-old")]
     again = scripts.enqueue("tok2", 10, 1, rows("new", delay_ms=UNIT))  # redis-py's resend
-    assert again.evicted == first.evicted  # is "again" with []
+    assert again.evicted == first.evicted  # (was "again" with [] before the fix)
 
 
-@pytest.mark.xfail(strict=True, reason="a resent fetch returns no crashed jobs: when the first reply is "
-                                       "lost, a job that died with its process is never reported "
-                                       "('crashed' exactly once, by the process that reaps)")
 def test_a_resent_fetch_reports_what_the_first_call_found_crashed(scripts):
     scripts.enqueue("tok", 10, 0, rows("poison"))
     scripts.fetch("p1", "1", 1, LEASE, 0, False)
@@ -1184,15 +1202,24 @@ def test_a_resent_fetch_reports_what_the_first_call_found_crashed(scripts):
     first = scripts.fetch("p2", "1", 1, LEASE, 0, False)
     assert [c.id for c in first.crashed] == ["poison"]
     again = scripts.fetch("p2", "1", 1, LEASE, 0, True)  # redis-py's resend
-    assert again.crashed == first.crashed  # is []
+    assert again.crashed == first.crashed  # (was [] before the fix)
 
 
-@pytest.mark.xfail(strict=True, reason="an enqueue is recognised as a resend only while its jobs are "
-                                       "unfinished: resent after its job ran (lost reply, reconnect, "
-                                       "resend), the job is enqueued and runs a second time")
 def test_an_enqueue_resent_after_its_job_finished_does_not_enqueue_it_again(scripts):
     assert scripts.enqueue("tok", 10, 0, rows("a")).status == "ok"
     attempt = scripts.fetch("p1", "1", 1, LEASE, 3, False).jobs[0].attempt
     assert scripts.settle("p1", [SettleOp("S", attempt)]) == 0  # another worker ran it meanwhile
-    assert scripts.enqueue("tok", 10, 0, rows("a")).status == "again"  # is "ok"
+    assert scripts.enqueue("tok", 10, 0, rows("a")).status == "again"  # (was "ok" before the fix)
     assert ready_ids(scripts) == []
+
+
+def test_a_job_parked_again_after_a_reap_keeps_its_place_ahead_of_later_jobs(scripts):
+    # (found by the crash tests' review: it went to the back of its type's waiting line)
+    scripts.set_limits({"t": 1})
+    scripts.enqueue("tok", 10, 0, rows("a", "b", "c"))
+    assert [j.id for j in scripts.fetch("p1", "1", 3, LEASE, 3, False).jobs] == ["a"]  # b, c parked
+    expire(scripts, "p1")
+    # p2's fetch reaps p1: a goes back to the head, its freed slot lets b out ahead of c; p2
+    # then takes a, and b, its type saturated again, is parked in front of c, where it was
+    assert [j.id for j in scripts.fetch("p2", "1", 2, LEASE, 3, False).jobs] == ["a"]
+    assert scripts.client.lrange(scripts.key("parked:1:t"), 0, -1) == ["b", "c"]  # (was ["c", "b"])

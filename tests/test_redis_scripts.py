@@ -223,5 +223,27 @@ def test_enqueueing_the_id_of_a_dead_job_replaces_it(scripts):
     assert scripts.enqueue("tok2", 100, 0, rows("a")).status == "ok"
     assert scripts.client.zrange(key(scripts, "dead"), 0, -1) == []
     assert scripts.client.hgetall(key(scripts, "job:a")) == {
-        "t": "t", "p": "1", "b": "body-a", "r": "0", "k": "tok2"}
+        "t": "t", "p": "1", "b": "body-a", "r": "0", "k": "tok2", "o": "2"}  # o: its FIFO order
     check_invariants(scripts)
+
+
+def test_a_dead_process_counts_a_crash_for_every_attempt_it_held(scripts):
+    # Started or only buffered, Redis cannot tell: each counts (API: a job that kills its
+    # process starts at most max_crash_recoveries + 1 times).
+    scripts.enqueue("tok", 100, 0, rows("a", "b"))
+    scripts.fetch("p1", "1", 2, LEASE_MS, 0, False)
+    expire(scripts, "p1")
+    assert sorted(c.id for c in scripts.reap(0)[1]) == ["a", "b"]
+
+
+def test_a_resent_beat_reports_what_the_first_call_found_crashed(scripts):
+    scripts.enqueue("tok", 100, 0, rows("poison"))
+    scripts.fetch("p1", "1", 1, LEASE_MS, 0, False)
+    expire(scripts, "p1")
+    first = scripts.beat("p2", LEASE_MS, 0, False, "1")
+    assert [c.id for c in first[2]] == ["poison"]
+    again = scripts.beat("p2", LEASE_MS, 0, True, "1")  # its reply was lost: sent again
+    assert again[0] and again[2] == first[2]  # (was [] without the beat id)
+    assert scripts.beat("p2", LEASE_MS, 0, True, "2")[2] == []  # the next beat: nothing new
+    scripts.release("p2")
+    assert scripts.client.hgetall(key(scripts, "beaten")) == {}

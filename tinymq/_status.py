@@ -105,31 +105,10 @@ def _with_redis_queue(url: str, name: str, work: Callable[[Queue], T]) -> T:
 
 
 def _shared_executors(queue: Queue) -> Tuple[Dict[str, Dict[str, int]], int]:
-    """Every process's executors: type -> attempts taken and global limit; and live worker processes.
-
-    An attempt is taken from when a worker process fetches it (to run it, or
-    buffered to run next) until its outcome is settled: that is what the global
-    limit counts.
-
-    ``get_stats()`` has this process's executors only (none here), so this reads
-    the broker's ``limits``, ``running`` and ``procs`` keys, as tinymq/redis/lib.lua
-    lays them out.
-    """
-    broker: Any = queue.broker
-    key = broker._scripts.key
-    try:
-        pipe = broker.client.pipeline(transaction=False)
-        pipe.hgetall(key("limits"))
-        pipe.hgetall(key("running"))
-        pipe.time()
-        limits, running, (seconds, microseconds) = pipe.execute()
-        now_ms = seconds * 1000 + microseconds // 1000
-        processes = broker.client.zcount(key("procs"), now_ms, "+inf")  # leases not yet run out
-    except Exception as exc:  # redis.RedisError; redis-py may not be importable here by name
-        raise TinyMQError(f"could not read the executors of Redis queue {broker.name!r}: {exc}") from exc
-    executors = {job_type: {"taken": int(running.get(job_type, 0)), "max_jobs": int(limit)}
-                 for job_type, limit in sorted(limits.items())}
-    return executors, processes
+    """Every process's executors (type -> attempts taken and global limit) and live worker processes."""
+    executors, processes = queue.broker.shared_executors()  # type: ignore[attr-defined]
+    return ({job_type: {"taken": taken, "max_jobs": limit} for job_type, (taken, limit) in executors.items()},
+            processes)
 
 
 def redis_status(url: str, name: str) -> Dict[str, Any]:

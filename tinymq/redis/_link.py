@@ -17,6 +17,12 @@ Threads (started by ``start``):
 - the heartbeat: renews this process's lease every ``lease / 4`` and reaps
   dead processes; if this process was reaped, it abandons its buffer and
   registers again under a new id.
+
+A worker starts a fetched job only while the last confirmed renewal of the
+lease is younger than the lease (measured from when that call was sent, so
+never later than the server's expiry): past it, this process may have been
+reaped and the job handed to another, so the worker waits for the next
+renewal, or for the news that the job is no longer this process's.
 """
 import itertools
 import logging
@@ -42,7 +48,7 @@ _SETTLE_BATCH = 32  # settle ops that make the pump flush at once
 _SETTLE_DELAY = 0.001  # seconds an op may wait for company before the pump flushes it
 _IDLE_WAIT = 1.0  # seconds an idle pump blocks in Redis before it looks again
 _BACKOFF_MIN = 0.05  # seconds before the first retry after Redis failed
-_BACKOFF_MAX = 2.0
+_BACKOFF_MAX = 0.25  # (connecting to a server that is back costs little; waiting costs latency)
 _ROOM_POLL_MIN = 0.001  # enqueue(block=True) and join() look again after this, doubling
 _ROOM_POLL_MAX = 0.05
 _LOG_EVERY = 30.0  # seconds between two warnings about the same outage
@@ -50,6 +56,7 @@ _MS = 1000.0
 _US = 1_000_000.0
 _DIGITS = 3  # delays are sent in ms to the microsecond
 _SOCKET_TIMEOUT = 10.0  # a round's reply slower than this is a dead connection
+_RENEWAL_POLL = 0.05  # seconds a worker waiting for a renewal looks again (it is also woken)
 
 _PENDING, _STARTED, _GIVEN_BACK = range(3)
 
@@ -89,6 +96,8 @@ class QueueLink:
         self._lease_ms = max(1, int(broker.lease * _MS))
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # slots freed, ops added, closing
+        self._renewal = threading.Condition(self._lock)  # the lease was renewed, or lost, or closing
+        self._renewed_at = -math.inf  # monotonic time the last call that renewed the lease was sent
         # Guarded by _lock:
         self._attempts: Dict[Any, _Attempt] = {}  # job -> this process's attempt of it
         self._in_hand = 0  # attempts fetched and not yet decided (buffered or running)
@@ -109,6 +118,7 @@ class QueueLink:
         self._round_lock = threading.Lock()
         self._unsent: Optional[Tuple[str, str, int, List[SettleOp]]] = None  # (proc, fetch id, n, ops)
         self._fetch_ids = itertools.count(1)
+        self._beat_ids = itertools.count(1)  # (used by the heartbeat only)
         self._round_connection: Any = None  # its own connection: rounds are one at a time anyway
         # Fetched jobs whose id the core still holds (a copy this process gave up, still running):
         # placed once that copy is done. Guarded by _round_lock.
@@ -239,12 +249,31 @@ class QueueLink:
     # --- the AttemptLedger: what the dispatcher reports ------------------------------
 
     def started(self, job: Any) -> None:
-        """A worker is about to run ``job``: refuse it unless this process still holds it."""
+        """A worker is about to run ``job``: refuse it unless this process still holds it.
+
+        Past the lease since the last confirmed renewal, the job may be another
+        process's already: wait for the next renewal (or for the news that it is not
+        ours), since Redis may be slow to answer just as this process wakes up.
+        """
+        lease = self.broker.lease
         with self._lock:
-            record = self._attempts.get(job)
-            if record is None or record.state != _PENDING:
-                raise _NotHeld(f"job {job.id} was given back before it started")
+            while True:
+                record = self._attempts.get(job)
+                if record is None or record.state != _PENDING:
+                    raise _NotHeld(f"job {job.id} was given back before it started")
+                if time.monotonic() < self._renewed_at + lease:
+                    break
+                if self._closing or self.dispatcher.stopping:  # release() hands it back with the rest
+                    raise _NotHeld(f"job {job.id} was not started: this process stops, and its "
+                                   f"lease was last confirmed more than {lease:g}s ago")
+                self._renewal.wait(_RENEWAL_POLL)
             record.state = _STARTED
+
+    def _renewed(self, sent: float) -> None:
+        """A call sent at ``sent`` (monotonic) renewed the lease. Called with _lock held."""
+        if sent > self._renewed_at:
+            self._renewed_at = sent
+            self._renewal.notify_all()
 
     def _queue_op(self, op: SettleOp) -> None:
         """Called with _lock held."""
@@ -373,6 +402,8 @@ class QueueLink:
                 self._abandon()
                 return 0
             self._registered = True
+            with self._lock:
+                self._renewed(sent)
             if reply.next_due_ms is None:
                 self._next_due = math.inf
             else:
@@ -460,6 +491,7 @@ class QueueLink:
             self._ops = []  # their attempts are no longer ours: every op would be stale
             old, self._proc = self._proc, self._new_proc_id()
             self._registered = False
+            self._renewal.notify_all()  # workers waiting to start a job of the old id refuse it
         logger.warning("this process (%s) was silent past its %gs lease and its jobs were given to "
                        "others; it dropped its buffer and registers again as %s", old, self.broker.lease,
                        self._proc)
@@ -586,12 +618,16 @@ class QueueLink:
             try:
                 with self._round_lock:  # never beside a round: a reap answer must meet a settled state
                     proc, registered = self._proc, self._registered
-                    alive, _, crashed = self._round_scripts().beat(proc, self._lease_ms, self.broker.max_crash_recoveries,
-                                                          registered)
+                    sent = time.monotonic()
+                    alive, _, crashed = self.broker.call_resending(  # (its crashed jobs must not be lost)
+                        self._round_scripts().beat, proc, self._lease_ms, self.broker.max_crash_recoveries,
+                        registered, format(next(self._beat_ids), "x"))
                     if not alive:
                         self._abandon()
                     else:
                         self._registered = True
+                        with self._lock:
+                            self._renewed(sent)
             except self._redis_error as exc:
                 self._log_outage("heartbeat", exc)
                 continue
@@ -607,6 +643,7 @@ class QueueLink:
                 return
             self._closing = True
             self._changed.notify_all()  # (the pump is the only waiter)
+            self._renewal.notify_all()
         self._stopped.set()
         self._timer_alarm.wake()
         started = [thread for thread in self._threads if thread.is_alive()]

@@ -85,7 +85,7 @@ class FetchReply(NamedTuple):
 
 class EnqueueReply(NamedTuple):
     status: str  # "ok", "again" (a resend of an accepted batch), "dup", "full"
-    evicted: List[Tuple[str, str]]  # (id, body) of jobs evicted from the delayed set
+    evicted: List[Tuple[str, str]]  # (id, body) of jobs evicted from the delayed set (by the first call, with "again")
     duplicate_id: Optional[str] = None
     ready: int = 0  # with "full": ready jobs already there
 
@@ -216,8 +216,8 @@ class Scripts:
             args.extend(row)
         reply = self._call("enqueue", args)
         status = reply[0]
-        if status == "ok":
-            return EnqueueReply("ok", [(row[0], row[1]) for row in reply[1]])
+        if status in ("ok", "again"):
+            return EnqueueReply(status, [(row[0], row[1]) for row in reply[1]])
         if status == "dup":
             return EnqueueReply("dup", [], duplicate_id=reply[1])
         if status == "full":
@@ -242,9 +242,13 @@ class Scripts:
         return int(self._call("settle", [proc, len(ops), *_ops_args(ops)]))
 
     def beat(self, proc: str, lease_ms: int, max_crash_recoveries: int,
-             registered: bool) -> Tuple[bool, int, List[Crashed]]:
-        """Renew ``proc``'s lease and reap; ``(alive, server now ms, crashed)``."""
-        reply = self._call("beat", [proc, lease_ms, max_crash_recoveries, "1" if registered else "0"])
+             registered: bool, beat_id: str = "") -> Tuple[bool, int, List[Crashed]]:
+        """Renew ``proc``'s lease and reap; ``(alive, server now ms, crashed)``.
+
+        With a ``beat_id``, the same call sent again (its reply was lost) returns the
+        jobs the first found crashed, and reaps nothing more.
+        """
+        reply = self._call("beat", [proc, lease_ms, max_crash_recoveries, "1" if registered else "0", beat_id])
         return int(reply[0]) == 1, int(reply[1]), _crashed(reply[2])
 
     def reap(self, max_crash_recoveries: int) -> Tuple[int, List[Crashed]]:

@@ -1,13 +1,23 @@
 --[[ beat: renew proc's lease and reap up to two dead processes.
 KEYS[1] prefix. ARGV: proc, lease ms, max crash recoveries, registered ('1' if it
-registered before).
+registered before), beat id (optional: '' or absent for none).
 Returns {status, server now ms, crashed {{id, body, retries, error}...}};
-status 0: proc was reaped (not renewed): it must abandon its buffer and register again. ]]
-local proc, lease, max_crash = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+status 0: proc was reaped (not renewed): it must abandon its buffer and register again.
+With a beat id, a resent call (the same proc and id) only renews, and returns the jobs
+the first call found crashed: each is reported once, by whoever gets the reply. ]]
+local proc, lease, max_crash, bid = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[5] or ''
 local now = now_ms()
+mind_the_gap(now, lease)
 if ARGV[4] == '1' and not redis.call('ZSCORE', K_PROCS, proc) then return {0, now, {}} end
 redis.call('ZADD', K_PROCS, now + lease, proc)
+if bid ~= '' then
+  local last = redis.call('HGET', K_BEATEN, proc)
+  last = last and cjson.decode(last) -- {beat id, crashed}
+  if last and last[1] == bid then return {1, now, last[2]} end
+end
 local crashed = {}
 reap(now, max_crash, crashed)
+flush_head()
 flush_counts()
+if bid ~= '' then redis.call('HSET', K_BEATEN, proc, cjson.encode({bid, crashed})) end
 return {1, now, crashed}

@@ -10,7 +10,7 @@ import re
 import threading
 import time
 from datetime import timedelta
-from typing import Any, Iterable, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from ..config import _seconds
 from ..errors import TinyMQError
@@ -202,6 +202,32 @@ class RedisBroker:
     def purge_dead(self, ids: Optional[Iterable[str]] = None) -> int:
         """Delete dead jobs (all, or those of ``ids``); returns how many."""
         return self._admin("purge dead jobs", self._scripts.purge_dead, self._dead_ids(ids))
+
+    # --- the fleet -------------------------------------------------------------
+
+    def shared_executors(self) -> Tuple[Dict[str, Tuple[int, int]], int]:
+        """What every process on this name holds: ``({type: (taken, limit)}, live worker processes)``.
+
+        ``taken``: attempts of the type holding one of its global slots (fetched to run,
+        or buffered to run next, until their outcome is settled); ``limit``: its
+        ``max_concurrent_jobs`` (the types some process registered). Live worker
+        processes: those whose lease has not run out. ``get_stats()`` shows only this
+        process's executors; this is the fleet's view (``status --redis`` prints it).
+        """
+        key = self._scripts.key
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hgetall(key("limits"))
+            pipe.hgetall(key("running"))
+            pipe.time()
+            limits, running, (seconds, microseconds) = pipe.execute()
+            now_ms = seconds * 1000 + microseconds // 1000
+            processes = int(self.client.zcount(key("procs"), now_ms, "+inf"))
+        except _redis().RedisError as exc:
+            raise TinyMQError(f"could not read the executors of Redis queue {self.name!r}: {exc}") from exc
+        executors = {job_type: (int(running.get(job_type, 0)), int(limit))
+                     for job_type, limit in sorted(limits.items())}
+        return executors, processes
 
     # --- lifecycle ---------------------------------------------------------------
 

@@ -9,42 +9,51 @@ status 1 = ok; 0 = this process was reaped (nothing else done: it must abandon i
 buffer and register again under a new id).
 Jobs come strictly by level (HIGH first), FIFO within one. A job whose type has no free
 slot is parked (so a saturated type never blocks others) and comes back when a slot of
-its type frees. Taking a job takes its type's slot and writes the attempt to
-inflight:<proc> in the same step. A resent call (same proc and fetch id) takes nothing
-new and returns the attempts the first call took. ]]
+its type frees; parked jobs keep their FIFO order (a job given back ahead of the ones
+already parked goes in front of them). Taking a job takes its type's slot and writes the
+attempt to inflight:<proc> in the same step. A resent call (same proc and fetch id)
+takes nothing new and returns the attempts the first call took and the jobs it found
+crashed (each reported once, by whoever gets the reply). ]]
 local proc, fid, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local lease, max_crash, registered = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local nsettle = tonumber(ARGV[7])
 local now = now_ms()
+mind_the_gap(now, lease)
 local ik = inflight_key(proc)
 if registered == '1' and not redis.call('ZSCORE', K_PROCS, proc) then return {0, now, -1, 0, {}, {}, now_us} end
 redis.call('ZADD', K_PROCS, now + lease, proc)
 local jobs = {}
 local last = redis.call('HGET', K_FETCHED, proc)
-last = last and cjson.decode(last) -- {fetch id, attempt, ...}: job ids may hold any character
+last = last and cjson.decode(last) -- {fetch id, {attempt...}, {crashed...}}: ids may hold any character
 if last and last[1] == fid then -- a resend of the last fetch
-  for k = 2, #last do
-    local attempt = last[k]
+  for _, attempt in ipairs(last[2]) do
     local v = redis.call('HGET', ik, attempt)
     if v and string.sub(v, 1, 1) == 'L' then
       local f = redis.call('HMGET', job_key(id_of(attempt)), 'b', 'r', 'e')
       table.insert(jobs, {attempt, f[1], f[2] or '0', f[3] or ''})
     end
   end
-  return {1, now, next_due(), nsettle, {}, jobs, now_us}
+  return {1, now, next_due(), nsettle, last[3], jobs, now_us}
 end
 local stale = settle(proc, ARGV, 8, nsettle, now)
 local crashed = {}
 reap(now, max_crash, crashed)
+flush_head()
 local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', exact_ms(), 'LIMIT', 0, PROMOTE_PER_CALL)
-for _, id in ipairs(due) do
+local order = #due > 0 and new_orders(#due)
+for k, id in ipairs(due) do
   redis.call('ZREM', K_DELAYED, id)
   redis.call('ZREM', K_CAPPED, id)
-  local p = redis.call('HGET', job_key(id), 'p')
-  if p then redis.call('RPUSH', READY[tonumber(p)], id) end
+  local jk = job_key(id)
+  local p = redis.call('HGET', jk, 'p')
+  if p then
+    redis.call('HSET', jk, 'o', order + k - 1)
+    redis.call('RPUSH', READY[tonumber(p)], id)
+  end
 end
 local taken, parked_budget = {}, PARK_PER_CALL
 local limits, running, took, fields = {}, {}, {}, {}
+local parking, parked_keys = {}, {} -- parked list -> ids this call parks there, in order
 for p = 2, 0, -1 do
   while #taken < n and parked_budget > 0 do
     local ids = redis.call('LPOP', READY[p], n - #taken) -- LPOP with a count: Redis >= 6.2
@@ -63,7 +72,12 @@ for p = 2, 0, -1 do
           running[t] = tonumber(redis.call('HGET', K_RUNNING, t)) or 0
         end
         if limits[t] and running[t] >= limits[t] then
-          redis.call('RPUSH', parked_key(p, t), id)
+          local pk = parked_key(p, t)
+          if not parking[pk] then
+            parking[pk] = {}
+            table.insert(parked_keys, pk)
+          end
+          table.insert(parking[pk], id)
           redis.call('HINCRBY', K_PARKEDN, t, 1)
           count('parked:' .. p, 1)
           parked_budget = parked_budget - 1
@@ -80,10 +94,20 @@ for p = 2, 0, -1 do
     end
   end
 end
+-- Parked jobs go behind the ones parked before, except those older (in FIFO order) than
+-- the first of them, which were given back from ahead of it: those go in front.
+for _, pk in ipairs(parked_keys) do
+  local ids = parking[pk]
+  local first = redis.call('LINDEX', pk, 0)
+  local first_order = first and order_of(first)
+  local front = 0
+  while first and front < #ids and order_of(ids[front + 1]) < first_order do front = front + 1 end
+  for k = front, 1, -1 do redis.call('LPUSH', pk, ids[k]) end
+  for k = front + 1, #ids do redis.call('RPUSH', pk, ids[k]) end
+end
 if #fields > 0 then redis.call('HSET', ik, unpack(fields)) end
 for t, k in pairs(took) do redis.call('HINCRBY', K_RUNNING, t, k) end
-table.insert(taken, 1, fid)
-redis.call('HSET', K_FETCHED, proc, cjson.encode(taken))
+redis.call('HSET', K_FETCHED, proc, cjson.encode({fid, taken, crashed}))
 if (#taken >= n or parked_budget == 0) and ready_left() > 0 then signal() end -- chain the wake-up
 flush_counts()
 return {1, now, next_due(), stale, crashed, jobs, now_us}

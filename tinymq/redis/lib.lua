@@ -12,15 +12,24 @@ Keys (after the prefix):
   capped                   ZSET  the subset of `delayed` that max_delayed_jobs counts
                                  and may evict (new delayed jobs; never retries)
   job:<id>                 HASH  t type, p priority, b body (client JSON), r retries,
-                                 e last error, c crash count,
+                                 e last error, c crash count, o FIFO order (from `seq`,
+                                 set when it goes to the tail of a ready list),
                                  k enqueue token, x dead reason (only while dead)
+  seq                      STRING the last FIFO order handed out
+  clock                    STRING server time (ms) of the last lease-keeping call (fetch,
+                                 beat, reap): a longer gap than that is an outage
+  tokens:<n>               HASH  enqueue token -> JSON of the jobs its call evicted, for
+                                 the calls of one TOKEN_SPAN (kept 3 spans): a resend is
+                                 recognised even after its jobs finished
   procs                    ZSET  process id -> lease expiry ms (the heartbeat table)
   inflight:<proc>          HASH  attempt "<fetch id>:<id>" -> state..type, state one of
                                  L live (buffered or running), X timed out and decided
                                  but still running (holds only its type slot),
                                  R returned after its deadline, decision not yet seen
-  fetched                  HASH  proc -> JSON [fetch id, attempt, ...] (its last fetch,
-                                 so a resent fetch returns the same attempts)
+  fetched                  HASH  proc -> JSON [fetch id, [attempt...], [crashed...] ] of its
+                                 last fetch: a resent fetch returns the same
+  beaten                   HASH  proc -> JSON [beat id, crashed rows] of its last beat (a
+                                 resent beat returns the same)
   limits                   HASH  type -> max concurrent attempts (absent: unlimited)
   running                  HASH  type -> attempts holding a slot (states L and X)
   parked:<p>:<type>        LIST  ids taken while their type was saturated, in order
@@ -43,15 +52,19 @@ local K_DELAYED = P .. 'delayed'
 local K_CAPPED = P .. 'capped'
 local K_PROCS = P .. 'procs'
 local K_FETCHED = P .. 'fetched'
+local K_BEATEN = P .. 'beaten'
 local K_LIMITS = P .. 'limits'
 local K_RUNNING = P .. 'running'
 local K_PARKEDN = P .. 'parkedn'
 local K_SIGNAL = P .. 'signal'
 local K_DEAD = P .. 'dead'
 local K_STATS = P .. 'stats'
+local K_SEQ = P .. 'seq'
+local K_CLOCK = P .. 'clock'
 local REAP_PER_CALL = 2      -- dead processes reaped per call: bounded work
 local PROMOTE_PER_CALL = 100 -- due delayed jobs promoted per call
 local PARK_PER_CALL = 100    -- jobs parked per fetch before it stops looking
+local TIE_SPAN = 0.0005      -- ms: due times closer than this are one instant (the clock has µs)
 
 local now_us = 0 -- the server clock in microseconds, as of the last now_ms() call
 local function now_ms()
@@ -83,20 +96,68 @@ local function signal()
   if redis.call('LLEN', K_SIGNAL) == 0 then redis.call('RPUSH', K_SIGNAL, '1') end
 end
 
+--[[ FIFO among equal due times. A ZSET orders equal scores by member (the id), so a job
+due at the same instant as others already there is placed just after the last of them:
+one ulp of the double later (a quarter of a µs at today's times in ms). Ties come from
+one call (enqueue_many, or retries settled together), so the ones this call placed are
+remembered; ties with earlier calls are found in the ZSET. Returns the score to use. ]]
+local placed = {} -- due time asked -> the score the last job due then got in this call
+local function after_ties(due)
+  local last = placed[due]
+  if not last then
+    local top = redis.call('ZREVRANGEBYSCORE', K_DELAYED, due + TIE_SPAN, due, 'LIMIT', 0, 1, 'WITHSCORES')
+    last = top[2] and tonumber(top[2])
+  end
+  local score = due
+  if last then
+    local _, e = math.frexp(last)
+    score = last + math.ldexp(1, e - 53) -- the next double after last
+  end
+  placed[due] = score
+  return score
+end
+
+-- Returns the score it was given (after_ties); `capped` jobs use the same one.
 local function add_delayed(id, due)
+  due = after_ties(due)
   redis.call('ZADD', K_DELAYED, due, id)
   local first = redis.call('ZRANGE', K_DELAYED, 0, 0)
   if first[1] == id then signal() end -- a new earliest due time: an idle process re-arms its timer
+  return due
+end
+
+-- FIFO orders for n jobs going to the tail of a ready list: the first of n consecutive ones
+local function new_orders(n) return redis.call('INCRBY', K_SEQ, n) - n + 1 end
+
+--[[ Jobs given back to the head of their level (reaped, released, given back, unparked)
+are gathered per level and pushed once, at flush_head, in their FIFO order (field o):
+one call may give back many, in any order (a hash's order, ops' order), and they must
+come out as they went in, ahead of what was behind them. Every script that gives back
+calls flush_head before it takes jobs or returns. ]]
+local to_head = {[0] = {}, [1] = {}, [2] = {}}
+local function head_later(id, p) table.insert(to_head[p], id) end
+local function order_of(id) return tonumber(redis.call('HGET', job_key(id), 'o')) or math.huge end
+local function flush_head()
+  for p = 0, 2 do
+    local ids = to_head[p]
+    if #ids > 0 then
+      local order = {}
+      for _, id in ipairs(ids) do order[id] = order_of(id) end
+      table.sort(ids, function(a, b) return order[a] < order[b] end)
+      for k = #ids, 1, -1 do redis.call('LPUSH', READY[p], ids[k]) end
+      to_head[p] = {}
+      signal()
+    end
+  end
 end
 
 local function unpark_one(t)
   for p = 2, 0, -1 do
     local id = redis.call('LPOP', parked_key(p, t))
     if id then
-      redis.call('LPUSH', READY[p], id)
+      head_later(id, p)
       if redis.call('HINCRBY', K_PARKEDN, t, -1) <= 0 then redis.call('HDEL', K_PARKEDN, t) end
       count('parked:' .. p, -1)
-      signal()
       return true
     end
   end
@@ -136,6 +197,7 @@ local function job_retry(id, retries, err, delay, now)
   local jk = job_key(id)
   redis.call('HSET', jk, 'r', retries, 'e', err)
   if delay <= 0 then
+    redis.call('HSET', jk, 'o', new_orders(1))
     redis.call('RPUSH', READY[tonumber(redis.call('HGET', jk, 'p'))], id)
     signal()
   else
@@ -146,10 +208,7 @@ end
 
 local function give_back(id)
   local p = redis.call('HGET', job_key(id), 'p')
-  if p then
-    redis.call('LPUSH', READY[tonumber(p)], id)
-    signal()
-  end
+  if p then head_later(id, tonumber(p)) end
 end
 
 --[[ Settle ops. S, E and B take 2 ARGV entries (op, attempt); Y, Z, y and z take 6
@@ -240,7 +299,29 @@ local function reap_proc(proc, now, max_crash, crashed)
   redis.call('DEL', ik)
   redis.call('ZREM', K_PROCS, proc)
   redis.call('HDEL', K_FETCHED, proc)
+  redis.call('HDEL', K_BEATEN, proc)
   flush_released()
+end
+
+--[[ Leases are measured on the server clock, but only while the server can be reached:
+time in which no process could reach Redis (it was down, or cut off from everyone) is
+nobody's silence. A live process calls at least every lease/4 (its heartbeat), so when
+the last lease-keeping call (fetch, beat, reap) is further back than half a lease,
+nobody reached Redis meanwhile; every lease expiry then moves forward by that gap before
+anything is reaped. (A fleet that was all frozen at once looks the same, and is treated
+the same.) `lease` is the caller's, in ms; the reap script, which has none, uses the last
+one stored. Work: one write per process registered, and only after a gap. ]]
+local function mind_the_gap(now, lease)
+  local f = redis.call('HMGET', K_CLOCK, 't', 'g')
+  local seen, gap = tonumber(f[1]), tonumber(f[2])
+  if lease then gap = math.floor(lease / 2) end
+  if gap then redis.call('HSET', K_CLOCK, 't', now, 'g', gap) end
+  if seen and gap and now - seen > gap then
+    local procs = redis.call('ZRANGE', K_PROCS, 0, -1, 'WITHSCORES')
+    for i = 1, #procs, 2 do
+      redis.call('ZADD', K_PROCS, tonumber(procs[i + 1]) + (now - seen), procs[i])
+    end
+  end
 end
 
 local function reap(now, max_crash, crashed)

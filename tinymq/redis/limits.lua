@@ -1,6 +1,6 @@
 --[[ limits: set the global per-type limits (max concurrent attempts).
 KEYS[1] prefix. ARGV: type, limit, type, limit, ... Jobs parked for a type that now has
-free slots go back to the head of their level (at most one per free slot).
+free slots go back to the head of their level (at most one per free slot), in order.
 Returns the number of jobs unparked. ]]
 local unparked = 0
 for i = 1, #ARGV, 2 do
@@ -13,5 +13,6 @@ for i = 1, #ARGV, 2 do
     unparked = unparked + 1
   end
 end
+flush_head()
 flush_counts()
 return unparked

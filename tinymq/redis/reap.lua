@@ -2,6 +2,9 @@
 KEYS[1] prefix. ARGV: max crash recoveries.
 Returns {reaped process count, crashed {{id, body, retries, error}...}}. ]]
 local crashed = {}
-local n = reap(now_ms(), tonumber(ARGV[1]), crashed)
+local now = now_ms()
+mind_the_gap(now, nil)
+local n = reap(now, tonumber(ARGV[1]), crashed)
+flush_head()
 flush_counts()
 return {n, crashed}

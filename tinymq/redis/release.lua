@@ -1,6 +1,5 @@
 --[[ release: a process leaves (stop): settle its last ops, then unregister.
-KEYS[1] prefix. ARGV: proc, settle count, then the ops (B ops for unstarted jobs, sent
-last-first so they land at the head of their levels in their order).
+KEYS[1] prefix. ARGV: proc, settle count, then the ops (B ops for unstarted jobs).
 Whatever it still holds afterwards is handed back without counting a crash: L attempts
 go back to the head of their level, X attempts free their slot.
 Returns the number of stale ops. ]]
@@ -17,5 +16,7 @@ flush_released()
 redis.call('DEL', ik)
 redis.call('ZREM', K_PROCS, proc)
 redis.call('HDEL', K_FETCHED, proc)
+redis.call('HDEL', K_BEATEN, proc)
+flush_head() -- everything given back, and what it unparked, in FIFO order
 flush_counts()
 return stale

@@ -8,7 +8,7 @@ for _, id in ipairs(ARGV) do
     local p = redis.call('HGET', jk, 'p')
     if p then
       redis.call('HDEL', jk, 'x', 'e')
-      redis.call('HSET', jk, 'r', 0, 'c', 0)
+      redis.call('HSET', jk, 'r', 0, 'c', 0, 'o', new_orders(1))
       redis.call('RPUSH', READY[tonumber(p)], id)
       n = n + 1
     end
