@@ -1,0 +1,86 @@
+"""Reproducers for defects found by the second outside attack (branch ``attack2``).
+
+Each test states the promised behaviour and failed before its fix; one that is
+still ``xfail(strict=True)`` names a defect not fixed yet.
+"""
+import asyncio
+import threading
+
+import pytest
+
+from tinymq import ExecutorConfig, Job, JobTimeout, Queue, RetryConfig
+
+from _helpers import WAIT, Recorder
+
+NO_RETRY = RetryConfig(max_retries=0)
+
+
+# -- 1. silent non-run: a plain function that returns a coroutine -------------------------
+
+@pytest.mark.xfail(strict=True, reason="a plain function's coroutine is never run and the job reported as succeeded")
+def test_a_plain_function_returning_a_coroutine_has_it_run_on_the_queues_loop():
+    """API.md accepts "callables that return an awaitable": the awaitable must be run.
+
+    It was called in a worker thread, its coroutine dropped unawaited, and the job
+    reported as succeeded: a silent non-run.
+    """
+    ran = Recorder()
+
+    async def send(job):
+        await asyncio.sleep(0)
+        ran.add((job.payload, threading.current_thread().name))
+
+    q = Queue(100)
+    failed = Recorder()
+    q.on_failure(lambda job, reason, exc: failed.add((job.payload, reason, exc)))
+    q.register_executor("t", lambda job: send(job))  # not an async def: found out when called
+    q.start_dispatcher(workers=2)
+    try:
+        for i in range(5):
+            q.enqueue(Job("t", i))
+        assert q.join(WAIT)
+        assert sorted(payload for payload, _ in ran.snapshot()) == list(range(5))
+        assert {thread for _, thread in ran.snapshot()} == {"tinymq-loop"}
+        assert failed.snapshot() == []
+        assert q.get_stats().jobs_succeeded == 5
+        # once found out, its jobs no longer take a worker thread: they run like async def ones
+        q.enqueue(Job("t", "later"))
+        assert q.join(WAIT)
+        assert ran.snapshot()[-1] == ("later", "tinymq-loop")
+    finally:
+        q.stop()
+
+
+@pytest.mark.xfail(strict=True, reason="a plain function's coroutine is never run and the job reported as succeeded")
+def test_a_plain_function_returning_a_coroutine_keeps_its_timeout_and_failures():
+    unwound = Recorder()
+
+    async def hang(job):
+        try:
+            await asyncio.sleep(WAIT * 10)
+        finally:
+            unwound.add(job.payload)
+
+    async def fail(job):
+        raise ConnectionError(f"down {job.payload}")
+
+    q = Queue(100)
+    failed = Recorder()
+    q.on_failure(lambda job, reason, exc: failed.add((job.payload, reason, type(exc))))
+    q.register_executor("hang", lambda job: hang(job), ExecutorConfig(timeout=0.2))
+    q.register_executor("fail", lambda job: fail(job))
+    q.start_dispatcher(workers=1)
+    try:
+        q.enqueue(Job("hang", "first", retry_config=NO_RETRY))  # found out in a worker thread
+        q.enqueue(Job("fail", "f", retry_config=NO_RETRY))
+        assert failed.wait_for(2)
+        q.enqueue(Job("hang", "second", retry_config=NO_RETRY))  # run on the loop
+        assert q.join(WAIT)
+        assert sorted(failed.snapshot()) == [("f", "retries_exhausted", ConnectionError),
+                                             ("first", "retries_exhausted", JobTimeout),
+                                             ("second", "retries_exhausted", JobTimeout)]
+        assert unwound.wait_for(2), "a timed-out coroutine was not cancelled"
+        stats = q.get_stats()
+        assert (stats.jobs_succeeded, stats.jobs_failed, stats.jobs_timed_out) == (0, 3, 2)
+    finally:
+        q.stop()
