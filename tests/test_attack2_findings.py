@@ -17,7 +17,6 @@ NO_RETRY = RetryConfig(max_retries=0)
 
 # -- 1. silent non-run: a plain function that returns a coroutine -------------------------
 
-@pytest.mark.xfail(strict=True, reason="a plain function's coroutine is never run and the job reported as succeeded")
 def test_a_plain_function_returning_a_coroutine_has_it_run_on_the_queues_loop():
     """API.md accepts "callables that return an awaitable": the awaitable must be run.
 
@@ -51,7 +50,6 @@ def test_a_plain_function_returning_a_coroutine_has_it_run_on_the_queues_loop():
         q.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="a plain function's coroutine is never run and the job reported as succeeded")
 def test_a_plain_function_returning_a_coroutine_keeps_its_timeout_and_failures():
     unwound = Recorder()
 
@@ -82,5 +80,75 @@ def test_a_plain_function_returning_a_coroutine_keeps_its_timeout_and_failures()
         assert unwound.wait_for(2), "a timed-out coroutine was not cancelled"
         stats = q.get_stats()
         assert (stats.jobs_succeeded, stats.jobs_failed, stats.jobs_timed_out) == (0, 3, 2)
+    finally:
+        q.stop()
+
+
+def test_stop_without_waiting_gives_back_a_plain_functions_coroutine_uncounted(tmp_path):
+    """stop(wait=False) during the attempt in which the function is found out: not a failure,
+    the job stays stored, and a new queue on the file runs it."""
+    from tinymq import SQLitePersistence
+
+    path = str(tmp_path / "jobs.db")
+    started = threading.Event()
+
+    async def hang(job):
+        started.set()
+        await asyncio.sleep(WAIT * 10)
+
+    store = SQLitePersistence(path)
+    q = Queue(100)
+    q.set_persistence(store)
+    failed = Recorder()
+    q.on_failure(lambda job, reason, exc: failed.add((job.id, reason)))
+    q.register_executor("t", lambda job: hang(job))
+    q.start_dispatcher(workers=1)
+    q.enqueue(Job("t", id="kept", retry_config=NO_RETRY))
+    assert started.wait(WAIT)
+    q.stop(wait=False)
+    stats = q.get_stats()
+    assert (stats.jobs_failed, stats.jobs_retried, stats.jobs_succeeded) == (0, 0, 0)
+    assert failed.snapshot() == []
+    store.close()
+
+    ran = Recorder()
+    with SQLitePersistence(path) as store, Queue(100) as again:
+        again.set_persistence(store)
+
+        async def done(job):
+            ran.add(job.id)
+
+        again.register_executor("t", done)
+        again.start_dispatcher(workers=1)
+        assert again.join(WAIT)
+        assert ran.snapshot() == ["kept"]
+
+
+def test_a_function_found_to_return_coroutines_may_still_return_none():
+    """Once its jobs run on the loop, a None return is the success it was in a worker thread."""
+    ran = Recorder()
+
+    async def later(job):
+        ran.add(("awaited", job.payload))
+
+    def sometimes(job):
+        if job.payload % 2:
+            ran.add(("at once", job.payload))
+            return None
+        return later(job)
+
+    q = Queue(100)
+    failed = Recorder()
+    q.on_failure(lambda job, reason, exc: failed.add((job.payload, reason, exc)))
+    q.register_executor("t", sometimes)
+    q.start_dispatcher(workers=1)
+    try:
+        for i in range(6):
+            q.enqueue(Job("t", i))
+        assert q.join(WAIT)
+        assert sorted(ran.snapshot()) == sorted(
+            [("awaited", i) for i in (0, 2, 4)] + [("at once", i) for i in (1, 3, 5)])
+        assert failed.snapshot() == []
+        assert q.get_stats().jobs_succeeded == 6
     finally:
         q.stop()

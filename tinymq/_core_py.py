@@ -1077,8 +1077,9 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
     """Run attempts until the queue closes or the watchdog retires this worker.
 
     The fast path (success) stays here; everything else goes to ``dispatcher``:
-    ``refresh_hooks(slot)``, ``new_context(job, deadline)``, ``attempt_failed(job, state, exc)``, ``no_executor(job, state)`` and
-    ``after_expired(slot, exc)``.
+    ``refresh_hooks(slot)``, ``new_context(job, deadline)``, ``returned(job, state, result)``
+    (a function returned something), ``attempt_failed(job, state, exc)``, ``no_executor(job, state)``
+    and ``after_expired(slot, exc)``.
     """
     slot.thread_id = threading.get_ident()
     succeeded = 0
@@ -1107,9 +1108,11 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
                 if slot.on_start is not None:
                     slot.on_start(job)
                 if context is None:
-                    fn(job)
+                    result = fn(job)
                 else:
-                    fn(job, context)
+                    result = fn(job, context)
+                if result is not None:  # maybe an awaitable: a function that returns a coroutine
+                    dispatcher.returned(job, state, result)
             except BaseException as exc:  # the attempt's failure, whatever it is
                 error = exc
             ended = monotonic()

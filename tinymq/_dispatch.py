@@ -28,6 +28,9 @@ handlers (a store's ``close``) run. Worker threads are daemon threads only so
 that one stuck in an attempt that already timed out, which nothing waits for,
 can never hold the interpreter open.
 """
+import asyncio
+import concurrent.futures
+import inspect
 import logging
 import math
 import threading
@@ -89,6 +92,11 @@ class AttemptLedger(Protocol):
         """The dispatcher stopped: give back what was not started, and leave."""
 
 
+async def _awaited(awaitable: Any) -> Any:
+    """Await any awaitable in a task of its own (run_coroutine_threadsafe takes coroutines only)."""
+    return await awaitable
+
+
 # Dispatchers that may still have work at interpreter exit (see _stop_at_exit).
 _live: "weakref.WeakSet[Dispatcher]" = weakref.WeakSet()
 _exit_hook_lock = threading.Lock()
@@ -147,6 +155,9 @@ class Dispatcher:
         self._workers_changed = threading.Condition(self._lock)  # a worker exited or was retired
         self._in_callback = threading.local()  # .depth > 0 while a failure callback runs
         self._retry_on: Dict[str, Tuple[type, ...]] = {}  # job type -> ExecutorConfig.retry_on
+        # job type -> how it was registered, to move a thread executor found to return awaitables
+        self._registered: Dict[str, Tuple[Callable[..., Any], ExecutorConfig, bool]] = {}
+        self._awaiting: Dict[Any, "concurrent.futures.Future[Any]"] = {}  # guarded by _lock: see returned()
         self.loop_runner: Optional[LoopRunner] = None  # async executors' loop, made by start()
         _live.add(self)
         _register_exit_hook()
@@ -157,6 +168,8 @@ class Dispatcher:
                  takes_context: bool, is_async: bool = False) -> None:
         timeout = cast(Optional[float], config.timeout)  # a float or None once constructed
         self._retry_on[job_type] = config.retry_on
+        with self._lock:
+            self._registered[job_type] = (fn, config, takes_context)
         self.ready.configure(job_type, fn, config.max_concurrent_jobs, timeout,
                              takes_context, config.interrupt_on_timeout,
                              core.LOOP if is_async else core.THREADS, config.rate_limit)
@@ -331,7 +344,9 @@ class Dispatcher:
         left "running" would count as a crash at the next start.
         """
         job, context = slot.job, slot.context
-        if job is None or context is None:
+        with self._lock:
+            awaiting = job in self._awaiting  # its awaitable runs on the loop, which stops
+        if job is None or (context is None and not awaiting):
             return
         with self._stop_order:
             if job in self._decided:
@@ -340,7 +355,9 @@ class Dispatcher:
             store = self.store
             if store is not None:
                 self.call_store("save", store.save, job)
-        context._cancel("the queue stopped")
+        if context is not None:
+            context._cancel("the queue stopped")
+        self._cancel_awaiting(job)
 
     def _stopped_async(self, job: Any) -> None:
         """stop() cancelled this async attempt: saved back as ready, not a failure."""
@@ -449,6 +466,7 @@ class Dispatcher:
         exc = JobTimeout(f"job {job.id} ({job.type!r}) ran past {limit}")
         if self.ledger is not None:
             self.ledger.expired(job)
+        self._cancel_awaiting(job)
         try:  # slot.expire() has cancelled the attempt's context already
             if not (self._stopping and job in self._stop_cancelled):  # stop's: not counted
                 self.ready.record_duration(state, core.monotonic() - slot.started)
@@ -474,6 +492,47 @@ class Dispatcher:
             self.ledger.returned_late(slot.job)
         logger.debug("a timed-out attempt returned late (%s); its result is ignored",
                      "ok" if error is None else _describe(error))
+
+    def returned(self, job: Any, state: Any, result: Any) -> None:
+        """A thread executor's function returned ``result``; an awaitable is awaited, on the loop.
+
+        A function that returns a coroutine is an async executor that
+        registration could not tell from a plain one: its later jobs go to the
+        loop like an ``async def``'s, and this attempt's awaitable runs there
+        while this worker waits; a timeout, cancel or stop cancels it.
+        """
+        if not inspect.isawaitable(result):
+            return  # a plain function's return value means nothing
+        with self._lock:
+            registered = self._registered.get(job.type)
+        if registered is not None and registered[0] is state.fn:  # not replaced meanwhile
+            fn, config, takes_context = registered
+            logger.info("executor %r for %r returned an awaitable: its jobs now run on the event loop",
+                        fn, job.type)
+            self.register(job.type, fn, config, takes_context, is_async=True)
+        runner = self.loop_runner
+        if runner is None:  # pragma: no cover - workers start after the loop runner exists
+            raise RuntimeError("the queue's event loop is not running")
+        try:
+            future = asyncio.run_coroutine_threadsafe(_awaited(result), runner.loop)
+        except RuntimeError:  # the loop has closed: the queue stopped
+            if inspect.iscoroutine(result):
+                result.close()
+            raise
+        with self._lock:
+            self._awaiting[job] = future
+        try:
+            future.result()
+        finally:
+            with self._lock:
+                self._awaiting.pop(job, None)
+
+    def _cancel_awaiting(self, job: Any) -> None:
+        """A worker's attempt was decided (timeout, cancel, stop): cancel the awaitable it waits for."""
+        with self._lock:
+            future = self._awaiting.get(job)
+        if future is not None:
+            future.cancel()  # cancels the loop's task, and the worker's wait at once
 
     def new_context(self, job: Any, deadline: float) -> JobContext:
         return JobContext(job, None if deadline == math.inf else deadline)
@@ -548,6 +607,7 @@ class Dispatcher:
                 self._workers_changed.notify_all()
             if slot.context is not None:
                 slot.context._reason = "cancelled"
+            self._cancel_awaiting(job)
             return job
         return None
 

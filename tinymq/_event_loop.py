@@ -220,9 +220,11 @@ class LoopRunner:
                 await self.loop.run_in_executor(None, dispatcher.attempt_starting, job)
             fn = state.fn
             awaitable = fn(job) if context is None else fn(job, context)
-            if awaitable.__class__ is not types.CoroutineType and not inspect.isawaitable(awaitable):
-                raise TypeError(f"async executor for {job.type!r} returned {awaitable!r}, not an awaitable")
-            await awaitable
+            if awaitable.__class__ is types.CoroutineType or inspect.isawaitable(awaitable):
+                await awaitable
+            elif awaitable is not None or is_async_executor(fn):  # None: a plain function found to
+                raise TypeError(                                   # return awaitables, done at once
+                    f"async executor for {job.type!r} returned {awaitable!r}, not an awaitable")
         except asyncio.CancelledError as exc:
             ours = attempt.decided is not None
             if not ours:
