@@ -152,3 +152,36 @@ def test_a_function_found_to_return_coroutines_may_still_return_none():
         assert q.get_stats().jobs_succeeded == 6
     finally:
         q.stop()
+
+
+# -- 2. a coroutine that blocks the loop past its timeout was reported as succeeded -----------
+
+@pytest.mark.xfail(strict=True, reason="the loop's timer cannot fire while the coroutine blocks it")
+def test_an_async_attempt_that_blocks_the_loop_past_its_timeout_times_out_like_a_thread():
+    """A thread executor that sleeps past its timeout fails with JobTimeout; an async def that
+    blocks the loop (time.sleep) just as long must not be reported as a success."""
+    import time
+
+    async def blocks_the_loop(job):
+        time.sleep(0.5)  # the mistake the docs warn about; the timeout still holds
+
+    def blocks_its_thread(job):
+        time.sleep(0.5)
+
+    q = Queue(100)
+    failed = Recorder()
+    q.on_failure(lambda job, reason, exc: failed.add((job.payload, reason, type(exc))))
+    q.register_executor("async", blocks_the_loop, ExecutorConfig(timeout=0.1))
+    q.register_executor("thread", blocks_its_thread, ExecutorConfig(timeout=0.1))
+    q.start_dispatcher(workers=1)
+    try:
+        q.enqueue(Job("async", "async", retry_config=NO_RETRY))
+        q.enqueue(Job("thread", "thread", retry_config=NO_RETRY))
+        assert q.join(WAIT)
+        assert sorted(failed.snapshot()) == [("async", "retries_exhausted", JobTimeout),
+                                             ("thread", "retries_exhausted", JobTimeout)]
+        stats = q.get_stats()
+        assert (stats.jobs_succeeded, stats.jobs_timed_out) == (0, 2)
+        assert stats.executor_stats["async"].timed_out == 1
+    finally:
+        q.stop()
