@@ -241,11 +241,13 @@ class LoopRunner:
 
     def _finished(self, attempt: _Attempt, error: Optional[BaseException], ours: bool) -> None:
         """The attempt has ended (unwound): free the slot, then report what was not decided yet."""
+        # Past its deadline without the timer having fired: it blocked the loop; a timeout all the same.
+        late = attempt.deadlines is not None and self.loop.time() >= attempt.deadline
         with self._lock:
             del self._attempts[id(attempt)]
             decided = attempt.decided
             if decided is None:
-                attempt.decided = "returned"
+                attempt.decided = "timed_out" if late else "returned"
             idle = not self._attempts
             if self._waiting_for_end and (idle or decided is None):
                 self._all_finished.notify_all()
@@ -260,7 +262,9 @@ class LoopRunner:
         self.ready.release_state(state, False)  # this runner takes the next job itself
         job = attempt.job
         if decided is None:
-            if error is None:
+            if late:
+                self._report(self.dispatcher.async_timed_out, job, state, self._timeout_error(job, state))
+            elif error is None:
                 self._report(self.dispatcher.async_succeeded, job)
             else:
                 self._report(self.dispatcher.attempt_failed, job, state, error)
@@ -311,9 +315,12 @@ class LoopRunner:
         if attempt.context is not None:
             attempt.context._cancel("timed out")
         self._cancel_running(attempt)
+        self._report(self.dispatcher.async_timed_out, job, state, self._timeout_error(job, state))
+
+    @staticmethod
+    def _timeout_error(job: Any, state: Any) -> JobTimeout:
         limit = f"its {state.timeout:g}s timeout" if state.timeout is not None else "its deadline"
-        self._report(self.dispatcher.async_timed_out, job, state,
-                     JobTimeout(f"job {job.id} ({job.type!r}) ran past {limit}"))
+        return JobTimeout(f"job {job.id} ({job.type!r}) ran past {limit}")
 
     def _report(self, report: Any, *args: Any) -> None:
         """Hand an outcome to the dispatcher: on the loop, or off it when a store or broker may block."""
