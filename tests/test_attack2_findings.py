@@ -4,6 +4,8 @@ Each test states the promised behaviour and failed before its fix; one that is
 still ``xfail(strict=True)`` names a defect not fixed yet.
 """
 import asyncio
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -183,3 +185,21 @@ def test_an_async_attempt_that_blocks_the_loop_past_its_timeout_times_out_like_a
         assert (stats.jobs_succeeded, stats.jobs_timed_out) == (0, 2)
     finally:
         q.stop()
+
+
+# -- 3. the command line printed tinymq's traceback for an empty --db -------------------------
+
+@pytest.mark.xfail(strict=True, reason="SQLitePersistence's ValueError escapes the CLI as a traceback")
+@pytest.mark.parametrize("command", [["status"], ["requeue-dead", "--all"], ["purge-dead", "--all"]])
+def test_an_empty_db_path_is_a_usage_error_without_a_traceback(command, tmp_path):
+    import os
+    import tinymq
+    root = os.path.dirname(os.path.dirname(tinymq.__file__))
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-m", "tinymq", command[0], "--db", "", *command[1:]],
+                            cwd=str(tmp_path), env=environment, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, (result.returncode, result.stderr)  # bad usage, as docs/cli.md says
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "--db" in result.stderr and "''" in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing created
