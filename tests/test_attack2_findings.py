@@ -189,7 +189,6 @@ def test_an_async_attempt_that_blocks_the_loop_past_its_timeout_times_out_like_a
 
 # -- 3. the command line printed tinymq's traceback for an empty --db -------------------------
 
-@pytest.mark.xfail(strict=True, reason="SQLitePersistence's ValueError escapes the CLI as a traceback")
 @pytest.mark.parametrize("command", [["status"], ["requeue-dead", "--all"], ["purge-dead", "--all"]])
 def test_an_empty_db_path_is_a_usage_error_without_a_traceback(command, tmp_path):
     import os

@@ -26,7 +26,8 @@ def _logging_option(parser: argparse.ArgumentParser, default: str) -> None:
 
 def _queue_options(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--db", metavar="PATH", help="the SQLite file of a queue's SQLitePersistence store")
+    where.add_argument("--db", metavar="PATH", type=_db_path,
+                       help="the SQLite file of a queue's SQLitePersistence store")
     where.add_argument("--redis", metavar="URL", help="the Redis server of a shared queue (with --name)")
     parser.add_argument("--name", help="the shared queue's name, as given to RedisBroker(name=...)")
     parser.set_defaults(parser=parser)  # to report a usage error as this command's
@@ -42,6 +43,12 @@ def _check_queue_options(arguments: argparse.Namespace) -> None:
 def _ids_options(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("ids", nargs="*", metavar="ID", help=f"the dead jobs to {verb}")
     parser.add_argument("--all", action="store_true", help=f"{verb} every dead job")
+
+
+def _db_path(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError(f"expected the path of a SQLite file, got {text!r}")
+    return text
 
 
 def _target(text: str) -> str:
