@@ -202,3 +202,51 @@ def test_an_empty_db_path_is_a_usage_error_without_a_traceback(command, tmp_path
     assert "Traceback" not in result.stderr, result.stderr
     assert "--db" in result.stderr and "''" in result.stderr, result.stderr
     assert list(tmp_path.iterdir()) == []  # nothing created
+
+
+# -- 4. SIGTERM while the worker supervisor checks its target left the check running ----------
+
+def _alive(pid):
+    import os
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.xfail(strict=True, reason="the supervisor dies of SIGTERM and its check child hangs on")
+def test_sigterm_while_the_target_is_still_importing_stops_everything(tmp_path):
+    import os
+    import signal
+    import tinymq
+    from _helpers import wait_until
+
+    marker = tmp_path / "importing"
+    (tmp_path / "hangs_at_import.py").write_text(
+        "import os, time\n"
+        f"with open({str(marker)!r} + '.tmp', 'w') as f:\n"
+        "    f.write(str(os.getpid()))\n"
+        f"os.rename({str(marker)!r} + '.tmp', {str(marker)!r})\n"
+        "time.sleep(600)\n")
+    root = os.path.dirname(os.path.dirname(tinymq.__file__))
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    supervisor = subprocess.Popen([sys.executable, "-m", "tinymq", "worker", "hangs_at_import:queue"],
+                                  cwd=str(tmp_path), env=environment, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    check_pid = None
+    try:
+        assert wait_until(marker.exists, timeout=60), "the target's import never began"
+        check_pid = int(marker.read_text())
+        supervisor.send_signal(signal.SIGTERM)
+        out, err = supervisor.communicate(timeout=60)
+        assert "Traceback" not in err, err
+        assert wait_until(lambda: not _alive(check_pid), timeout=30), \
+            "the process importing the target was left running"
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.communicate()
+        if check_pid is not None and _alive(check_pid):
+            os.kill(check_pid, signal.SIGKILL)
