@@ -216,7 +216,6 @@ def _alive(pid):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-@pytest.mark.xfail(strict=True, reason="the supervisor dies of SIGTERM and its check child hangs on")
 def test_sigterm_while_the_target_is_still_importing_stops_everything(tmp_path):
     import os
     import signal

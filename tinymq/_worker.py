@@ -10,7 +10,9 @@ takes the Queue and calls ``start_dispatcher(workers)``.
   attempts finish, buffered jobs go back to the broker. A child ignores further
   signals while it stops. A second signal to the supervisor while stopping is a
   hard stop: it kills the children (their leased attempts go back when the
-  leases run out).
+  leases run out). A stop signal while the target is still being loaded (its
+  check, before any child starts) kills that check, however long its import
+  would take, and the supervisor exits with 0.
 - A child that exits without being asked to (a crash, a signal, the OOM killer)
   is started again after a delay that doubles, up to a few seconds, while it
   keeps crashing soon after its start.
@@ -46,6 +48,7 @@ _FIRST_RESTART_DELAY = 0.5  # seconds before restarting a crashed child
 _MAX_RESTART_DELAY = 5.0  # the cap of the doubling delay of a child that keeps crashing
 _STABLE_AFTER = 30.0  # seconds a child must run for a crash to restart it after the first delay again
 _READ_SIZE = 512
+_CHECK_READ_SIZE = 65536  # bytes read at a time of what the check's import prints
 _REPR_WIDTH = 80  # characters of an unexpected object shown in an error
 
 
@@ -218,17 +221,43 @@ class Supervisor:
         return [sys.executable, "-m", "tinymq", "_worker-child", self.target,
                 "--workers", str(self.workers), "--log-level", self.log_level, *extra]
 
-    def check_target(self) -> None:
-        """Load the target once in a child of its own: a bad one is reported once, before any start."""
-        result = subprocess.run(self._command("--check"), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        sys.stdout.buffer.write(result.stdout)  # whatever the user's module printed at import
-        if result.returncode == EXIT_BAD_TARGET:
-            raise CommandError(result.stderr.decode(errors="replace").strip())
-        sys.stderr.buffer.write(result.stderr)
-        if result.returncode != 0:
+    def check_target(self, wakeup: _SignalWakeup) -> bool:
+        """Load the target once in a child of its own: a bad one is reported once, before any start.
+
+        False when a stop signal came first: the check (an import that may hang) is killed.
+        """
+        process = subprocess.Popen(self._command("--check"), stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        output = {process.stdout: bytearray(), process.stderr: bytearray()}
+        streams = list(output)
+        while streams:
+            readable, _, _ = select.select([wakeup, *streams], [], [])
+            if any(number != signal.SIGCHLD for number in wakeup.received()):
+                process.kill()
+                process.wait()
+                for stream in output:
+                    stream.close()
+                logger.info("stopped while loading %r, before any worker process started", self.target)
+                return False
+            for stream in readable:
+                if stream is wakeup:
+                    continue
+                chunk = os.read(stream.fileno(), _CHECK_READ_SIZE)
+                if chunk:
+                    output[stream] += chunk
+                else:
+                    stream.close()
+                    streams.remove(stream)
+        returncode = process.wait()
+        stdout, stderr = bytes(output[process.stdout]), bytes(output[process.stderr])
+        sys.stdout.buffer.write(stdout)  # whatever the user's module printed at import
+        if returncode == EXIT_BAD_TARGET:
+            raise CommandError(stderr.decode(errors="replace").strip())
+        sys.stderr.buffer.write(stderr)
+        if returncode != 0:
             raise CommandError(f"loading {self.target!r} failed: the process that checked it "
-                               f"{_exit_description(result.returncode)}")
+                               f"{_exit_description(returncode)}")
+        return True
 
     def _start(self, slot: _Slot) -> None:
         # stdin: a pipe the child reads until it closes, when this process ends, however it ends.
@@ -282,8 +311,9 @@ class Supervisor:
 
     def run(self) -> int:
         """Start the children and supervise them; returns the exit code (0 after a clean stop)."""
-        self.check_target()
-        wakeup = _SignalWakeup(_STOP_SIGNALS + (signal.SIGCHLD,))
+        wakeup = _SignalWakeup(_STOP_SIGNALS + (signal.SIGCHLD,))  # before the check: it may hang
+        if not self.check_target(wakeup):
+            return 0  # asked to stop before anything started: a clean stop
         for slot in self.slots:
             self._start(slot)
         logger.info("supervising %s for %s (%s each); SIGTERM or Ctrl-C stops them gracefully",
