@@ -158,6 +158,10 @@ class Dispatcher:
         # job type -> how it was registered, to move a thread executor found to return awaitables
         self._registered: Dict[str, Tuple[Callable[..., Any], ExecutorConfig, bool]] = {}
         self._awaiting: Dict[Any, "concurrent.futures.Future[Any]"] = {}  # guarded by _lock: see returned()
+        # Guarded by _lock: jobs whose retry is being saved (in no structure meanwhile), by id, and
+        # those of them that cancel() took: the scheduling thread reports them once its save is done.
+        self._retrying: Dict[str, Any] = {}
+        self._retry_cancelled: Set[Any] = set()
         self.loop_runner: Optional[LoopRunner] = None  # async executors' loop, made by start()
         _live.add(self)
         _register_exit_hook()
@@ -587,7 +591,13 @@ class Dispatcher:
         if job is None:
             job = self._cancel_thread_attempt(job_id)
         if job is None:
-            return False
+            with self._lock:
+                job = self._retrying.get(job_id)
+                if job is None or job in self._retry_cancelled:
+                    return False
+                self._retry_cancelled.add(job)  # between attempts, its retry being saved
+            return True  # the thread saving its retry reports it, after the save
+
         self.fail(job, "cancelled", None, core.CANCELLED)
         return True
 
@@ -664,7 +674,18 @@ class Dispatcher:
                 self.ready.task_done(job)
                 return
             if self.store is not None:
-                self.call_store("save", self.store.save, job)
+                with self._lock:
+                    self._retrying[job._id] = job  # cancel() finds it here while it is saved
+                try:
+                    self.call_store("save", self.store.save, job)
+                finally:
+                    with self._lock:
+                        del self._retrying[job._id]
+                        cancelled = job in self._retry_cancelled
+                        self._retry_cancelled.discard(job)
+                if cancelled:  # after the save: the delete that ends it comes last
+                    self.fail(job, "cancelled", None, core.CANCELLED)
+                    return
             if delay <= 0.0:
                 self.make_ready(job)
             else:
