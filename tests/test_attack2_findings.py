@@ -310,7 +310,6 @@ def test_cancel_while_the_retry_is_being_saved_cancels_the_job():
 
 # -- 6. a plain function that returns a generator was reported as succeeded ------------------
 
-@pytest.mark.xfail(strict=True, reason="the generator is dropped and the job reported as succeeded")
 def test_a_plain_function_returning_a_generator_fails_instead_of_succeeding():
     """Registering a generator function is refused (its body would never run); a plain
     function that returns a generator (or an async generator) is found out when called."""

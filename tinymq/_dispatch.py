@@ -35,6 +35,7 @@ import logging
 import math
 import threading
 import time
+import types
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Protocol, Set, Tuple, cast
 
@@ -505,6 +506,11 @@ class Dispatcher:
         loop like an ``async def``'s, and this attempt's awaitable runs there
         while this worker waits; a timeout, cancel or stop cancels it.
         """
+        if isinstance(result, (types.GeneratorType, types.AsyncGeneratorType)):
+            if isinstance(result, types.GeneratorType):
+                result.close()
+            raise TypeError(f"executor for {job.type!r} returned a generator ({result!r}): its body "
+                            "never runs; a job's function must do its work when called (or return an awaitable)")
         if not inspect.isawaitable(result):
             return  # a plain function's return value means nothing
         with self._lock:
