@@ -341,3 +341,73 @@ def test_a_plain_function_returning_a_generator_fails_instead_of_succeeding():
         assert q.get_stats().jobs_succeeded == 0
     finally:
         q.stop()
+
+
+# -- 7. re-registering a saturated type for the other runner stranded its waiting jobs --------
+
+@pytest.mark.xfail(strict=True, reason="the ending attempt's slot is handed to its own runner only")
+@pytest.mark.parametrize("first", ["thread", "async"])
+def test_re_registering_a_saturated_type_for_the_other_runner_strands_no_job(first):
+    """A type re-registered from a thread executor to an async one (or back) while its only
+    slot is taken: when that attempt ends, its waiting jobs must go to the new runner.
+
+    The ending attempt freed its slot for its own runner only (a worker thread going
+    straight back to pop, or the loop's runner taking the next itself), which can no
+    longer take that type's jobs: they waited for ever. A plain function found to return
+    coroutines (it moves to the loop at its first return) hit the same hang.
+    """
+    release = threading.Event()
+    started = threading.Event()
+    ran = Recorder()
+
+    def blocks_a_thread(job):
+        started.set()
+        assert release.wait(WAIT)
+        ran.add(job.payload)
+
+    async def blocks_a_coroutine(job):
+        started.set()
+        assert await asyncio.get_running_loop().run_in_executor(None, release.wait, WAIT)
+        ran.add(job.payload)
+
+    def then_thread(job):
+        ran.add(job.payload)
+
+    async def then_async(job):
+        ran.add(job.payload)
+
+    q = Queue(100)
+    one = ExecutorConfig(max_concurrent_jobs=1)
+    q.register_executor("t", blocks_a_thread if first == "thread" else blocks_a_coroutine, one)
+    q.start_dispatcher(workers=2)
+    try:
+        for i in range(3):
+            q.enqueue(Job("t", i))
+        assert started.wait(WAIT)
+        q.register_executor("t", then_async if first == "thread" else then_thread, one)
+        release.set()
+        assert q.join(WAIT), f"jobs stranded: {q.get_stats()}"
+        assert sorted(ran.snapshot()) == [0, 1, 2]
+    finally:
+        release.set()
+        q.stop()
+
+
+@pytest.mark.xfail(strict=True, reason="the ending attempt's slot is handed to its own runner only")
+def test_a_saturated_plain_function_found_to_return_coroutines_strands_no_job():
+    ran = Recorder()
+
+    async def body(job):
+        await asyncio.sleep(0)
+        ran.add(job.payload)
+
+    q = Queue(1000)
+    q.register_executor("t", lambda job: body(job), ExecutorConfig(max_concurrent_jobs=2))
+    for i in range(50):
+        q.enqueue(Job("t", i))
+    q.start_dispatcher(workers=4)
+    try:
+        assert q.join(WAIT), f"jobs stranded: {q.get_stats()}"
+        assert sorted(ran.snapshot()) == list(range(50))
+    finally:
+        q.stop()
