@@ -345,15 +345,16 @@ def test_a_plain_function_returning_a_generator_fails_instead_of_succeeding():
 
 # -- 7. re-registering a saturated type for the other runner stranded its waiting jobs --------
 
-@pytest.mark.xfail(strict=True, reason="the ending attempt's slot is handed to its own runner only")
-@pytest.mark.parametrize("first", ["thread", "async"])
+@pytest.mark.parametrize("first", [
+    pytest.param("thread", marks=pytest.mark.xfail(
+        strict=True, reason="the worker thread ending the attempt frees the slot for itself only")),
+    "async"])
 def test_re_registering_a_saturated_type_for_the_other_runner_strands_no_job(first):
     """A type re-registered from a thread executor to an async one (or back) while its only
     slot is taken: when that attempt ends, its waiting jobs must go to the new runner.
 
-    The ending attempt freed its slot for its own runner only (a worker thread going
-    straight back to pop, or the loop's runner taking the next itself), which can no
-    longer take that type's jobs: they waited for ever. A plain function found to return
+    A worker thread ending an attempt freed its slot for itself only (it goes straight
+    back to pop), and it can no longer take that type's jobs: they waited for ever. A plain function found to return
     coroutines (it moves to the loop at its first return) hit the same hang.
     """
     release = threading.Event()
@@ -393,7 +394,7 @@ def test_re_registering_a_saturated_type_for_the_other_runner_strands_no_job(fir
         q.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="the ending attempt's slot is handed to its own runner only")
+@pytest.mark.xfail(strict=True, reason="the worker thread ending the attempt frees the slot for itself only")
 def test_a_saturated_plain_function_found_to_return_coroutines_strands_no_job():
     ran = Recorder()
 
