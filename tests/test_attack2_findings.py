@@ -345,10 +345,7 @@ def test_a_plain_function_returning_a_generator_fails_instead_of_succeeding():
 
 # -- 7. re-registering a saturated type for the other runner stranded its waiting jobs --------
 
-@pytest.mark.parametrize("first", [
-    pytest.param("thread", marks=pytest.mark.xfail(
-        strict=True, reason="the worker thread ending the attempt frees the slot for itself only")),
-    "async"])
+@pytest.mark.parametrize("first", ["thread", "async"])
 def test_re_registering_a_saturated_type_for_the_other_runner_strands_no_job(first):
     """A type re-registered from a thread executor to an async one (or back) while its only
     slot is taken: when that attempt ends, its waiting jobs must go to the new runner.
@@ -394,7 +391,6 @@ def test_re_registering_a_saturated_type_for_the_other_runner_strands_no_job(fir
         q.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="the worker thread ending the attempt frees the slot for itself only")
 def test_a_saturated_plain_function_found_to_return_coroutines_strands_no_job():
     ran = Recorder()
 

@@ -1255,15 +1255,17 @@ cdef class ReadyQueue:
         else:
             self._release(<TypeState?>self.types[_exact_type(job_type)])
 
-    def release_state(self, TypeState state, bint hand_off=True):
-        """Free a slot of ``state``; ``hand_off=False``: the caller pops next and takes its job itself."""
-        self._release(state, hand_off)
+    def release_state(self, TypeState state, bint hand_off=True, int taker=THREADS):
+        """Free a slot of ``state``; ``hand_off=False``: the caller (of runner ``taker``) takes its job itself."""
+        self._release(state, hand_off, taker)
 
-    cdef inline int _release(self, TypeState state, bint hand_off=True) except -1:
+    cdef inline int _release(self, TypeState state, bint hand_off=True, int taker=THREADS) except -1:
         state.active -= 1
         if state.waiting:
             self._readmit(state)
-            if hand_off and (self.getters or self.loop_idle):  # else a worker handing over would sleep
+            # Else a worker handing over would sleep; a caller of the other runner (the type was
+            # registered again meanwhile) cannot take the type's next job itself.
+            if (hand_off or state.runner != taker) and (self.getters or self.loop_idle):
                 self._hand_off()
         elif state.fn is None and not state.active and not state.ever_parked:
             del self.types[state.name]  # an unregistered type leaves nothing behind

@@ -788,16 +788,18 @@ class ReadyQueue:
         with self._lock:
             self._release(self._types[job_type])
 
-    def release_state(self, state: TypeState, hand_off: bool = True) -> None:
-        """Free a slot of ``state``; ``hand_off=False``: the caller pops next and takes its job itself."""
+    def release_state(self, state: TypeState, hand_off: bool = True, taker: int = THREADS) -> None:
+        """Free a slot of ``state``; ``hand_off=False``: the caller (of runner ``taker``) takes its job itself."""
         with self._lock:
-            self._release(state, hand_off)
+            self._release(state, hand_off, taker)
 
-    def _release(self, state: TypeState, hand_off: bool = True) -> None:
+    def _release(self, state: TypeState, hand_off: bool = True, taker: int = THREADS) -> None:
         state.active -= 1
         if state.pending():
             self._readmit(state)
-            if hand_off:  # else a worker handing the job over to another would sleep as it wakes
+            # Else a worker handing the job over to another would sleep as it wakes; a caller of the
+            # other runner (the type was registered again meanwhile) cannot take the type's job itself.
+            if hand_off or state.runner != taker:
                 self._hand_off()
         elif state.fn is None and not state.active:
             del self._types[state.name]  # an unregistered type leaves nothing behind

@@ -118,7 +118,7 @@ class LoopRunner:
                     self.dispatcher._stopped_async(job)
                 while self._todo:  # taken from the core, never started: back to the store, uncounted
                     job, state = self._todo.popleft()
-                    self.ready.release_state(state, False)
+                    self.ready.release_state(state, False, core.LOOP)
                     self.dispatcher._stopped_async(job)
                 pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
                 for task in pending:  # only coroutines that ignored their cancellation are left
@@ -259,7 +259,7 @@ class LoopRunner:
             while waiting and waiting[0].decided is not None:
                 waiting.popleft()
         state = attempt.state
-        self.ready.release_state(state, False)  # this runner takes the next job itself
+        self.ready.release_state(state, False, core.LOOP)  # this runner takes the next job itself
         job = attempt.job
         if decided is None:
             if late:
