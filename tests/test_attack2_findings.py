@@ -412,7 +412,6 @@ def test_a_saturated_plain_function_found_to_return_coroutines_strands_no_job():
 
 # -- 8. async executors' per-type counters missed successes and timeouts ----------------------
 
-@pytest.mark.xfail(strict=True, reason="async successes and timeouts are counted queue-wide only")
 def test_an_async_types_own_counters_count_its_successes_and_timeouts():
     """API.md: ExecutorStats has per-type lifetime counters; an async type's must count too."""
     running = threading.Event()

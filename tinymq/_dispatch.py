@@ -563,19 +563,21 @@ class Dispatcher:
         """Whether reporting an outcome may block (a store or a broker): then not on the loop."""
         return self.store is not None or self.ledger is not None
 
-    def async_succeeded(self, job: Any) -> None:
-        self.ready.count(core.SUCCEEDED)
+    def async_succeeded(self, job: Any, state: Any, seconds: float) -> None:
+        self.ready.attempt_succeeded(state, seconds)
         if self.ledger is not None:
             self.ledger.succeeded(job)
         elif self.store is not None or logger.isEnabledFor(logging.DEBUG):
             self._succeeded(job)
         self.ready.task_done(job)
 
-    def async_timed_out(self, job: Any, state: Any, exc: JobTimeout) -> None:
-        """An async attempt's deadline: its task is being cancelled; the slot stays until it unwinds."""
+    def async_timed_out(self, job: Any, state: Any, exc: JobTimeout, seconds: float) -> None:
+        """An async attempt's deadline, ``seconds`` after its start: its task is being cancelled;
+        the slot stays until it unwinds."""
         if self.ledger is not None:
             self.ledger.expired(job)
-        self.ready.count(core.TIMED_OUT)
+        self.ready.count(core.TIMED_OUT, 1, job.type)
+        self.ready.record_duration(state, seconds)
         logger.warning("job %s (%s) timed out; its task is cancelled", job.id, job.type)
         self.attempt_failed(job, state, exc)
 

@@ -51,14 +51,15 @@ _UNWIND_WAIT = 1.0  # seconds stop() waits for cancelled coroutines to unwind be
 class _Attempt:
     """One running attempt of an async executor. ``decided`` is guarded by LoopRunner._lock."""
 
-    __slots__ = ("job", "state", "context", "task", "deadline", "deadlines", "decided", "running",
-                 "cancel_requested")
+    __slots__ = ("job", "state", "context", "task", "started", "deadline", "deadlines", "decided",
+                 "running", "cancel_requested")
 
     def __init__(self, job: Any, state: Any, context: Optional[JobContext]) -> None:
         self.job = job
         self.state = state
         self.context = context
         self.task: Any = None  # the runner's task that runs it
+        self.started = 0.0  # in loop.time(): its duration is counted per type
         self.running = False  # loop thread only: its runner is inside it (awaiting its coroutine)
         self.cancel_requested = False  # loop thread only: the runner's task.cancel() was called for it
         self.deadline = 0.0  # in loop.time(), when it has a timeout
@@ -208,6 +209,7 @@ class LoopRunner:
             context = JobContext(job, None if timeout is None else core.monotonic() + timeout)
         attempt = _Attempt(job, state, context)
         attempt.task = task
+        attempt.started = self.loop.time()
         with self._lock:
             self._attempts[id(attempt)] = attempt
         if timeout is not None:
@@ -242,7 +244,8 @@ class LoopRunner:
     def _finished(self, attempt: _Attempt, error: Optional[BaseException], ours: bool) -> None:
         """The attempt has ended (unwound): free the slot, then report what was not decided yet."""
         # Past its deadline without the timer having fired: it blocked the loop; a timeout all the same.
-        late = attempt.deadlines is not None and self.loop.time() >= attempt.deadline
+        now = self.loop.time()
+        late = attempt.deadlines is not None and now >= attempt.deadline
         with self._lock:
             del self._attempts[id(attempt)]
             decided = attempt.decided
@@ -262,11 +265,14 @@ class LoopRunner:
         self.ready.release_state(state, False, core.LOOP)  # this runner takes the next job itself
         job = attempt.job
         if decided is None:
+            seconds = now - attempt.started
             if late:
-                self._report(self.dispatcher.async_timed_out, job, state, self._timeout_error(job, state))
+                self._report(self.dispatcher.async_timed_out, job, state, self._timeout_error(job, state),
+                             seconds)
             elif error is None:
-                self._report(self.dispatcher.async_succeeded, job)
+                self._report(self.dispatcher.async_succeeded, job, state, seconds)
             else:
+                self.ready.record_duration(state, seconds)
                 self._report(self.dispatcher.attempt_failed, job, state, error)
             return
         if not ours:  # it was cancelled (timeout, cancel, stop) and carried on
@@ -315,7 +321,8 @@ class LoopRunner:
         if attempt.context is not None:
             attempt.context._cancel("timed out")
         self._cancel_running(attempt)
-        self._report(self.dispatcher.async_timed_out, job, state, self._timeout_error(job, state))
+        self._report(self.dispatcher.async_timed_out, job, state, self._timeout_error(job, state),
+                     self.loop.time() - attempt.started)
 
     @staticmethod
     def _timeout_error(job: Any, state: Any) -> JobTimeout:
