@@ -1080,7 +1080,7 @@ class ScriptsMachine(RuleBasedStateMachine):
         if self.model is not None:
             held = read_redis(self.scripts)
             expected = self.model.snapshot()
-            assert expected == {name: held[name] for name in expected}, diff(expected, held)
+            assert same_state(expected, {name: held[name] for name in expected}), diff(expected, held)
 
 
 @pytest.fixture
