@@ -129,11 +129,17 @@ class Model:
         self.limits: Dict[str, int] = {}
         self.running: Counter = Counter()
         self.stats: Counter = Counter()
-        self.order = itertools.count()
+        self.orders_given = 0  # a plain int: deepcopy of itertools.count goes away in Python 3.14
         self.type_order: Tuple[str, ...] = TYPES
 
     def clone(self) -> "Model":
         return copy.deepcopy(self)
+
+    def next_order(self) -> int:
+        """The next FIFO order, as the scripts' seq key hands them out."""
+        order = self.orders_given
+        self.orders_given += 1
+        return order
 
     # -- helpers
 
@@ -146,7 +152,7 @@ class Model:
 
     def push_tail(self, job_id: str) -> None:
         job = self.jobs[job_id]
-        job.order = next(self.order)
+        job.order = self.next_order()
         self.ready[job.priority].append(job_id)
 
     def push_head(self, job_id: str) -> None:
@@ -181,7 +187,7 @@ class Model:
     def add_delayed(self, job_id: str, due: int, capped: bool) -> None:
         if DUE_TIE_FIFO:
             due = self.after_ties(due)
-        self.jobs[job_id].order = next(self.order)
+        self.jobs[job_id].order = self.next_order()
         self.delayed[job_id] = due
         if capped:
             self.capped[job_id] = due
@@ -334,7 +340,7 @@ class Model:
         for job_id, job_type, priority, delay, body in rows:
             if job_id in self.dead:
                 self.dead.discard(job_id)
-            self.jobs[job_id] = MJob(job_id, job_type, priority, body, token, next(self.order))
+            self.jobs[job_id] = MJob(job_id, job_type, priority, body, token, self.next_order())
             if delay > 0:
                 if self.max_delayed and len(self.capped) >= self.max_delayed:
                     out = min(self.capped, key=lambda i: self.due_key(i, self.capped[i]))
