@@ -413,7 +413,7 @@ def test_many_due_jobs_and_a_tiny_buffer():
         q.on_failure(failures.callback)
         q.register_executor("t", fn)
         q.start_dispatcher(2)
-        due = time.time() + 0.05
+        due = time.time() + 1.0  # later than the 200 enqueues take on a slow, loaded machine
         try:
             for i in range(200):
                 q.enqueue(Job("t", i, run_at=due))
