@@ -55,6 +55,9 @@ SHORT = {  # chart labels
     REDIS_LATENCY: "redis enqueue→start p50",
     REDIS_LATENESS: "redis lateness p99",
     REDIS_KILL: "redis restart after kill",
+    ASYNC_SLEEP_GROUP: "async 10k × sleep(5 ms)",
+    ASYNC_NOOP_GROUP: "async end-to-end jobs/s",
+    ASYNC_LATENCY_GROUP: "async enqueue→start p50",
 }
 GROUP_ORDER = [
     "core: ready-queue push+pop",
