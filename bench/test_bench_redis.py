@@ -645,6 +645,15 @@ def _end_to_end(benchmark: Any, bench: Bench, name: str) -> None:
               round_trips_per_job=round(percentile([r / n for _, r in counted], 50), 3))
 
 
+def _start_delays(bench: Bench, producer: Any, n: int, op: str, *args: Any) -> List[float]:
+    """One round of ``n`` fresh jobs: ``producer.call(op, start, *args)`` returns each job's
+    reference time (its enqueue stamp, its due time); each job's first start minus it."""
+    start = bench.indices(n)
+    reference = producer.call(op, start, *args)
+    got = bench.records.collect(start, n)
+    return [perf - reference[index - start] for index, (_, perf) in got.items()]
+
+
 def _latency(benchmark: Any, bench: Bench, name: str) -> None:
     benchmark.group = GROUP_LATENCY
     producer = bench.producer(name)
@@ -652,10 +661,7 @@ def _latency(benchmark: Any, bench: Bench, name: str) -> None:
     rounds: List[List[float]] = []
 
     def one_round() -> None:
-        start = bench.indices(n)
-        stamps = producer.call("paced", start, n, LATENCY_GAP)
-        got = bench.records.collect(start, n)
-        rounds.append([perf - stamps[index - start] for index, (_, perf) in got.items()])
+        rounds.append(_start_delays(bench, producer, n, "paced", n, LATENCY_GAP))
 
     benchmark.pedantic(one_round, rounds=SAMPLE_ROUNDS.get(name, 1), iterations=1)
     p50s = [percentile(delays, 50) * 1e6 for delays in rounds]
@@ -673,12 +679,9 @@ def _lateness(benchmark: Any, bench: Bench, name: str) -> None:
     rounds: List[List[float]] = []
 
     def one_round() -> None:
-        start = bench.indices(n)
         delays = sorted(LATE_LEAD + rng.random() * LATE_SPAN for _ in range(n))
         rng.shuffle(delays)
-        due = producer.call("delayed", start, delays)
-        got = bench.records.collect(start, n)
-        rounds.append([perf - due[index - start] for index, (_, perf) in got.items()])
+        rounds.append(_start_delays(bench, producer, n, "delayed", delays))
 
     benchmark.pedantic(one_round, rounds=SAMPLE_ROUNDS.get(name, 1), iterations=1)
     p99s = [percentile(lateness, 99) * 1e3 for lateness in rounds]
