@@ -55,6 +55,9 @@ SHORT = {  # chart labels
     REDIS_LATENCY: "redis enqueue→start p50",
     REDIS_LATENESS: "redis lateness p99",
     REDIS_KILL: "redis restart after kill",
+    ASYNC_SLEEP_GROUP: "async 10k × sleep(5 ms)",
+    ASYNC_NOOP_GROUP: "async end-to-end jobs/s",
+    ASYNC_LATENCY_GROUP: "async enqueue→start p50",
 }
 GROUP_ORDER = [
     "core: ready-queue push+pop",
@@ -286,29 +289,6 @@ def _tinymq_named(groups: Dict[str, List[Bench]], group: str, contender: str) ->
     return next((b for b in groups.get(group, []) if b.is_tinymq and b.name == contender), None)
 
 
-def _durable_rate(contender: str, at_least: float) -> Callable[..., Optional[Tuple[str, bool]]]:
-    """A tinymq durable contender's rate (jobs/s)."""
-    def check(groups: Dict[str, List[Bench]]) -> Optional[Tuple[str, bool]]:
-        ours = _tinymq_named(groups, DURABLE, contender)
-        if ours is None:
-            return None
-        return f"{fmt_rate(ours.rate)} ({ours.name})", ours.rate >= at_least
-    return check
-
-
-def _durable_vs_fastest_peer(contender: str, at_least: float) -> Callable[..., Optional[Tuple[str, bool]]]:
-    """A tinymq durable contender against the faster of huey and persist-queue."""
-    def check(groups: Dict[str, List[Bench]]) -> Optional[Tuple[str, bool]]:
-        ours = _tinymq_named(groups, DURABLE, contender)
-        peers = [b for b in (find(groups, DURABLE, "huey"), find(groups, DURABLE, "persist-queue")) if b]
-        if ours is None or not peers:
-            return None
-        fastest = max(peers, key=lambda b: b.rate)
-        r = ratio(fastest, ours)
-        return f"{fmt_ratio(r)}: {fmt_rate(ours.rate)} vs {fastest.name} {fmt_rate(fastest.rate)}", r >= at_least
-    return check
-
-
 def _threads_vs_one(at_least: float) -> Callable[..., Optional[Tuple[str, bool]]]:
     """tinymq's rate with 4 producer threads against its rate with one."""
     def check(groups: Dict[str, List[Bench]]) -> Optional[Tuple[str, bool]]:
@@ -380,24 +360,34 @@ def _full_speed_kept(at_least: float) -> Callable[..., Optional[Tuple[str, bool]
     return check
 
 
-def _rate(group: str, at_least: float) -> Callable[..., Optional[Tuple[str, bool]]]:
-    """The tinymq contender's rate (jobs/s) in ``group``."""
+def _ours(groups: Dict[str, List[Bench]], group: str, contender: str) -> Optional[Bench]:
+    """The tinymq contender named ``contender`` in ``group``; without a name, the group's primary."""
+    return _tinymq_named(groups, group, contender) if contender else primary(groups.get(group, []))
+
+
+def _rate(group: str, at_least: float, contender: str = "") -> Callable[..., Optional[Tuple[str, bool]]]:
+    """A tinymq contender's rate (jobs/s) in ``group`` (see ``_ours``)."""
     def check(groups: Dict[str, List[Bench]]) -> Optional[Tuple[str, bool]]:
-        ours = primary(groups.get(group, []))
+        ours = _ours(groups, group, contender)
         if ours is None:
             return None
         return f"{fmt_rate(ours.rate)} ({ours.name})", ours.rate >= at_least
     return check
 
 
-def _vs_fastest_peer(group: str, at_least: float) -> Callable[..., Optional[Tuple[str, bool]]]:
-    """The tinymq contender's rate against the fastest baseline's in ``group``."""
+def _vs_fastest_peer(group: str, at_least: float, contender: str = "",
+                     peers: Tuple[str, ...] = ()) -> Callable[..., Optional[Tuple[str, bool]]]:
+    """A tinymq contender's rate (see ``_ours``) against the fastest baseline's in ``group``:
+    of every baseline, or of the first whose name contains each of ``peers``."""
     def check(groups: Dict[str, List[Bench]]) -> Optional[Tuple[str, bool]]:
-        ours = primary(groups.get(group, []))
-        peers = [b for b in groups.get(group, []) if not b.is_tinymq]
-        if ours is None or not peers:
+        ours = _ours(groups, group, contender)
+        if peers:
+            baselines = [b for b in (find(groups, group, peer) for peer in peers) if b]
+        else:
+            baselines = [b for b in groups.get(group, []) if not b.is_tinymq]
+        if ours is None or not baselines:
             return None
-        fastest = max(peers, key=lambda b: b.rate)
+        fastest = max(baselines, key=lambda b: b.rate)
         r = ratio(fastest, ours)
         return f"{fmt_ratio(r)}: {fmt_rate(ours.rate)} vs {fastest.name} {fmt_rate(fastest.rate)}", r >= at_least
     return check
@@ -447,9 +437,9 @@ GOALS: List[Goal] = [
     ("async: enqueue→start p50 ≤ 50 µs, idle queue",
      _at_most(ASYNC_LATENCY_GROUP, "p50_us", 50.0, "µs")),
     ("durable: one producer's enqueue ≥ 1.5× the faster of huey SqliteHuey / persist-queue (NORMAL)",
-     _durable_vs_fastest_peer("tinymq enqueue", 1.5)),
+     _vs_fastest_peer(DURABLE, 1.5, "tinymq enqueue", peers=("huey", "persist-queue"))),
     ("durable: 4 producer threads ≥ 2× one producer's enqueue rate (group commit)", _threads_vs_one(2)),
-    ("durable: enqueue_many in batches of 100 ≥ 150k jobs/s", _durable_rate("tinymq enqueue_many(100)", 150_000)),
+    ("durable: enqueue_many in batches of 100 ≥ 150k jobs/s", _rate(DURABLE, 150_000, "tinymq enqueue_many(100)")),
     ("durable end to end (enqueue, run, delete; 4 workers) ≥ 5× huey SqliteHuey + consumer",
      _speedup(DURABLE_E2E, "huey", 5)),
     ("durable end to end (enqueue, run, delete; 4 workers) ≥ 5× persist-queue get/ack",

@@ -18,8 +18,9 @@ from typing import Any, List
 
 import pytest
 
-from conftest import CORE_NAMES, assert_queue_core, contender, percentile, queue_core
-from tinymq import Config, ExecutorConfig, Job, Queue
+from conftest import CORE_NAMES, contender, percentile, queue_core
+from test_bench_queue import LATENCY_JOBS, TinyMQ, latency_tinymq
+from tinymq import ExecutorConfig
 
 SLEEP_JOBS = 10_000
 SLEEP = 0.005
@@ -27,7 +28,6 @@ CONCURRENCY = 500
 THREADS = 64
 NOOP_JOBS = {"compiled": 100_000, "pure": 30_000, "asyncio.Queue": 100_000}
 CONSUMERS = 10  # the default max_concurrent_jobs: what a user sizes a consumer pool at
-LATENCY_JOBS = 1_000
 ROUNDS = 5
 SAMPLE_ROUNDS = 3
 
@@ -36,36 +36,15 @@ NOOP_GROUP = "async: end-to-end no-op jobs"
 LATENCY_GROUP = "async: enqueue->start latency, idle queue"
 
 
-class TinyMQAsync:
-    """A queue with one async executor; ``run`` enqueues ``n`` jobs from this thread and joins."""
-
-    def __init__(self, core_name: str, n: int, limit: int, sleep: float) -> None:
-        self.core_name, self.n, self.limit, self.sleep = core_name, n, limit, sleep
-
-    def start(self) -> None:
-        self.swap = queue_core(self.core_name)
-        core = self.swap.__enter__()
-        self.queue = Queue(config=Config(buffer_size=self.n))
-        seconds = self.sleep
-        if seconds:
-            async def run(job: Any) -> None:
-                await asyncio.sleep(seconds)
-        else:
-            async def run(job: Any) -> None:
-                pass
-        self.queue.register_executor("job", run, ExecutorConfig(max_concurrent_jobs=self.limit))
-        self.queue.start_dispatcher(1)
-        assert_queue_core(self.queue, core)
-
-    def run(self) -> None:
-        enqueue = self.queue.enqueue
-        for _ in range(self.n):
-            enqueue(Job("job"))
-        assert self.queue.join(120.0)
-
-    def stop(self) -> None:
-        self.queue.stop()
-        self.swap.__exit__(None, None, None)
+def tinymq_async(core_name: str, n: int, limit: int, sleep: float) -> TinyMQ:
+    """A queue with one async executor (``limit`` at once) and one idle thread worker."""
+    if sleep:
+        async def run(job: Any) -> None:
+            await asyncio.sleep(sleep)
+    else:
+        async def run(job: Any) -> None:
+            pass
+    return TinyMQ(core_name, n, run, workers=1, config=ExecutorConfig(max_concurrent_jobs=limit))
 
 
 def _gather_with_semaphore() -> None:
@@ -93,7 +72,7 @@ def test_sleeping_jobs(benchmark: Any, name: str) -> None:
     if name in CORE_NAMES:
         with queue_core(name):
             pass  # skips when the compiled core is unavailable
-        subject = TinyMQAsync(name, SLEEP_JOBS, CONCURRENCY, SLEEP)
+        subject = tinymq_async(name, SLEEP_JOBS, CONCURRENCY, SLEEP)
         contender(benchmark, f"tinymq ({name})", is_tinymq=True, ops=SLEEP_JOBS, op="job")
         benchmark.pedantic(subject.run, setup=subject.start, teardown=subject.stop,
                            rounds=ROUNDS, warmup_rounds=1, iterations=1)
@@ -137,38 +116,13 @@ def test_noop_end_to_end(benchmark: Any, name: str) -> None:
     if name in CORE_NAMES:
         with queue_core(name):
             pass
-        subject = TinyMQAsync(name, n, CONSUMERS, 0.0)
+        subject = tinymq_async(name, n, CONSUMERS, 0.0)
         contender(benchmark, f"tinymq ({name})", is_tinymq=True, ops=n, op="job")
         benchmark.pedantic(subject.run, setup=subject.start, teardown=subject.stop,
                            rounds=ROUNDS, warmup_rounds=1, iterations=1)
         return
     contender(benchmark, f"asyncio.Queue + {CONSUMERS} consumer tasks", is_tinymq=False, ops=n, op="job")
     benchmark.pedantic(lambda: _asyncio_queue(n), rounds=ROUNDS, warmup_rounds=1, iterations=1)
-
-
-def _latency(core_name: str) -> List[float]:
-    delays: List[float] = []
-    clock = time.perf_counter
-
-    async def record(job: Any) -> None:
-        delays.append(clock() - job.payload)
-
-    with queue_core(core_name) as core:
-        q = Queue(config=Config(buffer_size=LATENCY_JOBS))
-        q.register_executor("latency", record)
-        q.start_dispatcher(1)
-        assert_queue_core(q, core)
-        try:
-            time.sleep(0.05)  # the loop is idle, waiting for a wake-up
-            for _ in range(LATENCY_JOBS):
-                job = Job("latency")
-                job.payload = clock()
-                q.enqueue(job)
-                time.sleep(0.001)
-            assert q.join(30.0)
-        finally:
-            q.stop()
-    return delays
 
 
 def _latency_run_coroutine_threadsafe() -> List[float]:
@@ -203,7 +157,7 @@ def test_enqueue_to_start_latency(benchmark: Any, name: str) -> None:
     if name in CORE_NAMES:
         with queue_core(name):
             pass
-        measure = lambda: _latency(name)  # noqa: E731
+        measure = lambda: latency_tinymq(name, workers=1, asynchronous=True)  # noqa: E731
     else:
         measure = _latency_run_coroutine_threadsafe
     rounds: List[List[float]] = []

@@ -18,13 +18,13 @@ import threading
 import time
 import tracemalloc
 import uuid
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 
 from conftest import (CORE_NAMES, assert_queue_core, contender, percentile, queue_core,
                       rss_bytes, run_in_subprocess)
-from tinymq import Config, Job, Queue
+from tinymq import Config, ExecutorConfig, Job, Queue
 
 WORKERS = 4
 ROUNDS = 5
@@ -46,23 +46,30 @@ def noop(*args: Any) -> None:
 # --- contenders: each is (start, run N jobs and wait, stop) ------------------------
 
 class TinyMQ:
-    def __init__(self, core_name: str, n: int) -> None:
-        self.core_name, self.n = core_name, n
+    """A started queue running ``fn``; ``run`` enqueues ``n`` fresh jobs from this thread and joins.
+
+    ``fn`` may be an ``async def`` (bench/test_bench_async.py): it then runs on the
+    queue's event loop, and ``workers`` thread workers idle beside it.
+    """
+
+    def __init__(self, core_name: str, n: int, fn: Callable[..., Any] = noop, workers: int = WORKERS,
+                 config: Optional[ExecutorConfig] = None) -> None:
+        self.core_name, self.n, self.fn, self.workers, self.config = core_name, n, fn, workers, config
 
     def start(self) -> None:
         # The core stays swapped in while the queue lives: its threads look it up as they start.
         self.swap = queue_core(self.core_name)
         core = self.swap.__enter__()
         self.queue = Queue(config=Config(buffer_size=self.n))
-        self.queue.register_executor("noop", noop)
-        self.queue.start_dispatcher(WORKERS)
+        self.queue.register_executor("noop", self.fn, self.config)
+        self.queue.start_dispatcher(self.workers)
         assert_queue_core(self.queue, core)
 
     def run(self) -> None:
         enqueue, job = self.queue.enqueue, Job
         for _ in range(self.n):
             enqueue(job("noop"))
-        assert self.queue.join(60.0)
+        assert self.queue.join(120.0)
 
     def stop(self) -> None:
         self.queue.stop()
@@ -225,20 +232,25 @@ def test_end_to_end(benchmark: Any, name: str) -> None:
 
 # --- enqueue -> start latency -------------------------------------------------------
 
-def _latency_tinymq(core_name: str) -> List[float]:
+def latency_tinymq(core_name: str, workers: int = WORKERS, asynchronous: bool = False) -> List[float]:
+    """Enqueue->start delays of LATENCY_JOBS paced jobs; ``asynchronous``: an ``async def`` executor."""
     delays: List[float] = []
     clock = time.perf_counter
 
-    def record(job: Any) -> None:
-        delays.append(clock() - job.payload)
+    if asynchronous:
+        async def record(job: Any) -> None:
+            delays.append(clock() - job.payload)
+    else:
+        def record(job: Any) -> None:
+            delays.append(clock() - job.payload)
 
     with queue_core(core_name) as core:
         q = Queue(config=Config(buffer_size=LATENCY_JOBS))
         q.register_executor("latency", record)
-        q.start_dispatcher(WORKERS)
+        q.start_dispatcher(workers)
         assert_queue_core(q, core)
         try:
-            time.sleep(0.05)  # the pool is idle: every worker waits in the core
+            time.sleep(0.05)  # idle: every worker waits in the core, the event loop for a wake-up
             for _ in range(LATENCY_JOBS):
                 job = Job("latency")
                 job.payload = clock()
@@ -293,7 +305,7 @@ def test_enqueue_to_start_latency(benchmark: Any, name: str) -> None:
     measure = {"ThreadPoolExecutor": _latency_thread_pool,
                "PriorityQueue + 4 threads": _latency_priority_queue}.get(name)
     if measure is None:
-        measure = lambda: _latency_tinymq(name)  # noqa: E731
+        measure = lambda: latency_tinymq(name)  # noqa: E731
     rounds: List[List[float]] = []
     benchmark.pedantic(lambda: rounds.append(measure()), rounds=SAMPLE_ROUNDS, iterations=1)
     assert all(len(delays) == LATENCY_JOBS for delays in rounds)

@@ -53,7 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -69,7 +69,9 @@ try:  # the tests' server helper; tests/ leaves sys.path again (it has a conftes
 finally:
     sys.path.remove(os.path.join(ROOT, "tests"))
 
+from producer import SyncProducer  # noqa: E402
 from record import FIFO_ENV, RECORD  # noqa: E402
+from tinymq import Job  # noqa: E402
 
 QUEUE_NAME = "bench"
 PROCESSES = 2
@@ -347,7 +349,7 @@ def calibrate(client: Any) -> None:
 
 # --- producers -----------------------------------------------------------------------------------
 
-class TinymqProducer:
+class TinymqProducer(SyncProducer):
     """tinymq's producer, in this process, with the same operations as a peer's agent."""
 
     def __init__(self, url: str, lease: float = LEASE) -> None:
@@ -360,42 +362,16 @@ class TinymqProducer:
     def call(self, op: str, *args: Any) -> Any:
         return getattr(self, op)(*args)
 
-    def enqueue(self, start: int, n: int) -> None:
-        from tinymq import Job
+    def send(self, index: int) -> None:
+        self.queue.enqueue(Job("noop", index))
 
-        enqueue = self.queue.enqueue
-        for index in range(start, start + n):
-            enqueue(Job("noop", index))
+    def send_batch(self, indices: range) -> None:
+        self.queue.enqueue_many([Job("noop", index) for index in indices])
 
-    def enqueue_many(self, start: int, n: int, batch: int) -> None:
-        from tinymq import Job
-
-        enqueue_many, end = self.queue.enqueue_many, start + n
-        for first in range(start, end, batch):
-            enqueue_many([Job("noop", index) for index in range(first, min(first + batch, end))])
-
-    def paced(self, start: int, n: int, gap: float) -> List[float]:
-        from tinymq import Job
-
-        stamps, enqueue, clock = [], self.queue.enqueue, time.perf_counter
-        for index in range(start, start + n):
-            stamps.append(clock())
-            enqueue(Job("noop", index))
-            time.sleep(gap)
-        return stamps
-
-    def delayed(self, start: int, delays: Sequence[float]) -> List[float]:
-        from tinymq import Job
-
-        due, enqueue_delayed, clock = [], self.queue.enqueue_delayed, time.perf_counter
-        for index, delay in enumerate(delays, start):
-            due.append(clock() + delay)
-            enqueue_delayed(Job("noop", index), delay)
-        return due
+    def send_in(self, index: int, delay: float) -> None:
+        self.queue.enqueue_delayed(Job("noop", index), delay)
 
     def hold(self, start: int, n: int) -> None:
-        from tinymq import Job
-
         self.queue.enqueue_many([Job("hold", index) for index in range(start, start + n)])
 
     def close(self) -> None:
@@ -669,6 +645,15 @@ def _end_to_end(benchmark: Any, bench: Bench, name: str) -> None:
               round_trips_per_job=round(percentile([r / n for _, r in counted], 50), 3))
 
 
+def _start_delays(bench: Bench, producer: Any, n: int, op: str, *args: Any) -> List[float]:
+    """One round of ``n`` fresh jobs: ``producer.call(op, start, *args)`` returns each job's
+    reference time (its enqueue stamp, its due time); each job's first start minus it."""
+    start = bench.indices(n)
+    reference = producer.call(op, start, *args)
+    got = bench.records.collect(start, n)
+    return [perf - reference[index - start] for index, (_, perf) in got.items()]
+
+
 def _latency(benchmark: Any, bench: Bench, name: str) -> None:
     benchmark.group = GROUP_LATENCY
     producer = bench.producer(name)
@@ -676,10 +661,7 @@ def _latency(benchmark: Any, bench: Bench, name: str) -> None:
     rounds: List[List[float]] = []
 
     def one_round() -> None:
-        start = bench.indices(n)
-        stamps = producer.call("paced", start, n, LATENCY_GAP)
-        got = bench.records.collect(start, n)
-        rounds.append([perf - stamps[index - start] for index, (_, perf) in got.items()])
+        rounds.append(_start_delays(bench, producer, n, "paced", n, LATENCY_GAP))
 
     benchmark.pedantic(one_round, rounds=SAMPLE_ROUNDS.get(name, 1), iterations=1)
     p50s = [percentile(delays, 50) * 1e6 for delays in rounds]
@@ -697,12 +679,9 @@ def _lateness(benchmark: Any, bench: Bench, name: str) -> None:
     rounds: List[List[float]] = []
 
     def one_round() -> None:
-        start = bench.indices(n)
         delays = sorted(LATE_LEAD + rng.random() * LATE_SPAN for _ in range(n))
         rng.shuffle(delays)
-        due = producer.call("delayed", start, delays)
-        got = bench.records.collect(start, n)
-        rounds.append([perf - due[index - start] for index, (_, perf) in got.items()])
+        rounds.append(_start_delays(bench, producer, n, "delayed", delays))
 
     benchmark.pedantic(one_round, rounds=SAMPLE_ROUNDS.get(name, 1), iterations=1)
     p99s = [percentile(lateness, 99) * 1e3 for lateness in rounds]

@@ -7,13 +7,15 @@ fails with a clear message when it does not happen.
 Executors are plain functions (closures), not bound methods or callable
 instances, so that the single-argument ``fn(job)`` form is what the queue sees.
 """
+import contextlib
+import os
 import threading
 import time
 
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import run_state_machine_as_test
 
-from tinymq import Config, Queue
+from tinymq import Config, Queue, SQLitePersistence
 
 # Generous upper bound for "this should happen soon" on a noisy 2-core machine.
 WAIT = 10.0
@@ -24,6 +26,38 @@ QUIET = 0.25
 def make_queue(**config):
     """A Queue with the given Config fields (use as a context manager)."""
     return Queue(config=Config(**config))
+
+
+# The ``backend`` params of a test that runs with and without a SQLite store.
+STORES = ["memory", "sqlite"]
+
+
+@contextlib.contextmanager
+def queue_with_store(backend, directory, **config):
+    """A Queue of ``Config(**config)``, with a SQLite store in ``directory`` when ``backend`` is "sqlite".
+
+    ``q.store`` is the store (None in memory). At the end the queue is stopped
+    without waiting and the store closed.
+    """
+    q = Queue(config=Config(**config))
+    store = None
+    if backend == "sqlite":
+        store = SQLitePersistence(os.path.join(str(directory), "jobs.db"))
+        q.set_persistence(store)
+    q.store = store
+    try:
+        yield q
+    finally:
+        q.stop(wait=False)
+        if store is not None:
+            store.close()
+
+
+def record_failures(q, key=lambda job: job):
+    """A Recorder of ``(key(job), reason, exc)`` for every ``on_failure`` call of ``q``."""
+    failed = Recorder()
+    q.on_failure(lambda job, reason, exc: failed.add((key(job), reason, exc)))
+    return failed
 
 
 def wait_until(predicate, timeout=WAIT, interval=0.002):

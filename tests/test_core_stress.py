@@ -29,8 +29,6 @@ def noop(job):
     pass
 
 
-@pytest.mark.timeout(600)
-
 def _produce_then_drain(q, barrier, produce, consume, received):
     """Run PRODUCERS producers and a consumer per list in ``received``; close once all is done.
 
@@ -50,6 +48,8 @@ def _produce_then_drain(q, barrier, produce, consume, received):
         thread.join(WAIT)
     return threads
 
+
+@pytest.mark.timeout(600)
 def test_four_producers_four_consumers_move_every_item_exactly_once(core):
     q = core.ReadyQueue(64)
     q.configure("limited", noop, 2, None, False, False)  # 4 consumers, 2 slots: passing over happens

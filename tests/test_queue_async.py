@@ -14,12 +14,12 @@ from hypothesis import given, settings, strategies as st
 import tinymq
 from tinymq import Config, ExecutorConfig, Job, JobTimeout, Priority, Queue, RetryConfig, SQLitePersistence
 
-from _helpers import QUIET, WAIT, Recorder, wait_until
+from _helpers import QUIET, STORES, WAIT, Recorder, record_failures, wait_until
 
 NO_RETRY = RetryConfig(max_retries=0)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=STORES)
 def make(request, tmp_path):
     """Build a Queue (with a SQLite store for the "sqlite" param); every queue is stopped at the end."""
     queues, stores = [], []
@@ -42,9 +42,7 @@ def make(request, tmp_path):
 
 
 def failures(q):
-    recorder = Recorder()
-    q.on_failure(lambda job, reason, exc: recorder.add((job.payload, reason, exc)))
-    return recorder
+    return record_failures(q, key=lambda job: job.payload)
 
 
 def test_async_def_runs_on_the_loop_thread_not_a_worker(make):

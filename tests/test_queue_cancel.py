@@ -8,29 +8,19 @@ from collections import Counter
 
 import pytest
 
-from tinymq import Config, ExecutorConfig, Job, Priority, Queue, RetryConfig, SQLitePersistence
+from tinymq import Config, ExecutorConfig, Job, Priority, Queue, RetryConfig
 
-from _helpers import WAIT, Recorder, wait_until
+from _helpers import STORES, WAIT, Recorder, queue_with_store, record_failures, wait_until
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=STORES)
 def queue(request, tmp_path):
-    q = Queue(config=Config(buffer_size=1000))
-    store = None
-    if request.param == "sqlite":
-        store = SQLitePersistence(str(tmp_path / "jobs.db"))
-        q.set_persistence(store)
-    q.store = store
-    yield q
-    q.stop(wait=False)
-    if store is not None:
-        store.close()
+    with queue_with_store(request.param, tmp_path, buffer_size=1000) as q:
+        yield q
 
 
 def recorder(q):
-    failed = Recorder()
-    q.on_failure(lambda job, reason, exc: failed.add((job.id, reason, exc)))
-    return failed
+    return record_failures(q, key=lambda job: job.id)
 
 
 def stored_ids(q):

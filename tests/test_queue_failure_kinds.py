@@ -6,9 +6,9 @@ from datetime import timedelta
 import pytest
 
 import tinymq
-from tinymq import Config, ExecutorConfig, Job, PermanentFailure, Queue, RetryAfter, RetryConfig, SQLitePersistence
+from tinymq import ExecutorConfig, Job, PermanentFailure, RetryAfter, RetryConfig
 
-from _helpers import WAIT, Recorder
+from _helpers import STORES, WAIT, Recorder, queue_with_store, record_failures
 
 
 @pytest.fixture(params=["thread", "async"])
@@ -16,18 +16,10 @@ def kind(request):
     return request.param
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=STORES)
 def queue(request, tmp_path):
-    q = Queue(config=Config(buffer_size=100))
-    store = None
-    if request.param == "sqlite":
-        store = SQLitePersistence(str(tmp_path / "jobs.db"))
-        q.set_persistence(store)
-    q.store = store
-    yield q
-    q.stop(wait=False)
-    if store is not None:
-        store.close()
+    with queue_with_store(request.param, tmp_path, buffer_size=100) as q:
+        yield q
 
 
 def register(q, kind, fn, **config):
@@ -41,19 +33,13 @@ def register(q, kind, fn, **config):
         q.register_executor("job", run, ExecutorConfig(**config))
 
 
-def recorder(q):
-    failed = Recorder()
-    q.on_failure(lambda job, reason, exc: failed.add((job, reason, exc)))
-    return failed
-
-
 def test_exported():
     assert tinymq.PermanentFailure is PermanentFailure and tinymq.RetryAfter is RetryAfter
     assert issubclass(PermanentFailure, tinymq.TinyMQError) and issubclass(RetryAfter, tinymq.TinyMQError)
 
 
 def test_permanent_failure_is_not_retried_and_keeps_its_cause(queue, kind):
-    failed = recorder(queue)
+    failed = record_failures(queue)
     attempts = Recorder()
 
     def fn(job):
@@ -78,7 +64,7 @@ def test_permanent_failure_is_not_retried_and_keeps_its_cause(queue, kind):
 
 
 def test_retry_after_replaces_the_backoff_and_counts_as_a_retry(queue, kind):
-    failed = recorder(queue)
+    failed = record_failures(queue)
     starts = Recorder()
 
     def fn(job):
@@ -99,7 +85,7 @@ def test_retry_after_replaces_the_backoff_and_counts_as_a_retry(queue, kind):
 
 
 def test_retry_on_retries_only_the_listed_exceptions(queue, kind):
-    failed = recorder(queue)
+    failed = record_failures(queue)
     attempts = Recorder()
 
     def fn(job):

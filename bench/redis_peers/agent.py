@@ -2,7 +2,8 @@
 
     BENCH_REDIS_URL=redis://... python agent.py rq
 
-It runs in the peer's own venv (setup.sh) and imports ``peer_<name>.Producer``.
+It runs in the peer's own venv (setup.sh) and imports ``peer_<name>.Producer``
+(its operations are producer.py's loops, the same for every contender).
 Each stdin line is one JSON request ``{"op": ..., "args": [...]}``; each reply is
 one JSON line ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "..."}``.
 Ops: ``enqueue(start, n)``, ``enqueue_many(start, n, batch)``,

@@ -7,12 +7,12 @@ setting its docs offer, 0.01 s, unless ``BENCH_ARQ_POLL_DELAY`` says otherwise.
 """
 import asyncio
 import os
-import time
-from typing import Any, List
+from typing import Any
 
 from arq import create_pool
 from arq.connections import RedisSettings
 
+from producer import AsyncProducer
 from record import record
 
 
@@ -42,39 +42,21 @@ class WorkerSettings:
     keep_result = 0
 
 
-class Producer:
+class Producer(AsyncProducer):
     def __init__(self, url: str) -> None:
         self.url = url
         self.pool: Any = None
 
-    async def _pool(self) -> Any:
+    async def connect(self) -> None:
         if self.pool is None:
             self.pool = await create_pool(RedisSettings.from_dsn(self.url))
-        return self.pool
 
-    async def enqueue(self, start: int, n: int) -> None:
-        pool = await self._pool()
-        for index in range(start, start + n):
-            await pool.enqueue_job("noop", index)
+    def send(self, index: int) -> Any:
+        return self.pool.enqueue_job("noop", index)
 
-    async def enqueue_many(self, start: int, n: int, batch: int) -> None:
+    def send_batch(self, indices: range) -> Any:
         """No bulk enqueue in arq: a user gathers ``enqueue_job`` coroutines."""
-        pool, end = await self._pool(), start + n
-        for first in range(start, end, batch):
-            await asyncio.gather(*(pool.enqueue_job("noop", index)
-                                   for index in range(first, min(first + batch, end))))
+        return asyncio.gather(*(self.pool.enqueue_job("noop", index) for index in indices))
 
-    async def paced(self, start: int, n: int, gap: float) -> List[float]:
-        pool, stamps, clock = await self._pool(), [], time.perf_counter
-        for index in range(start, start + n):
-            stamps.append(clock())
-            await pool.enqueue_job("noop", index)
-            await asyncio.sleep(gap)
-        return stamps
-
-    async def delayed(self, start: int, delays: List[float]) -> List[float]:
-        pool, due = await self._pool(), []
-        for index, delay in enumerate(delays, start):
-            due.append(time.perf_counter() + delay)
-            await pool.enqueue_job("noop", index, _defer_by=delay)
-        return due
+    def send_in(self, index: int, delay: float) -> Any:
+        return self.pool.enqueue_job("noop", index, _defer_by=delay)

@@ -3,12 +3,11 @@
 Workers: ``dramatiq peer_dramatiq --processes 2 --threads 4``, default middleware.
 """
 import os
-import time
-from typing import List
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 
+from producer import SyncProducer
 from record import record
 
 
@@ -21,32 +20,16 @@ def noop(index: int) -> None:
     record(index)
 
 
-class Producer:
+class Producer(SyncProducer):
     def __init__(self, url: str) -> None:
         pass  # the module's broker was built from BENCH_REDIS_URL, which the agent sets
 
-    def enqueue(self, start: int, n: int) -> None:
-        send = noop.send
-        for index in range(start, start + n):
-            send(index)
+    def send(self, index: int) -> None:
+        noop.send(index)
 
-    def enqueue_many(self, start: int, n: int, batch: int) -> None:
+    def send_batch(self, indices: range) -> None:
         """No bulk enqueue in dramatiq: ``group(...).run()`` sends message by message."""
-        end = start + n
-        for first in range(start, end, batch):
-            dramatiq.group(noop.message(index) for index in range(first, min(first + batch, end))).run()
+        dramatiq.group(noop.message(index) for index in indices).run()
 
-    def paced(self, start: int, n: int, gap: float) -> List[float]:
-        stamps, send, clock = [], noop.send, time.perf_counter
-        for index in range(start, start + n):
-            stamps.append(clock())
-            send(index)
-            time.sleep(gap)
-        return stamps
-
-    def delayed(self, start: int, delays: List[float]) -> List[float]:
-        due = []
-        for index, delay in enumerate(delays, start):
-            due.append(time.perf_counter() + delay)
-            noop.send_with_options(args=(index,), delay=int(round(delay * 1000)))
-        return due
+    def send_in(self, index: int, delay: float) -> None:
+        noop.send_with_options(args=(index,), delay=int(round(delay * 1000)))

@@ -5,11 +5,10 @@ process. RedisHuey's consumers block on BRPOP (``blocking=True``, its default), 
 no idle back-off is involved; results are not kept (``results=False``).
 """
 import os
-import time
-from typing import List
 
 from huey import RedisHuey
 
+from producer import SyncProducer
 from record import record
 
 
@@ -21,31 +20,16 @@ def noop(index: int) -> None:
     record(index)
 
 
-class Producer:
+class Producer(SyncProducer):
     def __init__(self, url: str) -> None:
         pass  # the module's huey was built from BENCH_REDIS_URL, which the agent sets
 
-    def enqueue(self, start: int, n: int) -> None:
-        for index in range(start, start + n):
-            noop(index)
+    def send(self, index: int) -> None:
+        noop(index)
 
-    def enqueue_many(self, start: int, n: int, batch: int) -> None:
+    def send_batch(self, indices: range) -> None:
         """No bulk enqueue in huey: ``Task.map`` enqueues one by one."""
-        end = start + n
-        for first in range(start, end, batch):
-            noop.map(range(first, min(first + batch, end)))
+        noop.map(indices)
 
-    def paced(self, start: int, n: int, gap: float) -> List[float]:
-        stamps, clock = [], time.perf_counter
-        for index in range(start, start + n):
-            stamps.append(clock())
-            noop(index)
-            time.sleep(gap)
-        return stamps
-
-    def delayed(self, start: int, delays: List[float]) -> List[float]:
-        due = []
-        for index, delay in enumerate(delays, start):
-            due.append(time.perf_counter() + delay)
-            noop.schedule(args=(index,), delay=delay)
-        return due
+    def send_in(self, index: int, delay: float) -> None:
+        noop.schedule(args=(index,), delay=delay)

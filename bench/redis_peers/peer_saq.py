@@ -8,10 +8,11 @@ the exact due time is passed: no rounding to the second is charged to saq.
 import asyncio
 import os
 import time
-from typing import Any, List
+from typing import Any
 
 from saq import Queue
 
+from producer import AsyncProducer
 from record import record
 
 
@@ -33,40 +34,22 @@ settings = {
 }
 
 
-class Producer:
+class Producer(AsyncProducer):
     def __init__(self, url: str) -> None:
         self.queue = _queue(url)
         self.connected = False
 
-    async def _connect(self) -> Any:
+    async def connect(self) -> None:
         if not self.connected:
             await self.queue.connect()
             self.connected = True
-        return self.queue
 
-    async def enqueue(self, start: int, n: int) -> None:
-        queue = await self._connect()
-        for index in range(start, start + n):
-            await queue.enqueue("noop", index=index, ttl=-1)
+    def send(self, index: int) -> Any:
+        return self.queue.enqueue("noop", index=index, ttl=-1)
 
-    async def enqueue_many(self, start: int, n: int, batch: int) -> None:
+    def send_batch(self, indices: range) -> Any:
         """No bulk enqueue in saq: gather ``enqueue`` coroutines, as saq's own ``Queue.map`` does."""
-        queue, end = await self._connect(), start + n
-        for first in range(start, end, batch):
-            await asyncio.gather(*(queue.enqueue("noop", index=index, ttl=-1)
-                                   for index in range(first, min(first + batch, end))))
+        return asyncio.gather(*(self.queue.enqueue("noop", index=index, ttl=-1) for index in indices))
 
-    async def paced(self, start: int, n: int, gap: float) -> List[float]:
-        queue, stamps, clock = await self._connect(), [], time.perf_counter
-        for index in range(start, start + n):
-            stamps.append(clock())
-            await queue.enqueue("noop", index=index, ttl=-1)
-            await asyncio.sleep(gap)
-        return stamps
-
-    async def delayed(self, start: int, delays: List[float]) -> List[float]:
-        queue, due = await self._connect(), []
-        for index, delay in enumerate(delays, start):
-            due.append(time.perf_counter() + delay)
-            await queue.enqueue("noop", index=index, ttl=-1, scheduled=time.time() + delay)
-        return due
+    def send_in(self, index: int, delay: float) -> Any:
+        return self.queue.enqueue("noop", index=index, ttl=-1, scheduled=time.time() + delay)
