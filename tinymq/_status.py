@@ -144,19 +144,8 @@ def change_dead_in_redis(url: str, name: str, action: str, ids: Optional[Sequenc
     """Requeue or purge dead jobs of a Redis queue; an id that is not a dead job changes nothing."""
 
     def change(queue: Queue) -> str:
-        broker: Any = queue.broker
-        if ids is not None:
-            dead = {entry.job.id for entry in broker.dead_jobs()}
-            missing = [job_id for job_id in ids if job_id not in dead]
-            if missing:
-                raise CommandError(f"no dead job with id {', '.join(map(repr, missing))} in Redis queue "
-                                   f"{name!r}; nothing changed")
-        if action == "requeue":
-            changed = broker.requeue_dead(ids)
-            return (f"requeued {counted(changed, 'dead job')} in Redis queue {name!r}, retries reset; "
-                    "workers take them at once")
-        changed = broker.purge_dead(ids)
-        return f"purged {counted(changed, 'dead job')} from Redis queue {name!r}"
+        where = f"Redis queue {name!r}"
+        return _change_dead(queue.broker, action, ids, where, where, "workers take them at once")
 
     return _with_redis_queue(url, name, change)
 
@@ -178,18 +167,21 @@ def change_dead_in_db(path: str, action: str, ids: Optional[Sequence[str]]) -> s
     except PersistenceError as exc:
         raise CommandError(str(exc)) from None
     with store:
-        if ids is not None:
-            dead = {entry.job.id for entry in store.dead_jobs()}
-            missing = [job_id for job_id in ids if job_id not in dead]
-            if missing:
-                raise CommandError(f"no dead job with id {', '.join(map(repr, missing))} in {path!r}; "
-                                   "nothing changed")
-        if action == "requeue":
-            changed = store.requeue_dead(ids)
-            return (f"requeued {counted(changed, 'dead job')} in {path}, retries reset; the next "
-                    "queue to open the file runs them")
-        changed = store.purge_dead(ids)
-        return f"purged {counted(changed, 'dead job')} from {path}"
+        return _change_dead(store, action, ids, repr(path), path, "the next queue to open the file runs them")
+
+
+def _change_dead(store: Any, action: str, ids: Optional[Sequence[str]], named: str, where: str,
+                 then: str) -> str:
+    """Requeue or purge the dead jobs of ``store`` (a RedisBroker or SQLitePersistence: the
+    same three calls), all or nothing; ``named``/``where`` name it in an error/the result."""
+    if ids is not None:
+        dead = {entry.job.id for entry in store.dead_jobs()}
+        missing = [job_id for job_id in ids if job_id not in dead]
+        if missing:
+            raise CommandError(f"no dead job with id {', '.join(map(repr, missing))} in {named}; nothing changed")
+    if action == "requeue":
+        return f"requeued {counted(store.requeue_dead(ids), 'dead job')} in {where}, retries reset; {then}"
+    return f"purged {counted(store.purge_dead(ids), 'dead job')} from {where}"
 
 
 # --- printing ---------------------------------------------------------------------------
