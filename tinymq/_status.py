@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import time
-import urllib.parse
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar
 
 from ._cli import CommandError, counted
@@ -25,6 +24,7 @@ from .job import Job, Priority
 from .persistence._ownership import OwnedError
 from .persistence.sqlite import DeadJob, SQLitePersistence
 from .queue import Queue
+from .redis.broker import redacted_url
 
 __all__ = ["db_status", "redis_status", "render_status", "change_dead_in_db", "change_dead_in_redis"]
 
@@ -79,15 +79,6 @@ def db_status(path: str) -> Dict[str, Any]:
     }
 
 
-def redacted(url: str) -> str:
-    """``url`` without its password, fit to print."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    hidden = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urllib.parse.urlunsplit(parts._replace(netloc=hidden))
-
-
 def _with_redis_queue(url: str, name: str, work: Callable[[Queue], T]) -> T:
     """``work(queue)`` on a Queue over ``RedisBroker(url, name=name)``, never started; closed after."""
     try:
@@ -95,7 +86,7 @@ def _with_redis_queue(url: str, name: str, work: Callable[[Queue], T]) -> T:
 
         broker = RedisBroker(url, name=name)
     except (ImportError, ValueError, TypeError) as exc:
-        raise CommandError(f"cannot use Redis queue {name!r} at {redacted(url)}: {exc}") from None
+        raise CommandError(f"cannot use Redis queue {name!r} at {redacted_url(url)}: {exc}") from None
     try:
         return work(Queue(broker=broker))
     except TinyMQError as exc:
@@ -124,7 +115,7 @@ def redis_status(url: str, name: str) -> Dict[str, Any]:
                  "LOW": stats.low_queue_size}
         return {
             "backend": "redis",
-            "redis": redacted(url),
+            "redis": redacted_url(url),
             "name": name,
             "counts": {"ready": sum(ready.values()), "delayed": stats.delayed_jobs_count,
                        "taken": sum(executor["taken"] for executor in executors.values()),
