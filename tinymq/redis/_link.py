@@ -110,8 +110,7 @@ class QueueLink:
         # already, or not at all), or _SETTLE_BATCH ops. Wakes it only when it may go.
         self._pump_goal = 1
         self._pump_asleep = False  # it waits with nothing to do: the first op or slot wakes it
-        self._limits: Dict[str, int] = {}
-        self._limits_dirty = False
+        self._limits: Dict[str, int] = {}  # type -> limit not yet sent: sent before the next fetch
         self._proc = self._new_proc_id()
         self._registered = False  # the server knows _proc (a fetch or beat succeeded)
         # Guarded by _round_lock: one fetch round at a time, and the round to resend, if any.
@@ -243,7 +242,6 @@ class QueueLink:
         """A registered executor's ``max_concurrent_jobs``: sent before this process's next fetch."""
         with self._lock:
             self._limits[job_type] = limit
-            self._limits_dirty = True
 
     # --- the AttemptLedger: what the dispatcher reports ------------------------------
 
@@ -381,14 +379,13 @@ class QueueLink:
                 with self._lock:
                     ops, self._ops = self._ops, []
                     self._unsent = (self._proc, format(next(self._fetch_ids), "x"), self._free(), ops)
-                    limits = dict(self._limits) if self._limits_dirty else None
-                    self._limits_dirty = False
+                    limits, self._limits = self._limits, {}
                 if limits:  # before the fetch, so that it admits by the current limits
                     try:
                         self.scripts.set_limits(limits)
                     except BaseException:
-                        with self._lock:
-                            self._limits_dirty = True
+                        with self._lock:  # sent again with the next round; a newer one wins
+                            self._limits = {**limits, **self._limits}
                         raise
             proc, fetch_id, n, ops = self._unsent
             self.broker._check_server()
