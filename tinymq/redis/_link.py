@@ -392,7 +392,6 @@ class QueueLink:
             sent = time.monotonic()
             reply = self.scripts.fetch(proc, fetch_id, n, self._lease_ms, self.broker.max_crash_recoveries,
                                        self._registered, ops)
-            received = time.monotonic()
             self._unsent = None
             if reply.reaped:
                 self._abandon()
