@@ -106,10 +106,10 @@ class QueueLink:
         self._workers = 0  # 0 until start: a producer-only queue fetches nothing
         self._closing = False
         self._pump_idle = False  # the pump is blocked in Redis: workers flush their own ops
-        # What the pump waits for on _changed: this many free slots (0: it waits on a timer
-        # already, or not at all), or _SETTLE_BATCH ops. Wakes it only when it may go.
+        # What the pump waits for on _changed: this many free slots, or _SETTLE_BATCH ops;
+        # 0 while it waits with nothing to do (the first op or freed slot wakes it).
+        # Wakes it only when it may go.
         self._pump_goal = 1
-        self._pump_asleep = False  # it waits with nothing to do: the first op or slot wakes it
         self._limits: Dict[str, int] = {}  # type -> limit not yet sent: sent before the next fetch
         self._proc = self._new_proc_id()
         self._registered = False  # the server knows _proc (a fetch or beat succeeded)
@@ -281,7 +281,7 @@ class QueueLink:
 
     def _wake_pump(self) -> None:
         """A slot freed or an op came: wake the pump if that is what it waits for. With _lock held."""
-        if self._pump_asleep or len(self._ops) >= _SETTLE_BATCH or self._free() >= self._pump_goal:
+        if len(self._ops) >= _SETTLE_BATCH or self._free() >= self._pump_goal:
             self._changed.notify()
 
     def _flush_if_idle(self) -> None:
@@ -571,11 +571,9 @@ class QueueLink:
                         return
                     self._changed.wait(left)
                 else:
-                    self._pump_asleep = True
+                    self._pump_goal = 0
                     self._changed.wait()
-                    self._pump_asleep = False
         finally:
-            self._pump_asleep = False
             self._pump_goal = 1
 
     def _wake_key(self) -> str:
