@@ -18,7 +18,7 @@ __all__ = ["Scripts", "Connections", "SettleOp", "Crashed", "Fetched", "FetchRep
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SCRIPT_NAMES = ("enqueue", "fetch", "settle", "beat", "reap", "release", "limits",
-                 "requeue_dead", "purge_dead")
+                 "requeue_dead", "purge_dead", "schedule_begin", "schedule_tick")
 
 
 def key_prefix(name: str) -> str:
@@ -275,3 +275,14 @@ class Scripts:
 
     def purge_dead(self, ids: Sequence[str]) -> int:
         return int(self._call("purge_dead", list(ids))) if ids else 0
+
+    def schedule_begin(self, name: str, interval_us: int, first_delay_us: int) -> Tuple[int, int, int]:
+        """Join (or start) the tick grid of the ``every`` schedule ``name``:
+        ``(anchor us, interval us, server now us)``."""
+        anchor_us, interval_us, now_us = self._call("schedule_begin", [name, interval_us, first_delay_us])
+        return int(anchor_us), int(interval_us), int(now_us)
+
+    def schedule_tick(self, name: str, tick: int, job_id: str, token: str) -> str:
+        """Claim ``tick`` of schedule ``name`` for this call, once across processes:
+        "fire", "busy" or "taken" (see schedule_tick.lua)."""
+        return str(self._call("schedule_tick", [name, tick, job_id, token]))
