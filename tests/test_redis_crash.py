@@ -161,6 +161,13 @@ def leftovers(client, prefix: str) -> Dict[str, object]:
     }
 
 
+def drained(queue, fleet, client, prefix: str):
+    """Wait until ``queue``'s shared queue is drained, then stop the fleet: ``(stats, leftovers)``."""
+    assert queue.join(DRAIN_WAIT), f"not drained: {leftovers(client, prefix)}"
+    fleet.stop()
+    return queue.get_stats(), leftovers(client, prefix)
+
+
 NOTHING_LEFT = {"inflight": {}, "running": {}, "ready": 0, "delayed": 0, "parked": [], "outstanding": 0}
 
 
@@ -262,10 +269,7 @@ def test_sigkill_random_workers_loses_nothing_and_never_exceeds_a_limit(redis_ur
             outstanding = int(client.hget(prefix + "stats", "outstanding"))
             kills.append((victim.pid, died, held, outstanding))
             fleet.start(wait=False)
-        assert producer.join(DRAIN_WAIT), f"not drained: {leftovers(client, prefix)}"
-        fleet.stop()
-        stats = producer.get_stats()
-        left = leftovers(client, prefix)
+        stats, left = drained(producer, fleet, client, prefix)
     finally:
         producer.stop()
         producer.broker.close()
@@ -364,10 +368,7 @@ def test_a_worker_stopped_past_its_lease_is_fenced_and_registers_again(redis_url
             zombie.process.send_signal(signal.SIGCONT)
         # it learns it was reaped and registers again under a new id
         assert wait_for(lambda: procs_of(client, prefix, zombie.pid) not in ([], [registration]), START_WAIT)
-        assert producer.join(DRAIN_WAIT), f"not drained: {leftovers(client, prefix)}"
-        fleet.stop()
-        stats = producer.get_stats()
-        left = leftovers(client, prefix)
+        stats, left = drained(producer, fleet, client, prefix)
     finally:
         producer.stop()
         producer.broker.close()
@@ -501,10 +502,7 @@ def test_sigkill_of_redis_loses_no_acknowledged_job(own_redis_server, fleet_fact
             time.sleep(rng.uniform(0.1, 0.4))
             server.start()
         assert producer.unexpected == []
-        assert queue.join(DRAIN_WAIT), f"not drained: {leftovers(client, prefix)}"
-        fleet.stop()
-        stats = queue.get_stats()
-        left = leftovers(client, prefix)
+        stats, left = drained(queue, fleet, client, prefix)
     finally:
         producer.done.set()
         queue.stop()

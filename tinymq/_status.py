@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import time
-import urllib.parse
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar
 
 from ._cli import CommandError, counted
@@ -25,6 +24,7 @@ from .job import Job, Priority
 from .persistence._ownership import OwnedError
 from .persistence.sqlite import DeadJob, SQLitePersistence
 from .queue import Queue
+from .redis.broker import redacted_url
 
 __all__ = ["db_status", "redis_status", "render_status", "change_dead_in_db", "change_dead_in_redis"]
 
@@ -79,15 +79,6 @@ def db_status(path: str) -> Dict[str, Any]:
     }
 
 
-def redacted(url: str) -> str:
-    """``url`` without its password, fit to print."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    hidden = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urllib.parse.urlunsplit(parts._replace(netloc=hidden))
-
-
 def _with_redis_queue(url: str, name: str, work: Callable[[Queue], T]) -> T:
     """``work(queue)`` on a Queue over ``RedisBroker(url, name=name)``, never started; closed after."""
     try:
@@ -95,7 +86,7 @@ def _with_redis_queue(url: str, name: str, work: Callable[[Queue], T]) -> T:
 
         broker = RedisBroker(url, name=name)
     except (ImportError, ValueError, TypeError) as exc:
-        raise CommandError(f"cannot use Redis queue {name!r} at {redacted(url)}: {exc}") from None
+        raise CommandError(f"cannot use Redis queue {name!r} at {redacted_url(url)}: {exc}") from None
     try:
         return work(Queue(broker=broker))
     except TinyMQError as exc:
@@ -124,7 +115,7 @@ def redis_status(url: str, name: str) -> Dict[str, Any]:
                  "LOW": stats.low_queue_size}
         return {
             "backend": "redis",
-            "redis": redacted(url),
+            "redis": redacted_url(url),
             "name": name,
             "counts": {"ready": sum(ready.values()), "delayed": stats.delayed_jobs_count,
                        "taken": sum(executor["taken"] for executor in executors.values()),
@@ -144,19 +135,8 @@ def change_dead_in_redis(url: str, name: str, action: str, ids: Optional[Sequenc
     """Requeue or purge dead jobs of a Redis queue; an id that is not a dead job changes nothing."""
 
     def change(queue: Queue) -> str:
-        broker: Any = queue.broker
-        if ids is not None:
-            dead = {entry.job.id for entry in broker.dead_jobs()}
-            missing = [job_id for job_id in ids if job_id not in dead]
-            if missing:
-                raise CommandError(f"no dead job with id {', '.join(map(repr, missing))} in Redis queue "
-                                   f"{name!r}; nothing changed")
-        if action == "requeue":
-            changed = broker.requeue_dead(ids)
-            return (f"requeued {counted(changed, 'dead job')} in Redis queue {name!r}, retries reset; "
-                    "workers take them at once")
-        changed = broker.purge_dead(ids)
-        return f"purged {counted(changed, 'dead job')} from Redis queue {name!r}"
+        where = f"Redis queue {name!r}"
+        return _change_dead(queue.broker, action, ids, where, where, "workers take them at once")
 
     return _with_redis_queue(url, name, change)
 
@@ -178,18 +158,21 @@ def change_dead_in_db(path: str, action: str, ids: Optional[Sequence[str]]) -> s
     except PersistenceError as exc:
         raise CommandError(str(exc)) from None
     with store:
-        if ids is not None:
-            dead = {entry.job.id for entry in store.dead_jobs()}
-            missing = [job_id for job_id in ids if job_id not in dead]
-            if missing:
-                raise CommandError(f"no dead job with id {', '.join(map(repr, missing))} in {path!r}; "
-                                   "nothing changed")
-        if action == "requeue":
-            changed = store.requeue_dead(ids)
-            return (f"requeued {counted(changed, 'dead job')} in {path}, retries reset; the next "
-                    "queue to open the file runs them")
-        changed = store.purge_dead(ids)
-        return f"purged {counted(changed, 'dead job')} from {path}"
+        return _change_dead(store, action, ids, repr(path), path, "the next queue to open the file runs them")
+
+
+def _change_dead(store: Any, action: str, ids: Optional[Sequence[str]], named: str, where: str,
+                 then: str) -> str:
+    """Requeue or purge the dead jobs of ``store`` (a RedisBroker or SQLitePersistence: the
+    same three calls), all or nothing; ``named``/``where`` name it in an error/the result."""
+    if ids is not None:
+        dead = {entry.job.id for entry in store.dead_jobs()}
+        missing = [job_id for job_id in ids if job_id not in dead]
+        if missing:
+            raise CommandError(f"no dead job with id {', '.join(map(repr, missing))} in {named}; nothing changed")
+    if action == "requeue":
+        return f"requeued {counted(store.requeue_dead(ids), 'dead job')} in {where}, retries reset; {then}"
+    return f"purged {counted(store.purge_dead(ids), 'dead job')} from {where}"
 
 
 # --- printing ---------------------------------------------------------------------------

@@ -12,10 +12,10 @@ from typing import Any, Dict, Optional
 from ..config import RetryConfig
 from ..job import _DEFAULT_RETRY_CONFIG, Job, Priority
 from ..persistence.serializers import JSONSerializer
+from ..persistence.sqlite import _RETRY_FIELDS
 
 __all__ = ["encode_job", "decode_job"]
 
-_RETRY_FIELDS = ("max_retries", "initial_delay", "max_delay", "backoff_multiple", "jitter")
 _serializer = JSONSerializer()
 _retry_configs: Dict[str, RetryConfig] = {}  # decoded config text -> config, shared by jobs
 _CACHE_LIMIT = 256  # distinct retry configs remembered

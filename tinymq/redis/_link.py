@@ -37,7 +37,7 @@ from .._pick_core import core
 from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError
 from ..stats import ExecutorStats, QueueStats
 from ._codec import decode_job, encode_job
-from ._scripts import Scripts, SettleOp
+from ._scripts import SettleOp
 
 __all__ = ["QueueLink"]
 
@@ -55,7 +55,7 @@ _LOG_EVERY = 30.0  # seconds between two warnings about the same outage
 _MS = 1000.0
 _US = 1_000_000.0
 _DIGITS = 3  # delays are sent in ms to the microsecond
-_SOCKET_TIMEOUT = 10.0  # a round's reply slower than this is a dead connection
+_SOCKET_TIMEOUT = 10.0  # beyond the idle wait, a reply slower than this is a dead connection
 _RENEWAL_POLL = 0.05  # seconds a worker waiting for a renewal looks again (it is also woken)
 
 _PENDING, _STARTED, _GIVEN_BACK = range(3)
@@ -106,12 +106,11 @@ class QueueLink:
         self._workers = 0  # 0 until start: a producer-only queue fetches nothing
         self._closing = False
         self._pump_idle = False  # the pump is blocked in Redis: workers flush their own ops
-        # What the pump waits for on _changed: this many free slots (0: it waits on a timer
-        # already, or not at all), or _SETTLE_BATCH ops. Wakes it only when it may go.
+        # What the pump waits for on _changed: this many free slots, or _SETTLE_BATCH ops;
+        # 0 while it waits with nothing to do (the first op or freed slot wakes it).
+        # Wakes it only when it may go.
         self._pump_goal = 1
-        self._pump_asleep = False  # it waits with nothing to do: the first op or slot wakes it
-        self._limits: Dict[str, int] = {}
-        self._limits_dirty = False
+        self._limits: Dict[str, int] = {}  # type -> limit not yet sent: sent before the next fetch
         self._proc = self._new_proc_id()
         self._registered = False  # the server knows _proc (a fetch or beat succeeded)
         # Guarded by _round_lock: one fetch round at a time, and the round to resend, if any.
@@ -119,7 +118,6 @@ class QueueLink:
         self._unsent: Optional[Tuple[str, str, int, List[SettleOp]]] = None  # (proc, fetch id, n, ops)
         self._fetch_ids = itertools.count(1)
         self._beat_ids = itertools.count(1)  # (used by the heartbeat only)
-        self._round_connection: Any = None  # its own connection: rounds are one at a time anyway
         # Fetched jobs whose id the core still holds (a copy this process gave up, still running):
         # placed once that copy is done. Guarded by _round_lock.
         self._held: List[Any] = []
@@ -244,7 +242,6 @@ class QueueLink:
         """A registered executor's ``max_concurrent_jobs``: sent before this process's next fetch."""
         with self._lock:
             self._limits[job_type] = limit
-            self._limits_dirty = True
 
     # --- the AttemptLedger: what the dispatcher reports ------------------------------
 
@@ -284,7 +281,7 @@ class QueueLink:
 
     def _wake_pump(self) -> None:
         """A slot freed or an op came: wake the pump if that is what it waits for. With _lock held."""
-        if self._pump_asleep or len(self._ops) >= _SETTLE_BATCH or self._free() >= self._pump_goal:
+        if len(self._ops) >= _SETTLE_BATCH or self._free() >= self._pump_goal:
             self._changed.notify()
 
     def _flush_if_idle(self) -> None:
@@ -382,21 +379,19 @@ class QueueLink:
                 with self._lock:
                     ops, self._ops = self._ops, []
                     self._unsent = (self._proc, format(next(self._fetch_ids), "x"), self._free(), ops)
-                    limits = dict(self._limits) if self._limits_dirty else None
-                    self._limits_dirty = False
+                    limits, self._limits = self._limits, {}
                 if limits:  # before the fetch, so that it admits by the current limits
                     try:
-                        self._round_scripts().set_limits(limits)
+                        self.scripts.set_limits(limits)
                     except BaseException:
-                        with self._lock:
-                            self._limits_dirty = True
+                        with self._lock:  # sent again with the next round; a newer one wins
+                            self._limits = {**limits, **self._limits}
                         raise
             proc, fetch_id, n, ops = self._unsent
             self.broker._check_server()
             sent = time.monotonic()
-            reply = self._round_scripts().fetch(proc, fetch_id, n, self._lease_ms, self.broker.max_crash_recoveries,
+            reply = self.scripts.fetch(proc, fetch_id, n, self._lease_ms, self.broker.max_crash_recoveries,
                                        self._registered, ops)
-            received = time.monotonic()
             self._unsent = None
             if reply.reaped:
                 self._abandon()
@@ -425,13 +420,6 @@ class QueueLink:
             return False
         self.ready.requeue(job)
         return True
-
-    def _round_scripts(self) -> Any:
-        """The scripts on this link's own connection, for calls made under _round_lock."""
-        if self._round_connection is None:
-            self._round_connection = Scripts(self.client, self.broker.name,
-                                             self.broker._connections(1, _SOCKET_TIMEOUT))
-        return self._round_connection
 
     def _take(self, fetched: Sequence[Any]) -> int:
         """Hand fetched attempts to the core. Called with _round_lock held."""
@@ -583,11 +571,9 @@ class QueueLink:
                         return
                     self._changed.wait(left)
                 else:
-                    self._pump_asleep = True
+                    self._pump_goal = 0
                     self._changed.wait()
-                    self._pump_asleep = False
         finally:
-            self._pump_asleep = False
             self._pump_goal = 1
 
     def _wake_key(self) -> str:
@@ -620,7 +606,7 @@ class QueueLink:
                     proc, registered = self._proc, self._registered
                     sent = time.monotonic()
                     alive, _, crashed = self.broker.call_resending(  # (its crashed jobs must not be lost)
-                        self._round_scripts().beat, proc, self._lease_ms, self.broker.max_crash_recoveries,
+                        self.scripts.beat, proc, self._lease_ms, self.broker.max_crash_recoveries,
                         registered, format(next(self._beat_ids), "x"))
                     if not alive:
                         self._abandon()
@@ -665,16 +651,11 @@ class QueueLink:
                 proc, registered = self._proc, self._registered
             self._released = True
             if not registered and not ops:
-                if self._round_connection is not None:
-                    self._round_connection.connections.close()
                 return
             try:
-                self.broker.call_resending(self._round_scripts().release, proc, ops)
+                self.broker.call_resending(self.scripts.release, proc, ops)
                 self.client.delete(self._wake_key())
             except self._redis_error as exc:
                 logger.warning("Redis queue %r: could not give back %d unstarted job(s) at stop (%s); "
                                "they return when this process's lease expires", self.broker.name,
                                len(unstarted), exc)
-            finally:
-                if self._round_connection is not None:
-                    self._round_connection.connections.close()

@@ -14,11 +14,10 @@ import math
 import os
 import time
 import weakref
-from typing import Any, Dict, List
+from typing import Any, Dict
 
-from .._periodic import _Tick, tick_job_id
+from .._periodic import _Tick
 from ..errors import QueueStopped
-from ._scripts import _source
 
 __all__ = ["BrokerTicks"]
 
@@ -32,17 +31,9 @@ class BrokerTicks:
     def __init__(self, link: Any, queue: Any) -> None:
         self._link = link
         self._queue = weakref.ref(queue)  # the timer never keeps the queue alive
-        scripts = link.scripts
-        self._keys = [scripts.prefix]
-        lib = _source("lib")
-        self._begin = scripts.client.register_script(lib + "\n" + _source("schedule_begin"))
-        self._tick = scripts.client.register_script(lib + "\n" + _source("schedule_tick"))
         self._grids: Dict[str, float] = {}  # schedule name -> server time (s) of its tick 0
         self._claims = 0
         self._token_prefix = os.urandom(8).hex()
-
-    def _call(self, script: Any, args: List[Any]) -> Any:
-        return self._link.broker.call_resending(lambda: script(keys=self._keys, args=args))
 
     def begin(self, schedule: Any, first: _Tick) -> _Tick:
         trigger = schedule.trigger
@@ -51,8 +42,8 @@ class BrokerTicks:
         interval_us = max(1, round(trigger.interval * _US))
         first_delay_us = round((first.due - time.monotonic()) * _US)
         monotonic_before = time.monotonic()
-        anchor_us, interval_us, server_us = (int(value) for value in self._call(
-            self._begin, [schedule.name, interval_us, max(0, first_delay_us)]))
+        anchor_us, interval_us, server_us = self._link.broker.call_resending(
+            self._link.scripts.schedule_begin, schedule.name, interval_us, max(0, first_delay_us))
         monotonic_now = (monotonic_before + time.monotonic()) / 2  # the reply's instant, give or take
         anchor, interval, server_now = anchor_us / _US, interval_us / _US, server_us / _US
         self._grids[schedule.name] = anchor
@@ -70,9 +61,11 @@ class BrokerTicks:
             number, wall = tick.index, self._grids[schedule.name] + tick.index * schedule.trigger.interval
         job = schedule.new_job_at(wall)
         self._claims += 1
-        outcome = self._call(self._tick, [schedule.name, number, job.id, f"{self._token_prefix}:{self._claims}"])
+        token = f"{self._token_prefix}:{self._claims}"  # the same when resent
+        outcome = self._link.broker.call_resending(self._link.scripts.schedule_tick, schedule.name, number,
+                                                   job.id, token)
         if outcome != "fire":
-            return str(outcome)  # "busy" or "taken"
+            return outcome  # "busy" or "taken"
         queue.enqueue(job)  # a crash before this line loses the tick (at most once per tick)
         schedule.last_job_id = job.id
         return "fired"

@@ -7,9 +7,7 @@ With a beat id, a resent call (the same proc and id) only renews, and returns th
 the first call found crashed: each is reported once, by whoever gets the reply. ]]
 local proc, lease, max_crash, bid = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[5] or ''
 local now = now_ms()
-mind_the_gap(now, lease)
-if ARGV[4] == '1' and not redis.call('ZSCORE', K_PROCS, proc) then return {0, now, {}} end
-redis.call('ZADD', K_PROCS, now + lease, proc)
+if not renew(proc, now, lease, ARGV[4]) then return {0, now, {}} end
 if bid ~= '' then
   local last = redis.call('HGET', K_BEATEN, proc)
   last = last and cjson.decode(last) -- {beat id, crashed}

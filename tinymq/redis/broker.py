@@ -9,6 +9,7 @@ import logging
 import re
 import threading
 import time
+import urllib.parse
 from datetime import timedelta
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -84,10 +85,10 @@ class RedisBroker:
             self._check_server()
         except redis.RedisError as exc:  # checked again at the first use that reaches it
             logger.warning("Redis at %s is not reachable yet (%s); tinymq will keep trying",
-                           _safe_url(url), exc)
+                           redacted_url(url), exc)
 
     def __repr__(self) -> str:
-        return f"RedisBroker({_safe_url(self.url)!r}, name={self.name!r}, lease={self.lease!r})"
+        return f"RedisBroker({redacted_url(self.url)!r}, name={self.name!r}, lease={self.lease!r})"
 
     # --- connecting ------------------------------------------------------------
 
@@ -102,7 +103,7 @@ class RedisBroker:
             version = str(info.get("redis_version", "0"))
             parts = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
             if parts < _MIN_VERSION:
-                raise TinyMQError(f"tinymq needs Redis >= 6.2 (or Valkey); {_safe_url(self.url)} runs {version}")
+                raise TinyMQError(f"tinymq needs Redis >= 6.2 (or Valkey); {redacted_url(self.url)} runs {version}")
             try:
                 policy = self.client.config_get("maxmemory-policy").get("maxmemory-policy")
             except _redis().ResponseError:  # CONFIG is disabled on some managed services
@@ -110,7 +111,7 @@ class RedisBroker:
             if policy is not None and policy != "noeviction":
                 logger.warning(
                     "Redis at %s has maxmemory-policy %r: under memory pressure it may evict "
-                    "tinymq's keys and lose jobs; set maxmemory-policy noeviction", _safe_url(self.url), policy)
+                    "tinymq's keys and lose jobs; set maxmemory-policy noeviction", redacted_url(self.url), policy)
             self._checked = True
 
     def _dedicated_client(self, timeout: float) -> Any:
@@ -169,7 +170,7 @@ class RedisBroker:
         try:
             return sum(self.call_resending(call, ids[i:i + _PAGE]) for i in range(0, len(ids), _PAGE))
         except _redis().RedisError as exc:
-            raise TinyMQError(f"could not {what} on {_safe_url(self.url)}: {exc}") from exc
+            raise TinyMQError(f"could not {what} on {redacted_url(self.url)}: {exc}") from exc
 
     def dead_jobs(self) -> List[DeadJob]:
         """Permanently failed jobs, oldest death first, with their reason and last error."""
@@ -182,7 +183,7 @@ class RedisBroker:
                     pipe.hmget(self._scripts.key("job:" + job_id), "b", "r", "e", "x")
                 rows.extend(pipe.execute())
         except _redis().RedisError as exc:
-            raise TinyMQError(f"could not list dead jobs on {_safe_url(self.url)}: {exc}") from exc
+            raise TinyMQError(f"could not list dead jobs on {redacted_url(self.url)}: {exc}") from exc
         dead = []
         for job_id, (body, retries, error, reason) in zip(ids, rows):
             if body is None:
@@ -250,6 +251,10 @@ class RedisBroker:
         self.close()
 
 
-def _safe_url(url: str) -> str:
-    """The URL without its password, for messages."""
-    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
+def redacted_url(url: str) -> str:
+    """``url`` without its password, fit to print (messages here, and the CLI's output)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    hidden = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urllib.parse.urlunsplit(parts._replace(netloc=hidden))

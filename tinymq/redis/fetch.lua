@@ -18,10 +18,8 @@ local proc, fid, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local lease, max_crash, registered = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local nsettle = tonumber(ARGV[7])
 local now = now_ms()
-mind_the_gap(now, lease)
+if not renew(proc, now, lease, registered) then return {0, now, -1, 0, {}, {}, now_us} end
 local ik = inflight_key(proc)
-if registered == '1' and not redis.call('ZSCORE', K_PROCS, proc) then return {0, now, -1, 0, {}, {}, now_us} end
-redis.call('ZADD', K_PROCS, now + lease, proc)
 local jobs = {}
 local last = redis.call('HGET', K_FETCHED, proc)
 last = last and cjson.decode(last) -- {fetch id, {attempt...}, {crashed...}}: ids may hold any character

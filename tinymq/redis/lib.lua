@@ -271,11 +271,12 @@ local function settle(proc, argv, first, n, now)
   return stale
 end
 
---[[ Reap one process whose lease expired: every attempt without a decision (L, R)
-counts a crash and goes back to the head of its level, or dead ("crashed") past
-max_crash; an X attempt only frees its slot. Appends {id, body, retries, error} of
-each job that died to `crashed`. ]]
-local function reap_proc(proc, now, max_crash, crashed)
+--[[ Hand back everything proc holds and unregister it: every attempt without a decision
+(L, R) goes back to the head of its level; an X attempt only frees its slot. With
+max_crash (a reap: the process died), each of those counts a crash first, and a job past
+max_crash is dead ("crashed") instead, with {id, body, retries, error} appended to
+`crashed`; without (release: the process left), none counts. ]]
+local function drop_proc(proc, now, max_crash, crashed)
   local ik = inflight_key(proc)
   local entries = redis.call('HGETALL', ik)
   for i = 1, #entries, 2 do
@@ -285,14 +286,12 @@ local function reap_proc(proc, now, max_crash, crashed)
     if state ~= 'X' then
       local id = id_of(attempt)
       local jk = job_key(id)
-      if redis.call('EXISTS', jk) == 1 then
-        if redis.call('HINCRBY', jk, 'c', 1) > max_crash then
-          local f = redis.call('HMGET', jk, 'b', 'r', 'e')
-          job_dead(id, 'crashed', '', f[2] or '0', now)
-          table.insert(crashed, {id, f[1], f[2] or '0', f[3] or ''})
-        else
-          give_back(id)
-        end
+      if max_crash and redis.call('EXISTS', jk) == 1 and redis.call('HINCRBY', jk, 'c', 1) > max_crash then
+        local f = redis.call('HMGET', jk, 'b', 'r', 'e')
+        job_dead(id, 'crashed', '', f[2] or '0', now)
+        table.insert(crashed, {id, f[1], f[2] or '0', f[3] or ''})
+      else
+        give_back(id) -- (a job deleted meanwhile has no hash: nothing to give back)
       end
     end
   end
@@ -324,9 +323,18 @@ local function mind_the_gap(now, lease)
   end
 end
 
+-- Renew proc's lease (registering it, unless `registered` is '1'); false, doing nothing,
+-- when proc registered before and was reaped since: it must register again under a new id.
+local function renew(proc, now, lease, registered)
+  mind_the_gap(now, lease)
+  if registered == '1' and not redis.call('ZSCORE', K_PROCS, proc) then return false end
+  redis.call('ZADD', K_PROCS, now + lease, proc)
+  return true
+end
+
 local function reap(now, max_crash, crashed)
   local expired = redis.call('ZRANGEBYSCORE', K_PROCS, '-inf', '(' .. now, 'LIMIT', 0, REAP_PER_CALL)
-  for _, proc in ipairs(expired) do reap_proc(proc, now, max_crash, crashed) end
+  for _, proc in ipairs(expired) do drop_proc(proc, now, max_crash, crashed) end
   return #expired
 end
 
