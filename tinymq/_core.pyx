@@ -47,6 +47,17 @@ cdef extern from "Python.h":
     int PyThreadState_SetAsyncExc(unsigned long, PyObject *)
     object PyUnicode_FromStringAndSize(const char *, Py_ssize_t)
 
+cdef extern from *:
+    """
+    /* The pure twin's _awaitable_or_generator: its type has __await__, or it is a generator. */
+    static int tinymq_awaitable_or_generator(PyObject *result) {
+        PyAsyncMethods *as_async = Py_TYPE(result)->tp_as_async;
+        return (as_async != NULL && as_async->am_await != NULL)
+            || PyGen_Check(result) || PyAsyncGen_CheckExact(result);
+    }
+    """
+    bint _awaitable_or_generator "tinymq_awaitable_or_generator"(object result)
+
 __all__ = [
     "ReadyQueue", "DelayedHeap", "Alarm", "WorkerSlot", "TypeState",
     "run_worker", "retry_delay", "new_job_id", "interrupt_thread", "monotonic",
@@ -1569,8 +1580,8 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
 
     The fast path (success) stays here; everything else goes to ``dispatcher``:
     ``refresh_hooks(slot)``, ``new_context(job, deadline)``, ``returned(job, state,
-    result)`` (a function returned something), ``attempt_failed(job, state, exc)``,
-    ``no_executor(job, state)`` and ``after_expired(slot, exc)``.
+    result)`` (a function returned an awaitable or a generator), ``attempt_failed(job,
+    state, exc)``, ``no_executor(job, state)`` and ``after_expired(slot, exc)``.
     """
     cdef PyObject *taken = NULL
     cdef TypeState state
@@ -1603,7 +1614,7 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
                 result = fn(job)
             else:
                 result = fn(job, context)
-            if result is not None:  # maybe an awaitable: a function that returns a coroutine
+            if result is not None and _awaitable_or_generator(result):  # a function returning a coroutine
                 dispatcher.returned(job, state, result)
         except BaseException as exc:  # the attempt's failure, whatever it is
             error = exc
