@@ -806,8 +806,7 @@ cdef class ReadyQueue:
     def type_counters(self):
         """``{job_type: (succeeded, failed, retried, timed_out, cancelled)}`` per registered executor."""
         cdef TypeState state
-        return {state.name: (state.counters[1], state.counters[2], state.counters[3],
-                             state.counters[4], state.counters[6])
+        return {state.name: tuple([state.counters[event] for event in TYPE_EVENTS])
                 for state in self.types.values() if state.fn is not None}
 
     def attempt_durations(self):
@@ -1322,11 +1321,14 @@ cdef class ReadyQueue:
         if state is not None and (<TypeState>state).fn is not None:
             (<TypeState>state).counters[event] += n
 
-    def attempt_succeeded(self, TypeState state, double seconds):
-        """An attempt of ``state`` succeeded after ``seconds``: count it, queue-wide and per type."""
+    cdef inline void _succeeded(self, TypeState state, double seconds) noexcept:
         self._counters[C_SUCCEEDED] += 1
         state.counters[C_SUCCEEDED] += 1
         state.record_duration(seconds)
+
+    def attempt_succeeded(self, TypeState state, double seconds):
+        """An attempt of ``state`` succeeded after ``seconds``: count it, queue-wide and per type."""
+        self._succeeded(state, seconds)
 
     def record_duration(self, TypeState state, double seconds):
         """An attempt of ``state`` was decided (failed, timed out) after ``seconds``."""
@@ -1626,9 +1628,7 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
             dispatcher.after_expired(slot, error)
             return
         if error is None:
-            ready._counters[C_SUCCEEDED] += 1
-            state.counters[C_SUCCEEDED] += 1
-            state.record_duration(ended - started)
+            ready._succeeded(state, ended - started)
             succeeded += 1
             if succeeded % REFRESH_EVERY == 0:
                 dispatcher.refresh_hooks(slot)
