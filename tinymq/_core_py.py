@@ -600,8 +600,10 @@ class ReadyQueue:
 
     def _take(self, runner: int = THREADS) -> Optional[Tuple[Any, TypeState, int]]:
         """Take ``runner``'s next job and a slot of its type: (job, type, level), or None."""
-        if self._rate_closed and self._rate_closed[0][0] <= monotonic():
-            self._reopen_due(monotonic())  # a busy worker reopens a window without the scheduler
+        if self._rate_closed:  # a busy worker reopens a window without the scheduler
+            now = monotonic()
+            if self._rate_closed[0][0] <= now:
+                self._reopen_due(now)
         for level in _LEVELS:
             runnable = self._runnable[runner][level]
             while runnable:
