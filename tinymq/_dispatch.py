@@ -41,13 +41,11 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Set, Tuple, ca
 
 from ._pick_core import core
 from .config import Config, ExecutorConfig
-from ._event_loop import LoopRunner
+from ._event_loop import _UNWIND_WAIT, LoopRunner, timeout_error
 from .context import JobContext
 from .errors import JobTimeout, PermanentFailure, RetryAfter
 
 __all__ = ["Dispatcher", "FailureCallback", "AttemptLedger"]
-
-_UNWIND_WAIT = 1.0  # seconds stop() gives cancelled coroutines to unwind before the loop stops
 
 logger = logging.getLogger("tinymq")
 
@@ -466,9 +464,7 @@ class Dispatcher:
     def _timed_out(self, slot: Any, job: Any) -> None:
         """The watchdog decided ``slot``'s attempt: fail it now, replace the stuck worker."""
         state = slot.type_state
-        timeout = state.timeout  # None if the executor was registered again without one
-        limit = f"its {timeout:g}s timeout" if timeout is not None else "its deadline"
-        exc = JobTimeout(f"job {job.id} ({job.type!r}) ran past {limit}")
+        exc = timeout_error(job, state)
         if self.ledger is not None:
             self.ledger.expired(job)
         self._cancel_awaiting(job)
