@@ -285,7 +285,7 @@ class LoopRunner:
         deadlines = self._deadlines.get(key)
         if deadlines is None:
             deadlines = self._deadlines[key] = _Deadlines()
-        attempt.deadline = self.loop.time() + timeout
+        attempt.deadline = attempt.started + timeout
         attempt.deadlines = deadlines
         deadlines.attempts.append(attempt)
         if deadlines.timer is None:
