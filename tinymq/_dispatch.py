@@ -153,8 +153,8 @@ class Dispatcher:
         self._decided: Set[Any] = set()  # jobs whose attempt ended on its own after stop() began
         self._workers_changed = threading.Condition(self._lock)  # a worker exited or was retired
         self._in_callback = threading.local()  # .depth > 0 while a failure callback runs
-        self._retry_on: Dict[str, Tuple[type, ...]] = {}  # job type -> ExecutorConfig.retry_on
-        # job type -> how it was registered, to move a thread executor found to return awaitables
+        # job type -> how it was registered: its retry_on, and to move a thread executor found to
+        # return awaitables
         self._registered: Dict[str, Tuple[Callable[..., Any], ExecutorConfig, bool]] = {}
         self._awaiting: Dict[Any, "concurrent.futures.Future[Any]"] = {}  # guarded by _lock: see returned()
         # Guarded by _lock: jobs whose retry is being saved (in no structure meanwhile), by id, and
@@ -170,12 +170,17 @@ class Dispatcher:
     def register(self, job_type: str, fn: Callable[..., Any], config: ExecutorConfig,
                  takes_context: bool, is_async: bool = False) -> None:
         timeout = cast(Optional[float], config.timeout)  # a float or None once constructed
-        self._retry_on[job_type] = config.retry_on
         with self._lock:
             self._registered[job_type] = (fn, config, takes_context)
         self.ready.configure(job_type, fn, config.max_concurrent_jobs, timeout,
                              takes_context, config.interrupt_on_timeout,
                              core.LOOP if is_async else core.THREADS, config.rate_limit)
+
+    def _retry_on(self, job_type: str) -> Tuple[type, ...]:
+        """The exception classes that ``job_type``'s failures are retried for (``retry_on``)."""
+        with self._lock:
+            registered = self._registered.get(job_type)
+        return (Exception,) if registered is None else registered[1].retry_on
 
     def set_store(self, store: Any) -> None:
         with self._lock:
@@ -658,7 +663,7 @@ class Dispatcher:
             job.last_error = _describe(exc)
             if not isinstance(exc, RetryAfter) and (
                     isinstance(exc, PermanentFailure)
-                    or not isinstance(exc, self._retry_on.get(job.type, (Exception,)))):
+                    or not isinstance(exc, self._retry_on(job.type))):
                 self.fail(job, "permanent_failure", exc)
                 return
             retry_config = job.retry_config
