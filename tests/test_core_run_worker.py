@@ -2,7 +2,7 @@
 
 The worker loop keeps the success path to itself and hands everything else to
 its dispatcher through the callbacks named in ``run_worker``'s docstring:
-``refresh_hooks(slot)``, ``new_context(job, deadline)``,
+``refresh_hooks(slot)``, ``new_context(job, deadline)``, ``returned(job, state, result)``,
 ``attempt_failed(job, state, exc)``, ``no_executor(job, state)`` and
 ``after_expired(slot, exc)``. A ``FakeDispatcher`` records those calls.
 
@@ -60,6 +60,9 @@ class FakeDispatcher:
 
     def after_expired(self, slot, exc):
         self.log.add(("after_expired", slot, exc))
+
+    def returned(self, job, state, result):
+        self.log.add(("returned", job, state.name, result))
 
     def names(self):
         return [entry[0] for entry in self.log.snapshot()]
@@ -162,6 +165,37 @@ def test_a_successful_attempt_without_hooks(core, ready):
     assert ready.unfinished == 0
     assert ready.executor_stats()["t"] == (0, 2)
     assert dispatcher.names() == []
+
+
+class _Awaitable:
+    def __await__(self):
+        yield
+
+
+def _generator():
+    yield
+
+
+def test_only_awaitables_and_generators_returned_go_to_the_dispatcher(core, ready):
+    """A plain return value is a success decided in the loop; an awaitable or a generator is
+    handed to ``returned`` (which awaits it, or fails the attempt)."""
+    dispatcher = FakeDispatcher(ready)
+    awaitable, generator = _Awaitable(), _generator()
+    results = {0: 42, 1: "text", 2: {"a": 1}, 3: object(), 4: _Awaitable, 5: awaitable, 6: generator}
+    configure(ready, "t", lambda job: results[job.payload], limit=1)
+    jobs = [Job("t", i) for i in results]
+    for job in jobs:
+        assert ready.push(job)
+    worker = Worker(core, ready, dispatcher)
+    try:
+        assert ready.join(WAIT)
+    finally:
+        ready.close()
+    worker.join()
+    assert dispatcher.log.snapshot() == [("returned", jobs[5], "t", awaitable),
+                                         ("returned", jobs[6], "t", generator)]
+    assert ready.counters()[core.SUCCEEDED] == len(results)
+    generator.close()
 
 
 # --- failure --------------------------------------------------------------------------------

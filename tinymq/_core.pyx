@@ -47,6 +47,17 @@ cdef extern from "Python.h":
     int PyThreadState_SetAsyncExc(unsigned long, PyObject *)
     object PyUnicode_FromStringAndSize(const char *, Py_ssize_t)
 
+cdef extern from *:
+    """
+    /* The pure twin's _awaitable_or_generator: its type has __await__, or it is a generator. */
+    static int tinymq_awaitable_or_generator(PyObject *result) {
+        PyAsyncMethods *as_async = Py_TYPE(result)->tp_as_async;
+        return (as_async != NULL && as_async->am_await != NULL)
+            || PyGen_Check(result) || PyAsyncGen_CheckExact(result);
+    }
+    """
+    bint _awaitable_or_generator "tinymq_awaitable_or_generator"(object result)
+
 __all__ = [
     "ReadyQueue", "DelayedHeap", "Alarm", "WorkerSlot", "TypeState",
     "run_worker", "retry_delay", "new_job_id", "interrupt_thread", "monotonic",
@@ -378,133 +389,111 @@ cdef object _fifo_remove(Fifo *fifo, Py_ssize_t position):
     return result
 
 
-# --- the runnable heaps: per level, the types that may run, by their oldest job ----
+# --- two binary min-heaps of types in C arrays: runnable types, and closed rate windows ----
 
-cdef struct Listing:
-    uint64_t seq  # insertion order of the type's oldest job at this level: the key
+cdef struct Listing:  # in a runnable heap: per level, the types that may run, by their oldest job
+    uint64_t key  # insertion order of the type's oldest job at this level
     PyObject *state  # borrowed: a listed type has a waiting job, so ReadyQueue.types keeps it
 
-cdef struct RunnableHeap:  # a binary min-heap on seq in a C array
+cdef struct Parked:  # in the heap of closed rate windows: the types waiting for theirs to open
+    double key  # when the window opens: the type may start an attempt from then on
+    PyObject *state  # borrowed: a type once parked is never dropped from ReadyQueue.types
+
+cdef struct RunnableHeap:
     Listing *items
     Py_ssize_t count
     Py_ssize_t allocated
 
+cdef struct ParkedHeap:
+    Parked *items
+    Py_ssize_t count
+    Py_ssize_t allocated
 
-cdef int _heap_reserve(RunnableHeap *heap, Py_ssize_t needed) except -1:
-    """Room for ``needed`` listings, made before any decision: pushing never allocates."""
-    cdef Py_ssize_t allocated
-    cdef Listing *items
-    if needed <= heap.allocated:
+ctypedef fused HeapItem:  # the heap code below is written once, for both kinds of item
+    Listing
+    Parked
+
+
+cdef int _reserve(void **items, Py_ssize_t *allocated, Py_ssize_t needed, size_t item_size) except -1:
+    """Room for ``needed`` items in the C array ``items[0]`` (growing by doubling), made before
+    any decision: pushing never allocates."""
+    cdef Py_ssize_t size
+    cdef void *grown
+    if needed <= allocated[0]:
         return 0
-    allocated = heap.allocated * 2 if heap.allocated else 16
-    while allocated < needed:
-        allocated *= 2
-    items = <Listing *>PyMem_Realloc(heap.items, allocated * sizeof(Listing))
-    if items == NULL:
+    size = allocated[0] * 2 if allocated[0] else 16
+    while size < needed:
+        size *= 2
+    grown = PyMem_Realloc(items[0], size * item_size)
+    if grown == NULL:
         raise MemoryError()
-    heap.items, heap.allocated = items, allocated
+    items[0], allocated[0] = grown, size
     return 0
 
 
-cdef inline void _heap_push(RunnableHeap *heap, uint64_t seq, PyObject *state) noexcept:
-    cdef Py_ssize_t parent, i = heap.count
-    heap.count += 1
+cdef inline void _sift_up(HeapItem *items, Py_ssize_t i, HeapItem item) noexcept:
+    """Place ``item`` at the hole ``i`` (the end of the heap) and sift it up."""
+    cdef Py_ssize_t parent
     while i > 0:
         parent = (i - 1) >> 1
-        if heap.items[parent].seq <= seq:
+        if items[parent].key <= item.key:
             break
-        heap.items[i] = heap.items[parent]
+        items[i] = items[parent]
         i = parent
-    heap.items[i] = Listing(seq, state)
+    items[i] = item
 
 
-cdef inline void _heap_sift_down(RunnableHeap *heap, Listing item) noexcept:
-    """Place ``item`` at the root's hole and sift it down."""
-    cdef Py_ssize_t child, i = 0, n = heap.count
+cdef inline void _sift_down(HeapItem *items, Py_ssize_t n, HeapItem item) noexcept:
+    """Place ``item`` at the root's hole of the heap ``items[:n]`` and sift it down."""
+    cdef Py_ssize_t child, i = 0
     while True:
         child = 2 * i + 1
         if child >= n:
             break
-        if child + 1 < n and heap.items[child + 1].seq < heap.items[child].seq:
+        if child + 1 < n and items[child + 1].key < items[child].key:
             child += 1
-        if item.seq <= heap.items[child].seq:
+        if item.key <= items[child].key:
             break
-        heap.items[i] = heap.items[child]
+        items[i] = items[child]
         i = child
-    heap.items[i] = item
+    items[i] = item
+
+
+cdef inline int _heap_reserve(RunnableHeap *heap, Py_ssize_t needed) except -1:
+    return _reserve(<void **>&heap.items, &heap.allocated, needed, sizeof(Listing))
+
+
+cdef inline void _heap_push(RunnableHeap *heap, uint64_t seq, PyObject *state) noexcept:
+    _sift_up(heap.items, heap.count, Listing(seq, state))
+    heap.count += 1
 
 
 cdef inline void _heap_pop(RunnableHeap *heap) noexcept:
     heap.count -= 1
     if heap.count:
-        _heap_sift_down(heap, heap.items[heap.count])
+        _sift_down(heap.items, heap.count, heap.items[heap.count])
 
 
 cdef inline void _heap_replace_top(RunnableHeap *heap, uint64_t seq) noexcept:
     """The top's type, keyed again by its next oldest job."""
-    _heap_sift_down(heap, Listing(seq, heap.items[0].state))
+    _sift_down(heap.items, heap.count, Listing(seq, heap.items[0].state))
 
 
-# --- the closed rate windows: the types waiting for theirs to open, by when it opens ----
-
-cdef struct Parked:
-    double open_at  # the key: the type may start an attempt from then on
-    PyObject *state  # borrowed: a type once parked is never dropped from ReadyQueue.types
-
-cdef struct ParkedHeap:  # a binary min-heap on open_at in a C array
-    Parked *items
-    Py_ssize_t count
-    Py_ssize_t allocated
-
-
-cdef int _parked_reserve(ParkedHeap *heap, Py_ssize_t needed) except -1:
-    """Room for ``needed`` entries, made before any decision: parking never allocates."""
-    cdef Py_ssize_t allocated
-    cdef Parked *items
-    if needed <= heap.allocated:
-        return 0
-    allocated = heap.allocated * 2 if heap.allocated else 16
-    while allocated < needed:
-        allocated *= 2
-    items = <Parked *>PyMem_Realloc(heap.items, allocated * sizeof(Parked))
-    if items == NULL:
-        raise MemoryError()
-    heap.items, heap.allocated = items, allocated
-    return 0
+cdef inline int _parked_reserve(ParkedHeap *heap, Py_ssize_t needed) except -1:
+    return _reserve(<void **>&heap.items, &heap.allocated, needed, sizeof(Parked))
 
 
 cdef inline void _parked_push(ParkedHeap *heap, double open_at, PyObject *state) noexcept:
-    cdef Py_ssize_t parent, i = heap.count
+    _sift_up(heap.items, heap.count, Parked(open_at, state))
     heap.count += 1
-    while i > 0:
-        parent = (i - 1) >> 1
-        if heap.items[parent].open_at <= open_at:
-            break
-        heap.items[i] = heap.items[parent]
-        i = parent
-    heap.items[i] = Parked(open_at, state)
 
 
 cdef inline Parked _parked_pop(ParkedHeap *heap) noexcept:
     """Remove and return the top; the caller has checked that the heap is not empty."""
     cdef Parked top = heap.items[0]
-    cdef Parked item
-    cdef Py_ssize_t child, i = 0, n
     heap.count -= 1
-    n = heap.count
-    if n:
-        item = heap.items[n]
-        while True:
-            child = 2 * i + 1
-            if child >= n:
-                break
-            if child + 1 < n and heap.items[child + 1].open_at < heap.items[child].open_at:
-                child += 1
-            if item.open_at <= heap.items[child].open_at:
-                break
-            heap.items[i] = heap.items[child]
-            i = child
-        heap.items[i] = item
+    if heap.count:
+        _sift_down(heap.items, heap.count, heap.items[heap.count])
     return top
 
 
@@ -795,8 +784,7 @@ cdef class ReadyQueue:
     def type_counters(self):
         """``{job_type: (succeeded, failed, retried, timed_out, cancelled)}`` per registered executor."""
         cdef TypeState state
-        return {state.name: (state.counters[1], state.counters[2], state.counters[3],
-                             state.counters[4], state.counters[6])
+        return {state.name: tuple([state.counters[event] for event in TYPE_EVENTS])
                 for state in self.types.values() if state.fn is not None}
 
     def attempt_durations(self):
@@ -860,7 +848,7 @@ cdef class ReadyQueue:
         for i in range(n):  # re-push the others: a push writes at most at index i, already read
             item = heap.items[i]
             if item.state != <PyObject *>state:
-                _heap_push(heap, item.seq, item.state)
+                _heap_push(heap, item.key, item.state)
         state.listed[level] = False
 
     cdef inline bint _loop_has_work(self) noexcept:
@@ -891,7 +879,7 @@ cdef class ReadyQueue:
 
     def next_rate_opening(self):
         """When (monotonic) the earliest closed rate window of a type with jobs waiting opens."""
-        return self.parked.items[0].open_at if self.parked.count else None
+        return self.parked.items[0].key if self.parked.count else None
 
     def reopen_rate_limited(self, double now):
         """Readmit the types whose rate windows opened by ``now``; idle workers take their jobs."""
@@ -902,10 +890,10 @@ cdef class ReadyQueue:
     cdef void _reopen_due(self, double now) noexcept:
         cdef Parked top
         cdef TypeState state
-        while self.parked.count and self.parked.items[0].open_at <= now:
+        while self.parked.count and self.parked.items[0].key <= now:
             top = _parked_pop(&self.parked)
             state = <TypeState>top.state
-            if top.open_at != state.rate_parked_until:
+            if top.key != state.rate_parked_until:
                 continue  # stale: parked again since, with an earlier opening
             state.rate_parked_until = INFINITY
             if state.waiting:
@@ -1044,7 +1032,7 @@ cdef class ReadyQueue:
         cdef double now
         if self.parked.count:  # a busy worker reopens a window without the scheduler
             now = _monotonic()
-            if self.parked.items[0].open_at <= now:
+            if self.parked.items[0].key <= now:
                 self._reopen_due(now)
         for level in range(2, -1, -1):
             runnable = &self.runnable[runner * 3 + level]
@@ -1311,11 +1299,14 @@ cdef class ReadyQueue:
         if state is not None and (<TypeState>state).fn is not None:
             (<TypeState>state).counters[event] += n
 
-    def attempt_succeeded(self, TypeState state, double seconds):
-        """An attempt of ``state`` succeeded after ``seconds``: count it, queue-wide and per type."""
+    cdef inline void _succeeded(self, TypeState state, double seconds) noexcept:
         self._counters[C_SUCCEEDED] += 1
         state.counters[C_SUCCEEDED] += 1
         state.record_duration(seconds)
+
+    def attempt_succeeded(self, TypeState state, double seconds):
+        """An attempt of ``state`` succeeded after ``seconds``: count it, queue-wide and per type."""
+        self._succeeded(state, seconds)
 
     def record_duration(self, TypeState state, double seconds):
         """An attempt of ``state`` was decided (failed, timed out) after ``seconds``."""
@@ -1569,8 +1560,8 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
 
     The fast path (success) stays here; everything else goes to ``dispatcher``:
     ``refresh_hooks(slot)``, ``new_context(job, deadline)``, ``returned(job, state,
-    result)`` (a function returned something), ``attempt_failed(job, state, exc)``,
-    ``no_executor(job, state)`` and ``after_expired(slot, exc)``.
+    result)`` (a function returned an awaitable or a generator), ``attempt_failed(job,
+    state, exc)``, ``no_executor(job, state)`` and ``after_expired(slot, exc)``.
     """
     cdef PyObject *taken = NULL
     cdef TypeState state
@@ -1603,7 +1594,7 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
                 result = fn(job)
             else:
                 result = fn(job, context)
-            if result is not None:  # maybe an awaitable: a function that returns a coroutine
+            if result is not None and _awaitable_or_generator(result):  # a function returning a coroutine
                 dispatcher.returned(job, state, result)
         except BaseException as exc:  # the attempt's failure, whatever it is
             error = exc
@@ -1615,9 +1606,7 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
             dispatcher.after_expired(slot, error)
             return
         if error is None:
-            ready._counters[C_SUCCEEDED] += 1
-            state.counters[C_SUCCEEDED] += 1
-            state.record_duration(ended - started)
+            ready._succeeded(state, ended - started)
             succeeded += 1
             if succeeded % REFRESH_EVERY == 0:
                 dispatcher.refresh_hooks(slot)

@@ -33,6 +33,7 @@ import os
 import random
 import threading
 import time
+import types
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple
 
@@ -599,8 +600,10 @@ class ReadyQueue:
 
     def _take(self, runner: int = THREADS) -> Optional[Tuple[Any, TypeState, int]]:
         """Take ``runner``'s next job and a slot of its type: (job, type, level), or None."""
-        if self._rate_closed and self._rate_closed[0][0] <= monotonic():
-            self._reopen_due(monotonic())  # a busy worker reopens a window without the scheduler
+        if self._rate_closed:  # a busy worker reopens a window without the scheduler
+            now = monotonic()
+            if self._rate_closed[0][0] <= now:
+                self._reopen_due(now)
         for level in _LEVELS:
             runnable = self._runnable[runner][level]
             while runnable:
@@ -1075,13 +1078,26 @@ def interrupt_thread(thread_id: int, exc_type: Optional[type]) -> bool:
     return ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), exc) == 1
 
 
+_GENERATORS = (types.GeneratorType, types.AsyncGeneratorType)
+
+
+def _awaitable_or_generator(result: Any) -> bool:
+    """Whether ``run_worker`` hands an executor's return value to ``dispatcher.returned``.
+
+    Its type has ``__await__`` (a coroutine, a future), or it is a generator
+    (whose body never ran). Any other value is a plain success, decided without
+    leaving the loop.
+    """
+    return isinstance(result, _GENERATORS) or getattr(type(result), "__await__", None) is not None
+
+
 def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher: Any) -> None:
     """Run attempts until the queue closes or the watchdog retires this worker.
 
     The fast path (success) stays here; everything else goes to ``dispatcher``:
     ``refresh_hooks(slot)``, ``new_context(job, deadline)``, ``returned(job, state, result)``
-    (a function returned something), ``attempt_failed(job, state, exc)``, ``no_executor(job, state)``
-    and ``after_expired(slot, exc)``.
+    (a function returned an awaitable or a generator: ``_awaitable_or_generator``),
+    ``attempt_failed(job, state, exc)``, ``no_executor(job, state)`` and ``after_expired(slot, exc)``.
     """
     slot.thread_id = threading.get_ident()
     succeeded = 0
@@ -1113,7 +1129,7 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
                     result = fn(job)
                 else:
                     result = fn(job, context)
-                if result is not None:  # maybe an awaitable: a function that returns a coroutine
+                if result is not None and _awaitable_or_generator(result):  # a function returning a coroutine
                     dispatcher.returned(job, state, result)
             except BaseException as exc:  # the attempt's failure, whatever it is
                 error = exc

@@ -41,13 +41,11 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Set, Tuple, ca
 
 from ._pick_core import core
 from .config import Config, ExecutorConfig
-from ._event_loop import LoopRunner
+from ._event_loop import _UNWIND_WAIT, LoopRunner, timeout_error
 from .context import JobContext
 from .errors import JobTimeout, PermanentFailure, RetryAfter
 
 __all__ = ["Dispatcher", "FailureCallback", "AttemptLedger"]
-
-_UNWIND_WAIT = 1.0  # seconds stop() gives cancelled coroutines to unwind before the loop stops
 
 logger = logging.getLogger("tinymq")
 
@@ -155,8 +153,8 @@ class Dispatcher:
         self._decided: Set[Any] = set()  # jobs whose attempt ended on its own after stop() began
         self._workers_changed = threading.Condition(self._lock)  # a worker exited or was retired
         self._in_callback = threading.local()  # .depth > 0 while a failure callback runs
-        self._retry_on: Dict[str, Tuple[type, ...]] = {}  # job type -> ExecutorConfig.retry_on
-        # job type -> how it was registered, to move a thread executor found to return awaitables
+        # job type -> how it was registered: its retry_on, and to move a thread executor found to
+        # return awaitables
         self._registered: Dict[str, Tuple[Callable[..., Any], ExecutorConfig, bool]] = {}
         self._awaiting: Dict[Any, "concurrent.futures.Future[Any]"] = {}  # guarded by _lock: see returned()
         # Guarded by _lock: jobs whose retry is being saved (in no structure meanwhile), by id, and
@@ -172,12 +170,17 @@ class Dispatcher:
     def register(self, job_type: str, fn: Callable[..., Any], config: ExecutorConfig,
                  takes_context: bool, is_async: bool = False) -> None:
         timeout = cast(Optional[float], config.timeout)  # a float or None once constructed
-        self._retry_on[job_type] = config.retry_on
         with self._lock:
             self._registered[job_type] = (fn, config, takes_context)
         self.ready.configure(job_type, fn, config.max_concurrent_jobs, timeout,
                              takes_context, config.interrupt_on_timeout,
                              core.LOOP if is_async else core.THREADS, config.rate_limit)
+
+    def _retry_on(self, job_type: str) -> Tuple[type, ...]:
+        """The exception classes that ``job_type``'s failures are retried for (``retry_on``)."""
+        with self._lock:
+            registered = self._registered.get(job_type)
+        return (Exception,) if registered is None else registered[1].retry_on
 
     def set_store(self, store: Any) -> None:
         with self._lock:
@@ -466,9 +469,7 @@ class Dispatcher:
     def _timed_out(self, slot: Any, job: Any) -> None:
         """The watchdog decided ``slot``'s attempt: fail it now, replace the stuck worker."""
         state = slot.type_state
-        timeout = state.timeout  # None if the executor was registered again without one
-        limit = f"its {timeout:g}s timeout" if timeout is not None else "its deadline"
-        exc = JobTimeout(f"job {job.id} ({job.type!r}) ran past {limit}")
+        exc = timeout_error(job, state)
         if self.ledger is not None:
             self.ledger.expired(job)
         self._cancel_awaiting(job)
@@ -662,7 +663,7 @@ class Dispatcher:
             job.last_error = _describe(exc)
             if not isinstance(exc, RetryAfter) and (
                     isinstance(exc, PermanentFailure)
-                    or not isinstance(exc, self._retry_on.get(job.type, (Exception,)))):
+                    or not isinstance(exc, self._retry_on(job.type))):
                 self.fail(job, "permanent_failure", exc)
                 return
             retry_config = job.retry_config

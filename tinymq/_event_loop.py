@@ -40,7 +40,7 @@ from ._pick_core import core
 from .context import JobContext
 from .errors import JobTimeout
 
-__all__ = ["LoopRunner"]
+__all__ = ["LoopRunner", "is_async_executor", "timeout_error"]
 
 logger = logging.getLogger("tinymq")
 
@@ -267,7 +267,7 @@ class LoopRunner:
         if decided is None:
             seconds = now - attempt.started
             if late:
-                self._report(self.dispatcher.async_timed_out, job, state, self._timeout_error(job, state),
+                self._report(self.dispatcher.async_timed_out, job, state, timeout_error(job, state),
                              seconds)
             elif error is None:
                 self._report(self.dispatcher.async_succeeded, job, state, seconds)
@@ -285,7 +285,7 @@ class LoopRunner:
         deadlines = self._deadlines.get(key)
         if deadlines is None:
             deadlines = self._deadlines[key] = _Deadlines()
-        attempt.deadline = self.loop.time() + timeout
+        attempt.deadline = attempt.started + timeout
         attempt.deadlines = deadlines
         deadlines.attempts.append(attempt)
         if deadlines.timer is None:
@@ -321,13 +321,8 @@ class LoopRunner:
         if attempt.context is not None:
             attempt.context._cancel("timed out")
         self._cancel_running(attempt)
-        self._report(self.dispatcher.async_timed_out, job, state, self._timeout_error(job, state),
+        self._report(self.dispatcher.async_timed_out, job, state, timeout_error(job, state),
                      self.loop.time() - attempt.started)
-
-    @staticmethod
-    def _timeout_error(job: Any, state: Any) -> JobTimeout:
-        limit = f"its {state.timeout:g}s timeout" if state.timeout is not None else "its deadline"
-        return JobTimeout(f"job {job.id} ({job.type!r}) ran past {limit}")
 
     def _report(self, report: Any, *args: Any) -> None:
         """Hand an outcome to the dispatcher: on the loop, or off it when a store or broker may block."""
@@ -413,6 +408,13 @@ class LoopRunner:
         self._stop_when_idle = True
         if not self._attempts:
             self.loop.stop()
+
+
+def timeout_error(job: Any, state: Any) -> JobTimeout:
+    """The failure of an attempt of ``job`` that ran past its type's timeout (thread or task)."""
+    timeout = state.timeout  # None if the executor was registered again without one
+    limit = f"its {timeout:g}s timeout" if timeout is not None else "its deadline"
+    return JobTimeout(f"job {job.id} ({job.type!r}) ran past {limit}")
 
 
 def is_async_executor(fn: Any) -> bool:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tuple, Union
 
-from .config import _seconds
+from .config import _positive_seconds
 from .errors import DuplicateJob, QueueFull, QueueStopped
 from .job import Job, Priority, _as_priority, _as_run_at, _as_type
 
@@ -260,9 +260,7 @@ class Periodic:
 
     def every(self, interval: Union[float, timedelta], job_type: str, payload: Any, name: Optional[str],
               priority: Any, first_at: Any) -> str:
-        seconds = _seconds("interval", interval)
-        if seconds <= 0.0:
-            raise ValueError(f"interval must be > 0 seconds, got {interval!r}")
+        seconds = _positive_seconds("interval", interval)
         job_type = _as_type(job_type)
         first_delay = None
         if first_at is not None:

@@ -27,6 +27,14 @@ def _seconds(name: str, value: object, *, expected: str = "seconds (float) or a 
     return seconds
 
 
+def _positive_seconds(name: str, value: object) -> float:
+    """Like ``_seconds``, and more than 0."""
+    seconds = _seconds(name, value)
+    if seconds == 0.0:
+        raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
+    return seconds
+
+
 def _optional_seconds(name: str, value: object) -> Optional[float]:
     """Like ``_seconds``, where None means "no limit"."""
     if value is None:
@@ -128,10 +136,7 @@ class RateLimit:
 
     def __post_init__(self) -> None:
         _count("max_starts", self.max_starts, 1)
-        per = _seconds("per", self.per)
-        if per == 0.0:
-            raise ValueError(f"per must be > 0 seconds, got {self.per!r}")
-        _set(self, "per", per)
+        _set(self, "per", _positive_seconds("per", self.per))
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,4 @@
 """tinymq's exceptions, defined once and raised by both cores and the façade."""
-import math
 import queue
 from datetime import timedelta
 from typing import Optional, Union
@@ -48,13 +47,7 @@ class RetryAfter(TinyMQError):
     """
 
     def __init__(self, seconds: Union[float, int, timedelta], message: Optional[str] = None) -> None:
-        if isinstance(seconds, timedelta):
-            delay = seconds.total_seconds()
-        elif isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
-            delay = float(seconds)
-        else:
-            raise TypeError(f"RetryAfter seconds must be seconds (float) or a timedelta, got {seconds!r}")
-        if not 0.0 <= delay < math.inf:  # also rejects NaN
-            raise ValueError(f"RetryAfter seconds must be a finite number >= 0, got {seconds!r}")
-        self.seconds = delay
-        super().__init__(message if message is not None else f"retry after {delay:g}s")
+        from .config import _seconds  # here: config imports the core, which imports this module
+
+        self.seconds = _seconds("RetryAfter seconds", seconds)
+        super().__init__(message if message is not None else f"retry after {self.seconds:g}s")
