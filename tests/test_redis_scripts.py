@@ -227,6 +227,25 @@ def test_enqueueing_the_id_of_a_dead_job_replaces_it(scripts):
     check_invariants(scripts)
 
 
+def test_an_enqueue_batch_finds_a_known_id_anywhere_in_it(scripts):
+    # A batch is looked at job by job only when some of its ids exist: the look must span the
+    # whole batch, beyond the first chunk of ids, for duplicates and for dead jobs to replace.
+    scripts.enqueue("tok", 10_000, 0, rows("a"))
+    attempt = scripts.fetch("p1", "1", 1, LEASE_MS, 3, False).jobs[0].attempt
+    scripts.settle("p1", [SettleOp("Z", attempt, 0, 0, "retries_exhausted", "boom")])  # "a" is dead
+    scripts.enqueue("tok2", 10_000, 0, rows("b"))  # "b" is unfinished
+    fresh = [f"n{k}" for k in range(1500)]
+    reply = scripts.enqueue("tok3", 10_000, 0, rows(*fresh[:1200], "b", *fresh[1200:]))
+    assert (reply.status, reply.duplicate_id) == ("dup", "b")
+    assert ready(scripts) == ["b"]  # nothing of the refused batch stayed
+    assert scripts.enqueue("tok4", 10_000, 0, rows(*fresh[:1200], "a", *fresh[1200:])).status == "ok"
+    assert scripts.client.zrange(key(scripts, "dead"), 0, -1) == []
+    assert scripts.client.hget(key(scripts, "job:a"), "k") == "tok4"
+    assert ready(scripts) == ["b", *fresh[:1200], "a", *fresh[1200:]]
+    assert stats(scripts)["enqueued"] == 2 + 1501
+    check_invariants(scripts)
+
+
 def test_a_dead_process_counts_a_crash_for_every_attempt_it_held(scripts):
     # Started or only buffered, Redis cannot tell: each counts (API: a job that kills its
     # process starts at most max_crash_recoveries + 1 times).

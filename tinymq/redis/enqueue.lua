@@ -22,16 +22,27 @@ for s = span, span - 2, -1 do
   local seen = redis.call('HGET', P .. 'tokens:' .. s, token)
   if seen then return {'again', cjson.decode(seen)} end
 end
+local CHUNK = 1000 -- keys or ids per EXISTS or RPUSH: well under Lua's unpack limit
 local ready_added = 0
-local dead = {} -- ids of dead jobs this batch replaces
+local keys = {} -- the jobs' hash keys, in ARGV order
 for i = 5, 4 + n * 5, 5 do
-  local f = redis.call('HMGET', job_key(ARGV[i]), 'k', 'x')
-  if f[1] and not f[2] then
-    if f[1] == token then return {'again', {}} end -- (accepted before tokens were kept)
-    return {'dup', ARGV[i]}
-  end
-  if f[2] then dead[ARGV[i]] = true end
+  table.insert(keys, job_key(ARGV[i]))
   if tonumber(ARGV[i + 3]) <= 0 then ready_added = ready_added + 1 end
+end
+local known = 0 -- ids that have a hash already: a batch of new ids needs no look at each one
+for first = 1, n, CHUNK do
+  known = known + redis.call('EXISTS', unpack(keys, first, math.min(first + CHUNK - 1, n)))
+end
+local dead = {} -- ids of dead jobs this batch replaces
+if known > 0 then
+  for i = 5, 4 + n * 5, 5 do
+    local f = redis.call('HMGET', keys[(i - 5) / 5 + 1], 'k', 'x')
+    if f[1] and not f[2] then
+      if f[1] == token then return {'again', {}} end -- (accepted before tokens were kept)
+      return {'dup', ARGV[i]}
+    end
+    if f[2] then dead[ARGV[i]] = true end
+  end
 end
 if ready_added > 0 then
   local s = redis.call('HMGET', K_STATS, 'parked:0', 'parked:1', 'parked:2')
@@ -40,11 +51,10 @@ if ready_added > 0 then
 end
 local evicted = {}
 local by_level = {[0] = {}, [1] = {}, [2] = {}}
-local PUSH_CHUNK = 1000 -- ids per RPUSH: well under Lua's unpack limit
 local order = new_orders(n) -- (delayed jobs get theirs when they come due)
 for i = 5, 4 + n * 5, 5 do
   local id, delay = ARGV[i], tonumber(ARGV[i + 3])
-  local jk = job_key(id)
+  local jk = keys[(i - 5) / 5 + 1]
   if dead[id] then
     redis.call('ZREM', K_DEAD, id)
     redis.call('DEL', jk)
@@ -68,8 +78,8 @@ for i = 5, 4 + n * 5, 5 do
 end
 for p = 2, 0, -1 do -- one RPUSH per level and chunk, not one per job
   local ids = by_level[p]
-  for first = 1, #ids, PUSH_CHUNK do
-    redis.call('RPUSH', READY[p], unpack(ids, first, math.min(first + PUSH_CHUNK - 1, #ids)))
+  for first = 1, #ids, CHUNK do
+    redis.call('RPUSH', READY[p], unpack(ids, first, math.min(first + CHUNK - 1, #ids)))
   end
 end
 local tokens = P .. 'tokens:' .. span
