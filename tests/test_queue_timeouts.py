@@ -4,6 +4,7 @@ API.md "Concurrency limits and timeouts". The cooperative context (``fn(job, ctx
 ``ExecutorConfig(interrupt_on_timeout=True)`` are the implementation's documented design
 for "the executor is told cooperatively".
 """
+import math
 import sys
 import threading
 import time
@@ -64,6 +65,28 @@ def test_timeout_is_decided_at_the_deadline_while_the_function_still_runs():
         assert stats.jobs_failed == 1
         assert stats.jobs_timed_out == 1
         assert len(failures) == 1
+
+
+def test_a_timeout_longer_than_the_idle_watchdog_sleep_is_decided_at_its_deadline():
+    # With nothing running the watchdog sleeps a while, and a start due later than its
+    # wake-up does not wake it: it must look again then and decide at the deadline.
+    timeout = tinymq._dispatch._IDLE_WATCH * 1.5
+    blocker = Blocker()
+    with Queue(10) as q, blocker:
+        failures = FailureLog(q)
+        q.on_failure(failures.callback)
+        q.register_executor("t", blocker.fn, ExecutorConfig(timeout=timeout))
+        q.start_dispatcher(1)
+        watchdog = q._dispatcher.watchdog_alarm
+        assert wait_until(lambda: watchdog.armed_at < math.inf)  # asleep, with nothing running
+        started = time.monotonic()
+        q.enqueue(Job("t", retry_config=no_retries()))
+        assert blocker.wait_started(1)
+        assert failures.wait_for(1)
+        decided = time.monotonic() - started
+        assert timeout * 0.9 <= decided <= timeout + 2.0
+        assert isinstance(failures.entries[0][2], JobTimeout)
+        blocker.release()
 
 
 def test_a_late_return_does_not_count_as_success_and_the_retry_runs():

@@ -49,6 +49,10 @@ __all__ = ["Dispatcher", "FailureCallback", "AttemptLedger"]
 
 logger = logging.getLogger("tinymq")
 
+# Seconds the watchdog sleeps while no attempt runs: an attempt that starts meanwhile wakes
+# it only if it is due sooner, not at every start.
+_IDLE_WATCH = 1.0
+
 FailureCallback = Callable[[Any, str, Optional[BaseException]], None]
 
 
@@ -462,6 +466,8 @@ class Dispatcher:
                         self._timed_out(slot, job)
                     elif slot.job is not None and not slot.expired and slot.deadline < earliest:
                         earliest = slot.deadline
+                if earliest == math.inf:
+                    earliest = now + _IDLE_WATCH
                 alarm.sleep(earliest - core.monotonic(), earliest)
             except Exception:  # pragma: no cover - a bug; keep watching
                 logger.exception("tinymq watchdog error")
