@@ -180,8 +180,9 @@ class LoopRunner:
         Runners outlive attempts, so an attempt costs no task of its own: a
         timeout or a cancel cancels the runner's task while it awaits that
         attempt, and the runner takes the CancelledError as the attempt's end.
+        The attempt is run here, not in a coroutine of its own: one less per job.
         """
-        todo, idle = self._todo, self._idle
+        todo, idle, attempts, dispatcher = self._todo, self._idle, self._attempts, self.dispatcher
         task = asyncio.current_task()
         coming = True  # woken or started for a job in _todo (counted in _coming)
         in_a_row = 0
@@ -198,54 +199,53 @@ class LoopRunner:
             if len(todo) > 1 and self._coming < len(todo) - 1:
                 self._call_runners()  # the others in _todo must not wait for this attempt to end
             job, state = todo.popleft()
-            await self._attempt(task, job, state)
+            timeout = state.timeout
+            started = monotonic()
+            deadline = _NO_DEADLINE if timeout is None else started + timeout
+            context = None
+            if state.takes_context:
+                context = JobContext(job, None if timeout is None else deadline)
+            attempt = _Attempt(job, state, context, task, started, deadline)
+            attempts[attempt] = None
+            if deadline < self._expiry_at:
+                self._arm(deadline)
+            error: Optional[BaseException] = None
+            ours = False  # the CancelledError that ended it came from a decision (timeout, cancel, stop)
+            attempt.running = True
+            try:
+                if (dispatcher.ledger is not None or dispatcher.store is not None) and dispatcher.needs_hooks():
+                    await self.loop.run_in_executor(None, dispatcher.attempt_starting, job)
+                fn = state.fn
+                awaitable = fn(job) if context is None else fn(job, context)
+                if awaitable.__class__ is types.CoroutineType or inspect.isawaitable(awaitable):
+                    await awaitable
+                elif awaitable is not None or is_async_executor(fn):  # None: a plain function found to
+                    raise TypeError(                                   # return awaitables, done at once
+                        f"async executor for {job.type!r} returned {awaitable!r}, not an awaitable")
+            except asyncio.CancelledError as exc:
+                ours = attempt.decided is not None
+                if not ours:
+                    error = exc
+            except BaseException as exc:  # the attempt's failure, whatever it is
+                error = exc
+            attempt.running = False
+            if attempt.cancel_requested:
+                uncancel = getattr(task, "uncancel", None)  # 3.11+: the runner is not being cancelled itself
+                if uncancel is not None:
+                    while task.cancelling():
+                        uncancel()
+            self._finished(attempt, error, ours)
             in_a_row += 1
             if in_a_row >= _DRAIN_BATCH:  # attempts that never suspend: let the loop breathe
                 in_a_row = 0
                 self._quiet = not logger.isEnabledFor(logging.DEBUG)
                 await asyncio.sleep(0)
 
-    async def _attempt(self, task: Any, job: Any, state: Any) -> None:
-        timeout = state.timeout
-        started = monotonic()
-        deadline = _NO_DEADLINE if timeout is None else started + timeout
-        context = None
-        if state.takes_context:
-            context = JobContext(job, None if timeout is None else deadline)
-        attempt = _Attempt(job, state, context, task, started, deadline)
-        self._attempts[attempt] = None
-        if deadline < self._expiry_at:
-            self._arm(deadline)
-        error: Optional[BaseException] = None
-        ours = False  # the CancelledError that ended it came from a decision (timeout, cancel, stop)
-        attempt.running = True
-        try:
-            dispatcher = self.dispatcher
-            if (dispatcher.ledger is not None or dispatcher.store is not None) and dispatcher.needs_hooks():
-                await self.loop.run_in_executor(None, dispatcher.attempt_starting, job)
-            fn = state.fn
-            awaitable = fn(job) if context is None else fn(job, context)
-            if awaitable.__class__ is types.CoroutineType or inspect.isawaitable(awaitable):
-                await awaitable
-            elif awaitable is not None or is_async_executor(fn):  # None: a plain function found to
-                raise TypeError(                                   # return awaitables, done at once
-                    f"async executor for {job.type!r} returned {awaitable!r}, not an awaitable")
-        except asyncio.CancelledError as exc:
-            ours = attempt.decided is not None
-            if not ours:
-                error = exc
-        except BaseException as exc:  # the attempt's failure, whatever it is
-            error = exc
-        attempt.running = False
-        if attempt.cancel_requested:
-            uncancel = getattr(task, "uncancel", None)  # 3.11+: the runner is not being cancelled itself
-            if uncancel is not None:
-                while task.cancelling():
-                    uncancel()
-        self._finished(attempt, error, ours)
-
     def _finished(self, attempt: _Attempt, error: Optional[BaseException], ours: bool) -> None:
-        """The attempt has ended (unwound): free the slot, then report what was not decided yet."""
+        """The attempt has ended (unwound): free the slot, then report what was not decided yet.
+
+        The runner takes the type's next job itself (``_take``): the slot is freed without a hand-off.
+        """
         # Past its deadline without the timer having fired: it blocked the loop; a timeout all the same.
         ended = monotonic()
         late = ended >= attempt.deadline
@@ -259,28 +259,26 @@ class LoopRunner:
                 self._all_finished.notify_all()
         if self._stop_when_idle and not attempts:
             self.loop.stop()
-        state = attempt.state
-        ready = self.ready
-        ready.release_state(state, False, core.LOOP)  # this runner takes the next job itself
-        job = attempt.job
+        state, job, ready, dispatcher = attempt.state, attempt.job, self.ready, self.dispatcher
+        if (decided is None and error is None and not late and self._quiet
+                and dispatcher.store is None and dispatcher.ledger is None):
+            ready.loop_attempt_succeeded(state, ended - attempt.started, job)  # nothing else to tell
+            return
+        ready.release_state(state, False, core.LOOP)
         if decided is None:
             seconds = ended - attempt.started
-            dispatcher = self.dispatcher
             if late:
                 self._report(dispatcher.async_timed_out, job, state, timeout_error(job, state), seconds)
             elif error is not None:
                 ready.record_duration(state, seconds)
                 self._report(dispatcher.attempt_failed, job, state, error)
-            elif self._quiet and dispatcher.store is None and dispatcher.ledger is None:
-                ready.attempt_succeeded(state, seconds)  # async_succeeded with nothing to tell
-                ready.task_done(job)
             else:
                 self._report(dispatcher.async_succeeded, job, state, seconds)
             return
         if not ours:  # it was cancelled (timeout, cancel, stop) and carried on
             logger.warning("job %s (%s): its coroutine ignored its cancellation (%s) and ran until it "
                            "returned; its slot was held until then", job.id, job.type, decided)
-        self.dispatcher.returned_late(job)
+        dispatcher.returned_late(job)
 
     def _arm(self, deadline: float) -> None:
         """Fire the deadline timer at ``deadline`` (earlier than it was armed for)."""
