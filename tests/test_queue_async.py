@@ -501,3 +501,23 @@ def test_a_short_timeout_started_after_a_long_one_is_not_kept_waiting_for_it(mak
     assert isinstance(failed.items[0][2], JobTimeout)
     assert q.cancel(long_job.id) and q.join(WAIT)
     assert q.get_stats().jobs_timed_out == 1
+
+
+def test_an_attempt_started_on_an_idle_loop_runs_inside_a_task(make):
+    """The idle loop's wake-up starts the attempt in the same pass, still inside the runner's
+    task: current_task() is set, and what needs a task (wait_for, timeouts) works."""
+    q = make()
+    seen = Recorder()
+
+    async def run(job):
+        seen.add((job.payload, asyncio.current_task() is not None))
+        await asyncio.wait_for(asyncio.sleep(0), WAIT)
+
+    q.register_executor("a", run, ExecutorConfig(max_concurrent_jobs=2))
+    q.start_dispatcher()
+    for i in range(3):  # each one on an idle loop
+        q.enqueue(Job("a", i, retry_config=NO_RETRY))
+        assert q.join(WAIT)
+    assert sorted(seen.items) == [(0, True), (1, True), (2, True)]
+    stats = q.get_stats()
+    assert (stats.jobs_succeeded, stats.jobs_failed) == (3, 0)

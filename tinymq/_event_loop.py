@@ -14,8 +14,9 @@ Runners: attempts run in long-lived runner tasks, one attempt at a time each,
 not in a task per attempt (creating and scheduling a task is most of what a
 short coroutine costs). A runner that ends an attempt takes the next job from
 ``_todo``, or from the core itself, without suspending; an idle one waits on a
-future; ``_call_runners`` wakes or starts one for every job waiting in
-``_todo``, so a job never waits for another's attempt. Timeouts, cancels and
+``_Wakeup``; ``_call_runners`` wakes or starts one for every job waiting in
+``_todo``, so a job never waits for another's attempt; woken from ``_drain``,
+an idle runner starts its attempt in that same pass of the loop. Timeouts, cancels and
 stop cancel the runner's task while it is inside that attempt (``running``,
 checked on the loop); the runner takes the CancelledError as the attempt's end
 and goes on. A runner's context variables carry over from one of its attempts
@@ -73,6 +74,73 @@ class _Attempt:
         self.decided: Optional[str] = None
 
 
+class _Wakeup:
+    """What an idle runner awaits: a minimal future whose task ``_drain`` resumes in its own pass.
+
+    A task awaiting an ``asyncio.Future`` resumes from a loop callback queued
+    when the future completes: one more pass of the loop (a ``select`` call and
+    a GIL release) between a wake-up from another thread and the attempt. A
+    task accepts any object that keeps asyncio's future protocol
+    (``_asyncio_future_blocking``, ``add_done_callback``, ``result``,
+    ``cancel``, ``get_loop``); this one keeps the task's wake-up callback, so
+    ``resume`` runs the task's next step at once when called outside a task.
+    """
+
+    __slots__ = ("_asyncio_future_blocking", "_loop", "_callback", "_context", "_cancelled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._asyncio_future_blocking = False
+        self._loop = loop
+        self._callback: Any = None  # the awaiting task's wake-up, until it is resumed or cancelled
+        self._context: Any = None
+        self._cancelled = False
+
+    def __await__(self) -> Any:
+        self._asyncio_future_blocking = True
+        yield self  # the task calls add_done_callback, then resumes through resume() or cancel()
+        return self.result()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def add_done_callback(self, callback: Any, *, context: Any = None) -> None:
+        self._callback, self._context = callback, context
+
+    def remove_done_callback(self, callback: Any) -> int:
+        if self._callback is callback:
+            self._callback = None
+            return 1
+        return 0
+
+    def done(self) -> bool:
+        return self._callback is None
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def result(self) -> None:
+        if self._cancelled:
+            raise asyncio.CancelledError()
+
+    def cancel(self, msg: Any = None) -> bool:
+        """The runner's task is cancelled (shutdown): it wakes with CancelledError, in a loop callback."""
+        callback = self._callback
+        if callback is None:
+            return False
+        self._callback, self._cancelled = None, True
+        self._loop.call_soon(callback, self, context=self._context)
+        return True
+
+    def resume(self) -> bool:
+        """Run the waiting task's next step now (on the loop, outside any task); False if it is not waiting."""
+        callback = self._callback
+        if callback is None:
+            return False
+        self._callback = None
+        self._context.run(callback, self)
+        return True
+
+
 class LoopRunner:
     """Runs async executors on one event loop thread, for one Dispatcher."""
 
@@ -90,7 +158,7 @@ class LoopRunner:
         # Loop thread only: jobs taken from the core (slots held) for the runners; idle runners'
         # wake-up futures; runners woken or started and not yet back for a job; shutting down.
         self._todo: Deque[Tuple[Any, Any]] = deque()
-        self._idle: Deque["asyncio.Future[None]"] = deque()
+        self._idle: Deque[_Wakeup] = deque()
         self._coming = 0
         self._closing = False
         self._stop_when_idle = False  # stop() from one of its attempts: the loop stops after the last
@@ -149,7 +217,7 @@ class LoopRunner:
         """Take what the core has for the loop into ``_todo`` and see that a runner comes for each."""
         self._quiet = not logger.isEnabledFor(logging.DEBUG)
         if not self._closing and self._take():
-            self._call_runners()
+            self._call_runners(at_once=True)
 
     def _take(self) -> bool:
         """Move a batch of the core's jobs (their slots taken) into ``_todo``: False when none."""
@@ -161,15 +229,22 @@ class LoopRunner:
             self.loop.call_soon(self._drain)
         return True
 
-    def _call_runners(self) -> None:
-        """Wake idle runners, or start new ones, until one is on its way for every job in ``_todo``."""
+    def _call_runners(self, at_once: bool = False) -> None:
+        """Wake idle runners, or start new ones, until one is on its way for every job in ``_todo``.
+
+        ``at_once`` (outside any task: ``_drain``): an idle runner runs its next
+        step here and now, not in the loop's next pass.
+        """
         todo, idle = self._todo, self._idle
         while self._coming < len(todo):
             self._coming += 1
             while idle:
                 waiting = idle.popleft()
-                if not waiting.done():
-                    waiting.set_result(None)
+                if at_once:
+                    if waiting.resume():
+                        break
+                elif not waiting.done():
+                    self.loop.call_soon(waiting.resume)
                     break
             else:
                 self.loop.create_task(self._run())
@@ -191,7 +266,7 @@ class LoopRunner:
                 coming = False
                 self._coming -= 1
             if not todo and not self._take():
-                waiting = self.loop.create_future()
+                waiting = _Wakeup(self.loop)
                 idle.append(waiting)
                 await waiting  # cancelled at shutdown: the runner ends
                 coming = True
