@@ -4,8 +4,11 @@
   (async executor, max_concurrent_jobs=500; enqueue from a thread, join) vs a bare
   ``asyncio.gather`` under a ``Semaphore(500)``, and vs ``ThreadPoolExecutor(64)``
   running ``time.sleep(0.005)``;
-- no-op async jobs end to end, job creation included: tinymq vs an ``asyncio.Queue``
-  drained by ``CONSUMERS`` consumer tasks (one object created per item);
+- no-op async jobs end to end, job creation included, each side as an asyncio user
+  writes it: tinymq (``await q.aenqueue(Job(...))`` per job from ``asyncio.run``, then
+  ``await q.ajoin()``) vs an ``asyncio.Queue`` drained by ``CONSUMERS`` consumer tasks
+  (one object created per item, ``put_nowait``; each consumer awaits the same no-op
+  ``async def`` per item, as tinymq's executor is awaited per job);
 - enqueue->start latency of an async executor on an idle queue (the loop is woken
   from the producer's thread), a producer that sleeps 1 ms between jobs; beside it the
   same hand-off without a queue, ``asyncio.run_coroutine_threadsafe`` into a loop thread.
@@ -20,7 +23,7 @@ import pytest
 
 from conftest import CORE_NAMES, contender, percentile, queue_core
 from test_bench_queue import LATENCY_JOBS, TinyMQ, latency_tinymq
-from tinymq import ExecutorConfig
+from tinymq import ExecutorConfig, Job
 
 SLEEP_JOBS = 10_000
 SLEEP = 0.005
@@ -36,15 +39,31 @@ NOOP_GROUP = "async: end-to-end no-op jobs"
 LATENCY_GROUP = "async: enqueue->start latency, idle queue"
 
 
-def tinymq_async(core_name: str, n: int, limit: int, sleep: float) -> TinyMQ:
-    """A queue with one async executor (``limit`` at once) and one idle thread worker."""
+def tinymq_async(core_name: str, n: int, limit: int, sleep: float, kind: Any = None) -> TinyMQ:
+    """A queue with one async executor (``limit`` at once) and one idle thread worker (a ``kind``,
+    by default ``TinyMQ``: enqueue from this thread, join)."""
     if sleep:
         async def run(job: Any) -> None:
             await asyncio.sleep(sleep)
     else:
         async def run(job: Any) -> None:
             pass
-    return TinyMQ(core_name, n, run, workers=1, config=ExecutorConfig(max_concurrent_jobs=limit))
+    return (kind or TinyMQ)(core_name, n, run, workers=1, config=ExecutorConfig(max_concurrent_jobs=limit))
+
+
+class TinyMQFromAsyncCode(TinyMQ):
+    """``run`` is what async code calls: ``aenqueue`` per job in an event loop, then ``ajoin``."""
+
+    def run(self) -> None:
+        queue, n = self.queue, self.n
+
+        async def main() -> None:
+            aenqueue, job = queue.aenqueue, Job
+            for _ in range(n):
+                await aenqueue(job("noop"))
+            assert await queue.ajoin(120.0)
+
+        asyncio.run(main())
 
 
 def _gather_with_semaphore() -> None:
@@ -94,9 +113,13 @@ def _asyncio_queue(n: int) -> None:
     async def main() -> None:
         items: "asyncio.Queue[_Item]" = asyncio.Queue()
 
+        async def run(item: _Item) -> None:
+            pass
+
         async def consume() -> None:
             while True:
-                await items.get()
+                item = await items.get()
+                await run(item)
                 items.task_done()
 
         consumers = [asyncio.ensure_future(consume()) for _ in range(CONSUMERS)]
@@ -116,7 +139,7 @@ def test_noop_end_to_end(benchmark: Any, name: str) -> None:
     if name in CORE_NAMES:
         with queue_core(name):
             pass
-        subject = tinymq_async(name, n, CONSUMERS, 0.0)
+        subject = tinymq_async(name, n, CONSUMERS, 0.0, TinyMQFromAsyncCode)
         contender(benchmark, f"tinymq ({name})", is_tinymq=True, ops=n, op="job")
         benchmark.pedantic(subject.run, setup=subject.start, teardown=subject.stop,
                            rounds=ROUNDS, warmup_rounds=1, iterations=1)

@@ -50,6 +50,31 @@ def test_loop_jobs_are_never_popped_by_workers_and_wake_the_loop_once(core):
     assert waker.calls == 2
 
 
+def test_loop_attempt_succeeded_counts_finishes_and_leaves_the_freed_slot_to_the_loop(core):
+    q = core.ReadyQueue(100)
+    waker = Waker()
+    q.configure("a", noop, 1, None, False, False, core.LOOP)
+    q.set_loop_waker(waker)
+    first, second = Item("a", 1, 0, _id="first"), Item("a", 1, 1, _id="second")
+    q.push_many([first, second])
+    assert waker.calls == 1
+    (job, state), = q.take_for_loop(10)  # one slot: one job, and the loop counts as idle
+    assert job is first and q.executor_stats()["a"] == (1, 1)
+    q.loop_attempt_succeeded(state, 0.002, job)
+    assert waker.calls == 1  # no wake-up for the job the freed slot admits: its runner takes it
+    assert q.executor_stats()["a"] == (0, 1)
+    assert q.unfinished == 1 and not q.has_id("first") and q.has_id("second")
+    assert q.counters()[core.SUCCEEDED] == 1
+    assert q.type_counters()["a"][core.TYPE_EVENTS.index(core.SUCCEEDED)] == 1
+    buckets, total = q.attempt_durations()["a"]
+    assert buckets[core.ATTEMPT_DURATION_BUCKETS.index(0.005)] == 1 and sum(buckets) == 1
+    assert total == pytest.approx(0.002)
+    (job, state), = q.take_for_loop(10)
+    assert job is second
+    q.loop_attempt_succeeded(state, 0.5, job)
+    assert q.join(timeout=0) and q.unfinished == 0 and q.counters()[core.SUCCEEDED] == 2
+
+
 def test_a_worker_waiting_is_not_handed_the_loops_jobs(core):
     q = core.ReadyQueue(10)
     q.configure("a", noop, 10, None, False, False, core.LOOP)

@@ -7,6 +7,7 @@ import asyncio
 import functools
 import logging
 import threading
+import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -465,3 +466,58 @@ def test_every_attempt_times_out_at_its_own_deadline(make):
     assert [p for p, _, _ in failed.items][-2:] == ["other", "longer"]  # each by its own timeout
     assert all(isinstance(exc, JobTimeout) for _, _, exc in failed.items)
     assert q.get_stats().jobs_timed_out == 7
+
+
+def test_a_short_timeout_started_after_a_long_one_is_not_kept_waiting_for_it(make):
+    """The loop's one deadline timer: armed for a long timeout, it is re-armed for an earlier
+    deadline; fired for an attempt that ended meanwhile, it is re-armed for the next one due."""
+    q = make()
+    failed = failures(q)
+    ran = Recorder()
+    started = threading.Event()
+
+    async def stuck(job):
+        ran.add(job.payload)
+        if job.payload == "long":
+            started.set()
+        await asyncio.sleep(WAIT * 10)
+
+    async def quick(job):
+        ran.add(job.payload)
+
+    q.register_executor("long", stuck, ExecutorConfig(timeout=WAIT * 10))
+    q.register_executor("short", stuck, ExecutorConfig(timeout=0.2))
+    q.register_executor("quick", quick, ExecutorConfig(timeout=0.2))
+    q.start_dispatcher()
+    long_job = q.enqueue(Job("long", "long", retry_config=NO_RETRY))
+    assert started.wait(WAIT)
+    q.enqueue(Job("quick", "quick", retry_config=NO_RETRY))  # arms the timer for itself, then ends
+    assert ran.wait_for(2)
+    begun = time.monotonic()
+    q.enqueue(Job("short", "short", retry_config=NO_RETRY))
+    assert failed.wait_for(1)
+    assert time.monotonic() - begun < WAIT / 2  # not at the long job's deadline
+    assert [(payload, reason) for payload, reason, _ in failed.items] == [("short", "retries_exhausted")]
+    assert isinstance(failed.items[0][2], JobTimeout)
+    assert q.cancel(long_job.id) and q.join(WAIT)
+    assert q.get_stats().jobs_timed_out == 1
+
+
+def test_an_attempt_started_on_an_idle_loop_runs_inside_a_task(make):
+    """The idle loop's wake-up starts the attempt in the same pass, still inside the runner's
+    task: current_task() is set, and what needs a task (wait_for, timeouts) works."""
+    q = make()
+    seen = Recorder()
+
+    async def run(job):
+        seen.add((job.payload, asyncio.current_task() is not None))
+        await asyncio.wait_for(asyncio.sleep(0), WAIT)
+
+    q.register_executor("a", run, ExecutorConfig(max_concurrent_jobs=2))
+    q.start_dispatcher()
+    for i in range(3):  # each one on an idle loop
+        q.enqueue(Job("a", i, retry_config=NO_RETRY))
+        assert q.join(WAIT)
+    assert sorted(seen.items) == [(0, True), (1, True), (2, True)]
+    stats = q.get_stats()
+    assert (stats.jobs_succeeded, stats.jobs_failed) == (3, 0)

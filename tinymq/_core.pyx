@@ -1308,6 +1308,16 @@ cdef class ReadyQueue:
         """An attempt of ``state`` succeeded after ``seconds``: count it, queue-wide and per type."""
         self._succeeded(state, seconds)
 
+    def loop_attempt_succeeded(self, TypeState state, double seconds, object job):
+        """An event loop's attempt of ``state`` succeeded after ``seconds``, and ``job`` with it.
+
+        ``release_state(state, False, LOOP)``, ``attempt_succeeded(state,
+        seconds)`` and ``task_done(job)`` in one step: the loop's per-job path.
+        """
+        self._release(state, False, LOOP)
+        self._succeeded(state, seconds)
+        self._task_done(job)
+
     def record_duration(self, TypeState state, double seconds):
         """An attempt of ``state`` was decided (failed, timed out) after ``seconds``."""
         state.record_duration(seconds)

@@ -856,6 +856,20 @@ class ReadyQueue:
             state.counters[SUCCEEDED] += 1
             state.record_duration(seconds)
 
+    def loop_attempt_succeeded(self, state: TypeState, seconds: float, job: Any) -> None:
+        """An event loop's attempt of ``state`` succeeded after ``seconds``, and ``job`` with it.
+
+        ``release_state(state, False, LOOP)``, ``attempt_succeeded(state,
+        seconds)`` and ``task_done(job)`` in one step: the loop's per-job path.
+        """
+        job_id = job._id if self._ids else None
+        with self._lock:
+            self._release(state, False, LOOP)
+            self._counters[SUCCEEDED] += 1
+            state.counters[SUCCEEDED] += 1
+            state.record_duration(seconds)
+            self._finish(job, job_id)
+
     def record_duration(self, state: TypeState, seconds: float) -> None:
         """An attempt of ``state`` was decided (failed, timed out) after ``seconds``."""
         with self._lock:
@@ -881,11 +895,15 @@ class ReadyQueue:
         # With no id registered this job has none to free: its _id is not even read.
         job_id = job._id if self._ids else None
         with self._lock:
-            self._unfinished -= 1
-            if type(job_id) is str and self._ids.get(job_id) is job:  # not another job's id
-                del self._ids[job_id]
-            if self._unfinished <= 0:
-                self._all_done.notify_all()
+            self._finish(job, job_id)
+
+    def _finish(self, job: Any, job_id: Any) -> None:
+        """``job`` (whose ``_id`` was read as ``job_id``) finished for good. Called with _lock held."""
+        self._unfinished -= 1
+        if type(job_id) is str and self._ids.get(job_id) is job:  # not another job's id
+            del self._ids[job_id]
+        if self._unfinished <= 0:
+            self._all_done.notify_all()
 
     def join(self, timeout: Optional[float] = None) -> bool:
         """Wait until every accepted job finished; False on timeout or when closed first."""

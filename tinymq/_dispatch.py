@@ -530,13 +530,15 @@ class Dispatcher:
         runner = self.loop_runner
         if runner is None:  # pragma: no cover - workers start after the loop runner exists
             raise RuntimeError("the queue's event loop is not running")
-        try:
-            future = asyncio.run_coroutine_threadsafe(_awaited(result), runner.loop)
-        except RuntimeError:  # the loop has closed: the queue stopped
-            if inspect.iscoroutine(result):
-                result.close()
-            raise
+        # Registered under _lock with its start: the awaitable may run before this thread goes on,
+        # and a stop() or cancel() meanwhile must find it here.
         with self._lock:
+            try:
+                future = asyncio.run_coroutine_threadsafe(_awaited(result), runner.loop)
+            except RuntimeError:  # the loop has closed: the queue stopped
+                if inspect.iscoroutine(result):
+                    result.close()
+                raise
             self._awaiting[job] = future
         try:
             future.result()

@@ -14,19 +14,23 @@ Runners: attempts run in long-lived runner tasks, one attempt at a time each,
 not in a task per attempt (creating and scheduling a task is most of what a
 short coroutine costs). A runner that ends an attempt takes the next job from
 ``_todo``, or from the core itself, without suspending; an idle one waits on a
-future; ``_call_runners`` wakes or starts one for every job waiting in
-``_todo``, so a job never waits for another's attempt. Timeouts, cancels and
+``_Wakeup``; ``_call_runners`` wakes or starts one for every job waiting in
+``_todo``, so a job never waits for another's attempt; woken from ``_drain``,
+an idle runner starts its attempt in that same pass of the loop. Timeouts, cancels and
 stop cancel the runner's task while it is inside that attempt (``running``,
 checked on the loop); the runner takes the CancelledError as the attempt's end
 and goes on. A runner's context variables carry over from one of its attempts
 to the next, as in any long-lived task.
 
-Deadlines: the attempts of one type with one timeout
-start in deadline order, so each (type, timeout) keeps its attempts in a FIFO
-with one loop timer, armed for the oldest: no timer per attempt. Every decision
-about an attempt (success, failure, timeout, cancel, stop) is taken once,
-under ``_lock`` (``_decide``); the type's slot is freed only when the attempt
-has unwound, so ``max_concurrent_jobs`` counts coroutines still unwinding.
+Deadlines: one loop timer for all attempts, armed for the earliest deadline
+it knows of; an attempt that starts with an earlier one re-arms it, and when
+it fires it expires every attempt that is due and re-arms for the next: no
+timer per attempt. Every decision about an attempt (success, failure,
+timeout, cancel, stop) is taken once, under ``_lock`` (``_decide``); the
+type's slot is freed only when the attempt has unwound, so
+``max_concurrent_jobs`` counts coroutines still unwinding. Registering an
+attempt takes no lock: only the loop thread writes ``_attempts``, and other
+threads read a snapshot of it.
 """
 import asyncio
 import inspect
@@ -46,36 +50,95 @@ logger = logging.getLogger("tinymq")
 
 _DRAIN_BATCH = 256  # jobs started per loop callback: the loop runs other callbacks between batches
 _UNWIND_WAIT = 1.0  # seconds stop() waits for cancelled coroutines to unwind before leaving them
+_NO_DEADLINE = float("inf")
+monotonic = core.monotonic  # the clock of loop.time() and of the core's deadlines
 
 
 class _Attempt:
     """One running attempt of an async executor. ``decided`` is guarded by LoopRunner._lock."""
 
-    __slots__ = ("job", "state", "context", "task", "started", "deadline", "deadlines", "decided",
+    __slots__ = ("job", "state", "context", "task", "started", "deadline", "decided",
                  "running", "cancel_requested")
 
-    def __init__(self, job: Any, state: Any, context: Optional[JobContext]) -> None:
+    def __init__(self, job: Any, state: Any, context: Optional[JobContext], task: Any,
+                 started: float, deadline: float) -> None:
         self.job = job
         self.state = state
         self.context = context
-        self.task: Any = None  # the runner's task that runs it
-        self.started = 0.0  # in loop.time(): its duration is counted per type
+        self.task = task  # the runner's task that runs it
+        self.started = started  # monotonic, as loop.time(): its duration is counted per type
+        self.deadline = deadline  # monotonic; +inf without a timeout
         self.running = False  # loop thread only: its runner is inside it (awaiting its coroutine)
         self.cancel_requested = False  # loop thread only: the runner's task.cancel() was called for it
-        self.deadline = 0.0  # in loop.time(), when it has a timeout
-        self.deadlines: "Optional[_Deadlines]" = None  # the FIFO it waits in for its deadline
         # None while undecided; then "returned", "timed_out", "cancelled" or "stopped"
         self.decided: Optional[str] = None
 
 
-class _Deadlines:
-    """The attempts of one type and timeout, by start (so by deadline); one timer for the oldest."""
+class _Wakeup:
+    """What an idle runner awaits: a minimal future whose task ``_drain`` resumes in its own pass.
 
-    __slots__ = ("attempts", "timer")
+    A task awaiting an ``asyncio.Future`` resumes from a loop callback queued
+    when the future completes: one more pass of the loop (a ``select`` call and
+    a GIL release) between a wake-up from another thread and the attempt. A
+    task accepts any object that keeps asyncio's future protocol
+    (``_asyncio_future_blocking``, ``add_done_callback``, ``result``,
+    ``cancel``, ``get_loop``); this one keeps the task's wake-up callback, so
+    ``resume`` runs the task's next step at once when called outside a task.
+    """
 
-    def __init__(self) -> None:
-        self.attempts: Deque[_Attempt] = deque()
-        self.timer: Optional[asyncio.TimerHandle] = None
+    __slots__ = ("_asyncio_future_blocking", "_loop", "_callback", "_context", "_cancelled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._asyncio_future_blocking = False
+        self._loop = loop
+        self._callback: Any = None  # the awaiting task's wake-up, until it is resumed or cancelled
+        self._context: Any = None
+        self._cancelled = False
+
+    def __await__(self) -> Any:
+        self._asyncio_future_blocking = True
+        yield self  # the task calls add_done_callback, then resumes through resume() or cancel()
+        return self.result()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def add_done_callback(self, callback: Any, *, context: Any = None) -> None:
+        self._callback, self._context = callback, context
+
+    def remove_done_callback(self, callback: Any) -> int:
+        if self._callback is callback:
+            self._callback = None
+            return 1
+        return 0
+
+    def done(self) -> bool:
+        return self._callback is None
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def result(self) -> None:
+        if self._cancelled:
+            raise asyncio.CancelledError()
+
+    def cancel(self, msg: Any = None) -> bool:
+        """The runner's task is cancelled (shutdown): it wakes with CancelledError, in a loop callback."""
+        callback = self._callback
+        if callback is None:
+            return False
+        self._callback, self._cancelled = None, True
+        self._loop.call_soon(callback, self, context=self._context)
+        return True
+
+    def resume(self) -> bool:
+        """Run the waiting task's next step now (on the loop, outside any task); False if it is not waiting."""
+        callback = self._callback
+        if callback is None:
+            return False
+        self._callback = None
+        self._context.run(callback, self)
+        return True
 
 
 class LoopRunner:
@@ -86,19 +149,26 @@ class LoopRunner:
         self.ready = dispatcher.ready
         self.loop = asyncio.new_event_loop()
         self._lock = threading.Lock()
-        # Guarded by _lock: the attempts whose tasks have not finished, and their decisions.
-        self._attempts: Dict[int, _Attempt] = {}  # id(attempt) -> attempt, until it has unwound
+        # The attempts whose coroutines have not unwound (the keys; written by the loop thread only,
+        # removed under _lock; other threads read a snapshot, list(...)), and their decisions
+        # (_Attempt.decided, guarded by _lock).
+        self._attempts: Dict[_Attempt, None] = {}
         self._all_finished = threading.Condition(self._lock)  # _attempts may have emptied
         self._waiting_for_end = 0  # threads in wait_finished: only then is _all_finished notified
         # Loop thread only: jobs taken from the core (slots held) for the runners; idle runners'
         # wake-up futures; runners woken or started and not yet back for a job; shutting down.
         self._todo: Deque[Tuple[Any, Any]] = deque()
-        self._idle: Deque["asyncio.Future[None]"] = deque()
+        self._idle: Deque[_Wakeup] = deque()
         self._coming = 0
         self._closing = False
         self._stop_when_idle = False  # stop() from one of its attempts: the loop stops after the last
         self._thread_done = threading.Event()
-        self._deadlines: Dict[Tuple[Any, float], _Deadlines] = {}  # loop thread only
+        # Loop thread only: the deadline timer, and the deadline it is armed for (+inf: none).
+        self._expiry: Optional[asyncio.TimerHandle] = None
+        self._expiry_at = _NO_DEADLINE
+        # Loop thread only: whether success is reported on the loop with no log line (no DEBUG logging);
+        # looked at again every _DRAIN_BATCH attempts of a runner, off the per-job path.
+        self._quiet = not logger.isEnabledFor(logging.DEBUG)
 
     # --- the loop thread ----------------------------------------------------
 
@@ -145,8 +215,9 @@ class LoopRunner:
 
     def _drain(self) -> None:
         """Take what the core has for the loop into ``_todo`` and see that a runner comes for each."""
+        self._quiet = not logger.isEnabledFor(logging.DEBUG)
         if not self._closing and self._take():
-            self._call_runners()
+            self._call_runners(at_once=True)
 
     def _take(self) -> bool:
         """Move a batch of the core's jobs (their slots taken) into ``_todo``: False when none."""
@@ -158,15 +229,22 @@ class LoopRunner:
             self.loop.call_soon(self._drain)
         return True
 
-    def _call_runners(self) -> None:
-        """Wake idle runners, or start new ones, until one is on its way for every job in ``_todo``."""
+    def _call_runners(self, at_once: bool = False) -> None:
+        """Wake idle runners, or start new ones, until one is on its way for every job in ``_todo``.
+
+        ``at_once`` (outside any task: ``_drain``): an idle runner runs its next
+        step here and now, not in the loop's next pass.
+        """
         todo, idle = self._todo, self._idle
         while self._coming < len(todo):
             self._coming += 1
             while idle:
                 waiting = idle.popleft()
-                if not waiting.done():
-                    waiting.set_result(None)
+                if at_once:
+                    if waiting.resume():
+                        break
+                elif not waiting.done():
+                    self.loop.call_soon(waiting.resume)
                     break
             else:
                 self.loop.create_task(self._run())
@@ -177,8 +255,9 @@ class LoopRunner:
         Runners outlive attempts, so an attempt costs no task of its own: a
         timeout or a cancel cancels the runner's task while it awaits that
         attempt, and the runner takes the CancelledError as the attempt's end.
+        The attempt is run here, not in a coroutine of its own: one less per job.
         """
-        todo, idle = self._todo, self._idle
+        todo, idle, attempts, dispatcher = self._todo, self._idle, self._attempts, self.dispatcher
         task = asyncio.current_task()
         coming = True  # woken or started for a job in _todo (counted in _coming)
         in_a_row = 0
@@ -187,7 +266,7 @@ class LoopRunner:
                 coming = False
                 self._coming -= 1
             if not todo and not self._take():
-                waiting = self.loop.create_future()
+                waiting = _Wakeup(self.loop)
                 idle.append(waiting)
                 await waiting  # cancelled at shutdown: the runner ends
                 coming = True
@@ -195,115 +274,108 @@ class LoopRunner:
             if len(todo) > 1 and self._coming < len(todo) - 1:
                 self._call_runners()  # the others in _todo must not wait for this attempt to end
             job, state = todo.popleft()
-            await self._attempt(task, job, state)
+            timeout = state.timeout
+            started = monotonic()
+            deadline = _NO_DEADLINE if timeout is None else started + timeout
+            context = None
+            if state.takes_context:
+                context = JobContext(job, None if timeout is None else deadline)
+            attempt = _Attempt(job, state, context, task, started, deadline)
+            attempts[attempt] = None
+            if deadline < self._expiry_at:
+                self._arm(deadline)
+            error: Optional[BaseException] = None
+            ours = False  # the CancelledError that ended it came from a decision (timeout, cancel, stop)
+            attempt.running = True
+            try:
+                if (dispatcher.ledger is not None or dispatcher.store is not None) and dispatcher.needs_hooks():
+                    await self.loop.run_in_executor(None, dispatcher.attempt_starting, job)
+                fn = state.fn
+                awaitable = fn(job) if context is None else fn(job, context)
+                if awaitable.__class__ is types.CoroutineType or inspect.isawaitable(awaitable):
+                    await awaitable
+                elif awaitable is not None or is_async_executor(fn):  # None: a plain function found to
+                    raise TypeError(                                   # return awaitables, done at once
+                        f"async executor for {job.type!r} returned {awaitable!r}, not an awaitable")
+            except asyncio.CancelledError as exc:
+                ours = attempt.decided is not None
+                if not ours:
+                    error = exc
+            except BaseException as exc:  # the attempt's failure, whatever it is
+                error = exc
+            attempt.running = False
+            if attempt.cancel_requested:
+                uncancel = getattr(task, "uncancel", None)  # 3.11+: the runner is not being cancelled itself
+                if uncancel is not None:
+                    while task.cancelling():
+                        uncancel()
+            self._finished(attempt, error, ours)
             in_a_row += 1
             if in_a_row >= _DRAIN_BATCH:  # attempts that never suspend: let the loop breathe
                 in_a_row = 0
+                self._quiet = not logger.isEnabledFor(logging.DEBUG)
                 await asyncio.sleep(0)
 
-    async def _attempt(self, task: Any, job: Any, state: Any) -> None:
-        dispatcher = self.dispatcher
-        timeout = state.timeout
-        context = None
-        if state.takes_context:
-            context = JobContext(job, None if timeout is None else core.monotonic() + timeout)
-        attempt = _Attempt(job, state, context)
-        attempt.task = task
-        attempt.started = self.loop.time()
-        with self._lock:
-            self._attempts[id(attempt)] = attempt
-        if timeout is not None:
-            self._watch(attempt, timeout)
-        error: Optional[BaseException] = None
-        ours = False  # the CancelledError that ended it came from a decision (timeout, cancel, stop)
-        attempt.running = True
-        try:
-            if dispatcher.needs_hooks():
-                await self.loop.run_in_executor(None, dispatcher.attempt_starting, job)
-            fn = state.fn
-            awaitable = fn(job) if context is None else fn(job, context)
-            if awaitable.__class__ is types.CoroutineType or inspect.isawaitable(awaitable):
-                await awaitable
-            elif awaitable is not None or is_async_executor(fn):  # None: a plain function found to
-                raise TypeError(                                   # return awaitables, done at once
-                    f"async executor for {job.type!r} returned {awaitable!r}, not an awaitable")
-        except asyncio.CancelledError as exc:
-            ours = attempt.decided is not None
-            if not ours:
-                error = exc
-        except BaseException as exc:  # the attempt's failure, whatever it is
-            error = exc
-        attempt.running = False
-        if attempt.cancel_requested:
-            uncancel = getattr(task, "uncancel", None)  # 3.11+: the runner is not being cancelled itself
-            if uncancel is not None:
-                while task.cancelling():
-                    uncancel()
-        self._finished(attempt, error, ours)
-
     def _finished(self, attempt: _Attempt, error: Optional[BaseException], ours: bool) -> None:
-        """The attempt has ended (unwound): free the slot, then report what was not decided yet."""
+        """The attempt has ended (unwound): free the slot, then report what was not decided yet.
+
+        The runner takes the type's next job itself (``_take``): the slot is freed without a hand-off.
+        """
         # Past its deadline without the timer having fired: it blocked the loop; a timeout all the same.
-        now = self.loop.time()
-        late = attempt.deadlines is not None and now >= attempt.deadline
+        ended = monotonic()
+        late = ended >= attempt.deadline
+        attempts = self._attempts
         with self._lock:
-            del self._attempts[id(attempt)]
+            del attempts[attempt]
             decided = attempt.decided
             if decided is None:
                 attempt.decided = "timed_out" if late else "returned"
-            idle = not self._attempts
-            if self._waiting_for_end and (idle or decided is None):
+            if self._waiting_for_end and (decided is None or not attempts):
                 self._all_finished.notify_all()
-        if idle and self._stop_when_idle:
+        if self._stop_when_idle and not attempts:
             self.loop.stop()
-        deadlines = attempt.deadlines
-        if deadlines is not None:  # forget the decided attempts at its head: they need no deadline
-            waiting = deadlines.attempts
-            while waiting and waiting[0].decided is not None:
-                waiting.popleft()
-        state = attempt.state
-        self.ready.release_state(state, False, core.LOOP)  # this runner takes the next job itself
-        job = attempt.job
+        state, job, ready, dispatcher = attempt.state, attempt.job, self.ready, self.dispatcher
+        if (decided is None and error is None and not late and self._quiet
+                and dispatcher.store is None and dispatcher.ledger is None):
+            ready.loop_attempt_succeeded(state, ended - attempt.started, job)  # nothing else to tell
+            return
+        ready.release_state(state, False, core.LOOP)
         if decided is None:
-            seconds = now - attempt.started
+            seconds = ended - attempt.started
             if late:
-                self._report(self.dispatcher.async_timed_out, job, state, timeout_error(job, state),
-                             seconds)
-            elif error is None:
-                self._report(self.dispatcher.async_succeeded, job, state, seconds)
+                self._report(dispatcher.async_timed_out, job, state, timeout_error(job, state), seconds)
+            elif error is not None:
+                ready.record_duration(state, seconds)
+                self._report(dispatcher.attempt_failed, job, state, error)
             else:
-                self.ready.record_duration(state, seconds)
-                self._report(self.dispatcher.attempt_failed, job, state, error)
+                self._report(dispatcher.async_succeeded, job, state, seconds)
             return
         if not ours:  # it was cancelled (timeout, cancel, stop) and carried on
             logger.warning("job %s (%s): its coroutine ignored its cancellation (%s) and ran until it "
                            "returned; its slot was held until then", job.id, job.type, decided)
-        self.dispatcher.returned_late(job)
+        dispatcher.returned_late(job)
 
-    def _watch(self, attempt: _Attempt, timeout: float) -> None:
-        key = (attempt.state, timeout)
-        deadlines = self._deadlines.get(key)
-        if deadlines is None:
-            deadlines = self._deadlines[key] = _Deadlines()
-        attempt.deadline = attempt.started + timeout
-        attempt.deadlines = deadlines
-        deadlines.attempts.append(attempt)
-        if deadlines.timer is None:
-            deadlines.timer = self.loop.call_at(attempt.deadline, self._expire_due, deadlines)
+    def _arm(self, deadline: float) -> None:
+        """Fire the deadline timer at ``deadline`` (earlier than it was armed for)."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry_at = deadline
+        self._expiry = self.loop.call_at(deadline, self._expire_due)
 
-    def _expire_due(self, deadlines: _Deadlines) -> None:
-        """The oldest attempt's deadline: expire every undecided one that is due, re-arm for the next."""
-        attempts = deadlines.attempts
-        now = self.loop.time()
-        while attempts:
-            attempt = attempts[0]
-            if attempt.decided is None and attempt.deadline > now:
-                deadlines.timer = self.loop.call_at(attempt.deadline, self._expire_due, deadlines)
-                return
-            attempts.popleft()
-            if attempt.decided is None:
+    def _expire_due(self) -> None:
+        """The earliest deadline known: expire every undecided attempt that is due, re-arm for the next."""
+        self._expiry, self._expiry_at = None, _NO_DEADLINE
+        now = monotonic()
+        earliest = _NO_DEADLINE
+        for attempt in list(self._attempts):
+            if attempt.decided is not None:
+                continue
+            if attempt.deadline <= now:
                 self._expire(attempt)
-        deadlines.timer = None
+            elif attempt.deadline < earliest:
+                earliest = attempt.deadline
+        if earliest < _NO_DEADLINE:
+            self._arm(earliest)
 
     def _decide(self, attempt: _Attempt, how: str) -> bool:
         """Decide ``attempt`` as ``how``, unless it was decided already: True when this call did."""
@@ -322,7 +394,7 @@ class LoopRunner:
             attempt.context._cancel("timed out")
         self._cancel_running(attempt)
         self._report(self.dispatcher.async_timed_out, job, state, timeout_error(job, state),
-                     self.loop.time() - attempt.started)
+                     monotonic() - attempt.started)
 
     def _report(self, report: Any, *args: Any) -> None:
         """Hand an outcome to the dispatcher: on the loop, or off it when a store or broker may block."""
@@ -343,7 +415,7 @@ class LoopRunner:
     def cancel(self, job_id: str) -> Optional[Any]:
         """Decide the running attempt of ``job_id`` as cancelled and cancel its task: its job, or None."""
         with self._lock:
-            for attempt in self._attempts.values():
+            for attempt in list(self._attempts):
                 if attempt.decided is None and attempt.job._id == job_id:
                     attempt.decided = "cancelled"
                     break
@@ -355,7 +427,7 @@ class LoopRunner:
     def cancel_for_stop(self) -> List[Any]:
         """Decide every undecided attempt as stopped (not a failure) and cancel its task: their jobs."""
         with self._lock:
-            stopped = [a for a in self._attempts.values() if a.decided is None]
+            stopped = [a for a in list(self._attempts) if a.decided is None]
             for attempt in stopped:
                 attempt.decided = "stopped"
         for attempt in stopped:
@@ -382,7 +454,7 @@ class LoopRunner:
             self._waiting_for_end += 1
             try:
                 while True:
-                    attempts = self._attempts.values()
+                    attempts = list(self._attempts)
                     if not any(a.decided is None for a in attempts) if undecided_only else not attempts:
                         return True
                     remaining = None if deadline is None else deadline - core.monotonic()
