@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from tinymq import Job, Priority, Queue, QueueStopped, SQLitePersistence
-from tinymq._periodic import SCHEDULE_TAG, cron_next, tick_job_id
+from tinymq._periodic import SCHEDULE_TAG, _Tick, cron_next, tick_job_id
 
 from _backends import Redis
 from _helpers import WAIT, Recorder, make_queue, wait_until
@@ -547,3 +547,42 @@ def test_a_queue_that_never_starts_fires_nothing(redis_backend):
     runs.wait_for(4)
     assert {job.type for job in runs.jobs} == {"witness"}
     assert schedule_of(producer, "tick").next_run_at is None
+
+
+class _Killed(BaseException):
+    """The process dies here: nothing after this point of it runs (no except clause catches it)."""
+
+
+def _fire_now(q, name):
+    """Fire the current tick of schedule ``name`` of ``q`` (never started: no timer races it)."""
+    schedule = q._periodic._schedules[name]
+    wall = time.time()
+    return schedule, q._periodic.backend.fire(schedule, _Tick(time.monotonic(), wall, -1)), wall
+
+
+@pytest.mark.xfail(strict=True, reason="the tick is claimed, then enqueued in a second round trip")
+def test_over_a_broker_a_tick_claimed_is_already_enqueued(redis_backend):
+    # The process dies the moment the claim's reply comes back: the tick's job must be in Redis
+    # already, or no process ever enqueues it (the others see the tick taken).
+    dying = redis_backend.queue()
+    dying.every(3600.0, "tick")
+    link = dying._link
+    call_resending = link.broker.call_resending
+
+    def die_after_the_claim(call, *args):
+        reply = call_resending(call, *args)
+        if getattr(call, "__name__", "") == "schedule_tick":
+            raise _Killed()
+        return reply
+
+    link.broker.call_resending = die_after_the_claim
+    with pytest.raises(_Killed):
+        _fire_now(dying, "tick")
+    other = redis_backend.queue()
+    assert other.get_stats().jobs_enqueued == 1
+    runs = Runs()
+    other.register_executor("tick", runs)
+    other.start_dispatcher()
+    runs.wait_for(1)
+    assert runs.jobs[0].id.startswith("tick@")
+    assert other.join(WAIT)
