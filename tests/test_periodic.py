@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from tinymq import Job, Priority, Queue, QueueStopped, SQLitePersistence
-from tinymq._periodic import SCHEDULE_TAG, cron_next, tick_job_id
+from tinymq._periodic import SCHEDULE_TAG, _Tick, cron_next, tick_job_id
 
 from _backends import Redis
 from _helpers import WAIT, Recorder, make_queue, wait_until
@@ -547,3 +547,147 @@ def test_a_queue_that_never_starts_fires_nothing(redis_backend):
     runs.wait_for(4)
     assert {job.type for job in runs.jobs} == {"witness"}
     assert schedule_of(producer, "tick").next_run_at is None
+
+
+class _Killed(BaseException):
+    """The process dies here: nothing after this point of it runs (no except clause catches it)."""
+
+
+def _yearly(q):
+    """A cron schedule "tick" whose own ticks are months away: the test fires its ticks itself."""
+    return q.cron("0 0 1 1 *", "tick", name="tick")
+
+
+def _fire_now(q, name):
+    """Fire a tick at now of cron schedule ``name`` of ``q`` (never started: no timer races it)."""
+    schedule = q._periodic._schedules[name]
+    wall = time.time()
+    return schedule, q._periodic.backend.fire(schedule, _Tick(time.monotonic(), wall, -1)), wall
+
+
+def test_over_a_broker_a_tick_claimed_is_already_enqueued(redis_backend):
+    # The process dies the moment the claim's reply comes back: the tick's job must be in Redis
+    # already, or no process ever enqueues it (the others see the tick taken).
+    dying = redis_backend.queue()
+    _yearly(dying)
+    link = dying._link
+    call_resending = link.broker.call_resending
+
+    def die_after_the_claim(call, *args):
+        reply = call_resending(call, *args)
+        if getattr(call, "__name__", "") == "schedule_tick":
+            raise _Killed()
+        return reply
+
+    link.broker.call_resending = die_after_the_claim
+    with pytest.raises(_Killed):
+        _fire_now(dying, "tick")
+    other = redis_backend.queue()
+    assert other.get_stats().jobs_enqueued == 1
+    runs = Runs()
+    other.register_executor("tick", runs)
+    other.start_dispatcher()
+    runs.wait_for(1)
+    assert runs.jobs[0].id.startswith("tick@")
+    assert other.join(WAIT)
+
+
+@pytest.fixture
+def lossy(redis_server, redis_url):
+    from test_redis_resend import LossyProxy
+
+    made = LossyProxy(redis_server.port)
+    yield made
+    made.close()
+
+
+def test_over_a_broker_a_resent_tick_claim_enqueues_its_job_once(lossy, redis_backend):
+    # The claim ran on the server and its reply was lost: the resend (same token) answers
+    # "fire" again, and the tick's job is in Redis once.
+    from tinymq.redis import RedisBroker
+
+    q = Queue(broker=RedisBroker(lossy.url, name=redis_backend.queue_name))
+    try:
+        _yearly(q)
+        lossy.drop_reply(b"*2\r\n$4\r\nfire")
+        schedule, outcome, wall = _fire_now(q, "tick")
+        assert lossy.dropped.is_set()
+        assert outcome == "fired"
+        assert schedule.last_job_id == tick_job_id("tick", wall)
+        other = redis_backend.queue()
+        stats = other.get_stats()
+        assert (stats.jobs_enqueued, stats.medium_queue_size) == (1, 1)
+        shared = other.broker.client.hgetall(f"tmq:{{{redis_backend.queue_name}}}:schedule:tick")
+        assert (shared["fired"], shared.get("skipped")) == ("1", None)
+        runs = Runs()
+        other.register_executor("tick", runs)
+        other.start_dispatcher()
+        runs.wait_for(1)
+        assert other.join(WAIT)
+        assert [job.id for job in runs.jobs] == [schedule.last_job_id]
+    finally:
+        q.stop()
+
+
+def test_over_a_broker_a_full_queue_skips_the_tick_and_the_next_tick_fires(redis_backend):
+    q = redis_backend.queue(buffer_size=1)
+    q.enqueue(Job("filler", id="filler"))
+    _yearly(q)
+    schedule = q._periodic._schedules["tick"]
+    periodic = q._periodic
+    schedule.begun = True  # as start_dispatcher would, without a timer thread racing the test
+    key = f"tmq:{{{redis_backend.queue_name}}}:schedule:tick"
+    shared = q.broker.client
+
+    def fire_a_tick(wall):
+        schedule.tick = _Tick(time.monotonic(), wall, -1)
+        periodic._fire(schedule)
+
+    first = time.time()
+    fire_a_tick(first)
+    assert (schedule.fired, schedule.skipped, schedule.last_job_id) == (0, 1, None)
+    assert shared.hget(key, "skipped") == "1"
+    stats = q.get_stats()
+    assert (stats.jobs_enqueued, stats.medium_queue_size) == (1, 1)  # the filler only
+    assert not shared.exists(f"tmq:{{{redis_backend.queue_name}}}:job:{tick_job_id('tick', first)}")
+    worker = redis_backend.queue()  # makes room: runs the filler
+    done = Recorder()
+    worker.register_executor("filler", lambda job: done.add(job.id))
+    worker.start_dispatcher()
+    assert done.wait_for(1)
+    assert q.join(WAIT)
+    second = first + 60.0
+    fire_a_tick(second)  # the skipped tick's claim does not block the next one
+    assert (schedule.fired, schedule.skipped) == (1, 1)
+    assert schedule.last_job_id == tick_job_id("tick", second)
+    assert (shared.hget(key, "fired"), shared.hget(key, "skipped")) == ("1", "1")
+    assert q.get_stats().jobs_enqueued == 2
+
+
+def test_schedule_tick_enqueues_by_the_rules_of_enqueue(redis_url):
+    # The script itself: a tick's job goes through enqueue's rules (the delayed cap evicts,
+    # a duplicate id is refused), and a resent call answers what the first one did.
+    import redis
+
+    from tinymq.redis._scripts import Scripts
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        scripts = Scripts(client, "s")
+        assert scripts.enqueue("t0", 10, 1, [("old", "t", 1, 60_000, "body-old")]).status == "ok"
+        row = ("s@1", "t", 1, 60_000, "body-s@1")  # delayed, at the cap: "old" is evicted
+        assert scripts.schedule_tick("s", 1, "c1", 10, 1, row) == ("fire", [("old", "body-old")])
+        assert scripts.schedule_tick("s", 1, "c1", 10, 1, row) == ("fire", [("old", "body-old")])  # resent
+        assert scripts.schedule_tick("s", 1, "c2", 10, 1, row) == ("taken", [])
+        assert client.zrange(scripts.key("delayed"), 0, -1) == ["s@1"]
+        stats = client.hgetall(scripts.key("stats"))
+        assert (stats["enqueued"], stats["evicted"], stats["outstanding"]) == ("2", "1", "1")
+        assert scripts.schedule_tick("s", 2, "c3", 10, 1, ("s@2", "t", 1, 0, "b")) == ("busy", [])
+        # A job with the tick's own id is unfinished: skipped, and it is the previous job now.
+        assert scripts.enqueue("t1", 10, 0, [("d@1", "t", 1, 0, "b")]).status == "ok"
+        assert scripts.schedule_tick("d", 1, "c4", 10, 0, ("d@1", "t", 1, 0, "b")) == ("busy", [])
+        assert client.hmget(scripts.key("schedule:d"), "job", "skipped") == ["d@1", "1"]
+        assert client.hget(scripts.key("schedule:s"), "skipped") == "1"
+        assert client.hget(scripts.key("stats"), "enqueued") == "3"
+    finally:
+        client.close()

@@ -78,6 +78,13 @@ class _Attempt:
         self.returned = False  # a timed-out attempt's function came back
 
 
+def job_row(job: Any, now: float) -> Tuple[str, str, int, float, str]:
+    """``job`` as a row of enqueue.lua: (id, type, priority, delay ms (0: due now), body)."""
+    run_at = job.run_at
+    delay = 0.0 if run_at is job.timestamp else round((run_at - now) * _MS, _DIGITS)
+    return job.id, job.type, int(job.priority), delay if delay > 0.0 else 0, encode_job(job)
+
+
 def _describe(exc: Optional[BaseException]) -> str:
     return "" if exc is None else f"{exc.__class__.__name__}: {exc}"
 
@@ -147,9 +154,7 @@ class QueueLink:
                 raise DuplicateJob(f"an id is given twice in this batch of {len(jobs)} jobs; "
                                    "none of the batch was enqueued")
             seen.add(job_id)
-            run_at = job.run_at
-            delay = 0.0 if run_at is job.timestamp else round((run_at - now) * _MS, _DIGITS)
-            rows.append((job_id, job.type, int(job.priority), delay if delay > 0.0 else 0, encode_job(job)))
+            rows.append(job_row(job, now))
         token = os.urandom(8).hex()  # a resend of this call is recognised by it
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = _ROOM_POLL_MIN

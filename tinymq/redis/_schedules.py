@@ -1,9 +1,11 @@
 """Periodic jobs over the broker: each tick of a schedule fires once across all processes.
 
 Every process that started a dispatcher runs its own timer (tinymq/_periodic.py);
-at a tick, it claims the tick in Redis (``schedule_tick.lua``) and only the
-claimant enqueues the tick's job. The claim also applies the no-pile-up rule
-against the schedule's previous job, whichever process enqueued it.
+at a tick, it claims the tick in Redis (``schedule_tick.lua``), and the call that
+claims it enqueues the tick's job, by the rules of any enqueue: no moment exists
+at which a tick is claimed and its job not yet enqueued. The claim also applies
+the no-pile-up rule against the schedule's previous job, whichever process
+enqueued it.
 
 Ticks must mean the same instant in every process: a ``cron`` tick is its wall-clock
 time; an ``every`` schedule's ticks lie on a grid kept in Redis on the server's
@@ -17,7 +19,8 @@ import weakref
 from typing import Any, Dict
 
 from .._periodic import _Tick
-from ..errors import QueueStopped
+from ..errors import QueueFull, QueueStopped, TinyMQError
+from ._link import job_row
 
 __all__ = ["BrokerTicks"]
 
@@ -34,6 +37,7 @@ class BrokerTicks:
         self._grids: Dict[str, float] = {}  # schedule name -> server time (s) of its tick 0
         self._claims = 0
         self._token_prefix = os.urandom(8).hex()
+        self._redis_error = __import__("redis").RedisError
 
     def begin(self, schedule: Any, first: _Tick) -> _Tick:
         trigger = schedule.trigger
@@ -55,17 +59,31 @@ class BrokerTicks:
         queue = self._queue()
         if queue is None:
             raise QueueStopped("the queue was garbage-collected")
+        link = self._link
+        if link.dispatcher.stopping:
+            raise QueueStopped("the queue is stopped")
         if tick.index < 0:
             number, wall = round(tick.wall * _MS), tick.wall
         else:
             number, wall = tick.index, self._grids[schedule.name] + tick.index * schedule.trigger.interval
         job = schedule.new_job_at(wall)
+        row = job_row(job, time.time())
         self._claims += 1
         token = f"{self._token_prefix}:{self._claims}"  # the same when resent
-        outcome = self._link.broker.call_resending(self._link.scripts.schedule_tick, schedule.name, number,
-                                                   job.id, token)
+        try:
+            link.broker._check_server()
+            outcome, evicted = link.broker.call_resending(
+                link.scripts.schedule_tick, schedule.name, number, token, link.config.buffer_size,
+                link.config.max_delayed_jobs, row)
+        except self._redis_error as exc:
+            raise TinyMQError(f"could not claim a tick of schedule {schedule.name!r} in Redis queue "
+                              f"{link.broker.name!r}: {exc}") from exc
+        if outcome == "full":  # claimed and skipped: the next tick is claimed as usual
+            raise QueueFull(f"the ready buffer is full ({link.config.buffer_size} jobs); job {job.id} "
+                            f"({job.type!r}) was not enqueued")
         if outcome != "fire":
             return outcome  # "busy" or "taken"
-        queue.enqueue(job)  # a crash before this line loses the tick (at most once per tick)
         schedule.last_job_id = job.id
+        for job_id, body in evicted:
+            link._report(job_id, body, "evicted")
         return "fired"

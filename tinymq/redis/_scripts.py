@@ -282,7 +282,13 @@ class Scripts:
         anchor_us, interval_us, now_us = self._call("schedule_begin", [name, interval_us, first_delay_us])
         return int(anchor_us), int(interval_us), int(now_us)
 
-    def schedule_tick(self, name: str, tick: int, job_id: str, token: str) -> str:
-        """Claim ``tick`` of schedule ``name`` for this call, once across processes:
-        "fire", "busy" or "taken" (see schedule_tick.lua)."""
-        return str(self._call("schedule_tick", [name, tick, job_id, token]))
+    def schedule_tick(self, name: str, tick: int, token: str, buffer_size: int, max_delayed_jobs: int,
+                      job: Tuple[str, str, int, float, str]) -> Tuple[str, List[Tuple[str, str]]]:
+        """Claim ``tick`` of schedule ``name`` for this call, once across processes, and enqueue
+        its ``job`` row (as ``enqueue``'s) in the same call: ``(outcome, evicted)``, the outcome
+        "fire", "busy", "full" or "taken", the evicted (id, body) only with "fire" (see
+        schedule_tick.lua)."""
+        reply = self._call("schedule_tick", [name, tick, token, buffer_size, max_delayed_jobs, *job])
+        if reply[0] == "fire":
+            return "fire", [(row[0], row[1]) for row in reply[1]]
+        return str(reply[0]), []

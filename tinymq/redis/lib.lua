@@ -347,3 +347,85 @@ end
 local function ready_left()
   return redis.call('LLEN', READY[2]) + redis.call('LLEN', READY[1]) + redis.call('LLEN', READY[0])
 end
+
+local TOKEN_SPAN = 30000 -- ms: how long an enqueue token is kept (see enqueue.lua)
+
+-- The body of enqueue.lua (its header documents the rows and replies), shared with
+-- schedule_tick.lua, whose call enqueues the job of the tick it claims. The rows are 5 ARGV per job
+-- from ARGV[base] on.
+local function enqueue_jobs(token, buffer_size, max_delayed, n, base)
+  local now = now_ms()
+  local span = math.floor(now / TOKEN_SPAN)
+  for s = span, span - 2, -1 do
+    local seen = redis.call('HGET', P .. 'tokens:' .. s, token)
+    if seen then return {'again', cjson.decode(seen)} end
+  end
+  local CHUNK = 1000 -- keys or ids per EXISTS or RPUSH: well under Lua's unpack limit
+  local ready_added = 0
+  local keys = {} -- the jobs' hash keys, in ARGV order
+  for i = base, base - 1 + n * 5, 5 do
+    table.insert(keys, job_key(ARGV[i]))
+    if tonumber(ARGV[i + 3]) <= 0 then ready_added = ready_added + 1 end
+  end
+  local known = 0 -- ids that have a hash already: a batch of new ids needs no look at each one
+  for first = 1, n, CHUNK do
+    known = known + redis.call('EXISTS', unpack(keys, first, math.min(first + CHUNK - 1, n)))
+  end
+  local dead = {} -- ids of dead jobs this batch replaces
+  if known > 0 then
+    for i = base, base - 1 + n * 5, 5 do
+      local f = redis.call('HMGET', keys[(i - base) / 5 + 1], 'k', 'x')
+      if f[1] and not f[2] then
+        if f[1] == token then return {'again', {}} end -- (accepted before tokens were kept)
+        return {'dup', ARGV[i]}
+      end
+      if f[2] then dead[ARGV[i]] = true end
+    end
+  end
+  if ready_added > 0 then
+    local s = redis.call('HMGET', K_STATS, 'parked:0', 'parked:1', 'parked:2')
+    local ready = ready_left() + (tonumber(s[1]) or 0) + (tonumber(s[2]) or 0) + (tonumber(s[3]) or 0)
+    if ready + ready_added > buffer_size then return {'full', ready} end
+  end
+  local evicted = {}
+  local by_level = {[0] = {}, [1] = {}, [2] = {}}
+  local order = new_orders(n) -- (delayed jobs get theirs when they come due)
+  for i = base, base - 1 + n * 5, 5 do
+    local id, delay = ARGV[i], tonumber(ARGV[i + 3])
+    local jk = keys[(i - base) / 5 + 1]
+    if dead[id] then
+      redis.call('ZREM', K_DEAD, id)
+      redis.call('DEL', jk)
+    end
+    if delay > 0 then
+      redis.call('HSET', jk, 't', ARGV[i + 1], 'p', ARGV[i + 2], 'b', ARGV[i + 4], 'r', 0, 'k', token)
+      if max_delayed > 0 and redis.call('ZCARD', K_CAPPED) >= max_delayed then
+        local out = redis.call('ZPOPMIN', K_CAPPED)
+        redis.call('ZREM', K_DELAYED, out[1])
+        table.insert(evicted, {out[1], redis.call('HGET', job_key(out[1]), 'b')})
+        job_dead(out[1], 'evicted', '', redis.call('HGET', job_key(out[1]), 'r') or '0', now)
+        count('failed', -1) -- evictions have their own counter
+        count('evicted', 1)
+      end
+      redis.call('ZADD', K_CAPPED, add_delayed(id, exact_ms() + delay), id)
+    else
+      redis.call('HSET', jk, 't', ARGV[i + 1], 'p', ARGV[i + 2], 'b', ARGV[i + 4], 'r', 0, 'k', token,
+                 'o', order + (i - base) / 5)
+      table.insert(by_level[tonumber(ARGV[i + 2])], id)
+    end
+  end
+  for p = 2, 0, -1 do -- one RPUSH per level and chunk, not one per job
+    local ids = by_level[p]
+    for first = 1, #ids, CHUNK do
+      redis.call('RPUSH', READY[p], unpack(ids, first, math.min(first + CHUNK - 1, #ids)))
+    end
+  end
+  local tokens = P .. 'tokens:' .. span
+  redis.call('HSET', tokens, token, cjson.encode(evicted))
+  if redis.call('TTL', tokens) < 0 then redis.call('PEXPIRE', tokens, 3 * TOKEN_SPAN) end
+  count('enqueued', n)
+  count('outstanding', n)
+  flush_counts()
+  if ready_added > 0 then signal() end
+  return {'ok', evicted}
+end

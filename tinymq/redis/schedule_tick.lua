@@ -1,30 +1,55 @@
---[[ schedule_tick: claim one tick of a schedule for this process, once across all processes.
+--[[ schedule_tick: claim one tick of a schedule and enqueue its job, in one call: once across
+all processes, and no moment at which the tick is claimed but its job not enqueued.
 KEYS[1] prefix. ARGV: name, tick (a number that grows with every tick: `every` its grid
-index, `cron` its time in ms), the tick's job id, claim token (unique per call, the same
-when resent).
+index, `cron` its time in ms), claim token (unique per call, the same when resent; also the
+enqueue token of the tick's job), buffer_size, max_delayed_jobs (0: unlimited), then the
+tick's job as one row of enqueue.lua: id, type, priority (0..2), delay ms, body.
 Returns
-  'fire'   this call claimed the tick: enqueue its job (id ARGV[3]);
-  'busy'   this call claimed the tick, and the previous tick's job is still unfinished:
-           the tick is skipped (counted in `skipped`);
-  'taken'  the tick (or a later one) was claimed already, by another call.
-A resent call (same token) gets its first answer again. ]]
+  {'fire', {{id, body}, ...}}  this call claimed the tick and enqueued its job, by enqueue.lua's
+                               rules; the jobs that enqueue evicted from the delayed set (now
+                               dead, reason "evicted") for on_failure
+  {'busy'}   this call claimed the tick, and the previous tick's job (or a job with this
+             tick's id) is still unfinished: the tick is skipped
+  {'full'}   this call claimed the tick, and the ready buffer has no room for its job: the
+             tick is skipped
+  {'taken'}  the tick (or a later one) was claimed already, by another call.
+A skipped tick is counted in `skipped`, a fired one in `fired`; either way the claim is
+the tick's, so the next tick is claimed as usual. A resent call (same token) gets its
+first answer again, 'fire' with what its enqueue evicted (kept with its token). ]]
 local key = P .. 'schedule:' .. ARGV[1]
-local tick = tonumber(ARGV[2])
+local tick, token = tonumber(ARGV[2]), ARGV[3]
 local s = redis.call('HMGET', key, 'last', 'job', 'by', 'outcome')
 if s[1] and tonumber(s[1]) >= tick then
-  if s[3] == ARGV[4] then return s[4] end
-  return 'taken'
+  if s[3] ~= token then return {'taken'} end
+  if s[4] ~= 'fire' then return {s[4]} end
+  local span = math.floor(now_ms() / TOKEN_SPAN)
+  for at = span, span - 2, -1 do
+    local seen = redis.call('HGET', P .. 'tokens:' .. at, token)
+    if seen then return {'fire', cjson.decode(seen)} end
+  end
+  return {'fire', {}}
 end
-local outcome = 'fire'
+local outcome, evicted = 'fire', {}
 if s[2] then
   local f = redis.call('HMGET', job_key(s[2]), 'k', 'x')
   if f[1] and not f[2] then outcome = 'busy' end
 end
-redis.call('HSET', key, 'last', ARGV[2], 'by', ARGV[4], 'outcome', outcome)
 if outcome == 'fire' then
-  redis.call('HSET', key, 'job', ARGV[3])
-  redis.call('HINCRBY', key, 'fired', 1)
-else
-  redis.call('HINCRBY', key, 'skipped', 1)
+  local reply = enqueue_jobs(token, tonumber(ARGV[4]), tonumber(ARGV[5]), 1, 6)
+  if reply[1] == 'dup' then -- this tick's job, unfinished: it is the previous job from now on
+    outcome = 'busy'
+    redis.call('HSET', key, 'job', ARGV[6])
+  elseif reply[1] == 'full' then
+    outcome = 'full'
+  else
+    evicted = reply[2]
+  end
 end
-return outcome
+redis.call('HSET', key, 'last', ARGV[2], 'by', token, 'outcome', outcome)
+if outcome == 'fire' then
+  redis.call('HSET', key, 'job', ARGV[6])
+  redis.call('HINCRBY', key, 'fired', 1)
+  return {'fire', evicted}
+end
+redis.call('HINCRBY', key, 'skipped', 1)
+return {outcome}
