@@ -115,6 +115,24 @@ def test_running_row_comes_back_ready_with_the_crash_counted(store, path):
     assert rows(store) == {"a": "ready"}
 
 
+def test_delete_and_mark_running_ends_one_job_and_starts_the_next_in_one_commit(store, path):
+    finished, started = Job("t", 1, id="a"), Job("t", 2, id="b")
+    store.save_many([finished, started])
+    store.delete_and_mark_running("a", started)
+    assert rows(store) == {"b": "running"}  # both committed when the call returns
+    (loaded,) = store.load_all()  # a crash now: the started job comes back with the crash counted
+    assert loaded.id == "b" and loaded.retries == 1
+
+
+def test_delete_and_mark_running_changes_nothing_when_refused(store, path):
+    store.save(Job("t", id="a"))
+    with pytest.raises(PersistenceError, match="ud800"):  # a lone surrogate: SQLite cannot store it
+        store.delete_and_mark_running("a", Job("t", id="\ud800"))
+    with pytest.raises(PersistenceError, match="None"):
+        store.delete_and_mark_running(None, Job("t", id="a"))
+    assert rows(store) == {"a": "ready"}
+
+
 def test_a_job_that_keeps_crashing_its_process_ends_dead(store, path, caplog):
     job = Job("t", id="a").with_max_retries(2)
     store.save(job)
