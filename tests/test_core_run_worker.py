@@ -12,12 +12,13 @@ joins it with a timeout. The tests use ``push`` only (not ``push_many``,
 """
 import math
 import threading
+import time
 
 import pytest
 
 from tinymq import Job, RetryConfig
 
-from _helpers import WAIT, Recorder
+from _helpers import WAIT, Recorder, wait_until
 
 
 class Boom(Exception):
@@ -69,6 +70,15 @@ class FakeDispatcher:
 
     def calls(self, name):
         return [entry for entry in self.log.snapshot() if entry[0] == name]
+
+
+def wait_idle(ready):
+    """Wait until a worker sleeps in pop: exactly on the pure core (its list of sleepers); the
+    compiled one has no window into it, so there the thread is given time to get there."""
+    if hasattr(ready, "_getters"):
+        assert wait_until(lambda: len(ready._getters) >= 1)
+    else:
+        time.sleep(0.2)
 
 
 class Worker:
@@ -221,6 +231,44 @@ def test_a_success_waiting_for_its_switch_ends_on_its_own_when_the_worker_would_
     worker.join()
     assert order.snapshot() == [("on_start", 0), ("fn", 0), ("on_success", 0),
                                 ("on_start", 1), ("fn", 1), ("on_success", 1)]
+
+
+def test_a_worker_with_on_switch_takes_the_next_job_its_freed_slot_admits_itself(core, ready):
+    """A type at its limit: the worker that frees the slot takes the next job itself (and ends its
+    success with that start), instead of handing it to an idle worker."""
+    order = Recorder()
+    dispatcher = FakeDispatcher(ready)
+    started, gate = threading.Event(), threading.Event()
+
+    def fn(job):
+        order.add(("fn", job.payload, threading.get_ident()))
+        if job.payload == 0:
+            started.set()
+            assert gate.wait(WAIT)
+
+    configure(ready, "t", fn, limit=1)
+    slots = [core.WorkerSlot(), core.WorkerSlot()]
+    for slot in slots:
+        slot.on_success = lambda job: order.add(("on_success", job.payload))
+        slot.on_switch = lambda finished, job: order.add(("on_switch", finished.payload, job.payload))
+    for i in range(3):
+        assert ready.push(Job("t", i))
+    workers = [Worker(core, ready, dispatcher, slots[0])]
+    try:
+        assert started.wait(WAIT)
+        workers.append(Worker(core, ready, dispatcher, slots[1]))
+        wait_idle(ready)  # the second worker sleeps in pop: jobs 1 and 2 wait for the type's slot
+        gate.set()
+        assert ready.join(WAIT)
+    finally:
+        gate.set()
+        ready.close()
+    for worker in workers:
+        worker.join()
+    entries = order.snapshot()
+    assert [entry for entry in entries if entry[0] != "fn"] == [
+        ("on_switch", 0, 1), ("on_switch", 1, 2), ("on_success", 2)]
+    assert len({entry[2] for entry in entries if entry[0] == "fn"}) == 1, entries  # one worker ran all three
 
 
 def test_a_failing_on_switch_finishes_the_finished_job_and_fails_the_next_attempt(core, ready):

@@ -1621,7 +1621,8 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
         ended = _monotonic()
         expired = slot.end()
         # A worker going straight back to pop takes the job its slot frees itself.
-        ready._release(state, expired or error is not None or slot.on_success is not None)
+        ready._release(state, expired or error is not None
+                       or (slot.on_success is not None and slot.on_switch is None))
         if expired:
             dispatcher.after_expired(slot, error)
             return

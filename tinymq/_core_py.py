@@ -1157,7 +1157,7 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
             expired = slot.end()
             if expired and slot.interrupted:
                 interrupt_thread(slot.thread_id, None)  # from here on nothing may land
-            straight_back = error is None and not expired and slot.on_success is None
+            straight_back = error is None and not expired and (slot.on_success is None or slot.on_switch is not None)
         except JobTimeout as late:  # an interruption that landed after the function returned
             expired = slot.end() or True
             error = late
