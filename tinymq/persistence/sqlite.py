@@ -13,8 +13,7 @@ Every write is committed before the call returns. Writes from all threads go
 through one connection and one commit lock, with group commit: a thread that
 finds the lock taken queues its statements, and the next lock holder commits
 everyone's in one transaction (if that fails, each caller's statements are
-retried alone, so one bad write fails only its own call). A worker ends a
-finished job and starts its next one in one commit (``delete_and_mark_running``).
+retried alone, so one bad write fails only its own call).
 
 A file has one live owner (see ``_ownership.py``); ``read_only=True`` opens a
 file for inspection without owning it, and writes nothing.
@@ -97,20 +96,7 @@ _DELETE = f"DELETE FROM {_TABLE} WHERE id = ?"
 _MARK_RUNNING = f"UPDATE {_TABLE} SET state = 'running' WHERE id = ?"
 _MERGED_DELETE = f"DELETE FROM {_TABLE} WHERE id IN ({{}})"
 _MERGED_MARK_RUNNING = f"UPDATE {_TABLE} SET state = 'running' WHERE id IN ({{}})"
-# A worker's finished job and its next start as one statement, so that it commits without a
-# BEGIN and a COMMIT of its own (each a call into SQLite that gives up the GIL and must win it
-# back from the other threads): a row inserted into this per-connection TEMP view makes its
-# trigger delete one row and mark the other running, atomically, as a statement is.
-_SWITCH_VIEW = "tinymq_switch"
-_CREATE_SWITCH = (
-    f"CREATE TEMP VIEW IF NOT EXISTS {_SWITCH_VIEW} (finished, started) AS SELECT NULL, NULL",
-    f"CREATE TEMP TRIGGER IF NOT EXISTS {_SWITCH_VIEW}_insert INSTEAD OF INSERT ON {_SWITCH_VIEW} BEGIN "
-    f"DELETE FROM {_TABLE} WHERE id = NEW.finished; "
-    f"UPDATE {_TABLE} SET state = 'running' WHERE id = NEW.started; END",
-)
-_SWITCH = f"INSERT INTO {_SWITCH_VIEW} VALUES (?, ?)"
-_MERGED_SWITCH = f"INSERT INTO {_SWITCH_VIEW} VALUES {{}}"
-_MERGEABLE = (_UPSERT_LEAN, _UPSERT, _DELETE, _MARK_RUNNING, _SWITCH)
+_MERGEABLE = (_UPSERT_LEAN, _UPSERT, _DELETE, _MARK_RUNNING)
 _SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 # Rows per multi-row INSERT of save_many: powers of two, halving down to 1 for the rest of
 # a batch, so a dozen statements serve every batch size from the statement cache. Stay
@@ -373,8 +359,6 @@ class SQLitePersistence:
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.execute(_CREATE)
             conn.execute(_CREATE_OWNER)
-            for sql in _CREATE_SWITCH:
-                conn.execute(sql)
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
@@ -720,8 +704,6 @@ class SQLitePersistence:
         if merged_sql is None:
             if sql in (_UPSERT_LEAN, _UPSERT):
                 merged_sql = _insert(_LEAN if sql == _UPSERT_LEAN else len(_COLUMNS), len(run))
-            elif sql == _SWITCH:
-                merged_sql = _MERGED_SWITCH.format(", ".join(["(?, ?)"] * len(run)))
             else:
                 template = _MERGED_DELETE if sql == _DELETE else _MERGED_MARK_RUNNING
                 merged_sql = template.format(", ".join("?" * len(run)))
@@ -811,7 +793,7 @@ class SQLitePersistence:
         """``delete(job_id)`` and ``mark_running(job)`` in one commit: a worker's finished job and its next."""
         _check_id(job_id)
         _check_id(job.id)
-        self._write([(_SWITCH, (job_id, job.id))])
+        self._write([(_DELETE, (job_id,)), (_MARK_RUNNING, (job.id,))])
 
     def mark_dead(self, job: Job, reason: str, error: object = None) -> None:
         """Keep a permanently failed job, with why, for ``dead_jobs()``."""
