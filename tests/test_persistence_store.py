@@ -294,6 +294,34 @@ def test_group_commit_under_full_shares_transactions(path):
         assert max(commits) > 1, "no commit ever carried more than one thread's save"
 
 
+def test_workers_ending_and_starting_jobs_at_once_share_transactions_and_each_gets_its_rows(path):
+    """delete_and_mark_running from 8 threads under FULL: batched together, each row as its thread left it."""
+    with SQLitePersistence(path, synchronous="FULL") as store:
+        store.save_many([Job("t", id=f"{t}-{i}") for t in range(8) for i in range(21)])
+        commits = []
+        original = store._commit
+
+        def counting_commit(batch):
+            commits.append(len(batch))
+            original(batch)
+
+        store._commit = counting_commit
+        barrier = threading.Barrier(8)
+
+        def worker(t):
+            barrier.wait()
+            for i in range(20):
+                store.delete_and_mark_running(f"{t}-{i}", Job("t", id=f"{t}-{i + 1}"))
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert rows(store) == {f"{t}-20": "running" for t in range(8)}
+        assert max(commits) > 1, "no commit ever carried more than one thread's switch"
+
+
 def test_group_commit_failure_is_reported_to_every_writer_of_the_batch(store):
     """A failed batch is retried unit by unit, so one failure does not fail the others."""
     from tinymq.persistence.sqlite import _Unit
