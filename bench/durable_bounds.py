@@ -6,6 +6,8 @@ Not a benchmark of its own (pytest does not collect it): it runs the cases of
 test_bench_durable.py with the store instrumented and prints, per job:
 
 - wall: the measured time per job;
+- cpu: the process's CPU time per job, all threads (on a shared, noisy machine the
+  steadier figure: wall time counts the other tenants too);
 - held: how long SQLite's one writer (our commit lock) was held. Writes are
   serial in SQLite, so 1 / held is a ceiling no thread layout can pass, short
   of committing more jobs per transaction;
@@ -95,18 +97,20 @@ def _case(name: str, jobs: int, workers: int, producers: int, synchronous: str =
             payloads = _payloads(jobs)
             for key in figures:
                 figures[key] = 0.0
-            switches, start = _switches(), perf_counter()
+            switches, start, cpu = _switches(), perf_counter(), time.process_time()
             _produce(queue, payloads, producers)
             if workers:
                 assert queue.join(120)
             wall = perf_counter() - start
+            cpu = time.process_time() - cpu
             if round_number:
-                rows.append((wall, dict(figures), _switches() - switches))
+                rows.append((wall, cpu, dict(figures), _switches() - switches))
         queue.stop(wait=bool(workers))
         store.close()
-    wall, figures, switches = sorted(rows, key=lambda row: row[0])[len(rows) // 2]  # the median round
+    wall, _, figures, switches = sorted(rows, key=lambda row: row[0])[len(rows) // 2]  # the median round
+    cpu = statistics.median(row[1] for row in rows)
     per_job = 1e6 / jobs
-    print(f"{name:44s} {jobs / wall / 1e3:6.1f}k/s  wall {wall * per_job:5.1f}us  "
+    print(f"{name:44s} {jobs / wall / 1e3:6.1f}k/s  wall {wall * per_job:5.1f}us  cpu {cpu * per_job:5.1f}us  "
           f"held {figures['held'] * per_job:5.1f}us (ceiling {jobs / figures['held'] / 1e3:5.1f}k/s)  "
           f"sqlite {figures['sqlite'] * per_job:5.1f}us  commits {figures['commits'] / jobs:4.2f}  "
           f"units/commit {figures['units'] / max(figures['commits'], 1):4.2f}  switches {switches / jobs:4.2f}")

@@ -12,12 +12,13 @@ joins it with a timeout. The tests use ``push`` only (not ``push_many``,
 """
 import math
 import threading
+import time
 
 import pytest
 
 from tinymq import Job, RetryConfig
 
-from _helpers import WAIT, Recorder
+from _helpers import WAIT, Recorder, wait_until
 
 
 class Boom(Exception):
@@ -69,6 +70,15 @@ class FakeDispatcher:
 
     def calls(self, name):
         return [entry for entry in self.log.snapshot() if entry[0] == name]
+
+
+def wait_idle(ready):
+    """Wait until a worker sleeps in pop: exactly on the pure core (its list of sleepers); the
+    compiled one has no window into it, so there the thread is given time to get there."""
+    if hasattr(ready, "_getters"):
+        assert wait_until(lambda: len(ready._getters) >= 1)
+    else:
+        time.sleep(0.2)
 
 
 class Worker:
@@ -165,6 +175,144 @@ def test_a_successful_attempt_without_hooks(core, ready):
     assert ready.unfinished == 0
     assert ready.executor_stats()["t"] == (0, 2)
     assert dispatcher.names() == []
+
+
+def test_a_success_with_a_next_job_ready_ends_with_that_jobs_start_through_on_switch(core, ready):
+    """With ``on_switch``, a success is finished together with the start of the worker's next job
+    (one store commit for both): on_switch(finished, next) runs before the next function, and the
+    finished job counts as unfinished until it returned. With nothing ready next, on_success."""
+    order = Recorder()
+    dispatcher = FakeDispatcher(ready)
+    configure(ready, "t", lambda job: order.add(("fn", job.payload, ready.unfinished)), limit=1)
+    slot = core.WorkerSlot()
+    slot.on_start = lambda job: order.add(("on_start", job.payload, ready.unfinished))
+    slot.on_success = lambda job: order.add(("on_success", job.payload, ready.unfinished))
+    slot.on_switch = lambda finished, job: order.add(("on_switch", finished.payload, job.payload,
+                                                      ready.unfinished))
+    for i in range(3):
+        assert ready.push(Job("t", i))
+    worker = Worker(core, ready, dispatcher, slot)
+    try:
+        assert ready.join(WAIT)
+    finally:
+        ready.close()
+    worker.join()
+    assert order.snapshot() == [
+        ("on_start", 0, 3),
+        ("fn", 0, 3),
+        ("on_switch", 0, 1, 3),  # job 0 is still unfinished while its end is committed
+        ("fn", 1, 2),  # ... and finished once on_switch returned, before job 1 runs
+        ("on_switch", 1, 2, 2),
+        ("fn", 2, 1),
+        ("on_success", 2, 1),  # nothing ready next: ended on its own
+    ]
+    assert ready.unfinished == 0
+    assert ready.counters()[core.SUCCEEDED] == 3
+    assert dispatcher.names() == []
+
+
+def test_a_success_waiting_for_its_switch_ends_on_its_own_when_the_worker_would_wait(core, ready):
+    """A worker never waits for a next job with a success still unfinished: join() returns."""
+    order = Recorder()
+    dispatcher = FakeDispatcher(ready)
+    configure(ready, "t", lambda job: order.add(("fn", job.payload)), limit=1)
+    slot = core.WorkerSlot()
+    slot.on_start = lambda job: order.add(("on_start", job.payload))
+    slot.on_success = lambda job: order.add(("on_success", job.payload))
+    slot.on_switch = lambda finished, job: order.add(("on_switch", finished.payload, job.payload))
+    worker = Worker(core, ready, dispatcher, slot)
+    try:
+        assert ready.push(Job("t", 0))
+        assert ready.join(WAIT), "the success was left unfinished while the worker waited"
+        assert ready.push(Job("t", 1))
+        assert ready.join(WAIT)
+    finally:
+        ready.close()
+    worker.join()
+    assert order.snapshot() == [("on_start", 0), ("fn", 0), ("on_success", 0),
+                                ("on_start", 1), ("fn", 1), ("on_success", 1)]
+
+
+def test_a_worker_with_on_switch_takes_the_next_job_its_freed_slot_admits_itself(core, ready):
+    """A type at its limit: the worker that frees the slot takes the next job itself (and ends its
+    success with that start), instead of handing it to an idle worker."""
+    order = Recorder()
+    dispatcher = FakeDispatcher(ready)
+    started, gate = threading.Event(), threading.Event()
+
+    def fn(job):
+        order.add(("fn", job.payload, threading.get_ident()))
+        if job.payload == 0:
+            started.set()
+            assert gate.wait(WAIT)
+
+    configure(ready, "t", fn, limit=1)
+    slots = [core.WorkerSlot(), core.WorkerSlot()]
+    for slot in slots:
+        slot.on_success = lambda job: order.add(("on_success", job.payload))
+        slot.on_switch = lambda finished, job: order.add(("on_switch", finished.payload, job.payload))
+    for i in range(3):
+        assert ready.push(Job("t", i))
+    workers = [Worker(core, ready, dispatcher, slots[0])]
+    try:
+        assert started.wait(WAIT)
+        workers.append(Worker(core, ready, dispatcher, slots[1]))
+        wait_idle(ready)  # the second worker sleeps in pop: jobs 1 and 2 wait for the type's slot
+        gate.set()
+        assert ready.join(WAIT)
+    finally:
+        gate.set()
+        ready.close()
+    for worker in workers:
+        worker.join()
+    entries = order.snapshot()
+    assert [entry for entry in entries if entry[0] != "fn"] == [
+        ("on_switch", 0, 1), ("on_switch", 1, 2), ("on_success", 2)]
+    assert len({entry[2] for entry in entries if entry[0] == "fn"}) == 1, entries  # one worker ran all three
+
+
+def test_a_failing_on_switch_finishes_the_finished_job_and_fails_the_next_attempt(core, ready):
+    error = Boom("store down")
+    dispatcher = FakeDispatcher(ready)
+    ran = Recorder()
+    configure(ready, "t", lambda job: ran.add(job.payload), limit=1)
+    slot = core.WorkerSlot()
+
+    def on_switch(finished, job):
+        raise error
+
+    slot.on_switch = on_switch
+    jobs = [Job("t", i, retry_config=no_retries()) for i in range(2)]
+    for job in jobs:
+        assert ready.push(job)
+    worker = Worker(core, ready, dispatcher, slot)
+    try:
+        assert dispatcher.log.wait_until(lambda items: len(items) >= 1)
+    finally:
+        ready.close()
+    worker.join()
+    assert dispatcher.log.snapshot() == [("attempt_failed", jobs[1], "t", error, 0)]
+    assert ran.snapshot() == [0]  # job 1's function never ran
+    assert ready.unfinished == 1  # job 0 finished all the same; job 1 is the dispatcher's to decide
+
+
+def test_a_success_before_a_job_without_an_executor_ends_first(core, ready):
+    order = Recorder()
+    dispatcher = FakeDispatcher(ready)
+    configure(ready, "t", lambda job: None, limit=1)
+    slot = core.WorkerSlot()
+    slot.on_success = lambda job: order.add(("on_success", job.payload))
+    slot.on_switch = lambda finished, job: order.add(("on_switch", finished.payload, job.payload))
+    assert ready.push(Job("t", 0))
+    assert ready.push(Job("unknown", 1))
+    worker = Worker(core, ready, dispatcher, slot)
+    try:
+        assert dispatcher.log.wait_until(lambda items: len(items) >= 1)
+    finally:
+        ready.close()
+    worker.join()
+    assert order.snapshot() == [("on_success", 0)]
+    assert [(entry[0], entry[1].payload) for entry in dispatcher.log.snapshot()] == [("no_executor", 1)]
 
 
 class _Awaitable:

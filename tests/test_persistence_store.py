@@ -115,6 +115,24 @@ def test_running_row_comes_back_ready_with_the_crash_counted(store, path):
     assert rows(store) == {"a": "ready"}
 
 
+def test_delete_and_mark_running_ends_one_job_and_starts_the_next_in_one_commit(store, path):
+    finished, started = Job("t", 1, id="a"), Job("t", 2, id="b")
+    store.save_many([finished, started])
+    store.delete_and_mark_running("a", started)
+    assert rows(store) == {"b": "running"}  # both committed when the call returns
+    (loaded,) = store.load_all()  # a crash now: the started job comes back with the crash counted
+    assert loaded.id == "b" and loaded.retries == 1
+
+
+def test_delete_and_mark_running_changes_nothing_when_refused(store, path):
+    store.save(Job("t", id="a"))
+    with pytest.raises(PersistenceError, match="ud800"):  # a lone surrogate: SQLite cannot store it
+        store.delete_and_mark_running("a", Job("t", id="\ud800"))
+    with pytest.raises(PersistenceError, match="None"):
+        store.delete_and_mark_running(None, Job("t", id="a"))
+    assert rows(store) == {"a": "ready"}
+
+
 def test_a_job_that_keeps_crashing_its_process_ends_dead(store, path, caplog):
     job = Job("t", id="a").with_max_retries(2)
     store.save(job)
@@ -274,6 +292,34 @@ def test_group_commit_under_full_shares_transactions(path):
             thread.join()
         assert len(rows(store)) == 400
         assert max(commits) > 1, "no commit ever carried more than one thread's save"
+
+
+def test_workers_ending_and_starting_jobs_at_once_share_transactions_and_each_gets_its_rows(path):
+    """delete_and_mark_running from 8 threads under FULL: batched together, each row as its thread left it."""
+    with SQLitePersistence(path, synchronous="FULL") as store:
+        store.save_many([Job("t", id=f"{t}-{i}") for t in range(8) for i in range(21)])
+        commits = []
+        original = store._commit
+
+        def counting_commit(batch):
+            commits.append(len(batch))
+            original(batch)
+
+        store._commit = counting_commit
+        barrier = threading.Barrier(8)
+
+        def worker(t):
+            barrier.wait()
+            for i in range(20):
+                store.delete_and_mark_running(f"{t}-{i}", Job("t", id=f"{t}-{i + 1}"))
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert rows(store) == {f"{t}-20": "running" for t in range(8)}
+        assert max(commits) > 1, "no commit ever carried more than one thread's switch"
 
 
 def test_group_commit_failure_is_reported_to_every_writer_of_the_batch(store):

@@ -358,6 +358,51 @@ def test_a_succeeded_job_is_deleted_before_join_returns(store_class):
     assert failures.entries == []
 
 
+class SwitchingStore(RecordingStore):
+    """RecordingStore plus ``delete_and_mark_running``: a worker's finished job and its next, in one call."""
+
+    def delete_and_mark_running(self, job_id, job):
+        with self._cond:
+            self.records.pop(job_id, None)
+            record = self.records.get(job.id)
+            if record is not None:
+                record[1] = "running"
+            self._log(Call("delete_and_mark_running", job=self._snap(job), job_id=job_id,
+                           thread=threading.current_thread()))
+
+
+def test_a_store_with_delete_and_mark_running_ends_each_success_with_the_next_start():
+    store = SwitchingStore()
+    gate = threading.Event()
+    at_start = []  # (payload, its own row's state, the previous job's row's state) as each attempt starts
+
+    def fn(job):
+        previous = jobs[job.payload - 1].id if job.payload else None
+        at_start.append((job.payload, store.state_of(job.id), previous and store.state_of(previous)))
+        if job.payload == 0:
+            gate.wait(WAIT)  # the others queue up behind it
+
+    with Queue(100) as q:
+        q.set_persistence(store)
+        q.register_executor("t", fn)
+        q.start_dispatcher(1)
+        jobs = [q.enqueue(Job("t", i)) for i in range(4)]
+        gate.set()
+        assert q.join(WAIT)
+        assert [store.state_of(job.id) for job in jobs] == [None] * 4  # each deleted before join returned
+        assert q.get_stats().jobs_succeeded == 4
+    assert at_start == [(0, "running", None), (1, "running", None), (2, "running", None), (3, "running", None)]
+    ending = [(call.method, call.job_id, call.job and call.job.id) for call in store.calls
+              if call.method in ("mark_running", "delete_and_mark_running", "delete")]
+    assert ending == [
+        ("mark_running", None, jobs[0].id),
+        ("delete_and_mark_running", jobs[0].id, jobs[1].id),
+        ("delete_and_mark_running", jobs[1].id, jobs[2].id),
+        ("delete_and_mark_running", jobs[2].id, jobs[3].id),
+        ("delete", jobs[3].id, None),  # nothing ready next: deleted on its own
+    ]
+
+
 # --- permanent failures ------------------------------------------------------------------------
 
 @BOTH_STORES

@@ -1523,6 +1523,9 @@ cdef class WorkerSlot:
     cdef public unsigned long thread_id
     cdef public object on_start  # set by the dispatcher
     cdef public object on_success  # set by the dispatcher
+    # Set by the dispatcher when a store commits a finished job's end and the next job's start
+    # together: on_switch(finished, job) replaces on_success(finished) and on_start(job).
+    cdef public object on_switch
 
     def __cinit__(self):
         self.deadline = INFINITY
@@ -1579,9 +1582,20 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
     cdef bint expired
     cdef long succeeded = 0
     cdef _Waiter waiter = _Waiter()  # this worker's, for every wait
+    finished = None  # a success whose on_success and task_done wait for the next start (on_switch)
+    switch = None
     slot.thread_id = PyThread_get_thread_ident()
     while True:
-        job = ready._pop(WAIT_FOREVER, &taken, waiter)
+        if finished is None:
+            job = ready._pop(WAIT_FOREVER, &taken, waiter)
+        else:
+            job = ready._pop(0.0, &taken, waiter)  # the next job, if one is ready now
+            switch = slot.on_switch
+            if job is None or switch is None or (<TypeState>taken).fn is None:
+                _settle(ready, slot, finished)
+                finished = None
+                if job is None:
+                    job = ready._pop(WAIT_FOREVER, &taken, waiter)
         if job is None:
             return
         state = <TypeState>taken
@@ -1598,7 +1612,13 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
             watchdog._wake()
         error = None
         try:
-            if slot.on_start is not None:
+            if finished is not None:
+                done, finished = finished, None
+                try:
+                    switch(done, job)
+                finally:
+                    ready._task_done(done)
+            elif slot.on_start is not None:
                 slot.on_start(job)
             if context is None:
                 result = fn(job)
@@ -1611,7 +1631,8 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
         ended = _monotonic()
         expired = slot.end()
         # A worker going straight back to pop takes the job its slot frees itself.
-        ready._release(state, expired or error is not None or slot.on_success is not None)
+        ready._release(state, expired or error is not None
+                       or (slot.on_success is not None and slot.on_switch is None))
         if expired:
             dispatcher.after_expired(slot, error)
             return
@@ -1620,6 +1641,9 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
             succeeded += 1
             if succeeded % REFRESH_EVERY == 0:
                 dispatcher.refresh_hooks(slot)
+            if slot.on_switch is not None:
+                finished = job  # its end is committed with the next job's start, or alone when none is ready
+                continue
             on_success = slot.on_success
             if on_success is not None:
                 on_success(job)
@@ -1627,3 +1651,14 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
         else:
             state.record_duration(ended - started)
             dispatcher.attempt_failed(job, state, error)
+
+
+cdef int _settle(ReadyQueue ready, WorkerSlot slot, object job) except -1:
+    """End a success whose end waited for a next start that is not coming now: on_success, task_done."""
+    try:
+        on_success = slot.on_success
+        if on_success is not None:
+            on_success(job)
+    finally:
+        ready._task_done(job)
+    return 0

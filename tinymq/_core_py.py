@@ -1037,7 +1037,7 @@ class WorkerSlot:
     """
 
     __slots__ = ("_lock", "job", "type_state", "started", "deadline", "context", "expired",
-                 "interrupted", "retired", "thread_id", "on_start", "on_success")
+                 "interrupted", "retired", "thread_id", "on_start", "on_success", "on_switch")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -1052,6 +1052,9 @@ class WorkerSlot:
         self.thread_id = 0
         self.on_start: Optional[Callable[[Any], None]] = None  # set by the dispatcher
         self.on_success: Optional[Callable[[Any], None]] = None  # set by the dispatcher
+        # Set by the dispatcher when a store commits a finished job's end and the next job's start
+        # together: on_switch(finished, job) replaces on_success(finished) and on_start(job).
+        self.on_switch: Optional[Callable[[Any, Any], None]] = None
 
     def begin(self, job: Any, state: TypeState, deadline: float, context: Any) -> None:
         with self._lock:
@@ -1120,8 +1123,19 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
     slot.thread_id = threading.get_ident()
     succeeded = 0
     waiter = _Waiter()  # this worker's, for every wait
+    finished = None  # a success whose on_success and task_done wait for the next start (on_switch)
+    switch: Optional[Callable[[Any, Any], None]] = None
     while True:
-        taken = ready._pop(None, waiter)
+        if finished is None:
+            taken = ready._pop(None, waiter)
+        else:
+            taken = ready._pop(0.0, waiter)  # the next job, if one is ready now
+            switch = slot.on_switch
+            if taken is None or switch is None or taken[1].fn is None:
+                _settle(ready, slot, finished)
+                finished = None
+                if taken is None:
+                    taken = ready._pop(None, waiter)
         if taken is None:
             return
         job, state = taken
@@ -1141,7 +1155,13 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
             slot.begin(job, state, deadline, context)
             try:
                 watchdog.wake_before(deadline)
-                if slot.on_start is not None:
+                if finished is not None:
+                    done, finished = finished, None
+                    try:
+                        switch(done, job)  # type: ignore[misc]
+                    finally:
+                        ready.task_done(done)
+                elif slot.on_start is not None:
                     slot.on_start(job)
                 if context is None:
                     result = fn(job)
@@ -1155,7 +1175,7 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
             expired = slot.end()
             if expired and slot.interrupted:
                 interrupt_thread(slot.thread_id, None)  # from here on nothing may land
-            straight_back = error is None and not expired and slot.on_success is None
+            straight_back = error is None and not expired and (slot.on_success is None or slot.on_switch is not None)
         except JobTimeout as late:  # an interruption that landed after the function returned
             expired = slot.end() or True
             error = late
@@ -1170,6 +1190,9 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
             succeeded += 1
             if not succeeded % _REFRESH_EVERY:
                 dispatcher.refresh_hooks(slot)
+            if slot.on_switch is not None:
+                finished = job  # its end is committed with the next job's start, or alone when none is ready
+                continue
             on_success = slot.on_success
             if on_success is not None:
                 on_success(job)
@@ -1177,3 +1200,13 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
         else:
             ready.record_duration(state, ended - started)
             dispatcher.attempt_failed(job, state, error)
+
+
+def _settle(ready: ReadyQueue, slot: WorkerSlot, job: Any) -> None:
+    """End a success whose end waited for a next start that is not coming now: on_success, task_done."""
+    try:
+        on_success = slot.on_success
+        if on_success is not None:
+            on_success(job)
+    finally:
+        ready.task_done(job)

@@ -195,12 +195,15 @@ class Dispatcher:
     def _set_hooks(self, slot: Any) -> None:
         ledger = self.ledger
         if ledger is not None:
-            slot.on_start, slot.on_success = ledger.started, ledger.succeeded
+            slot.on_start, slot.on_success, slot.on_switch = ledger.started, ledger.succeeded, None
             return
         store = self.store
         slot.on_start = self._mark_running if getattr(store, "mark_running", None) else None
         debug = logger.isEnabledFor(logging.DEBUG)
         slot.on_success = self._succeeded if (store is not None or debug) else None
+        # A store that commits a worker's finished job and its next start together: one commit, not two.
+        slot.on_switch = (self._switched if slot.on_start is not None
+                          and getattr(store, "delete_and_mark_running", None) else None)
 
     def refresh_hooks(self, slot: Any) -> None:
         """Called by the worker loop now and then: picks up a changed log level."""
@@ -231,6 +234,18 @@ class Dispatcher:
         with self._stop_order:  # after stop()'s save-back of this job, if it made one
             self._decided.add(job)
             self.call_store("delete", store.delete, job.id)
+
+    def _switched(self, finished: Any, job: Any) -> None:
+        """A worker's job succeeded and its next starts: the store deletes one and marks the other running,
+        in one commit, before ``finished`` counts as finished and before ``job`` runs."""
+        logger.debug("job %s (%s) succeeded", finished.id, finished.type)
+        store = self.store
+        if not self._stopping:
+            self.call_store("delete", store.delete_and_mark_running, finished.id, job)
+            return
+        with self._stop_order:  # after stop()'s save-back of the finished job, if it made one
+            self._decided.add(finished)
+            self.call_store("delete", store.delete_and_mark_running, finished.id, job)
 
     # --- lifecycle ---------------------------------------------------------
 

@@ -11,6 +11,11 @@ so a minimal store stays minimal and a richer one gets better guarantees:
     An attempt is starting. A store that records this can count a process
     crash during the attempt as a failed attempt when it reloads, so a job
     that kills its process cannot loop forever.
+``delete_and_mark_running(job_id, job)``
+    ``delete(job_id)`` and ``mark_running(job)`` in one commit (used only with
+    ``mark_running``): a worker whose job succeeded while its next job is ready
+    ends the one and starts the other with a single write. The finished job
+    counts as finished, and the next one runs, once it returned.
 ``take_crashed()``
     After ``load_all``: the jobs it found crashed too often (their process
     died during more attempts than their retries allow), each returned once.
@@ -59,6 +64,8 @@ class _OptionalHooks(Protocol):
     def save_many(self, jobs: Sequence[Job]) -> None: ...
 
     def mark_running(self, job: Job) -> None: ...
+
+    def delete_and_mark_running(self, job_id: str, job: Job) -> None: ...
 
     def mark_dead(self, job: Job, reason: str, error: Optional[BaseException]) -> None: ...
 

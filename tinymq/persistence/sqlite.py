@@ -789,6 +789,12 @@ class SQLitePersistence:
         _check_id(job.id)
         self._write([(_MARK_RUNNING, (job.id,))])
 
+    def delete_and_mark_running(self, job_id: str, job: Job) -> None:
+        """``delete(job_id)`` and ``mark_running(job)`` in one commit: a worker's finished job and its next."""
+        _check_id(job_id)
+        _check_id(job.id)
+        self._write([(_DELETE, (job_id,)), (_MARK_RUNNING, (job.id,))])
+
     def mark_dead(self, job: Job, reason: str, error: object = None) -> None:
         """Keep a permanently failed job, with why, for ``dead_jobs()``."""
         self._write([self._upsert(job, "dead", reason, _error_text(error))])
