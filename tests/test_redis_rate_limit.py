@@ -224,14 +224,16 @@ def test_a_window_opening_wakes_an_idle_worker_at_once_and_nothing_polls_meanwhi
     assert sorted(gaps)[len(gaps) // 2] < limit.per + 0.3, gaps
     # Only rate-waiting jobs: an idle worker makes no script calls but its timer's and its
     # idle pump's (one a second).
-    worker.register_executor("slow", lambda job: None, ExecutorConfig(rate_limit=RateLimit(1, per=60.0)))
+    slow = Recorder()
+    worker.register_executor("slow", slow.add, ExecutorConfig(rate_limit=RateLimit(1, per=60.0)))
     producer.enqueue_many([Job("slow", i) for i in range(3)])
-    assert recorder.wait_until(lambda items: True)
-    time.sleep(QUIET)
+    assert slow.wait_until(lambda items: len(items) == 1)
+    time.sleep(QUIET)  # its start report and outcome are sent
     server.config_resetstat()
     time.sleep(1.0)
     calls = server.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
     assert calls <= 6, calls
+    assert len(slow.items) == 1
     assert producer.get_stats().medium_queue_size == 2  # waiting for the window, in Redis
 
 

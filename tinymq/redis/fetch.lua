@@ -2,7 +2,8 @@
 KEYS[1] prefix. ARGV: proc, fetch id, n, lease ms, max crash recoveries,
 registered ('1' when proc fetched or beat before), settle count, then settle ops
 (2 or 6 entries each, see settle in lib.lua).
-Returns {status, server now ms, next due ms (fractional, as text; -1: none), stale settles,
+Returns {status, server now ms, next due ms (the earliest delayed job or rate window
+         opening; fractional, as text; -1: none), stale settles,
          crashed {{id, body, retries, error}...}, jobs {{attempt, body, retries, error}...},
          server now us (to time the next due job)}
 status 1 = ok; 0 = this process was reaped (nothing else done: it must abandon its
@@ -10,11 +11,12 @@ buffer and register again under a new id).
 Jobs come strictly by level (HIGH first), FIFO within one. A job whose type has no free
 slot, or whose rate window is full, is parked (so a saturated type never blocks others)
 and comes back when a slot of its type frees or its rate window opens (the next due time
-in the reply includes that opening); parked jobs keep their FIFO order (a job given back ahead of the ones
-already parked goes in front of them). Taking a job takes its type's slot (and a
-place in its rate window) and writes the attempt to inflight:<proc> in the same step. A resent call (same proc and fetch id)
-takes nothing new and returns the attempts the first call took and the jobs it found
-crashed (each reported once, by whoever gets the reply). ]]
+in the reply includes that opening); parked jobs keep their FIFO order (a job given back
+ahead of the ones already parked goes in front of them). Taking a job takes its type's
+slot (and a place in its rate window) and writes the attempt to inflight:<proc> in the
+same step. A resent call (same proc and fetch id) takes nothing new and returns the
+attempts the first call took and the jobs it found crashed (each reported once, by
+whoever gets the reply). ]]
 local proc, fid, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local lease, max_crash, registered = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local nsettle = tonumber(ARGV[7])

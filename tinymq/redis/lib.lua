@@ -130,7 +130,7 @@ local function rate_limit_of(t)
   return known
 end
 
--- Starts of t that that may still be handed out now (math.huge without a rate limit).
+-- Starts of t that may still be handed out now (math.huge without a rate limit).
 local function rate_room(t)
   local limit = rate_limit_of(t)
   if not limit then return math.huge end
