@@ -32,10 +32,11 @@ EXAMPLES = int(os.environ.get("TINYMQ_MODEL_EXAMPLES", "60"))
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LEASE_MS = 60_000
-# Seconds between the moment Redis records an attempt's start (its T op, sent as the
-# worker starts it) and the executor's own clock reading: a worker's wake-up on a loaded
-# 2-core machine, as test_queue_rate_limit.SLACK. Not the time a job waits in a buffer.
-SLACK = 0.1
+# Seconds by which the executor's own clock reading may follow the moment Redis recorded
+# the attempt's start (its T op, sent as the worker starts it): a worker's wake-up on a
+# loaded 2-core machine with several threads of each process contending for the GIL, as
+# test_queue_rate_limit.STRESS_SLACK. Not the time a job waits in a buffer.
+SLACK = 0.15
 
 
 @pytest.fixture
@@ -174,7 +175,6 @@ def shared(redis_url):
 def test_two_worker_processes_share_one_window_per_type_retries_included(shared, redis_url):
     import redis
 
-    sys.path.insert(0, HERE)
     from _redis_rate_worker import OUT, RATE_LIMITS
 
     children = [subprocess.Popen([sys.executable, os.path.join(HERE, "_redis_rate_worker.py"), redis_url,
