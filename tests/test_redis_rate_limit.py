@@ -7,8 +7,10 @@ lasts until ``per`` seconds after its start was reported to Redis (op T), or
 after its outcome or its reap, whichever Redis saw first. So the promise holds
 for real starts, however long a fetched job waited in a process's buffer.
 
-The scripts are driven through their low-level API (as in test_redis_scripts.py);
-the fleet test records real start times in two worker processes.
+The scripts are driven through their low-level API (as in test_redis_scripts.py),
+by hand and by a hypothesis state machine (at the end; TINYMQ_MODEL_EXAMPLES sets its
+length, as for test_redis_model.py); the fleet test records real start times in two
+worker processes.
 """
 import itertools
 import os
