@@ -5,6 +5,7 @@ per-job path (``enqueue`` of a ready job with no store) is one call into the
 core; everything else takes the slow path below it.
 """
 import asyncio
+import dataclasses
 import inspect
 import logging
 import threading
@@ -18,7 +19,7 @@ from ._dispatch import AttemptLedger, Dispatcher, FailureCallback, _describe
 from ._periodic import Periodic, ScheduleStats
 from ._event_loop import is_async_executor
 from ._pick_core import core
-from .config import Config, ExecutorConfig, RetryConfig, _optional_seconds, _seconds
+from .config import Config, ExecutorConfig, RateLimit, RetryConfig, _optional_seconds, _seconds
 from .errors import DuplicateJob, PersistenceError, QueueFull, QueueStopped
 from .job import Job, Priority, RunAt, _as_priority, _as_type, _validate
 from .stats import ExecutorStats, QueueStats
@@ -91,8 +92,8 @@ class BrokerLink(AttemptLedger, Protocol):
 
     def join(self, timeout: Optional[float]) -> bool: ...
 
-    def set_limit(self, job_type: str, limit: int) -> None:
-        """A registered executor's max_concurrent_jobs, as the shared (global) limit."""
+    def set_limit(self, job_type: str, limit: int, rate_limit: Optional[RateLimit] = None) -> None:
+        """A registered executor's max_concurrent_jobs and rate_limit, as shared (global) limits."""
 
     def start(self, workers: int) -> None:
         """Start taking jobs for ``workers`` worker threads."""
@@ -169,9 +170,12 @@ class Queue:
             config = ExecutorConfig()
         elif not isinstance(config, ExecutorConfig):
             raise TypeError(f"config must be a tinymq.ExecutorConfig, got {config!r}")
-        self._dispatcher.register(job_type, fn, config, takes_context, is_async_executor(fn))
+        local_config = config
+        if self._link is not None and config.rate_limit is not None:  # the broker holds its one rate window
+            local_config = dataclasses.replace(config, rate_limit=None)
+        self._dispatcher.register(job_type, fn, local_config, takes_context, is_async_executor(fn))
         if self._link is not None:
-            self._link.set_limit(job_type, config.max_concurrent_jobs)
+            self._link.set_limit(job_type, config.max_concurrent_jobs, config.rate_limit)
 
     def executor(
         self, job_type: str, *, config: Optional[ExecutorConfig] = None, **options: Any

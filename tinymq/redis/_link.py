@@ -31,9 +31,10 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
 
 from .._pick_core import core
+from ..config import RateLimit
 from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError
 from ..stats import ExecutorStats, QueueStats
 from ._codec import decode_job, encode_job
@@ -117,7 +118,9 @@ class QueueLink:
         # 0 while it waits with nothing to do (the first op or freed slot wakes it).
         # Wakes it only when it may go.
         self._pump_goal = 1
-        self._limits: Dict[str, int] = {}  # type -> limit not yet sent: sent before the next fetch
+        # type -> limit not yet sent (see Scripts.set_limits): sent before the next fetch
+        self._limits: Dict[str, Union[int, Tuple[int, int, float]]] = {}
+        self._rate_limited: FrozenSet[str] = frozenset()  # types whose starts this process reports (op T)
         self._proc = self._new_proc_id()
         self._registered = False  # the server knows _proc (a fetch or beat succeeded)
         # Guarded by _round_lock: one fetch round at a time, and the round to resend, if any.
@@ -243,10 +246,16 @@ class QueueLink:
                 return False
             pause = min(pause * 2, _ROOM_POLL_MAX)
 
-    def set_limit(self, job_type: str, limit: int) -> None:
-        """A registered executor's ``max_concurrent_jobs``: sent before this process's next fetch."""
+    def set_limit(self, job_type: str, limit: int, rate_limit: Optional[RateLimit] = None) -> None:
+        """A registered executor's ``max_concurrent_jobs`` and ``rate_limit``: sent before
+        this process's next fetch. Redis holds the one rate window of the type."""
         with self._lock:
-            self._limits[job_type] = limit
+            if rate_limit is None:
+                self._limits[job_type] = limit
+                self._rate_limited = self._rate_limited - {job_type}
+            else:
+                self._limits[job_type] = (limit, rate_limit.max_starts, float(rate_limit.per))
+                self._rate_limited = self._rate_limited | {job_type}
 
     # --- the AttemptLedger: what the dispatcher reports ------------------------------
 
@@ -270,6 +279,11 @@ class QueueLink:
                                    f"lease was last confirmed more than {lease:g}s ago")
                 self._renewal.wait(_RENEWAL_POLL)
             record.state = _STARTED
+            if job.type not in self._rate_limited:
+                return
+            # Sent after the start: the type's rate window counts it from a server time no sooner.
+            self._queue_op(SettleOp("T", record.attempt))
+        self._flush_if_idle()
 
     def _renewed(self, sent: float) -> None:
         """A call sent at ``sent`` (monotonic) renewed the lease. Called with _lock held."""

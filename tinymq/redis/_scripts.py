@@ -12,7 +12,7 @@ release leave nothing to do twice.
 """
 import os
 import queue
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 __all__ = ["Scripts", "Connections", "SettleOp", "Crashed", "Fetched", "FetchReply", "EnqueueReply", "key_prefix"]
 
@@ -40,7 +40,8 @@ class SettleOp(NamedTuple):
 
     ``op``: "S" success, "Y" retry after ``delay_ms``, "Z" dead for ``reason``;
     "y"/"z" the same decided at the deadline (the attempt keeps its slot until
-    "E", its late return); "B" give back (not counted).
+    "E", its late return); "B" give back (not counted); "T" started (a
+    rate-limited type's attempt: its start counts from now in the rate window).
     """
 
     op: str
@@ -90,7 +91,7 @@ class EnqueueReply(NamedTuple):
     ready: int = 0  # with "full": ready jobs already there
 
 
-_SHORT_OPS = frozenset("SEB")  # sent as (op, attempt) only
+_SHORT_OPS = frozenset("SEBT")  # sent as (op, attempt) only
 
 
 def _ops_args(ops: Iterable[SettleOp]) -> List[Any]:
@@ -261,13 +262,21 @@ class Scripts:
         """Settle ``ops`` and unregister ``proc``, handing back what it still holds."""
         return int(self._call("release", [proc, len(ops), *_ops_args(ops)]))
 
-    def set_limits(self, limits: Dict[str, int]) -> int:
-        """Set global per-type limits; returns how many parked jobs were released."""
+    def set_limits(self, limits: Dict[str, Union[int, Tuple[int, int, float]]]) -> int:
+        """Set global per-type limits; returns how many parked jobs were released.
+
+        A value is ``max_concurrent_jobs``, or ``(max_concurrent_jobs, max_starts,
+        per seconds)`` for a type with a rate limit; a type given without one has none.
+        """
         if not limits:
             return 0
         args: List[Any] = []
-        for job_type, limit in limits.items():
-            args.extend((job_type, limit))
+        for job_type, value in limits.items():
+            if isinstance(value, tuple):
+                limit, max_starts, per = value
+                args.extend((job_type, limit, max_starts, round(per * 1000.0, 3)))
+            else:
+                args.extend((job_type, value, 0, 0))
         return int(self._call("limits", args))
 
     def requeue_dead(self, ids: Sequence[str]) -> int:

@@ -2,18 +2,21 @@
 KEYS[1] prefix. ARGV: proc, fetch id, n, lease ms, max crash recoveries,
 registered ('1' when proc fetched or beat before), settle count, then settle ops
 (2 or 6 entries each, see settle in lib.lua).
-Returns {status, server now ms, next due ms (fractional, as text; -1: none), stale settles,
+Returns {status, server now ms, next due ms (the earliest delayed job or rate window
+         opening; fractional, as text; -1: none), stale settles,
          crashed {{id, body, retries, error}...}, jobs {{attempt, body, retries, error}...},
          server now us (to time the next due job)}
 status 1 = ok; 0 = this process was reaped (nothing else done: it must abandon its
 buffer and register again under a new id).
 Jobs come strictly by level (HIGH first), FIFO within one. A job whose type has no free
-slot is parked (so a saturated type never blocks others) and comes back when a slot of
-its type frees; parked jobs keep their FIFO order (a job given back ahead of the ones
-already parked goes in front of them). Taking a job takes its type's slot and writes the
-attempt to inflight:<proc> in the same step. A resent call (same proc and fetch id)
-takes nothing new and returns the attempts the first call took and the jobs it found
-crashed (each reported once, by whoever gets the reply). ]]
+slot, or whose rate window is full, is parked (so a saturated type never blocks others)
+and comes back when a slot of its type frees or its rate window opens (the next due time
+in the reply includes that opening); parked jobs keep their FIFO order (a job given back
+ahead of the ones already parked goes in front of them). Taking a job takes its type's
+slot (and a place in its rate window) and writes the attempt to inflight:<proc> in the
+same step. A resent call (same proc and fetch id) takes nothing new and returns the
+attempts the first call took and the jobs it found crashed (each reported once, by
+whoever gets the reply). ]]
 local proc, fid, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local lease, max_crash, registered = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local nsettle = tonumber(ARGV[7])
@@ -49,8 +52,20 @@ for k, id in ipairs(due) do
     redis.call('RPUSH', READY[tonumber(p)], id)
   end
 end
+-- Rate windows that opened: let out as many of their parked jobs as now fit (the take
+-- below parks again whatever does not).
+local opened = redis.call('ZRANGEBYSCORE', K_RATE_OPEN, '-inf', exact_ms(), 'LIMIT', 0, PROMOTE_PER_CALL)
+for _, t in ipairs(opened) do
+  redis.call('ZREM', K_RATE_OPEN, t)
+  for _ = 1, math.min(rate_room(t), PARK_PER_CALL) do
+    if not unpark_one(t) then break end
+  end
+  if redis.call('HEXISTS', K_PARKEDN, t) == 1 then rate_wait(t) end
+end
+if #opened > 0 then flush_head() end
 local taken, parked_budget = {}, PARK_PER_CALL
 local limits, running, took, fields = {}, {}, {}, {}
+local room, rate_taken, rate_closed = {}, {}, {} -- per rate-limited type: starts left, taken, parked
 local parking, parked_keys = {}, {} -- parked list -> ids this call parks there, in order
 for p = 2, 0, -1 do
   while #taken < n and parked_budget > 0 do
@@ -68,8 +83,11 @@ for p = 2, 0, -1 do
         if limits[t] == nil then
           limits[t] = tonumber(redis.call('HGET', K_LIMITS, t)) or false
           running[t] = tonumber(redis.call('HGET', K_RUNNING, t)) or 0
+          room[t] = rate_room(t)
         end
-        if limits[t] and running[t] >= limits[t] then
+        local closed = room[t] <= 0
+        if closed or (limits[t] and running[t] >= limits[t]) then
+          if closed then rate_closed[t] = true end
           local pk = parked_key(p, t)
           if not parking[pk] then
             parking[pk] = {}
@@ -83,6 +101,12 @@ for p = 2, 0, -1 do
           running[t] = running[t] + 1
           took[t] = (took[t] or 0) + 1
           local attempt = fid .. ':' .. id -- unique in this process: fetch ids never repeat
+          if room[t] ~= math.huge then
+            room[t] = room[t] - 1
+            rate_taken[t] = rate_taken[t] or {}
+            table.insert(rate_taken[t], 'inf')
+            table.insert(rate_taken[t], rate_member(proc, attempt))
+          end
           table.insert(fields, attempt)
           table.insert(fields, 'L' .. t)
           table.insert(taken, attempt)
@@ -105,6 +129,8 @@ for _, pk in ipairs(parked_keys) do
 end
 if #fields > 0 then redis.call('HSET', ik, unpack(fields)) end
 for t, k in pairs(took) do redis.call('HINCRBY', K_RUNNING, t, k) end
+for t, entries in pairs(rate_taken) do redis.call('ZADD', rate_key(t), unpack(entries)) end
+for t in pairs(rate_closed) do rate_wait(t) end
 redis.call('HSET', K_FETCHED, proc, cjson.encode({fid, taken, crashed}))
 if (#taken >= n or parked_budget == 0) and ready_left() > 0 then signal() end -- chain the wake-up
 flush_counts()

@@ -32,8 +32,16 @@ Keys (after the prefix):
                                  resent beat returns the same)
   limits                   HASH  type -> max concurrent attempts (absent: unlimited)
   running                  HASH  type -> attempts holding a slot (states L and X)
-  parked:<p>:<type>        LIST  ids taken while their type was saturated, in order
+  parked:<p>:<type>        LIST  ids taken while their type was saturated (slots or rate),
+                                 in order
   parkedn                  HASH  type -> parked jobs of that type (all levels)
+  ratelimits               HASH  type -> "max_starts:per ms" (absent: no rate limit)
+  rate:<type>              ZSET  "<proc>|<attempt>" -> end of the window its start counts in
+                                 (ms): +inf from hand-out until its start is reported (op T),
+                                 then (server time of that report, or of its outcome, or of
+                                 its reap) + per. Entries ending at or before now are dropped.
+  rateopen                 ZSET  type -> when its rate window next opens (ms), for types with
+                                 jobs parked for the rate and a known opening
   signal                   LIST  at most one "1": wakes one idle fetcher (BLPOP)
   dead                     ZSET  id -> time it died (ms); its hash stays, with x
   stats                    HASH  enqueued succeeded failed retried timed_out evicted
@@ -45,6 +53,9 @@ Invariants (after every script):
     (an X attempt beside it holds only its type slot);
   * running[t] = number of L and X attempts of type t over all inflight hashes;
   * stats.outstanding = number of unfinished jobs.
+  * a rate-limited type is handed out only while rate:<type> holds fewer than max_starts
+    live entries; each attempt's entry ends no sooner than per after it started (its
+    start is reported after it happened, its reap or outcome comes after it too).
 ]]
 local P = KEYS[1]
 local READY = {[0] = P .. 'ready:0', [1] = P .. 'ready:1', [2] = P .. 'ready:2'}
@@ -61,6 +72,8 @@ local K_DEAD = P .. 'dead'
 local K_STATS = P .. 'stats'
 local K_SEQ = P .. 'seq'
 local K_CLOCK = P .. 'clock'
+local K_RATE_LIMITS = P .. 'ratelimits'
+local K_RATE_OPEN = P .. 'rateopen'
 local REAP_PER_CALL = 2      -- dead processes reaped per call: bounded work
 local PROMOTE_PER_CALL = 100 -- due delayed jobs promoted per call
 local PARK_PER_CALL = 100    -- jobs parked per fetch before it stops looking
@@ -77,6 +90,8 @@ local function exact_ms() return now_us / 1000 end -- after now_ms(): the same i
 local function job_key(id) return P .. 'job:' .. id end
 local function inflight_key(proc) return P .. 'inflight:' .. proc end
 local function parked_key(p, t) return P .. 'parked:' .. p .. ':' .. t end
+local function rate_key(t) return P .. 'rate:' .. t end
+local function rate_member(proc, attempt) return proc .. '|' .. attempt end
 
 local function id_of(attempt)
   return string.sub(attempt, string.find(attempt, ':', 1, true) + 1)
@@ -94,6 +109,56 @@ end
 
 local function signal()
   if redis.call('LLEN', K_SIGNAL) == 0 then redis.call('RPUSH', K_SIGNAL, '1') end
+end
+
+--[[ Rate limits: a sliding window of starts per type, on the server clock. An attempt of a
+rate-limited type enters rate:<type> when it is handed out (ending at +inf: it may start
+any moment) and its end becomes known when it has started for sure (rate_started). ]]
+local rate_limits = {} -- type -> {max_starts, per ms} or false, read once per call
+local function rate_limit_of(t)
+  local known = rate_limits[t]
+  if known == nil then
+    local v = redis.call('HGET', K_RATE_LIMITS, t)
+    if v then
+      local sep = string.find(v, ':', 1, true)
+      known = {tonumber(string.sub(v, 1, sep - 1)), tonumber(string.sub(v, sep + 1))}
+    else
+      known = false
+    end
+    rate_limits[t] = known
+  end
+  return known
+end
+
+-- Starts of t that may still be handed out now (math.huge without a rate limit).
+local function rate_room(t)
+  local limit = rate_limit_of(t)
+  if not limit then return math.huge end
+  local k = rate_key(t)
+  redis.call('ZREMRANGEBYSCORE', k, '-inf', exact_ms()) -- windows that ended
+  return limit[1] - redis.call('ZCARD', k)
+end
+
+-- t has jobs parked for its rate: note when its window next opens, if an end is known
+-- yet (else the first start reported calls this again).
+local function rate_wait(t)
+  local first = redis.call('ZRANGE', rate_key(t), 0, 0, 'WITHSCORES')
+  if first[2] and tonumber(first[2]) ~= math.huge then
+    redis.call('ZADD', K_RATE_OPEN, 'LT', first[2], t)
+    if redis.call('ZRANGE', K_RATE_OPEN, 0, 0)[1] == t then signal() end -- idle processes re-arm their timer
+  end
+end
+
+-- An attempt of t handed out to proc has started by now (reported, settled or reaped):
+-- its start counts until per after now. A later report never extends it (LT).
+local function rate_started(t, proc, attempt)
+  local limit = rate_limit_of(t)
+  if not limit then return end
+  local ends = exact_ms() + limit[2]
+  if redis.call('ZADD', rate_key(t), 'XX', 'LT', 'CH', ends, rate_member(proc, attempt)) == 1
+      and redis.call('HEXISTS', K_PARKEDN, t) == 1 then
+    rate_wait(t)
+  end
 end
 
 --[[ FIFO among equal due times. A ZSET orders equal scores by member (the id), so a job
@@ -173,7 +238,7 @@ local function flush_released()
   for t, k in pairs(released) do
     if redis.call('HINCRBY', K_RUNNING, t, -k) <= 0 then redis.call('HDEL', K_RUNNING, t) end
     if redis.call('HEXISTS', K_PARKEDN, t) == 1 then
-      for _ = 1, k do
+      for _ = 1, math.min(k, rate_room(t)) do -- (jobs waiting for the rate would park again)
         if not unpark_one(t) then break end
       end
     end
@@ -220,9 +285,13 @@ end
        (L) -> attempt becomes X and keeps its slot; (R) -> attempt removed
   E  a timed-out attempt returned     (X) -> removed, slot freed; (L) -> R, slot freed
   B  give back unstarted / cancelled  (L)    -> slot freed, job at the head of its level
+  T  started (sent by a rate-limited type's worker once it started the attempt) (L, X, R)
+       -> nothing but its rate window entry: it ends per from now
+Every op on an L attempt also ends its rate window entry per from now, at the latest
+(an outcome comes after the start; B may be a cancelled running attempt).
 An attempt not in the process's inflight hash (reaped, or settled already: a resend)
 is stale and changes nothing. Returns the number of stale ops. ]]
-local SHORT_OPS = {S = true, E = true, B = true}
+local SHORT_OPS = {S = true, E = true, B = true, T = true}
 local function settle(proc, argv, first, n, now)
   local ik = inflight_key(proc)
   local stale = 0
@@ -234,8 +303,10 @@ local function settle(proc, argv, first, n, now)
     local state = v and string.sub(v, 1, 1)
     local t = v and string.sub(v, 2)
     local id = id_of(attempt)
+    if v and (state == 'L' or op == 'T') then rate_started(t, proc, attempt) end
     if not v then
       stale = stale + 1
+    elseif op == 'T' then -- (done above)
     elseif op == 'S' and state == 'L' then
       redis.call('HDEL', ik, attempt)
       release_slot(t)
@@ -282,6 +353,7 @@ local function drop_proc(proc, now, max_crash, crashed)
   for i = 1, #entries, 2 do
     local attempt, v = entries[i], entries[i + 1]
     local state, t = string.sub(v, 1, 1), string.sub(v, 2)
+    if state == 'L' then rate_started(t, proc, attempt) end -- it may have started
     if state ~= 'R' then release_slot(t) end
     if state ~= 'X' then
       local id = id_of(attempt)
@@ -338,8 +410,12 @@ local function reap(now, max_crash, crashed)
   return #expired
 end
 
-local function next_due() -- the earliest due time as text (a Lua number would be truncated), or -1
+-- The earliest due time (a delayed job, or a rate window opening for parked jobs) as
+-- text (a Lua number would be truncated), or -1
+local function next_due()
   local first = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
+  local opens = redis.call('ZRANGE', K_RATE_OPEN, 0, 0, 'WITHSCORES')
+  if opens[2] and not (first[2] and tonumber(first[2]) <= tonumber(opens[2])) then return opens[2] end
   if first[2] then return first[2] end
   return -1
 end

@@ -1,17 +1,30 @@
---[[ limits: set the global per-type limits (max concurrent attempts).
-KEYS[1] prefix. ARGV: type, limit, type, limit, ... Jobs parked for a type that now has
-free slots go back to the head of their level (at most one per free slot), in order.
+--[[ limits: set the global per-type limits (max concurrent attempts, and the rate limit).
+KEYS[1] prefix. ARGV: type, limit, max starts, per ms, type, ... (max starts 0: no rate
+limit). Whoever sets a type's limits last wins, as for the concurrency limit; a changed
+rate limit applies to hand-outs from now on (starts already counted keep their window
+end). Jobs parked for a type that now has free slots and room in its rate window go back
+to the head of their level (at most one per free slot), in order.
 Returns the number of jobs unparked. ]]
+now_ms()
 local unparked = 0
-for i = 1, #ARGV, 2 do
+for i = 1, #ARGV, 4 do
   local t, limit = ARGV[i], tonumber(ARGV[i + 1])
+  local max_starts, per = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
   redis.call('HSET', K_LIMITS, t, limit)
-  local free = limit - (tonumber(redis.call('HGET', K_RUNNING, t)) or 0)
+  if max_starts > 0 then
+    redis.call('HSET', K_RATE_LIMITS, t, max_starts .. ':' .. per)
+  elseif redis.call('HDEL', K_RATE_LIMITS, t) == 1 then
+    redis.call('DEL', rate_key(t))
+    redis.call('ZREM', K_RATE_OPEN, t)
+  end
+  rate_limits[t] = nil -- (read again)
+  local free = math.min(limit - (tonumber(redis.call('HGET', K_RUNNING, t)) or 0), rate_room(t))
   while free > 0 and redis.call('HEXISTS', K_PARKEDN, t) == 1 and unparked < PARK_PER_CALL do
     if not unpark_one(t) then break end
     free = free - 1
     unparked = unparked + 1
   end
+  if max_starts > 0 and redis.call('HEXISTS', K_PARKEDN, t) == 1 then rate_wait(t) end
 end
 flush_head()
 flush_counts()
