@@ -14,7 +14,8 @@ Keys (after the prefix):
   job:<id>                 HASH  t type, p priority, b body (client JSON), r retries,
                                  e last error, c crash count, o FIFO order (from `seq`,
                                  set when it goes to the tail of a ready list),
-                                 k enqueue token, x dead reason (only while dead)
+                                 k enqueue token, x dead reason (only while dead),
+                                 z cancel requested (while its attempt still runs)
   seq                      STRING the last FIFO order handed out
   clock                    STRING server time (ms) of the last lease-keeping call (fetch,
                                  beat, reap): a longer gap than that is an outage
@@ -36,8 +37,14 @@ Keys (after the prefix):
   parkedn                  HASH  type -> parked jobs of that type (all levels)
   signal                   LIST  at most one "1": wakes one idle fetcher (BLPOP)
   dead                     ZSET  id -> time it died (ms); its hash stays, with x
+  cancels:<proc>           SET   attempts of proc that q.cancel() marked (their job hash has
+                                 z): proc hears of them in every fetch and beat reply until
+                                 the attempt ends, which ends its job as cancelled
+  reports                  LIST  JSON rows {id, body, retries, error, reason} of jobs that
+                                 ended while no caller could report them (a settle or
+                                 release call): the next fetch or beat hands them out
   stats                    HASH  enqueued succeeded failed retried timed_out evicted
-                                 outstanding (unfinished jobs, for join) parked:<p>
+                                 cancelled outstanding (unfinished jobs, for join) parked:<p>
 
 Invariants (after every script):
   * an unfinished job id is in exactly one of ready:*, parked:*, delayed, or as an L/R
@@ -61,6 +68,7 @@ local K_DEAD = P .. 'dead'
 local K_STATS = P .. 'stats'
 local K_SEQ = P .. 'seq'
 local K_CLOCK = P .. 'clock'
+local K_REPORTS = P .. 'reports'
 local REAP_PER_CALL = 2      -- dead processes reaped per call: bounded work
 local PROMOTE_PER_CALL = 100 -- due delayed jobs promoted per call
 local PARK_PER_CALL = 100    -- jobs parked per fetch before it stops looking
@@ -77,6 +85,8 @@ local function exact_ms() return now_us / 1000 end -- after now_ms(): the same i
 local function job_key(id) return P .. 'job:' .. id end
 local function inflight_key(proc) return P .. 'inflight:' .. proc end
 local function parked_key(p, t) return P .. 'parked:' .. p .. ':' .. t end
+
+local function cancels_key(proc) return P .. 'cancels:' .. proc end
 
 local function id_of(attempt)
   return string.sub(attempt, string.find(attempt, ':', 1, true) + 1)
@@ -206,6 +216,35 @@ local function job_retry(id, retries, err, delay, now)
   count('retried', 1)
 end
 
+--[[ Jobs this call ended as cancelled whose cancellation nobody reported yet (the attempt
+ended on its own, or with its process): rows {id, body, retries, error, 'cancelled'} that
+the caller's reply carries (hand_out_ended), or that wait in `reports` (keep_ended). ]]
+local ended = {}
+local function end_cancelled(id, report)
+  local jk = job_key(id)
+  if report then
+    local f = redis.call('HMGET', jk, 'b', 'r', 'e')
+    table.insert(ended, {id, f[1] or '', f[2] or '0', f[3] or '', 'cancelled'})
+  end
+  redis.call('DEL', jk)
+  count('cancelled', 1)
+  count('outstanding', -1)
+end
+local REPORTS_PER_CALL = 100 -- rows from `reports` handed out per fetch or beat
+local function hand_out_ended(rows) -- appends the rows to report to `rows` (a reply's crashed)
+  for _, row in ipairs(ended) do table.insert(rows, row) end
+  ended = {}
+  if redis.call('LLEN', K_REPORTS) > 0 then
+    for _, text in ipairs(redis.call('LPOP', K_REPORTS, REPORTS_PER_CALL)) do
+      table.insert(rows, cjson.decode(text))
+    end
+  end
+end
+local function keep_ended() -- for callers whose reply carries no rows
+  for _, row in ipairs(ended) do redis.call('RPUSH', K_REPORTS, cjson.encode(row)) end
+  ended = {}
+end
+
 local function give_back(id)
   local p = redis.call('HGET', job_key(id), 'p')
   if p then head_later(id, tonumber(p)) end
@@ -221,10 +260,16 @@ end
   E  a timed-out attempt returned     (X) -> removed, slot freed; (L) -> R, slot freed
   B  give back unstarted / cancelled  (L)    -> slot freed, job at the head of its level
 An attempt not in the process's inflight hash (reaped, or settled already: a resend)
-is stale and changes nothing. Returns the number of stale ops. ]]
+is stale and changes nothing. Returns the number of stale ops.
+An attempt that q.cancel() marked (in cancels:<proc>), or a Z/z op for reason
+"cancelled" (its process cancelled it), ends its job as cancelled whatever the op says
+(never a success, a retry or a death); the slot is freed or kept as the op says. Unless
+the op was the process's own cancel, the job goes to `ended` for the caller to report. ]]
 local SHORT_OPS = {S = true, E = true, B = true}
 local function settle(proc, argv, first, n, now)
   local ik = inflight_key(proc)
+  local ck = cancels_key(proc)
+  local marked = redis.call('EXISTS', ck) == 1 -- one look per call, not per op
   local stale = 0
   local finished = {} -- keys of succeeded jobs: one DEL at the end
   local i = first
@@ -234,8 +279,23 @@ local function settle(proc, argv, first, n, now)
     local state = v and string.sub(v, 1, 1)
     local t = v and string.sub(v, 2)
     local id = id_of(attempt)
+    local own_cancel = (op == 'Z' or op == 'z') and argv[i + 4] == 'cancelled'
     if not v then
       stale = stale + 1
+    elseif op ~= 'E' and (own_cancel or (marked and redis.call('SISMEMBER', ck, attempt) == 1)) then
+      if op == 'y' or op == 'z' then
+        if state == 'L' then redis.call('HSET', ik, attempt, 'X' .. t)
+        elseif state == 'R' then redis.call('HDEL', ik, attempt) end
+      elseif state == 'L' then
+        redis.call('HDEL', ik, attempt)
+        release_slot(t)
+      end
+      if state == 'L' or state == 'R' then
+        redis.call('SREM', ck, attempt)
+        end_cancelled(id, not own_cancel)
+      else
+        stale = stale + 1 -- X: decided already, a resend
+      end
     elseif op == 'S' and state == 'L' then
       redis.call('HDEL', ik, attempt)
       release_slot(t)
@@ -286,7 +346,9 @@ local function drop_proc(proc, now, max_crash, crashed)
     if state ~= 'X' then
       local id = id_of(attempt)
       local jk = job_key(id)
-      if max_crash and redis.call('EXISTS', jk) == 1 and redis.call('HINCRBY', jk, 'c', 1) > max_crash then
+      if redis.call('SISMEMBER', cancels_key(proc), attempt) == 1 then
+        end_cancelled(id, true) -- marked: it ends here, never back to ready
+      elseif max_crash and redis.call('EXISTS', jk) == 1 and redis.call('HINCRBY', jk, 'c', 1) > max_crash then
         local f = redis.call('HMGET', jk, 'b', 'r', 'e')
         job_dead(id, 'crashed', '', f[2] or '0', now)
         table.insert(crashed, {id, f[1], f[2] or '0', f[3] or ''})
@@ -295,7 +357,7 @@ local function drop_proc(proc, now, max_crash, crashed)
       end
     end
   end
-  redis.call('DEL', ik)
+  redis.call('DEL', ik, cancels_key(proc))
   redis.call('ZREM', K_PROCS, proc)
   redis.call('HDEL', K_FETCHED, proc)
   redis.call('HDEL', K_BEATEN, proc)
