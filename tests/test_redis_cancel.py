@@ -239,3 +239,144 @@ def test_cancel_a_job_buffered_in_another_queue(redis):
     assert ran == ["running"]
     assert [(i, reason) for i, reason, _ in worker_failures.snapshot()] == [(buffered.id, "cancelled")]
     assert counters(producer)["cancelled"] == 1 and counters(producer)["succeeded"] == 1
+
+
+# --- the races, through the scripts (cancel.lua and the settle rules of lib.lua) -------------
+
+from tinymq.redis._scripts import Scripts, SettleOp  # noqa: E402
+
+LEASE_MS = 60_000
+
+
+@pytest.fixture
+def scripts(redis_url):
+    import redis as redis_py
+
+    client = redis_py.Redis.from_url(redis_url, decode_responses=True)
+    yield Scripts(client, "c")
+    client.close()
+
+
+def script_stats(scripts):
+    return {k: int(v) for k, v in scripts.client.hgetall(scripts.key("stats")).items() if v != "0"}
+
+
+def enqueue(scripts, *ids, delay_ms=0):
+    reply = scripts.enqueue(f"tok-{ids[0]}", 100, 0, [(i, "t", 1, delay_ms, f"body-{i}") for i in ids])
+    assert reply.status == "ok"
+
+
+def fetched(scripts, proc, fetch_id, n=1, ops=()):
+    return scripts.fetch(proc, fetch_id, n, LEASE_MS, 3, fetch_id != "1", list(ops))
+
+
+def only_cancelled_left(scripts):
+    """Nothing of the job stays: no hash, no mark, no slot, nothing outstanding."""
+    client = scripts.client
+    assert client.keys(scripts.key("job:*")) == []
+    assert client.keys(scripts.key("cancels:*")) == []
+    assert client.hgetall(scripts.key("running")) == {}
+    assert int(client.hget(scripts.key("stats"), "outstanding") or 0) == 0
+
+
+def test_a_resent_cancel_gets_the_first_reply_and_a_second_cancel_finds_nothing(scripts):
+    enqueue(scripts, "a")
+    first = scripts.cancel("tok1", "a")
+    assert first.status == "removed" and first.removed.id == "a" and first.removed.body == "body-a"
+    assert scripts.cancel("tok1", "a") == first  # its reply was lost: the resend says the same
+    assert scripts.cancel("tok2", "a").status == "none"
+    assert script_stats(scripts) == {"enqueued": 1, "cancelled": 1}
+    only_cancelled_left(scripts)
+
+
+@pytest.mark.parametrize("op", ["S", "Y", "Z", "B"])
+def test_a_marked_attempt_ends_cancelled_whatever_its_settle_says(scripts, op):
+    enqueue(scripts, "a")
+    attempt = fetched(scripts, "p1", "1").jobs[0].attempt
+    marked = scripts.cancel("tok", "a")
+    assert (marked.status, marked.proc, marked.attempt) == ("marked", "p1", attempt)
+    assert scripts.cancel("tok-again", "a").status == "none"  # cancelled already: not twice
+    beat = scripts.heartbeat("p1", LEASE_MS, 3, True, "b1")
+    assert list(beat.cancels) == [attempt]  # the owner hears of it at its heartbeat
+    settle = SettleOp(op, attempt, 1, 0.0, "permanent_failure" if op == "Z" else "", "boom")
+    reply = fetched(scripts, "p1", "2", 1, [settle])
+    # The owner did not cancel it itself: the reply hands the job back to report, once.
+    assert [(c.id, c.reason, c.body) for c in reply.crashed] == [("a", "cancelled", "body-a")]
+    assert list(reply.cancels) == [] and reply.jobs == []  # not retried, not given back
+    assert fetched(scripts, "p1", "2", 1, [settle]).crashed == reply.crashed  # a resend: the same
+    assert script_stats(scripts) == {"enqueued": 1, "cancelled": 1}
+    only_cancelled_left(scripts)
+
+
+def test_the_owners_own_cancel_is_not_handed_back_to_report(scripts):
+    enqueue(scripts, "a")
+    attempt = fetched(scripts, "p1", "1").jobs[0].attempt
+    assert scripts.cancel("tok", "a").status == "marked"
+    reply = fetched(scripts, "p1", "2", 1, [SettleOp("Z", attempt, 0, 0, "cancelled", "")])
+    assert reply.crashed == []  # its process reported it when it cancelled it
+    assert script_stats(scripts) == {"enqueued": 1, "cancelled": 1}
+    only_cancelled_left(scripts)
+
+
+@pytest.mark.parametrize("late_return_first", [False, True])
+def test_a_marked_attempt_that_times_out_ends_cancelled_and_keeps_its_slot_until_it_returns(
+        scripts, late_return_first):
+    scripts.set_limits({"t": 1})
+    enqueue(scripts, "a", "b")
+    attempt = fetched(scripts, "p1", "1").jobs[0].attempt
+    assert scripts.cancel("tok", "a").status == "marked"
+    decision = SettleOp("y", attempt, 1, 0.0, "", "JobTimeout: late")
+    late = SettleOp("E", attempt)
+    ops = [late, decision] if late_return_first else [decision]
+    reply = fetched(scripts, "p1", "2", 1, ops)
+    assert [(c.id, c.reason) for c in reply.crashed] == [("a", "cancelled")]
+    if not late_return_first:  # it still runs: b waits for the slot
+        assert reply.jobs == []
+        reply = fetched(scripts, "p1", "3", 1, [late])
+    assert [j.id for j in reply.jobs] == ["b"]  # a is not retried
+    stats = script_stats(scripts)
+    assert (stats.get("cancelled"), stats.get("retried"), stats.get("timed_out")) == (1, None, None)
+
+
+@pytest.mark.parametrize("reaper", ["beat", "fetch", "reap"])
+def test_a_marked_attempt_of_a_dead_process_ends_cancelled_not_back_to_ready(scripts, reaper):
+    enqueue(scripts, "a", "b")
+    fetched(scripts, "p1", "1", 2)
+    assert scripts.cancel("tok", "a").status == "marked"
+    scripts.client.zadd(scripts.key("procs"), {"p1": 0})  # p1 stopped renewing long ago
+    if reaper == "beat":
+        crashed = scripts.heartbeat("p2", LEASE_MS, 3, False, "b1").crashed
+    elif reaper == "fetch":
+        crashed = fetched(scripts, "p2", "1", 0).crashed
+    else:
+        crashed = scripts.reap(3)[1]
+    assert [(c.id, c.reason) for c in crashed] == [("a", "cancelled")]  # reported once, by the reaper
+    assert scripts.client.lrange(scripts.key("ready:1"), 0, -1) == ["b"]  # b back; a is not
+    assert script_stats(scripts) == {"enqueued": 2, "cancelled": 1, "outstanding": 1}
+    assert scripts.client.keys(scripts.key("cancels:*")) == []
+
+
+def test_a_marked_attempt_given_back_at_release_ends_cancelled_and_is_reported_by_another(scripts):
+    enqueue(scripts, "a")
+    attempt = fetched(scripts, "p1", "1").jobs[0].attempt
+    assert scripts.cancel("tok", "a").status == "marked"
+    assert scripts.release("p1", [SettleOp("B", attempt)]) == 0  # it stopped before it heard
+    assert scripts.client.lrange(scripts.key("ready:1"), 0, -1) == []
+    reply = scripts.heartbeat("p2", LEASE_MS, 3, False, "b1")
+    assert [(c.id, c.reason) for c in reply.crashed] == [("a", "cancelled")]
+    assert scripts.heartbeat("p2", LEASE_MS, 3, True, "b1").crashed == reply.crashed  # resent
+    assert scripts.heartbeat("p2", LEASE_MS, 3, True, "b2").crashed == []  # handed out once
+    assert script_stats(scripts) == {"enqueued": 1, "cancelled": 1}
+    only_cancelled_left(scripts)
+
+
+def test_cancelling_a_parked_job_keeps_the_parked_counts(scripts):
+    scripts.set_limits({"t": 1})
+    enqueue(scripts, "a", "b", "c")
+    first = fetched(scripts, "p1", "1", 3)  # a taken, b and c parked behind it
+    assert [j.id for j in first.jobs] == ["a"]
+    assert scripts.cancel("tok", "b").status == "removed"
+    assert script_stats(scripts).get("parked:1") == 1
+    nxt = fetched(scripts, "p1", "2", 1, [SettleOp("S", first.jobs[0].attempt)])
+    assert [j.id for j in nxt.jobs] == ["c"]
+    assert scripts.client.hgetall(scripts.key("parkedn")) == {}
