@@ -241,6 +241,30 @@ def test_cancel_a_job_buffered_in_another_queue(redis):
     assert counters(producer)["cancelled"] == 1 and counters(producer)["succeeded"] == 1
 
 
+def test_an_idle_owner_hears_of_a_cancel_at_once_not_at_its_heartbeat(redis_url):
+    slow_beat = Redis(redis_url, lease=40.0)  # heartbeat every 10 s
+    try:
+        producer, worker = slow_beat.pair()
+        started, cancelled = threading.Event(), threading.Event()
+
+        def run(job, ctx):
+            started.set()
+            if ctx.wait(WAIT * 10):
+                cancelled.set()
+
+        worker.register_executor("t", run, ExecutorConfig(timeout=None))
+        job = producer.enqueue(Job("t"))
+        worker.start_dispatcher(2)  # a free worker: its pump waits in Redis, where the cancel wakes it
+        assert started.wait(WAIT)
+        began = time.monotonic()
+        assert producer.cancel(job.id)
+        assert cancelled.wait(WAIT)
+        assert time.monotonic() - began < 40.0 / 4
+        assert producer.join(WAIT)
+    finally:
+        slow_beat.close()
+
+
 # --- the races, through the scripts (cancel.lua and the settle rules of lib.lua) -------------
 
 from tinymq.redis._scripts import Scripts, SettleOp  # noqa: E402
