@@ -266,6 +266,7 @@ An attempt that q.cancel() marked (in cancels:<proc>), or a Z/z op for reason
 (never a success, a retry or a death); the slot is freed or kept as the op says. Unless
 the op was the process's own cancel, the job goes to `ended` for the caller to report. ]]
 local SHORT_OPS = {S = true, E = true, B = true}
+local ENDING_OPS = {S = true, Y = true, Z = true, y = true, z = true, B = true} -- all but E
 local function settle(proc, argv, first, n, now)
   local ik = inflight_key(proc)
   local ck = cancels_key(proc)
@@ -282,19 +283,18 @@ local function settle(proc, argv, first, n, now)
     local own_cancel = (op == 'Z' or op == 'z') and argv[i + 4] == 'cancelled'
     if not v then
       stale = stale + 1
-    elseif op ~= 'E' and (own_cancel or (marked and redis.call('SISMEMBER', ck, attempt) == 1)) then
-      if op == 'y' or op == 'z' then
-        if state == 'L' then redis.call('HSET', ik, attempt, 'X' .. t)
-        elseif state == 'R' then redis.call('HDEL', ik, attempt) end
-      elseif state == 'L' then
-        redis.call('HDEL', ik, attempt)
-        release_slot(t)
-      end
-      if state == 'L' or state == 'R' then
+    elseif ENDING_OPS[op] and (own_cancel or (marked and redis.call('SISMEMBER', ck, attempt) == 1)) then
+      local deadline_op = op == 'y' or op == 'z'
+      if state == 'L' or (state == 'R' and deadline_op) then -- (where the op would end the attempt)
+        if deadline_op and state == 'L' then redis.call('HSET', ik, attempt, 'X' .. t) -- still runs
+        else
+          redis.call('HDEL', ik, attempt)
+          if state == 'L' then release_slot(t) end
+        end
         redis.call('SREM', ck, attempt)
         end_cancelled(id, not own_cancel)
       else
-        stale = stale + 1 -- X: decided already, a resend
+        stale = stale + 1 -- an op that does not fit the attempt's state: a resend
       end
     elseif op == 'S' and state == 'L' then
       redis.call('HDEL', ik, attempt)
