@@ -70,7 +70,7 @@ class AttemptLedger(Protocol):
     def succeeded(self, job: Any) -> None: ...
 
     def expired(self, job: Any) -> None:
-        """The watchdog decided the attempt at its deadline; its function may still run."""
+        """The watchdog (at its deadline) or cancel() decided the attempt; its function may still run."""
 
     def returned_late(self, job: Any) -> None:
         """A timed-out attempt's function returned: its type slot is free."""
