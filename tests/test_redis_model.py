@@ -129,11 +129,12 @@ class Model:
         self.inflight: Dict[str, Dict[str, str]] = {}  # in insertion order (HGETALL's order)
         self.procs: Dict[str, int] = {}
         self.fetched: Dict[str, Tuple[str, List[str], List[Tuple[str, str, int, str]]]] = {}
+        self.beaten: Dict[str, Tuple[str, List[Tuple[Any, ...]]]] = {}  # proc -> its last beat id, crashed
         self.tokens: Dict[str, List[Tuple[str, str]]] = {}  # accepted enqueue token -> what it evicted
         self.cancel_tokens: Dict[str, Tuple[Any, ...]] = {}  # cancel token -> its reply
         self.cancels: Dict[str, set] = {}  # proc -> its attempts that cancel marked
         self.ended: List[Tuple[Any, ...]] = []  # this call's rows of jobs ended as cancelled, to report
-        self.reports: List[Tuple[Any, ...]] = []  # such rows waiting for a fetch or beat
+        self.reports: List[Tuple[Any, ...]] = []  # such rows waiting for a beat (with a beat id)
         self.limits: Dict[str, int] = {}
         self.running: Counter = Counter()
         self.stats: Counter = Counter()
@@ -166,11 +167,12 @@ class Model:
         self.stats["cancelled"] += 1
         self.stats["outstanding"] -= 1
 
-    def hand_out_ended(self, rows: List[Tuple[Any, ...]]) -> None:
+    def hand_out_ended(self, rows: List[Tuple[Any, ...]], reports: bool = False) -> None:
         rows.extend(self.ended)
         self.ended = []
-        rows.extend(self.reports[:100])
-        del self.reports[:100]
+        if reports:  # (a beat with a beat id)
+            rows.extend(self.reports[:100])
+            del self.reports[:100]
 
     def keep_ended(self) -> None:
         self.reports.extend(self.ended)
@@ -367,6 +369,7 @@ class Model:
                         self.give_back(job.id)
             del self.procs[proc]
             self.fetched.pop(proc, None)
+            self.beaten.pop(proc, None)
             self.cancels.pop(proc, None)
             self.flush_released(released)
         return len(expired)
@@ -466,15 +469,22 @@ class Model:
         job = self.jobs[attempt.split(":", 1)[1]]
         return (attempt, job.body, int(job.retries), job.error or "")
 
-    def beat(self, proc: str, registered: bool, now_us: int):
+    def beat(self, proc: str, registered: bool, beat_id: str, now_us: int):
         self.begin_call()
         if registered and proc not in self.procs:
             return (False, [], [])
         self.procs[proc] = now_us // 1000 + LEASE
         cancels = sorted(self.cancels.get(proc, ()))
+        last = self.beaten.get(proc)
+        if beat_id and last is not None and last[0] == beat_id:  # a resend: what the first found
+            return (True, sorted(last[1]), cancels)
         crashed: List[Tuple[Any, ...]] = []
         self.reap(now_us, crashed)
-        self.keep_ended()  # (a beat without a beat id: a resend could not return them again)
+        if beat_id:
+            self.hand_out_ended(crashed, reports=True)
+            self.beaten[proc] = (beat_id, sorted(crashed))
+        else:
+            self.keep_ended()  # (without a beat id a resend could not return them again)
         return (True, sorted(crashed), cancels)
 
     def reap_call(self, now_us: int):
@@ -506,6 +516,7 @@ class Model:
         self.flush_released(released)
         self.procs.pop(proc, None)
         self.fetched.pop(proc, None)
+        self.beaten.pop(proc, None)
         self.cancels.pop(proc, None)
         self.keep_ended()
         return stale
@@ -608,6 +619,7 @@ class Model:
             "stats": {k: n for k, n in self.stats.items() if n},
             "jobs": {job_id: job.fields() for job_id, job in self.jobs.items()},
             "cancels": {proc: sorted(marks) for proc, marks in self.cancels.items() if marks},
+            "beaten": {proc: (bid, sorted(crashed)) for proc, (bid, crashed) in self.beaten.items()},
             "reports": sorted(self.reports),
         }
 
@@ -631,6 +643,7 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
         pipe.hgetall(prefix + name)
     pipe.llen(prefix + "signal")
     pipe.lrange(prefix + "reports", 0, -1)
+    pipe.hgetall(prefix + "beaten")
     dynamic = [k for k in keys if k.startswith((prefix + "parked:", prefix + "inflight:", prefix + "job:",
                                                 prefix + "cancels:"))]
     for k in dynamic:
@@ -649,6 +662,10 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
         out[name] = replies[7 + i]
     out["signal"] = replies[12]
     out["reports"] = sorted(crashed_row(json.loads(text)) for text in replies[13])
+    out["beaten"] = {}
+    for proc, text in replies[14].items():  # JSON [beat id, crashed] ({} when empty)
+        bid, crashed = json.loads(text)
+        out["beaten"][proc] = (bid, sorted(crashed_row(c) for c in crashed or []))
     out["cancels"] = {}
     for name in ("parkedn", "limits", "running", "stats"):
         out[name] = {k: int(v) for k, v in out[name].items() if int(v) != 0}
@@ -657,7 +674,7 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
         fid, taken, crashed = json.loads(text)
         fetched[proc] = (fid, list(taken or []), sorted(crashed_row(c) for c in crashed or []))
     out["fetched"] = fetched
-    for k, value in zip(dynamic, replies[14:]):
+    for k, value in zip(dynamic, replies[15:]):
         rest = k[len(prefix):]
         if rest.startswith("cancels:"):
             out["cancels"][rest[len("cancels:"):]] = sorted(value)
@@ -670,7 +687,7 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
             out["jobs"][rest[len("job:"):]] = {k: v for k, v in value.items() if k != "o"}
     known = {prefix + name for name in ("ready:0", "ready:1", "ready:2", "delayed", "capped", "procs",
                                         "dead", "parkedn", "fetched", "limits", "running", "stats",
-                                        "signal", "reports")}
+                                        "signal", "reports", "beaten")}
     known |= {prefix + "seq", prefix + "clock"}  # the FIFO order counter; the outage clock
     out["unknown keys"] = sorted(set(keys) - known - set(dynamic)
                                  - {k for k in keys if k.startswith((prefix + "tokens:", prefix + "wake:"))})
@@ -784,6 +801,7 @@ class Proc:
         self.name = name
         self.registered = False
         self.fetch_ids = itertools.count(1)
+        self.beat_ids = itertools.count(1)
 
 
 ALL_OPS = "SYZyzEB"
@@ -865,6 +883,8 @@ class ScriptsMachine(RuleBasedStateMachine):
             event("crashed")
         if kind == "reap" and reply[0]:
             event("reaped a process")
+        if kind == "beat" and any(c.reason == "cancelled" for c in reply.crashed):
+            event("beat handed out cancelled")
         if self.model.stats["cancelled"] > self.cancelled_seen:
             self.cancelled_seen = self.model.stats["cancelled"]
             if kind != "cancel":
@@ -1068,14 +1088,15 @@ class ScriptsMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def beat(self, data):
         proc = self.pick_proc(data)
-        self.do_beat(proc.name, proc.registered)
+        beat_id = format(next(proc.beat_ids), "x") if data.draw(st.booleans(), label="beat id?") else ""
+        self.do_beat(proc.name, proc.registered, beat_id)
 
-    def do_beat(self, name, registered):
+    def do_beat(self, name, registered, beat_id):
         max_crash = self.model.max_crash
         self.pending_delays = []
-        reply = self.call("beat", lambda: self.scripts.heartbeat(name, LEASE, max_crash, registered),
-                          lambda model, now: model.beat(name, registered, now))
-        self.last_call = ("beat", name, registered)
+        reply = self.call("beat", lambda: self.scripts.heartbeat(name, LEASE, max_crash, registered, beat_id),
+                          lambda model, now: model.beat(name, registered, beat_id, now))
+        self.last_call = ("beat", name, registered, beat_id)
         proc = self.procs.get(name)
         if proc is not None:
             if not reply[0]:
@@ -1257,7 +1278,8 @@ def redis_client(redis_url):
 # so that a change to the machine that stops exercising one does not pass unnoticed.
 MUST_COME_UP = ("enqueue ok", "enqueue dup", "enqueue again", "enqueue full", "evicted", "fetch took 2+",
                 "settle", "release", "reaped a process", "something parked", "an X attempt holds a slot",
-                "cancel removed", "cancel marked", "cancel none", "ended cancelled")
+                "cancel removed", "cancel marked", "cancel none", "ended cancelled",
+                "beat handed out cancelled")
 
 
 def test_scripts_follow_the_model(redis_client):

@@ -18,7 +18,7 @@ if bid ~= '' then
 end
 local crashed = {}
 reap(now, max_crash, crashed)
-if bid ~= '' then hand_out_ended(crashed) else keep_ended() end -- (a resend must see the same rows)
+if bid ~= '' then hand_out_reports(crashed) else keep_ended() end -- (a resend must see the same rows)
 flush_head()
 flush_counts()
 if bid ~= '' then redis.call('HSET', K_BEATEN, proc, cjson.encode({bid, crashed})) end

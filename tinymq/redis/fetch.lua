@@ -7,7 +7,7 @@ Returns {status, server now ms, next due ms (fractional, as text; -1: none), sta
          server now us (to time the next due job), cancels {attempt...}}
 crashed also holds jobs that ended as cancelled (reason 'cancelled', see settle) for
 this process to report; cancels are its attempts that q.cancel() marked: it cancels
-them locally.
+them locally (the settle already looked them up: no extra read when there are none).
 status 1 = ok; 0 = this process was reaped (nothing else done: it must abandon its
 buffer and register again under a new id).
 Jobs come strictly by level (HIGH first), FIFO within one. A job whose type has no free
@@ -112,4 +112,4 @@ for t, k in pairs(took) do redis.call('HINCRBY', K_RUNNING, t, k) end
 redis.call('HSET', K_FETCHED, proc, cjson.encode({fid, taken, crashed}))
 if (#taken >= n or parked_budget == 0) and ready_left() > 0 then signal() end -- chain the wake-up
 flush_counts()
-return {1, now, next_due(), stale, crashed, jobs, now_us, redis.call('SMEMBERS', cancels_key(proc))}
+return {1, now, next_due(), stale, crashed, jobs, now_us, marks_left(proc)}

@@ -42,7 +42,7 @@ Keys (after the prefix):
                                  the attempt ends, which ends its job as cancelled
   reports                  LIST  JSON rows {id, body, retries, error, reason} of jobs that
                                  ended while no caller could report them (a settle or
-                                 release call): the next fetch or beat hands them out
+                                 release call): the next beat (with a beat id) hands them out
   stats                    HASH  enqueued succeeded failed retried timed_out evicted
                                  cancelled outstanding (unfinished jobs, for join) parked:<p>
 
@@ -230,10 +230,13 @@ local function end_cancelled(id, report)
   count('cancelled', 1)
   count('outstanding', -1)
 end
-local REPORTS_PER_CALL = 100 -- rows from `reports` handed out per fetch or beat
-local function hand_out_ended(rows) -- appends the rows to report to `rows` (a reply's crashed)
+local REPORTS_PER_CALL = 100 -- rows from `reports` handed out per beat
+local function hand_out_ended(rows) -- appends this call's rows to report to `rows` (a reply's crashed)
   for _, row in ipairs(ended) do table.insert(rows, row) end
   ended = {}
+end
+local function hand_out_reports(rows) -- and those that waited (beat only: fetches stay lean)
+  hand_out_ended(rows)
   if redis.call('LLEN', K_REPORTS) > 0 then
     for _, text in ipairs(redis.call('LPOP', K_REPORTS, REPORTS_PER_CALL)) do
       table.insert(rows, cjson.decode(text))
@@ -267,10 +270,15 @@ An attempt that q.cancel() marked (in cancels:<proc>), or a Z/z op for reason
 the op was the process's own cancel, the job goes to `ended` for the caller to report. ]]
 local SHORT_OPS = {S = true, E = true, B = true}
 local ENDING_OPS = {S = true, Y = true, Z = true, y = true, z = true, B = true} -- all but E
+local marks_seen = false -- settle found marks of its proc: they may be left (marks_left)
 local function settle(proc, argv, first, n, now)
   local ik = inflight_key(proc)
   local ck = cancels_key(proc)
-  local marked = redis.call('EXISTS', ck) == 1 -- one look per call, not per op
+  local marks = {} -- one look per call, not per op
+  for _, attempt in ipairs(redis.call('SMEMBERS', ck)) do
+    marks[attempt] = true
+    marks_seen = true
+  end
   local stale = 0
   local finished = {} -- keys of succeeded jobs: one DEL at the end
   local i = first
@@ -283,7 +291,7 @@ local function settle(proc, argv, first, n, now)
     local own_cancel = (op == 'Z' or op == 'z') and argv[i + 4] == 'cancelled'
     if not v then
       stale = stale + 1
-    elseif ENDING_OPS[op] and (own_cancel or (marked and redis.call('SISMEMBER', ck, attempt) == 1)) then
+    elseif ENDING_OPS[op] and (own_cancel or marks[attempt]) then
       local deadline_op = op == 'y' or op == 'z'
       if state == 'L' or (state == 'R' and deadline_op) then -- (where the op would end the attempt)
         if deadline_op and state == 'L' then redis.call('HSET', ik, attempt, 'X' .. t) -- still runs
@@ -329,6 +337,12 @@ local function settle(proc, argv, first, n, now)
   if #finished > 0 then redis.call('DEL', unpack(finished)) end
   flush_released()
   return stale
+end
+
+-- After settle(proc, ...): proc's marked attempts still undecided (none when settle saw none).
+local function marks_left(proc)
+  if not marks_seen then return {} end
+  return redis.call('SMEMBERS', cancels_key(proc))
 end
 
 --[[ Hand back everything proc holds and unregister it: every attempt without a decision
