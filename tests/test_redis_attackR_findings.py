@@ -1,0 +1,81 @@
+"""Defects found by attacking the Redis broker's cancel, rate limits and periodic ticks
+from outside (round 6, attackR). Each test states the promise of API.md / docs/redis.md
+that it checks; each was a strict xfail before its fix.
+"""
+import threading
+
+import pytest
+
+from tinymq import ExecutorConfig, Job, PermanentFailure, RetryConfig
+from tinymq.redis._scripts import Scripts
+
+from _backends import Redis
+from _helpers import WAIT, record_failures
+
+LEASE = 2.0
+LEASE_MS = int(LEASE * 1000)
+
+
+@pytest.fixture
+def redis(redis_url):
+    made = Redis(redis_url, lease=LEASE)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def scripts(redis_url):
+    import redis as redis_py
+
+    client = redis_py.Redis.from_url(redis_url, decode_responses=True)
+    yield Scripts(client, "attackR")
+    client.close()
+
+
+@pytest.mark.xfail(strict=True, reason="a failure decided before the owner hears of a cancel is reported twice")
+def test_a_failure_its_process_decided_before_a_cancel_reached_it_is_reported_once(redis):
+    """"Every job ends exactly once ... reported once" (API.md Scale-out, docs/redis.md
+    Cancelling). The owner decides a failure for good, and reports it, the moment its
+    executor raises; its settle reaches Redis a little later. A cancel from another
+    process that lands in between returns True (the job is still leased in Redis) and
+    must not make the job end (and be reported) a second time. The owner's failure
+    callback is the in-between moment here, so the race is deterministic."""
+    producer, worker = redis.pair()
+    worker_failures = record_failures(worker, key=lambda job: job.id)
+    cancelled_in_between = []
+
+    def cancel_from_elsewhere(job, reason, exc):
+        if reason == "permanent_failure":
+            cancelled_in_between.append(producer.cancel(job.id))
+
+    worker.on_failure(cancel_from_elsewhere)
+
+    def run(job):
+        raise PermanentFailure("HTTP 404")
+
+    worker.register_executor("t", run, ExecutorConfig(timeout=None))
+    job = producer.enqueue(Job("t", retry_config=RetryConfig(max_retries=0)))
+    worker.start_dispatcher(1)
+    assert producer.join(WAIT)
+    assert cancelled_in_between == [True]  # Redis had not heard of the failure yet
+    worker.stop()  # its last replies are in: every report it will make is made
+    assert [(i, reason) for i, reason, _ in worker_failures.snapshot()] == [(job.id, "permanent_failure")]
+    stats = producer.get_stats()
+    assert (stats.jobs_failed, stats.jobs_cancelled) == (1, 0)  # counted as what was reported
+    assert [dead.job.id for dead in producer.broker.dead_jobs()] == [job.id]
+    assert producer.cancel(job.id) is False
+
+
+@pytest.mark.xfail(strict=True, reason="a reaped process's wake list stays in Redis forever")
+def test_a_reaped_process_leaves_no_wake_list_behind(scripts):
+    """A cancel of an attempt leased to a process that then died pushes onto the process's
+    wake list (so that an idle owner hears of it at once). Reaping the process ends the
+    attempt as cancelled and must remove everything of the process: a fleet whose worker
+    processes come and go must not grow Redis by a key per dead process."""
+    scripts.enqueue("tok", 100, 0, [("a", "t", 1, 0, "body-a")])
+    assert [job.id for job in scripts.fetch("p1", "1", 1, LEASE_MS, 3, False, []).jobs] == ["a"]
+    assert scripts.cancel("c1", "a").status == "marked"
+    scripts.client.zadd(scripts.key("procs"), {"p1": 0})  # p1 stopped renewing long ago
+    reaped, crashed = scripts.reap(3)
+    assert reaped == 1 and [(c.id, c.reason) for c in crashed] == [("a", "cancelled")]
+    assert [k for k in scripts.client.keys(scripts.key("*")) if "p1" in k] == []
