@@ -66,7 +66,6 @@ def test_a_failure_its_process_decided_before_a_cancel_reached_it_is_reported_on
     assert producer.cancel(job.id) is False
 
 
-@pytest.mark.xfail(strict=True, reason="a reaped process's wake list stays in Redis forever")
 def test_a_reaped_process_leaves_no_wake_list_behind(scripts):
     """A cancel of an attempt leased to a process that then died pushes onto the process's
     wake list (so that an idle owner hears of it at once). Reaping the process ends the

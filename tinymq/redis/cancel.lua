@@ -50,7 +50,7 @@ local function cancel()
       if state ~= 'X' and id_of(attempt) == id then -- (an X attempt's job is decided: not here)
         redis.call('HSET', jk, 'z', '1')
         redis.call('SADD', cancels_key(proc), attempt)
-        local wake = P .. 'wake:' .. proc -- an idle owner hears of it at once
+        local wake = wake_key(proc) -- an idle owner hears of it at once
         if redis.call('LLEN', wake) == 0 then redis.call('RPUSH', wake, '1') end
         return {2, proc, attempt}
       end

@@ -44,6 +44,8 @@ Keys (after the prefix):
   rateopen                 ZSET  type -> when its rate window next opens (ms), for types with
                                  jobs parked for the rate and a known opening
   signal                   LIST  at most one "1": wakes one idle fetcher (BLPOP)
+  wake:<proc>              LIST  at most one "1": wakes proc's idle fetcher (a cancel marked
+                                 one of its attempts; its stop); deleted with proc's lease
   dead                     ZSET  id -> time it died (ms); its hash stays, with x
   cancels:<proc>           SET   attempts of proc that q.cancel() marked (their job hash has
                                  z): proc hears of them in every fetch and beat reply until
@@ -102,6 +104,7 @@ local function rate_key(t) return P .. 'rate:' .. t end
 local function rate_member(proc, attempt) return proc .. '|' .. attempt end
 
 local function cancels_key(proc) return P .. 'cancels:' .. proc end
+local function wake_key(proc) return P .. 'wake:' .. proc end -- the list an idle proc also blocks on
 
 local function id_of(attempt)
   return string.sub(attempt, string.find(attempt, ':', 1, true) + 1)
@@ -443,7 +446,7 @@ local function drop_proc(proc, now, max_crash, crashed)
       end
     end
   end
-  redis.call('DEL', ik, cancels_key(proc))
+  redis.call('DEL', ik, cancels_key(proc), wake_key(proc))
   redis.call('ZREM', K_PROCS, proc)
   redis.call('HDEL', K_FETCHED, proc)
   redis.call('HDEL', K_BEATEN, proc)
