@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from tinymq import ExecutorConfig, Job, PermanentFailure, RetryConfig
-from tinymq.redis._scripts import Scripts
+from tinymq.redis._scripts import Scripts, SettleOp
 
 from _backends import Redis
 from _helpers import WAIT, record_failures
@@ -32,7 +32,6 @@ def scripts(redis_url):
     client.close()
 
 
-@pytest.mark.xfail(strict=True, reason="a failure decided before the owner hears of a cancel is reported twice")
 def test_a_failure_its_process_decided_before_a_cancel_reached_it_is_reported_once(redis):
     """"Every job ends exactly once ... reported once" (API.md Scale-out, docs/redis.md
     Cancelling). The owner decides a failure for good, and reports it, the moment its
@@ -64,6 +63,29 @@ def test_a_failure_its_process_decided_before_a_cancel_reached_it_is_reported_on
     assert (stats.jobs_failed, stats.jobs_cancelled) == (1, 0)  # counted as what was reported
     assert [dead.job.id for dead in producer.broker.dead_jobs()] == [job.id]
     assert producer.cancel(job.id) is False
+
+
+@pytest.mark.parametrize("op", ["Z", "z"])
+def test_a_marked_attempts_failure_for_good_stands_and_drops_the_mark(scripts, op):
+    """The scripts' side of the test above: a Z (or, at the deadline, z) op of a marked
+    attempt is a failure its process decided and reported; Redis keeps it (dead, counted
+    failed, nothing handed back to report) and drops the mark, so that a requeued job can
+    be cancelled again."""
+    scripts.enqueue("tok", 100, 0, [("a", "t", 1, 0, "body-a")])
+    attempt = scripts.fetch("p1", "1", 1, LEASE_MS, 3, False, []).jobs[0].attempt
+    assert scripts.cancel("c1", "a").status == "marked"
+    failure = SettleOp(op, attempt, 1, 0.0, "retries_exhausted", "JobTimeout: late")
+    reply = scripts.fetch("p1", "2", 1, LEASE_MS, 3, True, [failure])
+    assert reply.crashed == [] and list(reply.cancels) == []  # reported by p1 when it decided it
+    assert scripts.fetch("p1", "2", 1, LEASE_MS, 3, True, [failure]).crashed == []  # a resend
+    stats = scripts.client.hgetall(scripts.key("stats"))
+    assert (stats.get("failed"), stats.get("cancelled"), stats.get("outstanding")) == ("1", None, "0")
+    assert scripts.client.zrange(scripts.key("dead"), 0, -1) == ["a"]
+    assert scripts.client.keys(scripts.key("cancels:*")) == []
+    assert scripts.client.hget(scripts.key("job:a"), "z") is None
+    assert scripts.cancel("c2", "a").status == "none"  # dead: nothing to cancel
+    assert scripts.requeue_dead(["a"]) == 1
+    assert scripts.cancel("c3", "a").status == "removed"  # requeued, it can be cancelled again
 
 
 def test_a_reaped_process_leaves_no_wake_list_behind(scripts):

@@ -9,6 +9,8 @@ Returns one of
                                           the attempt is marked (cancels:<proc>, job field z);
                                           proc hears of it in its next fetch or beat reply and
                                           cancels it, and its settle ends the job as cancelled
+                                          (unless proc decided a failure for good first: see
+                                          settle in lib.lua)
 Removing a waiting job looks through its ready or parked list (O(length)); finding a leased
 one looks through the inflight hashes of the live processes. Cancelling is rare: the hot
 paths (fetch, settle) pay one EXISTS per call for it.
