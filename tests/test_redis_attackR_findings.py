@@ -100,3 +100,22 @@ def test_a_reaped_process_leaves_no_wake_list_behind(scripts):
     reaped, crashed = scripts.reap(3)
     assert reaped == 1 and [(c.id, c.reason) for c in crashed] == [("a", "cancelled")]
     assert [k for k in scripts.client.keys(scripts.key("*")) if "p1" in k] == []
+
+
+@pytest.mark.xfail(strict=True, reason="a schedule whose payload Redis cannot take is accepted; every tick fails")
+@pytest.mark.parametrize("kind", ["every", "cron"])
+def test_a_schedule_whose_payload_is_not_json_is_refused_at_registration_naming_it(redis, kind):
+    """Bad input raises a clear exception naming the value (API.md "Clocks and validation"):
+    over a broker a job's payload must be JSON (``enqueue`` raises TypeError naming it), so
+    ``q.every``/``q.cron`` with such a payload must raise at once, not skip every tick."""
+    q = redis.queue()
+    payload = {"when": object()}
+    with pytest.raises(TypeError, match="nightly") as raised:
+        if kind == "every":
+            q.every(60.0, "report", payload, name="nightly")
+        else:
+            pytest.importorskip("croniter")
+            q.cron("0 3 * * *", "report", payload, name="nightly")
+    assert "JSON" in str(raised.value)
+    assert q.schedules() == []  # nothing registered
+    q.every(60.0, "report", {"when": "03:00"}, name="nightly")  # the name is still free
