@@ -102,7 +102,6 @@ def test_a_reaped_process_leaves_no_wake_list_behind(scripts):
     assert [k for k in scripts.client.keys(scripts.key("*")) if "p1" in k] == []
 
 
-@pytest.mark.xfail(strict=True, reason="a schedule whose payload Redis cannot take is accepted; every tick fails")
 @pytest.mark.parametrize("kind", ["every", "cron"])
 def test_a_schedule_whose_payload_is_not_json_is_refused_at_registration_naming_it(redis, kind):
     """Bad input raises a clear exception naming the value (API.md "Clocks and validation"):
