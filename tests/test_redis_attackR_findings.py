@@ -118,3 +118,90 @@ def test_a_schedule_whose_payload_is_not_json_is_refused_at_registration_naming_
     assert "JSON" in str(raised.value)
     assert q.schedules() == []  # nothing registered
     q.every(60.0, "report", {"when": "03:00"}, name="nightly")  # the name is still free
+
+
+@pytest.mark.parametrize("kill", [False, True])
+def test_cancels_racing_a_fleet_end_every_job_once_and_report_it_once(redis, redis_url, kill):
+    """API.md Scale-out and "Async executors and cancellation", attacked with many cancels at
+    random moments from a producer while two worker processes run the jobs (hand-out, start,
+    success, failure to be retried, failure for good, timeout), and with ``kill``, kill -9 of
+    one of them amid the cancels (a third takes its place): every job ends exactly once (the
+    shared counters add up), each job that did not succeed is reported exactly once across
+    all processes (a report by the killed process may be repeated: at-least-once for what
+    it held), a cancel that returned True is reported, its job never starts a new attempt
+    afterwards, and join() returns."""
+    import json
+    import os
+    import random
+    import subprocess
+    import sys
+    import time
+
+    import redis as redis_py
+
+    from _redis_cancel_worker import REPORTS, STARTS
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    def spawn():
+        return subprocess.Popen([sys.executable, os.path.join(here, "_redis_cancel_worker.py"), redis_url,
+                                 redis.queue_name, str(LEASE)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True)
+
+    children = [spawn() for _ in range(2)]
+    killed = None
+    rng = random.Random(6)
+    producer = redis.queue()
+    producer_reports = record_failures(producer, key=lambda job: job.id)
+    try:
+        for child in children:
+            assert child.stdout.readline().strip() == "ready"
+        kinds = ["ok", "retry", "perm", "slow"]
+        jobs = [Job("work", {"kind": rng.choice(kinds), "ms": rng.choice([0, 5, 50, 600])},
+                    retry_config=RetryConfig(max_retries=1, initial_delay=rng.choice([0.0, 0.05])))
+                for _ in range(90)]
+        for job in jobs:
+            if job.payload["kind"] == "slow":
+                job.payload["ms"] = 600  # past the 0.3 s timeout
+        cancels = []  # (id, returned, monotonic time it returned)
+        producer.enqueue_many(jobs)
+        for k, job in enumerate(rng.sample(jobs, 45)):
+            time.sleep(rng.choice([0.0, 0.002, 0.01]))
+            cancels.append((job.id, producer.cancel(job.id), time.time()))
+            if kill and k == 15:
+                killed = children.pop(0)
+                killed.kill()
+                assert killed.wait(WAIT) == -9
+                children.append(spawn())
+                assert children[-1].stdout.readline().strip() == "ready"
+        assert producer.join(WAIT * 3)
+    finally:
+        for child in children:
+            child.stdin.close()
+        for child in children:
+            assert child.wait(WAIT) == 0
+        if killed is not None:
+            killed.stdin.close()
+            killed.stdout.close()
+    out = redis_py.Redis.from_url(redis_url)
+    rows = [json.loads(r) for r in out.lrange(REPORTS, 0, -1)]
+    by_killed = {i for i, _, pid in rows if killed is not None and pid == killed.pid}
+    reports = [(i, reason) for i, reason, pid in rows if i not in by_killed or pid != killed.pid]
+    reports += [(i, reason) for i, reason, _ in producer_reports.snapshot()]
+    starts = [json.loads(s) for s in out.lrange(STARTS, 0, -1)]
+    out.close()
+    stats = producer.get_stats()
+    assert stats.jobs_succeeded + stats.jobs_failed + stats.jobs_cancelled == len(jobs)
+    reported_ids = [i for i, _ in reports]
+    assert len(reported_ids) == len(set(reported_ids)), sorted(reports)  # each once
+    # (A failure the killed process reported may not have reached Redis: its job ran again.)
+    ended_unsuccessfully = stats.jobs_failed + stats.jobs_cancelled
+    assert len(set(reported_ids)) <= ended_unsuccessfully <= len(set(reported_ids) | by_killed)
+    if killed is None:
+        assert len(reports) == ended_unsuccessfully
+    if killed is None:
+        assert sum(1 for _, reason in reports if reason == "cancelled") == stats.jobs_cancelled
+    for job_id, returned, when in cancels:
+        if returned:
+            assert job_id in reported_ids or job_id in by_killed
+            later = [s for s in starts if s[0] == job_id and s[2] > when + 0.05]
+            assert len(later) <= 1, (job_id, later)  # at most the attempt it held then
