@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from tinymq import ExecutorConfig, Job, PermanentFailure, RetryConfig
+from tinymq import ExecutorConfig, Job, PermanentFailure, Priority, RetryConfig
 from tinymq.redis._scripts import Scripts, SettleOp
 
 from _backends import Redis
@@ -205,3 +205,68 @@ def test_cancels_racing_a_fleet_end_every_job_once_and_report_it_once(redis, red
             assert job_id in reported_ids or job_id in by_killed
             later = [s for s in starts if s[0] == job_id and s[2] > when + 0.05]
             assert len(later) <= 1, (job_id, later)  # at most the attempt it held then
+
+
+def test_rate_windows_hold_through_kill_9_of_a_worker_holding_starts(redis_url):
+    """API.md "Rate limits" over Redis (global, no window ever holds more than max_starts
+    starts), attacked with kill -9 of one of two worker processes while it holds started
+    attempts and a buffered one: its places stay taken until it is reaped (and count from
+    the reap), its attempts run again elsewhere, and every window of every type still holds,
+    the killed process's own starts included. join() returns; every job succeeds once."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import redis as redis_py
+
+    from _redis_rate_worker import OUT, RATE_LIMITS
+    from test_redis_rate_limit import assert_windows_hold
+
+    shared = Redis(redis_url, lease=5.0)  # (the worker processes' lease)
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def spawn():
+        child = subprocess.Popen([sys.executable, os.path.join(here, "_redis_rate_worker.py"), redis_url,
+                                  shared.queue_name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "ready"
+        return child
+
+    out = redis_py.Redis.from_url(redis_url)
+    children = [spawn(), spawn()]
+    killed = None
+    try:
+        producer = shared.queue()
+        retry = RetryConfig(max_retries=2, initial_delay=0.0)
+        producer.enqueue_many([Job("api", i, retry_config=retry) for i in range(12)]
+                              + [Job("mail", "flaky" if i % 2 else i, retry_config=retry) for i in range(8)]
+                              + [Job("free", i, priority=Priority.LOW) for i in range(20)])
+        victim = children[0].pid
+
+        def victim_runs_api():
+            return any(line.split()[:2] == [str(victim).encode(), b"api"] for line in out.lrange(OUT, 0, -1))
+
+        deadline = time.monotonic() + WAIT
+        while not victim_runs_api() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert victim_runs_api()
+        killed = children.pop(0)
+        killed.kill()
+        assert killed.wait(WAIT) == -9
+        children.append(spawn())
+        assert producer.join(WAIT * 4)
+        assert producer.get_stats().jobs_succeeded == 40
+    finally:
+        for child in children:
+            child.stdin.close()
+        for child in children:
+            assert child.wait(WAIT) == 0
+        if killed is not None:
+            killed.stdin.close()
+            killed.stdout.close()
+        shared.close()
+    lines = [line.decode().split() for line in out.lrange(OUT, 0, -1)]
+    out.close()
+    assert any(pid == str(killed.pid) for pid, *_ in lines)
+    starts = [(job_type, float(when)) for _, job_type, _, _, when in lines]
+    assert_windows_hold(starts, {job_type: limit for job_type, (_, limit) in RATE_LIMITS.items() if limit})
