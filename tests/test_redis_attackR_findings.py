@@ -270,3 +270,22 @@ def test_rate_windows_hold_through_kill_9_of_a_worker_holding_starts(redis_url):
     assert any(pid == str(killed.pid) for pid, *_ in lines)
     starts = [(job_type, float(when)) for _, job_type, _, _, when in lines]
     assert_windows_hold(starts, {job_type: limit for job_type, (_, limit) in RATE_LIMITS.items() if limit})
+
+
+@pytest.mark.xfail(strict=True, reason="a bad Redis URL is refused without naming it, or accepted as db 0")
+@pytest.mark.parametrize("url, part", [
+    ("notaurl", "'notaurl'"),  # no scheme
+    ("redis://:s3cret@127.0.0.1:notaport/0", "redis://:***@127.0.0.1:notaport/0"),
+    ("redis://127.0.0.1:6379/0?socket_timeout=abc", "socket_timeout=abc"),
+    ("redis://127.0.0.1:6379/jobs", "/jobs"),  # (redis-py would quietly use db 0)
+])
+def test_a_bad_redis_url_is_refused_naming_it_without_its_password(url, part):
+    """API.md / the work rules: errors name the bad value. A RedisBroker URL that cannot be
+    used raises ValueError naming the URL (its password hidden), not redis-py's bare message;
+    and a database that is not a number is refused, not silently replaced by db 0."""
+    from tinymq.redis import RedisBroker
+
+    with pytest.raises(ValueError) as raised:
+        RedisBroker(url, name="x")
+    assert part in str(raised.value)
+    assert "s3cret" not in str(raised.value)
