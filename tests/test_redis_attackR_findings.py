@@ -272,7 +272,6 @@ def test_rate_windows_hold_through_kill_9_of_a_worker_holding_starts(redis_url):
     assert_windows_hold(starts, {job_type: limit for job_type, (_, limit) in RATE_LIMITS.items() if limit})
 
 
-@pytest.mark.xfail(strict=True, reason="a bad Redis URL is refused without naming it, or accepted as db 0")
 @pytest.mark.parametrize("url, part", [
     ("notaurl", "'notaurl'"),  # no scheme
     ("redis://:s3cret@127.0.0.1:notaport/0", "redis://:***@127.0.0.1:notaport/0"),
