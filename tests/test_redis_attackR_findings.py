@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from tinymq import ExecutorConfig, Job, PermanentFailure, Priority, RetryConfig
+from tinymq import DuplicateJob, ExecutorConfig, Job, PermanentFailure, Priority, RetryConfig
 from tinymq.redis._scripts import Scripts, SettleOp
 
 from _backends import Redis
@@ -288,3 +288,27 @@ def test_a_bad_redis_url_is_refused_naming_it_without_its_password(url, part):
         RedisBroker(url, name="x")
     assert part in str(raised.value)
     assert "s3cret" not in str(raised.value)
+
+
+@pytest.mark.xfail(strict=True, raises=DuplicateJob,
+                   reason="unfixed: a cancelled running job's id stays taken until its owner hears of the cancel")
+def test_the_id_of_a_cancelled_running_job_is_free_at_once_as_in_process(redis):
+    """API.md: an explicit id is unique among the unfinished jobs; q.cancel() returning True
+    ends the job (in-process, its id is free at once: "cancel report-2026-12, enqueue a fresh
+    one"). Over Redis a running job's cancel only marks it, and its hash (which the id's
+    uniqueness is checked against) stays until the owner's settle, up to lease / 4 later
+    while the owner is busy. Not fixed: the job hash is keyed by id alone, so a new job of
+    that id cannot be written beside the marked attempt without a change of key layout."""
+    producer, worker = redis.pair()
+    started = threading.Event()
+
+    def run(job, ctx):
+        started.set()
+        ctx.wait(WAIT)
+
+    worker.register_executor("t", run, ExecutorConfig(timeout=None))
+    producer.enqueue_many([Job("t", id="report-2026-12"), Job("t", id="other")])
+    worker.start_dispatcher(1)  # busy with the first, the second buffered: no idle pump to wake
+    assert started.wait(WAIT)
+    assert producer.cancel("report-2026-12") is True
+    producer.enqueue(Job("t", id="report-2026-12"))
