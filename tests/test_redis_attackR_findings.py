@@ -6,7 +6,8 @@ import threading
 
 import pytest
 
-from tinymq import DuplicateJob, ExecutorConfig, Job, PermanentFailure, Priority, RetryConfig
+from tinymq import (DuplicateJob, ExecutorConfig, Job, PermanentFailure, Priority, Queue, RetryConfig,
+                    TinyMQError)
 from tinymq.redis._scripts import Scripts, SettleOp
 
 from _backends import Redis
@@ -312,3 +313,49 @@ def test_the_id_of_a_cancelled_running_job_is_free_at_once_as_in_process(redis):
     assert started.wait(WAIT)
     assert producer.cancel("report-2026-12") is True
     producer.enqueue(Job("t", id="report-2026-12"))
+
+
+def test_a_cancel_mark_survives_kill_9_of_redis_and_a_cancel_while_it_is_down_raises(own_redis_server):
+    """API.md Scale-out: a cancel while Redis is unreachable raises TinyMQError (its cause
+    attached), never a silent False; a cancel that returned True survives kill -9 and restart
+    of Redis (appendfsync always): the running attempt is still cancelled in its owner,
+    reported once, counted once, and join() returns."""
+    from tinymq.redis import RedisBroker
+
+    def queue():
+        return Queue(broker=RedisBroker(own_redis_server.url, name="restart", lease=LEASE))
+
+    producer, worker = queue(), queue()
+    worker_failures = record_failures(worker, key=lambda job: job.id)
+    started, saw_cancel = threading.Event(), threading.Event()
+
+    def run(job, ctx):
+        started.set()
+        if ctx.wait(WAIT * 3):
+            saw_cancel.set()
+
+    worker.register_executor("t", run, ExecutorConfig(timeout=None))
+    try:
+        job = producer.enqueue(Job("t"))
+        other = producer.enqueue(Job("t"))
+        worker.start_dispatcher(1)
+        assert started.wait(WAIT)
+        own_redis_server.kill()
+        with pytest.raises(TinyMQError) as raised:
+            producer.cancel(other.id)
+        assert raised.value.__cause__ is not None
+        own_redis_server.restart()
+        assert producer.cancel(other.id) is True  # waiting, or buffered in the worker
+        assert producer.cancel(job.id) is True  # running: marked
+        own_redis_server.kill()  # the mark is in the append-only file
+        own_redis_server.restart()
+        assert saw_cancel.wait(WAIT)
+        assert producer.join(WAIT)
+        stats = producer.get_stats()
+        assert (stats.jobs_cancelled, stats.jobs_succeeded, stats.jobs_failed) == (2, 0, 0)
+        reported = [i for i, reason, _ in worker_failures.snapshot() if reason == "cancelled"]
+        assert job.id in reported and reported.count(job.id) == 1
+        assert producer.cancel(job.id) is False
+    finally:
+        worker.stop(wait=False)
+        producer.stop(wait=False)
