@@ -181,6 +181,12 @@ class Model:
     def marked(self, proc: str, attempt: str) -> bool:
         return attempt in self.cancels.get(proc, ())
 
+    def failed_marked(self, proc: str, attempt: str, job_id: str) -> None:
+        """A failure for good of a marked attempt stands: its mark goes."""
+        if self.marked(proc, attempt):
+            self.unmark(proc, attempt)
+            self.jobs[job_id].cancel_requested = False
+
     def unmark(self, proc: str, attempt: str) -> None:
         marks = self.cancels.get(proc)
         if marks is not None:
@@ -293,7 +299,9 @@ class Model:
             state, job_type = value[0], value[1:]
             job_id = op.attempt.split(":", 1)[1]
             own_cancel = op.op in "Zz" and op.reason == "cancelled"
-            if op.op in "SYZyzB" and (own_cancel or self.marked(proc, op.attempt)):
+            # A mark turns S, Y, y and B into a cancel; a failure for good (Z, z) that the process
+            # decided (and reported) itself stands, and drops the mark.
+            if own_cancel or (op.op in "SYyB" and self.marked(proc, op.attempt)):
                 deadline_op = op.op in "yz"
                 if state == "L" or (state == "R" and deadline_op):  # it ends as cancelled, whatever it says
                     if deadline_op and state == "L":
@@ -319,6 +327,7 @@ class Model:
                     self.job_retry(job_id, str(op.retries), op.error, op.delay_ms, now_us)
                 else:
                     self.job_dead(job_id, op.reason, op.error, str(op.retries))
+                    self.failed_marked(proc, op.attempt, job_id)
             elif op.op in "yz" and state in "LR":
                 if state == "L":
                     held[op.attempt] = "X" + job_type
@@ -329,6 +338,7 @@ class Model:
                     self.job_retry(job_id, str(op.retries), op.error, op.delay_ms, now_us)
                 else:
                     self.job_dead(job_id, op.reason, op.error, str(op.retries))
+                    self.failed_marked(proc, op.attempt, job_id)
             elif op.op == "E" and state in "XL":
                 if state == "X":
                     del held[op.attempt]

@@ -254,7 +254,8 @@ class QueueLink:
         A waiting job is removed in Redis and reported here. A leased one is
         marked: the process holding it cancels it when its next fetch or beat
         reply says so (this one at once), and reports it; whatever its attempt
-        does meanwhile, its settle ends the job as cancelled, counted once.
+        does meanwhile, its settle ends the job as cancelled, counted once (but a
+        failure for good it decided, and reported, before it heard of the mark stands).
         """
         token = "c" + os.urandom(8).hex()  # a resend of this call gets the first one's reply
         try:

@@ -72,9 +72,16 @@ class RedisBroker:
         # redis-py resends nothing by itself: tinymq resends (call_resending), the same call with
         # the same token or fetch id, which is what makes a resend safe.
         self._no_retry = lambda: Retry(NoBackoff(), 0)
-        self._pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=_POOL_SIZE, timeout=_POOL_WAIT, decode_responses=True,
-            socket_timeout=_SOCKET_TIMEOUT, socket_connect_timeout=_CONNECT_TIMEOUT, retry=self._no_retry())
+        try:
+            database = urllib.parse.urlsplit(url).path.strip("/")
+            if url.startswith(("redis://", "rediss://")) and database and not database.isdigit():
+                raise ValueError(f"its database {database!r} is not a number")  # (redis-py: db 0)
+            self._pool = redis.BlockingConnectionPool.from_url(
+                url, max_connections=_POOL_SIZE, timeout=_POOL_WAIT, decode_responses=True,
+                socket_timeout=_SOCKET_TIMEOUT, socket_connect_timeout=_CONNECT_TIMEOUT, retry=self._no_retry())
+        except ValueError as exc:
+            raise ValueError(f"url {redacted_url(url)!r} is not a usable Redis URL "
+                             f"(redis://[:password@]host[:port][/db], rediss://..., unix://path): {exc}") from exc
         self.client = redis.Redis(connection_pool=self._pool)  # reads (stats, join, dead jobs)
         self._scripts = Scripts(self.client, name, self._connections(_POOL_SIZE, _SOCKET_TIMEOUT))
         self._checked = False

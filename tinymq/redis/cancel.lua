@@ -9,6 +9,8 @@ Returns one of
                                           the attempt is marked (cancels:<proc>, job field z);
                                           proc hears of it in its next fetch or beat reply and
                                           cancels it, and its settle ends the job as cancelled
+                                          (unless proc decided a failure for good first: see
+                                          settle in lib.lua)
 Removing a waiting job looks through its ready or parked list (O(length)); finding a leased
 one looks through the inflight hashes of the live processes. Cancelling is rare: the hot
 paths (fetch, settle) pay one EXISTS per call for it.
@@ -50,7 +52,7 @@ local function cancel()
       if state ~= 'X' and id_of(attempt) == id then -- (an X attempt's job is decided: not here)
         redis.call('HSET', jk, 'z', '1')
         redis.call('SADD', cancels_key(proc), attempt)
-        local wake = P .. 'wake:' .. proc -- an idle owner hears of it at once
+        local wake = wake_key(proc) -- an idle owner hears of it at once
         if redis.call('LLEN', wake) == 0 then redis.call('RPUSH', wake, '1') end
         return {2, proc, attempt}
       end

@@ -44,6 +44,8 @@ Keys (after the prefix):
   rateopen                 ZSET  type -> when its rate window next opens (ms), for types with
                                  jobs parked for the rate and a known opening
   signal                   LIST  at most one "1": wakes one idle fetcher (BLPOP)
+  wake:<proc>              LIST  at most one "1": wakes proc's idle fetcher (a cancel marked
+                                 one of its attempts; its stop); deleted with proc's lease
   dead                     ZSET  id -> time it died (ms); its hash stays, with x
   cancels:<proc>           SET   attempts of proc that q.cancel() marked (their job hash has
                                  z): proc hears of them in every fetch and beat reply until
@@ -102,6 +104,7 @@ local function rate_key(t) return P .. 'rate:' .. t end
 local function rate_member(proc, attempt) return proc .. '|' .. attempt end
 
 local function cancels_key(proc) return P .. 'cancels:' .. proc end
+local function wake_key(proc) return P .. 'wake:' .. proc end -- the list an idle proc also blocks on
 
 local function id_of(attempt)
   return string.sub(attempt, string.find(attempt, ':', 1, true) + 1)
@@ -336,9 +339,12 @@ is stale and changes nothing. Returns the number of stale ops.
 An attempt that q.cancel() marked (in cancels:<proc>), or a Z/z op for reason
 "cancelled" (its process cancelled it), ends its job as cancelled whatever the op says
 (never a success, a retry or a death); the slot is freed or kept as the op says. Unless
-the op was the process's own cancel, the job goes to `ended` for the caller to report. ]]
+the op was the process's own cancel, the job goes to `ended` for the caller to report.
+Except a failure for good (Z/z) that the process decided itself: it reported that failure
+when it decided it, possibly before it heard of the mark, so the failure stands (the job is
+dead, counted failed) and the mark is dropped: a job ends, and is reported, once. ]]
 local SHORT_OPS = {S = true, E = true, B = true, T = true}
-local ENDING_OPS = {S = true, Y = true, Z = true, y = true, z = true, B = true} -- all but E and T
+local MARKABLE_OPS = {S = true, Y = true, y = true, B = true} -- those a mark turns into a cancel
 local marks_seen = false -- settle found marks of its proc: they may be left (marks_left)
 local function settle(proc, argv, first, n, now)
   local ik = inflight_key(proc)
@@ -347,6 +353,12 @@ local function settle(proc, argv, first, n, now)
   for _, attempt in ipairs(redis.call('SMEMBERS', ck)) do
     marks[attempt] = true
     marks_seen = true
+  end
+  local function failed_marked(attempt, id) -- a failure for good of a marked attempt stands
+    if marks[attempt] then
+      redis.call('SREM', ck, attempt)
+      redis.call('HDEL', job_key(id), 'z')
+    end
   end
   local stale = 0
   local finished = {} -- keys of succeeded jobs: one DEL at the end
@@ -362,7 +374,7 @@ local function settle(proc, argv, first, n, now)
     if not v then
       stale = stale + 1
     elseif op == 'T' then -- (done above)
-    elseif ENDING_OPS[op] and (own_cancel or marks[attempt]) then
+    elseif own_cancel or (MARKABLE_OPS[op] and marks[attempt]) then
       local deadline_op = op == 'y' or op == 'z'
       if state == 'L' or (state == 'R' and deadline_op) then -- (where the op would end the attempt)
         if deadline_op and state == 'L' then redis.call('HSET', ik, attempt, 'X' .. t) -- still runs
@@ -385,13 +397,19 @@ local function settle(proc, argv, first, n, now)
       redis.call('HDEL', ik, attempt)
       release_slot(t)
       if op == 'Y' then job_retry(id, argv[i + 2], argv[i + 5], tonumber(argv[i + 3]), now)
-      else job_dead(id, argv[i + 4], argv[i + 5], argv[i + 2], now) end
+      else
+        job_dead(id, argv[i + 4], argv[i + 5], argv[i + 2], now)
+        failed_marked(attempt, id)
+      end
     elseif (op == 'y' or op == 'z') and (state == 'L' or state == 'R') then
       if state == 'L' then redis.call('HSET', ik, attempt, 'X' .. t)
       else redis.call('HDEL', ik, attempt) end
       count('timed_out', 1)
       if op == 'y' then job_retry(id, argv[i + 2], argv[i + 5], tonumber(argv[i + 3]), now)
-      else job_dead(id, argv[i + 4], argv[i + 5], argv[i + 2], now) end
+      else
+        job_dead(id, argv[i + 4], argv[i + 5], argv[i + 2], now)
+        failed_marked(attempt, id)
+      end
     elseif op == 'E' and (state == 'X' or state == 'L') then
       if state == 'X' then redis.call('HDEL', ik, attempt)
       else redis.call('HSET', ik, attempt, 'R' .. t) end
@@ -443,7 +461,7 @@ local function drop_proc(proc, now, max_crash, crashed)
       end
     end
   end
-  redis.call('DEL', ik, cancels_key(proc))
+  redis.call('DEL', ik, cancels_key(proc), wake_key(proc))
   redis.call('ZREM', K_PROCS, proc)
   redis.call('HDEL', K_FETCHED, proc)
   redis.call('HDEL', K_BEATEN, proc)
