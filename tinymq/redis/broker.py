@@ -41,6 +41,9 @@ def _redis() -> Any:
     return redis
 
 
+MIN_LEASE = 0.1  # seconds
+
+
 class RedisBroker:
     """One queue's state in Redis (>= 6.2, or Valkey), shared by every Queue built on ``name``.
 
@@ -56,8 +59,8 @@ class RedisBroker:
             raise TypeError(f"url must be a str, got {url!r}")
         key_prefix(name)  # checks the name
         lease = _seconds("lease", lease)
-        if lease <= 0.0:
-            raise ValueError(f"lease must be > 0 seconds, got {lease!r}")
+        if not lease >= MIN_LEASE:  # renewed every lease / 4: shorter would keep Redis busy beating
+            raise ValueError(f"lease must be >= {MIN_LEASE} seconds, got {lease!r}")
         if (not isinstance(max_crash_recoveries, int) or isinstance(max_crash_recoveries, bool)):
             raise TypeError(f"max_crash_recoveries must be an int, got {max_crash_recoveries!r}")
         if max_crash_recoveries < 0:
