@@ -54,7 +54,7 @@ def test_cancel_of_a_job_in_transit_between_places_is_never_missed(backend, tmp_
         q.register_executor("a", fail_async)
         q.start_dispatcher(workers=4)
         jobs = [Job("t" if i % 2 else "a", i, retry_config=retry_now if i % 3 else retry_soon)
-                for i in range(400 if backend == "memory" else 120)]
+                for i in range(400)]
         for i, job in enumerate(jobs):
             if i % 5:
                 q.enqueue(job)
