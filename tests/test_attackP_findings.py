@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from tinymq import ExecutorConfig, Job, RetryConfig
+from tinymq import ExecutorConfig, Job, Queue, RetryConfig, SQLitePersistence
 
 from _helpers import STORES, WAIT, queue_with_store
 
@@ -95,3 +95,59 @@ def test_cancel_of_a_job_in_transit_between_places_is_never_missed(backend, tmp_
         late = [job_id for job_id, at in cancelled_at.items() if any(s > at for s in starts.get(job_id, ()))]
         assert not late, f"attempts started after their job's cancel returned True: {late[:5]}"
         assert q.get_stats().jobs_cancelled == len(jobs)
+
+
+@pytest.mark.xfail(strict=True, reason="a start's mark_running lands after stop()'s save-back")
+@pytest.mark.parametrize("switch", [False, True], ids=["first_start", "switch"])
+def test_stop_without_wait_while_a_start_is_being_marked_running_leaves_the_job_ready(tmp_path, switch):
+    """stop(wait=False) saves a running attempt's job back as ready before it returns, and the
+    cancelled attempt is not a failure. When the stop comes while the worker is writing that
+    attempt's start (mark_running, or with a switch delete_and_mark_running), the start must not
+    land after the save-back: the job would be stored "running", and the next start would count
+    a crash that never happened."""
+    path = str(tmp_path / "jobs.db")
+    entered, stopped = threading.Event(), threading.Event()
+
+    class SlowStartStore(SQLitePersistence):
+        def mark_running(self, job):
+            if job.payload == "b":
+                entered.set()
+                stopped.wait(WAIT)
+            super().mark_running(job)
+
+        def delete_and_mark_running(self, job_id, job):
+            if job.payload == "b":
+                entered.set()
+                stopped.wait(WAIT)
+            super().delete_and_mark_running(job_id, job)
+
+    store = SlowStartStore(path)
+    q = Queue()
+    q.set_persistence(store)
+    ran = threading.Event()
+
+    def fn(job, ctx):
+        if job.payload == "b":
+            ran.set()
+            ctx.check()  # raises: stop() cancelled the attempt
+
+    q.register_executor("x", fn)
+    if switch:
+        q.enqueue(Job("x", "a"))  # the same worker ends it and starts "b" in one store call
+    b = q.enqueue(Job("x", "b"))
+    q.start_dispatcher(workers=1)
+    try:
+        assert entered.wait(WAIT)
+        q.stop(wait=False)
+    finally:
+        stopped.set()
+    assert ran.wait(WAIT)
+    q.stop(wait=True, timeout=WAIT)  # the worker has left: nothing more is written
+    store.close()
+    again = SQLitePersistence(path)
+    try:
+        jobs = again.load_all()
+        assert [(job.id, job.retries) for job in jobs] == [(b.id, 0)]
+        assert again.take_crashed() == []
+    finally:
+        again.close()
