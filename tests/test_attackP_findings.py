@@ -97,7 +97,6 @@ def test_cancel_of_a_job_in_transit_between_places_is_never_missed(backend, tmp_
         assert q.get_stats().jobs_cancelled == len(jobs)
 
 
-@pytest.mark.xfail(strict=True, reason="a start's mark_running lands after stop()'s save-back")
 @pytest.mark.parametrize("switch", [False, True], ids=["first_start", "switch"])
 def test_stop_without_wait_while_a_start_is_being_marked_running_leaves_the_job_ready(tmp_path, switch):
     """stop(wait=False) saves a running attempt's job back as ready before it returns, and the
