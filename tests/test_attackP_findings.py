@@ -4,13 +4,18 @@ Each test is a reproducer of a defect found, or a property that held under attac
 as a guard.
 """
 import asyncio
+import os
 import random
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 
 import pytest
 
+import tinymq
 from tinymq import ExecutorConfig, Job, Queue, RetryConfig, SQLitePersistence
 
 from _helpers import STORES, WAIT, queue_with_store
@@ -150,3 +155,56 @@ def test_stop_without_wait_while_a_start_is_being_marked_running_leaves_the_job_
         assert again.take_crashed() == []
     finally:
         again.close()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_sigkill_of_four_switching_workers_counts_each_crash_once_and_reruns_at_most_a_job_per_worker(tmp_path):
+    """kill -9 at random moments of a durable queue whose 4 workers end a success and start their next
+    job in one commit: every acknowledged job ends; each later attempt of a job comes from a later
+    process and has its crash counted exactly once (retries + 1: the row was "running" at every kill
+    that interrupted or followed its start, and never left "running" after its end was committed);
+    a process reruns at most one finished job per worker."""
+    total, workers, kills = 1500, 4, 10
+    db, acked, log = (str(tmp_path / name) for name in ("jobs.db", "acked", "log"))
+    child_path = os.path.join(os.path.dirname(__file__), "_switch_crash_child.py")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
+        os.path.dirname(os.path.dirname(tinymq.__file__)), os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, child_path, db, acked, log, str(total), str(workers)]
+    rng = random.Random(11)
+
+    def lines(path):
+        try:
+            with open(path) as f:
+                return f.read().splitlines()
+        except FileNotFoundError:
+            return []
+
+    killed = 0
+    deadline = time.monotonic() + 120
+    for _ in range(kills):
+        target = len(lines(log)) + rng.randint(1, 300)
+        child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        while child.poll() is None and len(lines(log)) < target and time.monotonic() < deadline:
+            time.sleep(0.0005)  # polling a file another process writes; not a synchronisation sleep
+        if child.poll() is None:
+            child.send_signal(signal.SIGKILL)
+            killed += 1
+        _, stderr = child.communicate()
+        assert child.returncode in (0, -signal.SIGKILL), stderr.decode()
+    final = subprocess.run(command, env=env, capture_output=True, timeout=120)
+    assert final.returncode == 0 and b"done" in final.stdout, final.stderr.decode()
+    assert killed >= kills // 2, "the child finished before most kills: test did not test"
+
+    starts, ends = {}, {}
+    for line in lines(log):
+        kind, job_id, retries, pid = line.split()
+        (starts if kind == "start" else ends).setdefault(job_id, []).append((int(retries), pid))
+    accepted = set(lines(acked))
+    assert len(accepted) == total
+    assert all(job_id in ends for job_id in accepted), "a job whose enqueue returned never ended"
+    for job_id in accepted:
+        attempts = starts[job_id]
+        for (retries, pid), (next_retries, next_pid) in zip(attempts, attempts[1:]):
+            assert next_pid != pid and next_retries == retries + 1, (job_id, attempts)
+    reruns = Counter(pid for job_id in accepted for _, pid in ends[job_id][:-1])
+    assert max(reruns.values(), default=0) <= workers, reruns
