@@ -208,3 +208,58 @@ def test_sigkill_of_four_switching_workers_counts_each_crash_once_and_reruns_at_
             assert next_pid != pid and next_retries == retries + 1, (job_id, attempts)
     reruns = Counter(pid for job_id in accepted for _, pid in ends[job_id][:-1])
     assert max(reruns.values(), default=0) <= workers, reruns
+
+
+@pytest.mark.parametrize("kind", [
+    pytest.param("thread", marks=pytest.mark.xfail(
+        strict=True, reason="a thread attempt's function is called after cancel() decided it")),
+    "async"])
+@pytest.mark.parametrize("switch", [False, True], ids=["first_start", "switch"])
+def test_an_attempt_cancelled_while_its_start_is_written_never_calls_its_function(tmp_path, kind, switch):
+    """cancel() of an attempt whose start the store is still writing (mark_running, or a switch's
+    delete_and_mark_running) returns True and reports it "cancelled": its function must then never
+    be called, on a worker thread as on the event loop (where the task is cancelled before it)."""
+    entered, cancelled = threading.Event(), threading.Event()
+
+    class SlowStartStore(SQLitePersistence):
+        def mark_running(self, job):
+            if job.payload == "b":
+                entered.set()
+                cancelled.wait(WAIT)
+            super().mark_running(job)
+
+        def delete_and_mark_running(self, job_id, job):
+            if job.payload == "b":
+                entered.set()
+                cancelled.wait(WAIT)
+            super().delete_and_mark_running(job_id, job)
+
+    store = SlowStartStore(str(tmp_path / "jobs.db"))
+    q = Queue()
+    q.set_persistence(store)
+    called, reasons = [], []
+    q.on_failure(lambda job, reason, exc: reasons.append((job.payload, reason)))
+    if kind == "thread":
+        def fn(job):
+            called.append(job.payload)
+    else:
+        async def fn(job):
+            called.append(job.payload)
+    q.register_executor("x", fn)
+    try:
+        if switch:
+            q.enqueue(Job("x", "a"))  # the same worker ends it and starts "b" in one store call
+        b = q.enqueue(Job("x", "b"))
+        q.start_dispatcher(workers=1)
+        assert entered.wait(WAIT)
+        try:
+            assert q.cancel(b.id) is True
+        finally:
+            cancelled.set()
+        assert q.join(WAIT)
+        q.stop(wait=True, timeout=WAIT)
+        assert reasons == [("b", "cancelled")]
+        assert "b" not in called
+    finally:
+        q.stop(wait=False)
+        store.close()
