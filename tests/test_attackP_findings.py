@@ -252,12 +252,16 @@ def test_an_attempt_cancelled_while_its_start_is_written_never_calls_its_functio
         b = q.enqueue(Job("x", "b"))
         q.start_dispatcher(workers=1)
         assert entered.wait(WAIT)
+        workers = [t for t in threading.enumerate() if t.name.startswith("tinymq-worker")]
         try:
             assert q.cancel(b.id) is True
         finally:
             cancelled.set()
         assert q.join(WAIT)
         q.stop(wait=True, timeout=WAIT)
+        for thread in workers:  # the cancelled attempt's worker was retired: stop() does not wait for it
+            thread.join(WAIT)
+            assert not thread.is_alive()
         assert reasons == [("b", "cancelled")]
         assert "b" not in called
     finally:
