@@ -210,10 +210,7 @@ def test_sigkill_of_four_switching_workers_counts_each_crash_once_and_reruns_at_
     assert max(reruns.values(), default=0) <= workers, reruns
 
 
-@pytest.mark.parametrize("kind", [
-    pytest.param("thread", marks=pytest.mark.xfail(
-        strict=True, reason="a thread attempt's function is called after cancel() decided it")),
-    "async"])
+@pytest.mark.parametrize("kind", ["thread", "async"])
 @pytest.mark.parametrize("switch", [False, True], ids=["first_start", "switch"])
 def test_an_attempt_cancelled_while_its_start_is_written_never_calls_its_function(tmp_path, kind, switch):
     """cancel() of an attempt whose start the store is still writing (mark_running, or a switch's
