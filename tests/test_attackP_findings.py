@@ -14,11 +14,13 @@ import time
 from collections import Counter
 
 import pytest
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import tinymq
 from tinymq import ExecutorConfig, Job, Queue, RetryConfig, SQLitePersistence
 
-from _helpers import STORES, WAIT, queue_with_store
+from _helpers import STORES, WAIT, queue_with_store, run_model_test
 
 
 @pytest.mark.xfail(strict=True, reason="cancel() misses a job moving between two places (docs/api.md)")
@@ -264,3 +266,130 @@ def test_an_attempt_cancelled_while_its_start_is_written_never_calls_its_functio
     finally:
         q.stop(wait=False)
         store.close()
+
+
+# --- max_concurrent_jobs and priority with thread and loop types mixed: the core against a model ---
+
+class _Item:
+    """What the core reads of a job: type, priority, _id."""
+
+    __slots__ = ("type", "priority", "_id", "seq")
+
+    def __init__(self, job_type, priority, seq):
+        self.type, self.priority, self._id, self.seq = job_type, priority, f"id-{seq}", seq
+
+    def __repr__(self):
+        return f"_Item({self.type!r}, {self.priority}, {self.seq})"
+
+
+def _noop(job):
+    pass
+
+
+_TYPES = ["t1", "t2", "a1", "a2"]  # t*: worker threads' types, a*: the event loop's
+
+
+class MixedRunnersMachine(RuleBasedStateMachine):
+    """ReadyQueue with thread and loop types, their limits changing, slots freed with and without a
+    hand-off (a worker or runner going straight back for the next job, a loop success in one call):
+    every pop and take is the model's (strict priority, then age, among types under their limit)."""
+
+    core = None
+
+    def __init__(self):
+        super().__init__()
+        self.queue = self.core.ReadyQueue(1000)
+        self.limits = {}
+        for job_type in _TYPES:
+            self.limits[job_type] = 2
+            self.queue.configure(job_type, _noop, 2, None, False, False,
+                                 self.core.LOOP if job_type[0] == "a" else self.core.THREADS)
+        self.waiting = []  # the model: jobs waiting, in arrival order
+        self.active = dict.fromkeys(_TYPES, 0)
+        self.held = []  # (job, state) taken and not released
+        self.made = 0
+
+    def expected(self, loop):
+        """The job the model gives next to a worker (or the loop), or None."""
+        admissible = [job for job in self.waiting if (job.type[0] == "a") == loop
+                      and self.active[job.type] < self.limits[job.type]]
+        return min(admissible, key=lambda job: (-job.priority, job.seq)) if admissible else None
+
+    def took(self, job, state):
+        expected = self.expected(job.type[0] == "a")
+        assert job is expected, (job, expected)
+        assert state.name == job.type
+        self.waiting.remove(job)
+        self.active[job.type] += 1
+        self.held.append((job, state))
+
+    @rule(job_type=st.sampled_from(_TYPES), priority=st.integers(0, 2))
+    def push(self, job_type, priority):
+        self.made += 1
+        job = _Item(job_type, priority, self.made)
+        assert self.queue.push(job)
+        self.waiting.append(job)
+
+    @rule()
+    def pop(self):
+        taken = self.queue.pop_with_type(0)
+        if taken is None:
+            assert self.expected(False) is None
+        else:
+            self.took(*taken)
+
+    @rule(n=st.integers(1, 4))
+    def take_for_loop(self, n):
+        taken = self.queue.take_for_loop(n)
+        for job, state in taken:
+            self.took(job, state)
+        if len(taken) < n:
+            assert self.expected(True) is None
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data(), hand_off=st.booleans(), straight_back=st.booleans())
+    def release(self, data, hand_off, straight_back):
+        job, state = self.held.pop(data.draw(st.integers(0, len(self.held) - 1)))
+        loop = job.type[0] == "a"
+        self.queue.release_state(state, hand_off, self.core.LOOP if loop else self.core.THREADS)
+        self.active[job.type] -= 1
+        self.queue.task_done(job)
+        if straight_back:  # the releaser takes its next job at once
+            if loop:
+                self.take_for_loop(1)
+            else:
+                self.pop()
+
+    @precondition(lambda self: any(job.type[0] == "a" for job, _ in self.held))
+    @rule(data=st.data())
+    def loop_success(self, data):
+        loops = [i for i, (job, _) in enumerate(self.held) if job.type[0] == "a"]
+        job, state = self.held.pop(data.draw(st.sampled_from(loops)))
+        self.queue.loop_attempt_succeeded(state, 0.001, job)
+        self.active[job.type] -= 1
+        self.take_for_loop(1)
+
+    @rule(job_type=st.sampled_from(_TYPES), limit=st.integers(1, 3))
+    def configure(self, job_type, limit):
+        self.queue.configure(job_type, _noop, limit, None, False, False,
+                             self.core.LOOP if job_type[0] == "a" else self.core.THREADS)
+        self.limits[job_type] = limit
+
+    @precondition(lambda self: self.waiting)
+    @rule(data=st.data())
+    def remove(self, data):
+        job = data.draw(st.sampled_from(self.waiting))
+        assert self.queue.remove(job._id) is job
+        self.waiting.remove(job)
+        self.queue.task_done(job)
+
+    @invariant()
+    def counts(self):
+        stats = self.queue.executor_stats()
+        for job_type in _TYPES:
+            assert stats[job_type][0] == self.active[job_type]
+        assert len(self.queue) == len(self.waiting)
+
+
+def test_max_concurrent_jobs_and_priority_with_thread_and_loop_types_match_the_model(core):
+    run_model_test(MixedRunnersMachine, core, max_examples=150, steps=60)
