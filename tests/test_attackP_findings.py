@@ -395,7 +395,6 @@ def test_max_concurrent_jobs_and_priority_with_thread_and_loop_types_match_the_m
     run_model_test(MixedRunnersMachine, core, max_examples=150, steps=60)
 
 
-@pytest.mark.xfail(strict=True, reason="the finished job's delete is lost with a switch that raised")
 def test_a_switch_interrupted_by_the_next_attempts_timeout_still_deletes_the_finished_job(tmp_path):
     """With interrupt_on_timeout, the next job's timeout raises JobTimeout in the worker's thread,
     wherever it is; during a switch that is inside the store call that also ends the finished job.

@@ -250,7 +250,7 @@ class Dispatcher:
         logger.debug("job %s (%s) succeeded", finished.id, finished.type)
         store = self.store
         if not self._stopping:
-            self.call_store("delete", store.delete_and_mark_running, finished.id, job)
+            self._switch(store, finished, job)
             if self._stopping:
                 self._started_after_stop(job)
             return
@@ -259,7 +259,16 @@ class Dispatcher:
             if job in self._stop_cancelled:  # stop() saved the next job back as ready: it stays so
                 self.call_store("delete", store.delete, finished.id)
             else:
-                self.call_store("delete", store.delete_and_mark_running, finished.id, job)
+                self._switch(store, finished, job)
+
+    def _switch(self, store: Any, finished: Any, job: Any) -> None:
+        """``delete_and_mark_running``; when it raises (the store, or the next attempt's timeout
+        interrupting this thread in it), the finished job's delete is tried alone: its success stands."""
+        try:
+            store.delete_and_mark_running(finished.id, job)
+        except Exception:
+            logger.exception("persistence delete_and_mark_running failed for jobs %s and %s", finished.id, job.id)
+            self.call_store("delete", store.delete, finished.id)
 
     # --- lifecycle ---------------------------------------------------------
 
