@@ -424,3 +424,33 @@ def test_a_switch_interrupted_by_the_next_attempts_timeout_still_deletes_the_fin
     finally:
         q.stop(wait=False)
         store.close()
+
+
+@pytest.mark.xfail(strict=True, reason="wait_finished is not woken when an attempt is decided")
+def test_stop_waiting_does_not_wait_for_an_async_attempt_that_timed_out_meanwhile(tmp_path):
+    """stop(wait=True) waits for running attempts, their timeouts still applying, and never for
+    attempts that already timed out: an async attempt whose timeout comes during the wait, and
+    whose coroutine ignores its cancellation, must not hold stop() until the coroutine ends."""
+    released, started = threading.Event(), threading.Event()
+
+    async def stubborn(job):
+        started.set()
+        end = time.monotonic() + 1.5 * WAIT
+        while time.monotonic() < end and not released.is_set():
+            try:
+                await asyncio.sleep(0.02)
+            except asyncio.CancelledError:
+                pass  # ignores its cancellation
+
+    with queue_with_store("memory", tmp_path) as q:
+        q.register_executor("s", stubborn, ExecutorConfig(timeout=0.3))
+        q.start_dispatcher(workers=1)
+        q.enqueue(Job("s", retry_config=RetryConfig(max_retries=0)))
+        assert started.wait(WAIT)
+        began = time.monotonic()
+        try:
+            q.stop(wait=True)
+            took = time.monotonic() - began
+        finally:
+            released.set()
+        assert took < WAIT, f"stop(wait=True) took {took:.1f}s: it waited for the timed-out coroutine"
