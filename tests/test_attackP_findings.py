@@ -426,7 +426,6 @@ def test_a_switch_interrupted_by_the_next_attempts_timeout_still_deletes_the_fin
         store.close()
 
 
-@pytest.mark.xfail(strict=True, reason="wait_finished is not woken when an attempt is decided")
 def test_stop_waiting_does_not_wait_for_an_async_attempt_that_timed_out_meanwhile(tmp_path):
     """stop(wait=True) waits for running attempts, their timeouts still applying, and never for
     attempts that already timed out: an async attempt whose timeout comes during the wait, and
