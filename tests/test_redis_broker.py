@@ -44,6 +44,16 @@ def test_broker_property_and_no_persistence_with_a_broker(shared, tmp_path):
         Queue(broker=queue.broker)
 
 
+@pytest.mark.parametrize("lease", [0, 1e-9, 0.099])
+def test_broker_rejects_a_lease_under_a_tenth_of_a_second_naming_it(redis_url, lease):
+    """A lease is renewed every lease / 4: a tiny one would make the heartbeat call Redis without pause."""
+    with pytest.raises(ValueError, match=f"lease must be >= 0.1 seconds, got {lease!r}"):
+        RedisBroker(redis_url, name="q", lease=lease)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"lease must be a finite number >= 0, got {bad!r}"):
+            RedisBroker(redis_url, name="q", lease=bad)
+
+
 @pytest.mark.parametrize("name", ["", "a{b", "c}"])
 def test_broker_rejects_a_name_that_is_not_one_hash_tag(redis_url, name):
     with pytest.raises(ValueError, match="name"):

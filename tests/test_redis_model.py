@@ -7,8 +7,9 @@ late return, give back), beat, reap, release on stop, a process that dies (it st
 calling) or goes silent past its lease and comes back as a zombie, enqueue and
 enqueue_many with delays, priorities, types with different global limits, duplicate
 ids, ``buffer_size`` and ``max_delayed_jobs`` eviction, raised limits, dead jobs
-requeued or purged, and every script call resent as the client resends a call whose
-reply was lost.
+requeued or purged, cancel (of a waiting job, or of a leased attempt, which its
+settle or reap then ends as cancelled), and every script call resent as the client
+resends a call whose reply was lost.
 
 A plain Python ``Model`` says what each call must reply and what Redis must hold
 afterwards. After EVERY step the whole queue is read back from Redis and compared with
@@ -88,6 +89,7 @@ class MJob:
         self.error: Optional[str] = None
         self.crashes: Optional[int] = None
         self.dead_reason: Optional[str] = None
+        self.cancel_requested = False  # q.cancel marked its leased attempt (field z)
         self.order = order  # when it last went to the tail of a ready list (FIFO position)
 
     def fields(self) -> Dict[str, str]:
@@ -98,6 +100,8 @@ class MJob:
             out["c"] = str(self.crashes)
         if self.dead_reason is not None:
             out["x"] = self.dead_reason
+        if self.cancel_requested:
+            out["z"] = "1"
         return out
 
 
@@ -125,7 +129,12 @@ class Model:
         self.inflight: Dict[str, Dict[str, str]] = {}  # in insertion order (HGETALL's order)
         self.procs: Dict[str, int] = {}
         self.fetched: Dict[str, Tuple[str, List[str], List[Tuple[str, str, int, str]]]] = {}
+        self.beaten: Dict[str, Tuple[str, List[Tuple[Any, ...]]]] = {}  # proc -> its last beat id, crashed
         self.tokens: Dict[str, List[Tuple[str, str]]] = {}  # accepted enqueue token -> what it evicted
+        self.cancel_tokens: Dict[str, Tuple[Any, ...]] = {}  # cancel token -> its reply
+        self.cancels: Dict[str, set] = {}  # proc -> its attempts that cancel marked
+        self.ended: List[Tuple[Any, ...]] = []  # this call's rows of jobs ended as cancelled, to report
+        self.reports: List[Tuple[Any, ...]] = []  # such rows waiting for a beat (with a beat id)
         self.limits: Dict[str, int] = {}
         self.running: Counter = Counter()
         self.stats: Counter = Counter()
@@ -149,6 +158,41 @@ class Model:
     def begin_call(self) -> None:
         self.head = {0: 0, 1: 0, 2: 0}
         self.placed = {}
+        self.ended = []
+
+    def end_cancelled(self, job_id: str, report: bool) -> None:
+        job = self.jobs.pop(job_id)
+        if report:
+            self.ended.append((job_id, job.body, int(job.retries), job.error or "", "cancelled"))
+        self.stats["cancelled"] += 1
+        self.stats["outstanding"] -= 1
+
+    def hand_out_ended(self, rows: List[Tuple[Any, ...]], reports: bool = False) -> None:
+        rows.extend(self.ended)
+        self.ended = []
+        if reports:  # (a beat with a beat id)
+            rows.extend(self.reports[:100])
+            del self.reports[:100]
+
+    def keep_ended(self) -> None:
+        self.reports.extend(self.ended)
+        self.ended = []
+
+    def marked(self, proc: str, attempt: str) -> bool:
+        return attempt in self.cancels.get(proc, ())
+
+    def failed_marked(self, proc: str, attempt: str, job_id: str) -> None:
+        """A failure for good of a marked attempt stands: its mark goes."""
+        if self.marked(proc, attempt):
+            self.unmark(proc, attempt)
+            self.jobs[job_id].cancel_requested = False
+
+    def unmark(self, proc: str, attempt: str) -> None:
+        marks = self.cancels.get(proc)
+        if marks is not None:
+            marks.discard(attempt)
+            if not marks:
+                del self.cancels[proc]
 
     def push_tail(self, job_id: str) -> None:
         job = self.jobs[job_id]
@@ -254,7 +298,23 @@ class Model:
                 continue
             state, job_type = value[0], value[1:]
             job_id = op.attempt.split(":", 1)[1]
-            if op.op == "S" and state == "L":
+            own_cancel = op.op in "Zz" and op.reason == "cancelled"
+            # A mark turns S, Y, y and B into a cancel; a failure for good (Z, z) that the process
+            # decided (and reported) itself stands, and drops the mark.
+            if own_cancel or (op.op in "SYyB" and self.marked(proc, op.attempt)):
+                deadline_op = op.op in "yz"
+                if state == "L" or (state == "R" and deadline_op):  # it ends as cancelled, whatever it says
+                    if deadline_op and state == "L":
+                        held[op.attempt] = "X" + job_type
+                    else:
+                        del held[op.attempt]
+                        if state == "L":
+                            released[job_type] += 1
+                    self.unmark(proc, op.attempt)
+                    self.end_cancelled(job_id, not own_cancel)
+                else:
+                    stale += 1
+            elif op.op == "S" and state == "L":
                 del held[op.attempt]
                 released[job_type] += 1
                 finished.append(job_id)
@@ -267,6 +327,7 @@ class Model:
                     self.job_retry(job_id, str(op.retries), op.error, op.delay_ms, now_us)
                 else:
                     self.job_dead(job_id, op.reason, op.error, str(op.retries))
+                    self.failed_marked(proc, op.attempt, job_id)
             elif op.op in "yz" and state in "LR":
                 if state == "L":
                     held[op.attempt] = "X" + job_type
@@ -277,6 +338,7 @@ class Model:
                     self.job_retry(job_id, str(op.retries), op.error, op.delay_ms, now_us)
                 else:
                     self.job_dead(job_id, op.reason, op.error, str(op.retries))
+                    self.failed_marked(proc, op.attempt, job_id)
             elif op.op == "E" and state in "XL":
                 if state == "X":
                     del held[op.attempt]
@@ -305,7 +367,9 @@ class Model:
                 state, job_type = value[0], value[1:]
                 if state != "R":
                     released[job_type] += 1
-                if state != "X":
+                if state != "X" and self.marked(proc, attempt):
+                    self.end_cancelled(attempt.split(":", 1)[1], True)  # never back to ready
+                elif state != "X":
                     job = self.jobs[attempt.split(":", 1)[1]]
                     job.crashes = (job.crashes or 0) + 1
                     if job.crashes > self.max_crash:
@@ -315,6 +379,8 @@ class Model:
                         self.give_back(job.id)
             del self.procs[proc]
             self.fetched.pop(proc, None)
+            self.beaten.pop(proc, None)
+            self.cancels.pop(proc, None)
             self.flush_released(released)
         return len(expired)
 
@@ -362,16 +428,17 @@ class Model:
         """Returns (reaped, stale, crashed, jobs, next due)."""
         self.begin_call()
         if registered and proc not in self.procs:
-            return (True, 0, [], [], None)
+            return (True, 0, [], [], None, [])
         self.procs[proc] = now_us // 1000 + LEASE
         last = self.fetched.get(proc)
         if last is not None and last[0] == fetch_id:  # a resend: the same attempts, nothing new
             held = self.inflight.get(proc, {})
             jobs = [self.fetched_row(a) for a in last[1] if held.get(a, "").startswith("L")]
-            return (False, len(ops), sorted(last[2]), jobs, self.next_due())
+            return (False, len(ops), sorted(last[2]), jobs, self.next_due(), sorted(self.cancels.get(proc, ())))
         stale = self.settle(proc, ops, now_us)
-        crashed: List[Tuple[str, str, int, str]] = []
+        crashed: List[Tuple[Any, ...]] = []
         self.reap(now_us, crashed)
+        self.hand_out_ended(crashed)
         due = sorted((self.due_key(i, s), i) for i, s in self.delayed.items() if s <= now_us / 1000)[:100]
         for _, job_id in due:
             del self.delayed[job_id]
@@ -402,7 +469,8 @@ class Model:
             line.extend(ids[front:])
         self.running = Counter(running)
         self.fetched[proc] = (fetch_id, taken, sorted(crashed))
-        return (False, stale, sorted(crashed), [self.fetched_row(a) for a in taken], self.next_due())
+        return (False, stale, sorted(crashed), [self.fetched_row(a) for a in taken], self.next_due(),
+                sorted(self.cancels.get(proc, ())))
 
     def next_due(self) -> Optional[int]:
         return min(self.delayed.values()) if self.delayed else None
@@ -411,23 +479,37 @@ class Model:
         job = self.jobs[attempt.split(":", 1)[1]]
         return (attempt, job.body, int(job.retries), job.error or "")
 
-    def beat(self, proc: str, registered: bool, now_us: int):
+    def beat(self, proc: str, registered: bool, beat_id: str, now_us: int):
         self.begin_call()
         if registered and proc not in self.procs:
-            return (False, [])
+            return (False, [], [])
         self.procs[proc] = now_us // 1000 + LEASE
-        crashed: List[Tuple[str, str, int, str]] = []
+        cancels = sorted(self.cancels.get(proc, ()))
+        last = self.beaten.get(proc)
+        if beat_id and last is not None and last[0] == beat_id:  # a resend: what the first found
+            return (True, sorted(last[1]), cancels)
+        crashed: List[Tuple[Any, ...]] = []
         self.reap(now_us, crashed)
-        return (True, sorted(crashed))
+        if beat_id:
+            self.hand_out_ended(crashed, reports=True)
+            self.beaten[proc] = (beat_id, sorted(crashed))
+        else:
+            self.keep_ended()  # (without a beat id a resend could not return them again)
+        return (True, sorted(crashed), cancels)
 
     def reap_call(self, now_us: int):
         self.begin_call()
-        crashed: List[Tuple[str, str, int, str]] = []
-        return (self.reap(now_us, crashed), sorted(crashed))
+        crashed: List[Tuple[Any, ...]] = []
+        reaped = self.reap(now_us, crashed)
+        crashed.extend(self.ended)
+        self.ended = []
+        return (reaped, sorted(crashed))
 
     def settle_call(self, proc: str, ops: List[SettleOp], now_us: int) -> int:
         self.begin_call()
-        return self.settle(proc, ops, now_us)
+        stale = self.settle(proc, ops, now_us)
+        self.keep_ended()
+        return stale
 
     def release(self, proc: str, ops: List[SettleOp], now_us: int) -> int:
         self.begin_call()
@@ -437,12 +519,55 @@ class Model:
             state, job_type = value[0], value[1:]
             if state != "R":
                 released[job_type] += 1
-            if state != "X":
+            if state != "X" and self.marked(proc, attempt):
+                self.end_cancelled(attempt.split(":", 1)[1], True)
+            elif state != "X":
                 self.give_back(attempt.split(":", 1)[1])
         self.flush_released(released)
         self.procs.pop(proc, None)
         self.fetched.pop(proc, None)
+        self.beaten.pop(proc, None)
+        self.cancels.pop(proc, None)
+        self.keep_ended()
         return stale
+
+    def cancel(self, token: str, job_id: str) -> Tuple[Any, ...]:
+        self.begin_call()
+        if token in self.cancel_tokens:  # a resend: the first call's reply
+            return self.cancel_tokens[token]
+        reply = self.cancel_job(job_id)
+        self.cancel_tokens[token] = reply
+        return reply
+
+    def cancel_job(self, job_id: str) -> Tuple[Any, ...]:
+        job = self.jobs.get(job_id)
+        if job is None or job.dead_reason is not None or job.cancel_requested:
+            return ("none", None, "", "")
+        row = (job_id, job.body, int(job.retries), job.error or "", "cancelled")
+        waiting = self.ready[job.priority]
+        parked = self.parked.get((job.priority, job.type), [])
+        if job_id in waiting or job_id in self.delayed or job_id in parked:
+            if job_id in waiting:
+                waiting.remove(job_id)
+            elif job_id in self.delayed:
+                del self.delayed[job_id]
+                self.capped.pop(job_id, None)
+            else:
+                parked.remove(job_id)
+                if not parked:
+                    del self.parked[(job.priority, job.type)]
+                self.stats[f"parked:{job.priority}"] -= 1
+            del self.jobs[job_id]
+            self.stats["cancelled"] += 1
+            self.stats["outstanding"] -= 1
+            return ("removed", row, "", "")
+        for proc, held in self.inflight.items():
+            for attempt, value in held.items():
+                if value[0] != "X" and attempt.split(":", 1)[1] == job_id:
+                    job.cancel_requested = True
+                    self.cancels.setdefault(proc, set()).add(attempt)
+                    return ("marked", None, proc, attempt)
+        raise AssertionError(f"unfinished job {job_id} is in no place")
 
     def set_limits(self, limits: Dict[str, int]) -> int:
         self.begin_call()
@@ -503,6 +628,9 @@ class Model:
             "running": {t: n for t, n in self.running.items() if n},
             "stats": {k: n for k, n in self.stats.items() if n},
             "jobs": {job_id: job.fields() for job_id, job in self.jobs.items()},
+            "cancels": {proc: sorted(marks) for proc, marks in self.cancels.items() if marks},
+            "beaten": {proc: (bid, sorted(crashed)) for proc, (bid, crashed) in self.beaten.items()},
+            "reports": sorted(self.reports),
         }
 
 
@@ -524,10 +652,15 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
     for name in ("parkedn", "fetched", "limits", "running", "stats"):
         pipe.hgetall(prefix + name)
     pipe.llen(prefix + "signal")
-    dynamic = [k for k in keys if k.startswith((prefix + "parked:", prefix + "inflight:", prefix + "job:"))]
+    pipe.lrange(prefix + "reports", 0, -1)
+    pipe.hgetall(prefix + "beaten")
+    dynamic = [k for k in keys if k.startswith((prefix + "parked:", prefix + "inflight:", prefix + "job:",
+                                                prefix + "cancels:"))]
     for k in dynamic:
         if k.startswith(prefix + "parked:"):
             pipe.lrange(k, 0, -1)
+        elif k.startswith(prefix + "cancels:"):
+            pipe.smembers(k)
         else:
             pipe.hgetall(k)
     replies = pipe.execute()
@@ -538,16 +671,24 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
     for i, name in enumerate(("parkedn", "fetched", "limits", "running", "stats")):
         out[name] = replies[7 + i]
     out["signal"] = replies[12]
+    out["reports"] = sorted(crashed_row(json.loads(text)) for text in replies[13])
+    out["beaten"] = {}
+    for proc, text in replies[14].items():  # JSON [beat id, crashed] ({} when empty)
+        bid, crashed = json.loads(text)
+        out["beaten"][proc] = (bid, sorted(crashed_row(c) for c in crashed or []))
+    out["cancels"] = {}
     for name in ("parkedn", "limits", "running", "stats"):
         out[name] = {k: int(v) for k, v in out[name].items() if int(v) != 0}
     fetched = {}
     for proc, text in out["fetched"].items():  # JSON [fetch id, attempts, crashed] ({} when empty)
         fid, taken, crashed = json.loads(text)
-        fetched[proc] = (fid, list(taken or []), sorted((c[0], c[1], int(c[2]), c[3]) for c in crashed or []))
+        fetched[proc] = (fid, list(taken or []), sorted(crashed_row(c) for c in crashed or []))
     out["fetched"] = fetched
-    for k, value in zip(dynamic, replies[13:]):
+    for k, value in zip(dynamic, replies[15:]):
         rest = k[len(prefix):]
-        if rest.startswith("parked:"):
+        if rest.startswith("cancels:"):
+            out["cancels"][rest[len("cancels:"):]] = sorted(value)
+        elif rest.startswith("parked:"):
             _, level, job_type = rest.split(":", 2)
             out["parked"][(int(level), job_type)] = value
         elif rest.startswith("inflight:"):
@@ -556,11 +697,16 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
             out["jobs"][rest[len("job:"):]] = {k: v for k, v in value.items() if k != "o"}
     known = {prefix + name for name in ("ready:0", "ready:1", "ready:2", "delayed", "capped", "procs",
                                         "dead", "parkedn", "fetched", "limits", "running", "stats",
-                                        "signal")}
+                                        "signal", "reports", "beaten")}
     known |= {prefix + "seq", prefix + "clock"}  # the FIFO order counter; the outage clock
     out["unknown keys"] = sorted(set(keys) - known - set(dynamic)
-                                 - {k for k in keys if k.startswith(prefix + "tokens:")})
+                                 - {k for k in keys if k.startswith((prefix + "tokens:", prefix + "wake:"))})
     return out
+
+
+def crashed_row(row: List[Any]) -> Tuple[Any, ...]:
+    """A crashed row as JSON holds it: (id, body, retries, error), and the reason when not "crashed"."""
+    return (row[0], row[1], int(row[2]), row[3]) + tuple(row[4:5])
 
 
 def check_invariants(held: Dict[str, Any]) -> None:
@@ -616,6 +762,14 @@ def check_invariants(held: Dict[str, Any]) -> None:
     assert held["capped"].keys() <= held["delayed"].keys()
     assert held["signal"] <= 1
     assert not held["unknown keys"], held["unknown keys"]
+    marked = set()
+    for proc, attempts in held["cancels"].items():  # a mark is on an undecided attempt of its job
+        for attempt in attempts:
+            value = held["inflight"].get(proc, {}).get(attempt, "")
+            assert value[:1] in ("L", "R"), (proc, attempt, value)
+            marked.add(attempt.split(":", 1)[1])
+    requested = {job_id for job_id, fields in held["jobs"].items() if fields.get("z")}
+    assert requested == marked, (requested, marked)
 
 
 # Due times are inferred back from the scores a call wrote (now_of) and moved by whole ms
@@ -631,6 +785,14 @@ def _same_due_times(expected: Dict[str, float], actual: Any) -> bool:
         return [member for member, _ in sorted(table.items(), key=lambda item: item[1])]
     return order(expected) == order(actual) and all(
         abs(expected[member] - actual[member]) <= DUE_TOLERANCE_MS for member in expected)
+
+
+def same_reply(kind: str, expected: Any, actual: Any) -> bool:
+    """Replies are equal; a fetch's next due time (inferred as the states' are) within DUE_TOLERANCE_MS."""
+    if kind != "fetch" or expected[4] is None or actual[4] is None:
+        return expected == actual
+    return (expected[:4] + expected[5:] == actual[:4] + actual[5:]
+            and abs(expected[4] - actual[4]) <= DUE_TOLERANCE_MS)
 
 
 def same_state(expected: Dict[str, Any], actual: Dict[str, Any]) -> bool:
@@ -657,6 +819,7 @@ class Proc:
         self.name = name
         self.registered = False
         self.fetch_ids = itertools.count(1)
+        self.beat_ids = itertools.count(1)
 
 
 ALL_OPS = "SYZyzEB"
@@ -682,6 +845,7 @@ class ScriptsMachine(RuleBasedStateMachine):
         self.zombie_attempts: List[Tuple[str, str]] = []  # (identity, an attempt it once held)
         self.last_call: Optional[Tuple[Any, ...]] = None
         self.pending_delays: List[Tuple[str, int]] = []  # (job id, delay) this call may write
+        self.cancelled_seen = 0
 
     # -- checking one call against the model
 
@@ -705,7 +869,7 @@ class ScriptsMachine(RuleBasedStateMachine):
             expected_reply = expect(model, now)
             expected = model.snapshot()
             actual = {name: held[name] for name in expected}
-            if expected_reply == self.normalise(kind, reply) and same_state(expected, actual):
+            if same_reply(kind, expected_reply, self.normalise(kind, reply)) and same_state(expected, actual):
                 self.model = model
                 break
             if first_failure is None:
@@ -737,6 +901,12 @@ class ScriptsMachine(RuleBasedStateMachine):
             event("crashed")
         if kind == "reap" and reply[0]:
             event("reaped a process")
+        if kind == "beat" and any(c.reason == "cancelled" for c in reply.crashed):
+            event("beat handed out cancelled")
+        if self.model.stats["cancelled"] > self.cancelled_seen:
+            self.cancelled_seen = self.model.stats["cancelled"]
+            if kind != "cancel":
+                event("ended cancelled")  # a marked attempt ended by a settle, a reap or a release
         if max(self.model.head.values()) >= 2:
             event(f"{kind}: 2+ pushed back to one level's head")
         if any(self.model.parked.values()):
@@ -762,13 +932,19 @@ class ScriptsMachine(RuleBasedStateMachine):
     def normalise(kind: str, reply: Any) -> Any:
         if kind == "enqueue":
             return (reply.status, [tuple(e) for e in reply.evicted], reply.duplicate_id, reply.ready)
+        def rows(crashed):
+            return sorted(tuple(c) if c.reason != "crashed" else tuple(c)[:4] for c in crashed)
+
         if kind == "fetch":
-            return (reply.reaped, reply.stale, sorted(tuple(c) for c in reply.crashed),
-                    [tuple(j) for j in reply.jobs], reply.next_due_ms)
+            return (reply.reaped, reply.stale, rows(reply.crashed),
+                    [tuple(j) for j in reply.jobs], reply.next_due_ms, sorted(reply.cancels))
         if kind == "beat":
-            return (reply[0], sorted(tuple(c) for c in reply[2]))
+            return (reply.alive, rows(reply.crashed), sorted(reply.cancels))
         if kind == "reap":
-            return (reply[0], sorted(tuple(c) for c in reply[1]))
+            return (reply[0], rows(reply[1]))
+        if kind == "cancel":
+            return (reply.status, None if reply.removed is None else tuple(reply.removed), reply.proc,
+                    reply.attempt)
         return reply
 
     # -- set-up
@@ -837,8 +1013,9 @@ class ScriptsMachine(RuleBasedStateMachine):
                 delay = data.draw(st.sampled_from([0, UNIT, 3 * UNIT]), label="retry delay")
                 ops.append(SettleOp(op, attempt, retries + 1, delay, "", f"err{next(self.bodies)}"))
             elif op in "Zz":
-                reason = "retries_exhausted" if op == "z" else data.draw(
-                    st.sampled_from(["retries_exhausted", "permanent_failure"]), label="reason")
+                reason = data.draw(st.sampled_from(["retries_exhausted", "retries_exhausted", "cancelled"])
+                                   if op == "z" else st.sampled_from(["retries_exhausted", "permanent_failure",
+                                                                      "cancelled"]), label="reason")
                 error = data.draw(st.sampled_from(["", f"err{next(self.bodies)}"]), label="error")
                 ops.append(SettleOp(op, attempt, retries, 0, reason, error))
             else:
@@ -929,14 +1106,15 @@ class ScriptsMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def beat(self, data):
         proc = self.pick_proc(data)
-        self.do_beat(proc.name, proc.registered)
+        beat_id = format(next(proc.beat_ids), "x") if data.draw(st.booleans(), label="beat id?") else ""
+        self.do_beat(proc.name, proc.registered, beat_id)
 
-    def do_beat(self, name, registered):
+    def do_beat(self, name, registered, beat_id):
         max_crash = self.model.max_crash
         self.pending_delays = []
-        reply = self.call("beat", lambda: self.scripts.beat(name, LEASE, max_crash, registered),
-                          lambda model, now: model.beat(name, registered, now))
-        self.last_call = ("beat", name, registered)
+        reply = self.call("beat", lambda: self.scripts.heartbeat(name, LEASE, max_crash, registered, beat_id),
+                          lambda model, now: model.beat(name, registered, beat_id, now))
+        self.last_call = ("beat", name, registered, beat_id)
         proc = self.procs.get(name)
         if proc is not None:
             if not reply[0]:
@@ -1050,6 +1228,23 @@ class ScriptsMachine(RuleBasedStateMachine):
                       lambda model, now: model.requeue_dead(ids))
         self.last_call = ("purge" if purge else "requeue", ids)
 
+    @precondition(lambda self: self.model is not None and self.used_ids)
+    @rule(data=st.data())
+    def cancel(self, data):
+        """q.cancel from any process: an id used before (waiting, leased, finished or dead)."""
+        leased = sorted({attempt.split(":", 1)[1] for held in self.model.inflight.values()
+                         for attempt, value in held.items() if value[0] != "X"})
+        pool = leased if leased and data.draw(st.booleans(), label="a leased one?") else self.used_ids + ["nope"]
+        job_id = data.draw(st.sampled_from(pool), label="cancel id")
+        self.do_cancel(f"ctok{next(self.tokens)}", job_id)
+
+    def do_cancel(self, token, job_id):
+        self.pending_delays = []
+        reply = self.call("cancel", lambda: self.scripts.cancel(token, job_id),
+                          lambda model, now: model.cancel(token, job_id))
+        EXERCISED[f"cancel {reply.status}"] += 1
+        self.last_call = ("cancel", token, job_id)
+
     @precondition(lambda self: self.last_call is not None)
     @rule()
     def resend_last_call(self):
@@ -1068,6 +1263,8 @@ class ScriptsMachine(RuleBasedStateMachine):
             self.reap()
         elif kind == "release":
             self.do_release(*args)
+        elif kind == "cancel":
+            self.do_cancel(*args)
         elif kind == "limits":
             limits = args[0]
             self.pending_delays = []
@@ -1101,7 +1298,8 @@ def redis_client(redis_url):
 # Cases every run must reach (each comes up many times in a run of the default length),
 # so that a change to the machine that stops exercising one does not pass unnoticed.
 MUST_COME_UP = ("enqueue ok", "enqueue dup", "enqueue again", "enqueue full", "evicted", "fetch took 2+",
-                "settle", "release", "reaped a process", "something parked", "an X attempt holds a slot")
+                "settle", "release", "reaped a process", "something parked", "an X attempt holds a slot",
+                "cancel removed", "cancel marked", "cancel none", "ended cancelled")
 
 
 def test_scripts_follow_the_model(redis_client):

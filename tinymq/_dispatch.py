@@ -74,7 +74,7 @@ class AttemptLedger(Protocol):
     def succeeded(self, job: Any) -> None: ...
 
     def expired(self, job: Any) -> None:
-        """The watchdog decided the attempt at its deadline; its function may still run."""
+        """The watchdog (at its deadline) or cancel() decided the attempt; its function may still run."""
 
     def returned_late(self, job: Any) -> None:
         """A timed-out attempt's function returned: its type slot is free."""
@@ -641,10 +641,15 @@ class Dispatcher:
             job = self.delayed.remove(job_id)
         if job is None:
             job = self.uncapped.remove(job_id)
+        running = False  # a running attempt's type slot stays taken until its function returns
         if job is None and self.loop_runner is not None:
             job = self.loop_runner.cancel(job_id)
+            running = job is not None
         if job is None:
             job = self._cancel_thread_attempt(job_id)
+            running = job is not None
+        if running and self.ledger is not None:
+            self.ledger.expired(job)  # its slot is freed by returned_late, as after a timeout
         if job is None:
             with self._lock:
                 job = self._retrying.get(job_id)

@@ -204,6 +204,9 @@ class TickBackend(Protocol):
     def fire(self, schedule: _Schedule, tick: _Tick) -> str:
         """Enqueue the tick's job: "fired", "busy" (the previous job is unfinished) or "taken"."""
 
+    def check(self, schedule: _Schedule) -> None:
+        """Raise TypeError/ValueError, naming the schedule, when its jobs cannot be enqueued."""
+
 
 class _LocalTicks:
     """The queue's own core knows every unfinished job id: the previous job is busy while it has it."""
@@ -213,6 +216,9 @@ class _LocalTicks:
 
     def begin(self, schedule: _Schedule, first: _Tick) -> _Tick:
         return first
+
+    def check(self, schedule: _Schedule) -> None:
+        pass  # any payload that can be copied (checked already) can be enqueued
 
     def fire(self, schedule: _Schedule, tick: _Tick) -> str:
         queue = self._queue()
@@ -289,6 +295,7 @@ class Periodic:
         except Exception as exc:
             raise TypeError(f"payload of schedule {name!r} cannot be copied for each tick: {exc!r}") from exc
         schedule = _Schedule(name, job_type, payload, priority, trigger)
+        self.backend.check(schedule)
         with self._lock:
             if self._stopped:
                 raise QueueStopped("the queue is stopped")

@@ -92,6 +92,9 @@ class BrokerLink(AttemptLedger, Protocol):
 
     def join(self, timeout: Optional[float]) -> bool: ...
 
+    def cancel(self, job_id: str) -> bool:
+        """``Queue.cancel`` for the shared queue (a job held by another process is cancelled there)."""
+
     def set_limit(self, job_type: str, limit: int, rate_limit: Optional[RateLimit] = None) -> None:
         """A registered executor's max_concurrent_jobs and rate_limit, as shared (global) limits."""
 
@@ -526,11 +529,15 @@ class Queue:
         attempt is cancelled: its context is cancelled, an async executor's task
         is cancelled, a thread with ``interrupt_on_timeout=True`` is interrupted;
         it is not retried. The job is reported with reason ``"cancelled"``.
+
+        With a broker, any process can cancel any job of the shared queue: one
+        that another process holds is cancelled there within ``lease`` (it
+        learns of it at its next fetch or heartbeat), and that process reports it.
         """
         if type(job_id) is not str:
             raise TypeError(f"job_id must be a str, got {job_id!r}")
         if self._link is not None:
-            raise NotImplementedError(f"cancel() is not available with a broker ({self._broker!r}) yet")
+            return self._link.cancel(job_id)
         return self._dispatcher.cancel(job_id)
 
     async def aenqueue(self, job: Job, *, block: bool = False,

@@ -187,6 +187,7 @@ class QueueLink:
             self._report(job_id, body, "evicted")
 
     def _report(self, job_id: str, body: str, reason: str, retries: int = 0, error: str = "") -> None:
+        """Log and hand to the failure callbacks a job that Redis ended (its counters are there)."""
         try:
             job = decode_job(job_id, body, retries, error)
         except Exception:
@@ -226,6 +227,7 @@ class QueueLink:
             jobs_retried=counter("retried"),
             jobs_timed_out=counter("timed_out"),
             jobs_evicted=counter("evicted"),
+            jobs_cancelled=counter("cancelled"),
         )
 
     def join(self, timeout: Optional[float]) -> bool:
@@ -245,6 +247,49 @@ class QueueLink:
             if self._stopped.wait(pause if remaining is None else min(pause, remaining)):
                 return False
             pause = min(pause * 2, _ROOM_POLL_MAX)
+
+    def cancel(self, job_id: str) -> bool:
+        """``q.cancel`` over the broker, from any process (see cancel.lua).
+
+        A waiting job is removed in Redis and reported here. A leased one is
+        marked: the process holding it cancels it when its next fetch or beat
+        reply says so (this one at once), and reports it; whatever its attempt
+        does meanwhile, its settle ends the job as cancelled, counted once (but a
+        failure for good it decided, and reported, before it heard of the mark stands).
+        """
+        token = "c" + os.urandom(8).hex()  # a resend of this call gets the first one's reply
+        try:
+            self.broker._check_server()
+            reply = self.broker.call_resending(self.scripts.cancel, token, job_id)
+        except self._redis_error as exc:
+            raise TinyMQError(f"could not cancel job {job_id!r} in Redis queue {self.broker.name!r}: "
+                              f"{exc}") from exc
+        if reply.status == "removed":
+            item = reply.removed
+            self._report(item.id, item.body, "cancelled", item.retries, item.error)
+            return True
+        if reply.status == "marked":
+            if reply.proc == self._proc:
+                self._cancel_marked([reply.attempt])
+            return True
+        return False
+
+    def _cancel_marked(self, attempts: Sequence[str]) -> None:
+        """Cancel this process's attempts that q.cancel() marked, as the in-process cancel does.
+
+        Not with _round_lock held (cancelling settles, which may call a round). A
+        marked attempt that is not found here (it ended meanwhile, or is not yet in
+        the core) needs nothing: its settle ends the job as cancelled and the
+        reply hands it back to report, or the next reply names it again.
+        """
+        wanted = set(attempts)
+        with self._lock:
+            jobs = [job for job, record in self._attempts.items()
+                    if record.attempt in wanted and not record.expired and record.state != _GIVEN_BACK]
+        for job in jobs:
+            if self.dispatcher.cancel(job.id):
+                logger.info("job %s (%s) was cancelled through Redis queue %r", job.id, job.type,
+                            self.broker.name)
 
     def set_limit(self, job_type: str, limit: int, rate_limit: Optional[RateLimit] = None) -> None:
         """A registered executor's ``max_concurrent_jobs`` and ``rate_limit``: sent before
@@ -428,7 +473,9 @@ class QueueLink:
                 self._timer_alarm.wake_before(due)
             jobs = self._take(reply.jobs)
         for crashed in reply.crashed:
-            self._report(crashed.id, crashed.body, "crashed", crashed.retries, crashed.error)
+            self._report(crashed.id, crashed.body, crashed.reason, crashed.retries, crashed.error)
+        if reply.cancels:
+            self._cancel_marked(reply.cancels)
         return jobs
 
     def _place(self, job: Any) -> bool:
@@ -624,9 +671,9 @@ class QueueLink:
                 with self._round_lock:  # never beside a round: a reap answer must meet a settled state
                     proc, registered = self._proc, self._registered
                     sent = time.monotonic()
-                    alive, _, crashed = self.broker.call_resending(  # (its crashed jobs must not be lost)
-                        self.scripts.beat, proc, self._lease_ms, self.broker.max_crash_recoveries,
-                        registered, format(next(self._beat_ids), "x"))
+                    alive, _, crashed, cancels = self.broker.call_resending(  # (its crashed jobs must
+                        self.scripts.heartbeat, proc, self._lease_ms,               # not be lost)
+                        self.broker.max_crash_recoveries, registered, format(next(self._beat_ids), "x"))
                     if not alive:
                         self._abandon()
                     else:
@@ -637,7 +684,9 @@ class QueueLink:
                 self._log_outage("heartbeat", exc)
                 continue
             for item in crashed:
-                self._report(item.id, item.body, "crashed", item.retries, item.error)
+                self._report(item.id, item.body, item.reason, item.retries, item.error)
+            if alive and cancels:
+                self._cancel_marked(cancels)
 
     # --- stopping ----------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from typing import Any, Dict
 
 from .._periodic import _Tick
 from ..errors import QueueFull, QueueStopped, TinyMQError
+from ._codec import encode_job
 from ._link import job_row
 
 __all__ = ["BrokerTicks"]
@@ -54,6 +55,13 @@ class BrokerTicks:
         index = max(0, math.ceil((server_now - anchor) / interval))
         due_server = anchor + index * interval
         return _Tick(monotonic_now + (due_server - server_now), time.time() + (due_server - server_now), index)
+
+    def check(self, schedule: Any) -> None:
+        """A tick's job goes to Redis as JSON: refuse a payload that is not, as enqueue would."""
+        try:
+            encode_job(schedule.new_job_at(time.time()))
+        except TypeError as exc:
+            raise TypeError(f"schedule {schedule.name!r}: {exc}") from exc
 
     def fire(self, schedule: Any, tick: _Tick) -> str:
         queue = self._queue()

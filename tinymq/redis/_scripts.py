@@ -14,11 +14,12 @@ import os
 import queue
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-__all__ = ["Scripts", "Connections", "SettleOp", "Crashed", "Fetched", "FetchReply", "EnqueueReply", "key_prefix"]
+__all__ = ["Scripts", "Connections", "SettleOp", "Crashed", "Fetched", "FetchReply", "EnqueueReply",
+           "BeatReply", "CancelReply", "key_prefix"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SCRIPT_NAMES = ("enqueue", "fetch", "settle", "beat", "reap", "release", "limits",
-                 "requeue_dead", "purge_dead", "schedule_begin", "schedule_tick")
+                 "requeue_dead", "purge_dead", "schedule_begin", "schedule_tick", "cancel")
 
 
 def key_prefix(name: str) -> str:
@@ -53,12 +54,15 @@ class SettleOp(NamedTuple):
 
 
 class Crashed(NamedTuple):
-    """A job that died with its process once too often (now dead, reason "crashed")."""
+    """A job that left the queue without a process to report it: it died with its process
+    once too often (now dead, reason "crashed"), or it ended as "cancelled" after its
+    attempt ended on its own (or with its process) once q.cancel() had marked it."""
 
     id: str
     body: str
     retries: int
     error: str
+    reason: str = "crashed"
 
 
 class Fetched(NamedTuple):
@@ -82,6 +86,21 @@ class FetchReply(NamedTuple):
     crashed: List[Crashed]
     jobs: List[Fetched]
     now_us: int = 0  # the server clock in microseconds (now_ms is it floored)
+    cancels: Sequence[str] = ()  # attempts of this process that q.cancel() marked
+
+
+class BeatReply(NamedTuple):
+    alive: bool  # False: this process was reaped (nothing was renewed)
+    now_ms: int
+    crashed: List[Crashed]
+    cancels: Sequence[str]  # attempts of this process that q.cancel() marked
+
+
+class CancelReply(NamedTuple):
+    status: str  # "none" (no unfinished job has the id), "removed" (it was waiting), "marked" (leased)
+    removed: Optional[Crashed] = None  # with "removed": the job (id, body, retries, error) to report
+    proc: str = ""  # with "marked": the process that holds the attempt
+    attempt: str = ""
 
 
 class EnqueueReply(NamedTuple):
@@ -105,7 +124,8 @@ def _ops_args(ops: Iterable[SettleOp]) -> List[Any]:
 
 
 def _crashed(rows: Sequence[Sequence[Any]]) -> List[Crashed]:
-    return [Crashed(row[0], row[1], int(row[2] or 0), row[3] or "") for row in rows]
+    return [Crashed(row[0], row[1], int(row[2] or 0), row[3] or "", row[4] if len(row) > 4 else "crashed")
+            for row in rows]
 
 
 try:  # redis-py's own packing looks at every argument in Python first; hiredis packs in C
@@ -236,7 +256,7 @@ class Scripts:
             reaped=int(reply[0]) == 0, now_ms=int(reply[1]), next_due_ms=None if due < 0 else due,
             stale=int(reply[3]), crashed=_crashed(reply[4]),
             jobs=[Fetched(row[0], row[1], int(row[2] or 0), row[3] or "") for row in reply[5]],
-            now_us=int(reply[6]),
+            now_us=int(reply[6]), cancels=reply[7],
         )
 
     def settle(self, proc: str, ops: Sequence[SettleOp]) -> int:
@@ -250,8 +270,24 @@ class Scripts:
         With a ``beat_id``, the same call sent again (its reply was lost) returns the
         jobs the first found crashed, and reaps nothing more.
         """
+        reply = self.heartbeat(proc, lease_ms, max_crash_recoveries, registered, beat_id)
+        return reply.alive, reply.now_ms, reply.crashed
+
+    def heartbeat(self, proc: str, lease_ms: int, max_crash_recoveries: int,
+                  registered: bool, beat_id: str = "") -> BeatReply:
+        """``beat``, with the attempts of ``proc`` that q.cancel() marked."""
         reply = self._call("beat", [proc, lease_ms, max_crash_recoveries, "1" if registered else "0", beat_id])
-        return int(reply[0]) == 1, int(reply[1]), _crashed(reply[2])
+        return BeatReply(int(reply[0]) == 1, int(reply[1]), _crashed(reply[2]), reply[3])
+
+    def cancel(self, token: str, job_id: str) -> CancelReply:
+        """End the unfinished job ``job_id`` as cancelled, or mark its leased attempt (cancel.lua)."""
+        reply = self._call("cancel", [token, job_id])
+        status = int(reply[0])
+        if status == 1:
+            return CancelReply("removed", removed=_crashed([reply[1] + ["cancelled"]])[0])
+        if status == 2:
+            return CancelReply("marked", proc=reply[1], attempt=reply[2])
+        return CancelReply("none")
 
     def reap(self, max_crash_recoveries: int) -> Tuple[int, List[Crashed]]:
         """Reap up to two processes whose lease expired; ``(reaped, crashed)``."""

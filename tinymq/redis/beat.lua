@@ -1,21 +1,25 @@
 --[[ beat: renew proc's lease and reap up to two dead processes.
 KEYS[1] prefix. ARGV: proc, lease ms, max crash recoveries, registered ('1' if it
 registered before), beat id (optional: '' or absent for none).
-Returns {status, server now ms, crashed {{id, body, retries, error}...}};
+Returns {status, server now ms, crashed {{id, body, retries, error[, reason]}...},
+         cancels {attempt...}} (crashed also holds jobs ended as cancelled, cancels the
+         attempts of proc that q.cancel() marked: see fetch);
 status 0: proc was reaped (not renewed): it must abandon its buffer and register again.
 With a beat id, a resent call (the same proc and id) only renews, and returns the jobs
 the first call found crashed: each is reported once, by whoever gets the reply. ]]
 local proc, lease, max_crash, bid = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[5] or ''
 local now = now_ms()
-if not renew(proc, now, lease, ARGV[4]) then return {0, now, {}} end
+if not renew(proc, now, lease, ARGV[4]) then return {0, now, {}, {}} end
+local cancels = redis.call('SMEMBERS', cancels_key(proc))
 if bid ~= '' then
   local last = redis.call('HGET', K_BEATEN, proc)
   last = last and cjson.decode(last) -- {beat id, crashed}
-  if last and last[1] == bid then return {1, now, last[2]} end
+  if last and last[1] == bid then return {1, now, last[2], cancels} end
 end
 local crashed = {}
 reap(now, max_crash, crashed)
+if bid ~= '' then hand_out_reports(crashed) else keep_ended() end -- (a resend must see the same rows)
 flush_head()
 flush_counts()
 if bid ~= '' then redis.call('HSET', K_BEATEN, proc, cjson.encode({bid, crashed})) end
-return {1, now, crashed}
+return {1, now, crashed, cancels}

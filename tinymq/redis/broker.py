@@ -41,6 +41,9 @@ def _redis() -> Any:
     return redis
 
 
+MIN_LEASE = 0.1  # seconds
+
+
 class RedisBroker:
     """One queue's state in Redis (>= 6.2, or Valkey), shared by every Queue built on ``name``.
 
@@ -56,8 +59,8 @@ class RedisBroker:
             raise TypeError(f"url must be a str, got {url!r}")
         key_prefix(name)  # checks the name
         lease = _seconds("lease", lease)
-        if lease <= 0.0:
-            raise ValueError(f"lease must be > 0 seconds, got {lease!r}")
+        if not lease >= MIN_LEASE:  # renewed every lease / 4: shorter would keep Redis busy beating
+            raise ValueError(f"lease must be >= {MIN_LEASE} seconds, got {lease!r}")
         if (not isinstance(max_crash_recoveries, int) or isinstance(max_crash_recoveries, bool)):
             raise TypeError(f"max_crash_recoveries must be an int, got {max_crash_recoveries!r}")
         if max_crash_recoveries < 0:
@@ -72,9 +75,16 @@ class RedisBroker:
         # redis-py resends nothing by itself: tinymq resends (call_resending), the same call with
         # the same token or fetch id, which is what makes a resend safe.
         self._no_retry = lambda: Retry(NoBackoff(), 0)
-        self._pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=_POOL_SIZE, timeout=_POOL_WAIT, decode_responses=True,
-            socket_timeout=_SOCKET_TIMEOUT, socket_connect_timeout=_CONNECT_TIMEOUT, retry=self._no_retry())
+        try:
+            database = urllib.parse.urlsplit(url).path.strip("/")
+            if url.startswith(("redis://", "rediss://")) and database and not database.isdigit():
+                raise ValueError(f"its database {database!r} is not a number")  # (redis-py: db 0)
+            self._pool = redis.BlockingConnectionPool.from_url(
+                url, max_connections=_POOL_SIZE, timeout=_POOL_WAIT, decode_responses=True,
+                socket_timeout=_SOCKET_TIMEOUT, socket_connect_timeout=_CONNECT_TIMEOUT, retry=self._no_retry())
+        except ValueError as exc:
+            raise ValueError(f"url {redacted_url(url)!r} is not a usable Redis URL "
+                             f"(redis://[:password@]host[:port][/db], rediss://..., unix://path): {exc}") from exc
         self.client = redis.Redis(connection_pool=self._pool)  # reads (stats, join, dead jobs)
         self._scripts = Scripts(self.client, name, self._connections(_POOL_SIZE, _SOCKET_TIMEOUT))
         self._checked = False

@@ -4,8 +4,11 @@ registered ('1' when proc fetched or beat before), settle count, then settle ops
 (2 or 6 entries each, see settle in lib.lua).
 Returns {status, server now ms, next due ms (the earliest delayed job or rate window
          opening; fractional, as text; -1: none), stale settles,
-         crashed {{id, body, retries, error}...}, jobs {{attempt, body, retries, error}...},
-         server now us (to time the next due job)}
+         crashed {{id, body, retries, error[, reason]}...}, jobs {{attempt, body, retries, error}...},
+         server now us (to time the next due job), cancels {attempt...}}
+crashed also holds jobs that ended as cancelled (reason 'cancelled', see settle) for
+this process to report; cancels are its attempts that q.cancel() marked: it cancels
+them locally (the settle already looked them up: no extra read when there are none).
 status 1 = ok; 0 = this process was reaped (nothing else done: it must abandon its
 buffer and register again under a new id).
 Jobs come strictly by level (HIGH first), FIFO within one. A job whose type has no free
@@ -21,7 +24,7 @@ local proc, fid, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local lease, max_crash, registered = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local nsettle = tonumber(ARGV[7])
 local now = now_ms()
-if not renew(proc, now, lease, registered) then return {0, now, -1, 0, {}, {}, now_us} end
+if not renew(proc, now, lease, registered) then return {0, now, -1, 0, {}, {}, now_us, {}} end
 local ik = inflight_key(proc)
 local jobs = {}
 local last = redis.call('HGET', K_FETCHED, proc)
@@ -34,11 +37,12 @@ if last and last[1] == fid then -- a resend of the last fetch
       table.insert(jobs, {attempt, f[1], f[2] or '0', f[3] or ''})
     end
   end
-  return {1, now, next_due(), nsettle, last[3], jobs, now_us}
+  return {1, now, next_due(), nsettle, last[3], jobs, now_us, redis.call('SMEMBERS', cancels_key(proc))}
 end
 local stale = settle(proc, ARGV, 8, nsettle, now)
 local crashed = {}
 reap(now, max_crash, crashed)
+hand_out_ended(crashed)
 flush_head()
 local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', exact_ms(), 'LIMIT', 0, PROMOTE_PER_CALL)
 local order = #due > 0 and new_orders(#due)
@@ -134,4 +138,4 @@ for t in pairs(rate_closed) do rate_wait(t) end
 redis.call('HSET', K_FETCHED, proc, cjson.encode({fid, taken, crashed}))
 if (#taken >= n or parked_budget == 0) and ready_left() > 0 then signal() end -- chain the wake-up
 flush_counts()
-return {1, now, next_due(), stale, crashed, jobs, now_us}
+return {1, now, next_due(), stale, crashed, jobs, now_us, marks_left(proc)}

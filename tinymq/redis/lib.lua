@@ -14,7 +14,8 @@ Keys (after the prefix):
   job:<id>                 HASH  t type, p priority, b body (client JSON), r retries,
                                  e last error, c crash count, o FIFO order (from `seq`,
                                  set when it goes to the tail of a ready list),
-                                 k enqueue token, x dead reason (only while dead)
+                                 k enqueue token, x dead reason (only while dead),
+                                 z cancel requested (while its attempt still runs)
   seq                      STRING the last FIFO order handed out
   clock                    STRING server time (ms) of the last lease-keeping call (fetch,
                                  beat, reap): a longer gap than that is an outage
@@ -43,9 +44,17 @@ Keys (after the prefix):
   rateopen                 ZSET  type -> when its rate window next opens (ms), for types with
                                  jobs parked for the rate and a known opening
   signal                   LIST  at most one "1": wakes one idle fetcher (BLPOP)
+  wake:<proc>              LIST  at most one "1": wakes proc's idle fetcher (a cancel marked
+                                 one of its attempts; its stop); deleted with proc's lease
   dead                     ZSET  id -> time it died (ms); its hash stays, with x
+  cancels:<proc>           SET   attempts of proc that q.cancel() marked (their job hash has
+                                 z): proc hears of them in every fetch and beat reply until
+                                 the attempt ends, which ends its job as cancelled
+  reports                  LIST  JSON rows {id, body, retries, error, reason} of jobs that
+                                 ended while no caller could report them (a settle or
+                                 release call): the next beat (with a beat id) hands them out
   stats                    HASH  enqueued succeeded failed retried timed_out evicted
-                                 outstanding (unfinished jobs, for join) parked:<p>
+                                 cancelled outstanding (unfinished jobs, for join) parked:<p>
 
 Invariants (after every script):
   * an unfinished job id is in exactly one of ready:*, parked:*, delayed, or as an L/R
@@ -74,6 +83,7 @@ local K_SEQ = P .. 'seq'
 local K_CLOCK = P .. 'clock'
 local K_RATE_LIMITS = P .. 'ratelimits'
 local K_RATE_OPEN = P .. 'rateopen'
+local K_REPORTS = P .. 'reports'
 local REAP_PER_CALL = 2      -- dead processes reaped per call: bounded work
 local PROMOTE_PER_CALL = 100 -- due delayed jobs promoted per call
 local PARK_PER_CALL = 100    -- jobs parked per fetch before it stops looking
@@ -92,6 +102,9 @@ local function inflight_key(proc) return P .. 'inflight:' .. proc end
 local function parked_key(p, t) return P .. 'parked:' .. p .. ':' .. t end
 local function rate_key(t) return P .. 'rate:' .. t end
 local function rate_member(proc, attempt) return proc .. '|' .. attempt end
+
+local function cancels_key(proc) return P .. 'cancels:' .. proc end
+local function wake_key(proc) return P .. 'wake:' .. proc end -- the list an idle proc also blocks on
 
 local function id_of(attempt)
   return string.sub(attempt, string.find(attempt, ':', 1, true) + 1)
@@ -271,6 +284,38 @@ local function job_retry(id, retries, err, delay, now)
   count('retried', 1)
 end
 
+--[[ Jobs this call ended as cancelled whose cancellation nobody reported yet (the attempt
+ended on its own, or with its process): rows {id, body, retries, error, 'cancelled'} that
+the caller's reply carries (hand_out_ended), or that wait in `reports` (keep_ended). ]]
+local ended = {}
+local function end_cancelled(id, report)
+  local jk = job_key(id)
+  if report then
+    local f = redis.call('HMGET', jk, 'b', 'r', 'e')
+    table.insert(ended, {id, f[1] or '', f[2] or '0', f[3] or '', 'cancelled'})
+  end
+  redis.call('DEL', jk)
+  count('cancelled', 1)
+  count('outstanding', -1)
+end
+local REPORTS_PER_CALL = 100 -- rows from `reports` handed out per beat
+local function hand_out_ended(rows) -- appends this call's rows to report to `rows` (a reply's crashed)
+  for _, row in ipairs(ended) do table.insert(rows, row) end
+  ended = {}
+end
+local function hand_out_reports(rows) -- and those that waited (beat only: fetches stay lean)
+  hand_out_ended(rows)
+  if redis.call('LLEN', K_REPORTS) > 0 then
+    for _, text in ipairs(redis.call('LPOP', K_REPORTS, REPORTS_PER_CALL)) do
+      table.insert(rows, cjson.decode(text))
+    end
+  end
+end
+local function keep_ended() -- for callers whose reply carries no rows
+  for _, row in ipairs(ended) do redis.call('RPUSH', K_REPORTS, cjson.encode(row)) end
+  ended = {}
+end
+
 local function give_back(id)
   local p = redis.call('HGET', job_key(id), 'p')
   if p then head_later(id, tonumber(p)) end
@@ -290,10 +335,31 @@ end
 Every op on an L attempt also ends its rate window entry per from now, at the latest
 (an outcome comes after the start; B may be a cancelled running attempt).
 An attempt not in the process's inflight hash (reaped, or settled already: a resend)
-is stale and changes nothing. Returns the number of stale ops. ]]
+is stale and changes nothing. Returns the number of stale ops.
+An attempt that q.cancel() marked (in cancels:<proc>), or a Z/z op for reason
+"cancelled" (its process cancelled it), ends its job as cancelled whatever the op says
+(never a success, a retry or a death); the slot is freed or kept as the op says. Unless
+the op was the process's own cancel, the job goes to `ended` for the caller to report.
+Except a failure for good (Z/z) that the process decided itself: it reported that failure
+when it decided it, possibly before it heard of the mark, so the failure stands (the job is
+dead, counted failed) and the mark is dropped: a job ends, and is reported, once. ]]
 local SHORT_OPS = {S = true, E = true, B = true, T = true}
+local MARKABLE_OPS = {S = true, Y = true, y = true, B = true} -- those a mark turns into a cancel
+local marks_seen = false -- settle found marks of its proc: they may be left (marks_left)
 local function settle(proc, argv, first, n, now)
   local ik = inflight_key(proc)
+  local ck = cancels_key(proc)
+  local marks = {} -- one look per call, not per op
+  for _, attempt in ipairs(redis.call('SMEMBERS', ck)) do
+    marks[attempt] = true
+    marks_seen = true
+  end
+  local function failed_marked(attempt, id) -- a failure for good of a marked attempt stands
+    if marks[attempt] then
+      redis.call('SREM', ck, attempt)
+      redis.call('HDEL', job_key(id), 'z')
+    end
+  end
   local stale = 0
   local finished = {} -- keys of succeeded jobs: one DEL at the end
   local i = first
@@ -304,9 +370,23 @@ local function settle(proc, argv, first, n, now)
     local t = v and string.sub(v, 2)
     local id = id_of(attempt)
     if v and (state == 'L' or op == 'T') then rate_started(t, proc, attempt) end
+    local own_cancel = (op == 'Z' or op == 'z') and argv[i + 4] == 'cancelled'
     if not v then
       stale = stale + 1
     elseif op == 'T' then -- (done above)
+    elseif own_cancel or (MARKABLE_OPS[op] and marks[attempt]) then
+      local deadline_op = op == 'y' or op == 'z'
+      if state == 'L' or (state == 'R' and deadline_op) then -- (where the op would end the attempt)
+        if deadline_op and state == 'L' then redis.call('HSET', ik, attempt, 'X' .. t) -- still runs
+        else
+          redis.call('HDEL', ik, attempt)
+          if state == 'L' then release_slot(t) end
+        end
+        redis.call('SREM', ck, attempt)
+        end_cancelled(id, not own_cancel)
+      else
+        stale = stale + 1 -- an op that does not fit the attempt's state: a resend
+      end
     elseif op == 'S' and state == 'L' then
       redis.call('HDEL', ik, attempt)
       release_slot(t)
@@ -317,13 +397,19 @@ local function settle(proc, argv, first, n, now)
       redis.call('HDEL', ik, attempt)
       release_slot(t)
       if op == 'Y' then job_retry(id, argv[i + 2], argv[i + 5], tonumber(argv[i + 3]), now)
-      else job_dead(id, argv[i + 4], argv[i + 5], argv[i + 2], now) end
+      else
+        job_dead(id, argv[i + 4], argv[i + 5], argv[i + 2], now)
+        failed_marked(attempt, id)
+      end
     elseif (op == 'y' or op == 'z') and (state == 'L' or state == 'R') then
       if state == 'L' then redis.call('HSET', ik, attempt, 'X' .. t)
       else redis.call('HDEL', ik, attempt) end
       count('timed_out', 1)
       if op == 'y' then job_retry(id, argv[i + 2], argv[i + 5], tonumber(argv[i + 3]), now)
-      else job_dead(id, argv[i + 4], argv[i + 5], argv[i + 2], now) end
+      else
+        job_dead(id, argv[i + 4], argv[i + 5], argv[i + 2], now)
+        failed_marked(attempt, id)
+      end
     elseif op == 'E' and (state == 'X' or state == 'L') then
       if state == 'X' then redis.call('HDEL', ik, attempt)
       else redis.call('HSET', ik, attempt, 'R' .. t) end
@@ -342,6 +428,12 @@ local function settle(proc, argv, first, n, now)
   return stale
 end
 
+-- After settle(proc, ...): proc's marked attempts still undecided (none when settle saw none).
+local function marks_left(proc)
+  if not marks_seen then return {} end
+  return redis.call('SMEMBERS', cancels_key(proc))
+end
+
 --[[ Hand back everything proc holds and unregister it: every attempt without a decision
 (L, R) goes back to the head of its level; an X attempt only frees its slot. With
 max_crash (a reap: the process died), each of those counts a crash first, and a job past
@@ -358,7 +450,9 @@ local function drop_proc(proc, now, max_crash, crashed)
     if state ~= 'X' then
       local id = id_of(attempt)
       local jk = job_key(id)
-      if max_crash and redis.call('EXISTS', jk) == 1 and redis.call('HINCRBY', jk, 'c', 1) > max_crash then
+      if redis.call('SISMEMBER', cancels_key(proc), attempt) == 1 then
+        end_cancelled(id, true) -- marked: it ends here, never back to ready
+      elseif max_crash and redis.call('EXISTS', jk) == 1 and redis.call('HINCRBY', jk, 'c', 1) > max_crash then
         local f = redis.call('HMGET', jk, 'b', 'r', 'e')
         job_dead(id, 'crashed', '', f[2] or '0', now)
         table.insert(crashed, {id, f[1], f[2] or '0', f[3] or ''})
@@ -367,7 +461,7 @@ local function drop_proc(proc, now, max_crash, crashed)
       end
     end
   end
-  redis.call('DEL', ik)
+  redis.call('DEL', ik, cancels_key(proc), wake_key(proc))
   redis.call('ZREM', K_PROCS, proc)
   redis.call('HDEL', K_FETCHED, proc)
   redis.call('HDEL', K_BEATEN, proc)

@@ -1,0 +1,406 @@
+"""q.cancel over a Redis broker, from a Queue other than the one that holds the job.
+
+API.md "Async executors and cancellation" and "Scale-out": a waiting job is
+removed in Redis and reported to the cancelling Queue; a leased one (buffered
+or running in another Queue) is cancelled there within ``lease`` and reported
+by that Queue; every race ends the job exactly once, counted in jobs_cancelled.
+Producer and worker are separate Queue objects with their own RedisBroker, as
+separate processes would be (the scripts see only process ids).
+"""
+import asyncio
+import threading
+import time
+
+import pytest
+
+from tinymq import ExecutorConfig, Job, JobTimeout, Priority, RetryConfig
+
+from _backends import Redis
+from _helpers import QUIET, WAIT, record_failures, wait_until
+
+LEASE = 2.0  # seconds; a cancel reaches a busy owner within a quarter of it (its heartbeat)
+
+
+@pytest.fixture
+def redis(redis_url):
+    made = Redis(redis_url, lease=LEASE)
+    yield made
+    made.close()
+
+
+def failures_of(q):
+    """A Recorder of (job id, reason, exc) for every on_failure call of ``q``."""
+    return record_failures(q, key=lambda job: job.id)
+
+
+def counters(q):
+    s = q.get_stats()
+    return {"succeeded": s.jobs_succeeded, "failed": s.jobs_failed, "retried": s.jobs_retried,
+            "cancelled": s.jobs_cancelled, "timed_out": s.jobs_timed_out}
+
+
+def leftover_keys(broker):
+    """The job hashes and cancel marks still in Redis for this queue."""
+    prefix = broker._scripts.prefix
+    return sorted(k for k in broker.client.keys(prefix + "*")
+                  if k.startswith((prefix + "job:", prefix + "cancels:")))
+
+
+def test_cancel_a_ready_job_from_a_producer_reports_it_there(redis):
+    producer = redis.queue()
+    failures = failures_of(producer)
+    job = producer.enqueue(Job("t", {"n": 1}))
+    assert producer.cancel(job.id) is True
+    assert failures.snapshot() == [(job.id, "cancelled", None)]
+    assert producer.cancel(job.id) is False  # finished now
+    assert producer.join(WAIT)
+    stats = producer.get_stats()
+    assert (stats.jobs_cancelled, stats.medium_queue_size, stats.jobs_failed) == (1, 0, 0)
+    # a worker started later never runs it
+    worker = redis.queue()
+    ran = []
+    worker.register_executor("t", lambda j: ran.append(j.id))
+    after = producer.enqueue(Job("t", 2))
+    worker.start_dispatcher(1)
+    assert producer.join(WAIT)
+    assert ran == [after.id]
+
+
+def test_cancel_unknown_finished_and_dead_ids_returns_false(redis):
+    producer, worker = redis.pair()
+    worker.register_executor("ok", lambda j: None)
+    worker.register_executor("bad", lambda j: 1 / 0)
+    ok = producer.enqueue(Job("ok"))
+    bad = producer.enqueue(Job("bad", retry_config=RetryConfig(max_retries=0)))
+    worker.start_dispatcher(1)
+    assert producer.join(WAIT)
+    assert producer.cancel("no-such-job") is False
+    assert producer.cancel(ok.id) is False
+    assert producer.cancel(bad.id) is False  # dead: not unfinished
+    assert producer.get_stats().jobs_cancelled == 0
+    with pytest.raises(TypeError):
+        producer.cancel(123)
+
+
+def test_cancel_delayed_and_backing_off_jobs(redis):
+    producer, worker = redis.pair()
+    failures = failures_of(producer)
+    attempts = []
+
+    def flaky(job):
+        attempts.append(job.id)
+        raise ConnectionError("down")
+
+    worker.register_executor("flaky", flaky)
+    worker.register_executor("later", lambda j: None)
+    delayed = producer.enqueue_delayed(Job("later"), 60.0)
+    backing_off = producer.enqueue(Job("flaky", retry_config=RetryConfig(max_retries=5, initial_delay=60.0)))
+    worker.start_dispatcher(1)
+    assert wait_until(lambda: producer.get_stats().jobs_retried == 1)
+    assert producer.get_stats().delayed_jobs_count == 2
+    assert producer.cancel(delayed.id) and producer.cancel(backing_off.id)
+    assert producer.join(WAIT)
+    assert sorted((i, reason) for i, reason, _ in failures.snapshot()) == sorted(
+        [(delayed.id, "cancelled"), (backing_off.id, "cancelled")])
+    assert counters(producer)["cancelled"] == 2 and producer.get_stats().delayed_jobs_count == 0
+    assert attempts == [backing_off.id]
+    assert leftover_keys(producer.broker) == []
+
+
+def test_cancel_a_job_parked_behind_a_saturated_type_keeps_the_others_in_order(redis):
+    producer, worker = redis.pair()
+    started = threading.Event()
+    release = threading.Event()
+    order = []
+
+    def one(job):
+        order.append(job.payload)
+        if job.payload == "first":
+            started.set()
+            release.wait(WAIT)
+
+    worker.register_executor("one", one, ExecutorConfig(max_concurrent_jobs=1))
+    worker.register_executor("other", lambda j: order.append(j.payload))
+    producer.enqueue(Job("one", "first"))
+    worker.start_dispatcher(2)
+    assert started.wait(WAIT)
+    parked = [producer.enqueue(Job("one", f"p{i}")) for i in range(3)]
+    producer.enqueue(Job("other", "x"))
+    assert wait_until(lambda: "x" in order)  # the other type passes the parked ones
+    assert producer.cancel(parked[1].id)
+    release.set()
+    assert producer.join(WAIT)
+    assert order == ["first", "x", "p0", "p2"]
+    assert counters(producer) == {"succeeded": 4, "failed": 0, "retried": 0, "cancelled": 1, "timed_out": 0}
+    assert producer.get_stats().medium_queue_size == 0
+
+
+@pytest.mark.parametrize("kind", ["thread", "thread-interrupt", "async"])
+def test_cancel_a_running_attempt_in_another_queue(redis, kind):
+    producer, worker = redis.pair()
+    producer_failures, worker_failures = failures_of(producer), failures_of(worker)
+    started, saw_cancel, finished = threading.Event(), threading.Event(), threading.Event()
+    if kind == "async":
+        async def run(job, ctx):
+            started.set()
+            try:
+                await asyncio.sleep(WAIT * 10)
+            except asyncio.CancelledError:
+                if ctx.cancelled:
+                    saw_cancel.set()
+                finished.set()
+                raise
+        config = ExecutorConfig(timeout=None)
+    elif kind == "thread":
+        def run(job, ctx):
+            started.set()
+            if ctx.wait(WAIT * 10):  # True when cancelled
+                saw_cancel.set()
+            finished.set()
+        config = ExecutorConfig(timeout=None)
+    else:
+        def run(job):
+            started.set()
+            try:
+                deadline = time.monotonic() + WAIT * 10
+                while time.monotonic() < deadline:
+                    time.sleep(0.001)
+            except BaseException:
+                saw_cancel.set()
+                finished.set()
+                raise
+        config = ExecutorConfig(timeout=WAIT * 10, interrupt_on_timeout=True)
+    worker.register_executor("t", run, config)
+    job = producer.enqueue(Job("t", retry_config=RetryConfig(max_retries=3, initial_delay=0.0)))
+    worker.start_dispatcher(1)
+    assert started.wait(WAIT)
+    began = time.monotonic()
+    assert producer.cancel(job.id) is True
+    assert saw_cancel.wait(LEASE + WAIT / 2)  # (within lease; the generous bound is the noisy machine)
+    assert finished.wait(WAIT)
+    assert producer.join(WAIT)
+    assert time.monotonic() - began < LEASE + WAIT
+    assert [(i, reason) for i, reason, _ in worker_failures.snapshot()] == [(job.id, "cancelled")]
+    assert producer_failures.snapshot() == []
+    assert counters(producer) == {"succeeded": 0, "failed": 0, "retried": 0, "cancelled": 1, "timed_out": 0}
+    assert producer.cancel(job.id) is False
+    assert wait_until(lambda: worker.broker.shared_executors()[0]["t"][0] == 0)  # its slot is free again
+    assert leftover_keys(producer.broker) == []
+
+
+def test_a_running_cancelled_attempt_holds_its_global_slot_until_it_returns(redis):
+    producer, worker = redis.pair()
+    started = threading.Event()
+    let_go = threading.Event()
+    ran = []
+
+    def stubborn(job):  # ignores its cancellation
+        ran.append(job.payload)
+        if job.payload == 0:
+            started.set()
+            let_go.wait(WAIT)
+
+    worker.register_executor("t", stubborn, ExecutorConfig(max_concurrent_jobs=1, timeout=None))
+    first = producer.enqueue(Job("t", 0))
+    worker.start_dispatcher(2)
+    assert started.wait(WAIT)
+    producer.enqueue(Job("t", 1))
+    assert producer.cancel(first.id)
+    assert wait_until(lambda: producer.get_stats().jobs_cancelled == 1)
+    time.sleep(QUIET)
+    assert ran == [0]  # the limit of one holds while the cancelled attempt still runs
+    let_go.set()
+    assert producer.join(WAIT)
+    assert ran == [0, 1]
+
+
+def test_cancel_a_job_buffered_in_another_queue(redis):
+    producer, worker = redis.pair()
+    started = threading.Event()
+    release = threading.Event()
+    ran = []
+
+    def run(job):
+        ran.append(job.payload)
+        started.set()
+        release.wait(WAIT)
+
+    worker.register_executor("t", run)
+    producer.enqueue(Job("t", "running", priority=Priority.HIGH))
+    buffered = producer.enqueue(Job("t", "buffered"))
+    worker.start_dispatcher(1)  # one worker, one job prefetched into its buffer
+    assert started.wait(WAIT)
+    assert wait_until(lambda: producer.get_stats().medium_queue_size == 0)  # fetched: leased
+    worker_failures = failures_of(worker)
+    assert producer.cancel(buffered.id)
+    assert worker_failures.wait_for(1, LEASE + WAIT / 2)
+    release.set()
+    assert producer.join(WAIT)
+    assert ran == ["running"]
+    assert [(i, reason) for i, reason, _ in worker_failures.snapshot()] == [(buffered.id, "cancelled")]
+    assert counters(producer)["cancelled"] == 1 and counters(producer)["succeeded"] == 1
+
+
+def test_an_idle_owner_hears_of_a_cancel_at_once_not_at_its_heartbeat(redis_url):
+    slow_beat = Redis(redis_url, lease=40.0)  # heartbeat every 10 s
+    try:
+        producer, worker = slow_beat.pair()
+        started, cancelled = threading.Event(), threading.Event()
+
+        def run(job, ctx):
+            started.set()
+            if ctx.wait(WAIT * 10):
+                cancelled.set()
+
+        worker.register_executor("t", run, ExecutorConfig(timeout=None))
+        job = producer.enqueue(Job("t"))
+        worker.start_dispatcher(2)  # a free worker: its pump waits in Redis, where the cancel wakes it
+        assert started.wait(WAIT)
+        began = time.monotonic()
+        assert producer.cancel(job.id)
+        assert cancelled.wait(WAIT)
+        assert time.monotonic() - began < 40.0 / 4
+        assert producer.join(WAIT)
+    finally:
+        slow_beat.close()
+
+
+# --- the races, through the scripts (cancel.lua and the settle rules of lib.lua) -------------
+
+from tinymq.redis._scripts import Scripts, SettleOp  # noqa: E402
+
+LEASE_MS = 60_000
+
+
+@pytest.fixture
+def scripts(redis_url):
+    import redis as redis_py
+
+    client = redis_py.Redis.from_url(redis_url, decode_responses=True)
+    yield Scripts(client, "c")
+    client.close()
+
+
+def script_stats(scripts):
+    return {k: int(v) for k, v in scripts.client.hgetall(scripts.key("stats")).items() if v != "0"}
+
+
+def enqueue(scripts, *ids, delay_ms=0):
+    reply = scripts.enqueue(f"tok-{ids[0]}", 100, 0, [(i, "t", 1, delay_ms, f"body-{i}") for i in ids])
+    assert reply.status == "ok"
+
+
+def fetched(scripts, proc, fetch_id, n=1, ops=()):
+    return scripts.fetch(proc, fetch_id, n, LEASE_MS, 3, fetch_id != "1", list(ops))
+
+
+def only_cancelled_left(scripts):
+    """Nothing of the job stays: no hash, no mark, no slot, nothing outstanding."""
+    client = scripts.client
+    assert client.keys(scripts.key("job:*")) == []
+    assert client.keys(scripts.key("cancels:*")) == []
+    assert client.hgetall(scripts.key("running")) == {}
+    assert int(client.hget(scripts.key("stats"), "outstanding") or 0) == 0
+
+
+def test_a_resent_cancel_gets_the_first_reply_and_a_second_cancel_finds_nothing(scripts):
+    enqueue(scripts, "a")
+    first = scripts.cancel("tok1", "a")
+    assert first.status == "removed" and first.removed.id == "a" and first.removed.body == "body-a"
+    assert scripts.cancel("tok1", "a") == first  # its reply was lost: the resend says the same
+    assert scripts.cancel("tok2", "a").status == "none"
+    assert script_stats(scripts) == {"enqueued": 1, "cancelled": 1}
+    only_cancelled_left(scripts)
+
+
+@pytest.mark.parametrize("op", ["S", "Y", "B"])  # (a failure for good stands: test_redis_attackR_findings)
+def test_a_marked_attempt_ends_cancelled_whatever_its_settle_says(scripts, op):
+    enqueue(scripts, "a")
+    attempt = fetched(scripts, "p1", "1").jobs[0].attempt
+    marked = scripts.cancel("tok", "a")
+    assert (marked.status, marked.proc, marked.attempt) == ("marked", "p1", attempt)
+    assert scripts.cancel("tok-again", "a").status == "none"  # cancelled already: not twice
+    beat = scripts.heartbeat("p1", LEASE_MS, 3, True, "b1")
+    assert list(beat.cancels) == [attempt]  # the owner hears of it at its heartbeat
+    settle = SettleOp(op, attempt, 1, 0.0, "", "boom")
+    reply = fetched(scripts, "p1", "2", 1, [settle])
+    # The owner did not cancel it itself: the reply hands the job back to report, once.
+    assert [(c.id, c.reason, c.body) for c in reply.crashed] == [("a", "cancelled", "body-a")]
+    assert list(reply.cancels) == [] and reply.jobs == []  # not retried, not given back
+    assert fetched(scripts, "p1", "2", 1, [settle]).crashed == reply.crashed  # a resend: the same
+    assert script_stats(scripts) == {"enqueued": 1, "cancelled": 1}
+    only_cancelled_left(scripts)
+
+
+def test_the_owners_own_cancel_is_not_handed_back_to_report(scripts):
+    enqueue(scripts, "a")
+    attempt = fetched(scripts, "p1", "1").jobs[0].attempt
+    assert scripts.cancel("tok", "a").status == "marked"
+    reply = fetched(scripts, "p1", "2", 1, [SettleOp("Z", attempt, 0, 0, "cancelled", "")])
+    assert reply.crashed == []  # its process reported it when it cancelled it
+    assert script_stats(scripts) == {"enqueued": 1, "cancelled": 1}
+    only_cancelled_left(scripts)
+
+
+@pytest.mark.parametrize("late_return_first", [False, True])
+def test_a_marked_attempt_that_times_out_ends_cancelled_and_keeps_its_slot_until_it_returns(
+        scripts, late_return_first):
+    scripts.set_limits({"t": 1})
+    enqueue(scripts, "a", "b")
+    attempt = fetched(scripts, "p1", "1").jobs[0].attempt
+    assert scripts.cancel("tok", "a").status == "marked"
+    decision = SettleOp("y", attempt, 1, 0.0, "", "JobTimeout: late")
+    late = SettleOp("E", attempt)
+    ops = [late, decision] if late_return_first else [decision]
+    reply = fetched(scripts, "p1", "2", 1, ops)
+    assert [(c.id, c.reason) for c in reply.crashed] == [("a", "cancelled")]
+    if not late_return_first:  # it still runs: b waits for the slot
+        assert reply.jobs == []
+        reply = fetched(scripts, "p1", "3", 1, [late])
+    assert [j.id for j in reply.jobs] == ["b"]  # a is not retried
+    stats = script_stats(scripts)
+    assert (stats.get("cancelled"), stats.get("retried"), stats.get("timed_out")) == (1, None, None)
+
+
+@pytest.mark.parametrize("reaper", ["beat", "fetch", "reap"])
+def test_a_marked_attempt_of_a_dead_process_ends_cancelled_not_back_to_ready(scripts, reaper):
+    enqueue(scripts, "a", "b")
+    fetched(scripts, "p1", "1", 2)
+    assert scripts.cancel("tok", "a").status == "marked"
+    scripts.client.zadd(scripts.key("procs"), {"p1": 0})  # p1 stopped renewing long ago
+    if reaper == "beat":
+        crashed = scripts.heartbeat("p2", LEASE_MS, 3, False, "b1").crashed
+    elif reaper == "fetch":
+        crashed = fetched(scripts, "p2", "1", 0).crashed
+    else:
+        crashed = scripts.reap(3)[1]
+    assert [(c.id, c.reason) for c in crashed] == [("a", "cancelled")]  # reported once, by the reaper
+    assert scripts.client.lrange(scripts.key("ready:1"), 0, -1) == ["b"]  # b back; a is not
+    assert script_stats(scripts) == {"enqueued": 2, "cancelled": 1, "outstanding": 1}
+    assert scripts.client.keys(scripts.key("cancels:*")) == []
+
+
+def test_a_marked_attempt_given_back_at_release_ends_cancelled_and_is_reported_by_another(scripts):
+    enqueue(scripts, "a")
+    attempt = fetched(scripts, "p1", "1").jobs[0].attempt
+    assert scripts.cancel("tok", "a").status == "marked"
+    assert scripts.release("p1", [SettleOp("B", attempt)]) == 0  # it stopped before it heard
+    assert scripts.client.lrange(scripts.key("ready:1"), 0, -1) == []
+    reply = scripts.heartbeat("p2", LEASE_MS, 3, False, "b1")
+    assert [(c.id, c.reason) for c in reply.crashed] == [("a", "cancelled")]
+    assert scripts.heartbeat("p2", LEASE_MS, 3, True, "b1").crashed == reply.crashed  # resent
+    assert scripts.heartbeat("p2", LEASE_MS, 3, True, "b2").crashed == []  # handed out once
+    assert script_stats(scripts) == {"enqueued": 1, "cancelled": 1}
+    only_cancelled_left(scripts)
+
+
+def test_cancelling_a_parked_job_keeps_the_parked_counts(scripts):
+    scripts.set_limits({"t": 1})
+    enqueue(scripts, "a", "b", "c")
+    first = fetched(scripts, "p1", "1", 3)  # a taken, b and c parked behind it
+    assert [j.id for j in first.jobs] == ["a"]
+    assert scripts.cancel("tok", "b").status == "removed"
+    assert script_stats(scripts).get("parked:1") == 1
+    nxt = fetched(scripts, "p1", "2", 1, [SettleOp("S", first.jobs[0].attempt)])
+    assert [j.id for j in nxt.jobs] == ["c"]
+    assert scripts.client.hgetall(scripts.key("parkedn")) == {}

@@ -1,0 +1,69 @@
+--[[ cancel: end the unfinished job id as cancelled (q.cancel over a broker).
+KEYS[1] prefix. ARGV: token (a resend of this call is recognised by it), id.
+Returns one of
+  {0}                                     no unfinished job has that id (unknown, finished,
+                                          dead, or cancelled already)
+  {1, {id, body, retries, error}}         it was waiting (ready, delayed, parked): removed,
+                                          its hash deleted, counted; the caller reports it
+  {2, proc, attempt}                      it is leased to proc (buffered or running there):
+                                          the attempt is marked (cancels:<proc>, job field z);
+                                          proc hears of it in its next fetch or beat reply and
+                                          cancels it, and its settle ends the job as cancelled
+                                          (unless proc decided a failure for good first: see
+                                          settle in lib.lua)
+Removing a waiting job looks through its ready or parked list (O(length)); finding a leased
+one looks through the inflight hashes of the live processes. Cancelling is rare: the hot
+paths (fetch, settle) pay one EXISTS per call for it.
+The reply is kept under the token for 2 to 3 TOKEN_SPANs, as enqueue keeps its tokens. ]]
+local TOKEN_SPAN = 30000 -- ms (as in enqueue.lua)
+local token, id = ARGV[1], ARGV[2]
+local now = now_ms()
+local span = math.floor(now / TOKEN_SPAN)
+for s = span, span - 2, -1 do
+  local seen = redis.call('HGET', P .. 'tokens:' .. s, token)
+  if seen then return cjson.decode(seen) end
+end
+
+local function cancel()
+  local jk = job_key(id)
+  local f = redis.call('HMGET', jk, 't', 'p', 'x', 'z', 'b', 'r', 'e')
+  local t, p = f[1], tonumber(f[2])
+  if not t or not p or f[3] or f[4] then return {0} end
+  local function removed()
+    redis.call('DEL', jk)
+    count('cancelled', 1)
+    count('outstanding', -1)
+    return {1, {id, f[5] or '', f[6] or '0', f[7] or ''}}
+  end
+  if redis.call('LREM', READY[p], 1, id) == 1 then return removed() end
+  if redis.call('ZREM', K_DELAYED, id) == 1 then
+    redis.call('ZREM', K_CAPPED, id)
+    return removed()
+  end
+  if redis.call('LREM', parked_key(p, t), 1, id) == 1 then
+    if redis.call('HINCRBY', K_PARKEDN, t, -1) <= 0 then redis.call('HDEL', K_PARKEDN, t) end
+    count('parked:' .. p, -1)
+    return removed()
+  end
+  for _, proc in ipairs(redis.call('ZRANGE', K_PROCS, 0, -1)) do
+    local entries = redis.call('HGETALL', inflight_key(proc))
+    for i = 1, #entries, 2 do
+      local attempt, state = entries[i], string.sub(entries[i + 1], 1, 1)
+      if state ~= 'X' and id_of(attempt) == id then -- (an X attempt's job is decided: not here)
+        redis.call('HSET', jk, 'z', '1')
+        redis.call('SADD', cancels_key(proc), attempt)
+        local wake = wake_key(proc) -- an idle owner hears of it at once
+        if redis.call('LLEN', wake) == 0 then redis.call('RPUSH', wake, '1') end
+        return {2, proc, attempt}
+      end
+    end
+  end
+  return {0} -- (an unfinished job in no place breaks an invariant; nothing to cancel)
+end
+
+local reply = cancel()
+local tokens = P .. 'tokens:' .. span
+redis.call('HSET', tokens, token, cjson.encode(reply))
+if redis.call('TTL', tokens) < 0 then redis.call('PEXPIRE', tokens, 3 * TOKEN_SPAN) end
+flush_counts()
+return reply
