@@ -1579,7 +1579,7 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
     cdef PyObject *taken = NULL
     cdef TypeState state
     cdef double started, ended, deadline
-    cdef bint expired
+    cdef bint expired, decided
     cdef long succeeded = 0
     cdef _Waiter waiter = _Waiter()  # this worker's, for every wait
     finished = None  # a success whose on_success and task_done wait for the next start (on_switch)
@@ -1611,6 +1611,7 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
         if deadline < watchdog.armed_at:
             watchdog._wake()
         error = None
+        decided = False  # cancelled (or timed out) while the store wrote its start: fn is not called
         try:
             if finished is not None:
                 done, finished = finished, None
@@ -1618,14 +1619,17 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
                     switch(done, job)
                 finally:
                     ready._task_done(done)
+                decided = slot.expired
             elif slot.on_start is not None:
                 slot.on_start(job)
-            if context is None:
-                result = fn(job)
-            else:
-                result = fn(job, context)
-            if result is not None and _awaitable_or_generator(result):  # a function returning a coroutine
-                dispatcher.returned(job, state, result)
+                decided = slot.expired
+            if not decided:
+                if context is None:
+                    result = fn(job)
+                else:
+                    result = fn(job, context)
+                if result is not None and _awaitable_or_generator(result):  # a function returning a coroutine
+                    dispatcher.returned(job, state, result)
         except BaseException as exc:  # the attempt's failure, whatever it is
             error = exc
         ended = _monotonic()

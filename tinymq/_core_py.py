@@ -1155,20 +1155,24 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
             slot.begin(job, state, deadline, context)
             try:
                 watchdog.wake_before(deadline)
+                decided = False  # cancelled (or timed out) while the store wrote its start: fn is not called
                 if finished is not None:
                     done, finished = finished, None
                     try:
                         switch(done, job)  # type: ignore[misc]
                     finally:
                         ready.task_done(done)
+                    decided = slot.expired
                 elif slot.on_start is not None:
                     slot.on_start(job)
-                if context is None:
-                    result = fn(job)
-                else:
-                    result = fn(job, context)
-                if result is not None and _awaitable_or_generator(result):  # a function returning a coroutine
-                    dispatcher.returned(job, state, result)
+                    decided = slot.expired
+                if not decided:
+                    if context is None:
+                        result = fn(job)
+                    else:
+                        result = fn(job, context)
+                    if result is not None and _awaitable_or_generator(result):  # a function returning a coroutine
+                        dispatcher.returned(job, state, result)
             except BaseException as exc:  # the attempt's failure, whatever it is
                 error = exc
             ended = monotonic()

@@ -222,6 +222,15 @@ class Dispatcher:
         store = self.store
         if store is not None:
             self.call_store("mark_running", store.mark_running, job)
+            if self._stopping:
+                self._started_after_stop(job)
+
+    def _started_after_stop(self, job: Any) -> None:
+        """A start was written while stop() began: if stop() cancelled this attempt and saved its job
+        back as ready meanwhile, that save must come last (not "running": no crash at the next start)."""
+        with self._stop_order:
+            if job in self._stop_cancelled and job not in self._decided:
+                self.call_store("save", self.store.save, job)
 
     def _succeeded(self, job: Any) -> None:
         logger.debug("job %s (%s) succeeded", job.id, job.type)
@@ -241,11 +250,25 @@ class Dispatcher:
         logger.debug("job %s (%s) succeeded", finished.id, finished.type)
         store = self.store
         if not self._stopping:
-            self.call_store("delete", store.delete_and_mark_running, finished.id, job)
+            self._switch(store, finished, job)
+            if self._stopping:
+                self._started_after_stop(job)
             return
         with self._stop_order:  # after stop()'s save-back of the finished job, if it made one
             self._decided.add(finished)
-            self.call_store("delete", store.delete_and_mark_running, finished.id, job)
+            if job in self._stop_cancelled:  # stop() saved the next job back as ready: it stays so
+                self.call_store("delete", store.delete, finished.id)
+            else:
+                self._switch(store, finished, job)
+
+    def _switch(self, store: Any, finished: Any, job: Any) -> None:
+        """``delete_and_mark_running``; when it raises (the store, or the next attempt's timeout
+        interrupting this thread in it), the finished job's delete is tried alone: its success stands."""
+        try:
+            store.delete_and_mark_running(finished.id, job)
+        except Exception:
+            logger.exception("persistence delete_and_mark_running failed for jobs %s and %s", finished.id, job.id)
+            self.call_store("delete", store.delete, finished.id)
 
     # --- lifecycle ---------------------------------------------------------
 

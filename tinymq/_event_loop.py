@@ -153,7 +153,7 @@ class LoopRunner:
         # removed under _lock; other threads read a snapshot, list(...)), and their decisions
         # (_Attempt.decided, guarded by _lock).
         self._attempts: Dict[_Attempt, None] = {}
-        self._all_finished = threading.Condition(self._lock)  # _attempts may have emptied
+        self._all_finished = threading.Condition(self._lock)  # _attempts may have emptied, or one was decided
         self._waiting_for_end = 0  # threads in wait_finished: only then is _all_finished notified
         # Loop thread only: jobs taken from the core (slots held) for the runners; idle runners'
         # wake-up futures; runners woken or started and not yet back for a job; shutting down.
@@ -383,7 +383,13 @@ class LoopRunner:
             if attempt.decided is not None:
                 return False
             attempt.decided = how
+            self._notify_decided()
         return True
+
+    def _notify_decided(self) -> None:
+        """An attempt was decided: a wait_finished(undecided_only=True) may be over. Called with _lock held."""
+        if self._waiting_for_end:
+            self._all_finished.notify_all()
 
     def _expire(self, attempt: _Attempt) -> None:
         """The attempt's deadline (on the loop): it failed with JobTimeout; its task is cancelled."""
@@ -418,6 +424,7 @@ class LoopRunner:
             for attempt in list(self._attempts):
                 if attempt.decided is None and attempt.job._id == job_id:
                     attempt.decided = "cancelled"
+                    self._notify_decided()
                     break
             else:
                 return None
@@ -430,6 +437,8 @@ class LoopRunner:
             stopped = [a for a in list(self._attempts) if a.decided is None]
             for attempt in stopped:
                 attempt.decided = "stopped"
+            if stopped:
+                self._notify_decided()
         for attempt in stopped:
             self._cancel_task(attempt, "the queue stopped")
         return [attempt.job for attempt in stopped]

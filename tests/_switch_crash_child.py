@@ -1,0 +1,61 @@
+"""The process test_attackP_findings kills: a durable Queue with several workers, its attempts logged.
+
+Usage: python _switch_crash_child.py DB ACKED LOG TOTAL WORKERS
+
+Reloads the store, records the recovered ids as acknowledged, enqueues every
+``job-0 .. job-{TOTAL-1}`` not yet acknowledged (appending each id to ACKED once
+``enqueue`` returned), and runs them. Every attempt appends ``start ID RETRIES PID``
+and ``end ID RETRIES PID`` to LOG (one ``os.write`` each, on O_APPEND: a SIGKILL
+never leaves half a line). Prints "done" after join, stop and close.
+"""
+import os
+import sys
+import time
+
+import tinymq
+from tinymq import Config, Job, RetryConfig
+from tinymq.errors import DuplicateJob
+from tinymq.persistence import SQLitePersistence
+
+
+def main() -> None:
+    db, acked_path, log_path, total_arg, workers_arg = sys.argv[1:6]
+    total, workers = int(total_arg), int(workers_arg)
+    acked_fd, log_fd = (os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                        for path in (acked_path, log_path))
+    with open(acked_path) as f:
+        acked = set(f.read().split())
+    pid = os.getpid()
+
+    def work(job: Job) -> None:
+        os.write(log_fd, f"start {job.id} {job.retries} {pid}\n".encode())
+        if job.payload % 3 == 0:
+            time.sleep(0.0005)  # so that kills land mid-attempt too
+        os.write(log_fd, f"end {job.id} {job.retries} {pid}\n".encode())
+
+    store = SQLitePersistence(db)
+    q = tinymq.Queue(config=Config(buffer_size=50))
+    q.register_executor("work", work)
+    q.set_persistence(store)
+    recovered = {job.id for job in store.jobs()}  # before any worker starts: what the store gave back
+    for job_id in sorted(recovered - acked):  # saved before a kill, unacknowledged: enqueued for good
+        os.write(acked_fd, f"{job_id}\n".encode())
+    q.start_dispatcher(workers)
+    retry = RetryConfig(max_retries=1000, initial_delay=0.0)  # kills count as attempts
+    for i in range(total):
+        job_id = f"job-{i}"
+        if job_id not in acked and job_id not in recovered:
+            try:
+                q.enqueue(Job("work", i, id=job_id, retry_config=retry), block=True)
+            except DuplicateJob:  # pragma: no cover - recovered ids are skipped above
+                pass
+            os.write(acked_fd, f"{job_id}\n".encode())
+    if not q.join(timeout=60):
+        sys.exit("join timed out")
+    q.stop()
+    store.close()
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
