@@ -5,6 +5,7 @@ TINYMQ_NO_EXTENSIONS=1; every test runs with and without a SQLite store.
 """
 import asyncio
 import functools
+import inspect
 import logging
 import threading
 import time
@@ -91,6 +92,40 @@ def test_callables_returning_awaitables_are_async_executors(make):
         q.enqueue(Job(job_type, job_type))
     assert q.join(WAIT)
     assert sorted(seen.items) == [("call", "object"), ("partial", "partial"), ("wrapped", "wrapped")]
+
+
+def test_plain_functions_that_say_they_are_coroutine_functions_run_on_the_loop(make):
+    """A sync def made by functools.wraps around an async def, or marked with
+    inspect.markcoroutinefunction (3.12+), runs on the loop; a plain def on a worker thread
+    (the registration's quick look at a plain function's code must not miss the first two)."""
+    q = make()
+    seen = Recorder()
+
+    async def handler(job):
+        seen.add((job.type, threading.current_thread().name))
+
+    @functools.wraps(handler)
+    def wrapped(job):
+        return handler(job)
+
+    def plain(job):
+        seen.add((job.type, threading.current_thread().name))
+
+    q.register_executor("wrapped", wrapped)
+    q.register_executor("plain", plain)
+    types_ = ["wrapped", "plain"]
+    if hasattr(inspect, "markcoroutinefunction"):
+        def marked(job):
+            return handler(job)
+        q.register_executor("marked", inspect.markcoroutinefunction(marked))
+        types_.append("marked")
+    q.start_dispatcher(workers=1)
+    for job_type in types_:
+        q.enqueue(Job(job_type))
+    assert q.join(WAIT)
+    threads = dict(seen.items)
+    assert threads.pop("plain") != "tinymq-loop"
+    assert threads == {job_type: "tinymq-loop" for job_type in types_ if job_type != "plain"}
 
 
 def test_async_jobs_never_wait_for_a_worker_thread_nor_threads_for_the_loop(make):

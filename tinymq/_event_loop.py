@@ -501,6 +501,8 @@ def timeout_error(job: Any, state: Any) -> JobTimeout:
 def is_async_executor(fn: Any) -> bool:
     """Whether ``fn`` is run on the loop: an ``async def`` function, a ``functools.partial`` of
     one, a function wrapping one (``functools.wraps``), or an object whose ``__call__`` is one."""
+    if fn.__class__ is types.FunctionType and not fn.__dict__:  # a plain function: its code says
+        return bool(fn.__code__.co_flags & inspect.CO_COROUTINE)
     for target in (fn, getattr(fn, "__call__", None), inspect.unwrap(fn) if callable(fn) else None):
         if inspect.iscoroutinefunction(target):
             return True

@@ -32,6 +32,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 _now = time.time
 
 
+_DEFAULT_EXECUTOR_CONFIG = ExecutorConfig()  # immutable: one for every registration without a config
 # A plain function's answer, for the next registration of the same function (one handler for
 # many job types): valid while the code and defaults that decided it are the same objects.
 _plain_answers: "weakref.WeakKeyDictionary[Any, Tuple[Any, Any, Any, bool]]" = weakref.WeakKeyDictionary()
@@ -170,7 +171,7 @@ class Queue:
             raise TypeError(f"executor for {job_type!r} must be callable, got {fn!r}")
         takes_context = _takes_context(job_type, fn)
         if config is None:
-            config = ExecutorConfig()
+            config = _DEFAULT_EXECUTOR_CONFIG
         elif not isinstance(config, ExecutorConfig):
             raise TypeError(f"config must be a tinymq.ExecutorConfig, got {config!r}")
         local_config = config
