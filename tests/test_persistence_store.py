@@ -267,29 +267,38 @@ def test_concurrent_saves_and_deletes_from_8_threads(store, path):
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
+def _commit_sizes_of_eight_threads(store, work):
+    """Run ``work(t)`` in 8 threads released at once; the number of units each commit carried."""
+    commits = []
+    original = store._commit
+
+    def counting_commit(batch):
+        commits.append(len(batch))
+        original(batch)
+
+    store._commit = counting_commit
+    barrier = threading.Barrier(8)
+
+    def thread_body(t):
+        barrier.wait()
+        work(t)
+
+    threads = [threading.Thread(target=thread_body, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return commits
+
+
 def test_group_commit_under_full_shares_transactions(path):
     """Under contention, one committer commits other threads' saves with its own."""
     with SQLitePersistence(path, synchronous="FULL") as store:
-        commits = []
-        original = store._commit
-
-        def counting_commit(batch):
-            commits.append(len(batch))
-            original(batch)
-
-        store._commit = counting_commit
-        barrier = threading.Barrier(8)
-
         def producer(t):
-            barrier.wait()
             for i in range(50):
                 store.save(Job("t", id=f"{t}-{i}"))
 
-        threads = [threading.Thread(target=producer, args=(t,)) for t in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        commits = _commit_sizes_of_eight_threads(store, producer)
         assert len(rows(store)) == 400
         assert max(commits) > 1, "no commit ever carried more than one thread's save"
 
@@ -298,26 +307,12 @@ def test_workers_ending_and_starting_jobs_at_once_share_transactions_and_each_ge
     """delete_and_mark_running from 8 threads under FULL: batched together, each row as its thread left it."""
     with SQLitePersistence(path, synchronous="FULL") as store:
         store.save_many([Job("t", id=f"{t}-{i}") for t in range(8) for i in range(21)])
-        commits = []
-        original = store._commit
-
-        def counting_commit(batch):
-            commits.append(len(batch))
-            original(batch)
-
-        store._commit = counting_commit
-        barrier = threading.Barrier(8)
 
         def worker(t):
-            barrier.wait()
             for i in range(20):
                 store.delete_and_mark_running(f"{t}-{i}", Job("t", id=f"{t}-{i + 1}"))
 
-        threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        commits = _commit_sizes_of_eight_threads(store, worker)
         assert rows(store) == {f"{t}-20": "running" for t in range(8)}
         assert max(commits) > 1, "no commit ever carried more than one thread's switch"
 
