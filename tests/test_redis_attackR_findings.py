@@ -33,6 +33,17 @@ def scripts(redis_url):
     client.close()
 
 
+
+def _stop_fleet(children, killed):
+    """Close the live worker children's stdin (each then stops cleanly, exit 0) and the killed one's pipes."""
+    for child in children:
+        child.stdin.close()
+    for child in children:
+        assert child.wait(WAIT) == 0
+    if killed is not None:
+        killed.stdin.close()
+        killed.stdout.close()
+
 def test_a_failure_its_process_decided_before_a_cancel_reached_it_is_reported_once(redis):
     """"Every job ends exactly once ... reported once" (API.md Scale-out, docs/redis.md
     Cancelling). The owner decides a failure for good, and reports it, the moment its
@@ -176,13 +187,7 @@ def test_cancels_racing_a_fleet_end_every_job_once_and_report_it_once(redis, red
                 assert children[-1].stdout.readline().strip() == "ready"
         assert producer.join(WAIT * 3)
     finally:
-        for child in children:
-            child.stdin.close()
-        for child in children:
-            assert child.wait(WAIT) == 0
-        if killed is not None:
-            killed.stdin.close()
-            killed.stdout.close()
+        _stop_fleet(children, killed)
     out = redis_py.Redis.from_url(redis_url)
     rows = [json.loads(r) for r in out.lrange(REPORTS, 0, -1)]
     by_killed = {i for i, _, pid in rows if killed is not None and pid == killed.pid}
@@ -258,13 +263,7 @@ def test_rate_windows_hold_through_kill_9_of_a_worker_holding_starts(redis_url):
         assert producer.join(WAIT * 4)
         assert producer.get_stats().jobs_succeeded == 40
     finally:
-        for child in children:
-            child.stdin.close()
-        for child in children:
-            assert child.wait(WAIT) == 0
-        if killed is not None:
-            killed.stdin.close()
-            killed.stdout.close()
+        _stop_fleet(children, killed)
         shared.close()
     lines = [line.decode().split() for line in out.lrange(OUT, 0, -1)]
     out.close()
