@@ -2,6 +2,7 @@
 
 Ownership, read-only stores, file safety and fork() are in test_persistence_ownership.py.
 """
+import itertools
 import logging
 import os
 import sqlite3
@@ -16,6 +17,8 @@ from tinymq.job import Job
 from tinymq.persistence import (
     JSONSerializer, Persistence, PickleSerializer, SQLitePersistence,
 )
+
+from _helpers import WAIT
 
 
 @pytest.fixture
@@ -535,6 +538,64 @@ def test_a_writer_whose_unit_a_failed_committer_drained_gets_an_error_not_silenc
         thread.join(10)
         assert len(outcome) == 1 and "interrupted before its commit" in outcome[0]
         assert rows(store) == {}
+
+
+class _Killed(BaseException):
+    """An exception raised into a committing thread (as JobTimeout is with interrupt_on_timeout)."""
+
+
+def test_writers_from_many_threads_with_failures_and_a_dying_committer_never_hang(path):
+    """16 threads save, delete and save_many at once; some units are refused by SQLite and now
+    and then a committer dies in its commit. Every call returns or raises PersistenceError
+    (none waits forever), and the store holds exactly what the calls that returned wrote."""
+    with SQLitePersistence(path) as store:
+        original = store._commit
+        rounds = itertools.count()
+
+        def sometimes_dies(batch):
+            if next(rounds) % 97 == 50:
+                raise _Killed()
+            original(batch)
+
+        store._commit = sometimes_dies
+        expected, errors, unexpected = {}, [], []
+        barrier = threading.Barrier(16)
+
+        def writer(t):
+            barrier.wait()
+            for i in range(150):
+                job_id = f"{t}-{i}"
+                try:
+                    if i % 10 == 9:
+                        store._write([("INSERT INTO no_such_table VALUES (1)", ())])
+                    elif i % 7 == 6:
+                        store.save_many([Job("t", id=f"{job_id}-{k}") for k in range(3)])
+                        expected.update(dict.fromkeys((f"{job_id}-{k}" for k in range(3)), "ready"))
+                    else:
+                        store.save(Job("t", id=job_id))
+                        expected[job_id] = "ready"
+                        if i % 3 == 0:
+                            store.delete(job_id)
+                            del expected[job_id]
+                except PersistenceError as exc:
+                    errors.append(exc)
+                except _Killed:
+                    errors.append("killed")
+                except BaseException as exc:  # pragma: no cover - reported below
+                    unexpected.append(exc)
+
+        threads = [threading.Thread(target=writer, args=(t,)) for t in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT * 3)
+        assert not any(thread.is_alive() for thread in threads), "a writer is waiting forever"
+        assert unexpected == []
+        assert errors, "no write failed: the test did not exercise failures"
+        del store._commit
+        stored = rows(store)
+        # A failed call wrote nothing that is expected; a returned one is there as it left it.
+        assert {k: v for k, v in stored.items() if k in expected} == expected
 
 
 def test_a_merged_batch_has_the_effect_of_its_statements_in_order(path):
