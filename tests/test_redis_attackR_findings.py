@@ -310,6 +310,8 @@ def test_the_id_of_a_cancelled_running_job_is_free_at_once_as_in_process(redis):
     assert started.wait(WAIT)
     assert producer.cancel("report-2026-12") is True
     producer.enqueue(Job("t", id="report-2026-12"))
+    with pytest.raises(DuplicateJob):  # the fresh one holds the id now
+        producer.enqueue(Job("t", id="report-2026-12"))
 
 
 def test_a_cancel_mark_survives_kill_9_of_redis_and_a_cancel_while_it_is_down_raises(own_redis_server):
