@@ -697,8 +697,8 @@ def test_status_of_a_redis_queue_and_its_dead_jobs(shared_project, producer, rec
     assert report["backend"] == "redis" and report["name"] == "cli" and report["redis"] == redis_url
     assert report["counts"] == {"ready": 0, "delayed": 1, "taken": 1, "dead": 3}
     assert report["worker_processes"] == 2
-    assert report["executors"] == {"fail": {"taken": 0, "max_jobs": 2},
-                                   "record": {"taken": 1, "max_jobs": 50}}
+    assert report["executors"] == {"fail": {"taken": 0, "max_jobs": 2, "rate_limit": None},
+                                   "record": {"taken": 1, "max_jobs": 50, "rate_limit": None}}
     assert report["counters"]["jobs_enqueued"] == 5
     assert report["counters"]["jobs_failed"] == 3
     dead = {entry["id"]: entry for entry in report["dead_jobs"]}
@@ -710,7 +710,8 @@ def test_status_of_a_redis_queue_and_its_dead_jobs(shared_project, producer, rec
     text = redis_status(redis_url).stdout
     assert text.splitlines()[0] == f"tinymq queue 'cli' on {redis_url}"
     assert re.search(r"^\s+0\s+1\s+1\s+3\s+2$", text, re.MULTILINE), text
-    assert re.search(r"^record\s+1\s+50$", text, re.MULTILINE), text
+    assert re.search(r"^record\s+1\s+50$", text, re.MULTILINE), text  # (no rate limit: no rate columns)
+    assert "rate limit" not in text
     assert re.search(r"^fail-1\s+fail\s+MEDIUM\s+1\s+retries_exhausted\s+ValueError: cannot 1$", text,
                      re.MULTILINE), text
 
@@ -726,6 +727,51 @@ def test_status_of_a_redis_queue_and_its_dead_jobs(shared_project, producer, rec
     worker.signal(signal.SIGTERM)
     worker.wait_for(r"stopping \(SIGTERM\)", count=2)
     worker.kill()  # the held attempt would take a minute
+
+
+def test_status_of_a_redis_queue_shows_rate_limits_and_the_starts_in_their_window(redis_url, record):
+    """Issue #14: beside each type's global concurrency limit and taken slots, its global rate
+    limit and the starts counted in its window now, in the table and in --json."""
+    from tinymq.redis import RedisBroker
+
+    queue = tinymq.Queue(broker=RedisBroker(redis_url, name="cli"))
+    try:
+        rate = tinymq.ExecutorConfig(max_concurrent_jobs=4, rate_limit=tinymq.RateLimit(3, per=600.0))
+        queue.register_executor("api", lambda job: None, rate)
+        queue.register_executor("plain", lambda job: None, tinymq.ExecutorConfig(max_concurrent_jobs=2))
+        burst = tinymq.ExecutorConfig(max_concurrent_jobs=1, rate_limit=tinymq.RateLimit(2, per=0.5))
+        queue.register_executor("burst", lambda job: None, burst)
+        queue.enqueue_many([tinymq.Job("api", n) for n in range(5)] + [tinymq.Job("plain", 0)]
+                           + [tinymq.Job("burst", n) for n in range(2)])
+        queue.start_dispatcher(2)
+        eventually(lambda: queue.get_stats().jobs_succeeded == 6, "3 api, 1 plain and 2 burst done")  # 2 api wait
+
+        def executors():
+            return json.loads(redis_status(redis_url, "--json").stdout)["executors"]
+
+        report = json.loads(redis_status(redis_url, "--json").stdout)
+        burst_rate = report["executors"].pop("burst")["rate_limit"]
+        assert report["executors"] == {
+            "api": {"taken": 0, "max_jobs": 4, "rate_limit": {"max_starts": 3, "per": 600.0, "starts": 3}},
+            "plain": {"taken": 0, "max_jobs": 2, "rate_limit": None},
+        }
+        assert (burst_rate["max_starts"], burst_rate["per"]) == (2, 0.5)
+        # Once its window has passed its starts no longer count. Redis drops such a start only when
+        # the type's next hand-out looks: one that ended a moment ago, still held, is not shown.
+        eventually(lambda: executors()["burst"]["rate_limit"]["starts"] == 0, "the burst window passed")
+        seconds, micros = record.time()
+        record.zadd("tmq:{cli}:rate:burst", {"gone|1:x": seconds * 1000 + micros / 1000 - 1})
+        assert executors()["burst"]["rate_limit"]["starts"] == 0
+        assert report["counts"]["ready"] == 2  # the two waiting for the window
+        text = redis_status(redis_url).stdout
+        assert re.search(r"^executor\s+taken\s+max\s+rate limit\s+starts$", text, re.MULTILINE), text
+        assert re.search(r"^api\s+0\s+4\s+3 per 600s\s+3$", text, re.MULTILINE), text
+        assert re.search(r"^plain\s+0\s+2\s+-\s+-$", text, re.MULTILINE), text
+        assert re.search(r"^burst\s+0\s+1\s+2 per 0.5s\s+0$", text, re.MULTILINE), text
+        assert queue.get_stats().jobs_succeeded == 6  # (the window still holds the other two api jobs)
+    finally:
+        queue.stop()
+        queue.broker.close()
 
 
 def test_status_of_an_unreachable_redis_is_an_error():

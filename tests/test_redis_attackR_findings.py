@@ -290,15 +290,13 @@ def test_a_bad_redis_url_is_refused_naming_it_without_its_password(url, part):
     assert "s3cret" not in str(raised.value)
 
 
-@pytest.mark.xfail(strict=True, raises=DuplicateJob,
-                   reason="unfixed: a cancelled running job's id stays taken until its owner hears of the cancel")
 def test_the_id_of_a_cancelled_running_job_is_free_at_once_as_in_process(redis):
     """API.md: an explicit id is unique among the unfinished jobs; q.cancel() returning True
     ends the job (in-process, its id is free at once: "cancel report-2026-12, enqueue a fresh
-    one"). Over Redis a running job's cancel only marks it, and its hash (which the id's
-    uniqueness is checked against) stays until the owner's settle, up to lease / 4 later
-    while the owner is busy. Not fixed: the job hash is keyed by id alone, so a new job of
-    that id cannot be written beside the marked attempt without a change of key layout."""
+    one"). Over Redis a running job's cancel only marks it; its owner hears of it up to
+    lease / 4 later while busy. Before the fix the job hash (which the id's uniqueness is
+    checked against) stayed at job:<id> until then, and the enqueue raised DuplicateJob;
+    cancel.lua now moves it to a key of the marked attempt's own."""
     producer, worker = redis.pair()
     started = threading.Event()
 
@@ -312,6 +310,8 @@ def test_the_id_of_a_cancelled_running_job_is_free_at_once_as_in_process(redis):
     assert started.wait(WAIT)
     assert producer.cancel("report-2026-12") is True
     producer.enqueue(Job("t", id="report-2026-12"))
+    with pytest.raises(DuplicateJob):  # the fresh one holds the id now
+        producer.enqueue(Job("t", id="report-2026-12"))
 
 
 def test_a_cancel_mark_survives_kill_9_of_redis_and_a_cancel_while_it_is_down_raises(own_redis_server):

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tinymq import ExecutorConfig, Job, JobTimeout, Priority, RetryConfig
+from tinymq import DuplicateJob, ExecutorConfig, Job, JobTimeout, PermanentFailure, Priority, RetryConfig
 
 from _backends import Redis
 from _helpers import QUIET, WAIT, record_failures, wait_until
@@ -40,10 +40,10 @@ def counters(q):
 
 
 def leftover_keys(broker):
-    """The job hashes and cancel marks still in Redis for this queue."""
+    """The job hashes (a marked attempt's too) and cancel marks still in Redis for this queue."""
     prefix = broker._scripts.prefix
     return sorted(k for k in broker.client.keys(prefix + "*")
-                  if k.startswith((prefix + "job:", prefix + "cancels:")))
+                  if k.startswith((prefix + "job:", prefix + "cancels:", prefix + "cancelled:")))
 
 
 def test_cancel_a_ready_job_from_a_producer_reports_it_there(redis):
@@ -299,6 +299,7 @@ def only_cancelled_left(scripts):
     client = scripts.client
     assert client.keys(scripts.key("job:*")) == []
     assert client.keys(scripts.key("cancels:*")) == []
+    assert client.keys(scripts.key("cancelled:*")) == []  # (a marked attempt's moved hash)
     assert client.hgetall(scripts.key("running")) == {}
     assert int(client.hget(scripts.key("stats"), "outstanding") or 0) == 0
 
@@ -404,3 +405,246 @@ def test_cancelling_a_parked_job_keeps_the_parked_counts(scripts):
     nxt = fetched(scripts, "p1", "2", 1, [SettleOp("S", first.jobs[0].attempt)])
     assert [j.id for j in nxt.jobs] == ["c"]
     assert scripts.client.hgetall(scripts.key("parkedn")) == {}
+
+
+# --- a cancelled running job's id is free at once: its late outcome never touches a newer job -----
+
+
+def moved_hashes(scripts):
+    """The hashes of marked attempts (cancelled:<proc>|<attempt>, see lib.lua)."""
+    return scripts.client.keys(scripts.key("cancelled:*"))
+
+
+# How the marked attempt of the old job "a" ends, after a new job "a" was enqueued:
+# (ops its owner p1 sends, whether its reply hands the old job back to report as cancelled,
+#  the counters of the old job's end).
+LATE_ENDS = {
+    "success": ([("S",)], True, {"cancelled": 1}),
+    "retry": ([("Y", 1, 0.0, "", "ValueError: boom")], True, {"cancelled": 1}),
+    "retry at the deadline, then the late return": (
+        [("y", 1, 0.0, "", "JobTimeout: late"), ("E",)], True, {"cancelled": 1}),
+    "late return, then the decision": ([("E",), ("y", 1, 0.0, "", "JobTimeout: late")], True, {"cancelled": 1}),
+    "its own cancel": ([("Z", 0, 0.0, "cancelled", "")], False, {"cancelled": 1}),
+    "failure for good": ([("Z", 0, 0.0, "permanent_failure", "PermanentFailure: 404")], False, {"failed": 1}),
+    "failure for good at the deadline": (
+        [("z", 0, 0.0, "retries_exhausted", "JobTimeout: late"), ("E",)], False, {"failed": 1, "timed_out": 1}),
+    "given back at stop": ([("B",)], True, {"cancelled": 1}),
+}
+
+
+def _ops(attempt, specs):
+    return [SettleOp(spec[0], attempt, *spec[1:]) for spec in specs]
+
+
+@pytest.mark.parametrize("new_owner", ["p1", "p2"])
+@pytest.mark.parametrize("end", sorted(LATE_ENDS))
+def test_a_late_outcome_of_a_cancelled_attempt_never_ends_counts_or_deletes_the_new_job_of_its_id(
+        scripts, end, new_owner):
+    """API.md: cancel() returning True ends the job, and an explicit id is unique among the
+    unfinished jobs, so the id is free at once (as in-process). The old attempt still runs in
+    its owner until it hears of the cancel; whatever it then reports (success, retry, timeout,
+    failure for good, give-back), only the old job ends, once: the new job of the same id
+    keeps its hash, place and lease, and runs once."""
+    enqueue(scripts, "a")
+    old = fetched(scripts, "p1", "1").jobs[0].attempt
+    assert scripts.cancel("tok-c", "a").status == "marked"
+    assert scripts.enqueue("tok-new", 100, 0, [("a", "t", 1, 0, "body-new")]).status == "ok"  # free at once
+    assert scripts.enqueue("tok-dup", 100, 0, [("a", "t", 1, 0, "body-dup")]).status == "dup"  # the new one's
+    new = fetched(scripts, new_owner, "2" if new_owner == "p1" else "1")
+    assert [(j.id, j.body) for j in new.jobs] == [("a", "body-new")]
+    new_attempt = new.jobs[0].attempt
+
+    specs, reported, counted = LATE_ENDS[end]
+    reply = fetched(scripts, "p1", "3", 0, _ops(old, specs))
+    assert reply.stale == 0
+    rows = [(c.id, c.reason, c.body) for c in reply.crashed]
+    assert rows == ([("a", "cancelled", "body-a")] if reported else [])  # the old job's body
+    assert scripts.client.hget(scripts.key("job:a"), "b") == "body-new"
+    assert scripts.client.hget(scripts.key("job:a"), "x") is None
+    assert scripts.client.zrange(scripts.key("dead"), 0, -1) == []  # the id is the new job's
+    assert scripts.client.hget(scripts.key(f"inflight:{new_owner}"), new_attempt) == "Lt"
+    assert moved_hashes(scripts) == []
+    assert script_stats(scripts) == dict({"enqueued": 2, "outstanding": 1}, **counted)
+
+    assert scripts.settle(new_owner, [SettleOp("S", new_attempt)]) == 0
+    assert script_stats(scripts) == dict({"enqueued": 2, "succeeded": 1}, **counted)
+    assert scripts.client.keys(scripts.key("job:*")) == []
+    assert scripts.client.keys(scripts.key("cancels:*")) == []
+
+
+def test_a_cancel_while_the_old_marked_attempt_still_runs_marks_the_new_job_of_its_id(scripts):
+    """Two leased jobs of one id (the old one marked): a cancel of the id finds the new one,
+    and each attempt's end reports its own job once."""
+    enqueue(scripts, "a")
+    old = fetched(scripts, "p1", "1").jobs[0].attempt
+    assert scripts.cancel("tok-c1", "a").status == "marked"
+    assert scripts.enqueue("tok-new", 100, 0, [("a", "t", 1, 0, "body-new")]).status == "ok"
+    new = fetched(scripts, "p1", "2").jobs[0].attempt
+    second = scripts.cancel("tok-c2", "a")
+    assert (second.status, second.proc, second.attempt) == ("marked", "p1", new)
+    assert scripts.cancel("tok-c3", "a").status == "none"  # both cancelled already
+    assert scripts.enqueue("tok-newer", 100, 0, [("a", "t", 1, 0, "body-newer")]).status == "ok"
+    assert sorted(fetched(scripts, "p1", "3", 0).cancels) == sorted([old, new])
+    reply = fetched(scripts, "p1", "4", 0, [SettleOp("S", new)])
+    assert [(c.id, c.reason, c.body) for c in reply.crashed] == [("a", "cancelled", "body-new")]
+    reply = fetched(scripts, "p1", "5", 0, [SettleOp("S", old)])
+    assert [(c.id, c.reason, c.body) for c in reply.crashed] == [("a", "cancelled", "body-a")]
+    assert scripts.client.hget(scripts.key("job:a"), "b") == "body-newer"  # waiting, untouched
+    assert scripts.client.lrange(scripts.key("ready:1"), 0, -1) == ["a"]
+    assert moved_hashes(scripts) == []
+    assert script_stats(scripts) == {"enqueued": 3, "cancelled": 2, "outstanding": 1}
+
+
+@pytest.mark.parametrize("how", ["reap", "release"])
+def test_the_owner_of_a_cancelled_attempt_that_dies_or_leaves_ends_only_the_old_job(scripts, how):
+    """Crash recovery (kill -9 of the owner, then a reap) and a stop that gives the attempt back
+    end the old job as cancelled from its moved hash, and leave the new job of its id alone."""
+    enqueue(scripts, "a")
+    old = fetched(scripts, "p1", "1").jobs[0].attempt
+    assert scripts.cancel("tok-c", "a").status == "marked"
+    assert scripts.enqueue("tok-new", 100, 0, [("a", "t", 1, 0, "body-new")]).status == "ok"
+    new_attempt = fetched(scripts, "p2", "1").jobs[0].attempt
+    if how == "reap":
+        scripts.client.zadd(scripts.key("procs"), {"p1": 0})  # p1 stopped renewing long ago
+        reaped, crashed = scripts.reap(3)
+        assert reaped == 1
+    else:
+        assert scripts.release("p1", [SettleOp("B", old)]) == 0
+        crashed = scripts.heartbeat("p2", LEASE_MS, 3, True, "b1").crashed
+    assert [(c.id, c.reason, c.body) for c in crashed] == [("a", "cancelled", "body-a")]
+    assert moved_hashes(scripts) == [] and scripts.client.keys(scripts.key("cancels:*")) == []
+    assert scripts.client.hget(scripts.key("job:a"), "b") == "body-new"
+    assert scripts.client.hget(scripts.key("job:a"), "c") is None  # no crash counted on the new job
+    assert script_stats(scripts) == {"enqueued": 2, "cancelled": 1, "outstanding": 1}
+    assert scripts.settle("p2", [SettleOp("S", new_attempt)]) == 0
+    assert script_stats(scripts) == {"enqueued": 2, "cancelled": 1, "succeeded": 1}
+    only_cancelled_left(scripts)
+
+
+def test_a_failure_for_good_of_a_cancelled_attempt_is_kept_dead_when_its_id_is_free_again(scripts):
+    """A failure its process decided before it heard of the mark stands (test_redis_attackR_findings);
+    when no newer job has the id by then, the job is kept dead under its id as usual."""
+    enqueue(scripts, "a")
+    old = fetched(scripts, "p1", "1").jobs[0].attempt
+    assert scripts.cancel("tok-c", "a").status == "marked"
+    assert scripts.client.exists(scripts.key("job:a")) == 0  # moved: the id is free
+    assert scripts.enqueue("tok-new", 100, 0, [("a", "t", 1, 0, "body-new")]).status == "ok"
+    new_attempt = fetched(scripts, "p2", "1").jobs[0].attempt
+    assert scripts.settle("p2", [SettleOp("S", new_attempt)]) == 0  # the new one finished first
+    failure = SettleOp("Z", old, 2, 0, "permanent_failure", "PermanentFailure: 404")
+    assert fetched(scripts, "p1", "2", 0, [failure]).crashed == []  # p1 reported it when it decided it
+    assert scripts.client.zrange(scripts.key("dead"), 0, -1) == ["a"]
+    dead = scripts.client.hgetall(scripts.key("job:a"))
+    assert (dead["b"], dead["x"], dead["r"], dead["e"]) == ("body-a", "permanent_failure", "2",
+                                                             "PermanentFailure: 404")
+    assert moved_hashes(scripts) == []
+    assert script_stats(scripts) == {"enqueued": 2, "succeeded": 1, "failed": 1}
+
+
+@pytest.mark.parametrize("outcome", ["return", "raise", "permanent", "timeout"])
+def test_a_cancelled_running_jobs_id_runs_a_new_job_once_whatever_the_old_attempt_does(redis_url, outcome):
+    """API.md, through two Queues: cancel a running job, enqueue a new job with the same id at
+    once, then let the old attempt end on its own (its owner, busy, has not heard of the
+    cancel: its heartbeat is 10 s away and its pump waits for a free slot): it returns,
+    raises (a retry was due), fails for good, or times out. The old job is reported exactly
+    once (as cancelled; a failure for good its owner decided first stands), nothing is
+    retried, and the new job runs exactly once and succeeds; the id is then free again."""
+    slow_beat = Redis(redis_url, lease=40.0)
+    try:
+        producer, worker = slow_beat.pair()
+        reports = record_failures(worker, key=lambda job: (job.id, job.payload))
+        reports_elsewhere = record_failures(producer, key=lambda job: (job.id, job.payload))
+        started, let_go, timed_out = threading.Event(), threading.Event(), threading.Event()
+        runs = []
+
+        def run(job, ctx):
+            runs.append((job.id, job.payload))
+            if job.payload != "old":
+                return
+            started.set()
+            assert let_go.wait(WAIT)  # deaf to ctx: it ends on its own
+            if outcome == "raise":
+                raise ValueError("boom")
+            if outcome == "permanent":
+                raise PermanentFailure("HTTP 404")
+            if outcome == "timeout":
+                timed_out.wait(WAIT)
+
+        timeout = 0.5 if outcome == "timeout" else None
+        worker.register_executor("t", run, ExecutorConfig(timeout=timeout))
+        retry = RetryConfig(max_retries=2, initial_delay=0.0)
+        producer.enqueue_many([Job("t", "old", id="report", retry_config=retry),
+                               Job("t", "filler", retry_config=retry)])
+        worker.start_dispatcher(1)  # the old job runs, the filler is buffered: no slot free
+        assert started.wait(WAIT)
+        assert producer.cancel("report") is True
+        producer.enqueue(Job("t", "new", id="report", retry_config=retry))  # free at once
+        with pytest.raises(DuplicateJob):
+            producer.enqueue(Job("t", "again", id="report"))  # ... for one new job
+        if outcome == "timeout":  # decided at its deadline while it still runs
+            assert wait_until(lambda: ("report", "new") in runs, WAIT)
+            let_go.set()
+        else:
+            let_go.set()
+        assert producer.join(WAIT)
+        timed_out.set()
+        worker.stop()
+        assert runs.count(("report", "new")) == 1 and runs.count(("report", "old")) == 1
+        old_reports = [(key, reason) for key, reason, _ in reports.snapshot() + reports_elsewhere.snapshot()]
+        expected = "permanent_failure" if outcome == "permanent" else "cancelled"
+        assert old_reports == [(("report", "old"), expected)]
+        stats = producer.get_stats()
+        ended = {"cancelled": stats.jobs_cancelled, "failed": stats.jobs_failed, "retried": stats.jobs_retried,
+                 "succeeded": stats.jobs_succeeded}
+        assert ended == {"cancelled": int(expected == "cancelled"), "failed": int(expected != "cancelled"),
+                         "retried": 0, "succeeded": 2}
+        assert producer.broker.dead_jobs() == []  # the id was the new job's when the old one failed
+        assert leftover_keys(producer.broker) == []
+        producer.enqueue(Job("t", "later", id="report"))  # free again
+    finally:
+        slow_beat.close()
+
+
+def test_kill_9_of_the_owner_of_a_cancelled_attempt_ends_only_the_old_job(redis_url, tmp_path):
+    """Crash recovery with a real kill -9: the owner of a running job dies, the job is
+    cancelled (True: still leased in Redis) and a new job takes its id at once; when the
+    dead owner is reaped, the reaper reports the old job as cancelled once and removes its
+    hash, and the new job runs once, in another process, untouched by the reap."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    log = tmp_path / "log"
+    shared = Redis(redis_url, lease=1.0)
+    child = subprocess.Popen([sys.executable, os.path.join(here, "_redis_crash_worker.py"), redis_url,
+                              shared.queue_name, "1.0", "3", str(log), "1"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        producer = shared.queue()
+        producer.enqueue(Job("a", 60_000, id="report"))  # the child sleeps in it
+        assert wait_until(lambda: log.exists() and log.read_text().startswith("S report"), WAIT)
+        child.kill()
+        assert child.wait(WAIT) == -9
+        assert producer.cancel("report") is True  # leased to a process not reaped yet: marked
+        producer.enqueue(Job("a", 0, id="report"))
+        worker = shared.queue()
+        reports = record_failures(worker, key=lambda job: (job.id, job.payload))
+        runs = []
+        worker.register_executor("a", lambda job: runs.append((job.id, job.payload)))
+        worker.start_dispatcher(1)  # it reaps the child once its lease has run out
+        assert producer.join(WAIT)
+        worker.stop()
+        assert runs == [("report", 0)]
+        assert [(key, reason) for key, reason, _ in reports.snapshot()] == [(("report", 60_000), "cancelled")]
+        stats = producer.get_stats()
+        assert (stats.jobs_cancelled, stats.jobs_succeeded, stats.jobs_failed) == (1, 1, 0)
+        assert leftover_keys(producer.broker) == []
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(WAIT)
+        child.stdin.close()
+        child.stdout.close()
+        shared.close()

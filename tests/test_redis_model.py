@@ -7,9 +7,10 @@ late return, give back), beat, reap, release on stop, a process that dies (it st
 calling) or goes silent past its lease and comes back as a zombie, enqueue and
 enqueue_many with delays, priorities, types with different global limits, duplicate
 ids, ``buffer_size`` and ``max_delayed_jobs`` eviction, raised limits, dead jobs
-requeued or purged, cancel (of a waiting job, or of a leased attempt, which its
-settle or reap then ends as cancelled), and every script call resent as the client
-resends a call whose reply was lost.
+requeued or purged, cancel (of a waiting job, or of a leased attempt, whose job hash
+moves to a key of the attempt's own, so that its id is free for a new job at once, and
+which its settle or reap then ends as cancelled), and every script call resent as the
+client resends a call whose reply was lost.
 
 A plain Python ``Model`` says what each call must reply and what Redis must hold
 afterwards. After EVERY step the whole queue is read back from Redis and compared with
@@ -89,7 +90,6 @@ class MJob:
         self.error: Optional[str] = None
         self.crashes: Optional[int] = None
         self.dead_reason: Optional[str] = None
-        self.cancel_requested = False  # q.cancel marked its leased attempt (field z)
         self.order = order  # when it last went to the tail of a ready list (FIFO position)
 
     def fields(self) -> Dict[str, str]:
@@ -100,8 +100,6 @@ class MJob:
             out["c"] = str(self.crashes)
         if self.dead_reason is not None:
             out["x"] = self.dead_reason
-        if self.cancel_requested:
-            out["z"] = "1"
         return out
 
 
@@ -133,6 +131,8 @@ class Model:
         self.tokens: Dict[str, List[Tuple[str, str]]] = {}  # accepted enqueue token -> what it evicted
         self.cancel_tokens: Dict[str, Tuple[Any, ...]] = {}  # cancel token -> its reply
         self.cancels: Dict[str, set] = {}  # proc -> its attempts that cancel marked
+        self.moved: Dict[Tuple[str, str], MJob] = {}  # (proc, marked attempt) -> its job (cancelled:<proc>|<attempt>)
+        self.happened: List[str] = []  # this call's rare cases, for the machine's events
         self.ended: List[Tuple[Any, ...]] = []  # this call's rows of jobs ended as cancelled, to report
         self.reports: List[Tuple[Any, ...]] = []  # such rows waiting for a beat (with a beat id)
         self.limits: Dict[str, int] = {}
@@ -159,9 +159,24 @@ class Model:
         self.head = {0: 0, 1: 0, 2: 0}
         self.placed = {}
         self.ended = []
+        self.happened = []
 
-    def end_cancelled(self, job_id: str, report: bool) -> None:
-        job = self.jobs.pop(job_id)
+    def job_of(self, proc: str, attempt: str) -> Optional[MJob]:
+        """The job of an attempt: a marked one's moved hash, else job:<id>."""
+        moved = self.moved.get((proc, attempt))
+        return moved if moved is not None else self.jobs.get(attempt.split(":", 1)[1])
+
+    def take_marked(self, proc: str, attempt: str) -> MJob:
+        """A marked attempt ends: its mark and its moved hash go."""
+        self.unmark(proc, attempt)
+        job = self.moved.pop((proc, attempt))
+        if job.id in self.jobs:
+            self.happened.append("a marked attempt ended beside a newer job of its id")
+        return job
+
+    def end_cancelled(self, proc: str, attempt: str, report: bool) -> None:
+        job_id = attempt.split(":", 1)[1]
+        job = self.take_marked(proc, attempt) if self.marked(proc, attempt) else self.jobs.pop(job_id)
         if report:
             self.ended.append((job_id, job.body, int(job.retries), job.error or "", "cancelled"))
         self.stats["cancelled"] += 1
@@ -181,11 +196,17 @@ class Model:
     def marked(self, proc: str, attempt: str) -> bool:
         return attempt in self.cancels.get(proc, ())
 
-    def failed_marked(self, proc: str, attempt: str, job_id: str) -> None:
-        """A failure for good of a marked attempt stands: its mark goes."""
-        if self.marked(proc, attempt):
-            self.unmark(proc, attempt)
-            self.jobs[job_id].cancel_requested = False
+    def failed_for_good(self, proc: str, op: SettleOp, job_id: str) -> None:
+        """A failure for good stands, a marked attempt's too (its mark goes): the job is dead,
+        kept under its id, unless a newer job has the id by then (then only counted)."""
+        if self.marked(proc, op.attempt):
+            job = self.take_marked(proc, op.attempt)
+            if job_id in self.jobs:
+                self.stats["failed"] += 1
+                self.stats["outstanding"] -= 1
+                return
+            self.jobs[job_id] = job
+        self.job_dead(job_id, op.reason, op.error, str(op.retries))
 
     def unmark(self, proc: str, attempt: str) -> None:
         marks = self.cancels.get(proc)
@@ -310,8 +331,7 @@ class Model:
                         del held[op.attempt]
                         if state == "L":
                             released[job_type] += 1
-                    self.unmark(proc, op.attempt)
-                    self.end_cancelled(job_id, not own_cancel)
+                    self.end_cancelled(proc, op.attempt, not own_cancel)
                 else:
                     stale += 1
             elif op.op == "S" and state == "L":
@@ -326,8 +346,7 @@ class Model:
                 if op.op == "Y":
                     self.job_retry(job_id, str(op.retries), op.error, op.delay_ms, now_us)
                 else:
-                    self.job_dead(job_id, op.reason, op.error, str(op.retries))
-                    self.failed_marked(proc, op.attempt, job_id)
+                    self.failed_for_good(proc, op, job_id)
             elif op.op in "yz" and state in "LR":
                 if state == "L":
                     held[op.attempt] = "X" + job_type
@@ -337,8 +356,7 @@ class Model:
                 if op.op == "y":
                     self.job_retry(job_id, str(op.retries), op.error, op.delay_ms, now_us)
                 else:
-                    self.job_dead(job_id, op.reason, op.error, str(op.retries))
-                    self.failed_marked(proc, op.attempt, job_id)
+                    self.failed_for_good(proc, op, job_id)
             elif op.op == "E" and state in "XL":
                 if state == "X":
                     del held[op.attempt]
@@ -368,7 +386,7 @@ class Model:
                 if state != "R":
                     released[job_type] += 1
                 if state != "X" and self.marked(proc, attempt):
-                    self.end_cancelled(attempt.split(":", 1)[1], True)  # never back to ready
+                    self.end_cancelled(proc, attempt, True)  # never back to ready
                 elif state != "X":
                     job = self.jobs[attempt.split(":", 1)[1]]
                     job.crashes = (job.crashes or 0) + 1
@@ -391,6 +409,8 @@ class Model:
         if token in self.tokens:  # a resend, even after its jobs finished: with what it evicted
             return ("again", list(self.tokens[token]), None, 0)
         unfinished = self.unfinished()
+        if {job.id for job in self.moved.values()} & {row[0] for row in rows} - unfinished:
+            self.happened.append("enqueued the id of a marked attempt")
         for job_id, *_ in rows:
             if job_id in unfinished:
                 if self.jobs[job_id].token == token:
@@ -433,7 +453,7 @@ class Model:
         last = self.fetched.get(proc)
         if last is not None and last[0] == fetch_id:  # a resend: the same attempts, nothing new
             held = self.inflight.get(proc, {})
-            jobs = [self.fetched_row(a) for a in last[1] if held.get(a, "").startswith("L")]
+            jobs = [self.fetched_row(proc, a) for a in last[1] if held.get(a, "").startswith("L")]
             return (False, len(ops), sorted(last[2]), jobs, self.next_due(), sorted(self.cancels.get(proc, ())))
         stale = self.settle(proc, ops, now_us)
         crashed: List[Tuple[Any, ...]] = []
@@ -469,14 +489,14 @@ class Model:
             line.extend(ids[front:])
         self.running = Counter(running)
         self.fetched[proc] = (fetch_id, taken, sorted(crashed))
-        return (False, stale, sorted(crashed), [self.fetched_row(a) for a in taken], self.next_due(),
+        return (False, stale, sorted(crashed), [self.fetched_row(proc, a) for a in taken], self.next_due(),
                 sorted(self.cancels.get(proc, ())))
 
     def next_due(self) -> Optional[int]:
         return min(self.delayed.values()) if self.delayed else None
 
-    def fetched_row(self, attempt: str) -> Tuple[str, str, int, str]:
-        job = self.jobs[attempt.split(":", 1)[1]]
+    def fetched_row(self, proc: str, attempt: str) -> Tuple[str, str, int, str]:
+        job = self.job_of(proc, attempt)
         return (attempt, job.body, int(job.retries), job.error or "")
 
     def beat(self, proc: str, registered: bool, beat_id: str, now_us: int):
@@ -520,7 +540,7 @@ class Model:
             if state != "R":
                 released[job_type] += 1
             if state != "X" and self.marked(proc, attempt):
-                self.end_cancelled(attempt.split(":", 1)[1], True)
+                self.end_cancelled(proc, attempt, True)
             elif state != "X":
                 self.give_back(attempt.split(":", 1)[1])
         self.flush_released(released)
@@ -541,7 +561,7 @@ class Model:
 
     def cancel_job(self, job_id: str) -> Tuple[Any, ...]:
         job = self.jobs.get(job_id)
-        if job is None or job.dead_reason is not None or job.cancel_requested:
+        if job is None or job.dead_reason is not None:  # (a marked job's hash moved: not here)
             return ("none", None, "", "")
         row = (job_id, job.body, int(job.retries), job.error or "", "cancelled")
         waiting = self.ready[job.priority]
@@ -563,8 +583,8 @@ class Model:
             return ("removed", row, "", "")
         for proc, held in self.inflight.items():
             for attempt, value in held.items():
-                if value[0] != "X" and attempt.split(":", 1)[1] == job_id:
-                    job.cancel_requested = True
+                if value[0] != "X" and attempt.split(":", 1)[1] == job_id and not self.marked(proc, attempt):
+                    self.moved[(proc, attempt)] = self.jobs.pop(job_id)  # the id is free at once
                     self.cancels.setdefault(proc, set()).add(attempt)
                     return ("marked", None, proc, attempt)
         raise AssertionError(f"unfinished job {job_id} is in no place")
@@ -629,6 +649,7 @@ class Model:
             "stats": {k: n for k, n in self.stats.items() if n},
             "jobs": {job_id: job.fields() for job_id, job in self.jobs.items()},
             "cancels": {proc: sorted(marks) for proc, marks in self.cancels.items() if marks},
+            "moved": {f"{proc}|{attempt}": job.fields() for (proc, attempt), job in self.moved.items()},
             "beaten": {proc: (bid, sorted(crashed)) for proc, (bid, crashed) in self.beaten.items()},
             "reports": sorted(self.reports),
         }
@@ -641,7 +662,7 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
     """Everything the queue holds in Redis, in the model's shape."""
     client = scripts.client
     prefix = scripts.prefix
-    out: Dict[str, Any] = {"parked": {}, "inflight": {}, "jobs": {}}
+    out: Dict[str, Any] = {"parked": {}, "inflight": {}, "jobs": {}, "moved": {}}
     keys = client.keys(prefix + "*")
     pipe = client.pipeline(transaction=True)
     for level in (0, 1, 2):
@@ -655,7 +676,7 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
     pipe.lrange(prefix + "reports", 0, -1)
     pipe.hgetall(prefix + "beaten")
     dynamic = [k for k in keys if k.startswith((prefix + "parked:", prefix + "inflight:", prefix + "job:",
-                                                prefix + "cancels:"))]
+                                                prefix + "cancels:", prefix + "cancelled:"))]
     for k in dynamic:
         if k.startswith(prefix + "parked:"):
             pipe.lrange(k, 0, -1)
@@ -693,6 +714,8 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
             out["parked"][(int(level), job_type)] = value
         elif rest.startswith("inflight:"):
             out["inflight"][rest[len("inflight:"):]] = value
+        elif rest.startswith("cancelled:"):  # a marked attempt's job hash, by "<proc>|<attempt>"
+            out["moved"][rest[len("cancelled:"):]] = {k: v for k, v in value.items() if k != "o"}
         else:  # (o, the FIFO order, is the model's MJob.order: compared through the orders it makes)
             out["jobs"][rest[len("job:"):]] = {k: v for k, v in value.items() if k != "o"}
     known = {prefix + name for name in ("ready:0", "ready:1", "ready:2", "delayed", "capped", "procs",
@@ -728,12 +751,13 @@ def check_invariants(held: Dict[str, Any]) -> None:
     for job_id in held["dead"]:
         put(job_id, "dead")
     slots: Counter = Counter()
+    marks = {(proc, attempt) for proc, attempts in held["cancels"].items() for attempt in attempts}
     for proc, attempts in held["inflight"].items():
         assert proc in held["procs"], f"in-flight attempts of {proc}, which holds no lease"
         for attempt, value in attempts.items():
             if value[0] in "LX":
                 slots[value[1:]] += 1
-            if value[0] in "LR":
+            if value[0] in "LR" and (proc, attempt) not in marks:  # (a marked one's job hash moved)
                 put(attempt.split(":", 1)[1], f"in-flight {proc}")
     doubled = {job_id: where for job_id, where in places.items() if len(where) != 1}
     assert not doubled, f"jobs not in exactly one place: {doubled}"
@@ -741,7 +765,7 @@ def check_invariants(held: Dict[str, Any]) -> None:
         f"job hashes without a place: {set(held['jobs']) - set(places)}; "
         f"placed ids without a hash: {set(places) - set(held['jobs'])}")
     assert all(held["jobs"][job_id].get("x") for job_id in held["dead"]), "a dead job without a reason"
-    unfinished = len(places) - len(held["dead"])
+    unfinished = len(places) - len(held["dead"]) + len(held["moved"])
     assert held["stats"].get("outstanding", 0) == unfinished, (held["stats"], unfinished)
     assert held["running"] == dict(slots), f"running {held['running']} != slots held {dict(slots)}"
     for job_type, n in slots.items():
@@ -762,14 +786,13 @@ def check_invariants(held: Dict[str, Any]) -> None:
     assert held["capped"].keys() <= held["delayed"].keys()
     assert held["signal"] <= 1
     assert not held["unknown keys"], held["unknown keys"]
-    marked = set()
-    for proc, attempts in held["cancels"].items():  # a mark is on an undecided attempt of its job
-        for attempt in attempts:
-            value = held["inflight"].get(proc, {}).get(attempt, "")
-            assert value[:1] in ("L", "R"), (proc, attempt, value)
-            marked.add(attempt.split(":", 1)[1])
-    requested = {job_id for job_id, fields in held["jobs"].items() if fields.get("z")}
-    assert requested == marked, (requested, marked)
+    # A mark is on an undecided attempt, whose job hash (and only that) is cancelled:<proc>|<attempt>:
+    # its id may be a newer job's, which has job:<id> and a place of its own.
+    assert set(held["moved"]) == {f"{proc}|{attempt}" for proc, attempt in marks}, (held["moved"], marks)
+    for proc, attempt in marks:
+        value = held["inflight"].get(proc, {}).get(attempt, "")
+        assert value[:1] in ("L", "R"), (proc, attempt, value)
+        assert held["moved"][f"{proc}|{attempt}"]["t"] == value[1:], (proc, attempt, "moved hash of another type")
 
 
 # Due times are inferred back from the scores a call wrote (now_of) and moved by whole ms
@@ -907,6 +930,8 @@ class ScriptsMachine(RuleBasedStateMachine):
             self.cancelled_seen = self.model.stats["cancelled"]
             if kind != "cancel":
                 event("ended cancelled")  # a marked attempt ended by a settle, a reap or a release
+        for case in self.model.happened:
+            event(case)
         if max(self.model.head.values()) >= 2:
             event(f"{kind}: 2+ pushed back to one level's head")
         if any(self.model.parked.values()):
@@ -990,6 +1015,17 @@ class ScriptsMachine(RuleBasedStateMachine):
     def enqueue_more(self, data, n):
         self.enqueue(data, n)
 
+    @precondition(lambda self: self.model is not None and self.model.moved)
+    @rule(data=st.data())
+    def enqueue_a_cancelled_running_jobs_id(self, data):
+        """q.cancel of a running job returned True: its id is free for a new job at once."""
+        job_id = data.draw(st.sampled_from(sorted(job.id for job in self.model.moved.values())), label="id")
+        job_type = data.draw(st.sampled_from(TYPES), label="type")
+        priority = data.draw(st.integers(0, 2), label="priority")
+        delay = data.draw(st.sampled_from([0, 0, UNIT]), label="delay")
+        self.do_enqueue(f"tok{next(self.tokens)}", [(job_id, job_type, priority, delay,
+                                                      f"body-{job_id}-{next(self.bodies)}")])
+
     def do_enqueue(self, token, rows):
         buffer_size, max_delayed = self.model.buffer_size, self.model.max_delayed
         self.pending_delays = [(row[0], row[3]) for row in rows if row[3] > 0]
@@ -1007,7 +1043,7 @@ class ScriptsMachine(RuleBasedStateMachine):
             state = held.get(attempt, "L")[0]
             allowed = data.draw(st.sampled_from([OPS_FOR_STATE[state]] * 2 + [ALL_OPS]), label="op set")
             op = data.draw(st.sampled_from(allowed), label="op")
-            job = self.model.jobs.get(attempt.split(":", 1)[1])
+            job = self.model.job_of(proc.name, attempt)
             retries = int(job.retries) if job is not None else 0
             if op in "Yy":
                 delay = data.draw(st.sampled_from([0, UNIT, 3 * UNIT]), label="retry delay")
@@ -1237,6 +1273,8 @@ class ScriptsMachine(RuleBasedStateMachine):
         pool = leased if leased and data.draw(st.booleans(), label="a leased one?") else self.used_ids + ["nope"]
         job_id = data.draw(st.sampled_from(pool), label="cancel id")
         self.do_cancel(f"ctok{next(self.tokens)}", job_id)
+        if self.model.moved and data.draw(st.booleans(), label="a fresh job of its id at once?"):
+            self.enqueue_a_cancelled_running_jobs_id(data)
 
     def do_cancel(self, token, job_id):
         self.pending_delays = []
@@ -1299,7 +1337,8 @@ def redis_client(redis_url):
 # so that a change to the machine that stops exercising one does not pass unnoticed.
 MUST_COME_UP = ("enqueue ok", "enqueue dup", "enqueue again", "enqueue full", "evicted", "fetch took 2+",
                 "settle", "release", "reaped a process", "something parked", "an X attempt holds a slot",
-                "cancel removed", "cancel marked", "cancel none", "ended cancelled")
+                "cancel removed", "cancel marked", "cancel none", "ended cancelled",
+                "enqueued the id of a marked attempt", "a marked attempt ended beside a newer job of its id")
 
 
 def test_scripts_follow_the_model(redis_client):

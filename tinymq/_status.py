@@ -95,11 +95,19 @@ def _with_redis_queue(url: str, name: str, work: Callable[[Queue], T]) -> T:
         broker.close()
 
 
-def _shared_executors(queue: Queue) -> Tuple[Dict[str, Dict[str, int]], int]:
-    """Every process's executors (type -> attempts taken and global limit) and live worker processes."""
-    executors, processes = queue.broker.shared_executors()  # type: ignore[attr-defined]
-    return ({job_type: {"taken": taken, "max_jobs": limit} for job_type, (taken, limit) in executors.items()},
-            processes)
+def _shared_executors(queue: Queue) -> Tuple[Dict[str, Dict[str, Any]], int]:
+    """Every process's executors and live worker processes: type -> attempts taken, global limit,
+    and rate limit (``max_starts`` per ``per`` seconds, with the ``starts`` in its window now) or None."""
+    broker: Any = queue.broker
+    executors, processes = broker.shared_executors()
+    rate_limits = broker.shared_rate_limits()
+    report: Dict[str, Dict[str, Any]] = {}
+    for job_type, (taken, limit) in executors.items():
+        rate = rate_limits.get(job_type)
+        report[job_type] = {"taken": taken, "max_jobs": limit,
+                            "rate_limit": None if rate is None else
+                            {"max_starts": rate[0], "per": rate[1], "starts": rate[2]}}
+    return report, processes
 
 
 def redis_status(url: str, name: str) -> Dict[str, Any]:
@@ -249,12 +257,23 @@ def _redis_lines(report: Dict[str, Any], limit: int) -> List[str]:
     lines.append("")
     lines += _table(("counter", "events"), list(report["counters"].items()))
     lines.append("")
-    if report["executors"]:
-        lines += _table(("executor", "taken", "max"),
-                        [(job_type, executor["taken"], executor["max_jobs"])
-                         for job_type, executor in report["executors"].items()])
+    executors = report["executors"]
+    if executors:
+        headers: Tuple[str, ...] = ("executor", "taken", "max")
+        rows = [[job_type, executor["taken"], executor["max_jobs"]] for job_type, executor in executors.items()]
+        rated = any(executor["rate_limit"] for executor in executors.values())
+        if rated:  # (the columns only when some type has a rate limit)
+            headers += ("rate limit", "starts")
+            for row, executor in zip(rows, executors.values()):
+                rate = executor["rate_limit"]
+                row += ["-", "-"] if rate is None else [f"{rate['max_starts']} per {rate['per']:g}s",
+                                                        rate["starts"]]
+        lines += _table(headers, rows)
         lines.append("(taken: attempts that worker processes hold, running or next in line; "
                      "max: the global limit)")
+        if rated:
+            lines.append("(rate limit: at most that many starts in any window of that length, over all "
+                         "processes; starts: those in the window now, attempts handed out to start included)")
     else:
         lines.append("executors: none registered yet (a worker process registers its executors)")
     lines.append("")

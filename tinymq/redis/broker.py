@@ -240,6 +240,35 @@ class RedisBroker:
                      for job_type, limit in sorted(limits.items())}
         return executors, processes
 
+    def shared_rate_limits(self) -> Dict[str, Tuple[int, float, int]]:
+        """The global rate limits: ``{type: (max_starts, per seconds, starts in the window now)}``.
+
+        For the types some process registered with a ``rate_limit``. The starts are
+        those that count in the type's window at the server's time now: attempts that
+        started less than ``per`` ago, and attempts handed out whose start is not yet
+        reported (they may start any moment, so they hold their place). A type may
+        start another attempt while its starts are below ``max_starts``.
+        """
+        key = self._scripts.key
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hgetall(key("ratelimits"))
+            pipe.time()
+            limits, (seconds, microseconds) = pipe.execute()
+            now_ms = seconds * 1000 + microseconds / 1000.0  # (window ends are fractional ms)
+            types = sorted(limits)
+            pipe = self.client.pipeline(transaction=False)
+            for job_type in types:
+                pipe.zcount(key("rate:" + job_type), f"({now_ms!r}", "+inf")
+            starts = pipe.execute()
+        except _redis().RedisError as exc:
+            raise TinyMQError(f"could not read the rate limits of Redis queue {self.name!r}: {exc}") from exc
+        rate_limits = {}
+        for job_type, counted in zip(types, starts):
+            max_starts, per_ms = limits[job_type].split(":", 1)  # as limits.lua writes it
+            rate_limits[job_type] = (int(max_starts), float(per_ms) / 1000.0, int(counted))
+        return rate_limits
+
     # --- lifecycle ---------------------------------------------------------------
 
     def close(self) -> None:

@@ -6,8 +6,10 @@ Returns one of
   {1, {id, body, retries, error}}         it was waiting (ready, delayed, parked): removed,
                                           its hash deleted, counted; the caller reports it
   {2, proc, attempt}                      it is leased to proc (buffered or running there):
-                                          the attempt is marked (cancels:<proc>, job field z);
-                                          proc hears of it in its next fetch or beat reply and
+                                          the attempt is marked (cancels:<proc>) and its job
+                                          hash moved to cancelled:<proc>|<attempt>, so the id
+                                          is free for a new job at once, as in-process; proc
+                                          hears of it in its next fetch or beat reply and
                                           cancels it, and its settle ends the job as cancelled
                                           (unless proc decided a failure for good first: see
                                           settle in lib.lua)
@@ -26,14 +28,14 @@ end
 
 local function cancel()
   local jk = job_key(id)
-  local f = redis.call('HMGET', jk, 't', 'p', 'x', 'z', 'b', 'r', 'e')
+  local f = redis.call('HMGET', jk, 't', 'p', 'x', 'b', 'r', 'e')
   local t, p = f[1], tonumber(f[2])
-  if not t or not p or f[3] or f[4] then return {0} end
+  if not t or not p or f[3] then return {0} end -- (a marked job's hash is no longer here)
   local function removed()
     redis.call('DEL', jk)
     count('cancelled', 1)
     count('outstanding', -1)
-    return {1, {id, f[5] or '', f[6] or '0', f[7] or ''}}
+    return {1, {id, f[4] or '', f[5] or '0', f[6] or ''}}
   end
   if redis.call('LREM', READY[p], 1, id) == 1 then return removed() end
   if redis.call('ZREM', K_DELAYED, id) == 1 then
@@ -49,8 +51,9 @@ local function cancel()
     local entries = redis.call('HGETALL', inflight_key(proc))
     for i = 1, #entries, 2 do
       local attempt, state = entries[i], string.sub(entries[i + 1], 1, 1)
-      if state ~= 'X' and id_of(attempt) == id then -- (an X attempt's job is decided: not here)
-        redis.call('HSET', jk, 'z', '1')
+      -- (an X attempt's job is decided; a marked one's is an older job of this id: not here)
+      if state ~= 'X' and id_of(attempt) == id and redis.call('SISMEMBER', cancels_key(proc), attempt) == 0 then
+        redis.call('RENAME', jk, marked_key(proc, attempt))
         redis.call('SADD', cancels_key(proc), attempt)
         local wake = wake_key(proc) -- an idle owner hears of it at once
         if redis.call('LLEN', wake) == 0 then redis.call('RPUSH', wake, '1') end

@@ -30,14 +30,18 @@ local jobs = {}
 local last = redis.call('HGET', K_FETCHED, proc)
 last = last and cjson.decode(last) -- {fetch id, {attempt...}, {crashed...}}: ids may hold any character
 if last and last[1] == fid then -- a resend of the last fetch
+  local cancels = redis.call('SMEMBERS', cancels_key(proc))
+  local marked = {}
+  for _, attempt in ipairs(cancels) do marked[attempt] = true end
   for _, attempt in ipairs(last[2]) do
     local v = redis.call('HGET', ik, attempt)
-    if v and string.sub(v, 1, 1) == 'L' then
-      local f = redis.call('HMGET', job_key(id_of(attempt)), 'b', 'r', 'e')
+    if v and string.sub(v, 1, 1) == 'L' then -- (a marked one's hash was moved: its id may be a newer job's)
+      local jk = marked[attempt] and marked_key(proc, attempt) or job_key(id_of(attempt))
+      local f = redis.call('HMGET', jk, 'b', 'r', 'e')
       table.insert(jobs, {attempt, f[1], f[2] or '0', f[3] or ''})
     end
   end
-  return {1, now, next_due(), nsettle, last[3], jobs, now_us, redis.call('SMEMBERS', cancels_key(proc))}
+  return {1, now, next_due(), nsettle, last[3], jobs, now_us, cancels}
 end
 local stale = settle(proc, ARGV, 8, nsettle, now)
 local crashed = {}

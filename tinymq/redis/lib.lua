@@ -14,8 +14,12 @@ Keys (after the prefix):
   job:<id>                 HASH  t type, p priority, b body (client JSON), r retries,
                                  e last error, c crash count, o FIFO order (from `seq`,
                                  set when it goes to the tail of a ready list),
-                                 k enqueue token, x dead reason (only while dead),
-                                 z cancel requested (while its attempt still runs)
+                                 k enqueue token, x dead reason (only while dead)
+  cancelled:<proc>|<attempt> HASH the job hash of an attempt that q.cancel() marked (the
+                                 attempt is in cancels:<proc>), moved there from job:<id> by
+                                 cancel, so the id is free for a new job at once; whatever
+                                 ends the attempt (settle, reap, release) reads and deletes it
+                                 here, never job:<id>, which may be that new job's
   seq                      STRING the last FIFO order handed out
   clock                    STRING server time (ms) of the last lease-keeping call (fetch,
                                  beat, reap): a longer gap than that is an outage
@@ -47,9 +51,10 @@ Keys (after the prefix):
   wake:<proc>              LIST  at most one "1": wakes proc's idle fetcher (a cancel marked
                                  one of its attempts; its stop); deleted with proc's lease
   dead                     ZSET  id -> time it died (ms); its hash stays, with x
-  cancels:<proc>           SET   attempts of proc that q.cancel() marked (their job hash has
-                                 z): proc hears of them in every fetch and beat reply until
-                                 the attempt ends, which ends its job as cancelled
+  cancels:<proc>           SET   attempts of proc that q.cancel() marked (their job hash is
+                                 cancelled:<proc>|<attempt>): proc hears of them in every fetch
+                                 and beat reply until the attempt ends, which ends its job as
+                                 cancelled
   reports                  LIST  JSON rows {id, body, retries, error, reason} of jobs that
                                  ended while no caller could report them (a settle or
                                  release call): the next beat (with a beat id) hands them out
@@ -57,9 +62,12 @@ Keys (after the prefix):
                                  cancelled outstanding (unfinished jobs, for join) parked:<p>
 
 Invariants (after every script):
-  * an unfinished job id is in exactly one of ready:*, parked:*, delayed, or as an L/R
+  * an unfinished job is in exactly one of ready:*, parked:*, delayed, or as an L/R
     attempt in one inflight hash; a dead job is in `dead`; a finished one is nowhere
     (an X attempt beside it holds only its type slot);
+  * a job's hash is job:<id>, except that of a marked attempt: cancelled:<proc>|<attempt>.
+    So the ids of the jobs with a job:<id> hash (unfinished or dead) are unique, and a
+    marked attempt's id may also be a newer job's. Marks are on L and R attempts only;
   * running[t] = number of L and X attempts of type t over all inflight hashes;
   * stats.outstanding = number of unfinished jobs.
   * a rate-limited type is handed out only while rate:<type> holds fewer than max_starts
@@ -104,6 +112,7 @@ local function rate_key(t) return P .. 'rate:' .. t end
 local function rate_member(proc, attempt) return proc .. '|' .. attempt end
 
 local function cancels_key(proc) return P .. 'cancels:' .. proc end
+local function marked_key(proc, attempt) return P .. 'cancelled:' .. proc .. '|' .. attempt end
 local function wake_key(proc) return P .. 'wake:' .. proc end -- the list an idle proc also blocks on
 
 local function id_of(attempt)
@@ -288,8 +297,7 @@ end
 ended on its own, or with its process): rows {id, body, retries, error, 'cancelled'} that
 the caller's reply carries (hand_out_ended), or that wait in `reports` (keep_ended). ]]
 local ended = {}
-local function end_cancelled(id, report)
-  local jk = job_key(id)
+local function end_cancelled(jk, id, report) -- jk: the job's hash (job:<id>, or a marked attempt's)
   if report then
     local f = redis.call('HMGET', jk, 'b', 'r', 'e')
     table.insert(ended, {id, f[1] or '', f[2] or '0', f[3] or '', 'cancelled'})
@@ -341,8 +349,12 @@ An attempt that q.cancel() marked (in cancels:<proc>), or a Z/z op for reason
 (never a success, a retry or a death); the slot is freed or kept as the op says. Unless
 the op was the process's own cancel, the job goes to `ended` for the caller to report.
 Except a failure for good (Z/z) that the process decided itself: it reported that failure
-when it decided it, possibly before it heard of the mark, so the failure stands (the job is
-dead, counted failed) and the mark is dropped: a job ends, and is reported, once. ]]
+when it decided it, possibly before it heard of the mark, so the failure stands (counted
+failed) and the mark is dropped: a job ends, and is reported, once. Its hash goes back to
+job:<id> to be kept dead, unless a newer job has that id by then (enqueued after the
+cancel): the id is the newer job's, so the old hash is deleted instead.
+A marked attempt's job hash is read from cancelled:<proc>|<attempt> only: an op of the old
+attempt never reads, ends or counts the newer job of its id. ]]
 local SHORT_OPS = {S = true, E = true, B = true, T = true}
 local MARKABLE_OPS = {S = true, Y = true, y = true, B = true} -- those a mark turns into a cancel
 local marks_seen = false -- settle found marks of its proc: they may be left (marks_left)
@@ -354,11 +366,20 @@ local function settle(proc, argv, first, n, now)
     marks[attempt] = true
     marks_seen = true
   end
-  local function failed_marked(attempt, id) -- a failure for good of a marked attempt stands
+  local function failed(attempt, id, at) -- a failure for good (op Z or z at argv[at]) stands
     if marks[attempt] then
       redis.call('SREM', ck, attempt)
-      redis.call('HDEL', job_key(id), 'z')
+      marks[attempt] = nil
+      local mk = marked_key(proc, attempt)
+      if redis.call('EXISTS', job_key(id)) == 1 or redis.call('EXISTS', mk) == 0 then
+        redis.call('DEL', mk) -- a newer job has the id: the failure is counted, the hash not kept
+        count('failed', 1)
+        count('outstanding', -1)
+        return
+      end
+      redis.call('RENAME', mk, job_key(id))
     end
+    job_dead(id, argv[at + 4], argv[at + 5], argv[at + 2], now)
   end
   local stale = 0
   local finished = {} -- keys of succeeded jobs: one DEL at the end
@@ -371,6 +392,7 @@ local function settle(proc, argv, first, n, now)
     local id = id_of(attempt)
     if v and (state == 'L' or op == 'T') then rate_started(t, proc, attempt) end
     local own_cancel = (op == 'Z' or op == 'z') and argv[i + 4] == 'cancelled'
+    local jk = marks[attempt] and marked_key(proc, attempt) or job_key(id)
     if not v then
       stale = stale + 1
     elseif op == 'T' then -- (done above)
@@ -383,33 +405,28 @@ local function settle(proc, argv, first, n, now)
           if state == 'L' then release_slot(t) end
         end
         redis.call('SREM', ck, attempt)
-        end_cancelled(id, not own_cancel)
+        marks[attempt] = nil
+        end_cancelled(jk, id, not own_cancel)
       else
         stale = stale + 1 -- an op that does not fit the attempt's state: a resend
       end
     elseif op == 'S' and state == 'L' then
       redis.call('HDEL', ik, attempt)
       release_slot(t)
-      table.insert(finished, job_key(id))
+      table.insert(finished, jk)
       count('succeeded', 1)
       count('outstanding', -1)
     elseif (op == 'Y' or op == 'Z') and state == 'L' then
       redis.call('HDEL', ik, attempt)
       release_slot(t)
       if op == 'Y' then job_retry(id, argv[i + 2], argv[i + 5], tonumber(argv[i + 3]), now)
-      else
-        job_dead(id, argv[i + 4], argv[i + 5], argv[i + 2], now)
-        failed_marked(attempt, id)
-      end
+      else failed(attempt, id, i) end
     elseif (op == 'y' or op == 'z') and (state == 'L' or state == 'R') then
       if state == 'L' then redis.call('HSET', ik, attempt, 'X' .. t)
       else redis.call('HDEL', ik, attempt) end
       count('timed_out', 1)
       if op == 'y' then job_retry(id, argv[i + 2], argv[i + 5], tonumber(argv[i + 3]), now)
-      else
-        job_dead(id, argv[i + 4], argv[i + 5], argv[i + 2], now)
-        failed_marked(attempt, id)
-      end
+      else failed(attempt, id, i) end
     elseif op == 'E' and (state == 'X' or state == 'L') then
       if state == 'X' then redis.call('HDEL', ik, attempt)
       else redis.call('HSET', ik, attempt, 'R' .. t) end
@@ -451,7 +468,7 @@ local function drop_proc(proc, now, max_crash, crashed)
       local id = id_of(attempt)
       local jk = job_key(id)
       if redis.call('SISMEMBER', cancels_key(proc), attempt) == 1 then
-        end_cancelled(id, true) -- marked: it ends here, never back to ready
+        end_cancelled(marked_key(proc, attempt), id, true) -- marked: it ends here, never back to ready
       elseif max_crash and redis.call('EXISTS', jk) == 1 and redis.call('HINCRBY', jk, 'c', 1) > max_crash then
         local f = redis.call('HMGET', jk, 'b', 'r', 'e')
         job_dead(id, 'crashed', '', f[2] or '0', now)
