@@ -64,7 +64,17 @@ OWNER = textwrap.dedent("""
     import tinymq
     from tinymq import ExecutorConfig, Job, Priority
 
-    store = tinymq.SQLitePersistence(sys.argv[1])
+    dead = []
+    all_dead = threading.Event()
+
+    class Store(tinymq.SQLitePersistence):
+        def mark_dead(self, job, reason, error=None):  # after the failure callbacks, by design
+            super().mark_dead(job, reason, error)
+            dead.append(job.id)
+            if len(dead) == 3:
+                all_dead.set()
+
+    store = Store(sys.argv[1])
     queue = tinymq.Queue(100)
     queue.set_persistence(store)
     release = threading.Event()
@@ -99,7 +109,7 @@ OWNER = textwrap.dedent("""
     for job in jobs:
         queue.enqueue(job)
     queue.start_dispatcher(2)
-    assert running.wait(30) and reported.wait(30)
+    assert running.wait(30) and reported.wait(30) and all_dead.wait(30)  # nothing left to write
     print(json.dumps({"pid": os.getpid()}), flush=True)
     sys.stdin.read()  # until the test closes our stdin
     release.set()
