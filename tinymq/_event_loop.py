@@ -258,6 +258,7 @@ class LoopRunner:
         The attempt is run here, not in a coroutine of its own: one less per job.
         """
         todo, idle, attempts, dispatcher = self._todo, self._idle, self._attempts, self.dispatcher
+        marks = self.ready.cancel_marks  # empty unless a cancel waits for a job's holder
         task = asyncio.current_task()
         coming = True  # woken or started for a job in _todo (counted in _coming)
         in_a_row = 0
@@ -282,6 +283,13 @@ class LoopRunner:
                 context = JobContext(job, None if timeout is None else deadline)
             attempt = _Attempt(job, state, context, task, started, deadline)
             attempts[attempt] = None
+            # Cancelled on its way here (from the core, through _todo): never run. A cancel from now
+            # on finds the attempt registered above.
+            if marks and self.ready.cancel_requested(job):
+                if self._decide(attempt, "cancelled") and self.ready.take_cancel(job):
+                    self._report(dispatcher.end_cancelled, job)
+                self._finished(attempt, None, True)
+                continue
             if deadline < self._expiry_at:
                 self._arm(deadline)
             error: Optional[BaseException] = None
@@ -337,7 +345,8 @@ class LoopRunner:
         state, job, ready, dispatcher = attempt.state, attempt.job, self.ready, self.dispatcher
         if (decided is None and error is None and not late and self._quiet
                 and dispatcher.store is None and dispatcher.ledger is None):
-            ready.loop_attempt_succeeded(state, ended - attempt.started, job)  # nothing else to tell
+            if not ready.loop_attempt_succeeded(state, ended - attempt.started, job):  # nothing else to tell
+                self._report(dispatcher.end_cancelled, job)  # unless a cancel came as it ended: it wins
             return
         ready.release_state(state, False, core.LOOP)
         if decided is None:
