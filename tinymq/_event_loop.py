@@ -191,18 +191,38 @@ class LoopRunner:
                     job, state = self._todo.popleft()
                     self.ready.release_state(state, False, core.LOOP)
                     self.dispatcher._stopped_async(job)
-                pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
-                for task in pending:  # only coroutines that ignored their cancellation are left
-                    task.cancel()
-                if pending:
-                    loop.run_until_complete(asyncio.wait(pending, timeout=_UNWIND_WAIT))
+                self._end_tasks()
                 loop.run_until_complete(loop.shutdown_asyncgens())
                 loop.run_until_complete(loop.shutdown_default_executor())  # outcomes reported off the loop
+                self._end_tasks()  # a task started meanwhile (an awaitable a worker thread handed over)
             except Exception:  # pragma: no cover - a bug; the loop closes all the same
                 logger.exception("tinymq event loop did not shut down cleanly")
             finally:
                 loop.close()
                 self._thread_done.set()
+
+    def _end_tasks(self) -> None:
+        """Cancel every task still on the loop, and run the loop until each has ended.
+
+        A loop closed with a task pending destroys it pending (asyncio logs
+        "Task was destroyed but it is pending!"), and the coroutine never runs
+        its cleanup. A coroutine that ignores its cancellation keeps this
+        thread (a daemon, which ``stop`` waits for only briefly) until it
+        returns; it is cancelled again every ``_UNWIND_WAIT`` seconds.
+        """
+        loop = self.loop
+        warned = False
+        while True:
+            pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+            if not pending:
+                return
+            for task in pending:
+                task.cancel()
+            _, left = loop.run_until_complete(asyncio.wait(pending, timeout=_UNWIND_WAIT))
+            if left and not warned:
+                warned = True
+                logger.warning("%d coroutines ignore their cancellation after stop(); the queue's event "
+                               "loop closes when they have returned", len(left))
 
     def _wake(self) -> None:
         """Called by the core (any thread): the loop has jobs to take."""
