@@ -11,7 +11,10 @@ GIL where this one takes ``self._lock``.
   oldest waiting job finds the next job in O(log types). It also keeps the
   queue's accounting (unfinished jobs for ``join``, their ids, lifetime
   counters, per-type counters and attempt durations), so a job is counted in
-  the same critical section that makes it visible.
+  the same critical section that makes it visible. It also keeps the cancel
+  marks (``mark_cancel``): a registered job that a cancel finds outside the
+  ready buffer is marked, and whoever holds it next takes the mark
+  (``take_cancel``, ``requeue``, ``attempt_succeeded``) and ends it as cancelled.
 - ``DelayedHeap``: a min-heap on (run_at, insertion order) with capped eviction.
 - ``Alarm``: a latched wake-up for the one thread (scheduler, watchdog) that
   sleeps until a deadline.

@@ -756,7 +756,8 @@ class Dispatcher:
         retried or reported (``stop()`` saved the job back as ready, so the
         next start runs it without counting a crash).
         """
-        if self.ready.take_cancel(job):  # a cancel came as the attempt ended: it wins, no retry
+        ledger = self.ledger
+        if ledger is None and self.ready.take_cancel(job):  # a cancel came as the attempt ended: it wins
             self.end_cancelled(job)
             return
         if self._stopping:
@@ -770,10 +771,13 @@ class Dispatcher:
                 if self.ledger is not None:
                     self.ledger.given_back(job)
                 return
-        ledger = self.ledger
-        if ledger is not None and ledger.not_held(job, exc):
-            self.ready.task_done(job)  # given back before it started: nothing to count
-            return
+        if ledger is not None:
+            if ledger.not_held(job, exc):
+                self.ready.task_done(job)  # given back before it started: nothing to count
+                return
+            if self.ready.take_cancel(job):  # after stop's give-back and the broker's refusal, as before
+                self.end_cancelled(job)
+                return
         try:
             job.retries += 1
             job.last_error = _describe(exc)
