@@ -411,8 +411,8 @@ class Dispatcher:
 
     def _stopped_async(self, job: Any) -> None:
         """stop() cancelled this async attempt: saved back as ready, not a failure."""
-        if self.ready.take_cancel(job):  # a cancel() came first: it wins
-            self.end_cancelled(job)
+        if self.ledger is None and self.ready.take_cancel(job):  # a cancel() came first: it wins
+            self.end_cancelled(job)  # (a broker's given-back job keeps its cancel mark in the broker)
             return
         with self._stop_order:
             self._stop_cancelled.add(job)

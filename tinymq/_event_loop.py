@@ -306,9 +306,12 @@ class LoopRunner:
             # Cancelled on its way here (from the core, through _todo): never run. A cancel from now
             # on finds the attempt registered above.
             if marks and self.ready.cancel_requested(job):
-                if self._decide(attempt, "cancelled") and self.ready.take_cancel(job):
+                if self._decide(attempt, "cancelled"):  # else a cancel() decided it: it reports it
+                    self.ready.take_cancel(job)
+                    if dispatcher.ledger is not None:  # as for a cancel of a running attempt
+                        dispatcher.ledger.expired(job)
                     self._report(dispatcher.end_cancelled, job)
-                self._finished(attempt, None, True)
+                self._finished(attempt, None, True)  # frees the slot (and tells a broker, returned_late)
                 continue
             if deadline < self._expiry_at:
                 self._arm(deadline)
