@@ -23,7 +23,6 @@ from tinymq import ExecutorConfig, Job, Queue, RetryConfig, SQLitePersistence
 from _helpers import STORES, WAIT, queue_with_store, run_model_test
 
 
-@pytest.mark.xfail(strict=True, reason="cancel() misses a job moving between two places (docs/api.md)")
 @pytest.mark.parametrize("backend", STORES)
 def test_cancel_of_a_job_in_transit_between_places_is_never_missed(backend, tmp_path):
     """Jobs that never finish on their own (every attempt fails, retried at once or after a tiny delay,

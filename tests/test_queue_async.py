@@ -556,3 +556,65 @@ def test_an_attempt_started_on_an_idle_loop_runs_inside_a_task(make):
     assert sorted(seen.items) == [(0, True), (1, True), (2, True)]
     stats = q.get_stats()
     assert (stats.jobs_succeeded, stats.jobs_failed) == (3, 0)
+
+
+class _AsyncioErrors(logging.Handler):
+    """The records asyncio logs (a task destroyed pending, an exception never retrieved)."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_stop_without_waiting_leaves_no_task_pending_when_the_loop_closes():
+    """stop(wait=False) with attempts in flight, one of whose coroutines ignores its cancellation
+    until after stop() returned: the loop runs until every task it has ended, then closes, so
+    asyncio never destroys a task pending (its "Task was destroyed but it is pending!")."""
+    import gc
+
+    started, released = threading.Event(), threading.Event()
+    unwound = Recorder()
+
+    async def quick(job):
+        try:
+            await asyncio.sleep(WAIT)
+        finally:
+            unwound.add(job.id)
+
+    async def stubborn(job):
+        started.set()
+        while not released.is_set():
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                pass  # ignores its cancellation until released
+        unwound.add(job.id)
+
+    errors = _AsyncioErrors()
+    asyncio_logger = logging.getLogger("asyncio")
+    asyncio_logger.addHandler(errors)
+    try:
+        q = Queue(config=Config(buffer_size=100))
+        q.register_executor("quick", quick)
+        q.register_executor("stubborn", stubborn)
+        q.start_dispatcher(workers=1)
+        for i in range(3):
+            q.enqueue(Job("quick", id=f"quick-{i}"))
+        q.enqueue(Job("stubborn", id="stubborn"))
+        assert started.wait(WAIT) and wait_until(lambda: q.get_stats().executor_stats["quick"].active_jobs == 3)
+        runner = q._dispatcher.loop_runner
+        try:
+            q.stop(wait=False)
+        finally:
+            released.set()
+        assert runner._thread_done.wait(WAIT), "the loop thread did not end after its last task"
+        assert runner.loop.is_closed()
+        del q, runner
+        gc.collect()
+        assert sorted(unwound.snapshot()) == ["quick-0", "quick-1", "quick-2", "stubborn"]
+        assert not [m for m in errors.messages if "destroyed" in m], errors.messages
+    finally:
+        asyncio_logger.removeHandler(errors)

@@ -62,7 +62,7 @@ __all__ = [
     "ReadyQueue", "DelayedHeap", "Alarm", "WorkerSlot", "TypeState",
     "run_worker", "retry_delay", "new_job_id", "interrupt_thread", "monotonic",
     "ENQUEUED", "SUCCEEDED", "FAILED", "RETRIED", "TIMED_OUT", "EVICTED", "CANCELLED",
-    "THREADS", "LOOP",
+    "THREADS", "LOOP", "CANCEL_UNKNOWN", "CANCEL_REMOVED", "CANCEL_MARKED", "CANCEL_LOST",
     "TYPE_EVENTS", "ATTEMPT_DURATION_BUCKETS",
 ]
 
@@ -70,6 +70,8 @@ __all__ = [
 ENQUEUED, SUCCEEDED, FAILED, RETRIED, TIMED_OUT, EVICTED, CANCELLED = range(7)
 # Who runs a type's attempts: worker threads, or the queue's event loop (async executors).
 THREADS, LOOP = 0, 1
+# What ReadyQueue.mark_cancel found (see the pure twin).
+CANCEL_UNKNOWN, CANCEL_REMOVED, CANCEL_MARKED, CANCEL_LOST = range(4)
 # The events also counted per job type, in the order of ReadyQueue.type_counters()' tuples.
 TYPE_EVENTS = (SUCCEEDED, FAILED, RETRIED, TIMED_OUT, CANCELLED)
 cdef enum:
@@ -79,6 +81,8 @@ cdef enum:
     C_SUCCEEDED = 1
     N_BUCKETS = 16  # len(ATTEMPT_DURATION_BUCKETS) + the +inf bucket
     REFRESH_EVERY = 1024  # successes between two looks at the log level, off the per-job path
+    REQUESTED = 0  # a cancel mark: asked for, not yet acted on by whoever holds the job
+    ENDING = 1  # a cancel mark: the job's end is decided (a cancel took it, or success, or failure)
 # Upper bounds (seconds) of the attempt-duration histogram's buckets; a last one is +inf.
 cdef double DURATION_BOUNDS[N_BUCKETS - 1]
 DURATION_BOUNDS[:] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -705,6 +709,9 @@ cdef class ReadyQueue:
     cdef bint _closed
     cdef Py_ssize_t _unfinished  # accepted jobs not yet succeeded or failed for good
     cdef dict ids  # id -> the unfinished job registered under it (exact str keys: no Python runs)
+    # Cancel marks, by id, of registered unfinished jobs outside the ready buffer (dropped with the
+    # id): REQUESTED or ENDING, as an int object (see the pure twin).
+    cdef dict marks
     cdef long long _counters[N_COUNTERS]
     # _Waiters: idle workers, the latest last. None waits while a job is poppable, except while
     # the worker that freed its slot comes back for it (release_state(hand_off=False)).
@@ -720,6 +727,7 @@ cdef class ReadyQueue:
         self.last_type = _NO_TYPE
         self.types = {}
         self.ids = {}
+        self.marks = {}
         self.overflow = deque()
         self.getters = []
         self.putters = []
@@ -1005,18 +1013,23 @@ cdef class ReadyQueue:
 
         With the buffer full it waits in the overflow line, ahead of blocked
         producers, and moves in as soon as a pop makes room. Its type and level
-        are read now: changing them later changes nothing here.
+        are read now: changing them later changes nothing here. False, with the
+        job placed nowhere, when a cancel of it was requested on its way here:
+        the caller ends it as cancelled (the mark is taken, ``take_cancel``).
         """
         cdef object job_type = _type_of(job)
         cdef int level = _level_of(job)
         # Made before the decision: allocating may run the garbage collector, and Python code.
         cdef tuple owed = (job, job_type, level)
+        if self.marks and self._take_cancel(job):
+            return False
         if self.size >= self.capacity or self.overflow:
             self.overflow.append(owed)
         else:
             self._append(job, job_type, level)
             if self.getters or self.loop_idle:
                 self._hand_off()
+        return True
 
     # popping
 
@@ -1146,7 +1159,9 @@ cdef class ReadyQueue:
             if not woken:  # timed out; a hand-off may have come meanwhile
                 self._leave(waiter)
             if waiter.job is not None:
-                if self._closed:  # handed over just before close(): no attempt starts after stop
+                # Handed over just before close(): no attempt starts after stop (unless cancelled
+                # meanwhile: its worker ends it as cancelled, without calling its function).
+                if self._closed and not (self.marks and self._cancel_requested(waiter.job)):
                     self._give_back(waiter)
                     return None
                 job = waiter.job
@@ -1207,12 +1222,15 @@ cdef class ReadyQueue:
         The job stays unfinished: the caller ends it (``task_done``). Scans
         every waiting job: for a cancel, not for a per-job path.
         """
+        if not PyUnicode_CheckExact(job_id):
+            raise _not_a_str("job id", job_id)
+        return self._remove(job_id)
+
+    cdef object _remove(self, object job_id):
         cdef TypeState state
         cdef Fifo *fifo
         cdef Py_ssize_t position, index
         cdef int level
-        if not PyUnicode_CheckExact(job_id):
-            raise _not_a_str("job id", job_id)
         for index, owed in enumerate(self.overflow):
             if owed[0]._id == job_id:
                 del self.overflow[index]
@@ -1235,6 +1253,63 @@ cdef class ReadyQueue:
                     self._hand_off()
                 return job
         return None
+
+    # cancelling: a job between two places is never missed (see the pure twin)
+
+    def mark_cancel(self, job_id):
+        """What ``cancel(job_id)`` can decide here, in one step: ``(outcome, job)``."""
+        if not PyUnicode_CheckExact(job_id):
+            raise _not_a_str("job id", job_id)
+        job = self.ids.get(job_id)
+        if job is None:
+            return CANCEL_UNKNOWN, None
+        if job_id in self.marks:
+            return CANCEL_LOST, None
+        removed = self._remove(job_id)
+        if removed is not None:
+            self.marks[job_id] = ENDING
+            return CANCEL_REMOVED, removed
+        self.marks[job_id] = REQUESTED
+        return CANCEL_MARKED, job
+
+    @property
+    def cancel_marks(self):
+        """The marks themselves (never replaced): empty means no cancel waits for a holder."""
+        return self.marks
+
+    def cancel_requested(self, object job):
+        """Whether a cancel of ``job`` waits for whoever holds it (peek; ``take_cancel`` acts)."""
+        return bool(self.marks) and self._cancel_requested(job)
+
+    cdef bint _cancel_requested(self, object job) except -1:
+        job_id = job._id  # read first: it may run Python code (a subclass's property)
+        if not PyUnicode_CheckExact(job_id):
+            return False
+        mark = self.marks.get(job_id)
+        return mark is not None and <long>mark == REQUESTED and self.ids.get(job_id) is job
+
+    def take_cancel(self, object job):
+        """The holder of ``job`` takes a cancel requested for it: True once, then it ends the job as cancelled."""
+        return bool(self.marks) and self._take_cancel(job)
+
+    cdef bint _take_cancel(self, object job) except -1:
+        if not self._cancel_requested(job):
+            return False
+        self.marks[job._id] = ENDING
+        return True
+
+    def decide_end(self, object job):
+        """The holder of ``job`` decides its end: True when a cancel was requested first (it ends as cancelled)."""
+        return self._decide_end(job)
+
+    cdef bint _decide_end(self, object job) except -1:
+        if self.marks and self._take_cancel(job):
+            return True
+        if self.ids:
+            job_id = job._id
+            if PyUnicode_CheckExact(job_id) and self.ids.get(job_id) is job:
+                self.marks[job_id] = ENDING
+        return False
 
     def release(self, job_type):
         """An attempt of ``job_type`` returned: free its slot."""
@@ -1304,19 +1379,39 @@ cdef class ReadyQueue:
         state.counters[C_SUCCEEDED] += 1
         state.record_duration(seconds)
 
-    def attempt_succeeded(self, TypeState state, double seconds):
-        """An attempt of ``state`` succeeded after ``seconds``: count it, queue-wide and per type."""
+    def attempt_succeeded(self, TypeState state, double seconds, object job=None, bint finish=False):
+        """An attempt of ``state`` succeeded after ``seconds``: count it, queue-wide and per type.
+
+        With ``job``: False, with nothing counted, when a cancel of it was
+        requested first; else its end is decided, and with ``finish`` it is
+        finished in the same step (see the pure twin).
+        """
+        if job is None:
+            self._succeeded(state, seconds)
+            return True
+        return self._attempt_succeeded(state, seconds, job, finish)
+
+    cdef inline bint _attempt_succeeded(self, TypeState state, double seconds, object job,
+                                        bint finish) except -1:
+        if finish:
+            if self.marks and self._take_cancel(job):
+                return False
+        elif self._decide_end(job):
+            return False
         self._succeeded(state, seconds)
+        if finish:
+            self._task_done(job)
+        return True
 
     def loop_attempt_succeeded(self, TypeState state, double seconds, object job):
         """An event loop's attempt of ``state`` succeeded after ``seconds``, and ``job`` with it.
 
-        ``release_state(state, False, LOOP)``, ``attempt_succeeded(state,
-        seconds)`` and ``task_done(job)`` in one step: the loop's per-job path.
+        ``release_state(state, False, LOOP)`` and ``attempt_succeeded(state,
+        seconds, job, finish=True)`` in one step: the loop's per-job path.
+        False when a cancel of ``job`` was requested first: only its slot is freed.
         """
         self._release(state, False, LOOP)
-        self._succeeded(state, seconds)
-        self._task_done(job)
+        return self._attempt_succeeded(state, seconds, job, True)
 
     def record_duration(self, TypeState state, double seconds):
         """An attempt of ``state`` was decided (failed, timed out) after ``seconds``."""
@@ -1341,6 +1436,8 @@ cdef class ReadyQueue:
         self._unfinished -= 1
         if job_id is not None and PyUnicode_CheckExact(job_id) and self.ids.get(job_id) is job:
             del self.ids[job_id]  # not another job's id
+            if self.marks:
+                self.marks.pop(job_id, None)
         if self._unfinished <= 0 and self.joiners:
             _notify_all(self.joiners)
         return 0
@@ -1574,12 +1671,13 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
     The fast path (success) stays here; everything else goes to ``dispatcher``:
     ``refresh_hooks(slot)``, ``new_context(job, deadline)``, ``returned(job, state,
     result)`` (a function returned an awaitable or a generator), ``attempt_failed(job,
-    state, exc)``, ``no_executor(job, state)`` and ``after_expired(slot, exc)``.
+    state, exc)``, ``no_executor(job, state)``, ``after_expired(slot, exc)`` and
+    ``end_cancelled(job)`` (a cancel came on its way to the attempt, or as it succeeded).
     """
     cdef PyObject *taken = NULL
     cdef TypeState state
     cdef double started, ended, deadline
-    cdef bint expired, decided
+    cdef bint expired, decided, cancelled, finish
     cdef long succeeded = 0
     cdef _Waiter waiter = _Waiter()  # this worker's, for every wait
     finished = None  # a success whose on_success and task_done wait for the next start (on_switch)
@@ -1612,8 +1710,14 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
             watchdog._wake()
         error = None
         decided = False  # cancelled (or timed out) while the store wrote its start: fn is not called
+        cancelled = False  # a cancel was requested on its way here (after begin: a later one finds the slot)
         try:
-            if finished is not None:
+            if ready.marks and ready._cancel_requested(job):
+                decided = cancelled = True
+                if finished is not None:
+                    done, finished = finished, None
+                    _settle(ready, slot, done)
+            elif finished is not None:
                 done, finished = finished, None
                 try:
                     switch(done, job)
@@ -1635,23 +1739,31 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
         ended = _monotonic()
         expired = slot.end()
         # A worker going straight back to pop takes the job its slot frees itself.
-        ready._release(state, expired or error is not None
+        ready._release(state, expired or error is not None or cancelled
                        or (slot.on_success is not None and slot.on_switch is None))
         if expired:
             dispatcher.after_expired(slot, error)
             return
+        if cancelled:
+            if ready.marks and ready._take_cancel(job):
+                dispatcher.end_cancelled(job)
+            continue
         if error is None:
-            ready._succeeded(state, ended - started)
+            on_success = slot.on_success  # read once: refresh_hooks may change them below
+            switch = slot.on_switch
+            finish = on_success is None and switch is None
+            if not ready._attempt_succeeded(state, ended - started, job, finish):
+                dispatcher.end_cancelled(job)  # a cancel came as it ended: it wins
+                continue
             succeeded += 1
             if succeeded % REFRESH_EVERY == 0:
                 dispatcher.refresh_hooks(slot)
-            if slot.on_switch is not None:
+            if switch is not None:
                 finished = job  # its end is committed with the next job's start, or alone when none is ready
                 continue
-            on_success = slot.on_success
             if on_success is not None:
                 on_success(job)
-            ready._task_done(job)
+                ready._task_done(job)
         else:
             state.record_duration(ended - started)
             dispatcher.attempt_failed(job, state, error)

@@ -11,7 +11,10 @@ GIL where this one takes ``self._lock``.
   oldest waiting job finds the next job in O(log types). It also keeps the
   queue's accounting (unfinished jobs for ``join``, their ids, lifetime
   counters, per-type counters and attempt durations), so a job is counted in
-  the same critical section that makes it visible.
+  the same critical section that makes it visible. It also keeps the cancel
+  marks (``mark_cancel``): a registered job that a cancel finds outside the
+  ready buffer is marked, and whoever holds it next takes the mark
+  (``take_cancel``, ``requeue``, ``attempt_succeeded``) and ends it as cancelled.
 - ``DelayedHeap``: a min-heap on (run_at, insertion order) with capped eviction.
 - ``Alarm``: a latched wake-up for the one thread (scheduler, watchdog) that
   sleeps until a deadline.
@@ -43,7 +46,7 @@ __all__ = [
     "ReadyQueue", "DelayedHeap", "Alarm", "WorkerSlot", "TypeState",
     "run_worker", "retry_delay", "new_job_id", "interrupt_thread", "monotonic",
     "ENQUEUED", "SUCCEEDED", "FAILED", "RETRIED", "TIMED_OUT", "EVICTED", "CANCELLED",
-    "THREADS", "LOOP",
+    "THREADS", "LOOP", "CANCEL_UNKNOWN", "CANCEL_REMOVED", "CANCEL_MARKED", "CANCEL_LOST",
     "TYPE_EVENTS", "ATTEMPT_DURATION_BUCKETS",
 ]
 
@@ -51,6 +54,11 @@ __all__ = [
 ENQUEUED, SUCCEEDED, FAILED, RETRIED, TIMED_OUT, EVICTED, CANCELLED = range(7)
 # Who runs a type's attempts: worker threads, or the queue's event loop (async executors).
 THREADS, LOOP = 0, 1
+# What ReadyQueue.mark_cancel found: no unfinished job registered with the id; a ready job, taken
+# out; a job elsewhere, marked for its holder; a job whose end is decided (another cancel won).
+CANCEL_UNKNOWN, CANCEL_REMOVED, CANCEL_MARKED, CANCEL_LOST = range(4)
+# A cancel mark: asked for, and not yet acted on by whoever holds the job; or its end is decided.
+_REQUESTED, _ENDING = 0, 1
 _N_COUNTERS = 7
 # The events also counted per job type, in the order of ReadyQueue.type_counters()' tuples.
 TYPE_EVENTS = (SUCCEEDED, FAILED, RETRIED, TIMED_OUT, CANCELLED)
@@ -359,6 +367,10 @@ class ReadyQueue:
         self._closed = False
         self._unfinished = 0  # accepted jobs not yet succeeded or failed for good
         self._ids: Dict[str, Any] = {}  # id -> the unfinished job registered under it
+        # Cancel marks, by id, of registered unfinished jobs outside the ready buffer (dropped with
+        # the id): _REQUESTED, a cancel found the job between places or resting elsewhere, and
+        # whoever holds it next ends it as cancelled (take_cancel); _ENDING, its end is decided.
+        self._marks: Dict[str, int] = {}
         self._counters = [0] * _N_COUNTERS
         # Idle workers in pop, the latest last. None waits while a job is poppable, except while
         # the worker that freed its slot comes back for it (release_state(hand_off=False)).
@@ -581,20 +593,25 @@ class ReadyQueue:
             self._check_unregistered(batch, repeated)
             self._accept(len(jobs), batch)
 
-    def requeue(self, job: Any) -> None:
+    def requeue(self, job: Any) -> bool:
         """Make an accepted job ready (due, retried, recovered): never refused, never dropped.
 
         With the buffer full it waits in the overflow line, ahead of blocked
         producers, and moves in as soon as a pop makes room. Its type and level
-        are read now: changing them later changes nothing here.
+        are read now: changing them later changes nothing here. False, with the
+        job placed nowhere, when a cancel of it was requested on its way here:
+        the caller ends it as cancelled (the mark is taken, ``take_cancel``).
         """
         job_type, level = _ready_fields(job)
         with self._lock:
+            if self._marks and self._take_cancel(job):
+                return False
             if sum(self._sizes) >= self.capacity or self._overflow:
                 self._overflow.append((job, job_type, level))
-                return
+                return True
             self._append(job, job_type, level)
             self._hand_off()
+            return True
 
     # popping
 
@@ -699,8 +716,9 @@ class ReadyQueue:
             if taken is not None:
                 if self._closed:  # handed over just before close(): no attempt starts after stop
                     with self._lock:
-                        self._give_back(taken[0], taken[1], waiter.level)
-                    return None
+                        if not self._cancel_requested(taken[0]):  # else its worker ends it, cancelled
+                            self._give_back(taken[0], taken[1], waiter.level)
+                            return None
                 return taken
             # woken by close(), or timed out: look again
 
@@ -763,27 +781,104 @@ class ReadyQueue:
         if type(job_id) is not str:
             raise _not_a_str("job id", job_id)
         with self._lock:
-            for index, (job, job_type, level) in enumerate(self._overflow):
-                if job._id == job_id:
-                    del self._overflow[index]
+            return self._remove(job_id)
+
+    def _remove(self, job_id: str) -> Any:
+        """``remove``, called with _lock held."""
+        for index, (job, job_type, level) in enumerate(self._overflow):
+            if job._id == job_id:
+                del self._overflow[index]
+                return job
+        for state in self._types.values():
+            for level, waiting in enumerate(state.levels):
+                for index, (_, job) in enumerate(waiting):
+                    if job._id != job_id:
+                        continue
+                    del waiting[index]
+                    self._sizes[level] -= 1
+                    if index == 0 and state.listed[level]:  # its heap entry was keyed by this job
+                        runnable = self._runnable[state.runner][level]
+                        runnable[:] = [entry for entry in runnable if entry[1] is not state]
+                        heapq.heapify(runnable)
+                        state.listed[level] = False
+                        self._readmit(state)
+                    self._refill()
+                    self._hand_off()
                     return job
-            for state in self._types.values():
-                for level, waiting in enumerate(state.levels):
-                    for index, (_, job) in enumerate(waiting):
-                        if job._id != job_id:
-                            continue
-                        del waiting[index]
-                        self._sizes[level] -= 1
-                        if index == 0 and state.listed[level]:  # its heap entry was keyed by this job
-                            runnable = self._runnable[state.runner][level]
-                            runnable[:] = [entry for entry in runnable if entry[1] is not state]
-                            heapq.heapify(runnable)
-                            state.listed[level] = False
-                            self._readmit(state)
-                        self._refill()
-                        self._hand_off()
-                        return job
         return None
+
+    # cancelling: a job between two places is never missed
+
+    def mark_cancel(self, job_id: str) -> Tuple[int, Any]:
+        """What ``cancel(job_id)`` can decide here, in one step: ``(outcome, job)``.
+
+        ``CANCEL_REMOVED``: the job was ready (or owed room) and is taken out;
+        the caller ends it. ``CANCEL_MARKED``: it is unfinished elsewhere
+        (delayed, running, or between two places): marked, so the caller ends
+        it where it rests (taking the mark, ``take_cancel``), or else whoever
+        holds it next does, before it rests or runs again. ``CANCEL_LOST``: a
+        cancel took it already, or its end is decided (job None).
+        ``CANCEL_UNKNOWN``: no unfinished job was registered with this id (it
+        had none at enqueue: the caller looks for it; job None).
+        """
+        if type(job_id) is not str:
+            raise _not_a_str("job id", job_id)
+        with self._lock:
+            job = self._ids.get(job_id)
+            if job is None:
+                return CANCEL_UNKNOWN, None
+            if job_id in self._marks:
+                return CANCEL_LOST, None
+            removed = self._remove(job_id)
+            if removed is not None:
+                self._marks[job_id] = _ENDING
+                return CANCEL_REMOVED, removed
+            self._marks[job_id] = _REQUESTED
+            return CANCEL_MARKED, job
+
+    @property
+    def cancel_marks(self) -> Dict[str, int]:
+        """The marks themselves (never replaced): empty means no cancel waits for a holder."""
+        return self._marks
+
+    def cancel_requested(self, job: Any) -> bool:
+        """Whether a cancel of ``job`` waits for whoever holds it (peek; ``take_cancel`` acts)."""
+        if not self._marks:
+            return False
+        with self._lock:
+            return self._cancel_requested(job)
+
+    def _cancel_requested(self, job: Any) -> bool:
+        job_id = job._id
+        return type(job_id) is str and self._marks.get(job_id) == _REQUESTED and self._ids.get(job_id) is job
+
+    def take_cancel(self, job: Any) -> bool:
+        """The holder of ``job`` takes a cancel requested for it: True once, then it ends the job as cancelled."""
+        if not self._marks:
+            return False
+        with self._lock:
+            return self._take_cancel(job)
+
+    def _take_cancel(self, job: Any) -> bool:
+        if not self._cancel_requested(job):
+            return False
+        self._marks[job._id] = _ENDING
+        return True
+
+    def decide_end(self, job: Any) -> bool:
+        """The holder of ``job`` decides its end (success, failure for good): from now on a cancel of it
+        loses. True when a cancel was requested first: then it ends as cancelled instead."""
+        with self._lock:
+            return self._decide_end(job)
+
+    def _decide_end(self, job: Any) -> bool:
+        if self._marks and self._take_cancel(job):
+            return True
+        if self._ids:
+            job_id = job._id
+            if type(job_id) is str and self._ids.get(job_id) is job:
+                self._marks[job_id] = _ENDING
+        return False
 
     def release(self, job_type: str) -> None:
         """An attempt of ``job_type`` returned: free its slot."""
@@ -849,26 +944,45 @@ class ReadyQueue:
                 if state is not None and state.fn is not None:
                     state.counters[event] += n
 
-    def attempt_succeeded(self, state: TypeState, seconds: float) -> None:
-        """An attempt of ``state`` succeeded after ``seconds``: count it, queue-wide and per type."""
+    def attempt_succeeded(self, state: TypeState, seconds: float, job: Any = None, finish: bool = False) -> bool:
+        """An attempt of ``state`` succeeded after ``seconds``: count it, queue-wide and per type.
+
+        With ``job``, its end is decided (``decide_end``): False, with nothing
+        counted, when a cancel of it was requested first (the caller ends it as
+        cancelled); with ``finish`` too, ``task_done(job)`` in the same step.
+        """
+        job_id = job._id if job is not None and self._ids else None
         with self._lock:
+            if job is not None:
+                if finish:
+                    if self._marks and self._take_cancel(job):
+                        return False
+                elif self._decide_end(job):
+                    return False
             self._counters[SUCCEEDED] += 1
             state.counters[SUCCEEDED] += 1
             state.record_duration(seconds)
+            if finish and job is not None:
+                self._finish(job, job_id)
+            return True
 
-    def loop_attempt_succeeded(self, state: TypeState, seconds: float, job: Any) -> None:
+    def loop_attempt_succeeded(self, state: TypeState, seconds: float, job: Any) -> bool:
         """An event loop's attempt of ``state`` succeeded after ``seconds``, and ``job`` with it.
 
         ``release_state(state, False, LOOP)``, ``attempt_succeeded(state,
-        seconds)`` and ``task_done(job)`` in one step: the loop's per-job path.
+        seconds, job, finish=True)`` in one step: the loop's per-job path.
+        False when a cancel of ``job`` was requested first: only its slot is freed.
         """
         job_id = job._id if self._ids else None
         with self._lock:
             self._release(state, False, LOOP)
+            if self._marks and self._take_cancel(job):
+                return False
             self._counters[SUCCEEDED] += 1
             state.counters[SUCCEEDED] += 1
             state.record_duration(seconds)
             self._finish(job, job_id)
+            return True
 
     def record_duration(self, state: TypeState, seconds: float) -> None:
         """An attempt of ``state`` was decided (failed, timed out) after ``seconds``."""
@@ -902,6 +1016,8 @@ class ReadyQueue:
         self._unfinished -= 1
         if type(job_id) is str and self._ids.get(job_id) is job:  # not another job's id
             del self._ids[job_id]
+            if self._marks:
+                self._marks.pop(job_id, None)
         if self._unfinished <= 0:
             self._all_done.notify_all()
 
@@ -1118,9 +1234,12 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
     The fast path (success) stays here; everything else goes to ``dispatcher``:
     ``refresh_hooks(slot)``, ``new_context(job, deadline)``, ``returned(job, state, result)``
     (a function returned an awaitable or a generator: ``_awaitable_or_generator``),
-    ``attempt_failed(job, state, exc)``, ``no_executor(job, state)`` and ``after_expired(slot, exc)``.
+    ``attempt_failed(job, state, exc)``, ``no_executor(job, state)``, ``after_expired(slot, exc)``
+    and ``end_cancelled(job)`` (a cancel came between the ready buffer and the attempt's start, or
+    between its end and its success: the job ends as cancelled, its function not called again).
     """
     slot.thread_id = threading.get_ident()
+    marks = ready.cancel_marks  # empty unless a cancel waits for a job's holder
     succeeded = 0
     waiter = _Waiter()  # this worker's, for every wait
     finished = None  # a success whose on_success and task_done wait for the next start (on_switch)
@@ -1150,13 +1269,19 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
         expired = False
         straight_back = False  # this worker pops again at once, taking the job its slot frees
         ended = started
+        cancelled = False  # a cancel was requested on its way here (after begin: a later one finds the slot)
         try:  # from begin() on, an interruption may land anywhere: the slot is released below
             slot.started = started
             slot.begin(job, state, deadline, context)
             try:
                 watchdog.wake_before(deadline)
                 decided = False  # cancelled (or timed out) while the store wrote its start: fn is not called
-                if finished is not None:
+                if marks and ready.cancel_requested(job):
+                    decided = cancelled = True
+                    if finished is not None:
+                        done, finished = finished, None
+                        _settle(ready, slot, done)
+                elif finished is not None:
                     done, finished = finished, None
                     try:
                         switch(done, job)  # type: ignore[misc]
@@ -1179,7 +1304,8 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
             expired = slot.end()
             if expired and slot.interrupted:
                 interrupt_thread(slot.thread_id, None)  # from here on nothing may land
-            straight_back = error is None and not expired and (slot.on_success is None or slot.on_switch is not None)
+            straight_back = (error is None and not expired and not cancelled
+                             and (slot.on_success is None or slot.on_switch is not None))
         except JobTimeout as late:  # an interruption that landed after the function returned
             expired = slot.end() or True
             error = late
@@ -1189,18 +1315,25 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
         if expired:
             dispatcher.after_expired(slot, error)
             return
+        if cancelled:
+            if ready.take_cancel(job):
+                dispatcher.end_cancelled(job)
+            continue
         if error is None:
-            ready.attempt_succeeded(state, ended - started)
+            on_success = slot.on_success  # read once: refresh_hooks may change them below
+            switching = slot.on_switch is not None
+            if not ready.attempt_succeeded(state, ended - started, job, on_success is None and not switching):
+                dispatcher.end_cancelled(job)  # a cancel came as it ended: it wins
+                continue
             succeeded += 1
             if not succeeded % _REFRESH_EVERY:
                 dispatcher.refresh_hooks(slot)
-            if slot.on_switch is not None:
+            if switching:
                 finished = job  # its end is committed with the next job's start, or alone when none is ready
                 continue
-            on_success = slot.on_success
             if on_success is not None:
                 on_success(job)
-            ready.task_done(job)
+                ready.task_done(job)
         else:
             ready.record_duration(state, ended - started)
             dispatcher.attempt_failed(job, state, error)

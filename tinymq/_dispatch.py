@@ -411,6 +411,9 @@ class Dispatcher:
 
     def _stopped_async(self, job: Any) -> None:
         """stop() cancelled this async attempt: saved back as ready, not a failure."""
+        if self.ledger is None and self.ready.take_cancel(job):  # a cancel() came first: it wins
+            self.end_cancelled(job)  # (a broker's given-back job keeps its cancel mark in the broker)
+            return
         with self._stop_order:
             self._stop_cancelled.add(job)
             store = self.store
@@ -448,8 +451,12 @@ class Dispatcher:
         never pushed out by a newcomer.
         """
         due = core.monotonic() + delay
-        evicted = (self.delayed if evictable else self.uncapped).push(job, due)
+        heap = self.delayed if evictable else self.uncapped
+        evicted = heap.push(job, due)
         self.scheduler_alarm.wake_before(due)
+        # A cancel that looked for it before it arrived here left a mark: whoever takes it out ends it.
+        if self.ready.cancel_requested(job) and heap.remove(job._id) is not None and self.ready.take_cancel(job):
+            self.end_cancelled(job)
         if evicted is not None:
             self.fail(evicted, "evicted", None, core.EVICTED)
 
@@ -479,9 +486,12 @@ class Dispatcher:
     def make_ready(self, job: Any) -> None:
         """Move an accepted job into the ready buffer; one that cannot go fails, loudly."""
         try:
-            self.ready.requeue(job)
+            placed = self.ready.requeue(job)
         except Exception as exc:  # e.g. a priority made invalid while the job waited
             self.fail(job, "retries_exhausted", exc)
+            return
+        if not placed:  # a cancel of it came on its way here
+            self.end_cancelled(job)
 
     def delayed_count(self) -> int:
         return len(self.delayed) + len(self.uncapped)
@@ -611,7 +621,9 @@ class Dispatcher:
         return self.store is not None or self.ledger is not None
 
     def async_succeeded(self, job: Any, state: Any, seconds: float) -> None:
-        self.ready.attempt_succeeded(state, seconds)
+        if not self.ready.attempt_succeeded(state, seconds, job):
+            self.end_cancelled(job)  # a cancel came as it ended: it wins
+            return
         if self.ledger is not None:
             self.ledger.succeeded(job)
         elif self.store is not None or logger.isEnabledFor(logging.DEBUG):
@@ -635,7 +647,57 @@ class Dispatcher:
     # --- cancelling ----------------------------------------------------------
 
     def cancel(self, job_id: str) -> bool:
-        """Cancel the unfinished job ``job_id``: queued, delayed or running. False when none."""
+        """Cancel the unfinished job ``job_id``: queued, delayed, running, or between two of these.
+
+        False when no unfinished job has that id, or when its end was decided
+        first. The core marks the job in the step that finds it outside the
+        ready buffer (``ReadyQueue.mark_cancel``); then it is ended here, where
+        it rests, or by whoever moves it next: every move into a place (a
+        heap, a worker's slot, the loop's attempts, the ready buffer) looks at
+        the marks after arriving, and this looks at the places after marking,
+        so one of the two sees the other. Taking a job out of a place is
+        exclusive, so exactly one ends it.
+        """
+        outcome, job = self.ready.mark_cancel(job_id)
+        if outcome == core.CANCEL_LOST:
+            return False
+        if outcome == core.CANCEL_REMOVED:
+            self.end_cancelled(job)
+            return True
+        if outcome == core.CANCEL_MARKED:
+            self._cancel_marked(job)
+            return True
+        return self._cancel_unregistered(job_id)
+
+    def _cancel_marked(self, job: Any) -> None:
+        """End ``job``, marked by ``mark_cancel``, where it rests now; if it rests nowhere, it is
+        between two places and its next holder ends it (``take_cancel``)."""
+        job_id = job._id
+        taken = self.delayed.remove(job_id)
+        if taken is None:
+            taken = self.uncapped.remove(job_id)
+        running = False
+        if taken is None and self.loop_runner is not None:
+            taken = self.loop_runner.cancel(job_id)
+            running = taken is not None
+        if taken is None:
+            taken = self._cancel_thread_attempt(job_id)
+            running = taken is not None
+        if taken is None or not self.ready.take_cancel(job):
+            return
+        if running and self.ledger is not None:
+            self.ledger.expired(job)
+        self.end_cancelled(job)
+
+    def end_cancelled(self, job: Any) -> None:
+        """End a job whose cancel was taken (``mark_cancel``, ``take_cancel``): reported "cancelled"."""
+        if self._stopping:
+            with self._stop_order:
+                self._decided.add(job)  # after a save-back by stop(), if it made one: the delete comes last
+        self.fail(job, "cancelled", None, core.CANCELLED)
+
+    def _cancel_unregistered(self, job_id: str) -> bool:
+        """``cancel`` of a job the core knows by no id (it had none at enqueue): looked for in every place."""
         job = self.ready.remove(job_id)
         if job is None:
             job = self.delayed.remove(job_id)
@@ -694,6 +756,10 @@ class Dispatcher:
         retried or reported (``stop()`` saved the job back as ready, so the
         next start runs it without counting a crash).
         """
+        ledger = self.ledger
+        if ledger is None and self.ready.take_cancel(job):  # a cancel came as the attempt ended: it wins
+            self.end_cancelled(job)
+            return
         if self._stopping:
             with self._stop_order:
                 cancelled = job in self._stop_cancelled
@@ -705,10 +771,13 @@ class Dispatcher:
                 if self.ledger is not None:
                     self.ledger.given_back(job)
                 return
-        ledger = self.ledger
-        if ledger is not None and ledger.not_held(job, exc):
-            self.ready.task_done(job)  # given back before it started: nothing to count
-            return
+        if ledger is not None:
+            if ledger.not_held(job, exc):
+                self.ready.task_done(job)  # given back before it started: nothing to count
+                return
+            if self.ready.take_cancel(job):  # after stop's give-back and the broker's refusal, as before
+                self.end_cancelled(job)
+                return
         try:
             job.retries += 1
             job.last_error = _describe(exc)
@@ -758,8 +827,11 @@ class Dispatcher:
         """The job leaves the queue without success: count, log, callbacks, store, finished.
 
         Counted per type too when its type has an executor: a job failed as
-        ``no_executor`` counts only in the queue-wide counters.
+        ``no_executor`` counts only in the queue-wide counters. A cancel
+        requested before this decision wins: the job ends as cancelled.
         """
+        if counter != core.CANCELLED and self.ready.decide_end(job):
+            reason, exc, counter = "cancelled", None, core.CANCELLED
         self.ready.count(counter, 1, job.type)
         self.report_failure(job, reason, exc)
         if self.ledger is not None:

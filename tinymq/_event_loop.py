@@ -191,18 +191,38 @@ class LoopRunner:
                     job, state = self._todo.popleft()
                     self.ready.release_state(state, False, core.LOOP)
                     self.dispatcher._stopped_async(job)
-                pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
-                for task in pending:  # only coroutines that ignored their cancellation are left
-                    task.cancel()
-                if pending:
-                    loop.run_until_complete(asyncio.wait(pending, timeout=_UNWIND_WAIT))
+                self._end_tasks()
                 loop.run_until_complete(loop.shutdown_asyncgens())
                 loop.run_until_complete(loop.shutdown_default_executor())  # outcomes reported off the loop
+                self._end_tasks()  # a task started meanwhile (an awaitable a worker thread handed over)
             except Exception:  # pragma: no cover - a bug; the loop closes all the same
                 logger.exception("tinymq event loop did not shut down cleanly")
             finally:
                 loop.close()
                 self._thread_done.set()
+
+    def _end_tasks(self) -> None:
+        """Cancel every task still on the loop, and run the loop until each has ended.
+
+        A loop closed with a task pending destroys it pending (asyncio logs
+        "Task was destroyed but it is pending!"), and the coroutine never runs
+        its cleanup. A coroutine that ignores its cancellation keeps this
+        thread (a daemon, which ``stop`` waits for only briefly) until it
+        returns; it is cancelled again every ``_UNWIND_WAIT`` seconds.
+        """
+        loop = self.loop
+        warned = False
+        while True:
+            pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+            if not pending:
+                return
+            for task in pending:
+                task.cancel()
+            _, left = loop.run_until_complete(asyncio.wait(pending, timeout=_UNWIND_WAIT))
+            if left and not warned:
+                warned = True
+                logger.warning("%d coroutines ignore their cancellation after stop(); the queue's event "
+                               "loop closes when they have returned", len(left))
 
     def _wake(self) -> None:
         """Called by the core (any thread): the loop has jobs to take."""
@@ -258,6 +278,7 @@ class LoopRunner:
         The attempt is run here, not in a coroutine of its own: one less per job.
         """
         todo, idle, attempts, dispatcher = self._todo, self._idle, self._attempts, self.dispatcher
+        marks = self.ready.cancel_marks  # empty unless a cancel waits for a job's holder
         task = asyncio.current_task()
         coming = True  # woken or started for a job in _todo (counted in _coming)
         in_a_row = 0
@@ -282,6 +303,16 @@ class LoopRunner:
                 context = JobContext(job, None if timeout is None else deadline)
             attempt = _Attempt(job, state, context, task, started, deadline)
             attempts[attempt] = None
+            # Cancelled on its way here (from the core, through _todo): never run. A cancel from now
+            # on finds the attempt registered above.
+            if marks and self.ready.cancel_requested(job):
+                if self._decide(attempt, "cancelled"):  # else a cancel() decided it: it reports it
+                    self.ready.take_cancel(job)
+                    if dispatcher.ledger is not None:  # as for a cancel of a running attempt
+                        dispatcher.ledger.expired(job)
+                    self._report(dispatcher.end_cancelled, job)
+                self._finished(attempt, None, True)  # frees the slot (and tells a broker, returned_late)
+                continue
             if deadline < self._expiry_at:
                 self._arm(deadline)
             error: Optional[BaseException] = None
@@ -337,7 +368,8 @@ class LoopRunner:
         state, job, ready, dispatcher = attempt.state, attempt.job, self.ready, self.dispatcher
         if (decided is None and error is None and not late and self._quiet
                 and dispatcher.store is None and dispatcher.ledger is None):
-            ready.loop_attempt_succeeded(state, ended - attempt.started, job)  # nothing else to tell
+            if not ready.loop_attempt_succeeded(state, ended - attempt.started, job):  # nothing else to tell
+                self._report(dispatcher.end_cancelled, job)  # unless a cancel came as it ended: it wins
             return
         ready.release_state(state, False, core.LOOP)
         if decided is None:

@@ -529,7 +529,9 @@ class Queue:
         A queued or delayed job is removed (and deleted from the store). A running
         attempt is cancelled: its context is cancelled, an async executor's task
         is cancelled, a thread with ``interrupt_on_timeout=True`` is interrupted;
-        it is not retried. The job is reported with reason ``"cancelled"``.
+        it is not retried. A job between two places (handed to a worker, becoming
+        a retry) is marked, and whoever holds it next ends it. The job is
+        reported with reason ``"cancelled"``; False when its end was decided first.
 
         With a broker, any process can cancel any job of the shared queue: one
         that another process holds is cancelled there within ``lease`` (it
