@@ -2,9 +2,11 @@
 
 Usage: python _switch_crash_child.py DB ACKED LOG TOTAL WORKERS
 
-Reloads the store, records the recovered ids as acknowledged, enqueues every
-``job-0 .. job-{TOTAL-1}`` not yet acknowledged (appending each id to ACKED once
-``enqueue`` returned), and runs them. Every attempt appends ``start ID RETRIES PID``
+Reloads the store, records as acknowledged the recovered ids and those that
+started in an earlier process (a kill between an enqueue's return and its
+acknowledgement, with the job run and deleted meanwhile, must not make it enqueued
+twice), enqueues every ``job-0 .. job-{TOTAL-1}`` not yet acknowledged (appending
+each id to ACKED once ``enqueue`` returned), and runs them. Every attempt appends ``start ID RETRIES PID``
 and ``end ID RETRIES PID`` to LOG (one ``os.write`` each, on O_APPEND: a SIGKILL
 never leaves half a line). Prints "done" after join, stop and close.
 """
@@ -38,8 +40,11 @@ def main() -> None:
     q.register_executor("work", work)
     q.set_persistence(store)
     recovered = {job.id for job in store.jobs()}  # before any worker starts: what the store gave back
-    for job_id in sorted(recovered - acked):  # saved before a kill, unacknowledged: enqueued for good
+    with open(log_path) as f:  # jobs that started in an earlier process were enqueued for good, and a
+        started = {line.split()[1] for line in f if line.startswith("start ")}  # finished one is gone
+    for job_id in sorted((recovered | started) - acked):  # enqueued before a kill, unacknowledged
         os.write(acked_fd, f"{job_id}\n".encode())
+        acked.add(job_id)
     q.start_dispatcher(workers)
     retry = RetryConfig(max_retries=1000, initial_delay=0.0)  # kills count as attempts
     for i in range(total):
