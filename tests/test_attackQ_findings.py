@@ -1,0 +1,166 @@
+"""Round-7 attack (attackQ) from outside: the command line (``worker``, ``status``) and periodic jobs.
+
+Each test reproduces a defect that the attack found; its fix is in the commit that removed
+the test's xfail mark.
+"""
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from datetime import datetime, timezone
+
+import pytest
+
+import tinymq
+from tinymq import Job, PermanentFailure, Queue, SQLitePersistence
+
+from test_cli import TIMEOUT, assert_user_error, cli, env
+
+# --- periodic jobs -------------------------------------------------------------------------
+
+# Valid cron syntax that names no instant from now on: February 30, April 31, a past year.
+NEVER = ["0 0 30 2 *", "0 0 31 4 *", "0 0 1 1 * 0 2001"]
+
+
+@pytest.mark.xfail(strict=True, reason="accepted, then start_dispatcher raises croniter's CroniterBadDateError")
+@pytest.mark.parametrize("expression", NEVER)
+def test_a_cron_expression_that_never_fires_is_refused_at_registration(expression):
+    pytest.importorskip("croniter")
+    queue = Queue()
+    try:
+        with pytest.raises(ValueError, match="never"):
+            queue.cron(expression, "report", name="report")
+        assert queue.schedules() == []
+        queue.start_dispatcher(1)  # nothing registered, nothing to fail
+    finally:
+        queue.stop()
+
+
+@pytest.mark.xfail(strict=True, reason="raises CroniterBadDateError and leaves a schedule that never begins")
+@pytest.mark.parametrize("expression", NEVER)
+def test_a_cron_expression_that_never_fires_is_refused_on_a_running_queue(expression):
+    pytest.importorskip("croniter")
+    queue = Queue()
+    queue.start_dispatcher(1)
+    try:
+        with pytest.raises(ValueError, match="never"):
+            queue.cron(expression, "report", name="report")
+        assert queue.schedules() == []
+        queue.cron("* * * * *", "report", name="report")  # the name is free
+    finally:
+        queue.stop()
+
+
+class _ErrorRecords(logging.Handler):
+    """Sets ``seen`` at the first ERROR record of the tinymq logger."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.seen = threading.Event()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(self.format(record))
+        self.seen.set()
+
+
+@pytest.mark.xfail(strict=True, reason="the timer's wait overflows (OverflowError), logged every second")
+@pytest.mark.parametrize("kind", ["interval", "first_at"])
+def test_a_schedule_far_in_the_future_waits_quietly(kind):
+    """A tick further away than threading.TIMEOUT_MAX (about 292 years) is a plain long wait."""
+    queue = Queue()
+    queue.register_executor("tick", lambda job: None)
+    if kind == "interval":
+        queue.every(1e300, "tick", name="far")
+    else:
+        queue.every(60, "tick", name="far", first_at=datetime(9999, 1, 1, tzinfo=timezone.utc))
+    errors = _ErrorRecords()
+    logger = logging.getLogger("tinymq")
+    logger.addHandler(errors)
+    try:
+        queue.start_dispatcher(1)
+        # The overflow comes at the timer's first wait; a quiet timer is waited for a while.
+        assert not errors.seen.wait(2.0), errors.messages
+        # And the timer still serves a schedule registered meanwhile.
+        fired = threading.Event()
+        queue.register_executor("near", lambda job: fired.set())
+        queue.every(0.05, "near", name="near")
+        assert fired.wait(TIMEOUT)
+        assert [s.next_run_at > time.time() + 1e9 for s in queue.schedules() if s.name == "far"] == [True]
+    finally:
+        logger.removeHandler(errors)
+        queue.stop()
+    assert errors.messages == []
+
+
+# --- status --json ---------------------------------------------------------------------------
+
+
+def _strict_json(text):
+    """Parse ``text`` as RFC 8259 JSON: NaN and Infinity are not JSON (jq, JavaScript, Go refuse them)."""
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.xfail(strict=True, reason="a dead job's NaN/Infinity payload is printed as NaN/Infinity")
+def test_status_json_is_standard_json_when_a_payload_holds_nan_or_infinity(tmp_path):
+    path = tmp_path / "jobs.db"
+    store = SQLitePersistence(path)
+    queue = Queue()
+    queue.set_persistence(store)
+
+    def refuse(job):
+        raise PermanentFailure("not today")
+
+    queue.register_executor("measure", refuse)
+    payload = {"mean": float("nan"), "max": float("inf"), "min": float("-inf"), "values": [1.5, float("nan")]}
+    queue.enqueue(Job("measure", payload, id="measure-1"))
+    queue.start_dispatcher(1)
+    assert queue.join(TIMEOUT)
+    queue.stop()
+    store.close()
+    result = cli("status", "--db", path, "--json")
+    assert result.returncode == 0, result.stderr
+    report = _strict_json(result.stdout)
+    [dead] = report["dead_jobs"]
+    assert dead["id"] == "measure-1"
+    # The same spelling as Python's json module, as strings: what a script can still tell apart.
+    assert dead["payload"] == {"mean": "NaN", "max": "Infinity", "min": "-Infinity", "values": [1.5, "NaN"]}
+
+
+# --- worker ---------------------------------------------------------------------------------
+
+SELF_STARTING = textwrap.dedent("""
+    import os
+    import tinymq
+    from tinymq.redis import RedisBroker
+
+    queue = tinymq.Queue(broker=RedisBroker(os.environ["TINYMQ_TEST_REDIS"], name="selfstart"))
+
+    @queue.executor("noop")
+    def noop(job):
+        pass
+
+    queue.start_dispatcher(2)  # as a web app's module might: the worker command does this itself
+""")
+
+SELF_STOPPING = SELF_STARTING.replace("queue.start_dispatcher(2)", "queue.stop()")
+
+
+@pytest.mark.xfail(strict=True, reason="the check passes; every worker process dies in start_dispatcher, "
+                                       "with a traceback, and is restarted for ever")
+@pytest.mark.parametrize("module", [SELF_STARTING, SELF_STOPPING], ids=["started", "stopped"])
+def test_worker_refuses_a_queue_that_its_module_started_or_stopped(tmp_path, redis_url, module):
+    (tmp_path / "selfstart.py").write_text(module)
+    result = subprocess.run([sys.executable, "-m", "tinymq", "worker", "selfstart:queue", "--processes", "2"],
+                            cwd=str(tmp_path), env=env(TINYMQ_TEST_REDIS=redis_url), stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert_user_error(result, "python -m tinymq worker: error: 'selfstart:queue'", "start_dispatcher")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # said once, before any start
