@@ -134,7 +134,6 @@ def _strict_json(text):
     return json.loads(text, parse_constant=refuse)
 
 
-@pytest.mark.xfail(strict=True, reason="a dead job's NaN/Infinity payload is printed as NaN/Infinity")
 def test_status_json_is_standard_json_when_a_payload_holds_nan_or_infinity(tmp_path):
     path = tmp_path / "jobs.db"
     store = SQLitePersistence(path)
