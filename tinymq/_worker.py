@@ -20,8 +20,9 @@ takes the Queue and calls ``start_dispatcher(workers)``.
   the supervisor only (which forwards it once), and each child reads a pipe from
   the supervisor: when the supervisor dies, the pipe closes and the child stops.
 
-The only thing asked of the queue beyond the public Queue API is a broker
-(``queue.broker is not None``): without one, worker processes would not share it.
+The only things asked of the queue beyond the public Queue API are a broker
+(``queue.broker is not None``): without one, worker processes would not share it;
+and that its module did not start or stop it at import (each child starts it).
 """
 import importlib
 import logging
@@ -109,6 +110,15 @@ def load_queue(target: str) -> Queue:
     if getattr(found, "broker", None) is None:
         raise CommandError(f"{target!r} is a tinymq.Queue without a broker: worker processes share a "
                            "queue through Redis; build it with Queue(..., broker=RedisBroker(url, name=...))")
+    # Each worker process calls start_dispatcher() itself, which a started or stopped queue refuses.
+    dispatcher = found._dispatcher
+    if dispatcher.stopping:
+        raise CommandError(f"{target!r} is a stopped tinymq.Queue (its module called stop() when it was "
+                           "imported): a stopped queue cannot be started again")
+    if dispatcher._started:
+        raise CommandError(f"{target!r} was started when its module was imported (start_dispatcher() ran "
+                           "at import): each worker process starts it itself; call start_dispatcher() "
+                           "only where the module is run as a program (if __name__ == '__main__':)")
     return found
 
 
