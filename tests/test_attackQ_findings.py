@@ -189,3 +189,21 @@ def test_worker_refuses_a_queue_that_its_module_started_or_stopped(tmp_path, red
                             capture_output=True, text=True, timeout=TIMEOUT)
     assert_user_error(result, f"python -m tinymq worker: error: 'selfstart:queue' {fragment}")
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # said once, before any start
+
+
+@pytest.mark.xfail(strict=True, reason="sys.exit(0) at import passes the check and the worker processes are "
+                                       "restarted for ever; sys.exit(3) gives an empty error")
+@pytest.mark.parametrize("code", ["0", "3", "'settings missing'"])
+def test_worker_reports_a_module_that_calls_sys_exit_at_import(tmp_path, code):
+    (tmp_path / "exiting.py").write_text(f"import sys\n\nqueue = None\nsys.exit({code})\n")
+    try:
+        result = subprocess.run([sys.executable, "-m", "tinymq", "worker", "exiting:queue"], cwd=str(tmp_path),
+                                env=env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired as exc:  # (run() killed the supervisor; its children follow it)
+        pytest.fail(f"still running after 20 s: {exc.stderr}")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("python -m tinymq worker: error: importing 'exiting' (from 'exiting:queue') "
+                                    "raised an exception:\n"), result.stderr
+    assert 'exiting.py", line 4, in <module>' in result.stderr
+    assert result.stderr.rstrip().endswith(f"SystemExit: {eval(code)}")
+    assert "started worker process" not in result.stderr
