@@ -90,7 +90,7 @@ def load_queue(target: str) -> Queue:
         raise CommandError(str(exc)) from None
     try:
         found: Any = importlib.import_module(module_name)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() at import: no queue either, whatever its code
         raise _import_error(module_name, target, exc) from None
     walked = module_name
     for part in attribute_path.split("."):
