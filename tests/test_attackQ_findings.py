@@ -19,6 +19,7 @@ import pytest
 import tinymq
 from tinymq import Job, PermanentFailure, Queue, SQLitePersistence
 
+from _helpers import STORES, queue_with_store
 from test_cli import TIMEOUT, assert_user_error, cli, env
 
 # --- periodic jobs -------------------------------------------------------------------------
@@ -79,6 +80,40 @@ def test_a_cron_schedule_whose_last_tick_has_passed_stops_ticking_quietly():
         queue.stop()
     assert records.messages == ["schedule 'once' has no further tick: "
                                 f"cron {expression!r} (UTC) names no later instant"]
+
+
+@pytest.mark.xfail(strict=True, reason="the new schedule of the name fires while the old one's job still runs")
+@pytest.mark.parametrize("backend", STORES)
+def test_a_schedule_registered_again_under_its_name_does_not_pile_up(backend, tmp_path):
+    """Changing a schedule's interval (unschedule, then every() again) keeps "no pile-up": the job of the
+    name's previous tick is still its previous job, as it is after a restart with a store."""
+    started = threading.Semaphore(0)
+    release = threading.Event()
+    runs = []
+
+    def report(job):
+        runs.append(job.id)
+        started.release()
+        release.wait(TIMEOUT)
+
+    with queue_with_store(backend, tmp_path) as queue:
+        queue.register_executor("report", report)
+        try:
+            queue.every(0.05, "report", name="report")
+            queue.start_dispatcher(4)
+            assert started.acquire(timeout=TIMEOUT)
+            assert queue.unschedule("report")
+            queue.every(0.02, "report", name="report")
+            deadline = time.monotonic() + TIMEOUT
+            while queue.schedules()[0].skipped < 3:  # ticks while the first job runs (nothing announces them)
+                assert time.monotonic() < deadline, queue.schedules()
+                time.sleep(0.01)
+            assert len(runs) == 1, runs
+            release.set()
+            assert started.acquire(timeout=TIMEOUT)  # once the first job is done, the new schedule fires
+            assert runs[1].startswith("report@") and runs[1] != runs[0]
+        finally:
+            release.set()
 
 
 class _Records(logging.Handler):
