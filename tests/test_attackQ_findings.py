@@ -82,7 +82,6 @@ def test_a_cron_schedule_whose_last_tick_has_passed_stops_ticking_quietly():
                                 f"cron {expression!r} (UTC) names no later instant"]
 
 
-@pytest.mark.xfail(strict=True, reason="the new schedule of the name fires while the old one's job still runs")
 @pytest.mark.parametrize("backend", STORES)
 def test_a_schedule_registered_again_under_its_name_does_not_pile_up(backend, tmp_path):
     """Changing a schedule's interval (unschedule, then every() again) keeps "no pile-up": the job of the

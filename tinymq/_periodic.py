@@ -269,6 +269,9 @@ class Periodic:
         # Reentrant: a failure callback run by that enqueue (an eviction) may call unschedule().
         self._firing = threading.RLock()
         self._recovered: Dict[str, Job] = {}  # schedule name -> its latest job a store gave back
+        # Schedule name -> the last job of an unscheduled schedule: a schedule registered again under
+        # the name (another interval) takes it as its previous job (no pile-up). Guarded by _lock.
+        self._unscheduled: Dict[str, str] = {}
 
     # --- registering -------------------------------------------------------------
 
@@ -314,7 +317,10 @@ class Periodic:
                 raise ValueError(f"a schedule named {name!r} exists already; pass another name= "
                                  "or unschedule it first")
             recovered = self._recovered.get(name)
-            if recovered is not None:
+            previous = self._unscheduled.pop(name, None)
+            if previous is not None:
+                schedule.last_job_id = previous
+            elif recovered is not None:
                 schedule.last_job_id = recovered.id
             self._schedules[name] = schedule
             if self._started:
@@ -331,6 +337,8 @@ class Periodic:
             if schedule is None:
                 return False
             schedule.active = False
+            if schedule.last_job_id is not None:
+                self._unscheduled[name] = schedule.last_job_id
             self._changed.notify()
         logger.info("schedule %r removed", name)
         return True
