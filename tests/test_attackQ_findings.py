@@ -239,3 +239,22 @@ def test_worker_reports_a_module_that_calls_sys_exit_at_import(tmp_path, code):
     assert 'exiting.py", line 4, in <module>' in result.stderr
     assert result.stderr.rstrip().endswith(f"SystemExit: {eval(code)}")
     assert "started worker process" not in result.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="read_only opens a newer schema and status reports it as if it were read")
+def test_status_refuses_a_store_of_a_newer_schema_as_its_owner_does(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "jobs.db"
+    SQLitePersistence(path).close()
+    connection = sqlite3.connect(str(path))
+    connection.execute("PRAGMA user_version = 99")  # a later tinymq's file: its rows may mean other things
+    connection.commit()
+    connection.close()
+    message = "has schema version 99, written by a newer tinymq; this one reads version 1"
+    with pytest.raises(tinymq.PersistenceError, match=message):
+        SQLitePersistence(path, read_only=True)
+    with pytest.raises(tinymq.PersistenceError, match=message):
+        SQLitePersistence(path)
+    for command in (["status", "--db", path], ["status", "--db", path, "--json"]):
+        assert_user_error(cli(*command), f"python -m tinymq status: error: '{path}' {message}")
