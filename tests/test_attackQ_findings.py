@@ -241,7 +241,6 @@ def test_worker_reports_a_module_that_calls_sys_exit_at_import(tmp_path, code):
     assert "started worker process" not in result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="read_only opens a newer schema and status reports it as if it were read")
 def test_status_refuses_a_store_of_a_newer_schema_as_its_owner_does(tmp_path):
     import sqlite3
 
