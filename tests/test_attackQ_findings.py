@@ -257,3 +257,23 @@ def test_status_refuses_a_store_of_a_newer_schema_as_its_owner_does(tmp_path):
         SQLitePersistence(path)
     for command in (["status", "--db", path], ["status", "--db", path, "--json"]):
         assert_user_error(cli(*command), f"python -m tinymq status: error: '{path}' {message}")
+
+
+@pytest.mark.xfail(strict=True, reason="the check waits for the module's thread at exit: the supervisor hangs, "
+                                       "saying nothing")
+def test_worker_checks_a_module_that_starts_a_thread_at_import(tmp_path):
+    """A module may start a thread that runs for ever (a poller, a metrics server): the check of the
+    target gives its verdict without waiting for it."""
+    (tmp_path / "polling.py").write_text(textwrap.dedent("""
+        import threading
+
+        stop = threading.Event()
+        threading.Thread(target=stop.wait, name="poller").start()  # not a daemon
+        queue = 5
+    """))
+    try:
+        result = subprocess.run([sys.executable, "-m", "tinymq", "worker", "polling:queue"], cwd=str(tmp_path),
+                                env=env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"still running after 20 s: {exc.stderr}")
+    assert_user_error(result, "python -m tinymq worker: error: 'polling:queue' is a int (5), not a tinymq.Queue")
