@@ -259,8 +259,6 @@ def test_status_refuses_a_store_of_a_newer_schema_as_its_owner_does(tmp_path):
         assert_user_error(cli(*command), f"python -m tinymq status: error: '{path}' {message}")
 
 
-@pytest.mark.xfail(strict=True, reason="the check waits for the module's thread at exit: the supervisor hangs, "
-                                       "saying nothing")
 def test_worker_checks_a_module_that_starts_a_thread_at_import(tmp_path):
     """A module may start a thread that runs for ever (a poller, a metrics server): the check of the
     target gives its verdict without waiting for it."""

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, NoReturn, Optional, Tuple
 
 from ._cli import CommandError, counted
 from .queue import Queue
@@ -116,6 +116,7 @@ def load_queue(target: str) -> Queue:
         raise CommandError(f"{target!r} is a stopped tinymq.Queue (its module called stop() when it was "
                            "imported): a stopped queue cannot be started again")
     if dispatcher._started:
+        found.stop(wait=True)  # what it fetched goes back to the broker before this process exits
         raise CommandError(f"{target!r} was started when its module was imported (start_dispatcher() ran "
                            "at import): each worker process starts it itself; call start_dispatcher() "
                            "only where the module is run as a program (if __name__ == '__main__':)")
@@ -155,6 +156,14 @@ def _ignore(number: int, frame: Any) -> None:
 # --- a child ----------------------------------------------------------------------------
 
 
+def _check_verdict(code: int) -> NoReturn:
+    """End the check at once: a thread that the user's module started at import (not a daemon) would
+    keep the interpreter from exiting, and the supervisor waiting for the verdict."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def run_child(target: str, workers: int, check: bool) -> int:
     """A worker process: load the queue, run it until told to stop, stop it gracefully.
 
@@ -167,9 +176,11 @@ def run_child(target: str, workers: int, check: bool) -> int:
     except CommandError as exc:
         # The supervisor shows a check's message as its own error; a worker's goes among the logs.
         print(exc if check else f"tinymq worker: error: {exc}", file=sys.stderr, flush=True)
+        if check:
+            _check_verdict(EXIT_BAD_TARGET)
         return EXIT_BAD_TARGET
     if wakeup is None:
-        return 0
+        _check_verdict(0)
     supervisor_pipe = sys.stdin.fileno()
     stop_reason = None
     for number in wakeup.received():  # a signal that came during the import
