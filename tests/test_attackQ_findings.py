@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -20,7 +21,7 @@ import tinymq
 from tinymq import Job, PermanentFailure, Queue, SQLitePersistence
 
 from _helpers import STORES, queue_with_store
-from test_cli import TIMEOUT, assert_user_error, cli, env
+from test_cli import TIMEOUT, alive, assert_user_error, cli, env, eventually
 
 # --- periodic jobs -------------------------------------------------------------------------
 
@@ -275,3 +276,44 @@ def test_worker_checks_a_module_that_starts_a_thread_at_import(tmp_path):
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"still running after 20 s: {exc.stderr}")
     assert_user_error(result, "python -m tinymq worker: error: 'polling:queue' is a int (5), not a tinymq.Queue")
+
+
+# Hangs at import (a module waiting for a service that is down), after noting its pid and whether it
+# is the supervisor's check of the target or a worker process.
+HANGING = textwrap.dedent("""
+    import os, sys, time
+
+    with open("pids", "a") as pids:
+        pids.write(f"{'check' if '--check' in sys.argv else 'worker'} {os.getpid()}\\n")
+    checking = "--check" in sys.argv
+    if checking == (os.environ["HANG_IN"] == "check"):
+        time.sleep(3600)
+    from tinymq import Queue
+    from tinymq.redis import RedisBroker
+
+    queue = Queue(broker=RedisBroker(os.environ["TINYMQ_TEST_REDIS"], name="hanging"))
+""")
+
+
+@pytest.mark.xfail(strict=True, reason="a process still importing the target does not watch the supervisor's "
+                                       "pipe: it runs on as an orphan")
+@pytest.mark.parametrize("hang_in", ["check", "worker"])
+def test_a_process_still_loading_the_target_ends_when_the_supervisor_is_killed(tmp_path, redis_url, hang_in):
+    (tmp_path / "hanging.py").write_text(HANGING)
+    supervisor = subprocess.Popen([sys.executable, "-m", "tinymq", "worker", "hanging:queue"], cwd=str(tmp_path),
+                                  env=env(TINYMQ_TEST_REDIS=redis_url, HANG_IN=hang_in),
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids = tmp_path / "pids"
+    hanging = []
+    try:
+        eventually(lambda: hang_in in (pids.read_text() if pids.exists() else ""), f"a {hang_in} importing")
+        hanging = [int(line.split()[1]) for line in pids.read_text().splitlines() if line.startswith(hang_in)]
+        supervisor.kill()
+        supervisor.wait(TIMEOUT)
+        eventually(lambda: not any(map(alive, hanging)), f"the {hang_in} process gone after the supervisor", 20)
+    finally:
+        supervisor.kill()
+        supervisor.wait()
+        for pid in hanging:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
