@@ -295,8 +295,6 @@ HANGING = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason="a process still importing the target does not watch the supervisor's "
-                                       "pipe: it runs on as an orphan")
 @pytest.mark.parametrize("hang_in", ["check", "worker"])
 def test_a_process_still_loading_the_target_ends_when_the_supervisor_is_killed(tmp_path, redis_url, hang_in):
     (tmp_path / "hanging.py").write_text(HANGING)
