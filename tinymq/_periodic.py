@@ -51,7 +51,8 @@ class ScheduleStats:
     ``fired`` counts ticks that enqueued a job, ``skipped`` ticks that did not
     (the previous job was unfinished, or the queue refused the job); with a
     broker both count this process's ticks only. ``next_run_at`` is the next
-    tick in Unix epoch seconds (None before ``start_dispatcher``).
+    tick in Unix epoch seconds (None before ``start_dispatcher``, and once a
+    cron expression names no later instant).
     """
 
     name: str
@@ -103,13 +104,19 @@ def _as_tz(tz: object) -> tzinfo:
 
 
 def cron_next(expression: str, tz: tzinfo, after: float) -> float:
-    """The first tick of ``expression`` in zone ``tz`` strictly after epoch ``after``.
+    """The first tick of ``expression`` in zone ``tz`` strictly after epoch ``after``; inf if none.
 
     A wall time that a DST jump skips runs at the jump; one that the clock
-    passes twice runs at both instants (croniter's rule).
+    passes twice runs at both instants (croniter's rule). Valid syntax may name
+    no instant (February 30, a past year): then there is no tick, ``math.inf``.
     """
     iterator = _croniter()(expression, datetime.fromtimestamp(after, tz))
-    return float(iterator.get_next(float))
+    from croniter import CroniterBadDateError
+
+    try:
+        return float(iterator.get_next(float))
+    except CroniterBadDateError:
+        return math.inf
 
 
 class _Trigger(Protocol):
@@ -192,7 +199,8 @@ class _Schedule:
     def stats(self) -> ScheduleStats:
         tick = self.tick
         return ScheduleStats(self.name, self.job_type, self.trigger.description,
-                             None if tick is None else tick.wall, self.fired, self.skipped, self.last_job_id)
+                             None if tick is None or tick.wall == math.inf else tick.wall, self.fired,
+                             self.skipped, self.last_job_id)
 
 
 class TickBackend(Protocol):
@@ -261,6 +269,9 @@ class Periodic:
         # Reentrant: a failure callback run by that enqueue (an eviction) may call unschedule().
         self._firing = threading.RLock()
         self._recovered: Dict[str, Job] = {}  # schedule name -> its latest job a store gave back
+        # Schedule name -> the last job of an unscheduled schedule: a schedule registered again under
+        # the name (another interval) takes it as its previous job (no pile-up). Guarded by _lock.
+        self._unscheduled: Dict[str, str] = {}
 
     # --- registering -------------------------------------------------------------
 
@@ -283,6 +294,9 @@ class Periodic:
         zone = _as_tz(tz)
         if not croniter.is_valid(expression):
             raise ValueError(f"invalid cron expression {expression!r}")
+        if cron_next(expression, zone, self._wall()) == math.inf:
+            raise ValueError(f"cron expression {expression!r} never fires from now on in {zone} "
+                             "(a date that does not exist, or a year that has passed)")
         return self._add(name if name is not None else f"{job_type} {expression}", job_type, payload,
                          priority, _Cron(expression, zone))
 
@@ -303,7 +317,10 @@ class Periodic:
                 raise ValueError(f"a schedule named {name!r} exists already; pass another name= "
                                  "or unschedule it first")
             recovered = self._recovered.get(name)
-            if recovered is not None:
+            previous = self._unscheduled.pop(name, None)
+            if previous is not None:
+                schedule.last_job_id = previous
+            elif recovered is not None:
                 schedule.last_job_id = recovered.id
             self._schedules[name] = schedule
             if self._started:
@@ -320,6 +337,8 @@ class Periodic:
             if schedule is None:
                 return False
             schedule.active = False
+            if schedule.last_job_id is not None:
+                self._unscheduled[name] = schedule.last_job_id
             self._changed.notify()
         logger.info("schedule %r removed", name)
         return True
@@ -450,7 +469,10 @@ class Periodic:
                         wake_at = min(wake_at, tick.due)
                 if to_begin or due:
                     return to_begin, due
-                self._changed.wait(None if wake_at == math.inf else max(0.0, wake_at - now_mono))
+                # A tick further away than the longest wait a lock takes (about 292 years) is waited
+                # for in steps of that.
+                self._changed.wait(None if wake_at == math.inf
+                                   else min(threading.TIMEOUT_MAX, max(0.0, wake_at - now_mono)))
             return None
 
     def _fire(self, schedule: _Schedule) -> None:
@@ -481,3 +503,6 @@ class Periodic:
                         logger.debug("schedule %r skipped a tick: its previous job %s is unfinished",
                                      schedule.name, schedule.last_job_id)
                 schedule.tick = schedule.trigger.after(tick, self._monotonic(), self._wall())
+                if schedule.tick.wall == math.inf:  # a cron expression whose last year has passed
+                    logger.warning("schedule %r has no further tick: %s names no later instant",
+                                   schedule.name, schedule.trigger.description)

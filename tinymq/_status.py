@@ -14,6 +14,7 @@ it registers no worker process and fetches nothing.
 """
 import dataclasses
 import json
+import math
 import os
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar
@@ -281,9 +282,21 @@ def _redis_lines(report: Dict[str, Any], limit: int) -> List[str]:
     return lines
 
 
+def _standard_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (a payload may hold them) as the string Python's json
+    writes for it: "NaN", "Infinity", "-Infinity" are not JSON, and strict parsers refuse them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return {key: _standard_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_standard_json(item) for item in value]
+    return value
+
+
 def render_status(report: Dict[str, Any], *, as_json: bool, limit: int) -> str:
     """The text ``status`` prints: one JSON document, or readable tables."""
     if as_json:
-        return json.dumps(report, indent=2, default=repr)
+        return json.dumps(_standard_json(report), indent=2, default=repr, allow_nan=False)
     lines = _db_lines(report, limit) if report["backend"] == "sqlite" else _redis_lines(report, limit)
     return "\n".join(lines)

@@ -18,10 +18,12 @@ takes the Queue and calls ``start_dispatcher(workers)``.
   keeps crashing soon after its start.
 - Children run in a session of their own, so a Ctrl-C in the terminal reaches
   the supervisor only (which forwards it once), and each child reads a pipe from
-  the supervisor: when the supervisor dies, the pipe closes and the child stops.
+  the supervisor: when the supervisor dies, the pipe closes and the child stops
+  (gracefully; one still loading the target, and the check, exit at once).
 
-The only thing asked of the queue beyond the public Queue API is a broker
-(``queue.broker is not None``): without one, worker processes would not share it.
+The only things asked of the queue beyond the public Queue API are a broker
+(``queue.broker is not None``): without one, worker processes would not share it;
+and that its module did not start or stop it at import (each child starts it).
 """
 import importlib
 import logging
@@ -31,9 +33,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, NoReturn, Optional, Tuple
 
 from ._cli import CommandError, counted
 from .queue import Queue
@@ -43,6 +46,7 @@ __all__ = ["default_workers", "split_target", "load_queue", "run_child", "Superv
 logger = logging.getLogger("tinymq.worker")
 
 EXIT_BAD_TARGET = 3  # a child could not load the target: starting it again would not help
+EXIT_SUPERVISOR_GONE = 4  # the supervisor died while a child was still loading the target
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _FIRST_RESTART_DELAY = 0.5  # seconds before restarting a crashed child
 _MAX_RESTART_DELAY = 5.0  # the cap of the doubling delay of a child that keeps crashing
@@ -89,7 +93,7 @@ def load_queue(target: str) -> Queue:
         raise CommandError(str(exc)) from None
     try:
         found: Any = importlib.import_module(module_name)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() at import: no queue either, whatever its code
         raise _import_error(module_name, target, exc) from None
     walked = module_name
     for part in attribute_path.split("."):
@@ -109,6 +113,16 @@ def load_queue(target: str) -> Queue:
     if getattr(found, "broker", None) is None:
         raise CommandError(f"{target!r} is a tinymq.Queue without a broker: worker processes share a "
                            "queue through Redis; build it with Queue(..., broker=RedisBroker(url, name=...))")
+    # Each worker process calls start_dispatcher() itself, which a started or stopped queue refuses.
+    dispatcher = found._dispatcher
+    if dispatcher.stopping:
+        raise CommandError(f"{target!r} is a stopped tinymq.Queue (its module called stop() when it was "
+                           "imported): a stopped queue cannot be started again")
+    if dispatcher._started:
+        found.stop(wait=True)  # what it fetched goes back to the broker before this process exits
+        raise CommandError(f"{target!r} was started when its module was imported (start_dispatcher() ran "
+                           "at import): each worker process starts it itself; call start_dispatcher() "
+                           "only where the module is run as a program (if __name__ == '__main__':)")
     return found
 
 
@@ -145,6 +159,40 @@ def _ignore(number: int, frame: Any) -> None:
 # --- a child ----------------------------------------------------------------------------
 
 
+def _exit_at_once(code: int) -> NoReturn:
+    """End a process that loaded the target and runs no queue (the check, or a bad target): a thread
+    that the user's module started at import (not a daemon) would keep the interpreter from exiting,
+    and the supervisor waiting for it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+class _LoadingWatch:
+    """While the target loads (an import may hang), a daemon thread ends this process when the
+    supervisor's pipe closes: the supervisor died, and nothing else would notice before the load ends.
+
+    ``loaded()`` hands the watch over to the caller: from then on a closed pipe is its to handle.
+    """
+
+    def __init__(self, pipe: int) -> None:
+        self._pipe = pipe
+        self._lock = threading.Lock()
+        self._loading = True
+        threading.Thread(target=self._watch, name="tinymq-supervisor-pipe", daemon=True).start()
+
+    def _watch(self) -> None:
+        while os.read(self._pipe, _READ_SIZE):  # the supervisor writes nothing: this waits for the end
+            pass
+        with self._lock:
+            if self._loading:
+                os._exit(EXIT_SUPERVISOR_GONE)
+
+    def loaded(self) -> None:
+        with self._lock:
+            self._loading = False
+
+
 def run_child(target: str, workers: int, check: bool) -> int:
     """A worker process: load the queue, run it until told to stop, stop it gracefully.
 
@@ -152,15 +200,17 @@ def run_child(target: str, workers: int, check: bool) -> int:
     starting the children, to report a bad target once). Returns the exit code.
     """
     wakeup = None if check else _SignalWakeup(_STOP_SIGNALS)  # before the import: it may be slow
+    supervisor_pipe = sys.stdin.fileno()
+    watch = _LoadingWatch(supervisor_pipe)
     try:
         queue = load_queue(target)
     except CommandError as exc:
         # The supervisor shows a check's message as its own error; a worker's goes among the logs.
         print(exc if check else f"tinymq worker: error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_BAD_TARGET
+        _exit_at_once(EXIT_BAD_TARGET)  # nothing of tinymq runs: no queue, or one stopped already
     if wakeup is None:
-        return 0
-    supervisor_pipe = sys.stdin.fileno()
+        _exit_at_once(0)
+    watch.loaded()
     stop_reason = None
     for number in wakeup.received():  # a signal that came during the import
         stop_reason = signal.Signals(number).name
@@ -226,7 +276,8 @@ class Supervisor:
 
         False when a stop signal came first: the check (an import that may hang) is killed.
         """
-        process = subprocess.Popen(self._command("--check"), stdin=subprocess.DEVNULL,
+        # stdin: a pipe, as a worker process has, that closes when this process ends however it ends.
+        process = subprocess.Popen(self._command("--check"), stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         output = {process.stdout: bytearray(), process.stderr: bytearray()}
         streams = list(output)
@@ -235,7 +286,7 @@ class Supervisor:
             if any(number != signal.SIGCHLD for number in wakeup.received()):
                 process.kill()
                 process.wait()
-                for stream in output:
+                for stream in (process.stdin, *output):
                     stream.close()
                 logger.info("stopped while loading %r, before any worker process started", self.target)
                 return False
@@ -249,6 +300,7 @@ class Supervisor:
                     stream.close()
                     streams.remove(stream)
         returncode = process.wait()
+        process.stdin.close()
         stdout, stderr = bytes(output[process.stdout]), bytes(output[process.stderr])
         sys.stdout.buffer.write(stdout)  # whatever the user's module printed at import
         if returncode == EXIT_BAD_TARGET:

@@ -363,8 +363,7 @@ class SQLitePersistence:
             if version == 0:
                 conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
             elif version > _SCHEMA_VERSION:
-                raise PersistenceError(f"{self.path!r} has schema version {version}, written by a newer "
-                                       f"tinymq; this one reads version {_SCHEMA_VERSION}")
+                raise self._newer_schema(version)
         except sqlite3.Error as exc:
             raise PersistenceError(f"cannot open persistence file {self.path!r}: {exc}") from exc
 
@@ -414,10 +413,17 @@ class SQLitePersistence:
     def _check_schema(self, conn: sqlite3.Connection) -> None:
         try:
             found = conn.execute("SELECT count(*) FROM sqlite_master WHERE name = ?", (_TABLE,)).fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.Error as exc:
             raise PersistenceError(f"cannot read {self.path!r}: {exc}") from exc
         if not found:
             raise PersistenceError(f"{self.path!r} is not a tinymq store (no {_TABLE} table)")
+        if version > _SCHEMA_VERSION:  # as the owner refuses it: its rows may mean other things
+            raise self._newer_schema(version)
+
+    def _newer_schema(self, version: int) -> PersistenceError:
+        return PersistenceError(f"{self.path!r} has schema version {version}, written by a newer tinymq; "
+                                f"this one reads version {_SCHEMA_VERSION}")
 
     # -- lifecycle ------------------------------------------------------------
 
