@@ -691,9 +691,11 @@ def test_worker_processes_stop_when_the_supervisor_dies(shared_project, producer
 
 
 def test_status_of_a_redis_queue_and_its_dead_jobs(shared_project, producer, record, redis_url):
-    report = json.loads(redis_status(redis_url, "--json").stdout)
-    assert report["worker_processes"] == 0 and report["executors"] == {}
-    assert record.exists("tmq:{cli}:procs") == 0  # status registered no worker process
+    # Nothing of 'cli' in Redis yet (a mistyped --name looks the same): an error, not an empty report.
+    for command in (["status"], ["status", "--json"], ["requeue-dead", "--all"]):
+        assert_user_error(cli(*command, "--redis", redis_url, "--name", "cli"),
+                          "holds no tinymq queue named 'cli'", "it holds no tinymq queue")
+    assert record.keys("tmq:*") == []  # status created nothing, registered no worker process
 
     worker = shared_project("app.shared:queue", "--processes", 2, "--workers", 1)
     worker.wait_for(r"worker process started", count=2)
@@ -703,6 +705,8 @@ def test_status_of_a_redis_queue_and_its_dead_jobs(shared_project, producer, rec
     producer.enqueue(tinymq.Job("record", {"hold_once": True}, id="held", priority=tinymq.Priority.HIGH))
     pop(record, "started", 1)
 
+    assert_user_error(cli("status", "--redis", redis_url, "--name", "c1i"),
+                      "holds no tinymq queue named 'c1i'", "queues there: cli")
     report = json.loads(redis_status(redis_url, "--json").stdout)
     assert report["backend"] == "redis" and report["name"] == "cli" and report["redis"] == redis_url
     assert report["counts"] == {"ready": 0, "delayed": 1, "taken": 1, "dead": 3}

@@ -89,6 +89,12 @@ def _with_redis_queue(url: str, name: str, work: Callable[[Queue], T]) -> T:
     except (ImportError, ValueError, TypeError) as exc:
         raise CommandError(f"cannot use Redis queue {name!r} at {redacted_url(url)}: {exc}") from None
     try:
+        if not broker.in_use():  # a mistyped --name would otherwise show an empty queue
+            others = broker.names_in_use()
+            raise CommandError(
+                f"Redis at {redacted_url(url)} holds no tinymq queue named {name!r} (no job, counter, "
+                "worker or limit of it); " + (f"queues there: {', '.join(others)}" if others
+                                              else "it holds no tinymq queue"))
         return work(Queue(broker=broker))
     except TinyMQError as exc:
         raise CommandError(str(exc)) from None

@@ -216,6 +216,27 @@ class RedisBroker:
 
     # --- the fleet -------------------------------------------------------------
 
+    def in_use(self) -> bool:
+        """Whether Redis holds anything of this queue name: a job or counter, a worker's lease, a limit."""
+        key = self._scripts.key
+        try:
+            return bool(self.client.exists(key("stats"), key("procs"), key("limits"), key("ratelimits")))
+        except _redis().RedisError as exc:
+            raise TinyMQError(f"could not read Redis queue {self.name!r}: {exc}") from exc
+
+    def names_in_use(self, limit: int = 10) -> List[str]:
+        """Up to ``limit`` names of tinymq queues with jobs or counters on this server (sorted)."""
+        names = set()
+        try:
+            for key in self.client.scan_iter(match="tmq:{*}:stats", count=1000):
+                text = key.decode() if isinstance(key, bytes) else key
+                names.add(text[len("tmq:{"):-len("}:stats")])
+                if len(names) >= limit:
+                    break
+        except _redis().RedisError as exc:
+            raise TinyMQError(f"could not list the queues at {redacted_url(self.url)}: {exc}") from exc
+        return sorted(names)
+
     def shared_executors(self) -> Tuple[Dict[str, Tuple[int, int]], int]:
         """What every process on this name holds: ``({type: (taken, limit)}, live worker processes)``.
 
