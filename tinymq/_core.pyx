@@ -1648,7 +1648,9 @@ cdef class WorkerSlot:
     def expire(self, double now, object job=None):
         """Decide a running attempt past its deadline as timed out: its job, or None.
 
-        With ``job``, only that job's attempt (a cancel: ``now`` is +inf).
+        With ``job``, only that job's attempt (a cancel: ``now`` is +inf). An
+        attempt that cancels itself is not interrupted: ``JobTimeout`` would be
+        raised inside the cancel, before it ends the job; its context is cancelled.
         """
         if self.job is None or self.expired or self.deadline > now or (job is not None and self.job is not job):
             return None
@@ -1657,7 +1659,7 @@ cdef class WorkerSlot:
         self.expired = True
         self.retired = True
         state = self.type_state
-        if state is not None and (<TypeState>state).interrupt:
+        if state is not None and (<TypeState>state).interrupt and self.thread_id != PyThread_get_thread_ident():
             self.interrupted = PyThreadState_SetAsyncExc(self.thread_id, <PyObject *>JobTimeout) == 1
         job, context = self.job, self.context
         if context is not None:  # decided: the context's code may let the worker end meanwhile

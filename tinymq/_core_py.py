@@ -1193,7 +1193,9 @@ class WorkerSlot:
     def expire(self, now: float, job: Any = None) -> Any:
         """Decide a running attempt past its deadline as timed out: its job, or None.
 
-        With ``job``, only that job's attempt (a cancel: ``now`` is +inf).
+        With ``job``, only that job's attempt (a cancel: ``now`` is +inf). An
+        attempt that cancels itself is not interrupted: ``JobTimeout`` would be
+        raised inside the cancel, before it ends the job; its context is cancelled.
         """
         with self._lock:
             if self.job is None or self.expired or self.deadline > now or (job is not None and self.job is not job):
@@ -1201,7 +1203,7 @@ class WorkerSlot:
             self.expired = True
             self.retired = True
             state = self.type_state
-            if state is not None and state.interrupt:
+            if state is not None and state.interrupt and self.thread_id != threading.get_ident():
                 self.interrupted = interrupt_thread(self.thread_id, JobTimeout)
             job, context = self.job, self.context
         if context is not None:  # decided: the context's code may let the worker end meanwhile
