@@ -40,3 +40,69 @@ def test_a_thread_job_that_cancels_itself_with_interrupt_on_timeout_ends_cancell
         assert ran.snapshot() == ["after"]
         stats = q.get_stats()
         assert (stats.jobs_cancelled, stats.jobs_failed, stats.jobs_succeeded) == (1, 0, 1)
+
+
+@pytest.mark.xfail(strict=True, reason="attackX: _cancel_marked looks the places up by id, finding the new job")
+@pytest.mark.parametrize("where", ["running", "delayed", "async"])
+def test_a_cancel_whose_job_ended_meanwhile_never_touches_the_new_job_of_its_id(where):
+    """A cancel marks running job A, and before it looks for A where it rests, A ends (its
+    worker takes the mark: reported cancelled) and a new job B gets A's id. The cancel then
+    looked up the places by id: it took B out of the delayed heap (lost: join() hung) or
+    decided B's running attempt as cancelled without reporting it."""
+    first_started, first_go = threading.Event(), threading.Event()
+    second_started, second_go = threading.Event(), threading.Event()
+    ran = Recorder()
+    with make_queue() as q:
+        failures = record_failures(q, key=lambda job: (job.id, job.payload))
+
+        def fn(job):
+            if job.payload == "A":
+                first_started.set()
+                assert first_go.wait(WAIT)
+            elif where != "delayed":
+                second_started.set()
+                assert second_go.wait(WAIT)
+            ran.add(job.payload)
+
+        async def afn(job):
+            fn(job)  # blocks the loop on purpose: nothing else runs on it meanwhile
+
+        if where == "async":
+            q.register_executor("t", afn)
+        else:
+            q.register_executor("t", fn)
+        q.start_dispatcher(workers=2)
+        dispatcher = q._dispatcher
+        cancel_marked = dispatcher._cancel_marked
+        marked, go_on = threading.Event(), threading.Event()
+
+        def held_cancel_marked(job):  # after mark_cancel, before the places are looked at
+            marked.set()
+            assert go_on.wait(WAIT)
+            cancel_marked(job)
+
+        dispatcher._cancel_marked = held_cancel_marked
+        q.enqueue(Job("t", id="x", payload="A"))
+        assert first_started.wait(WAIT)
+        returned = Recorder()
+        canceller = threading.Thread(target=lambda: returned.add(q.cancel("x")))
+        canceller.start()
+        assert marked.wait(WAIT)
+        dispatcher._cancel_marked = cancel_marked
+        first_go.set()  # A returns; its worker (or the loop) finds the mark: A ends cancelled
+        assert failures.wait_for(1)
+        if where == "delayed":
+            q.enqueue_delayed(Job("t", id="x", payload="B"), 0.5)
+        else:
+            q.enqueue(Job("t", id="x", payload="B"))
+            if where != "delayed":
+                assert second_started.wait(WAIT)
+        go_on.set()
+        canceller.join(WAIT)
+        second_go.set()
+        assert q.join(WAIT)
+        assert returned.snapshot() == [True]
+        assert failures.snapshot() == [(("x", "A"), "cancelled", None)]
+        assert ran.snapshot() == ["A", "B"]
+        stats = q.get_stats()
+        assert (stats.jobs_cancelled, stats.jobs_failed, stats.jobs_succeeded) == (1, 0, 1)
