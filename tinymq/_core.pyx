@@ -1573,11 +1573,14 @@ cdef class DelayedHeap:
     def next_run_at(self):
         return self.entries[0].run_at if self.count else None
 
-    def remove(self, job_id):
-        """Take the job whose ``_id`` is ``job_id`` out of the heap: the job, or None."""
+    def remove(self, job_id, object job=None):
+        """Take the job whose ``_id`` is ``job_id`` out of the heap: the job, or None.
+
+        With ``job``, only that job (another job may have its id by now).
+        """
         cdef Py_ssize_t i
         for i in range(self.count):
-            if (<object>self.entries[i].job)._id == job_id:
+            if (<object>self.entries[i].job)._id == job_id and (job is None or <object>self.entries[i].job is job):
                 job = <object>self.entries[i].job
                 Py_DECREF(job)
                 self.count -= 1

@@ -1080,11 +1080,14 @@ class DelayedHeap:
             self._heap.clear()
         return jobs
 
-    def remove(self, job_id: str) -> Any:
-        """Take the job whose ``_id`` is ``job_id`` out of the heap: the job, or None."""
+    def remove(self, job_id: str, job: Any = None) -> Any:
+        """Take the job whose ``_id`` is ``job_id`` out of the heap: the job, or None.
+
+        With ``job``, only that job (another job may have its id by now).
+        """
         with self._lock:
             for index, entry in enumerate(self._heap):
-                if entry[2]._id == job_id:
+                if entry[2]._id == job_id and (job is None or entry[2] is job):
                     self._heap[index] = self._heap[-1]
                     self._heap.pop()
                     heapq.heapify(self._heap)

@@ -455,7 +455,7 @@ class Dispatcher:
         evicted = heap.push(job, due)
         self.scheduler_alarm.wake_before(due)
         # A cancel that looked for it before it arrived here left a mark: whoever takes it out ends it.
-        if self.ready.cancel_requested(job) and heap.remove(job._id) is not None and self.ready.take_cancel(job):
+        if self.ready.cancel_requested(job) and heap.remove(job._id, job) is not None and self.ready.take_cancel(job):
             self.end_cancelled(job)
         if evicted is not None:
             self.fail(evicted, "evicted", None, core.EVICTED)
@@ -672,16 +672,16 @@ class Dispatcher:
     def _cancel_marked(self, job: Any) -> None:
         """End ``job``, marked by ``mark_cancel``, where it rests now; if it rests nowhere, it is
         between two places and its next holder ends it (``take_cancel``)."""
-        job_id = job._id
-        taken = self.delayed.remove(job_id)
+        job_id = job._id  # looked up with the job itself: once it has ended, a new job may have its id
+        taken = self.delayed.remove(job_id, job)
         if taken is None:
-            taken = self.uncapped.remove(job_id)
+            taken = self.uncapped.remove(job_id, job)
         running = False
         if taken is None and self.loop_runner is not None:
-            taken = self.loop_runner.cancel(job_id)
+            taken = self.loop_runner.cancel(job_id, job)
             running = taken is not None
         if taken is None:
-            taken = self._cancel_thread_attempt(job_id)
+            taken = self._cancel_thread_attempt(job_id, job)
             running = taken is not None
         if taken is None or not self.ready.take_cancel(job):
             return
@@ -723,13 +723,14 @@ class Dispatcher:
         self.fail(job, "cancelled", None, core.CANCELLED)
         return True
 
-    def _cancel_thread_attempt(self, job_id: str) -> Any:
-        """Decide a worker's running attempt of ``job_id`` as cancelled; retire and replace the worker."""
+    def _cancel_thread_attempt(self, job_id: str, only: Any = None) -> Any:
+        """Decide a worker's running attempt of ``job_id`` (``only``: of that job) as cancelled;
+        retire and replace the worker."""
         with self._lock:
             slots = list(self._slots)
         for slot in slots:
             job = slot.job
-            if job is None or job._id != job_id:
+            if job is None or job._id != job_id or (only is not None and job is not only):
                 continue
             if slot.expire(math.inf, job) is None:  # decided already (it ended, or timed out)
                 continue

@@ -450,11 +450,12 @@ class LoopRunner:
 
     # --- from any thread ----------------------------------------------------
 
-    def cancel(self, job_id: str) -> Optional[Any]:
-        """Decide the running attempt of ``job_id`` as cancelled and cancel its task: its job, or None."""
+    def cancel(self, job_id: str, job: Any = None) -> Optional[Any]:
+        """Decide the running attempt of ``job_id`` (with ``job``: of that job) as cancelled and cancel
+        its task: its job, or None."""
         with self._lock:
             for attempt in list(self._attempts):
-                if attempt.decided is None and attempt.job._id == job_id:
+                if attempt.decided is None and attempt.job._id == job_id and (job is None or attempt.job is job):
                     attempt.decided = "cancelled"
                     self._notify_decided()
                     break
