@@ -107,7 +107,6 @@ def test_a_cancel_whose_job_ended_meanwhile_never_touches_the_new_job_of_its_id(
         assert (stats.jobs_cancelled, stats.jobs_failed, stats.jobs_succeeded) == (1, 0, 1)
 
 
-@pytest.mark.xfail(strict=True, reason="attackX: the search for a job without id takes a job enqueued with it")
 @pytest.mark.parametrize("where", ["ready", "delayed"])
 def test_two_cancels_of_a_job_enqueued_while_the_first_found_its_id_free_return_true_once(where):
     """A cancel that finds no job registered with the id looks for a job without one (its id

@@ -1430,6 +1430,11 @@ cdef class ReadyQueue:
             raise _not_a_str("job id", job_id)
         return job_id in self.ids
 
+    def registered(self, object job):
+        """Whether ``job`` is the unfinished job accepted with its id (not one whose id came later)."""
+        job_id = job._id
+        return PyUnicode_CheckExact(job_id) and self.ids.get(job_id) is job
+
     cdef inline int _task_done(self, object job) except -1:
         # With no id registered this job has none to free: its _id is not even read.
         cdef object job_id = job._id if self.ids else None

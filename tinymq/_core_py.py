@@ -1004,6 +1004,14 @@ class ReadyQueue:
         with self._lock:
             return job_id in self._ids
 
+    def registered(self, job: Any) -> bool:
+        """Whether ``job`` is the unfinished job accepted with its id (not one whose id came later)."""
+        job_id = job._id
+        if type(job_id) is not str:
+            return False
+        with self._lock:
+            return self._ids.get(job_id) is job
+
     def task_done(self, job: Any) -> None:
         """``job``, accepted earlier, finished for good: its id is free again."""
         # With no id registered this job has none to free: its _id is not even read.

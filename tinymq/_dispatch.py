@@ -710,12 +710,24 @@ class Dispatcher:
         if job is None:
             job = self._cancel_thread_attempt(job_id)
             running = job is not None
+        if job is not None and self.ready.registered(job):
+            # Enqueued with this id after mark_cancel found it free: it is ended as a marked job is.
+            # Out of its place now, so it is marked here (or another cancel marked it: that one won).
+            outcome, _ = self.ready.mark_cancel(job_id)
+            if self.ready.take_cancel(job):
+                if running and self.ledger is not None:
+                    self.ledger.expired(job)
+                self.end_cancelled(job)
+            return outcome == core.CANCEL_MARKED
         if running and self.ledger is not None:
             self.ledger.expired(job)  # its slot is freed by returned_late, as after a timeout
         if job is None:
             with self._lock:
                 job = self._retrying.get(job_id)
-                if job is None or job in self._retry_cancelled:
+            if job is not None and self.ready.registered(job):
+                return self.cancel(job_id)  # enqueued with this id after it was found free: marked as such
+            with self._lock:
+                if job is None or self._retrying.get(job_id) is not job or job in self._retry_cancelled:
                     return False
                 self._retry_cancelled.add(job)  # between attempts, its retry being saved
             return True  # the thread saving its retry reports it, after the save
