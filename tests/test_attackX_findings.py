@@ -10,7 +10,7 @@ import pytest
 
 from tinymq import ExecutorConfig, Job
 
-from _helpers import WAIT, Recorder, make_queue, record_failures
+from _helpers import QUIET, WAIT, Recorder, make_queue, record_failures
 
 
 def test_a_thread_job_that_cancels_itself_with_interrupt_on_timeout_ends_cancelled_once():
@@ -151,3 +151,34 @@ def test_two_cancels_of_a_job_enqueued_while_the_first_found_its_id_free_return_
         assert failures.snapshot() == [("x", "cancelled", None)]
         assert q.get_stats().jobs_cancelled == 1
         assert q.join(WAIT)
+
+
+def test_a_cancel_that_takes_a_ready_job_owns_it_even_while_it_wakes_the_event_loop(core, request):
+    """The compiled core's mark_cancel took a ready job out, woke the event loop (Python code: other
+    threads may run) and only then marked it: a second cancel meanwhile found the job registered and
+    unmarked, marked it and returned True as well (two Trues, one report). Seen with async executors."""
+    if core.__name__ == "tinymq._core":
+        request.applymarker(pytest.mark.xfail(strict=True, reason="attackX: mark_cancel wakes the loop, then marks"))
+    ready = core.ReadyQueue(2)
+    ready.configure("s", lambda job: None, 1, None, False, False, core.LOOP)
+    ready.configure("b", lambda job: None, 1, None, False, False, core.LOOP)
+    second, armed = [], []
+
+    def waker():  # as a thread switch in the waker would: another cancel of the same id runs now
+        if armed and not second:
+            other = threading.Thread(target=lambda: second.append(ready.mark_cancel("x")[0]))
+            second.append(other)
+            other.start()
+            other.join(QUIET)  # the pure core holds its lock here: the other cancel waits for it
+
+    ready.set_loop_waker(waker)
+    assert ready.push(Job("s", id="running"))
+    assert len(ready.take_for_loop(8)) == 1  # "s" is saturated from now on
+    assert ready.take_for_loop(8) == []  # nothing runnable: the loop waits for a wake-up
+    assert ready.push(Job("s", id="x")) and ready.push(Job("s", id="w"))
+    ready.requeue(Job("b", id="z"))  # the buffer is full: it waits in the overflow line
+    armed.append(True)
+    assert ready.mark_cancel("x")[0] == core.CANCEL_REMOVED  # z moves in: the loop is woken
+    assert second, "the loop was not woken"
+    second[0].join(WAIT)
+    assert second[1:] == [core.CANCEL_LOST]
