@@ -153,12 +153,10 @@ def test_two_cancels_of_a_job_enqueued_while_the_first_found_its_id_free_return_
         assert q.join(WAIT)
 
 
-def test_a_cancel_that_takes_a_ready_job_owns_it_even_while_it_wakes_the_event_loop(core, request):
+def test_a_cancel_that_takes_a_ready_job_owns_it_even_while_it_wakes_the_event_loop(core):
     """The compiled core's mark_cancel took a ready job out, woke the event loop (Python code: other
     threads may run) and only then marked it: a second cancel meanwhile found the job registered and
     unmarked, marked it and returned True as well (two Trues, one report). Seen with async executors."""
-    if core.__name__ == "tinymq._core":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="attackX: mark_cancel wakes the loop, then marks"))
     ready = core.ReadyQueue(2)
     ready.configure("s", lambda job: None, 1, None, False, False, core.LOOP)
     ready.configure("b", lambda job: None, 1, None, False, False, core.LOOP)

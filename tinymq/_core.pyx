@@ -1265,11 +1265,13 @@ cdef class ReadyQueue:
             return CANCEL_UNKNOWN, None
         if job_id in self.marks:
             return CANCEL_LOST, None
+        # Marked before _remove: taking a ready job out may wake the event loop (Python code, other
+        # threads run), and a cancel meanwhile must find the job this one owns already.
+        self.marks[job_id] = ENDING
         removed = self._remove(job_id)
         if removed is not None:
-            self.marks[job_id] = ENDING
             return CANCEL_REMOVED, removed
-        self.marks[job_id] = REQUESTED
+        self.marks[job_id] = REQUESTED  # not in the buffer: nothing above ran Python code
         return CANCEL_MARKED, job
 
     @property
