@@ -4,11 +4,12 @@ Every test checks what a user relies on: cancel returns True exactly when the
 job is reported "cancelled" exactly once, jobs_cancelled matches, join()
 returns, and the queue goes on running other jobs.
 """
+import asyncio
 import threading
 
 import pytest
 
-from tinymq import ExecutorConfig, Job
+from tinymq import DuplicateJob, ExecutorConfig, Job, PermanentFailure, RetryConfig
 
 from _helpers import QUIET, WAIT, Recorder, make_queue, record_failures
 
@@ -180,3 +181,74 @@ def test_a_cancel_that_takes_a_ready_job_owns_it_even_while_it_wakes_the_event_l
     assert second, "the loop was not woken"
     second[0].join(WAIT)
     assert second[1:] == [core.CANCEL_LOST]
+
+
+@pytest.mark.parametrize("kind", ["thread", "async"])
+def test_cancels_racing_enqueues_of_the_same_ids_end_every_job_once(kind):
+    """The race that found the defects above, bounded: two threads cancel three ids in a tight
+    loop while a third enqueues jobs with those ids (enqueue, enqueue_many, enqueue_delayed) as
+    they become free; the jobs succeed, retry, or fail for good. Every job ends once, cancel
+    returns True exactly as often as a job of its id is reported cancelled, the counters match,
+    and join() returns."""
+    ids = ["a", "b", "c"]
+    retry = RetryConfig(max_retries=1, initial_delay=0.001, max_delay=0.005)
+    lock = threading.Lock()
+    reports, accepted, true_cancels = {}, [], {job_id: 0 for job_id in ids}
+    producing = threading.Event()
+
+    def body(job):
+        if job.payload % 4 == 1:
+            raise ValueError("retried")
+        if job.payload % 4 == 2:
+            raise PermanentFailure("for good")
+
+    async def async_body(job):
+        body(job)
+        await asyncio.sleep(0)
+
+    with make_queue(buffer_size=1000) as q:
+        q.on_failure(lambda job, reason, exc: reports.setdefault(id(job), []).append(reason))
+        q.register_executor("t", async_body if kind == "async" else body, ExecutorConfig(max_concurrent_jobs=3))
+        q.start_dispatcher(workers=3)
+
+        def produce():
+            n = 0
+            while len(accepted) < 150:
+                n += 1
+                job = Job("t", n, id=ids[n % 3], retry_config=retry)
+                try:
+                    if n % 3 == 0:
+                        q.enqueue_many([job])
+                    elif n % 3 == 1:
+                        q.enqueue_delayed(job, 0.001)
+                    else:
+                        q.enqueue(job)
+                except DuplicateJob:
+                    continue
+                accepted.append(job)
+            producing.set()
+
+        def cancel():
+            n = 0
+            while not producing.is_set():
+                n += 1
+                job_id = ids[n % 3]
+                if q.cancel(job_id):
+                    with lock:
+                        true_cancels[job_id] += 1
+
+        threads = [threading.Thread(target=produce), threading.Thread(target=cancel), threading.Thread(target=cancel)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60.0)
+        assert producing.is_set()
+        assert q.join(WAIT)
+        assert all(len(reasons) == 1 for reasons in reports.values())
+        cancelled = {job_id: sum(1 for job in accepted if job.id == job_id and reports.get(id(job)) == ["cancelled"])
+                     for job_id in ids}
+        assert cancelled == true_cancels
+        failed = sum(1 for job in accepted if reports.get(id(job), ["cancelled"]) != ["cancelled"])
+        stats = q.get_stats()
+        assert (stats.jobs_cancelled, stats.jobs_failed, stats.jobs_succeeded) == (
+            sum(cancelled.values()), failed, len(accepted) - sum(cancelled.values()) - failed)
