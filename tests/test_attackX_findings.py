@@ -13,6 +13,8 @@ from tinymq import DuplicateJob, ExecutorConfig, Job, PermanentFailure, RetryCon
 
 from _helpers import QUIET, WAIT, Recorder, make_queue, record_failures
 
+from test_core_run_worker import configure
+
 
 def test_a_thread_job_that_cancels_itself_with_interrupt_on_timeout_ends_cancelled_once():
     """cancel() of the calling attempt raised JobTimeout inside cancel() itself (the interrupt of
@@ -252,3 +254,24 @@ def test_cancels_racing_enqueues_of_the_same_ids_end_every_job_once(kind):
         stats = q.get_stats()
         assert (stats.jobs_cancelled, stats.jobs_failed, stats.jobs_succeeded) == (
             sum(cancelled.values()), failed, len(accepted) - sum(cancelled.values()) - failed)
+
+
+def test_the_core_finds_a_job_by_itself_not_only_by_its_id(core):
+    """What the fixes above rely on, on both cores: ``registered(job)`` is True only for the job
+    accepted with its id (not a later job given the same id, nor one whose id came after), and
+    ``DelayedHeap.remove(job_id, job)`` takes only that job out."""
+    ready = core.ReadyQueue(10)
+    configure(ready, "t", lambda job: None)
+    first, lazy = Job("t", id="x"), Job("t")
+    ready.accept([first, lazy])
+    later = Job("t", id="x")
+    assert ready.registered(first) and not ready.registered(later)
+    lazy.id  # generated after it was accepted: never registered
+    assert not ready.registered(lazy)
+    ready.task_done(first)
+    assert not ready.registered(first)
+
+    heap = core.DelayedHeap(0)
+    heap.push(later, 1.0)
+    assert heap.remove("x", first) is None and len(heap) == 1
+    assert heap.remove("x", later) is later and len(heap) == 0
