@@ -292,7 +292,7 @@ def test_a_delayed_job_cancelled_between_its_heap_and_the_ready_buffer_never_run
 
         dispatcher.make_ready = held_make_ready
         q.start_dispatcher(workers=1)
-        q.enqueue_delayed(Job("t", id="due"), 0.001)
+        q.enqueue_delayed(Job("t", id="due"), 0.3)  # not due yet when enqueue (a store save) is done
         assert due.wait(WAIT)
         assert q.get_stats().delayed_jobs_count == 0
         assert q.cancel("due") is True
