@@ -953,18 +953,10 @@ class ReadyQueue:
         """
         job_id = job._id if job is not None and self._ids else None
         with self._lock:
-            if job is not None:
-                if finish:
-                    if self._marks and self._take_cancel(job):
-                        return False
-                elif self._decide_end(job):
-                    return False
-            self._counters[SUCCEEDED] += 1
-            state.counters[SUCCEEDED] += 1
-            state.record_duration(seconds)
-            if finish and job is not None:
-                self._finish(job, job_id)
-            return True
+            if job is None:
+                self._succeeded(state, seconds)
+                return True
+            return self._attempt_succeeded(state, seconds, job, job_id, finish)
 
     def loop_attempt_succeeded(self, state: TypeState, seconds: float, job: Any) -> bool:
         """An event loop's attempt of ``state`` succeeded after ``seconds``, and ``job`` with it.
@@ -976,13 +968,24 @@ class ReadyQueue:
         job_id = job._id if self._ids else None
         with self._lock:
             self._release(state, False, LOOP)
+            return self._attempt_succeeded(state, seconds, job, job_id, True)
+
+    def _succeeded(self, state: TypeState, seconds: float) -> None:
+        self._counters[SUCCEEDED] += 1
+        state.counters[SUCCEEDED] += 1
+        state.record_duration(seconds)
+
+    def _attempt_succeeded(self, state: TypeState, seconds: float, job: Any, job_id: Any, finish: bool) -> bool:
+        """``attempt_succeeded`` with ``job``, called with _lock held (``job_id``: read before it)."""
+        if finish:
             if self._marks and self._take_cancel(job):
                 return False
-            self._counters[SUCCEEDED] += 1
-            state.counters[SUCCEEDED] += 1
-            state.record_duration(seconds)
+        elif self._decide_end(job):
+            return False
+        self._succeeded(state, seconds)
+        if finish:
             self._finish(job, job_id)
-            return True
+        return True
 
     def record_duration(self, state: TypeState, seconds: float) -> None:
         """An attempt of ``state`` was decided (failed, timed out) after ``seconds``."""
