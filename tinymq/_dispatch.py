@@ -672,25 +672,33 @@ class Dispatcher:
     def _cancel_marked(self, job: Any) -> None:
         """End ``job``, marked by ``mark_cancel``, where it rests now; if it rests nowhere, it is
         between two places and its next holder ends it (``take_cancel``)."""
-        job_id = job._id  # looked up with the job itself: once it has ended, a new job may have its id
-        taken = self.delayed.remove(job_id, job)
-        if taken is None:
-            taken = self.uncapped.remove(job_id, job)
-        running = False
-        if taken is None and self.loop_runner is not None:
-            taken = self.loop_runner.cancel(job_id, job)
-            running = taken is not None
-        if taken is None:
-            taken = self._cancel_thread_attempt(job_id, job)
-            running = taken is not None
-        if taken is None or not self.ready.take_cancel(job):
-            return
+        # Looked for as the job itself: once it has ended, a new job may have its id.
+        taken, running = self._take_out(job._id, job)
+        if taken is not None and self.ready.take_cancel(job):
+            self.end_cancelled(job, running)
+
+    def _take_out(self, job_id: str, only: Any = None) -> Tuple[Any, bool]:
+        """Take the job of ``job_id`` (``only``: that job) out of the delayed heaps, or decide its running
+        attempt (on the loop or a worker) as cancelled: ``(job or None, whether it was running)``."""
+        job = self.delayed.remove(job_id, only)
+        if job is None:
+            job = self.uncapped.remove(job_id, only)
+        if job is not None:
+            return job, False
+        if self.loop_runner is not None:
+            job = self.loop_runner.cancel(job_id, only)
+        if job is None:
+            job = self._cancel_thread_attempt(job_id, only)
+        return job, job is not None  # a running attempt's type slot stays taken until it returns
+
+    def end_cancelled(self, job: Any, running: bool = False) -> None:
+        """End a job whose cancel was taken (``mark_cancel``, ``take_cancel``): reported "cancelled".
+
+        ``running``: its attempt was decided here while it runs; a broker frees the
+        attempt's slot when it returns (``returned_late``), as after a timeout.
+        """
         if running and self.ledger is not None:
             self.ledger.expired(job)
-        self.end_cancelled(job)
-
-    def end_cancelled(self, job: Any) -> None:
-        """End a job whose cancel was taken (``mark_cancel``, ``take_cancel``): reported "cancelled"."""
         if self._stopping:
             with self._stop_order:
                 self._decided.add(job)  # after a save-back by stop(), if it made one: the delete comes last
@@ -698,42 +706,28 @@ class Dispatcher:
 
     def _cancel_unregistered(self, job_id: str) -> bool:
         """``cancel`` of a job the core knows by no id (it had none at enqueue): looked for in every place."""
-        job = self.ready.remove(job_id)
+        job, running = self.ready.remove(job_id), False
         if job is None:
-            job = self.delayed.remove(job_id)
-        if job is None:
-            job = self.uncapped.remove(job_id)
-        running = False  # a running attempt's type slot stays taken until its function returns
-        if job is None and self.loop_runner is not None:
-            job = self.loop_runner.cancel(job_id)
-            running = job is not None
-        if job is None:
-            job = self._cancel_thread_attempt(job_id)
-            running = job is not None
+            job, running = self._take_out(job_id)
         if job is not None and self.ready.registered(job):
             # Enqueued with this id after mark_cancel found it free: it is ended as a marked job is.
             # Out of its place now, so it is marked here (or another cancel marked it: that one won).
             outcome, _ = self.ready.mark_cancel(job_id)
             if self.ready.take_cancel(job):
-                if running and self.ledger is not None:
-                    self.ledger.expired(job)
-                self.end_cancelled(job)
+                self.end_cancelled(job, running)
             return outcome == core.CANCEL_MARKED
-        if running and self.ledger is not None:
-            self.ledger.expired(job)  # its slot is freed by returned_late, as after a timeout
-        if job is None:
-            with self._lock:
-                job = self._retrying.get(job_id)
-            if job is not None and self.ready.registered(job):
-                return self.cancel(job_id)  # enqueued with this id after it was found free: marked as such
-            with self._lock:
-                if job is None or self._retrying.get(job_id) is not job or job in self._retry_cancelled:
-                    return False
-                self._retry_cancelled.add(job)  # between attempts, its retry being saved
-            return True  # the thread saving its retry reports it, after the save
-
-        self.fail(job, "cancelled", None, core.CANCELLED)
-        return True
+        if job is not None:
+            self.end_cancelled(job, running)
+            return True
+        with self._lock:
+            job = self._retrying.get(job_id)
+        if job is not None and self.ready.registered(job):
+            return self.cancel(job_id)  # enqueued with this id after it was found free: marked as such
+        with self._lock:
+            if job is None or self._retrying.get(job_id) is not job or job in self._retry_cancelled:
+                return False
+            self._retry_cancelled.add(job)  # between attempts, its retry being saved
+        return True  # the thread saving its retry reports it, after the save
 
     def _cancel_thread_attempt(self, job_id: str, only: Any = None) -> Any:
         """Decide a worker's running attempt of ``job_id`` (``only``: of that job) as cancelled;
