@@ -258,16 +258,16 @@ def test_cancels_racing_enqueues_of_the_same_ids_end_every_job_once(kind):
 
 def test_the_core_finds_a_job_by_itself_not_only_by_its_id(core):
     """What the fixes above rely on, on both cores: ``registered(job)`` is True only for the job
-    accepted with its id (not a later job given the same id, nor one whose id came after), and
-    ``DelayedHeap.remove(job_id, job)`` takes only that job out."""
+    accepted with its id (or named in the queue since: see test_cancel_unnamed.py), not a later
+    job given the same id, and ``DelayedHeap.remove(job_id, job)`` takes only that job out."""
     ready = core.ReadyQueue(10)
     configure(ready, "t", lambda job: None)
     first, lazy = Job("t", id="x"), Job("t")
     ready.accept([first, lazy])
     later = Job("t", id="x")
     assert ready.registered(first) and not ready.registered(later)
-    lazy.id  # generated after it was accepted: never registered
-    assert not ready.registered(lazy)
+    lazy.id  # made after it was accepted: registered as it is made
+    assert ready.registered(lazy)
     ready.task_done(first)
     assert not ready.registered(first)
 

@@ -27,6 +27,7 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 import os
 from collections import deque
 
+from ._unnamed import Unnamed
 from .errors import DuplicateJob, JobTimeout, QueueStopped
 
 cdef extern from "pythread.h":
@@ -636,10 +637,19 @@ cdef inline object _type_of(object job):
     return job_type
 
 
+cdef object _UNNAMED = Unnamed
+
+
 cdef inline object _id_of(object job):
     """The job's id, or None when it has none (yet): exactly a str, like a type."""
-    job_id = job._id
+    return _as_id(job._id)
+
+
+cdef inline object _as_id(object job_id):
+    """``_id_of`` of a job whose ``_id`` was read as ``job_id``."""
     if job_id is not None and not PyUnicode_CheckExact(job_id):
+        if type(job_id) is _UNNAMED:  # queued (here or elsewhere) and not named yet
+            return None
         raise _not_a_str("job id", job_id)
     return job_id
 
@@ -709,6 +719,8 @@ cdef class ReadyQueue:
     cdef bint _closed
     cdef Py_ssize_t _unfinished  # accepted jobs not yet succeeded or failed for good
     cdef dict ids  # id -> the unfinished job registered under it (exact str keys: no Python runs)
+    cdef object unnamed  # the _id of unfinished jobs accepted without one (see the pure twin)
+    cdef object __weakref__  # (unnamed's reference to this queue)
     # Cancel marks, by id, of registered unfinished jobs outside the ready buffer (dropped with the
     # id): REQUESTED or ENDING, as an int object (see the pure twin).
     cdef dict marks
@@ -727,6 +739,7 @@ cdef class ReadyQueue:
         self.last_type = _NO_TYPE
         self.types = {}
         self.ids = {}
+        self.unnamed = Unnamed(self)
         self.marks = {}
         self.overflow = deque()
         self.getters = []
@@ -921,32 +934,58 @@ cdef class ReadyQueue:
                     raise _duplicate(job_id)
         return 0
 
-    cdef inline int _accept(self, Py_ssize_t n, dict batch) except -1:
+    cdef inline int _accept(self, list jobs, dict batch) except -1:
+        cdef Py_ssize_t n = len(jobs)
         self._unfinished += n
         self._counters[C_ENQUEUED] += n
         if batch is not None:
             self.ids.update(batch)
+        if batch is None or len(batch) < n:
+            for job in jobs:
+                if _id_of(job) is None:
+                    job._id = self.unnamed
         return 0
 
-    cdef inline int _accept_one(self, object job, object job_id) except -1:
+    cdef inline int _accept_one(self, object job, object job_id, object raw) except -1:
+        # raw: job._id as read, job_id: _as_id(raw)
         self._unfinished += 1
         self._counters[C_ENQUEUED] += 1
         if job_id is not None:
             self.ids[job_id] = job
+        elif raw is not self.unnamed:  # (a job enqueued again while unfinished has it already)
+            job._id = self.unnamed
         return 0
+
+    def name(self, object job, object unnamed, object job_id=None):
+        """``job.id`` of a job accepted without one: registered as if it had it at enqueue (see the pure twin)."""
+        if job_id is None:
+            job_id = new_job_id()
+        current = job._id
+        if current is unnamed:  # no Python code ran since the read: one step with every move of the job
+            if job_id in self.ids:
+                raise _duplicate(job_id)
+            job._id = job_id
+            self.ids[job_id] = job
+            return job_id
+        if current is None:  # finished meanwhile: named as a job that was never queued
+            job._id = current = job_id
+        elif type(current) is Unnamed:  # queued again, in another queue, meanwhile
+            return current.name(job, job_id)
+        return current
 
     cpdef bint push(self, object job) except -1:
         """Accept a new ready job; False, with no effect, when the buffer is full."""
         cdef object job_type = _type_of(job)
         cdef int level = _level_of(job)
-        cdef object job_id = _id_of(job)
+        cdef object raw = job._id
+        cdef object job_id = _as_id(raw)
         self._check_open()
         if job_id is not None and job_id in self.ids:
             raise _duplicate(job_id)
         if self.size >= self.capacity:
             return False
         self._append(job, job_type, level)
-        self._accept_one(job, job_id)
+        self._accept_one(job, job_id, raw)
         if self.getters or self.loop_idle:
             self._hand_off()
         return True
@@ -955,7 +994,8 @@ cdef class ReadyQueue:
         """Accept a new ready job, waiting for room like ``queue.Queue.put``; False on timeout."""
         cdef object job_type = _type_of(job)
         cdef int level = _level_of(job)
-        cdef object job_id = _id_of(job)
+        cdef object raw = job._id
+        cdef object job_id = _as_id(raw)
         cdef double deadline = _deadline(timeout)
         cdef bint has_room
         while True:
@@ -971,7 +1011,7 @@ cdef class ReadyQueue:
                 return False
             _wait(self.putters, deadline)
         self._append(job, job_type, level)
-        self._accept_one(job, job_id)
+        self._accept_one(job, job_id, raw)
         if self.getters or self.loop_idle:
             self._hand_off()
         return True
@@ -994,7 +1034,7 @@ cdef class ReadyQueue:
             return False
         for job, job_type, level in placed:
             self._append(job, job_type, level)
-        self._accept(len(ready) + len(delayed), batch)
+        self._accept(ready + delayed, batch)
         if self.getters or self.loop_idle:
             self._hand_off()
         return True
@@ -1006,7 +1046,7 @@ cdef class ReadyQueue:
         batch, repeated = _batch_ids(accepted)
         self._check_open()
         self._check_unregistered(batch, repeated)
-        self._accept(len(accepted), batch)
+        self._accept(accepted, batch)
 
     def requeue(self, object job):
         """Make an accepted job ready (due, retried, recovered): never refused, never dropped.
@@ -1438,10 +1478,11 @@ cdef class ReadyQueue:
         return PyUnicode_CheckExact(job_id) and self.ids.get(job_id) is job
 
     cdef inline int _task_done(self, object job) except -1:
-        # With no id registered this job has none to free: its _id is not even read.
-        cdef object job_id = job._id if self.ids else None
+        cdef object job_id = job._id
         self._unfinished -= 1
-        if job_id is not None and PyUnicode_CheckExact(job_id) and self.ids.get(job_id) is job:
+        if job_id is self.unnamed:
+            job._id = None  # never named: an id read from now on is not this queue's to register
+        elif self.ids and PyUnicode_CheckExact(job_id) and self.ids.get(job_id) is job:
             del self.ids[job_id]  # not another job's id
             if self.marks:
                 self.marks.pop(job_id, None)

@@ -40,6 +40,7 @@ import types
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple
 
+from ._unnamed import Unnamed
 from .errors import DuplicateJob, JobTimeout, QueueStopped
 
 __all__ = [
@@ -255,6 +256,8 @@ def _id_of(job: Any) -> Optional[str]:
     """The job's id, or None when it has none (yet): exactly a str, like a type."""
     job_id = job._id
     if job_id is not None and type(job_id) is not str:
+        if type(job_id) is Unnamed:  # queued (here or elsewhere) and not named yet
+            return None
         raise _not_a_str("job id", job_id)
     return job_id
 
@@ -367,6 +370,9 @@ class ReadyQueue:
         self._closed = False
         self._unfinished = 0  # accepted jobs not yet succeeded or failed for good
         self._ids: Dict[str, Any] = {}  # id -> the unfinished job registered under it
+        # The _id of the unfinished jobs accepted without an id (see _unnamed): job.id names one
+        # (name()); _finish puts None back.
+        self._unnamed = Unnamed(self)
         # Cancel marks, by id, of registered unfinished jobs outside the ready buffer (dropped with
         # the id): _REQUESTED, a cancel found the job between places or resting elsewhere, and
         # whoever holds it next ends it as cancelled (take_cancel); _ENDING, its end is decided.
@@ -513,17 +519,44 @@ class ReadyQueue:
             if job_id in self._ids:
                 raise _duplicate(job_id)
 
-    def _accept(self, n: int, batch: Dict[str, Any]) -> None:
-        self._unfinished += n
-        self._counters[ENQUEUED] += n
+    def _accept(self, jobs: List[Any], batch: Dict[str, Any]) -> None:
+        self._unfinished += len(jobs)
+        self._counters[ENQUEUED] += len(jobs)
         if batch:
             self._ids.update(batch)
+        if len(batch) < len(jobs):
+            for job in jobs:
+                if _id_of(job) is None:
+                    job._id = self._unnamed
 
     def _accept_one(self, job: Any, job_id: Optional[str]) -> None:
         self._unfinished += 1
         self._counters[ENQUEUED] += 1
         if job_id is not None:
             self._ids[job_id] = job
+        else:
+            job._id = self._unnamed
+
+    def name(self, job: Any, unnamed: Unnamed, job_id: Optional[str] = None) -> str:
+        """``job.id`` of a job accepted without one (its ``_id`` is ``unnamed``, this queue's): the id,
+        ``job_id`` or a new one, registered as if the job had it at enqueue (DuplicateJob when
+        ``job_id`` is an unfinished job's already). One step with every move of the job, so a
+        cancel by this id from now on finds it wherever it is."""
+        if job_id is None:
+            job_id = new_job_id()
+        with self._lock:
+            current = job._id
+            if current is unnamed:
+                if job_id in self._ids:
+                    raise _duplicate(job_id)
+                job._id = job_id
+                self._ids[job_id] = job
+                return job_id
+            if current is None:  # finished meanwhile: named as a job that was never queued
+                job._id = current = job_id
+        if type(current) is Unnamed:  # queued again, in another queue, meanwhile
+            return current.name(job, job_id)  # type: ignore[no-any-return]
+        return current  # type: ignore[no-any-return]  # named meanwhile
 
     def push(self, job: Any) -> bool:
         """Accept a new ready job; False, with no effect, when the buffer is full."""
@@ -580,7 +613,7 @@ class ReadyQueue:
                 return False
             for job, job_type, level in placed:
                 self._append(job, job_type, level)
-            self._accept(len(ready_jobs) + len(delayed_jobs), batch)
+            self._accept(ready_jobs + delayed_jobs, batch)
             self._hand_off()
             return True
 
@@ -591,7 +624,7 @@ class ReadyQueue:
         with self._lock:
             self._check_open()
             self._check_unregistered(batch, repeated)
-            self._accept(len(jobs), batch)
+            self._accept(jobs, batch)
 
     def requeue(self, job: Any) -> bool:
         """Make an accepted job ready (due, retried, recovered): never refused, never dropped.
@@ -951,12 +984,11 @@ class ReadyQueue:
         counted, when a cancel of it was requested first (the caller ends it as
         cancelled); with ``finish`` too, ``task_done(job)`` in the same step.
         """
-        job_id = job._id if job is not None and self._ids else None
         with self._lock:
             if job is None:
                 self._succeeded(state, seconds)
                 return True
-            return self._attempt_succeeded(state, seconds, job, job_id, finish)
+            return self._attempt_succeeded(state, seconds, job, finish)
 
     def loop_attempt_succeeded(self, state: TypeState, seconds: float, job: Any) -> bool:
         """An event loop's attempt of ``state`` succeeded after ``seconds``, and ``job`` with it.
@@ -965,18 +997,17 @@ class ReadyQueue:
         seconds, job, finish=True)`` in one step: the loop's per-job path.
         False when a cancel of ``job`` was requested first: only its slot is freed.
         """
-        job_id = job._id if self._ids else None
         with self._lock:
             self._release(state, False, LOOP)
-            return self._attempt_succeeded(state, seconds, job, job_id, True)
+            return self._attempt_succeeded(state, seconds, job, True)
 
     def _succeeded(self, state: TypeState, seconds: float) -> None:
         self._counters[SUCCEEDED] += 1
         state.counters[SUCCEEDED] += 1
         state.record_duration(seconds)
 
-    def _attempt_succeeded(self, state: TypeState, seconds: float, job: Any, job_id: Any, finish: bool) -> bool:
-        """``attempt_succeeded`` with ``job``, called with _lock held (``job_id``: read before it)."""
+    def _attempt_succeeded(self, state: TypeState, seconds: float, job: Any, finish: bool) -> bool:
+        """``attempt_succeeded`` with ``job``, called with _lock held."""
         if finish:
             if self._marks and self._take_cancel(job):
                 return False
@@ -984,7 +1015,7 @@ class ReadyQueue:
             return False
         self._succeeded(state, seconds)
         if finish:
-            self._finish(job, job_id)
+            self._finish(job)
         return True
 
     def record_duration(self, state: TypeState, seconds: float) -> None:
@@ -1017,15 +1048,16 @@ class ReadyQueue:
 
     def task_done(self, job: Any) -> None:
         """``job``, accepted earlier, finished for good: its id is free again."""
-        # With no id registered this job has none to free: its _id is not even read.
-        job_id = job._id if self._ids else None
         with self._lock:
-            self._finish(job, job_id)
+            self._finish(job)
 
-    def _finish(self, job: Any, job_id: Any) -> None:
-        """``job`` (whose ``_id`` was read as ``job_id``) finished for good. Called with _lock held."""
+    def _finish(self, job: Any) -> None:
+        """``job`` finished for good: its id is free again. Called with _lock held."""
         self._unfinished -= 1
-        if type(job_id) is str and self._ids.get(job_id) is job:  # not another job's id
+        job_id = job._id  # under the lock: name() may have given it one just now
+        if job_id is self._unnamed:
+            job._id = None  # never named: an id read from now on is not this queue's to register
+        elif type(job_id) is str and self._ids.get(job_id) is job:  # not another job's id
             del self._ids[job_id]
             if self._marks:
                 self._marks.pop(job_id, None)

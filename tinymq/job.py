@@ -144,19 +144,38 @@ class Job:
     def id(self) -> str:
         """Unique across threads, processes and restarts; made on first use, then fixed."""
         job_id = self._id
+        if job_id.__class__ is str:
+            return job_id  # type: ignore[no-any-return]
         if job_id is None:
             job_id = self._id = core.new_job_id()
-        return job_id
+            return job_id
+        return job_id.name(self)  # type: ignore[no-any-return]  # queued without one: see _unnamed
 
     @id.setter
     def id(self, value: str) -> None:
         if value.__class__ is not str or not value:
             raise ValueError(f"id must be a non-empty str, got {value!r}")
-        if self._id is not None and self._id != value:
+        job_id = self._id
+        if job_id is None:
+            self._id = value
+            return
+        if job_id.__class__ is not str:  # queued without an id: named in its queue (DuplicateJob if taken)
+            job_id = job_id.name(self, value)
+        if job_id != value:
             # The id names the job in its queue (DuplicateJob) and its store row.
-            raise ValueError(f"job id {self._id!r} cannot change to {value!r}: a job keeps its id "
+            raise ValueError(f"job id {job_id!r} cannot change to {value!r}: a job keeps its id "
                              "once it has one; make a new Job instead")
-        self._id = value
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # A copy (or a pickle) is a new job: the id its queue would make for this one is not its.
+        reduced = super().__reduce_ex__(protocol)
+        job_id = self._id
+        if job_id is None or job_id.__class__ is str or not isinstance(reduced, tuple) or len(reduced) < 3:
+            return reduced
+        state = reduced[2]
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict) and "_id" in state[1]:
+            state = (state[0], {**state[1], "_id": None})
+        return (*reduced[:2], state, *reduced[3:])
 
     @property
     def tags(self) -> Dict[str, str]:

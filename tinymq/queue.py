@@ -244,6 +244,8 @@ class Queue:
 
     def _enqueue_slow(self, job: Job, run_at: float, block: bool, wait: Optional[float]) -> Job:
         job_id = job._id if self._store is not None else None
+        if job_id.__class__ is not str:  # None, or not made yet (queued in another queue): the save makes it
+            job_id = None
         if job_id is None:  # no store (the core refuses duplicates), or an id the save makes: unique
             return self._save_and_place(job, run_at, block, wait)
         self._claim([job_id])
@@ -330,7 +332,7 @@ class Queue:
             if batch:
                 self._link.enqueue(batch, False, None)
             return batch
-        job_ids = [job._id for job in batch if job._id is not None] if self._store is not None else []
+        job_ids = [job._id for job in batch if job._id.__class__ is str] if self._store is not None else []
         if len(set(job_ids)) < len(job_ids):
             raise DuplicateJob(f"an id is given twice in this batch of {len(batch)} jobs; "
                                "none of the batch was enqueued")

@@ -1,0 +1,41 @@
+"""The ``_id`` of an accepted job that has no id yet.
+
+A job's id is made on first use (``Job.id``), so a job that never needs one costs
+nothing for it. But ``cancel(job_id)`` must find every unfinished job with that id,
+also one between two places (taken by a worker, not yet running), which only a job
+registered with its queue's core under its id can be. So when a core accepts a job
+without an id, it puts its ``Unnamed`` (one per queue, not one per job) in the job's
+``_id``; reading ``job.id`` then asks that core to make the id and register it, in
+one step with whatever moves the job. When the job finishes, the core puts None back:
+an id read later is made as for a job that was never queued.
+"""
+import weakref
+from typing import Any, Callable, Optional
+
+__all__ = ["Unnamed"]
+
+
+class Unnamed:
+    """Stands for an id not made yet, in the jobs one queue core accepted without one."""
+
+    __slots__ = ("_core",)
+
+    def __init__(self, core: Any) -> None:
+        self._core: Callable[[], Any] = weakref.ref(core)  # a kept job never keeps its queue alive
+
+    def name(self, job: Any, job_id: Optional[str] = None) -> str:
+        """``job``'s id (``job_id``, or a new one), registered with the core while the job is in it."""
+        core = self._core()
+        if core is not None:
+            return core.name(job, self, job_id)  # type: ignore[no-any-return]
+        from ._pick_core import core as any_core  # the queue is gone: so is the job from it
+
+        if job._id is self:
+            job._id = any_core.new_job_id() if job_id is None else job_id
+        return job.id  # type: ignore[no-any-return]
+
+    def __reduce__(self) -> Any:
+        return type(None), ()  # a copy or a pickle of a queued job is a new job: it has no id
+
+    def __repr__(self) -> str:
+        return "<id not made yet>"
