@@ -239,6 +239,8 @@ def test_unschedule_while_a_tick_is_being_enqueued_waits_for_it_then_no_more():
     (math.inf, ValueError, "got inf"),
     ("5", TypeError, "interval must be seconds (float) or a timedelta, got '5'"),
     (timedelta(0), ValueError, "interval must be > 0"),
+    (1e-9, ValueError, "interval must be at least 0.001 s, got 1e-09"),  # its timer would never rest
+    (timedelta(microseconds=999), ValueError, "interval must be at least 0.001 s"),
 ])
 def test_every_refuses_a_bad_interval_naming_it(interval, error, text):
     with Queue() as q:

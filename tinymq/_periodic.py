@@ -36,6 +36,7 @@ from .job import Job, Priority, _as_priority, _as_run_at, _as_type
 __all__ = ["Periodic", "ScheduleStats", "SCHEDULE_TAG", "cron_next", "tick_job_id", "tick_of_job_id"]
 
 logger = logging.getLogger("tinymq")
+MIN_INTERVAL = 0.001  # seconds: the shortest every() interval
 
 SCHEDULE_TAG = "tinymq.schedule"  # the tag naming the schedule that enqueued a job
 # The longest a cron wait relies on the monotonic clock keeping pace with the wall clock.
@@ -278,6 +279,8 @@ class Periodic:
     def every(self, interval: Union[float, timedelta], job_type: str, payload: Any, name: Optional[str],
               priority: Any, first_at: Any) -> str:
         seconds = _positive_seconds("interval", interval)
+        if seconds < MIN_INTERVAL:  # each tick is a wake-up of the timer thread, even a skipped one
+            raise ValueError(f"interval must be at least {MIN_INTERVAL} s, got {interval!r}")
         job_type = _as_type(job_type)
         first_delay = None
         if first_at is not None:
