@@ -1,0 +1,120 @@
+"""Round-8 attack (attackN) from outside: ids made after enqueue (tinymq/_unnamed.py, issue #13).
+
+Each test reproduces a defect that the attack found; its fix is in the commit that removed
+the test's xfail mark.
+"""
+import copy
+import time
+
+import pytest
+
+from tinymq import Job, PermanentFailure, RetryConfig
+
+from _helpers import WAIT, make_queue, wait_until
+from test_core_run_worker import configure
+
+# --- a cancel after the job's end was decided ------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="attackN #1: an id read after the end was decided is registered")
+def test_an_id_first_read_after_the_end_was_decided_cannot_be_cancelled_in_the_core(core):
+    ready = core.ReadyQueue(10)
+    configure(ready, "t", lambda job: None)
+    job = Job("t")
+    assert ready.push(job)
+    taken, state = ready.pop_with_type(0.0)
+    assert taken is job
+    ready.release_state(state)
+    assert ready.decide_end(job) is False  # it fails for good, say: a cancel from now on loses
+    outcome, _ = ready.mark_cancel(job.id)  # a failure callback reads the id, a cancel follows
+    assert outcome in (core.CANCEL_UNKNOWN, core.CANCEL_LOST)
+    assert not ready.cancel_marks
+    ready.task_done(job)
+    assert ready.unfinished == 0 and not ready.has_id(job.id)
+
+
+def _fails_for_good(job):
+    raise PermanentFailure(f"job {job.payload} cannot succeed")
+
+
+# (what the queue does to the job, how to enqueue it, the reason it is reported with)
+ENDS = [
+    pytest.param({}, "t", 0.0, "permanent_failure", id="permanent_failure"),
+    pytest.param({}, "nobody", 0.0, "no_executor", id="no_executor"),
+    pytest.param({"max_delayed_jobs": 1}, "t", 30.0, "evicted", id="evicted"),
+]
+
+
+@pytest.mark.xfail(strict=True, reason="attackN #1: cancel() returns True for a job that failed for good")
+@pytest.mark.parametrize("config, job_type, delay, reason", ENDS)
+def test_a_failure_callback_cancelling_its_own_job_by_id_gets_false(config, job_type, delay, reason):
+    """The job's end is decided before the callbacks run: a cancel of it must lose (False), as it does
+    for a job given its id at enqueue, and not return True for a job never reported "cancelled"."""
+    with make_queue(**config) as q:
+        seen = []
+
+        def callback(job, why, exc):
+            seen.append((job.payload, why, q.cancel(job.id)))
+
+        q.on_failure(callback)
+        q.register_executor("t", _fails_for_good)
+        first = Job(job_type, "first", run_at=time.time() + delay)
+        q.enqueue(first)
+        if delay:  # the newer delayed job evicts the first
+            q.enqueue(Job(job_type, "second", run_at=time.time() + 2 * delay))
+        q.start_dispatcher(1)
+        assert wait_until(lambda: seen)
+        assert seen == [("first", reason, False)]
+        given = Job(job_type, "given", id="given-" + reason, run_at=time.time() + 3 * delay)  # the contract
+        q.enqueue(given)
+        if delay:
+            q.enqueue(Job(job_type, "third", run_at=time.time() + 4 * delay))
+        assert wait_until(lambda: len(seen) == 2)
+        assert seen[1] == ("second" if delay else "given", reason, False)
+        if delay:
+            assert q.cancel(given.id) is True  # queued: found
+        assert q.join(WAIT)
+        assert q.get_stats().jobs_cancelled == (1 if delay else 0)
+        q.enqueue(Job(job_type, id=first.id))  # its id is free again
+        assert q.cancel(first.id) is True
+
+
+# --- copies of a queued job of a Job subclass ------------------------------------------------
+
+class StatefulJob(Job):
+    """A Job subclass with its own pickling state (a dict of every slot), as users write them."""
+
+    __slots__ = ("attempt_log",)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.attempt_log = []
+
+    def __getstate__(self):
+        return {name: getattr(self, name) for name in Job.__slots__ + StatefulJob.__slots__}
+
+    def __setstate__(self, state):
+        for name, value in state.items():
+            setattr(self, name, value)
+
+
+@pytest.mark.parametrize("make_copy", [
+    pytest.param(copy.copy, id="copy", marks=pytest.mark.xfail(
+        strict=True, reason="attackN #2: a shallow copy keeps the queue's marker")),
+    pytest.param(copy.deepcopy, id="deepcopy"),
+])
+def test_a_copy_of_a_queued_job_of_a_subclass_with_its_own_state_is_a_new_job(make_copy):
+    with make_queue() as q:
+        queued = q.enqueue(StatefulJob("t", "original"))
+        twin = make_copy(queued)
+        twin_id = twin.id  # the copy was never enqueued: its id is nobody's in the queue
+        assert twin_id != queued.id
+        assert q.cancel(twin_id) is False  # not True for a job that will never be reported
+        q.enqueue(Job("t", id=twin_id))  # the id is free: no DuplicateJob
+        q.register_executor("t", lambda job: None)
+        q.start_dispatcher(1)
+        assert q.join(WAIT)
+        stats = q.get_stats()
+        assert stats.jobs_succeeded == 2 and stats.jobs_cancelled == 0
+        q.enqueue(Job("t", id=twin_id))  # and free again after that job ended
+        assert q.join(WAIT)
