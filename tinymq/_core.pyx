@@ -1347,6 +1347,9 @@ cdef class ReadyQueue:
     cdef bint _decide_end(self, object job) except -1:
         if self.marks and self._take_cancel(job):
             return True
+        if job._id is self.unnamed:  # never named: an id read from now on is not this queue's to
+            job._id = None  # register (a cancel of it loses, as one marked ENDING below does)
+            return False
         if self.ids:
             job_id = job._id
             if PyUnicode_CheckExact(job_id) and self.ids.get(job_id) is job:

@@ -907,6 +907,9 @@ class ReadyQueue:
     def _decide_end(self, job: Any) -> bool:
         if self._marks and self._take_cancel(job):
             return True
+        if job._id is self._unnamed:  # never named: an id read from now on is not this queue's to
+            job._id = None  # register (a cancel of it loses, as one marked _ENDING below does)
+            return False
         if self._ids:
             job_id = job._id
             if type(job_id) is str and self._ids.get(job_id) is job:
