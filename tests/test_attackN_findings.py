@@ -4,6 +4,7 @@ Each test reproduces a defect that the attack found; its fix is in the commit th
 the test's xfail mark.
 """
 import copy
+import pickle
 import time
 
 import pytest
@@ -92,9 +93,9 @@ class StatefulJob(Job):
 
 
 @pytest.mark.parametrize("make_copy", [
-    pytest.param(copy.copy, id="copy", marks=pytest.mark.xfail(
-        strict=True, reason="attackN #2: a shallow copy keeps the queue's marker")),
+    pytest.param(copy.copy, id="copy"),
     pytest.param(copy.deepcopy, id="deepcopy"),
+    pytest.param(lambda job: pickle.loads(pickle.dumps(job)), id="pickle"),
 ])
 def test_a_copy_of_a_queued_job_of_a_subclass_with_its_own_state_is_a_new_job(make_copy):
     with make_queue() as q:
