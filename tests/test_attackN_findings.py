@@ -4,12 +4,15 @@ Each test reproduces a defect that the attack found; its fix is in the commit th
 the test's xfail mark.
 """
 import copy
+import gc
 import pickle
+import threading
 import time
 
 import pytest
 
-from tinymq import Job, PermanentFailure, RetryConfig
+from tinymq import Job, PermanentFailure
+from tinymq._pick_core import core as picked_core
 
 from _helpers import WAIT, make_queue, wait_until
 from test_core_run_worker import configure
@@ -112,3 +115,40 @@ def test_a_copy_of_a_queued_job_of_a_subclass_with_its_own_state_is_a_new_job(ma
         assert stats.jobs_succeeded == 2 and stats.jobs_cancelled == 0
         q.enqueue(Job("t", id=twin_id))  # and free again after that job ended
         assert q.join(WAIT)
+
+
+# --- threads reading a job's first id at once -------------------------------------------------
+
+def _kept_after_its_queue_is_gone():
+    queue = make_queue()
+    kept = queue.enqueue(Job("t"))
+    del queue
+    gc.collect()
+    return kept
+
+
+@pytest.mark.xfail(strict=True, reason="attackN #3: racing first reads of job.id make two ids")
+@pytest.mark.parametrize("make_job", [lambda: Job("t"), _kept_after_its_queue_is_gone],
+                         ids=["new", "kept-after-its-queue"])
+def test_threads_reading_a_jobs_first_id_at_once_all_get_the_one_id(monkeypatch, make_job):
+    """"Made on first use, then fixed": two threads that read a job's id at once (each inside the
+    making of an id, as a thread switch can leave them) must get the same id, the job's."""
+    job = make_job()
+    both_inside = threading.Barrier(2, timeout=0.5)
+    make_id = picked_core.new_job_id
+
+    def new_job_id():
+        try:
+            both_inside.wait()  # the other reader is inside too (or, when it cannot be, 0.5 s passed)
+        except threading.BrokenBarrierError:
+            pass
+        return make_id()
+
+    monkeypatch.setattr(picked_core, "new_job_id", new_job_id)
+    seen = []
+    readers = [threading.Thread(target=lambda: seen.append(job.id)) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(WAIT)
+    assert len(seen) == 2 and seen[0] == seen[1] == job.id
