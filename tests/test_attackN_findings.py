@@ -127,7 +127,6 @@ def _kept_after_its_queue_is_gone():
     return kept
 
 
-@pytest.mark.xfail(strict=True, reason="attackN #3: racing first reads of job.id make two ids")
 @pytest.mark.parametrize("make_job", [lambda: Job("t"), _kept_after_its_queue_is_gone],
                          ids=["new", "kept-after-its-queue"])
 def test_threads_reading_a_jobs_first_id_at_once_all_get_the_one_id(monkeypatch, make_job):

@@ -61,7 +61,7 @@ cdef extern from *:
 
 __all__ = [
     "ReadyQueue", "DelayedHeap", "Alarm", "WorkerSlot", "TypeState",
-    "run_worker", "retry_delay", "new_job_id", "interrupt_thread", "monotonic",
+    "run_worker", "retry_delay", "new_job_id", "first_id", "interrupt_thread", "monotonic",
     "ENQUEUED", "SUCCEEDED", "FAILED", "RETRIED", "TIMED_OUT", "EVICTED", "CANCELLED",
     "THREADS", "LOOP", "CANCEL_UNKNOWN", "CANCEL_REMOVED", "CANCEL_MARKED", "CANCEL_LOST",
     "TYPE_EVENTS", "ATTEMPT_DURATION_BUCKETS",
@@ -234,6 +234,19 @@ if hasattr(os, "register_at_fork"):
 
 def new_job_id():
     """A random per-process prefix plus a counter: unique without urandom per job."""
+    return _new_job_id()
+
+
+def first_id(object job, object job_id=None, object unset=None):
+    """``job._id``, set first to ``job_id`` (or a new id) when it is ``unset``: one step (no Python
+    code runs), so threads reading a job's first id at once all get the one made first (see the pure twin)."""
+    current = job._id
+    if current is unset:
+        job._id = current = _new_job_id() if job_id is None else job_id
+    return current
+
+
+cdef object _new_job_id():
     global _id_counter
     cdef Py_ssize_t i
     cdef uint64_t value
@@ -968,8 +981,8 @@ cdef class ReadyQueue:
             self.ids[job_id] = job
             return job_id
         if current is None:  # finished meanwhile: named as a job that was never queued
-            job._id = current = job_id
-        elif type(current) is Unnamed:  # queued again, in another queue, meanwhile
+            current = first_id(job, job_id)
+        if type(current) is Unnamed:  # queued again, in another queue, meanwhile
             return current.name(job, job_id)
         return current
 

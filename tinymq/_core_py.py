@@ -20,7 +20,7 @@ GIL where this one takes ``self._lock``.
   sleeps until a deadline.
 - ``WorkerSlot`` and ``run_worker``: one worker's attempt, as the watchdog sees
   it, and the per-job loop.
-- ``retry_delay`` and ``new_job_id``.
+- ``retry_delay``, ``new_job_id`` and ``first_id``.
 
 To the core a job is any object with ``type`` (exactly a ``str``), ``priority``
 (0, 1 or 2: LOW, MEDIUM, HIGH) and ``_id`` (None, or exactly a ``str``). The
@@ -45,7 +45,7 @@ from .errors import DuplicateJob, JobTimeout, QueueStopped
 
 __all__ = [
     "ReadyQueue", "DelayedHeap", "Alarm", "WorkerSlot", "TypeState",
-    "run_worker", "retry_delay", "new_job_id", "interrupt_thread", "monotonic",
+    "run_worker", "retry_delay", "new_job_id", "first_id", "interrupt_thread", "monotonic",
     "ENQUEUED", "SUCCEEDED", "FAILED", "RETRIED", "TIMED_OUT", "EVICTED", "CANCELLED",
     "THREADS", "LOOP", "CANCEL_UNKNOWN", "CANCEL_REMOVED", "CANCEL_MARKED", "CANCEL_LOST",
     "TYPE_EVENTS", "ATTEMPT_DURATION_BUCKETS",
@@ -104,6 +104,20 @@ if hasattr(os, "register_at_fork"):
 def new_job_id() -> str:
     """A random per-process prefix plus a counter: unique without urandom per job."""
     return _id_prefix + format(next(_id_counter), "016x")  # fixed width: ids sort by creation
+
+
+_first_id_lock = threading.Lock()
+
+
+def first_id(job: Any, job_id: Optional[str] = None, unset: Any = None) -> Any:
+    """``job._id``, set first to ``job_id`` (or a new id) when it is ``unset``: one step, so threads
+    reading a job's first id at once all get the one made first (``Job.id``: "made on first use, then
+    fixed"). Returns the ``_id`` then: a str, or an ``Unnamed`` (the job was queued meanwhile)."""
+    with _first_id_lock:
+        current = job._id
+        if current is unset:
+            job._id = current = new_job_id() if job_id is None else job_id
+    return current
 
 
 # --- backoff ------------------------------------------------------------------
@@ -553,7 +567,7 @@ class ReadyQueue:
                 self._ids[job_id] = job
                 return job_id
             if current is None:  # finished meanwhile: named as a job that was never queued
-                job._id = current = job_id
+                current = first_id(job, job_id)
         if type(current) is Unnamed:  # queued again, in another queue, meanwhile
             return current.name(job, job_id)  # type: ignore[no-any-return]
         return current  # type: ignore[no-any-return]  # named meanwhile

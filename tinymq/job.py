@@ -159,9 +159,10 @@ class Job:
         job_id = self._id
         if job_id.__class__ is str:
             return job_id  # type: ignore[no-any-return]
-        if job_id is None:
-            job_id = self._id = core.new_job_id()
-            return job_id
+        if job_id is None:  # (made in one step: threads reading it at once get one id)
+            job_id = core.first_id(self)
+            if job_id.__class__ is str:
+                return job_id  # type: ignore[no-any-return]
         return job_id.name(self)  # type: ignore[no-any-return]  # queued without one: see _unnamed
 
     @id.setter
@@ -170,8 +171,7 @@ class Job:
             raise ValueError(f"id must be a non-empty str, got {value!r}")
         job_id = self._id
         if job_id is None:
-            self._id = value
-            return
+            job_id = core.first_id(self, value)
         if job_id.__class__ is not str:  # queued without an id: named in its queue (DuplicateJob if taken)
             job_id = job_id.name(self, value)
         if job_id != value:
