@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tinymq import Job, PermanentFailure
+from tinymq import DuplicateJob, Job, PermanentFailure
 from tinymq._pick_core import core as picked_core
 
 from _helpers import WAIT, make_queue, wait_until
@@ -151,3 +151,25 @@ def test_threads_reading_a_jobs_first_id_at_once_all_get_the_one_id(monkeypatch,
     for reader in readers:
         reader.join(WAIT)
     assert len(seen) == 2 and seen[0] == seen[1] == job.id
+
+
+# --- the same unfinished Job object enqueued again (NOT FIXED: a decision for the core's contract) ---
+
+@pytest.mark.xfail(strict=True, reason="attackN #4, not fixed: the core accepts a job unfinished in it again "
+                                       "when it has no id yet (its bench pushes one job again and again)")
+def test_a_job_unfinished_in_its_queue_is_refused_again_whether_or_not_its_id_was_read():
+    """Once its id is read, enqueuing the unfinished job again raises DuplicateJob; before, it is
+    accepted a second time. Then the first end frees the id while the job is still queued: a new job
+    with that id is accepted, and a cancel by the id finds the new job, not this one."""
+    with make_queue() as q:
+        job = q.enqueue(Job("t", "twice"))
+        with pytest.raises(DuplicateJob, match="is already queued and unfinished"):
+            q.enqueue(job)  # as it is once job.id was read (below)
+        job_id = job.id
+        with pytest.raises(DuplicateJob, match=repr(job_id)):
+            q.enqueue(job)
+        ran = []
+        q.register_executor("t", lambda job: ran.append(job.payload))
+        q.start_dispatcher(1)
+        assert q.join(WAIT)
+        assert ran == ["twice"]
