@@ -15,6 +15,7 @@ from tinymq import DuplicateJob, Job, PermanentFailure
 from tinymq._pick_core import core as picked_core
 
 from _helpers import WAIT, make_queue, wait_until
+from conftest import load_twin
 from test_core_run_worker import configure
 
 # --- a cancel after the job's end was decided ------------------------------------------------
@@ -152,6 +153,28 @@ def test_threads_reading_a_jobs_first_id_at_once_all_get_the_one_id(monkeypatch,
         reader.join(WAIT)
     assert len(seen) == 2 and seen[0] == seen[1] == job.id
 
+
+
+@pytest.mark.xfail(strict=True, reason="attackN #5: the pure core's accept overwrites an id made meanwhile")
+@pytest.mark.parametrize("accept", ["push", "put", "push_many", "accept"])
+def test_an_id_first_read_while_the_pure_core_accepts_the_job_stays_its_id(accept):
+    """The pure core reads a job's id, then takes its lock to accept it: an id first read on another
+    thread in between is the job's id, registered (the compiled core does it all in one step)."""
+    core = load_twin("tinymq._core_py")
+    ready = core.ReadyQueue(10)
+    configure(ready, "t", lambda job: None)
+    job = Job("t")
+    accepting = threading.Thread(target=lambda: getattr(ready, accept)(
+        [job] if accept in ("push_many", "accept") else job))
+    with ready._lock:  # (held as by a pop on another thread)
+        accepting.start()
+        assert wait_until(lambda: job._id is not None or not accepting.is_alive(), timeout=0.5) is False
+        job_id = job.id  # first read: made now, before the core writes anything in the job
+    accepting.join(WAIT)
+    assert job.id == job_id
+    assert ready.has_id(job_id) and ready.registered(job)  # a cancel by it finds the job anywhere
+    ready.task_done(job)
+    assert not ready.has_id(job_id) and ready.unfinished == 0
 
 # --- the same unfinished Job object enqueued again (NOT FIXED: a decision for the core's contract) ---
 
