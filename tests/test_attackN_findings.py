@@ -155,7 +155,6 @@ def test_threads_reading_a_jobs_first_id_at_once_all_get_the_one_id(monkeypatch,
 
 
 
-@pytest.mark.xfail(strict=True, reason="attackN #5: the pure core's accept overwrites an id made meanwhile")
 @pytest.mark.parametrize("accept", ["push", "put", "push_many", "accept"])
 def test_an_id_first_read_while_the_pure_core_accepts_the_job_stays_its_id(accept):
     """The pure core reads a job's id, then takes its lock to accept it: an id first read on another

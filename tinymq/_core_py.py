@@ -540,8 +540,9 @@ class ReadyQueue:
             self._ids.update(batch)
         if len(batch) < len(jobs):
             for job in jobs:
-                if _id_of(job) is None:
-                    job._id = self._unnamed
+                job_id = job._id
+                if job_id.__class__ is not str or batch.get(job_id) is not job:
+                    self._mark_unnamed(job)
 
     def _accept_one(self, job: Any, job_id: Optional[str]) -> None:
         self._unfinished += 1
@@ -549,7 +550,17 @@ class ReadyQueue:
         if job_id is not None:
             self._ids[job_id] = job
         else:
-            job._id = self._unnamed
+            self._mark_unnamed(job)
+
+    def _mark_unnamed(self, job: Any) -> None:
+        """Put this queue's ``Unnamed`` in an accepted job that was read without an id. Its id may have
+        been first read on another thread since (``first_id``, not under this lock): then that id is
+        the job's, registered as one given at enqueue. (The compiled core reads and writes in one step.)"""
+        job_id = job._id
+        if job_id.__class__ is not str:  # None, or an Unnamed: this queue's, or another's (replaced)
+            job_id = first_id(job, self._unnamed, job_id)
+        if job_id.__class__ is str and job_id not in self._ids:
+            self._ids[job_id] = job
 
     def name(self, job: Any, unnamed: Unnamed, job_id: Optional[str] = None) -> str:
         """``job.id`` of a job accepted without one (its ``_id`` is ``unnamed``, this queue's): the id,
