@@ -175,6 +175,28 @@ def test_an_id_first_read_while_the_pure_core_accepts_the_job_stays_its_id(accep
     ready.task_done(job)
     assert not ready.has_id(job_id) and ready.unfinished == 0
 
+
+# --- one job in two queues -------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="attackN #6: a job in two queues gets its id registered in one of them")
+@pytest.mark.parametrize("second", ["push", "put", "push_many", "accept"])
+def test_a_job_queued_in_two_queues_without_an_id_is_registered_in_both_when_named(core, second):
+    """Each queue must find the job by the id it has (a cancel between two places), not only the queue
+    that accepted it last; and each end frees the id in that queue alone."""
+    first_queue, second_queue = core.ReadyQueue(10), core.ReadyQueue(10)
+    for ready in (first_queue, second_queue):
+        configure(ready, "t", lambda job: None)
+    job = Job("t")
+    assert first_queue.push(job)
+    getattr(second_queue, second)([job] if second in ("push_many", "accept") else job)
+    job_id = job.id
+    for ready in (first_queue, second_queue):
+        assert ready.has_id(job_id) and ready.registered(job)
+    first_queue.task_done(job)
+    assert not first_queue.has_id(job_id) and second_queue.registered(job)
+    second_queue.task_done(job)
+    assert not second_queue.has_id(job_id) and first_queue.unfinished == second_queue.unfinished == 0
+
 # --- the same unfinished Job object enqueued again (NOT FIXED: a decision for the core's contract) ---
 
 @pytest.mark.xfail(strict=True, reason="attackN #4, not fixed: the core accepts a job unfinished in it again "
