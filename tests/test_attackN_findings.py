@@ -178,7 +178,6 @@ def test_an_id_first_read_while_the_pure_core_accepts_the_job_stays_its_id(accep
 
 # --- one job in two queues -------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="attackN #6: a job in two queues gets its id registered in one of them")
 @pytest.mark.parametrize("second", ["push", "put", "push_many", "accept"])
 def test_a_job_queued_in_two_queues_without_an_id_is_registered_in_both_when_named(core, second):
     """Each queue must find the job by the id it has (a cancel between two places), not only the queue

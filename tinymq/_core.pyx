@@ -969,6 +969,14 @@ cdef class ReadyQueue:
             job._id = self.unnamed
         return 0
 
+    cdef inline object _named_elsewhere(self, object job):
+        """``job._id``, once a job another queue accepted without an id is named there (see the pure twin)."""
+        raw = job._id
+        if raw is not None and raw is not self.unnamed and type(raw) is _UNNAMED:
+            raw.name(job)  # (Python code runs: before this queue's one step)
+            raw = job._id
+        return raw
+
     def name(self, object job, object unnamed, object job_id=None):
         """``job.id`` of a job accepted without one: registered as if it had it at enqueue (see the pure twin)."""
         if job_id is None:
@@ -990,7 +998,7 @@ cdef class ReadyQueue:
         """Accept a new ready job; False, with no effect, when the buffer is full."""
         cdef object job_type = _type_of(job)
         cdef int level = _level_of(job)
-        cdef object raw = job._id
+        cdef object raw = self._named_elsewhere(job)
         cdef object job_id = _as_id(raw)
         self._check_open()
         if job_id is not None and job_id in self.ids:
@@ -1007,7 +1015,7 @@ cdef class ReadyQueue:
         """Accept a new ready job, waiting for room like ``queue.Queue.put``; False on timeout."""
         cdef object job_type = _type_of(job)
         cdef int level = _level_of(job)
-        cdef object raw = job._id
+        cdef object raw = self._named_elsewhere(job)
         cdef object job_id = _as_id(raw)
         cdef double deadline = _deadline(timeout)
         cdef bint has_room
@@ -1039,6 +1047,8 @@ cdef class ReadyQueue:
         cdef list delayed = list(delayed_jobs)
         cdef list placed = [(job, _type_of(job), _level_of(job)) for job in ready]
         cdef dict batch
+        for job in ready + delayed:
+            self._named_elsewhere(job)
         batch, repeated = _batch_ids(ready + delayed)
         cdef int level
         self._check_open()
@@ -1056,6 +1066,8 @@ cdef class ReadyQueue:
         """Count ``jobs``, which the caller places itself (delayed, recovered), and register their ids."""
         cdef list accepted = list(jobs)
         cdef dict batch
+        for job in accepted:
+            self._named_elsewhere(job)
         batch, repeated = _batch_ids(accepted)
         self._check_open()
         self._check_unregistered(batch, repeated)

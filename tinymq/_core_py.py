@@ -562,6 +562,14 @@ class ReadyQueue:
         if job_id.__class__ is str and job_id not in self._ids:
             self._ids[job_id] = job
 
+    def _name_elsewhere(self, job: Any) -> None:
+        """Before ``job`` is accepted: if another queue accepted it without an id and it is unfinished
+        there, it is named there first, so that each queue registers the id the job has (each finds it
+        by that id wherever it is; each end frees it in its own queue)."""
+        job_id = job._id
+        if job_id.__class__ is Unnamed and job_id is not self._unnamed:
+            job_id.name(job)
+
     def name(self, job: Any, unnamed: Unnamed, job_id: Optional[str] = None) -> str:
         """``job.id`` of a job accepted without one (its ``_id`` is ``unnamed``, this queue's): the id,
         ``job_id`` or a new one, registered as if the job had it at enqueue (DuplicateJob when
@@ -586,6 +594,7 @@ class ReadyQueue:
     def push(self, job: Any) -> bool:
         """Accept a new ready job; False, with no effect, when the buffer is full."""
         job_type, level = _ready_fields(job)
+        self._name_elsewhere(job)
         job_id = _id_of(job)
         with self._lock:
             self._check_open()
@@ -601,6 +610,7 @@ class ReadyQueue:
     def put(self, job: Any, timeout: Optional[float] = None) -> bool:
         """Accept a new ready job, waiting for room like ``queue.Queue.put``; False on timeout."""
         job_type, level = _ready_fields(job)
+        self._name_elsewhere(job)
         job_id = _id_of(job)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
@@ -630,6 +640,8 @@ class ReadyQueue:
         """
         ready_jobs, delayed_jobs = list(ready_jobs), list(delayed_jobs)
         placed = [(job, *_ready_fields(job)) for job in ready_jobs]
+        for job in ready_jobs + delayed_jobs:
+            self._name_elsewhere(job)
         batch, repeated = _batch_ids(ready_jobs + delayed_jobs)
         with self._lock:
             self._check_open()
@@ -645,6 +657,8 @@ class ReadyQueue:
     def accept(self, jobs: Iterable[Any]) -> None:
         """Count ``jobs``, which the caller places itself (delayed, recovered), and register their ids."""
         jobs = list(jobs)
+        for job in jobs:
+            self._name_elsewhere(job)
         batch, repeated = _batch_ids(jobs)
         with self._lock:
             self._check_open()
