@@ -216,3 +216,27 @@ def test_a_job_unfinished_in_its_queue_is_refused_again_whether_or_not_its_id_wa
         q.start_dispatcher(1)
         assert q.join(WAIT)
         assert ran == ["twice"]
+
+
+# --- what a queue that never reads ids pays for them ------------------------------------------
+
+def test_jobs_whose_ids_nobody_reads_are_never_named_on_their_way_through_the_queue():
+    """Nothing on the per-job path (thread and async executors, the debug log off) reads ``job.id``:
+    no id is made or registered for a job nobody asks it of, and each leaves without one."""
+    ids_at_run = []
+
+    async def run_async(job):
+        ids_at_run.append(job._id)
+
+    with make_queue() as q:
+        q.register_executor("t", lambda job: ids_at_run.append(job._id))
+        q.register_executor("a", run_async)
+        q.start_dispatcher(2)
+        jobs = [q.enqueue(Job("t" if n % 2 else "a", n), block=True) for n in range(200)]
+        assert q.join(WAIT)
+        jobs += q.enqueue_many([Job("t", n) for n in range(50)])
+        assert q.join(WAIT)
+        assert len(ids_at_run) == 250
+        assert not any(job_id.__class__ is str for job_id in ids_at_run)  # (the queue's marker, unnamed)
+        assert all(job._id is None for job in jobs)
+        assert q.get_stats().jobs_succeeded == 250
