@@ -33,7 +33,7 @@ class Unnamed:
         current = any_core.first_id(job, job_id, self)
         if current.__class__ is str:
             return current  # type: ignore[no-any-return]
-        if current is None:  # (None from a core's end, or a copy's state)
+        if current is None:  # (its _id was put back to None meanwhile)
             current = any_core.first_id(job, job_id)
         return current if current.__class__ is str else current.name(job, job_id)  # queued again meanwhile
 
