@@ -111,9 +111,9 @@ _first_id_lock = threading.Lock()
 
 def first_id(job: Any, job_id: Any = None, unset: Any = None) -> Any:
     """``job._id``, set first to ``job_id`` (an id, or a queue's ``Unnamed``; None: a new id) when it
-    is ``unset``: one step, so threads
-    reading a job's first id at once all get the one made first (``Job.id``: "made on first use, then
-    fixed"). Returns the ``_id`` then: a str, or an ``Unnamed`` (the job was queued meanwhile)."""
+    is ``unset``: one step, so threads reading a job's first id at once all get the one made first
+    (``Job.id``: "made on first use, then fixed"). Returns the ``_id`` then: a str, or an ``Unnamed``
+    (the job was queued meanwhile)."""
     with _first_id_lock:
         current = job._id
         if current is unset:
