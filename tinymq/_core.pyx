@@ -61,7 +61,7 @@ cdef extern from *:
 
 __all__ = [
     "ReadyQueue", "DelayedHeap", "Alarm", "WorkerSlot", "TypeState",
-    "run_worker", "retry_delay", "new_job_id", "interrupt_thread", "monotonic",
+    "run_worker", "retry_delay", "new_job_id", "first_id", "interrupt_thread", "monotonic",
     "ENQUEUED", "SUCCEEDED", "FAILED", "RETRIED", "TIMED_OUT", "EVICTED", "CANCELLED",
     "THREADS", "LOOP", "CANCEL_UNKNOWN", "CANCEL_REMOVED", "CANCEL_MARKED", "CANCEL_LOST",
     "TYPE_EVENTS", "ATTEMPT_DURATION_BUCKETS",
@@ -234,6 +234,19 @@ if hasattr(os, "register_at_fork"):
 
 def new_job_id():
     """A random per-process prefix plus a counter: unique without urandom per job."""
+    return _new_job_id()
+
+
+def first_id(object job, object job_id=None, object unset=None):
+    """``job._id``, set first to ``job_id`` (or a new id) when it is ``unset``: one step (no Python
+    code runs), so threads reading a job's first id at once all get the one made first (see the pure twin)."""
+    current = job._id
+    if current is unset:
+        job._id = current = _new_job_id() if job_id is None else job_id
+    return current
+
+
+cdef object _new_job_id():
     global _id_counter
     cdef Py_ssize_t i
     cdef uint64_t value
@@ -956,6 +969,14 @@ cdef class ReadyQueue:
             job._id = self.unnamed
         return 0
 
+    cdef inline object _named_elsewhere(self, object job):
+        """``job._id``, once a job another queue accepted without an id is named there (see the pure twin)."""
+        raw = job._id
+        if raw is not None and raw is not self.unnamed and type(raw) is _UNNAMED:
+            raw.name(job)  # (Python code runs: before this queue's one step)
+            raw = job._id
+        return raw
+
     def name(self, object job, object unnamed, object job_id=None):
         """``job.id`` of a job accepted without one: registered as if it had it at enqueue (see the pure twin)."""
         if job_id is None:
@@ -968,8 +989,8 @@ cdef class ReadyQueue:
             self.ids[job_id] = job
             return job_id
         if current is None:  # finished meanwhile: named as a job that was never queued
-            job._id = current = job_id
-        elif type(current) is Unnamed:  # queued again, in another queue, meanwhile
+            current = first_id(job, job_id)
+        if type(current) is Unnamed:  # queued again, in another queue, meanwhile
             return current.name(job, job_id)
         return current
 
@@ -977,7 +998,7 @@ cdef class ReadyQueue:
         """Accept a new ready job; False, with no effect, when the buffer is full."""
         cdef object job_type = _type_of(job)
         cdef int level = _level_of(job)
-        cdef object raw = job._id
+        cdef object raw = self._named_elsewhere(job)
         cdef object job_id = _as_id(raw)
         self._check_open()
         if job_id is not None and job_id in self.ids:
@@ -994,7 +1015,7 @@ cdef class ReadyQueue:
         """Accept a new ready job, waiting for room like ``queue.Queue.put``; False on timeout."""
         cdef object job_type = _type_of(job)
         cdef int level = _level_of(job)
-        cdef object raw = job._id
+        cdef object raw = self._named_elsewhere(job)
         cdef object job_id = _as_id(raw)
         cdef double deadline = _deadline(timeout)
         cdef bint has_room
@@ -1026,6 +1047,8 @@ cdef class ReadyQueue:
         cdef list delayed = list(delayed_jobs)
         cdef list placed = [(job, _type_of(job), _level_of(job)) for job in ready]
         cdef dict batch
+        for job in ready + delayed:
+            self._named_elsewhere(job)
         batch, repeated = _batch_ids(ready + delayed)
         cdef int level
         self._check_open()
@@ -1043,6 +1066,8 @@ cdef class ReadyQueue:
         """Count ``jobs``, which the caller places itself (delayed, recovered), and register their ids."""
         cdef list accepted = list(jobs)
         cdef dict batch
+        for job in accepted:
+            self._named_elsewhere(job)
         batch, repeated = _batch_ids(accepted)
         self._check_open()
         self._check_unregistered(batch, repeated)
@@ -1347,6 +1372,9 @@ cdef class ReadyQueue:
     cdef bint _decide_end(self, object job) except -1:
         if self.marks and self._take_cancel(job):
             return True
+        if job._id is self.unnamed:  # never named: an id read from now on is not this queue's to
+            job._id = None  # register (a cancel of it loses, as one marked ENDING below does)
+            return False
         if self.ids:
             job_id = job._id
             if PyUnicode_CheckExact(job_id) and self.ids.get(job_id) is job:

@@ -20,7 +20,7 @@ GIL where this one takes ``self._lock``.
   sleeps until a deadline.
 - ``WorkerSlot`` and ``run_worker``: one worker's attempt, as the watchdog sees
   it, and the per-job loop.
-- ``retry_delay`` and ``new_job_id``.
+- ``retry_delay``, ``new_job_id`` and ``first_id``.
 
 To the core a job is any object with ``type`` (exactly a ``str``), ``priority``
 (0, 1 or 2: LOW, MEDIUM, HIGH) and ``_id`` (None, or exactly a ``str``). The
@@ -45,7 +45,7 @@ from .errors import DuplicateJob, JobTimeout, QueueStopped
 
 __all__ = [
     "ReadyQueue", "DelayedHeap", "Alarm", "WorkerSlot", "TypeState",
-    "run_worker", "retry_delay", "new_job_id", "interrupt_thread", "monotonic",
+    "run_worker", "retry_delay", "new_job_id", "first_id", "interrupt_thread", "monotonic",
     "ENQUEUED", "SUCCEEDED", "FAILED", "RETRIED", "TIMED_OUT", "EVICTED", "CANCELLED",
     "THREADS", "LOOP", "CANCEL_UNKNOWN", "CANCEL_REMOVED", "CANCEL_MARKED", "CANCEL_LOST",
     "TYPE_EVENTS", "ATTEMPT_DURATION_BUCKETS",
@@ -104,6 +104,21 @@ if hasattr(os, "register_at_fork"):
 def new_job_id() -> str:
     """A random per-process prefix plus a counter: unique without urandom per job."""
     return _id_prefix + format(next(_id_counter), "016x")  # fixed width: ids sort by creation
+
+
+_first_id_lock = threading.Lock()
+
+
+def first_id(job: Any, job_id: Any = None, unset: Any = None) -> Any:
+    """``job._id``, set first to ``job_id`` (an id, or a queue's ``Unnamed``; None: a new id) when it
+    is ``unset``: one step, so threads reading a job's first id at once all get the one made first
+    (``Job.id``: "made on first use, then fixed"). Returns the ``_id`` then: a str, or an ``Unnamed``
+    (the job was queued meanwhile)."""
+    with _first_id_lock:
+        current = job._id
+        if current is unset:
+            job._id = current = new_job_id() if job_id is None else job_id
+    return current
 
 
 # --- backoff ------------------------------------------------------------------
@@ -526,8 +541,9 @@ class ReadyQueue:
             self._ids.update(batch)
         if len(batch) < len(jobs):
             for job in jobs:
-                if _id_of(job) is None:
-                    job._id = self._unnamed
+                job_id = job._id
+                if job_id.__class__ is not str or batch.get(job_id) is not job:
+                    self._mark_unnamed(job)
 
     def _accept_one(self, job: Any, job_id: Optional[str]) -> None:
         self._unfinished += 1
@@ -535,7 +551,25 @@ class ReadyQueue:
         if job_id is not None:
             self._ids[job_id] = job
         else:
-            job._id = self._unnamed
+            self._mark_unnamed(job)
+
+    def _mark_unnamed(self, job: Any) -> None:
+        """Put this queue's ``Unnamed`` in an accepted job that was read without an id. Its id may have
+        been first read on another thread since (``first_id``, not under this lock): then that id is
+        the job's, registered as one given at enqueue. (The compiled core reads and writes in one step.)"""
+        job_id = job._id
+        if job_id.__class__ is not str:  # None, or an Unnamed: this queue's, or another's (replaced)
+            job_id = first_id(job, self._unnamed, job_id)
+        if job_id.__class__ is str and job_id not in self._ids:
+            self._ids[job_id] = job
+
+    def _name_elsewhere(self, job: Any) -> None:
+        """Before ``job`` is accepted: if another queue accepted it without an id and it is unfinished
+        there, it is named there first, so that each queue registers the id the job has (each finds it
+        by that id wherever it is; each end frees it in its own queue)."""
+        job_id = job._id
+        if job_id.__class__ is Unnamed and job_id is not self._unnamed:
+            job_id.name(job)
 
     def name(self, job: Any, unnamed: Unnamed, job_id: Optional[str] = None) -> str:
         """``job.id`` of a job accepted without one (its ``_id`` is ``unnamed``, this queue's): the id,
@@ -553,7 +587,7 @@ class ReadyQueue:
                 self._ids[job_id] = job
                 return job_id
             if current is None:  # finished meanwhile: named as a job that was never queued
-                job._id = current = job_id
+                current = first_id(job, job_id)
         if type(current) is Unnamed:  # queued again, in another queue, meanwhile
             return current.name(job, job_id)  # type: ignore[no-any-return]
         return current  # type: ignore[no-any-return]  # named meanwhile
@@ -561,6 +595,7 @@ class ReadyQueue:
     def push(self, job: Any) -> bool:
         """Accept a new ready job; False, with no effect, when the buffer is full."""
         job_type, level = _ready_fields(job)
+        self._name_elsewhere(job)
         job_id = _id_of(job)
         with self._lock:
             self._check_open()
@@ -576,6 +611,7 @@ class ReadyQueue:
     def put(self, job: Any, timeout: Optional[float] = None) -> bool:
         """Accept a new ready job, waiting for room like ``queue.Queue.put``; False on timeout."""
         job_type, level = _ready_fields(job)
+        self._name_elsewhere(job)
         job_id = _id_of(job)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
@@ -605,6 +641,8 @@ class ReadyQueue:
         """
         ready_jobs, delayed_jobs = list(ready_jobs), list(delayed_jobs)
         placed = [(job, *_ready_fields(job)) for job in ready_jobs]
+        for job in ready_jobs + delayed_jobs:
+            self._name_elsewhere(job)
         batch, repeated = _batch_ids(ready_jobs + delayed_jobs)
         with self._lock:
             self._check_open()
@@ -620,6 +658,8 @@ class ReadyQueue:
     def accept(self, jobs: Iterable[Any]) -> None:
         """Count ``jobs``, which the caller places itself (delayed, recovered), and register their ids."""
         jobs = list(jobs)
+        for job in jobs:
+            self._name_elsewhere(job)
         batch, repeated = _batch_ids(jobs)
         with self._lock:
             self._check_open()
@@ -907,6 +947,9 @@ class ReadyQueue:
     def _decide_end(self, job: Any) -> bool:
         if self._marks and self._take_cancel(job):
             return True
+        if job._id is self._unnamed:  # never named: an id read from now on is not this queue's to
+            job._id = None  # register (a cancel of it loses, as one marked _ENDING below does)
+            return False
         if self._ids:
             job_id = job._id
             if type(job_id) is str and self._ids.get(job_id) is job:

@@ -10,6 +10,7 @@ from enum import IntEnum
 from typing import Any, Dict, Mapping, Optional, Union
 
 from ._pick_core import core
+from ._unnamed import Unnamed
 from .config import RetryConfig, _seconds
 
 __all__ = [
@@ -87,6 +88,18 @@ def _as_retry_config(retry_config: object) -> RetryConfig:
     return retry_config
 
 
+def _unmarked(state: Any, nested: bool = False) -> Any:
+    """A job's copy state without its queue's ``Unnamed``: itself, in a dict of attributes, or in a
+    tuple of those (``object``'s ``(__dict__, slots)``)."""
+    if state.__class__ is Unnamed:
+        return None
+    if state.__class__ is tuple and not nested:
+        return tuple([_unmarked(part, True) for part in state])
+    if isinstance(state, dict) and any(value.__class__ is Unnamed for value in state.values()):
+        return {name: None if value.__class__ is Unnamed else value for name, value in state.items()}
+    return state
+
+
 def _validate(job: "Job") -> float:
     """Check (and normalise) every attribute the queue relies on, however it was set; returns run_at.
 
@@ -146,9 +159,10 @@ class Job:
         job_id = self._id
         if job_id.__class__ is str:
             return job_id  # type: ignore[no-any-return]
-        if job_id is None:
-            job_id = self._id = core.new_job_id()
-            return job_id
+        if job_id is None:  # (made in one step: threads reading it at once get one id)
+            job_id = core.first_id(self)
+            if job_id.__class__ is str:
+                return job_id  # type: ignore[no-any-return]
         return job_id.name(self)  # type: ignore[no-any-return]  # queued without one: see _unnamed
 
     @id.setter
@@ -157,8 +171,7 @@ class Job:
             raise ValueError(f"id must be a non-empty str, got {value!r}")
         job_id = self._id
         if job_id is None:
-            self._id = value
-            return
+            job_id = core.first_id(self, value)
         if job_id.__class__ is not str:  # queued without an id: named in its queue (DuplicateJob if taken)
             job_id = job_id.name(self, value)
         if job_id != value:
@@ -168,14 +181,12 @@ class Job:
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # A copy (or a pickle) is a new job: the id its queue would make for this one is not its.
+        # (A deep copy or a pickle of the marker itself is None; a shallow copy keeps the state's
+        # values, whatever shape a subclass's __getstate__ gives it.)
         reduced = super().__reduce_ex__(protocol)
-        job_id = self._id
-        if job_id is None or job_id.__class__ is str or not isinstance(reduced, tuple) or len(reduced) < 3:
+        if not isinstance(reduced, tuple) or len(reduced) < 3:
             return reduced
-        state = reduced[2]
-        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict) and "_id" in state[1]:
-            state = (state[0], {**state[1], "_id": None})
-        return (*reduced[:2], state, *reduced[3:])
+        return (*reduced[:2], _unmarked(reduced[2]), *reduced[3:])
 
     @property
     def tags(self) -> Dict[str, str]:
