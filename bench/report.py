@@ -528,7 +528,8 @@ def markdown(benches: List[Bench], machine: Dict[str, Any], commands: List[str],
         "operations in it (push+pop pairs, pushes, jobs).",
         "- Core push+pop: one push then one pop per pair, 10,000 pairs per round, through the "
         "core's fastest public path (`push`, `pop`, `release(type)`, the type registered as a "
-        "running queue has it); baselines use `put`/`get`, `heappush`/`heappop` each under a "
+        "running queue has it), each pair with a new job, as enqueue gets (a job the queue holds "
+        "unfinished is refused); baselines use `put`/`get`, `heappush`/`heappop` each under a "
         "`Lock`, and `append`/`popleft`.",
         "- Delayed heap: 1,000,000 pushes at random run_at; the pop case drains the filled heap with "
         "1,000 `pop_due(now)` calls (the scheduler's pattern); the baseline pops `(run_at, seq, job)` "

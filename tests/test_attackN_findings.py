@@ -196,10 +196,8 @@ def test_a_job_queued_in_two_queues_without_an_id_is_registered_in_both_when_nam
     second_queue.task_done(job)
     assert not second_queue.has_id(job_id) and first_queue.unfinished == second_queue.unfinished == 0
 
-# --- the same unfinished Job object enqueued again (NOT FIXED: a decision for the core's contract) ---
+# --- the same unfinished Job object enqueued again ---
 
-@pytest.mark.xfail(strict=True, reason="attackN #4, not fixed: the core accepts a job unfinished in it again "
-                                       "when it has no id yet (its bench pushes one job again and again)")
 def test_a_job_unfinished_in_its_queue_is_refused_again_whether_or_not_its_id_was_read():
     """Once its id is read, enqueuing the unfinished job again raises DuplicateJob; before, it is
     accepted a second time. Then the first end frees the id while the job is still queued: a new job

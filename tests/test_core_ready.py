@@ -413,9 +413,11 @@ def test_jobs_are_not_leaked_or_freed_early(core):
         q.release("a")
         assert q.pop(timeout=0) is job
         q.release("a")
+        q.task_done(job)  # finished: it may be pushed again
         assert q.push_many([job])
         assert q.pop_with_type(timeout=0)[0] is job
         q.release("a")
+        q.task_done(job)
     assert sys.getrefcount(job) == before
 
 

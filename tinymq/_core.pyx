@@ -671,6 +671,11 @@ cdef object _duplicate(object job_id):
     return DuplicateJob(f"a job with id {job_id!r} is already queued and unfinished")
 
 
+cdef object _queued_again(object job):
+    return DuplicateJob(f"this {job.type!r} job is already queued and unfinished (a Job is enqueued "
+                        "once: make a new Job to run the same work again)")
+
+
 cdef tuple _batch_ids(list jobs):
     """``{id: job}`` for the jobs that have an id (None when none has), and an id
     repeated within ``jobs`` (None when none is)."""
@@ -970,9 +975,12 @@ cdef class ReadyQueue:
         return 0
 
     cdef inline object _named_elsewhere(self, object job):
-        """``job._id``, once a job another queue accepted without an id is named there (see the pure twin)."""
+        """``job._id``, once a job another queue accepted without an id is named there; DuplicateJob for
+        one this queue holds unfinished already (see the pure twin)."""
         raw = job._id
-        if raw is not None and raw is not self.unnamed and type(raw) is _UNNAMED:
+        if raw is not None and type(raw) is _UNNAMED:
+            if raw is self.unnamed:
+                raise _queued_again(job)
             raw.name(job)  # (Python code runs: before this queue's one step)
             raw = job._id
         return raw

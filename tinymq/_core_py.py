@@ -281,6 +281,11 @@ def _duplicate(job_id: str) -> DuplicateJob:
     return DuplicateJob(f"a job with id {job_id!r} is already queued and unfinished")
 
 
+def _queued_again(job: Any) -> DuplicateJob:
+    return DuplicateJob(f"this {job.type!r} job is already queued and unfinished (a Job is enqueued "
+                        "once: make a new Job to run the same work again)")
+
+
 def _batch_ids(jobs: List[Any]) -> Tuple[Dict[str, Any], Optional[str]]:
     """``{id: job}`` for the jobs that have an id, and an id repeated within ``jobs`` (or None)."""
     batch: Dict[str, Any] = {}
@@ -566,9 +571,12 @@ class ReadyQueue:
     def _name_elsewhere(self, job: Any) -> None:
         """Before ``job`` is accepted: if another queue accepted it without an id and it is unfinished
         there, it is named there first, so that each queue registers the id the job has (each finds it
-        by that id wherever it is; each end frees it in its own queue)."""
+        by that id wherever it is; each end frees it in its own queue). A job this queue accepted
+        without an id and holds unfinished is refused (DuplicateJob), as it is once its id was read."""
         job_id = job._id
-        if job_id.__class__ is Unnamed and job_id is not self._unnamed:
+        if job_id.__class__ is Unnamed:
+            if job_id is self._unnamed:
+                raise _queued_again(job)
             job_id.name(job)
 
     def name(self, job: Any, unnamed: Unnamed, job_id: Optional[str] = None) -> str:
