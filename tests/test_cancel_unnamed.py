@@ -18,9 +18,9 @@ import threading
 
 import pytest
 
-from tinymq import DuplicateJob, Job, Priority, RetryConfig
+from tinymq import DuplicateJob, Job, PermanentFailure, Priority, RetryConfig
 
-from _helpers import WAIT, Recorder, make_queue, record_failures
+from _helpers import WAIT, Recorder, make_queue, record_failures, wait_until
 
 from test_cancel_in_transit import hold_at_retry  # noqa: F401 (a fixture)
 from test_core_run_worker import configure
@@ -271,3 +271,35 @@ def test_a_cancel_returns_false_only_for_a_job_that_has_started(kind):
         stats = q.get_stats()
         assert stats.jobs_cancelled == len(reported)
         assert stats.jobs_succeeded + stats.jobs_cancelled == len(outcomes)
+
+
+def test_a_job_enqueued_again_from_its_failure_callback_is_cancelled_by_the_id_read_later():
+    """Its first end was decided before the callback (no id registered for it then), and done after
+    it: the job waiting again has no id its queue knows, and is found where it rests."""
+    again = []
+    attempts = Recorder()
+
+    def fail(job):
+        attempts.add(job)
+        raise PermanentFailure("not now")
+
+    with make_queue() as q:
+        failures = record_failures(q)
+
+        def enqueue_again(job, reason, exc):
+            if not again:
+                again.append(q.enqueue_delayed(job, 60.0))
+
+        q.on_failure(enqueue_again)
+        q.register_executor("t", fail)
+        job = q.enqueue(Job("t"))
+        q.start_dispatcher(1)
+        # (its first end done: the callback returned, the job waits again)
+        assert wait_until(lambda: q.get_stats().delayed_jobs_count == 1 and q._ready.unfinished == 1)
+        assert again == [job]
+        assert q.cancel(job.id) is True
+        assert q.join(WAIT)
+        assert failures.snapshot() == [(job, "permanent_failure", failures.snapshot()[0][2]),
+                                       (job, "cancelled", None)]
+        assert attempts.snapshot() == [job]
+        assert q.cancel(job.id) is False

@@ -161,10 +161,6 @@ class Dispatcher:
         # return awaitables
         self._registered: Dict[str, Tuple[Callable[..., Any], ExecutorConfig, bool]] = {}
         self._awaiting: Dict[Any, "concurrent.futures.Future[Any]"] = {}  # guarded by _lock: see returned()
-        # Guarded by _lock: jobs whose retry is being saved (in no structure meanwhile), by id, and
-        # those of them that cancel() took: the scheduling thread reports them once its save is done.
-        self._retrying: Dict[str, Any] = {}
-        self._retry_cancelled: Set[Any] = set()
         self.loop_runner: Optional[LoopRunner] = None  # async executors' loop, made by start()
         _live.add(self)
         _register_exit_hook()
@@ -705,7 +701,9 @@ class Dispatcher:
         self.fail(job, "cancelled", None, core.CANCELLED)
 
     def _cancel_unregistered(self, job_id: str) -> bool:
-        """``cancel`` of a job the core knows by no id (it had none at enqueue): looked for in every place."""
+        """``cancel`` of a job the core knows by no id, looked for in every place: a job read without an
+        id when its queue's end of it was decided (enqueued again from its failure callback), and
+        named since. (Every other job has its id registered: given, or made through Job.id.)"""
         job, running = self.ready.remove(job_id), False
         if job is None:
             job, running = self._take_out(job_id)
@@ -719,15 +717,7 @@ class Dispatcher:
         if job is not None:
             self.end_cancelled(job, running)
             return True
-        with self._lock:
-            job = self._retrying.get(job_id)
-        if job is not None and self.ready.registered(job):
-            return self.cancel(job_id)  # enqueued with this id after it was found free: marked as such
-        with self._lock:
-            if job is None or self._retrying.get(job_id) is not job or job in self._retry_cancelled:
-                return False
-            self._retry_cancelled.add(job)  # between attempts, its retry being saved
-        return True  # the thread saving its retry reports it, after the save
+        return False
 
     def _cancel_thread_attempt(self, job_id: str, only: Any = None) -> Any:
         """Decide a worker's running attempt of ``job_id`` (``only``: of that job) as cancelled;
@@ -809,19 +799,8 @@ class Dispatcher:
                 ledger.retry(job, delay)
                 self.ready.task_done(job)
                 return
-            if self.store is not None:
-                with self._lock:
-                    self._retrying[job._id] = job  # cancel() finds it here while it is saved
-                try:
-                    self.call_store("save", self.store.save, job)
-                finally:
-                    with self._lock:
-                        del self._retrying[job._id]
-                        cancelled = job in self._retry_cancelled
-                        self._retry_cancelled.discard(job)
-                if cancelled:  # after the save: the delete that ends it comes last
-                    self.fail(job, "cancelled", None, core.CANCELLED)
-                    return
+            if self.store is not None:  # (a cancel meanwhile marks it: the move below ends it, after the save)
+                self.call_store("save", self.store.save, job)
             if delay <= 0.0:
                 self.make_ready(job)
             else:
