@@ -964,13 +964,12 @@ cdef class ReadyQueue:
                     job._id = self.unnamed
         return 0
 
-    cdef inline int _accept_one(self, object job, object job_id, object raw) except -1:
-        # raw: job._id as read, job_id: _as_id(raw)
+    cdef inline int _accept_one(self, object job, object job_id) except -1:
         self._unfinished += 1
         self._counters[C_ENQUEUED] += 1
         if job_id is not None:
             self.ids[job_id] = job
-        elif raw is not self.unnamed:  # (a job enqueued again while unfinished has it already)
+        else:
             job._id = self.unnamed
         return 0
 
@@ -988,7 +987,7 @@ cdef class ReadyQueue:
     def name(self, object job, object unnamed, object job_id=None):
         """``job.id`` of a job accepted without one: registered as if it had it at enqueue (see the pure twin)."""
         if job_id is None:
-            job_id = new_job_id()
+            job_id = _new_job_id()
         current = job._id
         if current is unnamed:  # no Python code ran since the read: one step with every move of the job
             if job_id in self.ids:
@@ -998,7 +997,7 @@ cdef class ReadyQueue:
             return job_id
         if current is None:  # finished meanwhile: named as a job that was never queued
             current = first_id(job, job_id)
-        if type(current) is Unnamed:  # queued again, in another queue, meanwhile
+        if type(current) is _UNNAMED:  # queued again, in another queue, meanwhile
             return current.name(job, job_id)
         return current
 
@@ -1006,15 +1005,14 @@ cdef class ReadyQueue:
         """Accept a new ready job; False, with no effect, when the buffer is full."""
         cdef object job_type = _type_of(job)
         cdef int level = _level_of(job)
-        cdef object raw = self._named_elsewhere(job)
-        cdef object job_id = _as_id(raw)
+        cdef object job_id = _as_id(self._named_elsewhere(job))
         self._check_open()
         if job_id is not None and job_id in self.ids:
             raise _duplicate(job_id)
         if self.size >= self.capacity:
             return False
         self._append(job, job_type, level)
-        self._accept_one(job, job_id, raw)
+        self._accept_one(job, job_id)
         if self.getters or self.loop_idle:
             self._hand_off()
         return True
@@ -1023,8 +1021,7 @@ cdef class ReadyQueue:
         """Accept a new ready job, waiting for room like ``queue.Queue.put``; False on timeout."""
         cdef object job_type = _type_of(job)
         cdef int level = _level_of(job)
-        cdef object raw = self._named_elsewhere(job)
-        cdef object job_id = _as_id(raw)
+        cdef object job_id = _as_id(self._named_elsewhere(job))
         cdef double deadline = _deadline(timeout)
         cdef bint has_room
         while True:
@@ -1040,7 +1037,7 @@ cdef class ReadyQueue:
                 return False
             _wait(self.putters, deadline)
         self._append(job, job_type, level)
-        self._accept_one(job, job_id, raw)
+        self._accept_one(job, job_id)
         if self.getters or self.loop_idle:
             self._hand_off()
         return True
@@ -1054,10 +1051,11 @@ cdef class ReadyQueue:
         cdef list ready = list(ready_jobs)
         cdef list delayed = list(delayed_jobs)
         cdef list placed = [(job, _type_of(job), _level_of(job)) for job in ready]
+        cdef list accepted = ready + delayed
         cdef dict batch
-        for job in ready + delayed:
+        for job in accepted:
             self._named_elsewhere(job)
-        batch, repeated = _batch_ids(ready + delayed)
+        batch, repeated = _batch_ids(accepted)
         cdef int level
         self._check_open()
         self._check_unregistered(batch, repeated)
@@ -1065,7 +1063,7 @@ cdef class ReadyQueue:
             return False
         for job, job_type, level in placed:
             self._append(job, job_type, level)
-        self._accept(ready + delayed, batch)
+        self._accept(accepted, batch)
         if self.getters or self.loop_idle:
             self._hand_off()
         return True
@@ -1380,13 +1378,12 @@ cdef class ReadyQueue:
     cdef bint _decide_end(self, object job) except -1:
         if self.marks and self._take_cancel(job):
             return True
-        if job._id is self.unnamed:  # never named: an id read from now on is not this queue's to
+        job_id = job._id
+        if job_id is self.unnamed:  # never named: an id read from now on is not this queue's to
             job._id = None  # register (a cancel of it loses, as one marked ENDING below does)
             return False
-        if self.ids:
-            job_id = job._id
-            if PyUnicode_CheckExact(job_id) and self.ids.get(job_id) is job:
-                self.marks[job_id] = ENDING
+        if self.ids and PyUnicode_CheckExact(job_id) and self.ids.get(job_id) is job:
+            self.marks[job_id] = ENDING
         return False
 
     def release(self, job_type):

@@ -649,9 +649,10 @@ class ReadyQueue:
         """
         ready_jobs, delayed_jobs = list(ready_jobs), list(delayed_jobs)
         placed = [(job, *_ready_fields(job)) for job in ready_jobs]
-        for job in ready_jobs + delayed_jobs:
+        accepted = ready_jobs + delayed_jobs
+        for job in accepted:
             self._name_elsewhere(job)
-        batch, repeated = _batch_ids(ready_jobs + delayed_jobs)
+        batch, repeated = _batch_ids(accepted)
         with self._lock:
             self._check_open()
             self._check_unregistered(batch, repeated)
@@ -659,7 +660,7 @@ class ReadyQueue:
                 return False
             for job, job_type, level in placed:
                 self._append(job, job_type, level)
-            self._accept(ready_jobs + delayed_jobs, batch)
+            self._accept(accepted, batch)
             self._hand_off()
             return True
 
@@ -955,13 +956,12 @@ class ReadyQueue:
     def _decide_end(self, job: Any) -> bool:
         if self._marks and self._take_cancel(job):
             return True
-        if job._id is self._unnamed:  # never named: an id read from now on is not this queue's to
+        job_id = job._id
+        if job_id is self._unnamed:  # never named: an id read from now on is not this queue's to
             job._id = None  # register (a cancel of it loses, as one marked _ENDING below does)
             return False
-        if self._ids:
-            job_id = job._id
-            if type(job_id) is str and self._ids.get(job_id) is job:
-                self._marks[job_id] = _ENDING
+        if self._ids and type(job_id) is str and self._ids.get(job_id) is job:
+            self._marks[job_id] = _ENDING
         return False
 
     def release(self, job_type: str) -> None:

@@ -30,12 +30,8 @@ class Unnamed:
             return core.name(job, self, job_id)  # type: ignore[no-any-return]
         from ._pick_core import core as any_core  # the queue is gone: so is the job from it
 
-        current = any_core.first_id(job, job_id, self)
-        if current.__class__ is str:
-            return current  # type: ignore[no-any-return]
-        if current is None:  # (its _id was put back to None meanwhile)
-            current = any_core.first_id(job, job_id)
-        return current if current.__class__ is str else current.name(job, job_id)  # queued again meanwhile
+        any_core.first_id(job, job_id, self)  # unless another thread named it, or queued it again, first
+        return job.id  # type: ignore[no-any-return]
 
     def __reduce__(self) -> Any:
         return type(None), ()  # a copy or a pickle of a queued job is a new job: it has no id

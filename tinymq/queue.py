@@ -243,10 +243,9 @@ class Queue:
         return self._enqueue_slow(job, run_at, block, timeout)
 
     def _enqueue_slow(self, job: Job, run_at: float, block: bool, wait: Optional[float]) -> Job:
-        job_id = job._id if self._store is not None else None
-        if job_id.__class__ is not str:  # None, or not made yet (queued in another queue): the save makes it
-            job_id = None
-        if job_id is None:  # no store (the core refuses duplicates), or an id the save makes: unique
+        job_id = job._id
+        if self._store is None or job_id.__class__ is not str:
+            # No store (the core refuses duplicates), or an id the save makes (unique).
             return self._save_and_place(job, run_at, block, wait)
         self._claim([job_id])
         try:
