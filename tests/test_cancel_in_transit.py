@@ -153,6 +153,15 @@ def test_a_job_cancelled_between_its_return_and_its_success_ends_cancelled(core,
 
 # --- the Queue: each window held open ---------------------------------------------------------
 
+# A job given its id, or one enqueued without an id whose id is first read after enqueue (by the
+# cancel, in the window): its queue registers it as it is made (see test_cancel_unnamed.py).
+ID_SOURCES = ["given", "read_after_enqueue"]
+
+
+def new_job(id_source, job_type, job_id, **fields):
+    return Job(job_type, id=job_id if id_source == "given" else None, **fields)
+
+
 class HoldAtLog(logging.Handler):
     """Blocks the thread that logs a record containing ``text`` until released."""
 
@@ -184,15 +193,16 @@ def hold_at_retry():
         logger.setLevel(level)
 
 
+@pytest.mark.parametrize("id_source", ID_SOURCES)
 @pytest.mark.parametrize("backend", STORES)
 @pytest.mark.parametrize("kind", ["thread", "async"])
 @pytest.mark.parametrize("backoff", [0.0, 60.0], ids=["retry_now", "retry_later"])
 def test_a_job_cancelled_while_its_failed_attempt_becomes_a_retry_is_never_run_again(
-        backend, kind, backoff, tmp_path, hold_at_retry):
+        backend, kind, backoff, id_source, tmp_path, hold_at_retry):
     attempts = Recorder()
 
     def fail(job):
-        attempts.add(job.id)
+        attempts.add(job)
         raise RuntimeError("again")
 
     async def fail_async(job):
@@ -202,14 +212,15 @@ def test_a_job_cancelled_while_its_failed_attempt_becomes_a_retry_is_never_run_a
         failures = record_failures(q, key=lambda job: job.id)
         q.register_executor("t", fail if kind == "thread" else fail_async)
         q.start_dispatcher(workers=2)
-        q.enqueue(Job("t", id="retried", retry_config=RetryConfig(max_retries=5, initial_delay=backoff)))
+        job = q.enqueue(new_job(id_source, "t", "retried",
+                                retry_config=RetryConfig(max_retries=5, initial_delay=backoff)))
         assert hold_at_retry.reached.wait(WAIT), "the retry was never scheduled"
-        assert q.cancel("retried") is True  # in no place: counted as retried, not yet placed
-        assert q.cancel("retried") is False
+        assert q.cancel(job.id) is True  # in no place: counted as retried, not yet placed
+        assert q.cancel(job.id) is False
         hold_at_retry.go_on.set()
         assert q.join(WAIT), "the cancelled retry was not ended (a 60 s backoff must not delay it)"
-        assert failures.snapshot() == [("retried", "cancelled", None)]
-        assert attempts.snapshot() == ["retried"]
+        assert failures.snapshot() == [(job.id, "cancelled", None)]
+        assert attempts.snapshot() == [job]
         stats = q.get_stats()
         assert (stats.jobs_cancelled, stats.jobs_failed, stats.jobs_retried) == (1, 0, 1)
         assert stats.delayed_jobs_count == 0
@@ -217,12 +228,13 @@ def test_a_job_cancelled_while_its_failed_attempt_becomes_a_retry_is_never_run_a
             assert [job.id for job in q.store.jobs()] == []
 
 
+@pytest.mark.parametrize("id_source", ID_SOURCES)
 @pytest.mark.parametrize("backend", STORES)
-def test_a_job_cancelled_between_the_ready_buffer_and_its_worker_never_runs(backend, tmp_path):
+def test_a_job_cancelled_between_the_ready_buffer_and_its_worker_never_runs(backend, id_source, tmp_path):
     ran = Recorder()
     with queue_with_store(backend, tmp_path) as q:
         failures = record_failures(q, key=lambda job: job.id)
-        q.register_executor("t", lambda job, ctx: ran.add(job.id))
+        q.register_executor("t", lambda job, ctx: ran.add(job))
         dispatcher = q._dispatcher
         new_context = dispatcher.new_context
         popped, go_on = threading.Event(), threading.Event()
@@ -233,18 +245,20 @@ def test_a_job_cancelled_between_the_ready_buffer_and_its_worker_never_runs(back
             return new_context(job, deadline)
 
         dispatcher.new_context = held_new_context
-        q.enqueue(Job("t", id="handed-over"))
+        job = q.enqueue(new_job(id_source, "t", "handed-over"))
         q.start_dispatcher(workers=1)
         assert popped.wait(WAIT)
-        assert q.cancel("handed-over") is True
+        assert q.cancel(job.id) is True
+        assert q.cancel(job.id) is False
         go_on.set()
         assert q.join(WAIT)
         assert ran.snapshot() == []
-        assert failures.snapshot() == [("handed-over", "cancelled", None)]
+        assert failures.snapshot() == [(job.id, "cancelled", None)]
         assert q.get_stats().jobs_cancelled == 1
 
 
-def test_an_async_job_cancelled_in_the_loops_hand_over_never_runs():
+@pytest.mark.parametrize("id_source", ID_SOURCES)
+def test_an_async_job_cancelled_in_the_loops_hand_over_never_runs(id_source):
     """Two jobs taken by the loop in one batch: while the first blocks the loop, the second
     waits in the loop's hand-over line (no attempt of it is registered yet)."""
     started, release = threading.Event(), threading.Event()
@@ -255,32 +269,33 @@ def test_an_async_job_cancelled_in_the_loops_hand_over_never_runs():
         release.wait(WAIT)  # blocks the loop thread on purpose: nothing else runs on it
 
     async def second(job):
-        ran.add(job.id)
+        ran.add(job)
 
     with make_queue() as q:
         failures = record_failures(q, key=lambda job: job.id)
         q.register_executor("block", blocking)
         q.register_executor("a", second)
         q.enqueue(Job("block", priority=Priority.HIGH))
-        q.enqueue(Job("a", id="in-hand-over", priority=Priority.LOW))
+        job = q.enqueue(new_job(id_source, "a", "in-hand-over", priority=Priority.LOW))
         q.start_dispatcher(workers=1)  # the loop takes both at once
         try:
             assert started.wait(WAIT)
             assert q.get_stats().low_queue_size == 0  # out of the core: in the loop's hand
-            assert q.cancel("in-hand-over") is True
+            assert q.cancel(job.id) is True
         finally:
             release.set()
         assert q.join(WAIT)
         assert ran.snapshot() == []
-        assert failures.snapshot() == [("in-hand-over", "cancelled", None)]
+        assert failures.snapshot() == [(job.id, "cancelled", None)]
 
 
+@pytest.mark.parametrize("id_source", ID_SOURCES)
 @pytest.mark.parametrize("backend", STORES)
-def test_a_delayed_job_cancelled_between_its_heap_and_the_ready_buffer_never_runs(backend, tmp_path):
+def test_a_delayed_job_cancelled_between_its_heap_and_the_ready_buffer_never_runs(backend, id_source, tmp_path):
     ran = Recorder()
     with queue_with_store(backend, tmp_path) as q:
         failures = record_failures(q, key=lambda job: job.id)
-        q.register_executor("t", lambda job: ran.add(job.id))
+        q.register_executor("t", lambda job: ran.add(job))
         dispatcher = q._dispatcher
         make_ready = dispatcher.make_ready
         due, go_on = threading.Event(), threading.Event()
@@ -292,13 +307,13 @@ def test_a_delayed_job_cancelled_between_its_heap_and_the_ready_buffer_never_run
 
         dispatcher.make_ready = held_make_ready
         q.start_dispatcher(workers=1)
-        q.enqueue_delayed(Job("t", id="due"), 0.3)  # not due yet when enqueue (a store save) is done
+        job = q.enqueue_delayed(new_job(id_source, "t", "due"), 0.3)  # not due yet when enqueue (a store save) is done
         assert due.wait(WAIT)
         assert q.get_stats().delayed_jobs_count == 0
-        assert q.cancel("due") is True
+        assert q.cancel(job.id) is True
         go_on.set()
         assert q.join(WAIT)
-        assert ran.snapshot() == [] and failures.snapshot() == [("due", "cancelled", None)]
+        assert ran.snapshot() == [] and failures.snapshot() == [(job.id, "cancelled", None)]
 
 
 class HeldDeletes:

@@ -7,8 +7,9 @@ yet started; a retry being placed; a due job leaving the delayed heap), which
 then ran: "False when no unfinished job has that id" was not true. Now the core
 puts its ``Unnamed`` in such a job's ``_id`` when it accepts it, and ``job.id``
 makes the id and registers it with the core in one step; the job is then found
-wherever it is, like one given its id. These tests hold each window open (as
-test_cancel_in_transit.py does for given ids) and check the core's side on both cores.
+wherever it is, like one given its id. The windows themselves are held open in
+test_cancel_in_transit.py (id_source "read_after_enqueue"); these tests check the
+core's side on both cores, and what a user sees around it.
 """
 import copy
 import gc
@@ -18,11 +19,10 @@ import threading
 
 import pytest
 
-from tinymq import DuplicateJob, Job, PermanentFailure, Priority, RetryConfig
+from tinymq import DuplicateJob, Job, PermanentFailure
 
 from _helpers import WAIT, Recorder, make_queue, record_failures, wait_until
 
-from test_cancel_in_transit import hold_at_retry  # noqa: F401 (a fixture)
 from test_core_run_worker import configure
 
 
@@ -132,113 +132,9 @@ def test_naming_jobs_while_workers_finish_them_leaves_no_id_behind(core):
     assert [job.id for job in jobs] == [job.id for job in jobs]  # each id fixed once made
 
 
-# --- the Queue: each window held open, the id read after enqueue ------------------------------
-
-def test_a_job_cancelled_between_the_ready_buffer_and_its_worker_never_runs():
-    ran = Recorder()
-    with make_queue() as q:
-        failures = record_failures(q)
-        q.register_executor("t", lambda job, ctx: ran.add(job))
-        dispatcher = q._dispatcher
-        new_context = dispatcher.new_context
-        popped, go_on = threading.Event(), threading.Event()
-
-        def held_new_context(job, deadline):  # called by the worker after the pop, before the start
-            popped.set()
-            assert go_on.wait(WAIT)
-            return new_context(job, deadline)
-
-        dispatcher.new_context = held_new_context
-        job = q.enqueue(Job("t"))
-        q.start_dispatcher(workers=1)
-        assert popped.wait(WAIT)
-        assert q.cancel(job.id) is True
-        assert q.cancel(job.id) is False
-        go_on.set()
-        assert q.join(WAIT)
-        assert ran.snapshot() == []
-        assert failures.snapshot() == [(job, "cancelled", None)]
-        assert q.get_stats().jobs_cancelled == 1
-
-
-@pytest.mark.parametrize("kind", ["thread", "async"])
-def test_a_job_cancelled_while_its_failed_attempt_becomes_a_retry_is_never_run_again(kind, hold_at_retry):  # noqa: F811
-    attempts = Recorder()
-
-    def fail(job):
-        attempts.add(job)
-        raise RuntimeError("again")
-
-    async def fail_async(job):
-        fail(job)
-
-    with make_queue() as q:
-        failures = record_failures(q)
-        q.register_executor("t", fail if kind == "thread" else fail_async)
-        q.start_dispatcher(workers=2)
-        job = q.enqueue(Job("t", retry_config=RetryConfig(max_retries=5, initial_delay=60.0)))
-        assert hold_at_retry.reached.wait(WAIT), "the retry was never scheduled"
-        assert q.cancel(job.id) is True  # in no place: counted as retried, not yet placed
-        hold_at_retry.go_on.set()
-        assert q.join(WAIT), "the cancelled retry was not ended (a 60 s backoff must not delay it)"
-        assert failures.snapshot() == [(job, "cancelled", None)]
-        assert attempts.snapshot() == [job]
-        assert q.get_stats().delayed_jobs_count == 0
-
-
-def test_a_delayed_job_cancelled_between_its_heap_and_the_ready_buffer_never_runs():
-    ran = Recorder()
-    with make_queue() as q:
-        failures = record_failures(q)
-        q.register_executor("t", lambda job: ran.add(job))
-        dispatcher = q._dispatcher
-        make_ready = dispatcher.make_ready
-        due, go_on = threading.Event(), threading.Event()
-
-        def held_make_ready(job):  # the scheduler took it out of the heap: on its way to the buffer
-            due.set()
-            assert go_on.wait(WAIT)
-            make_ready(job)
-
-        dispatcher.make_ready = held_make_ready
-        q.start_dispatcher(workers=1)
-        job = q.enqueue_delayed(Job("t"), 0.05)
-        assert due.wait(WAIT)
-        assert q.get_stats().delayed_jobs_count == 0
-        assert q.cancel(job.id) is True
-        go_on.set()
-        assert q.join(WAIT)
-        assert ran.snapshot() == [] and failures.snapshot() == [(job, "cancelled", None)]
-
-
-def test_an_async_job_cancelled_in_the_loops_hand_over_never_runs():
-    started, release = threading.Event(), threading.Event()
-    ran = Recorder()
-
-    async def blocking(job):
-        started.set()
-        release.wait(WAIT)  # blocks the loop thread on purpose: nothing else runs on it
-
-    async def second(job):
-        ran.add(job)
-
-    with make_queue() as q:
-        failures = record_failures(q)
-        q.register_executor("block", blocking)
-        q.register_executor("a", second)
-        q.enqueue(Job("block", priority=Priority.HIGH))
-        job = q.enqueue(Job("a", priority=Priority.LOW))
-        q.start_dispatcher(workers=1)  # the loop takes both at once
-        try:
-            assert started.wait(WAIT)
-            assert q.get_stats().low_queue_size == 0  # out of the core: in the loop's hand
-            assert q.cancel(job.id) is True
-        finally:
-            release.set()
-        assert q.join(WAIT)
-        assert ran.snapshot() == []
-        assert failures.snapshot() == [(job, "cancelled", None)]
-
+# --- the Queue ---------------------------------------------------------------------------------
+# (Each in-transit window, held open with the id read after enqueue: test_cancel_in_transit.py,
+# id_source "read_after_enqueue".)
 
 @pytest.mark.parametrize("kind", ["thread", "async"])
 def test_a_cancel_returns_false_only_for_a_job_that_has_started(kind):
