@@ -33,11 +33,7 @@ def collected(ref):
     return ref() is None
 
 
-LEAKS = pytest.mark.xfail(strict=True, reason="the compiled core's FIFO neither shows its jobs to the "
-                          "collector nor traverses them: a cycle through a resting job and its queue leaks")
-
-
-@pytest.mark.parametrize("core_name", [PURE_CORE, pytest.param(COMPILED_CORE, marks=LEAKS)], ids=["pure", "compiled"])
+@pytest.mark.parametrize("core_name", [PURE_CORE, COMPILED_CORE], ids=["pure", "compiled"])
 @pytest.mark.parametrize("job_id", [None, "x"], ids=["unnamed", "named"])
 @pytest.mark.parametrize("priority", [0, 1, 2])
 def test_a_ready_queue_in_a_cycle_with_its_resting_job_is_collected(core_name, job_id, priority):
