@@ -7,9 +7,13 @@ both cores, as the pure core (a deque the collector walks) frees it.
 """
 
 import gc
+import threading
+import time
 import weakref
 
 import pytest
+
+import tinymq
 
 from conftest import COMPILED_CORE, PURE_CORE, load_twin
 
@@ -48,3 +52,146 @@ def test_a_ready_queue_in_a_cycle_with_its_resting_job_is_collected(core_name, j
     assert not collected(ref)  # the queue holds it
     del q
     assert collected(ref)
+
+
+# --- through the public API: every way a job in a cycle goes in and out of a ready FIFO ---------
+# Each test fails on the compiled core if a way out of a FIFO forgets to show the job to the
+# collector again (the job stays hidden, its cycle is never freed).
+
+WAIT = 10.0  # generous bound on a noisy machine
+
+
+class Payload:
+    """Weakly referenceable, and holds the job that carries it: a cycle through the job."""
+
+    def __init__(self):
+        self.job = None
+        self.kept = None
+
+
+def cyclic_job(refs, job_type="t", **kwargs):
+    payload = Payload()
+    job = tinymq.Job(job_type, payload, **kwargs)
+    payload.job = job
+    refs.append(weakref.ref(payload))
+    return job
+
+
+class CyclicJob(tinymq.Job):
+    """A Job subclass in a cycle with itself, with a payload a store can save."""
+
+    __slots__ = ("itself", "__weakref__")
+
+
+def cyclic_subclass_job(refs):
+    job = CyclicJob("t", {"n": 1})
+    job.itself = [job]
+    refs.append(weakref.ref(job))
+    return job
+
+
+def assert_all_freed(refs):
+    gc.collect()
+    assert [ref() for ref in refs] == [None] * len(refs)
+
+
+def noop(job):
+    pass
+
+
+def _run_by_threads(q, refs):
+    q.register_executor("t", noop)
+    q.enqueue_many([cyclic_job(refs), cyclic_job(refs, priority=tinymq.Priority.HIGH)])
+    q.enqueue(cyclic_job(refs, priority=tinymq.Priority.LOW))
+    q.start_dispatcher(2)
+
+
+def _run_by_the_loop(q, refs):
+    async def run(job):
+        pass
+
+    q.register_executor("t", run)
+    q.enqueue(cyclic_job(refs))
+    q.start_dispatcher(1)
+
+
+def _cancelled_while_ready(q, refs):
+    job = q.enqueue(cyclic_job(refs))
+    assert q.cancel(job.id) is True
+
+
+def _retried_then_ran(q, refs):
+    def fail_once(job):
+        if job.retries == 0:
+            raise ValueError("first attempt")
+
+    q.register_executor("t", fail_once)
+    q.enqueue(cyclic_job(refs, retry_config=tinymq.RetryConfig(max_retries=1, initial_delay=0.01)))
+    q.start_dispatcher(1)
+
+
+def _enqueued_again_by_its_failure_callback(q, refs):
+    def fail_first(job):
+        if job.payload.kept is None:
+            raise tinymq.PermanentFailure("once")
+
+    @q.on_failure
+    def again(job, reason, exc):
+        job.payload.kept = exc  # the exception's traceback holds frames that hold the job
+        q.enqueue(job)
+
+    q.register_executor("t", fail_first)
+    q.enqueue(cyclic_job(refs))
+    q.start_dispatcher(1)
+
+
+def _waited_in_the_overflow(q, refs):
+    # buffer_size=1: a held job runs, a second of its type rests (limit 1), so the buffer is
+    # full when the delayed job falls due: it waits owed room, then rests, then runs.
+    release = threading.Event()
+    started = threading.Event()
+
+    def hold(job):
+        started.set()
+        assert release.wait(WAIT)
+
+    q.register_executor("hold", hold, tinymq.ExecutorConfig(max_concurrent_jobs=1))
+    q.register_executor("t", noop)
+    q.enqueue(tinymq.Job("hold"))
+    q.start_dispatcher(2)
+    assert started.wait(WAIT)
+    q.enqueue(tinymq.Job("hold"))
+    q.enqueue_delayed(cyclic_job(refs), 0.05)
+    deadline = time.monotonic() + WAIT
+    while q.get_stats().delayed_jobs_count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+
+
+@pytest.mark.parametrize("path", [
+    _run_by_threads, _run_by_the_loop, _cancelled_while_ready, _retried_then_ran,
+    _enqueued_again_by_its_failure_callback, _waited_in_the_overflow,
+])
+def test_a_job_in_a_cycle_is_freed_after_its_way_through_the_queue(path):
+    refs = []
+    q = tinymq.Queue(1 if path is _waited_in_the_overflow else 10)
+    path(q, refs)
+    assert q.join(timeout=WAIT)
+    q.stop()
+    del q
+    assert_all_freed(refs)
+
+
+@pytest.mark.parametrize("store", [False, True], ids=["no_store", "sqlite"])
+def test_jobs_in_cycles_left_queued_at_stop_are_freed_with_the_queue(tmp_path, store):
+    refs = []
+    q = tinymq.Queue(10)
+    if store:
+        q.set_persistence(tinymq.SQLitePersistence(str(tmp_path / "jobs.db")))
+    q.register_executor("t", noop)
+    q.enqueue_many([cyclic_subclass_job(refs) for _ in range(3)])
+    if not store:
+        q.enqueue(cyclic_job(refs))
+    q.stop(wait=False)
+    del q
+    assert_all_freed(refs)
