@@ -7,6 +7,9 @@ both cores, as the pure core (a deque the collector walks) frees it.
 """
 
 import gc
+import os
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -15,7 +18,7 @@ import pytest
 
 import tinymq
 
-from conftest import COMPILED_CORE, PURE_CORE, load_twin
+from conftest import COMPILED_CORE, PURE_CORE, env_flag, load_twin
 
 MEDIUM = 1
 
@@ -195,3 +198,47 @@ def test_jobs_in_cycles_left_queued_at_stop_are_freed_with_the_queue(tmp_path, s
     q.stop(wait=False)
     del q
     assert_all_freed(refs)
+
+
+# --- a job enqueued by code the collector runs inside the core ---------------------------------
+
+ENQUEUE_FROM_THE_COLLECTOR = """
+import gc, tinymq
+q = tinymq.Queue(100000)
+busy = []
+def on_gc(phase, info):  # like a __del__ or weakref callback that enqueues a cleanup job
+    if phase == "start" and not busy:
+        busy.append(1)
+        try:
+            q.enqueue(tinymq.Job("cleanup"))
+        finally:
+            busy.pop()
+gc.callbacks.append(on_gc)
+gc.set_threshold(1)  # a collection at (nearly) every allocation, the core's own included
+for _ in range(200):
+    q.enqueue(tinymq.Job("t"))
+gc.set_threshold(700, 10, 10)
+gc.callbacks.remove(on_gc)
+stats = q.get_stats()
+assert stats.medium_queue_size == stats.jobs_enqueued > 200, stats
+q.stop(wait=False)
+print("done")
+"""
+
+PURE_DEADLOCKS = pytest.mark.xfail(
+    strict=True, reason="the pure core holds a plain Lock across allocations: code the collector "
+    "runs there (gc.callbacks, __del__, weakref callbacks) that enqueues deadlocks its thread")
+
+
+@pytest.mark.parametrize("no_extensions", [pytest.param(True, marks=PURE_DEADLOCKS), False],
+                         ids=["pure", "compiled"])
+def test_a_job_enqueued_by_code_the_collector_runs_inside_the_core_does_not_deadlock(no_extensions):
+    if not no_extensions and (env_flag("TINYMQ_NO_EXTENSIONS") or not tinymq.HAS_EXTENSION):
+        pytest.skip("the compiled core is not in use")
+    env = dict(os.environ, TINYMQ_NO_EXTENSIONS="1" if no_extensions else "")
+    try:
+        done = subprocess.run([sys.executable, "-c", ENQUEUE_FROM_THE_COLLECTOR], env=env,
+                              capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("deadlocked: no answer in 30 s")
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr
