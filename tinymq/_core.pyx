@@ -359,10 +359,10 @@ cdef struct Fifo:  # a growable ring buffer of entries; capacity is a power of t
 # fifth of the no-op jobs/s (bench/test_bench_queue.py). The FIFO holds it, so it
 # is garbage only when its TypeState is too, and then possibly through a cycle that
 # passes through the job (a job holding its queue). So that such a cycle is found:
-# a TypeState's traversal visits its resting jobs (_traverse_state), and at the
-# start of every full collection every resting job is shown to the collector again
+# a TypeState's traversal visits its resting jobs (_traverse_state), and every full
+# collection sees them: shown at its start, hidden again at its end
 # (_show_resting_jobs, in gc.callbacks); young collections still skip them. Every
-# way out of a FIFO (pop, remove, clear) shows it again too, or a cycle through it
+# way out of a FIFO (pop, remove, clear) shows the job again, or a cycle through it
 # would leak. Only the compiled core does this; the pure one cannot.
 
 cdef inline void _resting(PyObject *job) noexcept:
@@ -692,20 +692,24 @@ cdef int _traverse_state(PyObject *o, visitproc visit, void *arg) except -1:
 
 
 def _show_resting_jobs(phase, info):
-    """In gc.callbacks: before a full collection, show every resting job to the collector."""
+    """In gc.callbacks: a full collection sees every resting job; those still resting after it hide again."""
     cdef PyObject *link = _live_states
     cdef TypeState state
     cdef Fifo *fifo
     cdef Py_ssize_t i
     cdef int level
-    if phase != "start" or info["generation"] != 2:
+    cdef bint starting = phase == "start"
+    if info["generation"] != 2:
         return
     while link != NULL:
         state = <TypeState>link
         for level in range(3):
             fifo = &state.levels[level]
             for i in range(fifo.count):
-                _leaving(fifo.items[(fifo.head + i) & (fifo.capacity - 1)].job)
+                if starting:
+                    _leaving(fifo.items[(fifo.head + i) & (fifo.capacity - 1)].job)
+                else:
+                    _resting(fifo.items[(fifo.head + i) & (fifo.capacity - 1)].job)
         link = state.older
 
 
