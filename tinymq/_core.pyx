@@ -17,6 +17,7 @@ from cpython.bool cimport PyBool_Check
 from cpython.exc cimport PyErr_CheckSignals, PyErr_Clear, PyErr_Occurred
 from cpython.long cimport PyLong_AsLong, PyLong_Check
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.object cimport PyTypeObject, traverseproc, visitproc
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF, PyObject
 from cpython.unicode cimport PyUnicode_CheckExact
 from libc.math cimport INFINITY, pow
@@ -24,6 +25,7 @@ from libc.stdint cimport uint64_t
 from libc.string cimport memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
+import gc
 import os
 from collections import deque
 
@@ -354,10 +356,14 @@ cdef struct Fifo:  # a growable ring buffer of entries; capacity is a power of t
 
 # A job resting in a FIFO is hidden from the cyclic garbage collector, which would
 # otherwise walk every queued job at each young-generation collection: about a
-# fifth of the no-op jobs/s (bench/test_bench_queue.py). That is safe because the
-# FIFO holds it: it cannot be cyclic garbage while it rests. Every way out of a
-# FIFO (pop, remove, clear) shows it to the collector again, or a cycle through
-# it would leak. Only the compiled core does this; the pure one cannot.
+# fifth of the no-op jobs/s (bench/test_bench_queue.py). The FIFO holds it, so it
+# is garbage only when its TypeState is too, and then possibly through a cycle that
+# passes through the job (a job holding its queue). So that such a cycle is found:
+# a TypeState's traversal visits its resting jobs (_traverse_state), and every full
+# collection sees them: shown at its start, hidden again at its end
+# (_show_resting_jobs, in gc.callbacks); young collections still skip them. Every
+# way out of a FIFO (pop, remove, clear) shows the job again, or a cycle through it
+# would leak. Only the compiled core does this; the pure one cannot.
 
 cdef inline void _resting(PyObject *job) noexcept:
     if PyObject_GC_IsTracked(job):
@@ -570,16 +576,32 @@ cdef class TypeState:
     cdef long long counters[N_COUNTERS]  # per-type lifetime counters, by event (TYPE_EVENTS)
     cdef long long durations[N_BUCKETS]  # attempts by duration bucket (not cumulative)
     cdef double duration_sum
+    # Borrowed links of the list of every live TypeState (_live_states), newest first.
+    cdef PyObject *newer
+    cdef PyObject *older
 
     def __cinit__(self, name):
+        global _live_states
         self.name = name
         self.fn = None
         self.limit = UNLIMITED
         self.timeout_seconds = -1.0
         self.rate_open_at = -INFINITY
         self.rate_parked_until = INFINITY
+        self.older = _live_states
+        if _live_states != NULL:
+            (<TypeState>_live_states).newer = <PyObject *>self
+        _live_states = <PyObject *>self
 
     def __dealloc__(self):
+        global _live_states
+        # Unlinked first: a job freed below may run Python code, and a collection then.
+        if self.newer != NULL:
+            (<TypeState>self.newer).older = self.older
+        elif _live_states == <PyObject *>self:
+            _live_states = self.older
+        if self.older != NULL:
+            (<TypeState>self.older).newer = self.newer
         for level in range(3):
             _fifo_clear(&self.levels[level])
         PyMem_Free(self.rate_starts)
@@ -642,6 +664,56 @@ cdef class TypeState:
             bucket += 1
         self.durations[bucket] += 1
         self.duration_sum += seconds
+
+
+cdef PyObject *_live_states = NULL  # the newest live TypeState (borrowed), linked through .older
+cdef traverseproc _generated_traverse = (<PyTypeObject *>TypeState).tp_traverse  # its object attributes
+
+
+cdef int _traverse_state(PyObject *o, visitproc visit, void *arg) except -1:
+    """TypeState's traversal: Cython's, then every resting job (one visit per FIFO reference)."""
+    cdef int result = _generated_traverse(o, visit, arg)
+    cdef TypeState state = <TypeState>o
+    cdef Fifo *fifo
+    cdef Py_ssize_t i
+    cdef int level
+    if result:
+        return result
+    for level in range(3):
+        fifo = &state.levels[level]
+        for i in range(fifo.count):
+            result = visit(fifo.items[(fifo.head + i) & (fifo.capacity - 1)].job, arg)
+            if result:
+                return result
+    return 0
+
+
+(<PyTypeObject *>TypeState).tp_traverse = _traverse_state
+
+
+def _show_resting_jobs(phase, info):
+    """In gc.callbacks: a full collection sees every resting job; those still resting after it hide again."""
+    cdef PyObject *link = _live_states
+    cdef TypeState state
+    cdef Fifo *fifo
+    cdef Py_ssize_t i
+    cdef int level
+    cdef bint starting = phase == "start"
+    if info["generation"] != 2:
+        return
+    while link != NULL:
+        state = <TypeState>link
+        for level in range(3):
+            fifo = &state.levels[level]
+            for i in range(fifo.count):
+                if starting:
+                    _leaving(fifo.items[(fifo.head + i) & (fifo.capacity - 1)].job)
+                else:
+                    _resting(fifo.items[(fifo.head + i) & (fifo.capacity - 1)].job)
+        link = state.older
+
+
+gc.callbacks.append(_show_resting_jobs)
 
 
 cdef inline int _level_of(object job) except -1:

@@ -1,0 +1,244 @@
+"""Reference cycles through jobs that rest in the compiled core's ready FIFOs.
+
+The compiled core hides a resting job from the cyclic garbage collector (see
+``_resting`` in ``tinymq/_core.pyx``). Whatever it does, a cycle through a job
+must be freed by ``gc.collect()`` once nothing outside the cycle holds it, on
+both cores, as the pure core (a deque the collector walks) frees it.
+"""
+
+import gc
+import os
+import subprocess
+import sys
+import threading
+import time
+import weakref
+
+import pytest
+
+import tinymq
+
+from conftest import COMPILED_CORE, PURE_CORE, env_flag, load_twin
+
+MEDIUM = 1
+
+
+class Job:
+    """The smallest job the core accepts, with a back-reference a cycle can go through."""
+
+    __slots__ = ("type", "priority", "_id", "back", "__weakref__")
+
+    def __init__(self, id=None, priority=MEDIUM, back=None):
+        self.type = "a"
+        self.priority = priority
+        self._id = id
+        self.back = back
+
+
+def collected(ref):
+    gc.collect()
+    return ref() is None
+
+
+@pytest.mark.parametrize("core_name", [PURE_CORE, COMPILED_CORE], ids=["pure", "compiled"])
+@pytest.mark.parametrize("job_id", [None, "x"], ids=["unnamed", "named"])
+@pytest.mark.parametrize("priority", [0, 1, 2])
+def test_a_ready_queue_in_a_cycle_with_its_resting_job_is_collected(core_name, job_id, priority):
+    # A job holding the queue it waits in (a job that enqueues follow-ups there):
+    # dropped without being popped, the queue and the job are one cyclic garbage.
+    core = load_twin(core_name)
+    q = core.ReadyQueue(10)
+    job = Job(job_id, priority, back=q)
+    assert q.push(job)
+    ref = weakref.ref(job)
+    del job
+    assert not collected(ref)  # the queue holds it
+    del q
+    assert collected(ref)
+
+
+# --- through the public API: every way a job in a cycle goes in and out of a ready FIFO ---------
+# Each test fails on the compiled core if a way out of a FIFO forgets to show the job to the
+# collector again (the job stays hidden, its cycle is never freed).
+
+WAIT = 10.0  # generous bound on a noisy machine
+
+
+class Payload:
+    """Weakly referenceable, and holds the job that carries it: a cycle through the job."""
+
+    def __init__(self):
+        self.job = None
+        self.kept = None
+
+
+def cyclic_job(refs, job_type="t", **kwargs):
+    payload = Payload()
+    job = tinymq.Job(job_type, payload, **kwargs)
+    payload.job = job
+    refs.append(weakref.ref(payload))
+    return job
+
+
+class CyclicJob(tinymq.Job):
+    """A Job subclass in a cycle with itself, with a payload a store can save."""
+
+    __slots__ = ("itself", "__weakref__")
+
+
+def cyclic_subclass_job(refs):
+    job = CyclicJob("t", {"n": 1})
+    job.itself = [job]
+    refs.append(weakref.ref(job))
+    return job
+
+
+def assert_all_freed(refs):
+    gc.collect()
+    assert [ref() for ref in refs] == [None] * len(refs)
+
+
+def noop(job):
+    pass
+
+
+def _run_by_threads(q, refs):
+    q.register_executor("t", noop)
+    q.enqueue_many([cyclic_job(refs), cyclic_job(refs, priority=tinymq.Priority.HIGH)])
+    q.enqueue(cyclic_job(refs, priority=tinymq.Priority.LOW))
+    q.start_dispatcher(2)
+
+
+def _run_by_the_loop(q, refs):
+    async def run(job):
+        pass
+
+    q.register_executor("t", run)
+    q.enqueue(cyclic_job(refs))
+    q.start_dispatcher(1)
+
+
+def _cancelled_while_ready(q, refs):
+    job = q.enqueue(cyclic_job(refs))
+    assert q.cancel(job.id) is True
+
+
+def _retried_then_ran(q, refs):
+    def fail_once(job):
+        if job.retries == 0:
+            raise ValueError("first attempt")
+
+    q.register_executor("t", fail_once)
+    q.enqueue(cyclic_job(refs, retry_config=tinymq.RetryConfig(max_retries=1, initial_delay=0.01)))
+    q.start_dispatcher(1)
+
+
+def _enqueued_again_by_its_failure_callback(q, refs):
+    def fail_first(job):
+        if job.payload.kept is None:
+            raise tinymq.PermanentFailure("once")
+
+    @q.on_failure
+    def again(job, reason, exc):
+        job.payload.kept = exc  # the exception's traceback holds frames that hold the job
+        q.enqueue(job)
+
+    q.register_executor("t", fail_first)
+    q.enqueue(cyclic_job(refs))
+    q.start_dispatcher(1)
+
+
+def _waited_in_the_overflow(q, refs):
+    # buffer_size=1: a held job runs, a second of its type rests (limit 1), so the buffer is
+    # full when the delayed job falls due: it waits owed room, then rests, then runs.
+    release = threading.Event()
+    started = threading.Event()
+
+    def hold(job):
+        started.set()
+        assert release.wait(WAIT)
+
+    q.register_executor("hold", hold, tinymq.ExecutorConfig(max_concurrent_jobs=1))
+    q.register_executor("t", noop)
+    q.enqueue(tinymq.Job("hold"))
+    q.start_dispatcher(2)
+    assert started.wait(WAIT)
+    q.enqueue(tinymq.Job("hold"))
+    q.enqueue_delayed(cyclic_job(refs), 0.05)
+    deadline = time.monotonic() + WAIT
+    while q.get_stats().delayed_jobs_count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+
+
+@pytest.mark.parametrize("path", [
+    _run_by_threads, _run_by_the_loop, _cancelled_while_ready, _retried_then_ran,
+    _enqueued_again_by_its_failure_callback, _waited_in_the_overflow,
+])
+def test_a_job_in_a_cycle_is_freed_after_its_way_through_the_queue(path):
+    refs = []
+    q = tinymq.Queue(1 if path is _waited_in_the_overflow else 10)
+    path(q, refs)
+    assert q.join(timeout=WAIT)
+    q.stop()
+    del q
+    assert_all_freed(refs)
+
+
+@pytest.mark.parametrize("store", [False, True], ids=["no_store", "sqlite"])
+def test_jobs_in_cycles_left_queued_at_stop_are_freed_with_the_queue(tmp_path, store):
+    refs = []
+    q = tinymq.Queue(10)
+    if store:
+        q.set_persistence(tinymq.SQLitePersistence(str(tmp_path / "jobs.db")))
+    q.register_executor("t", noop)
+    q.enqueue_many([cyclic_subclass_job(refs) for _ in range(3)])
+    if not store:
+        q.enqueue(cyclic_job(refs))
+    q.stop(wait=False)
+    del q
+    assert_all_freed(refs)
+
+
+# --- a job enqueued by code the collector runs inside the core ---------------------------------
+
+ENQUEUE_FROM_THE_COLLECTOR = """
+import gc, tinymq
+q = tinymq.Queue(100000)
+busy = []
+def on_gc(phase, info):  # like a __del__ or weakref callback that enqueues a cleanup job
+    if phase == "start" and not busy:
+        busy.append(1)
+        try:
+            q.enqueue(tinymq.Job("cleanup"))
+        finally:
+            busy.pop()
+gc.callbacks.append(on_gc)
+gc.set_threshold(1)  # a collection at (nearly) every allocation, the core's own included
+for _ in range(200):
+    q.enqueue(tinymq.Job("t"))
+gc.set_threshold(700, 10, 10)
+gc.callbacks.remove(on_gc)
+stats = q.get_stats()
+assert stats.medium_queue_size == stats.jobs_enqueued > 200, stats
+q.stop(wait=False)
+print("done")
+"""
+
+PURE_DEADLOCKS = pytest.mark.xfail(
+    strict=True, reason="the pure core holds a plain Lock across allocations: code the collector "
+    "runs there (gc.callbacks, __del__, weakref callbacks) that enqueues deadlocks its thread")
+
+
+@pytest.mark.parametrize("no_extensions", [pytest.param(True, marks=PURE_DEADLOCKS), False],
+                         ids=["pure", "compiled"])
+def test_a_job_enqueued_by_code_the_collector_runs_inside_the_core_does_not_deadlock(no_extensions):
+    if not no_extensions and (env_flag("TINYMQ_NO_EXTENSIONS") or not tinymq.HAS_EXTENSION):
+        pytest.skip("the compiled core is not in use")
+    env = dict(os.environ, TINYMQ_NO_EXTENSIONS="1" if no_extensions else "")
+    try:
+        done = subprocess.run([sys.executable, "-c", ENQUEUE_FROM_THE_COLLECTOR], env=env,
+                              capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("deadlocked: no answer in 30 s")
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr
