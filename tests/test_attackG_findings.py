@@ -200,6 +200,22 @@ def test_jobs_in_cycles_left_queued_at_stop_are_freed_with_the_queue(tmp_path, s
     assert_all_freed(refs)
 
 
+@pytest.mark.parametrize("started", [False, True], ids=["never_started", "started"])
+def test_a_stopped_queue_whose_queued_job_holds_it_is_freed(started):
+    # A job that holds its own queue (to enqueue follow-ups), still queued at stop():
+    # once stopped, nothing outside the cycle may keep the queue alive.
+    refs = []
+    q = tinymq.Queue(10)
+    job = cyclic_job(refs, "unregistered")  # never runs: it stays queued
+    job.payload.queue = q
+    q.enqueue(job)
+    if started:
+        q.start_dispatcher(1)
+    q.stop(wait=False)
+    del q, job
+    assert_all_freed(refs)
+
+
 # --- a job enqueued by code the collector runs inside the core ---------------------------------
 
 ENQUEUE_FROM_THE_COLLECTOR = """
@@ -238,7 +254,7 @@ def test_a_job_enqueued_by_code_the_collector_runs_inside_the_core_does_not_dead
     env = dict(os.environ, TINYMQ_NO_EXTENSIONS="1" if no_extensions else "")
     try:
         done = subprocess.run([sys.executable, "-c", ENQUEUE_FROM_THE_COLLECTOR], env=env,
-                              capture_output=True, text=True, timeout=30)
+                              capture_output=True, text=True, timeout=10)
     except subprocess.TimeoutExpired:
-        pytest.fail("deadlocked: no answer in 30 s")
+        pytest.fail("deadlocked: no answer in 10 s")
     assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr

@@ -523,6 +523,9 @@ class Queue:
         limit = _optional_seconds("timeout", timeout)
         self._periodic.stop()
         self._dispatcher.stop(wait, limit)
+        # Stopped: the finalizer has nothing left to do, and it would keep the dispatcher,
+        # and so the jobs still queued, alive (with the queue too, if a job holds it).
+        self._finalizer.detach()
 
     def cancel(self, job_id: str) -> bool:
         """Cancel the unfinished job ``job_id``; False when no unfinished job has that id.
