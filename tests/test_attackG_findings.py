@@ -216,6 +216,30 @@ def test_a_stopped_queue_whose_queued_job_holds_it_is_freed(started):
     assert_all_freed(refs)
 
 
+@pytest.mark.parametrize("core_name", [PURE_CORE, COMPILED_CORE], ids=["pure", "compiled"])
+def test_a_delayed_heap_in_a_cycle_with_its_job_is_collected(core_name):
+    core = load_twin(core_name)
+    heap = core.DelayedHeap()
+    job = Job(back=heap)
+    heap.push(job, 1e9)
+    ref = weakref.ref(job)
+    del job
+    assert not collected(ref)  # the heap holds it
+    del heap
+    assert collected(ref)
+
+
+def test_a_stopped_queue_whose_delayed_job_holds_it_is_freed():
+    refs = []
+    q = tinymq.Queue(10)
+    job = cyclic_job(refs)
+    job.payload.queue = q
+    q.enqueue_delayed(job, 3600)
+    q.stop(wait=False)
+    del q, job
+    assert_all_freed(refs)
+
+
 # --- a job enqueued by code the collector runs inside the core ---------------------------------
 
 ENQUEUE_FROM_THE_COLLECTOR = """

@@ -1658,6 +1658,9 @@ cdef class DelayedHeap:
     with the earliest run_at (the new job is always added).
     """
     cdef readonly Py_ssize_t capacity
+    # Always None: an object attribute makes Cython give the heap the collector's support,
+    # whose traversal (_traverse_heap) visits its jobs, so a cycle through one is found.
+    cdef object _unused
     # Guarded by the GIL: a binary min-heap in a growable C array.
     cdef HeapEntry *entries
     cdef Py_ssize_t count
@@ -1773,6 +1776,26 @@ cdef class DelayedHeap:
 
     def __len__(self):
         return self.count
+
+
+cdef traverseproc _generated_heap_traverse = (<PyTypeObject *>DelayedHeap).tp_traverse
+
+
+cdef int _traverse_heap(PyObject *o, visitproc visit, void *arg) except -1:
+    """DelayedHeap's traversal: Cython's, then every job in the heap."""
+    cdef int result = _generated_heap_traverse(o, visit, arg)
+    cdef DelayedHeap heap = <DelayedHeap>o
+    cdef Py_ssize_t i
+    if result:
+        return result
+    for i in range(heap.count):
+        result = visit(heap.entries[i].job, arg)
+        if result:
+            return result
+    return 0
+
+
+(<PyTypeObject *>DelayedHeap).tp_traverse = _traverse_heap
 
 
 # --- one worker -------------------------------------------------------------
