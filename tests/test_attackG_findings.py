@@ -6,6 +6,7 @@ must be freed by ``gc.collect()`` once nothing outside the cycle holds it, on
 both cores, as the pure core (a deque the collector walks) frees it.
 """
 
+import asyncio
 import gc
 import os
 import subprocess
@@ -200,8 +201,17 @@ def test_jobs_in_cycles_left_queued_at_stop_are_freed_with_the_queue(tmp_path, s
     assert_all_freed(refs)
 
 
+def _stop(q):
+    q.stop(wait=False)
+
+
+def _astop(q):
+    asyncio.run(q.astop(wait=False))
+
+
+@pytest.mark.parametrize("stop", [_stop, _astop], ids=["stop", "astop"])
 @pytest.mark.parametrize("started", [False, True], ids=["never_started", "started"])
-def test_a_stopped_queue_whose_queued_job_holds_it_is_freed(started):
+def test_a_stopped_queue_whose_queued_job_holds_it_is_freed(started, stop):
     # A job that holds its own queue (to enqueue follow-ups), still queued at stop():
     # once stopped, nothing outside the cycle may keep the queue alive.
     refs = []
@@ -211,9 +221,22 @@ def test_a_stopped_queue_whose_queued_job_holds_it_is_freed(started):
     q.enqueue(job)
     if started:
         q.start_dispatcher(1)
-    q.stop(wait=False)
+    stop(q)
     del q, job
     assert_all_freed(refs)
+
+
+def test_astop_stops_the_schedules_as_stop_does():
+    q = tinymq.Queue(10)
+    q.register_executor("t", noop)
+    q.every(3600, "t")
+    q.start_dispatcher(1)
+    timers = [t for t in threading.enumerate() if t.name == "tinymq-periodic"]
+    assert timers
+    asyncio.run(q.astop())
+    for timer in timers:
+        timer.join(WAIT)
+        assert not timer.is_alive()
 
 
 @pytest.mark.parametrize("core_name", [PURE_CORE, COMPILED_CORE], ids=["pure", "compiled"])

@@ -520,9 +520,12 @@ class Queue:
 
         Idempotent. Jobs still queued are not run; a persistence store keeps them.
         """
-        limit = _optional_seconds("timeout", timeout)
+        self._stop(wait, _optional_seconds("timeout", timeout), False)
+
+    def _stop(self, wait: bool, limit: Optional[float], on_own_loop: bool) -> None:
+        """``stop`` and ``astop``: schedules, then the dispatcher."""
         self._periodic.stop()
-        self._dispatcher.stop(wait, limit)
+        self._dispatcher.stop(wait, limit, None, on_own_loop)
         # Stopped: the finalizer has nothing left to do, and it would keep the dispatcher,
         # and so the jobs still queued, alive (with the queue too, if a job holds it).
         self._finalizer.detach()
@@ -583,7 +586,7 @@ class Queue:
         runner = self._dispatcher.loop_runner
         loop = asyncio.get_running_loop()
         on_own_loop = runner is not None and loop is runner.loop
-        await loop.run_in_executor(None, lambda: self._dispatcher.stop(wait, limit, None, on_own_loop))
+        await loop.run_in_executor(None, self._stop, wait, limit, on_own_loop)
 
     def __enter__(self) -> "Queue":
         return self
