@@ -38,7 +38,7 @@ from ..config import RateLimit
 from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError
 from ..stats import ExecutorStats, QueueStats
 from ._codec import decode_job, encode_job
-from ._scripts import SettleOp
+from ._scripts import Crashed, SettleOp
 
 __all__ = ["QueueLink"]
 
@@ -194,6 +194,15 @@ class QueueLink:
             logger.exception("job %s failed permanently (%s) and cannot be decoded", job_id, reason)
             return
         self.dispatcher.report_failure(job, reason, None)
+
+    def _report_handed(self, rows: Sequence[Crashed]) -> None:
+        """Report the rows a fetch or beat reply handed to this process, acknowledging each
+        once its callbacks ran (op A, sent with the next call): until then Redis keeps it
+        for whoever reaps this process, should it die first (reported at least once)."""
+        for row in rows:
+            self._report(row.id, row.body, row.reason, row.retries, row.error)
+            with self._lock:
+                self._queue_op(SettleOp("A", f"{row.id}|{row.reason}"))
 
     # --- observing ---------------------------------------------------------------
 
@@ -472,8 +481,7 @@ class QueueLink:
                 self._next_due = due
                 self._timer_alarm.wake_before(due)
             jobs = self._take(reply.jobs)
-        for crashed in reply.crashed:
-            self._report(crashed.id, crashed.body, crashed.reason, crashed.retries, crashed.error)
+        self._report_handed(reply.crashed)
         if reply.cancels:
             self._cancel_marked(reply.cancels)
         return jobs
@@ -683,8 +691,7 @@ class QueueLink:
             except self._redis_error as exc:
                 self._log_outage("heartbeat", exc)
                 continue
-            for item in crashed:
-                self._report(item.id, item.body, item.reason, item.retries, item.error)
+            self._report_handed(crashed)
             if alive and cancels:
                 self._cancel_marked(cancels)
 

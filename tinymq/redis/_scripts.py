@@ -42,7 +42,9 @@ class SettleOp(NamedTuple):
     ``op``: "S" success, "Y" retry after ``delay_ms``, "Z" dead for ``reason``;
     "y"/"z" the same decided at the deadline (the attempt keeps its slot until
     "E", its late return); "B" give back (not counted); "T" started (a
-    rate-limited type's attempt: its start counts from now in the rate window).
+    rate-limited type's attempt: its start counts from now in the rate window);
+    "A" with ``"<id>|<reason>"`` as the attempt: a row a reply handed to this
+    process to report (a ``Crashed``) was reported.
     """
 
     op: str
@@ -110,7 +112,7 @@ class EnqueueReply(NamedTuple):
     ready: int = 0  # with "full": ready jobs already there
 
 
-_SHORT_OPS = frozenset("SEBT")  # sent as (op, attempt) only
+_SHORT_OPS = frozenset("SEBTA")  # sent as (op, attempt) only
 
 
 def _ops_args(ops: Iterable[SettleOp]) -> List[Any]:

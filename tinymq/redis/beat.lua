@@ -21,5 +21,8 @@ reap(now, max_crash, crashed)
 if bid ~= '' then hand_out_reports(crashed) else keep_ended() end -- (a resend must see the same rows)
 flush_head()
 flush_counts()
-if bid ~= '' then redis.call('HSET', K_BEATEN, proc, cjson.encode({bid, crashed})) end
+if bid ~= '' then
+  redis.call('HSET', K_BEATEN, proc, cjson.encode({bid, crashed}))
+  handed(proc, crashed)
+end
 return {1, now, crashed, cancels}

@@ -140,6 +140,7 @@ for t, k in pairs(took) do redis.call('HINCRBY', K_RUNNING, t, k) end
 for t, entries in pairs(rate_taken) do redis.call('ZADD', rate_key(t), unpack(entries)) end
 for t in pairs(rate_closed) do rate_wait(t) end
 redis.call('HSET', K_FETCHED, proc, cjson.encode({fid, taken, crashed}))
+handed(proc, crashed)
 if (#taken >= n or parked_budget == 0) and ready_left() > 0 then signal() end -- chain the wake-up
 flush_counts()
 return {1, now, next_due(), stale, crashed, jobs, now_us, marks_left(proc)}

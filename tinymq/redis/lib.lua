@@ -50,6 +50,9 @@ Keys (after the prefix):
   signal                   LIST  at most one "1": wakes one idle fetcher (BLPOP)
   wake:<proc>              LIST  at most one "1": wakes proc's idle fetcher (a cancel marked
                                  one of its attempts; its stop); deleted with proc's lease
+  reporting:<proc>         HASH  "<id>|<reason>" -> JSON row: rows handed to proc to report
+                                 that it has not acknowledged yet (op A); a reap hands them
+                                 to the reaper, a release to `reports`
   dead                     ZSET  id -> time it died (ms); its hash stays, with x
   cancels:<proc>           SET   attempts of proc that q.cancel() marked (their job hash is
                                  cancelled:<proc>|<attempt>): proc hears of them in every fetch
@@ -114,6 +117,7 @@ local function rate_member(proc, attempt) return proc .. '|' .. attempt end
 local function cancels_key(proc) return P .. 'cancels:' .. proc end
 local function marked_key(proc, attempt) return P .. 'cancelled:' .. proc .. '|' .. attempt end
 local function wake_key(proc) return P .. 'wake:' .. proc end -- the list an idle proc also blocks on
+local function reporting_key(proc) return P .. 'reporting:' .. proc end
 
 local function id_of(attempt)
   return string.sub(attempt, string.find(attempt, ':', 1, true) + 1)
@@ -324,6 +328,21 @@ local function keep_ended() -- for callers whose reply carries no rows
   ended = {}
 end
 
+--[[ Rows a reply hands to proc to report (its crashed) also wait in reporting:<proc>, by
+"<id>|<reason>", until proc acknowledges them (op A) after its failure callbacks ran. A
+proc that dies first leaves them to drop_proc, which hands them to whoever reaps it: every
+row is reported at least once (twice when proc reported it but died before the A reached
+Redis), never lost with the process that was to report it. ]]
+local function handed(proc, rows)
+  if #rows == 0 then return end
+  local fields = {}
+  for _, row in ipairs(rows) do
+    table.insert(fields, row[1] .. '|' .. (row[5] or 'crashed'))
+    table.insert(fields, cjson.encode(row))
+  end
+  redis.call('HSET', reporting_key(proc), unpack(fields))
+end
+
 local function give_back(id)
   local p = redis.call('HGET', job_key(id), 'p')
   if p then head_later(id, tonumber(p)) end
@@ -340,6 +359,8 @@ end
   B  give back unstarted / cancelled  (L)    -> slot freed, job at the head of its level
   T  started (sent by a rate-limited type's worker once it started the attempt) (L, X, R)
        -> nothing but its rate window entry: it ends per from now
+  A  (op, "<id>|<reason>" instead of an attempt) a row handed to proc to report was
+       reported: it leaves reporting:<proc> (see handed)
 Every op on an L attempt also ends its rate window entry per from now, at the latest
 (an outcome comes after the start; B may be a cancelled running attempt).
 An attempt not in the process's inflight hash (reaped, or settled already: a resend)
@@ -355,7 +376,7 @@ job:<id> to be kept dead, unless a newer job has that id by then (enqueued after
 cancel): the id is the newer job's, so the old hash is deleted instead.
 A marked attempt's job hash is read from cancelled:<proc>|<attempt> only: an op of the old
 attempt never reads, ends or counts the newer job of its id. ]]
-local SHORT_OPS = {S = true, E = true, B = true, T = true}
+local SHORT_OPS = {S = true, E = true, B = true, T = true, A = true}
 local MARKABLE_OPS = {S = true, Y = true, y = true, B = true} -- those a mark turns into a cancel
 local marks_seen = false -- settle found marks of its proc: they may be left (marks_left)
 local function settle(proc, argv, first, n, now)
@@ -381,11 +402,8 @@ local function settle(proc, argv, first, n, now)
     end
     job_dead(id, argv[at + 4], argv[at + 5], argv[at + 2], now)
   end
-  local stale = 0
   local finished = {} -- keys of succeeded jobs: one DEL at the end
-  local i = first
-  for _ = 1, n do
-    local op, attempt = argv[i], argv[i + 1]
+  local function settle_op(op, attempt, i) -- returns 1 for a stale op, else 0
     local v = redis.call('HGET', ik, attempt)
     local state = v and string.sub(v, 1, 1)
     local t = v and string.sub(v, 2)
@@ -394,7 +412,7 @@ local function settle(proc, argv, first, n, now)
     local own_cancel = (op == 'Z' or op == 'z') and argv[i + 4] == 'cancelled'
     local jk = marks[attempt] and marked_key(proc, attempt) or job_key(id)
     if not v then
-      stale = stale + 1
+      return 1
     elseif op == 'T' then -- (done above)
     elseif own_cancel or (MARKABLE_OPS[op] and marks[attempt]) then
       local deadline_op = op == 'y' or op == 'z'
@@ -408,7 +426,7 @@ local function settle(proc, argv, first, n, now)
         marks[attempt] = nil
         end_cancelled(jk, id, not own_cancel)
       else
-        stale = stale + 1 -- an op that does not fit the attempt's state: a resend
+        return 1 -- an op that does not fit the attempt's state: a resend
       end
     elseif op == 'S' and state == 'L' then
       redis.call('HDEL', ik, attempt)
@@ -436,7 +454,18 @@ local function settle(proc, argv, first, n, now)
       release_slot(t)
       give_back(id)
     else
-      stale = stale + 1 -- an op that does not fit the attempt's state: a resend
+      return 1 -- an op that does not fit the attempt's state: a resend
+    end
+    return 0
+  end
+  local stale = 0
+  local i = first
+  for _ = 1, n do
+    local op, attempt = argv[i], argv[i + 1]
+    if op == 'A' then -- its failure callbacks ran: the row is no longer re-reported if it dies
+      redis.call('HDEL', reporting_key(proc), attempt)
+    else
+      stale = stale + settle_op(op, attempt, i)
     end
     if SHORT_OPS[op] then i = i + 2 else i = i + 6 end
   end
@@ -455,7 +484,8 @@ end
 (L, R) goes back to the head of its level; an X attempt only frees its slot. With
 max_crash (a reap: the process died), each of those counts a crash first, and a job past
 max_crash is dead ("crashed") instead, with {id, body, retries, error} appended to
-`crashed`; without (release: the process left), none counts. ]]
+`crashed`; without (release: the process left), none counts. The rows proc was handed and
+did not acknowledge (see handed) go to `crashed` too, or to `reports` on a release. ]]
 local function drop_proc(proc, now, max_crash, crashed)
   local ik = inflight_key(proc)
   local entries = redis.call('HGETALL', ik)
@@ -478,7 +508,11 @@ local function drop_proc(proc, now, max_crash, crashed)
       end
     end
   end
-  redis.call('DEL', ik, cancels_key(proc), wake_key(proc))
+  local rk = reporting_key(proc)
+  for _, text in ipairs(redis.call('HVALS', rk)) do
+    if crashed then table.insert(crashed, cjson.decode(text)) else redis.call('RPUSH', K_REPORTS, text) end
+  end
+  redis.call('DEL', ik, cancels_key(proc), wake_key(proc), rk)
   redis.call('ZREM', K_PROCS, proc)
   redis.call('HDEL', K_FETCHED, proc)
   redis.call('HDEL', K_BEATEN, proc)

@@ -1,0 +1,135 @@
+"""A job that Redis ended is reported to a failure callback at least once, even when the
+process it was handed to for reporting dies first (API.md "Failures are never silent" and
+"Scale-out": at-least-once through kill -9 of any process).
+
+A fetch or beat reply hands its caller rows to report: a job a settle ended as cancelled
+(its attempt was marked), or one a reap found crashed too often. Redis has counted the
+job's end by then. Before the fix, a process killed between the reply and its callbacks
+took the report with it: the counters said failed or cancelled, and no callback ever ran
+(found by the cancel fleet test in CI). The rows now wait in Redis until the process
+acknowledges them (op A, after its callbacks), and whoever reaps it reports them.
+
+A process "dies" here by having its lease set in the past, as time would.
+"""
+import json
+
+import pytest
+
+from tinymq.redis._scripts import Scripts, SettleOp
+
+LEASE_MS = 60_000
+
+
+@pytest.fixture
+def scripts(redis_url):
+    import redis as redis_py
+
+    client = redis_py.Redis.from_url(redis_url, decode_responses=True)
+    yield Scripts(client, "reports")
+    client.close()
+
+
+def expire(scripts, proc):
+    scripts.client.zadd(scripts.key("procs"), {proc: 0})
+
+
+def rows(*ids):
+    return [(job_id, "t", 1, 0, f"body-{job_id}") for job_id in ids]
+
+
+def ended_by_its_own_settle(scripts, proc="p1"):
+    """Job "a" is leased to ``proc`` and marked by a cancel; proc's success settle ends it as
+    cancelled, and the reply hands proc the row to report."""
+    scripts.enqueue("tok", 100, 0, rows("a"))
+    attempt = scripts.fetch(proc, "1", 1, LEASE_MS, 3, False).jobs[0].attempt
+    assert scripts.cancel("c1", "a").status == "marked"
+    reply = scripts.fetch(proc, "2", 1, LEASE_MS, 3, True, [SettleOp("S", attempt)])
+    assert [(c.id, c.reason) for c in reply.crashed] == [("a", "cancelled")]
+    return reply
+
+
+def test_a_row_its_process_died_before_reporting_goes_to_the_reaper(scripts):
+    ended_by_its_own_settle(scripts)
+    expire(scripts, "p1")  # killed before its callbacks ran: no acknowledgement
+    alive, _, crashed = scripts.beat("reaper", LEASE_MS, 3, False, "b1")
+    assert alive
+    assert [(c.id, c.reason, c.body) for c in crashed] == [("a", "cancelled", "body-a")]
+    # The reaper is now the one to report it: until it acknowledges, a reaper of the
+    # reaper gets it again.
+    expire(scripts, "reaper")
+    alive, _, crashed = scripts.beat("second", LEASE_MS, 3, False, "b1")
+    assert [(c.id, c.reason) for c in crashed] == [("a", "cancelled")]
+    scripts.settle("second", [SettleOp("A", "a|cancelled")])
+    expire(scripts, "second")
+    assert scripts.beat("third", LEASE_MS, 3, False, "b1")[2] == []
+    assert scripts.client.keys(scripts.key("reporting:*")) == []
+    stats = scripts.client.hgetall(scripts.key("stats"))
+    assert int(stats["cancelled"]) == 1 and int(stats["outstanding"]) == 0  # counted once
+
+
+def test_a_row_acknowledged_before_its_process_died_is_not_reported_again(scripts):
+    ended_by_its_own_settle(scripts)
+    scripts.fetch("p1", "3", 1, LEASE_MS, 3, True, [SettleOp("A", "a|cancelled")])
+    expire(scripts, "p1")
+    alive, _, crashed = scripts.beat("reaper", LEASE_MS, 3, False, "b1")
+    assert alive and crashed == []
+
+
+def test_a_crashed_row_handed_to_a_reaper_that_dies_goes_to_the_next_reaper(scripts):
+    scripts.enqueue("tok", 100, 0, rows("poison"))
+    assert [j.id for j in scripts.fetch("p1", "1", 1, LEASE_MS, 0, False).jobs] == ["poison"]
+    expire(scripts, "p1")
+    reply = scripts.fetch("reaper", "1", 1, LEASE_MS, 0, False)  # max_crash_recoveries 0: dead
+    assert [(c.id, c.reason) for c in reply.crashed] == [("poison", "crashed")]
+    expire(scripts, "reaper")
+    reply = scripts.fetch("next", "1", 1, LEASE_MS, 0, False)
+    assert [(c.id, c.reason) for c in reply.crashed] == [("poison", "crashed")]
+    assert int(scripts.client.hget(scripts.key("stats"), "failed")) == 1  # counted once
+
+
+def test_a_resent_fetch_hands_the_same_rows_and_one_acknowledgement_clears_them(scripts):
+    first = ended_by_its_own_settle(scripts)
+    again = scripts.fetch("p1", "2", 1, LEASE_MS, 3, True, [])  # its reply was lost: resent
+    assert again.crashed == first.crashed
+    scripts.settle("p1", [SettleOp("A", "a|cancelled")])
+    assert scripts.client.hgetall(scripts.key("reporting:p1")) == {}
+
+
+def test_rows_a_leaving_process_did_not_acknowledge_are_reported_by_a_beat(scripts):
+    ended_by_its_own_settle(scripts)
+    scripts.release("p1")  # it left without acknowledging (its callbacks did not finish)
+    alive, _, crashed = scripts.beat("other", LEASE_MS, 3, False, "b1")
+    assert [(c.id, c.reason) for c in crashed] == [("a", "cancelled")]
+    assert [json.loads(v)[0] for v in scripts.client.hvals(scripts.key("reporting:other"))] == ["a"]
+
+
+def test_a_worker_reports_what_its_fetch_found_crashed_and_acknowledges_it(redis_url):
+    """End to end: a live queue reaps a dead process whose job is past its crash recoveries;
+    its callbacks report the job once, and it acknowledges the row (with its next call, or
+    with its release at stop), so nothing is left for anyone to report again."""
+    import redis as redis_py
+
+    from tinymq import Job, Queue
+    from tinymq.redis import RedisBroker
+
+    name = "reports-e2e"
+    q = Queue(broker=RedisBroker(redis_url, name=name, lease=2.0, max_crash_recoveries=0))
+    reported = []
+    q.on_failure(lambda job, reason, exc: reported.append((job.id, reason)))
+    q.register_executor("work", lambda job: None)
+    job = Job("work", {})
+    q.enqueue(job)
+    client = redis_py.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        ghost = Scripts(client, name)
+        assert [j.id for j in ghost.fetch("ghost", "1", 1, LEASE_MS, 0, False).jobs] == [job.id]
+        expire(ghost, "ghost")  # it died holding the job
+        q.start_dispatcher(1)
+        assert q.join(10)
+        q.stop()
+        assert reported == [(job.id, "crashed")]
+        assert client.keys(ghost.key("reporting:*")) == []
+        assert client.llen(ghost.key("reports")) == 0  # not left for another process either
+    finally:
+        q.stop()
+        client.close()
