@@ -45,6 +45,7 @@ __all__ = ["QueueLink"]
 logger = logging.getLogger("tinymq")
 
 _PREFETCH = 1  # jobs fetched beyond the free worker slots: the next one is at hand
+_BUFFERED_MAX = 1.0  # seconds a fetched job waits for a worker here before it goes back
 _SETTLE_BATCH = 32  # settle ops that make the pump flush at once
 _SETTLE_DELAY = 0.001  # seconds an op may wait for company before the pump flushes it
 _IDLE_WAIT = 1.0  # seconds an idle pump blocks in Redis before it looks again
@@ -69,10 +70,11 @@ class _NotHeld(TinyMQError):
 class _Attempt:
     """This process's hold on one job: guarded by QueueLink._lock."""
 
-    __slots__ = ("attempt", "state", "expired", "decided", "returned")
+    __slots__ = ("attempt", "since", "state", "expired", "decided", "returned")
 
-    def __init__(self, attempt: str) -> None:
+    def __init__(self, attempt: str, since: float) -> None:
         self.attempt = attempt
+        self.since = since  # monotonic time it was fetched
         self.state = _PENDING
         self.expired = False  # the watchdog decided it at its deadline; it may still run
         self.decided = False  # its retry/dead op was queued
@@ -109,6 +111,7 @@ class QueueLink:
         # Guarded by _lock:
         self._attempts: Dict[Any, _Attempt] = {}  # job -> this process's attempt of it
         self._in_hand = 0  # attempts fetched and not yet decided (buffered or running)
+        self._prefetch = _PREFETCH  # 0 from a give-back of a job stuck here until a worker frees
         self._ops: List[SettleOp] = []  # outcomes not yet sent
         self._ops_since = 0.0  # monotonic time of the oldest unsent op
         self._workers = 0  # 0 until start: a producer-only queue fetches nothing
@@ -370,6 +373,7 @@ class QueueLink:
             if record is None:
                 return
             self._in_hand -= 1
+            self._prefetch = _PREFETCH
             self._queue_op(SettleOp("S", record.attempt))
         self._flush_if_idle()
 
@@ -380,6 +384,7 @@ class QueueLink:
             if record is not None and not record.expired:
                 record.expired = True
                 self._in_hand -= 1
+                self._prefetch = _PREFETCH
                 self._wake_pump()
 
     def _decide(self, job: Any, op: str, delay: float = 0.0, reason: str = "", error: str = "") -> None:
@@ -395,6 +400,7 @@ class QueueLink:
             else:
                 del self._attempts[job]
                 self._in_hand -= 1
+                self._prefetch = _PREFETCH
             self._queue_op(SettleOp(op, record.attempt, job.retries, max(0.0, round(delay * _MS, _DIGITS)),
                                     reason, error))
         self._flush_if_idle()
@@ -433,6 +439,7 @@ class QueueLink:
                 return
             if not record.expired:
                 self._in_hand -= 1
+                self._prefetch = _PREFETCH
                 self._queue_op(SettleOp("B", record.attempt))
 
     # --- fetching ----------------------------------------------------------------
@@ -441,7 +448,7 @@ class QueueLink:
         """Jobs to ask for. Called with _lock held."""
         if self._closing or not self._workers:
             return 0
-        return max(0, self._workers + _PREFETCH - self._in_hand)
+        return max(0, self._workers + self._prefetch - self._in_hand)
 
     def _round(self) -> int:
         """One fetch script call: send the unsent ops, take up to the free slots; jobs taken."""
@@ -498,6 +505,11 @@ class QueueLink:
     def _take(self, fetched: Sequence[Any]) -> int:
         """Hand fetched attempts to the core. Called with _round_lock held."""
         if self._held:
+            with self._lock:  # one given back while it waited for its copy to leave: no copy is in the core
+                for job in self._held:
+                    record = self._attempts.get(job)
+                    if record is not None and record.state == _GIVEN_BACK:
+                        del self._attempts[job]
             try:
                 self._held = [job for job in self._held if job in self._attempts and not self._place(job)]
             except QueueStopped:
@@ -516,9 +528,10 @@ class QueueLink:
                                             f"cannot decode: {_describe(exc)}"))
                 continue
             jobs.append((job, item.attempt))
+        now = time.monotonic()
         with self._lock:
             for job, attempt in jobs:
-                self._attempts[job] = _Attempt(attempt)
+                self._attempts[job] = _Attempt(attempt, now)
             self._in_hand += len(jobs)
         try:  # the whole batch in one core call, most of the time
             placed = self.ready.push_many([job for job, _ in jobs])
@@ -628,7 +641,7 @@ class QueueLink:
         to ``_SETTLE_DELAY`` for the whole batch of slots to free, so a round
         carries many settles and jobs; unsent ops wait as long at most.
         """
-        goal = self._workers + _PREFETCH if backlog else 1
+        goal = self._workers + self._prefetch if backlog else 1
         since = None
         try:
             while not self._closing and self._unsent is None:
@@ -672,9 +685,37 @@ class QueueLink:
                 self._log_outage("fetching due jobs", exc)
                 self._next_due = time.monotonic() + _BACKOFF_MIN
 
+    def _give_back_stuck(self) -> None:
+        """Jobs that waited ``_BUFFERED_MAX`` here without a worker (each one is busy with a
+        long job) go back to the head of their priority in Redis, where an idle process
+        takes them; until a worker here frees, this process fetches none beyond its free
+        workers (else it would take them again)."""
+        now = time.monotonic()
+        with self._lock:
+            if self._closing:
+                return
+            stuck = [r for r in self._attempts.values()
+                     if r.state == _PENDING and now - r.since >= _BUFFERED_MAX]
+            if not stuck:
+                return
+            for record in stuck:
+                record.state = _GIVEN_BACK  # a worker that pops it refuses it
+                self._in_hand -= 1
+            self._prefetch = 0
+            for record in reversed(stuck):  # each goes to the head: the first last
+                self._queue_op(SettleOp("B", record.attempt))
+        logger.debug("gave back %d job(s) that waited %gs for a worker here", len(stuck), _BUFFERED_MAX)
+        self._flush_if_idle()
+
     def _heartbeat(self) -> None:
+        """Renew the lease every lease / 4; meanwhile, every second, give back stuck jobs."""
         interval = self.broker.lease / 4
-        while not self._stopped.wait(interval):
+        next_beat = time.monotonic() + interval
+        while not self._stopped.wait(max(0.0, min(next_beat - time.monotonic(), _BUFFERED_MAX))):
+            self._give_back_stuck()
+            if time.monotonic() < next_beat:
+                continue
+            next_beat = time.monotonic() + interval
             try:
                 with self._round_lock:  # never beside a round: a reap answer must meet a settled state
                     proc, registered = self._proc, self._registered
