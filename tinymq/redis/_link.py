@@ -432,7 +432,11 @@ class QueueLink:
         return True
 
     def given_back(self, job: Any) -> None:
-        """An attempt that stop() cancelled: back to Redis, not counted."""
+        """An attempt that stop() cancelled: back to Redis, not counted.
+
+        It started: a B op of an attempt whose start Redis never heard of (T) counts no
+        start in a rate window, so a type this process does not rate-limit (another
+        process's registration may) reports the start first."""
         with self._lock:
             record = self._attempts.pop(job, None)
             if record is None:
@@ -440,6 +444,8 @@ class QueueLink:
             if not record.expired:
                 self._in_hand -= 1
                 self._prefetch = _PREFETCH
+                if record.state == _STARTED and job.type not in self._rate_limited:
+                    self._queue_op(SettleOp("T", record.attempt))
                 self._queue_op(SettleOp("B", record.attempt))
 
     # --- fetching ----------------------------------------------------------------
