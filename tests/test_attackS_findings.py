@@ -13,7 +13,8 @@ buffered job does not wait behind long jobs): each test failed before its fix.
    that call as it was, but not once the queue is closing): a success settled in it was
    never sent, and the release gave the job back, so it ran a second time elsewhere (and
    an acknowledgement of a report in it was lost, so the report came twice). Found by
-   restarting Redis under a worker that had just finished a job, then stopping it.
+   restarting Redis under a worker that had just finished a job, then stopping it. Fixed:
+   stop() sends that round's ops first, with its release (those Redis ran are stale).
 """
 import threading
 import time
@@ -97,7 +98,6 @@ def test_a_rate_limited_job_buffered_behind_a_long_one_runs_in_an_idle_process(r
 
 # --- 2. stop() sends the ops of a round that failed ------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="stop() drops the ops of a failed round (_unsent): the success is lost")
 def test_a_success_settled_while_redis_was_down_is_not_run_again_after_stop(own_redis_server, monkeypatch):
     from tinymq.redis import broker as broker_module
 

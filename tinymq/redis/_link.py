@@ -768,7 +768,11 @@ class QueueLink:
                 unstarted = [r for r in self._attempts.values() if r.state == _PENDING]
                 for record in unstarted:
                     record.state = _GIVEN_BACK
-                ops = self._ops + [SettleOp("B", r.attempt) for r in reversed(unstarted)]
+                # A round that failed (the pump resends it no more once closing): its ops go
+                # first, in order; those Redis ran already (its reply was lost) are stale.
+                failed = [] if self._unsent is None else self._unsent[3]
+                self._unsent = None
+                ops = failed + self._ops + [SettleOp("B", r.attempt) for r in reversed(unstarted)]
                 self._ops = []
                 proc, registered = self._proc, self._registered
             self._released = True
