@@ -153,3 +153,24 @@ def test_a_success_settled_while_redis_was_down_is_not_run_again_after_stop(own_
         assert ran == ["a"]
     finally:
         made.close()
+
+
+# --- what held -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("job_id", ["a|cancelled", "a:b", "x|y:z|crashed", "é|"])
+def test_an_acknowledgement_removes_exactly_its_row_whatever_the_id_holds(scripts, job_id):
+    """Ids with the key's separators ("|", and ":" of attempts): "<id>|<reason>" ends with a
+    reason, which holds neither, so one job's acknowledgement never removes another's row."""
+    other = "a" if job_id != "a" else "b"
+    scripts.enqueue("tok", 100, 0, [(job_id, "t", 1, 0, "body-1"), (other, "t", 1, 0, "body-2")])
+    attempts = [job.attempt for job in scripts.fetch("p1", "1", 2, LEASE_MS, 3, False).jobs]
+    for job in (job_id, other):
+        assert scripts.cancel(f"c-{job}", job).status == "marked"
+    reply = scripts.fetch("p1", "2", 0, LEASE_MS, 3, True, [SettleOp("S", a) for a in attempts])
+    assert sorted(c.id for c in reply.crashed) == sorted([job_id, other])
+    scripts.fetch("p1", "3", 0, LEASE_MS, 3, True, [SettleOp("A", f"{job_id}|cancelled")])
+    left = scripts.client.hgetall(scripts.key("reporting:p1"))
+    assert list(left) == [f"{other}|cancelled"]
+    scripts.client.zadd(scripts.key("procs"), {"p1": 0})  # killed before acknowledging the other
+    alive, _, crashed = scripts.beat("reaper", LEASE_MS, 3, False, "b1")
+    assert [(c.id, c.reason) for c in crashed] == [(other, "cancelled")]
