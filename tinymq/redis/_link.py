@@ -107,6 +107,9 @@ class QueueLink:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # slots freed, ops added, closing
         self._renewal = threading.Condition(self._lock)  # the lease was renewed, or lost, or closing
+        self._reported = threading.Condition(self._lock)  # a thread finished reporting handed rows
+        # thread -> the acknowledgement (op A's key) of the handed row whose failure callbacks it runs
+        self._reporting: Dict[int, str] = {}
         self._renewed_at = -math.inf  # monotonic time the last call that renewed the lease was sent
         # Guarded by _lock:
         self._attempts: Dict[Any, _Attempt] = {}  # job -> this process's attempt of it
@@ -202,10 +205,23 @@ class QueueLink:
         """Report the rows a fetch or beat reply handed to this process, acknowledging each
         once its callbacks ran (op A, sent with the next call): until then Redis keeps it
         for whoever reaps this process, should it die first (reported at least once)."""
-        for row in rows:
-            self._report(row.id, row.body, row.reason, row.retries, row.error)
+        if not rows:
+            return
+        me = threading.get_ident()
+        try:
+            for row in rows:
+                key = f"{row.id}|{row.reason}"
+                with self._lock:
+                    if self._released:  # (stop() waits for other threads): a callback here stopped
+                        break               # the queue, and the release handed the rest on
+                    self._reporting[me] = key  # stop() waits for it, so that its A goes with the release
+                self._report(row.id, row.body, row.reason, row.retries, row.error)
+                with self._lock:
+                    self._queue_op(SettleOp("A", key))
+        finally:
             with self._lock:
-                self._queue_op(SettleOp("A", f"{row.id}|{row.reason}"))
+                self._reporting.pop(me, None)
+                self._reported.notify_all()
 
     # --- observing ---------------------------------------------------------------
 
@@ -763,6 +779,16 @@ class QueueLink:
         for thread in started:
             if thread is not threading.current_thread():
                 thread.join(_IDLE_WAIT + 1.0)
+        # Failure callbacks still running on rows a reply handed this process: released before
+        # they end, the rows would go to `reports` and be reported again by another process.
+        # A callback that stops the queue does not wait for itself: its row counts as reported.
+        me = threading.get_ident()
+        with self._lock:
+            while any(ident != me for ident in self._reporting):
+                self._reported.wait()
+            own = self._reporting.get(me)
+            if own is not None:
+                self._queue_op(SettleOp("A", own))
         with self._round_lock:
             with self._lock:
                 unstarted = [r for r in self._attempts.values() if r.state == _PENDING]
