@@ -21,6 +21,9 @@ buffered job does not wait behind long jobs): each test failed before its fix.
    which had already sent the row to `reports` for another process to report again.
    Fixed: stop() waits for the callbacks running on handed rows (but its own, when a
    callback stops the queue), so their acknowledgements go with the release.
+4. Not fixed (strict xfail): a waiting job that q.cancel() removes, or a delayed job an
+   enqueue evicts, is reported only from that call's reply; the at-least-once promise
+   across kill -9 does not hold for it.
 """
 import json
 import threading
