@@ -13,6 +13,7 @@ length, as for test_redis_model.py); the fleet test records real start times in 
 worker processes.
 """
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -253,7 +254,8 @@ class RateMachine(RuleBasedStateMachine):
     fetch; the clock jumps. Every hand-out is recorded with the virtual time of its call, and
     the time its start became known to Redis (a T op, an outcome, a reap). After every step:
     no moment has more than max_starts hand-outs of a type whose places were still held then
-    (a place is held from hand-out until per after its start was known); every job is in one
+    (a place is held from hand-out until per after its start was known, or until a give-back
+    with no start known: it never started); every job is in one
     place; and a type left waiting is waiting for something that will come (a slot, an unknown
     start, or a window opening the next fetch reply names)."""
 
@@ -269,6 +271,7 @@ class RateMachine(RuleBasedStateMachine):
         self.registered = set()
         self.held = {proc: {} for proc in MACHINE_PROCS}  # proc -> attempt -> (type, reported)
         self.handouts = {}  # (proc, attempt) -> [type, handed out at, start known at or None]
+        self.freed = {}  # (proc, attempt) -> when it was given back unstarted (no place after)
         self.last_fetch = None
         self.scripts.set_limits({t: (slots, m, per / 1000.0) for t, (slots, m, per) in MACHINE_LIMITS.items()})
         self.scripts.set_limits({"f": 5})
@@ -302,6 +305,12 @@ class RateMachine(RuleBasedStateMachine):
 
     def apply_ops(self, proc, ops, at) -> None:
         for op in ops:
+            if op.op == "B" and not self.held[proc][op.attempt][1]:
+                # Given back with no start reported (a started attempt reports it first): it
+                # never started, and its place is free from the give-back on.
+                self.freed[(proc, op.attempt)] = at
+                del self.held[proc][op.attempt]
+                continue
             self.start_known(proc, op.attempt, at)
             if op.op == "T":
                 job_type, _ = self.held[proc][op.attempt]
@@ -412,9 +421,9 @@ class RateMachine(RuleBasedStateMachine):
     @invariant()
     def never_more_than_max_starts_places_held(self):
         for t, (_, max_starts, per) in MACHINE_LIMITS.items():
-            records = [r for r in self.handouts.values() if r[0] == t]
-            for _, moment, _ in records:
-                held = [r for r in records if r[1] <= moment and (r[2] is None or r[2] + per > moment)]
+            records = [r + [self.freed.get(key, math.inf)] for key, r in self.handouts.items() if r[0] == t]
+            for _, moment, _, _ in records:
+                held = [r for r in records if r[1] <= moment < r[3] and (r[2] is None or r[2] + per > moment)]
                 assert len(held) <= max_starts, (t, moment, held)
 
     @invariant()

@@ -107,6 +107,9 @@ class QueueLink:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # slots freed, ops added, closing
         self._renewal = threading.Condition(self._lock)  # the lease was renewed, or lost, or closing
+        self._reported = threading.Condition(self._lock)  # a thread finished reporting handed rows
+        # thread -> the acknowledgement (op A's key) of the handed row whose failure callbacks it runs
+        self._reporting: Dict[int, str] = {}
         self._renewed_at = -math.inf  # monotonic time the last call that renewed the lease was sent
         # Guarded by _lock:
         self._attempts: Dict[Any, _Attempt] = {}  # job -> this process's attempt of it
@@ -202,10 +205,23 @@ class QueueLink:
         """Report the rows a fetch or beat reply handed to this process, acknowledging each
         once its callbacks ran (op A, sent with the next call): until then Redis keeps it
         for whoever reaps this process, should it die first (reported at least once)."""
-        for row in rows:
-            self._report(row.id, row.body, row.reason, row.retries, row.error)
+        if not rows:
+            return
+        me = threading.get_ident()
+        try:
+            for row in rows:
+                key = f"{row.id}|{row.reason}"
+                with self._lock:
+                    if self._released:  # (stop() waits for other threads): a callback here stopped
+                        break               # the queue, and the release handed the rest on
+                    self._reporting[me] = key  # stop() waits for it, so that its A goes with the release
+                self._report(row.id, row.body, row.reason, row.retries, row.error)
+                with self._lock:
+                    self._queue_op(SettleOp("A", key))
+        finally:
             with self._lock:
-                self._queue_op(SettleOp("A", f"{row.id}|{row.reason}"))
+                self._reporting.pop(me, None)
+                self._reported.notify_all()
 
     # --- observing ---------------------------------------------------------------
 
@@ -432,7 +448,11 @@ class QueueLink:
         return True
 
     def given_back(self, job: Any) -> None:
-        """An attempt that stop() cancelled: back to Redis, not counted."""
+        """An attempt that stop() cancelled: back to Redis, not counted.
+
+        It started: a B op of an attempt whose start Redis never heard of (T) counts no
+        start in a rate window, so a type this process does not rate-limit (another
+        process's registration may) reports the start first."""
         with self._lock:
             record = self._attempts.pop(job, None)
             if record is None:
@@ -440,6 +460,8 @@ class QueueLink:
             if not record.expired:
                 self._in_hand -= 1
                 self._prefetch = _PREFETCH
+                if record.state == _STARTED and job.type not in self._rate_limited:
+                    self._queue_op(SettleOp("T", record.attempt))
                 self._queue_op(SettleOp("B", record.attempt))
 
     # --- fetching ----------------------------------------------------------------
@@ -757,12 +779,26 @@ class QueueLink:
         for thread in started:
             if thread is not threading.current_thread():
                 thread.join(_IDLE_WAIT + 1.0)
+        # Failure callbacks still running on rows a reply handed this process: released before
+        # they end, the rows would go to `reports` and be reported again by another process.
+        # A callback that stops the queue does not wait for itself: its row counts as reported.
+        me = threading.get_ident()
+        with self._lock:
+            while any(ident != me for ident in self._reporting):
+                self._reported.wait()
+            own = self._reporting.get(me)
+            if own is not None:
+                self._queue_op(SettleOp("A", own))
         with self._round_lock:
             with self._lock:
                 unstarted = [r for r in self._attempts.values() if r.state == _PENDING]
                 for record in unstarted:
                     record.state = _GIVEN_BACK
-                ops = self._ops + [SettleOp("B", r.attempt) for r in reversed(unstarted)]
+                # A round that failed (the pump resends it no more once closing): its ops go
+                # first, in order; those Redis ran already (its reply was lost) are stale.
+                failed = [] if self._unsent is None else self._unsent[3]
+                self._unsent = None
+                ops = failed + self._ops + [SettleOp("B", r.attempt) for r in reversed(unstarted)]
                 self._ops = []
                 proc, registered = self._proc, self._registered
             self._released = True

@@ -44,7 +44,9 @@ Keys (after the prefix):
   rate:<type>              ZSET  "<proc>|<attempt>" -> end of the window its start counts in
                                  (ms): +inf from hand-out until its start is reported (op T),
                                  then (server time of that report, or of its outcome, or of
-                                 its reap) + per. Entries ending at or before now are dropped.
+                                 its reap) + per; removed by a give-back (B) before its
+                                 start (it never started). Entries ending at or before now
+                                 are dropped.
   rateopen                 ZSET  type -> when its rate window next opens (ms), for types with
                                  jobs parked for the rate and a known opening
   signal                   LIST  at most one "1": wakes one idle fetcher (BLPOP)
@@ -173,6 +175,19 @@ local function rate_wait(t)
     redis.call('ZADD', K_RATE_OPEN, 'LT', first[2], t)
     if redis.call('ZRANGE', K_RATE_OPEN, 0, 0)[1] == t then signal() end -- idle processes re-arm their timer
   end
+end
+
+-- An L attempt of t that proc gives back (op B) while its entry still ends at +inf never
+-- started: a started attempt of a rate-limited type reports its start (T) before any other
+-- op. It counts no start: its entry is removed (true), and its job is handed out again at
+-- once, not a window later. False when t has no rate limit or the attempt had started.
+local function rate_unstarted(t, proc, attempt)
+  if not rate_limit_of(t) then return false end
+  local k, member = rate_key(t), rate_member(proc, attempt)
+  local score = redis.call('ZSCORE', k, member)
+  if score ~= 'inf' and score ~= '+inf' then return false end
+  redis.call('ZREM', k, member)
+  return true
 end
 
 -- An attempt of t handed out to proc has started by now (reported, settled or reaped):
@@ -362,7 +377,8 @@ end
   A  (op, "<id>|<reason>" instead of an attempt) a row handed to proc to report was
        reported: it leaves reporting:<proc> (see handed)
 Every op on an L attempt also ends its rate window entry per from now, at the latest
-(an outcome comes after the start; B may be a cancelled running attempt).
+(an outcome comes after the start; B may be a cancelled running attempt), except a B of
+an attempt whose start was never reported (T): it never started, and counts no start.
 An attempt not in the process's inflight hash (reaped, or settled already: a resend)
 is stale and changes nothing. Returns the number of stale ops.
 An attempt that q.cancel() marked (in cancels:<proc>), or a Z/z op for reason
@@ -408,7 +424,8 @@ local function settle(proc, argv, first, n, now)
     local state = v and string.sub(v, 1, 1)
     local t = v and string.sub(v, 2)
     local id = id_of(attempt)
-    if v and (state == 'L' or op == 'T') then rate_started(t, proc, attempt) end
+    if v and op == 'B' and state == 'L' and rate_unstarted(t, proc, attempt) then -- (no start)
+    elseif v and (state == 'L' or op == 'T') then rate_started(t, proc, attempt) end
     local own_cancel = (op == 'Z' or op == 'z') and argv[i + 4] == 'cancelled'
     local jk = marks[attempt] and marked_key(proc, attempt) or job_key(id)
     if not v then
