@@ -20,7 +20,8 @@ buffered job does not wait behind long jobs): each test failed before its fix.
    handed this process, was still running, so its acknowledgement came after the release,
    which had already sent the row to `reports` for another process to report again.
    Fixed: stop() waits for the callbacks running on handed rows (but its own, when a
-   callback stops the queue), so their acknowledgements go with the release.
+   callback stops the queue), so their acknowledgements go with the release; 10 s at
+   most (a stuck callback does not hold stop() up: its job is reported again).
 4. Not fixed (strict xfail): a waiting job that q.cancel() removes, or a delayed job an
    enqueue evicts, is reported only from that call's reply; the at-least-once promise
    across kill -9 does not hold for it.
@@ -214,6 +215,57 @@ def test_a_slow_failure_callback_at_stop_is_not_repeated_by_another_process(redi
         assert reports == [("first", "j", "crashed")]
         assert client.keys(scripts.key("reporting:*")) == []
     finally:
+        client.close()
+        made.close()
+
+
+def test_a_failure_callback_stuck_at_stop_does_not_hold_it_up_and_its_job_is_reported_again(
+        redis_url, monkeypatch):
+    """(stop() waits for such callbacks _REPORT_WAIT at most, then releases: at least once,
+    another process reports the job again.)"""
+    import redis as redis_py
+
+    from tinymq.redis import _link
+    from tinymq.redis._link import job_row
+
+    monkeypatch.setattr(_link, "_REPORT_WAIT", 0.5)
+    made = Redis(redis_url, lease=2.0, max_crash_recoveries=0)
+    client = redis_py.Redis.from_url(redis_url, decode_responses=True)
+    scripts = Scripts(client, made.queue_name)
+    go_on = threading.Event()
+    try:
+        scripts.enqueue("tok", 100, 0, [job_row(Job("work", None, id="j"), time.time())])
+        assert len(scripts.fetch("dead", "1", 1, LEASE_MS, 0, False).jobs) == 1
+        client.zadd(scripts.key("procs"), {"dead": 0})
+        reports, in_callback = [], threading.Event()
+        first = made.queue()
+
+        @first.on_failure
+        def stuck(job, reason, exc):
+            reports.append(("first", job.id, reason))
+            in_callback.set()
+            go_on.wait(WAIT * 3)
+
+        first.register_executor("work", lambda job: None)
+        first.start_dispatcher(1)
+        assert in_callback.wait(WAIT)
+        began = time.monotonic()
+        first.stop()
+        assert time.monotonic() - began < 2.0 + 0.5 + WAIT / 2  # its threads' 2 s, the wait, margin
+        second = made.queue()
+        reported_again = threading.Event()
+
+        @second.on_failure
+        def again(job, reason, exc):
+            reports.append(("second", job.id, reason))
+            reported_again.set()
+
+        second.register_executor("work", lambda job: None)
+        second.start_dispatcher(1)
+        assert reported_again.wait(WAIT)
+        assert reports == [("first", "j", "crashed"), ("second", "j", "crashed")]
+    finally:
+        go_on.set()
         client.close()
         made.close()
 

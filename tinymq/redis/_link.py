@@ -46,6 +46,7 @@ logger = logging.getLogger("tinymq")
 
 _PREFETCH = 1  # jobs fetched beyond the free worker slots: the next one is at hand
 _BUFFERED_MAX = 1.0  # seconds a fetched job waits for a worker here before it goes back
+_REPORT_WAIT = 10.0  # seconds stop() waits for failure callbacks on rows handed to this process
 _SETTLE_BATCH = 32  # settle ops that make the pump flush at once
 _SETTLE_DELAY = 0.001  # seconds an op may wait for company before the pump flushes it
 _IDLE_WAIT = 1.0  # seconds an idle pump blocks in Redis before it looks again
@@ -780,12 +781,20 @@ class QueueLink:
             if thread is not threading.current_thread():
                 thread.join(_IDLE_WAIT + 1.0)
         # Failure callbacks still running on rows a reply handed this process: released before
-        # they end, the rows would go to `reports` and be reported again by another process.
+        # they end, the rows would go to `reports` and be reported again by another process
+        # (at least once: a callback stuck past _REPORT_WAIT does not hold up stop() for ever).
         # A callback that stops the queue does not wait for itself: its row counts as reported.
         me = threading.get_ident()
+        deadline = time.monotonic() + _REPORT_WAIT
         with self._lock:
             while any(ident != me for ident in self._reporting):
-                self._reported.wait()
+                left = deadline - time.monotonic()
+                if left <= 0.0:
+                    logger.warning("Redis queue %r: stop() did not wait longer than %gs for failure "
+                                   "callbacks still running; another process reports their jobs again",
+                                   self.broker.name, _REPORT_WAIT)
+                    break
+                self._reported.wait(left)
             own = self._reporting.get(me)
             if own is not None:
                 self._queue_op(SettleOp("A", own))
