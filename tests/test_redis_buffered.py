@@ -71,3 +71,37 @@ def test_a_job_buffered_behind_a_long_one_runs_in_an_idle_process(redis):
     assert busy.join(WAIT)
     stats = busy.get_stats()
     assert stats.jobs_succeeded == 2 and stats.jobs_failed == 0
+
+
+def test_a_job_given_back_leaves_the_core_and_its_process_takes_it_again_when_a_worker_frees(redis):
+    """With no other process, the job goes back to Redis and comes back to the same process
+    once its worker frees: placed at once, since its given-back copy left the core."""
+    (busy,) = [redis.queue()]
+    release, long_started, next_ran = threading.Event(), threading.Event(), threading.Event()
+
+    def work(job):
+        if job.id == "long":
+            long_started.set()
+            release.wait(WAIT * 2)
+        else:
+            next_ran.set()
+
+    busy.register_executor("work", work, ExecutorConfig(max_concurrent_jobs=10))
+    busy.start_dispatcher(1)
+    try:
+        busy.enqueue_many([Job("work", None, id="long"), Job("work", None, id="next")])
+        assert long_started.wait(WAIT)
+        deadline = time.monotonic() + WAIT
+        while inflight(redis, busy) != ["long"]:  # "next" went back to Redis
+            assert time.monotonic() < deadline, inflight(redis, busy)
+            time.sleep(0.01)
+        assert busy._ready.sizes() == (0, 0, 0)  # and left the core
+        assert [job.id for job in busy._link._attempts] == ["long"]
+        assert busy.get_stats().medium_queue_size == 1  # it waits in Redis
+    finally:
+        release.set()
+    assert next_ran.wait(WAIT)
+    assert busy.join(WAIT)
+    assert busy._link._attempts == {} and busy._link._held == []
+    stats = busy.get_stats()
+    assert stats.jobs_succeeded == 2 and stats.jobs_failed == 0

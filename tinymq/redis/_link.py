@@ -712,21 +712,30 @@ class QueueLink:
         """Jobs that waited ``_BUFFERED_MAX`` here without a worker (each one is busy with a
         long job) go back to the head of their priority in Redis, where an idle process
         takes them; until a worker here frees, this process fetches none beyond its free
-        workers (else it would take them again)."""
+        workers (else it would take them again). Each leaves the core at once, so that
+        fetched again here it is placed at once; one a worker took meanwhile is refused."""
         now = time.monotonic()
-        with self._lock:
-            if self._closing:
-                return
-            stuck = [r for r in self._attempts.values()
-                     if r.state == _PENDING and now - r.since >= _BUFFERED_MAX]
-            if not stuck:
-                return
-            for record in stuck:
-                record.state = _GIVEN_BACK  # a worker that pops it refuses it
-                self._in_hand -= 1
-            self._prefetch = 0
-            for record in reversed(stuck):  # each goes to the head: the first last
-                self._queue_op(SettleOp("B", record.attempt))
+        with self._round_lock:  # (_held stays as it is)
+            with self._lock:
+                if self._closing:
+                    return
+                stuck = [(job, record) for job, record in self._attempts.items()
+                         if record.state == _PENDING and now - record.since >= _BUFFERED_MAX]
+                if not stuck:
+                    return
+                for _, record in stuck:
+                    record.state = _GIVEN_BACK  # a worker that pops it refuses it
+                    self._in_hand -= 1
+                self._prefetch = 0
+                for _, record in reversed(stuck):  # each goes to the head: the first last
+                    self._queue_op(SettleOp("B", record.attempt))
+            for job, _ in stuck:
+                if any(job is other for other in self._held):
+                    continue  # not in the core (an older copy is: refused when a worker pops it)
+                if self.ready.remove(job.id) is job:
+                    self.ready.task_done(job)
+                    with self._lock:
+                        self._attempts.pop(job, None)
         logger.debug("gave back %d job(s) that waited %gs for a worker here", len(stuck), _BUFFERED_MAX)
         self._flush_if_idle()
 
