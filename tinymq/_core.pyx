@@ -1897,6 +1897,7 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
     slot.thread_id = PyThread_get_thread_ident()
     while True:
         if finished is None:
+            job = context = result = error = done = None  # a worker waiting keeps no job alive
             job = ready._pop(WAIT_FOREVER, &taken, waiter)
         else:
             job = ready._pop(0.0, &taken, waiter)  # the next job, if one is ready now
@@ -1905,6 +1906,7 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
                 _settle(ready, slot, finished)
                 finished = None
                 if job is None:
+                    context = result = error = done = None
                     job = ready._pop(WAIT_FOREVER, &taken, waiter)
         if job is None:
             return

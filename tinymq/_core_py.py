@@ -1345,6 +1345,7 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
     switch: Optional[Callable[[Any, Any], None]] = None
     while True:
         if finished is None:
+            taken = job = context = result = error = done = None  # a worker waiting keeps no job alive
             taken = ready._pop(None, waiter)
         else:
             taken = ready._pop(0.0, waiter)  # the next job, if one is ready now
@@ -1353,6 +1354,7 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
                 _settle(ready, slot, finished)
                 finished = None
                 if taken is None:
+                    job = context = result = error = done = None
                     taken = ready._pop(None, waiter)
         if taken is None:
             return

@@ -313,12 +313,15 @@ class Dispatcher:
         self._set_hooks(slot)
         self._slots.add(slot)
         self._worker_number += 1
-        self._start_thread(self._work, f"tinymq-worker-{self._worker_number}", slot, failure)
+        # (In a list it empties: the thread's arguments would keep the job alive as long as it runs.)
+        self._start_thread(self._work, f"tinymq-worker-{self._worker_number}", slot, [failure])
 
-    def _work(self, slot: Any, failure: Optional[Tuple[Any, Any, BaseException]]) -> None:
+    def _work(self, slot: Any, first: List[Optional[Tuple[Any, Any, BaseException]]]) -> None:
         try:
+            failure = first.pop()
             if failure is not None:
                 self.attempt_failed(*failure)
+                failure = None
             core.run_worker(self.ready, slot, self.watchdog_alarm, self)
         except JobTimeout:  # a late interruption landing in a retired worker on its way out
             logger.debug("a retired worker received its interruption late; it exits")
@@ -466,6 +469,7 @@ class Dispatcher:
                 for heap in (delayed, uncapped):
                     for job in heap.pop_due(now):
                         self.make_ready(job)
+                job = None  # the scheduler waiting keeps no job alive
                 ready.reopen_rate_limited(now)
                 wake_at = now + interval
                 for heap in (delayed, uncapped):
@@ -510,6 +514,7 @@ class Dispatcher:
                         self._timed_out(slot, job)
                     elif slot.job is not None and not slot.expired and slot.deadline < earliest:
                         earliest = slot.deadline
+                job = slots = None  # the watchdog waiting keeps no job alive
                 if earliest == math.inf:
                     earliest = now + _IDLE_WATCH
                 alarm.sleep(earliest - core.monotonic(), earliest)
