@@ -1897,7 +1897,7 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
     slot.thread_id = PyThread_get_thread_ident()
     while True:
         if finished is None:
-            job = context = result = error = done = None  # a worker waiting keeps no job alive
+            job = None  # a worker waiting keeps no job alive
             job = ready._pop(WAIT_FOREVER, &taken, waiter)
         else:
             job = ready._pop(0.0, &taken, waiter)  # the next job, if one is ready now
@@ -1906,7 +1906,6 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
                 _settle(ready, slot, finished)
                 finished = None
                 if job is None:
-                    context = result = error = done = None
                     job = ready._pop(WAIT_FOREVER, &taken, waiter)
         if job is None:
             return
@@ -1931,12 +1930,14 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
                 if finished is not None:
                     done, finished = finished, None
                     _settle(ready, slot, done)
+                    done = None
             elif finished is not None:
                 done, finished = finished, None
                 try:
                     switch(done, job)
                 finally:
                     ready._task_done(done)
+                    done = None
                 decided = slot.expired
             elif slot.on_start is not None:
                 slot.on_start(job)
@@ -1946,12 +1947,16 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
                     result = fn(job)
                 else:
                     result = fn(job, context)
-                if result is not None and _awaitable_or_generator(result):  # a function returning a coroutine
-                    dispatcher.returned(job, state, result)
+                if result is not None:
+                    if _awaitable_or_generator(result):  # a function returning a coroutine
+                        dispatcher.returned(job, state, result)
+                    result = None
         except BaseException as exc:  # the attempt's failure, whatever it is
             error = exc
         ended = _monotonic()
         expired = slot.end()
+        if context is not None:
+            context = None
         # A worker going straight back to pop takes the job its slot frees itself.
         ready._release(state, expired or error is not None or cancelled
                        or (slot.on_success is not None and slot.on_switch is None))
@@ -1981,6 +1986,7 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
         else:
             state.record_duration(ended - started)
             dispatcher.attempt_failed(job, state, error)
+            error = None
 
 
 cdef int _settle(ReadyQueue ready, WorkerSlot slot, object job) except -1:

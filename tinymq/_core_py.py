@@ -1345,7 +1345,7 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
     switch: Optional[Callable[[Any, Any], None]] = None
     while True:
         if finished is None:
-            taken = job = context = result = error = done = None  # a worker waiting keeps no job alive
+            taken = job = None  # a worker waiting keeps no job alive
             taken = ready._pop(None, waiter)
         else:
             taken = ready._pop(0.0, waiter)  # the next job, if one is ready now
@@ -1354,7 +1354,7 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
                 _settle(ready, slot, finished)
                 finished = None
                 if taken is None:
-                    job = context = result = error = done = None
+                    job = None
                     taken = ready._pop(None, waiter)
         if taken is None:
             return
@@ -1382,12 +1382,14 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
                     if finished is not None:
                         done, finished = finished, None
                         _settle(ready, slot, done)
+                        done = None
                 elif finished is not None:
                     done, finished = finished, None
                     try:
                         switch(done, job)  # type: ignore[misc]
                     finally:
                         ready.task_done(done)
+                        done = None
                     decided = slot.expired
                 elif slot.on_start is not None:
                     slot.on_start(job)
@@ -1397,12 +1399,16 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
                         result = fn(job)
                     else:
                         result = fn(job, context)
-                    if result is not None and _awaitable_or_generator(result):  # a function returning a coroutine
-                        dispatcher.returned(job, state, result)
+                    if result is not None:
+                        if _awaitable_or_generator(result):  # a function returning a coroutine
+                            dispatcher.returned(job, state, result)
+                        result = None
             except BaseException as exc:  # the attempt's failure, whatever it is
                 error = exc
             ended = monotonic()
             expired = slot.end()
+            if context is not None:
+                context = None
             if expired and slot.interrupted:
                 interrupt_thread(slot.thread_id, None)  # from here on nothing may land
             straight_back = (error is None and not expired and not cancelled
@@ -1438,6 +1444,7 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
         else:
             ready.record_duration(state, ended - started)
             dispatcher.attempt_failed(job, state, error)
+            error = None
 
 
 def _settle(ready: ReadyQueue, slot: WorkerSlot, job: Any) -> None:
