@@ -365,6 +365,12 @@ class QueueLink:
             self._renewed_at = sent
             self._renewal.notify_all()
 
+    def _slot_freed(self) -> None:
+        """An attempt that held a worker here ended: the next job may be fetched ahead again
+        (after a give-back of a stuck one, none was). Called with _lock held."""
+        self._in_hand -= 1
+        self._prefetch = _PREFETCH
+
     def _queue_op(self, op: SettleOp) -> None:
         """Called with _lock held."""
         if not self._ops:
@@ -389,8 +395,7 @@ class QueueLink:
             record = self._attempts.pop(job, None)
             if record is None:
                 return
-            self._in_hand -= 1
-            self._prefetch = _PREFETCH
+            self._slot_freed()
             self._queue_op(SettleOp("S", record.attempt))
         self._flush_if_idle()
 
@@ -400,8 +405,7 @@ class QueueLink:
             record = self._attempts.get(job)
             if record is not None and not record.expired:
                 record.expired = True
-                self._in_hand -= 1
-                self._prefetch = _PREFETCH
+                self._slot_freed()
                 self._wake_pump()
 
     def _decide(self, job: Any, op: str, delay: float = 0.0, reason: str = "", error: str = "") -> None:
@@ -416,8 +420,7 @@ class QueueLink:
                 op = op.lower()
             else:
                 del self._attempts[job]
-                self._in_hand -= 1
-                self._prefetch = _PREFETCH
+                self._slot_freed()
             self._queue_op(SettleOp(op, record.attempt, job.retries, max(0.0, round(delay * _MS, _DIGITS)),
                                     reason, error))
         self._flush_if_idle()
@@ -459,8 +462,7 @@ class QueueLink:
             if record is None:
                 return
             if not record.expired:
-                self._in_hand -= 1
-                self._prefetch = _PREFETCH
+                self._slot_freed()
                 if record.state == _STARTED and job.type not in self._rate_limited:
                     self._queue_op(SettleOp("T", record.attempt))
                 self._queue_op(SettleOp("B", record.attempt))

@@ -177,19 +177,6 @@ local function rate_wait(t)
   end
 end
 
--- An L attempt of t that proc gives back (op B) while its entry still ends at +inf never
--- started: a started attempt of a rate-limited type reports its start (T) before any other
--- op. It counts no start: its entry is removed (true), and its job is handed out again at
--- once, not a window later. False when t has no rate limit or the attempt had started.
-local function rate_unstarted(t, proc, attempt)
-  if not rate_limit_of(t) then return false end
-  local k, member = rate_key(t), rate_member(proc, attempt)
-  local score = redis.call('ZSCORE', k, member)
-  if score ~= 'inf' and score ~= '+inf' then return false end
-  redis.call('ZREM', k, member)
-  return true
-end
-
 -- An attempt of t handed out to proc has started by now (reported, settled or reaped):
 -- its start counts until per after now. A later report never extends it (LT).
 local function rate_started(t, proc, attempt)
@@ -199,6 +186,21 @@ local function rate_started(t, proc, attempt)
   if redis.call('ZADD', rate_key(t), 'XX', 'LT', 'CH', ends, rate_member(proc, attempt)) == 1
       and redis.call('HEXISTS', K_PARKEDN, t) == 1 then
     rate_wait(t)
+  end
+end
+
+-- An L attempt of t that proc gives back (op B). One whose entry still ends at +inf never
+-- started (a started attempt of a rate-limited type reports its start, T, before any other
+-- op): its entry goes, it counts no start, and its job is handed out again at once, not a
+-- window later. One that started (stop() cancelled it while it ran) ends as rate_started says.
+local function rate_given_back(t, proc, attempt)
+  if not rate_limit_of(t) then return end
+  local k, member = rate_key(t), rate_member(proc, attempt)
+  local score = redis.call('ZSCORE', k, member)
+  if score == 'inf' or score == '+inf' then
+    redis.call('ZREM', k, member)
+  else
+    rate_started(t, proc, attempt)
   end
 end
 
@@ -424,7 +426,7 @@ local function settle(proc, argv, first, n, now)
     local state = v and string.sub(v, 1, 1)
     local t = v and string.sub(v, 2)
     local id = id_of(attempt)
-    if v and op == 'B' and state == 'L' and rate_unstarted(t, proc, attempt) then -- (no start)
+    if v and op == 'B' and state == 'L' then rate_given_back(t, proc, attempt)
     elseif v and (state == 'L' or op == 'T') then rate_started(t, proc, attempt) end
     local own_cancel = (op == 'Z' or op == 'z') and argv[i + 4] == 'cancelled'
     local jk = marks[attempt] and marked_key(proc, attempt) or job_key(id)
