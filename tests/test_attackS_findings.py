@@ -168,19 +168,25 @@ def test_a_success_settled_while_redis_was_down_is_not_run_again_after_stop(own_
 
 # --- 3. stop() waits for the callbacks of handed rows ----------------------------------
 
+def a_dead_process_holding_j(scripts):
+    """Job "j" is leased to process "dead", whose lease ran out: whoever reaps it reports "j"
+    crashed (max_crash_recoveries=0)."""
+    from tinymq.redis._link import job_row
+
+    scripts.enqueue("tok", 100, 0, [job_row(Job("work", None, id="j"), time.time())])
+    assert len(scripts.fetch("dead", "1", 1, LEASE_MS, 0, False).jobs) == 1
+    scripts.client.zadd(scripts.key("procs"), {"dead": 0})
+
+
 def test_a_slow_failure_callback_at_stop_is_not_repeated_by_another_process(redis_url):
     import redis as redis_py
-
-    from tinymq.redis._link import job_row
 
     made = Redis(redis_url, lease=2.0, max_crash_recoveries=0)
     client = redis_py.Redis.from_url(redis_url, decode_responses=True)
     scripts = Scripts(client, made.queue_name)
     try:
         # A process that died holding "j": whoever reaps it reports "j" crashed.
-        scripts.enqueue("tok", 100, 0, [job_row(Job("work", None, id="j"), time.time())])
-        assert len(scripts.fetch("dead", "1", 1, LEASE_MS, 0, False).jobs) == 1
-        client.zadd(scripts.key("procs"), {"dead": 0})
+        a_dead_process_holding_j(scripts)
         reports, in_callback, go_on = [], threading.Event(), threading.Event()
         first = made.queue()
 
@@ -226,17 +232,13 @@ def test_a_failure_callback_stuck_at_stop_does_not_hold_it_up_and_its_job_is_rep
     import redis as redis_py
 
     from tinymq.redis import _link
-    from tinymq.redis._link import job_row
-
     monkeypatch.setattr(_link, "_REPORT_WAIT", 0.5)
     made = Redis(redis_url, lease=2.0, max_crash_recoveries=0)
     client = redis_py.Redis.from_url(redis_url, decode_responses=True)
     scripts = Scripts(client, made.queue_name)
     go_on = threading.Event()
     try:
-        scripts.enqueue("tok", 100, 0, [job_row(Job("work", None, id="j"), time.time())])
-        assert len(scripts.fetch("dead", "1", 1, LEASE_MS, 0, False).jobs) == 1
-        client.zadd(scripts.key("procs"), {"dead": 0})
+        a_dead_process_holding_j(scripts)
         reports, in_callback = [], threading.Event()
         first = made.queue()
 
@@ -274,15 +276,11 @@ def test_a_failure_callback_on_a_handed_row_may_stop_its_queue(redis_url):
     """(stop() from inside such a callback does not wait for itself.)"""
     import redis as redis_py
 
-    from tinymq.redis._link import job_row
-
     made = Redis(redis_url, lease=2.0, max_crash_recoveries=0)
     client = redis_py.Redis.from_url(redis_url, decode_responses=True)
     scripts = Scripts(client, made.queue_name)
     try:
-        scripts.enqueue("tok", 100, 0, [job_row(Job("work", None, id="j"), time.time())])
-        assert len(scripts.fetch("dead", "1", 1, LEASE_MS, 0, False).jobs) == 1
-        client.zadd(scripts.key("procs"), {"dead": 0})
+        a_dead_process_holding_j(scripts)
         q = made.queue()
         stopped = threading.Event()
 

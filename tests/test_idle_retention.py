@@ -32,16 +32,21 @@ def freed_while_the_queue_runs(ref):
         time.sleep(0.01)
 
 
-def no_retries(job):
-    job.retry_config = RetryConfig(max_retries=0)
-    return job
-
-
-def run_one(q, job):
+def run_and_forget(q, executor, config=None, max_retries=3, delay=None):
+    """Run one job whose payload is watched through ``executor`` to its end, keeping nothing
+    of it here; the weak reference to its payload."""
+    q.register_executor("t", executor, config or ExecutorConfig())
+    q.start_dispatcher(2)
     payload = Payload()
     ref = weakref.ref(payload)
-    job.payload = payload
+    job = Job("t", payload, retry_config=RetryConfig(max_retries=max_retries))
     del payload
+    if delay is None:
+        q.enqueue(job)
+    else:
+        q.enqueue_delayed(job, delay)
+    del job
+    assert q.join(WAIT)
     return ref
 
 
@@ -53,14 +58,7 @@ def q():
 
 
 def test_a_worker_waiting_keeps_no_job_it_ran(q):
-    q.register_executor("t", lambda job: job.payload)  # its result is the payload too
-    q.start_dispatcher(2)
-    job = Job("t", None)
-    ref = run_one(q, job)
-    q.enqueue(job)
-    del job
-    assert q.join(WAIT)
-    freed_while_the_queue_runs(ref)
+    freed_while_the_queue_runs(run_and_forget(q, lambda job: job.payload))  # its result is the payload too
 
 
 def test_a_worker_waiting_keeps_no_job_that_failed_with_a_traceback(q):
@@ -68,47 +66,19 @@ def test_a_worker_waiting_keeps_no_job_that_failed_with_a_traceback(q):
         payload = job.payload  # the traceback's frame holds it
         raise ValueError(f"cannot {payload!r}")
 
-    q.register_executor("t", fail)
-    q.start_dispatcher(2)
-    job = no_retries(Job("t", None))
-    ref = run_one(q, job)
-    q.enqueue(job)
-    del job
-    assert q.join(WAIT)
-    freed_while_the_queue_runs(ref)
+    freed_while_the_queue_runs(run_and_forget(q, fail, max_retries=0))
 
 
 def test_a_worker_waiting_keeps_no_job_it_ran_with_a_context(q):
-    q.register_executor("t", lambda job, ctx: ctx.cancelled)
-    q.start_dispatcher(2)
-    job = Job("t", None)
-    ref = run_one(q, job)
-    q.enqueue(job)
-    del job
-    assert q.join(WAIT)
-    freed_while_the_queue_runs(ref)
+    freed_while_the_queue_runs(run_and_forget(q, lambda job, ctx: ctx.cancelled))
 
 
 def test_the_scheduler_waiting_keeps_no_delayed_job_it_moved(q):
-    q.register_executor("t", lambda job: None)
-    q.start_dispatcher(2)
-    job = Job("t", None)
-    ref = run_one(q, job)
-    q.enqueue_delayed(job, 0.02)
-    del job
-    assert q.join(WAIT)
-    freed_while_the_queue_runs(ref)
+    freed_while_the_queue_runs(run_and_forget(q, lambda job: None, delay=0.02))
 
 
 def test_the_watchdog_waiting_keeps_no_job_it_timed_out(q):
     def slow(job, ctx):
         ctx.wait(WAIT)  # returns when the watchdog cancels it at its deadline
 
-    q.register_executor("t", slow, ExecutorConfig(timeout=0.05))
-    q.start_dispatcher(2)
-    job = no_retries(Job("t", None))
-    ref = run_one(q, job)
-    q.enqueue(job)
-    del job
-    assert q.join(WAIT)
-    freed_while_the_queue_runs(ref)
+    freed_while_the_queue_runs(run_and_forget(q, slow, ExecutorConfig(timeout=0.05), max_retries=0))

@@ -35,6 +35,14 @@ def inflight(redis, q):
         client.close()
 
 
+def held_in_redis(redis, q, ids):
+    """Wait until Redis has exactly the attempts of jobs ``ids`` leased to ``q``'s process."""
+    deadline = time.monotonic() + WAIT
+    while inflight(redis, q) != ids:
+        assert time.monotonic() < deadline, inflight(redis, q)
+        time.sleep(0.01)
+
+
 def test_a_job_buffered_behind_a_long_one_runs_in_an_idle_process(redis):
     busy, idle = redis.pair()
     release, long_started = threading.Event(), threading.Event()
@@ -52,10 +60,7 @@ def test_a_job_buffered_behind_a_long_one_runs_in_an_idle_process(redis):
     try:
         busy.enqueue_many([Job("work", None, id="long"), Job("work", None, id="next")])
         assert long_started.wait(WAIT)
-        deadline = time.monotonic() + WAIT
-        while inflight(redis, busy) != ["long", "next"]:  # "next" waits in busy's buffer
-            assert time.monotonic() < deadline, inflight(redis, busy)
-            time.sleep(0.01)
+        held_in_redis(redis, busy, ["long", "next"])  # "next" waits in busy's buffer
         idle.start_dispatcher(1)
         started = time.monotonic()
         deadline = started + WAIT
@@ -91,10 +96,7 @@ def test_a_job_given_back_leaves_the_core_and_its_process_takes_it_again_when_a_
     try:
         busy.enqueue_many([Job("work", None, id="long"), Job("work", None, id="next")])
         assert long_started.wait(WAIT)
-        deadline = time.monotonic() + WAIT
-        while inflight(redis, busy) != ["long"]:  # "next" went back to Redis
-            assert time.monotonic() < deadline, inflight(redis, busy)
-            time.sleep(0.01)
+        held_in_redis(redis, busy, ["long"])  # "next" went back to Redis
         assert busy._ready.sizes() == (0, 0, 0)  # and left the core
         assert [job.id for job in busy._link._attempts] == ["long"]
         assert busy.get_stats().medium_queue_size == 1  # it waits in Redis
