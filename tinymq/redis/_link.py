@@ -9,15 +9,11 @@ are batched into the next script call.
 
 Threads (started by ``start``):
 - the pump: flush settles + fetch; when Redis has nothing, it blocks in BLPOP
-  on the ``signal`` list and its own wake list (its own connection) for at
-  most ``_IDLE_WAIT`` (``lease / 4`` if shorter), with its next fetch pipelined
-  behind the BLPOP, so that Redis hands it jobs the moment it is woken, without
-  a round trip in between; meanwhile a worker that finishes an attempt sends its
-  settle itself (settle only: while the pump waits, its fetch is the only one
-  this process has in flight, so that it can be sent again as it was);
-- the timer: at the earliest delayed job's due time, measured on the local
-  monotonic clock from the server's reply (Redis's blocking timeouts are too
-  coarse for this), wakes the pump through its wake list;
+  on the ``signal`` list (its own connection) for at most ``_IDLE_WAIT``;
+  meanwhile a worker that finishes an attempt flushes it itself;
+- the timer: fetches at the earliest delayed job's due time, measured on the
+  local monotonic clock from the server's reply (Redis's blocking timeouts are
+  too coarse for this);
 - the heartbeat: renews this process's lease every ``lease / 4`` and reaps
   dead processes; if this process was reaped, it abandons its buffer and
   registers again under a new id.
@@ -28,7 +24,6 @@ never later than the server's expiry): past it, this process may have been
 reaped and the job handed to another, so the worker waits for the next
 renewal, or for the news that the job is no longer this process's.
 """
-import contextlib
 import itertools
 import logging
 import math
@@ -36,7 +31,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
 
 from .._pick_core import core
 from ..config import RateLimit
@@ -126,7 +121,6 @@ class QueueLink:
         self._workers = 0  # 0 until start: a producer-only queue fetches nothing
         self._closing = False
         self._pump_idle = False  # the pump is blocked in Redis: workers flush their own ops
-        self._round_wanted = False  # the heartbeat's thread waits for _round_lock: the pump starts no round
         # What the pump waits for on _changed: this many free slots, or _SETTLE_BATCH ops;
         # 0 while it waits with nothing to do (the first op or freed slot wakes it).
         # Wakes it only when it may go.
@@ -138,12 +132,7 @@ class QueueLink:
         self._registered = False  # the server knows _proc (a fetch or beat succeeded)
         # Guarded by _round_lock: one fetch round at a time, and the round to resend, if any.
         self._round_lock = threading.Lock()
-        # Ops leave in the order they were queued: held from taking them from _ops until
-        # the call that carries them has its answer (inside _round_lock where both are held).
-        self._send_lock = threading.Lock()
-        self._idle_wait = min(_IDLE_WAIT, broker.lease / 4)  # (its fetch renews the lease)
         self._unsent: Optional[Tuple[str, str, int, List[SettleOp]]] = None  # (proc, fetch id, n, ops)
-        self._round_trip = 0.0  # seconds the last round took, from sending to its reply
         self._fetch_ids = itertools.count(1)
         self._beat_ids = itertools.count(1)  # (used by the heartbeat only)
         # Fetched jobs whose id the core still holds (a copy this process gave up, still running):
@@ -341,13 +330,6 @@ class QueueLink:
             else:
                 self._limits[job_type] = (limit, rate_limit.max_starts, float(rate_limit.per))
                 self._rate_limited = self._rate_limited | {job_type}
-            idle = self._pump_idle
-        if idle:  # the pump's next fetch is in Redis already: the limits go ahead of it from here
-            try:
-                with self._send_lock:
-                    self._send_limits()
-            except self._redis_error as exc:
-                self._log_outage("sending limits", exc)  # (the pump's next round sends them)
 
     # --- the AttemptLedger: what the dispatcher reports ------------------------------
 
@@ -402,20 +384,10 @@ class QueueLink:
             self._changed.notify()
 
     def _flush_if_idle(self) -> None:
-        """While the pump waits in Redis, send the queued ops now, from this thread."""
-        if not self._pump_idle:
-            return  # the pump sends them with its next round
-        with self._send_lock:
-            with self._lock:
-                ops, self._ops = self._ops, []
-                proc = self._proc
-            if not ops:
-                return
+        if self._pump_idle:  # the pump sleeps in Redis: send it now, from this thread
             try:
-                self.broker.call_resending(self.scripts.settle, proc, ops)
+                self._round()
             except self._redis_error as exc:
-                with self._lock:  # first in the next call (those Redis ran are stale there)
-                    self._ops[:0] = ops
                 self._log_outage("settle", exc)
 
     def succeeded(self, job: Any) -> None:
@@ -508,90 +480,43 @@ class QueueLink:
         with self._round_lock:
             if self._released:
                 return 0
-            with self._send_lock:
-                if self._unsent is None:  # else resend the failed call as it was: the script knows it
-                    with self._lock:
-                        ops, self._ops = self._ops, []
-                        self._unsent = (self._proc, format(next(self._fetch_ids), "x"), self._free(), ops)
-                    self._send_limits()  # before the fetch, so that it admits by the current limits
-                proc, fetch_id, n, ops = self._unsent
-                self.broker._check_server()
-                sent = time.monotonic()
-                reply = self.scripts.fetch(proc, fetch_id, n, self._lease_ms, self.broker.max_crash_recoveries,
-                                           self._registered, ops)
-                self._unsent = None
-                self._round_trip = time.monotonic() - sent
-            # The script ran about half a round trip after the call was sent: timed from then,
-            # the timer fires half a round trip early, and its wake-up reaches Redis at the due time.
-            jobs = self._apply(reply, sent, sent)
-        self._after_round(reply)
-        return jobs
-
-    def _send_limits(self) -> None:
-        """The limits registered since they were last sent (a newer one wins over a failed
-        send). Called with _send_lock held: limits leave in order, as ops do."""
-        with self._lock:
-            limits, self._limits = self._limits, {}
-        if limits:
-            try:
-                self.scripts.set_limits(limits)
-            except BaseException:
-                with self._lock:  # sent again before the next fetch
-                    self._limits = {**limits, **self._limits}
-                raise
-
-    def _idle_round(self, connection: Any) -> Optional[Tuple[int, int]]:
-        """Wait in Redis for a signal (a job, a wake-up of this process) or ``_idle_wait``,
-        with a fetch pipelined behind the wait: (asked, taken). None, doing nothing, when
-        there are ops to send or a round to resend (the caller sends them with a round)."""
-        with self._round_lock:
-            with self._lock:
-                if (self._released or self._closing or self._ops or self._limits
-                        or self._unsent is not None):
-                    return None
-                self._unsent = (self._proc, format(next(self._fetch_ids), "x"), self._free(), [])
-                self._pump_idle = True  # ops queued from now on are sent by their own thread
-            proc, fetch_id, n, _ = self._unsent
-            try:
-                self.broker._check_server()
-                sent = time.monotonic()
-                reply = self.scripts.fetch_when_woken(
-                    connection, [self.scripts.key("signal"), self._wake_key(proc)], self._idle_wait,
-                    proc, fetch_id, n, self._lease_ms, self.broker.max_crash_recoveries, self._registered)
-            finally:
+            if self._unsent is None:  # else resend the failed call as it was: the script knows it
                 with self._lock:
-                    self._pump_idle = False
+                    ops, self._ops = self._ops, []
+                    self._unsent = (self._proc, format(next(self._fetch_ids), "x"), self._free(), ops)
+                    limits, self._limits = self._limits, {}
+                if limits:  # before the fetch, so that it admits by the current limits
+                    try:
+                        self.scripts.set_limits(limits)
+                    except BaseException:
+                        with self._lock:  # sent again with the next round; a newer one wins
+                            self._limits = {**limits, **self._limits}
+                        raise
+            proc, fetch_id, n, ops = self._unsent
+            self.broker._check_server()
+            sent = time.monotonic()
+            reply = self.scripts.fetch(proc, fetch_id, n, self._lease_ms, self.broker.max_crash_recoveries,
+                                       self._registered, ops)
             self._unsent = None
-            # The lease was renewed after the call was sent. The script ran about half a round
-            # trip before the reply came: timed from a whole round trip before (as measured by
-            # the last round), the timer fires half a round trip early, as after a round.
-            jobs = self._apply(reply, sent, time.monotonic() - self._round_trip)
-        self._after_round(reply)
-        return n, jobs
-
-    def _apply(self, reply: Any, sent: float, ran: float) -> int:
-        """A fetch reply: the lease renewed at ``sent``, the next due time (timed from ``ran``,
-        as if the script had run then), the jobs to the core; jobs taken. Called with
-        _round_lock held."""
-        if reply.reaped:
-            self._abandon()
-            return 0
-        self._registered = True
-        with self._lock:
-            self._renewed(sent)
-        if reply.next_due_ms is None:
-            self._next_due = math.inf
-        else:
-            due = ran + (reply.next_due_ms * _MS - reply.now_us) / _US
-            self._next_due = due
-            self._timer_alarm.wake_before(due)
-        return self._take(reply.jobs)
-
-    def _after_round(self, reply: Any) -> None:
-        """Report what a fetch reply handed to this process; cancel the marked attempts."""
+            if reply.reaped:
+                self._abandon()
+                return 0
+            self._registered = True
+            with self._lock:
+                self._renewed(sent)
+            if reply.next_due_ms is None:
+                self._next_due = math.inf
+            else:
+                # The script ran about half a round trip before the reply came; fire half a round
+                # trip early, so the fetch reaches the server at the due time.
+                due = sent + (reply.next_due_ms * _MS - reply.now_us) / _US
+                self._next_due = due
+                self._timer_alarm.wake_before(due)
+            jobs = self._take(reply.jobs)
         self._report_handed(reply.crashed)
         if reply.cancels:
             self._cancel_marked(reply.cancels)
+        return jobs
 
     def _place(self, job: Any) -> bool:
         """Into the core; False when a copy of the job is still there. Called with _round_lock held."""
@@ -695,11 +620,10 @@ class QueueLink:
             logger.warning("Redis queue %r: %s failed (%s); retrying", self.broker.name, what, exc)
 
     def _pump(self) -> None:
-        connections = self.broker._connections(1, self._idle_wait + _SOCKET_TIMEOUT)
-        connection = connections.acquire()  # its own, for the waits
+        blocking = self.broker._dedicated_client(_IDLE_WAIT + _SOCKET_TIMEOUT)
+        signal_key = self.scripts.key("signal")
         pause = _BACKOFF_MIN
         backlog = False  # the last round filled its batch: Redis has more
-        idle = False  # the last round took fewer than it asked for: wait in Redis for more
         try:
             while True:
                 with self._lock:
@@ -708,24 +632,32 @@ class QueueLink:
                         return
                     asked = self._free()
                 try:
-                    waited = self._idle_round(connection) if idle else None
-                    if waited is None:
-                        taken = self._round()
-                    else:
-                        asked, taken = waited
+                    taken = self._round()
+                    backlog = asked > 0 and taken >= asked
                     pause = _BACKOFF_MIN
                 except self._redis_error as exc:
-                    self._log_outage("waiting for jobs" if idle else "fetch", exc)
+                    self._log_outage("fetch", exc)
                     self._stopped.wait(pause)
                     pause = min(pause * 2, _BACKOFF_MAX)
-                    backlog = idle = False  # (the round is sent again as it was)
                     continue
-                backlog = asked > 0 and taken >= asked
-                idle = asked > 0 and taken < asked  # Redis has nothing more for us now
+                if asked and taken < asked:  # Redis has nothing more for us now: wait for a signal
+                    with self._lock:
+                        if self._ops or self._closing:
+                            continue
+                        self._pump_idle = True
+                    try:
+                        blocking.blpop([signal_key, self._wake_key()], _IDLE_WAIT)
+                    except self._redis_error as exc:
+                        self._log_outage("waiting for jobs", exc)
+                        self._stopped.wait(pause)
+                        pause = min(pause * 2, _BACKOFF_MAX)
+                    finally:
+                        with self._lock:
+                            self._pump_idle = False
         except BaseException:  # pragma: no cover - a bug: say so, the heartbeat keeps the lease
             logger.exception("tinymq Redis pump crashed")
         finally:
-            connection.disconnect()
+            blocking.close()
 
     def _wait_for_a_round(self, backlog: bool) -> None:
         """Wait until a round is worth its round trip. Called with _lock held.
@@ -734,8 +666,6 @@ class QueueLink:
         to ``_SETTLE_DELAY`` for the whole batch of slots to free, so a round
         carries many settles and jobs; unsent ops wait as long at most.
         """
-        while self._round_wanted and not self._closing:  # (else it could take _round_lock for ever)
-            self._changed.wait()
         goal = self._workers + self._prefetch if backlog else 1
         since = None
         try:
@@ -758,8 +688,8 @@ class QueueLink:
         finally:
             self._pump_goal = 1
 
-    def _wake_key(self, proc: Optional[str] = None) -> str:
-        return self.scripts.key("wake:" + (self._proc if proc is None else proc))
+    def _wake_key(self) -> str:
+        return self.scripts.key("wake:" + self._proc)
 
     def _timer(self) -> None:
         alarm = self._timer_alarm
@@ -769,15 +699,15 @@ class QueueLink:
             if due > now:
                 alarm.sleep(min(due - now, _IDLE_WAIT), due)
                 continue
-            self._next_due = math.inf  # the pump's next round sets the next one
+            self._next_due = math.inf  # the round below sets the next one
             with self._lock:
                 free = self._free()
             if not free:
                 continue  # the pump fetches, and promotes, when a slot frees
-            try:  # out of its wait in Redis, where its fetch then runs at once (busy, it rounds anyway)
-                self.client.rpush(self._wake_key(), "1")
+            try:
+                self._round()
             except self._redis_error as exc:
-                self._log_outage("waking the pump for due jobs", exc)
+                self._log_outage("fetching due jobs", exc)
                 self._next_due = time.monotonic() + _BACKOFF_MIN
 
     def _give_back_stuck(self) -> None:
@@ -787,11 +717,7 @@ class QueueLink:
         workers (else it would take them again). Each leaves the core at once, so that
         fetched again here it is placed at once; one a worker took meanwhile is refused."""
         now = time.monotonic()
-        with self._lock:  # (most of the time: without waiting for the pump's wait in Redis)
-            if not any(record.state == _PENDING and now - record.since >= _BUFFERED_MAX
-                       for record in self._attempts.values()):
-                return
-        with self._round_lock_first():  # (_held stays as it is)
+        with self._round_lock:  # (_held stays as it is)
             with self._lock:
                 if self._closing:
                     return
@@ -815,20 +741,6 @@ class QueueLink:
         logger.debug("gave back %d job(s) that waited %gs for a worker here", len(stuck), _BUFFERED_MAX)
         self._flush_if_idle()
 
-    @contextlib.contextmanager
-    def _round_lock_first(self) -> Iterator[None]:
-        """_round_lock for the heartbeat's thread ahead of the pump, which would otherwise take
-        it back again and again, from one wait in Redis to the next."""
-        with self._lock:
-            self._round_wanted = True
-        try:
-            with self._round_lock:
-                yield
-        finally:
-            with self._lock:
-                self._round_wanted = False
-                self._changed.notify()
-
     def _heartbeat(self) -> None:
         """Renew the lease every lease / 4; meanwhile, every second, give back stuck jobs."""
         interval = self.broker.lease / 4
@@ -839,7 +751,7 @@ class QueueLink:
                 continue
             next_beat = time.monotonic() + interval
             try:
-                with self._round_lock_first():  # never beside a round: a reap answer must meet a settled state
+                with self._round_lock:  # never beside a round: a reap answer must meet a settled state
                     proc, registered = self._proc, self._registered
                     sent = time.monotonic()
                     alive, _, crashed, cancels = self.broker.call_resending(  # (its crashed jobs must
@@ -897,7 +809,7 @@ class QueueLink:
             own = self._reporting.get(me)
             if own is not None:
                 self._queue_op(SettleOp("A", own))
-        with self._round_lock, self._send_lock:
+        with self._round_lock:
             with self._lock:
                 unstarted = [r for r in self._attempts.values() if r.state == _PENDING]
                 for record in unstarted:

@@ -130,16 +130,6 @@ def _crashed(rows: Sequence[Sequence[Any]]) -> List[Crashed]:
             for row in rows]
 
 
-def _fetch_reply(reply: Sequence[Any]) -> FetchReply:
-    due = float(reply[2])
-    return FetchReply(
-        reaped=int(reply[0]) == 0, now_ms=int(reply[1]), next_due_ms=None if due < 0 else due,
-        stale=int(reply[3]), crashed=_crashed(reply[4]),
-        jobs=[Fetched(row[0], row[1], int(row[2] or 0), row[3] or "") for row in reply[5]],
-        now_us=int(reply[6]), cancels=reply[7],
-    )
-
-
 try:  # redis-py's own packing looks at every argument in Python first; hiredis packs in C
     from hiredis import pack_command as _pack_command
 except ImportError:  # pragma: no cover - hiredis is optional
@@ -261,34 +251,15 @@ class Scripts:
     def fetch(self, proc: str, fetch_id: str, n: int, lease_ms: int, max_crash_recoveries: int,
               registered: bool, ops: Sequence[SettleOp] = ()) -> FetchReply:
         """Settle ``ops``, renew, reap, promote, and take up to ``n`` jobs for ``proc``."""
-        return _fetch_reply(self._call("fetch", [proc, fetch_id, n, lease_ms, max_crash_recoveries,
-                                                 "1" if registered else "0", len(ops), *_ops_args(ops)]))
-
-    def fetch_when_woken(self, connection: Any, wake_keys: Sequence[str], timeout: float, proc: str,
-                         fetch_id: str, n: int, lease_ms: int, max_crash_recoveries: int,
-                         registered: bool) -> FetchReply:
-        """BLPOP ``wake_keys`` for up to ``timeout`` seconds, then ``fetch`` (no ops), as one
-        pipeline on ``connection`` (a raw connection of the caller's own): Redis runs the
-        fetch the moment the wait ends, without a round trip to this process between them.
-
-        If this raises, the fetch may or may not have run: the caller sends it again with
-        the same ``fetch_id`` (a resend returns what the first call took).
-        """
-        import redis
-
-        fetch = ("EVALSHA", self._script["fetch"].sha, 1, self.prefix, proc, fetch_id, n, lease_ms,
-                 max_crash_recoveries, "1" if registered else "0", 0)
-        try:
-            connection.send_packed_command(connection.pack_commands([("BLPOP", *wake_keys, timeout), fetch]))
-            connection.read_response()  # (the wake-up itself carries nothing)
-            try:
-                reply = connection.read_response()
-            except redis.exceptions.NoScriptError:  # a restarted server: the fetch did not run
-                return self.fetch(proc, fetch_id, n, lease_ms, max_crash_recoveries, registered)
-        except BaseException:
-            connection.disconnect()  # a reply may be half read: never reuse the socket
-            raise
-        return _fetch_reply(reply)
+        reply = self._call("fetch", [proc, fetch_id, n, lease_ms, max_crash_recoveries,
+                                     "1" if registered else "0", len(ops), *_ops_args(ops)])
+        due = float(reply[2])
+        return FetchReply(
+            reaped=int(reply[0]) == 0, now_ms=int(reply[1]), next_due_ms=None if due < 0 else due,
+            stale=int(reply[3]), crashed=_crashed(reply[4]),
+            jobs=[Fetched(row[0], row[1], int(row[2] or 0), row[3] or "") for row in reply[5]],
+            now_us=int(reply[6]), cancels=reply[7],
+        )
 
     def settle(self, proc: str, ops: Sequence[SettleOp]) -> int:
         """Record ``ops`` for ``proc``; returns how many were stale."""

@@ -50,9 +50,8 @@ Keys (after the prefix):
   rateopen                 ZSET  type -> when its rate window next opens (ms), for types with
                                  jobs parked for the rate and a known opening
   signal                   LIST  at most one "1": wakes one idle fetcher (BLPOP)
-  wake:<proc>              LIST  "1"s that wake proc's idle fetcher (a cancel marked one of
-                                 its attempts; its timer found a job due; its stop); deleted
-                                 with proc's lease
+  wake:<proc>              LIST  at most one "1": wakes proc's idle fetcher (a cancel marked
+                                 one of its attempts; its stop); deleted with proc's lease
   reporting:<proc>         HASH  "<id>|<reason>" -> JSON row: rows handed to proc to report
                                  that it has not acknowledged yet (op A); a reap hands them
                                  to the reaper, a release to `reports`
