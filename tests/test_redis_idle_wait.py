@@ -5,9 +5,13 @@ and its own wake list). Everything else must not wait for that wait to end: a fi
 attempt is settled by its worker thread, a due delayed job is fetched by the timer, limits
 registered meanwhile apply to the next fetch, a lost reply or a server that lost its
 scripts costs no job. These tests make the wait long (30 s) so that anything that waited
-for it would show.
+for it would show. And a process frozen in its wait is leased nothing.
 """
 import logging
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -21,6 +25,8 @@ from _helpers import WAIT, Recorder
 from test_redis_resend import LossyProxy
 
 LONG_WAIT = 30.0  # seconds an idle pump waits in Redis in these tests
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "_redis_worker.py")
 
 
 @pytest.fixture
@@ -125,3 +131,68 @@ def test_a_server_that_lost_its_scripts_while_a_process_waits_hands_it_the_job_a
         producer.enqueue(Job("t", 1))
         assert ran.wait_until(lambda items: items == [1])
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def _until(predicate, timeout=WAIT, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+CHILD = """
+import sys
+from tinymq.redis import _link
+_link._IDLE_WAIT = 30.0  # its wait in Redis outlasts the test: no timing race with it
+sys.argv[0] = {worker!r}
+exec(compile(open({worker!r}).read(), {worker!r}, "exec"))
+"""
+
+
+def blocked(client):
+    return sum(1 for c in client.client_list() if "b" in c["flags"] and c["cmd"] == "blpop")
+
+
+def test_a_job_enqueued_while_an_idle_process_is_frozen_runs_elsewhere(redis_url):
+    """A process frozen in its wait (SIGSTOP, a debugger, a VM pause) is leased no job: Redis
+    leases a job only to a process that is running a fetch at that moment. (attackT's
+    finding against a fetch pipelined behind the wait, which Redis ran for the frozen
+    process: the job waited for its lease and, with max_crash_recoveries=0, failed.)"""
+    shared = Redis(redis_url, lease=2.0, max_crash_recoveries=0)
+    code = CHILD.format(worker=WORKER)
+    child = subprocess.Popen([sys.executable, "-c", code, redis_url, shared.queue_name, "120", "0"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=HERE,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    producer = shared.queue()
+    scripts = producer.broker._scripts
+    client = scripts.client
+    worker = None
+    try:
+        assert child.stdout.readline().strip() == b"ready"
+        proc = _until(lambda: client.zrange(scripts.key("procs"), 0, -1), what="the child's lease")[0]
+        proc = proc.decode() if isinstance(proc, bytes) else proc
+        _until(lambda: blocked(client) == 1, what="the child's wait in Redis")
+        os.kill(child.pid, signal.SIGSTOP)  # frozen (a debugger, a VM pause), its wait still in Redis
+        assert blocked(client) == 1
+        # Another idle process (a short lease: it looks every 0.5 s), waiting behind the child.
+        worker = Queue(broker=RedisBroker(redis_url, name=shared.queue_name, lease=2.0,
+                                          max_crash_recoveries=0))
+        ran = Recorder()
+        worker.register_executor("record", lambda job: ran.add(job.payload))
+        worker.start_dispatcher(1)
+        _until(lambda: blocked(client) == 2, what="the other process's wait")
+        producer.enqueue(Job("record", 1))
+        assert ran.wait_until(lambda items: items == [1])  # (the child is never resumed)
+        assert producer.join(WAIT)
+        assert client.hlen(scripts.key("inflight:" + proc)) == 0
+        assert producer.get_stats().jobs_failed == 0
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+        child.kill()
+        child.wait()
+        if worker is not None:
+            worker.stop()
+        shared.close()
