@@ -22,9 +22,11 @@ buffered job does not wait behind long jobs): each test failed before its fix.
    Fixed: stop() waits for the callbacks running on handed rows (but its own, when a
    callback stops the queue), so their acknowledgements go with the release; 10 s at
    most (a stuck callback does not hold stop() up: its job is reported again).
-4. Not fixed (strict xfail): a waiting job that q.cancel() removes, or a delayed job an
-   enqueue evicts, is reported only from that call's reply; the at-least-once promise
-   across kill -9 does not hold for it.
+4. A waiting job that q.cancel() removes was reported only from that call's reply; the
+   at-least-once promise across kill -9 did not hold for it. Fixed (session 11) for a
+   canceller that holds a lease (a worker process): the row waits in its reporting hash
+   until acknowledged, as fetched rows do. Still reported from the reply alone: a
+   producer-only process's cancel, and the delayed jobs an enqueue evicts.
 """
 import json
 import threading
@@ -304,18 +306,17 @@ def test_a_failure_callback_on_a_handed_row_may_stop_its_queue(redis_url):
 
 # --- not fixed: rows a caller's own call ends ----------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="not fixed: a waiting job that q.cancel() removes (or enqueue "
-                   "evicts) is reported only from that call's reply, kept nowhere in Redis")
 def test_a_cancelled_waiting_job_is_reported_even_if_the_canceller_dies_before_its_callbacks(scripts):
     """The promise "every job that ends without success is reported at least once across
     kill -9 of any process" is wider than f6faa2f's scope (jobs Redis ends on a process's
     behalf): cancel.lua removes a waiting job, counts it cancelled and returns its row in
-    the reply only, as enqueue.lua does with the delayed jobs it evicts. A canceller killed
-    between that reply and its callbacks takes the report with it. (The canceller may be a
-    producer-only process, which holds no lease for anyone to reap it by.)"""
+    the reply. A registered canceller (a worker process: it holds a lease) also has the row
+    in its reporting hash until it acknowledges it, so its reaper reports it if it is
+    killed between that reply and its callbacks. (Not covered: a producer-only process,
+    which holds no lease for anyone to reap it by, and the delayed jobs enqueue evicts.)"""
     scripts.enqueue("tok", 100, 0, [("a", "t", 1, 0, "body-a")])
     scripts.fetch("canceller", "1", 0, LEASE_MS, 3, False)  # a worker process, registered
-    assert scripts.cancel("c1", "a").status == "removed"  # ... then killed before its callbacks
+    assert scripts.cancel("c1", "a", "canceller").status == "removed"  # ... then killed before its callbacks
     scripts.client.zadd(scripts.key("procs"), {"canceller": 0})
     alive, _, crashed = scripts.beat("reaper", LEASE_MS, 3, False, "b1")
     assert [(c.id, c.reason) for c in crashed] == [("a", "cancelled")]

@@ -575,18 +575,18 @@ class Model:
         self.keep_ended()
         return stale
 
-    def cancel(self, token: str, job_id: str) -> Tuple[Any, ...]:
+    def cancel(self, token: str, job_id: str, caller: str = "") -> Tuple[Any, ...]:
         self.begin_call()
         if token in self.cancel_tokens:  # a resend: the first call's reply
             return self.cancel_tokens[token]
-        reply = self.cancel_job(job_id)
+        reply = self.cancel_job(job_id, caller)
         self.cancel_tokens[token] = reply
         return reply
 
-    def cancel_job(self, job_id: str) -> Tuple[Any, ...]:
+    def cancel_job(self, job_id: str, caller: str) -> Tuple[Any, ...]:
         job = self.jobs.get(job_id)
         if job is None or job.dead_reason is not None:  # (a marked job's hash moved: not here)
-            return ("none", None, "", "")
+            return ("none", None, "", "", False)
         row = (job_id, job.body, int(job.retries), job.error or "", "cancelled")
         waiting = self.ready[job.priority]
         parked = self.parked.get((job.priority, job.type), [])
@@ -604,13 +604,17 @@ class Model:
             del self.jobs[job_id]
             self.stats["cancelled"] += 1
             self.stats["outstanding"] -= 1
-            return ("removed", row, "", "")
+            if caller in self.procs:  # a registered caller: kept until it acknowledges its report
+                self.handed(caller, [row])
+                self.happened.append("a removed job handed to its canceller")
+                return ("removed", row, "", "", True)
+            return ("removed", row, "", "", False)
         for proc, held in self.inflight.items():
             for attempt, value in held.items():
                 if value[0] != "X" and attempt.split(":", 1)[1] == job_id and not self.marked(proc, attempt):
                     self.moved[(proc, attempt)] = self.jobs.pop(job_id)  # the id is free at once
                     self.cancels.setdefault(proc, set()).add(attempt)
-                    return ("marked", None, proc, attempt)
+                    return ("marked", None, proc, attempt, False)
         raise AssertionError(f"unfinished job {job_id} is in no place")
 
     def set_limits(self, limits: Dict[str, int]) -> int:
@@ -997,7 +1001,7 @@ class ScriptsMachine(RuleBasedStateMachine):
             return (reply[0], rows(reply[1]))
         if kind == "cancel":
             return (reply.status, None if reply.removed is None else tuple(reply.removed), reply.proc,
-                    reply.attempt)
+                    reply.attempt, reply.kept)
         return reply
 
     # -- set-up
@@ -1305,16 +1309,17 @@ class ScriptsMachine(RuleBasedStateMachine):
                          for attempt, value in held.items() if value[0] != "X"})
         pool = leased if leased and data.draw(st.booleans(), label="a leased one?") else self.used_ids + ["nope"]
         job_id = data.draw(st.sampled_from(pool), label="cancel id")
-        self.do_cancel(f"ctok{next(self.tokens)}", job_id)
+        caller = data.draw(st.sampled_from([""] + sorted(self.procs)), label="canceller")
+        self.do_cancel(f"ctok{next(self.tokens)}", job_id, caller)
         if self.model.moved and data.draw(st.booleans(), label="a fresh job of its id at once?"):
             self.enqueue_a_cancelled_running_jobs_id(data)
 
-    def do_cancel(self, token, job_id):
+    def do_cancel(self, token, job_id, caller=""):
         self.pending_delays = []
-        reply = self.call("cancel", lambda: self.scripts.cancel(token, job_id),
-                          lambda model, now: model.cancel(token, job_id))
+        reply = self.call("cancel", lambda: self.scripts.cancel(token, job_id, caller),
+                          lambda model, now: model.cancel(token, job_id, caller))
         EXERCISED[f"cancel {reply.status}"] += 1
-        self.last_call = ("cancel", token, job_id)
+        self.last_call = ("cancel", token, job_id, caller)
 
     @precondition(lambda self: self.last_call is not None)
     @rule()
@@ -1372,7 +1377,8 @@ MUST_COME_UP = ("enqueue ok", "enqueue dup", "enqueue again", "enqueue full", "e
                 "settle", "release", "reaped a process", "something parked", "an X attempt holds a slot",
                 "cancel removed", "cancel marked", "cancel none", "ended cancelled",
                 "enqueued the id of a marked attempt", "a marked attempt ended beside a newer job of its id",
-                "a handed row acknowledged", "rows a process left unacknowledged handed on")
+                "a handed row acknowledged", "rows a process left unacknowledged handed on",
+                "a removed job handed to its canceller")
 
 
 def test_scripts_follow_the_model(redis_client):

@@ -133,3 +133,55 @@ def test_a_worker_reports_what_its_fetch_found_crashed_and_acknowledges_it(redis
     finally:
         q.stop()
         client.close()
+
+
+def test_a_worker_that_cancels_a_waiting_job_reports_it_once_and_acknowledges_it(redis_url):
+    """A worker process (registered: it holds a lease) cancels a job that waits in Redis: its
+    callbacks report it once, the row it kept in Redis meanwhile is acknowledged with its
+    next call, and a producer-only process's cancel keeps no row (nobody could reap it)."""
+    import time
+
+    import redis as redis_py
+
+    from tinymq import Job, Queue
+    from tinymq.redis import RedisBroker
+
+    name = "reports-cancel"
+    worker = Queue(broker=RedisBroker(redis_url, name=name, lease=2.0))
+    producer = Queue(broker=RedisBroker(redis_url, name=name, lease=2.0))
+    reported, kept = [], []
+    client = redis_py.Redis.from_url(redis_url, decode_responses=True)
+    keys = Scripts(client, name)
+
+    @worker.on_failure
+    def report(job, reason, exc):
+        reported.append((job.id, reason))
+        # While its callbacks run, the row waits in Redis for the worker's reaper, should it die.
+        kept.append(client.hexists(keys.key("reporting:" + worker._link._proc), f"{job.id}|{reason}"))
+
+    worker.register_executor("work", lambda job: None)
+    try:
+        worker.start_dispatcher(1)
+        deadline = time.monotonic() + 10
+        while not worker._link._registered:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        producer.enqueue_delayed(Job("work", None, id="a"), 60.0)  # it waits in Redis
+        producer.enqueue_delayed(Job("work", None, id="b"), 60.0)
+        assert worker.cancel("a")
+        assert reported == [("a", "cancelled")] and kept == [True]
+        reporting = keys.key("reporting:" + worker._link._proc)
+        deadline = time.monotonic() + 10
+        while client.exists(reporting):  # acknowledged with its next call
+            assert time.monotonic() < deadline, client.hgetall(reporting)
+            time.sleep(0.01)
+        assert producer.cancel("b")  # producer-only: reported from the reply alone
+        assert client.keys(keys.key("reporting:*")) == []
+        worker.stop()
+        assert reported == [("a", "cancelled")]
+        assert client.llen(keys.key("reports")) == 0  # nothing left to report again
+        assert producer.get_stats().jobs_cancelled == 2
+    finally:
+        worker.stop()
+        producer.stop()
+        client.close()

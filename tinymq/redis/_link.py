@@ -287,15 +287,19 @@ class QueueLink:
         failure for good it decided, and reported, before it heard of the mark stands).
         """
         token = "c" + os.urandom(8).hex()  # a resend of this call gets the first one's reply
+        caller = self._proc if self._registered else ""  # (one with a lease, for its reaper)
         try:
             self.broker._check_server()
-            reply = self.broker.call_resending(self.scripts.cancel, token, job_id)
+            reply = self.broker.call_resending(self.scripts.cancel, token, job_id, caller)
         except self._redis_error as exc:
             raise TinyMQError(f"could not cancel job {job_id!r} in Redis queue {self.broker.name!r}: "
                               f"{exc}") from exc
         if reply.status == "removed":
             item = reply.removed
-            self._report(item.id, item.body, "cancelled", item.retries, item.error)
+            if reply.kept:  # in Redis until acknowledged: reported at least once
+                self._report_handed([item])
+            else:
+                self._report(item.id, item.body, "cancelled", item.retries, item.error)
             return True
         if reply.status == "marked":
             if reply.proc == self._proc:

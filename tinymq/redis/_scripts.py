@@ -103,6 +103,7 @@ class CancelReply(NamedTuple):
     removed: Optional[Crashed] = None  # with "removed": the job (id, body, retries, error) to report
     proc: str = ""  # with "marked": the process that holds the attempt
     attempt: str = ""
+    kept: bool = False  # with "removed": the row waits in the caller's reporting hash until acknowledged
 
 
 class EnqueueReply(NamedTuple):
@@ -281,12 +282,16 @@ class Scripts:
         reply = self._call("beat", [proc, lease_ms, max_crash_recoveries, "1" if registered else "0", beat_id])
         return BeatReply(int(reply[0]) == 1, int(reply[1]), _crashed(reply[2]), reply[3])
 
-    def cancel(self, token: str, job_id: str) -> CancelReply:
-        """End the unfinished job ``job_id`` as cancelled, or mark its leased attempt (cancel.lua)."""
-        reply = self._call("cancel", [token, job_id])
+    def cancel(self, token: str, job_id: str, caller: str = "") -> CancelReply:
+        """End the unfinished job ``job_id`` as cancelled, or mark its leased attempt (cancel.lua).
+
+        ``caller``: this process's id once registered: a waiting job it removes waits in
+        its ``reporting`` hash until it acknowledges the report (op A)."""
+        reply = self._call("cancel", [token, job_id, caller])
         status = int(reply[0])
         if status == 1:
-            return CancelReply("removed", removed=_crashed([reply[1] + ["cancelled"]])[0])
+            return CancelReply("removed", removed=_crashed([reply[1] + ["cancelled"]])[0],
+                               kept=len(reply) > 2 and int(reply[2]) == 1)
         if status == 2:
             return CancelReply("marked", proc=reply[1], attempt=reply[2])
         return CancelReply("none")

@@ -1,10 +1,15 @@
 --[[ cancel: end the unfinished job id as cancelled (q.cancel over a broker).
-KEYS[1] prefix. ARGV: token (a resend of this call is recognised by it), id.
+KEYS[1] prefix. ARGV: token (a resend of this call is recognised by it), id, and the
+caller's process id ('' for a process that has never fetched).
 Returns one of
   {0}                                     no unfinished job has that id (unknown, finished,
                                           dead, or cancelled already)
-  {1, {id, body, retries, error}}         it was waiting (ready, delayed, parked): removed,
-                                          its hash deleted, counted; the caller reports it
+  {1, {id, body, retries, error}, kept}   it was waiting (ready, delayed, parked): removed,
+                                          its hash deleted, counted; the caller reports it.
+                                          kept = 1: the caller is registered, and the row
+                                          waits in reporting:<proc> too until it acknowledges
+                                          it (op A), as the rows a fetch hands it: if it dies
+                                          first, its reaper reports the job (0: not kept)
   {2, proc, attempt}                      it is leased to proc (buffered or running there):
                                           the attempt is marked (cancels:<proc>) and its job
                                           hash moved to cancelled:<proc>|<attempt>, so the id
@@ -18,7 +23,7 @@ one looks through the inflight hashes of the live processes. Cancelling is rare:
 paths (fetch, settle) pay one EXISTS per call for it.
 The reply is kept under the token for 2 to 3 TOKEN_SPANs, as enqueue keeps its tokens. ]]
 local TOKEN_SPAN = 30000 -- ms (as in enqueue.lua)
-local token, id = ARGV[1], ARGV[2]
+local token, id, caller = ARGV[1], ARGV[2], ARGV[3]
 local now = now_ms()
 local span = math.floor(now / TOKEN_SPAN)
 for s = span, span - 2, -1 do
@@ -35,7 +40,12 @@ local function cancel()
     redis.call('DEL', jk)
     count('cancelled', 1)
     count('outstanding', -1)
-    return {1, {id, f[4] or '', f[5] or '0', f[6] or ''}}
+    local row = {id, f[4] or '', f[5] or '0', f[6] or ''}
+    if caller ~= '' and redis.call('ZSCORE', K_PROCS, caller) then
+      handed(caller, {{row[1], row[2], row[3], row[4], 'cancelled'}})
+      return {1, row, 1}
+    end
+    return {1, row, 0}
   end
   if redis.call('LREM', READY[p], 1, id) == 1 then return removed() end
   if redis.call('ZREM', K_DELAYED, id) == 1 then

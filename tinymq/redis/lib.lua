@@ -53,8 +53,9 @@ Keys (after the prefix):
   wake:<proc>              LIST  at most one "1": wakes proc's idle fetcher (a cancel marked
                                  one of its attempts; its stop); deleted with proc's lease
   reporting:<proc>         HASH  "<id>|<reason>" -> JSON row: rows handed to proc to report
-                                 that it has not acknowledged yet (op A); a reap hands them
-                                 to the reaper, a release to `reports`
+                                 (a reply's crashed, a waiting job its cancel removed) that
+                                 it has not acknowledged yet (op A); a reap hands them to
+                                 the reaper, a release to `reports`
   dead                     ZSET  id -> time it died (ms); its hash stays, with x
   cancels:<proc>           SET   attempts of proc that q.cancel() marked (their job hash is
                                  cancelled:<proc>|<attempt>): proc hears of them in every fetch
