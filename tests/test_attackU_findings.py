@@ -3,8 +3,6 @@ reporting:<proc> until acknowledged, op A). Defects found by attacking it."""
 import threading
 import time
 
-import pytest
-
 from tinymq.redis._scripts import Scripts
 
 
@@ -29,10 +27,6 @@ def _setup(redis_url, name):
     return worker, producer, client, keys
 
 
-@pytest.mark.xfail(strict=True, reason="a cancel() inside a failure callback of a row handed to "
-                   "this process pops the thread's _reporting entry (_report_handed's finally): "
-                   "stop() from another thread no longer waits for the outer callback, and the "
-                   "release hands its row to `reports` (reported twice although nothing died)")
 def test_cancel_in_a_failure_callback_keeps_stop_waiting_for_the_outer_callback(redis_url):
     worker, producer, client, keys = _setup(redis_url, "attackU-nested")
     reported = []
@@ -67,10 +61,6 @@ def test_cancel_in_a_failure_callback_keeps_stop_waiting_for_the_outer_callback(
         client.close()
 
 
-@pytest.mark.xfail(strict=True, reason="stop() on another thread between cancel.lua's kept reply "
-                   "and _report_handed: stop() does not wait for the canceller (it is not in "
-                   "_reporting yet), _report_handed then sees _released and skips the callbacks; "
-                   "cancel() returns True, no callback ran here, the row is left in `reports`")
 def test_stop_between_a_cancel_reply_and_its_callbacks_does_not_skip_them(redis_url):
     worker, producer, client, keys = _setup(redis_url, "attackU-stoprace")
     reported = []

@@ -46,6 +46,7 @@ logger = logging.getLogger("tinymq")
 
 _PREFETCH = 1  # jobs fetched beyond the free worker slots: the next one is at hand
 _BUFFERED_MAX = 1.0  # seconds a fetched job waits for a worker here before it goes back
+_NOT_REPORTING = object()  # (_report_handed: the thread was reporting nothing before)
 _REPORT_WAIT = 10.0  # seconds stop() waits for failure callbacks on rows handed to this process
 _SETTLE_BATCH = 32  # settle ops that make the pump flush at once
 _SETTLE_DELAY = 0.001  # seconds an op may wait for company before the pump flushes it
@@ -110,7 +111,7 @@ class QueueLink:
         self._renewal = threading.Condition(self._lock)  # the lease was renewed, or lost, or closing
         self._reported = threading.Condition(self._lock)  # a thread finished reporting handed rows
         # thread -> the acknowledgement (op A's key) of the handed row whose failure callbacks it runs
-        self._reporting: Dict[int, str] = {}
+        self._reporting: Dict[int, Optional[str]] = {}  # None: a cancel() under way
         self._renewed_at = -math.inf  # monotonic time the last call that renewed the lease was sent
         # Guarded by _lock:
         self._attempts: Dict[Any, _Attempt] = {}  # job -> this process's attempt of it
@@ -209,6 +210,8 @@ class QueueLink:
         if not rows:
             return
         me = threading.get_ident()
+        with self._lock:  # (a callback's own cancel() reports in here again: the outer row,
+            outer = self._reporting.get(me, _NOT_REPORTING)  # still running, stays waited for)
         try:
             for row in rows:
                 key = f"{row.id}|{row.reason}"
@@ -221,7 +224,10 @@ class QueueLink:
                     self._queue_op(SettleOp("A", key))
         finally:
             with self._lock:
-                self._reporting.pop(me, None)
+                if outer is _NOT_REPORTING:
+                    self._reporting.pop(me, None)
+                else:
+                    self._reporting[me] = outer
                 self._reported.notify_all()
 
     # --- observing ---------------------------------------------------------------
@@ -287,20 +293,34 @@ class QueueLink:
         failure for good it decided, and reported, before it heard of the mark stands).
         """
         token = "c" + os.urandom(8).hex()  # a resend of this call gets the first one's reply
-        caller = self._proc if self._registered else ""  # (one with a lease, for its reaper)
+        me = threading.get_ident()
+        with self._lock:
+            # (one with a lease, for its reaper). From the call on, stop() waits for this thread
+            # as for a running callback, so that the row it may keep is reported here and
+            # acknowledged before the release (which would hand it on); once stopping, none is kept.
+            caller = self._proc if self._registered and not self._closing else ""
+            held = bool(caller) and me not in self._reporting
+            if held:
+                self._reporting[me] = None
         try:
-            self.broker._check_server()
-            reply = self.broker.call_resending(self.scripts.cancel, token, job_id, caller)
-        except self._redis_error as exc:
-            raise TinyMQError(f"could not cancel job {job_id!r} in Redis queue {self.broker.name!r}: "
-                              f"{exc}") from exc
-        if reply.status == "removed":
-            item = reply.removed
-            if reply.kept:  # in Redis until acknowledged: reported at least once
-                self._report_handed([item])
-            else:
-                self._report(item.id, item.body, "cancelled", item.retries, item.error)
-            return True
+            try:
+                self.broker._check_server()
+                reply = self.broker.call_resending(self.scripts.cancel, token, job_id, caller)
+            except self._redis_error as exc:
+                raise TinyMQError(f"could not cancel job {job_id!r} in Redis queue {self.broker.name!r}: "
+                                  f"{exc}") from exc
+            if reply.status == "removed":
+                item = reply.removed
+                if reply.kept:  # in Redis until acknowledged: reported at least once
+                    self._report_handed([item])
+                else:
+                    self._report(item.id, item.body, "cancelled", item.retries, item.error)
+                return True
+        finally:
+            if held:
+                with self._lock:
+                    self._reporting.pop(me, None)
+                    self._reported.notify_all()
         if reply.status == "marked":
             if reply.proc == self._proc:
                 self._cancel_marked([reply.attempt])
