@@ -3,8 +3,6 @@ reporting:<proc> until acknowledged, op A). Defects found by attacking it."""
 import threading
 import time
 
-import pytest
-
 from tinymq.redis._scripts import Scripts
 
 
@@ -96,10 +94,6 @@ def test_stop_between_a_cancel_reply_and_its_callbacks_does_not_skip_them(redis_
         client.close()
 
 
-@pytest.mark.xfail(strict=True, reason="reporting:<proc> is keyed by '<id>|<reason>': a second "
-                   "cancel of a re-enqueued job of the same id by the same process overwrites the "
-                   "first row, and the A of the first report deletes the second one, so a kill -9 "
-                   "before the second's callbacks ran loses its report")
 def test_an_acknowledgement_of_an_earlier_cancel_of_the_same_id_keeps_the_newer_row(redis_url):
     import redis as redis_py
 
@@ -115,7 +109,7 @@ def test_an_acknowledgement_of_an_earlier_cancel_of_the_same_id_keeps_the_newer_
         assert scripts.cancel("c2", "a", "p1").kept
         # p1's callbacks for the first cancel ran; their A goes with its next call, before the
         # callbacks of the second one ran. Then p1 is killed.
-        scripts.settle("p1", [SettleOp("A", "a|cancelled")])
+        scripts.settle("p1", [SettleOp("A", "a|cancelled|c1")])
         client.zadd(scripts.key("procs"), {"p1": 0})
         alive, _, crashed = scripts.beat("reaper", 60_000, 3, False, "b1")
         assert [(c.id, c.body) for c in crashed] == [("a", "body-2")]  # reported at least once

@@ -194,10 +194,11 @@ class Model:
         self.reports.extend(self.ended)
         self.ended = []
 
-    def handed(self, proc: str, rows: List[Tuple[Any, ...]]) -> None:
+    def handed(self, proc: str, rows: List[Tuple[Any, ...]], keys: Optional[List[str]] = None) -> None:
         """A reply hands ``rows`` to proc to report: they wait until it acknowledges them (op A)."""
-        for row in rows:
-            self.reporting.setdefault(proc, {})[f"{row[0]}|{row[4] if len(row) > 4 else 'crashed'}"] = tuple(row)
+        for i, row in enumerate(rows):
+            key = keys[i] if keys else f"{row[0]}|{row[4] if len(row) > 4 else 'crashed'}"
+            self.reporting.setdefault(proc, {})[key] = tuple(row)
 
     def unacknowledged(self, proc: str) -> List[Tuple[Any, ...]]:
         """Proc leaves (reaped or released): the rows it did not acknowledge, to report again."""
@@ -579,11 +580,11 @@ class Model:
         self.begin_call()
         if token in self.cancel_tokens:  # a resend: the first call's reply
             return self.cancel_tokens[token]
-        reply = self.cancel_job(job_id, caller)
+        reply = self.cancel_job(job_id, caller, token)
         self.cancel_tokens[token] = reply
         return reply
 
-    def cancel_job(self, job_id: str, caller: str) -> Tuple[Any, ...]:
+    def cancel_job(self, job_id: str, caller: str, token: str = "") -> Tuple[Any, ...]:
         job = self.jobs.get(job_id)
         if job is None or job.dead_reason is not None:  # (a marked job's hash moved: not here)
             return ("none", None, "", "", False)
@@ -605,7 +606,7 @@ class Model:
             self.stats["cancelled"] += 1
             self.stats["outstanding"] -= 1
             if caller in self.procs:  # a registered caller: kept until it acknowledges its report
-                self.handed(caller, [row])
+                self.handed(caller, [row], [f"{job_id}|cancelled|{token}"])  # (by its token)
                 self.happened.append("a removed job handed to its canceller")
                 return ("removed", row, "", "", True)
             return ("removed", row, "", "", False)

@@ -203,7 +203,7 @@ class QueueLink:
             return
         self.dispatcher.report_failure(job, reason, None)
 
-    def _report_handed(self, rows: Sequence[Crashed]) -> None:
+    def _report_handed(self, rows: Sequence[Crashed], keys: Optional[Sequence[str]] = None) -> None:
         """Report the rows a fetch or beat reply handed to this process, acknowledging each
         once its callbacks ran (op A, sent with the next call): until then Redis keeps it
         for whoever reaps this process, should it die first (reported at least once)."""
@@ -213,8 +213,8 @@ class QueueLink:
         with self._lock:  # (a callback's own cancel() reports in here again: the outer row,
             outer = self._reporting.get(me, _NOT_REPORTING)  # still running, stays waited for)
         try:
-            for row in rows:
-                key = f"{row.id}|{row.reason}"
+            for i, row in enumerate(rows):
+                key = keys[i] if keys else f"{row.id}|{row.reason}"  # (its field in reporting:<proc>)
                 with self._lock:
                     if self._released:  # (stop() waits for other threads): a callback here stopped
                         break               # the queue, and the release handed the rest on
@@ -312,7 +312,7 @@ class QueueLink:
             if reply.status == "removed":
                 item = reply.removed
                 if reply.kept:  # in Redis until acknowledged: reported at least once
-                    self._report_handed([item])
+                    self._report_handed([item], [f"{item.id}|cancelled|{token}"])
                 else:
                     self._report(item.id, item.body, "cancelled", item.retries, item.error)
                 return True

@@ -7,7 +7,8 @@ Returns one of
   {1, {id, body, retries, error}, kept}   it was waiting (ready, delayed, parked): removed,
                                           its hash deleted, counted; the caller reports it.
                                           kept = 1: the caller is registered, and the row
-                                          waits in reporting:<proc> too until it acknowledges
+                                          waits in reporting:<proc> too, by
+                                          "<id>|cancelled|<token>", until it acknowledges
                                           it (op A), as the rows a fetch hands it: if it dies
                                           first, its reaper reports the job (0: not kept)
   {2, proc, attempt}                      it is leased to proc (buffered or running there):
@@ -42,7 +43,8 @@ local function cancel()
     count('outstanding', -1)
     local row = {id, f[4] or '', f[5] or '0', f[6] or ''}
     if caller ~= '' and redis.call('ZSCORE', K_PROCS, caller) then
-      handed(caller, {{row[1], row[2], row[3], row[4], 'cancelled'}})
+      -- (by its token: an A of an earlier cancel of this id leaves this row)
+      handed(caller, {{row[1], row[2], row[3], row[4], 'cancelled'}}, {id .. '|cancelled|' .. token})
       return {1, row, 1}
     end
     return {1, row, 0}

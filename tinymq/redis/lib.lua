@@ -53,7 +53,9 @@ Keys (after the prefix):
   wake:<proc>              LIST  at most one "1": wakes proc's idle fetcher (a cancel marked
                                  one of its attempts; its stop); deleted with proc's lease
   reporting:<proc>         HASH  "<id>|<reason>" -> JSON row: rows handed to proc to report
-                                 (a reply's crashed, a waiting job its cancel removed) that
+                                 (a reply's crashed; a waiting job its cancel removed, by
+                                 "<id>|cancelled|<cancel token>": the id may be cancelled
+                                 again before the A of the first reaches Redis) that
                                  it has not acknowledged yet (op A); a reap hands them to
                                  the reaper, a release to `reports`
   dead                     ZSET  id -> time it died (ms); its hash stays, with x
@@ -351,11 +353,11 @@ end
 proc that dies first leaves them to drop_proc, which hands them to whoever reaps it: every
 row is reported at least once (twice when proc reported it but died before the A reached
 Redis), never lost with the process that was to report it. ]]
-local function handed(proc, rows)
+local function handed(proc, rows, keys) -- keys: the rows' fields, if not "<id>|<reason>"
   if #rows == 0 then return end
   local fields = {}
-  for _, row in ipairs(rows) do
-    table.insert(fields, row[1] .. '|' .. (row[5] or 'crashed'))
+  for i, row in ipairs(rows) do
+    table.insert(fields, (keys and keys[i]) or (row[1] .. '|' .. (row[5] or 'crashed')))
     table.insert(fields, cjson.encode(row))
   end
   redis.call('HSET', reporting_key(proc), unpack(fields))
