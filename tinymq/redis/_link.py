@@ -24,6 +24,7 @@ never later than the server's expiry): past it, this process may have been
 reaped and the job handed to another, so the worker waits for the next
 renewal, or for the news that the job is no longer this process's.
 """
+import contextlib
 import itertools
 import logging
 import math
@@ -31,7 +32,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .._pick_core import core
 from ..config import RateLimit
@@ -46,7 +47,7 @@ logger = logging.getLogger("tinymq")
 
 _PREFETCH = 1  # jobs fetched beyond the free worker slots: the next one is at hand
 _BUFFERED_MAX = 1.0  # seconds a fetched job waits for a worker here before it goes back
-_NOT_REPORTING = object()  # (_report_handed: the thread was reporting nothing before)
+_NOT_REPORTING = object()  # (_reporting_here: the thread was reporting nothing before)
 _REPORT_WAIT = 10.0  # seconds stop() waits for failure callbacks on rows handed to this process
 _SETTLE_BATCH = 32  # settle ops that make the pump flush at once
 _SETTLE_DELAY = 0.001  # seconds an op may wait for company before the pump flushes it
@@ -111,7 +112,7 @@ class QueueLink:
         self._renewal = threading.Condition(self._lock)  # the lease was renewed, or lost, or closing
         self._reported = threading.Condition(self._lock)  # a thread finished reporting handed rows
         # thread -> the acknowledgement (op A's key) of the handed row whose failure callbacks it runs
-        self._reporting: Dict[int, Optional[str]] = {}  # None: a cancel() under way
+        self._reporting: Dict[int, Optional[str]] = {}  # None: no row yet (a cancel() under way)
         self._renewed_at = -math.inf  # monotonic time the last call that renewed the lease was sent
         # Guarded by _lock:
         self._attempts: Dict[Any, _Attempt] = {}  # job -> this process's attempt of it
@@ -210,9 +211,7 @@ class QueueLink:
         if not rows:
             return
         me = threading.get_ident()
-        with self._lock:  # (a callback's own cancel() reports in here again: the outer row,
-            outer = self._reporting.get(me, _NOT_REPORTING)  # still running, stays waited for)
-        try:
+        with self._reporting_here():
             for i, row in enumerate(rows):
                 key = keys[i] if keys else f"{row.id}|{row.reason}"  # (its field in reporting:<proc>)
                 with self._lock:
@@ -222,6 +221,19 @@ class QueueLink:
                 self._report(row.id, row.body, row.reason, row.retries, row.error)
                 with self._lock:
                     self._queue_op(SettleOp("A", key))
+
+    @contextlib.contextmanager
+    def _reporting_here(self) -> Iterator[None]:
+        """This thread reports rows handed to this process (its entry in _reporting is the
+        row's acknowledgement key, None until it has one): stop() waits for it. Nested (a
+        failure callback's own cancel()), the outer entry is put back afterwards."""
+        me = threading.get_ident()
+        with self._lock:
+            outer = self._reporting.get(me, _NOT_REPORTING)
+            if outer is _NOT_REPORTING:
+                self._reporting[me] = None
+        try:
+            yield
         finally:
             with self._lock:
                 if outer is _NOT_REPORTING:
@@ -293,16 +305,12 @@ class QueueLink:
         failure for good it decided, and reported, before it heard of the mark stands).
         """
         token = "c" + os.urandom(8).hex()  # a resend of this call gets the first one's reply
-        me = threading.get_ident()
-        with self._lock:
-            # (one with a lease, for its reaper). From the call on, stop() waits for this thread
-            # as for a running callback, so that the row it may keep is reported here and
-            # acknowledged before the release (which would hand it on); once stopping, none is kept.
-            caller = self._proc if self._registered and not self._closing else ""
-            held = bool(caller) and me not in self._reporting
-            if held:
-                self._reporting[me] = None
-        try:
+        # From the call on, stop() waits for this thread as for a running callback: a row the
+        # call keeps is reported here, and acknowledged, before the release (which would hand
+        # it on). Registered first, so that a stop() this does not wait for is seen as closing.
+        with self._reporting_here():
+            with self._lock:  # (one with a lease, for its reaper; once stopping, no row is kept)
+                caller = self._proc if self._registered and not self._closing else ""
             try:
                 self.broker._check_server()
                 reply = self.broker.call_resending(self.scripts.cancel, token, job_id, caller)
@@ -316,11 +324,6 @@ class QueueLink:
                 else:
                     self._report(item.id, item.body, "cancelled", item.retries, item.error)
                 return True
-        finally:
-            if held:
-                with self._lock:
-                    self._reporting.pop(me, None)
-                    self._reported.notify_all()
         if reply.status == "marked":
             if reply.proc == self._proc:
                 self._cancel_marked([reply.attempt])
