@@ -1947,16 +1947,14 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
                     result = fn(job)
                 else:
                     result = fn(job, context)
-                if result is not None:
-                    if _awaitable_or_generator(result):  # a function returning a coroutine
-                        dispatcher.returned(job, state, result)
-                    result = None
+                if result is not None and _awaitable_or_generator(result):  # a function returning a coroutine
+                    dispatcher.returned(job, state, result)
+                result = None
         except BaseException as exc:  # the attempt's failure, whatever it is
             error = exc
         ended = _monotonic()
         expired = slot.end()
-        if context is not None:
-            context = None
+        context = None
         # A worker going straight back to pop takes the job its slot frees itself.
         ready._release(state, expired or error is not None or cancelled
                        or (slot.on_success is not None and slot.on_switch is None))

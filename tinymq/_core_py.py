@@ -1399,16 +1399,14 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
                         result = fn(job)
                     else:
                         result = fn(job, context)
-                    if result is not None:
-                        if _awaitable_or_generator(result):  # a function returning a coroutine
-                            dispatcher.returned(job, state, result)
-                        result = None
+                    if result is not None and _awaitable_or_generator(result):  # a function returning a coroutine
+                        dispatcher.returned(job, state, result)
+                    result = None
             except BaseException as exc:  # the attempt's failure, whatever it is
                 error = exc
             ended = monotonic()
             expired = slot.end()
-            if context is not None:
-                context = None
+            context = None
             if expired and slot.interrupted:
                 interrupt_thread(slot.thread_id, None)  # from here on nothing may land
             straight_back = (error is None and not expired and not cancelled
