@@ -1,36 +1,16 @@
 """attackU: q.cancel() of a waiting job by a worker process (e551019: the row waits in
 reporting:<proc> until acknowledged, op A). Defects found by attacking it."""
 import threading
-import time
 
 import pytest
 
-from tinymq.redis._scripts import Scripts
+from tinymq.redis._scripts import SettleOp
 
-
-def _setup(redis_url, name):
-    import redis as redis_py
-
-    from tinymq import Job, Queue
-    from tinymq.redis import RedisBroker
-
-    worker = Queue(broker=RedisBroker(redis_url, name=name, lease=2.0))
-    producer = Queue(broker=RedisBroker(redis_url, name=name, lease=2.0))
-    client = redis_py.Redis.from_url(redis_url, decode_responses=True)
-    keys = Scripts(client, name)
-    worker.register_executor("work", lambda job: None)
-    worker.start_dispatcher(1)
-    deadline = time.monotonic() + 10
-    while not worker._link._registered:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    for job_id in ("a", "b"):
-        producer.enqueue_delayed(Job("work", None, id=job_id), 60.0)  # they wait in Redis
-    return worker, producer, client, keys
+from test_redis_reports import a_worker_and_two_waiting_jobs, expire, scripts  # noqa: F401 (a fixture)
 
 
 def test_cancel_in_a_failure_callback_keeps_stop_waiting_for_the_outer_callback(redis_url):
-    worker, producer, client, keys = _setup(redis_url, "attackU-nested")
+    worker, producer, client, keys = a_worker_and_two_waiting_jobs(redis_url, "attackU-nested")
     reported = []
     inner_done, go = threading.Event(), threading.Event()
 
@@ -64,7 +44,7 @@ def test_cancel_in_a_failure_callback_keeps_stop_waiting_for_the_outer_callback(
 
 
 def test_stop_between_a_cancel_reply_and_its_callbacks_does_not_skip_them(redis_url):
-    worker, producer, client, keys = _setup(redis_url, "attackU-stoprace")
+    worker, producer, client, keys = a_worker_and_two_waiting_jobs(redis_url, "attackU-stoprace")
     reported = []
 
     @worker.on_failure
@@ -96,52 +76,34 @@ def test_stop_between_a_cancel_reply_and_its_callbacks_does_not_skip_them(redis_
         client.close()
 
 
-def test_an_acknowledgement_of_an_earlier_cancel_of_the_same_id_keeps_the_newer_row(redis_url):
-    import redis as redis_py
-
-    from tinymq.redis._scripts import SettleOp
-
-    client = redis_py.Redis.from_url(redis_url, decode_responses=True)
-    scripts = Scripts(client, "attackU-reuse")
-    try:
-        assert scripts.heartbeat("p1", 60_000, 3, False, "b0").alive  # p1 holds a lease
-        scripts.enqueue("e1", 100, 0, [("a", "t", 1, 60_000, "body-1")])
-        assert scripts.cancel("c1", "a", "p1").kept
-        scripts.enqueue("e2", 100, 0, [("a", "t", 1, 60_000, "body-2")])  # the id is free again
-        assert scripts.cancel("c2", "a", "p1").kept
-        # p1's callbacks for the first cancel ran; their A goes with its next call, before the
-        # callbacks of the second one ran. Then p1 is killed.
-        scripts.settle("p1", [SettleOp("A", "a|cancelled|c1")])
-        client.zadd(scripts.key("procs"), {"p1": 0})
-        alive, _, crashed = scripts.beat("reaper", 60_000, 3, False, "b1")
-        assert [(c.id, c.body) for c in crashed] == [("a", "body-2")]  # reported at least once
-    finally:
-        client.close()
+def test_an_acknowledgement_of_an_earlier_cancel_of_the_same_id_keeps_the_newer_row(scripts):
+    assert scripts.heartbeat("p1", 60_000, 3, False, "b0").alive  # p1 holds a lease
+    scripts.enqueue("e1", 100, 0, [("a", "t", 1, 60_000, "body-1")])
+    assert scripts.cancel("c1", "a", "p1").kept
+    scripts.enqueue("e2", 100, 0, [("a", "t", 1, 60_000, "body-2")])  # the id is free again
+    assert scripts.cancel("c2", "a", "p1").kept
+    # p1's callbacks for the first cancel ran; their A goes with its next call, before the
+    # callbacks of the second one ran. Then p1 is killed.
+    scripts.settle("p1", [SettleOp("A", "a|cancelled|c1")])
+    expire(scripts, "p1")
+    alive, _, crashed = scripts.beat("reaper", 60_000, 3, False, "b1")
+    assert [(c.id, c.body) for c in crashed] == [("a", "body-2")]  # reported at least once
 
 
 @pytest.mark.xfail(strict=True, reason="a reaper is handed the dead process's unacknowledged rows "
                    "under '<id>|<reason>' (handed's default): two cancel rows of one id collapse "
                    "into one field of reporting:<reaper>, and its first A removes both, so a kill -9 "
                    "of the reaper before the second's callbacks loses that report (not fixed)")
-def test_a_reaper_keeps_both_cancel_rows_of_one_id_until_each_is_acknowledged(redis_url):
-    import redis as redis_py
-
-    from tinymq.redis._scripts import SettleOp
-
-    client = redis_py.Redis.from_url(redis_url, decode_responses=True)
-    scripts = Scripts(client, "attackU-reaper")
-    try:
-        assert scripts.heartbeat("p1", 60_000, 3, False, "b0").alive
-        scripts.enqueue("e1", 100, 0, [("a", "t", 1, 60_000, "body-1")])
-        assert scripts.cancel("c1", "a", "p1").kept
-        scripts.enqueue("e2", 100, 0, [("a", "t", 1, 60_000, "body-2")])
-        assert scripts.cancel("c2", "a", "p1").kept
-        client.zadd(scripts.key("procs"), {"p1": 0})  # p1 killed before either callback ran
-        alive, _, crashed = scripts.beat("reaper", 60_000, 3, False, "b1")
-        assert sorted(c.body for c in crashed) == ["body-1", "body-2"]
-        scripts.settle("reaper", [SettleOp("A", "a|cancelled")])  # it reported the first one
-        client.zadd(scripts.key("procs"), {"reaper": 0})  # and was killed
-        alive, _, crashed = scripts.beat("next", 60_000, 3, False, "b1")
-        assert len(crashed) >= 1  # the second one is reported at least once
-    finally:
-        client.close()
+def test_a_reaper_keeps_both_cancel_rows_of_one_id_until_each_is_acknowledged(scripts):
+    assert scripts.heartbeat("p1", 60_000, 3, False, "b0").alive
+    scripts.enqueue("e1", 100, 0, [("a", "t", 1, 60_000, "body-1")])
+    assert scripts.cancel("c1", "a", "p1").kept
+    scripts.enqueue("e2", 100, 0, [("a", "t", 1, 60_000, "body-2")])
+    assert scripts.cancel("c2", "a", "p1").kept
+    expire(scripts, "p1")  # p1 killed before either callback ran
+    alive, _, crashed = scripts.beat("reaper", 60_000, 3, False, "b1")
+    assert sorted(c.body for c in crashed) == ["body-1", "body-2"]
+    scripts.settle("reaper", [SettleOp("A", "a|cancelled")])  # it reported the first one
+    expire(scripts, "reaper")  # and was killed
+    alive, _, crashed = scripts.beat("next", 60_000, 3, False, "b1")
+    assert len(crashed) >= 1  # the second one is reported at least once

@@ -21,8 +21,8 @@ from tinymq.redis import RedisBroker
 from tinymq.redis import _link
 
 from _backends import Redis
-from _helpers import WAIT, Recorder
-from test_redis_resend import LossyProxy
+from _helpers import WAIT, Recorder, wait_until
+from test_redis_resend import LossyProxy, assert_each_ran_once
 
 LONG_WAIT = 30.0  # seconds an idle pump waits in Redis in these tests
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,10 +38,7 @@ def shared(redis_url, monkeypatch):
 
 
 def waiting_in_redis(q):
-    deadline = time.monotonic() + WAIT
-    while not q._link._pump_idle:
-        assert time.monotonic() < deadline, "the pump did not go to wait in Redis"
-        time.sleep(0.005)
+    assert wait_until(lambda: q._link._pump_idle), "the pump did not go to wait in Redis"
 
 
 def test_an_attempt_that_ends_while_its_process_waits_is_settled_at_once(shared):
@@ -71,8 +68,6 @@ def test_a_delayed_job_due_while_its_process_waits_starts_on_time(shared):
 
 def test_a_limit_registered_while_its_process_waits_applies_to_its_next_fetch(shared):
     producer, worker = shared.pair()
-    ran = Recorder()
-    worker.register_executor("t", lambda job: ran.add(job.payload))
     worker.start_dispatcher(4)
     waiting_in_redis(worker)
     hold = Recorder()
@@ -93,7 +88,7 @@ def test_a_limit_registered_while_its_process_waits_applies_to_its_next_fetch(sh
     assert producer.join(WAIT)
 
 
-def test_a_wait_whose_fetch_reply_is_lost_hands_out_its_jobs_once(redis_server, redis_url):
+def test_a_wait_whose_reply_is_lost_costs_no_job(redis_server, redis_url):
     shared = Redis(redis_url)
     proxy = LossyProxy(redis_server.port)
     worker = Queue(broker=RedisBroker(proxy.url, name=shared.queue_name))
@@ -108,12 +103,7 @@ def test_a_wait_whose_fetch_reply_is_lost_hands_out_its_jobs_once(redis_server, 
         proxy.drop_reply(b"*2\r\n$%d\r\n%s" % (len(signal), signal))
         producer.enqueue_many([Job("t", i) for i in range(3)])
         assert proxy.dropped.wait(WAIT)
-        assert producer.join(WAIT)
-        assert sorted(ran.snapshot()) == [0, 1, 2]
-        stats = producer.get_stats()
-        assert (stats.jobs_succeeded, stats.jobs_failed) == (3, 0)
-        scripts = producer.broker._scripts
-        assert scripts.client.hlen(scripts.key("running")) == 0  # no slot leaked
+        assert_each_ran_once(producer, ran, [0, 1, 2])
     finally:
         worker.stop()
         proxy.close()
@@ -131,16 +121,6 @@ def test_a_server_that_lost_its_scripts_while_a_process_waits_hands_it_the_job_a
         producer.enqueue(Job("t", 1))
         assert ran.wait_until(lambda items: items == [1])
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
-
-
-def _until(predicate, timeout=WAIT, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 CHILD = """
@@ -172,9 +152,11 @@ def test_a_job_enqueued_while_an_idle_process_is_frozen_runs_elsewhere(redis_url
     worker = None
     try:
         assert child.stdout.readline().strip() == b"ready"
-        proc = _until(lambda: client.zrange(scripts.key("procs"), 0, -1), what="the child's lease")[0]
+        procs = wait_until(lambda: client.zrange(scripts.key("procs"), 0, -1))
+        assert procs, "the child did not take a lease"
+        proc = procs[0]
         proc = proc.decode() if isinstance(proc, bytes) else proc
-        _until(lambda: blocked(client) == 1, what="the child's wait in Redis")
+        assert wait_until(lambda: blocked(client) == 1), "the child did not wait in Redis"
         os.kill(child.pid, signal.SIGSTOP)  # frozen (a debugger, a VM pause), its wait still in Redis
         assert blocked(client) == 1
         # Another idle process (a short lease: it looks every 0.5 s), waiting behind the child.
@@ -183,7 +165,7 @@ def test_a_job_enqueued_while_an_idle_process_is_frozen_runs_elsewhere(redis_url
         ran = Recorder()
         worker.register_executor("record", lambda job: ran.add(job.payload))
         worker.start_dispatcher(1)
-        _until(lambda: blocked(client) == 2, what="the other process's wait")
+        assert wait_until(lambda: blocked(client) == 2), "the other process did not wait in Redis"
         producer.enqueue(Job("record", 1))
         assert ran.wait_until(lambda items: items == [1])  # (the child is never resumed)
         assert producer.join(WAIT)

@@ -17,6 +17,8 @@ import pytest
 
 from tinymq.redis._scripts import Scripts, SettleOp
 
+from _helpers import wait_until
+
 LEASE_MS = 60_000
 
 
@@ -135,47 +137,45 @@ def test_a_worker_reports_what_its_fetch_found_crashed_and_acknowledges_it(redis
         client.close()
 
 
-def test_a_worker_that_cancels_a_waiting_job_reports_it_once_and_acknowledges_it(redis_url):
-    """A worker process (registered: it holds a lease) cancels a job that waits in Redis: its
-    callbacks report it once, the row it kept in Redis meanwhile is acknowledged with its
-    next call, and a producer-only process's cancel keeps no row (nobody could reap it)."""
-    import time
-
+def a_worker_and_two_waiting_jobs(redis_url, name):
+    """A registered worker process (it holds a lease), a producer-only one, and jobs "a" and
+    "b" waiting in Redis (delayed); with a client and the queue's Scripts for its keys."""
     import redis as redis_py
 
     from tinymq import Job, Queue
     from tinymq.redis import RedisBroker
 
-    name = "reports-cancel"
     worker = Queue(broker=RedisBroker(redis_url, name=name, lease=2.0))
     producer = Queue(broker=RedisBroker(redis_url, name=name, lease=2.0))
-    reported, kept = [], []
     client = redis_py.Redis.from_url(redis_url, decode_responses=True)
     keys = Scripts(client, name)
+    worker.register_executor("work", lambda job: None)
+    worker.start_dispatcher(1)
+    assert wait_until(lambda: worker._link._registered)
+    for job_id in ("a", "b"):
+        producer.enqueue_delayed(Job("work", None, id=job_id), 60.0)  # they wait in Redis
+    return worker, producer, client, keys
+
+
+def test_a_worker_that_cancels_a_waiting_job_reports_it_once_and_acknowledges_it(redis_url):
+    """A worker process (registered: it holds a lease) cancels a job that waits in Redis: its
+    callbacks report it once, the row it kept in Redis meanwhile is acknowledged with its
+    next call, and a producer-only process's cancel keeps no row (nobody could reap it)."""
+    worker, producer, client, keys = a_worker_and_two_waiting_jobs(redis_url, "reports-cancel")
+    reporting = keys.key("reporting:" + worker._link._proc)
+    reported, kept = [], []
 
     @worker.on_failure
     def report(job, reason, exc):
         reported.append((job.id, reason))
         # While its callbacks run, the row waits in Redis for the worker's reaper, should it die.
         kept.append(any(field.startswith(f"{job.id}|{reason}|")  # (by "<id>|cancelled|<token>")
-                        for field in client.hkeys(keys.key("reporting:" + worker._link._proc))))
+                        for field in client.hkeys(reporting)))
 
-    worker.register_executor("work", lambda job: None)
     try:
-        worker.start_dispatcher(1)
-        deadline = time.monotonic() + 10
-        while not worker._link._registered:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        producer.enqueue_delayed(Job("work", None, id="a"), 60.0)  # it waits in Redis
-        producer.enqueue_delayed(Job("work", None, id="b"), 60.0)
         assert worker.cancel("a")
         assert reported == [("a", "cancelled")] and kept == [True]
-        reporting = keys.key("reporting:" + worker._link._proc)
-        deadline = time.monotonic() + 10
-        while client.exists(reporting):  # acknowledged with its next call
-            assert time.monotonic() < deadline, client.hgetall(reporting)
-            time.sleep(0.01)
+        assert wait_until(lambda: not client.exists(reporting)), client.hgetall(reporting)  # acknowledged
         assert producer.cancel("b")  # producer-only: reported from the reply alone
         assert client.keys(keys.key("reporting:*")) == []
         worker.stop()

@@ -83,6 +83,16 @@ class LossyProxy:
                 pass
 
 
+def assert_each_ran_once(producer, ran, payloads):
+    """The queue is done: each job ran once and succeeded, and no type slot is left taken."""
+    assert producer.join(WAIT)
+    assert sorted(ran.snapshot()) == payloads
+    stats = producer.get_stats()
+    assert (stats.jobs_succeeded, stats.jobs_failed) == (len(payloads), 0)
+    scripts = producer.broker._scripts
+    assert scripts.client.hlen(scripts.key("running")) == 0  # no slot leaked
+
+
 @pytest.fixture
 def proxy(redis_server, redis_url):
     made = LossyProxy(redis_server.port)
@@ -119,11 +129,6 @@ def test_a_fetch_whose_reply_is_lost_hands_out_its_jobs_once(proxy, shared):
         proxy.drop_reply(b"*8\r\n:1\r\n")  # the next fetch that succeeded on the server
         producer.enqueue_many([Job("t", i) for i in range(3)])
         assert proxy.dropped.wait(WAIT)
-        assert producer.join(WAIT)
-        assert sorted(ran.snapshot()) == [0, 1, 2]
-        stats = producer.get_stats()
-        assert (stats.jobs_succeeded, stats.jobs_failed) == (3, 0)
-        scripts = producer.broker._scripts
-        assert scripts.client.hlen(scripts.key("running")) == 0  # no slot leaked
+        assert_each_ran_once(producer, ran, [0, 1, 2])
     finally:
         worker.stop()
