@@ -291,7 +291,7 @@ class Scripts:
         status = int(reply[0])
         if status == 1:
             return CancelReply("removed", removed=_crashed([reply[1] + ["cancelled"]])[0],
-                               kept=len(reply) > 2 and int(reply[2]) == 1)
+                               kept=int(reply[2]) == 1)
         if status == 2:
             return CancelReply("marked", proc=reply[1], attempt=reply[2])
         return CancelReply("none")
