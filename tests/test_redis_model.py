@@ -195,10 +195,17 @@ class Model:
         self.ended = []
 
     def handed(self, proc: str, rows: List[Tuple[Any, ...]], keys: Optional[List[str]] = None) -> None:
-        """A reply hands ``rows`` to proc to report: they wait until it acknowledges them (op A)."""
+        """A reply hands ``rows`` to proc to report: they wait until it acknowledges them (op A).
+
+        Each under a field of its own; which field the scripts chose (lib.lua's handed) the
+        model learns after the call (adopt_keys): it compares the rows each process holds."""
         for i, row in enumerate(rows):
-            key = keys[i] if keys else f"{row[0]}|{row[4] if len(row) > 4 else 'crashed'}"
+            key = keys[i] if keys else f"?{len(self.reporting.get(proc, {}))}:{i}"
             self.reporting.setdefault(proc, {})[key] = tuple(row)
+
+    def adopt_keys(self, reporting: Dict[str, Dict[str, Tuple[Any, ...]]]) -> None:
+        """After a call that left the same rows as the model: the fields they are under."""
+        self.reporting = {proc: dict(rows) for proc, rows in reporting.items() if rows}
 
     def unacknowledged(self, proc: str) -> List[Tuple[Any, ...]]:
         """Proc leaves (reaped or released): the rows it did not acknowledge, to report again."""
@@ -681,7 +688,7 @@ class Model:
             "moved": {f"{proc}|{attempt}": job.fields() for (proc, attempt), job in self.moved.items()},
             "beaten": {proc: (bid, sorted(crashed)) for proc, (bid, crashed) in self.beaten.items()},
             "reports": sorted(self.reports),
-            "reporting": {proc: dict(rows) for proc, rows in self.reporting.items() if rows},
+            "reporting": {proc: sorted(rows.values()) for proc, rows in self.reporting.items() if rows},
         }
 
 
@@ -729,6 +736,7 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
         out["beaten"][proc] = (bid, sorted(crashed_row(c) for c in crashed or []))
     out["cancels"] = {}
     out["reporting"] = {}
+    out["reporting keys"] = {}  # (not compared: the model adopts them)
     for name in ("parkedn", "limits", "running", "stats"):
         out[name] = {k: int(v) for k, v in out[name].items() if int(v) != 0}
     fetched = {}
@@ -743,8 +751,11 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
         elif rest.startswith("parked:"):
             _, level, job_type = rest.split(":", 2)
             out["parked"][(int(level), job_type)] = value
-        elif rest.startswith("reporting:"):  # "<id>|<reason>" -> JSON row
-            out["reporting"][rest[len("reporting:"):]] = {k: crashed_row(json.loads(v)) for k, v in value.items()}
+        elif rest.startswith("reporting:"):  # row key -> JSON row
+            rows = {k: crashed_row(json.loads(v)) for k, v in value.items()}
+            assert len(rows) == len(value)
+            out["reporting"][rest[len("reporting:"):]] = sorted(rows.values())
+            out["reporting keys"][rest[len("reporting:"):]] = rows
         elif rest.startswith("inflight:"):
             out["inflight"][rest[len("inflight:"):]] = value
         elif rest.startswith("cancelled:"):  # a marked attempt's job hash, by "<proc>|<attempt>"
@@ -761,8 +772,9 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
 
 
 def crashed_row(row: List[Any]) -> Tuple[Any, ...]:
-    """A crashed row as JSON holds it: (id, body, retries, error), and the reason when not "crashed"."""
-    return (row[0], row[1], int(row[2]), row[3]) + tuple(row[4:5])
+    """A crashed row as JSON holds it, as the model keeps it: (id, body, retries, error), and
+    the reason when not "crashed" (its key, if any, is not part of it)."""
+    return (row[0], row[1], int(row[2]), row[3]) + tuple(r for r in row[4:5] if r != "crashed")
 
 
 def check_invariants(held: Dict[str, Any]) -> None:
@@ -927,6 +939,7 @@ class ScriptsMachine(RuleBasedStateMachine):
             actual = {name: held[name] for name in expected}
             if same_reply(kind, expected_reply, self.normalise(kind, reply)) and same_state(expected, actual):
                 self.model = model
+                model.adopt_keys(held["reporting keys"])
                 break
             if first_failure is None:
                 first_failure = (expected_reply, diff(expected, actual))
@@ -991,7 +1004,7 @@ class ScriptsMachine(RuleBasedStateMachine):
         if kind == "enqueue":
             return (reply.status, [tuple(e) for e in reply.evicted], reply.duplicate_id, reply.ready)
         def rows(crashed):
-            return sorted(tuple(c) if c.reason != "crashed" else tuple(c)[:4] for c in crashed)
+            return sorted(tuple(c)[:5] if c.reason != "crashed" else tuple(c)[:4] for c in crashed)
 
         if kind == "fetch":
             return (reply.reaped, reply.stale, rows(reply.crashed),
@@ -1001,7 +1014,7 @@ class ScriptsMachine(RuleBasedStateMachine):
         if kind == "reap":
             return (reply[0], rows(reply[1]))
         if kind == "cancel":
-            return (reply.status, None if reply.removed is None else tuple(reply.removed), reply.proc,
+            return (reply.status, None if reply.removed is None else tuple(reply.removed)[:5], reply.proc,
                     reply.attempt, reply.kept)
         return reply
 

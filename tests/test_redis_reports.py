@@ -61,7 +61,7 @@ def test_a_row_its_process_died_before_reporting_goes_to_the_reaper(scripts):
     expire(scripts, "reaper")
     alive, _, crashed = scripts.beat("second", LEASE_MS, 3, False, "b1")
     assert [(c.id, c.reason) for c in crashed] == [("a", "cancelled")]
-    scripts.settle("second", [SettleOp("A", "a|cancelled")])
+    scripts.settle("second", [SettleOp("A", crashed[0].key)])
     expire(scripts, "second")
     assert scripts.beat("third", LEASE_MS, 3, False, "b1")[2] == []
     assert scripts.client.keys(scripts.key("reporting:*")) == []
@@ -70,8 +70,8 @@ def test_a_row_its_process_died_before_reporting_goes_to_the_reaper(scripts):
 
 
 def test_a_row_acknowledged_before_its_process_died_is_not_reported_again(scripts):
-    ended_by_its_own_settle(scripts)
-    scripts.fetch("p1", "3", 1, LEASE_MS, 3, True, [SettleOp("A", "a|cancelled")])
+    (row,) = ended_by_its_own_settle(scripts).crashed
+    scripts.fetch("p1", "3", 1, LEASE_MS, 3, True, [SettleOp("A", row.key)])
     expire(scripts, "p1")
     alive, _, crashed = scripts.beat("reaper", LEASE_MS, 3, False, "b1")
     assert alive and crashed == []
@@ -92,8 +92,8 @@ def test_a_crashed_row_handed_to_a_reaper_that_dies_goes_to_the_next_reaper(scri
 def test_a_resent_fetch_hands_the_same_rows_and_one_acknowledgement_clears_them(scripts):
     first = ended_by_its_own_settle(scripts)
     again = scripts.fetch("p1", "2", 1, LEASE_MS, 3, True, [])  # its reply was lost: resent
-    assert again.crashed == first.crashed
-    scripts.settle("p1", [SettleOp("A", "a|cancelled")])
+    assert again.crashed == first.crashed  # keys included
+    scripts.settle("p1", [SettleOp("A", first.crashed[0].key)])
     assert scripts.client.hgetall(scripts.key("reporting:p1")) == {}
 
 

@@ -213,7 +213,7 @@ class QueueLink:
         me = threading.get_ident()
         with self._reporting_here():
             for i, row in enumerate(rows):
-                key = keys[i] if keys else f"{row.id}|{row.reason}"  # (its field in reporting:<proc>)
+                key = keys[i] if keys else row.key  # (its field in reporting:<proc>)
                 with self._lock:
                     if self._released:  # (stop() waits for other threads): a callback here stopped
                         break               # the queue, and the release handed the rest on

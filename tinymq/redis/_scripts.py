@@ -43,8 +43,8 @@ class SettleOp(NamedTuple):
     "y"/"z" the same decided at the deadline (the attempt keeps its slot until
     "E", its late return); "B" give back (not counted); "T" started (a
     rate-limited type's attempt: its start counts from now in the rate window);
-    "A" with ``"<id>|<reason>"`` as the attempt: a row a reply handed to this
-    process to report (a ``Crashed``) was reported.
+    "A" with a row's key as the attempt: a row a reply handed to this process
+    to report (a ``Crashed``, its ``key``) was reported.
     """
 
     op: str
@@ -65,6 +65,7 @@ class Crashed(NamedTuple):
     retries: int
     error: str
     reason: str = "crashed"
+    key: str = ""  # its field in reporting:<proc>, acknowledged by op A (see lib.lua's handed)
 
 
 class Fetched(NamedTuple):
@@ -127,7 +128,8 @@ def _ops_args(ops: Iterable[SettleOp]) -> List[Any]:
 
 
 def _crashed(rows: Sequence[Sequence[Any]]) -> List[Crashed]:
-    return [Crashed(row[0], row[1], int(row[2] or 0), row[3] or "", row[4] if len(row) > 4 else "crashed")
+    return [Crashed(row[0], row[1], int(row[2] or 0), row[3] or "", row[4] if len(row) > 4 else "crashed",
+                    row[5] if len(row) > 5 else "")
             for row in rows]
 
 

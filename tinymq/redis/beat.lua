@@ -1,7 +1,7 @@
 --[[ beat: renew proc's lease and reap up to two dead processes.
 KEYS[1] prefix. ARGV: proc, lease ms, max crash recoveries, registered ('1' if it
 registered before), beat id (optional: '' or absent for none).
-Returns {status, server now ms, crashed {{id, body, retries, error[, reason]}...},
+Returns {status, server now ms, crashed {{id, body, retries, error, reason, key}...},
          cancels {attempt...}} (crashed also holds jobs ended as cancelled, cancels the
          attempts of proc that q.cancel() marked: see fetch);
 status 0: proc was reaped (not renewed): it must abandon its buffer and register again.
@@ -22,7 +22,7 @@ if bid ~= '' then hand_out_reports(crashed) else keep_ended() end -- (a resend m
 flush_head()
 flush_counts()
 if bid ~= '' then
+  handed(proc, crashed, 'b' .. bid) -- (first: it gives each row its key, which a resent reply repeats)
   redis.call('HSET', K_BEATEN, proc, cjson.encode({bid, crashed}))
-  handed(proc, crashed)
 end
 return {1, now, crashed, cancels}

@@ -44,7 +44,7 @@ local function cancel()
     local row = {id, f[4] or '', f[5] or '0', f[6] or ''}
     if caller ~= '' and redis.call('ZSCORE', K_PROCS, caller) then
       -- (by its token: an A of an earlier cancel of this id leaves this row)
-      handed(caller, {{row[1], row[2], row[3], row[4], 'cancelled'}}, {id .. '|cancelled|' .. token})
+      handed(caller, {{row[1], row[2], row[3], row[4], 'cancelled'}}, token, {id .. '|cancelled|' .. token})
       return {1, row, 1}
     end
     return {1, row, 0}

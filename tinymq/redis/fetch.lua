@@ -4,7 +4,7 @@ registered ('1' when proc fetched or beat before), settle count, then settle ops
 (2 or 6 entries each, see settle in lib.lua).
 Returns {status, server now ms, next due ms (the earliest delayed job or rate window
          opening; fractional, as text; -1: none), stale settles,
-         crashed {{id, body, retries, error[, reason]}...}, jobs {{attempt, body, retries, error}...},
+         crashed {{id, body, retries, error, reason, key}...}, jobs {{attempt, body, retries, error}...},
          server now us (to time the next due job), cancels {attempt...}}
 crashed also holds jobs that ended as cancelled (reason 'cancelled', see settle) for
 this process to report; cancels are its attempts that q.cancel() marked: it cancels
@@ -139,8 +139,8 @@ if #fields > 0 then redis.call('HSET', ik, unpack(fields)) end
 for t, k in pairs(took) do redis.call('HINCRBY', K_RUNNING, t, k) end
 for t, entries in pairs(rate_taken) do redis.call('ZADD', rate_key(t), unpack(entries)) end
 for t in pairs(rate_closed) do rate_wait(t) end
+handed(proc, crashed, 'f' .. fid) -- (first: it gives each row its key, which a resent reply repeats)
 redis.call('HSET', K_FETCHED, proc, cjson.encode({fid, taken, crashed}))
-handed(proc, crashed)
 if (#taken >= n or parked_budget == 0) and ready_left() > 0 then signal() end -- chain the wake-up
 flush_counts()
 return {1, now, next_due(), stale, crashed, jobs, now_us, marks_left(proc)}

@@ -52,12 +52,11 @@ Keys (after the prefix):
   signal                   LIST  at most one "1": wakes one idle fetcher (BLPOP)
   wake:<proc>              LIST  at most one "1": wakes proc's idle fetcher (a cancel marked
                                  one of its attempts; its stop); deleted with proc's lease
-  reporting:<proc>         HASH  "<id>|<reason>" -> JSON row: rows handed to proc to report
-                                 (a reply's crashed; a waiting job its cancel removed, by
-                                 "<id>|cancelled|<cancel token>": the id may be cancelled
-                                 again before the A of the first reaches Redis) that
-                                 it has not acknowledged yet (op A); a reap hands them to
-                                 the reaper, a release to `reports`
+  reporting:<proc>         HASH  row key -> JSON row: rows handed to proc to report (a
+                                 reply's crashed; a waiting job its cancel removed) that
+                                 it has not acknowledged yet (op A), each under a key of
+                                 its own (see handed); a reap hands them, keys and all,
+                                 to the reaper, a release to `reports`
   dead                     ZSET  id -> time it died (ms); its hash stays, with x
   cancels:<proc>           SET   attempts of proc that q.cancel() marked (their job hash is
                                  cancelled:<proc>|<attempt>): proc hears of them in every fetch
@@ -348,16 +347,21 @@ local function keep_ended() -- for callers whose reply carries no rows
   ended = {}
 end
 
---[[ Rows a reply hands to proc to report (its crashed) also wait in reporting:<proc>, by
-"<id>|<reason>", until proc acknowledges them (op A) after its failure callbacks ran. A
-proc that dies first leaves them to drop_proc, which hands them to whoever reaps it: every
-row is reported at least once (twice when proc reported it but died before the A reached
-Redis), never lost with the process that was to report it. ]]
-local function handed(proc, rows, keys) -- keys: the rows' fields, if not "<id>|<reason>"
+--[[ Rows a reply hands to proc to report (its crashed) also wait in reporting:<proc>, under
+a field of their own (the row's key), until proc acknowledges them (op A) after its failure
+callbacks ran. A proc that dies first leaves them to drop_proc, which hands them, keys
+and all, to whoever reaps it: every row is reported at least once (twice when proc
+reported it but died before the A reached Redis), never lost with the process that was to
+report it. A row's key is made once, when it is first handed, and is unique: two rows of
+one id (a job cancelled, enqueued again and cancelled again) never share a field.
+A row: {id, body, retries, error, reason, key}. ]]
+local function handed(proc, rows, call, keys) -- call: the handing call's id; keys: given ones
   if #rows == 0 then return end
   local fields = {}
   for i, row in ipairs(rows) do
-    table.insert(fields, (keys and keys[i]) or (row[1] .. '|' .. (row[5] or 'crashed')))
+    row[5] = row[5] or 'crashed' -- (a nil would cut the row short in the reply)
+    row[6] = row[6] or (keys and keys[i]) or table.concat({row[1], row[5], proc, call, i}, '|')
+    table.insert(fields, row[6])
     table.insert(fields, cjson.encode(row))
   end
   redis.call('HSET', reporting_key(proc), unpack(fields))
@@ -379,7 +383,7 @@ end
   B  give back unstarted / cancelled  (L)    -> slot freed, job at the head of its level
   T  started (sent by a rate-limited type's worker once it started the attempt) (L, X, R)
        -> nothing but its rate window entry: it ends per from now
-  A  (op, "<id>|<reason>" instead of an attempt) a row handed to proc to report was
+  A  (op, the row's key instead of an attempt) a row handed to proc to report was
        reported: it leaves reporting:<proc> (see handed)
 Every op on an L attempt also ends its rate window entry per from now, at the latest
 (an outcome comes after the start; B may be a cancelled running attempt), except a B of
