@@ -77,6 +77,22 @@ def test_a_row_acknowledged_before_its_process_died_is_not_reported_again(script
     assert alive and crashed == []
 
 
+def test_two_rows_of_one_id_handed_to_one_process_are_acknowledged_one_at_a_time(scripts):
+    """Job "a" ends cancelled, a new job takes the id and ends cancelled too, both handed to p1
+    before it acknowledged either: its acknowledgement of the first leaves the second for its
+    reaper (once, both waited under "a|cancelled", and the first A removed the second)."""
+    first = ended_by_its_own_settle(scripts).crashed[0]
+    scripts.enqueue("tok2", 100, 0, [("a", "t", 1, 0, "body-a2")])  # the id is free again
+    attempt = scripts.fetch("p1", "3", 1, LEASE_MS, 3, True).jobs[0].attempt
+    assert scripts.cancel("c2", "a").status == "marked"
+    (second,) = scripts.fetch("p1", "4", 1, LEASE_MS, 3, True, [SettleOp("S", attempt)]).crashed
+    assert (second.id, second.body) == ("a", "body-a2") and second.key != first.key
+    scripts.settle("p1", [SettleOp("A", first.key)])  # its callbacks for the first ran, then it died
+    expire(scripts, "p1")
+    alive, _, crashed = scripts.beat("reaper", LEASE_MS, 3, False, "b1")
+    assert [(c.id, c.body) for c in crashed] == [("a", "body-a2")]
+
+
 def test_a_crashed_row_handed_to_a_reaper_that_dies_goes_to_the_next_reaper(scripts):
     scripts.enqueue("tok", 100, 0, rows("poison"))
     assert [j.id for j in scripts.fetch("p1", "1", 1, LEASE_MS, 0, False).jobs] == ["poison"]
