@@ -583,15 +583,19 @@ class Model:
         self.keep_ended()
         return stale
 
-    def cancel(self, token: str, job_id: str, caller: str = "") -> Tuple[Any, ...]:
+    def cancel(self, token: str, job_id: str, caller: str = "", reporter_since_us: Optional[int] = None
+               ) -> Tuple[Any, ...]:
+        """``reporter_since_us``: the caller holds no lease and registers for the report (a
+        reporter, with the same lease as processes), the server time being this."""
         self.begin_call()
         if token in self.cancel_tokens:  # a resend: the first call's reply
             return self.cancel_tokens[token]
-        reply = self.cancel_job(job_id, caller, token)
+        reply = self.cancel_job(job_id, caller, token, reporter_since_us)
         self.cancel_tokens[token] = reply
         return reply
 
-    def cancel_job(self, job_id: str, caller: str, token: str = "") -> Tuple[Any, ...]:
+    def cancel_job(self, job_id: str, caller: str, token: str = "", reporter_since_us: Optional[int] = None
+                   ) -> Tuple[Any, ...]:
         job = self.jobs.get(job_id)
         if job is None or job.dead_reason is not None:  # (a marked job's hash moved: not here)
             return ("none", None, "", "", False)
@@ -612,6 +616,9 @@ class Model:
             del self.jobs[job_id]
             self.stats["cancelled"] += 1
             self.stats["outstanding"] -= 1
+            if caller and caller not in self.procs and reporter_since_us is not None:
+                self.procs[caller] = reporter_since_us // 1000 + LEASE
+                self.happened.append("a reporter registered for a removed job")
             if caller in self.procs:  # a registered caller: kept until it acknowledges its report
                 self.handed(caller, [row], [f"{job_id}|cancelled|{token}"])  # (by its token)
                 self.happened.append("a removed job handed to its canceller")
@@ -990,6 +997,11 @@ class ScriptsMachine(RuleBasedStateMachine):
             return reply.now_us
         if kind == "beat":
             return reply[1] * 1000
+        registered = [score for proc, score in held["procs"].items() if proc not in self.model.procs]
+        if kind == "cancel" and registered:  # a reporter: its lease ends LEASE after the script's now
+            now = round((registered[0] - LEASE) * 1000)
+            assert before // 1000 * 1000 <= now <= after, f"a lease {registered[0]} that no call between {before} and {after} us gave"
+            return now
         written = [(job_id, delay) for job_id, delay in self.pending_delays  # due times this call wrote
                    if job_id in held["delayed"] and job_id not in self.model.delayed]
         for job_id, delay in written:  # (ops of one batch may offer one job several delays)
@@ -1323,17 +1335,25 @@ class ScriptsMachine(RuleBasedStateMachine):
                          for attempt, value in held.items() if value[0] != "X"})
         pool = leased if leased and data.draw(st.booleans(), label="a leased one?") else self.used_ids + ["nope"]
         job_id = data.draw(st.sampled_from(pool), label="cancel id")
-        caller = data.draw(st.sampled_from([""] + sorted(self.procs)), label="canceller")
-        self.do_cancel(f"ctok{next(self.tokens)}", job_id, caller)
+        caller = data.draw(st.sampled_from(["", "a reporter"] + sorted(self.procs)), label="canceller")
+        token = f"ctok{next(self.tokens)}"
+        reporter = caller == "a reporter"  # a process without a lease: it registers for the report
+        if reporter:
+            caller = f"rep~{token}"
+        callbacks_ran = data.draw(st.booleans(), label="the reporter's callbacks ran?")  # (drawn always)
+        reply = self.do_cancel(token, job_id, caller, reporter)
+        if reporter and reply.kept and callbacks_ran:
+            self.do_release(caller, [SettleOp("A", f"{job_id}|cancelled|{token}")])  # else it died
         if self.model.moved and data.draw(st.booleans(), label="a fresh job of its id at once?"):
             self.enqueue_a_cancelled_running_jobs_id(data)
 
-    def do_cancel(self, token, job_id, caller=""):
+    def do_cancel(self, token, job_id, caller="", reporter=False):
         self.pending_delays = []
-        reply = self.call("cancel", lambda: self.scripts.cancel(token, job_id, caller),
-                          lambda model, now: model.cancel(token, job_id, caller))
+        reply = self.call("cancel", lambda: self.scripts.cancel(token, job_id, caller, LEASE if reporter else 0),
+                          lambda model, now: model.cancel(token, job_id, caller, now if reporter else None))
         EXERCISED[f"cancel {reply.status}"] += 1
-        self.last_call = ("cancel", token, job_id, caller)
+        self.last_call = ("cancel", token, job_id, caller, reporter)
+        return reply
 
     @precondition(lambda self: self.last_call is not None)
     @rule()
@@ -1392,7 +1412,7 @@ MUST_COME_UP = ("enqueue ok", "enqueue dup", "enqueue again", "enqueue full", "e
                 "cancel removed", "cancel marked", "cancel none", "ended cancelled",
                 "enqueued the id of a marked attempt", "a marked attempt ended beside a newer job of its id",
                 "a handed row acknowledged", "rows a process left unacknowledged handed on",
-                "a removed job handed to its canceller")
+                "a removed job handed to its canceller", "a reporter registered for a removed job")
 
 
 def test_scripts_follow_the_model(redis_client):

@@ -153,6 +153,46 @@ def test_a_worker_reports_what_its_fetch_found_crashed_and_acknowledges_it(redis
         client.close()
 
 
+def test_a_producer_only_process_killed_before_its_cancel_s_callbacks_leaves_the_report_to_a_worker(
+        redis_url, tmp_path):
+    """kill -9 of a producer-only process between its cancel's reply and its callbacks: the
+    job is reported cancelled once, by a worker process that reaps its reporter."""
+    import subprocess
+    import sys
+
+    worker, producer, client, keys = a_worker_and_two_waiting_jobs(redis_url, "reports-killed-canceller")
+    reported = []
+    worker.on_failure(lambda job, reason, exc: reported.append((job.id, reason)))
+    script = tmp_path / "canceller.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from tinymq import Queue\n"
+        "from tinymq.redis import RedisBroker\n"
+        "q = Queue(broker=RedisBroker(sys.argv[1], name=sys.argv[2], lease=2.0))\n"
+        "q.on_failure(lambda job, reason, exc: os.kill(os.getpid(), signal.SIGKILL))\n"
+        "q.cancel('b')\n"
+        "print('survived', flush=True)\n")
+    try:
+        done = subprocess.run([sys.executable, str(script), redis_url, "reports-killed-canceller"],
+                              capture_output=True, text=True, timeout=60, env=_env_with_tests_path())
+        assert done.returncode == -9, done.stderr  # killed in its callback: it reported nothing
+        assert wait_until(lambda: reported, timeout=30), "no process reported the cancelled job"
+        assert wait_until(lambda: not client.keys(keys.key("reporting:*")))  # acknowledged
+        assert reported == [("b", "cancelled")]
+        assert int(client.hget(keys.key("stats"), "cancelled")) == 1
+    finally:
+        worker.stop()
+        producer.stop()
+        client.close()
+
+
+def _env_with_tests_path():
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+
+
 def a_worker_and_two_waiting_jobs(redis_url, name):
     """A registered worker process (it holds a lease), a producer-only one, and jobs "a" and
     "b" waiting in Redis (delayed); with a client and the queue's Scripts for its keys."""
@@ -176,10 +216,11 @@ def a_worker_and_two_waiting_jobs(redis_url, name):
 def test_a_worker_that_cancels_a_waiting_job_reports_it_once_and_acknowledges_it(redis_url):
     """A worker process (registered: it holds a lease) cancels a job that waits in Redis: its
     callbacks report it once, the row it kept in Redis meanwhile is acknowledged with its
-    next call, and a producer-only process's cancel keeps no row (nobody could reap it)."""
+    next call. A producer-only process (no lease) registers a reporter for its cancel's row
+    while its callbacks run, and releases it after them."""
     worker, producer, client, keys = a_worker_and_two_waiting_jobs(redis_url, "reports-cancel")
     reporting = keys.key("reporting:" + worker._link._proc)
-    reported, kept = [], []
+    reported, kept, kept_by_producer = [], [], []
 
     @worker.on_failure
     def report(job, reason, exc):
@@ -188,12 +229,21 @@ def test_a_worker_that_cancels_a_waiting_job_reports_it_once_and_acknowledges_it
         kept.append(any(field.startswith(f"{job.id}|{reason}|")  # (by "<id>|cancelled|<token>")
                         for field in client.hkeys(reporting)))
 
+    @producer.on_failure
+    def producer_report(job, reason, exc):
+        reporters = [proc for proc in client.zrange(keys.key("procs"), 0, -1) if "~" in proc]
+        kept_by_producer.append((job.id, reason, [
+            field.split("|")[:2] for proc in reporters for field in client.hkeys(keys.key("reporting:" + proc))]))
+
     try:
         assert worker.cancel("a")
         assert reported == [("a", "cancelled")] and kept == [True]
         assert wait_until(lambda: not client.exists(reporting)), client.hgetall(reporting)  # acknowledged
-        assert producer.cancel("b")  # producer-only: reported from the reply alone
-        assert client.keys(keys.key("reporting:*")) == []
+        assert producer.cancel("b")
+        assert kept_by_producer == [("b", "cancelled", [["b", "cancelled"]])]
+        assert client.keys(keys.key("reporting:*")) == []  # released after its callbacks
+        assert [proc for proc in client.zrange(keys.key("procs"), 0, -1) if "~" in proc] == []
+        assert producer._link.broker.shared_executors()[1] == 1  # a reporter is no worker process
         worker.stop()
         assert reported == [("a", "cancelled")]
         assert client.llen(keys.key("reports")) == 0  # nothing left to report again

@@ -311,24 +311,43 @@ class QueueLink:
         with self._reporting_here():
             with self._lock:  # (one with a lease, for its reaper; once stopping, no row is kept)
                 caller = self._proc if self._registered and not self._closing else ""
+            # A process without a lease (producer-only, or stopping) registers for the report
+            # alone, under an id of this call's own, and releases it once its callbacks ran.
+            reporter = "" if caller else f"{self._proc}~{token}"
             try:
                 self.broker._check_server()
-                reply = self.broker.call_resending(self.scripts.cancel, token, job_id, caller)
+                reply = self.broker.call_resending(self.scripts.cancel, token, job_id, caller or reporter,
+                                                   self._lease_ms if reporter else 0)
             except self._redis_error as exc:
                 raise TinyMQError(f"could not cancel job {job_id!r} in Redis queue {self.broker.name!r}: "
                                   f"{exc}") from exc
             if reply.status == "removed":
                 item = reply.removed
-                if reply.kept:  # in Redis until acknowledged: reported at least once
-                    self._report_handed([item], [f"{item.id}|cancelled|{token}"])
+                key = f"{item.id}|cancelled|{token}"
+                if not reply.kept:
+                    self._report(item.id, item.body, "cancelled", item.retries, item.error)
+                elif not reporter:  # in Redis until acknowledged: reported at least once
+                    self._report_handed([item], [key])
                 else:
                     self._report(item.id, item.body, "cancelled", item.retries, item.error)
+                    self._release_reporter(reporter, key)
                 return True
         if reply.status == "marked":
             if reply.proc == self._proc:
                 self._cancel_marked([reply.attempt])
             return True
         return False
+
+    def _release_reporter(self, reporter: str, key: str) -> None:
+        """The callbacks of the row ``reporter`` was registered for ran: acknowledge it and
+        unregister. If Redis cannot be reached, the reporter's lease runs out and whoever
+        reaps it reports the job again (at least once)."""
+        try:
+            self.broker.call_resending(self.scripts.release, reporter, [SettleOp("A", key)])
+        except self._redis_error as exc:
+            logger.warning("cancel: could not tell Redis queue %r that the report of %s was made "
+                           "(%s); it will be reported again once the lease of %s runs out",
+                           self.broker.name, key, exc, reporter)
 
     def _cancel_marked(self, attempts: Sequence[str]) -> None:
         """Cancel this process's attempts that q.cancel() marked, as the in-process cancel does.

@@ -254,7 +254,8 @@ class RedisBroker:
             pipe.time()
             limits, running, (seconds, microseconds) = pipe.execute()
             now_ms = seconds * 1000 + microseconds // 1000
-            processes = int(self.client.zcount(key("procs"), now_ms, "+inf"))
+            live = self.client.zrangebyscore(key("procs"), now_ms, "+inf")
+            processes = sum("~" not in proc for proc in live)  # (not a cancel's reporter: see QueueLink.cancel)
         except _redis().RedisError as exc:
             raise TinyMQError(f"could not read the executors of Redis queue {self.name!r}: {exc}") from exc
         executors = {job_type: (int(running.get(job_type, 0)), int(limit))

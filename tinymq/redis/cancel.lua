@@ -1,12 +1,15 @@
 --[[ cancel: end the unfinished job id as cancelled (q.cancel over a broker).
-KEYS[1] prefix. ARGV: token (a resend of this call is recognised by it), id, and the
-caller's process id ('' for a process that has never fetched).
+KEYS[1] prefix. ARGV: token (a resend of this call is recognised by it), id, the caller's
+process id ('' for none), and a lease in ms (optional, 0: none) with which a caller that
+holds no lease registers for the report alone (a producer-only or stopping process, under
+an id of this call's own: it releases that id once its callbacks ran).
 Returns one of
   {0}                                     no unfinished job has that id (unknown, finished,
                                           dead, or cancelled already)
   {1, {id, body, retries, error}, kept}   it was waiting (ready, delayed, parked): removed,
                                           its hash deleted, counted; the caller reports it.
-                                          kept = 1: the caller is registered, and the row
+                                          kept = 1: the caller is registered (or just
+                                          registered for this report), and the row
                                           waits in reporting:<proc> too, by
                                           "<id>|cancelled|<token>", until it acknowledges
                                           it (op A), as the rows a fetch hands it: if it dies
@@ -24,7 +27,7 @@ one looks through the inflight hashes of the live processes. Cancelling is rare:
 paths (fetch, settle) pay one EXISTS per call for it.
 The reply is kept under the token for 2 to 3 TOKEN_SPANs, as enqueue keeps its tokens. ]]
 local TOKEN_SPAN = 30000 -- ms (as in enqueue.lua)
-local token, id, caller = ARGV[1], ARGV[2], ARGV[3]
+local token, id, caller, lease = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]) or 0
 local now = now_ms()
 local span = math.floor(now / TOKEN_SPAN)
 for s = span, span - 2, -1 do
@@ -42,7 +45,7 @@ local function cancel()
     count('cancelled', 1)
     count('outstanding', -1)
     local row = {id, f[4] or '', f[5] or '0', f[6] or ''}
-    if caller ~= '' and redis.call('ZSCORE', K_PROCS, caller) then
+    if caller ~= '' and (redis.call('ZSCORE', K_PROCS, caller) or (lease > 0 and renew(caller, now, lease, '0'))) then
       -- (by its token: an A of an earlier cancel of this id leaves this row)
       handed(caller, {{row[1], row[2], row[3], row[4], 'cancelled'}}, token, {id .. '|cancelled|' .. token})
       return {1, row, 1}

@@ -26,7 +26,9 @@ Keys (after the prefix):
   tokens:<n>               HASH  enqueue token -> JSON of the jobs its call evicted, for
                                  the calls of one TOKEN_SPAN (kept 3 spans): a resend is
                                  recognised even after its jobs finished
-  procs                    ZSET  process id -> lease expiry ms (the heartbeat table)
+  procs                    ZSET  process id -> lease expiry ms (the heartbeat table); an id
+                                 with "~" is a cancel's reporter (see cancel.lua), which
+                                 holds no attempts, only its row in reporting:<id>
   inflight:<proc>          HASH  attempt "<fetch id>:<id>" -> state..type, state one of
                                  L live (buffered or running), X timed out and decided
                                  but still running (holds only its type slot),
