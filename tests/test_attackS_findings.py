@@ -26,8 +26,8 @@ buffered job does not wait behind long jobs): each test failed before its fix.
    at-least-once promise across kill -9 did not hold for it. Fixed (session 11) for a
    canceller that holds a lease (a worker process): the row waits in its reporting hash
    until acknowledged, as fetched rows do; and (session 12) for one without a lease, which
-   registers a reporter for the row while its callbacks run. Still reported from the
-   reply alone: the delayed jobs an enqueue evicts.
+   registers a reporter for the row while its callbacks run; the delayed jobs an enqueue
+   evicts, likewise.
 """
 import json
 import threading
@@ -314,8 +314,8 @@ def test_a_cancelled_waiting_job_is_reported_even_if_the_canceller_dies_before_i
     the reply. A registered canceller (a worker process: it holds a lease) also has the row
     in its reporting hash until it acknowledges it, so its reaper reports it if it is
     killed between that reply and its callbacks. (A process without a lease registers a
-    reporter for the row: tests/test_redis_reports.py. Not covered: the delayed jobs an
-    enqueue evicts.)"""
+    reporter for the row; the jobs an enqueue evicts are kept the same way: see
+    tests/test_redis_reports.py.)"""
     scripts.enqueue("tok", 100, 0, [("a", "t", 1, 0, "body-a")])
     scripts.fetch("canceller", "1", 0, LEASE_MS, 3, False)  # a worker process, registered
     assert scripts.cancel("c1", "a", "canceller").status == "removed"  # ... then killed before its callbacks

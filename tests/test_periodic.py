@@ -678,8 +678,12 @@ def test_schedule_tick_enqueues_by_the_rules_of_enqueue(redis_url):
         scripts = Scripts(client, "s")
         assert scripts.enqueue("t0", 10, 1, [("old", "t", 1, 60_000, "body-old")]).status == "ok"
         row = ("s@1", "t", 1, 60_000, "body-s@1")  # delayed, at the cap: "old" is evicted
-        assert scripts.schedule_tick("s", 1, "c1", 10, 1, row) == ("fire", [("old", "body-old")])
-        assert scripts.schedule_tick("s", 1, "c1", 10, 1, row) == ("fire", [("old", "body-old")])  # resent
+        def evicted(outcome):
+            return outcome[0], [(e.id, e.body, e.reason) for e in outcome[1]]
+
+        assert evicted(scripts.schedule_tick("s", 1, "c1", 10, 1, row)) == ("fire", [("old", "body-old", "evicted")])
+        resent = scripts.schedule_tick("s", 1, "c1", 10, 1, row)
+        assert evicted(resent) == ("fire", [("old", "body-old", "evicted")])
         assert scripts.schedule_tick("s", 1, "c2", 10, 1, row) == ("taken", [])
         assert client.zrange(scripts.key("delayed"), 0, -1) == ["s@1"]
         stats = client.hgetall(scripts.key("stats"))

@@ -433,7 +433,10 @@ class Model:
 
     # -- the scripts
 
-    def enqueue(self, token: str, rows: List[Tuple[str, str, int, int, str]], now_us: int):
+    def enqueue(self, token: str, rows: List[Tuple[str, str, int, int, str]], now_us: int,
+                caller: str = "", reporter: bool = False):
+        """``caller`` gets the evicted jobs' rows to report when registered (or ``reporter``:
+        it registers for them, as cancel's)."""
         self.begin_call()
         if token in self.tokens:  # a resend, even after its jobs finished: with what it evicted
             return ("again", list(self.tokens[token]), None, 0)
@@ -461,7 +464,7 @@ class Model:
                     out = min(self.capped, key=lambda i: self.due_key(i, self.capped[i]))
                     del self.capped[out]
                     del self.delayed[out]
-                    evicted.append((out, self.jobs[out].body))
+                    evicted.append((out, self.jobs[out].body, int(self.jobs[out].retries), "", "evicted"))
                     self.job_dead(out, "evicted", "", self.jobs[out].retries)
                     self.stats["failed"] -= 1
                     self.stats["evicted"] += 1
@@ -470,6 +473,12 @@ class Model:
                 self.push_tail(job_id)
         self.stats["enqueued"] += len(rows)
         self.stats["outstanding"] += len(rows)
+        if evicted and caller and caller not in self.procs and reporter:
+            self.procs[caller] = now_us // 1000 + LEASE
+            self.happened.append("a reporter registered for evicted jobs")
+        if evicted and caller in self.procs:
+            self.handed(caller, evicted)
+            self.happened.append("evicted jobs handed to their enqueuer")
         self.tokens[token] = list(evicted)
         return ("ok", evicted, None, 0)
 
@@ -998,7 +1007,7 @@ class ScriptsMachine(RuleBasedStateMachine):
         if kind == "beat":
             return reply[1] * 1000
         registered = [score for proc, score in held["procs"].items() if proc not in self.model.procs]
-        if kind == "cancel" and registered:  # a reporter: its lease ends LEASE after the script's now
+        if kind == "cancel" and registered:  # a reporter: its lease ends LEASE after the script's now (ms)
             now = round((registered[0] - LEASE) * 1000)
             assert before // 1000 * 1000 <= now <= after, f"a lease {registered[0]} that no call between {before} and {after} us gave"
             return now
@@ -1014,7 +1023,7 @@ class ScriptsMachine(RuleBasedStateMachine):
     @staticmethod
     def normalise(kind: str, reply: Any) -> Any:
         if kind == "enqueue":
-            return (reply.status, [tuple(e) for e in reply.evicted], reply.duplicate_id, reply.ready)
+            return (reply.status, [tuple(e)[:5] for e in reply.evicted], reply.duplicate_id, reply.ready)
         def rows(crashed):
             return sorted(tuple(c)[:5] if c.reason != "crashed" else tuple(c)[:4] for c in crashed)
 
@@ -1067,7 +1076,14 @@ class ScriptsMachine(RuleBasedStateMachine):
             delay = data.draw(st.sampled_from([0, 0, 0, UNIT, 2 * UNIT, 4 * UNIT]), label="delay")
             rows.append((job_id, job_type, priority, delay, f"body-{job_id}-{next(self.bodies)}"))
         token = f"tok{next(self.tokens)}"
-        self.do_enqueue(token, rows)
+        caller = data.draw(st.sampled_from(["", "a reporter"] + sorted(self.procs)), label="enqueuer")
+        reporter = caller == "a reporter"  # a process without a lease: it registers for what it evicts
+        if reporter:
+            caller = f"rep~{token}"
+        callbacks_ran = data.draw(st.booleans(), label="the reporter's callbacks ran?")  # (drawn always)
+        reply = self.do_enqueue(token, rows, caller, reporter)
+        if reporter and callbacks_ran and any(e.key for e in reply.evicted):
+            self.do_release(caller, [SettleOp("A", e.key) for e in reply.evicted])  # else it died
 
     @rule(data=st.data(), n=st.integers(1, 3))
     def enqueue_more(self, data, n):
@@ -1084,12 +1100,14 @@ class ScriptsMachine(RuleBasedStateMachine):
         self.do_enqueue(f"tok{next(self.tokens)}", [(job_id, job_type, priority, delay,
                                                       f"body-{job_id}-{next(self.bodies)}")])
 
-    def do_enqueue(self, token, rows):
+    def do_enqueue(self, token, rows, caller="", reporter=False):
         buffer_size, max_delayed = self.model.buffer_size, self.model.max_delayed
         self.pending_delays = [(row[0], row[3]) for row in rows if row[3] > 0]
-        self.call("enqueue", lambda: self.scripts.enqueue(token, buffer_size, max_delayed, rows),
-                  lambda model, now: model.enqueue(token, rows, now))
-        self.last_call = ("enqueue", token, rows)
+        reply = self.call("enqueue", lambda: self.scripts.enqueue(token, buffer_size, max_delayed, rows, caller,
+                                                                   LEASE if reporter else 0),
+                          lambda model, now: model.enqueue(token, rows, now, caller, reporter))
+        self.last_call = ("enqueue", token, rows, caller, reporter)
+        return reply
 
     # -- processes
 
@@ -1412,7 +1430,8 @@ MUST_COME_UP = ("enqueue ok", "enqueue dup", "enqueue again", "enqueue full", "e
                 "cancel removed", "cancel marked", "cancel none", "ended cancelled",
                 "enqueued the id of a marked attempt", "a marked attempt ended beside a newer job of its id",
                 "a handed row acknowledged", "rows a process left unacknowledged handed on",
-                "a removed job handed to its canceller", "a reporter registered for a removed job")
+                "a removed job handed to its canceller", "a reporter registered for a removed job",
+                "evicted jobs handed to their enqueuer", "a reporter registered for evicted jobs")
 
 
 def test_scripts_follow_the_model(redis_client):
@@ -1531,7 +1550,7 @@ def test_delayed_jobs_due_together_come_out_in_enqueue_order(scripts):
 def test_a_resent_enqueue_reports_what_the_first_call_evicted(scripts):
     scripts.enqueue("tok1", 10, 1, rows("old", delay_ms=UNIT))
     first = scripts.enqueue("tok2", 10, 1, rows("new", delay_ms=UNIT))
-    assert first.status == "ok" and first.evicted == [("old", "body-old")]
+    assert first.status == "ok" and [(e.id, e.body, e.reason) for e in first.evicted] == [("old", "body-old", "evicted")]
     again = scripts.enqueue("tok2", 10, 1, rows("new", delay_ms=UNIT))  # redis-py's resend
     assert again.evicted == first.evicted  # (was "again" with [] before the fix)
 

@@ -153,33 +153,39 @@ def test_a_worker_reports_what_its_fetch_found_crashed_and_acknowledges_it(redis
         client.close()
 
 
-def test_a_producer_only_process_killed_before_its_cancel_s_callbacks_leaves_the_report_to_a_worker(
-        redis_url, tmp_path):
-    """kill -9 of a producer-only process between its cancel's reply and its callbacks: the
-    job is reported cancelled once, by a worker process that reaps its reporter."""
+@pytest.mark.parametrize("call, expected", [
+    ("q.cancel('b')", ("b", "cancelled")),
+    ("q.enqueue_delayed(Job('work', None, id='c'), 120.0)", ("a", "evicted")),  # the earliest due goes
+])
+def test_a_producer_only_process_killed_before_its_callbacks_leaves_the_report_to_a_worker(
+        redis_url, tmp_path, call, expected):
+    """kill -9 of a producer-only process between the reply of a call that ended a job (its
+    cancel, or its enqueue that evicted a delayed job) and its callbacks: the job is reported
+    once, by a worker process that reaps the reporter the call registered."""
     import subprocess
     import sys
 
-    worker, producer, client, keys = a_worker_and_two_waiting_jobs(redis_url, "reports-killed-canceller")
+    name = f"reports-killed-{expected[1]}"
+    worker, producer, client, keys = a_worker_and_two_waiting_jobs(redis_url, name)
     reported = []
     worker.on_failure(lambda job, reason, exc: reported.append((job.id, reason)))
-    script = tmp_path / "canceller.py"
+    script = tmp_path / "producer.py"
     script.write_text(
         "import os, signal, sys\n"
-        "from tinymq import Queue\n"
+        "from tinymq import Config, Job, Queue\n"
         "from tinymq.redis import RedisBroker\n"
-        "q = Queue(broker=RedisBroker(sys.argv[1], name=sys.argv[2], lease=2.0))\n"
+        "q = Queue(config=Config(max_delayed_jobs=2), broker=RedisBroker(sys.argv[1], name=sys.argv[2], lease=2.0))\n"
         "q.on_failure(lambda job, reason, exc: os.kill(os.getpid(), signal.SIGKILL))\n"
-        "q.cancel('b')\n"
+        f"{call}\n"
         "print('survived', flush=True)\n")
     try:
-        done = subprocess.run([sys.executable, str(script), redis_url, "reports-killed-canceller"],
+        done = subprocess.run([sys.executable, str(script), redis_url, name],
                               capture_output=True, text=True, timeout=60, env=_env_with_tests_path())
-        assert done.returncode == -9, done.stderr  # killed in its callback: it reported nothing
-        assert wait_until(lambda: reported, timeout=30), "no process reported the cancelled job"
+        assert done.returncode == -9, (done.stdout, done.stderr)  # killed in its callback: it reported nothing
+        assert wait_until(lambda: reported, timeout=30), "no process reported the job"
         assert wait_until(lambda: not client.keys(keys.key("reporting:*")))  # acknowledged
-        assert reported == [("b", "cancelled")]
-        assert int(client.hget(keys.key("stats"), "cancelled")) == 1
+        assert reported == [expected]
+        assert int(client.hget(keys.key("stats"), expected[1])) == 1
     finally:
         worker.stop()
         producer.stop()

@@ -168,13 +168,21 @@ class QueueLink:
             seen.add(job_id)
             rows.append(job_row(job, now))
         token = os.urandom(8).hex()  # a resend of this call is recognised by it
+        if self.config.max_delayed_jobs and any(row[3] for row in rows):  # it may evict
+            with self._reporting_rows(token) as (caller, lease_ms):
+                self._enqueue(rows, token, block, timeout, caller, lease_ms)
+        else:
+            self._enqueue(rows, token, block, timeout, "", 0)
+
+    def _enqueue(self, rows: List[Any], token: str, block: bool, timeout: Optional[float],
+                 caller: str, lease_ms: int) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = _ROOM_POLL_MIN
         while True:
             try:
                 self.broker._check_server()
                 reply = self.broker.call_resending(self.scripts.enqueue, token, self.config.buffer_size,
-                                                   self.config.max_delayed_jobs, rows)
+                                                   self.config.max_delayed_jobs, rows, caller, lease_ms)
             except self._redis_error as exc:
                 raise TinyMQError(f"could not enqueue {len(rows)} job(s) to Redis queue "
                                   f"{self.broker.name!r}: {exc}") from exc
@@ -192,8 +200,41 @@ class QueueLink:
                                 f"(buffer_size={self.config.buffer_size}); none of the batch was enqueued")
             time.sleep(pause if remaining is None else min(pause, remaining))
             pause = min(pause * 2, _ROOM_POLL_MAX)
-        for job_id, body in reply.evicted:
-            self._report(job_id, body, "evicted")
+        self._report_ended(reply.evicted, caller)
+
+    @contextlib.contextmanager
+    def _reporting_rows(self, token: str) -> Iterator[Tuple[str, int]]:
+        """For a call whose reply may hand this process rows to report (a cancel's, or the
+        jobs an enqueue evicts): ``(caller, lease ms)`` for the script. A process with a
+        lease is the caller; one without (producer-only, or stopping) registers a reporter
+        for them alone, under an id of this call's own, with the broker's lease: if it is
+        killed before its callbacks ran, whoever reaps the reporter reports them. stop()
+        waits for this thread meanwhile, as for a running callback."""
+        with self._reporting_here():
+            with self._lock:  # (once stopping, no row is kept under our own lease)
+                caller = self._proc if self._registered and not self._closing else ""
+            yield (caller, 0) if caller else (f"{self._proc}~{token}", self._lease_ms)
+
+    def _report_ended(self, rows: Sequence[Crashed], caller: str) -> None:
+        """Report the rows a reply ended for this call (``caller`` as _reporting_rows gave it):
+        those that wait in Redis (a key) are acknowledged after their callbacks ran."""
+        kept = [row for row in rows if row.key]
+        for row in rows:
+            if not row.key:
+                self._report(row.id, row.body, row.reason, row.retries, row.error)
+        if not kept:
+            return
+        if "~" not in caller:  # our own lease: acknowledged with our next call
+            self._report_handed(kept)
+            return
+        for row in kept:
+            self._report(row.id, row.body, row.reason, row.retries, row.error)
+        try:  # acknowledged and unregistered in one call
+            self.broker.call_resending(self.scripts.release, caller, [SettleOp("A", row.key) for row in kept])
+        except self._redis_error as exc:
+            logger.warning("could not tell Redis queue %r that %d job(s) ended in a call were reported "
+                           "(%s); they will be reported again once the lease of %s runs out",
+                           self.broker.name, len(kept), exc, caller)
 
     def _report(self, job_id: str, body: str, reason: str, retries: int = 0, error: str = "") -> None:
         """Log and hand to the failure callbacks a job that Redis ended (its counters are there)."""
@@ -308,46 +349,24 @@ class QueueLink:
         # From the call on, stop() waits for this thread as for a running callback: a row the
         # call keeps is reported here, and acknowledged, before the release (which would hand
         # it on). Registered first, so that a stop() this does not wait for is seen as closing.
-        with self._reporting_here():
-            with self._lock:  # (one with a lease, for its reaper; once stopping, no row is kept)
-                caller = self._proc if self._registered and not self._closing else ""
-            # A process without a lease (producer-only, or stopping) registers for the report
-            # alone, under an id of this call's own, and releases it once its callbacks ran.
-            reporter = "" if caller else f"{self._proc}~{token}"
+        with self._reporting_rows(token) as (caller, lease_ms):
             try:
                 self.broker._check_server()
-                reply = self.broker.call_resending(self.scripts.cancel, token, job_id, caller or reporter,
-                                                   self._lease_ms if reporter else 0)
+                reply = self.broker.call_resending(self.scripts.cancel, token, job_id, caller, lease_ms)
             except self._redis_error as exc:
                 raise TinyMQError(f"could not cancel job {job_id!r} in Redis queue {self.broker.name!r}: "
                                   f"{exc}") from exc
             if reply.status == "removed":
                 item = reply.removed
-                key = f"{item.id}|cancelled|{token}"
-                if not reply.kept:
-                    self._report(item.id, item.body, "cancelled", item.retries, item.error)
-                elif not reporter:  # in Redis until acknowledged: reported at least once
-                    self._report_handed([item], [key])
-                else:
-                    self._report(item.id, item.body, "cancelled", item.retries, item.error)
-                    self._release_reporter(reporter, key)
+                if reply.kept:  # in Redis until acknowledged: reported at least once
+                    item = item._replace(key=f"{item.id}|cancelled|{token}")
+                self._report_ended([item], caller)
                 return True
         if reply.status == "marked":
             if reply.proc == self._proc:
                 self._cancel_marked([reply.attempt])
             return True
         return False
-
-    def _release_reporter(self, reporter: str, key: str) -> None:
-        """The callbacks of the row ``reporter`` was registered for ran: acknowledge it and
-        unregister. If Redis cannot be reached, the reporter's lease runs out and whoever
-        reaps it reports the job again (at least once)."""
-        try:
-            self.broker.call_resending(self.scripts.release, reporter, [SettleOp("A", key)])
-        except self._redis_error as exc:
-            logger.warning("cancel: could not tell Redis queue %r that the report of %s was made "
-                           "(%s); it will be reported again once the lease of %s runs out",
-                           self.broker.name, key, exc, reporter)
 
     def _cancel_marked(self, attempts: Sequence[str]) -> None:
         """Cancel this process's attempts that q.cancel() marked, as the in-process cancel does.

@@ -78,20 +78,20 @@ class BrokerTicks:
         row = job_row(job, time.time())
         self._claims += 1
         token = f"{self._token_prefix}:{self._claims}"  # the same when resent
-        try:
-            link.broker._check_server()
-            outcome, evicted = link.broker.call_resending(
-                link.scripts.schedule_tick, schedule.name, number, token, link.config.buffer_size,
-                link.config.max_delayed_jobs, row)
-        except self._redis_error as exc:
-            raise TinyMQError(f"could not claim a tick of schedule {schedule.name!r} in Redis queue "
-                              f"{link.broker.name!r}: {exc}") from exc
-        if outcome == "full":  # claimed and skipped: the next tick is claimed as usual
-            raise QueueFull(f"the ready buffer is full ({link.config.buffer_size} jobs); job {job.id} "
-                            f"({job.type!r}) was not enqueued")
-        if outcome != "fire":
-            return outcome  # "busy" or "taken"
-        schedule.last_job_id = job.id
-        for job_id, body in evicted:
-            link._report(job_id, body, "evicted")
+        with link._reporting_rows(token) as (caller, lease_ms):  # (its enqueue may evict)
+            try:
+                link.broker._check_server()
+                outcome, evicted = link.broker.call_resending(
+                    link.scripts.schedule_tick, schedule.name, number, token, link.config.buffer_size,
+                    link.config.max_delayed_jobs, row, caller, lease_ms)
+            except self._redis_error as exc:
+                raise TinyMQError(f"could not claim a tick of schedule {schedule.name!r} in Redis queue "
+                                  f"{link.broker.name!r}: {exc}") from exc
+            if outcome == "full":  # claimed and skipped: the next tick is claimed as usual
+                raise QueueFull(f"the ready buffer is full ({link.config.buffer_size} jobs); job {job.id} "
+                                f"({job.type!r}) was not enqueued")
+            if outcome != "fire":
+                return outcome  # "busy" or "taken"
+            schedule.last_job_id = job.id
+            link._report_ended(evicted, caller)
         return "fired"

@@ -109,7 +109,7 @@ class CancelReply(NamedTuple):
 
 class EnqueueReply(NamedTuple):
     status: str  # "ok", "again" (a resend of an accepted batch), "dup", "full"
-    evicted: List[Tuple[str, str]]  # (id, body) of jobs evicted from the delayed set (by the first call, with "again")
+    evicted: List[Crashed]  # jobs evicted from the delayed set (by the first call, with "again"); a key: kept
     duplicate_id: Optional[str] = None
     ready: int = 0  # with "full": ready jobs already there
 
@@ -236,15 +236,19 @@ class Scripts:
             connections.release(connection, broken)
 
     def enqueue(self, token: str, buffer_size: int, max_delayed_jobs: int,
-                jobs: Sequence[Tuple[str, str, int, float, str]]) -> EnqueueReply:
-        """Enqueue ``(id, type, priority, delay_ms, body)`` rows, all or none (delay_ms may be fractional)."""
-        args: List[Any] = [token, buffer_size, max_delayed_jobs, len(jobs)]
+                jobs: Sequence[Tuple[str, str, int, float, str]], caller: str = "", lease_ms: int = 0
+                ) -> EnqueueReply:
+        """Enqueue ``(id, type, priority, delay_ms, body)`` rows, all or none (delay_ms may be fractional).
+
+        The jobs it evicts wait in ``caller``'s reporting hash until it acknowledges
+        them (their ``key``, op A) when it is registered, or registers with ``lease_ms``."""
+        args: List[Any] = [token, buffer_size, max_delayed_jobs, len(jobs), caller, lease_ms]
         for row in jobs:
             args.extend(row)
         reply = self._call("enqueue", args)
         status = reply[0]
         if status in ("ok", "again"):
-            return EnqueueReply(status, [(row[0], row[1]) for row in reply[1]])
+            return EnqueueReply(status, _crashed(reply[1]))
         if status == "dup":
             return EnqueueReply("dup", [], duplicate_id=reply[1])
         if status == "full":
@@ -338,12 +342,14 @@ class Scripts:
         return int(anchor_us), int(interval_us), int(now_us)
 
     def schedule_tick(self, name: str, tick: int, token: str, buffer_size: int, max_delayed_jobs: int,
-                      job: Tuple[str, str, int, float, str]) -> Tuple[str, List[Tuple[str, str]]]:
+                      job: Tuple[str, str, int, float, str], caller: str = "", lease_ms: int = 0
+                      ) -> Tuple[str, List[Crashed]]:
         """Claim ``tick`` of schedule ``name`` for this call, once across processes, and enqueue
         its ``job`` row (as ``enqueue``'s) in the same call: ``(outcome, evicted)``, the outcome
-        "fire", "busy", "full" or "taken", the evicted (id, body) only with "fire" (see
-        schedule_tick.lua)."""
-        reply = self._call("schedule_tick", [name, tick, token, buffer_size, max_delayed_jobs, *job])
+        "fire", "busy", "full" or "taken", the evicted rows only with "fire" (see
+        schedule_tick.lua; ``caller`` and ``lease_ms`` as ``enqueue``'s)."""
+        reply = self._call("schedule_tick", [name, tick, token, buffer_size, max_delayed_jobs, caller, lease_ms,
+                                             *job])
         if reply[0] == "fire":
-            return "fire", [(row[0], row[1]) for row in reply[1]]
+            return "fire", _crashed(reply[1])
         return str(reply[0]), []

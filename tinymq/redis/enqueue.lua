@@ -1,10 +1,15 @@
 --[[ enqueue: accept 1..N jobs, all or none.
-KEYS[1] prefix. ARGV: token, buffer_size, max_delayed_jobs (0: unlimited), n,
-then 5 per job: id, type, priority (0..2), delay ms (fractional; > 0: delayed), body.
+KEYS[1] prefix. ARGV: token, buffer_size, max_delayed_jobs (0: unlimited), n, caller
+(a process id, '' for none), lease ms (0: none), then 5 per job: id, type, priority (0..2),
+delay ms (fractional; > 0: delayed), body.
 Returns one of
-  {'ok', {{id, body}, ...}}   accepted; the jobs evicted from the delayed set
-                              (now dead, reason "evicted") for on_failure
-  {'again', {{id, body}...}}  this token's batch was accepted already (a resend), with
+  {'ok', {row, ...}}          accepted; the jobs evicted from the delayed set (now dead,
+                              reason "evicted") for on_failure, as rows {id, body,
+                              retries, error, 'evicted'[, key]}: with a key when they also
+                              wait in reporting:<caller> until it acknowledges them (op A),
+                              which they do when the caller holds a lease, or registers
+                              one with `lease` (a reporter: see cancel.lua)
+  {'again', {row...}}         this token's batch was accepted already (a resend), with
                               what that call evicted: its reply was lost, so nobody
                               reported them yet
   {'dup', id}                 id is an unfinished job's: nothing enqueued
@@ -14,4 +19,4 @@ already in `capped`, never one being added; the new job is always added.
 Each accepted token is kept in tokens:<span> for 2 to 3 TOKEN_SPANs, far longer than a
 client resends (its socket timeouts, twice): a resend is then recognised even when its
 jobs have finished since (their hashes, with the token, are gone). ]]
-return enqueue_jobs(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), 5)
+return enqueue_jobs(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), 7, ARGV[5], tonumber(ARGV[6]))

@@ -601,8 +601,9 @@ local TOKEN_SPAN = 30000 -- ms: how long an enqueue token is kept (see enqueue.l
 
 -- The body of enqueue.lua (its header documents the rows and replies), shared with
 -- schedule_tick.lua, whose call enqueues the job of the tick it claims. The rows are 5 ARGV per job
--- from ARGV[base] on.
-local function enqueue_jobs(token, buffer_size, max_delayed, n, base)
+-- from ARGV[base] on. The jobs it evicts are handed to `caller` to report (see handed) when it
+-- holds a lease, or registers one (`lease` > 0: a reporter, as cancel.lua's).
+local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, lease)
   local now = now_ms()
   local span = math.floor(now / TOKEN_SPAN)
   for s = span, span - 2, -1 do
@@ -651,8 +652,9 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base)
       if max_delayed > 0 and redis.call('ZCARD', K_CAPPED) >= max_delayed then
         local out = redis.call('ZPOPMIN', K_CAPPED)
         redis.call('ZREM', K_DELAYED, out[1])
-        table.insert(evicted, {out[1], redis.call('HGET', job_key(out[1]), 'b')})
-        job_dead(out[1], 'evicted', '', redis.call('HGET', job_key(out[1]), 'r') or '0', now)
+        local f = redis.call('HMGET', job_key(out[1]), 'b', 'r')
+        table.insert(evicted, {out[1], f[1], f[2] or '0', '', 'evicted'})
+        job_dead(out[1], 'evicted', '', f[2] or '0', now)
         count('failed', -1) -- evictions have their own counter
         count('evicted', 1)
       end
@@ -668,6 +670,10 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base)
     for first = 1, #ids, CHUNK do
       redis.call('RPUSH', READY[p], unpack(ids, first, math.min(first + CHUNK - 1, #ids)))
     end
+  end
+  if #evicted > 0 and caller ~= '' and
+      (redis.call('ZSCORE', K_PROCS, caller) or (lease > 0 and renew(caller, now, lease, '0'))) then
+    handed(caller, evicted, token) -- (first: a resend returns the rows with their keys)
   end
   local tokens = P .. 'tokens:' .. span
   redis.call('HSET', tokens, token, cjson.encode(evicted))

@@ -2,12 +2,13 @@
 all processes, and no moment at which the tick is claimed but its job not enqueued.
 KEYS[1] prefix. ARGV: name, tick (a number that grows with every tick: `every` its grid
 index, `cron` its time in ms), claim token (unique per call, the same when resent; also the
-enqueue token of the tick's job), buffer_size, max_delayed_jobs (0: unlimited), then the
-tick's job as one row of enqueue.lua: id, type, priority (0..2), delay ms, body.
+enqueue token of the tick's job), buffer_size, max_delayed_jobs (0: unlimited), caller and
+lease (as enqueue.lua's), then the tick's job as one row of enqueue.lua: id, type, priority
+(0..2), delay ms, body.
 Returns
-  {'fire', {{id, body}, ...}}  this call claimed the tick and enqueued its job, by enqueue.lua's
-                               rules; the jobs that enqueue evicted from the delayed set (now
-                               dead, reason "evicted") for on_failure
+  {'fire', {row, ...}}  this call claimed the tick and enqueued its job, by enqueue.lua's
+                        rules; the jobs that enqueue evicted from the delayed set (now
+                        dead, reason "evicted") for on_failure, as enqueue.lua returns them
   {'busy'}   this call claimed the tick, and the previous tick's job (or a job with this
              tick's id) is still unfinished: the tick is skipped
   {'full'}   this call claimed the tick, and the ready buffer has no room for its job: the
@@ -35,10 +36,10 @@ if s[2] then
   if f[1] and not f[2] then outcome = 'busy' end
 end
 if outcome == 'fire' then
-  local reply = enqueue_jobs(token, tonumber(ARGV[4]), tonumber(ARGV[5]), 1, 6)
+  local reply = enqueue_jobs(token, tonumber(ARGV[4]), tonumber(ARGV[5]), 1, 8, ARGV[6], tonumber(ARGV[7]))
   if reply[1] == 'dup' then -- this tick's job, unfinished: it is the previous job from now on
     outcome = 'busy'
-    redis.call('HSET', key, 'job', ARGV[6])
+    redis.call('HSET', key, 'job', ARGV[8])
   elseif reply[1] == 'full' then
     outcome = 'full'
   else
@@ -47,7 +48,7 @@ if outcome == 'fire' then
 end
 redis.call('HSET', key, 'last', ARGV[2], 'by', token, 'outcome', outcome)
 if outcome == 'fire' then
-  redis.call('HSET', key, 'job', ARGV[6])
+  redis.call('HSET', key, 'job', ARGV[8])
   redis.call('HINCRBY', key, 'fired', 1)
   return {'fire', evicted}
 end
