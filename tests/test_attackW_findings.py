@@ -28,14 +28,15 @@ def run_python(code, core_name):
 
 # --- a huge max_starts -------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="the compiled core sizes the ring as max_starts * 8 in a "
-                   "Py_ssize_t: 2**62 starts wraps to a 0-byte ring and the process segfaults; "
-                   "the pure core raises a bare MemoryError/OverflowError naming nothing")
 @pytest.mark.parametrize("core_name", [PURE_CORE, COMPILED_CORE], ids=["pure", "compiled"])
 @pytest.mark.parametrize("max_starts", [2**61, 2**62, 2**63, 2**64])
 def test_a_rate_limit_too_large_to_hold_is_refused_naming_it(core_name, max_starts):
     """RateLimit(max_starts) takes any int >= 1; one whose ring of start times cannot exist must be
-    refused at registration with an exception naming the value, never crash the interpreter."""
+    refused at registration with an exception naming the value, never crash the interpreter.
+
+    Was: the compiled core sized the ring as ``max_starts * sizeof(double)`` in a Py_ssize_t, so
+    2**61 and 2**62 wrapped to a 0-byte ring and the first write segfaulted; the pure core raised
+    a bare MemoryError or OverflowError."""
     rc, out, err = run_python(f"""
         from tinymq import ExecutorConfig, Queue, RateLimit
         q = Queue(10)

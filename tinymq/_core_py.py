@@ -34,6 +34,7 @@ import math
 import operator
 import os
 import random
+import sys
 import threading
 import time
 import types
@@ -71,6 +72,7 @@ _LEVELS = (2, 1, 0)  # HIGH, MEDIUM, LOW: the order in which levels are served
 _UNLIMITED = 1 << 62  # the slot limit of a type with no executor yet
 _INF = math.inf
 _ALWAYS_OPEN = -math.inf  # TypeState.rate_open_at of a type whose rate window never closes now
+_MAX_RATE_STARTS = sys.maxsize // 8  # the ring of a rate limit's latest starts fits in memory addresses
 monotonic = time.monotonic  # the clock of every deadline in this core
 _REFRESH_EVERY = 1024  # successes between two looks at the log level, off the per-job path
 
@@ -239,6 +241,9 @@ def _rate_fields(rate_limit: Any) -> Tuple[int, float]:
     max_starts, per = operator.index(rate_limit.max_starts), float(rate_limit.per)
     if max_starts < 1 or not 0.0 < per < _INF:
         raise ValueError(f"rate_limit must allow >= 1 start per finite seconds > 0, got {rate_limit!r}")
+    if max_starts > _MAX_RATE_STARTS:
+        raise ValueError(f"rate_limit must allow at most {_MAX_RATE_STARTS} starts per window "
+                         f"(the latest starts are kept), got {rate_limit!r}")
     return max_starts, per
 
 
@@ -424,7 +429,10 @@ class ReadyQueue:
         max_starts, per = _rate_fields(rate_limit)
         with self._lock:
             state = self._type_state(job_type)
-            state.set_rate_limit(max_starts, per)
+            try:
+                state.set_rate_limit(max_starts, per)
+            except MemoryError:
+                raise MemoryError(f"no room for the ring of {max_starts} starts of {rate_limit!r}") from None
             if state.runner != runner:  # its waiting jobs move to the other runner's heaps
                 self._unlist(state)
                 state.runner = runner
