@@ -104,3 +104,30 @@ def test_an_attempt_ending_while_get_stats_reads_never_splits_the_snapshot(nth):
         a = stats.executor_stats["a"]
         blocker.release()
         assert (stats.jobs_succeeded, a.succeeded, a.active_jobs + a.succeeded) in ((0, 0, 1), (1, 1, 1)), stats
+
+
+# --- several queues, one registry -----------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="every PrometheusCollector exposes the same series with no "
+                   "label that tells queues apart: registering a second queue's collector in the "
+                   "same registry raises DuplicateTimeseries, and a process with two queues cannot "
+                   "export both through prometheus_client's one default registry")
+def test_two_queues_can_be_scraped_from_one_registry():
+    """A process with two queues (say one for e-mail, one for thumbnails) registers a collector
+    for each in the one registry its /metrics endpoint serves, and the scrape shows both."""
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+    from tinymq.metrics import PrometheusCollector
+
+    registry = prometheus_client.CollectorRegistry()
+    with make_queue(buffer_size=10) as first, make_queue(buffer_size=10) as second:
+        first.enqueue(Job("mail"))
+        for _ in range(2):
+            second.enqueue(Job("thumbnail"))
+        registry.register(PrometheusCollector(first))
+        registry.register(PrometheusCollector(second))
+        text = prometheus_client.generate_latest(registry).decode("utf-8")
+    enqueued = sorted(sample.value for family in text_string_to_metric_families(text)
+                      for sample in family.samples
+                      if sample.name == "tinymq_queue_events_total" and sample.labels.get("event") == "enqueued")
+    assert enqueued == [1.0, 2.0]
