@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -165,3 +166,48 @@ def test_a_queue_call_with_a_duration_too_large_for_a_float_names_it(call):
             else:
                 getattr(q, call)(timeout=HUGE)
         assert str(HUGE)[:20] in str(raised.value)
+
+
+# --- a rate limit lifted in a process that waits in Redis ---------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="set_limit() only queues the new limits for the next fetch; "
+                   "with nothing but rate-parked jobs nobody signals the idle pump, so the lift "
+                   "reaches Redis at the pump's idle look (_IDLE_WAIT, 1 s; 30 s here) and the "
+                   "waiting jobs wait for it")
+@pytest.mark.parametrize("new_limit", [None, RateLimit(3, per=60.0)], ids=["lifted", "raised"])
+def test_a_rate_limit_lifted_while_its_process_waits_in_redis_lets_the_parked_jobs_out(
+        redis_url, monkeypatch, new_limit):
+    """docs/redis.md: "a registration without rate_limit lifts it and lets the waiting jobs out"
+    (a raised one lets out as many as it allows). The jobs parked in Redis wait for the window
+    only, not for the registering process's next look at Redis."""
+    from tinymq.redis import _link
+
+    from _backends import Redis
+    from _helpers import QUIET, Recorder, WAIT
+
+    monkeypatch.setattr(_link, "_IDLE_WAIT", 30.0)  # an idle look never comes during the test
+    shared = Redis(redis_url, lease=120.0)
+    try:
+        producer, worker = shared.pair()
+        ran = Recorder()
+        worker.register_executor("r", lambda job: ran.add(job.payload),
+                                 ExecutorConfig(rate_limit=RateLimit(1, per=60.0)))
+        worker.start_dispatcher(2)
+        producer.enqueue_many([Job("r", i) for i in range(3)])
+        assert ran.wait_until(lambda items: len(items) == 1)
+        # Its outcome reached Redis, the signal its start report raised was taken, and the pump
+        # waits in Redis with nothing to send: no round of the worker's is still to come.
+        scripts = producer.broker._scripts
+
+        def quiet():
+            return (producer.get_stats().jobs_succeeded == 1 and worker._link._pump_idle
+                    and not worker._link._ops and scripts.client.llen(scripts.key("signal")) == 0)
+        assert wait_until(quiet), "the worker did not go to wait in Redis"
+        time.sleep(QUIET)
+        assert quiet()
+        worker.register_executor("r", lambda job: ran.add(job.payload),
+                                 ExecutorConfig(rate_limit=new_limit))
+        assert producer.join(WAIT), ran.items
+        assert sorted(ran.items) == [0, 1, 2]
+    finally:
+        shared.close()
