@@ -170,16 +170,16 @@ def test_a_queue_call_with_a_duration_too_large_for_a_float_names_it(call):
 
 # --- a rate limit lifted in a process that waits in Redis ---------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="set_limit() only queues the new limits for the next fetch; "
-                   "with nothing but rate-parked jobs nobody signals the idle pump, so the lift "
-                   "reaches Redis at the pump's idle look (_IDLE_WAIT, 1 s; 30 s here) and the "
-                   "waiting jobs wait for it")
 @pytest.mark.parametrize("new_limit", [None, RateLimit(3, per=60.0)], ids=["lifted", "raised"])
 def test_a_rate_limit_lifted_while_its_process_waits_in_redis_lets_the_parked_jobs_out(
         redis_url, monkeypatch, new_limit):
     """docs/redis.md: "a registration without rate_limit lifts it and lets the waiting jobs out"
     (a raised one lets out as many as it allows). The jobs parked in Redis wait for the window
-    only, not for the registering process's next look at Redis."""
+    only, not for the registering process's next look at Redis.
+
+    Was: set_limit() only queued the new limits for the next fetch; with nothing but rate-parked
+    jobs nobody signalled the idle pump, so the lift reached Redis at the pump's idle look
+    (_IDLE_WAIT: 1 s, 30 s here) and the waiting jobs waited for it."""
     from tinymq.redis import _link
 
     from _backends import Redis

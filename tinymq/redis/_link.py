@@ -357,6 +357,9 @@ class QueueLink:
             else:
                 self._limits[job_type] = (limit, rate_limit.max_starts, float(rate_limit.per))
                 self._rate_limited = self._rate_limited | {job_type}
+        # A pump waiting in Redis would send them at its next look only: a lifted or raised
+        # limit lets parked jobs out now, so send them (and fetch what they free) at once.
+        self._flush_if_idle()
 
     # --- the AttemptLedger: what the dispatcher reports ------------------------------
 
