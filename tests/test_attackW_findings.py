@@ -211,3 +211,46 @@ def test_a_rate_limit_lifted_while_its_process_waits_in_redis_lets_the_parked_jo
         assert sorted(ran.items) == [0, 1, 2]
     finally:
         shared.close()
+
+
+# --- per-type stats and metrics of a queue on a Redis broker ---------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="with a broker get_stats() builds each ExecutorStats from "
+                   "(active, limit) alone: every per-type counter is 0 whatever ran, so "
+                   "tinymq_jobs_total exports 0 beside a histogram that counted the attempts")
+def test_per_type_counters_and_their_metrics_count_the_jobs_of_a_queue_on_a_broker(redis_url):
+    """One process on a Redis broker: its type's counters add up to the queue-wide ones (api.md:
+    "jobs_failed is the sum of the types' failed plus" no_executor jobs), and the scrape's
+    tinymq_jobs_total shows them."""
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+    from tinymq import RetryConfig
+    from tinymq.metrics import PrometheusCollector
+
+    from _backends import Redis
+    from _helpers import WAIT
+
+    def fn(job):
+        if job.payload == "bad":
+            raise ValueError("bad")
+
+    shared = Redis(redis_url, lease=2.0)
+    try:
+        q = shared.queue()
+        q.register_executor("t", fn)
+        q.start_dispatcher(2)
+        q.enqueue_many([Job("t", i) for i in range(3)]
+                       + [Job("t", "bad", retry_config=RetryConfig(max_retries=1, initial_delay=0))])
+        assert q.join(WAIT)
+        stats = q.get_stats()
+        registry = prometheus_client.CollectorRegistry()
+        registry.register(PrometheusCollector(q))
+        text = prometheus_client.generate_latest(registry).decode("utf-8")
+    finally:
+        shared.close()
+    assert (stats.jobs_succeeded, stats.jobs_failed, stats.jobs_retried) == (3, 1, 1)
+    t = stats.executor_stats["t"]
+    assert (t.succeeded, t.failed, t.retried) == (3, 1, 1), t
+    exported = {sample.labels["outcome"]: sample.value for family in text_string_to_metric_families(text)
+                for sample in family.samples if sample.name == "tinymq_jobs_total"}
+    assert (exported["succeeded"], exported["failed"], exported["retried"]) == (3, 1, 1), exported
