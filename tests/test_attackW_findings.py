@@ -254,3 +254,24 @@ def test_per_type_counters_and_their_metrics_count_the_jobs_of_a_queue_on_a_brok
     exported = {sample.labels["outcome"]: sample.value for family in text_string_to_metric_families(text)
                 for sample in family.samples if sample.name == "tinymq_jobs_total"}
     assert (exported["succeeded"], exported["failed"], exported["retried"]) == (3, 1, 1), exported
+
+
+# --- shared_rate_limits() of a large max_starts ------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="limits.lua stores max_starts through Lua's number-to-string "
+                   "(%.14g): 10**14 becomes '1e+14', which shared_rate_limits() (and status --redis) "
+                   "cannot read back as an int: ValueError")
+@pytest.mark.parametrize("max_starts", [10 ** 14, 2 ** 53 + 1, 2 ** 62])
+def test_shared_rate_limits_reads_back_a_large_max_starts(redis_url, max_starts):
+    from _backends import Redis
+
+    shared = Redis(redis_url, lease=2.0)
+    try:
+        q = shared.queue()
+        q.register_executor("t", lambda job: None, ExecutorConfig(rate_limit=RateLimit(max_starts, per=1.5)))
+        q.start_dispatcher(1)  # its first fetch sends the limits
+        scripts = q.broker._scripts
+        assert wait_until(lambda: scripts.client.hexists(scripts.key("ratelimits"), "t"))
+        assert q.broker.shared_rate_limits() == {"t": (max_starts, 1.5, 0)}
+    finally:
+        shared.close()
