@@ -258,11 +258,10 @@ def test_per_type_counters_and_their_metrics_count_the_jobs_of_a_queue_on_a_brok
 
 # --- shared_rate_limits() of a large max_starts ------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="limits.lua stores max_starts through Lua's number-to-string "
-                   "(%.14g): 10**14 becomes '1e+14', which shared_rate_limits() (and status --redis) "
-                   "cannot read back as an int: ValueError")
 @pytest.mark.parametrize("max_starts", [10 ** 14, 2 ** 53 + 1, 2 ** 62])
 def test_shared_rate_limits_reads_back_a_large_max_starts(redis_url, max_starts):
+    """Was: limits.lua stored max_starts through Lua's number-to-string (%.14g), so 10**14 became
+    '1e+14', which shared_rate_limits() (and status --redis) could not read back: ValueError."""
     from _backends import Redis
 
     shared = Redis(redis_url, lease=2.0)
