@@ -929,18 +929,22 @@ cdef class ReadyQueue:
         return {state.name: (state.active, state.limit)
                 for state in self.types.values() if state.fn is not None}
 
-    def snapshot(self):
-        """What ``Queue.get_stats()`` shows of the core, read at one moment (under the GIL, nothing
-        here runs Python code that could let another thread in).
+    def snapshot(self, *heaps):
+        """What ``Queue.get_stats()`` shows of the core and of the delayed ``heaps``, read at one
+        moment (under the GIL, nothing here runs Python code that could let another thread in).
 
         ``((high, medium, low), counters(), {job_type: (active, limit, succeeded, failed,
-        retried, timed_out, cancelled)} per registered executor, overflow_size)``.
+        retried, timed_out, cancelled)} per registered executor, overflow_size, delayed jobs)``.
         """
         cdef TypeState state
+        cdef DelayedHeap heap
+        cdef Py_ssize_t delayed = 0
+        for heap in heaps:
+            delayed += heap.count
         types = {state.name: (state.active, state.limit) + tuple([state.counters[event] for event in TYPE_EVENTS])
                  for state in self.types.values() if state.fn is not None}
         return ((self.level_sizes[2], self.level_sizes[1], self.level_sizes[0]),
-                tuple([self._counters[i] for i in range(N_COUNTERS)]), types, len(self.overflow))
+                tuple([self._counters[i] for i in range(N_COUNTERS)]), types, len(self.overflow), delayed)
 
     def type_counters(self):
         """``{job_type: (succeeded, failed, retried, timed_out, cancelled)}`` per registered executor."""

@@ -448,17 +448,20 @@ class ReadyQueue:
         with self._lock:
             return {s.name: (s.active, s.limit) for s in self._types.values() if s.fn is not None}
 
-    def snapshot(self) -> Tuple[Tuple[int, int, int], Tuple[int, ...], Dict[str, Tuple[int, ...]], int]:
-        """What ``Queue.get_stats()`` shows of the core, read at one moment (one hold of the lock).
+    def snapshot(self, *heaps: "DelayedHeap") -> Tuple[Tuple[int, int, int], Tuple[int, ...],
+                                                     Dict[str, Tuple[int, ...]], int, int]:
+        """What ``Queue.get_stats()`` shows of the core and of the delayed ``heaps``, read at one
+        moment (under this lock, each heap's taken inside it: no heap takes this lock).
 
         ``((high, medium, low), counters(), {job_type: (active, limit, succeeded, failed,
-        retried, timed_out, cancelled)} per registered executor, overflow_size)``.
+        retried, timed_out, cancelled)} per registered executor, overflow_size, delayed jobs)``.
         """
         with self._lock:
             types = {s.name: (s.active, s.limit, *[s.counters[event] for event in TYPE_EVENTS])
                      for s in self._types.values() if s.fn is not None}
             sizes = (self._sizes[2], self._sizes[1], self._sizes[0])
-            return sizes, tuple(self._counters), types, len(self._overflow)
+            delayed = sum([len(heap) for heap in heaps])
+            return sizes, tuple(self._counters), types, len(self._overflow), delayed
 
     def type_counters(self) -> Dict[str, Tuple[int, ...]]:
         """``{job_type: (succeeded, failed, retried, timed_out, cancelled)}`` per registered executor."""

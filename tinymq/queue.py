@@ -472,14 +472,16 @@ class Queue:
         """Sizes, counters and executors; with a broker, the shared queue's sizes and counters."""
         if self._link is not None:
             return self._link.stats()
-        # The core's part in one read, so the counters, sizes and active attempts agree.
-        (high, medium, low), counters, types, waiting_for_room = self._ready.snapshot()
+        # One read of the core and the delayed heaps, so the counters and every place agree.
+        dispatcher = self._dispatcher
+        (high, medium, low), counters, types, waiting_for_room, delayed = self._ready.snapshot(
+            dispatcher.delayed, dispatcher.uncapped)
         enqueued, succeeded, failed, retried, timed_out, evicted, cancelled = counters
         return QueueStats(
             high_queue_size=high,
             medium_queue_size=medium,
             low_queue_size=low,
-            delayed_jobs_count=self._dispatcher.delayed_count(),
+            delayed_jobs_count=delayed,
             max_delayed_jobs=self.config.max_delayed_jobs,
             worker_count=self._dispatcher.worker_count,
             executor_stats={job_type: ExecutorStats(*fields) for job_type, fields in types.items()},
