@@ -216,13 +216,14 @@ def test_a_rate_limit_lifted_while_its_process_waits_in_redis_lets_the_parked_jo
 
 # --- per-type stats and metrics of a queue on a Redis broker ---------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="with a broker get_stats() builds each ExecutorStats from "
-                   "(active, limit) alone: every per-type counter is 0 whatever ran, so "
-                   "tinymq_jobs_total exports 0 beside a histogram that counted the attempts")
 def test_per_type_counters_and_their_metrics_count_the_jobs_of_a_queue_on_a_broker(redis_url):
     """One process on a Redis broker: its type's counters add up to the queue-wide ones (api.md:
     "jobs_failed is the sum of the types' failed plus" no_executor jobs), and the scrape's
-    tinymq_jobs_total shows them."""
+    tinymq_jobs_total shows them.
+
+    Was: with a broker get_stats() built each ExecutorStats from (active, limit) alone, so every
+    per-type counter was 0 whatever ran, and tinymq_jobs_total exported zeros beside a histogram
+    that counted the attempts. Now they are this process's (docs/redis.md)."""
     prometheus_client = pytest.importorskip("prometheus_client")
     from prometheus_client.parser import text_string_to_metric_families
     from tinymq import RetryConfig
