@@ -113,7 +113,10 @@ def test_an_attempt_ending_while_get_stats_reads_never_splits_the_snapshot(nth):
 @pytest.mark.xfail(strict=True, reason="every PrometheusCollector exposes the same series with no "
                    "label that tells queues apart: registering a second queue's collector in the "
                    "same registry raises DuplicateTimeseries, and a process with two queues cannot "
-                   "export both through prometheus_client's one default registry")
+                   "export both through prometheus_client's one default registry. (prometheus_client "
+                   "refuses two collectors of the same metric names whatever their labels, so a fix "
+                   "is likely one collector over several queues with a queue label: this test then "
+                   "follows that API)")
 def test_two_queues_can_be_scraped_from_one_registry():
     """A process with two queues (say one for e-mail, one for thumbnails) registers a collector
     for each in the one registry its /metrics endpoint serves, and the scrape shows both."""
