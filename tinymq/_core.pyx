@@ -18,6 +18,7 @@ from cpython.exc cimport PyErr_CheckSignals, PyErr_Clear, PyErr_Occurred
 from cpython.long cimport PyLong_AsLong, PyLong_Check
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.object cimport PyTypeObject, traverseproc, visitproc
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF, PyObject
 from cpython.unicode cimport PyUnicode_CheckExact
 from libc.math cimport INFINITY, pow
@@ -96,6 +97,7 @@ DURATION_BOUNDS[:] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                       30.0, 60.0, 300.0]
 ATTEMPT_DURATION_BUCKETS = tuple([DURATION_BOUNDS[i] for i in range(N_BUCKETS - 1)])
 cdef Py_ssize_t UNLIMITED = (<Py_ssize_t>1) << 62  # the slot limit of a type with no executor yet
+cdef Py_ssize_t _MAX_RATE_STARTS = PY_SSIZE_T_MAX // <Py_ssize_t>sizeof(double)  # the ring of a rate limit's latest starts
 cdef double WAIT_FOREVER = -1.0  # a deadline meaning "no deadline"
 
 
@@ -890,12 +892,16 @@ cdef class ReadyQueue:
         if runner != THREADS and runner != LOOP:
             raise ValueError(f"runner must be THREADS or LOOP, got {runner!r}")
         if rate_limit is not None:  # read, and the ring made, before any decision
-            max_starts, per = rate_limit.max_starts, rate_limit.per
-            if max_starts < 1 or not 0.0 < per < INFINITY:
+            starts, per = rate_limit.max_starts, rate_limit.per
+            if starts < 1 or not 0.0 < per < INFINITY:
                 raise ValueError(f"rate_limit must allow >= 1 start per finite seconds > 0, got {rate_limit!r}")
+            if starts > _MAX_RATE_STARTS:  # max_starts * sizeof(double) must not overflow
+                raise ValueError(f"rate_limit must allow at most {_MAX_RATE_STARTS} starts per window "
+                                 f"(the latest starts are kept), got {rate_limit!r}")
+            max_starts = starts
             ring = <double *>PyMem_Malloc(max_starts * sizeof(double))
             if ring == NULL:
-                raise MemoryError()
+                raise MemoryError(f"no room for the ring of {max_starts} starts of {rate_limit!r}")
         try:
             state = self._type_state(_exact_type(job_type))
             # A limit that opens the window earlier parks the type again: one stale entry more.
@@ -922,6 +928,23 @@ cdef class ReadyQueue:
         cdef TypeState state
         return {state.name: (state.active, state.limit)
                 for state in self.types.values() if state.fn is not None}
+
+    def snapshot(self, *heaps):
+        """What ``Queue.get_stats()`` shows of the core and of the delayed ``heaps``, read at one
+        moment (under the GIL, nothing here runs Python code that could let another thread in).
+
+        ``((high, medium, low), counters(), {job_type: (active, limit, succeeded, failed,
+        retried, timed_out, cancelled)} per registered executor, overflow_size, delayed jobs)``.
+        """
+        cdef TypeState state
+        cdef DelayedHeap heap
+        cdef Py_ssize_t delayed = 0
+        for heap in heaps:
+            delayed += heap.count
+        types = {state.name: (state.active, state.limit) + tuple([state.counters[event] for event in TYPE_EVENTS])
+                 for state in self.types.values() if state.fn is not None}
+        return ((self.level_sizes[2], self.level_sizes[1], self.level_sizes[0]),
+                tuple([self._counters[i] for i in range(N_COUNTERS)]), types, len(self.overflow), delayed)
 
     def type_counters(self):
         """``{job_type: (succeeded, failed, retried, timed_out, cancelled)}`` per registered executor."""

@@ -34,6 +34,7 @@ import math
 import operator
 import os
 import random
+import sys
 import threading
 import time
 import types
@@ -71,6 +72,7 @@ _LEVELS = (2, 1, 0)  # HIGH, MEDIUM, LOW: the order in which levels are served
 _UNLIMITED = 1 << 62  # the slot limit of a type with no executor yet
 _INF = math.inf
 _ALWAYS_OPEN = -math.inf  # TypeState.rate_open_at of a type whose rate window never closes now
+_MAX_RATE_STARTS = sys.maxsize // 8  # the ring of a rate limit's latest starts fits in memory addresses
 monotonic = time.monotonic  # the clock of every deadline in this core
 _REFRESH_EVERY = 1024  # successes between two looks at the log level, off the per-job path
 
@@ -239,6 +241,9 @@ def _rate_fields(rate_limit: Any) -> Tuple[int, float]:
     max_starts, per = operator.index(rate_limit.max_starts), float(rate_limit.per)
     if max_starts < 1 or not 0.0 < per < _INF:
         raise ValueError(f"rate_limit must allow >= 1 start per finite seconds > 0, got {rate_limit!r}")
+    if max_starts > _MAX_RATE_STARTS:
+        raise ValueError(f"rate_limit must allow at most {_MAX_RATE_STARTS} starts per window "
+                         f"(the latest starts are kept), got {rate_limit!r}")
     return max_starts, per
 
 
@@ -424,7 +429,10 @@ class ReadyQueue:
         max_starts, per = _rate_fields(rate_limit)
         with self._lock:
             state = self._type_state(job_type)
-            state.set_rate_limit(max_starts, per)
+            try:
+                state.set_rate_limit(max_starts, per)
+            except MemoryError:
+                raise MemoryError(f"no room for the ring of {max_starts} starts of {rate_limit!r}") from None
             if state.runner != runner:  # its waiting jobs move to the other runner's heaps
                 self._unlist(state)
                 state.runner = runner
@@ -439,6 +447,21 @@ class ReadyQueue:
         """``{job_type: (active, limit)}`` for every registered executor."""
         with self._lock:
             return {s.name: (s.active, s.limit) for s in self._types.values() if s.fn is not None}
+
+    def snapshot(self, *heaps: "DelayedHeap") -> Tuple[Tuple[int, int, int], Tuple[int, ...],
+                                                     Dict[str, Tuple[int, ...]], int, int]:
+        """What ``Queue.get_stats()`` shows of the core and of the delayed ``heaps``, read at one
+        moment (under this lock, each heap's taken inside it: no heap takes this lock).
+
+        ``((high, medium, low), counters(), {job_type: (active, limit, succeeded, failed,
+        retried, timed_out, cancelled)} per registered executor, overflow_size, delayed jobs)``.
+        """
+        with self._lock:
+            types = {s.name: (s.active, s.limit, *[s.counters[event] for event in TYPE_EVENTS])
+                     for s in self._types.values() if s.fn is not None}
+            sizes = (self._sizes[2], self._sizes[1], self._sizes[0])
+            delayed = sum([len(heap) for heap in heaps])
+            return sizes, tuple(self._counters), types, len(self._overflow), delayed
 
     def type_counters(self) -> Dict[str, Tuple[int, ...]]:
         """``{job_type: (succeeded, failed, retried, timed_out, cancelled)}`` per registered executor."""

@@ -3,6 +3,7 @@
 Every duration is seconds as a float and also accepts ``datetime.timedelta``.
 Bad values raise ValueError or TypeError naming the value, at construction.
 """
+import math
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional, Tuple, Type, Union, cast
@@ -19,7 +20,10 @@ def _seconds(name: str, value: object, *, expected: str = "seconds (float) or a 
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int beyond any float: refused below as not finite
+            seconds = math.inf if value > 0 else -math.inf
     else:
         raise TypeError(f"{name} must be {expected}, got {value!r}")
     if not seconds >= 0.0 or seconds == float("inf"):  # also rejects NaN

@@ -472,20 +472,19 @@ class Queue:
         """Sizes, counters and executors; with a broker, the shared queue's sizes and counters."""
         if self._link is not None:
             return self._link.stats()
-        high, medium, low = self._ready.sizes()
-        enqueued, succeeded, failed, retried, timed_out, evicted, cancelled = self._ready.counters()
-        type_counters = self._ready.type_counters()
+        # One read of the core and the delayed heaps, so the counters and every place agree.
+        dispatcher = self._dispatcher
+        (high, medium, low), counters, types, waiting_for_room, delayed = self._ready.snapshot(
+            dispatcher.delayed, dispatcher.uncapped)
+        enqueued, succeeded, failed, retried, timed_out, evicted, cancelled = counters
         return QueueStats(
             high_queue_size=high,
             medium_queue_size=medium,
             low_queue_size=low,
-            delayed_jobs_count=self._dispatcher.delayed_count(),
+            delayed_jobs_count=delayed,
             max_delayed_jobs=self.config.max_delayed_jobs,
             worker_count=self._dispatcher.worker_count,
-            executor_stats={
-                job_type: ExecutorStats(active, limit, *type_counters.get(job_type, ()))
-                for job_type, (active, limit) in self._dispatcher.executor_stats().items()
-            },
+            executor_stats={job_type: ExecutorStats(*fields) for job_type, fields in types.items()},
             jobs_enqueued=enqueued,
             jobs_succeeded=succeeded,
             jobs_failed=failed,
@@ -493,7 +492,7 @@ class Queue:
             jobs_timed_out=timed_out,
             jobs_evicted=evicted,
             jobs_cancelled=cancelled,
-            waiting_for_room=self._ready.overflow_size,
+            waiting_for_room=waiting_for_room,
         )
 
     def _attempt_durations(self) -> Dict[str, Tuple[Tuple[int, ...], float]]:

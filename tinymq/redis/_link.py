@@ -307,8 +307,10 @@ class QueueLink:
             delayed_jobs_count=delayed,
             max_delayed_jobs=self.config.max_delayed_jobs,
             worker_count=self.dispatcher.worker_count,
-            executor_stats={job_type: ExecutorStats(active_jobs=active, max_jobs=limit)
-                            for job_type, (active, limit) in self.dispatcher.executor_stats().items()},
+            # This process's executors: their attempts running here, limits, and the events of
+            # the attempts decided here (Redis counts the queue-wide ones, not per type).
+            executor_stats={job_type: ExecutorStats(*fields)
+                            for job_type, fields in self.dispatcher.ready.snapshot()[2].items()},
             jobs_enqueued=counter("enqueued"),
             jobs_succeeded=counter("succeeded"),
             jobs_failed=counter("failed"),
@@ -395,6 +397,9 @@ class QueueLink:
             else:
                 self._limits[job_type] = (limit, rate_limit.max_starts, float(rate_limit.per))
                 self._rate_limited = self._rate_limited | {job_type}
+        # A pump waiting in Redis would send them at its next look only: a lifted or raised
+        # limit lets parked jobs out now, so send them (and fetch what they free) at once.
+        self._flush_if_idle()
 
     # --- the AttemptLedger: what the dispatcher reports ------------------------------
 

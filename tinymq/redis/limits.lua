@@ -9,10 +9,11 @@ now_ms()
 local unparked = 0
 for i = 1, #ARGV, 4 do
   local t, limit = ARGV[i], tonumber(ARGV[i + 1])
-  local max_starts, per = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  local max_starts = tonumber(ARGV[i + 2])
   redis.call('HSET', K_LIMITS, t, limit)
   if max_starts > 0 then
-    redis.call('HSET', K_RATE_LIMITS, t, max_starts .. ':' .. per)
+    -- (as sent, not as Lua prints a number: 10^14 would read '1e+14', per ms '1e+15')
+    redis.call('HSET', K_RATE_LIMITS, t, ARGV[i + 2] .. ':' .. ARGV[i + 3])
   elseif redis.call('HDEL', K_RATE_LIMITS, t) == 1 then
     redis.call('DEL', rate_key(t))
     redis.call('ZREM', K_RATE_OPEN, t)
