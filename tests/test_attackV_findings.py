@@ -1,0 +1,96 @@
+"""Reproducers for defects found by outside attack V on durable persistence (branch ``attackV``).
+
+Each test states the promised behaviour and failed before its fix; one that is
+still ``xfail(strict=True)`` names a defect not fixed yet.
+"""
+import os
+import threading
+
+import pytest
+
+import tinymq.job
+from tinymq import ExecutorConfig, Job, Queue
+from tinymq.persistence import SQLitePersistence
+
+from _helpers import WAIT, Recorder, wait_until
+
+
+@pytest.fixture
+def path(tmp_path):
+    return str(tmp_path / "jobs.db")
+
+
+# -- 1. a store shared by two live queues: a running attempt counted as a crash, jobs run twice ----
+
+@pytest.mark.xfail(strict=True, reason="set_persistence takes a store another live queue uses: its "
+                                       "load_all counts the other queue's running attempt as a crash "
+                                       "and hands every stored job to a second queue")
+def test_a_store_used_by_a_live_queue_is_refused_by_a_second_queue(path):
+    store = SQLitePersistence(path)
+    first = Queue(10)
+    first.set_persistence(store)
+    started, release = threading.Event(), threading.Event()
+
+    def slow(job):
+        started.set()
+        release.wait(WAIT)
+
+    first.register_executor("t", slow, ExecutorConfig(timeout=None))
+    first.start_dispatcher(1)
+    first.enqueue(Job("t", id="running"))
+    assert started.wait(WAIT)
+    second = Queue(10)
+    try:
+        with pytest.raises(RuntimeError, match="another queue"):
+            second.set_persistence(store)
+        # Nothing happened to the first queue's rows: its attempt is still running, uncounted.
+        assert [(j.id, j.retries) for j in store.jobs()] == [("running", 0)]
+    finally:
+        release.set()
+        second.stop()
+        first.stop()
+        store.close()
+
+
+def test_a_store_is_used_again_by_a_new_queue_once_its_queue_stopped(path):
+    """What the refusal above must keep working: stop() leaves the store usable for the next queue."""
+    with SQLitePersistence(path) as store:
+        first = Queue(10)
+        first.set_persistence(store)
+        first.enqueue(Job("t", id="left"))
+        first.stop()
+        ran = Recorder()
+        second = Queue(10)
+        second.register_executor("t", lambda job: ran.add((job.id, job.retries)))
+        second.set_persistence(store)
+        second.start_dispatcher(1)
+        try:
+            assert wait_until(lambda: ran.snapshot() == [("left", 0)])
+        finally:
+            second.stop()
+
+
+# -- 2. a job due now waits out a wall-clock step back after a restart ----------------------------
+
+@pytest.mark.xfail(strict=True, reason="a reloaded job due at its creation is delayed until its stored "
+                                       "timestamp: after the wall clock stepped back, it waits the step")
+def test_a_job_due_at_creation_runs_at_once_after_a_restart_whatever_the_clock_did(path, monkeypatch):
+    real = tinymq.job._now
+    monkeypatch.setattr(tinymq.job, "_now", lambda: real() + 3600.0)  # the clock an hour fast ...
+    job = Job("t", id="due-now")
+    monkeypatch.setattr(tinymq.job, "_now", real)  # ... then stepped back (NTP)
+    with SQLitePersistence(path) as store:
+        q = Queue(10)
+        q.set_persistence(store)
+        q.enqueue(job)  # due now: it would run at once here
+        q.stop()
+    ran = threading.Event()
+    with SQLitePersistence(path) as store:
+        q = Queue(10)
+        q.register_executor("t", lambda job: ran.set())
+        q.set_persistence(store)
+        q.start_dispatcher(1)
+        try:
+            assert ran.wait(WAIT), store.counts()
+        finally:
+            q.stop()
