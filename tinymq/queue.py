@@ -454,8 +454,8 @@ class Queue:
         if not jobs:
             return
         now = _now()
-        for job in jobs:
-            if job.run_at > now:
+        for job in jobs:  # one due at its creation (the same float) is due now, whatever the clock did
+            if job.run_at is not job.timestamp and job.run_at > now:
                 self._dispatcher.push_delayed(job, job.run_at - now, evictable=False)
             else:
                 self._dispatcher.make_ready(job)

@@ -590,6 +590,8 @@ class SQLitePersistence:
             id=job_id,
         )
         job.timestamp = float(timestamp)
+        if run_at == timestamp:  # due at its creation: due now, whatever the wall clock did since
+            job.run_at = job.timestamp  # (the same float, as Job() makes it: see Queue.enqueue)
         job.retries = retries
         job.last_error = last_error
         return job
@@ -915,7 +917,8 @@ class SQLitePersistence:
     def counts(self) -> Dict[str, int]:
         """How many rows are in each state: ready (due now), delayed, running, dead, corrupt."""
         counts = dict.fromkeys(("ready", "delayed", "running", "dead", "corrupt"), 0)
-        rows = self._read(f"SELECT CASE WHEN state = 'ready' AND run_at > ? THEN 'delayed' ELSE state END, "
+        rows = self._read(f"SELECT CASE WHEN state = 'ready' AND run_at > ? AND run_at <> timestamp "
+                          f"THEN 'delayed' ELSE state END, "
                           f"count(*) FROM {_TABLE} GROUP BY 1", (time.time(),))
         for state, number in rows:
             counts[state] = number
