@@ -22,9 +22,6 @@ def path(tmp_path):
 
 # -- 1. a store shared by two live queues: a running attempt counted as a crash, jobs run twice ----
 
-@pytest.mark.xfail(strict=True, reason="set_persistence takes a store another live queue uses: its "
-                                       "load_all counts the other queue's running attempt as a crash "
-                                       "and hands every stored job to a second queue")
 def test_a_store_used_by_a_live_queue_is_refused_by_a_second_queue(path):
     store = SQLitePersistence(path)
     first = Queue(10)

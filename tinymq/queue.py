@@ -35,6 +35,9 @@ _now = time.time
 _DEFAULT_EXECUTOR_CONFIG = ExecutorConfig()  # immutable: one for every registration without a config
 # A plain function's answer, for the next registration of the same function (one handler for
 # many job types): valid while the code and defaults that decided it are the same objects.
+# The queue that took each store (by id(store)): a second queue must not load the rows of a live one.
+_store_users: "weakref.WeakValueDictionary[int, Queue]" = weakref.WeakValueDictionary()
+_store_users_lock = threading.Lock()
 _plain_answers: "weakref.WeakKeyDictionary[Any, Tuple[Any, Any, Any, bool]]" = weakref.WeakKeyDictionary()
 
 
@@ -136,6 +139,7 @@ class Queue:
         self._dispatcher = Dispatcher(config)
         self._ready = self._dispatcher.ready
         self._store: Any = None
+        self._store_taken: Any = None  # the store set_persistence is loading or uses; under _store_users_lock
         self._claim_lock = threading.Lock()
         self._claimed: Set[str] = set()
         # With a broker (tinymq.redis.RedisBroker) the queue's state lives there: the link
@@ -439,11 +443,18 @@ class Queue:
         if enqueued:
             raise RuntimeError(f"set_persistence() must be called before the first enqueue; "
                                f"{enqueued} jobs were enqueued without a store")
+        self._take_store(store)
         take_crashed = getattr(store, "take_crashed", None)
         try:
             jobs = list(store.load_all())
             crashed = [] if take_crashed is None else list(take_crashed())
-        except Exception as exc:
+        except BaseException as exc:
+            with _store_users_lock:
+                self._store_taken = None
+                if _store_users.get(id(store)) is self:
+                    del _store_users[id(store)]
+            if not isinstance(exc, Exception):
+                raise
             raise PersistenceError(f"could not load jobs from {store!r}: {exc}") from exc
         self._ready.accept(jobs + crashed)
         self._store = store
@@ -460,6 +471,21 @@ class Queue:
             else:
                 self._dispatcher.make_ready(job)
         logger.info("recovered %d jobs from %r", len(jobs), store)
+
+    def _take_store(self, store: Any) -> None:
+        """RuntimeError if another queue that has not stopped uses ``store``: its load_all would
+        count that queue's running attempts as crashes and hand its jobs to this queue too."""
+        with _store_users_lock:
+            if self._store_taken is not None:
+                raise RuntimeError(f"set_persistence() was called already (with {self._store_taken!r}); "
+                                   "a queue uses one store for its whole life")
+            other = _store_users.get(id(store))
+            if (other is not None and other is not self and other._store_taken is store
+                    and not other._dispatcher.stopping):
+                raise RuntimeError(f"{store!r} is the store of another queue that has not stopped; a store "
+                                   "serves one queue at a time (stop() that queue first, or open another file)")
+            _store_users[id(store)] = self
+            self._store_taken = store
 
     # --- observing and stopping ---------------------------------------------
 
