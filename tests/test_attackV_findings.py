@@ -4,15 +4,24 @@ Each test states the promised behaviour and failed before its fix; one that is
 still ``xfail(strict=True)`` names a defect not fixed yet.
 """
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
 
 import tinymq.job
-from tinymq import ExecutorConfig, Job, Queue
-from tinymq.persistence import SQLitePersistence
+from tinymq import ExecutorConfig, Job, PersistenceError, Queue
+from tinymq.persistence import SQLitePersistence, _ownership
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 from _helpers import WAIT, Recorder, wait_until
+
+posix = pytest.mark.skipif(fcntl is None or not hasattr(os, "fork"), reason="POSIX: flock, pids")
 
 
 @pytest.fixture
@@ -90,3 +99,55 @@ def test_a_job_due_at_creation_runs_at_once_after_a_restart_whatever_the_clock_d
             assert ran.wait(WAIT), store.counts()
         finally:
             q.stop()
+
+
+# -- 3. a refusal during the owner's first moments names no pid, or a dead one ---------------------
+
+def _hold_lock_file(path, content):
+    """A lock held as an owner holds it between its flock() and the write of its pid."""
+    fd = os.open(path + "-tinymq.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    os.write(fd, content)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def _dead_pid():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@posix
+@pytest.mark.xfail(strict=True, reason="an opener refused between the owner's flock() and the write of "
+                                       "its pid reads the lock file once: no pid (ftruncate, then pwrite)")
+def test_a_store_refused_while_the_owner_writes_its_pid_names_the_owner(path, monkeypatch):
+    fd = _hold_lock_file(path, b"")
+    read_pid = _ownership._read_pid
+
+    def owner_writes_its_pid_after_the_first_look(descriptor):
+        found = read_pid(descriptor)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # the owner goes on meanwhile
+        return found
+
+    monkeypatch.setattr(_ownership, "_read_pid", owner_writes_its_pid_after_the_first_look)
+    try:
+        with pytest.raises(PersistenceError, match=f"pid {os.getpid()}") as refused:
+            SQLitePersistence(path)
+        assert refused.value.pid == os.getpid()
+    finally:
+        os.close(fd)
+
+
+@posix
+@pytest.mark.xfail(strict=True, reason="an opener refused between the owner's flock() and the write of "
+                                       "its pid names the previous, dead owner's pid left in the lock file")
+def test_a_store_refused_by_a_new_owner_never_names_the_dead_previous_one(path):
+    dead = _dead_pid()
+    fd = _hold_lock_file(path, f"{dead}\n".encode())  # the new owner locked, its pid not written yet
+    try:
+        with pytest.raises(PersistenceError) as refused:
+            SQLitePersistence(path)
+        assert refused.value.pid != dead, str(refused.value)
+        assert f"pid {dead}" not in str(refused.value)
+    finally:
+        os.close(fd)
