@@ -118,8 +118,6 @@ def _dead_pid():
 
 
 @posix
-@pytest.mark.xfail(strict=True, reason="an opener refused between the owner's flock() and the write of "
-                                       "its pid reads the lock file once: no pid (ftruncate, then pwrite)")
 def test_a_store_refused_while_the_owner_writes_its_pid_names_the_owner(path, monkeypatch):
     fd = _hold_lock_file(path, b"")
     read_pid = _ownership._read_pid
@@ -139,8 +137,6 @@ def test_a_store_refused_while_the_owner_writes_its_pid_names_the_owner(path, mo
 
 
 @posix
-@pytest.mark.xfail(strict=True, reason="an opener refused between the owner's flock() and the write of "
-                                       "its pid names the previous, dead owner's pid left in the lock file")
 def test_a_store_refused_by_a_new_owner_never_names_the_dead_previous_one(path):
     dead = _dead_pid()
     fd = _hold_lock_file(path, f"{dead}\n".encode())  # the new owner locked, its pid not written yet
