@@ -4,6 +4,7 @@ Each test states the promised behaviour and failed before its fix; one that is
 still ``xfail(strict=True)`` names a defect not fixed yet.
 """
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -147,3 +148,20 @@ def test_a_store_refused_by_a_new_owner_never_names_the_dead_previous_one(path):
         assert f"pid {dead}" not in str(refused.value)
     finally:
         os.close(fd)
+
+
+# -- 4. one row blocks every row: a crashed attempt's count overflows SQLite's INTEGER -------------
+
+@pytest.mark.xfail(strict=True, reason="load_all counts the crash of a running row whose retries are "
+                                       "already 2**63 - 1: the UPDATE overflows and the whole load fails")
+def test_a_running_row_with_the_largest_retries_does_not_block_the_others(path):
+    with SQLitePersistence(path) as store:
+        store.save(Job("t", id="worn"))
+        store.save(Job("t", id="good"))
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE tinymq_jobs SET state = 'running', retries = ? WHERE id = 'worn'", (2**63 - 1,))
+    conn.commit()
+    conn.close()
+    with SQLitePersistence(path) as store:
+        assert [job.id for job in store.load_all()] == ["good"]
+        assert [(dead.job.id, dead.reason) for dead in store.dead_jobs()] == [("worn", "crashed")]
