@@ -152,8 +152,6 @@ def test_a_store_refused_by_a_new_owner_never_names_the_dead_previous_one(path):
 
 # -- 4. one row blocks every row: a crashed attempt's count overflows SQLite's INTEGER -------------
 
-@pytest.mark.xfail(strict=True, reason="load_all counts the crash of a running row whose retries are "
-                                       "already 2**63 - 1: the UPDATE overflows and the whole load fails")
 def test_a_running_row_with_the_largest_retries_does_not_block_the_others(path):
     with SQLitePersistence(path) as store:
         store.save(Job("t", id="worn"))

@@ -849,7 +849,7 @@ class SQLitePersistence:
                 corrupt.append((f"corrupt: {type(exc).__name__}: {exc}", row[0]))
                 continue
             if row[1] == "running":
-                job.retries += 1
+                job.retries = min(job.retries + 1, _INT64 - 1)  # a count SQLite can store: one row fails no load
                 job.last_error = (f"the process died during an attempt (recovered by pid {os.getpid()} "
                                   f"at {time.strftime('%Y-%m-%dT%H:%M:%S%z')})")
                 if job.retries > job.retry_config.max_retries:
