@@ -163,3 +163,31 @@ def test_a_running_row_with_the_largest_retries_does_not_block_the_others(path):
     with SQLitePersistence(path) as store:
         assert [job.id for job in store.load_all()] == ["good"]
         assert [(dead.job.id, dead.reason) for dead in store.dead_jobs()] == [("worn", "crashed")]
+
+
+# -- 5. data loss: a lock file that is another store's database is truncated -----------------------
+
+@pytest.mark.xfail(strict=True, reason="lock() truncates whatever regular file of ours it finds under the "
+                                       "lock file's name, even another store's database (or a hard link)")
+def test_a_lock_file_that_is_another_store_s_database_is_refused_not_truncated(tmp_path):
+    other = str(tmp_path / "jobs.db-tinymq.lock")  # a store whose name is the lock file of jobs.db
+    with SQLitePersistence(other) as store:
+        store.save(Job("t", id="precious"))
+    with pytest.raises(PersistenceError, match="lock file"):
+        SQLitePersistence(str(tmp_path / "jobs.db"))
+    with SQLitePersistence(other) as store:
+        assert [job.id for job in store.load_all()] == ["precious"]
+
+
+@posix
+@pytest.mark.xfail(strict=True, reason="lock() truncates whatever regular file of ours it finds under the "
+                                       "lock file's name, even another store's database (or a hard link)")
+def test_a_lock_file_hard_linked_to_a_database_leaves_the_database_whole(tmp_path):
+    first = str(tmp_path / "first.db")
+    with SQLitePersistence(first) as store:
+        store.save(Job("t", id="precious"))
+    os.link(first, str(tmp_path / "second.db-tinymq.lock"))
+    with pytest.raises(PersistenceError, match="lock file"):
+        SQLitePersistence(str(tmp_path / "second.db"))
+    with SQLitePersistence(first) as store:
+        assert [job.id for job in store.load_all()] == ["precious"]
