@@ -167,8 +167,6 @@ def test_a_running_row_with_the_largest_retries_does_not_block_the_others(path):
 
 # -- 5. data loss: a lock file that is another store's database is truncated -----------------------
 
-@pytest.mark.xfail(strict=True, reason="lock() truncates whatever regular file of ours it finds under the "
-                                       "lock file's name, even another store's database (or a hard link)")
 def test_a_lock_file_that_is_another_store_s_database_is_refused_not_truncated(tmp_path):
     other = str(tmp_path / "jobs.db-tinymq.lock")  # a store whose name is the lock file of jobs.db
     with SQLitePersistence(other) as store:
@@ -180,8 +178,6 @@ def test_a_lock_file_that_is_another_store_s_database_is_refused_not_truncated(t
 
 
 @posix
-@pytest.mark.xfail(strict=True, reason="lock() truncates whatever regular file of ours it finds under the "
-                                       "lock file's name, even another store's database (or a hard link)")
 def test_a_lock_file_hard_linked_to_a_database_leaves_the_database_whole(tmp_path):
     first = str(tmp_path / "first.db")
     with SQLitePersistence(first) as store:

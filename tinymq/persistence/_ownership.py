@@ -172,6 +172,14 @@ def _check_lock_file(path: str, fd: int) -> None:
     if st.st_uid != os.getuid():
         raise PersistenceError(f"the lock file {path!r} belongs to uid {st.st_uid}, not to this "
                                f"process's uid {os.getuid()}: refused")
+    # Its owner truncates and writes it: it must hold nothing but a pid, and be no other file's name.
+    if st.st_nlink > 1:
+        raise PersistenceError(f"the lock file {path!r} has {st.st_nlink} names (a hard link to another "
+                               "file?): refused, that file is left as it is")
+    text = os.pread(fd, _PID_BYTES + 1, 0)
+    if len(text) > _PID_BYTES or not (text.strip() == b"" or text.strip().isdigit()):
+        raise PersistenceError(f"the lock file {path!r} holds something else than a pid (another store's "
+                               f"database? {text[:16]!r}): refused, it is left as it is")
     if stat.S_IMODE(st.st_mode) & 0o077:
         os.fchmod(fd, PRIVATE_MODE)
 
