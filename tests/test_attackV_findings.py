@@ -191,8 +191,6 @@ def test_a_lock_file_hard_linked_to_a_database_leaves_the_database_whole(tmp_pat
 
 # -- 6. read_only fails while an owner opens or closes the file -------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="a read_only look that finds the -wal of an owner closing (SQLite "
-                                       "removes its -shm first, then its -wal) refuses at once, as after a crash")
 def test_read_only_inspects_while_an_owner_closes_the_file(path, monkeypatch):
     with SQLitePersistence(path) as store:
         store.save(Job("t", id="kept"))

@@ -104,6 +104,7 @@ _SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 _ROWS_PER_INSERT = 512 if sqlite3.sqlite_version_info >= (3, 32) else 64
 _WAL_CHECK_INTERVAL = 0.05  # seconds between looks at whether our -wal was removed under us
 _SIDE_FILES = ("-wal", "-shm", "-journal")  # what SQLite reads beside a database, besides our lock
+_READ_ONLY_SETTLE = 0.5  # seconds a read-only look tries again while an owner opens or closes the file
 _DEFAULT_MAX_LENGTH = 1_000_000_000  # SQLITE_MAX_LENGTH's default, where getlimit() is missing
 _ROW_OVERHEAD = 512  # bytes a row's header and numbers may add to its text and blobs
 _INT64 = 1 << 63
@@ -254,11 +255,7 @@ class SQLitePersistence:
         self._crashed: List[Job] = []  # dead as "crashed" by load_all, not yet taken by the Queue
         self._pid = os.getpid()
         if read_only:
-            conn = self._read_only_connection()  # fail now if it cannot be read
-            try:
-                self._check_schema(conn)
-            finally:
-                conn.close()
+            self._reading(self._check_schema)  # fail now if it cannot be read
             return
         # Invariant: only the holder of _commit_lock uses _conn and _cursor.
         self._commit_lock = threading.Lock()
@@ -388,6 +385,27 @@ class SQLitePersistence:
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.Error as exc:
             raise PersistenceError(f"cannot open persistence file {self.path!r}: {exc}") from exc
+
+    def _reading(self, work: Any) -> Any:
+        """``work(conn)`` on a read-only connection, looked at again for a moment if it fails.
+
+        An owner opening or closing the file passes through states a look can
+        fall into (SQLite removes the -shm, then the -wal; files appear one by
+        one): they last microseconds. What a crash left stays, and is refused
+        once _READ_ONLY_SETTLE has passed.
+        """
+        deadline = time.monotonic() + _READ_ONLY_SETTLE
+        while True:
+            try:
+                conn = self._read_only_connection()
+                try:
+                    return work(conn)
+                finally:
+                    conn.close()
+            except PersistenceError:
+                if time.monotonic() >= deadline or not os.path.lexists(self._file):
+                    raise
+            time.sleep(0.005)
 
     def _read_only_connection(self) -> sqlite3.Connection:
         """A connection that can neither write nor create anything, opened for one inspection.
@@ -873,13 +891,13 @@ class SQLitePersistence:
         if self.read_only:
             if self._closed:
                 raise PersistenceError(f"SQLitePersistence({self.path!r}) is closed")
-            conn = self._read_only_connection()
-            try:
-                return conn.execute(sql, parameters).fetchall()
-            except sqlite3.Error as exc:
-                raise PersistenceError(f"{self!r}: read failed: {exc}") from exc
-            finally:
-                conn.close()
+
+            def read(conn: sqlite3.Connection) -> List[Any]:
+                try:
+                    return conn.execute(sql, parameters).fetchall()
+                except sqlite3.Error as exc:
+                    raise PersistenceError(f"{self!r}: read failed: {exc}") from exc
+            return self._reading(read)  # type: ignore[no-any-return]
         if self._pid != os.getpid() or self._closed:
             self._check_usable()
         with self._commit_lock:
