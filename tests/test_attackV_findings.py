@@ -208,3 +208,14 @@ def test_read_only_inspects_while_an_owner_closes_the_file(path, monkeypatch):
     monkeypatch.setattr(_ownership, "check_file", the_owner_finishes_closing)
     view = SQLitePersistence(path, read_only=True)
     assert [job.id for job in view.jobs()] == ["kept"]
+
+
+# -- 7. bad input: a path with a NUL is a bare "embedded null byte" ----------------------------------
+
+@pytest.mark.xfail(strict=True, reason="a path with a NUL reaches os.lstat, whose ValueError names no value")
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_path_with_a_nul_is_refused_naming_it(tmp_path, read_only):
+    bad = str(tmp_path / "jobs\x00.db")
+    with pytest.raises(ValueError, match="path") as refused:
+        SQLitePersistence(bad, read_only=read_only)
+    assert repr(bad) in str(refused.value)
