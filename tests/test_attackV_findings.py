@@ -212,7 +212,6 @@ def test_read_only_inspects_while_an_owner_closes_the_file(path, monkeypatch):
 
 # -- 7. bad input: a path with a NUL is a bare "embedded null byte" ----------------------------------
 
-@pytest.mark.xfail(strict=True, reason="a path with a NUL reaches os.lstat, whose ValueError names no value")
 @pytest.mark.parametrize("read_only", [False, True])
 def test_a_path_with_a_nul_is_refused_naming_it(tmp_path, read_only):
     bad = str(tmp_path / "jobs\x00.db")

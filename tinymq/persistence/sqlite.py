@@ -238,7 +238,7 @@ class SQLitePersistence:
         elif not (callable(getattr(serializer, "dumps", None)) and callable(getattr(serializer, "loads", None))):
             raise TypeError(f"serializer must have dumps() and loads(), got {serializer!r}")
         self.path = os.fspath(path)
-        if not isinstance(self.path, str) or not self.path or self.path == ":memory:":
+        if not isinstance(self.path, str) or not self.path or self.path == ":memory:" or "\x00" in self.path:
             raise ValueError(f"path must name a file, got {path!r}")
         self.synchronous = synchronous.upper()
         self.read_only = read_only
