@@ -222,8 +222,6 @@ def test_a_path_with_a_nul_is_refused_naming_it(tmp_path, read_only):
 
 # -- 8. an accepted job lost: a NaN timestamp is stored as NULL, and the row quarantined at restart ---
 
-@pytest.mark.xfail(strict=True, reason="SQLite stores a NaN REAL as NULL: the save succeeds, enqueue "
-                                       "returns, and the next load_all quarantines the row as corrupt")
 def test_a_job_with_a_nan_timestamp_is_refused_or_runs_after_a_restart(path):
     job = Job("t", id="nan-stamped")
     job.timestamp = float("nan")

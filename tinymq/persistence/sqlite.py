@@ -542,6 +542,7 @@ class SQLitePersistence:
         if last_error is None:
             last_error = job.last_error
         if (job_type.__class__ is not str or run_at.__class__ is not float or timestamp.__class__ is not float
+                or run_at != run_at or timestamp != timestamp  # NaN: SQLite would store NULL
                 or retries.__class__ is not int or not 0 <= retries < _INT64
                 or (last_error is not None and last_error.__class__ is not str)):
             job_type, run_at, timestamp, retries, last_error = self._plain_fields(job, last_error)
@@ -569,6 +570,9 @@ class SQLitePersistence:
             run_at, timestamp = float(job.run_at), float(job.timestamp)
         except (TypeError, ValueError) as exc:
             raise PersistenceError(f"job {job.id!r} cannot be stored: {exc}") from exc
+        for name, value in (("run_at", run_at), ("timestamp", timestamp)):
+            if value != value:  # SQLite stores a NaN as NULL: the row would load as corrupt
+                raise PersistenceError(f"job {job.id!r} cannot be stored: its {name} must be a number, got {value!r}")
         retries = job.retries
         if retries.__class__ is not int or not 0 <= retries < _INT64:
             raise PersistenceError(f"job {job.id!r} cannot be stored: retries must be an int >= 0, got {retries!r}")
