@@ -240,3 +240,52 @@ def test_a_job_with_a_nan_timestamp_is_refused_or_runs_after_a_restart(path):
     with SQLitePersistence(path) as store:
         assert [j.id for j in store.load_all()] == (["nan-stamped"] if accepted else [])
         assert store.quarantined() == []
+
+
+# -- 9. an accepted job not durable: enqueue while set_persistence loads ---------------------------
+
+class _SlowLoad(SQLitePersistence):
+    """A store whose load_all takes a while (a big file): another thread enqueues meanwhile."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.loading, self.go_on = threading.Event(), threading.Event()
+
+    def load_all(self):
+        self.loading.set()
+        assert self.go_on.wait(WAIT)
+        return super().load_all()
+
+
+@pytest.mark.xfail(strict=True, reason="set_persistence checks that nothing was enqueued before it loads, "
+                                       "not while: an enqueue during load_all is accepted and never saved")
+def test_an_enqueue_while_set_persistence_loads_is_saved_or_refused(path):
+    store = _SlowLoad(path)
+    q = Queue(10)
+    outcome = Recorder()
+
+    def set_it():
+        try:
+            q.set_persistence(store)
+            outcome.add("set")
+        except RuntimeError as exc:
+            outcome.add(f"refused: {exc}")
+
+    setter = threading.Thread(target=set_it)
+    setter.start()
+    try:
+        assert store.loading.wait(WAIT)
+        try:
+            q.enqueue(Job("t", id="meanwhile"))
+            accepted = True
+        except PersistenceError:  # refused: the caller knows
+            accepted = False
+        store.go_on.set()
+        setter.join(WAIT)
+        stored = [job.id for job in store.jobs()]
+        if accepted and outcome.snapshot() == ["set"]:  # both said yes: the job must be durable
+            assert stored == ["meanwhile"]
+    finally:
+        store.go_on.set()
+        q.stop()
+        store.close()
