@@ -257,8 +257,6 @@ class _SlowLoad(SQLitePersistence):
         return super().load_all()
 
 
-@pytest.mark.xfail(strict=True, reason="set_persistence checks that nothing was enqueued before it loads, "
-                                       "not while: an enqueue during load_all is accepted and never saved")
 def test_an_enqueue_while_set_persistence_loads_is_saved_or_refused(path):
     store = _SlowLoad(path)
     q = Queue(10)

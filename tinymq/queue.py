@@ -38,6 +38,30 @@ _DEFAULT_EXECUTOR_CONFIG = ExecutorConfig()  # immutable: one for every registra
 # The queue that took each store (by id(store)): a second queue must not load the rows of a live one.
 _store_users: "weakref.WeakValueDictionary[int, Queue]" = weakref.WeakValueDictionary()
 _store_users_lock = threading.Lock()
+
+
+class _StoreLoading:
+    """The queue's store while set_persistence() loads the real one: an enqueue meanwhile is refused.
+
+    Without it, an enqueue from another thread during a long load_all would be
+    accepted by the core and never saved.
+    """
+
+    def save(self, job: Job) -> None:
+        raise PersistenceError(f"job {job.id} was not enqueued: set_persistence() is loading the queue's "
+                               "store on another thread (enqueue once it has returned)")
+
+    def save_many(self, jobs: Iterable[Job]) -> None:
+        raise PersistenceError("the batch was not enqueued: set_persistence() is loading the queue's "
+                               "store on another thread (enqueue once it has returned)")
+
+    def delete(self, job_id: str) -> None:
+        pass  # nothing was saved
+
+    def __repr__(self) -> str:
+        return "<a store set_persistence() is loading>"
+
+
 _plain_answers: "weakref.WeakKeyDictionary[Any, Tuple[Any, Any, Any, bool]]" = weakref.WeakKeyDictionary()
 
 
@@ -439,23 +463,27 @@ class Queue:
         if self._store is not None:
             raise RuntimeError(f"set_persistence() was called already (with {self._store!r}); "
                                "a queue uses one store for its whole life")
-        enqueued = self._ready.counters()[core.ENQUEUED]
-        if enqueued:
-            raise RuntimeError(f"set_persistence() must be called before the first enqueue; "
-                               f"{enqueued} jobs were enqueued without a store")
         self._take_store(store)
+        self._store = _StoreLoading()  # from now on an enqueue is refused until the store is loaded
         take_crashed = getattr(store, "take_crashed", None)
         try:
-            jobs = list(store.load_all())
-            crashed = [] if take_crashed is None else list(take_crashed())
-        except BaseException as exc:
+            self._refuse_if_enqueued()
+            try:
+                jobs = list(store.load_all())
+            except Exception as exc:
+                raise PersistenceError(f"could not load jobs from {store!r}: {exc}") from exc
+            self._refuse_if_enqueued()  # one that saw no store before _StoreLoading was set, and got in
+            try:
+                crashed = [] if take_crashed is None else list(take_crashed())
+            except Exception as exc:
+                raise PersistenceError(f"could not load jobs from {store!r}: {exc}") from exc
+        except BaseException:
+            self._store = None
             with _store_users_lock:
                 self._store_taken = None
                 if _store_users.get(id(store)) is self:
                     del _store_users[id(store)]
-            if not isinstance(exc, Exception):
-                raise
-            raise PersistenceError(f"could not load jobs from {store!r}: {exc}") from exc
+            raise
         self._ready.accept(jobs + crashed)
         self._store = store
         self._dispatcher.set_store(store)
@@ -471,6 +499,12 @@ class Queue:
             else:
                 self._dispatcher.make_ready(job)
         logger.info("recovered %d jobs from %r", len(jobs), store)
+
+    def _refuse_if_enqueued(self) -> None:
+        enqueued = self._ready.counters()[core.ENQUEUED]
+        if enqueued:
+            raise RuntimeError(f"set_persistence() must be called before the first enqueue; "
+                               f"{enqueued} jobs were enqueued without a store")
 
     def _take_store(self, store: Any) -> None:
         """RuntimeError if another queue that has not stopped uses ``store``: its load_all would
