@@ -287,3 +287,18 @@ def test_an_enqueue_while_set_persistence_loads_is_saved_or_refused(path):
         store.go_on.set()
         q.stop()
         store.close()
+
+
+# -- 10. bad input: requeue_dead/purge_dead name neither bytes nor a non-iterable ------------------
+
+@pytest.mark.xfail(strict=True, reason="bytes are taken as an iterable of ints ('got 120'), and a non-iterable "
+                                       "gives Python's bare 'object is not iterable'")
+@pytest.mark.parametrize("ids", [b"dead-1", 5])
+def test_requeue_and_purge_dead_name_ids_that_are_not_an_iterable_of_ids(path, ids):
+    with SQLitePersistence(path) as store:
+        store.mark_dead(Job("t", id="dead-1"), "retries_exhausted")
+        for method in (store.requeue_dead, store.purge_dead):
+            with pytest.raises(TypeError, match="ids must be an iterable of job ids") as refused:
+                method(ids)
+            assert repr(ids) in str(refused.value)
+        assert [dead.job.id for dead in store.dead_jobs()] == ["dead-1"]
