@@ -291,8 +291,6 @@ def test_an_enqueue_while_set_persistence_loads_is_saved_or_refused(path):
 
 # -- 10. bad input: requeue_dead/purge_dead name neither bytes nor a non-iterable ------------------
 
-@pytest.mark.xfail(strict=True, reason="bytes are taken as an iterable of ints ('got 120'), and a non-iterable "
-                                       "gives Python's bare 'object is not iterable'")
 @pytest.mark.parametrize("ids", [b"dead-1", 5])
 def test_requeue_and_purge_dead_name_ids_that_are_not_an_iterable_of_ids(path, ids):
     with SQLitePersistence(path) as store:

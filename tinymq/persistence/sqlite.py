@@ -967,9 +967,13 @@ class SQLitePersistence:
     def _change_dead(self, sql: str, ids: Optional[Iterable[str]]) -> int:
         if ids is None:
             return self._change(lambda conn: conn.execute(sql).rowcount)
-        if isinstance(ids, str):
-            raise TypeError(f"ids must be an iterable of job ids, not one str: {ids!r}")
-        chosen = [(job_id,) for job_id in ids]
+        if isinstance(ids, (str, bytes, bytearray)):
+            raise TypeError(f"ids must be an iterable of job ids, not one {type(ids).__name__}: {ids!r}")
+        try:
+            each = iter(ids)
+        except TypeError:
+            raise TypeError(f"ids must be an iterable of job ids, got {ids!r}") from None
+        chosen = [(job_id,) for job_id in each]
         for (job_id,) in chosen:
             _check_id(job_id)
         return self._change(lambda conn: conn.executemany(sql + " AND id = ?", chosen).rowcount)
