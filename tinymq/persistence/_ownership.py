@@ -49,7 +49,7 @@ class OwnedError(PersistenceError):
 
     def __init__(self, path: str, pid: Optional[int], detail: str = "") -> None:
         self.pid = pid
-        owner = f"pid {pid}" if pid is not None else "a process whose pid is not written yet"
+        owner = f"pid {pid}" if pid is not None else "a process whose pid the lock file does not show (yet)"
         super().__init__(f"{path!r} is owned by a live store ({owner}{detail}); a file has one "
                          f"owner at a time: use another file (see SQLitePersistence.claim), or "
                          f"read_only=True to inspect it")
