@@ -331,3 +331,52 @@ def test_a_save_acknowledged_right_after_the_wal_was_removed_survives_a_kill(pat
     assert child.stdout == "acknowledged\n", child.stderr
     with SQLitePersistence(path) as store:
         assert {job.id for job in store.load_all()} == {"before", "after"}
+
+
+# -- 12. planted after the check: another user's hot -journal between the check and SQLite's open --
+
+needs_root = pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="needs root to chown")
+
+
+def _plant_after_the_checks(monkeypatch, plant):
+    """Run ``plant()`` once the opener has checked the side files, before SQLite opens them."""
+    register = _ownership.register
+
+    def register_then_plant(key, name):
+        register(key, name)
+        plant()
+
+    monkeypatch.setattr(_ownership, "register", register_then_plant)
+
+
+@posix
+@needs_root
+@pytest.mark.xfail(strict=True, reason="the side files are checked before SQLite opens them: a hot -journal "
+                                       "another user plants in between is rolled back into the database")
+def test_a_hot_journal_planted_after_the_check_is_never_loaded(tmp_path, monkeypatch):
+    from test_attack_findings import EVIL_JOURNAL, _env
+    victim = str(tmp_path / "jobs.db")
+    with SQLitePersistence(victim) as store:
+        store.save(Job("email", "hello", id="legit"))
+    (tmp_path / "evil").mkdir()
+    evil = str(tmp_path / "evil" / "evil.db")
+    with SQLitePersistence(evil) as store:
+        store.save(Job("email", "attacker's payload", id="planted"))
+    done = subprocess.run([sys.executable, "-c", EVIL_JOURNAL, evil], capture_output=True, text=True, env=_env())
+    assert done.returncode == -9 and "journal written" in done.stdout, done.stderr
+    with open(evil + "-journal", "rb") as f:
+        journal = f.read()
+
+    def plant():
+        fd = os.open(victim + "-journal", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        os.write(fd, journal)
+        os.fchown(fd, 12345, 12345)
+        os.close(fd)
+
+    _plant_after_the_checks(monkeypatch, plant)
+    try:
+        with SQLitePersistence(victim) as store:
+            loaded = [job.id for job in store.load_all()]
+    except PersistenceError:
+        loaded = []  # refused: fine
+    assert "planted" not in loaded
