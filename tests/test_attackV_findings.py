@@ -351,8 +351,6 @@ def _plant_after_the_checks(monkeypatch, plant):
 
 @posix
 @needs_root
-@pytest.mark.xfail(strict=True, reason="the side files are checked before SQLite opens them: a hot -journal "
-                                       "another user plants in between is rolled back into the database")
 def test_a_hot_journal_planted_after_the_check_is_never_loaded(tmp_path, monkeypatch):
     from test_attack_findings import EVIL_JOURNAL, _env
     victim = str(tmp_path / "jobs.db")

@@ -312,6 +312,7 @@ class SQLitePersistence:
                                            "refused (they belong to another database); remove them")
                 found = _ownership.create_private(db)
             key = (found.st_dev, found.st_ino)
+            made = self._make_side_files(beside)
             _ownership.register(key, self.path)
             try:
                 conn = self._connect("mode=rw")
@@ -320,6 +321,7 @@ class SQLitePersistence:
                     if again is None or (again.st_dev, again.st_ino) != key:
                         raise PersistenceError(f"{db!r} was replaced while it was being opened")
                     self._prepare(conn)
+                    self._drop_empty(made, ("-journal",))
                     lock_stat = os.fstat(lock_fd)
                     self._take_over(conn, f"{lock_stat.st_dev}:{lock_stat.st_ino}")
                 except BaseException:
@@ -327,11 +329,39 @@ class SQLitePersistence:
                     raise
             except BaseException:
                 _ownership.unregister(key)
+                self._drop_empty(made, _SIDE_FILES)
                 raise
         except BaseException:
             _ownership.unlock(lock_fd)
             raise
         return conn, lock_fd, key
+
+    def _make_side_files(self, found: Sequence[Optional[os.stat_result]]) -> Dict[str, os.stat_result]:
+        """Create, empty and 0600, each side file that was not there (O_EXCL): the one SQLite opens is ours.
+
+        Checking them is not enough: in a directory others may write (/tmp),
+        another user could create one between the check and SQLite's open (a
+        hot -journal is rolled back into the database). An empty -journal is
+        never hot; it is removed once the connection reads the file in WAL mode
+        (from then on SQLite never looks for one). Caller holds the lock file.
+        """
+        made = {}
+        for suffix, st in zip(_SIDE_FILES, found):
+            if st is None:
+                made[suffix] = _ownership.create_private(self._file + suffix)
+        return made
+
+    def _drop_empty(self, made: Dict[str, os.stat_result], suffixes: Sequence[str]) -> None:
+        """Remove the side files we made that are still ours and empty."""
+        for suffix in suffixes:
+            st = made.get(suffix)
+            now = None if st is None else _ownership.identity(self._file + suffix)
+            if now is not None and now == (st.st_dev, st.st_ino):
+                try:
+                    if os.lstat(self._file + suffix).st_size == 0:
+                        os.unlink(self._file + suffix)
+                except OSError:
+                    pass
 
     def _connect(self, mode: str) -> sqlite3.Connection:
         uri = f"file:{urllib.parse.quote(self._file)}?{mode}"
@@ -676,8 +706,11 @@ class SQLitePersistence:
             if busy:
                 raise sqlite3.OperationalError("a reader kept the checkpoint from finishing")
             self._conn.close()
+            made = self._make_side_files([_ownership.check_file(self._file + suffix, mode="tighten")
+                                          for suffix in _SIDE_FILES])
             self._conn = self._connect("mode=rw")
             self._prepare(self._conn)
+            self._drop_empty(made, ("-journal",))
             self._cursor = self._conn.cursor()
             self._conn.execute(f"UPDATE {_OWNER} SET pid = pid")  # a first commit creates the new -wal
             self._wal = _ownership.identity(self._wal_path)
