@@ -35,6 +35,33 @@ _now = time.time
 _DEFAULT_EXECUTOR_CONFIG = ExecutorConfig()  # immutable: one for every registration without a config
 # A plain function's answer, for the next registration of the same function (one handler for
 # many job types): valid while the code and defaults that decided it are the same objects.
+# The queue that took each store (by id(store)): a second queue must not load the rows of a live one.
+_store_users: "weakref.WeakValueDictionary[int, Queue]" = weakref.WeakValueDictionary()
+_store_users_lock = threading.Lock()
+
+
+class _StoreLoading:
+    """The queue's store while set_persistence() loads the real one: an enqueue meanwhile is refused.
+
+    Without it, an enqueue from another thread during a long load_all would be
+    accepted by the core and never saved.
+    """
+
+    def save(self, job: Job) -> None:
+        raise PersistenceError(f"job {job.id} was not enqueued: set_persistence() is loading the queue's "
+                               "store on another thread (enqueue once it has returned)")
+
+    def save_many(self, jobs: Iterable[Job]) -> None:
+        raise PersistenceError("the batch was not enqueued: set_persistence() is loading the queue's "
+                               "store on another thread (enqueue once it has returned)")
+
+    def delete(self, job_id: str) -> None:
+        pass  # nothing was saved
+
+    def __repr__(self) -> str:
+        return "<a store set_persistence() is loading>"
+
+
 _plain_answers: "weakref.WeakKeyDictionary[Any, Tuple[Any, Any, Any, bool]]" = weakref.WeakKeyDictionary()
 
 
@@ -136,6 +163,7 @@ class Queue:
         self._dispatcher = Dispatcher(config)
         self._ready = self._dispatcher.ready
         self._store: Any = None
+        self._store_taken: Any = None  # the store set_persistence is loading or uses; under _store_users_lock
         self._claim_lock = threading.Lock()
         self._claimed: Set[str] = set()
         # With a broker (tinymq.redis.RedisBroker) the queue's state lives there: the link
@@ -435,16 +463,27 @@ class Queue:
         if self._store is not None:
             raise RuntimeError(f"set_persistence() was called already (with {self._store!r}); "
                                "a queue uses one store for its whole life")
-        enqueued = self._ready.counters()[core.ENQUEUED]
-        if enqueued:
-            raise RuntimeError(f"set_persistence() must be called before the first enqueue; "
-                               f"{enqueued} jobs were enqueued without a store")
+        self._take_store(store)
+        self._store = _StoreLoading()  # from now on an enqueue is refused until the store is loaded
         take_crashed = getattr(store, "take_crashed", None)
         try:
-            jobs = list(store.load_all())
-            crashed = [] if take_crashed is None else list(take_crashed())
-        except Exception as exc:
-            raise PersistenceError(f"could not load jobs from {store!r}: {exc}") from exc
+            self._refuse_if_enqueued()
+            try:
+                jobs = list(store.load_all())
+            except Exception as exc:
+                raise PersistenceError(f"could not load jobs from {store!r}: {exc}") from exc
+            self._refuse_if_enqueued()  # one that saw no store before _StoreLoading was set, and got in
+            try:
+                crashed = [] if take_crashed is None else list(take_crashed())
+            except Exception as exc:
+                raise PersistenceError(f"could not load jobs from {store!r}: {exc}") from exc
+        except BaseException:
+            self._store = None
+            with _store_users_lock:
+                self._store_taken = None
+                if _store_users.get(id(store)) is self:
+                    del _store_users[id(store)]
+            raise
         self._ready.accept(jobs + crashed)
         self._store = store
         self._dispatcher.set_store(store)
@@ -454,12 +493,33 @@ class Queue:
         if not jobs:
             return
         now = _now()
-        for job in jobs:
-            if job.run_at > now:
+        for job in jobs:  # one due at its creation (the same float) is due now, whatever the clock did
+            if job.run_at is not job.timestamp and job.run_at > now:
                 self._dispatcher.push_delayed(job, job.run_at - now, evictable=False)
             else:
                 self._dispatcher.make_ready(job)
         logger.info("recovered %d jobs from %r", len(jobs), store)
+
+    def _refuse_if_enqueued(self) -> None:
+        enqueued = self._ready.counters()[core.ENQUEUED]
+        if enqueued:
+            raise RuntimeError(f"set_persistence() must be called before the first enqueue; "
+                               f"{enqueued} jobs were enqueued without a store")
+
+    def _take_store(self, store: Any) -> None:
+        """RuntimeError if another queue that has not stopped uses ``store``: its load_all would
+        count that queue's running attempts as crashes and hand its jobs to this queue too."""
+        with _store_users_lock:
+            if self._store_taken is not None:
+                raise RuntimeError(f"set_persistence() was called already (with {self._store_taken!r}); "
+                                   "a queue uses one store for its whole life")
+            other = _store_users.get(id(store))
+            if (other is not None and other is not self and other._store_taken is store
+                    and not other._dispatcher.stopping):
+                raise RuntimeError(f"{store!r} is the store of another queue that has not stopped; a store "
+                                   "serves one queue at a time (stop() that queue first, or open another file)")
+            _store_users[id(store)] = self
+            self._store_taken = store
 
     # --- observing and stopping ---------------------------------------------
 

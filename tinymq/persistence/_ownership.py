@@ -24,6 +24,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from typing import Dict, Optional, Tuple
 
 from ..errors import PersistenceError
@@ -40,6 +41,7 @@ LOCK_SUFFIX = "-tinymq.lock"
 PRIVATE_MODE = 0o600
 _LOCK_ATTEMPTS = 10  # the lock file was replaced between open and flock this often: give up
 _PID_BYTES = 32
+_PID_WAIT = 0.25  # seconds a refused opener waits for a new owner to write its pid
 
 
 class OwnedError(PersistenceError):
@@ -47,7 +49,7 @@ class OwnedError(PersistenceError):
 
     def __init__(self, path: str, pid: Optional[int], detail: str = "") -> None:
         self.pid = pid
-        owner = f"pid {pid}" if pid is not None else "a process whose pid is not written yet"
+        owner = f"pid {pid}" if pid is not None else "a process whose pid the lock file does not show (yet)"
         super().__init__(f"{path!r} is owned by a live store ({owner}{detail}); a file has one "
                          f"owner at a time: use another file (see SQLitePersistence.claim), or "
                          f"read_only=True to inspect it")
@@ -140,7 +142,7 @@ def lock(path: str) -> int:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise OwnedError(path[:-len(LOCK_SUFFIX)], _read_pid(fd)) from None
+                raise OwnedError(path[:-len(LOCK_SUFFIX)], _holder(fd)) from None
             locked = os.fstat(fd)
             try:
                 current = os.lstat(path)
@@ -149,8 +151,9 @@ def lock(path: str) -> int:
             if current is None or (current.st_dev, current.st_ino) != (locked.st_dev, locked.st_ino):
                 os.close(fd)
                 continue  # we locked a file that is no longer the lock file
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            # One write: an opener refused meanwhile reads the previous text or ours, never none.
+            os.pwrite(fd, f"{os.getpid()}\n".encode().ljust(_PID_BYTES), 0)
+            os.ftruncate(fd, _PID_BYTES)
             return fd
         except BaseException:
             try:
@@ -169,8 +172,44 @@ def _check_lock_file(path: str, fd: int) -> None:
     if st.st_uid != os.getuid():
         raise PersistenceError(f"the lock file {path!r} belongs to uid {st.st_uid}, not to this "
                                f"process's uid {os.getuid()}: refused")
+    # Its owner truncates and writes it: it must hold nothing but a pid, and be no other file's name.
+    if st.st_nlink > 1:
+        raise PersistenceError(f"the lock file {path!r} has {st.st_nlink} names (a hard link to another "
+                               "file?): refused, that file is left as it is")
+    text = os.pread(fd, _PID_BYTES + 1, 0)
+    if len(text) > _PID_BYTES or not (text.strip() == b"" or text.strip().isdigit()):
+        raise PersistenceError(f"the lock file {path!r} holds something else than a pid (another store's "
+                               f"database? {text[:16]!r}): refused, it is left as it is")
     if stat.S_IMODE(st.st_mode) & 0o077:
         os.fchmod(fd, PRIVATE_MODE)
+
+
+def _holder(fd: int) -> Optional[int]:
+    """The pid of the live process holding the lock file ``fd``, or None if none shows in time.
+
+    The holder writes its pid just after its ``flock()``: a look in between
+    finds the previous (dead) owner's pid, so look again for a moment.
+    """
+    deadline = time.monotonic() + _PID_WAIT
+    while True:
+        pid = _read_pid(fd)
+        if pid is not None and _exists(pid):
+            return pid
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.002)
+
+
+def _exists(pid: int) -> bool:
+    if pid <= 0:  # kill(0) or kill(-n) would ask about a process group
+        return False
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True  # it exists, as another user
+    except OSError:
+        return False
+    return True
 
 
 def _read_pid(fd: int) -> Optional[int]:

@@ -104,6 +104,7 @@ _SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 _ROWS_PER_INSERT = 512 if sqlite3.sqlite_version_info >= (3, 32) else 64
 _WAL_CHECK_INTERVAL = 0.05  # seconds between looks at whether our -wal was removed under us
 _SIDE_FILES = ("-wal", "-shm", "-journal")  # what SQLite reads beside a database, besides our lock
+_READ_ONLY_SETTLE = 0.5  # seconds a read-only look tries again while an owner opens or closes the file
 _DEFAULT_MAX_LENGTH = 1_000_000_000  # SQLITE_MAX_LENGTH's default, where getlimit() is missing
 _ROW_OVERHEAD = 512  # bytes a row's header and numbers may add to its text and blobs
 _INT64 = 1 << 63
@@ -237,7 +238,7 @@ class SQLitePersistence:
         elif not (callable(getattr(serializer, "dumps", None)) and callable(getattr(serializer, "loads", None))):
             raise TypeError(f"serializer must have dumps() and loads(), got {serializer!r}")
         self.path = os.fspath(path)
-        if not isinstance(self.path, str) or not self.path or self.path == ":memory:":
+        if not isinstance(self.path, str) or not self.path or self.path == ":memory:" or "\x00" in self.path:
             raise ValueError(f"path must name a file, got {path!r}")
         self.synchronous = synchronous.upper()
         self.read_only = read_only
@@ -254,11 +255,7 @@ class SQLitePersistence:
         self._crashed: List[Job] = []  # dead as "crashed" by load_all, not yet taken by the Queue
         self._pid = os.getpid()
         if read_only:
-            conn = self._read_only_connection()  # fail now if it cannot be read
-            try:
-                self._check_schema(conn)
-            finally:
-                conn.close()
+            self._reading(self._check_schema)  # fail now if it cannot be read
             return
         # Invariant: only the holder of _commit_lock uses _conn and _cursor.
         self._commit_lock = threading.Lock()
@@ -315,6 +312,7 @@ class SQLitePersistence:
                                            "refused (they belong to another database); remove them")
                 found = _ownership.create_private(db)
             key = (found.st_dev, found.st_ino)
+            made = self._make_side_files(beside)
             _ownership.register(key, self.path)
             try:
                 conn = self._connect("mode=rw")
@@ -323,6 +321,7 @@ class SQLitePersistence:
                     if again is None or (again.st_dev, again.st_ino) != key:
                         raise PersistenceError(f"{db!r} was replaced while it was being opened")
                     self._prepare(conn)
+                    self._drop_empty(made, ("-journal",))
                     lock_stat = os.fstat(lock_fd)
                     self._take_over(conn, f"{lock_stat.st_dev}:{lock_stat.st_ino}")
                 except BaseException:
@@ -330,11 +329,39 @@ class SQLitePersistence:
                     raise
             except BaseException:
                 _ownership.unregister(key)
+                self._drop_empty(made, _SIDE_FILES)
                 raise
         except BaseException:
             _ownership.unlock(lock_fd)
             raise
         return conn, lock_fd, key
+
+    def _make_side_files(self, found: Sequence[Optional[os.stat_result]]) -> Dict[str, os.stat_result]:
+        """Create, empty and 0600, each side file that was not there (O_EXCL): the one SQLite opens is ours.
+
+        Checking them is not enough: in a directory others may write (/tmp),
+        another user could create one between the check and SQLite's open (a
+        hot -journal is rolled back into the database). An empty -journal is
+        never hot; it is removed once the connection reads the file in WAL mode
+        (from then on SQLite never looks for one). Caller holds the lock file.
+        """
+        made = {}
+        for suffix, st in zip(_SIDE_FILES, found):
+            if st is None:
+                made[suffix] = _ownership.create_private(self._file + suffix)
+        return made
+
+    def _drop_empty(self, made: Dict[str, os.stat_result], suffixes: Sequence[str]) -> None:
+        """Remove the side files we made that are still ours and empty."""
+        for suffix in suffixes:
+            st = made.get(suffix)
+            now = None if st is None else _ownership.identity(self._file + suffix)
+            if now is not None and now == (st.st_dev, st.st_ino):
+                try:
+                    if os.lstat(self._file + suffix).st_size == 0:
+                        os.unlink(self._file + suffix)
+                except OSError:
+                    pass
 
     def _connect(self, mode: str) -> sqlite3.Connection:
         uri = f"file:{urllib.parse.quote(self._file)}?{mode}"
@@ -388,6 +415,27 @@ class SQLitePersistence:
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.Error as exc:
             raise PersistenceError(f"cannot open persistence file {self.path!r}: {exc}") from exc
+
+    def _reading(self, work: Any) -> Any:
+        """``work(conn)`` on a read-only connection, looked at again for a moment if it fails.
+
+        An owner opening or closing the file passes through states a look can
+        fall into (SQLite removes the -shm, then the -wal; files appear one by
+        one): they last microseconds. What a crash left stays, and is refused
+        once _READ_ONLY_SETTLE has passed.
+        """
+        deadline = time.monotonic() + _READ_ONLY_SETTLE
+        while True:
+            try:
+                conn = self._read_only_connection()
+                try:
+                    return work(conn)
+                finally:
+                    conn.close()
+            except PersistenceError:
+                if time.monotonic() >= deadline or not os.path.lexists(self._file):
+                    raise
+            time.sleep(0.005)
 
     def _read_only_connection(self) -> sqlite3.Connection:
         """A connection that can neither write nor create anything, opened for one inspection.
@@ -524,6 +572,7 @@ class SQLitePersistence:
         if last_error is None:
             last_error = job.last_error
         if (job_type.__class__ is not str or run_at.__class__ is not float or timestamp.__class__ is not float
+                or run_at != run_at or timestamp != timestamp  # NaN: SQLite would store NULL
                 or retries.__class__ is not int or not 0 <= retries < _INT64
                 or (last_error is not None and last_error.__class__ is not str)):
             job_type, run_at, timestamp, retries, last_error = self._plain_fields(job, last_error)
@@ -551,6 +600,9 @@ class SQLitePersistence:
             run_at, timestamp = float(job.run_at), float(job.timestamp)
         except (TypeError, ValueError) as exc:
             raise PersistenceError(f"job {job.id!r} cannot be stored: {exc}") from exc
+        for name, value in (("run_at", run_at), ("timestamp", timestamp)):
+            if value != value:  # SQLite stores a NaN as NULL: the row would load as corrupt
+                raise PersistenceError(f"job {job.id!r} cannot be stored: its {name} must be a number, got {value!r}")
         retries = job.retries
         if retries.__class__ is not int or not 0 <= retries < _INT64:
             raise PersistenceError(f"job {job.id!r} cannot be stored: retries must be an int >= 0, got {retries!r}")
@@ -590,6 +642,8 @@ class SQLitePersistence:
             id=job_id,
         )
         job.timestamp = float(timestamp)
+        if run_at == timestamp:  # due at its creation: due now, whatever the wall clock did since
+            job.run_at = job.timestamp  # (the same float, as Job() makes it: see Queue.enqueue)
         job.retries = retries
         job.last_error = last_error
         return job
@@ -660,8 +714,11 @@ class SQLitePersistence:
             if busy:
                 raise sqlite3.OperationalError("a reader kept the checkpoint from finishing")
             self._conn.close()
+            made = self._make_side_files([_ownership.check_file(self._file + suffix, mode="tighten")
+                                          for suffix in _SIDE_FILES])
             self._conn = self._connect("mode=rw")
             self._prepare(self._conn)
+            self._drop_empty(made, ("-journal",))
             self._cursor = self._conn.cursor()
             self._conn.execute(f"UPDATE {_OWNER} SET pid = pid")  # a first commit creates the new -wal
             self._wal = _ownership.identity(self._wal_path)
@@ -855,7 +912,7 @@ class SQLitePersistence:
                 corrupt.append((f"corrupt: {type(exc).__name__}: {exc}", row[0]))
                 continue
             if row[1] == "running":
-                job.retries += 1
+                job.retries = min(job.retries + 1, _INT64 - 1)  # a count SQLite can store: one row fails no load
                 job.last_error = (f"the process died during an attempt (recovered by pid {os.getpid()} "
                                   f"at {time.strftime('%Y-%m-%dT%H:%M:%S%z')})")
                 if job.retries > job.retry_config.max_retries:
@@ -879,13 +936,13 @@ class SQLitePersistence:
         if self.read_only:
             if self._closed:
                 raise PersistenceError(f"SQLitePersistence({self.path!r}) is closed")
-            conn = self._read_only_connection()
-            try:
-                return conn.execute(sql, parameters).fetchall()
-            except sqlite3.Error as exc:
-                raise PersistenceError(f"{self!r}: read failed: {exc}") from exc
-            finally:
-                conn.close()
+
+            def read(conn: sqlite3.Connection) -> List[Any]:
+                try:
+                    return conn.execute(sql, parameters).fetchall()
+                except sqlite3.Error as exc:
+                    raise PersistenceError(f"{self!r}: read failed: {exc}") from exc
+            return self._reading(read)  # type: ignore[no-any-return]
         if self._pid != os.getpid() or self._closed:
             self._check_usable()
         with self._commit_lock:
@@ -923,7 +980,8 @@ class SQLitePersistence:
     def counts(self) -> Dict[str, int]:
         """How many rows are in each state: ready (due now), delayed, running, dead, corrupt."""
         counts = dict.fromkeys(("ready", "delayed", "running", "dead", "corrupt"), 0)
-        rows = self._read(f"SELECT CASE WHEN state = 'ready' AND run_at > ? THEN 'delayed' ELSE state END, "
+        rows = self._read(f"SELECT CASE WHEN state = 'ready' AND run_at > ? AND run_at <> timestamp "
+                          f"THEN 'delayed' ELSE state END, "
                           f"count(*) FROM {_TABLE} GROUP BY 1", (time.time(),))
         for state, number in rows:
             counts[state] = number
@@ -950,9 +1008,13 @@ class SQLitePersistence:
     def _change_dead(self, sql: str, ids: Optional[Iterable[str]]) -> int:
         if ids is None:
             return self._change(lambda conn: conn.execute(sql).rowcount)
-        if isinstance(ids, str):
-            raise TypeError(f"ids must be an iterable of job ids, not one str: {ids!r}")
-        chosen = [(job_id,) for job_id in ids]
+        if isinstance(ids, (str, bytes, bytearray)):
+            raise TypeError(f"ids must be an iterable of job ids, not one {type(ids).__name__}: {ids!r}")
+        try:
+            each = iter(ids)
+        except TypeError:
+            raise TypeError(f"ids must be an iterable of job ids, got {ids!r}") from None
+        chosen = [(job_id,) for job_id in each]
         for (job_id,) in chosen:
             _check_id(job_id)
         return self._change(lambda conn: conn.executemany(sql + " AND id = ?", chosen).rowcount)
