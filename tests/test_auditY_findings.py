@@ -3,6 +3,9 @@
 Each test names the section of API.md it checks. Run on both cores (the pure twin
 with TINYMQ_NO_EXTENSIONS=1) and, where API.md says it holds over a broker, on Redis.
 """
+import threading
+import time
+
 import pytest
 
 from tinymq import ExecutorConfig, Job, PermanentFailure, RetryConfig
@@ -60,4 +63,46 @@ def test_failure_is_counted_before_its_callbacks_over_a_broker(redis_url):
         assert q.join(WAIT)
         assert seen == [("permanent_failure", 1)]
     finally:
+        backend.close()
+
+
+@pytest.mark.xfail(strict=True, reason="auditY: over a broker a due delayed job stays in the capped "
+                   "set until a fetch promotes it, so the next delayed enqueue evicts it")
+def test_a_due_delayed_job_is_never_evicted_over_a_broker(redis_url):
+    """API.md "Delayed jobs": a due job that finds the ready buffer full waits for room; it no
+    longer counts as delayed and is never evicted or dropped; the evicted job is one *waiting*;
+    "Scale-out": delayed jobs and max_delayed_jobs (with eviction) hold across processes.
+    The only worker thread is busy and the process holds the job it runs next, so nothing
+    fetches while job "due" comes due; a later delayed job must not evict it."""
+    backend = Redis(redis_url)
+    release = threading.Event()
+    started = threading.Event()
+    try:
+        q = backend.queue(max_delayed_jobs=1)
+        evicted = []
+        q.on_failure(lambda job, reason, exc: evicted.append((job.id, reason)))
+        ran = []
+
+        def run(job):
+            ran.append(job.id)
+            if job.id == "busy":
+                started.set()
+                release.wait(WAIT)
+
+        q.register_executor("t", run)
+        q.start_dispatcher(1)
+        q.enqueue(Job("t", id="busy"))
+        assert started.wait(WAIT)
+        q.enqueue(Job("t", id="next"))  # fetched to run next: this process takes no more
+        time.sleep(0.2)
+        q.enqueue_delayed(Job("t", id="due"), 0.05)
+        time.sleep(0.3)  # "due" is due; the worker is still busy
+        q.enqueue_delayed(Job("t", id="later"), 60)
+        assert evicted == []
+        release.set()
+        assert q.cancel("later")
+        assert q.join(WAIT)
+        assert sorted(ran) == ["busy", "due", "next"]
+    finally:
+        release.set()
         backend.close()
