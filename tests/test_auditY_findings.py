@@ -66,8 +66,6 @@ def test_failure_is_counted_before_its_callbacks_over_a_broker(redis_url):
         backend.close()
 
 
-@pytest.mark.xfail(strict=True, reason="auditY: over a broker a due delayed job stays in the capped "
-                   "set until a fetch promotes it, so the next delayed enqueue evicts it")
 def test_a_due_delayed_job_is_never_evicted_over_a_broker(redis_url):
     """API.md "Delayed jobs": a due job that finds the ready buffer full waits for room; it no
     longer counts as delayed and is never evicted or dropped; the evicted job is one *waiting*;
