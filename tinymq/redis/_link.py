@@ -259,6 +259,8 @@ class QueueLink:
         def counter(name: str) -> int:
             return int(counters.get(name, 0))
 
+        type_counters = self.dispatcher.ready.type_counters()
+
         return QueueStats(
             high_queue_size=high + counter("parked:2"),
             medium_queue_size=medium + counter("parked:1"),
@@ -266,7 +268,9 @@ class QueueLink:
             delayed_jobs_count=delayed,
             max_delayed_jobs=self.config.max_delayed_jobs,
             worker_count=self.dispatcher.worker_count,
-            executor_stats={job_type: ExecutorStats(active_jobs=active, max_jobs=limit)
+            # This process's executors: their attempts running here, and the events of the type
+            # this process decided (its core counts them as without a broker).
+            executor_stats={job_type: ExecutorStats(active, limit, *type_counters.get(job_type, ()))
                             for job_type, (active, limit) in self.dispatcher.executor_stats().items()},
             jobs_enqueued=counter("enqueued"),
             jobs_succeeded=counter("succeeded"),
