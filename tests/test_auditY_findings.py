@@ -104,3 +104,21 @@ def test_a_due_delayed_job_is_never_evicted_over_a_broker(redis_url):
     finally:
         release.set()
         backend.close()
+
+
+@pytest.mark.xfail(strict=True, reason="auditY: ctx.wait and ctx.sleep compare a timedelta with a float (TypeError)")
+def test_context_waits_accept_a_timedelta():
+    """API.md "Units": every duration is seconds as a float and also accepts
+    ``datetime.timedelta``; "Async executors and cancellation": ``ctx.remaining()``,
+    ``await ctx.sleep(seconds)``, and docs/api.md's ``ctx.wait(seconds)``."""
+    import asyncio
+    from datetime import timedelta
+
+    from tinymq import JobContext
+
+    ctx = JobContext(Job("t"), None)
+    assert ctx.wait(timedelta(milliseconds=1)) is False
+    assert asyncio.run(ctx.sleep(timedelta(milliseconds=1))) is False
+    ctx._cancel("stop")
+    assert ctx.wait(timedelta(seconds=5)) is True
+    assert asyncio.run(ctx.sleep(timedelta(seconds=5))) is True
