@@ -106,7 +106,6 @@ def test_a_due_delayed_job_is_never_evicted_over_a_broker(redis_url):
         backend.close()
 
 
-@pytest.mark.xfail(strict=True, reason="auditY: ctx.wait and ctx.sleep compare a timedelta with a float (TypeError)")
 def test_context_waits_accept_a_timedelta():
     """API.md "Units": every duration is seconds as a float and also accepts
     ``datetime.timedelta``; "Async executors and cancellation": ``ctx.remaining()``,
