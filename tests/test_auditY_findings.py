@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tinymq import ExecutorConfig, Job, PermanentFailure, RetryConfig
+from tinymq import Job, PermanentFailure, RetryConfig
 
 from _backends import Redis
 from _helpers import WAIT
