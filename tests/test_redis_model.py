@@ -455,6 +455,9 @@ class Model:
             if ready + ready_added > self.buffer_size:
                 return ("full", [], None, ready)
         evicted = []
+        if self.max_delayed:  # a due job has left `capped` (never evicted), fetched or not
+            for job_id in [i for i, due in self.capped.items() if due <= now_us / 1000]:
+                del self.capped[job_id]
         for job_id, job_type, priority, delay, body in rows:
             if job_id in self.dead:
                 self.dead.discard(job_id)

@@ -9,12 +9,22 @@ executor's task is cancelled for real (``asyncio.CancelledError`` at its next
 """
 import asyncio
 import threading
-from typing import Any, Optional
+from datetime import timedelta
+from typing import Any, Optional, Union
 
 from ._pick_core import core
 from .errors import JobTimeout
 
 __all__ = ["JobContext"]
+
+
+def _as_seconds(seconds: Any) -> float:
+    """A wait's length as float seconds: a number as is (a negative one waits not at all), or a timedelta."""
+    if isinstance(seconds, timedelta):
+        return seconds.total_seconds()
+    if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
+        return float(seconds)
+    raise TypeError(f"seconds must be a float or a timedelta, got {seconds!r}")
 
 
 class JobContext:
@@ -46,16 +56,18 @@ class JobContext:
             return None
         return max(0.0, self.deadline - core.monotonic())
 
-    def wait(self, seconds: float) -> bool:
-        """Sleep up to ``seconds``; True as soon as the attempt is cancelled."""
+    def wait(self, seconds: Union[float, timedelta]) -> bool:
+        """Sleep up to ``seconds`` (a float or a timedelta); True as soon as the attempt is cancelled."""
         if self._cancelled:
             return True
+        if seconds.__class__ is not float:
+            seconds = _as_seconds(seconds)
         if self._not_cancelled.acquire(True, min(max(seconds, 0.0), threading.TIMEOUT_MAX)):
             self._not_cancelled.release()  # let every other waiter see it too
         return self._cancelled
 
-    async def sleep(self, seconds: float) -> bool:
-        """For coroutines: sleep ``seconds``; True when the attempt is cancelled.
+    async def sleep(self, seconds: Union[float, timedelta]) -> bool:
+        """For coroutines: sleep ``seconds`` (a float or a timedelta); True when the attempt is cancelled.
 
         A cancelled async attempt's task is cancelled too, so a sleep under way
         raises ``asyncio.CancelledError`` (let it propagate); a sleep begun
@@ -63,6 +75,8 @@ class JobContext:
         """
         if self._cancelled:
             return True
+        if seconds.__class__ is not float:
+            seconds = _as_seconds(seconds)
         await asyncio.sleep(max(seconds, 0.0))
         return self._cancelled
 

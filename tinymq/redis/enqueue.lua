@@ -15,7 +15,8 @@ Returns one of
   {'dup', id}                 id is an unfinished job's: nothing enqueued
   {'full', ready}             the ready jobs would not fit: nothing enqueued
 A job whose id is dead is replaced. The evicted job is the earliest-due one among those
-already in `capped`, never one being added; the new job is always added.
+already in `capped` and not yet due (a due one, even one no fetch has promoted yet, has left
+`capped`), never one being added; the new job is always added.
 Each accepted token is kept in tokens:<span> for 2 to 3 TOKEN_SPANs, far longer than a
 client resends (its socket timeouts, twice): a resend is then recognised even when its
 jobs have finished since (their hashes, with the token, are gone). ]]

@@ -10,7 +10,8 @@ Keys (after the prefix):
   delayed                  ZSET  id -> due time in ms, fractional (server clock): new delayed
                                  jobs and retries
   capped                   ZSET  the subset of `delayed` that max_delayed_jobs counts
-                                 and may evict (new delayed jobs; never retries)
+                                 and may evict (new delayed jobs not yet due; never retries;
+                                 enqueue drops the due ones before it evicts)
   job:<id>                 HASH  t type, p priority, b body (client JSON), r retries,
                                  e last error, c crash count, o FIFO order (from `seq`,
                                  set when it goes to the tail of a ready list),
@@ -638,6 +639,9 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
     if ready + ready_added > buffer_size then return {'full', ready} end
   end
   local evicted = {}
+  if max_delayed > 0 then -- a due job no longer counts as delayed, even before a fetch promotes it:
+    redis.call('ZREMRANGEBYSCORE', K_CAPPED, '-inf', exact_ms()) -- it is never evicted
+  end
   local by_level = {[0] = {}, [1] = {}, [2] = {}}
   local order = new_orders(n) -- (delayed jobs get theirs when they come due)
   for i = base, base - 1 + n * 5, 5 do
