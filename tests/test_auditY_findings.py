@@ -121,3 +121,34 @@ def test_context_waits_accept_a_timedelta():
     ctx._cancel("stop")
     assert ctx.wait(timedelta(seconds=5)) is True
     assert asyncio.run(ctx.sleep(timedelta(seconds=5))) is True
+
+
+@pytest.mark.parametrize("with_store", [True, False], ids=["store", "no store"])
+def test_an_attempt_that_returns_after_stop_cancelled_it_is_no_success(tmp_path, with_store):
+    """API.md "Persistence": an attempt that ``stop()`` cancels is not counted, and its job
+    stays stored for the next start. A cooperative executor stops early when its context is
+    cancelled, and returns normally: that return was counted as a success and its row
+    deleted, so the job, never done, was lost at the next start."""
+    from tinymq import Queue, SQLitePersistence
+
+    path = str(tmp_path / "jobs.db")
+    q = Queue()
+    if with_store:
+        q.set_persistence(SQLitePersistence(path))
+    started = threading.Event()
+
+    def work(job, ctx):
+        started.set()
+        if ctx.wait(WAIT * 3):  # cancelled: it stops early, its work not done
+            return
+
+    q.register_executor("w", work)
+    q.start_dispatcher(1)
+    q.enqueue(Job("w", None, id="j1"))
+    assert started.wait(WAIT)
+    q.stop(wait=False)
+    stats = q.get_stats()
+    assert (stats.jobs_succeeded, stats.jobs_failed, stats.executor_stats["w"].succeeded) == (0, 0, 0)
+    if with_store:
+        with SQLitePersistence(path, read_only=True) as inspect:
+            assert [job.id for job in inspect.jobs()] == ["j1"]  # it runs at the next start

@@ -1977,6 +1977,8 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
             error = exc
         ended = _monotonic()
         expired = slot.end()
+        if error is None and context is not None and not expired and context.cancelled:
+            error = dispatcher.cancelled_return(job)  # stop() cancelled it: no success
         context = None
         # A worker going straight back to pop takes the job its slot frees itself.
         ready._release(state, expired or error is not None or cancelled

@@ -1429,6 +1429,8 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
                 error = exc
             ended = monotonic()
             expired = slot.end()
+            if error is None and context is not None and not expired and context.cancelled:
+                error = dispatcher.cancelled_return(job)  # stop() cancelled it: no success
             context = None
             if expired and slot.interrupted:
                 interrupt_thread(slot.thread_id, None)  # from here on nothing may land

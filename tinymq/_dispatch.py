@@ -43,7 +43,7 @@ from ._pick_core import core
 from .config import Config, ExecutorConfig
 from ._event_loop import _UNWIND_WAIT, LoopRunner, timeout_error
 from .context import JobContext
-from .errors import JobTimeout, PermanentFailure, RetryAfter
+from .errors import JobTimeout, PermanentFailure, QueueStopped, RetryAfter
 
 __all__ = ["Dispatcher", "FailureCallback", "AttemptLedger"]
 
@@ -750,6 +750,19 @@ class Dispatcher:
     def no_executor(self, job: Any, state: Any) -> None:
         self.ready.release_state(state)
         self.fail(job, "no_executor", None)
+
+    def cancelled_return(self, job: Any) -> Optional[BaseException]:
+        """A ``fn(job, ctx)`` executor returned normally after its context was cancelled: when
+        stop() cancelled it, that is no success (a cooperative executor stops early so), and
+        the worker hands the attempt to attempt_failed as one stop() cancelled (the job stays
+        saved back as ready, nothing is counted). None otherwise (a q.cancel decides at the
+        success, as ever)."""
+        if not self._stopping:
+            return None
+        with self._stop_order:
+            if job not in self._stop_cancelled:
+                return None
+        return QueueStopped("its attempt returned after stop() cancelled it")
 
     def attempt_failed(self, job: Any, state: Any, exc: BaseException) -> None:
         """An attempt failed: schedule its retry, or fail the job for good.
