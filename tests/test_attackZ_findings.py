@@ -1,0 +1,62 @@
+"""attackZ: a row Redis hands a process to report keeps one key (432b0b9, 31102dc); a
+process without a lease registers a *reporter* for the rows its cancel or evicting enqueue
+ends (5b2f1f6, cb638f4); a cooperative executor returning after stop() cancelled it is no
+success (b8fae7c). Defects found by attacking them."""
+import threading
+
+import pytest
+
+from tinymq import Job, Queue
+from tinymq.redis import RedisBroker
+from tinymq.redis._scripts import Scripts
+
+from _helpers import wait_until
+
+
+def _worker_and_producer(redis_url, name, lease):
+    import redis as redis_py
+
+    worker = Queue(broker=RedisBroker(redis_url, name=name, lease=lease))
+    producer = Queue(broker=RedisBroker(redis_url, name=name, lease=lease))
+    client = redis_py.Redis.from_url(redis_url, decode_responses=True)
+    worker.register_executor("work", lambda job: None)
+    worker.start_dispatcher(1)
+    assert wait_until(lambda: worker._link._registered)
+    producer.enqueue_delayed(Job("work", None, id="a"), 600.0)  # it waits in Redis
+    return worker, producer, client, Scripts(client, name)
+
+
+@pytest.mark.xfail(strict=True, reason="a reporter's lease is never renewed: a producer-only "
+                   "process whose on_failure callback runs longer than the lease is reaped as "
+                   "dead, and a worker reports the cancelled job a second time, though no "
+                   "process died (docs/redis.md: a report is repeated only when the process was "
+                   "killed after its callbacks ran)")
+def test_a_slow_callback_of_a_producer_only_process_reports_its_cancel_once(redis_url):
+    lease = 1.0
+    worker, producer, client, keys = _worker_and_producer(redis_url, "attackZ-slow", lease)
+    reported = []
+    worker_reported = threading.Event()
+
+    @worker.on_failure
+    def worker_report(job, reason, exc):
+        reported.append(("worker", job.id, reason))
+        worker_reported.set()
+
+    @producer.on_failure
+    def producer_report(job, reason, exc):
+        reported.append(("producer", job.id, reason))
+        # A slow callback (an e-mail, a database write): longer than the lease. The worker
+        # beats every lease / 4, so it reaps an expired reporter within about 1.25 leases.
+        worker_reported.wait(6 * lease)
+
+    try:
+        assert producer.cancel("a")
+        assert wait_until(lambda: not client.keys(keys.key("reporting:*")))
+        worker.stop()
+        producer.stop()
+        assert reported == [("producer", "a", "cancelled")]  # nothing died: reported once
+        assert int(client.hget(keys.key("stats"), "cancelled")) == 1
+    finally:
+        worker.stop()
+        producer.stop()
+        client.close()
