@@ -60,3 +60,31 @@ def test_a_slow_callback_of_a_producer_only_process_reports_its_cancel_once(redi
         worker.stop()
         producer.stop()
         client.close()
+
+
+@pytest.mark.xfail(strict=True, reason="a reporter registers through renew(), whose mind_the_gap "
+                   "takes the producer's lease as the fleet's: a producer-only process with a "
+                   "lease shorter than the workers' sees the workers' ordinary silence between "
+                   "two beats as an outage, and moves every lease forward at each cancel or "
+                   "evicting enqueue (a dead worker is reaped late, or never while it keeps "
+                   "calling)")
+def test_a_reporter_with_a_short_lease_does_not_move_the_workers_leases(redis_url):
+    import redis as redis_py
+
+    name = "attackZ-gap"
+    client = redis_py.Redis.from_url(redis_url, decode_responses=True)
+    keys = Scripts(client, name)
+    producer = Queue(broker=RedisBroker(redis_url, name=name, lease=0.2))  # (it had no use for one)
+    try:
+        producer.enqueue_delayed(Job("work", None, id="a"), 600.0)
+        # A worker process with a 2 s lease: it calls Redis every 0.5 s (its heartbeat).
+        keys.fetch("worker", "1", 1, 2000, 3, False)
+        expiry = client.zscore(keys.key("procs"), "worker")
+        seconds, micros = client.time()
+        now = seconds * 1000 + micros // 1000
+        client.hset(keys.key("clock"), "t", now - 400)  # its last call, 0.4 s ago: no outage
+        assert producer.cancel("a")
+        assert client.zscore(keys.key("procs"), "worker") == expiry  # nobody's lease moved
+    finally:
+        producer.stop()
+        client.close()
