@@ -62,12 +62,9 @@ def test_a_slow_callback_of_a_producer_only_process_reports_its_cancel_once(redi
         client.close()
 
 
-@pytest.mark.xfail(strict=True, reason="a reporter registers through renew(), whose mind_the_gap "
-                   "takes the producer's lease as the fleet's: a producer-only process with a "
-                   "lease shorter than the workers' sees the workers' ordinary silence between "
-                   "two beats as an outage, and moves every lease forward at each cancel or "
-                   "evicting enqueue (a dead worker is reaped late, or never while it keeps "
-                   "calling)")
+# Fixed: a reporter registers without setting the fleet's lease gap (register_reporter in
+# lib.lua): a producer's lease, shorter than the workers', made their silence between two
+# beats look like an outage, and every lease moved forward at each cancel or evicting enqueue.
 def test_a_reporter_with_a_short_lease_does_not_move_the_workers_leases(redis_url):
     import redis as redis_py
 

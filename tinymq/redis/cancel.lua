@@ -45,7 +45,7 @@ local function cancel()
     count('cancelled', 1)
     count('outstanding', -1)
     local row = {id, f[4] or '', f[5] or '0', f[6] or ''}
-    if caller ~= '' and (redis.call('ZSCORE', K_PROCS, caller) or (lease > 0 and renew(caller, now, lease, '0'))) then
+    if caller ~= '' and (redis.call('ZSCORE', K_PROCS, caller) or (lease > 0 and register_reporter(caller, now, lease))) then
       -- (by its token: an A of an earlier cancel of this id leaves this row)
       handed(caller, {{row[1], row[2], row[3], row[4], 'cancelled'}}, token, {id .. '|cancelled|' .. token})
       return {1, row, 1}

@@ -578,6 +578,16 @@ local function renew(proc, now, lease, registered)
   return true
 end
 
+-- Register a reporter (see cancel.lua): a process without a lease that holds one for the
+-- rows a call hands it. Its lease is its own, not the fleet's: a producer-only process's
+-- lease may be shorter than the workers', whose ordinary silence between two beats would
+-- then look like an outage, so the gap stays the workers' (the last one stored).
+local function register_reporter(proc, now, lease)
+  mind_the_gap(now, nil)
+  redis.call('ZADD', K_PROCS, now + lease, proc)
+  return true
+end
+
 local function reap(now, max_crash, crashed)
   local expired = redis.call('ZRANGEBYSCORE', K_PROCS, '-inf', '(' .. now, 'LIMIT', 0, REAP_PER_CALL)
   for _, proc in ipairs(expired) do drop_proc(proc, now, max_crash, crashed) end
@@ -676,7 +686,7 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
     end
   end
   if #evicted > 0 and caller ~= '' and
-      (redis.call('ZSCORE', K_PROCS, caller) or (lease > 0 and renew(caller, now, lease, '0'))) then
+      (redis.call('ZSCORE', K_PROCS, caller) or (lease > 0 and register_reporter(caller, now, lease))) then
     handed(caller, evicted, token) -- (first: a resend returns the rows with their keys)
   end
   local tokens = P .. 'tokens:' .. span
