@@ -227,14 +227,38 @@ class QueueLink:
         if "~" not in caller:  # our own lease: acknowledged with our next call
             self._report_handed(kept)
             return
-        for row in kept:
-            self._report(row.id, row.body, row.reason, row.retries, row.error)
+        with self._holding(caller):  # (a callback may outlast the lease)
+            for row in kept:
+                self._report(row.id, row.body, row.reason, row.retries, row.error)
         try:  # acknowledged and unregistered in one call
             self.broker.call_resending(self.scripts.release, caller, [SettleOp("A", row.key) for row in kept])
         except self._redis_error as exc:
             logger.warning("could not tell Redis queue %r that %d job(s) ended in a call were reported "
                            "(%s); they will be reported again once the lease of %s runs out",
                            self.broker.name, len(kept), exc, caller)
+
+    @contextlib.contextmanager
+    def _holding(self, reporter: str) -> Iterator[None]:
+        """Renew the lease of ``reporter`` every lease / 4 while its rows' callbacks run: a
+        reporter reaped meanwhile would have them reported again by a worker, though nothing
+        died. Its first renewal is due a quarter lease after the reply that registered it."""
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(self.broker.lease / 4):
+                try:
+                    if not self.scripts.hold(reporter, self._lease_ms):
+                        return  # released, or reaped (its reaper reports the rows)
+                except self._redis_error as exc:
+                    self._log_outage("renewing a reporter's lease", exc)
+
+        renewer = threading.Thread(target=renew, name="tinymq-reporter", daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            done.set()
+            renewer.join()
 
     def _report(self, job_id: str, body: str, reason: str, retries: int = 0, error: str = "") -> None:
         """Log and hand to the failure callbacks a job that Redis ended (its counters are there)."""

@@ -19,7 +19,7 @@ __all__ = ["Scripts", "Connections", "SettleOp", "Crashed", "Fetched", "FetchRep
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SCRIPT_NAMES = ("enqueue", "fetch", "settle", "beat", "reap", "release", "limits",
-                 "requeue_dead", "purge_dead", "schedule_begin", "schedule_tick", "cancel")
+                 "requeue_dead", "purge_dead", "schedule_begin", "schedule_tick", "cancel", "hold")
 
 
 def key_prefix(name: str) -> str:
@@ -311,6 +311,10 @@ class Scripts:
     def release(self, proc: str, ops: Sequence[SettleOp] = ()) -> int:
         """Settle ``ops`` and unregister ``proc``, handing back what it still holds."""
         return int(self._call("release", [proc, len(ops), *_ops_args(ops)]))
+
+    def hold(self, reporter: str, lease_ms: int) -> bool:
+        """Renew the lease of ``reporter`` (see cancel): False when it is no longer registered."""
+        return int(self._call("hold", [reporter, lease_ms])) == 1
 
     def set_limits(self, limits: Dict[str, Union[int, Tuple[int, int, float]]]) -> int:
         """Set global per-type limits; returns how many parked jobs were released.
