@@ -26,6 +26,8 @@ class Boom(Exception):
 
 
 class FakeContext:
+    cancelled = False  # (run_worker reads it after the attempt: see Dispatcher.cancelled_return)
+
     def __init__(self, job, deadline):
         self.job, self.deadline = job, deadline
 
@@ -58,6 +60,10 @@ class FakeDispatcher:
 
     def no_executor(self, job, state):
         self.log.add(("no_executor", job, state.name))
+
+    def cancelled_return(self, job):
+        self.log.add(("cancelled_return", job))
+        return None  # (a q.cancel decides at the success, as the real one says when not stopping)
 
     def after_expired(self, slot, exc):
         self.log.add(("after_expired", slot, exc))
