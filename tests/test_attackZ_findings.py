@@ -88,10 +88,10 @@ def test_a_reporter_with_a_short_lease_does_not_move_the_workers_leases(redis_ur
 
 
 @pytest.mark.parametrize("with_store", [True, False], ids=["store", "no store"])
-@pytest.mark.xfail(strict=True, reason="q.cancel of a job whose attempt stop() cancelled (the "
-                   "attempt given back, its job saved back as ready) returns True and does "
-                   "nothing: the core marks the id, which no holder ever takes; nothing is "
-                   "reported or counted, and the store keeps the job, which runs at the next start")
+# Fixed (Dispatcher._stop_gave_back): q.cancel of a job whose attempt stop() cancelled (the
+# attempt given back, its job saved back as ready) returned True and did nothing: the core
+# marked the id, which no holder ever took; nothing was reported or counted, and the store
+# kept the job, which ran at the next start.
 def test_a_cancel_after_stop_cancelled_an_attempt_ends_the_job_or_says_false(tmp_path, with_store):
     import logging
 

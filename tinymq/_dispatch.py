@@ -155,6 +155,9 @@ class Dispatcher:
         self._stop_order = threading.Lock()
         self._stop_cancelled: Set[Any] = set()  # jobs whose attempt stop() cancelled: not failures
         self._decided: Set[Any] = set()  # jobs whose attempt ended on its own after stop() began
+        # Jobs whose attempt stop() cancelled, handled (saved back as ready, no holder left): a
+        # cancel() that marks one afterwards ends it itself (see _stop_gave_back).
+        self._stop_given_back: Set[Any] = set()
         self._workers_changed = threading.Condition(self._lock)  # a worker exited or was retired
         self._in_callback = threading.local()  # .depth > 0 while a failure callback runs
         # job type -> how it was registered: its retry_on, and to move a thread executor found to
@@ -422,6 +425,18 @@ class Dispatcher:
                     job.id, job.type)
         if self.ledger is not None:
             self.ledger.given_back(job)
+        else:
+            self._stop_gave_back(job)
+
+    def _stop_gave_back(self, job: Any) -> None:
+        """The attempt of ``job`` that stop() cancelled was handled: its job rests nowhere (saved
+        back as ready, with a store), so a cancel() that marks it finds no holder to end it. Noted
+        first, then the mark looked for; cancel() marks first, then looks for the note
+        (_cancel_marked): one of the two sees the other, and taking the mark is exclusive."""
+        with self._stop_order:
+            self._stop_given_back.add(job)
+        if self.ready.take_cancel(job):
+            self.end_cancelled(job)
 
     def _report_unrun(self, why: Optional[str]) -> None:
         unrun = self.ready.unfinished
@@ -677,6 +692,11 @@ class Dispatcher:
         taken, running = self._take_out(job._id, job)
         if taken is not None and self.ready.take_cancel(job):
             self.end_cancelled(job, running)
+        elif taken is None and self._stopping:
+            with self._stop_order:
+                given_back = job in self._stop_given_back  # (stop() cancelled its attempt: no holder)
+            if given_back and self.ready.take_cancel(job):
+                self.end_cancelled(job)
 
     def _take_out(self, job_id: str, only: Any = None) -> Tuple[Any, bool]:
         """Take the job of ``job_id`` (``only``: that job) out of the delayed heaps, or decide its running
@@ -785,6 +805,8 @@ class Dispatcher:
                             "failure", job.id, job.type, _describe(exc))
                 if self.ledger is not None:
                     self.ledger.given_back(job)
+                else:
+                    self._stop_gave_back(job)
                 return
         if ledger is not None:
             if ledger.not_held(job, exc):
