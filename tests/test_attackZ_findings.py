@@ -143,3 +143,30 @@ def test_a_cancel_after_stop_cancelled_an_attempt_ends_the_job_or_says_false(tmp
         logger.removeHandler(handler)
         logger.setLevel(old_level)
         q.stop(wait=False)
+
+
+def test_the_keys_a_reply_gives_its_caller_are_the_fields_its_rows_wait_under(redis_url):
+    """What the model cannot see (it acknowledges a registered process's rows by the fields
+    it adopts from Redis, and drops the keys of enqueue's replies): the key a reply gives
+    the client, which it acknowledges with op A, is the field the row waits under, for a
+    worker process's evicting enqueue (and its resend), its cancel (the key the client
+    builds), and a beat's rows from `reports`. Held: no defect; a guard."""
+    import redis as redis_py
+
+    client = redis_py.Redis.from_url(redis_url, decode_responses=True)
+    s = Scripts(client, "attackZ-keys")
+    try:
+        s.fetch("w", "1", 1, 60_000, 3, False)  # registered
+        row = lambda i, d: (i, "t", 1, d, f"body-{i}")  # noqa: E731
+        s.enqueue("e1", 100, 1, [row("a|1~:é", 60_000)])
+        reply = s.enqueue("e2", 100, 1, [row("b", 70_000)], "w")  # evicts a
+        again = s.enqueue("e2", 100, 1, [row("b", 70_000)], "w")  # a resend
+        fields = set(client.hkeys(s.key("reporting:w")))
+        assert [e.key for e in reply.evicted] == [e.key for e in again.evicted] and {reply.evicted[0].key} == fields
+        assert s.cancel("c1", "b", "w").kept
+        assert "b|cancelled|c1" in set(client.hkeys(s.key("reporting:w")))  # (QueueLink.cancel's key)
+        s.release("w")  # unacknowledged: to `reports`, keys and all
+        alive, _, crashed = s.beat("v", 60_000, 3, False, "b1")
+        assert alive and {c.key for c in crashed} == set(client.hkeys(s.key("reporting:v"))) == fields | {"b|cancelled|c1"}
+    finally:
+        client.close()
