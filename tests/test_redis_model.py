@@ -1364,7 +1364,7 @@ class ScriptsMachine(RuleBasedStateMachine):
         callbacks_ran = data.draw(st.booleans(), label="the reporter's callbacks ran?")  # (drawn always)
         reply = self.do_cancel(token, job_id, caller, reporter)
         if reporter and reply.kept and callbacks_ran:
-            self.do_release(caller, [SettleOp("A", f"{job_id}|cancelled|{token}")])  # else it died
+            self.do_release(caller, [SettleOp("A", reply.removed.key)])  # else it died
         if self.model.moved and data.draw(st.booleans(), label="a fresh job of its id at once?"):
             self.enqueue_a_cancelled_running_jobs_id(data)
 

@@ -383,10 +383,7 @@ class QueueLink:
                 raise TinyMQError(f"could not cancel job {job_id!r} in Redis queue {self.broker.name!r}: "
                                   f"{exc}") from exc
             if reply.status == "removed":
-                item = reply.removed
-                if reply.kept:  # in Redis until acknowledged: reported at least once
-                    item = item._replace(key=f"{item.id}|cancelled|{token}")
-                self._report_ended([item], caller)
+                self._report_ended([reply.removed], caller)  # (kept: with the key it waits under)
                 return True
         if reply.status == "marked":
             if reply.proc == self._proc:

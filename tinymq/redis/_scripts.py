@@ -297,7 +297,7 @@ class Scripts:
         reply = self._call("cancel", [token, job_id, caller, lease_ms])
         status = int(reply[0])
         if status == 1:
-            return CancelReply("removed", removed=_crashed([reply[1] + ["cancelled"]])[0],
+            return CancelReply("removed", removed=_crashed([reply[1]])[0],
                                kept=int(reply[2]) == 1)
         if status == 2:
             return CancelReply("marked", proc=reply[1], attempt=reply[2])

@@ -6,7 +6,8 @@ an id of this call's own: it releases that id once its callbacks ran).
 Returns one of
   {0}                                     no unfinished job has that id (unknown, finished,
                                           dead, or cancelled already)
-  {1, {id, body, retries, error}, kept}   it was waiting (ready, delayed, parked): removed,
+  {1, {id, body, retries, error, 'cancelled'[, key]}, kept}
+                                          it was waiting (ready, delayed, parked): removed,
                                           its hash deleted, counted; the caller reports it.
                                           kept = 1: the caller is registered (or just
                                           registered for this report), and the row
@@ -44,11 +45,11 @@ local function cancel()
     redis.call('DEL', jk)
     count('cancelled', 1)
     count('outstanding', -1)
-    local row = {id, f[4] or '', f[5] or '0', f[6] or ''}
-    if caller ~= '' and (redis.call('ZSCORE', K_PROCS, caller) or (lease > 0 and register_reporter(caller, now, lease))) then
+    local row = {id, f[4] or '', f[5] or '0', f[6] or '', 'cancelled'}
+    if keeps_rows(caller, now, lease) then
       -- (by its token: an A of an earlier cancel of this id leaves this row)
-      handed(caller, {{row[1], row[2], row[3], row[4], 'cancelled'}}, token, {id .. '|cancelled|' .. token})
-      return {1, row, 1}
+      handed(caller, {row}, token, {id .. '|cancelled|' .. token})
+      return {1, row, 1} -- (the row with its key, which the caller acknowledges)
     end
     return {1, row, 0}
   end

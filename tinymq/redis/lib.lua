@@ -588,6 +588,12 @@ local function register_reporter(proc, now, lease)
   return true
 end
 
+-- Whether rows a call ends for `caller` can wait in reporting:<caller> (see handed): it holds
+-- a lease, or registers as a reporter with `lease` (> 0). '' is no caller.
+local function keeps_rows(caller, now, lease)
+  return caller ~= '' and (redis.call('ZSCORE', K_PROCS, caller) or (lease > 0 and register_reporter(caller, now, lease)))
+end
+
 local function reap(now, max_crash, crashed)
   local expired = redis.call('ZRANGEBYSCORE', K_PROCS, '-inf', '(' .. now, 'LIMIT', 0, REAP_PER_CALL)
   for _, proc in ipairs(expired) do drop_proc(proc, now, max_crash, crashed) end
@@ -685,8 +691,7 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
       redis.call('RPUSH', READY[p], unpack(ids, first, math.min(first + CHUNK - 1, #ids)))
     end
   end
-  if #evicted > 0 and caller ~= '' and
-      (redis.call('ZSCORE', K_PROCS, caller) or (lease > 0 and register_reporter(caller, now, lease))) then
+  if #evicted > 0 and keeps_rows(caller, now, lease) then
     handed(caller, evicted, token) -- (first: a resend returns the rows with their keys)
   end
   local tokens = P .. 'tokens:' .. span
