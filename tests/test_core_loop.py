@@ -65,7 +65,7 @@ def test_loop_attempt_succeeded_counts_finishes_and_leaves_the_freed_slot_to_the
     assert q.executor_stats()["a"] == (0, 1)
     assert q.unfinished == 1 and not q.has_id("first") and q.has_id("second")
     assert q.counters()[core.SUCCEEDED] == 1
-    assert q.type_counters()["a"][core.TYPE_EVENTS.index(core.SUCCEEDED)] == 1
+    assert q.snapshot()[2]["a"][2 + core.TYPE_EVENTS.index(core.SUCCEEDED)] == 1  # (active, limit, events...)
     buckets, total = q.attempt_durations()["a"]
     assert buckets[core.ATTEMPT_DURATION_BUCKETS.index(0.005)] == 1 and sum(buckets) == 1
     assert total == pytest.approx(0.002)

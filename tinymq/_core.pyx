@@ -80,7 +80,7 @@ ENQUEUED, SUCCEEDED, FAILED, RETRIED, TIMED_OUT, EVICTED, CANCELLED = range(7)
 THREADS, LOOP = 0, 1
 # What ReadyQueue.mark_cancel found (see the pure twin).
 CANCEL_UNKNOWN, CANCEL_REMOVED, CANCEL_MARKED, CANCEL_LOST = range(4)
-# The events also counted per job type, in the order of ReadyQueue.type_counters()' tuples.
+# The events also counted per job type, in the order of the per-type counters ReadyQueue.snapshot() gives.
 TYPE_EVENTS = (SUCCEEDED, FAILED, RETRIED, TIMED_OUT, CANCELLED)
 cdef enum:
     N_COUNTERS = 7
@@ -945,12 +945,6 @@ cdef class ReadyQueue:
                  for state in self.types.values() if state.fn is not None}
         return ((self.level_sizes[2], self.level_sizes[1], self.level_sizes[0]),
                 tuple([self._counters[i] for i in range(N_COUNTERS)]), types, len(self.overflow), delayed)
-
-    def type_counters(self):
-        """``{job_type: (succeeded, failed, retried, timed_out, cancelled)}`` per registered executor."""
-        cdef TypeState state
-        return {state.name: tuple([state.counters[event] for event in TYPE_EVENTS])
-                for state in self.types.values() if state.fn is not None}
 
     def attempt_durations(self):
         """``{job_type: (attempts per bucket, sum of seconds)}`` per registered executor.

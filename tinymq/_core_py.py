@@ -62,7 +62,7 @@ CANCEL_UNKNOWN, CANCEL_REMOVED, CANCEL_MARKED, CANCEL_LOST = range(4)
 # A cancel mark: asked for, and not yet acted on by whoever holds the job; or its end is decided.
 _REQUESTED, _ENDING = 0, 1
 _N_COUNTERS = 7
-# The events also counted per job type, in the order of ReadyQueue.type_counters()' tuples.
+# The events also counted per job type, in the order of the per-type counters ReadyQueue.snapshot() gives.
 TYPE_EVENTS = (SUCCEEDED, FAILED, RETRIED, TIMED_OUT, CANCELLED)
 # Upper bounds (seconds) of the attempt-duration histogram's buckets; a last one is +inf.
 ATTEMPT_DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -462,12 +462,6 @@ class ReadyQueue:
             sizes = (self._sizes[2], self._sizes[1], self._sizes[0])
             delayed = sum([len(heap) for heap in heaps])
             return sizes, tuple(self._counters), types, len(self._overflow), delayed
-
-    def type_counters(self) -> Dict[str, Tuple[int, ...]]:
-        """``{job_type: (succeeded, failed, retried, timed_out, cancelled)}`` per registered executor."""
-        with self._lock:
-            return {s.name: tuple([s.counters[event] for event in TYPE_EVENTS])
-                    for s in self._types.values() if s.fn is not None}
 
     def attempt_durations(self) -> Dict[str, Tuple[Tuple[int, ...], float]]:
         """``{job_type: (attempts per bucket, sum of seconds)}`` per registered executor.

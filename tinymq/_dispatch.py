@@ -888,8 +888,3 @@ class Dispatcher:
                     logger.exception("failure callback %r raised for job %s", callback, job.id)
         finally:
             in_callback.depth -= 1
-
-    # --- stats -------------------------------------------------------------
-
-    def executor_stats(self) -> Dict[str, Any]:
-        return self.ready.executor_stats()
