@@ -383,12 +383,9 @@ def test_a_hot_journal_planted_after_the_check_is_never_loaded(tmp_path, monkeyp
     assert "planted" not in loaded
 
 
-# -- 13. FIFO within a priority lost at a restart: recovery orders by the wall-clock creation time ----
+# -- 13. FIFO within a priority lost at a restart: recovery ordered by the wall-clock creation time ----
+# (fixed: rows carry the order of their saves, a seq column)
 
-@pytest.mark.xfail(strict=True, reason="load_all orders rows by the job's creation timestamp (wall clock), "
-                                       "not by when they were enqueued: a clock stepped back between two "
-                                       "enqueues, or a job made before another but enqueued after it, "
-                                       "swaps them at the restart (a sequence column would be a schema change)")
 def test_jobs_of_one_priority_run_in_enqueue_order_after_a_restart(path, monkeypatch):
     real = tinymq.job._now
     monkeypatch.setattr(tinymq.job, "_now", lambda: real() + 3600.0)  # the clock an hour fast ...

@@ -8,9 +8,12 @@ import os
 import sqlite3
 import stat
 import sys
+import tempfile
 import threading
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tinymq import PersistenceError, Priority, RetryConfig
 from tinymq.job import Job
@@ -388,6 +391,46 @@ def test_save_many_with_a_repeated_id_keeps_the_last(path):
         assert [(job.payload, job.tags) for job in store.load_all()] == [("new", {})]
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["save", "save_many", "delete", "running"]),
+                          st.lists(st.integers(0, 5), min_size=1, max_size=3),
+                          st.floats(-1e6, 1e6)), max_size=25))
+def test_load_all_returns_jobs_in_the_order_of_their_last_save_whatever_their_timestamps(steps):
+    """FIFO within a priority survives a restart: load_all's order is the order of the last
+    save of each job (a retry's save moves it to the back, as the queue does), not its
+    creation time, which follows the wall clock (here: anything, as after clock steps)."""
+    model = {}  # id -> None, in the order load_all must return them
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "jobs.db")
+        with SQLitePersistence(path) as store:
+            for op, ids, stamp in steps:
+                ids = [f"j{n}" for n in dict.fromkeys(ids)]
+                jobs = []
+                for job_id in ids:
+                    job = Job("t", id=job_id)
+                    job.timestamp = job.run_at = stamp  # a creation time from any clock
+                    jobs.append(job)
+                if op == "save":
+                    for job in jobs:
+                        store.save(job)
+                elif op == "save_many":
+                    store.save_many(jobs)
+                elif op == "running":  # an attempt starts: the job keeps its place
+                    for job_id in ids:
+                        if job_id in model:
+                            store.mark_running(Job("t", id=job_id))
+                    continue
+                for job_id in ids:
+                    model.pop(job_id, None)
+                    if op != "delete":
+                        model[job_id] = None
+                if op == "delete":
+                    for job_id in ids:
+                        store.delete(job_id)
+        with SQLitePersistence(path) as store:  # the restart
+            assert [job.id for job in store.load_all()] == list(model)
+
+
 # Connection.setlimit arrived in Python 3.11; before it, SQLite refuses only rows near 1 GB.
 needs_setlimit = pytest.mark.skipif(not hasattr(sqlite3.Connection, "setlimit"),
                                     reason="sqlite3.Connection.setlimit needs Python 3.11")
@@ -630,6 +673,16 @@ def test_a_file_of_the_previous_layout_opens_and_a_newer_schema_is_refused(path)
     conn.close()
     with SQLitePersistence(path) as store:
         assert [(j.id, j.payload) for j in store.load_all()] == [("old", {"x": 1})]
+        store.save(Job("t", id="new", priority=Priority.MEDIUM))
+    conn = sqlite3.connect(path, isolation_level=None)
+    # The order column was added and the version kept: an older tinymq still opens the file,
+    # and its INSERTs (which name their columns) still work; its rows come first, by creation.
+    assert conn.execute("PRAGMA user_version").fetchone() == (1,)
+    conn.execute("INSERT INTO tinymq_jobs (id, state, type, priority, run_at, timestamp, retries, payload) "
+                 "VALUES ('older', 'ready', 't', 1, 0.5, 0.5, 0, NULL)")
+    conn.close()
+    with SQLitePersistence(path) as store:
+        assert [j.id for j in store.load_all()] == ["older", "old", "new"]
         store._conn.execute("PRAGMA user_version=99")
     with pytest.raises(PersistenceError, match="schema version 99, written by a newer tinymq"):
         SQLitePersistence(path)

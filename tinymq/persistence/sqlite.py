@@ -44,14 +44,17 @@ __all__ = ["SQLitePersistence", "DeadJob"]
 logger = logging.getLogger("tinymq.persistence")
 
 _TABLE = "tinymq_jobs"
-_SCHEMA_VERSION = 1  # the jobs table; the owner table is created beside it when missing
+# The jobs table. What later versions add beside it, an older tinymq ignores, so it keeps
+# version 1: the owner table (created when missing) and the seq column (added when missing).
+_SCHEMA_VERSION = 1
 # The columns that are NULL for most jobs come last, so a "lean" row can leave them out.
 _COLUMNS = (
-    "id", "state", "type", "priority", "run_at", "timestamp", "retries", "payload",
+    "id", "state", "type", "priority", "run_at", "timestamp", "retries", "payload", "seq",
     "retry_config", "tags", "last_error", "reason",
 )
-_LEAN = 8  # a lean row's columns: the rest are NULL
+_LEAN = 9  # a lean row's columns: the rest are NULL
 _NULLS = (None,) * (len(_COLUMNS) - _LEAN)
+_READ_COLUMNS = tuple(name for name in _COLUMNS if name != "seq")  # what a Job is made of
 _CREATE = f"""
 CREATE TABLE IF NOT EXISTS {_TABLE} (
     id           TEXT PRIMARY KEY NOT NULL,
@@ -65,7 +68,8 @@ CREATE TABLE IF NOT EXISTS {_TABLE} (
     retry_config TEXT,               -- JSON object of RetryConfig fields; NULL: RetryConfig()
     tags         TEXT,               -- JSON object, NULL when empty
     last_error   TEXT,
-    reason       TEXT                -- why dead or corrupt
+    reason       TEXT,               -- why dead or corrupt
+    seq          INTEGER             -- the order of saves: FIFO within a priority (NULL: saved before it existed)
 ) WITHOUT ROWID
 """
 # WITHOUT ROWID: the id is the key, so a save writes one b-tree instead of two.
@@ -91,7 +95,7 @@ def _insert(columns: int, rows: int = 1) -> str:
 
 _UPSERT_LEAN = _insert(_LEAN)
 _UPSERT = _insert(len(_COLUMNS))
-_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM {_TABLE}"
+_SELECT = f"SELECT {', '.join(_READ_COLUMNS)} FROM {_TABLE}"
 _DELETE = f"DELETE FROM {_TABLE} WHERE id = ?"
 _MARK_RUNNING = f"UPDATE {_TABLE} SET state = 'running' WHERE id = ?"
 _MERGED_DELETE = f"DELETE FROM {_TABLE} WHERE id IN ({{}})"
@@ -254,6 +258,7 @@ class SQLitePersistence:
         self._closed = False
         self._crashed: List[Job] = []  # dead as "crashed" by load_all, not yet taken by the Queue
         self._pid = os.getpid()
+        self._seq = itertools.count(1).__next__  # each row's place in the order of saves (see _prepare)
         if read_only:
             self._reading(self._check_schema)  # fail now if it cannot be read
             return
@@ -386,6 +391,10 @@ class SQLitePersistence:
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.execute(_CREATE)
             conn.execute(_CREATE_OWNER)
+            if "seq" not in {row[1] for row in conn.execute(f"PRAGMA table_info({_TABLE})")}:
+                conn.execute(f"ALTER TABLE {_TABLE} ADD COLUMN seq INTEGER")  # a file of an older tinymq
+            last = conn.execute(f"SELECT max(seq) FROM {_TABLE}").fetchone()[0]
+            self._seq = itertools.count((last or 0) + 1).__next__
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
@@ -590,7 +599,7 @@ class SQLitePersistence:
                 raise PersistenceError(f"job {job_id!r} cannot be stored: its row would be {size} bytes, "
                                        f"over SQLite's limit of {self._max_length} bytes")
         return (job_id, state, job_type, int(job.priority), run_at, timestamp, retries, payload,
-                config_text, tags_text, last_error, reason)
+                self._seq(), config_text, tags_text, last_error, reason)
 
     @staticmethod
     def _plain_fields(job: Job, last_error: object) -> Tuple[str, float, float, int, Optional[str]]:
@@ -871,7 +880,7 @@ class SQLitePersistence:
         self._write([self._upsert(job, "dead", reason, _error_text(error))])
 
     def load_all(self) -> List[Job]:
-        """Every job to run, oldest first; recovers crashed attempts and quarantines bad rows.
+        """Every job to run, in the order of their saves; recovers crashed attempts and quarantines bad rows.
 
         In one write transaction: a row still "running" (its process died
         during an attempt) has the crash counted as a failed attempt, and
@@ -894,7 +903,8 @@ class SQLitePersistence:
         return crashed
 
     def _recover(self, conn: sqlite3.Connection) -> Tuple[List[Job], List[Job]]:
-        rows = conn.execute(f"{_SELECT} WHERE state IN ('ready', 'running') ORDER BY timestamp").fetchall()
+        # In the order they were saved (rows an older tinymq saved, without a seq, first, by creation).
+        rows = conn.execute(f"{_SELECT} WHERE state IN ('ready', 'running') ORDER BY seq, timestamp").fetchall()
         jobs: List[Job] = []
         dead: List[Job] = []
         corrupt: List[Tuple[str, Any]] = []
