@@ -400,6 +400,26 @@ def test_a_due_job_that_finds_the_buffer_full_waits_and_is_not_dropped():
     assert blocker.started_payloads()[:2] == ["running", "ready"]
 
 
+def test_a_due_job_that_nothing_has_promoted_yet_is_never_evicted():
+    """Before start_dispatcher no scheduler moves due jobs out of the delayed set; a due job
+    there still no longer counts as delayed: a full set promotes it instead of evicting it."""
+    ran = Recorder()
+    with make_queue(buffer_size=10, max_delayed_jobs=1) as q:
+        failures = FailureLog(q)
+        q.on_failure(failures.callback)
+        q.register_executor("t", lambda job: ran.add(job.payload))
+        q.enqueue_delayed(Job("t", "due"), 0.001)
+        time.sleep(0.05)  # lets it come due (a fact of the clock, not a wait for a thread)
+        q.enqueue_delayed(Job("t", "later"), 60)
+        assert failures.entries == []
+        stats = q.get_stats()
+        assert (stats.jobs_evicted, stats.delayed_jobs_count, stats.medium_queue_size) == (0, 1, 1)
+        q.start_dispatcher(1)
+        assert wait_until(lambda: ran.snapshot() == ["due"])
+        q.enqueue_delayed(Job("t", "evicts later"), 120)
+        assert [(entry[0].payload, entry[1]) for entry in failures.entries] == [("later", "evicted")]
+
+
 def test_many_due_jobs_and_a_tiny_buffer():
     seen = Recorder()
     gate = threading.Event()

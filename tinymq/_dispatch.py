@@ -461,11 +461,17 @@ class Dispatcher:
 
         The heaps are keyed by monotonic due time. An evicted job fails at once,
         here. Only new delayed jobs count against ``max_delayed_jobs`` and can
-        be evicted: a retry or a recovered job was accepted long ago and is
-        never pushed out by a newcomer.
+        be evicted, and only those not due yet: a retry or a recovered job was
+        accepted long ago and is never pushed out by a newcomer.
         """
-        due = core.monotonic() + delay
+        now = core.monotonic()
+        due = now + delay
         heap = self.delayed if evictable else self.uncapped
+        if heap.capacity and len(heap) >= heap.capacity:
+            # A due job no longer counts as delayed, even one the scheduler has not moved
+            # yet (or that waits for start_dispatcher): it goes to the ready buffer, not out.
+            for ready in heap.pop_due(now):
+                self.make_ready(ready)
         evicted = heap.push(job, due)
         self.scheduler_alarm.wake_before(due)
         # A cancel that looked for it before it arrived here left a mark: whoever takes it out ends it.
