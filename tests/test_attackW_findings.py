@@ -110,13 +110,6 @@ def test_an_attempt_ending_while_get_stats_reads_never_splits_the_snapshot(nth):
 
 # --- several queues, one registry -----------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="every PrometheusCollector exposes the same series with no "
-                   "label that tells queues apart: registering a second queue's collector in the "
-                   "same registry raises DuplicateTimeseries, and a process with two queues cannot "
-                   "export both through prometheus_client's one default registry. (prometheus_client "
-                   "refuses two collectors of the same metric names whatever their labels, so a fix "
-                   "is likely one collector over several queues with a queue label: this test then "
-                   "follows that API)")
 def test_two_queues_can_be_scraped_from_one_registry():
     """A process with two queues (say one for e-mail, one for thumbnails) registers a collector
     for each in the one registry its /metrics endpoint serves, and the scrape shows both."""
@@ -129,13 +122,13 @@ def test_two_queues_can_be_scraped_from_one_registry():
         first.enqueue(Job("mail"))
         for _ in range(2):
             second.enqueue(Job("thumbnail"))
-        registry.register(PrometheusCollector(first))
-        registry.register(PrometheusCollector(second))
+        # One collector over both (a registry refuses two of the same metric names): by name.
+        registry.register(PrometheusCollector({"mail": first, "thumbnails": second}))
         text = prometheus_client.generate_latest(registry).decode("utf-8")
-    enqueued = sorted(sample.value for family in text_string_to_metric_families(text)
+    enqueued = sorted((sample.labels["queue"], sample.value) for family in text_string_to_metric_families(text)
                       for sample in family.samples
                       if sample.name == "tinymq_queue_events_total" and sample.labels.get("event") == "enqueued")
-    assert enqueued == [1.0, 2.0]
+    assert enqueued == [("mail", 1.0), ("thumbnails", 2.0)]
 
 
 # --- a duration too large for a float ---------------------------------------------------------------

@@ -132,8 +132,48 @@ def test_registering_reads_nothing_and_the_collector_follows_the_queue():
 
 
 def test_the_collector_needs_a_queue():
-    with pytest.raises(TypeError, match="tinymq.Queue, got 'not a queue'"):
+    with pytest.raises(TypeError, match="tinymq.Queue, or a mapping of names to queues, got 'not a queue'"):
         PrometheusCollector("not a queue")
+    with Queue(10) as q:
+        with pytest.raises(ValueError, match="empty mapping"):
+            PrometheusCollector({})
+        with pytest.raises(TypeError, match="non-empty str, got 3"):
+            PrometheusCollector({3: q})
+        with pytest.raises(TypeError, match="non-empty str, got ''"):
+            PrometheusCollector({"": q})
+        with pytest.raises(TypeError, match="Queue values, got 'x' for 'b'"):
+            PrometheusCollector({"a": q, "b": "x"})
+
+
+def test_one_collector_of_several_queues_labels_every_sample_with_its_queue():
+    """Each queue's samples, under its name, equal what that queue's own collector shows."""
+    with Queue(10) as mail, Queue(10) as thumbnails:
+        for q, jobs in ((mail, 1), (thumbnails, 3)):
+            q.register_executor("work", lambda job: None, ExecutorConfig(max_concurrent_jobs=2))
+            q.start_dispatcher(1)
+            for _ in range(jobs):
+                q.enqueue(Job("work"))
+            assert q.join(WAIT)
+        mail.enqueue_delayed(Job("work"), 3600)
+        registry = prometheus_client.CollectorRegistry()
+        registry.register(PrometheusCollector({"mail": mail, "thumbnails": thumbnails}))
+        text = prometheus_client.generate_latest(registry).decode("utf-8")
+        both = [(sample.name, tuple(sorted(sample.labels.items())), sample.value)
+                for family in text_string_to_metric_families(text) for sample in family.samples]
+        for name, q in (("mail", mail), ("thumbnails", thumbnails)):
+            alone, _ = scrape(q)
+            mine = [(sample, tuple(label for label in labels if label != ("queue", name)), number)
+                    for sample, labels, number in both if ("queue", name) in labels]
+            assert sorted(mine) == sorted((sample, tuple(sorted(labels)), number)
+                                          for (sample, labels), number in alone.items())
+        assert all(any(label[0] == "queue" for label in labels) for _, labels, _ in both)
+        assert value_of(both, "tinymq_jobs_total", queue="thumbnails", type="work", outcome="succeeded") == 3
+        assert value_of(both, "tinymq_delayed_jobs", queue="mail") == 1
+
+
+def value_of(samples, name, **labels):
+    wanted = tuple(sorted(labels.items()))
+    return next(number for sample, have, number in samples if sample == name and have == wanted)
 
 
 def test_importing_without_prometheus_client_names_the_extra():

@@ -9,6 +9,12 @@ per-job path pays nothing for it::
 
     REGISTRY.register(PrometheusCollector(q))
 
+A process with several queues gives one collector all of them, by name; every sample
+then has a ``queue`` label (``prometheus_client`` refuses two collectors of the same
+metric names in one registry, whatever their labels)::
+
+    REGISTRY.register(PrometheusCollector({"mail": mail_queue, "thumbnails": thumbnail_queue}))
+
 Metrics (``type`` is a job type with a registered executor):
 
 - ``tinymq_jobs_total{type, outcome}`` (counter): ``outcome`` is ``succeeded``,
@@ -24,7 +30,7 @@ Metrics (``type`` is a job type with a registered executor):
   when each attempt's outcome is decided (a timed-out attempt at its deadline), with the
   fixed buckets ``ATTEMPT_DURATION_BUCKETS`` (1 ms to 300 s) and +Inf.
 """
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 try:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -55,55 +61,68 @@ _BUCKET_LABELS = [floatToGoString(bound) for bound in ATTEMPT_DURATION_BUCKETS] 
 
 
 class PrometheusCollector(Collector):
-    """A ``prometheus_client`` collector of one Queue's stats; register it yourself.
+    """A ``prometheus_client`` collector of one Queue's stats, or of several queues' by
+    name (a ``queue`` label); register it yourself.
 
-    A registered collector keeps its queue alive: unregister it when the queue is done.
+    A registered collector keeps its queues alive: unregister it when they are done.
     """
 
-    def __init__(self, queue: Queue) -> None:
-        if not isinstance(queue, Queue):
-            raise TypeError(f"PrometheusCollector needs a tinymq.Queue, got {queue!r}")
-        self._queue = queue
+    def __init__(self, queue: Union[Queue, Mapping[str, Queue]]) -> None:
+        if isinstance(queue, Queue):
+            self._queues: Dict[Optional[str], Queue] = {None: queue}
+            return
+        if not isinstance(queue, Mapping):
+            raise TypeError(f"PrometheusCollector needs a tinymq.Queue, or a mapping of names to "
+                            f"queues, got {queue!r}")
+        if not queue:
+            raise ValueError("PrometheusCollector needs at least one queue, got an empty mapping")
+        for name, each in queue.items():
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"a queue's name (its label) must be a non-empty str, got {name!r}")
+            if not isinstance(each, Queue):
+                raise TypeError(f"PrometheusCollector needs tinymq.Queue values, got {each!r} for {name!r}")
+        self._queues = dict(queue)
 
     def describe(self) -> Iterator[Any]:
-        """The metric families without samples: registering reads nothing from the queue."""
+        """The metric families without samples: registering reads nothing from the queues."""
         return iter(self._families())
 
     def collect(self) -> Iterator[Any]:
-        queue = self._queue
-        stats = queue.get_stats()
-        durations = queue._attempt_durations()
         (jobs, events, sizes, delayed, active, limits, histogram) = families = self._families()
-        for job_type, executor in sorted(stats.executor_stats.items()):
-            for outcome in _OUTCOMES:
-                jobs.add_metric([job_type, outcome], getattr(executor, outcome))
-            active.add_metric([job_type], executor.active_jobs)
-            limits.add_metric([job_type], executor.max_jobs)
-            counts, total_seconds = durations.get(job_type, ((0,) * len(_BUCKET_LABELS), 0.0))
-            histogram.add_metric([job_type], _cumulative(counts), total_seconds)
-        for field, event in _QUEUE_EVENTS:
-            events.add_metric([event], getattr(stats, field))
-        sizes.add_metric(["high"], stats.high_queue_size)
-        sizes.add_metric(["medium"], stats.medium_queue_size)
-        sizes.add_metric(["low"], stats.low_queue_size)
-        delayed.add_metric([], stats.delayed_jobs_count)
+        for name, queue in self._queues.items():
+            stats = queue.get_stats()
+            durations = queue._attempt_durations()
+            at = [] if name is None else [name]  # the queue label's value, first of each sample's
+            for job_type, executor in sorted(stats.executor_stats.items()):
+                for outcome in _OUTCOMES:
+                    jobs.add_metric(at + [job_type, outcome], getattr(executor, outcome))
+                active.add_metric(at + [job_type], executor.active_jobs)
+                limits.add_metric(at + [job_type], executor.max_jobs)
+                counts, total_seconds = durations.get(job_type, ((0,) * len(_BUCKET_LABELS), 0.0))
+                histogram.add_metric(at + [job_type], _cumulative(counts), total_seconds)
+            for field, event in _QUEUE_EVENTS:
+                events.add_metric(at + [event], getattr(stats, field))
+            sizes.add_metric(at + ["high"], stats.high_queue_size)
+            sizes.add_metric(at + ["medium"], stats.medium_queue_size)
+            sizes.add_metric(at + ["low"], stats.low_queue_size)
+            delayed.add_metric(at, stats.delayed_jobs_count)
         return iter(families)
 
-    @staticmethod
-    def _families() -> List[Any]:
+    def _families(self) -> List[Any]:
+        by = [] if None in self._queues else ["queue"]
         return [
             CounterMetricFamily("tinymq_jobs", "Jobs by type and outcome (attempts for "
-                                "retried and timed_out).", labels=["type", "outcome"]),
+                                "retried and timed_out).", labels=by + ["type", "outcome"]),
             CounterMetricFamily("tinymq_queue_events", "Queue-wide lifetime event counters.",
-                                labels=["event"]),
-            GaugeMetricFamily("tinymq_queue_size", "Ready jobs by priority.", labels=["priority"]),
-            GaugeMetricFamily("tinymq_delayed_jobs", "Jobs waiting for their run_at or a retry."),
-            GaugeMetricFamily("tinymq_active_jobs", "Attempts running now, by type.", labels=["type"]),
+                                labels=by + ["event"]),
+            GaugeMetricFamily("tinymq_queue_size", "Ready jobs by priority.", labels=by + ["priority"]),
+            GaugeMetricFamily("tinymq_delayed_jobs", "Jobs waiting for their run_at or a retry.", labels=by),
+            GaugeMetricFamily("tinymq_active_jobs", "Attempts running now, by type.", labels=by + ["type"]),
             GaugeMetricFamily("tinymq_max_concurrent_jobs", "The concurrency limit of each type.",
-                              labels=["type"]),
+                              labels=by + ["type"]),
             HistogramMetricFamily("tinymq_attempt_duration_seconds",
                                   "How long attempts ran until their outcome was decided.",
-                                  labels=["type"]),
+                                  labels=by + ["type"]),
         ]
 
 
