@@ -431,6 +431,18 @@ def test_load_all_returns_jobs_in_the_order_of_their_last_save_whatever_their_ti
             assert [job.id for job in store.load_all()] == list(model)
 
 
+@pytest.mark.parametrize("planted", ["'abc'", "x'00'", "1e300", str(2**63 - 1)])
+def test_a_planted_seq_opens_and_only_moves_its_row_to_the_end(path, planted):
+    with SQLitePersistence(path) as store:
+        store.save(Job("t", id="planted"))
+        store.save(Job("t", id="first"))
+    raw_update(store, f"UPDATE tinymq_jobs SET seq = {planted} WHERE id = 'planted'")
+    with SQLitePersistence(path) as store:
+        store.save(Job("t", id="second"))
+    with SQLitePersistence(path) as store:
+        assert [job.id for job in store.load_all()] == ["first", "second", "planted"]
+
+
 # Connection.setlimit arrived in Python 3.11; before it, SQLite refuses only rows near 1 GB.
 needs_setlimit = pytest.mark.skipif(not hasattr(sqlite3.Connection, "setlimit"),
                                     reason="sqlite3.Connection.setlimit needs Python 3.11")

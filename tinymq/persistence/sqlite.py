@@ -112,6 +112,7 @@ _READ_ONLY_SETTLE = 0.5  # seconds a read-only look tries again while an owner o
 _DEFAULT_MAX_LENGTH = 1_000_000_000  # SQLITE_MAX_LENGTH's default, where getlimit() is missing
 _ROW_OVERHEAD = 512  # bytes a row's header and numbers may add to its text and blobs
 _INT64 = 1 << 63
+_SEQ_LIMIT = 1 << 62  # the seq a store starts counting from is below this
 _RETRY_FIELDS = ("max_retries", "initial_delay", "max_delay", "backoff_multiple", "jitter")
 _CACHE_LIMIT = 256  # retry configs remembered by identity / by text
 _STATEMENT_CACHE = 512  # prepared statements per connection: merged ones come in many sizes
@@ -393,7 +394,10 @@ class SQLitePersistence:
             conn.execute(_CREATE_OWNER)
             if "seq" not in {row[1] for row in conn.execute(f"PRAGMA table_info({_TABLE})")}:
                 conn.execute(f"ALTER TABLE {_TABLE} ADD COLUMN seq INTEGER")  # a file of an older tinymq
-            last = conn.execute(f"SELECT max(seq) FROM {_TABLE}").fetchone()[0]
+            # (A seq that is no int, or that leaves no room to count on, was not written by
+            # this store: it only moves its row to the end of the order.)
+            last = conn.execute(f"SELECT max(seq) FROM {_TABLE} WHERE typeof(seq) = 'integer' "
+                                f"AND seq < {_SEQ_LIMIT}").fetchone()[0]
             self._seq = itertools.count((last or 0) + 1).__next__
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
