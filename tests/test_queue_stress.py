@@ -12,7 +12,7 @@ import pytest
 
 from tinymq import Config, ExecutorConfig, Job, Priority, Queue
 
-from _helpers import WAIT
+from _helpers import WAIT, wait_until
 
 PRODUCERS = 4
 JOBS_PER_PRODUCER = 25_000
@@ -155,3 +155,49 @@ def test_failures_retries_and_delays_under_load():
     assert sorted(failures) == [(i, "retries_exhausted") for i in range(total) if i % 3 == 2]
     assert stats.executor_stats["t"].active_jobs == 0
     assert stats.delayed_jobs_count == 0
+
+
+@pytest.mark.timeout(120)
+def test_delayed_pushes_from_many_threads_onto_a_full_set_end_each_job_once_and_never_evict_a_due_one():
+    """4 producers push jobs due in 0-3 ms or in an hour onto a delayed set of 8 while the
+    scheduler promotes: each job runs, is evicted, or still waits (at most 8) - exactly one
+    of them - and no job is evicted once it was due (beyond a generous 250 ms of thread
+    switches between a push's look at the clock and the callback; the deterministic case
+    is test_queue_delayed's test_a_due_job_that_nothing_has_promoted_yet_is_never_evicted)."""
+    per_thread = 2_000
+    late = []
+    ran, evicted = [], []
+    with Queue(config=Config(buffer_size=100_000, max_delayed_jobs=8)) as q:
+        def on_failure(job, reason, exc):
+            now = time.time()
+            evicted.append(job.payload)
+            if reason != "evicted" or now > job.run_at + 0.25:
+                late.append((job.payload, reason, now - job.run_at))
+
+        q.on_failure(on_failure)
+        q.register_executor("t", lambda job: ran.append(job.payload))
+        q.start_dispatcher(2)
+
+        def producer(index):
+            rng = random.Random(index)
+            for i in range(index * per_thread, (index + 1) * per_thread):
+                q.enqueue_delayed(Job("t", i), 3600 if rng.random() < 0.3 else rng.random() * 0.003)
+
+        threads = [threading.Thread(target=producer, args=(k,)) for k in range(PRODUCERS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        # What is left waits an hour; the rest has run or been evicted.
+        assert q.get_stats().delayed_jobs_count <= 8
+        def accounted():
+            stats = q.get_stats()
+            return stats.jobs_succeeded + stats.jobs_evicted + stats.delayed_jobs_count
+
+        assert wait_until(lambda: accounted() == PRODUCERS * per_thread)
+        stats = q.get_stats()
+        q.stop(wait=True)
+    assert late == []
+    assert len(ran) + len(evicted) + stats.delayed_jobs_count == PRODUCERS * per_thread
+    assert len(set(ran) | set(evicted)) == len(ran) + len(evicted)  # none both, none twice
+    assert stats.jobs_succeeded == len(ran) and stats.jobs_evicted == len(evicted)
