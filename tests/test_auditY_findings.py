@@ -42,8 +42,6 @@ def test_per_type_counters_count_over_a_broker(redis_url):
         backend.close()
 
 
-@pytest.mark.xfail(strict=True, reason="auditY: over a broker a worker's failure is counted in Redis "
-                   "after its callbacks ran (docs/redis.md says so); API.md 'Stats' says before")
 def test_failure_is_counted_before_its_callbacks_over_a_broker(redis_url):
     """API.md "Stats": counters are updated before any callback for the same event runs;
     "Scale-out": everything above (on_failure, get_stats) holds across processes. A failure

@@ -8,6 +8,7 @@ Producer and worker are separate Queue objects with their own RedisBroker, as
 separate processes would be (the scripts see only process ids).
 """
 import asyncio
+import json
 import threading
 import time
 
@@ -285,6 +286,15 @@ def script_stats(scripts):
     return {k: int(v) for k, v in scripts.client.hgetall(scripts.key("stats")).items() if v != "0"}
 
 
+def acknowledge(scripts, proc):
+    """``proc`` says its failure callbacks ran for every row kept for it to report (op A):
+    those rows, as (id, body, reason)."""
+    kept = scripts.client.hgetall(scripts.key(f"reporting:{proc}"))
+    if kept:
+        assert scripts.settle(proc, [SettleOp("A", field) for field in kept]) == 0
+    return sorted((row[0], row[1], row[4]) for row in map(json.loads, kept.values()))
+
+
 def enqueue(scripts, *ids, delay_ms=0):
     reply = scripts.enqueue(f"tok-{ids[0]}", 100, 0, [(i, "t", 1, delay_ms, f"body-{i}") for i in ids])
     assert reply.status == "ok"
@@ -338,7 +348,10 @@ def test_the_owners_own_cancel_is_not_handed_back_to_report(scripts):
     attempt = fetched(scripts, "p1", "1").jobs[0].attempt
     assert scripts.cancel("tok", "a").status == "marked"
     reply = fetched(scripts, "p1", "2", 1, [SettleOp("Z", attempt, 0, 0, "cancelled", "")])
-    assert reply.crashed == []  # its process reported it when it cancelled it
+    assert reply.crashed == []  # its process reports it, from when it cancelled it ...
+    # ... and until it says so, the job waits for it (unfinished), as for any row it reports
+    assert script_stats(scripts) == {"enqueued": 1, "cancelled": 1, "outstanding": 1}
+    assert acknowledge(scripts, "p1") == [("a", "body-a", "cancelled")]
     assert script_stats(scripts) == {"enqueued": 1, "cancelled": 1}
     only_cancelled_left(scripts)
 
@@ -459,6 +472,8 @@ def test_a_late_outcome_of_a_cancelled_attempt_never_ends_counts_or_deletes_the_
     assert reply.stale == 0
     rows = [(c.id, c.reason, c.body) for c in reply.crashed]
     assert rows == ([("a", "cancelled", "body-a")] if reported else [])  # the old job's body
+    # Handed to p1 by the reply, or ended by p1 itself: kept for p1 until its callbacks ran.
+    assert [row[:2] for row in acknowledge(scripts, "p1")] == [("a", "body-a")]
     assert scripts.client.hget(scripts.key("job:a"), "b") == "body-new"
     assert scripts.client.hget(scripts.key("job:a"), "x") is None
     assert scripts.client.zrange(scripts.key("dead"), 0, -1) == []  # the id is the new job's
@@ -532,7 +547,8 @@ def test_a_failure_for_good_of_a_cancelled_attempt_is_kept_dead_when_its_id_is_f
     new_attempt = fetched(scripts, "p2", "1").jobs[0].attempt
     assert scripts.settle("p2", [SettleOp("S", new_attempt)]) == 0  # the new one finished first
     failure = SettleOp("Z", old, 2, 0, "permanent_failure", "PermanentFailure: 404")
-    assert fetched(scripts, "p1", "2", 0, [failure]).crashed == []  # p1 reported it when it decided it
+    assert fetched(scripts, "p1", "2", 0, [failure]).crashed == []  # p1 reports it, from when it decided it
+    assert acknowledge(scripts, "p1") == [("a", "body-a", "permanent_failure")]
     assert scripts.client.zrange(scripts.key("dead"), 0, -1) == ["a"]
     dead = scripts.client.hgetall(scripts.key("job:a"))
     assert (dead["b"], dead["x"], dead["r"], dead["e"]) == ("body-a", "permanent_failure", "2",

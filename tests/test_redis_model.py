@@ -175,13 +175,14 @@ class Model:
             self.happened.append("a marked attempt ended beside a newer job of its id")
         return job
 
-    def end_cancelled(self, proc: str, attempt: str, report: bool) -> None:
+    def end_cancelled(self, proc: str, attempt: str, report: bool, held: bool = False) -> None:
         job_id = attempt.split(":", 1)[1]
         job = self.take_marked(proc, attempt) if self.marked(proc, attempt) else self.jobs.pop(job_id)
         if report:
             self.ended.append((job_id, job.body, int(job.retries), job.error or "", "cancelled"))
         self.stats["cancelled"] += 1
-        self.stats["outstanding"] -= 1
+        if not held:
+            self.stats["outstanding"] -= 1
 
     def hand_out_ended(self, rows: List[Tuple[Any, ...]], reports: bool = False) -> None:
         rows.extend(self.ended)
@@ -189,6 +190,12 @@ class Model:
         if reports:  # (a beat with a beat id)
             rows.extend(self.reports[:100])
             del self.reports[:100]
+
+    def reported_by_reply(self, rows: List[Tuple[Any, ...]]) -> None:
+        """Rows a reply hands out that nothing keeps: a job kept by keep_report is finished."""
+        for row in rows:
+            if row[5:] == (1,):
+                self.stats["outstanding"] -= 1
 
     def keep_ended(self) -> None:
         self.reports.extend(self.ended)
@@ -219,15 +226,24 @@ class Model:
 
     def failed_for_good(self, proc: str, op: SettleOp, job_id: str) -> None:
         """A failure for good stands, a marked attempt's too (its mark goes): the job is dead,
-        kept under its id, unless a newer job has the id by then (then only counted)."""
+        kept under its id, unless a newer job has the id by then (then only counted). Either
+        way it waits for proc to report it (keep_report)."""
         if self.marked(proc, op.attempt):
             job = self.take_marked(proc, op.attempt)
             if job_id in self.jobs:
+                self.keep_report(proc, op.attempt, job, op.reason)
                 self.stats["failed"] += 1
-                self.stats["outstanding"] -= 1
                 return
             self.jobs[job_id] = job
-        self.job_dead(job_id, op.reason, op.error, str(op.retries))
+        self.job_dead(job_id, op.reason, op.error, str(op.retries), held=True)
+        self.keep_report(proc, op.attempt, self.jobs[job_id], op.reason)
+
+    def keep_report(self, proc: str, attempt: str, job: "MJob", reason: str) -> None:
+        """A job proc ended for good itself (Z, z, its own cancel) waits for proc to report it,
+        under a key proc makes itself, and counts as unfinished until then (its row's 1)."""
+        row = (job.id, job.body, int(job.retries), job.error or "", reason, 1)
+        self.handed(proc, [row], [f"{job.id}|{reason}|{proc}|{attempt}"])
+        self.happened.append("a failure for good kept for its process to report")
 
     def unmark(self, proc: str, attempt: str) -> None:
         marks = self.cancels.get(proc)
@@ -278,7 +294,7 @@ class Model:
         if capped:
             self.capped[job_id] = due
 
-    def job_dead(self, job_id: str, reason: str, error: str, retries: str) -> None:
+    def job_dead(self, job_id: str, reason: str, error: str, retries: str, held: bool = False) -> None:
         job = self.jobs[job_id]
         job.dead_reason = reason
         job.retries = str(retries)
@@ -286,7 +302,8 @@ class Model:
             job.error = error
         self.dead.add(job_id)
         self.stats["failed"] += 1
-        self.stats["outstanding"] -= 1
+        if not held:  # (else unfinished until its report is acknowledged)
+            self.stats["outstanding"] -= 1
 
     def job_retry(self, job_id: str, retries: str, error: str, delay: int, now_us: int) -> None:
         job = self.jobs[job_id]
@@ -336,8 +353,11 @@ class Model:
         for op in ops:
             if op.op == "A":  # a row handed to proc was reported
                 rows = self.reporting.get(proc, {})
-                if rows.pop(op.attempt, None) is not None:
+                row = rows.pop(op.attempt, None)
+                if row is not None:
                     self.happened.append("a handed row acknowledged")
+                    if row[5:] == (1,):  # a job kept by keep_report: finished now
+                        self.stats["outstanding"] -= 1
                 if not rows:
                     self.reporting.pop(proc, None)
                 continue
@@ -359,7 +379,9 @@ class Model:
                         del held[op.attempt]
                         if state == "L":
                             released[job_type] += 1
-                    self.end_cancelled(proc, op.attempt, not own_cancel)
+                    if own_cancel:
+                        self.keep_report(proc, op.attempt, self.job_of(proc, op.attempt), "cancelled")
+                    self.end_cancelled(proc, op.attempt, not own_cancel, held=own_cancel)
                 else:
                     stale += 1
             elif op.op == "S" and state == "L":
@@ -495,7 +517,7 @@ class Model:
         if last is not None and last[0] == fetch_id:  # a resend: the same attempts, nothing new
             held = self.inflight.get(proc, {})
             jobs = [self.fetched_row(proc, a) for a in last[1] if held.get(a, "").startswith("L")]
-            return (False, len(ops), sorted(last[2]), jobs, self.next_due(), sorted(self.cancels.get(proc, ())))
+            return (False, len(ops), wire(last[2]), jobs, self.next_due(), sorted(self.cancels.get(proc, ())))
         stale = self.settle(proc, ops, now_us)
         crashed: List[Tuple[Any, ...]] = []
         self.reap(now_us, crashed)
@@ -531,7 +553,7 @@ class Model:
         self.running = Counter(running)
         self.fetched[proc] = (fetch_id, taken, sorted(crashed))
         self.handed(proc, crashed)
-        return (False, stale, sorted(crashed), [self.fetched_row(proc, a) for a in taken], self.next_due(),
+        return (False, stale, wire(crashed), [self.fetched_row(proc, a) for a in taken], self.next_due(),
                 sorted(self.cancels.get(proc, ())))
 
     def next_due(self) -> Optional[int]:
@@ -549,7 +571,7 @@ class Model:
         cancels = sorted(self.cancels.get(proc, ()))
         last = self.beaten.get(proc)
         if beat_id and last is not None and last[0] == beat_id:  # a resend: what the first found
-            return (True, sorted(last[1]), cancels)
+            return (True, wire(last[1]), cancels)
         crashed: List[Tuple[Any, ...]] = []
         self.reap(now_us, crashed)
         if beat_id:
@@ -557,16 +579,18 @@ class Model:
             self.beaten[proc] = (beat_id, sorted(crashed))
             self.handed(proc, crashed)
         else:
+            self.reported_by_reply(crashed)
             self.keep_ended()  # (without a beat id a resend could not return them again)
-        return (True, sorted(crashed), cancels)
+        return (True, wire(crashed), cancels)
 
     def reap_call(self, now_us: int):
         self.begin_call()
         crashed: List[Tuple[Any, ...]] = []
         reaped = self.reap(now_us, crashed)
+        self.reported_by_reply(crashed)
         crashed.extend(self.ended)
         self.ended = []
-        return (reaped, sorted(crashed))
+        return (reaped, wire(crashed))
 
     def settle_call(self, proc: str, ops: List[SettleOp], now_us: int) -> int:
         self.begin_call()
@@ -790,10 +814,16 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
     return out
 
 
+def wire(rows: List[Tuple[Any, ...]]) -> List[Tuple[Any, ...]]:
+    """Rows as a reply hands them to the client (Crashed): without keep_report's trailing 1."""
+    return sorted(row[:5] if row[5:] == (1,) else row for row in rows)
+
+
 def crashed_row(row: List[Any]) -> Tuple[Any, ...]:
     """A crashed row as JSON holds it, as the model keeps it: (id, body, retries, error), and
-    the reason when not "crashed" (its key, if any, is not part of it)."""
-    return (row[0], row[1], int(row[2]), row[3]) + tuple(r for r in row[4:5] if r != "crashed")
+    the reason when not "crashed" (its key, if any, is not part of it), then the 1 of a job
+    that counts as unfinished until the row is acknowledged (keep_report)."""
+    return (row[0], row[1], int(row[2]), row[3]) + tuple(r for r in row[4:5] if r != "crashed") + tuple(row[6:7])
 
 
 def check_invariants(held: Dict[str, Any]) -> None:
@@ -829,7 +859,9 @@ def check_invariants(held: Dict[str, Any]) -> None:
         f"job hashes without a place: {set(held['jobs']) - set(places)}; "
         f"placed ids without a hash: {set(places) - set(held['jobs'])}")
     assert all(held["jobs"][job_id].get("x") for job_id in held["dead"]), "a dead job without a reason"
-    unfinished = len(places) - len(held["dead"]) + len(held["moved"])
+    # A job its process ended for good counts until its report is acknowledged (a row ending in 1).
+    kept = [row for rows in [held["reports"], *held["reporting"].values()] for row in rows if row[5:] == (1,)]
+    unfinished = len(places) - len(held["dead"]) + len(held["moved"]) + len(kept)
     assert held["stats"].get("outstanding", 0) == unfinished, (held["stats"], unfinished)
     assert held["running"] == dict(slots), f"running {held['running']} != slots held {dict(slots)}"
     for job_type, n in slots.items():
@@ -1434,7 +1466,8 @@ MUST_COME_UP = ("enqueue ok", "enqueue dup", "enqueue again", "enqueue full", "e
                 "enqueued the id of a marked attempt", "a marked attempt ended beside a newer job of its id",
                 "a handed row acknowledged", "rows a process left unacknowledged handed on",
                 "a removed job handed to its canceller", "a reporter registered for a removed job",
-                "evicted jobs handed to their enqueuer", "a reporter registered for evicted jobs")
+                "evicted jobs handed to their enqueuer", "a reporter registered for evicted jobs",
+                "a failure for good kept for its process to report")
 
 
 def test_scripts_follow_the_model(redis_client):

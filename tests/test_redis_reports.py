@@ -12,6 +12,7 @@ acknowledges them (op A, after its callbacks), and whoever reaps it reports them
 A process "dies" here by having its lease set in the past, as time would.
 """
 import json
+import threading
 
 import pytest
 
@@ -257,4 +258,122 @@ def test_a_worker_that_cancels_a_waiting_job_reports_it_once_and_acknowledges_it
     finally:
         worker.stop()
         producer.stop()
+        client.close()
+
+
+# --- a failure for good that a worker decides: counted before its callbacks, reported through kill -9
+
+def test_a_failure_for_good_is_counted_before_its_callbacks_and_the_job_is_unfinished_until_they_ran(redis_url):
+    """API.md "Stats": counters before any callback for the same event; "Failures are never
+    silent": callbacks before the job counts as finished for join(), across processes."""
+    from tinymq import Job, PermanentFailure, Queue
+    from tinymq.redis import RedisBroker
+
+    name = "reports-failing"
+    worker = Queue(broker=RedisBroker(redis_url, name=name, lease=2.0))
+    producer = Queue(broker=RedisBroker(redis_url, name=name, lease=2.0))
+    in_callback, let_go = threading.Event(), threading.Event()
+    seen = []
+
+    def callback(job, reason, exc):
+        seen.append((reason, worker.get_stats().jobs_failed, producer.get_stats().jobs_failed))
+        in_callback.set()
+        let_go.wait(30)
+
+    def fail(job):
+        raise PermanentFailure("HTTP 404")
+
+    worker.on_failure(callback)
+    worker.register_executor("t", fail)
+    try:
+        producer.enqueue(Job("t"))
+        worker.start_dispatcher(1)
+        assert in_callback.wait(30)
+        assert seen == [("permanent_failure", 1, 1)]  # counted, as any process sees it
+        assert not producer.join(0.3)  # its callbacks are running: not finished yet
+        let_go.set()
+        assert producer.join(10)
+        assert wait_until(lambda: not worker.broker.client.keys(f"tmq:{{{name}}}:reporting:*"))
+    finally:
+        let_go.set()
+        worker.stop()
+        producer.stop()
+
+
+def test_a_worker_killed_in_its_failure_callback_leaves_the_report_to_another_without_running_it_again(
+        redis_url, tmp_path):
+    """kill -9 of the worker process that decided a failure for good, inside its callback:
+    Redis counted the failure already; the job is not run again (its end was decided), and
+    a worker that reaps the dead one reports it, once, with its reason."""
+    import subprocess
+    import sys
+
+    import redis as redis_py
+
+    from tinymq import Job, Queue
+    from tinymq.redis import RedisBroker
+
+    name = "reports-killed-failing"
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from tinymq import Job, PermanentFailure, Queue\n"
+        "from tinymq.redis import RedisBroker\n"
+        "q = Queue(broker=RedisBroker(sys.argv[1], name=sys.argv[2], lease=2.0))\n"
+        "q.on_failure(lambda job, reason, exc: os.kill(os.getpid(), signal.SIGKILL))\n"
+        "def fail(job):\n"
+        "    raise PermanentFailure('HTTP 404')\n"
+        "q.register_executor('t', fail)\n"
+        "q.enqueue(Job('t', id='doomed'))\n"
+        "q.start_dispatcher(1)\n"
+        "q.join(60)\n"
+        "print('survived', flush=True)\n")
+    client = redis_py.Redis.from_url(redis_url, decode_responses=True)
+    stats_key = f"tmq:{{{name}}}:stats"
+    try:
+        done = subprocess.run([sys.executable, str(script), redis_url, name],
+                              capture_output=True, text=True, timeout=60, env=_env_with_tests_path())
+        assert done.returncode == -9, (done.stdout, done.stderr)  # killed in its callback
+        assert client.hget(stats_key, "failed") == "1"  # counted before the callback ran
+        assert client.hget(stats_key, "outstanding") == "1"  # not finished: nobody reported it yet
+        ran, reported = [], []
+        q = Queue(broker=RedisBroker(redis_url, name=name, lease=2.0))
+        q.on_failure(lambda job, reason, exc: reported.append((job.id, reason, job.last_error)))
+        q.register_executor("t", lambda job: ran.append(job.id))
+        q.start_dispatcher(1)
+        try:
+            assert q.join(30)  # once the dead worker's lease ran out and its report was made
+        finally:
+            q.stop()
+        assert reported == [("doomed", "permanent_failure", "PermanentFailure: HTTP 404")]
+        assert ran == []
+        assert (client.hget(stats_key, "failed"), client.hget(stats_key, "outstanding")) == ("1", "0")
+        assert client.keys(f"tmq:{{{name}}}:reporting:*") == []
+    finally:
+        client.close()
+
+
+def test_a_job_no_process_can_decode_is_dead_and_finished_without_a_report_left_waiting(redis_url):
+    """A body written by another program (not tinymq's JSON) cannot reach a callback: its
+    worker keeps it dead and acknowledges the kept report at once, so join() returns."""
+    import redis as redis_py
+
+    from tinymq import Queue
+    from tinymq.redis import RedisBroker
+
+    name = "reports-undecodable"
+    client = redis_py.Redis.from_url(redis_url, decode_responses=True)
+    q = Queue(broker=RedisBroker(redis_url, name=name, lease=2.0))
+    q.register_executor("t", lambda job: None)
+    try:
+        assert Scripts(client, name).enqueue("tok", 100, 0, [("junk", "t", 1, 0, "{not json")]).status == "ok"
+        q.start_dispatcher(1)
+        assert q.join(10)
+        keys = Scripts(client, name)
+        assert client.zrange(keys.key("dead"), 0, -1) == ["junk"]
+        assert client.hget(keys.key("job:junk"), "e").startswith("cannot decode")
+        assert (client.hget(keys.key("stats"), "failed"), client.hget(keys.key("stats"), "outstanding")) == ("1", "0")
+        assert client.keys(keys.key("reporting:*")) == []
+    finally:
+        q.stop()
         client.close()

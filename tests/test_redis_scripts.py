@@ -4,6 +4,8 @@ What a resend after a lost reply must not change, how a dead process's attempts
 come back, fencing of late settles, the timeout states, parking and giving back.
 A process "dies" here by having its lease set in the past, as time would.
 """
+import json
+
 import pytest
 
 from tinymq.redis._scripts import Scripts, SettleOp
@@ -43,7 +45,7 @@ def expire(scripts, proc):
 
 
 def check_invariants(scripts):
-    """running[t] = L and X attempts of t; outstanding = unfinished jobs."""
+    """running[t] = L and X attempts of t; outstanding = unfinished jobs (and those kept for report)."""
     client = scripts.client
     held = {}
     unfinished = set()
@@ -59,7 +61,11 @@ def check_invariants(scripts):
     unfinished.update(client.zrange(key(scripts, "delayed"), 0, -1))
     for parked in client.scan_iter(key(scripts, "parked:*")):
         unfinished.update(client.lrange(parked, 0, -1))
-    assert int(client.hget(key(scripts, "stats"), "outstanding") or 0) == len(unfinished)
+    # A job its process ended for good counts until that process acknowledges its report.
+    kept = [row for hash_key in client.scan_iter(key(scripts, "reporting:*"))
+            for row in client.hvals(hash_key)] + client.lrange(key(scripts, "reports"), 0, -1)
+    held_back = sum(1 for row in kept if json.loads(row)[6:7] == [1])
+    assert int(client.hget(key(scripts, "stats"), "outstanding") or 0) == len(unfinished) + held_back
 
 
 def rows(*ids, job_type="t", priority=1, delay_ms=0):
@@ -206,7 +212,14 @@ def test_requeue_and_purge_dead(scripts):
     scripts.enqueue("tok", 100, 0, rows("a", "b"))
     taken = scripts.fetch("p1", "1", 2, LEASE_MS, 3, False).jobs
     scripts.settle("p1", [SettleOp("Z", j.attempt, 3, 0, "retries_exhausted", "boom") for j in taken])
-    assert stats(scripts)["outstanding"] == 0
+    # Counted failed at once, and kept for p1 to report: unfinished (for join) until it says so.
+    assert stats(scripts)["failed"] == 2 and stats(scripts)["outstanding"] == 2
+    kept = scripts.client.hgetall(key(scripts, "reporting:p1"))
+    assert sorted(kept) == sorted(f"{j.id}|retries_exhausted|p1|{j.attempt}" for j in taken)
+    assert [json.loads(row)[:5] for row in sorted(kept.values())] == [
+        ["a", "body-a", "3", "boom", "retries_exhausted"], ["b", "body-b", "3", "boom", "retries_exhausted"]]
+    scripts.settle("p1", [SettleOp("A", field) for field in kept])
+    assert stats(scripts)["outstanding"] == 0 and not scripts.client.exists(key(scripts, "reporting:p1"))
     assert scripts.requeue_dead(["a", "nope"]) == 1
     assert ready(scripts) == ["a"] and stats(scripts)["outstanding"] == 1
     assert scripts.client.hget(key(scripts, "job:a"), "r") == "0"

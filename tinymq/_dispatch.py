@@ -37,7 +37,7 @@ import threading
 import time
 import types
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Protocol, Set, Tuple, cast
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Protocol, Set, Tuple, cast
 
 from ._pick_core import core
 from .config import Config, ExecutorConfig
@@ -82,8 +82,9 @@ class AttemptLedger(Protocol):
     def retry(self, job: Any, delay: float) -> None:
         """The attempt failed; the job runs again ``delay`` seconds from now."""
 
-    def failed(self, job: Any, reason: str, exc: Optional[BaseException]) -> None:
-        """The job failed for good (after the failure callbacks ran)."""
+    def failing(self, job: Any, reason: str, exc: Optional[BaseException]) -> ContextManager[None]:
+        """The job failed for good: counted (where the counters are) on entry; the failure
+        callbacks run inside."""
 
     def not_held(self, job: Any, exc: BaseException) -> bool:
         """True when ``exc`` is the ledger refusing the attempt at its start: not a failure."""
@@ -865,9 +866,11 @@ class Dispatcher:
         if counter != core.CANCELLED and self.ready.decide_end(job):
             reason, exc, counter = "cancelled", None, core.CANCELLED
         self.ready.count(counter, 1, job.type)
-        self.report_failure(job, reason, exc)
-        if self.ledger is not None:
-            self.ledger.failed(job, reason, exc)
+        if self.ledger is None:
+            self.report_failure(job, reason, exc)
+        else:
+            with self.ledger.failing(job, reason, exc):
+                self.report_failure(job, reason, exc)
         store = self.store
         if store is not None:
             mark_dead = getattr(store, "mark_dead", None) if reason != "cancelled" else None

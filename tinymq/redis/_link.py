@@ -62,6 +62,7 @@ _US = 1_000_000.0
 _DIGITS = 3  # delays are sent in ms to the microsecond
 _SOCKET_TIMEOUT = 10.0  # beyond the idle wait, a reply slower than this is a dead connection
 _RENEWAL_POLL = 0.05  # seconds a worker waiting for a renewal looks again (it is also woken)
+_SEND_TRIES = 3  # rounds a failure for good waits for (one resends a failed call first)
 
 _PENDING, _STARTED, _GIVEN_BACK = range(3)
 
@@ -89,6 +90,11 @@ def job_row(job: Any, now: float) -> Tuple[str, str, int, float, str]:
     run_at = job.run_at
     delay = 0.0 if run_at is job.timestamp else round((run_at - now) * _MS, _DIGITS)
     return job.id, job.type, int(job.priority), delay if delay > 0.0 else 0, encode_job(job)
+
+
+def _report_key(job_id: str, reason: str, proc: str, attempt: str) -> str:
+    """The field of a job this process ended for good in reporting:<proc> (lib.lua's keep_report)."""
+    return f"{job_id}|{reason}|{proc}|{attempt}"
 
 
 def _describe(exc: Optional[BaseException]) -> str:
@@ -499,11 +505,14 @@ class QueueLink:
                 self._slot_freed()
                 self._wake_pump()
 
-    def _decide(self, job: Any, op: str, delay: float = 0.0, reason: str = "", error: str = "") -> None:
+    def _decide(self, job: Any, op: str, delay: float = 0.0, reason: str = "", error: str = ""
+                ) -> Optional[Tuple[SettleOp, str]]:
+        """Queue the op that ends ``job``'s attempt: (the op, this process's id), or None when
+        the attempt is no longer this process's to end (given back, or this process was reaped)."""
         with self._lock:
             record = self._attempts.get(job)
             if record is None:
-                return
+                return None
             if record.expired:
                 record.decided = True
                 if record.returned:
@@ -512,15 +521,55 @@ class QueueLink:
             else:
                 del self._attempts[job]
                 self._slot_freed()
-            self._queue_op(SettleOp(op, record.attempt, job.retries, max(0.0, round(delay * _MS, _DIGITS)),
-                                    reason, error))
-        self._flush_if_idle()
+            decided = SettleOp(op, record.attempt, job.retries, max(0.0, round(delay * _MS, _DIGITS)),
+                               reason, error)
+            self._queue_op(decided)
+            return decided, self._proc
 
     def retry(self, job: Any, delay: float) -> None:
         self._decide(job, "Y", delay=delay, error=job.last_error or "")
+        self._flush_if_idle()
 
-    def failed(self, job: Any, reason: str, exc: Optional[BaseException]) -> None:
-        self._decide(job, "Z", reason=reason, error=_describe(exc) or (job.last_error or ""))
+    @contextlib.contextmanager
+    def failing(self, job: Any, reason: str, exc: Optional[BaseException]) -> Iterator[None]:
+        """``job`` failed for good here; its failure callbacks run inside this context.
+
+        Redis counts the failure before they run (the op is sent first, in a round of
+        this thread's own), and keeps the job in reporting:<proc> until they ran (op A,
+        sent with the next call): if this process dies in between, whoever reaps it
+        reports the job. stop() waits for the callbacks meanwhile, as for a handed row's.
+        When Redis cannot be reached, the callbacks run anyway and the op follows later.
+        """
+        decided = self._decide(job, "Z", reason=reason, error=_describe(exc) or (job.last_error or ""))
+        if decided is None:  # whoever ends it in Redis (a reaper) reports it too; so do we
+            yield
+            return
+        op, proc = decided
+        self._send(op)
+        key = _report_key(job.id, reason, proc, op.attempt)
+        me = threading.get_ident()
+        with self._reporting_here():
+            with self._lock:
+                self._reporting[me] = key  # stop() waits for it, and sends its A if this is its thread
+            yield
+            with self._lock:
+                if self._released:
+                    return
+                self._queue_op(SettleOp("A", key))  # (until it reaches Redis, join() waits)
+        self._flush_if_idle()
+
+    def _send(self, op: SettleOp) -> None:
+        """Send the ops queued so far, ``op`` among them, and wait for Redis to have run them."""
+        for _ in range(_SEND_TRIES):
+            try:
+                self._round()
+            except self._redis_error as exc:
+                self._log_outage("settle", exc)
+                return
+            with self._lock:
+                if self._released or not (any(queued is op for queued in self._ops) or (
+                        self._unsent is not None and any(unsent is op for unsent in self._unsent[3]))):
+                    return
 
     def returned_late(self, job: Any) -> None:
         """A timed-out attempt's function returned: its type slot is free."""
@@ -639,9 +688,11 @@ class QueueLink:
                 job = decode_job(item.id, item.body, item.retries, item.error)
             except Exception as exc:  # written by another program, or a broken client
                 logger.error("job %s in Redis cannot be decoded (%s); it is dead", item.id, _describe(exc))
-                with self._lock:
+                with self._lock:  # no callback can have it: its report is acknowledged at once
                     self._queue_op(SettleOp("Z", item.attempt, item.retries, 0, "permanent_failure",
                                             f"cannot decode: {_describe(exc)}"))
+                    self._queue_op(SettleOp("A", _report_key(item.id, "permanent_failure", self._proc,
+                                                             item.attempt)))
                 continue
             jobs.append((job, item.attempt))
         now = time.monotonic()

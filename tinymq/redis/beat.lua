@@ -18,7 +18,10 @@ if bid ~= '' then
 end
 local crashed = {}
 reap(now, max_crash, crashed)
-if bid ~= '' then hand_out_reports(crashed) else keep_ended() end -- (a resend must see the same rows)
+if bid ~= '' then hand_out_reports(crashed) else -- (a resend must see the same rows)
+  reported_by_reply(crashed)
+  keep_ended()
+end
 flush_head()
 flush_counts()
 if bid ~= '' then

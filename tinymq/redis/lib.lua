@@ -79,7 +79,8 @@ Invariants (after every script):
     So the ids of the jobs with a job:<id> hash (unfinished or dead) are unique, and a
     marked attempt's id may also be a newer job's. Marks are on L and R attempts only;
   * running[t] = number of L and X attempts of type t over all inflight hashes;
-  * stats.outstanding = number of unfinished jobs.
+  * stats.outstanding = number of unfinished jobs (one a process ended for good counts
+    until its report is acknowledged: see keep_report in settle).
   * a rate-limited type is handed out only while rate:<type> holds fewer than max_starts
     live entries; each attempt's entry ends no sooner than per after it started (its
     start is reported after it happened, its reap or outcome comes after it too).
@@ -294,7 +295,7 @@ local function flush_released()
   released = {}
 end
 
-local function job_dead(id, reason, err, retries, now)
+local function job_dead(id, reason, err, retries, now, held) -- held: unfinished until reported (keep_report)
   local jk = job_key(id)
   if err and err ~= '' then
     redis.call('HSET', jk, 'x', reason, 'r', retries, 'e', err)
@@ -303,7 +304,7 @@ local function job_dead(id, reason, err, retries, now)
   end
   redis.call('ZADD', K_DEAD, now, id)
   count('failed', 1)
-  count('outstanding', -1)
+  if not held then count('outstanding', -1) end
 end
 
 local function job_retry(id, retries, err, delay, now)
@@ -323,14 +324,14 @@ end
 ended on its own, or with its process): rows {id, body, retries, error, 'cancelled'} that
 the caller's reply carries (hand_out_ended), or that wait in `reports` (keep_ended). ]]
 local ended = {}
-local function end_cancelled(jk, id, report) -- jk: the job's hash (job:<id>, or a marked attempt's)
+local function end_cancelled(jk, id, report, held) -- jk: the job's hash (job:<id>, or a marked attempt's)
   if report then
     local f = redis.call('HMGET', jk, 'b', 'r', 'e')
     table.insert(ended, {id, f[1] or '', f[2] or '0', f[3] or '', 'cancelled'})
   end
   redis.call('DEL', jk)
   count('cancelled', 1)
-  count('outstanding', -1)
+  if not held then count('outstanding', -1) end
 end
 local REPORTS_PER_CALL = 100 -- rows from `reports` handed out per beat
 local function hand_out_ended(rows) -- appends this call's rows to report to `rows` (a reply's crashed)
@@ -343,6 +344,11 @@ local function hand_out_reports(rows) -- and those that waited (beat only: fetch
     for _, text in ipairs(redis.call('LPOP', K_REPORTS, REPORTS_PER_CALL)) do
       table.insert(rows, cjson.decode(text))
     end
+  end
+end
+local function reported_by_reply(rows) -- rows a reply hands out that nothing keeps (see keep_report)
+  for _, row in ipairs(rows) do
+    if row[7] == 1 then count('outstanding', -1) end -- no A will come: finished as it is reported
   end
 end
 local function keep_ended() -- for callers whose reply carries no rows
@@ -379,7 +385,8 @@ end
 (op, attempt, retries, delay ms, reason, error).
   S  success                          (L)    -> job deleted, slot freed
   Y  failed, retry after delay ms (fractional) (L) -> slot freed, job delayed (or ready)
-  Z  failed for good, reason, error   (L)    -> slot freed, job dead
+  Z  failed for good, reason, error   (L)    -> slot freed, job dead, kept for proc to
+       report (reporting:<proc>, see keep_report in settle)
   y/z  the same, decided at the attempt's deadline while it may still run:
        (L) -> attempt becomes X and keeps its slot; (R) -> attempt removed
   E  a timed-out attempt returned     (X) -> removed, slot freed; (L) -> R, slot freed
@@ -387,7 +394,8 @@ end
   T  started (sent by a rate-limited type's worker once it started the attempt) (L, X, R)
        -> nothing but its rate window entry: it ends per from now
   A  (op, the row's key instead of an attempt) a row handed to proc to report was
-       reported: it leaves reporting:<proc> (see handed)
+       reported: it leaves reporting:<proc> (see handed), and a job kept by keep_report
+       is finished
 Every op on an L attempt also ends its rate window entry per from now, at the latest
 (an outcome comes after the start; B may be a cancelled running attempt), except a B of
 an attempt whose start was never reported (T): it never started, and counts no start.
@@ -396,9 +404,10 @@ is stale and changes nothing. Returns the number of stale ops.
 An attempt that q.cancel() marked (in cancels:<proc>), or a Z/z op for reason
 "cancelled" (its process cancelled it), ends its job as cancelled whatever the op says
 (never a success, a retry or a death); the slot is freed or kept as the op says. Unless
-the op was the process's own cancel, the job goes to `ended` for the caller to report.
-Except a failure for good (Z/z) that the process decided itself: it reported that failure
-when it decided it, possibly before it heard of the mark, so the failure stands (counted
+the op was the process's own cancel, the job goes to `ended` for the caller to report
+(its own cancel is kept for it to report, as a Z is).
+Except a failure for good (Z/z) that the process decided itself: it reports that failure
+once it decided it, possibly before it heard of the mark, so the failure stands (counted
 failed) and the mark is dropped: a job ends, and is reported, once. Its hash goes back to
 job:<id> to be kept dead, unless a newer job has that id by then (enqueued after the
 cancel): the id is the newer job's, so the old hash is deleted instead.
@@ -415,20 +424,36 @@ local function settle(proc, argv, first, n, now)
     marks[attempt] = true
     marks_seen = true
   end
+  -- A job that proc ended for good itself (Z, z, its own cancel) waits in reporting:<proc>
+  -- until proc says its failure callbacks ran (op A), as a row handed to it does (see
+  -- handed): proc sends the op before they run, so the counters have the job by then, and
+  -- whoever reaps proc reports it should proc die first. Until that A the job still counts
+  -- as unfinished (stats.outstanding, for join), as callbacks come before that: its row says
+  -- so (a 7th field, 1), wherever it is handed on. Its key is one proc makes too:
+  -- '<id>|<reason>|<proc>|<attempt>' (the attempt is proc's alone). From the job's hash jk,
+  -- as it ends.
+  local function keep_report(jk, id, attempt, reason)
+    local f = redis.call('HMGET', jk, 'b', 'r', 'e')
+    local key = table.concat({id, reason, proc, attempt}, '|')
+    redis.call('HSET', reporting_key(proc), key,
+               cjson.encode({id, f[1] or '', f[2] or '0', f[3] or '', reason, key, 1}))
+  end
   local function failed(attempt, id, at) -- a failure for good (op Z or z at argv[at]) stands
+    local reason = argv[at + 4]
     if marks[attempt] then
       redis.call('SREM', ck, attempt)
       marks[attempt] = nil
       local mk = marked_key(proc, attempt)
       if redis.call('EXISTS', job_key(id)) == 1 or redis.call('EXISTS', mk) == 0 then
+        keep_report(mk, id, attempt, reason)
         redis.call('DEL', mk) -- a newer job has the id: the failure is counted, the hash not kept
         count('failed', 1)
-        count('outstanding', -1)
         return
       end
       redis.call('RENAME', mk, job_key(id))
     end
-    job_dead(id, argv[at + 4], argv[at + 5], argv[at + 2], now)
+    job_dead(id, reason, argv[at + 5], argv[at + 2], now, true)
+    keep_report(job_key(id), id, attempt, reason)
   end
   local finished = {} -- keys of succeeded jobs: one DEL at the end
   local function settle_op(op, attempt, i) -- returns 1 for a stale op, else 0
@@ -453,7 +478,8 @@ local function settle(proc, argv, first, n, now)
         end
         redis.call('SREM', ck, attempt)
         marks[attempt] = nil
-        end_cancelled(jk, id, not own_cancel)
+        if own_cancel then keep_report(jk, id, attempt, 'cancelled') end
+        end_cancelled(jk, id, not own_cancel, own_cancel)
       else
         return 1 -- an op that does not fit the attempt's state: a resend
       end
@@ -492,7 +518,12 @@ local function settle(proc, argv, first, n, now)
   for _ = 1, n do
     local op, attempt = argv[i], argv[i + 1]
     if op == 'A' then -- its failure callbacks ran: the row is no longer re-reported if it dies
-      redis.call('HDEL', reporting_key(proc), attempt)
+      local rk = reporting_key(proc)
+      local row = redis.call('HGET', rk, attempt)
+      if row then
+        redis.call('HDEL', rk, attempt)
+        if cjson.decode(row)[7] == 1 then count('outstanding', -1) end -- (see keep_report)
+      end
     else
       stale = stale + settle_op(op, attempt, i)
     end

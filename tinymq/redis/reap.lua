@@ -6,6 +6,7 @@ local crashed = {}
 local now = now_ms()
 mind_the_gap(now, nil)
 local n = reap(now, tonumber(ARGV[1]), crashed)
+reported_by_reply(crashed)
 for _, row in ipairs(ended) do table.insert(crashed, row) end
 ended = {}
 flush_head()
