@@ -9,7 +9,6 @@ import pytest
 from tinymq import SQLitePersistence
 
 
-@pytest.mark.xfail(strict=True, reason="SQLitePersistence(busy_timeout=timedelta(...)) raises TypeError")
 def test_busy_timeout_takes_a_timedelta(tmp_path):
     """docs/api.md (intro): "Durations are seconds as a float (a datetime.timedelta works
     too)"; API.md "Units": every duration also accepts ``datetime.timedelta``. The store's
