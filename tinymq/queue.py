@@ -33,8 +33,6 @@ _now = time.time
 
 
 _DEFAULT_EXECUTOR_CONFIG = ExecutorConfig()  # immutable: one for every registration without a config
-# A plain function's answer, for the next registration of the same function (one handler for
-# many job types): valid while the code and defaults that decided it are the same objects.
 # The queue that took each store (by id(store)): a second queue must not load the rows of a live one.
 _store_users: "weakref.WeakValueDictionary[int, Queue]" = weakref.WeakValueDictionary()
 _store_users_lock = threading.Lock()
@@ -62,6 +60,8 @@ class _StoreLoading:
         return "<a store set_persistence() is loading>"
 
 
+# A plain function's answer, for the next registration of the same function (one handler for
+# many job types): valid while the code and defaults that decided it are the same objects.
 _plain_answers: "weakref.WeakKeyDictionary[Any, Tuple[Any, Any, Any, bool]]" = weakref.WeakKeyDictionary()
 
 
