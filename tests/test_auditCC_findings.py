@@ -23,8 +23,6 @@ def test_busy_timeout_takes_a_timedelta(tmp_path):
         SQLitePersistence(tmp_path / "bad.db", busy_timeout=timedelta(seconds=-1))
 
 
-@pytest.mark.xfail(strict=True, reason="the configs' duration fields are annotated float | int | timedelta, "
-                                       "though they always hold a float once constructed")
 def test_config_durations_are_floats_to_a_type_checker():
     """docs/api.md: "Durations are seconds as a float (a datetime.timedelta works too)"; config.py:
     each config normalises its durations to float at construction. A type checker reading the

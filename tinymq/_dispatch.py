@@ -37,7 +37,7 @@ import threading
 import time
 import types
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Protocol, Set, Tuple, cast
+from typing import Any, Callable, Dict, List, Optional, Protocol, Set, Tuple
 
 from ._pick_core import core
 from .config import Config, ExecutorConfig
@@ -172,10 +172,9 @@ class Dispatcher:
 
     def register(self, job_type: str, fn: Callable[..., Any], config: ExecutorConfig,
                  takes_context: bool, is_async: bool = False) -> None:
-        timeout = cast(Optional[float], config.timeout)  # a float or None once constructed
         with self._lock:
             self._registered[job_type] = (fn, config, takes_context)
-        self.ready.configure(job_type, fn, config.max_concurrent_jobs, timeout,
+        self.ready.configure(job_type, fn, config.max_concurrent_jobs, config.timeout,
                              takes_context, config.interrupt_on_timeout,
                              core.LOOP if is_async else core.THREADS, config.rate_limit)
 
@@ -475,7 +474,7 @@ class Dispatcher:
             self.fail(evicted, "evicted", None, core.EVICTED)
 
     def _schedule(self) -> None:
-        interval = cast(float, self.config.scheduler_interval)
+        interval = self.config.scheduler_interval
         delayed, uncapped, alarm, ready = self.delayed, self.uncapped, self.scheduler_alarm, self.ready
         monotonic = core.monotonic
         while not self._stopping:
