@@ -154,7 +154,9 @@ class Dispatcher:
         # so a job's store row ends as the one that came last says, never resurrected.
         self._stop_order = threading.Lock()
         self._stop_cancelled: Set[Any] = set()  # jobs whose attempt stop() cancelled: not failures
-        self._decided: Set[Any] = set()  # jobs whose attempt ended on its own after stop() began
+        # Jobs whose end was decided after stop() began, by their attempt's own outcome or by a
+        # cancel (end_cancelled): stop() no longer saves them back, their own store write stands.
+        self._decided: Set[Any] = set()
         # Jobs whose attempt stop() cancelled, handled (saved back as ready, no holder left): a
         # cancel() that marks one afterwards ends it itself (see _stop_gave_back).
         self._stop_given_back: Set[Any] = set()
