@@ -966,7 +966,7 @@ class SQLitePersistence:
         return self._decoded(rows, "job")
 
     def dead_jobs(self) -> List[DeadJob]:
-        """Permanently failed jobs, oldest first, with their reason and last error."""
+        """Permanently failed jobs, oldest job (``timestamp``) first, with their reason and last error."""
         rows = self._read(f"{_SELECT} WHERE state = 'dead' ORDER BY timestamp")
         reasons = {row[0]: (row[11], row[10]) for row in rows}
         return [DeadJob(job, *reasons[job.id]) for job in self._decoded(rows, "dead job")]
