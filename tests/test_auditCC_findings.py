@@ -38,3 +38,34 @@ def test_config_durations_are_floats_to_a_type_checker():
     assert RateLimit(1, per=timedelta(minutes=1)).per == 60.0
     assert ExecutorConfig(timeout=timedelta(seconds=3)).timeout == 3.0
     assert Config(scheduler_interval=timedelta(milliseconds=50)).scheduler_interval == 0.05
+
+
+@pytest.mark.xfail(strict=True, reason="enqueue_many([job, job]) of one Job without an id and without a store "
+                                       "accepts it twice and runs it twice (both cores)")
+@pytest.mark.parametrize("delay", [0.0, 0.05], ids=["ready", "delayed"])
+def test_one_job_twice_in_a_batch_is_refused(delay):
+    """docs/api.md, Job: "A Job object stands for one enqueue: enqueuing a job that its queue
+    holds unfinished raises DuplicateJob, whether or not it has an id"; enqueue_many: "all or
+    none ... DuplicateJob when an id is taken or appears twice in the batch". ``q.enqueue(job)``
+    twice is refused, and so is the batch with a store (the save names the job first), or with
+    an explicit id; without a store, one Job object without an id given twice in one
+    ``enqueue_many`` was accepted twice: counted twice in jobs_enqueued, and run twice."""
+    import time
+
+    from tinymq import DuplicateJob, Job, Queue
+
+    runs = []
+    q = Queue(10)
+    q.register_executor("t", lambda job: runs.append(job))
+    job = Job("t")
+    if delay:
+        job.run_at = time.time() + delay
+    try:
+        with pytest.raises(DuplicateJob):
+            q.enqueue_many([job, job])
+        assert q.get_stats().jobs_enqueued == 0  # nothing of the batch was enqueued
+        q.start_dispatcher(2)
+        assert q.join(5)
+        assert runs == []
+    finally:
+        q.stop()
