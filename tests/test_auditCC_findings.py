@@ -69,3 +69,21 @@ def test_one_job_twice_in_a_batch_is_refused(delay):
         assert runs == []
     finally:
         q.stop()
+
+
+@pytest.mark.xfail(strict=True, reason="without a store, a batch that gives one id twice is refused as "
+                                       "'a job with id ... is already queued and unfinished'")
+def test_an_id_twice_in_a_batch_is_refused_as_such():
+    """docs/api.md, enqueue_many: "DuplicateJob when an id is taken or appears twice in the
+    batch". With a store, and over Redis, the message says which: "an id is given twice in this
+    batch of 2 jobs; none of the batch was enqueued". Without a store it said "a job with id 'd'
+    is already queued and unfinished", of an id that no job of the queue had."""
+    from tinymq import DuplicateJob, Job, Queue
+
+    q = Queue(10)
+    try:
+        with pytest.raises(DuplicateJob, match="given twice in this batch"):
+            q.enqueue_many([Job("t", id="d"), Job("t", id="d")])
+        assert q.get_stats().jobs_enqueued == 0
+    finally:
+        q.stop()
