@@ -71,8 +71,6 @@ def test_one_job_twice_in_a_batch_is_refused(delay):
         q.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="without a store, a batch that gives one id twice is refused as "
-                                       "'a job with id ... is already queued and unfinished'")
 def test_an_id_twice_in_a_batch_is_refused_as_such():
     """docs/api.md, enqueue_many: "DuplicateJob when an id is taken or appears twice in the
     batch". With a store, and over Redis, the message says which: "an id is given twice in this

@@ -364,7 +364,14 @@ class Queue:
             raise DuplicateJob(f"an id is given twice in this batch of {len(batch)} jobs; "
                                "none of the batch was enqueued")
         if not job_ids:
-            self._save_and_place_many(batch, ready_jobs, delayed_jobs)
+            try:
+                self._save_and_place_many(batch, ready_jobs, delayed_jobs)
+            except DuplicateJob:  # the core's: say so when the batch itself repeats an id (no cost before)
+                given = [job._id for job in batch if job._id.__class__ is str]
+                if len(set(given)) < len(given):
+                    raise DuplicateJob(f"an id is given twice in this batch of {len(batch)} jobs; "
+                                       "none of the batch was enqueued") from None
+                raise
         else:
             self._claim(job_ids)
             try:
