@@ -40,8 +40,6 @@ def test_config_durations_are_floats_to_a_type_checker():
     assert Config(scheduler_interval=timedelta(milliseconds=50)).scheduler_interval == 0.05
 
 
-@pytest.mark.xfail(strict=True, reason="enqueue_many([job, job]) of one Job without an id and without a store "
-                                       "accepts it twice and runs it twice (both cores)")
 @pytest.mark.parametrize("delay", [0.0, 0.05], ids=["ready", "delayed"])
 def test_one_job_twice_in_a_batch_is_refused(delay):
     """docs/api.md, Job: "A Job object stands for one enqueue: enqueuing a job that its queue
