@@ -584,6 +584,10 @@ class Queue:
     def stop(self, wait: bool = True, timeout: Union[float, timedelta, None] = None) -> None:
         """Accept no more jobs, let running attempts finish (when ``wait``), stop all threads.
 
+        With ``wait``, running attempts get at most ``timeout`` seconds (their own
+        timeouts still apply); then, or at once with ``wait=False``, the contexts of
+        those still running are cancelled. An attempt that stop() cancels is not a
+        failure: not counted, retried or reported (a store keeps its job as ready).
         Idempotent. Jobs still queued are not run; a persistence store keeps them.
         """
         self._stop(wait, _optional_seconds("timeout", timeout), False)
