@@ -781,6 +781,11 @@ cdef object _queued_again(object job):
                         "once: make a new Job to run the same work again)")
 
 
+cdef object _given_twice(object job):
+    return DuplicateJob(f"this {job.type!r} job is given twice in this batch (a Job is enqueued once: "
+                        "make a new Job to run the same work again); none of the batch was enqueued")
+
+
 cdef tuple _batch_ids(list jobs):
     """``{id: job}`` for the jobs that have an id (None when none has), and an id
     repeated within ``jobs`` (None when none is)."""
@@ -1072,16 +1077,33 @@ cdef class ReadyQueue:
                     raise _duplicate(job_id)
         return 0
 
+    cdef int _mark_unnamed(self, list jobs, dict batch) except -1:
+        """Put this queue's ``unnamed`` in each of ``jobs`` that has no id, before any other change
+        of an accept: a job found marked already is in ``jobs`` twice (``_named_elsewhere`` refused
+        one this queue held before), so the marks are taken back and DuplicateJob raised (the pure
+        twin's ``_check_once``). One step under the GIL: no other thread sees these marks."""
+        cdef Py_ssize_t i, k, n = len(jobs)
+        if batch is not None and len(batch) >= n:
+            return 0
+        for i in range(n):
+            job = jobs[i]
+            raw = job._id
+            if raw is self.unnamed:
+                for k in range(i):
+                    if jobs[k]._id is self.unnamed:
+                        jobs[k]._id = None
+                raise _given_twice(job)
+            if _as_id(raw) is None:
+                job._id = self.unnamed
+        return 0
+
     cdef inline int _accept(self, list jobs, dict batch) except -1:
+        """Count ``jobs`` and register their ids (``_mark_unnamed`` marked the others first)."""
         cdef Py_ssize_t n = len(jobs)
         self._unfinished += n
         self._counters[C_ENQUEUED] += n
         if batch is not None:
             self.ids.update(batch)
-        if batch is None or len(batch) < n:
-            for job in jobs:
-                if _id_of(job) is None:
-                    job._id = self.unnamed
         return 0
 
     cdef inline int _accept_one(self, object job, object job_id) except -1:
@@ -1181,6 +1203,7 @@ cdef class ReadyQueue:
         self._check_unregistered(batch, repeated)
         if self.size + len(placed) > self.capacity:
             return False
+        self._mark_unnamed(accepted, batch)
         for job, job_type, level in placed:
             self._append(job, job_type, level)
         self._accept(accepted, batch)
@@ -1197,6 +1220,7 @@ cdef class ReadyQueue:
         batch, repeated = _batch_ids(accepted)
         self._check_open()
         self._check_unregistered(batch, repeated)
+        self._mark_unnamed(accepted, batch)
         self._accept(accepted, batch)
 
     def requeue(self, object job):

@@ -291,6 +291,25 @@ def _queued_again(job: Any) -> DuplicateJob:
                         "once: make a new Job to run the same work again)")
 
 
+def _given_twice(job: Any) -> DuplicateJob:
+    return DuplicateJob(f"this {job.type!r} job is given twice in this batch (a Job is enqueued once: "
+                        "make a new Job to run the same work again); none of the batch was enqueued")
+
+
+def _check_once(jobs: List[Any], batch: Dict[str, Any]) -> None:
+    """DuplicateJob when one job without an id is in ``jobs`` twice: a Job stands for one enqueue
+    (one with an id repeats its id, which ``_batch_ids`` finds). The compiled core finds it as it
+    marks the jobs (``_mark_unnamed``): one marked already is there twice."""
+    if len(jobs) - len(batch) < 2:
+        return
+    seen = set()
+    for job in jobs:
+        if _id_of(job) is None:
+            if id(job) in seen:
+                raise _given_twice(job)
+            seen.add(id(job))
+
+
 def _batch_ids(jobs: List[Any]) -> Tuple[Dict[str, Any], Optional[str]]:
     """``{id: job}`` for the jobs that have an id, and an id repeated within ``jobs`` (or None)."""
     batch: Dict[str, Any] = {}
@@ -670,6 +689,7 @@ class ReadyQueue:
         for job in accepted:
             self._name_elsewhere(job)
         batch, repeated = _batch_ids(accepted)
+        _check_once(accepted, batch)
         with self._lock:
             self._check_open()
             self._check_unregistered(batch, repeated)
@@ -687,6 +707,7 @@ class ReadyQueue:
         for job in jobs:
             self._name_elsewhere(job)
         batch, repeated = _batch_ids(jobs)
+        _check_once(jobs, batch)
         with self._lock:
             self._check_open()
             self._check_unregistered(batch, repeated)

@@ -37,7 +37,7 @@ import threading
 import time
 import types
 import weakref
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Protocol, Set, Tuple, cast
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Protocol, Set, Tuple
 
 from ._pick_core import core
 from .config import Config, ExecutorConfig
@@ -155,7 +155,9 @@ class Dispatcher:
         # so a job's store row ends as the one that came last says, never resurrected.
         self._stop_order = threading.Lock()
         self._stop_cancelled: Set[Any] = set()  # jobs whose attempt stop() cancelled: not failures
-        self._decided: Set[Any] = set()  # jobs whose attempt ended on its own after stop() began
+        # Jobs whose end was decided after stop() began, by their attempt's own outcome or by a
+        # cancel (end_cancelled): stop() no longer saves them back, their own store write stands.
+        self._decided: Set[Any] = set()
         # Jobs whose attempt stop() cancelled, handled (saved back as ready, no holder left): a
         # cancel() that marks one afterwards ends it itself (see _stop_gave_back).
         self._stop_given_back: Set[Any] = set()
@@ -173,10 +175,9 @@ class Dispatcher:
 
     def register(self, job_type: str, fn: Callable[..., Any], config: ExecutorConfig,
                  takes_context: bool, is_async: bool = False) -> None:
-        timeout = cast(Optional[float], config.timeout)  # a float or None once constructed
         with self._lock:
             self._registered[job_type] = (fn, config, takes_context)
-        self.ready.configure(job_type, fn, config.max_concurrent_jobs, timeout,
+        self.ready.configure(job_type, fn, config.max_concurrent_jobs, config.timeout,
                              takes_context, config.interrupt_on_timeout,
                              core.LOOP if is_async else core.THREADS, config.rate_limit)
 
@@ -482,7 +483,7 @@ class Dispatcher:
             self.fail(evicted, "evicted", None, core.EVICTED)
 
     def _schedule(self) -> None:
-        interval = cast(float, self.config.scheduler_interval)
+        interval = self.config.scheduler_interval
         delayed, uncapped, alarm, ready = self.delayed, self.uncapped, self.scheduler_alarm, self.ready
         monotonic = core.monotonic
         while not self._stopping:

@@ -2,11 +2,16 @@
 
 Every duration is seconds as a float and also accepts ``datetime.timedelta``.
 Bad values raise ValueError or TypeError naming the value, at construction.
+
+Each config turns its durations into float seconds when it is built, so its fields
+are annotated ``float``; the ``__init__`` declared under ``TYPE_CHECKING`` tells type
+checkers that the constructor also takes a ``Duration`` (at run time the dataclass
+makes ``__init__`` from the fields, as always).
 """
 import math
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional, Tuple, Type, Union, cast
+from typing import TYPE_CHECKING, Optional, Tuple, Type, Union
 
 from ._pick_core import core
 
@@ -69,10 +74,14 @@ class RetryConfig:
     """
 
     max_retries: int = 3
-    initial_delay: Duration = 1.0
-    max_delay: Duration = 300.0
+    initial_delay: float = 1.0
+    max_delay: float = 300.0
     backoff_multiple: float = 2.0
     jitter: float = 0.0
+
+    if TYPE_CHECKING:
+        def __init__(self, max_retries: int = 3, initial_delay: Duration = 1.0, max_delay: Duration = 300.0,
+                     backoff_multiple: float = 2.0, jitter: float = 0.0) -> None: ...
 
     def __post_init__(self) -> None:
         _count("max_retries", self.max_retries, 0)
@@ -95,10 +104,7 @@ class RetryConfig:
         """Seconds to wait before the k-th retry (k >= 1)."""
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"retry number k must be an int >= 1, got {k!r}")
-        return core.retry_delay(  # durations are floats once constructed
-            k, cast(float, self.initial_delay), cast(float, self.max_delay),
-            self.backoff_multiple, self.jitter,
-        )
+        return core.retry_delay(k, self.initial_delay, self.max_delay, self.backoff_multiple, self.jitter)
 
 
 @dataclass(frozen=True)
@@ -111,8 +117,12 @@ class Config:
     """
 
     buffer_size: int = 100
-    scheduler_interval: Duration = 0.1
+    scheduler_interval: float = 0.1
     max_delayed_jobs: int = 10000
+
+    if TYPE_CHECKING:
+        def __init__(self, buffer_size: int = 100, scheduler_interval: Duration = 0.1,
+                     max_delayed_jobs: int = 10000) -> None: ...
 
     def __post_init__(self) -> None:
         _count("buffer_size", self.buffer_size, 1)
@@ -136,7 +146,10 @@ class RateLimit:
     """
 
     max_starts: int
-    per: Duration
+    per: float
+
+    if TYPE_CHECKING:
+        def __init__(self, max_starts: int, per: Duration) -> None: ...
 
     def __post_init__(self) -> None:
         _count("max_starts", self.max_starts, 1)
@@ -164,10 +177,16 @@ class ExecutorConfig:
     """
 
     max_concurrent_jobs: int = 10
-    timeout: Optional[Duration] = 30.0
+    timeout: Optional[float] = 30.0
     interrupt_on_timeout: bool = False
     retry_on: Tuple[Type[BaseException], ...] = (Exception,)
     rate_limit: Optional[RateLimit] = None
+
+    if TYPE_CHECKING:
+        def __init__(self, max_concurrent_jobs: int = 10, timeout: Optional[Duration] = 30.0,
+                     interrupt_on_timeout: bool = False,
+                     retry_on: Tuple[Type[BaseException], ...] = (Exception,),
+                     rate_limit: Optional[RateLimit] = None) -> None: ...
 
     def __post_init__(self) -> None:
         _count("max_concurrent_jobs", self.max_concurrent_jobs, 1)

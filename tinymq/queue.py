@@ -33,8 +33,6 @@ _now = time.time
 
 
 _DEFAULT_EXECUTOR_CONFIG = ExecutorConfig()  # immutable: one for every registration without a config
-# A plain function's answer, for the next registration of the same function (one handler for
-# many job types): valid while the code and defaults that decided it are the same objects.
 # The queue that took each store (by id(store)): a second queue must not load the rows of a live one.
 _store_users: "weakref.WeakValueDictionary[int, Queue]" = weakref.WeakValueDictionary()
 _store_users_lock = threading.Lock()
@@ -62,6 +60,8 @@ class _StoreLoading:
         return "<a store set_persistence() is loading>"
 
 
+# A plain function's answer, for the next registration of the same function (one handler for
+# many job types): valid while the code and defaults that decided it are the same objects.
 _plain_answers: "weakref.WeakKeyDictionary[Any, Tuple[Any, Any, Any, bool]]" = weakref.WeakKeyDictionary()
 
 
@@ -364,7 +364,14 @@ class Queue:
             raise DuplicateJob(f"an id is given twice in this batch of {len(batch)} jobs; "
                                "none of the batch was enqueued")
         if not job_ids:
-            self._save_and_place_many(batch, ready_jobs, delayed_jobs)
+            try:
+                self._save_and_place_many(batch, ready_jobs, delayed_jobs)
+            except DuplicateJob:  # the core's: say so when the batch itself repeats an id (no cost before)
+                given = [job._id for job in batch if job._id.__class__ is str]
+                if len(set(given)) < len(given):
+                    raise DuplicateJob(f"an id is given twice in this batch of {len(batch)} jobs; "
+                                       "none of the batch was enqueued") from None
+                raise
         else:
             self._claim(job_ids)
             try:
@@ -577,6 +584,10 @@ class Queue:
     def stop(self, wait: bool = True, timeout: Union[float, timedelta, None] = None) -> None:
         """Accept no more jobs, let running attempts finish (when ``wait``), stop all threads.
 
+        With ``wait``, running attempts get at most ``timeout`` seconds (their own
+        timeouts still apply); then, or at once with ``wait=False``, the contexts of
+        those still running are cancelled. An attempt that stop() cancels is not a
+        failure: not counted, retried or reported (a store keeps its job as ready).
         Idempotent. Jobs still queued are not run; a persistence store keeps them.
         """
         self._stop(wait, _optional_seconds("timeout", timeout), False)

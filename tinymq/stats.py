@@ -7,7 +7,10 @@ __all__ = ["QueueStats", "ExecutorStats"]
 
 @dataclass(frozen=True)
 class ExecutorStats:
-    """One job type: ``active_jobs`` attempts are running now, at most ``max_jobs``.
+    """One job type: ``active_jobs`` attempts are running now, ``max_jobs`` its ``max_concurrent_jobs``.
+
+    ``active_jobs`` stays at most ``max_jobs``, except after the type was registered again
+    with a lower limit: the attempts already running keep their slots until they end.
 
     Lifetime event counters of the type, like QueueStats' ``jobs_*``:
     ``succeeded``, ``failed`` (for good), ``retried``, ``timed_out``, ``cancelled``.

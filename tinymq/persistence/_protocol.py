@@ -22,8 +22,9 @@ so a minimal store stays minimal and a richer one gets better guarantees:
     The Queue reports them as failures with reason "crashed".
 ``mark_dead(job, reason, error)``
     The job failed permanently (``reason`` is "retries_exhausted",
-    "no_executor", "evicted" or "crashed"; ``error`` the last exception or None). The
-    store keeps it for inspection instead of deleting it.
+    "permanent_failure", "no_executor", "evicted" or "crashed"; ``error`` the last
+    exception or None). The store keeps it for inspection instead of deleting it.
+    A cancelled job is deleted, never kept.
 """
 from typing import Iterable, Optional, Protocol, Sequence, runtime_checkable
 

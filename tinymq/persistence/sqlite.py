@@ -29,9 +29,10 @@ import time
 import urllib.parse
 import weakref
 from collections import deque
+from datetime import timedelta
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-from ..config import RetryConfig
+from ..config import RetryConfig, _seconds
 from ..errors import PersistenceError
 from ..job import _DEFAULT_RETRY_CONFIG, Job
 from . import _ownership
@@ -227,15 +228,12 @@ class SQLitePersistence:
         *,
         synchronous: str = "NORMAL",
         serializer: Optional[Serializer] = None,
-        busy_timeout: float = 5.0,
+        busy_timeout: Union[float, timedelta] = 5.0,
         read_only: bool = False,
     ) -> None:
         if not isinstance(synchronous, str) or synchronous.upper() not in _SYNCHRONOUS_MODES:
             raise ValueError(f"synchronous must be one of {_SYNCHRONOUS_MODES}, got {synchronous!r}")
-        if isinstance(busy_timeout, bool) or not isinstance(busy_timeout, (int, float)):
-            raise TypeError(f"busy_timeout must be seconds (float), got {busy_timeout!r}")
-        if not 0 <= busy_timeout < float("inf"):
-            raise ValueError(f"busy_timeout must be a finite number >= 0, got {busy_timeout!r}")
+        busy_timeout = _seconds("busy_timeout", busy_timeout)  # a timedelta too, as every duration
         if not isinstance(read_only, bool):
             raise TypeError(f"read_only must be True or False, got {read_only!r}")
         if serializer is None:
@@ -248,7 +246,7 @@ class SQLitePersistence:
         self.synchronous = synchronous.upper()
         self.read_only = read_only
         self.serializer = serializer
-        self.busy_timeout = float(busy_timeout)
+        self.busy_timeout = busy_timeout
         self._dumps = serializer.dumps
         self._file = os.path.abspath(self.path)  # a chdir() later does not move the store
         self._tags_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -982,7 +980,7 @@ class SQLitePersistence:
         return self._decoded(rows, "job")
 
     def dead_jobs(self) -> List[DeadJob]:
-        """Permanently failed jobs, oldest first, with their reason and last error."""
+        """Permanently failed jobs, oldest job (``timestamp``) first, with their reason and last error."""
         rows = self._read(f"{_SELECT} WHERE state = 'dead' ORDER BY timestamp")
         reasons = {row[0]: (row[11], row[10]) for row in rows}
         return [DeadJob(job, *reasons[job.id]) for job in self._decoded(rows, "dead job")]

@@ -1,6 +1,6 @@
 """QueueLink: one Queue's end of the broker — enqueue, the pump, the heartbeat, the timer.
 
-The Cython core stays this process's local buffer: the pump fetches leased
+The core (compiled or pure) stays this process's local buffer: the pump fetches leased
 attempts from Redis (``free slots + 1`` per call, settles of finished attempts
 in the same call) and hands them to the core's ReadyQueue, where the usual
 workers, local limits and watchdog run them. The dispatcher tells this link
@@ -17,6 +17,10 @@ Threads (started by ``start``):
 - the heartbeat: renews this process's lease every ``lease / 4`` and reaps
   dead processes; if this process was reaped, it abandons its buffer and
   registers again under a new id.
+- a reporter's renewer (``_holding``, one per call that registered a reporter: a
+  cancel, an evicting enqueue or a tick of a process without a lease, producer-only
+  or stopping): renews that reporter's lease every ``lease / 4`` while the failure
+  callbacks of its rows run.
 
 A worker starts a fetched job only while the last confirmed renewal of the
 lease is younger than the lease (measured from when that call was sent, so

@@ -28,8 +28,10 @@ Keys (after the prefix):
                                  the calls of one TOKEN_SPAN (kept 3 spans): a resend is
                                  recognised even after its jobs finished
   procs                    ZSET  process id -> lease expiry ms (the heartbeat table); an id
-                                 with "~" is a cancel's reporter (see cancel.lua), which
-                                 holds no attempts, only its row in reporting:<id>
+                                 with "~" is a reporter (see register_reporter): registered
+                                 by a cancel, an evicting enqueue or a schedule tick of a
+                                 process without a lease, it holds no attempts, only the
+                                 rows in reporting:<id>
   inflight:<proc>          HASH  attempt "<fetch id>:<id>" -> state..type, state one of
                                  L live (buffered or running), X timed out and decided
                                  but still running (holds only its type slot),
@@ -56,7 +58,8 @@ Keys (after the prefix):
   wake:<proc>              LIST  at most one "1": wakes proc's idle fetcher (a cancel marked
                                  one of its attempts; its stop); deleted with proc's lease
   reporting:<proc>         HASH  row key -> JSON row: rows handed to proc to report (a
-                                 reply's crashed; a waiting job its cancel removed) that
+                                 reply's crashed; a waiting job its cancel removed; the
+                                 delayed jobs its enqueue or schedule tick evicted) that
                                  it has not acknowledged yet (op A), each under a key of
                                  its own (see handed); a reap hands them, keys and all,
                                  to the reaper, a release to `reports`
@@ -609,8 +612,8 @@ local function renew(proc, now, lease, registered)
   return true
 end
 
--- Register a reporter (see cancel.lua): a process without a lease that holds one for the
--- rows a call hands it. Its lease is its own, not the fleet's: a producer-only process's
+-- Register a reporter (see keeps_rows): a process without a lease that holds one for the
+-- rows a call hands it (a cancel's, an evicting enqueue's or a schedule tick's). Its lease is its own, not the fleet's: a producer-only process's
 -- lease may be shorter than the workers', whose ordinary silence between two beats would
 -- then look like an outage, so the gap stays the workers' (the last one stored).
 local function register_reporter(proc, now, lease)
