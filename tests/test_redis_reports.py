@@ -377,3 +377,31 @@ def test_a_job_no_process_can_decode_is_dead_and_finished_without_a_report_left_
     finally:
         q.stop()
         client.close()
+
+
+def test_without_failure_callbacks_a_failure_for_good_waits_for_no_round_trip_and_leaves_nothing_kept(redis_url):
+    """Nothing can observe the order when no callback is registered: the failure goes with
+    the next call, acknowledged in the same one; join() returns and no row stays kept."""
+    from tinymq import Job, PermanentFailure, Queue
+    from tinymq.redis import RedisBroker
+
+    name = "reports-no-callbacks"
+    q = Queue(broker=RedisBroker(redis_url, name=name, lease=2.0))
+
+    def fail(job):
+        raise PermanentFailure("HTTP 404")
+
+    q.register_executor("t", fail)
+    sent = []
+    real_send = q._link._send
+    try:
+        q._link._send = lambda op: sent.append(op) or real_send(op)
+        q.enqueue_many([Job("t") for _ in range(20)])
+        q.start_dispatcher(4)
+        assert q.join(10)
+        stats = q.get_stats()
+        assert stats.jobs_failed == 20
+        assert q.broker.client.keys(f"tmq:{{{name}}}:reporting:*") == []
+        assert sent == []  # no thread waited for a round trip of its own
+    finally:
+        q.stop()

@@ -543,14 +543,22 @@ class QueueLink:
         sent with the next call): if this process dies in between, whoever reaps it
         reports the job. stop() waits for the callbacks meanwhile, as for a handed row's.
         When Redis cannot be reached, the callbacks run anyway and the op follows later.
+        With no callback registered there is nothing to wait for: the op and its A go
+        with the next call, as other outcomes do.
         """
         decided = self._decide(job, "Z", reason=reason, error=_describe(exc) or (job.last_error or ""))
         if decided is None:  # whoever ends it in Redis (a reaper) reports it too; so do we
             yield
             return
         op, proc = decided
-        self._send(op)
         key = _report_key(job.id, reason, proc, op.attempt)
+        if not self.dispatcher.failure_callbacks:
+            with self._lock:
+                self._queue_op(SettleOp("A", key))
+            self._flush_if_idle()
+            yield  # (logging only)
+            return
+        self._send(op)
         me = threading.get_ident()
         with self._reporting_here():
             with self._lock:
@@ -563,17 +571,22 @@ class QueueLink:
         self._flush_if_idle()
 
     def _send(self, op: SettleOp) -> None:
-        """Send the ops queued so far, ``op`` among them, and wait for Redis to have run them."""
+        """Send the ops queued so far, ``op`` among them, and wait for Redis to have run them
+        (a round under way may carry it: failures of several threads share round trips)."""
         for _ in range(_SEND_TRIES):
             try:
-                self._round()
+                self._round(unless_sent=op)
             except self._redis_error as exc:
                 self._log_outage("settle", exc)
                 return
-            with self._lock:
-                if self._released or not (any(queued is op for queued in self._ops) or (
-                        self._unsent is not None and any(unsent is op for unsent in self._unsent[3]))):
-                    return
+            if not self._unsent_op(op):
+                return
+
+    def _unsent_op(self, op: SettleOp) -> bool:
+        """Whether ``op`` still waits to be sent, or to be sent again (its call failed)."""
+        with self._lock:
+            return not self._released and (any(queued is op for queued in self._ops) or (
+                self._unsent is not None and any(unsent is op for unsent in self._unsent[3])))
 
     def returned_late(self, job: Any) -> None:
         """A timed-out attempt's function returned: its type slot is free."""
@@ -619,10 +632,11 @@ class QueueLink:
             return 0
         return max(0, self._workers + self._prefetch - self._in_hand)
 
-    def _round(self) -> int:
-        """One fetch script call: send the unsent ops, take up to the free slots; jobs taken."""
+    def _round(self, unless_sent: Optional[SettleOp] = None) -> int:
+        """One fetch script call: send the unsent ops, take up to the free slots; jobs taken.
+        With ``unless_sent``: none if the round before this one sent that op."""
         with self._round_lock:
-            if self._released:
+            if self._released or (unless_sent is not None and not self._unsent_op(unless_sent)):
                 return 0
             if self._unsent is None:  # else resend the failed call as it was: the script knows it
                 with self._lock:
