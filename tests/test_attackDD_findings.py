@@ -1,0 +1,136 @@
+"""attackDD: findings against 40258ef (a failure for good that a worker decides over Redis is
+settled, and kept in reporting:<proc>, before its callbacks run; op A after them).
+
+Each test is deterministic: interleavings are forced with events at the link's own seams
+(its scripts object, its round lock), never with sleeps.
+"""
+import threading
+
+import pytest
+
+from _helpers import WAIT
+
+GENEROUS = 30.0
+
+
+class _WatchedLock:
+    """A stand-in for QueueLink._round_lock that says when a thread of a given name asks for it."""
+
+    def __init__(self, lock, name, arrived):
+        self._lock, self._name, self._arrived = lock, name, arrived
+
+    def __enter__(self):
+        if threading.current_thread().name == self._name:
+            self._arrived.set()
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.release()
+        return False
+
+    def acquire(self, *args, **kwargs):
+        return self._lock.acquire(*args, **kwargs)
+
+    def release(self):
+        self._lock.release()
+
+
+class _WatchedCondition:
+    """A stand-in for QueueLink._reported that says when a thread of a given name waits on it."""
+
+    def __init__(self, condition, name, *waiting):
+        self._condition, self._name, self._waiting = condition, name, waiting
+
+    def wait(self, timeout=None):
+        if threading.current_thread().name == self._name:
+            for event in self._waiting:
+                event.set()
+        return self._condition.wait(timeout)
+
+    def notify_all(self):
+        self._condition.notify_all()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "QueueLink.failing registers in _reporting only after its Z round trip: a stop() during it "
+    "does not wait, the release moves the kept row to `reports`, and another process reports "
+    "the failure again"))
+def test_stop_during_the_settle_round_of_a_failure_does_not_wait_for_its_callbacks_and_it_is_reported_twice(
+        redis_url):
+    """docs/redis.md "A report survives its reporter": a kept report "is repeated only when
+    the process was killed after its callbacks ran and before it said so", and stop() waits
+    for such callbacks (10 s at most). API.md: exactly once when nothing dies.
+
+    A worker decides a failure for good and sends its Z (its own round trip, QueueLink.failing
+    -> _send) before it registers in _reporting. A stop() that looks at _reporting during
+    that round trip sees nobody to wait for; its release moves the kept row to `reports`,
+    the worker's callbacks run here anyway (no A: released), and the next process's beat
+    hands the row out again: one failure, two reports, nothing died, nothing waited 10 s.
+    (Natural triggers: stop(wait=False), stop(timeout=...) expiring, or a timeout's last
+    attempt, which stop() never waits for, decided by the watchdog just as stop() runs.)
+    """
+    from tinymq import Job, PermanentFailure, Queue
+    from tinymq.redis import RedisBroker
+
+    name = "dd-stop-in-settle-round"
+    worker = Queue(broker=RedisBroker(redis_url, name=name, lease=2.0))
+    link = worker._link
+    z_sent, stopper_waits, go_on, callback_ran = (threading.Event() for _ in range(4))
+    # stopper_waits: stop() looked at _reporting (it waits for a reporting thread, or went on
+    # to the release and wants the round lock). go_on: it waits for one, or it released.
+    link._round_lock = _WatchedLock(link._round_lock, "attackDD-stopper", stopper_waits)
+    link._reported = _WatchedCondition(link._reported, "attackDD-stopper", stopper_waits, go_on)
+    scripts = link.scripts
+    real_fetch, real_release = scripts.fetch, scripts.release
+
+    def fetch(proc, fetch_id, n, lease_ms, max_crash, registered, ops=()):
+        reply = real_fetch(proc, fetch_id, n, lease_ms, max_crash, registered, ops)
+        if any(op.op == "Z" for op in ops) and not z_sent.is_set():
+            z_sent.set()  # Redis settled the Z: counted, and kept in reporting:<proc>
+            stopper_waits.wait(GENEROUS)  # the round trip lasts until stop() looked
+        return reply
+
+    def release(*args, **kwargs):
+        try:
+            return real_release(*args, **kwargs)
+        finally:
+            go_on.set()
+
+    scripts.fetch, scripts.release = fetch, release
+    reported_here, reported_elsewhere = [], []
+
+    def callback_here(job, reason, exc):
+        reported_here.append((job.id, reason))
+        callback_ran.set()
+        go_on.wait(GENEROUS)  # a slow callback: still running when stop() looks, or releases
+
+    def fail(job):
+        raise PermanentFailure("HTTP 404")
+
+    worker.on_failure(callback_here)
+    worker.register_executor("t", fail)
+    other = None
+    try:
+        worker.enqueue(Job("t", id="doomed"))
+        worker.start_dispatcher(1)
+        assert z_sent.wait(GENEROUS)
+        stopper = threading.Thread(target=worker.stop, kwargs={"wait": False}, name="attackDD-stopper")
+        stopper.start()
+        stopper.join(GENEROUS)
+        assert not stopper.is_alive()
+        assert callback_ran.wait(GENEROUS)
+        # Another process of the fleet: its beat hands out what the release left in `reports`.
+        other = Queue(broker=RedisBroker(redis_url, name=name, lease=2.0))
+        other.on_failure(lambda job, reason, exc: reported_elsewhere.append((job.id, reason)))
+        other.register_executor("t", fail)
+        other.start_dispatcher(1)
+        assert other.join(WAIT)
+        assert reported_here + reported_elsewhere == [("doomed", "permanent_failure")]
+    finally:
+        go_on.set()
+        stopper_waits.set()
+        worker.stop()
+        if other is not None:
+            other.stop()
+
