@@ -52,10 +52,6 @@ class _WatchedCondition:
         self._condition.notify_all()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "QueueLink.failing registers in _reporting only after its Z round trip: a stop() during it "
-    "does not wait, the release moves the kept row to `reports`, and another process reports "
-    "the failure again"))
 def test_stop_during_the_settle_round_of_a_failure_does_not_wait_for_its_callbacks_and_it_is_reported_twice(
         redis_url):
     """docs/redis.md "A report survives its reporter": a kept report "is repeated only when

@@ -543,19 +543,23 @@ class QueueLink:
         sent with the next call): if this process dies in between, whoever reaps it
         reports the job. stop() waits for the callbacks meanwhile, as for a handed row's.
         When Redis cannot be reached, the callbacks run anyway and the op follows later.
+        The thread counts as reporting from the decision on, its round trip included: a
+        stop() meanwhile waits for it, or its release would hand the kept row on to be
+        reported again by another process, though the callbacks run here too.
         """
-        decided = self._decide(job, "Z", reason=reason, error=_describe(exc) or (job.last_error or ""))
-        if decided is None:  # whoever ends it in Redis (a reaper) reports it too; so do we
-            yield
-            return
-        op, proc = decided
-        self._send(op)
-        key = _report_key(job.id, reason, proc, op.attempt)
         me = threading.get_ident()
         with self._reporting_here():
-            with self._lock:
-                self._reporting[me] = key  # stop() waits for it, and sends its A if this is its thread
+            decided = self._decide(job, "Z", reason=reason, error=_describe(exc) or (job.last_error or ""))
+            key = None  # None: whoever ends it in Redis (a reaper) reports it too; so do we
+            if decided is not None:
+                op, proc = decided
+                self._send(op)
+                key = _report_key(job.id, reason, proc, op.attempt)
+                with self._lock:
+                    self._reporting[me] = key  # stop() sends its A if this is its thread
             yield
+            if key is None:
+                return
             with self._lock:
                 if self._released:
                     return
