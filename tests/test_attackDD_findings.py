@@ -130,3 +130,70 @@ def test_stop_during_the_settle_round_of_a_failure_does_not_wait_for_its_callbac
         if other is not None:
             other.stop()
 
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a beat whose reply is lost, and whose resends fail, leaves the rows it handed in "
+    "reporting:<proc>; the next beat has a new id, so they are never handed again while the "
+    "process lives: a kept failure's 1 holds stats.outstanding and join() never returns"))
+def test_a_kept_failure_handed_by_a_beat_whose_reply_was_lost_is_still_reported_and_join_returns(redis_url):
+    """API.md: join() returns once every job ended and was reported; at-least-once reports
+    through kill -9; docs/redis.md: a report survives its reporter.
+
+    Process P decided a failure for good (its Z is settled: counted, kept in reporting:P with
+    the 1 that holds stats.outstanding) and was killed -9 before its A. Process R's beat
+    reaps P and hands R the row (now in reporting:R), but the reply is lost, and so are the
+    two resends of call_resending (Redis restarting). The heartbeat logs and goes on, and its
+    next beat has a new beat id: beat.lua never hands R that row again, nor does a fetch. R
+    lives on, so nobody reaps it: the failure is never reported, and join() never returns.
+    (A fetch whose reply is lost is resent with its fetch id until it gets through.)
+    """
+    import redis as redis_py
+
+    from tinymq import Job, Queue
+    from tinymq.redis import RedisBroker
+    from tinymq.redis._link import job_row
+    from tinymq.redis._scripts import Scripts, SettleOp
+
+    name = "dd-beat-reply-lost"
+    client = redis_py.Redis.from_url(redis_url, decode_responses=True)
+    scripts = Scripts(client, name)
+    assert scripts.enqueue("tok", 100, 0, [job_row(Job("t", id="doomed"), 0.0)]).status == "ok"
+    attempt = scripts.fetch("P", "1", 1, 60_000, 3, False).jobs[0].attempt
+    scripts.fetch("P", "2", 0, 60_000, 3, True,
+                  [SettleOp("Z", attempt, 1, 0, "permanent_failure", "PermanentFailure: HTTP 404")])
+    assert client.hget(scripts.key("stats"), "outstanding") == "1"  # kept for P's callbacks
+    assert client.hkeys(scripts.key("reporting:P")) == [f"doomed|permanent_failure|P|{attempt}"]
+
+    r = Queue(broker=RedisBroker(redis_url, name=name, lease=2.0))
+    link = r._link
+    real_heartbeat = link.scripts.heartbeat
+    beats = []
+    lost = threading.Event()
+
+    def heartbeat(proc, *args):
+        beats.append(proc)
+        if len(beats) == 1:  # (called with R's round lock held: no fetch of R reaps P meanwhile)
+            client.zadd(scripts.key("procs"), {"P": 0})  # P was killed: its lease runs out
+            reply = real_heartbeat(proc, *args)
+            assert [row.id for row in reply.crashed] == ["doomed"]  # handed to R, in reporting:R
+            raise redis_py.ConnectionError("the reply was lost")
+        if len(beats) <= 3:  # call_resending's two resends: Redis is still restarting
+            if len(beats) == 3:
+                lost.set()
+            raise redis_py.ConnectionError("Redis is restarting")
+        return real_heartbeat(proc, *args)
+
+    link.scripts.heartbeat = heartbeat
+    reported = []
+    r.on_failure(lambda job, reason, exc: reported.append((job.id, reason)))
+    r.register_executor("t", lambda job: None)
+    try:
+        r.start_dispatcher(1)
+        assert lost.wait(GENEROUS)
+        assert r.join(15.0), (client.hget(scripts.key("stats"), "outstanding"),
+                              client.keys(scripts.key("reporting:*")))
+        assert reported == [("doomed", "permanent_failure")]
+    finally:
+        r.stop()
+        client.close()
