@@ -132,10 +132,6 @@ def test_stop_during_the_settle_round_of_a_failure_does_not_wait_for_its_callbac
 
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a beat whose reply is lost, and whose resends fail, leaves the rows it handed in "
-    "reporting:<proc>; the next beat has a new id, so they are never handed again while the "
-    "process lives: a kept failure's 1 holds stats.outstanding and join() never returns"))
 def test_a_kept_failure_handed_by_a_beat_whose_reply_was_lost_is_still_reported_and_join_returns(redis_url):
     """API.md: join() returns once every job ended and was reported; at-least-once reports
     through kill -9; docs/redis.md: a report survives its reporter.

@@ -895,6 +895,9 @@ class QueueLink:
         """Renew the lease every lease / 4; meanwhile, every second, give back stuck jobs."""
         interval = self.broker.lease / 4
         next_beat = time.monotonic() + interval
+        # (proc, beat id) of a beat that got no reply: the next one is that beat again, so the
+        # rows it handed this process (reporting:<proc>) reach it; a fresh beat id never would.
+        unanswered: Optional[Tuple[str, str]] = None
         while not self._stopped.wait(max(0.0, min(next_beat - time.monotonic(), _BUFFERED_MAX))):
             self._give_back_stuck()
             if time.monotonic() < next_beat:
@@ -903,10 +906,13 @@ class QueueLink:
             try:
                 with self._round_lock:  # never beside a round: a reap answer must meet a settled state
                     proc, registered = self._proc, self._registered
+                    if unanswered is None or unanswered[0] != proc:
+                        unanswered = (proc, format(next(self._beat_ids), "x"))
                     sent = time.monotonic()
                     alive, _, crashed, cancels = self.broker.call_resending(  # (its crashed jobs must
                         self.scripts.heartbeat, proc, self._lease_ms,               # not be lost)
-                        self.broker.max_crash_recoveries, registered, format(next(self._beat_ids), "x"))
+                        self.broker.max_crash_recoveries, registered, unanswered[1])
+                    unanswered = None
                     if not alive:
                         self._abandon()
                     else:
