@@ -544,26 +544,34 @@ class QueueLink:
         reports the job. stop() waits for the callbacks meanwhile, as for a handed row's.
         When Redis cannot be reached, the callbacks run anyway and the op follows later.
         With no callback registered there is nothing to wait for: the op and its A go
-        with the next call, as other outcomes do.
+        with the next call, as other outcomes do. Otherwise the thread counts as reporting
+        from the decision on, its round trip included: a stop() meanwhile waits for it, or
+        its release would hand the kept row on to be reported again by another process,
+        though the callbacks run here too.
         """
-        decided = self._decide(job, "Z", reason=reason, error=_describe(exc) or (job.last_error or ""))
-        if decided is None:  # whoever ends it in Redis (a reaper) reports it too; so do we
-            yield
-            return
-        op, proc = decided
-        key = _report_key(job.id, reason, proc, op.attempt)
+        error = _describe(exc) or (job.last_error or "")
         if not self.dispatcher.failure_callbacks:
-            with self._lock:
-                self._queue_op(SettleOp("A", key))
-            self._flush_if_idle()
+            decided = self._decide(job, "Z", reason=reason, error=error)
+            if decided is not None:
+                op, proc = decided
+                with self._lock:
+                    self._queue_op(SettleOp("A", _report_key(job.id, reason, proc, op.attempt)))
+                self._flush_if_idle()
             yield  # (logging only)
             return
-        self._send(op)
         me = threading.get_ident()
         with self._reporting_here():
-            with self._lock:
-                self._reporting[me] = key  # stop() waits for it, and sends its A if this is its thread
+            decided = self._decide(job, "Z", reason=reason, error=error)
+            key = None  # None: whoever ends it in Redis (a reaper) reports it too; so do we
+            if decided is not None:
+                op, proc = decided
+                self._send(op)
+                key = _report_key(job.id, reason, proc, op.attempt)
+                with self._lock:
+                    self._reporting[me] = key  # stop() sends its A if this is its thread
             yield
+            if key is None:
+                return
             with self._lock:
                 if self._released:
                     return
@@ -905,6 +913,9 @@ class QueueLink:
         """Renew the lease every lease / 4; meanwhile, every second, give back stuck jobs."""
         interval = self.broker.lease / 4
         next_beat = time.monotonic() + interval
+        # (proc, beat id) of a beat that got no reply: the next one is that beat again, so the
+        # rows it handed this process (reporting:<proc>) reach it; a fresh beat id never would.
+        unanswered: Optional[Tuple[str, str]] = None
         while not self._stopped.wait(max(0.0, min(next_beat - time.monotonic(), _BUFFERED_MAX))):
             self._give_back_stuck()
             if time.monotonic() < next_beat:
@@ -913,10 +924,13 @@ class QueueLink:
             try:
                 with self._round_lock:  # never beside a round: a reap answer must meet a settled state
                     proc, registered = self._proc, self._registered
+                    if unanswered is None or unanswered[0] != proc:
+                        unanswered = (proc, format(next(self._beat_ids), "x"))
                     sent = time.monotonic()
                     alive, _, crashed, cancels = self.broker.call_resending(  # (its crashed jobs must
                         self.scripts.heartbeat, proc, self._lease_ms,               # not be lost)
-                        self.broker.max_crash_recoveries, registered, format(next(self._beat_ids), "x"))
+                        self.broker.max_crash_recoveries, registered, unanswered[1])
+                    unanswered = None
                     if not alive:
                         self._abandon()
                     else:
