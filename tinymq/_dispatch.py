@@ -82,9 +82,10 @@ class AttemptLedger(Protocol):
     def retry(self, job: Any, delay: float) -> None:
         """The attempt failed; the job runs again ``delay`` seconds from now."""
 
-    def failing(self, job: Any, reason: str, exc: Optional[BaseException]) -> ContextManager[None]:
+    def failing(self, job: Any, reason: str, exc: Optional[BaseException]) -> ContextManager[bool]:
         """The job failed for good: counted (where the counters are) on entry; the failure
-        callbacks run inside."""
+        callbacks run inside if it yields True (False: the attempt is no longer this
+        process's, its result is ignored)."""
 
     def not_held(self, job: Any, exc: BaseException) -> bool:
         """True when ``exc`` is the ledger refusing the attempt at its start: not a failure."""
@@ -866,12 +867,14 @@ class Dispatcher:
         """
         if counter != core.CANCELLED and self.ready.decide_end(job):
             reason, exc, counter = "cancelled", None, core.CANCELLED
-        self.ready.count(counter, 1, job.type)
         if self.ledger is None:
+            self.ready.count(counter, 1, job.type)
             self.report_failure(job, reason, exc)
         else:
-            with self.ledger.failing(job, reason, exc):
-                self.report_failure(job, reason, exc)
+            with self.ledger.failing(job, reason, exc) as ours:
+                if ours:  # (else the attempt was handed back, or this process reaped: ignored)
+                    self.ready.count(counter, 1, job.type)
+                    self.report_failure(job, reason, exc)
         store = self.store
         if store is not None:
             mark_dead = getattr(store, "mark_dead", None) if reason != "cancelled" else None

@@ -515,7 +515,7 @@ class QueueLink:
         the attempt is no longer this process's to end (given back, or this process was reaped)."""
         with self._lock:
             record = self._attempts.get(job)
-            if record is None:
+            if record is None or self._released:  # (the release handed the attempt back)
                 return None
             if record.expired:
                 record.decided = True
@@ -535,8 +535,11 @@ class QueueLink:
         self._flush_if_idle()
 
     @contextlib.contextmanager
-    def failing(self, job: Any, reason: str, exc: Optional[BaseException]) -> Iterator[None]:
-        """``job`` failed for good here; its failure callbacks run inside this context.
+    def failing(self, job: Any, reason: str, exc: Optional[BaseException]) -> Iterator[bool]:
+        """``job`` failed for good here; its failure callbacks run inside this context, if
+        it yields True: False when the attempt is no longer this process's to end (handed
+        back by stop()'s release, or this process was reaped), whose late result is ignored:
+        the job runs again elsewhere, or is reported there.
 
         Redis counts the failure before they run (the op is sent first, in a round of
         this thread's own), and keeps the job in reporting:<proc> until they ran (op A,
@@ -557,21 +560,20 @@ class QueueLink:
                 with self._lock:
                     self._queue_op(SettleOp("A", _report_key(job.id, reason, proc, op.attempt)))
                 self._flush_if_idle()
-            yield  # (logging only)
+            yield decided is not None  # (logging only)
             return
         me = threading.get_ident()
         with self._reporting_here():
             decided = self._decide(job, "Z", reason=reason, error=error)
-            key = None  # None: whoever ends it in Redis (a reaper) reports it too; so do we
-            if decided is not None:
-                op, proc = decided
-                self._send(op)
-                key = _report_key(job.id, reason, proc, op.attempt)
-                with self._lock:
-                    self._reporting[me] = key  # stop() sends its A if this is its thread
-            yield
-            if key is None:
+            if decided is None:
+                yield False
                 return
+            op, proc = decided
+            self._send(op)
+            key = _report_key(job.id, reason, proc, op.attempt)
+            with self._lock:
+                self._reporting[me] = key  # stop() sends its A if this is its thread
+            yield True
             with self._lock:
                 if self._released:
                     return
