@@ -43,8 +43,11 @@ class BrokerTicks:
     def begin(self, schedule: Any, first: _Tick) -> _Tick:
         trigger = schedule.trigger
         if first.index < 0:  # cron: wall-clock ticks mean the same instant everywhere
+            # No grid; one that an every schedule of this name left is dropped (its indices and
+            # this schedule's claims, tick times, do not compare).
+            self._link.broker.call_resending(self._link.scripts.schedule_begin, schedule.name, 0, 0)
             return first
-        interval_us = max(1, round(trigger.interval * _US))
+        interval_us = max(1, round(trigger.interval * _US))  # never 0: that is a cron schedule
         first_delay_us = round((first.due - time.monotonic()) * _US)
         monotonic_before = time.monotonic()
         anchor_us, interval_us, server_us = self._link.broker.call_resending(

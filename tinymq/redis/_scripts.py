@@ -341,7 +341,8 @@ class Scripts:
 
     def schedule_begin(self, name: str, interval_us: int, first_delay_us: int) -> Tuple[int, int, int]:
         """Join (or start) the tick grid of the ``every`` schedule ``name``:
-        ``(anchor us, interval us, server now us)``."""
+        ``(anchor us, interval us, server now us)``. ``interval_us`` 0: a cron schedule
+        ``name`` begins, and drops any such grid (see schedule_begin.lua)."""
         anchor_us, interval_us, now_us = self._call("schedule_begin", [name, interval_us, first_delay_us])
         return int(anchor_us), int(interval_us), int(now_us)
 
