@@ -3,15 +3,19 @@
 Each test is one defect found by the attack; a fixed one has lost its xfail mark.
 """
 import os
+import signal
 import sys
+import textwrap
 import time
 
 import pytest
 
+from tinymq import Job
 from tinymq._periodic import _Tick
 
 from _backends import Redis
 from _helpers import Recorder, wait_until
+from test_cli import producer, project, shared_project  # noqa: F401 (fixtures)
 
 pytest.importorskip("croniter")
 
@@ -53,3 +57,32 @@ def test_an_every_schedule_fires_after_a_cron_schedule_of_the_same_name(redis_ba
     third.start_dispatcher()
     assert runs.wait_until(lambda ids: len([i for i in ids[before:] if i != cron_job]) >= 2), \
         third.schedules()
+
+
+# --- python -m tinymq worker --------------------------------------------------------------------
+
+# A job that ends its worker process with exit code 3 (os._exit(3): a C library's exit(3), a
+# job's own os._exit): a crash, which the supervisor restarts.
+EXITING = textwrap.dedent("""
+    import os
+    from app.shared import queue
+
+    @queue.executor("exit")
+    def leave(job):
+        os._exit(job.payload)
+""")
+
+
+@pytest.mark.xfail(strict=True, reason="exit code 3 of a worker process is taken for 'could not load "
+                                       "the target' however late it comes: every worker process is stopped")
+def test_a_job_that_exits_its_worker_process_with_code_3_is_a_crash(shared_project, producer, project):
+    from test_cli import TIMEOUT
+
+    (project / "app" / "exiting.py").write_text(EXITING)
+    worker = shared_project("app.exiting:queue", "--processes", 2, "--workers", 1)
+    worker.wait_for(r"worker process started", count=2)
+    producer.enqueue(Job("exit", 3, id="exit-3"))
+    worker.wait_for(r"worker process \d \(pid \d+\) exited with code 3; starting it again in 0.5 s")
+    worker.wait_for(r"started worker process \d \(pid \d+\)", count=3)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(TIMEOUT) == 0, worker.log()
