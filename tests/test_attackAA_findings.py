@@ -3,6 +3,7 @@
 Each test is one defect found by the attack; a fixed one has lost its xfail mark.
 """
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -73,8 +74,6 @@ EXITING = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason="exit code 3 of a worker process is taken for 'could not load "
-                                       "the target' however late it comes: every worker process is stopped")
 def test_a_job_that_exits_its_worker_process_with_code_3_is_a_crash(shared_project, producer, project):
     from test_cli import TIMEOUT
 
@@ -86,3 +85,26 @@ def test_a_job_that_exits_its_worker_process_with_code_3_is_a_crash(shared_proje
     worker.wait_for(r"started worker process \d \(pid \d+\)", count=3)
     worker.signal(signal.SIGTERM)
     assert worker.wait(TIMEOUT) == 0, worker.log()
+
+
+# Loads for the supervisor's check, then cannot be imported in a worker process (broken code
+# deployed meanwhile): that is no crash to restart.
+BROKEN_LATER = textwrap.dedent("""
+    import sys
+    from app.shared import queue
+
+    if "--check" not in sys.argv:
+        raise RuntimeError("deployed broken")
+""")
+
+
+def test_a_worker_process_that_cannot_load_the_target_still_stops_them_all(shared_project, project):
+    # The guard of the fix above: exit code 3 before the target loaded is still a bad target.
+    from test_cli import TIMEOUT
+
+    (project / "app" / "broken_later.py").write_text(BROKEN_LATER)
+    worker = shared_project("app.broken_later:queue", "--processes", 2, "--workers", 1)
+    assert worker.wait(TIMEOUT) == 1, worker.log()
+    assert "RuntimeError: deployed broken" in worker.log()
+    assert re.search(r"worker process \d \(pid \d+\) could not load 'app.broken_later:queue'", worker.log())
+    assert "starting it again" not in worker.log()

@@ -15,7 +15,10 @@ takes the Queue and calls ``start_dispatcher(workers)``.
   would take, and the supervisor exits with 0.
 - A child that exits without being asked to (a crash, a signal, the OOM killer)
   is started again after a delay that doubles, up to a few seconds, while it
-  keeps crashing soon after its start.
+  keeps crashing soon after its start. A child that could not load the target
+  (exit code 3) is not: unless it had told the supervisor, through a pipe of
+  its own, that it loaded the target (then code 3 is a crash, say a job's
+  ``os._exit(3)``).
 - Children run in a session of their own, so a Ctrl-C in the terminal reaches
   the supervisor only (which forwards it once), and each child reads a pipe from
   the supervisor: when the supervisor dies, the pipe closes and the child stops
@@ -193,11 +196,13 @@ class _LoadingWatch:
             self._loading = False
 
 
-def run_child(target: str, workers: int, check: bool) -> int:
+def run_child(target: str, workers: int, check: bool, loaded_fd: Optional[int] = None) -> int:
     """A worker process: load the queue, run it until told to stop, stop it gracefully.
 
     With ``check``, only load the target (the supervisor does this once before
-    starting the children, to report a bad target once). Returns the exit code.
+    starting the children, to report a bad target once). ``loaded_fd``: a pipe
+    to the supervisor, written to once the target is loaded (so that an exit
+    with EXIT_BAD_TARGET after that is a crash). Returns the exit code.
     """
     wakeup = None if check else _SignalWakeup(_STOP_SIGNALS)  # before the import: it may be slow
     supervisor_pipe = sys.stdin.fileno()
@@ -210,6 +215,9 @@ def run_child(target: str, workers: int, check: bool) -> int:
         _exit_at_once(EXIT_BAD_TARGET)  # nothing of tinymq runs: no queue, or one stopped already
     if wakeup is None:
         _exit_at_once(0)
+    if loaded_fd is not None:
+        os.write(loaded_fd, b"1")
+        os.close(loaded_fd)
     watch.loaded()
     stop_reason = None
     for number in wakeup.received():  # a signal that came during the import
@@ -237,11 +245,12 @@ def run_child(target: str, workers: int, check: bool) -> int:
 class _Slot:
     """One of the ``--processes`` places: its current child, and when to start the next."""
 
-    __slots__ = ("number", "process", "started", "restart_at", "delay")
+    __slots__ = ("number", "process", "loaded", "started", "restart_at", "delay")
 
     def __init__(self, number: int) -> None:
         self.number = number
         self.process: Optional["subprocess.Popen[bytes]"] = None
+        self.loaded: Optional[int] = None  # the read end of the child's --loaded-fd pipe
         self.started = 0.0  # time.monotonic() of the current child's start
         self.restart_at: Optional[float] = None  # time.monotonic() at which to start the next child
         self.delay = _FIRST_RESTART_DELAY  # before the next restart, doubling while crashes come soon
@@ -313,7 +322,17 @@ class Supervisor:
 
     def _start(self, slot: _Slot) -> None:
         # stdin: a pipe the child reads until it closes, when this process ends, however it ends.
-        slot.process = subprocess.Popen(self._command(), stdin=subprocess.PIPE, start_new_session=True)
+        reader, writer = os.pipe()
+        try:
+            slot.process = subprocess.Popen(self._command("--loaded-fd", str(writer)), stdin=subprocess.PIPE,
+                                            start_new_session=True, pass_fds=(writer,))
+        except BaseException:
+            os.close(reader)
+            raise
+        finally:
+            os.close(writer)
+        os.set_blocking(reader, False)
+        slot.loaded = reader
         slot.started = time.monotonic()
         slot.restart_at = None
         logger.info("started worker process %d (pid %d)", slot.number, slot.process.pid)
@@ -326,6 +345,7 @@ class Supervisor:
         slot.process = None
         if process.stdin is not None:
             process.stdin.close()
+        loaded = self._close_loaded(slot)
         code = process.returncode
         if self.stopping:
             if code not in (0, -signal.SIGTERM):  # SIGTERM: it was still starting, nothing to stop
@@ -333,7 +353,7 @@ class Supervisor:
                              _exit_description(code))
                 self.exit_code = 1
             return
-        if code == EXIT_BAD_TARGET:
+        if code == EXIT_BAD_TARGET and not loaded:
             logger.error("worker process %d (pid %d) could not load %r (see its error above): stopping",
                          slot.number, process.pid, self.target)
             self.exit_code = 1
@@ -346,6 +366,19 @@ class Supervisor:
         logger.error("worker process %d (pid %d) %s; starting it again in %.1f s", slot.number,
                      process.pid, _exit_description(code), slot.delay)
         slot.delay = min(slot.delay * 2, _MAX_RESTART_DELAY)
+
+    @staticmethod
+    def _close_loaded(slot: _Slot) -> bool:
+        """Close the slot's --loaded-fd pipe: whether its child had written that it loaded the target."""
+        reader, slot.loaded = slot.loaded, None
+        if reader is None:
+            return False
+        try:
+            return bool(os.read(reader, 1))
+        except BlockingIOError:  # nothing written, and the write end still open (a grandchild has it)
+            return False
+        finally:
+            os.close(reader)
 
     def _begin_stop(self) -> None:
         self.stopping = True
@@ -360,6 +393,7 @@ class Supervisor:
                 slot.process.kill()
                 slot.process.wait()
                 slot.process = None
+                self._close_loaded(slot)
 
     def run(self) -> int:
         """Start the children and supervise them; returns the exit code (0 after a clean stop)."""
