@@ -15,7 +15,7 @@ from tinymq import Job
 from tinymq._periodic import _Tick
 
 from _backends import Redis
-from _helpers import Recorder, wait_until
+from _helpers import WAIT, Recorder, wait_until
 from test_cli import producer, project, shared_project  # noqa: F401 (fixtures)
 
 pytest.importorskip("croniter")
@@ -108,3 +108,37 @@ def test_a_worker_process_that_cannot_load_the_target_still_stops_them_all(share
     assert "RuntimeError: deployed broken" in worker.log()
     assert re.search(r"worker process \d \(pid \d+\) could not load 'app.broken_later:queue'", worker.log())
     assert "starting it again" not in worker.log()
+
+
+# --- a worker process whose start_dispatcher fails ---------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="a worker thread that failed to start leaves its slot among the "
+                                       "live workers: stop(wait=True), and the exit hook, wait for it forever")
+@pytest.mark.parametrize("started", [0, 2])
+def test_stop_returns_after_start_dispatcher_failed_to_start_a_thread(monkeypatch, started):
+    # `worker --workers 100000`, or a container's pids limit: the thread after `started` cannot
+    # start. The worker process then exits through the exit hook's stop(wait=True), which hung,
+    # SIGTERM-proof: the supervisor waited for it forever.
+    import threading
+
+    from tinymq import Queue
+
+    q = Queue()
+    q.register_executor("x", lambda job: None)
+    real_start = threading.Thread.start
+    starts = []
+
+    def start(thread):
+        starts.append(thread.name)
+        if len(starts) > started:
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        q.start_dispatcher(4)
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    stopper = threading.Thread(target=q.stop, daemon=True)
+    stopper.start()
+    stopper.join(WAIT)
+    assert not stopper.is_alive(), "stop() hangs"
