@@ -112,8 +112,6 @@ def test_a_worker_process_that_cannot_load_the_target_still_stops_them_all(share
 
 # --- a worker process whose start_dispatcher fails ---------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="a worker thread that failed to start leaves its slot among the "
-                                       "live workers: stop(wait=True), and the exit hook, wait for it forever")
 @pytest.mark.parametrize("started", [0, 2])
 def test_stop_returns_after_start_dispatcher_failed_to_start_a_thread(monkeypatch, started):
     # `worker --workers 100000`, or a container's pids limit: the thread after `started` cannot
