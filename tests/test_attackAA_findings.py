@@ -5,6 +5,7 @@ Each test is one defect found by the attack; a fixed one has lost its xfail mark
 import os
 import re
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -16,7 +17,7 @@ from tinymq._periodic import _Tick
 
 from _backends import Redis
 from _helpers import WAIT, Recorder, wait_until
-from test_cli import producer, project, shared_project  # noqa: F401 (fixtures)
+from test_cli import producer, project, record, shared_project  # noqa: F401 (fixtures)
 
 pytest.importorskip("croniter")
 
@@ -140,3 +141,32 @@ def test_stop_returns_after_start_dispatcher_failed_to_start_a_thread(monkeypatc
     stopper.start()
     stopper.join(WAIT)
     assert not stopper.is_alive(), "stop() hangs"
+
+
+# Loads at once for the supervisor's check; a worker process's import then hangs (a resource
+# it waits for at import went away): it says so in Redis list "importing" first.
+HANGING = textwrap.dedent("""
+    import os, sys, threading
+    import redis
+    from app.shared import queue
+
+    if "--check" not in sys.argv:
+        redis.Redis.from_url(os.environ["TINYMQ_TEST_REDIS"]).rpush("importing", os.getpid())
+        threading.Event().wait()
+""")
+
+
+@pytest.mark.xfail(strict=True, reason="a worker process notices a stop signal only once its import "
+                                       "is done: one whose import hangs keeps the supervisor waiting forever")
+def test_sigterm_stops_a_worker_process_whose_import_hangs(shared_project, project, record):
+    from test_cli import TIMEOUT
+
+    (project / "app" / "hanging.py").write_text(HANGING)
+    worker = shared_project("app.hanging:queue", "--processes", 1, "--workers", 1)
+    assert record.blpop(["importing"], timeout=TIMEOUT) is not None
+    worker.signal(signal.SIGTERM)  # nothing of the queue started in it: nothing to wait for
+    try:
+        code = worker.wait(20)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the supervisor still waits 20 s after SIGTERM; log:\n{worker.log()}")
+    assert code == 0, worker.log()
