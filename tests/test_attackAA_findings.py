@@ -170,3 +170,33 @@ def test_sigterm_stops_a_worker_process_whose_import_hangs(shared_project, proje
     except subprocess.TimeoutExpired:
         pytest.fail(f"the supervisor still waits 20 s after SIGTERM; log:\n{worker.log()}")
     assert code == 0, worker.log()
+
+
+# The user's module handles a signal of its own (a debug dump, a log reopen on SIGHUP...).
+OWN_SIGNAL = textwrap.dedent("""
+    import os, signal
+    import redis
+    from app.shared import queue
+
+    record = redis.Redis.from_url(os.environ["TINYMQ_TEST_REDIS"])
+    signal.signal(signal.SIGUSR1, lambda number, frame: record.rpush("usr1", os.getpid()))
+""")
+
+
+@pytest.mark.xfail(strict=True, reason="any signal with a Python handler writes to the wakeup fd, and "
+                                       "the worker process takes every number there for a stop signal")
+def test_a_signal_that_the_users_module_handles_does_not_stop_a_worker_process(shared_project, project,
+                                                                                 producer, record):
+    from test_cli import TIMEOUT, pop
+
+    (project / "app" / "own_signal.py").write_text(OWN_SIGNAL)
+    worker = shared_project("app.own_signal:queue", "--processes", 1, "--workers", 1)
+    worker.wait_for(r"worker process started")
+    child = worker.children()[0]
+    os.kill(child, signal.SIGUSR1)
+    assert record.blpop(["usr1"], timeout=TIMEOUT)[1] == str(child)  # the module's handler ran
+    producer.enqueue(Job("record", {}, id="after-usr1"))
+    assert pop(record, "finished", 1) == [("after-usr1", child)]  # the same process, still running
+    assert "stopping" not in worker.log() and "starting it again" not in worker.log(), worker.log()
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(TIMEOUT) == 0, worker.log()
