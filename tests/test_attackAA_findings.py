@@ -183,8 +183,6 @@ OWN_SIGNAL = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason="any signal with a Python handler writes to the wakeup fd, and "
-                                       "the worker process takes every number there for a stop signal")
 def test_a_signal_that_the_users_module_handles_does_not_stop_a_worker_process(shared_project, project,
                                                                                  producer, record):
     from test_cli import TIMEOUT, pop

@@ -133,10 +133,13 @@ class _SignalWakeup:
     """Signals that only write their numbers to a socket, for the main loop to read (main thread only).
 
     The handlers do nothing else, so no Python code runs inside a signal
-    handler while the main thread may hold a lock.
+    handler while the main thread may hold a lock. The interpreter writes there
+    the number of every signal that has a Python handler, the user module's too
+    (a SIGUSR1 or SIGHUP of its own): those are not ours, and left out.
     """
 
     def __init__(self, signals: Tuple[int, ...]) -> None:
+        self._signals = frozenset(signals)
         self._reader, self._writer = socket.socketpair()
         self._reader.setblocking(False)
         self._writer.setblocking(False)
@@ -148,9 +151,9 @@ class _SignalWakeup:
         return self._reader.fileno()
 
     def received(self) -> List[int]:
-        """The signals that came since the last call (their numbers), oldest first."""
+        """Those of our signals that came since the last call (their numbers), oldest first."""
         try:
-            return list(self._reader.recv(_READ_SIZE))
+            return [number for number in self._reader.recv(_READ_SIZE) if number in self._signals]
         except BlockingIOError:
             return []
 
