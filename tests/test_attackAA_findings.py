@@ -156,8 +156,6 @@ HANGING = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason="a worker process notices a stop signal only once its import "
-                                       "is done: one whose import hangs keeps the supervisor waiting forever")
 def test_sigterm_stops_a_worker_process_whose_import_hangs(shared_project, project, record):
     from test_cli import TIMEOUT
 
@@ -170,6 +168,7 @@ def test_sigterm_stops_a_worker_process_whose_import_hangs(shared_project, proje
     except subprocess.TimeoutExpired:
         pytest.fail(f"the supervisor still waits 20 s after SIGTERM; log:\n{worker.log()}")
     assert code == 0, worker.log()
+    assert "stopping (SIGTERM) while loading the target" in worker.log()
 
 
 # The user's module handles a signal of its own (a debug dump, a log reopen on SIGHUP...).

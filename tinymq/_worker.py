@@ -12,7 +12,8 @@ takes the Queue and calls ``start_dispatcher(workers)``.
   hard stop: it kills the children (their leased attempts go back when the
   leases run out). A stop signal while the target is still being loaded (its
   check, before any child starts) kills that check, however long its import
-  would take, and the supervisor exits with 0.
+  would take, and the supervisor exits with 0. A child still loading the target
+  when the signal comes exits at once: nothing of the queue runs in it yet.
 - A child that exits without being asked to (a crash, a signal, the OOM killer)
   is started again after a delay that doubles, up to a few seconds, while it
   keeps crashing soon after its start. A child that could not load the target
@@ -176,23 +177,34 @@ def _exit_at_once(code: int) -> NoReturn:
 
 class _LoadingWatch:
     """While the target loads (an import may hang), a daemon thread ends this process when the
-    supervisor's pipe closes: the supervisor died, and nothing else would notice before the load ends.
+    supervisor's pipe closes (the supervisor died, and nothing else would notice before the load
+    ends), or when a stop signal comes: nothing of the queue runs yet, so there is nothing to stop.
 
-    ``loaded()`` hands the watch over to the caller: from then on a closed pipe is its to handle.
+    ``loaded()`` hands the watch over to the caller: from then on a closed pipe, and the signals
+    that come, are its to handle.
     """
 
-    def __init__(self, pipe: int) -> None:
+    def __init__(self, pipe: int, wakeup: Optional[_SignalWakeup]) -> None:
         self._pipe = pipe
+        self._wakeup = wakeup
         self._lock = threading.Lock()
         self._loading = True
         threading.Thread(target=self._watch, name="tinymq-supervisor-pipe", daemon=True).start()
 
     def _watch(self) -> None:
-        while os.read(self._pipe, _READ_SIZE):  # the supervisor writes nothing: this waits for the end
-            pass
-        with self._lock:
-            if self._loading:
-                os._exit(EXIT_SUPERVISOR_GONE)
+        watched: List[Any] = [self._pipe] if self._wakeup is None else [self._pipe, self._wakeup]
+        while True:
+            readable, _, _ = select.select(watched, [], [])
+            with self._lock:  # (the signals read here are read while loading only: the caller's after)
+                if not self._loading:
+                    return
+                if self._pipe in readable and not os.read(self._pipe, _READ_SIZE):
+                    os._exit(EXIT_SUPERVISOR_GONE)  # (the supervisor writes nothing: this is the end)
+                if self._wakeup in readable:
+                    for number in self._wakeup.received():
+                        logger.info("stopping (%s) while loading the target: nothing started, nothing "
+                                    "to stop", signal.Signals(number).name)
+                        _exit_at_once(0)
 
     def loaded(self) -> None:
         with self._lock:
@@ -209,7 +221,7 @@ def run_child(target: str, workers: int, check: bool, loaded_fd: Optional[int] =
     """
     wakeup = None if check else _SignalWakeup(_STOP_SIGNALS)  # before the import: it may be slow
     supervisor_pipe = sys.stdin.fileno()
-    watch = _LoadingWatch(supervisor_pipe)
+    watch = _LoadingWatch(supervisor_pipe, wakeup)
     try:
         queue = load_queue(target)
     except CommandError as exc:
