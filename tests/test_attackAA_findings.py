@@ -197,3 +197,37 @@ def test_a_signal_that_the_users_module_handles_does_not_stop_a_worker_process(s
     assert "stopping" not in worker.log() and "starting it again" not in worker.log(), worker.log()
     worker.signal(signal.SIGTERM)
     assert worker.wait(TIMEOUT) == 0, worker.log()
+
+
+# The user's module starts a thread of its own at import, not a daemon, that nothing ever stops.
+NON_DAEMON = textwrap.dedent("""
+    import threading
+    from app.shared import queue
+
+    threading.Thread(target=threading.Event().wait, name="user-poller").start()
+""")
+
+
+@pytest.mark.xfail(strict=True, reason="after its graceful stop a worker process returns from main(), and "
+                                       "the interpreter waits forever for the module's non-daemon thread")
+@pytest.mark.parametrize("how", ["sigterm", "supervisor killed"])
+def test_a_worker_process_exits_after_its_stop_whatever_threads_its_module_started(shared_project, project,
+                                                                                   how):
+    from test_cli import TIMEOUT, alive, eventually
+
+    (project / "app" / "non_daemon.py").write_text(NON_DAEMON)
+    worker = shared_project("app.non_daemon:queue", "--processes", 1, "--workers", 1)
+    worker.wait_for(r"worker process started")
+    child = worker.children()[0]
+    if how == "sigterm":
+        worker.signal(signal.SIGTERM)
+        try:
+            code = worker.wait(20)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the supervisor still waits 20 s after SIGTERM; log:\n{worker.log()}")
+        assert code == 0, worker.log()
+    else:  # kill -9: the worker process stops by itself, and must not stay behind for ever
+        worker.process.kill()
+        worker.wait_for(r"worker process stopped")
+        eventually(lambda: not alive(child), "exited", timeout=20)
+    assert "user-poller" in worker.log()  # said why it did not wait for that thread
