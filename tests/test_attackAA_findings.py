@@ -208,8 +208,6 @@ NON_DAEMON = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason="after its graceful stop a worker process returns from main(), and "
-                                       "the interpreter waits forever for the module's non-daemon thread")
 @pytest.mark.parametrize("how", ["sigterm", "supervisor killed"])
 def test_a_worker_process_exits_after_its_stop_whatever_threads_its_module_started(shared_project, project,
                                                                                    how):

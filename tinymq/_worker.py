@@ -29,6 +29,7 @@ The only things asked of the queue beyond the public Queue API are a broker
 (``queue.broker is not None``): without one, worker processes would not share it;
 and that its module did not start or stop it at import (each child starts it).
 """
+import atexit
 import importlib
 import logging
 import os
@@ -251,6 +252,15 @@ def run_child(target: str, workers: int, check: bool, loaded_fd: Optional[int] =
     logger.info("stopping (%s): running attempts finish, buffered jobs go back to the queue", stop_reason)
     queue.stop(wait=True)
     logger.info("worker process stopped")
+    # A thread that the user's module started (not a daemon) would keep the interpreter from exiting,
+    # for ever if nothing stops it (the module has no say in this stop), and the supervisor waiting.
+    left = [thread.name for thread in threading.enumerate()
+            if not thread.daemon and thread is not threading.main_thread()]
+    if left:
+        logger.warning("exiting without waiting for thread(s) %s (not daemon threads: started by the target's "
+                       "module, which nothing here stops)", ", ".join(map(repr, left)))
+        atexit._run_exitfuncs()  # what an exit runs, but the wait for those threads
+        _exit_at_once(0)
     return 0
 
 
