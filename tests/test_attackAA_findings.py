@@ -233,8 +233,6 @@ def test_a_worker_process_exits_after_its_stop_whatever_threads_its_module_start
 
 # --- python -m tinymq status ---------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="the status tables print job ids and types as they are: a newline "
-                                       "splits a row, an escape sequence reaches the terminal")
 def test_status_tables_show_one_line_per_job_and_no_control_characters(tmp_path):
     # Ids and types come from whoever enqueues (say, "report-<user input>"); the tables are for a
     # terminal: what is not printable is shown escaped, as the last error is shown on one line.
