@@ -256,3 +256,29 @@ def test_status_tables_show_one_line_per_job_and_no_control_characters(tmp_path)
     rows = result.stdout.split("dead jobs: 2\n")[1].splitlines()
     assert len(rows) == 2 + 2, rows  # header, rule, one line per dead job
     assert "line1\\nline2" in rows[2] + rows[3] and "\\x1b[2J" in rows[2] + rows[3]
+
+
+@pytest.mark.xfail(strict=True, reason="an OSError of Popen (EMFILE, EAGAIN, ENOMEM) escapes the "
+                                       "supervisor's loop: it exits with a traceback, taking every worker down")
+def test_a_worker_process_that_cannot_be_started_is_tried_again_later(shared_project, monkeypatch):
+    # Each worker process costs the supervisor two descriptors: with a low limit on open files,
+    # some cannot start (as when the system runs out of processes or memory for a fork).
+    import resource
+
+    import test_cli
+    from test_cli import TIMEOUT
+
+    real_popen = subprocess.Popen
+
+    def low_file_limit(*args, **kwargs):
+        kwargs["preexec_fn"] = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (24, 24))
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(test_cli.subprocess, "Popen", low_file_limit)
+    worker = shared_project("app.shared:queue", "--processes", 12, "--workers", 1)
+    monkeypatch.setattr(test_cli.subprocess, "Popen", real_popen)
+    worker.wait_for(r"could not start worker process \d+ \(.*Too many open files.*\); trying again in 0.5 s")
+    worker.wait_for(r"worker process started")  # those that could start run
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(TIMEOUT) == 0, worker.log()
+    assert "Traceback" not in worker.log()
