@@ -258,8 +258,6 @@ def test_status_tables_show_one_line_per_job_and_no_control_characters(tmp_path)
     assert "line1\\nline2" in rows[2] + rows[3] and "\\x1b[2J" in rows[2] + rows[3]
 
 
-@pytest.mark.xfail(strict=True, reason="an OSError of Popen (EMFILE, EAGAIN, ENOMEM) escapes the "
-                                       "supervisor's loop: it exits with a traceback, taking every worker down")
 def test_a_worker_process_that_cannot_be_started_is_tried_again_later(shared_project, monkeypatch):
     # Each worker process costs the supervisor two descriptors: with a low limit on open files,
     # some cannot start (as when the system runs out of processes or memory for a fork).

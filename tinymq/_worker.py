@@ -311,8 +311,11 @@ class Supervisor:
         False when a stop signal came first: the check (an import that may hang) is killed.
         """
         # stdin: a pipe, as a worker process has, that closes when this process ends however it ends.
-        process = subprocess.Popen(self._command("--check"), stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            process = subprocess.Popen(self._command("--check"), stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except OSError as exc:
+            raise CommandError(f"could not start the process that checks {self.target!r}: {exc}") from None
         output = {process.stdout: bytearray(), process.stderr: bytearray()}
         streams = list(output)
         while streams:
@@ -346,16 +349,24 @@ class Supervisor:
         return True
 
     def _start(self, slot: _Slot) -> None:
-        # stdin: a pipe the child reads until it closes, when this process ends, however it ends.
-        reader, writer = os.pipe()
         try:
-            slot.process = subprocess.Popen(self._command("--loaded-fd", str(writer)), stdin=subprocess.PIPE,
-                                            start_new_session=True, pass_fds=(writer,))
-        except BaseException:
-            os.close(reader)
-            raise
-        finally:
-            os.close(writer)
+            reader, writer = os.pipe()
+            try:
+                # stdin: a pipe the child reads until it closes, when this process ends, however it ends.
+                slot.process = subprocess.Popen(self._command("--loaded-fd", str(writer)),
+                                                stdin=subprocess.PIPE, start_new_session=True,
+                                                pass_fds=(writer,))
+            except BaseException:
+                os.close(reader)
+                raise
+            finally:
+                os.close(writer)
+        except OSError as exc:  # out of descriptors, processes or memory: perhaps not for long
+            slot.restart_at = time.monotonic() + slot.delay
+            logger.error("could not start worker process %d (%s); trying again in %.1f s", slot.number, exc,
+                         slot.delay)
+            slot.delay = min(slot.delay * 2, _MAX_RESTART_DELAY)
+            return
         os.set_blocking(reader, False)
         slot.loaded = reader
         slot.started = time.monotonic()
