@@ -228,7 +228,7 @@ def test_a_worker_process_exits_after_its_stop_whatever_threads_its_module_start
         worker.process.kill()
         worker.wait_for(r"worker process stopped")
         eventually(lambda: not alive(child), "exited", timeout=20)
-    assert "user-poller" in worker.log()  # said why it did not wait for that thread
+    worker.wait_for(r"exiting without waiting for thread\(s\) 'user-poller'")  # said why
 
 
 # --- python -m tinymq status ---------------------------------------------------------------------
