@@ -307,3 +307,28 @@ def test_status_of_a_redis_queue_reports_its_own_delayed_cap(redis_url):
     finally:
         q.stop()
         q.broker.close()
+
+
+@pytest.mark.xfail(strict=True, reason="a cron claim (a time) and an every claim (a grid index) share "
+                                       "'last': once a cron process claimed, every process's ticks are taken")
+def test_an_every_schedule_keeps_firing_after_a_cron_process_of_the_same_name_claimed_a_tick(redis_backend):
+    # A rolling rollback from cron to every: for a moment old (cron) and new (every) processes run
+    # together. Once the old ones are gone, the every schedule must fire.
+    runs = Recorder()
+    every = redis_backend.queue()
+    every.register_executor("report", lambda job: runs.add(job.id))
+    every.every(0.05, "report", name="report")
+    every.start_dispatcher()
+    assert runs.wait_for(1)
+
+    cron = redis_backend.queue()  # an old process, still running: one of its ticks (by hand)
+    cron.cron("0 0 1 1 *", "report", name="report")
+    schedule = cron._periodic._schedules["report"]
+    cron.start_dispatcher()
+    assert wait_until(lambda: schedule.begun)
+    assert cron._periodic.backend.fire(schedule, _Tick(time.monotonic(), time.time(), -1)) == "fired"
+    cron_job = schedule.last_job_id
+    cron.stop()
+
+    before = len(runs.items)
+    assert runs.wait_until(lambda ids: len([i for i in ids[before:] if i != cron_job]) >= 2), every.schedules()
