@@ -10,13 +10,15 @@ enqueued it.
 Ticks must mean the same instant in every process: a ``cron`` tick is its wall-clock
 time; an ``every`` schedule's ticks lie on a grid kept in Redis on the server's
 clock (``schedule_begin.lua``), tick k at ``anchor + k * interval``, which each
-process maps onto its own monotonic clock when the schedule begins.
+process maps onto its own monotonic clock when the schedule begins. A tick is claimed
+by its time in microseconds, of either kind: a schedule that changes kind under its
+name (a deploy, a rollback) finds no claim of the other kind "later" than its ticks.
 """
 import math
 import os
 import time
 import weakref
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 from .._periodic import _Tick
 from ..errors import QueueFull, QueueStopped, TinyMQError
@@ -26,7 +28,6 @@ from ._link import job_row
 __all__ = ["BrokerTicks"]
 
 _US = 1_000_000
-_MS = 1000
 
 
 class BrokerTicks:
@@ -35,7 +36,7 @@ class BrokerTicks:
     def __init__(self, link: Any, queue: Any) -> None:
         self._link = link
         self._queue = weakref.ref(queue)  # the timer never keeps the queue alive
-        self._grids: Dict[str, float] = {}  # schedule name -> server time (s) of its tick 0
+        self._grids: Dict[str, Tuple[int, int]] = {}  # schedule name -> (anchor, interval), server us
         self._claims = 0
         self._token_prefix = os.urandom(8).hex()
         self._redis_error = __import__("redis").RedisError
@@ -43,18 +44,15 @@ class BrokerTicks:
     def begin(self, schedule: Any, first: _Tick) -> _Tick:
         trigger = schedule.trigger
         if first.index < 0:  # cron: wall-clock ticks mean the same instant everywhere
-            # No grid; one that an every schedule of this name left is dropped (its indices and
-            # this schedule's claims, tick times, do not compare).
-            self._link.broker.call_resending(self._link.scripts.schedule_begin, schedule.name, 0, 0)
             return first
-        interval_us = max(1, round(trigger.interval * _US))  # never 0: that is a cron schedule
+        interval_us = max(1, round(trigger.interval * _US))
         first_delay_us = round((first.due - time.monotonic()) * _US)
         monotonic_before = time.monotonic()
         anchor_us, interval_us, server_us = self._link.broker.call_resending(
             self._link.scripts.schedule_begin, schedule.name, interval_us, max(0, first_delay_us))
         monotonic_now = (monotonic_before + time.monotonic()) / 2  # the reply's instant, give or take
         anchor, interval, server_now = anchor_us / _US, interval_us / _US, server_us / _US
-        self._grids[schedule.name] = anchor
+        self._grids[schedule.name] = (anchor_us, interval_us)
         index = max(0, math.ceil((server_now - anchor) / interval))
         due_server = anchor + index * interval
         return _Tick(monotonic_now + (due_server - server_now), time.time() + (due_server - server_now), index)
@@ -74,10 +72,11 @@ class BrokerTicks:
         if link.dispatcher.stopping:
             raise QueueStopped("the queue is stopped")
         if tick.index < 0:
-            number, wall = round(tick.wall * _MS), tick.wall
+            number = round(tick.wall * _US)
         else:
-            number, wall = tick.index, self._grids[schedule.name] + tick.index * schedule.trigger.interval
-        job = schedule.new_job_at(wall)
+            anchor_us, interval_us = self._grids[schedule.name]
+            number = anchor_us + tick.index * interval_us
+        job = schedule.new_job_at(number / _US)
         row = job_row(job, time.time())
         self._claims += 1
         token = f"{self._token_prefix}:{self._claims}"  # the same when resent

@@ -341,15 +341,14 @@ class Scripts:
 
     def schedule_begin(self, name: str, interval_us: int, first_delay_us: int) -> Tuple[int, int, int]:
         """Join (or start) the tick grid of the ``every`` schedule ``name``:
-        ``(anchor us, interval us, server now us)``. ``interval_us`` 0: a cron schedule
-        ``name`` begins, and drops any such grid (see schedule_begin.lua)."""
+        ``(anchor us, interval us, server now us)``."""
         anchor_us, interval_us, now_us = self._call("schedule_begin", [name, interval_us, first_delay_us])
         return int(anchor_us), int(interval_us), int(now_us)
 
     def schedule_tick(self, name: str, tick: int, token: str, buffer_size: int, max_delayed_jobs: int,
                       job: Tuple[str, str, int, float, str], caller: str = "", lease_ms: int = 0
                       ) -> Tuple[str, List[Crashed]]:
-        """Claim ``tick`` of schedule ``name`` for this call, once across processes, and enqueue
+        """Claim ``tick`` (its time in us) of schedule ``name`` for this call, once across processes, and enqueue
         its ``job`` row (as ``enqueue``'s) in the same call: ``(outcome, evicted)``, the outcome
         "fire", "busy", "full" or "taken", the evicted rows only with "fire" (see
         schedule_tick.lua; ``caller`` and ``lease_ms`` as ``enqueue``'s)."""
