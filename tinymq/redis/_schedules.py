@@ -72,11 +72,12 @@ class BrokerTicks:
         if link.dispatcher.stopping:
             raise QueueStopped("the queue is stopped")
         if tick.index < 0:
-            number = round(tick.wall * _US)
+            number, wall = round(tick.wall * _US), tick.wall
         else:
             anchor_us, interval_us = self._grids[schedule.name]
             number = anchor_us + tick.index * interval_us
-        job = schedule.new_job_at(number / _US)
+            wall = number / _US
+        job = schedule.new_job_at(wall)
         row = job_row(job, time.time())
         self._claims += 1
         token = f"{self._token_prefix}:{self._claims}"  # the same when resent
