@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     child.add_argument("target")
     child.add_argument("--workers", type=positive_int, required=True)
     child.add_argument("--check", action="store_true")
+    child.add_argument("--loaded-fd", type=int, default=None)  # written to once the target is loaded
     _logging_option(child, "INFO")
     return parser
 
@@ -147,7 +148,7 @@ def run(arguments: argparse.Namespace) -> int:
     workers = arguments.workers or default_workers()
     if command == "worker":
         return Supervisor(arguments.target, arguments.processes, workers, arguments.log_level).run()
-    return run_child(arguments.target, workers, arguments.check)
+    return run_child(arguments.target, workers, arguments.check, arguments.loaded_fd)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -297,8 +297,8 @@ class Dispatcher:
         """Start a thread of this queue's. Called with _lock held."""
         thread = threading.Thread(target=self._run_thread, name=name, args=(target, *args), daemon=True)
         self._threads = [t for t in self._threads if t.is_alive()]
+        thread.start()  # (RuntimeError when the system has no thread to give)
         self._threads.append(thread)
-        thread.start()
 
     def _run_thread(self, target: Callable[..., None], *args: Any) -> None:
         ident = threading.get_ident()
@@ -319,8 +319,12 @@ class Dispatcher:
         self._set_hooks(slot)
         self._slots.add(slot)
         self._worker_number += 1
-        # (In a list it empties: the thread's arguments would keep the job alive as long as it runs.)
-        self._start_thread(self._work, f"tinymq-worker-{self._worker_number}", slot, [failure])
+        try:
+            # (In a list it empties: the thread's arguments would keep the job alive as long as it runs.)
+            self._start_thread(self._work, f"tinymq-worker-{self._worker_number}", slot, [failure])
+        except BaseException:
+            self._slots.discard(slot)  # no thread runs it: stop() must not wait for it
+            raise
 
     def _work(self, slot: Any, first: List[Optional[Tuple[Any, Any, BaseException]]]) -> None:
         try:

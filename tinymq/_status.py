@@ -193,9 +193,17 @@ def _change_dead(store: Any, action: str, ids: Optional[Sequence[str]], named: s
 # --- printing ---------------------------------------------------------------------------
 
 
+def _printable(text: str) -> str:
+    """``text`` with what a terminal would act on (newline, tab, escape...) escaped as Python does:
+    ids, types and errors come from whoever enqueued, and a table row is one line."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> List[str]:
     """Aligned columns: numbers to the right, text to the left."""
-    cells = [[str(value) for value in row] for row in rows]
+    cells = [[_printable(str(value)) for value in row] for row in rows]
     numeric = [all(isinstance(row[column], int) for row in rows) and bool(rows)
                for column in range(len(headers))]
     widths = [max([len(header)] + [len(row[column]) for row in cells])

@@ -12,10 +12,14 @@ takes the Queue and calls ``start_dispatcher(workers)``.
   hard stop: it kills the children (their leased attempts go back when the
   leases run out). A stop signal while the target is still being loaded (its
   check, before any child starts) kills that check, however long its import
-  would take, and the supervisor exits with 0.
+  would take, and the supervisor exits with 0. A child still loading the target
+  when the signal comes exits at once: nothing of the queue runs in it yet.
 - A child that exits without being asked to (a crash, a signal, the OOM killer)
   is started again after a delay that doubles, up to a few seconds, while it
-  keeps crashing soon after its start.
+  keeps crashing soon after its start. A child that could not load the target
+  (exit code 3) is not: unless it had told the supervisor, through a pipe of
+  its own, that it loaded the target (then code 3 is a crash, say a job's
+  ``os._exit(3)``).
 - Children run in a session of their own, so a Ctrl-C in the terminal reaches
   the supervisor only (which forwards it once), and each child reads a pipe from
   the supervisor: when the supervisor dies, the pipe closes and the child stops
@@ -25,6 +29,7 @@ The only things asked of the queue beyond the public Queue API are a broker
 (``queue.broker is not None``): without one, worker processes would not share it;
 and that its module did not start or stop it at import (each child starts it).
 """
+import atexit
 import importlib
 import logging
 import os
@@ -130,10 +135,13 @@ class _SignalWakeup:
     """Signals that only write their numbers to a socket, for the main loop to read (main thread only).
 
     The handlers do nothing else, so no Python code runs inside a signal
-    handler while the main thread may hold a lock.
+    handler while the main thread may hold a lock. The interpreter writes there
+    the number of every signal that has a Python handler, the user module's too
+    (a SIGUSR1 or SIGHUP of its own): those are not ours, and left out.
     """
 
     def __init__(self, signals: Tuple[int, ...]) -> None:
+        self._signals = frozenset(signals)
         self._reader, self._writer = socket.socketpair()
         self._reader.setblocking(False)
         self._writer.setblocking(False)
@@ -145,9 +153,9 @@ class _SignalWakeup:
         return self._reader.fileno()
 
     def received(self) -> List[int]:
-        """The signals that came since the last call (their numbers), oldest first."""
+        """Those of our signals that came since the last call (their numbers), oldest first."""
         try:
-            return list(self._reader.recv(_READ_SIZE))
+            return [number for number in self._reader.recv(_READ_SIZE) if number in self._signals]
         except BlockingIOError:
             return []
 
@@ -170,38 +178,51 @@ def _exit_at_once(code: int) -> NoReturn:
 
 class _LoadingWatch:
     """While the target loads (an import may hang), a daemon thread ends this process when the
-    supervisor's pipe closes: the supervisor died, and nothing else would notice before the load ends.
+    supervisor's pipe closes (the supervisor died, and nothing else would notice before the load
+    ends), or when a stop signal comes: nothing of the queue runs yet, so there is nothing to stop.
 
-    ``loaded()`` hands the watch over to the caller: from then on a closed pipe is its to handle.
+    ``loaded()`` hands the watch over to the caller: from then on a closed pipe, and the signals
+    that come, are its to handle.
     """
 
-    def __init__(self, pipe: int) -> None:
+    def __init__(self, pipe: int, wakeup: Optional[_SignalWakeup]) -> None:
         self._pipe = pipe
+        self._wakeup = wakeup
         self._lock = threading.Lock()
         self._loading = True
         threading.Thread(target=self._watch, name="tinymq-supervisor-pipe", daemon=True).start()
 
     def _watch(self) -> None:
-        while os.read(self._pipe, _READ_SIZE):  # the supervisor writes nothing: this waits for the end
-            pass
-        with self._lock:
-            if self._loading:
-                os._exit(EXIT_SUPERVISOR_GONE)
+        watched: List[Any] = [self._pipe] if self._wakeup is None else [self._pipe, self._wakeup]
+        while True:
+            readable, _, _ = select.select(watched, [], [])
+            with self._lock:  # (the signals read here are read while loading only: the caller's after)
+                if not self._loading:
+                    return
+                if self._pipe in readable and not os.read(self._pipe, _READ_SIZE):
+                    os._exit(EXIT_SUPERVISOR_GONE)  # (the supervisor writes nothing: this is the end)
+                if self._wakeup in readable:
+                    for number in self._wakeup.received():
+                        logger.info("stopping (%s) while loading the target: nothing started, nothing "
+                                    "to stop", signal.Signals(number).name)
+                        _exit_at_once(0)
 
     def loaded(self) -> None:
         with self._lock:
             self._loading = False
 
 
-def run_child(target: str, workers: int, check: bool) -> int:
+def run_child(target: str, workers: int, check: bool, loaded_fd: Optional[int] = None) -> int:
     """A worker process: load the queue, run it until told to stop, stop it gracefully.
 
     With ``check``, only load the target (the supervisor does this once before
-    starting the children, to report a bad target once). Returns the exit code.
+    starting the children, to report a bad target once). ``loaded_fd``: a pipe
+    to the supervisor, written to once the target is loaded (so that an exit
+    with EXIT_BAD_TARGET after that is a crash). Returns the exit code.
     """
     wakeup = None if check else _SignalWakeup(_STOP_SIGNALS)  # before the import: it may be slow
     supervisor_pipe = sys.stdin.fileno()
-    watch = _LoadingWatch(supervisor_pipe)
+    watch = _LoadingWatch(supervisor_pipe, wakeup)
     try:
         queue = load_queue(target)
     except CommandError as exc:
@@ -210,6 +231,9 @@ def run_child(target: str, workers: int, check: bool) -> int:
         _exit_at_once(EXIT_BAD_TARGET)  # nothing of tinymq runs: no queue, or one stopped already
     if wakeup is None:
         _exit_at_once(0)
+    if loaded_fd is not None:
+        os.write(loaded_fd, b"1")
+        os.close(loaded_fd)
     watch.loaded()
     stop_reason = None
     for number in wakeup.received():  # a signal that came during the import
@@ -228,6 +252,15 @@ def run_child(target: str, workers: int, check: bool) -> int:
     logger.info("stopping (%s): running attempts finish, buffered jobs go back to the queue", stop_reason)
     queue.stop(wait=True)
     logger.info("worker process stopped")
+    # A thread that the user's module started (not a daemon) would keep the interpreter from exiting,
+    # for ever if nothing stops it (the module has no say in this stop), and the supervisor waiting.
+    left = [thread.name for thread in threading.enumerate()
+            if not thread.daemon and thread is not threading.main_thread()]
+    if left:
+        logger.warning("exiting without waiting for thread(s) %s (not daemon threads: started by the target's "
+                       "module, which nothing here stops)", ", ".join(map(repr, left)))
+        atexit._run_exitfuncs()  # what an exit runs, but the wait for those threads
+        _exit_at_once(0)
     return 0
 
 
@@ -237,11 +270,12 @@ def run_child(target: str, workers: int, check: bool) -> int:
 class _Slot:
     """One of the ``--processes`` places: its current child, and when to start the next."""
 
-    __slots__ = ("number", "process", "started", "restart_at", "delay")
+    __slots__ = ("number", "process", "loaded", "started", "restart_at", "delay")
 
     def __init__(self, number: int) -> None:
         self.number = number
         self.process: Optional["subprocess.Popen[bytes]"] = None
+        self.loaded: Optional[int] = None  # the read end of the child's --loaded-fd pipe
         self.started = 0.0  # time.monotonic() of the current child's start
         self.restart_at: Optional[float] = None  # time.monotonic() at which to start the next child
         self.delay = _FIRST_RESTART_DELAY  # before the next restart, doubling while crashes come soon
@@ -277,8 +311,11 @@ class Supervisor:
         False when a stop signal came first: the check (an import that may hang) is killed.
         """
         # stdin: a pipe, as a worker process has, that closes when this process ends however it ends.
-        process = subprocess.Popen(self._command("--check"), stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            process = subprocess.Popen(self._command("--check"), stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except OSError as exc:
+            raise CommandError(f"could not start the process that checks {self.target!r}: {exc}") from None
         output = {process.stdout: bytearray(), process.stderr: bytearray()}
         streams = list(output)
         while streams:
@@ -312,8 +349,26 @@ class Supervisor:
         return True
 
     def _start(self, slot: _Slot) -> None:
-        # stdin: a pipe the child reads until it closes, when this process ends, however it ends.
-        slot.process = subprocess.Popen(self._command(), stdin=subprocess.PIPE, start_new_session=True)
+        try:
+            reader, writer = os.pipe()
+            try:
+                # stdin: a pipe the child reads until it closes, when this process ends, however it ends.
+                slot.process = subprocess.Popen(self._command("--loaded-fd", str(writer)),
+                                                stdin=subprocess.PIPE, start_new_session=True,
+                                                pass_fds=(writer,))
+            except BaseException:
+                os.close(reader)
+                raise
+            finally:
+                os.close(writer)
+        except OSError as exc:  # out of descriptors, processes or memory: perhaps not for long
+            slot.restart_at = time.monotonic() + slot.delay
+            logger.error("could not start worker process %d (%s); trying again in %.1f s", slot.number, exc,
+                         slot.delay)
+            slot.delay = min(slot.delay * 2, _MAX_RESTART_DELAY)
+            return
+        os.set_blocking(reader, False)
+        slot.loaded = reader
         slot.started = time.monotonic()
         slot.restart_at = None
         logger.info("started worker process %d (pid %d)", slot.number, slot.process.pid)
@@ -326,6 +381,7 @@ class Supervisor:
         slot.process = None
         if process.stdin is not None:
             process.stdin.close()
+        loaded = self._close_loaded(slot)
         code = process.returncode
         if self.stopping:
             if code not in (0, -signal.SIGTERM):  # SIGTERM: it was still starting, nothing to stop
@@ -333,7 +389,7 @@ class Supervisor:
                              _exit_description(code))
                 self.exit_code = 1
             return
-        if code == EXIT_BAD_TARGET:
+        if code == EXIT_BAD_TARGET and not loaded:
             logger.error("worker process %d (pid %d) could not load %r (see its error above): stopping",
                          slot.number, process.pid, self.target)
             self.exit_code = 1
@@ -346,6 +402,19 @@ class Supervisor:
         logger.error("worker process %d (pid %d) %s; starting it again in %.1f s", slot.number,
                      process.pid, _exit_description(code), slot.delay)
         slot.delay = min(slot.delay * 2, _MAX_RESTART_DELAY)
+
+    @staticmethod
+    def _close_loaded(slot: _Slot) -> bool:
+        """Close the slot's --loaded-fd pipe: whether its child had written that it loaded the target."""
+        reader, slot.loaded = slot.loaded, None
+        if reader is None:
+            return False
+        try:
+            return bool(os.read(reader, 1))
+        except BlockingIOError:  # nothing written, and the write end still open (a grandchild has it)
+            return False
+        finally:
+            os.close(reader)
 
     def _begin_stop(self) -> None:
         self.stopping = True
@@ -360,6 +429,7 @@ class Supervisor:
                 slot.process.kill()
                 slot.process.wait()
                 slot.process = None
+                self._close_loaded(slot)
 
     def run(self) -> int:
         """Start the children and supervise them; returns the exit code (0 after a clean stop)."""

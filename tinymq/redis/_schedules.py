@@ -10,13 +10,15 @@ enqueued it.
 Ticks must mean the same instant in every process: a ``cron`` tick is its wall-clock
 time; an ``every`` schedule's ticks lie on a grid kept in Redis on the server's
 clock (``schedule_begin.lua``), tick k at ``anchor + k * interval``, which each
-process maps onto its own monotonic clock when the schedule begins.
+process maps onto its own monotonic clock when the schedule begins. A tick is claimed
+by its time in microseconds, of either kind: a schedule that changes kind under its
+name (a deploy, a rollback) finds no claim of the other kind "later" than its ticks.
 """
 import math
 import os
 import time
 import weakref
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 from .._periodic import _Tick
 from ..errors import QueueFull, QueueStopped, TinyMQError
@@ -26,7 +28,6 @@ from ._link import job_row
 __all__ = ["BrokerTicks"]
 
 _US = 1_000_000
-_MS = 1000
 
 
 class BrokerTicks:
@@ -35,7 +36,7 @@ class BrokerTicks:
     def __init__(self, link: Any, queue: Any) -> None:
         self._link = link
         self._queue = weakref.ref(queue)  # the timer never keeps the queue alive
-        self._grids: Dict[str, float] = {}  # schedule name -> server time (s) of its tick 0
+        self._grids: Dict[str, Tuple[int, int]] = {}  # schedule name -> (anchor, interval), server us
         self._claims = 0
         self._token_prefix = os.urandom(8).hex()
         self._redis_error = __import__("redis").RedisError
@@ -51,7 +52,7 @@ class BrokerTicks:
             self._link.scripts.schedule_begin, schedule.name, interval_us, max(0, first_delay_us))
         monotonic_now = (monotonic_before + time.monotonic()) / 2  # the reply's instant, give or take
         anchor, interval, server_now = anchor_us / _US, interval_us / _US, server_us / _US
-        self._grids[schedule.name] = anchor
+        self._grids[schedule.name] = (anchor_us, interval_us)
         index = max(0, math.ceil((server_now - anchor) / interval))
         due_server = anchor + index * interval
         return _Tick(monotonic_now + (due_server - server_now), time.time() + (due_server - server_now), index)
@@ -71,9 +72,11 @@ class BrokerTicks:
         if link.dispatcher.stopping:
             raise QueueStopped("the queue is stopped")
         if tick.index < 0:
-            number, wall = round(tick.wall * _MS), tick.wall
+            number, wall = round(tick.wall * _US), tick.wall
         else:
-            number, wall = tick.index, self._grids[schedule.name] + tick.index * schedule.trigger.interval
+            anchor_us, interval_us = self._grids[schedule.name]
+            number = anchor_us + tick.index * interval_us
+            wall = number / _US
         job = schedule.new_job_at(wall)
         row = job_row(job, time.time())
         self._claims += 1

@@ -348,7 +348,7 @@ class Scripts:
     def schedule_tick(self, name: str, tick: int, token: str, buffer_size: int, max_delayed_jobs: int,
                       job: Tuple[str, str, int, float, str], caller: str = "", lease_ms: int = 0
                       ) -> Tuple[str, List[Crashed]]:
-        """Claim ``tick`` of schedule ``name`` for this call, once across processes, and enqueue
+        """Claim ``tick`` (its time in us) of schedule ``name`` for this call, once across processes, and enqueue
         its ``job`` row (as ``enqueue``'s) in the same call: ``(outcome, evicted)``, the outcome
         "fire", "busy", "full" or "taken", the evicted rows only with "fire" (see
         schedule_tick.lua; ``caller`` and ``lease_ms`` as ``enqueue``'s)."""

@@ -1,7 +1,9 @@
 --[[ schedule_tick: claim one tick of a schedule and enqueue its job, in one call: once across
 all processes, and no moment at which the tick is claimed but its job not enqueued.
-KEYS[1] prefix. ARGV: name, tick (a number that grows with every tick: `every` its grid
-index, `cron` its time in ms), claim token (unique per call, the same when resent; also the
+KEYS[1] prefix. ARGV: name, tick (its time in us, which grows with every tick: `every`
+anchor + k * interval on the shared grid, `cron` its wall-clock instant; one number space
+for both, so a schedule that changes kind under its name keeps firing: a grid index would
+compare with a cron tick's time as long claimed), claim token (unique per call, the same when resent; also the
 enqueue token of the tick's job), buffer_size, max_delayed_jobs (0: unlimited), caller and
 lease (as enqueue.lua's), then the tick's job as one row of enqueue.lua: id, type, priority
 (0..2), delay ms, body.
