@@ -302,6 +302,8 @@ def test_changing_dead_jobs_of_a_missing_file_creates_nothing(tmp_path):
     ["status"],                                              # no --db
     ["status", "--db", "jobs.db", "--limit", "-1"],
     ["worker", "app:queue", "--processes", "0"],
+    ["worker", "app:queue", "--processes", "1025"],
+    ["worker", "app:queue", "--processes", "99999999999999999999"],
     ["worker", "app:queue", "--workers", "many"],
     ["worker", "app"],                                       # no attribute
     ["worker", "app:queue:more"],

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
-from ._cli import LOG_LEVELS, CommandError, configure_logging, positive_int, whole_number
+from ._cli import LOG_LEVELS, MAX_PROCESSES, CommandError, configure_logging, positive_int, process_count, whole_number
 from ._demo import DESCRIPTION as DEMO_DESCRIPTION
 from ._demo import run_demo
 from ._status import change_dead_in_db, change_dead_in_redis, db_status, redis_status, render_status
@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "A worker process that crashes is started again.")
     worker.add_argument("target", metavar="TARGET", type=_target,
                         help="package.module:queue (the attribute may be a dotted path: module:app.queue)")
-    worker.add_argument("--processes", type=positive_int, default=1, metavar="N",
-                        help="worker processes (default 1)")
+    worker.add_argument("--processes", type=process_count, default=1, metavar="N",
+                        help=f"worker processes (default 1, at most {MAX_PROCESSES})")
     worker.add_argument("--workers", type=positive_int, default=None, metavar="M",
                         help="worker threads per process, start_dispatcher(M) (default: the number of "
                              "CPUs, or 4 when it cannot be told)")

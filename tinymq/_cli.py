@@ -7,7 +7,8 @@ line only: the library itself never configures logging.
 import argparse
 import logging
 
-__all__ = ["CommandError", "LOG_LEVELS", "configure_logging", "counted", "positive_int", "whole_number"]
+__all__ = ["CommandError", "LOG_LEVELS", "MAX_PROCESSES", "configure_logging", "counted", "positive_int",
+           "process_count", "whole_number"]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _LOG_FORMAT = "%(asctime)s %(levelname)s [pid %(process)d] %(name)s: %(message)s"
@@ -39,6 +40,18 @@ def _at_least(minimum: int, text: str) -> int:
 def positive_int(text: str) -> int:
     """An argparse ``type``: an int >= 1 (anything else is a usage error, exit 2)."""
     return _at_least(1, text)
+
+
+MAX_PROCESSES = 1024  # worker processes one supervisor runs (each is a Python process of its own)
+
+
+def process_count(text: str) -> int:
+    """An argparse ``type``: 1 .. MAX_PROCESSES."""
+    value = _at_least(1, text)
+    if value > MAX_PROCESSES:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_PROCESSES} worker processes per supervisor "
+                                         f"(start more supervisors for more), got {value}")
+    return value
 
 
 def whole_number(text: str) -> int:
