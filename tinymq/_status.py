@@ -136,7 +136,9 @@ def redis_status(url: str, name: str) -> Dict[str, Any]:
                        "taken": sum(executor["taken"] for executor in executors.values()),
                        "dead": len(dead)},
             "priorities": {level: {"ready": size} for level, size in ready.items()},
-            "max_delayed_jobs": stats.max_delayed_jobs,
+            # Each enqueuing process's Config sets it (the same everywhere, by contract); Redis does
+            # not hold it, and this process's own default would be a guess.
+            "max_delayed_jobs": None,
             "worker_processes": processes,
             "executors": executors,
             "counters": counters,
@@ -268,7 +270,6 @@ def _redis_lines(report: Dict[str, Any], limit: int) -> List[str]:
     lines.append("")
     lines += _table(("priority", "ready"),
                     [(name, sizes["ready"]) for name, sizes in report["priorities"].items()])
-    lines.append(f"(delayed: at most {report['max_delayed_jobs'] or 'unlimited'})")
     lines.append("")
     lines += _table(("counter", "events"), list(report["counters"].items()))
     lines.append("")
