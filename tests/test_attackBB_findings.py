@@ -173,9 +173,9 @@ def test_an_executor_cannot_end_the_queues_event_loop(how, exc_class):
         q.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="attackBB: `await ctx.sleep(nan)` neither raises nor sleeps a "
-                   "defined time (asyncio.sleep plants a NaN timer in the queue's loop, which fires "
-                   "when some other timer does), where ctx.wait(nan) raises ValueError")
+# Fixed: `await ctx.sleep(nan)` slept until some other timer of the queue's loop fired (here the
+# attempt's own deadline: it timed out), since asyncio.sleep(nan) plants a NaN timer; ctx.wait(nan)
+# raised the lock's ValueError. Both raise ValueError naming the value now.
 def test_ctx_sleep_refuses_nan_like_ctx_wait():
     q = Queue(10)
     outcomes = Recorder()
