@@ -162,6 +162,7 @@ class LoopRunner:
         self._coming = 0
         self._closing = False
         self._stop_when_idle = False  # stop() from one of its attempts: the loop stops after the last
+        self._halting = False  # the queue stopped the loop (_halt): anything else that ends it is a mishap
         self._thread_done = threading.Event()
         # Loop thread only: the deadline timer, and the deadline it is armed for (+inf: none).
         self._expiry: Optional[asyncio.TimerHandle] = None
@@ -178,7 +179,7 @@ class LoopRunner:
         asyncio.set_event_loop(loop)
         try:
             self.ready.set_loop_waker(self._wake)  # drains at once if jobs are waiting
-            loop.run_forever()
+            self._run_until_halted()
         finally:
             self.ready.set_loop_waker(None)
             self._closing = True
@@ -200,6 +201,37 @@ class LoopRunner:
             finally:
                 loop.close()
                 self._thread_done.set()
+
+    def _run_until_halted(self) -> None:
+        """Run the loop until the queue stops it (``_halt``), whatever its executors do to it.
+
+        The loop ends too when a task raises SystemExit or KeyboardInterrupt (asyncio lets
+        those out of ``run_forever``: a task an executor awaits through ``asyncio.gather``
+        or ``create_task``), or when an executor calls ``loop.stop()``. Then the queue's
+        async side would be gone without a word: its later jobs accepted and never run,
+        ``join()`` never returning. The loop is run again instead, and it is logged; the
+        awaiting attempt sees the exception, and fails, as if it had raised it itself.
+        """
+        loop = self.loop
+        while True:
+            try:
+                loop.run_forever()
+            except BaseException:
+                if self._halting:
+                    logger.exception("tinymq event loop ended with an exception while the queue stopped")
+                    return
+                logger.exception("an async executor's task let an exception out of the queue's event loop "
+                                 "(asyncio does so with SystemExit and KeyboardInterrupt); the loop runs on")
+                continue
+            if self._halting:
+                return
+            logger.error("an async executor stopped the queue's event loop (loop.stop()); the loop runs on: "
+                         "only Queue.stop() stops it")
+
+    def _halt(self) -> None:
+        """On the loop: the queue stops it."""
+        self._halting = True
+        self.loop.stop()
 
     def _end_tasks(self) -> None:
         """Cancel every task still on the loop, and run the loop until each has ended.
@@ -364,7 +396,7 @@ class LoopRunner:
             if self._waiting_for_end and (decided is None or not attempts):
                 self._all_finished.notify_all()
         if self._stop_when_idle and not attempts:
-            self.loop.stop()
+            self._halt()
         state, job, ready, dispatcher = attempt.state, attempt.job, self.ready, self.dispatcher
         if (decided is None and error is None and not late and self._quiet
                 and dispatcher.store is None and dispatcher.ledger is None):
@@ -512,7 +544,7 @@ class LoopRunner:
         ``when_idle``: only once no attempt runs (stop() awaited in one of them, which it cannot wait for).
         """
         try:
-            self.loop.call_soon_threadsafe(self._stop_loop if when_idle else self.loop.stop)
+            self.loop.call_soon_threadsafe(self._stop_loop if when_idle else self._halt)
         except RuntimeError:
             return  # closed already
         if wait_for_thread:
@@ -521,7 +553,7 @@ class LoopRunner:
     def _stop_loop(self) -> None:
         self._stop_when_idle = True
         if not self._attempts:
-            self.loop.stop()
+            self._halt()
 
 
 def timeout_error(job: Any, state: Any) -> JobTimeout:
