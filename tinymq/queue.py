@@ -32,6 +32,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 _now = time.time
 
 
+# Seconds ajoin() waits in a thread at a time: how long a cancelled ajoin may keep that thread.
+_AJOIN_SLICE = 0.1
 _DEFAULT_EXECUTOR_CONFIG = ExecutorConfig()  # immutable: one for every registration without a config
 # A plain function's answer, for the next registration of the same function (one handler for
 # many job types): valid while the code and defaults that decided it are the same objects.
@@ -626,14 +628,26 @@ class Queue:
         return await loop.run_in_executor(None, lambda: self.enqueue(job, block=block, timeout=timeout))
 
     async def ajoin(self, timeout: Union[float, timedelta, None] = None) -> bool:
-        """``join`` for async code: waits in the loop's default executor, not on the loop."""
+        """``join`` for async code: waits in the loop's default executor, not on the loop.
+
+        It waits there ``_AJOIN_SLICE`` seconds at a time: a cancelled ``ajoin`` gives its
+        thread back within one slice (a thread left in ``join`` would hold the executor,
+        and ``asyncio.run``'s exit, until the queue is idle).
+        """
         wait = _optional_seconds("timeout", timeout)
         runner = self._dispatcher.loop_runner
         loop = asyncio.get_running_loop()
         if runner is not None and loop is runner.loop:
             raise RuntimeError("ajoin() awaited in an async executor of this queue would wait for "
                                "itself; await it from another event loop")
-        return await loop.run_in_executor(None, self.join, wait)
+        deadline = None if wait is None else time.monotonic() + wait
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            step = _AJOIN_SLICE if remaining is None else min(remaining, _AJOIN_SLICE)
+            if await loop.run_in_executor(None, self.join, step):
+                return True
+            if (remaining is not None and remaining <= _AJOIN_SLICE) or self._dispatcher.stopping:
+                return False  # its timeout, or stopped with jobs left (join() says False at once)
 
     async def astop(self, wait: bool = True, timeout: Union[float, timedelta, None] = None) -> None:
         """``stop`` for async code: waits in the loop's default executor, not on the loop.
