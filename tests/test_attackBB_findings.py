@@ -92,9 +92,9 @@ def test_a_cancelled_ajoin_gives_its_thread_back():
         q.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="attackBB: a cancelled `await q.aenqueue(job, block=True)` "
-                   "leaves its enqueue waiting for room in a thread: the job the caller was told "
-                   "was not enqueued (CancelledError) is enqueued and run once room frees")
+# Fixed: a cancelled `await q.aenqueue(job, block=True)` left its enqueue waiting for room in a
+# thread: the job the caller was told was not enqueued (CancelledError) was enqueued and run once
+# room freed (and asyncio.run's exit waited for that thread until then).
 def test_a_cancelled_aenqueue_that_waits_for_room_enqueues_nothing():
     q = Queue(1)
     ran = Recorder()
@@ -119,6 +119,58 @@ def test_a_cancelled_aenqueue_that_waits_for_room_enqueues_nothing():
         assert q.join(WAIT)
         assert ran.snapshot() == ["first"]
         assert q.get_stats().jobs_enqueued == 1
+    finally:
+        q.stop()
+
+
+class _SlowStore:
+    """An in-memory store whose save waits until ``release`` is set (``saving`` says it began)."""
+
+    def __init__(self):
+        self.rows = {}
+        self.saving = threading.Event()
+        self.release = threading.Event()
+
+    def save(self, job):
+        self.saving.set()
+        assert self.release.wait(WAIT)
+        self.rows[job.id] = job
+
+    def delete(self, job_id):
+        self.rows.pop(job_id, None)
+
+    def load_all(self):
+        return []
+
+
+# Fixed with the one above: an aenqueue cancelled while its store's save ran went on to enqueue
+# the job, though the caller was told it was not. The job is taken back (reported "cancelled").
+def test_an_aenqueue_cancelled_during_its_save_takes_the_job_back():
+    q = Queue(10)
+    store = _SlowStore()
+    q.set_persistence(store)
+    ended = Recorder()
+    q.on_failure(lambda job, reason, exc: ended.add((job.id, reason)))
+
+    @q.executor("t")
+    def run(job):
+        pass
+
+    async def scenario(executor):
+        putter = asyncio.ensure_future(q.aenqueue(Job("t", id="x")))
+        await asyncio.wait_for(_until(store.saving), WAIT)
+        putter.cancel()
+        await asyncio.sleep(0)
+        store.release.set()  # the save ends after the caller gave up
+        with pytest.raises(asyncio.CancelledError):
+            await putter
+
+    try:
+        _on_a_loop(scenario)
+        assert ended.snapshot() == [("x", "cancelled")]
+        assert q.get_stats().jobs_cancelled == 1
+        assert store.rows == {}
+        assert q.join(WAIT)
     finally:
         q.stop()
 
