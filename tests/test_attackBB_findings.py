@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from tinymq import ExecutorConfig, Job, Queue, RetryConfig
+from tinymq import ExecutorConfig, Job, Queue, RetryConfig, SQLitePersistence
 
 from _helpers import WAIT, Recorder
 
@@ -255,3 +255,42 @@ def test_ctx_sleep_refuses_nan_like_ctx_wait():
         assert dict(outcomes.snapshot()) == {"async": ValueError, "thread": ValueError}
     finally:
         q.stop()
+
+
+@pytest.mark.xfail(strict=True, reason="attackBB: with a store, the queue's own loop writes each async "
+                   "attempt's start and outcome through that loop's default executor, which its "
+                   "coroutines share: while they hold its threads (await q.aenqueue(job, block=True) "
+                   "from async executors fanning out, any run_in_executor call waiting on the queue), "
+                   "no async attempt can start or be reported: the queue deadlocks")
+def test_coroutines_holding_the_loops_default_executor_do_not_stop_other_attempts(tmp_path):
+    q = Queue(10)
+    store = SQLitePersistence(str(tmp_path / "jobs.db"))
+    q.set_persistence(store)
+    holding = threading.Event()
+    gate = threading.Event()
+    ran = threading.Event()
+
+    def hold():
+        holding.set()
+        gate.wait(2 * WAIT)
+
+    @q.executor("hog")
+    async def hog(job):
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=1))
+        await loop.run_in_executor(None, hold)  # the default executor's one thread is taken
+
+    @q.executor("other")
+    async def other(job):
+        ran.set()
+
+    q.start_dispatcher(1)
+    try:
+        q.enqueue(Job("hog"))
+        assert holding.wait(WAIT)
+        q.enqueue(Job("other"))
+        assert ran.wait(WAIT)
+    finally:
+        gate.set()
+        q.stop()
+        store.close()
