@@ -257,11 +257,10 @@ def test_ctx_sleep_refuses_nan_like_ctx_wait():
         q.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="attackBB: with a store, the queue's own loop writes each async "
-                   "attempt's start and outcome through that loop's default executor, which its "
-                   "coroutines share: while they hold its threads (await q.aenqueue(job, block=True) "
-                   "from async executors fanning out, any run_in_executor call waiting on the queue), "
-                   "no async attempt can start or be reported: the queue deadlocks")
+# Fixed: with a store, the queue's own loop wrote each async attempt's start and outcome through
+# that loop's default executor, which its coroutines share: while they held its threads (await
+# q.aenqueue(job, block=True) from async executors fanning out, any run_in_executor call waiting on
+# the queue), no async attempt could start or be reported: the queue deadlocked.
 def test_coroutines_holding_the_loops_default_executor_do_not_stop_other_attempts(tmp_path):
     q = Queue(10)
     store = SQLitePersistence(str(tmp_path / "jobs.db"))

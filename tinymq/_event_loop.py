@@ -33,6 +33,7 @@ attempt takes no lock: only the loop thread writes ``_attempts``, and other
 threads read a snapshot of it.
 """
 import asyncio
+import concurrent.futures
 import inspect
 import logging
 import threading
@@ -148,6 +149,11 @@ class LoopRunner:
         self.dispatcher = dispatcher
         self.ready = dispatcher.ready
         self.loop = asyncio.new_event_loop()
+        # Where a store's or a broker's writes for async attempts run (a start, an outcome): threads
+        # of the queue's own, not the loop's default executor, which the coroutines share: while they
+        # hold its threads (awaiting q.aenqueue(block=True), a run_in_executor waiting on the queue),
+        # no attempt could start or be reported.
+        self._io = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="tinymq-io")
         self._lock = threading.Lock()
         # The attempts whose coroutines have not unwound (the keys; written by the loop thread only,
         # removed under _lock; other threads read a snapshot, list(...)), and their decisions
@@ -194,11 +200,12 @@ class LoopRunner:
                     self.dispatcher._stopped_async(job)
                 self._end_tasks()
                 loop.run_until_complete(loop.shutdown_asyncgens())
-                loop.run_until_complete(loop.shutdown_default_executor())  # outcomes reported off the loop
+                loop.run_until_complete(loop.shutdown_default_executor())
                 self._end_tasks()  # a task started meanwhile (an awaitable a worker thread handed over)
             except Exception:  # pragma: no cover - a bug; the loop closes all the same
                 logger.exception("tinymq event loop did not shut down cleanly")
             finally:
+                self._io.shutdown(wait=True)  # outcomes reported off the loop
                 loop.close()
                 self._thread_done.set()
 
@@ -352,7 +359,7 @@ class LoopRunner:
             attempt.running = True
             try:
                 if (dispatcher.ledger is not None or dispatcher.store is not None) and dispatcher.needs_hooks():
-                    await self.loop.run_in_executor(None, dispatcher.attempt_starting, job)
+                    await self.loop.run_in_executor(self._io, dispatcher.attempt_starting, job)
                 fn = state.fn
                 awaitable = fn(job) if context is None else fn(job, context)
                 if awaitable.__class__ is types.CoroutineType or inspect.isawaitable(awaitable):
@@ -469,7 +476,7 @@ class LoopRunner:
     def _report(self, report: Any, *args: Any) -> None:
         """Hand an outcome to the dispatcher: on the loop, or off it when a store or broker may block."""
         if self.dispatcher.blocks():
-            self.loop.run_in_executor(None, self._report_safely, report, args)
+            self._io.submit(self._report_safely, report, args)
         else:
             self._report_safely(report, args)
 
