@@ -295,10 +295,9 @@ def test_coroutines_holding_the_loops_default_executor_do_not_stop_other_attempt
         store.close()
 
 
-@pytest.mark.xfail(strict=True, reason="attackBB: a plain function that returns a coroutine (an async "
-                   "executor registration cannot tell) and returns it after stop(wait=False) closed the "
-                   "loop fails its job for good ('Event loop is closed', kept dead), though its "
-                   "coroutine never ran and stop() is no failure of the job's")
+# Fixed: a plain function that returns a coroutine (an async executor registration cannot tell)
+# and returned it after stop(wait=False) closed the loop failed its job for good ("Event loop is
+# closed", kept dead), though the coroutine never ran and stop() is no failure of the job's.
 def test_an_awaitable_returned_after_stop_closed_the_loop_is_given_back_not_failed(tmp_path):
     q = Queue(10)
     store = SQLitePersistence(str(tmp_path / "jobs.db"))

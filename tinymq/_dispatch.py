@@ -603,18 +603,40 @@ class Dispatcher:
         # Registered under _lock with its start: the awaitable may run before this thread goes on,
         # and a stop() or cancel() meanwhile must find it here.
         with self._lock:
+            wrapper = _awaited(result)
             try:
-                future = asyncio.run_coroutine_threadsafe(_awaited(result), runner.loop)
+                future = asyncio.run_coroutine_threadsafe(wrapper, runner.loop)
             except RuntimeError:  # the loop has closed: the queue stopped
+                wrapper.close()
                 if inspect.iscoroutine(result):
                     result.close()
-                raise
+                if not self._stopping:  # pragma: no cover - the loop closes only at stop()
+                    raise
+                raise self._given_back_at_stop(job) from None
             self._awaiting[job] = future
         try:
             future.result()
+        except concurrent.futures.CancelledError:
+            # Not by a timeout or a cancel of this attempt (those decide it first: this outcome is
+            # ignored), so by stop(): the loop ended the task before it ran, or stop() cancelled it.
+            if not self._stopping:
+                raise
+            raise self._given_back_at_stop(job) from None
         finally:
             with self._lock:
                 self._awaiting.pop(job, None)
+
+    def _given_back_at_stop(self, job: Any) -> QueueStopped:
+        """The awaitable a worker's attempt returned cannot run: stop() closed (or is closing) the
+        loop. Like an attempt stop() cancels, no failure: noted so (saved back as ready, with a
+        store), and attempt_failed, handed the error returned, counts and reports nothing."""
+        with self._stop_order:
+            if job not in self._decided and job not in self._stop_cancelled:
+                self._stop_cancelled.add(job)
+                store = self.store
+                if store is not None:
+                    self.call_store("save", store.save, job)
+        return QueueStopped("the queue stopped before the awaitable its executor returned could run")
 
     def _cancel_awaiting(self, job: Any) -> None:
         """A worker's attempt was decided (timeout, cancel, stop): cancel the awaitable it waits for."""
