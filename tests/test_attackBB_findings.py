@@ -11,6 +11,8 @@ import threading
 
 import pytest
 
+import tinymq
+
 from tinymq import ExecutorConfig, Job, Queue, RetryConfig, SQLitePersistence
 
 from _helpers import WAIT, Recorder
@@ -335,3 +337,62 @@ def test_an_awaitable_returned_after_stop_closed_the_loop_is_given_back_not_fail
     finally:
         go.set()
         store.close()
+
+
+def _loop_blocker(q, hold):
+    """An async executor "block" that blocks the queue's loop (a sync wait, no await) until ``hold``
+    is set, with a 0.2 s timeout; returns the event it sets when it has begun."""
+    inside = threading.Event()
+
+    @q.executor("block", timeout=0.2)
+    async def block(job):
+        inside.set()
+        hold.wait(3 * WAIT)  # a blocking call by mistake (requests.get, time.sleep...)
+
+    return inside
+
+
+@pytest.mark.xfail(strict=True, reason="attackBB: a coroutine that blocks the queue's loop past its "
+                   "timeout is never decided while it blocks (only the loop's own timer decides async "
+                   "deadlines): stop(wait=True), and so leaving `with Queue() as q:`, waits for it "
+                   "however long it blocks, though API.md says a timed-out attempt is never waited for")
+def test_stop_does_not_wait_for_a_coroutine_blocking_the_loop_past_its_timeout():
+    q = Queue(10)
+    hold = threading.Event()
+    inside = _loop_blocker(q, hold)
+    q.start_dispatcher(1)
+    stopped = threading.Event()
+    try:
+        q.enqueue(Job("block", retry_config=NO_RETRY))
+        assert inside.wait(WAIT)
+        stopper = threading.Thread(target=lambda: (q.stop(), stopped.set()), daemon=True)
+        stopper.start()
+        # 0.2 s timeout, then stop()'s brief waits for unwinding (1 s) and for the loop thread (2 s)
+        assert stopped.wait(WAIT)
+    finally:
+        hold.set()
+        q.stop()
+
+
+@pytest.mark.xfail(strict=True, reason="attackBB: a coroutine that blocks the queue's loop past its "
+                   "timeout is never decided while it blocks: its job is not failed with JobTimeout "
+                   "nor retried, and join() waits as long as it blocks (a thread executor past its "
+                   "deadline is decided by the watchdog whatever it does)")
+def test_a_coroutine_blocking_the_loop_past_its_timeout_times_out():
+    q = Queue(10)
+    hold = threading.Event()
+    inside = _loop_blocker(q, hold)
+    ended = Recorder()
+    q.on_failure(lambda job, reason, exc: ended.add((reason, type(exc))))
+    q.start_dispatcher(1)
+    try:
+        q.enqueue(Job("block", retry_config=NO_RETRY))
+        assert inside.wait(WAIT)
+        assert ended.wait_for(1)
+        assert ended.snapshot() == [("retries_exhausted", tinymq.JobTimeout)]
+        assert q.join(WAIT)
+        assert q.get_stats().jobs_timed_out == 1
+        assert not hold.is_set()  # all of it while the loop is still blocked
+    finally:
+        hold.set()
+        q.stop()
