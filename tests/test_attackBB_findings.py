@@ -352,10 +352,9 @@ def _loop_blocker(q, hold):
     return inside
 
 
-@pytest.mark.xfail(strict=True, reason="attackBB: a coroutine that blocks the queue's loop past its "
-                   "timeout is never decided while it blocks (only the loop's own timer decides async "
-                   "deadlines): stop(wait=True), and so leaving `with Queue() as q:`, waits for it "
-                   "however long it blocks, though API.md says a timed-out attempt is never waited for")
+# Fixed: a coroutine that blocked the queue's loop past its timeout was never decided while it
+# blocked (only the loop's own timer decided async deadlines): stop(wait=True), and so leaving
+# `with Queue() as q:`, waited for it however long it blocked.
 def test_stop_does_not_wait_for_a_coroutine_blocking_the_loop_past_its_timeout():
     q = Queue(10)
     hold = threading.Event()
@@ -374,10 +373,8 @@ def test_stop_does_not_wait_for_a_coroutine_blocking_the_loop_past_its_timeout()
         q.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="attackBB: a coroutine that blocks the queue's loop past its "
-                   "timeout is never decided while it blocks: its job is not failed with JobTimeout "
-                   "nor retried, and join() waits as long as it blocks (a thread executor past its "
-                   "deadline is decided by the watchdog whatever it does)")
+# Fixed: ... nor was its job failed with JobTimeout or retried, and join() waited as long as it
+# blocked (a thread executor past its deadline is decided by the watchdog whatever it does).
 def test_a_coroutine_blocking_the_loop_past_its_timeout_times_out():
     q = Queue(10)
     hold = threading.Event()

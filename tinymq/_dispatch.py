@@ -13,7 +13,9 @@ Threads:
 - the watchdog sleeps until the earliest attempt deadline and is woken when an
   attempt starts with an earlier one.
 - the event loop (``_event_loop.LoopRunner``) runs async executors' attempts as
-  tasks; their timeouts are the loop's own timers, which cancel the tasks.
+  tasks; their timeouts are the loop's own timers, which cancel the tasks (the
+  watchdog decides one the loop has not, LOOP_LATE after its deadline: a coroutine
+  blocks the loop).
 
 Every wait here is on the monotonic clock: a delayed job or a retry is due
 ``delay`` seconds after it was scheduled, whatever the wall clock does
@@ -41,7 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Set, Tuple, ca
 
 from ._pick_core import core
 from .config import Config, ExecutorConfig
-from ._event_loop import _UNWIND_WAIT, LoopRunner, timeout_error
+from ._event_loop import _UNWIND_WAIT, LOOP_LATE, LoopRunner, timeout_error
 from .context import JobContext
 from .errors import JobTimeout, PermanentFailure, QueueStopped, RetryAfter
 
@@ -521,6 +523,7 @@ class Dispatcher:
 
     def _watch(self) -> None:
         alarm = self.watchdog_alarm
+        loop_looked = -math.inf
         while True:
             try:
                 now = core.monotonic()
@@ -529,6 +532,13 @@ class Dispatcher:
                     slots = list(self._slots)
                     if self._stopping and not self._running_workers():
                         return  # timeouts apply until the last attempt has ended
+                runner = self.loop_runner
+                if runner is not None and now - loop_looked >= LOOP_LATE:
+                    # The loop's own timer decides its attempts' deadlines; one it has not decided
+                    # LOOP_LATE after is held by a coroutine blocking the loop: decided here.
+                    loop_looked = now
+                    runner.expire_overdue(now - LOOP_LATE)
+                runner = None
                 for slot in slots:
                     job = slot.expire(now)
                     if job is not None:

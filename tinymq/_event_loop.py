@@ -52,6 +52,9 @@ logger = logging.getLogger("tinymq")
 _DRAIN_BATCH = 256  # jobs started per loop callback: the loop runs other callbacks between batches
 _UNWIND_WAIT = 1.0  # seconds stop() waits for cancelled coroutines to unwind before leaving them
 _NO_DEADLINE = float("inf")
+# Seconds past an attempt's deadline after which another thread decides it (expire_overdue): the
+# loop's timer has not, so a coroutine blocks the loop (a call that does not await).
+LOOP_LATE = 0.25
 monotonic = core.monotonic  # the clock of loop.time() and of the core's deadlines
 
 
@@ -530,20 +533,58 @@ class LoopRunner:
             attempt.task.cancel()
 
     def wait_finished(self, deadline: Optional[float], undecided_only: bool) -> bool:
-        """Wait until no attempt (``undecided_only``: no undecided one) runs; False at ``deadline``."""
-        with self._lock:
-            self._waiting_for_end += 1
+        """Wait until no attempt (``undecided_only``: no undecided one) runs; False at ``deadline``.
+
+        An attempt ``LOOP_LATE`` past its deadline that the loop has not decided (a coroutine
+        blocks it) is decided here, as timed out: a timed-out attempt is never waited for.
+        """
+        while True:
+            with self._lock:
+                self._waiting_for_end += 1
+                try:
+                    while True:
+                        attempts = list(self._attempts)
+                        if not any(a.decided is None for a in attempts) if undecided_only else not attempts:
+                            return True
+                        now = core.monotonic()
+                        remaining = None if deadline is None else deadline - now
+                        if remaining is not None and remaining <= 0.0:
+                            return False
+                        late = min((a.deadline for a in attempts if a.decided is None),
+                                   default=_NO_DEADLINE) + LOOP_LATE - now
+                        if late <= 0.0:
+                            break  # decided below, without the lock
+                        wait = late if remaining is None else min(remaining, late)
+                        self._all_finished.wait(min(wait, threading.TIMEOUT_MAX))
+                finally:
+                    self._waiting_for_end -= 1
+            self.expire_overdue(core.monotonic() - LOOP_LATE)
+
+    def expire_overdue(self, before: float) -> None:
+        """From any thread: decide, as timed out, every undecided attempt whose deadline is before
+        ``before``: the loop's timer should have, so a coroutine blocks the loop. As ``_expire``
+        does on the loop; the task is cancelled once the loop runs again, and the slot stays taken
+        until the coroutine has returned. The failure is reported off this thread (``_io``)."""
+        for attempt in list(self._attempts):
+            if attempt.decided is not None or attempt.deadline >= before:
+                continue
+            if not self._decide(attempt, "timed_out"):
+                continue
+            job, state = attempt.job, attempt.state
+            if attempt.context is not None:
+                attempt.context._cancel("timed out")
             try:
-                while True:
-                    attempts = list(self._attempts)
-                    if not any(a.decided is None for a in attempts) if undecided_only else not attempts:
-                        return True
-                    remaining = None if deadline is None else deadline - core.monotonic()
-                    if remaining is not None and remaining <= 0.0:
-                        return False
-                    self._all_finished.wait(None if remaining is None else min(remaining, threading.TIMEOUT_MAX))
-            finally:
-                self._waiting_for_end -= 1
+                self.loop.call_soon_threadsafe(self._cancel_running, attempt)
+            except RuntimeError:  # the loop is closed: the attempt ended with it
+                pass
+            args = (job, state, timeout_error(job, state), monotonic() - attempt.started)
+            logger.warning("job %s (%s) is past its deadline and the event loop has not run for %.3gs: "
+                           "a coroutine blocks it (a call that does not await)", job.id, job.type,
+                           monotonic() - attempt.deadline)
+            try:
+                self._io.submit(self._report_safely, self.dispatcher.async_timed_out, args)
+            except RuntimeError:  # shut down: the loop has closed
+                self._report_safely(self.dispatcher.async_timed_out, args)
 
     def stop(self, wait_for_thread: bool, when_idle: bool = False) -> None:
         """Stop the loop (after what is queued on it); with ``wait_for_thread``, wait for its thread.
