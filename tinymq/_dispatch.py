@@ -612,41 +612,53 @@ class Dispatcher:
             raise RuntimeError("the queue's event loop is not running")
         # Registered under _lock with its start: the awaitable may run before this thread goes on,
         # and a stop() or cancel() meanwhile must find it here.
+        wrapper = _awaited(result)
         with self._lock:
-            wrapper = _awaited(result)
             try:
-                future = asyncio.run_coroutine_threadsafe(wrapper, runner.loop)
+                future: Any = asyncio.run_coroutine_threadsafe(wrapper, runner.loop)
             except RuntimeError:  # the loop has closed: the queue stopped
-                wrapper.close()
-                if inspect.iscoroutine(result):
-                    result.close()
-                if not self._stopping:  # pragma: no cover - the loop closes only at stop()
-                    raise
-                raise self._given_back_at_stop(job) from None
-            self._awaiting[job] = future
+                future = None
+            else:
+                self._awaiting[job] = future
+        if future is None:
+            wrapper.close()
+            if inspect.iscoroutine(result):
+                result.close()
+            if not self._given_back_at_stop(job):  # (the loop closes only at stop())
+                raise RuntimeError("the queue's event loop is closed")
+            raise QueueStopped("the queue stopped before the awaitable its executor returned could run")
         try:
             future.result()
         except concurrent.futures.CancelledError:
-            # Not by a timeout or a cancel of this attempt (those decide it first: this outcome is
-            # ignored), so by stop(): the loop ended the task before it ran, or stop() cancelled it.
-            if not self._stopping:
+            # Unless a timeout or a cancel of this attempt decided it (this outcome is then ignored),
+            # stop() did: the loop ended the task before it ran, or stop() cancelled it.
+            if not self._given_back_at_stop(job):
                 raise
-            raise self._given_back_at_stop(job) from None
+            raise QueueStopped("the queue stopped before the awaitable its executor returned "
+                               "could run") from None
         finally:
             with self._lock:
                 self._awaiting.pop(job, None)
 
-    def _given_back_at_stop(self, job: Any) -> QueueStopped:
-        """The awaitable a worker's attempt returned cannot run: stop() closed (or is closing) the
-        loop. Like an attempt stop() cancels, no failure: noted so (saved back as ready, with a
-        store), and attempt_failed, handed the error returned, counts and reports nothing."""
+    def _given_back_at_stop(self, job: Any) -> bool:
+        """The awaitable a worker's attempt returned cannot run, as stop() closed (or is closing)
+        the loop: True when that is all that ended the attempt. Then, like an attempt stop()
+        cancels, it is no failure: noted so (saved back as ready, with a store), and
+        attempt_failed, handed QueueStopped, counts and reports nothing. False when not
+        stopping, or when a timeout or a cancel decided the attempt (its outcome stands: a
+        save here would bring back the row its cancel deleted)."""
+        if not self._stopping:
+            return False
+        with self._lock:
+            if any(slot.job is job and slot.expired for slot in self._slots):
+                return False
         with self._stop_order:
             if job not in self._decided and job not in self._stop_cancelled:
                 self._stop_cancelled.add(job)
                 store = self.store
                 if store is not None:
                     self.call_store("save", store.save, job)
-        return QueueStopped("the queue stopped before the awaitable its executor returned could run")
+        return True
 
     def _cancel_awaiting(self, job: Any) -> None:
         """A worker's attempt was decided (timeout, cancel, stop): cancel the awaitable it waits for."""
