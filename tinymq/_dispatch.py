@@ -13,7 +13,9 @@ Threads:
 - the watchdog sleeps until the earliest attempt deadline and is woken when an
   attempt starts with an earlier one.
 - the event loop (``_event_loop.LoopRunner``) runs async executors' attempts as
-  tasks; their timeouts are the loop's own timers, which cancel the tasks.
+  tasks; their timeouts are the loop's own timers, which cancel the tasks (the
+  watchdog decides one the loop has not, LOOP_LATE after its deadline: a coroutine
+  blocks the loop).
 
 Every wait here is on the monotonic clock: a delayed job or a retry is due
 ``delay`` seconds after it was scheduled, whatever the wall clock does
@@ -41,7 +43,7 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional, Protocol
 
 from ._pick_core import core
 from .config import Config, ExecutorConfig
-from ._event_loop import _UNWIND_WAIT, LoopRunner, timeout_error
+from ._event_loop import _UNWIND_WAIT, LOOP_LATE, LoopRunner, timeout_error
 from .context import JobContext
 from .errors import JobTimeout, PermanentFailure, QueueStopped, RetryAfter
 
@@ -528,6 +530,7 @@ class Dispatcher:
 
     def _watch(self) -> None:
         alarm = self.watchdog_alarm
+        loop_looked = -math.inf
         while True:
             try:
                 now = core.monotonic()
@@ -536,6 +539,13 @@ class Dispatcher:
                     slots = list(self._slots)
                     if self._stopping and not self._running_workers():
                         return  # timeouts apply until the last attempt has ended
+                runner = self.loop_runner
+                if runner is not None and now - loop_looked >= LOOP_LATE:
+                    # The loop's own timer decides its attempts' deadlines; one it has not decided
+                    # LOOP_LATE after is held by a coroutine blocking the loop: decided here.
+                    loop_looked = now
+                    runner.expire_overdue(now - LOOP_LATE)
+                runner = None
                 for slot in slots:
                     job = slot.expire(now)
                     if job is not None:
@@ -609,19 +619,53 @@ class Dispatcher:
             raise RuntimeError("the queue's event loop is not running")
         # Registered under _lock with its start: the awaitable may run before this thread goes on,
         # and a stop() or cancel() meanwhile must find it here.
+        wrapper = _awaited(result)
         with self._lock:
             try:
-                future = asyncio.run_coroutine_threadsafe(_awaited(result), runner.loop)
+                future: Any = asyncio.run_coroutine_threadsafe(wrapper, runner.loop)
             except RuntimeError:  # the loop has closed: the queue stopped
-                if inspect.iscoroutine(result):
-                    result.close()
-                raise
-            self._awaiting[job] = future
+                future = None
+            else:
+                self._awaiting[job] = future
+        if future is None:
+            wrapper.close()
+            if inspect.iscoroutine(result):
+                result.close()
+            if not self._given_back_at_stop(job):  # (the loop closes only at stop())
+                raise RuntimeError("the queue's event loop is closed")
+            raise QueueStopped("the queue stopped before the awaitable its executor returned could run")
         try:
             future.result()
+        except concurrent.futures.CancelledError:
+            # Unless a timeout or a cancel of this attempt decided it (this outcome is then ignored),
+            # stop() did: the loop ended the task before it ran, or stop() cancelled it.
+            if not self._given_back_at_stop(job):
+                raise
+            raise QueueStopped("the queue stopped before the awaitable its executor returned "
+                               "could run") from None
         finally:
             with self._lock:
                 self._awaiting.pop(job, None)
+
+    def _given_back_at_stop(self, job: Any) -> bool:
+        """The awaitable a worker's attempt returned cannot run, as stop() closed (or is closing)
+        the loop: True when that is all that ended the attempt. Then, like an attempt stop()
+        cancels, it is no failure: noted so (saved back as ready, with a store), and
+        attempt_failed, handed QueueStopped, counts and reports nothing. False when not
+        stopping, or when a timeout or a cancel decided the attempt (its outcome stands: a
+        save here would bring back the row its cancel deleted)."""
+        if not self._stopping:
+            return False
+        with self._lock:
+            if any(slot.job is job and slot.expired for slot in self._slots):
+                return False
+        with self._stop_order:
+            if job not in self._decided and job not in self._stop_cancelled:
+                self._stop_cancelled.add(job)
+                store = self.store
+                if store is not None:
+                    self.call_store("save", store.save, job)
+        return True
 
     def _cancel_awaiting(self, job: Any) -> None:
         """A worker's attempt was decided (timeout, cancel, stop): cancel the awaitable it waits for."""

@@ -33,6 +33,7 @@ attempt takes no lock: only the loop thread writes ``_attempts``, and other
 threads read a snapshot of it.
 """
 import asyncio
+import concurrent.futures
 import inspect
 import logging
 import threading
@@ -51,6 +52,9 @@ logger = logging.getLogger("tinymq")
 _DRAIN_BATCH = 256  # jobs started per loop callback: the loop runs other callbacks between batches
 _UNWIND_WAIT = 1.0  # seconds stop() waits for cancelled coroutines to unwind before leaving them
 _NO_DEADLINE = float("inf")
+# Seconds past an attempt's deadline after which another thread decides it (expire_overdue): the
+# loop's timer has not, so a coroutine blocks the loop (a call that does not await).
+LOOP_LATE = 0.25
 monotonic = core.monotonic  # the clock of loop.time() and of the core's deadlines
 
 
@@ -148,6 +152,11 @@ class LoopRunner:
         self.dispatcher = dispatcher
         self.ready = dispatcher.ready
         self.loop = asyncio.new_event_loop()
+        # Where a store's or a broker's writes for async attempts run (a start, an outcome): threads
+        # of the queue's own, not the loop's default executor, which the coroutines share: while they
+        # hold its threads (awaiting q.aenqueue(block=True), a run_in_executor waiting on the queue),
+        # no attempt could start or be reported.
+        self._io = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="tinymq-io")
         self._lock = threading.Lock()
         # The attempts whose coroutines have not unwound (the keys; written by the loop thread only,
         # removed under _lock; other threads read a snapshot, list(...)), and their decisions
@@ -162,6 +171,7 @@ class LoopRunner:
         self._coming = 0
         self._closing = False
         self._stop_when_idle = False  # stop() from one of its attempts: the loop stops after the last
+        self._halting = False  # the queue stopped the loop (_halt): anything else that ends it is a mishap
         self._thread_done = threading.Event()
         # Loop thread only: the deadline timer, and the deadline it is armed for (+inf: none).
         self._expiry: Optional[asyncio.TimerHandle] = None
@@ -178,7 +188,7 @@ class LoopRunner:
         asyncio.set_event_loop(loop)
         try:
             self.ready.set_loop_waker(self._wake)  # drains at once if jobs are waiting
-            loop.run_forever()
+            self._run_until_halted()
         finally:
             self.ready.set_loop_waker(None)
             self._closing = True
@@ -193,13 +203,45 @@ class LoopRunner:
                     self.dispatcher._stopped_async(job)
                 self._end_tasks()
                 loop.run_until_complete(loop.shutdown_asyncgens())
-                loop.run_until_complete(loop.shutdown_default_executor())  # outcomes reported off the loop
+                loop.run_until_complete(loop.shutdown_default_executor())
                 self._end_tasks()  # a task started meanwhile (an awaitable a worker thread handed over)
             except Exception:  # pragma: no cover - a bug; the loop closes all the same
                 logger.exception("tinymq event loop did not shut down cleanly")
             finally:
+                self._io.shutdown(wait=True)  # outcomes reported off the loop
                 loop.close()
                 self._thread_done.set()
+
+    def _run_until_halted(self) -> None:
+        """Run the loop until the queue stops it (``_halt``), whatever its executors do to it.
+
+        The loop ends too when a task raises SystemExit or KeyboardInterrupt (asyncio lets
+        those out of ``run_forever``: a task an executor awaits through ``asyncio.gather``
+        or ``create_task``), or when an executor calls ``loop.stop()``. Then the queue's
+        async side would be gone without a word: its later jobs accepted and never run,
+        ``join()`` never returning. The loop is run again instead, and it is logged; the
+        awaiting attempt sees the exception, and fails, as if it had raised it itself.
+        """
+        loop = self.loop
+        while True:
+            try:
+                loop.run_forever()
+            except BaseException:
+                if self._halting:
+                    logger.exception("tinymq event loop ended with an exception while the queue stopped")
+                    return
+                logger.exception("an async executor's task let an exception out of the queue's event loop "
+                                 "(asyncio does so with SystemExit and KeyboardInterrupt); the loop runs on")
+                continue
+            if self._halting:
+                return
+            logger.error("an async executor stopped the queue's event loop (loop.stop()); the loop runs on: "
+                         "only Queue.stop() stops it")
+
+    def _halt(self) -> None:
+        """On the loop: the queue stops it."""
+        self._halting = True
+        self.loop.stop()
 
     def _end_tasks(self) -> None:
         """Cancel every task still on the loop, and run the loop until each has ended.
@@ -320,7 +362,7 @@ class LoopRunner:
             attempt.running = True
             try:
                 if (dispatcher.ledger is not None or dispatcher.store is not None) and dispatcher.needs_hooks():
-                    await self.loop.run_in_executor(None, dispatcher.attempt_starting, job)
+                    await self.loop.run_in_executor(self._io, dispatcher.attempt_starting, job)
                 fn = state.fn
                 awaitable = fn(job) if context is None else fn(job, context)
                 if awaitable.__class__ is types.CoroutineType or inspect.isawaitable(awaitable):
@@ -364,7 +406,7 @@ class LoopRunner:
             if self._waiting_for_end and (decided is None or not attempts):
                 self._all_finished.notify_all()
         if self._stop_when_idle and not attempts:
-            self.loop.stop()
+            self._halt()
         state, job, ready, dispatcher = attempt.state, attempt.job, self.ready, self.dispatcher
         if (decided is None and error is None and not late and self._quiet
                 and dispatcher.store is None and dispatcher.ledger is None):
@@ -437,7 +479,7 @@ class LoopRunner:
     def _report(self, report: Any, *args: Any) -> None:
         """Hand an outcome to the dispatcher: on the loop, or off it when a store or broker may block."""
         if self.dispatcher.blocks():
-            self.loop.run_in_executor(None, self._report_safely, report, args)
+            self._io.submit(self._report_safely, report, args)
         else:
             self._report_safely(report, args)
 
@@ -491,20 +533,58 @@ class LoopRunner:
             attempt.task.cancel()
 
     def wait_finished(self, deadline: Optional[float], undecided_only: bool) -> bool:
-        """Wait until no attempt (``undecided_only``: no undecided one) runs; False at ``deadline``."""
-        with self._lock:
-            self._waiting_for_end += 1
+        """Wait until no attempt (``undecided_only``: no undecided one) runs; False at ``deadline``.
+
+        An attempt ``LOOP_LATE`` past its deadline that the loop has not decided (a coroutine
+        blocks it) is decided here, as timed out: a timed-out attempt is never waited for.
+        """
+        while True:
+            with self._lock:
+                self._waiting_for_end += 1
+                try:
+                    while True:
+                        attempts = list(self._attempts)
+                        if not any(a.decided is None for a in attempts) if undecided_only else not attempts:
+                            return True
+                        now = core.monotonic()
+                        remaining = None if deadline is None else deadline - now
+                        if remaining is not None and remaining <= 0.0:
+                            return False
+                        late = min((a.deadline for a in attempts if a.decided is None),
+                                   default=_NO_DEADLINE) + LOOP_LATE - now
+                        if late <= 0.0:
+                            break  # decided below, without the lock
+                        wait = late if remaining is None else min(remaining, late)
+                        self._all_finished.wait(min(wait, threading.TIMEOUT_MAX))
+                finally:
+                    self._waiting_for_end -= 1
+            self.expire_overdue(core.monotonic() - LOOP_LATE)
+
+    def expire_overdue(self, before: float) -> None:
+        """From any thread: decide, as timed out, every undecided attempt whose deadline is before
+        ``before``: the loop's timer should have, so a coroutine blocks the loop. As ``_expire``
+        does on the loop; the task is cancelled once the loop runs again, and the slot stays taken
+        until the coroutine has returned. The failure is reported off this thread (``_io``)."""
+        for attempt in list(self._attempts):
+            if attempt.decided is not None or attempt.deadline >= before:
+                continue
+            if not self._decide(attempt, "timed_out"):
+                continue
+            job, state = attempt.job, attempt.state
+            if attempt.context is not None:
+                attempt.context._cancel("timed out")
             try:
-                while True:
-                    attempts = list(self._attempts)
-                    if not any(a.decided is None for a in attempts) if undecided_only else not attempts:
-                        return True
-                    remaining = None if deadline is None else deadline - core.monotonic()
-                    if remaining is not None and remaining <= 0.0:
-                        return False
-                    self._all_finished.wait(None if remaining is None else min(remaining, threading.TIMEOUT_MAX))
-            finally:
-                self._waiting_for_end -= 1
+                self.loop.call_soon_threadsafe(self._cancel_running, attempt)
+            except RuntimeError:  # the loop is closed: the attempt ended with it
+                pass
+            args = (job, state, timeout_error(job, state), monotonic() - attempt.started)
+            logger.warning("job %s (%s) is past its deadline and the event loop has not run for %.3gs: "
+                           "a coroutine blocks it (a call that does not await)", job.id, job.type,
+                           monotonic() - attempt.deadline)
+            try:
+                self._io.submit(self._report_safely, self.dispatcher.async_timed_out, args)
+            except RuntimeError:  # shut down: the loop has closed
+                self._report_safely(self.dispatcher.async_timed_out, args)
 
     def stop(self, wait_for_thread: bool, when_idle: bool = False) -> None:
         """Stop the loop (after what is queued on it); with ``wait_for_thread``, wait for its thread.
@@ -512,7 +592,7 @@ class LoopRunner:
         ``when_idle``: only once no attempt runs (stop() awaited in one of them, which it cannot wait for).
         """
         try:
-            self.loop.call_soon_threadsafe(self._stop_loop if when_idle else self.loop.stop)
+            self.loop.call_soon_threadsafe(self._stop_loop if when_idle else self._halt)
         except RuntimeError:
             return  # closed already
         if wait_for_thread:
@@ -521,7 +601,7 @@ class LoopRunner:
     def _stop_loop(self) -> None:
         self._stop_when_idle = True
         if not self._attempts:
-            self.loop.stop()
+            self._halt()
 
 
 def timeout_error(job: Any, state: Any) -> JobTimeout:

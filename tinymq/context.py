@@ -19,11 +19,21 @@ __all__ = ["JobContext"]
 
 
 def _as_seconds(seconds: Any) -> float:
-    """A wait's length as float seconds: a number as is (a negative one waits not at all), or a timedelta."""
+    """A wait's length as float seconds: a number as is (a negative one waits not at all), or a timedelta.
+
+    NaN is refused (ValueError): a NaN timer on the queue's event loop would fire
+    whenever some other timer does, and a lock's wait refuses it anyway.
+    """
     if isinstance(seconds, timedelta):
         return seconds.total_seconds()
     if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
-        return float(seconds)
+        try:
+            value = float(seconds)
+        except OverflowError:  # an int beyond any float: as long as the largest
+            return float("inf") if seconds > 0 else float("-inf")
+        if value != value:
+            raise ValueError(f"seconds must be a number or a timedelta, got {seconds!r}")
+        return value
     raise TypeError(f"seconds must be a float or a timedelta, got {seconds!r}")
 
 
@@ -60,7 +70,7 @@ class JobContext:
         """Sleep up to ``seconds`` (a float or a timedelta); True as soon as the attempt is cancelled."""
         if self._cancelled:
             return True
-        if seconds.__class__ is not float:
+        if seconds.__class__ is not float or seconds != seconds:  # (NaN)
             seconds = _as_seconds(seconds)
         if self._not_cancelled.acquire(True, min(max(seconds, 0.0), threading.TIMEOUT_MAX)):
             self._not_cancelled.release()  # let every other waiter see it too
@@ -75,7 +85,7 @@ class JobContext:
         """
         if self._cancelled:
             return True
-        if seconds.__class__ is not float:
+        if seconds.__class__ is not float or seconds != seconds:  # (NaN)
             seconds = _as_seconds(seconds)
         await asyncio.sleep(max(seconds, 0.0))
         return self._cancelled

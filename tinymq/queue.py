@@ -32,6 +32,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 _now = time.time
 
 
+# Seconds ajoin() (and aenqueue waiting for room) waits in a thread at a time: how long a
+# cancelled one may keep that thread.
+_WAIT_SLICE = 0.1
 _DEFAULT_EXECUTOR_CONFIG = ExecutorConfig()  # immutable: one for every registration without a config
 # The queue that took each store (by id(store)): a second queue must not load the rows of a live one.
 _store_users: "weakref.WeakValueDictionary[int, Queue]" = weakref.WeakValueDictionary()
@@ -625,7 +628,11 @@ class Queue:
         """``enqueue`` for async code: never blocks the event loop it is awaited on.
 
         A save to a store, or a wait for room (``block=True``), runs in the
-        loop's default executor.
+        loop's default executor; a wait for room there ``_WAIT_SLICE`` seconds at a
+        time. Cancelled (``asyncio.wait_for``, a task cancel), it enqueues nothing:
+        a wait for room gives up within a slice, and a job that got in just as the
+        caller gave up (its save, or the room, came at that moment) is taken back
+        with ``cancel`` (so reported ``"cancelled"``), unless it has run already.
         """
         if self._store is None and self._link is None:
             try:
@@ -633,18 +640,59 @@ class Queue:
             except QueueFull:
                 if not block:
                     raise
+        wait = _optional_seconds("timeout", timeout)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, lambda: self.enqueue(job, block=block, timeout=timeout))
+        withdrawn = threading.Event()  # the caller gave up: no new try to place the job
+
+        def place() -> Optional[Job]:
+            if not block:
+                return None if withdrawn.is_set() else self.enqueue(job)
+            deadline = None if wait is None else time.monotonic() + wait
+            while not withdrawn.is_set():
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                step = _WAIT_SLICE if remaining is None else min(remaining, _WAIT_SLICE)
+                try:
+                    return self.enqueue(job, block=True, timeout=step)
+                except QueueFull:
+                    if remaining is not None and remaining <= _WAIT_SLICE:
+                        raise
+            return None
+
+        placing = loop.run_in_executor(None, place)
+        try:
+            placed = await asyncio.shield(placing)
+        except asyncio.CancelledError:
+            withdrawn.set()
+            try:
+                placed = await placing  # the try under way ends within a slice (or its save)
+            except Exception:
+                placed = None
+            if placed is not None:  # it got in as the caller gave up: the caller was told it did not
+                await loop.run_in_executor(None, self.cancel, job.id)
+            raise
+        return placed  # type: ignore[return-value]  # (None only once withdrawn)
 
     async def ajoin(self, timeout: Union[float, timedelta, None] = None) -> bool:
-        """``join`` for async code: waits in the loop's default executor, not on the loop."""
+        """``join`` for async code: waits in the loop's default executor, not on the loop.
+
+        It waits there ``_WAIT_SLICE`` seconds at a time: a cancelled ``ajoin`` gives its
+        thread back within one slice (a thread left in ``join`` would hold the executor,
+        and ``asyncio.run``'s exit, until the queue is idle).
+        """
         wait = _optional_seconds("timeout", timeout)
         runner = self._dispatcher.loop_runner
         loop = asyncio.get_running_loop()
         if runner is not None and loop is runner.loop:
             raise RuntimeError("ajoin() awaited in an async executor of this queue would wait for "
                                "itself; await it from another event loop")
-        return await loop.run_in_executor(None, self.join, wait)
+        deadline = None if wait is None else time.monotonic() + wait
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            step = _WAIT_SLICE if remaining is None else min(remaining, _WAIT_SLICE)
+            if await loop.run_in_executor(None, self.join, step):
+                return True
+            if (remaining is not None and remaining <= _WAIT_SLICE) or self._dispatcher.stopping:
+                return False  # its timeout, or stopped with jobs left (join() says False at once)
 
     async def astop(self, wait: bool = True, timeout: Union[float, timedelta, None] = None) -> None:
         """``stop`` for async code: waits in the loop's default executor, not on the loop.
