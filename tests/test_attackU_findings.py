@@ -54,9 +54,12 @@ def test_stop_between_a_cancel_reply_and_its_callbacks_does_not_skip_them(redis_
     link = worker._link
     real_cancel = link.scripts.cancel
 
+    stoppers = []
+
     def cancel_then_stop_elsewhere(*args):
         reply = real_cancel(*args)  # Redis removed the job, kept the row; the reply is back
         stopper = threading.Thread(target=worker.stop)  # stop() runs now on another thread
+        stoppers.append(stopper)
         stopper.start()
         stopper.join(1.5)
         return reply
@@ -65,7 +68,8 @@ def test_stop_between_a_cancel_reply_and_its_callbacks_does_not_skip_them(redis_
     try:
         assert worker.cancel("a")
         link.scripts.cancel = real_cancel
-        worker.stop()
+        stoppers[0].join(15)  # its release (a second stop() from here returns while it runs)
+        assert not stoppers[0].is_alive()
         left = client.lrange(keys.key("reports"), 0, -1)
         assert reported == [("a", "cancelled")], (reported, left)
         assert left == [] and client.keys(keys.key("reporting:*")) == []
