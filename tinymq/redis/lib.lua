@@ -437,9 +437,7 @@ local function settle(proc, argv, first, n, now)
   -- as it ends.
   local function keep_report(jk, id, attempt, reason)
     local f = redis.call('HMGET', jk, 'b', 'r', 'e')
-    local key = table.concat({id, reason, proc, attempt}, '|')
-    redis.call('HSET', reporting_key(proc), key,
-               cjson.encode({id, f[1] or '', f[2] or '0', f[3] or '', reason, key, 1}))
+    handed(proc, {{id, f[1] or '', f[2] or '0', f[3] or '', reason, table.concat({id, reason, proc, attempt}, '|'), 1}})
   end
   local function failed(attempt, id, at) -- a failure for good (op Z or z at argv[at]) stands
     local reason = argv[at + 4]
