@@ -67,6 +67,22 @@ def redis_url(redis_server):
 
 
 @pytest.fixture
+def redis_backend(redis_url):
+    """A fresh queue name on the shared server: ``.queue()``, ``.pair()`` (see _backends.Redis)."""
+    from _backends import Redis
+
+    made = Redis(redis_url)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def path(tmp_path):
+    """A database path in the test's own directory (not created)."""
+    return str(tmp_path / "jobs.db")
+
+
+@pytest.fixture
 def own_redis_server(tmp_path):
     """A server of the test's own, with ``appendfsync always``, that it may kill and restart."""
     from _redis_server import RedisServer, require_redis

@@ -15,18 +15,10 @@ import pytest
 from tinymq import Job
 from tinymq._periodic import _Tick
 
-from _backends import Redis
 from _helpers import WAIT, Recorder, wait_until
 from test_cli import producer, project, record, shared_project  # noqa: F401 (fixtures)
 
 pytest.importorskip("croniter")
-
-
-@pytest.fixture
-def redis_backend(redis_url):
-    made = Redis(redis_url)
-    yield made
-    made.close()
 
 
 # --- periodic jobs over a broker -------------------------------------------------------------------

@@ -25,11 +25,6 @@ from _helpers import WAIT, Recorder, wait_until
 posix = pytest.mark.skipif(fcntl is None or not hasattr(os, "fork"), reason="POSIX: flock, pids")
 
 
-@pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "jobs.db")
-
-
 # -- 1. a store shared by two live queues: a running attempt counted as a crash, jobs run twice ----
 
 def test_a_store_used_by_a_live_queue_is_refused_by_a_second_queue(path):

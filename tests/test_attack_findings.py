@@ -28,11 +28,6 @@ def _env():
         os.path.dirname(os.path.dirname(tinymq.__file__)), os.environ.get("PYTHONPATH")])))
 
 
-@pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "jobs.db")
-
-
 # -- 1. hang: a blocked producer holds the claim lock -----------------------------------
 
 def test_blocking_enqueue_with_a_store_does_not_block_other_non_blocking_enqueues(path):

@@ -17,7 +17,6 @@ import pytest
 from tinymq import Job, Priority, Queue, QueueStopped, SQLitePersistence
 from tinymq._periodic import SCHEDULE_TAG, _Tick, cron_next, tick_job_id
 
-from _backends import Redis
 from _helpers import WAIT, Recorder, make_queue, wait_until
 
 croniter = pytest.importorskip("croniter").croniter
@@ -473,13 +472,6 @@ def test_a_dropped_queue_stops_its_timer():
 
 
 # --- over a Redis broker: each tick once across processes ------------------------------------------
-
-@pytest.fixture
-def redis_backend(redis_url):
-    made = Redis(redis_url)
-    yield made
-    made.close()
-
 
 def test_two_queues_on_one_broker_fire_each_every_tick_once(redis_backend):
     runs = Runs()

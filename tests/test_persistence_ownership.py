@@ -35,11 +35,6 @@ OWNER = textwrap.dedent("""
 """)
 
 
-@pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "jobs.db")
-
-
 def env():
     return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
         os.path.dirname(os.path.dirname(tinymq.__file__)), os.environ.get("PYTHONPATH")])))

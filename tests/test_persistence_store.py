@@ -24,11 +24,6 @@ from tinymq.persistence import (
 from _helpers import WAIT
 
 
-@pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "jobs.db")
-
-
 @pytest.fixture(params=["NORMAL", "FULL"])
 def store(path, request):
     with SQLitePersistence(path, synchronous=request.param) as s:
