@@ -153,6 +153,8 @@ class Dispatcher:
         self._worker_count = 0  # the pool's size: live, non-retired workers
         self._started = False
         self._stopping = False
+        self._stopped = threading.Event()  # the first stop() returned: later ones wait for it
+        self._stop_cancels = False  # a stop() cancels the running attempts: no stop() waits for them
         self._worker_number = 0
         # stop() cancelling an attempt and its worker deciding the outcome take _stop_order,
         # so a job's store row ends as the one that came last says, never resurrected.
@@ -362,14 +364,27 @@ class Dispatcher:
         with self._lock:
             first = not self._stopping
             self._stopping = True
+        own_thread = self.waits_for_itself() or on_own_loop  # it cannot wait for itself
+        try:
+            self._stop(first, own_thread, wait, timeout, why)
+        finally:
+            if first:
+                self._stopped.set()
+        if not first and not own_thread:
+            # Until the first one has stopped every thread (and a broker's link has given back
+            # what this process holds): bounded, as this one cancelled, or waited for, what
+            # the first one waits for.
+            self._stopped.wait()
+
+    def _stop(self, first: bool, own_thread: bool, wait: bool, timeout: Optional[float],
+              why: Optional[str]) -> None:
         self.ready.close()
         self.scheduler_alarm.wake()
-        own_thread = self.waits_for_itself() or on_own_loop  # it cannot wait for itself
         runner = self.loop_runner
         if wait and not own_thread:
             deadline = None if timeout is None else time.monotonic() + timeout
             with self._lock:
-                while self._running_workers():
+                while self._running_workers() and not self._stop_cancels:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0.0:
                         break
@@ -378,6 +393,8 @@ class Dispatcher:
                 runner.wait_finished(deadline, undecided_only=True)
         if not (wait and own_thread):
             with self._lock:
+                self._stop_cancels = True
+                self._workers_changed.notify_all()
                 slots = self._running_workers()
             for slot in slots:
                 self._cancel_for_stop(slot)

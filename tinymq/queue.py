@@ -591,7 +591,9 @@ class Queue:
         timeouts still apply); then, or at once with ``wait=False``, the contexts of
         those still running are cancelled. An attempt that stop() cancels is not a
         failure: not counted, retried or reported (a store keeps its job as ready).
-        Idempotent. Jobs still queued are not run; a persistence store keeps them.
+        Idempotent: called while another thread's stop() runs, it returns once that
+        one has (not from an executor or a failure callback: it would wait for
+        itself). Jobs still queued are not run; a persistence store keeps them.
         """
         self._stop(wait, _optional_seconds("timeout", timeout), False)
 
