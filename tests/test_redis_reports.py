@@ -554,3 +554,49 @@ def test_a_cancel_of_a_waiting_job_holds_join_until_its_canceller_ran_the_callba
         producer.stop()
         observer.stop()
 
+
+@pytest.mark.parametrize("call", ["cancel", "enqueue"])
+def test_a_call_whose_reply_is_lost_has_its_rows_reported_by_the_next_heartbeat(redis_url, call):
+    """A worker's cancel() of a waiting job (or its enqueue that evicts a delayed job) runs in
+    Redis, and its reply, and its two resends', are lost (Redis restarting): the call raises,
+    and the row it kept in reporting:<proc> waits there. Before the fix nothing handed it
+    out while the process lived: never reported, and join() never returned (the row holds
+    it). The heartbeat now looks for the rows of calls without a reply, reports them and
+    acknowledges them."""
+    import redis as redis_py
+
+    from tinymq import Job, TinyMQError
+
+    name = f"reports-lost-{call}"
+    worker = _queue(redis_url, name, lease=1.0, max_delayed_jobs=1)
+    producer = _queue(redis_url, name)
+    reported = []
+    worker.on_failure(lambda job, reason, exc: reported.append((job.id, reason)))
+    worker.register_executor("work", lambda job: None)
+    scripts = worker._link.scripts
+    script = getattr(scripts, call)
+
+    def without_reply(*args):
+        script(*args)  # it ran in Redis (a resend gets the same reply, by its token)
+        raise redis_py.ConnectionError("the reply was lost")
+
+    try:
+        worker.start_dispatcher(1)
+        assert wait_until(lambda: worker._link._registered)
+        producer.enqueue_delayed(Job("work", None, id="a"), 60.0)
+        setattr(scripts, call, without_reply)
+        with pytest.raises(TinyMQError):
+            if call == "cancel":
+                worker.cancel("a")
+            else:
+                worker.enqueue_delayed(Job("work", None, id="b"), 60.0)  # evicts a
+        delattr(scripts, call)
+        assert wait_until(lambda: reported, timeout=30), "the job was never reported"
+        assert reported == [("a", "cancelled" if call == "cancel" else "evicted")]
+        if call == "enqueue":
+            assert producer.cancel("b")  # (enqueued, though the call raised)
+        assert producer.join(30)
+        assert wait_until(lambda: not scripts.client.keys(scripts.key("reporting:*")))
+    finally:
+        worker.stop()
+        producer.stop()
