@@ -591,6 +591,8 @@ class Model:
         reaped = self.reap(now_us, crashed)
         self.hand_out_ended(crashed)
         self.reported_by_reply(crashed)
+        if crashed:
+            self.happened.append("rows a reap's reply handed out, finished as it did")
         return (reaped, wire(crashed))
 
     def settle_call(self, proc: str, ops: List[SettleOp], now_us: int) -> int:
@@ -1482,6 +1484,7 @@ MUST_COME_UP = ("enqueue ok", "enqueue dup", "enqueue again", "enqueue full", "e
                 "a removed job handed to its canceller", "a reporter registered for a removed job",
                 "evicted jobs handed to their enqueuer", "a reporter registered for evicted jobs",
                 "evicted jobs reported by a reply that nothing keeps",
+                "rows a reap's reply handed out, finished as it did",
                 "a failure for good kept for its process to report")
 
 
