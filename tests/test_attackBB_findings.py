@@ -441,7 +441,7 @@ def test_redis_a_cancel_settled_by_a_stop_is_reported_before_join_returns(redis_
         assert producer._link.client.llen(reports) == 1 and not reported
         assert not producer.join(0.5)  # (before the fix: True)
         # Another worker process's heartbeat hands it out, and its callbacks report it.
-        reporter = Queue(broker=RedisBroker(redis_url, name=name, lease=1.0))
+        reporter = Queue(broker=RedisBroker(redis_url, name=name, lease=2.0))
         reporter.on_failure(report)
         reporter.register_executor("work", work)
         reporter.start_dispatcher(1)

@@ -438,7 +438,7 @@ def _a_reporter_reports(redis_url, name, callback, expected, producer):
     """A worker process started now reports ``expected`` through ``callback`` (its heartbeat,
     every lease / 4, hands it the row): ``producer.join`` waits for the callback, and
     returns after it. Returns the worker, to stop."""
-    worker = _queue(redis_url, name, lease=1.0)
+    worker = _queue(redis_url, name, lease=2.0)
     worker.on_failure(callback)
     worker.register_executor("work", lambda job: None)
     worker.start_dispatcher(1)
@@ -469,6 +469,40 @@ def test_a_crashed_row_holds_join_until_its_reaper_ran_the_callbacks(redis_url):
         assert producer.get_stats().jobs_failed == 1
     finally:
         callback.let_go.set()
+        for q in (worker, producer):
+            if q is not None:
+                q.stop()
+
+
+def test_a_crashed_row_of_a_killed_worker_process_holds_join_until_reported(redis_url, tmp_path):
+    """The real kill path: a worker process dies (os._exit, as a kill -9) running a job that
+    has no crash recovery left; a worker process here reaps it once its lease ran out, and
+    join() returns only after that worker's callbacks reported the job."""
+    import os
+    import subprocess
+    import sys
+
+    from tinymq import Job
+
+    name = "reports-held-killed"
+    child = subprocess.Popen(
+        [sys.executable, os.path.join(os.path.dirname(__file__), "_redis_crash_worker.py"), redis_url, name,
+         "1.0", "0", str(tmp_path / "log"), "1"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env_with_tests_path())
+    producer = _queue(redis_url, name)
+    callback, worker = _HeldCallback(), None
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        producer.enqueue(Job("poison", None, id="p"))
+        assert child.wait(30) == 3  # _redis_crash_worker.POISON_EXIT: it died holding the job
+        assert not producer.join(NOT_YET)
+        worker = _a_reporter_reports(redis_url, name, callback, ("p", "crashed"), producer)
+        assert producer.get_stats().jobs_failed == 1
+    finally:
+        callback.let_go.set()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
         for q in (worker, producer):
             if q is not None:
                 q.stop()
@@ -568,7 +602,7 @@ def test_a_call_whose_reply_is_lost_has_its_rows_reported_by_the_next_heartbeat(
     from tinymq import Job, TinyMQError
 
     name = f"reports-lost-{call}"
-    worker = _queue(redis_url, name, lease=1.0, max_delayed_jobs=1)
+    worker = _queue(redis_url, name, lease=2.0, max_delayed_jobs=1)
     producer = _queue(redis_url, name)
     reported = []
     worker.on_failure(lambda job, reason, exc: reported.append((job.id, reason)))
