@@ -395,59 +395,65 @@ def test_a_coroutine_blocking_the_loop_past_its_timeout_times_out():
         q.stop()
 
 
-@pytest.mark.xfail(strict=False, reason="(not strict: which way the worker hears of the mark is a race, and a "
-                   "run of rounds can miss the defect) attackBB: over Redis, a job cancelled while leased whose worker "
-                   "stops before hearing of the mark (the give-back ends it as cancelled in Redis) counts "
-                   "as finished for join() (outstanding is decremented) before its on_failure callbacks "
-                   "have run: either the stopping worker is still running them, or (about half the runs) "
-                   "the row went to the shared 'reports' list and waits for another worker process's "
-                   "heartbeat, however long that takes; API.md says callbacks run before the job counts "
-                   "as finished for join()")
 def test_redis_a_cancel_settled_by_a_stop_is_reported_before_join_returns(redis_url):
-    # Which way the worker learns of the mark is a race: from a fetch or its heartbeat before
-    # its stop (then it cancels the attempt itself and reports before settling: no defect), or
-    # from the give-back of its stop (the defect). Each round is a new queue; the first round
-    # that takes the second way shows it (about half of them do).
-    for round_ in range(8):
-        _cancel_then_stop_the_worker(redis_url, f"attackBB-join-{round_}")
+    """Over Redis, a job cancelled while leased whose worker stops before hearing of the mark:
+    the give-back (op B at the release) ends it as cancelled in Redis, and its row waits in
+    the shared 'reports' list for another worker's heartbeat. It counted as finished for
+    join() at once before the fix, though no callback had run anywhere (API.md: callbacks
+    run before the job counts as finished for join()); now the row holds it until reported.
 
-
-def _cancel_then_stop_the_worker(redis_url, name):
+    Deterministic: the worker is made deaf to the mark (its fetch and beat replies name it,
+    and it does nothing), so it learns of it only at the give-back of its stop, the way it
+    does when the stop comes first (which way a real run goes is a race)."""
     from tinymq.redis import RedisBroker
 
-    lease = 30.0  # the worker's heartbeat (lease / 4) does not tell it of the mark meanwhile
+    from _helpers import wait_until
+
+    name = "attackBB-join"
+    lease = 30.0  # the worker's heartbeat (lease / 4) does not run meanwhile
     worker = Queue(broker=RedisBroker(redis_url, name=name, lease=lease))
     producer = Queue(broker=RedisBroker(redis_url, name=name, lease=lease))
+    reporter = None
     started = threading.Event()
     in_callback = threading.Event()
     release_callback = threading.Event()
+    reported = []
 
     def work(job, ctx):
         started.set()
         ctx.wait(3 * WAIT)
 
     def report(job, reason, exc):
+        reported.append((job.id, reason))
         in_callback.set()
         release_callback.wait(3 * WAIT)
 
     worker.on_failure(report)
-    producer.on_failure(report)
     worker.register_executor("work", work)
-    producer.register_executor("work", work)
     worker.start_dispatcher(1)
-    stopper = threading.Thread(target=lambda: worker.stop(wait=False), daemon=True)
+    worker._link._cancel_marked = lambda attempts: None  # deaf: it hears of the mark only at its stop
+    reports = producer._link.scripts.key("reports")
     try:
         producer.enqueue(Job("work", id="a"))
         assert started.wait(WAIT)
         assert producer.cancel("a")  # marked: the worker holds it
-        stopper.start()
-        assert in_callback.wait(WAIT)  # reported by now (by the worker, the one process left)
-        assert not producer.join(1.0)  # its callback is still running
+        worker.stop(wait=False)  # gives it back: the release ends it as cancelled, nobody left reports it
+        assert producer._link.client.llen(reports) == 1 and not reported
+        assert not producer.join(0.5)  # (before the fix: True)
+        # Another worker process's heartbeat hands it out, and its callbacks report it.
+        reporter = Queue(broker=RedisBroker(redis_url, name=name, lease=2.0))
+        reporter.on_failure(report)
+        reporter.register_executor("work", work)
+        reporter.start_dispatcher(1)
+        assert in_callback.wait(WAIT)
+        assert reported == [("a", "cancelled")]
+        assert not producer.join(0.5)  # its callback is still running
         release_callback.set()
         assert producer.join(WAIT)
+        assert wait_until(lambda: producer._link.client.llen(reports) == 0)
     finally:
         release_callback.set()
-        if stopper.is_alive():
-            stopper.join(WAIT)
         worker.stop()
         producer.stop()
+        if reporter is not None:
+            reporter.stop()

@@ -175,14 +175,13 @@ class Model:
             self.happened.append("a marked attempt ended beside a newer job of its id")
         return job
 
-    def end_cancelled(self, proc: str, attempt: str, report: bool, held: bool = False) -> None:
+    def end_cancelled(self, proc: str, attempt: str, report: bool) -> None:
+        """Its row (made here, or by keep_report without ``report``) holds it unfinished."""
         job_id = attempt.split(":", 1)[1]
         job = self.take_marked(proc, attempt) if self.marked(proc, attempt) else self.jobs.pop(job_id)
         if report:
-            self.ended.append((job_id, job.body, int(job.retries), job.error or "", "cancelled"))
+            self.ended.append((job_id, job.body, int(job.retries), job.error or "", "cancelled", 1))
         self.stats["cancelled"] += 1
-        if not held:
-            self.stats["outstanding"] -= 1
 
     def hand_out_ended(self, rows: List[Tuple[Any, ...]], reports: bool = False) -> None:
         rows.extend(self.ended)
@@ -192,9 +191,9 @@ class Model:
             del self.reports[:100]
 
     def reported_by_reply(self, rows: List[Tuple[Any, ...]]) -> None:
-        """Rows a reply hands out that nothing keeps: a job kept by keep_report is finished."""
+        """Rows a reply hands out that nothing keeps: their jobs are finished."""
         for row in rows:
-            if row[5:] == (1,):
+            if is_held(row):
                 self.stats["outstanding"] -= 1
 
     def keep_ended(self) -> None:
@@ -235,7 +234,7 @@ class Model:
                 self.stats["failed"] += 1
                 return
             self.jobs[job_id] = job
-        self.job_dead(job_id, op.reason, op.error, str(op.retries), held=True)
+        self.job_dead(job_id, op.reason, op.error, str(op.retries))
         self.keep_report(proc, op.attempt, self.jobs[job_id], op.reason)
 
     def keep_report(self, proc: str, attempt: str, job: "MJob", reason: str) -> None:
@@ -294,7 +293,8 @@ class Model:
         if capped:
             self.capped[job_id] = due
 
-    def job_dead(self, job_id: str, reason: str, error: str, retries: str, held: bool = False) -> None:
+    def job_dead(self, job_id: str, reason: str, error: str, retries: str) -> None:
+        """Unfinished still: the row that reports it holds it until it is reported."""
         job = self.jobs[job_id]
         job.dead_reason = reason
         job.retries = str(retries)
@@ -302,8 +302,6 @@ class Model:
             job.error = error
         self.dead.add(job_id)
         self.stats["failed"] += 1
-        if not held:  # (else unfinished until its report is acknowledged)
-            self.stats["outstanding"] -= 1
 
     def job_retry(self, job_id: str, retries: str, error: str, delay: int, now_us: int) -> None:
         job = self.jobs[job_id]
@@ -356,7 +354,7 @@ class Model:
                 row = rows.pop(op.attempt, None)
                 if row is not None:
                     self.happened.append("a handed row acknowledged")
-                    if row[5:] == (1,):  # a job kept by keep_report: finished now
+                    if is_held(row):  # its job counted as unfinished until now
                         self.stats["outstanding"] -= 1
                 if not rows:
                     self.reporting.pop(proc, None)
@@ -381,7 +379,7 @@ class Model:
                             released[job_type] += 1
                     if own_cancel:
                         self.keep_report(proc, op.attempt, self.job_of(proc, op.attempt), "cancelled")
-                    self.end_cancelled(proc, op.attempt, not own_cancel, held=own_cancel)
+                    self.end_cancelled(proc, op.attempt, not own_cancel)
                 else:
                     stale += 1
             elif op.op == "S" and state == "L":
@@ -442,7 +440,7 @@ class Model:
                     job.crashes = (job.crashes or 0) + 1
                     if job.crashes > self.max_crash:
                         self.job_dead(job.id, "crashed", "", job.retries)
-                        crashed.append((job.id, job.body, int(job.retries), job.error or ""))
+                        crashed.append((job.id, job.body, int(job.retries), job.error or "", "crashed", 1))
                     else:
                         self.give_back(job.id)
             crashed.extend(self.unacknowledged(proc))
@@ -489,7 +487,7 @@ class Model:
                     out = min(self.capped, key=lambda i: self.due_key(i, self.capped[i]))
                     del self.capped[out]
                     del self.delayed[out]
-                    evicted.append((out, self.jobs[out].body, int(self.jobs[out].retries), "", "evicted"))
+                    evicted.append((out, self.jobs[out].body, int(self.jobs[out].retries), "", "evicted", 1))
                     self.job_dead(out, "evicted", "", self.jobs[out].retries)
                     self.stats["failed"] -= 1
                     self.stats["evicted"] += 1
@@ -504,6 +502,10 @@ class Model:
         if evicted and caller in self.procs:
             self.handed(caller, evicted)
             self.happened.append("evicted jobs handed to their enqueuer")
+        elif evicted:
+            self.reported_by_reply(evicted)
+            self.happened.append("evicted jobs reported by a reply that nothing keeps")
+        evicted = [row[:-1] for row in evicted]  # (as the reply hands them out)
         self.tokens[token] = list(evicted)
         return ("ok", evicted, None, 0)
 
@@ -587,9 +589,10 @@ class Model:
         self.begin_call()
         crashed: List[Tuple[Any, ...]] = []
         reaped = self.reap(now_us, crashed)
+        self.hand_out_ended(crashed)
         self.reported_by_reply(crashed)
-        crashed.extend(self.ended)
-        self.ended = []
+        if crashed:
+            self.happened.append("rows a reap's reply handed out, finished as it did")
         return (reaped, wire(crashed))
 
     def settle_call(self, proc: str, ops: List[SettleOp], now_us: int) -> int:
@@ -651,14 +654,14 @@ class Model:
                 self.stats[f"parked:{job.priority}"] -= 1
             del self.jobs[job_id]
             self.stats["cancelled"] += 1
-            self.stats["outstanding"] -= 1
             if caller and caller not in self.procs and reporter_since_us is not None:
                 self.procs[caller] = reporter_since_us // 1000 + LEASE
                 self.happened.append("a reporter registered for a removed job")
-            if caller in self.procs:  # a registered caller: kept until it acknowledges its report
-                self.handed(caller, [row], [f"{job_id}|cancelled|{token}"])  # (by its token)
+            if caller in self.procs:  # a registered caller: kept (and unfinished) until it acknowledges
+                self.handed(caller, [row + (1,)], [f"{job_id}|cancelled|{token}"])  # (by its token)
                 self.happened.append("a removed job handed to its canceller")
                 return ("removed", row, "", "", True)
+            self.stats["outstanding"] -= 1  # (nothing keeps it: finished as the reply hands it out)
             return ("removed", row, "", "", False)
         for proc, held in self.inflight.items():
             for attempt, value in held.items():
@@ -814,16 +817,26 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
     return out
 
 
+def is_held(row: Tuple[Any, ...]) -> bool:
+    """Whether a model row ends in the 1 of a job that counts as unfinished until the row is
+    reported (lib.lua's held_row): the fields before it are strings, bar the retries."""
+    return len(row) >= 5 and row[-1] == 1
+
+
 def wire(rows: List[Tuple[Any, ...]]) -> List[Tuple[Any, ...]]:
-    """Rows as a reply hands them to the client (Crashed): without keep_report's trailing 1."""
-    return sorted(row[:5] if row[5:] == (1,) else row for row in rows)
+    """Rows as a reply hands them to the client (Crashed, as normalise shows them): without
+    held_row's trailing 1, nor the reason "crashed"."""
+    def one(row: Tuple[Any, ...]) -> Tuple[Any, ...]:
+        row = row[:-1] if is_held(row) else row
+        return row[:4] if row[4:] == ("crashed",) else row
+    return sorted(one(row) for row in rows)
 
 
 def crashed_row(row: List[Any]) -> Tuple[Any, ...]:
-    """A crashed row as JSON holds it, as the model keeps it: (id, body, retries, error), and
-    the reason when not "crashed" (its key, if any, is not part of it), then the 1 of a job
-    that counts as unfinished until the row is acknowledged (keep_report)."""
-    return (row[0], row[1], int(row[2]), row[3]) + tuple(r for r in row[4:5] if r != "crashed") + tuple(row[6:7])
+    """A row as JSON holds it, as the model keeps it: (id, body, retries, error, reason) (its
+    key, if any, is not part of it), then the 1 of a job that counts as unfinished until the
+    row is reported (held_row)."""
+    return (row[0], row[1], int(row[2]), row[3]) + tuple(row[4:5]) + tuple(row[6:7])
 
 
 def check_invariants(held: Dict[str, Any]) -> None:
@@ -859,8 +872,11 @@ def check_invariants(held: Dict[str, Any]) -> None:
         f"job hashes without a place: {set(held['jobs']) - set(places)}; "
         f"placed ids without a hash: {set(places) - set(held['jobs'])}")
     assert all(held["jobs"][job_id].get("x") for job_id in held["dead"]), "a dead job without a reason"
-    # A job its process ended for good counts until its report is acknowledged (a row ending in 1).
-    kept = [row for rows in [held["reports"], *held["reporting"].values()] for row in rows if row[5:] == (1,)]
+    # A job ended for good counts until its row is reported (a row ending in 1): every row waiting
+    # to be reported is one.
+    waiting = [row for rows in [held["reports"], *held["reporting"].values()] for row in rows]
+    assert all(is_held(row) for row in waiting), [row for row in waiting if not is_held(row)]
+    kept = [row for row in waiting if is_held(row)]
     unfinished = len(places) - len(held["dead"]) + len(held["moved"]) + len(kept)
     assert held["stats"].get("outstanding", 0) == unfinished, (held["stats"], unfinished)
     assert held["running"] == dict(slots), f"running {held['running']} != slots held {dict(slots)}"
@@ -1467,6 +1483,8 @@ MUST_COME_UP = ("enqueue ok", "enqueue dup", "enqueue again", "enqueue full", "e
                 "a handed row acknowledged", "rows a process left unacknowledged handed on",
                 "a removed job handed to its canceller", "a reporter registered for a removed job",
                 "evicted jobs handed to their enqueuer", "a reporter registered for evicted jobs",
+                "evicted jobs reported by a reply that nothing keeps",
+                "rows a reap's reply handed out, finished as it did",
                 "a failure for good kept for its process to report")
 
 

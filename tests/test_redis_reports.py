@@ -405,3 +405,232 @@ def test_without_failure_callbacks_a_failure_for_good_waits_for_no_round_trip_an
         assert sent == []  # no thread waited for a round trip of its own
     finally:
         q.stop()
+
+
+# --- every row waiting to be reported holds join(): crashed, evicted, cancelled (lib.lua's held_row)
+
+NOT_YET = 0.3  # seconds join() is given while a failure callback is held: it must not return
+
+
+class _HeldCallback:
+    """An on_failure callback that records (id, reason) and holds its thread until let go."""
+
+    def __init__(self):
+        self.seen = []
+        self.inside = threading.Event()
+        self.let_go = threading.Event()
+
+    def __call__(self, job, reason, exc):
+        self.seen.append((job.id, reason))
+        self.inside.set()
+        self.let_go.wait(30)
+
+
+def _queue(redis_url, name, lease=2.0, **config):
+    from tinymq import Config, Queue
+    from tinymq.redis import RedisBroker
+
+    return Queue(config=Config(**config), broker=RedisBroker(redis_url, name=name, lease=lease,
+                                                            max_crash_recoveries=0))
+
+
+def _a_reporter_reports(redis_url, name, callback, expected, producer):
+    """A worker process started now reports ``expected`` through ``callback`` (its heartbeat,
+    every lease / 4, hands it the row): ``producer.join`` waits for the callback, and
+    returns after it. Returns the worker, to stop."""
+    worker = _queue(redis_url, name, lease=2.0)
+    worker.on_failure(callback)
+    worker.register_executor("work", lambda job: None)
+    worker.start_dispatcher(1)
+    assert callback.inside.wait(30), "no process reported the job"
+    assert callback.seen == [expected]
+    assert not producer.join(NOT_YET)  # its callback still runs: not finished for join()
+    callback.let_go.set()
+    assert producer.join(30)
+    return worker
+
+
+def test_a_crashed_row_holds_join_until_its_reaper_ran_the_callbacks(redis_url):
+    """kill -9 of the process holding a job past its crash recoveries: the reap ends it
+    (dead, "crashed") and hands the row to the reaper; join() returns only after the
+    reaper's callbacks ran (before the fix, at the reap)."""
+    from tinymq import Job
+
+    name = "reports-held-crashed"
+    producer = _queue(redis_url, name)
+    ghost = Scripts(producer._link.client, name)
+    callback, worker = _HeldCallback(), None
+    try:
+        producer.enqueue(Job("work", None, id="a"))
+        assert [j.id for j in ghost.fetch("ghost", "1", 1, LEASE_MS, 0, False).jobs] == ["a"]
+        expire(ghost, "ghost")  # killed holding it
+        assert not producer.join(NOT_YET)
+        worker = _a_reporter_reports(redis_url, name, callback, ("a", "crashed"), producer)
+        assert producer.get_stats().jobs_failed == 1
+    finally:
+        callback.let_go.set()
+        for q in (worker, producer):
+            if q is not None:
+                q.stop()
+
+
+def test_a_crashed_row_of_a_killed_worker_process_holds_join_until_reported(redis_url, tmp_path):
+    """The real kill path: a worker process dies (os._exit, as a kill -9) running a job that
+    has no crash recovery left; a worker process here reaps it once its lease ran out, and
+    join() returns only after that worker's callbacks reported the job."""
+    import os
+    import subprocess
+    import sys
+
+    from tinymq import Job
+
+    name = "reports-held-killed"
+    child = subprocess.Popen(
+        [sys.executable, os.path.join(os.path.dirname(__file__), "_redis_crash_worker.py"), redis_url, name,
+         "1.0", "0", str(tmp_path / "log"), "1"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env_with_tests_path())
+    producer = _queue(redis_url, name)
+    callback, worker = _HeldCallback(), None
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        producer.enqueue(Job("poison", None, id="p"))
+        assert child.wait(30) == 3  # _redis_crash_worker.POISON_EXIT: it died holding the job
+        assert not producer.join(NOT_YET)
+        worker = _a_reporter_reports(redis_url, name, callback, ("p", "crashed"), producer)
+        assert producer.get_stats().jobs_failed == 1
+    finally:
+        callback.let_go.set()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        for q in (worker, producer):
+            if q is not None:
+                q.stop()
+
+
+def test_a_cancelled_row_a_release_left_in_reports_holds_join_until_reported(redis_url):
+    """A job cancelled while leased whose process gave it back at its stop before it heard of
+    the mark: the release ends it as cancelled and leaves its row in `reports`; join() waits
+    until another process's heartbeat handed it out and its callbacks ran (attackBB)."""
+    from tinymq import Job
+
+    name = "reports-held-cancelled"
+    producer = _queue(redis_url, name)
+    ghost = Scripts(producer._link.client, name)
+    callback, worker = _HeldCallback(), None
+    try:
+        producer.enqueue(Job("work", None, id="a"))
+        attempt = ghost.fetch("ghost", "1", 1, LEASE_MS, 0, False).jobs[0].attempt
+        assert producer.cancel("a")  # marked: the ghost holds it
+        assert ghost.release("ghost", [SettleOp("B", attempt)]) == 0  # its stop, before it heard
+        assert ghost.client.llen(ghost.key("reports")) == 1
+        assert not producer.join(NOT_YET)  # (before the fix: True, no callback had run anywhere)
+        worker = _a_reporter_reports(redis_url, name, callback, ("a", "cancelled"), producer)
+        assert producer.get_stats().jobs_cancelled == 1
+    finally:
+        callback.let_go.set()
+        for q in (worker, producer):
+            if q is not None:
+                q.stop()
+
+
+def test_an_evicted_row_holds_join_until_its_enqueuer_ran_the_callbacks(redis_url):
+    """The delayed job an enqueue evicts (max_delayed_jobs) was accepted by an enqueue that
+    returned: its eviction is a failure reported by on_failure, and join() waits for it."""
+    from tinymq import Job
+
+    name = "reports-held-evicted"
+    producer = _queue(redis_url, name, max_delayed_jobs=1)
+    observer = _queue(redis_url, name)
+    callback = _HeldCallback()
+    producer.on_failure(callback)
+    try:
+        producer.enqueue_delayed(Job("work", None, id="a"), 60.0)
+        evicting = threading.Thread(
+            target=lambda: producer.enqueue_delayed(Job("work", None, id="b"), 60.0), daemon=True)
+        evicting.start()  # its callbacks run in the enqueuing call
+        assert callback.inside.wait(30)
+        assert callback.seen == [("a", "evicted")]
+        assert observer.cancel("b")  # b is finished: only a's report is left
+        assert not observer.join(NOT_YET)
+        callback.let_go.set()
+        evicting.join(30)
+        assert observer.join(30)
+        assert observer.get_stats().jobs_evicted == 1
+    finally:
+        callback.let_go.set()
+        producer.stop()
+        observer.stop()
+
+
+def test_a_cancel_of_a_waiting_job_holds_join_until_its_canceller_ran_the_callbacks(redis_url):
+    """q.cancel() of a job waiting in Redis, from a producer-only process: the row waits for
+    the canceller (a reporter) and holds join() until its callbacks ran."""
+    from tinymq import Job
+
+    name = "reports-held-removed"
+    producer = _queue(redis_url, name)
+    observer = _queue(redis_url, name)
+    callback = _HeldCallback()
+    producer.on_failure(callback)
+    try:
+        producer.enqueue_delayed(Job("work", None, id="a"), 60.0)
+        cancelling = threading.Thread(target=lambda: producer.cancel("a"), daemon=True)
+        cancelling.start()
+        assert callback.inside.wait(30)
+        assert callback.seen == [("a", "cancelled")]
+        assert not observer.join(NOT_YET)
+        callback.let_go.set()
+        cancelling.join(30)
+        assert observer.join(30)
+    finally:
+        callback.let_go.set()
+        producer.stop()
+        observer.stop()
+
+
+@pytest.mark.parametrize("call", ["cancel", "enqueue"])
+def test_a_call_whose_reply_is_lost_has_its_rows_reported_by_the_next_heartbeat(redis_url, call):
+    """A worker's cancel() of a waiting job (or its enqueue that evicts a delayed job) runs in
+    Redis, and its reply, and its two resends', are lost (Redis restarting): the call raises,
+    and the row it kept in reporting:<proc> waits there. Before the fix nothing handed it
+    out while the process lived: never reported, and join() never returned (the row holds
+    it). The heartbeat now looks for the rows of calls without a reply, reports them and
+    acknowledges them."""
+    import redis as redis_py
+
+    from tinymq import Job, TinyMQError
+
+    name = f"reports-lost-{call}"
+    worker = _queue(redis_url, name, lease=2.0, max_delayed_jobs=1)
+    producer = _queue(redis_url, name)
+    reported = []
+    worker.on_failure(lambda job, reason, exc: reported.append((job.id, reason)))
+    worker.register_executor("work", lambda job: None)
+    scripts = worker._link.scripts
+    script = getattr(scripts, call)
+
+    def without_reply(*args):
+        script(*args)  # it ran in Redis (a resend gets the same reply, by its token)
+        raise redis_py.ConnectionError("the reply was lost")
+
+    try:
+        worker.start_dispatcher(1)
+        assert wait_until(lambda: worker._link._registered)
+        producer.enqueue_delayed(Job("work", None, id="a"), 60.0)
+        setattr(scripts, call, without_reply)
+        with pytest.raises(TinyMQError):
+            if call == "cancel":
+                worker.cancel("a")
+            else:
+                worker.enqueue_delayed(Job("work", None, id="b"), 60.0)  # evicts a
+        delattr(scripts, call)
+        assert wait_until(lambda: reported, timeout=30), "the job was never reported"
+        assert reported == [("a", "cancelled" if call == "cancel" else "evicted")]
+        if call == "enqueue":
+            assert producer.cancel("b")  # (enqueued, though the call raised)
+        assert producer.join(30)
+        assert wait_until(lambda: not scripts.client.keys(scripts.key("reporting:*")))
+    finally:
+        worker.stop()
+        producer.stop()

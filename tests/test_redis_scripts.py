@@ -45,7 +45,7 @@ def expire(scripts, proc):
 
 
 def check_invariants(scripts):
-    """running[t] = L and X attempts of t; outstanding = unfinished jobs (and those kept for report)."""
+    """running[t] = L and X attempts of t; outstanding = unfinished jobs + rows waiting to be reported."""
     client = scripts.client
     held = {}
     unfinished = set()
@@ -61,10 +61,12 @@ def check_invariants(scripts):
     unfinished.update(client.zrange(key(scripts, "delayed"), 0, -1))
     for parked in client.scan_iter(key(scripts, "parked:*")):
         unfinished.update(client.lrange(parked, 0, -1))
-    # A job its process ended for good counts until that process acknowledges its report.
+    # A job ended for good counts until its row is reported (lib.lua's held_row): every row
+    # waiting to be reported, in a process's reporting hash or in `reports`, ends in that 1.
     kept = [row for hash_key in client.scan_iter(key(scripts, "reporting:*"))
             for row in client.hvals(hash_key)] + client.lrange(key(scripts, "reports"), 0, -1)
-    held_back = sum(1 for row in kept if json.loads(row)[6:7] == [1])
+    assert all(json.loads(row)[6:7] == [1] for row in kept), kept
+    held_back = len(kept)
     assert int(client.hget(key(scripts, "stats"), "outstanding") or 0) == len(unfinished) + held_back
 
 

@@ -16,7 +16,8 @@ Threads (started by ``start``):
   too coarse for this);
 - the heartbeat: renews this process's lease every ``lease / 4`` and reaps
   dead processes; if this process was reaped, it abandons its buffer and
-  registers again under a new id.
+  registers again under a new id. It also reports the rows that a cancel or an
+  evicting enqueue without a reply kept for this process (``_report_lost``).
 - a reporter's renewer (``_holding``, one per call that registered a reporter: a
   cancel, an evicting enqueue or a tick of a process without a lease, producer-only
   or stopping): renews that reporter's lease every ``lease / 4`` while the failure
@@ -30,6 +31,7 @@ renewal, or for the news that the job is no longer this process's.
 """
 import contextlib
 import itertools
+import json
 import logging
 import math
 import os
@@ -124,6 +126,9 @@ class QueueLink:
         # thread -> the acknowledgement (op A's key) of the handed row whose failure callbacks it runs
         self._reporting: Dict[int, Optional[str]] = {}  # None: no row yet (a cancel() under way)
         self._renewed_at = -math.inf  # monotonic time the last call that renewed the lease was sent
+        # (proc, token) of calls that may have kept rows for this process to report (a cancel's,
+        # an evicting enqueue's or tick's) but whose reply never came: looked up at the next beat.
+        self._lost_replies: List[Tuple[str, str]] = []  # guarded by _lock
         # Guarded by _lock:
         self._attempts: Dict[Any, _Attempt] = {}  # job -> this process's attempt of it
         self._in_hand = 0  # attempts fetched and not yet decided (buffered or running)
@@ -194,6 +199,7 @@ class QueueLink:
                 reply = self.broker.call_resending(self.scripts.enqueue, token, self.config.buffer_size,
                                                    self.config.max_delayed_jobs, rows, caller, lease_ms)
             except self._redis_error as exc:
+                self._reply_lost(caller, token)
                 raise TinyMQError(f"could not enqueue {len(rows)} job(s) to Redis queue "
                                   f"{self.broker.name!r}: {exc}") from exc
             if reply.status in ("ok", "again"):
@@ -224,6 +230,45 @@ class QueueLink:
             with self._lock:  # (once stopping, no row is kept under our own lease)
                 caller = self._proc if self._registered and not self._closing else ""
             yield (caller, 0) if caller else (f"{self._proc}~{token}", self._lease_ms)
+
+    def _reply_lost(self, caller: str, token: str) -> None:
+        """The call ``token`` got no reply (call_resending gave up): Redis may have run it and
+        kept rows for ``caller`` to report, which no later reply hands out. Under this
+        process's own lease the heartbeat looks for them (_report_lost); a reporter's rows are
+        reported by whoever reaps it once its lease, never renewed, runs out."""
+        if caller and "~" not in caller:
+            with self._lock:
+                self._lost_replies.append((caller, token))
+
+    def _report_lost(self) -> None:
+        """Report the rows that calls without a reply kept for this process (_reply_lost), as
+        a reply would have: each holds join() until acknowledged. Called by the heartbeat
+        after a beat renewed the lease, outside _round_lock. Rows of an id this process no
+        longer has (it was reaped) went to its reaper, which reports them."""
+        with self._lock:
+            lost, self._lost_replies = self._lost_replies, []
+        proc = self._proc
+        tokens = {token for owner, token in lost if owner == proc}
+        if not tokens:
+            return
+        try:
+            kept = self.client.hgetall(self.scripts.key("reporting:" + proc))
+        except self._redis_error as exc:
+            with self._lock:
+                self._lost_replies.extend((proc, token) for token in tokens)
+            self._log_outage("looking for rows of calls without a reply", exc)
+            return
+        rows = []
+        for key, text in kept.items():
+            row = json.loads(text)  # (its key: lib.lua's handed, and cancel.lua's)
+            job_id = row[0]
+            if any(key == f"{job_id}|cancelled|{token}" or key.startswith(f"{job_id}|evicted|{proc}|{token}|")
+                   for token in tokens):
+                rows.append(Crashed(job_id, row[1], int(row[2] or 0), row[3] or "", row[4], key))
+        if rows:
+            logger.warning("Redis queue %r: reporting %d job(s) that calls without a reply ended",
+                           self.broker.name, len(rows))
+        self._report_handed(rows)
 
     def _report_ended(self, rows: Sequence[Crashed], caller: str) -> None:
         """Report the rows a reply ended for this call (``caller`` as _reporting_rows gave it):
@@ -390,6 +435,7 @@ class QueueLink:
                 self.broker._check_server()
                 reply = self.broker.call_resending(self.scripts.cancel, token, job_id, caller, lease_ms)
             except self._redis_error as exc:
+                self._reply_lost(caller, token)
                 raise TinyMQError(f"could not cancel job {job_id!r} in Redis queue {self.broker.name!r}: "
                                   f"{exc}") from exc
             if reply.status == "removed":
@@ -945,6 +991,8 @@ class QueueLink:
             self._report_handed(crashed)
             if alive and cancels:
                 self._cancel_marked(cancels)
+            if alive:
+                self._report_lost()
 
     # --- stopping ----------------------------------------------------------------
 

@@ -88,6 +88,7 @@ class BrokerTicks:
                     link.scripts.schedule_tick, schedule.name, number, token, link.config.buffer_size,
                     link.config.max_delayed_jobs, row, caller, lease_ms)
             except self._redis_error as exc:
+                link._reply_lost(caller, token)
                 raise TinyMQError(f"could not claim a tick of schedule {schedule.name!r} in Redis queue "
                                   f"{link.broker.name!r}: {exc}") from exc
             if outcome == "full":  # claimed and skipped: the next tick is claimed as usual

@@ -129,7 +129,7 @@ def _ops_args(ops: Iterable[SettleOp]) -> List[Any]:
 
 def _crashed(rows: Sequence[Sequence[Any]]) -> List[Crashed]:
     return [Crashed(row[0], row[1], int(row[2] or 0), row[3] or "", row[4] if len(row) > 4 else "crashed",
-                    row[5] if len(row) > 5 else "")
+                    (row[5] if len(row) > 5 else "") or "")  # (no key: a row nothing keeps)
             for row in rows]
 
 

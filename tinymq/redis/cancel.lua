@@ -14,7 +14,9 @@ Returns one of
                                           waits in reporting:<proc> too, by
                                           "<id>|cancelled|<token>", until it acknowledges
                                           it (op A), as the rows a fetch hands it: if it dies
-                                          first, its reaper reports the job (0: not kept)
+                                          first, its reaper reports the job; until then the
+                                          job counts as unfinished (see held_row in lib.lua).
+                                          0: not kept, the job counts as finished at once
   {2, proc, attempt}                      it is leased to proc (buffered or running there):
                                           the attempt is marked (cancels:<proc>) and its job
                                           hash moved to cancelled:<proc>|<attempt>, so the id
@@ -44,13 +46,13 @@ local function cancel()
   local function removed()
     redis.call('DEL', jk)
     count('cancelled', 1)
-    count('outstanding', -1)
-    local row = {id, f[4] or '', f[5] or '0', f[6] or '', 'cancelled'}
+    local row = held_row(id, f[4], f[5], f[6], 'cancelled')
     if keeps_rows(caller, now, lease) then
       -- (by its token: an A of an earlier cancel of this id leaves this row)
       handed(caller, {row}, token, {id .. '|cancelled|' .. token})
       return {1, row, 1} -- (the row with its key, which the caller acknowledges)
     end
+    reported_by_reply({row})
     return {1, row, 0}
   end
   if redis.call('LREM', READY[p], 1, id) == 1 then return removed() end

@@ -59,18 +59,20 @@ Keys (after the prefix):
                                  one of its attempts; its stop); deleted with proc's lease
   reporting:<proc>         HASH  row key -> JSON row: rows handed to proc to report (a
                                  reply's crashed; a waiting job its cancel removed; the
-                                 delayed jobs its enqueue or schedule tick evicted) that
-                                 it has not acknowledged yet (op A), each under a key of
-                                 its own (see handed); a reap hands them, keys and all,
-                                 to the reaper, a release to `reports`
+                                 delayed jobs its enqueue or schedule tick evicted; the
+                                 jobs it ended for good itself) that it has not
+                                 acknowledged yet (op A), each under a key of its own
+                                 (see handed); a reap hands them, keys and all, to the
+                                 reaper, a release to `reports`
   dead                     ZSET  id -> time it died (ms); its hash stays, with x
   cancels:<proc>           SET   attempts of proc that q.cancel() marked (their job hash is
                                  cancelled:<proc>|<attempt>): proc hears of them in every fetch
                                  and beat reply until the attempt ends, which ends its job as
                                  cancelled
-  reports                  LIST  JSON rows {id, body, retries, error, reason} of jobs that
-                                 ended while no caller could report them (a settle or
-                                 release call): the next beat (with a beat id) hands them out
+  reports                  LIST  JSON rows {id, body, retries, error, reason, key, 1} of
+                                 jobs that ended while no caller could report them (a
+                                 settle or release call): the next beat (with a beat id)
+                                 hands them out
   stats                    HASH  enqueued succeeded failed retried timed_out evicted
                                  cancelled outstanding (unfinished jobs, for join) parked:<p>
 
@@ -82,8 +84,11 @@ Invariants (after every script):
     So the ids of the jobs with a job:<id> hash (unfinished or dead) are unique, and a
     marked attempt's id may also be a newer job's. Marks are on L and R attempts only;
   * running[t] = number of L and X attempts of type t over all inflight hashes;
-  * stats.outstanding = number of unfinished jobs (one a process ended for good counts
-    until its report is acknowledged: see keep_report in settle).
+  * stats.outstanding = number of unfinished jobs + number of rows waiting to be reported
+    (in reporting:*, `reports`, or a call's `ended`) that end in 1: a job that ends for good
+    (dead, cancelled, crashed, evicted) while its failure callbacks are still to run counts
+    as unfinished, for join(), until its row is acknowledged (op A) or handed out by a
+    reply that nothing keeps (reported_by_reply). See held_row.
   * a rate-limited type is handed out only while rate:<type> holds fewer than max_starts
     live entries; each attempt's entry ends no sooner than per after it started (its
     start is reported after it happened, its reap or outcome comes after it too).
@@ -298,7 +303,24 @@ local function flush_released()
   released = {}
 end
 
-local function job_dead(id, reason, err, retries, now, held) -- held: unfinished until reported (keep_report)
+--[[ A row to report: {id, body, retries, error, reason, key, 1}. Every job ended for good
+whose failure callbacks are still to run is reported by one, and counts as unfinished
+(stats.outstanding, for join: API.md, callbacks run before a job counts as finished) until
+the row is acknowledged (op A, see handed) or handed out by a reply that nothing keeps
+(reported_by_reply): the scripts that end it count it finished no sooner. The 1 says so
+wherever the row goes (reporting:<proc>, `reports`, a reaper's reply). The key is false
+until handed gives it one (a nil would cut the row short in a reply, a JSON null would
+come back truthy). ]]
+local function held_row(id, body, retries, err, reason)
+  return {id, body or '', retries or '0', err or '', reason, false, 1}
+end
+local function reported_by_reply(rows) -- rows a reply hands out that nothing keeps
+  for _, row in ipairs(rows) do
+    if row[7] == 1 then count('outstanding', -1) end -- no A will come: finished as it is reported
+  end
+end
+
+local function job_dead(id, reason, err, retries, now) -- (unfinished until its held_row is reported)
   local jk = job_key(id)
   if err and err ~= '' then
     redis.call('HSET', jk, 'x', reason, 'r', retries, 'e', err)
@@ -307,7 +329,6 @@ local function job_dead(id, reason, err, retries, now, held) -- held: unfinished
   end
   redis.call('ZADD', K_DEAD, now, id)
   count('failed', 1)
-  if not held then count('outstanding', -1) end
 end
 
 local function job_retry(id, retries, err, delay, now)
@@ -324,17 +345,18 @@ local function job_retry(id, retries, err, delay, now)
 end
 
 --[[ Jobs this call ended as cancelled whose cancellation nobody reported yet (the attempt
-ended on its own, or with its process): rows {id, body, retries, error, 'cancelled'} that
-the caller's reply carries (hand_out_ended), or that wait in `reports` (keep_ended). ]]
+ended on its own, or with its process): held rows (held_row) that the caller's reply
+carries (hand_out_ended), or that wait in `reports` (keep_ended). Either way the job counts
+as unfinished until its row is reported: end_cancelled never counts it finished. Without
+`report` the caller made the row itself (keep_report). ]]
 local ended = {}
-local function end_cancelled(jk, id, report, held) -- jk: the job's hash (job:<id>, or a marked attempt's)
+local function end_cancelled(jk, id, report) -- jk: the job's hash (job:<id>, or a marked attempt's)
   if report then
     local f = redis.call('HMGET', jk, 'b', 'r', 'e')
-    table.insert(ended, {id, f[1] or '', f[2] or '0', f[3] or '', 'cancelled'})
+    table.insert(ended, held_row(id, f[1], f[2], f[3], 'cancelled'))
   end
   redis.call('DEL', jk)
   count('cancelled', 1)
-  if not held then count('outstanding', -1) end
 end
 local REPORTS_PER_CALL = 100 -- rows from `reports` handed out per beat
 local function hand_out_ended(rows) -- appends this call's rows to report to `rows` (a reply's crashed)
@@ -349,11 +371,6 @@ local function hand_out_reports(rows) -- and those that waited (beat only: fetch
     end
   end
 end
-local function reported_by_reply(rows) -- rows a reply hands out that nothing keeps (see keep_report)
-  for _, row in ipairs(rows) do
-    if row[7] == 1 then count('outstanding', -1) end -- no A will come: finished as it is reported
-  end
-end
 local function keep_ended() -- for callers whose reply carries no rows
   for _, row in ipairs(ended) do redis.call('RPUSH', K_REPORTS, cjson.encode(row)) end
   ended = {}
@@ -366,7 +383,8 @@ and all, to whoever reaps it: every row is reported at least once (twice when pr
 reported it but died before the A reached Redis), never lost with the process that was to
 report it. A row's key is made once, when it is first handed, and is unique: two rows of
 one id (a job cancelled, enqueued again and cancelled again) never share a field.
-A row: {id, body, retries, error, reason, key}. ]]
+A row: {id, body, retries, error, reason, key, 1} (see held_row); its 1 holds
+stats.outstanding until the A, which counts the job finished. ]]
 local function handed(proc, rows, call, keys) -- call: the handing call's id; keys: given ones
   if #rows == 0 then return end
   local fields = {}
@@ -397,8 +415,8 @@ end
   T  started (sent by a rate-limited type's worker once it started the attempt) (L, X, R)
        -> nothing but its rate window entry: it ends per from now
   A  (op, the row's key instead of an attempt) a row handed to proc to report was
-       reported: it leaves reporting:<proc> (see handed), and a job kept by keep_report
-       is finished
+       reported: it leaves reporting:<proc> (see handed), and its job is finished (the
+       row's 1: see held_row)
 Every op on an L attempt also ends its rate window entry per from now, at the latest
 (an outcome comes after the start; B may be a cancelled running attempt), except a B of
 an attempt whose start was never reported (T): it never started, and counts no start.
@@ -432,12 +450,12 @@ local function settle(proc, argv, first, n, now)
   -- handed): proc sends the op before they run, so the counters have the job by then, and
   -- whoever reaps proc reports it should proc die first. Until that A the job still counts
   -- as unfinished (stats.outstanding, for join), as callbacks come before that: its row says
-  -- so (a 7th field, 1), wherever it is handed on. Its key is one proc makes too:
+  -- so (held_row's 1), wherever it is handed on. Its key is one proc makes too:
   -- '<id>|<reason>|<proc>|<attempt>' (the attempt is proc's alone). From the job's hash jk,
   -- as it ends.
   local function keep_report(jk, id, attempt, reason)
     local f = redis.call('HMGET', jk, 'b', 'r', 'e')
-    handed(proc, {{id, f[1] or '', f[2] or '0', f[3] or '', reason, table.concat({id, reason, proc, attempt}, '|'), 1}})
+    handed(proc, {held_row(id, f[1], f[2], f[3], reason)}, nil, {table.concat({id, reason, proc, attempt}, '|')})
   end
   local function failed(attempt, id, at) -- a failure for good (op Z or z at argv[at]) stands
     local reason = argv[at + 4]
@@ -453,7 +471,7 @@ local function settle(proc, argv, first, n, now)
       end
       redis.call('RENAME', mk, job_key(id))
     end
-    job_dead(id, reason, argv[at + 5], argv[at + 2], now, true)
+    job_dead(id, reason, argv[at + 5], argv[at + 2], now)
     keep_report(job_key(id), id, attempt, reason)
   end
   local finished = {} -- keys of succeeded jobs: one DEL at the end
@@ -480,7 +498,7 @@ local function settle(proc, argv, first, n, now)
         redis.call('SREM', ck, attempt)
         marks[attempt] = nil
         if own_cancel then keep_report(jk, id, attempt, 'cancelled') end
-        end_cancelled(jk, id, not own_cancel, own_cancel)
+        end_cancelled(jk, id, not own_cancel)
       else
         return 1 -- an op that does not fit the attempt's state: a resend
       end
@@ -523,7 +541,7 @@ local function settle(proc, argv, first, n, now)
       local row = redis.call('HGET', rk, attempt)
       if row then
         redis.call('HDEL', rk, attempt)
-        if cjson.decode(row)[7] == 1 then count('outstanding', -1) end -- (see keep_report)
+        if cjson.decode(row)[7] == 1 then count('outstanding', -1) end -- (see held_row)
       end
     else
       stale = stale + settle_op(op, attempt, i)
@@ -544,9 +562,9 @@ end
 --[[ Hand back everything proc holds and unregister it: every attempt without a decision
 (L, R) goes back to the head of its level; an X attempt only frees its slot. With
 max_crash (a reap: the process died), each of those counts a crash first, and a job past
-max_crash is dead ("crashed") instead, with {id, body, retries, error} appended to
-`crashed`; without (release: the process left), none counts. The rows proc was handed and
-did not acknowledge (see handed) go to `crashed` too, or to `reports` on a release. ]]
+max_crash is dead ("crashed") instead, its held row (held_row) appended to `crashed`;
+without (release: the process left), none counts. The rows proc was handed and did not
+acknowledge (see handed) go to `crashed` too, or to `reports` on a release. ]]
 local function drop_proc(proc, now, max_crash, crashed)
   local ik = inflight_key(proc)
   local entries = redis.call('HGETALL', ik)
@@ -563,7 +581,7 @@ local function drop_proc(proc, now, max_crash, crashed)
       elseif max_crash and redis.call('EXISTS', jk) == 1 and redis.call('HINCRBY', jk, 'c', 1) > max_crash then
         local f = redis.call('HMGET', jk, 'b', 'r', 'e')
         job_dead(id, 'crashed', '', f[2] or '0', now)
-        table.insert(crashed, {id, f[1], f[2] or '0', f[3] or ''})
+        table.insert(crashed, held_row(id, f[1], f[2], f[3], 'crashed'))
       else
         give_back(id) -- (a job deleted meanwhile has no hash: nothing to give back)
       end
@@ -651,7 +669,8 @@ local TOKEN_SPAN = 30000 -- ms: how long an enqueue token is kept (see enqueue.l
 -- The body of enqueue.lua (its header documents the rows and replies), shared with
 -- schedule_tick.lua, whose call enqueues the job of the tick it claims. The rows are 5 ARGV per job
 -- from ARGV[base] on. The jobs it evicts are handed to `caller` to report (see handed) when it
--- holds a lease, or registers one (`lease` > 0: a reporter, as cancel.lua's).
+-- holds a lease, or registers one (`lease` > 0: a reporter, as cancel.lua's); each counts as
+-- unfinished until then (held_row), or until this reply if nothing keeps them.
 local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, lease)
   local now = now_ms()
   local span = math.floor(now / TOKEN_SPAN)
@@ -705,7 +724,7 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
         local out = redis.call('ZPOPMIN', K_CAPPED)
         redis.call('ZREM', K_DELAYED, out[1])
         local f = redis.call('HMGET', job_key(out[1]), 'b', 'r')
-        table.insert(evicted, {out[1], f[1], f[2] or '0', '', 'evicted'})
+        table.insert(evicted, held_row(out[1], f[1], f[2], '', 'evicted'))
         job_dead(out[1], 'evicted', '', f[2] or '0', now)
         count('failed', -1) -- evictions have their own counter
         count('evicted', 1)
@@ -723,8 +742,12 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
       redis.call('RPUSH', READY[p], unpack(ids, first, math.min(first + CHUNK - 1, #ids)))
     end
   end
-  if #evicted > 0 and keeps_rows(caller, now, lease) then
-    handed(caller, evicted, token) -- (first: a resend returns the rows with their keys)
+  if #evicted > 0 then
+    if keeps_rows(caller, now, lease) then
+      handed(caller, evicted, token) -- (first: a resend returns the rows with their keys)
+    else
+      reported_by_reply(evicted) -- (a resend returns them again, counted here once)
+    end
   end
   local tokens = P .. 'tokens:' .. span
   redis.call('HSET', tokens, token, cjson.encode(evicted))

@@ -7,7 +7,7 @@ local proc = ARGV[1]
 local now = now_ms()
 local stale = settle(proc, ARGV, 3, tonumber(ARGV[2]), now)
 drop_proc(proc, now, nil, nil)
-keep_ended() -- proc leaves: another process's next fetch or beat reports them
+keep_ended() -- proc leaves: another process's next beat reports them (unfinished until then: held_row)
 flush_head() -- everything given back, and what it unparked, in FIFO order
 flush_counts()
 return stale

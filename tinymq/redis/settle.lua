@@ -2,7 +2,7 @@
 KEYS[1] prefix. ARGV: proc, settle count, then the ops (2 or 6 entries each).
 Returns the number of stale ops (attempts no longer this process's, or resends). ]]
 local stale = settle(ARGV[1], ARGV, 3, tonumber(ARGV[2]), now_ms())
-keep_ended() -- (the reply has no room for them: the next fetch or beat hands them out)
+keep_ended() -- (the reply has no room for them: the next beat hands them out; unfinished until then)
 flush_head()
 flush_counts()
 return stale
