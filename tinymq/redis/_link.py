@@ -322,10 +322,14 @@ class QueueLink:
     def stats(self) -> QueueStats:
         prefix = self.scripts.prefix
         try:
+            # Only jobs not due yet count as delayed (API.md), due ones waiting for a fetch to
+            # promote them do not. Scores are the server's clock in ms, as the scripts set them.
+            seconds, microseconds = self.client.time()
+            now_ms = seconds * 1000 + microseconds / 1000
             pipe = self.client.pipeline(transaction=False)
             for level in (2, 1, 0):
                 pipe.llen(f"{prefix}ready:{level}")
-            pipe.zcard(f"{prefix}delayed")
+            pipe.zcount(f"{prefix}delayed", f"({now_ms!r}", "+inf")
             pipe.hgetall(f"{prefix}stats")
             high, medium, low, delayed, counters = pipe.execute()
         except self._redis_error as exc:
