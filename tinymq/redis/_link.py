@@ -114,7 +114,7 @@ class QueueLink:
         self.dispatcher = dispatcher
         self.ready = dispatcher.ready
         self.scripts = broker._scripts
-        self.client = broker.client
+        self.client = broker._client
         self._redis_error = __import__("redis").RedisError
         self._lease_ms = max(1, int(broker.lease * _MS))
         self._lock = threading.Lock()
@@ -191,7 +191,7 @@ class QueueLink:
         while True:
             try:
                 self.broker._check_server()
-                reply = self.broker.call_resending(self.scripts.enqueue, token, self.config.buffer_size,
+                reply = self.broker._call_resending(self.scripts.enqueue, token, self.config.buffer_size,
                                                    self.config.max_delayed_jobs, rows, caller, lease_ms)
             except self._redis_error as exc:
                 raise TinyMQError(f"could not enqueue {len(rows)} job(s) to Redis queue "
@@ -241,7 +241,7 @@ class QueueLink:
             for row in kept:
                 self._report(row.id, row.body, row.reason, row.retries, row.error)
         try:  # acknowledged and unregistered in one call
-            self.broker.call_resending(self.scripts.release, caller, [SettleOp("A", row.key) for row in kept])
+            self.broker._call_resending(self.scripts.release, caller, [SettleOp("A", row.key) for row in kept])
         except self._redis_error as exc:
             logger.warning("could not tell Redis queue %r that %d job(s) ended in a call were reported "
                            "(%s); they will be reported again once the lease of %s runs out",
@@ -392,7 +392,7 @@ class QueueLink:
         with self._reporting_rows(token) as (caller, lease_ms):
             try:
                 self.broker._check_server()
-                reply = self.broker.call_resending(self.scripts.cancel, token, job_id, caller, lease_ms)
+                reply = self.broker._call_resending(self.scripts.cancel, token, job_id, caller, lease_ms)
             except self._redis_error as exc:
                 raise TinyMQError(f"could not cancel job {job_id!r} in Redis queue {self.broker.name!r}: "
                                   f"{exc}") from exc
@@ -933,7 +933,7 @@ class QueueLink:
                     if unanswered is None or unanswered[0] != proc:
                         unanswered = (proc, format(next(self._beat_ids), "x"))
                     sent = time.monotonic()
-                    alive, _, crashed, cancels = self.broker.call_resending(  # (its crashed jobs must
+                    alive, _, crashed, cancels = self.broker._call_resending(  # (its crashed jobs must
                         self.scripts.heartbeat, proc, self._lease_ms,               # not be lost)
                         self.broker.max_crash_recoveries, registered, unanswered[1])
                     unanswered = None
@@ -1005,7 +1005,7 @@ class QueueLink:
             if not registered and not ops:
                 return
             try:
-                self.broker.call_resending(self.scripts.release, proc, ops)
+                self.broker._call_resending(self.scripts.release, proc, ops)
                 self.client.delete(self._wake_key())
             except self._redis_error as exc:
                 logger.warning("Redis queue %r: could not give back %d unstarted job(s) at stop (%s); "
