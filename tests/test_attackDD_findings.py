@@ -140,7 +140,7 @@ def test_a_kept_failure_handed_by_a_beat_whose_reply_was_lost_is_still_reported_
     Process P decided a failure for good (its Z is settled: counted, kept in reporting:P with
     the 1 that holds stats.outstanding) and was killed -9 before its A. Process R's beat
     reaps P and hands R the row (now in reporting:R), but the reply is lost, and so are the
-    two resends of call_resending (Redis restarting). The heartbeat logs and goes on, and its
+    two resends of _call_resending (Redis restarting). The heartbeat logs and goes on, and its
     next beat has a new beat id: beat.lua never hands R that row again, nor does a fetch. R
     lives on, so nobody reaps it: the failure is never reported, and join() never returns.
     (A fetch whose reply is lost is resent with its fetch id until it gets through.)
@@ -175,7 +175,7 @@ def test_a_kept_failure_handed_by_a_beat_whose_reply_was_lost_is_still_reported_
             reply = real_heartbeat(proc, *args)
             assert [row.id for row in reply.crashed] == ["doomed"]  # handed to R, in reporting:R
             raise redis_py.ConnectionError("the reply was lost")
-        if len(beats) <= 3:  # call_resending's two resends: Redis is still restarting
+        if len(beats) <= 3:  # _call_resending's two resends: Redis is still restarting
             if len(beats) == 3:
                 lost.set()
             raise redis_py.ConnectionError("Redis is restarting")

@@ -166,8 +166,8 @@ def _waited_in_the_overflow(q, refs):
     assert started.wait(WAIT)
     q.enqueue(tinymq.Job("hold"))
     q.enqueue_delayed(cyclic_job(refs), 0.05)
-    deadline = time.monotonic() + WAIT
-    while q.get_stats().delayed_jobs_count and time.monotonic() < deadline:
+    deadline = time.monotonic() + WAIT  # until the scheduler moved it to the overflow line
+    while q.get_stats().waiting_for_room != 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     release.set()
 

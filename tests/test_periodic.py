@@ -487,7 +487,7 @@ def test_two_queues_on_one_broker_fire_each_every_tick_once(redis_backend):
     assert queues[0].join(WAIT)
     ids = [job.id for job in runs.jobs]
     assert len(ids) == len(set(ids)), ids  # no tick ran twice
-    shared = redis_backend.brokers[0].client.hgetall(f"tmq:{{{redis_backend.queue_name}}}:schedule:tick")
+    shared = redis_backend.brokers[0]._client.hgetall(f"tmq:{{{redis_backend.queue_name}}}:schedule:tick")
     assert int(shared["fired"]) == len(ids)  # each tick claimed once, and its job enqueued once
     # The ticks are one grid, 0.1 s apart, whichever process fired them (a tick that a late
     # timer merged into the next one leaves a gap of two intervals).
@@ -565,7 +565,7 @@ def test_over_a_broker_a_tick_claimed_is_already_enqueued(redis_backend):
     dying = redis_backend.queue()
     _yearly(dying)
     link = dying._link
-    call_resending = link.broker.call_resending
+    call_resending = link.broker._call_resending
 
     def die_after_the_claim(call, *args):
         reply = call_resending(call, *args)
@@ -573,7 +573,7 @@ def test_over_a_broker_a_tick_claimed_is_already_enqueued(redis_backend):
             raise _Killed()
         return reply
 
-    link.broker.call_resending = die_after_the_claim
+    link.broker._call_resending = die_after_the_claim
     with pytest.raises(_Killed):
         _fire_now(dying, "tick")
     other = redis_backend.queue()
@@ -611,7 +611,7 @@ def test_over_a_broker_a_resent_tick_claim_enqueues_its_job_once(lossy, redis_ba
         other = redis_backend.queue()
         stats = other.get_stats()
         assert (stats.jobs_enqueued, stats.medium_queue_size) == (1, 1)
-        shared = other.broker.client.hgetall(f"tmq:{{{redis_backend.queue_name}}}:schedule:tick")
+        shared = other.broker._client.hgetall(f"tmq:{{{redis_backend.queue_name}}}:schedule:tick")
         assert (shared["fired"], shared.get("skipped")) == ("1", None)
         runs = Runs()
         other.register_executor("tick", runs)
@@ -631,7 +631,7 @@ def test_over_a_broker_a_full_queue_skips_the_tick_and_the_next_tick_fires(redis
     periodic = q._periodic
     schedule.begun = True  # as start_dispatcher would, without a timer thread racing the test
     key = f"tmq:{{{redis_backend.queue_name}}}:schedule:tick"
-    shared = q.broker.client
+    shared = q.broker._client
 
     def fire_a_tick(wall):
         schedule.tick = _Tick(time.monotonic(), wall, -1)

@@ -11,6 +11,7 @@ costs it an attempt.
 ``mark_dead``); ``MinimalStore`` has only ``save``, ``delete`` and ``load_all``,
 for the paths where the Queue falls back.
 """
+import asyncio
 import math
 import threading
 import time
@@ -26,10 +27,13 @@ from tinymq import (
     PersistenceError,
     Priority,
     Queue,
+    QueueFull,
     QueueStopped,
     RetryConfig,
     TinyMQError,
 )
+
+from tinymq.queue import _WAIT_SLICE
 
 from _helpers import WAIT, FailureLog, Recorder, make_queue, wait_until
 
@@ -284,6 +288,51 @@ def test_a_failing_save_makes_enqueue_raise_and_the_job_is_neither_run_nor_count
     assert failures.entries == []
     assert store.state_of(job.id) is None
     assert finishing_calls(store, job.id) == []
+
+
+# --- waiting for room -----------------------------------------------------------------------
+
+def _enqueue_waiting(q, job, how, timeout):
+    """``q.enqueue(job, block=True)``, or the same awaited as ``aenqueue`` on a loop of its own."""
+    if how == "enqueue":
+        return q.enqueue(job, block=True, timeout=timeout)
+    return asyncio.run(q.aenqueue(job, block=True, timeout=timeout))
+
+
+# Fixed (smallfix): aenqueue(block=True) waited for room in slices that each called enqueue again:
+# every slice saved the job, found no room and deleted it, while enqueue(block=True) saves once.
+@pytest.mark.parametrize("how", ["enqueue", "aenqueue"])
+def test_a_job_that_waits_for_room_in_vain_is_saved_once_and_deleted_once(how):
+    store = RecordingStore()
+    with Queue(1) as q:
+        q.set_persistence(store)
+        q.enqueue(Job("t", id="first"))  # the buffer is full; nothing runs before start_dispatcher
+        with pytest.raises(QueueFull):  # a wait that spans several of aenqueue's slices
+            _enqueue_waiting(q, Job("t", id="second"), how, 3 * _WAIT_SLICE)
+        assert store.methods_for("second") == ["save", "delete"]
+        assert q.get_stats().jobs_enqueued == 1
+
+
+@pytest.mark.parametrize("how", ["enqueue", "aenqueue"])
+def test_a_job_that_waits_for_room_keeps_its_row_until_it_is_placed(how):
+    store = RecordingStore()
+    ran = Recorder()
+    with Queue(1) as q:
+        q.set_persistence(store)
+        q.register_executor("t", lambda job: ran.add(job.id))
+        q.enqueue(Job("t", id="first"))
+        placed = Recorder()
+        producer = threading.Thread(
+            target=lambda: placed.add(_enqueue_waiting(q, Job("t", id="second"), how, WAIT).id))
+        producer.start()
+        assert store.wait_for(lambda calls: any(call.concerns("second") for call in calls))
+        assert store.state_of("second") == "ready"  # stored before the wait, kept through it
+        q.start_dispatcher(1)  # "first" runs: room for "second"
+        producer.join(WAIT)
+        assert placed.snapshot() == ["second"]
+        assert q.join(WAIT)
+    assert ran.snapshot() == ["first", "second"]
+    assert store.methods_for("second") == ["save", "mark_running", "delete"]
 
 
 # --- retries --------------------------------------------------------------------------------

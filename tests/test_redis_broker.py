@@ -44,6 +44,19 @@ def test_broker_property_and_no_persistence_with_a_broker(shared, tmp_path):
         Queue(broker=queue.broker)
 
 
+# Fixed (smallfix): help(RedisBroker) showed call_resending, and dir(broker) its redis-py
+# client, as if they were API: neither is in API.md or docs/api.md (STYLE.md: a small public surface).
+def test_broker_shows_only_its_documented_api(redis_url):
+    assert {name for name in dir(RedisBroker) if not name.startswith("_")} == {
+        "close", "dead_jobs", "requeue_dead", "purge_dead",  # API.md "Scale-out"
+        "in_use", "names_in_use", "shared_executors", "shared_rate_limits",  # docs/api.md
+    }
+    with RedisBroker(redis_url, name="surface") as broker:
+        # What it was built with, read back (the constructor's arguments in API.md).
+        assert {name for name in vars(broker) if not name.startswith("_")} == {
+            "url", "name", "lease", "max_crash_recoveries"}
+
+
 @pytest.mark.parametrize("lease", [0, 1e-9, 0.099])
 def test_broker_rejects_a_lease_under_a_tenth_of_a_second_naming_it(redis_url, lease):
     """A lease is renewed every lease / 4: a tiny one would make the heartbeat call Redis without pause."""

@@ -43,7 +43,7 @@ def counters(q):
 def leftover_keys(broker):
     """The job hashes (a marked attempt's too) and cancel marks still in Redis for this queue."""
     prefix = broker._scripts.prefix
-    return sorted(k for k in broker.client.keys(prefix + "*")
+    return sorted(k for k in broker._client.keys(prefix + "*")
                   if k.startswith((prefix + "job:", prefix + "cancels:", prefix + "cancelled:")))
 
 

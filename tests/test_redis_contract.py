@@ -71,6 +71,22 @@ def test_a_delayed_job_runs_on_time(backend):
     assert -0.01 <= lateness < 0.25  # generous: a noisy machine; Redis's hz alone would be 0.1
 
 
+# Fixed (smallfix): over Redis, a delayed job that had come due counted in delayed_jobs_count until
+# a fetch promoted it (for as long as every worker was busy, or none was started); in-process, until
+# the scheduler moved it (before start_dispatcher: until then). API.md "Delayed jobs": a due job no
+# longer counts as delayed (as eviction already treats it, on both backends).
+def test_a_due_delayed_job_no_longer_counts_as_delayed_before_it_is_moved(backend):
+    producer, worker = backend.pair()
+    ran = Recorder()
+    worker.register_executor("t", lambda job: ran.add(job.id))
+    due = producer.enqueue_delayed(Job("t"), 0.05)  # no dispatcher yet: nothing moves it
+    producer.enqueue_delayed(Job("t"), 3600)
+    assert wait_until(lambda: producer.get_stats().delayed_jobs_count == 1)  # once the first is due
+    worker.start_dispatcher(1)
+    assert ran.wait_for(1)
+    assert ran.snapshot() == [due.id]
+
+
 def test_an_earlier_delayed_job_runs_first(backend):
     producer, worker = backend.pair()
     ran = Recorder()

@@ -248,7 +248,7 @@ def test_sigkill_random_workers_loses_nothing_and_never_exceeds_a_limit(redis_ur
     rng = random.Random(os.environ.get("TINYMQ_CRASH_SEED", "12"))
     fleet = fleet_factory(redis_url, name, lease=LEASE_A, max_crashes=KILLS + 1)
     producer = producer_queue(redis_url, name, LEASE_A, KILLS + 1)
-    client = producer.broker.client
+    client = producer.broker._client
     prefix = producer.broker._scripts.prefix
     types: Dict[str, str] = {}
     kills = []  # (pid, time of death, {job id: state} it held, outstanding jobs then)
@@ -341,7 +341,7 @@ def test_a_worker_stopped_past_its_lease_is_fenced_and_registers_again(redis_url
     name = "crash-b"
     fleet = fleet_factory(redis_url, name, lease=LEASE_B, max_crashes=3)
     producer = producer_queue(redis_url, name, LEASE_B, 3)
-    client = producer.broker.client
+    client = producer.broker._client
     prefix = producer.broker._scripts.prefix
     ids = [f"z{i}" for i in range(ZOMBIE_JOBS)]
     try:
@@ -474,7 +474,7 @@ def test_sigkill_of_redis_loses_no_acknowledged_job(own_redis_server, fleet_fact
     rng = random.Random(os.environ.get("TINYMQ_CRASH_SEED", "12"))
     fleet = fleet_factory(server.url, name, lease=LEASE_C, max_crashes=3)
     queue = producer_queue(server.url, name, LEASE_C, 3)
-    client = queue.broker.client
+    client = queue.broker._client
     prefix = queue.broker._scripts.prefix
     producer = Producer(queue, rng)
     kills = []  # (during, jobs accepted so far, outstanding jobs then)
@@ -543,7 +543,7 @@ def test_a_job_that_kills_its_process_dies_crashed_once_and_spares_the_others(re
     rng = random.Random(os.environ.get("TINYMQ_CRASH_SEED", "12"))
     fleet = fleet_factory(redis_url, name, lease=LEASE_D, max_crashes=MAX_CRASHES_D)
     queue = producer_queue(redis_url, name, LEASE_D, MAX_CRASHES_D)
-    client = queue.broker.client
+    client = queue.broker._client
     prefix = queue.broker._scripts.prefix
     innocent = [Job(rng.choice("abc"), round(rng.uniform(5.0, 15.0), 3), id=f"n{i}",
                     priority=rng.choice((Priority.LOW, Priority.MEDIUM))) for i in range(INNOCENT_JOBS)]
@@ -640,7 +640,7 @@ def test_a_resumed_zombie_starts_no_buffered_job_before_it_can_renew(redis_url, 
     name = "zombie-buffer"
     fleet = fleet_factory(redis_url, name, lease=LEASE_B, max_crashes=3, threads=1)
     queue = producer_queue(redis_url, name, LEASE_B, 3)
-    client = queue.broker.client
+    client = queue.broker._client
     prefix = queue.broker._scripts.prefix
     try:
         zombie = fleet.start()
@@ -677,7 +677,7 @@ def test_a_redis_outage_longer_than_the_lease_reaps_no_live_worker(own_redis_ser
     name = "outage"
     fleet = fleet_factory(server.url, name, lease=LEASE_D, max_crashes=0)
     queue = producer_queue(server.url, name, LEASE_D, 0)
-    client = queue.broker.client
+    client = queue.broker._client
     prefix = queue.broker._scripts.prefix
     per_worker = fleet.threads + 1  # what one worker takes: its threads and one buffered job
     try:

@@ -116,7 +116,7 @@ def test_a_server_that_lost_its_scripts_while_a_process_waits_hands_it_the_job_a
     worker.register_executor("t", lambda job: ran.add(job.payload))
     worker.start_dispatcher(1)
     waiting_in_redis(worker)
-    producer.broker.client.script_flush()  # as a restarted server: the next EVALSHA finds no script
+    producer.broker._client.script_flush()  # as a restarted server: the next EVALSHA finds no script
     with caplog.at_level(logging.WARNING, logger="tinymq"):
         producer.enqueue(Job("t", 1))
         assert ran.wait_until(lambda items: items == [1])

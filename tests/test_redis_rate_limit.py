@@ -217,7 +217,7 @@ def test_a_window_opening_wakes_an_idle_worker_at_once_and_nothing_polls_meanwhi
     worker.register_executor("r", lambda job: recorder.add(time.monotonic()),
                              ExecutorConfig(rate_limit=limit))
     worker.start_dispatcher(2)
-    server = producer.broker.client
+    server = producer.broker._client
     producer.enqueue_many([Job("r", i) for i in range(4)])
     assert producer.join(WAIT)
     gaps = [b - a for a, b in zip(recorder.items, recorder.items[1:])]

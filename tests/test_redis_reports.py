@@ -293,7 +293,7 @@ def test_a_failure_for_good_is_counted_before_its_callbacks_and_the_job_is_unfin
         assert not producer.join(0.3)  # its callbacks are running: not finished yet
         let_go.set()
         assert producer.join(10)
-        assert wait_until(lambda: not worker.broker.client.keys(f"tmq:{{{name}}}:reporting:*"))
+        assert wait_until(lambda: not worker.broker._client.keys(f"tmq:{{{name}}}:reporting:*"))
     finally:
         let_go.set()
         worker.stop()
@@ -401,7 +401,7 @@ def test_without_failure_callbacks_a_failure_for_good_waits_for_no_round_trip_an
         assert q.join(10)
         stats = q.get_stats()
         assert stats.jobs_failed == 20
-        assert q.broker.client.keys(f"tmq:{{{name}}}:reporting:*") == []
+        assert q.broker._client.keys(f"tmq:{{{name}}}:reporting:*") == []
         assert sent == []  # no thread waited for a round trip of its own
     finally:
         q.stop()

@@ -934,18 +934,19 @@ cdef class ReadyQueue:
         return {state.name: (state.active, state.limit)
                 for state in self.types.values() if state.fn is not None}
 
-    def snapshot(self, *heaps):
+    def snapshot(self, *heaps, double now=INFINITY):
         """What ``Queue.get_stats()`` shows of the core and of the delayed ``heaps``, read at one
         moment (under the GIL, nothing here runs Python code that could let another thread in).
 
         ``((high, medium, low), counters(), {job_type: (active, limit, succeeded, failed,
-        retried, timed_out, cancelled)} per registered executor, overflow_size, delayed jobs)``.
+        retried, timed_out, cancelled)} per registered executor, overflow_size, delayed jobs)``,
+        where delayed jobs are those not due at ``now`` (the heaps' clock).
         """
         cdef TypeState state
         cdef DelayedHeap heap
         cdef Py_ssize_t delayed = 0
         for heap in heaps:
-            delayed += heap.count
+            delayed += heap.count - heap._count_due(0, now)
         types = {state.name: (state.active, state.limit) + tuple([state.counters[event] for event in TYPE_EVENTS])
                  for state in self.types.values() if state.fn is not None}
         return ((self.level_sizes[2], self.level_sizes[1], self.level_sizes[0]),
@@ -1800,6 +1801,16 @@ cdef class DelayedHeap:
 
     def next_run_at(self):
         return self.entries[0].run_at if self.count else None
+
+    cdef Py_ssize_t _count_due(self, Py_ssize_t i, double now) noexcept:
+        """The entries with run_at <= now in the subtree at ``i``: only due ones are visited."""
+        if i >= self.count or self.entries[i].run_at > now:
+            return 0  # a heap: nothing below a job not due is due
+        return 1 + self._count_due(2 * i + 1, now) + self._count_due(2 * i + 2, now)
+
+    def count_not_due(self, double now):
+        """How many jobs have run_at > now: a due job no longer counts as delayed, moved or not."""
+        return self.count - self._count_due(0, now)
 
     def remove(self, job_id, object job=None):
         """Take the job whose ``_id`` is ``job_id`` out of the heap: the job, or None.

@@ -467,19 +467,20 @@ class ReadyQueue:
         with self._lock:
             return {s.name: (s.active, s.limit) for s in self._types.values() if s.fn is not None}
 
-    def snapshot(self, *heaps: "DelayedHeap") -> Tuple[Tuple[int, int, int], Tuple[int, ...],
-                                                     Dict[str, Tuple[int, ...]], int, int]:
+    def snapshot(self, *heaps: "DelayedHeap", now: float = _INF) -> Tuple[Tuple[int, int, int], Tuple[int, ...],
+                                                                       Dict[str, Tuple[int, ...]], int, int]:
         """What ``Queue.get_stats()`` shows of the core and of the delayed ``heaps``, read at one
         moment (under this lock, each heap's taken inside it: no heap takes this lock).
 
         ``((high, medium, low), counters(), {job_type: (active, limit, succeeded, failed,
-        retried, timed_out, cancelled)} per registered executor, overflow_size, delayed jobs)``.
+        retried, timed_out, cancelled)} per registered executor, overflow_size, delayed jobs)``,
+        where delayed jobs are those not due at ``now`` (the heaps' clock).
         """
         with self._lock:
             types = {s.name: (s.active, s.limit, *[s.counters[event] for event in TYPE_EVENTS])
                      for s in self._types.values() if s.fn is not None}
             sizes = (self._sizes[2], self._sizes[1], self._sizes[0])
-            delayed = sum([len(heap) for heap in heaps])
+            delayed = sum([heap.count_not_due(now) for heap in heaps])
             return sizes, tuple(self._counters), types, len(self._overflow), delayed
 
     def attempt_durations(self) -> Dict[str, Tuple[Tuple[int, ...], float]]:
@@ -1170,6 +1171,13 @@ class ReadyQueue:
 # --- the delayed heap ---------------------------------------------------------
 
 
+def _count_due(heap: List[Tuple[float, int, Any]], index: int, now: float) -> int:
+    """The entries with run_at <= now in the subtree at ``index``: only due ones are visited."""
+    if index >= len(heap) or heap[index][0] > now:
+        return 0  # a heap: nothing below a job not due is due
+    return 1 + _count_due(heap, 2 * index + 1, now) + _count_due(heap, 2 * index + 2, now)
+
+
 class DelayedHeap:
     """Jobs waiting for their run_at, earliest first; FIFO among equal run_at.
 
@@ -1229,6 +1237,11 @@ class DelayedHeap:
     def next_run_at(self) -> Optional[float]:
         with self._lock:
             return self._heap[0][0] if self._heap else None
+
+    def count_not_due(self, now: float) -> int:
+        """How many jobs have run_at > now: a due job no longer counts as delayed, moved or not."""
+        with self._lock:
+            return len(self._heap) - _count_due(self._heap, 0, now)
 
     def __len__(self) -> int:
         return len(self._heap)

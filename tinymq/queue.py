@@ -273,14 +273,15 @@ class Queue:
             return job
         return self._enqueue_slow(job, run_at, block, timeout)
 
-    def _enqueue_slow(self, job: Job, run_at: float, block: bool, wait: Optional[float]) -> Job:
+    def _enqueue_slow(self, job: Job, run_at: float, block: bool, wait: Optional[float],
+                      withdrawn: Optional[threading.Event] = None) -> Job:
         job_id = job._id
         if self._store is None or job_id.__class__ is not str:
             # No store (the core refuses duplicates), or an id the save makes (unique).
-            return self._save_and_place(job, run_at, block, wait)
+            return self._save_and_place(job, run_at, block, wait, withdrawn)
         self._claim([job_id])
         try:
-            return self._save_and_place(job, run_at, block, wait)
+            return self._save_and_place(job, run_at, block, wait, withdrawn)
         finally:
             self._unclaim([job_id])
 
@@ -301,7 +302,13 @@ class Queue:
         with self._claim_lock:
             self._claimed.difference_update(job_ids)
 
-    def _save_and_place(self, job: Job, run_at: float, block: bool, wait: Optional[float]) -> Job:
+    def _save_and_place(self, job: Job, run_at: float, block: bool, wait: Optional[float],
+                        withdrawn: Optional[threading.Event] = None) -> Job:
+        """Save ``job`` once (with a store), then place it; a job that is not placed is deleted again.
+
+        ``withdrawn`` (from ``aenqueue``): the wait for room goes in ``_WAIT_SLICE`` steps and
+        ends, the job not placed, once it is set.
+        """
         store = self._store
         if store is not None:
             self._refuse_if_stopped()  # before the save: a refused job never touches the store
@@ -317,7 +324,7 @@ class Queue:
                 job.priority = _as_priority(job.priority)  # the core reads it only when due
                 self._ready.accept([job])
                 self._dispatcher.push_delayed(job, delay)
-            elif not self._ready.push(job) and not (block and self._ready.put(job, wait)):
+            elif not self._ready.push(job) and not (block and self._wait_for_room(job, wait, withdrawn)):
                 raise QueueFull(
                     f"the ready buffer is full ({self.config.buffer_size} jobs); job {job.id} "
                     f"({job.type!r}) was not enqueued"
@@ -327,6 +334,20 @@ class Queue:
                 self._dispatcher.call_store("delete", store.delete, job.id)
             raise
         return job
+
+    def _wait_for_room(self, job: Job, wait: Optional[float], withdrawn: Optional[threading.Event]) -> bool:
+        """Put ``job`` in the ready buffer once it has room: False after ``wait`` seconds, or once withdrawn."""
+        if withdrawn is None:
+            return self._ready.put(job, wait)
+        deadline = None if wait is None else time.monotonic() + wait
+        while not withdrawn.is_set():
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            step = _WAIT_SLICE if remaining is None else min(remaining, _WAIT_SLICE)
+            if self._ready.put(job, step):
+                return True
+            if remaining is not None and remaining <= _WAIT_SLICE:
+                return False
+        return False
 
     def enqueue_delayed(self, job: Job, delay: Union[float, timedelta]) -> Job:
         """Enqueue ``job`` to run ``delay`` seconds from now (sets its ``run_at``)."""
@@ -545,7 +566,7 @@ class Queue:
         # One read of the core and the delayed heaps, so the counters and every place agree.
         dispatcher = self._dispatcher
         (high, medium, low), counters, types, waiting_for_room, delayed = self._ready.snapshot(
-            dispatcher.delayed, dispatcher.uncapped)
+            dispatcher.delayed, dispatcher.uncapped, now=core.monotonic())  # due ones are not delayed
         enqueued, succeeded, failed, retried, timed_out, evicted, cancelled = counters
         return QueueStats(
             high_queue_size=high,
@@ -631,7 +652,8 @@ class Queue:
 
         A save to a store, or a wait for room (``block=True``), runs in the
         loop's default executor; a wait for room there ``_WAIT_SLICE`` seconds at a
-        time. Cancelled (``asyncio.wait_for``, a task cancel), it enqueues nothing:
+        time. As with ``enqueue(block=True)``, a store saves the job once, before
+        the wait, keeps it while it waits, and deletes it if it is not placed. Cancelled (``asyncio.wait_for``, a task cancel), it enqueues nothing:
         a wait for room gives up within a slice, and a job that got in just as the
         caller gave up (its save, or the room, came at that moment) is taken back
         with ``cancel`` (so reported ``"cancelled"``), unless it has run already.
@@ -649,8 +671,15 @@ class Queue:
         def place() -> Optional[Job]:
             if not block:
                 return None if withdrawn.is_set() else self.enqueue(job)
+            if self._link is None:  # a store saves it once and keeps it while it waits, as enqueue(block=True)
+                try:
+                    return self._enqueue_slow(_check_job(job), _validate(job), True, wait, withdrawn)
+                except QueueFull:
+                    if withdrawn.is_set():
+                        return None
+                    raise
             deadline = None if wait is None else time.monotonic() + wait
-            while not withdrawn.is_set():
+            while not withdrawn.is_set():  # the broker: each slice a new try (it keeps nothing between)
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
                 step = _WAIT_SLICE if remaining is None else min(remaining, _WAIT_SLICE)
                 try:

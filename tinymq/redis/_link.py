@@ -116,7 +116,7 @@ class QueueLink:
         self.dispatcher = dispatcher
         self.ready = dispatcher.ready
         self.scripts = broker._scripts
-        self.client = broker.client
+        self.client = broker._client
         self._redis_error = __import__("redis").RedisError
         self._lease_ms = max(1, int(broker.lease * _MS))
         self._lock = threading.Lock()
@@ -196,7 +196,7 @@ class QueueLink:
         while True:
             try:
                 self.broker._check_server()
-                reply = self.broker.call_resending(self.scripts.enqueue, token, self.config.buffer_size,
+                reply = self.broker._call_resending(self.scripts.enqueue, token, self.config.buffer_size,
                                                    self.config.max_delayed_jobs, rows, caller, lease_ms)
             except self._redis_error as exc:
                 self._reply_lost(caller, token)
@@ -286,7 +286,7 @@ class QueueLink:
             for row in kept:
                 self._report(row.id, row.body, row.reason, row.retries, row.error)
         try:  # acknowledged and unregistered in one call
-            self.broker.call_resending(self.scripts.release, caller, [SettleOp("A", row.key) for row in kept])
+            self.broker._call_resending(self.scripts.release, caller, [SettleOp("A", row.key) for row in kept])
         except self._redis_error as exc:
             logger.warning("could not tell Redis queue %r that %d job(s) ended in a call were reported "
                            "(%s); they will be reported again once the lease of %s runs out",
@@ -367,10 +367,14 @@ class QueueLink:
     def stats(self) -> QueueStats:
         prefix = self.scripts.prefix
         try:
+            # Only jobs not due yet count as delayed (API.md), due ones waiting for a fetch to
+            # promote them do not. Scores are the server's clock in ms, as the scripts set them.
+            seconds, microseconds = self.client.time()
+            now_ms = seconds * 1000 + microseconds / 1000
             pipe = self.client.pipeline(transaction=False)
             for level in (2, 1, 0):
                 pipe.llen(f"{prefix}ready:{level}")
-            pipe.zcard(f"{prefix}delayed")
+            pipe.zcount(f"{prefix}delayed", f"({now_ms!r}", "+inf")
             pipe.hgetall(f"{prefix}stats")
             high, medium, low, delayed, counters = pipe.execute()
         except self._redis_error as exc:
@@ -433,7 +437,7 @@ class QueueLink:
         with self._reporting_rows(token) as (caller, lease_ms):
             try:
                 self.broker._check_server()
-                reply = self.broker.call_resending(self.scripts.cancel, token, job_id, caller, lease_ms)
+                reply = self.broker._call_resending(self.scripts.cancel, token, job_id, caller, lease_ms)
             except self._redis_error as exc:
                 self._reply_lost(caller, token)
                 raise TinyMQError(f"could not cancel job {job_id!r} in Redis queue {self.broker.name!r}: "
@@ -975,7 +979,7 @@ class QueueLink:
                     if unanswered is None or unanswered[0] != proc:
                         unanswered = (proc, format(next(self._beat_ids), "x"))
                     sent = time.monotonic()
-                    alive, _, crashed, cancels = self.broker.call_resending(  # (its crashed jobs must
+                    alive, _, crashed, cancels = self.broker._call_resending(  # (its crashed jobs must
                         self.scripts.heartbeat, proc, self._lease_ms,               # not be lost)
                         self.broker.max_crash_recoveries, registered, unanswered[1])
                     unanswered = None
@@ -1049,7 +1053,7 @@ class QueueLink:
             if not registered and not ops:
                 return
             try:
-                self.broker.call_resending(self.scripts.release, proc, ops)
+                self.broker._call_resending(self.scripts.release, proc, ops)
                 self.client.delete(self._wake_key())
             except self._redis_error as exc:
                 logger.warning("Redis queue %r: could not give back %d unstarted job(s) at stop (%s); "

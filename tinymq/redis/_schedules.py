@@ -48,7 +48,7 @@ class BrokerTicks:
         interval_us = max(1, round(trigger.interval * _US))
         first_delay_us = round((first.due - time.monotonic()) * _US)
         monotonic_before = time.monotonic()
-        anchor_us, interval_us, server_us = self._link.broker.call_resending(
+        anchor_us, interval_us, server_us = self._link.broker._call_resending(
             self._link.scripts.schedule_begin, schedule.name, interval_us, max(0, first_delay_us))
         monotonic_now = (monotonic_before + time.monotonic()) / 2  # the reply's instant, give or take
         anchor, interval, server_now = anchor_us / _US, interval_us / _US, server_us / _US
@@ -84,7 +84,7 @@ class BrokerTicks:
         with link._reporting_rows(token) as (caller, lease_ms):  # (its enqueue may evict)
             try:
                 link.broker._check_server()
-                outcome, evicted = link.broker.call_resending(
+                outcome, evicted = link.broker._call_resending(
                     link.scripts.schedule_tick, schedule.name, number, token, link.config.buffer_size,
                     link.config.max_delayed_jobs, row, caller, lease_ms)
             except self._redis_error as exc:

@@ -72,7 +72,7 @@ class RedisBroker:
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        # redis-py resends nothing by itself: tinymq resends (call_resending), the same call with
+        # redis-py resends nothing by itself: tinymq resends (_call_resending), the same call with
         # the same token or fetch id, which is what makes a resend safe.
         self._no_retry = lambda: Retry(NoBackoff(), 0)
         try:
@@ -85,8 +85,8 @@ class RedisBroker:
         except ValueError as exc:
             raise ValueError(f"url {redacted_url(url)!r} is not a usable Redis URL "
                              f"(redis://[:password@]host[:port][/db], rediss://..., unix://path): {exc}") from exc
-        self.client = redis.Redis(connection_pool=self._pool)  # reads (stats, join, dead jobs)
-        self._scripts = Scripts(self.client, name, self._connections(_POOL_SIZE, _SOCKET_TIMEOUT))
+        self._client = redis.Redis(connection_pool=self._pool)  # reads (stats, join, dead jobs)
+        self._scripts = Scripts(self._client, name, self._connections(_POOL_SIZE, _SOCKET_TIMEOUT))
         self._checked = False
         self._check_lock = threading.Lock()
         self._queue: Any = None  # the one Queue link this broker serves
@@ -109,13 +109,13 @@ class RedisBroker:
         with self._check_lock:
             if self._checked:
                 return
-            info = self.client.info("server")
+            info = self._client.info("server")
             version = str(info.get("redis_version", "0"))
             parts = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
             if parts < _MIN_VERSION:
                 raise TinyMQError(f"tinymq needs Redis >= 6.2 (or Valkey); {redacted_url(self.url)} runs {version}")
             try:
-                policy = self.client.config_get("maxmemory-policy").get("maxmemory-policy")
+                policy = self._client.config_get("maxmemory-policy").get("maxmemory-policy")
             except _redis().ResponseError:  # CONFIG is disabled on some managed services
                 policy = None
             if policy is not None and policy != "noeviction":
@@ -139,7 +139,7 @@ class RedisBroker:
             socket_connect_timeout=_CONNECT_TIMEOUT, retry=self._no_retry())
         return Connections(lambda: options.connection_class(**options.connection_kwargs), size, _POOL_WAIT)
 
-    def call_resending(self, call: Any, *args: Any) -> Any:
+    def _call_resending(self, call: Any, *args: Any) -> Any:
         """``call(*args)``, sent again (up to _RESENDS times) when the connection failed: its
         reply may have been lost after the server ran it, and every script is idempotent."""
         redis = _redis()
@@ -167,7 +167,7 @@ class RedisBroker:
 
     def _dead_ids(self, ids: Optional[Iterable[str]]) -> List[str]:
         if ids is None:
-            return list(self.client.zrange(self._scripts.key("dead"), 0, -1))
+            return list(self._client.zrange(self._scripts.key("dead"), 0, -1))
         if isinstance(ids, str):
             raise TypeError(f"ids must be an iterable of job ids, not one str: {ids!r}")
         ids = list(ids)
@@ -178,7 +178,7 @@ class RedisBroker:
 
     def _admin(self, what: str, call: Any, ids: List[str]) -> int:
         try:
-            return sum(self.call_resending(call, ids[i:i + _PAGE]) for i in range(0, len(ids), _PAGE))
+            return sum(self._call_resending(call, ids[i:i + _PAGE]) for i in range(0, len(ids), _PAGE))
         except _redis().RedisError as exc:
             raise TinyMQError(f"could not {what} on {redacted_url(self.url)}: {exc}") from exc
 
@@ -188,7 +188,7 @@ class RedisBroker:
             ids = self._dead_ids(None)
             rows: List[Any] = []
             for i in range(0, len(ids), _PAGE):
-                pipe = self.client.pipeline(transaction=False)
+                pipe = self._client.pipeline(transaction=False)
                 for job_id in ids[i:i + _PAGE]:
                     pipe.hmget(self._scripts.key("job:" + job_id), "b", "r", "e", "x")
                 rows.extend(pipe.execute())
@@ -220,7 +220,7 @@ class RedisBroker:
         """Whether Redis holds anything of this queue name: a job or counter, a worker's lease, a limit."""
         key = self._scripts.key
         try:
-            return bool(self.client.exists(key("stats"), key("procs"), key("limits"), key("ratelimits")))
+            return bool(self._client.exists(key("stats"), key("procs"), key("limits"), key("ratelimits")))
         except _redis().RedisError as exc:
             raise TinyMQError(f"could not read Redis queue {self.name!r}: {exc}") from exc
 
@@ -228,7 +228,7 @@ class RedisBroker:
         """Up to ``limit`` names of tinymq queues with jobs or counters on this server (sorted)."""
         names = set()
         try:
-            for key in self.client.scan_iter(match="tmq:{*}:stats", count=1000):
+            for key in self._client.scan_iter(match="tmq:{*}:stats", count=1000):
                 text = key.decode() if isinstance(key, bytes) else key
                 names.add(text[len("tmq:{"):-len("}:stats")])
                 if len(names) >= limit:
@@ -248,13 +248,13 @@ class RedisBroker:
         """
         key = self._scripts.key
         try:
-            pipe = self.client.pipeline(transaction=False)
+            pipe = self._client.pipeline(transaction=False)
             pipe.hgetall(key("limits"))
             pipe.hgetall(key("running"))
             pipe.time()
             limits, running, (seconds, microseconds) = pipe.execute()
             now_ms = seconds * 1000 + microseconds // 1000
-            live = self.client.zrangebyscore(key("procs"), now_ms, "+inf")
+            live = self._client.zrangebyscore(key("procs"), now_ms, "+inf")
             processes = sum("~" not in proc for proc in live)  # (not a cancel's reporter: see QueueLink.cancel)
         except _redis().RedisError as exc:
             raise TinyMQError(f"could not read the executors of Redis queue {self.name!r}: {exc}") from exc
@@ -273,13 +273,13 @@ class RedisBroker:
         """
         key = self._scripts.key
         try:
-            pipe = self.client.pipeline(transaction=False)
+            pipe = self._client.pipeline(transaction=False)
             pipe.hgetall(key("ratelimits"))
             pipe.time()
             limits, (seconds, microseconds) = pipe.execute()
             now_ms = seconds * 1000 + microseconds / 1000.0  # (window ends are fractional ms)
             types = sorted(limits)
-            pipe = self.client.pipeline(transaction=False)
+            pipe = self._client.pipeline(transaction=False)
             for job_type in types:
                 pipe.zcount(key("rate:" + job_type), f"({now_ms!r}", "+inf")
             starts = pipe.execute()
