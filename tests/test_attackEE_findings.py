@@ -1,0 +1,48 @@
+"""Reproducers for defects found by outside attack EE on durable persistence (branch ``attackEE``).
+
+Each test states the promised behaviour and failed before its fix; one that is
+still ``xfail(strict=True)`` names a defect not fixed yet.
+"""
+import threading
+
+import pytest
+
+from tinymq import ExecutorConfig, Job, Queue, RetryConfig
+from tinymq.persistence import SQLitePersistence
+
+from _helpers import WAIT
+
+
+# -- 1. a plain fn(job) attempt that stop() gives up on stays "running": a crash at the next start --
+
+@pytest.mark.xfail(strict=True, reason="stop() saves back only attempts with a context or an awaitable: "
+                   "a plain fn(job) attempt it gives up on keeps its row 'running' (a crash at the next start)")
+def test_an_attempt_stop_gives_up_on_is_saved_back_as_ready_whatever_its_executor_takes(path):
+    """docs/api.md, stop(): once it stops waiting, stop() cancels the attempts still running; such an
+    attempt is no failure, "and with a store its job is saved back as ready for the next start".
+    A ``fn(job, ctx)`` attempt is; a plain ``fn(job)`` one was left "running" in the store after
+    stop() returned, so a restart after a clean ``stop(timeout=...)`` and ``close()`` counted a crash
+    that never happened (with max_retries=0: dead as "crashed", reported to on_failure)."""
+    store = SQLitePersistence(path)
+    q = Queue(10)
+    started, release = threading.Event(), threading.Event()
+
+    def plain(job):  # no ctx: nothing stop() can cancel, it runs on past stop()
+        started.set()
+        release.wait(WAIT)
+
+    q.register_executor("plain", plain, ExecutorConfig(timeout=None))
+    q.set_persistence(store)
+    q.start_dispatcher(1)
+    q.enqueue(Job("plain", id="long", retry_config=RetryConfig(max_retries=0)))
+    try:
+        assert started.wait(WAIT)
+        q.stop(timeout=0.05)  # gives up waiting: the attempt runs on, stop() returns
+        assert store.counts()["running"] == 0, "stop() returned with the attempt's row still 'running'"
+        store.close()
+        with SQLitePersistence(path) as again:  # the next start (the process exited after stop)
+            assert [(j.id, j.retries) for j in again.load_all()] == [("long", 0)]
+            assert again.take_crashed() == [] and again.dead_jobs() == []
+    finally:
+        release.set()
+        store.close()
