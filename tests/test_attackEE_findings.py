@@ -15,8 +15,6 @@ from _helpers import WAIT
 
 # -- 1. a plain fn(job) attempt that stop() gives up on stays "running": a crash at the next start --
 
-@pytest.mark.xfail(strict=True, reason="stop() saves back only attempts with a context or an awaitable: "
-                   "a plain fn(job) attempt it gives up on keeps its row 'running' (a crash at the next start)")
 def test_an_attempt_stop_gives_up_on_is_saved_back_as_ready_whatever_its_executor_takes(path):
     """docs/api.md, stop(): once it stops waiting, stop() cancels the attempts still running; such an
     attempt is no failure, "and with a store its job is saved back as ready for the next start".

@@ -419,13 +419,19 @@ class Dispatcher:
         """Cancel a running attempt; its job is saved back as ready now, before stop() returns.
 
         Not when the attempt fails: by then the store may be closed, and a row
-        left "running" would count as a crash at the next start.
+        left "running" would count as a crash at the next start. With a store, a
+        plain ``fn(job)`` attempt too: it has no context to cancel and runs on,
+        but stop() has given up on it as on any other (its failure is no failure;
+        a success still deletes its row). With a broker, stop()'s release hands
+        such an attempt back, and its late outcome is ignored there.
         """
         job, context = slot.job, slot.context
-        with self._lock:
-            awaiting = job in self._awaiting  # its awaitable runs on the loop, which stops
-        if job is None or (context is None and not awaiting):
+        if job is None:
             return
+        if context is None and self.ledger is not None:
+            with self._lock:
+                if job not in self._awaiting:  # (an awaitable is cancelled: the loop stops)
+                    return
         with self._stop_order:
             if job in self._decided:
                 return  # it ended meanwhile: its own outcome stands
