@@ -236,7 +236,17 @@ class Dispatcher:
         back as ready meanwhile, that save must come last (not "running": no crash at the next start)."""
         with self._stop_order:
             if job in self._stop_cancelled and job not in self._decided:
-                self.call_store("save", self.store.save, job)
+                self._save_back(self.store, job)
+
+    def _save_back(self, store: Any, job: Any) -> None:
+        """stop() gave the running attempt of ``job`` up: its row back to ready, keeping its place in
+        the store's order (``give_back``, when the store has it; else ``save``). No retry: it was
+        not moved back."""
+        give_back = getattr(store, "give_back", None)
+        if give_back is not None:
+            self.call_store("give_back", give_back, job)
+        else:
+            self.call_store("save", store.save, job)
 
     def _succeeded(self, job: Any) -> None:
         logger.debug("job %s (%s) succeeded", job.id, job.type)
@@ -438,7 +448,7 @@ class Dispatcher:
             self._stop_cancelled.add(job)
             store = self.store
             if store is not None:
-                self.call_store("save", store.save, job)
+                self._save_back(store, job)
         if context is not None:
             context._cancel("the queue stopped")
         self._cancel_awaiting(job)
@@ -452,7 +462,7 @@ class Dispatcher:
             self._stop_cancelled.add(job)
             store = self.store
             if store is not None:
-                self.call_store("save", store.save, job)
+                self._save_back(store, job)
         logger.info("job %s (%s): its attempt was cancelled by stop(); not counted as a failure",
                     job.id, job.type)
         if self.ledger is not None:
@@ -687,7 +697,7 @@ class Dispatcher:
                 self._stop_cancelled.add(job)
                 store = self.store
                 if store is not None:
-                    self.call_store("save", store.save, job)
+                    self._save_back(store, job)
         return True
 
     def _cancel_awaiting(self, job: Any) -> None:
