@@ -3,6 +3,10 @@
 Each test states the promised behaviour and failed before its fix; one that is
 still ``xfail(strict=True)`` names a defect not fixed yet.
 """
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 
 import pytest
@@ -44,6 +48,43 @@ def test_an_attempt_stop_gives_up_on_is_saved_back_as_ready_whatever_its_executo
     finally:
         release.set()
         store.close()
+
+
+_DROPPED_WITHOUT_STOP = textwrap.dedent("""
+    import gc, sys, threading
+    from tinymq import ExecutorConfig, Job, Queue, RetryConfig
+    from tinymq.persistence import SQLitePersistence
+    store = SQLitePersistence(sys.argv[1])
+    q = Queue(10)
+    started = threading.Event()
+
+    def plain(job):
+        started.set()
+        threading.Event().wait()  # runs until the interpreter ends
+
+    q.register_executor("plain", plain, ExecutorConfig(timeout=None))
+    q.set_persistence(store)
+    q.start_dispatcher(1)
+    q.enqueue(Job("plain", id="long", retry_config=RetryConfig(max_retries=0)))
+    assert started.wait(30)
+    del q
+    gc.collect()  # the queue stops without waiting (docs/api.md), then the process exits
+    print("exiting", flush=True)
+""")
+
+
+def test_a_queue_dropped_without_stop_leaves_no_crash_to_count(path, tmp_path):
+    """The same through garbage collection: a queue dropped without stop() "stops its threads
+    without waiting", and the process then exits normally. The running plain attempt's row
+    stayed "running": the next start counted a crash (max_retries=0: dead as "crashed")."""
+    script = tmp_path / "dropped.py"
+    script.write_text(_DROPPED_WITHOUT_STOP)
+    done = subprocess.run([sys.executable, str(script), path], capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ))
+    assert done.returncode == 0 and "exiting" in done.stdout, done.stderr
+    with SQLitePersistence(path) as again:
+        assert [(j.id, j.retries) for j in again.load_all()] == [("long", 0)]
+        assert again.take_crashed() == []
 
 
 # -- 2. stop()'s save-back moves the attempt it gave up on behind the jobs enqueued after it ------
