@@ -130,3 +130,34 @@ def test_give_back_keeps_a_stored_row_s_place_and_saves_a_new_one_last(path):
         assert store.counts()["running"] == 0
         assert [(j.id, j.payload, j.retries) for j in store.load_all()] == [
             ("a", {"x": 1}, 2), ("b", None, 0), ("new", None, 0)]
+
+
+# -- 3. a refused enqueue deletes the dead job that had its id ------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="the save that comes before the ready buffer's refusal overwrites the "
+                   "dead row of that id, and the undo deletes the row: the dead job is gone")
+@pytest.mark.parametrize("many", [False, True], ids=["enqueue", "enqueue_many"])
+def test_a_refused_enqueue_leaves_the_dead_job_of_its_id_in_the_store(path, many):
+    """enqueue() raises QueueFull "with nothing enqueued", and enqueue_many "none of the batch was
+    enqueued"; the store keeps a dead job "until requeued or purged" (requeue_dead, dead_jobs). A
+    new job given a dead job's id, refused for want of room, must leave that dead job as it was.
+    The save before the push replaced the dead row, and the refusal's undo deleted it: the dead
+    job vanished from dead_jobs() (and requeue_dead could no longer bring it back), though no call
+    succeeded."""
+    from tinymq import Config, QueueFull
+
+    with SQLitePersistence(path) as store:
+        store.mark_dead(Job("t", {"order": 42}, id="report-42"), "retries_exhausted", "boom")
+        q = Queue(config=Config(buffer_size=1))
+        q.set_persistence(store)
+        q.enqueue(Job("t", id="filler"))  # the buffer is full now (no workers)
+        try:
+            with pytest.raises(QueueFull):
+                if many:
+                    q.enqueue_many([Job("t", {"order": 43}, id="report-42")])
+                else:
+                    q.enqueue(Job("t", {"order": 43}, id="report-42"))
+            assert [(d.job.id, d.job.payload, d.reason) for d in store.dead_jobs()] == [
+                ("report-42", {"order": 42}, "retries_exhausted")]
+        finally:
+            q.stop()
