@@ -132,6 +132,24 @@ def test_give_back_keeps_a_stored_row_s_place_and_saves_a_new_one_last(path):
             ("a", {"x": 1}, 2), ("b", None, 0), ("new", None, 0)]
 
 
+
+def test_give_back_keeps_the_place_of_a_row_an_older_tinymq_saved(path):
+    """A row without a seq (saved by a tinymq before the column) loads first; given back, it stays first."""
+    import sqlite3
+
+    with SQLitePersistence(path) as store:
+        store.save_many([Job("t", id="old"), Job("t", id="b")])
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE tinymq_jobs SET seq = NULL WHERE id = 'old'")
+    conn.commit()
+    conn.close()
+    with SQLitePersistence(path) as store:
+        store.mark_running(Job("t", id="old"))
+        store.give_back(Job("t", id="old"))
+        store.save(Job("t", id="c"))
+        assert [j.id for j in store.load_all()] == ["old", "b", "c"]
+
+
 # -- 3. a refused enqueue deletes the dead job that had its id ------------------------------------
 
 @pytest.mark.xfail(strict=True, reason="the save that comes before the ready buffer's refusal overwrites the "

@@ -90,9 +90,10 @@ CREATE TABLE IF NOT EXISTS {_OWNER} (
 
 
 def _give_back_sql() -> str:
-    """The INSERT of a full row that keeps the seq of the row it replaces (a new one if none)."""
+    """The INSERT of a full row that keeps the seq of the row it replaces, whatever it is (NULL: a row
+    an older tinymq saved), or takes a new one when there is none."""
     values = ["?"] * len(_COLUMNS)
-    values[_COLUMNS.index("seq")] = f"coalesce((SELECT seq FROM {_TABLE} WHERE id = ?), ?)"
+    values[_COLUMNS.index("seq")] = f"(SELECT CASE WHEN count(*) THEN max(seq) ELSE ? END FROM {_TABLE} WHERE id = ?)"
     return f"INSERT OR REPLACE INTO {_TABLE} ({', '.join(_COLUMNS)}) SELECT {', '.join(values)}"
 
 
@@ -877,7 +878,7 @@ class SQLitePersistence:
         runs after a restart where it was (no retry moved it back).
         """
         row = self._row(job)
-        self._write([(_GIVE_BACK, row[:_SEQ] + (row[0],) + row[_SEQ:])])
+        self._write([(_GIVE_BACK, row[:_SEQ + 1] + (row[0],) + row[_SEQ + 1:])])
 
     def delete(self, job_id: str) -> None:
         """Forget a finished job; an unknown id is not an error."""
