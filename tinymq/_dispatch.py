@@ -236,7 +236,17 @@ class Dispatcher:
         back as ready meanwhile, that save must come last (not "running": no crash at the next start)."""
         with self._stop_order:
             if job in self._stop_cancelled and job not in self._decided:
-                self.call_store("save", self.store.save, job)
+                self._save_back(self.store, job)
+
+    def _save_back(self, store: Any, job: Any) -> None:
+        """stop() gave the running attempt of ``job`` up: its row back to ready, keeping its place in
+        the store's order (``give_back``, when the store has it; else ``save``). No retry: it was
+        not moved back."""
+        give_back = getattr(store, "give_back", None)
+        if give_back is not None:
+            self.call_store("give_back", give_back, job)
+        else:
+            self.call_store("save", store.save, job)
 
     def _succeeded(self, job: Any) -> None:
         logger.debug("job %s (%s) succeeded", job.id, job.type)
@@ -419,20 +429,26 @@ class Dispatcher:
         """Cancel a running attempt; its job is saved back as ready now, before stop() returns.
 
         Not when the attempt fails: by then the store may be closed, and a row
-        left "running" would count as a crash at the next start.
+        left "running" would count as a crash at the next start. With a store, a
+        plain ``fn(job)`` attempt too: it has no context to cancel and runs on,
+        but stop() has given up on it as on any other (its failure is no failure;
+        a success still deletes its row). With a broker, stop()'s release hands
+        such an attempt back, and its late outcome is ignored there.
         """
         job, context = slot.job, slot.context
-        with self._lock:
-            awaiting = job in self._awaiting  # its awaitable runs on the loop, which stops
-        if job is None or (context is None and not awaiting):
+        if job is None:
             return
+        if context is None and self.ledger is not None:
+            with self._lock:
+                if job not in self._awaiting:  # (an awaitable is cancelled: the loop stops)
+                    return
         with self._stop_order:
             if job in self._decided:
                 return  # it ended meanwhile: its own outcome stands
             self._stop_cancelled.add(job)
             store = self.store
             if store is not None:
-                self.call_store("save", store.save, job)
+                self._save_back(store, job)
         if context is not None:
             context._cancel("the queue stopped")
         self._cancel_awaiting(job)
@@ -446,7 +462,7 @@ class Dispatcher:
             self._stop_cancelled.add(job)
             store = self.store
             if store is not None:
-                self.call_store("save", store.save, job)
+                self._save_back(store, job)
         logger.info("job %s (%s): its attempt was cancelled by stop(); not counted as a failure",
                     job.id, job.type)
         if self.ledger is not None:
@@ -681,7 +697,7 @@ class Dispatcher:
                 self._stop_cancelled.add(job)
                 store = self.store
                 if store is not None:
-                    self.call_store("save", store.save, job)
+                    self._save_back(store, job)
         return True
 
     def _cancel_awaiting(self, job: Any) -> None:

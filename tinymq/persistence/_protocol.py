@@ -16,6 +16,10 @@ so a minimal store stays minimal and a richer one gets better guarantees:
     ``mark_running``): a worker whose job succeeded while its next job is ready
     ends the one and starts the other with a single write. The finished job
     counts as finished, and the next one runs, once it returned.
+``give_back(job)``
+    ``stop()`` gave up a running attempt of ``job`` (not a failure): store it as
+    ready again, as ``save`` does, but where it was in the order ``load_all``
+    returns (it was not retried). Without it the Queue calls ``save``.
 ``take_crashed()``
     After ``load_all``: the jobs it found crashed too often (their process
     died during more attempts than their retries allow), each returned once.
@@ -71,3 +75,5 @@ class _OptionalHooks(Protocol):
     def mark_dead(self, job: Job, reason: str, error: Optional[BaseException]) -> None: ...
 
     def take_crashed(self) -> Iterable[Job]: ...
+
+    def give_back(self, job: Job) -> None: ...

@@ -89,6 +89,14 @@ CREATE TABLE IF NOT EXISTS {_OWNER} (
 """
 
 
+def _give_back_sql() -> str:
+    """The INSERT of a full row that keeps the seq of the row it replaces, whatever it is (NULL: a row
+    an older tinymq saved), or takes a new one when there is none."""
+    values = ["?"] * len(_COLUMNS)
+    values[_COLUMNS.index("seq")] = f"(SELECT CASE WHEN count(*) THEN max(seq) ELSE ? END FROM {_TABLE} WHERE id = ?)"
+    return f"INSERT OR REPLACE INTO {_TABLE} ({', '.join(_COLUMNS)}) SELECT {', '.join(values)}"
+
+
 def _insert(columns: int, rows: int = 1) -> str:
     values = ", ".join(["(" + ", ".join("?" * columns) + ")"] * rows)
     return f"INSERT OR REPLACE INTO {_TABLE} ({', '.join(_COLUMNS[:columns])}) VALUES {values}"
@@ -99,6 +107,8 @@ _UPSERT = _insert(len(_COLUMNS))
 _SELECT = f"SELECT {', '.join(_READ_COLUMNS)} FROM {_TABLE}"
 _DELETE = f"DELETE FROM {_TABLE} WHERE id = ?"
 _MARK_RUNNING = f"UPDATE {_TABLE} SET state = 'running' WHERE id = ?"
+_GIVE_BACK = _give_back_sql()
+_SEQ = _COLUMNS.index("seq")
 _MERGED_DELETE = f"DELETE FROM {_TABLE} WHERE id IN ({{}})"
 _MERGED_MARK_RUNNING = f"UPDATE {_TABLE} SET state = 'running' WHERE id IN ({{}})"
 _MERGEABLE = (_UPSERT_LEAN, _UPSERT, _DELETE, _MARK_RUNNING)
@@ -860,6 +870,15 @@ class SQLitePersistence:
                 statements.append((sql, parameters[start * columns:(start + size) * columns]))
                 start += size
         return statements
+
+    def give_back(self, job: Job) -> None:
+        """Save ``job`` as ready, keeping its place in the load order: an attempt ``stop()`` gave up.
+
+        Like ``save``, except that a row already stored keeps its seq: the job
+        runs after a restart where it was (no retry moved it back).
+        """
+        row = self._row(job)
+        self._write([(_GIVE_BACK, row[:_SEQ + 1] + (row[0],) + row[_SEQ + 1:])])
 
     def delete(self, job_id: str) -> None:
         """Forget a finished job; an unknown id is not an error."""
