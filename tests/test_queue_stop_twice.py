@@ -15,12 +15,14 @@ from _helpers import WAIT
 
 
 def test_a_second_stop_returns_only_after_the_first_has_stopped_the_event_loop():
+    started = threading.Event()
     swallowed = threading.Event()
     finish = threading.Event()
 
     async def stubborn(job):
         # It swallows the stop's CancelledError and keeps its slot until the test lets it
         # go: the first stop() then waits (at most a second) for it to unwind.
+        started.set()
         while not finish.is_set():
             try:
                 await asyncio.sleep(0.01)
@@ -33,6 +35,7 @@ def test_a_second_stop_returns_only_after_the_first_has_stopped_the_event_loop()
     first = threading.Thread(target=q.stop, kwargs={"wait": False})
     try:
         q.enqueue(Job("a"))
+        assert started.wait(WAIT)  # a stop() before the attempt starts would leave it unrun
         first.start()
         assert swallowed.wait(WAIT)  # the first stop() cancelled it and now waits for it
         q.stop()
