@@ -16,8 +16,12 @@ Threads (started by ``start``):
   too coarse for this);
 - the heartbeat: renews this process's lease every ``lease / 4`` and reaps
   dead processes; if this process was reaped, it abandons its buffer and
-  registers again under a new id. It also reports the rows that a cancel or an
+  registers again under a new id. It also looks up the rows that a cancel or an
   evicting enqueue without a reply kept for this process (``_report_lost``).
+- a reporter (``_hand_on``, one per fetch or beat reply that hands this process rows
+  to report or attempts to cancel): runs their failure callbacks, so that no thread
+  that renews the lease or fetches ever waits for a callback (one slower than the
+  lease would get this live process reaped, and its attempts run again elsewhere).
 - a reporter's renewer (``_holding``, one per call that registered a reporter: a
   cancel, an evicting enqueue or a tick of a process without a lease, producer-only
   or stopping): renews that reporter's lease every ``lease / 4`` while the failure
@@ -38,7 +42,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 from .._pick_core import core
 from ..config import RateLimit
@@ -123,6 +127,7 @@ class QueueLink:
         self._changed = threading.Condition(self._lock)  # slots freed, ops added, closing
         self._renewal = threading.Condition(self._lock)  # the lease was renewed, or lost, or closing
         self._reported = threading.Condition(self._lock)  # a thread finished reporting handed rows
+        self._reporters: Set[threading.Thread] = set()  # _hand_on's threads not yet done (guarded by _lock)
         # thread -> the acknowledgement (op A's key) of the handed row whose failure callbacks it runs
         self._reporting: Dict[int, Optional[str]] = {}  # None: no row yet (a cancel() under way)
         self._renewed_at = -math.inf  # monotonic time the last call that renewed the lease was sent
@@ -242,9 +247,9 @@ class QueueLink:
 
     def _report_lost(self) -> None:
         """Report the rows that calls without a reply kept for this process (_reply_lost), as
-        a reply would have: each holds join() until acknowledged. Called by the heartbeat
-        after a beat renewed the lease, outside _round_lock. Rows of an id this process no
-        longer has (it was reaped) went to its reaper, which reports them."""
+        a reply would have (on a reporter): each holds join() until acknowledged. Called by
+        the heartbeat after a beat renewed the lease, outside _round_lock. Rows of an id this
+        process no longer has (it was reaped) went to its reaper, which reports them."""
         with self._lock:
             lost, self._lost_replies = self._lost_replies, []
         proc = self._proc
@@ -268,7 +273,7 @@ class QueueLink:
         if rows:
             logger.warning("Redis queue %r: reporting %d job(s) that calls without a reply ended",
                            self.broker.name, len(rows))
-        self._report_handed(rows)
+        self._hand_on(rows)
 
     def _report_ended(self, rows: Sequence[Crashed], caller: str) -> None:
         """Report the rows a reply ended for this call (``caller`` as _reporting_rows gave it):
@@ -324,10 +329,43 @@ class QueueLink:
             return
         self.dispatcher.report_failure(job, reason, None)
 
+    def _hand_on(self, rows: Sequence[Crashed], cancels: Sequence[str] = ()) -> None:
+        """What a fetch or beat reply handed this process (rows to report, its attempts that
+        q.cancel() marked) goes to a reporter thread of its own, which runs the failure
+        callbacks: the thread that got the reply goes on renewing the lease, or fetching.
+        Registered before it starts, so that a stop() from now on waits for it."""
+        if not rows and not cancels:
+            return
+        reporter = threading.Thread(target=self._report_reply, args=(rows, cancels),
+                                    name="tinymq-redis-reporter", daemon=True)
+        with self._lock:
+            self._reporters.add(reporter)
+        try:
+            reporter.start()
+        except RuntimeError:  # no new thread (the interpreter is exiting): report on this one
+            with self._lock:
+                self._reporters.discard(reporter)
+            self._report_reply(rows, cancels)
+
+    def _report_reply(self, rows: Sequence[Crashed], cancels: Sequence[str]) -> None:
+        """A reporter (_hand_on): cancel the marked ``cancels`` (first: a cancel is due within
+        the lease), report ``rows``, then send the acknowledgements if the pump sleeps in
+        Redis (join() waits for them)."""
+        try:
+            if cancels:
+                self._cancel_marked(cancels)
+            self._report_handed(rows)
+        finally:
+            with self._lock:
+                self._reporters.discard(threading.current_thread())
+                self._reported.notify_all()
+        self._flush_if_idle()
+
     def _report_handed(self, rows: Sequence[Crashed], keys: Optional[Sequence[str]] = None) -> None:
-        """Report the rows a fetch or beat reply handed to this process, acknowledging each
-        once its callbacks ran (op A, sent with the next call): until then Redis keeps it
-        for whoever reaps this process, should it die first (reported at least once)."""
+        """Report the rows a reply handed to this process (on a reporter, or for a call's own
+        reply on its caller's thread), acknowledging each once its callbacks ran (op A, sent
+        with the next call): until then Redis keeps it for whoever reaps this process, should
+        it die first (reported at least once)."""
         if not rows:
             return
         me = threading.get_ident()
@@ -731,9 +769,7 @@ class QueueLink:
                 self._next_due = due
                 self._timer_alarm.wake_before(due)
             jobs = self._take(reply.jobs)
-        self._report_handed(reply.crashed)
-        if reply.cancels:
-            self._cancel_marked(reply.cancels)
+        self._hand_on(reply.crashed, reply.cancels)
         return jobs
 
     def _place(self, job: Any) -> bool:
@@ -992,9 +1028,7 @@ class QueueLink:
             except self._redis_error as exc:
                 self._log_outage("heartbeat", exc)
                 continue
-            self._report_handed(crashed)
-            if alive and cancels:
-                self._cancel_marked(cancels)
+            self._hand_on(crashed, cancels if alive else ())  # (never run here: the lease comes first)
             if alive:
                 self._report_lost()
 
@@ -1019,14 +1053,16 @@ class QueueLink:
         for thread in started:
             if thread is not threading.current_thread():
                 thread.join(_IDLE_WAIT + 1.0)
-        # Failure callbacks still running on rows a reply handed this process: released before
-        # they end, the rows would go to `reports` and be reported again by another process
-        # (at least once: a callback stuck past _REPORT_WAIT does not hold up stop() for ever).
-        # A callback that stops the queue does not wait for itself: its row counts as reported.
+        # Failure callbacks still running (or about to, on a reporter) on rows a reply handed
+        # this process: released before they end, the rows would go to `reports` and be
+        # reported again by another process (at least once: a callback stuck past
+        # _REPORT_WAIT does not hold up stop() for ever). A callback that stops the queue
+        # does not wait for itself: its row counts as reported.
         me = threading.get_ident()
         deadline = time.monotonic() + _REPORT_WAIT
         with self._lock:
-            while any(ident != me for ident in self._reporting):
+            while (any(ident != me for ident in self._reporting)
+                   or any(reporter.ident != me for reporter in self._reporters)):
                 left = deadline - time.monotonic()
                 if left <= 0.0:
                     logger.warning("Redis queue %r: stop() did not wait longer than %gs for failure "
