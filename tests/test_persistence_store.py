@@ -7,8 +7,10 @@ import logging
 import os
 import sqlite3
 import stat
+import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 
 import pytest
@@ -693,3 +695,123 @@ def test_a_file_of_the_previous_layout_opens_and_a_newer_schema_is_refused(path)
         store._conn.execute("PRAGMA user_version=99")
     with pytest.raises(PersistenceError, match="schema version 99, written by a newer tinymq"):
         SQLitePersistence(path)
+
+
+# --- a save over a dead job's row, and its undo ---------------------------------------------------
+
+def raw_rows(store):
+    """Every row, every column, as another reader sees them."""
+    conn = sqlite3.connect(store.path)
+    try:
+        return sorted(conn.execute("SELECT * FROM tinymq_jobs").fetchall())
+    finally:
+        conn.close()
+
+
+def kept_row(store, kind, job_id):
+    """A row of ``job_id`` that is not an unfinished job: "dead" (mark_dead) or "corrupt" (quarantined)."""
+    if kind == "dead":
+        store.mark_dead(Job("t", {"old": job_id}, id=job_id), "retries_exhausted", "boom")
+    else:
+        store.save(Job("t", {"old": job_id}, id=job_id))
+        raw_update(store, "UPDATE tinymq_jobs SET state = 'corrupt', reason = 'corrupt: planted' WHERE id = ?", job_id)
+
+
+@pytest.mark.parametrize("kind", ["dead", "corrupt"])
+@pytest.mark.parametrize("how", ["save", "save_many"])
+def test_undo_save_puts_back_the_dead_or_quarantined_row_a_save_replaced(store, kind, how):
+    """A new job may take a dead job's id: its save overwrites the dead row. When the queue refuses that
+    job after all (QueueFull), undo_save must leave the store as before the save: the dead row back,
+    every column as it was, and the other rows of the batch gone (fixed: the undo was a delete)."""
+    kept_row(store, kind, "x")
+    store.save(Job("t", id="other"))
+    before = raw_rows(store)
+    new = [Job("t", {"new": 1}, id="x"), Job("t", {"new": 2}, id="fresh", tags={"a": "full row"})]
+    if how == "save":
+        for job in new:
+            store.save(job)
+    else:
+        store.save_many(new)
+    assert rows(store) == {"x": "ready", "fresh": "ready", "other": "ready"}
+    assert {j.id: j.payload for j in store.jobs()}["x"] == {"new": 1}
+    for job in new:
+        store.undo_save(job.id)
+    assert raw_rows(store) == before
+    assert store._replaced == {}
+
+
+def test_a_save_over_a_dead_row_stands_when_not_undone_and_its_end_forgets_the_dead_row(store):
+    """Accepted, the new job's row stands (as before); once it has ended, a later refused save of the
+    same id is undone by a delete: the dead row the first save replaced is not brought back."""
+    kept_row(store, "dead", "x")
+    store.save(Job("t", {"new": 1}, id="x"))  # accepted: runs
+    store.mark_running(Job("t", id="x"))
+    store.save(Job("t", {"new": 1}, id="x"))  # a retry's save overwrites its own row
+    assert rows(store) == {"x": "ready"}
+    store.delete("x")  # it succeeded
+    assert store._replaced == {}
+    store.save(Job("t", {"new": 2}, id="x"))
+    store.undo_save("x")
+    assert rows(store) == {} and store.dead_jobs() == []
+
+
+def test_undo_save_after_a_later_save_of_the_id_deletes_instead_of_restoring(store):
+    """undo_save puts a replaced row back only over the row of the save that replaced it."""
+    kept_row(store, "dead", "x")
+    store.save(Job("t", {"new": 1}, id="x"))
+    store.save(Job("t", {"new": 2}, id="x"))  # the row is no longer that save's
+    store.undo_save("x")
+    assert rows(store) == {}
+
+
+def test_a_group_commit_that_merges_a_save_over_a_dead_row_saves_every_unit(path):
+    """Group commit merges saves of several threads into one statement: one of them over a dead row
+    must still replace it (and keep it for undo_save), the others land as usual."""
+    from tinymq.persistence.sqlite import _MARK_RUNNING, _Unit
+
+    with SQLitePersistence(path) as store:
+        kept_row(store, "dead", "x")
+        store.save(Job("t", id="running"))
+        store.mark_running(Job("t", id="running"))
+        dead_before = [row for row in raw_rows(store) if row[0] == "x"]
+        units = [_Unit([store._upsert(Job("t", {"new": i}, id=job_id))])
+                 for i, job_id in enumerate(["a", "x", "running", "b"])]
+        units.append(_Unit([(_MARK_RUNNING, ("a",))]))
+        with store._commit_lock:
+            store._commit(units)
+        assert all(unit.done and unit.error is None for unit in units)
+        assert rows(store) == {"a": "running", "x": "ready", "running": "ready", "b": "ready"}
+        assert {j.id: j.payload for j in store.jobs()} == {"a": {"new": 0}, "x": {"new": 1},
+                                                           "running": {"new": 2}, "b": {"new": 3}}
+        store.undo_save("x")
+        assert [row for row in raw_rows(store) if row[0] == "x"] == dead_before
+        assert rows(store) == {"a": "running", "x": "dead", "running": "ready", "b": "ready"}
+
+
+def test_saves_over_kept_rows_work_without_sqlite_upsert(path):
+    """SQLite before 3.24 has no upsert: a save there inserts or ignores, and what it left (any row of
+    its id, a retry's own included) is replaced the slower way, with the same results."""
+    script = textwrap.dedent(f"""
+        import sqlite3
+        sqlite3.sqlite_version_info = (3, 23, 0)
+        from tinymq.job import Job
+        from tinymq.persistence import sqlite as module
+        assert not module._UPSERT_SUPPORTED and "OR IGNORE" in module._SAVE
+        store = module.SQLitePersistence({path!r})
+        store.mark_dead(Job("t", "old", id="x"), "retries_exhausted", "boom")
+        store.save(Job("t", "first", id="r"))
+        store.mark_running(Job("t", id="r"))
+        store.save(Job("t", "retry", id="r"))
+        store.save_many([Job("t", "new", id="x"), Job("t", "fresh", id="f")])
+        assert {{j.id: j.payload for j in store.jobs()}} == {{"r": "retry", "x": "new", "f": "fresh"}}, store.jobs()
+        assert store.dead_jobs() == []
+        store.undo_save("x")
+        store.undo_save("f")
+        assert [(d.job.id, d.job.payload, d.reason) for d in store.dead_jobs()] == [("x", "old", "retries_exhausted")]
+        assert [j.id for j in store.jobs()] == ["r"]
+        store.close()
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
