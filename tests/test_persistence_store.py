@@ -4,7 +4,9 @@ Ownership, read-only stores, file safety and fork() are in test_persistence_owne
 """
 import itertools
 import logging
+import math
 import os
+import re
 import sqlite3
 import stat
 import subprocess
@@ -12,6 +14,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+from datetime import timedelta
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -220,6 +223,42 @@ def test_bad_arguments_name_the_value(path):
         SQLitePersistence(path, busy_timeout=-1)
     with pytest.raises(TypeError, match="serializer"):
         SQLitePersistence(path, serializer=object())
+
+
+@pytest.mark.parametrize("busy_timeout", [1e300, 2147483.648, timedelta(days=30), 1 << 80,
+                                          math.inf, math.nan, -1.0, -timedelta(seconds=1)])
+def test_a_busy_timeout_sqlite_cannot_take_is_refused_naming_it(path, busy_timeout):
+    """sqlite3 hands SQLite the busy timeout as a C int of milliseconds: above 2147483.647 seconds it
+    wrapped around, and the store stopped waiting for locks at all (a lock held by another
+    connection failed the write at once). Such a value, and one no duration can be, is refused."""
+    with pytest.raises(ValueError, match=re.escape(repr(busy_timeout))):
+        SQLitePersistence(path, busy_timeout=busy_timeout)
+    assert not os.path.exists(path)  # refused before anything was created
+
+
+def test_the_largest_busy_timeout_sqlite_takes_still_waits_for_a_lock(path):
+    """At the limit the store waits for a lock another connection holds, and writes once it is free."""
+    with SQLitePersistence(path, busy_timeout=2147483.647) as store:
+        assert store.busy_timeout == 2147483.647
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")
+        waiting = threading.Event()
+        original = store._write
+
+        def write(statements):
+            waiting.set()
+            original(statements)
+
+        store._write = write
+        saver = threading.Thread(target=store.save, args=(Job("t", id="waited"),))
+        saver.start()
+        assert waiting.wait(WAIT)
+        saver.join(0.2)  # blocked on the lock, not failed at once
+        assert saver.is_alive()
+        other.execute("COMMIT")
+        other.close()
+        saver.join(WAIT)
+        assert rows(store) == {"waited": "ready"}
 
 
 def test_pickle_is_opt_in_and_warns(path):

@@ -150,6 +150,7 @@ _READ_ONLY_SETTLE = 0.5  # seconds a read-only look tries again while an owner o
 _DEFAULT_MAX_LENGTH = 1_000_000_000  # SQLITE_MAX_LENGTH's default, where getlimit() is missing
 _ROW_OVERHEAD = 512  # bytes a row's header and numbers may add to its text and blobs
 _INT64 = 1 << 63
+_MAX_BUSY_TIMEOUT = ((1 << 31) - 1) / 1000  # seconds: sqlite3_busy_timeout() takes a C int of milliseconds
 _SEQ_LIMIT = 1 << 62  # the seq a store starts counting from is below this
 _RETRY_FIELDS = ("max_retries", "initial_delay", "max_delay", "backoff_multiple", "jitter")
 _CACHE_LIMIT = 256  # retry configs remembered by identity / by text
@@ -270,7 +271,10 @@ class SQLitePersistence:
     ) -> None:
         if not isinstance(synchronous, str) or synchronous.upper() not in _SYNCHRONOUS_MODES:
             raise ValueError(f"synchronous must be one of {_SYNCHRONOUS_MODES}, got {synchronous!r}")
-        busy_timeout = _seconds("busy_timeout", busy_timeout)  # a timedelta too, as every duration
+        busy_seconds = _seconds("busy_timeout", busy_timeout)  # a timedelta too, as every duration
+        if busy_seconds > _MAX_BUSY_TIMEOUT:  # sqlite3 would wrap it around to "never wait"
+            raise ValueError(f"busy_timeout must be at most {_MAX_BUSY_TIMEOUT} seconds (SQLite takes "
+                             f"whole milliseconds as a C int), got {busy_timeout!r}")
         if not isinstance(read_only, bool):
             raise TypeError(f"read_only must be True or False, got {read_only!r}")
         if serializer is None:
@@ -283,7 +287,7 @@ class SQLitePersistence:
         self.synchronous = synchronous.upper()
         self.read_only = read_only
         self.serializer = serializer
-        self.busy_timeout = busy_timeout
+        self.busy_timeout = busy_seconds
         self._dumps = serializer.dumps
         self._file = os.path.abspath(self.path)  # a chdir() later does not move the store
         self._tags_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
