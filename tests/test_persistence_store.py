@@ -225,6 +225,41 @@ def test_bad_arguments_name_the_value(path):
         SQLitePersistence(path, serializer=object())
 
 
+@pytest.mark.parametrize("name", ["jobs/", "jobs/.", "jobs/..", ".", b"jobs/", "jobs\x00.db", b"jobs\x00.db"])
+def test_a_path_that_names_a_directory_is_refused_before_anything_is_created(tmp_path, name):
+    """"jobs/" (a directory, as open() reads it) made a file named "jobs", and "jobs/." too; they are
+    refused with ValueError naming them, and nothing is created."""
+    where = os.fsencode(tmp_path) if isinstance(name, bytes) else str(tmp_path)
+    with pytest.raises(ValueError, match="path must name a file"):
+        SQLitePersistence(os.path.join(where, name))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("path", [5, None, ["jobs.db"]])
+def test_a_path_of_another_type_is_a_type_error_naming_it(path):
+    with pytest.raises(TypeError, match=re.escape(f"path must be a str, bytes or os.PathLike, got {path!r}")):
+        SQLitePersistence(path)
+
+
+def test_a_file_name_that_is_not_utf8_opens_as_bytes_or_as_str(tmp_path):
+    """A POSIX file name is bytes; Python shows the undecodable ones as lone surrogates. A bytes path
+    was refused ("must name a file"), and a str path with such a name raised UnicodeEncodeError after
+    creating the file: either form now opens that same file, for writing and read-only."""
+    raw = os.path.join(os.fsencode(tmp_path), b"jobs-\xff.db")
+    try:
+        os.close(os.open(raw + b"-probe", os.O_CREAT | os.O_WRONLY, 0o600))
+        os.unlink(raw + b"-probe")
+    except OSError:  # pragma: no cover - a filesystem that only takes UTF-8 names
+        pytest.skip("this filesystem refuses a name that is not UTF-8")
+    with SQLitePersistence(raw) as store:
+        store.save(Job("t", "payload", id="kept"))
+    with SQLitePersistence(os.fsdecode(raw)) as store:
+        assert [(j.id, j.payload) for j in store.load_all()] == [("kept", "payload")]
+    with SQLitePersistence(raw, read_only=True) as view:
+        assert [j.id for j in view.jobs()] == ["kept"]
+    assert b"jobs-\xff.db" in os.listdir(os.fsencode(tmp_path))
+
+
 @pytest.mark.parametrize("busy_timeout", [1e300, 2147483.648, timedelta(days=30), 1 << 80,
                                           math.inf, math.nan, -1.0, -timedelta(seconds=1)])
 def test_a_busy_timeout_sqlite_cannot_take_is_refused_naming_it(path, busy_timeout):

@@ -262,7 +262,7 @@ class SQLitePersistence:
 
     def __init__(
         self,
-        path: Union[str, "os.PathLike[str]"],
+        path: Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"],
         *,
         synchronous: str = "NORMAL",
         serializer: Optional[Serializer] = None,
@@ -281,9 +281,16 @@ class SQLitePersistence:
             serializer = JSONSerializer()
         elif not (callable(getattr(serializer, "dumps", None)) and callable(getattr(serializer, "loads", None))):
             raise TypeError(f"serializer must have dumps() and loads(), got {serializer!r}")
-        self.path = os.fspath(path)
-        if not isinstance(self.path, str) or not self.path or self.path == ":memory:" or "\x00" in self.path:
+        try:
+            name = os.fspath(path)
+        except TypeError:
+            raise TypeError(f"path must be a str, bytes or os.PathLike, got {path!r}") from None
+        if isinstance(name, bytes):
+            name = os.fsdecode(name)  # as open() takes it: bytes no encoding decodes survive (see _connect)
+        # "jobs/" or "jobs/.." names a directory: never a file made under another name.
+        if not name or name == ":memory:" or "\x00" in name or os.path.basename(name) in ("", ".", ".."):
             raise ValueError(f"path must name a file, got {path!r}")
+        self.path = name
         self.synchronous = synchronous.upper()
         self.read_only = read_only
         self.serializer = serializer
@@ -412,7 +419,8 @@ class SQLitePersistence:
                     pass
 
     def _connect(self, mode: str) -> sqlite3.Connection:
-        uri = f"file:{urllib.parse.quote(self._file)}?{mode}"
+        # The name's bytes, each escaped as needed: a name that is not valid UTF-8 opens the same file.
+        uri = f"file:{urllib.parse.quote(os.fsencode(self._file))}?{mode}"
         try:
             return sqlite3.connect(
                 uri, uri=True, timeout=self.busy_timeout,
