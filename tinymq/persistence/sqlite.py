@@ -333,7 +333,18 @@ class SQLitePersistence:
         restarted process takes over the file (and the jobs) of one that died.
         Raises PersistenceError when every slot is owned.
         """
-        if not isinstance(pattern, str) or "{}" not in pattern:
+        try:
+            template = os.fspath(pattern)
+        except TypeError:
+            raise TypeError(f"pattern must be a str or os.PathLike with '{{}}' for the slot number, "
+                            f"got {pattern!r}") from None
+        if isinstance(template, bytes):
+            template = os.fsdecode(template)
+        try:  # "{}{}" or "{name}" would fail in the loop; "{{}}" would give every slot one file
+            distinct = template.format(0) != template.format(1)
+        except (IndexError, KeyError, ValueError, AttributeError):
+            distinct = False
+        if not distinct:
             raise ValueError(f"pattern must be a str with one '{{}}' for the slot number, got {pattern!r}")
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ValueError(f"slots must be an int >= 1, got {slots!r}")
@@ -342,7 +353,7 @@ class SQLitePersistence:
         owners = []
         for slot in range(slots):
             try:
-                return cls(pattern.format(slot), **kwargs)
+                return cls(template.format(slot), **kwargs)
             except OwnedError as exc:
                 owners.append(exc.pid)
         raise PersistenceError(f"every one of the {slots} slots of {pattern!r} is owned by a live store "
