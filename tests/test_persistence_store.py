@@ -296,6 +296,20 @@ def test_the_largest_busy_timeout_sqlite_takes_still_waits_for_a_lock(path):
         assert rows(store) == {"waited": "ready"}
 
 
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_serializer_class_instead_of_an_instance_is_refused_before_it_quarantines_every_job(path, read_only):
+    """serializer=JSONSerializer (the class) passed the dumps()/loads() check; its methods then took
+    each payload as ``self``: load_all() quarantined every stored job that has a payload as corrupt
+    (a save with a payload failed). It is a TypeError naming the class, and the rows stay as they are."""
+    with SQLitePersistence(path) as store:
+        store.save(Job("t", {"x": 1}, id="one"))
+    with pytest.raises(TypeError, match=r"JSONSerializer\(\), not the class"):
+        SQLitePersistence(path, serializer=JSONSerializer, read_only=read_only)
+    with SQLitePersistence(path) as store:
+        assert store.quarantined() == []
+        assert [(j.id, j.payload) for j in store.load_all()] == [("one", {"x": 1})]
+
+
 def test_pickle_is_opt_in_and_warns(path):
     with pytest.warns(UserWarning, match="arbitrary code"):
         serializer = PickleSerializer()

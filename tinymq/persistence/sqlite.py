@@ -279,6 +279,9 @@ class SQLitePersistence:
             raise TypeError(f"read_only must be True or False, got {read_only!r}")
         if serializer is None:
             serializer = JSONSerializer()
+        elif isinstance(serializer, type):  # its methods would take each payload as self
+            raise TypeError(f"serializer must be an instance, such as {serializer.__name__}(), "
+                            f"not the class {serializer!r}")
         elif not (callable(getattr(serializer, "dumps", None)) and callable(getattr(serializer, "loads", None))):
             raise TypeError(f"serializer must have dumps() and loads(), got {serializer!r}")
         try:
