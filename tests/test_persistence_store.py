@@ -456,6 +456,20 @@ def test_dead_jobs_are_requeued_with_retries_reset_and_loaded_again(store):
         store.requeue_dead("d5")
 
 
+@pytest.mark.parametrize("method", ["requeue_dead", "purge_dead"])
+def test_dead_job_ids_of_another_type_are_a_type_error_and_impossible_ids_count_nothing(store, method):
+    """requeue_dead([1]) raised PersistenceError (a store failure, to a caller that handles those as
+    disk trouble), and so did "" or a lone surrogate, where RedisBroker raises TypeError for a
+    non-str id and counts an id no job has as 0. Now the same, and a refused call changes nothing."""
+    store.mark_dead(Job("t", id="d1"), "retries_exhausted")
+    for bad in (1, None, b"d1"):
+        with pytest.raises(TypeError, match=re.escape(f"job ids must be str, got {bad!r}")):
+            getattr(store, method)(["d1", bad])
+    assert [d.job.id for d in store.dead_jobs()] == ["d1"]
+    assert getattr(store, method)(["", "\udcff"]) == 0
+    assert getattr(store, method)(["", "d1"]) == 1
+
+
 def test_counts_and_jobs_show_rows_by_state_without_changing_them(store):
     store.save(Job("t", id="now"))
     store.save(Job("t", id="later", run_at=4_000_000_000.0))

@@ -1173,9 +1173,12 @@ class SQLitePersistence:
             each = iter(ids)
         except TypeError:
             raise TypeError(f"ids must be an iterable of job ids, got {ids!r}") from None
-        chosen = [(job_id,) for job_id in each]
-        for (job_id,) in chosen:
-            _check_id(job_id)
+        chosen = []
+        for job_id in each:
+            if not isinstance(job_id, str):  # as RedisBroker: a bad argument, not a store failure
+                raise TypeError(f"job ids must be str, got {job_id!r}")
+            if job_id and _storable(job_id):  # else no stored job has it: it counts 0, as an unknown id
+                chosen.append((job_id,))
         return self._change(lambda conn: conn.executemany(sql + " AND id = ?", chosen).rowcount)
 
     def _change(self, work: Any) -> int:
