@@ -152,8 +152,6 @@ def test_give_back_keeps_the_place_of_a_row_an_older_tinymq_saved(path):
 
 # -- 3. a refused enqueue deletes the dead job that had its id ------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="the save that comes before the ready buffer's refusal overwrites the "
-                   "dead row of that id, and the undo deletes the row: the dead job is gone")
 @pytest.mark.parametrize("many", [False, True], ids=["enqueue", "enqueue_many"])
 def test_a_refused_enqueue_leaves_the_dead_job_of_its_id_in_the_store(path, many):
     """enqueue() raises QueueFull "with nothing enqueued", and enqueue_many "none of the batch was
@@ -179,3 +177,36 @@ def test_a_refused_enqueue_leaves_the_dead_job_of_its_id_in_the_store(path, many
                 ("report-42", {"order": 42}, "retries_exhausted")]
         finally:
             q.stop()
+
+
+def test_a_refused_batch_puts_back_its_dead_rows_and_an_accepted_job_replaces_its_dead_row(path):
+    """(deadrow) A refused batch mixing a dead job's id, a new id and a delayed job leaves the store as
+    it was: the dead row back, the others gone. Accepted, the job of a dead job's id replaces the dead
+    row for good: it runs, its row is deleted, and the store remembers nothing of the dead row."""
+    import time
+
+    from tinymq import Config, QueueFull
+
+    with SQLitePersistence(path) as store:
+        store.mark_dead(Job("t", {"order": 42}, id="report-42"), "retries_exhausted", "boom")
+        dead_before = [(d.job.id, d.job.payload, d.reason, d.error) for d in store.dead_jobs()]
+        q = Queue(config=Config(buffer_size=2))
+        q.set_persistence(store)
+        q.enqueue(Job("t", id="filler"))  # room for one more ready job
+        ran = []
+        try:
+            with pytest.raises(QueueFull):
+                q.enqueue_many([Job("t", {"order": 43}, id="report-42"), Job("t", id="new"),
+                                Job("t", id="later", run_at=time.time() + 3600)])
+            assert [(d.job.id, d.job.payload, d.reason, d.error) for d in store.dead_jobs()] == dead_before
+            assert [j.id for j in store.jobs()] == ["filler"]
+            q.enqueue(Job("t", {"order": 44}, id="report-42"))  # fits
+            assert store.dead_jobs() == []
+            q.register_executor("t", lambda job: ran.append((job.id, job.payload)))
+            q.start_dispatcher(1)
+            assert q.join(WAIT)
+        finally:
+            q.stop()
+        assert ran == [("filler", None), ("report-42", {"order": 44})]
+        assert store.jobs() == [] and store.dead_jobs() == []
+        assert store._replaced == {}

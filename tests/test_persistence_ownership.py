@@ -1,6 +1,8 @@
 """One live owner per file, takeover, claim(), read-only inspection, file safety and fork()."""
 import gc
 import os
+import pathlib
+import re
 import signal
 import sqlite3
 import stat
@@ -179,6 +181,24 @@ def test_claim_checks_its_arguments(tmp_path):
         SQLitePersistence.claim(str(tmp_path / "j-{}.db"), slots=0)
     with pytest.raises(ValueError, match="read_only"):
         SQLitePersistence.claim(str(tmp_path / "j-{}.db"), read_only=True)
+
+
+@pytest.mark.parametrize("pattern", ["j-{}-{}.db", "j-{}{name}.db", "j-{{}}.db", "j-{}{:x}.db",
+                                     "j-{.db"])
+def test_claim_refuses_a_pattern_that_does_not_make_one_file_per_slot(tmp_path, pattern):
+    """A pattern with a second field raised IndexError or KeyError from the loop, and an escaped
+    "{{}}" passed the check and named one file for every slot: each is a ValueError naming it,
+    raised before any file is created."""
+    with pytest.raises(ValueError, match=re.escape(repr(os.path.join(str(tmp_path), pattern)))):
+        SQLitePersistence.claim(os.path.join(str(tmp_path), pattern), slots=2)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", [pathlib.Path, os.fsencode])
+def test_claim_takes_a_path_object_or_bytes_pattern_as_the_constructor_takes_a_path(tmp_path, kind):
+    with SQLitePersistence.claim(kind(str(tmp_path / "jobs-{}.db")), slots=2) as first, \
+            SQLitePersistence.claim(kind(str(tmp_path / "jobs-{}.db")), slots=2) as second:
+        assert (first.path, second.path) == (str(tmp_path / "jobs-0.db"), str(tmp_path / "jobs-1.db"))
 
 
 def test_claim_does_not_skip_a_refused_file(tmp_path):

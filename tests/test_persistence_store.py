@@ -4,12 +4,17 @@ Ownership, read-only stores, file safety and fork() are in test_persistence_owne
 """
 import itertools
 import logging
+import math
 import os
+import re
 import sqlite3
 import stat
+import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
+from datetime import timedelta
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -220,6 +225,91 @@ def test_bad_arguments_name_the_value(path):
         SQLitePersistence(path, serializer=object())
 
 
+@pytest.mark.parametrize("name", ["jobs/", "jobs/.", "jobs/..", ".", b"jobs/", "jobs\x00.db", b"jobs\x00.db"])
+def test_a_path_that_names_a_directory_is_refused_before_anything_is_created(tmp_path, name):
+    """"jobs/" (a directory, as open() reads it) made a file named "jobs", and "jobs/." too; they are
+    refused with ValueError naming them, and nothing is created."""
+    where = os.fsencode(tmp_path) if isinstance(name, bytes) else str(tmp_path)
+    with pytest.raises(ValueError, match="path must name a file"):
+        SQLitePersistence(os.path.join(where, name))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("path", [5, None, ["jobs.db"]])
+def test_a_path_of_another_type_is_a_type_error_naming_it(path):
+    with pytest.raises(TypeError, match=re.escape(f"path must be a str, bytes or os.PathLike, got {path!r}")):
+        SQLitePersistence(path)
+
+
+def test_a_file_name_that_is_not_utf8_opens_as_bytes_or_as_str(tmp_path):
+    """A POSIX file name is bytes; Python shows the undecodable ones as lone surrogates. A bytes path
+    was refused ("must name a file"), and a str path with such a name raised UnicodeEncodeError after
+    creating the file: either form now opens that same file, for writing and read-only."""
+    raw = os.path.join(os.fsencode(tmp_path), b"jobs-\xff.db")
+    try:
+        os.close(os.open(raw + b"-probe", os.O_CREAT | os.O_WRONLY, 0o600))
+        os.unlink(raw + b"-probe")
+    except OSError:  # pragma: no cover - a filesystem that only takes UTF-8 names
+        pytest.skip("this filesystem refuses a name that is not UTF-8")
+    with SQLitePersistence(raw) as store:
+        store.save(Job("t", "payload", id="kept"))
+    with SQLitePersistence(os.fsdecode(raw)) as store:
+        assert [(j.id, j.payload) for j in store.load_all()] == [("kept", "payload")]
+    with SQLitePersistence(raw, read_only=True) as view:
+        assert [j.id for j in view.jobs()] == ["kept"]
+    assert b"jobs-\xff.db" in os.listdir(os.fsencode(tmp_path))
+
+
+@pytest.mark.parametrize("busy_timeout", [1e300, 2147483.648, timedelta(days=30), 1 << 80,
+                                          math.inf, math.nan, -1.0, -timedelta(seconds=1)])
+def test_a_busy_timeout_sqlite_cannot_take_is_refused_naming_it(path, busy_timeout):
+    """sqlite3 hands SQLite the busy timeout as a C int of milliseconds: above 2147483.647 seconds it
+    wrapped around, and the store stopped waiting for locks at all (a lock held by another
+    connection failed the write at once). Such a value, and one no duration can be, is refused."""
+    with pytest.raises(ValueError, match=re.escape(repr(busy_timeout))):
+        SQLitePersistence(path, busy_timeout=busy_timeout)
+    assert not os.path.exists(path)  # refused before anything was created
+
+
+def test_the_largest_busy_timeout_sqlite_takes_still_waits_for_a_lock(path):
+    """At the limit the store waits for a lock another connection holds, and writes once it is free."""
+    with SQLitePersistence(path, busy_timeout=2147483.647) as store:
+        assert store.busy_timeout == 2147483.647
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")
+        waiting = threading.Event()
+        original = store._write
+
+        def write(statements):
+            waiting.set()
+            original(statements)
+
+        store._write = write
+        saver = threading.Thread(target=store.save, args=(Job("t", id="waited"),))
+        saver.start()
+        assert waiting.wait(WAIT)
+        saver.join(0.2)  # blocked on the lock, not failed at once
+        assert saver.is_alive()
+        other.execute("COMMIT")
+        other.close()
+        saver.join(WAIT)
+        assert rows(store) == {"waited": "ready"}
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_serializer_class_instead_of_an_instance_is_refused_before_it_quarantines_every_job(path, read_only):
+    """serializer=JSONSerializer (the class) passed the dumps()/loads() check; its methods then took
+    each payload as ``self``: load_all() quarantined every stored job that has a payload as corrupt
+    (a save with a payload failed). It is a TypeError naming the class, and the rows stay as they are."""
+    with SQLitePersistence(path) as store:
+        store.save(Job("t", {"x": 1}, id="one"))
+    with pytest.raises(TypeError, match=r"JSONSerializer\(\), not the class"):
+        SQLitePersistence(path, serializer=JSONSerializer, read_only=read_only)
+    with SQLitePersistence(path) as store:
+        assert store.quarantined() == []
+        assert [(j.id, j.payload) for j in store.load_all()] == [("one", {"x": 1})]
+
+
 def test_pickle_is_opt_in_and_warns(path):
     with pytest.warns(UserWarning, match="arbitrary code"):
         serializer = PickleSerializer()
@@ -364,6 +454,20 @@ def test_dead_jobs_are_requeued_with_retries_reset_and_loaded_again(store):
     assert store.purge_dead(["d4"]) == 1 and [d.job.id for d in store.dead_jobs()] == ["d5"]
     with pytest.raises(TypeError, match="one str"):
         store.requeue_dead("d5")
+
+
+@pytest.mark.parametrize("method", ["requeue_dead", "purge_dead"])
+def test_dead_job_ids_of_another_type_are_a_type_error_and_impossible_ids_count_nothing(store, method):
+    """requeue_dead([1]) raised PersistenceError (a store failure, to a caller that handles those as
+    disk trouble), and so did "" or a lone surrogate, where RedisBroker raises TypeError for a
+    non-str id and counts an id no job has as 0. Now the same, and a refused call changes nothing."""
+    store.mark_dead(Job("t", id="d1"), "retries_exhausted")
+    for bad in (1, None, b"d1"):
+        with pytest.raises(TypeError, match=re.escape(f"job ids must be str, got {bad!r}")):
+            getattr(store, method)(["d1", bad])
+    assert [d.job.id for d in store.dead_jobs()] == ["d1"]
+    assert getattr(store, method)(["", "\udcff"]) == 0
+    assert getattr(store, method)(["", "d1"]) == 1
 
 
 def test_counts_and_jobs_show_rows_by_state_without_changing_them(store):
@@ -693,3 +797,123 @@ def test_a_file_of_the_previous_layout_opens_and_a_newer_schema_is_refused(path)
         store._conn.execute("PRAGMA user_version=99")
     with pytest.raises(PersistenceError, match="schema version 99, written by a newer tinymq"):
         SQLitePersistence(path)
+
+
+# --- a save over a dead job's row, and its undo ---------------------------------------------------
+
+def raw_rows(store):
+    """Every row, every column, as another reader sees them."""
+    conn = sqlite3.connect(store.path)
+    try:
+        return sorted(conn.execute("SELECT * FROM tinymq_jobs").fetchall())
+    finally:
+        conn.close()
+
+
+def kept_row(store, kind, job_id):
+    """A row of ``job_id`` that is not an unfinished job: "dead" (mark_dead) or "corrupt" (quarantined)."""
+    if kind == "dead":
+        store.mark_dead(Job("t", {"old": job_id}, id=job_id), "retries_exhausted", "boom")
+    else:
+        store.save(Job("t", {"old": job_id}, id=job_id))
+        raw_update(store, "UPDATE tinymq_jobs SET state = 'corrupt', reason = 'corrupt: planted' WHERE id = ?", job_id)
+
+
+@pytest.mark.parametrize("kind", ["dead", "corrupt"])
+@pytest.mark.parametrize("how", ["save", "save_many"])
+def test_undo_save_puts_back_the_dead_or_quarantined_row_a_save_replaced(store, kind, how):
+    """A new job may take a dead job's id: its save overwrites the dead row. When the queue refuses that
+    job after all (QueueFull), undo_save must leave the store as before the save: the dead row back,
+    every column as it was, and the other rows of the batch gone (fixed: the undo was a delete)."""
+    kept_row(store, kind, "x")
+    store.save(Job("t", id="other"))
+    before = raw_rows(store)
+    new = [Job("t", {"new": 1}, id="x"), Job("t", {"new": 2}, id="fresh", tags={"a": "full row"})]
+    if how == "save":
+        for job in new:
+            store.save(job)
+    else:
+        store.save_many(new)
+    assert rows(store) == {"x": "ready", "fresh": "ready", "other": "ready"}
+    assert {j.id: j.payload for j in store.jobs()}["x"] == {"new": 1}
+    for job in new:
+        store.undo_save(job.id)
+    assert raw_rows(store) == before
+    assert store._replaced == {}
+
+
+def test_a_save_over_a_dead_row_stands_when_not_undone_and_its_end_forgets_the_dead_row(store):
+    """Accepted, the new job's row stands (as before); once it has ended, a later refused save of the
+    same id is undone by a delete: the dead row the first save replaced is not brought back."""
+    kept_row(store, "dead", "x")
+    store.save(Job("t", {"new": 1}, id="x"))  # accepted: runs
+    store.mark_running(Job("t", id="x"))
+    store.save(Job("t", {"new": 1}, id="x"))  # a retry's save overwrites its own row
+    assert rows(store) == {"x": "ready"}
+    store.delete("x")  # it succeeded
+    assert store._replaced == {}
+    store.save(Job("t", {"new": 2}, id="x"))
+    store.undo_save("x")
+    assert rows(store) == {} and store.dead_jobs() == []
+
+
+def test_undo_save_after_a_later_save_of_the_id_deletes_instead_of_restoring(store):
+    """undo_save puts a replaced row back only over the row of the save that replaced it."""
+    kept_row(store, "dead", "x")
+    store.save(Job("t", {"new": 1}, id="x"))
+    store.save(Job("t", {"new": 2}, id="x"))  # the row is no longer that save's
+    store.undo_save("x")
+    assert rows(store) == {}
+
+
+def test_a_group_commit_that_merges_a_save_over_a_dead_row_saves_every_unit(path):
+    """Group commit merges saves of several threads into one statement: one of them over a dead row
+    must still replace it (and keep it for undo_save), the others land as usual."""
+    from tinymq.persistence.sqlite import _MARK_RUNNING, _Unit
+
+    with SQLitePersistence(path) as store:
+        kept_row(store, "dead", "x")
+        store.save(Job("t", id="running"))
+        store.mark_running(Job("t", id="running"))
+        dead_before = [row for row in raw_rows(store) if row[0] == "x"]
+        units = [_Unit([store._upsert(Job("t", {"new": i}, id=job_id))])
+                 for i, job_id in enumerate(["a", "x", "running", "b"])]
+        units.append(_Unit([(_MARK_RUNNING, ("a",))]))
+        with store._commit_lock:
+            store._commit(units)
+        assert all(unit.done and unit.error is None for unit in units)
+        assert rows(store) == {"a": "running", "x": "ready", "running": "ready", "b": "ready"}
+        assert {j.id: j.payload for j in store.jobs()} == {"a": {"new": 0}, "x": {"new": 1},
+                                                           "running": {"new": 2}, "b": {"new": 3}}
+        store.undo_save("x")
+        assert [row for row in raw_rows(store) if row[0] == "x"] == dead_before
+        assert rows(store) == {"a": "running", "x": "dead", "running": "ready", "b": "ready"}
+
+
+def test_saves_over_kept_rows_work_without_sqlite_upsert(path):
+    """SQLite before 3.24 has no upsert: a save there inserts or ignores, and what it left (any row of
+    its id, a retry's own included) is replaced the slower way, with the same results."""
+    script = textwrap.dedent(f"""
+        import sqlite3
+        sqlite3.sqlite_version_info = (3, 23, 0)
+        from tinymq.job import Job
+        from tinymq.persistence import sqlite as module
+        assert not module._UPSERT_SUPPORTED and "OR IGNORE" in module._SAVE
+        store = module.SQLitePersistence({path!r})
+        store.mark_dead(Job("t", "old", id="x"), "retries_exhausted", "boom")
+        store.save(Job("t", "first", id="r"))
+        store.mark_running(Job("t", id="r"))
+        store.save(Job("t", "retry", id="r"))
+        store.save_many([Job("t", "new", id="x"), Job("t", "fresh", id="f")])
+        assert {{j.id: j.payload for j in store.jobs()}} == {{"r": "retry", "x": "new", "f": "fresh"}}, store.jobs()
+        assert store.dead_jobs() == []
+        store.undo_save("x")
+        store.undo_save("f")
+        assert [(d.job.id, d.job.payload, d.reason) for d in store.dead_jobs()] == [("x", "old", "retries_exhausted")]
+        assert [j.id for j in store.jobs()] == ["r"]
+        store.close()
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

@@ -313,6 +313,61 @@ def test_a_job_that_waits_for_room_in_vain_is_saved_once_and_deleted_once(how):
         assert q.get_stats().jobs_enqueued == 1
 
 
+class UndoingStore(RecordingStore):
+    """RecordingStore plus ``undo_save``: a save taken back puts back what it replaced."""
+
+    def __init__(self):
+        super().__init__()
+        self.replaced = {}  # id -> the record its last save replaced
+
+    def save(self, job):
+        with self._cond:
+            self.replaced[job.id] = self.records.get(job.id)
+        super().save(job)
+
+    def save_many(self, jobs):
+        jobs = list(jobs)
+        with self._cond:
+            self.replaced.update((job.id, self.records.get(job.id)) for job in jobs)
+        super().save_many(jobs)
+
+    def undo_save(self, job_id):
+        with self._cond:
+            replaced = self.replaced.pop(job_id, None)
+            if replaced is not None:
+                self.records[job_id] = replaced
+            else:
+                self.records.pop(job_id, None)
+            self._log(Call("undo_save", job_id=job_id, thread=threading.current_thread()))
+
+
+@pytest.mark.parametrize("store_class", [UndoingStore, RecordingStore, MinimalStore],
+                         ids=["undo_save", "full-store", "minimal-store"])
+@pytest.mark.parametrize("how", ["enqueue", "enqueue_many", "enqueue-blocking", "aenqueue-blocking"])
+def test_a_refused_job_s_save_is_taken_back_with_undo_save_or_else_delete(store_class, how):
+    """A job saved and then refused (QueueFull) is taken back with the store's undo_save, which can put
+    back a dead job's row of the same id; a store without it gets the delete it always got."""
+    dead = Job("t", "dead one", id="second")
+    store = store_class()
+    store.records["second"] = [clone(dead), "dead"]
+    with Queue(1) as q:
+        q.set_persistence(store)
+        q.enqueue(Job("t", id="first"))  # the buffer is full; nothing runs before start_dispatcher
+        with pytest.raises(QueueFull):
+            job = Job("t", "new one", id="second")
+            if how == "enqueue":
+                q.enqueue(job)
+            elif how == "enqueue_many":
+                q.enqueue_many([job])
+            else:
+                _enqueue_waiting(q, job, how.split("-")[0], _WAIT_SLICE)
+    saved = "save_many" if how == "enqueue_many" and store_class is not MinimalStore else "save"
+    undone = "undo_save" if store_class is UndoingStore else "delete"
+    assert store.methods_for("second") == [saved, undone]
+    if store_class is UndoingStore:
+        assert store.state_of("second") == "dead" and store.stored("second").payload == "dead one"
+
+
 @pytest.mark.parametrize("how", ["enqueue", "aenqueue"])
 def test_a_job_that_waits_for_room_keeps_its_row_until_it_is_placed(how):
     store = RecordingStore()

@@ -331,9 +331,18 @@ class Queue:
                 )
         except BaseException:
             if store is not None:
-                self._dispatcher.call_store("delete", store.delete, job.id)
+                self._undo_save(store, job.id)
             raise
         return job
+
+    def _undo_save(self, store: Any, job_id: str) -> None:
+        """Take back the save of a job that was not enqueued: the store's ``undo_save`` puts back a
+        dead job's row that the save replaced; a store without it deletes the row."""
+        undo_save = getattr(store, "undo_save", None)
+        if undo_save is not None:
+            self._dispatcher.call_store("undo_save", undo_save, job_id)
+        else:
+            self._dispatcher.call_store("delete", store.delete, job_id)
 
     def _wait_for_room(self, job: Job, wait: Optional[float], withdrawn: Optional[threading.Event]) -> bool:
         """Put ``job`` in the ready buffer once it has room: False after ``wait`` seconds, or once withdrawn."""
@@ -421,7 +430,7 @@ class Queue:
                         saved.append(job)
             except Exception as exc:
                 for job in saved:
-                    self._dispatcher.call_store("delete", store.delete, job.id)
+                    self._undo_save(store, job.id)
                 if isinstance(exc, PersistenceError):
                     raise
                 raise PersistenceError(f"could not save a batch of {len(batch)} jobs: {exc}") from exc
@@ -434,7 +443,7 @@ class Queue:
         except BaseException:
             if store is not None:
                 for job in batch:
-                    self._dispatcher.call_store("delete", store.delete, job.id)
+                    self._undo_save(store, job.id)
             raise
 
     # --- periodic jobs (tinymq/_periodic.py) ----------------------------------

@@ -20,6 +20,11 @@ so a minimal store stays minimal and a richer one gets better guarantees:
     ``stop()`` gave up a running attempt of ``job`` (not a failure): store it as
     ready again, as ``save`` does, but where it was in the order ``load_all``
     returns (it was not retried). Without it the Queue calls ``save``.
+``undo_save(job_id)``
+    The job last saved under ``job_id`` was not accepted after all (QueueFull,
+    a wait for room that ran out): take that save back, putting back whatever
+    it overwrote (a dead job of the same id). Without it the Queue calls
+    ``delete``.
 ``take_crashed()``
     After ``load_all``: the jobs it found crashed too often (their process
     died during more attempts than their retries allow), each returned once.
@@ -77,3 +82,5 @@ class _OptionalHooks(Protocol):
     def take_crashed(self) -> Iterable[Job]: ...
 
     def give_back(self, job: Job) -> None: ...
+
+    def undo_save(self, job_id: str) -> None: ...

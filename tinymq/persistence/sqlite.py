@@ -6,7 +6,8 @@ tells recovery what to do with it:
     ready    saved and waiting (``run_at`` in the future for a delayed job)
     running  an attempt started; still "running" at load time means the
              process died during the attempt, so the crash counts as one
-    dead     failed permanently; kept with ``reason`` until requeued or purged
+    dead     failed permanently; kept with ``reason`` until requeued or purged,
+             or replaced by a new job of its id that the queue accepts
     corrupt  could not be decoded at load time; quarantined, never run
 
 Every write is committed before the call returns. Writes from all threads go
@@ -102,8 +103,33 @@ def _insert(columns: int, rows: int = 1) -> str:
     return f"INSERT OR REPLACE INTO {_TABLE} ({', '.join(_COLUMNS[:columns])}) VALUES {values}"
 
 
-_UPSERT_LEAN = _insert(_LEAN)
-_UPSERT = _insert(len(_COLUMNS))
+# A save overwrites the row of an unfinished job (a retry's save), and leaves any other row of its
+# id (a dead job's, a quarantined one's) for _save_over_kept_rows, which keeps it for undo_save.
+# One statement still: what it left shows in its row count. (Upsert needs SQLite 3.24; before,
+# INSERT OR IGNORE leaves every existing row to that slower path.)
+_UPSERT_SUPPORTED = sqlite3.sqlite_version_info >= (3, 24)
+_SAVES: Dict[str, int] = {}  # every save statement made -> the columns of each of its rows
+
+
+def _save_sql(columns: int, rows: int = 1) -> str:
+    """The INSERT of ``rows`` saves (lean or full), registered in _SAVES."""
+    values = ", ".join(["(" + ", ".join("?" * columns) + ")"] * rows)
+    names = ", ".join(_COLUMNS[:columns])
+    if not _UPSERT_SUPPORTED:
+        sql = f"INSERT OR IGNORE INTO {_TABLE} ({names}) VALUES {values}"
+    else:
+        updates = ", ".join(f"{name} = excluded.{name}" if index < columns else f"{name} = NULL"
+                            for index, name in enumerate(_COLUMNS) if name != "id")
+        sql = (f"INSERT INTO {_TABLE} ({names}) VALUES {values} "
+               f"ON CONFLICT (id) DO UPDATE SET {updates} WHERE state IN ('ready', 'running')")
+    _SAVES[sql] = columns
+    return sql
+
+
+_REPLACE_LEAN = _insert(_LEAN)  # mark_dead: whatever the row was
+_REPLACE = _insert(len(_COLUMNS))
+_SAVE_LEAN = _save_sql(_LEAN)
+_SAVE = _save_sql(len(_COLUMNS))
 _SELECT = f"SELECT {', '.join(_READ_COLUMNS)} FROM {_TABLE}"
 _DELETE = f"DELETE FROM {_TABLE} WHERE id = ?"
 _MARK_RUNNING = f"UPDATE {_TABLE} SET state = 'running' WHERE id = ?"
@@ -111,7 +137,8 @@ _GIVE_BACK = _give_back_sql()
 _SEQ = _COLUMNS.index("seq")
 _MERGED_DELETE = f"DELETE FROM {_TABLE} WHERE id IN ({{}})"
 _MERGED_MARK_RUNNING = f"UPDATE {_TABLE} SET state = 'running' WHERE id IN ({{}})"
-_MERGEABLE = (_UPSERT_LEAN, _UPSERT, _DELETE, _MARK_RUNNING)
+_MERGEABLE = (_SAVE_LEAN, _SAVE, _REPLACE_LEAN, _REPLACE, _DELETE, _MARK_RUNNING)
+_SELECT_ROWS = f"SELECT {', '.join(_COLUMNS)} FROM {_TABLE} WHERE id IN ({{}})"
 _SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 # Rows per multi-row INSERT of save_many: powers of two, halving down to 1 for the rest of
 # a batch, so a dozen statements serve every batch size from the statement cache. Stay
@@ -123,6 +150,7 @@ _READ_ONLY_SETTLE = 0.5  # seconds a read-only look tries again while an owner o
 _DEFAULT_MAX_LENGTH = 1_000_000_000  # SQLITE_MAX_LENGTH's default, where getlimit() is missing
 _ROW_OVERHEAD = 512  # bytes a row's header and numbers may add to its text and blobs
 _INT64 = 1 << 63
+_MAX_BUSY_TIMEOUT = ((1 << 31) - 1) / 1000  # seconds: sqlite3_busy_timeout() takes a C int of milliseconds
 _SEQ_LIMIT = 1 << 62  # the seq a store starts counting from is below this
 _RETRY_FIELDS = ("max_retries", "initial_delay", "max_delay", "backoff_multiple", "jitter")
 _CACHE_LIMIT = 256  # retry configs remembered by identity / by text
@@ -234,7 +262,7 @@ class SQLitePersistence:
 
     def __init__(
         self,
-        path: Union[str, "os.PathLike[str]"],
+        path: Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"],
         *,
         synchronous: str = "NORMAL",
         serializer: Optional[Serializer] = None,
@@ -243,20 +271,33 @@ class SQLitePersistence:
     ) -> None:
         if not isinstance(synchronous, str) or synchronous.upper() not in _SYNCHRONOUS_MODES:
             raise ValueError(f"synchronous must be one of {_SYNCHRONOUS_MODES}, got {synchronous!r}")
-        busy_timeout = _seconds("busy_timeout", busy_timeout)  # a timedelta too, as every duration
+        busy_seconds = _seconds("busy_timeout", busy_timeout)  # a timedelta too, as every duration
+        if busy_seconds > _MAX_BUSY_TIMEOUT:  # sqlite3 would wrap it around to "never wait"
+            raise ValueError(f"busy_timeout must be at most {_MAX_BUSY_TIMEOUT} seconds (SQLite takes "
+                             f"whole milliseconds as a C int), got {busy_timeout!r}")
         if not isinstance(read_only, bool):
             raise TypeError(f"read_only must be True or False, got {read_only!r}")
         if serializer is None:
             serializer = JSONSerializer()
+        elif isinstance(serializer, type):  # its methods would take each payload as self
+            raise TypeError(f"serializer must be an instance, such as {serializer.__name__}(), "
+                            f"not the class {serializer!r}")
         elif not (callable(getattr(serializer, "dumps", None)) and callable(getattr(serializer, "loads", None))):
             raise TypeError(f"serializer must have dumps() and loads(), got {serializer!r}")
-        self.path = os.fspath(path)
-        if not isinstance(self.path, str) or not self.path or self.path == ":memory:" or "\x00" in self.path:
+        try:
+            name = os.fspath(path)
+        except TypeError:
+            raise TypeError(f"path must be a str, bytes or os.PathLike, got {path!r}") from None
+        if isinstance(name, bytes):
+            name = os.fsdecode(name)  # as open() takes it: bytes no encoding decodes survive (see _connect)
+        # "jobs/" or "jobs/.." names a directory: never a file made under another name.
+        if not name or name == ":memory:" or "\x00" in name or os.path.basename(name) in ("", ".", ".."):
             raise ValueError(f"path must name a file, got {path!r}")
+        self.path = name
         self.synchronous = synchronous.upper()
         self.read_only = read_only
         self.serializer = serializer
-        self.busy_timeout = busy_timeout
+        self.busy_timeout = busy_seconds
         self._dumps = serializer.dumps
         self._file = os.path.abspath(self.path)  # a chdir() later does not move the store
         self._tags_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -265,6 +306,9 @@ class SQLitePersistence:
         self._insert_sql: Dict[Tuple[int, int], str] = {}  # (columns, rows) -> multi-row INSERT
         self._merged_sql: Dict[Tuple[str, int], str] = {}  # (single-row statement, rows) -> merged
         self._closed = False
+        # id -> (seq of the save, the row it replaced): a dead or quarantined row a save replaced, for
+        # undo_save. Added by the holder of _commit_lock; dropped (one dict call) when the job ends.
+        self._replaced: Dict[str, Tuple[Any, tuple]] = {}
         self._crashed: List[Job] = []  # dead as "crashed" by load_all, not yet taken by the Queue
         self._pid = os.getpid()
         self._seq = itertools.count(1).__next__  # each row's place in the order of saves (see _prepare)
@@ -292,7 +336,18 @@ class SQLitePersistence:
         restarted process takes over the file (and the jobs) of one that died.
         Raises PersistenceError when every slot is owned.
         """
-        if not isinstance(pattern, str) or "{}" not in pattern:
+        try:
+            template = os.fspath(pattern)
+        except TypeError:
+            raise TypeError(f"pattern must be a str or os.PathLike with '{{}}' for the slot number, "
+                            f"got {pattern!r}") from None
+        if isinstance(template, bytes):
+            template = os.fsdecode(template)
+        try:  # "{}{}" or "{name}" would fail in the loop; "{{}}" would give every slot one file
+            distinct = template.format(0) != template.format(1)
+        except (IndexError, KeyError, ValueError, AttributeError):
+            distinct = False
+        if not distinct:
             raise ValueError(f"pattern must be a str with one '{{}}' for the slot number, got {pattern!r}")
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ValueError(f"slots must be an int >= 1, got {slots!r}")
@@ -301,7 +356,7 @@ class SQLitePersistence:
         owners = []
         for slot in range(slots):
             try:
-                return cls(pattern.format(slot), **kwargs)
+                return cls(template.format(slot), **kwargs)
             except OwnedError as exc:
                 owners.append(exc.pid)
         raise PersistenceError(f"every one of the {slots} slots of {pattern!r} is owned by a live store "
@@ -378,7 +433,8 @@ class SQLitePersistence:
                     pass
 
     def _connect(self, mode: str) -> sqlite3.Connection:
-        uri = f"file:{urllib.parse.quote(self._file)}?{mode}"
+        # The name's bytes, each escaped as needed: a name that is not valid UTF-8 opens the same file.
+        uri = f"file:{urllib.parse.quote(os.fsencode(self._file))}?{mode}"
         try:
             return sqlite3.connect(
                 uri, uri=True, timeout=self.busy_timeout,
@@ -555,11 +611,12 @@ class SQLitePersistence:
 
     def _upsert(self, job: Job, state: str = "ready", reason: Optional[str] = None,
                 last_error: Optional[str] = None) -> Statement:
-        """The INSERT for ``job``'s row, checked here so that no row SQLite would refuse is accepted."""
+        """The INSERT for ``job``'s row (a save, or a replace when not ready), checked here so that no
+        row SQLite would refuse is accepted."""
         row = self._row(job, state, reason, last_error)
         if row[_LEAN:] == _NULLS:
-            return _UPSERT_LEAN, row[:_LEAN]
-        return _UPSERT, row
+            return (_SAVE_LEAN if state == "ready" else _REPLACE_LEAN), row[:_LEAN]
+        return (_SAVE if state == "ready" else _REPLACE), row
 
     def _row(self, job: Job, state: str = "ready", reason: Optional[str] = None,
              last_error: Optional[str] = None) -> tuple:
@@ -794,8 +851,10 @@ class SQLitePersistence:
     def _merged_statement(self, sql: str, run: List[Any]) -> Statement:
         merged_sql = self._merged_sql.get((sql, len(run)))
         if merged_sql is None:
-            if sql in (_UPSERT_LEAN, _UPSERT):
-                merged_sql = _insert(_LEAN if sql == _UPSERT_LEAN else len(_COLUMNS), len(run))
+            if sql in (_SAVE_LEAN, _SAVE):
+                merged_sql = _save_sql(_LEAN if sql == _SAVE_LEAN else len(_COLUMNS), len(run))
+            elif sql in (_REPLACE_LEAN, _REPLACE):
+                merged_sql = _insert(_LEAN if sql == _REPLACE_LEAN else len(_COLUMNS), len(run))
             else:
                 template = _MERGED_DELETE if sql == _DELETE else _MERGED_MARK_RUNNING
                 merged_sql = template.format(", ".join("?" * len(run)))
@@ -805,17 +864,48 @@ class SQLitePersistence:
     def _execute(self, statements: List[Statement]) -> None:
         cursor = self._cursor
         if len(statements) == 1:
-            cursor.execute(*statements[0])  # autocommit: its own transaction
-            return
+            sql, parameters = statements[0]
+            cursor.execute(sql, parameters)  # autocommit: its own transaction
+            columns = _SAVES.get(sql)
+            if columns is None or cursor.rowcount * columns >= len(parameters):
+                return
+            # A save left a row of its id (a dead job's): again, in a transaction that replaces it.
+        replaced: Dict[str, Tuple[Any, tuple]] = {}
         cursor.execute("BEGIN IMMEDIATE")  # take the write lock now: no deadlock on upgrade
         try:
             for sql, parameters in statements:
                 cursor.execute(sql, parameters)
+                columns = _SAVES.get(sql)
+                if columns is not None and cursor.rowcount * columns < len(parameters):
+                    self._save_over_kept_rows(columns, parameters, replaced)
             cursor.execute("COMMIT")
         except BaseException:
             if self._conn.in_transaction:
                 cursor.execute("ROLLBACK")
             raise
+        if replaced:
+            self._replaced.update(replaced)
+
+    def _save_over_kept_rows(self, columns: int, parameters: Sequence[Any],
+                             replaced: Dict[str, Tuple[Any, tuple]]) -> None:
+        """The rows of one save statement that it left (a dead or quarantined row had the id): replace
+        them, and remember each row replaced so that ``undo_save`` can put it back. Saves only repeat a
+        statement: a row saved already is written again as it is (the statement is idempotent)."""
+        cursor = self._cursor
+        padding = _NULLS[:len(_COLUMNS) - columns]
+        last = {}  # each id's last row, as saves one by one would leave it
+        for start in range(0, len(parameters), columns):
+            row = tuple(parameters[start:start + columns]) + padding
+            last[row[0]] = row
+        found = {row[0]: row for row in cursor.execute(_SELECT_ROWS.format(", ".join("?" * len(last))),
+                                                       list(last))}
+        for job_id, row in last.items():
+            now = found.get(job_id)
+            if now is not None and now[_SEQ].__class__ is int and now[_SEQ] == row[_SEQ]:
+                continue  # saved by the statement
+            if now is not None and now[1] not in ("ready", "running"):
+                replaced[job_id] = (row[_SEQ], now)
+            cursor.execute(_REPLACE, row)
 
     def _in_transaction(self, conn: sqlite3.Connection, work: Any, what: str) -> Any:
         """Run ``work(conn)`` in one write transaction (the caller holds _commit_lock, or is opening)."""
@@ -835,7 +925,11 @@ class SQLitePersistence:
     # -- the Persistence protocol ------------------------------------------------
 
     def save(self, job: Job) -> None:
-        """Insert or overwrite ``job`` as ready (or delayed, by its ``run_at``); committed on return."""
+        """Insert or overwrite ``job`` as ready (or delayed, by its ``run_at``); committed on return.
+
+        A dead job's row of the same id is overwritten too, and kept aside until
+        the new job ends, for ``undo_save``.
+        """
         self._write([self._upsert(job)])
 
     def save_many(self, jobs: Iterable[Job]) -> None:
@@ -866,7 +960,7 @@ class SQLitePersistence:
                     size >>= 1
                 sql = self._insert_sql.get((columns, size))
                 if sql is None:
-                    sql = self._insert_sql[columns, size] = _insert(columns, size)
+                    sql = self._insert_sql[columns, size] = _save_sql(columns, size)
                 statements.append((sql, parameters[start * columns:(start + size) * columns]))
                 start += size
         return statements
@@ -884,6 +978,36 @@ class SQLitePersistence:
         """Forget a finished job; an unknown id is not an error."""
         _check_id(job_id)
         self._write([(_DELETE, (job_id,))])
+        if self._replaced:
+            self._replaced.pop(job_id, None)
+
+    def undo_save(self, job_id: str) -> None:
+        """Take back the last save of ``job_id``: the queue did not accept that job after all (QueueFull).
+
+        The row that save replaced, a dead (or quarantined) job of the same id,
+        is put back as it was; else the row is deleted, as ``delete`` does.
+        """
+        _check_id(job_id)
+        entry = self._replaced.get(job_id)
+        if entry is None:  # the save replaced nothing that must stay
+            self._write([(_DELETE, (job_id,))])
+            return
+        seq, kept = entry
+
+        def restore(conn: sqlite3.Connection) -> int:
+            now = conn.execute(f"SELECT seq FROM {_TABLE} WHERE id = ?", (job_id,)).fetchone()
+            if now is not None and now[0].__class__ is int and now[0] == seq:  # still that save's row
+                conn.execute(_REPLACE, kept)
+            else:
+                conn.execute(_DELETE, (job_id,))
+            return 0
+
+        self._check_usable()
+        with self._commit_lock:
+            self._check_usable()
+            self._in_transaction(self._conn, restore, f"undoing the save of job {job_id!r}")
+            if self._replaced.get(job_id) is entry:
+                del self._replaced[job_id]
 
     def mark_running(self, job: Job) -> None:
         """An attempt starts: if the process dies now, reloading counts it as failed."""
@@ -895,10 +1019,14 @@ class SQLitePersistence:
         _check_id(job_id)
         _check_id(job.id)
         self._write([(_DELETE, (job_id,)), (_MARK_RUNNING, (job.id,))])
+        if self._replaced:
+            self._replaced.pop(job_id, None)
 
     def mark_dead(self, job: Job, reason: str, error: object = None) -> None:
         """Keep a permanently failed job, with why, for ``dead_jobs()``."""
         self._write([self._upsert(job, "dead", reason, _error_text(error))])
+        if self._replaced:
+            self._replaced.pop(job.id, None)
 
     def load_all(self) -> List[Job]:
         """Every job to run, in the order of their saves; recovers crashed attempts and quarantines bad rows.
@@ -1045,9 +1173,12 @@ class SQLitePersistence:
             each = iter(ids)
         except TypeError:
             raise TypeError(f"ids must be an iterable of job ids, got {ids!r}") from None
-        chosen = [(job_id,) for job_id in each]
-        for (job_id,) in chosen:
-            _check_id(job_id)
+        chosen = []
+        for job_id in each:
+            if not isinstance(job_id, str):  # as RedisBroker: a bad argument, not a store failure
+                raise TypeError(f"job ids must be str, got {job_id!r}")
+            if job_id and _storable(job_id):  # else no stored job has it: it counts 0, as an unknown id
+                chosen.append((job_id,))
         return self._change(lambda conn: conn.executemany(sql + " AND id = ?", chosen).rowcount)
 
     def _change(self, work: Any) -> int:
