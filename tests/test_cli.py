@@ -220,6 +220,28 @@ def test_status_limits_the_dead_jobs_listed(owned):
     assert len(status_json(path)["dead_jobs"]) == 3  # --json lists all
 
 
+# Fixed (duecount): status --db's priority and type tables put a job due at its creation under
+# "delayed" when its timestamp was ahead of the clock (the clock stepped back since it was
+# enqueued), while the counts above them, and a queue loading the file, take it as ready.
+def test_status_tables_agree_with_the_counts_for_a_job_due_at_its_creation(tmp_path):
+    path = tmp_path / "jobs.db"
+    store = SQLitePersistence(str(path))
+    queue = tinymq.Queue()
+    queue.set_persistence(store)
+    job = tinymq.Job("t")
+    job.timestamp = time.time() + 3600  # as if the clock was stepped back an hour since
+    job.run_at = job.timestamp  # due at its creation
+    try:
+        queue.enqueue(job)
+        report = status_json(path)
+    finally:
+        queue.stop(wait=False)
+        store.close()
+    assert report["counts"]["ready"] == 1 and report["counts"]["delayed"] == 0
+    assert report["priorities"]["MEDIUM"] == {"due": 1, "delayed": 0}
+    assert report["types"] == {"t": {"due": 1, "delayed": 0}}
+
+
 def test_status_of_a_missing_file_creates_nothing(tmp_path):
     result = cli("status", "--db", tmp_path / "nothing.db")
     assert_user_error(result, "nothing.db", "does not exist")
