@@ -696,6 +696,7 @@ class Model:
                 job.crashes = 0
                 self.push_tail(job_id)
                 n += 1
+        self.stats["enqueued"] += n
         self.stats["outstanding"] += n
         return n
 
