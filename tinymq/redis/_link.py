@@ -368,7 +368,7 @@ class QueueLink:
         try:
             # One script: a delayed job due on the server's clock counts at its priority, not as
             # delayed, before a fetch promotes it, and the two figures are read at one instant.
-            (high, medium, low), delayed, counters = self.scripts.stats()
+            (high, medium, low), delayed, counters = self.broker._call_resending(self.scripts.stats)
         except self._redis_error as exc:
             raise TinyMQError(f"could not read the stats of Redis queue {self.broker.name!r}: {exc}") from exc
 
