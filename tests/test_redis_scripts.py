@@ -198,6 +198,21 @@ def test_a_saturated_type_is_parked_in_order_and_released_on_settle(scripts):
     check_invariants(scripts)
 
 
+# Fixed (duecount; test_scripts_follow_the_model's no-lost-wake-up invariant found it): a cancel
+# that removed the ready job which a free slot of its type was waiting for left the older jobs of
+# that type parked with the slot free, until some attempt of the type ended.
+def test_a_cancelled_ready_job_lets_out_a_parked_one_of_its_type_for_the_free_slot(scripts):
+    scripts.set_limits({"slow": 1})
+    scripts.enqueue("tok", 100, 0, rows("s1", "s2", "s3", job_type="slow"))
+    assert [j.id for j in scripts.fetch("p1", "1", 3, LEASE_MS, 3, False).jobs] == ["s1"]  # s2, s3 parked
+    assert scripts.set_limits({"slow": 2}) == 1  # one slot more: s2 is let out for it
+    assert ready(scripts) == ["s2"]
+    assert scripts.cancel("ctok", "s2").status == "removed"
+    check_invariants(scripts)
+    assert [j.id for j in scripts.fetch("p2", "1", 3, LEASE_MS, 3, False).jobs] == ["s3"]  # the free slot
+    check_invariants(scripts)
+
+
 def test_release_gives_unstarted_attempts_back_to_the_head_in_order(scripts):
     scripts.enqueue("tok", 100, 0, rows("a", "b", "c", "d"))
     taken = scripts.fetch("p1", "1", 3, LEASE_MS, 3, False).jobs
