@@ -220,6 +220,28 @@ def test_status_limits_the_dead_jobs_listed(owned):
     assert len(status_json(path)["dead_jobs"]) == 3  # --json lists all
 
 
+# Fixed (duecount): status --db's priority and type tables put a job due at its creation under
+# "delayed" when its timestamp was ahead of the clock (the clock stepped back since it was
+# enqueued), while the counts above them, and a queue loading the file, take it as ready.
+def test_status_tables_agree_with_the_counts_for_a_job_due_at_its_creation(tmp_path):
+    path = tmp_path / "jobs.db"
+    store = SQLitePersistence(str(path))
+    queue = tinymq.Queue()
+    queue.set_persistence(store)
+    job = tinymq.Job("t")
+    job.timestamp = time.time() + 3600  # as if the clock was stepped back an hour since
+    job.run_at = job.timestamp  # due at its creation
+    try:
+        queue.enqueue(job)
+        report = status_json(path)
+    finally:
+        queue.stop(wait=False)
+        store.close()
+    assert report["counts"]["ready"] == 1 and report["counts"]["delayed"] == 0
+    assert report["priorities"]["MEDIUM"] == {"due": 1, "delayed": 0}
+    assert report["types"] == {"t": {"due": 1, "delayed": 0}}
+
+
 def test_status_of_a_missing_file_creates_nothing(tmp_path):
     result = cli("status", "--db", tmp_path / "nothing.db")
     assert_user_error(result, "nothing.db", "does not exist")
@@ -743,6 +765,41 @@ def test_status_of_a_redis_queue_and_its_dead_jobs(shared_project, producer, rec
     worker.signal(signal.SIGTERM)
     worker.wait_for(r"stopping \(SIGTERM\)", count=2)
     worker.kill()  # the held attempt would take a minute
+
+
+# Fixed (duecount): status --redis left a delayed job that had come due out of both its ready and
+# its delayed figures until a worker process fetched (get_stats() counted it nowhere), where
+# status --db counted it as ready. Both show a due job as ready, at its priority.
+def test_status_counts_a_due_delayed_job_as_ready_for_a_broker_and_for_a_file(tmp_path, redis_url, record):
+    from tinymq.redis import RedisBroker
+
+    path = tmp_path / "jobs.db"
+    store = SQLitePersistence(str(path))
+    local = tinymq.Queue()
+    local.set_persistence(store)
+    shared = tinymq.Queue(broker=RedisBroker(redis_url, name="cli"))
+    delay = 0.2
+    try:
+        for queue in (local, shared):  # no dispatcher: nothing moves a due job
+            queue.enqueue(tinymq.Job("t", priority=tinymq.Priority.LOW))
+            queue.enqueue_delayed(tinymq.Job("t", priority=tinymq.Priority.HIGH), delay)
+            queue.enqueue_delayed(tinymq.Job("t"), 3600)
+        due_by = time.time() + delay  # the store keeps wall-clock due times; Redis its server's
+        server_due_by = sum(part / scale for part, scale in zip(record.time(), (1, 1e6))) + delay
+        eventually(lambda: time.time() > due_by
+                   and sum(part / scale for part, scale in zip(record.time(), (1, 1e6))) > server_due_by,
+                   "due on both clocks")
+        on_file = status_json(path)
+        on_redis = json.loads(redis_status(redis_url, "--json").stdout)
+    finally:
+        local.stop(wait=False)
+        store.close()
+        shared.stop(wait=False)
+        shared.broker.close()
+    assert on_file["counts"] == {"ready": 2, "delayed": 1, "running": 0, "dead": 0, "corrupt": 0}
+    assert on_file["priorities"]["HIGH"] == {"due": 1, "delayed": 0}
+    assert on_redis["counts"] == {"ready": 2, "delayed": 1, "taken": 0, "dead": 0}
+    assert on_redis["priorities"] == {"HIGH": {"ready": 1}, "MEDIUM": {"ready": 0}, "LOW": {"ready": 1}}
 
 
 def test_status_of_a_redis_queue_shows_rate_limits_and_the_starts_in_their_window(redis_url, record):

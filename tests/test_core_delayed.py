@@ -152,6 +152,19 @@ def test_count_not_due_leaves_out_due_jobs_without_moving_them(core):
     assert core.DelayedHeap().count_not_due(0.0) == 0
 
 
+def test_peek_due_gives_the_due_jobs_in_order_without_moving_them(core):
+    # Queue.get_stats(): a due job counts as ready from its due time on, moved or not.
+    heap = core.DelayedHeap()
+    for name, run_at in (("e", 5.0), ("a", 1.0), ("c", 3.0), ("b1", 2.0), ("d", 4.0), ("b2", 2.0)):
+        heap.push(Item(name), run_at)
+    due, not_due = heap.peek_due(3.0)
+    assert (names(due), not_due) == (["a", "b1", "b2", "c"], 2)
+    assert len(heap) == 6 and heap.next_run_at() == 1.0
+    assert names(heap.pop_due(3.0)) == ["a", "b1", "b2", "c"]
+    assert heap.peek_due(0.0) == ([], 2)
+    assert core.DelayedHeap().peek_due(math.inf) == ([], 0)
+
+
 def test_concurrent_pushes_and_pops_lose_nothing(core):
     heap = core.DelayedHeap()
     per_thread = 5000
@@ -251,6 +264,10 @@ class DelayedModel:
     def count_not_due(self, now):
         return sum(1 for e in self.entries if e[0] > now)
 
+    def peek_due(self, now):
+        due = sorted(e for e in self.entries if e[0] <= now)
+        return [e[2] for e in due], len(self.entries) - len(due)
+
 
 # Few distinct values, so that equal run_at (FIFO) and eviction ties come up often.
 run_ats = st.one_of(
@@ -301,6 +318,12 @@ class DelayedHeapMachine(RuleBasedStateMachine):
     @rule(now=run_ats)
     def count_not_due(self, now):
         assert self.heap.count_not_due(now) == self.model.count_not_due(now)
+
+    @rule(now=run_ats)
+    def peek_due(self, now):
+        due, not_due = self.heap.peek_due(now)
+        expected_due, expected_not_due = self.model.peek_due(now)
+        assert (names(due), not_due) == (names(expected_due), expected_not_due)
 
     @rule()
     def pop_all(self):

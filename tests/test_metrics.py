@@ -113,12 +113,29 @@ def test_the_scrape_matches_get_stats():
     assert value(samples, "tinymq_attempt_duration_seconds_count", type="idle") == 0
 
 
+# Fixed (duecount): the jobs owed a place in a full ready buffer (QueueStats.waiting_for_room: due
+# jobs, retries, recovered jobs) were in no gauge, so a scrape lost them: a full buffer with a
+# backlog of due jobs showed queue_size at buffer_size and delayed_jobs at 0.
+def test_jobs_waiting_for_room_are_in_a_gauge():
+    with Queue(config=Config(buffer_size=1)) as q:  # no dispatcher: nothing runs
+        q.enqueue(Job("t"))
+        q.enqueue_delayed(Job("t", priority=Priority.HIGH), 0.01)
+        q.enqueue_delayed(Job("t"), 3600)
+        assert wait_until(lambda: q.get_stats().waiting_for_room == 1)  # once it is due
+        stats = q.get_stats()
+        samples, types = scrape(q)
+    assert types["tinymq_waiting_for_room_jobs"] == "gauge"
+    assert value(samples, "tinymq_waiting_for_room_jobs") == stats.waiting_for_room == 1
+    assert sum(value(samples, "tinymq_queue_size", priority=priority) for priority in ("high", "medium", "low")) \
+        + value(samples, "tinymq_delayed_jobs") + value(samples, "tinymq_waiting_for_room_jobs") == 3
+
+
 def test_registering_reads_nothing_and_the_collector_follows_the_queue():
     with Queue(10) as q:
         collector = PrometheusCollector(q)
         names = sorted(family.name for family in collector.describe())
         assert names == sorted(["tinymq_jobs", "tinymq_queue_events", "tinymq_queue_size",
-                                "tinymq_delayed_jobs", "tinymq_active_jobs",
+                                "tinymq_delayed_jobs", "tinymq_waiting_for_room_jobs", "tinymq_active_jobs",
                                 "tinymq_max_concurrent_jobs", "tinymq_attempt_duration_seconds"])
         assert all(not family.samples for family in collector.describe())
         samples, _ = scrape(q)

@@ -191,3 +191,26 @@ def test_stats_snapshot_does_not_change_afterwards():
         assert before.medium_queue_size == 0
         assert before.jobs_enqueued == 0
         assert q.get_stats().jobs_enqueued == 1
+
+
+def _wait_for_the_clock(past):
+    """Until the monotonic clock (the one delayed jobs are due on) has passed ``past``."""
+    while time.monotonic() <= past:
+        time.sleep(max(past - time.monotonic(), 0.001))
+
+
+# Fixed (duecount): a due delayed job counted nowhere until the scheduler moved it (before
+# start_dispatcher: until then), so the sizes and delayed_jobs_count summed to fewer jobs than the
+# queue held. It counts where moving it would put it: ready at its priority while the buffer has
+# room, then waiting_for_room, in the order the scheduler moves them (earliest due first).
+def test_a_due_job_not_yet_moved_counts_where_moving_it_would_put_it():
+    with make_queue(buffer_size=2) as q:  # no dispatcher: no scheduler moves anything
+        q.enqueue(Job("t", priority=Priority.LOW))
+        q.enqueue_delayed(Job("t", priority=Priority.MEDIUM), 0.05)
+        q.enqueue_delayed(Job("t", priority=Priority.HIGH), 0.1)  # due later: no room left for it
+        q.enqueue_delayed(Job("t"), 3600)
+        _wait_for_the_clock(time.monotonic() + 0.1)
+        stats = q.get_stats()
+    assert (stats.high_queue_size, stats.medium_queue_size, stats.low_queue_size) == (0, 1, 1)
+    assert (stats.waiting_for_room, stats.delayed_jobs_count) == (1, 1)
+    assert stats.jobs_enqueued == 4

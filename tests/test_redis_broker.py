@@ -171,6 +171,24 @@ def test_dead_jobs_requeue_and_purge(shared):
     assert producer.broker.dead_jobs() == []
 
 
+# Fixed (duecount): requeue_dead put dead jobs back as unfinished (join() waits for them) without
+# counting them in jobs_enqueued, so jobs_enqueued less the jobs that ended (succeeded, failed,
+# evicted, cancelled) no longer gave the unfinished jobs, and went below zero once they ended
+# again. A store's requeued job counts as enqueued when the next queue recovers it; over Redis
+# it counts at the requeue.
+def test_requeued_dead_jobs_count_as_enqueued_again(shared):
+    producer = shared.queue(max_delayed_jobs=1)  # no worker: nothing runs, nothing moves
+    producer.enqueue_delayed(Job("t", "first", id="first"), 3600)
+    producer.enqueue_delayed(Job("t", "second"), 3600)  # evicts the first: dead
+    assert [entry.job.id for entry in producer.broker.dead_jobs()] == ["first"]
+    assert producer.broker.requeue_dead() == 1
+    stats = producer.get_stats()
+    assert (stats.medium_queue_size, stats.delayed_jobs_count) == (1, 1)
+    assert (stats.jobs_enqueued, stats.jobs_evicted) == (3, 1)
+    assert (stats.jobs_enqueued - stats.jobs_succeeded - stats.jobs_failed - stats.jobs_evicted
+            - stats.jobs_cancelled) == 2
+
+
 def test_a_reaped_process_late_result_is_ignored_and_it_registers_again(shared):
     producer, worker = shared.pair()
     with Blocker() as blocker:

@@ -87,6 +87,63 @@ def test_a_due_delayed_job_no_longer_counts_as_delayed_before_it_is_moved(backen
     assert ran.snapshot() == [due.id]
 
 
+def _clock(backend, queue):
+    """The clock a delayed job's due time is kept on, in seconds: the server's over Redis (the
+    scripts set due times from its TIME), the monotonic clock in-process."""
+    if backend.name == "redis":
+        client = queue.broker._client
+        return lambda: (lambda now: now[0] + now[1] / 1e6)(client.time())
+    return time.monotonic
+
+
+def _unfinished(stats):
+    return (stats.jobs_enqueued - stats.jobs_succeeded - stats.jobs_failed - stats.jobs_evicted
+            - stats.jobs_cancelled)
+
+
+def _placed(stats):
+    """Ready (all priorities), delayed and running (none here: no dispatcher) jobs."""
+    return stats.high_queue_size + stats.medium_queue_size + stats.low_queue_size + stats.delayed_jobs_count
+
+
+# Fixed (duecount): a delayed job that had come due counted nowhere until it was moved: not in
+# delayed_jobs_count (smallfix), nor in the ready sizes, over Redis until a fetch promoted it, and
+# in-process until the scheduler moved it (before start_dispatcher: until then). So a backlog
+# watched through get_stats() lost jobs. API.md "Stats": a due job counts as ready from its due time on.
+def test_a_due_delayed_job_counts_as_ready_from_its_due_time_on(backend):
+    producer, worker = backend.pair()
+    ran = Recorder()
+    worker.register_executor("t", lambda job: ran.add(job.id))
+    clock = _clock(backend, producer)
+    delay = 0.4
+    producer.enqueue(Job("t", priority=Priority.LOW))
+    before = clock()
+    due = producer.enqueue_delayed(Job("t", priority=Priority.HIGH), delay)  # no dispatcher: nothing moves it
+    due_by = clock() + delay  # on the clock of its due time, it is due at the latest then
+    producer.enqueue_delayed(Job("t"), 3600)
+    seen = []
+    while True:  # every look, before and after the due time, places every unfinished job once
+        stats = producer.get_stats()
+        after = clock()
+        assert _placed(stats) == _unfinished(stats) == 3, stats
+        seen.append((after < before + delay, stats))
+        if after > due_by:
+            break
+        time.sleep(0.01)
+    if seen[0][0]:  # read before it could be due (not on a machine slower than the delay)
+        stats = seen[0][1]
+        assert (stats.high_queue_size, stats.low_queue_size, stats.delayed_jobs_count) == (0, 1, 2)
+    stats = producer.get_stats()  # due now: ready, at its priority
+    assert (stats.high_queue_size, stats.medium_queue_size, stats.low_queue_size) == (1, 0, 1)
+    assert stats.delayed_jobs_count == 1
+    worker.start_dispatcher(1)
+    assert ran.wait_for(2)
+    assert due.id in ran.snapshot()
+    assert wait_until(lambda: producer.get_stats().jobs_succeeded == 2)  # (settled in Redis)
+    stats = producer.get_stats()
+    assert _placed(stats) == _unfinished(stats) == 1
+
+
 def test_an_earlier_delayed_job_runs_first(backend):
     producer, worker = backend.pair()
     ran = Recorder()

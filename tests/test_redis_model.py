@@ -644,6 +644,9 @@ class Model:
         if job_id in waiting or job_id in self.delayed or job_id in parked:
             if job_id in waiting:
                 waiting.remove(job_id)
+                limit = self.limits.get(job.type)  # a parked one takes a free slot it may have waited for
+                if self.parked_count(job.type) and (limit is None or self.running[job.type] < limit):
+                    self.unpark_one(job.type)
             elif job_id in self.delayed:
                 del self.delayed[job_id]
                 self.capped.pop(job_id, None)
@@ -696,6 +699,7 @@ class Model:
                 job.crashes = 0
                 self.push_tail(job_id)
                 n += 1
+        self.stats["enqueued"] += n
         self.stats["outstanding"] += n
         return n
 

@@ -68,6 +68,15 @@ def check_invariants(scripts):
     assert all(json.loads(row)[6:7] == [1] for row in kept), kept
     held_back = len(kept)
     assert int(client.hget(key(scripts, "stats"), "outstanding") or 0) == len(unfinished) + held_back
+    # get_stats() (stats.lua) places every waiting job once: ready, parked (counted per level by
+    # parked:<p>) or due, at its level; not due, as delayed.
+    (high, medium, low), delayed, counters = scripts.stats()
+    waiting = client.zcard(key(scripts, "delayed"))
+    for level in (0, 1, 2):
+        parked = sum(client.llen(k) for k in client.scan_iter(key(scripts, f"parked:{level}:*")))
+        assert counters.get(f"parked:{level}", 0) == parked, (level, counters)
+        waiting += client.llen(key(scripts, f"ready:{level}")) + parked
+    assert high + medium + low + delayed == waiting
 
 
 def rows(*ids, job_type="t", priority=1, delay_ms=0):
@@ -186,6 +195,21 @@ def test_a_saturated_type_is_parked_in_order_and_released_on_settle(scripts):
     assert [j.id for j in nxt] == ["s2"]
     assert scripts.set_limits({"slow": 3}) == 1  # a raised limit releases what now fits
     assert ready(scripts) == ["s3"]
+    check_invariants(scripts)
+
+
+# Fixed (duecount; test_scripts_follow_the_model's no-lost-wake-up invariant found it): a cancel
+# that removed the ready job which a free slot of its type was waiting for left the older jobs of
+# that type parked with the slot free, until some attempt of the type ended.
+def test_a_cancelled_ready_job_lets_out_a_parked_one_of_its_type_for_the_free_slot(scripts):
+    scripts.set_limits({"slow": 1})
+    scripts.enqueue("tok", 100, 0, rows("s1", "s2", "s3", job_type="slow"))
+    assert [j.id for j in scripts.fetch("p1", "1", 3, LEASE_MS, 3, False).jobs] == ["s1"]  # s2, s3 parked
+    assert scripts.set_limits({"slow": 2}) == 1  # one slot more: s2 is let out for it
+    assert ready(scripts) == ["s2"]
+    assert scripts.cancel("ctok", "s2").status == "removed"
+    check_invariants(scripts)
+    assert [j.id for j in scripts.fetch("p2", "1", 3, LEASE_MS, 3, False).jobs] == ["s3"]  # the free slot
     check_invariants(scripts)
 
 

@@ -27,6 +27,7 @@ from libc.string cimport memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 import gc
+import operator
 import os
 from collections import deque
 
@@ -940,17 +941,37 @@ cdef class ReadyQueue:
 
         ``((high, medium, low), counters(), {job_type: (active, limit, succeeded, failed,
         retried, timed_out, cancelled)} per registered executor, overflow_size, delayed jobs)``,
-        where delayed jobs are those not due at ``now`` (the heaps' clock).
+        where delayed jobs are those not due at ``now`` (the heaps' clock). A due job that is
+        still in a heap counts where moving it now would put it (``requeue``): ready at its
+        level while the buffer has room, else owed room (overflow_size), in the order the
+        scheduler moves them (the heaps in the order given, each earliest first).
         """
         cdef TypeState state
         cdef DelayedHeap heap
         cdef Py_ssize_t delayed = 0
+        cdef Py_ssize_t sizes[3]
+        cdef Py_ssize_t waiting_for_room = len(self.overflow)
+        cdef Py_ssize_t room
+        cdef int level
+        sizes[0], sizes[1], sizes[2] = self.level_sizes[0], self.level_sizes[1], self.level_sizes[2]
+        room = 0 if waiting_for_room else self.capacity - (sizes[0] + sizes[1] + sizes[2])
         for heap in heaps:
-            delayed += heap.count - heap._count_due(0, now)
+            due = heap._due(now)
+            delayed += heap.count - len(due)
+            for job in due:
+                try:
+                    level = _level_of(job)
+                except ValueError:
+                    continue  # moving it fails it (a priority made invalid while it waited)
+                if room > 0:
+                    sizes[level] += 1
+                    room -= 1
+                else:
+                    waiting_for_room += 1
         types = {state.name: (state.active, state.limit) + tuple([state.counters[event] for event in TYPE_EVENTS])
                  for state in self.types.values() if state.fn is not None}
-        return ((self.level_sizes[2], self.level_sizes[1], self.level_sizes[0]),
-                tuple([self._counters[i] for i in range(N_COUNTERS)]), types, len(self.overflow), delayed)
+        return ((sizes[2], sizes[1], sizes[0]),
+                tuple([self._counters[i] for i in range(N_COUNTERS)]), types, waiting_for_room, delayed)
 
     def attempt_durations(self):
         """``{job_type: (attempts per bucket, sum of seconds)}`` per registered executor.
@@ -1686,6 +1707,9 @@ cdef class ReadyQueue:
 
 # --- the delayed heap ---------------------------------------------------------
 
+_RUN_AT_AND_SEQ = operator.itemgetter(0, 1)
+
+
 cdef struct HeapEntry:
     double run_at
     uint64_t seq
@@ -1811,6 +1835,28 @@ cdef class DelayedHeap:
     def count_not_due(self, double now):
         """How many jobs have run_at > now: a due job no longer counts as delayed, moved or not."""
         return self.count - self._count_due(0, now)
+
+    cdef int _collect_due(self, Py_ssize_t i, double now, list due) except -1:
+        """Append (run_at, seq, job) of the entries with run_at <= now in the subtree at ``i``."""
+        if i >= self.count or self.entries[i].run_at > now:
+            return 0  # a heap: nothing below a job not due is due
+        due.append((self.entries[i].run_at, self.entries[i].seq, <object>self.entries[i].job))
+        self._collect_due(2 * i + 1, now, due)
+        self._collect_due(2 * i + 2, now, due)
+        return 0
+
+    cdef list _due(self, double now):
+        """The jobs with run_at <= now, earliest first, left in place."""
+        cdef list due = []
+        self._collect_due(0, now, due)
+        due.sort(key=_RUN_AT_AND_SEQ)  # (never compares the jobs)
+        return [entry[2] for entry in due]
+
+    def peek_due(self, double now):
+        """``(the jobs with run_at <= now, earliest first, how many are not due)``, read at one
+        moment and left in place: only the due entries are visited."""
+        due = self._due(now)
+        return due, self.count - len(due)
 
     def remove(self, job_id, object job=None):
         """Take the job whose ``_id`` is ``job_id`` out of the heap: the job, or None.

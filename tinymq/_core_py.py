@@ -254,6 +254,14 @@ def _priority_level(job: Any) -> int:
     return int(priority)
 
 
+def _level_or_none(job: Any) -> Optional[int]:
+    """The level ``requeue`` would read for ``job`` now, or None where it would refuse it."""
+    try:
+        return _priority_level(job)
+    except ValueError:
+        return None
+
+
 def _not_a_str(what: str, value: Any) -> TypeError:
     # str.__repr__: a str subclass's own __repr__ is not called
     shown = str.__repr__(value) if isinstance(value, str) else repr(value)
@@ -474,14 +482,31 @@ class ReadyQueue:
 
         ``((high, medium, low), counters(), {job_type: (active, limit, succeeded, failed,
         retried, timed_out, cancelled)} per registered executor, overflow_size, delayed jobs)``,
-        where delayed jobs are those not due at ``now`` (the heaps' clock).
+        where delayed jobs are those not due at ``now`` (the heaps' clock). A due job that is
+        still in a heap counts where moving it now would put it (``requeue``): ready at its
+        level while the buffer has room, else owed room (overflow_size), in the order the
+        scheduler moves them (the heaps in the order given, each earliest first).
         """
         with self._lock:
             types = {s.name: (s.active, s.limit, *[s.counters[event] for event in TYPE_EVENTS])
                      for s in self._types.values() if s.fn is not None}
-            sizes = (self._sizes[2], self._sizes[1], self._sizes[0])
-            delayed = sum([heap.count_not_due(now) for heap in heaps])
-            return sizes, tuple(self._counters), types, len(self._overflow), delayed
+            sizes = list(self._sizes)
+            waiting_for_room = len(self._overflow)
+            room = 0 if self._overflow else self.capacity - sum(sizes)
+            delayed = 0
+            for heap in heaps:
+                due, not_due = heap.peek_due(now)
+                delayed += not_due
+                for job in due:
+                    level = _level_or_none(job)
+                    if level is None:
+                        continue  # moving it fails it (a priority made invalid while it waited)
+                    if room > 0:
+                        sizes[level] += 1
+                        room -= 1
+                    else:
+                        waiting_for_room += 1
+            return (sizes[2], sizes[1], sizes[0]), tuple(self._counters), types, waiting_for_room, delayed
 
     def attempt_durations(self) -> Dict[str, Tuple[Tuple[int, ...], float]]:
         """``{job_type: (attempts per bucket, sum of seconds)}`` per registered executor.
@@ -1178,6 +1203,18 @@ def _count_due(heap: List[Tuple[float, int, Any]], index: int, now: float) -> in
     return 1 + _count_due(heap, 2 * index + 1, now) + _count_due(heap, 2 * index + 2, now)
 
 
+def _collect_due(heap: List[Tuple[float, int, Any]], index: int, now: float,
+                 due: List[Tuple[float, int, Any]]) -> None:
+    """Append the entries with run_at <= now in the subtree at ``index`` to ``due``."""
+    if index < len(heap) and heap[index][0] <= now:
+        due.append(heap[index])
+        _collect_due(heap, 2 * index + 1, now, due)
+        _collect_due(heap, 2 * index + 2, now, due)
+
+
+_run_at_and_seq = operator.itemgetter(0, 1)
+
+
 class DelayedHeap:
     """Jobs waiting for their run_at, earliest first; FIFO among equal run_at.
 
@@ -1242,6 +1279,16 @@ class DelayedHeap:
         """How many jobs have run_at > now: a due job no longer counts as delayed, moved or not."""
         with self._lock:
             return len(self._heap) - _count_due(self._heap, 0, now)
+
+    def peek_due(self, now: float) -> Tuple[List[Any], int]:
+        """``(the jobs with run_at <= now, earliest first, how many are not due)``, read at one
+        moment and left in place: only the due entries are visited."""
+        due: List[Tuple[float, int, Any]] = []
+        with self._lock:
+            _collect_due(self._heap, 0, now, due)
+            not_due = len(self._heap) - len(due)
+        due.sort(key=_run_at_and_seq)  # (never compares the jobs)
+        return [entry[2] for entry in due], not_due
 
     def __len__(self) -> int:
         return len(self._heap)

@@ -63,10 +63,12 @@ def db_status(path: str) -> Dict[str, Any]:
         raise CommandError(str(exc)) from None
     now = time.time()
     # jobs() does not say which are running: "due" is ready or running, "delayed" waits for run_at.
+    # A job due at its creation (run_at is its timestamp) is due whatever the clock did since, as
+    # counts() and a queue loading it see it.
     priorities = {priority.name: {"due": 0, "delayed": 0} for priority in _PRIORITIES}
     types: Dict[str, Dict[str, int]] = {}
     for job in jobs:
-        column = "delayed" if job.run_at > now else "due"
+        column = "delayed" if job.run_at is not job.timestamp and job.run_at > now else "due"
         priorities[Priority(job.priority).name][column] += 1
         types.setdefault(job.type, {"due": 0, "delayed": 0})[column] += 1
     return {

@@ -25,6 +25,8 @@ Metrics (``type`` is a job type with a registered executor):
   ``evicted``, ``cancelled``); jobs whose type has no executor count only here;
 - ``tinymq_queue_size{priority}`` (gauge): ready jobs, ``priority`` is ``high``,
   ``medium`` or ``low``; ``tinymq_delayed_jobs`` (gauge): jobs waiting for their ``run_at``;
+  ``tinymq_waiting_for_room_jobs`` (gauge): due jobs, retries and recovered jobs owed a
+  place in the full ready buffer (``QueueStats.waiting_for_room``; always 0 with Redis);
 - ``tinymq_active_jobs{type}`` and ``tinymq_max_concurrent_jobs{type}`` (gauges);
 - ``tinymq_attempt_duration_seconds{type}`` (histogram): how long attempts ran, measured
   when each attempt's outcome is decided (a timed-out attempt at its deadline), with the
@@ -88,7 +90,7 @@ class PrometheusCollector(Collector):
         return iter(self._families())
 
     def collect(self) -> Iterator[Any]:
-        (jobs, events, sizes, delayed, active, limits, histogram) = families = self._families()
+        (jobs, events, sizes, delayed, waiting, active, limits, histogram) = families = self._families()
         for name, queue in self._queues.items():
             stats = queue.get_stats()
             durations = queue._attempt_durations()
@@ -106,6 +108,7 @@ class PrometheusCollector(Collector):
             sizes.add_metric(at + ["medium"], stats.medium_queue_size)
             sizes.add_metric(at + ["low"], stats.low_queue_size)
             delayed.add_metric(at, stats.delayed_jobs_count)
+            waiting.add_metric(at, stats.waiting_for_room)
         return iter(families)
 
     def _families(self) -> List[Any]:
@@ -117,6 +120,8 @@ class PrometheusCollector(Collector):
                                 labels=by + ["event"]),
             GaugeMetricFamily("tinymq_queue_size", "Ready jobs by priority.", labels=by + ["priority"]),
             GaugeMetricFamily("tinymq_delayed_jobs", "Jobs waiting for their run_at or a retry.", labels=by),
+            GaugeMetricFamily("tinymq_waiting_for_room_jobs", "Due jobs, retries and recovered jobs owed a "
+                              "place in the full ready buffer.", labels=by),
             GaugeMetricFamily("tinymq_active_jobs", "Attempts running now, by type.", labels=by + ["type"]),
             GaugeMetricFamily("tinymq_max_concurrent_jobs", "The concurrency limit of each type.",
                               labels=by + ["type"]),

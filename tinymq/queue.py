@@ -575,7 +575,7 @@ class Queue:
         # One read of the core and the delayed heaps, so the counters and every place agree.
         dispatcher = self._dispatcher
         (high, medium, low), counters, types, waiting_for_room, delayed = self._ready.snapshot(
-            dispatcher.delayed, dispatcher.uncapped, now=core.monotonic())  # due ones are not delayed
+            dispatcher.delayed, dispatcher.uncapped, now=core.monotonic())  # due ones count as ready
         enqueued, succeeded, failed, retried, timed_out, evicted, cancelled = counters
         return QueueStats(
             high_queue_size=high,

@@ -32,9 +32,9 @@ class QueueStats:
     """A consistent snapshot of the queue, taken by ``Queue.get_stats()``.
 
     Sizes are ready jobs per priority; ``delayed_jobs_count`` the jobs not due yet
-    (a due one no longer counts, moved or not); the ``jobs_*`` fields are lifetime event
-    counters. ``waiting_for_room`` counts due jobs, retries and recovered jobs
-    that are owed a place in a full ready buffer (they are never dropped).
+    (a due one counts as ready from its due time on, moved or not); the ``jobs_*`` fields
+    are lifetime event counters. ``waiting_for_room`` counts due jobs, retries and
+    recovered jobs that are owed a place in a full ready buffer (they are never dropped).
     """
 
     high_queue_size: int

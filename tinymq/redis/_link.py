@@ -403,28 +403,20 @@ class QueueLink:
     # --- observing ---------------------------------------------------------------
 
     def stats(self) -> QueueStats:
-        prefix = self.scripts.prefix
         try:
-            # Only jobs not due yet count as delayed (API.md), due ones waiting for a fetch to
-            # promote them do not. Scores are the server's clock in ms, as the scripts set them.
-            seconds, microseconds = self.client.time()
-            now_ms = seconds * 1000 + microseconds / 1000
-            pipe = self.client.pipeline(transaction=False)
-            for level in (2, 1, 0):
-                pipe.llen(f"{prefix}ready:{level}")
-            pipe.zcount(f"{prefix}delayed", f"({now_ms!r}", "+inf")
-            pipe.hgetall(f"{prefix}stats")
-            high, medium, low, delayed, counters = pipe.execute()
+            # One script: a delayed job due on the server's clock counts at its priority, not as
+            # delayed, before a fetch promotes it, and the two figures are read at one instant.
+            (high, medium, low), delayed, counters = self.broker._call_resending(self.scripts.stats)
         except self._redis_error as exc:
             raise TinyMQError(f"could not read the stats of Redis queue {self.broker.name!r}: {exc}") from exc
 
         def counter(name: str) -> int:
-            return int(counters.get(name, 0))
+            return counters.get(name, 0)
 
         return QueueStats(
-            high_queue_size=high + counter("parked:2"),
-            medium_queue_size=medium + counter("parked:1"),
-            low_queue_size=low + counter("parked:0"),
+            high_queue_size=high,
+            medium_queue_size=medium,
+            low_queue_size=low,
             delayed_jobs_count=delayed,
             max_delayed_jobs=self.config.max_delayed_jobs,
             worker_count=self.dispatcher.worker_count,

@@ -19,7 +19,7 @@ __all__ = ["Scripts", "Connections", "SettleOp", "Crashed", "Fetched", "FetchRep
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SCRIPT_NAMES = ("enqueue", "fetch", "settle", "beat", "reap", "release", "limits",
-                 "requeue_dead", "purge_dead", "schedule_begin", "schedule_tick", "cancel", "hold")
+                 "requeue_dead", "purge_dead", "schedule_begin", "schedule_tick", "cancel", "hold", "stats")
 
 
 def key_prefix(name: str) -> str:
@@ -332,6 +332,13 @@ class Scripts:
             else:
                 args.extend((job_type, value, 0, 0))
         return int(self._call("limits", args))
+
+    def stats(self) -> Tuple[Tuple[int, int, int], int, Dict[str, int]]:
+        """``((high, medium, low), delayed, counters)`` read at one instant (stats.lua): a
+        delayed job due on the server's clock counts at its priority, not as delayed."""
+        high, medium, low, delayed, flat = self._call("stats", [])
+        counters = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return (int(high), int(medium), int(low)), int(delayed), counters
 
     def requeue_dead(self, ids: Sequence[str]) -> int:
         return int(self._call("requeue_dead", list(ids))) if ids else 0

@@ -25,7 +25,9 @@ Returns one of
                                           cancels it, and its settle ends the job as cancelled
                                           (unless proc decided a failure for good first: see
                                           settle in lib.lua)
-Removing a waiting job looks through its ready or parked list (O(length)); finding a leased
+A ready job removed while jobs of its type are parked and the type has a free slot lets the
+first of them out (it may have been the job let out for that slot), so none waits for a slot
+that is free. Removing a waiting job looks through its ready or parked list (O(length)); finding a leased
 one looks through the inflight hashes of the live processes. Cancelling is rare: the hot
 paths (fetch, settle) pay one EXISTS per call for it.
 The reply is kept under the token for 2 to 3 TOKEN_SPANs, as enqueue keeps its tokens. ]]
@@ -55,7 +57,17 @@ local function cancel()
     reported_by_reply({row})
     return {1, row, 0}
   end
-  if redis.call('LREM', READY[p], 1, id) == 1 then return removed() end
+  if redis.call('LREM', READY[p], 1, id) == 1 then
+    -- It may have been the ready job that a free slot of its type waited for while older jobs
+    -- of the type stay parked (a raised limit let it out for that slot): let one of them out
+    -- instead, else they wait for an attempt of the type to end.
+    if redis.call('HEXISTS', K_PARKEDN, t) == 1 then
+      local limit = tonumber(redis.call('HGET', K_LIMITS, t))
+      local running = tonumber(redis.call('HGET', K_RUNNING, t)) or 0
+      if (not limit or running < limit) and rate_room(t) > 0 and unpark_one(t) then flush_head() end
+    end
+    return removed()
+  end
   if redis.call('ZREM', K_DELAYED, id) == 1 then
     redis.call('ZREM', K_CAPPED, id)
     return removed()

@@ -1,6 +1,8 @@
 --[[ requeue_dead: dead jobs back to the tail of their level, retries and crashes reset.
 KEYS[1] prefix. ARGV: ids (at most a few hundred per call; the client pages).
-Ids that are not dead are skipped. Returns how many were requeued. ]]
+Ids that are not dead are skipped. Each one requeued counts as enqueued (accepted again, as
+a store's requeued job is when a queue recovers it), so enqueued less the jobs that ended
+stays the unfinished jobs. Returns how many were requeued. ]]
 local n = 0
 for _, id in ipairs(ARGV) do
   if redis.call('ZREM', K_DEAD, id) == 1 then
@@ -14,6 +16,7 @@ for _, id in ipairs(ARGV) do
     end
   end
 end
+count('enqueued', n)
 count('outstanding', n)
 flush_counts()
 if n > 0 then signal() end
