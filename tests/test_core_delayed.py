@@ -142,14 +142,14 @@ def test_infinite_run_at_is_never_due_before_infinity(core):
     assert names(heap.pop_due(math.inf)) == ["never"]
 
 
-def test_count_not_due_leaves_out_due_jobs_without_moving_them(core):
+def test_peek_due_counts_only_jobs_not_due_as_waiting_without_moving_them(core):
     # Queue.get_stats(): a due job no longer counts as delayed, before the scheduler moves it too.
     heap = core.DelayedHeap()
     for run_at in (5.0, 1.0, 3.0, 2.0, 4.0, 2.0):
         heap.push(Item(run_at), run_at)
-    assert [heap.count_not_due(now) for now in (0.0, 1.0, 2.0, 4.5, 5.0)] == [6, 5, 3, 1, 0]
+    assert [heap.peek_due(now)[1] for now in (0.0, 1.0, 2.0, 4.5, 5.0)] == [6, 5, 3, 1, 0]
     assert len(heap) == 6 and heap.next_run_at() == 1.0
-    assert core.DelayedHeap().count_not_due(0.0) == 0
+    assert core.DelayedHeap().peek_due(0.0)[1] == 0
 
 
 def test_peek_due_gives_the_due_jobs_in_order_without_moving_them(core):
@@ -261,9 +261,6 @@ class DelayedModel:
     def next_run_at(self):
         return min(e[0] for e in self.entries) if self.entries else None
 
-    def count_not_due(self, now):
-        return sum(1 for e in self.entries if e[0] > now)
-
     def peek_due(self, now):
         due = sorted(e for e in self.entries if e[0] <= now)
         return [e[2] for e in due], len(self.entries) - len(due)
@@ -314,10 +311,6 @@ class DelayedHeapMachine(RuleBasedStateMachine):
     @rule()
     def pop_due_at_next_run_at(self):
         self.pop_due(self.model.next_run_at())
-
-    @rule(now=run_ats)
-    def count_not_due(self, now):
-        assert self.heap.count_not_due(now) == self.model.count_not_due(now)
 
     @rule(now=run_ats)
     def peek_due(self, now):

@@ -1826,16 +1826,6 @@ cdef class DelayedHeap:
     def next_run_at(self):
         return self.entries[0].run_at if self.count else None
 
-    cdef Py_ssize_t _count_due(self, Py_ssize_t i, double now) noexcept:
-        """The entries with run_at <= now in the subtree at ``i``: only due ones are visited."""
-        if i >= self.count or self.entries[i].run_at > now:
-            return 0  # a heap: nothing below a job not due is due
-        return 1 + self._count_due(2 * i + 1, now) + self._count_due(2 * i + 2, now)
-
-    def count_not_due(self, double now):
-        """How many jobs have run_at > now: a due job no longer counts as delayed, moved or not."""
-        return self.count - self._count_due(0, now)
-
     cdef int _collect_due(self, Py_ssize_t i, double now, list due) except -1:
         """Append (run_at, seq, job) of the entries with run_at <= now in the subtree at ``i``."""
         if i >= self.count or self.entries[i].run_at > now:

@@ -254,14 +254,6 @@ def _priority_level(job: Any) -> int:
     return int(priority)
 
 
-def _level_or_none(job: Any) -> Optional[int]:
-    """The level ``requeue`` would read for ``job`` now, or None where it would refuse it."""
-    try:
-        return _priority_level(job)
-    except ValueError:
-        return None
-
-
 def _not_a_str(what: str, value: Any) -> TypeError:
     # str.__repr__: a str subclass's own __repr__ is not called
     shown = str.__repr__(value) if isinstance(value, str) else repr(value)
@@ -498,8 +490,9 @@ class ReadyQueue:
                 due, not_due = heap.peek_due(now)
                 delayed += not_due
                 for job in due:
-                    level = _level_or_none(job)
-                    if level is None:
+                    try:
+                        level = _priority_level(job)
+                    except ValueError:
                         continue  # moving it fails it (a priority made invalid while it waited)
                     if room > 0:
                         sizes[level] += 1
@@ -1196,13 +1189,6 @@ class ReadyQueue:
 # --- the delayed heap ---------------------------------------------------------
 
 
-def _count_due(heap: List[Tuple[float, int, Any]], index: int, now: float) -> int:
-    """The entries with run_at <= now in the subtree at ``index``: only due ones are visited."""
-    if index >= len(heap) or heap[index][0] > now:
-        return 0  # a heap: nothing below a job not due is due
-    return 1 + _count_due(heap, 2 * index + 1, now) + _count_due(heap, 2 * index + 2, now)
-
-
 def _collect_due(heap: List[Tuple[float, int, Any]], index: int, now: float,
                  due: List[Tuple[float, int, Any]]) -> None:
     """Append the entries with run_at <= now in the subtree at ``index`` to ``due``."""
@@ -1274,11 +1260,6 @@ class DelayedHeap:
     def next_run_at(self) -> Optional[float]:
         with self._lock:
             return self._heap[0][0] if self._heap else None
-
-    def count_not_due(self, now: float) -> int:
-        """How many jobs have run_at > now: a due job no longer counts as delayed, moved or not."""
-        with self._lock:
-            return len(self._heap) - _count_due(self._heap, 0, now)
 
     def peek_due(self, now: float) -> Tuple[List[Any], int]:
         """``(the jobs with run_at <= now, earliest first, how many are not due)``, read at one
