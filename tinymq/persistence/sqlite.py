@@ -98,9 +98,9 @@ def _give_back_sql() -> str:
     return f"INSERT OR REPLACE INTO {_TABLE} ({', '.join(_COLUMNS)}) SELECT {', '.join(values)}"
 
 
-def _insert(columns: int, rows: int = 1) -> str:
+def _insert(columns: int, rows: int = 1, verb: str = "INSERT OR REPLACE") -> str:
     values = ", ".join(["(" + ", ".join("?" * columns) + ")"] * rows)
-    return f"INSERT OR REPLACE INTO {_TABLE} ({', '.join(_COLUMNS[:columns])}) VALUES {values}"
+    return f"{verb} INTO {_TABLE} ({', '.join(_COLUMNS[:columns])}) VALUES {values}"
 
 
 # A save overwrites the row of an unfinished job (a retry's save), and leaves any other row of its
@@ -113,17 +113,20 @@ _SAVES: Dict[str, int] = {}  # every save statement made -> the columns of each 
 
 def _save_sql(columns: int, rows: int = 1) -> str:
     """The INSERT of ``rows`` saves (lean or full), registered in _SAVES."""
-    values = ", ".join(["(" + ", ".join("?" * columns) + ")"] * rows)
-    names = ", ".join(_COLUMNS[:columns])
     if not _UPSERT_SUPPORTED:
-        sql = f"INSERT OR IGNORE INTO {_TABLE} ({names}) VALUES {values}"
+        sql = _insert(columns, rows, "INSERT OR IGNORE")
     else:
         updates = ", ".join(f"{name} = excluded.{name}" if index < columns else f"{name} = NULL"
                             for index, name in enumerate(_COLUMNS) if name != "id")
-        sql = (f"INSERT INTO {_TABLE} ({names}) VALUES {values} "
-               f"ON CONFLICT (id) DO UPDATE SET {updates} WHERE state IN ('ready', 'running')")
+        sql = (_insert(columns, rows, "INSERT") +
+               f" ON CONFLICT (id) DO UPDATE SET {updates} WHERE state IN ('ready', 'running')")
     _SAVES[sql] = columns
     return sql
+
+
+def _same_save(stored: Any, seq: int) -> bool:
+    """Whether a row's stored ``seq`` is that of the save numbered ``seq`` (an int: 5.0 is not 5)."""
+    return stored.__class__ is int and stored == seq
 
 
 _REPLACE_LEAN = _insert(_LEAN)  # mark_dead: whatever the row was
@@ -901,7 +904,7 @@ class SQLitePersistence:
                                                        list(last))}
         for job_id, row in last.items():
             now = found.get(job_id)
-            if now is not None and now[_SEQ].__class__ is int and now[_SEQ] == row[_SEQ]:
+            if now is not None and _same_save(now[_SEQ], row[_SEQ]):
                 continue  # saved by the statement
             if now is not None and now[1] not in ("ready", "running"):
                 replaced[job_id] = (row[_SEQ], now)
@@ -996,7 +999,7 @@ class SQLitePersistence:
 
         def restore(conn: sqlite3.Connection) -> int:
             now = conn.execute(f"SELECT seq FROM {_TABLE} WHERE id = ?", (job_id,)).fetchone()
-            if now is not None and now[0].__class__ is int and now[0] == seq:  # still that save's row
+            if now is not None and _same_save(now[0], seq):  # still that save's row
                 conn.execute(_REPLACE, kept)
             else:
                 conn.execute(_DELETE, (job_id,))
