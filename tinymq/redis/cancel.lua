@@ -61,11 +61,7 @@ local function cancel()
     -- It may have been the ready job that a free slot of its type waited for while older jobs
     -- of the type stay parked (a raised limit let it out for that slot): let one of them out
     -- instead, else they wait for an attempt of the type to end.
-    if redis.call('HEXISTS', K_PARKEDN, t) == 1 then
-      local limit = tonumber(redis.call('HGET', K_LIMITS, t))
-      local running = tonumber(redis.call('HGET', K_RUNNING, t)) or 0
-      if (not limit or running < limit) and rate_room(t) > 0 and unpark_one(t) then flush_head() end
-    end
+    if unpark_into_free_slots(t, tonumber(redis.call('HGET', K_LIMITS, t)), 1) > 0 then flush_head() end
     return removed()
   end
   if redis.call('ZREM', K_DELAYED, id) == 1 then

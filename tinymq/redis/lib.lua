@@ -287,6 +287,17 @@ local function unpark_one(t)
   return false
 end
 
+-- Let out jobs of t parked beside free slots: its limit (nil: none) less its running
+-- attempts, within the room in its rate window, at most `most`. Returns how many.
+local function unpark_into_free_slots(t, limit, most)
+  if redis.call('HEXISTS', K_PARKEDN, t) == 0 then return 0 end
+  local running = tonumber(redis.call('HGET', K_RUNNING, t)) or 0
+  local free = math.min((limit or math.huge) - running, rate_room(t), most)
+  local n = 0
+  while n < free and redis.call('HEXISTS', K_PARKEDN, t) == 1 and unpark_one(t) do n = n + 1 end
+  return n
+end
+
 -- Slots freed are summed per type and written once (flush_released), before anything
 -- in the same script admits jobs again.
 local released = {}

@@ -19,12 +19,7 @@ for i = 1, #ARGV, 4 do
     redis.call('ZREM', K_RATE_OPEN, t)
   end
   rate_limits[t] = nil -- (read again)
-  local free = math.min(limit - (tonumber(redis.call('HGET', K_RUNNING, t)) or 0), rate_room(t))
-  while free > 0 and redis.call('HEXISTS', K_PARKEDN, t) == 1 and unparked < PARK_PER_CALL do
-    if not unpark_one(t) then break end
-    free = free - 1
-    unparked = unparked + 1
-  end
+  unparked = unparked + unpark_into_free_slots(t, limit, PARK_PER_CALL - unparked)
   if max_starts > 0 and redis.call('HEXISTS', K_PARKEDN, t) == 1 then rate_wait(t) end
 end
 flush_head()
