@@ -5,7 +5,7 @@ Found: a due job stayed in the `delayed` ZSET until a fetch promoted it, and a p
 workers are all busy does not fetch. Jobs of the same priority enqueued after its due time
 went into the ready list first, and it ran after them; enqueue's buffer check did not count
 it either, though get_stats() did. Now every call that appends to a ready list promotes the
-jobs due by then first.
+jobs due by then first, and the buffer check counts any still left.
 """
 import threading
 import time
@@ -13,6 +13,7 @@ import time
 import pytest
 
 from tinymq import ExecutorConfig, Job, QueueFull
+from tinymq.redis._scripts import Scripts
 
 from _backends import Redis
 from _helpers import WAIT
@@ -102,3 +103,28 @@ def test_due_jobs_not_yet_fetched_count_against_the_buffer(redis):
     stats = producer.get_stats()
     assert (stats.medium_queue_size, stats.delayed_jobs_count, stats.jobs_enqueued) == (3, 0, 3)
 
+
+def test_beyond_promote_per_call_the_due_jobs_left_still_count_as_ready(redis_url):
+    """One call promotes at most PROMOTE_PER_CALL (100) due jobs, the earliest first; the
+    rest wait for the next call, and the buffer check counts them all the same."""
+    import redis as redis_py
+
+    client = redis_py.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        scripts = Scripts(client, "bound")
+        due = [(f"d{k:03}", "t", 1, 1 + k * 0.001, "") for k in range(150)]  # due within 1.2 ms
+        assert scripts.enqueue("tok-0", 1000, 0, due).status == "ok"
+        last_due = client.zscore(scripts.prefix + "delayed", "d149")
+        while True:
+            seconds, micros = client.time()
+            if seconds * 1000 + micros / 1000 > last_due:
+                break
+        assert scripts.enqueue("tok-1", 150, 0, [("now", "t", 1, 0, "")]).status == "full"
+        ready = client.lrange(scripts.prefix + "ready:1", 0, -1)
+        assert ready == [f"d{k:03}" for k in range(100)]  # promoted all the same, in due order
+        assert scripts.enqueue("tok-2", 151, 0, [("now", "t", 1, 0, "")]).status == "ok"
+        ready = client.lrange(scripts.prefix + "ready:1", 0, -1)
+        assert ready == [f"d{k:03}" for k in range(150)] + ["now"]
+        assert client.zcard(scripts.prefix + "delayed") == 0
+    finally:
+        client.close()

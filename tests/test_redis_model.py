@@ -283,6 +283,9 @@ class Model:
             self.push_tail(job_id)
         self.promoted = len(due)
 
+    def due_left(self, now_us: int) -> int:
+        return sum(1 for s in self.delayed.values() if s <= now_us / 1000)
+
     def pop_head(self, level: int) -> str:
         self.head[level] = max(0, self.head[level] - 1)
         return self.ready[level].pop(0)
@@ -489,7 +492,7 @@ class Model:
             self.promote_due(now_us)
             if self.promoted:
                 self.happened.append("an enqueue promoted due jobs ahead of its own")
-            ready = sum(len(ids) for ids in self.ready.values())
+            ready = sum(len(ids) for ids in self.ready.values()) + self.due_left(now_us)
             ready += sum(self.stats[f"parked:{level}"] for level in (0, 1, 2))
             if ready + ready_added > self.buffer_size:
                 return ("full", [], None, ready)

@@ -257,13 +257,14 @@ call that appends to a ready tail (enqueue, a retry without delay, requeue_dead)
 fetch first promotes the jobs due by now: a job put at a tail never goes ahead of one
 that was due before it. Bounded: at most PROMOTE_PER_CALL per script call, the earliest
 due first; beyond that, the rest wait in `delayed` for the next call (so with more than
-that many due at once, a later job may get ahead of some of them). Other calls (settle, beat, reap, release) put jobs
+that many due at once, a later job may get ahead of some of them), and enqueue's buffer
+check counts them as ready all the same. Other calls (settle, beat, reap, release) put jobs
 only at a head, where the jobs given back were queued before anything still waiting. ]]
-local promoted = false -- once per call: a second look in the same call finds nothing new
+local promoted = nil -- how many this call promoted (nil: none looked): a second look finds no more
 local function promote_due()
   if promoted then return end
-  promoted = true
   local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', exact_ms(), 'LIMIT', 0, PROMOTE_PER_CALL)
+  promoted = #due
   if #due == 0 then return end
   local order = new_orders(#due)
   for k, id in ipairs(due) do
@@ -276,6 +277,13 @@ local function promote_due()
       redis.call('RPUSH', READY[tonumber(p)], id)
     end
   end
+end
+
+-- Due jobs not promoted yet (beyond this call's PROMOTE_PER_CALL): ready all the same.
+-- After promote_due at the same instant (exact_ms), which found them all unless it hit its bound.
+local function due_left()
+  if promoted and promoted < PROMOTE_PER_CALL then return 0 end
+  return redis.call('ZCOUNT', K_DELAYED, '-inf', exact_ms())
 end
 
 --[[ Jobs given back to the head of their level (reaped, released, given back, unparked)
@@ -741,9 +749,9 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
     end
   end
   if ready_added > 0 then
-    promote_due() -- (jobs due by now go ahead of these)
+    promote_due() -- (jobs due by now go ahead of these, and count as ready: see promote_due)
     local s = redis.call('HMGET', K_STATS, 'parked:0', 'parked:1', 'parked:2')
-    local ready = ready_left() + (tonumber(s[1]) or 0) + (tonumber(s[2]) or 0) + (tonumber(s[3]) or 0)
+    local ready = ready_left() + due_left() + (tonumber(s[1]) or 0) + (tonumber(s[2]) or 0) + (tonumber(s[3]) or 0)
     if ready + ready_added > buffer_size then return {'full', ready} end
   end
   local evicted = {}
