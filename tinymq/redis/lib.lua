@@ -263,6 +263,11 @@ only at a head, where the jobs given back were queued before anything still wait
 local promoted = nil -- how many this call promoted (nil: none looked): a second look finds no more
 local function promote_due()
   if promoted then return end
+  local first = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES') -- (cheaper than the range below,
+  if not first[2] or tonumber(first[2]) > exact_ms() then -- which formats now as an argument)
+    promoted = 0 -- none due: the usual case, one cheap look
+    return
+  end
   local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', exact_ms(), 'LIMIT', 0, PROMOTE_PER_CALL)
   promoted = #due
   if #due == 0 then return end
