@@ -41,6 +41,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
 
 from tinymq.redis._scripts import Scripts, SettleOp
 
+PROMOTE_PER_CALL = 100  # lib.lua's: due jobs promoted per call
 UNIT = 1_000_000  # ms; every lease, delay and time step is a multiple of it
 LEASE = 3 * UNIT
 TYPES = ("a", "b", "c")
@@ -159,6 +160,7 @@ class Model:
     def begin_call(self) -> None:
         self.head = {0: 0, 1: 0, 2: 0}
         self.placed = {}
+        self.promoted: Optional[int] = None  # due jobs this call promoted (None: it did not look)
         self.ended = []
         self.happened = []
 
@@ -268,6 +270,22 @@ class Model:
             ids.insert(0, job_id)
         self.head[level] += 1
 
+    def promote_due(self, now_us: int) -> None:
+        """lib.lua's promote_due: once per call, the earliest due jobs (at most
+        PROMOTE_PER_CALL) go to the tail of their level, before anything this call appends."""
+        if self.promoted is not None:
+            return
+        due = sorted((self.due_key(i, s), i) for i, s in self.delayed.items() if s <= now_us / 1000)
+        due = due[:PROMOTE_PER_CALL]
+        for _, job_id in due:
+            del self.delayed[job_id]
+            self.capped.pop(job_id, None)
+            self.push_tail(job_id)
+        self.promoted = len(due)
+
+    def due_left(self, now_us: int) -> int:
+        return sum(1 for s in self.delayed.values() if s <= now_us / 1000)
+
     def pop_head(self, level: int) -> str:
         self.head[level] = max(0, self.head[level] - 1)
         return self.ready[level].pop(0)
@@ -308,6 +326,7 @@ class Model:
         job.retries = str(retries)
         job.error = error
         if delay <= 0:
+            self.promote_due(now_us)
             self.push_tail(job_id)
         else:
             self.add_delayed(job_id, now_us / 1000 + delay, capped=False)
@@ -470,7 +489,10 @@ class Model:
                 return ("dup", [], job_id, 0)
         ready_added = sum(1 for row in rows if row[3] <= 0)
         if ready_added:
-            ready = sum(len(ids) for ids in self.ready.values())
+            self.promote_due(now_us)
+            if self.promoted:
+                self.happened.append("an enqueue promoted due jobs ahead of its own")
+            ready = sum(len(ids) for ids in self.ready.values()) + self.due_left(now_us)
             ready += sum(self.stats[f"parked:{level}"] for level in (0, 1, 2))
             if ready + ready_added > self.buffer_size:
                 return ("full", [], None, ready)
@@ -524,11 +546,7 @@ class Model:
         crashed: List[Tuple[Any, ...]] = []
         self.reap(now_us, crashed)
         self.hand_out_ended(crashed)
-        due = sorted((self.due_key(i, s), i) for i, s in self.delayed.items() if s <= now_us / 1000)[:100]
-        for _, job_id in due:
-            del self.delayed[job_id]
-            self.capped.pop(job_id, None)
-            self.push_tail(job_id)
+        self.promote_due(now_us)
         taken: List[str] = []
         running = dict(self.running)
         parking: Dict[Tuple[int, str], List[str]] = {}
@@ -686,8 +704,9 @@ class Model:
                 unparked += 1
         return unparked
 
-    def requeue_dead(self, ids: List[str]) -> int:
+    def requeue_dead(self, ids: List[str], now_us: int) -> int:
         self.begin_call()
+        self.promote_due(now_us)
         n = 0
         for job_id in ids:
             if job_id in self.dead:
@@ -917,6 +936,16 @@ def check_invariants(held: Dict[str, Any]) -> None:
 DUE_TOLERANCE_MS = 0.005
 
 
+def check_due_promoted(model: Model, held: Dict[str, Any], now_us: int) -> None:
+    """FIFO across promotion, on what Redis holds: a call that appends to a ready tail (or
+    fetches) first moves every job due by its now there, so no job that was due before one
+    it appended is left behind it in `delayed` (unless PROMOTE_PER_CALL were due at once)."""
+    if model.promoted is None or model.promoted >= PROMOTE_PER_CALL:
+        return
+    left = [job_id for job_id, due in held["delayed"].items() if due <= now_us / 1000]
+    assert not left, f"due by {now_us / 1000} ms, still in delayed after a call that promoted: {left}"
+
+
 def _same_due_times(expected: Dict[str, float], actual: Any) -> bool:
     if not isinstance(actual, dict) or expected.keys() != actual.keys():
         return False
@@ -1020,6 +1049,7 @@ class ScriptsMachine(RuleBasedStateMachine):
                 f"{kind}: redis replied {self.normalise(kind, reply)!r}, the model expected "
                 f"{expected_reply!r}" + (f"\n state differs:\n{state_diff}" if state_diff else ""))
         check_invariants(held)
+        check_due_promoted(self.model, held, now)
         self.events(kind, reply)
         tick(self.client, after // 1000)
         return reply
@@ -1397,7 +1427,7 @@ class ScriptsMachine(RuleBasedStateMachine):
             self.call("purge", lambda: self.scripts.purge_dead(ids), lambda model, now: model.purge_dead(ids))
         else:
             self.call("requeue", lambda: self.scripts.requeue_dead(ids),
-                      lambda model, now: model.requeue_dead(ids))
+                      lambda model, now: model.requeue_dead(ids, now))
         self.last_call = ("purge" if purge else "requeue", ids)
 
     @precondition(lambda self: self.model is not None and self.used_ids)
@@ -1458,7 +1488,7 @@ class ScriptsMachine(RuleBasedStateMachine):
                       lambda model, now: model.purge_dead(args[0]))
         else:
             self.call("requeue", lambda: self.scripts.requeue_dead(args[0]),
-                      lambda model, now: model.requeue_dead(args[0]))
+                      lambda model, now: model.requeue_dead(args[0], now))
 
     @invariant()
     def nothing_outside_the_model(self):
@@ -1489,7 +1519,8 @@ MUST_COME_UP = ("enqueue ok", "enqueue dup", "enqueue again", "enqueue full", "e
                 "evicted jobs handed to their enqueuer", "a reporter registered for evicted jobs",
                 "evicted jobs reported by a reply that nothing keeps",
                 "rows a reap's reply handed out, finished as it did",
-                "a failure for good kept for its process to report")
+                "a failure for good kept for its process to report",
+                "an enqueue promoted due jobs ahead of its own")
 
 
 def test_scripts_follow_the_model(redis_client):

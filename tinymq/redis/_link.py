@@ -405,7 +405,7 @@ class QueueLink:
     def stats(self) -> QueueStats:
         try:
             # One script: a delayed job due on the server's clock counts at its priority, not as
-            # delayed, before a fetch promotes it, and the two figures are read at one instant.
+            # delayed, before a script call promotes it, and the two figures are read at one instant.
             (high, medium, low), delayed, counters = self.broker._call_resending(self.scripts.stats)
         except self._redis_error as exc:
             raise TinyMQError(f"could not read the stats of Redis queue {self.broker.name!r}: {exc}") from exc
@@ -951,7 +951,7 @@ class QueueLink:
             with self._lock:
                 free = self._free()
             if not free:
-                continue  # the pump fetches, and promotes, when a slot frees
+                continue  # the pump fetches when a slot frees; enqueues promote due jobs meanwhile
             try:
                 self._round()
             except self._redis_error as exc:

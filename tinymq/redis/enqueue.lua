@@ -14,8 +14,13 @@ Returns one of
                               reported them yet
   {'dup', id}                 id is an unfinished job's: nothing enqueued
   {'full', ready}             the ready jobs would not fit: nothing enqueued
-A job whose id is dead is replaced. The evicted job is the earliest-due one among those
-already in `capped` and not yet due (a due one, even one no fetch has promoted yet, has left
+Before ready jobs go to the tail of their level, the delayed jobs due by now go there
+(promote_due: at most PROMOTE_PER_CALL, the earliest first), so a due job keeps its FIFO
+place ahead of jobs enqueued after it came due; the buffer check counts the due jobs beyond
+that bound, still in `delayed`, as ready (as stats.lua does). An enqueue of only delayed
+jobs moves none: it puts nothing at a tail. A job whose id is dead is replaced.
+The evicted job is the earliest-due one among those
+already in `capped` and not yet due (a due one, even one no call has promoted yet, has left
 `capped`), never one being added; the new job is always added.
 Each accepted token is kept in tokens:<span> for 2 to 3 TOKEN_SPANs, far longer than a
 client resends (its socket timeouts, twice): a resend is then recognised even when its

@@ -1,4 +1,5 @@
---[[ fetch: settle a batch, renew the lease, reap, promote due jobs, take up to n jobs.
+--[[ fetch: settle a batch, renew the lease, reap, promote due jobs (promote_due: at most
+PROMOTE_PER_CALL), take up to n jobs.
 KEYS[1] prefix. ARGV: proc, fetch id, n, lease ms, max crash recoveries,
 registered ('1' when proc fetched or beat before), settle count, then settle ops
 (2 or 6 entries each, see settle in lib.lua).
@@ -48,18 +49,7 @@ local crashed = {}
 reap(now, max_crash, crashed)
 hand_out_ended(crashed)
 flush_head()
-local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', exact_ms(), 'LIMIT', 0, PROMOTE_PER_CALL)
-local order = #due > 0 and new_orders(#due)
-for k, id in ipairs(due) do
-  redis.call('ZREM', K_DELAYED, id)
-  redis.call('ZREM', K_CAPPED, id)
-  local jk = job_key(id)
-  local p = redis.call('HGET', jk, 'p')
-  if p then
-    redis.call('HSET', jk, 'o', order + k - 1)
-    redis.call('RPUSH', READY[tonumber(p)], id)
-  end
-end
+promote_due()
 -- Rate windows that opened: let out as many of their parked jobs as now fit (the take
 -- below parks again whatever does not).
 local opened = redis.call('ZRANGEBYSCORE', K_RATE_OPEN, '-inf', exact_ms(), 'LIMIT', 0, PROMOTE_PER_CALL)

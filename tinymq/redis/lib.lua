@@ -251,6 +251,46 @@ end
 -- FIFO orders for n jobs going to the tail of a ready list: the first of n consecutive ones
 local function new_orders(n) return redis.call('INCRBY', K_SEQ, n) - n + 1 end
 
+--[[ Due delayed jobs (and retries) take their FIFO place at the tail of their level when
+they come due, ahead of any job put there later. Only a script call moves them, so every
+call that appends to a ready tail (enqueue, a retry without delay, requeue_dead) and every
+fetch first promotes the jobs due by now: a job put at a tail never goes ahead of one
+that was due before it. Bounded: at most PROMOTE_PER_CALL per script call, the earliest
+due first; beyond that, the rest wait in `delayed` for the next call (so with more than
+that many due at once, a later job may get ahead of some of them), and enqueue's buffer
+check counts them as ready all the same. Other calls (settle, beat, reap, release) put jobs
+only at a head, where the jobs given back were queued before anything still waiting. ]]
+local promoted = nil -- how many this call promoted (nil: none looked): a second look finds no more
+local function promote_due()
+  if promoted then return end
+  local first = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES') -- (cheaper than the range below,
+  if not first[2] or tonumber(first[2]) > exact_ms() then -- which formats now as an argument)
+    promoted = 0 -- none due: the usual case, one cheap look
+    return
+  end
+  local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', exact_ms(), 'LIMIT', 0, PROMOTE_PER_CALL)
+  promoted = #due
+  if #due == 0 then return end
+  local order = new_orders(#due)
+  for k, id in ipairs(due) do
+    redis.call('ZREM', K_DELAYED, id)
+    redis.call('ZREM', K_CAPPED, id)
+    local jk = job_key(id)
+    local p = redis.call('HGET', jk, 'p')
+    if p then -- (a job without its hash: dropped)
+      redis.call('HSET', jk, 'o', order + k - 1)
+      redis.call('RPUSH', READY[tonumber(p)], id)
+    end
+  end
+end
+
+-- Due jobs not promoted yet (beyond this call's PROMOTE_PER_CALL): ready all the same.
+-- After promote_due at the same instant (exact_ms), which found them all unless it hit its bound.
+local function due_left()
+  if promoted and promoted < PROMOTE_PER_CALL then return 0 end
+  return redis.call('ZCOUNT', K_DELAYED, '-inf', exact_ms())
+end
+
 --[[ Jobs given back to the head of their level (reaped, released, given back, unparked)
 are gathered per level and pushed once, at flush_head, in their FIFO order (field o):
 one call may give back many, in any order (a hash's order, ops' order), and they must
@@ -346,6 +386,7 @@ local function job_retry(id, retries, err, delay, now)
   local jk = job_key(id)
   redis.call('HSET', jk, 'r', retries, 'e', err)
   if delay <= 0 then
+    promote_due() -- (jobs due before this retry go ahead of it)
     redis.call('HSET', jk, 'o', new_orders(1))
     redis.call('RPUSH', READY[tonumber(redis.call('HGET', jk, 'p'))], id)
     signal()
@@ -416,7 +457,8 @@ end
 --[[ Settle ops. S, E and B take 2 ARGV entries (op, attempt); Y, Z, y and z take 6
 (op, attempt, retries, delay ms, reason, error).
   S  success                          (L)    -> job deleted, slot freed
-  Y  failed, retry after delay ms (fractional) (L) -> slot freed, job delayed (or ready)
+  Y  failed, retry after delay ms (fractional) (L) -> slot freed, job delayed (or ready,
+       behind the jobs due by then: promote_due)
   Z  failed for good, reason, error   (L)    -> slot freed, job dead, kept for proc to
        report (reporting:<proc>, see keep_report in settle)
   y/z  the same, decided at the attempt's deadline while it may still run:
@@ -712,12 +754,13 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
     end
   end
   if ready_added > 0 then
+    promote_due() -- (jobs due by now go ahead of these, and count as ready: see promote_due)
     local s = redis.call('HMGET', K_STATS, 'parked:0', 'parked:1', 'parked:2')
-    local ready = ready_left() + (tonumber(s[1]) or 0) + (tonumber(s[2]) or 0) + (tonumber(s[3]) or 0)
+    local ready = ready_left() + due_left() + (tonumber(s[1]) or 0) + (tonumber(s[2]) or 0) + (tonumber(s[3]) or 0)
     if ready + ready_added > buffer_size then return {'full', ready} end
   end
   local evicted = {}
-  if max_delayed > 0 then -- a due job no longer counts as delayed, even before a fetch promotes it:
+  if max_delayed > 0 then -- a due job no longer counts as delayed, even before a call promotes it:
     redis.call('ZREMRANGEBYSCORE', K_CAPPED, '-inf', exact_ms()) -- it is never evicted
   end
   local by_level = {[0] = {}, [1] = {}, [2] = {}}

@@ -2,7 +2,10 @@
 KEYS[1] prefix. ARGV: ids (at most a few hundred per call; the client pages).
 Ids that are not dead are skipped. Each one requeued counts as enqueued (accepted again, as
 a store's requeued job is when a queue recovers it), so enqueued less the jobs that ended
-stays the unfinished jobs. Returns how many were requeued. ]]
+stays the unfinished jobs. Due delayed jobs are promoted first (promote_due: at most
+PROMOTE_PER_CALL), so requeued jobs go behind them. Returns how many were requeued. ]]
+now_ms()
+promote_due() -- (jobs due by now go ahead of the requeued ones)
 local n = 0
 for _, id in ipairs(ARGV) do
   if redis.call('ZREM', K_DEAD, id) == 1 then

@@ -2,10 +2,11 @@
 KEYS[1] prefix. No ARGV. Reads only.
 Returns {high, medium, low, delayed, counters {name, value, ...}}: per level, the jobs
 ready (in ready:<p>, or parked:<p>:<type>, counted by the stats field parked:<p>) and the
-delayed jobs already due on the server's clock that no fetch has promoted yet (a due job
-counts as ready from its due time on, as in-process: a fetch only moves it); delayed, the
-jobs not due yet. Work: one read per due job not yet promoted (a fetch promotes
-PROMOTE_PER_CALL at a time, so they pile up only while no process fetches). ]]
+delayed jobs already due on the server's clock that no call has promoted yet (a due job
+counts as ready from its due time on, as in-process: promote_due only moves it); delayed,
+the jobs not due yet. Work: one read per due job not yet promoted (every fetch and every
+enqueue of a ready job promotes PROMOTE_PER_CALL at a time, so they pile up only while no
+process fetches or enqueues). ]]
 now_ms()
 local sizes = {[0] = redis.call('LLEN', READY[0]), [1] = redis.call('LLEN', READY[1]),
                [2] = redis.call('LLEN', READY[2])}
