@@ -1,0 +1,63 @@
+"""Findings of a newcomer's audit of the user-facing surface (README, docs, CLI, bad input)."""
+import threading
+
+import pytest
+
+import tinymq
+from tinymq import Job
+
+
+# --- status --redis: one snapshot ------------------------------------------------------------
+
+# Fixed: `python -m tinymq status --redis` read its figures with several calls (the stats script,
+# then the executors, then the dead jobs), so a job that moved between two of them was counted
+# twice or not at all: a dead job requeued meanwhile was neither ready nor dead in the report.
+# Every figure it prints now comes from one script call (status.lua).
+
+
+@pytest.mark.redis
+def test_status_redis_counts_each_job_once_while_another_process_requeues(redis_backend, monkeypatch):
+    from tinymq._status import redis_status
+    from tinymq.redis import _scripts
+
+    worker = redis_backend.queue(buffer_size=100)
+    failed = threading.Event()
+    worker.on_failure(lambda job, reason, exc: failed.set())
+
+    @worker.executor("fail")
+    def fail(job):
+        raise tinymq.PermanentFailure("no")
+
+    worker.start_dispatcher(1)
+    worker.enqueue(Job("fail", id="dead-1"))
+    assert worker.join(timeout=30) and failed.is_set()
+    worker.stop()
+    producer = redis_backend.queue(buffer_size=100)
+    producer.enqueue(Job("waits", id="ready-1"))  # no process runs "waits": it stays ready
+
+    import redis as redis_py
+
+    other_client = redis_py.Redis.from_url(redis_backend.url, decode_responses=True)
+    other = _scripts.Scripts(other_client, redis_backend.queue_name)  # another process
+    real_call = _scripts.Scripts._call
+    moved = []
+
+    def call_then_requeue(self, script, args):
+        reply = real_call(self, script, args)
+        if script in ("stats", "status") and not moved:  # status has read (some of) its figures
+            moved.append(other.requeue_dead(["dead-1"]))
+        return reply
+
+    monkeypatch.setattr(_scripts.Scripts, "_call", call_then_requeue)
+    try:
+        report = redis_status(redis_backend.url, redis_backend.queue_name)
+    finally:
+        other_client.close()
+    assert moved == [1]
+    counts = report["counts"]
+    # Read before the requeue: "dead-1" is dead, "ready-1" ready, each counted once.
+    assert counts == {"ready": 1, "delayed": 0, "taken": 0, "dead": 1}
+    assert sum(level["ready"] for level in report["priorities"].values()) == counts["ready"]
+    assert [entry["id"] for entry in report["dead_jobs"]] == ["dead-1"]
+    assert report["counters"]["jobs_failed"] == 1 and report["counters"]["jobs_enqueued"] == 2
+    assert report["executors"]["fail"] == {"taken": 0, "max_jobs": 10, "rate_limit": None}
