@@ -1,4 +1,5 @@
 """Findings of a newcomer's audit of the user-facing surface (README, docs, CLI, bad input)."""
+import sys
 import threading
 
 import pytest
@@ -61,3 +62,44 @@ def test_status_redis_counts_each_job_once_while_another_process_requeues(redis_
     assert [entry["id"] for entry in report["dead_jobs"]] == ["dead-1"]
     assert report["counters"]["jobs_failed"] == 1 and report["counters"]["jobs_enqueued"] == 2
     assert report["executors"]["fail"] == {"taken": 0, "max_jobs": 10, "rate_limit": None}
+
+
+# --- counts beyond the compiled core's C integers ------------------------------------------------
+
+# Fixed: a count above sys.maxsize (buffer_size=10**30) passed the config's checks; the compiled
+# core then raised "OverflowError: Python int too large to convert to C ssize_t", naming no value,
+# when the Queue was built or the executor registered, while the pure core took it. Both cores
+# now see the same ValueError, raised by the config, naming the field and the value.
+
+HUGE = sys.maxsize + 1
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: tinymq.Config(buffer_size=HUGE), "buffer_size"),
+    (lambda: tinymq.Config(max_delayed_jobs=HUGE), "max_delayed_jobs"),
+    (lambda: tinymq.ExecutorConfig(max_concurrent_jobs=HUGE), "max_concurrent_jobs"),
+    (lambda: tinymq.RetryConfig(max_retries=HUGE), "max_retries"),
+    (lambda: tinymq.RateLimit(HUGE, per=1.0), "max_starts"),
+    (lambda: tinymq.Queue(HUGE), "buffer_size"),
+    (lambda: tinymq.Job("t").with_max_retries(HUGE), "max_retries"),
+])
+def test_a_count_beyond_sys_maxsize_is_refused_naming_it(make, field):
+    with pytest.raises(ValueError, match=rf"^{field} must be <= sys.maxsize .*got {HUGE}$"):
+        make()
+
+
+def test_a_retry_number_beyond_sys_maxsize_is_refused_naming_it():
+    with pytest.raises(ValueError, match=rf"got {HUGE}$"):
+        tinymq.RetryConfig().retry_delay(HUGE)
+
+
+def test_counts_up_to_sys_maxsize_work_on_either_core():
+    q = tinymq.Queue(config=tinymq.Config(buffer_size=sys.maxsize, max_delayed_jobs=sys.maxsize))
+    try:
+        q.register_executor("t", lambda job: None, tinymq.ExecutorConfig(max_concurrent_jobs=sys.maxsize))
+        stats = q.get_stats()
+        assert stats.executor_stats["t"].max_jobs == sys.maxsize
+        assert stats.max_delayed_jobs == sys.maxsize
+    finally:
+        q.stop()
+    assert tinymq.RetryConfig(max_retries=sys.maxsize).retry_delay(sys.maxsize) == 300.0
