@@ -103,3 +103,51 @@ def test_counts_up_to_sys_maxsize_work_on_either_core():
     finally:
         q.stop()
     assert tinymq.RetryConfig(max_retries=sys.maxsize).retry_delay(sys.maxsize) == 300.0
+
+
+# --- job.retries is checked at enqueue -----------------------------------------------------------
+
+# Fixed: enqueue took any job.retries (job.retries = "x", None, -1, 2.5). The first failed attempt
+# then could not schedule its retry ("can only concatenate str", or retry_delay refusing k=0):
+# the job failed for good at once with that internal error instead of being retried. enqueue now
+# refuses such a job, naming the value, like every other attribute the queue relies on.
+
+
+@pytest.mark.parametrize("retries, error", [
+    ("x", TypeError), (None, TypeError), (2.5, TypeError), (True, TypeError),
+    (-1, ValueError), (sys.maxsize + 1, ValueError),
+])
+@pytest.mark.parametrize("enqueue", ["enqueue", "enqueue_many"])
+def test_enqueue_refuses_a_bad_retries_naming_it(retries, error, enqueue):
+    q = tinymq.Queue(10)
+    try:
+        job = Job("t")
+        job.retries = retries
+        with pytest.raises(error, match=rf"^retries must .*got {retries!r}$"):
+            q.enqueue(job) if enqueue == "enqueue" else q.enqueue_many([job])
+        assert q.get_stats().jobs_enqueued == 0
+    finally:
+        q.stop()
+
+
+def test_a_job_enqueued_with_retries_already_made_gets_the_ones_left():
+    q = tinymq.Queue(10)
+    failures = []
+    attempts = []
+
+    @q.executor("t")
+    def fail(job):
+        attempts.append(job.retries)
+        raise ValueError("no")
+
+    q.on_failure(lambda job, reason, exc: failures.append((reason, job.retries)))
+    q.start_dispatcher(1)
+    try:
+        job = Job("t", retry_config=tinymq.RetryConfig(max_retries=3, initial_delay=0.0))
+        job.retries = 2  # say, recovered from a store of your own
+        q.enqueue(job)
+        assert q.join(timeout=30)
+    finally:
+        q.stop()
+    assert attempts == [2, 3]
+    assert failures == [("retries_exhausted", 4)]

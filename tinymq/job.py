@@ -4,6 +4,7 @@
 are made on first use, so a job that never needs them costs neither.
 """
 import dataclasses
+import sys
 import time
 from datetime import datetime, timedelta
 from enum import IntEnum
@@ -88,6 +89,14 @@ def _as_retry_config(retry_config: object) -> RetryConfig:
     return retry_config
 
 
+def _as_retries(retries: object) -> int:
+    if not isinstance(retries, int) or isinstance(retries, bool):
+        raise TypeError(f"retries must be an int (failed attempts so far), got {retries!r}")
+    if not 0 <= retries <= sys.maxsize:
+        raise ValueError(f"retries must be from 0 to sys.maxsize, got {retries!r}")
+    return int(retries)
+
+
 def _unmarked(state: Any, nested: bool = False) -> Any:
     """A job's copy state without its queue's ``Unnamed``: itself, in a dict of attributes, or in a
     tuple of those (``object``'s ``(__dict__, slots)``)."""
@@ -110,6 +119,7 @@ def _validate(job: "Job") -> float:
     run_at = job.run_at = _as_run_at(job.run_at)
     job._tags = _as_tags(job._tags)
     job.retry_config = _as_retry_config(job.retry_config)
+    job.retries = _as_retries(job.retries)
     return run_at
 
 
