@@ -1,4 +1,5 @@
 """Findings of a newcomer's audit of the user-facing surface (README, docs, CLI, bad input)."""
+import re
 import sys
 import threading
 
@@ -151,3 +152,23 @@ def test_a_job_enqueued_with_retries_already_made_gets_the_ones_left():
         q.stop()
     assert attempts == [2, 3]
     assert failures == [("retries_exhausted", 4)]
+
+
+# --- unschedule refuses what cannot be a schedule's name ------------------------------------------
+
+# Fixed: q.unschedule(5) returned False ("no such schedule") and q.unschedule(["a"]) raised
+# "unhashable type: 'list'", where q.cancel(5) raises a TypeError naming the value. A name is
+# a str: anything else is now refused the same way.
+
+
+@pytest.mark.parametrize("name", [5, None, ["heartbeat"], b"heartbeat"])
+def test_unschedule_refuses_a_name_that_is_not_a_str(name):
+    q = tinymq.Queue(10)
+    try:
+        q.every(60, "heartbeat")
+        with pytest.raises(TypeError, match=r"^schedule name must be a str, got " + re.escape(repr(name)) + "$"):
+            q.unschedule(name)
+        assert [schedule.name for schedule in q.schedules()] == ["heartbeat"]
+        assert q.unschedule("heartbeat") is True and q.unschedule("heartbeat") is False
+    finally:
+        q.stop()

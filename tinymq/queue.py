@@ -480,6 +480,8 @@ class Queue:
 
         No tick of it enqueues a job once this returns; a job it already enqueued still runs.
         """
+        if not isinstance(name, str):  # (a schedule's name is a str: anything else is a mistake, not "absent")
+            raise TypeError(f"schedule name must be a str, got {name!r}")
         return self._periodic.unschedule(name)
 
     def schedules(self) -> List[ScheduleStats]:
