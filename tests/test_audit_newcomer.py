@@ -172,3 +172,36 @@ def test_unschedule_refuses_a_name_that_is_not_a_str(name):
         assert q.unschedule("heartbeat") is True and q.unschedule("heartbeat") is False
     finally:
         q.stop()
+
+
+# --- start_dispatcher when the system has no thread left ----------------------------------------
+
+# Fixed: start_dispatcher(workers) raised "RuntimeError: can't start new thread", naming nothing,
+# when the system ran out of threads part of the way, and left the queue half started: some
+# workers ran and took jobs, while the scheduler (delayed jobs, retries) or the watchdog
+# (timeouts) never started. It now names the workers asked for and stops the queue.
+
+
+@pytest.mark.parametrize("threads_given", [2, 4, 5])  # among workers; the loop; the scheduler
+def test_start_dispatcher_without_threads_left_names_workers_and_stops_the_queue(monkeypatch, threads_given):
+    real_start = threading.Thread.start
+    given = []
+
+    def start(thread):
+        if thread.name.startswith("tinymq-"):
+            if len(given) == threads_given:
+                raise RuntimeError("can't start new thread")
+            given.append(thread)
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    q = tinymq.Queue(10)
+    q.register_executor("t", lambda job: None)
+    with pytest.raises(RuntimeError, match=r"start_dispatcher\(workers=4\).*can't start new thread"):
+        q.start_dispatcher(4)
+    with pytest.raises(tinymq.QueueStopped):
+        q.enqueue(Job("t"))
+    for thread in given:
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+    q.stop()  # still idempotent

@@ -16,7 +16,7 @@ import weakref
 from datetime import timedelta
 from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union
 
-from ._dispatch import AttemptLedger, Dispatcher, FailureCallback, _describe
+from ._dispatch import AttemptLedger, Dispatcher, FailureCallback, NoThreadLeft, _describe
 from ._periodic import Periodic, ScheduleStats
 from ._event_loop import is_async_executor
 from ._pick_core import core
@@ -242,7 +242,11 @@ class Queue:
             raise TypeError(f"workers must be an int, got {workers!r}")
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        self._dispatcher.start(workers)
+        try:
+            self._dispatcher.start(workers)
+        except NoThreadLeft:
+            self.stop(wait=False)  # (half started, it would accept jobs that some threads never serve)
+            raise
         if self._link is not None:
             self._link.start(workers)
         self._periodic.start()
