@@ -205,3 +205,38 @@ def test_start_dispatcher_without_threads_left_names_workers_and_stops_the_queue
         thread.join(timeout=30)
         assert not thread.is_alive()
     q.stop()  # still idempotent
+
+
+# --- status --db: one read of the file -------------------------------------------------------------
+
+# Fixed: `status --db` read the counts, the unfinished jobs, the dead jobs and the quarantined
+# rows with four reads, each at its own moment: a job a live queue saved in between showed in
+# the priority table and not in the counts (or the other way round). They are now read in one
+# read transaction.
+
+
+def test_status_db_counts_and_tables_agree_while_the_owner_writes(tmp_path, monkeypatch):
+    from tinymq._status import db_status
+    from tinymq.persistence import sqlite
+
+    path = str(tmp_path / "jobs.db")
+    owner = tinymq.SQLitePersistence(path)
+    owner.save(Job("email", id="first"))
+    real_reading = sqlite.SQLitePersistence._reading
+    saved = []
+
+    def reading_then_save(store, work):
+        result = real_reading(store, work)
+        if getattr(work, "__name__", "") != "_check_schema" and not saved:  # status has read something
+            saved.append(owner.save(Job("email", id="second")))
+        return result
+
+    monkeypatch.setattr(sqlite.SQLitePersistence, "_reading", reading_then_save)
+    try:
+        report = db_status(path)
+    finally:
+        owner.close()
+    assert saved == [None]
+    due = sum(level["due"] for level in report["priorities"].values())
+    assert report["counts"]["ready"] + report["counts"]["running"] == due == 1
+    assert report["types"] == {"email": {"due": 1, "delayed": 0}}

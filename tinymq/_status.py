@@ -55,11 +55,8 @@ def db_status(path: str) -> Dict[str, Any]:
     """The report of ``status --db``, read through a read-only store."""
     try:
         store = SQLitePersistence(path, read_only=True)
-        with store:
-            counts = store.counts()
-            jobs = store.jobs()
-            dead = store.dead_jobs()
-            quarantined = store.quarantined()
+        with store:  # (one read of the file: the counts and the tables agree while a queue writes)
+            counts, jobs, dead, quarantined = store._inspection()
     except PersistenceError as exc:
         raise CommandError(str(exc)) from None
     now = time.time()
