@@ -1,4 +1,5 @@
 """Findings of a newcomer's audit of the user-facing surface (README, docs, CLI, bad input)."""
+import datetime
 import re
 import sys
 import threading
@@ -240,3 +241,23 @@ def test_status_db_counts_and_tables_agree_while_the_owner_writes(tmp_path, monk
     due = sum(level["due"] for level in report["priorities"].values())
     assert report["counts"]["ready"] + report["counts"]["running"] == due == 1
     assert report["types"] == {"email": {"due": 1, "delayed": 0}}
+
+
+# --- every(first_at=...) names first_at ------------------------------------------------------------
+
+# Fixed: a bad first_at was refused as "run_at must be a finite number, got nan": a parameter
+# the caller never passed. The message now names first_at.
+
+
+@pytest.mark.parametrize("first_at, error", [
+    (float("nan"), ValueError), (float("inf"), ValueError), ("tomorrow", TypeError), (True, TypeError),
+    (datetime.datetime(2030, 1, 1), ValueError),  # naive
+])
+def test_every_names_a_bad_first_at(first_at, error):
+    q = tinymq.Queue(10)
+    try:
+        with pytest.raises(error, match=r"^first_at must .*got " + re.escape(repr(first_at))):
+            q.every(60, "heartbeat", first_at=first_at)
+        assert q.schedules() == []
+    finally:
+        q.stop()

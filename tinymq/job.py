@@ -42,21 +42,21 @@ def _as_priority(value: object) -> Priority:
     return priority
 
 
-def _as_run_at(value: object) -> float:
-    """A point in time as Unix epoch seconds: a number, or an aware datetime."""
+def _as_run_at(value: object, name: str = "run_at") -> float:
+    """A point in time as Unix epoch seconds: a number, or an aware datetime (``name`` names it in errors)."""
     if isinstance(value, datetime):
         if value.tzinfo is None or value.utcoffset() is None:
-            raise ValueError(f"run_at must be an aware datetime (with tzinfo), got {value!r}")
+            raise ValueError(f"{name} must be an aware datetime (with tzinfo), got {value!r}")
         return value.timestamp()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         try:
             run_at = float(value)
         except OverflowError:  # an int beyond any float
-            raise ValueError(f"run_at must be a finite number, got {value!r:.40}") from None
+            raise ValueError(f"{name} must be a finite number, got {value!r:.40}") from None
         if run_at - run_at != 0.0:  # NaN or infinite: a job that would never (or always) be due
-            raise ValueError(f"run_at must be a finite number, got {value!r}")
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
         return run_at
-    raise TypeError(f"run_at must be Unix epoch seconds (float) or an aware datetime, got {value!r}")
+    raise TypeError(f"{name} must be Unix epoch seconds (float) or an aware datetime, got {value!r}")
 
 
 def _as_type(job_type: object) -> str:
