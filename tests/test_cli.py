@@ -327,6 +327,8 @@ def test_changing_dead_jobs_of_a_missing_file_creates_nothing(tmp_path):
     ["worker", "app:queue", "--processes", "1025"],
     ["worker", "app:queue", "--processes", "99999999999999999999"],
     ["worker", "app:queue", "--workers", "many"],
+    ["worker", "app:queue", "--workers", "10001"],
+    ["worker", "app:queue", "--workers", "99999999999999999999"],  # (ran until no thread was left)
     ["worker", "app"],                                       # no attribute
     ["worker", "app:queue:more"],
     ["no-such-command"],

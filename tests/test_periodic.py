@@ -255,7 +255,7 @@ def test_bad_arguments_name_the_value():
             q.every(1.0, "")
         with pytest.raises(ValueError, match="priority must be a Priority .* got 7"):
             q.every(1.0, "tick", priority=7)
-        with pytest.raises(ValueError, match="run_at must be a finite number, got nan"):
+        with pytest.raises(ValueError, match="first_at must be a finite number, got nan"):
             q.every(1.0, "tick", first_at=math.nan)
         with pytest.raises(ValueError, match="aware datetime"):
             q.every(1.0, "tick", first_at=datetime.now())

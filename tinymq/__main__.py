@@ -9,7 +9,8 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
-from ._cli import LOG_LEVELS, MAX_PROCESSES, CommandError, configure_logging, positive_int, process_count, whole_number
+from ._cli import (LOG_LEVELS, MAX_PROCESSES, MAX_WORKERS, CommandError, configure_logging, process_count,
+                   whole_number, worker_count)
 from ._demo import DESCRIPTION as DEMO_DESCRIPTION
 from ._demo import run_demo
 from ._status import change_dead_in_db, change_dead_in_redis, db_status, redis_status, render_status
@@ -104,15 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="package.module:queue (the attribute may be a dotted path: module:app.queue)")
     worker.add_argument("--processes", type=process_count, default=1, metavar="N",
                         help=f"worker processes (default 1, at most {MAX_PROCESSES})")
-    worker.add_argument("--workers", type=positive_int, default=None, metavar="M",
+    worker.add_argument("--workers", type=worker_count, default=None, metavar="M",
                         help="worker threads per process, start_dispatcher(M) (default: the number of "
-                             "CPUs, or 4 when it cannot be told)")
+                             f"CPUs, or 4 when it cannot be told; at most {MAX_WORKERS})")
     _logging_option(worker, "INFO")
 
     # Run by `worker` only, once per worker process (and once with --check before they start).
     child = commands.add_parser("_worker-child")
     child.add_argument("target")
-    child.add_argument("--workers", type=positive_int, required=True)
+    child.add_argument("--workers", type=worker_count, required=True)
     child.add_argument("--check", action="store_true")
     child.add_argument("--loaded-fd", type=int, default=None)  # written to once the target is loaded
     _logging_option(child, "INFO")

@@ -7,7 +7,7 @@ line only: the library itself never configures logging.
 import argparse
 import logging
 
-__all__ = ["CommandError", "LOG_LEVELS", "MAX_PROCESSES", "configure_logging", "counted", "positive_int",
+__all__ = ["CommandError", "LOG_LEVELS", "MAX_PROCESSES", "MAX_WORKERS", "configure_logging", "counted", "positive_int",
            "process_count", "whole_number"]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -51,6 +51,18 @@ def process_count(text: str) -> int:
     if value > MAX_PROCESSES:
         raise argparse.ArgumentTypeError(f"expected at most {MAX_PROCESSES} worker processes per supervisor "
                                          f"(start more supervisors for more), got {value}")
+    return value
+
+
+MAX_WORKERS = 10_000  # worker threads one worker process starts (each a thread of the OS's)
+
+
+def worker_count(text: str) -> int:
+    """An argparse ``type``: 1 .. MAX_WORKERS (more would exhaust the system's threads, slowly)."""
+    value = _at_least(1, text)
+    if value > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_WORKERS} worker threads per process "
+                                         f"(use more --processes for more), got {value}")
     return value
 
 

@@ -47,7 +47,7 @@ from ._event_loop import _UNWIND_WAIT, LOOP_LATE, LoopRunner, timeout_error
 from .context import JobContext
 from .errors import JobTimeout, PermanentFailure, QueueStopped, RetryAfter
 
-__all__ = ["Dispatcher", "FailureCallback", "AttemptLedger"]
+__all__ = ["Dispatcher", "FailureCallback", "AttemptLedger", "NoThreadLeft"]
 
 logger = logging.getLogger("tinymq")
 
@@ -97,6 +97,10 @@ class AttemptLedger(Protocol):
 
     def stop(self) -> None:
         """The dispatcher stopped: give back what was not started, and leave."""
+
+
+class NoThreadLeft(RuntimeError):
+    """start_dispatcher could not start all its threads: the Queue stops, and this is raised."""
 
 
 async def _awaited(awaitable: Any) -> Any:
@@ -296,12 +300,16 @@ class Dispatcher:
                 raise RuntimeError("the queue is stopped; it cannot be started again")
             self._started = True
             self._worker_count = workers
-            for _ in range(workers):
-                self._start_worker()
-            self.loop_runner = LoopRunner(self)
-            self._start_thread(self.loop_runner.run, "tinymq-loop")
-            self._start_thread(self._schedule, "tinymq-scheduler")
-            self._start_thread(self._watch, "tinymq-watchdog")
+            try:
+                for _ in range(workers):
+                    self._start_worker()
+                self.loop_runner = LoopRunner(self)
+                self._start_thread(self.loop_runner.run, "tinymq-loop")
+                self._start_thread(self._schedule, "tinymq-scheduler")
+                self._start_thread(self._watch, "tinymq-watchdog")
+            except RuntimeError as exc:  # the system has no thread to give
+                raise NoThreadLeft(f"could not start the threads of start_dispatcher(workers={workers}) "
+                                   f"({exc}); the queue is stopped") from exc
 
     @property
     def worker_count(self) -> int:

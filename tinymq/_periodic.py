@@ -284,7 +284,7 @@ class Periodic:
         job_type = _as_type(job_type)
         first_delay = None
         if first_at is not None:
-            first_delay = max(0.0, _as_run_at(first_at) - self._wall())  # like run_at: a delay from now
+            first_delay = max(0.0, _as_run_at(first_at, "first_at") - self._wall())  # as run_at: a delay
         return self._add(name if name is not None else job_type, job_type, payload, priority,
                          _Every(seconds, first_delay))
 

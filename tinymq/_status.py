@@ -12,7 +12,6 @@ the owner's pid, while a live queue owns it.
 ``--redis`` goes through a Queue built on the broker, which is never started:
 it registers no worker process and fetches nothing.
 """
-import dataclasses
 import json
 import math
 import os
@@ -32,6 +31,8 @@ __all__ = ["db_status", "redis_status", "render_status", "change_dead_in_db", "c
 T = TypeVar("T")
 
 _PRIORITIES = (Priority.HIGH, Priority.MEDIUM, Priority.LOW)  # the order of the tables
+# The counters of the Redis stats hash that status prints (as QueueStats' jobs_* fields, in order).
+_REDIS_COUNTERS = ("enqueued", "succeeded", "failed", "retried", "timed_out", "evicted", "cancelled")
 _ERROR_WIDTH = 60  # characters of a last error shown in the text table (--json has it whole)
 
 
@@ -54,11 +55,8 @@ def db_status(path: str) -> Dict[str, Any]:
     """The report of ``status --db``, read through a read-only store."""
     try:
         store = SQLitePersistence(path, read_only=True)
-        with store:
-            counts = store.counts()
-            jobs = store.jobs()
-            dead = store.dead_jobs()
-            quarantined = store.quarantined()
+        with store:  # (one read of the file: the counts and the tables agree while a queue writes)
+            counts, jobs, dead, quarantined = store._inspection()
     except PersistenceError as exc:
         raise CommandError(str(exc)) from None
     now = time.time()
@@ -104,44 +102,32 @@ def _with_redis_queue(url: str, name: str, work: Callable[[Queue], T]) -> T:
         broker.close()
 
 
-def _shared_executors(queue: Queue) -> Tuple[Dict[str, Dict[str, Any]], int]:
-    """Every process's executors and live worker processes: type -> attempts taken, global limit,
-    and rate limit (``max_starts`` per ``per`` seconds, with the ``starts`` in its window now) or None."""
-    broker: Any = queue.broker
-    executors, processes = broker.shared_executors()
-    rate_limits = broker.shared_rate_limits()
-    report: Dict[str, Dict[str, Any]] = {}
-    for job_type, (taken, limit) in executors.items():
-        rate = rate_limits.get(job_type)
-        report[job_type] = {"taken": taken, "max_jobs": limit,
-                            "rate_limit": None if rate is None else
-                            {"max_starts": rate[0], "per": rate[1], "starts": rate[2]}}
-    return report, processes
-
-
 def redis_status(url: str, name: str) -> Dict[str, Any]:
-    """The report of ``status --redis URL --name NAME``."""
+    """The report of ``status --redis URL --name NAME``: its figures are read by one script call,
+    at one instant, so that they agree (each job counted once: ready, delayed, taken or dead)."""
 
     def read(queue: Queue) -> Dict[str, Any]:
-        stats = queue.get_stats()
-        executors, processes = _shared_executors(queue)
-        dead = queue.broker.dead_jobs()  # type: ignore[attr-defined]
-        counters = {field.name: getattr(stats, field.name) for field in dataclasses.fields(stats)
-                    if field.name.startswith("jobs_")}
-        ready = {"HIGH": stats.high_queue_size, "MEDIUM": stats.medium_queue_size,
-                 "LOW": stats.low_queue_size}
+        reply, dead = queue.broker._status()  # type: ignore[attr-defined]
+        executors = {}
+        for job_type, (taken, limit) in reply.executors.items():
+            rate = reply.rate_limits.get(job_type)
+            executors[job_type] = {"taken": taken, "max_jobs": limit,
+                                   "rate_limit": None if rate is None else
+                                   {"max_starts": rate[0], "per": rate[1], "starts": rate[2]}}
+        counters = {f"jobs_{counter}": reply.counters.get(counter, 0) for counter in _REDIS_COUNTERS}
+        ready = dict(zip(("HIGH", "MEDIUM", "LOW"), reply.sizes))
         return {
             "backend": "redis",
             "redis": redacted_url(url),
             "name": name,
-            "counts": {"ready": sum(ready.values()), "delayed": stats.delayed_jobs_count,
+            "counts": {"ready": sum(ready.values()), "delayed": reply.delayed,
                        "taken": sum(executor["taken"] for executor in executors.values()),
                        "dead": len(dead)},
             "priorities": {level: {"ready": size} for level, size in ready.items()},
             # Each enqueuing process's Config sets it (the same everywhere, by contract); Redis does
             # not hold it, and this process's own default would be a guess.
             "max_delayed_jobs": None,
-            "worker_processes": processes,
+            "worker_processes": reply.processes,
             "executors": executors,
             "counters": counters,
             "dead_jobs": _dead_fields(dead),

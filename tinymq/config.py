@@ -9,6 +9,7 @@ checkers that the constructor also takes a ``Duration`` (at run time the datacla
 makes ``__init__`` from the fields, as always).
 """
 import math
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Optional, Tuple, Type, Union
@@ -52,10 +53,14 @@ def _optional_seconds(name: str, value: object) -> Optional[float]:
 
 
 def _count(name: str, value: object, minimum: int) -> int:
+    """Return ``value``, an int from ``minimum`` to ``sys.maxsize`` (the compiled core keeps
+    counts as C integers), or raise naming it."""
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if value > sys.maxsize:
+        raise ValueError(f"{name} must be <= sys.maxsize ({sys.maxsize}), got {value!r}")
     return value
 
 
@@ -102,8 +107,8 @@ class RetryConfig:
 
     def retry_delay(self, k: int) -> float:
         """Seconds to wait before the k-th retry (k >= 1)."""
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"retry number k must be an int >= 1, got {k!r}")
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= sys.maxsize:
+            raise ValueError(f"retry number k must be an int from 1 to sys.maxsize, got {k!r}")
         return core.retry_delay(k, self.initial_delay, self.max_delay, self.backoff_multiple, self.jitter)
 
 

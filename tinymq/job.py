@@ -4,6 +4,7 @@
 are made on first use, so a job that never needs them costs neither.
 """
 import dataclasses
+import sys
 import time
 from datetime import datetime, timedelta
 from enum import IntEnum
@@ -41,21 +42,21 @@ def _as_priority(value: object) -> Priority:
     return priority
 
 
-def _as_run_at(value: object) -> float:
-    """A point in time as Unix epoch seconds: a number, or an aware datetime."""
+def _as_run_at(value: object, name: str = "run_at") -> float:
+    """A point in time as Unix epoch seconds: a number, or an aware datetime (``name`` names it in errors)."""
     if isinstance(value, datetime):
         if value.tzinfo is None or value.utcoffset() is None:
-            raise ValueError(f"run_at must be an aware datetime (with tzinfo), got {value!r}")
+            raise ValueError(f"{name} must be an aware datetime (with tzinfo), got {value!r}")
         return value.timestamp()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         try:
             run_at = float(value)
         except OverflowError:  # an int beyond any float
-            raise ValueError(f"run_at must be a finite number, got {value!r:.40}") from None
+            raise ValueError(f"{name} must be a finite number, got {value!r:.40}") from None
         if run_at - run_at != 0.0:  # NaN or infinite: a job that would never (or always) be due
-            raise ValueError(f"run_at must be a finite number, got {value!r}")
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
         return run_at
-    raise TypeError(f"run_at must be Unix epoch seconds (float) or an aware datetime, got {value!r}")
+    raise TypeError(f"{name} must be Unix epoch seconds (float) or an aware datetime, got {value!r}")
 
 
 def _as_type(job_type: object) -> str:
@@ -88,6 +89,14 @@ def _as_retry_config(retry_config: object) -> RetryConfig:
     return retry_config
 
 
+def _as_retries(retries: object) -> int:
+    if not isinstance(retries, int) or isinstance(retries, bool):
+        raise TypeError(f"retries must be an int (failed attempts so far), got {retries!r}")
+    if not 0 <= retries <= sys.maxsize:
+        raise ValueError(f"retries must be from 0 to sys.maxsize, got {retries!r}")
+    return int(retries)
+
+
 def _unmarked(state: Any, nested: bool = False) -> Any:
     """A job's copy state without its queue's ``Unnamed``: itself, in a dict of attributes, or in a
     tuple of those (``object``'s ``(__dict__, slots)``)."""
@@ -110,6 +119,7 @@ def _validate(job: "Job") -> float:
     run_at = job.run_at = _as_run_at(job.run_at)
     job._tags = _as_tags(job._tags)
     job.retry_config = _as_retry_config(job.retry_config)
+    job.retries = _as_retries(job.retries)
     return run_at
 
 

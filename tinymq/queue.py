@@ -10,12 +10,13 @@ import inspect
 import logging
 import threading
 import time
+import sys
 import types
 import weakref
 from datetime import timedelta
 from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union
 
-from ._dispatch import AttemptLedger, Dispatcher, FailureCallback, _describe
+from ._dispatch import AttemptLedger, Dispatcher, FailureCallback, NoThreadLeft, _describe
 from ._periodic import Periodic, ScheduleStats
 from ._event_loop import is_async_executor
 from ._pick_core import core
@@ -35,6 +36,7 @@ _now = time.time
 # Seconds ajoin() (and aenqueue waiting for room) waits in a thread at a time: how long a
 # cancelled one may keep that thread.
 _WAIT_SLICE = 0.1
+_MAX_COUNT = sys.maxsize  # the largest job.retries: RetryConfig.retry_delay refuses a later retry number
 _DEFAULT_EXECUTOR_CONFIG = ExecutorConfig()  # immutable: one for every registration without a config
 # The queue that took each store (by id(store)): a second queue must not load the rows of a live one.
 _store_users: "weakref.WeakValueDictionary[int, Queue]" = weakref.WeakValueDictionary()
@@ -240,7 +242,11 @@ class Queue:
             raise TypeError(f"workers must be an int, got {workers!r}")
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        self._dispatcher.start(workers)
+        try:
+            self._dispatcher.start(workers)
+        except NoThreadLeft:
+            self.stop(wait=False)  # (half started, it would accept jobs that some threads never serve)
+            raise
         if self._link is not None:
             self._link.start(workers)
         self._periodic.start()
@@ -261,8 +267,10 @@ class Queue:
             timeout = _optional_seconds("timeout", timeout)
         run_at = job.run_at
         job_type = job.type
+        retries = job.retries
         if (run_at.__class__ is not float or run_at - run_at != 0.0 or job_type.__class__ is not str
-                or not job_type or job._tags is not None or job.retry_config.__class__ is not RetryConfig):
+                or not job_type or job._tags is not None or job.retry_config.__class__ is not RetryConfig
+                or retries.__class__ is not int or not 0 <= retries <= _MAX_COUNT):
             run_at = _validate(job)  # the core checks priority itself
         if self._link is not None:
             job.priority = _as_priority(job.priority)
@@ -379,9 +387,11 @@ class Queue:
             run_at = job.run_at
             job_type = job.type
             # As in enqueue(), and a Priority as is: the store saves every job before the core looks.
+            retries = job.retries
             if (run_at.__class__ is not float or run_at - run_at != 0.0 or job_type.__class__ is not str
                     or not job_type or job._tags is not None or job.retry_config.__class__ is not RetryConfig
-                    or job.priority.__class__ is not Priority):
+                    or job.priority.__class__ is not Priority or retries.__class__ is not int
+                    or not 0 <= retries <= _MAX_COUNT):
                 run_at = _validate(job)
             if run_at is not job.timestamp and run_at > now:
                 delayed_jobs.append(job)
@@ -474,6 +484,8 @@ class Queue:
 
         No tick of it enqueues a job once this returns; a job it already enqueued still runs.
         """
+        if not isinstance(name, str):  # (a schedule's name is a str: anything else is a mistake, not "absent")
+            raise TypeError(f"schedule name must be a str, got {name!r}")
         return self._periodic.unschedule(name)
 
     def schedules(self) -> List[ScheduleStats]:

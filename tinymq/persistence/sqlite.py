@@ -141,6 +141,12 @@ _SEQ = _COLUMNS.index("seq")
 _MERGED_DELETE = f"DELETE FROM {_TABLE} WHERE id IN ({{}})"
 _MERGED_MARK_RUNNING = f"UPDATE {_TABLE} SET state = 'running' WHERE id IN ({{}})"
 _MERGEABLE = (_SAVE_LEAN, _SAVE, _REPLACE_LEAN, _REPLACE, _DELETE, _MARK_RUNNING)
+_SELECT_UNFINISHED = f"{_SELECT} WHERE state IN ('ready', 'running') ORDER BY timestamp"
+_SELECT_DEAD = f"{_SELECT} WHERE state = 'dead' ORDER BY timestamp"
+_SELECT_QUARANTINED = f"SELECT id, reason FROM {_TABLE} WHERE state = 'corrupt'"
+# Rows per state, a ready row whose run_at is ahead (and not its creation time) as delayed.
+_COUNT_STATES = (f"SELECT CASE WHEN state = 'ready' AND run_at > ? AND run_at <> timestamp "
+                 f"THEN 'delayed' ELSE state END, count(*) FROM {_TABLE} GROUP BY 1")
 _SELECT_ROWS = f"SELECT {', '.join(_COLUMNS)} FROM {_TABLE} WHERE id IN ({{}})"
 _SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 # Rows per multi-row INSERT of save_many: powers of two, halving down to 1 for the rest of
@@ -1095,13 +1101,22 @@ class SQLitePersistence:
     # -- inspection (read-only stores too) ---------------------------------------------
 
     def _read(self, sql: str, parameters: Sequence[Any] = ()) -> List[Any]:
+        return self._read_together([(sql, parameters)])[0]
+
+    def _read_together(self, queries: Sequence[Tuple[str, Sequence[Any]]]) -> List[List[Any]]:
+        """The rows of each query, all read from one state of the file (one read transaction;
+        an owner's own connection, which only its commit lock's holder writes through)."""
         if self.read_only:
             if self._closed:
                 raise PersistenceError(f"SQLitePersistence({self.path!r}) is closed")
 
-            def read(conn: sqlite3.Connection) -> List[Any]:
+            def read(conn: sqlite3.Connection) -> List[List[Any]]:
                 try:
-                    return conn.execute(sql, parameters).fetchall()
+                    conn.execute("BEGIN")
+                    try:
+                        return [conn.execute(sql, parameters).fetchall() for sql, parameters in queries]
+                    finally:
+                        conn.rollback()
                 except sqlite3.Error as exc:
                     raise PersistenceError(f"{self!r}: read failed: {exc}") from exc
             return self._reading(read)  # type: ignore[no-any-return]
@@ -1111,7 +1126,7 @@ class SQLitePersistence:
             if self._closed:
                 self._check_usable()
             try:
-                return self._conn.execute(sql, parameters).fetchall()
+                return [self._conn.execute(sql, parameters).fetchall() for sql, parameters in queries]
             except sqlite3.Error as exc:
                 raise PersistenceError(f"{self!r}: read failed: {exc}") from exc
 
@@ -1126,28 +1141,39 @@ class SQLitePersistence:
 
     def jobs(self) -> List[Job]:
         """Every unfinished job (ready, delayed or running), oldest first, as stored; changes nothing."""
-        rows = self._read(f"{_SELECT} WHERE state IN ('ready', 'running') ORDER BY timestamp")
-        return self._decoded(rows, "job")
+        return self._decoded(self._read(_SELECT_UNFINISHED), "job")
 
     def dead_jobs(self) -> List[DeadJob]:
         """Permanently failed jobs, oldest job (``timestamp``) first, with their reason and last error."""
-        rows = self._read(f"{_SELECT} WHERE state = 'dead' ORDER BY timestamp")
+        return self._dead_entries(self._read(_SELECT_DEAD))
+
+    def _dead_entries(self, rows: List[Any]) -> List[DeadJob]:
         reasons = {row[0]: (row[11], row[10]) for row in rows}
         return [DeadJob(job, *reasons[job.id]) for job in self._decoded(rows, "dead job")]
 
     def quarantined(self) -> List[Tuple[str, str]]:
         """``(job id, why)`` for every row quarantined as corrupt."""
-        return [tuple(row) for row in self._read(f"SELECT id, reason FROM {_TABLE} WHERE state = 'corrupt'")]
+        return [tuple(row) for row in self._read(_SELECT_QUARANTINED)]
 
     def counts(self) -> Dict[str, int]:
         """How many rows are in each state: ready (due now), delayed, running, dead, corrupt."""
+        return self._counted(self._read(_COUNT_STATES, (time.time(),)))
+
+    @staticmethod
+    def _counted(rows: List[Any]) -> Dict[str, int]:
         counts = dict.fromkeys(("ready", "delayed", "running", "dead", "corrupt"), 0)
-        rows = self._read(f"SELECT CASE WHEN state = 'ready' AND run_at > ? AND run_at <> timestamp "
-                          f"THEN 'delayed' ELSE state END, "
-                          f"count(*) FROM {_TABLE} GROUP BY 1", (time.time(),))
         for state, number in rows:
             counts[state] = number
         return counts
+
+    def _inspection(self) -> Tuple[Dict[str, int], List[Job], List[DeadJob], List[Tuple[str, str]]]:
+        """``(counts(), jobs(), dead_jobs(), quarantined())`` read from one state of the file, so that
+        they agree while an owner writes (``status --db`` prints them side by side)."""
+        counts, unfinished, dead, quarantined = self._read_together([
+            (_COUNT_STATES, (time.time(),)), (_SELECT_UNFINISHED, ()), (_SELECT_DEAD, ()),
+            (_SELECT_QUARANTINED, ())])
+        return (self._counted(counts), self._decoded(unfinished, "job"), self._dead_entries(dead),
+                [tuple(row) for row in quarantined])
 
     # -- dead and quarantined rows ----------------------------------------------------
 

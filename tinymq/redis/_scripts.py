@@ -15,11 +15,12 @@ import queue
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 __all__ = ["Scripts", "Connections", "SettleOp", "Crashed", "Fetched", "FetchReply", "EnqueueReply",
-           "BeatReply", "CancelReply", "key_prefix"]
+           "BeatReply", "CancelReply", "StatusReply", "key_prefix"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SCRIPT_NAMES = ("enqueue", "fetch", "settle", "beat", "reap", "release", "limits",
-                 "requeue_dead", "purge_dead", "schedule_begin", "schedule_tick", "cancel", "hold", "stats")
+                 "requeue_dead", "purge_dead", "schedule_begin", "schedule_tick", "cancel", "hold", "stats",
+                 "status")
 
 
 def key_prefix(name: str) -> str:
@@ -105,6 +106,18 @@ class CancelReply(NamedTuple):
     proc: str = ""  # with "marked": the process that holds the attempt
     attempt: str = ""
     kept: bool = False  # with "removed": the row waits in the caller's reporting hash until acknowledged
+
+
+class StatusReply(NamedTuple):
+    """Every figure of ``status --redis``, read at one instant (status.lua)."""
+
+    sizes: Tuple[int, int, int]  # ready (parked and due included): high, medium, low
+    delayed: int  # delayed jobs not due yet
+    counters: Dict[str, int]  # the stats hash
+    executors: Dict[str, Tuple[int, int]]  # type -> (attempts holding a slot, max_concurrent_jobs)
+    processes: int  # live worker processes
+    rate_limits: Dict[str, Tuple[int, float, int]]  # type -> (max_starts, per seconds, starts in the window)
+    dead: List[Tuple[str, str, int, str, str]]  # (id, body, retries, error, reason), oldest death first
 
 
 class EnqueueReply(NamedTuple):
@@ -339,6 +352,20 @@ class Scripts:
         high, medium, low, delayed, flat = self._call("stats", [])
         counters = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
         return (int(high), int(medium), int(low)), int(delayed), counters
+
+    def status(self) -> StatusReply:
+        """What ``status --redis`` prints, read at one instant (status.lua), so that its figures agree."""
+        high, medium, low, delayed, flat, limits, running, processes, rates, dead = self._call("status", [])
+        counters = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        taken = {running[i]: int(running[i + 1]) for i in range(0, len(running), 2)}
+        executors = {limits[i]: (taken.get(limits[i], 0), int(limits[i + 1])) for i in range(0, len(limits), 2)}
+        rate_limits = {}
+        for i in range(0, len(rates), 3):
+            max_starts, per_ms = rates[i + 1].split(":", 1)  # as limits.lua writes it
+            rate_limits[rates[i]] = (int(max_starts), float(per_ms) / 1000.0, int(rates[i + 2]))
+        return StatusReply((int(high), int(medium), int(low)), int(delayed), counters, dict(sorted(executors.items())),
+                           int(processes), dict(sorted(rate_limits.items())),
+                           [(row[0], row[1], int(row[2] or 0), row[3], row[4]) for row in dead])
 
     def requeue_dead(self, ids: Sequence[str]) -> int:
         return int(self._call("requeue_dead", list(ids))) if ids else 0

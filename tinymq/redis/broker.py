@@ -17,7 +17,7 @@ from ..config import _seconds
 from ..errors import TinyMQError
 from ..persistence.sqlite import DeadJob
 from ._codec import decode_job
-from ._scripts import Connections, Scripts, key_prefix
+from ._scripts import Connections, Scripts, StatusReply, key_prefix
 
 __all__ = ["RedisBroker"]
 
@@ -194,17 +194,8 @@ class RedisBroker:
                 rows.extend(pipe.execute())
         except _redis().RedisError as exc:
             raise TinyMQError(f"could not list dead jobs on {redacted_url(self.url)}: {exc}") from exc
-        dead = []
-        for job_id, (body, retries, error, reason) in zip(ids, rows):
-            if body is None:
-                continue  # purged meanwhile
-            try:
-                job = decode_job(job_id, body, retries, error)
-            except Exception:
-                logger.exception("dead job %s cannot be decoded; skipped", job_id)
-                continue
-            dead.append(DeadJob(job, reason or "", error or None))
-        return dead
+        return _dead_entries((job_id, body, retries, error, reason)
+                             for job_id, (body, retries, error, reason) in zip(ids, rows) if body is not None)
 
     def requeue_dead(self, ids: Optional[Iterable[str]] = None) -> int:
         """Dead jobs (all, or those of ``ids``) back to ready with retries reset; returns how many."""
@@ -291,6 +282,15 @@ class RedisBroker:
             rate_limits[job_type] = (int(max_starts), float(per_ms) / 1000.0, int(counted))
         return rate_limits
 
+    def _status(self) -> Tuple[StatusReply, List[DeadJob]]:
+        """Every figure ``status --redis`` prints, read by one script call so that they agree
+        (the separate reads above may each see another moment): the reply, and its dead jobs decoded."""
+        try:
+            reply = self._call_resending(self._scripts.status)
+        except _redis().RedisError as exc:
+            raise TinyMQError(f"could not read the status of Redis queue {self.name!r}: {exc}") from exc
+        return reply, _dead_entries(reply.dead)
+
     # --- lifecycle ---------------------------------------------------------------
 
     def close(self) -> None:
@@ -310,6 +310,20 @@ class RedisBroker:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _dead_entries(rows: Iterable[Tuple[str, str, Any, Optional[str], Optional[str]]]) -> List[DeadJob]:
+    """``DeadJob`` entries of ``(id, body, retries, error, reason)`` rows; a row that cannot be decoded
+    is logged and skipped."""
+    dead = []
+    for job_id, body, retries, error, reason in rows:
+        try:
+            job = decode_job(job_id, body, retries, error)
+        except Exception:
+            logger.exception("dead job %s cannot be decoded; skipped", job_id)
+            continue
+        dead.append(DeadJob(job, reason or "", error or None))
+    return dead
 
 
 def redacted_url(url: str) -> str:

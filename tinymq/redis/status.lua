@@ -1,0 +1,32 @@
+--[[ status: every figure `python -m tinymq status --redis` prints, read at one instant, so
+that they agree (a job is counted in exactly one place: ready, delayed, taken or dead).
+KEYS[1] prefix. No ARGV. Reads only.
+Returns {high, medium, low, delayed, counters, limits, running, processes, rates, dead}:
+  high .. counters  as lib.lua's queue_sizes;
+  limits, running   HGETALL of limits (type -> max concurrent attempts) and running
+                    (type -> attempts holding a slot);
+  processes         worker processes whose lease has not run out (reporters, "~", left out);
+  rates             {type, "max_starts:per ms", starts in the window now, ...};
+  dead              {{id, body, retries, error, reason}, ...}, oldest death first.
+Work: one read per dead job (status reads them all anyway). ]]
+local high, medium, low, delayed, counters = queue_sizes()
+local processes = 0
+for _, proc in ipairs(redis.call('ZRANGEBYSCORE', K_PROCS, now_ms(), '+inf')) do
+  if not string.find(proc, '~', 1, true) then processes = processes + 1 end
+end
+local rates = redis.call('HGETALL', K_RATE_LIMITS)
+local rate_rows = {}
+for i = 1, #rates, 2 do -- starts still in the window: entries ending after now (+inf: handed out)
+  local k = rate_key(rates[i])
+  local ended = redis.call('ZCOUNT', k, '-inf', exact_ms())
+  table.insert(rate_rows, rates[i])
+  table.insert(rate_rows, rates[i + 1])
+  table.insert(rate_rows, redis.call('ZCARD', k) - ended)
+end
+local dead = {}
+for _, id in ipairs(redis.call('ZRANGE', K_DEAD, 0, -1)) do
+  local row = redis.call('HMGET', job_key(id), 'b', 'r', 'e', 'x')
+  if row[1] then table.insert(dead, {id, row[1], row[2] or '0', row[3] or '', row[4] or ''}) end
+end
+return {high, medium, low, delayed, counters, redis.call('HGETALL', K_LIMITS),
+        redis.call('HGETALL', K_RUNNING), processes, rate_rows, dead}
