@@ -626,22 +626,15 @@ class QueueLink:
         sent with the next call): if this process dies in between, whoever reaps it
         reports the job. stop() waits for the callbacks meanwhile, as for a handed row's.
         When Redis cannot be reached, the callbacks run anyway and the op follows later.
-        With no callback registered there is nothing to wait for: the op and its A go
-        with the next call, as other outcomes do. Otherwise the thread counts as reporting
-        from the decision on, its round trip included: a stop() meanwhile waits for it, or
-        its release would hand the kept row on to be reported again by another process,
-        though the callbacks run here too.
+        With no callback registered there is nothing to wait for: the op goes with the
+        next call, as other outcomes do, without a round trip of its own. Either way the A
+        is queued only once the caller counted the failure (in this process's per-type
+        counters), so join() never returns before that count; and the thread counts as
+        reporting from the decision on: a stop() meanwhile waits for it, or its release
+        would hand the kept row on to be reported again by another process, though the
+        callbacks run here too.
         """
         error = _describe(exc) or (job.last_error or "")
-        if not self.dispatcher.failure_callbacks:
-            decided = self._decide(job, "Z", reason=reason, error=error)
-            if decided is not None:
-                op, proc = decided
-                with self._lock:
-                    self._queue_op(SettleOp("A", _report_key(job.id, reason, proc, op.attempt)))
-                self._flush_if_idle()
-            yield decided is not None  # (logging only)
-            return
         me = threading.get_ident()
         with self._reporting_here():
             decided = self._decide(job, "Z", reason=reason, error=error)
@@ -649,11 +642,12 @@ class QueueLink:
                 yield False
                 return
             op, proc = decided
-            self._send(op)
+            if self.dispatcher.failure_callbacks:
+                self._send(op)
             key = _report_key(job.id, reason, proc, op.attempt)
             with self._lock:
                 self._reporting[me] = key  # stop() sends its A if this is its thread
-            yield True
+            yield True  # (the caller counts the failure here, then runs the callbacks)
             with self._lock:
                 if self._released:
                     return
