@@ -1268,6 +1268,46 @@ cdef class ReadyQueue:
                 self._hand_off()
         return True
 
+    def move_due(self, DelayedHeap heap, double now):
+        """Move the jobs of ``heap`` due at ``now`` (its clock) in, earliest first, as ``requeue``
+        does, in one step: ``snapshot()`` sees each of them in the heap or placed, never between.
+
+        Returns the due jobs that were placed nowhere, as ``(job, None)`` when a cancel of it
+        was requested (the mark is taken: the caller ends it as cancelled), or ``(job, error)``
+        when it cannot go (a priority made invalid while it waited: the caller fails it).
+        """
+        cdef list left = []
+        cdef int level
+        cdef tuple owed
+        while True:
+            job = heap._due_root(now)
+            if job is None:
+                break
+            try:
+                job_type = _type_of(job)
+                level = _level_of(job)
+            except Exception as error:
+                if heap._due_root(now) is job:
+                    heap._pop_root()
+                    left.append((job, error))
+                continue
+            # Made while the job is still in the heap: allocating may run the garbage collector,
+            # and Python code, which may let another thread in; from the pop to the placing, none.
+            owed = (job, job_type, level)
+            self._type_state(job_type)
+            if heap._due_root(now) is not job:  # another thread took it out meanwhile (a cancel)
+                continue
+            heap._pop_root()
+            if self.marks and self._take_cancel(job):
+                left.append((job, None))
+            elif self.size >= self.capacity or self.overflow:
+                self.overflow.append(owed)
+            else:
+                self._append(job, job_type, level)
+        if self.getters or self.loop_idle:
+            self._hand_off()
+        return left
+
     # popping
 
     cdef object _take(self, PyObject **taken_state, int *taken_level, int runner=THREADS):
@@ -1808,6 +1848,10 @@ cdef class DelayedHeap:
             self.entries[0] = self.entries[self.count]
             self._sift_down(0)
         return job
+
+    cdef object _due_root(self, double now):
+        """The earliest job if it is due at ``now``, left in place; else None."""
+        return <object>self.entries[0].job if self.count and self.entries[0].run_at <= now else None
 
     def pop_due(self, double now):
         """Remove and return, earliest first, every job with run_at <= now."""

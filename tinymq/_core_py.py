@@ -752,6 +752,31 @@ class ReadyQueue:
             self._hand_off()
             return True
 
+    def move_due(self, heap: "DelayedHeap", now: float) -> List[Tuple[Any, Optional[Exception]]]:
+        """Move the jobs of ``heap`` due at ``now`` (its clock) in, earliest first, as ``requeue``
+        does, in one step: ``snapshot()`` sees each of them in the heap or placed, never between.
+
+        Returns the due jobs that were placed nowhere, as ``(job, None)`` when a cancel of it
+        was requested (the mark is taken: the caller ends it as cancelled), or ``(job, error)``
+        when it cannot go (a priority made invalid while it waited: the caller fails it).
+        """
+        left: List[Tuple[Any, Optional[Exception]]] = []
+        with self._lock:  # (the heap's lock inside it, as in snapshot(): no heap takes this one)
+            for job in heap.pop_due(now):
+                try:
+                    job_type, level = _ready_fields(job)
+                except Exception as error:
+                    left.append((job, error))
+                    continue
+                if self._marks and self._take_cancel(job):
+                    left.append((job, None))
+                elif sum(self._sizes) >= self.capacity or self._overflow:
+                    self._overflow.append((job, job_type, level))
+                else:
+                    self._append(job, job_type, level)
+            self._hand_off()
+        return left
+
     # popping
 
     def _take(self, runner: int = THREADS) -> Optional[Tuple[Any, TypeState, int]]:
