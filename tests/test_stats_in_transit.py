@@ -5,6 +5,7 @@ or running; no snapshot may catch one between two of these. Nothing finishes in 
 only type is saturated by an attempt that is held), so every snapshot must add up to the jobs
 accepted. The GIL switch interval is made tiny, so other threads get in between any two steps.
 """
+import gc
 import sys
 import threading
 import time
@@ -91,3 +92,34 @@ def test_core_move_due_places_due_jobs_and_hands_back_those_that_cannot_go(core)
     assert ready.pop(timeout=0) is jobs["a"] and ready.pop(timeout=0) is jobs["b"]
     assert ready.pop(timeout=0) is jobs["c"]  # moved in from the overflow line by the first pop
     assert ready.move_due(heap, 4.5) == [] and len(heap) == 1
+
+
+
+def test_core_snapshot_is_one_moment_even_when_it_runs_the_collector(core):
+    """The compiled core's snapshot relies on the GIL, and an allocation may run the garbage
+    collector, whose callbacks (Python code) may let another thread in: here each collection moves
+    one due job, as the scheduler would. The snapshot still sees every job exactly once."""
+    if not getattr(core, "__file__", "").endswith((".so", ".pyd")):
+        pytest.skip("the pure core's snapshot holds the lock every move takes: nothing gets in")
+    ready, heap = core.ReadyQueue(1000), core.DelayedHeap(0)
+    jobs = [Job("t", n, priority=PRIORITIES[n % 3]) for n in range(50)]
+    ready.accept(jobs)
+    for n, job in enumerate(jobs):
+        heap.push(job, float(n))
+    moves = []
+
+    def collector_ran(phase, info):
+        if phase == "start" and len(moves) < len(jobs):
+            moves.append(ready.move_due(heap, float(len(moves))))  # the next job in: one per collection
+
+    threshold = gc.get_threshold()
+    gc.callbacks.append(collector_ran)
+    gc.set_threshold(1)
+    try:
+        sizes, _, _, waiting_for_room, delayed = ready.snapshot(heap, now=1000.0)
+        after = len(moves)
+    finally:
+        gc.callbacks.remove(collector_ran)
+        gc.set_threshold(*threshold)
+    assert after > 0, "no collection ran: the test shows nothing"
+    assert sum(sizes) + waiting_for_room + delayed == len(jobs), (sizes, waiting_for_room, delayed, after)
