@@ -95,6 +95,49 @@ def test_core_move_due_places_due_jobs_and_hands_back_those_that_cannot_go(core)
 
 
 
+@pytest.mark.parametrize("max_delayed_jobs", [0, 10], ids=["unlimited", "capped"])
+def test_a_delayed_job_is_counted_as_enqueued_only_together_with_its_place(max_delayed_jobs):
+    """jobs_enqueued and delayed_jobs_count move in one step: a snapshot taken between the queue's
+    steps of an enqueue (here: just before the job goes to the delayed set) never counts a job
+    as enqueued that is in no place yet."""
+    with make_queue(max_delayed_jobs=max_delayed_jobs) as q:
+        dispatcher, seen = q._dispatcher, []
+        push_delayed = dispatcher.push_delayed
+
+        def looked_at_first(*args, **kwargs):
+            seen.append(q.get_stats())
+            return push_delayed(*args, **kwargs)
+
+        dispatcher.push_delayed = looked_at_first
+        for n in range(20):
+            q.enqueue_delayed(Job("t", n), 3600.0 + n)
+        stats = q.get_stats()
+        kept = min(20, max_delayed_jobs or 20)
+        assert stats.delayed_jobs_count == kept and stats.jobs_evicted == 20 - kept
+        assert stats.jobs_enqueued == 20
+        assert len(seen) == 20
+        for stats in seen:
+            assert places(stats) + stats.jobs_evicted == stats.jobs_enqueued, stats
+
+
+def test_core_accept_delayed_counts_and_places_together_or_refuses_with_no_effect(core):
+    from tinymq.errors import DuplicateJob, QueueStopped
+
+    ready, heap = core.ReadyQueue(1), core.DelayedHeap(2)
+    first, second, third = Job("t", 1, id="a"), Job("t", 2), Job("t", 3)
+    assert ready.accept_delayed(first, heap, 5.0) is None
+    with pytest.raises(DuplicateJob):
+        ready.accept_delayed(Job("t", id="a"), heap, 1.0)
+    assert ready.accept_delayed(second, heap, 6.0) is None
+    assert ready.accept_delayed(third, heap, 7.0) is first  # the earliest waiting one is evicted
+    assert ready.counters()[core.ENQUEUED] == ready.unfinished == 3 and len(heap) == 2
+    assert ready.snapshot(heap, now=0.0)[4] == 2
+    ready.close()
+    with pytest.raises(QueueStopped):
+        ready.accept_delayed(Job("t"), heap, 1.0)
+    assert ready.unfinished == 3 and len(heap) == 2
+
+
 def test_core_snapshot_is_one_moment_even_when_it_runs_the_collector(core):
     """The compiled core's snapshot relies on the GIL, and an allocation may run the garbage
     collector, whose callbacks (Python code) may let another thread in: here each collection moves

@@ -1299,6 +1299,20 @@ cdef class ReadyQueue:
         self._mark_unnamed(accepted, batch)
         self._accept(accepted, batch)
 
+    def accept_delayed(self, object job, DelayedHeap heap, double run_at):
+        """``accept([job])`` and ``heap.push(job, run_at)`` in one step: ``snapshot()`` sees the
+        job counted and in the heap, or neither. Returns the job the push evicted, or None."""
+        cdef list accepted = [job]
+        cdef dict batch
+        self._named_elsewhere(job)
+        batch, repeated = _batch_ids(accepted)
+        self._check_open()
+        self._check_unregistered(batch, repeated)
+        self._mark_unnamed(accepted, batch)
+        evicted = heap.push(job, run_at)  # (allocates nothing the collector tracks: no other thread gets in)
+        self._accept(accepted, batch)
+        return evicted
+
     def requeue(self, object job):
         """Make an accepted job ready (due, retried, recovered): never refused, never dropped.
 

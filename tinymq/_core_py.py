@@ -732,6 +732,19 @@ class ReadyQueue:
             self._check_unregistered(batch, repeated)
             self._accept(jobs, batch)
 
+    def accept_delayed(self, job: Any, heap: "DelayedHeap", run_at: float) -> Any:
+        """``accept([job])`` and ``heap.push(job, run_at)`` in one step: ``snapshot()`` sees the
+        job counted and in the heap, or neither. Returns the job the push evicted, or None."""
+        jobs = [job]
+        self._name_elsewhere(job)
+        batch, repeated = _batch_ids(jobs)
+        with self._lock:  # (the heap's lock inside it, as in snapshot(): no heap takes this one)
+            self._check_open()
+            self._check_unregistered(batch, repeated)
+            evicted = heap.push(job, run_at)
+            self._accept(jobs, batch)
+            return evicted
+
     def requeue(self, job: Any) -> bool:
         """Make an accepted job ready (due, retried, recovered): never refused, never dropped.
 

@@ -498,8 +498,9 @@ class Dispatcher:
 
     # --- delayed jobs ----------------------------------------------------
 
-    def push_delayed(self, job: Any, delay: float, evictable: bool = True) -> None:
-        """Add an accepted job, due ``delay`` seconds from now, to the delayed set.
+    def push_delayed(self, job: Any, delay: float, evictable: bool = True, accept: bool = False) -> None:
+        """Add an accepted job (with ``accept``, a new one, counted in the same step of the core),
+        due ``delay`` seconds from now, to the delayed set.
 
         The heaps are keyed by monotonic due time. An evicted job fails at once,
         here. Only new delayed jobs count against ``max_delayed_jobs`` and can
@@ -513,7 +514,10 @@ class Dispatcher:
             # A due job no longer counts as delayed, even one the scheduler has not moved
             # yet (or that waits for start_dispatcher): it goes to the ready buffer, not out.
             self.move_due(heap, now)
-        evicted = heap.push(job, due)
+        if accept:  # counted and placed together: get_stats() never sees it counted and nowhere
+            evicted = self.ready.accept_delayed(job, heap, due)
+        else:
+            evicted = heap.push(job, due)
         self.scheduler_alarm.wake_before(due)
         # A cancel that looked for it before it arrived here left a mark: whoever takes it out ends it.
         if self.ready.cancel_requested(job) and heap.remove(job._id, job) is not None and self.ready.take_cancel(job):
