@@ -1176,6 +1176,8 @@ class ReadyQueueMachine(RuleBasedStateMachine):
     def create(self, capacity):
         self.queue = self.core.ReadyQueue(capacity)
         self.model = ReadyModel(capacity)
+        self.heap = self.core.DelayedHeap(0)
+        self.delayed = []  # (run_at, job) in the heap, in the order they were pushed
 
     @rule(job_type=types, priority=priorities, job_id=job_ids)
     def push(self, job_type, priority, job_id):
@@ -1218,6 +1220,24 @@ class ReadyQueueMachine(RuleBasedStateMachine):
         job = self.placed_by_caller.pop(data.draw(st.integers(0, len(self.placed_by_caller) - 1)))
         self.queue.requeue(job)
         self.model.requeue(job)
+
+    @precondition(lambda self: self.placed_by_caller)
+    @rule(data=st.data(), run_at=st.integers(0, 3))
+    def delay_accepted(self, data, run_at):
+        """An accepted job waits in the delayed heap (the model keeps it with its run_at, in order)."""
+        job = self.placed_by_caller.pop(data.draw(st.integers(0, len(self.placed_by_caller) - 1)))
+        self.heap.push(job, float(run_at))
+        self.delayed.append((run_at, job))
+
+    @rule(now=st.integers(0, 3))
+    def move_due(self, now):
+        """The scheduler moves the due jobs in, earliest first (FIFO among equal run_at), as requeue does."""
+        due = sorted((entry for entry in self.delayed if entry[0] <= now), key=lambda entry: entry[0])
+        self.delayed = [entry for entry in self.delayed if entry[0] > now]
+        assert self.queue.move_due(self.heap, float(now)) == []  # none cancelled or invalid here
+        for _, job in due:
+            self.model.requeue(job)
+        assert len(self.heap) == len(self.delayed)
 
     @precondition(lambda self: self.queue is not None and len(self.model.ready) == self.model.capacity)
     @rule(job_type=types, priority=priorities)

@@ -83,6 +83,8 @@ THREADS, LOOP = 0, 1
 CANCEL_UNKNOWN, CANCEL_REMOVED, CANCEL_MARKED, CANCEL_LOST = range(4)
 # The events also counted per job type, in the order of the per-type counters ReadyQueue.snapshot() gives.
 TYPE_EVENTS = (SUCCEEDED, FAILED, RETRIED, TIMED_OUT, CANCELLED)
+cdef int TYPE_EVENT_INDEXES[5]  # TYPE_EVENTS as C values: snapshot() reads them with nothing allocated
+TYPE_EVENT_INDEXES[:] = [SUCCEEDED, FAILED, RETRIED, TIMED_OUT, CANCELLED]
 cdef enum:
     N_COUNTERS = 7
     N_RUNNERS = 2
@@ -735,6 +737,17 @@ cdef inline int _level_of(object job) except -1:
     return level
 
 
+cdef inline int _level_or_invalid(object job):
+    """``_level_of(job)``, or -1 for an invalid priority: raises nothing, allocates nothing."""
+    priority = job.priority
+    cdef long level = -1
+    if PyLong_Check(priority) and not PyBool_Check(priority):
+        level = PyLong_AsLong(priority)
+        if level == -1 and PyErr_Occurred():
+            PyErr_Clear()
+    return level if 0 <= level <= 2 else -1
+
+
 cdef object _not_a_str(str what, object value):
     # str.__repr__: a str subclass's own __repr__ is not called
     shown = str.__repr__(value) if isinstance(value, str) else repr(value)
@@ -937,7 +950,7 @@ cdef class ReadyQueue:
 
     def snapshot(self, *heaps, double now=INFINITY):
         """What ``Queue.get_stats()`` shows of the core and of the delayed ``heaps``, read at one
-        moment (under the GIL, nothing here runs Python code that could let another thread in).
+        moment.
 
         ``((high, medium, low), counters(), {job_type: (active, limit, succeeded, failed,
         retried, timed_out, cancelled)} per registered executor, overflow_size, delayed jobs)``,
@@ -945,33 +958,74 @@ cdef class ReadyQueue:
         still in a heap counts where moving it now would put it (``requeue``): ready at its
         level while the buffer has room, else owed room (overflow_size), in the order the
         scheduler moves them (the heaps in the order given, each earliest first).
+
+        One moment under the GIL: an allocation may run the garbage collector, and Python code
+        that lets another thread in, so everything that allocates comes first (the due jobs,
+        the executors), then every number is read with nothing allocated, into C values; a
+        heap that changed meanwhile (its push count or size) makes it start again.
         """
         cdef TypeState state
         cdef DelayedHeap heap
-        cdef Py_ssize_t delayed = 0
+        cdef Py_ssize_t i, n_heaps = len(heaps), n_states
+        cdef Py_ssize_t delayed, waiting_for_room, room
         cdef Py_ssize_t sizes[3]
-        cdef Py_ssize_t waiting_for_room = len(self.overflow)
-        cdef Py_ssize_t room
+        cdef long long counters[N_COUNTERS]
         cdef int level
-        sizes[0], sizes[1], sizes[2] = self.level_sizes[0], self.level_sizes[1], self.level_sizes[2]
-        room = 0 if waiting_for_room else self.capacity - (sizes[0] + sizes[1] + sizes[2])
-        for heap in heaps:
-            due = heap._due(now)
-            delayed += heap.count - len(due)
-            for job in due:
-                try:
-                    level = _level_of(job)
-                except ValueError:
-                    continue  # moving it fails it (a priority made invalid while it waited)
-                if room > 0:
-                    sizes[level] += 1
-                    room -= 1
+        # Per heap: (push count, size) when its due jobs were read; per executor: its 7 numbers.
+        cdef uint64_t *stamps = <uint64_t *>PyMem_Malloc((2 * n_heaps + 1) * sizeof(uint64_t))
+        cdef long long *fields = NULL
+        if stamps == NULL:
+            raise MemoryError()
+        try:
+            while True:
+                for i in range(n_heaps):
+                    heap = <DelayedHeap?>heaps[i]
+                    stamps[2 * i], stamps[2 * i + 1] = heap.seq, <uint64_t>heap.count
+                dues = [(<DelayedHeap>heap)._due(now) for heap in heaps]
+                states = [state for state in self.types.values() if state.fn is not None]
+                n_states = len(states)
+                PyMem_Free(fields)
+                fields = <long long *>PyMem_Malloc((7 * n_states + 1) * sizeof(long long))
+                if fields == NULL:
+                    raise MemoryError()
+                # From here on nothing allocates until every number is read.
+                for i in range(n_heaps):
+                    heap = <DelayedHeap>heaps[i]
+                    if heap.seq != stamps[2 * i] or <uint64_t>heap.count != stamps[2 * i + 1]:
+                        break
                 else:
-                    waiting_for_room += 1
-        types = {state.name: (state.active, state.limit) + tuple([state.counters[event] for event in TYPE_EVENTS])
-                 for state in self.types.values() if state.fn is not None}
-        return ((sizes[2], sizes[1], sizes[0]),
-                tuple([self._counters[i] for i in range(N_COUNTERS)]), types, waiting_for_room, delayed)
+                    break
+            sizes[0], sizes[1], sizes[2] = self.level_sizes[0], self.level_sizes[1], self.level_sizes[2]
+            waiting_for_room = len(self.overflow)
+            room = 0 if waiting_for_room else self.capacity - (sizes[0] + sizes[1] + sizes[2])
+            delayed = 0
+            for i in range(n_heaps):
+                due = <list>dues[i]
+                delayed += (<DelayedHeap>heaps[i]).count - len(due)
+                for job in due:
+                    level = _level_or_invalid(job)
+                    if level < 0:
+                        continue  # moving it fails it (a priority made invalid while it waited)
+                    if room > 0:
+                        sizes[level] += 1
+                        room -= 1
+                    else:
+                        waiting_for_room += 1
+            for i in range(N_COUNTERS):
+                counters[i] = self._counters[i]
+            for i in range(n_states):
+                state = <TypeState>states[i]
+                fields[7 * i], fields[7 * i + 1] = state.active, state.limit
+                for level in range(5):
+                    fields[7 * i + 2 + level] = state.counters[TYPE_EVENT_INDEXES[level]]
+            # Read: now the results are made.
+            types = {(<TypeState>states[i]).name: tuple([fields[7 * i + k] for k in range(7)])
+                     for i in range(n_states)}
+            return ((sizes[2], sizes[1], sizes[0]),
+                    tuple([counters[i] for i in range(N_COUNTERS)]), types, waiting_for_room, delayed)
+        finally:
+            PyMem_Free(stamps)
+            PyMem_Free(fields)
 
     def attempt_durations(self):
         """``{job_type: (attempts per bucket, sum of seconds)}`` per registered executor.
@@ -1245,6 +1299,20 @@ cdef class ReadyQueue:
         self._mark_unnamed(accepted, batch)
         self._accept(accepted, batch)
 
+    def accept_delayed(self, object job, DelayedHeap heap, double run_at):
+        """``accept([job])`` and ``heap.push(job, run_at)`` in one step: ``snapshot()`` sees the
+        job counted and in the heap, or neither. Returns the job the push evicted, or None."""
+        cdef list accepted = [job]
+        cdef dict batch
+        self._named_elsewhere(job)
+        batch, repeated = _batch_ids(accepted)
+        self._check_open()
+        self._check_unregistered(batch, repeated)
+        self._mark_unnamed(accepted, batch)
+        evicted = heap.push(job, run_at)  # (allocates nothing the collector tracks: no other thread gets in)
+        self._accept(accepted, batch)
+        return evicted
+
     def requeue(self, object job):
         """Make an accepted job ready (due, retried, recovered): never refused, never dropped.
 
@@ -1267,6 +1335,46 @@ cdef class ReadyQueue:
             if self.getters or self.loop_idle:
                 self._hand_off()
         return True
+
+    def move_due(self, DelayedHeap heap, double now):
+        """Move the jobs of ``heap`` due at ``now`` (its clock) in, earliest first, as ``requeue``
+        does, in one step: ``snapshot()`` sees each of them in the heap or placed, never between.
+
+        Returns the due jobs that were placed nowhere, as ``(job, None)`` when a cancel of it
+        was requested (the mark is taken: the caller ends it as cancelled), or ``(job, error)``
+        when it cannot go (a priority made invalid while it waited: the caller fails it).
+        """
+        cdef list left = []
+        cdef int level
+        cdef tuple owed
+        while True:
+            job = heap._due_root(now)
+            if job is None:
+                break
+            try:
+                job_type = _type_of(job)
+                level = _level_of(job)
+            except Exception as error:
+                if heap._due_root(now) is job:
+                    heap._pop_root()
+                    left.append((job, error))
+                continue
+            # Made while the job is still in the heap: allocating may run the garbage collector,
+            # and Python code, which may let another thread in; from the pop to the placing, none.
+            owed = (job, job_type, level)
+            self._type_state(job_type)
+            if heap._due_root(now) is not job:  # another thread took it out meanwhile (a cancel)
+                continue
+            heap._pop_root()
+            if self.marks and self._take_cancel(job):
+                left.append((job, None))
+            elif self.size >= self.capacity or self.overflow:
+                self.overflow.append(owed)
+            else:
+                self._append(job, job_type, level)
+        if self.getters or self.loop_idle:
+            self._hand_off()
+        return left
 
     # popping
 
@@ -1808,6 +1916,10 @@ cdef class DelayedHeap:
             self.entries[0] = self.entries[self.count]
             self._sift_down(0)
         return job
+
+    cdef object _due_root(self, double now):
+        """The earliest job if it is due at ``now``, left in place; else None."""
+        return <object>self.entries[0].job if self.count and self.entries[0].run_at <= now else None
 
     def pop_due(self, double now):
         """Remove and return, earliest first, every job with run_at <= now."""

@@ -732,6 +732,19 @@ class ReadyQueue:
             self._check_unregistered(batch, repeated)
             self._accept(jobs, batch)
 
+    def accept_delayed(self, job: Any, heap: "DelayedHeap", run_at: float) -> Any:
+        """``accept([job])`` and ``heap.push(job, run_at)`` in one step: ``snapshot()`` sees the
+        job counted and in the heap, or neither. Returns the job the push evicted, or None."""
+        jobs = [job]
+        self._name_elsewhere(job)
+        batch, repeated = _batch_ids(jobs)
+        with self._lock:  # (the heap's lock inside it, as in snapshot(): no heap takes this one)
+            self._check_open()
+            self._check_unregistered(batch, repeated)
+            evicted = heap.push(job, run_at)
+            self._accept(jobs, batch)
+            return evicted
+
     def requeue(self, job: Any) -> bool:
         """Make an accepted job ready (due, retried, recovered): never refused, never dropped.
 
@@ -751,6 +764,31 @@ class ReadyQueue:
             self._append(job, job_type, level)
             self._hand_off()
             return True
+
+    def move_due(self, heap: "DelayedHeap", now: float) -> List[Tuple[Any, Optional[Exception]]]:
+        """Move the jobs of ``heap`` due at ``now`` (its clock) in, earliest first, as ``requeue``
+        does, in one step: ``snapshot()`` sees each of them in the heap or placed, never between.
+
+        Returns the due jobs that were placed nowhere, as ``(job, None)`` when a cancel of it
+        was requested (the mark is taken: the caller ends it as cancelled), or ``(job, error)``
+        when it cannot go (a priority made invalid while it waited: the caller fails it).
+        """
+        left: List[Tuple[Any, Optional[Exception]]] = []
+        with self._lock:  # (the heap's lock inside it, as in snapshot(): no heap takes this one)
+            for job in heap.pop_due(now):
+                try:
+                    job_type, level = _ready_fields(job)
+                except Exception as error:
+                    left.append((job, error))
+                    continue
+                if self._marks and self._take_cancel(job):
+                    left.append((job, None))
+                elif sum(self._sizes) >= self.capacity or self._overflow:
+                    self._overflow.append((job, job_type, level))
+                else:
+                    self._append(job, job_type, level)
+            self._hand_off()
+        return left
 
     # popping
 

@@ -506,8 +506,9 @@ class Dispatcher:
 
     # --- delayed jobs ----------------------------------------------------
 
-    def push_delayed(self, job: Any, delay: float, evictable: bool = True) -> None:
-        """Add an accepted job, due ``delay`` seconds from now, to the delayed set.
+    def push_delayed(self, job: Any, delay: float, evictable: bool = True, accept: bool = False) -> None:
+        """Add an accepted job (with ``accept``, a new one, counted in the same step of the core),
+        due ``delay`` seconds from now, to the delayed set.
 
         The heaps are keyed by monotonic due time. An evicted job fails at once,
         here. Only new delayed jobs count against ``max_delayed_jobs`` and can
@@ -520,9 +521,11 @@ class Dispatcher:
         if heap.capacity and len(heap) >= heap.capacity:
             # A due job no longer counts as delayed, even one the scheduler has not moved
             # yet (or that waits for start_dispatcher): it goes to the ready buffer, not out.
-            for ready in heap.pop_due(now):
-                self.make_ready(ready)
-        evicted = heap.push(job, due)
+            self.move_due(heap, now)
+        if accept:  # counted and placed together: get_stats() never sees it counted and nowhere
+            evicted = self.ready.accept_delayed(job, heap, due)
+        else:
+            evicted = heap.push(job, due)
         self.scheduler_alarm.wake_before(due)
         # A cancel that looked for it before it arrived here left a mark: whoever takes it out ends it.
         if self.ready.cancel_requested(job) and heap.remove(job._id, job) is not None and self.ready.take_cancel(job):
@@ -538,9 +541,7 @@ class Dispatcher:
             try:
                 now = monotonic()
                 for heap in (delayed, uncapped):
-                    for job in heap.pop_due(now):
-                        self.make_ready(job)
-                job = None  # the scheduler waiting keeps no job alive
+                    self.move_due(heap, now)
                 ready.reopen_rate_limited(now)
                 wake_at = now + interval
                 for heap in (delayed, uncapped):
@@ -553,6 +554,15 @@ class Dispatcher:
                 alarm.sleep(wake_at - monotonic(), wake_at)
             except Exception:  # pragma: no cover - a bug; keep scheduling
                 logger.exception("tinymq scheduler error")
+
+    def move_due(self, heap: Any, now: float) -> None:
+        """Move the due jobs of ``heap`` into the ready buffer, in one step of the core (get_stats()
+        never catches one between the two); one that cannot go fails, loudly, as in make_ready."""
+        for job, error in self.ready.move_due(heap, now):
+            if error is None:  # a cancel of it came on its way here
+                self.end_cancelled(job)
+            else:  # e.g. a priority made invalid while the job waited
+                self.fail(job, "retries_exhausted", error)
 
     def make_ready(self, job: Any) -> None:
         """Move an accepted job into the ready buffer; one that cannot go fails, loudly."""

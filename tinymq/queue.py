@@ -330,8 +330,7 @@ class Queue:
             delay = run_at - _now()
             if run_at is not job.timestamp and delay > 0.0:
                 job.priority = _as_priority(job.priority)  # the core reads it only when due
-                self._ready.accept([job])
-                self._dispatcher.push_delayed(job, delay)
+                self._dispatcher.push_delayed(job, delay, accept=True)
             elif not self._ready.push(job) and not (block and self._wait_for_room(job, wait, withdrawn)):
                 raise QueueFull(
                     f"the ready buffer is full ({self.config.buffer_size} jobs); job {job.id} "

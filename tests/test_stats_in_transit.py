@@ -1,0 +1,168 @@
+"""get_stats() counts every unfinished job exactly once, while the queue moves jobs between places.
+
+API.md "Stats" and "Delayed jobs": a job is ready (at its priority, or waiting for room), delayed,
+or running; no snapshot may catch one between two of these. Nothing finishes in these tests (the
+only type is saturated by an attempt that is held), so every snapshot must add up to the jobs
+accepted. The GIL switch interval is made tiny, so other threads get in between any two steps.
+"""
+import gc
+import sys
+import threading
+import time
+
+import pytest
+
+from tinymq import ExecutorConfig, Job, Priority
+
+from _helpers import Blocker, make_queue, wait_until
+
+PRIORITIES = [Priority.HIGH, Priority.MEDIUM, Priority.LOW]
+BATCHES = 20
+BATCH_SIZE = 100
+BATCH_GAP = 0.02  # seconds between two batches coming due
+FIRST_DUE = 0.3  # seconds after the last enqueue's start: all are enqueued before any is due
+
+
+@pytest.fixture
+def tiny_switch_interval():
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(old)
+
+
+def places(stats):
+    """Where get_stats() puts the unfinished jobs: each one in exactly one place."""
+    running = sum(executor.active_jobs for executor in stats.executor_stats.values())
+    return (stats.high_queue_size + stats.medium_queue_size + stats.low_queue_size
+            + stats.waiting_for_room + stats.delayed_jobs_count + running)
+
+
+def watch_stats(q, until, wrong):
+    """Call get_stats() in a loop until ``until`` is set; note every snapshot that loses or doubles a job."""
+    while not until.is_set():
+        stats = q.get_stats()
+        if places(stats) != stats.jobs_enqueued:
+            wrong.append(stats)
+
+
+@pytest.mark.parametrize("buffer_size", [10_000, 64], ids=["room", "full"])
+def test_due_jobs_moved_by_the_scheduler_are_counted_every_moment(buffer_size, tiny_switch_interval):
+    with make_queue(buffer_size=buffer_size, max_delayed_jobs=0, scheduler_interval=0.05) as q, \
+            Blocker() as blocker:  # (released first: the queue's stop waits for the held attempt)
+        q.register_executor("t", blocker.fn, ExecutorConfig(max_concurrent_jobs=1))
+        q.start_dispatcher(2)
+        q.enqueue(Job("t", "holder"))
+        assert blocker.wait_started(1)  # the type is saturated from now on: nothing finishes
+        start = time.monotonic()
+        for n in range(BATCHES * BATCH_SIZE):
+            delay = FIRST_DUE + BATCH_GAP * (n % BATCHES) - (time.monotonic() - start)
+            q.enqueue_delayed(Job("t", n, priority=PRIORITIES[n % 3]), delay)
+        until, wrong = threading.Event(), []
+        watcher = threading.Thread(target=watch_stats, args=(q, until, wrong))
+        watcher.start()
+        try:
+            moved = wait_until(lambda: q._dispatcher.delayed_count() == 0)  # the scheduler moved them all
+        finally:
+            until.set()
+            watcher.join()
+        assert moved
+        stats = q.get_stats()
+        assert places(stats) == stats.jobs_enqueued == BATCHES * BATCH_SIZE + 1
+        assert wrong == [], (f"{len(wrong)} snapshots lost or doubled jobs, e.g. {places(wrong[0])} "
+                             f"placed of {wrong[0].jobs_enqueued} enqueued")
+
+
+def test_core_move_due_places_due_jobs_and_hands_back_those_that_cannot_go(core):
+    """move_due, on both cores: the due jobs go in as requeue puts them (ready while there is room,
+    then owed room); a job marked by a cancel, or whose priority was made invalid while it waited,
+    is handed back to the caller (which ends or fails it), its mark taken."""
+    ready, heap = core.ReadyQueue(2), core.DelayedHeap(0)
+    jobs = {name: Job("t", name, id=name) for name in ("a", "marked", "bad", "b", "c", "later")}
+    ready.accept(list(jobs.values()))
+    for run_at, name in enumerate(["a", "marked", "bad", "b", "c", "later"]):
+        heap.push(jobs[name], float(run_at))
+    assert ready.mark_cancel("marked") == (core.CANCEL_MARKED, jobs["marked"])
+    jobs["bad"].priority = 7
+    left = ready.move_due(heap, 4.0)
+    assert [(job.payload, type(error)) for job, error in left] == [("marked", type(None)), ("bad", ValueError)]
+    assert not ready.cancel_requested(jobs["marked"])  # taken: the caller ends it
+    assert ready.sizes() == (0, 2, 0) and ready.overflow_size == 1  # a, b in; c owed room
+    assert [entry for entry in heap.peek_due(float("inf"))[0]] == [jobs["later"]]
+    assert ready.pop(timeout=0) is jobs["a"] and ready.pop(timeout=0) is jobs["b"]
+    assert ready.pop(timeout=0) is jobs["c"]  # moved in from the overflow line by the first pop
+    assert ready.move_due(heap, 4.5) == [] and len(heap) == 1
+
+
+
+@pytest.mark.parametrize("max_delayed_jobs", [0, 10], ids=["unlimited", "capped"])
+def test_a_delayed_job_is_counted_as_enqueued_only_together_with_its_place(max_delayed_jobs):
+    """jobs_enqueued and delayed_jobs_count move in one step: a snapshot taken between the queue's
+    steps of an enqueue (here: just before the job goes to the delayed set) never counts a job
+    as enqueued that is in no place yet."""
+    with make_queue(max_delayed_jobs=max_delayed_jobs) as q:
+        dispatcher, seen = q._dispatcher, []
+        push_delayed = dispatcher.push_delayed
+
+        def looked_at_first(*args, **kwargs):
+            seen.append(q.get_stats())
+            return push_delayed(*args, **kwargs)
+
+        dispatcher.push_delayed = looked_at_first
+        for n in range(20):
+            q.enqueue_delayed(Job("t", n), 3600.0 + n)
+        stats = q.get_stats()
+        kept = min(20, max_delayed_jobs or 20)
+        assert stats.delayed_jobs_count == kept and stats.jobs_evicted == 20 - kept
+        assert stats.jobs_enqueued == 20
+        assert len(seen) == 20
+        for stats in seen:
+            assert places(stats) + stats.jobs_evicted == stats.jobs_enqueued, stats
+
+
+def test_core_accept_delayed_counts_and_places_together_or_refuses_with_no_effect(core):
+    from tinymq.errors import DuplicateJob, QueueStopped
+
+    ready, heap = core.ReadyQueue(1), core.DelayedHeap(2)
+    first, second, third = Job("t", 1, id="a"), Job("t", 2), Job("t", 3)
+    assert ready.accept_delayed(first, heap, 5.0) is None
+    with pytest.raises(DuplicateJob):
+        ready.accept_delayed(Job("t", id="a"), heap, 1.0)
+    assert ready.accept_delayed(second, heap, 6.0) is None
+    assert ready.accept_delayed(third, heap, 7.0) is first  # the earliest waiting one is evicted
+    assert ready.counters()[core.ENQUEUED] == ready.unfinished == 3 and len(heap) == 2
+    assert ready.snapshot(heap, now=0.0)[4] == 2
+    ready.close()
+    with pytest.raises(QueueStopped):
+        ready.accept_delayed(Job("t"), heap, 1.0)
+    assert ready.unfinished == 3 and len(heap) == 2
+
+
+def test_core_snapshot_is_one_moment_even_when_it_runs_the_collector(core):
+    """The compiled core's snapshot relies on the GIL, and an allocation may run the garbage
+    collector, whose callbacks (Python code) may let another thread in: here each collection moves
+    one due job, as the scheduler would. The snapshot still sees every job exactly once."""
+    if not getattr(core, "__file__", "").endswith((".so", ".pyd")):
+        pytest.skip("the pure core's snapshot holds the lock every move takes: nothing gets in")
+    ready, heap = core.ReadyQueue(1000), core.DelayedHeap(0)
+    jobs = [Job("t", n, priority=PRIORITIES[n % 3]) for n in range(50)]
+    ready.accept(jobs)
+    for n, job in enumerate(jobs):
+        heap.push(job, float(n))
+    moves = []
+
+    def collector_ran(phase, info):
+        if phase == "start" and len(moves) < len(jobs):
+            moves.append(ready.move_due(heap, float(len(moves))))  # the next job in: one per collection
+
+    threshold = gc.get_threshold()
+    gc.callbacks.append(collector_ran)
+    gc.set_threshold(1)
+    try:
+        sizes, _, _, waiting_for_room, delayed = ready.snapshot(heap, now=1000.0)
+        after = len(moves)
+    finally:
+        gc.callbacks.remove(collector_ran)
+        gc.set_threshold(*threshold)
+    assert after > 0, "no collection ran: the test shows nothing"
+    assert sum(sizes) + waiting_for_room + delayed == len(jobs), (sizes, waiting_for_room, delayed, after)
