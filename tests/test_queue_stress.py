@@ -161,7 +161,7 @@ def test_failures_retries_and_delays_under_load():
 def test_delayed_pushes_from_many_threads_onto_a_full_set_end_each_job_once_and_never_evict_a_due_one():
     """4 producers push jobs due in 0-3 ms or in an hour onto a delayed set of 8 while the
     scheduler promotes: each job runs, is evicted, or still waits (at most 8) - exactly one
-    of them - and no job is evicted once it was due (beyond a generous 250 ms of thread
+    of them - and no job is evicted once it was due (beyond a generous 1 s of thread
     switches between a push's look at the clock and the callback; the deterministic case
     is test_queue_delayed's test_a_due_job_that_nothing_has_promoted_yet_is_never_evicted)."""
     per_thread = 2_000
@@ -171,7 +171,7 @@ def test_delayed_pushes_from_many_threads_onto_a_full_set_end_each_job_once_and_
         def on_failure(job, reason, exc):
             now = time.time()
             evicted.append(job.payload)
-            if reason != "evicted" or now > job.run_at + 0.25:
+            if reason != "evicted" or now > job.run_at + 1.0:
                 late.append((job.payload, reason, now - job.run_at))
 
         q.on_failure(on_failure)
