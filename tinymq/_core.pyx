@@ -90,6 +90,8 @@ cdef enum:
     N_RUNNERS = 2
     C_ENQUEUED = 0
     C_SUCCEEDED = 1
+    C_EVICTED = 5
+    C_CANCELLED = 6
     N_BUCKETS = 16  # len(ATTEMPT_DURATION_BUCKETS) + the +inf bucket
     REFRESH_EVERY = 1024  # successes between two looks at the log level, off the per-job path
     REQUESTED = 0  # a cancel mark: asked for, not yet acted on by whoever holds the job
@@ -1301,9 +1303,11 @@ cdef class ReadyQueue:
 
     def accept_delayed(self, object job, DelayedHeap heap, double run_at):
         """``accept([job])`` and ``heap.push(job, run_at)`` in one step: ``snapshot()`` sees the
-        job counted and in the heap, or neither. Returns the job the push evicted, or None."""
+        job counted and in the heap, or neither. Returns None, or ``(the job the push evicted,
+        the counter it was counted in)``, counted in the same step (``_end_evicted``)."""
         cdef list accepted = [job]
         cdef dict batch
+        cdef int counter
         self._named_elsewhere(job)
         batch, repeated = _batch_ids(accepted)
         self._check_open()
@@ -1311,7 +1315,24 @@ cdef class ReadyQueue:
         self._mark_unnamed(accepted, batch)
         evicted = heap.push(job, run_at)  # (allocates nothing the collector tracks: no other thread gets in)
         self._accept(accepted, batch)
-        return evicted
+        if evicted is None:
+            return None
+        counter = self._end_evicted(evicted)
+        return (evicted, counter)
+
+    cdef int _end_evicted(self, object job) except -1:
+        """``job`` was pushed out of a full delayed heap: decide its end and count it (see the
+        pure twin), allocating nothing the collector tracks."""
+        cdef object state = None
+        if not self._decide_end(job):
+            self._counters[C_EVICTED] += 1
+            return C_EVICTED
+        self._counters[C_CANCELLED] += 1
+        if PyUnicode_CheckExact(job.type):
+            state = self.types.get(job.type)  # exact str keys: no Python code runs
+        if state is not None and (<TypeState>state).fn is not None:
+            (<TypeState>state).counters[C_CANCELLED] += 1
+        return C_CANCELLED
 
     def requeue(self, object job):
         """Make an accepted job ready (due, retried, recovered): never refused, never dropped.

@@ -732,9 +732,10 @@ class ReadyQueue:
             self._check_unregistered(batch, repeated)
             self._accept(jobs, batch)
 
-    def accept_delayed(self, job: Any, heap: "DelayedHeap", run_at: float) -> Any:
+    def accept_delayed(self, job: Any, heap: "DelayedHeap", run_at: float) -> Optional[Tuple[Any, int]]:
         """``accept([job])`` and ``heap.push(job, run_at)`` in one step: ``snapshot()`` sees the
-        job counted and in the heap, or neither. Returns the job the push evicted, or None."""
+        job counted and in the heap, or neither. Returns None, or ``(the job the push evicted,
+        the counter it was counted in)``, counted in the same step (``_end_evicted``)."""
         jobs = [job]
         self._name_elsewhere(job)
         batch, repeated = _batch_ids(jobs)
@@ -743,7 +744,20 @@ class ReadyQueue:
             self._check_unregistered(batch, repeated)
             evicted = heap.push(job, run_at)
             self._accept(jobs, batch)
-            return evicted
+            return None if evicted is None else (evicted, self._end_evicted(evicted))
+
+    def _end_evicted(self, job: Any) -> int:
+        """``job`` was pushed out of a full delayed heap: decide its end and count it (EVICTED, or
+        CANCELLED when a cancel of it was requested first), so that ``snapshot()`` never sees it
+        out of the heap and not yet counted; the caller reports it. Called with _lock held."""
+        if not self._decide_end(job):
+            self._counters[EVICTED] += 1
+            return EVICTED
+        self._counters[CANCELLED] += 1
+        state = self._types.get(job.type) if type(job.type) is str else None
+        if state is not None and state.fn is not None:
+            state.counters[CANCELLED] += 1
+        return CANCELLED
 
     def requeue(self, job: Any) -> bool:
         """Make an accepted job ready (due, retried, recovered): never refused, never dropped.

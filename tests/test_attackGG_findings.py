@@ -1,0 +1,90 @@
+"""Findings of attackGG: counts and places while the queue moves jobs, in process and over Redis."""
+import sys
+import threading
+
+import pytest
+
+from tinymq import Job, Priority
+
+from _helpers import make_queue, record_failures
+
+PRIORITIES = [Priority.HIGH, Priority.MEDIUM, Priority.LOW]
+
+
+@pytest.fixture
+def tiny_switch_interval():
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(old)
+
+
+def places(stats):
+    """Where get_stats() puts the unfinished jobs: each one in exactly one place."""
+    running = sum(executor.active_jobs for executor in stats.executor_stats.values())
+    return (stats.high_queue_size + stats.medium_queue_size + stats.low_queue_size
+            + stats.waiting_for_room + stats.delayed_jobs_count + running)
+
+
+def test_a_job_evicted_by_enqueue_is_counted_evicted_when_it_leaves_the_delayed_set():
+    """enqueue_delayed on a full delayed set: a get_stats() taken on the way to reporting the job it
+    evicts (here: as the failure is decided) already counts it in jobs_evicted, not in no place."""
+    with make_queue(buffer_size=10, max_delayed_jobs=5) as q:
+        dispatcher, seen = q._dispatcher, []
+        fail = dispatcher.fail
+
+        def looked_at_first(job, reason, *args, **kwargs):
+            if reason == "evicted":
+                seen.append(q.get_stats())
+            return fail(job, reason, *args, **kwargs)
+
+        dispatcher.fail = looked_at_first
+        evicted = record_failures(q)
+        for n in range(20):
+            q.enqueue_delayed(Job("t", n), 3600.0 + n)
+        stats = q.get_stats()
+        assert (stats.jobs_enqueued, stats.delayed_jobs_count, stats.jobs_evicted) == (20, 5, 15)
+        assert [(job.payload, reason) for job, reason, _ in evicted.items] == [(n, "evicted") for n in range(15)]
+        assert len(seen) == 15
+        for stats in seen:
+            assert places(stats) + stats.jobs_evicted == stats.jobs_enqueued, stats
+
+
+def test_enqueue_delayed_on_a_full_delayed_set_never_loses_a_job_in_get_stats(tiny_switch_interval):
+    """The same, with get_stats() called from another thread all along (a stress test)."""
+    with make_queue(buffer_size=10, max_delayed_jobs=5) as q:
+        until, wrong = threading.Event(), []
+
+        def watch():
+            while not until.is_set():
+                stats = q.get_stats()
+                if places(stats) + stats.jobs_evicted != stats.jobs_enqueued:
+                    wrong.append(stats)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            for n in range(2000):
+                q.enqueue_delayed(Job("t", n), 3600.0 + n)
+        finally:
+            until.set()
+            watcher.join()
+        stats = q.get_stats()
+        assert (stats.jobs_enqueued, stats.delayed_jobs_count, stats.jobs_evicted) == (2000, 5, 1995)
+        assert wrong == [], (f"{len(wrong)} snapshots lost an evicted job, e.g. {places(wrong[0])} "
+                             f"placed and {wrong[0].jobs_evicted} evicted of {wrong[0].jobs_enqueued} enqueued")
+
+
+def test_core_an_evicted_job_is_counted_in_the_push_that_evicts_it(core):
+    """accept_delayed decides and counts the end of the job it evicts in the same step: evicted, or
+    cancelled when a cancel of it was requested first (the caller reports it with that reason)."""
+    ready, heap = core.ReadyQueue(10), core.DelayedHeap(1)
+    marked, plain = Job("t", id="marked"), Job("t", id="plain")
+    assert ready.accept_delayed(marked, heap, 1.0) is None
+    assert ready.mark_cancel("marked") == (core.CANCEL_MARKED, marked)  # (as if on its way somewhere)
+    assert ready.accept_delayed(plain, heap, 2.0) == (marked, core.CANCELLED)
+    assert ready.accept_delayed(Job("t"), heap, 3.0) == (plain, core.EVICTED)
+    counters = ready.counters()
+    assert (counters[core.ENQUEUED], counters[core.EVICTED], counters[core.CANCELLED]) == (3, 1, 1)
+    assert not ready.cancel_requested(marked)  # taken: a second cancel finds its end decided
+    assert ready.mark_cancel("plain")[0] == core.CANCEL_LOST
