@@ -88,3 +88,80 @@ def test_core_an_evicted_job_is_counted_in_the_push_that_evicts_it(core):
     assert (counters[core.ENQUEUED], counters[core.EVICTED], counters[core.CANCELLED]) == (3, 1, 1)
     assert not ready.cancel_requested(marked)  # taken: a second cancel finds its end decided
     assert ready.mark_cancel("plain")[0] == core.CANCEL_LOST
+
+
+def _delayed(job, delay):
+    job.run_at = job.timestamp + delay
+    return job
+
+
+def _mixed_batch(tag, size):
+    """``size`` jobs of all priorities, every third one ready, the others delayed by an hour or more."""
+    return [Job("t", (tag, n), priority=PRIORITIES[n % 3]) if n % 3 == 0
+            else _delayed(Job("t", (tag, n), priority=PRIORITIES[n % 3]), 3600.0 + n)
+            for n in range(size)]
+
+
+@pytest.mark.parametrize("max_delayed_jobs", [0, 5], ids=["unlimited", "capped"])
+def test_enqueue_many_counts_its_delayed_jobs_together_with_their_place(max_delayed_jobs):
+    """enqueue_many of ready and delayed jobs: a get_stats() taken as the queue tells its scheduler
+    about the batch's delayed jobs (they are in place by then) counts each job of the batch once."""
+    with make_queue(max_delayed_jobs=max_delayed_jobs) as q:
+        seen = []
+
+        class LookingAlarm:  # (no dispatcher runs: nothing else uses the scheduler's alarm)
+            def wake_before(self, when):
+                seen.append(q.get_stats())
+
+        alarm, q._dispatcher.scheduler_alarm = q._dispatcher.scheduler_alarm, LookingAlarm()
+        try:
+            for batch in range(3):
+                q.enqueue_many(_mixed_batch(batch, 12))
+        finally:
+            q._dispatcher.scheduler_alarm = alarm
+        stats = q.get_stats()
+        assert stats.jobs_enqueued == 36 and places(stats) + stats.jobs_evicted == 36
+        assert seen
+        for stats in seen:
+            assert places(stats) + stats.jobs_evicted == stats.jobs_enqueued, stats
+
+
+@pytest.mark.parametrize("max_delayed_jobs", [0, 50], ids=["unlimited", "capped"])
+def test_enqueue_many_never_shows_a_job_counted_and_nowhere(max_delayed_jobs, tiny_switch_interval):
+    """The same with get_stats() called from another thread all along (a stress test)."""
+    batches, batch_size = 40, 30
+    with make_queue(buffer_size=10_000, max_delayed_jobs=max_delayed_jobs) as q:
+        until, wrong = threading.Event(), []
+
+        def watch():
+            while not until.is_set():
+                stats = q.get_stats()
+                if places(stats) + stats.jobs_evicted != stats.jobs_enqueued:
+                    wrong.append(stats)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            for batch in range(batches):
+                q.enqueue_many(_mixed_batch(batch, batch_size))
+        finally:
+            until.set()
+            watcher.join()
+        stats = q.get_stats()
+        assert stats.jobs_enqueued == batches * batch_size
+        assert places(stats) + stats.jobs_evicted == stats.jobs_enqueued
+        assert wrong == [], (f"{len(wrong)} snapshots counted jobs in no place, e.g. {places(wrong[0])} "
+                             f"placed and {wrong[0].jobs_evicted} evicted of {wrong[0].jobs_enqueued} enqueued")
+
+
+def test_core_push_many_delayed_places_and_counts_in_one_step_or_not_at_all(core):
+    ready, heap = core.ReadyQueue(1), core.DelayedHeap(2)
+    delayed = [Job("t", n, id=f"d{n}") for n in range(3)]
+    # No room for the two ready ones: nothing is counted, registered or pushed.
+    assert ready.push_many_delayed([Job("t"), Job("t")], delayed, heap, [1.0, 2.0, 3.0]) is None
+    assert ready.unfinished == 0 and len(heap) == 0 and not ready.has_id("d0")
+    # Room: the third push evicts the batch's own earliest job, counted in the same step.
+    assert ready.push_many_delayed([Job("t")], delayed, heap, [1.0, 2.0, 3.0]) == [(delayed[0], core.EVICTED)]
+    counters = ready.counters()
+    assert (counters[core.ENQUEUED], counters[core.EVICTED], ready.unfinished) == (4, 1, 4)
+    assert ready.snapshot(heap, now=0.0)[0] == (0, 1, 0) and ready.snapshot(heap, now=0.0)[4] == 2

@@ -1268,11 +1268,22 @@ cdef class ReadyQueue:
         ``delayed_jobs``, which the caller places itself, are counted and their
         ids registered in the same step; no id may repeat across both lists.
         """
+        return self.push_many_delayed(ready_jobs, delayed_jobs, None, ()) is not None
+
+    def push_many_delayed(self, ready_jobs, delayed_jobs, DelayedHeap heap, run_ats):
+        """``push_many``, and with ``heap`` each of ``delayed_jobs`` pushed onto it at its
+        ``run_ats`` entry in the same step: ``snapshot()`` sees the batch counted and placed, or
+        none of it. None, with no effect, when the ready ones do not all fit; else, as
+        ``accept_delayed`` gives it, ``(job, counter)`` for each job the pushes evicted."""
         cdef list ready = list(ready_jobs)
         cdef list delayed = list(delayed_jobs)
         cdef list placed = [(job, _type_of(job), _level_of(job)) for job in ready]
         cdef list accepted = ready + delayed
+        cdef list times = [float(run_at) for run_at in run_ats] if heap is not None else []
+        cdef list pushed_out = [None] * len(times)  # (allocated before the step: see accept_delayed)
+        cdef list counted_as = [None] * len(times)
         cdef dict batch
+        cdef Py_ssize_t i
         for job in accepted:
             self._named_elsewhere(job)
         batch, repeated = _batch_ids(accepted)
@@ -1280,14 +1291,19 @@ cdef class ReadyQueue:
         self._check_open()
         self._check_unregistered(batch, repeated)
         if self.size + len(placed) > self.capacity:
-            return False
+            return None
         self._mark_unnamed(accepted, batch)
+        for i in range(len(times)):  # (allocates nothing the collector tracks: no other thread gets in)
+            pushed_out[i] = heap.push(delayed[i], <double>times[i])
         for job, job_type, level in placed:
             self._append(job, job_type, level)
-        self._accept(accepted, batch)
+        self._accept(accepted, batch)  # (first: a job of this batch may be among the evicted)
+        for i in range(len(times)):
+            if pushed_out[i] is not None:
+                counted_as[i] = self._end_evicted(pushed_out[i])  # (a small int: nothing allocated)
         if self.getters or self.loop_idle:
             self._hand_off()
-        return True
+        return [(pushed_out[i], counted_as[i]) for i in range(len(times)) if pushed_out[i] is not None]
 
     def accept(self, jobs):
         """Count ``jobs``, which the caller places itself (delayed, recovered), and register their ids."""

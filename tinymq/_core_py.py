@@ -39,7 +39,7 @@ import threading
 import time
 import types
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ._unnamed import Unnamed
 from .errors import DuplicateJob, JobTimeout, QueueStopped
@@ -702,6 +702,15 @@ class ReadyQueue:
         ``delayed_jobs``, which the caller places itself, are counted and their
         ids registered in the same step; no id may repeat across both lists.
         """
+        return self.push_many_delayed(ready_jobs, delayed_jobs, None, ()) is not None
+
+    def push_many_delayed(self, ready_jobs: Iterable[Any], delayed_jobs: Iterable[Any],
+                          heap: Optional["DelayedHeap"], run_ats: Sequence[float]
+                          ) -> Optional[List[Tuple[Any, int]]]:
+        """``push_many``, and with ``heap`` each of ``delayed_jobs`` pushed onto it at its
+        ``run_ats`` entry in the same step: ``snapshot()`` sees the batch counted and placed, or
+        none of it. None, with no effect, when the ready ones do not all fit; else, as
+        ``accept_delayed`` gives it, ``(job, counter)`` for each job the pushes evicted."""
         ready_jobs, delayed_jobs = list(ready_jobs), list(delayed_jobs)
         placed = [(job, *_ready_fields(job)) for job in ready_jobs]
         accepted = ready_jobs + delayed_jobs
@@ -713,12 +722,16 @@ class ReadyQueue:
             self._check_open()
             self._check_unregistered(batch, repeated)
             if sum(self._sizes) + len(placed) > self.capacity:
-                return False
+                return None
+            pushed_out = []
+            if heap is not None:  # (the heap's lock inside it, as in snapshot(): no heap takes this one)
+                pushed_out = [heap.push(job, run_at) for job, run_at in zip(delayed_jobs, run_ats)]
             for job, job_type, level in placed:
                 self._append(job, job_type, level)
-            self._accept(accepted, batch)
+            self._accept(accepted, batch)  # (first: a job of this batch may be among the evicted)
+            evicted = [(job, self._end_evicted(job)) for job in pushed_out if job is not None]
             self._hand_off()
-            return True
+            return evicted
 
     def accept(self, jobs: Iterable[Any]) -> None:
         """Count ``jobs``, which the caller places itself (delayed, recovered), and register their ids."""

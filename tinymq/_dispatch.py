@@ -541,6 +541,28 @@ class Dispatcher:
         reason = "cancelled" if counter == core.CANCELLED else "evicted"
         self.fail(job, reason, None, counter, counted=True)
 
+    def push_many(self, ready_jobs: List[Any], delayed_jobs: List[Any], delays: List[float]) -> bool:
+        """Accept a batch (enqueue_many): the ready jobs into the buffer and each delayed one, due
+        its ``delays`` entry from now, into the delayed set, in one step of the core (get_stats()
+        never sees a job of it counted and nowhere). False, with no effect, when the ready ones
+        do not all fit. As push_delayed does, due jobs go in first if the batch may evict."""
+        now = core.monotonic()
+        heap = self.delayed
+        if delayed_jobs and heap.capacity and len(heap) + len(delayed_jobs) > heap.capacity:
+            self.move_due(heap, now)
+        due = [now + delay for delay in delays]
+        evicted = self.ready.push_many_delayed(ready_jobs, delayed_jobs, heap, due)
+        if evicted is None:
+            return False
+        if due:
+            self.scheduler_alarm.wake_before(min(due))
+        for job in delayed_jobs:  # (as in push_delayed: a cancel that came first left a mark)
+            if self.ready.cancel_requested(job) and heap.remove(job._id, job) is not None and self.ready.take_cancel(job):
+                self.end_cancelled(job)
+        for job, counter in evicted:
+            self.end_evicted(job, counter)
+        return True
+
     def _schedule(self) -> None:
         interval = self.config.scheduler_interval
         delayed, uncapped, alarm, ready = self.delayed, self.uncapped, self.scheduler_alarm, self.ready
