@@ -6,7 +6,7 @@ import pytest
 
 from tinymq import Job, Priority
 
-from _helpers import make_queue, record_failures
+from _helpers import make_queue, record_failures, wait_until
 
 PRIORITIES = [Priority.HIGH, Priority.MEDIUM, Priority.LOW]
 
@@ -165,3 +165,25 @@ def test_core_push_many_delayed_places_and_counts_in_one_step_or_not_at_all(core
     counters = ready.counters()
     assert (counters[core.ENQUEUED], counters[core.EVICTED], ready.unfinished) == (4, 1, 4)
     assert ready.snapshot(heap, now=0.0)[0] == (0, 1, 0) and ready.snapshot(heap, now=0.0)[4] == 2
+
+
+@pytest.mark.parametrize("made_invalid", ["priority", "type"])
+def test_a_due_job_made_invalid_while_it_waited_is_counted_until_it_fails(made_invalid):
+    """A delayed job whose priority (or type) a user made invalid while it waited fails when it is
+    moved in. Due but not moved yet (no dispatcher here), get_stats() still counts it once: where
+    it is (delayed), not in a ready size it never reaches, nor nowhere."""
+    from tinymq import _pick_core
+
+    with make_queue() as q:
+        job = q.enqueue_delayed(Job("t", "waits"), 0.05)
+        q.enqueue_delayed(Job("t", "later"), 3600.0)
+        due = _pick_core.core.monotonic() + 0.05
+        assert wait_until(lambda: _pick_core.core.monotonic() > due)
+        if made_invalid == "priority":
+            job.priority = 7
+        else:
+            job.type = b"t"
+        stats = q.get_stats()
+        assert (stats.jobs_enqueued, stats.jobs_failed) == (2, 0)
+        assert (stats.high_queue_size, stats.medium_queue_size, stats.low_queue_size) == (0, 0, 0)
+        assert stats.delayed_jobs_count == 2

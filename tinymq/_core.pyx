@@ -959,7 +959,8 @@ cdef class ReadyQueue:
         where delayed jobs are those not due at ``now`` (the heaps' clock). A due job that is
         still in a heap counts where moving it now would put it (``requeue``): ready at its
         level while the buffer has room, else owed room (overflow_size), in the order the
-        scheduler moves them (the heaps in the order given, each earliest first).
+        scheduler moves them (the heaps in the order given, each earliest first); one that moving
+        would fail (its type or priority made invalid while it waited) counts as delayed.
 
         One moment under the GIL: an allocation may run the garbage collector, and Python code
         that lets another thread in, so everything that allocates comes first (the due jobs,
@@ -1006,8 +1007,9 @@ cdef class ReadyQueue:
                 delayed += (<DelayedHeap>heaps[i]).count - len(due)
                 for job in due:
                     level = _level_or_invalid(job)
-                    if level < 0:
-                        continue  # moving it fails it (a priority made invalid while it waited)
+                    if level < 0 or not PyUnicode_CheckExact(job.type):  # made invalid while it waited:
+                        delayed += 1  # moving it fails it, so until then it is where it is
+                        continue
                     if room > 0:
                         sizes[level] += 1
                         room -= 1

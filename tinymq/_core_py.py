@@ -477,7 +477,8 @@ class ReadyQueue:
         where delayed jobs are those not due at ``now`` (the heaps' clock). A due job that is
         still in a heap counts where moving it now would put it (``requeue``): ready at its
         level while the buffer has room, else owed room (overflow_size), in the order the
-        scheduler moves them (the heaps in the order given, each earliest first).
+        scheduler moves them (the heaps in the order given, each earliest first); one that moving
+        would fail (its type or priority made invalid while it waited) counts as delayed.
         """
         with self._lock:
             types = {s.name: (s.active, s.limit, *[s.counters[event] for event in TYPE_EVENTS])
@@ -491,9 +492,10 @@ class ReadyQueue:
                 delayed += not_due
                 for job in due:
                     try:
-                        level = _priority_level(job)
-                    except ValueError:
-                        continue  # moving it fails it (a priority made invalid while it waited)
+                        level = _ready_fields(job)[1]
+                    except (TypeError, ValueError):  # made invalid while it waited: moving it fails it,
+                        delayed += 1                 # so until then it is where it is
+                        continue
                     if room > 0:
                         sizes[level] += 1
                         room -= 1
