@@ -3,6 +3,8 @@ import sys
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tinymq import Job, Priority
 
@@ -187,3 +189,34 @@ def test_a_due_job_made_invalid_while_it_waited_is_counted_until_it_fails(made_i
         assert (stats.jobs_enqueued, stats.jobs_failed) == (2, 0)
         assert (stats.high_queue_size, stats.medium_queue_size, stats.low_queue_size) == (0, 0, 0)
         assert stats.delayed_jobs_count == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(batches=st.lists(st.lists(st.one_of(st.none(), st.integers(0, 20)), min_size=1, max_size=8),
+                        min_size=1, max_size=8),
+       cap=st.integers(1, 6))
+def test_enqueue_many_evicts_as_one_push_at_a_time_would(batches, cap):
+    """Against a model: each batch's delayed jobs (None: a ready one; d: due in an hour plus d
+    seconds) go into the capped delayed set in batch order, each push on a full set evicting the
+    earliest-due waiting job (among those, and not the job being pushed); the counts add up."""
+    waiting, evicted_model, n = [], [], 0
+    with make_queue(buffer_size=10_000, max_delayed_jobs=cap) as q:
+        evicted = record_failures(q, key=lambda job: job.payload)
+        for batch in batches:
+            jobs = []
+            for delay in batch:
+                # (n / 1000: two due times never closer than the clocks' jitter between batches)
+                job = Job("t", n) if delay is None else _delayed(Job("t", n), 3600.0 + delay + n / 1000)
+                if delay is not None:
+                    if len(waiting) >= cap:
+                        waiting.sort()
+                        evicted_model.append(waiting.pop(0)[1])
+                    waiting.append((delay + n / 1000, n))
+                jobs.append(job)
+                n += 1
+            q.enqueue_many(jobs)
+        stats = q.get_stats()
+    assert [payload for payload, reason, _ in evicted.items] == evicted_model
+    assert all(reason == "evicted" for _, reason, _ in evicted.items)
+    assert (stats.jobs_enqueued, stats.jobs_evicted, stats.delayed_jobs_count) == (n, len(evicted_model), len(waiting))
+    assert places(stats) + stats.jobs_evicted == stats.jobs_enqueued
