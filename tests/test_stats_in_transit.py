@@ -129,8 +129,10 @@ def test_core_accept_delayed_counts_and_places_together_or_refuses_with_no_effec
     with pytest.raises(DuplicateJob):
         ready.accept_delayed(Job("t", id="a"), heap, 1.0)
     assert ready.accept_delayed(second, heap, 6.0) is None
-    assert ready.accept_delayed(third, heap, 7.0) is first  # the earliest waiting one is evicted
+    # The earliest waiting one is evicted, and counted in the same step.
+    assert ready.accept_delayed(third, heap, 7.0) == (first, core.EVICTED)
     assert ready.counters()[core.ENQUEUED] == ready.unfinished == 3 and len(heap) == 2
+    assert ready.counters()[core.EVICTED] == 1
     assert ready.snapshot(heap, now=0.0)[4] == 2
     ready.close()
     with pytest.raises(QueueStopped):

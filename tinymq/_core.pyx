@@ -90,6 +90,8 @@ cdef enum:
     N_RUNNERS = 2
     C_ENQUEUED = 0
     C_SUCCEEDED = 1
+    C_EVICTED = 5
+    C_CANCELLED = 6
     N_BUCKETS = 16  # len(ATTEMPT_DURATION_BUCKETS) + the +inf bucket
     REFRESH_EVERY = 1024  # successes between two looks at the log level, off the per-job path
     REQUESTED = 0  # a cancel mark: asked for, not yet acted on by whoever holds the job
@@ -957,7 +959,8 @@ cdef class ReadyQueue:
         where delayed jobs are those not due at ``now`` (the heaps' clock). A due job that is
         still in a heap counts where moving it now would put it (``requeue``): ready at its
         level while the buffer has room, else owed room (overflow_size), in the order the
-        scheduler moves them (the heaps in the order given, each earliest first).
+        scheduler moves them (the heaps in the order given, each earliest first); one that moving
+        would fail (its type or priority made invalid while it waited) counts as delayed.
 
         One moment under the GIL: an allocation may run the garbage collector, and Python code
         that lets another thread in, so everything that allocates comes first (the due jobs,
@@ -1004,8 +1007,9 @@ cdef class ReadyQueue:
                 delayed += (<DelayedHeap>heaps[i]).count - len(due)
                 for job in due:
                     level = _level_or_invalid(job)
-                    if level < 0:
-                        continue  # moving it fails it (a priority made invalid while it waited)
+                    if level < 0 or not PyUnicode_CheckExact(job.type):  # made invalid while it waited:
+                        delayed += 1  # moving it fails it, so until then it is where it is
+                        continue
                     if room > 0:
                         sizes[level] += 1
                         room -= 1
@@ -1266,11 +1270,22 @@ cdef class ReadyQueue:
         ``delayed_jobs``, which the caller places itself, are counted and their
         ids registered in the same step; no id may repeat across both lists.
         """
+        return self.push_many_delayed(ready_jobs, delayed_jobs, None, ()) is not None
+
+    def push_many_delayed(self, ready_jobs, delayed_jobs, DelayedHeap heap, run_ats):
+        """``push_many``, and with ``heap`` each of ``delayed_jobs`` pushed onto it at its
+        ``run_ats`` entry in the same step: ``snapshot()`` sees the batch counted and placed, or
+        none of it. None, with no effect, when the ready ones do not all fit; else, as
+        ``accept_delayed`` gives it, ``(job, counter)`` for each job the pushes evicted."""
         cdef list ready = list(ready_jobs)
         cdef list delayed = list(delayed_jobs)
         cdef list placed = [(job, _type_of(job), _level_of(job)) for job in ready]
         cdef list accepted = ready + delayed
+        cdef list times = [float(run_at) for run_at in run_ats] if heap is not None else []
+        cdef list pushed_out = [None] * len(times)  # (allocated before the step: see accept_delayed)
+        cdef list counted_as = [None] * len(times)
         cdef dict batch
+        cdef Py_ssize_t i
         for job in accepted:
             self._named_elsewhere(job)
         batch, repeated = _batch_ids(accepted)
@@ -1278,14 +1293,19 @@ cdef class ReadyQueue:
         self._check_open()
         self._check_unregistered(batch, repeated)
         if self.size + len(placed) > self.capacity:
-            return False
+            return None
         self._mark_unnamed(accepted, batch)
+        for i in range(len(times)):  # (allocates nothing the collector tracks: no other thread gets in)
+            pushed_out[i] = heap.push(delayed[i], <double>times[i])
         for job, job_type, level in placed:
             self._append(job, job_type, level)
-        self._accept(accepted, batch)
+        self._accept(accepted, batch)  # (first: a job of this batch may be among the evicted)
+        for i in range(len(times)):
+            if pushed_out[i] is not None:
+                counted_as[i] = self._end_evicted(pushed_out[i])  # (a small int: nothing allocated)
         if self.getters or self.loop_idle:
             self._hand_off()
-        return True
+        return [(pushed_out[i], counted_as[i]) for i in range(len(times)) if pushed_out[i] is not None]
 
     def accept(self, jobs):
         """Count ``jobs``, which the caller places itself (delayed, recovered), and register their ids."""
@@ -1301,9 +1321,11 @@ cdef class ReadyQueue:
 
     def accept_delayed(self, object job, DelayedHeap heap, double run_at):
         """``accept([job])`` and ``heap.push(job, run_at)`` in one step: ``snapshot()`` sees the
-        job counted and in the heap, or neither. Returns the job the push evicted, or None."""
+        job counted and in the heap, or neither. Returns None, or ``(the job the push evicted,
+        the counter it was counted in)``, counted in the same step (``_end_evicted``)."""
         cdef list accepted = [job]
         cdef dict batch
+        cdef int counter
         self._named_elsewhere(job)
         batch, repeated = _batch_ids(accepted)
         self._check_open()
@@ -1311,7 +1333,24 @@ cdef class ReadyQueue:
         self._mark_unnamed(accepted, batch)
         evicted = heap.push(job, run_at)  # (allocates nothing the collector tracks: no other thread gets in)
         self._accept(accepted, batch)
-        return evicted
+        if evicted is None:
+            return None
+        counter = self._end_evicted(evicted)
+        return (evicted, counter)
+
+    cdef int _end_evicted(self, object job) except -1:
+        """``job`` was pushed out of a full delayed heap: decide its end and count it (see the
+        pure twin), allocating nothing the collector tracks."""
+        cdef object state = None
+        if not self._decide_end(job):
+            self._counters[C_EVICTED] += 1
+            return C_EVICTED
+        self._counters[C_CANCELLED] += 1
+        if PyUnicode_CheckExact(job.type):
+            state = self.types.get(job.type)  # exact str keys: no Python code runs
+        if state is not None and (<TypeState>state).fn is not None:
+            (<TypeState>state).counters[C_CANCELLED] += 1
+        return C_CANCELLED
 
     def requeue(self, object job):
         """Make an accepted job ready (due, retried, recovered): never refused, never dropped.

@@ -39,7 +39,7 @@ import threading
 import time
 import types
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ._unnamed import Unnamed
 from .errors import DuplicateJob, JobTimeout, QueueStopped
@@ -477,7 +477,8 @@ class ReadyQueue:
         where delayed jobs are those not due at ``now`` (the heaps' clock). A due job that is
         still in a heap counts where moving it now would put it (``requeue``): ready at its
         level while the buffer has room, else owed room (overflow_size), in the order the
-        scheduler moves them (the heaps in the order given, each earliest first).
+        scheduler moves them (the heaps in the order given, each earliest first); one that moving
+        would fail (its type or priority made invalid while it waited) counts as delayed.
         """
         with self._lock:
             types = {s.name: (s.active, s.limit, *[s.counters[event] for event in TYPE_EVENTS])
@@ -491,9 +492,10 @@ class ReadyQueue:
                 delayed += not_due
                 for job in due:
                     try:
-                        level = _priority_level(job)
-                    except ValueError:
-                        continue  # moving it fails it (a priority made invalid while it waited)
+                        level = _ready_fields(job)[1]
+                    except (TypeError, ValueError):  # made invalid while it waited: moving it fails it,
+                        delayed += 1                 # so until then it is where it is
+                        continue
                     if room > 0:
                         sizes[level] += 1
                         room -= 1
@@ -702,6 +704,15 @@ class ReadyQueue:
         ``delayed_jobs``, which the caller places itself, are counted and their
         ids registered in the same step; no id may repeat across both lists.
         """
+        return self.push_many_delayed(ready_jobs, delayed_jobs, None, ()) is not None
+
+    def push_many_delayed(self, ready_jobs: Iterable[Any], delayed_jobs: Iterable[Any],
+                          heap: Optional["DelayedHeap"], run_ats: Sequence[float]
+                          ) -> Optional[List[Tuple[Any, int]]]:
+        """``push_many``, and with ``heap`` each of ``delayed_jobs`` pushed onto it at its
+        ``run_ats`` entry in the same step: ``snapshot()`` sees the batch counted and placed, or
+        none of it. None, with no effect, when the ready ones do not all fit; else, as
+        ``accept_delayed`` gives it, ``(job, counter)`` for each job the pushes evicted."""
         ready_jobs, delayed_jobs = list(ready_jobs), list(delayed_jobs)
         placed = [(job, *_ready_fields(job)) for job in ready_jobs]
         accepted = ready_jobs + delayed_jobs
@@ -713,12 +724,16 @@ class ReadyQueue:
             self._check_open()
             self._check_unregistered(batch, repeated)
             if sum(self._sizes) + len(placed) > self.capacity:
-                return False
+                return None
+            pushed_out = []
+            if heap is not None:  # (the heap's lock inside it, as in snapshot(): no heap takes this one)
+                pushed_out = [heap.push(job, run_at) for job, run_at in zip(delayed_jobs, run_ats)]
             for job, job_type, level in placed:
                 self._append(job, job_type, level)
-            self._accept(accepted, batch)
+            self._accept(accepted, batch)  # (first: a job of this batch may be among the evicted)
+            evicted = [(job, self._end_evicted(job)) for job in pushed_out if job is not None]
             self._hand_off()
-            return True
+            return evicted
 
     def accept(self, jobs: Iterable[Any]) -> None:
         """Count ``jobs``, which the caller places itself (delayed, recovered), and register their ids."""
@@ -732,9 +747,10 @@ class ReadyQueue:
             self._check_unregistered(batch, repeated)
             self._accept(jobs, batch)
 
-    def accept_delayed(self, job: Any, heap: "DelayedHeap", run_at: float) -> Any:
+    def accept_delayed(self, job: Any, heap: "DelayedHeap", run_at: float) -> Optional[Tuple[Any, int]]:
         """``accept([job])`` and ``heap.push(job, run_at)`` in one step: ``snapshot()`` sees the
-        job counted and in the heap, or neither. Returns the job the push evicted, or None."""
+        job counted and in the heap, or neither. Returns None, or ``(the job the push evicted,
+        the counter it was counted in)``, counted in the same step (``_end_evicted``)."""
         jobs = [job]
         self._name_elsewhere(job)
         batch, repeated = _batch_ids(jobs)
@@ -743,7 +759,20 @@ class ReadyQueue:
             self._check_unregistered(batch, repeated)
             evicted = heap.push(job, run_at)
             self._accept(jobs, batch)
-            return evicted
+            return None if evicted is None else (evicted, self._end_evicted(evicted))
+
+    def _end_evicted(self, job: Any) -> int:
+        """``job`` was pushed out of a full delayed heap: decide its end and count it (EVICTED, or
+        CANCELLED when a cancel of it was requested first), so that ``snapshot()`` never sees it
+        out of the heap and not yet counted; the caller reports it. Called with _lock held."""
+        if not self._decide_end(job):
+            self._counters[EVICTED] += 1
+            return EVICTED
+        self._counters[CANCELLED] += 1
+        state = self._types.get(job.type) if type(job.type) is str else None
+        if state is not None and state.fn is not None:
+            state.counters[CANCELLED] += 1
+        return CANCELLED
 
     def requeue(self, job: Any) -> bool:
         """Make an accepted job ready (due, retried, recovered): never refused, never dropped.

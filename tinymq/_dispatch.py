@@ -522,16 +522,46 @@ class Dispatcher:
             # A due job no longer counts as delayed, even one the scheduler has not moved
             # yet (or that waits for start_dispatcher): it goes to the ready buffer, not out.
             self.move_due(heap, now)
-        if accept:  # counted and placed together: get_stats() never sees it counted and nowhere
+        if accept:  # counted and placed together (an evicted job with its count): never nowhere
             evicted = self.ready.accept_delayed(job, heap, due)
         else:
-            evicted = heap.push(job, due)
+            pushed_out = heap.push(job, due)
+            if pushed_out is not None:  # (counted as it fails, below)
+                self.fail(pushed_out, "evicted", None, core.EVICTED)
+            evicted = None
         self.scheduler_alarm.wake_before(due)
         # A cancel that looked for it before it arrived here left a mark: whoever takes it out ends it.
         if self.ready.cancel_requested(job) and heap.remove(job._id, job) is not None and self.ready.take_cancel(job):
             self.end_cancelled(job)
         if evicted is not None:
-            self.fail(evicted, "evicted", None, core.EVICTED)
+            self.end_evicted(*evicted)
+
+    def end_evicted(self, job: Any, counter: int) -> None:
+        """Report a job that a push evicted, counted by the core in ``counter`` (``_end_evicted``)."""
+        reason = "cancelled" if counter == core.CANCELLED else "evicted"
+        self.fail(job, reason, None, counter, counted=True)
+
+    def push_many(self, ready_jobs: List[Any], delayed_jobs: List[Any], delays: List[float]) -> bool:
+        """Accept a batch (enqueue_many): the ready jobs into the buffer and each delayed one, due
+        its ``delays`` entry from now, into the delayed set, in one step of the core (get_stats()
+        never sees a job of it counted and nowhere). False, with no effect, when the ready ones
+        do not all fit. As push_delayed does, due jobs go in first if the batch may evict."""
+        now = core.monotonic()
+        heap = self.delayed
+        if delayed_jobs and heap.capacity and len(heap) + len(delayed_jobs) > heap.capacity:
+            self.move_due(heap, now)
+        due = [now + delay for delay in delays]
+        evicted = self.ready.push_many_delayed(ready_jobs, delayed_jobs, heap, due)
+        if evicted is None:
+            return False
+        if due:
+            self.scheduler_alarm.wake_before(min(due))
+        for job in delayed_jobs:  # (as in push_delayed: a cancel that came first left a mark)
+            if self.ready.cancel_requested(job) and heap.remove(job._id, job) is not None and self.ready.take_cancel(job):
+                self.end_cancelled(job)
+        for job, counter in evicted:
+            self.end_evicted(job, counter)
+        return True
 
     def _schedule(self) -> None:
         interval = self.config.scheduler_interval
@@ -957,17 +987,20 @@ class Dispatcher:
             logger.exception("tinymq could not schedule the retry of job %r", job)
             self.fail(job, "retries_exhausted", error)
 
-    def fail(self, job: Any, reason: str, exc: Optional[BaseException], counter: int = core.FAILED) -> None:
+    def fail(self, job: Any, reason: str, exc: Optional[BaseException], counter: int = core.FAILED,
+             counted: bool = False) -> None:
         """The job leaves the queue without success: count, log, callbacks, store, finished.
 
         Counted per type too when its type has an executor: a job failed as
         ``no_executor`` counts only in the queue-wide counters. A cancel
         requested before this decision wins: the job ends as cancelled.
+        ``counted``: the core decided its end and counted it already (an evicted job).
         """
-        if counter != core.CANCELLED and self.ready.decide_end(job):
+        if not counted and counter != core.CANCELLED and self.ready.decide_end(job):
             reason, exc, counter = "cancelled", None, core.CANCELLED
         if self.ledger is None:
-            self.ready.count(counter, 1, job.type)
+            if not counted:
+                self.ready.count(counter, 1, job.type)
             self.report_failure(job, reason, exc)
         else:
             with self.ledger.failing(job, reason, exc) as ours:

@@ -407,7 +407,7 @@ class Queue:
                                "none of the batch was enqueued")
         if not job_ids:
             try:
-                self._save_and_place_many(batch, ready_jobs, delayed_jobs)
+                self._save_and_place_many(batch, ready_jobs, delayed_jobs, delays)
             except DuplicateJob:  # the core's: say so when the batch itself repeats an id (no cost before)
                 given = [job._id for job in batch if job._id.__class__ is str]
                 if len(set(given)) < len(given):
@@ -417,14 +417,13 @@ class Queue:
         else:
             self._claim(job_ids)
             try:
-                self._save_and_place_many(batch, ready_jobs, delayed_jobs)
+                self._save_and_place_many(batch, ready_jobs, delayed_jobs, delays)
             finally:
                 self._unclaim(job_ids)
-        for job, delay in zip(delayed_jobs, delays):
-            self._dispatcher.push_delayed(job, delay)
         return batch
 
-    def _save_and_place_many(self, batch: List[Job], ready_jobs: List[Job], delayed_jobs: List[Job]) -> None:
+    def _save_and_place_many(self, batch: List[Job], ready_jobs: List[Job], delayed_jobs: List[Job],
+                             delays: List[float]) -> None:
         store = self._store
         if store is not None and batch:
             self._refuse_if_stopped()
@@ -444,7 +443,7 @@ class Queue:
                     raise
                 raise PersistenceError(f"could not save a batch of {len(batch)} jobs: {exc}") from exc
         try:
-            if not self._ready.push_many(ready_jobs, delayed_jobs):
+            if not self._dispatcher.push_many(ready_jobs, delayed_jobs, delays):
                 raise QueueFull(
                     f"the ready buffer has no room for {len(ready_jobs)} more jobs "
                     f"(buffer_size={self.config.buffer_size}); none of the batch was enqueued"

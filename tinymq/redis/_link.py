@@ -1056,6 +1056,10 @@ class QueueLink:
                                    self.broker.name, _REPORT_WAIT)
                     break
                 self._reported.wait(left)
+            # From here on an attempt is no longer this process's to end (_decide): a failure
+            # decided now would go with the release, whose row another process reports, while
+            # its callbacks ran here too (stop() no longer waits for them).
+            self._released = True
             own = self._reporting.get(me)
             if own is not None:
                 self._queue_op(SettleOp("A", own))
@@ -1071,7 +1075,6 @@ class QueueLink:
                 ops = failed + self._ops + [SettleOp("B", r.attempt) for r in reversed(unstarted)]
                 self._ops = []
                 proc, registered = self._proc, self._registered
-            self._released = True
             if not registered and not ops:
                 return
             try:
