@@ -10,7 +10,6 @@ import inspect
 import logging
 import threading
 import time
-import sys
 import types
 import weakref
 from datetime import timedelta
@@ -36,7 +35,9 @@ _now = time.time
 # Seconds ajoin() (and aenqueue waiting for room) waits in a thread at a time: how long a
 # cancelled one may keep that thread.
 _WAIT_SLICE = 0.1
-_MAX_COUNT = sys.maxsize  # the largest job.retries: RetryConfig.retry_delay refuses a later retry number
+# A new job's retries: CPython's one shared 0. Any other value (a retried job's, or one set by
+# hand) goes through _validate, which checks it: an `is` costs the per-job path next to nothing.
+_NO_RETRIES = 0
 _DEFAULT_EXECUTOR_CONFIG = ExecutorConfig()  # immutable: one for every registration without a config
 # The queue that took each store (by id(store)): a second queue must not load the rows of a live one.
 _store_users: "weakref.WeakValueDictionary[int, Queue]" = weakref.WeakValueDictionary()
@@ -267,10 +268,9 @@ class Queue:
             timeout = _optional_seconds("timeout", timeout)
         run_at = job.run_at
         job_type = job.type
-        retries = job.retries
         if (run_at.__class__ is not float or run_at - run_at != 0.0 or job_type.__class__ is not str
                 or not job_type or job._tags is not None or job.retry_config.__class__ is not RetryConfig
-                or retries.__class__ is not int or not 0 <= retries <= _MAX_COUNT):
+                or job.retries is not _NO_RETRIES):
             run_at = _validate(job)  # the core checks priority itself
         if self._link is not None:
             job.priority = _as_priority(job.priority)
@@ -386,11 +386,9 @@ class Queue:
             run_at = job.run_at
             job_type = job.type
             # As in enqueue(), and a Priority as is: the store saves every job before the core looks.
-            retries = job.retries
             if (run_at.__class__ is not float or run_at - run_at != 0.0 or job_type.__class__ is not str
                     or not job_type or job._tags is not None or job.retry_config.__class__ is not RetryConfig
-                    or job.priority.__class__ is not Priority or retries.__class__ is not int
-                    or not 0 <= retries <= _MAX_COUNT):
+                    or job.priority.__class__ is not Priority or job.retries is not _NO_RETRIES):
                 run_at = _validate(job)
             if run_at is not job.timestamp and run_at > now:
                 delayed_jobs.append(job)
