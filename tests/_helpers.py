@@ -194,3 +194,31 @@ def run_model_test(machine_class, core, max_examples, steps):
     run_state_machine_as_test(machine, settings=settings(
         max_examples=max_examples, stateful_step_count=steps, deadline=None,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]))
+
+
+def places(stats):
+    """Where get_stats() puts the unfinished jobs: each one in exactly one place."""
+    running = sum(executor.active_jobs for executor in stats.executor_stats.values())
+    return (stats.high_queue_size + stats.medium_queue_size + stats.low_queue_size
+            + stats.waiting_for_room + stats.delayed_jobs_count + running)
+
+
+@contextlib.contextmanager
+def stats_watched(q, holds):
+    """Call ``q.get_stats()`` from another thread for as long as the block runs; yields the
+    list of the snapshots for which ``holds(stats)`` was false (filled as they come)."""
+    until, wrong = threading.Event(), []
+
+    def watch():
+        while not until.is_set():
+            stats = q.get_stats()
+            if not holds(stats):
+                wrong.append(stats)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        yield wrong
+    finally:
+        until.set()
+        watcher.join()

@@ -7,6 +7,7 @@ TINYMQ_REQUIRE_EXTENSIONS=1, where a missing extension is a test failure.
 """
 import importlib
 import os
+import sys
 
 import pytest
 
@@ -100,3 +101,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if {"redis_server", "own_redis_server"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.redis)
+
+
+@pytest.fixture
+def tiny_switch_interval():
+    """Threads switch as often as the interpreter allows: races show up within a test's run."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(old)

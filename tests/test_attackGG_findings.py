@@ -1,6 +1,4 @@
 """Findings of attackGG: counts and places while the queue moves jobs, in process and over Redis."""
-import sys
-import threading
 
 import pytest
 from hypothesis import given, settings
@@ -8,24 +6,9 @@ from hypothesis import strategies as st
 
 from tinymq import Job, Priority
 
-from _helpers import make_queue, record_failures, wait_until
+from _helpers import make_queue, places, record_failures, stats_watched, wait_until
 
 PRIORITIES = [Priority.HIGH, Priority.MEDIUM, Priority.LOW]
-
-
-@pytest.fixture
-def tiny_switch_interval():
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    yield
-    sys.setswitchinterval(old)
-
-
-def places(stats):
-    """Where get_stats() puts the unfinished jobs: each one in exactly one place."""
-    running = sum(executor.active_jobs for executor in stats.executor_stats.values())
-    return (stats.high_queue_size + stats.medium_queue_size + stats.low_queue_size
-            + stats.waiting_for_room + stats.delayed_jobs_count + running)
 
 
 def test_a_job_evicted_by_enqueue_is_counted_evicted_when_it_leaves_the_delayed_set():
@@ -55,22 +38,9 @@ def test_a_job_evicted_by_enqueue_is_counted_evicted_when_it_leaves_the_delayed_
 def test_enqueue_delayed_on_a_full_delayed_set_never_loses_a_job_in_get_stats(tiny_switch_interval):
     """The same, with get_stats() called from another thread all along (a stress test)."""
     with make_queue(buffer_size=10, max_delayed_jobs=5) as q:
-        until, wrong = threading.Event(), []
-
-        def watch():
-            while not until.is_set():
-                stats = q.get_stats()
-                if places(stats) + stats.jobs_evicted != stats.jobs_enqueued:
-                    wrong.append(stats)
-
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        try:
+        with stats_watched(q, lambda stats: places(stats) + stats.jobs_evicted == stats.jobs_enqueued) as wrong:
             for n in range(2000):
                 q.enqueue_delayed(Job("t", n), 3600.0 + n)
-        finally:
-            until.set()
-            watcher.join()
         stats = q.get_stats()
         assert (stats.jobs_enqueued, stats.delayed_jobs_count, stats.jobs_evicted) == (2000, 5, 1995)
         assert wrong == [], (f"{len(wrong)} snapshots lost an evicted job, e.g. {places(wrong[0])} "
@@ -133,22 +103,9 @@ def test_enqueue_many_never_shows_a_job_counted_and_nowhere(max_delayed_jobs, ti
     """The same with get_stats() called from another thread all along (a stress test)."""
     batches, batch_size = 40, 30
     with make_queue(buffer_size=10_000, max_delayed_jobs=max_delayed_jobs) as q:
-        until, wrong = threading.Event(), []
-
-        def watch():
-            while not until.is_set():
-                stats = q.get_stats()
-                if places(stats) + stats.jobs_evicted != stats.jobs_enqueued:
-                    wrong.append(stats)
-
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        try:
+        with stats_watched(q, lambda stats: places(stats) + stats.jobs_evicted == stats.jobs_enqueued) as wrong:
             for batch in range(batches):
                 q.enqueue_many(_mixed_batch(batch, batch_size))
-        finally:
-            until.set()
-            watcher.join()
         stats = q.get_stats()
         assert stats.jobs_enqueued == batches * batch_size
         assert places(stats) + stats.jobs_evicted == stats.jobs_enqueued

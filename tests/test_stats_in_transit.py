@@ -6,44 +6,19 @@ only type is saturated by an attempt that is held), so every snapshot must add u
 accepted. The GIL switch interval is made tiny, so other threads get in between any two steps.
 """
 import gc
-import sys
-import threading
 import time
 
 import pytest
 
 from tinymq import ExecutorConfig, Job, Priority
 
-from _helpers import Blocker, make_queue, wait_until
+from _helpers import Blocker, make_queue, places, stats_watched, wait_until
 
 PRIORITIES = [Priority.HIGH, Priority.MEDIUM, Priority.LOW]
 BATCHES = 20
 BATCH_SIZE = 100
 BATCH_GAP = 0.02  # seconds between two batches coming due
 FIRST_DUE = 0.3  # seconds after the last enqueue's start: all are enqueued before any is due
-
-
-@pytest.fixture
-def tiny_switch_interval():
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    yield
-    sys.setswitchinterval(old)
-
-
-def places(stats):
-    """Where get_stats() puts the unfinished jobs: each one in exactly one place."""
-    running = sum(executor.active_jobs for executor in stats.executor_stats.values())
-    return (stats.high_queue_size + stats.medium_queue_size + stats.low_queue_size
-            + stats.waiting_for_room + stats.delayed_jobs_count + running)
-
-
-def watch_stats(q, until, wrong):
-    """Call get_stats() in a loop until ``until`` is set; note every snapshot that loses or doubles a job."""
-    while not until.is_set():
-        stats = q.get_stats()
-        if places(stats) != stats.jobs_enqueued:
-            wrong.append(stats)
 
 
 @pytest.mark.parametrize("buffer_size", [10_000, 64], ids=["room", "full"])
@@ -58,14 +33,8 @@ def test_due_jobs_moved_by_the_scheduler_are_counted_every_moment(buffer_size, t
         for n in range(BATCHES * BATCH_SIZE):
             delay = FIRST_DUE + BATCH_GAP * (n % BATCHES) - (time.monotonic() - start)
             q.enqueue_delayed(Job("t", n, priority=PRIORITIES[n % 3]), delay)
-        until, wrong = threading.Event(), []
-        watcher = threading.Thread(target=watch_stats, args=(q, until, wrong))
-        watcher.start()
-        try:
+        with stats_watched(q, lambda stats: places(stats) == stats.jobs_enqueued) as wrong:
             moved = wait_until(lambda: q._dispatcher.delayed_count() == 0)  # the scheduler moved them all
-        finally:
-            until.set()
-            watcher.join()
         assert moved
         stats = q.get_stats()
         assert places(stats) == stats.jobs_enqueued == BATCHES * BATCH_SIZE + 1
