@@ -45,13 +45,16 @@ def positive_int(text: str) -> int:
 MAX_PROCESSES = 1024  # worker processes one supervisor runs (each is a Python process of its own)
 
 
+def _one_to(maximum: int, text: str, what: str, more: str) -> int:
+    value = _at_least(1, text)
+    if value > maximum:
+        raise argparse.ArgumentTypeError(f"expected at most {maximum} {what} ({more}), got {value}")
+    return value
+
+
 def process_count(text: str) -> int:
     """An argparse ``type``: 1 .. MAX_PROCESSES."""
-    value = _at_least(1, text)
-    if value > MAX_PROCESSES:
-        raise argparse.ArgumentTypeError(f"expected at most {MAX_PROCESSES} worker processes per supervisor "
-                                         f"(start more supervisors for more), got {value}")
-    return value
+    return _one_to(MAX_PROCESSES, text, "worker processes per supervisor", "start more supervisors for more")
 
 
 MAX_WORKERS = 10_000  # worker threads one worker process starts (each a thread of the OS's)
@@ -59,11 +62,7 @@ MAX_WORKERS = 10_000  # worker threads one worker process starts (each a thread 
 
 def worker_count(text: str) -> int:
     """An argparse ``type``: 1 .. MAX_WORKERS (more would exhaust the system's threads, slowly)."""
-    value = _at_least(1, text)
-    if value > MAX_WORKERS:
-        raise argparse.ArgumentTypeError(f"expected at most {MAX_WORKERS} worker threads per process "
-                                         f"(use more --processes for more), got {value}")
-    return value
+    return _one_to(MAX_WORKERS, text, "worker threads per process", "use more --processes for more")
 
 
 def whole_number(text: str) -> int:
