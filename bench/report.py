@@ -532,7 +532,7 @@ def markdown(benches: List[Bench], machine: Dict[str, Any], commands: List[str],
         "unfinished is refused); baselines use `put`/`get`, `heappush`/`heappop` each under a "
         "`Lock`, and `append`/`popleft`.",
         "- Delayed heap: 1,000,000 pushes at random run_at; the pop case drains the filled heap with "
-        "1,000 `pop_due(now)` calls (the scheduler's pattern); the baseline pops `(run_at, seq, job)` "
+        "1,000 `pop_due(now)` calls (how the scheduler's move_due takes them off the heap); the baseline pops `(run_at, seq, job)` "
         "tuples with `heapq` the same way, without a lock.",
         "- Bytes: measured in a fresh interpreter, two ways: the resident-set growth "
         "(`/proc/self/statm`, sees C `malloc` of the compiled core) and `tracemalloc` (exact for "
