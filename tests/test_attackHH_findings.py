@@ -1,0 +1,91 @@
+"""Findings of attackHH: periodic jobs, odd values at the edges of the public API, and the
+Redis broker's view of a job, attacked from outside (docs/api.md and docs/redis.md are the
+contract).
+
+Each test asserts what a user relies on. One that fails today is marked
+``xfail(strict=True)`` with the defect as its reason: it starts passing (and then fails
+as an unexpected pass, until the mark is removed) once the defect is fixed.
+"""
+import threading
+import time
+
+import pytest
+
+from tinymq import Job, Queue, RetryConfig
+
+from _helpers import WAIT
+
+GAP = 0.5  # seconds between registering a schedule and starting the queue
+
+
+# --- every(first_at=...) counts from start_dispatcher, not from first_at -------------------------
+
+@pytest.mark.xfail(strict=True, reason="every(first_at=...) turns first_at into a delay when every() "
+                   "is called, but adds that delay to the moment start_dispatcher() runs: the first "
+                   "tick comes late by the time between the two calls, not at first_at")
+def test_an_every_schedule_registered_before_the_start_first_ticks_at_first_at():
+    """api.md: "The first tick is one interval after the schedule begins, or at `first_at`";
+    a schedule registered at import and started later (the worker CLI's way) ticks at first_at."""
+    with Queue(10) as q:
+        first_at = float(int(time.time()) + 60)  # a whole second, a minute ahead
+        q.every(3600.0, "report", first_at=first_at)
+        registered = time.monotonic()
+        while time.monotonic() - registered < GAP:  # the module is imported; the worker starts later
+            time.sleep(GAP / 10)
+        q.start_dispatcher(1)
+        (schedule,) = q.schedules()
+        assert schedule.next_run_at == pytest.approx(first_at, abs=GAP / 2)
+
+
+@pytest.mark.xfail(strict=True, reason="a past first_at does not fire at the start: the tick still "
+                   "waits first_at minus the moment every() was called, counted from the start")
+def test_an_every_schedule_whose_first_at_passed_before_the_start_fires_at_the_start():
+    """api.md: "a past `first_at` fires at the start"."""
+    ran = threading.Event()
+    with Queue(10) as q:
+        q.register_executor("report", lambda job: ran.set())
+        first_at = time.time() + 2 * GAP
+        q.every(3600.0, "report", first_at=first_at)
+        while time.time() < first_at + 2 * GAP:  # first_at has passed, well before the start
+            time.sleep(GAP / 10)
+        q.start_dispatcher(1)
+        (schedule,) = q.schedules()
+        assert schedule.next_run_at <= time.time()  # due now: the start fires it
+        assert ran.wait(WAIT)
+
+
+# --- a job's retries are dropped by the broker ---------------------------------------------------
+
+@pytest.fixture
+def redis(redis_backend):
+    return redis_backend
+
+
+@pytest.mark.xfail(strict=True, reason="over a RedisBroker a job's retries are not sent at enqueue "
+                   "(job_row/encode_job leave them out; Redis starts it at 0), so a job that has had "
+                   "its failed attempts gets max_retries + 1 more")
+@pytest.mark.parametrize("call", ["enqueue", "enqueue_many"])
+def test_the_failed_attempts_a_job_brings_count_against_max_retries_over_redis(redis, call):
+    """api.md, enqueue: `retries` ("an int from 0, the failed attempts the job has had, which count
+    against its max_retries") is one of the attributes the queue relies on; in-process and with a
+    SQLite store a job enqueued with retries == max_retries gets one last attempt. Over Redis, the
+    same rules "hold across processes"."""
+    q = redis.queue()
+    seen, failures = [], []
+    q.on_failure(lambda job, reason, exc: failures.append((reason, job.retries)))
+
+    def run(job):
+        seen.append(job.retries)
+        raise ConnectionError("still down")
+
+    q.register_executor("sync", run)
+    q.start_dispatcher(1)
+    job = Job("sync", retry_config=RetryConfig(max_retries=2, initial_delay=0.01))
+    job.retries = 2  # two failed attempts already (a job carried over from elsewhere)
+    if call == "enqueue":
+        q.enqueue(job)
+    else:
+        q.enqueue_many([job])
+    assert q.join(WAIT)
+    assert seen == [2]
+    assert failures == [("retries_exhausted", 3)]
