@@ -89,3 +89,37 @@ def test_the_failed_attempts_a_job_brings_count_against_max_retries_over_redis(r
     assert q.join(WAIT)
     assert seen == [2]
     assert failures == [("retries_exhausted", 3)]
+
+
+# --- a full Redis (maxmemory reached, noeviction) still takes enqueues ---------------------------
+
+@pytest.mark.xfail(strict=True, reason="enqueue.lua's first write is a ZREMRANGEBYSCORE (not a "
+                   "deny-oom command): once a script has written, Redis lets its later writes past "
+                   "maxmemory, so a full Redis accepts every enqueue and grows past its limit")
+@pytest.mark.parametrize("call", ["enqueue", "enqueue_many", "enqueue_delayed"])
+def test_a_full_redis_makes_enqueue_raise(own_redis_server, call):
+    """docs/redis.md, Redis settings: "With `noeviction`, a full Redis makes `enqueue` raise
+    `TinyMQError` instead" (a cancel, whose first write is an HSET-like one, does raise)."""
+    from _backends import Redis
+    from tinymq import TinyMQError
+
+    backend = Redis(own_redis_server.url)
+    try:
+        producer = backend.queue()
+        producer.enqueue(Job("mail", "before"))  # the scripts are loaded; the queue's keys exist
+        with own_redis_server.client() as client:
+            client.config_set("maxmemory", "1")  # full: more than 1 byte is in use
+            try:
+                with pytest.raises(TinyMQError):
+                    if call == "enqueue":
+                        producer.enqueue(Job("mail", "while full"))
+                    elif call == "enqueue_many":
+                        producer.enqueue_many([Job("mail", "while full")])
+                    else:
+                        producer.enqueue_delayed(Job("mail", "while full"), 3600.0)
+            finally:
+                client.config_set("maxmemory", "0")
+        stats = producer.get_stats()
+        assert (stats.jobs_enqueued, stats.medium_queue_size, stats.delayed_jobs_count) == (1, 1, 0)
+    finally:
+        backend.close()
