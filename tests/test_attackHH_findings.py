@@ -123,3 +123,33 @@ def test_a_full_redis_makes_enqueue_raise(own_redis_server, call):
         assert (stats.jobs_enqueued, stats.medium_queue_size, stats.delayed_jobs_count) == (1, 1, 0)
     finally:
         backend.close()
+
+
+# --- a job Redis cannot decode dies unreported and unlisted --------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="over a RedisBroker, enqueue accepts a job whose timestamp is "
+                   "not a number (in-process it runs), the worker cannot decode it, and it dies with "
+                   "an ERROR log only: no on_failure callback, and broker.dead_jobs() leaves it out "
+                   "(though requeue_dead() finds it)")
+@pytest.mark.parametrize("timestamp", ["yesterday", None])
+def test_a_job_accepted_over_redis_runs_or_its_failure_is_reported_and_kept(redis, timestamp):
+    """api.md: `timestamp` is a plain writable attribute, and enqueue checks again every attribute
+    the queue relies on ("A bad value raises TypeError/ValueError naming it"); a job accepted is
+    never dropped silently, and a job that leaves without success is handed to every on_failure
+    callback and kept dead (`broker.dead_jobs()`)."""
+    producer, worker = redis.pair()
+    ran, failures = [], []
+    worker.on_failure(lambda job, reason, exc: failures.append((job.id, reason)))
+    worker.register_executor("import", lambda job: ran.append(job.id))
+    worker.start_dispatcher(1)
+    job = Job("import", id="odd")
+    job.timestamp = timestamp  # e.g. copied from an upstream record
+    try:
+        producer.enqueue(job)
+    except (TypeError, ValueError) as exc:  # refused, naming it: as good as running it
+        assert "timestamp" in str(exc)
+        return
+    assert producer.join(WAIT)
+    if ran != ["odd"]:  # it did not run: then its failure must not be silent
+        assert [job_id for job_id, _ in failures] == ["odd"]
+        assert [dead.job.id for dead in producer.broker.dead_jobs()] == ["odd"]
