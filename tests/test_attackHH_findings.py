@@ -153,3 +153,43 @@ def test_a_job_accepted_over_redis_runs_or_its_failure_is_reported_and_kept(redi
     if ran != ["odd"]:  # it did not run: then its failure must not be silent
         assert [job_id for job_id, _ in failures] == ["odd"]
         assert [dead.job.id for dead in producer.broker.dead_jobs()] == ["odd"]
+
+
+# --- text Redis cannot carry: a lone surrogate (os.fsdecode of a non-UTF-8 file name) -----------
+
+NON_UTF8_NAME = "report-\udcff.csv"  # os.fsdecode(b"report-\xff.csv"): a str Python code passes around
+
+
+@pytest.mark.xfail(strict=True, reason="over a RedisBroker, a lone surrogate in a job's text fails in "
+                   "redis-py's encoder with a bare UnicodeEncodeError that names no attribute (the "
+                   "SQLite store names it: 'its payload has text that is not valid Unicode')")
+@pytest.mark.parametrize("attribute", ["payload", "tags", "type", "id"])
+def test_enqueue_over_redis_names_the_attribute_whose_text_redis_cannot_take(redis, attribute):
+    """api.md, Clocks and validation: "A bad value raises TypeError/ValueError naming it" (or the
+    broker carries the text, as the in-process queue does); the queue stays usable."""
+    q = redis.queue()
+    job = Job(NON_UTF8_NAME if attribute == "type" else "import",
+              NON_UTF8_NAME if attribute == "payload" else None,
+              tags={"file": NON_UTF8_NAME} if attribute == "tags" else None,
+              id=NON_UTF8_NAME if attribute == "id" else "import-1")
+    try:
+        q.enqueue(job)
+    except (TypeError, ValueError) as exc:  # refused: it must say what
+        assert attribute in str(exc)
+        accepted = 0
+    else:  # or carried as it is, like in-process
+        accepted = 1
+    q.enqueue(Job("import", "fine"))
+    assert q.get_stats().jobs_enqueued == accepted + 1
+
+
+@pytest.mark.xfail(strict=True, reason="the broker's check of a schedule's payload (encode_job) passes "
+                   "text that Redis cannot take, so every() accepts it and then skips every tick "
+                   "(an ERROR each time) instead of refusing it at registration")
+def test_a_schedule_whose_payload_redis_cannot_take_is_refused_at_registration(redis):
+    """As test_redis_attackR_findings' non-JSON payload: q.every must raise at once, naming the
+    schedule, not skip every tick."""
+    q = redis.queue()
+    with pytest.raises((TypeError, ValueError), match="nightly"):
+        q.every(60.0, "import", {"file": NON_UTF8_NAME}, name="nightly")
+    assert q.schedules() == []
