@@ -193,3 +193,41 @@ def test_a_schedule_whose_payload_redis_cannot_take_is_refused_at_registration(r
     with pytest.raises((TypeError, ValueError), match="nightly"):
         q.every(60.0, "import", {"file": NON_UTF8_NAME}, name="nightly")
     assert q.schedules() == []
+
+
+# --- stop() ends a producer's wait for room with QueueFull over Redis ---------------------------
+
+def _script_calls(client):
+    stats = client.info("commandstats")
+    return sum(stats.get(name, {}).get("calls", 0) for name in ("cmdstat_evalsha", "cmdstat_eval"))
+
+
+@pytest.mark.xfail(strict=True, reason="over a RedisBroker, enqueue(block=True) that waits for room "
+                   "raises QueueFull when stop() comes (RedisLink._enqueue treats stopping as a timeout), "
+                   "long before its timeout; in-process it raises QueueStopped")
+def test_a_wait_for_room_ended_by_stop_raises_queue_stopped_over_redis(redis, redis_server):
+    """api.md: after stop() enqueue raises QueueStopped; with block=True it waits for room "at most
+    timeout seconds, then QueueFull". A producer that retries on QueueFull and shuts down on
+    QueueStopped must be told the truth."""
+    q = redis.queue(buffer_size=1)  # a producer: no dispatcher, nothing drains the buffer
+    q.enqueue(Job("mail", 0))
+    outcome = []
+
+    def produce():
+        try:
+            q.enqueue(Job("mail", 1), block=True, timeout=WAIT)
+            outcome.append("accepted")
+        except Exception as exc:
+            outcome.append(type(exc).__name__)
+
+    producer = threading.Thread(target=produce)
+    with redis_server.client() as client:
+        before = _script_calls(client)
+        producer.start()
+        deadline = time.monotonic() + WAIT
+        while _script_calls(client) < before + 2:  # it found the buffer full and looks again: waiting
+            assert time.monotonic() < deadline, "the producer never tried to enqueue"
+            time.sleep(0.001)
+    q.stop()
+    producer.join(WAIT)
+    assert outcome == ["QueueStopped"]
