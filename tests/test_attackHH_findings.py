@@ -256,3 +256,44 @@ def test_worker_refuses_a_target_whose_import_ends_the_process(shared_project, p
         worker.changed.wait_for(lambda: None in worker.lines or "started worker process" in worker.log(), WAIT)
     assert "started worker process" not in worker.log(), worker.log()
     assert worker.wait(WAIT) == 1, worker.log()
+
+
+# --- an exception whose str() fails loses the job its retries ------------------------------------
+
+class UpstreamError(Exception):
+    """A user's exception with a common bug: __str__ reads an attribute its __init__ never set."""
+
+    def __str__(self):
+        return f"{self.status}: upstream refused"
+
+
+@pytest.mark.xfail(strict=True, reason="attempt_failed formats the exception (job.last_error = "
+                   "_describe(exc)) inside its try; str(exc) raising makes it fail the job at once as "
+                   "'retries_exhausted' with tinymq's own AttributeError, after one attempt, no retry")
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+@pytest.mark.parametrize("kind", ["thread", "async"])
+def test_an_exception_whose_str_fails_is_still_retried_and_reported(redis, backend, kind):
+    """api.md: a failed attempt is retried per its RetryConfig ("Default: every Exception"), and
+    "retries_exhausted: the last allowed attempt failed; exc is its exception". Logging and
+    traceback print such an exception as "<exception str() failed>"; the queue must not trip on it."""
+    q = redis.queue() if backend == "redis" else Queue(10)
+    attempts, failures = [], []
+    q.on_failure(lambda job, reason, exc: failures.append((reason, type(exc))))
+    if kind == "thread":
+        def call_upstream(job):
+            attempts.append(job.retries)
+            raise UpstreamError()
+    else:
+        async def call_upstream(job):
+            attempts.append(job.retries)
+            raise UpstreamError()
+    q.register_executor("sync", call_upstream)
+    q.start_dispatcher(1)
+    q.enqueue(Job("sync", retry_config=RetryConfig(max_retries=2, initial_delay=0.01)))
+    assert q.join(WAIT)
+    try:
+        assert attempts == [0, 1, 2]
+        assert failures == [("retries_exhausted", UpstreamError)]
+        assert q.get_stats().jobs_retried == 2
+    finally:
+        q.stop()
