@@ -184,6 +184,14 @@ def test_enqueue_over_redis_names_the_attribute_whose_text_redis_cannot_take(red
     assert q.get_stats().jobs_enqueued == accepted + 1
 
 
+@pytest.mark.xfail(strict=True, reason="over a RedisBroker, cancel() of an id with a lone surrogate "
+                   "raises a bare UnicodeEncodeError from redis-py instead of returning False")
+def test_cancel_over_redis_of_an_id_no_job_can_have_returns_false(redis):
+    """api.md: "Returns False when no unfinished job has that id" (in-process it does)."""
+    q = redis.queue()
+    assert q.cancel(NON_UTF8_NAME) is False
+
+
 @pytest.mark.xfail(strict=True, reason="the broker's check of a schedule's payload (encode_job) passes "
                    "text that Redis cannot take, so every() accepts it and then skips every tick "
                    "(an ERROR each time) instead of refusing it at registration")
