@@ -329,3 +329,67 @@ def test_retry_after_survives_pickle_and_copy_like_the_other_exceptions(how):
         again = pickle.loads(pickle.dumps(original)) if how == "pickle" else copy.copy(original)
         assert type(again) is RetryAfter
         assert (again.seconds, str(again)) == (original.seconds, str(original))
+
+
+# --- interrupt_on_timeout landing inside the store's write of an executor's enqueue -------------
+
+@pytest.mark.xfail(strict=True, reason="the JobTimeout that interrupt_on_timeout raises in the thread "
+                   "lands at the next bytecode after a blocking SQLite call inside the store's write: "
+                   "after a one-statement save has committed (enqueue_many raises PersistenceError, yet "
+                   "its jobs are stored and run after a restart), or right after BEGIN IMMEDIATE, outside "
+                   "the try that rolls back (the store's connection stays in that transaction: every "
+                   "later acknowledged save is lost at close)")
+@pytest.mark.parametrize("batch", [2, 3])  # one multi-row INSERT (autocommit) / two (BEGIN IMMEDIATE first)
+def test_an_interrupted_enqueue_from_an_executor_is_all_or_nothing_and_the_store_stays_durable(tmp_path, batch):
+    """api.md: "Every method is safe to call from any thread, executors included"; an executor
+    enqueues follow-up jobs; ExecutorConfig(interrupt_on_timeout=True) raises JobTimeout in its
+    thread at its next bytecode. enqueue_many is all or none ("If save raises, enqueue raises
+    PersistenceError ... and the job is not enqueued"), and a job acknowledged later is durable.
+
+    The SQLite write lock held by another connection (a migration, a backup tool) only makes the
+    moment deterministic: the executor's write waits in SQLite while its deadline passes. Without
+    it, 4 workers flooding enqueues from such an executor hit the same state within seconds
+    ("cannot start a transaction within a transaction" on every later write, join() never true)."""
+    import sqlite3
+
+    from tinymq import ExecutorConfig, PersistenceError, SQLitePersistence
+
+    path = str(tmp_path / "jobs.db")
+    store = SQLitePersistence(path)
+    q = Queue(100)
+    q.set_persistence(store)
+    entered, locked, done = threading.Event(), threading.Event(), threading.Event()
+    outcome = []
+
+    def import_then_report(job):
+        entered.set()
+        locked.wait(WAIT)
+        try:
+            q.enqueue_many([Job("report", n, run_at=time.time() + 3600) for n in range(batch)])
+            outcome.append("enqueued")
+        except PersistenceError:
+            outcome.append("refused")
+        finally:
+            done.set()
+
+    q.register_executor("import", import_then_report, ExecutorConfig(timeout=0.3, interrupt_on_timeout=True))
+    q.start_dispatcher(1)
+    q.enqueue(Job("import", retry_config=RetryConfig(max_retries=0)))
+    assert entered.wait(WAIT)
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds SQLite's write lock for a moment
+    locked.set()
+    deadline = time.monotonic() + WAIT
+    while q.get_stats().jobs_timed_out < 1:  # the watchdog decided the timeout: JobTimeout is pending
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    other.execute("ROLLBACK")
+    other.close()
+    assert done.wait(WAIT)
+    q.enqueue(Job("report", "after", run_at=time.time() + 3600))  # acknowledged: durable
+    q.stop()
+    store.close()
+    with SQLitePersistence(path) as again:
+        payloads = [job.payload for job in again.load_all()]
+    assert "after" in payloads
+    assert sorted(p for p in payloads if p != "after") == (list(range(batch)) if outcome == ["enqueued"] else [])
