@@ -461,3 +461,40 @@ def test_an_attempt_whose_function_never_ran_does_not_time_out(tmp_path):
     A job is not failed for good by the store being slow before its function is called."""
     ran, _ = _switch_interrupted(tmp_path)
     assert ran == ["a", "b"]
+
+
+# --- on_failure takes callbacks whose body never runs ----------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="q.on_failure accepts an async def (or generator) function: "
+                   "each failure calls it, gets a coroutine (generator) back and drops it, so the "
+                   "callback's body never runs; only a RuntimeWarning 'was never awaited' says so")
+@pytest.mark.parametrize("kind", ["async", "generator"])
+def test_a_failure_callback_whose_body_would_never_run_is_refused_or_run(kind):
+    """api.md: every failure is "handed to every callback registered with q.on_failure(fn)" (an
+    alert, a dead-letter write: a user's `async def` is the natural way to write one). The queue
+    refuses such executors at registration ("calling it would never run its body"); a callback
+    must be refused likewise (TypeError) or have its body run."""
+    from tinymq import PermanentFailure
+
+    ran = threading.Event()
+    if kind == "async":
+        async def alert(job, reason, exc):
+            ran.set()
+    else:
+        def alert(job, reason, exc):
+            ran.set()
+            yield
+    with Queue(10) as q:
+        try:
+            q.on_failure(alert)
+        except TypeError:
+            return  # refused at registration, naming the problem: fine
+
+        def fail(job):
+            raise PermanentFailure("HTTP 404")
+
+        q.register_executor("fetch", fail)
+        q.start_dispatcher(1)
+        q.enqueue(Job("fetch"))
+        assert q.join(WAIT)
+        assert ran.is_set()  # callbacks run before the job counts as finished for join()
