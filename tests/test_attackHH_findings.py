@@ -468,6 +468,7 @@ def test_an_attempt_whose_function_never_ran_does_not_time_out(tmp_path):
 @pytest.mark.xfail(strict=True, reason="q.on_failure accepts an async def (or generator) function: "
                    "each failure calls it, gets a coroutine (generator) back and drops it, so the "
                    "callback's body never runs; only a RuntimeWarning 'was never awaited' says so")
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 @pytest.mark.parametrize("kind", ["async", "generator"])
 def test_a_failure_callback_whose_body_would_never_run_is_refused_or_run(kind):
     """api.md: every failure is "handed to every callback registered with q.on_failure(fn)" (an
