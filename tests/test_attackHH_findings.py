@@ -499,3 +499,22 @@ def test_a_failure_callback_whose_body_would_never_run_is_refused_or_run(kind):
         q.enqueue(Job("fetch"))
         assert q.join(WAIT)
         assert ran.is_set()  # callbacks run before the job counts as finished for join()
+
+
+# --- broker.names_in_use(limit) does not check its limit -----------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="names_in_use checks len(names) >= limit only after adding a "
+                   "name, and never validates limit: limit=0 or -1 returns a name, limit='5' fails "
+                   "with a TypeError about '>=' between int and str that does not name limit")
+def test_names_in_use_keeps_to_its_limit_and_names_a_bad_one(redis):
+    """api.md: `broker.names_in_use(limit=10)` -> the sorted names of queues with jobs or counters
+    ("up to limit names", its docstring); a bad value raises TypeError/ValueError naming it."""
+    q = redis.queue()
+    q.enqueue(Job("mail"))
+    assert q.broker.names_in_use(limit=1) == [redis.queue_name]
+    try:
+        assert q.broker.names_in_use(limit=0) == []
+    except ValueError as exc:
+        assert "limit" in str(exc)
+    with pytest.raises((TypeError, ValueError), match="limit"):
+        q.broker.names_in_use(limit="5")
