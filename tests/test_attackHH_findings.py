@@ -1,6 +1,8 @@
-"""Findings of attackHH: periodic jobs, odd values at the edges of the public API, and the
-Redis broker's view of a job, attacked from outside (docs/api.md and docs/redis.md are the
-contract).
+"""Findings of attackHH: periodic jobs, odd values at the edges of the public API (job
+attributes, exceptions, text Redis cannot carry, callbacks), the Redis broker's view of a job
+(retries, undecodable jobs, a full server, stop), the worker CLI's check of its target, and
+interrupt_on_timeout landing inside the SQLite store's writes; attacked from outside
+(shared/API.md, docs/api.md, docs/redis.md and docs/cli.md are the contract).
 
 Each test asserts what a user relies on. One that fails today is marked
 ``xfail(strict=True)`` with the defect as its reason: it starts passing (and then fails
