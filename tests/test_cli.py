@@ -349,6 +349,13 @@ def test_help_lists_the_commands():
     assert "_worker-child" not in result.stdout
 
 
+def test_version_prints_the_version_and_the_core_in_use():
+    """For a bug report: which tinymq, and which core runs it (the environment's, as here)."""
+    result = cli("--version")
+    core = "compiled core" if tinymq.HAS_EXTENSION else "pure-Python core"
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"tinymq {tinymq.__version__} ({core})\n", "")
+
+
 # --- worker: targets that cannot run ----------------------------------------------------
 
 APP = textwrap.dedent("""

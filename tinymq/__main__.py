@@ -9,6 +9,7 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
+from . import HAS_EXTENSION, __version__
 from ._cli import (LOG_LEVELS, MAX_PROCESSES, MAX_WORKERS, CommandError, configure_logging, process_count,
                    whole_number, worker_count)
 from ._demo import DESCRIPTION as DEMO_DESCRIPTION
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m tinymq",
         description="tinymq's command line. With no command, it runs the demo (see `demo --help`).",
     )
+    core = "compiled core" if HAS_EXTENSION else "pure-Python core"
+    parser.add_argument("--version", action="version", version=f"tinymq {__version__} ({core})",
+                        help="print tinymq's version and which core it runs, and exit")
     commands = parser.add_subparsers(dest="command", metavar=_PUBLIC_COMMANDS)
 
     commands.add_parser("demo", help="the live tour (what `python -m tinymq` alone runs)",
