@@ -386,7 +386,8 @@ def stop_with_the_attempt_cancelled(q, runs):
     q.stop(wait=False)  # saves the running job back as ready, and cancels the attempt
     runs.crash = True
     runs.release.set()
-    for thread in list(q._dispatcher._threads):
+    own = q._dispatcher._thread_ids  # (each of the queue's threads, until its target returns)
+    for thread in [thread for thread in threading.enumerate() if thread.ident in own]:
         thread.join(WAIT)
         assert not thread.is_alive()
 

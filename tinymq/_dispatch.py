@@ -150,9 +150,8 @@ class Dispatcher:
         self.store: Any = None
         self.ledger: Optional[AttemptLedger] = None  # set once, before start, by a broker's Queue
         self._lock = threading.Lock()
-        # Guarded by _lock: the live worker slots, the threads, the lifecycle.
+        # Guarded by _lock: the live worker slots, the lifecycle.
         self._slots: Set[Any] = set()
-        self._threads: List[threading.Thread] = []
         self._thread_ids: Set[int] = set()  # this queue's threads: join() there would wait for itself
         self._worker_count = 0  # the pool's size: live, non-retired workers
         self._started = False
@@ -318,9 +317,7 @@ class Dispatcher:
     def _start_thread(self, target: Callable[..., None], name: str, *args: Any) -> None:
         """Start a thread of this queue's. Called with _lock held."""
         thread = threading.Thread(target=self._run_thread, name=name, args=(target, *args), daemon=True)
-        self._threads = [t for t in self._threads if t.is_alive()]
         thread.start()  # (RuntimeError when the system has no thread to give)
-        self._threads.append(thread)
 
     def _run_thread(self, target: Callable[..., None], *args: Any) -> None:
         ident = threading.get_ident()
