@@ -349,6 +349,13 @@ def test_help_lists_the_commands():
     assert "_worker-child" not in result.stdout
 
 
+def test_version_prints_the_version_and_the_core_in_use():
+    """For a bug report: which tinymq, and which core runs it (the environment's, as here)."""
+    result = cli("--version")
+    core = "compiled core" if tinymq.HAS_EXTENSION else "pure-Python core"
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"tinymq {tinymq.__version__} ({core})\n", "")
+
+
 # --- worker: targets that cannot run ----------------------------------------------------
 
 APP = textwrap.dedent("""
@@ -767,6 +774,56 @@ def test_status_of_a_redis_queue_and_its_dead_jobs(shared_project, producer, rec
     worker.signal(signal.SIGTERM)
     worker.wait_for(r"stopping \(SIGTERM\)", count=2)
     worker.kill()  # the held attempt would take a minute
+
+
+def test_status_of_a_redis_queue_reads_only_the_dead_jobs_it_lists(redis_url):
+    """status --redis read every dead job in its one script call: with a million, it blocked Redis.
+    It counts them all and reads the newest it lists (--limit, at most 1000: --json, --limit 0)."""
+    import redis
+
+    from tinymq import Config, Queue
+    from tinymq.redis import RedisBroker
+
+    dead_count = 3000
+    q = Queue(config=Config(max_delayed_jobs=1), broker=RedisBroker(redis_url, name="cli"))
+    try:  # each delayed job evicts the one before it: dead in id order
+        later = time.time() + 3600
+        jobs = [tinymq.Job("report", n, id=f"dead-{n:04}", run_at=later + n) for n in range(dead_count + 1)]
+        for start in range(0, len(jobs), 500):
+            q.enqueue_many(jobs[start:start + 500])
+    finally:
+        q.stop()
+        q.broker.close()
+    server = redis.Redis.from_url(redis_url)
+
+    def status_and_job_reads(*options):
+        server.config_resetstat()
+        output = redis_status(redis_url, *options).stdout
+        return output, server.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0)
+
+    def newest(count):
+        return [f"dead-{n:04}" for n in range(dead_count - count, dead_count)]
+
+    try:
+        text, reads = status_and_job_reads()
+        assert reads <= 20, reads
+        assert "\ndead jobs: 3000\n" in text
+        assert re.findall(r"^(dead-\d{4})\s", text, re.MULTILINE) == newest(20)
+        assert text.endswith("\n(the newest 20 of 3000; status --redis reads at most the newest 1000 "
+                             "(--limit 0, --json); broker.dead_jobs() lists them all)\n"), text
+
+        report_text, reads = status_and_job_reads("--json")
+        report = json.loads(report_text)
+        assert reads <= 1000, reads
+        assert report["counts"]["dead"] == dead_count and report["counts"]["delayed"] == 1
+        assert [entry["id"] for entry in report["dead_jobs"]] == newest(1000)
+
+        text, reads = status_and_job_reads("--limit", 0)
+        assert reads <= 1000, reads
+        assert re.findall(r"^(dead-\d{4})\s", text, re.MULTILINE) == newest(1000)
+        assert "(the newest 1000 of 3000; status --redis reads at most" in text
+    finally:
+        server.close()
 
 
 # Fixed (duecount): status --redis left a delayed job that had come due out of both its ready and

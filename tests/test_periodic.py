@@ -6,6 +6,7 @@ checked against croniter (and hand-written instants) for DST edges through
 just before a minute boundary.
 """
 import math
+import re
 import sys
 import threading
 import time
@@ -263,7 +264,7 @@ def test_bad_arguments_name_the_value():
             q.every(1.0, "tick", name="")
         with pytest.raises(TypeError, match="cannot be copied for each tick"):
             q.every(1.0, "tick", payload=threading.Lock())
-        with pytest.raises(ValueError, match=r"invalid cron expression '\*/5 \* \*'"):
+        with pytest.raises(ValueError, match=r"cron expression '\*/5 \* \*' has 3 fields"):
             q.cron("*/5 * *", "tick")
         with pytest.raises(ValueError, match="invalid cron expression '61 \\* \\* \\* \\*'"):
             q.cron("61 * * * *", "tick")
@@ -274,6 +275,27 @@ def test_bad_arguments_name_the_value():
         with pytest.raises(TypeError, match="tz must be a tzinfo .* got 3"):
             q.cron("* * * * *", "tick", tz=3)
         assert q.schedules() == []
+
+
+@pytest.mark.parametrize("expression", [
+    "0 */5 * * * *",  # seconds first, as other cron tools write it: croniter read it as every second
+    "* * * * * 30",  # croniter's seconds field, last
+    "0 3 * * * 0 2030",  # croniter's year field
+])
+def test_cron_refuses_a_seconds_or_year_field(expression):
+    """q.cron() takes the 5 standard fields: croniter's 6th (seconds, read last) and 7th (year) fields
+    are refused with a ValueError naming the expression, so a seconds-first expression cannot run
+    every second instead of every five minutes."""
+    pytest.importorskip("croniter")
+    with Queue() as q:
+        with pytest.raises(ValueError, match=re.escape(f"cron expression {expression!r} has "
+                                                       f"{len(expression.split())} fields")):
+            q.cron(expression, "tick")
+        assert q.schedules() == []
+        q.cron("*/5 * * * *", "tick", name="five")
+        q.cron("@Daily", "tick", name="daily")  # croniter's nicknames stand for 5 fields
+        q.cron("@hourly", "tick", name="hourly")
+        assert sorted(schedule.name for schedule in q.schedules()) == ["daily", "five", "hourly"]
 
 
 def test_a_duplicate_name_raises_value_error_naming_it():
@@ -386,7 +408,8 @@ def stop_with_the_attempt_cancelled(q, runs):
     q.stop(wait=False)  # saves the running job back as ready, and cancels the attempt
     runs.crash = True
     runs.release.set()
-    for thread in list(q._dispatcher._threads):
+    own = q._dispatcher._thread_ids  # (each of the queue's threads, until its target returns)
+    for thread in [thread for thread in threading.enumerate() if thread.ident in own]:
         thread.join(WAIT)
         assert not thread.is_alive()
 

@@ -618,3 +618,68 @@ def test_stop_without_waiting_leaves_no_task_pending_when_the_loop_closes():
         assert not [m for m in errors.messages if "destroyed" in m], errors.messages
     finally:
         asyncio_logger.removeHandler(errors)
+
+
+class _GatedStore(SQLitePersistence):
+    """A SQLite store whose saves, once ``armed``, wait for ``release`` (``saving`` says one began)."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.armed = False
+        self.saving = threading.Event()
+        self.release = threading.Event()
+
+    def save(self, job):
+        if self.armed:
+            self.saving.set()
+            assert self.release.wait(WAIT)
+        super().save(job)
+
+
+def test_an_aenqueue_cancelled_as_its_job_got_in_keeps_the_dead_job_of_that_id(tmp_path):
+    """A job enqueued with a dead job's id replaces the dead row once it is accepted. An aenqueue
+    cancelled while its save ran is taken back (the caller was told it enqueued nothing): the dead
+    job it would have replaced stays, as when the buffer refuses a job (QueueFull)."""
+    path = str(tmp_path / "jobs.db")
+    with SQLitePersistence(path) as store:
+        first = Queue(10)
+        first.set_persistence(store)
+
+        @first.executor("report")
+        def fail(job):
+            raise tinymq.PermanentFailure("the first try")
+
+        first.start_dispatcher(1)
+        first.enqueue(Job("report", id="report-12"))
+        assert first.join(WAIT)
+        first.stop()
+        [dead] = store.dead_jobs()
+        assert (dead.job.id, dead.reason) == ("report-12", "permanent_failure")
+
+    store = _GatedStore(path)
+    q = Queue(10)
+    q.set_persistence(store)
+    ended = Recorder()
+    q.on_failure(lambda job, reason, exc: ended.add((job.id, reason)))
+    store.armed = True
+
+    async def scenario():
+        putter = asyncio.ensure_future(q.aenqueue(Job("report", id="report-12")))
+        while not store.saving.is_set():
+            await asyncio.sleep(0.001)
+        putter.cancel()
+        await asyncio.sleep(0)
+        store.release.set()  # the save ends after the caller gave up: the job gets in, then is taken back
+        with pytest.raises(asyncio.CancelledError):
+            await putter
+
+    try:
+        asyncio.run(scenario())
+        assert ended.snapshot() == [("report-12", "cancelled")]
+        assert q.join(WAIT)
+        [kept] = store.dead_jobs()
+        assert (kept.job.id, kept.reason, kept.error) == ("report-12", "permanent_failure", dead.error)
+        assert store.jobs() == []
+    finally:
+        q.stop()
+        store.close()

@@ -213,3 +213,27 @@ def test_stop_keeps_the_blocker_waiting_attempts_bounded_by_timeout():
         started = time.monotonic()
         q.stop(timeout=0.2)  # a non-cooperative attempt: stop gives up waiting after 0.2 s
         assert time.monotonic() - started < WAIT / 2
+
+
+def test_start_dispatcher_does_no_work_per_worker_that_grows_with_the_workers(monkeypatch):
+    """start_dispatcher(n) took time quadratic in n: starting each thread looked at every thread
+    started before it (whether it was alive). Starting n workers is linear now; counted here as
+    those looks, since a timing bound would be either loose or flaky."""
+    workers = 200
+    looks = []
+    real_is_alive = threading.Thread.is_alive
+
+    def counted_is_alive(thread):
+        looks.append(thread)
+        return real_is_alive(thread)
+
+    q = Queue(10)
+    monkeypatch.setattr(threading.Thread, "is_alive", counted_is_alive)
+    try:
+        q.start_dispatcher(workers)
+        during_start = len(looks)
+    finally:
+        monkeypatch.undo()
+        q.stop()
+    assert q.get_stats().worker_count == workers
+    assert during_start < workers, f"{during_start} looks at threads to start {workers} workers"

@@ -9,11 +9,13 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
+from . import HAS_EXTENSION, __version__
 from ._cli import (LOG_LEVELS, MAX_PROCESSES, MAX_WORKERS, CommandError, configure_logging, process_count,
                    whole_number, worker_count)
 from ._demo import DESCRIPTION as DEMO_DESCRIPTION
 from ._demo import run_demo
-from ._status import change_dead_in_db, change_dead_in_redis, db_status, redis_status, render_status
+from ._status import (_REDIS_DEAD_MAX, change_dead_in_db, change_dead_in_redis, db_status, redis_status,
+                      render_status)
 from ._worker import Supervisor, default_workers, run_child, split_target
 
 _PUBLIC_COMMANDS = "{demo,status,requeue-dead,purge-dead,worker}"
@@ -65,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m tinymq",
         description="tinymq's command line. With no command, it runs the demo (see `demo --help`).",
     )
+    core = "compiled core" if HAS_EXTENSION else "pure-Python core"
+    parser.add_argument("--version", action="version", version=f"tinymq {__version__} ({core})",
+                        help="print tinymq's version and which core it runs, and exit")
     commands = parser.add_subparsers(dest="command", metavar=_PUBLIC_COMMANDS)
 
     commands.add_parser("demo", help="the live tour (what `python -m tinymq` alone runs)",
@@ -79,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     status.add_argument("--limit", type=whole_number, default=_DEAD_LIMIT, metavar="N",
                         help=f"dead jobs the table lists, the newest (default {_DEAD_LIMIT}; 0: all; "
-                             "--json lists all)")
+                             f"--json lists all; with --redis, at most the newest {_REDIS_DEAD_MAX})")
     _logging_option(status, "WARNING")
 
     for verb, what in (("requeue", "back to ready, retries reset (with --db they run at the next start "
@@ -140,8 +145,10 @@ def run(arguments: argparse.Namespace) -> int:
     configure_logging(arguments.log_level)
     if command == "status":
         _check_queue_options(arguments)
-        report = db_status(arguments.db) if arguments.db is not None else redis_status(arguments.redis,
-                                                                                       arguments.name)
+        if arguments.db is not None:
+            report = db_status(arguments.db)
+        else:  # (the dead jobs it lists, and no more, are read from Redis)
+            report = redis_status(arguments.redis, arguments.name, 0 if arguments.json else arguments.limit)
         print(render_status(report, as_json=arguments.json, limit=arguments.limit))
         return 0
     if command in ("requeue-dead", "purge-dead"):

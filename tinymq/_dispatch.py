@@ -150,9 +150,8 @@ class Dispatcher:
         self.store: Any = None
         self.ledger: Optional[AttemptLedger] = None  # set once, before start, by a broker's Queue
         self._lock = threading.Lock()
-        # Guarded by _lock: the live worker slots, the threads, the lifecycle.
+        # Guarded by _lock: the live worker slots, the lifecycle.
         self._slots: Set[Any] = set()
-        self._threads: List[threading.Thread] = []
         self._thread_ids: Set[int] = set()  # this queue's threads: join() there would wait for itself
         self._worker_count = 0  # the pool's size: live, non-retired workers
         self._started = False
@@ -170,6 +169,9 @@ class Dispatcher:
         # Jobs whose attempt stop() cancelled, handled (saved back as ready, no holder left): a
         # cancel() that marks one afterwards ends it itself (see _stop_gave_back).
         self._stop_given_back: Set[Any] = set()
+        # Jobs whose cancel takes them back (take_back): their end undoes their save. Each use is one
+        # set operation (atomic), as fail() may run where _lock is held.
+        self._taken_back: Set[Any] = set()
         self._workers_changed = threading.Condition(self._lock)  # a worker exited or was retired
         self._in_callback = threading.local()  # .depth > 0 while a failure callback runs
         # job type -> how it was registered: its retry_on, and to move a thread executor found to
@@ -227,6 +229,15 @@ class Dispatcher:
         except Exception:
             logger.exception("persistence %s failed for job %s", what,
                              getattr(args[0], "id", args[0]))
+
+    def undo_save(self, store: Any, job_id: str) -> None:
+        """Take back the save of a job that was not enqueued: the store's ``undo_save`` puts back a
+        dead job's row that the save replaced; a store without it deletes the row."""
+        undo_save = getattr(store, "undo_save", None)
+        if undo_save is not None:
+            self.call_store("undo_save", undo_save, job_id)
+        else:
+            self.call_store("delete", store.delete, job_id)
 
     def _mark_running(self, job: Any) -> None:
         store = self.store
@@ -318,9 +329,7 @@ class Dispatcher:
     def _start_thread(self, target: Callable[..., None], name: str, *args: Any) -> None:
         """Start a thread of this queue's. Called with _lock held."""
         thread = threading.Thread(target=self._run_thread, name=name, args=(target, *args), daemon=True)
-        self._threads = [t for t in self._threads if t.is_alive()]
         thread.start()  # (RuntimeError when the system has no thread to give)
-        self._threads.append(thread)
 
     def _run_thread(self, target: Callable[..., None], *args: Any) -> None:
         ident = threading.get_ident()
@@ -823,6 +832,13 @@ class Dispatcher:
             return True
         return self._cancel_unregistered(job_id)
 
+    def take_back(self, job: Any) -> None:
+        """``cancel`` of a job that got in as its enqueuer gave up (aenqueue): reported "cancelled",
+        and its store row goes as for a refused job (``undo_save``), whenever its end comes."""
+        self._taken_back.add(job)
+        if not self.cancel(job._id):  # it has ended already (it ran): nothing to take back
+            self._taken_back.discard(job)
+
     def _cancel_marked(self, job: Any) -> None:
         """End ``job``, marked by ``mark_cancel``, where it rests now; if it rests nowhere, it is
         between two places and its next holder ends it (``take_cancel``)."""
@@ -1012,9 +1028,18 @@ class Dispatcher:
             mark_dead = getattr(store, "mark_dead", None) if reason != "cancelled" else None
             if mark_dead is not None:
                 self.call_store("mark_dead", mark_dead, job, reason, exc)
+            elif self._taken_back and reason == "cancelled" and self._end_of_taken_back(job):
+                self.undo_save(store, job.id)
             else:
                 self.call_store("delete", store.delete, job.id)
         self.ready.task_done(job)
+
+    def _end_of_taken_back(self, job: Any) -> bool:
+        try:
+            self._taken_back.remove(job)
+        except KeyError:
+            return False
+        return True
 
     def report_failure(self, job: Any, reason: str, exc: Optional[BaseException]) -> None:
         """Log a permanent failure and run the failure callbacks (a broker counts it itself)."""

@@ -43,6 +43,8 @@ SCHEDULE_TAG = "tinymq.schedule"  # the tag naming the schedule that enqueued a 
 _WALL_CLOCK_RECHECK = 60.0
 _BEGIN_RETRY = 1.0  # seconds before a schedule whose backend failed to begin it tries again
 _CRON_EXTRA_HINT = "q.cron() needs the croniter package: pip install 'tinymq[cron]'"
+_CRON_FIELDS = 5  # minute hour day-of-month month day-of-week: croniter's extra 6th and 7th are refused
+_CRON_NICKNAMES = frozenset({"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"})
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ def cron_next(expression: str, tz: tzinfo, after: float) -> float:
 
     A wall time that a DST jump skips runs at the jump; one that the clock
     passes twice runs at both instants (croniter's rule). Valid syntax may name
-    no instant (February 30, a past year): then there is no tick, ``math.inf``.
+    no instant (February 30): then there is no tick, ``math.inf``.
     """
     iterator = _croniter()(expression, datetime.fromtimestamp(after, tz))
     from croniter import CroniterBadDateError
@@ -295,11 +297,18 @@ class Periodic:
         croniter = _croniter()
         job_type = _as_type(job_type)
         zone = _as_tz(tz)
+        fields = expression.split()
+        if len(fields) != _CRON_FIELDS and not (len(fields) == 1 and fields[0].lower() in _CRON_NICKNAMES):
+            # croniter reads a 6th field as seconds, last: "0 */5 * * * *", seconds first as other
+            # tools write it, would fire every second. Refused rather than guessed.
+            raise ValueError(f"cron expression {expression!r} has {len(fields)} fields; q.cron() takes the "
+                             "5 standard ones (minute hour day-of-month month day-of-week) or a nickname "
+                             "such as '@daily', not a seconds or a year field")
         if not croniter.is_valid(expression):
             raise ValueError(f"invalid cron expression {expression!r}")
         if cron_next(expression, zone, self._wall()) == math.inf:
-            raise ValueError(f"cron expression {expression!r} never fires from now on in {zone} "
-                             "(a date that does not exist, or a year that has passed)")
+            raise ValueError(f"cron expression {expression!r} never fires in {zone} "
+                             "(a date that does not exist, such as February 30)")
         return self._add(name if name is not None else f"{job_type} {expression}", job_type, payload,
                          priority, _Cron(expression, zone))
 
@@ -506,6 +515,6 @@ class Periodic:
                         logger.debug("schedule %r skipped a tick: its previous job %s is unfinished",
                                      schedule.name, schedule.last_job_id)
                 schedule.tick = schedule.trigger.after(tick, self._monotonic(), self._wall())
-                if schedule.tick.wall == math.inf:  # a cron expression whose last year has passed
+                if schedule.tick.wall == math.inf:  # (croniter found no later instant: not expected)
                     logger.warning("schedule %r has no further tick: %s names no later instant",
                                    schedule.name, schedule.trigger.description)

@@ -34,6 +34,9 @@ _PRIORITIES = (Priority.HIGH, Priority.MEDIUM, Priority.LOW)  # the order of the
 # The counters of the Redis stats hash that status prints (as QueueStats' jobs_* fields, in order).
 _REDIS_COUNTERS = ("enqueued", "succeeded", "failed", "retried", "timed_out", "evicted", "cancelled")
 _ERROR_WIDTH = 60  # characters of a last error shown in the text table (--json has it whole)
+# The most dead jobs status --redis reads, the newest: its one script call blocks Redis while it
+# runs (broker.dead_jobs() reads them all, page by page).
+_REDIS_DEAD_MAX = 1000
 
 
 # --- reports ----------------------------------------------------------------------------
@@ -102,12 +105,14 @@ def _with_redis_queue(url: str, name: str, work: Callable[[Queue], T]) -> T:
         broker.close()
 
 
-def redis_status(url: str, name: str) -> Dict[str, Any]:
+def redis_status(url: str, name: str, dead_limit: int = 0) -> Dict[str, Any]:
     """The report of ``status --redis URL --name NAME``: its figures are read by one script call,
-    at one instant, so that they agree (each job counted once: ready, delayed, taken or dead)."""
+    at one instant, so that they agree (each job counted once: ready, delayed, taken or dead).
+    Every dead job is counted; the newest ``dead_limit`` are read (0: all), at most _REDIS_DEAD_MAX."""
+    shown = _REDIS_DEAD_MAX if dead_limit == 0 else min(dead_limit, _REDIS_DEAD_MAX)
 
     def read(queue: Queue) -> Dict[str, Any]:
-        reply, dead = queue.broker._status()  # type: ignore[attr-defined]
+        reply, dead = queue.broker._status(shown)  # type: ignore[attr-defined]
         executors = {}
         for job_type, (taken, limit) in reply.executors.items():
             rate = reply.rate_limits.get(job_type)
@@ -122,7 +127,7 @@ def redis_status(url: str, name: str) -> Dict[str, Any]:
             "name": name,
             "counts": {"ready": sum(ready.values()), "delayed": reply.delayed,
                        "taken": sum(executor["taken"] for executor in executors.values()),
-                       "dead": len(dead)},
+                       "dead": reply.dead_count},
             "priorities": {level: {"ready": size} for level, size in ready.items()},
             # Each enqueuing process's Config sets it (the same everywhere, by contract); Redis does
             # not hold it, and this process's own default would be a guess.
@@ -130,7 +135,7 @@ def redis_status(url: str, name: str) -> Dict[str, Any]:
             "worker_processes": reply.processes,
             "executors": executors,
             "counters": counters,
-            "dead_jobs": _dead_fields(dead),
+            "dead_jobs": _dead_fields(dead),  # the newest, at most _REDIS_DEAD_MAX
         }
 
     return _with_redis_queue(url, name, read)
@@ -213,16 +218,22 @@ def _shortened(text: Optional[str]) -> str:
     return text if len(text) <= _ERROR_WIDTH else text[:_ERROR_WIDTH - 3] + "..."
 
 
-def _dead_lines(dead: List[Dict[str, Any]], limit: int) -> List[str]:
-    lines = [f"dead jobs: {len(dead)}"]
+def _dead_lines(dead: List[Dict[str, Any]], total: int, limit: int, read_at_most: int = 0) -> List[str]:
+    """The dead jobs table: the newest ``limit`` (0: all) of ``dead``, the newest of ``total`` dead
+    jobs; ``read_at_most``: the report holds at most that many (0: all of them)."""
+    lines = [f"dead jobs: {total}"]
     if not dead:
         return lines
     shown = dead if limit == 0 else dead[-limit:]  # the newest
     rows = [(entry["id"], entry["type"], entry["priority"], entry["retries"], entry["reason"] or "",
              _shortened(entry["error"])) for entry in shown]
     lines += _table(("id", "type", "priority", "retries", "reason", "last error"), rows)
-    if len(shown) < len(dead):
-        lines.append(f"(the newest {len(shown)} of {len(dead)}; --limit 0 lists all, --json has every field)")
+    if len(shown) < total:
+        more = "--limit 0 lists all, --json has every field"
+        if read_at_most and total > read_at_most:
+            more = (f"status --redis reads at most the newest {read_at_most} (--limit 0, --json); "
+                    "broker.dead_jobs() lists them all")
+        lines.append(f"(the newest {len(shown)} of {total}; {more})")
     return lines
 
 
@@ -240,7 +251,7 @@ def _db_lines(report: Dict[str, Any], limit: int) -> List[str]:
                         [(name, sizes["due"], sizes["delayed"]) for name, sizes in report["types"].items()])
     lines.append("(due: ready or running now; delayed: waiting for its run_at)")
     lines.append("")
-    lines += _dead_lines(report["dead_jobs"], limit)
+    lines += _dead_lines(report["dead_jobs"], len(report["dead_jobs"]), limit)
     if report["quarantined"]:
         lines.append("")
         lines.append(f"quarantined (corrupt) rows: {len(report['quarantined'])}")
@@ -281,7 +292,7 @@ def _redis_lines(report: Dict[str, Any], limit: int) -> List[str]:
     else:
         lines.append("executors: none registered yet (a worker process registers its executors)")
     lines.append("")
-    lines += _dead_lines(report["dead_jobs"], limit)
+    lines += _dead_lines(report["dead_jobs"], counts["dead"], limit, _REDIS_DEAD_MAX)
     return lines
 
 

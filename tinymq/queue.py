@@ -338,18 +338,9 @@ class Queue:
                 )
         except BaseException:
             if store is not None:
-                self._undo_save(store, job.id)
+                self._dispatcher.undo_save(store, job.id)
             raise
         return job
-
-    def _undo_save(self, store: Any, job_id: str) -> None:
-        """Take back the save of a job that was not enqueued: the store's ``undo_save`` puts back a
-        dead job's row that the save replaced; a store without it deletes the row."""
-        undo_save = getattr(store, "undo_save", None)
-        if undo_save is not None:
-            self._dispatcher.call_store("undo_save", undo_save, job_id)
-        else:
-            self._dispatcher.call_store("delete", store.delete, job_id)
 
     def _wait_for_room(self, job: Job, wait: Optional[float], withdrawn: Optional[threading.Event]) -> bool:
         """Put ``job`` in the ready buffer once it has room: False after ``wait`` seconds, or once withdrawn."""
@@ -436,7 +427,7 @@ class Queue:
                         saved.append(job)
             except Exception as exc:
                 for job in saved:
-                    self._undo_save(store, job.id)
+                    self._dispatcher.undo_save(store, job.id)
                 if isinstance(exc, PersistenceError):
                     raise
                 raise PersistenceError(f"could not save a batch of {len(batch)} jobs: {exc}") from exc
@@ -449,7 +440,7 @@ class Queue:
         except BaseException:
             if store is not None:
                 for job in batch:
-                    self._undo_save(store, job.id)
+                    self._dispatcher.undo_save(store, job.id)
             raise
 
     # --- periodic jobs (tinymq/_periodic.py) ----------------------------------
@@ -673,7 +664,8 @@ class Queue:
         the wait, keeps it while it waits, and deletes it if it is not placed. Cancelled (``asyncio.wait_for``, a task cancel), it enqueues nothing:
         a wait for room gives up within a slice, and a job that got in just as the
         caller gave up (its save, or the room, came at that moment) is taken back
-        with ``cancel`` (so reported ``"cancelled"``), unless it has run already.
+        with ``cancel`` (so reported ``"cancelled"``), unless it has run already; a
+        store's row of a dead job with its id, which its save replaced, comes back.
         """
         if self._store is None and self._link is None:
             try:
@@ -716,9 +708,17 @@ class Queue:
             except Exception:
                 placed = None
             if placed is not None:  # it got in as the caller gave up: the caller was told it did not
-                await loop.run_in_executor(None, self.cancel, job.id)
+                await loop.run_in_executor(None, self._take_back, job)
             raise
         return placed  # type: ignore[return-value]  # (None only once withdrawn)
+
+    def _take_back(self, job: Job) -> None:
+        """Cancel ``job``, which got in as its ``aenqueue`` caller gave up: with a store, its save is
+        undone as for a refused job (a dead job's row that it replaced comes back), not deleted."""
+        if self._link is not None:
+            self.cancel(job.id)
+        else:
+            self._dispatcher.take_back(job)
 
     async def ajoin(self, timeout: Union[float, timedelta, None] = None) -> bool:
         """``join`` for async code: waits in the loop's default executor, not on the loop.

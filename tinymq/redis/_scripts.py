@@ -117,7 +117,8 @@ class StatusReply(NamedTuple):
     executors: Dict[str, Tuple[int, int]]  # type -> (attempts holding a slot, max_concurrent_jobs)
     processes: int  # live worker processes
     rate_limits: Dict[str, Tuple[int, float, int]]  # type -> (max_starts, per seconds, starts in the window)
-    dead: List[Tuple[str, str, int, str, str]]  # (id, body, retries, error, reason), oldest death first
+    dead_count: int  # every dead job
+    dead: List[Tuple[str, str, int, str, str]]  # the newest read: (id, body, retries, error, reason), oldest first
 
 
 class EnqueueReply(NamedTuple):
@@ -353,9 +354,11 @@ class Scripts:
         counters = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
         return (int(high), int(medium), int(low)), int(delayed), counters
 
-    def status(self) -> StatusReply:
-        """What ``status --redis`` prints, read at one instant (status.lua), so that its figures agree."""
-        high, medium, low, delayed, flat, limits, running, processes, rates, dead = self._call("status", [])
+    def status(self, shown: int) -> StatusReply:
+        """What ``status --redis`` prints, read at one instant (status.lua), so that its figures agree;
+        of the dead jobs, the newest ``shown`` (all are counted)."""
+        high, medium, low, delayed, flat, limits, running, processes, rates, dead_count, dead = self._call(
+            "status", [shown])
         counters = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
         taken = {running[i]: int(running[i + 1]) for i in range(0, len(running), 2)}
         executors = {limits[i]: (taken.get(limits[i], 0), int(limits[i + 1])) for i in range(0, len(limits), 2)}
@@ -364,7 +367,7 @@ class Scripts:
             max_starts, per_ms = rates[i + 1].split(":", 1)  # as limits.lua writes it
             rate_limits[rates[i]] = (int(max_starts), float(per_ms) / 1000.0, int(rates[i + 2]))
         return StatusReply((int(high), int(medium), int(low)), int(delayed), counters, dict(sorted(executors.items())),
-                           int(processes), dict(sorted(rate_limits.items())),
+                           int(processes), dict(sorted(rate_limits.items())), int(dead_count),
                            [(row[0], row[1], int(row[2] or 0), row[3], row[4]) for row in dead])
 
     def requeue_dead(self, ids: Sequence[str]) -> int:

@@ -282,11 +282,12 @@ class RedisBroker:
             rate_limits[job_type] = (int(max_starts), float(per_ms) / 1000.0, int(counted))
         return rate_limits
 
-    def _status(self) -> Tuple[StatusReply, List[DeadJob]]:
+    def _status(self, shown: int) -> Tuple[StatusReply, List[DeadJob]]:
         """Every figure ``status --redis`` prints, read by one script call so that they agree
-        (the separate reads above may each see another moment): the reply, and its dead jobs decoded."""
+        (the separate reads above may each see another moment): the reply, and the newest ``shown``
+        dead jobs decoded (all are counted)."""
         try:
-            reply = self._call_resending(self._scripts.status)
+            reply = self._call_resending(self._scripts.status, shown)
         except _redis().RedisError as exc:
             raise TinyMQError(f"could not read the status of Redis queue {self.name!r}: {exc}") from exc
         return reply, _dead_entries(reply.dead)

@@ -1,14 +1,16 @@
 --[[ status: every figure `python -m tinymq status --redis` prints, read at one instant, so
 that they agree (a job is counted in exactly one place: ready, delayed, taken or dead).
-KEYS[1] prefix. No ARGV. Reads only.
-Returns {high, medium, low, delayed, counters, limits, running, processes, rates, dead}:
+KEYS[1] prefix. ARGV: shown, the dead jobs to read, the newest (the others are only counted).
+Reads only.
+Returns {high, medium, low, delayed, counters, limits, running, processes, rates, dead count, dead}:
   high .. counters  as lib.lua's queue_sizes;
   limits, running   HGETALL of limits (type -> max concurrent attempts) and running
                     (type -> attempts holding a slot);
   processes         worker processes whose lease has not run out (reporters, "~", left out);
   rates             {type, "max_starts:per ms", starts in the window now, ...};
-  dead              {{id, body, retries, error, reason}, ...}, oldest death first.
-Work: one read per dead job (status reads them all anyway). ]]
+  dead count        every dead job;
+  dead              {{id, body, retries, error, reason}, ...}: the newest `shown`, oldest death first.
+Work: one read per dead job shown, whatever the number of dead jobs. ]]
 local high, medium, low, delayed, counters = queue_sizes()
 local processes = 0
 for _, proc in ipairs(redis.call('ZRANGEBYSCORE', K_PROCS, now_ms(), '+inf')) do
@@ -23,10 +25,13 @@ for i = 1, #rates, 2 do -- starts still in the window: entries ending after now 
   table.insert(rate_rows, rates[i + 1])
   table.insert(rate_rows, redis.call('ZCARD', k) - ended)
 end
+local shown = tonumber(ARGV[1])
 local dead = {}
-for _, id in ipairs(redis.call('ZRANGE', K_DEAD, 0, -1)) do
-  local row = redis.call('HMGET', job_key(id), 'b', 'r', 'e', 'x')
-  if row[1] then table.insert(dead, {id, row[1], row[2] or '0', row[3] or '', row[4] or ''}) end
+if shown > 0 then
+  for _, id in ipairs(redis.call('ZRANGE', K_DEAD, -shown, -1)) do
+    local row = redis.call('HMGET', job_key(id), 'b', 'r', 'e', 'x')
+    if row[1] then table.insert(dead, {id, row[1], row[2] or '0', row[3] or '', row[4] or ''}) end
+  end
 end
 return {high, medium, low, delayed, counters, redis.call('HGETALL', K_LIMITS),
-        redis.call('HGETALL', K_RUNNING), processes, rate_rows, dead}
+        redis.call('HGETALL', K_RUNNING), processes, rate_rows, redis.call('ZCARD', K_DEAD), dead}
