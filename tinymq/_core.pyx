@@ -1341,16 +1341,22 @@ cdef class ReadyQueue:
     cdef int _end_evicted(self, object job) except -1:
         """``job`` was pushed out of a full delayed heap: decide its end and count it (see the
         pure twin), allocating nothing the collector tracks."""
+        if self._decide_end(job):
+            return C_CANCELLED  # (counted as its mark was taken)
+        self._counters[C_EVICTED] += 1
+        return C_EVICTED
+
+    cdef int _count_end(self, object job, int counter, long long n=1) except -1:
+        """Count the end of ``job`` in ``counter``, queue-wide, and per type when its type has an
+        executor (see the pure twin); ``n`` -1 takes a count back. No Python code runs."""
         cdef object state = None
-        if not self._decide_end(job):
-            self._counters[C_EVICTED] += 1
-            return C_EVICTED
-        self._counters[C_CANCELLED] += 1
-        if PyUnicode_CheckExact(job.type):
-            state = self.types.get(job.type)  # exact str keys: no Python code runs
+        job_type = job.type  # (a slot of Job)
+        if PyUnicode_CheckExact(job_type):
+            state = self.types.get(job_type)  # exact str keys: no Python code runs
+        self._counters[counter] += n
         if state is not None and (<TypeState>state).fn is not None:
-            (<TypeState>state).counters[C_CANCELLED] += 1
-        return C_CANCELLED
+            (<TypeState>state).counters[counter] += n
+        return 0
 
     def requeue(self, object job):
         """Make an accepted job ready (due, retried, recovered): never refused, never dropped.
@@ -1359,7 +1365,7 @@ cdef class ReadyQueue:
         producers, and moves in as soon as a pop makes room. Its type and level
         are read now: changing them later changes nothing here. False, with the
         job placed nowhere, when a cancel of it was requested on its way here:
-        the caller ends it as cancelled (the mark is taken, ``take_cancel``).
+        the caller ends it as cancelled (the mark is taken and counted, ``take_cancel``).
         """
         cdef object job_type = _type_of(job)
         cdef int level = _level_of(job)
@@ -1649,13 +1655,15 @@ cdef class ReadyQueue:
             return CANCEL_UNKNOWN, None
         if job_id in self.marks:
             return CANCEL_LOST, None
-        # Marked before _remove: taking a ready job out may wake the event loop (Python code, other
-        # threads run), and a cancel meanwhile must find the job this one owns already.
+        # Marked and counted before _remove: taking a ready job out may wake the event loop (Python
+        # code, other threads run), and a cancel or a snapshot meanwhile must find it ended already.
         self.marks[job_id] = ENDING
+        self._count_end(job, C_CANCELLED)
         removed = self._remove(job_id)
         if removed is not None:
             return CANCEL_REMOVED, removed
-        self.marks[job_id] = REQUESTED  # not in the buffer: nothing above ran Python code
+        self._count_end(job, C_CANCELLED, -1)  # not in the buffer: nothing above ran Python code
+        self.marks[job_id] = REQUESTED
         return CANCEL_MARKED, job
 
     @property
@@ -1675,17 +1683,29 @@ cdef class ReadyQueue:
         return mark is not None and <long>mark == REQUESTED and self.ids.get(job_id) is job
 
     def take_cancel(self, object job):
-        """The holder of ``job`` takes a cancel requested for it: True once, then it ends the job as cancelled."""
+        """The holder of ``job`` takes a cancel requested for it: True once, counted in the same step;
+        then it ends the job as cancelled."""
         return bool(self.marks) and self._take_cancel(job)
 
+    def take_cancel_from(self, object job, DelayedHeap heap):
+        """``job``, with a cancel requested, is taken out of ``heap`` and its mark taken and counted, in
+        one step: True, and the caller ends it as cancelled. False, with nothing changed, else."""
+        if not self.marks or not self._cancel_requested(job):
+            return False
+        if heap.remove(job._id, job) is None:  # (runs no Python code for an exact str id)
+            return False
+        return self._take_cancel(job)
+
     cdef bint _take_cancel(self, object job) except -1:
+        """Take a cancel requested for ``job`` and count its end, in one step (see the pure twin)."""
         if not self._cancel_requested(job):
             return False
         self.marks[job._id] = ENDING
+        self._count_end(job, C_CANCELLED)
         return True
 
     def decide_end(self, object job):
-        """The holder of ``job`` decides its end: True when a cancel was requested first (it ends as cancelled)."""
+        """The holder of ``job`` decides its end: True when a cancel was requested first (counted: it ends as cancelled)."""
         return self._decide_end(job)
 
     cdef bint _decide_end(self, object job) except -1:
@@ -1770,9 +1790,9 @@ cdef class ReadyQueue:
     def attempt_succeeded(self, TypeState state, double seconds, object job=None, bint finish=False):
         """An attempt of ``state`` succeeded after ``seconds``: count it, queue-wide and per type.
 
-        With ``job``: False, with nothing counted, when a cancel of it was
-        requested first; else its end is decided, and with ``finish`` it is
-        finished in the same step (see the pure twin).
+        With ``job``: False, with the success not counted, when a cancel of it was
+        requested first (counted as cancelled); else its end is decided, and with
+        ``finish`` it is finished in the same step (see the pure twin).
         """
         if job is None:
             self._succeeded(state, seconds)

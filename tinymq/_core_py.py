@@ -765,14 +765,18 @@ class ReadyQueue:
         """``job`` was pushed out of a full delayed heap: decide its end and count it (EVICTED, or
         CANCELLED when a cancel of it was requested first), so that ``snapshot()`` never sees it
         out of the heap and not yet counted; the caller reports it. Called with _lock held."""
-        if not self._decide_end(job):
-            self._counters[EVICTED] += 1
-            return EVICTED
-        self._counters[CANCELLED] += 1
+        if self._decide_end(job):
+            return CANCELLED  # (counted as its mark was taken)
+        self._counters[EVICTED] += 1
+        return EVICTED
+
+    def _count_end(self, job: Any, counter: int) -> None:
+        """Count the end of ``job`` in ``counter``, queue-wide, and per type when its type has an
+        executor (a job failed as no_executor counts queue-wide only). Called with _lock held."""
+        self._counters[counter] += 1
         state = self._types.get(job.type) if type(job.type) is str else None
         if state is not None and state.fn is not None:
-            state.counters[CANCELLED] += 1
-        return CANCELLED
+            state.counters[counter] += 1
 
     def requeue(self, job: Any) -> bool:
         """Make an accepted job ready (due, retried, recovered): never refused, never dropped.
@@ -781,7 +785,7 @@ class ReadyQueue:
         producers, and moves in as soon as a pop makes room. Its type and level
         are read now: changing them later changes nothing here. False, with the
         job placed nowhere, when a cancel of it was requested on its way here:
-        the caller ends it as cancelled (the mark is taken, ``take_cancel``).
+        the caller ends it as cancelled (the mark is taken and counted, ``take_cancel``).
         """
         job_type, level = _ready_fields(job)
         with self._lock:
@@ -1038,6 +1042,7 @@ class ReadyQueue:
             removed = self._remove(job_id)
             if removed is not None:
                 self._marks[job_id] = _ENDING
+                self._count_end(removed, CANCELLED)
                 return CANCEL_REMOVED, removed
             self._marks[job_id] = _REQUESTED
             return CANCEL_MARKED, job
@@ -1059,21 +1064,35 @@ class ReadyQueue:
         return type(job_id) is str and self._marks.get(job_id) == _REQUESTED and self._ids.get(job_id) is job
 
     def take_cancel(self, job: Any) -> bool:
-        """The holder of ``job`` takes a cancel requested for it: True once, then it ends the job as cancelled."""
+        """The holder of ``job`` takes a cancel requested for it: True once, counted in the same step;
+        then it ends the job as cancelled."""
         if not self._marks:
             return False
         with self._lock:
             return self._take_cancel(job)
 
+    def take_cancel_from(self, job: Any, heap: "DelayedHeap") -> bool:
+        """``job``, with a cancel requested, is taken out of ``heap`` and its mark taken and counted, in
+        one step: True, and the caller ends it as cancelled. False, with nothing changed, else."""
+        if not self._marks:
+            return False
+        with self._lock:  # (the heap's lock inside it, as in snapshot(): no heap takes this one)
+            if not self._cancel_requested(job) or heap.remove(job._id, job) is None:
+                return False
+            return self._take_cancel(job)
+
     def _take_cancel(self, job: Any) -> bool:
+        """Take a cancel requested for ``job`` and count its end: snapshot() sees the job where it
+        was or cancelled, never in neither. Called with _lock held."""
         if not self._cancel_requested(job):
             return False
         self._marks[job._id] = _ENDING
+        self._count_end(job, CANCELLED)
         return True
 
     def decide_end(self, job: Any) -> bool:
         """The holder of ``job`` decides its end (success, failure for good): from now on a cancel of it
-        loses. True when a cancel was requested first: then it ends as cancelled instead."""
+        loses. True when a cancel was requested first (counted): then it ends as cancelled instead."""
         with self._lock:
             return self._decide_end(job)
 
@@ -1155,9 +1174,9 @@ class ReadyQueue:
     def attempt_succeeded(self, state: TypeState, seconds: float, job: Any = None, finish: bool = False) -> bool:
         """An attempt of ``state`` succeeded after ``seconds``: count it, queue-wide and per type.
 
-        With ``job``, its end is decided (``decide_end``): False, with nothing
-        counted, when a cancel of it was requested first (the caller ends it as
-        cancelled); with ``finish`` too, ``task_done(job)`` in the same step.
+        With ``job``, its end is decided (``decide_end``): False, with the success
+        not counted, when a cancel of it was requested first (counted as cancelled:
+        the caller ends it so); with ``finish`` too, ``task_done(job)`` in the same step.
         """
         with self._lock:
             if job is None:

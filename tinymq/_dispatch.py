@@ -531,7 +531,7 @@ class Dispatcher:
             evicted = None
         self.scheduler_alarm.wake_before(due)
         # A cancel that looked for it before it arrived here left a mark: whoever takes it out ends it.
-        if self.ready.cancel_requested(job) and heap.remove(job._id, job) is not None and self.ready.take_cancel(job):
+        if self.ready.take_cancel_from(job, heap):
             self.end_cancelled(job)
         if evicted is not None:
             self.end_evicted(*evicted)
@@ -557,7 +557,7 @@ class Dispatcher:
         if due:
             self.scheduler_alarm.wake_before(min(due))
         for job in delayed_jobs:  # (as in push_delayed: a cancel that came first left a mark)
-            if self.ready.cancel_requested(job) and heap.remove(job._id, job) is not None and self.ready.take_cancel(job):
+            if self.ready.take_cancel_from(job, heap):
                 self.end_cancelled(job)
         for job, counter in evicted:
             self.end_evicted(job, counter)
@@ -826,10 +826,14 @@ class Dispatcher:
     def _cancel_marked(self, job: Any) -> None:
         """End ``job``, marked by ``mark_cancel``, where it rests now; if it rests nowhere, it is
         between two places and its next holder ends it (``take_cancel``)."""
-        # Looked for as the job itself: once it has ended, a new job may have its id.
-        taken, running = self._take_out(job._id, job)
+        # Looked for as the job itself: once it has ended, a new job may have its id. Out of a heap
+        # in the step that counts it; a running attempt keeps its slot until its function returns.
+        if self.ready.take_cancel_from(job, self.delayed) or self.ready.take_cancel_from(job, self.uncapped):
+            self.end_cancelled(job)
+            return
+        taken = self._cancel_running(job._id, job)
         if taken is not None and self.ready.take_cancel(job):
-            self.end_cancelled(job, running)
+            self.end_cancelled(job, True)
         elif taken is None and self._stopping:
             with self._stop_order:
                 given_back = job in self._stop_given_back  # (stop() cancelled its attempt: no holder)
@@ -844,24 +848,32 @@ class Dispatcher:
             job = self.uncapped.remove(job_id, only)
         if job is not None:
             return job, False
+        job = self._cancel_running(job_id, only)
+        return job, job is not None  # a running attempt's type slot stays taken until it returns
+
+    def _cancel_running(self, job_id: str, only: Any = None) -> Any:
+        """Decide the running attempt of ``job_id`` (``only``: of that job), on the loop or a worker,
+        as cancelled: its job, or None."""
+        job = None
         if self.loop_runner is not None:
             job = self.loop_runner.cancel(job_id, only)
         if job is None:
             job = self._cancel_thread_attempt(job_id, only)
-        return job, job is not None  # a running attempt's type slot stays taken until it returns
+        return job
 
-    def end_cancelled(self, job: Any, running: bool = False) -> None:
+    def end_cancelled(self, job: Any, running: bool = False, counted: bool = True) -> None:
         """End a job whose cancel was taken (``mark_cancel``, ``take_cancel``): reported "cancelled".
 
         ``running``: its attempt was decided here while it runs; a broker frees the
         attempt's slot when it returns (``returned_late``), as after a timeout.
+        ``counted``: the core counted it as it took the cancel (False: a job it knew by no id).
         """
         if running and self.ledger is not None:
             self.ledger.expired(job)
         if self._stopping:
             with self._stop_order:
                 self._decided.add(job)  # after a save-back by stop(), if it made one: the delete comes last
-        self.fail(job, "cancelled", None, core.CANCELLED)
+        self.fail(job, "cancelled", None, core.CANCELLED, counted)
 
     def _cancel_unregistered(self, job_id: str) -> bool:
         """``cancel`` of a job the core knows by no id, looked for in every place: a job read without an
@@ -878,7 +890,7 @@ class Dispatcher:
                 self.end_cancelled(job, running)
             return outcome == core.CANCEL_MARKED
         if job is not None:
-            self.end_cancelled(job, running)
+            self.end_cancelled(job, running, counted=False)
             return True
         return False
 
@@ -994,10 +1006,10 @@ class Dispatcher:
         Counted per type too when its type has an executor: a job failed as
         ``no_executor`` counts only in the queue-wide counters. A cancel
         requested before this decision wins: the job ends as cancelled.
-        ``counted``: the core decided its end and counted it already (an evicted job).
+        ``counted``: the core decided its end and counted it already (an evicted or cancelled job).
         """
         if not counted and counter != core.CANCELLED and self.ready.decide_end(job):
-            reason, exc, counter = "cancelled", None, core.CANCELLED
+            reason, exc, counter, counted = "cancelled", None, core.CANCELLED, True  # (counted as taken)
         if self.ledger is None:
             if not counted:
                 self.ready.count(counter, 1, job.type)
@@ -1005,7 +1017,8 @@ class Dispatcher:
         else:
             with self.ledger.failing(job, reason, exc) as ours:
                 if ours:  # (else the attempt was handed back, or this process reaped: ignored)
-                    self.ready.count(counter, 1, job.type)
+                    if not counted:
+                        self.ready.count(counter, 1, job.type)
                     self.report_failure(job, reason, exc)
         store = self.store
         if store is not None:

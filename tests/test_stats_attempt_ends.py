@@ -1,0 +1,84 @@
+"""get_stats() counts every accepted job exactly once at every moment, also as its attempts end.
+
+A job is in a place (ready, owed room, delayed, running) or has ended (succeeded, failed for good,
+cancelled, evicted): ``all_accounted`` in _helpers. These tests end attempts in each way, from
+several worker threads with a tiny switch interval, while another thread takes snapshots all along:
+no snapshot may catch a job between the end of its attempt and its next place or its end.
+"""
+import threading
+import time
+
+from tinymq import ExecutorConfig, Job
+
+from _helpers import WAIT, Blocker, all_accounted_in_type, make_queue, places, stats_watched
+
+
+def _accounted(stats):
+    return all_accounted_in_type(stats, "t")
+
+
+def _check(q, wrong, **expected):
+    stats = q.get_stats()
+    assert _accounted(stats), stats
+    assert {name: getattr(stats, f"jobs_{name}") for name in expected} == expected
+    assert wrong == [], (f"{len(wrong)} snapshots lost or doubled jobs, e.g. {places(wrong[0])} placed, "
+                         f"{wrong[0].jobs_succeeded} succeeded, {wrong[0].jobs_failed} failed, "
+                         f"{wrong[0].jobs_cancelled} cancelled of {wrong[0].jobs_enqueued} enqueued: {wrong[0]}")
+
+
+def test_cancels_from_other_threads_count_each_job_once(tiny_switch_interval):
+    """Cancels of ready jobs, of delayed ones and of due ones the scheduler is moving, from two
+    threads; the type is saturated by a held attempt, so none of them runs."""
+    jobs = 1000
+    with make_queue(buffer_size=jobs, scheduler_interval=0.01) as q, Blocker() as blocker:
+        q.register_executor("t", blocker.fn, ExecutorConfig(max_concurrent_jobs=1))
+        q.start_dispatcher(2)
+        q.enqueue(Job("t", "holder"))
+        assert blocker.wait_started(1)
+        start = time.monotonic()
+        ids = []
+        for n in range(jobs):
+            job = Job("t", n, id=f"job-{n}")
+            if n % 2:
+                q.enqueue(job)
+            else:  # due from 0.1s on, over 0.2s: many are moved while the cancels come
+                q.enqueue_delayed(job, 0.1 + 0.2 * n / jobs - (time.monotonic() - start))
+            ids.append(job.id)
+        cancelled = []
+
+        def cancel(some):
+            cancelled.extend(job_id for job_id in some if q.cancel(job_id))
+
+        with stats_watched(q, _accounted) as wrong:
+            cancellers = [threading.Thread(target=cancel, args=(ids[k::2],)) for k in range(2)]
+            for thread in cancellers:
+                thread.start()
+            for thread in cancellers:
+                thread.join()
+            blocker.release()
+            assert q.join(WAIT)
+        assert len(cancelled) == jobs
+        _check(q, wrong, enqueued=jobs + 1, succeeded=1, cancelled=jobs)
+
+
+def test_core_a_cancel_is_counted_in_the_step_that_takes_the_job(core):
+    """mark_cancel of a ready job, take_cancel_from a heap, take_cancel by a holder: each counts the
+    cancel, queue-wide and per type, in the step that takes the job or its mark; nothing else does."""
+    ready, heap = core.ReadyQueue(10), core.DelayedHeap(0)
+    ready.configure("t", lambda job: None, 1, None, False, False)
+    queued, delayed, held = Job("t", id="queued"), Job("t", id="delayed"), Job("t", id="held")
+    assert ready.push(queued)
+    assert ready.accept_delayed(delayed, heap, 5.0) is None
+    ready.accept([held])
+
+    def cancelled():
+        return ready.counters()[core.CANCELLED], ready.snapshot(heap)[2]["t"][6]
+
+    assert ready.mark_cancel("queued") == (core.CANCEL_REMOVED, queued)
+    assert cancelled() == (1, 1)
+    assert ready.mark_cancel("delayed")[0] == core.CANCEL_MARKED and cancelled() == (1, 1)
+    assert ready.take_cancel_from(delayed, heap) and len(heap) == 0 and cancelled() == (2, 2)
+    assert not ready.take_cancel_from(delayed, heap) and cancelled() == (2, 2)
+    assert ready.mark_cancel("held")[0] == core.CANCEL_MARKED and cancelled() == (2, 2)
+    assert ready.take_cancel(held) and cancelled() == (3, 3)
+    assert not ready.take_cancel(held) and cancelled() == (3, 3)
