@@ -12,6 +12,9 @@ from tinymq import ExecutorConfig, Job
 
 from _helpers import WAIT, Blocker, all_accounted_in_type, make_queue, places, stats_watched
 
+WORKERS = 4
+JOBS = 1500
+
 
 def _accounted(stats):
     return all_accounted_in_type(stats, "t")
@@ -24,6 +27,17 @@ def _check(q, wrong, **expected):
     assert wrong == [], (f"{len(wrong)} snapshots lost or doubled jobs, e.g. {places(wrong[0])} placed, "
                          f"{wrong[0].jobs_succeeded} succeeded, {wrong[0].jobs_failed} failed, "
                          f"{wrong[0].jobs_cancelled} cancelled of {wrong[0].jobs_enqueued} enqueued: {wrong[0]}")
+
+
+def test_successes_are_counted_as_their_slot_is_freed(tiny_switch_interval):
+    with make_queue(buffer_size=JOBS) as q:
+        q.register_executor("t", lambda job: None, ExecutorConfig(max_concurrent_jobs=2))
+        q.start_dispatcher(WORKERS)
+        with stats_watched(q, _accounted) as wrong:
+            for n in range(JOBS):
+                q.enqueue(Job("t", n))
+            assert q.join(WAIT)
+        _check(q, wrong, enqueued=JOBS, succeeded=JOBS)
 
 
 def test_cancels_from_other_threads_count_each_job_once(tiny_switch_interval):

@@ -1358,6 +1358,12 @@ cdef class ReadyQueue:
             (<TypeState>state).counters[counter] += n
         return 0
 
+    cdef inline int _release_quietly(self, TypeState release) except -1:
+        """Free a slot without handing off: no Python code runs (the caller hands off last)."""
+        if release is not None:
+            self._release(release, False, release.runner)
+        return 0
+
     def requeue(self, object job):
         """Make an accepted job ready (due, retried, recovered): never refused, never dropped.
 
@@ -1787,13 +1793,24 @@ cdef class ReadyQueue:
         state.counters[C_SUCCEEDED] += 1
         state.record_duration(seconds)
 
-    def attempt_succeeded(self, TypeState state, double seconds, object job=None, bint finish=False):
+    def attempt_succeeded(self, TypeState state, double seconds, object job=None, bint finish=False,
+                          bint release=False, bint hand_off=True):
         """An attempt of ``state`` succeeded after ``seconds``: count it, queue-wide and per type.
 
         With ``job``: False, with the success not counted, when a cancel of it was
         requested first (counted as cancelled); else its end is decided, and with
-        ``finish`` it is finished in the same step (see the pure twin).
+        ``finish`` it is finished in the same step. ``release``: the attempt's slot is
+        freed in the same step (see the pure twin).
         """
+        cdef bint succeeded
+        if release:
+            self._release_quietly(state)
+            succeeded = job is None or self._attempt_succeeded(state, seconds, job, finish)
+            if job is None:
+                self._succeeded(state, seconds)
+            if (hand_off or state.runner != THREADS) and (self.getters or self.loop_idle):
+                self._hand_off()
+            return succeeded
         if job is None:
             self._succeeded(state, seconds)
             return True

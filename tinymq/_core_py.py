@@ -1171,14 +1171,19 @@ class ReadyQueue:
                 if state is not None and state.fn is not None:
                     state.counters[event] += n
 
-    def attempt_succeeded(self, state: TypeState, seconds: float, job: Any = None, finish: bool = False) -> bool:
+    def attempt_succeeded(self, state: TypeState, seconds: float, job: Any = None, finish: bool = False,
+                          release: bool = False, hand_off: bool = True) -> bool:
         """An attempt of ``state`` succeeded after ``seconds``: count it, queue-wide and per type.
 
         With ``job``, its end is decided (``decide_end``): False, with the success
         not counted, when a cancel of it was requested first (counted as cancelled:
         the caller ends it so); with ``finish`` too, ``task_done(job)`` in the same step.
+        ``release``: the attempt's slot is freed in the same step (``release_state(state,
+        hand_off)``), so ``snapshot()`` sees the job running or ended, never in neither.
         """
         with self._lock:
+            if release:
+                self._release(state, hand_off)
             if job is None:
                 self._succeeded(state, seconds)
                 return True
@@ -1534,6 +1539,7 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
         error: Optional[BaseException] = None
         expired = False
         straight_back = False  # this worker pops again at once, taking the job its slot frees
+        slot_kept = False  # a success: its slot is freed in the step that counts it
         ended = started
         cancelled = False  # a cancel was requested on its way here (after begin: a later one finds the slot)
         try:  # from begin() on, an interruption may land anywhere: the slot is released below
@@ -1578,12 +1584,14 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
                 interrupt_thread(slot.thread_id, None)  # from here on nothing may land
             straight_back = (error is None and not expired and not cancelled
                              and (slot.on_success is None or slot.on_switch is not None))
+            slot_kept = error is None and not expired and not cancelled  # (no interruption can land from here on)
         except JobTimeout as late:  # an interruption that landed after the function returned
             expired = slot.end() or True
             error = late
-            straight_back = False
+            straight_back = slot_kept = False
         finally:
-            ready.release_state(state, hand_off=not straight_back)
+            if not slot_kept:
+                ready.release_state(state)
         if expired:
             dispatcher.after_expired(slot, error)
             return
@@ -1594,7 +1602,8 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
         if error is None:
             on_success = slot.on_success  # read once: refresh_hooks may change them below
             switching = slot.on_switch is not None
-            if not ready.attempt_succeeded(state, ended - started, job, on_success is None and not switching):
+            if not ready.attempt_succeeded(state, ended - started, job, on_success is None and not switching,
+                                           True, not straight_back):
                 dispatcher.end_cancelled(job)  # a cancel came as it ended: it wins
                 continue
             succeeded += 1
