@@ -8,12 +8,16 @@ no snapshot may catch a job between the end of its attempt and its next place or
 import threading
 import time
 
-from tinymq import ExecutorConfig, Job
+import pytest
 
-from _helpers import WAIT, Blocker, all_accounted_in_type, make_queue, places, stats_watched
+from tinymq import ExecutorConfig, Job, PermanentFailure, RetryConfig
+
+from _helpers import (WAIT, Blocker, all_accounted_in_type, make_queue, places, queue_with_store,
+                      record_failures, stats_watched)
 
 WORKERS = 4
 JOBS = 1500
+STORED_JOBS = 200  # with a store every attempt's end is a write: fewer jobs, as many moments
 
 
 def _accounted(stats):
@@ -29,6 +33,11 @@ def _check(q, wrong, **expected):
                          f"{wrong[0].jobs_cancelled} cancelled of {wrong[0].jobs_enqueued} enqueued: {wrong[0]}")
 
 
+def _fails_first(job):
+    if job.retries == 0:
+        raise ValueError("first attempt")
+
+
 def test_successes_are_counted_as_their_slot_is_freed(tiny_switch_interval):
     with make_queue(buffer_size=JOBS) as q:
         q.register_executor("t", lambda job: None, ExecutorConfig(max_concurrent_jobs=2))
@@ -38,6 +47,62 @@ def test_successes_are_counted_as_their_slot_is_freed(tiny_switch_interval):
                 q.enqueue(Job("t", n))
             assert q.join(WAIT)
         _check(q, wrong, enqueued=JOBS, succeeded=JOBS)
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+@pytest.mark.parametrize("initial_delay", [0.0, 0.001], ids=["at-once", "delayed"])
+def test_a_retry_is_placed_as_its_failed_attempt_frees_its_slot(backend, initial_delay, tmp_path,
+                                                                tiny_switch_interval):
+    jobs = JOBS if backend == "memory" else STORED_JOBS
+    retry = RetryConfig(max_retries=1, initial_delay=initial_delay)
+    with queue_with_store(backend, tmp_path, buffer_size=jobs, scheduler_interval=0.01) as q:
+        q.register_executor("t", _fails_first, ExecutorConfig(max_concurrent_jobs=2))
+        q.start_dispatcher(WORKERS)
+        with stats_watched(q, _accounted) as wrong:
+            for n in range(jobs):
+                q.enqueue(Job("t", n, retry_config=retry))
+            assert q.join(WAIT)
+        _check(q, wrong, enqueued=jobs, succeeded=jobs, retried=jobs)
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+def test_a_failure_for_good_is_counted_as_its_attempt_frees_its_slot(backend, tmp_path, tiny_switch_interval):
+    jobs = JOBS if backend == "memory" else STORED_JOBS
+
+    def fails(job):
+        if job.payload % 2:
+            raise PermanentFailure("no")
+        raise ValueError("out of retries")
+
+    with queue_with_store(backend, tmp_path, buffer_size=jobs) as q:
+        failed = record_failures(q)
+        q.register_executor("t", fails, ExecutorConfig(max_concurrent_jobs=2))
+        q.start_dispatcher(WORKERS)
+        with stats_watched(q, _accounted) as wrong:
+            for n in range(jobs):
+                q.enqueue(Job("t", n, retry_config=RetryConfig(max_retries=0)))
+            assert q.join(WAIT)
+        assert len(failed) == jobs
+        _check(q, wrong, enqueued=jobs, failed=jobs)
+
+
+def test_async_attempts_are_counted_as_their_slot_is_freed(tiny_switch_interval):
+    async def sometimes_fails(job):
+        if job.payload % 3 == 1 and job.retries == 0:
+            raise ValueError("retried")
+        if job.payload % 3 == 2:
+            raise PermanentFailure("failed")
+
+    retry = RetryConfig(max_retries=1, initial_delay=0.0)
+    with make_queue(buffer_size=JOBS) as q:
+        q.register_executor("t", sometimes_fails, ExecutorConfig(max_concurrent_jobs=8))
+        q.start_dispatcher(WORKERS)
+        with stats_watched(q, _accounted) as wrong:
+            for n in range(JOBS):
+                q.enqueue(Job("t", n, retry_config=retry))
+            assert q.join(WAIT)
+        failed = len(range(2, JOBS, 3))
+        _check(q, wrong, enqueued=JOBS, succeeded=JOBS - failed, failed=failed, retried=len(range(1, JOBS, 3)))
 
 
 def test_cancels_from_other_threads_count_each_job_once(tiny_switch_interval):

@@ -1364,7 +1364,7 @@ cdef class ReadyQueue:
             self._release(release, False, release.runner)
         return 0
 
-    def requeue(self, object job):
+    def requeue(self, object job, TypeState release=None):
         """Make an accepted job ready (due, retried, recovered): never refused, never dropped.
 
         With the buffer full it waits in the overflow line, ahead of blocked
@@ -1372,19 +1372,24 @@ cdef class ReadyQueue:
         are read now: changing them later changes nothing here. False, with the
         job placed nowhere, when a cancel of it was requested on its way here:
         the caller ends it as cancelled (the mark is taken and counted, ``take_cancel``).
+        ``release``: the type whose slot the job's attempt held, freed in the same step.
         """
         cdef object job_type = _type_of(job)
         cdef int level = _level_of(job)
         # Made before the decision: allocating may run the garbage collector, and Python code.
         cdef tuple owed = (job, job_type, level)
+        self._type_state(job_type)
+        self._release_quietly(release)
         if self.marks and self._take_cancel(job):
+            if release is not None and (self.getters or self.loop_idle):
+                self._hand_off()
             return False
         if self.size >= self.capacity or self.overflow:
             self.overflow.append(owed)
         else:
             self._append(job, job_type, level)
-            if self.getters or self.loop_idle:
-                self._hand_off()
+        if self.getters or self.loop_idle:
+            self._hand_off()
         return True
 
     def move_due(self, DelayedHeap heap, double now):
@@ -1688,10 +1693,15 @@ cdef class ReadyQueue:
         mark = self.marks.get(job_id)
         return mark is not None and <long>mark == REQUESTED and self.ids.get(job_id) is job
 
-    def take_cancel(self, object job):
+    def take_cancel(self, object job, TypeState release=None):
         """The holder of ``job`` takes a cancel requested for it: True once, counted in the same step;
-        then it ends the job as cancelled."""
-        return bool(self.marks) and self._take_cancel(job)
+        then it ends the job as cancelled. ``release``: the slot its attempt held, freed in the
+        same step when the cancel is taken (else it stays taken)."""
+        if not self.marks or not self._take_cancel(job):
+            return False
+        if release is not None:
+            self._release(release)  # (the last step: a hand-off may run Python code)
+        return True
 
     def take_cancel_from(self, object job, DelayedHeap heap):
         """``job``, with a cancel requested, is taken out of ``heap`` and its mark taken and counted, in
@@ -1713,6 +1723,30 @@ cdef class ReadyQueue:
     def decide_end(self, object job):
         """The holder of ``job`` decides its end: True when a cancel was requested first (counted: it ends as cancelled)."""
         return self._decide_end(job)
+
+    def end(self, object job, int counter, TypeState release=None):
+        """``job`` leaves without success: its end decided and counted in ``counter``, or in CANCELLED
+        when a cancel of it was requested first; returns the counter used. ``release``: the slot
+        its attempt held, freed in the same step (see the pure twin)."""
+        if not 0 <= counter < N_COUNTERS:
+            raise ValueError(f"counter must be one of the counter constants, got {counter}")
+        self._release_quietly(release)
+        if counter != C_CANCELLED and self._decide_end(job):
+            counter = C_CANCELLED
+        else:
+            self._count_end(job, counter)
+        if release is not None and (self.getters or self.loop_idle):
+            self._hand_off()
+        return counter
+
+    def place_delayed(self, object job, DelayedHeap heap, double run_at, TypeState release=None):
+        """``heap.push(job, run_at)`` for an accepted job (a retry, a recovered one), with the slot of
+        ``release`` freed in the same step. Returns the job the push evicted, or None."""
+        pushed_out = heap.push(job, run_at)  # (allocates nothing the collector tracks)
+        self._release_quietly(release)
+        if release is not None and (self.getters or self.loop_idle):
+            self._hand_off()
+        return pushed_out
 
     cdef bint _decide_end(self, object job) except -1:
         if self.marks and self._take_cancel(job):
@@ -2159,7 +2193,8 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
     The fast path (success) stays here; everything else goes to ``dispatcher``:
     ``refresh_hooks(slot)``, ``new_context(job, deadline)``, ``returned(job, state,
     result)`` (a function returned an awaitable or a generator), ``attempt_failed(job,
-    state, exc)``, ``no_executor(job, state)``, ``after_expired(slot, exc)`` and
+    state, exc, holding)`` (it frees the attempt's slot where it places or ends the job),
+    ``no_executor(job, state)``, ``after_expired(slot, exc)`` and
     ``end_cancelled(job)`` (a cancel came on its way to the attempt, or as it succeeded).
     """
     cdef PyObject *taken = NULL
@@ -2233,17 +2268,19 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
         if error is None and context is not None and not expired and context.cancelled:
             error = dispatcher.cancelled_return(job)  # stop() cancelled it: no success
         context = None
-        # A worker going straight back to pop takes the job its slot frees itself.
-        ready._release(state, expired or error is not None or cancelled
-                       or (slot.on_success is not None and slot.on_switch is None))
         if expired:
+            ready._release(state)
             dispatcher.after_expired(slot, error)
             return
         if cancelled:
-            if ready.marks and ready._take_cancel(job):
+            if ready.take_cancel(job, state):  # (frees the slot in the step that counts the cancel)
                 dispatcher.end_cancelled(job)
+            else:  # (taken by another: never, while the slot has not expired)
+                ready._release(state)
             continue
         if error is None:
+            # A worker going straight back to pop takes the job its slot frees itself.
+            ready._release(state, slot.on_success is not None and slot.on_switch is None)
             on_success = slot.on_success  # read once: refresh_hooks may change them below
             switch = slot.on_switch
             finish = on_success is None and switch is None
@@ -2261,7 +2298,7 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
                 ready._task_done(job)
         else:
             state.record_duration(ended - started)
-            dispatcher.attempt_failed(job, state, error)
+            dispatcher.attempt_failed(job, state, error, True)  # it frees the slot where it places or ends the job
             error = None
 
 

@@ -778,7 +778,7 @@ class ReadyQueue:
         if state is not None and state.fn is not None:
             state.counters[counter] += 1
 
-    def requeue(self, job: Any) -> bool:
+    def requeue(self, job: Any, release: Optional[TypeState] = None) -> bool:
         """Make an accepted job ready (due, retried, recovered): never refused, never dropped.
 
         With the buffer full it waits in the overflow line, ahead of blocked
@@ -786,9 +786,12 @@ class ReadyQueue:
         are read now: changing them later changes nothing here. False, with the
         job placed nowhere, when a cancel of it was requested on its way here:
         the caller ends it as cancelled (the mark is taken and counted, ``take_cancel``).
+        ``release``: the type whose slot the job's attempt held, freed in the same step.
         """
         job_type, level = _ready_fields(job)
         with self._lock:
+            if release is not None:
+                self._release(release)
             if self._marks and self._take_cancel(job):
                 return False
             if sum(self._sizes) >= self.capacity or self._overflow:
@@ -1063,13 +1066,18 @@ class ReadyQueue:
         job_id = job._id
         return type(job_id) is str and self._marks.get(job_id) == _REQUESTED and self._ids.get(job_id) is job
 
-    def take_cancel(self, job: Any) -> bool:
+    def take_cancel(self, job: Any, release: Optional[TypeState] = None) -> bool:
         """The holder of ``job`` takes a cancel requested for it: True once, counted in the same step;
-        then it ends the job as cancelled."""
+        then it ends the job as cancelled. ``release``: the slot its attempt held, freed in the
+        same step when the cancel is taken (else it stays taken)."""
         if not self._marks:
             return False
         with self._lock:
-            return self._take_cancel(job)
+            if not self._take_cancel(job):
+                return False
+            if release is not None:
+                self._release(release)
+            return True
 
     def take_cancel_from(self, job: Any, heap: "DelayedHeap") -> bool:
         """``job``, with a cancel requested, is taken out of ``heap`` and its mark taken and counted, in
@@ -1095,6 +1103,31 @@ class ReadyQueue:
         loses. True when a cancel was requested first (counted): then it ends as cancelled instead."""
         with self._lock:
             return self._decide_end(job)
+
+    def end(self, job: Any, counter: int, release: Optional[TypeState] = None) -> int:
+        """``job`` leaves without success: its end decided (``decide_end``) and counted in ``counter``,
+        or in CANCELLED when a cancel of it was requested first; returns the counter used.
+        ``release``: the type whose slot the job's attempt held, freed in the same step, so
+        ``snapshot()`` sees the job running or ended, never in neither. The caller reports it."""
+        if not 0 <= counter < _N_COUNTERS:
+            raise ValueError(f"counter must be one of the counter constants, got {counter}")
+        with self._lock:
+            if release is not None:
+                self._release(release)
+            if counter != CANCELLED and self._decide_end(job):
+                return CANCELLED
+            self._count_end(job, counter)
+            return counter
+
+    def place_delayed(self, job: Any, heap: "DelayedHeap", run_at: float,
+                      release: Optional[TypeState] = None) -> Any:
+        """``heap.push(job, run_at)`` for an accepted job (a retry, a recovered one), with the slot of
+        ``release`` freed in the same step. Returns the job the push evicted, or None."""
+        with self._lock:  # (the heap's lock inside it, as in snapshot(): no heap takes this one)
+            pushed_out = heap.push(job, run_at)
+            if release is not None:
+                self._release(release)
+            return pushed_out
 
     def _decide_end(self, job: Any) -> bool:
         if self._marks and self._take_cancel(job):
@@ -1503,7 +1536,8 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
     The fast path (success) stays here; everything else goes to ``dispatcher``:
     ``refresh_hooks(slot)``, ``new_context(job, deadline)``, ``returned(job, state, result)``
     (a function returned an awaitable or a generator: ``_awaitable_or_generator``),
-    ``attempt_failed(job, state, exc)``, ``no_executor(job, state)``, ``after_expired(slot, exc)``
+    ``attempt_failed(job, state, exc, holding)`` (``holding``: it frees the attempt's slot where it
+    places or ends the job), ``no_executor(job, state)``, ``after_expired(slot, exc)``
     and ``end_cancelled(job)`` (a cancel came between the ready buffer and the attempt's start, or
     between its end and its success: the job ends as cancelled, its function not called again).
     """
@@ -1539,7 +1573,7 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
         error: Optional[BaseException] = None
         expired = False
         straight_back = False  # this worker pops again at once, taking the job its slot frees
-        slot_kept = False  # a success: its slot is freed in the step that counts it
+        slot_kept = False  # the attempt ended, not timed out: its slot is freed where its job is counted or placed
         ended = started
         cancelled = False  # a cancel was requested on its way here (after begin: a later one finds the slot)
         try:  # from begin() on, an interruption may land anywhere: the slot is released below
@@ -1584,7 +1618,7 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
                 interrupt_thread(slot.thread_id, None)  # from here on nothing may land
             straight_back = (error is None and not expired and not cancelled
                              and (slot.on_success is None or slot.on_switch is not None))
-            slot_kept = error is None and not expired and not cancelled  # (no interruption can land from here on)
+            slot_kept = not expired  # (no interruption can land from here on)
         except JobTimeout as late:  # an interruption that landed after the function returned
             expired = slot.end() or True
             error = late
@@ -1596,8 +1630,10 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
             dispatcher.after_expired(slot, error)
             return
         if cancelled:
-            if ready.take_cancel(job):
+            if ready.take_cancel(job, state):
                 dispatcher.end_cancelled(job)
+            else:  # (taken by another: never, while the slot has not expired)
+                ready.release_state(state)
             continue
         if error is None:
             on_success = slot.on_success  # read once: refresh_hooks may change them below
@@ -1617,7 +1653,7 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
                 ready.task_done(job)
         else:
             ready.record_duration(state, ended - started)
-            dispatcher.attempt_failed(job, state, error)
+            dispatcher.attempt_failed(job, state, error, True)
             error = None
 
 
