@@ -5,12 +5,13 @@ cancelled, evicted): ``all_accounted`` in _helpers. These tests end attempts in 
 several worker threads with a tiny switch interval, while another thread takes snapshots all along:
 no snapshot may catch a job between the end of its attempt and its next place or its end.
 """
+import os
 import threading
 import time
 
 import pytest
 
-from tinymq import ExecutorConfig, Job, PermanentFailure, RetryConfig
+from tinymq import DuplicateJob, ExecutorConfig, Job, PermanentFailure, RetryConfig, SQLitePersistence
 
 from _helpers import (WAIT, Blocker, all_accounted_in_type, make_queue, places, queue_with_store,
                       record_failures, stats_watched)
@@ -140,6 +141,25 @@ def test_cancels_from_other_threads_count_each_job_once(tiny_switch_interval):
         _check(q, wrong, enqueued=jobs + 1, succeeded=1, cancelled=jobs)
 
 
+def test_recovered_jobs_are_counted_as_they_are_placed(tmp_path, tiny_switch_interval):
+    """set_persistence: the store's jobs, ready and delayed, are counted enqueued with their place."""
+    path = os.path.join(str(tmp_path), "jobs.db")
+    with SQLitePersistence(path) as store:
+        for n in range(JOBS):
+            job = Job("t", n)
+            if n % 2:
+                job.run_at = job.timestamp + 3600.0
+            store.save(job)
+    with make_queue(buffer_size=10) as q, SQLitePersistence(path) as store:
+        q.register_executor("t", lambda job: None)
+        with stats_watched(q, _accounted) as wrong:
+            q.set_persistence(store)
+        stats = q.get_stats()
+        assert stats.delayed_jobs_count == JOBS // 2
+        assert stats.waiting_for_room + stats.medium_queue_size == JOBS // 2
+        _check(q, wrong, enqueued=JOBS)
+
+
 def test_core_a_cancel_is_counted_in_the_step_that_takes_the_job(core):
     """mark_cancel of a ready job, take_cancel_from a heap, take_cancel by a holder: each counts the
     cancel, queue-wide and per type, in the step that takes the job or its mark; nothing else does."""
@@ -161,3 +181,23 @@ def test_core_a_cancel_is_counted_in_the_step_that_takes_the_job(core):
     assert ready.mark_cancel("held")[0] == core.CANCEL_MARKED and cancelled() == (2, 2)
     assert ready.take_cancel(held) and cancelled() == (3, 3)
     assert not ready.take_cancel(held) and cancelled() == (3, 3)
+
+
+def test_core_recovered_jobs_are_counted_with_their_place_or_their_end(core):
+    """accept_ready places a recovered job as requeue does (owed room when the buffer is full, never
+    refused) in the step that counts it; accept(jobs, counter) counts jobs that ended already
+    (recovered as crashed) in the step that accepts them, their ends decided."""
+    ready = core.ReadyQueue(1)
+    ready.configure("t", lambda job: None, 1, None, False, False)
+    first, second, crashed = Job("t", 1), Job("t", 2, id="second"), Job("t", id="crashed")
+    ready.accept_ready(first)
+    ready.accept_ready(second)
+    assert ready.sizes() == (0, 1, 0) and ready.overflow_size == 1
+    ready.accept([crashed], core.FAILED)
+    counters = ready.counters()
+    assert (counters[core.ENQUEUED], counters[core.FAILED], ready.unfinished) == (3, 1, 3)
+    assert ready.snapshot()[2]["t"][3] == 1  # the type's failed
+    assert ready.mark_cancel("crashed")[0] == core.CANCEL_LOST  # its end is decided: a cancel loses
+    with pytest.raises(DuplicateJob):
+        ready.accept_ready(Job("t", id="second"))
+    assert ready.counters()[core.ENQUEUED] == 3

@@ -1307,10 +1307,12 @@ cdef class ReadyQueue:
             self._hand_off()
         return [(pushed_out[i], counted_as[i]) for i in range(len(times)) if pushed_out[i] is not None]
 
-    def accept(self, jobs):
-        """Count ``jobs``, which the caller places itself (delayed, recovered), and register their ids."""
+    def accept(self, jobs, counter=None):
+        """Count ``jobs``, which the caller places itself (delayed, recovered), and register their ids;
+        with ``counter``, their ends decided and counted in it in the same step (see the pure twin)."""
         cdef list accepted = list(jobs)
         cdef dict batch
+        cdef int ended = -1 if counter is None else counter
         for job in accepted:
             self._named_elsewhere(job)
         batch, repeated = _batch_ids(accepted)
@@ -1318,6 +1320,30 @@ cdef class ReadyQueue:
         self._check_unregistered(batch, repeated)
         self._mark_unnamed(accepted, batch)
         self._accept(accepted, batch)
+        if ended >= 0:
+            for job in accepted:
+                self._decide_end(job)
+                self._count_end(job, ended)
+
+    def accept_ready(self, object job):
+        """``accept([job])`` and ``requeue(job)`` in one step, for a recovered job: never refused for
+        lack of room (see the pure twin)."""
+        cdef object job_type = _type_of(job)
+        cdef int level = _level_of(job)
+        cdef object job_id = _as_id(self._named_elsewhere(job))
+        # Made before the step: allocating may run the garbage collector, and Python code.
+        cdef tuple owed = (job, job_type, level)
+        self._type_state(job_type)
+        self._check_open()
+        if job_id is not None and job_id in self.ids:
+            raise _duplicate(job_id)
+        self._accept_one(job, job_id)
+        if self.size >= self.capacity or self.overflow:
+            self.overflow.append(owed)
+        else:
+            self._append(job, job_type, level)
+        if self.getters or self.loop_idle:
+            self._hand_off()
 
     def accept_delayed(self, object job, DelayedHeap heap, double run_at):
         """``accept([job])`` and ``heap.push(job, run_at)`` in one step: ``snapshot()`` sees the

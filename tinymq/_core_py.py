@@ -735,8 +735,12 @@ class ReadyQueue:
             self._hand_off()
             return evicted
 
-    def accept(self, jobs: Iterable[Any]) -> None:
-        """Count ``jobs``, which the caller places itself (delayed, recovered), and register their ids."""
+    def accept(self, jobs: Iterable[Any], counter: Optional[int] = None) -> None:
+        """Count ``jobs``, which the caller places itself (delayed, recovered), and register their ids.
+
+        ``counter``: the jobs have ended already (recovered as crashed): their ends are decided and
+        counted in it in the same step, so ``snapshot()`` never sees them in no place; the caller
+        reports them."""
         jobs = list(jobs)
         for job in jobs:
             self._name_elsewhere(job)
@@ -746,6 +750,27 @@ class ReadyQueue:
             self._check_open()
             self._check_unregistered(batch, repeated)
             self._accept(jobs, batch)
+            if counter is not None:
+                for job in jobs:
+                    self._decide_end(job)
+                    self._count_end(job, counter)
+
+    def accept_ready(self, job: Any) -> None:
+        """``accept([job])`` and ``requeue(job)`` in one step, for a recovered job: never refused for
+        lack of room (owed room when full), and ``snapshot()`` sees it counted and placed, or neither."""
+        job_type, level = _ready_fields(job)
+        self._name_elsewhere(job)
+        job_id = _id_of(job)
+        with self._lock:
+            self._check_open()
+            if job_id is not None and job_id in self._ids:
+                raise _duplicate(job_id)
+            self._accept_one(job, job_id)
+            if sum(self._sizes) >= self.capacity or self._overflow:
+                self._overflow.append((job, job_type, level))
+            else:
+                self._append(job, job_type, level)
+                self._hand_off()
 
     def accept_delayed(self, job: Any, heap: "DelayedHeap", run_at: float) -> Optional[Tuple[Any, int]]:
         """``accept([job])`` and ``heap.push(job, run_at)`` in one step: ``snapshot()`` sees the
