@@ -203,6 +203,31 @@ def places(stats):
             + stats.waiting_for_room + stats.delayed_jobs_count + running)
 
 
+def ended(stats):
+    """The accepted jobs that have ended: succeeded, failed for good (``no_executor`` and ``crashed``
+    included), cancelled, or evicted. Each counter counts jobs here (retries and timeouts count
+    attempts and are not among them)."""
+    return stats.jobs_succeeded + stats.jobs_failed + stats.jobs_cancelled + stats.jobs_evicted
+
+
+def all_accounted(stats):
+    """Every accepted job is counted exactly once: in a place or among the ended.
+
+    Exact until stop(), while no attempt that was decided before its function returned (timed out,
+    or cancelled while running) still runs: such an attempt keeps its type's slot (active_jobs)
+    while its job is placed again or ended.
+    """
+    return stats.jobs_enqueued == places(stats) + ended(stats)
+
+
+def all_accounted_in_type(stats, job_type):
+    """``all_accounted`` read through the type's own counters: for a queue whose jobs are all of
+    ``job_type`` (which has an executor), its succeeded, failed and cancelled are the queue's."""
+    executor = stats.executor_stats[job_type]
+    return (all_accounted(stats) and executor.succeeded == stats.jobs_succeeded
+            and executor.failed == stats.jobs_failed and executor.cancelled == stats.jobs_cancelled)
+
+
 @contextlib.contextmanager
 def stats_watched(q, holds):
     """Call ``q.get_stats()`` from another thread for as long as the block runs; yields the

@@ -1307,10 +1307,12 @@ cdef class ReadyQueue:
             self._hand_off()
         return [(pushed_out[i], counted_as[i]) for i in range(len(times)) if pushed_out[i] is not None]
 
-    def accept(self, jobs):
-        """Count ``jobs``, which the caller places itself (delayed, recovered), and register their ids."""
+    def accept(self, jobs, counter=None):
+        """Count ``jobs``, which the caller places itself (delayed, recovered), and register their ids;
+        with ``counter``, their ends decided and counted in it in the same step (see the pure twin)."""
         cdef list accepted = list(jobs)
         cdef dict batch
+        cdef int ended = -1 if counter is None else counter
         for job in accepted:
             self._named_elsewhere(job)
         batch, repeated = _batch_ids(accepted)
@@ -1318,6 +1320,30 @@ cdef class ReadyQueue:
         self._check_unregistered(batch, repeated)
         self._mark_unnamed(accepted, batch)
         self._accept(accepted, batch)
+        if ended >= 0:
+            for job in accepted:
+                self._decide_end(job)
+                self._count_end(job, ended)
+
+    def accept_ready(self, object job):
+        """``accept([job])`` and ``requeue(job)`` in one step, for a recovered job: never refused for
+        lack of room (see the pure twin)."""
+        cdef object job_type = _type_of(job)
+        cdef int level = _level_of(job)
+        cdef object job_id = _as_id(self._named_elsewhere(job))
+        # Made before the step: allocating may run the garbage collector, and Python code.
+        cdef tuple owed = (job, job_type, level)
+        self._type_state(job_type)
+        self._check_open()
+        if job_id is not None and job_id in self.ids:
+            raise _duplicate(job_id)
+        self._accept_one(job, job_id)
+        if self.size >= self.capacity or self.overflow:
+            self.overflow.append(owed)
+        else:
+            self._append(job, job_type, level)
+        if self.getters or self.loop_idle:
+            self._hand_off()
 
     def accept_delayed(self, object job, DelayedHeap heap, double run_at):
         """``accept([job])`` and ``heap.push(job, run_at)`` in one step: ``snapshot()`` sees the
@@ -1341,38 +1367,55 @@ cdef class ReadyQueue:
     cdef int _end_evicted(self, object job) except -1:
         """``job`` was pushed out of a full delayed heap: decide its end and count it (see the
         pure twin), allocating nothing the collector tracks."""
-        cdef object state = None
-        if not self._decide_end(job):
-            self._counters[C_EVICTED] += 1
-            return C_EVICTED
-        self._counters[C_CANCELLED] += 1
-        if PyUnicode_CheckExact(job.type):
-            state = self.types.get(job.type)  # exact str keys: no Python code runs
-        if state is not None and (<TypeState>state).fn is not None:
-            (<TypeState>state).counters[C_CANCELLED] += 1
-        return C_CANCELLED
+        if self._decide_end(job):
+            return C_CANCELLED  # (counted as its mark was taken)
+        self._counters[C_EVICTED] += 1
+        return C_EVICTED
 
-    def requeue(self, object job):
+    cdef int _count_end(self, object job, int counter, long long n=1) except -1:
+        """Count the end of ``job`` in ``counter``, queue-wide, and per type when its type has an
+        executor (see the pure twin); ``n`` -1 takes a count back. No Python code runs."""
+        cdef object state = None
+        job_type = job.type  # (a slot of Job)
+        if PyUnicode_CheckExact(job_type):
+            state = self.types.get(job_type)  # exact str keys: no Python code runs
+        self._counters[counter] += n
+        if state is not None and (<TypeState>state).fn is not None:
+            (<TypeState>state).counters[counter] += n
+        return 0
+
+    cdef inline int _release_quietly(self, TypeState release) except -1:
+        """Free a slot without handing off: no Python code runs (the caller hands off last)."""
+        if release is not None:
+            self._release(release, False, release.runner)
+        return 0
+
+    def requeue(self, object job, TypeState release=None):
         """Make an accepted job ready (due, retried, recovered): never refused, never dropped.
 
         With the buffer full it waits in the overflow line, ahead of blocked
         producers, and moves in as soon as a pop makes room. Its type and level
         are read now: changing them later changes nothing here. False, with the
         job placed nowhere, when a cancel of it was requested on its way here:
-        the caller ends it as cancelled (the mark is taken, ``take_cancel``).
+        the caller ends it as cancelled (the mark is taken and counted, ``take_cancel``).
+        ``release``: the type whose slot the job's attempt held, freed in the same step.
         """
         cdef object job_type = _type_of(job)
         cdef int level = _level_of(job)
         # Made before the decision: allocating may run the garbage collector, and Python code.
         cdef tuple owed = (job, job_type, level)
+        self._type_state(job_type)
+        self._release_quietly(release)
         if self.marks and self._take_cancel(job):
+            if release is not None and (self.getters or self.loop_idle):
+                self._hand_off()
             return False
         if self.size >= self.capacity or self.overflow:
             self.overflow.append(owed)
         else:
             self._append(job, job_type, level)
-            if self.getters or self.loop_idle:
-                self._hand_off()
+        if self.getters or self.loop_idle:
+            self._hand_off()
         return True
 
     def move_due(self, DelayedHeap heap, double now):
@@ -1649,13 +1692,15 @@ cdef class ReadyQueue:
             return CANCEL_UNKNOWN, None
         if job_id in self.marks:
             return CANCEL_LOST, None
-        # Marked before _remove: taking a ready job out may wake the event loop (Python code, other
-        # threads run), and a cancel meanwhile must find the job this one owns already.
+        # Marked and counted before _remove: taking a ready job out may wake the event loop (Python
+        # code, other threads run), and a cancel or a snapshot meanwhile must find it ended already.
         self.marks[job_id] = ENDING
+        self._count_end(job, C_CANCELLED)
         removed = self._remove(job_id)
         if removed is not None:
             return CANCEL_REMOVED, removed
-        self.marks[job_id] = REQUESTED  # not in the buffer: nothing above ran Python code
+        self._count_end(job, C_CANCELLED, -1)  # not in the buffer: nothing above ran Python code
+        self.marks[job_id] = REQUESTED
         return CANCEL_MARKED, job
 
     @property
@@ -1674,19 +1719,60 @@ cdef class ReadyQueue:
         mark = self.marks.get(job_id)
         return mark is not None and <long>mark == REQUESTED and self.ids.get(job_id) is job
 
-    def take_cancel(self, object job):
-        """The holder of ``job`` takes a cancel requested for it: True once, then it ends the job as cancelled."""
-        return bool(self.marks) and self._take_cancel(job)
+    def take_cancel(self, object job, TypeState release=None):
+        """The holder of ``job`` takes a cancel requested for it: True once, counted in the same step;
+        then it ends the job as cancelled. ``release``: the slot its attempt held, freed in the
+        same step when the cancel is taken (else it stays taken)."""
+        if not self.marks or not self._take_cancel(job):
+            return False
+        if release is not None:
+            self._release(release)  # (the last step: a hand-off may run Python code)
+        return True
+
+    def take_cancel_from(self, object job, DelayedHeap heap):
+        """``job``, with a cancel requested, is taken out of ``heap`` and its mark taken and counted, in
+        one step: True, and the caller ends it as cancelled. False, with nothing changed, else."""
+        if not self.marks or not self._cancel_requested(job):
+            return False
+        if heap.remove(job._id, job) is None:  # (runs no Python code for an exact str id)
+            return False
+        return self._take_cancel(job)
 
     cdef bint _take_cancel(self, object job) except -1:
+        """Take a cancel requested for ``job`` and count its end, in one step (see the pure twin)."""
         if not self._cancel_requested(job):
             return False
         self.marks[job._id] = ENDING
+        self._count_end(job, C_CANCELLED)
         return True
 
     def decide_end(self, object job):
-        """The holder of ``job`` decides its end: True when a cancel was requested first (it ends as cancelled)."""
+        """The holder of ``job`` decides its end: True when a cancel was requested first (counted: it ends as cancelled)."""
         return self._decide_end(job)
+
+    def end(self, object job, int counter, TypeState release=None):
+        """``job`` leaves without success: its end decided and counted in ``counter``, or in CANCELLED
+        when a cancel of it was requested first; returns the counter used. ``release``: the slot
+        its attempt held, freed in the same step (see the pure twin)."""
+        if not 0 <= counter < N_COUNTERS:
+            raise ValueError(f"counter must be one of the counter constants, got {counter}")
+        self._release_quietly(release)
+        if counter != C_CANCELLED and self._decide_end(job):
+            counter = C_CANCELLED
+        else:
+            self._count_end(job, counter)
+        if release is not None and (self.getters or self.loop_idle):
+            self._hand_off()
+        return counter
+
+    def place_delayed(self, object job, DelayedHeap heap, double run_at, TypeState release=None):
+        """``heap.push(job, run_at)`` for an accepted job (a retry, a recovered one), with the slot of
+        ``release`` freed in the same step. Returns the job the push evicted, or None."""
+        pushed_out = heap.push(job, run_at)  # (allocates nothing the collector tracks)
+        self._release_quietly(release)
+        if release is not None and (self.getters or self.loop_idle):
+            self._hand_off()
+        return pushed_out
 
     cdef bint _decide_end(self, object job) except -1:
         if self.marks and self._take_cancel(job):
@@ -1767,13 +1853,24 @@ cdef class ReadyQueue:
         state.counters[C_SUCCEEDED] += 1
         state.record_duration(seconds)
 
-    def attempt_succeeded(self, TypeState state, double seconds, object job=None, bint finish=False):
+    def attempt_succeeded(self, TypeState state, double seconds, object job=None, bint finish=False,
+                          bint release=False, bint hand_off=True):
         """An attempt of ``state`` succeeded after ``seconds``: count it, queue-wide and per type.
 
-        With ``job``: False, with nothing counted, when a cancel of it was
-        requested first; else its end is decided, and with ``finish`` it is
-        finished in the same step (see the pure twin).
+        With ``job``: False, with the success not counted, when a cancel of it was
+        requested first (counted as cancelled); else its end is decided, and with
+        ``finish`` it is finished in the same step. ``release``: the attempt's slot is
+        freed in the same step (see the pure twin).
         """
+        cdef bint succeeded
+        if release:
+            self._release_quietly(state)
+            succeeded = job is None or self._attempt_succeeded(state, seconds, job, finish)
+            if job is None:
+                self._succeeded(state, seconds)
+            if (hand_off or state.runner != THREADS) and (self.getters or self.loop_idle):
+                self._hand_off()
+            return succeeded
         if job is None:
             self._succeeded(state, seconds)
             return True
@@ -2122,7 +2219,8 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
     The fast path (success) stays here; everything else goes to ``dispatcher``:
     ``refresh_hooks(slot)``, ``new_context(job, deadline)``, ``returned(job, state,
     result)`` (a function returned an awaitable or a generator), ``attempt_failed(job,
-    state, exc)``, ``no_executor(job, state)``, ``after_expired(slot, exc)`` and
+    state, exc, holding)`` (it frees the attempt's slot where it places or ends the job),
+    ``no_executor(job, state)``, ``after_expired(slot, exc)`` and
     ``end_cancelled(job)`` (a cancel came on its way to the attempt, or as it succeeded).
     """
     cdef PyObject *taken = NULL
@@ -2196,17 +2294,19 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
         if error is None and context is not None and not expired and context.cancelled:
             error = dispatcher.cancelled_return(job)  # stop() cancelled it: no success
         context = None
-        # A worker going straight back to pop takes the job its slot frees itself.
-        ready._release(state, expired or error is not None or cancelled
-                       or (slot.on_success is not None and slot.on_switch is None))
         if expired:
+            ready._release(state)
             dispatcher.after_expired(slot, error)
             return
         if cancelled:
-            if ready.marks and ready._take_cancel(job):
+            if ready.take_cancel(job, state):  # (frees the slot in the step that counts the cancel)
                 dispatcher.end_cancelled(job)
+            else:  # (taken by another: never, while the slot has not expired)
+                ready._release(state)
             continue
         if error is None:
+            # A worker going straight back to pop takes the job its slot frees itself.
+            ready._release(state, slot.on_success is not None and slot.on_switch is None)
             on_success = slot.on_success  # read once: refresh_hooks may change them below
             switch = slot.on_switch
             finish = on_success is None and switch is None
@@ -2224,7 +2324,7 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
                 ready._task_done(job)
         else:
             state.record_duration(ended - started)
-            dispatcher.attempt_failed(job, state, error)
+            dispatcher.attempt_failed(job, state, error, True)  # it frees the slot where it places or ends the job
             error = None
 
 

@@ -735,8 +735,12 @@ class ReadyQueue:
             self._hand_off()
             return evicted
 
-    def accept(self, jobs: Iterable[Any]) -> None:
-        """Count ``jobs``, which the caller places itself (delayed, recovered), and register their ids."""
+    def accept(self, jobs: Iterable[Any], counter: Optional[int] = None) -> None:
+        """Count ``jobs``, which the caller places itself (delayed, recovered), and register their ids.
+
+        ``counter``: the jobs have ended already (recovered as crashed): their ends are decided and
+        counted in it in the same step, so ``snapshot()`` never sees them in no place; the caller
+        reports them."""
         jobs = list(jobs)
         for job in jobs:
             self._name_elsewhere(job)
@@ -746,6 +750,27 @@ class ReadyQueue:
             self._check_open()
             self._check_unregistered(batch, repeated)
             self._accept(jobs, batch)
+            if counter is not None:
+                for job in jobs:
+                    self._decide_end(job)
+                    self._count_end(job, counter)
+
+    def accept_ready(self, job: Any) -> None:
+        """``accept([job])`` and ``requeue(job)`` in one step, for a recovered job: never refused for
+        lack of room (owed room when full), and ``snapshot()`` sees it counted and placed, or neither."""
+        job_type, level = _ready_fields(job)
+        self._name_elsewhere(job)
+        job_id = _id_of(job)
+        with self._lock:
+            self._check_open()
+            if job_id is not None and job_id in self._ids:
+                raise _duplicate(job_id)
+            self._accept_one(job, job_id)
+            if sum(self._sizes) >= self.capacity or self._overflow:
+                self._overflow.append((job, job_type, level))
+            else:
+                self._append(job, job_type, level)
+                self._hand_off()
 
     def accept_delayed(self, job: Any, heap: "DelayedHeap", run_at: float) -> Optional[Tuple[Any, int]]:
         """``accept([job])`` and ``heap.push(job, run_at)`` in one step: ``snapshot()`` sees the
@@ -765,26 +790,33 @@ class ReadyQueue:
         """``job`` was pushed out of a full delayed heap: decide its end and count it (EVICTED, or
         CANCELLED when a cancel of it was requested first), so that ``snapshot()`` never sees it
         out of the heap and not yet counted; the caller reports it. Called with _lock held."""
-        if not self._decide_end(job):
-            self._counters[EVICTED] += 1
-            return EVICTED
-        self._counters[CANCELLED] += 1
+        if self._decide_end(job):
+            return CANCELLED  # (counted as its mark was taken)
+        self._counters[EVICTED] += 1
+        return EVICTED
+
+    def _count_end(self, job: Any, counter: int) -> None:
+        """Count the end of ``job`` in ``counter``, queue-wide, and per type when its type has an
+        executor (a job failed as no_executor counts queue-wide only). Called with _lock held."""
+        self._counters[counter] += 1
         state = self._types.get(job.type) if type(job.type) is str else None
         if state is not None and state.fn is not None:
-            state.counters[CANCELLED] += 1
-        return CANCELLED
+            state.counters[counter] += 1
 
-    def requeue(self, job: Any) -> bool:
+    def requeue(self, job: Any, release: Optional[TypeState] = None) -> bool:
         """Make an accepted job ready (due, retried, recovered): never refused, never dropped.
 
         With the buffer full it waits in the overflow line, ahead of blocked
         producers, and moves in as soon as a pop makes room. Its type and level
         are read now: changing them later changes nothing here. False, with the
         job placed nowhere, when a cancel of it was requested on its way here:
-        the caller ends it as cancelled (the mark is taken, ``take_cancel``).
+        the caller ends it as cancelled (the mark is taken and counted, ``take_cancel``).
+        ``release``: the type whose slot the job's attempt held, freed in the same step.
         """
         job_type, level = _ready_fields(job)
         with self._lock:
+            if release is not None:
+                self._release(release)
             if self._marks and self._take_cancel(job):
                 return False
             if sum(self._sizes) >= self.capacity or self._overflow:
@@ -1038,6 +1070,7 @@ class ReadyQueue:
             removed = self._remove(job_id)
             if removed is not None:
                 self._marks[job_id] = _ENDING
+                self._count_end(removed, CANCELLED)
                 return CANCEL_REMOVED, removed
             self._marks[job_id] = _REQUESTED
             return CANCEL_MARKED, job
@@ -1058,24 +1091,68 @@ class ReadyQueue:
         job_id = job._id
         return type(job_id) is str and self._marks.get(job_id) == _REQUESTED and self._ids.get(job_id) is job
 
-    def take_cancel(self, job: Any) -> bool:
-        """The holder of ``job`` takes a cancel requested for it: True once, then it ends the job as cancelled."""
+    def take_cancel(self, job: Any, release: Optional[TypeState] = None) -> bool:
+        """The holder of ``job`` takes a cancel requested for it: True once, counted in the same step;
+        then it ends the job as cancelled. ``release``: the slot its attempt held, freed in the
+        same step when the cancel is taken (else it stays taken)."""
         if not self._marks:
             return False
         with self._lock:
+            if not self._take_cancel(job):
+                return False
+            if release is not None:
+                self._release(release)
+            return True
+
+    def take_cancel_from(self, job: Any, heap: "DelayedHeap") -> bool:
+        """``job``, with a cancel requested, is taken out of ``heap`` and its mark taken and counted, in
+        one step: True, and the caller ends it as cancelled. False, with nothing changed, else."""
+        if not self._marks:
+            return False
+        with self._lock:  # (the heap's lock inside it, as in snapshot(): no heap takes this one)
+            if not self._cancel_requested(job) or heap.remove(job._id, job) is None:
+                return False
             return self._take_cancel(job)
 
     def _take_cancel(self, job: Any) -> bool:
+        """Take a cancel requested for ``job`` and count its end: snapshot() sees the job where it
+        was or cancelled, never in neither. Called with _lock held."""
         if not self._cancel_requested(job):
             return False
         self._marks[job._id] = _ENDING
+        self._count_end(job, CANCELLED)
         return True
 
     def decide_end(self, job: Any) -> bool:
         """The holder of ``job`` decides its end (success, failure for good): from now on a cancel of it
-        loses. True when a cancel was requested first: then it ends as cancelled instead."""
+        loses. True when a cancel was requested first (counted): then it ends as cancelled instead."""
         with self._lock:
             return self._decide_end(job)
+
+    def end(self, job: Any, counter: int, release: Optional[TypeState] = None) -> int:
+        """``job`` leaves without success: its end decided (``decide_end``) and counted in ``counter``,
+        or in CANCELLED when a cancel of it was requested first; returns the counter used.
+        ``release``: the type whose slot the job's attempt held, freed in the same step, so
+        ``snapshot()`` sees the job running or ended, never in neither. The caller reports it."""
+        if not 0 <= counter < _N_COUNTERS:
+            raise ValueError(f"counter must be one of the counter constants, got {counter}")
+        with self._lock:
+            if release is not None:
+                self._release(release)
+            if counter != CANCELLED and self._decide_end(job):
+                return CANCELLED
+            self._count_end(job, counter)
+            return counter
+
+    def place_delayed(self, job: Any, heap: "DelayedHeap", run_at: float,
+                      release: Optional[TypeState] = None) -> Any:
+        """``heap.push(job, run_at)`` for an accepted job (a retry, a recovered one), with the slot of
+        ``release`` freed in the same step. Returns the job the push evicted, or None."""
+        with self._lock:  # (the heap's lock inside it, as in snapshot(): no heap takes this one)
+            pushed_out = heap.push(job, run_at)
+            if release is not None:
+                self._release(release)
+            return pushed_out
 
     def _decide_end(self, job: Any) -> bool:
         if self._marks and self._take_cancel(job):
@@ -1152,14 +1229,19 @@ class ReadyQueue:
                 if state is not None and state.fn is not None:
                     state.counters[event] += n
 
-    def attempt_succeeded(self, state: TypeState, seconds: float, job: Any = None, finish: bool = False) -> bool:
+    def attempt_succeeded(self, state: TypeState, seconds: float, job: Any = None, finish: bool = False,
+                          release: bool = False, hand_off: bool = True) -> bool:
         """An attempt of ``state`` succeeded after ``seconds``: count it, queue-wide and per type.
 
-        With ``job``, its end is decided (``decide_end``): False, with nothing
-        counted, when a cancel of it was requested first (the caller ends it as
-        cancelled); with ``finish`` too, ``task_done(job)`` in the same step.
+        With ``job``, its end is decided (``decide_end``): False, with the success
+        not counted, when a cancel of it was requested first (counted as cancelled:
+        the caller ends it so); with ``finish`` too, ``task_done(job)`` in the same step.
+        ``release``: the attempt's slot is freed in the same step (``release_state(state,
+        hand_off)``), so ``snapshot()`` sees the job running or ended, never in neither.
         """
         with self._lock:
+            if release:
+                self._release(state, hand_off)
             if job is None:
                 self._succeeded(state, seconds)
                 return True
@@ -1479,7 +1561,8 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
     The fast path (success) stays here; everything else goes to ``dispatcher``:
     ``refresh_hooks(slot)``, ``new_context(job, deadline)``, ``returned(job, state, result)``
     (a function returned an awaitable or a generator: ``_awaitable_or_generator``),
-    ``attempt_failed(job, state, exc)``, ``no_executor(job, state)``, ``after_expired(slot, exc)``
+    ``attempt_failed(job, state, exc, holding)`` (``holding``: it frees the attempt's slot where it
+    places or ends the job), ``no_executor(job, state)``, ``after_expired(slot, exc)``
     and ``end_cancelled(job)`` (a cancel came between the ready buffer and the attempt's start, or
     between its end and its success: the job ends as cancelled, its function not called again).
     """
@@ -1515,6 +1598,7 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
         error: Optional[BaseException] = None
         expired = False
         straight_back = False  # this worker pops again at once, taking the job its slot frees
+        slot_kept = False  # the attempt ended, not timed out: its slot is freed where its job is counted or placed
         ended = started
         cancelled = False  # a cancel was requested on its way here (after begin: a later one finds the slot)
         try:  # from begin() on, an interruption may land anywhere: the slot is released below
@@ -1559,23 +1643,28 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
                 interrupt_thread(slot.thread_id, None)  # from here on nothing may land
             straight_back = (error is None and not expired and not cancelled
                              and (slot.on_success is None or slot.on_switch is not None))
+            slot_kept = not expired  # (no interruption can land from here on)
         except JobTimeout as late:  # an interruption that landed after the function returned
             expired = slot.end() or True
             error = late
-            straight_back = False
+            straight_back = slot_kept = False
         finally:
-            ready.release_state(state, hand_off=not straight_back)
+            if not slot_kept:
+                ready.release_state(state)
         if expired:
             dispatcher.after_expired(slot, error)
             return
         if cancelled:
-            if ready.take_cancel(job):
+            if ready.take_cancel(job, state):
                 dispatcher.end_cancelled(job)
+            else:  # (taken by another: never, while the slot has not expired)
+                ready.release_state(state)
             continue
         if error is None:
             on_success = slot.on_success  # read once: refresh_hooks may change them below
             switching = slot.on_switch is not None
-            if not ready.attempt_succeeded(state, ended - started, job, on_success is None and not switching):
+            if not ready.attempt_succeeded(state, ended - started, job, on_success is None and not switching,
+                                           True, not straight_back):
                 dispatcher.end_cancelled(job)  # a cancel came as it ended: it wins
                 continue
             succeeded += 1
@@ -1589,7 +1678,7 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
                 ready.task_done(job)
         else:
             ready.record_duration(state, ended - started)
-            dispatcher.attempt_failed(job, state, error)
+            dispatcher.attempt_failed(job, state, error, True)
             error = None
 
 

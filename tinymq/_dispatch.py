@@ -515,9 +515,11 @@ class Dispatcher:
 
     # --- delayed jobs ----------------------------------------------------
 
-    def push_delayed(self, job: Any, delay: float, evictable: bool = True, accept: bool = False) -> None:
+    def push_delayed(self, job: Any, delay: float, evictable: bool = True, accept: bool = False,
+                     release: Any = None) -> None:
         """Add an accepted job (with ``accept``, a new one, counted in the same step of the core),
-        due ``delay`` seconds from now, to the delayed set.
+        due ``delay`` seconds from now, to the delayed set. ``release``: the type whose slot the
+        job's attempt held, freed in the same step (get_stats() never sees the job in neither).
 
         The heaps are keyed by monotonic due time. An evicted job fails at once,
         here. Only new delayed jobs count against ``max_delayed_jobs`` and can
@@ -534,13 +536,13 @@ class Dispatcher:
         if accept:  # counted and placed together (an evicted job with its count): never nowhere
             evicted = self.ready.accept_delayed(job, heap, due)
         else:
-            pushed_out = heap.push(job, due)
+            pushed_out = self.ready.place_delayed(job, heap, due, release)
             if pushed_out is not None:  # (counted as it fails, below)
                 self.fail(pushed_out, "evicted", None, core.EVICTED)
             evicted = None
         self.scheduler_alarm.wake_before(due)
         # A cancel that looked for it before it arrived here left a mark: whoever takes it out ends it.
-        if self.ready.cancel_requested(job) and heap.remove(job._id, job) is not None and self.ready.take_cancel(job):
+        if self.ready.take_cancel_from(job, heap):
             self.end_cancelled(job)
         if evicted is not None:
             self.end_evicted(*evicted)
@@ -566,7 +568,7 @@ class Dispatcher:
         if due:
             self.scheduler_alarm.wake_before(min(due))
         for job in delayed_jobs:  # (as in push_delayed: a cancel that came first left a mark)
-            if self.ready.cancel_requested(job) and heap.remove(job._id, job) is not None and self.ready.take_cancel(job):
+            if self.ready.take_cancel_from(job, heap):
                 self.end_cancelled(job)
         for job, counter in evicted:
             self.end_evicted(job, counter)
@@ -603,12 +605,13 @@ class Dispatcher:
             else:  # e.g. a priority made invalid while the job waited
                 self.fail(job, "retries_exhausted", error)
 
-    def make_ready(self, job: Any) -> None:
-        """Move an accepted job into the ready buffer; one that cannot go fails, loudly."""
+    def make_ready(self, job: Any, release: Any = None) -> None:
+        """Move an accepted job into the ready buffer; one that cannot go fails, loudly.
+        ``release``: the type whose slot the job's attempt held, freed in the step that places it."""
         try:
-            placed = self.ready.requeue(job)
-        except Exception as exc:  # e.g. a priority made invalid while the job waited
-            self.fail(job, "retries_exhausted", exc)
+            placed = self.ready.requeue(job, release)
+        except Exception as exc:  # e.g. a priority made invalid while the job waited (nothing freed yet)
+            self.fail(job, "retries_exhausted", exc, release=release)
             return
         if not placed:  # a cancel of it came on its way here
             self.end_cancelled(job)
@@ -784,7 +787,8 @@ class Dispatcher:
         return self.store is not None or self.ledger is not None
 
     def async_succeeded(self, job: Any, state: Any, seconds: float) -> None:
-        if not self.ready.attempt_succeeded(state, seconds, job):
+        """An async attempt succeeded; its slot, still taken, is freed in the step that counts it."""
+        if not self.ready.attempt_succeeded(state, seconds, job, False, True):
             self.end_cancelled(job)  # a cancel came as it ended: it wins
             return
         if self.ledger is not None:
@@ -793,15 +797,15 @@ class Dispatcher:
             self._succeeded(job)
         self.ready.task_done(job)
 
-    def async_timed_out(self, job: Any, state: Any, exc: JobTimeout, seconds: float) -> None:
+    def async_timed_out(self, job: Any, state: Any, exc: JobTimeout, seconds: float, holding: bool = False) -> None:
         """An async attempt's deadline, ``seconds`` after its start: its task is being cancelled;
-        the slot stays until it unwinds."""
+        the slot stays until it unwinds. ``holding``: it has unwound, its slot still taken (see attempt_failed)."""
         if self.ledger is not None:
             self.ledger.expired(job)
         self.ready.count(core.TIMED_OUT, 1, job.type)
         self.ready.record_duration(state, seconds)
         logger.warning("job %s (%s) timed out; its task is cancelled", job.id, job.type)
-        self.attempt_failed(job, state, exc)
+        self.attempt_failed(job, state, exc, holding)
 
     def returned_late(self, job: Any) -> None:
         if self.ledger is not None:
@@ -842,10 +846,14 @@ class Dispatcher:
     def _cancel_marked(self, job: Any) -> None:
         """End ``job``, marked by ``mark_cancel``, where it rests now; if it rests nowhere, it is
         between two places and its next holder ends it (``take_cancel``)."""
-        # Looked for as the job itself: once it has ended, a new job may have its id.
-        taken, running = self._take_out(job._id, job)
+        # Looked for as the job itself: once it has ended, a new job may have its id. Out of a heap
+        # in the step that counts it; a running attempt keeps its slot until its function returns.
+        if self.ready.take_cancel_from(job, self.delayed) or self.ready.take_cancel_from(job, self.uncapped):
+            self.end_cancelled(job)
+            return
+        taken = self._cancel_running(job._id, job)
         if taken is not None and self.ready.take_cancel(job):
-            self.end_cancelled(job, running)
+            self.end_cancelled(job, True)
         elif taken is None and self._stopping:
             with self._stop_order:
                 given_back = job in self._stop_given_back  # (stop() cancelled its attempt: no holder)
@@ -860,24 +868,32 @@ class Dispatcher:
             job = self.uncapped.remove(job_id, only)
         if job is not None:
             return job, False
+        job = self._cancel_running(job_id, only)
+        return job, job is not None  # a running attempt's type slot stays taken until it returns
+
+    def _cancel_running(self, job_id: str, only: Any = None) -> Any:
+        """Decide the running attempt of ``job_id`` (``only``: of that job), on the loop or a worker,
+        as cancelled: its job, or None."""
+        job = None
         if self.loop_runner is not None:
             job = self.loop_runner.cancel(job_id, only)
         if job is None:
             job = self._cancel_thread_attempt(job_id, only)
-        return job, job is not None  # a running attempt's type slot stays taken until it returns
+        return job
 
-    def end_cancelled(self, job: Any, running: bool = False) -> None:
+    def end_cancelled(self, job: Any, running: bool = False, counted: bool = True) -> None:
         """End a job whose cancel was taken (``mark_cancel``, ``take_cancel``): reported "cancelled".
 
         ``running``: its attempt was decided here while it runs; a broker frees the
         attempt's slot when it returns (``returned_late``), as after a timeout.
+        ``counted``: the core counted it as it took the cancel (False: a job it knew by no id).
         """
         if running and self.ledger is not None:
             self.ledger.expired(job)
         if self._stopping:
             with self._stop_order:
                 self._decided.add(job)  # after a save-back by stop(), if it made one: the delete comes last
-        self.fail(job, "cancelled", None, core.CANCELLED)
+        self.fail(job, "cancelled", None, core.CANCELLED, counted)
 
     def _cancel_unregistered(self, job_id: str) -> bool:
         """``cancel`` of a job the core knows by no id, looked for in every place: a job read without an
@@ -894,7 +910,7 @@ class Dispatcher:
                 self.end_cancelled(job, running)
             return outcome == core.CANCEL_MARKED
         if job is not None:
-            self.end_cancelled(job, running)
+            self.end_cancelled(job, running, counted=False)
             return True
         return False
 
@@ -922,8 +938,7 @@ class Dispatcher:
     # --- failures --------------------------------------------------------
 
     def no_executor(self, job: Any, state: Any) -> None:
-        self.ready.release_state(state)
-        self.fail(job, "no_executor", None)
+        self.fail(job, "no_executor", None, release=state)
 
     def cancelled_return(self, job: Any) -> Optional[BaseException]:
         """A ``fn(job, ctx)`` executor returned normally after its context was cancelled: when
@@ -938,15 +953,25 @@ class Dispatcher:
                 return None
         return QueueStopped("its attempt returned after stop() cancelled it")
 
-    def attempt_failed(self, job: Any, state: Any, exc: BaseException) -> None:
+    def attempt_failed(self, job: Any, state: Any, exc: BaseException, holding: bool = False) -> None:
         """An attempt failed: schedule its retry, or fail the job for good.
 
         An attempt that ``stop()`` cancelled is no failure: nothing is counted,
         retried or reported (``stop()`` saved the job back as ready, so the
         next start runs it without counting a crash).
+
+        ``holding``: the caller still holds the attempt's slot of ``state``; it is freed in
+        the step of the core that places the retry or counts the job's end, so get_stats()
+        never sees the job in no place. A retry's store save comes before: the slot stays
+        taken while it writes. Failure callbacks always run after it is freed.
         """
         ledger = self.ledger
-        if ledger is None and self.ready.take_cancel(job):  # a cancel came as the attempt ended: it wins
+        release = state if holding else None
+        if ledger is not None or self._stopping:  # (no stats to keep whole: freed at once)
+            if release is not None:
+                self.ready.release_state(release)
+            release = None
+        if ledger is None and self.ready.take_cancel(job, release):  # a cancel came as the attempt ended: it wins
             self.end_cancelled(job)
             return
         if self._stopping:
@@ -975,11 +1000,11 @@ class Dispatcher:
             if not isinstance(exc, RetryAfter) and (
                     isinstance(exc, PermanentFailure)
                     or not isinstance(exc, self._retry_on(job.type))):
-                self.fail(job, "permanent_failure", exc)
+                self.fail(job, "permanent_failure", exc, release=release)
                 return
             retry_config = job.retry_config
             if job.retries > retry_config.max_retries:
-                self.fail(job, "retries_exhausted", exc)
+                self.fail(job, "retries_exhausted", exc, release=release)
                 return
             if isinstance(exc, RetryAfter):
                 delay = exc.seconds
@@ -995,33 +1020,43 @@ class Dispatcher:
                 return
             if self.store is not None:  # (a cancel meanwhile marks it: the move below ends it, after the save)
                 self.call_store("save", self.store.save, job)
+            placing, release = release, None  # (from here on the move below frees it, or fails the job)
             if delay <= 0.0:
-                self.make_ready(job)
+                self.make_ready(job, placing)
             else:
-                self.push_delayed(job, delay, evictable=False)
+                self.push_delayed(job, delay, evictable=False, release=placing)
         except Exception as error:  # a job made unusable (e.g. its retry_config): fail it, loudly
             logger.exception("tinymq could not schedule the retry of job %r", job)
-            self.fail(job, "retries_exhausted", error)
+            self.fail(job, "retries_exhausted", error, release=release)
 
     def fail(self, job: Any, reason: str, exc: Optional[BaseException], counter: int = core.FAILED,
-             counted: bool = False) -> None:
+             counted: bool = False, release: Any = None) -> None:
         """The job leaves the queue without success: count, log, callbacks, store, finished.
 
         Counted per type too when its type has an executor: a job failed as
         ``no_executor`` counts only in the queue-wide counters. A cancel
         requested before this decision wins: the job ends as cancelled.
-        ``counted``: the core decided its end and counted it already (an evicted job).
+        ``counted``: the core decided its end and counted it already (an evicted or cancelled job).
+        ``release``: the type whose slot the job's attempt held, freed in the step that counts it
+        (before the callbacks run).
         """
-        if not counted and counter != core.CANCELLED and self.ready.decide_end(job):
-            reason, exc, counter = "cancelled", None, core.CANCELLED
         if self.ledger is None:
             if not counted:
-                self.ready.count(counter, 1, job.type)
+                decided = self.ready.end(job, counter, release)
+                if decided != counter:  # a cancel requested before this decision wins
+                    reason, exc, counter = "cancelled", None, decided
+            elif release is not None:
+                self.ready.release_state(release)
             self.report_failure(job, reason, exc)
         else:
+            if release is not None:
+                self.ready.release_state(release)
+            if not counted and counter != core.CANCELLED and self.ready.decide_end(job):
+                reason, exc, counter, counted = "cancelled", None, core.CANCELLED, True
             with self.ledger.failing(job, reason, exc) as ours:
                 if ours:  # (else the attempt was handed back, or this process reaped: ignored)
-                    self.ready.count(counter, 1, job.type)
+                    if not counted:
+                        self.ready.count(counter, 1, job.type)
                     self.report_failure(job, reason, exc)
         store = self.store
         if store is not None:

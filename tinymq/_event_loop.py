@@ -390,7 +390,9 @@ class LoopRunner:
                 await asyncio.sleep(0)
 
     def _finished(self, attempt: _Attempt, error: Optional[BaseException], ours: bool) -> None:
-        """The attempt has ended (unwound): free the slot, then report what was not decided yet.
+        """The attempt has ended (unwound): report what was not decided yet, its slot freed in the
+        step that counts or places its job (get_stats() never sees the job in no place); else
+        free the slot.
 
         The runner takes the type's next job itself (``_take``): the slot is freed without a hand-off.
         """
@@ -413,17 +415,17 @@ class LoopRunner:
             if not ready.loop_attempt_succeeded(state, ended - attempt.started, job):  # nothing else to tell
                 self._report(dispatcher.end_cancelled, job)  # unless a cancel came as it ended: it wins
             return
-        ready.release_state(state, False, core.LOOP)
-        if decided is None:
+        if decided is None:  # the slot is freed where the outcome places or ends the job
             seconds = ended - attempt.started
             if late:
-                self._report(dispatcher.async_timed_out, job, state, timeout_error(job, state), seconds)
+                self._report(dispatcher.async_timed_out, job, state, timeout_error(job, state), seconds, True)
             elif error is not None:
                 ready.record_duration(state, seconds)
-                self._report(dispatcher.attempt_failed, job, state, error)
+                self._report(dispatcher.attempt_failed, job, state, error, True)
             else:
                 self._report(dispatcher.async_succeeded, job, state, seconds)
             return
+        ready.release_state(state, False, core.LOOP)
         if not ours:  # it was cancelled (timeout, cancel, stop) and carried on
             logger.warning("job %s (%s): its coroutine ignored its cancellation (%s) and ran until it "
                            "returned; its slot was held until then", job.id, job.type, decided)

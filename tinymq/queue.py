@@ -523,20 +523,28 @@ class Queue:
                 if _store_users.get(id(store)) is self:
                     del _store_users[id(store)]
             raise
-        self._ready.accept(jobs + crashed)
         self._store = store
         self._dispatcher.set_store(store)
         self._periodic.recovered(jobs)
+        # Each job is counted in jobs_enqueued in the step that places it, or that counts its end:
+        # get_stats() never sees a recovered job counted and nowhere.
+        self._ready.accept(crashed, core.FAILED)
         for job in crashed:  # their process died during too many attempts: they failed here
-            self._dispatcher.fail(job, "crashed", None)
+            self._dispatcher.fail(job, "crashed", None, counted=True)
         if not jobs:
             return
         now = _now()
         for job in jobs:  # one due at its creation (the same float) is due now, whatever the clock did
             if job.run_at is not job.timestamp and job.run_at > now:
-                self._dispatcher.push_delayed(job, job.run_at - now, evictable=False)
-            else:
-                self._dispatcher.make_ready(job)
+                self._dispatcher.push_delayed(job, job.run_at - now, evictable=False, accept=True)
+                continue
+            try:
+                self._ready.accept_ready(job)
+            except DuplicateJob:
+                raise
+            except (TypeError, ValueError) as exc:  # e.g. a priority the store holds is not one
+                self._ready.accept([job], core.FAILED)
+                self._dispatcher.fail(job, "retries_exhausted", exc, counted=True)
         logger.info("recovered %d jobs from %r", len(jobs), store)
 
     def _refuse_if_enqueued(self) -> None:
