@@ -505,9 +505,6 @@ def test_a_failure_callback_whose_body_would_never_run_is_refused_or_run(kind):
 
 # --- broker.names_in_use(limit) does not check its limit -----------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="names_in_use checks len(names) >= limit only after adding a "
-                   "name, and never validates limit: limit=0 or -1 returns a name, limit='5' fails "
-                   "with a TypeError about '>=' between int and str that does not name limit")
 def test_names_in_use_keeps_to_its_limit_and_names_a_bad_one(redis):
     """api.md: `broker.names_in_use(limit=10)` -> the sorted names of queues with jobs or counters
     ("up to limit names", its docstring); a bad value raises TypeError/ValueError naming it."""
@@ -518,5 +515,7 @@ def test_names_in_use_keeps_to_its_limit_and_names_a_bad_one(redis):
         assert q.broker.names_in_use(limit=0) == []
     except ValueError as exc:
         assert "limit" in str(exc)
+    with pytest.raises(ValueError, match="limit"):
+        q.broker.names_in_use(limit=-1)
     with pytest.raises((TypeError, ValueError), match="limit"):
         q.broker.names_in_use(limit="5")
