@@ -106,10 +106,10 @@ class CancellingDispatcher(FakeDispatcher):
         self.cancel_in_new_context = cancel_in_new_context
         self.ended = threading.Event()
 
-    def new_context(self, job, deadline):
+    def new_context(self, job):
         if self.cancel_in_new_context:
             self.log.add(("mark", self.ready.mark_cancel(job._id)[0]))
-        return super().new_context(job, deadline)
+        return super().new_context(job)
 
     def end_cancelled(self, job):
         self.log.add(("end_cancelled", job))
@@ -239,10 +239,10 @@ def test_a_job_cancelled_between_the_ready_buffer_and_its_worker_never_runs(back
         new_context = dispatcher.new_context
         popped, go_on = threading.Event(), threading.Event()
 
-        def held_new_context(job, deadline):  # called by the worker after the pop, before the start
+        def held_new_context(job):  # called by the worker after the pop, before the start
             popped.set()
             assert go_on.wait(WAIT)
-            return new_context(job, deadline)
+            return new_context(job)
 
         dispatcher.new_context = held_new_context
         job = q.enqueue(new_job(id_source, "t", "handed-over"))

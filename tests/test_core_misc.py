@@ -407,8 +407,8 @@ class ExpiryDispatcher:
     def refresh_hooks(self, slot):
         pass
 
-    def new_context(self, job, deadline):
-        return self.context_class(job, deadline)
+    def new_context(self, job):
+        return self.context_class(job, None)
 
     def no_executor(self, job, state):
         raise AssertionError(f"no executor for {job!r}")

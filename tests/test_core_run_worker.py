@@ -2,7 +2,7 @@
 
 The worker loop keeps the success path to itself and hands everything else to
 its dispatcher through the callbacks named in ``run_worker``'s docstring:
-``refresh_hooks(slot)``, ``new_context(job, deadline)``, ``returned(job, state, result)``,
+``refresh_hooks(slot)``, ``new_context(job)``, ``returned(job, state, result)``,
 ``attempt_failed(job, state, exc)``, ``no_executor(job, state)`` and
 ``after_expired(slot, exc)``. A ``FakeDispatcher`` records those calls.
 
@@ -49,10 +49,10 @@ class FakeDispatcher:
     def refresh_hooks(self, slot):
         self.log.add(("refresh_hooks", slot))
 
-    def new_context(self, job, deadline):
-        context = FakeContext(job, deadline)
+    def new_context(self, job):
+        context = FakeContext(job, None)
         self.contexts.append(context)
-        self.log.add(("new_context", job, deadline))
+        self.log.add(("new_context", job))
         return context
 
     def attempt_failed(self, job, state, exc, holding=False):
@@ -446,12 +446,44 @@ def test_an_executor_taking_a_context_gets_new_contexts_object(core, ready, time
     worker.join()
     assert dispatcher.contexts and received.snapshot() == [(job, dispatcher.contexts[0]), (plain, None)]
     assert len(dispatcher.calls("new_context")) == 1, "a context was made for an executor without one"
-    _, context_job, deadline = dispatcher.calls("new_context")[0]
+    _, context_job = dispatcher.calls("new_context")[0]
     assert context_job is job
+    deadline = dispatcher.contexts[0].deadline  # set by the worker as it calls the function
     if timeout is None:
-        assert deadline == math.inf
+        assert deadline is None
     else:
         assert before + timeout <= deadline <= after + timeout
+
+
+def test_an_attempts_timeout_and_duration_count_from_its_functions_call(core, ready):
+    """A store writes an attempt's start (on_start; on_switch with the previous success's end)
+    before its function is called: a slow write is not the function's time. While it is written
+    the slot has no deadline; the deadline (ctx.deadline too) and the duration count from the call."""
+    write_seconds, timeout = 0.25, 5.0
+    dispatcher = FakeDispatcher(ready)
+    slot = core.WorkerSlot()
+    written, called = Recorder(), Recorder()
+
+    def slow_write(*jobs):
+        time.sleep(write_seconds)  # SQLite waiting for its lock
+        written.add((slot.deadline, core.monotonic()))
+
+    configure(ready, "t", lambda job, ctx: called.add(ctx.deadline), timeout=timeout, takes_context=True)
+    slot.on_start, slot.on_success, slot.on_switch = slow_write, lambda job: None, slow_write
+    assert ready.push(Job("t", 0))
+    assert ready.push(Job("t", 1))  # its start is written with job 0's end (on_switch)
+    worker = Worker(core, ready, dispatcher, slot)
+    try:
+        assert called.wait_until(lambda items: len(items) == 2)
+    finally:
+        ready.close()
+    worker.join()
+    writes, deadlines = written.snapshot(), called.snapshot()
+    assert [deadline for deadline, _ in writes] == [math.inf, math.inf]
+    for (_, write_ended), deadline in zip(writes, deadlines):
+        assert deadline >= write_ended + timeout
+    _, seconds = ready.attempt_durations()["t"]
+    assert seconds < write_seconds  # two functions that return at once
 
 
 # --- ending the loop ------------------------------------------------------------------------

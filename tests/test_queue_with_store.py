@@ -442,6 +442,43 @@ def test_mark_running_is_called_as_each_attempt_starts():
         "save", "mark_running", "save", "mark_running", "save", "mark_running", "delete"]
 
 
+@pytest.mark.parametrize("kind", ["thread", "async"])
+def test_a_slow_start_write_is_not_the_attempts_time(kind):
+    """docs/api.md: "The timeout is the function's time": a store slow to record an attempt's
+    start (mark_running) never times out an attempt whose function has not been called."""
+    timeout, held_for = 0.2, 1.0  # the write is held for many timeouts
+    writing, written = threading.Event(), threading.Event()
+
+    class SlowStartStore(RecordingStore):
+        def mark_running(self, job):
+            writing.set()
+            written.wait(WAIT)  # SQLite waiting for its lock
+            super().mark_running(job)
+
+    ran = []
+    if kind == "thread":
+        def run(job):
+            ran.append(job.id)
+    else:
+        async def run(job):
+            ran.append(job.id)
+
+    with Queue(10) as q:
+        q.set_persistence(SlowStartStore())
+        q.register_executor("t", run, ExecutorConfig(timeout=timeout))
+        q.start_dispatcher(1)
+        job = q.enqueue(Job("t", retry_config=no_retries()))
+        assert writing.wait(WAIT)
+        since = time.monotonic()
+        while q.get_stats().jobs_timed_out == 0 and time.monotonic() - since < held_for:
+            time.sleep(0.01)  # (counted from before the write, the timeout would have come by now)
+        written.set()
+        assert q.join(WAIT)
+        stats = q.get_stats()
+    assert ran == [job.id]
+    assert (stats.jobs_succeeded, stats.jobs_timed_out, stats.jobs_failed) == (1, 0, 0)
+
+
 # --- success --------------------------------------------------------------------------------
 
 @BOTH_STORES

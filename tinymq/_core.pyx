@@ -2157,8 +2157,8 @@ cdef class WorkerSlot:
     """
     cdef public object job  # the running attempt's job, None between attempts
     cdef public object type_state
-    cdef public double started  # monotonic: when the running attempt started (set before begin)
-    cdef public double deadline  # monotonic
+    cdef public double started  # monotonic: when the running attempt's function was called
+    cdef public double deadline  # monotonic; +inf until the function is called (the store writes its start first)
     cdef public object context
     cdef public bint expired  # the watchdog decided this attempt: its outcome is ignored
     cdef public bint interrupted  # JobTimeout was raised into the thread
@@ -2217,7 +2217,7 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
     """Run attempts until the queue closes or the watchdog retires this worker.
 
     The fast path (success) stays here; everything else goes to ``dispatcher``:
-    ``refresh_hooks(slot)``, ``new_context(job, deadline)``, ``returned(job, state,
+    ``refresh_hooks(slot)``, ``new_context(job)``, ``returned(job, state,
     result)`` (a function returned an awaitable or a generator), ``attempt_failed(job,
     state, exc, holding)`` (it frees the attempt's slot where it places or ends the job),
     ``no_executor(job, state)``, ``after_expired(slot, exc)`` and
@@ -2251,16 +2251,12 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
         if fn is None:
             dispatcher.no_executor(job, state)
             continue
-        started = _monotonic()  # for the attempt's duration, and its exact deadline
-        deadline = INFINITY if state.timeout_seconds < 0.0 else started + state.timeout_seconds
-        context = dispatcher.new_context(job, deadline) if state.takes_context else None
-        slot.started = started
-        slot.begin(job, state, deadline, context)
-        if deadline < watchdog.armed_at:
-            watchdog._wake()
+        context = dispatcher.new_context(job) if state.takes_context else None  # its deadline: at the call
+        slot.begin(job, state, INFINITY, context)  # no deadline yet: a slow start write is not the function's time
         error = None
-        decided = False  # cancelled (or timed out) while the store wrote its start: fn is not called
+        decided = False  # cancelled while the store wrote its start: fn is not called
         cancelled = False  # a cancel was requested on its way here (after begin: a later one finds the slot)
+        started = 0.0  # monotonic: the function's call (0.0 until then)
         try:
             if ready.marks and ready._cancel_requested(job):
                 decided = cancelled = True
@@ -2280,6 +2276,16 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
                 slot.on_start(job)
                 decided = slot.expired
             if not decided:
+                # The timeout bounds the function: its clock starts now, after the store wrote the start.
+                started = _monotonic()
+                slot.started = started
+                if state.timeout_seconds >= 0.0:
+                    deadline = started + state.timeout_seconds
+                    slot.deadline = deadline
+                    if context is not None:
+                        context.deadline = deadline
+                    if deadline < watchdog.armed_at:
+                        watchdog._wake()
                 if context is None:
                     result = fn(job)
                 else:
@@ -2290,6 +2296,8 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
         except BaseException as exc:  # the attempt's failure, whatever it is
             error = exc
         ended = _monotonic()
+        if started == 0.0:  # it failed before its function was called: no time of its own
+            started = ended
         expired = slot.end()
         if error is None and context is not None and not expired and context.cancelled:
             error = dispatcher.cancelled_return(job)  # stop() cancelled it: no success

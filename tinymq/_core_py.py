@@ -1484,8 +1484,8 @@ class WorkerSlot:
         self._lock = threading.Lock()
         self.job: Any = None  # the running attempt's job, None between attempts
         self.type_state: Optional[TypeState] = None
-        self.started = 0.0  # monotonic: when the running attempt started (set before begin)
-        self.deadline = _INF  # monotonic
+        self.started = 0.0  # monotonic: when the running attempt's function was called
+        self.deadline = _INF  # monotonic; +inf until the function is called (the store writes its start first)
         self.context: Any = None
         self.expired = False  # the watchdog decided this attempt: its outcome is ignored
         self.interrupted = False  # JobTimeout was raised into the thread
@@ -1559,7 +1559,7 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
     """Run attempts until the queue closes or the watchdog retires this worker.
 
     The fast path (success) stays here; everything else goes to ``dispatcher``:
-    ``refresh_hooks(slot)``, ``new_context(job, deadline)``, ``returned(job, state, result)``
+    ``refresh_hooks(slot)``, ``new_context(job)``, ``returned(job, state, result)``
     (a function returned an awaitable or a generator: ``_awaitable_or_generator``),
     ``attempt_failed(job, state, exc, holding)`` (``holding``: it frees the attempt's slot where it
     places or ends the job), ``no_executor(job, state)``, ``after_expired(slot, exc)``
@@ -1592,21 +1592,17 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
         if fn is None:
             dispatcher.no_executor(job, state)
             continue
-        started = monotonic()
-        deadline = _INF if state.timeout is None else started + state.timeout
-        context = dispatcher.new_context(job, deadline) if state.takes_context else None
+        context = dispatcher.new_context(job) if state.takes_context else None  # its deadline: at the call
         error: Optional[BaseException] = None
         expired = False
         straight_back = False  # this worker pops again at once, taking the job its slot frees
         slot_kept = False  # the attempt ended, not timed out: its slot is freed where its job is counted or placed
-        ended = started
+        started = ended = 0.0  # monotonic: the function's call and return (started stays 0.0 until the call)
         cancelled = False  # a cancel was requested on its way here (after begin: a later one finds the slot)
         try:  # from begin() on, an interruption may land anywhere: the slot is released below
-            slot.started = started
-            slot.begin(job, state, deadline, context)
+            slot.begin(job, state, _INF, context)  # no deadline yet: a slow start write is not the function's time
             try:
-                watchdog.wake_before(deadline)
-                decided = False  # cancelled (or timed out) while the store wrote its start: fn is not called
+                decided = False  # cancelled while the store wrote its start: fn is not called
                 if marks and ready.cancel_requested(job):
                     decided = cancelled = True
                     if finished is not None:
@@ -1625,6 +1621,13 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
                     slot.on_start(job)
                     decided = slot.expired
                 if not decided:
+                    # The timeout bounds the function: its clock starts now, after the store wrote the start.
+                    started = slot.started = monotonic()
+                    if state.timeout is not None:
+                        slot.deadline = deadline = started + state.timeout
+                        if context is not None:
+                            context.deadline = deadline
+                        watchdog.wake_before(deadline)
                     if context is None:
                         result = fn(job)
                     else:
@@ -1635,6 +1638,8 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
             except BaseException as exc:  # the attempt's failure, whatever it is
                 error = exc
             ended = monotonic()
+            if not started:  # it failed before its function was called: no time of its own
+                started = ended
             expired = slot.end()
             if error is None and context is not None and not expired and context.cancelled:
                 error = dispatcher.cancelled_return(job)  # stop() cancelled it: no success

@@ -293,7 +293,7 @@ class Dispatcher:
                 self._switch(store, finished, job)
 
     def _switch(self, store: Any, finished: Any, job: Any) -> None:
-        """``delete_and_mark_running``; when it raises (the store, or the next attempt's timeout
+        """``delete_and_mark_running``; when it raises (the store, or a cancel of the next attempt
         interrupting this thread in it), the finished job's delete is tried alone: its success stands."""
         try:
             store.delete_and_mark_running(finished.id, job)
@@ -767,8 +767,9 @@ class Dispatcher:
         if future is not None:
             future.cancel()  # cancels the loop's task, and the worker's wait at once
 
-    def new_context(self, job: Any, deadline: float) -> JobContext:
-        return JobContext(job, None if deadline == math.inf else deadline)
+    def new_context(self, job: Any) -> JobContext:
+        """An attempt's context; the worker sets its deadline when it calls the function."""
+        return JobContext(job, None)
 
     # --- async attempts (called by the LoopRunner, on the loop) -------------
 

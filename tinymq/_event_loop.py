@@ -70,8 +70,8 @@ class _Attempt:
         self.state = state
         self.context = context
         self.task = task  # the runner's task that runs it
-        self.started = started  # monotonic, as loop.time(): its duration is counted per type
-        self.deadline = deadline  # monotonic; +inf without a timeout
+        self.started = started  # monotonic, as loop.time(): its duration is counted per type (from the call)
+        self.deadline = deadline  # monotonic; +inf without a timeout, and until the function is called
         self.running = False  # loop thread only: its runner is inside it (awaiting its coroutine)
         self.cancel_requested = False  # loop thread only: the runner's task.cancel() was called for it
         # None while undecided; then "returned", "timed_out", "cancelled" or "stopped"
@@ -337,13 +337,9 @@ class LoopRunner:
             if len(todo) > 1 and self._coming < len(todo) - 1:
                 self._call_runners()  # the others in _todo must not wait for this attempt to end
             job, state = todo.popleft()
-            timeout = state.timeout
-            started = monotonic()
-            deadline = _NO_DEADLINE if timeout is None else started + timeout
-            context = None
-            if state.takes_context:
-                context = JobContext(job, None if timeout is None else deadline)
-            attempt = _Attempt(job, state, context, task, started, deadline)
+            context = JobContext(job, None) if state.takes_context else None  # its deadline: at the call
+            # No deadline yet: a slow write of its start (attempt_starting) is not the function's time.
+            attempt = _Attempt(job, state, context, task, monotonic(), _NO_DEADLINE)
             attempts[attempt] = None
             # Cancelled on its way here (from the core, through _todo): never run. A cancel from now
             # on finds the attempt registered above.
@@ -355,14 +351,20 @@ class LoopRunner:
                     self._report(dispatcher.end_cancelled, job)
                 self._finished(attempt, None, True)  # frees the slot (and tells a broker, returned_late)
                 continue
-            if deadline < self._expiry_at:
-                self._arm(deadline)
             error: Optional[BaseException] = None
             ours = False  # the CancelledError that ended it came from a decision (timeout, cancel, stop)
             attempt.running = True
             try:
                 if (dispatcher.ledger is not None or dispatcher.store is not None) and dispatcher.needs_hooks():
                     await self.loop.run_in_executor(self._io, dispatcher.attempt_starting, job)
+                # The timeout bounds the function: its clock starts now, after the store wrote the start.
+                attempt.started = monotonic()
+                if state.timeout is not None:
+                    attempt.deadline = attempt.started + state.timeout
+                    if context is not None:
+                        context.deadline = attempt.deadline
+                    if attempt.deadline < self._expiry_at:
+                        self._arm(attempt.deadline)
                 fn = state.fn
                 awaitable = fn(job) if context is None else fn(job, context)
                 if awaitable.__class__ is types.CoroutineType or inspect.isawaitable(awaitable):

@@ -234,6 +234,11 @@ class Queue:
         """Call ``fn(job, reason, exc)`` for every job that leaves without success; returns ``fn``."""
         if not callable(fn):
             raise TypeError(f"failure callback must be callable, got {fn!r}")
+        for target in (fn, getattr(fn, "__call__", None)):  # callbacks run synchronously, in a plain call
+            if (inspect.iscoroutinefunction(target) or inspect.isgeneratorfunction(target)
+                    or inspect.isasyncgenfunction(target)):
+                raise TypeError(f"failure callback {fn!r} is an async def or generator function: calling "
+                                "it would only create a coroutine or generator, never run its body")
         self._dispatcher.failure_callbacks.append(fn)
         return fn
 

@@ -13,7 +13,7 @@ import urllib.parse
 from datetime import timedelta
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
-from ..config import _seconds
+from ..config import _count, _seconds
 from ..errors import TinyMQError
 from ..persistence.sqlite import DeadJob
 from ._codec import decode_job
@@ -217,6 +217,8 @@ class RedisBroker:
 
     def names_in_use(self, limit: int = 10) -> List[str]:
         """Up to ``limit`` names of tinymq queues with jobs or counters on this server (sorted)."""
+        if _count("limit", limit, 0) == 0:
+            return []
         names = set()
         try:
             for key in self._client.scan_iter(match="tmq:{*}:stats", count=1000):
