@@ -333,12 +333,6 @@ def test_retry_after_survives_pickle_and_copy_like_the_other_exceptions(how):
 
 # --- interrupt_on_timeout landing inside the store's write of an executor's enqueue -------------
 
-@pytest.mark.xfail(strict=True, reason="the JobTimeout that interrupt_on_timeout raises in the thread "
-                   "lands at the next bytecode after a blocking SQLite call inside the store's write: "
-                   "after a one-statement save has committed (enqueue_many raises PersistenceError, yet "
-                   "its jobs are stored and run after a restart), or right after BEGIN IMMEDIATE, outside "
-                   "the try that rolls back (the store's connection stays in that transaction: every "
-                   "later acknowledged save is lost at close)")
 @pytest.mark.parametrize("batch", [2, 3])  # one multi-row INSERT (autocommit) / two (BEGIN IMMEDIATE first)
 def test_an_interrupted_enqueue_from_an_executor_is_all_or_nothing_and_the_store_stays_durable(tmp_path, batch):
     """api.md: "Every method is safe to call from any thread, executors included"; an executor
