@@ -250,10 +250,6 @@ os._exit(0)  # a module that daemonises itself at import (fork, parent exits), o
 """
 
 
-@pytest.mark.xfail(strict=True, reason="the supervisor takes the check process's exit code 0 as 'the "
-                   "target loaded', though it never said so; then every worker process exits 0 before "
-                   "loading it and is restarted for ever (the --loaded-fd pipe says it never loaded, but "
-                   "only exit code 3 counts as a bad target)")
 def test_worker_refuses_a_target_whose_import_ends_the_process(shared_project, project):
     """docs/cli.md: "A target that cannot be imported ... is an error (exit 1) that says what was
     found, before any worker process starts"; a worker process that cannot load the target is not
