@@ -305,9 +305,6 @@ def test_an_exception_whose_str_fails_is_still_retried_and_reported(redis, backe
 
 # --- RetryAfter cannot be copied or pickled --------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="RetryAfter.__init__(seconds, message) passes only the message "
-                   "to Exception.__init__, so args == (message,) and copy/pickle call "
-                   "RetryAfter(message), which refuses the str as seconds (TypeError)")
 @pytest.mark.parametrize("how", ["pickle", "copy"])
 def test_retry_after_survives_pickle_and_copy_like_the_other_exceptions(how):
     """api.md: "Where this page is silent, do what a Python user would expect from the standard
