@@ -401,19 +401,18 @@ def test_max_concurrent_jobs_and_priority_with_thread_and_loop_types_match_the_m
 
 
 def test_a_switch_interrupted_by_a_cancel_of_the_next_attempt_still_deletes_the_finished_job(tmp_path):
-    """With interrupt_on_timeout, a cancel of the next job raises JobTimeout in the worker's thread,
-    wherever it is; during a switch that is inside the store call that also ends the finished job.
-    The finished job succeeded: its row must still be deleted (else a clean restart runs it again).
-    (The next job's own timeout cannot come there: it counts from its function's call.)"""
-    switching = threading.Event()
+    """With interrupt_on_timeout, a cancel of the next job interrupts the worker's thread; during a
+    switch that thread is inside the store call that also ends the finished job, so the interruption
+    waits until that call has returned (tinymq's own code is never cut). The finished job succeeded:
+    its row must still be deleted (else a clean restart runs it again). (The next job's own timeout
+    cannot come there: it counts from its function's call.)"""
+    switching, cancelled = threading.Event(), threading.Event()
 
     class SlowSwitchStore(SQLitePersistence):
         def delete_and_mark_running(self, job_id, job):
             if job.payload == "b":
                 switching.set()
-                end = time.monotonic() + WAIT
-                while time.monotonic() < end:  # Python code: the interruption lands here
-                    time.sleep(0.005)
+                cancelled.wait(WAIT)  # the cancel's interruption comes while the store call runs
             super().delete_and_mark_running(job_id, job)
 
     store = SlowSwitchStore(str(tmp_path / "jobs.db"))
@@ -428,6 +427,7 @@ def test_a_switch_interrupted_by_a_cancel_of_the_next_attempt_still_deletes_the_
         q.start_dispatcher(workers=1)
         assert switching.wait(WAIT)
         assert q.cancel(b.id)
+        cancelled.set()
         assert q.join(WAIT)
         assert reasons == [("b", "cancelled", None)]
         assert a.id not in [job.id for job in store.jobs()]

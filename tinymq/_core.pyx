@@ -2154,6 +2154,10 @@ cdef class WorkerSlot:
     ``expire`` (watchdog) and the worker's end of an attempt decide it exactly
     once between them; both decide under the GIL without calling Python code, so
     ``end`` sees ``expired``, ``retired`` and ``interrupted`` all set or none.
+
+    ``with slot:`` (the worker's thread only, see tinymq/_shield.py) shields
+    tinymq's own code from an interruption: ``expire`` then defers it, and the
+    outermost block raises it as it ends (or ``raise_deferred`` earlier).
     """
     cdef public object job  # the running attempt's job, None between attempts
     cdef public object type_state
@@ -2169,13 +2173,33 @@ cdef class WorkerSlot:
     # Set by the dispatcher when a store commits a finished job's end and the next job's start
     # together: on_switch(finished, job) replaces on_success(finished) and on_start(job).
     cdef public object on_switch
+    cdef public int shielded  # nested ``with slot:`` blocks the worker's thread is in
+    cdef public bint deferred  # an interruption came while shielded: JobTimeout is raised as it ends
 
     def __cinit__(self):
         self.deadline = INFINITY
 
     cpdef begin(self, job, state, double deadline, context):
         self.job, self.type_state, self.deadline, self.context = job, state, deadline, context
-        self.expired = self.interrupted = False
+        self.expired = self.interrupted = self.deferred = False
+
+    # Entering, leaving and expire() run no Python code in between their reads and writes (the
+    # GIL is held throughout), so the watchdog sees the block entered or not, never half.
+    def __enter__(self):
+        self.shielded += 1
+        return self
+
+    def __exit__(self, *exc_info):
+        self.shielded -= 1
+        if self.deferred and not self.shielded:
+            self.deferred = False
+            raise JobTimeout()
+
+    def raise_deferred(self):
+        """Raise, inside a shielded block, the JobTimeout that an interruption deferred, if one did."""
+        if self.deferred:
+            self.deferred = False
+            raise JobTimeout()
 
     cpdef bint end(self):
         """The function returned: True when the watchdog had already decided the attempt.
@@ -2197,6 +2221,7 @@ cdef class WorkerSlot:
         With ``job``, only that job's attempt (a cancel: ``now`` is +inf). An
         attempt that cancels itself is not interrupted: ``JobTimeout`` would be
         raised inside the cancel, before it ends the job; its context is cancelled.
+        A thread inside ``with slot:`` is interrupted when the block ends.
         """
         if self.job is None or self.expired or self.deadline > now or (job is not None and self.job is not job):
             return None
@@ -2206,7 +2231,10 @@ cdef class WorkerSlot:
         self.retired = True
         state = self.type_state
         if state is not None and (<TypeState>state).interrupt and self.thread_id != PyThread_get_thread_ident():
-            self.interrupted = PyThreadState_SetAsyncExc(self.thread_id, <PyObject *>JobTimeout) == 1
+            if self.shielded:
+                self.deferred = True  # tinymq's own code must not be cut midway
+            else:
+                self.interrupted = PyThreadState_SetAsyncExc(self.thread_id, <PyObject *>JobTimeout) == 1
         job, context = self.job, self.context
         if context is not None:  # decided: the context's code may let the worker end meanwhile
             context._cancel("timed out")

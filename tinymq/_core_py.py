@@ -1475,10 +1475,15 @@ class WorkerSlot:
     ``expire`` (watchdog) and ``end`` (worker) decide the attempt exactly once
     between them, under ``_lock``: ``end`` sees ``expired``, ``retired`` and
     ``interrupted`` all set or none.
+
+    ``with slot:`` (the worker's thread only, see tinymq/_shield.py) shields
+    tinymq's own code from an interruption: ``expire`` then defers it, and the
+    outermost block raises it as it ends (or ``raise_deferred`` earlier).
     """
 
     __slots__ = ("_lock", "job", "type_state", "started", "deadline", "context", "expired",
-                 "interrupted", "retired", "thread_id", "on_start", "on_success", "on_switch")
+                 "interrupted", "retired", "thread_id", "on_start", "on_success", "on_switch",
+                 "shielded", "deferred")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -1496,11 +1501,34 @@ class WorkerSlot:
         # Set by the dispatcher when a store commits a finished job's end and the next job's start
         # together: on_switch(finished, job) replaces on_success(finished) and on_start(job).
         self.on_switch: Optional[Callable[[Any, Any], None]] = None
+        self.shielded = 0  # nested ``with slot:`` blocks the worker's thread is in (guarded by _lock)
+        self.deferred = False  # an interruption came while shielded: JobTimeout is raised as it ends
 
     def begin(self, job: Any, state: TypeState, deadline: float, context: Any) -> None:
         with self._lock:
             self.job, self.type_state, self.deadline, self.context = job, state, deadline, context
-            self.expired = self.interrupted = False
+            self.expired = self.interrupted = self.deferred = False
+
+    def __enter__(self) -> "WorkerSlot":
+        with self._lock:
+            self.shielded += 1
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            self.shielded -= 1
+            deferred = self.deferred and not self.shielded
+            if deferred:
+                self.deferred = False
+        if deferred:
+            raise JobTimeout()
+
+    def raise_deferred(self) -> None:
+        """Raise, inside a shielded block, the JobTimeout that an interruption deferred, if one did."""
+        with self._lock:
+            deferred, self.deferred = self.deferred, False
+        if deferred:
+            raise JobTimeout()
 
     def end(self) -> bool:
         """The function returned: True when the watchdog had already decided the attempt.
@@ -1521,6 +1549,7 @@ class WorkerSlot:
         With ``job``, only that job's attempt (a cancel: ``now`` is +inf). An
         attempt that cancels itself is not interrupted: ``JobTimeout`` would be
         raised inside the cancel, before it ends the job; its context is cancelled.
+        A thread inside ``with slot:`` is interrupted when the block ends.
         """
         with self._lock:
             if self.job is None or self.expired or self.deadline > now or (job is not None and self.job is not job):
@@ -1529,7 +1558,10 @@ class WorkerSlot:
             self.retired = True
             state = self.type_state
             if state is not None and state.interrupt and self.thread_id != threading.get_ident():
-                self.interrupted = interrupt_thread(self.thread_id, JobTimeout)
+                if self.shielded:
+                    self.deferred = True  # tinymq's own code must not be cut midway
+                else:
+                    self.interrupted = interrupt_thread(self.thread_id, JobTimeout)
             job, context = self.job, self.context
         if context is not None:  # decided: the context's code may let the worker end meanwhile
             context._cancel("timed out")

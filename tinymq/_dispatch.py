@@ -41,7 +41,9 @@ import types
 import weakref
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Protocol, Set, Tuple
 
+from . import _shield
 from ._pick_core import core
+from ._shield import shield
 from .config import Config, ExecutorConfig
 from ._event_loop import _UNWIND_WAIT, LOOP_LATE, LoopRunner, timeout_error
 from .context import JobContext
@@ -186,6 +188,8 @@ class Dispatcher:
 
     def register(self, job_type: str, fn: Callable[..., Any], config: ExecutorConfig,
                  takes_context: bool, is_async: bool = False) -> None:
+        if config.interrupt_on_timeout:
+            _shield.interrupting = True  # from now on, shield() protects tinymq's code in worker threads
         with self._lock:
             self._registered[job_type] = (fn, config, takes_context)
         self.ready.configure(job_type, fn, config.max_concurrent_jobs, config.timeout,
@@ -242,9 +246,10 @@ class Dispatcher:
     def _mark_running(self, job: Any) -> None:
         store = self.store
         if store is not None:
-            self.call_store("mark_running", store.mark_running, job)
-            if self._stopping:
-                self._started_after_stop(job)
+            with shield():  # the attempt's deadline may pass while the store writes its start
+                self.call_store("mark_running", store.mark_running, job)
+                if self._stopping:
+                    self._started_after_stop(job)
 
     def _started_after_stop(self, job: Any) -> None:
         """A start was written while stop() began: if stop() cancelled this attempt and saved its job
@@ -280,21 +285,22 @@ class Dispatcher:
         in one commit, before ``finished`` counts as finished and before ``job`` runs."""
         logger.debug("job %s (%s) succeeded", finished.id, finished.type)
         store = self.store
-        if not self._stopping:
-            self._switch(store, finished, job)
-            if self._stopping:
-                self._started_after_stop(job)
-            return
-        with self._stop_order:  # after stop()'s save-back of the finished job, if it made one
-            self._decided.add(finished)
-            if job in self._stop_cancelled:  # stop() saved the next job back as ready: it stays so
-                self.call_store("delete", store.delete, finished.id)
-            else:
+        with shield():  # the next attempt's deadline may pass while the store writes
+            if not self._stopping:
                 self._switch(store, finished, job)
+                if self._stopping:
+                    self._started_after_stop(job)
+                return
+            with self._stop_order:  # after stop()'s save-back of the finished job, if it made one
+                self._decided.add(finished)
+                if job in self._stop_cancelled:  # stop() saved the next job back as ready: it stays so
+                    self.call_store("delete", store.delete, finished.id)
+                else:
+                    self._switch(store, finished, job)
 
     def _switch(self, store: Any, finished: Any, job: Any) -> None:
-        """``delete_and_mark_running``; when it raises (the store, or a cancel of the next attempt
-        interrupting this thread in it), the finished job's delete is tried alone: its success stands."""
+        """``delete_and_mark_running``; when it raises, the finished job's delete is tried alone: its
+        success stands."""
         try:
             store.delete_and_mark_running(finished.id, job)
         except Exception:
@@ -363,6 +369,7 @@ class Dispatcher:
             if failure is not None:
                 self.attempt_failed(*failure)
                 failure = None
+            _shield.set_worker_slot(slot)
             core.run_worker(self.ready, slot, self.watchdog_alarm, self)
         except JobTimeout:  # a late interruption landing in a retired worker on its way out
             logger.debug("a retired worker received its interruption late; it exits")

@@ -139,15 +139,18 @@ class _Tick:
 
 
 class _Every:
-    def __init__(self, interval: float, first_delay: Optional[float]) -> None:
+    def __init__(self, interval: float, first_due: Optional[float]) -> None:
         self.interval = interval
-        self.first_delay = first_delay
+        self.first_due = first_due  # monotonic time of first_at (from when every() was called), or None
         self.description = f"every {interval:g}s"
 
     def first(self, now_mono: float, now_wall: float, fired_until: float) -> _Tick:
         # A new series: ticks on the monotonic clock do not survive a restart.
-        delay = self.interval if self.first_delay is None else self.first_delay
-        return _Tick(now_mono + delay, now_wall + delay, 0)
+        if self.first_due is None:
+            due = now_mono + self.interval
+        else:
+            due = max(self.first_due, now_mono)  # a first_at that passed before the start fires at it
+        return _Tick(due, now_wall + (due - now_mono), 0)
 
     def after(self, tick: _Tick, now_mono: float, now_wall: float) -> _Tick:
         # Ticks the timer overslept (a blocked store, a suspended machine) are merged into one.
@@ -284,11 +287,11 @@ class Periodic:
         if seconds < MIN_INTERVAL:  # each tick is a wake-up of the timer thread, even a skipped one
             raise ValueError(f"interval must be at least {MIN_INTERVAL} s, got {interval!r}")
         job_type = _as_type(job_type)
-        first_delay = None
-        if first_at is not None:
-            first_delay = max(0.0, _as_run_at(first_at, "first_at") - self._wall())  # as run_at: a delay
+        first_due = None
+        if first_at is not None:  # as run_at: a delay from now, on the monotonic clock
+            first_due = self._monotonic() + max(0.0, _as_run_at(first_at, "first_at") - self._wall())
         return self._add(name if name is not None else job_type, job_type, payload, priority,
-                         _Every(seconds, first_delay))
+                         _Every(seconds, first_due))
 
     def cron(self, expression: str, job_type: str, payload: Any, name: Optional[str], priority: Any,
              tz: Any) -> str:

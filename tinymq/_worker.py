@@ -229,11 +229,11 @@ def run_child(target: str, workers: int, check: bool, loaded_fd: Optional[int] =
         # The supervisor shows a check's message as its own error; a worker's goes among the logs.
         print(exc if check else f"tinymq worker: error: {exc}", file=sys.stderr, flush=True)
         _exit_at_once(EXIT_BAD_TARGET)  # nothing of tinymq runs: no queue, or one stopped already
-    if wakeup is None:
-        _exit_at_once(0)
     if loaded_fd is not None:
         os.write(loaded_fd, b"1")
         os.close(loaded_fd)
+    if wakeup is None:
+        _exit_at_once(0)
     watch.loaded()
     stop_reason = None
     for number in wakeup.received():  # a signal that came during the import
@@ -311,11 +311,24 @@ class Supervisor:
         False when a stop signal came first: the check (an import that may hang) is killed.
         """
         # stdin: a pipe, as a worker process has, that closes when this process ends however it ends.
+        # The check says it loaded the target through a pipe of its own: exiting 0 does not say so (an
+        # import may end its process).
+        reader, writer = os.pipe()
         try:
-            process = subprocess.Popen(self._command("--check"), stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        except OSError as exc:
-            raise CommandError(f"could not start the process that checks {self.target!r}: {exc}") from None
+            try:
+                process = subprocess.Popen(self._command("--check", "--loaded-fd", str(writer)),
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                           pass_fds=(writer,))
+            except OSError as exc:
+                raise CommandError(f"could not start the process that checks {self.target!r}: {exc}") from None
+            finally:
+                os.close(writer)
+            return self._read_check(process, reader, wakeup)
+        finally:
+            os.close(reader)
+
+    def _read_check(self, process: "subprocess.Popen[bytes]", loaded: int, wakeup: _SignalWakeup) -> bool:
+        """Pass on what the check prints; its verdict once it has exited (``loaded``: its --loaded-fd pipe)."""
         output = {process.stdout: bytearray(), process.stderr: bytearray()}
         streams = list(output)
         while streams:
@@ -346,6 +359,14 @@ class Supervisor:
         if returncode != 0:
             raise CommandError(f"loading {self.target!r} failed: the process that checked it "
                                f"{_exit_description(returncode)}")
+        os.set_blocking(loaded, False)
+        try:
+            said_loaded = bool(os.read(loaded, 1))
+        except BlockingIOError:  # nothing written, and the write end still open (a process it started has it)
+            said_loaded = False
+        if not said_loaded:
+            raise CommandError(f"loading {self.target!r} failed: the process that checked it exited with "
+                               "code 0 before it had loaded the target (importing the module ended the process)")
         return True
 
     def _start(self, slot: _Slot) -> None:

@@ -169,7 +169,8 @@ class ExecutorConfig:
     failed with JobTimeout; Python cannot kill a thread, so the function is told
     cooperatively (its JobContext is cancelled) and, with
     ``interrupt_on_timeout=True``, JobTimeout is also raised inside its thread at
-    the next Python bytecode. The type's slot stays taken until the function
+    the next Python bytecode outside tinymq's own code (an ``enqueue`` or ``cancel``
+    it makes ends first: all or nothing). The type's slot stays taken until the function
     really returns, so ``max_concurrent_jobs`` is never exceeded. An async
     executor's task is cancelled at the deadline instead.
 

@@ -1,7 +1,7 @@
 """tinymq's exceptions, defined once and raised by both cores and the façade."""
 import queue
 from datetime import timedelta
-from typing import Optional, Union
+from typing import Any, Optional, Tuple, Union
 
 __all__ = [
     "TinyMQError", "QueueFull", "QueueStopped", "PersistenceError", "JobTimeout", "DuplicateJob",
@@ -51,3 +51,7 @@ class RetryAfter(TinyMQError):
 
         self.seconds = _seconds("RetryAfter seconds", seconds)
         super().__init__(message if message is not None else f"retry after {self.seconds:g}s")
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        # copy and pickle call the class again: with the seconds, not only the message that args holds
+        return type(self), (self.seconds, self.args[0] if self.args else None), self.__dict__

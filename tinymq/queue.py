@@ -15,10 +15,12 @@ import weakref
 from datetime import timedelta
 from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union
 
+from . import _shield
 from ._dispatch import AttemptLedger, Dispatcher, FailureCallback, NoThreadLeft, _describe
 from ._periodic import Periodic, ScheduleStats
 from ._event_loop import is_async_executor
 from ._pick_core import core
+from ._shield import shield
 from .config import Config, ExecutorConfig, RateLimit, RetryConfig, _optional_seconds, _seconds
 from .errors import DuplicateJob, PersistenceError, QueueFull, QueueStopped
 from .job import Job, Priority, RunAt, _as_priority, _as_type, _validate
@@ -279,24 +281,28 @@ class Queue:
             run_at = _validate(job)  # the core checks priority itself
         if self._link is not None:
             job.priority = _as_priority(job.priority)
-            self._link.enqueue([job], block, timeout)
+            with shield():  # an executor's enqueue is not cut midway by its interruption
+                self._link.enqueue([job], block, timeout)
             return job
         # A job due at its creation (the default: the same float) is due now, whatever the clock did.
-        if self._store is None and (run_at is job.timestamp or run_at <= _now()) and self._ready.push(job):
+        # (Once an executor interrupts, the slow path shields the push: the pure core's is Python code.)
+        if (self._store is None and not _shield.interrupting and (run_at is job.timestamp or run_at <= _now())
+                and self._ready.push(job)):
             return job
         return self._enqueue_slow(job, run_at, block, timeout)
 
     def _enqueue_slow(self, job: Job, run_at: float, block: bool, wait: Optional[float],
                       withdrawn: Optional[threading.Event] = None) -> Job:
-        job_id = job._id
-        if self._store is None or job_id.__class__ is not str:
-            # No store (the core refuses duplicates), or an id the save makes (unique).
-            return self._save_and_place(job, run_at, block, wait, withdrawn)
-        self._claim([job_id])
-        try:
-            return self._save_and_place(job, run_at, block, wait, withdrawn)
-        finally:
-            self._unclaim([job_id])
+        with shield():  # an executor's enqueue is not cut midway by its interruption
+            job_id = job._id
+            if self._store is None or job_id.__class__ is not str:
+                # No store (the core refuses duplicates), or an id the save makes (unique).
+                return self._save_and_place(job, run_at, block, wait, withdrawn)
+            self._claim([job_id])
+            try:
+                return self._save_and_place(job, run_at, block, wait, withdrawn)
+            finally:
+                self._unclaim([job_id])
 
     def _refuse_if_stopped(self) -> None:
         if self._dispatcher.stopping:
@@ -332,6 +338,7 @@ class Queue:
             except Exception as exc:
                 raise PersistenceError(f"could not save job {job.id} ({job.type!r}): {_describe(exc)}") from exc
         try:
+            shield().raise_deferred()  # interrupted while it saved: the job is not placed, and not kept
             delay = run_at - _now()
             if run_at is not job.timestamp and delay > 0.0:
                 job.priority = _as_priority(job.priority)  # the core reads it only when due
@@ -391,10 +398,16 @@ class Queue:
                 delays.append(run_at - now)
             else:
                 ready_jobs.append(job)
-        if self._link is not None:
-            if batch:
-                self._link.enqueue(batch, False, None)
-            return batch
+        with shield():  # an executor's enqueue_many is not cut midway by its interruption
+            if self._link is not None:
+                if batch:
+                    self._link.enqueue(batch, False, None)
+            else:
+                self._enqueue_batch(batch, ready_jobs, delayed_jobs, delays)
+        return batch
+
+    def _enqueue_batch(self, batch: List[Job], ready_jobs: List[Job], delayed_jobs: List[Job],
+                       delays: List[float]) -> None:
         job_ids = [job._id for job in batch if job._id.__class__ is str] if self._store is not None else []
         if len(set(job_ids)) < len(job_ids):
             raise DuplicateJob(f"an id is given twice in this batch of {len(batch)} jobs; "
@@ -414,7 +427,6 @@ class Queue:
                 self._save_and_place_many(batch, ready_jobs, delayed_jobs, delays)
             finally:
                 self._unclaim(job_ids)
-        return batch
 
     def _save_and_place_many(self, batch: List[Job], ready_jobs: List[Job], delayed_jobs: List[Job],
                              delays: List[float]) -> None:
@@ -437,6 +449,7 @@ class Queue:
                     raise
                 raise PersistenceError(f"could not save a batch of {len(batch)} jobs: {exc}") from exc
         try:
+            shield().raise_deferred()  # interrupted while it saved: nothing is placed, and nothing kept
             if not self._dispatcher.push_many(ready_jobs, delayed_jobs, delays):
                 raise QueueFull(
                     f"the ready buffer has no room for {len(ready_jobs)} more jobs "
@@ -663,9 +676,10 @@ class Queue:
         """
         if type(job_id) is not str:
             raise TypeError(f"job_id must be a str, got {job_id!r}")
-        if self._link is not None:
-            return self._link.cancel(job_id)
-        return self._dispatcher.cancel(job_id)
+        with shield():  # an executor's cancel is not cut midway by its interruption
+            if self._link is not None:
+                return self._link.cancel(job_id)
+            return self._dispatcher.cancel(job_id)
 
     async def aenqueue(self, job: Job, *, block: bool = False,
                        timeout: Union[float, timedelta, None] = None) -> Job:

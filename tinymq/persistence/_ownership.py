@@ -25,7 +25,7 @@ import socket
 import stat
 import threading
 import time
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from ..errors import PersistenceError
 
@@ -48,11 +48,15 @@ class OwnedError(PersistenceError):
     """The database file has a live owner (the store ``claim`` moves on from)."""
 
     def __init__(self, path: str, pid: Optional[int], detail: str = "") -> None:
-        self.pid = pid
+        self.path, self.pid, self.detail = path, pid, detail
         owner = f"pid {pid}" if pid is not None else "a process whose pid the lock file does not show (yet)"
         super().__init__(f"{path!r} is owned by a live store ({owner}{detail}); a file has one "
                          f"owner at a time: use another file (see SQLitePersistence.claim), or "
                          f"read_only=True to inspect it")
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        # copy and pickle call the class again: with its arguments, not the message that args holds
+        return type(self), (self.path, self.pid, self.detail), self.__dict__
 
 
 def check_file(path: str, *, mode: str) -> Optional[os.stat_result]:

@@ -33,6 +33,7 @@ from collections import deque
 from datetime import timedelta
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
+from .._shield import shield
 from ..config import RetryConfig, _seconds
 from ..errors import PersistenceError
 from ..job import _DEFAULT_RETRY_CONFIG, Job
@@ -765,21 +766,23 @@ class SQLitePersistence:
         if self._pid != os.getpid() or self._closed or self.read_only:
             self._check_usable()
         unit = _Unit(statements)
-        self._pending.append(unit)
-        with self._commit_lock:
-            if not unit.done:  # nobody committed it for us while we waited: lead a batch
-                pending = self._pending
-                batch = [pending.popleft() for _ in range(len(pending))]
-                if self._closed:
-                    for waiting in batch:
-                        waiting.error = PersistenceError(f"{self!r} was closed")
-                elif batch:
-                    self._commit(batch)
-                    now = time.monotonic()
-                    if now >= self._next_wal_check:  # a stat per commit would cost a user-visible share
-                        self._next_wal_check = now + _WAL_CHECK_INTERVAL
-                        if _ownership.identity(self._wal_path) != self._wal:
-                            self._rescue_wal(batch)
+        # A worker thread's interruption (interrupt_on_timeout) waits: this thread may commit other threads' units.
+        with shield():
+            self._pending.append(unit)
+            with self._commit_lock:
+                if not unit.done:  # nobody committed it for us while we waited: lead a batch
+                    pending = self._pending
+                    batch = [pending.popleft() for _ in range(len(pending))]
+                    if self._closed:
+                        for waiting in batch:
+                            waiting.error = PersistenceError(f"{self!r} was closed")
+                    elif batch:
+                        self._commit(batch)
+                        now = time.monotonic()
+                        if now >= self._next_wal_check:  # a stat per commit would cost a user-visible share
+                            self._next_wal_check = now + _WAL_CHECK_INTERVAL
+                            if _ownership.identity(self._wal_path) != self._wal:
+                                self._rescue_wal(batch)
         if not unit.done:
             error = unit.error
             if isinstance(error, PersistenceError):
@@ -880,8 +883,8 @@ class SQLitePersistence:
                 return
             # A save left a row of its id (a dead job's): again, in a transaction that replaces it.
         replaced: Dict[str, Tuple[Any, tuple]] = {}
-        cursor.execute("BEGIN IMMEDIATE")  # take the write lock now: no deadlock on upgrade
-        try:
+        try:  # (BEGIN inside: whatever ends this call, the connection never stays in the transaction)
+            cursor.execute("BEGIN IMMEDIATE")  # take the write lock now: no deadlock on upgrade
             for sql, parameters in statements:
                 cursor.execute(sql, parameters)
                 columns = _SAVES.get(sql)
@@ -919,8 +922,8 @@ class SQLitePersistence:
     def _in_transaction(self, conn: sqlite3.Connection, work: Any, what: str) -> Any:
         """Run ``work(conn)`` in one write transaction (the caller holds _commit_lock, or is opening)."""
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            try:  # (BEGIN inside: whatever ends this call, the connection never stays in the transaction)
+                conn.execute("BEGIN IMMEDIATE")
                 result = work(conn)
                 conn.execute("COMMIT")
             except BaseException:
@@ -1012,7 +1015,7 @@ class SQLitePersistence:
             return 0
 
         self._check_usable()
-        with self._commit_lock:
+        with shield(), self._commit_lock:
             self._check_usable()
             self._in_transaction(self._conn, restore, f"undoing the save of job {job_id!r}")
             if self._replaced.get(job_id) is entry:
@@ -1212,6 +1215,6 @@ class SQLitePersistence:
 
     def _change(self, work: Any) -> int:
         self._check_usable()
-        with self._commit_lock:
+        with shield(), self._commit_lock:
             self._check_usable()
             return self._in_transaction(self._conn, work, "changing dead rows")  # type: ignore[no-any-return]

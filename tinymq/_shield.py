@@ -1,0 +1,51 @@
+"""Keeping an interruption out of tinymq's own code.
+
+``ExecutorConfig(interrupt_on_timeout=True)`` raises JobTimeout inside a worker
+thread at its next bytecode. Landing in tinymq's own code run by that thread (an
+executor's ``enqueue`` between its save and its placement, a store's transaction
+that may hold other threads' saves) it would leave things half done. Such code
+runs ``with shield():``. In a worker thread, that is the thread's WorkerSlot:
+the watchdog then defers the interruption, and the outermost block raises it as
+it ends. Anywhere else nothing can interrupt the thread, and it does nothing.
+"""
+import threading
+from typing import Any
+
+__all__ = ["shield", "set_worker_slot", "interrupting"]
+
+_worker = threading.local()  # .slot: the WorkerSlot of a worker thread, set as the thread starts
+# An executor with interrupt_on_timeout=True was registered (in any queue): until then no thread
+# can be interrupted, and shield() costs one look at this flag.
+interrupting = False
+
+
+class _NoShield:
+    """The shield of a thread that nothing interrupts."""
+
+    def __enter__(self) -> "_NoShield":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+    def raise_deferred(self) -> None:
+        return None
+
+
+_NO_SHIELD = _NoShield()
+
+
+def shield() -> Any:
+    """What ``with`` takes around code an interruption must not cut: the worker's slot, or a no-op.
+
+    Inside, ``shield().raise_deferred()`` raises at once the JobTimeout the block
+    would raise at its end: at the last point where the block can still undo its work.
+    """
+    if interrupting:
+        return getattr(_worker, "slot", _NO_SHIELD)
+    return _NO_SHIELD
+
+
+def set_worker_slot(slot: Any) -> None:
+    """Called by a worker thread as it starts: its shield is ``slot``."""
+    _worker.slot = slot
