@@ -62,9 +62,6 @@ def redis(redis_backend):
     return redis_backend
 
 
-@pytest.mark.xfail(strict=True, reason="over a RedisBroker a job's retries are not sent at enqueue "
-                   "(job_row/encode_job leave them out; Redis starts it at 0), so a job that has had "
-                   "its failed attempts gets max_retries + 1 more")
 @pytest.mark.parametrize("call", ["enqueue", "enqueue_many"])
 def test_the_failed_attempts_a_job_brings_count_against_max_retries_over_redis(redis, call):
     """api.md, enqueue: `retries` ("an int from 0, the failed attempts the job has had, which count
