@@ -208,9 +208,6 @@ def _script_calls(client):
     return sum(stats.get(name, {}).get("calls", 0) for name in ("cmdstat_evalsha", "cmdstat_eval"))
 
 
-@pytest.mark.xfail(strict=True, reason="over a RedisBroker, enqueue(block=True) that waits for room "
-                   "raises QueueFull when stop() comes (RedisLink._enqueue treats stopping as a timeout), "
-                   "long before its timeout; in-process it raises QueueStopped")
 def test_a_wait_for_room_ended_by_stop_raises_queue_stopped_over_redis(redis, redis_server):
     """api.md: after stop() enqueue raises QueueStopped; with block=True it waits for room "at most
     timeout seconds, then QueueFull". A producer that retries on QueueFull and shuts down on

@@ -212,8 +212,10 @@ class QueueLink:
             if reply.status == "dup":
                 raise DuplicateJob(f"a job with id {reply.duplicate_id!r} is already queued and unfinished"
                                    + ("" if len(rows) == 1 else "; none of the batch was enqueued"))
+            if block and self.dispatcher.stopping:  # stop() ended the wait for room, as in-process
+                raise QueueStopped("the queue was stopped while enqueue waited for room in the ready buffer")
             remaining = None if deadline is None else deadline - time.monotonic()
-            if not block or (remaining is not None and remaining <= 0.0) or self.dispatcher.stopping:
+            if not block or (remaining is not None and remaining <= 0.0):
                 if len(rows) == 1:
                     raise QueueFull(f"the ready buffer is full ({self.config.buffer_size} jobs); job "
                                     f"{rows[0][0]} ({rows[0][1]!r}) was not enqueued")
