@@ -269,9 +269,6 @@ class UpstreamError(Exception):
         return f"{self.status}: upstream refused"
 
 
-@pytest.mark.xfail(strict=True, reason="attempt_failed formats the exception (job.last_error = "
-                   "_describe(exc)) inside its try; str(exc) raising makes it fail the job at once as "
-                   "'retries_exhausted' with tinymq's own AttributeError, after one attempt, no retry")
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 @pytest.mark.parametrize("kind", ["thread", "async"])
 def test_an_exception_whose_str_fails_is_still_retried_and_reported(redis, backend, kind):

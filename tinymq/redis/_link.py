@@ -46,7 +46,7 @@ from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set
 
 from .._pick_core import core
 from ..config import RateLimit
-from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError
+from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError, _describe
 from ..stats import ExecutorStats, QueueStats
 from ._codec import decode_job, encode_job
 from ._scripts import Crashed, SettleOp
@@ -105,10 +105,6 @@ def job_row(job: Any, now: float) -> Tuple[str, str, int, float, str, int]:
 def _report_key(job_id: str, reason: str, proc: str, attempt: str) -> str:
     """The field of a job this process ended for good in reporting:<proc> (lib.lua's keep_report)."""
     return f"{job_id}|{reason}|{proc}|{attempt}"
-
-
-def _describe(exc: Optional[BaseException]) -> str:
-    return "" if exc is None else f"{exc.__class__.__name__}: {exc}"
 
 
 class QueueLink:
@@ -636,7 +632,7 @@ class QueueLink:
         would hand the kept row on to be reported again by another process, though the
         callbacks run here too.
         """
-        error = _describe(exc) or (job.last_error or "")
+        error = (job.last_error or "") if exc is None else _describe(exc)
         me = threading.get_ident()
         with self._reporting_here():
             decided = self._decide(job, "Z", reason=reason, error=error)
