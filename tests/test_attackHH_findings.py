@@ -158,9 +158,6 @@ def test_a_job_accepted_over_redis_runs_or_its_failure_is_reported_and_kept(redi
 NON_UTF8_NAME = "report-\udcff.csv"  # os.fsdecode(b"report-\xff.csv"): a str Python code passes around
 
 
-@pytest.mark.xfail(strict=True, reason="over a RedisBroker, a lone surrogate in a job's text fails in "
-                   "redis-py's encoder with a bare UnicodeEncodeError that names no attribute (the "
-                   "SQLite store names it: 'its payload has text that is not valid Unicode')")
 @pytest.mark.parametrize("attribute", ["payload", "tags", "type", "id"])
 def test_enqueue_over_redis_names_the_attribute_whose_text_redis_cannot_take(redis, attribute):
     """api.md, Clocks and validation: "A bad value raises TypeError/ValueError naming it" (or the
@@ -181,17 +178,12 @@ def test_enqueue_over_redis_names_the_attribute_whose_text_redis_cannot_take(red
     assert q.get_stats().jobs_enqueued == accepted + 1
 
 
-@pytest.mark.xfail(strict=True, reason="over a RedisBroker, cancel() of an id with a lone surrogate "
-                   "raises a bare UnicodeEncodeError from redis-py instead of returning False")
 def test_cancel_over_redis_of_an_id_no_job_can_have_returns_false(redis):
     """api.md: "Returns False when no unfinished job has that id" (in-process it does)."""
     q = redis.queue()
     assert q.cancel(NON_UTF8_NAME) is False
 
 
-@pytest.mark.xfail(strict=True, reason="the broker's check of a schedule's payload (encode_job) passes "
-                   "text that Redis cannot take, so every() accepts it and then skips every tick "
-                   "(an ERROR each time) instead of refusing it at registration")
 def test_a_schedule_whose_payload_redis_cannot_take_is_refused_at_registration(redis):
     """As test_redis_attackR_findings' non-JSON payload: q.every must raise at once, naming the
     schedule, not skip every tick."""

@@ -7,14 +7,14 @@ The retry config is written as the SQLite store writes it: an object of
 RetryConfig's fields, or null for the default one.
 """
 import json
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, Optional
 
 from ..config import RetryConfig
 from ..job import _DEFAULT_RETRY_CONFIG, Job, Priority
 from ..persistence.serializers import JSONSerializer
 from ..persistence.sqlite import _RETRY_FIELDS
 
-__all__ = ["encode_job", "decode_job"]
+__all__ = ["encode_job", "decode_job", "is_utf8", "unsendable"]
 
 _serializer = JSONSerializer()
 _retry_configs: Dict[str, RetryConfig] = {}  # decoded config text -> config, shared by jobs
@@ -37,6 +37,29 @@ def encode_job(job: Job) -> str:
     except (TypeError, ValueError, RecursionError) as exc:
         raise TypeError(f"job {job.id!r} ({job.type!r}) cannot be sent to Redis: its payload "
                         f"must be JSON-serialisable ({exc})") from exc
+
+
+def is_utf8(text: str) -> bool:
+    """Whether Redis can take ``text``: UTF-8 has no lone surrogates (which os.fsdecode makes of
+    a file name that is not UTF-8, for one)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def unsendable(jobs: Iterable[Job]) -> Optional[ValueError]:
+    """The error naming the first job and attribute (id, type, payload, tags) whose text Redis
+    cannot take (not ``is_utf8``), or None. Looked for only once a send failed on such text."""
+    for job in jobs:
+        for name, value in (("id", job.id), ("type", job.type), ("payload", job.payload), ("tags", job._tags)):
+            if not is_utf8(value if value.__class__ is str else _serializer.dumps(value)):
+                return ValueError(f"job {job.id!r} ({job.type!r}) cannot be sent to Redis: its {name} has "
+                                  "text that is not valid Unicode (a lone surrogate?)")
+    return None
 
 
 def _retry_config(fields: Optional[Dict[str, Any]]) -> RetryConfig:

@@ -48,7 +48,7 @@ from .._pick_core import core
 from ..config import RateLimit
 from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError, _describe
 from ..stats import ExecutorStats, QueueStats
-from ._codec import decode_job, encode_job
+from ._codec import decode_job, encode_job, is_utf8, unsendable
 from ._scripts import Crashed, SettleOp
 
 __all__ = ["QueueLink"]
@@ -184,11 +184,17 @@ class QueueLink:
             seen.add(job_id)
             rows.append(job_row(job, now))
         token = os.urandom(8).hex()  # a resend of this call is recognised by it
-        if self.config.max_delayed_jobs and any(row[3] for row in rows):  # it may evict
-            with self._reporting_rows(token) as (caller, lease_ms):
-                self._enqueue(rows, token, block, timeout, caller, lease_ms)
-        else:
-            self._enqueue(rows, token, block, timeout, "", 0)
+        try:
+            if self.config.max_delayed_jobs and any(row[3] for row in rows):  # it may evict
+                with self._reporting_rows(token) as (caller, lease_ms):
+                    self._enqueue(rows, token, block, timeout, caller, lease_ms)
+            else:
+                self._enqueue(rows, token, block, timeout, "", 0)
+        except UnicodeEncodeError as exc:  # (from the client, before it sent anything)
+            error = unsendable(jobs)
+            if error is None:
+                raise
+            raise error from exc
 
     def _enqueue(self, rows: List[Any], token: str, block: bool, timeout: Optional[float],
                  caller: str, lease_ms: int) -> None:
@@ -458,6 +464,8 @@ class QueueLink:
         does meanwhile, its settle ends the job as cancelled, counted once (but a
         failure for good it decided, and reported, before it heard of the mark stands).
         """
+        if not is_utf8(job_id):  # Redis cannot take it, so no job has it (enqueue refuses such an id)
+            return False
         token = "c" + os.urandom(8).hex()  # a resend of this call gets the first one's reply
         # From the call on, stop() waits for this thread as for a running callback: a row the
         # call keeps is reported here, and acknowledged, before the release (which would hand

@@ -249,8 +249,8 @@ class Scripts:
                 reply = connection.read_response()
             broken = False
             return reply
-        except redis.exceptions.ResponseError:
-            broken = False  # the server answered with an error: the connection is fine
+        except (redis.exceptions.ResponseError, UnicodeEncodeError):
+            broken = False  # the server answered with an error, or the text was refused before it went
             raise
         finally:
             connections.release(connection, broken)
