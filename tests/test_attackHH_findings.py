@@ -125,10 +125,6 @@ def test_a_full_redis_makes_enqueue_raise(own_redis_server, call):
 
 # --- a job Redis cannot decode dies unreported and unlisted --------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="over a RedisBroker, enqueue accepts a job whose timestamp is "
-                   "not a number (in-process it runs), the worker cannot decode it, and it dies with "
-                   "an ERROR log only: no on_failure callback, and broker.dead_jobs() leaves it out "
-                   "(though requeue_dead() finds it)")
 @pytest.mark.parametrize("timestamp", ["yesterday", None])
 def test_a_job_accepted_over_redis_runs_or_its_failure_is_reported_and_kept(redis, timestamp):
     """api.md: `timestamp` is a plain writable attribute, and enqueue checks again every attribute

@@ -48,7 +48,7 @@ from .._pick_core import core
 from ..config import RateLimit
 from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError, _describe
 from ..stats import ExecutorStats, QueueStats
-from ._codec import decode_job, encode_job, is_utf8, unsendable
+from ._codec import decode_job, encode_job, is_utf8, undecodable_job, unsendable
 from ._scripts import Crashed, SettleOp
 
 __all__ = ["QueueLink"]
@@ -328,19 +328,20 @@ class QueueLink:
         """Log and hand to the failure callbacks a job that Redis ended (its counters are there)."""
         try:
             job = decode_job(job_id, body, retries, error)
-        except Exception:
-            logger.exception("job %s failed permanently (%s) and cannot be decoded", job_id, reason)
-            return
+        except Exception as exc:  # reported all the same, with its body as the payload
+            logger.error("job %s in Redis cannot be decoded (%s)", job_id, _describe(exc))
+            job = undecodable_job(job_id, body, retries, error)
         self.dispatcher.report_failure(job, reason, None)
 
-    def _hand_on(self, rows: Sequence[Crashed], cancels: Sequence[str] = ()) -> None:
+    def _hand_on(self, rows: Sequence[Crashed], cancels: Sequence[str] = (), undecodable: Sequence[Any] = ()
+                 ) -> None:
         """What a fetch or beat reply handed this process (rows to report, its attempts that
-        q.cancel() marked) goes to a reporter thread of its own, which runs the failure
-        callbacks: the thread that got the reply goes on renewing the lease, or fetching.
-        Registered before it starts, so that a stop() from now on waits for it."""
-        if not rows and not cancels:
+        q.cancel() marked, fetched jobs it cannot decode) goes to a reporter thread of its own,
+        which runs the failure callbacks: the thread that got the reply goes on renewing the
+        lease, or fetching. Registered before it starts, so that a stop() from now on waits for it."""
+        if not rows and not cancels and not undecodable:
             return
-        reporter = threading.Thread(target=self._report_reply, args=(rows, cancels),
+        reporter = threading.Thread(target=self._report_reply, args=(rows, cancels, undecodable),
                                     name="tinymq-redis-reporter", daemon=True)
         with self._lock:
             self._reporters.add(reporter)
@@ -349,15 +350,21 @@ class QueueLink:
         except RuntimeError:  # no new thread (the interpreter is exiting): report on this one
             with self._lock:
                 self._reporters.discard(reporter)
-            self._report_reply(rows, cancels)
+            self._report_reply(rows, cancels, undecodable)
 
-    def _report_reply(self, rows: Sequence[Crashed], cancels: Sequence[str]) -> None:
+    def _report_reply(self, rows: Sequence[Crashed], cancels: Sequence[str], undecodable: Sequence[Any] = ()
+                      ) -> None:
         """A reporter (_hand_on): cancel the marked ``cancels`` (first: a cancel is due within
-        the lease), report ``rows``, then send the acknowledgements if the pump sleeps in
-        Redis (join() waits for them)."""
+        the lease), fail the ``undecodable`` stand-ins (_take), report ``rows``, then send the
+        acknowledgements if the pump sleeps in Redis (join() waits for them)."""
         try:
             if cancels:
                 self._cancel_marked(cancels)
+            for job in undecodable:  # as a failure decided here: dead, counted, then reported
+                with self.failing(job, "permanent_failure", None) as ours:
+                    if ours:
+                        self.ready.count(core.FAILED, 1, job.type)
+                        self.dispatcher.report_failure(job, "permanent_failure", None)
             self._report_handed(rows)
         finally:
             with self._lock:
@@ -760,8 +767,8 @@ class QueueLink:
                 due = sent + (reply.next_due_ms * _MS - reply.now_us) / _US
                 self._next_due = due
                 self._timer_alarm.wake_before(due)
-            jobs = self._take(reply.jobs)
-        self._hand_on(reply.crashed, reply.cancels)
+            jobs, undecodable = self._take(reply.jobs)
+        self._hand_on(reply.crashed, reply.cancels, undecodable)
         return jobs
 
     def _place(self, job: Any) -> bool:
@@ -773,8 +780,9 @@ class QueueLink:
         self.ready.requeue(job)
         return True
 
-    def _take(self, fetched: Sequence[Any]) -> int:
-        """Hand fetched attempts to the core. Called with _round_lock held."""
+    def _take(self, fetched: Sequence[Any]) -> Tuple[int, List[Any]]:
+        """Hand fetched attempts to the core: (how many, and the stand-ins (undecodable_job) of
+        those that cannot be decoded, for a reporter to fail). Called with _round_lock held."""
         if self._held:
             with self._lock:  # one given back while it waited for its copy to leave: no copy is in the core
                 for job in self._held:
@@ -786,19 +794,17 @@ class QueueLink:
             except QueueStopped:
                 self._held = []  # stop() gives them back
         if not fetched:
-            return 0
+            return 0, []
         jobs = []
         give_back = []
+        undecodable = []  # never run: dead, and reported with its body as the payload
         for item in fetched:
             try:
                 job = decode_job(item.id, item.body, item.retries, item.error)
             except Exception as exc:  # written by another program, or a broken client
                 logger.error("job %s in Redis cannot be decoded (%s); it is dead", item.id, _describe(exc))
-                with self._lock:  # no callback can have it: its report is acknowledged at once
-                    self._queue_op(SettleOp("Z", item.attempt, item.retries, 0, "permanent_failure",
-                                            f"cannot decode: {_describe(exc)}"))
-                    self._queue_op(SettleOp("A", _report_key(item.id, "permanent_failure", self._proc,
-                                                             item.attempt)))
+                undecodable.append((undecodable_job(item.id, item.body, item.retries,
+                                                    f"cannot decode: {_describe(exc)}"), item.attempt))
                 continue
             jobs.append((job, item.attempt))
         now = time.monotonic()
@@ -806,6 +812,10 @@ class QueueLink:
             for job, attempt in jobs:
                 self._attempts[job] = _Attempt(attempt, now)
             self._in_hand += len(jobs)
+            for job, attempt in undecodable:  # (no worker takes it, nor a give-back: a reporter fails it)
+                record = self._attempts[job] = _Attempt(attempt, now)
+                record.state = _STARTED
+                self._in_hand += 1
         try:  # the whole batch in one core call, most of the time
             placed = self.ready.push_many([job for job, _ in jobs])
         except (DuplicateJob, QueueStopped):
@@ -823,7 +833,7 @@ class QueueLink:
                     record = self._attempts.pop(job)
                     self._in_hand -= 1
                     self._queue_op(SettleOp("B", record.attempt))
-        return len(jobs)
+        return len(jobs), [job for job, _ in undecodable]
 
     def _abandon(self) -> None:
         """This process was reaped (silent past its lease): drop what it held, register anew."""
