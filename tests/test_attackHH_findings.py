@@ -91,9 +91,6 @@ def test_the_failed_attempts_a_job_brings_count_against_max_retries_over_redis(r
 
 # --- a full Redis (maxmemory reached, noeviction) still takes enqueues ---------------------------
 
-@pytest.mark.xfail(strict=True, reason="enqueue.lua's first write is a ZREMRANGEBYSCORE (not a "
-                   "deny-oom command): once a script has written, Redis lets its later writes past "
-                   "maxmemory, so a full Redis accepts every enqueue and grows past its limit")
 @pytest.mark.parametrize("call", ["enqueue", "enqueue_many", "enqueue_delayed"])
 def test_a_full_redis_makes_enqueue_raise(own_redis_server, call):
     """docs/redis.md, Redis settings: "With `noeviction`, a full Redis makes `enqueue` raise

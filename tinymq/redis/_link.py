@@ -102,6 +102,13 @@ def job_row(job: Any, now: float) -> Tuple[str, str, int, float, str, int]:
     return job.id, job.type, int(job.priority), delay if delay > 0.0 else 0, encode_job(job), job.retries
 
 
+def _refused_as_full(exc: BaseException) -> bool:
+    """Whether Redis refused a call for its maxmemory (a script that takes new jobs, at its
+    first write: lib.lua's refuse_if_full). Redis 7 replies with an OOM error, 6.2 with a
+    script error that quotes it."""
+    return "'maxmemory'" in str(exc)
+
+
 def _report_key(job_id: str, reason: str, proc: str, attempt: str) -> str:
     """The field of a job this process ended for good in reporting:<proc> (lib.lua's keep_report)."""
     return f"{job_id}|{reason}|{proc}|{attempt}"
@@ -206,6 +213,9 @@ class QueueLink:
                 reply = self.broker._call_resending(self.scripts.enqueue, token, self.config.buffer_size,
                                                    self.config.max_delayed_jobs, rows, caller, lease_ms)
             except self._redis_error as exc:
+                if _refused_as_full(exc):  # (refuse_if_full: nothing was written)
+                    raise TinyMQError(f"Redis is full (its maxmemory is reached): {len(rows)} job(s) were not "
+                                      f"enqueued to Redis queue {self.broker.name!r} ({exc})") from exc
                 self._reply_lost(caller, token)
                 raise TinyMQError(f"could not enqueue {len(rows)} job(s) to Redis queue "
                                   f"{self.broker.name!r}: {exc}") from exc

@@ -26,4 +26,5 @@ already in `capped` and not yet due (a due one, even one no call has promoted ye
 Each accepted token is kept in tokens:<span> for 2 to 3 TOKEN_SPANs, far longer than a
 client resends (its socket timeouts, twice): a resend is then recognised even when its
 jobs have finished since (their hashes, with the token, are gone). ]]
+refuse_if_full()
 return enqueue_jobs(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), 7, ARGV[5], tonumber(ARGV[6]))

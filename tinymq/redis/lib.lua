@@ -116,6 +116,25 @@ local PROMOTE_PER_CALL = 100 -- due delayed jobs promoted per call
 local PARK_PER_CALL = 100    -- jobs parked per fetch before it stops looking
 local TIE_SPAN = 0.0005      -- ms: due times closer than this are one instant (the clock has µs)
 
+--[[ A full Redis (maxmemory reached, maxmemory-policy noeviction). Redis refuses a command
+that may add memory (a "deny-oom" one: HSET, RPUSH, ZADD, INCRBY, ...) only while the script
+that calls it has called no write command yet; after one, it lets every write through, so as
+not to stop a script halfway (Redis 6.2 and 7 alike: script flags, which say it up front,
+are Redis 7's only). So the first statement of every script that writes is one of these two,
+and says what the script does when Redis is full:
+  refuse_if_full()  a script that takes new jobs (enqueue, schedule_tick): it fails with
+                    Redis's OOM error, having written nothing;
+  even_if_full()    every other one (fetch, settle, beat, release, cancel, ...): it moves,
+                    ends or deletes jobs, and a full Redis must still drain.
+Scripts that only read (stats, status) call neither. K_FULL is never written. ]]
+local K_FULL = P .. 'full'
+local function refuse_if_full()
+  redis.call('SETRANGE', K_FULL, 0, '') -- deny-oom, and writes nothing (an empty range)
+end
+local function even_if_full()
+  redis.call('DEL', K_FULL) -- a write Redis never refuses for memory (with nothing to delete)
+end
+
 local now_us = 0 -- the server clock in microseconds, as of the last now_ms() call
 local function now_ms()
   local t = redis.call('TIME')

@@ -19,6 +19,7 @@ Returns
 A skipped tick is counted in `skipped`, a fired one in `fired`; either way the claim is
 the tick's, so the next tick is claimed as usual. A resent call (same token) gets its
 first answer again, 'fire' with what its enqueue evicted (kept with its token). ]]
+refuse_if_full()
 local key = P .. 'schedule:' .. ARGV[1]
 local tick, token = tonumber(ARGV[2]), ARGV[3]
 local s = redis.call('HMGET', key, 'last', 'job', 'by', 'outcome')
