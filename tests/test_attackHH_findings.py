@@ -64,9 +64,6 @@ def redis(redis_backend):
     return redis_backend
 
 
-@pytest.mark.xfail(strict=True, reason="over a RedisBroker a job's retries are not sent at enqueue "
-                   "(job_row/encode_job leave them out; Redis starts it at 0), so a job that has had "
-                   "its failed attempts gets max_retries + 1 more")
 @pytest.mark.parametrize("call", ["enqueue", "enqueue_many"])
 def test_the_failed_attempts_a_job_brings_count_against_max_retries_over_redis(redis, call):
     """api.md, enqueue: `retries` ("an int from 0, the failed attempts the job has had, which count
@@ -96,9 +93,6 @@ def test_the_failed_attempts_a_job_brings_count_against_max_retries_over_redis(r
 
 # --- a full Redis (maxmemory reached, noeviction) still takes enqueues ---------------------------
 
-@pytest.mark.xfail(strict=True, reason="enqueue.lua's first write is a ZREMRANGEBYSCORE (not a "
-                   "deny-oom command): once a script has written, Redis lets its later writes past "
-                   "maxmemory, so a full Redis accepts every enqueue and grows past its limit")
 @pytest.mark.parametrize("call", ["enqueue", "enqueue_many", "enqueue_delayed"])
 def test_a_full_redis_makes_enqueue_raise(own_redis_server, call):
     """docs/redis.md, Redis settings: "With `noeviction`, a full Redis makes `enqueue` raise
@@ -130,10 +124,6 @@ def test_a_full_redis_makes_enqueue_raise(own_redis_server, call):
 
 # --- a job Redis cannot decode dies unreported and unlisted --------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="over a RedisBroker, enqueue accepts a job whose timestamp is "
-                   "not a number (in-process it runs), the worker cannot decode it, and it dies with "
-                   "an ERROR log only: no on_failure callback, and broker.dead_jobs() leaves it out "
-                   "(though requeue_dead() finds it)")
 @pytest.mark.parametrize("timestamp", ["yesterday", None])
 def test_a_job_accepted_over_redis_runs_or_its_failure_is_reported_and_kept(redis, timestamp):
     """api.md: `timestamp` is a plain writable attribute, and enqueue checks again every attribute
@@ -163,9 +153,6 @@ def test_a_job_accepted_over_redis_runs_or_its_failure_is_reported_and_kept(redi
 NON_UTF8_NAME = "report-\udcff.csv"  # os.fsdecode(b"report-\xff.csv"): a str Python code passes around
 
 
-@pytest.mark.xfail(strict=True, reason="over a RedisBroker, a lone surrogate in a job's text fails in "
-                   "redis-py's encoder with a bare UnicodeEncodeError that names no attribute (the "
-                   "SQLite store names it: 'its payload has text that is not valid Unicode')")
 @pytest.mark.parametrize("attribute", ["payload", "tags", "type", "id"])
 def test_enqueue_over_redis_names_the_attribute_whose_text_redis_cannot_take(redis, attribute):
     """api.md, Clocks and validation: "A bad value raises TypeError/ValueError naming it" (or the
@@ -186,17 +173,12 @@ def test_enqueue_over_redis_names_the_attribute_whose_text_redis_cannot_take(red
     assert q.get_stats().jobs_enqueued == accepted + 1
 
 
-@pytest.mark.xfail(strict=True, reason="over a RedisBroker, cancel() of an id with a lone surrogate "
-                   "raises a bare UnicodeEncodeError from redis-py instead of returning False")
 def test_cancel_over_redis_of_an_id_no_job_can_have_returns_false(redis):
     """api.md: "Returns False when no unfinished job has that id" (in-process it does)."""
     q = redis.queue()
     assert q.cancel(NON_UTF8_NAME) is False
 
 
-@pytest.mark.xfail(strict=True, reason="the broker's check of a schedule's payload (encode_job) passes "
-                   "text that Redis cannot take, so every() accepts it and then skips every tick "
-                   "(an ERROR each time) instead of refusing it at registration")
 def test_a_schedule_whose_payload_redis_cannot_take_is_refused_at_registration(redis):
     """As test_redis_attackR_findings' non-JSON payload: q.every must raise at once, naming the
     schedule, not skip every tick."""
@@ -213,9 +195,6 @@ def _script_calls(client):
     return sum(stats.get(name, {}).get("calls", 0) for name in ("cmdstat_evalsha", "cmdstat_eval"))
 
 
-@pytest.mark.xfail(strict=True, reason="over a RedisBroker, enqueue(block=True) that waits for room "
-                   "raises QueueFull when stop() comes (RedisLink._enqueue treats stopping as a timeout), "
-                   "long before its timeout; in-process it raises QueueStopped")
 def test_a_wait_for_room_ended_by_stop_raises_queue_stopped_over_redis(redis, redis_server):
     """api.md: after stop() enqueue raises QueueStopped; with block=True it waits for room "at most
     timeout seconds, then QueueFull". A producer that retries on QueueFull and shuts down on
@@ -273,9 +252,6 @@ class UpstreamError(Exception):
         return f"{self.status}: upstream refused"
 
 
-@pytest.mark.xfail(strict=True, reason="attempt_failed formats the exception (job.last_error = "
-                   "_describe(exc)) inside its try; str(exc) raising makes it fail the job at once as "
-                   "'retries_exhausted' with tinymq's own AttributeError, after one attempt, no retry")
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 @pytest.mark.parametrize("kind", ["thread", "async"])
 def test_an_exception_whose_str_fails_is_still_retried_and_reported(redis, backend, kind):

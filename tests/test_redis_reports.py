@@ -354,8 +354,8 @@ def test_a_worker_killed_in_its_failure_callback_leaves_the_report_to_another_wi
 
 
 def test_a_job_no_process_can_decode_is_dead_and_finished_without_a_report_left_waiting(redis_url):
-    """A body written by another program (not tinymq's JSON) cannot reach a callback: its
-    worker keeps it dead and acknowledges the kept report at once, so join() returns."""
+    """A body written by another program (not tinymq's JSON) never runs: its worker keeps it
+    dead and, with no failure callback to wait for, acknowledges the kept report, so join() returns."""
     import redis as redis_py
 
     from tinymq import Queue
@@ -374,6 +374,40 @@ def test_a_job_no_process_can_decode_is_dead_and_finished_without_a_report_left_
         assert client.hget(keys.key("job:junk"), "e").startswith("cannot decode")
         assert (client.hget(keys.key("stats"), "failed"), client.hget(keys.key("stats"), "outstanding")) == ("1", "0")
         assert client.keys(keys.key("reporting:*")) == []
+    finally:
+        q.stop()
+        client.close()
+
+
+@pytest.mark.parametrize("body", ['["import",1,null,"yesterday",1.0,null,null]', "{not json"])
+def test_a_job_no_process_can_decode_is_reported_and_listed_dead_with_its_body(redis_url, body):
+    """A job that leaves without success is handed to every on_failure callback and kept dead
+    (api.md), also one whose body no tinymq can decode (another program wrote it, or a tinymq
+    that let an odd timestamp through): never run, it is failed as a permanent failure, counted
+    before its callbacks run, and reported and listed with a stand-in job (its body as the
+    payload). Before the fix it died with an ERROR log only, left out of dead_jobs()."""
+    import redis as redis_py
+
+    from tinymq import Queue
+    from tinymq.redis import RedisBroker
+
+    name = "reports-undecodable-reported"
+    client = redis_py.Redis.from_url(redis_url, decode_responses=True)
+    q = Queue(broker=RedisBroker(redis_url, name=name, lease=2.0))
+    ran, reported = [], []
+    q.register_executor("import", lambda job: ran.append(job.id))
+    q.on_failure(lambda job, reason, exc: reported.append(
+        (job.id, job.payload, reason, (job.last_error or "").startswith("cannot decode"), q.get_stats().jobs_failed)))
+    try:
+        assert Scripts(client, name).enqueue("tok", 100, 0, [("odd", "import", 1, 0, body)]).status == "ok"
+        q.start_dispatcher(1)
+        assert q.join(10)
+        assert ran == []
+        assert reported == [("odd", body, "permanent_failure", True, 1)]
+        (dead,) = q.broker.dead_jobs()
+        assert (dead.job.id, dead.job.payload, dead.reason) == ("odd", body, "permanent_failure")
+        assert dead.job.type == ("import" if body.startswith("[") else "undecodable")
+        assert client.keys(f"tmq:{{{name}}}:reporting:*") == []
     finally:
         q.stop()
         client.close()

@@ -47,7 +47,7 @@ from ._shield import shield
 from .config import Config, ExecutorConfig
 from ._event_loop import _UNWIND_WAIT, LOOP_LATE, LoopRunner, timeout_error
 from .context import JobContext
-from .errors import JobTimeout, PermanentFailure, QueueStopped, RetryAfter
+from .errors import JobTimeout, PermanentFailure, QueueStopped, RetryAfter, _describe
 
 __all__ = ["Dispatcher", "FailureCallback", "AttemptLedger", "NoThreadLeft"]
 
@@ -58,10 +58,6 @@ logger = logging.getLogger("tinymq")
 _IDLE_WATCH = 1.0
 
 FailureCallback = Callable[[Any, str, Optional[BaseException]], None]
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{exc.__class__.__name__}: {exc}"
 
 
 class AttemptLedger(Protocol):

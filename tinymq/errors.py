@@ -9,6 +9,22 @@ __all__ = [
 ]
 
 
+_STR_FAILED = "<exception str() failed>"  # what traceback prints for such an exception
+
+
+def _exception_text(exc: BaseException) -> str:
+    """``str(exc)``, or a fallback text when its ``__str__`` raises (a bug in a user's exception)."""
+    try:
+        return str(exc)
+    except Exception:
+        return _STR_FAILED
+
+
+def _describe(exc: BaseException) -> str:
+    """``"ClassName: text"``: how a job's ``last_error`` and the logs show an exception."""
+    return f"{exc.__class__.__name__}: {_exception_text(exc)}"
+
+
 class TinyMQError(Exception):
     """Base class of every exception tinymq raises on its own account."""
 

@@ -16,13 +16,13 @@ from datetime import timedelta
 from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union
 
 from . import _shield
-from ._dispatch import AttemptLedger, Dispatcher, FailureCallback, NoThreadLeft, _describe
+from ._dispatch import AttemptLedger, Dispatcher, FailureCallback, NoThreadLeft
 from ._periodic import Periodic, ScheduleStats
 from ._event_loop import is_async_executor
 from ._pick_core import core
 from ._shield import shield
 from .config import Config, ExecutorConfig, RateLimit, RetryConfig, _optional_seconds, _seconds
-from .errors import DuplicateJob, PersistenceError, QueueFull, QueueStopped
+from .errors import DuplicateJob, PersistenceError, QueueFull, QueueStopped, _describe, _exception_text
 from .job import Job, Priority, RunAt, _as_priority, _as_type, _validate
 from .stats import ExecutorStats, QueueStats
 
@@ -447,7 +447,7 @@ class Queue:
                     self._dispatcher.undo_save(store, job.id)
                 if isinstance(exc, PersistenceError):
                     raise
-                raise PersistenceError(f"could not save a batch of {len(batch)} jobs: {exc}") from exc
+                raise PersistenceError(f"could not save a batch of {len(batch)} jobs: {_exception_text(exc)}") from exc
         try:
             shield().raise_deferred()  # interrupted while it saved: nothing is placed, and nothing kept
             if not self._dispatcher.push_many(ready_jobs, delayed_jobs, delays):
@@ -528,12 +528,12 @@ class Queue:
             try:
                 jobs = list(store.load_all())
             except Exception as exc:
-                raise PersistenceError(f"could not load jobs from {store!r}: {exc}") from exc
+                raise PersistenceError(f"could not load jobs from {store!r}: {_exception_text(exc)}") from exc
             self._refuse_if_enqueued()  # one that saw no store before _StoreLoading was set, and got in
             try:
                 crashed = [] if take_crashed is None else list(take_crashed())
             except Exception as exc:
-                raise PersistenceError(f"could not load jobs from {store!r}: {exc}") from exc
+                raise PersistenceError(f"could not load jobs from {store!r}: {_exception_text(exc)}") from exc
         except BaseException:
             self._store = None
             with _store_users_lock:

@@ -35,7 +35,7 @@ from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tu
 
 from .._shield import shield
 from ..config import RetryConfig, _seconds
-from ..errors import PersistenceError
+from ..errors import PersistenceError, _describe
 from ..job import _DEFAULT_RETRY_CONFIG, Job
 from . import _ownership
 from ._ownership import LOCK_SUFFIX, OwnedError
@@ -210,7 +210,7 @@ def _error_text(error: object) -> Optional[str]:
     if error is None or isinstance(error, str):
         return error
     if isinstance(error, BaseException):
-        return f"{type(error).__name__}: {error}"
+        return _describe(error)
     return str(error)
 
 

@@ -7,19 +7,20 @@ The retry config is written as the SQLite store writes it: an object of
 RetryConfig's fields, or null for the default one.
 """
 import json
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, Optional
 
 from ..config import RetryConfig
-from ..job import _DEFAULT_RETRY_CONFIG, Job, Priority
+from ..job import _DEFAULT_RETRY_CONFIG, Job, Priority, _as_run_at
 from ..persistence.serializers import JSONSerializer
 from ..persistence.sqlite import _RETRY_FIELDS
 
-__all__ = ["encode_job", "decode_job"]
+__all__ = ["encode_job", "decode_job", "undecodable_job", "is_utf8", "unsendable"]
 
 _serializer = JSONSerializer()
 _retry_configs: Dict[str, RetryConfig] = {}  # decoded config text -> config, shared by jobs
 _CACHE_LIMIT = 256  # distinct retry configs remembered
 _PRIORITIES = {int(p): p for p in Priority}
+_UNDECODABLE_TYPE = "undecodable"  # the type of undecodable_job's stand-in when its body names none
 _new_job = object.__new__
 
 
@@ -30,13 +31,43 @@ def _retry_fields(config: RetryConfig) -> Optional[Dict[str, Any]]:
 
 
 def encode_job(job: Job) -> str:
-    """The JSON body of ``job`` (TypeError naming the job when its payload is not JSON)."""
+    """The JSON body of ``job`` (TypeError naming the job when its payload is not JSON, or its
+    timestamp not a point in time: a body every process can decode)."""
+    timestamp = job.timestamp
+    if timestamp.__class__ is not float:  # (set by hand)
+        try:
+            timestamp = _as_run_at(timestamp, "timestamp")
+        except (TypeError, ValueError) as exc:
+            raise exc.__class__(f"job {job.id!r} ({job.type!r}) cannot be sent to Redis: {exc}") from None
     try:
-        return _serializer.dumps([job.type, int(job.priority), job.payload, job.timestamp, job.run_at,
+        return _serializer.dumps([job.type, int(job.priority), job.payload, timestamp, job.run_at,
                                   _retry_fields(job.retry_config), job._tags or None])
     except (TypeError, ValueError, RecursionError) as exc:
         raise TypeError(f"job {job.id!r} ({job.type!r}) cannot be sent to Redis: its payload "
                         f"must be JSON-serialisable ({exc})") from exc
+
+
+def is_utf8(text: str) -> bool:
+    """Whether Redis can take ``text``: UTF-8 has no lone surrogates (which os.fsdecode makes of
+    a file name that is not UTF-8, for one)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def unsendable(jobs: Iterable[Job]) -> Optional[ValueError]:
+    """The error naming the first job and attribute (id, type, payload, tags) whose text Redis
+    cannot take (not ``is_utf8``), or None. Looked for only once a send failed on such text."""
+    for job in jobs:
+        for name, value in (("id", job.id), ("type", job.type), ("payload", job.payload), ("tags", job._tags)):
+            if not is_utf8(value if value.__class__ is str else _serializer.dumps(value)):
+                return ValueError(f"job {job.id!r} ({job.type!r}) cannot be sent to Redis: its {name} has "
+                                  "text that is not valid Unicode (a lone surrogate?)")
+    return None
 
 
 def _retry_config(fields: Optional[Dict[str, Any]]) -> RetryConfig:
@@ -69,5 +100,21 @@ def decode_job(job_id: str, body: str, retries: Any = 0, last_error: Optional[st
                   retry_config=_retry_config(retry_fields), id=job_id)
         job.timestamp = float(timestamp)
     job.retries = int(retries or 0)
+    job.last_error = last_error or None
+    return job
+
+
+def undecodable_job(job_id: str, body: str, retries: Any = 0, last_error: Optional[str] = None) -> Job:
+    """A stand-in for a job whose body ``decode_job`` cannot read (written by another program,
+    or by a tinymq that let an odd field through), so that its failure is still reported and
+    it is still listed dead: its id, the type its body names (if it can be read), the body's
+    text as its payload, its retries and last error."""
+    try:
+        fields = _serializer.loads(body)
+    except Exception:
+        fields = None
+    job_type = fields[0] if isinstance(fields, list) and fields else None
+    job = Job(job_type if isinstance(job_type, str) and job_type else _UNDECODABLE_TYPE, body, id=job_id)
+    job.retries = int(retries) if str(retries).isdigit() else 0
     job.last_error = last_error or None
     return job

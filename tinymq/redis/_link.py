@@ -46,9 +46,9 @@ from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set
 
 from .._pick_core import core
 from ..config import RateLimit
-from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError
+from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError, _describe
 from ..stats import ExecutorStats, QueueStats
-from ._codec import decode_job, encode_job
+from ._codec import decode_job, encode_job, is_utf8, undecodable_job, unsendable
 from ._scripts import Crashed, SettleOp
 
 __all__ = ["QueueLink"]
@@ -95,20 +95,23 @@ class _Attempt:
         self.returned = False  # a timed-out attempt's function came back
 
 
-def job_row(job: Any, now: float) -> Tuple[str, str, int, float, str]:
-    """``job`` as a row of enqueue.lua: (id, type, priority, delay ms (0: due now), body)."""
+def job_row(job: Any, now: float) -> Tuple[str, str, int, float, str, int]:
+    """``job`` as a row of enqueue.lua: (id, type, priority, delay ms (0: due now), body, retries)."""
     run_at = job.run_at
     delay = 0.0 if run_at is job.timestamp else round((run_at - now) * _MS, _DIGITS)
-    return job.id, job.type, int(job.priority), delay if delay > 0.0 else 0, encode_job(job)
+    return job.id, job.type, int(job.priority), delay if delay > 0.0 else 0, encode_job(job), job.retries
+
+
+def _refused_as_full(exc: BaseException) -> bool:
+    """Whether Redis refused a call for its maxmemory (a script that takes new jobs, at its
+    first write: lib.lua's refuse_if_full). Redis 7 replies with an OOM error, 6.2 with a
+    script error that quotes it."""
+    return "'maxmemory'" in str(exc)
 
 
 def _report_key(job_id: str, reason: str, proc: str, attempt: str) -> str:
     """The field of a job this process ended for good in reporting:<proc> (lib.lua's keep_report)."""
     return f"{job_id}|{reason}|{proc}|{attempt}"
-
-
-def _describe(exc: Optional[BaseException]) -> str:
-    return "" if exc is None else f"{exc.__class__.__name__}: {exc}"
 
 
 class QueueLink:
@@ -188,11 +191,17 @@ class QueueLink:
             seen.add(job_id)
             rows.append(job_row(job, now))
         token = os.urandom(8).hex()  # a resend of this call is recognised by it
-        if self.config.max_delayed_jobs and any(row[3] for row in rows):  # it may evict
-            with self._reporting_rows(token) as (caller, lease_ms):
-                self._enqueue(rows, token, block, timeout, caller, lease_ms)
-        else:
-            self._enqueue(rows, token, block, timeout, "", 0)
+        try:
+            if self.config.max_delayed_jobs and any(row[3] for row in rows):  # it may evict
+                with self._reporting_rows(token) as (caller, lease_ms):
+                    self._enqueue(rows, token, block, timeout, caller, lease_ms)
+            else:
+                self._enqueue(rows, token, block, timeout, "", 0)
+        except UnicodeEncodeError as exc:  # (from the client, before it sent anything)
+            error = unsendable(jobs)
+            if error is None:
+                raise
+            raise error from exc
 
     def _enqueue(self, rows: List[Any], token: str, block: bool, timeout: Optional[float],
                  caller: str, lease_ms: int) -> None:
@@ -204,6 +213,9 @@ class QueueLink:
                 reply = self.broker._call_resending(self.scripts.enqueue, token, self.config.buffer_size,
                                                    self.config.max_delayed_jobs, rows, caller, lease_ms)
             except self._redis_error as exc:
+                if _refused_as_full(exc):  # (refuse_if_full: nothing was written)
+                    raise TinyMQError(f"Redis is full (its maxmemory is reached): {len(rows)} job(s) were not "
+                                      f"enqueued to Redis queue {self.broker.name!r} ({exc})") from exc
                 self._reply_lost(caller, token)
                 raise TinyMQError(f"could not enqueue {len(rows)} job(s) to Redis queue "
                                   f"{self.broker.name!r}: {exc}") from exc
@@ -212,8 +224,10 @@ class QueueLink:
             if reply.status == "dup":
                 raise DuplicateJob(f"a job with id {reply.duplicate_id!r} is already queued and unfinished"
                                    + ("" if len(rows) == 1 else "; none of the batch was enqueued"))
+            if block and self.dispatcher.stopping:  # stop() ended the wait for room, as in-process
+                raise QueueStopped("the queue was stopped while enqueue waited for room in the ready buffer")
             remaining = None if deadline is None else deadline - time.monotonic()
-            if not block or (remaining is not None and remaining <= 0.0) or self.dispatcher.stopping:
+            if not block or (remaining is not None and remaining <= 0.0):
                 if len(rows) == 1:
                     raise QueueFull(f"the ready buffer is full ({self.config.buffer_size} jobs); job "
                                     f"{rows[0][0]} ({rows[0][1]!r}) was not enqueued")
@@ -324,19 +338,20 @@ class QueueLink:
         """Log and hand to the failure callbacks a job that Redis ended (its counters are there)."""
         try:
             job = decode_job(job_id, body, retries, error)
-        except Exception:
-            logger.exception("job %s failed permanently (%s) and cannot be decoded", job_id, reason)
-            return
+        except Exception as exc:  # reported all the same, with its body as the payload
+            logger.error("job %s in Redis cannot be decoded (%s)", job_id, _describe(exc))
+            job = undecodable_job(job_id, body, retries, error)
         self.dispatcher.report_failure(job, reason, None)
 
-    def _hand_on(self, rows: Sequence[Crashed], cancels: Sequence[str] = ()) -> None:
+    def _hand_on(self, rows: Sequence[Crashed], cancels: Sequence[str] = (), undecodable: Sequence[Any] = ()
+                 ) -> None:
         """What a fetch or beat reply handed this process (rows to report, its attempts that
-        q.cancel() marked) goes to a reporter thread of its own, which runs the failure
-        callbacks: the thread that got the reply goes on renewing the lease, or fetching.
-        Registered before it starts, so that a stop() from now on waits for it."""
-        if not rows and not cancels:
+        q.cancel() marked, fetched jobs it cannot decode) goes to a reporter thread of its own,
+        which runs the failure callbacks: the thread that got the reply goes on renewing the
+        lease, or fetching. Registered before it starts, so that a stop() from now on waits for it."""
+        if not rows and not cancels and not undecodable:
             return
-        reporter = threading.Thread(target=self._report_reply, args=(rows, cancels),
+        reporter = threading.Thread(target=self._report_reply, args=(rows, cancels, undecodable),
                                     name="tinymq-redis-reporter", daemon=True)
         with self._lock:
             self._reporters.add(reporter)
@@ -345,15 +360,21 @@ class QueueLink:
         except RuntimeError:  # no new thread (the interpreter is exiting): report on this one
             with self._lock:
                 self._reporters.discard(reporter)
-            self._report_reply(rows, cancels)
+            self._report_reply(rows, cancels, undecodable)
 
-    def _report_reply(self, rows: Sequence[Crashed], cancels: Sequence[str]) -> None:
+    def _report_reply(self, rows: Sequence[Crashed], cancels: Sequence[str], undecodable: Sequence[Any] = ()
+                      ) -> None:
         """A reporter (_hand_on): cancel the marked ``cancels`` (first: a cancel is due within
-        the lease), report ``rows``, then send the acknowledgements if the pump sleeps in
-        Redis (join() waits for them)."""
+        the lease), fail the ``undecodable`` stand-ins (_take), report ``rows``, then send the
+        acknowledgements if the pump sleeps in Redis (join() waits for them)."""
         try:
             if cancels:
                 self._cancel_marked(cancels)
+            for job in undecodable:  # as a failure decided here: dead, counted, then reported
+                with self.failing(job, "permanent_failure", None) as ours:
+                    if ours:
+                        self.ready.count(core.FAILED, 1, job.type)
+                        self.dispatcher.report_failure(job, "permanent_failure", None)
             self._report_handed(rows)
         finally:
             with self._lock:
@@ -460,6 +481,8 @@ class QueueLink:
         does meanwhile, its settle ends the job as cancelled, counted once (but a
         failure for good it decided, and reported, before it heard of the mark stands).
         """
+        if not is_utf8(job_id):  # Redis cannot take it, so no job has it (enqueue refuses such an id)
+            return False
         token = "c" + os.urandom(8).hex()  # a resend of this call gets the first one's reply
         # From the call on, stop() waits for this thread as for a running callback: a row the
         # call keeps is reported here, and acknowledged, before the release (which would hand
@@ -634,7 +657,7 @@ class QueueLink:
         would hand the kept row on to be reported again by another process, though the
         callbacks run here too.
         """
-        error = _describe(exc) or (job.last_error or "")
+        error = (job.last_error or "") if exc is None else _describe(exc)
         me = threading.get_ident()
         with self._reporting_here():
             decided = self._decide(job, "Z", reason=reason, error=error)
@@ -754,8 +777,8 @@ class QueueLink:
                 due = sent + (reply.next_due_ms * _MS - reply.now_us) / _US
                 self._next_due = due
                 self._timer_alarm.wake_before(due)
-            jobs = self._take(reply.jobs)
-        self._hand_on(reply.crashed, reply.cancels)
+            jobs, undecodable = self._take(reply.jobs)
+        self._hand_on(reply.crashed, reply.cancels, undecodable)
         return jobs
 
     def _place(self, job: Any) -> bool:
@@ -767,8 +790,9 @@ class QueueLink:
         self.ready.requeue(job)
         return True
 
-    def _take(self, fetched: Sequence[Any]) -> int:
-        """Hand fetched attempts to the core. Called with _round_lock held."""
+    def _take(self, fetched: Sequence[Any]) -> Tuple[int, List[Any]]:
+        """Hand fetched attempts to the core: (how many, and the stand-ins (undecodable_job) of
+        those that cannot be decoded, for a reporter to fail). Called with _round_lock held."""
         if self._held:
             with self._lock:  # one given back while it waited for its copy to leave: no copy is in the core
                 for job in self._held:
@@ -780,19 +804,17 @@ class QueueLink:
             except QueueStopped:
                 self._held = []  # stop() gives them back
         if not fetched:
-            return 0
+            return 0, []
         jobs = []
         give_back = []
+        undecodable = []  # never run: dead, and reported with its body as the payload
         for item in fetched:
             try:
                 job = decode_job(item.id, item.body, item.retries, item.error)
             except Exception as exc:  # written by another program, or a broken client
                 logger.error("job %s in Redis cannot be decoded (%s); it is dead", item.id, _describe(exc))
-                with self._lock:  # no callback can have it: its report is acknowledged at once
-                    self._queue_op(SettleOp("Z", item.attempt, item.retries, 0, "permanent_failure",
-                                            f"cannot decode: {_describe(exc)}"))
-                    self._queue_op(SettleOp("A", _report_key(item.id, "permanent_failure", self._proc,
-                                                             item.attempt)))
+                undecodable.append((undecodable_job(item.id, item.body, item.retries,
+                                                    f"cannot decode: {_describe(exc)}"), item.attempt))
                 continue
             jobs.append((job, item.attempt))
         now = time.monotonic()
@@ -800,6 +822,10 @@ class QueueLink:
             for job, attempt in jobs:
                 self._attempts[job] = _Attempt(attempt, now)
             self._in_hand += len(jobs)
+            for job, attempt in undecodable:  # (no worker takes it, nor a give-back: a reporter fails it)
+                record = self._attempts[job] = _Attempt(attempt, now)
+                record.state = _STARTED
+                self._in_hand += 1
         try:  # the whole batch in one core call, most of the time
             placed = self.ready.push_many([job for job, _ in jobs])
         except (DuplicateJob, QueueStopped):
@@ -817,7 +843,7 @@ class QueueLink:
                     record = self._attempts.pop(job)
                     self._in_hand -= 1
                     self._queue_op(SettleOp("B", record.attempt))
-        return len(jobs)
+        return len(jobs), [job for job, _ in undecodable]
 
     def _abandon(self) -> None:
         """This process was reaped (silent past its lease): drop what it held, register anew."""

@@ -22,7 +22,7 @@ from typing import Any, Dict, Tuple
 
 from .._periodic import _Tick
 from ..errors import QueueFull, QueueStopped, TinyMQError
-from ._codec import encode_job
+from ._codec import encode_job, unsendable
 from ._link import job_row
 
 __all__ = ["BrokerTicks"]
@@ -58,11 +58,16 @@ class BrokerTicks:
         return _Tick(monotonic_now + (due_server - server_now), time.time() + (due_server - server_now), index)
 
     def check(self, schedule: Any) -> None:
-        """A tick's job goes to Redis as JSON: refuse a payload that is not, as enqueue would."""
+        """A tick's job goes to Redis as JSON text: refuse a payload that is not JSON, or has text
+        Redis cannot take, as enqueue would."""
+        job = schedule.new_job_at(time.time())
         try:
-            encode_job(schedule.new_job_at(time.time()))
+            encode_job(job)
         except TypeError as exc:
             raise TypeError(f"schedule {schedule.name!r}: {exc}") from exc
+        error = unsendable([job])
+        if error is not None:
+            raise ValueError(f"schedule {schedule.name!r}: {error}")
 
     def fire(self, schedule: Any, tick: _Tick) -> str:
         queue = self._queue()

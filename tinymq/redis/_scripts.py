@@ -128,6 +128,13 @@ class EnqueueReply(NamedTuple):
     ready: int = 0  # with "full": ready jobs already there
 
 
+_ROW_WITHOUT_RETRIES = 5  # an enqueue row (id, type, priority, delay ms, body) whose job brings no retries
+
+
+def _with_retries(row: Sequence[Any]) -> Sequence[Any]:
+    """An enqueue row with its retries (0 when it has none)."""
+    return (*row, 0) if len(row) == _ROW_WITHOUT_RETRIES else row
+
 _SHORT_OPS = frozenset("SEBTA")  # sent as (op, attempt) only
 
 
@@ -243,22 +250,22 @@ class Scripts:
                 reply = connection.read_response()
             broken = False
             return reply
-        except redis.exceptions.ResponseError:
-            broken = False  # the server answered with an error: the connection is fine
+        except (redis.exceptions.ResponseError, UnicodeEncodeError):
+            broken = False  # the server answered with an error, or the text was refused before it went
             raise
         finally:
             connections.release(connection, broken)
 
     def enqueue(self, token: str, buffer_size: int, max_delayed_jobs: int,
-                jobs: Sequence[Tuple[str, str, int, float, str]], caller: str = "", lease_ms: int = 0
-                ) -> EnqueueReply:
-        """Enqueue ``(id, type, priority, delay_ms, body)`` rows, all or none (delay_ms may be fractional).
+                jobs: Sequence[Tuple[Any, ...]], caller: str = "", lease_ms: int = 0) -> EnqueueReply:
+        """Enqueue ``(id, type, priority, delay_ms, body, retries)`` rows, all or none (delay_ms
+        may be fractional; a row without its retries brings none).
 
         The jobs it evicts wait in ``caller``'s reporting hash until it acknowledges
         them (their ``key``, op A) when it is registered, or registers with ``lease_ms``."""
         args: List[Any] = [token, buffer_size, max_delayed_jobs, len(jobs), caller, lease_ms]
         for row in jobs:
-            args.extend(row)
+            args.extend(_with_retries(row))
         reply = self._call("enqueue", args)
         status = reply[0]
         if status in ("ok", "again"):
@@ -383,14 +390,14 @@ class Scripts:
         return int(anchor_us), int(interval_us), int(now_us)
 
     def schedule_tick(self, name: str, tick: int, token: str, buffer_size: int, max_delayed_jobs: int,
-                      job: Tuple[str, str, int, float, str], caller: str = "", lease_ms: int = 0
+                      job: Tuple[Any, ...], caller: str = "", lease_ms: int = 0
                       ) -> Tuple[str, List[Crashed]]:
         """Claim ``tick`` (its time in us) of schedule ``name`` for this call, once across processes, and enqueue
         its ``job`` row (as ``enqueue``'s) in the same call: ``(outcome, evicted)``, the outcome
         "fire", "busy", "full" or "taken", the evicted rows only with "fire" (see
         schedule_tick.lua; ``caller`` and ``lease_ms`` as ``enqueue``'s)."""
         reply = self._call("schedule_tick", [name, tick, token, buffer_size, max_delayed_jobs, caller, lease_ms,
-                                             *job])
+                                             *_with_retries(job)])
         if reply[0] == "fire":
             return "fire", _crashed(reply[1])
         return str(reply[0]), []

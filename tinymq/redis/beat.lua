@@ -7,6 +7,7 @@ Returns {status, server now ms, crashed {{id, body, retries, error, reason, key}
 status 0: proc was reaped (not renewed): it must abandon its buffer and register again.
 With a beat id, a resent call (the same proc and id) only renews, and returns the jobs
 the first call found crashed: each is reported once, by whoever gets the reply. ]]
+even_if_full()
 local proc, lease, max_crash, bid = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[5] or ''
 local now = now_ms()
 if not renew(proc, now, lease, ARGV[4]) then return {0, now, {}, {}} end

@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 from ..config import _count, _seconds
 from ..errors import TinyMQError
 from ..persistence.sqlite import DeadJob
-from ._codec import decode_job
+from ._codec import decode_job, undecodable_job
 from ._scripts import Connections, Scripts, StatusReply, key_prefix
 
 __all__ = ["RedisBroker"]
@@ -317,14 +317,13 @@ class RedisBroker:
 
 def _dead_entries(rows: Iterable[Tuple[str, str, Any, Optional[str], Optional[str]]]) -> List[DeadJob]:
     """``DeadJob`` entries of ``(id, body, retries, error, reason)`` rows; a row that cannot be decoded
-    is logged and skipped."""
+    is listed with a stand-in job (undecodable_job: its body as the payload)."""
     dead = []
     for job_id, body, retries, error, reason in rows:
         try:
             job = decode_job(job_id, body, retries, error)
         except Exception:
-            logger.exception("dead job %s cannot be decoded; skipped", job_id)
-            continue
+            job = undecodable_job(job_id, body, retries, error)
         dead.append(DeadJob(job, reason or "", error or None))
     return dead
 

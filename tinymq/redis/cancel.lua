@@ -31,6 +31,7 @@ that is free. Removing a waiting job looks through its ready or parked list (O(l
 one looks through the inflight hashes of the live processes. Cancelling is rare: the hot
 paths (fetch, settle) pay one EXISTS per call for it.
 The reply is kept under the token for 2 to 3 TOKEN_SPANs, as enqueue keeps its tokens. ]]
+even_if_full()
 local TOKEN_SPAN = 30000 -- ms (as in enqueue.lua)
 local token, id, caller, lease = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]) or 0
 local now = now_ms()

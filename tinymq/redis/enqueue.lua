@@ -1,7 +1,8 @@
 --[[ enqueue: accept 1..N jobs, all or none.
 KEYS[1] prefix. ARGV: token, buffer_size, max_delayed_jobs (0: unlimited), n, caller
-(a process id, '' for none), lease ms (0: none), then 5 per job: id, type, priority (0..2),
-delay ms (fractional; > 0: delayed), body.
+(a process id, '' for none), lease ms (0: none), then 6 per job (lib.lua's ROW): id, type,
+priority (0..2), delay ms (fractional; > 0: delayed), body, retries (the failed attempts the
+job brings, which count against its max_retries).
 Returns one of
   {'ok', {row, ...}}          accepted; the jobs evicted from the delayed set (now dead,
                               reason "evicted") for on_failure, as rows {id, body,
@@ -25,4 +26,5 @@ already in `capped` and not yet due (a due one, even one no call has promoted ye
 Each accepted token is kept in tokens:<span> for 2 to 3 TOKEN_SPANs, far longer than a
 client resends (its socket timeouts, twice): a resend is then recognised even when its
 jobs have finished since (their hashes, with the token, are gone). ]]
+refuse_if_full()
 return enqueue_jobs(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), 7, ARGV[5], tonumber(ARGV[6]))

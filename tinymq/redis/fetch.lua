@@ -21,6 +21,7 @@ slot (and a place in its rate window) and writes the attempt to inflight:<proc> 
 same step. A resent call (same proc and fetch id) takes nothing new and returns the
 attempts the first call took and the jobs it found crashed (each reported once, by
 whoever gets the reply). ]]
+even_if_full()
 local proc, fid, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local lease, max_crash, registered = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local nsettle = tonumber(ARGV[7])

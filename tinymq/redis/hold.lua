@@ -4,6 +4,7 @@ would have its rows reported again by a worker though nothing died.
 KEYS[1] prefix. ARGV: the reporter's id, lease ms.
 Returns 1, or 0 when it is no longer registered (released, or reaped: its reaper
 reports its rows) and nothing was done. ]]
+even_if_full()
 local proc, lease = ARGV[1], tonumber(ARGV[2])
 local now = now_ms()
 if not redis.call('ZSCORE', K_PROCS, proc) then return 0 end

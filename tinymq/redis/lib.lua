@@ -116,6 +116,25 @@ local PROMOTE_PER_CALL = 100 -- due delayed jobs promoted per call
 local PARK_PER_CALL = 100    -- jobs parked per fetch before it stops looking
 local TIE_SPAN = 0.0005      -- ms: due times closer than this are one instant (the clock has µs)
 
+--[[ A full Redis (maxmemory reached, maxmemory-policy noeviction). Redis refuses a command
+that may add memory (a "deny-oom" one: HSET, RPUSH, ZADD, INCRBY, ...) only while the script
+that calls it has called no write command yet; after one, it lets every write through, so as
+not to stop a script halfway (Redis 6.2 and 7 alike: script flags, which say it up front,
+are Redis 7's only). So the first statement of every script that writes is one of these two,
+and says what the script does when Redis is full:
+  refuse_if_full()  a script that takes new jobs (enqueue, schedule_tick): it fails with
+                    Redis's OOM error, having written nothing;
+  even_if_full()    every other one (fetch, settle, beat, release, cancel, ...): it moves,
+                    ends or deletes jobs, and a full Redis must still drain.
+Scripts that only read (stats, status) call neither. K_FULL is never written. ]]
+local K_FULL = P .. 'full'
+local function refuse_if_full()
+  redis.call('SETRANGE', K_FULL, 0, '') -- deny-oom, and writes nothing (an empty range)
+end
+local function even_if_full()
+  redis.call('DEL', K_FULL) -- a write Redis never refuses for memory (with nothing to delete)
+end
+
 local now_us = 0 -- the server clock in microseconds, as of the last now_ms() call
 local function now_ms()
   local t = redis.call('TIME')
@@ -718,9 +737,10 @@ local function ready_left()
 end
 
 local TOKEN_SPAN = 30000 -- ms: how long an enqueue token is kept (see enqueue.lua)
+local ROW = 6 -- ARGV per job of enqueue.lua: id, type, priority, delay ms, body, retries
 
 -- The body of enqueue.lua (its header documents the rows and replies), shared with
--- schedule_tick.lua, whose call enqueues the job of the tick it claims. The rows are 5 ARGV per job
+-- schedule_tick.lua, whose call enqueues the job of the tick it claims. The rows are ROW ARGV per job
 -- from ARGV[base] on. The jobs it evicts are handed to `caller` to report (see handed) when it
 -- holds a lease, or registers one (`lease` > 0: a reporter, as cancel.lua's); each counts as
 -- unfinished until then (held_row), or until this reply if nothing keeps them.
@@ -734,7 +754,7 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
   local CHUNK = 1000 -- keys or ids per EXISTS or RPUSH: well under Lua's unpack limit
   local ready_added = 0
   local keys = {} -- the jobs' hash keys, in ARGV order
-  for i = base, base - 1 + n * 5, 5 do
+  for i = base, base - 1 + n * ROW, ROW do
     table.insert(keys, job_key(ARGV[i]))
     if tonumber(ARGV[i + 3]) <= 0 then ready_added = ready_added + 1 end
   end
@@ -744,8 +764,8 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
   end
   local dead = {} -- ids of dead jobs this batch replaces
   if known > 0 then
-    for i = base, base - 1 + n * 5, 5 do
-      local f = redis.call('HMGET', keys[(i - base) / 5 + 1], 'k', 'x')
+    for i = base, base - 1 + n * ROW, ROW do
+      local f = redis.call('HMGET', keys[(i - base) / ROW + 1], 'k', 'x')
       if f[1] and not f[2] then
         if f[1] == token then return {'again', {}} end -- (accepted before tokens were kept)
         return {'dup', ARGV[i]}
@@ -765,15 +785,15 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
   end
   local by_level = {[0] = {}, [1] = {}, [2] = {}}
   local order = new_orders(n) -- (delayed jobs get theirs when they come due)
-  for i = base, base - 1 + n * 5, 5 do
+  for i = base, base - 1 + n * ROW, ROW do
     local id, delay = ARGV[i], tonumber(ARGV[i + 3])
-    local jk = keys[(i - base) / 5 + 1]
+    local jk = keys[(i - base) / ROW + 1]
     if dead[id] then
       redis.call('ZREM', K_DEAD, id)
       redis.call('DEL', jk)
     end
     if delay > 0 then
-      redis.call('HSET', jk, 't', ARGV[i + 1], 'p', ARGV[i + 2], 'b', ARGV[i + 4], 'r', 0, 'k', token)
+      redis.call('HSET', jk, 't', ARGV[i + 1], 'p', ARGV[i + 2], 'b', ARGV[i + 4], 'r', ARGV[i + 5], 'k', token)
       if max_delayed > 0 and redis.call('ZCARD', K_CAPPED) >= max_delayed then
         local out = redis.call('ZPOPMIN', K_CAPPED)
         redis.call('ZREM', K_DELAYED, out[1])
@@ -785,8 +805,8 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
       end
       redis.call('ZADD', K_CAPPED, add_delayed(id, exact_ms() + delay), id)
     else
-      redis.call('HSET', jk, 't', ARGV[i + 1], 'p', ARGV[i + 2], 'b', ARGV[i + 4], 'r', 0, 'k', token,
-                 'o', order + (i - base) / 5)
+      redis.call('HSET', jk, 't', ARGV[i + 1], 'p', ARGV[i + 2], 'b', ARGV[i + 4], 'r', ARGV[i + 5], 'k', token,
+                 'o', order + (i - base) / ROW)
       table.insert(by_level[tonumber(ARGV[i + 2])], id)
     end
   end

@@ -5,6 +5,7 @@ rate limit applies to hand-outs from now on (starts already counted keep their w
 end). Jobs parked for a type that now has free slots and room in its rate window go back
 to the head of their level (at most one per free slot), in order.
 Returns the number of jobs unparked. ]]
+even_if_full()
 now_ms()
 local unparked = 0
 for i = 1, #ARGV, 4 do

@@ -3,6 +3,7 @@ KEYS[1] prefix. ARGV: proc, settle count, then the ops (B ops for unstarted jobs
 Whatever it still holds afterwards is handed back without counting a crash: L attempts
 go back to the head of their level, X attempts free their slot.
 Returns the number of stale ops. ]]
+even_if_full()
 local proc = ARGV[1]
 local now = now_ms()
 local stale = settle(proc, ARGV, 3, tonumber(ARGV[2]), now)

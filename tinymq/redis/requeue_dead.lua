@@ -4,6 +4,7 @@ Ids that are not dead are skipped. Each one requeued counts as enqueued (accepte
 a store's requeued job is when a queue recovers it), so enqueued less the jobs that ended
 stays the unfinished jobs. Due delayed jobs are promoted first (promote_due: at most
 PROMOTE_PER_CALL), so requeued jobs go behind them. Returns how many were requeued. ]]
+even_if_full()
 now_ms()
 promote_due() -- (jobs due by now go ahead of the requeued ones)
 local n = 0

@@ -8,6 +8,7 @@ the others join it. A different interval starts a new grid; the claims stay (the
 the new grid's ticks come after them), and the previous job still counts for the no-pile-up
 rule.
 Returns {anchor us, interval us, server now us}. ]]
+even_if_full()
 local key = P .. 'schedule:' .. ARGV[1]
 now_ms()
 local s = redis.call('HMGET', key, 'anchor', 'interval')

@@ -6,7 +6,7 @@ for both, so a schedule that changes kind under its name keeps firing: a grid in
 compare with a cron tick's time as long claimed), claim token (unique per call, the same when resent; also the
 enqueue token of the tick's job), buffer_size, max_delayed_jobs (0: unlimited), caller and
 lease (as enqueue.lua's), then the tick's job as one row of enqueue.lua: id, type, priority
-(0..2), delay ms, body.
+(0..2), delay ms, body, retries.
 Returns
   {'fire', {row, ...}}  this call claimed the tick and enqueued its job, by enqueue.lua's
                         rules; the jobs that enqueue evicted from the delayed set (now
@@ -19,6 +19,7 @@ Returns
 A skipped tick is counted in `skipped`, a fired one in `fired`; either way the claim is
 the tick's, so the next tick is claimed as usual. A resent call (same token) gets its
 first answer again, 'fire' with what its enqueue evicted (kept with its token). ]]
+refuse_if_full()
 local key = P .. 'schedule:' .. ARGV[1]
 local tick, token = tonumber(ARGV[2]), ARGV[3]
 local s = redis.call('HMGET', key, 'last', 'job', 'by', 'outcome')
