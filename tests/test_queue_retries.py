@@ -420,3 +420,37 @@ def test_a_callback_raising_a_base_exception_does_not_disturb_the_queue(caplog):
         assert q.join(5.0)
         assert len(seen) == 1
         assert q.get_stats().worker_count == 1
+
+
+def test_a_failure_callback_returning_a_coroutine_is_logged_as_never_run(caplog):
+    """A plain callable that returns a coroutine (a lambda around an async def: on_failure cannot
+    tell at registration) never runs its body: the queue says so at ERROR, names the callback,
+    closes the coroutine (no "never awaited" warning), and calls the other callbacks as usual."""
+    import functools
+    import warnings
+
+    async def alert(job, reason, exc):  # pragma: no cover - never runs
+        raise AssertionError("the body of a coroutine nobody awaits ran")
+
+    def wrapped_sync(*args):
+        return alert(*args)
+
+    after = []
+    with make_queue() as q:
+        q.on_failure(lambda job, reason, exc: alert(job, reason, exc))
+        q.on_failure(lambda job, reason, exc: after.append(reason))
+        with pytest.raises(TypeError, match="alert"):  # a wraps wrapper of an async def is refused
+            q.on_failure(functools.wraps(alert)(wrapped_sync))
+
+        def fail(job):
+            raise Boom("no")
+
+        q.register_executor("t", fail, ExecutorConfig())
+        q.start_dispatcher(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a coroutine never awaited warns at its collection
+            with caplog.at_level("ERROR", logger="tinymq"):
+                q.enqueue(Job("t", retry_config=RetryConfig(max_retries=0)))
+                assert q.join(WAIT)
+    assert after == ["retries_exhausted"]
+    assert [r for r in caplog.records if "its body never runs" in r.getMessage()], caplog.text

@@ -52,6 +52,8 @@ from .errors import JobTimeout, PermanentFailure, QueueStopped, RetryAfter, _des
 __all__ = ["Dispatcher", "FailureCallback", "AttemptLedger", "NoThreadLeft"]
 
 logger = logging.getLogger("tinymq")
+# What a failure callback returns when calling it did not run its body (a coroutine, a generator).
+_BODIES_NEVER_RUN = (types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType)
 
 # Seconds the watchdog sleeps while no attempt runs: an attempt that starts meanwhile wakes
 # it only if it is due sooner, not at every start.
@@ -1092,7 +1094,13 @@ class Dispatcher:
         try:
             for callback in list(self.failure_callbacks):
                 try:
-                    callback(job, reason, exc)
+                    result = callback(job, reason, exc)
+                    if isinstance(result, _BODIES_NEVER_RUN):  # (one on_failure could not tell at registration)
+                        if not isinstance(result, types.AsyncGeneratorType):
+                            result.close()  # (never started: no "never awaited" warning)
+                        logger.error("failure callback %r returned %r for job %s: its body never runs; "
+                                     "register a plain function", callback, result, job.id)
+                    result = None
                 except BaseException:  # whatever a callback raises, the queue carries on
                     logger.exception("failure callback %r raised for job %s", callback, job.id)
         finally:

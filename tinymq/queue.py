@@ -236,7 +236,8 @@ class Queue:
         """Call ``fn(job, reason, exc)`` for every job that leaves without success; returns ``fn``."""
         if not callable(fn):
             raise TypeError(f"failure callback must be callable, got {fn!r}")
-        for target in (fn, getattr(fn, "__call__", None)):  # callbacks run synchronously, in a plain call
+        # Callbacks run synchronously, in a plain call; the same functions as is_async_executor's look at.
+        for target in (fn, getattr(fn, "__call__", None), inspect.unwrap(fn)):
             if (inspect.iscoroutinefunction(target) or inspect.isgeneratorfunction(target)
                     or inspect.isasyncgenfunction(target)):
                 raise TypeError(f"failure callback {fn!r} is an async def or generator function: calling "
