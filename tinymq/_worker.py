@@ -223,12 +223,17 @@ def run_child(target: str, workers: int, check: bool, loaded_fd: Optional[int] =
     wakeup = None if check else _SignalWakeup(_STOP_SIGNALS)  # before the import: it may be slow
     supervisor_pipe = sys.stdin.fileno()
     watch = _LoadingWatch(supervisor_pipe, wakeup)
+    pid = os.getpid()
     try:
         queue = load_queue(target)
     except CommandError as exc:
         # The supervisor shows a check's message as its own error; a worker's goes among the logs.
         print(exc if check else f"tinymq worker: error: {exc}", file=sys.stderr, flush=True)
         _exit_at_once(EXIT_BAD_TARGET)  # nothing of tinymq runs: no queue, or one stopped already
+    if os.getpid() != pid:  # the import forked (a module that daemonises) and this is the fork
+        print(f"tinymq worker: error: importing {target} forked this process; only the process the "
+              "supervisor started may report the target loaded or run it", file=sys.stderr, flush=True)
+        _exit_at_once(EXIT_BAD_TARGET)
     if loaded_fd is not None:
         os.write(loaded_fd, b"1")
         os.close(loaded_fd)
