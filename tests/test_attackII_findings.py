@@ -422,3 +422,138 @@ def test_worker_refuses_a_target_whose_import_daemonises(shared_project, project
                 pass
     assert "started worker process" not in log, log
     assert code == 1, log
+
+
+def test_stop_with_a_timeout_returns_while_an_interrupted_executor_waits_in_a_shielded_enqueue():
+    """A deferred interruption whose block does not end (a blocking enqueue into a full queue nobody
+    drains): stop(wait=True, timeout=...) still returns within its timeout (api.md: running attempts
+    get at most ``timeout`` seconds)."""
+    b = Queue(1)  # never started: nobody drains it
+    b.enqueue(Job("x", "filler"))
+    a = Queue(10)
+    entered, outcome = threading.Event(), []
+
+    def executor(job):
+        entered.set()
+        try:
+            b.enqueue(Job("x", "blocked"), block=True)
+            outcome.append("returned")
+        except BaseException as exc:
+            outcome.append(type(exc).__name__)
+
+    a.register_executor("t", executor, INTERRUPTING)
+    a.start_dispatcher(1)
+    a.enqueue(Job("t", None, retry_config=RetryConfig(max_retries=0)))
+    assert entered.wait(WAIT)
+    assert wait_until(lambda: a.get_stats().jobs_timed_out >= 1)
+    stopper = threading.Thread(target=a.stop, kwargs={"wait": True, "timeout": 1.0}, daemon=True)
+    started = time.monotonic()
+    stopper.start()
+    stopper.join(WAIT)
+    stuck = stopper.is_alive()
+    b.stop(wait=False)  # frees the blocked enqueue (QueueStopped)
+    stopper.join(WAIT)
+    assert not stuck, "a.stop(timeout=1.0) waited for the thread stuck in its shielded enqueue"
+    assert time.monotonic() - started < 5.0
+
+
+@pytest.mark.parametrize("action", ["cancel", "stop"])
+def test_an_async_attempt_whose_start_write_is_slow_is_cancelled_or_stopped_cleanly(tmp_path, action):
+    path = str(tmp_path / "jobs.db")
+    store = SlowStartStore(path)
+    q = Queue(10)
+    q.set_persistence(store)
+    ran, failures = [], []
+    q.on_failure(lambda job, reason, exc: failures.append((job.payload, reason)))
+
+    async def executor(job):
+        ran.append(job.payload)
+
+    q.register_executor("t", executor, ExecutorConfig(timeout=0.2, max_concurrent_jobs=1))
+    q.start_dispatcher(1)
+    q.enqueue(Job("t", "slow", id="slow", retry_config=RetryConfig(max_retries=0)))
+    assert store.writing.wait(WAIT)
+    active = q.get_stats().executor_stats["t"].active_jobs
+    if action == "cancel":
+        assert q.cancel("slow") is True
+        store.release.set()
+        q.enqueue(Job("t", "next"))
+        assert q.join(WAIT)
+        stats = q.get_stats()
+        q.stop()
+        store.close()
+        assert (ran, failures) == (["next"], [("slow", "cancelled")])
+        assert all_accounted(stats) and stats.jobs_cancelled == 1, stats
+    else:
+        stopper = threading.Thread(target=q.stop, kwargs={"wait": True, "timeout": 5.0})
+        stopper.start()
+        store.release.set()
+        stopper.join(WAIT)
+        assert not stopper.is_alive()
+        stats = q.get_stats()
+        store.close()
+        assert all_accounted(stats), stats
+        assert (ran == ["slow"]) != (_stored(path) == ["slow"]), (ran, _stored(path))
+        assert failures == []
+    assert active == 1
+
+
+class SlowRetrySaveStore(SQLitePersistence):
+    """The save of a retry (job.retries > 0) waits until released."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.writing, self.release = threading.Event(), threading.Event()
+
+    def save(self, job):
+        if job.retries > 0 and job.payload == "flaky":
+            self.writing.set()
+            self.release.wait(WAIT)
+        return super().save(job)
+
+
+@pytest.mark.parametrize("action", ["cancel", "stop"])
+@pytest.mark.parametrize("delay", [0.0, 0.05])
+def test_a_cancel_or_stop_during_a_retrys_save_frees_the_slot_and_counts_once(tmp_path, action, delay):
+    path = str(tmp_path / "jobs.db")
+    store = SlowRetrySaveStore(path)
+    q = Queue(10)
+    q.set_persistence(store)
+    ran, failures = [], []
+    q.on_failure(lambda job, reason, exc: failures.append((job.payload, reason)))
+
+    def executor(job):
+        ran.append(job.payload)
+        if job.payload == "flaky":
+            raise RetryAfter(delay)
+
+    q.register_executor("t", executor, ExecutorConfig(max_concurrent_jobs=1))
+    q.start_dispatcher(2)
+    q.enqueue(Job("t", "flaky", id="flaky", retry_config=RetryConfig(max_retries=1)))
+    assert store.writing.wait(WAIT)
+    active = q.get_stats().executor_stats["t"].active_jobs
+    if action == "cancel":
+        cancelled = q.cancel("flaky")
+        store.release.set()
+        q.enqueue(Job("t", "next"))
+        assert q.join(WAIT)
+        stats = q.get_stats()
+        q.stop()
+        store.close()
+        assert cancelled is True
+        assert (ran, failures) == (["flaky", "next"], [("flaky", "cancelled")])
+        assert all_accounted(stats) and stats.jobs_cancelled == 1, stats
+        assert stats.executor_stats["t"].active_jobs == 0
+        assert _stored(path) == []
+    else:
+        stopper = threading.Thread(target=q.stop, kwargs={"wait": True, "timeout": 5.0})
+        stopper.start()
+        store.release.set()
+        stopper.join(WAIT)
+        assert not stopper.is_alive()
+        stats = q.get_stats()
+        store.close()
+        assert all_accounted(stats), stats
+        assert failures == []
+        assert _stored(path) == ["flaky"]  # the retry is kept for the next start
+    assert active == 1
