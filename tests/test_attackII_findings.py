@@ -215,17 +215,21 @@ def test_a_cancel_during_the_start_write_ends_the_job_once_and_frees_its_slot(tm
     assert all_accounted(stats) and stats.jobs_cancelled == 1, stats
 
 
-def test_stop_while_a_start_write_is_slow_leaves_the_job_stored_or_run(tmp_path):
+@pytest.mark.parametrize("interrupt", [False, True])
+@pytest.mark.parametrize("wait", [True, False])
+def test_stop_while_a_start_write_is_slow_leaves_the_job_stored_or_run(tmp_path, interrupt, wait):
     path = str(tmp_path / "jobs.db")
     store = SlowStartStore(path)
     q = Queue(10)
     q.set_persistence(store)
-    ran = []
-    q.register_executor("t", lambda job: ran.append(job.payload), ExecutorConfig(timeout=0.2))
+    ran, failures = [], []
+    q.on_failure(lambda job, reason, exc: failures.append((job.payload, reason)))
+    q.register_executor("t", lambda job: ran.append(job.payload),
+                        ExecutorConfig(timeout=0.2, interrupt_on_timeout=interrupt))
     q.start_dispatcher(1)
     q.enqueue(Job("t", "slow", id="slow"))
     assert store.writing.wait(WAIT)
-    stopper = threading.Thread(target=q.stop, kwargs={"wait": True, "timeout": 5.0})
+    stopper = threading.Thread(target=q.stop, kwargs={"wait": wait, "timeout": 5.0})
     stopper.start()
     store.release.set()
     stopper.join(WAIT)
@@ -233,7 +237,8 @@ def test_stop_while_a_start_write_is_slow_leaves_the_job_stored_or_run(tmp_path)
     stats = q.get_stats()
     store.close()
     assert all_accounted(stats), stats
-    assert ran == ["slow"] or _stored(path) == ["slow"], (ran, _stored(path))
+    assert failures == []
+    assert (ran == ["slow"]) != (_stored(path) == ["slow"]), (ran, _stored(path))
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.05])
@@ -557,3 +562,57 @@ def test_a_cancel_or_stop_during_a_retrys_save_frees_the_slot_and_counts_once(tm
         assert failures == []
         assert _stored(path) == ["flaky"]  # the retry is kept for the next start
     assert active == 1
+
+
+def test_the_watchdog_times_out_every_worker_whose_start_write_came_after_it_slept(tmp_path):
+    """Each attempt's deadline is set at its function's call, after the start write: the watchdog,
+    asleep on earlier (or no) deadlines, must still time every one of them out."""
+    store = SlowStartStore(str(tmp_path / "jobs.db"))
+    q = Queue(20)
+    q.set_persistence(store)
+    release = threading.Event()
+    q.register_executor("t", lambda job: release.wait(WAIT), ExecutorConfig(timeout=0.3))
+    q.start_dispatcher(4)
+    for i in range(3):
+        q.enqueue(Job("t", f"fast-{i}", retry_config=RetryConfig(max_retries=0)))
+    q.enqueue(Job("t", "slow", retry_config=RetryConfig(max_retries=0)))
+    assert store.writing.wait(WAIT)
+    assert wait_until(lambda: q.get_stats().jobs_timed_out >= 3, timeout=5.0)
+    store.release.set()  # its deadline comes now, long after the others'
+    assert wait_until(lambda: q.get_stats().jobs_timed_out >= 4, timeout=5.0), q.get_stats()
+    release.set()
+    q.stop()
+    store.close()
+
+
+@pytest.mark.parametrize("registered", [True, False])
+def test_recovery_into_a_small_buffer_is_counted_whole(tmp_path, registered):
+    path = str(tmp_path / "jobs.db")
+    with SQLitePersistence(path) as store:
+        jobs = [Job("t", f"ready-{i}") for i in range(5)]
+        for job in jobs:
+            store.save(job)
+        store.save(Job("t", "delayed", run_at=time.time() + LATER))
+        running = Job("t", "running", retry_config=RetryConfig(max_retries=0))
+        store.save(running)
+        store.mark_running(running)
+    ran, failures = [], []
+    q = Queue(2)
+    q.on_failure(lambda job, reason, exc: failures.append((job.payload, reason)))
+    if registered:
+        q.register_executor("t", lambda job: ran.append(job.payload))
+    store = SQLitePersistence(path)
+    q.set_persistence(store)
+    before = q.get_stats()
+    if not registered:
+        q.register_executor("t", lambda job: ran.append(job.payload))
+    q.start_dispatcher(1)
+    assert wait_until(lambda: len(ran) == 5), (ran, failures, q.get_stats())
+    after = q.get_stats()
+    q.stop()
+    store.close()
+    assert all_accounted(before), before
+    assert all_accounted(after), after
+    assert before.jobs_enqueued == 7 and after.jobs_enqueued == 7, (before, after)
+    assert sorted(ran) == [f"ready-{i}" for i in range(5)]
+    assert [f[0] for f in failures] == ["running"], failures
