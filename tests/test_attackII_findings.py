@@ -616,3 +616,81 @@ def test_recovery_into_a_small_buffer_is_counted_whole(tmp_path, registered):
     assert before.jobs_enqueued == 7 and after.jobs_enqueued == 7, (before, after)
     assert sorted(ran) == [f"ready-{i}" for i in range(5)]
     assert [f[0] for f in failures] == ["running"], failures
+
+
+def test_an_executor_that_catches_the_deferred_timeout_and_enqueues_on_loses_and_doubles_nothing(tmp_path):
+    path = str(tmp_path / "jobs.db")
+    store = SQLitePersistence(path)
+    q = Queue(100)
+    q.set_persistence(store)
+    entered, locked, done = threading.Event(), threading.Event(), threading.Event()
+    outcome, ran = [], []
+
+    def importer(job):
+        entered.set()
+        locked.wait(WAIT)
+        for i in range(4):
+            try:
+                q.enqueue(Job("report", f"r{i}", id=f"r{i}"))
+                outcome.append(("returned", i))
+            except JobTimeout:
+                outcome.append(("JobTimeout", i))
+        done.set()
+
+    q.register_executor("import", importer, INTERRUPTING)
+    q.register_executor("report", lambda job: ran.append(job.payload))
+    q.start_dispatcher(2)
+    q.enqueue(Job("import", "import", retry_config=RetryConfig(max_retries=0)))
+    assert entered.wait(WAIT)
+    with LockedStore(path):
+        locked.set()
+        assert wait_until(lambda: q.get_stats().jobs_timed_out >= 1)
+    assert done.wait(WAIT)
+    assert q.join(WAIT)
+    # (exact once the timed-out attempt's function has returned and freed its slot)
+    assert wait_until(lambda: all_accounted(q.get_stats())), q.get_stats()
+    stats = q.get_stats()
+    q.stop()
+    store.close()
+    returned = [f"r{i}" for kind, i in outcome if kind == "returned"]
+    assert [kind for kind, _ in outcome].count("JobTimeout") == 1, outcome
+    assert sorted(ran) == returned, (ran, outcome)
+    assert all_accounted(stats) and stats.jobs_timed_out == 1 and stats.jobs_failed == 1, stats
+    assert _stored(path) == []
+
+
+def test_an_executor_blocked_in_a_shielded_enqueue_into_its_own_full_queue_is_replaced():
+    """The deferred interruption's block waits for room only a replacement worker can make."""
+    q = Queue(1)
+    ran, outcome = [], []
+    started, filled, done = threading.Event(), threading.Event(), threading.Event()
+    frames = []
+
+    def producer(job):
+        started.set()
+        filled.wait(WAIT)
+        try:
+            q.enqueue(Job("t", "blocked"), block=True)
+            outcome.append("returned")
+        except JobTimeout as exc:
+            outcome.append("JobTimeout")
+            frames.extend(f"{tb.tb_frame.f_code.co_name}:{tb.tb_lineno}" for tb in _tbs(exc))
+        finally:
+            done.set()
+
+    q.register_executor("p", producer, INTERRUPTING)
+    q.register_executor("t", lambda job: ran.append(job.payload))
+    q.enqueue(Job("p", None, retry_config=RetryConfig(max_retries=0)))
+    q.start_dispatcher(1)
+    assert started.wait(WAIT)
+    q.enqueue(Job("t", "filler"))  # fills the buffer: only a new worker can take it
+    filled.set()
+    assert done.wait(WAIT)  # (join() waits only for jobs enqueued when it is called)
+    assert q.join(WAIT), q.get_stats()
+    # (exact once the timed-out attempt's function has returned and freed its slot)
+    assert wait_until(lambda: all_accounted(q.get_stats())), q.get_stats()
+    stats = q.get_stats()
+    q.stop()
+    assert sorted(ran) == ["blocked", "filler"], (ran, outcome, frames)
+    assert outcome == ["JobTimeout"]  # enqueued, then the deferred interruption at the call's end
+    assert all_accounted(stats) and stats.jobs_timed_out == 1, stats
