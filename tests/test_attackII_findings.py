@@ -1,7 +1,21 @@
 """Attack II on today's changes (shield, deadline from the function's call, exact stats).
 
 Tests marked ``xfail(strict=True)`` fail today: each is a defect against docs/api.md or
-docs/cli.md (its reason says which). The others pass today and guard what was attacked.
+docs/cli.md (its reason says which):
+
+- the worker CLI's check accepts a target whose import daemonises (fork, the parent exits 0):
+  the daemonised child inherits --loaded-fd and says "loaded";
+- an interrupting executor's other_queue.stop() gets JobTimeout raised inside Dispatcher._stop
+  (api.md: the interruption "never lands inside tinymq's own code");
+- on_failure accepts a functools.wraps wrapper of an async def (register_executor treats the same
+  function as async): its coroutine is dropped at each failure.
+
+The others pass today (both cores) and guard what was attacked: an interrupted enqueue into
+another queue's store, a killed process right after an interrupted enqueue, an executor that
+catches the deferred JobTimeout and enqueues on, a deferred interruption whose block waits for
+room, cancel/stop during a slow start or switch write (thread and async executors), the watchdog
+with deadlines set after it slept, retries of jobs made unusable, cancel/stop during a retry's
+save, recovery into a small buffer.
 """
 import functools
 import sqlite3
