@@ -733,3 +733,60 @@ def test_a_job_that_ran_after_stop_wait_false_cancelled_its_start_write_is_not_k
             assert _stored(path, True) == ["slow"]
     finally:
         store.close()
+
+
+class FailingSlowStartStore(SlowStartStore):
+    """mark_running waits until released, then fails."""
+
+    def mark_running(self, job):
+        if job.payload == "slow":
+            self.writing.set()
+            self.release.wait(WAIT)
+            raise OSError("disk I/O error")
+        return super().mark_running(job)
+
+
+@pytest.mark.parametrize("interrupt", [False, True])
+def test_a_cancel_deferred_while_a_failing_start_write_runs_ends_the_job_once(tmp_path, interrupt):
+    store = FailingSlowStartStore(str(tmp_path / "jobs.db"))
+    q = Queue(10)
+    q.set_persistence(store)
+    ran, failures = [], []
+    q.on_failure(lambda job, reason, exc: failures.append((job.payload, reason)))
+    q.register_executor("t", lambda job: ran.append(job.payload),
+                        ExecutorConfig(timeout=0.2, interrupt_on_timeout=interrupt, max_concurrent_jobs=1))
+    q.start_dispatcher(1)
+    q.enqueue(Job("t", "slow", id="slow"))
+    assert store.writing.wait(WAIT)
+    assert q.cancel("slow") is True
+    store.release.set()
+    q.enqueue(Job("t", "next"))
+    assert q.join(WAIT)
+    stats = q.get_stats()
+    q.stop()
+    store.close()
+    assert (ran, failures) == (["next"], [("slow", "cancelled")])
+    assert all_accounted(stats) and stats.jobs_cancelled == 1, stats
+    assert stats.executor_stats["t"].active_jobs == 0
+
+
+def test_a_failing_start_write_ends_or_runs_the_job_once_and_frees_its_slot(tmp_path):
+    store = FailingSlowStartStore(str(tmp_path / "jobs.db"))
+    q = Queue(10)
+    q.set_persistence(store)
+    ran, failures = [], []
+    q.on_failure(lambda job, reason, exc: failures.append((job.payload, reason)))
+    q.register_executor("t", lambda job: ran.append(job.payload),
+                        ExecutorConfig(timeout=0.2, max_concurrent_jobs=1))
+    q.start_dispatcher(1)
+    q.enqueue(Job("t", "slow", id="slow", retry_config=RetryConfig(max_retries=0)))
+    assert store.writing.wait(WAIT)
+    store.release.set()
+    q.enqueue(Job("t", "next"))
+    assert q.join(WAIT)
+    stats = q.get_stats()
+    q.stop()
+    store.close()
+    assert ran.count("next") == 1 and (ran.count("slow") + len(failures)) == 1, (ran, failures)
+    assert all_accounted(stats), stats
+    assert stats.executor_stats["t"].active_jobs == 0
