@@ -790,3 +790,33 @@ def test_a_failing_start_write_ends_or_runs_the_job_once_and_frees_its_slot(tmp_
     assert ran.count("next") == 1 and (ran.count("slow") + len(failures)) == 1, (ran, failures)
     assert all_accounted(stats), stats
     assert stats.executor_stats["t"].active_jobs == 0
+
+
+def test_an_executor_joining_another_queue_cut_by_its_timeout_leaves_that_queue_joinable():
+    b = Queue(10)
+    release = threading.Event()
+    b.register_executor("b", lambda job: release.wait(WAIT))
+    b.start_dispatcher(1)
+    b.enqueue(Job("b", None))
+    a = Queue(10)
+    outcome, done = [], threading.Event()
+
+    def joiner(job):
+        try:
+            outcome.append(b.join())
+        except JobTimeout:
+            outcome.append("JobTimeout")
+        finally:
+            done.set()
+
+    a.register_executor("j", joiner, INTERRUPTING)
+    a.start_dispatcher(1)
+    a.enqueue(Job("j", None, retry_config=RetryConfig(max_retries=0)))
+    assert wait_until(lambda: a.get_stats().jobs_timed_out >= 1)
+    release.set()
+    assert done.wait(WAIT)
+    b.enqueue(Job("b", None))
+    assert b.join(WAIT)
+    a.stop()
+    b.stop()
+    assert outcome in (["JobTimeout"], [True])
