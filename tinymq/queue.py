@@ -655,11 +655,12 @@ class Queue:
 
     def _stop(self, wait: bool, limit: Optional[float], on_own_loop: bool) -> None:
         """``stop`` and ``astop``: schedules, then the dispatcher."""
-        self._periodic.stop()
-        self._dispatcher.stop(wait, limit, None, on_own_loop)
-        # Stopped: the finalizer has nothing left to do, and it would keep the dispatcher,
-        # and so the jobs still queued, alive (with the queue too, if a job holds it).
-        self._finalizer.detach()
+        with shield():  # an executor's stop() of a queue is not cut midway by its interruption
+            self._periodic.stop()
+            self._dispatcher.stop(wait, limit, None, on_own_loop)
+            # Stopped: the finalizer has nothing left to do, and it would keep the dispatcher,
+            # and so the jobs still queued, alive (with the queue too, if a job holds it).
+            self._finalizer.detach()
 
     def cancel(self, job_id: str) -> bool:
         """Cancel the unfinished job ``job_id``; False when no unfinished job has that id.
