@@ -42,6 +42,18 @@ def _as_priority(value: object) -> Priority:
     return priority
 
 
+def _is_utf8(text: str) -> bool:
+    """Whether ``text`` can be stored as UTF-8 (SQLite, Redis): it has no lone surrogates, which
+    ``os.fsdecode`` makes of a file name that is not UTF-8, for one."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _as_run_at(value: object, name: str = "run_at") -> float:
     """A point in time as Unix epoch seconds: a number, or an aware datetime (``name`` names it in errors)."""
     if isinstance(value, datetime):

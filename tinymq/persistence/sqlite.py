@@ -37,6 +37,7 @@ from .._shield import shield
 from ..config import RetryConfig, _seconds
 from ..errors import PersistenceError, _describe
 from ..job import _DEFAULT_RETRY_CONFIG, Job
+from ..job import _is_utf8 as _storable  # (SQLite stores text as UTF-8)
 from . import _ownership
 from ._ownership import LOCK_SUFFIX, OwnedError
 from ._protocol import Serializer
@@ -190,15 +191,6 @@ class _Unit:
         self.error: Optional[BaseException] = None
 
 
-def _storable(text: str) -> bool:
-    """Whether SQLite can store ``text`` (no lone surrogates)."""
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _check_id(job_id: object) -> None:

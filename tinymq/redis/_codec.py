@@ -11,6 +11,7 @@ from typing import Any, Dict, Iterable, Optional
 
 from ..config import RetryConfig
 from ..job import _DEFAULT_RETRY_CONFIG, Job, Priority, _as_run_at
+from ..job import _is_utf8 as is_utf8  # (what Redis can take)
 from ..persistence.serializers import JSONSerializer
 from ..persistence.sqlite import _RETRY_FIELDS
 
@@ -45,18 +46,6 @@ def encode_job(job: Job) -> str:
     except (TypeError, ValueError, RecursionError) as exc:
         raise TypeError(f"job {job.id!r} ({job.type!r}) cannot be sent to Redis: its payload "
                         f"must be JSON-serialisable ({exc})") from exc
-
-
-def is_utf8(text: str) -> bool:
-    """Whether Redis can take ``text``: UTF-8 has no lone surrogates (which os.fsdecode makes of
-    a file name that is not UTF-8, for one)."""
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def unsendable(jobs: Iterable[Job]) -> Optional[ValueError]:
