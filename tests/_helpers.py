@@ -9,6 +9,7 @@ instances, so that the single-argument ``fn(job)`` form is what the queue sees.
 """
 import contextlib
 import os
+import sqlite3
 import threading
 import time
 
@@ -247,3 +248,27 @@ def stats_watched(q, holds):
     finally:
         until.set()
         watcher.join()
+
+
+class LockedStore:
+    """Another connection that holds SQLite's write lock of the store file ``path`` while the
+    block runs (a migration, a backup tool): the store's own writes wait for it meanwhile."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        self.conn = sqlite3.connect(self.path, timeout=0, isolation_level=None)
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self
+
+    def __exit__(self, *exc_info):
+        self.conn.execute("ROLLBACK")
+        self.conn.close()
+
+
+def stored_payloads(path, read_only=False):
+    """The payloads (as str, sorted) of the jobs a SQLite store at ``path`` keeps: loaded as a
+    queue would at its start, or with ``read_only`` inspected (every row, dead ones included)."""
+    with SQLitePersistence(path, read_only=read_only) as store:
+        return sorted(str(job.payload) for job in (store.jobs() if read_only else store.load_all()))

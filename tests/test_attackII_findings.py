@@ -14,7 +14,6 @@ with deadlines set after it slept, retries of jobs made unusable, cancel/stop du
 save, recovery into a small buffer.
 """
 import functools
-import sqlite3
 import threading
 import time
 
@@ -22,25 +21,11 @@ import pytest
 
 from tinymq import Config, ExecutorConfig, JobTimeout, Job, Queue, RetryAfter, RetryConfig, SQLitePersistence
 
-from _helpers import WAIT, all_accounted, wait_until
+from _helpers import WAIT, LockedStore, all_accounted, stored_payloads, wait_until
 from test_cli import project, shared_project  # noqa: F401 (fixtures)
 
 INTERRUPTING = ExecutorConfig(timeout=0.3, interrupt_on_timeout=True)
 LATER = 3600.0
-
-
-class LockedStore:
-    def __init__(self, path):
-        self.path = path
-
-    def __enter__(self):
-        self.conn = sqlite3.connect(self.path, timeout=0, isolation_level=None)
-        self.conn.execute("BEGIN IMMEDIATE")
-        return self
-
-    def __exit__(self, *exc_info):
-        self.conn.execute("ROLLBACK")
-        self.conn.close()
 
 
 def _tbs(exc):
@@ -48,11 +33,6 @@ def _tbs(exc):
     while tb is not None:
         yield tb
         tb = tb.tb_next
-
-
-def _stored(path, read_only=False):
-    with SQLitePersistence(path, read_only=read_only) as store:
-        return sorted(str(job.payload) for job in (store.jobs() if read_only else store.load_all()))
 
 
 def test_retry_after_a_huge_delay_with_a_store_keeps_stats_whole_and_frees_the_slot(tmp_path):
@@ -126,9 +106,9 @@ def test_an_executor_enqueue_into_another_queues_store_is_all_or_nothing(tmp_pat
     store_b.close()
     assert outcome in (["returned"], ["JobTimeout"])
     if outcome == ["returned"]:
-        assert (_stored(path), stats.jobs_enqueued) == (["follow-up"], 1)
+        assert (stored_payloads(path), stats.jobs_enqueued) == (["follow-up"], 1)
     else:
-        assert (_stored(path), stats.jobs_enqueued) == ([], 0)
+        assert (stored_payloads(path), stats.jobs_enqueued) == ([], 0)
 
 
 def test_an_executor_stopping_another_queue_is_not_cut_midway(tmp_path):
@@ -181,7 +161,7 @@ def test_an_executor_stopping_another_queue_is_not_cut_midway(tmp_path):
     assert outcome == ["JobTimeout"], outcome
     assert not [f for f in frames if "tinymq/_dispatch.py" in f], frames  # raised after stop() ended
     assert not [t for t in threading.enumerate() if t.name == "tinymq-loop" and t.is_alive()]
-    assert _stored(path) == ["waiting"]
+    assert stored_payloads(path) == ["waiting"]
 
 
 class SlowStartStore(SQLitePersistence):
@@ -245,7 +225,7 @@ def test_stop_while_a_start_write_is_slow_leaves_the_job_stored_or_run(tmp_path,
     store.close()
     assert all_accounted(stats), stats
     assert failures == []
-    assert (ran == ["slow"]) != (_stored(path) == ["slow"]), (ran, _stored(path))
+    assert (ran == ["slow"]) != (stored_payloads(path) == ["slow"]), (ran, stored_payloads(path))
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.05])
@@ -330,7 +310,7 @@ def test_a_cancel_during_the_switch_write_ends_the_job_once_and_frees_its_slot(t
     store.close()
     assert (ran, failures) == (["first", "next"], [("slow", "cancelled")])
     assert all_accounted(stats) and stats.jobs_cancelled == 1, stats
-    assert _stored(path) == []
+    assert stored_payloads(path) == []
 
 
 _CHILD = r'''
@@ -388,7 +368,7 @@ def test_kill_9_right_after_an_interrupted_enqueue_keeps_exactly_what_it_acknowl
         if child.poll() is None:
             child.kill()
         child.wait(WAIT)
-    stored = [p for p in _stored(path) if p.startswith("follow-up")]
+    stored = [p for p in stored_payloads(path) if p.startswith("follow-up")]
     assert outcome in ("returned", "JobTimeout")
     if outcome == "returned":
         assert stored == (["follow-up-1", "follow-up-2"] if kind == "many" else ["follow-up-1"])
@@ -502,7 +482,7 @@ def test_an_async_attempt_whose_start_write_is_slow_is_cancelled_or_stopped_clea
         stats = q.get_stats()
         store.close()
         assert all_accounted(stats), stats
-        assert (ran == ["slow"]) != (_stored(path) == ["slow"]), (ran, _stored(path))
+        assert (ran == ["slow"]) != (stored_payloads(path) == ["slow"]), (ran, stored_payloads(path))
         assert failures == []
     assert active == 1
 
@@ -553,7 +533,7 @@ def test_a_cancel_or_stop_during_a_retrys_save_frees_the_slot_and_counts_once(tm
         assert (ran, failures) == (["flaky", "next"], [("flaky", "cancelled")])
         assert all_accounted(stats) and stats.jobs_cancelled == 1, stats
         assert stats.executor_stats["t"].active_jobs == 0
-        assert _stored(path) == []
+        assert stored_payloads(path) == []
     else:
         stopper = threading.Thread(target=q.stop, kwargs={"wait": True, "timeout": 5.0})
         stopper.start()
@@ -564,7 +544,7 @@ def test_a_cancel_or_stop_during_a_retrys_save_frees_the_slot_and_counts_once(tm
         store.close()
         assert all_accounted(stats), stats
         assert failures == []
-        assert _stored(path) == ["flaky"]  # the retry is kept for the next start
+        assert stored_payloads(path) == ["flaky"]  # the retry is kept for the next start
     assert active == 1
 
 
@@ -660,7 +640,7 @@ def test_an_executor_that_catches_the_deferred_timeout_and_enqueues_on_loses_and
     assert [kind for kind, _ in outcome].count("JobTimeout") == 1, outcome
     assert sorted(ran) == returned, (ran, outcome)
     assert all_accounted(stats) and stats.jobs_timed_out == 1 and stats.jobs_failed == 1, stats
-    assert _stored(path) == []
+    assert stored_payloads(path) == []
 
 
 def test_an_executor_blocked_in_a_shielded_enqueue_into_its_own_full_queue_is_replaced():
@@ -719,9 +699,9 @@ def test_a_job_that_ran_after_stop_wait_false_cancelled_its_start_write_is_not_k
     stopper.join(WAIT)
     try:
         if ran.wait(5.0):  # it ran: its success must remove its row (the store is still open)
-            assert wait_until(lambda: _stored(path, True) == [], timeout=5.0), _stored(path, True)
+            assert wait_until(lambda: stored_payloads(path, True) == [], timeout=5.0), stored_payloads(path, True)
         else:  # not run: kept for the next start
-            assert _stored(path, True) == ["slow"]
+            assert stored_payloads(path, True) == ["slow"]
     finally:
         store.close()
 

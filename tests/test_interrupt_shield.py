@@ -9,7 +9,6 @@ store keeps every later acknowledged save.
 Another connection holding SQLite's write lock makes the moment deterministic: the
 executor's write waits in SQLite while its deadline passes.
 """
-import sqlite3
 import threading
 from collections import Counter
 import time
@@ -18,7 +17,7 @@ import pytest
 
 from tinymq import Config, ExecutorConfig, JobTimeout, Job, Queue, RetryConfig, SQLitePersistence
 
-from _helpers import WAIT
+from _helpers import WAIT, LockedStore, stored_payloads
 
 INTERRUPTING = ExecutorConfig(timeout=0.3, interrupt_on_timeout=True)
 LATER = 3600.0  # seconds: jobs that stay delayed (stored) for the whole test
@@ -64,32 +63,11 @@ def test_raise_deferred_raises_inside_the_block_and_only_once(core):
 # --- a Queue whose executor enqueues or cancels while the store waits for SQLite ----------------
 
 
-class LockedStore:
-    """Another connection that holds SQLite's write lock of the store's file for a moment."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __enter__(self):
-        self.conn = sqlite3.connect(self.path, timeout=0, isolation_level=None)
-        self.conn.execute("BEGIN IMMEDIATE")
-        return self
-
-    def __exit__(self, *exc_info):
-        self.conn.execute("ROLLBACK")
-        self.conn.close()
-
-
 def _wait_for(condition, what):
     deadline = time.monotonic() + WAIT
     while not condition():
         assert time.monotonic() < deadline, what
         time.sleep(0.01)
-
-
-def _stored(path):
-    with SQLitePersistence(path) as store:
-        return sorted(str(job.payload) for job in store.load_all())
 
 
 def _run_interrupted(tmp_path, call, before=None):
@@ -126,7 +104,7 @@ def _run_interrupted(tmp_path, call, before=None):
     stats = q.get_stats()
     q.stop()
     store.close()
-    return outcome, _stored(path), stats
+    return outcome, stored_payloads(path), stats
 
 
 @pytest.mark.parametrize("when", ["now", "later"])
@@ -207,7 +185,7 @@ def test_an_interrupted_worker_that_commits_other_threads_saves_acknowledges_the
     delayed = q.get_stats().delayed_jobs_count
     q.stop()
     store.close()
-    stored = _stored(path)
+    stored = stored_payloads(path)
     acknowledged = sorted(name for name, result in results.items() if result == "returned" and name != "executor")
     assert [name for name in stored if name.startswith("producer")] == acknowledged
     batch = [name for name in stored if name.startswith("batch")]
@@ -253,7 +231,7 @@ def test_executors_interrupted_while_flooding_enqueues_leave_the_queue_and_store
     delayed = q.get_stats().delayed_jobs_count
     q.stop()
     store.close()
-    stored = _stored(path)
+    stored = stored_payloads(path)
     batches = Counter(name.split("/")[0] for name in stored if "/" in name)
     assert sorted(set(batches.values())) == [3]  # each batch whole, or not at all
     assert set(acknowledged) <= set(batches)
