@@ -1325,6 +1325,16 @@ cdef class ReadyQueue:
                 self._decide_end(job)
                 self._count_end(job, ended)
 
+    cdef int _place(self, tuple owed) except -1:
+        """Put in an accepted job, ``owed`` = ``(job, type, level)`` (made by the caller before its
+        step: allocating may run the garbage collector): in the buffer while it has room and no
+        job is owed room before it, else at the end of the overflow line (a pop moves it in)."""
+        if self.size >= self.capacity or self.overflow:
+            self.overflow.append(owed)
+        else:
+            self._append(owed[0], owed[1], <int>owed[2])
+        return 0
+
     def accept_ready(self, object job):
         """``accept([job])`` and ``requeue(job)`` in one step, for a recovered job: never refused for
         lack of room (see the pure twin)."""
@@ -1338,10 +1348,7 @@ cdef class ReadyQueue:
         if job_id is not None and job_id in self.ids:
             raise _duplicate(job_id)
         self._accept_one(job, job_id)
-        if self.size >= self.capacity or self.overflow:
-            self.overflow.append(owed)
-        else:
-            self._append(job, job_type, level)
+        self._place(owed)
         if self.getters or self.loop_idle:
             self._hand_off()
 
@@ -1410,10 +1417,7 @@ cdef class ReadyQueue:
             if release is not None and (self.getters or self.loop_idle):
                 self._hand_off()
             return False
-        if self.size >= self.capacity or self.overflow:
-            self.overflow.append(owed)
-        else:
-            self._append(job, job_type, level)
+        self._place(owed)
         if self.getters or self.loop_idle:
             self._hand_off()
         return True
@@ -1450,10 +1454,8 @@ cdef class ReadyQueue:
             heap._pop_root()
             if self.marks and self._take_cancel(job):
                 left.append((job, None))
-            elif self.size >= self.capacity or self.overflow:
-                self.overflow.append(owed)
             else:
-                self._append(job, job_type, level)
+                self._place(owed)
         if self.getters or self.loop_idle:
             self._hand_off()
         return left
@@ -1544,10 +1546,7 @@ cdef class ReadyQueue:
         owed = (job, state.name, waiter.level)  # made before the decision, as in requeue
         waiter.job = waiter.state = None
         state.active -= 1
-        if self.size >= self.capacity or self.overflow:
-            self.overflow.append(owed)
-        else:
-            self._append(job, state.name, waiter.level)
+        self._place(owed)
         self._readmit(state)
         if self.getters or self.loop_idle:
             self._hand_off()

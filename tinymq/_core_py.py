@@ -755,6 +755,15 @@ class ReadyQueue:
                     self._decide_end(job)
                     self._count_end(job, counter)
 
+    def _place(self, job: Any, job_type: Any, level: int) -> bool:
+        """Put in an accepted job: in the buffer while it has room and no job is owed room before
+        it (True), else at the end of the overflow line, where a pop moves it in (False)."""
+        if sum(self._sizes) >= self.capacity or self._overflow:
+            self._overflow.append((job, job_type, level))
+            return False
+        self._append(job, job_type, level)
+        return True
+
     def accept_ready(self, job: Any) -> None:
         """``accept([job])`` and ``requeue(job)`` in one step, for a recovered job: never refused for
         lack of room (owed room when full), and ``snapshot()`` sees it counted and placed, or neither."""
@@ -766,10 +775,7 @@ class ReadyQueue:
             if job_id is not None and job_id in self._ids:
                 raise _duplicate(job_id)
             self._accept_one(job, job_id)
-            if sum(self._sizes) >= self.capacity or self._overflow:
-                self._overflow.append((job, job_type, level))
-            else:
-                self._append(job, job_type, level)
+            if self._place(job, job_type, level):
                 self._hand_off()
 
     def accept_delayed(self, job: Any, heap: "DelayedHeap", run_at: float) -> Optional[Tuple[Any, int]]:
@@ -819,11 +825,8 @@ class ReadyQueue:
                 self._release(release)
             if self._marks and self._take_cancel(job):
                 return False
-            if sum(self._sizes) >= self.capacity or self._overflow:
-                self._overflow.append((job, job_type, level))
-                return True
-            self._append(job, job_type, level)
-            self._hand_off()
+            if self._place(job, job_type, level):
+                self._hand_off()
             return True
 
     def move_due(self, heap: "DelayedHeap", now: float) -> List[Tuple[Any, Optional[Exception]]]:
@@ -844,10 +847,8 @@ class ReadyQueue:
                     continue
                 if self._marks and self._take_cancel(job):
                     left.append((job, None))
-                elif sum(self._sizes) >= self.capacity or self._overflow:
-                    self._overflow.append((job, job_type, level))
                 else:
-                    self._append(job, job_type, level)
+                    self._place(job, job_type, level)
             self._hand_off()
         return left
 
@@ -912,10 +913,7 @@ class ReadyQueue:
     def _give_back(self, job: Any, state: TypeState, level: int) -> None:
         """Undo a hand-off that its worker will not return (interrupted): like a requeue."""
         state.active -= 1
-        if sum(self._sizes) >= self.capacity or self._overflow:
-            self._overflow.append((job, state.name, level))
-        else:
-            self._append(job, state.name, level)
+        self._place(job, state.name, level)
         self._readmit(state)
         self._hand_off()
 
