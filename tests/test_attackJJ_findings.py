@@ -1,0 +1,123 @@
+"""Attack JJ: periodic jobs, rate limits, per-type stats, async producers called from executors.
+
+Findings (each test fails today because of its defect; run both cores with and without
+TINYMQ_NO_EXTENSIONS=1):
+
+- ``asyncio.run(q.ajoin())`` in a thread executor (or a failure callback) waits for itself
+  instead of raising RuntimeError as ``join()`` there does;
+- ``asyncio.run(q.astop())`` in a thread executor waits for its own attempt (forever without
+  a timeout), while ``stop()`` there returns at once;
+- ``q.every``/``q.cron`` on a queue with a SQLite store accept a payload the store cannot
+  serialise: every tick then fails to enqueue (logged), instead of a clear error at
+  registration as over a broker.
+"""
+import asyncio
+import os
+import threading
+import time
+
+import pytest
+
+from tinymq import ExecutorConfig, Job, Queue, RetryConfig, SQLitePersistence
+
+from _helpers import WAIT
+
+NO_TIMEOUT = ExecutorConfig(timeout=None)
+
+
+def test_ajoin_run_in_a_thread_executor_refuses_to_wait_for_itself():
+    """Symptom: an executor (a thread) that runs ``asyncio.run(q.ajoin())`` waits for its own
+    job: without a timeout it hangs for ever (here: ``ajoin(timeout=2)`` returns False after
+    2 s). ``q.join()`` at the same place raises RuntimeError, and so does ``ajoin`` awaited in
+    an async executor.
+    Reproduce: a thread executor calling ``asyncio.run(q.ajoin(timeout=2))``.
+    Promise (API.md "Clocks and validation"): calling join() where it would wait for itself
+    (inside an executor or a failure callback) raises RuntimeError instead of deadlocking;
+    ``ajoin`` is join for async code.
+    Likely cause: queue.py ajoin checks only ``loop is runner.loop`` and then runs
+    ``self.join`` in the loop's default executor, a thread where ``waits_for_itself()`` is
+    False."""
+    q = Queue(10)
+    outcome = []
+    done = threading.Event()
+
+    def executor(job):
+        try:
+            outcome.append(asyncio.run(q.ajoin(timeout=2.0)))
+        except RuntimeError as exc:
+            outcome.append(exc)
+        finally:
+            done.set()
+
+    q.register_executor("t", executor, NO_TIMEOUT)
+    q.start_dispatcher(1)
+    q.enqueue(Job("t"))
+    try:
+        assert done.wait(WAIT)
+        assert len(outcome) == 1 and isinstance(outcome[0], RuntimeError), outcome
+    finally:
+        q.stop(wait=False)
+
+
+def test_ajoin_run_in_a_failure_callback_refuses_to_wait_for_itself():
+    """As above, from a failure callback (API.md: "inside an executor or a failure callback"):
+    the callback runs before its job counts as finished, so an ``ajoin`` there waits for
+    itself; it must raise RuntimeError as ``join()`` does there."""
+    q = Queue(10)
+    outcome = []
+    done = threading.Event()
+
+    def executor(job):
+        raise ValueError("boom")
+
+    @q.on_failure
+    def report(job, reason, exc):
+        try:
+            outcome.append(asyncio.run(q.ajoin(timeout=2.0)))
+        except RuntimeError as exc:
+            outcome.append(exc)
+        finally:
+            done.set()
+
+    q.register_executor("t", executor, NO_TIMEOUT)
+    q.start_dispatcher(1)
+    q.enqueue(Job("t", retry_config=RetryConfig(max_retries=0)))
+    try:
+        assert done.wait(WAIT)
+        assert len(outcome) == 1 and isinstance(outcome[0], RuntimeError), outcome
+    finally:
+        q.stop(wait=False)
+
+
+def test_astop_run_in_a_thread_executor_does_not_wait_for_its_own_attempt():
+    """Symptom: an executor (a thread) that runs ``asyncio.run(q.astop())`` never returns:
+    astop waits for every running attempt, its own included (here ``astop(timeout=3)``, so it
+    returns after 3 s instead of at once). ``q.stop()`` at the same place returns at once, and
+    so does ``astop`` awaited in an async executor of the queue.
+    Reproduce: a thread executor with timeout=None calling ``asyncio.run(q.astop())``.
+    Promise (queue.py astop docstring, docs/api.md): awaited in one of the queue's executors it
+    does not wait for running attempts, like ``stop`` in an executor; API.md: astop is stop
+    for async code, and stop from any thread is safe (stop() in an executor does not hang).
+    Likely cause: queue.py astop passes only ``on_own_loop`` and runs ``_stop`` in the loop's
+    default executor, a thread where ``waits_for_itself()`` is False, so
+    _dispatch.py stop() (own_thread) waits for the caller's own attempt."""
+    q = Queue(10)
+    took = []
+    done = threading.Event()
+
+    def executor(job):
+        started = time.monotonic()
+        try:
+            asyncio.run(q.astop(timeout=3.0))
+        finally:
+            took.append(time.monotonic() - started)
+            done.set()
+
+    q.register_executor("t", executor, NO_TIMEOUT)
+    q.start_dispatcher(1)
+    q.enqueue(Job("t"))
+    try:
+        assert done.wait(WAIT)
+        assert took[0] < 1.0, f"astop() in an executor waited {took[0]:.2f}s for its own attempt"
+    finally:
+        q.stop(wait=False)
