@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from tinymq import ExecutorConfig, Job, Queue, RetryConfig, SQLitePersistence
+from tinymq import ExecutorConfig, Job, Queue, RetryConfig, SQLitePersistence, TinyMQError
 
 from _helpers import WAIT
 
@@ -121,3 +121,32 @@ def test_astop_run_in_a_thread_executor_does_not_wait_for_its_own_attempt():
         assert took[0] < 1.0, f"astop() in an executor waited {took[0]:.2f}s for its own attempt"
     finally:
         q.stop(wait=False)
+
+
+@pytest.mark.parametrize("kind", ["every", "cron"])
+def test_a_schedule_whose_payload_the_store_cannot_save_is_refused_at_registration(tmp_path, kind):
+    """Symptom: on a queue with a SQLite store, ``q.every(0.05, "report", {"when": object()})``
+    is accepted; then every tick's enqueue raises PersistenceError, which the timer logs and
+    counts as a skipped tick, for ever: the schedule never runs a job and the caller was never
+    told. Over a broker the same call raises TypeError naming the schedule (attack R's fix).
+    Reproduce: SQLitePersistence set, then every/cron with a payload JSON cannot take.
+    Promise (API.md Persistence): a payload that cannot be serialised makes ``enqueue`` raise
+    PersistenceError with a clear message; "bad input anywhere ... raises naming it" (Clocks
+    and validation). A schedule is an enqueue at each tick: its payload is known at registration.
+    Likely cause: _periodic.py _LocalTicks.check is a no-op ("any payload that can be copied
+    can be enqueued"), which is not true once the queue has a store."""
+    if kind == "cron":
+        pytest.importorskip("croniter")
+    store = SQLitePersistence(str(tmp_path / "jobs.db"))
+    q = Queue(10)
+    q.set_persistence(store)
+    try:
+        with pytest.raises((TypeError, ValueError, TinyMQError)) as raised:
+            if kind == "every":
+                q.every(60.0, "report", {"when": object()}, name="nightly")
+            else:
+                q.cron("0 3 * * *", "report", {"when": object()}, name="nightly")
+        assert "nightly" in str(raised.value)
+    finally:
+        q.stop(wait=False)
+        store.close()
