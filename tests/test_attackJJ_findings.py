@@ -150,3 +150,46 @@ def test_a_schedule_whose_payload_the_store_cannot_save_is_refused_at_registrati
     finally:
         q.stop(wait=False)
         store.close()
+
+
+@pytest.mark.parametrize("kind", ["thread", "async"])
+def test_a_running_attempt_cancelled_by_cancel_is_in_the_duration_histogram(kind):
+    """Symptom: an attempt that ran and was cancelled with ``q.cancel(job_id)`` is counted in
+    ``ExecutorStats.cancelled`` (and ``tinymq_jobs_total{outcome="cancelled"}``) but never in
+    ``tinymq_attempt_duration_seconds``: after one success and one cancelled attempt the
+    histogram's _count is 1, not 2, so the histogram no longer counts the attempts that ran
+    (a type whose attempts are all cancelled shows no durations at all).
+    Reproduce: an executor that waits for its cancellation, ``q.cancel`` while it runs.
+    Promise (docs/api.md Prometheus): attempt durations are "recorded when the attempt's
+    outcome is decided" (tests/test_metrics.py: "+Inf == _count == every decided attempt");
+    a cancel decides the attempt's outcome, and API.md counts it as a per-type outcome.
+    Likely cause: _core_py.py run_worker's ``if cancelled:`` branch (and its twin in
+    _core.pyx, and _event_loop.py's cancelled path) ends the job without record_duration."""
+    q = Queue(10)
+    entered = threading.Event()
+
+    if kind == "thread":
+        def executor(job, ctx):
+            if job.payload == "cancel me":
+                entered.set()
+                ctx.wait(WAIT)
+    else:
+        async def executor(job, ctx):
+            if job.payload == "cancel me":
+                entered.set()
+                await asyncio.sleep(WAIT)
+
+    q.register_executor("t", executor, NO_TIMEOUT)
+    q.start_dispatcher(1)
+    try:
+        q.enqueue(Job("t", "ok"))
+        q.enqueue(Job("t", "cancel me", id="victim"))
+        assert entered.wait(WAIT)
+        assert q.cancel("victim")
+        assert q.join(WAIT)
+        stats = q.get_stats().executor_stats["t"]
+        assert (stats.succeeded, stats.cancelled) == (1, 1)
+        counts, _ = q._attempt_durations()["t"]
+        assert sum(counts) == 2, f"the histogram counts {sum(counts)} of the 2 attempts that ran"
+    finally:
+        q.stop(wait=False)
