@@ -193,3 +193,25 @@ def test_a_running_attempt_cancelled_by_cancel_is_in_the_duration_histogram(kind
         assert sum(counts) == 2, f"the histogram counts {sum(counts)} of the 2 attempts that ran"
     finally:
         q.stop(wait=False)
+
+
+@pytest.mark.parametrize("timeout, error", [("soon", TypeError), (float("nan"), ValueError), (-1.0, ValueError)])
+def test_aenqueue_refuses_a_bad_timeout_as_enqueue_does(timeout, error):
+    """Symptom: on a queue without a store, ``await q.aenqueue(job, timeout="soon")`` (or NaN,
+    or -1) enqueues the job and returns it, while ``q.enqueue(job, timeout="soon")`` raises
+    TypeError/ValueError naming the value; the bad value is only looked at when the buffer
+    happens to be full (or with a store or a broker).
+    Reproduce: ``asyncio.run(q.aenqueue(Job("t"), timeout="soon"))`` on ``Queue(10)``.
+    Promise (API.md "Clocks and validation", and aenqueue = enqueue for async code): a bad
+    value raises TypeError/ValueError naming it, whatever the queue's state.
+    Likely cause: queue.py aenqueue's no-store fast path (``return self.enqueue(job)``)
+    runs before ``_optional_seconds("timeout", timeout)``."""
+    q = Queue(10)
+    try:
+        with pytest.raises(error, match="timeout"):
+            q.enqueue(Job("t"), timeout=timeout)
+        with pytest.raises(error, match="timeout"):
+            asyncio.run(q.aenqueue(Job("t"), timeout=timeout))
+        assert q.get_stats().jobs_enqueued == 0
+    finally:
+        q.stop(wait=False)
