@@ -215,3 +215,38 @@ def test_aenqueue_refuses_a_bad_timeout_as_enqueue_does(timeout, error):
         assert q.get_stats().jobs_enqueued == 0
     finally:
         q.stop(wait=False)
+
+
+@pytest.mark.redis
+def test_over_a_broker_astop_and_ajoin_run_in_a_thread_executor_do_not_wait_for_themselves(redis_backend):
+    """The two findings above hold over a broker too (same queue.py code): in a thread
+    executor of a Queue on a RedisBroker, ``asyncio.run(q.ajoin(timeout=2))`` returns False
+    after 2 s instead of raising RuntimeError, and ``asyncio.run(q.astop(timeout=3))`` waits
+    3 s for its own attempt instead of returning at once (without the timeouts: hangs)."""
+    q = redis_backend.queue()
+    outcome = []
+    done = threading.Event()
+
+    def executor(job):
+        try:
+            if job.payload == "join":
+                try:
+                    outcome.append(asyncio.run(q.ajoin(timeout=2.0)))
+                except RuntimeError as exc:
+                    outcome.append(exc)
+            else:
+                started = time.monotonic()
+                asyncio.run(q.astop(timeout=3.0))
+                outcome.append(time.monotonic() - started)
+        finally:
+            done.set()
+
+    q.register_executor("t", executor, NO_TIMEOUT)
+    q.start_dispatcher(1)
+    q.enqueue(Job("t", "join"))
+    assert done.wait(WAIT)
+    done.clear()
+    q.enqueue(Job("t", "stop"))
+    assert done.wait(WAIT)
+    assert isinstance(outcome[0], RuntimeError), outcome
+    assert outcome[1] < 1.0, f"astop() in an executor waited {outcome[1]:.2f}s for its own attempt"
