@@ -158,7 +158,8 @@ def test_a_running_attempt_cancelled_by_cancel_is_in_the_duration_histogram(kind
     ``ExecutorStats.cancelled`` (and ``tinymq_jobs_total{outcome="cancelled"}``) but never in
     ``tinymq_attempt_duration_seconds``: after one success and one cancelled attempt the
     histogram's _count is 1, not 2, so the histogram no longer counts the attempts that ran
-    (a type whose attempts are all cancelled shows no durations at all).
+    (a type whose attempts are all cancelled shows no durations at all). Oddly, an attempt
+    that ``stop()`` cancels, which is "not counted" anywhere, is in the histogram.
     Reproduce: an executor that waits for its cancellation, ``q.cancel`` while it runs.
     Promise (docs/api.md Prometheus): attempt durations are "recorded when the attempt's
     outcome is decided" (tests/test_metrics.py: "+Inf == _count == every decided attempt");
