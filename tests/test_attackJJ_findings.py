@@ -13,6 +13,8 @@ TINYMQ_NO_EXTENSIONS=1):
 """
 import asyncio
 import os
+import signal
+import subprocess
 import threading
 import time
 
@@ -21,6 +23,7 @@ import pytest
 from tinymq import ExecutorConfig, Job, Queue, RetryConfig, SQLitePersistence, TinyMQError
 
 from _helpers import WAIT
+from test_cli import pop, producer, project, record, shared_project  # noqa: F401 (fixtures)
 
 NO_TIMEOUT = ExecutorConfig(timeout=None)
 
@@ -251,3 +254,48 @@ def test_over_a_broker_astop_and_ajoin_run_in_a_thread_executor_do_not_wait_for_
     assert done.wait(WAIT)
     assert isinstance(outcome[0], RuntimeError), outcome
     assert outcome[1] < 1.0, f"astop() in an executor waited {outcome[1]:.2f}s for its own attempt"
+
+
+# --- the worker CLI: a target module that changes the SIGTERM disposition at import ---------
+
+SIGNAL_RESETTING = """
+import signal
+from app.shared import queue
+
+signal.signal(signal.SIGTERM, signal.{disposition})
+"""
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("disposition", ["SIG_IGN", "SIG_DFL"])
+def test_worker_stops_gracefully_when_the_target_module_reset_sigterm_at_import(
+        project, shared_project, producer, record, disposition):
+    """Symptom: a target module that sets SIGTERM's disposition at import (``SIG_IGN``, or
+    ``SIG_DFL``, as some libraries and frameworks do) breaks the documented graceful stop:
+    with SIG_IGN the worker process ignores the SIGTERM the supervisor forwards, so the
+    supervisor never exits (only a second SIGTERM, a hard stop, ends it); with SIG_DFL the
+    worker process dies at once, killing its running attempt midway (the supervisor even exits
+    0: it takes a death by SIGTERM for a process that was still starting), and the job runs
+    again only after its lease.
+    Reproduce: ``app/sigreset.py`` = ``from app.shared import queue`` plus
+    ``signal.signal(signal.SIGTERM, signal.SIG_IGN)``; ``python -m tinymq worker
+    app.sigreset:queue``; a job running; SIGTERM to the supervisor.
+    Promise (docs/cli.md "Stopping", API.md Scale-out): SIGTERM to the supervisor is forwarded
+    to every worker process, which stops gracefully (running attempts finish) and exits 0; the
+    supervisor exits 0 when all have.
+    Likely cause: the child sets its handlers before importing the target (tinymq/_worker.py
+    _SignalWakeup) and never takes them back after the import; the supervisor tells its
+    children to stop only by a signal they may no longer handle (_worker.py:450), and counts
+    a child's death by SIGTERM as a clean stop (_worker.py:413)."""
+    (project / "app" / "sigreset.py").write_text(SIGNAL_RESETTING.format(disposition=disposition))
+    cli = shared_project("app.sigreset:queue", "--processes", 1, "--workers", 1)
+    cli.wait_for(r"worker process started: 1 worker thread ", timeout=WAIT)
+    producer.enqueue(Job("record", {"seconds": 1.5}, id="held"))
+    assert pop(record, "started", 1)[0][0] == "held"
+    cli.signal(signal.SIGTERM)
+    try:
+        code = cli.process.wait(6.0)
+    except subprocess.TimeoutExpired:
+        code = "still running 6 s after SIGTERM"
+    finished = [entry.split()[0] for entry in record.lrange("finished", 0, -1)]
+    assert (code, finished) == (0, ["held"]), f"supervisor: {code}, finished: {finished}; log:\n{cli.log()}"
