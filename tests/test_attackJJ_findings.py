@@ -299,3 +299,54 @@ def test_worker_stops_gracefully_when_the_target_module_reset_sigterm_at_import(
         code = "still running 6 s after SIGTERM"
     finished = [entry.split()[0] for entry in record.lrange("finished", 0, -1)]
     assert (code, finished) == (0, ["held"]), f"supervisor: {code}, finished: {finished}; log:\n{cli.log()}"
+
+
+def test_a_store_taken_over_after_stop_does_not_rerun_a_job_whose_attempt_still_runs(tmp_path):
+    """Symptom: ``q1.stop(timeout=0.2)`` returns while an attempt that does not watch its
+    context still runs in q1's worker thread (Python cannot kill it); its job is given back
+    to the store. A new queue on the same store (``q2.set_persistence(store)``, allowed as q1
+    "has stopped") reloads the job and starts it again at once: the same job, here with a
+    unique id ("one report-2026-12 at a time"), runs twice at the same moment in one process.
+    Reproduce: thread executor ``release.wait()``; q1.stop(timeout=0.2); q2 takes the store,
+    starts; the second attempt starts while the first is still inside the executor.
+    Promise (docs/persistence.md): while a queue runs, set_persistence(store) on another queue
+    raises RuntimeError, because "its reload would ... run the jobs a second time"; API.md: an
+    id is unique among the queue's unfinished jobs. A given-back attempt still running is
+    exactly that case: the store should stay refused (or the job held back) until the
+    attempt has returned, as a stop(wait=True) without timeout would ensure.
+    Likely cause: the store's "serving a queue" mark is cleared when stop() returns
+    (tinymq/queue.py _take_store / _dispatch.py stop), not when the last attempt returns."""
+    store = SQLitePersistence(str(tmp_path / "jobs.db"))
+    first_running, release = threading.Event(), threading.Event()
+    second_started = threading.Event()
+    starts = []
+
+    def report(job):
+        starts.append(job.id)
+        if len(starts) == 1:
+            first_running.set()
+            release.wait(WAIT)
+        else:
+            second_started.set()
+
+    q1 = Queue(10)
+    q1.set_persistence(store)
+    q1.register_executor("report", report, NO_TIMEOUT)
+    q1.start_dispatcher(1)
+    q1.enqueue(Job("report", id="report-2026-12"))
+    assert first_running.wait(WAIT)
+    q1.stop(timeout=0.2)  # the attempt ignores its context: it keeps running
+    q2 = Queue(10)
+    try:
+        try:
+            q2.set_persistence(store)
+        except RuntimeError:
+            return  # refused while the first attempt runs: fine
+        q2.register_executor("report", report, NO_TIMEOUT)
+        q2.start_dispatcher(1)
+        overlapped = second_started.wait(1.0)
+        assert not overlapped, "report-2026-12 started again while its first attempt was still running"
+    finally:
+        release.set()
+        q2.stop()
+        store.close()
