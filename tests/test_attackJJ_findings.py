@@ -314,8 +314,8 @@ def test_a_store_taken_over_after_stop_does_not_rerun_a_job_whose_attempt_still_
     id is unique among the queue's unfinished jobs. A given-back attempt still running is
     exactly that case: the store should stay refused (or the job held back) until the
     attempt has returned, as a stop(wait=True) without timeout would ensure.
-    Likely cause: the store's "serving a queue" mark is cleared when stop() returns
-    (tinymq/queue.py _take_store / _dispatch.py stop), not when the last attempt returns."""
+    Likely cause: queue.py _take_store lets a store go as soon as the other queue is
+    ``_dispatcher.stopping`` (set when stop() begins), not when its last attempt returned."""
     store = SQLitePersistence(str(tmp_path / "jobs.db"))
     first_running, release = threading.Event(), threading.Event()
     second_started = threading.Event()
