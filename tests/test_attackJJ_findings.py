@@ -269,15 +269,17 @@ def test_over_a_broker_astop_and_ajoin_run_in_a_thread_executor_do_not_wait_for_
 # --- the worker CLI: a target module that changes the SIGTERM disposition at import ---------
 
 SIGNAL_RESETTING = """
-import signal
+import signal, sys
 from app.shared import queue
 
-signal.signal(signal.SIGTERM, signal.{disposition})
+signal.signal(signal.SIGTERM, {disposition})
 """
 
 
 @pytest.mark.redis
-@pytest.mark.parametrize("disposition", ["SIG_IGN", "SIG_DFL"])
+# "handler": the module's own Python handler (sys.exit) -- this one holds today (a guard).
+@pytest.mark.parametrize("disposition", ["signal.SIG_IGN", "signal.SIG_DFL", "lambda number, frame: sys.exit(0)"],
+                         ids=["SIG_IGN", "SIG_DFL", "handler"])
 def test_worker_stops_gracefully_when_the_target_module_reset_sigterm_at_import(
         project, shared_project, producer, record, disposition):
     """Symptom: a target module that sets SIGTERM's disposition at import (``SIG_IGN``, or
