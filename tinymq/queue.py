@@ -696,13 +696,13 @@ class Queue:
         with ``cancel`` (so reported ``"cancelled"``), unless it has run already; a
         store's row of a dead job with its id, which its save replaced, comes back.
         """
+        wait = None if timeout is None else _optional_seconds("timeout", timeout)  # checked on every path
         if self._store is None and self._link is None:
             try:
                 return self.enqueue(job)  # no store: one call into the core, never blocking
             except QueueFull:
                 if not block:
                     raise
-        wait = _optional_seconds("timeout", timeout)
         loop = asyncio.get_running_loop()
         withdrawn = threading.Event()  # the caller gave up: no new try to place the job
 
