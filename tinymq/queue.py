@@ -754,7 +754,8 @@ class Queue:
 
         It waits there ``_WAIT_SLICE`` seconds at a time: a cancelled ``ajoin`` gives its
         thread back within one slice (a thread left in ``join`` would hold the executor,
-        and ``asyncio.run``'s exit, until the queue is idle).
+        and ``asyncio.run``'s exit, until the queue is idle). Raises RuntimeError where ``join``
+        does (also through ``asyncio.run`` there) and awaited in an async executor of this queue.
         """
         wait = _optional_seconds("timeout", timeout)
         runner = self._dispatcher.loop_runner
@@ -762,6 +763,11 @@ class Queue:
         if runner is not None and loop is runner.loop:
             raise RuntimeError("ajoin() awaited in an async executor of this queue would wait for "
                                "itself; await it from another event loop")
+        # Decided here, in the caller's thread: join() below runs in a pool thread, which is
+        # never one of this queue's threads or in a failure callback.
+        if self._dispatcher.waits_for_itself():
+            raise RuntimeError("ajoin() called from an executor or a failure callback of this queue "
+                               "would wait for itself; call it from another thread")
         deadline = None if wait is None else time.monotonic() + wait
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
