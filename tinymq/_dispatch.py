@@ -385,18 +385,20 @@ class Dispatcher:
                 self.watchdog_alarm.wake()
 
     def stop(self, wait: bool = True, timeout: Optional[float] = None, why: Optional[str] = None,
-             on_own_loop: bool = False) -> None:
+             own_caller: bool = False) -> None:
         """Accept nothing more; with ``wait``, wait for running attempts (at most ``timeout``).
 
         Attempts still running afterwards have their contexts cancelled; such
         an attempt's failure is not counted (see ``attempt_failed``). Attempts
         that already timed out are never waited for. ``why`` (exit, garbage
-        collection) makes the jobs left unrun a WARNING instead of INFO.
+        collection) makes the jobs left unrun a WARNING instead of INFO. ``own_caller``:
+        the caller, which runs this in another thread (``astop``), is one of this queue's
+        threads, its loop or a failure callback, as its own thread decided.
         """
         with self._lock:
             first = not self._stopping
             self._stopping = True
-        own_thread = self.waits_for_itself() or on_own_loop  # it cannot wait for itself
+        own_thread = self.waits_for_itself() or own_caller  # it cannot wait for itself
         try:
             self._stop(first, own_thread, wait, timeout, why)
         finally:

@@ -653,11 +653,12 @@ class Queue:
         """
         self._stop(wait, _optional_seconds("timeout", timeout), False)
 
-    def _stop(self, wait: bool, limit: Optional[float], on_own_loop: bool) -> None:
-        """``stop`` and ``astop``: schedules, then the dispatcher."""
+    def _stop(self, wait: bool, limit: Optional[float], own_caller: bool) -> None:
+        """``stop`` and ``astop``: schedules, then the dispatcher. ``own_caller``: astop's caller
+        (not this thread) is one of the queue's threads, loop or failure callbacks."""
         with shield():  # an executor's stop() of a queue is not cut midway by its interruption
             self._periodic.stop()
-            self._dispatcher.stop(wait, limit, None, on_own_loop)
+            self._dispatcher.stop(wait, limit, None, own_caller)
             # Stopped: the finalizer has nothing left to do, and it would keep the dispatcher,
             # and so the jobs still queued, alive (with the queue too, if a job holds it).
             self._finalizer.detach()
@@ -780,14 +781,17 @@ class Queue:
     async def astop(self, wait: bool = True, timeout: Union[float, timedelta, None] = None) -> None:
         """``stop`` for async code: waits in the loop's default executor, not on the loop.
 
-        Awaited in one of this queue's async executors it does not wait for
-        running attempts (its own among them), like ``stop`` in an executor.
+        Awaited in one of this queue's executors (an ``asyncio.run`` in a thread
+        executor too) or failure callbacks, it does not wait for running attempts
+        (its own among them), like ``stop`` there.
         """
         limit = _optional_seconds("timeout", timeout)
         runner = self._dispatcher.loop_runner
         loop = asyncio.get_running_loop()
-        on_own_loop = runner is not None and loop is runner.loop
-        await loop.run_in_executor(None, self._stop, wait, limit, on_own_loop)
+        # Decided here, in the caller's thread: _stop runs in a pool thread, which is never
+        # one of this queue's threads or in a failure callback.
+        own_caller = (runner is not None and loop is runner.loop) or self._dispatcher.waits_for_itself()
+        await loop.run_in_executor(None, self._stop, wait, limit, own_caller)
 
     def __enter__(self) -> "Queue":
         return self
