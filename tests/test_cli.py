@@ -709,6 +709,26 @@ def test_sigterm_to_every_process_at_once_still_stops_gracefully(shared_project,
     assert producer.get_stats().jobs_succeeded == 1
 
 
+def test_a_target_module_that_changes_the_stop_signals_at_import_is_overridden(project, shared_project,
+                                                                               producer, record):
+    """The worker process owns its stop: what the module set for SIGTERM/SIGINT is replaced (logged)."""
+    (project / "app" / "signals.py").write_text(textwrap.dedent("""
+        import signal
+        from app.shared import queue
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    """))
+    worker = shared_project("app.signals:queue", "--processes", 1, "--workers", 1)
+    worker.wait_for(r"importing the target changed the handling of SIGINT \(SIG_IGN\), SIGTERM \(SIG_DFL\): "
+                    r"replaced")
+    producer.enqueue(tinymq.Job("record", {"seconds": 1.0}, id="slow"))
+    pop(record, "started", 1)
+    worker.signal(signal.SIGINT)  # forwarded as SIGTERM
+    assert worker.wait() == 0, worker.log()
+    assert pop(record, "finished", 1)[0][0] == "slow"
+
+
 def test_worker_processes_stop_when_the_supervisor_dies(shared_project, producer, record):
     worker = shared_project("app.shared:queue", "--processes", 2, "--workers", 1)
     worker.wait_for(r"worker process started", count=2)
