@@ -729,6 +729,27 @@ def test_a_target_module_that_changes_the_stop_signals_at_import_is_overridden(p
     assert pop(record, "finished", 1)[0][0] == "slow"
 
 
+def test_a_worker_process_killed_by_sigterm_while_stopping_is_an_error(project, shared_project, producer,
+                                                                       record):
+    """Once it loaded the target, a worker process's SIGTERM is a graceful stop: its death by SIGTERM
+    (here a job resets the disposition in C, as a C library might) is not a clean exit."""
+    (project / "app" / "cdefault.py").write_text(textwrap.dedent("""
+        import ctypes, signal
+        from app.shared import queue, record
+
+        @queue.executor("reset", timeout=None)
+        def reset(job):
+            ctypes.CDLL(None).signal(signal.SIGTERM, ctypes.c_void_p(0))  # SIG_DFL, behind Python's back
+            record.rpush("finished", f"{job.id} 0")
+    """))
+    worker = shared_project("app.cdefault:queue", "--processes", 1, "--workers", 1)
+    producer.enqueue(tinymq.Job("reset", id="reset"))
+    pop(record, "finished", 1)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 1, worker.log()
+    assert re.search(r"worker process 0 \(pid \d+\) was killed by SIGTERM while stopping", worker.log())
+
+
 def test_worker_processes_stop_when_the_supervisor_dies(shared_project, producer, record):
     worker = shared_project("app.shared:queue", "--processes", 2, "--workers", 1)
     worker.wait_for(r"worker process started", count=2)

@@ -16,7 +16,8 @@ takes the Queue and calls ``start_dispatcher(workers)``.
   when the signal comes exits at once: nothing of the queue runs in it yet.
   Once it has loaded the target, a child installs its SIGTERM/SIGINT handlers
   again, replacing what the module set at import (SIG_IGN, SIG_DFL: a hang, or
-  attempts killed midway).
+  attempts killed midway); a child killed by SIGTERM after that did not stop
+  gracefully, and the supervisor exits 1.
 - A child that exits without being asked to (a crash, a signal, the OOM killer)
   is started again after a delay that doubles, up to a few seconds, while it
   keeps crashing soon after its start. A child that could not load the target
@@ -432,7 +433,9 @@ class Supervisor:
         loaded = self._close_loaded(slot)
         code = process.returncode
         if self.stopping:
-            if code not in (0, -signal.SIGTERM):  # SIGTERM: it was still starting, nothing to stop
+            # SIGTERM before it loaded the target: it was still starting, nothing to stop. After, our
+            # handler was in place (run_child): a death by SIGTERM is a graceful stop that did not happen.
+            if code != 0 and not (code == -signal.SIGTERM and not loaded):
                 logger.error("worker process %d (pid %d) %s while stopping", slot.number, process.pid,
                              _exit_description(code))
                 self.exit_code = 1
