@@ -709,6 +709,47 @@ def test_sigterm_to_every_process_at_once_still_stops_gracefully(shared_project,
     assert producer.get_stats().jobs_succeeded == 1
 
 
+def test_a_target_module_that_changes_the_stop_signals_at_import_is_overridden(project, shared_project,
+                                                                               producer, record):
+    """The worker process owns its stop: what the module set for SIGTERM/SIGINT is replaced (logged)."""
+    (project / "app" / "signals.py").write_text(textwrap.dedent("""
+        import signal
+        from app.shared import queue
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    """))
+    worker = shared_project("app.signals:queue", "--processes", 1, "--workers", 1)
+    worker.wait_for(r"importing the target changed the handling of SIGINT \(SIG_IGN\), SIGTERM \(SIG_DFL\): "
+                    r"replaced")
+    producer.enqueue(tinymq.Job("record", {"seconds": 1.0}, id="slow"))
+    pop(record, "started", 1)
+    worker.signal(signal.SIGINT)  # forwarded as SIGTERM
+    assert worker.wait() == 0, worker.log()
+    assert pop(record, "finished", 1)[0][0] == "slow"
+
+
+def test_a_worker_process_killed_by_sigterm_while_stopping_is_an_error(project, shared_project, producer,
+                                                                       record):
+    """Once it loaded the target, a worker process's SIGTERM is a graceful stop: its death by SIGTERM
+    (here a job resets the disposition in C, as a C library might) is not a clean exit."""
+    (project / "app" / "cdefault.py").write_text(textwrap.dedent("""
+        import ctypes, signal
+        from app.shared import queue, record
+
+        @queue.executor("reset", timeout=None)
+        def reset(job):
+            ctypes.CDLL(None).signal(signal.SIGTERM, ctypes.c_void_p(0))  # SIG_DFL, behind Python's back
+            record.rpush("finished", f"{job.id} 0")
+    """))
+    worker = shared_project("app.cdefault:queue", "--processes", 1, "--workers", 1)
+    producer.enqueue(tinymq.Job("reset", id="reset"))
+    pop(record, "finished", 1)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 1, worker.log()
+    assert re.search(r"worker process 0 \(pid \d+\) was killed by SIGTERM while stopping", worker.log())
+
+
 def test_worker_processes_stop_when_the_supervisor_dies(shared_project, producer, record):
     worker = shared_project("app.shared:queue", "--processes", 2, "--workers", 1)
     worker.wait_for(r"worker process started", count=2)

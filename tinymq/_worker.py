@@ -14,6 +14,10 @@ takes the Queue and calls ``start_dispatcher(workers)``.
   check, before any child starts) kills that check, however long its import
   would take, and the supervisor exits with 0. A child still loading the target
   when the signal comes exits at once: nothing of the queue runs in it yet.
+  Once it has loaded the target, a child installs its SIGTERM/SIGINT handlers
+  again, replacing what the module set at import (SIG_IGN, SIG_DFL: a hang, or
+  attempts killed midway); a child killed by SIGTERM after that did not stop
+  gracefully, and the supervisor exits 1.
 - A child that exits without being asked to (a crash, a signal, the OOM killer)
   is started again after a delay that doubles, up to a few seconds, while it
   keeps crashing soon after its start. A child that could not load the target
@@ -149,6 +153,23 @@ class _SignalWakeup:
         for number in signals:
             signal.signal(number, _ignore)
 
+    def take_back(self) -> None:
+        """Install our handlers (and the wakeup socket) again: the user's module may have changed them at
+        import (SIG_IGN, SIG_DFL or a handler of its own, as some libraries do), and this process's stop
+        is ours. A change is logged (one made by C code, which Python does not see, is replaced quietly)."""
+        replaced = []
+        for number in sorted(self._signals):
+            previous = signal.getsignal(number)
+            if previous is not _ignore:
+                shown = previous.name if isinstance(previous, signal.Handlers) else repr(previous)
+                replaced.append(f"{signal.Signals(number).name} ({shown})")
+            signal.signal(number, _ignore)
+        if signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False) != self._writer.fileno():
+            replaced.append("the signal wakeup fd")
+        if replaced:
+            logger.warning("importing the target changed the handling of %s: replaced, this worker process "
+                           "handles its stop signals itself (a graceful stop)", ", ".join(replaced))
+
     def fileno(self) -> int:
         return self._reader.fileno()
 
@@ -230,6 +251,8 @@ def run_child(target: str, workers: int, check: bool, loaded_fd: Optional[int] =
         # The supervisor shows a check's message as its own error; a worker's goes among the logs.
         print(exc if check else f"tinymq worker: error: {exc}", file=sys.stderr, flush=True)
         _exit_at_once(EXIT_BAD_TARGET)  # nothing of tinymq runs: no queue, or one stopped already
+    if wakeup is not None:  # before saying "loaded": from then on, a stop signal must reach us
+        wakeup.take_back()
     if os.getpid() != pid:  # the import forked (a module that daemonises) and this is the fork
         print(f"tinymq worker: error: importing {target} forked this process; only the process the "
               "supervisor started may report the target loaded or run it", file=sys.stderr, flush=True)
@@ -410,7 +433,9 @@ class Supervisor:
         loaded = self._close_loaded(slot)
         code = process.returncode
         if self.stopping:
-            if code not in (0, -signal.SIGTERM):  # SIGTERM: it was still starting, nothing to stop
+            # SIGTERM before it loaded the target: it was still starting, nothing to stop. After, our
+            # handler was in place (run_child): a death by SIGTERM is a graceful stop that did not happen.
+            if code != 0 and not (code == -signal.SIGTERM and not loaded):
                 logger.error("worker process %d (pid %d) %s while stopping", slot.number, process.pid,
                              _exit_description(code))
                 self.exit_code = 1
