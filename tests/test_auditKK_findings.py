@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tinymq import Job, QueueStopped, RetryConfig
+from tinymq import ExecutorConfig, Job, QueueStopped, RetryConfig
 
 from _backends import InProcess, Redis
 from _helpers import QUIET, WAIT, make_queue, wait_until
@@ -58,10 +58,56 @@ def test_a_callable_returning_an_awaitable_never_occupies_a_worker_thread():
             q.enqueue(Job("awaitable"))
             assert awaiting.wait(WAIT)
             q.enqueue(Job("plain"))
-            assert thread_job_ran.wait(WAIT / 2), (
+            assert thread_job_ran.wait(2.0), (
                 "the only worker thread is held while the awaitable-returning job awaits")
         finally:
             gate.set()
+        assert q.join(WAIT)
+
+
+@pytest.mark.parametrize("how", ["timeout", "cancel"])
+def test_an_awaitable_returned_by_a_callable_keeps_its_slot_until_it_has_unwound(how):
+    """API.md "Async executors and cancellation": callables that return an awaitable are
+    accepted, and "max_concurrent_jobs, retries and every other rule apply unchanged"; "At an
+    async executor's timeout its task is cancelled ...; the slot is freed when the coroutine
+    has finished unwinding." "Concurrency limits": "the limit is never exceeded".
+
+    Observed (both cores, at a timeout and at q.cancel): for ``lambda job: body(job)`` with
+    ``max_concurrent_jobs=1`` the type's slot is freed as soon as the awaitable is cancelled,
+    while its coroutine is still unwinding: the next job of the type starts and two of its
+    coroutines run at once. (An ``async def`` registered directly keeps the slot: correct.)
+    Likely cause: tinymq/_dispatch.py:735 returned(): ``future.result()`` of
+    run_coroutine_threadsafe raises CancelledError at once when _cancel_awaiting cancels the
+    concurrent future, not when the task has unwound; the worker then frees the slot."""
+    with make_queue(buffer_size=10) as q:
+        unwinding = threading.Event()
+        release = threading.Event()
+        started = {1: threading.Event(), 2: threading.Event()}
+
+        async def body(job):
+            started[job.payload].set()
+            try:
+                await asyncio.sleep(WAIT)
+            except asyncio.CancelledError:
+                unwinding.set()
+                await asyncio.get_running_loop().run_in_executor(None, release.wait, WAIT)
+                raise
+
+        config = ExecutorConfig(max_concurrent_jobs=1, timeout=0.1 if how == "timeout" else None)
+        q.register_executor("x", lambda job: body(job), config)
+        q.start_dispatcher(workers=2)
+        once = RetryConfig(max_retries=0)
+        try:
+            first = q.enqueue(Job("x", 1, retry_config=once))
+            assert started[1].wait(WAIT)
+            if how == "cancel":
+                assert q.cancel(first.id)
+            assert unwinding.wait(WAIT)
+            q.enqueue(Job("x", 2, retry_config=once))
+            assert not started[2].wait(QUIET), (
+                "a second coroutine of a max_concurrent_jobs=1 type started while the first unwinds")
+        finally:
+            release.set()
         assert q.join(WAIT)
 
 
