@@ -86,6 +86,8 @@ def test_an_awaitable_returned_by_a_callable_keeps_its_slot_until_it_has_unwound
 
         async def body(job):
             started[job.payload].set()
+            if job.payload == 2:
+                return
             try:
                 await asyncio.sleep(WAIT)
             except asyncio.CancelledError:
