@@ -164,3 +164,40 @@ def test_join_during_stop_waits_for_the_attempt_that_stop_lets_finish(kind):
             stopper.join(WAIT)
         assert q.get_stats().jobs_succeeded == 1  # the attempt did finish, successfully
         assert finished, f"join() returned False after {waited:.3f}s, before the attempt ended"
+
+
+# --- Clocks and validation: join() that would wait for itself ---------------------------------
+
+@pytest.mark.parametrize("where", ["executor", "failure callback"])
+def test_ajoin_that_would_wait_for_itself_raises_instead_of_waiting(where):
+    """API.md "Clocks and validation": "Calling join() where it would wait for itself (inside
+    an executor or a failure callback) raises RuntimeError instead of deadlocking."; "Async
+    executors": ``await q.ajoin(timeout=None)`` is join() for async code.
+
+    Observed (both cores): a thread executor (or a failure callback) of the queue that runs
+    async code (``asyncio.run(q.ajoin(...))``, e.g. through an async client library) waits
+    for its own job: with a timeout it returns False when that runs out, with
+    ``timeout=None`` it never returns (the worker deadlocks). Likely cause:
+    tinymq/queue.py:762 ajoin() only refuses the queue's own event loop; the join() it runs
+    in the loop's default executor (queue.py:769) is in a thread that is not the queue's, so
+    join()'s check (_dispatch.py:347 waits_for_itself) does not see the executor behind it."""
+    with make_queue(buffer_size=10) as q:
+        outcome = []
+
+        def call_ajoin():
+            try:
+                outcome.append(asyncio.run(q.ajoin(timeout=1.0)))
+            except RuntimeError as exc:
+                outcome.append(exc)
+
+        if where == "executor":
+            q.register_executor("job", lambda job: call_ajoin())
+            q.enqueue(Job("job"))
+        else:
+            q.on_failure(lambda job, reason, exc: call_ajoin())
+            q.enqueue(Job("no-such-executor"))
+        q.start_dispatcher()
+        assert q.join(WAIT)
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], RuntimeError), (
+            f"ajoin() in the queue's own {where} returned {outcome[0]!r} after waiting for itself")
