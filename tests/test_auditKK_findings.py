@@ -201,3 +201,31 @@ def test_ajoin_that_would_wait_for_itself_raises_instead_of_waiting(where):
         assert len(outcome) == 1
         assert isinstance(outcome[0], RuntimeError), (
             f"ajoin() in the queue's own {where} returned {outcome[0]!r} after waiting for itself")
+
+
+def test_astop_in_a_thread_executor_does_not_wait_for_its_own_attempt():
+    """API.md "Queue": "Every method is safe to call from any thread, executors included.";
+    "Async executors": ``await q.astop(...)`` is stop() for async code. docs/api.md: "Called
+    from an executor or a failure callback, ``stop()`` waits for neither the others nor another
+    ``stop()`` (it would wait for itself)" (and ``astop`` in the queue's own coroutines "does
+    not wait for the running attempts").
+
+    Observed (both cores): ``stop(wait=True)`` in a thread executor returns at once, but
+    ``asyncio.run(q.astop(wait=True, timeout=2.0))`` there waits the whole 2 s for the very
+    attempt that calls it (with ``timeout=None`` it never returns: the worker deadlocks).
+    Likely cause: tinymq/queue.py:784 astop() runs _stop in the loop's default executor with
+    on_own_loop False; that thread is not the queue's, so _dispatch.py:399 own_thread is False
+    and stop() waits for every running attempt, its caller's included."""
+    with make_queue(buffer_size=10) as q:
+        took = []
+
+        def executor(job):
+            began = time.monotonic()
+            asyncio.run(q.astop(wait=True, timeout=2.0))
+            took.append(time.monotonic() - began)
+
+        q.register_executor("job", executor)
+        q.start_dispatcher()
+        q.enqueue(Job("job"))
+        assert wait_until(lambda: took)
+        assert took[0] < 1.0, f"astop() in the queue's own executor waited {took[0]:.2f}s for itself"
