@@ -125,7 +125,10 @@ def test_join_during_stop_waits_for_the_attempt_that_stop_lets_finish(kind):
     ``stop(wait=True)`` waits for a running attempt, ``join(WAIT)`` returns False at once,
     although that attempt then succeeds (jobs_succeeded == 1) and no job is left unfinished.
     docs/api.md says "False ... at once when the queue was stopped with jobs left"; here no
-    job is left: the only one is running and stop() is waiting for it to finish."""
+    job is left: the only one is running and stop() is waiting for it to finish.
+    Likely cause: the ready structure's join() returns False as soon as it is closed while
+    anything is unfinished, running attempts included (tinymq/_core_py.py:1327,
+    tinymq/_core.pyx:1943); stop() closes it first (_dispatch.py:411) and only then waits."""
     with make_queue(buffer_size=10) as q:
         started = threading.Event()
         release = threading.Event()
