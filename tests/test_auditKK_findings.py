@@ -128,7 +128,7 @@ def test_join_during_stop_waits_for_the_attempt_that_stop_lets_finish(kind):
     job is left: the only one is running and stop() is waiting for it to finish.
     Likely cause: the ready structure's join() returns False as soon as it is closed while
     anything is unfinished, running attempts included (tinymq/_core_py.py:1327,
-    tinymq/_core.pyx:1943); stop() closes it first (_dispatch.py:411) and only then waits."""
+    tinymq/_core.pyx:1943); stop() closes it first (_dispatch.py:413) and only then waits."""
     with make_queue(buffer_size=10) as q:
         started = threading.Event()
         release = threading.Event()
