@@ -14,7 +14,7 @@ import pytest
 from tinymq import ExecutorConfig, Job, QueueStopped, RetryConfig
 
 from _backends import InProcess, Redis
-from _helpers import QUIET, WAIT, make_queue, wait_until
+from _helpers import QUIET, WAIT, wait_until
 
 
 @pytest.fixture(params=["inprocess", "redis"])
@@ -31,204 +31,210 @@ def backend(request):
 
 # --- Async executors and cancellation -------------------------------------------------------
 
-def test_a_callable_returning_an_awaitable_never_occupies_a_worker_thread():
+def test_a_callable_returning_an_awaitable_never_occupies_a_worker_thread(backend):
     """API.md "Async executors and cancellation": "register_executor ... accepts async def
     functions, and callables that return an awaitable. They run on an event loop that the
     queue owns ...; they do not occupy worker threads, so ``workers`` bounds only thread
     executors." (docs/api.md: "They never occupy a worker thread".)
 
-    Observed (both cores): ``lambda job: coro(job)`` is taken for a thread executor at
+    Observed (both cores, in-process and over Redis): ``lambda job: coro(job)`` is taken for a
+    thread executor at
     registration (tinymq/_event_loop.py:618 is_async_executor looks for coroutine functions
     only); its first attempt runs on a worker thread, and that worker then blocks on the
     awaitable until it has finished (tinymq/_dispatch.py:693 returned(): future.result()).
     With ``workers=1`` a thread executor's job waits for the whole coroutine."""
-    with make_queue(buffer_size=10) as q:
-        gate = threading.Event()
-        awaiting = threading.Event()
-        thread_job_ran = threading.Event()
+    q = backend.queue(buffer_size=10)
+    gate = threading.Event()
+    awaiting = threading.Event()
+    thread_job_ran = threading.Event()
 
-        async def body(job):
-            awaiting.set()
-            await asyncio.get_running_loop().run_in_executor(None, gate.wait, WAIT)
+    async def body(job):
+        awaiting.set()
+        await asyncio.get_running_loop().run_in_executor(None, gate.wait, WAIT)
 
-        q.register_executor("awaitable", lambda job: body(job))
-        q.register_executor("plain", lambda job: thread_job_ran.set())
-        q.start_dispatcher(workers=1)
-        try:
-            q.enqueue(Job("awaitable"))
-            assert awaiting.wait(WAIT)
-            q.enqueue(Job("plain"))
-            assert thread_job_ran.wait(2.0), (
-                "the only worker thread is held while the awaitable-returning job awaits")
-        finally:
-            gate.set()
-        assert q.join(WAIT)
+    q.register_executor("awaitable", lambda job: body(job))
+    q.register_executor("plain", lambda job: thread_job_ran.set())
+    q.start_dispatcher(workers=1)
+    try:
+        q.enqueue(Job("awaitable"))
+        assert awaiting.wait(WAIT)
+        q.enqueue(Job("plain"))
+        assert thread_job_ran.wait(2.0), (
+            "the only worker thread is held while the awaitable-returning job awaits")
+    finally:
+        gate.set()
+    assert q.join(WAIT)
 
 
 @pytest.mark.parametrize("how", ["timeout", "cancel"])
-def test_an_awaitable_returned_by_a_callable_keeps_its_slot_until_it_has_unwound(how):
+def test_an_awaitable_returned_by_a_callable_keeps_its_slot_until_it_has_unwound(how, backend):
     """API.md "Async executors and cancellation": callables that return an awaitable are
     accepted, and "max_concurrent_jobs, retries and every other rule apply unchanged"; "At an
     async executor's timeout its task is cancelled ...; the slot is freed when the coroutine
     has finished unwinding." "Concurrency limits": "the limit is never exceeded".
 
-    Observed (both cores, at a timeout and at q.cancel): for ``lambda job: body(job)`` with
+    Observed (both cores, in-process and over Redis, at a timeout and at q.cancel): for ``lambda
+    job: body(job)`` with
     ``max_concurrent_jobs=1`` the type's slot is freed as soon as the awaitable is cancelled,
     while its coroutine is still unwinding: the next job of the type starts and two of its
     coroutines run at once. (An ``async def`` registered directly keeps the slot: correct.)
     Likely cause: tinymq/_dispatch.py:735 returned(): ``future.result()`` of
     run_coroutine_threadsafe raises CancelledError at once when _cancel_awaiting cancels the
     concurrent future, not when the task has unwound; the worker then frees the slot."""
-    with make_queue(buffer_size=10) as q:
-        unwinding = threading.Event()
-        release = threading.Event()
-        started = {1: threading.Event(), 2: threading.Event()}
+    q = backend.queue(buffer_size=10)
+    unwinding = threading.Event()
+    release = threading.Event()
+    started = {1: threading.Event(), 2: threading.Event()}
 
-        async def body(job):
-            started[job.payload].set()
-            if job.payload == 2:
-                return
-            try:
-                await asyncio.sleep(WAIT)
-            except asyncio.CancelledError:
-                unwinding.set()
-                await asyncio.get_running_loop().run_in_executor(None, release.wait, WAIT)
-                raise
-
-        config = ExecutorConfig(max_concurrent_jobs=1, timeout=0.1 if how == "timeout" else None)
-        q.register_executor("x", lambda job: body(job), config)
-        q.start_dispatcher(workers=2)
-        once = RetryConfig(max_retries=0)
+    async def body(job):
+        started[job.payload].set()
+        if job.payload == 2:
+            return
         try:
-            first = q.enqueue(Job("x", 1, retry_config=once))
-            assert started[1].wait(WAIT)
-            if how == "cancel":
-                assert q.cancel(first.id)
-            assert unwinding.wait(WAIT)
-            q.enqueue(Job("x", 2, retry_config=once))
-            assert not started[2].wait(QUIET), (
-                "a second coroutine of a max_concurrent_jobs=1 type started while the first unwinds")
-        finally:
-            release.set()
-        assert q.join(WAIT)
+            await asyncio.sleep(WAIT)
+        except asyncio.CancelledError:
+            unwinding.set()
+            await asyncio.get_running_loop().run_in_executor(None, release.wait, WAIT)
+            raise
+
+    config = ExecutorConfig(max_concurrent_jobs=1, timeout=0.1 if how == "timeout" else None)
+    q.register_executor("x", lambda job: body(job), config)
+    q.start_dispatcher(workers=2)
+    once = RetryConfig(max_retries=0)
+    try:
+        first = q.enqueue(Job("x", 1, retry_config=once))
+        assert started[1].wait(WAIT)
+        if how == "cancel":
+            assert q.cancel(first.id)
+        assert unwinding.wait(WAIT)
+        q.enqueue(Job("x", 2, retry_config=once))
+        assert not started[2].wait(QUIET), (
+            "a second coroutine of a max_concurrent_jobs=1 type started while the first unwinds")
+    finally:
+        release.set()
+    assert q.join(WAIT)
 
 
 # --- Queue: join() ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["thread", "async"])
-def test_join_during_stop_waits_for_the_attempt_that_stop_lets_finish(kind):
+def test_join_during_stop_waits_for_the_attempt_that_stop_lets_finish(kind, backend):
     """API.md "Queue": "join(timeout=None) -> bool: block until every job enqueued so far ...
     has finished (succeeded or failed permanently); False on timeout." and "stop(wait=True,
     ...): ... let running attempts finish (when wait)".
 
-    Observed (both cores, thread and async executors): while another thread's
+    Observed (both cores, thread and async executors, in-process and over Redis, where
+    API.md has join() wait "until the shared queue has no unfinished job"): while another thread's
     ``stop(wait=True)`` waits for a running attempt, ``join(WAIT)`` returns False at once,
-    although that attempt then succeeds (jobs_succeeded == 1) and no job is left unfinished.
+    although that attempt then succeeds (jobs_succeeded == 1) and no job is left unfinished
+    (over Redis it returns False as the attempt ends).
     docs/api.md says "False ... at once when the queue was stopped with jobs left"; here no
     job is left: the only one is running and stop() is waiting for it to finish.
     Likely cause: the ready structure's join() returns False as soon as it is closed while
     anything is unfinished, running attempts included (tinymq/_core_py.py:1327,
     tinymq/_core.pyx:1943); stop() closes it first (_dispatch.py:413) and only then waits."""
-    with make_queue(buffer_size=10) as q:
-        started = threading.Event()
-        release = threading.Event()
+    q = backend.queue(buffer_size=10)
+    started = threading.Event()
+    release = threading.Event()
 
-        def thread_fn(job):
-            started.set()
-            release.wait(WAIT)
+    def thread_fn(job):
+        started.set()
+        release.wait(WAIT)
 
-        async def async_fn(job):
-            started.set()
-            await asyncio.get_running_loop().run_in_executor(None, release.wait, WAIT)
+    async def async_fn(job):
+        started.set()
+        await asyncio.get_running_loop().run_in_executor(None, release.wait, WAIT)
 
-        q.register_executor("job", thread_fn if kind == "thread" else async_fn)
-        q.start_dispatcher()
-        q.enqueue(Job("job"))
-        assert started.wait(WAIT)
-        stopper = threading.Thread(target=q.stop, kwargs={"wait": True})
-        stopper.start()
+    q.register_executor("job", thread_fn if kind == "thread" else async_fn)
+    q.start_dispatcher()
+    q.enqueue(Job("job"))
+    assert started.wait(WAIT)
+    stopper = threading.Thread(target=q.stop, kwargs={"wait": True})
+    stopper.start()
 
-        def refused():
-            try:
-                q.enqueue(Job("probe"))
-            except QueueStopped:
-                return True
-            return False
-
+    def refused():
         try:
-            assert wait_until(refused)  # stop(wait=True) is under way, waiting for the attempt
-            timer = threading.Timer(QUIET, release.set)  # the attempt ends a moment later
-            timer.start()
-            began = time.monotonic()
-            finished = q.join(WAIT)
-            waited = time.monotonic() - began
-        finally:
-            release.set()
-            stopper.join(WAIT)
-        assert q.get_stats().jobs_succeeded == 1  # the attempt did finish, successfully
-        assert finished, f"join() returned False after {waited:.3f}s, before the attempt ended"
+            q.enqueue(Job("probe"))
+        except QueueStopped:
+            return True
+        return False
+
+    try:
+        assert wait_until(refused)  # stop(wait=True) is under way, waiting for the attempt
+        timer = threading.Timer(QUIET, release.set)  # the attempt ends a moment later
+        timer.start()
+        began = time.monotonic()
+        finished = q.join(WAIT)
+        waited = time.monotonic() - began
+    finally:
+        release.set()
+        stopper.join(WAIT)
+    assert q.get_stats().jobs_succeeded == 1  # the attempt did finish, successfully
+    assert finished, f"join() returned False after {waited:.3f}s; its only job succeeded"
 
 
 # --- Clocks and validation: join() that would wait for itself ---------------------------------
 
 @pytest.mark.parametrize("where", ["executor", "failure callback"])
-def test_ajoin_that_would_wait_for_itself_raises_instead_of_waiting(where):
+def test_ajoin_that_would_wait_for_itself_raises_instead_of_waiting(where, backend):
     """API.md "Clocks and validation": "Calling join() where it would wait for itself (inside
     an executor or a failure callback) raises RuntimeError instead of deadlocking."; "Async
     executors": ``await q.ajoin(timeout=None)`` is join() for async code.
 
-    Observed (both cores): a thread executor (or a failure callback) of the queue that runs
+    Observed (both cores, in-process and over Redis): a thread executor (or a failure callback)
+    of the queue that runs
     async code (``asyncio.run(q.ajoin(...))``, e.g. through an async client library) waits
     for its own job: with a timeout it returns False when that runs out, with
     ``timeout=None`` it never returns (the worker deadlocks). Likely cause:
     tinymq/queue.py:762 ajoin() only refuses the queue's own event loop; the join() it runs
     in the loop's default executor (queue.py:769) is in a thread that is not the queue's, so
     join()'s check (_dispatch.py:347 waits_for_itself) does not see the executor behind it."""
-    with make_queue(buffer_size=10) as q:
-        outcome = []
+    q = backend.queue(buffer_size=10)
+    outcome = []
 
-        def call_ajoin():
-            try:
-                outcome.append(asyncio.run(q.ajoin(timeout=1.0)))
-            except RuntimeError as exc:
-                outcome.append(exc)
+    def call_ajoin():
+        try:
+            outcome.append(asyncio.run(q.ajoin(timeout=1.0)))
+        except RuntimeError as exc:
+            outcome.append(exc)
 
-        if where == "executor":
-            q.register_executor("job", lambda job: call_ajoin())
-            q.enqueue(Job("job"))
-        else:
-            q.on_failure(lambda job, reason, exc: call_ajoin())
-            q.enqueue(Job("no-such-executor"))
-        q.start_dispatcher()
-        assert q.join(WAIT)
-        assert len(outcome) == 1
-        assert isinstance(outcome[0], RuntimeError), (
-            f"ajoin() in the queue's own {where} returned {outcome[0]!r} after waiting for itself")
+    if where == "executor":
+        q.register_executor("job", lambda job: call_ajoin())
+        q.enqueue(Job("job"))
+    else:
+        q.on_failure(lambda job, reason, exc: call_ajoin())
+        q.enqueue(Job("no-such-executor"))
+    q.start_dispatcher()
+    assert q.join(WAIT)
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], RuntimeError), (
+        f"ajoin() in the queue's own {where} returned {outcome[0]!r} after waiting for itself")
 
 
-def test_astop_in_a_thread_executor_does_not_wait_for_its_own_attempt():
+def test_astop_in_a_thread_executor_does_not_wait_for_its_own_attempt(backend):
     """API.md "Queue": "Every method is safe to call from any thread, executors included.";
     "Async executors": ``await q.astop(...)`` is stop() for async code. docs/api.md: "Called
     from an executor or a failure callback, ``stop()`` waits for neither the others nor another
     ``stop()`` (it would wait for itself)" (and ``astop`` in the queue's own coroutines "does
     not wait for the running attempts").
 
-    Observed (both cores): ``stop(wait=True)`` in a thread executor returns at once, but
+    Observed (both cores, in-process and over Redis): ``stop(wait=True)`` in a thread executor
+    returns at once, but
     ``asyncio.run(q.astop(wait=True, timeout=2.0))`` there waits the whole 2 s for the very
     attempt that calls it (with ``timeout=None`` it never returns: the worker deadlocks).
     Likely cause: tinymq/queue.py:784 astop() runs _stop in the loop's default executor with
     on_own_loop False; that thread is not the queue's, so _dispatch.py:399 own_thread is False
     and stop() waits for every running attempt, its caller's included."""
-    with make_queue(buffer_size=10) as q:
-        took = []
+    q = backend.queue(buffer_size=10)
+    took = []
 
-        def executor(job):
-            began = time.monotonic()
-            asyncio.run(q.astop(wait=True, timeout=2.0))
-            took.append(time.monotonic() - began)
+    def executor(job):
+        began = time.monotonic()
+        asyncio.run(q.astop(wait=True, timeout=2.0))
+        took.append(time.monotonic() - began)
 
-        q.register_executor("job", executor)
-        q.start_dispatcher()
-        q.enqueue(Job("job"))
-        assert wait_until(lambda: took)
-        assert took[0] < 1.0, f"astop() in the queue's own executor waited {took[0]:.2f}s for itself"
+    q.register_executor("job", executor)
+    q.start_dispatcher()
+    q.enqueue(Job("job"))
+    assert wait_until(lambda: took)
+    assert took[0] < 1.0, f"astop() in the queue's own executor waited {took[0]:.2f}s for itself"
