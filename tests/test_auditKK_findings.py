@@ -238,3 +238,32 @@ def test_astop_in_a_thread_executor_does_not_wait_for_its_own_attempt(backend):
     q.enqueue(Job("job"))
     assert wait_until(lambda: took)
     assert took[0] < 1.0, f"astop() in the queue's own executor waited {took[0]:.2f}s for itself"
+
+
+# --- Scale-out: buffer_size over a broker -------------------------------------------------------
+
+def test_a_due_delayed_job_never_takes_a_full_buffer_past_buffer_size_over_redis(redis_url):
+    """API.md "Queue": "``buffer_size`` caps the number of **ready** jobs of all priorities
+    together."; "Delayed jobs": "A due job that finds the ready buffer full waits for room";
+    "Scale-out": "Everything above holds across processes and hosts: ... ``buffer_size`` and
+    ``max_delayed_jobs``".
+
+    Observed (both cores): on a RedisBroker queue with ``buffer_size=1`` holding one ready
+    job, a delayed job that comes due is counted ready too: ``medium_queue_size == 2`` (and
+    ``waiting_for_room`` stays 0), where the in-process queue shows 1 ready and 1 waiting for
+    room. docs/redis.md:53-56 describes this as intended ("Due delayed jobs, retries, and
+    jobs given back ... always go in, even past the cap"), which API.md does not allow.
+    Likely cause: promote_due (tinymq/redis/lib.lua:283) moves every due job to the ready
+    lists whatever their length; stats.lua counts them there."""
+    backend = Redis(redis_url)
+    try:
+        q = backend.queue(buffer_size=1)
+        q.enqueue(Job("job", "ready"))
+        q.enqueue_delayed(Job("job", "due"), 0.05)
+        assert wait_until(lambda: q.get_stats().delayed_jobs_count == 0)  # it is due now
+        stats = q.get_stats()
+        ready = stats.high_queue_size + stats.medium_queue_size + stats.low_queue_size
+        assert ready <= 1, (f"{ready} ready jobs with buffer_size=1 "
+                            f"(waiting_for_room={stats.waiting_for_room})")
+    finally:
+        backend.close()
