@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tinymq import ExecutorConfig, Job, QueueStopped, RetryConfig
+from tinymq import ExecutorConfig, Job, Queue, QueueStopped, RetryConfig
 
 from _backends import InProcess, Redis
 from _helpers import QUIET, WAIT, wait_until
@@ -267,3 +267,41 @@ def test_a_due_delayed_job_never_takes_a_full_buffer_past_buffer_size_over_redis
                             f"(waiting_for_room={stats.waiting_for_room})")
     finally:
         backend.close()
+
+
+# --- Clocks and validation: leaving `with Queue()` with a timed-out coroutine -----------------
+
+def test_leaving_the_queue_never_waits_for_a_timed_out_coroutine():
+    """API.md "Clocks and validation": "Attempts that already timed out are never waited
+    for: leaving ``with Queue() as q:`` never hangs on a timed-out attempt." "Async
+    executors": "max_concurrent_jobs, retries and every other rule apply unchanged".
+
+    Observed (both cores): a thread attempt that timed out and runs on is not waited for
+    (leaving takes ~0 s), but a coroutine that timed out and does not unwind (it keeps
+    awaiting after the CancelledError; docs/api.md allows this: it "keeps its slot until it
+    returns") makes the exit wait ~3 s: stop() waits _UNWIND_WAIT (1 s) for every attempt,
+    decided ones included (tinymq/_dispatch.py:438 runner.wait_finished(...,
+    undecided_only=False)), then up to 2 s for the loop thread
+    (tinymq/_event_loop.py:603 self._thread_done.wait(_UNWIND_WAIT * 2))."""
+    gate = threading.Event()
+    timed_out = threading.Event()
+
+    async def stubborn(job):
+        while not gate.is_set():
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, gate.wait, WAIT)
+            except asyncio.CancelledError:
+                continue  # keeps its slot until it returns
+
+    try:
+        with Queue(10) as q:
+            q.register_executor("stubborn", stubborn, ExecutorConfig(timeout=0.1))
+            q.on_failure(lambda job, reason, exc: timed_out.set())
+            q.start_dispatcher()
+            q.enqueue(Job("stubborn", retry_config=RetryConfig(max_retries=0)))
+            assert timed_out.wait(WAIT)  # decided: retries_exhausted with JobTimeout
+            began = time.monotonic()
+        took = time.monotonic() - began
+    finally:
+        gate.set()
+    assert took < 1.0, f"leaving `with Queue()` waited {took:.2f}s for an attempt that had timed out"
