@@ -304,4 +304,5 @@ def test_leaving_the_queue_never_waits_for_a_timed_out_coroutine():
         took = time.monotonic() - began
     finally:
         gate.set()
-    assert took < 1.0, f"leaving `with Queue()` waited {took:.2f}s for an attempt that had timed out"
+    assert took < 1.0, (
+        f"leaving `with Queue()` waited {took:.2f}s for an attempt that had timed out")
