@@ -306,3 +306,65 @@ def test_leaving_the_queue_never_waits_for_a_timed_out_coroutine():
         gate.set()
     assert took < 1.0, (
         f"leaving `with Queue()` waited {took:.2f}s for an attempt that had timed out")
+
+
+# --- Clocks and validation: interpreter exit with async executors and a store -----------------
+
+_EXIT_SCRIPT = r'''
+import asyncio, sys, threading
+from tinymq import ExecutorConfig, Job, Queue, SQLitePersistence
+q = Queue(50)
+q.set_persistence(SQLitePersistence(sys.argv[1]))
+started = threading.Event()
+async def work(job):
+    started.set()
+    await asyncio.sleep(0.3)
+    print("finished", job.payload, flush=True)
+q.register_executor("work", work, ExecutorConfig(max_concurrent_jobs=2, timeout=10))
+q.start_dispatcher()
+for i in range(4):
+    q.enqueue(Job("work", i))
+assert started.wait(10)
+print("exiting", flush=True)
+'''
+
+
+def test_async_attempts_that_finish_at_interpreter_exit_are_recorded(tmp_path):
+    """API.md "Clocks and validation": "A queue still running at interpreter exit is stopped
+    like ``stop(wait=True)``: running attempts within their deadline finish."; "Persistence":
+    "``delete`` is called when a job has finished"; "Failures are never silent" (logged on
+    the ``tinymq`` logger).
+
+    Observed (both cores): with a SQLite store and an async executor, the two coroutines
+    running at exit finish (they print), but their success is never written: both rows stay
+    "running" in the store (so the next start runs them again, as crashed attempts), and the
+    loop's runner tasks die with ``RuntimeError('cannot schedule new futures after
+    shutdown')``, reported only by asyncio ("Task exception was never retrieved" on stderr).
+    The same script with a thread executor, or with an explicit ``q.stop()`` before the end,
+    leaves only the 2 unrun jobs, "ready". Likely cause: concurrent.futures.thread is first
+    imported when the loop runner builds its ``tinymq-io`` pool (tinymq/_event_loop.py:159),
+    after tinymq registered its exit hook (tinymq/_dispatch.py:133), so its own
+    ``_python_exit`` runs first (threading runs those hooks last-registered first) and shuts
+    every pool before tinymq's stop(wait=True) writes the outcomes through it (confirmed: the
+    same script with ``import concurrent.futures.thread`` first leaves 0 "running")."""
+    import os
+    import subprocess
+    import sys
+
+    from tinymq import SQLitePersistence
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
+    db = str(tmp_path / "jobs.db")
+    result = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, db], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "finished 0" in result.stdout and "finished 1" in result.stdout, result.stdout
+    with SQLitePersistence(db, read_only=True) as view:
+        counts = view.counts()
+        left = sorted(job.payload for job in view.jobs())
+    assert "Task exception was never retrieved" not in result.stderr, result.stderr[-2000:]
+    assert (counts["running"], left) == (0, [2, 3]), (
+        f"after exit the store holds {counts} with payloads {left}: the attempts that "
+        "finished at exit were not recorded")
