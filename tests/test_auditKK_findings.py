@@ -312,7 +312,7 @@ def test_leaving_the_queue_never_waits_for_a_timed_out_coroutine():
 
 _EXIT_SCRIPT = r'''
 import asyncio, sys, threading
-from tinymq import ExecutorConfig, Job, Queue, SQLitePersistence
+from tinymq import ExecutorConfig, Job, PermanentFailure, Queue, SQLitePersistence
 q = Queue(50)
 q.set_persistence(SQLitePersistence(sys.argv[1]))
 started = threading.Event()
@@ -320,7 +320,10 @@ async def work(job):
     started.set()
     await asyncio.sleep(0.3)
     print("finished", job.payload, flush=True)
+    if sys.argv[2] == "fails":
+        raise PermanentFailure("late")
 q.register_executor("work", work, ExecutorConfig(max_concurrent_jobs=2, timeout=10))
+q.on_failure(lambda job, reason, exc: print("reported", job.payload, reason, flush=True))
 q.start_dispatcher()
 for i in range(4):
     q.enqueue(Job("work", i))
@@ -329,7 +332,8 @@ print("exiting", flush=True)
 '''
 
 
-def test_async_attempts_that_finish_at_interpreter_exit_are_recorded(tmp_path):
+@pytest.mark.parametrize("outcome", ["succeeds", "fails"])
+def test_async_attempts_that_finish_at_interpreter_exit_are_recorded(tmp_path, outcome):
     """API.md "Clocks and validation": "A queue still running at interpreter exit is stopped
     like ``stop(wait=True)``: running attempts within their deadline finish."; "Persistence":
     "``delete`` is called when a job has finished"; "Failures are never silent" (logged on
@@ -341,7 +345,9 @@ def test_async_attempts_that_finish_at_interpreter_exit_are_recorded(tmp_path):
     loop's runner tasks die with ``RuntimeError('cannot schedule new futures after
     shutdown')``, reported only by asyncio ("Task exception was never retrieved" on stderr).
     The same script with a thread executor, or with an explicit ``q.stop()`` before the end,
-    leaves only the 2 unrun jobs, "ready". Likely cause: concurrent.futures.thread is first
+    leaves only the 2 unrun jobs, "ready". When the attempts fail (PermanentFailure) instead,
+    the failure is neither reported to ``on_failure`` nor logged, and the rows stay "running"
+    too (not deleted or kept dead). Likely cause: concurrent.futures.thread is first
     imported when the loop runner builds its ``tinymq-io`` pool (tinymq/_event_loop.py:159),
     after tinymq registered its exit hook (tinymq/_dispatch.py:133), so its own
     ``_python_exit`` runs first (threading runs those hooks last-registered first) and shuts
@@ -357,13 +363,16 @@ def test_async_attempts_that_finish_at_interpreter_exit_are_recorded(tmp_path):
     path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=path)
     db = str(tmp_path / "jobs.db")
-    result = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, db], env=env, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, db, outcome], env=env,
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "finished 0" in result.stdout and "finished 1" in result.stdout, result.stdout
     with SQLitePersistence(db, read_only=True) as view:
         counts = view.counts()
         left = sorted(job.payload for job in view.jobs())
+    if outcome == "fails":
+        assert "reported 0 permanent_failure" in result.stdout, (
+            f"a failure at exit was never reported:\n{result.stdout}\n{result.stderr[-1500:]}")
     assert "Task exception was never retrieved" not in result.stderr, result.stderr[-2000:]
     assert (counts["running"], left) == (0, [2, 3]), (
         f"after exit the store holds {counts} with payloads {left}: the attempts that "
