@@ -16,7 +16,7 @@ import pytest
 
 from tinymq import ExecutorConfig, Job, Queue, RetryConfig
 
-from _helpers import WAIT, Blocker, FailureLog, Recorder, make_queue, wait_until
+from _helpers import QUIET, WAIT, Blocker, FailureLog, Recorder, make_queue, wait_until
 
 
 def test_join_inside_an_executor_raises_instead_of_deadlocking():
@@ -50,6 +50,34 @@ def test_join_inside_a_failure_callback_raises_instead_of_deadlocking():
         q.enqueue(Job("t", run_at=time.time() + 2000))  # evicts the first, in this thread
         assert seen.wait_for(1)
         assert "wait for itself" in seen.snapshot()[0]
+
+
+def test_join_during_stop_returns_false_once_stop_returns_with_queued_jobs_left():
+    """docs/api.md: join() waits for the attempts a stop() under way lets finish, then
+    says False when jobs stop() leaves queued are left (they are never run): no hang."""
+    q = make_queue(buffer_size=10)
+    with Blocker() as blocker:
+        q.register_executor("t", blocker.fn)
+        q.start_dispatcher(1)
+        q.enqueue(Job("t"))
+        q.enqueue(Job("t"))  # queued behind the running one: stop() leaves it unrun
+        assert blocker.wait_started(1)
+        stopper = threading.Thread(target=q.stop, kwargs={"wait": True})
+        stopper.start()
+        assert wait_until(lambda: q._dispatcher.stopping)
+        outcome = []
+        joiner = threading.Thread(target=lambda: outcome.append(q.join(WAIT)))
+        joiner.start()
+        joiner.join(QUIET)
+        assert not outcome  # it waits for the attempt stop() waits for
+        blocker.release()
+        joiner.join(WAIT)
+        stopper.join(WAIT)
+    assert outcome == [False]
+    assert q.get_stats().jobs_succeeded == 1
+    began = time.monotonic()
+    assert q.join(WAIT) is False  # after stop() returned: at once
+    assert time.monotonic() - began < WAIT / 2
 
 
 def test_leaving_with_queue_never_waits_for_an_attempt_that_timed_out():

@@ -520,6 +520,10 @@ class Dispatcher:
     def stopping(self) -> bool:
         return self._stopping
 
+    def wait_stopped(self, timeout: Optional[float]) -> bool:
+        """Wait until the first stop() has returned (its running attempts finished or cancelled)."""
+        return self._stopped.wait(timeout)
+
     # --- delayed jobs ----------------------------------------------------
 
     def push_delayed(self, job: Any, delay: float, evictable: bool = True, accept: bool = False,

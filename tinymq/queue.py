@@ -628,7 +628,8 @@ class Queue:
     def join(self, timeout: Union[float, timedelta, None] = None) -> bool:
         """Wait until every job enqueued so far, retries and delayed jobs included, has finished.
 
-        Returns False on timeout, or at once when the queue was stopped with jobs left.
+        Returns False on timeout, or when the queue was stopped with jobs left: while
+        a stop() is under way, once it has returned (the attempts it lets finish count).
         Raises RuntimeError in an executor or a failure callback of this queue,
         where it would wait for itself.
         """
@@ -636,6 +637,20 @@ class Queue:
         if self._dispatcher.waits_for_itself():
             raise RuntimeError("join() called from an executor or a failure callback of this queue "
                                "would wait for itself; call it from another thread")
+        deadline = None if wait is None else time.monotonic() + wait
+        if self._join_unfinished(wait):
+            return True
+        if not self._dispatcher.stopping:
+            return False  # its timeout
+        # Stopped, or stopping: the core (or the link) gave up at the close, but the attempts
+        # stop() lets finish may still end the jobs left; decided once stop() has returned.
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._dispatcher.wait_stopped(remaining):
+            return False  # its timeout
+        return self._join_unfinished(0.0)
+
+    def _join_unfinished(self, wait: Optional[float]) -> bool:
+        """Wait until no job is unfinished; False on timeout or once the queue is closed."""
         if self._link is not None:
             return self._link.join(wait)
         return self._ready.join(wait)
