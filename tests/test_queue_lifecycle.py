@@ -4,6 +4,7 @@ API.md "Queue" (stop), "Persistence" (an attempt that stop() cancels is not a fa
 and "Clocks and validation" (join that would wait for itself, interpreter exit and
 garbage collection, timed-out attempts never waited for, the monotonic clock).
 """
+import asyncio
 import gc
 import logging
 import subprocess
@@ -78,6 +79,29 @@ def test_join_during_stop_returns_false_once_stop_returns_with_queued_jobs_left(
     began = time.monotonic()
     assert q.join(WAIT) is False  # after stop() returned: at once
     assert time.monotonic() - began < WAIT / 2
+
+
+def test_ajoin_during_stop_waits_for_the_attempt_stop_lets_finish():
+    """ajoin() as join(): while a stop(wait=True) waits for an attempt that ends the last job,
+    ajoin() waits for it too (beyond its wait slices) and returns True."""
+    q = make_queue(buffer_size=10)
+    with Blocker() as blocker:
+        q.register_executor("t", blocker.fn)
+        q.start_dispatcher(1)
+        q.enqueue(Job("t"))
+        assert blocker.wait_started(1)
+        stopper = threading.Thread(target=q.stop, kwargs={"wait": True})
+        stopper.start()
+        assert wait_until(lambda: q._dispatcher.stopping)
+        outcome = []
+        joiner = threading.Thread(target=lambda: outcome.append(asyncio.run(q.ajoin(WAIT))))
+        joiner.start()
+        joiner.join(QUIET)  # longer than ajoin's wait slices
+        assert not outcome
+        blocker.release()
+        joiner.join(WAIT)
+        stopper.join(WAIT)
+    assert outcome == [True]
 
 
 def test_leaving_with_queue_never_waits_for_an_attempt_that_timed_out():

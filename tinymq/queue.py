@@ -788,9 +788,10 @@ class Queue:
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             step = _WAIT_SLICE if remaining is None else min(remaining, _WAIT_SLICE)
+            stopped = self._dispatcher.wait_stopped(0)  # stop() had returned: join()'s False is final
             if await loop.run_in_executor(None, self.join, step):
                 return True
-            if (remaining is not None and remaining <= _WAIT_SLICE) or self._dispatcher.stopping:
+            if (remaining is not None and remaining <= _WAIT_SLICE) or stopped:
                 return False  # its timeout, or stopped with jobs left (join() says False at once)
 
     async def astop(self, wait: bool = True, timeout: Union[float, timedelta, None] = None) -> None:
