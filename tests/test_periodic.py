@@ -86,6 +86,7 @@ def test_every_accepts_timedelta_priority_and_first_at_now_fires_at_once():
         stats = schedule_of(q, "hourly")
         assert stats.fired == 1 and stats.trigger == "every 3600s"
         assert stats.next_run_at == pytest.approx(time.time() + 3600, abs=60)
+    assert schedule_of(q, "hourly").next_run_at is None  # stopped: no tick is coming
     assert sorted(job.id.split("@")[0] for job in runs.jobs) == ["aware", "hourly"]
     assert {job.priority for job in runs.jobs} == {Priority.HIGH, Priority.MEDIUM}
 

@@ -54,8 +54,8 @@ class ScheduleStats:
     ``fired`` counts ticks that enqueued a job, ``skipped`` ticks that did not
     (the previous job was unfinished, or the queue refused the job); with a
     broker both count this process's ticks only. ``next_run_at`` is the next
-    tick in Unix epoch seconds (None before ``start_dispatcher``, and once a
-    cron expression names no later instant).
+    tick in Unix epoch seconds (None before ``start_dispatcher``, after ``stop()``,
+    and once a cron expression names no later instant).
     """
 
     name: str
@@ -202,8 +202,8 @@ class _Schedule:
         return Job(self.job_type, copy.deepcopy(self.payload), priority=self.priority,
                    tags={SCHEDULE_TAG: self.name}, id=tick_job_id(self.name, tick_wall))
 
-    def stats(self) -> ScheduleStats:
-        tick = self.tick
+    def stats(self, stopped: bool) -> ScheduleStats:
+        tick = None if stopped else self.tick  # a stopped queue fires no more ticks
         return ScheduleStats(self.name, self.job_type, self.trigger.description,
                              None if tick is None or tick.wall == math.inf else tick.wall, self.fired,
                              self.skipped, self.last_job_id)
@@ -360,7 +360,7 @@ class Periodic:
 
     def schedules(self) -> List[ScheduleStats]:
         with self._lock:
-            return [schedule.stats() for schedule in self._schedules.values()]
+            return [schedule.stats(self._stopped) for schedule in self._schedules.values()]
 
     def recovered(self, jobs: Iterable[Job]) -> None:
         """Jobs a store gave back: a schedule's latest one is its previous job (no pile-up)."""
