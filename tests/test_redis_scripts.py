@@ -92,6 +92,16 @@ def test_an_enqueue_resent_with_its_token_changes_nothing(scripts):
     check_invariants(scripts)
 
 
+def test_an_enqueue_row_brings_its_retries_and_last_error_and_shorter_rows_still_enqueue(scripts):
+    scripts.enqueue("tok", 100, 0, [("full", "t", 1, 0, "body", 2, "ValueError: no"),
+                                    ("no-error", "t", 1, 0, "body", 1),  # a row of before last_error
+                                    ("bare", "t", 1, 0, "body")])  # a row of before retries
+    fetched = scripts.fetch("p1", "1", 3, LEASE_MS, 3, False)
+    assert [(j.id, j.retries, j.error) for j in fetched.jobs] == [
+        ("full", 2, "ValueError: no"), ("no-error", 1, ""), ("bare", 0, "")]
+    check_invariants(scripts)
+
+
 def test_a_resent_fetch_returns_the_same_attempts_and_takes_nothing_more(scripts):
     scripts.enqueue("tok", 100, 0, rows("a", "b", "c"))
     first = scripts.fetch("p1", "1", 2, LEASE_MS, 3, False)

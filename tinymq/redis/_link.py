@@ -95,11 +95,13 @@ class _Attempt:
         self.returned = False  # a timed-out attempt's function came back
 
 
-def job_row(job: Any, now: float) -> Tuple[str, str, int, float, str, int]:
-    """``job`` as a row of enqueue.lua: (id, type, priority, delay ms (0: due now), body, retries)."""
+def job_row(job: Any, now: float) -> Tuple[str, str, int, float, str, int, str]:
+    """``job`` as a row of enqueue.lua: (id, type, priority, delay ms (0: due now), body, retries,
+    last error ('' for none))."""
     run_at = job.run_at
     delay = 0.0 if run_at is job.timestamp else round((run_at - now) * _MS, _DIGITS)
-    return job.id, job.type, int(job.priority), delay if delay > 0.0 else 0, encode_job(job), job.retries
+    return (job.id, job.type, int(job.priority), delay if delay > 0.0 else 0, encode_job(job), job.retries,
+            job.last_error or "")
 
 
 def _refused_as_full(exc: BaseException) -> bool:

@@ -737,7 +737,7 @@ local function ready_left()
 end
 
 local TOKEN_SPAN = 30000 -- ms: how long an enqueue token is kept (see enqueue.lua)
-local ROW = 6 -- ARGV per job of enqueue.lua: id, type, priority, delay ms, body, retries
+local ROW = 7 -- ARGV per job of enqueue.lua: id, type, priority, delay ms, body, retries, last error
 
 -- The body of enqueue.lua (its header documents the rows and replies), shared with
 -- schedule_tick.lua, whose call enqueues the job of the tick it claims. The rows are ROW ARGV per job
@@ -794,6 +794,7 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
     end
     if delay > 0 then
       redis.call('HSET', jk, 't', ARGV[i + 1], 'p', ARGV[i + 2], 'b', ARGV[i + 4], 'r', ARGV[i + 5], 'k', token)
+      if ARGV[i + 6] ~= '' then redis.call('HSET', jk, 'e', ARGV[i + 6]) end
       if max_delayed > 0 and redis.call('ZCARD', K_CAPPED) >= max_delayed then
         local out = redis.call('ZPOPMIN', K_CAPPED)
         redis.call('ZREM', K_DELAYED, out[1])
@@ -807,6 +808,7 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
     else
       redis.call('HSET', jk, 't', ARGV[i + 1], 'p', ARGV[i + 2], 'b', ARGV[i + 4], 'r', ARGV[i + 5], 'k', token,
                  'o', order + (i - base) / ROW)
+      if ARGV[i + 6] ~= '' then redis.call('HSET', jk, 'e', ARGV[i + 6]) end
       table.insert(by_level[tonumber(ARGV[i + 2])], id)
     end
   end
