@@ -171,6 +171,7 @@ class QueueLink:
         self._stopped = threading.Event()
         self._threads: List[threading.Thread] = []
         self._outage_logged = 0.0
+        self._enqueues = threading.local()  # .token: the token of this thread's last enqueue (take_back)
 
     @staticmethod
     def _new_proc_id() -> str:
@@ -193,6 +194,7 @@ class QueueLink:
             seen.add(job_id)
             rows.append(job_row(job, now))
         token = os.urandom(8).hex()  # a resend of this call is recognised by it
+        self._enqueues.token = token
         try:
             if self.config.max_delayed_jobs and any(row[3] for row in rows):  # it may evict
                 with self._reporting_rows(token) as (caller, lease_ms):
@@ -474,7 +476,20 @@ class QueueLink:
                 return False
             pause = min(pause * 2, _ROOM_POLL_MAX)
 
+    def last_enqueue(self) -> str:
+        """The token of the last enqueue this thread made (for ``take_back``)."""
+        return getattr(self._enqueues, "token", "")
+
+    def take_back(self, job: Any, enqueued: str) -> bool:
+        """Cancel ``job``, which its enqueue ``enqueued`` (``last_enqueue``) got in as its aenqueue
+        caller gave up: reported "cancelled", and a dead job of its id that the enqueue replaced
+        comes back (when its attempt ends, if it was leased). False when it has ended already."""
+        return self._cancel(job.id, enqueued)
+
     def cancel(self, job_id: str) -> bool:
+        return self._cancel(job_id, "")
+
+    def _cancel(self, job_id: str, take_back: str) -> bool:
         """``q.cancel`` over the broker, from any process (see cancel.lua).
 
         A waiting job is removed in Redis and reported here. A leased one is
@@ -492,7 +507,8 @@ class QueueLink:
         with self._reporting_rows(token) as (caller, lease_ms):
             try:
                 self.broker._check_server()
-                reply = self.broker._call_resending(self.scripts.cancel, token, job_id, caller, lease_ms)
+                reply = self.broker._call_resending(self.scripts.cancel, token, job_id, caller, lease_ms,
+                                                    take_back)
             except self._redis_error as exc:
                 self._reply_lost(caller, token)
                 raise TinyMQError(f"could not cancel job {job_id!r} in Redis queue {self.broker.name!r}: "

@@ -311,13 +311,16 @@ class Scripts:
         reply = self._call("beat", [proc, lease_ms, max_crash_recoveries, "1" if registered else "0", beat_id])
         return BeatReply(int(reply[0]) == 1, int(reply[1]), _crashed(reply[2]), reply[3])
 
-    def cancel(self, token: str, job_id: str, caller: str = "", lease_ms: int = 0) -> CancelReply:
+    def cancel(self, token: str, job_id: str, caller: str = "", lease_ms: int = 0, take_back: str = ""
+               ) -> CancelReply:
         """End the unfinished job ``job_id`` as cancelled, or mark its leased attempt (cancel.lua).
 
         ``caller``: this process's id once registered: a waiting job it removes waits in
         its ``reporting`` hash until it acknowledges the report (op A). With ``lease_ms``,
-        a caller not registered registers with that lease for the report (a reporter)."""
-        reply = self._call("cancel", [token, job_id, caller, lease_ms])
+        a caller not registered registers with that lease for the report (a reporter).
+        ``take_back``: the token of the enqueue whose job this takes back (only that job is
+        cancelled, and the dead job its enqueue replaced comes back)."""
+        reply = self._call("cancel", [token, job_id, caller, lease_ms, take_back])
         status = int(reply[0])
         if status == 1:
             return CancelReply("removed", removed=_crashed([reply[1]])[0],
