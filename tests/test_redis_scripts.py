@@ -272,7 +272,8 @@ def test_enqueueing_the_id_of_a_dead_job_replaces_it(scripts):
     assert scripts.enqueue("tok2", 100, 0, rows("a")).status == "ok"
     assert scripts.client.zrange(key(scripts, "dead"), 0, -1) == []
     assert scripts.client.hgetall(key(scripts, "job:a")) == {
-        "t": "t", "p": "1", "b": "body-a", "r": "0", "k": "tok2", "o": "2"}  # o: its FIFO order
+        "t": "t", "p": "1", "b": "body-a", "r": "0", "k": "tok2", "o": "2",  # o: its FIFO order
+        "u": key(scripts, "replaced:tok2|a")}  # u: where the dead job is kept aside for a take-back
     check_invariants(scripts)
 
 
