@@ -45,6 +45,7 @@ import time
 from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 from .._pick_core import core
+from .._shield import shield
 from ..config import RateLimit
 from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError, _describe
 from ..stats import ExecutorStats, QueueStats
@@ -561,25 +562,31 @@ class QueueLink:
         Past the lease since the last confirmed renewal, the job may be another
         process's already: wait for the next renewal (or for the news that it is not
         ours), since Redis may be slow to answer just as this process wakes up.
+        Shielded: the attempt's deadline is not set yet, but a cancel interrupts the
+        thread (interrupt_on_timeout) at once, and the round this may run fetches jobs
+        that must reach the core. A cancel while it waits for a renewal ends the wait.
         """
         lease = self.broker.lease
-        with self._lock:
-            while True:
-                record = self._attempts.get(job)
-                if record is None or record.state != _PENDING:
-                    raise _NotHeld(f"job {job.id} was given back before it started")
-                if time.monotonic() < self._renewed_at + lease:
-                    break
-                if self._closing or self.dispatcher.stopping:  # release() hands it back with the rest
-                    raise _NotHeld(f"job {job.id} was not started: this process stops, and its "
-                                   f"lease was last confirmed more than {lease:g}s ago")
-                self._renewal.wait(_RENEWAL_POLL)
-            record.state = _STARTED
-            if job.type not in self._rate_limited:
-                return
-            # Sent after the start: the type's rate window counts it from a server time no sooner.
-            self._queue_op(SettleOp("T", record.attempt))
-        self._flush_if_idle()
+        guard = shield()
+        with guard:
+            with self._lock:
+                while True:
+                    record = self._attempts.get(job)
+                    if record is None or record.state != _PENDING:
+                        raise _NotHeld(f"job {job.id} was given back before it started")
+                    if time.monotonic() < self._renewed_at + lease:
+                        break
+                    if self._closing or self.dispatcher.stopping:  # release() hands it back with the rest
+                        raise _NotHeld(f"job {job.id} was not started: this process stops, and its "
+                                       f"lease was last confirmed more than {lease:g}s ago")
+                    guard.raise_deferred()  # (cancelled while it waits: nothing is started yet)
+                    self._renewal.wait(_RENEWAL_POLL)
+                record.state = _STARTED
+                if job.type not in self._rate_limited:
+                    return
+                # Sent after the start: the type's rate window counts it from a server time no sooner.
+                self._queue_op(SettleOp("T", record.attempt))
+            self._flush_if_idle()
 
     def _renewed(self, sent: float) -> None:
         """A call sent at ``sent`` (monotonic) renewed the lease. Called with _lock held."""
