@@ -488,6 +488,7 @@ class QueueLink:
         return self._cancel(job.id, enqueued)
 
     def cancel(self, job_id: str) -> bool:
+        """``q.cancel`` over the broker (see ``_cancel``)."""
         return self._cancel(job_id, "")
 
     def _cancel(self, job_id: str, take_back: str) -> bool:
