@@ -455,6 +455,24 @@ CRASHING = textwrap.dedent("""
         threading.Timer(0.05, os._exit, (7,)).start()
 """)
 
+# Ends its worker processes with code 0 while they import it (a module that exits at import only
+# in some processes), but loads fine for the supervisor's check.
+EXITS_IN_WORKERS = textwrap.dedent("""
+    import os, sys
+    if "--check" not in sys.argv:
+        os._exit(0)
+    from app.shared import queue
+""")
+
+# Ends its worker processes with code 0 just after they started the queue (a job's os._exit(0)).
+EXITS_AFTER_START = textwrap.dedent("""
+    import os, sys, threading
+    from app.shared import queue
+
+    if "--check" not in sys.argv:
+        threading.Timer(0.05, os._exit, (0,)).start()
+""")
+
 LEASE = 2.0  # seconds: a killed worker process's attempts go back within about this
 
 
@@ -525,6 +543,8 @@ class WorkerCLI:
 def shared_project(project, redis_url):
     (project / "app" / "shared.py").write_text(SHARED)
     (project / "app" / "crashing.py").write_text(CRASHING)
+    (project / "app" / "exits_in_workers.py").write_text(EXITS_IN_WORKERS)
+    (project / "app" / "exits_after_start.py").write_text(EXITS_AFTER_START)
     started = []
 
     def start(target="app.shared:queue", *options):
@@ -676,6 +696,27 @@ def test_a_worker_process_crashing_at_start_is_restarted_with_a_growing_delay(sh
     worker.signal(signal.SIGTERM)  # while a restart is pending
     assert worker.wait() == 0, worker.log()
     assert len(worker.children()) == 1 and len(re.findall("started worker process", worker.log())) == 4
+
+
+# Fixed: a worker process whose import of the target ended it with code 0 (which the check, run
+# once, did not meet) was started again every few seconds for ever, though it never loaded the
+# target: as the check, the supervisor now stops with an error instead.
+def test_a_worker_process_whose_import_exits_0_stops_the_supervisor_with_an_error(shared_project):
+    worker = shared_project("app.exits_in_workers:queue", "--processes", 2, "--workers", 1)
+    assert worker.wait() == 1, worker.log()
+    assert re.search(r"worker process \d \(pid \d+\) exited with code 0 before it had loaded "
+                     r"'app.exits_in_workers:queue' \(importing the module ended the process\): stopping",
+                     worker.log()), worker.log()
+    assert "starting it again" not in worker.log()
+    assert len(re.findall("started worker process", worker.log())) == 2
+
+
+def test_a_worker_process_that_exits_0_after_it_loaded_the_target_is_restarted_as_a_crash(shared_project):
+    worker = shared_project("app.exits_after_start:queue", "--processes", 1, "--workers", 1)
+    crashes = worker.wait_for(r"exited with code 0; starting it again in ([\d.]+) s", count=2)
+    assert [float(match.group(1)) for match in crashes] == [0.5, 1.0]
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0, worker.log()
 
 
 def test_a_second_signal_while_stopping_is_a_hard_stop(shared_project, producer, record):

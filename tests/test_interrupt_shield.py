@@ -17,7 +17,7 @@ import pytest
 
 from tinymq import Config, ExecutorConfig, JobTimeout, Job, Queue, RetryConfig, SQLitePersistence
 
-from _helpers import WAIT, LockedStore, stored_payloads
+from _helpers import WAIT, LockedStore, stored_payloads, wait_until
 
 INTERRUPTING = ExecutorConfig(timeout=0.3, interrupt_on_timeout=True)
 LATER = 3600.0  # seconds: jobs that stay delayed (stored) for the whole test
@@ -237,3 +237,80 @@ def test_executors_interrupted_while_flooding_enqueues_leave_the_queue_and_store
     assert set(acknowledged) <= set(batches)
     assert "after" in stored
     assert delayed == len(stored)  # the queue holds exactly what the store holds
+
+
+# --- a Redis worker's start of an attempt is not cut by a cancel's interruption -------------------
+
+# Fixed: QueueLink.started (a worker's "I start this attempt", which for a rate-limited type
+# sends the start in a fetch round of the worker's own when the pump is idle) ran unshielded. A
+# q.cancel() of that attempt interrupts its thread (interrupt_on_timeout=True) at once, since the
+# attempt's deadline is not set yet: landing in that round after Redis handed this process more
+# jobs, it lost them here, leased to this live process and never run (join() never returned).
+def test_a_cancel_interrupting_a_redis_worker_as_it_starts_never_loses_jobs_it_fetched(redis_url):
+    from tinymq import RateLimit
+    from tinymq.redis._link import job_row
+
+    from _backends import Redis
+
+    backend = Redis(redis_url, lease=30.0)  # (no renewal wait in started: the lease stays fresh)
+    q = backend.queue(buffer_size=10)
+    link = q._link
+    ran = []
+    ended = []
+    q.on_failure(lambda job, reason, exc: ended.append((job.id, reason)))
+    q.register_executor("limited", lambda job: ran.append(job.id), ExecutorConfig(
+        timeout=WAIT, interrupt_on_timeout=True, rate_limit=RateLimit(1000, per=60.0)))
+    q.register_executor("later", lambda job: ran.append(job.id))
+
+    starting = threading.Event()
+    go = threading.Event()
+    real_started = link.started
+
+    def started(job):  # (the worker's hook: it holds the attempt until the test is ready)
+        if job.id == "first":
+            starting.set()
+            assert go.wait(WAIT)
+        real_started(job)
+
+    link.started = started  # read by start_dispatcher
+    in_take = threading.Event()
+    real_take = link._take
+
+    def take(fetched):  # the worker's own round took "second": the cancel comes now
+        if threading.current_thread().name.startswith("tinymq-redis-") or not fetched:
+            return real_take(fetched)
+        in_take.set()
+        while not any(slot.expired for slot in q._dispatcher._slots):  # until the cancel decided "first"
+            time.sleep(0.001)  # (Python code: an interruption lands here at once)
+        return real_take(fetched)
+
+    link._take = take
+    real_round = link._round
+    others_wait = threading.Event()  # the pump's and the timer's rounds do nothing: the worker's takes "second"
+
+    def round_(*args, **kwargs):
+        if others_wait.is_set() and threading.current_thread().name.startswith("tinymq-redis-"):
+            return 0
+        return real_round(*args, **kwargs)
+
+    link._round = round_
+    try:
+        q.start_dispatcher(1)
+        q.enqueue(Job("limited", id="first"))
+        assert starting.wait(WAIT)
+        assert wait_until(lambda: link._pump_idle)  # its start is then sent by the worker itself
+        others_wait.set()
+        due = time.time() + 0.05
+        # Straight into Redis, delayed: neither the pump nor the timer hears of it.
+        link.scripts.enqueue("second", 10, 0, [job_row(Job("later", id="second", run_at=due), time.time())])
+        assert wait_until(lambda: time.time() > due)
+        go.set()
+        assert in_take.wait(WAIT)
+        others_wait.clear()
+        assert q.cancel("first") is True
+        assert q.join(WAIT)
+        assert ran == ["second"]
+        assert ended == [("first", "cancelled")]
+    finally:
+        go.set()
+        backend.close()

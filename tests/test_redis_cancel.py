@@ -67,6 +67,65 @@ def test_cancel_a_ready_job_from_a_producer_reports_it_there(redis):
     assert ran == [after.id]
 
 
+# Fixed: a job enqueued with a dead job's id replaces it. An aenqueue cancelled just as its job got
+# in takes the job back (the caller was told it enqueued nothing); with a SQLite store the dead job it
+# replaced comes back, as when the job is refused. Over Redis the dead job was gone for good.
+@pytest.mark.parametrize("leased", [False, True], ids=["waiting", "leased"])
+def test_an_aenqueue_taken_back_keeps_the_dead_job_of_that_id(redis, leased):
+    producer, worker = redis.pair()
+    failures = failures_of(producer)
+    worker_failures = failures_of(worker)
+    running = threading.Event()
+
+    @worker.executor("report")
+    def run(job, ctx):
+        if job.payload == "fail":
+            raise PermanentFailure("the first try")
+        running.set()
+        ctx.wait(WAIT)  # until its cancel reaches it
+
+    worker.start_dispatcher(1)
+    producer.enqueue(Job("report", "fail", id="report-12"))
+    assert producer.join(WAIT)
+    [dead] = producer.broker.dead_jobs()
+    assert (dead.job.id, dead.reason) == ("report-12", "permanent_failure")
+
+    link = producer._link
+    real_enqueue = link.enqueue
+    got_in = threading.Event()
+    release = threading.Event()
+
+    def enqueue_then_wait(jobs, block, timeout):
+        real_enqueue(jobs, block, timeout)
+        got_in.set()
+        assert release.wait(WAIT)  # the enqueue returns after the caller gave up
+
+    link.enqueue = enqueue_then_wait
+    again = Job("report", "hold", id="report-12", run_at=None if leased else time.time() + 60)
+
+    async def scenario():
+        putter = asyncio.ensure_future(producer.aenqueue(again))
+        while not (got_in.is_set() and (running.is_set() or not leased)):
+            await asyncio.sleep(0.001)
+        putter.cancel()
+        await asyncio.sleep(0)
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await putter
+
+    asyncio.run(scenario())
+    assert producer.join(WAIT)
+    reported = failures.snapshot() + [f for f in worker_failures.snapshot() if f[1] == "cancelled"]
+    assert [(job_id, reason) for job_id, reason, _ in reported] == [("report-12", "cancelled")]
+    [kept] = producer.broker.dead_jobs()
+    assert (kept.job.id, kept.job.payload, kept.reason, kept.error) == ("report-12", "fail", "permanent_failure",
+                                                                        dead.error)
+    assert producer.cancel("report-12") is False  # dead again, not unfinished
+    stats = producer.get_stats()
+    assert (stats.jobs_cancelled, stats.jobs_failed) == (1, 1)
+    assert producer.broker._client.keys(producer.broker._scripts.prefix + "replaced:*") == []
+
+
 def test_cancel_unknown_finished_and_dead_ids_returns_false(redis):
     producer, worker = redis.pair()
     worker.register_executor("ok", lambda j: None)

@@ -155,6 +155,32 @@ def test_an_earlier_delayed_job_runs_first(backend):
     assert ran.snapshot() == ["early", "late"]
 
 
+# Fixed: over Redis a job's last_error was not sent at enqueue (the row had no field for it), so a
+# job enqueued with one (taken from dead_jobs() and enqueued again, or set by hand) ran, and was
+# reported cancelled, with last_error None; in-process it keeps it until an attempt of it fails.
+@pytest.mark.parametrize("delayed", [False, True], ids=["ready", "delayed"])
+def test_a_job_keeps_the_last_error_it_was_enqueued_with(backend, delayed):
+    producer, worker = backend.pair()
+    seen = Recorder()
+    cancelled = Recorder()
+    producer.on_failure(lambda job, reason, exc: cancelled.add((job.id, reason, job.last_error)))
+    worker.register_executor("t", lambda job: seen.add((job.id, job.retries, job.last_error)))
+
+    def carried_over(job_id):
+        job = Job("t", id=job_id, run_at=time.time() + 0.05 if delayed else None)
+        job.retries = 1
+        job.last_error = "ConnectionError: refused"  # its failed attempt elsewhere
+        return job
+
+    producer.enqueue(carried_over("kept"))
+    producer.enqueue(carried_over("dropped"))
+    assert producer.cancel("dropped") is True  # reported with the job as it waited
+    assert cancelled.snapshot() == [("dropped", "cancelled", "ConnectionError: refused")]
+    worker.start_dispatcher(1)
+    assert producer.join(WAIT)
+    assert seen.snapshot() == [("kept", 1, "ConnectionError: refused")]
+
+
 def test_retries_with_backoff_then_retries_exhausted(backend):
     producer, worker = backend.pair()
     attempts = Recorder()

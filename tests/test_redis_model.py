@@ -92,9 +92,12 @@ class MJob:
         self.crashes: Optional[int] = None
         self.dead_reason: Optional[str] = None
         self.order = order  # when it last went to the tail of a ready list (FIFO position)
+        self.replaced: Optional[str] = None  # the key its enqueue kept the dead job of its id under
 
     def fields(self) -> Dict[str, str]:
         out = {"t": self.type, "p": str(self.priority), "b": self.body, "r": self.retries, "k": self.token}
+        if self.replaced is not None:
+            out["u"] = self.replaced
         if self.error is not None:
             out["e"] = self.error
         if self.crashes is not None:
@@ -125,6 +128,7 @@ class Model:
         self.delayed: Dict[str, int] = {}
         self.capped: Dict[str, int] = {}
         self.dead: set = set()
+        self.kept: Dict[str, Dict[str, str]] = {}  # replaced:<token>|<id> -> the dead job's hash
         self.inflight: Dict[str, Dict[str, str]] = {}  # in insertion order (HGETALL's order)
         self.procs: Dict[str, int] = {}
         self.fetched: Dict[str, Tuple[str, List[str], List[Tuple[str, str, int, str]]]] = {}
@@ -501,9 +505,14 @@ class Model:
             for job_id in [i for i, due in self.capped.items() if due <= now_us / 1000]:
                 del self.capped[job_id]
         for job_id, job_type, priority, delay, body in rows:
-            if job_id in self.dead:
+            replaced = None
+            if job_id in self.dead:  # kept aside (for a take-back, which the machine does not make)
                 self.dead.discard(job_id)
+                replaced = f"replaced:{token}|{job_id}"
+                self.happened.append("an enqueue replaced a dead job")
+                self.kept[replaced] = {k: v for k, v in self.jobs[job_id].fields().items() if k not in ("u", "w")}
             self.jobs[job_id] = MJob(job_id, job_type, priority, body, token, self.next_order())
+            self.jobs[job_id].replaced = replaced
             if delay > 0:
                 if self.max_delayed and len(self.capped) >= self.max_delayed:
                     out = min(self.capped, key=lambda i: self.due_key(i, self.capped[i]))
@@ -753,6 +762,7 @@ class Model:
             "running": {t: n for t, n in self.running.items() if n},
             "stats": {k: n for k, n in self.stats.items() if n},
             "jobs": {job_id: job.fields() for job_id, job in self.jobs.items()},
+            "kept": {name: dict(fields) for name, fields in self.kept.items()},
             "cancels": {proc: sorted(marks) for proc, marks in self.cancels.items() if marks},
             "moved": {f"{proc}|{attempt}": job.fields() for (proc, attempt), job in self.moved.items()},
             "beaten": {proc: (bid, sorted(crashed)) for proc, (bid, crashed) in self.beaten.items()},
@@ -768,7 +778,7 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
     """Everything the queue holds in Redis, in the model's shape."""
     client = scripts.client
     prefix = scripts.prefix
-    out: Dict[str, Any] = {"parked": {}, "inflight": {}, "jobs": {}, "moved": {}}
+    out: Dict[str, Any] = {"parked": {}, "inflight": {}, "jobs": {}, "moved": {}, "kept": {}}
     keys = client.keys(prefix + "*")
     pipe = client.pipeline(transaction=True)
     for level in (0, 1, 2):
@@ -782,7 +792,8 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
     pipe.lrange(prefix + "reports", 0, -1)
     pipe.hgetall(prefix + "beaten")
     dynamic = [k for k in keys if k.startswith((prefix + "parked:", prefix + "inflight:", prefix + "job:",
-                                                prefix + "cancels:", prefix + "cancelled:", prefix + "reporting:"))]
+                                                prefix + "cancels:", prefix + "cancelled:", prefix + "reporting:",
+                                                prefix + "replaced:"))]
     for k in dynamic:
         if k.startswith(prefix + "parked:"):
             pipe.lrange(k, 0, -1)
@@ -828,15 +839,26 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
         elif rest.startswith("inflight:"):
             out["inflight"][rest[len("inflight:"):]] = value
         elif rest.startswith("cancelled:"):  # a marked attempt's job hash, by "<proc>|<attempt>"
-            out["moved"][rest[len("cancelled:"):]] = {k: v for k, v in value.items() if k != "o"}
+            out["moved"][rest[len("cancelled:"):]] = unprefixed(prefix, value)
+        elif rest.startswith("replaced:"):  # (d, when it died: the model keeps no death times)
+            out["kept"][rest] = {k: v for k, v in unprefixed(prefix, value).items() if k != "d"}
         else:  # (o, the FIFO order, is the model's MJob.order: compared through the orders it makes)
-            out["jobs"][rest[len("job:"):]] = {k: v for k, v in value.items() if k != "o"}
+            out["jobs"][rest[len("job:"):]] = unprefixed(prefix, value)
     known = {prefix + name for name in ("ready:0", "ready:1", "ready:2", "delayed", "capped", "procs",
                                         "dead", "parkedn", "fetched", "limits", "running", "stats",
                                         "signal", "reports", "beaten")}
     known |= {prefix + "seq", prefix + "clock"}  # the FIFO order counter; the outage clock
     out["unknown keys"] = sorted(set(keys) - known - set(dynamic)
                                  - {k for k in keys if k.startswith((prefix + "tokens:", prefix + "wake:"))})
+    return out
+
+
+def unprefixed(prefix: str, fields: Dict[str, str]) -> Dict[str, str]:
+    """A job hash as the model holds it: without o (the FIFO order, the model's MJob.order, compared
+    through the orders it makes), u (the key of a dead job its enqueue replaced) without the prefix."""
+    out = {k: v for k, v in fields.items() if k != "o"}
+    if "u" in out:
+        out["u"] = out["u"][len(prefix):]
     return out
 
 
@@ -1520,7 +1542,7 @@ MUST_COME_UP = ("enqueue ok", "enqueue dup", "enqueue again", "enqueue full", "e
                 "evicted jobs reported by a reply that nothing keeps",
                 "rows a reap's reply handed out, finished as it did",
                 "a failure for good kept for its process to report",
-                "an enqueue promoted due jobs ahead of its own")
+                "an enqueue promoted due jobs ahead of its own", "an enqueue replaced a dead job")
 
 
 def test_scripts_follow_the_model(redis_client):

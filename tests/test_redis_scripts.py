@@ -92,6 +92,16 @@ def test_an_enqueue_resent_with_its_token_changes_nothing(scripts):
     check_invariants(scripts)
 
 
+def test_an_enqueue_row_brings_its_retries_and_last_error_and_shorter_rows_still_enqueue(scripts):
+    scripts.enqueue("tok", 100, 0, [("full", "t", 1, 0, "body", 2, "ValueError: no"),
+                                    ("no-error", "t", 1, 0, "body", 1),  # a row of before last_error
+                                    ("bare", "t", 1, 0, "body")])  # a row of before retries
+    fetched = scripts.fetch("p1", "1", 3, LEASE_MS, 3, False)
+    assert [(j.id, j.retries, j.error) for j in fetched.jobs] == [
+        ("full", 2, "ValueError: no"), ("no-error", 1, ""), ("bare", 0, "")]
+    check_invariants(scripts)
+
+
 def test_a_resent_fetch_returns_the_same_attempts_and_takes_nothing_more(scripts):
     scripts.enqueue("tok", 100, 0, rows("a", "b", "c"))
     first = scripts.fetch("p1", "1", 2, LEASE_MS, 3, False)
@@ -262,7 +272,8 @@ def test_enqueueing_the_id_of_a_dead_job_replaces_it(scripts):
     assert scripts.enqueue("tok2", 100, 0, rows("a")).status == "ok"
     assert scripts.client.zrange(key(scripts, "dead"), 0, -1) == []
     assert scripts.client.hgetall(key(scripts, "job:a")) == {
-        "t": "t", "p": "1", "b": "body-a", "r": "0", "k": "tok2", "o": "2"}  # o: its FIFO order
+        "t": "t", "p": "1", "b": "body-a", "r": "0", "k": "tok2", "o": "2",  # o: its FIFO order
+        "u": key(scripts, "replaced:tok2|a")}  # u: where the dead job is kept aside for a take-back
     check_invariants(scripts)
 
 
@@ -282,6 +293,52 @@ def test_an_enqueue_batch_finds_a_known_id_anywhere_in_it(scripts):
     assert scripts.client.hget(key(scripts, "job:a"), "k") == "tok4"
     assert ready(scripts) == ["b", *fresh[:1200], "a", *fresh[1200:]]
     assert stats(scripts)["enqueued"] == 2 + 1501
+    check_invariants(scripts)
+
+
+def _dead(scripts, job_id):
+    scripts.enqueue("first-" + job_id, 100, 0, rows(job_id))
+    attempt = scripts.fetch("p1", "f-" + job_id, 1, LEASE_MS, 3, False).jobs[0].attempt
+    scripts.settle("p1", [SettleOp("Z", attempt, 0, 0, "retries_exhausted", "boom")])
+
+
+def test_only_a_take_back_of_its_enqueue_brings_back_the_dead_job_it_replaced(scripts):
+    client = scripts.client
+    _dead(scripts, "a")
+    died = client.zscore(key(scripts, "dead"), "a")
+    scripts.enqueue("again", 100, 0, rows("a"))
+    assert client.zrange(key(scripts, "dead"), 0, -1) == []
+    assert 0 < client.pttl(key(scripts, "replaced:again|a")) <= 90_000  # kept aside for a while only
+    assert scripts.cancel("c1", "a", take_back="other").status == "none"  # not that enqueue's job
+    assert scripts.cancel("c2", "a", take_back="again").status == "removed"
+    assert client.zrange(key(scripts, "dead"), 0, -1, withscores=True) == [("a", died)]
+    assert client.hmget(key(scripts, "job:a"), "x", "e", "b") == ["retries_exhausted", "boom", "body-a"]
+    assert client.pttl(key(scripts, "job:a")) == -1 and client.keys(key(scripts, "replaced:*")) == []
+    # A plain cancel ends the new job only: the dead one stays replaced.
+    scripts.enqueue("third", 100, 0, rows("a"))
+    assert scripts.cancel("c3", "a").status == "removed"
+    assert client.zrange(key(scripts, "dead"), 0, -1) == [] and not client.exists(key(scripts, "job:a"))
+    check_invariants(scripts)
+
+
+def test_a_taken_back_leased_job_brings_back_the_dead_job_when_its_attempt_ends(scripts):
+    client = scripts.client
+    _dead(scripts, "a")
+    _dead(scripts, "b")
+    scripts.enqueue("again", 100, 0, rows("a", "b"))
+    attempts = {j.id: j.attempt for j in scripts.fetch("p2", "1", 2, LEASE_MS, 3, False).jobs}
+    for job_id in ("a", "b"):
+        assert scripts.cancel("c-" + job_id, job_id, take_back="again").status == "marked"
+    assert client.pttl(key(scripts, "replaced:again|a")) == -1  # kept until its attempt ends
+    assert client.zrange(key(scripts, "dead"), 0, -1) == []
+    # "a" ends as cancelled: its dead job is back; "b" failed for good before its process heard of
+    # the mark: that failure stands, and is the dead job now.
+    scripts.settle("p2", [SettleOp("B", attempts["a"]),
+                          SettleOp("Z", attempts["b"], 0, 0, "permanent_failure", "newer")])
+    assert client.hmget(key(scripts, "job:a"), "x", "e") == ["retries_exhausted", "boom"]
+    assert client.hmget(key(scripts, "job:b"), "x", "e") == ["permanent_failure", "newer"]
+    assert sorted(client.zrange(key(scripts, "dead"), 0, -1)) == ["a", "b"]
+    assert client.keys(key(scripts, "replaced:*")) == []
     check_invariants(scripts)
 
 

@@ -23,7 +23,8 @@ takes the Queue and calls ``start_dispatcher(workers)``.
   keeps crashing soon after its start. A child that could not load the target
   (exit code 3) is not: unless it had told the supervisor, through a pipe of
   its own, that it loaded the target (then code 3 is a crash, say a job's
-  ``os._exit(3)``).
+  ``os._exit(3)``). Nor is one that exits 0 without having said so, or that it
+  stops for a signal while loading: its import ended it, as the check refuses.
 - Children run in a session of their own, so a Ctrl-C in the terminal reaches
   the supervisor only (which forwards it once), and each child reads a pipe from
   the supervisor: when the supervisor dies, the pipe closes and the child stops
@@ -56,6 +57,10 @@ logger = logging.getLogger("tinymq.worker")
 
 EXIT_BAD_TARGET = 3  # a child could not load the target: starting it again would not help
 EXIT_SUPERVISOR_GONE = 4  # the supervisor died while a child was still loading the target
+# What a child writes to its --loaded-fd pipe, once: it loaded the target, or a stop signal came
+# while it loaded it (it exits 0). A child that exits 0 having written neither was ended by the import.
+_SAID_LOADED = b"1"
+_SAID_STOPPED_LOADING = b"0"
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _FIRST_RESTART_DELAY = 0.5  # seconds before restarting a crashed child
 _MAX_RESTART_DELAY = 5.0  # the cap of the doubling delay of a child that keeps crashing
@@ -203,14 +208,16 @@ class _LoadingWatch:
     ends), or when a stop signal comes: nothing of the queue runs yet, so there is nothing to stop.
 
     ``loaded()`` hands the watch over to the caller: from then on a closed pipe, and the signals
-    that come, are its to handle.
+    that come, are its to handle. ``loaded_fd``: the pipe to the supervisor on which the process
+    says, once, that it loaded the target (``said_loaded``) or stops while loading it.
     """
 
-    def __init__(self, pipe: int, wakeup: Optional[_SignalWakeup]) -> None:
+    def __init__(self, pipe: int, wakeup: Optional[_SignalWakeup], loaded_fd: Optional[int] = None) -> None:
         self._pipe = pipe
         self._wakeup = wakeup
         self._lock = threading.Lock()
         self._loading = True
+        self._loaded_fd = loaded_fd  # guarded by _lock: written to and closed once
         threading.Thread(target=self._watch, name="tinymq-supervisor-pipe", daemon=True).start()
 
     def _watch(self) -> None:
@@ -226,7 +233,20 @@ class _LoadingWatch:
                     for number in self._wakeup.received():
                         logger.info("stopping (%s) while loading the target: nothing started, nothing "
                                     "to stop", signal.Signals(number).name)
+                        self._say(_SAID_STOPPED_LOADING)  # (a stop: not an import that ended the process)
                         _exit_at_once(0)
+
+    def _say(self, what: bytes) -> None:
+        """Write ``what`` to the supervisor's --loaded-fd pipe, the first time only. With _lock held."""
+        if self._loaded_fd is not None:
+            os.write(self._loaded_fd, what)
+            os.close(self._loaded_fd)
+            self._loaded_fd = None
+
+    def said_loaded(self) -> None:
+        """Tell the supervisor that the target is loaded (an exit from now on is a crash)."""
+        with self._lock:
+            self._say(_SAID_LOADED)
 
     def loaded(self) -> None:
         with self._lock:
@@ -243,7 +263,7 @@ def run_child(target: str, workers: int, check: bool, loaded_fd: Optional[int] =
     """
     wakeup = None if check else _SignalWakeup(_STOP_SIGNALS)  # before the import: it may be slow
     supervisor_pipe = sys.stdin.fileno()
-    watch = _LoadingWatch(supervisor_pipe, wakeup)
+    watch = _LoadingWatch(supervisor_pipe, wakeup, loaded_fd)
     pid = os.getpid()
     try:
         queue = load_queue(target)
@@ -257,9 +277,7 @@ def run_child(target: str, workers: int, check: bool, loaded_fd: Optional[int] =
         print(f"tinymq worker: error: importing {target} forked this process; only the process the "
               "supervisor started may report the target loaded or run it", file=sys.stderr, flush=True)
         _exit_at_once(EXIT_BAD_TARGET)
-    if loaded_fd is not None:
-        os.write(loaded_fd, b"1")
-        os.close(loaded_fd)
+    watch.said_loaded()
     if wakeup is None:
         _exit_at_once(0)
     watch.loaded()
@@ -389,7 +407,7 @@ class Supervisor:
                                f"{_exit_description(returncode)}")
         os.set_blocking(loaded, False)
         try:
-            said_loaded = bool(os.read(loaded, 1))
+            said_loaded = os.read(loaded, 1) == _SAID_LOADED
         except BlockingIOError:  # nothing written, and the write end still open (a process it started has it)
             said_loaded = False
         if not said_loaded:
@@ -430,7 +448,8 @@ class Supervisor:
         slot.process = None
         if process.stdin is not None:
             process.stdin.close()
-        loaded = self._close_loaded(slot)
+        said = self._close_loaded(slot)
+        loaded = said == _SAID_LOADED
         code = process.returncode
         if self.stopping:
             # SIGTERM before it loaded the target: it was still starting, nothing to stop. After, our
@@ -446,6 +465,12 @@ class Supervisor:
             self.exit_code = 1
             self._begin_stop()
             return
+        if code == 0 and not said:  # as the check's verdict: starting it again would end the same way
+            logger.error("worker process %d (pid %d) exited with code 0 before it had loaded %r (importing the "
+                         "module ended the process): stopping", slot.number, process.pid, self.target)
+            self.exit_code = 1
+            self._begin_stop()
+            return
         now = time.monotonic()
         if now - slot.started >= _STABLE_AFTER:
             slot.delay = _FIRST_RESTART_DELAY
@@ -455,15 +480,16 @@ class Supervisor:
         slot.delay = min(slot.delay * 2, _MAX_RESTART_DELAY)
 
     @staticmethod
-    def _close_loaded(slot: _Slot) -> bool:
-        """Close the slot's --loaded-fd pipe: whether its child had written that it loaded the target."""
+    def _close_loaded(slot: _Slot) -> bytes:
+        """Close the slot's --loaded-fd pipe: what its child wrote there (_SAID_LOADED,
+        _SAID_STOPPED_LOADING), or b"" when it wrote nothing."""
         reader, slot.loaded = slot.loaded, None
         if reader is None:
-            return False
+            return b""
         try:
-            return bool(os.read(reader, 1))
+            return os.read(reader, 1)
         except BlockingIOError:  # nothing written, and the write end still open (a grandchild has it)
-            return False
+            return b""
         finally:
             os.close(reader)
 

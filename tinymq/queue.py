@@ -131,6 +131,13 @@ class BrokerLink(AttemptLedger, Protocol):
     def cancel(self, job_id: str) -> bool:
         """``Queue.cancel`` for the shared queue (a job held by another process is cancelled there)."""
 
+    def last_enqueue(self) -> str:
+        """What names this thread's last ``enqueue`` call, for ``take_back``."""
+
+    def take_back(self, job: Job, enqueued: str) -> bool:
+        """Cancel ``job``, got in by the enqueue ``enqueued`` as its aenqueue caller gave up: as
+        ``cancel``, and a dead job of its id that the enqueue replaced comes back."""
+
     def set_limit(self, job_type: str, limit: int, rate_limit: Optional[RateLimit] = None) -> None:
         """A registered executor's max_concurrent_jobs and rate_limit, as shared (global) limits."""
 
@@ -710,7 +717,8 @@ class Queue:
         a wait for room gives up within a slice, and a job that got in just as the
         caller gave up (its save, or the room, came at that moment) is taken back
         with ``cancel`` (so reported ``"cancelled"``), unless it has run already; a
-        store's row of a dead job with its id, which its save replaced, comes back.
+        store's row of a dead job with its id, which its save replaced, comes back (a
+        broker's dead job that its enqueue replaced, too).
         """
         wait = None if timeout is None else _optional_seconds("timeout", timeout)  # checked on every path
         if self._store is None and self._link is None:
@@ -721,17 +729,25 @@ class Queue:
                     raise
         loop = asyncio.get_running_loop()
         withdrawn = threading.Event()  # the caller gave up: no new try to place the job
+        enqueued = [""]  # with a broker: what names the enqueue that placed it (take_back)
 
         def place() -> Optional[Job]:
+            if self._link is not None:
+                placed = place_in_link()
+                enqueued[0] = self._link.last_enqueue()  # (this thread's: the call that got the job in)
+                return placed
             if not block:
                 return None if withdrawn.is_set() else self.enqueue(job)
-            if self._link is None:  # a store saves it once and keeps it while it waits, as enqueue(block=True)
-                try:
-                    return self._enqueue_slow(_check_job(job), _validate(job), True, wait, withdrawn)
-                except QueueFull:
-                    if withdrawn.is_set():
-                        return None
-                    raise
+            try:  # a store saves it once and keeps it while it waits, as enqueue(block=True)
+                return self._enqueue_slow(_check_job(job), _validate(job), True, wait, withdrawn)
+            except QueueFull:
+                if withdrawn.is_set():
+                    return None
+                raise
+
+        def place_in_link() -> Optional[Job]:
+            if not block:
+                return None if withdrawn.is_set() else self.enqueue(job)
             deadline = None if wait is None else time.monotonic() + wait
             while not withdrawn.is_set():  # the broker: each slice a new try (it keeps nothing between)
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -753,15 +769,17 @@ class Queue:
             except Exception:
                 placed = None
             if placed is not None:  # it got in as the caller gave up: the caller was told it did not
-                await loop.run_in_executor(None, self._take_back, job)
+                await loop.run_in_executor(None, self._take_back, job, enqueued[0])
             raise
         return placed  # type: ignore[return-value]  # (None only once withdrawn)
 
-    def _take_back(self, job: Job) -> None:
+    def _take_back(self, job: Job, enqueued: str) -> None:
         """Cancel ``job``, which got in as its ``aenqueue`` caller gave up: with a store, its save is
-        undone as for a refused job (a dead job's row that it replaced comes back), not deleted."""
+        undone as for a refused job (a dead job's row that it replaced comes back), not deleted;
+        with a broker, the dead job that its enqueue ``enqueued`` replaced comes back."""
         if self._link is not None:
-            self.cancel(job.id)
+            with shield():  # (as cancel)
+                self._link.take_back(job, enqueued)
         else:
             self._dispatcher.take_back(job)
 

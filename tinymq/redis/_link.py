@@ -45,6 +45,7 @@ import time
 from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 from .._pick_core import core
+from .._shield import shield
 from ..config import RateLimit
 from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError, _describe
 from ..stats import ExecutorStats, QueueStats
@@ -95,11 +96,13 @@ class _Attempt:
         self.returned = False  # a timed-out attempt's function came back
 
 
-def job_row(job: Any, now: float) -> Tuple[str, str, int, float, str, int]:
-    """``job`` as a row of enqueue.lua: (id, type, priority, delay ms (0: due now), body, retries)."""
+def job_row(job: Any, now: float) -> Tuple[str, str, int, float, str, int, str]:
+    """``job`` as a row of enqueue.lua: (id, type, priority, delay ms (0: due now), body, retries,
+    last error ('' for none))."""
     run_at = job.run_at
     delay = 0.0 if run_at is job.timestamp else round((run_at - now) * _MS, _DIGITS)
-    return job.id, job.type, int(job.priority), delay if delay > 0.0 else 0, encode_job(job), job.retries
+    return (job.id, job.type, int(job.priority), delay if delay > 0.0 else 0, encode_job(job), job.retries,
+            job.last_error or "")
 
 
 def _refused_as_full(exc: BaseException) -> bool:
@@ -169,6 +172,7 @@ class QueueLink:
         self._stopped = threading.Event()
         self._threads: List[threading.Thread] = []
         self._outage_logged = 0.0
+        self._enqueues = threading.local()  # .token: the token of this thread's last enqueue (take_back)
 
     @staticmethod
     def _new_proc_id() -> str:
@@ -191,6 +195,7 @@ class QueueLink:
             seen.add(job_id)
             rows.append(job_row(job, now))
         token = os.urandom(8).hex()  # a resend of this call is recognised by it
+        self._enqueues.token = token
         try:
             if self.config.max_delayed_jobs and any(row[3] for row in rows):  # it may evict
                 with self._reporting_rows(token) as (caller, lease_ms):
@@ -472,7 +477,21 @@ class QueueLink:
                 return False
             pause = min(pause * 2, _ROOM_POLL_MAX)
 
+    def last_enqueue(self) -> str:
+        """The token of the last enqueue this thread made (for ``take_back``)."""
+        return getattr(self._enqueues, "token", "")
+
+    def take_back(self, job: Any, enqueued: str) -> bool:
+        """Cancel ``job``, which its enqueue ``enqueued`` (``last_enqueue``) got in as its aenqueue
+        caller gave up: reported "cancelled", and a dead job of its id that the enqueue replaced
+        comes back (when its attempt ends, if it was leased). False when it has ended already."""
+        return self._cancel(job.id, enqueued)
+
     def cancel(self, job_id: str) -> bool:
+        """``q.cancel`` over the broker (see ``_cancel``)."""
+        return self._cancel(job_id, "")
+
+    def _cancel(self, job_id: str, take_back: str) -> bool:
         """``q.cancel`` over the broker, from any process (see cancel.lua).
 
         A waiting job is removed in Redis and reported here. A leased one is
@@ -490,7 +509,8 @@ class QueueLink:
         with self._reporting_rows(token) as (caller, lease_ms):
             try:
                 self.broker._check_server()
-                reply = self.broker._call_resending(self.scripts.cancel, token, job_id, caller, lease_ms)
+                reply = self.broker._call_resending(self.scripts.cancel, token, job_id, caller, lease_ms,
+                                                    take_back)
             except self._redis_error as exc:
                 self._reply_lost(caller, token)
                 raise TinyMQError(f"could not cancel job {job_id!r} in Redis queue {self.broker.name!r}: "
@@ -543,25 +563,31 @@ class QueueLink:
         Past the lease since the last confirmed renewal, the job may be another
         process's already: wait for the next renewal (or for the news that it is not
         ours), since Redis may be slow to answer just as this process wakes up.
+        Shielded: the attempt's deadline is not set yet, but a cancel interrupts the
+        thread (interrupt_on_timeout) at once, and the round this may run fetches jobs
+        that must reach the core. A cancel while it waits for a renewal ends the wait.
         """
         lease = self.broker.lease
-        with self._lock:
-            while True:
-                record = self._attempts.get(job)
-                if record is None or record.state != _PENDING:
-                    raise _NotHeld(f"job {job.id} was given back before it started")
-                if time.monotonic() < self._renewed_at + lease:
-                    break
-                if self._closing or self.dispatcher.stopping:  # release() hands it back with the rest
-                    raise _NotHeld(f"job {job.id} was not started: this process stops, and its "
-                                   f"lease was last confirmed more than {lease:g}s ago")
-                self._renewal.wait(_RENEWAL_POLL)
-            record.state = _STARTED
-            if job.type not in self._rate_limited:
-                return
-            # Sent after the start: the type's rate window counts it from a server time no sooner.
-            self._queue_op(SettleOp("T", record.attempt))
-        self._flush_if_idle()
+        guard = shield()
+        with guard:
+            with self._lock:
+                while True:
+                    record = self._attempts.get(job)
+                    if record is None or record.state != _PENDING:
+                        raise _NotHeld(f"job {job.id} was given back before it started")
+                    if time.monotonic() < self._renewed_at + lease:
+                        break
+                    if self._closing or self.dispatcher.stopping:  # release() hands it back with the rest
+                        raise _NotHeld(f"job {job.id} was not started: this process stops, and its "
+                                       f"lease was last confirmed more than {lease:g}s ago")
+                    guard.raise_deferred()  # (cancelled while it waits: nothing is started yet)
+                    self._renewal.wait(_RENEWAL_POLL)
+                record.state = _STARTED
+                if job.type not in self._rate_limited:
+                    return
+                # Sent after the start: the type's rate window counts it from a server time no sooner.
+                self._queue_op(SettleOp("T", record.attempt))
+            self._flush_if_idle()
 
     def _renewed(self, sent: float) -> None:
         """A call sent at ``sent`` (monotonic) renewed the lease. Called with _lock held."""

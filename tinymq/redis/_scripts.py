@@ -128,12 +128,14 @@ class EnqueueReply(NamedTuple):
     ready: int = 0  # with "full": ready jobs already there
 
 
-_ROW_WITHOUT_RETRIES = 5  # an enqueue row (id, type, priority, delay ms, body) whose job brings no retries
+_ROW_FIELDS = 7  # an enqueue row: id, type, priority, delay ms, body, retries, last error
+_ROW_DEFAULTS = (0, "")  # what an older, shorter row (5 fields: no retries; 6: no last error) brings
 
 
-def _with_retries(row: Sequence[Any]) -> Sequence[Any]:
-    """An enqueue row with its retries (0 when it has none)."""
-    return (*row, 0) if len(row) == _ROW_WITHOUT_RETRIES else row
+def _full_row(row: Sequence[Any]) -> Sequence[Any]:
+    """An enqueue row with its retries and last error (0 and '' when it has none)."""
+    missing = _ROW_FIELDS - len(row)
+    return (*row, *_ROW_DEFAULTS[len(_ROW_DEFAULTS) - missing:]) if missing > 0 else row
 
 _SHORT_OPS = frozenset("SEBTA")  # sent as (op, attempt) only
 
@@ -258,14 +260,14 @@ class Scripts:
 
     def enqueue(self, token: str, buffer_size: int, max_delayed_jobs: int,
                 jobs: Sequence[Tuple[Any, ...]], caller: str = "", lease_ms: int = 0) -> EnqueueReply:
-        """Enqueue ``(id, type, priority, delay_ms, body, retries)`` rows, all or none (delay_ms
-        may be fractional; a row without its retries brings none).
+        """Enqueue ``(id, type, priority, delay_ms, body, retries, last_error)`` rows, all or none
+        (delay_ms may be fractional; a row without its retries, or last error, brings none).
 
         The jobs it evicts wait in ``caller``'s reporting hash until it acknowledges
         them (their ``key``, op A) when it is registered, or registers with ``lease_ms``."""
         args: List[Any] = [token, buffer_size, max_delayed_jobs, len(jobs), caller, lease_ms]
         for row in jobs:
-            args.extend(_with_retries(row))
+            args.extend(_full_row(row))
         reply = self._call("enqueue", args)
         status = reply[0]
         if status in ("ok", "again"):
@@ -309,13 +311,16 @@ class Scripts:
         reply = self._call("beat", [proc, lease_ms, max_crash_recoveries, "1" if registered else "0", beat_id])
         return BeatReply(int(reply[0]) == 1, int(reply[1]), _crashed(reply[2]), reply[3])
 
-    def cancel(self, token: str, job_id: str, caller: str = "", lease_ms: int = 0) -> CancelReply:
+    def cancel(self, token: str, job_id: str, caller: str = "", lease_ms: int = 0, take_back: str = ""
+               ) -> CancelReply:
         """End the unfinished job ``job_id`` as cancelled, or mark its leased attempt (cancel.lua).
 
         ``caller``: this process's id once registered: a waiting job it removes waits in
         its ``reporting`` hash until it acknowledges the report (op A). With ``lease_ms``,
-        a caller not registered registers with that lease for the report (a reporter)."""
-        reply = self._call("cancel", [token, job_id, caller, lease_ms])
+        a caller not registered registers with that lease for the report (a reporter).
+        ``take_back``: the token of the enqueue whose job this takes back (only that job is
+        cancelled, and the dead job its enqueue replaced comes back)."""
+        reply = self._call("cancel", [token, job_id, caller, lease_ms, take_back])
         status = int(reply[0])
         if status == 1:
             return CancelReply("removed", removed=_crashed([reply[1]])[0],
@@ -397,7 +402,7 @@ class Scripts:
         "fire", "busy", "full" or "taken", the evicted rows only with "fire" (see
         schedule_tick.lua; ``caller`` and ``lease_ms`` as ``enqueue``'s)."""
         reply = self._call("schedule_tick", [name, tick, token, buffer_size, max_delayed_jobs, caller, lease_ms,
-                                             *_with_retries(job)])
+                                             *_full_row(job)])
         if reply[0] == "fire":
             return "fire", _crashed(reply[1])
         return str(reply[0]), []

@@ -2,7 +2,12 @@
 KEYS[1] prefix. ARGV: token (a resend of this call is recognised by it), id, the caller's
 process id ('' for none), and a lease in ms (optional, 0: none) with which a caller that
 holds no lease registers for the report alone (a producer-only or stopping process, under
-an id of this call's own: it releases that id once its callbacks ran).
+an id of this call's own: it releases that id once its callbacks ran), and take_back
+(optional, '': a plain cancel): the token of the enqueue whose job this takes back (an
+aenqueue cancelled just as its job got in). Then only that enqueue's job is cancelled (an
+id whose job has another token is {0}: it ended, and a newer job has the id), and the dead
+job that its enqueue replaced, if any, comes back (see bring_back_replaced in lib.lua): at
+once when it was waiting, when its attempt ends when it was leased.
 Returns one of
   {0}                                     no unfinished job has that id (unknown, finished,
                                           dead, or cancelled already)
@@ -34,6 +39,7 @@ The reply is kept under the token for 2 to 3 TOKEN_SPANs, as enqueue keeps its t
 even_if_full()
 local TOKEN_SPAN = 30000 -- ms (as in enqueue.lua)
 local token, id, caller, lease = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]) or 0
+local take_back = ARGV[5] or ''
 local now = now_ms()
 local span = math.floor(now / TOKEN_SPAN)
 for s = span, span - 2, -1 do
@@ -43,12 +49,14 @@ end
 
 local function cancel()
   local jk = job_key(id)
-  local f = redis.call('HMGET', jk, 't', 'p', 'x', 'b', 'r', 'e')
+  local f = redis.call('HMGET', jk, 't', 'p', 'x', 'b', 'r', 'e', 'k', 'u')
   local t, p = f[1], tonumber(f[2])
   if not t or not p or f[3] then return {0} end -- (a marked job's hash is no longer here)
+  if take_back ~= '' and f[7] ~= take_back then return {0} end
   local function removed()
     redis.call('DEL', jk)
     count('cancelled', 1)
+    if take_back ~= '' and f[8] then bring_back_replaced(f[8], id) end
     local row = held_row(id, f[4], f[5], f[6], 'cancelled')
     if keeps_rows(caller, now, lease) then
       -- (by its token: an A of an earlier cancel of this id leaves this row)
@@ -80,6 +88,10 @@ local function cancel()
       local attempt, state = entries[i], string.sub(entries[i + 1], 1, 1)
       -- (an X attempt's job is decided; a marked one's is an older job of this id: not here)
       if state ~= 'X' and id_of(attempt) == id and redis.call('SISMEMBER', cancels_key(proc), attempt) == 0 then
+        if take_back ~= '' and f[8] then -- its end brings the dead job back: kept until then
+          redis.call('HSET', jk, 'w', f[8])
+          redis.call('PERSIST', f[8])
+        end
         redis.call('RENAME', jk, marked_key(proc, attempt))
         redis.call('SADD', cancels_key(proc), attempt)
         local wake = wake_key(proc) -- an idle owner hears of it at once

@@ -1,8 +1,9 @@
 --[[ enqueue: accept 1..N jobs, all or none.
 KEYS[1] prefix. ARGV: token, buffer_size, max_delayed_jobs (0: unlimited), n, caller
-(a process id, '' for none), lease ms (0: none), then 6 per job (lib.lua's ROW): id, type,
+(a process id, '' for none), lease ms (0: none), then 7 per job (lib.lua's ROW): id, type,
 priority (0..2), delay ms (fractional; > 0: delayed), body, retries (the failed attempts the
-job brings, which count against its max_retries).
+job brings, which count against its max_retries), last error ('' for none: the job's
+last_error, kept as in-process until an attempt of it fails).
 Returns one of
   {'ok', {row, ...}}          accepted; the jobs evicted from the delayed set (now dead,
                               reason "evicted") for on_failure, as rows {id, body,

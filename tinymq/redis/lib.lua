@@ -15,7 +15,13 @@ Keys (after the prefix):
   job:<id>                 HASH  t type, p priority, b body (client JSON), r retries,
                                  e last error, c crash count, o FIFO order (from `seq`,
                                  set when it goes to the tail of a ready list),
-                                 k enqueue token, x dead reason (only while dead)
+                                 k enqueue token, x dead reason (only while dead),
+                                 u the replaced:<...> key of the dead job of its id that
+                                 its enqueue replaced, w the same once a take-back marked
+                                 its attempt (see bring_back_replaced)
+  replaced:<token>|<id>    HASH  a dead job's hash that the enqueue <token> replaced (its id
+                                 enqueued again), with d the time it died: kept 2 to 3
+                                 TOKEN_SPANs, or until the end of a taken-back attempt
   cancelled:<proc>|<attempt> HASH the job hash of an attempt that q.cancel() marked (the
                                  attempt is in cancels:<proc>), moved there from job:<id> by
                                  cancel, so the id is free for a new job at once; whatever
@@ -421,13 +427,34 @@ carries (hand_out_ended), or that wait in `reports` (keep_ended). Either way the
 as unfinished until its row is reported: end_cancelled never counts it finished. Without
 `report` the caller made the row itself (keep_report). ]]
 local ended = {}
+
+--[[ A job enqueued with a dead job's id replaces it; the dead job's hash is kept aside
+(replaced:<token>|<id>, named by the new job's u) for a while, in case the new job is taken
+back: an aenqueue cancelled just as its job got in (cancel.lua with take_back). Then the dead
+job comes back as it was, as a SQLite store's undo_save brings back its row: at once for a
+waiting job, at the end of its attempt (w) for a leased one. Not when a newer job has the id. ]]
+local function bring_back_replaced(kept, id)
+  local jk = job_key(id)
+  if redis.call('EXISTS', jk) == 1 then -- (a newer job has the id: it replaced the dead one for good)
+    redis.call('DEL', kept)
+    return
+  end
+  if redis.call('EXISTS', kept) == 0 then return end -- (kept no longer: see enqueue_jobs)
+  local died = redis.call('HGET', kept, 'd')
+  redis.call('HDEL', kept, 'd')
+  redis.call('RENAME', kept, jk)
+  redis.call('PERSIST', jk)
+  redis.call('ZADD', K_DEAD, died, id)
+end
+
 local function end_cancelled(jk, id, report) -- jk: the job's hash (job:<id>, or a marked attempt's)
+  local f = redis.call('HMGET', jk, 'b', 'r', 'e', 'w')
   if report then
-    local f = redis.call('HMGET', jk, 'b', 'r', 'e')
     table.insert(ended, held_row(id, f[1], f[2], f[3], 'cancelled'))
   end
   redis.call('DEL', jk)
   count('cancelled', 1)
+  if f[4] then bring_back_replaced(f[4], id) end -- (a taken-back job: the dead job it replaced)
 end
 local REPORTS_PER_CALL = 100 -- rows from `reports` handed out per beat
 local function hand_out_ended(rows) -- appends this call's rows to report to `rows` (a reply's crashed)
@@ -535,6 +562,11 @@ local function settle(proc, argv, first, n, now)
       redis.call('SREM', ck, attempt)
       marks[attempt] = nil
       local mk = marked_key(proc, attempt)
+      local kept = redis.call('HGET', mk, 'w')
+      if kept then -- (a taken-back job that failed for good first: its own death is the newer)
+        redis.call('DEL', kept)
+        redis.call('HDEL', mk, 'w')
+      end
       if redis.call('EXISTS', job_key(id)) == 1 or redis.call('EXISTS', mk) == 0 then
         keep_report(mk, id, attempt, reason)
         redis.call('DEL', mk) -- a newer job has the id: the failure is counted, the hash not kept
@@ -737,7 +769,7 @@ local function ready_left()
 end
 
 local TOKEN_SPAN = 30000 -- ms: how long an enqueue token is kept (see enqueue.lua)
-local ROW = 6 -- ARGV per job of enqueue.lua: id, type, priority, delay ms, body, retries
+local ROW = 7 -- ARGV per job of enqueue.lua: id, type, priority, delay ms, body, retries, last error
 
 -- The body of enqueue.lua (its header documents the rows and replies), shared with
 -- schedule_tick.lua, whose call enqueues the job of the tick it claims. The rows are ROW ARGV per job
@@ -788,12 +820,19 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
   for i = base, base - 1 + n * ROW, ROW do
     local id, delay = ARGV[i], tonumber(ARGV[i + 3])
     local jk = keys[(i - base) / ROW + 1]
-    if dead[id] then
+    local kept = false
+    if dead[id] then -- kept aside for a take-back (see bring_back_replaced)
+      kept = P .. 'replaced:' .. token .. '|' .. id
+      local died = redis.call('ZSCORE', K_DEAD, id)
       redis.call('ZREM', K_DEAD, id)
-      redis.call('DEL', jk)
+      redis.call('HDEL', jk, 'u', 'w')
+      redis.call('HSET', jk, 'd', died)
+      redis.call('RENAME', jk, kept)
+      redis.call('PEXPIRE', kept, 3 * TOKEN_SPAN)
     end
     if delay > 0 then
       redis.call('HSET', jk, 't', ARGV[i + 1], 'p', ARGV[i + 2], 'b', ARGV[i + 4], 'r', ARGV[i + 5], 'k', token)
+      if ARGV[i + 6] ~= '' then redis.call('HSET', jk, 'e', ARGV[i + 6]) end
       if max_delayed > 0 and redis.call('ZCARD', K_CAPPED) >= max_delayed then
         local out = redis.call('ZPOPMIN', K_CAPPED)
         redis.call('ZREM', K_DELAYED, out[1])
@@ -804,9 +843,12 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
         count('evicted', 1)
       end
       redis.call('ZADD', K_CAPPED, add_delayed(id, exact_ms() + delay), id)
+      if kept then redis.call('HSET', jk, 'u', kept) end
     else
       redis.call('HSET', jk, 't', ARGV[i + 1], 'p', ARGV[i + 2], 'b', ARGV[i + 4], 'r', ARGV[i + 5], 'k', token,
                  'o', order + (i - base) / ROW)
+      if ARGV[i + 6] ~= '' then redis.call('HSET', jk, 'e', ARGV[i + 6]) end
+      if kept then redis.call('HSET', jk, 'u', kept) end
       table.insert(by_level[tonumber(ARGV[i + 2])], id)
     end
   end

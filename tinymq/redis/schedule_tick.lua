@@ -6,7 +6,7 @@ for both, so a schedule that changes kind under its name keeps firing: a grid in
 compare with a cron tick's time as long claimed), claim token (unique per call, the same when resent; also the
 enqueue token of the tick's job), buffer_size, max_delayed_jobs (0: unlimited), caller and
 lease (as enqueue.lua's), then the tick's job as one row of enqueue.lua: id, type, priority
-(0..2), delay ms, body, retries.
+(0..2), delay ms, body, retries, last error.
 Returns
   {'fire', {row, ...}}  this call claimed the tick and enqueued its job, by enqueue.lua's
                         rules; the jobs that enqueue evicted from the delayed set (now
