@@ -521,6 +521,7 @@ class Queue:
         if self._store is not None:
             raise RuntimeError(f"set_persistence() was called already (with {self._store!r}); "
                                "a queue uses one store for its whole life")
+        self._periodic.check_store(store)  # a schedule registered earlier whose every tick the store would refuse
         self._take_store(store)
         self._store = _StoreLoading()  # from now on an enqueue is refused until the store is loaded
         take_crashed = getattr(store, "take_crashed", None)
