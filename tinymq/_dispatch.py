@@ -152,6 +152,9 @@ class Dispatcher:
         self._lock = threading.Lock()
         # Guarded by _lock: the live worker slots, the lifecycle.
         self._slots: Set[Any] = set()
+        # Slots of workers whose attempt stop() gave up on (saved back as ready) and that have not
+        # exited: until then the store is not free for another queue (gave_up_attempts).
+        self._gave_up_slots: Set[Any] = set()
         self._thread_ids: Set[int] = set()  # this queue's threads: join() there would wait for itself
         self._worker_count = 0  # the pool's size: live, non-retired workers
         self._started = False
@@ -379,6 +382,7 @@ class Dispatcher:
         finally:
             with self._lock:
                 self._slots.discard(slot)
+                self._gave_up_slots.discard(slot)
                 self._workers_changed.notify_all()
                 stopping = self._stopping
             if stopping:
@@ -471,6 +475,9 @@ class Dispatcher:
             store = self.store
             if store is not None:
                 self._save_back(store, job)
+        with self._lock:
+            if slot in self._slots:  # (its worker has not exited already)
+                self._gave_up_slots.add(slot)
         if context is not None:
             context._cancel("the queue stopped")
         self._cancel_awaiting(job)
@@ -517,6 +524,17 @@ class Dispatcher:
     @property
     def stopping(self) -> bool:
         return self._stopping
+
+    def gave_up_attempts(self) -> int:
+        """How many attempts that stop() gave up on (their jobs saved back as ready) still run, on a
+        worker (until it has written the attempt's end and exited) or on the loop. While one does,
+        the store stays this queue's: another queue's reload would run its job a second time."""
+        with self._lock:
+            running = len(self._gave_up_slots)
+        runner = self.loop_runner
+        if runner is not None:
+            running += runner.stopped_attempts()
+        return running
 
     # --- delayed jobs ----------------------------------------------------
 

@@ -522,6 +522,12 @@ class LoopRunner:
             self._cancel_task(attempt, "the queue stopped")
         return [attempt.job for attempt in stopped]
 
+    def stopped_attempts(self) -> int:
+        """How many attempts that stop() cancelled have not returned yet (a coroutine that ignores
+        its cancellation, or one still unwinding)."""
+        with self._lock:
+            return sum(1 for attempt in self._attempts if attempt.decided == "stopped")
+
     def _cancel_task(self, attempt: _Attempt, reason: str) -> None:
         if attempt.context is not None:
             attempt.context._cancel(reason)

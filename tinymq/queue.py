@@ -575,16 +575,25 @@ class Queue:
 
     def _take_store(self, store: Any) -> None:
         """RuntimeError if another queue that has not stopped uses ``store``: its load_all would
-        count that queue's running attempts as crashes and hand its jobs to this queue too."""
+        count that queue's running attempts as crashes and hand its jobs to this queue too. So
+        while an attempt that queue's stop() gave up on still runs: its job, saved back as ready,
+        would run a second time at once."""
         with _store_users_lock:
             if self._store_taken is not None:
                 raise RuntimeError(f"set_persistence() was called already (with {self._store_taken!r}); "
                                    "a queue uses one store for its whole life")
             other = _store_users.get(id(store))
-            if (other is not None and other is not self and other._store_taken is store
-                    and not other._dispatcher.stopping):
-                raise RuntimeError(f"{store!r} is the store of another queue that has not stopped; a store "
-                                   "serves one queue at a time (stop() that queue first, or open another file)")
+            if other is not None and other is not self and other._store_taken is store:
+                if not other._dispatcher.stopping:
+                    raise RuntimeError(f"{store!r} is the store of another queue that has not stopped; a "
+                                       "store serves one queue at a time (stop() that queue first, or open "
+                                       "another file)")
+                running = other._dispatcher.gave_up_attempts()
+                if running:
+                    raise RuntimeError(f"{store!r} is the store of a stopped queue of which {running} "
+                                       "attempt(s) that its stop() gave up on still run; their jobs would "
+                                       "run a second time at once. Try again once they have returned "
+                                       "(stop() without a timeout waits for them)")
             _store_users[id(store)] = self
             self._store_taken = store
 
