@@ -955,6 +955,9 @@ class Dispatcher:
                 self._workers_changed.notify_all()
             if slot.context is not None:
                 slot.context._reason = "cancelled"
+            started = slot.started
+            if started:  # its function was called: decided now, as at a timeout (its return is ignored)
+                self.ready.record_duration(slot.type_state, core.monotonic() - started)
             self._cancel_awaiting(job)
             return job
         return None
@@ -977,8 +980,11 @@ class Dispatcher:
                 return None
         return QueueStopped("its attempt returned after stop() cancelled it")
 
-    def attempt_failed(self, job: Any, state: Any, exc: BaseException, holding: bool = False) -> None:
+    def attempt_failed(self, job: Any, state: Any, exc: BaseException, holding: bool = False,
+                       seconds: Optional[float] = None) -> None:
         """An attempt failed: schedule its retry, or fail the job for good.
+
+        ``seconds``: its duration, recorded here unless stop() cancelled it (not counted anywhere).
 
         An attempt that ``stop()`` cancelled is no failure: nothing is counted,
         retried or reported (``stop()`` saved the job back as ready, so the
@@ -989,6 +995,13 @@ class Dispatcher:
         never sees the job in no place. A retry's store save comes before: the slot stays
         taken while it writes. Failure callbacks always run after it is freed.
         """
+        if seconds is not None:
+            if self._stopping:
+                with self._stop_order:
+                    if job in self._stop_cancelled:
+                        seconds = None
+            if seconds is not None:
+                self.ready.record_duration(state, seconds)
         ledger = self.ledger
         release = state if holding else None
         if ledger is not None or self._stopping:  # (no stats to keep whole: freed at once)

@@ -422,8 +422,7 @@ class LoopRunner:
             if late:
                 self._report(dispatcher.async_timed_out, job, state, timeout_error(job, state), seconds, True)
             elif error is not None:
-                ready.record_duration(state, seconds)
-                self._report(dispatcher.attempt_failed, job, state, error, True)
+                self._report(dispatcher.attempt_failed, job, state, error, True, seconds)
             else:
                 self._report(dispatcher.async_succeeded, job, state, seconds)
             return
@@ -507,6 +506,8 @@ class LoopRunner:
                     break
             else:
                 return None
+        if attempt.running:  # its function was called (or is being): decided now, as at a timeout
+            self.ready.record_duration(attempt.state, monotonic() - attempt.started)
         self._cancel_task(attempt, "cancelled")
         return attempt.job
 
