@@ -2249,7 +2249,8 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
     The fast path (success) stays here; everything else goes to ``dispatcher``:
     ``refresh_hooks(slot)``, ``new_context(job)``, ``returned(job, state,
     result)`` (a function returned an awaitable or a generator), ``attempt_failed(job,
-    state, exc, holding)`` (it frees the attempt's slot where it places or ends the job),
+    state, exc, holding, seconds)`` (it frees the attempt's slot where it places or ends the job,
+    and records ``seconds``, the attempt's duration),
     ``no_executor(job, state)``, ``after_expired(slot, exc)`` and
     ``end_cancelled(job)`` (a cancel came on its way to the attempt, or as it succeeded).
     """

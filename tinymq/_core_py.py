@@ -1594,10 +1594,11 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
     The fast path (success) stays here; everything else goes to ``dispatcher``:
     ``refresh_hooks(slot)``, ``new_context(job)``, ``returned(job, state, result)``
     (a function returned an awaitable or a generator: ``_awaitable_or_generator``),
-    ``attempt_failed(job, state, exc, holding)`` (``holding``: it frees the attempt's slot where it
-    places or ends the job), ``no_executor(job, state)``, ``after_expired(slot, exc)``
-    and ``end_cancelled(job)`` (a cancel came between the ready buffer and the attempt's start, or
-    between its end and its success: the job ends as cancelled, its function not called again).
+    ``attempt_failed(job, state, exc, holding, seconds)`` (``holding``: it frees the attempt's slot
+    where it places or ends the job; ``seconds``: the attempt's duration, which it records),
+    ``no_executor(job, state)``, ``after_expired(slot, exc)`` and ``end_cancelled(job)`` (a cancel
+    came between the ready buffer and the attempt's start, or between its end and its success: the
+    job ends as cancelled, its function not called again).
     """
     slot.thread_id = threading.get_ident()
     marks = ready.cancel_marks  # empty unless a cancel waits for a job's holder
