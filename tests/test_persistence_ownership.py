@@ -578,6 +578,38 @@ def test_a_store_stays_the_stopped_queue_s_until_its_given_up_attempt_returned(p
         store.close()
 
 
+def test_a_store_stays_a_garbage_collected_queue_s_while_an_attempt_it_gave_up_on_runs(path):
+    running, release = threading.Event(), threading.Event()
+
+    def report(job):
+        running.set()
+        release.wait(10.0)
+
+    q1, store = _running_queue(path, report)
+    q2 = tinymq.Queue(10)
+    try:
+        q1.enqueue(Job("report", id="report-2026-12"))
+        assert running.wait(10.0)
+        del q1  # stopped without waiting: its attempt is given up on and runs on
+        gc.collect()
+        with pytest.raises(RuntimeError, match="still run"):
+            q2.set_persistence(store)
+        release.set()
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                q2.set_persistence(store)
+                break
+            except RuntimeError:
+                assert time.monotonic() < deadline, "the store was never handed on"
+                time.sleep(0.01)
+        assert q2.get_stats().jobs_enqueued == 0  # its late success deleted its row
+    finally:
+        release.set()
+        q2.stop()
+        store.close()
+
+
 def test_a_store_whose_queue_stopped_without_waiting_and_ran_nothing_is_handed_on_at_once(path):
     q1, store = _running_queue(path, lambda job: None)
     q1.enqueue(Job("report", id="done"))

@@ -43,6 +43,8 @@ _NO_RETRIES = 0
 _DEFAULT_EXECUTOR_CONFIG = ExecutorConfig()  # immutable: one for every registration without a config
 # The queue that took each store (by id(store)): a second queue must not load the rows of a live one.
 _store_users: "weakref.WeakValueDictionary[int, Queue]" = weakref.WeakValueDictionary()
+# Its dispatcher, which outlives a queue garbage-collected while an attempt it gave up on runs.
+_store_dispatchers: "weakref.WeakValueDictionary[int, Dispatcher]" = weakref.WeakValueDictionary()
 _store_users_lock = threading.Lock()
 
 
@@ -542,6 +544,8 @@ class Queue:
                 self._store_taken = None
                 if _store_users.get(id(store)) is self:
                     del _store_users[id(store)]
+                if _store_dispatchers.get(id(store)) is self._dispatcher:
+                    del _store_dispatchers[id(store)]
             raise
         self._store = store
         self._dispatcher.set_store(store)
@@ -588,13 +592,16 @@ class Queue:
                     raise RuntimeError(f"{store!r} is the store of another queue that has not stopped; a "
                                        "store serves one queue at a time (stop() that queue first, or open "
                                        "another file)")
-                running = other._dispatcher.gave_up_attempts()
+            dispatcher = _store_dispatchers.get(id(store))
+            if dispatcher is not None and dispatcher is not self._dispatcher and dispatcher.store is store:
+                running = dispatcher.gave_up_attempts()
                 if running:
                     raise RuntimeError(f"{store!r} is the store of a stopped queue of which {running} "
                                        "attempt(s) that its stop() gave up on still run; their jobs would "
                                        "run a second time at once. Try again once they have returned "
                                        "(stop() without a timeout waits for them)")
             _store_users[id(store)] = self
+            _store_dispatchers[id(store)] = self._dispatcher
             self._store_taken = store
 
     # --- observing and stopping ---------------------------------------------
