@@ -208,20 +208,19 @@ def test_the_histogram_counts_the_attempts_counted_in_the_stats_not_those_stop_g
     whether it returns early (cooperative) or fails as it unwinds; one cancelled before its
     function was called has no duration."""
     import asyncio
-    import threading
 
     q = Queue(10)
-    entered = threading.Event()
+    entered = []
 
     if kind == "thread":
         def executor(job, ctx):
             if job.payload == "fail":
                 raise ValueError("no")
             if job.payload in ("cancel me", "stop me"):
-                entered.set()
+                entered.append(job.payload)
                 ctx.wait(WAIT)
             if job.payload == "stop me and fail":
-                entered.set()
+                entered.append(job.payload)
                 ctx.wait(WAIT)
                 ctx.check()  # raises JobTimeout: cancelled by stop()
     else:
@@ -229,7 +228,7 @@ def test_the_histogram_counts_the_attempts_counted_in_the_stats_not_those_stop_g
             if job.payload == "fail":
                 raise ValueError("no")
             if job.payload in ("cancel me", "stop me", "stop me and fail"):
-                entered.set()
+                entered.append(job.payload)
                 await asyncio.sleep(WAIT)
 
     q.register_executor("t", executor, ExecutorConfig(timeout=None))
@@ -238,7 +237,7 @@ def test_the_histogram_counts_the_attempts_counted_in_the_stats_not_those_stop_g
         q.enqueue(Job("t", "ok"))
         q.enqueue(Job("t", "fail", retry_config=RetryConfig(max_retries=0)))
         q.enqueue(Job("t", "cancel me", id="victim"))
-        assert entered.wait(WAIT)
+        assert wait_until(lambda: entered == ["cancel me"])
         assert q.cancel("victim")
         assert q.join(WAIT)
         q.enqueue_delayed(Job("t", "never", id="queued"), 3600.0)
@@ -246,11 +245,11 @@ def test_the_histogram_counts_the_attempts_counted_in_the_stats_not_those_stop_g
         stats = q.get_stats().executor_stats["t"]
         assert (stats.succeeded, stats.failed, stats.cancelled) == (1, 1, 2)
         assert sum(q._attempt_durations()["t"][0]) == 3
-        entered.clear()
         q.enqueue(Job("t", "stop me"))
         q.enqueue(Job("t", "stop me and fail"))
-        assert wait_until(lambda: q.get_stats().executor_stats["t"].active_jobs == 2)
+        assert wait_until(lambda: len(entered) == 3)  # both functions called
         q.stop(timeout=0.05)
+        assert wait_until(lambda: q._dispatcher.gave_up_attempts() == 0)  # both have returned
         assert sum(q._attempt_durations()["t"][0]) == 3
     finally:
         q.stop(wait=False)
