@@ -413,7 +413,7 @@ class ExpiryDispatcher:
     def no_executor(self, job, state):
         raise AssertionError(f"no executor for {job!r}")
 
-    def attempt_failed(self, job, state, exc, holding=False):
+    def attempt_failed(self, job, state, exc, holding=False, seconds=None):
         raise AssertionError(f"an attempt the watchdog decided was failed by the worker: {exc!r}")
 
     def after_expired(self, slot, error):

@@ -55,9 +55,10 @@ class FakeDispatcher:
         self.log.add(("new_context", job))
         return context
 
-    def attempt_failed(self, job, state, exc, holding=False):
-        # The worker hands the failure over with the attempt's slot still taken (``holding``); the
-        # real dispatcher frees it where it places the retry or counts the failure: here, at once.
+    def attempt_failed(self, job, state, exc, holding=False, seconds=None):
+        # The worker hands the failure over with the attempt's slot still taken (``holding``) and
+        # its duration (``seconds``, recorded by the real dispatcher); the real dispatcher frees
+        # the slot where it places the retry or counts the failure: here, at once.
         self.log.add(("attempt_failed", job, state.name, exc, self._active(state.name)))
         if holding:
             self.ready.release_state(state)

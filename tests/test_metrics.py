@@ -199,3 +199,57 @@ def test_importing_without_prometheus_client_names_the_extra():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=dict(os.environ), timeout=60)
     assert "pip install 'tinymq[prometheus]'" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("kind", ["thread", "async"])
+def test_the_histogram_counts_the_attempts_counted_in_the_stats_not_those_stop_gives_up(kind):
+    """Every attempt whose outcome is counted (succeeded, failed, timed out, cancelled while it ran)
+    is in tinymq_attempt_duration_seconds; one that stop() cancels (counted nowhere) is not,
+    whether it returns early (cooperative) or fails as it unwinds; one cancelled before its
+    function was called has no duration."""
+    import asyncio
+
+    q = Queue(10)
+    entered = []
+
+    if kind == "thread":
+        def executor(job, ctx):
+            if job.payload == "fail":
+                raise ValueError("no")
+            if job.payload in ("cancel me", "stop me"):
+                entered.append(job.payload)
+                ctx.wait(WAIT)
+            if job.payload == "stop me and fail":
+                entered.append(job.payload)
+                ctx.wait(WAIT)
+                ctx.check()  # raises JobTimeout: cancelled by stop()
+    else:
+        async def executor(job, ctx):
+            if job.payload == "fail":
+                raise ValueError("no")
+            if job.payload in ("cancel me", "stop me", "stop me and fail"):
+                entered.append(job.payload)
+                await asyncio.sleep(WAIT)
+
+    q.register_executor("t", executor, ExecutorConfig(timeout=None))
+    q.start_dispatcher(2)
+    try:
+        q.enqueue(Job("t", "ok"))
+        q.enqueue(Job("t", "fail", retry_config=RetryConfig(max_retries=0)))
+        q.enqueue(Job("t", "cancel me", id="victim"))
+        assert wait_until(lambda: entered == ["cancel me"])
+        assert q.cancel("victim")
+        assert q.join(WAIT)
+        q.enqueue_delayed(Job("t", "never", id="queued"), 3600.0)
+        assert q.cancel("queued")  # not run: no duration
+        stats = q.get_stats().executor_stats["t"]
+        assert (stats.succeeded, stats.failed, stats.cancelled) == (1, 1, 2)
+        assert sum(q._attempt_durations()["t"][0]) == 3
+        q.enqueue(Job("t", "stop me"))
+        q.enqueue(Job("t", "stop me and fail"))
+        assert wait_until(lambda: len(entered) == 3)  # both functions called
+        q.stop(timeout=0.05)
+        assert wait_until(lambda: q._dispatcher.gave_up_attempts() == 0)  # both have returned
+        assert sum(q._attempt_durations()["t"][0]) == 3
+    finally:
+        q.stop(wait=False)

@@ -480,6 +480,29 @@ def test_a_cron_tick_is_not_enqueued_twice_across_a_restart(tmp_path):
     assert stats.fired == 0 and stats.skipped == 0
 
 
+def test_set_persistence_refuses_a_store_that_cannot_save_an_earlier_schedules_payload(tmp_path):
+    """A schedule registered before set_persistence: the store is checked against it there (as
+    every/cron check with the store set), so no tick fails to enqueue for ever."""
+    store = SQLitePersistence(str(tmp_path / "jobs.db"))
+    q = Queue(10)
+    try:
+        q.every(60.0, "report", {"when": object()}, name="nightly")
+        with pytest.raises(TypeError, match="nightly"):
+            q.set_persistence(store)
+        assert q._store is None  # nothing taken: the store may be set once the schedule is fixed
+        q.unschedule("nightly")
+        q.every(60.0, "clean", "a\ud800", name="cleanup")  # no store yet: accepted
+        with pytest.raises(ValueError, match="cleanup.*lone surrogate"):
+            q.set_persistence(store)
+        q.unschedule("cleanup")
+        q.every(60.0, "report", {"when": "03:00"}, name="nightly")
+        q.set_persistence(store)
+        assert [s.name for s in q.schedules()] == ["nightly"]
+    finally:
+        q.stop(wait=False)
+        store.close()
+
+
 # --- garbage collection -------------------------------------------------------------------------
 
 def test_a_dropped_queue_stops_its_timer():

@@ -512,3 +512,112 @@ def test_a_child_that_outlives_its_parent_does_not_keep_the_file(tmp_path):
         process.stdout.read()  # EOF once the child is gone
         process.stdout.close()
         process.stderr.close()
+
+
+# --- a store handed from a stopped queue to a new one -------------------------------------------
+
+def _running_queue(path, executor):
+    store = SQLitePersistence(path)
+    q = tinymq.Queue(10)
+    q.set_persistence(store)
+    q.register_executor("report", executor, tinymq.ExecutorConfig(timeout=None))
+    q.start_dispatcher(1)
+    return q, store
+
+
+@pytest.mark.parametrize("kind", ["thread", "async"])
+def test_a_store_stays_the_stopped_queue_s_until_its_given_up_attempt_returned(path, kind):
+    """stop(timeout=...) gives up on an attempt that runs on (its job saved back as ready): another
+    queue's set_persistence raises RuntimeError saying why until the attempt has returned (its end
+    written), then takes the store, with nothing left to run twice."""
+    running, release = threading.Event(), threading.Event()
+    runs = []
+
+    if kind == "thread":
+        def report(job):  # no context: stop() cannot cancel it
+            runs.append(job.id)
+            running.set()
+            release.wait(10.0)
+    else:
+        import asyncio
+
+        async def report(job):
+            runs.append(job.id)
+            running.set()
+            while not release.is_set():  # ignores its cancellation
+                try:
+                    await asyncio.sleep(0.01)
+                except asyncio.CancelledError:
+                    pass
+
+    q1, store = _running_queue(path, report)
+    q2 = tinymq.Queue(10)
+    try:
+        q1.enqueue(Job("report", id="report-2026-12"))
+        assert running.wait(10.0)
+        q1.stop(timeout=0.2)
+        with pytest.raises(RuntimeError, match=r"1 attempt\(s\) that its stop\(\) gave up on still run"):
+            q2.set_persistence(store)
+        release.set()
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                q2.set_persistence(store)
+                break
+            except RuntimeError:
+                assert time.monotonic() < deadline, "the store was never handed on"
+                time.sleep(0.01)
+        # A thread's late success deletes its row; a coroutine stop() cancelled is no success and its
+        # job stays stored (docs/api.md): it runs again, but only now, after the first attempt.
+        assert q2.get_stats().jobs_enqueued == (0 if kind == "thread" else 1)
+        assert runs == ["report-2026-12"]
+    finally:
+        release.set()
+        q1.stop()
+        q2.stop()
+        store.close()
+
+
+def test_a_store_stays_a_garbage_collected_queue_s_while_an_attempt_it_gave_up_on_runs(path):
+    running, release = threading.Event(), threading.Event()
+
+    def report(job):
+        running.set()
+        release.wait(10.0)
+
+    q1, store = _running_queue(path, report)
+    q2 = tinymq.Queue(10)
+    try:
+        q1.enqueue(Job("report", id="report-2026-12"))
+        assert running.wait(10.0)
+        del q1  # stopped without waiting: its attempt is given up on and runs on
+        gc.collect()
+        with pytest.raises(RuntimeError, match="still run"):
+            q2.set_persistence(store)
+        release.set()
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                q2.set_persistence(store)
+                break
+            except RuntimeError:
+                assert time.monotonic() < deadline, "the store was never handed on"
+                time.sleep(0.01)
+        assert q2.get_stats().jobs_enqueued == 0  # its late success deleted its row
+    finally:
+        release.set()
+        q2.stop()
+        store.close()
+
+
+def test_a_store_whose_queue_stopped_without_waiting_and_ran_nothing_is_handed_on_at_once(path):
+    q1, store = _running_queue(path, lambda job: None)
+    q1.enqueue(Job("report", id="done"))
+    assert q1.join(10.0)
+    q1.stop(wait=False)  # idle workers may not have exited yet: nothing of theirs runs
+    q2 = tinymq.Queue(10)
+    try:
+        q2.set_persistence(store)
+    finally:
+        q2.stop()
+        store.close()

@@ -1879,8 +1879,10 @@ cdef class ReadyQueue:
                                         bint finish) except -1:
         if finish:
             if self.marks and self._take_cancel(job):
+                state.record_duration(seconds)  # it ran: a decided attempt, counted as cancelled
                 return False
         elif self._decide_end(job):
+            state.record_duration(seconds)
             return False
         self._succeeded(state, seconds)
         if finish:
@@ -1898,7 +1900,7 @@ cdef class ReadyQueue:
         return self._attempt_succeeded(state, seconds, job, True)
 
     def record_duration(self, TypeState state, double seconds):
-        """An attempt of ``state`` was decided (failed, timed out) after ``seconds``."""
+        """An attempt of ``state`` was decided (failed, timed out, cancelled) after ``seconds``."""
         state.record_duration(seconds)
 
     def counters(self):
@@ -2160,7 +2162,7 @@ cdef class WorkerSlot:
     """
     cdef public object job  # the running attempt's job, None between attempts
     cdef public object type_state
-    cdef public double started  # monotonic: when the running attempt's function was called
+    cdef public double started  # monotonic: when the running attempt's function was called (0.0 before)
     cdef public double deadline  # monotonic; +inf until the function is called (the store writes its start first)
     cdef public object context
     cdef public bint expired  # the watchdog decided this attempt: its outcome is ignored
@@ -2180,6 +2182,7 @@ cdef class WorkerSlot:
 
     cpdef begin(self, job, state, double deadline, context):
         self.job, self.type_state, self.deadline, self.context = job, state, deadline, context
+        self.started = 0.0  # until the function is called
         self.expired = self.interrupted = self.deferred = False
 
     # Entering, leaving and expire() run no Python code in between their reads and writes (the
@@ -2246,7 +2249,8 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
     The fast path (success) stays here; everything else goes to ``dispatcher``:
     ``refresh_hooks(slot)``, ``new_context(job)``, ``returned(job, state,
     result)`` (a function returned an awaitable or a generator), ``attempt_failed(job,
-    state, exc, holding)`` (it frees the attempt's slot where it places or ends the job),
+    state, exc, holding, seconds)`` (it frees the attempt's slot where it places or ends the job,
+    and records ``seconds``, the attempt's duration),
     ``no_executor(job, state)``, ``after_expired(slot, exc)`` and
     ``end_cancelled(job)`` (a cancel came on its way to the attempt, or as it succeeded).
     """
@@ -2358,8 +2362,9 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
                 on_success(job)
                 ready._task_done(job)
         else:
-            state.record_duration(ended - started)
-            dispatcher.attempt_failed(job, state, error, True)  # it frees the slot where it places or ends the job
+            # It records the duration (unless stop() gave the attempt up) and frees the slot where it
+            # places or ends the job.
+            dispatcher.attempt_failed(job, state, error, True, ended - started)
             error = None
 
 

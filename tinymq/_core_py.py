@@ -1265,8 +1265,10 @@ class ReadyQueue:
         """``attempt_succeeded`` with ``job``, called with _lock held."""
         if finish:
             if self._marks and self._take_cancel(job):
+                state.record_duration(seconds)  # it ran: a decided attempt, counted as cancelled
                 return False
         elif self._decide_end(job):
+            state.record_duration(seconds)
             return False
         self._succeeded(state, seconds)
         if finish:
@@ -1274,7 +1276,7 @@ class ReadyQueue:
         return True
 
     def record_duration(self, state: TypeState, seconds: float) -> None:
-        """An attempt of ``state`` was decided (failed, timed out) after ``seconds``."""
+        """An attempt of ``state`` was decided (failed, timed out, cancelled) after ``seconds``."""
         with self._lock:
             state.record_duration(seconds)
 
@@ -1487,7 +1489,7 @@ class WorkerSlot:
         self._lock = threading.Lock()
         self.job: Any = None  # the running attempt's job, None between attempts
         self.type_state: Optional[TypeState] = None
-        self.started = 0.0  # monotonic: when the running attempt's function was called
+        self.started = 0.0  # monotonic: when the running attempt's function was called (0.0 before)
         self.deadline = _INF  # monotonic; +inf until the function is called (the store writes its start first)
         self.context: Any = None
         self.expired = False  # the watchdog decided this attempt: its outcome is ignored
@@ -1505,6 +1507,7 @@ class WorkerSlot:
     def begin(self, job: Any, state: TypeState, deadline: float, context: Any) -> None:
         with self._lock:
             self.job, self.type_state, self.deadline, self.context = job, state, deadline, context
+            self.started = 0.0  # until the function is called
             self.expired = self.interrupted = self.deferred = False
 
     def __enter__(self) -> "WorkerSlot":
@@ -1591,10 +1594,11 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
     The fast path (success) stays here; everything else goes to ``dispatcher``:
     ``refresh_hooks(slot)``, ``new_context(job)``, ``returned(job, state, result)``
     (a function returned an awaitable or a generator: ``_awaitable_or_generator``),
-    ``attempt_failed(job, state, exc, holding)`` (``holding``: it frees the attempt's slot where it
-    places or ends the job), ``no_executor(job, state)``, ``after_expired(slot, exc)``
-    and ``end_cancelled(job)`` (a cancel came between the ready buffer and the attempt's start, or
-    between its end and its success: the job ends as cancelled, its function not called again).
+    ``attempt_failed(job, state, exc, holding, seconds)`` (``holding``: it frees the attempt's slot
+    where it places or ends the job; ``seconds``: the attempt's duration, which it records),
+    ``no_executor(job, state)``, ``after_expired(slot, exc)`` and ``end_cancelled(job)`` (a cancel
+    came between the ready buffer and the attempt's start, or between its end and its success: the
+    job ends as cancelled, its function not called again).
     """
     slot.thread_id = threading.get_ident()
     marks = ready.cancel_marks  # empty unless a cancel waits for a job's holder
@@ -1712,8 +1716,9 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
                 on_success(job)
                 ready.task_done(job)
         else:
-            ready.record_duration(state, ended - started)
-            dispatcher.attempt_failed(job, state, error, True)
+            # It records the duration (unless stop() gave the attempt up) and frees the slot where it
+            # places or ends the job.
+            dispatcher.attempt_failed(job, state, error, True, ended - started)
             error = None
 
 

@@ -152,6 +152,9 @@ class Dispatcher:
         self._lock = threading.Lock()
         # Guarded by _lock: the live worker slots, the lifecycle.
         self._slots: Set[Any] = set()
+        # Slots of workers whose attempt stop() gave up on (saved back as ready) and that have not
+        # exited: until then the store is not free for another queue (gave_up_attempts).
+        self._gave_up_slots: Set[Any] = set()
         self._thread_ids: Set[int] = set()  # this queue's threads: join() there would wait for itself
         self._worker_count = 0  # the pool's size: live, non-retired workers
         self._started = False
@@ -379,6 +382,7 @@ class Dispatcher:
         finally:
             with self._lock:
                 self._slots.discard(slot)
+                self._gave_up_slots.discard(slot)
                 self._workers_changed.notify_all()
                 stopping = self._stopping
             if stopping:
@@ -473,6 +477,9 @@ class Dispatcher:
             store = self.store
             if store is not None:
                 self._save_back(store, job)
+        with self._lock:
+            if slot in self._slots:  # (its worker has not exited already)
+                self._gave_up_slots.add(slot)
         if context is not None:
             context._cancel("the queue stopped")
         self._cancel_awaiting(job)
@@ -523,6 +530,17 @@ class Dispatcher:
     def wait_stopped(self, timeout: Optional[float]) -> bool:
         """Wait until the first stop() has returned (its running attempts finished or cancelled)."""
         return self._stopped.wait(timeout)
+
+    def gave_up_attempts(self) -> int:
+        """How many attempts that stop() gave up on (their jobs saved back as ready) still run, on a
+        worker (until it has written the attempt's end and exited) or on the loop. While one does,
+        the store stays this queue's: another queue's reload would run its job a second time."""
+        with self._lock:
+            running = len(self._gave_up_slots)
+        runner = self.loop_runner
+        if runner is not None:
+            running += runner.stopped_attempts()
+        return running
 
     # --- delayed jobs ----------------------------------------------------
 
@@ -943,6 +961,9 @@ class Dispatcher:
                 self._workers_changed.notify_all()
             if slot.context is not None:
                 slot.context._reason = "cancelled"
+            started = slot.started
+            if started:  # its function was called: decided now, as at a timeout (its return is ignored)
+                self.ready.record_duration(slot.type_state, core.monotonic() - started)
             self._cancel_awaiting(job)
             return job
         return None
@@ -965,8 +986,11 @@ class Dispatcher:
                 return None
         return QueueStopped("its attempt returned after stop() cancelled it")
 
-    def attempt_failed(self, job: Any, state: Any, exc: BaseException, holding: bool = False) -> None:
+    def attempt_failed(self, job: Any, state: Any, exc: BaseException, holding: bool = False,
+                       seconds: Optional[float] = None) -> None:
         """An attempt failed: schedule its retry, or fail the job for good.
+
+        ``seconds``: its duration, recorded here unless stop() cancelled it (not counted anywhere).
 
         An attempt that ``stop()`` cancelled is no failure: nothing is counted,
         retried or reported (``stop()`` saved the job back as ready, so the
@@ -977,6 +1001,13 @@ class Dispatcher:
         never sees the job in no place. A retry's store save comes before: the slot stays
         taken while it writes. Failure callbacks always run after it is freed.
         """
+        if seconds is not None:
+            if self._stopping:
+                with self._stop_order:
+                    if job in self._stop_cancelled:
+                        seconds = None
+            if seconds is not None:
+                self.ready.record_duration(state, seconds)
         ledger = self.ledger
         release = state if holding else None
         if ledger is not None or self._stopping:  # (no stats to keep whole: freed at once)

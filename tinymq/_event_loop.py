@@ -422,8 +422,7 @@ class LoopRunner:
             if late:
                 self._report(dispatcher.async_timed_out, job, state, timeout_error(job, state), seconds, True)
             elif error is not None:
-                ready.record_duration(state, seconds)
-                self._report(dispatcher.attempt_failed, job, state, error, True)
+                self._report(dispatcher.attempt_failed, job, state, error, True, seconds)
             else:
                 self._report(dispatcher.async_succeeded, job, state, seconds)
             return
@@ -507,6 +506,8 @@ class LoopRunner:
                     break
             else:
                 return None
+        if attempt.running:  # its function was called (or is being): decided now, as at a timeout
+            self.ready.record_duration(attempt.state, monotonic() - attempt.started)
         self._cancel_task(attempt, "cancelled")
         return attempt.job
 
@@ -521,6 +522,12 @@ class LoopRunner:
         for attempt in stopped:
             self._cancel_task(attempt, "the queue stopped")
         return [attempt.job for attempt in stopped]
+
+    def stopped_attempts(self) -> int:
+        """How many attempts that stop() cancelled have not returned yet (a coroutine that ignores
+        its cancellation, or one still unwinding)."""
+        with self._lock:
+            return sum(1 for attempt in self._attempts if attempt.decided == "stopped")
 
     def _cancel_task(self, attempt: _Attempt, reason: str) -> None:
         if attempt.context is not None:

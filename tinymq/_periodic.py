@@ -30,7 +30,7 @@ from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tuple, Union
 
 from .config import _positive_seconds
-from .errors import DuplicateJob, QueueFull, QueueStopped
+from .errors import DuplicateJob, PersistenceError, QueueFull, QueueStopped
 from .job import Job, Priority, _as_priority, _as_run_at, _as_type
 
 __all__ = ["Periodic", "ScheduleStats", "SCHEDULE_TAG", "cron_next", "tick_job_id", "tick_of_job_id"]
@@ -222,6 +222,20 @@ class TickBackend(Protocol):
         """Raise TypeError/ValueError, naming the schedule, when its jobs cannot be enqueued."""
 
 
+def check_storable(store: Any, schedule: _Schedule) -> None:
+    """Raise TypeError/ValueError, naming the schedule, when ``store`` would refuse its ticks' jobs
+    (a payload its serializer cannot encode, text SQLite cannot keep): each tick's enqueue would
+    fail. A store without ``_check_storable`` (not a SQLitePersistence) decides at each save."""
+    check = getattr(store, "_check_storable", None)
+    if check is None:
+        return
+    try:
+        check(schedule.new_job_at(time.time()))
+    except PersistenceError as exc:  # the serializer's own error is its cause: a payload of the wrong kind
+        error = TypeError if exc.__cause__ is not None else ValueError
+        raise error(f"schedule {schedule.name!r}: {exc}") from exc
+
+
 class _LocalTicks:
     """The queue's own core knows every unfinished job id: the previous job is busy while it has it."""
 
@@ -232,7 +246,9 @@ class _LocalTicks:
         return first
 
     def check(self, schedule: _Schedule) -> None:
-        pass  # any payload that can be copied (checked already) can be enqueued
+        queue = self._queue()
+        if queue is not None:
+            check_storable(queue._store, schedule)
 
     def fire(self, schedule: _Schedule, tick: _Tick) -> str:
         queue = self._queue()
@@ -344,6 +360,14 @@ class Periodic:
                 self._changed.notify()
         logger.info("schedule %r: %s enqueues %r jobs", name, trigger.description, job_type)
         return name
+
+    def check_store(self, store: Any) -> None:
+        """``set_persistence(store)``: raise as ``every``/``cron`` would with the store set, when it
+        would refuse the jobs of a schedule registered before it."""
+        with self._lock:
+            schedules = list(self._schedules.values())
+        for schedule in schedules:
+            check_storable(store, schedule)
 
     def unschedule(self, name: str) -> bool:
         """Remove schedule ``name``: True if it existed. No tick of it enqueues a job after this returns."""

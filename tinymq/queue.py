@@ -43,6 +43,8 @@ _NO_RETRIES = 0
 _DEFAULT_EXECUTOR_CONFIG = ExecutorConfig()  # immutable: one for every registration without a config
 # The queue that took each store (by id(store)): a second queue must not load the rows of a live one.
 _store_users: "weakref.WeakValueDictionary[int, Queue]" = weakref.WeakValueDictionary()
+# Its dispatcher, which outlives a queue garbage-collected while an attempt it gave up on runs.
+_store_dispatchers: "weakref.WeakValueDictionary[int, Dispatcher]" = weakref.WeakValueDictionary()
 _store_users_lock = threading.Lock()
 
 
@@ -528,6 +530,7 @@ class Queue:
         if self._store is not None:
             raise RuntimeError(f"set_persistence() was called already (with {self._store!r}); "
                                "a queue uses one store for its whole life")
+        self._periodic.check_store(store)  # a schedule registered earlier whose every tick the store would refuse
         self._take_store(store)
         self._store = _StoreLoading()  # from now on an enqueue is refused until the store is loaded
         take_crashed = getattr(store, "take_crashed", None)
@@ -548,6 +551,8 @@ class Queue:
                 self._store_taken = None
                 if _store_users.get(id(store)) is self:
                     del _store_users[id(store)]
+                if _store_dispatchers.get(id(store)) is self._dispatcher:
+                    del _store_dispatchers[id(store)]
             raise
         self._store = store
         self._dispatcher.set_store(store)
@@ -581,17 +586,29 @@ class Queue:
 
     def _take_store(self, store: Any) -> None:
         """RuntimeError if another queue that has not stopped uses ``store``: its load_all would
-        count that queue's running attempts as crashes and hand its jobs to this queue too."""
+        count that queue's running attempts as crashes and hand its jobs to this queue too. So
+        while an attempt that queue's stop() gave up on still runs: its job, saved back as ready,
+        would run a second time at once."""
         with _store_users_lock:
             if self._store_taken is not None:
                 raise RuntimeError(f"set_persistence() was called already (with {self._store_taken!r}); "
                                    "a queue uses one store for its whole life")
             other = _store_users.get(id(store))
-            if (other is not None and other is not self and other._store_taken is store
-                    and not other._dispatcher.stopping):
-                raise RuntimeError(f"{store!r} is the store of another queue that has not stopped; a store "
-                                   "serves one queue at a time (stop() that queue first, or open another file)")
+            if other is not None and other is not self and other._store_taken is store:
+                if not other._dispatcher.stopping:
+                    raise RuntimeError(f"{store!r} is the store of another queue that has not stopped; a "
+                                       "store serves one queue at a time (stop() that queue first, or open "
+                                       "another file)")
+            dispatcher = _store_dispatchers.get(id(store))
+            if dispatcher is not None and dispatcher is not self._dispatcher and dispatcher.store is store:
+                running = dispatcher.gave_up_attempts()
+                if running:
+                    raise RuntimeError(f"{store!r} is the store of a stopped queue of which {running} "
+                                       "attempt(s) that its stop() gave up on still run; their jobs would "
+                                       "run a second time at once. Try again once they have returned "
+                                       "(stop() without a timeout waits for them)")
             _store_users[id(store)] = self
+            _store_dispatchers[id(store)] = self._dispatcher
             self._store_taken = store
 
     # --- observing and stopping ---------------------------------------------

@@ -620,6 +620,12 @@ class SQLitePersistence:
             return (_SAVE_LEAN if state == "ready" else _REPLACE_LEAN), row[:_LEAN]
         return (_SAVE if state == "ready" else _REPLACE), row
 
+    def _check_storable(self, job: Job) -> None:
+        """Raise the PersistenceError ``save(job)`` would raise for the job itself (a payload the
+        serializer refuses, text SQLite cannot store, a row over its size limit); writes nothing.
+        (A schedule's payload is checked so at registration: tinymq/_periodic.py.)"""
+        self._row(job)
+
     def _row(self, job: Job, state: str = "ready", reason: Optional[str] = None,
              last_error: Optional[str] = None) -> tuple:
         payload = job.payload
