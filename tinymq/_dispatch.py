@@ -128,6 +128,12 @@ def _register_exit_hook() -> None:
     with _exit_hook_lock:
         if _exit_hook_registered:
             return
+        # Threading runs its exit hooks last registered first, and concurrent.futures.thread
+        # registers one when first imported, which shuts every thread pool (the loop's default
+        # executor and its tinymq-io pool among them). Imported here, whatever the user imported
+        # before, its hook is registered before ours and so runs after it: stop() still has those
+        # pools to finish and record the attempts running at exit.
+        import concurrent.futures.thread  # noqa: F401
         try:
             # Runs before threading joins non-daemon threads and before atexit handlers.
             threading._register_atexit(_stop_at_exit)  # type: ignore[attr-defined]
