@@ -51,6 +51,7 @@ logger = logging.getLogger("tinymq")
 
 _DRAIN_BATCH = 256  # jobs started per loop callback: the loop runs other callbacks between batches
 _UNWIND_WAIT = 1.0  # seconds stop() waits for cancelled coroutines to unwind before leaving them
+_NEVER_WAITED_FOR = ("timed_out", "cancelled")  # decided before stop(): stop() never waits for them
 _NO_DEADLINE = float("inf")
 # Seconds past an attempt's deadline after which another thread decides it (expire_overdue): the
 # loop's timer has not, so a coroutine blocks the loop (a call that does not await).
@@ -173,6 +174,9 @@ class LoopRunner:
         self._stop_when_idle = False  # stop() from one of its attempts: the loop stops after the last
         self._halting = False  # the queue stopped the loop (_halt): anything else that ends it is a mishap
         self._thread_done = threading.Event()
+        # The loop thread has done all that stop() waits for: what is left of it waits only for
+        # coroutines that timed out or were cancelled before stop() (_NEVER_WAITED_FOR).
+        self._settled = threading.Event()
         # Loop thread only: the deadline timer, and the deadline it is armed for (+inf: none).
         self._expiry: Optional[asyncio.TimerHandle] = None
         self._expiry_at = _NO_DEADLINE
@@ -201,6 +205,9 @@ class LoopRunner:
                     job, state = self._todo.popleft()
                     self.ready.release_state(state, False, core.LOOP)
                     self.dispatcher._stopped_async(job)
+                if self._end_tasks(spare_never_waited_for=True):  # such coroutines are still running:
+                    self._io.shutdown(wait=True)  # stop() returns once the outcomes are reported
+                    self._settled.set()
                 self._end_tasks()
                 loop.run_until_complete(loop.shutdown_asyncgens())
                 loop.run_until_complete(loop.shutdown_default_executor())
@@ -210,6 +217,7 @@ class LoopRunner:
             finally:
                 self._io.shutdown(wait=True)  # outcomes reported off the loop
                 loop.close()
+                self._settled.set()
                 self._thread_done.set()
 
     def _run_until_halted(self) -> None:
@@ -243,7 +251,7 @@ class LoopRunner:
         self._halting = True
         self.loop.stop()
 
-    def _end_tasks(self) -> None:
+    def _end_tasks(self, spare_never_waited_for: bool = False) -> bool:
         """Cancel every task still on the loop, and run the loop until each has ended.
 
         A loop closed with a task pending destroys it pending (asyncio logs
@@ -251,13 +259,19 @@ class LoopRunner:
         its cleanup. A coroutine that ignores its cancellation keeps this
         thread (a daemon, which ``stop`` waits for only briefly) until it
         returns; it is cancelled again every ``_UNWIND_WAIT`` seconds.
+
+        ``spare_never_waited_for``: leave alone the runners still inside attempts that timed
+        out or were cancelled before stop(), which stop() never waits for; True if any is left.
         """
         loop = self.loop
         warned = False
         while True:
-            pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+            spared = set()
+            if spare_never_waited_for:
+                spared = {a.task for a in list(self._attempts) if a.decided in _NEVER_WAITED_FOR}
+            pending = [task for task in asyncio.all_tasks(loop) if not task.done() and task not in spared]
             if not pending:
-                return
+                return any(not task.done() for task in spared)
             for task in pending:
                 task.cancel()
             _, left = loop.run_until_complete(asyncio.wait(pending, timeout=_UNWIND_WAIT))
@@ -407,7 +421,7 @@ class LoopRunner:
             decided = attempt.decided
             if decided is None:
                 attempt.decided = "timed_out" if late else "returned"
-            if self._waiting_for_end and (decided is None or not attempts):
+            if self._waiting_for_end:
                 self._all_finished.notify_all()
         if self._stop_when_idle and not attempts:
             self._halt()
@@ -537,10 +551,12 @@ class LoopRunner:
             attempt.task.cancel()
 
     def wait_finished(self, deadline: Optional[float], undecided_only: bool) -> bool:
-        """Wait until no attempt (``undecided_only``: no undecided one) runs; False at ``deadline``.
+        """Wait until no undecided attempt runs (not ``undecided_only``: nor one that stop()
+        cancelled, still unwinding); False at ``deadline``.
 
         An attempt ``LOOP_LATE`` past its deadline that the loop has not decided (a coroutine
-        blocks it) is decided here, as timed out: a timed-out attempt is never waited for.
+        blocks it) is decided here, as timed out: a timed-out attempt is never waited for, nor
+        one that a cancel() decided.
         """
         while True:
             with self._lock:
@@ -548,7 +564,8 @@ class LoopRunner:
                 try:
                     while True:
                         attempts = list(self._attempts)
-                        if not any(a.decided is None for a in attempts) if undecided_only else not attempts:
+                        if all(a.decided in _NEVER_WAITED_FOR or (undecided_only and a.decided is not None)
+                               for a in attempts):
                             return True
                         now = core.monotonic()
                         remaining = None if deadline is None else deadline - now
@@ -591,7 +608,8 @@ class LoopRunner:
                 self._report_safely(self.dispatcher.async_timed_out, args)
 
     def stop(self, wait_for_thread: bool, when_idle: bool = False) -> None:
-        """Stop the loop (after what is queued on it); with ``wait_for_thread``, wait for its thread.
+        """Stop the loop (after what is queued on it); with ``wait_for_thread``, wait (briefly) for
+        its thread, but not for coroutines that timed out or were cancelled before: never waited for.
 
         ``when_idle``: only once no attempt runs (stop() awaited in one of them, which it cannot wait for).
         """
@@ -599,8 +617,8 @@ class LoopRunner:
             self.loop.call_soon_threadsafe(self._stop_loop if when_idle else self._halt)
         except RuntimeError:
             return  # closed already
-        if wait_for_thread:
-            self._thread_done.wait(_UNWIND_WAIT * 2)
+        if wait_for_thread:  # not for coroutines that timed out or were cancelled before (_settled)
+            self._settled.wait(_UNWIND_WAIT * 2)
 
     def _stop_loop(self) -> None:
         self._stop_when_idle = True
