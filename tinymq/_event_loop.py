@@ -37,15 +37,16 @@ import concurrent.futures
 import inspect
 import logging
 import threading
+import time
 import types
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 from ._pick_core import core
 from .context import JobContext
 from .errors import JobTimeout
 
-__all__ = ["LoopRunner", "is_async_executor", "timeout_error"]
+__all__ = ["HandedOver", "LoopRunner", "is_async_executor", "timeout_error"]
 
 logger = logging.getLogger("tinymq")
 
@@ -146,6 +147,99 @@ class _Wakeup:
         return True
 
 
+async def _awaited(awaitable: Any) -> Any:
+    """Await any awaitable in a task of its own (create_task takes coroutines only)."""
+    return await awaitable
+
+
+class HandedOver:
+    """An awaitable that a worker thread's attempt returned, run in a task of its own on the loop.
+
+    The worker waits (``wait``) until that task has ended, so its attempt keeps the type's slot
+    while the coroutine unwinds after a timeout, a cancel or a stop, as an ``async def``'s does.
+    """
+
+    __slots__ = ("_runner", "_coroutine", "_lock", "_task", "_cancelled", "_by_stop", "_ended", "_error")
+
+    def __init__(self, runner: "LoopRunner", awaitable: Any) -> None:
+        self._runner = runner
+        self._coroutine = _awaited(awaitable)
+        self._lock = threading.Lock()
+        # Guarded by _lock: the task, once the loop has started it; cancel() was called.
+        self._task: Optional["asyncio.Task[Any]"] = None
+        self._cancelled = False
+        self._by_stop = False  # stop() cancelled it: stop() gives it a moment to unwind (wait_unwound)
+        self._ended = threading.Event()  # the task has ended, or it never will start
+        self._error: Optional[BaseException] = None  # what the task raised: read once _ended is set
+
+    def start(self) -> bool:
+        """Hand it to the loop: False if the loop is closed (then the awaitable never runs)."""
+        try:
+            self._runner.loop.call_soon_threadsafe(self._start)
+        except RuntimeError:  # the loop is closed: the queue stopped
+            self._coroutine.close()
+            return False
+        return True
+
+    def _start(self) -> None:
+        """On the loop."""
+        with self._lock:
+            if not self._cancelled:
+                self._task = self._runner.loop.create_task(self._coroutine)
+        if self._task is None:  # cancelled before it started (cancel() has set _ended)
+            self._coroutine.close()
+            return
+        self._task.add_done_callback(self._done)
+
+    def _done(self, task: "asyncio.Task[Any]") -> None:
+        """On the loop: the task has ended, unwound."""
+        self._runner._spared.discard(task)
+        if not task.cancelled():
+            self._error = task.exception()
+        self._ended.set()
+
+    def cancel(self, never_waited_for: bool) -> None:
+        """From any thread: cancel the task; the worker's ``wait`` still lasts until it has ended.
+        ``never_waited_for`` (a timeout, a cancel): stop() does not wait for its end either."""
+        with self._lock:
+            if not self._cancelled:  # the first decision says: stop() after a timeout never waits
+                self._by_stop = not never_waited_for
+            self._cancelled = True
+            task = self._task
+        if task is None:  # not started: it never will be
+            self._ended.set()
+            return
+        try:
+            self._runner.loop.call_soon_threadsafe(self._cancel_task, task, never_waited_for)
+        except RuntimeError:  # the loop is closed: the task ended before it closed
+            pass
+
+    def _cancel_task(self, task: "asyncio.Task[Any]", never_waited_for: bool) -> None:
+        """On the loop."""
+        if never_waited_for and not task.done():
+            self._runner._spared.add(task)
+        task.cancel()
+
+    def wait_unwound(self, deadline: float) -> None:
+        """stop(): wait until ``deadline`` (time.monotonic) for the task it cancelled to end, as for
+        an async def's attempt; not for one that a timeout or a cancel decided before."""
+        if self._by_stop:
+            self._ended.wait(max(0.0, deadline - time.monotonic()))
+
+    def wait(self) -> None:
+        """Until the task has ended: raise concurrent.futures.CancelledError if it was cancelled
+        (``cancel``, or the loop's shutdown), else what the awaitable raised."""
+        while not self._ended.wait(_UNWIND_WAIT):
+            with self._lock:
+                if self._task is None and self._runner.loop.is_closed():  # queued as the loop closed
+                    self._cancelled = True
+                    break
+        if self._cancelled or (self._task is not None and self._task.cancelled()):
+            raise concurrent.futures.CancelledError()
+        if self._error is not None:
+            raise self._error
+
+
 class LoopRunner:
     """Runs async executors on one event loop thread, for one Dispatcher."""
 
@@ -177,6 +271,9 @@ class LoopRunner:
         # The loop thread has done all that stop() waits for: what is left of it waits only for
         # coroutines that timed out or were cancelled before stop() (_NEVER_WAITED_FOR).
         self._settled = threading.Event()
+        # Loop thread only: tasks of awaitables handed over by worker threads (HandedOver) whose
+        # attempts timed out or were cancelled: like _NEVER_WAITED_FOR attempts, stop() never waits.
+        self._spared: Set["asyncio.Task[Any]"] = set()
         # Loop thread only: the deadline timer, and the deadline it is armed for (+inf: none).
         self._expiry: Optional[asyncio.TimerHandle] = None
         self._expiry_at = _NO_DEADLINE
@@ -269,6 +366,7 @@ class LoopRunner:
             spared = set()
             if spare_never_waited_for:
                 spared = {a.task for a in list(self._attempts) if a.decided in _NEVER_WAITED_FOR}
+                spared.update(self._spared)
             pending = [task for task in asyncio.all_tasks(loop) if not task.done() and task not in spared]
             if not pending:
                 return any(not task.done() for task in spared)
