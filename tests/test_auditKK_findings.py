@@ -325,11 +325,11 @@ started = threading.Event()
 async def work(job):
     started.set()
     await asyncio.sleep(0.3)
-    print("finished", job.payload, flush=True)
+    print(f"finished {job.payload}", flush=True)  # one write: the callback prints from another thread
     if sys.argv[2] == "fails":
         raise PermanentFailure("late")
 q.register_executor("work", work, ExecutorConfig(max_concurrent_jobs=2, timeout=10))
-q.on_failure(lambda job, reason, exc: print("reported", job.payload, reason, flush=True))
+q.on_failure(lambda job, reason, exc: print(f"reported {job.payload} {reason}", flush=True))
 q.start_dispatcher()
 for i in range(4):
     q.enqueue(Job("work", i))

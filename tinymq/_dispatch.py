@@ -30,7 +30,6 @@ handlers (a store's ``close``) run. Worker threads are daemon threads only so
 that one stuck in an attempt that already timed out, which nothing waits for,
 can never hold the interpreter open.
 """
-import asyncio
 import concurrent.futures
 import inspect
 import logging
@@ -45,7 +44,7 @@ from . import _shield
 from ._pick_core import core
 from ._shield import shield
 from .config import Config, ExecutorConfig
-from ._event_loop import _UNWIND_WAIT, LOOP_LATE, LoopRunner, timeout_error
+from ._event_loop import _UNWIND_WAIT, LOOP_LATE, HandedOver, LoopRunner, timeout_error
 from .context import JobContext
 from .errors import JobTimeout, PermanentFailure, QueueStopped, RetryAfter, _describe
 
@@ -103,11 +102,6 @@ class NoThreadLeft(RuntimeError):
     """start_dispatcher could not start all its threads: the Queue stops, and this is raised."""
 
 
-async def _awaited(awaitable: Any) -> Any:
-    """Await any awaitable in a task of its own (run_coroutine_threadsafe takes coroutines only)."""
-    return await awaitable
-
-
 # Dispatchers that may still have work at interpreter exit (see _stop_at_exit).
 _live: "weakref.WeakSet[Dispatcher]" = weakref.WeakSet()
 _exit_hook_lock = threading.Lock()
@@ -128,6 +122,12 @@ def _register_exit_hook() -> None:
     with _exit_hook_lock:
         if _exit_hook_registered:
             return
+        # Threading runs its exit hooks last registered first, and concurrent.futures.thread
+        # registers one when first imported, which shuts every thread pool (the loop's default
+        # executor and its tinymq-io pool among them). Imported here, whatever the user imported
+        # before, its hook is registered before ours and so runs after it: stop() still has those
+        # pools to finish and record the attempts running at exit.
+        import concurrent.futures.thread  # noqa: F401
         try:
             # Runs before threading joins non-daemon threads and before atexit handlers.
             threading._register_atexit(_stop_at_exit)  # type: ignore[attr-defined]
@@ -180,7 +180,7 @@ class Dispatcher:
         # job type -> how it was registered: its retry_on, and to move a thread executor found to
         # return awaitables
         self._registered: Dict[str, Tuple[Callable[..., Any], ExecutorConfig, bool]] = {}
-        self._awaiting: Dict[Any, "concurrent.futures.Future[Any]"] = {}  # guarded by _lock: see returned()
+        self._awaiting: Dict[Any, HandedOver] = {}  # guarded by _lock: see returned()
         self.loop_runner: Optional[LoopRunner] = None  # async executors' loop, made by start()
         _live.add(self)
         _register_exit_hook()
@@ -441,7 +441,12 @@ class Dispatcher:
                     self._stopped_async(job)
         if runner is not None and first:
             if not own_thread:  # cancelled coroutines unwind before the loop stops, briefly
-                runner.wait_finished(time.monotonic() + _UNWIND_WAIT, undecided_only=False)
+                unwound_by = time.monotonic() + _UNWIND_WAIT
+                runner.wait_finished(unwound_by, undecided_only=False)
+                with self._lock:
+                    handed_over = list(self._awaiting.values())
+                for awaiting in handed_over:  # awaitables that worker threads' attempts returned
+                    awaiting.wait_unwound(unwound_by)
             runner.stop(wait_for_thread=not own_thread, when_idle=wait and own_thread)
         self.watchdog_alarm.wake()  # it leaves once no worker is left to watch
         if self.ledger is not None:
@@ -482,7 +487,7 @@ class Dispatcher:
                 self._gave_up_slots.add(slot)
         if context is not None:
             context._cancel("the queue stopped")
-        self._cancel_awaiting(job)
+        self._cancel_awaiting(job, by_stop=True)
 
     def _stopped_async(self, job: Any) -> None:
         """stop() cancelled this async attempt: saved back as ready, not a failure."""
@@ -741,23 +746,19 @@ class Dispatcher:
             raise RuntimeError("the queue's event loop is not running")
         # Registered under _lock with its start: the awaitable may run before this thread goes on,
         # and a stop() or cancel() meanwhile must find it here.
-        wrapper = _awaited(result)
+        handed_over = HandedOver(runner, result)
         with self._lock:
-            try:
-                future: Any = asyncio.run_coroutine_threadsafe(wrapper, runner.loop)
-            except RuntimeError:  # the loop has closed: the queue stopped
-                future = None
-            else:
-                self._awaiting[job] = future
-        if future is None:
-            wrapper.close()
+            started = handed_over.start()
+            if started:
+                self._awaiting[job] = handed_over
+        if not started:
             if inspect.iscoroutine(result):
                 result.close()
             if not self._given_back_at_stop(job):  # (the loop closes only at stop())
                 raise RuntimeError("the queue's event loop is closed")
             raise QueueStopped("the queue stopped before the awaitable its executor returned could run")
         try:
-            future.result()
+            handed_over.wait()  # until its coroutine has ended: unwound, when it was cancelled
         except concurrent.futures.CancelledError:
             # Unless a timeout or a cancel of this attempt decided it (this outcome is then ignored),
             # stop() did: the loop ended the task before it ran, or stop() cancelled it.
@@ -789,12 +790,16 @@ class Dispatcher:
                     self._save_back(store, job)
         return True
 
-    def _cancel_awaiting(self, job: Any) -> None:
-        """A worker's attempt was decided (timeout, cancel, stop): cancel the awaitable it waits for."""
+    def _cancel_awaiting(self, job: Any, by_stop: bool = False) -> None:
+        """A worker's attempt was decided (timeout, cancel, stop): cancel the awaitable it waits for.
+
+        The worker waits on until the awaitable's task has unwound (its slot held until then, as
+        an async def's attempt's); stop() waits for that only if it cancelled it itself (``by_stop``).
+        """
         with self._lock:
-            future = self._awaiting.get(job)
-        if future is not None:
-            future.cancel()  # cancels the loop's task, and the worker's wait at once
+            handed_over = self._awaiting.get(job)
+        if handed_over is not None:
+            handed_over.cancel(never_waited_for=not by_stop)
 
     def new_context(self, job: Any) -> JobContext:
         """An attempt's context; the worker sets its deadline when it calls the function."""

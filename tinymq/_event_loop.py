@@ -37,20 +37,22 @@ import concurrent.futures
 import inspect
 import logging
 import threading
+import time
 import types
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 from ._pick_core import core
 from .context import JobContext
 from .errors import JobTimeout
 
-__all__ = ["LoopRunner", "is_async_executor", "timeout_error"]
+__all__ = ["HandedOver", "LoopRunner", "is_async_executor", "timeout_error"]
 
 logger = logging.getLogger("tinymq")
 
 _DRAIN_BATCH = 256  # jobs started per loop callback: the loop runs other callbacks between batches
 _UNWIND_WAIT = 1.0  # seconds stop() waits for cancelled coroutines to unwind before leaving them
+_NEVER_WAITED_FOR = ("timed_out", "cancelled")  # decided before stop(): stop() never waits for them
 _NO_DEADLINE = float("inf")
 # Seconds past an attempt's deadline after which another thread decides it (expire_overdue): the
 # loop's timer has not, so a coroutine blocks the loop (a call that does not await).
@@ -145,6 +147,99 @@ class _Wakeup:
         return True
 
 
+async def _awaited(awaitable: Any) -> Any:
+    """Await any awaitable in a task of its own (create_task takes coroutines only)."""
+    return await awaitable
+
+
+class HandedOver:
+    """An awaitable that a worker thread's attempt returned, run in a task of its own on the loop.
+
+    The worker waits (``wait``) until that task has ended, so its attempt keeps the type's slot
+    while the coroutine unwinds after a timeout, a cancel or a stop, as an ``async def``'s does.
+    """
+
+    __slots__ = ("_runner", "_coroutine", "_lock", "_task", "_cancelled", "_by_stop", "_ended", "_error")
+
+    def __init__(self, runner: "LoopRunner", awaitable: Any) -> None:
+        self._runner = runner
+        self._coroutine = _awaited(awaitable)
+        self._lock = threading.Lock()
+        # Guarded by _lock: the task, once the loop has started it; cancel() was called.
+        self._task: Optional["asyncio.Task[Any]"] = None
+        self._cancelled = False
+        self._by_stop = False  # stop() cancelled it: stop() gives it a moment to unwind (wait_unwound)
+        self._ended = threading.Event()  # the task has ended, or it never will start
+        self._error: Optional[BaseException] = None  # what the task raised: read once _ended is set
+
+    def start(self) -> bool:
+        """Hand it to the loop: False if the loop is closed (then the awaitable never runs)."""
+        try:
+            self._runner.loop.call_soon_threadsafe(self._start)
+        except RuntimeError:  # the loop is closed: the queue stopped
+            self._coroutine.close()
+            return False
+        return True
+
+    def _start(self) -> None:
+        """On the loop."""
+        with self._lock:
+            if not self._cancelled:
+                self._task = self._runner.loop.create_task(self._coroutine)
+        if self._task is None:  # cancelled before it started (cancel() has set _ended)
+            self._coroutine.close()
+            return
+        self._task.add_done_callback(self._done)
+
+    def _done(self, task: "asyncio.Task[Any]") -> None:
+        """On the loop: the task has ended, unwound."""
+        self._runner._spared.discard(task)
+        if not task.cancelled():
+            self._error = task.exception()
+        self._ended.set()
+
+    def cancel(self, never_waited_for: bool) -> None:
+        """From any thread: cancel the task; the worker's ``wait`` still lasts until it has ended.
+        ``never_waited_for`` (a timeout, a cancel): stop() does not wait for its end either."""
+        with self._lock:
+            if not self._cancelled:  # the first decision says: stop() after a timeout never waits
+                self._by_stop = not never_waited_for
+            self._cancelled = True
+            task = self._task
+        if task is None:  # not started: it never will be
+            self._ended.set()
+            return
+        try:
+            self._runner.loop.call_soon_threadsafe(self._cancel_task, task, never_waited_for)
+        except RuntimeError:  # the loop is closed: the task ended before it closed
+            pass
+
+    def _cancel_task(self, task: "asyncio.Task[Any]", never_waited_for: bool) -> None:
+        """On the loop."""
+        if never_waited_for and not task.done():
+            self._runner._spared.add(task)
+        task.cancel()
+
+    def wait_unwound(self, deadline: float) -> None:
+        """stop(): wait until ``deadline`` (time.monotonic) for the task it cancelled to end, as for
+        an async def's attempt; not for one that a timeout or a cancel decided before."""
+        if self._by_stop:
+            self._ended.wait(max(0.0, deadline - time.monotonic()))
+
+    def wait(self) -> None:
+        """Until the task has ended: raise concurrent.futures.CancelledError if it was cancelled
+        (``cancel``, or the loop's shutdown), else what the awaitable raised."""
+        while not self._ended.wait(_UNWIND_WAIT):
+            with self._lock:
+                if self._task is None and self._runner.loop.is_closed():  # queued as the loop closed
+                    self._cancelled = True
+                    break
+        if self._cancelled or (self._task is not None and self._task.cancelled()):
+            raise concurrent.futures.CancelledError()
+        if self._error is not None:
+            raise self._error
+
+
 class LoopRunner:
     """Runs async executors on one event loop thread, for one Dispatcher."""
 
@@ -173,6 +268,12 @@ class LoopRunner:
         self._stop_when_idle = False  # stop() from one of its attempts: the loop stops after the last
         self._halting = False  # the queue stopped the loop (_halt): anything else that ends it is a mishap
         self._thread_done = threading.Event()
+        # The loop thread has done all that stop() waits for: what is left of it waits only for
+        # coroutines that timed out or were cancelled before stop() (_NEVER_WAITED_FOR).
+        self._settled = threading.Event()
+        # Loop thread only: tasks of awaitables handed over by worker threads (HandedOver) whose
+        # attempts timed out or were cancelled: like _NEVER_WAITED_FOR attempts, stop() never waits.
+        self._spared: Set["asyncio.Task[Any]"] = set()
         # Loop thread only: the deadline timer, and the deadline it is armed for (+inf: none).
         self._expiry: Optional[asyncio.TimerHandle] = None
         self._expiry_at = _NO_DEADLINE
@@ -201,6 +302,9 @@ class LoopRunner:
                     job, state = self._todo.popleft()
                     self.ready.release_state(state, False, core.LOOP)
                     self.dispatcher._stopped_async(job)
+                if self._end_tasks(spare_never_waited_for=True):  # such coroutines are still running:
+                    self._io.shutdown(wait=True)  # stop() returns once the outcomes are reported
+                    self._settled.set()
                 self._end_tasks()
                 loop.run_until_complete(loop.shutdown_asyncgens())
                 loop.run_until_complete(loop.shutdown_default_executor())
@@ -210,6 +314,7 @@ class LoopRunner:
             finally:
                 self._io.shutdown(wait=True)  # outcomes reported off the loop
                 loop.close()
+                self._settled.set()
                 self._thread_done.set()
 
     def _run_until_halted(self) -> None:
@@ -243,7 +348,7 @@ class LoopRunner:
         self._halting = True
         self.loop.stop()
 
-    def _end_tasks(self) -> None:
+    def _end_tasks(self, spare_never_waited_for: bool = False) -> bool:
         """Cancel every task still on the loop, and run the loop until each has ended.
 
         A loop closed with a task pending destroys it pending (asyncio logs
@@ -251,13 +356,20 @@ class LoopRunner:
         its cleanup. A coroutine that ignores its cancellation keeps this
         thread (a daemon, which ``stop`` waits for only briefly) until it
         returns; it is cancelled again every ``_UNWIND_WAIT`` seconds.
+
+        ``spare_never_waited_for``: leave alone the runners still inside attempts that timed
+        out or were cancelled before stop(), which stop() never waits for; True if any is left.
         """
         loop = self.loop
         warned = False
         while True:
-            pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+            spared = set()
+            if spare_never_waited_for:
+                spared = {a.task for a in list(self._attempts) if a.decided in _NEVER_WAITED_FOR}
+                spared.update(self._spared)
+            pending = [task for task in asyncio.all_tasks(loop) if not task.done() and task not in spared]
             if not pending:
-                return
+                return any(not task.done() for task in spared)
             for task in pending:
                 task.cancel()
             _, left = loop.run_until_complete(asyncio.wait(pending, timeout=_UNWIND_WAIT))
@@ -407,7 +519,7 @@ class LoopRunner:
             decided = attempt.decided
             if decided is None:
                 attempt.decided = "timed_out" if late else "returned"
-            if self._waiting_for_end and (decided is None or not attempts):
+            if self._waiting_for_end:
                 self._all_finished.notify_all()
         if self._stop_when_idle and not attempts:
             self._halt()
@@ -544,10 +656,12 @@ class LoopRunner:
             attempt.task.cancel()
 
     def wait_finished(self, deadline: Optional[float], undecided_only: bool) -> bool:
-        """Wait until no attempt (``undecided_only``: no undecided one) runs; False at ``deadline``.
+        """Wait until no undecided attempt runs (not ``undecided_only``: nor one that stop()
+        cancelled, still unwinding); False at ``deadline``.
 
         An attempt ``LOOP_LATE`` past its deadline that the loop has not decided (a coroutine
-        blocks it) is decided here, as timed out: a timed-out attempt is never waited for.
+        blocks it) is decided here, as timed out: a timed-out attempt is never waited for, nor
+        one that a cancel() decided.
         """
         while True:
             with self._lock:
@@ -555,7 +669,8 @@ class LoopRunner:
                 try:
                     while True:
                         attempts = list(self._attempts)
-                        if not any(a.decided is None for a in attempts) if undecided_only else not attempts:
+                        if all(a.decided in _NEVER_WAITED_FOR or (undecided_only and a.decided is not None)
+                               for a in attempts):
                             return True
                         now = core.monotonic()
                         remaining = None if deadline is None else deadline - now
@@ -598,7 +713,8 @@ class LoopRunner:
                 self._report_safely(self.dispatcher.async_timed_out, args)
 
     def stop(self, wait_for_thread: bool, when_idle: bool = False) -> None:
-        """Stop the loop (after what is queued on it); with ``wait_for_thread``, wait for its thread.
+        """Stop the loop (after what is queued on it); with ``wait_for_thread``, wait (briefly) for
+        its thread, but not for coroutines that timed out or were cancelled before: never waited for.
 
         ``when_idle``: only once no attempt runs (stop() awaited in one of them, which it cannot wait for).
         """
@@ -606,8 +722,8 @@ class LoopRunner:
             self.loop.call_soon_threadsafe(self._stop_loop if when_idle else self._halt)
         except RuntimeError:
             return  # closed already
-        if wait_for_thread:
-            self._thread_done.wait(_UNWIND_WAIT * 2)
+        if wait_for_thread:  # not for coroutines that timed out or were cancelled before (_settled)
+            self._settled.wait(_UNWIND_WAIT * 2)
 
     def _stop_loop(self) -> None:
         self._stop_when_idle = True
