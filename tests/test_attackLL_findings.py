@@ -1,0 +1,69 @@
+"""Attack LL: findings against the fixes of session 18 (each test fails now)."""
+import asyncio
+import threading
+
+import pytest
+
+import tinymq
+from tinymq import Job
+from tinymq.persistence import SQLitePersistence
+
+
+@pytest.mark.parametrize("how", ["stop", "astop"])
+def test_a_store_is_handed_on_while_the_queue_that_stopped_itself_still_runs_its_attempt(tmp_path, how):
+    """Symptom: a queue stopped from its own thread executor (``q.stop()``, or ``await q.astop()``
+    through ``asyncio.run`` there) returns at once without waiting for its running attempts, as
+    docs/api.md says; a new queue's ``set_persistence(store)`` is then accepted although that
+    attempt still runs: its reload counts the row still "running" as a crash and runs the job a
+    second time, at the same moment as the first attempt.
+
+    Reproduction: one job whose executor calls stop()/astop() on its own queue, then blocks; a
+    second queue takes the store and is started.
+
+    Promise: docs/persistence.md: "A store serves one queue at a time ... while it runs,
+    set_persistence(store) on another queue raises RuntimeError (its reload would count the
+    running attempts as crashes and run the jobs a second time)", and so while an attempt the
+    stopped queue gave up on still runs. Cause: queue.py _take_store only asks
+    Dispatcher.gave_up_attempts(), which counts attempts stop() cancelled (_cancel_for_stop); a
+    stop(wait=True) from the queue's own thread cancels none (_dispatch.py:432 `if not (wait and
+    own_thread)`) and leaves them running, counted nowhere.
+    """
+    store = SQLitePersistence(str(tmp_path / "s.db"))
+    q1 = tinymq.Queue(10)
+    q1.set_persistence(store)
+    stopped, release, second = threading.Event(), threading.Event(), threading.Event()
+    runs = []
+
+    def report(job):
+        runs.append(("q1", job.id))
+        if how == "stop":
+            q1.stop()
+        else:
+            asyncio.run(q1.astop())
+        stopped.set()
+        release.wait(10.0)
+
+    def report2(job):
+        runs.append(("q2", job.id))
+        second.set()
+
+    q1.register_executor("report", report, tinymq.ExecutorConfig(timeout=None))
+    q1.start_dispatcher(1)
+    q2 = tinymq.Queue(10)
+    q2.register_executor("report", report2, tinymq.ExecutorConfig(timeout=None))
+    try:
+        q1.enqueue(Job("report", id="report-1"))
+        assert stopped.wait(10.0)
+        try:
+            q2.set_persistence(store)
+        except RuntimeError:
+            return  # what the docs promise: the store is still q1's
+        q2.start_dispatcher(1)
+        ran_twice = second.wait(2.0)
+        assert not ran_twice, f"job run a second time while its first attempt still runs: {runs}"
+        pytest.fail("set_persistence took the store of a queue whose attempt still runs")
+    finally:
+        release.set()
+        q1.stop()
+        q2.stop()
+        store.close()
