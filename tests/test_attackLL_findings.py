@@ -67,3 +67,53 @@ def test_a_store_is_handed_on_while_the_queue_that_stopped_itself_still_runs_its
         q1.stop()
         q2.stop()
         store.close()
+
+
+def test_every_registered_while_set_persistence_loads_takes_a_payload_the_store_refuses(tmp_path):
+    """Symptom: ``q.every(...)`` called while another thread's ``set_persistence(store)`` loads the
+    store accepts a payload the SQLite store cannot save (a set, not JSON); it is refused neither
+    at ``every`` nor at ``set_persistence``, and every tick then fails to enqueue (logged, counted
+    as skipped) for the queue's whole life.
+
+    Reproduction: a SQLitePersistence whose load_all waits on an event (a large file's load);
+    ``every`` with payload ``{1, 2}`` while it waits; then the same call after the load raises
+    TypeError, as it should have the first time.
+
+    Promise: docs/api.md "Periodic jobs": a payload the queue's store could not save raises
+    TypeError/ValueError "at every/cron, or at set_persistence for a schedule registered before
+    it ... instead of every tick failing to enqueue". Cause: queue.py set_persistence runs
+    self._periodic.check_store(store) (queue.py:533) before it sets self._store = _StoreLoading();
+    _periodic.py _LocalTicks.check then checks queue._store, the _StoreLoading placeholder,
+    which has no _check_storable: nothing checks a schedule registered in between.
+    """
+    loading, go = threading.Event(), threading.Event()
+
+    class SlowLoad(SQLitePersistence):
+        def load_all(self):
+            loading.set()
+            go.wait(10.0)
+            return super().load_all()
+
+    store = SlowLoad(str(tmp_path / "s.db"))
+    q = tinymq.Queue(10)
+    q.register_executor("t", lambda job: None)
+    loader = threading.Thread(target=q.set_persistence, args=(store,))
+    loader.start()
+    try:
+        assert loading.wait(10.0)
+        refused = None
+        try:
+            q.every(60.0, "t", payload={1, 2}, name="during-load")
+        except (TypeError, ValueError) as exc:
+            refused = exc
+        go.set()
+        loader.join(10.0)
+        with pytest.raises(TypeError):  # the same schedule after the load: refused
+            q.every(60.0, "t", payload={1, 2}, name="after-load")
+        assert refused is not None, ("every() during set_persistence's load accepted a payload the "
+                                     "store cannot save: each of its ticks will fail")
+    finally:
+        go.set()
+        loader.join(10.0)
+        q.stop()
+        store.close()
