@@ -117,3 +117,49 @@ def test_every_registered_while_set_persistence_loads_takes_a_payload_the_store_
         loader.join(10.0)
         q.stop()
         store.close()
+
+
+@pytest.mark.parametrize("how", ["astop", "stop"])
+def test_astop_in_the_awaitable_a_plain_executor_returned_cancels_its_own_attempt(how):
+    """Symptom: a plain function that returns a coroutine (``lambda job: work(job)``), whose
+    coroutine runs on the queue's loop (HandedOver), awaits ``q.astop()`` (or calls ``q.stop()``):
+    the loop stops at once and cancels that very coroutine, which never gets past the call. Its
+    job is neither succeeded nor failed (nothing reported; without a store it is silently lost,
+    with one it would run again at the next start). The same code as an ``async def`` executor
+    carries on after astop() and succeeds.
+
+    Reproduction: register ``plain = lambda job: co(job)`` where co awaits q.astop() then sets an
+    event; enqueue one job.
+
+    Promise: docs/api.md "Async executors": astop awaited in one of the queue's own coroutines
+    "does not wait for the running attempts, as stop there does not (in its coroutines, the loop
+    stops after the last one)"; stop() from an executor with wait=True cancels no running
+    attempt. Cause: Dispatcher._stop with own_thread calls runner.stop(when_idle=True);
+    LoopRunner._stop_loop (_event_loop.py:728) halts when self._attempts is empty, but a handed-over
+    awaitable's task is not among _attempts, so the loop halts and _end_tasks cancels it.
+    """
+    done = threading.Event()
+    after = []
+    q = tinymq.Queue(10)
+
+    async def work(job):
+        if how == "astop":
+            await q.astop()
+        else:
+            q.stop()
+        after.append("stop returned")
+        await asyncio.sleep(0.05)
+        done.set()
+
+    def plain(job):
+        return work(job)
+
+    q.register_executor("t", plain, tinymq.ExecutorConfig(timeout=None))
+    try:
+        q.start_dispatcher(1)
+        q.enqueue(Job("t", id="j"))
+        assert done.wait(3.0), (f"its own {how}() cancelled the attempt that called it: {after}, "
+                                f"stats {q.get_stats()}")
+        assert q.join(5.0) is True or q.get_stats().jobs_succeeded == 1
+    finally:
+        q.stop(wait=False)
