@@ -163,3 +163,50 @@ def test_astop_in_the_awaitable_a_plain_executor_returned_cancels_its_own_attemp
         assert q.join(5.0) is True or q.get_stats().jobs_succeeded == 1
     finally:
         q.stop(wait=False)
+
+
+def test_stop_in_a_thread_executor_cancels_another_worker_s_handed_over_awaitable():
+    """Symptom: ``q.stop()`` (wait=True) called in a thread executor, where it cancels no running
+    attempt and waits for none, still cancels the coroutine that another worker's plain function
+    returned (running on the loop, HandedOver): that attempt is killed midway and its job is
+    neither succeeded nor failed. A thread attempt or an ``async def`` attempt in its place runs
+    to its end.
+
+    Reproduction: 2 workers; job A's plain function returns a coroutine that waits for an event,
+    then finishes; job B's thread executor calls q.stop() once A's coroutine runs, then sets
+    that event.
+
+    Promise: docs/api.md q.stop: "Called from an executor or a failure callback, stop() waits for
+    neither the others nor another stop()": it cancels them only with wait=False/timeout. Cause:
+    as in the astop test above: Dispatcher._stop (own_thread, wait) -> LoopRunner.stop(when_idle=
+    True) -> _stop_loop halts the loop when no *async* attempt runs (_event_loop.py:730), and the
+    loop's shutdown (_end_tasks) cancels the handed-over task.
+    """
+    running, go, done = threading.Event(), threading.Event(), threading.Event()
+    q = tinymq.Queue(10)
+
+    async def work():
+        running.set()
+        while not go.is_set():
+            await asyncio.sleep(0.01)
+        done.set()
+
+    def plain(job):
+        return work()
+
+    def stopper(job):
+        assert running.wait(5.0)
+        q.stop()  # from an executor: waits for no attempt, cancels none
+        go.set()
+
+    q.register_executor("a", plain, tinymq.ExecutorConfig(timeout=None))
+    q.register_executor("b", stopper, tinymq.ExecutorConfig(timeout=None))
+    try:
+        q.start_dispatcher(2)
+        q.enqueue(Job("a", id="a"))
+        assert running.wait(5.0)
+        q.enqueue(Job("b", id="b"))
+        assert done.wait(3.0), f"stop() in an executor killed another attempt midway: {q.get_stats()}"
+    finally:
+        go.set()
+        q.stop(wait=False)
