@@ -1,6 +1,7 @@
 """Attack LL: findings against the fixes of session 18 (each test fails now)."""
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -210,3 +211,60 @@ def test_stop_in_a_thread_executor_cancels_another_worker_s_handed_over_awaitabl
     finally:
         go.set()
         q.stop(wait=False)
+
+
+def test_a_store_is_handed_on_while_stop_still_waits_for_the_attempt(tmp_path):
+    """Symptom: while ``q1.stop()`` (wait=True, no timeout) waits for q1's running attempt, another
+    queue's ``set_persistence(store)`` is accepted: its reload counts the row still "running" as a
+    crash and runs the job a second time, at the same moment as q1's attempt, which stop() is
+    still waiting for (and which then succeeds too).
+
+    Reproduction: q1 runs one blocking job; another thread calls q1.stop(); once q1 is stopping,
+    q2.set_persistence(store) and q2.start_dispatcher(1).
+
+    Promise: docs/persistence.md: "once that queue has stopped, a new queue may take it over, but
+    while it runs, set_persistence(store) on another queue raises RuntimeError (its reload would
+    count the running attempts as crashes and run the jobs a second time)". Cause: queue.py
+    _take_store lets the store go as soon as other._dispatcher.stopping (set when stop() begins)
+    and gave_up_attempts() counts only attempts stop() has given up on, not those it still waits for.
+    """
+    store = SQLitePersistence(str(tmp_path / "s.db"))
+    q1 = tinymq.Queue(10)
+    q1.set_persistence(store)
+    running, release, second = threading.Event(), threading.Event(), threading.Event()
+    runs = []
+
+    def report(job):
+        runs.append(("q1", job.id))
+        running.set()
+        release.wait(10.0)
+
+    def report2(job):
+        runs.append(("q2", job.id))
+        second.set()
+
+    q1.register_executor("report", report, tinymq.ExecutorConfig(timeout=None))
+    q1.start_dispatcher(1)
+    q2 = tinymq.Queue(10)
+    q2.register_executor("report", report2, tinymq.ExecutorConfig(timeout=None))
+    stopper = threading.Thread(target=q1.stop)
+    try:
+        q1.enqueue(Job("report", id="report-1"))
+        assert running.wait(10.0)
+        stopper.start()
+        deadline = time.monotonic() + 10.0
+        while not q1._dispatcher.stopping:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        try:
+            q2.set_persistence(store)
+        except RuntimeError:
+            return  # what the docs promise
+        q2.start_dispatcher(1)
+        assert not second.wait(2.0), f"job run a second time while q1's stop() waits for it: {runs}"
+        pytest.fail("set_persistence took the store while q1's stop() still waited for its attempt")
+    finally:
+        release.set()
+        stopper.join(10.0)
+        q2.stop()
+        store.close()
