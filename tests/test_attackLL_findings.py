@@ -268,3 +268,68 @@ def test_a_store_is_handed_on_while_stop_still_waits_for_the_attempt(tmp_path):
         stopper.join(10.0)
         q2.stop()
         store.close()
+
+
+# --- Redis: text Redis cannot take in a job's last error ----------------------------------------
+
+def test_redis_enqueue_of_a_job_whose_last_error_has_a_lone_surrogate_raises_a_raw_encode_error(redis_backend):
+    """Symptom: over a RedisBroker, ``enqueue`` of a job whose ``last_error`` holds a lone
+    surrogate (the text of an OSError naming a file whose name is not UTF-8, as os.fsdecode
+    makes it: say a job handed on from another queue's on_failure) raises redis-py's
+    ``UnicodeEncodeError`` from deep inside its encoder. Before today's change (last_error sent
+    at enqueue, 7-field rows) such a job was enqueued.
+
+    Reproduction: Job("t", 1) with last_error = "OSError: no file '\\udcff.txt'"; enqueue it.
+
+    Promise: docs/redis.md "Text Redis cannot take": a job whose text Redis cannot take is
+    refused by enqueue "with a ValueError naming the attribute" (id, type, payload, tags); the
+    last error is not among them, so it should be sent (escaped) or named. Cause:
+    redis/_link.py job_row sends job.last_error as is; redis/_codec.py unsendable() does not
+    look at last_error, so the send's encode error goes out raw.
+    """
+    q = redis_backend.queue(buffer_size=10)
+    job = Job("t", 1)
+    job.last_error = "OSError: [Errno 2] No such file or directory: '\udcff.txt'"
+    try:
+        q.enqueue(job)
+    except ValueError as exc:
+        assert "last_error" in str(exc) or "last error" in str(exc), exc
+    except UnicodeEncodeError as exc:  # (a ValueError subclass, but not a message naming anything)
+        pytest.fail(f"enqueue raised redis-py's raw encode error: {exc!r}")
+
+
+def test_redis_attempt_failing_with_a_lone_surrogate_in_its_error_crashes_the_pump(redis_backend):
+    """Symptom (not from today's diff, found attacking the last-error change): over a RedisBroker,
+    an attempt that raises an exception whose text holds a lone surrogate (OSError for a file
+    name that is not UTF-8) crashes the worker's Redis pump ("tinymq Redis pump crashed",
+    UnicodeEncodeError): the retry is never sent, the job stays leased to a live process,
+    join() never returns True, and stop() raises UnicodeEncodeError.
+
+    Reproduction: a worker whose executor raises OSError("no file '\\udcff.txt'") on its first
+    attempt and succeeds on its retry (max_retries=2, initial_delay=0.01).
+
+    Promise: API.md/docs: a failed attempt is retried per its RetryConfig; docs/redis.md says text
+    Redis cannot take is refused at enqueue with a clear ValueError: nothing says a failure's own
+    text can stop the queue. Cause: redis/_link.py retry()/fail ops carry _describe(exc) as is
+    into the pump's fetch call (_scripts.py _send), where redis-py cannot encode it.
+    """
+    p, w = redis_backend.pair(buffer_size=10)
+    seen = []
+
+    def ex(job):
+        seen.append(job.retries)
+        if len(seen) == 1:
+            raise OSError("no such file: '\udcff.txt'")
+
+    w.register_executor("t", ex, tinymq.ExecutorConfig(timeout=None))
+    try:
+        p.enqueue(Job("t", 1, retry_config=tinymq.RetryConfig(max_retries=2, initial_delay=0.01)))
+        w.start_dispatcher(1)
+        assert p.join(3.0), f"the retry never ran or ended: attempts {seen}"
+        assert len(seen) == 2
+    finally:
+        for q in (w, p):
+            try:
+                q.stop(wait=False)
+            except Exception:  # (stop() raises UnicodeEncodeError too)
+                pass
