@@ -333,3 +333,60 @@ def test_redis_attempt_failing_with_a_lone_surrogate_in_its_error_crashes_the_pu
                 q.stop(wait=False)
             except Exception:  # (stop() raises UnicodeEncodeError too)
                 pass
+
+
+def test_a_given_up_attempt_s_job_runs_again_through_a_new_store_on_the_same_file(tmp_path):
+    """Symptom: q1.stop(timeout=0.1) gives up on a running attempt (its job saved back as ready),
+    then, as docs/persistence.md's own example does, ``store.close()``; a new
+    ``SQLitePersistence(path)`` on the same file in the same process is opened and a new queue's
+    set_persistence takes it at once: the job runs a second time while q1's attempt still runs.
+    The same store object would be refused ("attempt(s) that its stop() gave up on still run").
+
+    Reproduction: as above with one blocking plain fn(job) attempt.
+
+    Promise: docs/persistence.md: set_persistence raises RuntimeError "while an attempt that the
+    stopped queue's stop(timeout=...) ... gave up on still runs ...: its job, saved back as
+    ready, would run again at once"; the file's job is the same whichever store object opens
+    it. Cause: queue.py _take_store keys the hand-over (_store_users, _store_dispatchers) by
+    id(store), the object, not by the file; closing the store frees the file's owner lock
+    while the given-up attempt still runs.
+    """
+    path = str(tmp_path / "s.db")
+    store = SQLitePersistence(path)
+    q1 = tinymq.Queue(10)
+    q1.set_persistence(store)
+    running, release, second = threading.Event(), threading.Event(), threading.Event()
+    runs = []
+
+    def report(job):
+        runs.append(("q1", job.id))
+        running.set()
+        release.wait(10.0)
+
+    def report2(job):
+        runs.append(("q2", job.id))
+        second.set()
+
+    q1.register_executor("report", report, tinymq.ExecutorConfig(timeout=None))
+    q1.start_dispatcher(1)
+    q2 = tinymq.Queue(10)
+    q2.register_executor("report", report2, tinymq.ExecutorConfig(timeout=None))
+    store2 = None
+    try:
+        q1.enqueue(Job("report", id="report-1"))
+        assert running.wait(10.0)
+        q1.stop(timeout=0.1)
+        store.close()
+        try:
+            store2 = SQLitePersistence(path)
+            q2.set_persistence(store2)
+        except (RuntimeError, tinymq.PersistenceError):
+            return  # refused while the given-up attempt runs: what the docs promise
+        q2.start_dispatcher(1)
+        assert not second.wait(2.0), f"job run a second time while its given-up attempt still runs: {runs}"
+        pytest.fail("a new store on the file handed the given-up attempt's job to another queue")
+    finally:
+        release.set()
+        q2.stop()
+        if store2 is not None:
+            store2.close()
