@@ -272,7 +272,7 @@ def test_a_store_is_handed_on_while_stop_still_waits_for_the_attempt(tmp_path):
 
 # --- Redis: text Redis cannot take in a job's last error ----------------------------------------
 
-def test_redis_enqueue_of_a_job_whose_last_error_has_a_lone_surrogate_raises_a_raw_encode_error(redis_backend):
+def test_redis_enqueue_of_a_last_error_with_a_lone_surrogate_raises_a_raw_encode_error(redis_backend):
     """Symptom: over a RedisBroker, ``enqueue`` of a job whose ``last_error`` holds a lone
     surrogate (the text of an OSError naming a file whose name is not UTF-8, as os.fsdecode
     makes it: say a job handed on from another queue's on_failure) raises redis-py's
