@@ -15,7 +15,7 @@ from ..job import _is_utf8 as is_utf8  # (what Redis can take)
 from ..persistence.serializers import JSONSerializer
 from ..persistence.sqlite import _RETRY_FIELDS
 
-__all__ = ["encode_job", "decode_job", "undecodable_job", "is_utf8", "unsendable"]
+__all__ = ["encode_job", "decode_job", "undecodable_job", "is_utf8", "sendable_text", "unsendable"]
 
 _serializer = JSONSerializer()
 _retry_configs: Dict[str, RetryConfig] = {}  # decoded config text -> config, shared by jobs
@@ -46,6 +46,12 @@ def encode_job(job: Job) -> str:
     except (TypeError, ValueError, RecursionError) as exc:
         raise TypeError(f"job {job.id!r} ({job.type!r}) cannot be sent to Redis: its payload "
                         f"must be JSON-serialisable ({exc})") from exc
+
+
+def sendable_text(text: str) -> str:
+    """An error's text as Redis can take it: each lone surrogate (what ``os.fsdecode`` makes of a
+    file name that is not UTF-8, in an OSError's text) escaped as ``\\udcff``; other text as is."""
+    return text if is_utf8(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def unsendable(jobs: Iterable[Job]) -> Optional[ValueError]:

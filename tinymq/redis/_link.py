@@ -49,7 +49,7 @@ from .._shield import shield
 from ..config import RateLimit
 from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError, _describe
 from ..stats import ExecutorStats, QueueStats
-from ._codec import decode_job, encode_job, is_utf8, undecodable_job, unsendable
+from ._codec import decode_job, encode_job, is_utf8, sendable_text, undecodable_job, unsendable
 from ._scripts import Crashed, SettleOp
 
 __all__ = ["QueueLink"]
@@ -101,8 +101,9 @@ def job_row(job: Any, now: float) -> Tuple[str, str, int, float, str, int, str]:
     last error ('' for none))."""
     run_at = job.run_at
     delay = 0.0 if run_at is job.timestamp else round((run_at - now) * _MS, _DIGITS)
+    last_error = job.last_error
     return (job.id, job.type, int(job.priority), delay if delay > 0.0 else 0, encode_job(job), job.retries,
-            job.last_error or "")
+            sendable_text(last_error) if last_error else "")
 
 
 def _refused_as_full(exc: BaseException) -> bool:
@@ -655,7 +656,7 @@ class QueueLink:
                 del self._attempts[job]
                 self._slot_freed()
             decided = SettleOp(op, record.attempt, job.retries, max(0.0, round(delay * _MS, _DIGITS)),
-                               reason, error)
+                               reason, sendable_text(error) if error else "")
             self._queue_op(decided)
             return decided, self._proc
 
