@@ -189,14 +189,18 @@ class HandedOver:
         if self._task is None:  # cancelled before it started (cancel() has set _ended)
             self._coroutine.close()
             return
+        self._runner._handed_over.add(self._task)  # a running attempt: the loop stops after it too
         self._task.add_done_callback(self._done)
 
     def _done(self, task: "asyncio.Task[Any]") -> None:
         """On the loop: the task has ended, unwound."""
-        self._runner._spared.discard(task)
+        runner = self._runner
+        runner._spared.discard(task)
+        runner._handed_over.discard(task)
         if not task.cancelled():
             self._error = task.exception()
         self._ended.set()
+        runner._halt_if_idle()
 
     def cancel(self, never_waited_for: bool) -> None:
         """From any thread: cancel the task; the worker's ``wait`` still lasts until it has ended.
@@ -274,6 +278,9 @@ class LoopRunner:
         # Loop thread only: tasks of awaitables handed over by worker threads (HandedOver) whose
         # attempts timed out or were cancelled: like _NEVER_WAITED_FOR attempts, stop() never waits.
         self._spared: Set["asyncio.Task[Any]"] = set()
+        # Loop thread only: the tasks of awaitables handed over by worker threads (HandedOver) that
+        # have not ended: running attempts, like _attempts, for a loop that stops when idle.
+        self._handed_over: Set["asyncio.Task[Any]"] = set()
         # Loop thread only: the deadline timer, and the deadline it is armed for (+inf: none).
         self._expiry: Optional[asyncio.TimerHandle] = None
         self._expiry_at = _NO_DEADLINE
@@ -521,8 +528,8 @@ class LoopRunner:
                 attempt.decided = "timed_out" if late else "returned"
             if self._waiting_for_end:
                 self._all_finished.notify_all()
-        if self._stop_when_idle and not attempts:
-            self._halt()
+        if self._stop_when_idle:  # (not a call per attempt)
+            self._halt_if_idle()
         state, job, ready, dispatcher = attempt.state, attempt.job, self.ready, self.dispatcher
         if (decided is None and error is None and not late and self._quiet
                 and dispatcher.store is None and dispatcher.ledger is None):
@@ -726,8 +733,14 @@ class LoopRunner:
             self._settled.wait(_UNWIND_WAIT * 2)
 
     def _stop_loop(self) -> None:
+        """On the loop: stop it once no attempt runs on it (``stop(when_idle=True)``)."""
         self._stop_when_idle = True
-        if not self._attempts:
+        self._halt_if_idle()
+
+    def _halt_if_idle(self) -> None:
+        """On the loop: after ``_stop_loop``, halt it once neither an async attempt nor an
+        awaitable a worker thread handed over (HandedOver) runs; each one's end calls this."""
+        if self._stop_when_idle and not self._halting and not self._attempts and not self._handed_over:
             self._halt()
 
 
