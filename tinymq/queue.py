@@ -73,6 +73,9 @@ class _StoreLoading:
     accepted by the core and never saved.
     """
 
+    def __init__(self, loading: Any) -> None:
+        self._loading = loading
+
     def save(self, job: Job) -> None:
         raise PersistenceError(f"job {job.id} was not enqueued: set_persistence() is loading the queue's "
                                "store on another thread (enqueue once it has returned)")
@@ -83,6 +86,12 @@ class _StoreLoading:
 
     def delete(self, job_id: str) -> None:
         pass  # nothing was saved
+
+    def _check_storable(self, job: Job) -> None:
+        """A schedule registered meanwhile (every, cron) is checked against the store being loaded."""
+        check = getattr(self._loading, "_check_storable", None)
+        if check is not None:
+            check(job)
 
     def __repr__(self) -> str:
         return "<a store set_persistence() is loading>"
@@ -548,11 +557,13 @@ class Queue:
         if self._store is not None:
             raise RuntimeError(f"set_persistence() was called already (with {self._store!r}); "
                                "a queue uses one store for its whole life")
-        self._periodic.check_store(store)  # a schedule registered earlier whose every tick the store would refuse
         self._take_store(store)
-        self._store = _StoreLoading()  # from now on an enqueue is refused until the store is loaded
+        # From now on an enqueue is refused until the store is loaded, and every/cron check their
+        # payloads against the store (under the schedules' lock, as check_store reads them).
+        self._store = _StoreLoading(store)
         take_crashed = getattr(store, "take_crashed", None)
         try:
+            self._periodic.check_store(store)  # a schedule registered earlier whose every tick the store would refuse
             self._refuse_if_enqueued()
             try:
                 jobs = list(store.load_all())
