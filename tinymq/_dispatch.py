@@ -547,6 +547,23 @@ class Dispatcher:
             running += runner.stopped_attempts()
         return running
 
+    def attempts_ended(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds until no attempt of this stopped queue may still run: no
+        worker that was not retired is left (a worker exits once its attempt's end is written, and
+        one that a coroutine handed over waits for it), and no attempt runs on the loop but those
+        never waited for (timed out, cancelled). Any such attempt keeps the store this queue's:
+        another queue's reload would run its job a second time, whether stop() waited for it,
+        gave it up, or was called from the queue's own thread and left it running."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._running_workers():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0.0:
+                    return False
+                self._workers_changed.wait(remaining)
+        runner = self.loop_runner
+        return runner is None or runner.wait_finished(deadline, undecided_only=False)
+
     # --- delayed jobs ----------------------------------------------------
 
     def push_delayed(self, job: Any, delay: float, evictable: bool = True, accept: bool = False,

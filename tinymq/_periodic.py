@@ -340,8 +340,10 @@ class Periodic:
         except Exception as exc:
             raise TypeError(f"payload of schedule {name!r} cannot be copied for each tick: {exc!r}") from exc
         schedule = _Schedule(name, job_type, payload, priority, trigger)
-        self.backend.check(schedule)
         with self._lock:
+            # Under the lock check_store reads the schedules with: a set_persistence that sets its
+            # store (_StoreLoading, then the store) after this check finds the schedule there.
+            self.backend.check(schedule)
             if self._stopped:
                 raise QueueStopped("the queue is stopped")
             if name in self._schedules:

@@ -41,11 +41,29 @@ _WAIT_SLICE = 0.1
 # hand) goes through _validate, which checks it: an `is` costs the per-job path next to nothing.
 _NO_RETRIES = 0
 _DEFAULT_EXECUTOR_CONFIG = ExecutorConfig()  # immutable: one for every registration without a config
-# The queue that took each store (by id(store)): a second queue must not load the rows of a live one.
-_store_users: "weakref.WeakValueDictionary[int, Queue]" = weakref.WeakValueDictionary()
-# Its dispatcher, which outlives a queue garbage-collected while an attempt it gave up on runs.
-_store_dispatchers: "weakref.WeakValueDictionary[int, Dispatcher]" = weakref.WeakValueDictionary()
+# The queue that took each store (by id(store), and a SQLitePersistence also by its file: another
+# store opened on the file once the first is closed holds the same rows): a second queue must not
+# load the rows of a live one.
+_store_users: "weakref.WeakValueDictionary[Any, Queue]" = weakref.WeakValueDictionary()
+# Its dispatcher, which outlives a queue garbage-collected while an attempt of it runs.
+_store_dispatchers: "weakref.WeakValueDictionary[Any, Dispatcher]" = weakref.WeakValueDictionary()
 _store_users_lock = threading.Lock()
+# How long set_persistence waits for a stopped queue's last workers to exit before it refuses the
+# store: idle ones exit at once, but may not have yet when stop(wait=False) has just returned.
+_HAND_OVER_WAIT = 0.5
+
+
+def _store_keys(store: Any) -> List[Any]:
+    """The keys of ``store`` in _store_users: its id and, for a SQLitePersistence, its file's."""
+    from .persistence.sqlite import SQLitePersistence  # (imported here, when a store is set)
+
+    file_key = getattr(store, "_key", None) if isinstance(store, SQLitePersistence) else None
+    return [id(store)] if file_key is None else [id(store), ("file", file_key)]
+
+
+def _holds(taken: Any, store: Any, key: Any) -> bool:
+    """Whether a queue that took ``taken`` holds ``key`` of ``store`` (not a reused id)."""
+    return taken is store if key == id(store) else (taken is not None and key in _store_keys(taken))
 
 
 class _StoreLoading:
@@ -54,6 +72,9 @@ class _StoreLoading:
     Without it, an enqueue from another thread during a long load_all would be
     accepted by the core and never saved.
     """
+
+    def __init__(self, loading: Any) -> None:
+        self._loading = loading
 
     def save(self, job: Job) -> None:
         raise PersistenceError(f"job {job.id} was not enqueued: set_persistence() is loading the queue's "
@@ -65,6 +86,12 @@ class _StoreLoading:
 
     def delete(self, job_id: str) -> None:
         pass  # nothing was saved
+
+    def _check_storable(self, job: Job) -> None:
+        """A schedule registered meanwhile (every, cron) is checked against the store being loaded."""
+        check = getattr(self._loading, "_check_storable", None)
+        if check is not None:
+            check(job)
 
     def __repr__(self) -> str:
         return "<a store set_persistence() is loading>"
@@ -530,11 +557,13 @@ class Queue:
         if self._store is not None:
             raise RuntimeError(f"set_persistence() was called already (with {self._store!r}); "
                                "a queue uses one store for its whole life")
-        self._periodic.check_store(store)  # a schedule registered earlier whose every tick the store would refuse
         self._take_store(store)
-        self._store = _StoreLoading()  # from now on an enqueue is refused until the store is loaded
+        # From now on an enqueue is refused until the store is loaded, and every/cron check their
+        # payloads against the store (under the schedules' lock, as check_store reads them).
+        self._store = _StoreLoading(store)
         take_crashed = getattr(store, "take_crashed", None)
         try:
+            self._periodic.check_store(store)  # a schedule registered earlier whose every tick the store would refuse
             self._refuse_if_enqueued()
             try:
                 jobs = list(store.load_all())
@@ -549,10 +578,11 @@ class Queue:
             self._store = None
             with _store_users_lock:
                 self._store_taken = None
-                if _store_users.get(id(store)) is self:
-                    del _store_users[id(store)]
-                if _store_dispatchers.get(id(store)) is self._dispatcher:
-                    del _store_dispatchers[id(store)]
+                for key in _store_keys(store):
+                    if _store_users.get(key) is self:
+                        del _store_users[key]
+                    if _store_dispatchers.get(key) is self._dispatcher:
+                        del _store_dispatchers[key]
             raise
         self._store = store
         self._dispatcher.set_store(store)
@@ -585,30 +615,41 @@ class Queue:
                                f"{enqueued} jobs were enqueued without a store")
 
     def _take_store(self, store: Any) -> None:
-        """RuntimeError if another queue that has not stopped uses ``store``: its load_all would
-        count that queue's running attempts as crashes and hand its jobs to this queue too. So
-        while an attempt that queue's stop() gave up on still runs: its job, saved back as ready,
-        would run a second time at once."""
+        """RuntimeError if another queue that has not stopped uses ``store``, or its file (a store
+        closed and opened again): its load_all would count that queue's running attempts as crashes
+        and hand their jobs to this queue too. So until that queue's stop() has returned, and while
+        any attempt of it still runs (one stop() gave up on, saved back as ready; one a stop() from
+        the queue's own thread did not wait for): its job would run a second time at once."""
         with _store_users_lock:
             if self._store_taken is not None:
                 raise RuntimeError(f"set_persistence() was called already (with {self._store_taken!r}); "
                                    "a queue uses one store for its whole life")
-            other = _store_users.get(id(store))
-            if other is not None and other is not self and other._store_taken is store:
-                if not other._dispatcher.stopping:
-                    raise RuntimeError(f"{store!r} is the store of another queue that has not stopped; a "
-                                       "store serves one queue at a time (stop() that queue first, or open "
-                                       "another file)")
-            dispatcher = _store_dispatchers.get(id(store))
-            if dispatcher is not None and dispatcher is not self._dispatcher and dispatcher.store is store:
-                running = dispatcher.gave_up_attempts()
-                if running:
-                    raise RuntimeError(f"{store!r} is the store of a stopped queue of which {running} "
-                                       "attempt(s) that its stop() gave up on still run; their jobs would "
-                                       "run a second time at once. Try again once they have returned "
-                                       "(stop() without a timeout waits for them)")
-            _store_users[id(store)] = self
-            _store_dispatchers[id(store)] = self._dispatcher
+            keys = _store_keys(store)
+            for key in keys:
+                other = _store_users.get(key)
+                if other is not None and other is not self and _holds(other._store_taken, store, key):
+                    if not other._dispatcher.wait_stopped(0):
+                        raise RuntimeError(f"{store!r} is the store of another queue that has not stopped "
+                                           f"(its stop() has not returned; or its file is that of {other._store_taken!r}); a store serves "
+                                           "one queue at a time (stop() that queue first, or open another file)")
+                dispatcher = _store_dispatchers.get(key)
+                if dispatcher is not None and dispatcher is not self._dispatcher and _holds(dispatcher.store, store, key):
+                    if not dispatcher.wait_stopped(0):
+                        raise RuntimeError(f"{store!r} is the store of another queue that has not stopped; "
+                                           "a store serves one queue at a time (stop() that queue first, or "
+                                           "open another file)")
+                    if not dispatcher.attempts_ended(_HAND_OVER_WAIT):
+                        gave_up = dispatcher.gave_up_attempts()
+                        running = (f"{gave_up} attempt(s) that its stop() gave up on still run" if gave_up
+                                   else "attempts that its stop() did not wait for (called from the queue's "
+                                        "own thread) still run")
+                        raise RuntimeError(f"{store!r} is the store (or on the file) of a stopped queue of "
+                                           f"which {running}; their jobs would run a second time at once. "
+                                           "Try again once they have returned (stop() without a timeout, "
+                                           "from another thread, waits for them)")
+            for key in keys:
+                _store_users[key] = self
+                _store_dispatchers[key] = self._dispatcher
             self._store_taken = store
 
     # --- observing and stopping ---------------------------------------------
