@@ -629,11 +629,12 @@ class Queue:
                 other = _store_users.get(key)
                 if other is not None and other is not self and _holds(other._store_taken, store, key):
                     if not other._dispatcher.wait_stopped(0):
-                        raise RuntimeError(f"{store!r} is the store of another queue that has not stopped "
-                                           f"(its stop() has not returned; or its file is that of {other._store_taken!r}); a store serves "
-                                           "one queue at a time (stop() that queue first, or open another file)")
+                        raise RuntimeError(f"{store!r} is in use by another queue (its store: {other._store_taken!r}) "
+                                           "whose stop() has not returned; a store serves one queue at a time "
+                                           "(stop() that queue first, or open another file)")
                 dispatcher = _store_dispatchers.get(key)
-                if dispatcher is not None and dispatcher is not self._dispatcher and _holds(dispatcher.store, store, key):
+                if (dispatcher is not None and dispatcher is not self._dispatcher
+                        and _holds(dispatcher.store, store, key)):
                     if not dispatcher.wait_stopped(0):
                         raise RuntimeError(f"{store!r} is the store of another queue that has not stopped; "
                                            "a store serves one queue at a time (stop() that queue first, or "
@@ -771,7 +772,8 @@ class Queue:
         A save to a store, or a wait for room (``block=True``), runs in the
         loop's default executor; a wait for room there ``_WAIT_SLICE`` seconds at a
         time. As with ``enqueue(block=True)``, a store saves the job once, before
-        the wait, keeps it while it waits, and deletes it if it is not placed. Cancelled (``asyncio.wait_for``, a task cancel), it enqueues nothing:
+        the wait, keeps it while it waits, and deletes it if it is not placed. Cancelled
+        (``asyncio.wait_for``, a task cancel), it enqueues nothing:
         a wait for room gives up within a slice, and a job that got in just as the
         caller gave up (its save, or the room, came at that moment) is taken back
         with ``cancel`` (so reported ``"cancelled"``), unless it has run already; a
