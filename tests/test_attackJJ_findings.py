@@ -1,8 +1,8 @@
 """Attack JJ: periodic jobs, rate limits, per-type stats and metrics, async producers, the
 worker CLI, a store handed over after stop().
 
-Findings (each test fails today because of its defect; the in-process ones fail on both
-cores, with and without TINYMQ_NO_EXTENSIONS=1):
+Findings (each test failed because of its defect until its fix, session 18; the in-process
+ones on both cores, with and without TINYMQ_NO_EXTENSIONS=1):
 
 - ``asyncio.run(q.ajoin())`` in a thread executor or a failure callback waits for itself
   instead of raising RuntimeError as ``join()`` there does (in-process and over a broker);

@@ -1,4 +1,4 @@
-"""Attack LL: findings against the fixes of session 18 (each test fails now)."""
+"""Attack LL: findings against the fixes of session 18 (each test failed before its fix)."""
 import asyncio
 import threading
 import time
@@ -218,22 +218,9 @@ def test_stop_in_a_thread_executor_cancels_another_worker_s_handed_over_awaitabl
         q.stop(wait=False)
 
 
-def test_a_store_is_handed_on_while_stop_still_waits_for_the_attempt(tmp_path):
-    """Symptom: while ``q1.stop()`` (wait=True, no timeout) waits for q1's running attempt, another
-    queue's ``set_persistence(store)`` is accepted: its reload counts the row still "running" as a
-    crash and runs the job a second time, at the same moment as q1's attempt, which stop() is
-    still waiting for (and which then succeeds too).
-
-    Reproduction: q1 runs one blocking job; another thread calls q1.stop(); once q1 is stopping,
-    q2.set_persistence(store) and q2.start_dispatcher(1).
-
-    Promise: docs/persistence.md: "once that queue has stopped, a new queue may take it over, but
-    while it runs, set_persistence(store) on another queue raises RuntimeError (its reload would
-    count the running attempts as crashes and run the jobs a second time)". Cause: queue.py
-    _take_store lets the store go as soon as other._dispatcher.stopping (set when stop() begins)
-    and gave_up_attempts() counts only attempts stop() has given up on, not those it still waits for.
-    """
-    store = SQLitePersistence(str(tmp_path / "s.db"))
+def _two_queues(store):
+    """q1 on ``store``, running: its "report" attempts hold until ``release``; q2, not started, whose
+    "report" attempts set ``second``. ``runs`` records (queue, job id) of every attempt."""
     q1 = tinymq.Queue(10)
     q1.set_persistence(store)
     running, release, second = threading.Event(), threading.Event(), threading.Event()
@@ -252,6 +239,26 @@ def test_a_store_is_handed_on_while_stop_still_waits_for_the_attempt(tmp_path):
     q1.start_dispatcher(1)
     q2 = tinymq.Queue(10)
     q2.register_executor("report", report2, tinymq.ExecutorConfig(timeout=None))
+    return q1, q2, running, release, second, runs
+
+
+def test_a_store_is_handed_on_while_stop_still_waits_for_the_attempt(tmp_path):
+    """Symptom: while ``q1.stop()`` (wait=True, no timeout) waits for q1's running attempt, another
+    queue's ``set_persistence(store)`` is accepted: its reload counts the row still "running" as a
+    crash and runs the job a second time, at the same moment as q1's attempt, which stop() is
+    still waiting for (and which then succeeds too).
+
+    Reproduction: q1 runs one blocking job; another thread calls q1.stop(); once q1 is stopping,
+    q2.set_persistence(store) and q2.start_dispatcher(1).
+
+    Promise: docs/persistence.md: "once that queue has stopped, a new queue may take it over, but
+    while it runs, set_persistence(store) on another queue raises RuntimeError (its reload would
+    count the running attempts as crashes and run the jobs a second time)". Cause: queue.py
+    _take_store lets the store go as soon as other._dispatcher.stopping (set when stop() begins)
+    and gave_up_attempts() counts only attempts stop() has given up on, not those it still waits for.
+    """
+    store = SQLitePersistence(str(tmp_path / "s.db"))
+    q1, q2, running, release, second, runs = _two_queues(store)
     stopper = threading.Thread(target=q1.stop)
     try:
         q1.enqueue(Job("report", id="report-1"))
@@ -358,24 +365,7 @@ def test_a_given_up_attempt_s_job_runs_again_through_a_new_store_on_the_same_fil
     """
     path = str(tmp_path / "s.db")
     store = SQLitePersistence(path)
-    q1 = tinymq.Queue(10)
-    q1.set_persistence(store)
-    running, release, second = threading.Event(), threading.Event(), threading.Event()
-    runs = []
-
-    def report(job):
-        runs.append(("q1", job.id))
-        running.set()
-        release.wait(10.0)
-
-    def report2(job):
-        runs.append(("q2", job.id))
-        second.set()
-
-    q1.register_executor("report", report, tinymq.ExecutorConfig(timeout=None))
-    q1.start_dispatcher(1)
-    q2 = tinymq.Queue(10)
-    q2.register_executor("report", report2, tinymq.ExecutorConfig(timeout=None))
+    q1, q2, running, release, second, runs = _two_queues(store)
     store2 = None
     try:
         q1.enqueue(Job("report", id="report-1"))

@@ -525,6 +525,18 @@ def _running_queue(path, executor):
     return q, store
 
 
+def _take_once_handed_on(queue, store):
+    """``queue.set_persistence(store)``, tried again until the queue that had it hands it on."""
+    deadline = time.monotonic() + 10.0
+    while True:
+        try:
+            queue.set_persistence(store)
+            return
+        except RuntimeError:
+            assert time.monotonic() < deadline, "the store was never handed on"
+            time.sleep(0.01)
+
+
 @pytest.mark.parametrize("kind", ["thread", "async"])
 def test_a_store_stays_the_stopped_queue_s_until_its_given_up_attempt_returned(path, kind):
     """stop(timeout=...) gives up on an attempt that runs on (its job saved back as ready): another
@@ -559,14 +571,7 @@ def test_a_store_stays_the_stopped_queue_s_until_its_given_up_attempt_returned(p
         with pytest.raises(RuntimeError, match=r"1 attempt\(s\) that its stop\(\) gave up on still run"):
             q2.set_persistence(store)
         release.set()
-        deadline = time.monotonic() + 10.0
-        while True:
-            try:
-                q2.set_persistence(store)
-                break
-            except RuntimeError:
-                assert time.monotonic() < deadline, "the store was never handed on"
-                time.sleep(0.01)
+        _take_once_handed_on(q2, store)
         # A thread's late success deletes its row; a coroutine stop() cancelled is no success and its
         # job stays stored (docs/api.md): it runs again, but only now, after the first attempt.
         assert q2.get_stats().jobs_enqueued == (0 if kind == "thread" else 1)
@@ -595,14 +600,7 @@ def test_a_store_stays_a_garbage_collected_queue_s_while_an_attempt_it_gave_up_o
         with pytest.raises(RuntimeError, match="still run"):
             q2.set_persistence(store)
         release.set()
-        deadline = time.monotonic() + 10.0
-        while True:
-            try:
-                q2.set_persistence(store)
-                break
-            except RuntimeError:
-                assert time.monotonic() < deadline, "the store was never handed on"
-                time.sleep(0.01)
+        _take_once_handed_on(q2, store)
         assert q2.get_stats().jobs_enqueued == 0  # its late success deleted its row
     finally:
         release.set()
