@@ -40,7 +40,7 @@ import threading
 import time
 import types
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from ._pick_core import core
 from .context import JobContext
@@ -189,14 +189,13 @@ class HandedOver:
         if self._task is None:  # cancelled before it started (cancel() has set _ended)
             self._coroutine.close()
             return
-        self._runner._handed_over.add(self._task)  # a running attempt: the loop stops after it too
+        self._runner._handed_over[self._task] = self  # a running attempt: the loop stops after it too
         self._task.add_done_callback(self._done)
 
     def _done(self, task: "asyncio.Task[Any]") -> None:
         """On the loop: the task has ended, unwound."""
         runner = self._runner
-        runner._spared.discard(task)
-        runner._handed_over.discard(task)
+        runner._handed_over.pop(task, None)
         if not task.cancelled():
             self._error = task.exception()
         self._ended.set()
@@ -214,15 +213,14 @@ class HandedOver:
             self._ended.set()
             return
         try:
-            self._runner.loop.call_soon_threadsafe(self._cancel_task, task, never_waited_for)
+            self._runner.loop.call_soon_threadsafe(task.cancel)
         except RuntimeError:  # the loop is closed: the task ended before it closed
             pass
 
-    def _cancel_task(self, task: "asyncio.Task[Any]", never_waited_for: bool) -> None:
-        """On the loop."""
-        if never_waited_for and not task.done():
-            self._runner._spared.add(task)
-        task.cancel()
+    @property
+    def spared(self) -> bool:
+        """A timeout or a cancel decided it first: stop() never waits for its end."""
+        return self._cancelled and not self._by_stop
 
     def wait_unwound(self, deadline: float) -> None:
         """stop(): wait until ``deadline`` (time.monotonic) for the task it cancelled to end, as for
@@ -275,12 +273,10 @@ class LoopRunner:
         # The loop thread has done all that stop() waits for: what is left of it waits only for
         # coroutines that timed out or were cancelled before stop() (_NEVER_WAITED_FOR).
         self._settled = threading.Event()
-        # Loop thread only: tasks of awaitables handed over by worker threads (HandedOver) whose
-        # attempts timed out or were cancelled: like _NEVER_WAITED_FOR attempts, stop() never waits.
-        self._spared: Set["asyncio.Task[Any]"] = set()
-        # Loop thread only: the tasks of awaitables handed over by worker threads (HandedOver) that
-        # have not ended: running attempts, like _attempts, for a loop that stops when idle.
-        self._handed_over: Set["asyncio.Task[Any]"] = set()
+        # Loop thread only: the tasks of awaitables handed over by worker threads that have not
+        # ended, each with its HandedOver: running attempts, like _attempts, for a loop that stops
+        # when idle; those a timeout or a cancel decided (``spared``) stop() never waits for.
+        self._handed_over: Dict["asyncio.Task[Any]", HandedOver] = {}
         # Loop thread only: the deadline timer, and the deadline it is armed for (+inf: none).
         self._expiry: Optional[asyncio.TimerHandle] = None
         self._expiry_at = _NO_DEADLINE
@@ -373,7 +369,7 @@ class LoopRunner:
             spared = set()
             if spare_never_waited_for:
                 spared = {a.task for a in list(self._attempts) if a.decided in _NEVER_WAITED_FOR}
-                spared.update(self._spared)
+                spared.update(task for task, handed in self._handed_over.items() if handed.spared)
             pending = [task for task in asyncio.all_tasks(loop) if not task.done() and task not in spared]
             if not pending:
                 return any(not task.done() for task in spared)
