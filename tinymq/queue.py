@@ -620,6 +620,12 @@ class Queue:
         and hand their jobs to this queue too. So until that queue's stop() has returned, and while
         any attempt of it still runs (one stop() gave up on, saved back as ready; one a stop() from
         the queue's own thread did not wait for): its job would run a second time at once."""
+        with _store_users_lock:  # (the wait for a stopped queue's last workers is outside the lock)
+            holders = [(key, _store_dispatchers.get(key)) for key in _store_keys(store)]
+        for key, dispatcher in holders:
+            if (dispatcher is not None and dispatcher is not self._dispatcher
+                    and _holds(dispatcher.store, store, key) and dispatcher.wait_stopped(0)):
+                dispatcher.attempts_ended(_HAND_OVER_WAIT)
         with _store_users_lock:
             if self._store_taken is not None:
                 raise RuntimeError(f"set_persistence() was called already (with {self._store_taken!r}); "
@@ -639,7 +645,7 @@ class Queue:
                         raise RuntimeError(f"{store!r} is the store of another queue that has not stopped; "
                                            "a store serves one queue at a time (stop() that queue first, or "
                                            "open another file)")
-                    if not dispatcher.attempts_ended(_HAND_OVER_WAIT):
+                    if not dispatcher.attempts_ended(0.0):
                         gave_up = dispatcher.gave_up_attempts()
                         running = (f"{gave_up} attempt(s) that its stop() gave up on still run" if gave_up
                                    else "attempts that its stop() did not wait for (called from the queue's "
