@@ -362,3 +362,40 @@ def test_a_store_taken_over_after_stop_does_not_rerun_a_job_whose_attempt_still_
         release.set()
         q2.stop()
         store.close()
+
+
+SLOW_SIGNAL_IGNORING = """
+import os, signal, sys, time
+from app.shared import queue
+
+if "--check" not in sys.argv:  # the worker process, not the supervisor's check of the target
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    open(os.path.join(os.path.dirname(__file__), "importing"), "w").close()
+    time.sleep(2.0)  # the supervisor's SIGTERM comes now, and is ignored
+"""
+
+
+@pytest.mark.redis
+def test_a_stop_signal_ignored_by_a_module_still_importing_is_sent_again_once_it_loaded(
+        project, shared_project):
+    """Symptom: a target module that sets SIGTERM to SIG_IGN at import, then takes a while to import:
+    SIGTERM to the supervisor then is forwarded to the worker process, which ignores it (the
+    module's SIG_IGN is in force until the import ends); the process then loads the target, starts
+    its workers and runs for ever, and the supervisor waits for it for ever (only a second signal,
+    a hard stop, ends them). Found as an edge by the session that put the CLI's handlers back after
+    the import (attackJJ). Promise (docs/cli.md "Stopping"): SIGTERM to the supervisor stops every
+    worker process gracefully, and the supervisor exits 0. Fix: a child sent SIGTERM before it
+    said it loaded the target is sent it again when it says so (its own handler is then in place)."""
+    (project / "app" / "slow_sigign.py").write_text(SLOW_SIGNAL_IGNORING)
+    cli = shared_project("app.slow_sigign:queue", "--processes", 1, "--workers", 1)
+    marker = project / "app" / "importing"
+    deadline = time.monotonic() + WAIT
+    while not marker.exists():
+        assert time.monotonic() < deadline, f"the worker process never imported the module; log:\n{cli.log()}"
+        time.sleep(0.01)
+    cli.signal(signal.SIGTERM)
+    try:
+        code = cli.process.wait(WAIT)
+    except subprocess.TimeoutExpired:
+        code = f"still running {WAIT} s after SIGTERM"
+    assert code == 0, f"supervisor: {code}; log:\n{cli.log()}"

@@ -13,7 +13,9 @@ takes the Queue and calls ``start_dispatcher(workers)``.
   leases run out). A stop signal while the target is still being loaded (its
   check, before any child starts) kills that check, however long its import
   would take, and the supervisor exits with 0. A child still loading the target
-  when the signal comes exits at once: nothing of the queue runs in it yet.
+  when the signal comes exits at once: nothing of the queue runs in it yet (one
+  whose module ignored SIGTERM at import, as it loaded, is sent it again once it
+  says it has loaded the target).
   Once it has loaded the target, a child installs its SIGTERM/SIGINT handlers
   again, replacing what the module set at import (SIG_IGN, SIG_DFL: a hang, or
   attempts killed midway); a child killed by SIGTERM after that did not stop
@@ -316,12 +318,16 @@ def run_child(target: str, workers: int, check: bool, loaded_fd: Optional[int] =
 class _Slot:
     """One of the ``--processes`` places: its current child, and when to start the next."""
 
-    __slots__ = ("number", "process", "loaded", "started", "restart_at", "delay")
+    __slots__ = ("number", "process", "loaded", "said", "stop_unheard", "started", "restart_at", "delay")
 
     def __init__(self, number: int) -> None:
         self.number = number
         self.process: Optional["subprocess.Popen[bytes]"] = None
         self.loaded: Optional[int] = None  # the read end of the child's --loaded-fd pipe
+        self.said: Optional[bytes] = None  # what the child wrote there (b"": closed with nothing), once read
+        # SIGTERM was sent to the child before it said it loaded the target: its module may have set
+        # SIG_IGN at import, so it is sent again when the child says so.
+        self.stop_unheard = False
         self.started = 0.0  # time.monotonic() of the current child's start
         self.restart_at: Optional[float] = None  # time.monotonic() at which to start the next child
         self.delay = _FIRST_RESTART_DELAY  # before the next restart, doubling while crashes come soon
@@ -436,6 +442,8 @@ class Supervisor:
             return
         os.set_blocking(reader, False)
         slot.loaded = reader
+        slot.said = None
+        slot.stop_unheard = False
         slot.started = time.monotonic()
         slot.restart_at = None
         logger.info("started worker process %d (pid %d)", slot.number, slot.process.pid)
@@ -480,24 +488,45 @@ class Supervisor:
         slot.delay = min(slot.delay * 2, _MAX_RESTART_DELAY)
 
     @staticmethod
-    def _close_loaded(slot: _Slot) -> bytes:
+    def _read_loaded(slot: _Slot) -> Optional[bytes]:
+        """What the slot's child wrote on its --loaded-fd pipe (_SAID_LOADED, _SAID_STOPPED_LOADING; b""
+        when it closed it having written nothing), or None while it has written nothing yet."""
+        if slot.said is None and slot.loaded is not None:
+            try:
+                slot.said = os.read(slot.loaded, 1)
+            except BlockingIOError:  # nothing written, and the write end still open
+                pass
+        return slot.said
+
+    def _close_loaded(self, slot: _Slot) -> bytes:
         """Close the slot's --loaded-fd pipe: what its child wrote there (_SAID_LOADED,
-        _SAID_STOPPED_LOADING), or b"" when it wrote nothing."""
-        reader, slot.loaded = slot.loaded, None
-        if reader is None:
-            return b""
-        try:
-            return os.read(reader, 1)
-        except BlockingIOError:  # nothing written, and the write end still open (a grandchild has it)
-            return b""
-        finally:
-            os.close(reader)
+        _SAID_STOPPED_LOADING), or b"" when it wrote nothing (the write end may still be
+        open: a grandchild has it)."""
+        said = self._read_loaded(slot)
+        if slot.loaded is not None:
+            os.close(slot.loaded)
+        slot.loaded, slot.said, slot.stop_unheard = None, None, False
+        return said or b""
+
+    def _tell_again(self, slot: _Slot) -> None:
+        """The child of ``slot``, sent SIGTERM before it said it loaded the target, wrote on its pipe:
+        once loaded it handles SIGTERM itself, so it is sent again (a module that set SIG_IGN at import
+        ignored the first); the child's handler makes a second one harmless."""
+        said = self._read_loaded(slot)
+        if said is None:
+            return
+        slot.stop_unheard = False
+        if said == _SAID_LOADED and slot.process is not None and slot.process.poll() is None:
+            logger.info("worker process %d (pid %d) loaded the target after the stop signal: sent again",
+                        slot.number, slot.process.pid)
+            slot.process.send_signal(signal.SIGTERM)
 
     def _begin_stop(self) -> None:
         self.stopping = True
         for slot in self.slots:
             slot.restart_at = None
             if slot.process is not None and slot.process.poll() is None:
+                slot.stop_unheard = self._read_loaded(slot) is None
                 slot.process.send_signal(signal.SIGTERM)
 
     def _kill_all(self) -> None:
@@ -530,7 +559,11 @@ class Supervisor:
                     self._start(slot)
             pending = [slot.restart_at for slot in self.slots if slot.restart_at is not None]
             timeout = max(0.0, min(pending) - now) if pending else None
-            select.select([wakeup], [], [], timeout)
+            unheard = [slot for slot in self.slots if slot.stop_unheard and slot.loaded is not None]
+            readable = select.select([wakeup] + [slot.loaded for slot in unheard], [], [], timeout)[0]
+            for slot in unheard:
+                if slot.loaded in readable:
+                    self._tell_again(slot)
             for number in wakeup.received():
                 if number == signal.SIGCHLD:
                     continue
