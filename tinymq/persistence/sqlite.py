@@ -206,6 +206,12 @@ def _error_text(error: object) -> Optional[str]:
     return str(error)
 
 
+def _escaped(text: str) -> str:
+    """``text`` with each lone surrogate (what ``os.fsdecode`` makes of a file name that is not
+    UTF-8) written as ``\\udcff``: an error's text as SQLite can store it."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _utf8_length(value: object) -> int:
     if value is None:
         return 0
@@ -662,6 +668,8 @@ class SQLitePersistence:
                 or retries.__class__ is not int or not 0 <= retries < _INT64
                 or (last_error is not None and last_error.__class__ is not str)):
             job_type, run_at, timestamp, retries, last_error = self._plain_fields(job, last_error)
+        if last_error is not None and not last_error.isascii() and not _storable(last_error):
+            last_error = _escaped(last_error)  # an error naming a file that is not UTF-8: kept, escaped
         texts = (job_id, job_type, payload, tags_text, last_error)
         if not (job_id.isascii() and job_type.isascii() and (payload.__class__ is not str or payload.isascii())
                 and (tags_text is None or tags_text.isascii()) and (last_error is None or last_error.isascii())):

@@ -1,0 +1,55 @@
+"""Attack NN: an outsider's attack on the in-process queue, its SQLite store, cancel, periodic
+jobs and stats (each test failed before its fix)."""
+import os
+import threading
+
+import tinymq
+from tinymq import ExecutorConfig, Job, RetryConfig
+from tinymq.persistence import SQLitePersistence
+
+from _helpers import WAIT
+
+
+def test_a_failure_naming_a_file_that_is_not_utf8_is_retried_and_kept_dead_in_the_store(tmp_path):
+    """Symptom: an executor whose attempt fails with an error naming a file whose name is not
+    UTF-8 (a name from ``os.listdir``: ``os.fsdecode`` makes a lone surrogate of its byte
+    ``\\xff``, and ``f"cannot parse {name}"`` keeps it) with a SQLite store:
+    the retry's save fails (logged ERROR, the row keeps the old retries), and at the last failure
+    ``mark_dead`` fails too, so the row stays "running": ``dead_jobs()`` is empty, and the next
+    start counts a crash and runs the job again although it failed for good and was reported.
+
+    Reproduction: a job that fails twice with such an error, ``max_retries=1``.
+
+    Promise: API.md, Persistence: `save` is called "again when its state changes (a retry is
+    scheduled)"; "a job that failed permanently is kept there as dead instead of deleted".
+    docs/redis.md escapes such text for Redis; the store refused it (``_row``: "not valid Unicode").
+    """
+    store = SQLitePersistence(str(tmp_path / "jobs.db"))
+    q = tinymq.Queue(10)
+    q.set_persistence(store)
+    seen_retries, failures = [], []
+    q.on_failure(lambda job, reason, exc: failures.append((job.id, reason)))
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    with open(os.path.join(os.fsencode(str(inbox)), b"report-\xff.csv"), "wb"):
+        pass
+
+    def read_file(job):
+        seen_retries.append([row.retries for row in store.jobs()])  # the row as the store keeps it
+        for name in os.listdir(str(inbox)):
+            raise ValueError(f"cannot parse {name}")
+
+    q.register_executor("read", read_file, ExecutorConfig(max_concurrent_jobs=1))
+    q.start_dispatcher(1)
+    q.enqueue(Job("read", id="r1", retry_config=RetryConfig(max_retries=1, initial_delay=0.0)))
+    assert q.join(WAIT)
+    q.stop()
+    assert failures == [("r1", "retries_exhausted")]
+    assert seen_retries == [[0], [1]], "the retry was not saved"
+    assert store.counts()["running"] == 0
+    dead = store.dead_jobs()
+    assert [(d.job.id, d.reason) for d in dead] == [("r1", "retries_exhausted")]
+    assert dead[0].error == "ValueError: cannot parse report-\\udcff.csv"
+    store.close()
+    with SQLitePersistence(str(tmp_path / "jobs.db")) as again:
+        assert again.load_all() == []  # a job that failed for good does not run again
