@@ -3,6 +3,8 @@ jobs and stats (each test failed before its fix)."""
 import os
 import threading
 
+import pytest
+
 import tinymq
 from tinymq import ExecutorConfig, Job, RetryConfig
 from tinymq.persistence import SQLitePersistence
@@ -53,3 +55,41 @@ def test_a_failure_naming_a_file_that_is_not_utf8_is_retried_and_kept_dead_in_th
     store.close()
     with SQLitePersistence(str(tmp_path / "jobs.db")) as again:
         assert again.load_all() == []  # a job that failed for good does not run again
+
+
+@pytest.mark.xfail(strict=True, reason="join() waits until the queue has no unfinished job at one "
+                   "moment (queue.Queue's rule), not for the jobs enqueued before the call: that needs "
+                   "each job to carry its join generation through both cores and the broker")
+def test_join_returns_once_the_jobs_enqueued_before_it_finished_while_others_keep_coming():
+    """Symptom: ``q.join()`` never returns (``join(t)`` returns False after ``t``) while new jobs
+    keep coming, although every job enqueued before the call finished long ago: a web app whose
+    requests keep enqueuing, or two ``every`` schedules with overlapping jobs, never sees its
+    ``join()`` return.
+
+    Reproduction: each job enqueues the next one before it returns (a steady stream: the queue
+    is never empty); ``join()`` is called while the first job is queued.
+
+    Promise: API.md, Queue: "join(timeout=None) -> bool: block until every job enqueued so far,
+    its retries and delayed jobs included, has finished"; docs/api.md says the same.
+    """
+    q = tinymq.Queue(10)
+    first_done = threading.Event()
+    enough = threading.Event()
+
+    def chain(job, ctx):
+        ctx.wait(0.005)  # a little work
+        if not enough.is_set():
+            q.enqueue(Job("chain", job.payload + 1))
+        if job.payload == 0:
+            first_done.set()
+
+    q.register_executor("chain", chain)
+    q.start_dispatcher(1)
+    q.enqueue(Job("chain", 0))
+    try:
+        returned = q.join(3.0)  # the only job enqueued so far ends within milliseconds
+        assert first_done.is_set()
+        assert returned, "join() waited for jobs enqueued after it was called"
+    finally:
+        enough.set()
+        q.stop(wait=False)
