@@ -9,7 +9,7 @@ import tinymq
 from tinymq import ExecutorConfig, Job, RetryConfig
 from tinymq.persistence import SQLitePersistence
 
-from _helpers import WAIT
+from _helpers import WAIT, wait_until
 
 
 def test_a_failure_naming_a_file_that_is_not_utf8_is_retried_and_kept_dead_in_the_store(tmp_path):
@@ -93,3 +93,42 @@ def test_join_returns_once_the_jobs_enqueued_before_it_finished_while_others_kee
     finally:
         enough.set()
         q.stop(wait=False)
+
+
+def test_a_retry_whose_executor_set_a_tag_to_a_number_comes_back_after_a_restart(tmp_path):
+    """Symptom: an executor that notes something in its job's tags with a value that is not a
+    ``str`` (``job.tags["attempt"] = job.retries + 1``) and then fails, with a SQLite store:
+    the retry's save writes that row, which the store itself cannot read back, so after a
+    restart ``load_all()`` quarantines it ("tags must map str to str") and the accepted job
+    never runs again.
+
+    Reproduction: one job whose first attempt sets an int tag and raises; its retry waits an
+    hour; the queue stops (or the process dies) and a new store opens the file.
+
+    Promise: API.md, Persistence: "Delivery is at-least-once: a job saved and not yet deleted
+    when the process dies runs again after the next start"; tags are ``str -> str``. The store
+    must refuse the save it cannot load (the row it holds then comes back, as after a crash).
+    """
+    path = str(tmp_path / "jobs.db")
+    store = SQLitePersistence(path)
+    q = tinymq.Queue(10)
+    q.set_persistence(store)
+    failed_once = threading.Event()
+
+    def note_and_fail(job):
+        job.tags["attempt"] = job.retries + 1
+        failed_once.set()
+        raise ConnectionError("try later")
+
+    q.register_executor("sync", note_and_fail)
+    q.start_dispatcher(1)
+    q.enqueue(Job("sync", {"account": 7}, id="s1", tags={"user": "42"},
+                  retry_config=RetryConfig(max_retries=3, initial_delay=3600.0)))
+    assert failed_once.wait(WAIT)
+    assert wait_until(lambda: q.get_stats().delayed_jobs_count == 1)
+    q.stop()
+    store.close()
+    with SQLitePersistence(path) as again:
+        jobs = again.load_all()
+        assert again.quarantined() == []
+        assert [(job.id, job.payload, job.tags["user"]) for job in jobs] == [("s1", {"account": 7}, "42")]

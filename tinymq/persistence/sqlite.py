@@ -36,7 +36,7 @@ from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tu
 from .._shield import shield
 from ..config import RetryConfig, _seconds
 from ..errors import PersistenceError, _describe
-from ..job import _DEFAULT_RETRY_CONFIG, Job
+from ..job import _DEFAULT_RETRY_CONFIG, Job, _as_tags
 from ..job import _is_utf8 as _storable  # (SQLite stores text as UTF-8)
 from . import _ownership
 from ._ownership import LOCK_SUFFIX, OwnedError
@@ -657,7 +657,7 @@ class SQLitePersistence:
         tags_text: Optional[str] = None
         if tags:
             try:
-                tags_text = self._tags_json(tags)
+                tags_text = self._tags_json(_as_tags(tags))  # str -> str, as load_all reads them back
             except (TypeError, ValueError) as exc:
                 raise PersistenceError(f"cannot serialise the tags of job {job.id!r}: {exc}") from exc
         job_id, job_type, run_at, timestamp, retries = job.id, job.type, job.run_at, job.timestamp, job.retries
