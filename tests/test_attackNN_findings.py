@@ -132,3 +132,49 @@ def test_a_retry_whose_executor_set_a_tag_to_a_number_comes_back_after_a_restart
         jobs = again.load_all()
         assert again.quarantined() == []
         assert [(job.id, job.payload, job.tags["user"]) for job in jobs] == [("s1", {"account": 7}, "42")]
+
+
+class _BrokenBackoff(tinymq.RetryConfig):
+    """A custom backoff with a bug: its delay is not a finite number of seconds."""
+
+    def __init__(self, delay, **fields):
+        super().__init__(**fields)
+        object.__setattr__(self, "broken_delay", delay)
+
+    def retry_delay(self, k):
+        return self.broken_delay
+
+
+@pytest.mark.parametrize("delay", [float("nan"), float("inf")])
+def test_a_retry_delay_that_is_not_finite_fails_the_job_loudly_instead_of_wedging_it(delay):
+    """Symptom: a ``RetryConfig`` subclass (a custom backoff) whose ``retry_delay`` returns NaN
+    or inf: the failed job's retry is placed with ``run_at`` NaN/inf and never runs, is never
+    reported, and ``join()`` never returns (the compiled core even shows the NaN one as a ready
+    job that no worker takes).
+
+    Reproduction: one job with such a retry_config whose first attempt fails.
+
+    Promise: API.md, Clocks and validation: "run_at must be finite" and a bad value raises
+    naming it; "Failures are never silent". The retry's delay is checked as RetryAfter's is: a
+    job whose retry cannot be scheduled fails for good (``retries_exhausted``, with that error).
+    """
+    q = tinymq.Queue(10)
+    failures = []
+    q.on_failure(lambda job, reason, exc: failures.append((job.id, reason, type(exc))))
+    attempts = []
+
+    def flaky(job):
+        attempts.append(job.retries)
+        raise ConnectionError("try later")
+
+    q.register_executor("t", flaky)
+    q.start_dispatcher(1)
+    q.enqueue(Job("t", id="b1", retry_config=_BrokenBackoff(delay, max_retries=3)))
+    try:
+        assert q.join(WAIT), "the job whose retry delay is not finite never ended"
+        assert attempts == [0]
+        assert failures == [("b1", "retries_exhausted", ValueError)]
+        stats = q.get_stats()
+        assert (stats.jobs_failed, stats.jobs_retried, stats.delayed_jobs_count) == (1, 0, 0)
+    finally:
+        q.stop(wait=False)
