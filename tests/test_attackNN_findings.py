@@ -178,3 +178,55 @@ def test_a_retry_delay_that_is_not_finite_fails_the_job_loudly_instead_of_wedgin
         assert (stats.jobs_failed, stats.jobs_retried, stats.delayed_jobs_count) == (1, 0, 0)
     finally:
         q.stop(wait=False)
+
+
+def test_an_async_attempt_cancelled_while_its_start_is_written_is_not_in_the_duration_histogram():
+    """Symptom: with a store, an async job cancelled (``q.cancel``) while the store writes its
+    attempt's start (``mark_running``: SQLite waiting for its lock) is counted in
+    ``tinymq_attempt_duration_seconds`` with the write's time as its duration, although its
+    function was never called; a thread executor's attempt is not (its clock starts at the call).
+
+    Reproduction: a store whose ``mark_running`` waits; an async job; ``q.cancel`` during that write.
+
+    Promise: docs/api.md, Metrics: "Attempt durations are measured in the worker from the
+    executor's call to its return ... every attempt whose function was called and whose outcome
+    is counted ... is recorded once"; the timeout too "counts from the call".
+    """
+    writing, release = threading.Event(), threading.Event()
+
+    class SlowStartStore:
+        def save(self, job):
+            pass
+
+        def delete(self, job_id):
+            pass
+
+        def load_all(self):
+            return []
+
+        def mark_running(self, job):
+            writing.set()
+            release.wait(WAIT)
+
+    q = tinymq.Queue(10)
+    q.set_persistence(SlowStartStore())
+    called = []
+
+    async def work(job):
+        called.append(job.id)
+
+    q.register_executor("a", work)
+    q.start_dispatcher(1)
+    try:
+        q.enqueue(Job("a", id="v"))
+        assert writing.wait(WAIT)
+        assert q.cancel("v")
+        release.set()
+        assert q.join(WAIT)
+        assert called == []
+        assert q.get_stats().executor_stats["a"].cancelled == 1
+        counts, _ = q._attempt_durations().get("a", ((0,), 0.0))
+        assert sum(counts) == 0, "an attempt whose function was never called has a duration"
+    finally:
+        release.set()
+        q.stop(wait=False)

@@ -64,7 +64,7 @@ class _Attempt:
     """One running attempt of an async executor. ``decided`` is guarded by LoopRunner._lock."""
 
     __slots__ = ("job", "state", "context", "task", "started", "deadline", "decided",
-                 "running", "cancel_requested")
+                 "running", "called", "cancel_requested")
 
     def __init__(self, job: Any, state: Any, context: Optional[JobContext], task: Any,
                  started: float, deadline: float) -> None:
@@ -75,6 +75,7 @@ class _Attempt:
         self.started = started  # monotonic, as loop.time(): its duration is counted per type (from the call)
         self.deadline = deadline  # monotonic; +inf without a timeout, and until the function is called
         self.running = False  # loop thread only: its runner is inside it (awaiting its coroutine)
+        self.called = False  # set by the loop thread as it calls the function (after the start write)
         self.cancel_requested = False  # loop thread only: the runner's task.cancel() was called for it
         # None while undecided; then "returned", "timed_out", "cancelled" or "stopped"
         self.decided: Optional[str] = None
@@ -481,6 +482,7 @@ class LoopRunner:
                     if attempt.deadline < self._expiry_at:
                         self._arm(attempt.deadline)
                 fn = state.fn
+                attempt.called = True
                 awaitable = fn(job) if context is None else fn(job, context)
                 if awaitable.__class__ is types.CoroutineType or inspect.isawaitable(awaitable):
                     await awaitable
@@ -621,7 +623,7 @@ class LoopRunner:
                     break
             else:
                 return None
-        if attempt.running:  # its function was called (or is being): decided now, as at a timeout
+        if attempt.called:  # its function was called: decided now, as at a timeout (not during its start write)
             self.ready.record_duration(attempt.state, monotonic() - attempt.started)
         self._cancel_task(attempt, "cancelled")
         return attempt.job
