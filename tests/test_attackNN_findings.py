@@ -2,6 +2,7 @@
 jobs and stats (each test failed before its fix)."""
 import os
 import threading
+import time
 
 import pytest
 
@@ -230,3 +231,46 @@ def test_an_async_attempt_cancelled_while_its_start_is_written_is_not_in_the_dur
     finally:
         release.set()
         q.stop(wait=False)
+
+
+@pytest.mark.parametrize("stop_kwargs", [{"wait": False}, {"wait": True, "timeout": 0.2}])
+def test_stop_does_not_wait_for_a_tick_whose_save_waits_for_the_store(stop_kwargs):
+    """Symptom: ``q.stop(wait=False)``, or ``q.stop(timeout=0.2)``, on a queue with a schedule and
+    a store takes as long as the store keeps the tick's save waiting: with SQLite whose file a
+    backup tool or a migration holds locked, ``busy_timeout`` (5 s by default), up to twice.
+
+    Reproduction: an ``every`` schedule; the store's save of a tick's job waits (here: until
+    released); ``stop()`` is called meanwhile.
+
+    Promise: API.md, Queue: "stop(wait=True, timeout=None): ... let running attempts finish
+    (when wait)": ``wait=False`` does not wait, and ``timeout`` bounds the wait. A tick being
+    enqueued is no running attempt: like any producer's enqueue racing ``stop()``, it is placed
+    (and stays stored) or refused with ``QueueStopped``.
+    """
+    saving, release = threading.Event(), threading.Event()
+
+    class SlowStore:
+        def save(self, job):
+            saving.set()
+            release.wait(WAIT)
+
+        def delete(self, job_id):
+            pass
+
+        def load_all(self):
+            return []
+
+    q = tinymq.Queue(10)
+    q.set_persistence(SlowStore())
+    q.register_executor("tick", lambda job: None)
+    q.every(0.01, "tick")
+    q.start_dispatcher(1)
+    try:
+        assert saving.wait(WAIT)
+        began = time.monotonic()
+        q.stop(**stop_kwargs)
+        took = time.monotonic() - began
+        assert took < WAIT / 4, f"stop({stop_kwargs}) waited {took:.1f} s for a tick's save"
+    finally:
+        release.set()
+        q.stop()
