@@ -1,6 +1,7 @@
 """Attack NN: an outsider's attack on the in-process queue, its SQLite store, cancel, periodic
 jobs and stats (each test failed before its fix)."""
 import os
+from datetime import datetime
 import threading
 import time
 
@@ -274,3 +275,41 @@ def test_stop_does_not_wait_for_a_tick_whose_save_waits_for_the_store(stop_kwarg
     finally:
         release.set()
         q.stop()
+
+
+def test_a_job_whose_executor_made_its_payload_unstorable_is_kept_dead_not_run_again(tmp_path):
+    """Symptom: with a SQLite store, an executor that notes something in its job's payload that
+    JSON cannot hold (``job.payload["tried_at"] = datetime.now()``) and then fails for good: the
+    failure is reported, but ``mark_dead`` is refused (the payload cannot be serialised), so the
+    row stays "running": ``dead_jobs()`` does not show it, and the next start counts a crash and
+    runs the failed job again.
+
+    Reproduction: one job, ``max_retries=0``, whose executor sets a datetime in its payload and raises.
+
+    Promise: API.md, Persistence: "A store may also have mark_dead(job, reason, exc): then a job
+    that failed permanently is kept there as dead instead of deleted". The store keeps it dead
+    as it was last saved (its stored payload), with the reason and error of its failure.
+    """
+    path = str(tmp_path / "jobs.db")
+    store = SQLitePersistence(path)
+    q = tinymq.Queue(10)
+    q.set_persistence(store)
+    failures = []
+    q.on_failure(lambda job, reason, exc: failures.append((job.id, reason)))
+
+    def charge(job):
+        job.payload["tried_at"] = datetime.now()
+        raise ValueError("card declined")
+
+    q.register_executor("charge", charge)
+    q.start_dispatcher(1)
+    q.enqueue(Job("charge", {"order": 7}, id="c1", retry_config=RetryConfig(max_retries=0)))
+    assert q.join(WAIT)
+    q.stop()
+    assert failures == [("c1", "retries_exhausted")]
+    dead = store.dead_jobs()
+    assert [(d.job.id, d.job.payload, d.reason, d.error) for d in dead] == [
+        ("c1", {"order": 7}, "retries_exhausted", "ValueError: card declined")]
+    store.close()
+    with SQLitePersistence(path) as again:
+        assert again.load_all() == []  # a job that failed for good does not run again

@@ -138,6 +138,7 @@ _SAVE = _save_sql(len(_COLUMNS))
 _SELECT = f"SELECT {', '.join(_READ_COLUMNS)} FROM {_TABLE}"
 _DELETE = f"DELETE FROM {_TABLE} WHERE id = ?"
 _MARK_RUNNING = f"UPDATE {_TABLE} SET state = 'running' WHERE id = ?"
+_MARK_DEAD_AS_SAVED = f"UPDATE {_TABLE} SET state = 'dead', reason = ?, last_error = ? WHERE id = ?"
 _GIVE_BACK = _give_back_sql()
 _SEQ = _COLUMNS.index("seq")
 _MERGED_DELETE = f"DELETE FROM {_TABLE} WHERE id IN ({{}})"
@@ -1042,7 +1043,16 @@ class SQLitePersistence:
 
     def mark_dead(self, job: Job, reason: str, error: object = None) -> None:
         """Keep a permanently failed job, with why, for ``dead_jobs()``."""
-        self._write([self._upsert(job, "dead", reason, _error_text(error))])
+        error_text = _error_text(error)
+        try:
+            statement = self._upsert(job, "dead", reason, error_text)
+        except PersistenceError as exc:  # changed since its last save (its executor set a payload
+            _check_id(job.id)            # JSON cannot hold, say): kept dead as it was saved
+            logger.warning("job %r is kept dead as it was last saved: %s", job.id, exc)
+            if error_text is not None and not _storable(error_text):
+                error_text = _escaped(error_text)
+            statement = (_MARK_DEAD_AS_SAVED, (reason, error_text, job.id))
+        self._write([statement])
         if self._replaced:
             self._replaced.pop(job.id, None)
 
