@@ -313,3 +313,41 @@ def test_a_job_whose_executor_made_its_payload_unstorable_is_kept_dead_not_run_a
     store.close()
     with SQLitePersistence(path) as again:
         assert again.load_all() == []  # a job that failed for good does not run again
+
+
+def test_a_job_whose_attempt_stop_cancelled_comes_back_whatever_its_executor_did_to_its_payload(tmp_path):
+    """Symptom: with a SQLite store, an executor that notes something JSON cannot hold in its
+    job's payload (``job.payload["started_at"] = datetime.now()``) while ``stop()`` cancels its
+    attempt: ``stop()`` cannot save the job back as ready (``give_back`` refuses the payload), so
+    the row stays "running" and the next start counts a crash; with ``max_retries=0`` the job is
+    then dead as "crashed" and never runs again.
+
+    Reproduction: one job, ``max_retries=0``, whose executor sets a datetime in its payload and
+    waits for its context; ``stop(wait=False)``; a new store opens the file.
+
+    Promise: API.md, Persistence: "An attempt that stop() cancels is not a failure: it is not
+    counted, retried or reported, and its job stays stored for the next start."
+    """
+    path = str(tmp_path / "jobs.db")
+    store = SQLitePersistence(path)
+    q = tinymq.Queue(10)
+    q.set_persistence(store)
+    started, returned = threading.Event(), threading.Event()
+
+    def charge(job, ctx):
+        job.payload["started_at"] = datetime.now()
+        started.set()
+        ctx.wait(WAIT)
+        returned.set()
+
+    q.register_executor("charge", charge)
+    q.start_dispatcher(1)
+    q.enqueue(Job("charge", {"order": 7}, id="c1", retry_config=RetryConfig(max_retries=0)))
+    assert started.wait(WAIT)
+    q.stop(wait=False)
+    assert returned.wait(WAIT)
+    store.close()
+    with SQLitePersistence(path) as again:
+        jobs = again.load_all()
+        assert again.take_crashed() == []
+        assert [(job.id, job.payload, job.retries) for job in jobs] == [("c1", {"order": 7}, 0)]

@@ -139,6 +139,7 @@ _SELECT = f"SELECT {', '.join(_READ_COLUMNS)} FROM {_TABLE}"
 _DELETE = f"DELETE FROM {_TABLE} WHERE id = ?"
 _MARK_RUNNING = f"UPDATE {_TABLE} SET state = 'running' WHERE id = ?"
 _MARK_DEAD_AS_SAVED = f"UPDATE {_TABLE} SET state = 'dead', reason = ?, last_error = ? WHERE id = ?"
+_GIVE_BACK_AS_SAVED = f"UPDATE {_TABLE} SET state = 'ready' WHERE id = ?"
 _GIVE_BACK = _give_back_sql()
 _SEQ = _COLUMNS.index("seq")
 _MERGED_DELETE = f"DELETE FROM {_TABLE} WHERE id IN ({{}})"
@@ -990,7 +991,13 @@ class SQLitePersistence:
         Like ``save``, except that a row already stored keeps its seq: the job
         runs after a restart where it was (no retry moved it back).
         """
-        row = self._row(job)
+        try:
+            row = self._row(job)
+        except PersistenceError as exc:  # changed since its last save (its executor set a payload
+            _check_id(job.id)            # JSON cannot hold, say): ready again as it was saved
+            logger.warning("job %r is given back as it was last saved: %s", job.id, exc)
+            self._write([(_GIVE_BACK_AS_SAVED, (job.id,))])
+            return
         self._write([(_GIVE_BACK, row[:_SEQ + 1] + (row[0],) + row[_SEQ + 1:])])
 
     def delete(self, job_id: str) -> None:
