@@ -277,14 +277,16 @@ def test_stop_does_not_wait_for_a_tick_whose_save_waits_for_the_store(stop_kwarg
         q.stop()
 
 
-def test_a_job_whose_executor_made_its_payload_unstorable_is_kept_dead_not_run_again(tmp_path):
+@pytest.mark.parametrize("change", ["payload", "priority"])
+def test_a_job_whose_executor_made_it_unstorable_is_kept_dead_not_run_again(tmp_path, change):
     """Symptom: with a SQLite store, an executor that notes something in its job's payload that
-    JSON cannot hold (``job.payload["tried_at"] = datetime.now()``) and then fails for good: the
-    failure is reported, but ``mark_dead`` is refused (the payload cannot be serialised), so the
+    JSON cannot hold (``job.payload["tried_at"] = datetime.now()``), or sets its priority to what
+    is no Priority (``"urgent"``), and then fails for good: the failure is reported, but
+    ``mark_dead`` is refused (the payload cannot be serialised; ``int("urgent")`` raised), so the
     row stays "running": ``dead_jobs()`` does not show it, and the next start counts a crash and
     runs the failed job again.
 
-    Reproduction: one job, ``max_retries=0``, whose executor sets a datetime in its payload and raises.
+    Reproduction: one job, ``max_retries=0``, whose executor makes that change and raises.
 
     Promise: API.md, Persistence: "A store may also have mark_dead(job, reason, exc): then a job
     that failed permanently is kept there as dead instead of deleted". The store keeps it dead
@@ -298,7 +300,10 @@ def test_a_job_whose_executor_made_its_payload_unstorable_is_kept_dead_not_run_a
     q.on_failure(lambda job, reason, exc: failures.append((job.id, reason)))
 
     def charge(job):
-        job.payload["tried_at"] = datetime.now()
+        if change == "payload":
+            job.payload["tried_at"] = datetime.now()
+        else:
+            job.priority = "urgent"
         raise ValueError("card declined")
 
     q.register_executor("charge", charge)

@@ -36,7 +36,7 @@ from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tu
 from .._shield import shield
 from ..config import RetryConfig, _seconds
 from ..errors import PersistenceError, _describe
-from ..job import _DEFAULT_RETRY_CONFIG, Job, _as_tags
+from ..job import _DEFAULT_RETRY_CONFIG, Job, Priority, _as_priority, _as_tags
 from ..job import _is_utf8 as _storable  # (SQLite stores text as UTF-8)
 from . import _ownership
 from ._ownership import LOCK_SUFFIX, OwnedError
@@ -685,7 +685,13 @@ class SQLitePersistence:
             if size > self._max_length:
                 raise PersistenceError(f"job {job_id!r} cannot be stored: its row would be {size} bytes, "
                                        f"over SQLite's limit of {self._max_length} bytes")
-        return (job_id, state, job_type, int(job.priority), run_at, timestamp, retries, payload,
+        priority = job.priority
+        if priority.__class__ is not Priority:  # (an int, or a value set since enqueue): checked as there
+            try:
+                priority = _as_priority(priority)
+            except ValueError as exc:  # (set by its executor since: a row load_all would refuse)
+                raise PersistenceError(f"job {job_id!r} cannot be stored: {exc}") from exc
+        return (job_id, state, job_type, int(priority), run_at, timestamp, retries, payload,
                 self._seq(), config_text, tags_text, last_error, reason)
 
     @staticmethod
