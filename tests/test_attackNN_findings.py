@@ -277,12 +277,13 @@ def test_stop_does_not_wait_for_a_tick_whose_save_waits_for_the_store(stop_kwarg
         q.stop()
 
 
-@pytest.mark.parametrize("change", ["payload", "priority"])
+@pytest.mark.parametrize("change", ["payload", "priority", "retry_config"])
 def test_a_job_whose_executor_made_it_unstorable_is_kept_dead_not_run_again(tmp_path, change):
     """Symptom: with a SQLite store, an executor that notes something in its job's payload that
     JSON cannot hold (``job.payload["tried_at"] = datetime.now()``), or sets its priority to what
-    is no Priority (``"urgent"``), and then fails for good: the failure is reported, but
-    ``mark_dead`` is refused (the payload cannot be serialised; ``int("urgent")`` raised), so the
+    is no Priority (``"urgent"``) or its retry_config to what is no RetryConfig, and then fails
+    for good: the failure is reported, but ``mark_dead`` is refused (the payload cannot be
+    serialised; ``int("urgent")`` raised ValueError, the config's fields AttributeError), so the
     row stays "running": ``dead_jobs()`` does not show it, and the next start counts a crash and
     runs the failed job again.
 
@@ -302,8 +303,10 @@ def test_a_job_whose_executor_made_it_unstorable_is_kept_dead_not_run_again(tmp_
     def charge(job):
         if change == "payload":
             job.payload["tried_at"] = datetime.now()
-        else:
+        elif change == "priority":
             job.priority = "urgent"
+        else:
+            job.retry_config = "bogus"
         raise ValueError("card declined")
 
     q.register_executor("charge", charge)
@@ -313,8 +316,10 @@ def test_a_job_whose_executor_made_it_unstorable_is_kept_dead_not_run_again(tmp_
     q.stop()
     assert failures == [("c1", "retries_exhausted")]
     dead = store.dead_jobs()
-    assert [(d.job.id, d.job.payload, d.reason, d.error) for d in dead] == [
-        ("c1", {"order": 7}, "retries_exhausted", "ValueError: card declined")]
+    # (a retry_config that is no RetryConfig fails the job as its retry is scheduled, with that error)
+    error = "AttributeError" if change == "retry_config" else "ValueError: card declined"
+    assert [(d.job.id, d.job.payload, d.reason, d.error.startswith(error)) for d in dead] == [
+        ("c1", {"order": 7}, "retries_exhausted", True)]
     store.close()
     with SQLitePersistence(path) as again:
         assert again.load_all() == []  # a job that failed for good does not run again

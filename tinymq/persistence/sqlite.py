@@ -653,6 +653,9 @@ class SQLitePersistence:
         if config is not _DEFAULT_RETRY_CONFIG:
             cached = self._retry_json.get(id(config))
             if cached is None or cached[0] is not config:
+                if not isinstance(config, RetryConfig):  # (set by its executor since enqueue checked it)
+                    raise PersistenceError(f"job {job.id!r} cannot be stored: its retry_config must be a "
+                                           f"RetryConfig, got {config!r:.80}")
                 cached = self._remember_retry_config(config)
             config_text = cached[1]
         tags = job._tags  # not job.tags: that would give every job a dict
