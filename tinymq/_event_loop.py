@@ -64,7 +64,7 @@ class _Attempt:
     """One running attempt of an async executor. ``decided`` is guarded by LoopRunner._lock."""
 
     __slots__ = ("job", "state", "context", "task", "started", "deadline", "decided",
-                 "running", "cancel_requested")
+                 "running", "called", "cancel_requested")
 
     def __init__(self, job: Any, state: Any, context: Optional[JobContext], task: Any,
                  started: float, deadline: float) -> None:
@@ -75,6 +75,7 @@ class _Attempt:
         self.started = started  # monotonic, as loop.time(): its duration is counted per type (from the call)
         self.deadline = deadline  # monotonic; +inf without a timeout, and until the function is called
         self.running = False  # loop thread only: its runner is inside it (awaiting its coroutine)
+        self.called = False  # under LoopRunner._lock: its function is called (it was undecided then)
         self.cancel_requested = False  # loop thread only: the runner's task.cancel() was called for it
         # None while undecided; then "returned", "timed_out", "cancelled" or "stopped"
         self.decided: Optional[str] = None
@@ -481,6 +482,10 @@ class LoopRunner:
                     if attempt.deadline < self._expiry_at:
                         self._arm(attempt.deadline)
                 fn = state.fn
+                with self._lock:  # against cancel(): decided before the call, the function never runs
+                    attempt.called = attempt.decided is None
+                if not attempt.called:
+                    raise asyncio.CancelledError  # as if the decision had cancelled the start write
                 awaitable = fn(job) if context is None else fn(job, context)
                 if awaitable.__class__ is types.CoroutineType or inspect.isawaitable(awaitable):
                     await awaitable
@@ -617,11 +622,12 @@ class LoopRunner:
             for attempt in list(self._attempts):
                 if attempt.decided is None and attempt.job._id == job_id and (job is None or attempt.job is job):
                     attempt.decided = "cancelled"
+                    called = attempt.called
                     self._notify_decided()
                     break
             else:
                 return None
-        if attempt.running:  # its function was called (or is being): decided now, as at a timeout
+        if called:  # its function was called: decided now, as at a timeout (not during its start write)
             self.ready.record_duration(attempt.state, monotonic() - attempt.started)
         self._cancel_task(attempt, "cancelled")
         return attempt.job

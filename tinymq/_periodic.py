@@ -416,13 +416,16 @@ class Periodic:
             if self._schedules:
                 self._ensure_thread()
 
-    def stop(self) -> None:
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """No tick fires from now on; wait up to ``timeout`` seconds for the timer thread to end
+        (a tick being enqueued, whose store may be slow to save it, then ends as any producer's
+        enqueue racing stop(): placed, or refused with QueueStopped)."""
         with self._lock:
             self._stopped = True
             self._changed.notify()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join()
+            thread.join(timeout)
 
     def _queue_gone(self, _ref: Any) -> None:
         with self._lock:

@@ -744,7 +744,10 @@ class Queue:
         """``stop`` and ``astop``: schedules, then the dispatcher. ``own_caller``: astop's caller
         (not this thread) is one of the queue's threads, loop or failure callbacks."""
         with shield():  # an executor's stop() of a queue is not cut midway by its interruption
-            self._periodic.stop()
+            deadline = None if limit is None else time.monotonic() + limit
+            self._periodic.stop(limit if wait else 0.0)  # a tick's slow save is no running attempt
+            if deadline is not None:
+                limit = max(0.0, deadline - time.monotonic())
             self._dispatcher.stop(wait, limit, None, own_caller)
             # Stopped: the finalizer has nothing left to do, and it would keep the dispatcher,
             # and so the jobs still queued, alive (with the queue too, if a job holds it).

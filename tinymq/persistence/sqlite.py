@@ -36,7 +36,7 @@ from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tu
 from .._shield import shield
 from ..config import RetryConfig, _seconds
 from ..errors import PersistenceError, _describe
-from ..job import _DEFAULT_RETRY_CONFIG, Job
+from ..job import _DEFAULT_RETRY_CONFIG, Job, Priority, _as_priority, _as_tags
 from ..job import _is_utf8 as _storable  # (SQLite stores text as UTF-8)
 from . import _ownership
 from ._ownership import LOCK_SUFFIX, OwnedError
@@ -138,6 +138,8 @@ _SAVE = _save_sql(len(_COLUMNS))
 _SELECT = f"SELECT {', '.join(_READ_COLUMNS)} FROM {_TABLE}"
 _DELETE = f"DELETE FROM {_TABLE} WHERE id = ?"
 _MARK_RUNNING = f"UPDATE {_TABLE} SET state = 'running' WHERE id = ?"
+_MARK_DEAD_AS_SAVED = f"UPDATE {_TABLE} SET state = 'dead', reason = ?, last_error = ? WHERE id = ?"
+_GIVE_BACK_AS_SAVED = f"UPDATE {_TABLE} SET state = 'ready' WHERE id = ?"
 _GIVE_BACK = _give_back_sql()
 _SEQ = _COLUMNS.index("seq")
 _MERGED_DELETE = f"DELETE FROM {_TABLE} WHERE id IN ({{}})"
@@ -204,6 +206,12 @@ def _error_text(error: object) -> Optional[str]:
     if isinstance(error, BaseException):
         return _describe(error)
     return str(error)
+
+
+def _escaped(text: str) -> str:
+    """``text`` with each lone surrogate (what ``os.fsdecode`` makes of a file name that is not
+    UTF-8) written as ``\\udcff``: an error's text as SQLite can store it."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _utf8_length(value: object) -> int:
@@ -645,13 +653,16 @@ class SQLitePersistence:
         if config is not _DEFAULT_RETRY_CONFIG:
             cached = self._retry_json.get(id(config))
             if cached is None or cached[0] is not config:
+                if not isinstance(config, RetryConfig):  # (set by its executor since enqueue checked it)
+                    raise PersistenceError(f"job {job.id!r} cannot be stored: its retry_config must be a "
+                                           f"RetryConfig, got {config!r:.80}")
                 cached = self._remember_retry_config(config)
             config_text = cached[1]
         tags = job._tags  # not job.tags: that would give every job a dict
         tags_text: Optional[str] = None
         if tags:
             try:
-                tags_text = self._tags_json(tags)
+                tags_text = self._tags_json(_as_tags(tags))  # str -> str, as load_all reads them back
             except (TypeError, ValueError) as exc:
                 raise PersistenceError(f"cannot serialise the tags of job {job.id!r}: {exc}") from exc
         job_id, job_type, run_at, timestamp, retries = job.id, job.type, job.run_at, job.timestamp, job.retries
@@ -662,6 +673,8 @@ class SQLitePersistence:
                 or retries.__class__ is not int or not 0 <= retries < _INT64
                 or (last_error is not None and last_error.__class__ is not str)):
             job_type, run_at, timestamp, retries, last_error = self._plain_fields(job, last_error)
+        if last_error is not None and not last_error.isascii() and not _storable(last_error):
+            last_error = _escaped(last_error)  # an error naming a file that is not UTF-8: kept, escaped
         texts = (job_id, job_type, payload, tags_text, last_error)
         if not (job_id.isascii() and job_type.isascii() and (payload.__class__ is not str or payload.isascii())
                 and (tags_text is None or tags_text.isascii()) and (last_error is None or last_error.isascii())):
@@ -675,7 +688,13 @@ class SQLitePersistence:
             if size > self._max_length:
                 raise PersistenceError(f"job {job_id!r} cannot be stored: its row would be {size} bytes, "
                                        f"over SQLite's limit of {self._max_length} bytes")
-        return (job_id, state, job_type, int(job.priority), run_at, timestamp, retries, payload,
+        priority = job.priority
+        if priority.__class__ is not Priority:  # (an int, or a value set since enqueue): checked as there
+            try:
+                priority = _as_priority(priority)
+            except ValueError as exc:  # (set by its executor since: a row load_all would refuse)
+                raise PersistenceError(f"job {job_id!r} cannot be stored: {exc}") from exc
+        return (job_id, state, job_type, int(priority), run_at, timestamp, retries, payload,
                 self._seq(), config_text, tags_text, last_error, reason)
 
     @staticmethod
@@ -981,7 +1000,13 @@ class SQLitePersistence:
         Like ``save``, except that a row already stored keeps its seq: the job
         runs after a restart where it was (no retry moved it back).
         """
-        row = self._row(job)
+        try:
+            row = self._row(job)
+        except PersistenceError as exc:  # changed since its last save (its executor set a payload
+            _check_id(job.id)            # JSON cannot hold, say): ready again as it was saved
+            logger.warning("job %r is given back as it was last saved: %s", job.id, exc)
+            self._write([(_GIVE_BACK_AS_SAVED, (job.id,))])
+            return
         self._write([(_GIVE_BACK, row[:_SEQ + 1] + (row[0],) + row[_SEQ + 1:])])
 
     def delete(self, job_id: str) -> None:
@@ -1034,7 +1059,16 @@ class SQLitePersistence:
 
     def mark_dead(self, job: Job, reason: str, error: object = None) -> None:
         """Keep a permanently failed job, with why, for ``dead_jobs()``."""
-        self._write([self._upsert(job, "dead", reason, _error_text(error))])
+        error_text = _error_text(error)
+        try:
+            statement = self._upsert(job, "dead", reason, error_text)
+        except PersistenceError as exc:  # changed since its last save (its executor set a payload
+            _check_id(job.id)            # JSON cannot hold, say): kept dead as it was saved
+            logger.warning("job %r is kept dead as it was last saved: %s", job.id, exc)
+            if error_text is not None and not _storable(error_text):
+                error_text = _escaped(error_text)
+            statement = (_MARK_DEAD_AS_SAVED, (reason, error_text, job.id))
+        self._write([statement])
         if self._replaced:
             self._replaced.pop(job.id, None)
 
