@@ -156,6 +156,9 @@ class QueueLink:
         self._pump_goal = 1
         # type -> limit not yet sent (see Scripts.set_limits): sent before the next fetch
         self._limits: Dict[str, Union[int, Tuple[int, int, float]]] = {}
+        # type -> its limit as last registered here: sent again when this process registers again
+        # (after a reap, or after Redis lost its data: then it has no limits left to apply)
+        self._registered_limits: Dict[str, Union[int, Tuple[int, int, float]]] = {}
         self._rate_limited: FrozenSet[str] = frozenset()  # types whose starts this process reports (op T)
         self._proc = self._new_proc_id()
         self._registered = False  # the server knows _proc (a fetch or beat succeeded)
@@ -552,6 +555,7 @@ class QueueLink:
             else:
                 self._limits[job_type] = (limit, rate_limit.max_starts, float(rate_limit.per))
                 self._rate_limited = self._rate_limited | {job_type}
+            self._registered_limits[job_type] = self._limits[job_type]
         # A pump waiting in Redis would send them at its next look only: a lifted or raised
         # limit lets parked jobs out now, so send them (and fetch what they free) at once.
         self._flush_if_idle()
@@ -772,18 +776,18 @@ class QueueLink:
         with self._round_lock:
             if self._released or (unless_sent is not None and not self._unsent_op(unless_sent)):
                 return 0
-            if self._unsent is None:  # else resend the failed call as it was: the script knows it
-                with self._lock:
+            with self._lock:
+                if self._unsent is None:  # else resend the failed call as it was: the script knows it
                     ops, self._ops = self._ops, []
                     self._unsent = (self._proc, format(next(self._fetch_ids), "x"), self._free(), ops)
-                    limits, self._limits = self._limits, {}
-                if limits:  # before the fetch, so that it admits by the current limits
-                    try:
-                        self.scripts.set_limits(limits)
-                    except BaseException:
-                        with self._lock:  # sent again with the next round; a newer one wins
-                            self._limits = {**limits, **self._limits}
-                        raise
+                limits, self._limits = self._limits, {}
+            if limits:  # before the fetch, a resent one too, so that it admits by the current limits
+                try:
+                    self.scripts.set_limits(limits)
+                except BaseException:
+                    with self._lock:  # sent again before the next round's fetch; a newer one wins
+                        self._limits = {**limits, **self._limits}
+                    raise
             proc, fetch_id, n, ops = self._unsent
             self.broker._check_server()
             sent = time.monotonic()
@@ -886,6 +890,9 @@ class QueueLink:
             self._ops = []  # their attempts are no longer ours: every op would be stale
             old, self._proc = self._proc, self._new_proc_id()
             self._registered = False
+            # Sent again before the next fetch: Redis may have lost them (it restarted without its
+            # data, and every process finds itself reaped), and would hand out jobs without limits.
+            self._limits = {**self._registered_limits, **self._limits}
             self._renewal.notify_all()  # workers waiting to start a job of the old id refuse it
         logger.warning("this process (%s) was silent past its %gs lease and its jobs were given to "
                        "others; it dropped its buffer and registers again as %s", old, self.broker.lease,
