@@ -58,3 +58,28 @@ def test_the_global_limits_hold_after_redis_lost_its_data(own_redis_server):
     finally:
         worker.stop(wait=False)
 
+
+def test_a_password_given_in_the_query_of_a_redis_url_is_never_shown(own_redis_server, capsys, caplog):
+    """Symptom: `python -m tinymq status --redis 'redis://host/0?password=s3cret' --name q` (redis-py
+    takes the password from the query string as well as from before the host) prints the
+    password, in its output and in its errors, and RedisBroker's repr shows it too: only a
+    password before the host was hidden.
+    Reproduce: that command against a server that wants the password, for a name it does not
+    hold: the error names the URL, password and all. docs/cli.md: "A password in the URL is
+    shown as `***`"."""
+    from tinymq.__main__ import main
+    from tinymq.redis import RedisBroker
+
+    with own_redis_server.client() as client:
+        client.config_set("requirepass", "s3cret")
+    url = own_redis_server.url + "?password=s3cret"
+    assert main(["status", "--redis", url, "--name", "q"]) == 1  # (it holds no queue "q")
+    captured = capsys.readouterr()
+    assert "holds no tinymq queue" in captured.err and "password=***" in captured.err
+    assert "s3cret" not in captured.out + captured.err
+    broker = RedisBroker(url, name="q")
+    try:
+        assert "s3cret" not in repr(broker) and "password=***" in repr(broker)
+    finally:
+        broker.close()
+    assert "s3cret" not in caplog.text

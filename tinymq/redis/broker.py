@@ -329,9 +329,11 @@ def _dead_entries(rows: Iterable[Tuple[str, str, Any, Optional[str], Optional[st
 
 
 def redacted_url(url: str) -> str:
-    """``url`` without its password, fit to print (messages here, and the CLI's output)."""
+    """``url`` without its password, fit to print (messages here, and the CLI's output): the one
+    before the host, and a ``password=`` in the query string, which redis-py reads as well."""
     parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    hidden = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urllib.parse.urlunsplit(parts._replace(netloc=hidden))
+    if parts.password is not None:
+        hidden = parts.netloc.replace(f":{parts.password}@", ":***@")
+        url = urllib.parse.urlunsplit(parts._replace(netloc=hidden))
+    head, mark, query = url.partition("?")
+    return head + mark + re.sub(r"(^|[&;])(password=)[^&;#]*", r"\1\2***", query)
