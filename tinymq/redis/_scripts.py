@@ -395,14 +395,15 @@ class Scripts:
         return int(anchor_us), int(interval_us), int(now_us)
 
     def schedule_tick(self, name: str, tick: int, token: str, buffer_size: int, max_delayed_jobs: int,
-                      job: Tuple[Any, ...], caller: str = "", lease_ms: int = 0
-                      ) -> Tuple[str, List[Crashed]]:
+                      job: Tuple[Any, ...], caller: str = "", lease_ms: int = 0,
+                      grid: Optional[Tuple[int, int]] = None) -> Tuple[str, List[Crashed]]:
         """Claim ``tick`` (its time in us) of schedule ``name`` for this call, once across processes, and enqueue
         its ``job`` row (as ``enqueue``'s) in the same call: ``(outcome, evicted)``, the outcome
-        "fire", "busy", "full" or "taken", the evicted rows only with "fire" (see
-        schedule_tick.lua; ``caller`` and ``lease_ms`` as ``enqueue``'s)."""
+        "fire", "busy", "full", "taken" or "regrid", the evicted rows only with "fire" (see
+        schedule_tick.lua; ``caller`` and ``lease_ms`` as ``enqueue``'s; ``grid``: the (anchor us,
+        interval us) of an ``every`` tick)."""
         reply = self._call("schedule_tick", [name, tick, token, buffer_size, max_delayed_jobs, caller, lease_ms,
-                                             *_full_row(job)])
+                                             *_full_row(job), *(grid or ())])
         if reply[0] == "fire":
             return "fire", _crashed(reply[1])
         return str(reply[0]), []
