@@ -133,3 +133,28 @@ def test_an_every_schedule_fires_once_per_tick_after_redis_lost_its_data(own_red
         if second is not None:
             second.stop(wait=False)
 
+
+
+def test_a_job_whose_last_error_is_not_text_is_enqueued_over_redis_as_with_a_store(redis_url):
+    """Symptom: enqueue over Redis of a job whose `last_error` a user set to something other
+    than text (the exception itself, re-enqueueing a failed job) raised a bare
+    AttributeError ("'ValueError' object has no attribute 'isascii'") that names nothing,
+    while the in-process queue accepts the job and a SQLite store keeps its text (str()).
+    Reproduce: job.last_error = ValueError("boom"); q.enqueue(job) on a RedisBroker queue.
+    API.md Scale-out: everything of the in-process API holds across processes; a failure
+    to enqueue raises TypeError/ValueError naming what is wrong, never an unrelated error."""
+    from _backends import Redis
+
+    shared = Redis(redis_url)
+    seen = []
+    try:
+        producer, worker = shared.pair()
+        worker.register_executor("t", lambda job: seen.append(job.last_error))
+        job = Job("t")
+        job.last_error = ValueError("boom")
+        producer.enqueue(job)
+        worker.start_dispatcher(1)
+        assert worker.join(WAIT)
+        assert seen == ["boom"]
+    finally:
+        shared.close()

@@ -102,6 +102,8 @@ def job_row(job: Any, now: float) -> Tuple[str, str, int, float, str, int, str]:
     run_at = job.run_at
     delay = 0.0 if run_at is job.timestamp else round((run_at - now) * _MS, _DIGITS)
     last_error = job.last_error
+    if last_error is not None and last_error.__class__ is not str:  # (set by hand: its text, as a store keeps)
+        last_error = str(last_error)
     return (job.id, job.type, int(job.priority), delay if delay > 0.0 else 0, encode_job(job), job.retries,
             sendable_text(last_error) if last_error else "")
 
