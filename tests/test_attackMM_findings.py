@@ -30,7 +30,8 @@ def test_the_global_limits_hold_after_redis_lost_its_data(own_redis_server):
     Reproduce: a worker with RateLimit(2, per=60); restart Redis empty; enqueue 4 jobs: all 4
     start at once. API.md Scale-out: `max_concurrent_jobs` and `rate_limit` are global limits
     per type (docs/redis.md: without `appendonly` the jobs are lost, not the limits).
-    Fix: a process that finds it must register again sends its limits again, before it fetches."""
+    Fix: a process that finds it must register again sends its limits again, before it fetches
+    (for the types Redis holds none for)."""
     from tinymq.redis import RedisBroker
 
     lock = threading.Lock()
@@ -56,6 +57,10 @@ def test_the_global_limits_hold_after_redis_lost_its_data(own_redis_server):
             with lock:
                 assert len(started) == 3, started
             assert client.hget("tmq:{wiped}:ratelimits", "t") is not None
+            # Sent again, they only fill in what Redis lacks: a process reaped after a stall
+            # never overrides a newer registration of the type.
+            worker.broker._scripts.set_limits({"t": 7}, only_missing=True)
+            assert client.hget("tmq:{wiped}:limits", "t") == b"10"
     finally:
         worker.stop(wait=False)
 

@@ -159,8 +159,10 @@ class QueueLink:
         # type -> limit not yet sent (see Scripts.set_limits): sent before the next fetch
         self._limits: Dict[str, Union[int, Tuple[int, int, float]]] = {}
         # type -> its limit as last registered here: sent again when this process registers again
-        # (after a reap, or after Redis lost its data: then it has no limits left to apply)
+        # (after a reap, or after Redis lost its data: then it has no limits left to apply), as
+        # _lost_limits, which set only the types Redis holds no limits for (a newer registration wins)
         self._registered_limits: Dict[str, Union[int, Tuple[int, int, float]]] = {}
+        self._lost_limits: Dict[str, Union[int, Tuple[int, int, float]]] = {}
         self._rate_limited: FrozenSet[str] = frozenset()  # types whose starts this process reports (op T)
         self._proc = self._new_proc_id()
         self._registered = False  # the server knows _proc (a fetch or beat succeeded)
@@ -783,13 +785,17 @@ class QueueLink:
                     ops, self._ops = self._ops, []
                     self._unsent = (self._proc, format(next(self._fetch_ids), "x"), self._free(), ops)
                 limits, self._limits = self._limits, {}
-            if limits:  # before the fetch, a resent one too, so that it admits by the current limits
-                try:
+                lost, self._lost_limits = self._lost_limits, {}
+            try:  # before the fetch, a resent one too, so that it admits by the current limits
+                if lost:
+                    self.scripts.set_limits(lost, only_missing=True)
+                if limits:
                     self.scripts.set_limits(limits)
-                except BaseException:
-                    with self._lock:  # sent again before the next round's fetch; a newer one wins
-                        self._limits = {**limits, **self._limits}
-                    raise
+            except BaseException:
+                with self._lock:  # sent again before the next round's fetch; a newer one wins
+                    self._limits = {**limits, **self._limits}
+                    self._lost_limits = {**lost, **self._lost_limits}
+                raise
             proc, fetch_id, n, ops = self._unsent
             self.broker._check_server()
             sent = time.monotonic()
@@ -892,9 +898,10 @@ class QueueLink:
             self._ops = []  # their attempts are no longer ours: every op would be stale
             old, self._proc = self._proc, self._new_proc_id()
             self._registered = False
-            # Sent again before the next fetch: Redis may have lost them (it restarted without its
-            # data, and every process finds itself reaped), and would hand out jobs without limits.
-            self._limits = {**self._registered_limits, **self._limits}
+            # Sent again before the next fetch, for the types Redis holds none for: it may have lost
+            # them (it restarted without its data: every process finds itself reaped), and would
+            # hand out jobs without limits.
+            self._lost_limits = dict(self._registered_limits)
             self._renewal.notify_all()  # workers waiting to start a job of the old id refuse it
         logger.warning("this process (%s) was silent past its %gs lease and its jobs were given to "
                        "others; it dropped its buffer and registers again as %s", old, self.broker.lease,

@@ -342,15 +342,17 @@ class Scripts:
         """Renew the lease of ``reporter`` (see cancel): False when it is no longer registered."""
         return int(self._call("hold", [reporter, lease_ms])) == 1
 
-    def set_limits(self, limits: Dict[str, Union[int, Tuple[int, int, float]]]) -> int:
+    def set_limits(self, limits: Dict[str, Union[int, Tuple[int, int, float]]], only_missing: bool = False
+                   ) -> int:
         """Set global per-type limits; returns how many parked jobs were released.
 
         A value is ``max_concurrent_jobs``, or ``(max_concurrent_jobs, max_starts,
         per seconds)`` for a type with a rate limit; a type given without one has none.
+        ``only_missing``: only for the types Redis holds no limits for (sent again).
         """
         if not limits:
             return 0
-        args: List[Any] = []
+        args: List[Any] = ["1" if only_missing else "0"]
         for job_type, value in limits.items():
             if isinstance(value, tuple):
                 limit, max_starts, per = value
