@@ -163,3 +163,40 @@ def test_a_job_whose_last_error_is_not_text_is_enqueued_over_redis_as_with_a_sto
         assert seen == ["boom"]
     finally:
         shared.close()
+
+
+def test_a_foreign_job_with_an_empty_id_is_failed_and_the_worker_goes_on(redis_url):
+    """Symptom: a job that another program wrote into the queue's keys with an empty id and a
+    body tinymq cannot decode killed the worker process's pump thread (ValueError from the
+    stand-in Job(id='')): that process never fetched again, while its heartbeat kept its lease,
+    so the jobs it had fetched with it (and every later one it would take) never ran and were
+    never given to another process; join() never returned. broker.dead_jobs() and `status`
+    raised the same ValueError once it was dead.
+    Reproduce: enqueue.lua called with the row ('', 't', 1, 0, '{not json') beside a good job;
+    start a worker. docs/redis.md "Dead jobs": a job no process can decode is never run, the
+    worker fails it for good ("permanent_failure") and it is reported and listed dead with a
+    stand-in Job of its id."""
+    import redis as redis_py
+
+    from tinymq.redis import RedisBroker
+    from tinymq.redis._scripts import Scripts
+
+    name = "foreign-empty-id"
+    client = redis_py.Redis.from_url(redis_url, decode_responses=True)
+    q = Queue(broker=RedisBroker(redis_url, name=name, lease=2.0))
+    ran, reported = [], []
+    q.register_executor("t", lambda job: ran.append(job.id))
+    q.on_failure(lambda job, reason, exc: reported.append((job.id, reason)))
+    try:
+        rows = [("good", "t", 1, 0, '["t",1,null,1.0,1.0,null,null]'), ("", "t", 1, 0, "{not json")]
+        assert Scripts(client, name).enqueue("tok", 100, 0, rows).status == "ok"
+        q.start_dispatcher(2)
+        assert q.join(WAIT)
+        q.enqueue(Job("t", id="later"))
+        assert q.join(WAIT)
+        assert sorted(ran) == ["good", "later"] and reported == [("", "permanent_failure")]
+        (dead,) = q.broker.dead_jobs()
+        assert (dead.job.id, dead.job.payload, dead.reason) == ("", "{not json", "permanent_failure")
+    finally:
+        q.stop()
+        client.close()
