@@ -7,6 +7,8 @@ import os
 import shutil
 import threading
 
+import pytest
+
 from tinymq import ExecutorConfig, Job, Queue, RateLimit
 from tinymq._periodic import tick_of_job_id
 
@@ -165,14 +167,20 @@ def test_a_job_whose_last_error_is_not_text_is_enqueued_over_redis_as_with_a_sto
         shared.close()
 
 
-def test_a_foreign_job_with_an_empty_id_is_failed_and_the_worker_goes_on(redis_url):
+@pytest.mark.parametrize("job_id, body, retries", [
+    ("", "{not json", 0),
+    ("odd-retries", '["t",1,null,1.0,1.0,null,null]', "x"),
+])
+def test_a_foreign_job_with_an_odd_id_or_retries_is_failed_and_the_worker_goes_on(redis_url, job_id, body, retries):
     """Symptom: a job that another program wrote into the queue's keys with an empty id and a
-    body tinymq cannot decode killed the worker process's pump thread (ValueError from the
-    stand-in Job(id='')): that process never fetched again, while its heartbeat kept its lease,
+    body tinymq cannot decode, or with retries that are not a number, killed the worker
+    process's pump thread (ValueError from the stand-in Job(id=''), or from int() of the
+    retries in the fetch reply): that process never fetched again, while its heartbeat kept its lease,
     so the jobs it had fetched with it (and every later one it would take) never ran and were
     never given to another process; join() never returned. broker.dead_jobs() and `status`
     raised the same ValueError once it was dead.
-    Reproduce: enqueue.lua called with the row ('', 't', 1, 0, '{not json') beside a good job;
+    Reproduce: enqueue.lua called with the row ('', 't', 1, 0, '{not json') (or a good body
+    with retries 'x') beside a good job;
     start a worker. docs/redis.md "Dead jobs": a job no process can decode is never run, the
     worker fails it for good ("permanent_failure") and it is reported and listed dead with a
     stand-in Job of its id."""
@@ -188,15 +196,58 @@ def test_a_foreign_job_with_an_empty_id_is_failed_and_the_worker_goes_on(redis_u
     q.register_executor("t", lambda job: ran.append(job.id))
     q.on_failure(lambda job, reason, exc: reported.append((job.id, reason)))
     try:
-        rows = [("good", "t", 1, 0, '["t",1,null,1.0,1.0,null,null]'), ("", "t", 1, 0, "{not json")]
+        rows = [("good", "t", 1, 0, '["t",1,null,1.0,1.0,null,null]'), (job_id, "t", 1, 0, body, retries)]
         assert Scripts(client, name).enqueue("tok", 100, 0, rows).status == "ok"
         q.start_dispatcher(2)
         assert q.join(WAIT)
         q.enqueue(Job("t", id="later"))
         assert q.join(WAIT)
-        assert sorted(ran) == ["good", "later"] and reported == [("", "permanent_failure")]
+        assert sorted(ran) == ["good", "later"] and reported == [(job_id, "permanent_failure")]
         (dead,) = q.broker.dead_jobs()
-        assert (dead.job.id, dead.job.payload, dead.reason) == ("", "{not json", "permanent_failure")
+        assert (dead.job.id, dead.reason) == (job_id, "permanent_failure")
+        assert dead.error.startswith("cannot decode")
+    finally:
+        q.stop()
+        client.close()
+
+
+def test_a_foreign_job_whose_bytes_are_not_utf8_is_failed_or_run_and_the_worker_goes_on(redis_url):
+    """Symptom: a job that another program wrote with a body that is not UTF-8 (msgpack, pickle,
+    any binary serialiser) killed the pump thread of the worker that fetched it: redis-py
+    raised UnicodeDecodeError reading the fetch reply, which is no RedisError. That process
+    never fetched again while its heartbeat kept its lease: the jobs fetched with it never ran
+    nor went to another process, join() never returned; dead_jobs() raised the same error.
+    A job id that is not UTF-8 did the same.
+    Reproduce: enqueue.lua called with a row whose body is b'\\xff\\xfe...' beside a good job;
+    start a worker. docs/redis.md "Dead jobs": a job no process can decode (its body written
+    by another program) is never run: the worker fails it for good and it is reported and
+    listed dead with a stand-in Job, its body's text as the payload.
+    Fix: script replies are read as bytes and decoded with surrogateescape (what os.fsdecode
+    does with a file name), and an attempt id goes back to Redis as the same bytes."""
+    import redis as redis_py
+
+    from tinymq.redis import RedisBroker
+    from tinymq.redis._scripts import Scripts
+
+    name = "foreign-bytes"
+    client = redis_py.Redis.from_url(redis_url, decode_responses=True)
+    q = Queue(broker=RedisBroker(redis_url, name=name, lease=2.0))
+    ran, reported = [], []
+    q.register_executor("t", lambda job: ran.append(job.id))
+    q.on_failure(lambda job, reason, exc: reported.append((job.id, job.payload, reason)))
+    good = '["t",1,null,1.0,1.0,null,null]'
+    try:
+        rows = [("good", "t", 1, 0, good), ("binary", "t", 1, 0, b"\xff\xfe\x00["), (b"id-\xff", "t", 1, 0, good)]
+        assert Scripts(client, name).enqueue("tok", 100, 0, rows).status == "ok"
+        q.start_dispatcher(2)
+        assert q.join(WAIT)
+        q.enqueue(Job("t", id="later"))
+        assert q.join(WAIT)
+        body = b"\xff\xfe\x00[".decode("utf-8", "surrogateescape")
+        assert sorted(ran) == ["good", "id-\udcff", "later"]
+        assert reported == [("binary", body, "permanent_failure")]
+        (dead,) = q.broker.dead_jobs()
+        assert (dead.job.id, dead.job.payload, dead.reason) == ("binary", body, "permanent_failure")
     finally:
         q.stop()
         client.close()

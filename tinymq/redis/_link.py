@@ -50,7 +50,7 @@ from ..config import RateLimit
 from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError, _describe
 from ..stats import ExecutorStats, QueueStats
 from ._codec import decode_job, encode_job, is_utf8, sendable_text, undecodable_job, unsendable
-from ._scripts import Crashed, SettleOp
+from ._scripts import Crashed, SettleOp, retries_of
 
 __all__ = ["QueueLink"]
 
@@ -296,7 +296,7 @@ class QueueLink:
             job_id = row[0]
             if any(key == f"{job_id}|cancelled|{token}" or key.startswith(f"{job_id}|evicted|{proc}|{token}|")
                    for token in tokens):
-                rows.append(Crashed(job_id, row[1], int(row[2] or 0), row[3] or "", row[4], key))
+                rows.append(Crashed(job_id, row[1], retries_of(row[2]), row[3] or "", row[4], key))
         if rows:
             logger.warning("Redis queue %r: reporting %d job(s) that calls without a reply ended",
                            self.broker.name, len(rows))
