@@ -216,7 +216,8 @@ class TickBackend(Protocol):
         """The schedule begins; returns its first tick (a broker aligns it with other processes')."""
 
     def fire(self, schedule: _Schedule, tick: _Tick) -> str:
-        """Enqueue the tick's job: "fired", "busy" (the previous job is unfinished) or "taken"."""
+        """Enqueue the tick's job: "fired", "busy" (the previous job is unfinished), "taken", or
+        "regrid" (a broker: the tick is not on the grid other processes tick on; begin it again)."""
 
     def check(self, schedule: _Schedule) -> None:
         """Raise TypeError/ValueError, naming the schedule, when its jobs cannot be enqueued."""
@@ -537,6 +538,12 @@ class Periodic:
                 logger.exception("schedule %r could not enqueue its tick's job; the tick is skipped",
                                  schedule.name)
             with self._lock:
+                if outcome == "regrid":  # (a broker holds another grid of the schedule: join it)
+                    logger.warning("schedule %r: Redis holds another grid of its ticks (it lost its data "
+                                   "while this process ticked); this process joins it", schedule.name)
+                    schedule.begun = False
+                    schedule.begin_at = self._monotonic()
+                    return
                 if outcome == "fired":
                     schedule.fired += 1
                     if logger.isEnabledFor(logging.DEBUG):

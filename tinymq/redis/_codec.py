@@ -109,7 +109,8 @@ def undecodable_job(job_id: str, body: str, retries: Any = 0, last_error: Option
     except Exception:
         fields = None
     job_type = fields[0] if isinstance(fields, list) and fields else None
-    job = Job(job_type if isinstance(job_type, str) and job_type else _UNDECODABLE_TYPE, body, id=job_id)
+    job = Job(job_type if isinstance(job_type, str) and job_type else _UNDECODABLE_TYPE, body)
+    job._id = job_id  # (whatever id it has in Redis, even one Job() refuses: '', written by another program)
     job.retries = int(retries) if str(retries).isdigit() else 0
     job.last_error = last_error or None
     return job

@@ -50,7 +50,7 @@ from ..config import RateLimit
 from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError, _describe
 from ..stats import ExecutorStats, QueueStats
 from ._codec import decode_job, encode_job, is_utf8, sendable_text, undecodable_job, unsendable
-from ._scripts import Crashed, SettleOp
+from ._scripts import Crashed, SettleOp, retries_of
 
 __all__ = ["QueueLink"]
 
@@ -102,6 +102,8 @@ def job_row(job: Any, now: float) -> Tuple[str, str, int, float, str, int, str]:
     run_at = job.run_at
     delay = 0.0 if run_at is job.timestamp else round((run_at - now) * _MS, _DIGITS)
     last_error = job.last_error
+    if last_error is not None and last_error.__class__ is not str:  # (set by hand: its text, as a store keeps)
+        last_error = str(last_error)
     return (job.id, job.type, int(job.priority), delay if delay > 0.0 else 0, encode_job(job), job.retries,
             sendable_text(last_error) if last_error else "")
 
@@ -156,6 +158,11 @@ class QueueLink:
         self._pump_goal = 1
         # type -> limit not yet sent (see Scripts.set_limits): sent before the next fetch
         self._limits: Dict[str, Union[int, Tuple[int, int, float]]] = {}
+        # type -> its limit as last registered here: sent again when this process registers again
+        # (after a reap, or after Redis lost its data: then it has no limits left to apply), as
+        # _lost_limits, which set only the types Redis holds no limits for (a newer registration wins)
+        self._registered_limits: Dict[str, Union[int, Tuple[int, int, float]]] = {}
+        self._lost_limits: Dict[str, Union[int, Tuple[int, int, float]]] = {}
         self._rate_limited: FrozenSet[str] = frozenset()  # types whose starts this process reports (op T)
         self._proc = self._new_proc_id()
         self._registered = False  # the server knows _proc (a fetch or beat succeeded)
@@ -289,7 +296,7 @@ class QueueLink:
             job_id = row[0]
             if any(key == f"{job_id}|cancelled|{token}" or key.startswith(f"{job_id}|evicted|{proc}|{token}|")
                    for token in tokens):
-                rows.append(Crashed(job_id, row[1], int(row[2] or 0), row[3] or "", row[4], key))
+                rows.append(Crashed(job_id, row[1], retries_of(row[2]), row[3] or "", row[4], key))
         if rows:
             logger.warning("Redis queue %r: reporting %d job(s) that calls without a reply ended",
                            self.broker.name, len(rows))
@@ -552,6 +559,7 @@ class QueueLink:
             else:
                 self._limits[job_type] = (limit, rate_limit.max_starts, float(rate_limit.per))
                 self._rate_limited = self._rate_limited | {job_type}
+            self._registered_limits[job_type] = self._limits[job_type]
         # A pump waiting in Redis would send them at its next look only: a lifted or raised
         # limit lets parked jobs out now, so send them (and fetch what they free) at once.
         self._flush_if_idle()
@@ -772,18 +780,22 @@ class QueueLink:
         with self._round_lock:
             if self._released or (unless_sent is not None and not self._unsent_op(unless_sent)):
                 return 0
-            if self._unsent is None:  # else resend the failed call as it was: the script knows it
-                with self._lock:
+            with self._lock:
+                if self._unsent is None:  # else resend the failed call as it was: the script knows it
                     ops, self._ops = self._ops, []
                     self._unsent = (self._proc, format(next(self._fetch_ids), "x"), self._free(), ops)
-                    limits, self._limits = self._limits, {}
-                if limits:  # before the fetch, so that it admits by the current limits
-                    try:
-                        self.scripts.set_limits(limits)
-                    except BaseException:
-                        with self._lock:  # sent again with the next round; a newer one wins
-                            self._limits = {**limits, **self._limits}
-                        raise
+                limits, self._limits = self._limits, {}
+                lost, self._lost_limits = self._lost_limits, {}
+            try:  # before the fetch, a resent one too, so that it admits by the current limits
+                if lost:
+                    self.scripts.set_limits(lost, only_missing=True)
+                if limits:
+                    self.scripts.set_limits(limits)
+            except BaseException:
+                with self._lock:  # sent again before the next round's fetch; a newer one wins
+                    self._limits = {**limits, **self._limits}
+                    self._lost_limits = {**lost, **self._lost_limits}
+                raise
             proc, fetch_id, n, ops = self._unsent
             self.broker._check_server()
             sent = time.monotonic()
@@ -886,6 +898,10 @@ class QueueLink:
             self._ops = []  # their attempts are no longer ours: every op would be stale
             old, self._proc = self._proc, self._new_proc_id()
             self._registered = False
+            # Sent again before the next fetch, for the types Redis holds none for: it may have lost
+            # them (it restarted without its data: every process finds itself reaped), and would
+            # hand out jobs without limits.
+            self._lost_limits = dict(self._registered_limits)
             self._renewal.notify_all()  # workers waiting to start a job of the old id refuse it
         logger.warning("this process (%s) was silent past its %gs lease and its jobs were given to "
                        "others; it dropped its buffer and registers again as %s", old, self.broker.lease,

@@ -13,6 +13,9 @@ clock (``schedule_begin.lua``), tick k at ``anchor + k * interval``, which each
 process maps onto its own monotonic clock when the schedule begins. A tick is claimed
 by its time in microseconds, of either kind: a schedule that changes kind under its
 name (a deploy, a rollback) finds no claim of the other kind "later" than its ticks.
+An ``every`` tick's claim carries its grid: Redis that lost its data keeps it again, and a
+process whose grid is not the one Redis holds (of the same interval: Redis lost its data, and
+a process that began since set a new one) is told so ("regrid") and joins Redis's.
 """
 import math
 import os
@@ -76,10 +79,11 @@ class BrokerTicks:
         link = self._link
         if link.dispatcher.stopping:
             raise QueueStopped("the queue is stopped")
+        grid = None
         if tick.index < 0:
             number, wall = round(tick.wall * _US), tick.wall
         else:
-            anchor_us, interval_us = self._grids[schedule.name]
+            grid = anchor_us, interval_us = self._grids[schedule.name]
             number = anchor_us + tick.index * interval_us
             wall = number / _US
         job = schedule.new_job_at(wall)
@@ -91,7 +95,7 @@ class BrokerTicks:
                 link.broker._check_server()
                 outcome, evicted = link.broker._call_resending(
                     link.scripts.schedule_tick, schedule.name, number, token, link.config.buffer_size,
-                    link.config.max_delayed_jobs, row, caller, lease_ms)
+                    link.config.max_delayed_jobs, row, caller, lease_ms, grid)
             except self._redis_error as exc:
                 link._reply_lost(caller, token)
                 raise TinyMQError(f"could not claim a tick of schedule {schedule.name!r} in Redis queue "
@@ -100,7 +104,7 @@ class BrokerTicks:
                 raise QueueFull(f"the ready buffer is full ({link.config.buffer_size} jobs); job {job.id} "
                                 f"({job.type!r}) was not enqueued")
             if outcome != "fire":
-                return outcome  # "busy" or "taken"
+                return outcome  # "busy", "taken" or "regrid"
             schedule.last_job_id = job.id
             link._report_ended(evicted, caller)
         return "fired"

@@ -63,7 +63,7 @@ class Crashed(NamedTuple):
 
     id: str
     body: str
-    retries: int
+    retries: Union[int, str]  # as Redis holds it: decode_job reads it (a foreign write may hold anything)
     error: str
     reason: str = "crashed"
     key: str = ""  # its field in reporting:<proc>, acknowledged by op A (see lib.lua's handed)
@@ -74,7 +74,7 @@ class Fetched(NamedTuple):
 
     attempt: str
     body: str
-    retries: int
+    retries: Union[int, str]  # as Redis holds it: decode_job reads it (a foreign write may hold anything)
     error: str
 
     @property
@@ -118,7 +118,7 @@ class StatusReply(NamedTuple):
     processes: int  # live worker processes
     rate_limits: Dict[str, Tuple[int, float, int]]  # type -> (max_starts, per seconds, starts in the window)
     dead_count: int  # every dead job
-    dead: List[Tuple[str, str, int, str, str]]  # the newest read: (id, body, retries, error, reason), oldest first
+    dead: List[Tuple[str, str, Any, str, str]]  # the newest read: (id, body, retries, error, reason), oldest first
 
 
 class EnqueueReply(NamedTuple):
@@ -143,15 +143,41 @@ _SHORT_OPS = frozenset("SEBTA")  # sent as (op, attempt) only
 def _ops_args(ops: Iterable[SettleOp]) -> List[Any]:
     flat: List[Any] = []
     for op in ops:
-        if op.op in _SHORT_OPS:
-            flat += op[:2]
-        else:
-            flat.extend(op)
+        flat += (op.op, _wire(op.attempt))  # (an attempt names its job's id, as Redis holds it)
+        if op.op not in _SHORT_OPS:
+            flat.extend(op[2:])
     return flat
 
 
+def _text(reply: Any) -> Any:
+    """A script's reply, read as bytes, as text: UTF-8, and the bytes that are not (another
+    program wrote them: a binary body, an id) kept as lone surrogates ("surrogateescape", as
+    ``os.fsdecode`` does), so that an id read here goes back to Redis as the same bytes (_wire)."""
+    if reply.__class__ is bytes:
+        return reply.decode("utf-8", "surrogateescape")
+    if reply.__class__ is list:  # (one level inline: a fetch reply's rows are lists of bytes)
+        return [item.decode("utf-8", "surrogateescape") if item.__class__ is bytes else _text(item)
+                for item in reply]
+    return reply
+
+
+def _wire(text: str) -> bytes:
+    """Text read from Redis (see _text) as the bytes Redis holds."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def retries_of(text: Any) -> Union[int, str]:
+    """A job's retries as Redis holds them: an int, or the text itself when it is none (another
+    program wrote it), which decode_job refuses (the job is undecodable): never an error here, in
+    the thread that reads a reply."""
+    try:
+        return int(text or 0)
+    except (TypeError, ValueError):
+        return text
+
+
 def _crashed(rows: Sequence[Sequence[Any]]) -> List[Crashed]:
-    return [Crashed(row[0], row[1], int(row[2] or 0), row[3] or "", row[4] if len(row) > 4 else "crashed",
+    return [Crashed(row[0], row[1], retries_of(row[2]), row[3] or "", row[4] if len(row) > 4 else "crashed",
                     (row[5] if len(row) > 5 else "") or "")  # (no key: a row nothing keeps)
             for row in rows]
 
@@ -244,14 +270,14 @@ class Scripts:
         try:
             try:
                 _send(connection, command)
-                reply = connection.read_response()
+                reply = connection.read_response(disable_decoding=True)
             except redis.exceptions.NoScriptError:  # a restarted server: load it, call it again
                 connection.send_command("SCRIPT", "LOAD", registered.script)
                 connection.read_response()
                 _send(connection, command)
-                reply = connection.read_response()
+                reply = connection.read_response(disable_decoding=True)
             broken = False
-            return reply
+            return _text(reply)  # (a reply that is not UTF-8 would kill the thread that reads it)
         except (redis.exceptions.ResponseError, UnicodeEncodeError):
             broken = False  # the server answered with an error, or the text was refused before it went
             raise
@@ -287,7 +313,7 @@ class Scripts:
         return FetchReply(
             reaped=int(reply[0]) == 0, now_ms=int(reply[1]), next_due_ms=None if due < 0 else due,
             stale=int(reply[3]), crashed=_crashed(reply[4]),
-            jobs=[Fetched(row[0], row[1], int(row[2] or 0), row[3] or "") for row in reply[5]],
+            jobs=[Fetched(row[0], row[1], retries_of(row[2]), row[3] or "") for row in reply[5]],
             now_us=int(reply[6]), cancels=reply[7],
         )
 
@@ -342,15 +368,17 @@ class Scripts:
         """Renew the lease of ``reporter`` (see cancel): False when it is no longer registered."""
         return int(self._call("hold", [reporter, lease_ms])) == 1
 
-    def set_limits(self, limits: Dict[str, Union[int, Tuple[int, int, float]]]) -> int:
+    def set_limits(self, limits: Dict[str, Union[int, Tuple[int, int, float]]], only_missing: bool = False
+                   ) -> int:
         """Set global per-type limits; returns how many parked jobs were released.
 
         A value is ``max_concurrent_jobs``, or ``(max_concurrent_jobs, max_starts,
         per seconds)`` for a type with a rate limit; a type given without one has none.
+        ``only_missing``: only for the types Redis holds no limits for (sent again).
         """
         if not limits:
             return 0
-        args: List[Any] = []
+        args: List[Any] = ["1" if only_missing else "0"]
         for job_type, value in limits.items():
             if isinstance(value, tuple):
                 limit, max_starts, per = value
@@ -380,13 +408,13 @@ class Scripts:
             rate_limits[rates[i]] = (int(max_starts), float(per_ms) / 1000.0, int(rates[i + 2]))
         return StatusReply((int(high), int(medium), int(low)), int(delayed), counters, dict(sorted(executors.items())),
                            int(processes), dict(sorted(rate_limits.items())), int(dead_count),
-                           [(row[0], row[1], int(row[2] or 0), row[3], row[4]) for row in dead])
+                           [(row[0], row[1], retries_of(row[2]), row[3], row[4]) for row in dead])
 
     def requeue_dead(self, ids: Sequence[str]) -> int:
-        return int(self._call("requeue_dead", list(ids))) if ids else 0
+        return int(self._call("requeue_dead", [_wire(job_id) for job_id in ids])) if ids else 0
 
     def purge_dead(self, ids: Sequence[str]) -> int:
-        return int(self._call("purge_dead", list(ids))) if ids else 0
+        return int(self._call("purge_dead", [_wire(job_id) for job_id in ids])) if ids else 0
 
     def schedule_begin(self, name: str, interval_us: int, first_delay_us: int) -> Tuple[int, int, int]:
         """Join (or start) the tick grid of the ``every`` schedule ``name``:
@@ -395,14 +423,15 @@ class Scripts:
         return int(anchor_us), int(interval_us), int(now_us)
 
     def schedule_tick(self, name: str, tick: int, token: str, buffer_size: int, max_delayed_jobs: int,
-                      job: Tuple[Any, ...], caller: str = "", lease_ms: int = 0
-                      ) -> Tuple[str, List[Crashed]]:
+                      job: Tuple[Any, ...], caller: str = "", lease_ms: int = 0,
+                      grid: Optional[Tuple[int, int]] = None) -> Tuple[str, List[Crashed]]:
         """Claim ``tick`` (its time in us) of schedule ``name`` for this call, once across processes, and enqueue
         its ``job`` row (as ``enqueue``'s) in the same call: ``(outcome, evicted)``, the outcome
-        "fire", "busy", "full" or "taken", the evicted rows only with "fire" (see
-        schedule_tick.lua; ``caller`` and ``lease_ms`` as ``enqueue``'s)."""
+        "fire", "busy", "full", "taken" or "regrid", the evicted rows only with "fire" (see
+        schedule_tick.lua; ``caller`` and ``lease_ms`` as ``enqueue``'s; ``grid``: the (anchor us,
+        interval us) of an ``every`` tick)."""
         reply = self._call("schedule_tick", [name, tick, token, buffer_size, max_delayed_jobs, caller, lease_ms,
-                                             *_full_row(job)])
+                                             *_full_row(job), *(grid or ())])
         if reply[0] == "fire":
             return "fire", _crashed(reply[1])
         return str(reply[0]), []

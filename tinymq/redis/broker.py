@@ -31,6 +31,9 @@ _CONNECT_TIMEOUT = 2.0
 _RESENDS = 2  # tinymq resends a call whose reply was lost this often (every script is idempotent)
 _RESEND_PAUSE = 0.02  # seconds before the first resend, doubling
 _PAGE = 500  # ids per admin script call: bounded work in Redis
+# Reads: what is not UTF-8 in Redis (another program wrote it) as lone surrogates, and back as the same
+# bytes; never a UnicodeDecodeError (no RedisError) in a thread that reads (see _scripts._text).
+_ENCODING_ERRORS = "surrogateescape"
 
 
 def _redis() -> Any:
@@ -81,6 +84,7 @@ class RedisBroker:
                 raise ValueError(f"its database {database!r} is not a number")  # (redis-py: db 0)
             self._pool = redis.BlockingConnectionPool.from_url(
                 url, max_connections=_POOL_SIZE, timeout=_POOL_WAIT, decode_responses=True,
+                encoding_errors=_ENCODING_ERRORS,
                 socket_timeout=_SOCKET_TIMEOUT, socket_connect_timeout=_CONNECT_TIMEOUT, retry=self._no_retry())
         except ValueError as exc:
             raise ValueError(f"url {redacted_url(url)!r} is not a usable Redis URL "
@@ -127,9 +131,9 @@ class RedisBroker:
     def _dedicated_client(self, timeout: float) -> Any:
         """A connection of its own, for one thread at a time (a blocking wait, or fetch rounds)."""
         redis = _redis()
-        return redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=timeout,
-                                    socket_connect_timeout=_CONNECT_TIMEOUT, max_connections=1,
-                                    retry=self._no_retry())
+        return redis.Redis.from_url(self.url, decode_responses=True, encoding_errors=_ENCODING_ERRORS,
+                                    socket_timeout=timeout, socket_connect_timeout=_CONNECT_TIMEOUT,
+                                    max_connections=1, retry=self._no_retry())
 
     def _connections(self, size: int, timeout: float) -> Connections:
         """Raw connections for script calls (see Connections), set up as the pool's are."""
@@ -329,9 +333,11 @@ def _dead_entries(rows: Iterable[Tuple[str, str, Any, Optional[str], Optional[st
 
 
 def redacted_url(url: str) -> str:
-    """``url`` without its password, fit to print (messages here, and the CLI's output)."""
+    """``url`` without its password, fit to print (messages here, and the CLI's output): the one
+    before the host, and a ``password=`` in the query string, which redis-py reads as well."""
     parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    hidden = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urllib.parse.urlunsplit(parts._replace(netloc=hidden))
+    if parts.password is not None:
+        hidden = parts.netloc.replace(f":{parts.password}@", ":***@")
+        url = urllib.parse.urlunsplit(parts._replace(netloc=hidden))
+    head, mark, query = url.partition("?")
+    return head + mark + re.sub(r"(^|[&;])(password=)[^&;#]*", r"\1\2***", query)

@@ -6,7 +6,8 @@ for both, so a schedule that changes kind under its name keeps firing: a grid in
 compare with a cron tick's time as long claimed), claim token (unique per call, the same when resent; also the
 enqueue token of the tick's job), buffer_size, max_delayed_jobs (0: unlimited), caller and
 lease (as enqueue.lua's), then the tick's job as one row of enqueue.lua: id, type, priority
-(0..2), delay ms, body, retries, last error.
+(0..2), delay ms, body, retries, last error; then, for an `every` tick, the grid the caller
+ticks on: anchor us, interval us (none for `cron`).
 Returns
   {'fire', {row, ...}}  this call claimed the tick and enqueued its job, by enqueue.lua's
                         rules; the jobs that enqueue evicted from the delayed set (now
@@ -15,7 +16,10 @@ Returns
              tick's id) is still unfinished: the tick is skipped
   {'full'}   this call claimed the tick, and the ready buffer has no room for its job: the
              tick is skipped
-  {'taken'}  the tick (or a later one) was claimed already, by another call.
+  {'taken'}  the tick (or a later one) was claimed already, by another call
+  {'regrid'} not claimed: Redis holds another grid of the same interval (it lost its data,
+             and a process that began since set a new one); the caller joins it
+             (schedule_begin). A grid Redis lost is kept again from the caller's.
 A skipped tick is counted in `skipped`, a fired one in `fired`; either way the claim is
 the tick's, so the next tick is claimed as usual. A resent call (same token) gets its
 first answer again, 'fire' with what its enqueue evicted (kept with its token). ]]
@@ -32,6 +36,14 @@ if s[1] and tonumber(s[1]) >= tick then
     if seen then return {'fire', cjson.decode(seen)} end
   end
   return {'fire', {}}
+end
+if ARGV[16] then -- an `every` tick: one grid for every process (see the header)
+  local g = redis.call('HMGET', key, 'anchor', 'interval')
+  if not g[1] then
+    redis.call('HSET', key, 'anchor', ARGV[15], 'interval', ARGV[16])
+  elseif g[2] == ARGV[16] and g[1] ~= ARGV[15] then
+    return {'regrid'}
+  end
 end
 local outcome, evicted = 'fire', {}
 if s[2] then
