@@ -59,52 +59,6 @@ def test_a_failure_naming_a_file_that_is_not_utf8_is_retried_and_kept_dead_in_th
         assert again.load_all() == []  # a job that failed for good does not run again
 
 
-@pytest.mark.xfail(strict=True, reason="join() returns at a moment when no job is unfinished (queue.Queue's "
-                   "rule, which also waits for the jobs the jobs enqueue): waiting for only the jobs enqueued "
-                   "before the call, and those they enqueue, needs each job to carry a join generation through "
-                   "both cores, executors, callbacks and the broker; docs/api.md states the rule")
-def test_join_returns_once_the_jobs_enqueued_before_it_finished_while_another_thread_keeps_enqueuing():
-    """Symptom: ``q.join()`` never returns (``join(t)`` returns False after ``t``) while another
-    thread keeps enqueuing, although every job enqueued before the call finished long ago: a web
-    app whose requests keep enqueuing never sees its ``join()`` return.
-
-    Reproduction: a producer thread enqueues a short job every few milliseconds (the queue is
-    never empty for long, never empty at the moment the worker looks); ``join()`` is called
-    after one job was enqueued.
-
-    Promise: API.md, Queue: "join(timeout=None) -> bool: block until every job enqueued so far,
-    its retries and delayed jobs included, has finished". Left: see the xfail reason.
-    """
-    q = tinymq.Queue(100_000)  # room for every job the producer makes in the test's seconds
-    first_done = threading.Event()
-    enough = threading.Event()
-
-    def work(job, ctx):
-        ctx.wait(0.005)  # a little work
-        if job.payload == 0:
-            first_done.set()
-
-    def produce():
-        number = 1
-        while not enough.wait(0.002):
-            q.enqueue(Job("work", number))
-            number += 1
-
-    q.register_executor("work", work)
-    q.start_dispatcher(1)
-    q.enqueue(Job("work", 0))
-    producer = threading.Thread(target=produce)
-    producer.start()
-    try:
-        returned = q.join(3.0)  # the only job enqueued before the call ends within milliseconds
-        assert first_done.is_set()
-        assert returned, "join() waited for jobs another thread enqueued after it was called"
-    finally:
-        enough.set()
-        producer.join()
-        q.stop(wait=False)
-
-
 def test_a_retry_whose_executor_set_a_tag_to_a_number_comes_back_after_a_restart(tmp_path):
     """Symptom: an executor that notes something in its job's tags with a value that is not a
     ``str`` (``job.tags["attempt"] = job.retries + 1``) and then fails, with a SQLite store:
