@@ -54,6 +54,12 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
+def _utf8_text(text: str) -> str:
+    """``text`` as SQLite and Redis can store it: each lone surrogate (what ``os.fsdecode`` makes of
+    a file name that is not UTF-8, in an OSError's text) escaped as ``\\udcff``; other text as is."""
+    return text if _is_utf8(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _as_run_at(value: object, name: str = "run_at") -> float:
     """A point in time as Unix epoch seconds: a number, or an aware datetime (``name`` names it in errors)."""
     if isinstance(value, datetime):

@@ -36,7 +36,7 @@ from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tu
 from .._shield import shield
 from ..config import RetryConfig, _seconds
 from ..errors import PersistenceError, _describe
-from ..job import _DEFAULT_RETRY_CONFIG, Job, Priority, _as_priority, _as_tags
+from ..job import _DEFAULT_RETRY_CONFIG, Job, Priority, _as_priority, _as_tags, _utf8_text
 from ..job import _is_utf8 as _storable  # (SQLite stores text as UTF-8)
 from . import _ownership
 from ._ownership import LOCK_SUFFIX, OwnedError
@@ -206,12 +206,6 @@ def _error_text(error: object) -> Optional[str]:
     if isinstance(error, BaseException):
         return _describe(error)
     return str(error)
-
-
-def _escaped(text: str) -> str:
-    """``text`` with each lone surrogate (what ``os.fsdecode`` makes of a file name that is not
-    UTF-8) written as ``\\udcff``: an error's text as SQLite can store it."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _utf8_length(value: object) -> int:
@@ -673,8 +667,8 @@ class SQLitePersistence:
                 or retries.__class__ is not int or not 0 <= retries < _INT64
                 or (last_error is not None and last_error.__class__ is not str)):
             job_type, run_at, timestamp, retries, last_error = self._plain_fields(job, last_error)
-        if last_error is not None and not last_error.isascii() and not _storable(last_error):
-            last_error = _escaped(last_error)  # an error naming a file that is not UTF-8: kept, escaped
+        if last_error is not None and not last_error.isascii():
+            last_error = _utf8_text(last_error)  # an error naming a file that is not UTF-8: kept, escaped
         texts = (job_id, job_type, payload, tags_text, last_error)
         if not (job_id.isascii() and job_type.isascii() and (payload.__class__ is not str or payload.isascii())
                 and (tags_text is None or tags_text.isascii()) and (last_error is None or last_error.isascii())):
@@ -1065,9 +1059,7 @@ class SQLitePersistence:
         except PersistenceError as exc:  # changed since its last save (its executor set a payload
             _check_id(job.id)            # JSON cannot hold, say): kept dead as it was saved
             logger.warning("job %r is kept dead as it was last saved: %s", job.id, exc)
-            if error_text is not None and not _storable(error_text):
-                error_text = _escaped(error_text)
-            statement = (_MARK_DEAD_AS_SAVED, (reason, error_text, job.id))
+            statement = (_MARK_DEAD_AS_SAVED, (reason, error_text and _utf8_text(error_text), job.id))
         self._write([statement])
         if self._replaced:
             self._replaced.pop(job.id, None)

@@ -12,6 +12,7 @@ from typing import Any, Dict, Iterable, Optional
 from ..config import RetryConfig
 from ..job import _DEFAULT_RETRY_CONFIG, Job, Priority, _as_run_at
 from ..job import _is_utf8 as is_utf8  # (what Redis can take)
+from ..job import _utf8_text as sendable_text  # (an error's text as Redis can take it)
 from ..persistence.serializers import JSONSerializer
 from ..persistence.sqlite import _RETRY_FIELDS
 
@@ -46,12 +47,6 @@ def encode_job(job: Job) -> str:
     except (TypeError, ValueError, RecursionError) as exc:
         raise TypeError(f"job {job.id!r} ({job.type!r}) cannot be sent to Redis: its payload "
                         f"must be JSON-serialisable ({exc})") from exc
-
-
-def sendable_text(text: str) -> str:
-    """An error's text as Redis can take it: each lone surrogate (what ``os.fsdecode`` makes of a
-    file name that is not UTF-8, in an OSError's text) escaped as ``\\udcff``; other text as is."""
-    return text if is_utf8(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def unsendable(jobs: Iterable[Job]) -> Optional[ValueError]:
