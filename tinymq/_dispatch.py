@@ -1075,7 +1075,7 @@ class Dispatcher:
                 delay = exc.seconds
             else:
                 delay = retry_config.retry_delay(job.retries)
-                if delay - delay != 0.0:  # NaN or inf (a RetryConfig subclass): no run_at to wait for
+                if not math.isfinite(delay):  # NaN or inf (a RetryConfig subclass): no run_at to wait for
                     raise ValueError(f"retry_delay({job.retries}) of {retry_config!r} must be a finite "
                                      f"number of seconds, got {delay!r}")
             job.run_at = time.time() + delay  # what the user and a store see; the wait is monotonic
