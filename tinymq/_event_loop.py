@@ -75,7 +75,9 @@ class _Attempt:
         self.started = started  # monotonic, as loop.time(): its duration is counted per type (from the call)
         self.deadline = deadline  # monotonic; +inf without a timeout, and until the function is called
         self.running = False  # loop thread only: its runner is inside it (awaiting its coroutine)
-        self.called = False  # under LoopRunner._lock: its function is called (it was undecided then)
+        # Under LoopRunner._lock: its function is called, or will be with no await before (it was
+        # undecided when its runner came to it; one with a start write to await checks after it)
+        self.called = False
         self.cancel_requested = False  # loop thread only: the runner's task.cancel() was called for it
         # None while undecided; then "returned", "timed_out", "cancelled" or "stopped"
         self.decided: Optional[str] = None
@@ -469,9 +471,11 @@ class LoopRunner:
                 continue
             error: Optional[BaseException] = None
             ours = False  # the CancelledError that ended it came from a decision (timeout, cancel, stop)
+            hooked = (dispatcher.ledger is not None or dispatcher.store is not None) and dispatcher.needs_hooks()
             attempt.running = True
+            attempt.called = not hooked  # (no await before its call: a cancel() from now on finds it called)
             try:
-                if (dispatcher.ledger is not None or dispatcher.store is not None) and dispatcher.needs_hooks():
+                if hooked:
                     await self.loop.run_in_executor(self._io, dispatcher.attempt_starting, job)
                 # The timeout bounds the function: its clock starts now, after the store wrote the start.
                 attempt.started = monotonic()
@@ -482,10 +486,11 @@ class LoopRunner:
                     if attempt.deadline < self._expiry_at:
                         self._arm(attempt.deadline)
                 fn = state.fn
-                with self._lock:  # against cancel(): decided before the call, the function never runs
-                    attempt.called = attempt.decided is None
-                if not attempt.called:
-                    raise asyncio.CancelledError  # as if the decision had cancelled the start write
+                if hooked:
+                    with self._lock:  # against cancel(): decided during the start write, it never runs
+                        attempt.called = attempt.decided is None
+                    if not attempt.called:
+                        raise asyncio.CancelledError  # as if the decision had cancelled the start write
                 awaitable = fn(job) if context is None else fn(job, context)
                 if awaitable.__class__ is types.CoroutineType or inspect.isawaitable(awaitable):
                     await awaitable
