@@ -142,3 +142,39 @@ def test_core_snapshot_is_one_moment_even_when_it_runs_the_collector(core):
         del hold
     assert after > 0, "no collection ran: the test shows nothing"
     assert sum(sizes) + waiting_for_room + delayed == len(jobs), (sizes, waiting_for_room, delayed, after)
+
+
+def test_a_cancel_taking_a_ready_job_out_counts_it_in_that_step_even_when_the_collector_runs(core):
+    """The compiled core's mark_cancel counted a ready job cancelled, then looked for it in the
+    buffer; the search allocates, so the collector may run (Python code: other threads get in), and
+    a snapshot meanwhile saw the job both ready and cancelled (seen in CI: 1002 of 1001 jobs). Here
+    each collection takes a snapshot, as a thread switching in would."""
+    if not getattr(core, "__file__", "").endswith((".so", ".pyd")):
+        pytest.skip("the pure core's snapshot holds the lock every cancel takes: nothing gets in")
+    ready = core.ReadyQueue(1000)
+    for job_type in ("a", "b", "t"):  # (the search walks every type)
+        ready.configure(job_type, lambda job: None, 1, None, False, False)
+    jobs = [Job("t", n, id=f"job-{n}", priority=PRIORITIES[n % 3]) for n in range(50)]
+    assert all(ready.push(job) for job in jobs)
+    seen = []
+
+    def collector_ran(phase, info):
+        if phase == "start":
+            sizes, counters, _, waiting_for_room, delayed = ready.snapshot()
+            seen.append(sum(sizes) + waiting_for_room + delayed + counters[core.CANCELLED])
+
+    # As above: empty CPython's free lists, so that the cancel's allocations count towards a collection.
+    hold = [tuple(range(size)) for size in range(1, 9) for _ in range(2_500)] + [[] for _ in range(200)]
+    threshold = gc.get_threshold()
+    gc.callbacks.append(collector_ran)
+    gc.set_threshold(1)
+    try:
+        outcomes = [ready.mark_cancel(job.id)[0] for job in jobs[::-1]]  # the last one: the longest search
+    finally:
+        gc.callbacks.remove(collector_ran)
+        gc.set_threshold(*threshold)
+        del hold
+    assert outcomes == [core.CANCEL_REMOVED] * len(jobs)
+    assert seen, "no collection ran: the test shows nothing"
+    assert set(seen) == {len(jobs)}, f"snapshots saw {sorted(set(seen))} of {len(jobs)} jobs"
+    assert ready.counters()[core.CANCELLED] == len(jobs)

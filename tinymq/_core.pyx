@@ -1652,7 +1652,10 @@ cdef class ReadyQueue:
             raise _not_a_str("job id", job_id)
         return self._remove(job_id)
 
-    cdef object _remove(self, object job_id):
+    cdef object _remove(self, object job_id, int counter=-1):
+        """``remove``; with a ``counter``, the job's end is counted there in the step that takes it
+        out: the search may allocate (the collector runs Python code, other threads get in), and
+        the hand-off after it may wake the event loop, but a snapshot never sees it in two places."""
         cdef TypeState state
         cdef Fifo *fifo
         cdef Py_ssize_t position, index
@@ -1660,7 +1663,10 @@ cdef class ReadyQueue:
         for index, owed in enumerate(self.overflow):
             if owed[0]._id == job_id:
                 del self.overflow[index]
-                return owed[0]
+                job = owed[0]
+                if counter >= 0:
+                    self._count_end(job, counter)
+                return job
         for state in list(self.types.values()):
             for level in range(3):
                 fifo = &state.levels[level]
@@ -1671,6 +1677,8 @@ cdef class ReadyQueue:
                 state.waiting -= 1
                 self.level_sizes[level] -= 1
                 self.size -= 1
+                if counter >= 0:
+                    self._count_end(job, counter)
                 if position == 0 and state.listed[level]:  # its listing was keyed by this job
                     self._unlist_level(state, level)
                     self._readmit(state)
@@ -1691,14 +1699,13 @@ cdef class ReadyQueue:
             return CANCEL_UNKNOWN, None
         if job_id in self.marks:
             return CANCEL_LOST, None
-        # Marked and counted before _remove: taking a ready job out may wake the event loop (Python
-        # code, other threads run), and a cancel or a snapshot meanwhile must find it ended already.
+        # Marked before _remove, and counted by it in the step that takes the job out: the search
+        # may let other threads in, and taking a ready job out may wake the event loop (Python
+        # code). A cancel meanwhile finds it marked; a snapshot finds it in its place, or ended.
         self.marks[job_id] = ENDING
-        self._count_end(job, C_CANCELLED)
-        removed = self._remove(job_id)
+        removed = self._remove(job_id, C_CANCELLED)
         if removed is not None:
             return CANCEL_REMOVED, removed
-        self._count_end(job, C_CANCELLED, -1)  # not in the buffer: nothing above ran Python code
         self.marks[job_id] = REQUESTED
         return CANCEL_MARKED, job
 
