@@ -26,6 +26,9 @@ Threads (started by ``start``):
   cancel, an evicting enqueue or a tick of a process without a lease, producer-only
   or stopping): renews that reporter's lease every ``lease / 4`` while the failure
   callbacks of its rows run.
+A thread that fails on anything but Redis (a bug, a foreign job that trips it) makes the
+process go on as if killed and started again (``_crashed``): its id is let go for others to
+reap, and the pump, timer or heartbeat starts again under a new id.
 
 A worker starts a fetched job only while the last confirmed renewal of the
 lease is younger than the lease (measured from when that call was sent, so
@@ -389,6 +392,8 @@ class QueueLink:
                         self.ready.count(core.FAILED, 1, job.type)
                         self.dispatcher.report_failure(job, "permanent_failure", None)
             self._report_handed(rows)
+        except Exception:  # (not a callback's: report_failure keeps those) the rows not yet
+            self._crashed("a reporter")  # acknowledged go to whoever reaps the id, as if killed
         finally:
             with self._lock:
                 self._reporters.discard(threading.current_thread())
@@ -886,6 +891,15 @@ class QueueLink:
 
     def _abandon(self) -> None:
         """This process was reaped (silent past its lease): drop what it held, register anew."""
+        old = self._let_go()
+        logger.warning("this process (%s) was silent past its %gs lease and its jobs were given to "
+                       "others; it dropped its buffer and registers again as %s", old, self.broker.lease,
+                       self._proc)
+
+    def _let_go(self) -> str:
+        """Drop this process's id and what it held under it (its running attempts run on, their
+        outcomes stale), for a new id that the next fetch or beat registers; returns the old
+        id. Called with _round_lock held."""
         with self._lock:
             for record in self._attempts.values():
                 if record.state == _PENDING:
@@ -903,9 +917,7 @@ class QueueLink:
             # hand out jobs without limits.
             self._lost_limits = dict(self._registered_limits)
             self._renewal.notify_all()  # workers waiting to start a job of the old id refuse it
-        logger.warning("this process (%s) was silent past its %gs lease and its jobs were given to "
-                       "others; it dropped its buffer and registers again as %s", old, self.broker.lease,
-                       self._proc)
+        return old
 
     # --- threads -----------------------------------------------------------------
 
@@ -920,9 +932,45 @@ class QueueLink:
             self._workers = workers
         for target, name in ((self._pump, "tinymq-redis-pump"), (self._timer, "tinymq-redis-timer"),
                              (self._heartbeat, "tinymq-redis-heartbeat")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread = threading.Thread(target=self._keep_running, args=(target, name), name=name, daemon=True)
             self._threads.append(thread)
             thread.start()
+
+    def _keep_running(self, loop: Any, name: str) -> None:
+        """Run ``loop`` (the pump, the timer or the heartbeat) until stop(); after a crash
+        (_crashed), again from the start, a quarter lease later."""
+        while True:
+            try:
+                loop()
+                return
+            except Exception:
+                if not self._crashed(name):
+                    return
+            if self._stopped.wait(self.broker.lease / 4):
+                return
+
+    def _crashed(self, name: str) -> bool:
+        """The thread ``name`` failed on something other than Redis (a bug, a job written by
+        another program that trips something, a MemoryError): its state, and this process's,
+        may be half-changed, and with that thread gone the others would go on (a heartbeat
+        renewing the lease of jobs that no pump settles or fetches any more: held for ever;
+        a pump without a heartbeat: reaped while it runs them). So the process goes on as
+        if it had been killed and started again: the id it held is never renewed again, so
+        that whoever reaps it (other processes, or this one) gives its attempts to others,
+        each counted as a crash, and reports the rows it was handed; it drops its buffer,
+        and registers again under a new id. Called in the except clause. False when stopping."""
+        with self._round_lock:
+            with self._lock:
+                closing = self._closing
+            old = "" if closing else self._let_go()
+        if closing:
+            logger.exception("Redis queue %r: %s crashed while the queue stops", self.broker.name, name)
+            return False
+        logger.exception("Redis queue %r: %s crashed; this process lets its id %s go as if it had been "
+                         "killed (its jobs go to other processes once its %gs lease runs out, each "
+                         "counted as a crash), drops its buffer and carries on as %s", self.broker.name,
+                         name, old, self.broker.lease, self._proc)
+        return True
 
     def _log_outage(self, what: str, exc: BaseException) -> None:
         now = time.monotonic()
@@ -935,7 +983,7 @@ class QueueLink:
         signal_key = self.scripts.key("signal")
         pause = _BACKOFF_MIN
         backlog = False  # the last round filled its batch: Redis has more
-        try:
+        try:  # (another exception ends it: _keep_running)
             while True:
                 with self._lock:
                     self._wait_for_a_round(backlog)
@@ -965,8 +1013,6 @@ class QueueLink:
                     finally:
                         with self._lock:
                             self._pump_idle = False
-        except BaseException:  # pragma: no cover - a bug: say so, the heartbeat keeps the lease
-            logger.exception("tinymq Redis pump crashed")
         finally:
             blocking.close()
 
