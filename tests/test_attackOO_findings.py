@@ -155,3 +155,79 @@ def test_a_reporter_that_crashes_lets_its_job_go_to_be_failed_again(redis_url, c
     finally:
         q.stop()
         client.close()
+
+
+def test_foreign_job_hashes_are_failed_for_good_and_the_other_jobs_run(redis_url):
+    """Symptom: job hashes that another program wrote with a priority (p) that is not 0, 1 or 2
+    made the scripts fail half-way, keeping their writes up to there (Redis does not roll a
+    script back): enqueue.lua failed on such a row; a delayed one, once due, was taken out of
+    `delayed` by the fetch that then failed, and was lost (never run, never dead: join() never
+    returned); one held by a process that died failed every reap, so every fetch and beat of
+    every worker failed (their rows lost with it) until its crash count ran past
+    max_crash_recoveries; a waiting one made cancel() and get_stats() fail. A hash without a
+    type (t) was dropped by the fetch that popped its id: lost, never listed dead.
+    Reproduce: such rows through enqueue.lua, or HSET on job:<id>, beside good jobs; start a
+    worker. docs/redis.md "Dead jobs": a job no process can decode is never run, the worker
+    fails it for good ("permanent_failure", last_error starting "cannot decode"), reports it
+    and lists it dead.
+    Fix: the scripts read a p that is no level as level 1 (lib.lua's level_of), and fetch
+    fails a job whose hash has no type or such a p for good, handing it to the fetching
+    process to report. An id with no hash (ghost) stays dropped; a type that is not UTF-8 runs."""
+    import redis as redis_py
+
+    from tinymq.redis import RedisBroker
+    from tinymq.redis._scripts import Scripts
+
+    name = "oo-foreign"
+    key = "tmq:{%s}:" % name
+    client = redis_py.Redis.from_url(redis_url, decode_responses=True)
+    scripts = Scripts(client, name)
+    q = Queue(broker=RedisBroker(redis_url, name=name, lease=1.0))
+    lock = threading.Lock()
+    ran, reported = [], []
+
+    def run(job):
+        with lock:
+            ran.append(job.id)
+
+    def failed(job, reason, exc):
+        with lock:
+            reported.append((job.id, reason))
+
+    q.register_executor("t", run)
+    q.on_failure(failed)
+    try:
+        # Held by a process that died (a 50 ms lease, never renewed), then given a p of 9.
+        assert scripts.enqueue("tok-1", 100, 0, [("leased", "t", 1, 0, GOOD_BODY)]).status == "ok"
+        assert [job.id for job in scripts.fetch("gone:1", "1", 1, 50, 3, False).jobs] == ["leased"]
+        client.hset(key + "job:leased", "p", "9")
+        rows = [("good-1", "t", 1, 0, GOOD_BODY), ("bad-p", "t", "x", 0, GOOD_BODY),
+                ("no-t", "t", 1, 0, GOOD_BODY), ("bin-t", b"\xff", 2, 0, GOOD_BODY), ("good-2", "t", 0, 0, GOOD_BODY)]
+        assert scripts.enqueue("tok-2", 100, 0, rows).status == "ok"
+        client.hdel(key + "job:no-t", "t")
+        client.rpush(key + "ready:2", "ghost")
+        assert scripts.enqueue("tok-3", 100, 0, [("cancel-me", "t", 1, 60_000, GOOD_BODY)]).status == "ok"
+        client.hset(key + "job:cancel-me", "p", "7")
+        assert scripts.enqueue("tok-4", 100, 0, [("far-p", "t", 7, 1, GOOD_BODY)]).status == "ok"
+        q.get_stats()
+        assert q.cancel("cancel-me") is True
+        q.start_dispatcher(2)
+        assert q.join(WAIT)
+        foreign = ["bad-p", "far-p", "leased", "no-t"]
+        with lock:
+            assert sorted(ran) == ["bin-t", "good-1", "good-2"]
+            assert sorted(reported) == sorted([("cancel-me", "cancelled")] + [(i, "permanent_failure") for i in foreign])
+        dead = q.broker.dead_jobs()
+        assert sorted((d.job.id, d.reason) for d in dead) == [(i, "permanent_failure") for i in foreign]
+        assert all(d.error.startswith("cannot decode") for d in dead)
+        assert q.broker.requeue_dead(["bad-p"]) == 1  # back, and failed again
+        q.enqueue(Job("t", id="later"))
+        assert q.join(WAIT)
+        with lock:
+            assert sorted(ran) == ["bin-t", "good-1", "good-2", "later"]
+            assert reported.count(("bad-p", "permanent_failure")) == 2
+        stats = q.get_stats()
+        assert stats.jobs_succeeded == 4 and stats.jobs_failed == 5 and stats.jobs_cancelled == 1
+    finally:
+        q.stop()
+        client.close()

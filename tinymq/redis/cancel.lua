@@ -50,7 +50,7 @@ end
 local function cancel()
   local jk = job_key(id)
   local f = redis.call('HMGET', jk, 't', 'p', 'x', 'b', 'r', 'e', 'k', 'u')
-  local t, p = f[1], tonumber(f[2])
+  local t, p = f[1], f[2] and level_of(f[2])
   if not t or not p or f[3] then return {0} end -- (a marked job's hash is no longer here)
   if take_back ~= '' and f[7] ~= take_back then return {0} end
   local function removed()

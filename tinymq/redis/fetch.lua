@@ -8,8 +8,10 @@ Returns {status, server now ms, next due ms (the earliest delayed job or rate wi
          crashed {{id, body, retries, error, reason, key}...}, jobs {{attempt, body, retries, error}...},
          server now us (to time the next due job), cancels {attempt...}}
 crashed also holds jobs that ended as cancelled (reason 'cancelled', see settle) for
-this process to report; cancels are its attempts that q.cancel() marked: it cancels
-them locally (the settle already looked them up: no extra read when there are none).
+this process to report, and the jobs this call failed for good because another program
+wrote their hash without a type or with a p that is no level (see foreign); cancels are
+its attempts that q.cancel() marked: it cancels them locally (the settle already looked
+them up: no extra read when there are none).
 status 1 = ok; 0 = this process was reaped (nothing else done: it must abandon its
 buffer and register again under a new id).
 Jobs come strictly by level (HIGH first), FIFO within one. A job whose type has no free
@@ -45,6 +47,14 @@ if last and last[1] == fid then -- a resend of the last fetch
   end
   return {1, now, next_due(), nsettle, last[3], jobs, now_us, cancels}
 end
+-- Why the job hash of an id in a ready list cannot be fetched (t: its type, p: its level),
+-- or nil: a hash that enqueue never writes (another program's).
+local function foreign(t, p)
+  if not t then return 'its hash in Redis has no type (t)' end
+  p = tonumber(p)
+  if p ~= 0 and p ~= 1 and p ~= 2 then return 'its priority in Redis (p) is not 0, 1 or 2' end
+  return nil
+end
 local stale = settle(proc, ARGV, 8, nsettle, now)
 local crashed = {}
 reap(now, max_crash, crashed)
@@ -76,9 +86,16 @@ for p = 2, 0, -1 do
         break
       end
       local jk = job_key(id)
-      local f = redis.call('HMGET', jk, 't', 'b', 'r', 'e')
+      local f = redis.call('HMGET', jk, 't', 'b', 'r', 'e', 'p')
       local t = f[1]
-      if t then -- (a purged job's id has no hash: dropped)
+      local fault = foreign(t, f[5])
+      if fault and redis.call('EXISTS', jk) == 1 then
+        -- Another program wrote it: never run, dead here and reported by proc, as a job it
+        -- cannot decode is (docs/redis.md, Dead jobs).
+        local err = 'cannot decode: ' .. fault
+        job_dead(id, 'permanent_failure', err, f[3] or '0', now)
+        table.insert(crashed, held_row(id, f[2], f[3], err, 'permanent_failure'))
+      elseif t then -- (a purged job's id has no hash: dropped)
         if limits[t] == nil then
           limits[t] = tonumber(redis.call('HGET', K_LIMITS, t)) or false
           running[t] = tonumber(redis.call('HGET', K_RUNNING, t)) or 0

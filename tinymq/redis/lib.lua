@@ -101,6 +101,15 @@ Invariants (after every script):
 ]]
 local P = KEYS[1]
 local READY = {[0] = P .. 'ready:0', [1] = P .. 'ready:1', [2] = P .. 'ready:2'}
+-- The level (0, 1 or 2: READY's key) of a job hash's p. Another program may write any p:
+-- one that is no level reads as 1, so that no script fails on it (a script that fails
+-- half-way keeps its writes up to there: a job taken out of a list would be lost, and a
+-- reap failing on it would fail every call); fetch fails such a job for good (see foreign).
+local function level_of(p)
+  p = tonumber(p)
+  if p == 0 or p == 1 or p == 2 then return p end
+  return 1
+end
 local K_DELAYED = P .. 'delayed'
 local K_CAPPED = P .. 'capped'
 local K_PROCS = P .. 'procs'
@@ -304,7 +313,7 @@ local function promote_due()
     local p = redis.call('HGET', jk, 'p')
     if p then -- (a job without its hash: dropped)
       redis.call('HSET', jk, 'o', order + k - 1)
-      redis.call('RPUSH', READY[tonumber(p)], id)
+      redis.call('RPUSH', READY[level_of(p)], id)
     end
   end
 end
@@ -413,7 +422,7 @@ local function job_retry(id, retries, err, delay, now)
   if delay <= 0 then
     promote_due() -- (jobs due before this retry go ahead of it)
     redis.call('HSET', jk, 'o', new_orders(1))
-    redis.call('RPUSH', READY[tonumber(redis.call('HGET', jk, 'p'))], id)
+    redis.call('RPUSH', READY[level_of(redis.call('HGET', jk, 'p'))], id)
     signal()
   else
     add_delayed(id, exact_ms() + delay)
@@ -497,7 +506,7 @@ end
 
 local function give_back(id)
   local p = redis.call('HGET', job_key(id), 'p')
-  if p then head_later(id, tonumber(p)) end
+  if p then head_later(id, level_of(p)) end
 end
 
 --[[ Settle ops. S, E and B take 2 ARGV entries (op, attempt); Y, Z, y and z take 6
@@ -849,7 +858,7 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
                  'o', order + (i - base) / ROW)
       if ARGV[i + 6] ~= '' then redis.call('HSET', jk, 'e', ARGV[i + 6]) end
       if kept then redis.call('HSET', jk, 'u', kept) end
-      table.insert(by_level[tonumber(ARGV[i + 2])], id)
+      table.insert(by_level[level_of(ARGV[i + 2])], id)
     end
   end
   for p = 2, 0, -1 do -- one RPUSH per level and chunk, not one per job
@@ -893,8 +902,8 @@ local function queue_sizes()
   end
   local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', exact_ms()) -- (as promote_due moves them)
   for _, id in ipairs(due) do
-    local p = tonumber(redis.call('HGET', job_key(id), 'p'))
-    if p then sizes[p] = sizes[p] + 1 end -- (a job without its hash: promote_due drops it)
+    local p = redis.call('HGET', job_key(id), 'p')
+    if p then sizes[level_of(p)] = sizes[level_of(p)] + 1 end -- (a job without its hash: promote_due drops it)
   end
   return sizes[2], sizes[1], sizes[0], redis.call('ZCARD', K_DELAYED) - #due, counters
 end

@@ -15,7 +15,7 @@ for _, id in ipairs(ARGV) do
     if p then
       redis.call('HDEL', jk, 'x', 'e')
       redis.call('HSET', jk, 'r', 0, 'c', 0, 'o', new_orders(1))
-      redis.call('RPUSH', READY[tonumber(p)], id)
+      redis.call('RPUSH', READY[level_of(p)], id)
       n = n + 1
     end
   end
