@@ -231,3 +231,54 @@ def test_foreign_job_hashes_are_failed_for_good_and_the_other_jobs_run(redis_url
     finally:
         q.stop()
         client.close()
+
+
+def test_a_reporters_renewer_that_fails_once_goes_on_renewing(redis_url):
+    """Symptom: in a producer-only process, an exception other than Redis's in the thread that
+    renews the lease of a reporter (registered by a cancel(), an evicting enqueue or a tick,
+    while the failure callbacks of its rows run) ended it: the reporter was reaped by a worker
+    process a lease later, which reported the job again although nothing had died.
+    Reproduce: make the producer's Scripts.hold raise once; cancel() a delayed job from it,
+    with an on_failure that runs longer than the lease, beside a worker process: the worker
+    reports the job "cancelled" too. docs/redis.md: such a reporter is renewed every lease / 4
+    while its callbacks run, however long they take.
+    Fix: the renewer logs the exception and goes on (it holds no state)."""
+    from tinymq.redis import RedisBroker
+
+    name = "oo-renewer"
+    lease = 1.0
+    producer = Queue(broker=RedisBroker(redis_url, name=name, lease=lease))
+    worker = Queue(broker=RedisBroker(redis_url, name=name, lease=lease))
+    in_callback = threading.Event()
+    release = threading.Event()
+    again = threading.Event()
+    fault = threading.Event()
+    reported = []
+
+    def slow(job, reason, exc):
+        reported.append((job.id, reason))
+        in_callback.set()
+        release.wait(WAIT)
+
+    producer.on_failure(slow)
+    worker.on_failure(lambda job, reason, exc: again.set())
+    worker.register_executor("t", lambda job: None)
+    scripts = producer._link.scripts
+    scripts.hold = _fails_once(scripts.hold, fault)
+    cancelled = []
+    try:
+        producer.enqueue_delayed(Job("t", id="later"), 60.0)
+        worker.start_dispatcher(1)
+        canceller = threading.Thread(target=lambda: cancelled.append(producer.cancel("later")))
+        canceller.start()
+        assert in_callback.wait(WAIT)
+        assert fault.wait(WAIT)
+        assert not again.wait(4 * lease)  # the reporter's lease is renewed: nobody reaps it
+        release.set()
+        canceller.join(WAIT)
+        assert cancelled == [True] and reported == [("later", "cancelled")]
+        assert worker.join(WAIT)
+    finally:
+        release.set()
+        producer.stop()
+        worker.stop()

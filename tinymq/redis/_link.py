@@ -341,6 +341,9 @@ class QueueLink:
                         return  # released, or reaped (its reaper reports the rows)
                 except self._redis_error as exc:
                     self._log_outage("renewing a reporter's lease", exc)
+                except Exception:  # (a bug: it holds no state, so it goes on; ended, it would let
+                    logger.exception("Redis queue %r: renewing the lease of reporter %s failed",  # the
+                                     self.broker.name, reporter)  # reporter be reaped, its rows reported twice)
 
         renewer = threading.Thread(target=renew, name="tinymq-reporter", daemon=True)
         renewer.start()
