@@ -5,6 +5,7 @@ or running; no snapshot may catch one between two of these. Nothing finishes in 
 only type is saturated by an attempt that is held), so every snapshot must add up to the jobs
 accepted. The GIL switch interval is made tiny, so other threads get in between any two steps.
 """
+import contextlib
 import gc
 import time
 
@@ -178,3 +179,88 @@ def test_a_cancel_taking_a_ready_job_out_counts_it_in_that_step_even_when_the_co
     assert seen, "no collection ran: the test shows nothing"
     assert set(seen) == {len(jobs)}, f"snapshots saw {sorted(set(seen))} of {len(jobs)} jobs"
     assert ready.counters()[core.CANCELLED] == len(jobs)
+
+
+# --- the compiled core's steps, each with a snapshot at every collection ---------------------
+
+def compiled_only(core, what):
+    if not getattr(core, "__file__", "").endswith((".so", ".pyd")):
+        pytest.skip(f"the pure core's snapshot holds the lock every {what} takes: nothing gets in")
+
+
+@contextlib.contextmanager
+def collections_watched(on_collection):
+    """The block runs with a collection at nearly every allocation of an object the collector
+    tracks, each starting with ``on_collection()``, as a thread switching in would. CPython's free
+    lists of tuples and lists are emptied first (held), else their allocations count towards none."""
+    def collector_ran(phase, info):
+        if phase == "start":
+            on_collection()
+
+    hold = [tuple(range(size)) for size in range(1, 9) for _ in range(2_500)] + [[] for _ in range(200)]
+    threshold = gc.get_threshold()
+    gc.callbacks.append(collector_ran)
+    gc.set_threshold(1)
+    try:
+        yield
+    finally:
+        gc.callbacks.remove(collector_ran)
+        gc.set_threshold(*threshold)
+        del hold
+
+
+def line_up(n, spare):
+    """Before the ``n``-th step: take the tuple of one that the last step freed (CPython keeps it for
+    reuse: the step's own is allocated anew), collect (the count towards the next collection starts
+    again), and allocate ``n % 3`` more (sets have no free list): from step to step, collections
+    fall on each of the step's allocations."""
+    spare.append((n,))
+    gc.collect(0)
+    spare.extend([set() for _ in range(n % 3)])
+
+
+def books(core, ready, heap=()):
+    """``(jobs in a place or ended, jobs accepted)`` as one snapshot sees them: equal at every moment.
+    A place: ready, owed room, running (a registered executor's), or in ``heap`` (none due here).
+    (Nothing here frees a tuple of one, such as snapshot()'s arguments or a closure's cells: it would
+    go back to CPython's free list, and the core's next one would come from there, with no collection.)"""
+    sizes, counters, types, waiting_for_room, _ = ready.snapshot()
+    running = sum(fields[0] for fields in types.values())
+    ended = counters[core.SUCCEEDED] + counters[core.FAILED] + counters[core.CANCELLED] + counters[core.EVICTED]
+    return sum(sizes) + waiting_for_room + len(heap) + running + ended, counters[core.ENQUEUED]
+
+
+def test_a_delayed_job_pushed_out_is_counted_in_the_step_that_pushes_it_even_when_the_collector_runs(core):
+    """The compiled core's accept_delayed (and push_many_delayed, through the same _accept) pushed a
+    new job onto a full delayed heap, which pushed the earliest out, then registered the new ids
+    (dict.update allocates a tuple for its arguments when CPython has none to reuse: the collector
+    may run, other threads get in), and only then counted the pushed-out job: a snapshot meanwhile
+    saw it in no place."""
+    compiled_only(core, "accept")
+    ready, heap = core.ReadyQueue(10), core.DelayedHeap(1)
+    seen, spare = [], []
+    with collections_watched(lambda: seen.append(books(core, ready, heap))):
+        for n in range(50):
+            job = Job("t", n, id=f"job-{n}")
+            line_up(n, spare)
+            ready.accept_delayed(job, heap, 1.0 + n)
+    assert seen, "no collection ran: the test shows nothing"
+    assert [moment for moment in seen if moment[0] != moment[1]] == []
+    assert ready.counters()[core.EVICTED] == 49 and len(heap) == 1
+
+
+def test_jobs_accepted_as_ended_are_counted_ended_in_that_step_even_when_the_collector_runs(core):
+    """``accept(jobs, counter)`` (jobs recovered as crashed) counted them accepted, registered their
+    ids (allocating, as above), and only then counted their ends: a snapshot meanwhile saw them
+    accepted and in no place."""
+    compiled_only(core, "accept")
+    ready = core.ReadyQueue(10)
+    seen, spare = [], []
+    with collections_watched(lambda: seen.append(books(core, ready))):
+        for n in range(50):
+            job = Job("t", n, id=f"job-{n}")
+            line_up(n, spare)
+            ready.accept([job], core.FAILED)
+    assert seen, "no collection ran: the test shows nothing"
+    assert [moment for moment in seen if moment[0] != moment[1]] == []
+    assert ready.counters()[core.FAILED] == 50

@@ -14,6 +14,7 @@ interruptible by signals (Ctrl-C reaches the main thread).
 """
 cimport cython
 from cpython.bool cimport PyBool_Check
+from cpython.dict cimport PyDict_Update
 from cpython.exc cimport PyErr_CheckSignals, PyErr_Clear, PyErr_Occurred
 from cpython.long cimport PyLong_AsLong, PyLong_Check
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
@@ -1182,8 +1183,8 @@ cdef class ReadyQueue:
         cdef Py_ssize_t n = len(jobs)
         self._unfinished += n
         self._counters[C_ENQUEUED] += n
-        if batch is not None:
-            self.ids.update(batch)
+        if batch is not None:  # (not ids.update: the call allocates a tuple, and the collector may run)
+            PyDict_Update(self.ids, batch)
         return 0
 
     cdef inline int _accept_one(self, object job, object job_id) except -1:
