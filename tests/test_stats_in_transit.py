@@ -264,3 +264,20 @@ def test_jobs_accepted_as_ended_are_counted_ended_in_that_step_even_when_the_col
     assert seen, "no collection ran: the test shows nothing"
     assert [moment for moment in seen if moment[0] != moment[1]] == []
     assert ready.counters()[core.FAILED] == 50
+
+
+def test_a_batch_of_new_types_is_counted_with_its_places_even_when_the_collector_runs(core):
+    """The compiled core's push_many_delayed made the state of a job type it had not seen as it
+    placed that type's first job (allocating: the collector may run), after placing the batch's
+    delayed job and its earlier ready ones and before counting any: a snapshot meanwhile saw jobs
+    placed that were not accepted."""
+    compiled_only(core, "push_many")
+    ready, heap = core.ReadyQueue(1000), core.DelayedHeap(0)
+    seen = []
+    with collections_watched(lambda: seen.append(books(core, ready, heap))):
+        for n in range(20):
+            batch = [Job(f"type-{n}-{k}", k) for k in range(5)]
+            assert ready.push_many_delayed(batch, [Job("t", n)], heap, [1.0]) == []
+    assert seen, "no collection ran: the test shows nothing"
+    assert [moment for moment in seen if moment[0] != moment[1]] == []
+    assert len(ready) == 100 and len(heap) == 20

@@ -1291,6 +1291,8 @@ cdef class ReadyQueue:
             self._named_elsewhere(job)
         batch, repeated = _batch_ids(accepted)
         cdef int level
+        for job, job_type, level in placed:  # made before the step: allocating may run the collector
+            self._type_state(job_type)
         self._check_open()
         self._check_unregistered(batch, repeated)
         if self.size + len(placed) > self.capacity:
