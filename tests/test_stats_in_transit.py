@@ -14,6 +14,7 @@ import pytest
 from tinymq import ExecutorConfig, Job, Priority
 
 from _helpers import Blocker, make_queue, places, stats_watched, wait_until
+from test_core_run_worker import configure
 
 PRIORITIES = [Priority.HIGH, Priority.MEDIUM, Priority.LOW]
 BATCHES = 20
@@ -281,3 +282,32 @@ def test_a_batch_of_new_types_is_counted_with_its_places_even_when_the_collector
     assert seen, "no collection ran: the test shows nothing"
     assert [moment for moment in seen if moment[0] != moment[1]] == []
     assert len(ready) == 100 and len(heap) == 20
+
+
+def owed_room_of_a_forgotten_type(core, job_type):
+    """A full queue (one ready job of a registered type) where a job of the unregistered
+    ``job_type`` is owed room, after the last attempt of that type ended (its state forgotten)."""
+    ready = core.ReadyQueue(1)
+    configure(ready, "t", lambda job: None)
+    assert ready.push(Job(job_type, "ran"))
+    job, state = ready.pop_with_type(timeout=0)
+    assert ready.push(Job("t", "ready"))
+    ready.accept_ready(Job(job_type, "owed"))
+    ready.end(job, core.FAILED, state)  # (no executor: it fails, and its slot is freed)
+    return ready
+
+
+def test_a_job_owed_room_moves_in_counted_even_when_its_type_was_forgotten(core):
+    """The compiled core forgot an unregistered type as its last attempt ended even while a job of
+    it was owed room; the pop that moved that job in then made the type's state again (allocating:
+    the collector may run), with the job out of the overflow line and not yet ready: a snapshot
+    meanwhile missed it."""
+    compiled_only(core, "pop")
+    queues = [owed_room_of_a_forgotten_type(core, f"x{n}") for n in range(20)]
+    seen = []
+    with collections_watched(lambda: seen.extend(books(core, ready) for ready in queues)):
+        for ready in queues:
+            assert ready.pop(timeout=0).payload == "ready"
+    assert seen, "no collection ran: the test shows nothing"
+    assert [moment for moment in seen if moment[0] != moment[1]] == []
+    assert all(ready.sizes() == (0, 1, 0) and ready.overflow_size == 0 for ready in queues)

@@ -1813,8 +1813,10 @@ cdef class ReadyQueue:
             # registered again meanwhile) cannot take the type's next job itself.
             if (hand_off or state.runner != taker) and (self.getters or self.loop_idle):
                 self._hand_off()
-        elif state.fn is None and not state.active and not state.ever_parked:
-            del self.types[state.name]  # an unregistered type leaves nothing behind
+        elif state.fn is None and not state.active and not state.ever_parked and not self.overflow:
+            # An unregistered type leaves nothing behind; not while jobs are owed room, as one may be
+            # of it: moving it in must not make its state again (allocating may run the collector).
+            del self.types[state.name]
             if state is self.last_state:
                 self.last_type, self.last_state = _NO_TYPE, None
         return 0
