@@ -7,14 +7,15 @@ accepted. The GIL switch interval is made tiny, so other threads get in between 
 """
 import contextlib
 import gc
+import threading
 import time
 
 import pytest
 
-from tinymq import ExecutorConfig, Job, Priority
+from tinymq import ExecutorConfig, Job, Priority, RateLimit
 
-from _helpers import Blocker, make_queue, places, stats_watched, wait_until
-from test_core_run_worker import configure
+from _helpers import WAIT, Blocker, make_queue, places, stats_watched, wait_until
+from test_core_run_worker import FakeDispatcher, Worker, configure, wait_idle
 
 PRIORITIES = [Priority.HIGH, Priority.MEDIUM, Priority.LOW]
 BATCHES = 20
@@ -311,3 +312,65 @@ def test_a_job_owed_room_moves_in_counted_even_when_its_type_was_forgotten(core)
     assert seen, "no collection ran: the test shows nothing"
     assert [moment for moment in seen if moment[0] != moment[1]] == []
     assert all(ready.sizes() == (0, 1, 0) and ready.overflow_size == 0 for ready in queues)
+
+
+def test_a_worker_counts_a_success_in_the_step_that_frees_its_slot_even_when_that_wakes_the_loop(core):
+    """The compiled run_worker freed a successful attempt's slot, which may hand the type's next job
+    on and wake the event loop (Python code: other threads get in), before it counted the success:
+    a snapshot meanwhile missed the job. Here the type is registered again as an async one while its
+    attempt runs, so freeing the slot wakes the loop, whose waker takes a snapshot."""
+    compiled_only(core, "success")
+    ready = core.ReadyQueue(10)
+    started, go = threading.Event(), threading.Event()
+
+    def fn(job):
+        started.set()
+        assert go.wait(WAIT)
+
+    configure(ready, "t", fn)
+    seen = []
+    ready.set_loop_waker(lambda: seen.append(books(core, ready)))
+    assert ready.push(Job("t", 1)) and ready.push(Job("t", 2))
+    worker = Worker(core, ready, FakeDispatcher(ready))
+    try:
+        assert started.wait(WAIT)
+        ready.configure("t", fn, 1, None, False, False, core.LOOP)  # job 2 is the loop's now
+        go.set()
+        assert wait_until(lambda: ready.counters()[core.SUCCEEDED] == 1)
+    finally:
+        go.set()
+        ready.close()
+        worker.join()
+    assert seen == [(2, 2)]
+
+
+def test_the_loop_counts_a_success_in_the_step_that_frees_its_slot_even_when_that_wakes_the_loop(core):
+    """loop_attempt_succeeded, as run_worker above: it freed the slot (a hand-off may wake the event
+    loop) before it counted the success. Here the type, registered again for worker threads while
+    the loop ran its attempt, has a job waiting for an idle worker; handing it over reopens the
+    closed rate window of another async type, which wakes the loop, whose waker takes a snapshot."""
+    compiled_only(core, "success")
+    ready = core.ReadyQueue(10)
+    ready.configure("s", lambda job: None, 1, None, False, False, core.LOOP)
+    ready.configure("r", lambda job: None, 5, None, False, False, core.LOOP, RateLimit(max_starts=1, per=0.05))
+    for job in (Job("s", 1), Job("s", 2), Job("r", 1), Job("r", 2)):
+        assert ready.push(job)
+    (s1, s_state), (r1, r_state) = ready.take_for_loop(8)  # s is saturated, r's window closed
+    assert ready.take_for_loop(8) == []  # the loop waits for a wake-up
+    assert ready.loop_attempt_succeeded(r_state, 0.0, r1)
+    ready.configure("s", lambda job: None, 1, None, False, False, core.THREADS)
+    seen = []
+    ready.set_loop_waker(lambda: seen.append(books(core, ready)))
+    popped = []
+    getter = threading.Thread(target=lambda: popped.append(ready.pop(timeout=WAIT)))
+    getter.start()
+    try:
+        wait_idle(ready)
+        assert wait_until(lambda: core.monotonic() >= ready.next_rate_opening())
+        assert ready.loop_attempt_succeeded(s_state, 0.0, s1)
+        getter.join(WAIT)
+    finally:
+        ready.close()
+        getter.join(WAIT)
+    assert [job.payload for job in popped] == [2]
+    assert seen == [(4, 4)]

@@ -1908,8 +1908,13 @@ cdef class ReadyQueue:
         seconds, job, finish=True)`` in one step: the loop's per-job path.
         False when a cancel of ``job`` was requested first: only its slot is freed.
         """
-        self._release(state, False, LOOP)
-        return self._attempt_succeeded(state, seconds, job, True)
+        cdef bint succeeded
+        self._release_quietly(state)
+        succeeded = self._attempt_succeeded(state, seconds, job, True)
+        # Last, after the slot and the success in one step: a hand-off may wake the loop (Python code).
+        if state.waiting and state.runner != LOOP and (self.getters or self.loop_idle):
+            self._hand_off()  # (registered again meanwhile: a worker thread takes its next job)
+        return succeeded
 
     def record_duration(self, TypeState state, double seconds):
         """An attempt of ``state`` was decided (failed, timed out, cancelled) after ``seconds``."""
@@ -2269,7 +2274,7 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
     cdef PyObject *taken = NULL
     cdef TypeState state
     cdef double started, ended, deadline
-    cdef bint expired, decided, cancelled, finish
+    cdef bint expired, decided, cancelled, finish, succeeded_now
     cdef long succeeded = 0
     cdef _Waiter waiter = _Waiter()  # this worker's, for every wait
     finished = None  # a success whose on_success and task_done wait for the next start (on_switch)
@@ -2356,12 +2361,17 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
                 ready._release(state)
             continue
         if error is None:
-            # A worker going straight back to pop takes the job its slot frees itself.
-            ready._release(state, slot.on_success is not None and slot.on_switch is None)
             on_success = slot.on_success  # read once: refresh_hooks may change them below
             switch = slot.on_switch
             finish = on_success is None and switch is None
-            if not ready._attempt_succeeded(state, ended - started, job, finish):
+            # The slot freed and the success counted in one step; the hand-off last, as it may wake the
+            # event loop (Python code). A worker going straight back to pop takes the job its slot frees itself.
+            ready._release_quietly(state)
+            succeeded_now = ready._attempt_succeeded(state, ended - started, job, finish)
+            if state.waiting and (ready.getters or ready.loop_idle) and (
+                    on_success is not None and switch is None or state.runner != THREADS):
+                ready._hand_off()
+            if not succeeded_now:
                 dispatcher.end_cancelled(job)  # a cancel came as it ended: it wins
                 continue
             succeeded += 1
