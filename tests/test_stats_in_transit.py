@@ -374,3 +374,35 @@ def test_the_loop_counts_a_success_in_the_step_that_frees_its_slot_even_when_tha
         getter.join(WAIT)
     assert [job.payload for job in popped] == [2]
     assert seen == [(4, 4)]
+
+
+def test_a_cancel_and_an_end_decided_while_it_searches_the_buffer_agree(core):
+    """The compiled core's mark_cancel marked the job ENDING (an end decided), searched the ready
+    buffer (allocating: the collector may run, other threads get in), and, not finding it there,
+    marked it REQUESTED. A holder that decided the job's end meanwhile saw no cancel and counted a
+    success; the cancel then said MARKED as well (cancel() True for a job reported succeeded), and
+    its mark outlived the job: the next job with that id was cancelled by it. Here the holder is
+    the collection's callback, as a thread switching in would be."""
+    compiled_only(core, "cancel")
+    ready = core.ReadyQueue(1000)
+    configure(ready, "t", lambda job: None, limit=5)
+    for n in range(20):  # (jobs to search past)
+        assert ready.push(Job("t", n, id=f"other-{n}"))
+    assert ready.push(Job("t", "x", id="x", priority=Priority.HIGH))
+    job, state = ready.pop_with_type(timeout=0)
+    assert job.id == "x"
+    decided = []
+
+    def holder_ends_it():
+        if not decided:
+            decided.append(ready.attempt_succeeded(state, 0.0, job, True, True))
+
+    with collections_watched(holder_ends_it):
+        outcome, _ = ready.mark_cancel("x")
+    assert decided, "no collection ran: the test shows nothing"
+    if not decided[0]:  # the cancel came first: the holder ends the job as cancelled
+        ready.task_done(job)
+    assert (decided[0], outcome) in [(True, core.CANCEL_UNKNOWN), (False, core.CANCEL_MARKED)]
+    again = Job("t", "again", id="x")
+    assert ready.push(again)
+    assert not ready.cancel_requested(again)

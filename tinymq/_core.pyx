@@ -1656,9 +1656,10 @@ cdef class ReadyQueue:
         return self._remove(job_id)
 
     cdef object _remove(self, object job_id, int counter=-1):
-        """``remove``; with a ``counter``, the job's end is counted there in the step that takes it
-        out: the search may allocate (the collector runs Python code, other threads get in), and
-        the hand-off after it may wake the event loop, but a snapshot never sees it in two places."""
+        """``remove``; with a ``counter`` (a cancel's), the job's mark is ENDING and its end counted there
+        in the step that takes it out: the search may allocate (the collector runs Python code, other
+        threads get in), and the hand-off after it may wake the event loop, but a snapshot never
+        sees it in two places."""
         cdef TypeState state
         cdef Fifo *fifo
         cdef Py_ssize_t position, index
@@ -1668,6 +1669,7 @@ cdef class ReadyQueue:
                 del self.overflow[index]
                 job = owed[0]
                 if counter >= 0:
+                    self.marks[job_id] = ENDING
                     self._count_end(job, counter)
                 return job
         for state in list(self.types.values()):
@@ -1681,6 +1683,7 @@ cdef class ReadyQueue:
                 self.level_sizes[level] -= 1
                 self.size -= 1
                 if counter >= 0:
+                    self.marks[job_id] = ENDING
                     self._count_end(job, counter)
                 if position == 0 and state.listed[level]:  # its listing was keyed by this job
                     self._unlist_level(state, level)
@@ -1702,14 +1705,16 @@ cdef class ReadyQueue:
             return CANCEL_UNKNOWN, None
         if job_id in self.marks:
             return CANCEL_LOST, None
-        # Marked before _remove, and counted by it in the step that takes the job out: the search
-        # may let other threads in, and taking a ready job out may wake the event loop (Python
-        # code). A cancel meanwhile finds it marked; a snapshot finds it in its place, or ended.
-        self.marks[job_id] = ENDING
+        # Requested before _remove, which marks it ENDING and counts it in the step that takes it out:
+        # the search may let other threads in (it allocates), and taking a ready job out may wake the
+        # event loop (Python code). A cancel meanwhile finds it marked; a holder that decides its end
+        # meanwhile takes the cancel (as if it came after this step); a snapshot finds it in its
+        # place, or ended. (Marked ENDING, such a holder saw no cancel and counted a success, and
+        # the cancel said MARKED too, its mark left behind for the next job with this id.)
+        self.marks[job_id] = REQUESTED
         removed = self._remove(job_id, C_CANCELLED)
         if removed is not None:
             return CANCEL_REMOVED, removed
-        self.marks[job_id] = REQUESTED
         return CANCEL_MARKED, job
 
     @property
