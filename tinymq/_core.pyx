@@ -1127,9 +1127,10 @@ cdef class ReadyQueue:
         return self.parked.items[0].key if self.parked.count else None
 
     def reopen_rate_limited(self, double now):
-        """Readmit the types whose rate windows opened by ``now``; idle workers take their jobs."""
+        """Readmit the types whose rate windows opened by ``now``; idle workers (and the idle event
+        loop, for an async type) take their jobs."""
         self._reopen_due(now)
-        if self.getters:
+        if self.getters or self.loop_idle:
             self._hand_off()
 
     cdef void _reopen_due(self, double now) noexcept:
