@@ -194,6 +194,27 @@ def test_an_idle_worker_gets_the_job_when_the_window_opens(core):
     assert taken_at >= opening, "a worker took a job from a closed window"
 
 
+def test_the_idle_event_loop_is_woken_when_the_window_of_its_type_opens(core):
+    """The compiled core's reopen_rate_limited handed off only to idle worker threads: with none (all
+    busy), an async type's window reopened by the scheduler did not wake the idle event loop, and
+    its jobs waited for some other wake-up."""
+    q = core.ReadyQueue(64)
+    q.configure("r", noop, 1000, None, False, False, core.LOOP, RateLimit(1, per=PER))
+    woken = []
+    q.set_loop_waker(lambda: woken.append(core.monotonic()))
+    q.push(Item("r", name=0))
+    waiting = Item("r", name=1)
+    q.push(waiting)
+    assert [job for job, _ in q.take_for_loop(8)] != [waiting]
+    assert q.take_for_loop(8) == []  # the window is closed: the loop waits for a wake-up
+    woken.clear()
+    opening = q.next_rate_opening()
+    sleep_until(core, opening)
+    q.reopen_rate_limited(core.monotonic())
+    assert len(woken) == 1
+    assert [job for job, _ in q.take_for_loop(8)] == [waiting]
+
+
 def test_a_popping_worker_reopens_a_due_window_itself(core):
     """Busy workers never wait for the scheduler: a pop after the opening takes the job."""
     q = limited(core, r=RateLimit(1, per=PER))

@@ -5,14 +5,17 @@ or running; no snapshot may catch one between two of these. Nothing finishes in 
 only type is saturated by an attempt that is held), so every snapshot must add up to the jobs
 accepted. The GIL switch interval is made tiny, so other threads get in between any two steps.
 """
+import contextlib
 import gc
+import threading
 import time
 
 import pytest
 
-from tinymq import ExecutorConfig, Job, Priority
+from tinymq import ExecutorConfig, Job, Priority, RateLimit
 
-from _helpers import Blocker, make_queue, places, stats_watched, wait_until
+from _helpers import WAIT, Blocker, make_queue, places, stats_watched, wait_until
+from test_core_run_worker import FakeDispatcher, Worker, configure, wait_idle
 
 PRIORITIES = [Priority.HIGH, Priority.MEDIUM, Priority.LOW]
 BATCHES = 20
@@ -178,3 +181,228 @@ def test_a_cancel_taking_a_ready_job_out_counts_it_in_that_step_even_when_the_co
     assert seen, "no collection ran: the test shows nothing"
     assert set(seen) == {len(jobs)}, f"snapshots saw {sorted(set(seen))} of {len(jobs)} jobs"
     assert ready.counters()[core.CANCELLED] == len(jobs)
+
+
+# --- the compiled core's steps, each with a snapshot at every collection ---------------------
+
+def compiled_only(core, what):
+    if not getattr(core, "__file__", "").endswith((".so", ".pyd")):
+        pytest.skip(f"the pure core's snapshot holds the lock every {what} takes: nothing gets in")
+
+
+@contextlib.contextmanager
+def collections_watched(on_collection):
+    """The block runs with a collection at nearly every allocation of an object the collector
+    tracks, each starting with ``on_collection()``, as a thread switching in would. CPython's free
+    lists of tuples and lists are emptied first (held), else their allocations count towards none."""
+    def collector_ran(phase, info):
+        if phase == "start":
+            on_collection()
+
+    hold = [tuple(range(size)) for size in range(1, 9) for _ in range(2_500)] + [[] for _ in range(200)]
+    threshold = gc.get_threshold()
+    gc.callbacks.append(collector_ran)
+    gc.set_threshold(1)
+    try:
+        yield
+    finally:
+        gc.callbacks.remove(collector_ran)
+        gc.set_threshold(*threshold)
+        del hold
+
+
+def line_up(n, spare):
+    """Before the ``n``-th step: take the tuple of one that the last step freed (CPython keeps it for
+    reuse: the step's own is allocated anew), collect (the count towards the next collection starts
+    again), and allocate ``n % 3`` more (sets have no free list): from step to step, collections
+    fall on each of the step's allocations."""
+    spare.append((n,))
+    gc.collect(0)
+    spare.extend([set() for _ in range(n % 3)])
+
+
+def books(core, ready, heap=()):
+    """``(jobs in a place or ended, jobs accepted)`` as one snapshot sees them: equal at every moment.
+    A place: ready, owed room, running (a registered executor's), or in ``heap`` (none due here).
+    (Nothing here frees a tuple of one, such as snapshot()'s arguments or a closure's cells: it would
+    go back to CPython's free list, and the core's next one would come from there, with no collection.)"""
+    sizes, counters, types, waiting_for_room, _ = ready.snapshot()
+    running = sum(fields[0] for fields in types.values())
+    ended = counters[core.SUCCEEDED] + counters[core.FAILED] + counters[core.CANCELLED] + counters[core.EVICTED]
+    return sum(sizes) + waiting_for_room + len(heap) + running + ended, counters[core.ENQUEUED]
+
+
+def test_a_delayed_job_pushed_out_is_counted_in_the_step_that_pushes_it_even_when_the_collector_runs(core):
+    """The compiled core's accept_delayed (and push_many_delayed, through the same _accept) pushed a
+    new job onto a full delayed heap, which pushed the earliest out, then registered the new ids
+    (dict.update allocates a tuple for its arguments when CPython has none to reuse: the collector
+    may run, other threads get in), and only then counted the pushed-out job: a snapshot meanwhile
+    saw it in no place."""
+    compiled_only(core, "accept")
+    ready, heap = core.ReadyQueue(10), core.DelayedHeap(1)
+    seen, spare = [], []
+    with collections_watched(lambda: seen.append(books(core, ready, heap))):
+        for n in range(50):
+            job = Job("t", n, id=f"job-{n}")
+            line_up(n, spare)
+            ready.accept_delayed(job, heap, 1.0 + n)
+    assert seen, "no collection ran: the test shows nothing"
+    assert [moment for moment in seen if moment[0] != moment[1]] == []
+    assert ready.counters()[core.EVICTED] == 49 and len(heap) == 1
+
+
+def test_jobs_accepted_as_ended_are_counted_ended_in_that_step_even_when_the_collector_runs(core):
+    """``accept(jobs, counter)`` (jobs recovered as crashed) counted them accepted, registered their
+    ids (allocating, as above), and only then counted their ends: a snapshot meanwhile saw them
+    accepted and in no place."""
+    compiled_only(core, "accept")
+    ready = core.ReadyQueue(10)
+    seen, spare = [], []
+    with collections_watched(lambda: seen.append(books(core, ready))):
+        for n in range(50):
+            job = Job("t", n, id=f"job-{n}")
+            line_up(n, spare)
+            ready.accept([job], core.FAILED)
+    assert seen, "no collection ran: the test shows nothing"
+    assert [moment for moment in seen if moment[0] != moment[1]] == []
+    assert ready.counters()[core.FAILED] == 50
+
+
+def test_a_batch_of_new_types_is_counted_with_its_places_even_when_the_collector_runs(core):
+    """The compiled core's push_many_delayed made the state of a job type it had not seen as it
+    placed that type's first job (allocating: the collector may run), after placing the batch's
+    delayed job and its earlier ready ones and before counting any: a snapshot meanwhile saw jobs
+    placed that were not accepted."""
+    compiled_only(core, "push_many")
+    ready, heap = core.ReadyQueue(1000), core.DelayedHeap(0)
+    seen = []
+    with collections_watched(lambda: seen.append(books(core, ready, heap))):
+        for n in range(20):
+            batch = [Job(f"type-{n}-{k}", k) for k in range(5)]
+            assert ready.push_many_delayed(batch, [Job("t", n)], heap, [1.0]) == []
+    assert seen, "no collection ran: the test shows nothing"
+    assert [moment for moment in seen if moment[0] != moment[1]] == []
+    assert len(ready) == 100 and len(heap) == 20
+
+
+def owed_room_of_a_forgotten_type(core, job_type):
+    """A full queue (one ready job of a registered type) where a job of the unregistered
+    ``job_type`` is owed room, after the last attempt of that type ended (its state forgotten)."""
+    ready = core.ReadyQueue(1)
+    configure(ready, "t", lambda job: None)
+    assert ready.push(Job(job_type, "ran"))
+    job, state = ready.pop_with_type(timeout=0)
+    assert ready.push(Job("t", "ready"))
+    ready.accept_ready(Job(job_type, "owed"))
+    ready.end(job, core.FAILED, state)  # (no executor: it fails, and its slot is freed)
+    return ready
+
+
+def test_a_job_owed_room_moves_in_counted_even_when_its_type_was_forgotten(core):
+    """The compiled core forgot an unregistered type as its last attempt ended even while a job of
+    it was owed room; the pop that moved that job in then made the type's state again (allocating:
+    the collector may run), with the job out of the overflow line and not yet ready: a snapshot
+    meanwhile missed it."""
+    compiled_only(core, "pop")
+    queues = [owed_room_of_a_forgotten_type(core, f"x{n}") for n in range(20)]
+    seen = []
+    with collections_watched(lambda: seen.extend(books(core, ready) for ready in queues)):
+        for ready in queues:
+            assert ready.pop(timeout=0).payload == "ready"
+    assert seen, "no collection ran: the test shows nothing"
+    assert [moment for moment in seen if moment[0] != moment[1]] == []
+    assert all(ready.sizes() == (0, 1, 0) and ready.overflow_size == 0 for ready in queues)
+
+
+def test_a_worker_counts_a_success_in_the_step_that_frees_its_slot_even_when_that_wakes_the_loop(core):
+    """The compiled run_worker freed a successful attempt's slot, which may hand the type's next job
+    on and wake the event loop (Python code: other threads get in), before it counted the success:
+    a snapshot meanwhile missed the job. Here the type is registered again as an async one while its
+    attempt runs, so freeing the slot wakes the loop, whose waker takes a snapshot."""
+    compiled_only(core, "success")
+    ready = core.ReadyQueue(10)
+    started, go = threading.Event(), threading.Event()
+
+    def fn(job):
+        started.set()
+        assert go.wait(WAIT)
+
+    configure(ready, "t", fn)
+    seen = []
+    ready.set_loop_waker(lambda: seen.append(books(core, ready)))
+    assert ready.push(Job("t", 1)) and ready.push(Job("t", 2))
+    worker = Worker(core, ready, FakeDispatcher(ready))
+    try:
+        assert started.wait(WAIT)
+        ready.configure("t", fn, 1, None, False, False, core.LOOP)  # job 2 is the loop's now
+        go.set()
+        assert wait_until(lambda: ready.counters()[core.SUCCEEDED] == 1)
+    finally:
+        go.set()
+        ready.close()
+        worker.join()
+    assert seen == [(2, 2)]
+
+
+def test_the_loop_counts_a_success_in_the_step_that_frees_its_slot_even_when_that_wakes_the_loop(core):
+    """loop_attempt_succeeded, as run_worker above: it freed the slot (a hand-off may wake the event
+    loop) before it counted the success. Here the type, registered again for worker threads while
+    the loop ran its attempt, has a job waiting for an idle worker; handing it over reopens the
+    closed rate window of another async type, which wakes the loop, whose waker takes a snapshot."""
+    compiled_only(core, "success")
+    ready = core.ReadyQueue(10)
+    ready.configure("s", lambda job: None, 1, None, False, False, core.LOOP)
+    ready.configure("r", lambda job: None, 5, None, False, False, core.LOOP, RateLimit(max_starts=1, per=0.05))
+    for job in (Job("s", 1), Job("s", 2), Job("r", 1), Job("r", 2)):
+        assert ready.push(job)
+    (s1, s_state), (r1, r_state) = ready.take_for_loop(8)  # s is saturated, r's window closed
+    assert ready.take_for_loop(8) == []  # the loop waits for a wake-up
+    assert ready.loop_attempt_succeeded(r_state, 0.0, r1)
+    ready.configure("s", lambda job: None, 1, None, False, False, core.THREADS)
+    seen = []
+    ready.set_loop_waker(lambda: seen.append(books(core, ready)))
+    popped = []
+    getter = threading.Thread(target=lambda: popped.append(ready.pop(timeout=WAIT)))
+    getter.start()
+    try:
+        wait_idle(ready)
+        assert wait_until(lambda: core.monotonic() >= ready.next_rate_opening())
+        assert ready.loop_attempt_succeeded(s_state, 0.0, s1)
+        getter.join(WAIT)
+    finally:
+        ready.close()
+        getter.join(WAIT)
+    assert [job.payload for job in popped] == [2]
+    assert seen == [(4, 4)]
+
+
+def test_a_cancel_and_an_end_decided_while_it_searches_the_buffer_agree(core):
+    """The compiled core's mark_cancel marked the job ENDING (an end decided), searched the ready
+    buffer (allocating: the collector may run, other threads get in), and, not finding it there,
+    marked it REQUESTED. A holder that decided the job's end meanwhile saw no cancel and counted a
+    success; the cancel then said MARKED as well (cancel() True for a job reported succeeded), and
+    its mark outlived the job: the next job with that id was cancelled by it. Here the holder is
+    the collection's callback, as a thread switching in would be."""
+    compiled_only(core, "cancel")
+    ready = core.ReadyQueue(1000)
+    configure(ready, "t", lambda job: None, limit=5)
+    for n in range(20):  # (jobs to search past)
+        assert ready.push(Job("t", n, id=f"other-{n}"))
+    assert ready.push(Job("t", "x", id="x", priority=Priority.HIGH))
+    job, state = ready.pop_with_type(timeout=0)
+    assert job.id == "x"
+    decided = []
+
+    def holder_ends_it():
+        if not decided:
+            decided.append(ready.attempt_succeeded(state, 0.0, job, True, True))
+
+    with collections_watched(holder_ends_it):
+        outcome, _ = ready.mark_cancel("x")
+    assert decided, "no collection ran: the test shows nothing"
+    if not decided[0]:  # the cancel came first: the holder ends the job as cancelled
+        ready.task_done(job)
+    assert (decided[0], outcome) in [(True, core.CANCEL_UNKNOWN), (False, core.CANCEL_MARKED)]
+    again = Job("t", "again", id="x")
+    assert ready.push(again)
+    assert not ready.cancel_requested(again)

@@ -14,6 +14,7 @@ interruptible by signals (Ctrl-C reaches the main thread).
 """
 cimport cython
 from cpython.bool cimport PyBool_Check
+from cpython.dict cimport PyDict_Update
 from cpython.exc cimport PyErr_CheckSignals, PyErr_Clear, PyErr_Occurred
 from cpython.long cimport PyLong_AsLong, PyLong_Check
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
@@ -1126,9 +1127,10 @@ cdef class ReadyQueue:
         return self.parked.items[0].key if self.parked.count else None
 
     def reopen_rate_limited(self, double now):
-        """Readmit the types whose rate windows opened by ``now``; idle workers take their jobs."""
+        """Readmit the types whose rate windows opened by ``now``; idle workers (and the idle event
+        loop, for an async type) take their jobs."""
         self._reopen_due(now)
-        if self.getters:
+        if self.getters or self.loop_idle:
             self._hand_off()
 
     cdef void _reopen_due(self, double now) noexcept:
@@ -1182,8 +1184,8 @@ cdef class ReadyQueue:
         cdef Py_ssize_t n = len(jobs)
         self._unfinished += n
         self._counters[C_ENQUEUED] += n
-        if batch is not None:
-            self.ids.update(batch)
+        if batch is not None:  # (not ids.update: the call allocates a tuple, and the collector may run)
+            PyDict_Update(self.ids, batch)
         return 0
 
     cdef inline int _accept_one(self, object job, object job_id) except -1:
@@ -1290,6 +1292,8 @@ cdef class ReadyQueue:
             self._named_elsewhere(job)
         batch, repeated = _batch_ids(accepted)
         cdef int level
+        for job, job_type, level in placed:  # made before the step: allocating may run the collector
+            self._type_state(job_type)
         self._check_open()
         self._check_unregistered(batch, repeated)
         if self.size + len(placed) > self.capacity:
@@ -1653,9 +1657,10 @@ cdef class ReadyQueue:
         return self._remove(job_id)
 
     cdef object _remove(self, object job_id, int counter=-1):
-        """``remove``; with a ``counter``, the job's end is counted there in the step that takes it
-        out: the search may allocate (the collector runs Python code, other threads get in), and
-        the hand-off after it may wake the event loop, but a snapshot never sees it in two places."""
+        """``remove``; with a ``counter`` (a cancel's), the job's mark is ENDING and its end counted there
+        in the step that takes it out: the search may allocate (the collector runs Python code, other
+        threads get in), and the hand-off after it may wake the event loop, but a snapshot never
+        sees it in two places."""
         cdef TypeState state
         cdef Fifo *fifo
         cdef Py_ssize_t position, index
@@ -1665,6 +1670,7 @@ cdef class ReadyQueue:
                 del self.overflow[index]
                 job = owed[0]
                 if counter >= 0:
+                    self.marks[job_id] = ENDING
                     self._count_end(job, counter)
                 return job
         for state in list(self.types.values()):
@@ -1678,6 +1684,7 @@ cdef class ReadyQueue:
                 self.level_sizes[level] -= 1
                 self.size -= 1
                 if counter >= 0:
+                    self.marks[job_id] = ENDING
                     self._count_end(job, counter)
                 if position == 0 and state.listed[level]:  # its listing was keyed by this job
                     self._unlist_level(state, level)
@@ -1699,14 +1706,16 @@ cdef class ReadyQueue:
             return CANCEL_UNKNOWN, None
         if job_id in self.marks:
             return CANCEL_LOST, None
-        # Marked before _remove, and counted by it in the step that takes the job out: the search
-        # may let other threads in, and taking a ready job out may wake the event loop (Python
-        # code). A cancel meanwhile finds it marked; a snapshot finds it in its place, or ended.
-        self.marks[job_id] = ENDING
+        # Requested before _remove, which marks it ENDING and counts it in the step that takes it out:
+        # the search may let other threads in (it allocates), and taking a ready job out may wake the
+        # event loop (Python code). A cancel meanwhile finds it marked; a holder that decides its end
+        # meanwhile takes the cancel (as if it came after this step); a snapshot finds it in its
+        # place, or ended. (Marked ENDING, such a holder saw no cancel and counted a success, and
+        # the cancel said MARKED too, its mark left behind for the next job with this id.)
+        self.marks[job_id] = REQUESTED
         removed = self._remove(job_id, C_CANCELLED)
         if removed is not None:
             return CANCEL_REMOVED, removed
-        self.marks[job_id] = REQUESTED
         return CANCEL_MARKED, job
 
     @property
@@ -1810,8 +1819,10 @@ cdef class ReadyQueue:
             # registered again meanwhile) cannot take the type's next job itself.
             if (hand_off or state.runner != taker) and (self.getters or self.loop_idle):
                 self._hand_off()
-        elif state.fn is None and not state.active and not state.ever_parked:
-            del self.types[state.name]  # an unregistered type leaves nothing behind
+        elif state.fn is None and not state.active and not state.ever_parked and not self.overflow:
+            # An unregistered type leaves nothing behind; not while jobs are owed room, as one may be
+            # of it: moving it in must not make its state again (allocating may run the collector).
+            del self.types[state.name]
             if state is self.last_state:
                 self.last_type, self.last_state = _NO_TYPE, None
         return 0
@@ -1903,8 +1914,13 @@ cdef class ReadyQueue:
         seconds, job, finish=True)`` in one step: the loop's per-job path.
         False when a cancel of ``job`` was requested first: only its slot is freed.
         """
-        self._release(state, False, LOOP)
-        return self._attempt_succeeded(state, seconds, job, True)
+        cdef bint succeeded
+        self._release_quietly(state)
+        succeeded = self._attempt_succeeded(state, seconds, job, True)
+        # Last, after the slot and the success in one step: a hand-off may wake the loop (Python code).
+        if state.waiting and state.runner != LOOP and (self.getters or self.loop_idle):
+            self._hand_off()  # (registered again meanwhile: a worker thread takes its next job)
+        return succeeded
 
     def record_duration(self, TypeState state, double seconds):
         """An attempt of ``state`` was decided (failed, timed out, cancelled) after ``seconds``."""
@@ -2264,7 +2280,7 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
     cdef PyObject *taken = NULL
     cdef TypeState state
     cdef double started, ended, deadline
-    cdef bint expired, decided, cancelled, finish
+    cdef bint expired, decided, cancelled, finish, succeeded_now
     cdef long succeeded = 0
     cdef _Waiter waiter = _Waiter()  # this worker's, for every wait
     finished = None  # a success whose on_success and task_done wait for the next start (on_switch)
@@ -2351,12 +2367,17 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
                 ready._release(state)
             continue
         if error is None:
-            # A worker going straight back to pop takes the job its slot frees itself.
-            ready._release(state, slot.on_success is not None and slot.on_switch is None)
             on_success = slot.on_success  # read once: refresh_hooks may change them below
             switch = slot.on_switch
             finish = on_success is None and switch is None
-            if not ready._attempt_succeeded(state, ended - started, job, finish):
+            # The slot freed and the success counted in one step; the hand-off last, as it may wake the
+            # event loop (Python code). A worker going straight back to pop takes the job its slot frees itself.
+            ready._release_quietly(state)
+            succeeded_now = ready._attempt_succeeded(state, ended - started, job, finish)
+            if state.waiting and (ready.getters or ready.loop_idle) and (
+                    on_success is not None and switch is None or state.runner != THREADS):
+                ready._hand_off()
+            if not succeeded_now:
                 dispatcher.end_cancelled(job)  # a cancel came as it ended: it wins
                 continue
             succeeded += 1
