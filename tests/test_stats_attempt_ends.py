@@ -121,8 +121,9 @@ def test_cancels_from_other_threads_count_each_job_once(tiny_switch_interval):
             job = Job("t", n, id=f"job-{n}")
             if n % 2:
                 q.enqueue(job)
-            else:  # due from 0.1s on, over 0.2s: many are moved while the cancels come
-                q.enqueue_delayed(job, 0.1 + 0.2 * n / jobs - (time.monotonic() - start))
+            else:  # due from 0.1s on, over 0.2s: many are moved while the cancels come (on a loaded
+                # machine the enqueues may outlast that: the later ones are due at once)
+                q.enqueue_delayed(job, max(0.0, 0.1 + 0.2 * n / jobs - (time.monotonic() - start)))
             ids.append(job.id)
         cancelled = []
 
