@@ -111,6 +111,15 @@ def job_row(job: Any, now: float) -> Tuple[str, str, int, float, str, int, str]:
             sendable_text(last_error) if last_error else "")
 
 
+def _sendable_count(retries: Any) -> int:
+    """A job's ``retries`` that its executor set to something other than an int, as a settle op
+    carries it: what int() makes of it (a float, a numeric text), else 0 (None, a list)."""
+    try:
+        return int(retries)
+    except Exception:
+        return 0
+
+
 def _refused_as_full(exc: BaseException) -> bool:
     """Whether Redis refused a call for its maxmemory (a script that takes new jobs, at its
     first write: lib.lua's refuse_if_full). Redis 7 replies with an OOM error, 6.2 with a
@@ -671,7 +680,12 @@ class QueueLink:
             else:
                 del self._attempts[job]
                 self._slot_freed()
-            decided = SettleOp(op, record.attempt, job.retries, max(0.0, round(delay * _MS, _DIGITS)),
+            retries = job.retries
+            if retries.__class__ is not int:  # (set by its executor: an op that cannot be sent would stop the link)
+                retries = _sendable_count(retries)
+            if error and error.__class__ is not str:  # (a last_error set by hand: its text, as job_row sends it)
+                error = str(error)
+            decided = SettleOp(op, record.attempt, retries, max(0.0, round(delay * _MS, _DIGITS)),
                                reason, sendable_text(error) if error else "")
             self._queue_op(decided)
             return decided, self._proc

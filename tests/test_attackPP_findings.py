@@ -1,0 +1,77 @@
+"""Findings of attackPP: tinymq's own code around an attempt must not end a worker thread or leave a job stuck.
+
+API.md "Failures are never silent" and "Scale-out": every accepted job runs or is reported to
+the failure callbacks, join() returns, and an exception in tinymq's own code (not the user's
+executor) never ends the thread that hit it with a job unfinished.
+"""
+import threading
+
+from tinymq import Job, RetryConfig
+
+from _helpers import WAIT, Recorder, record_failures
+
+
+def _worker_threads():
+    return {thread for thread in threading.enumerate() if thread.name.startswith("tinymq-worker")}
+
+
+def test_redis_a_job_whose_executor_set_retries_to_none_fails_and_the_queue_goes_on(redis_backend):
+    """An executor that sets ``job.retries = None`` and raises: in-process the job fails for good
+    (its retry cannot be counted); over Redis the dead op carried the None, which the client cannot
+    send, so the worker thread died with it, and the pump after it (the process let its id go:
+    the job came back only after the lease, as a crash). Now it is reported as in-process, by the
+    worker that ran it, which goes on to run the next job."""
+    q = redis_backend.queue()
+    failures = record_failures(q, key=lambda job: job.payload)
+    ran = Recorder()
+
+    def run(job):
+        ran.add((job.payload, threading.current_thread()))
+        if job.payload == "odd":
+            job.retries = None
+            raise ValueError("boom")
+
+    q.register_executor("t", run)
+    q.start_dispatcher(1)
+    q.enqueue(Job("t", "odd", retry_config=RetryConfig(max_retries=5, initial_delay=0.0)))
+    assert failures.wait_for(1)
+    q.enqueue(Job("t", "next"))
+    assert q.join(WAIT)
+    [(payload, reason, exc)] = failures.snapshot()
+    assert (payload, reason) == ("odd", "retries_exhausted")
+    assert isinstance(exc, TypeError)  # (its retry could not be counted)
+    (_, first), (_, second) = ran.snapshot()
+    assert first is second and first.is_alive()  # the same worker ran on
+    stats = q.get_stats()
+    assert (stats.jobs_failed, stats.jobs_succeeded) == (1, 1)
+    assert stats.executor_stats["t"].active_jobs == 0
+    [dead] = q.broker.dead_jobs()
+    assert (dead.job.payload, dead.reason) == ("odd", "retries_exhausted")
+
+
+def test_redis_cancel_of_a_running_job_whose_executor_set_last_error_to_a_number(redis_backend):
+    """An executor sets ``job.last_error = 42`` (not text) and runs on; q.cancel() of it raised
+    AttributeError (the cancel's dead op took the number for text), and the attempt was never
+    settled: join() waited for ever. Now the number is sent as its text, as at enqueue."""
+    q = redis_backend.queue()
+    failures = record_failures(q, key=lambda job: job.id)
+    started, release = threading.Event(), threading.Event()
+
+    def run(job, ctx):
+        job.last_error = 42
+        started.set()
+        release.wait(WAIT)
+
+    q.register_executor("t", run)
+    q.start_dispatcher(1)
+    job = q.enqueue(Job("t"))
+    assert started.wait(WAIT)
+    try:
+        assert q.cancel(job.id)
+    finally:
+        release.set()
+    assert q.join(WAIT)
+    assert [(job_id, reason) for job_id, reason, _ in failures.snapshot()] == [(job.id, "cancelled")]
+    stats = q.get_stats()
+    assert stats.jobs_cancelled == 1
+    assert stats.executor_stats["t"].active_jobs == 0
