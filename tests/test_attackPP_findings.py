@@ -75,3 +75,52 @@ def test_redis_cancel_of_a_running_job_whose_executor_set_last_error_to_a_number
     stats = q.get_stats()
     assert stats.jobs_cancelled == 1
     assert stats.executor_stats["t"].active_jobs == 0
+
+
+def test_redis_a_round_that_fails_on_a_worker_thread_neither_ends_it_nor_loses_the_failure(redis_url):
+    """A round (a settle and fetch call) that fails on anything but Redis (a bug: here tinymq's own
+    _take raises once) on a worker thread, which sends a failure for good before its callbacks run.
+    The pump, timer and heartbeat survive such a fault (_crashed: the process lets its id go); the
+    worker did not: it died, its failure callbacks never ran, and Redis kept the job unfinished,
+    waiting for their acknowledgement under an id still renewed: join() waited for ever. Now the
+    worker lets the id go as they do, reports the job, and runs the next one."""
+    from _backends import Redis
+
+    shared = Redis(redis_url, lease=1.0)
+    try:
+        q = shared.queue()
+        failures = record_failures(q, key=lambda job: job.payload)
+        ran = Recorder()
+        link = q._link
+        take = link._take
+        faulted = []
+
+        def faulty_take(fetched):
+            if not faulted and threading.current_thread().name.startswith("tinymq-worker"):
+                faulted.append(threading.current_thread())
+                raise RuntimeError("a bug in a round")
+            return take(fetched)
+
+        link._take = faulty_take
+
+        def run(job):
+            ran.add((job.payload, threading.current_thread()))
+            if job.payload == "bad":
+                raise ValueError("boom")
+
+        q.register_executor("t", run)
+        q.start_dispatcher(1)
+        q.enqueue(Job("t", "bad", retry_config=RetryConfig(max_retries=0)))
+        assert failures.wait_for(1)
+        q.enqueue(Job("t", "next"))
+        assert q.join(WAIT)
+        assert faulted  # (the fault did come, on the worker)
+        reported = failures.snapshot()
+        assert {(payload, reason) for payload, reason, _ in reported} == {("bad", "retries_exhausted")}
+        (_, first), (_, second) = ran.snapshot()
+        assert first is second and first.is_alive()  # the same worker ran on
+        stats = q.get_stats()
+        assert (stats.jobs_failed, stats.jobs_succeeded) == (1, 1)
+        assert stats.executor_stats["t"].active_jobs == 0
+    finally:
+        shared.close()

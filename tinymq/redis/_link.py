@@ -645,6 +645,8 @@ class QueueLink:
                 self._round()
             except self._redis_error as exc:
                 self._log_outage("settle", exc)
+            except Exception:  # (as the pump's round: a worker thread, or a caller's, must not end here)
+                self._crashed(f"a round on {threading.current_thread().name}")
 
     def succeeded(self, job: Any) -> None:
         with self._lock:
@@ -742,6 +744,9 @@ class QueueLink:
                 self._round(unless_sent=op)
             except self._redis_error as exc:
                 self._log_outage("settle", exc)
+                return
+            except Exception:  # (as in _flush_if_idle: the op went with the id let go, whose reaper reports it)
+                self._crashed(f"a round on {threading.current_thread().name}")
                 return
             if not self._unsent_op(op):
                 return
