@@ -124,3 +124,45 @@ def test_redis_a_round_that_fails_on_a_worker_thread_neither_ends_it_nor_loses_t
         assert stats.executor_stats["t"].active_jobs == 0
     finally:
         shared.close()
+
+
+class _ExitingRetryConfig(RetryConfig):
+    """A RetryConfig subclass whose retry_delay raises SystemExit (as sys.exit() in it would)."""
+
+    def retry_delay(self, k):
+        raise SystemExit(f"no delay for retry {k}")
+
+
+def test_a_retry_config_whose_retry_delay_raises_system_exit_fails_the_job_and_frees_its_slot():
+    """The retry's delay is the user's code: an Exception it raises fails the job for good, but a
+    SystemExit went past that, out of the worker thread, with the attempt's slot still taken: the
+    job was never reported, get_stats() showed it active for ever, and join() waited for ever.
+    Now it fails the job as an Exception does (as the executor's own SystemExit fails its attempt)."""
+    from _helpers import make_queue
+
+    q = make_queue()
+    failures = record_failures(q, key=lambda job: job.payload)
+    ran = Recorder()
+
+    def run(job):
+        ran.add((job.payload, threading.current_thread()))
+        if job.payload == "bad":
+            raise ValueError("boom")
+
+    q.register_executor("t", run)
+    q.start_dispatcher(1)
+    try:
+        q.enqueue(Job("t", "bad", retry_config=_ExitingRetryConfig()))
+        assert failures.wait_for(1)
+        q.enqueue(Job("t", "next"))
+        assert q.join(WAIT)
+        [(payload, reason, exc)] = failures.snapshot()
+        assert (payload, reason) == ("bad", "retries_exhausted")
+        assert isinstance(exc, SystemExit)
+        (_, first), (_, second) = ran.snapshot()
+        assert first is second and first.is_alive()  # the same worker ran on
+        stats = q.get_stats()
+        assert (stats.jobs_failed, stats.jobs_succeeded) == (1, 1)
+        assert stats.executor_stats["t"].active_jobs == 0
+    finally:
+        q.stop(wait=False)

@@ -1093,7 +1093,7 @@ class Dispatcher:
                 self.make_ready(job, placing)
             else:
                 self.push_delayed(job, delay, evictable=False, release=placing)
-        except Exception as error:  # a job made unusable (e.g. its retry_config): fail it, loudly
+        except BaseException as error:  # a job made unusable (its retry_config, a SystemExit too): fail it
             logger.exception("tinymq could not schedule the retry of job %r", job)
             self.fail(job, "retries_exhausted", error, release=release)
 
