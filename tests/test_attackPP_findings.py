@@ -6,7 +6,9 @@ executor) never ends the thread that hit it with a job unfinished.
 """
 import threading
 
-from tinymq import Job, RetryConfig
+import pytest
+
+from tinymq import ExecutorConfig, Job, RetryConfig
 
 from _helpers import WAIT, Recorder, record_failures
 
@@ -165,4 +167,51 @@ def test_a_retry_config_whose_retry_delay_raises_system_exit_fails_the_job_and_f
         assert (stats.jobs_failed, stats.jobs_succeeded) == (1, 1)
         assert stats.executor_stats["t"].active_jobs == 0
     finally:
+        q.stop(wait=False)
+
+
+@pytest.mark.parametrize("decided_by", ["timeout", "cancel"])
+def test_a_retired_worker_that_cannot_be_replaced_still_has_its_job_ended(decided_by):
+    """A timed-out or cancelled attempt retires its worker, which is replaced by a new thread.
+    When the system has no thread to give (RuntimeError from Thread.start, here made to happen in
+    tinymq's own _start_thread), the timed-out job was never handled (the watchdog logged an
+    error; no retry, no report: join() waited for ever) and q.cancel() raised with the attempt
+    decided but its job never ended. Now the job ends all the same (the pool is one short)."""
+    from _helpers import make_queue
+
+    q = make_queue()
+    failures = record_failures(q, key=lambda job: job.payload)
+    started, release = threading.Event(), threading.Event()
+    dispatcher = q._dispatcher
+    start_thread = dispatcher._start_thread
+
+    def no_new_worker(target, name, *args):
+        if name.startswith("tinymq-worker"):
+            raise RuntimeError("can't start new thread")
+        start_thread(target, name, *args)
+
+    def run(job):
+        if job.payload == "stuck":
+            started.set()
+            release.wait(WAIT)
+
+    timeout = 0.2 if decided_by == "timeout" else None
+    q.register_executor("t", run, ExecutorConfig(timeout=timeout))
+    q.start_dispatcher(2)
+    dispatcher._start_thread = no_new_worker
+    try:
+        job = q.enqueue(Job("t", "stuck", retry_config=RetryConfig(max_retries=0)))
+        assert started.wait(WAIT)
+        if decided_by == "cancel":
+            assert q.cancel(job.id)
+        assert failures.wait_for(1)
+        q.enqueue(Job("t", "next"))  # the other worker runs it
+        assert q.join(WAIT)
+        [(payload, reason, exc)] = failures.snapshot()
+        expected = "retries_exhausted" if decided_by == "timeout" else "cancelled"
+        assert (payload, reason) == ("stuck", expected)
+        stats = q.get_stats()
+        assert (stats.jobs_failed + stats.jobs_cancelled, stats.jobs_succeeded) == (1, 1)
+    finally:
+        release.set()
         q.stop(wait=False)
