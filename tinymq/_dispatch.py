@@ -364,6 +364,18 @@ class Dispatcher:
             self._slots.discard(slot)  # no thread runs it: stop() must not wait for it
             raise
 
+    def _replace_worker(self, failure: Optional[Tuple[Any, Any, BaseException]] = None) -> bool:
+        """Start a worker in place of a retired one (``failure``: as _start_worker); False, logged, when
+        the system has no thread to give: the pool is one short, and the caller handles ``failure``.
+        Called with _lock held."""
+        try:
+            self._start_worker(failure)
+        except RuntimeError:
+            logger.exception("tinymq could not start a worker thread to replace a retired one; the "
+                             "pool is one short")
+            return False
+        return True
+
     def _work(self, slot: Any, first: List[Optional[Tuple[Any, Any, BaseException]]]) -> None:
         try:
             failure = first.pop()
@@ -378,7 +390,7 @@ class Dispatcher:
             logger.exception("tinymq worker crashed; starting a replacement")
             with self._lock:
                 if not self._stopping and not slot.retired:
-                    self._start_worker()
+                    self._replace_worker()
         finally:
             with self._lock:
                 self._slots.discard(slot)
@@ -718,11 +730,9 @@ class Dispatcher:
                                job.id, job.type)
         finally:  # whatever happened above, the job and the pool are looked after
             with self._lock:
-                replaced = not self._stopping
-                if replaced:
-                    # The pool keeps its size while the old thread is stuck; the replacement
-                    # handles the failure first, so a slow callback never delays the watchdog.
-                    self._start_worker((job, state, exc))
+                # The pool keeps its size while the old thread is stuck; the replacement
+                # handles the failure first, so a slow callback never delays the watchdog.
+                replaced = not self._stopping and self._replace_worker((job, state, exc))
                 self._workers_changed.notify_all()  # stop() never waits for a retired worker
             if not replaced:
                 self.attempt_failed(job, state, exc)
@@ -979,7 +989,7 @@ class Dispatcher:
                 continue
             with self._lock:
                 if not self._stopping:  # its thread may run on: the pool keeps its size
-                    self._start_worker()
+                    self._replace_worker()
                 self._workers_changed.notify_all()
             if slot.context is not None:
                 slot.context._reason = "cancelled"
@@ -1093,7 +1103,7 @@ class Dispatcher:
                 self.make_ready(job, placing)
             else:
                 self.push_delayed(job, delay, evictable=False, release=placing)
-        except Exception as error:  # a job made unusable (e.g. its retry_config): fail it, loudly
+        except BaseException as error:  # a job made unusable (its retry_config, a SystemExit too): fail it
             logger.exception("tinymq could not schedule the retry of job %r", job)
             self.fail(job, "retries_exhausted", error, release=release)
 

@@ -111,6 +111,15 @@ def job_row(job: Any, now: float) -> Tuple[str, str, int, float, str, int, str]:
             sendable_text(last_error) if last_error else "")
 
 
+def _sendable_count(retries: Any) -> int:
+    """A job's ``retries`` that its executor set to something other than an int, as a settle op
+    carries it: what int() makes of it (a float, a numeric text), else 0 (None, a list)."""
+    try:
+        return int(retries)
+    except Exception:
+        return 0
+
+
 def _refused_as_full(exc: BaseException) -> bool:
     """Whether Redis refused a call for its maxmemory (a script that takes new jobs, at its
     first write: lib.lua's refuse_if_full). Redis 7 replies with an OOM error, 6.2 with a
@@ -636,6 +645,8 @@ class QueueLink:
                 self._round()
             except self._redis_error as exc:
                 self._log_outage("settle", exc)
+            except Exception:  # (as the pump's round: a worker thread, or a caller's, must not end here)
+                self._crashed(f"a round on {threading.current_thread().name}")
 
     def succeeded(self, job: Any) -> None:
         with self._lock:
@@ -671,7 +682,12 @@ class QueueLink:
             else:
                 del self._attempts[job]
                 self._slot_freed()
-            decided = SettleOp(op, record.attempt, job.retries, max(0.0, round(delay * _MS, _DIGITS)),
+            retries = job.retries
+            if retries.__class__ is not int:  # (set by its executor: an op that cannot be sent would stop the link)
+                retries = _sendable_count(retries)
+            if error and error.__class__ is not str:  # (a last_error set by hand: its text, as job_row sends it)
+                error = str(error)
+            decided = SettleOp(op, record.attempt, retries, max(0.0, round(delay * _MS, _DIGITS)),
                                reason, sendable_text(error) if error else "")
             self._queue_op(decided)
             return decided, self._proc
@@ -728,6 +744,9 @@ class QueueLink:
                 self._round(unless_sent=op)
             except self._redis_error as exc:
                 self._log_outage("settle", exc)
+                return
+            except Exception:  # (as in _flush_if_idle: the op went with the id let go, whose reaper reports it)
+                self._crashed(f"a round on {threading.current_thread().name}")
                 return
             if not self._unsent_op(op):
                 return
