@@ -22,6 +22,7 @@ once across all processes (``tinymq/redis/_schedules.py``).
 import copy
 import logging
 import math
+import re
 import threading
 import time
 import weakref
@@ -44,6 +45,9 @@ _WALL_CLOCK_RECHECK = 60.0
 _BEGIN_RETRY = 1.0  # seconds before a schedule whose backend failed to begin it tries again
 _CRON_EXTRA_HINT = "q.cron() needs the croniter package: pip install 'tinymq[cron]'"
 _CRON_FIELDS = 5  # minute hour day-of-month month day-of-week: croniter's extra 6th and 7th are refused
+# croniter's random field ("R", "R(0-29)", "R/15"), redrawn by each croniter: a schedule that
+# computes every tick afresh would move between ticks, and differ from process to process.
+_CRON_RANDOM_ITEM = re.compile(r"r(\(\d+-\d+\))?(/\d+)?", re.IGNORECASE | re.ASCII)
 _CRON_NICKNAMES = frozenset({"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"})
 
 
@@ -324,6 +328,9 @@ class Periodic:
             raise ValueError(f"cron expression {expression!r} has {len(fields)} fields; q.cron() takes the "
                              "5 standard ones (minute hour day-of-month month day-of-week) or a nickname "
                              "such as '@daily', not a seconds or a year field")
+        if any(_CRON_RANDOM_ITEM.fullmatch(item) for field in fields for item in field.split(",")):
+            raise ValueError(f"cron expression {expression!r} has a random ('R') field, which would be "
+                             "drawn again at every tick (and in every process); write the value you want")
         if not croniter.is_valid(expression):
             raise ValueError(f"invalid cron expression {expression!r}")
         if cron_next(expression, zone, self._wall()) == math.inf:
