@@ -48,3 +48,37 @@ def test_cron_still_takes_names_that_contain_the_letter_r(queue, expression):
     """The refusal above reads whole list items, not letters: month and day names with an "r"
     (mar, apr, fri) are fixed values and still register."""
     assert queue.cron(expression, "report", name=expression) == expression
+
+
+def test_a_scrape_survives_a_job_type_that_is_not_utf8(queue):
+    """Symptom: a job type holding a lone surrogate (what ``os.fsdecode`` makes of a file name
+    byte that is not UTF-8, e.g. ``"thumb-\\udcff"``; a broker reads such text from Redis the
+    same way) is a valid type: its executor registers and its jobs run. But
+    ``generate_latest`` on a registry holding ``PrometheusCollector(q)`` then raised
+    UnicodeEncodeError: the whole scrape failed, so every metric of the process (other
+    collectors' too) was lost and the target showed as down.
+    Reproduce: register an executor for ``"thumb-\\udcff"``, scrape.
+    Contract: ``tinymq.metrics`` exposes counters by type and outcome for every registered type.
+    Fix: label values are written as UTF-8 text, a lone surrogate escaped as ``\\udcff``
+    (as the SQLite store writes such error texts).
+    """
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+    from tinymq import Job
+    from tinymq.metrics import PrometheusCollector
+
+    odd = "thumb-\udcff"
+    queue.register_executor(odd, lambda job: None, ExecutorConfig())
+    queue.start_dispatcher()
+    queue.enqueue(Job(odd))
+    queue.enqueue(Job("report"))
+    assert queue.join(30)
+    registry = prometheus_client.CollectorRegistry()
+    registry.register(PrometheusCollector({"thumbs-\udcfe": queue}))
+
+    text = prometheus_client.generate_latest(registry).decode("utf-8")
+
+    succeeded = {(sample.labels["queue"], sample.labels["type"]): sample.value
+                 for family in text_string_to_metric_families(text) if family.name == "tinymq_jobs"
+                 for sample in family.samples if sample.labels["outcome"] == "succeeded"}
+    assert succeeded == {("thumbs-\\udcfe", "thumb-\\udcff"): 1, ("thumbs-\\udcfe", "report"): 1}

@@ -15,7 +15,8 @@ metric names in one registry, whatever their labels)::
 
     REGISTRY.register(PrometheusCollector({"mail": mail_queue, "thumbnails": thumbnail_queue}))
 
-Metrics (``type`` is a job type with a registered executor):
+Metrics (``type`` is a job type with a registered executor; a lone surrogate in a type or
+queue name, as ``os.fsdecode`` makes of bytes that are not UTF-8, is written ``\\udcff``):
 
 - ``tinymq_jobs_total{type, outcome}`` (counter): ``outcome`` is ``succeeded``,
   ``failed`` (for good), ``retried``, ``timed_out`` or ``cancelled``: the per-type
@@ -45,6 +46,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
     ) from exc
 
 from ._pick_core import core
+from .job import _utf8_text
 from .queue import Queue
 
 __all__ = ["PrometheusCollector", "ATTEMPT_DURATION_BUCKETS"]
@@ -94,14 +96,16 @@ class PrometheusCollector(Collector):
         for name, queue in self._queues.items():
             stats = queue.get_stats()
             durations = queue._attempt_durations()
-            at = [] if name is None else [name]  # the queue label's value, first of each sample's
+            # Label values go out as UTF-8: a lone surrogate (a type from os.fsdecode) would fail the scrape.
+            at = [] if name is None else [_utf8_text(name)]  # the queue label's value, first of each sample's
             for job_type, executor in sorted(stats.executor_stats.items()):
+                label = _utf8_text(job_type)
                 for outcome in _OUTCOMES:
-                    jobs.add_metric(at + [job_type, outcome], getattr(executor, outcome))
-                active.add_metric(at + [job_type], executor.active_jobs)
-                limits.add_metric(at + [job_type], executor.max_jobs)
+                    jobs.add_metric(at + [label, outcome], getattr(executor, outcome))
+                active.add_metric(at + [label], executor.active_jobs)
+                limits.add_metric(at + [label], executor.max_jobs)
                 counts, total_seconds = durations.get(job_type, ((0,) * len(_BUCKET_LABELS), 0.0))
-                histogram.add_metric(at + [job_type], _cumulative(counts), total_seconds)
+                histogram.add_metric(at + [label], _cumulative(counts), total_seconds)
             for field, event in _QUEUE_EVENTS:
                 events.add_metric(at + [event], getattr(stats, field))
             sizes.add_metric(at + ["high"], stats.high_queue_size)
