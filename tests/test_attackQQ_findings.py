@@ -3,6 +3,8 @@
 Each test runs on the core the session picked: run the file once as is and once with
 ``TINYMQ_NO_EXTENSIONS=1``.
 """
+from datetime import tzinfo
+
 import pytest
 
 pytest.importorskip("croniter")
@@ -82,3 +84,29 @@ def test_a_scrape_survives_a_job_type_that_is_not_utf8(queue):
                  for family in text_string_to_metric_families(text) if family.name == "tinymq_jobs"
                  for sample in family.samples if sample.labels["outcome"] == "succeeded"}
     assert succeeded == {("thumbs-\\udcfe", "thumb-\\udcff"): 1, ("thumbs-\\udcfe", "report"): 1}
+
+
+class _NoOffset(tzinfo):
+    """A tzinfo whose utcoffset is None: a naive zone, with no instant for a wall time."""
+
+    def utcoffset(self, dt):
+        return None
+
+    def dst(self, dt):
+        return None
+
+
+@pytest.mark.parametrize("zone", [tzinfo(), _NoOffset()], ids=["bare-tzinfo", "no-offset"])
+def test_cron_names_a_tz_that_cannot_convert_times(queue, zone):
+    """Symptom: ``q.cron("0 * * * *", "report", tz=tzinfo())`` raised NotImplementedError ("a
+    tzinfo subclass must implement utcoffset()"), and a tzinfo whose ``utcoffset`` is None raised
+    ``ValueError("fromutc: non-None utcoffset() result required")``: neither names ``tz``, and
+    the first is not the TypeError/ValueError bad values raise.
+    Reproduce: pass such a tzinfo to ``cron``.
+    Contract: bad values raise TypeError/ValueError naming them.
+    Fix: ``cron`` converts the current time into ``tz`` once, and a failure raises ValueError
+    naming ``tz`` (the failure as its cause); nothing is registered.
+    """
+    with pytest.raises(ValueError, match="^tz must"):
+        queue.cron("0 * * * *", "report", tz=zone)
+    assert queue.schedules() == []

@@ -98,6 +98,11 @@ def _as_tz(tz: object) -> tzinfo:
     if tz is None:
         return timezone.utc
     if isinstance(tz, tzinfo):
+        try:  # one that cannot place an instant in its zone would fail at every tick
+            datetime.now(timezone.utc).astimezone(tz)
+        except Exception as exc:
+            raise ValueError(f"tz must be a tzinfo that converts times (e.g. zoneinfo.ZoneInfo), got {tz!r}: "
+                             f"{exc!r}") from exc
         return tz
     if isinstance(tz, str):
         from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
