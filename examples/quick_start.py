@@ -1,4 +1,4 @@
-"""Quick Start: a queue, an executor, three workers and two jobs.
+"""Quick Start: a queue, an executor, two jobs and a worker.
 
 The seed's Go example sleeps for a second and hopes the jobs are done;
 here ``q.join()`` waits exactly until they are.
@@ -18,12 +18,12 @@ with Queue(100) as q:
 
     q.register_executor("email", send_email)
 
-    # Three worker threads.
-    q.start_dispatcher(3)
-
     # Enqueue jobs: a MEDIUM one and a HIGH one.
     q.enqueue(tinymq.new_job("email", "Welcome email"))
     q.enqueue(tinymq.new_high_priority_job("email", "Password reset"))
+
+    # One worker thread, started once both wait: the HIGH one runs first.
+    q.start_dispatcher(1)
 
     # Block until every job enqueued so far has finished.
     q.join()
