@@ -104,11 +104,15 @@ def job_row(job: Any, now: float) -> Tuple[str, str, int, float, str, int, str]:
     last error ('' for none))."""
     run_at = job.run_at
     delay = 0.0 if run_at is job.timestamp else round((run_at - now) * _MS, _DIGITS)
-    last_error = job.last_error
-    if last_error is not None and last_error.__class__ is not str:  # (set by hand: its text, as a store keeps)
-        last_error = str(last_error)
     return (job.id, job.type, int(job.priority), delay if delay > 0.0 else 0, encode_job(job), job.retries,
-            sendable_text(last_error) if last_error else "")
+            _sent_error(job.last_error))
+
+
+def _sent_error(error: Any) -> str:
+    """A job's last error as a row or a settle op carries it: '' for none; one set by hand (an
+    exception, a number) as its text, as a store keeps it; lone surrogates escaped."""
+    text = error if error.__class__ is str else ("" if error is None else str(error))
+    return sendable_text(text) if text else ""
 
 
 def _sendable_count(retries: Any) -> int:
@@ -685,10 +689,8 @@ class QueueLink:
             retries = job.retries
             if retries.__class__ is not int:  # (set by its executor: an op that cannot be sent would stop the link)
                 retries = _sendable_count(retries)
-            if error and error.__class__ is not str:  # (a last_error set by hand: its text, as job_row sends it)
-                error = str(error)
             decided = SettleOp(op, record.attempt, retries, max(0.0, round(delay * _MS, _DIGITS)),
-                               reason, sendable_text(error) if error else "")
+                               reason, _sent_error(error) if error else "")
             self._queue_op(decided)
             return decided, self._proc
 
