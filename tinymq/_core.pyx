@@ -1395,6 +1395,15 @@ cdef class ReadyQueue:
             (<TypeState>state).counters[counter] += n
         return 0
 
+    cdef inline int _released_hand_off(self, TypeState state, bint hand_off, int taker) except -1:
+        """The hand-off of ``_release(state, hand_off, taker)``, which may run Python code (it may
+        wake the event loop): for a caller that freed the slot quietly and ended its step first.
+        Without ``hand_off`` the caller (of runner ``taker``) takes the type's next job itself; a
+        caller of the other runner (the type was registered again meanwhile) cannot."""
+        if state.waiting and (hand_off or state.runner != taker) and (self.getters or self.loop_idle):
+            self._hand_off()
+        return 0
+
     cdef inline int _release_quietly(self, TypeState release) except -1:
         """Free a slot without handing off: no Python code runs (the caller hands off last)."""
         if release is not None:
@@ -1815,10 +1824,7 @@ cdef class ReadyQueue:
         state.active -= 1
         if state.waiting:
             self._readmit(state)
-            # Else a worker handing over would sleep; a caller of the other runner (the type was
-            # registered again meanwhile) cannot take the type's next job itself.
-            if (hand_off or state.runner != taker) and (self.getters or self.loop_idle):
-                self._hand_off()
+            self._released_hand_off(state, hand_off, taker)
         elif state.fn is None and not state.active and not state.ever_parked and not self.overflow:
             # An unregistered type leaves nothing behind; not while jobs are owed room, as one may be
             # of it: moving it in must not make its state again (allocating may run the collector).
@@ -1917,9 +1923,7 @@ cdef class ReadyQueue:
         cdef bint succeeded
         self._release_quietly(state)
         succeeded = self._attempt_succeeded(state, seconds, job, True)
-        # Last, after the slot and the success in one step: a hand-off may wake the loop (Python code).
-        if state.waiting and state.runner != LOOP and (self.getters or self.loop_idle):
-            self._hand_off()  # (registered again meanwhile: a worker thread takes its next job)
+        self._released_hand_off(state, False, LOOP)  # last: after the slot and the success in one step
         return succeeded
 
     def record_duration(self, TypeState state, double seconds):
@@ -2374,9 +2378,7 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
             # event loop (Python code). A worker going straight back to pop takes the job its slot frees itself.
             ready._release_quietly(state)
             succeeded_now = ready._attempt_succeeded(state, ended - started, job, finish)
-            if state.waiting and (ready.getters or ready.loop_idle) and (
-                    on_success is not None and switch is None or state.runner != THREADS):
-                ready._hand_off()
+            ready._released_hand_off(state, on_success is not None and switch is None, THREADS)
             if not succeeded_now:
                 dispatcher.end_cancelled(job)  # a cancel came as it ended: it wins
                 continue
