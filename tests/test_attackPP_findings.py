@@ -17,6 +17,25 @@ def _worker_threads():
     return {thread for thread in threading.enumerate() if thread.name.startswith("tinymq-worker")}
 
 
+def _fails_bad(ran):
+    """An executor that records (payload, its thread) in ``ran`` and raises for the payload "bad"."""
+    def run(job):
+        ran.add((job.payload, threading.current_thread()))
+        if job.payload == "bad":
+            raise ValueError("boom")
+    return run
+
+
+def _one_worker_ran_both(q, ran):
+    """The failing job and the next one ran on the same worker, which lives on; one failed, one
+    succeeded, and the type's slot is free."""
+    (_, first), (_, second) = ran.snapshot()
+    assert first is second and first.is_alive()  # the same worker ran on
+    stats = q.get_stats()
+    assert (stats.jobs_failed, stats.jobs_succeeded) == (1, 1)
+    assert stats.executor_stats["t"].active_jobs == 0
+
+
 def test_redis_a_job_whose_executor_set_retries_to_none_fails_and_the_queue_goes_on(redis_backend):
     """An executor that sets ``job.retries = None`` and raises: in-process the job fails for good
     (its retry cannot be counted); over Redis the dead op carried the None, which the client cannot
@@ -42,11 +61,7 @@ def test_redis_a_job_whose_executor_set_retries_to_none_fails_and_the_queue_goes
     [(payload, reason, exc)] = failures.snapshot()
     assert (payload, reason) == ("odd", "retries_exhausted")
     assert isinstance(exc, TypeError)  # (its retry could not be counted)
-    (_, first), (_, second) = ran.snapshot()
-    assert first is second and first.is_alive()  # the same worker ran on
-    stats = q.get_stats()
-    assert (stats.jobs_failed, stats.jobs_succeeded) == (1, 1)
-    assert stats.executor_stats["t"].active_jobs == 0
+    _one_worker_ran_both(q, ran)
     [dead] = q.broker.dead_jobs()
     assert (dead.job.payload, dead.reason) == ("odd", "retries_exhausted")
 
@@ -105,12 +120,7 @@ def test_redis_a_round_that_fails_on_a_worker_thread_neither_ends_it_nor_loses_t
 
         link._take = faulty_take
 
-        def run(job):
-            ran.add((job.payload, threading.current_thread()))
-            if job.payload == "bad":
-                raise ValueError("boom")
-
-        q.register_executor("t", run)
+        q.register_executor("t", _fails_bad(ran))
         q.start_dispatcher(1)
         q.enqueue(Job("t", "bad", retry_config=RetryConfig(max_retries=0)))
         assert failures.wait_for(1)
@@ -119,11 +129,7 @@ def test_redis_a_round_that_fails_on_a_worker_thread_neither_ends_it_nor_loses_t
         assert faulted  # (the fault did come, on the worker)
         reported = failures.snapshot()
         assert {(payload, reason) for payload, reason, _ in reported} == {("bad", "retries_exhausted")}
-        (_, first), (_, second) = ran.snapshot()
-        assert first is second and first.is_alive()  # the same worker ran on
-        stats = q.get_stats()
-        assert (stats.jobs_failed, stats.jobs_succeeded) == (1, 1)
-        assert stats.executor_stats["t"].active_jobs == 0
+        _one_worker_ran_both(q, ran)
     finally:
         shared.close()
 
@@ -146,12 +152,7 @@ def test_a_retry_config_whose_retry_delay_raises_system_exit_fails_the_job_and_f
     failures = record_failures(q, key=lambda job: job.payload)
     ran = Recorder()
 
-    def run(job):
-        ran.add((job.payload, threading.current_thread()))
-        if job.payload == "bad":
-            raise ValueError("boom")
-
-    q.register_executor("t", run)
+    q.register_executor("t", _fails_bad(ran))
     q.start_dispatcher(1)
     try:
         q.enqueue(Job("t", "bad", retry_config=_ExitingRetryConfig()))
@@ -161,11 +162,7 @@ def test_a_retry_config_whose_retry_delay_raises_system_exit_fails_the_job_and_f
         [(payload, reason, exc)] = failures.snapshot()
         assert (payload, reason) == ("bad", "retries_exhausted")
         assert isinstance(exc, SystemExit)
-        (_, first), (_, second) = ran.snapshot()
-        assert first is second and first.is_alive()  # the same worker ran on
-        stats = q.get_stats()
-        assert (stats.jobs_failed, stats.jobs_succeeded) == (1, 1)
-        assert stats.executor_stats["t"].active_jobs == 0
+        _one_worker_ran_both(q, ran)
     finally:
         q.stop(wait=False)
 
