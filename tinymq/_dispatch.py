@@ -1103,7 +1103,7 @@ class Dispatcher:
                 self.make_ready(job, placing)
             else:
                 self.push_delayed(job, delay, evictable=False, release=placing)
-        except BaseException as error:  # a job made unusable (its retry_config, a SystemExit too): fail it
+        except (Exception, SystemExit) as error:  # a job made unusable (its retry_config, a sys.exit() in it): fail it
             logger.exception("tinymq could not schedule the retry of job %r", job)
             self.fail(job, "retries_exhausted", error, release=release)
 
