@@ -112,79 +112,6 @@ def test_core_accept_delayed_counts_and_places_together_or_refuses_with_no_effec
     assert ready.unfinished == 3 and len(heap) == 2
 
 
-def test_core_snapshot_is_one_moment_even_when_it_runs_the_collector(core):
-    """The compiled core's snapshot relies on the GIL, and an allocation may run the garbage
-    collector, whose callbacks (Python code) may let another thread in: here each collection moves
-    one due job, as the scheduler would. The snapshot still sees every job exactly once."""
-    if not getattr(core, "__file__", "").endswith((".so", ".pyd")):
-        pytest.skip("the pure core's snapshot holds the lock every move takes: nothing gets in")
-    ready, heap = core.ReadyQueue(1000), core.DelayedHeap(0)
-    jobs = [Job("t", n, priority=PRIORITIES[n % 3]) for n in range(50)]
-    ready.accept(jobs)
-    for n, job in enumerate(jobs):
-        heap.push(job, float(n))
-    moves = []
-
-    def collector_ran(phase, info):
-        if phase == "start" and len(moves) < len(jobs):
-            moves.append(ready.move_due(heap, float(len(moves))))  # the next job in: one per collection
-
-    # Allocations that CPython serves from its free lists of tuples and lists do not count
-    # towards a collection: after tests that freed many, the snapshot's would run none. Holding
-    # as many as the free lists keep empties them for the snapshot.
-    hold = [tuple(range(size)) for size in range(1, 9) for _ in range(2_500)] + [[] for _ in range(200)]
-    threshold = gc.get_threshold()
-    gc.callbacks.append(collector_ran)
-    gc.set_threshold(1)
-    try:
-        sizes, _, _, waiting_for_room, delayed = ready.snapshot(heap, now=1000.0)
-        after = len(moves)
-    finally:
-        gc.callbacks.remove(collector_ran)
-        gc.set_threshold(*threshold)
-        del hold
-    assert after > 0, "no collection ran: the test shows nothing"
-    assert sum(sizes) + waiting_for_room + delayed == len(jobs), (sizes, waiting_for_room, delayed, after)
-
-
-def test_a_cancel_taking_a_ready_job_out_counts_it_in_that_step_even_when_the_collector_runs(core):
-    """The compiled core's mark_cancel counted a ready job cancelled, then looked for it in the
-    buffer; the search allocates, so the collector may run (Python code: other threads get in), and
-    a snapshot meanwhile saw the job both ready and cancelled (seen in CI: 1002 of 1001 jobs). Here
-    each collection takes a snapshot, as a thread switching in would."""
-    if not getattr(core, "__file__", "").endswith((".so", ".pyd")):
-        pytest.skip("the pure core's snapshot holds the lock every cancel takes: nothing gets in")
-    ready = core.ReadyQueue(1000)
-    for job_type in ("a", "b", "t"):  # (the search walks every type)
-        ready.configure(job_type, lambda job: None, 1, None, False, False)
-    jobs = [Job("t", n, id=f"job-{n}", priority=PRIORITIES[n % 3]) for n in range(50)]
-    assert all(ready.push(job) for job in jobs)
-    seen = []
-
-    def collector_ran(phase, info):
-        if phase == "start":
-            sizes, counters, _, waiting_for_room, delayed = ready.snapshot()
-            seen.append(sum(sizes) + waiting_for_room + delayed + counters[core.CANCELLED])
-
-    # As above: empty CPython's free lists, so that the cancel's allocations count towards a collection.
-    hold = [tuple(range(size)) for size in range(1, 9) for _ in range(2_500)] + [[] for _ in range(200)]
-    threshold = gc.get_threshold()
-    gc.callbacks.append(collector_ran)
-    gc.set_threshold(1)
-    try:
-        outcomes = [ready.mark_cancel(job.id)[0] for job in jobs[::-1]]  # the last one: the longest search
-    finally:
-        gc.callbacks.remove(collector_ran)
-        gc.set_threshold(*threshold)
-        del hold
-    assert outcomes == [core.CANCEL_REMOVED] * len(jobs)
-    assert seen, "no collection ran: the test shows nothing"
-    assert set(seen) == {len(jobs)}, f"snapshots saw {sorted(set(seen))} of {len(jobs)} jobs"
-    assert ready.counters()[core.CANCELLED] == len(jobs)
-
-
-# --- the compiled core's steps, each with a snapshot at every collection ---------------------
-
 def compiled_only(core, what):
     if not getattr(core, "__file__", "").endswith((".so", ".pyd")):
         pytest.skip(f"the pure core's snapshot holds the lock every {what} takes: nothing gets in")
@@ -210,6 +137,56 @@ def collections_watched(on_collection):
         gc.set_threshold(*threshold)
         del hold
 
+
+def test_core_snapshot_is_one_moment_even_when_it_runs_the_collector(core):
+    """The compiled core's snapshot relies on the GIL, and an allocation may run the garbage
+    collector, whose callbacks (Python code) may let another thread in: here each collection moves
+    one due job, as the scheduler would. The snapshot still sees every job exactly once."""
+    compiled_only(core, "move")
+    ready, heap = core.ReadyQueue(1000), core.DelayedHeap(0)
+    jobs = [Job("t", n, priority=PRIORITIES[n % 3]) for n in range(50)]
+    ready.accept(jobs)
+    for n, job in enumerate(jobs):
+        heap.push(job, float(n))
+    moves = []
+
+    def move_one():  # the next job in: one per collection
+        if len(moves) < len(jobs):
+            moves.append(ready.move_due(heap, float(len(moves))))
+
+    with collections_watched(move_one):
+        sizes, _, _, waiting_for_room, delayed = ready.snapshot(heap, now=1000.0)
+        after = len(moves)
+    assert after > 0, "no collection ran: the test shows nothing"
+    assert sum(sizes) + waiting_for_room + delayed == len(jobs), (sizes, waiting_for_room, delayed, after)
+
+
+def test_a_cancel_taking_a_ready_job_out_counts_it_in_that_step_even_when_the_collector_runs(core):
+    """The compiled core's mark_cancel counted a ready job cancelled, then looked for it in the
+    buffer; the search allocates, so the collector may run (Python code: other threads get in), and
+    a snapshot meanwhile saw the job both ready and cancelled (seen in CI: 1002 of 1001 jobs). Here
+    each collection takes a snapshot, as a thread switching in would."""
+    compiled_only(core, "cancel")
+    ready = core.ReadyQueue(1000)
+    for job_type in ("a", "b", "t"):  # (the search walks every type)
+        ready.configure(job_type, lambda job: None, 1, None, False, False)
+    jobs = [Job("t", n, id=f"job-{n}", priority=PRIORITIES[n % 3]) for n in range(50)]
+    assert all(ready.push(job) for job in jobs)
+    seen = []
+
+    def look():
+        sizes, counters, _, waiting_for_room, delayed = ready.snapshot()
+        seen.append(sum(sizes) + waiting_for_room + delayed + counters[core.CANCELLED])
+
+    with collections_watched(look):
+        outcomes = [ready.mark_cancel(job.id)[0] for job in jobs[::-1]]  # the last one: the longest search
+    assert outcomes == [core.CANCEL_REMOVED] * len(jobs)
+    assert seen, "no collection ran: the test shows nothing"
+    assert set(seen) == {len(jobs)}, f"snapshots saw {sorted(set(seen))} of {len(jobs)} jobs"
+    assert ready.counters()[core.CANCELLED] == len(jobs)
+
+
+# --- the compiled core's steps, each with a snapshot at every collection ---------------------
 
 def line_up(n, spare):
     """Before the ``n``-th step: take the tuple of one that the last step freed (CPython keeps it for
