@@ -1,0 +1,139 @@
+"""Findings left open by the last review, in-process: a store's BaseException as a job ends, a cron
+schedule whose next tick cannot be computed, and push_many_delayed's type states.
+
+API.md "Persistence": ``delete`` returns before the job counts as finished for ``join()``, and if it
+raises, the error is logged and the queue keeps working. docs/api.md "Periodic jobs" and "Stats".
+"""
+import asyncio
+import contextlib
+import logging
+import threading
+
+import pytest
+
+from tinymq import Job, Queue, RetryConfig
+
+from _helpers import WAIT, Recorder, all_accounted, record_failures
+
+
+# --- 1. a store's delete or mark_dead raising a BaseException as a job ends -----------------------
+
+class StoreDied(BaseException):
+    """Not an Exception: what a store's own code may raise (a library's abort, a test double)."""
+
+
+class EndingFailsOnce:
+    """An in-memory store (save, delete, load_all, and mark_dead when ``dead``) whose first
+    ``fails_in`` call ("delete" or "mark_dead") raises ``error``; every call is recorded."""
+
+    def __init__(self, fails_in, error, dead):
+        self.fails_in, self.error = fails_in, error
+        self.calls = Recorder()
+        self.rows = {}
+        self._lock = threading.Lock()
+        if dead:
+            self.mark_dead = self._mark_dead
+
+    def _ending(self, method, job_id):
+        self.calls.add((method, job_id))
+        with self._lock:
+            self.rows.pop(job_id, None)
+            error, self.error = (self.error, None) if method == self.fails_in else (None, self.error)
+        if error is not None:
+            raise error
+
+    def save(self, job):
+        with self._lock:
+            self.rows[job.id] = job
+
+    def delete(self, job_id):
+        self._ending("delete", job_id)
+
+    def _mark_dead(self, job, reason, exc):
+        self._ending("mark_dead", job.id)
+
+    def load_all(self):
+        return []
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.recorder = Recorder()
+
+    def emit(self, record):
+        self.recorder.add(record)
+
+
+@contextlib.contextmanager
+def errors_logged():
+    """A Recorder of the ERROR records of the ``tinymq`` logger while the block runs (from any thread)."""
+    handler = _Records()
+    tinymq_logger = logging.getLogger("tinymq")
+    tinymq_logger.addHandler(handler)
+    try:
+        yield handler.recorder
+    finally:
+        tinymq_logger.removeHandler(handler)
+
+
+ERRORS = [SystemExit, KeyboardInterrupt, StoreDied]
+ENDINGS = [("delete", "succeeds", False), ("delete", "fails", False), ("mark_dead", "fails", True)]
+
+
+def _executor(kind, ran):
+    """A thread or async executor that records its job and raises for the payload "fails"."""
+    if kind == "thread":
+        def run(job):
+            ran.add(job.payload)
+            if job.payload == "fails":
+                raise ValueError("boom")
+        return run
+
+    async def run_async(job):
+        ran.add(job.payload)
+        await asyncio.sleep(0)
+        if job.payload == "fails":
+            raise ValueError("boom")
+    return run_async
+
+
+@pytest.mark.parametrize("kind", ["thread", "async"])
+@pytest.mark.parametrize("method, outcome, dead", ENDINGS, ids=["delete-success", "delete-failure", "mark_dead"])
+@pytest.mark.parametrize("raised", ERRORS, ids=lambda raised: raised.__name__)
+def test_a_job_ends_whatever_its_store_raises_as_it_ends(kind, method, outcome, dead, raised):
+    """The store's delete (or mark_dead) raising something that is not an Exception skipped the
+    job's task_done (join() hung, the job stayed unfinished), and for a thread executor ended the
+    worker thread; for an async one the outcome's report died unseen. Now the job counts finished
+    whatever the store raised, the error is logged, and the pool keeps its size: both workers
+    meet at a barrier afterwards."""
+    error = raised("store gone")
+    store = EndingFailsOnce(method, error, dead)
+    ran, met = Recorder(), threading.Barrier(2)
+    q = Queue(10)
+    try:
+        q.set_persistence(store)
+        failures = record_failures(q, key=lambda job: job.payload)
+        q.register_executor("t", _executor(kind, ran))
+        q.register_executor("meet", lambda job: met.wait(WAIT))  # two at once: both workers are alive
+        q.start_dispatcher(2)
+        with errors_logged() as logged:
+            q.enqueue(Job("t", outcome, retry_config=RetryConfig(max_retries=0)))
+            assert q.join(WAIT), "the job whose store raised as it ended never counted finished"
+            assert store.calls.snapshot()[0][0] == method
+            stats = q.get_stats()
+            assert (stats.jobs_succeeded, stats.jobs_failed) == ((1, 0) if outcome == "succeeds" else (0, 1))
+            assert all_accounted(stats) and stats.executor_stats["t"].active_jobs == 0
+            if outcome == "fails":
+                assert [(payload, reason) for payload, reason, _ in failures.snapshot()] == [
+                    ("fails", "retries_exhausted")]
+            q.enqueue(Job("meet", 1))
+            q.enqueue(Job("meet", 2))
+            assert q.join(WAIT), "the pool shrank: the two jobs that wait for each other never met"
+            # (The job counts finished before the error goes on up to where it is logged.)
+            assert logged.wait_until(lambda records: any(record.exc_info and record.exc_info[1] is error
+                                                         for record in records)), "the store's error was not logged"
+    finally:
+        met.abort()
+        q.stop(wait=False)
+
