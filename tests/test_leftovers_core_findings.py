@@ -7,7 +7,10 @@ raises, the error is logged and the queue keeps working. docs/api.md "Periodic j
 import asyncio
 import contextlib
 import logging
+import math
 import threading
+import time
+from datetime import datetime, timedelta, timezone, tzinfo
 
 import pytest
 
@@ -135,5 +138,103 @@ def test_a_job_ends_whatever_its_store_raises_as_it_ends(kind, method, outcome, 
                                                          for record in records)), "the store's error was not logged"
     finally:
         met.abort()
+        q.stop(wait=False)
+
+
+# --- 2. a cron schedule whose next tick cannot be computed ----------------------------------------
+
+class FailsFrom(tzinfo):
+    """UTC, until its offsets become unknown: at and after ``limit`` (a UTC wall time) they raise."""
+
+    def __init__(self, limit):
+        self.limit = limit
+
+    def _known(self, moment):
+        if moment is not None and moment.replace(tzinfo=None) >= self.limit:
+            raise ValueError(f"no offset known from {self.limit}")
+
+    def utcoffset(self, moment):
+        self._known(moment)
+        return timedelta(0)
+
+    def dst(self, moment):
+        self._known(moment)
+        return timedelta(0)
+
+    def tzname(self, moment):
+        return "FAILS-FROM"
+
+
+def _errors_about(caplog, name):
+    return [record for record in caplog.records
+            if record.name == "tinymq" and record.levelno >= logging.ERROR and name in record.getMessage()]
+
+
+def _timer_fires(periodic, schedule):
+    """What the timer thread (Periodic._run) does with a schedule it found due: an error is logged."""
+    try:
+        periodic._fire(schedule)
+    except Exception:
+        logging.getLogger("tinymq").exception("tinymq periodic timer error")
+
+
+def test_a_cron_schedule_whose_next_tick_cannot_be_computed_stops_and_says_so_once(caplog):
+    """Computing a cron schedule's next tick raised (here: its time zone knows no offset from the
+    next minute on) out of the timer's firing of a tick, with the tick left in place: the timer
+    logged an error and fired that same tick again a second later, again and again (its job ran
+    once per second once the previous one had finished). Now the failure is logged once, as an
+    ERROR naming the schedule, and the schedule fires no more ticks (it has no next run).
+    The timer is driven by hand, as it would fire the ticks it finds due."""
+    pytest.importorskip("croniter")
+    minute = math.floor(time.time() / 60.0) * 60.0 + 60.0  # the last tick the zone can place
+    zone = FailsFrom(datetime.fromtimestamp(minute + 1.0, timezone.utc).replace(tzinfo=None))
+    wall = [minute - 10.0]  # the schedule's wall clock, set by the test
+    q = Queue(10)
+    try:
+        periodic = q._periodic
+        periodic._wall = lambda: wall[0]
+        q.cron("* * * * *", "tick", name="tick", tz=zone)
+        schedule = periodic._schedules["tick"]
+        with periodic._lock:
+            periodic._begin(schedule)  # as start_dispatcher does, without a timer thread racing the test
+        schedule.begun = True
+        assert schedule.tick.wall == minute
+        wall[0] = minute + 0.5
+        assert periodic._is_due(schedule.tick, time.monotonic() + 10.0, wall[0])
+        with caplog.at_level(logging.ERROR, logger="tinymq"):
+            _timer_fires(periodic, schedule)
+            assert q.get_stats().jobs_enqueued == 1 and schedule.fired == 1
+            q._ready.task_done(q._ready.remove(schedule.last_job_id))  # the tick's job ran and finished
+            wall[0] += 1.0  # a second later
+            # The timer fires what it finds due: that tick, again, every second, until now.
+            assert not periodic._is_due(schedule.tick, time.monotonic() + 11.0, wall[0]), "the tick is due again"
+        assert q.get_stats().jobs_enqueued == 1
+        assert len(_errors_about(caplog, "'tick'")) == 1
+        assert {s.name: s for s in q.schedules()}["tick"].next_run_at is None
+    finally:
+        q.stop(wait=False)
+
+
+def test_a_cron_schedule_whose_first_tick_cannot_be_computed_at_start_stops_and_the_others_run(caplog):
+    """The first tick of each schedule is computed as start_dispatcher() begins them: one that raised
+    there (its zone fails from a date passed since its registration) came out of start_dispatcher(),
+    and the schedules after it never began. Now it is logged once and that schedule fires no ticks;
+    the others run."""
+    pytest.importorskip("croniter")
+    zone = FailsFrom(datetime(9000, 1, 1))
+    ran = Recorder()
+    q = Queue(10)
+    try:
+        q.register_executor("often", lambda job: ran.add(job.id))
+        q.cron("* * * * *", "tick", name="broken", tz=zone)
+        q.every(0.01, "often", name="often")
+        zone.limit = datetime(1970, 1, 2)  # from now on it knows no offset
+        with caplog.at_level(logging.ERROR, logger="tinymq"):
+            q.start_dispatcher()
+            assert ran.wait_for(3), "the schedule registered after the broken one never ran"
+        assert len(_errors_about(caplog, "'broken'")) == 1
+        assert {s.name: s for s in q.schedules()}["broken"].next_run_at is None
+        assert q.get_stats().jobs_enqueued == len(ran) or q.get_stats().jobs_enqueued >= 3
+    finally:
         q.stop(wait=False)
 
