@@ -17,6 +17,7 @@ import pytest
 from tinymq import Job, Queue, RetryConfig
 
 from _helpers import WAIT, Recorder, all_accounted, record_failures
+from test_stats_in_transit import books, collections_watched, compiled_only, line_up
 
 
 # --- 1. a store's delete or mark_dead raising a BaseException as a job ends -----------------------
@@ -238,3 +239,43 @@ def test_a_cron_schedule_whose_first_tick_cannot_be_computed_at_start_stops_and_
     finally:
         q.stop(wait=False)
 
+
+# --- 3. push_many_delayed: a batch with new types and an unregistered type's running attempt -------
+
+def test_a_batch_with_new_types_counts_its_jobs_with_their_places_while_an_unregistered_type_ends(core):
+    """push_many_delayed made, before its step, the states of the batch's types it had not seen
+    (allocating: the collector may run, other threads get in). Meanwhile the last attempt of a type
+    of the batch looked up already, one with no executor (a worker failing its job as no_executor),
+    could end, and its type's state was forgotten; the step then made that state again as it placed
+    the type's job (allocating again), after pushing the batch's delayed job and before counting
+    any: a snapshot meanwhile saw a job placed that was not accepted. Here the ``ends_at``-th
+    collection ends that attempt, as its worker would, and every collection takes a snapshot (the
+    running attempt, of a type with no executor, is in no snapshot's places: added here)."""
+    compiled_only(core, "push_many")
+    spare = []
+    for new_types in range(1, 6):
+        for ends_at in range(8):
+            ready, heap = core.ReadyQueue(1000), core.DelayedHeap(0)
+            assert ready.push(Job("none", "running"))
+            running, state = ready.pop_with_type(timeout=0)  # (no executor: its worker fails it)
+            batch = [Job("none", "next")] + [Job(f"new-{k}", k) for k in range(new_types)]
+            delayed = [Job("t", 0)]
+            collections, ended, seen = [0], [], []
+
+            def collection():
+                if collections[0] == ends_at and not ended:
+                    ended.append(ready.end(running, core.FAILED, state))
+                collections[0] += 1
+                placed, accepted = books(core, ready, heap)
+                seen.append((placed + (0 if ended else 1), accepted))
+
+            line_up(ends_at, spare)
+            with collections_watched(collection):
+                assert ready.push_many_delayed(batch, delayed, heap, [1.0]) == []
+            if not ended:
+                ready.end(running, core.FAILED, state)
+            state = running = None
+            assert collections[0], "no collection ran: the test shows nothing"
+            assert [moment for moment in seen if moment[0] != moment[1]] == [], (new_types, ends_at)
+            assert len(ready) == 1 + new_types and len(heap) == 1
+            assert ready.counters()[core.ENQUEUED] == 3 + new_types and ready.counters()[core.FAILED] == 1

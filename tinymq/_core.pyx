@@ -1292,8 +1292,16 @@ cdef class ReadyQueue:
             self._named_elsewhere(job)
         batch, repeated = _batch_ids(accepted)
         cdef int level
-        for job, job_type, level in placed:  # made before the step: allocating may run the collector
-            self._type_state(job_type)
+        cdef bint made = True
+        # The batch's type states, made before the step: allocating may run the collector, and Python
+        # code (other threads get in), meanwhile the last attempt of a type with no executor may end,
+        # which forgets its state. So again, until a pass makes none.
+        while made:
+            made = False
+            for job, job_type, level in placed:
+                if job_type not in self.types:
+                    self._type_state(job_type)
+                    made = True
         self._check_open()
         self._check_unregistered(batch, repeated)
         if self.size + len(placed) > self.capacity:
