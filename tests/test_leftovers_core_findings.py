@@ -142,6 +142,37 @@ def test_a_job_ends_whatever_its_store_raises_as_it_ends(kind, method, outcome, 
         q.stop(wait=False)
 
 
+
+@pytest.mark.parametrize("raised", ERRORS, ids=lambda raised: raised.__name__)
+def test_the_scheduler_goes_on_whatever_a_store_raises_as_it_fails_a_due_job(raised):
+    """The scheduler thread fails a due job that cannot go in (its priority made invalid while it
+    waited); the store's mark_dead raising a KeyboardInterrupt or another BaseException there ended
+    the scheduler thread: no delayed job was moved in again, and join() hung. Now it is logged and the
+    scheduler goes on (as a worker thread that dies is logged and replaced)."""
+    error = raised("store gone")
+    store = EndingFailsOnce("mark_dead", error, dead=True)
+    ran = Recorder()
+    q = Queue(10)
+    try:
+        q.set_persistence(store)
+        failures = record_failures(q, key=lambda job: job.payload)
+        q.register_executor("t", lambda job: ran.add(job.payload))
+        q.start_dispatcher(1)
+        with errors_logged() as logged:
+            broken = q.enqueue_delayed(Job("t", "broken"), 0.05)
+            broken.priority = 7  # (made invalid while it waits: moving it in fails it)
+            assert failures.wait_for(1)
+            assert q.join(WAIT)
+            assert logged.wait_until(lambda records: any(record.exc_info and record.exc_info[1] is error
+                                                         for record in records)), "the store's error was not logged"
+            q.enqueue_delayed(Job("t", "later"), 0.05)
+            assert q.join(WAIT), "the scheduler no longer moves delayed jobs in"
+        assert ran.snapshot() == ["later"]
+        assert [(payload, reason) for payload, reason, _ in failures.snapshot()] == [("broken", "retries_exhausted")]
+    finally:
+        q.stop(wait=False)
+
+
 # --- 2. a cron schedule whose next tick cannot be computed ----------------------------------------
 
 class FailsFrom(tzinfo):

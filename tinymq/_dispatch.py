@@ -658,8 +658,8 @@ class Dispatcher:
                 if next_opening is not None and next_opening < wake_at:
                     wake_at = next_opening
                 alarm.sleep(wake_at - monotonic(), wake_at)
-            except Exception:  # pragma: no cover - a bug; keep scheduling
-                logger.exception("tinymq scheduler error")
+            except BaseException:  # a bug, or a store's BaseException as a due job fails: keep scheduling
+                logger.exception("tinymq scheduler error")  # (no other thread moves the delayed jobs in)
 
     def move_due(self, heap: Any, now: float) -> None:
         """Move the due jobs of ``heap`` into the ready buffer, in one step of the core (get_stats()
