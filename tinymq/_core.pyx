@@ -847,6 +847,7 @@ cdef class ReadyQueue:
     cdef dict types  # job type -> TypeState
     cdef object last_type  # a one-entry cache in front of types: this key...
     cdef TypeState last_state  # ...maps to this state (_NO_TYPE and None when empty)
+    cdef uint64_t states_made  # TypeStates made so far: a caller sees whether its calls made one
     cdef Py_ssize_t level_sizes[3]  # ready jobs per level (LOW, MEDIUM, HIGH)
     # Per runner (THREADS, LOOP) and level, at runner * 3 + level: every type with a job waiting
     # there that admits jobs has exactly one listing in its runner's heap, keyed by its oldest job
@@ -1051,6 +1052,7 @@ cdef class ReadyQueue:
                 _heap_reserve(&self.runnable[level], len(self.types) + 1)
             _parked_reserve(&self.parked, self.parked.count + len(self.types) + 1)
             self.types[job_type] = state
+            self.states_made += 1
         self.last_type = job_type
         self.last_state = <TypeState>state
         return <TypeState>state
@@ -1292,8 +1294,14 @@ cdef class ReadyQueue:
             self._named_elsewhere(job)
         batch, repeated = _batch_ids(accepted)
         cdef int level
-        for job, job_type, level in placed:  # made before the step: allocating may run the collector
-            self._type_state(job_type)
+        cdef uint64_t made = self.states_made - 1
+        # The batch's type states, made before the step: allocating may run the collector, and Python
+        # code (other threads get in), meanwhile the last attempt of a type with no executor may end,
+        # which forgets its state. So again, until a pass makes none.
+        while made != self.states_made:
+            made = self.states_made
+            for job, job_type, level in placed:
+                self._type_state(job_type)
         self._check_open()
         self._check_unregistered(batch, repeated)
         if self.size + len(placed) > self.capacity:
@@ -2389,8 +2397,10 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
                 finished = job  # its end is committed with the next job's start, or alone when none is ready
                 continue
             if on_success is not None:
-                on_success(job)
-                ready._task_done(job)
+                try:  # finished whatever the store raises
+                    on_success(job)
+                finally:
+                    ready._task_done(job)
         else:
             # It records the duration (unless stop() gave the attempt up) and frees the slot where it
             # places or ends the job.

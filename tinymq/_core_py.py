@@ -1713,8 +1713,10 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
                 finished = job  # its end is committed with the next job's start, or alone when none is ready
                 continue
             if on_success is not None:
-                on_success(job)
-                ready.task_done(job)
+                try:  # finished whatever the store raises
+                    on_success(job)
+                finally:
+                    ready.task_done(job)
         else:
             # It records the duration (unless stop() gave the attempt up) and frees the slot where it
             # places or ends the job.

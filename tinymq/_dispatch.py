@@ -228,10 +228,12 @@ class Dispatcher:
             self._set_hooks(slot)
 
     def call_store(self, what: str, method: Callable[..., Any], *args: Any) -> None:
-        """Call the store; a failure is logged and the queue keeps working."""
+        """Call the store; a failure is logged and the queue keeps working. A SystemExit counts as a
+        failure (a sys.exit() in the store must not end the thread that called it); a
+        KeyboardInterrupt, or another BaseException, is not swallowed."""
         try:
             method(*args)
-        except Exception:
+        except (Exception, SystemExit):
             logger.exception("persistence %s failed for job %s", what,
                              getattr(args[0], "id", args[0]))
 
@@ -304,7 +306,7 @@ class Dispatcher:
         success stands."""
         try:
             store.delete_and_mark_running(finished.id, job)
-        except Exception:
+        except (Exception, SystemExit):  # (as call_store)
             logger.exception("persistence delete_and_mark_running failed for jobs %s and %s", finished.id, job.id)
             self.call_store("delete", store.delete, finished.id)
 
@@ -656,8 +658,8 @@ class Dispatcher:
                 if next_opening is not None and next_opening < wake_at:
                     wake_at = next_opening
                 alarm.sleep(wake_at - monotonic(), wake_at)
-            except Exception:  # pragma: no cover - a bug; keep scheduling
-                logger.exception("tinymq scheduler error")
+            except BaseException:  # a bug, or a store's BaseException as a due job fails: keep scheduling
+                logger.exception("tinymq scheduler error")  # (no other thread moves the delayed jobs in)
 
     def move_due(self, heap: Any, now: float) -> None:
         """Move the due jobs of ``heap`` into the ready buffer, in one step of the core (get_stats()
@@ -853,11 +855,13 @@ class Dispatcher:
         if not self.ready.attempt_succeeded(state, seconds, job, False, True):
             self.end_cancelled(job)  # a cancel came as it ended: it wins
             return
-        if self.ledger is not None:
-            self.ledger.succeeded(job)
-        elif self.store is not None or logger.isEnabledFor(logging.DEBUG):
-            self._succeeded(job)
-        self.ready.task_done(job)
+        try:  # finished whatever the store raises
+            if self.ledger is not None:
+                self.ledger.succeeded(job)
+            elif self.store is not None or logger.isEnabledFor(logging.DEBUG):
+                self._succeeded(job)
+        finally:
+            self.ready.task_done(job)
 
     def async_timed_out(self, job: Any, state: Any, exc: JobTimeout, seconds: float, holding: bool = False) -> None:
         """An async attempt's deadline, ``seconds`` after its start: its task is being cancelled;
@@ -1137,7 +1141,10 @@ class Dispatcher:
                         self.ready.count(counter, 1, job.type)
                     self.report_failure(job, reason, exc)
         store = self.store
-        if store is not None:
+        if store is None:
+            self.ready.task_done(job)
+            return
+        try:  # finished whatever the store raises (what call_store does not swallow goes on up)
             mark_dead = getattr(store, "mark_dead", None) if reason != "cancelled" else None
             if mark_dead is not None:
                 self.call_store("mark_dead", mark_dead, job, reason, exc)
@@ -1145,7 +1152,8 @@ class Dispatcher:
                 self.undo_save(store, job.id)
             else:
                 self.call_store("delete", store.delete, job.id)
-        self.ready.task_done(job)
+        finally:
+            self.ready.task_done(job)
 
     def _end_of_taken_back(self, job: Any) -> bool:
         try:

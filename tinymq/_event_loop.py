@@ -615,7 +615,7 @@ class LoopRunner:
     def _report_safely(report: Any, args: Any) -> None:
         try:
             report(*args)
-        except Exception:  # pragma: no cover - a bug; the loop keeps running
+        except BaseException:  # (a store's KeyboardInterrupt too: in an io thread nothing else would see it)
             logger.exception("tinymq could not report an async attempt's outcome")
 
     # --- from any thread ----------------------------------------------------

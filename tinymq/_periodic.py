@@ -59,7 +59,7 @@ class ScheduleStats:
     (the previous job was unfinished, or the queue refused the job); with a
     broker both count this process's ticks only. ``next_run_at`` is the next
     tick in Unix epoch seconds (None before ``start_dispatcher``, after ``stop()``,
-    and once a cron expression names no later instant).
+    once a cron expression names no later instant, and once the next tick could not be computed).
     """
 
     name: str
@@ -145,6 +145,9 @@ class _Tick:
     due: float  # monotonic time the timer wakes for it
     wall: float  # the tick as epoch seconds: its job's run_at and id
     index: int  # every: k, the tick's place on the schedule's grid; cron: -1
+
+
+_NO_TICK = _Tick(math.inf, math.inf, -1)  # a schedule's tick once it has no next one: never due
 
 
 class _Every:
@@ -453,8 +456,20 @@ class Periodic:
         now_mono = self._monotonic()
         recovered = self._recovered.get(schedule.name)
         fired_until = -math.inf if recovered is None else (tick_of_job_id(recovered.id) or -math.inf)
-        schedule.tick = schedule.trigger.first(now_mono, self._wall(), fired_until)
+        try:
+            schedule.tick = schedule.trigger.first(now_mono, self._wall(), fired_until)
+        except Exception:
+            self._no_next_tick(schedule)
         schedule.begin_at = now_mono
+
+    def _no_next_tick(self, schedule: _Schedule) -> None:
+        """Computing the next tick of ``schedule`` raised (a time zone that fails from some date on,
+        croniter): logged once, and it fires no more ticks (its due tick, kept, would fire again at
+        every pass of the timer). Called with _lock held, in an except clause."""
+        logger.exception("schedule %r: its next tick could not be computed (%s); it fires no more ticks "
+                         "(unschedule it, and register it again once fixed)", schedule.name,
+                         schedule.trigger.description)
+        schedule.tick = _NO_TICK
 
     def _place_first_tick(self, schedule: _Schedule) -> None:
         """Outside _lock: a broker's backend asks Redis where the shared grid is."""
@@ -565,7 +580,11 @@ class Periodic:
                     if outcome == "busy" and logger.isEnabledFor(logging.DEBUG):
                         logger.debug("schedule %r skipped a tick: its previous job %s is unfinished",
                                      schedule.name, schedule.last_job_id)
-                schedule.tick = schedule.trigger.after(tick, self._monotonic(), self._wall())
+                try:
+                    schedule.tick = schedule.trigger.after(tick, self._monotonic(), self._wall())
+                except Exception:
+                    self._no_next_tick(schedule)
+                    return
                 if schedule.tick.wall == math.inf:  # (croniter found no later instant: not expected)
                     logger.warning("schedule %r has no further tick: %s names no later instant",
                                    schedule.name, schedule.trigger.description)
