@@ -367,12 +367,20 @@ class QueueLink:
             renewer.join()
 
     def _report(self, job_id: str, body: str, reason: str, retries: int = 0, error: str = "") -> None:
-        """Log and hand to the failure callbacks a job that Redis ended (its counters are there)."""
+        """Log and hand to the failure callbacks a job that Redis ended (its counters are there).
+        A job that not even a stand-in can be made of is logged as an ERROR and not reported:
+        its caller acknowledges it all the same (raising here would kill the reporter, and the
+        row would go from process to process for ever, once per lease)."""
         try:
-            job = decode_job(job_id, body, retries, error)
-        except Exception as exc:  # reported all the same, with its body as the payload
-            logger.error("job %s in Redis cannot be decoded (%s)", job_id, _describe(exc))
-            job = undecodable_job(job_id, body, retries, error)
+            try:
+                job = decode_job(job_id, body, retries, error)
+            except Exception as exc:  # reported all the same, with its body as the payload
+                logger.error("job %s in Redis cannot be decoded (%s)", job_id, _describe(exc))
+                job = undecodable_job(job_id, body, retries, error)
+        except Exception:
+            logger.exception("Redis queue %r: job %s (%s) cannot be reported to on_failure; dropped",
+                             self.broker.name, job_id, reason)
+            return
         self.dispatcher.report_failure(job, reason, None)
 
     def _hand_on(self, rows: Sequence[Crashed], cancels: Sequence[str] = (), undecodable: Sequence[Any] = ()
