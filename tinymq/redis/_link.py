@@ -499,11 +499,10 @@ class QueueLink:
     def join(self, timeout: Optional[float]) -> bool:
         """Wait until the shared queue has no unfinished job; False on timeout or when stopped."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        key = self.scripts.key("stats")
         pause = _ROOM_POLL_MIN
         while True:
             try:
-                if int(self.client.hget(key, "outstanding") or 0) <= 0:
+                if not self.scripts.unfinished():
                     return True
             except self._redis_error as exc:
                 self._log_outage("join()", exc)

@@ -20,7 +20,7 @@ __all__ = ["Scripts", "Connections", "SettleOp", "Crashed", "Fetched", "FetchRep
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SCRIPT_NAMES = ("enqueue", "fetch", "settle", "beat", "reap", "release", "limits",
                  "requeue_dead", "purge_dead", "schedule_begin", "schedule_tick", "cancel", "hold", "stats",
-                 "status")
+                 "status", "unfinished")
 
 
 def key_prefix(name: str) -> str:
@@ -363,6 +363,10 @@ class Scripts:
     def release(self, proc: str, ops: Sequence[SettleOp] = ()) -> int:
         """Settle ``ops`` and unregister ``proc``, handing back what it still holds."""
         return int(self._call("release", [proc, len(ops), *_ops_args(ops)]))
+
+    def unfinished(self) -> bool:
+        """Whether join() waits on: a job is unfinished, or waits in Redis (unfinished.lua)."""
+        return int(self._call("unfinished", [])) == 1
 
     def hold(self, reporter: str, lease_ms: int) -> bool:
         """Renew the lease of ``reporter`` (see cancel): False when it is no longer registered."""
