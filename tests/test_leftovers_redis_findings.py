@@ -5,9 +5,13 @@ Each test's docstring says the symptom, how to reproduce it, and what the docs p
 """
 import json
 import logging
+import signal
 import threading
+import time
 
-from tinymq import Job, Queue
+import pytest
+
+from tinymq import DuplicateJob, Job, Queue, TinyMQError
 
 from _helpers import WAIT, wait_until
 
@@ -201,3 +205,113 @@ def test_outstanding_never_goes_below_zero_when_the_stats_hash_was_lost(redis_ur
         release.set()
         q.stop()
         client.close()
+
+
+# --- 1. a frozen Redis (SIGSTOP: connected, silent) ------------------------------------------------
+
+class _Frozen:
+    """The server SIGSTOPped for the ``with`` block, SIGCONTed after it, whatever happens."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def __enter__(self):
+        self.server.process.send_signal(signal.SIGSTOP)
+        return self
+
+    def __exit__(self, *exc_info):
+        self.server.process.send_signal(signal.SIGCONT)
+
+
+def test_join_with_a_timeout_returns_in_time_while_redis_is_frozen(own_redis_server):
+    """Symptom: while Redis is frozen (SIGSTOP, a stalled VM, a full network buffer: connected
+    but silent), q.join(0.5) returned False after 10 s, the socket timeout of its poll.
+    API.md: join(timeout) returns False on timeout, as the standard library's waits do.
+    A second join(0.5) in the same freeze took 10 s even once the first was bounded: the
+    connection the first gave up on is opened again, and redis-py's connect waits for the
+    server's handshake replies with the socket timeout.
+    Fix: each look of join() waits for its reply no longer than the time left (0.5 s at least),
+    and a connection not known open is opened within that time too (on a thread of its own)."""
+    from tinymq.redis import RedisBroker
+
+    q = Queue(broker=RedisBroker(own_redis_server.url, name="frozen-join", lease=2.0))
+    q.enqueue(Job("t"))  # unfinished: join() waits for it
+    try:
+        with _Frozen(own_redis_server):
+            for _ in range(3):  # (a caller that looks again and again)
+                began = time.monotonic()
+                assert q.join(0.5) is False
+                assert time.monotonic() - began < 3.0
+        assert q.join(0.0) is False  # Redis answers again: the job is there, unfinished
+    finally:
+        q.stop()
+
+
+def test_enqueue_raises_within_its_stated_bound_while_redis_is_frozen(own_redis_server):
+    """Symptom: enqueue() into a frozen Redis raised after about 30 s (three sends, each waiting
+    its 10 s socket timeout), and enqueue(block=True, timeout=1) as late; its error said the
+    jobs were not enqueued, though the call may have reached Redis and run (at-least-once: a
+    caller that believed it would not know to look). docs/redis.md states the bound (10 s
+    without a reply) and that the outcome is unknown.
+    Fix: a call's resends share one deadline, the caller's timeout if sooner; the error says
+    the jobs may or may not have been enqueued."""
+    from tinymq.redis import RedisBroker
+
+    q = Queue(broker=RedisBroker(own_redis_server.url, name="frozen-enqueue", lease=2.0))
+    try:
+        q.enqueue(Job("t", id="before"))  # (a producer at work: its connection is open)
+        with _Frozen(own_redis_server):
+            began = time.monotonic()
+            with pytest.raises(TinyMQError, match="frozen-enqueue.*may or may not have been enqueued"):
+                q.enqueue(Job("t", id="timed"), block=True, timeout=1.0)
+            assert time.monotonic() - began < 5.0
+            began = time.monotonic()
+            with pytest.raises(TinyMQError, match="frozen-enqueue.*may or may not have been enqueued"):
+                q.enqueue(Job("t", id="untimed"))
+            assert time.monotonic() - began < 20.0  # 10 s stated (plus a connect, on a loaded machine)
+        # Whether they got in is learnt by enqueueing them again: the server, woken, may have run
+        # the calls it had read (DuplicateJob), or not (in they go now); either way, once.
+        for job_id in ("timed", "untimed"):
+            try:
+                q.enqueue(Job("t", id=job_id))
+            except DuplicateJob:
+                pass
+        assert q.get_stats().jobs_enqueued == 3
+    finally:
+        q.stop()
+
+
+def test_stop_with_a_timeout_returns_in_time_while_redis_is_frozen_and_the_job_runs_again(own_redis_server):
+    """Symptom: stop(timeout=1) of a worker whose Redis froze returned after about a minute:
+    it waited for its threads' calls, then for the release's three sends, each up to the 10 s
+    socket timeout. Fix: stop()'s timeout bounds the link's stop too (each wait, and each call
+    to Redis); what it could not give back returns when its lease runs out (at least once)."""
+    from tinymq.redis import RedisBroker
+
+    url = own_redis_server.url
+    started = threading.Event()
+    runs = []
+
+    def run(job, ctx):
+        runs.append(job.id)
+        started.set()
+        ctx.wait(3 * WAIT)  # until stop() cancels it
+
+    q = Queue(broker=RedisBroker(url, name="frozen-stop", lease=1.0))
+    q.register_executor("t", run)
+    other = Queue(broker=RedisBroker(url, name="frozen-stop", lease=1.0))
+    other.register_executor("t", lambda job: runs.append(job.id))
+    try:
+        q.start_dispatcher(1)
+        q.enqueue(Job("t", id="held"))
+        assert started.wait(WAIT)
+        with _Frozen(own_redis_server):
+            began = time.monotonic()
+            q.stop(timeout=1.0)
+            assert time.monotonic() - began < 6.0
+        other.start_dispatcher(1)
+        assert other.join(WAIT + 10)
+        assert runs == ["held", "held"]
+    finally:
+        q.stop()
+        other.stop()
