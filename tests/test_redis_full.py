@@ -17,7 +17,7 @@ from tinymq import ExecutorConfig, Job, PermanentFailure, RetryConfig, TinyMQErr
 from _helpers import WAIT
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "tinymq", "redis")
-READ_ONLY = {"stats", "status"}  # they write nothing: nothing to refuse, and a replica may run them
+READ_ONLY = {"stats", "status", "unfinished"}  # they write nothing: nothing to refuse, and a replica may run them
 TAKE_NEW_JOBS = {"enqueue", "schedule_tick"}
 
 

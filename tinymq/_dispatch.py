@@ -94,8 +94,9 @@ class AttemptLedger(Protocol):
     def given_back(self, job: Any) -> None:
         """stop() cancelled the attempt: the job goes back, uncounted."""
 
-    def stop(self) -> None:
-        """The dispatcher stopped: give back what was not started, and leave."""
+    def stop(self, deadline: Optional[float] = None) -> None:
+        """The dispatcher stopped: give back what was not started, and leave (by ``deadline``,
+        a monotonic time, if given: stop()'s timeout)."""
 
 
 class NoThreadLeft(RuntimeError):
@@ -430,6 +431,7 @@ class Dispatcher:
 
     def _stop(self, first: bool, own_thread: bool, wait: bool, timeout: Optional[float],
               why: Optional[str]) -> None:
+        stop_by = None if timeout is None else time.monotonic() + timeout  # (the ledger's bound too)
         self.ready.close()
         self.scheduler_alarm.wake()
         runner = self.loop_runner
@@ -464,7 +466,7 @@ class Dispatcher:
             runner.stop(wait_for_thread=not own_thread, when_idle=wait and own_thread)
         self.watchdog_alarm.wake()  # it leaves once no worker is left to watch
         if self.ledger is not None:
-            self.ledger.stop()
+            self.ledger.stop(stop_by)
         elif first:
             self._report_unrun(why)
 

@@ -106,6 +106,7 @@ def undecodable_job(job_id: str, body: str, retries: Any = 0, last_error: Option
     job_type = fields[0] if isinstance(fields, list) and fields else None
     job = Job(job_type if isinstance(job_type, str) and job_type else _UNDECODABLE_TYPE, body)
     job._id = job_id  # (whatever id it has in Redis, even one Job() refuses: '', written by another program)
-    job.retries = int(retries) if str(retries).isdigit() else 0
+    text = str(retries)
+    job.retries = int(text) if text.isascii() and text.isdigit() else 0  # ("²" is a digit int() refuses)
     job.last_error = last_error or None
     return job

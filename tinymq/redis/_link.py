@@ -54,6 +54,7 @@ from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError, _descri
 from ..stats import ExecutorStats, QueueStats
 from ._codec import decode_job, encode_job, is_utf8, sendable_text, undecodable_job, unsendable
 from ._scripts import Crashed, SettleOp, retries_of
+from .broker import reply_wait
 
 __all__ = ["QueueLink"]
 
@@ -75,6 +76,9 @@ _MS = 1000.0
 _US = 1_000_000.0
 _DIGITS = 3  # delays are sent in ms to the microsecond
 _SOCKET_TIMEOUT = 10.0  # beyond the idle wait, a reply slower than this is a dead connection
+# A caller's timeout bounds the wait for a call's reply (join, enqueue, stop), but leaves it at
+# least this long (a loaded machine may take that long to answer a healthy call).
+_CALL_FLOOR = 0.5
 _RENEWAL_POLL = 0.05  # seconds a worker waiting for a renewal looks again (it is also woken)
 _SEND_TRIES = 3  # rounds a failure for good waits for (one resends a failed call first)
 
@@ -129,6 +133,15 @@ def _refused_as_full(exc: BaseException) -> bool:
     first write: lib.lua's refuse_if_full). Redis 7 replies with an OOM error, 6.2 with a
     script error that quotes it."""
     return "'maxmemory'" in str(exc)
+
+
+def _call_deadline(deadline: Optional[float]) -> float:
+    """When a call that a caller waits on must have its reply (for _call_resending, reply_wait):
+    the caller's ``deadline`` (monotonic), never less than _CALL_FLOOR away; without one, the
+    socket timeout's (math.inf), so that a silent Redis makes it raise, not wait for ever."""
+    if deadline is None:
+        return math.inf
+    return max(deadline, time.monotonic() + _CALL_FLOOR)
 
 
 def _report_key(job_id: str, reason: str, proc: str, attempt: str) -> str:
@@ -240,14 +253,17 @@ class QueueLink:
             try:
                 self.broker._check_server()
                 reply = self.broker._call_resending(self.scripts.enqueue, token, self.config.buffer_size,
-                                                   self.config.max_delayed_jobs, rows, caller, lease_ms)
+                                                   self.config.max_delayed_jobs, rows, caller, lease_ms,
+                                                   deadline=_call_deadline(deadline))
             except self._redis_error as exc:
                 if _refused_as_full(exc):  # (refuse_if_full: nothing was written)
                     raise TinyMQError(f"Redis is full (its maxmemory is reached): {len(rows)} job(s) were not "
                                       f"enqueued to Redis queue {self.broker.name!r} ({exc})") from exc
                 self._reply_lost(caller, token)
-                raise TinyMQError(f"could not enqueue {len(rows)} job(s) to Redis queue "
-                                  f"{self.broker.name!r}: {exc}") from exc
+                # Not "not enqueued": the call may have reached Redis and run, its reply lost.
+                raise TinyMQError(f"Redis queue {self.broker.name!r} did not answer an enqueue of {len(rows)} "
+                                  f"job(s) ({exc}): they may or may not have been enqueued; enqueue the same "
+                                  "job(s) again to know (DuplicateJob: it got in)") from exc
             if reply.status in ("ok", "again"):
                 break
             if reply.status == "dup":
@@ -367,12 +383,20 @@ class QueueLink:
             renewer.join()
 
     def _report(self, job_id: str, body: str, reason: str, retries: int = 0, error: str = "") -> None:
-        """Log and hand to the failure callbacks a job that Redis ended (its counters are there)."""
+        """Log and hand to the failure callbacks a job that Redis ended (its counters are there).
+        A job that not even a stand-in can be made of is logged as an ERROR and not reported:
+        its caller acknowledges it all the same (raising here would kill the reporter, and the
+        row would go from process to process for ever, once per lease)."""
         try:
-            job = decode_job(job_id, body, retries, error)
-        except Exception as exc:  # reported all the same, with its body as the payload
-            logger.error("job %s in Redis cannot be decoded (%s)", job_id, _describe(exc))
-            job = undecodable_job(job_id, body, retries, error)
+            try:
+                job = decode_job(job_id, body, retries, error)
+            except Exception as exc:  # reported all the same, with its body as the payload
+                logger.error("job %s in Redis cannot be decoded (%s)", job_id, _describe(exc))
+                job = undecodable_job(job_id, body, retries, error)
+        except Exception:
+            logger.exception("Redis queue %r: job %s (%s) cannot be reported to on_failure; dropped",
+                             self.broker.name, job_id, reason)
+            return
         self.dispatcher.report_failure(job, reason, None)
 
     def _hand_on(self, rows: Sequence[Crashed], cancels: Sequence[str] = (), undecodable: Sequence[Any] = ()
@@ -489,13 +513,14 @@ class QueueLink:
         )
 
     def join(self, timeout: Optional[float]) -> bool:
-        """Wait until the shared queue has no unfinished job; False on timeout or when stopped."""
+        """Wait until the shared queue has no unfinished job; False on timeout or when stopped.
+        Each look waits for Redis no longer than the time left (_CALL_FLOOR at least): a
+        frozen server costs join(timeout) about its timeout, not the socket's."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        key = self.scripts.key("stats")
         pause = _ROOM_POLL_MIN
         while True:
             try:
-                if int(self.client.hget(key, "outstanding") or 0) <= 0:
+                if not self.scripts.unfinished(timeout=reply_wait(_call_deadline(deadline))):
                     return True
             except self._redis_error as exc:
                 self._log_outage("join()", exc)
@@ -539,7 +564,7 @@ class QueueLink:
             try:
                 self.broker._check_server()
                 reply = self.broker._call_resending(self.scripts.cancel, token, job_id, caller, lease_ms,
-                                                    take_back)
+                                                    take_back, deadline=_call_deadline(None))
             except self._redis_error as exc:
                 self._reply_lost(caller, token)
                 raise TinyMQError(f"could not cancel job {job_id!r} in Redis queue {self.broker.name!r}: "
@@ -1159,8 +1184,15 @@ class QueueLink:
 
     # --- stopping ----------------------------------------------------------------
 
-    def stop(self) -> None:
-        """After the dispatcher stopped: give back unstarted jobs (in order), settle, unregister."""
+    def stop(self, deadline: Optional[float] = None) -> None:
+        """After the dispatcher stopped: give back unstarted jobs (in order), settle, unregister.
+
+        ``deadline`` (monotonic; stop()'s timeout): every wait here ends by then, and each call
+        to Redis gets what is left (_CALL_FLOOR at least): against a frozen Redis, stop(timeout)
+        returns in about its timeout, what it could not give back returns when the lease runs out."""
+        def left(most: float) -> float:
+            return most if deadline is None else max(0.0, min(most, deadline - time.monotonic()))
+
         with self._lock:
             if self._closing:
                 return
@@ -1171,30 +1203,30 @@ class QueueLink:
         self._timer_alarm.wake()
         started = [thread for thread in self._threads if thread.is_alive()]
         if started:
-            try:
-                self.client.rpush(self._wake_key(), "1")  # out of its BLPOP
+            try:  # out of its BLPOP
+                self.scripts.command("RPUSH", self._wake_key(), "1", timeout=reply_wait(_call_deadline(deadline)))
             except self._redis_error:
                 pass
         for thread in started:
             if thread is not threading.current_thread():
-                thread.join(_IDLE_WAIT + 1.0)
+                thread.join(left(_IDLE_WAIT + 1.0))
         # Failure callbacks still running (or about to, on a reporter) on rows a reply handed
         # this process: released before they end, the rows would go to `reports` and be
         # reported again by another process (at least once: a callback stuck past
         # _REPORT_WAIT does not hold up stop() for ever). A callback that stops the queue
         # does not wait for itself: its row counts as reported.
         me = threading.get_ident()
-        deadline = time.monotonic() + _REPORT_WAIT
+        reports_by = time.monotonic() + left(_REPORT_WAIT)
         with self._lock:
             while (any(ident != me for ident in self._reporting)
                    or any(reporter.ident != me for reporter in self._reporters)):
-                left = deadline - time.monotonic()
-                if left <= 0.0:
+                remaining = reports_by - time.monotonic()
+                if remaining <= 0.0:
                     logger.warning("Redis queue %r: stop() did not wait longer than %gs for failure "
                                    "callbacks still running; another process reports their jobs again",
-                                   self.broker.name, _REPORT_WAIT)
+                                   self.broker.name, left(_REPORT_WAIT))
                     break
-                self._reported.wait(left)
+                self._reported.wait(remaining)
             # From here on an attempt is no longer this process's to end (_decide): a failure
             # decided now would go with the release, whose row another process reports, while
             # its callbacks ran here too (stop() no longer waits for them).
@@ -1202,24 +1234,43 @@ class QueueLink:
             own = self._reporting.get(me)
             if own is not None:
                 self._queue_op(SettleOp("A", own))
-        with self._round_lock:
-            with self._lock:
-                unstarted = [r for r in self._attempts.values() if r.state == _PENDING]
-                for record in unstarted:
-                    record.state = _GIVEN_BACK
-                # A round that failed (the pump resends it no more once closing): its ops go
-                # first, in order; those Redis ran already (its reply was lost) are stale.
-                failed = [] if self._unsent is None else self._unsent[3]
-                self._unsent = None
-                ops = failed + self._ops + [SettleOp("B", r.attempt) for r in reversed(unstarted)]
-                self._ops = []
-                proc, registered = self._proc, self._registered
-            if not registered and not ops:
-                return
-            try:
-                self.broker._call_resending(self.scripts.release, proc, ops)
-                self.client.delete(self._wake_key())
-            except self._redis_error as exc:
-                logger.warning("Redis queue %r: could not give back %d unstarted job(s) at stop (%s); "
-                               "they return when this process's lease expires", self.broker.name,
-                               len(unstarted), exc)
+        if deadline is None:
+            with self._round_lock:
+                self._release(None)
+            return
+        # A round still under way (Redis does not answer) holds the lock: waited for until the
+        # deadline (_CALL_FLOOR at least: a healthy round ends well within it).
+        if not self._round_lock.acquire(timeout=max(left(math.inf), _CALL_FLOOR)):
+            logger.warning("Redis queue %r: stop() could not give back what this process holds within "
+                           "its timeout (Redis does not answer); it returns to the queue when this "
+                           "process's %gs lease runs out", self.broker.name, self.broker.lease)
+            return
+        try:
+            self._release(deadline)
+        finally:
+            self._round_lock.release()
+
+    def _release(self, deadline: Optional[float]) -> None:
+        """stop()'s last step: give back the unstarted attempts, send the ops left, unregister
+        (each call by ``deadline``, _CALL_FLOOR at least, if given). Called with _round_lock held."""
+        with self._lock:
+            unstarted = [r for r in self._attempts.values() if r.state == _PENDING]
+            for record in unstarted:
+                record.state = _GIVEN_BACK
+            # A round that failed (the pump resends it no more once closing): its ops go
+            # first, in order; those Redis ran already (its reply was lost) are stale.
+            failed = [] if self._unsent is None else self._unsent[3]
+            self._unsent = None
+            ops = failed + self._ops + [SettleOp("B", r.attempt) for r in reversed(unstarted)]
+            self._ops = []
+            proc, registered = self._proc, self._registered
+        if not registered and not ops:
+            return
+        by = None if deadline is None else _call_deadline(deadline)
+        try:
+            self.broker._call_resending(self.scripts.release, proc, ops, deadline=by)
+            self.scripts.command("DEL", self._wake_key(), timeout=None if by is None else reply_wait(by))
+        except self._redis_error as exc:
+            logger.warning("Redis queue %r: could not give back %d unstarted job(s) at stop (%s); "
+                           "they return when this process's lease expires", self.broker.name,
+                           len(unstarted), exc)

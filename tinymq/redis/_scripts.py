@@ -12,7 +12,9 @@ release leave nothing to do twice.
 """
 import os
 import queue
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
+import threading
+import time
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 __all__ = ["Scripts", "Connections", "SettleOp", "Crashed", "Fetched", "FetchReply", "EnqueueReply",
            "BeatReply", "CancelReply", "StatusReply", "key_prefix"]
@@ -20,7 +22,7 @@ __all__ = ["Scripts", "Connections", "SettleOp", "Crashed", "Fetched", "FetchRep
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SCRIPT_NAMES = ("enqueue", "fetch", "settle", "beat", "reap", "release", "limits",
                  "requeue_dead", "purge_dead", "schedule_begin", "schedule_tick", "cancel", "hold", "stats",
-                 "status")
+                 "status", "unfinished")
 
 
 def key_prefix(name: str) -> str:
@@ -195,6 +197,17 @@ def _send(connection: Any, command: Tuple[Any, ...]) -> None:
         connection.send_packed_command([_pack_command(command)])
 
 
+def _reply(connection: Any, by: Optional[float], disable_decoding: bool = True) -> Any:
+    """The reply to the command just sent; with ``by`` (monotonic), redis.TimeoutError when none
+    begins by then (the connection's own socket timeout, 10 s, bounds it otherwise): a caller's
+    bound, for a server that holds the connection open but answers nothing (frozen)."""
+    if by is not None and not connection.can_read(max(0.0, by - time.monotonic())):
+        import redis
+
+        raise redis.TimeoutError("no reply from Redis in time")
+    return connection.read_response(disable_decoding=disable_decoding)
+
+
 class Connections:
     """``size`` raw redis-py connections, made by ``connect()``, lent one at a time.
 
@@ -213,19 +226,58 @@ class Connections:
         self._free: "queue.LifoQueue[Any]" = queue.LifoQueue()  # last used first: its socket is open
         for _ in range(size):
             self._free.put(connect())
+        self._open: Set[int] = set()  # ids of the connections whose last call ended well: open
 
-    def acquire(self) -> Any:
+    def acquire(self, timeout: Optional[float] = None) -> Any:
+        """A free connection, waited for at most ``timeout`` (else the pool's wait)."""
+        wait = self._wait if timeout is None else max(0.0, min(timeout, self._wait))
         try:
-            return self._free.get(True, self._wait)
+            return self._free.get(True, wait)
         except queue.Empty:
             import redis
 
-            raise redis.ConnectionError(f"no Redis connection became free within {self._wait}s") from None
+            raise redis.ConnectionError(f"no Redis connection became free within {wait:.3g}s") from None
 
     def release(self, connection: Any, broken: bool) -> None:
         if broken:  # a reply may be half read: never reuse the socket
             connection.disconnect()
+            self._open.discard(id(connection))
+        else:
+            self._open.add(id(connection))
         self._free.put(connection)
+
+    def open_within(self, connection: Any, timeout: float) -> bool:
+        """For a call bounded by ``timeout``: open ``connection`` first unless it is known open,
+        on a thread of its own, since redis-py's connect waits for the server's handshake replies
+        up to the socket timeout (10 s), however soon the call must end. True: the connect ended
+        (a failed one fails again, with its error, at the call's send), and the connection is
+        the caller's. False: it did not end within ``timeout`` (a silent server); the
+        connection is then the opening thread's, which gives it back once its connect ends."""
+        if id(connection) in self._open:
+            return True
+        lock = threading.Lock()
+        ended = threading.Event()
+        given_up = []  # (the caller left: the opening thread releases the connection)
+
+        def open_it() -> None:
+            try:
+                connection.connect()
+                broken = False
+            except Exception:
+                broken = True
+            with lock:
+                ended.set()
+                if not given_up:
+                    return
+            self.release(connection, broken)
+
+        threading.Thread(target=open_it, name="tinymq-redis-connect", daemon=True).start()
+        ended.wait(timeout)
+        with lock:
+            if ended.is_set():
+                return True
+            given_up.append(True)
+            return False
 
     def close(self) -> None:
         """Close the sockets of the connections not lent now (they reopen if used again)."""
@@ -237,6 +289,7 @@ class Connections:
                 break
         for connection in idle:
             connection.disconnect()
+            self._open.discard(id(connection))
             self._free.put(connection)
 
 
@@ -257,25 +310,42 @@ class Scripts:
     def key(self, suffix: str) -> str:
         return self.prefix + suffix
 
-    def _call(self, script: str, args: List[Any]) -> Any:
+    def _call(self, script: str, args: List[Any], timeout: Optional[float] = None) -> Any:
+        """Run ``script``; with ``timeout`` (and ``connections``), redis.TimeoutError when no
+        reply begins within it (see _reply), the connection then closed: the script may have run."""
         connections = self.connections
         if connections is None:
             return self._script[script](keys=self._keys, args=args)
+        registered = self._script[script]
+        return self._on_connection(("EVALSHA", registered.sha, 1, self.prefix, *args), timeout, registered.script)
+
+    def command(self, *command: Any, timeout: Optional[float] = None) -> Any:
+        """One plain command (``RPUSH``, ``DEL``, ...), bounded by ``timeout`` as ``_call`` is."""
+        if self.connections is None:
+            return self.client.execute_command(*command)
+        return self._on_connection(command, timeout, None)
+
+    def _on_connection(self, command: Tuple[Any, ...], timeout: Optional[float], script: Optional[str]) -> Any:
+        """``command`` on a lent connection (EVALSHA of ``script``, loaded again if the server lost it)."""
         import redis
 
-        registered = self._script[script]
-        command = ("EVALSHA", registered.sha, 1, self.prefix, *args)
-        connection = connections.acquire()
+        connections = self.connections
+        by = None if timeout is None else time.monotonic() + timeout  # (each step gets what is left)
+        connection = connections.acquire(timeout)
+        if by is not None and not connections.open_within(connection, max(0.0, by - time.monotonic())):
+            raise redis.TimeoutError(f"Redis did not answer a new connection within {timeout:.3g}s")
         broken = True
         try:
             try:
                 _send(connection, command)
-                reply = connection.read_response(disable_decoding=True)
+                reply = _reply(connection, by)
             except redis.exceptions.NoScriptError:  # a restarted server: load it, call it again
-                connection.send_command("SCRIPT", "LOAD", registered.script)
-                connection.read_response()
+                if script is None:
+                    raise
+                connection.send_command("SCRIPT", "LOAD", script)
+                _reply(connection, by, disable_decoding=False)
                 _send(connection, command)
-                reply = connection.read_response(disable_decoding=True)
+                reply = _reply(connection, by)
             broken = False
             return _text(reply)  # (a reply that is not UTF-8 would kill the thread that reads it)
         except (redis.exceptions.ResponseError, UnicodeEncodeError):
@@ -285,7 +355,8 @@ class Scripts:
             connections.release(connection, broken)
 
     def enqueue(self, token: str, buffer_size: int, max_delayed_jobs: int,
-                jobs: Sequence[Tuple[Any, ...]], caller: str = "", lease_ms: int = 0) -> EnqueueReply:
+                jobs: Sequence[Tuple[Any, ...]], caller: str = "", lease_ms: int = 0,
+                timeout: Optional[float] = None) -> EnqueueReply:
         """Enqueue ``(id, type, priority, delay_ms, body, retries, last_error)`` rows, all or none
         (delay_ms may be fractional; a row without its retries, or last error, brings none).
 
@@ -294,7 +365,7 @@ class Scripts:
         args: List[Any] = [token, buffer_size, max_delayed_jobs, len(jobs), caller, lease_ms]
         for row in jobs:
             args.extend(_full_row(row))
-        reply = self._call("enqueue", args)
+        reply = self._call("enqueue", args, timeout)
         status = reply[0]
         if status in ("ok", "again"):
             return EnqueueReply(status, _crashed(reply[1]))
@@ -337,8 +408,8 @@ class Scripts:
         reply = self._call("beat", [proc, lease_ms, max_crash_recoveries, "1" if registered else "0", beat_id])
         return BeatReply(int(reply[0]) == 1, int(reply[1]), _crashed(reply[2]), reply[3])
 
-    def cancel(self, token: str, job_id: str, caller: str = "", lease_ms: int = 0, take_back: str = ""
-               ) -> CancelReply:
+    def cancel(self, token: str, job_id: str, caller: str = "", lease_ms: int = 0, take_back: str = "",
+               timeout: Optional[float] = None) -> CancelReply:
         """End the unfinished job ``job_id`` as cancelled, or mark its leased attempt (cancel.lua).
 
         ``caller``: this process's id once registered: a waiting job it removes waits in
@@ -346,7 +417,7 @@ class Scripts:
         a caller not registered registers with that lease for the report (a reporter).
         ``take_back``: the token of the enqueue whose job this takes back (only that job is
         cancelled, and the dead job its enqueue replaced comes back)."""
-        reply = self._call("cancel", [token, job_id, caller, lease_ms, take_back])
+        reply = self._call("cancel", [token, job_id, caller, lease_ms, take_back], timeout)
         status = int(reply[0])
         if status == 1:
             return CancelReply("removed", removed=_crashed([reply[1]])[0],
@@ -360,9 +431,13 @@ class Scripts:
         reply = self._call("reap", [max_crash_recoveries])
         return int(reply[0]), _crashed(reply[1])
 
-    def release(self, proc: str, ops: Sequence[SettleOp] = ()) -> int:
+    def release(self, proc: str, ops: Sequence[SettleOp] = (), timeout: Optional[float] = None) -> int:
         """Settle ``ops`` and unregister ``proc``, handing back what it still holds."""
-        return int(self._call("release", [proc, len(ops), *_ops_args(ops)]))
+        return int(self._call("release", [proc, len(ops), *_ops_args(ops)], timeout))
+
+    def unfinished(self, timeout: Optional[float] = None) -> bool:
+        """Whether join() waits on: a job is unfinished, or waits in Redis (unfinished.lua)."""
+        return int(self._call("unfinished", [], timeout)) == 1
 
     def hold(self, reporter: str, lease_ms: int) -> bool:
         """Renew the lease of ``reporter`` (see cancel): False when it is no longer registered."""

@@ -143,16 +143,25 @@ class RedisBroker:
             socket_connect_timeout=_CONNECT_TIMEOUT, retry=self._no_retry())
         return Connections(lambda: options.connection_class(**options.connection_kwargs), size, _POOL_WAIT)
 
-    def _call_resending(self, call: Any, *args: Any) -> Any:
+    def _call_resending(self, call: Any, *args: Any, deadline: Optional[float] = None) -> Any:
         """``call(*args)``, sent again (up to _RESENDS times) when the connection failed: its
-        reply may have been lost after the server ran it, and every script is idempotent."""
+        reply may have been lost after the server ran it, and every script is idempotent.
+        With a ``deadline`` (monotonic; math.inf: the socket timeout's own), for a caller that
+        waits: its reply is waited for until then at most (``call`` takes ``timeout=``, see
+        reply_wait), and a call that got no reply in time (a frozen server) is not sent again."""
         redis = _redis()
         pause = _RESEND_PAUSE
         for resends_left in range(_RESENDS, -1, -1):
             try:
-                return call(*args)
-            except (redis.ConnectionError, redis.TimeoutError):
-                if not resends_left:
+                wait = None if deadline is None else reply_wait(deadline)
+                if wait is None:  # (the socket timeout bounds it)
+                    return call(*args)
+                return call(*args, timeout=wait)
+            except redis.TimeoutError:
+                if not resends_left or deadline is not None:
+                    raise
+            except redis.ConnectionError:
+                if not resends_left or (deadline is not None and time.monotonic() + pause >= deadline):
                     raise
             time.sleep(pause)
             pause *= 2
@@ -317,6 +326,13 @@ class RedisBroker:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def reply_wait(deadline: float) -> Optional[float]:
+    """How long a call may wait for its reply to be back by ``deadline`` (monotonic): None when
+    the socket timeout comes first (the connection's own bound, with no extra look at the socket)."""
+    left = deadline - time.monotonic()
+    return None if left >= _SOCKET_TIMEOUT else max(0.0, left)
 
 
 def _dead_entries(rows: Iterable[Tuple[str, str, Any, Optional[str], Optional[str]]]) -> List[DeadJob]:

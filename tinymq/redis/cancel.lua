@@ -56,6 +56,7 @@ local function cancel()
   local function removed()
     redis.call('DEL', jk)
     count('cancelled', 1)
+    if not f[7] then count('outstanding', 1) end -- (another program's job: never counted, see fetch.lua)
     if take_back ~= '' and f[8] then bring_back_replaced(f[8], id) end
     local row = held_row(id, f[4], f[5], f[6], 'cancelled')
     if keeps_rows(caller, now, lease) then

@@ -55,6 +55,14 @@ local function foreign(t, p)
   if p ~= 0 and p ~= 1 and p ~= 2 then return 'its priority in Redis (p) is not 0, 1 or 2' end
   return nil
 end
+-- A job hash without an enqueue token (k) was written by another program (or restored apart
+-- from the stats hash): no script counted it unfinished (stats.outstanding) as enqueue does.
+-- Counted now, once (its k marks it), so that its end, which counts it finished, never takes
+-- the count below the jobs still unfinished.
+local function count_foreign(jk)
+  count('outstanding', 1)
+  redis.call('HSET', jk, 'k', '')
+end
 local stale = settle(proc, ARGV, 8, nsettle, now)
 local crashed = {}
 reap(now, max_crash, crashed)
@@ -86,16 +94,18 @@ for p = 2, 0, -1 do
         break
       end
       local jk = job_key(id)
-      local f = redis.call('HMGET', jk, 't', 'b', 'r', 'e', 'p')
+      local f = redis.call('HMGET', jk, 't', 'b', 'r', 'e', 'p', 'k')
       local t = f[1]
       local fault = foreign(t, f[5])
       if fault and redis.call('EXISTS', jk) == 1 then
+        if not f[6] then count_foreign(jk) end
         -- Another program wrote it: never run, dead here and reported by proc, as a job it
         -- cannot decode is (docs/redis.md, Dead jobs).
         local err = 'cannot decode: ' .. fault
         job_dead(id, 'permanent_failure', err, f[3] or '0', now)
         table.insert(crashed, held_row(id, f[2], f[3], err, 'permanent_failure'))
       elseif t then -- (a purged job's id has no hash: dropped)
+        if not f[6] then count_foreign(jk) end
         if limits[t] == nil then
           limits[t] = tonumber(redis.call('HGET', K_LIMITS, t)) or false
           running[t] = tonumber(redis.call('HGET', K_RUNNING, t)) or 0

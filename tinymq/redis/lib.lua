@@ -15,7 +15,9 @@ Keys (after the prefix):
   job:<id>                 HASH  t type, p priority, b body (client JSON), r retries,
                                  e last error, c crash count, o FIFO order (from `seq`,
                                  set when it goes to the tail of a ready list),
-                                 k enqueue token, x dead reason (only while dead),
+                                 k enqueue token ('' once counted in stats.outstanding
+                                 by fetch, cancel or requeue_dead: a hash another
+                                 program wrote has none), x dead reason (only while dead),
                                  u the replaced:<...> key of the dead job of its id that
                                  its enqueue replaced, w the same once a take-back marked
                                  its attempt (see bring_back_replaced)
@@ -90,7 +92,9 @@ Invariants (after every script):
     So the ids of the jobs with a job:<id> hash (unfinished or dead) are unique, and a
     marked attempt's id may also be a newer job's. Marks are on L and R attempts only;
   * running[t] = number of L and X attempts of type t over all inflight hashes;
-  * stats.outstanding = number of unfinished jobs + number of rows waiting to be reported
+  * stats.outstanding = number of unfinished jobs (a job whose hash another program wrote,
+    without enqueue's token k, from the first fetch or cancel that sees it: see fetch.lua)
+    + number of rows waiting to be reported
     (in reporting:*, `reports`, or a call's `ended`) that end in 1: a job that ends for good
     (dead, cancelled, crashed, evicted) while its failure callbacks are still to run counts
     as unfinished, for join(), until its row is acknowledged (op A) or handed out by a
@@ -176,9 +180,13 @@ end
 -- counters are summed per call and written once at the end (flush_counts)
 local counts = {}
 local function count(name, n) counts[name] = (counts[name] or 0) + n end
+-- outstanding never goes below 0: lower, jobs ended that no script counted (a stats hash
+-- deleted, or restored apart from the jobs), and 0 is the truest figure left.
 local function flush_counts()
   for name, n in pairs(counts) do
-    if n ~= 0 then redis.call('HINCRBY', K_STATS, name, n) end
+    if n ~= 0 and redis.call('HINCRBY', K_STATS, name, n) < 0 and name == 'outstanding' then
+      redis.call('HSET', K_STATS, name, 0)
+    end
   end
   counts = {}
 end

@@ -15,6 +15,7 @@ for _, id in ipairs(ARGV) do
     if p then
       redis.call('HDEL', jk, 'x', 'e')
       redis.call('HSET', jk, 'r', 0, 'c', 0, 'o', new_orders(1))
+      redis.call('HSETNX', jk, 'k', '') -- (counted here: a fetch must not count it again, see fetch.lua)
       redis.call('RPUSH', READY[level_of(p)], id)
       n = n + 1
     end
