@@ -767,12 +767,13 @@ class SQLitePersistence:
         Returns only once they are committed; raises PersistenceError otherwise.
         Writers queue on the commit lock itself: the one that gets it commits every
         unit pending then, and a writer back at once may take it again (no thread
-        wakes for that). A leader that wakes each of its batch's writers on a lock of
-        their own and hands the lead to the oldest one waiting made bigger batches
-        but cost a thread switch per hand-off: with synchronous="FULL", 4 producer
-        threads went from 6.7k to 8.1k jobs/s, but the durable end to end case with
-        4 workers from 15.8k to 12.2k (bench/durable_bounds.py, alternating builds,
-        medians of 3), so it was not kept.
+        wakes for that). Two other designs were measured and not kept (see
+        bench/durable_group_commit_ab.py): a leader that wakes each of its batch's
+        writers on a lock of their own and hands the lead to the oldest one waiting
+        (bigger batches, but a thread switch per hand-off: slower end to end), and the
+        same with a short window for the last batch's writers to come back (full
+        batches, no CPU saved per job, and a producer stalls while a worker of that
+        batch is busy).
         """
         if self._pid != os.getpid() or self._closed or self.read_only:
             self._check_usable()
