@@ -3,6 +3,11 @@
 The soak itself is not part of the suite; what it found is reproduced here in small.
 """
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 
 import pytest
@@ -65,36 +70,67 @@ def test_a_cancelled_attempt_that_returned_is_counted_somewhere_while_cancel_fin
         q.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="load_all() commits a 'crashed' job dead before the queue reports "
-                                       "it; a kill in between loses the report for good")
+_KILLED_WHILE_REPORTING = textwrap.dedent("""
+    import os, signal, sys
+    from tinymq import Queue
+    from tinymq.persistence import SQLitePersistence
+
+    def killed(job, reason, exc):  # the process dies as the crashed job is being reported
+        print(job.id, reason, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    q = Queue(10)
+    q.on_failure(killed)
+    q.set_persistence(SQLitePersistence(sys.argv[1]))
+    print("not killed", flush=True)
+""")
+
+
 def test_a_crashed_job_is_reported_even_when_the_loading_process_dies_before_reporting_it(tmp_path):
     """API.md "Failures are never silent": a job that leaves the queue without success is counted in
     jobs_failed and handed to every on_failure callback, reason "crashed" when its process died
     during too many attempts; persistence.md: "the queue that loads it reports it". load_all()
-    marks such a row dead and commits that before set_persistence() hands the job to the
+    marked such a row dead and committed that before set_persistence() handed the job to the
     callbacks (take_crashed). A process killed between the two (the soak's kills at random
-    moments after a restart land there) leaves the job dead in the file and reported to no one:
-    every later load skips dead rows. A failure of another reason is reported before its row
-    is marked dead, so a kill there reports it again at the next start rather than never.
-    Here the killed process is played by a store whose load_all() ran and whose take_crashed()
-    never did."""
+    moments after a restart land there) left the job dead in the file and reported to no one:
+    every later load skips dead rows. Now its row stays as it was until the queue has reported
+    it and marked it dead, as for any other failure: a kill in between has it reported at the
+    next start (at least once), its crash counted once. Here the restarted process is killed
+    from its on_failure callback, as it reports the crashed job."""
     from tinymq import SQLitePersistence
 
     path = str(tmp_path / "jobs.db")
     with SQLitePersistence(path) as store:
-        job = Job("t", id="a").with_max_retries(0)
+        job = Job("t", id="a").with_max_retries(1)
+        job.retries = 1  # its process died during one attempt already
         store.save(job)
-        store.mark_running(job)  # its attempt is running when its process dies
-    with SQLitePersistence(path) as store:
-        assert store.load_all() == []  # the restarted process counts the crash: dead, "crashed"
-        # ... and is killed here, before its queue took the crashed job to report it
+        store.mark_running(job)  # ... and again now: past its retries
+    script = tmp_path / "killed_while_reporting.py"
+    script.write_text(_KILLED_WHILE_REPORTING)
+    done = subprocess.run([sys.executable, str(script), path], capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ))
+    assert done.returncode == -signal.SIGKILL and done.stdout == "a crashed\n", (done.stdout, done.stderr)
+    with SQLitePersistence(path, read_only=True) as view:  # meanwhile: the crashed attempt, as it was
+        assert view.counts()["running"] == 1 and view.dead_jobs() == []
+        assert [(job.id, job.retries) for job in view.jobs()] == [("a", 1)]
     failures = []
     q = make_queue()
-    q.on_failure(lambda job, reason, exc: failures.append((job.id, reason)))
+    q.on_failure(lambda job, reason, exc: failures.append((job.id, reason, job.retries)))
     with SQLitePersistence(path) as store:
         try:
             q.set_persistence(store)
-            assert [dead.reason for dead in store.dead_jobs()] == ["crashed"]
-            assert failures == [("a", "crashed")] and q.get_stats().jobs_failed == 1
+            assert failures == [("a", "crashed", 2)] and q.get_stats().jobs_failed == 1
+            assert all_accounted(q.get_stats())
+            assert [(dead.job.id, dead.reason, dead.job.retries) for dead in store.dead_jobs()] == [
+                ("a", "crashed", 2)]  # the crash counted once, not once per load
+            assert store.counts()["running"] == 0
         finally:
             q.stop()
+    again = make_queue()
+    again.on_failure(lambda job, reason, exc: failures.append((job.id, reason, job.retries)))
+    with SQLitePersistence(path) as store:
+        try:
+            again.set_persistence(store)  # reported once: dead now, never loaded again
+            assert len(failures) == 1 and again.get_stats().jobs_failed == 0
+        finally:
+            again.stop()
