@@ -157,6 +157,9 @@ def test_a_running_row_with_the_largest_retries_does_not_block_the_others(path):
     conn.close()
     with SQLitePersistence(path) as store:
         assert [job.id for job in store.load_all()] == ["good"]
+        (worn,) = store.take_crashed()  # for the queue to report, then to mark dead
+        assert worn.id == "worn" and worn.retries == 2**63 - 1
+        store.mark_dead(worn, "crashed", None)
         assert [(dead.job.id, dead.reason) for dead in store.dead_jobs()] == [("worn", "crashed")]
 
 

@@ -149,10 +149,21 @@ def test_a_job_that_keeps_crashing_its_process_ends_dead(store, path, caplog):
     store.mark_running(job)
     with caplog.at_level(logging.ERROR, logger="tinymq"):
         assert store.load_all() == []
+    assert "crashed" in caplog.text
+    # Its row stays as it was until the queue has reported it and marked it dead: a load after a
+    # kill in between hands it on again, the same crash counted (not one more).
+    assert rows(store) == {"a": "running"} and store.dead_jobs() == []
+    (crashed,) = store.take_crashed()
+    assert crashed.id == "a" and crashed.retries == 3 and "died" in crashed.last_error
+    assert store.take_crashed() == []
+    assert store.load_all() == [] and store.load_all() == []  # (each load hands on what it found)
+    (crashed,) = store.take_crashed()
+    assert crashed.retries == 3 and store.take_crashed() == []
+    store.mark_dead(crashed, "crashed", None)  # what the queue does once it has reported it
     assert rows(store) == {"a": "dead"}
     (dead,) = store.dead_jobs()
     assert dead.job.id == "a" and dead.reason == "crashed" and dead.job.retries == 3
-    assert "crashed" in caplog.text
+    assert "died" in dead.error
 
 
 def test_dead_rows_are_kept_listed_and_purged_not_loaded(store):

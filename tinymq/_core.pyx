@@ -2252,18 +2252,23 @@ cdef class WorkerSlot:
         self.deadline = INFINITY
         return False
 
-    def expire(self, double now, object job=None):
+    def expire(self, double now, object job=None, ReadyQueue cancel_in=None):
         """Decide a running attempt past its deadline as timed out: its job, or None.
 
         With ``job``, only that job's attempt (a cancel: ``now`` is +inf). An
         attempt that cancels itself is not interrupted: ``JobTimeout`` would be
         raised inside the cancel, before it ends the job; its context is cancelled.
         A thread inside ``with slot:`` is interrupted when the block ends.
+        ``cancel_in`` (with ``job``): decided only if the cancel requested for ``job`` is
+        taken there (counted) in the same step (see the pure twin).
         """
         if self.job is None or self.expired or self.deadline > now or (job is not None and self.job is not job):
             return None
         # The decision runs no Python code, so the worker's end() sees it whole: set by
-        # Python code in between, interrupted could come after end() had read it.
+        # Python code in between, interrupted could come after end() had read it. Nor does
+        # taking the cancel (an exact str id, a Job's slots), counted before the worker can end.
+        if cancel_in is not None and (not cancel_in.marks or not cancel_in._take_cancel(job)):
+            return None
         self.expired = True
         self.retired = True
         state = self.type_state

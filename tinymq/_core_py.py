@@ -1544,16 +1544,21 @@ class WorkerSlot:
             self.deadline = _INF
             return False
 
-    def expire(self, now: float, job: Any = None) -> Any:
+    def expire(self, now: float, job: Any = None, cancel_in: Optional[ReadyQueue] = None) -> Any:
         """Decide a running attempt past its deadline as timed out: its job, or None.
 
         With ``job``, only that job's attempt (a cancel: ``now`` is +inf). An
         attempt that cancels itself is not interrupted: ``JobTimeout`` would be
         raised inside the cancel, before it ends the job; its context is cancelled.
         A thread inside ``with slot:`` is interrupted when the block ends.
+        ``cancel_in`` (with ``job``): decided only if the cancel requested for ``job`` is
+        taken there (``take_cancel``, counted) in the same step, so that the job is counted
+        cancelled before its worker can see the decision and free the slot.
         """
         with self._lock:
             if self.job is None or self.expired or self.deadline > now or (job is not None and self.job is not job):
+                return None
+            if cancel_in is not None and not cancel_in.take_cancel(job):  # (its lock inside this one)
                 return None
             self.expired = True
             self.retired = True

@@ -919,8 +919,10 @@ class Dispatcher:
         if self.ready.take_cancel_from(job, self.delayed) or self.ready.take_cancel_from(job, self.uncapped):
             self.end_cancelled(job)
             return
-        taken = self._cancel_running(job._id, job)
-        if taken is not None and self.ready.take_cancel(job):
+        # A running attempt is decided in the step that takes the cancel and counts it: its function
+        # may return and its worker free the slot at once, and the job must be counted by then.
+        taken = self._cancel_running(job._id, job, True)
+        if taken is not None:
             self.end_cancelled(job, True)
         elif taken is None and self._stopping:
             with self._stop_order:
@@ -939,14 +941,15 @@ class Dispatcher:
         job = self._cancel_running(job_id, only)
         return job, job is not None  # a running attempt's type slot stays taken until it returns
 
-    def _cancel_running(self, job_id: str, only: Any = None) -> Any:
+    def _cancel_running(self, job_id: str, only: Any = None, take: bool = False) -> Any:
         """Decide the running attempt of ``job_id`` (``only``: of that job), on the loop or a worker,
-        as cancelled: its job, or None."""
+        as cancelled: its job, or None. ``take`` (with ``only``, marked by ``mark_cancel``): decided
+        only in the step that takes its cancel and counts it (``take_cancel``)."""
         job = None
         if self.loop_runner is not None:
-            job = self.loop_runner.cancel(job_id, only)
+            job = self.loop_runner.cancel(job_id, only, take)
         if job is None:
-            job = self._cancel_thread_attempt(job_id, only)
+            job = self._cancel_thread_attempt(job_id, only, take)
         return job
 
     def end_cancelled(self, job: Any, running: bool = False, counted: bool = True) -> None:
@@ -982,16 +985,17 @@ class Dispatcher:
             return True
         return False
 
-    def _cancel_thread_attempt(self, job_id: str, only: Any = None) -> Any:
+    def _cancel_thread_attempt(self, job_id: str, only: Any = None, take: bool = False) -> Any:
         """Decide a worker's running attempt of ``job_id`` (``only``: of that job) as cancelled;
-        retire and replace the worker."""
+        retire and replace the worker. ``take``: as in ``_cancel_running``."""
+        cancel_in = self.ready if take else None
         with self._lock:
             slots = list(self._slots)
         for slot in slots:
             job = slot.job
             if job is None or job._id != job_id or (only is not None and job is not only):
                 continue
-            if slot.expire(math.inf, job) is None:  # decided already (it ended, or timed out)
+            if slot.expire(math.inf, job, cancel_in) is None:  # decided already (it ended, or timed out)
                 continue
             with self._lock:
                 if not self._stopping:  # its thread may run on: the pool keeps its size

@@ -542,7 +542,8 @@ class Queue:
         Call it once, before the first enqueue: jobs enqueued earlier would not
         be durable, and a second store's jobs could run twice (RuntimeError).
         Jobs the store found crashed too often are reported to the failure
-        callbacks registered so far (reason "crashed").
+        callbacks registered so far (reason "crashed"), then marked dead in the
+        store (or deleted): a process killed before that reports them at its next start.
         Recovery never drops a job for lack of room, and recovered delayed jobs
         are never evicted (nor are retries waiting for their backoff).
         """

@@ -27,8 +27,13 @@ so a minimal store stays minimal and a richer one gets better guarantees:
     ``delete``.
 ``take_crashed()``
     After ``load_all``: the jobs it found crashed too often (their process
-    died during more attempts than their retries allow), each returned once.
-    The Queue reports them as failures with reason "crashed".
+    died during more attempts than their retries allow), each returned once,
+    instead of among the jobs ``load_all`` returns. The Queue reports them as
+    failures with reason "crashed", then marks each dead (``mark_dead``) or
+    deletes it, as any failure. Until then the store keeps their rows as they
+    were found: a process that dies in between has them found again by the
+    next ``load_all``, with the same crash counted (not one more), and reported
+    then (at least once).
 ``mark_dead(job, reason, error)``
     The job failed permanently (``reason`` is "retries_exhausted",
     "permanent_failure", "no_executor", "evicted" or "crashed"; ``error`` the last
@@ -53,7 +58,11 @@ class Persistence(Protocol):
         """Forget a job that finished; deleting an unknown id is not an error."""
 
     def load_all(self) -> Iterable[Job]:
-        """Every stored job still to run, ready and delayed (``run_at`` kept)."""
+        """Every stored job still to run, ready and delayed (``run_at`` kept).
+
+        A store with ``take_crashed`` leaves out the jobs it found crashed too often
+        and hands them to ``take_crashed``; it keeps them stored, unfinished, until the
+        Queue has reported them and called ``mark_dead`` (or ``delete``) for them."""
 
 
 @runtime_checkable

@@ -6,6 +6,8 @@ tells recovery what to do with it:
     ready    saved and waiting (``run_at`` in the future for a delayed job)
     running  an attempt started; still "running" at load time means the
              process died during the attempt, so the crash counts as one
+             (one that uses up the job's retries stays "running" until the
+             queue has reported the job failed, "crashed", and marked it dead)
     dead     failed permanently; kept with ``reason`` until requeued or purged,
              or replaced by a new job of its id that the queue accepts
     corrupt  could not be decoded at load time; quarantined, never run
@@ -313,7 +315,7 @@ class SQLitePersistence:
         # id -> (seq of the save, the row it replaced): a dead or quarantined row a save replaced, for
         # undo_save. Added by the holder of _commit_lock; dropped (one dict call) when the job ends.
         self._replaced: Dict[str, Tuple[Any, tuple]] = {}
-        self._crashed: List[Job] = []  # dead as "crashed" by load_all, not yet taken by the Queue
+        self._crashed: List[Job] = []  # crashed too often, found by load_all, not yet taken by the Queue
         self._pid = os.getpid()
         self._seq = itertools.count(1).__next__  # each row's place in the order of saves (see _prepare)
         if read_only:
@@ -1069,21 +1071,29 @@ class SQLitePersistence:
         """Every job to run, in the order of their saves; recovers crashed attempts and quarantines bad rows.
 
         In one write transaction: a row still "running" (its process died
-        during an attempt) has the crash counted as a failed attempt, and
-        becomes dead (reason "crashed") once that uses up its retries. A row
-        that cannot be decoded becomes "corrupt", is logged, and is skipped.
+        during an attempt) has the crash counted as a failed attempt. One whose
+        crash uses up its retries is not returned: it is handed to the Queue by
+        ``take_crashed``, and its row is left as it was ("running") until the
+        Queue has reported it and marked it dead (``mark_dead``, reason
+        "crashed"), so a process that dies in between leaves it for the next
+        load, which counts the same crash again (not one more) and hands it on
+        again: reported at least once. A row that cannot be decoded becomes
+        "corrupt", is logged, and is skipped.
         """
         self._check_usable()
         with self._commit_lock:
             self._check_usable()
             jobs, crashed = self._in_transaction(self._conn, self._recover, "load_all")
-            self._crashed.extend(crashed)
+            self._crashed = crashed  # (a second load finds the same rows, still "running")
             return jobs  # type: ignore[no-any-return]
 
     def take_crashed(self) -> List[Job]:
-        """The jobs ``load_all`` kept as dead with reason "crashed", each returned once.
+        """The jobs the last ``load_all`` found crashed too often (their crash counted in ``retries``),
+        each returned once.
 
-        The Queue reports them to its failure callbacks after ``load_all``.
+        The Queue reports them to its failure callbacks (reason "crashed") after
+        ``load_all``, then marks each dead (``mark_dead``); until then its row
+        stays "running", as it was found.
         """
         crashed, self._crashed = self._crashed, []
         return crashed
@@ -1094,7 +1104,7 @@ class SQLitePersistence:
         jobs: List[Job] = []
         dead: List[Job] = []
         corrupt: List[Tuple[str, Any]] = []
-        crashed: List[Tuple[Any, ...]] = []
+        recovered: List[Tuple[Any, ...]] = []  # crashes counted: ready again
         for row in conn.execute(f"SELECT id, state FROM {_TABLE} WHERE state NOT IN "
                                 "('ready', 'running', 'dead', 'corrupt')"):
             logger.error("persistence %s: quarantined job row %r: unknown state %r", self.path, row[0], row[1])
@@ -1111,19 +1121,19 @@ class SQLitePersistence:
                 job.retries = min(job.retries + 1, _INT64 - 1)  # a count SQLite can store: one row fails no load
                 job.last_error = (f"the process died during an attempt (recovered by pid {os.getpid()} "
                                   f"at {time.strftime('%Y-%m-%dT%H:%M:%S%z')})")
-                if job.retries > job.retry_config.max_retries:
+                if job.retries > job.retry_config.max_retries:  # its row is left as it is: see load_all
                     logger.error("persistence %s: job %r (type %r) crashed its process %d times; "
-                                 "kept as dead with reason 'crashed'", self.path, job.id, job.type, job.retries)
-                    crashed.append(("dead", "crashed", job.retries, job.last_error, job.id))
+                                 "handed to the queue to fail with reason 'crashed'", self.path, job.id,
+                                 job.type, job.retries)
                     dead.append(job)
                     continue
-                crashed.append(("ready", None, job.retries, job.last_error, job.id))
+                recovered.append((job.retries, job.last_error, job.id))
             jobs.append(job)
         if corrupt:
             conn.executemany(f"UPDATE {_TABLE} SET state = 'corrupt', reason = ? WHERE id = ?", corrupt)
-        if crashed:
-            conn.executemany(f"UPDATE {_TABLE} SET state = ?, reason = ?, retries = ?, last_error = ? "
-                             "WHERE id = ?", crashed)
+        if recovered:
+            conn.executemany(f"UPDATE {_TABLE} SET state = 'ready', reason = NULL, retries = ?, last_error = ? "
+                             "WHERE id = ?", recovered)
         return jobs, dead
 
     # -- inspection (read-only stores too) ---------------------------------------------
