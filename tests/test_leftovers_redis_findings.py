@@ -24,6 +24,12 @@ def _client(url):
     return redis_py.Redis.from_url(url, decode_responses=True)
 
 
+def _write_waiting_job(client, prefix, job_id):
+    """What another program may write: a job hash of type "t" (no enqueue token), waiting at MEDIUM."""
+    client.hset(prefix + "job:" + job_id, mapping={"t": "t", "p": 1, "b": _BODY})
+    client.rpush(prefix + "ready:1", job_id)
+
+
 def _prefix(name):
     return f"tmq:{{{name}}}:"
 
@@ -116,8 +122,7 @@ def test_join_waits_for_a_job_another_program_wrote_and_outstanding_stays_true(r
     name = "foreign-count"
     prefix = _prefix(name)
     client = _client(redis_url)
-    client.hset(prefix + "job:theirs", mapping={"t": "t", "p": 1, "b": _BODY})
-    client.rpush(prefix + "ready:1", "theirs")
+    _write_waiting_job(client, prefix, "theirs")
     q = Queue(broker=RedisBroker(redis_url, name=name, lease=2.0))
     ran = []
     release = threading.Event()
@@ -153,8 +158,7 @@ def test_cancelling_a_waiting_job_another_program_wrote_keeps_outstanding_at_zer
     name = "foreign-cancel"
     prefix = _prefix(name)
     client = _client(redis_url)
-    client.hset(prefix + "job:theirs", mapping={"t": "t", "p": 1, "b": _BODY})
-    client.rpush(prefix + "ready:1", "theirs")
+    _write_waiting_job(client, prefix, "theirs")
     q = Queue(broker=RedisBroker(redis_url, name=name, lease=2.0))
     reported = []
     q.on_failure(lambda job, reason, exc: reported.append((job.id, reason)))
