@@ -3,10 +3,13 @@ deciding step, crashed rows until reported, store BaseExceptions, cron's next ti
 
 Each test's docstring says the symptom, how to reproduce it, and what the docs promise.
 """
+import base64
 import logging
+import os
 import signal
 import threading
 import time
+import zlib
 
 import pytest
 
@@ -78,6 +81,64 @@ def test_the_put_off_look_at_redis_still_warns_of_an_evicting_policy(own_redis_s
     finally:
         client.close()
         q.stop(timeout=5)
+
+
+# --- 3. read_only=True after a kill -9 of the owner ---------------------------------------------
+
+# The three files a store left when its process was SIGKILLed as a queue loaded it (found once in
+# about 100 kills; the -wal holds its header only, the -shm its index): zlib, then base64.
+_KILLED_OWNER_FILES = {
+    "j.db": (
+        "eNrtmM9vG0UUx/dHghOXtPwOJaR6aqiwpQYlbUqLK6Q6rtOaGJs6jkq5ROvdcbytvePsTOIaIYGE1HKAE5wAIZBA"
+        "qQBRqPgRVEAIUgQSAnGjXLnCH4C4MLvrcXa3ScpUQQi0T46+u7PzPvNr35udzJzImxRBFdsNjcJ+qUdSFOkIgCRJ"
+        "Cvvrk9bMue/x3cudv81MkR7Q5V6novqnc9/rSWSRRfbvW4/sBLWiWs5Nn/qJdxFZZJH9QxY7uv3Y0I7+WMzbWmWt"
+        "cmDCGNd1fUKvjo75TTcMe9GyTGuepn9ZfW5a/eIy10HmeZMAaF8Q9M5FrjcPSN6url6KliayyP4TVtg61ID7Eb8i"
+        "sd/7W4Bzc9G5rBwbHBmRnz9BtUodUdNqNxbmTuMK2bp+b9yG71LJlLLpchbK6cl8FnwPIBEHZqYBa1bOPl6Gx0q5"
+        "R9OlUzCdPQWFYhkKs/n8XrcuoRo7J/nrdp97ZaOjYCPNaMNT0Mm27MpgJUx0bNuLTeqCaLuJAo16/KZtYtukbbc4"
+        "Vyhnj2VL3hNGm2NnM8/YgHiDXWMtz1rmWUBNrNeAIB1bBhtiS6vXQa9j/UzSa9hsIDaKRrPL8fCI2iYiEGg4hK9q"
+        "Zh0ZoFGKGk1KgGBWZHv91tp1rHUmcjJfnFyndwTZplY3n0Q24EXaXKR73YlzTp1QwBbq9qM9x/peNee9ebkW9MhM"
+        "sQC4chrpFHAVSo5LxvOomqhukMMuOOV/kuiMXpsnwWnfFN/pYauGLHDG3HYhdY3QOWTbrN/+tWPrTrC1ObtVa3tv"
+        "A/P1vw4ELazV60x/2JfWEHMznOmrAtGWEEnBVG6qCC2T1kwLtLW3J+GN36lkQAWxGUZgUkBnTUKRkYwn4WSufLw4"
+        "W4ZS8WTuaNyNf2VKYr/IIrtBe/agEhvcs0c+N+7PxrhlIdt/ra6Xj90nnYRM6pj648CfjjPHs5lpSLhVHoaxZCdt"
+        "dnI497gmadvstV83Jv3B1bSxjgi5n3gebqqEhJs72bV+hpWblo6ggjH10kkNE7rRTsDJbh1LYyjNMlxftuN4ecQB"
+        "X8d7N0s1BlpKMTEtvNsJfaerrmuVpWMnrGuY5TxvpG7/vLzeJV53k4gn42z1tslxSf1Mban7lN+VC4qu7JKvyi/J"
+        "RVZ8RXpGOrzxuv/4P3qHBY5T48Hj1NtPcN0mABkLQi58zTX+9yF6NQhZTnPtF4CgIOStZa59ApDQWfXN+7gKHHh1"
+        "PQh5Y4WrwGFXrwQhrw9w7RWAaEHIa+e59ghAHgpCXr3KVRWAHApCXv6Sq5IJQPo3gxwMQs7PcHXiPy4XJPln+UW5"
+        "oF5Wl9Rx5TdlWakow3K/tCo9LaU2ihj512jnu+EcciC4Ihdf4bpDADIRhLx3hOt2Acj+IOTdP7gOCEBCkfv5Tq53"
+        "CUBCkfvpKtc7BSChyF1Jcr1DABKK3I8vcb1dABKK3I9e4HqbACQUuR+OcL1VAPJgEPJBiestTvzHlGEpGPlRJEcm"
+        "lM5QKBP9VOa6SwASykQ/pLgOC0BC/+v+nnC9VwAS+sL7boHrkAAk9IX3zbdc7xEI3dAX3pVDXHcKQEJfeF8Ncb37"
+        "L6r02eA="
+    ),
+    "j.db-wal": (
+        "eNozr2drYtB9JMHAwMIAAq67D7YnFl3eFjNhX8RpB444AI5MCoE="
+    ),
+    "j.db-shm": (
+        "eNrtyqENgDAQQNHDQLrBLYFs0j0Zr45FqCKpQdQh3pM/P+8zXlt8a0fu9eolF/+5PZMAAAAAAAAAAAAAAAAAAAAA"
+        "AAAAAAAAAAAAAAAAAAAAgB8ZazMSVw=="
+    ),
+}
+
+
+@pytest.mark.xfail(strict=True, reason="read_only cannot read a WAL index a killed owner left in "
+                   "this state (SQLite: 'locking protocol'); not fixed in the time")
+def test_a_read_only_store_reads_the_files_a_killed_owner_left(tmp_path):
+    """Symptom: after the owner was killed (kill -9) at some moments of its load (here: its
+    -wal holds only its header), SQLitePersistence(path, read_only=True).counts() and
+    ``python -m tinymq status --db`` fail with PersistenceError "cannot read ...: locking
+    protocol" (SQLITE_PROTOCOL from the readonly_shm connection), for good, until a process
+    opens the file for writing. docs/persistence.md: a read-only store can be opened at any
+    time; it refuses only a -wal without its -shm (and says how to recover).
+    Reproduce: kill a process in set_persistence at random moments, open read-only after each
+    (about 1 in 100). Not fixed: reading the database file alone (immutable) is exact for a
+    -wal with no frames, but only once no owner can be writing; that needs a careful look."""
+    from tinymq.persistence import SQLitePersistence
+
+    path = tmp_path / "j.db"
+    for name, chunks in _KILLED_OWNER_FILES.items():
+        (tmp_path / name).write_bytes(zlib.decompress(base64.b64decode("".join(chunks))))
+        os.chmod(tmp_path / name, 0o600)
+    with SQLitePersistence(str(path), read_only=True) as view:
+        assert sum(view.counts().values()) == 30
 
 
 class _Frozen:
