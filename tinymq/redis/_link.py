@@ -251,7 +251,7 @@ class QueueLink:
         pause = _ROOM_POLL_MIN
         while True:
             try:
-                self.broker._check_server()
+                self.broker._check_server(_call_deadline(deadline))
                 reply = self.broker._call_resending(self.scripts.enqueue, token, self.config.buffer_size,
                                                    self.config.max_delayed_jobs, rows, caller, lease_ms,
                                                    deadline=_call_deadline(deadline))
@@ -562,7 +562,7 @@ class QueueLink:
         # it on). Registered first, so that a stop() this does not wait for is seen as closing.
         with self._reporting_rows(token) as (caller, lease_ms):
             try:
-                self.broker._check_server()
+                self.broker._check_server(_call_deadline(None))
                 reply = self.broker._call_resending(self.scripts.cancel, token, job_id, caller, lease_ms,
                                                     take_back, deadline=_call_deadline(None))
             except self._redis_error as exc:

@@ -106,20 +106,36 @@ class RedisBroker:
 
     # --- connecting ------------------------------------------------------------
 
-    def _check_server(self) -> None:
-        """Once, at the first reply: refuse Redis < 6.2, warn unless maxmemory-policy is noeviction."""
+    def _check_server(self, deadline: Optional[float] = None) -> None:
+        """Once, at the first reply: refuse Redis < 6.2, warn unless maxmemory-policy is noeviction.
+        ``deadline`` (monotonic; math.inf: the socket timeout's): a caller with a bound of its own
+        (see _call_resending) gets redis.TimeoutError by then, were Redis silent or another
+        thread's check under way, rather than waiting for it (socket timeout after socket timeout)."""
         if self._checked:
             return
-        with self._check_lock:
+        wait = None if deadline is None else min(max(0.0, deadline - time.monotonic()), _SOCKET_TIMEOUT)
+        if not self._check_lock.acquire(timeout=-1 if wait is None else wait):
+            raise _redis().TimeoutError("Redis has not answered the first look at its version in time")
+        try:
             if self._checked:
                 return
-            info = self._client.info("server")
-            version = str(info.get("redis_version", "0"))
+            if deadline is None:
+                version = str(self._client.info("server").get("redis_version", "0"))
+            else:
+                found = re.search(r"redis_version:([^\r\n]*)",
+                                  str(self._scripts.command("INFO", "server", timeout=reply_wait(deadline))))
+                version = found.group(1) if found else "0"
             parts = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
             if parts < _MIN_VERSION:
                 raise TinyMQError(f"tinymq needs Redis >= 6.2 (or Valkey); {redacted_url(self.url)} runs {version}")
             try:
-                policy = self._client.config_get("maxmemory-policy").get("maxmemory-policy")
+                if deadline is None:
+                    policy = self._client.config_get("maxmemory-policy").get("maxmemory-policy")
+                else:
+                    reply = self._scripts.command("CONFIG", "GET", "maxmemory-policy", timeout=reply_wait(deadline))
+                    pair = [*next(iter(reply.items()))] if isinstance(reply, dict) and reply else reply  # (RESP3: a map)
+                    policy = pair[1] if len(pair) > 1 else None
+                    policy = policy.decode("utf-8", "replace") if isinstance(policy, bytes) else policy
             except _redis().ResponseError:  # CONFIG is disabled on some managed services
                 policy = None
             if policy is not None and policy != "noeviction":
@@ -127,6 +143,8 @@ class RedisBroker:
                     "Redis at %s has maxmemory-policy %r: under memory pressure it may evict "
                     "tinymq's keys and lose jobs; set maxmemory-policy noeviction", redacted_url(self.url), policy)
             self._checked = True
+        finally:
+            self._check_lock.release()
 
     def _dedicated_client(self, timeout: float) -> Any:
         """A connection of its own, for one thread at a time (a blocking wait, or fetch rounds)."""
