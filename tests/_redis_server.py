@@ -13,8 +13,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import contextlib
 import time
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import pytest
 
@@ -108,6 +109,17 @@ class RedisServer:
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGKILL)
             process.wait()
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator["RedisServer"]:
+        """The server SIGSTOPped for the ``with`` block (connected, silent), SIGCONTed after it,
+        whatever happens."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+        try:
+            yield self
+        finally:
+            self.process.send_signal(signal.SIGCONT)
 
     def restart(self) -> "RedisServer":
         self.kill()

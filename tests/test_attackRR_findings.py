@@ -6,7 +6,6 @@ Each test's docstring says the symptom, how to reproduce it, and what the docs p
 import base64
 import logging
 import os
-import signal
 import threading
 import time
 import zlib
@@ -33,7 +32,7 @@ def test_enqueue_with_a_timeout_keeps_it_when_redis_froze_before_the_first_reply
     q = Queue(broker=RedisBroker(own_redis_server.url, name="frozen-first", lease=2.0))
     own_redis_server.start()
     try:
-        with _Frozen(own_redis_server):
+        with own_redis_server.frozen():
             took = {}
 
             def produce(job_id):
@@ -139,17 +138,3 @@ def test_a_read_only_store_reads_the_files_a_killed_owner_left(tmp_path):
         os.chmod(tmp_path / name, 0o600)
     with SQLitePersistence(str(path), read_only=True) as view:
         assert sum(view.counts().values()) == 30
-
-
-class _Frozen:
-    """The server SIGSTOPped for the ``with`` block, SIGCONTed after it, whatever happens."""
-
-    def __init__(self, server):
-        self.server = server
-
-    def __enter__(self):
-        self.server.process.send_signal(signal.SIGSTOP)
-        return self
-
-    def __exit__(self, *exc_info):
-        self.server.process.send_signal(signal.SIGCONT)

@@ -5,7 +5,6 @@ Each test's docstring says the symptom, how to reproduce it, and what the docs p
 """
 import json
 import logging
-import signal
 import threading
 import time
 
@@ -213,19 +212,6 @@ def test_outstanding_never_goes_below_zero_when_the_stats_hash_was_lost(redis_ur
 
 # --- 1. a frozen Redis (SIGSTOP: connected, silent) ------------------------------------------------
 
-class _Frozen:
-    """The server SIGSTOPped for the ``with`` block, SIGCONTed after it, whatever happens."""
-
-    def __init__(self, server):
-        self.server = server
-
-    def __enter__(self):
-        self.server.process.send_signal(signal.SIGSTOP)
-        return self
-
-    def __exit__(self, *exc_info):
-        self.server.process.send_signal(signal.SIGCONT)
-
 
 def test_join_with_a_timeout_returns_in_time_while_redis_is_frozen(own_redis_server):
     """Symptom: while Redis is frozen (SIGSTOP, a stalled VM, a full network buffer: connected
@@ -241,7 +227,7 @@ def test_join_with_a_timeout_returns_in_time_while_redis_is_frozen(own_redis_ser
     q = Queue(broker=RedisBroker(own_redis_server.url, name="frozen-join", lease=2.0))
     q.enqueue(Job("t"))  # unfinished: join() waits for it
     try:
-        with _Frozen(own_redis_server):
+        with own_redis_server.frozen():
             for _ in range(3):  # (a caller that looks again and again)
                 began = time.monotonic()
                 assert q.join(0.5) is False
@@ -264,7 +250,7 @@ def test_enqueue_raises_within_its_stated_bound_while_redis_is_frozen(own_redis_
     q = Queue(broker=RedisBroker(own_redis_server.url, name="frozen-enqueue", lease=2.0))
     try:
         q.enqueue(Job("t", id="before"))  # (a producer at work: its connection is open)
-        with _Frozen(own_redis_server):
+        with own_redis_server.frozen():
             began = time.monotonic()
             with pytest.raises(TinyMQError, match="frozen-enqueue.*may or may not have been enqueued"):
                 q.enqueue(Job("t", id="timed"), block=True, timeout=1.0)
@@ -309,7 +295,7 @@ def test_stop_with_a_timeout_returns_in_time_while_redis_is_frozen_and_the_job_r
         q.start_dispatcher(1)
         q.enqueue(Job("t", id="held"))
         assert started.wait(WAIT)
-        with _Frozen(own_redis_server):
+        with own_redis_server.frozen():
             began = time.monotonic()
             q.stop(timeout=1.0)
             assert time.monotonic() - began < 6.0
