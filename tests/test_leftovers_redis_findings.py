@@ -305,3 +305,25 @@ def test_stop_with_a_timeout_returns_in_time_while_redis_is_frozen_and_the_job_r
     finally:
         q.stop()
         other.stop()
+
+
+def test_a_cancel_without_a_reply_says_its_outcome_is_unknown(own_redis_server):
+    """Symptom: a cancel whose call got no reply raised "could not cancel job ...", though the
+    call may have reached Redis and run (as for enqueue: the reply, not the call, was lost),
+    so a caller believing it would leave a cancelled job for dead or cancel nothing again.
+    docs/redis.md: the error says the outcome is unknown; cancelling again tells.
+    Fix: the error says the job may or may not have been cancelled, and what to do."""
+    from tinymq.redis import RedisBroker
+
+    q = Queue(broker=RedisBroker(own_redis_server.url, name="cancel-unanswered", lease=2.0))
+    try:
+        q.enqueue(Job("t", id="waiting"))  # (no executor here: it waits in Redis)
+        own_redis_server.stop()
+        with pytest.raises(TinyMQError, match="cancel-unanswered.*'waiting'.*may or may not have been "
+                                              "cancelled; cancel it again"):
+            q.cancel("waiting")
+        own_redis_server.start()
+        assert q.cancel("waiting") is True  # (it had not got in: cancelled now, once)
+        assert q.get_stats().jobs_cancelled == 1
+    finally:
+        q.stop()

@@ -567,8 +567,10 @@ class QueueLink:
                                                     take_back, deadline=_call_deadline(None))
             except self._redis_error as exc:
                 self._reply_lost(caller, token)
-                raise TinyMQError(f"could not cancel job {job_id!r} in Redis queue {self.broker.name!r}: "
-                                  f"{exc}") from exc
+                # Not "not cancelled": the call may have reached Redis and run, its reply lost.
+                raise TinyMQError(f"Redis queue {self.broker.name!r} did not answer a cancel of job {job_id!r} "
+                                  f"({exc}): it may or may not have been cancelled; cancel it again to "
+                                  "make sure (False: it had ended, or was cancelled already)") from exc
             if reply.status == "removed":
                 self._report_ended([reply.removed], caller)  # (kept: with the key it waits under)
                 return True
