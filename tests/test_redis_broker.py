@@ -370,3 +370,13 @@ def test_noeviction_gives_no_warning(redis_url, caplog):
     with caplog.at_level("WARNING", logger="tinymq"):
         RedisBroker(redis_url, name="quiet").close()
     assert caplog.records == []
+
+
+def test_a_server_older_than_the_minimum_is_refused_naming_its_version(redis_url, monkeypatch):
+    """The version check refuses a server older than tinymq needs, with what it runs: here the
+    minimum is raised past the test server's own version (Debian's Redis 7)."""
+    import tinymq.redis.broker as broker_module
+
+    monkeypatch.setattr(broker_module, "_MIN_VERSION", (99, 0))
+    with pytest.raises(TinyMQError, match=r"needs Redis >= 6\.2.* runs \d+\.\d+"):
+        RedisBroker(redis_url, name="too-old")

@@ -119,23 +119,16 @@ class RedisBroker:
         try:
             if self._checked:
                 return
-            if deadline is None:
-                version = str(self._client.info("server").get("redis_version", "0"))
-            else:
-                found = re.search(r"redis_version:([^\r\n]*)",
-                                  str(self._scripts.command("INFO", "server", timeout=reply_wait(deadline))))
-                version = found.group(1) if found else "0"
+            timeout = None if deadline is None else reply_wait(deadline)
+            found = re.search(r"redis_version:([^\r\n]*)", _text(self._scripts.command("INFO", "server", timeout=timeout)))
+            version = found.group(1) if found else "0"
             parts = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
             if parts < _MIN_VERSION:
                 raise TinyMQError(f"tinymq needs Redis >= 6.2 (or Valkey); {redacted_url(self.url)} runs {version}")
             try:
-                if deadline is None:
-                    policy = self._client.config_get("maxmemory-policy").get("maxmemory-policy")
-                else:
-                    reply = self._scripts.command("CONFIG", "GET", "maxmemory-policy", timeout=reply_wait(deadline))
-                    pair = [*next(iter(reply.items()))] if isinstance(reply, dict) and reply else reply  # (RESP3: a map)
-                    policy = pair[1] if len(pair) > 1 else None
-                    policy = policy.decode("utf-8", "replace") if isinstance(policy, bytes) else policy
+                reply = self._scripts.command("CONFIG", "GET", "maxmemory-policy", timeout=timeout)
+                pair = [*next(iter(reply.items()))] if isinstance(reply, dict) and reply else reply  # (RESP3: a map)
+                policy = _text(pair[1]) if len(pair) > 1 else None
             except _redis().ResponseError:  # CONFIG is disabled on some managed services
                 policy = None
             if policy is not None and policy != "noeviction":
@@ -344,6 +337,11 @@ class RedisBroker:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _text(reply: Any) -> str:
+    """A reply as text, whether the connection decoded it or not."""
+    return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
 
 
 def reply_wait(deadline: float) -> Optional[float]:
