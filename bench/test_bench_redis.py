@@ -28,7 +28,8 @@ Groups (no-op jobs, 2 worker processes, this machine's 2 cores):
   trips per job (the server's reply writes, ``total_writes_processed``: one per client
   call, whether it carries one command, a pipeline or a script; checked against a
   calibration when the server starts), both over the whole round: enqueue and run.
-- ``redis: enqueue, one thread``: one job per call, no worker running.
+- ``redis: enqueue, one thread``: one job per call, no worker running; beside them, the
+  floor under any such call: one redis-py ``PING`` per call (not a contender).
 - ``redis: enqueue_many(100)``: tinymq ``enqueue_many`` and RQ ``enqueue_many``; the
   peers without a bulk API with what their users would write instead (named in the row).
 - ``redis: enqueue->start latency, idle``: one job every ~1 ms into an idle fleet;
@@ -603,6 +604,20 @@ def test_enqueue(benchmark: Any, bench: Bench, name: str) -> None:
     describe(benchmark, bench, producer)
     benchmark.pedantic(lambda start: producer.call("enqueue", start, n),
                        setup=lambda: ((bench.indices(n),), {}), rounds=ENQUEUE_ROUNDS, warmup_rounds=1)
+
+
+def test_round_trip_floor(benchmark: Any, bench: Bench) -> None:
+    """Not a contender: one redis-py PING per call, from this process. An enqueue of one job
+    per call costs at least one round trip, so this is the ceiling any of them can reach on
+    this host (its client's CPU per call included), shown beside them."""
+    benchmark.group = GROUP_ENQUEUE
+    bench.fresh()
+    n = ENQUEUE_JOBS["tinymq"]
+    client = bench.client
+    contender(benchmark, f"redis-py {_distribution_version('redis')} PING, one per call (the round-trip floor)",
+              is_tinymq=False, ops=n, op="call")
+    benchmark.extra_info["floor"] = True  # (the report leaves it out of "the fastest peer")
+    benchmark.pedantic(lambda: [client.ping() for _ in range(n)], rounds=ENQUEUE_ROUNDS, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("name", CONTENDERS)
