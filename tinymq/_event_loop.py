@@ -476,7 +476,12 @@ class LoopRunner:
             attempt.called = not hooked  # (no await before its call: a cancel() from now on finds it called)
             try:
                 if hooked:
-                    await self.loop.run_in_executor(self._io, dispatcher.attempt_starting, job)
+                    try:
+                        writing = self.loop.run_in_executor(self._io, dispatcher.attempt_starting, job)
+                    except RuntimeError:  # no new thread at interpreter exit (Python 3.12): written here
+                        dispatcher.attempt_starting(job)
+                    else:
+                        await writing
                 # The timeout bounds the function: its clock starts now, after the store wrote the start.
                 attempt.started = monotonic()
                 if state.timeout is not None:
@@ -607,9 +612,12 @@ class LoopRunner:
     def _report(self, report: Any, *args: Any) -> None:
         """Hand an outcome to the dispatcher: on the loop, or off it when a store or broker may block."""
         if self.dispatcher.blocks():
-            self._io.submit(self._report_safely, report, args)
-        else:
-            self._report_safely(report, args)
+            try:
+                self._io.submit(self._report_safely, report, args)
+                return
+            except RuntimeError:  # no new thread at interpreter exit (Python 3.12), or shut down
+                pass
+        self._report_safely(report, args)
 
     @staticmethod
     def _report_safely(report: Any, args: Any) -> None:
