@@ -418,6 +418,25 @@ def test_a_symlink_in_place_of_any_file_is_refused(path, tmp_path, suffix):
             SQLitePersistence(path, read_only=True)
 
 
+@pytest.mark.parametrize("replacement", ["symlink", "fifo"])
+def test_a_side_file_replaced_after_its_check_is_not_read(tmp_path, replacement):
+    # The -wal a read-only store looks into (its header), swapped between the check and the open.
+    from tinymq.persistence import _ownership
+
+    wal, target = str(tmp_path / "jobs.db-wal"), tmp_path / "target"
+    with open(wal, "wb") as f:
+        f.write(b"h" * 32)
+    checked = _ownership.check_file(wal, mode="refuse")
+    assert _ownership.head(wal, checked, 33) == b"h" * 32
+    os.unlink(wal)
+    if replacement == "symlink":
+        target.write_bytes(b"secret")
+        os.symlink(target, wal)
+    else:
+        os.mkfifo(wal, 0o600)  # opened blocking, it would wait for a writer forever
+    assert _ownership.head(wal, checked, 33) is None
+
+
 def test_a_symlinked_new_database_is_refused_and_its_target_untouched(tmp_path):
     target = tmp_path / "target.db"
     os.symlink(target, tmp_path / "jobs.db")

@@ -110,7 +110,7 @@ def head(path: str, checked: os.stat_result, length: int) -> Optional[bytes]:
     For a side file only, never the database: closing any descriptor of the
     database would drop the process's SQLite locks on it.
     """
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | os.O_NONBLOCK
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:
@@ -121,9 +121,10 @@ def head(path: str, checked: os.stat_result, length: int) -> Optional[bytes]:
         raise PersistenceError(f"cannot read {path!r}: {exc}") from exc
     try:
         opened = os.fstat(fd)
-        if (opened.st_dev, opened.st_ino) != (checked.st_dev, checked.st_ino):
-            return None
-        return os.pread(fd, length, 0)
+        same = (opened.st_dev, opened.st_ino, opened.st_uid) == (checked.st_dev, checked.st_ino, checked.st_uid)
+        if not (same and stat.S_ISREG(opened.st_mode)):
+            return None  # another file since the check (a new one may reuse its inode number)
+        return os.read(fd, length)
     except OSError as exc:
         raise PersistenceError(f"cannot read {path!r}: {exc}") from exc
     finally:
