@@ -10,8 +10,6 @@ import threading
 import time
 import zlib
 
-import pytest
-
 from tinymq import DuplicateJob, Job, Queue, TinyMQError
 
 
@@ -118,8 +116,6 @@ _KILLED_OWNER_FILES = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="read_only cannot read a WAL index a killed owner left in "
-                   "this state (SQLite: 'locking protocol'); not fixed in the time")
 def test_a_read_only_store_reads_the_files_a_killed_owner_left(tmp_path):
     """Symptom: after the owner was killed (kill -9) at some moments of its load (here: its
     -wal holds only its header), SQLitePersistence(path, read_only=True).counts() and
@@ -128,8 +124,10 @@ def test_a_read_only_store_reads_the_files_a_killed_owner_left(tmp_path):
     opens the file for writing. docs/persistence.md: a read-only store can be opened at any
     time; it refuses only a -wal without its -shm (and says how to recover).
     Reproduce: kill a process in set_persistence at random moments, open read-only after each
-    (about 1 in 100). Not fixed: reading the database file alone (immutable) is exact for a
-    -wal with no frames, but only once no owner can be writing; that needs a careful look."""
+    (about 1 in 100). Cause: SQLite's read-only index of a -wal that holds only its header
+    lacks the header's salts, so every look is retried until SQLITE_PROTOCOL.
+    Fix: such a -wal holds no commit, so the database file alone is read (immutable), and the
+    read is kept only if no owner began writing during it (tests/test_persistence_ownership.py)."""
     from tinymq.persistence import SQLitePersistence
 
     path = tmp_path / "j.db"

@@ -281,6 +281,93 @@ def test_read_only_refuses_a_wal_without_its_shm_instead_of_creating_one(path, t
     assert snapshot(tmp_path) == before
 
 
+def leave_a_header_only_wal(path):
+    """The files of an owner killed as it began a new -wal: the -wal holds its 32-byte header, no frame.
+
+    The database (closed cleanly before) holds every commit. The header and -shm are SQLite's own,
+    from a connection that wrote one frame and checkpointed it."""
+    connection = sqlite3.connect(path, isolation_level=None)
+    connection.execute("PRAGMA user_version = 1")  # a header, then a frame
+    connection.execute("PRAGMA wal_checkpoint(FULL)")
+    with open(path + "-wal", "rb") as wal, open(path + "-shm", "rb") as shm:
+        header, index = wal.read(32), shm.read()
+    connection.close()  # removes both
+    for suffix, content in (("-wal", header), ("-shm", index)):
+        with open(path + suffix, "wb") as f:
+            f.write(content)
+        os.chmod(path + suffix, 0o600)
+
+
+@pytest.mark.parametrize("shm", ["kept", "removed"])
+def test_read_only_reads_at_once_a_header_only_wal_a_killed_owner_left(path, tmp_path, shm):
+    # SQLite alone fails each read-only look at such a file after about 10 s ("locking protocol").
+    with SQLitePersistence(path) as store:
+        store.save_many([Job("t", i, id=f"j{i}") for i in range(30)])
+    leave_a_header_only_wal(path)
+    if shm == "removed":  # no commit to index: nothing to refuse either
+        os.unlink(path + "-shm")
+    before = snapshot(tmp_path)
+    began = time.monotonic()
+    with SQLitePersistence(path, read_only=True) as view:
+        assert view.counts() == {"ready": 30, "delayed": 0, "running": 0, "dead": 0, "corrupt": 0}
+        assert [j.id for j in view.jobs()] == [f"j{i}" for i in range(30)]
+    status = subprocess.run([sys.executable, "-m", "tinymq", "status", "--db", path, "--json"], env=env(),
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert '"ready": 30' in status.stdout
+    assert time.monotonic() - began < 5.0
+    assert snapshot(tmp_path) == before
+    with SQLitePersistence(path) as owner:  # and an owner takes it over as it is
+        assert len(owner.load_all()) == 30
+
+
+def test_read_only_reads_again_when_an_owner_writes_during_a_read_of_the_database_alone(
+        path, monkeypatch):
+    with SQLitePersistence(path) as store:
+        store.save_many([Job("t", i, id=f"j{i}") for i in range(30)])
+    leave_a_header_only_wal(path)
+    view = SQLitePersistence(path, read_only=True)
+    modes, owners = [], []
+    connect = SQLitePersistence._connect
+
+    def connect_then_let_an_owner_write(store, mode):
+        connection = connect(store, mode)
+        if store is view:
+            modes.append(mode)
+            if not owners:  # the read of the database alone has begun: an owner comes and writes
+                owners.append(SQLitePersistence(path))
+                owners[0].save(Job("t", id="written-meanwhile"))  # into its -wal, not the database
+        return connection
+
+    monkeypatch.setattr(SQLitePersistence, "_connect", connect_then_let_an_owner_write)
+    try:
+        assert sum(view.counts().values()) == 31
+        assert modes == ["mode=ro&immutable=1", "mode=ro&readonly_shm=1"]
+    finally:
+        owners[0].close()
+    assert sum(view.counts().values()) == 31
+
+
+@pytest.mark.parametrize("owner", ["live", "killed"])
+def test_read_only_reads_a_wal_with_frames_through_its_index(path, monkeypatch, owner):
+    modes = []
+    connect = SQLitePersistence._connect
+
+    def noting(store, mode):
+        if store.read_only:
+            modes.append(mode)
+        return connect(store, mode)
+
+    monkeypatch.setattr(SQLitePersistence, "_connect", noting)
+    with Owner(path) as other:  # 3 jobs, each only in its -wal
+        if owner == "killed":
+            other.kill()
+        assert os.path.getsize(path + "-wal") > 32
+        with SQLitePersistence(path, read_only=True) as view:
+            assert len(view.jobs()) == 3
+    assert modes and set(modes) == {"mode=ro&readonly_shm=1"}
+
+
 # -- files: modes, symlinks, other users ------------------------------------------------------
 
 def test_looser_existing_files_are_tightened_to_0600(path):
@@ -329,6 +416,25 @@ def test_a_symlink_in_place_of_any_file_is_refused(path, tmp_path, suffix):
     if suffix != "-tinymq.lock":
         with pytest.raises(PersistenceError, match="symlink"):
             SQLitePersistence(path, read_only=True)
+
+
+@pytest.mark.parametrize("replacement", ["symlink", "fifo"])
+def test_a_side_file_replaced_after_its_check_is_not_read(tmp_path, replacement):
+    # The -wal a read-only store looks into (its header), swapped between the check and the open.
+    from tinymq.persistence import _ownership
+
+    wal, target = str(tmp_path / "jobs.db-wal"), tmp_path / "target"
+    with open(wal, "wb") as f:
+        f.write(b"h" * 32)
+    checked = _ownership.check_file(wal, mode="refuse")
+    assert _ownership.head(wal, checked, 33) == b"h" * 32
+    os.unlink(wal)
+    if replacement == "symlink":
+        target.write_bytes(b"secret")
+        os.symlink(target, wal)
+    else:
+        os.mkfifo(wal, 0o600)  # opened blocking, it would wait for a writer forever
+    assert _ownership.head(wal, checked, 33) is None
 
 
 def test_a_symlinked_new_database_is_refused_and_its_target_untouched(tmp_path):

@@ -34,7 +34,7 @@ try:
 except ImportError:  # pragma: no cover - Windows: no flock()
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["OwnedError", "LOCK_SUFFIX", "check_file", "identity", "create_private", "lock", "unlock",
+__all__ = ["OwnedError", "LOCK_SUFFIX", "check_file", "identity", "head", "create_private", "lock", "unlock",
            "this_process", "is_alive", "register", "unregister", "owned_here"]
 
 LOCK_SUFFIX = "-tinymq.lock"
@@ -101,6 +101,34 @@ def identity(path: str) -> Optional[Tuple[int, int]]:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def head(path: str, checked: os.stat_result, length: int) -> Optional[bytes]:
+    """The first ``length`` bytes of the file ``check_file`` found at ``path``; None if it is not there now.
+
+    Opened without following a symlink or blocking (on a FIFO put there since).
+    For a side file only, never the database: closing any descriptor of the
+    database would drop the process's SQLite locks on it.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None  # a symlink now: not the file checked (the next check refuses it)
+        raise PersistenceError(f"cannot read {path!r}: {exc}") from exc
+    try:
+        opened = os.fstat(fd)
+        same = (opened.st_dev, opened.st_ino, opened.st_uid) == (checked.st_dev, checked.st_ino, checked.st_uid)
+        if not (same and stat.S_ISREG(opened.st_mode)):
+            return None  # another file since the check (a new one may reuse its inode number)
+        return os.read(fd, length)
+    except OSError as exc:
+        raise PersistenceError(f"cannot read {path!r}: {exc}") from exc
+    finally:
+        os.close(fd)
 
 
 def create_private(path: str) -> os.stat_result:

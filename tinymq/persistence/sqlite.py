@@ -162,6 +162,7 @@ _ROWS_PER_INSERT = 512 if sqlite3.sqlite_version_info >= (3, 32) else 64
 _WAL_CHECK_INTERVAL = 0.05  # seconds between looks at whether our -wal was removed under us
 _SIDE_FILES = ("-wal", "-shm", "-journal")  # what SQLite reads beside a database, besides our lock
 _READ_ONLY_SETTLE = 0.5  # seconds a read-only look tries again while an owner opens or closes the file
+_WAL_HEADER = 32  # bytes of a -wal's header (SQLite's WAL format): its frames, the commits, follow it
 _DEFAULT_MAX_LENGTH = 1_000_000_000  # SQLITE_MAX_LENGTH's default, where getlimit() is missing
 _ROW_OVERHEAD = 512  # bytes a row's header and numbers may add to its text and blobs
 _INT64 = 1 << 63
@@ -505,41 +506,74 @@ class SQLitePersistence:
         An owner opening or closing the file passes through states a look can
         fall into (SQLite removes the -shm, then the -wal; files appear one by
         one): they last microseconds. What a crash left stays, and is refused
-        once _READ_ONLY_SETTLE has passed.
+        once _READ_ONLY_SETTLE has passed. A read of the database file alone
+        counts only if no owner began writing during it (see _unwritten).
         """
         deadline = time.monotonic() + _READ_ONLY_SETTLE
         while True:
             try:
-                conn = self._read_only_connection()
+                conn, unwritten = self._read_only_connection()
                 try:
-                    return work(conn)
+                    result = work(conn)
                 finally:
                     conn.close()
+                if unwritten is None or self._unwritten() == unwritten:
+                    return result
+                if time.monotonic() >= deadline:
+                    raise PersistenceError(f"cannot read {self.path!r} read-only: an owner began writing "
+                                           "it during each look at the database file alone")
             except PersistenceError:
                 if time.monotonic() >= deadline or not os.path.lexists(self._file):
                     raise
             time.sleep(0.005)
 
-    def _read_only_connection(self) -> sqlite3.Connection:
-        """A connection that can neither write nor create anything, opened for one inspection.
+    def _read_only_connection(self) -> Tuple[sqlite3.Connection, Optional[Tuple[Any, ...]]]:
+        """A connection that can neither write nor create anything, opened for one inspection,
+        and what ``_unwritten()`` must still say after the read when it reads the database alone.
 
         A WAL reader needs the -shm index: with both -wal and -shm present it
         uses them read-only (``readonly_shm``), so it works while another
         process owns and writes the file, and in a read-only directory. With
-        no -wal, no process has the file open for writing, and the database
-        file alone is the whole content (``immutable``: no lock, no -shm).
+        no -wal, or one without a frame, the database file alone is the whole
+        content (``immutable``: no lock, no -shm).
         """
-        db = self._file
-        if _ownership.check_file(db, mode="refuse") is None:
-            raise PersistenceError(f"cannot open {self.path!r} read-only: it does not exist")
-        wal, shm, _ = (_ownership.check_file(db + suffix, mode="refuse") for suffix in _SIDE_FILES)
-        if wal is None:
-            return self._connect("mode=ro&immutable=1")
+        unwritten = self._unwritten()
+        shm, _ = (_ownership.check_file(self._file + suffix, mode="refuse") for suffix in ("-shm", "-journal"))
+        if unwritten is not None:
+            return self._connect("mode=ro&immutable=1"), unwritten
         if shm is None:
             raise PersistenceError(f"cannot open {self.path!r} read-only: its -wal has no -shm "
                                    "beside it (reading it would create one); open it for writing "
                                    "once to recover it")
-        return self._connect("mode=ro&readonly_shm=1")
+        return self._connect("mode=ro&readonly_shm=1"), None
+
+    def _unwritten(self) -> Optional[Tuple[Any, ...]]:
+        """The database's and -wal's state when the -wal holds no commit, else None.
+
+        No -wal, or one no longer than its header (an owner killed as it began
+        it), holds no commit: the database file alone is the content. SQLite
+        cannot read a header-only -wal read-only: the index it rebuilds in
+        memory lacks the header's salts, so every look fails, up to "locking
+        protocol". An owner that starts writing changes this state (a -wal
+        appears, or gets a new header and frames) before it writes the database
+        file (a checkpoint, which changes its size or mtime): a read of the
+        database alone holds if this is the same after it. The -wal is read,
+        never the database, through a descriptor of our own (see _ownership.head).
+        """
+        db = _ownership.check_file(self._file, mode="refuse")
+        if db is None:
+            raise PersistenceError(f"cannot open {self.path!r} read-only: it does not exist")
+        wal_path = self._file + "-wal"
+        wal = _ownership.check_file(wal_path, mode="refuse")
+        database = (db.st_dev, db.st_ino, db.st_size, db.st_mtime_ns)
+        if wal is None:
+            return database, None
+        if wal.st_size > _WAL_HEADER:
+            return None
+        header = _ownership.head(wal_path, wal, _WAL_HEADER + 1)
+        if header is None or len(header) > _WAL_HEADER:
+            return None  # replaced or written since the look at its size: read it the WAL way
+        return database, (wal.st_dev, wal.st_ino, wal.st_size, wal.st_mtime_ns, header)
 
     def _check_schema(self, conn: sqlite3.Connection) -> None:
         try:
