@@ -600,15 +600,15 @@ local function settle(proc, argv, first, n, now)
   -- current here as its ops apply in order (false: none, or removed by an earlier op), so a
   -- later op of the same attempt sees what an earlier one left; removals are one HDEL at the end.
   local entries = {}
-  local attempts = {}
-  local i = first
+  local attempts = {} -- each once, in the order of their first op
+  local at = first
   for _ = 1, n do
-    local op, attempt = argv[i], argv[i + 1]
+    local op, attempt = argv[at], argv[at + 1]
     if op ~= 'A' and entries[attempt] == nil then
       entries[attempt] = false
       table.insert(attempts, attempt)
     end
-    if SHORT_OPS[op] then i = i + 2 else i = i + 6 end
+    if SHORT_OPS[op] then at = at + 2 else at = at + 6 end
   end
   for from = 1, #attempts, CHUNK do
     local values = redis.call('HMGET', ik, unpack(attempts, from, math.min(from + CHUNK - 1, #attempts)))
@@ -682,7 +682,7 @@ local function settle(proc, argv, first, n, now)
     return 0
   end
   local stale = 0
-  i = first
+  local i = first
   for _ = 1, n do
     local op, attempt = argv[i], argv[i + 1]
     if op == 'A' then -- its failure callbacks ran: the row is no longer re-reported if it dies
