@@ -362,3 +362,76 @@ def test_a_resent_beat_reports_what_the_first_call_found_crashed(scripts):
     assert scripts.beat("p2", LEASE_MS, 0, True, "2")[2] == []  # the next beat: nothing new
     scripts.release("p2")
     assert scripts.client.hgetall(key(scripts, "beaten")) == {}
+
+
+def _state(scripts):
+    """Every key of the queue, by suffix: what the ops left, the server times in it aside."""
+    client = scripts.client
+    state = {}
+    for name in client.scan_iter(key(scripts, "*")):
+        suffix = name[len(key(scripts, "")):]
+        kind = client.type(name)
+        if suffix == "clock" or suffix.startswith("tokens:"):
+            continue  # server times
+        if kind == "hash":
+            state[suffix] = client.hgetall(name)
+        elif kind == "list":
+            state[suffix] = client.lrange(name, 0, -1)
+        elif kind == "set":
+            state[suffix] = sorted(client.smembers(name))
+        elif kind == "zset":
+            state[suffix] = client.zrange(name, 0, -1)  # members in order: their scores are times
+        else:
+            state[suffix] = client.get(name)
+    return state
+
+
+def test_ops_of_one_attempt_in_one_settle_call_apply_in_order(redis_client):
+    # settle reads the in-flight entries of a call's attempts once, up front: a later op of an
+    # attempt must see what an earlier op of the same call left (a timeout's X, a late return's
+    # R, an end), as it would in a call of its own.
+    def start(name):
+        queue = Scripts(redis_client, name)
+        queue.set_limits({"t": 20, "r": (20, 20, 60.0)})
+        queue.enqueue("tok", 100, 0, rows("a", "b", "c", "d", "e", "f", "g") + rows("h", "i", job_type="r"))
+        attempts = {j.id: j.attempt for j in queue.fetch("p1", "1", 9, LEASE_MS, 3, False).jobs}
+        assert queue.cancel("c", "f").status == "marked"
+        return queue, attempts
+
+    def ops(attempts):
+        timeout = dict(retries=1, delay_ms=0, error="JobTimeout: late")
+        per_attempt = [
+            [SettleOp("y", attempts["a"], **timeout), SettleOp("E", attempts["a"])],
+            [SettleOp("E", attempts["b"]), SettleOp("z", attempts["b"], 0, 0, "timed_out", "JobTimeout")],
+            [SettleOp("S", attempts["c"]), SettleOp("S", attempts["c"])],  # the second: a resend
+            [SettleOp("Y", attempts["d"], 1, 0, "", "boom"), SettleOp("B", attempts["d"])],  # B: a resend
+            [SettleOp("y", attempts["e"], **timeout), SettleOp("y", attempts["e"], **timeout)],  # a resend
+            [SettleOp("y", attempts["f"], **timeout), SettleOp("E", attempts["f"])],  # marked: cancelled
+            [SettleOp("E", attempts["g"]), SettleOp("E", attempts["g"])],  # the second: a resend
+            [SettleOp("T", attempts["h"]), SettleOp("S", attempts["h"])],
+            [SettleOp("T", attempts["i"]), SettleOp("B", attempts["i"])],
+        ]
+        return [op for step in zip(*per_attempt) for op in step]  # the attempts' ops interleaved
+
+    together, attempts = start("together")
+    assert together.settle("p1", ops(attempts)) == 4  # the resends
+    apart, attempts = start("apart")
+    assert sum(apart.settle("p1", [op]) for op in ops(attempts)) == 4
+    assert _state(together) == _state(apart)
+    assert _state(together)["inflight:p1"] == {attempts["e"]: "Xt", attempts["g"]: "Rt"}
+    for queue in (together, apart):
+        check_invariants(queue)
+
+
+def test_a_settle_runs_as_many_commands_for_many_attempts_as_for_two(scripts):
+    # One HMGET reads the entries of all its attempts, one HDEL removes them.
+    scripts.enqueue("tok", 100, 0, rows(*(f"j{k}" for k in range(60))))
+    attempts = [j.attempt for j in scripts.fetch("p1", "1", 60, LEASE_MS, 3, False).jobs]
+
+    def commands_of_settling(batch):
+        scripts.client.config_resetstat()
+        assert scripts.settle("p1", [SettleOp("S", attempt) for attempt in batch]) == 0
+        return sum(s["calls"] for name, s in scripts.client.info("commandstats").items() if name != "cmdstat_evalsha")
+
+    assert commands_of_settling(attempts[:2]) == commands_of_settling(attempts[2:59])
+    check_invariants(scripts)

@@ -134,6 +134,7 @@ local REAP_PER_CALL = 2      -- dead processes reaped per call: bounded work
 local PROMOTE_PER_CALL = 100 -- due delayed jobs promoted per call
 local PARK_PER_CALL = 100    -- jobs parked per fetch before it stops looking
 local TIE_SPAN = 0.0005      -- ms: due times closer than this are one instant (the clock has µs)
+local CHUNK = 1000 -- arguments per command built with unpack: well under Lua's unpack limit
 
 --[[ A full Redis (maxmemory reached, maxmemory-policy noeviction). Redis refuses a command
 that may add memory (a "deny-oom" one: HSET, RPUSH, ZADD, INCRBY, ...) only while the script
@@ -595,9 +596,36 @@ local function settle(proc, argv, first, n, now)
     job_dead(id, reason, argv[at + 5], argv[at + 2], now)
     keep_report(job_key(id), id, attempt, reason)
   end
+  -- The in-flight entries of the call's attempts, read with one HMGET (per CHUNK) and kept
+  -- current here as its ops apply in order (false: none, or removed by an earlier op), so a
+  -- later op of the same attempt sees what an earlier one left; removals are one HDEL at the end.
+  local entries = {}
+  local attempts = {} -- each once, in the order of their first op
+  local at = first
+  for _ = 1, n do
+    local op, attempt = argv[at], argv[at + 1]
+    if op ~= 'A' and entries[attempt] == nil then
+      entries[attempt] = false
+      table.insert(attempts, attempt)
+    end
+    if SHORT_OPS[op] then at = at + 2 else at = at + 6 end
+  end
+  for from = 1, #attempts, CHUNK do
+    local values = redis.call('HMGET', ik, unpack(attempts, from, math.min(from + CHUNK - 1, #attempts)))
+    for k, v in ipairs(values) do entries[attempts[from + k - 1]] = v end
+  end
+  local removed = {} -- attempts whose entry an op removed, in order: one HDEL at the end
+  local function set_entry(attempt, v)
+    redis.call('HSET', ik, attempt, v)
+    entries[attempt] = v
+  end
+  local function remove_entry(attempt)
+    entries[attempt] = false
+    table.insert(removed, attempt)
+  end
   local finished = {} -- keys of succeeded jobs: one DEL at the end
   local function settle_op(op, attempt, i) -- returns 1 for a stale op, else 0
-    local v = redis.call('HGET', ik, attempt)
+    local v = entries[attempt]
     local state = v and string.sub(v, 1, 1)
     local t = v and string.sub(v, 2)
     local id = id_of(attempt)
@@ -611,9 +639,9 @@ local function settle(proc, argv, first, n, now)
     elseif own_cancel or (MARKABLE_OPS[op] and marks[attempt]) then
       local deadline_op = op == 'y' or op == 'z'
       if state == 'L' or (state == 'R' and deadline_op) then -- (where the op would end the attempt)
-        if deadline_op and state == 'L' then redis.call('HSET', ik, attempt, 'X' .. t) -- still runs
+        if deadline_op and state == 'L' then set_entry(attempt, 'X' .. t) -- still runs
         else
-          redis.call('HDEL', ik, attempt)
+          remove_entry(attempt)
           if state == 'L' then release_slot(t) end
         end
         redis.call('SREM', ck, attempt)
@@ -624,28 +652,28 @@ local function settle(proc, argv, first, n, now)
         return 1 -- an op that does not fit the attempt's state: a resend
       end
     elseif op == 'S' and state == 'L' then
-      redis.call('HDEL', ik, attempt)
+      remove_entry(attempt)
       release_slot(t)
       table.insert(finished, jk)
       count('succeeded', 1)
       count('outstanding', -1)
     elseif (op == 'Y' or op == 'Z') and state == 'L' then
-      redis.call('HDEL', ik, attempt)
+      remove_entry(attempt)
       release_slot(t)
       if op == 'Y' then job_retry(id, argv[i + 2], argv[i + 5], tonumber(argv[i + 3]), now)
       else failed(attempt, id, i) end
     elseif (op == 'y' or op == 'z') and (state == 'L' or state == 'R') then
-      if state == 'L' then redis.call('HSET', ik, attempt, 'X' .. t)
-      else redis.call('HDEL', ik, attempt) end
+      if state == 'L' then set_entry(attempt, 'X' .. t)
+      else remove_entry(attempt) end
       count('timed_out', 1)
       if op == 'y' then job_retry(id, argv[i + 2], argv[i + 5], tonumber(argv[i + 3]), now)
       else failed(attempt, id, i) end
     elseif op == 'E' and (state == 'X' or state == 'L') then
-      if state == 'X' then redis.call('HDEL', ik, attempt)
-      else redis.call('HSET', ik, attempt, 'R' .. t) end
+      if state == 'X' then remove_entry(attempt)
+      else set_entry(attempt, 'R' .. t) end
       release_slot(t)
     elseif op == 'B' and state == 'L' then
-      redis.call('HDEL', ik, attempt)
+      remove_entry(attempt)
       release_slot(t)
       give_back(id)
     else
@@ -669,7 +697,12 @@ local function settle(proc, argv, first, n, now)
     end
     if SHORT_OPS[op] then i = i + 2 else i = i + 6 end
   end
-  if #finished > 0 then redis.call('DEL', unpack(finished)) end
+  for from = 1, #removed, CHUNK do
+    redis.call('HDEL', ik, unpack(removed, from, math.min(from + CHUNK - 1, #removed)))
+  end
+  for from = 1, #finished, CHUNK do
+    redis.call('DEL', unpack(finished, from, math.min(from + CHUNK - 1, #finished)))
+  end
   flush_released()
   return stale
 end
@@ -800,7 +833,6 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
     local seen = redis.call('HGET', P .. 'tokens:' .. s, token)
     if seen then return {'again', cjson.decode(seen)} end
   end
-  local CHUNK = 1000 -- keys or ids per EXISTS or RPUSH: well under Lua's unpack limit
   local ready_added = 0
   local keys = {} -- the jobs' hash keys, in ARGV order
   for i = base, base - 1 + n * ROW, ROW do
