@@ -930,72 +930,66 @@ class Dispatcher:
             if given_back and self.ready.take_cancel(job):
                 self.end_cancelled(job)
 
-    def _take_out(self, job_id: str, only: Any = None) -> Tuple[Any, bool]:
-        """Take the job of ``job_id`` (``only``: that job) out of the delayed heaps, or decide its running
-        attempt (on the loop or a worker) as cancelled: ``(job or None, whether it was running)``."""
-        job = self.delayed.remove(job_id, only)
-        if job is None:
-            job = self.uncapped.remove(job_id, only)
-        if job is not None:
-            return job, False
-        job = self._cancel_running(job_id, only)
-        return job, job is not None  # a running attempt's type slot stays taken until it returns
-
-    def _cancel_running(self, job_id: str, only: Any = None, take: bool = False) -> Any:
+    def _cancel_running(self, job_id: str, only: Any = None, take: bool = False,
+                        unregistered: bool = False) -> Any:
         """Decide the running attempt of ``job_id`` (``only``: of that job), on the loop or a worker,
         as cancelled: its job, or None. ``take`` (with ``only``, marked by ``mark_cancel``): decided
-        only in the step that takes its cancel and counts it (``take_cancel``)."""
+        only in the step that takes its cancel and counts it (``take_cancel``). ``unregistered``: of
+        a job registered under no id, decided in the step that counts its cancel
+        (``take_unregistered_cancel``)."""
         job = None
         if self.loop_runner is not None:
-            job = self.loop_runner.cancel(job_id, only, take)
+            job = self.loop_runner.cancel(job_id, only, take, unregistered)
         if job is None:
-            job = self._cancel_thread_attempt(job_id, only, take)
+            job = self._cancel_thread_attempt(job_id, only, take, unregistered)
         return job
 
-    def end_cancelled(self, job: Any, running: bool = False, counted: bool = True) -> None:
-        """End a job whose cancel was taken (``mark_cancel``, ``take_cancel``): reported "cancelled".
+    def end_cancelled(self, job: Any, running: bool = False) -> None:
+        """End a job whose cancel was taken (``mark_cancel``, ``take_cancel``), which the core counted as
+        it took it: reported "cancelled".
 
         ``running``: its attempt was decided here while it runs; a broker frees the
         attempt's slot when it returns (``returned_late``), as after a timeout.
-        ``counted``: the core counted it as it took the cancel (False: a job it knew by no id).
         """
         if running and self.ledger is not None:
             self.ledger.expired(job)
         if self._stopping:
             with self._stop_order:
                 self._decided.add(job)  # after a save-back by stop(), if it made one: the delete comes last
-        self.fail(job, "cancelled", None, core.CANCELLED, counted)
+        self.fail(job, "cancelled", None, core.CANCELLED, True)
 
     def _cancel_unregistered(self, job_id: str) -> bool:
         """``cancel`` of a job the core knows by no id, looked for in every place: a job read without an
         id when its queue's end of it was decided (enqueued again from its failure callback), and
-        named since. (Every other job has its id registered: given, or made through Job.id.)"""
-        job, running = self.ready.remove(job_id), False
-        if job is None:
-            job, running = self._take_out(job_id)
-        if job is not None and self.ready.registered(job):
-            # Enqueued with this id after mark_cancel found it free: it is ended as a marked job is.
-            # Out of its place now, so it is marked here (or another cancel marked it: that one won).
-            outcome, _ = self.ready.mark_cancel(job_id)
-            if self.ready.take_cancel(job):
-                self.end_cancelled(job, running)
-            return outcome == core.CANCEL_MARKED
-        if job is not None:
-            self.end_cancelled(job, running, counted=False)
+        named since. (Every other job has its id registered: given, or made through Job.id.) Taken
+        out of its place, or its attempt decided, in the step of the core that counts it cancelled."""
+        outcome, job = self.ready.mark_cancel(job_id, self.delayed, self.uncapped)
+        if outcome == core.CANCEL_REMOVED:
+            self.end_cancelled(job)
             return True
-        return False
+        if outcome == core.CANCEL_MARKED:  # enqueued with this id since the first look found it free
+            self._cancel_marked(job)
+            return True
+        if outcome == core.CANCEL_LOST:
+            return False
+        job = self._cancel_running(job_id, unregistered=True)
+        if job is None:
+            return False
+        self.end_cancelled(job, True)  # (a running attempt's type slot stays taken until it returns)
+        return True
 
-    def _cancel_thread_attempt(self, job_id: str, only: Any = None, take: bool = False) -> Any:
+    def _cancel_thread_attempt(self, job_id: str, only: Any = None, take: bool = False,
+                               unregistered: bool = False) -> Any:
         """Decide a worker's running attempt of ``job_id`` (``only``: of that job) as cancelled;
-        retire and replace the worker. ``take``: as in ``_cancel_running``."""
-        cancel_in = self.ready if take else None
+        retire and replace the worker. ``take``, ``unregistered``: as in ``_cancel_running``."""
+        cancel_in = self.ready if take or unregistered else None
         with self._lock:
             slots = list(self._slots)
         for slot in slots:
             job = slot.job
             if job is None or job._id != job_id or (only is not None and job is not only):
                 continue
-            if slot.expire(math.inf, job, cancel_in) is None:  # decided already (it ended, or timed out)
+            if slot.expire(math.inf, job, cancel_in, unregistered) is None:  # decided already (it ended, or timed out)
                 continue
             with self._lock:
                 if not self._stopping:  # its thread may run on: the pool keeps its size
