@@ -38,7 +38,7 @@ import threading
 import time
 import types
 import weakref
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Protocol, Set, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Protocol, Sequence, Set, Tuple
 
 from . import _shield
 from ._pick_core import core
@@ -59,6 +59,8 @@ _BODIES_NEVER_RUN = (types.CoroutineType, types.GeneratorType, types.AsyncGenera
 _IDLE_WATCH = 1.0
 
 FailureCallback = Callable[[Any, str, Optional[BaseException]], None]
+# The end of a job decided in a step that decided others too: ``(method, args)`` (see Dispatcher.end_all).
+End = Tuple[Callable[..., None], Tuple[Any, ...]]
 
 
 class AttemptLedger(Protocol):
@@ -583,63 +585,102 @@ class Dispatcher:
     # --- delayed jobs ----------------------------------------------------
 
     def push_delayed(self, job: Any, delay: float, evictable: bool = True, accept: bool = False,
-                     release: Any = None) -> None:
+                     release: Any = None) -> Optional[List[End]]:
         """Add an accepted job (with ``accept``, a new one, counted in the same step of the core),
         due ``delay`` seconds from now, to the delayed set. ``release``: the type whose slot the
         job's attempt held, freed in the same step (get_stats() never sees the job in neither).
 
-        The heaps are keyed by monotonic due time. An evicted job fails at once,
-        here. Only new delayed jobs count against ``max_delayed_jobs`` and can
-        be evicted, and only those not due yet: a retry or a recovered job was
-        accepted long ago and is never pushed out by a newcomer.
+        The heaps are keyed by monotonic due time. An evicted job fails, counted
+        in the step that pushes it out. Only new delayed jobs count against
+        ``max_delayed_jobs`` and can be evicted, and only those not due yet: a retry
+        or a recovered job was accepted long ago and is never pushed out by a newcomer.
+
+        Returns None, or the ends (``end_all``) of the jobs this push decided (evicted, due ones
+        that could not go in, the job itself when a cancel came first): the caller runs them once
+        the job is in, so a store raising as one ends neither leaves the others unended nor
+        takes back the job's own save.
         """
         now = core.monotonic()
         due = now + delay
         heap = self.delayed if evictable else self.uncapped
+        ends = None
         if heap.capacity and len(heap) >= heap.capacity:
             # A due job no longer counts as delayed, even one the scheduler has not moved
             # yet (or that waits for start_dispatcher): it goes to the ready buffer, not out.
-            self.move_due(heap, now)
+            ends = self._due_ends(heap, now)
         if accept:  # counted and placed together (an evicted job with its count): never nowhere
             evicted = self.ready.accept_delayed(job, heap, due)
+            if evicted is not None:
+                ends = self._add_end(ends, self.end_evicted, *evicted)
         else:
             pushed_out = self.ready.place_delayed(job, heap, due, release)
-            if pushed_out is not None:  # (counted as it fails, below)
-                self.fail(pushed_out, "evicted", None, core.EVICTED)
-            evicted = None
+            if pushed_out is not None:  # (counted as it fails)
+                ends = self._add_end(ends, self.fail, pushed_out, "evicted", None, core.EVICTED)
         self.scheduler_alarm.wake_before(due)
         # A cancel that looked for it before it arrived here left a mark: whoever takes it out ends it.
         if self.ready.take_cancel_from(job, heap):
-            self.end_cancelled(job)
-        if evicted is not None:
-            self.end_evicted(*evicted)
+            ends = self._add_end(ends, self.end_cancelled, job)
+        return ends
 
     def end_evicted(self, job: Any, counter: int) -> None:
         """Report a job that a push evicted, counted by the core in ``counter`` (``_end_evicted``)."""
         reason = "cancelled" if counter == core.CANCELLED else "evicted"
         self.fail(job, reason, None, counter, counted=True)
 
-    def push_many(self, ready_jobs: List[Any], delayed_jobs: List[Any], delays: List[float]) -> bool:
+    def push_many(self, ready_jobs: List[Any], delayed_jobs: List[Any], delays: List[float]) -> Optional[Sequence[End]]:
         """Accept a batch (enqueue_many): the ready jobs into the buffer and each delayed one, due
         its ``delays`` entry from now, into the delayed set, in one step of the core (get_stats()
-        never sees a job of it counted and nowhere). False, with no effect, when the ready ones
-        do not all fit. As push_delayed does, due jobs go in first if the batch may evict."""
+        never sees a job of it counted and nowhere). None, with no effect, when the ready ones
+        do not all fit. As push_delayed does, due jobs go in first if the batch may evict; and as
+        push_delayed, returns the ends of the jobs it decided, for the caller to run once the
+        batch is in (``end_all``; empty: none)."""
         now = core.monotonic()
         heap = self.delayed
+        ends = None
         if delayed_jobs and heap.capacity and len(heap) + len(delayed_jobs) > heap.capacity:
-            self.move_due(heap, now)
+            ends = self._due_ends(heap, now)
         due = [now + delay for delay in delays]
         evicted = self.ready.push_many_delayed(ready_jobs, delayed_jobs, heap, due)
         if evicted is None:
-            return False
+            if ends is not None:  # (due jobs moved in all the same: their ends go on up)
+                self.end_all(ends)
+            return None
         if due:
             self.scheduler_alarm.wake_before(min(due))
         for job in delayed_jobs:  # (as in push_delayed: a cancel that came first left a mark)
             if self.ready.take_cancel_from(job, heap):
-                self.end_cancelled(job)
+                ends = self._add_end(ends, self.end_cancelled, job)
         for job, counter in evicted:
-            self.end_evicted(job, counter)
-        return True
+            ends = self._add_end(ends, self.end_evicted, job, counter)
+        return () if ends is None else ends
+
+    @staticmethod
+    def _add_end(ends: Optional[List[End]], end: Callable[..., None], *args: Any) -> List[End]:
+        if ends is None:
+            ends = []
+        ends.append((end, args))
+        return ends
+
+    def end_all(self, ends: Sequence[End]) -> None:
+        """Run every end of ``ends``, ``(method, args)`` for jobs decided in one step (``fail``,
+        ``end_cancelled``...). Each job counts finished whatever its store raises (see ``fail``); what a
+        store raises that is not swallowed (a KeyboardInterrupt) leaves no other job of the step
+        unended: the first goes on up once all have ended, any later one is logged."""
+        first: Optional[BaseException] = None
+        for end, args in ends:
+            try:
+                end(*args)
+            except BaseException as error:
+                if first is None:
+                    first = error
+                else:
+                    logger.exception("tinymq: another error while ending the jobs of one step "
+                                     "(the first goes on up)")
+        if first is not None:
+            try:
+                raise first
+            finally:
+                first = None  # (no cycle through this frame)
 
     def _schedule(self) -> None:
         interval = self.config.scheduler_interval
@@ -666,11 +707,23 @@ class Dispatcher:
     def move_due(self, heap: Any, now: float) -> None:
         """Move the due jobs of ``heap`` into the ready buffer, in one step of the core (get_stats()
         never catches one between the two); one that cannot go fails, loudly, as in make_ready."""
-        for job, error in self.ready.move_due(heap, now):
+        ends = self._due_ends(heap, now)
+        if ends is not None:
+            self.end_all(ends)
+
+    def _due_ends(self, heap: Any, now: float) -> Optional[List[End]]:
+        """``move_due``, the ends of the jobs that could not go in left to the caller (``end_all``):
+        None when there are none."""
+        left = self.ready.move_due(heap, now)
+        if not left:
+            return None
+        ends: List[End] = []
+        for job, error in left:
             if error is None:  # a cancel of it came on its way here
-                self.end_cancelled(job)
+                ends.append((self.end_cancelled, (job,)))
             else:  # e.g. a priority made invalid while the job waited
-                self.fail(job, "retries_exhausted", error)
+                ends.append((self.fail, (job, "retries_exhausted", error)))
+        return ends
 
     def make_ready(self, job: Any, release: Any = None) -> None:
         """Move an accepted job into the ready buffer; one that cannot go fails, loudly.
@@ -1105,11 +1158,14 @@ class Dispatcher:
             placing, release = release, None  # (from here on the move below frees it, or fails the job)
             if delay <= 0.0:
                 self.make_ready(job, placing)
-            else:
-                self.push_delayed(job, delay, evictable=False, release=placing)
+                return
+            ends = self.push_delayed(job, delay, evictable=False, release=placing)
         except (Exception, SystemExit) as error:  # a job made unusable (its retry_config, a sys.exit() in it): fail it
             logger.exception("tinymq could not schedule the retry of job %r", job)
             self.fail(job, "retries_exhausted", error, release=release)
+            return
+        if ends is not None:  # (the retry is placed: ended here, its own cancel too, never failed again)
+            self.end_all(ends)
 
     def fail(self, job: Any, reason: str, exc: Optional[BaseException], counter: int = core.FAILED,
              counted: bool = False, release: Any = None) -> None:
