@@ -1673,11 +1673,11 @@ cdef class ReadyQueue:
             raise _not_a_str("job id", job_id)
         return self._remove(job_id)
 
-    cdef object _remove(self, object job_id, int counter=-1):
-        """``remove``; with a ``counter`` (a cancel's), the job's mark is ENDING and its end counted there
-        in the step that takes it out: the search may allocate (the collector runs Python code, other
-        threads get in), and the hand-off after it may wake the event loop, but a snapshot never
-        sees it in two places."""
+    cdef object _remove(self, object job_id, int counter=-1, bint mark=True):
+        """``remove``; with a ``counter`` (a cancel's), the job's mark is ENDING (unless not ``mark``: a
+        job registered under no id) and its end counted there in the step that takes it out: the
+        search may allocate (the collector runs Python code, other threads get in), and the hand-off
+        after it may wake the event loop, but a snapshot never sees it in two places."""
         cdef TypeState state
         cdef Fifo *fifo
         cdef Py_ssize_t position, index
@@ -1687,7 +1687,8 @@ cdef class ReadyQueue:
                 del self.overflow[index]
                 job = owed[0]
                 if counter >= 0:
-                    self.marks[job_id] = ENDING
+                    if mark:
+                        self.marks[job_id] = ENDING
                     self._count_end(job, counter)
                 return job
         for state in list(self.types.values()):
@@ -1701,7 +1702,8 @@ cdef class ReadyQueue:
                 self.level_sizes[level] -= 1
                 self.size -= 1
                 if counter >= 0:
-                    self.marks[job_id] = ENDING
+                    if mark:
+                        self.marks[job_id] = ENDING
                     self._count_end(job, counter)
                 if position == 0 and state.listed[level]:  # its listing was keyed by this job
                     self._unlist_level(state, level)
@@ -1714,12 +1716,15 @@ cdef class ReadyQueue:
 
     # cancelling: a job between two places is never missed (see the pure twin)
 
-    def mark_cancel(self, job_id):
-        """What ``cancel(job_id)`` can decide here, in one step: ``(outcome, job)``."""
+    def mark_cancel(self, job_id, *heaps):
+        """What ``cancel(job_id)`` can decide here, in one step: ``(outcome, job)``; with ``heaps``, a job
+        registered under no id is looked for there and in the buffer too (see the pure twin)."""
         if not PyUnicode_CheckExact(job_id):
             raise _not_a_str("job id", job_id)
         job = self.ids.get(job_id)
         if job is None:
+            if heaps:
+                return self._remove_unregistered(job_id, heaps)
             return CANCEL_UNKNOWN, None
         if job_id in self.marks:
             return CANCEL_LOST, None
@@ -1734,6 +1739,21 @@ cdef class ReadyQueue:
         if removed is not None:
             return CANCEL_REMOVED, removed
         return CANCEL_MARKED, job
+
+    cdef tuple _remove_unregistered(self, object job_id, tuple heaps):
+        """``mark_cancel`` of a job registered under no id: out of the buffer, or out of a heap, and
+        counted cancelled in the step that takes it out (nothing the collector tracks is allocated
+        in between)."""
+        job = self._remove(job_id, C_CANCELLED, False)
+        if job is None:
+            for heap in heaps:
+                job = (<DelayedHeap?>heap).remove(job_id)  # (runs no Python code for an exact str id)
+                if job is not None:
+                    self._count_end(job, C_CANCELLED)
+                    break
+        if job is None:
+            return CANCEL_UNKNOWN, None
+        return CANCEL_REMOVED, job
 
     @property
     def cancel_marks(self):
@@ -1759,6 +1779,20 @@ cdef class ReadyQueue:
             return False
         if release is not None:
             self._release(release)  # (the last step: a hand-off may run Python code)
+        return True
+
+    def take_unregistered_cancel(self, object job):
+        """A running ``job``'s cancel that ``mark_cancel`` found registered under no id is counted (see
+        the pure twin)."""
+        return self._take_unregistered_cancel(job)
+
+    cdef bint _take_unregistered_cancel(self, object job) except -1:
+        job_id = job._id  # read first: it may run Python code (a subclass's property)
+        if PyUnicode_CheckExact(job_id) and self.ids.get(job_id) is job:
+            if job_id in self.marks:
+                return False
+            self.marks[job_id] = ENDING
+        self._count_end(job, C_CANCELLED)
         return True
 
     def take_cancel_from(self, object job, DelayedHeap heap):
@@ -2252,7 +2286,7 @@ cdef class WorkerSlot:
         self.deadline = INFINITY
         return False
 
-    def expire(self, double now, object job=None, ReadyQueue cancel_in=None):
+    def expire(self, double now, object job=None, ReadyQueue cancel_in=None, bint unregistered=False):
         """Decide a running attempt past its deadline as timed out: its job, or None.
 
         With ``job``, only that job's attempt (a cancel: ``now`` is +inf). An
@@ -2260,15 +2294,20 @@ cdef class WorkerSlot:
         raised inside the cancel, before it ends the job; its context is cancelled.
         A thread inside ``with slot:`` is interrupted when the block ends.
         ``cancel_in`` (with ``job``): decided only if the cancel requested for ``job`` is
-        taken there (counted) in the same step (see the pure twin).
+        taken there (counted) in the same step; ``unregistered``: a cancel of a job registered
+        under no id, counted there (see the pure twin).
         """
         if self.job is None or self.expired or self.deadline > now or (job is not None and self.job is not job):
             return None
         # The decision runs no Python code, so the worker's end() sees it whole: set by
         # Python code in between, interrupted could come after end() had read it. Nor does
         # taking the cancel (an exact str id, a Job's slots), counted before the worker can end.
-        if cancel_in is not None and (not cancel_in.marks or not cancel_in._take_cancel(job)):
-            return None
+        if cancel_in is not None:
+            if unregistered:
+                if not cancel_in._take_unregistered_cancel(job):
+                    return None
+            elif not cancel_in.marks or not cancel_in._take_cancel(job):
+                return None
         self.expired = True
         self.retired = True
         state = self.type_state

@@ -1045,7 +1045,7 @@ class ReadyQueue:
 
     # cancelling: a job between two places is never missed
 
-    def mark_cancel(self, job_id: str) -> Tuple[int, Any]:
+    def mark_cancel(self, job_id: str, *heaps: "DelayedHeap") -> Tuple[int, Any]:
         """What ``cancel(job_id)`` can decide here, in one step: ``(outcome, job)``.
 
         ``CANCEL_REMOVED``: the job was ready (or owed room) and is taken out;
@@ -1056,12 +1056,26 @@ class ReadyQueue:
         cancel took it already, or its end is decided (job None).
         ``CANCEL_UNKNOWN``: no unfinished job was registered with this id (it
         had none at enqueue: the caller looks for it; job None).
+
+        With ``heaps``, a job that no unfinished job's id names (its id read after its
+        queue's end of it was decided) is looked for in the ready buffer and in ``heaps``
+        too: taken out and counted cancelled in the same step, ``CANCEL_REMOVED``. Not
+        found there: ``CANCEL_UNKNOWN`` (it may be running: ``take_unregistered_cancel``).
         """
         if type(job_id) is not str:
             raise _not_a_str("job id", job_id)
         with self._lock:
             job = self._ids.get(job_id)
             if job is None:
+                if heaps:
+                    job = self._remove(job_id)
+                    for heap in heaps:  # (the heap's lock inside this one, as in snapshot())
+                        if job is not None:
+                            break
+                        job = heap.remove(job_id)
+                    if job is not None:
+                        self._count_end(job, CANCELLED)
+                        return CANCEL_REMOVED, job
                 return CANCEL_UNKNOWN, None
             if job_id in self._marks:
                 return CANCEL_LOST, None
@@ -1101,6 +1115,23 @@ class ReadyQueue:
             if release is not None:
                 self._release(release)
             return True
+
+    def take_unregistered_cancel(self, job: Any) -> bool:
+        """A cancel of ``job``, running, which ``mark_cancel`` found registered under no id, is counted:
+        True, and the caller, deciding the attempt in this step, ends it as cancelled. When ``job``
+        was enqueued again with its id since, it is marked as taken (False if a cancel or its end
+        was decided there first: that decides it)."""
+        with self._lock:
+            return self._take_unregistered_cancel(job)
+
+    def _take_unregistered_cancel(self, job: Any) -> bool:
+        job_id = job._id
+        if type(job_id) is str and self._ids.get(job_id) is job:
+            if job_id in self._marks:
+                return False
+            self._marks[job_id] = _ENDING
+        self._count_end(job, CANCELLED)
+        return True
 
     def take_cancel_from(self, job: Any, heap: "DelayedHeap") -> bool:
         """``job``, with a cancel requested, is taken out of ``heap`` and its mark taken and counted, in
@@ -1544,7 +1575,8 @@ class WorkerSlot:
             self.deadline = _INF
             return False
 
-    def expire(self, now: float, job: Any = None, cancel_in: Optional[ReadyQueue] = None) -> Any:
+    def expire(self, now: float, job: Any = None, cancel_in: Optional[ReadyQueue] = None,
+               unregistered: bool = False) -> Any:
         """Decide a running attempt past its deadline as timed out: its job, or None.
 
         With ``job``, only that job's attempt (a cancel: ``now`` is +inf). An
@@ -1553,12 +1585,14 @@ class WorkerSlot:
         A thread inside ``with slot:`` is interrupted when the block ends.
         ``cancel_in`` (with ``job``): decided only if the cancel requested for ``job`` is
         taken there (``take_cancel``, counted) in the same step, so that the job is counted
-        cancelled before its worker can see the decision and free the slot.
+        cancelled before its worker can see the decision and free the slot. ``unregistered``: the
+        cancel is of a job registered under no id (``take_unregistered_cancel``).
         """
         with self._lock:
             if self.job is None or self.expired or self.deadline > now or (job is not None and self.job is not job):
                 return None
-            if cancel_in is not None and not cancel_in.take_cancel(job):  # (its lock inside this one)
+            if cancel_in is not None and not (  # (its lock inside this one)
+                    cancel_in.take_unregistered_cancel(job) if unregistered else cancel_in.take_cancel(job)):
                 return None
             self.expired = True
             self.retired = True

@@ -38,7 +38,7 @@ import threading
 import time
 import types
 import weakref
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Protocol, Set, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Protocol, Sequence, Set, Tuple
 
 from . import _shield
 from ._pick_core import core
@@ -59,6 +59,8 @@ _BODIES_NEVER_RUN = (types.CoroutineType, types.GeneratorType, types.AsyncGenera
 _IDLE_WATCH = 1.0
 
 FailureCallback = Callable[[Any, str, Optional[BaseException]], None]
+# The end of a job decided in a step that decided others too: ``(method, args)`` (see Dispatcher.end_all).
+End = Tuple[Callable[..., None], Tuple[Any, ...]]
 
 
 class AttemptLedger(Protocol):
@@ -583,63 +585,102 @@ class Dispatcher:
     # --- delayed jobs ----------------------------------------------------
 
     def push_delayed(self, job: Any, delay: float, evictable: bool = True, accept: bool = False,
-                     release: Any = None) -> None:
+                     release: Any = None) -> Optional[List[End]]:
         """Add an accepted job (with ``accept``, a new one, counted in the same step of the core),
         due ``delay`` seconds from now, to the delayed set. ``release``: the type whose slot the
         job's attempt held, freed in the same step (get_stats() never sees the job in neither).
 
-        The heaps are keyed by monotonic due time. An evicted job fails at once,
-        here. Only new delayed jobs count against ``max_delayed_jobs`` and can
-        be evicted, and only those not due yet: a retry or a recovered job was
-        accepted long ago and is never pushed out by a newcomer.
+        The heaps are keyed by monotonic due time. An evicted job fails, counted
+        in the step that pushes it out. Only new delayed jobs count against
+        ``max_delayed_jobs`` and can be evicted, and only those not due yet: a retry
+        or a recovered job was accepted long ago and is never pushed out by a newcomer.
+
+        Returns None, or the ends (``end_all``) of the jobs this push decided (evicted, due ones
+        that could not go in, the job itself when a cancel came first): the caller runs them once
+        the job is in, so a store raising as one ends neither leaves the others unended nor
+        takes back the job's own save.
         """
         now = core.monotonic()
         due = now + delay
         heap = self.delayed if evictable else self.uncapped
+        ends = None
         if heap.capacity and len(heap) >= heap.capacity:
             # A due job no longer counts as delayed, even one the scheduler has not moved
             # yet (or that waits for start_dispatcher): it goes to the ready buffer, not out.
-            self.move_due(heap, now)
+            ends = self._due_ends(heap, now)
         if accept:  # counted and placed together (an evicted job with its count): never nowhere
             evicted = self.ready.accept_delayed(job, heap, due)
+            if evicted is not None:
+                ends = self._add_end(ends, self.end_evicted, *evicted)
         else:
             pushed_out = self.ready.place_delayed(job, heap, due, release)
-            if pushed_out is not None:  # (counted as it fails, below)
-                self.fail(pushed_out, "evicted", None, core.EVICTED)
-            evicted = None
+            if pushed_out is not None:  # (counted as it fails)
+                ends = self._add_end(ends, self.fail, pushed_out, "evicted", None, core.EVICTED)
         self.scheduler_alarm.wake_before(due)
         # A cancel that looked for it before it arrived here left a mark: whoever takes it out ends it.
         if self.ready.take_cancel_from(job, heap):
-            self.end_cancelled(job)
-        if evicted is not None:
-            self.end_evicted(*evicted)
+            ends = self._add_end(ends, self.end_cancelled, job)
+        return ends
 
     def end_evicted(self, job: Any, counter: int) -> None:
         """Report a job that a push evicted, counted by the core in ``counter`` (``_end_evicted``)."""
         reason = "cancelled" if counter == core.CANCELLED else "evicted"
         self.fail(job, reason, None, counter, counted=True)
 
-    def push_many(self, ready_jobs: List[Any], delayed_jobs: List[Any], delays: List[float]) -> bool:
+    def push_many(self, ready_jobs: List[Any], delayed_jobs: List[Any], delays: List[float]) -> Optional[Sequence[End]]:
         """Accept a batch (enqueue_many): the ready jobs into the buffer and each delayed one, due
         its ``delays`` entry from now, into the delayed set, in one step of the core (get_stats()
-        never sees a job of it counted and nowhere). False, with no effect, when the ready ones
-        do not all fit. As push_delayed does, due jobs go in first if the batch may evict."""
+        never sees a job of it counted and nowhere). None, with no effect, when the ready ones
+        do not all fit. As push_delayed does, due jobs go in first if the batch may evict; and as
+        push_delayed, returns the ends of the jobs it decided, for the caller to run once the
+        batch is in (``end_all``; empty: none)."""
         now = core.monotonic()
         heap = self.delayed
+        ends = None
         if delayed_jobs and heap.capacity and len(heap) + len(delayed_jobs) > heap.capacity:
-            self.move_due(heap, now)
+            ends = self._due_ends(heap, now)
         due = [now + delay for delay in delays]
         evicted = self.ready.push_many_delayed(ready_jobs, delayed_jobs, heap, due)
         if evicted is None:
-            return False
+            if ends is not None:  # (due jobs moved in all the same: their ends go on up)
+                self.end_all(ends)
+            return None
         if due:
             self.scheduler_alarm.wake_before(min(due))
         for job in delayed_jobs:  # (as in push_delayed: a cancel that came first left a mark)
             if self.ready.take_cancel_from(job, heap):
-                self.end_cancelled(job)
+                ends = self._add_end(ends, self.end_cancelled, job)
         for job, counter in evicted:
-            self.end_evicted(job, counter)
-        return True
+            ends = self._add_end(ends, self.end_evicted, job, counter)
+        return () if ends is None else ends
+
+    @staticmethod
+    def _add_end(ends: Optional[List[End]], end: Callable[..., None], *args: Any) -> List[End]:
+        if ends is None:
+            ends = []
+        ends.append((end, args))
+        return ends
+
+    def end_all(self, ends: Sequence[End]) -> None:
+        """Run every end of ``ends``, ``(method, args)`` for jobs decided in one step (``fail``,
+        ``end_cancelled``...). Each job counts finished whatever its store raises (see ``fail``); what a
+        store raises that is not swallowed (a KeyboardInterrupt) leaves no other job of the step
+        unended: the first goes on up once all have ended, any later one is logged."""
+        first: Optional[BaseException] = None
+        for end, args in ends:
+            try:
+                end(*args)
+            except BaseException as error:
+                if first is None:
+                    first = error
+                else:
+                    logger.exception("tinymq: another error while ending the jobs of one step "
+                                     "(the first goes on up)")
+        if first is not None:
+            try:
+                raise first
+            finally:
+                first = None  # (no cycle through this frame)
 
     def _schedule(self) -> None:
         interval = self.config.scheduler_interval
@@ -666,11 +707,23 @@ class Dispatcher:
     def move_due(self, heap: Any, now: float) -> None:
         """Move the due jobs of ``heap`` into the ready buffer, in one step of the core (get_stats()
         never catches one between the two); one that cannot go fails, loudly, as in make_ready."""
-        for job, error in self.ready.move_due(heap, now):
+        ends = self._due_ends(heap, now)
+        if ends is not None:
+            self.end_all(ends)
+
+    def _due_ends(self, heap: Any, now: float) -> Optional[List[End]]:
+        """``move_due``, the ends of the jobs that could not go in left to the caller (``end_all``):
+        None when there are none."""
+        left = self.ready.move_due(heap, now)
+        if not left:
+            return None
+        ends: List[End] = []
+        for job, error in left:
             if error is None:  # a cancel of it came on its way here
-                self.end_cancelled(job)
+                ends.append((self.end_cancelled, (job,)))
             else:  # e.g. a priority made invalid while the job waited
-                self.fail(job, "retries_exhausted", error)
+                ends.append((self.fail, (job, "retries_exhausted", error)))
+        return ends
 
     def make_ready(self, job: Any, release: Any = None) -> None:
         """Move an accepted job into the ready buffer; one that cannot go fails, loudly.
@@ -930,72 +983,66 @@ class Dispatcher:
             if given_back and self.ready.take_cancel(job):
                 self.end_cancelled(job)
 
-    def _take_out(self, job_id: str, only: Any = None) -> Tuple[Any, bool]:
-        """Take the job of ``job_id`` (``only``: that job) out of the delayed heaps, or decide its running
-        attempt (on the loop or a worker) as cancelled: ``(job or None, whether it was running)``."""
-        job = self.delayed.remove(job_id, only)
-        if job is None:
-            job = self.uncapped.remove(job_id, only)
-        if job is not None:
-            return job, False
-        job = self._cancel_running(job_id, only)
-        return job, job is not None  # a running attempt's type slot stays taken until it returns
-
-    def _cancel_running(self, job_id: str, only: Any = None, take: bool = False) -> Any:
+    def _cancel_running(self, job_id: str, only: Any = None, take: bool = False,
+                        unregistered: bool = False) -> Any:
         """Decide the running attempt of ``job_id`` (``only``: of that job), on the loop or a worker,
         as cancelled: its job, or None. ``take`` (with ``only``, marked by ``mark_cancel``): decided
-        only in the step that takes its cancel and counts it (``take_cancel``)."""
+        only in the step that takes its cancel and counts it (``take_cancel``). ``unregistered``: of
+        a job registered under no id, decided in the step that counts its cancel
+        (``take_unregistered_cancel``)."""
         job = None
         if self.loop_runner is not None:
-            job = self.loop_runner.cancel(job_id, only, take)
+            job = self.loop_runner.cancel(job_id, only, take, unregistered)
         if job is None:
-            job = self._cancel_thread_attempt(job_id, only, take)
+            job = self._cancel_thread_attempt(job_id, only, take, unregistered)
         return job
 
-    def end_cancelled(self, job: Any, running: bool = False, counted: bool = True) -> None:
-        """End a job whose cancel was taken (``mark_cancel``, ``take_cancel``): reported "cancelled".
+    def end_cancelled(self, job: Any, running: bool = False) -> None:
+        """End a job whose cancel was taken (``mark_cancel``, ``take_cancel``), which the core counted as
+        it took it: reported "cancelled".
 
         ``running``: its attempt was decided here while it runs; a broker frees the
         attempt's slot when it returns (``returned_late``), as after a timeout.
-        ``counted``: the core counted it as it took the cancel (False: a job it knew by no id).
         """
         if running and self.ledger is not None:
             self.ledger.expired(job)
         if self._stopping:
             with self._stop_order:
                 self._decided.add(job)  # after a save-back by stop(), if it made one: the delete comes last
-        self.fail(job, "cancelled", None, core.CANCELLED, counted)
+        self.fail(job, "cancelled", None, core.CANCELLED, True)
 
     def _cancel_unregistered(self, job_id: str) -> bool:
         """``cancel`` of a job the core knows by no id, looked for in every place: a job read without an
         id when its queue's end of it was decided (enqueued again from its failure callback), and
-        named since. (Every other job has its id registered: given, or made through Job.id.)"""
-        job, running = self.ready.remove(job_id), False
-        if job is None:
-            job, running = self._take_out(job_id)
-        if job is not None and self.ready.registered(job):
-            # Enqueued with this id after mark_cancel found it free: it is ended as a marked job is.
-            # Out of its place now, so it is marked here (or another cancel marked it: that one won).
-            outcome, _ = self.ready.mark_cancel(job_id)
-            if self.ready.take_cancel(job):
-                self.end_cancelled(job, running)
-            return outcome == core.CANCEL_MARKED
-        if job is not None:
-            self.end_cancelled(job, running, counted=False)
+        named since. (Every other job has its id registered: given, or made through Job.id.) Taken
+        out of its place, or its attempt decided, in the step of the core that counts it cancelled."""
+        outcome, job = self.ready.mark_cancel(job_id, self.delayed, self.uncapped)
+        if outcome == core.CANCEL_REMOVED:
+            self.end_cancelled(job)
             return True
-        return False
+        if outcome == core.CANCEL_MARKED:  # enqueued with this id since the first look found it free
+            self._cancel_marked(job)
+            return True
+        if outcome == core.CANCEL_LOST:
+            return False
+        job = self._cancel_running(job_id, unregistered=True)
+        if job is None:
+            return False
+        self.end_cancelled(job, True)  # (a running attempt's type slot stays taken until it returns)
+        return True
 
-    def _cancel_thread_attempt(self, job_id: str, only: Any = None, take: bool = False) -> Any:
+    def _cancel_thread_attempt(self, job_id: str, only: Any = None, take: bool = False,
+                               unregistered: bool = False) -> Any:
         """Decide a worker's running attempt of ``job_id`` (``only``: of that job) as cancelled;
-        retire and replace the worker. ``take``: as in ``_cancel_running``."""
-        cancel_in = self.ready if take else None
+        retire and replace the worker. ``take``, ``unregistered``: as in ``_cancel_running``."""
+        cancel_in = self.ready if take or unregistered else None
         with self._lock:
             slots = list(self._slots)
         for slot in slots:
             job = slot.job
             if job is None or job._id != job_id or (only is not None and job is not only):
                 continue
-            if slot.expire(math.inf, job, cancel_in) is None:  # decided already (it ended, or timed out)
+            if slot.expire(math.inf, job, cancel_in, unregistered) is None:  # decided already (it ended, or timed out)
                 continue
             with self._lock:
                 if not self._stopping:  # its thread may run on: the pool keeps its size
@@ -1111,11 +1158,14 @@ class Dispatcher:
             placing, release = release, None  # (from here on the move below frees it, or fails the job)
             if delay <= 0.0:
                 self.make_ready(job, placing)
-            else:
-                self.push_delayed(job, delay, evictable=False, release=placing)
+                return
+            ends = self.push_delayed(job, delay, evictable=False, release=placing)
         except (Exception, SystemExit) as error:  # a job made unusable (its retry_config, a sys.exit() in it): fail it
             logger.exception("tinymq could not schedule the retry of job %r", job)
             self.fail(job, "retries_exhausted", error, release=release)
+            return
+        if ends is not None:  # (the retry is placed: ended here, its own cancel too, never failed again)
+            self.end_all(ends)
 
     def fail(self, job: Any, reason: str, exc: Optional[BaseException], counter: int = core.FAILED,
              counted: bool = False, release: Any = None) -> None:

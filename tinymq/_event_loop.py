@@ -628,17 +628,23 @@ class LoopRunner:
 
     # --- from any thread ----------------------------------------------------
 
-    def cancel(self, job_id: str, job: Any = None, take: bool = False) -> Optional[Any]:
+    def cancel(self, job_id: str, job: Any = None, take: bool = False,
+               unregistered: bool = False) -> Optional[Any]:
         """Decide the running attempt of ``job_id`` (with ``job``: of that job) as cancelled and cancel
         its task: its job, or None.
 
         ``take`` (with ``job``): decided only if the cancel requested for ``job`` is taken
         (``ReadyQueue.take_cancel``, counted) in the same step, so that the job is counted
-        cancelled before the attempt can end and free its slot (``_finished``)."""
+        cancelled before the attempt can end and free its slot (``_finished``).
+        ``unregistered``: a cancel of a job registered under no id, counted so in the same step
+        (``ReadyQueue.take_unregistered_cancel``)."""
         with self._lock:
             for attempt in list(self._attempts):
                 if attempt.decided is None and attempt.job._id == job_id and (job is None or attempt.job is job):
-                    if take and not self.ready.take_cancel(attempt.job):  # (the core's lock inside this one)
+                    if unregistered:  # (the core's lock inside this one)
+                        if not self.ready.take_unregistered_cancel(attempt.job):
+                            return None
+                    elif take and not self.ready.take_cancel(attempt.job):  # (the core's lock inside this one)
                         return None
                     attempt.decided = "cancelled"
                     called = attempt.called

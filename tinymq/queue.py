@@ -374,12 +374,13 @@ class Queue:
                 raise
             except Exception as exc:
                 raise PersistenceError(f"could not save job {job.id} ({job.type!r}): {_describe(exc)}") from exc
+        ends = None
         try:
             shield().raise_deferred()  # interrupted while it saved: the job is not placed, and not kept
             delay = run_at - _now()
             if run_at is not job.timestamp and delay > 0.0:
                 job.priority = _as_priority(job.priority)  # the core reads it only when due
-                self._dispatcher.push_delayed(job, delay, accept=True)
+                ends = self._dispatcher.push_delayed(job, delay, accept=True)
             elif not self._ready.push(job) and not (block and self._wait_for_room(job, wait, withdrawn)):
                 raise QueueFull(
                     f"the ready buffer is full ({self.config.buffer_size} jobs); job {job.id} "
@@ -389,6 +390,8 @@ class Queue:
             if store is not None:
                 self._dispatcher.undo_save(store, job.id)
             raise
+        if ends is not None:  # jobs its push ended (evicted ones): once it is in, its save stands
+            self._dispatcher.end_all(ends)
         return job
 
     def _wait_for_room(self, job: Job, wait: Optional[float], withdrawn: Optional[threading.Event]) -> bool:
@@ -487,7 +490,8 @@ class Queue:
                 raise PersistenceError(f"could not save a batch of {len(batch)} jobs: {_exception_text(exc)}") from exc
         try:
             shield().raise_deferred()  # interrupted while it saved: nothing is placed, and nothing kept
-            if not self._dispatcher.push_many(ready_jobs, delayed_jobs, delays):
+            ends = self._dispatcher.push_many(ready_jobs, delayed_jobs, delays)
+            if ends is None:
                 raise QueueFull(
                     f"the ready buffer has no room for {len(ready_jobs)} more jobs "
                     f"(buffer_size={self.config.buffer_size}); none of the batch was enqueued"
@@ -497,6 +501,8 @@ class Queue:
                 for job in batch:
                     self._dispatcher.undo_save(store, job.id)
             raise
+        if ends:  # jobs its push ended (evicted ones): once the batch is in, its saves stand
+            self._dispatcher.end_all(ends)
 
     # --- periodic jobs (tinymq/_periodic.py) ----------------------------------
 
@@ -591,23 +597,30 @@ class Queue:
         # Each job is counted in jobs_enqueued in the step that places it, or that counts its end:
         # get_stats() never sees a recovered job counted and nowhere.
         self._ready.accept(crashed, core.FAILED)
-        for job in crashed:  # their process died during too many attempts: they failed here
-            self._dispatcher.fail(job, "crashed", None, counted=True)
-        if not jobs:
-            return
-        now = _now()
-        for job in jobs:  # one due at its creation (the same float) is due now, whatever the clock did
-            if job.run_at is not job.timestamp and job.run_at > now:
-                self._dispatcher.push_delayed(job, job.run_at - now, evictable=False, accept=True)
-                continue
-            try:
-                self._ready.accept_ready(job)
-            except DuplicateJob:
-                raise
-            except (TypeError, ValueError) as exc:  # e.g. a priority the store holds is not one
-                self._ready.accept([job], core.FAILED)
-                self._dispatcher.fail(job, "retries_exhausted", exc, counted=True)
-        logger.info("recovered %d jobs from %r", len(jobs), store)
+        # Every job is placed, or its end counted, before any end runs: a store raising as one ends
+        # (end_all) leaves no job unended, nor any unplaced.
+        dispatcher = self._dispatcher
+        ends = [(dispatcher.fail, (job, "crashed", None, core.FAILED, True)) for job in crashed]
+        try:
+            now = _now()
+            for job in jobs:  # one due at its creation (the same float) is due now, whatever the clock did
+                if job.run_at is not job.timestamp and job.run_at > now:
+                    pushed_ends = dispatcher.push_delayed(job, job.run_at - now, evictable=False, accept=True)
+                    if pushed_ends is not None:
+                        ends.extend(pushed_ends)
+                    continue
+                try:
+                    self._ready.accept_ready(job)
+                except DuplicateJob:
+                    raise
+                except (TypeError, ValueError) as exc:  # e.g. a priority the store holds is not one
+                    self._ready.accept([job], core.FAILED)
+                    ends.append((dispatcher.fail, (job, "retries_exhausted", exc, core.FAILED, True)))
+        finally:
+            if ends:
+                dispatcher.end_all(ends)
+        if jobs:
+            logger.info("recovered %d jobs from %r", len(jobs), store)
 
     def _refuse_if_enqueued(self) -> None:
         enqueued = self._ready.counters()[core.ENQUEUED]
