@@ -6,8 +6,8 @@ Not a benchmark of its own (pytest does not collect it). Each DIR is a source tr
 compiled core in place (see builds_ab.py); each run is ``DIR/bench/redis_cpu_split.py`` with
 ``PYTHONPATH=DIR``, its worker processes too. A pair runs A then B, the next pair B then A,
 so that neither build always runs first on a shared host. Prints, per process kind, the
-median CPU microseconds per job of each build and the median of the pairs' B/A ratios, then
-one JSON line with every run.
+median CPU microseconds per job of each build and the median of the pairs' B/A ratios (and
+so for the script calls per job), then one JSON line with every run.
 """
 import argparse
 import json
@@ -28,9 +28,10 @@ def _run(tree: str, mode: str, jobs: int, threads: int) -> Dict[str, float]:
                               env=env, cwd=cwd, capture_output=True, text=True, check=False)
     if done.returncode:
         sys.exit(done.stderr.strip())
-    cpu = json.loads(done.stdout)["cpu_us_per_job"]
+    measured = json.loads(done.stdout)
+    cpu = measured["cpu_us_per_job"]
     return {"workers": sum(cpu["workers"]), "redis": cpu["redis"], "producer": cpu["producer"],
-            "total": cpu["total"]}
+            "total": cpu["total"], "evalsha_per_job": measured["evalsha_calls"] / jobs}
 
 
 def main() -> None:
@@ -47,13 +48,13 @@ def main() -> None:
         for side in ("ab" if pair % 2 == 0 else "ba"):
             runs[side].append(_run(getattr(args, side), args.mode, args.jobs, args.threads))
     report: Dict[str, Any] = {}
-    for kind in ("workers", "redis", "producer", "total"):
+    for kind in ("workers", "redis", "producer", "total", "evalsha_per_job"):
         a = [run[kind] for run in runs["a"]]
         b = [run[kind] for run in runs["b"]]
         ratios = [y / x for x, y in zip(a, b) if x]
         report[kind] = {"a": statistics.median(a), "b": statistics.median(b),
                         "b_over_a": statistics.median(ratios) if ratios else None}
-        print(f"{kind:9} A {report[kind]['a']:8.2f}  B {report[kind]['b']:8.2f}  us/job   "
+        print(f"{kind:15} A {report[kind]['a']:8.3f}  B {report[kind]['b']:8.3f}   "
               f"B/A median of pairs {report[kind]['b_over_a']:.3f}")
     print(json.dumps({"args": vars(args), "report": report, "runs": runs}))
 
