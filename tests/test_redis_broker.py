@@ -4,6 +4,7 @@ Separate Queue objects (and processes) on one broker name; stop() giving jobs
 back; dead jobs; a reaped process's late results; crash recovery counted and
 reported once; Redis killed and restarted under a running queue.
 """
+import json
 import os
 import socket
 import subprocess
@@ -380,3 +381,31 @@ def test_a_server_older_than_the_minimum_is_refused_naming_its_version(redis_url
     monkeypatch.setattr(broker_module, "_MIN_VERSION", (99, 0))
     with pytest.raises(TinyMQError, match=r"needs Redis >= 6\.2.* runs \d+\.\d+"):
         RedisBroker(redis_url, name="too-old")
+
+
+def test_bytes_not_utf8_read_and_text_redis_cannot_take_sent_are_the_same_with_and_without_hiredis(redis_url):
+    """docs/redis.md: bytes that are not UTF-8 in Redis (another program wrote a job's id, body or
+    payload) read as lone surrogates and go back as the same bytes; text Redis cannot take (a lone
+    surrogate) is refused before it is sent. The script connections decode replies in their parser:
+    hiredis's when it is installed, else redis-py's own, which must read and send the same."""
+    import _redis_foreign_bytes
+
+    expected = {
+        "ran": [["good", None], ["id-\udcff", None], ["latin-1", "caf\udce9"]],
+        "reported": [["binary", "\udcff\udcfe\x00[", "permanent_failure"]],
+        "dead": [["binary", "\udcff\udcfe\x00[", "permanent_failure"]],
+        "command": "\udcff\udcfe",
+        "cancel": False,
+        "refused": "job 'surrogate' ('t') cannot be sent to Redis: its payload has text that is not "
+                   "valid Unicode (a lone surrogate?)",
+        "requeued": 1,
+    }
+    here = _redis_foreign_bytes.outcome(redis_url, "bytes-here")
+    here.pop("parser")  # (hiredis's when it is installed)
+    assert here == expected
+    child = subprocess.run([sys.executable, _redis_foreign_bytes.__file__, redis_url, "bytes-no-hiredis", "--no-hiredis"],
+                           capture_output=True, text=True, timeout=60)
+    assert child.returncode == 0, child.stderr
+    pure = json.loads(child.stdout)
+    assert pure.pop("parser") in ("_RESP2Parser", "_RESP3Parser")  # (redis-py's own, by protocol)
+    assert pure == expected

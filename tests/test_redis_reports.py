@@ -379,7 +379,8 @@ def test_a_job_no_process_can_decode_is_dead_and_finished_without_a_report_left_
         client.close()
 
 
-@pytest.mark.parametrize("body", ['["import",1,null,"yesterday",1.0,null,null]', "{not json"])
+@pytest.mark.parametrize("body", ['["import",1,null,"yesterday",1.0,null,null]', "{not json",
+                                  '["import",1,null,1.0,1.0,null,null] []'])  # (a value, then extra data)
 def test_a_job_no_process_can_decode_is_reported_and_listed_dead_with_its_body(redis_url, body):
     """A job that leaves without success is handed to every on_failure callback and kept dead
     (api.md), also one whose body no tinymq can decode (another program wrote it, or a tinymq
@@ -406,11 +407,52 @@ def test_a_job_no_process_can_decode_is_reported_and_listed_dead_with_its_body(r
         assert reported == [("odd", body, "permanent_failure", True, 1)]
         (dead,) = q.broker.dead_jobs()
         assert (dead.job.id, dead.job.payload, dead.reason) == ("odd", body, "permanent_failure")
-        assert dead.job.type == ("import" if body.startswith("[") else "undecodable")
+        assert dead.job.type == ("import" if body.endswith("null]") else "undecodable")
+        assert dead.job.last_error == f"cannot decode: {_decode_error(body)}"
         assert client.keys(f"tmq:{{{name}}}:reporting:*") == []
     finally:
         q.stop()
         client.close()
+
+
+def _decode_error(body):
+    """How decoding ``body`` fails, as the JSON decoder and Job() say it (decode_job's errors)."""
+    from tinymq import Job
+
+    try:
+        job_type, priority, payload, timestamp, run_at, retry_fields, tags = json.loads(body)
+        Job(job_type, payload, priority=priority, tags=tags, run_at=run_at).timestamp = float(timestamp)
+    except Exception as exc:
+        return f"{exc.__class__.__name__}: {exc}"
+    return None
+
+
+_BODY = '["t",1,{"k":[1,2.5]},1.0,2.0,null,null]'  # as encode_job writes it
+
+
+@pytest.mark.parametrize("body", [
+    _BODY, f" {_BODY}\n", f"{_BODY} []", f"{_BODY}]", _BODY[:-1], "", "  ", "{not json", "null", "42", '"t"',
+    '["t",1]', '["t",1,null,1.0,1.0,null,null,null]', '["t",1,null,1.0,NaN,null,null]', "[1e999]", '["\\ud800"]',
+    '["t",9,null,1.0,1.0,null,null]', '["t",1,null,1.0,1.0,{"max_retries":2},["x"]]', "\udcff[]", "[\x00]",
+])
+def test_decode_job_reads_a_body_as_the_json_decoder_does_and_fails_with_its_error(monkeypatch, body):
+    """decode_job reads the body's JSON without JSONDecoder.decode's whitespace look-ups (a
+    fetch decodes every job): every body gives the Job, or the error (class and text, which
+    the worker puts in the dead job's last_error and its log), that decoding it with the
+    store's JSONSerializer gives."""
+    from tinymq.redis import _codec
+
+    def outcome():
+        try:
+            job = _codec.decode_job("id-1", body, "2", "boom")
+        except Exception as exc:
+            return exc.__class__, str(exc)
+        return job.id, job.type, job.payload, job.priority, job.timestamp, job.run_at, job.retry_config, \
+            job.tags, job.retries, job.last_error
+
+    fast = outcome()
+    monkeypatch.setattr(_codec, "_fields", _codec._serializer.loads)  # the decoder's decode(), in full
+    assert fast == outcome()
 
 
 def test_without_failure_callbacks_a_failure_for_good_waits_for_no_round_trip_and_leaves_nothing_kept(redis_url):

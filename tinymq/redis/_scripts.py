@@ -151,20 +151,10 @@ def _ops_args(ops: Iterable[SettleOp]) -> List[Any]:
     return flat
 
 
-def _text(reply: Any) -> Any:
-    """A script's reply, read as bytes, as text: UTF-8, and the bytes that are not (another
-    program wrote them: a binary body, an id) kept as lone surrogates ("surrogateescape", as
-    ``os.fsdecode`` does), so that an id read here goes back to Redis as the same bytes (_wire)."""
-    if reply.__class__ is bytes:
-        return reply.decode("utf-8", "surrogateescape")
-    if reply.__class__ is list:  # (one level inline: a fetch reply's rows are lists of bytes)
-        return [item.decode("utf-8", "surrogateescape") if item.__class__ is bytes else _text(item)
-                for item in reply]
-    return reply
-
-
 def _wire(text: str) -> bytes:
-    """Text read from Redis (see _text) as the bytes Redis holds."""
+    """Text read from Redis as the bytes Redis holds: the connections decode what is not UTF-8
+    (another program wrote it: a binary body, an id) as lone surrogates ("surrogateescape", as
+    ``os.fsdecode`` does), so that an id read there goes back to Redis as the same bytes."""
     return text.encode("utf-8", "surrogateescape")
 
 
@@ -191,13 +181,15 @@ except ImportError:  # pragma: no cover - hiredis is optional
 
 
 def _send(connection: Any, command: Tuple[Any, ...]) -> None:
+    """Send ``command``, its text as strict UTF-8 (UnicodeEncodeError for a lone surrogate, as
+    hiredis packs it): the connection's encoder would escape some, since it decodes so (see _wire)."""
     if _pack_command is None:
-        connection.send_command(*command)
+        connection.send_command(*[arg.encode() if arg.__class__ is str else arg for arg in command])
     else:
         connection.send_packed_command([_pack_command(command)])
 
 
-def _reply(connection: Any, by: Optional[float], disable_decoding: bool = True) -> Any:
+def _reply(connection: Any, by: Optional[float]) -> Any:
     """The reply to the command just sent; with ``by`` (monotonic), redis.TimeoutError when none
     begins by then (the connection's own socket timeout, 10 s, bounds it otherwise): a caller's
     bound, for a server that holds the connection open but answers nothing (frozen)."""
@@ -205,11 +197,13 @@ def _reply(connection: Any, by: Optional[float], disable_decoding: bool = True) 
         import redis
 
         raise redis.TimeoutError("no reply from Redis in time")
-    return connection.read_response(disable_decoding=disable_decoding)
+    return connection.read_response()
 
 
 class Connections:
-    """``size`` raw redis-py connections, made by ``connect()``, lent one at a time.
+    """``size`` raw redis-py connections, made by ``connect()``, lent one at a time; made with
+    ``decode_responses=True, encoding_errors="surrogateescape"``, their parser (hiredis's, or
+    redis-py's own) reads replies as text as ``_wire`` expects.
 
     A thread waits for a free one, as with redis-py's BlockingConnectionPool; a
     script call is then one packed send and one ``read_response``, without the
@@ -343,11 +337,11 @@ class Scripts:
                 if script is None:
                     raise
                 connection.send_command("SCRIPT", "LOAD", script)
-                _reply(connection, by, disable_decoding=False)
+                _reply(connection, by)
                 _send(connection, command)
                 reply = _reply(connection, by)
             broken = False
-            return _text(reply)  # (a reply that is not UTF-8 would kill the thread that reads it)
+            return reply
         except (redis.exceptions.ResponseError, UnicodeEncodeError):
             broken = False  # the server answered with an error, or the text was refused before it went
             raise

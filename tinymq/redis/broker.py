@@ -32,7 +32,7 @@ _RESENDS = 2  # tinymq resends a call whose reply was lost this often (every scr
 _RESEND_PAUSE = 0.02  # seconds before the first resend, doubling
 _PAGE = 500  # ids per admin script call: bounded work in Redis
 # Reads: what is not UTF-8 in Redis (another program wrote it) as lone surrogates, and back as the same
-# bytes; never a UnicodeDecodeError (no RedisError) in a thread that reads (see _scripts._text).
+# bytes; never a UnicodeDecodeError (no RedisError) in a thread that reads (see _scripts._wire).
 _ENCODING_ERRORS = "surrogateescape"
 
 
@@ -150,7 +150,7 @@ class RedisBroker:
         """Raw connections for script calls (see Connections), set up as the pool's are."""
         redis = _redis()
         options = redis.ConnectionPool.from_url(
-            self.url, decode_responses=True, socket_timeout=timeout,
+            self.url, decode_responses=True, encoding_errors=_ENCODING_ERRORS, socket_timeout=timeout,
             socket_connect_timeout=_CONNECT_TIMEOUT, retry=self._no_retry())
         return Connections(lambda: options.connection_class(**options.connection_kwargs), size, _POOL_WAIT)
 
