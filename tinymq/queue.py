@@ -102,6 +102,28 @@ class _StoreLoading:
 _plain_answers: "weakref.WeakKeyDictionary[Any, Tuple[Any, Any, Any, bool]]" = weakref.WeakKeyDictionary()
 
 
+def _misplaced_in_queue(value: Any) -> str:
+    """The TypeError message for ``Queue(value)`` where ``value`` is not a buffer size."""
+    if isinstance(value, Config):
+        instead = "pass a Config as Queue(config=...)"
+    elif isinstance(value, ExecutorConfig):
+        instead = "an ExecutorConfig is per job type: q.register_executor(job_type, fn, config)"
+    else:
+        instead = "pass a broker as Queue(broker=...)"
+    return f"Queue's first argument is buffer_size (an int), got {value!r}; {instead}"
+
+
+def _misplaced_in_executor(job_type: Any) -> str:
+    """The TypeError message for ``q.executor(job_type)`` where ``job_type`` is not a str."""
+    if isinstance(job_type, ExecutorConfig):
+        instead = 'write @q.executor("email", config=...)'
+    elif callable(job_type) and not isinstance(job_type, type):  # a bare @q.executor
+        instead = 'write @q.executor("email"): the type of the jobs it runs, in parentheses'
+    else:
+        return f"job type must be a str, got {job_type!r}"
+    return f"q.executor takes the job type first, got {job_type!r}; {instead}"
+
+
 def _takes_context(job_type: str, fn: Callable[..., Any]) -> bool:
     """How to call executor ``fn``: True for ``fn(job, ctx)``, False for ``fn(job)``.
 
@@ -197,6 +219,8 @@ class Queue:
         # Invariant (with a store): an id set before enqueue is in _claimed, guarded by
         # _claim_lock, from before its save until the core has it, so a duplicate is
         # refused before its save could overwrite the unfinished job's row.
+        if isinstance(buffer_size, (Config, ExecutorConfig)) or callable(getattr(buffer_size, "_attach", None)):
+            raise TypeError(_misplaced_in_queue(buffer_size))
         if config is None:
             config = Config() if buffer_size is None else Config(buffer_size=buffer_size)
         elif buffer_size is not None:
@@ -257,6 +281,8 @@ class Queue:
         self, job_type: str, *, config: Optional[ExecutorConfig] = None, **options: Any
     ) -> Callable[[F], F]:
         """Decorator form: ``@q.executor("email", max_concurrent_jobs=5, timeout=10)``."""
+        if not isinstance(job_type, str):  # else the mistake shows only when its jobs fail ("no_executor")
+            raise TypeError(_misplaced_in_executor(job_type))
         if config is not None and options:
             raise ValueError(f"give config or options, not both (got {sorted(options)})")
         if options:

@@ -1,0 +1,87 @@
+"""Findings of a newcomer following README.md from a fresh venv: the mistakes a first user makes."""
+import re
+
+import pytest
+
+import tinymq
+from tinymq import Config, ExecutorConfig, Queue
+
+
+# --- a config or a function where the queue expects something else ----------------------------
+
+# Fixed: a bare `@q.executor` (no parentheses) took the function as the job type and returned a
+# decorator in its place: nothing was registered, and the mistake showed only when the jobs
+# failed with "no_executor". `Queue(ExecutorConfig(...))` and `Queue(Config(...))` said
+# "buffer_size must be an int, got ...". Each is now a TypeError naming the value and saying
+# what to write instead.
+
+
+def test_a_bare_executor_decorator_is_refused_saying_to_give_the_job_type():
+    q = Queue(10)
+    try:
+        def send_email(job):
+            pass
+
+        with pytest.raises(TypeError, match=r"^q\.executor takes the job type first, got <function .*send_email"
+                                            r".*>; write @q\.executor\(\"email\"\)"):
+            q.executor(send_email)
+        assert q.get_stats().executor_stats == {}
+    finally:
+        q.stop()
+
+
+def test_an_executor_config_given_as_the_job_type_is_refused_saying_to_pass_config():
+    q = Queue(10)
+    try:
+        config = ExecutorConfig(max_concurrent_jobs=2)
+        with pytest.raises(TypeError, match=r"^q\.executor takes the job type first, got "
+                                            + re.escape(repr(config)) + r"; write @q\.executor\(\"email\", config=\.\.\.\)$"):
+            q.executor(config)
+    finally:
+        q.stop()
+
+
+@pytest.mark.parametrize("job_type", [5, None, b"email"])
+def test_an_executor_type_that_is_not_a_str_is_refused_at_once(job_type):
+    q = Queue(10)
+    try:
+        with pytest.raises(TypeError, match=r"^job type must be a str, got " + re.escape(repr(job_type)) + "$"):
+            q.executor(job_type)
+    finally:
+        q.stop()
+
+
+@pytest.mark.parametrize("config, instead", [
+    (Config(buffer_size=5), "pass a Config as Queue(config=...)"),
+    (ExecutorConfig(max_concurrent_jobs=2),
+     "an ExecutorConfig is per job type: q.register_executor(job_type, fn, config)"),
+])
+def test_a_config_as_the_queues_first_argument_is_refused_saying_where_it_goes(config, instead):
+    with pytest.raises(TypeError, match="^" + re.escape(
+            f"Queue's first argument is buffer_size (an int), got {config!r}; {instead}") + "$"):
+        Queue(config)
+
+
+def test_the_right_spellings_still_work():
+    q = Queue(config=Config(buffer_size=5))
+    try:
+        @q.executor("email", config=ExecutorConfig(max_concurrent_jobs=2))
+        def send_email(job):
+            pass
+
+        assert q.get_stats().executor_stats["email"].max_jobs == 2
+    finally:
+        q.stop()
+
+
+def test_a_broker_as_the_queues_first_argument_is_refused_saying_to_pass_broker():
+    class Broker:
+        def _attach(self, config, dispatcher):
+            raise AssertionError("not attached")
+
+        def __repr__(self):
+            return "<Broker>"
+
+    with pytest.raises(TypeError, match=r"^Queue's first argument is buffer_size \(an int\), got <Broker>; "
+                                        r"pass a broker as Queue\(broker=\.\.\.\)$"):
+        Queue(Broker())
