@@ -1,10 +1,15 @@
 """Findings of a newcomer following README.md from a fresh venv: the mistakes a first user makes."""
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
 import tinymq
 from tinymq import Config, ExecutorConfig, Queue
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --- a config or a function where the queue expects something else ----------------------------
@@ -85,3 +90,44 @@ def test_a_broker_as_the_queues_first_argument_is_refused_saying_to_pass_broker(
     with pytest.raises(TypeError, match=r"^Queue's first argument is buffer_size \(an int\), got <Broker>; "
                                         r"pass a broker as Queue\(broker=\.\.\.\)$"):
         Queue(Broker())
+
+
+# --- the command line shows only its public commands -----------------------------------------
+
+# Fixed: `python -m tinymq` with a mistyped command answered "invalid choice: 'statu' (choose from
+# 'demo', 'status', 'requeue-dead', 'purge-dead', 'worker', '_worker-child')", offering the
+# internal command that `worker` runs in each worker process. It is now parsed apart.
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "tinymq", *args], env=cli_env(), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=60)
+
+
+def cli_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.mark.parametrize("args", [["statu"], ["--help"], ["worker", "--help"], []])
+def test_no_help_or_usage_error_offers_the_internal_worker_child(monkeypatch, capsys, args):
+    from tinymq import __main__
+
+    monkeypatch.setattr(__main__, "run_demo", lambda: 0)  # (no command runs the demo)
+    try:
+        __main__.main(args)
+    except SystemExit:
+        pass
+    captured = capsys.readouterr()
+    assert "worker-child" not in captured.out + captured.err
+    if args == ["statu"]:
+        assert "invalid choice: 'statu' (choose from 'demo', 'status', 'requeue-dead', 'purge-dead', 'worker')" \
+            in captured.err
+
+
+def test_the_worker_child_command_still_parses_its_own_arguments():
+    result = run_cli("_worker-child", "--help")
+    assert result.returncode == 0 and "usage: python -m tinymq _worker-child" in result.stdout, result
+    result = run_cli("_worker-child", "app:queue")
+    assert result.returncode == 2 and "the following arguments are required: --workers" in result.stderr, result
