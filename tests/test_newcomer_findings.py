@@ -131,3 +131,41 @@ def test_the_worker_child_command_still_parses_its_own_arguments():
     assert result.returncode == 0 and "usage: python -m tinymq _worker-child" in result.stdout, result
     result = run_cli("_worker-child", "app:queue")
     assert result.returncode == 2 and "the following arguments are required: --workers" in result.stderr, result
+
+
+# --- requeue_dead / purge_dead name a bad ids argument ---------------------------------------
+
+# Fixed: on a RedisBroker, purge_dead(5) raised "'int' object is not iterable" and
+# purge_dead(b"dead-1") "job ids must be str, got 100" (its first byte), naming neither value;
+# SQLitePersistence said it better. Both now check ids with one function, and a single str
+# says how to give one job.
+
+BAD_IDS = [
+    (5, "ids must be an iterable of job ids, got 5"),
+    (3.5, "ids must be an iterable of job ids, got 3.5"),
+    (b"dead-1", "ids must be an iterable of job ids, not one bytes: b'dead-1'"),
+    ("dead-1", "ids must be an iterable of job ids, not one str: 'dead-1' (for one job: ['dead-1'])"),
+    ([5], "job ids must be str, got 5"),
+    (("dead-1", b"x"), "job ids must be str, got b'x'"),
+]
+
+
+@pytest.mark.parametrize("ids, message", BAD_IDS)
+def test_sqlite_requeue_and_purge_dead_name_bad_ids(tmp_path, ids, message):
+    with tinymq.SQLitePersistence(str(tmp_path / "jobs.db")) as store:
+        store.mark_dead(tinymq.Job("t", id="dead-1"), "retries_exhausted", None)
+        for method in (store.requeue_dead, store.purge_dead):
+            with pytest.raises(TypeError, match="^" + re.escape(message) + "$"):
+                method(ids)
+        assert [dead.job.id for dead in store.dead_jobs()] == ["dead-1"]
+        assert store.purge_dead(["dead-1"]) == 1
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("ids, message", BAD_IDS)
+def test_redis_requeue_and_purge_dead_name_bad_ids(redis_backend, ids, message):
+    broker = redis_backend.broker()  # (closed by the fixture)
+    for method in (broker.requeue_dead, broker.purge_dead):
+        with pytest.raises(TypeError, match="^" + re.escape(message) + "$"):
+            method(ids)
+    assert broker.purge_dead(["dead-1"]) == 0

@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from ..config import _count, _seconds
 from ..errors import TinyMQError
-from ..persistence.sqlite import DeadJob
+from ..persistence.sqlite import DeadJob, _dead_job_ids
 from ._codec import decode_job, undecodable_job
 from ._scripts import Connections, Scripts, StatusReply, key_prefix
 
@@ -192,13 +192,7 @@ class RedisBroker:
     def _dead_ids(self, ids: Optional[Iterable[str]]) -> List[str]:
         if ids is None:
             return list(self._client.zrange(self._scripts.key("dead"), 0, -1))
-        if isinstance(ids, str):
-            raise TypeError(f"ids must be an iterable of job ids, not one str: {ids!r}")
-        ids = list(ids)
-        for job_id in ids:
-            if not isinstance(job_id, str):
-                raise TypeError(f"job ids must be str, got {job_id!r}")
-        return ids
+        return _dead_job_ids(ids)
 
     def _admin(self, what: str, call: Any, ids: List[str]) -> int:
         try:
