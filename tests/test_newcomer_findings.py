@@ -169,3 +169,49 @@ def test_redis_requeue_and_purge_dead_name_bad_ids(redis_backend, ids, message):
         with pytest.raises(TypeError, match="^" + re.escape(message) + "$"):
             method(ids)
     assert broker.purge_dead(["dead-1"]) == 0
+
+
+# --- a name that is not a str is a TypeError -------------------------------------------------
+
+# Fixed: q.every(..., name=5), q.cron(..., name=5) and RedisBroker(url, name=5) raised ValueError
+# ("must be a non-empty str, got 5") where q.unschedule(5) raises TypeError: a value of the wrong
+# type is a TypeError, as everywhere else; an empty name stays a ValueError.
+
+BAD_NAMES = [5, b"emails", ["emails"]]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_every_refuses_a_name_that_is_not_a_str_with_a_type_error(name):
+    q = Queue(10)
+    try:
+        with pytest.raises(TypeError, match="^" + re.escape(f"schedule name must be a str, got {name!r}") + "$"):
+            q.every(60, "heartbeat", name=name)
+        with pytest.raises(ValueError, match="^schedule name must be a non-empty str, got ''$"):
+            q.every(60, "heartbeat", name="")
+        assert q.schedules() == []
+    finally:
+        q.stop()
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_cron_refuses_a_name_that_is_not_a_str_with_a_type_error(name):
+    pytest.importorskip("croniter")
+    q = Queue(10)
+    try:
+        with pytest.raises(TypeError, match="^" + re.escape(f"schedule name must be a str, got {name!r}") + "$"):
+            q.cron("0 3 * * *", "cleanup", name=name)
+        assert q.schedules() == []
+    finally:
+        q.stop()
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_redis_broker_refuses_a_name_that_is_not_a_str_with_a_type_error(name):
+    pytest.importorskip("redis")
+    from tinymq.redis import RedisBroker
+
+    # (refused before any connection: no server is needed)
+    with pytest.raises(TypeError, match="^" + re.escape(f"broker name must be a str, got {name!r}") + "$"):
+        RedisBroker("redis://127.0.0.1:1/0", name=name)
+    with pytest.raises(ValueError, match="^broker name must be a non-empty str, got ''$"):
+        RedisBroker("redis://127.0.0.1:1/0", name="")
