@@ -215,3 +215,26 @@ def test_redis_broker_refuses_a_name_that_is_not_a_str_with_a_type_error(name):
         RedisBroker("redis://127.0.0.1:1/0", name=name)
     with pytest.raises(ValueError, match="^broker name must be a non-empty str, got ''$"):
         RedisBroker("redis://127.0.0.1:1/0", name="")
+
+
+# --- examples/fastapi_app.py explains the warning it prints ---------------------------------
+
+# Fixed: with a recent Starlette, `python examples/fastapi_app.py` printed a
+# StarletteDeprecationWarning about httpx before its output, and nothing told a newcomer whether
+# the example was broken. Its docstring now says what the warning means and how to avoid it.
+
+
+def test_every_warning_the_fastapi_example_prints_is_explained_in_its_docstring():
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    import ast
+
+    path = os.path.join(ROOT, "examples", "fastapi_app.py")
+    with open(path, encoding="utf-8") as file:
+        docstring = " ".join(ast.get_docstring(ast.parse(file.read())).split())
+    result = subprocess.run([sys.executable, path], env=cli_env(), cwd=ROOT, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result
+    warnings = re.findall(r"^.*?(\w+Warning): (.*)$", result.stderr, re.MULTILINE)
+    for category, message in warnings:
+        assert f"{category}: {message}" in docstring, (category, message, docstring)
