@@ -238,3 +238,57 @@ def test_every_warning_the_fastapi_example_prints_is_explained_in_its_docstring(
     warnings = re.findall(r"^.*?(\w+Warning): (.*)$", result.stderr, re.MULTILINE)
     for category, message in warnings:
         assert f"{category}: {message}" in docstring, (category, message, docstring)
+
+
+# --- status --redis with Redis unreachable: one error ------------------------------------------
+
+# Fixed: `python -m tinymq status --redis URL --name NAME` with no Redis at URL logged the broker's
+# WARNING "Redis at URL is not reachable yet (...); tinymq will keep trying" (the command keeps
+# trying nothing), then its error, which named the queue but not the URL. It is now one error
+# naming the URL; a long-lived RedisBroker still warns and waits.
+
+
+def unreachable_url():
+    import socket
+
+    with socket.socket() as probe:  # a loopback port that nothing listens on (taken, then freed)
+        probe.bind(("127.0.0.1", 0))
+        return f"redis://127.0.0.1:{probe.getsockname()[1]}/0"
+
+
+@pytest.mark.parametrize("command", [["status"], ["purge-dead", "--all"], ["requeue-dead", "--all"]])
+def test_a_command_on_an_unreachable_redis_prints_one_error_naming_the_url(command):
+    pytest.importorskip("redis")
+    url = unreachable_url()
+    result = run_cli(*command, "--redis", url, "--name", "emails")
+    assert result.returncode == 1 and result.stdout == "", result
+    [line] = result.stderr.splitlines()  # one line: no warning before the error
+    assert line.startswith(f"python -m tinymq {command[0]}: error: cannot reach Redis at {url} (queue 'emails'): "), line
+    assert "Connection refused" in line
+
+
+def test_a_redis_broker_in_a_program_still_warns_that_redis_is_not_reachable_yet(caplog):
+    pytest.importorskip("redis")
+    from tinymq.redis import RedisBroker
+
+    url = unreachable_url()
+    with caplog.at_level("WARNING", logger="tinymq"):
+        broker = RedisBroker(url, name="emails")
+    broker.close()
+    assert f"Redis at {url} is not reachable yet" in caplog.text and "tinymq will keep trying" in caplog.text
+
+
+def test_a_command_on_a_redis_too_old_prints_one_error(monkeypatch, capsys):
+    pytest.importorskip("redis")
+    from tinymq import __main__
+    from tinymq.redis import RedisBroker
+
+    def too_old(self, deadline=None):
+        raise tinymq.TinyMQError(f"tinymq needs Redis >= 6.2 (or Valkey); {self.url} runs 5.0.7")
+
+    monkeypatch.setattr(RedisBroker, "_check_server", too_old)
+    url = unreachable_url()
+    assert __main__.main(["status", "--redis", url, "--name", "emails"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == (f"python -m tinymq status: error: cannot use Redis queue 'emails' at {url}: "
+                            f"tinymq needs Redis >= 6.2 (or Valkey); {url} runs 5.0.7\n")

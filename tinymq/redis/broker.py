@@ -98,8 +98,12 @@ class RedisBroker:
         try:
             self._check_server()
         except redis.RedisError as exc:  # checked again at the first use that reaches it
-            logger.warning("Redis at %s is not reachable yet (%s); tinymq will keep trying",
-                           redacted_url(url), exc)
+            self._not_reachable_yet(exc)
+
+    def _not_reachable_yet(self, exc: Exception) -> None:
+        """Redis did not answer at construction: a long-lived process waits for it (the command line,
+        which stops at once, reports it as its error instead)."""
+        logger.warning("Redis at %s is not reachable yet (%s); tinymq will keep trying", redacted_url(self.url), exc)
 
     def __repr__(self) -> str:
         return f"RedisBroker({redacted_url(self.url)!r}, name={self.name!r}, lease={self.lease!r})"
