@@ -292,3 +292,30 @@ def test_a_command_on_a_redis_too_old_prints_one_error(monkeypatch, capsys):
     captured = capsys.readouterr()
     assert captured.err == (f"python -m tinymq status: error: cannot use Redis queue 'emails' at {url}: "
                             f"tinymq needs Redis >= 6.2 (or Valkey); {url} runs 5.0.7\n")
+
+
+# --- tests/test_cli.py: alive() of a process that exits while it looks -----------------------
+
+# Fixed: alive(pid) caught FileNotFoundError only, but reading /proc/PID/stat of a process reaped
+# between the open and the read raises ProcessLookupError (ESRCH), so
+# test_worker_processes_stop_when_the_supervisor_dies failed now and then (most often on the
+# pure core, whose children take longer to exit) instead of seeing the process gone.
+
+
+@pytest.mark.parametrize("error", [FileNotFoundError, ProcessLookupError])
+def test_alive_counts_a_process_that_vanishes_while_it_is_read_as_gone(monkeypatch, error):
+    import builtins
+
+    import test_cli
+
+    real_open = builtins.open
+
+    def vanishing(path, *args, **kwargs):
+        if str(path).startswith("/proc/") and str(path).endswith("/stat"):
+            raise error(3, "No such process")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", vanishing)
+    assert test_cli.alive(os.getpid()) is False
+    monkeypatch.undo()
+    assert test_cli.alive(os.getpid()) is True
