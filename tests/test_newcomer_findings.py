@@ -319,3 +319,48 @@ def test_alive_counts_a_process_that_vanishes_while_it_is_read_as_gone(monkeypat
     assert test_cli.alive(os.getpid()) is False
     monkeypatch.undo()
     assert test_cli.alive(os.getpid()) is True
+
+
+# --- join() before start_dispatcher() says why it waits ---------------------------------------
+
+# Fixed: a newcomer who forgets q.start_dispatcher() sees q.join() hang, silently, forever (or
+# return False at its timeout): nothing runs the jobs. join() now logs a WARNING, once per queue,
+# when it waits for jobs of a queue that was never started (not with a broker, where a producer
+# joins while other processes run the jobs).
+
+
+def join_warnings(caplog):
+    return [record.getMessage() for record in caplog.records
+            if record.levelname == "WARNING" and "start_dispatcher" in record.getMessage()]
+
+
+def test_join_before_start_dispatcher_warns_once_that_nothing_runs_the_jobs(caplog):
+    q = Queue(10)
+    try:
+        q.register_executor("email", lambda job: None)
+        q.enqueue(tinymq.Job("email"))
+        q.enqueue(tinymq.Job("email"))
+        with caplog.at_level("WARNING", logger="tinymq"):
+            assert q.join(timeout=0.01) is False
+            assert q.join(timeout=0.01) is False
+        assert join_warnings(caplog) == [
+            "join() called before start_dispatcher(): nothing runs the queue's 2 unfinished jobs until "
+            "start_dispatcher() is called"]
+        q.start_dispatcher(1)
+        assert q.join(timeout=30)
+    finally:
+        q.stop()
+
+
+def test_join_says_nothing_when_started_or_when_there_is_nothing_to_wait_for(caplog):
+    q = Queue(10)
+    try:
+        with caplog.at_level("WARNING", logger="tinymq"):
+            assert q.join(timeout=0.01) is True  # nothing enqueued
+            q.register_executor("email", lambda job: None)
+            q.start_dispatcher(1)
+            q.enqueue(tinymq.Job("email"))
+            assert q.join(timeout=30)
+        assert join_warnings(caplog) == []
+    finally:
+        q.stop()

@@ -545,6 +545,10 @@ class Dispatcher:
                            "(or use `with Queue() as q:`) to decide when", why, unrun, kept)
 
     @property
+    def started(self) -> bool:
+        return self._started
+
+    @property
     def stopping(self) -> bool:
         return self._stopping
 

@@ -234,6 +234,7 @@ class Queue:
         self._store_taken: Any = None  # the store set_persistence is loading or uses; under _store_users_lock
         self._claim_lock = threading.Lock()
         self._claimed: Set[str] = set()
+        self._joined_before_start = False  # join() warned, once, that nothing runs jobs yet
         # With a broker (tinymq.redis.RedisBroker) the queue's state lives there: the link
         # enqueues, joins and counts through it, and the dispatcher reports attempts to it.
         self._broker = broker
@@ -737,6 +738,12 @@ class Queue:
             raise RuntimeError("join() called from an executor or a failure callback of this queue "
                                "would wait for itself; call it from another thread")
         deadline = None if wait is None else time.monotonic() + wait
+        if not self._joined_before_start and self._link is None and not self._dispatcher.started:
+            unfinished = self._ready.unfinished
+            if unfinished and not self._dispatcher.stopping:  # a forgotten start_dispatcher() would hang here
+                self._joined_before_start = True
+                logger.warning("join() called before start_dispatcher(): nothing runs the queue's %d unfinished "
+                               "job%s until start_dispatcher() is called", unfinished, "" if unfinished == 1 else "s")
         if self._join_unfinished(wait):
             return True
         if not self._dispatcher.stopping:
