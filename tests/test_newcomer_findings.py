@@ -364,3 +364,19 @@ def test_join_says_nothing_when_started_or_when_there_is_nothing_to_wait_for(cap
         assert join_warnings(caplog) == []
     finally:
         q.stop()
+
+
+# --- "1 accepted job not run" -------------------------------------------------------------------
+
+# Fixed: stopping a queue with one job left logged "queue stopped with 1 accepted jobs not run".
+
+
+@pytest.mark.parametrize("left, text", [(1, "1 accepted job not run"), (2, "2 accepted jobs not run")])
+def test_the_jobs_left_at_stop_are_counted_in_good_english(caplog, left, text):
+    q = Queue(10)
+    for _ in range(left):
+        q.enqueue(tinymq.Job("email"))
+    with caplog.at_level("INFO", logger="tinymq"):
+        q.stop()
+    [message] = [record.getMessage() for record in caplog.records if "not run" in record.getMessage()]
+    assert message == f"queue stopped with {text} (they are lost: the queue has no persistence store)"
