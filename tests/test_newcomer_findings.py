@@ -380,3 +380,39 @@ def test_the_jobs_left_at_stop_are_counted_in_good_english(caplog, left, text):
         q.stop()
     [message] = [record.getMessage() for record in caplog.records if "not run" in record.getMessage()]
     assert message == f"queue stopped with {text} (they are lost: the queue has no persistence store)"
+
+
+# --- worker TARGET given as a file path ---------------------------------------------------------
+
+# Fixed: `python -m tinymq worker myapp/jobs.py:queue` (a file path, as a newcomer types it) and
+# `worker myapp.jobs` (no attribute) answered only "the target must look like
+# 'package.module:queue'", and `worker myapp.jobs.py:queue` "no module named 'myapp.jobs.py'".
+# Each now also says what to write.
+
+
+@pytest.mark.parametrize("target, hint", [
+    ("myapp/jobs.py:queue", "; write 'myapp.jobs:queue' (a module name, as for `python -m`, not a file path)"),
+    ("./myapp/jobs.py:app.queue", "; write 'myapp.jobs:app.queue' (a module name, as for `python -m`, not a file path)"),
+    ("myapp.jobs", "; write 'myapp.jobs:queue', with the name of the Queue in that module after the colon"),
+    ("myapp/jobs.py", "; write 'myapp.jobs:queue', with the name of the Queue in that module after the colon"),
+    ("my-app/jobs.py:queue", ""),
+    ("myapp/jobs.py:que-ue", ""),
+    ("myapp.jobs:", ""),
+])
+def test_a_worker_target_given_as_a_path_says_which_module_name_to_write(target, hint):
+    from tinymq._worker import split_target
+
+    with pytest.raises(ValueError) as refused:
+        split_target(target)
+    assert str(refused.value) == f"the target must look like 'package.module:queue', got {target!r}{hint}"
+
+
+def test_a_worker_target_with_py_says_to_drop_it(tmp_path):
+    (tmp_path / "myapp").mkdir()
+    (tmp_path / "myapp" / "__init__.py").write_text("")
+    (tmp_path / "myapp" / "jobs.py").write_text("")
+    result = subprocess.run([sys.executable, "-m", "tinymq", "worker", "myapp.jobs.py:queue", "--workers", "1"],
+                            cwd=str(tmp_path), env=cli_env(), stdin=subprocess.DEVNULL, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1, result
+    assert result.stderr.rstrip("\n").endswith("; write 'myapp.jobs' (a module name, without .py)"), result.stderr
