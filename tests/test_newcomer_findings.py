@@ -416,3 +416,18 @@ def test_a_worker_target_with_py_says_to_drop_it(tmp_path):
                             text=True, timeout=60)
     assert result.returncode == 1, result
     assert result.stderr.rstrip("\n").endswith("; write 'myapp.jobs' (a module name, without .py)"), result.stderr
+
+
+@pytest.mark.parametrize("enqueued, text", [(1, "1 job was"), (2, "2 jobs were")])
+def test_set_persistence_after_enqueue_counts_the_jobs_in_good_english(tmp_path, enqueued, text):
+    q = Queue(10)
+    try:
+        for _ in range(enqueued):
+            q.enqueue(tinymq.Job("email"))
+        with tinymq.SQLitePersistence(str(tmp_path / "jobs.db")) as store:
+            with pytest.raises(RuntimeError, match="^" + re.escape(
+                    f"set_persistence() must be called before the first enqueue; {text} enqueued without a store")
+                    + "$"):
+                q.set_persistence(store)
+    finally:
+        q.stop()

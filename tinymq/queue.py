@@ -640,7 +640,7 @@ class Queue:
         enqueued = self._ready.counters()[core.ENQUEUED]
         if enqueued:
             raise RuntimeError(f"set_persistence() must be called before the first enqueue; "
-                               f"{enqueued} jobs were enqueued without a store")
+                               f"{enqueued} job{' was' if enqueued == 1 else 's were'} enqueued without a store")
 
     def _take_store(self, store: Any) -> None:
         """RuntimeError if another queue that has not stopped uses ``store``, or its file (a store
