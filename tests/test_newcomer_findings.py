@@ -431,3 +431,50 @@ def test_set_persistence_after_enqueue_counts_the_jobs_in_good_english(tmp_path,
                 q.set_persistence(store)
     finally:
         q.stop()
+
+
+# --- on_failure refuses a callback that cannot take (job, reason, exc) ----------------------------
+
+# Fixed: q.on_failure(lambda job, reason: ...) was accepted, then failed at every failure it was
+# meant to report, with an ERROR on the tinymq logger (which prints nothing until logging is
+# configured): the failures went unseen. It is now refused at registration, as an executor
+# that cannot be called with (job) or (job, ctx) is.
+
+
+def two(job, reason):
+    pass
+
+
+def three(job, reason, exc):
+    pass
+
+
+def any_args(*args):
+    pass
+
+
+def with_default(job, reason, exc, extra=None):
+    pass
+
+
+@pytest.mark.parametrize("callback", [two, lambda: None, lambda job, reason, exc, extra: None])
+def test_on_failure_refuses_a_callback_that_cannot_take_job_reason_exc(callback):
+    import inspect
+
+    q = Queue(10)
+    try:
+        with pytest.raises(TypeError, match="^" + re.escape(
+                f"failure callback must be callable as fn(job, reason, exc); {callback!r} has the signature "
+                f"{inspect.signature(callback)}") + "$"):
+            q.on_failure(callback)
+    finally:
+        q.stop()
+
+
+@pytest.mark.parametrize("callback", [three, any_args, with_default, print])
+def test_on_failure_takes_what_can_be_called_with_job_reason_exc(callback):
+    q = Queue(10)
+    try:
+        assert q.on_failure(callback) is callback
+    finally:
+        q.stop()

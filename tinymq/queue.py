@@ -305,6 +305,16 @@ class Queue:
                     or inspect.isasyncgenfunction(target)):
                 raise TypeError(f"failure callback {fn!r} is an async def or generator function: calling "
                                 "it would only create a coroutine or generator, never run its body")
+        try:
+            signature = inspect.signature(fn)
+        except (TypeError, ValueError):  # some builtins have no signature: taken as they are
+            signature = None
+        if signature is not None:
+            try:
+                signature.bind(None, None, None)
+            except TypeError:  # else it would fail (logged) at every failure it was meant to report
+                raise TypeError(f"failure callback must be callable as fn(job, reason, exc); {fn!r} has the "
+                                f"signature {signature}") from None
         self._dispatcher.failure_callbacks.append(fn)
         return fn
 
