@@ -18,7 +18,7 @@ from ._status import (_REDIS_DEAD_MAX, change_dead_in_db, change_dead_in_redis, 
                       render_status)
 from ._worker import Supervisor, default_workers, run_child, split_target
 
-_PUBLIC_COMMANDS = "{demo,status,requeue-dead,purge-dead,worker}"
+_CHILD_COMMAND = "_worker-child"  # how `worker` starts each worker process (not a public command)
 _DEAD_LIMIT = 20  # dead jobs that the status table lists by default
 
 
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     core = "compiled core" if HAS_EXTENSION else "pure-Python core"
     parser.add_argument("--version", action="version", version=f"tinymq {__version__} ({core})",
                         help="print tinymq's version and which core it runs, and exit")
-    commands = parser.add_subparsers(dest="command", metavar=_PUBLIC_COMMANDS)
+    commands = parser.add_subparsers(dest="command")
 
     commands.add_parser("demo", help="the live tour (what `python -m tinymq` alone runs)",
                         description=DEMO_DESCRIPTION)
@@ -114,15 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="worker threads per process, start_dispatcher(M) (default: the number of "
                              f"CPUs, or 4 when it cannot be told; at most {MAX_WORKERS})")
     _logging_option(worker, "INFO")
+    return parser
 
-    # Run by `worker` only, once per worker process (and once with --check before they start).
-    child = commands.add_parser("_worker-child")
+
+def _build_child_parser() -> argparse.ArgumentParser:
+    """``_worker-child``: run by `worker` only, once per worker process (and once with --check before
+    they start); parsed apart, so that no help or usage error of the public parser lists it."""
+    child = argparse.ArgumentParser(prog=f"python -m tinymq {_CHILD_COMMAND}")
     child.add_argument("target")
     child.add_argument("--workers", type=worker_count, required=True)
     child.add_argument("--check", action="store_true")
     child.add_argument("--loaded-fd", type=int, default=None)  # written to once the target is loaded
     _logging_option(child, "INFO")
-    return parser
+    child.set_defaults(command=_CHILD_COMMAND)
+    return child
 
 
 def _change_dead(arguments: argparse.Namespace) -> int:
@@ -160,7 +165,11 @@ def run(arguments: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == [_CHILD_COMMAND]:
+        parser, argv = _build_child_parser(), argv[1:]
+    else:
+        parser = build_parser()
     arguments = parser.parse_args(argv)
     try:
         return run(arguments)

@@ -540,11 +540,16 @@ class Dispatcher:
             return
         kept = ("a persistence store keeps them for the next start" if self.store is not None
                 else "they are lost: the queue has no persistence store")
+        jobs = f"{unrun} accepted job{'' if unrun == 1 else 's'}"
         if why is None:
-            logger.info("queue stopped with %d accepted jobs not run (%s)", unrun, kept)
+            logger.info("queue stopped with %s not run (%s)", jobs, kept)
         else:
-            logger.warning("queue stopped %s with %d accepted jobs not run (%s); call stop() "
-                           "(or use `with Queue() as q:`) to decide when", why, unrun, kept)
+            logger.warning("queue stopped %s with %s not run (%s); call stop() "
+                           "(or use `with Queue() as q:`) to decide when", why, jobs, kept)
+
+    @property
+    def started(self) -> bool:
+        return self._started
 
     @property
     def stopping(self) -> bool:

@@ -348,7 +348,9 @@ class Periodic:
                          priority, _Cron(expression, zone))
 
     def _add(self, name: str, job_type: str, payload: Any, priority: Any, trigger: Any) -> str:
-        if not isinstance(name, str) or not name:
+        if not isinstance(name, str):
+            raise TypeError(f"schedule name must be a str, got {name!r}")
+        if not name:
             raise ValueError(f"schedule name must be a non-empty str, got {name!r}")
         priority = _as_priority(priority)
         try:

@@ -83,14 +83,28 @@ def db_status(path: str) -> Dict[str, Any]:
     }
 
 
+def _command_broker(url: str, name: str) -> Any:
+    """``RedisBroker(url, name=name)`` that keeps, in ``unreachable``, why Redis did not answer."""
+    from .redis import RedisBroker
+
+    class CommandBroker(RedisBroker):
+        unreachable: Optional[Exception] = None
+
+        def _not_reachable_yet(self, exc: Exception) -> None:
+            self.unreachable = exc
+
+    return CommandBroker(url, name=name)
+
+
 def _with_redis_queue(url: str, name: str, work: Callable[[Queue], T]) -> T:
     """``work(queue)`` on a Queue over ``RedisBroker(url, name=name)``, never started; closed after."""
     try:
-        from .redis import RedisBroker
-
-        broker = RedisBroker(url, name=name)
-    except (ImportError, ValueError, TypeError) as exc:
+        broker = _command_broker(url, name)
+    except (ImportError, ValueError, TypeError, TinyMQError) as exc:
         raise CommandError(f"cannot use Redis queue {name!r} at {redacted_url(url)}: {exc}") from None
+    if broker.unreachable is not None:  # one error, not a warning that "tinymq will keep trying" first
+        broker.close()
+        raise CommandError(f"cannot reach Redis at {redacted_url(url)} (queue {name!r}): {broker.unreachable}")
     try:
         if not broker.in_use():  # a mistyped --name would otherwise show an empty queue
             others = broker.names_in_use()

@@ -82,16 +82,36 @@ def split_target(target: str) -> Tuple[str, str]:
     module_name, colon, attribute_path = target.partition(":")
     parts = module_name.split(".") + attribute_path.split(".")
     if not colon or not all(part.isidentifier() for part in parts):
-        raise ValueError(f"the target must look like 'package.module:queue', got {target!r}")
+        raise ValueError(f"the target must look like 'package.module:queue', got {target!r}{_as_module(target)}")
     return module_name, attribute_path
+
+
+def _as_module(target: str) -> str:
+    """A hint for a target given as a file path (``myapp/jobs.py:queue``) or without ``:queue``."""
+    path, colon, attribute_path = target.partition(":")
+    dotted = path[:-len(".py")] if path.endswith(".py") else path
+    dotted = dotted.replace(os.sep, "/")
+    while dotted.startswith("./"):
+        dotted = dotted[len("./"):]
+    dotted = dotted.strip("/").replace("/", ".")
+    if not all(part.isidentifier() for part in dotted.split(".")):
+        return ""
+    if colon:
+        if dotted == path or not all(part.isidentifier() for part in attribute_path.split(".")):
+            return ""
+        return f"; write {dotted + ':' + attribute_path!r} (a module name, as for `python -m`, not a file path)"
+    return f"; write {dotted + ':queue'!r}, with the name of the Queue in that module after the colon"
 
 
 def _import_error(module_name: str, target: str, exc: BaseException) -> CommandError:
     """A CommandError for a failed import: one line when the module is missing, else its traceback."""
     if isinstance(exc, ModuleNotFoundError) and exc.name and (
             module_name == exc.name or module_name.startswith(exc.name + ".")):
+        hint = ""
+        if module_name.endswith(".py") and exc.name == module_name:
+            hint = f"; write {module_name[:-len('.py')]!r} (a module name, without .py)"
         return CommandError(f"cannot import {module_name!r} (from {target!r}): no module named {exc.name!r} "
-                            f"(looked in the current directory {os.getcwd()!r} and sys.path)")
+                            f"(looked in the current directory {os.getcwd()!r} and sys.path){hint}")
     # The user's module raised: its own frames say where; importlib's frames say nothing.
     frames = [frame for frame in traceback.extract_tb(exc.__traceback__)
               if frame.filename not in (__file__, importlib.__file__)

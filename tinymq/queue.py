@@ -102,6 +102,28 @@ class _StoreLoading:
 _plain_answers: "weakref.WeakKeyDictionary[Any, Tuple[Any, Any, Any, bool]]" = weakref.WeakKeyDictionary()
 
 
+def _misplaced_in_queue(value: Any) -> str:
+    """The TypeError message for ``Queue(value)`` where ``value`` is not a buffer size."""
+    if isinstance(value, Config):
+        instead = "pass a Config as Queue(config=...)"
+    elif isinstance(value, ExecutorConfig):
+        instead = "an ExecutorConfig is per job type: q.register_executor(job_type, fn, config)"
+    else:
+        instead = "pass a broker as Queue(broker=...)"
+    return f"Queue's first argument is buffer_size (an int), got {value!r}; {instead}"
+
+
+def _misplaced_in_executor(job_type: Any) -> str:
+    """The TypeError message for ``q.executor(job_type)`` where ``job_type`` is not a str."""
+    if isinstance(job_type, ExecutorConfig):
+        instead = 'write @q.executor("email", config=...)'
+    elif callable(job_type) and not isinstance(job_type, type):  # a bare @q.executor
+        instead = 'write @q.executor("email"): the type of the jobs it runs, in parentheses'
+    else:
+        return f"job type must be a str, got {job_type!r}"
+    return f"q.executor takes the job type first, got {job_type!r}; {instead}"
+
+
 def _takes_context(job_type: str, fn: Callable[..., Any]) -> bool:
     """How to call executor ``fn``: True for ``fn(job, ctx)``, False for ``fn(job)``.
 
@@ -197,6 +219,8 @@ class Queue:
         # Invariant (with a store): an id set before enqueue is in _claimed, guarded by
         # _claim_lock, from before its save until the core has it, so a duplicate is
         # refused before its save could overwrite the unfinished job's row.
+        if isinstance(buffer_size, (Config, ExecutorConfig)) or callable(getattr(buffer_size, "_attach", None)):
+            raise TypeError(_misplaced_in_queue(buffer_size))
         if config is None:
             config = Config() if buffer_size is None else Config(buffer_size=buffer_size)
         elif buffer_size is not None:
@@ -210,6 +234,7 @@ class Queue:
         self._store_taken: Any = None  # the store set_persistence is loading or uses; under _store_users_lock
         self._claim_lock = threading.Lock()
         self._claimed: Set[str] = set()
+        self._joined_before_start = False  # join() warned, once, that nothing runs jobs yet
         # With a broker (tinymq.redis.RedisBroker) the queue's state lives there: the link
         # enqueues, joins and counts through it, and the dispatcher reports attempts to it.
         self._broker = broker
@@ -257,6 +282,8 @@ class Queue:
         self, job_type: str, *, config: Optional[ExecutorConfig] = None, **options: Any
     ) -> Callable[[F], F]:
         """Decorator form: ``@q.executor("email", max_concurrent_jobs=5, timeout=10)``."""
+        if not isinstance(job_type, str):  # else the mistake shows only when its jobs fail ("no_executor")
+            raise TypeError(_misplaced_in_executor(job_type))
         if config is not None and options:
             raise ValueError(f"give config or options, not both (got {sorted(options)})")
         if options:
@@ -278,6 +305,16 @@ class Queue:
                     or inspect.isasyncgenfunction(target)):
                 raise TypeError(f"failure callback {fn!r} is an async def or generator function: calling "
                                 "it would only create a coroutine or generator, never run its body")
+        try:
+            signature = inspect.signature(fn)
+        except (TypeError, ValueError):  # some builtins have no signature: taken as they are
+            signature = None
+        if signature is not None:
+            try:
+                signature.bind(None, None, None)
+            except TypeError:  # else it would fail (logged) at every failure it was meant to report
+                raise TypeError(f"failure callback must be callable as fn(job, reason, exc); {fn!r} has the "
+                                f"signature {signature}") from None
         self._dispatcher.failure_callbacks.append(fn)
         return fn
 
@@ -626,7 +663,7 @@ class Queue:
         enqueued = self._ready.counters()[core.ENQUEUED]
         if enqueued:
             raise RuntimeError(f"set_persistence() must be called before the first enqueue; "
-                               f"{enqueued} jobs were enqueued without a store")
+                               f"{enqueued} job{' was' if enqueued == 1 else 's were'} enqueued without a store")
 
     def _take_store(self, store: Any) -> None:
         """RuntimeError if another queue that has not stopped uses ``store``, or its file (a store
@@ -724,6 +761,12 @@ class Queue:
             raise RuntimeError("join() called from an executor or a failure callback of this queue "
                                "would wait for itself; call it from another thread")
         deadline = None if wait is None else time.monotonic() + wait
+        if not self._joined_before_start and self._link is None and not self._dispatcher.started:
+            unfinished = self._ready.unfinished
+            if unfinished and not self._dispatcher.stopping:  # a forgotten start_dispatcher() would hang here
+                self._joined_before_start = True
+                logger.warning("join() called before start_dispatcher(): nothing runs the queue's %d unfinished "
+                               "job%s until start_dispatcher() is called", unfinished, "" if unfinished == 1 else "s")
         if self._join_unfinished(wait):
             return True
         if not self._dispatcher.stopping:

@@ -198,6 +198,24 @@ class _Unit:
 
 
 
+def _dead_job_ids(ids: Iterable[str]) -> List[str]:
+    """The ``ids`` given to ``requeue_dead`` or ``purge_dead`` (not None) as a list, or a TypeError naming
+    the bad value (RedisBroker's too: a bad argument, not a store failure)."""
+    if isinstance(ids, str):
+        raise TypeError(f"ids must be an iterable of job ids, not one str: {ids!r} (for one job: [{ids!r}])")
+    if isinstance(ids, (bytes, bytearray)):
+        raise TypeError(f"ids must be an iterable of job ids, not one {type(ids).__name__}: {ids!r}")
+    try:
+        each = iter(ids)
+    except TypeError:
+        raise TypeError(f"ids must be an iterable of job ids, got {ids!r}") from None
+    chosen = list(each)
+    for job_id in chosen:
+        if not isinstance(job_id, str):
+            raise TypeError(f"job ids must be str, got {job_id!r}")
+    return chosen
+
+
 def _check_id(job_id: object) -> None:
     if job_id.__class__ is not str or not job_id or not _storable(job_id):  # type: ignore[arg-type]
         raise PersistenceError(f"a job id must be a non-empty str SQLite can store, got {job_id!r}")
@@ -1268,18 +1286,8 @@ class SQLitePersistence:
     def _change_dead(self, sql: str, ids: Optional[Iterable[str]]) -> int:
         if ids is None:
             return self._change(lambda conn: conn.execute(sql).rowcount)
-        if isinstance(ids, (str, bytes, bytearray)):
-            raise TypeError(f"ids must be an iterable of job ids, not one {type(ids).__name__}: {ids!r}")
-        try:
-            each = iter(ids)
-        except TypeError:
-            raise TypeError(f"ids must be an iterable of job ids, got {ids!r}") from None
-        chosen = []
-        for job_id in each:
-            if not isinstance(job_id, str):  # as RedisBroker: a bad argument, not a store failure
-                raise TypeError(f"job ids must be str, got {job_id!r}")
-            if job_id and _storable(job_id):  # else no stored job has it: it counts 0, as an unknown id
-                chosen.append((job_id,))
+        # An id no stored job can have counts 0, as an unknown id.
+        chosen = [(job_id,) for job_id in _dead_job_ids(ids) if job_id and _storable(job_id)]
         return self._change(lambda conn: conn.executemany(sql + " AND id = ?", chosen).rowcount)
 
     def _change(self, work: Any) -> int:

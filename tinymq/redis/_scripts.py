@@ -27,7 +27,9 @@ _SCRIPT_NAMES = ("enqueue", "fetch", "settle", "beat", "reap", "release", "limit
 
 def key_prefix(name: str) -> str:
     """``tmq:{<name>}:``: every key of the queue shares this hash tag (one Cluster slot)."""
-    if not isinstance(name, str) or not name:
+    if not isinstance(name, str):
+        raise TypeError(f"broker name must be a str, got {name!r}")
+    if not name:
         raise ValueError(f"broker name must be a non-empty str, got {name!r}")
     if "{" in name or "}" in name:
         raise ValueError(f"broker name must not contain '{{' or '}}' (it is a hash tag), got {name!r}")

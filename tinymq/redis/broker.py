@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from ..config import _count, _seconds
 from ..errors import TinyMQError
-from ..persistence.sqlite import DeadJob
+from ..persistence.sqlite import DeadJob, _dead_job_ids
 from ._codec import decode_job, undecodable_job
 from ._scripts import Connections, Scripts, StatusReply, key_prefix
 
@@ -98,8 +98,12 @@ class RedisBroker:
         try:
             self._check_server()
         except redis.RedisError as exc:  # checked again at the first use that reaches it
-            logger.warning("Redis at %s is not reachable yet (%s); tinymq will keep trying",
-                           redacted_url(url), exc)
+            self._not_reachable_yet(exc)
+
+    def _not_reachable_yet(self, exc: Exception) -> None:
+        """Redis did not answer at construction: a long-lived process waits for it (the command line,
+        which stops at once, reports it as its error instead)."""
+        logger.warning("Redis at %s is not reachable yet (%s); tinymq will keep trying", redacted_url(self.url), exc)
 
     def __repr__(self) -> str:
         return f"RedisBroker({redacted_url(self.url)!r}, name={self.name!r}, lease={self.lease!r})"
@@ -192,13 +196,7 @@ class RedisBroker:
     def _dead_ids(self, ids: Optional[Iterable[str]]) -> List[str]:
         if ids is None:
             return list(self._client.zrange(self._scripts.key("dead"), 0, -1))
-        if isinstance(ids, str):
-            raise TypeError(f"ids must be an iterable of job ids, not one str: {ids!r}")
-        ids = list(ids)
-        for job_id in ids:
-            if not isinstance(job_id, str):
-                raise TypeError(f"job ids must be str, got {job_id!r}")
-        return ids
+        return _dead_job_ids(ids)
 
     def _admin(self, what: str, call: Any, ids: List[str]) -> int:
         try:
