@@ -750,6 +750,27 @@ def test_sigterm_to_every_process_at_once_still_stops_gracefully(shared_project,
     assert producer.get_stats().jobs_succeeded == 1
 
 
+def test_sigterms_to_a_worker_process_until_it_has_exited_do_not_kill_it(shared_project):
+    """Signals that come once a worker process stops change nothing, up to its very end: the
+    interpreter's own exit puts back the default action of every signal that has a Python
+    handler, and a SIGTERM then (the supervisor sends one again to a child that said it loaded
+    the target after the first, systemd one to the whole group) killed the process, which the
+    supervisor reported as an error (exit 1). Here SIGTERMs come until the process is gone."""
+    worker = shared_project("app.shared:queue", "--processes", 1, "--workers", 1)
+    worker.wait_for(r"worker process started")
+    child = worker.children()[0]
+    worker.signal(signal.SIGTERM)
+    ended = time.monotonic() + TIMEOUT
+    while alive(child) and time.monotonic() < ended:
+        try:
+            os.kill(child, signal.SIGTERM)
+        except ProcessLookupError:
+            break
+        time.sleep(0.0005)
+    assert worker.wait() == 0, worker.log()
+    assert "killed by SIGTERM" not in worker.log()
+
+
 def test_a_target_module_that_changes_the_stop_signals_at_import_is_overridden(project, shared_project,
                                                                                producer, record):
     """The worker process owns its stop: what the module set for SIGTERM/SIGINT is replaced (logged)."""

@@ -320,6 +320,10 @@ def run_child(target: str, workers: int, check: bool, loaded_fd: Optional[int] =
     logger.info("stopping (%s): running attempts finish, buffered jobs go back to the queue", stop_reason)
     queue.stop(wait=True)
     logger.info("worker process stopped")
+    # Ignored from now to the end: the interpreter's exit would put back their default action
+    # (death), and the supervisor (or systemd) may still send one.
+    for number in _STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
     # A thread that the user's module started (not a daemon) would keep the interpreter from exiting,
     # for ever if nothing stops it (the module has no say in this stop), and the supervisor waiting.
     left = [thread.name for thread in threading.enumerate()
