@@ -96,7 +96,7 @@ def test_concurrency_limit(demo):
 def test_timeout(demo):
     text = "\n".join(section(demo[0], 5))
     assert "small export: all 2 chunks done" in text
-    assert "huge export: cancelled after 2 chunks; returning" in text
+    assert re.search(r"huge export: cancelled after \d+ chunks; returning", text), text
     assert "on_failure('huge export', 'retries_exhausted', JobTimeout: " in text
 
 

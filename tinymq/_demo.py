@@ -128,7 +128,7 @@ def show_timeout(q: Queue) -> None:
     def report_failure(job: Job, reason: str, exc: Optional[BaseException]) -> None:
         say(f"   on_failure({job.payload['name']!r}, {reason!r}, {type(exc).__name__}: {exc})")
 
-    @q.executor("export", timeout=0.25)
+    @q.executor("export", timeout=0.5)  # (2 chunks fit, with room for a loaded machine)
     def export(job: Job, ctx: JobContext) -> None:
         try:
             chunks = job.payload["chunks"]
