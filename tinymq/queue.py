@@ -216,11 +216,11 @@ class Queue:
 
     def __init__(self, buffer_size: Optional[int] = None, *, config: Optional[Config] = None,
                  broker: Any = None) -> None:
+        if isinstance(buffer_size, (Config, ExecutorConfig)) or callable(getattr(buffer_size, "_attach", None)):
+            raise TypeError(_misplaced_in_queue(buffer_size))
         # Invariant (with a store): an id set before enqueue is in _claimed, guarded by
         # _claim_lock, from before its save until the core has it, so a duplicate is
         # refused before its save could overwrite the unfinished job's row.
-        if isinstance(buffer_size, (Config, ExecutorConfig)) or callable(getattr(buffer_size, "_attach", None)):
-            raise TypeError(_misplaced_in_queue(buffer_size))
         if config is None:
             config = Config() if buffer_size is None else Config(buffer_size=buffer_size)
         elif buffer_size is not None:
