@@ -613,14 +613,19 @@ class Dispatcher:
             # A due job no longer counts as delayed, even one the scheduler has not moved
             # yet (or that waits for start_dispatcher): it goes to the ready buffer, not out.
             ends = self._due_ends(heap, now)
-        if accept:  # counted and placed together (an evicted job with its count): never nowhere
-            evicted = self.ready.accept_delayed(job, heap, due)
-            if evicted is not None:
-                ends = self._add_end(ends, self.end_evicted, *evicted)
-        else:
-            pushed_out = self.ready.place_delayed(job, heap, due, release)
-            if pushed_out is not None:  # (counted as it fails)
-                ends = self._add_end(ends, self.fail, pushed_out, "evicted", None, core.EVICTED)
+        try:
+            if accept:  # counted and placed together (an evicted job with its count): never nowhere
+                evicted = self.ready.accept_delayed(job, heap, due)
+                if evicted is not None:
+                    ends = self._add_end(ends, self.end_evicted, *evicted)
+            else:
+                pushed_out = self.ready.place_delayed(job, heap, due, release)
+                if pushed_out is not None:  # (counted as it fails)
+                    ends = self._add_end(ends, self.fail, pushed_out, "evicted", None, core.EVICTED)
+        except BaseException:  # refused (a duplicate id...): the due jobs moved in all the same
+            if ends is not None:
+                self.end_all(ends)
+            raise
         self.scheduler_alarm.wake_before(due)
         # A cancel that looked for it before it arrived here left a mark: whoever takes it out ends it.
         if self.ready.take_cancel_from(job, heap):
@@ -645,7 +650,12 @@ class Dispatcher:
         if delayed_jobs and heap.capacity and len(heap) + len(delayed_jobs) > heap.capacity:
             ends = self._due_ends(heap, now)
         due = [now + delay for delay in delays]
-        evicted = self.ready.push_many_delayed(ready_jobs, delayed_jobs, heap, due)
+        try:
+            evicted = self.ready.push_many_delayed(ready_jobs, delayed_jobs, heap, due)
+        except BaseException:  # refused (a duplicate id...): the due jobs moved in all the same
+            if ends is not None:
+                self.end_all(ends)
+            raise
         if evicted is None:
             if ends is not None:  # (due jobs moved in all the same: their ends go on up)
                 self.end_all(ends)

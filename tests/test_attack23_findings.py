@@ -1,0 +1,48 @@
+"""Attack on the changes of session 23 (attack23): what an outsider found, each with its test.
+
+API.md "Stats": get_stats() sees every unfinished job in exactly one place, or ended; join() returns
+once every job has ended.
+"""
+import time
+
+import pytest
+
+from tinymq import DuplicateJob, Job
+
+from _helpers import WAIT, all_accounted, make_queue, record_failures, wait_until
+
+
+def due_and_broken(q, payload):
+    """A delayed job, due almost at once, whose priority is made invalid while it waits (moving it
+    in fails it), waited for until it is due (no dispatcher: the scheduler does not move it)."""
+    job = q.enqueue_delayed(Job("t", payload), 0.01)
+    job.priority = 7
+    due = time.time() + 0.05
+    assert wait_until(lambda: time.time() > due)
+    return job
+
+
+@pytest.mark.parametrize("how", ["enqueue_delayed", "enqueue_many"])
+def test_a_refused_delayed_enqueue_on_a_full_heap_still_ends_the_due_jobs_it_moved(how):
+    """On a full delayed heap an enqueue moves the due jobs in first; one that cannot go in is
+    taken out of the heap, its end left to the caller. The enqueue then refused as a duplicate id:
+    that end was dropped, so the job was counted nowhere and join() never returned."""
+    q = make_queue(max_delayed_jobs=2)
+    try:
+        failures = record_failures(q, key=lambda job: job.payload)
+        q.register_executor("t", lambda job: None)
+        waiting = q.enqueue_delayed(Job("t", "waiting", id="taken"), 60.0)
+        due_and_broken(q, "broken")
+        again = Job("t", "again", id="taken")
+        with pytest.raises(DuplicateJob):
+            if how == "enqueue_delayed":
+                q.enqueue_delayed(again, 60.0)
+            else:
+                q.enqueue_many([Job("t", "again", id="taken", run_at=time.time() + 60.0)])
+        assert [payload for payload, _, _ in failures.snapshot()] == ["broken"]
+        stats = q.get_stats()
+        assert stats.jobs_failed == 1 and all_accounted(stats), stats
+        assert q.cancel(waiting.id)
+        assert q.join(WAIT), "the due job the refused enqueue took out of the heap never ended"
+    finally:
+        q.stop(wait=False)
