@@ -46,3 +46,33 @@ def test_a_refused_delayed_enqueue_on_a_full_heap_still_ends_the_due_jobs_it_mov
         assert q.join(WAIT), "the due job the refused enqueue took out of the heap never ended"
     finally:
         q.stop(wait=False)
+
+
+@pytest.mark.redis
+def test_a_job_whose_id_is_not_utf8_in_redis_can_be_cancelled_by_the_id_it_reads_as(redis_url):
+    """docs/redis.md: an id that is not UTF-8 in Redis (another program wrote it) reads as lone
+    surrogates and goes back as the same bytes: requeue_dead and purge_dead take it so, and its job
+    runs and settles under it. cancel() of that id returned False ("no job can have it") and left
+    the job to run; now it cancels the job, as for any id. An id no bytes read as is still False."""
+    import redis
+
+    from tinymq import Queue
+    from tinymq.redis import RedisBroker
+    from tinymq.redis._scripts import Scripts
+
+    body = b'["t",1,null,1.0,1.0,null,null]'
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    q = Queue(broker=RedisBroker(redis_url, name="foreign-id"))
+    try:
+        failures = record_failures(q, key=lambda job: job.id)
+        q.register_executor("t", lambda job: None)
+        assert Scripts(client, "foreign-id").enqueue("tok", 100, 0, [(b"id-\xff", "t", 1, 60_000, body)]).status == "ok"
+        assert q.cancel("id-\ud800") is False  # (no bytes read so: surrogateescape makes \udc80-\udcff only)
+        assert q.cancel("id-\udcfe") is False  # (no job has those bytes)
+        assert q.cancel("id-\udcff") is True, "the job whose id is b'id-\\xff' in Redis was not cancelled"
+        assert q.join(WAIT)
+        assert failures.snapshot() == [("id-\udcff", "cancelled", None)]
+        assert q.get_stats().jobs_cancelled == 1
+    finally:
+        q.stop()
+        client.close()

@@ -52,8 +52,8 @@ from .._shield import shield
 from ..config import RateLimit
 from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError, _describe
 from ..stats import ExecutorStats, QueueStats
-from ._codec import decode_job, encode_job, is_utf8, sendable_text, undecodable_job, unsendable
-from ._scripts import Crashed, SettleOp, retries_of
+from ._codec import decode_job, encode_job, sendable_text, undecodable_job, unsendable
+from ._scripts import Crashed, SettleOp, readable_id, retries_of
 from .broker import reply_wait
 
 __all__ = ["QueueLink"]
@@ -554,7 +554,7 @@ class QueueLink:
         does meanwhile, its settle ends the job as cancelled, counted once (but a
         failure for good it decided, and reported, before it heard of the mark stands).
         """
-        if not is_utf8(job_id):  # Redis cannot take it, so no job has it (enqueue refuses such an id)
+        if not readable_id(job_id):  # no bytes in Redis read so, so no job has it
             return False
         token = "c" + os.urandom(8).hex()  # a resend of this call gets the first one's reply
         # From the call on, stop() waits for this thread as for a running callback: a row the

@@ -153,6 +153,16 @@ def _ops_args(ops: Iterable[SettleOp]) -> List[Any]:
     return flat
 
 
+def readable_id(job_id: str) -> bool:
+    """Whether ``job_id`` is what some bytes in Redis read as: UTF-8 text, or with the lone
+    surrogates (\\udc80-\\udcff) that stand for bytes that are not UTF-8 (see _wire)."""
+    try:
+        _wire(job_id)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _wire(text: str) -> bytes:
     """Text read from Redis as the bytes Redis holds: the connections decode what is not UTF-8
     (another program wrote it: a binary body, an id) as lone surrogates ("surrogateescape", as
@@ -413,7 +423,7 @@ class Scripts:
         a caller not registered registers with that lease for the report (a reporter).
         ``take_back``: the token of the enqueue whose job this takes back (only that job is
         cancelled, and the dead job its enqueue replaced comes back)."""
-        reply = self._call("cancel", [token, job_id, caller, lease_ms, take_back], timeout)
+        reply = self._call("cancel", [token, _wire(job_id), caller, lease_ms, take_back], timeout)
         status = int(reply[0])
         if status == 1:
             return CancelReply("removed", removed=_crashed([reply[1]])[0],
