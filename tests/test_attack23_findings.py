@@ -76,3 +76,37 @@ def test_a_job_whose_id_is_not_utf8_in_redis_can_be_cancelled_by_the_id_it_reads
     finally:
         q.stop()
         client.close()
+
+
+@pytest.mark.redis
+def test_an_executor_for_a_type_that_is_not_utf8_in_redis_runs_its_jobs_and_one_redis_cannot_take_is_refused(redis_url):
+    """register_executor of a type holding a lone surrogate, on a RedisBroker queue: its limits
+    could not be sent (UnicodeEncodeError), so the pump crashed at every round, let its id go and
+    started again, and no job of the queue ran, of any type. Now a type sends as a job reads it
+    (b't\\xff' in Redis is 't\\udcff'), so its jobs run; one that no bytes read as ('\\ud800') is
+    refused by register_executor with a ValueError naming it."""
+    import redis
+
+    from tinymq import Queue
+    from tinymq.redis import RedisBroker
+    from tinymq.redis._scripts import Scripts
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    rows = [("foreign", b"t\xff", 1, 0, b'["t\xff",1,null,1.0,1.0,null,null]'),
+            ("plain", "u", 1, 0, b'["u",1,null,1.0,1.0,null,null]')]
+    assert Scripts(client, "foreign-type").enqueue("tok", 100, 0, rows).status == "ok"
+    q = Queue(broker=RedisBroker(redis_url, name="foreign-type"))
+    try:
+        ran = []
+        failures = record_failures(q, key=lambda job: job.id)
+        with pytest.raises(ValueError, match=r"job type 'x\\ud800' cannot be sent to Redis"):
+            q.register_executor("x\ud800", lambda job: None)
+        assert "x\ud800" not in q.get_stats().executor_stats
+        q.register_executor("t\udcff", lambda job: ran.append((job.id, job.type)))
+        q.register_executor("u", lambda job: ran.append((job.id, job.type)))
+        q.start_dispatcher(1)
+        assert q.join(WAIT), "no job ran"
+        assert sorted(ran) == [("foreign", "t\udcff"), ("plain", "u")] and failures.snapshot() == []
+    finally:
+        q.stop()
+        client.close()

@@ -189,6 +189,9 @@ class BrokerLink(AttemptLedger, Protocol):
         """Cancel ``job``, got in by the enqueue ``enqueued`` as its aenqueue caller gave up: as
         ``cancel``, and a dead job of its id that the enqueue replaced comes back."""
 
+    def check_type(self, job_type: str) -> None:
+        """ValueError, naming it, for a job type the shared backend cannot hold (before it is registered)."""
+
     def set_limit(self, job_type: str, limit: int, rate_limit: Optional[RateLimit] = None) -> None:
         """A registered executor's max_concurrent_jobs and rate_limit, as shared (global) limits."""
 
@@ -271,6 +274,8 @@ class Queue:
             config = _DEFAULT_EXECUTOR_CONFIG
         elif not isinstance(config, ExecutorConfig):
             raise TypeError(f"config must be a tinymq.ExecutorConfig, got {config!r}")
+        if self._link is not None:  # (else its limits could never be sent, and no job of the queue would run)
+            self._link.check_type(job_type)
         local_config = config
         if self._link is not None and config.rate_limit is not None:  # the broker holds its one rate window
             local_config = dataclasses.replace(config, rate_limit=None)

@@ -597,6 +597,13 @@ class QueueLink:
                 logger.info("job %s (%s) was cancelled through Redis queue %r", job.id, job.type,
                             self.broker.name)
 
+    def check_type(self, job_type: str) -> None:
+        """A type is sent as a job reads it (a byte that is not UTF-8 as a lone surrogate: another
+        program wrote it); one that no bytes read as (a lone surrogate such as \\ud800) is refused."""
+        if not readable_id(job_type):
+            raise ValueError(f"job type {job_type!r} cannot be sent to Redis: it has text that is not "
+                             "valid Unicode (a lone surrogate?)")
+
     def set_limit(self, job_type: str, limit: int, rate_limit: Optional[RateLimit] = None) -> None:
         """A registered executor's ``max_concurrent_jobs`` and ``rate_limit``: sent before
         this process's next fetch. Redis holds the one rate window of the type."""

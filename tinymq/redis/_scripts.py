@@ -154,7 +154,7 @@ def _ops_args(ops: Iterable[SettleOp]) -> List[Any]:
 
 
 def readable_id(job_id: str) -> bool:
-    """Whether ``job_id`` is what some bytes in Redis read as: UTF-8 text, or with the lone
+    """Whether ``job_id`` (or a job type) is what some bytes in Redis read as: UTF-8 text, or with the lone
     surrogates (\\udc80-\\udcff) that stand for bytes that are not UTF-8 (see _wire)."""
     try:
         _wire(job_id)
@@ -463,9 +463,9 @@ class Scripts:
         for job_type, value in limits.items():
             if isinstance(value, tuple):
                 limit, max_starts, per = value
-                args.extend((job_type, limit, max_starts, round(per * 1000.0, 3)))
+                args.extend((_wire(job_type), limit, max_starts, round(per * 1000.0, 3)))
             else:
-                args.extend((job_type, value, 0, 0))
+                args.extend((_wire(job_type), value, 0, 0))  # (a type as a job reads it: see _wire)
         return int(self._call("limits", args))
 
     def stats(self) -> Tuple[Tuple[int, int, int], int, Dict[str, int]]:
