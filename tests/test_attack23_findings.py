@@ -110,3 +110,16 @@ def test_an_executor_for_a_type_that_is_not_utf8_in_redis_runs_its_jobs_and_one_
     finally:
         q.stop()
         client.close()
+
+
+@pytest.mark.parametrize("name", ["jobs-\udcff", "\ud800"])
+def test_a_broker_name_redis_cannot_take_is_refused_naming_it(name):
+    """RedisBroker(name=...) with a lone surrogate was taken: every call naming one of its keys then
+    failed with a bare UnicodeEncodeError (enqueue), and the pump crashed at every round. Refused
+    at construction now, naming it, as a name with '{' is (the CLI's --name says it as its error)."""
+    pytest.importorskip("redis")
+    from tinymq.redis import RedisBroker
+
+    with pytest.raises(ValueError, match="broker name must be text Redis can take") as info:
+        RedisBroker("redis://127.0.0.1:1/0", name=name)
+    assert repr(name) in str(info.value)

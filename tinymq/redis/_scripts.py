@@ -16,6 +16,8 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
+from ..job import _is_utf8
+
 __all__ = ["Scripts", "Connections", "SettleOp", "Crashed", "Fetched", "FetchReply", "EnqueueReply",
            "BeatReply", "CancelReply", "StatusReply", "key_prefix"]
 
@@ -33,6 +35,8 @@ def key_prefix(name: str) -> str:
         raise ValueError(f"broker name must be a non-empty str, got {name!r}")
     if "{" in name or "}" in name:
         raise ValueError(f"broker name must not contain '{{' or '}}' (it is a hash tag), got {name!r}")
+    if not _is_utf8(name):  # (else every call naming a key would fail, in the pump's thread too)
+        raise ValueError(f"broker name must be text Redis can take, without a lone surrogate, got {name!r}")
     return f"tmq:{{{name}}}:"
 
 
