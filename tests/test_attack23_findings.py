@@ -123,3 +123,19 @@ def test_a_broker_name_redis_cannot_take_is_refused_naming_it(name):
     with pytest.raises(ValueError, match="broker name must be text Redis can take") as info:
         RedisBroker("redis://127.0.0.1:1/0", name=name)
     assert repr(name) in str(info.value)
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_a_worker_target_given_as_an_absolute_path_is_named_from_the_current_directory(inside, tmp_path, monkeypatch):
+    """`worker /home/me/proj/myapp/jobs.py:queue` was told to write 'home.me.proj.myapp.jobs:queue',
+    a module name from the root, which imports from nowhere but '/'. Now the name is the path's
+    from the current directory (where the worker imports from), and none is offered for a file
+    outside it."""
+    from tinymq._worker import split_target
+
+    monkeypatch.chdir(tmp_path if inside else tmp_path / "..")
+    target = f"{tmp_path}/myapp/jobs.py:queue" if inside else "/elsewhere/myapp/jobs.py:queue"
+    hint = "; write 'myapp.jobs:queue' (a module name, as for `python -m`, not a file path)" if inside else ""
+    with pytest.raises(ValueError) as refused:
+        split_target(target)
+    assert str(refused.value) == f"the target must look like 'package.module:queue', got {target!r}{hint}"
