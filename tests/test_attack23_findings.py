@@ -139,3 +139,52 @@ def test_a_worker_target_given_as_an_absolute_path_is_named_from_the_current_dir
     with pytest.raises(ValueError) as refused:
         split_target(target)
     assert str(refused.value) == f"the target must look like 'package.module:queue', got {target!r}{hint}"
+
+
+class RetrySaveInterrupted:
+    """An in-memory store whose second save (the first retry's) raises KeyboardInterrupt."""
+
+    def __init__(self):
+        self.rows, self.saves = {}, 0
+
+    def save(self, job):
+        self.saves += 1
+        if self.saves == 2:
+            raise KeyboardInterrupt("store gone")
+        self.rows[job.id] = job
+
+    def delete(self, job_id):
+        self.rows.pop(job_id, None)
+
+    def load_all(self):
+        return []
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05])
+def test_a_retry_whose_save_raises_keyboardinterrupt_is_still_placed(delay):
+    """docs/api.md "Persistence": a store's KeyboardInterrupt goes on up once the job is looked
+    after. At a retry's save it went up before the retry was placed: the job was in no place and
+    never ended, and join() hung. Now the retry is placed, runs, and the error goes on up after
+    (the worker thread it ends is logged and replaced)."""
+    from tinymq import Queue, RetryConfig
+
+    store = RetrySaveInterrupted()
+    q = Queue(10)
+    try:
+        q.set_persistence(store)
+        attempts = []
+
+        def fails_once(job):
+            attempts.append(job.retries)
+            if len(attempts) == 1:
+                raise RuntimeError("first attempt fails")
+
+        q.register_executor("t", fails_once)
+        job = q.enqueue(Job("t", 1, retry_config=RetryConfig(max_retries=2, initial_delay=delay)))
+        q.start_dispatcher(1)
+        assert q.join(WAIT), "the retry whose save raised was never placed"
+        stats = q.get_stats()
+        assert attempts == [0, 1] and (stats.jobs_retried, stats.jobs_succeeded) == (1, 1)
+        assert all_accounted(stats) and job.id not in store.rows
+    finally:
+        q.stop(wait=False)

@@ -1141,6 +1141,8 @@ class Dispatcher:
             if self.ready.take_cancel(job):  # after stop's give-back and the broker's refusal, as before
                 self.end_cancelled(job)
                 return
+        ends: Optional[Sequence[End]] = None
+        interrupted: Optional[BaseException] = None  # what the retry's save raised that is not swallowed
         try:
             job.retries += 1
             job.last_error = _describe(exc)
@@ -1169,18 +1171,25 @@ class Dispatcher:
                 self.ready.task_done(job)
                 return
             if self.store is not None:  # (a cancel meanwhile marks it: the move below ends it, after the save)
-                self.call_store("save", self.store.save, job)
+                try:
+                    self.call_store("save", self.store.save, job)
+                except BaseException as error:  # (a KeyboardInterrupt) the retry is placed all the same, then it goes on up
+                    interrupted = error
             placing, release = release, None  # (from here on the move below frees it, or fails the job)
             if delay <= 0.0:
                 self.make_ready(job, placing)
-                return
-            ends = self.push_delayed(job, delay, evictable=False, release=placing)
+            else:
+                ends = self.push_delayed(job, delay, evictable=False, release=placing)
         except (Exception, SystemExit) as error:  # a job made unusable (its retry_config, a sys.exit() in it): fail it
             logger.exception("tinymq could not schedule the retry of job %r", job)
             self.fail(job, "retries_exhausted", error, release=release)
-            return
         if ends is not None:  # (the retry is placed: ended here, its own cancel too, never failed again)
             self.end_all(ends)
+        if interrupted is not None:
+            try:
+                raise interrupted
+            finally:
+                interrupted = None  # (no cycle through this frame)
 
     def fail(self, job: Any, reason: str, exc: Optional[BaseException], counter: int = core.FAILED,
              counted: bool = False, release: Any = None) -> None:
