@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tinymq import DuplicateJob, Job
+from tinymq import DuplicateJob, Job, PermanentFailure
 
 from _helpers import WAIT, all_accounted, make_queue, record_failures, wait_until
 
@@ -186,5 +186,40 @@ def test_a_retry_whose_save_raises_keyboardinterrupt_is_still_placed(delay):
         stats = q.get_stats()
         assert attempts == [0, 1] and (stats.jobs_retried, stats.jobs_succeeded) == (1, 1)
         assert all_accounted(stats) and job.id not in store.rows
+    finally:
+        q.stop(wait=False)
+
+
+def test_on_failure_takes_a_wrapper_by_its_own_parameters_not_those_of_the_function_it_wraps():
+    """on_failure's signature check read through functools.wraps: an adapter `wrapper(job, reason,
+    exc)` that calls a one-argument `notify(job)` was refused as having the signature (job), though
+    the queue calls the wrapper. A wrapper that cannot take the three is still refused."""
+    import functools
+
+    from tinymq import Queue
+
+    def adapter(fn):
+        @functools.wraps(fn)
+        def wrapper(job, reason, exc):
+            fn(job)
+        return wrapper
+
+    notified = []
+
+    def notify(job):
+        notified.append(job.payload)
+
+    q = Queue()
+    try:
+        assert q.on_failure(adapter(notify)) is not None
+        with pytest.raises(TypeError, match=r"callable as fn\(job, reason, exc\).* signature \(job\)"):
+            q.on_failure(functools.wraps(notify)(lambda job: None))
+        def fails(job):
+            raise PermanentFailure("no")
+
+        q.register_executor("t", fails)
+        q.enqueue(Job("t", "failing"))
+        q.start_dispatcher(1)
+        assert q.join(WAIT) and notified == ["failing"]
     finally:
         q.stop(wait=False)

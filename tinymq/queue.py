@@ -310,8 +310,8 @@ class Queue:
                     or inspect.isasyncgenfunction(target)):
                 raise TypeError(f"failure callback {fn!r} is an async def or generator function: calling "
                                 "it would only create a coroutine or generator, never run its body")
-        try:
-            signature = inspect.signature(fn)
+        try:  # its own parameters: a wrapper (functools.wraps) is called, not the function it wraps
+            signature = inspect.signature(fn, follow_wrapped=False)
         except (TypeError, ValueError):  # some builtins have no signature: taken as they are
             signature = None
         if signature is not None:
