@@ -1,4 +1,4 @@
-"""Attack on the changes of session 23 (attack23): what an outsider found, each with its test.
+"""Attack on the changes of session 23 (attackSS): what an outsider found, each with its test.
 
 API.md "Stats": get_stats() sees every unfinished job in exactly one place, or ended; join() returns
 once every job has ended.
@@ -56,7 +56,7 @@ def test_a_job_whose_id_is_not_utf8_in_redis_can_be_cancelled_by_the_id_it_reads
     the job to run; now it cancels the job, as for any id. An id no bytes read as is still False."""
     import redis
 
-    from tinymq import Queue
+    from tinymq import Queue, RetryConfig
     from tinymq.redis import RedisBroker
     from tinymq.redis._scripts import Scripts
 
@@ -87,7 +87,7 @@ def test_an_executor_for_a_type_that_is_not_utf8_in_redis_runs_its_jobs_and_one_
     refused by register_executor with a ValueError naming it."""
     import redis
 
-    from tinymq import Queue
+    from tinymq import Queue, RetryConfig
     from tinymq.redis import RedisBroker
     from tinymq.redis._scripts import Scripts
 
@@ -196,7 +196,7 @@ def test_on_failure_takes_a_wrapper_by_its_own_parameters_not_those_of_the_funct
     the queue calls the wrapper. A wrapper that cannot take the three is still refused."""
     import functools
 
-    from tinymq import Queue
+    from tinymq import Queue, RetryConfig
 
     def adapter(fn):
         @functools.wraps(fn)
@@ -221,5 +221,47 @@ def test_on_failure_takes_a_wrapper_by_its_own_parameters_not_those_of_the_funct
         q.enqueue(Job("t", "failing"))
         q.start_dispatcher(1)
         assert q.join(WAIT) and notified == ["failing"]
+    finally:
+        q.stop(wait=False)
+
+
+def test_an_executor_wrapper_is_called_as_its_own_parameters_say():
+    """An executor `wrapper(job, ctx)` made with functools.wraps around `work(payload)` was called
+    as fn(job): its signature was read through to work's one parameter, and every job failed with
+    "missing 1 required positional argument: 'ctx'". Its own parameters decide now; a generic
+    wrapper(*args, **kwargs) is still called as the function it wraps takes."""
+    import functools
+
+    from tinymq import Queue, RetryConfig
+
+    done = []
+
+    def with_context(fn):
+        @functools.wraps(fn)
+        def wrapper(job, ctx):
+            return fn((job.payload, ctx.job is job))
+        return wrapper
+
+    def generic(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return fn(*args, **kwargs)
+        return wrapper
+
+    def work(payload):
+        done.append(payload)
+
+    def work_with_context(job, ctx):
+        done.append((job.payload, ctx.job is job))
+
+    q = Queue()
+    try:
+        q.register_executor("adapted", with_context(work))
+        q.register_executor("generic", generic(work_with_context))
+        q.enqueue(Job("adapted", "a", retry_config=RetryConfig(max_retries=0)))
+        q.enqueue(Job("generic", "g"))
+        q.start_dispatcher(1)
+        assert q.join(WAIT)
+        assert sorted(done) == [("a", True), ("g", True)] and q.get_stats().jobs_failed == 0
     finally:
         q.stop(wait=False)

@@ -147,11 +147,13 @@ def _inspect_takes_context(job_type: str, fn: Callable[..., Any]) -> bool:
         if inspect.isgeneratorfunction(target) or inspect.isasyncgenfunction(target):
             raise TypeError(f"executor for {job_type!r} is a generator function ({fn!r}): calling "
                             "it would only create a generator, never run its body")
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     try:
-        signature = inspect.signature(fn)
+        signature = inspect.signature(fn, follow_wrapped=False)  # what is called: a wrapper's own parameters
+        if not any(p.kind in positional for p in signature.parameters.values()):
+            signature = inspect.signature(fn)  # wrapper(*args, **kwargs): the function it wraps (functools.wraps) says
     except (TypeError, ValueError):  # some builtins have no signature: call them with the job
         return False
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     required = [p for p in signature.parameters.values() if p.kind in positional and p.default is p.empty]
     for takes_context in (len(required) >= 2, len(required) < 2):
         try:
