@@ -613,14 +613,19 @@ class Dispatcher:
             # A due job no longer counts as delayed, even one the scheduler has not moved
             # yet (or that waits for start_dispatcher): it goes to the ready buffer, not out.
             ends = self._due_ends(heap, now)
-        if accept:  # counted and placed together (an evicted job with its count): never nowhere
-            evicted = self.ready.accept_delayed(job, heap, due)
-            if evicted is not None:
-                ends = self._add_end(ends, self.end_evicted, *evicted)
-        else:
-            pushed_out = self.ready.place_delayed(job, heap, due, release)
-            if pushed_out is not None:  # (counted as it fails)
-                ends = self._add_end(ends, self.fail, pushed_out, "evicted", None, core.EVICTED)
+        try:
+            if accept:  # counted and placed together (an evicted job with its count): never nowhere
+                evicted = self.ready.accept_delayed(job, heap, due)
+                if evicted is not None:
+                    ends = self._add_end(ends, self.end_evicted, *evicted)
+            else:
+                pushed_out = self.ready.place_delayed(job, heap, due, release)
+                if pushed_out is not None:  # (counted as it fails)
+                    ends = self._add_end(ends, self.fail, pushed_out, "evicted", None, core.EVICTED)
+        except BaseException:  # refused (a duplicate id...): the due jobs moved in all the same
+            if ends is not None:
+                self.end_all(ends)
+            raise
         self.scheduler_alarm.wake_before(due)
         # A cancel that looked for it before it arrived here left a mark: whoever takes it out ends it.
         if self.ready.take_cancel_from(job, heap):
@@ -645,7 +650,12 @@ class Dispatcher:
         if delayed_jobs and heap.capacity and len(heap) + len(delayed_jobs) > heap.capacity:
             ends = self._due_ends(heap, now)
         due = [now + delay for delay in delays]
-        evicted = self.ready.push_many_delayed(ready_jobs, delayed_jobs, heap, due)
+        try:
+            evicted = self.ready.push_many_delayed(ready_jobs, delayed_jobs, heap, due)
+        except BaseException:  # refused (a duplicate id...): the due jobs moved in all the same
+            if ends is not None:
+                self.end_all(ends)
+            raise
         if evicted is None:
             if ends is not None:  # (due jobs moved in all the same: their ends go on up)
                 self.end_all(ends)
@@ -1131,6 +1141,8 @@ class Dispatcher:
             if self.ready.take_cancel(job):  # after stop's give-back and the broker's refusal, as before
                 self.end_cancelled(job)
                 return
+        ends: Optional[Sequence[End]] = None
+        interrupted: Optional[BaseException] = None  # what the retry's save raised that is not swallowed
         try:
             job.retries += 1
             job.last_error = _describe(exc)
@@ -1159,18 +1171,25 @@ class Dispatcher:
                 self.ready.task_done(job)
                 return
             if self.store is not None:  # (a cancel meanwhile marks it: the move below ends it, after the save)
-                self.call_store("save", self.store.save, job)
+                try:
+                    self.call_store("save", self.store.save, job)
+                except BaseException as error:  # (a KeyboardInterrupt) the retry is placed all the same, then it goes on up
+                    interrupted = error
             placing, release = release, None  # (from here on the move below frees it, or fails the job)
             if delay <= 0.0:
                 self.make_ready(job, placing)
-                return
-            ends = self.push_delayed(job, delay, evictable=False, release=placing)
+            else:
+                ends = self.push_delayed(job, delay, evictable=False, release=placing)
         except (Exception, SystemExit) as error:  # a job made unusable (its retry_config, a sys.exit() in it): fail it
             logger.exception("tinymq could not schedule the retry of job %r", job)
             self.fail(job, "retries_exhausted", error, release=release)
-            return
         if ends is not None:  # (the retry is placed: ended here, its own cancel too, never failed again)
             self.end_all(ends)
+        if interrupted is not None:
+            try:
+                raise interrupted
+            finally:
+                interrupted = None  # (no cycle through this frame)
 
     def fail(self, job: Any, reason: str, exc: Optional[BaseException], counter: int = core.FAILED,
              counted: bool = False, release: Any = None) -> None:

@@ -90,6 +90,10 @@ def _as_module(target: str) -> str:
     """A hint for a target given as a file path (``myapp/jobs.py:queue``) or without ``:queue``."""
     path, colon, attribute_path = target.partition(":")
     dotted = path[:-len(".py")] if path.endswith(".py") else path
+    if os.path.isabs(dotted):  # a module name is relative to the current directory, where it is imported from
+        dotted = os.path.relpath(dotted)
+        if dotted == os.pardir or dotted.startswith(os.pardir + os.sep):
+            return ""  # (outside it: no module name would find the file from here)
     dotted = dotted.replace(os.sep, "/")
     while dotted.startswith("./"):
         dotted = dotted[len("./"):]

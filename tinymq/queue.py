@@ -147,11 +147,13 @@ def _inspect_takes_context(job_type: str, fn: Callable[..., Any]) -> bool:
         if inspect.isgeneratorfunction(target) or inspect.isasyncgenfunction(target):
             raise TypeError(f"executor for {job_type!r} is a generator function ({fn!r}): calling "
                             "it would only create a generator, never run its body")
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     try:
-        signature = inspect.signature(fn)
+        signature = inspect.signature(fn, follow_wrapped=False)  # what is called: a wrapper's own parameters
+        if not any(p.kind in positional for p in signature.parameters.values()):
+            signature = inspect.signature(fn)  # wrapper(*args, **kwargs): the function it wraps (functools.wraps) says
     except (TypeError, ValueError):  # some builtins have no signature: call them with the job
         return False
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     required = [p for p in signature.parameters.values() if p.kind in positional and p.default is p.empty]
     for takes_context in (len(required) >= 2, len(required) < 2):
         try:
@@ -188,6 +190,9 @@ class BrokerLink(AttemptLedger, Protocol):
     def take_back(self, job: Job, enqueued: str) -> bool:
         """Cancel ``job``, got in by the enqueue ``enqueued`` as its aenqueue caller gave up: as
         ``cancel``, and a dead job of its id that the enqueue replaced comes back."""
+
+    def check_type(self, job_type: str) -> None:
+        """ValueError, naming it, for a job type the shared backend cannot hold (before it is registered)."""
 
     def set_limit(self, job_type: str, limit: int, rate_limit: Optional[RateLimit] = None) -> None:
         """A registered executor's max_concurrent_jobs and rate_limit, as shared (global) limits."""
@@ -271,6 +276,8 @@ class Queue:
             config = _DEFAULT_EXECUTOR_CONFIG
         elif not isinstance(config, ExecutorConfig):
             raise TypeError(f"config must be a tinymq.ExecutorConfig, got {config!r}")
+        if self._link is not None:  # (else its limits could never be sent, and no job of the queue would run)
+            self._link.check_type(job_type)
         local_config = config
         if self._link is not None and config.rate_limit is not None:  # the broker holds its one rate window
             local_config = dataclasses.replace(config, rate_limit=None)
@@ -305,8 +312,8 @@ class Queue:
                     or inspect.isasyncgenfunction(target)):
                 raise TypeError(f"failure callback {fn!r} is an async def or generator function: calling "
                                 "it would only create a coroutine or generator, never run its body")
-        try:
-            signature = inspect.signature(fn)
+        try:  # its own parameters: a wrapper (functools.wraps) is called, not the function it wraps
+            signature = inspect.signature(fn, follow_wrapped=False)
         except (TypeError, ValueError):  # some builtins have no signature: taken as they are
             signature = None
         if signature is not None:

@@ -52,8 +52,8 @@ from .._shield import shield
 from ..config import RateLimit
 from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError, _describe
 from ..stats import ExecutorStats, QueueStats
-from ._codec import decode_job, encode_job, is_utf8, sendable_text, undecodable_job, unsendable
-from ._scripts import Crashed, SettleOp, retries_of
+from ._codec import decode_job, encode_job, sendable_text, undecodable_job, unsendable
+from ._scripts import Crashed, SettleOp, readable_id, retries_of
 from .broker import reply_wait
 
 __all__ = ["QueueLink"]
@@ -554,7 +554,7 @@ class QueueLink:
         does meanwhile, its settle ends the job as cancelled, counted once (but a
         failure for good it decided, and reported, before it heard of the mark stands).
         """
-        if not is_utf8(job_id):  # Redis cannot take it, so no job has it (enqueue refuses such an id)
+        if not readable_id(job_id):  # no bytes in Redis read so, so no job has it
             return False
         token = "c" + os.urandom(8).hex()  # a resend of this call gets the first one's reply
         # From the call on, stop() waits for this thread as for a running callback: a row the
@@ -596,6 +596,13 @@ class QueueLink:
             if self.dispatcher.cancel(job.id):
                 logger.info("job %s (%s) was cancelled through Redis queue %r", job.id, job.type,
                             self.broker.name)
+
+    def check_type(self, job_type: str) -> None:
+        """A type is sent as a job reads it (a byte that is not UTF-8 as a lone surrogate: another
+        program wrote it); one that no bytes read as (a lone surrogate such as \\ud800) is refused."""
+        if not readable_id(job_type):
+            raise ValueError(f"job type {job_type!r} cannot be sent to Redis: it has text that is not "
+                             "valid Unicode (a lone surrogate?)")
 
     def set_limit(self, job_type: str, limit: int, rate_limit: Optional[RateLimit] = None) -> None:
         """A registered executor's ``max_concurrent_jobs`` and ``rate_limit``: sent before

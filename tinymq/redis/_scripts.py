@@ -16,6 +16,8 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
+from ..job import _is_utf8
+
 __all__ = ["Scripts", "Connections", "SettleOp", "Crashed", "Fetched", "FetchReply", "EnqueueReply",
            "BeatReply", "CancelReply", "StatusReply", "key_prefix"]
 
@@ -33,6 +35,8 @@ def key_prefix(name: str) -> str:
         raise ValueError(f"broker name must be a non-empty str, got {name!r}")
     if "{" in name or "}" in name:
         raise ValueError(f"broker name must not contain '{{' or '}}' (it is a hash tag), got {name!r}")
+    if not _is_utf8(name):  # (else every call naming a key would fail, in the pump's thread too)
+        raise ValueError(f"broker name must be text Redis can take, without a lone surrogate, got {name!r}")
     return f"tmq:{{{name}}}:"
 
 
@@ -151,6 +155,16 @@ def _ops_args(ops: Iterable[SettleOp]) -> List[Any]:
         if op.op not in _SHORT_OPS:
             flat.extend(op[2:])
     return flat
+
+
+def readable_id(job_id: str) -> bool:
+    """Whether ``job_id`` (or a job type) is what some bytes in Redis read as: UTF-8 text, or with the lone
+    surrogates (\\udc80-\\udcff) that stand for bytes that are not UTF-8 (see _wire)."""
+    try:
+        _wire(job_id)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _wire(text: str) -> bytes:
@@ -413,7 +427,7 @@ class Scripts:
         a caller not registered registers with that lease for the report (a reporter).
         ``take_back``: the token of the enqueue whose job this takes back (only that job is
         cancelled, and the dead job its enqueue replaced comes back)."""
-        reply = self._call("cancel", [token, job_id, caller, lease_ms, take_back], timeout)
+        reply = self._call("cancel", [token, _wire(job_id), caller, lease_ms, take_back], timeout)
         status = int(reply[0])
         if status == 1:
             return CancelReply("removed", removed=_crashed([reply[1]])[0],
@@ -453,9 +467,9 @@ class Scripts:
         for job_type, value in limits.items():
             if isinstance(value, tuple):
                 limit, max_starts, per = value
-                args.extend((job_type, limit, max_starts, round(per * 1000.0, 3)))
+                args.extend((_wire(job_type), limit, max_starts, round(per * 1000.0, 3)))
             else:
-                args.extend((job_type, value, 0, 0))
+                args.extend((_wire(job_type), value, 0, 0))  # (a type as a job reads it: see _wire)
         return int(self._call("limits", args))
 
     def stats(self) -> Tuple[Tuple[int, int, int], int, Dict[str, int]]:
