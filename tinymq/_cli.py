@@ -18,11 +18,6 @@ class CommandError(Exception):
     """A user error: the command prints the message (no traceback) and exits 1."""
 
 
-def counted(number: int, noun: str, plural: str = "") -> str:
-    """``counted(1, "job")`` is "1 job", ``counted(2, "job")`` "2 jobs" (or ``plural`` when given)."""
-    return f"{number} {noun if number == 1 else plural or noun + 's'}"
-
-
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level), format=_LOG_FORMAT)
 

@@ -46,7 +46,7 @@ from ._shield import shield
 from .config import Config, ExecutorConfig
 from ._event_loop import _UNWIND_WAIT, LOOP_LATE, HandedOver, LoopRunner, timeout_error
 from .context import JobContext
-from .errors import JobTimeout, PermanentFailure, QueueStopped, RetryAfter, _describe
+from .errors import JobTimeout, PermanentFailure, QueueStopped, RetryAfter, _describe, counted
 
 __all__ = ["Dispatcher", "FailureCallback", "AttemptLedger", "NoThreadLeft"]
 
@@ -540,7 +540,7 @@ class Dispatcher:
             return
         kept = ("a persistence store keeps them for the next start" if self.store is not None
                 else "they are lost: the queue has no persistence store")
-        jobs = f"{unrun} accepted job{'' if unrun == 1 else 's'}"
+        jobs = counted(unrun, "accepted job")
         if why is None:
             logger.info("queue stopped with %s not run (%s)", jobs, kept)
         else:

@@ -18,7 +18,8 @@ import os
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar
 
-from ._cli import CommandError, counted
+from ._cli import CommandError
+from .errors import counted
 from .errors import PersistenceError, TinyMQError
 from .job import Job, Priority
 from .persistence._ownership import OwnedError

@@ -50,7 +50,8 @@ import time
 import traceback
 from typing import Any, List, NoReturn, Optional, Tuple
 
-from ._cli import CommandError, counted
+from ._cli import CommandError
+from .errors import counted
 from .queue import Queue
 
 __all__ = ["default_workers", "split_target", "load_queue", "run_child", "Supervisor"]

@@ -20,6 +20,11 @@ def _exception_text(exc: BaseException) -> str:
         return _STR_FAILED
 
 
+def counted(number: int, noun: str, plural: str = "") -> str:
+    """``counted(1, "job")`` is "1 job", ``counted(2, "job")`` "2 jobs" (or ``plural`` when given)."""
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"
+
+
 def _describe(exc: BaseException) -> str:
     """``"ClassName: text"``: how a job's ``last_error`` and the logs show an exception."""
     return f"{exc.__class__.__name__}: {_exception_text(exc)}"

@@ -22,7 +22,7 @@ from ._event_loop import is_async_executor
 from ._pick_core import core
 from ._shield import shield
 from .config import Config, ExecutorConfig, RateLimit, RetryConfig, _optional_seconds, _seconds
-from .errors import DuplicateJob, PersistenceError, QueueFull, QueueStopped, _describe, _exception_text
+from .errors import DuplicateJob, PersistenceError, QueueFull, QueueStopped, _describe, _exception_text, counted
 from .job import Job, Priority, RunAt, _as_priority, _as_type, _validate
 from .stats import ExecutorStats, QueueStats
 
@@ -670,7 +670,7 @@ class Queue:
         enqueued = self._ready.counters()[core.ENQUEUED]
         if enqueued:
             raise RuntimeError(f"set_persistence() must be called before the first enqueue; "
-                               f"{enqueued} job{' was' if enqueued == 1 else 's were'} enqueued without a store")
+                               f"{counted(enqueued, 'job')} {'was' if enqueued == 1 else 'were'} enqueued without a store")
 
     def _take_store(self, store: Any) -> None:
         """RuntimeError if another queue that has not stopped uses ``store``, or its file (a store
@@ -772,8 +772,8 @@ class Queue:
             unfinished = self._ready.unfinished
             if unfinished and not self._dispatcher.stopping:  # a forgotten start_dispatcher() would hang here
                 self._joined_before_start = True
-                logger.warning("join() called before start_dispatcher(): nothing runs the queue's %d unfinished "
-                               "job%s until start_dispatcher() is called", unfinished, "" if unfinished == 1 else "s")
+                logger.warning("join() called before start_dispatcher(): nothing runs the queue's %s until "
+                               "start_dispatcher() is called", counted(unfinished, "unfinished job"))
         if self._join_unfinished(wait):
             return True
         if not self._dispatcher.stopping:
