@@ -124,7 +124,7 @@ class RedisBroker:
             if self._checked:
                 return
             timeout = None if deadline is None else reply_wait(deadline)
-            found = re.search(r"redis_version:([^\r\n]*)", _text(self._scripts.command("INFO", "server", timeout=timeout)))
+            found = re.search(r"redis_version:([^\r\n]*)", str(self._scripts.command("INFO", "server", timeout=timeout)))
             version = found.group(1) if found else "0"
             parts = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
             if parts < _MIN_VERSION:
@@ -132,7 +132,7 @@ class RedisBroker:
             try:
                 reply = self._scripts.command("CONFIG", "GET", "maxmemory-policy", timeout=timeout)
                 pair = [*next(iter(reply.items()))] if isinstance(reply, dict) and reply else reply  # (RESP3: a map)
-                policy = _text(pair[1]) if len(pair) > 1 else None
+                policy = pair[1] if len(pair) > 1 else None  # (text: the connections decode replies)
             except _redis().ResponseError:  # CONFIG is disabled on some managed services
                 policy = None
             if policy is not None and policy != "noeviction":
@@ -335,11 +335,6 @@ class RedisBroker:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def _text(reply: Any) -> str:
-    """A reply as text, whether the connection decoded it or not."""
-    return reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
 
 
 def reply_wait(deadline: float) -> Optional[float]:
