@@ -321,6 +321,42 @@ def test_read_only_reads_at_once_a_header_only_wal_a_killed_owner_left(path, tmp
         assert len(owner.load_all()) == 30
 
 
+@pytest.mark.parametrize("shm", ["garbage", "removed"])
+def test_read_only_reads_at_once_beside_a_garbage_wal_sqlite_ignores(path, tmp_path, shm):
+    # A -wal whose header SQLite's recovery refuses holds no commit (an owner opening the file
+    # ignores it). Read-only, SQLite alone failed each look after about 10 s ("locking protocol").
+    with SQLitePersistence(path) as store:
+        store.save_many([Job("t", i, id=f"j{i}") for i in range(30)])
+    planted = {"-wal": os.urandom(5000), "-shm": os.urandom(32768) if shm == "garbage" else None}
+    for suffix, content in planted.items():
+        if content is not None:
+            with open(path + suffix, "wb") as f:
+                f.write(content)
+            os.chmod(path + suffix, 0o600)
+    before = snapshot(tmp_path)
+    began = time.monotonic()
+    with SQLitePersistence(path, read_only=True) as view:
+        assert view.counts() == {"ready": 30, "delayed": 0, "running": 0, "dead": 0, "corrupt": 0}
+    assert time.monotonic() - began < 5.0
+    assert snapshot(tmp_path) == before
+    with SQLitePersistence(path) as owner:  # which is what an owner finds too
+        assert len(owner.load_all()) == 30
+
+
+def test_a_wal_header_is_read_as_sqlite_reads_it(path):
+    from tinymq.persistence.sqlite import _valid_wal_header
+    connection = sqlite3.connect(path, isolation_level=None)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("CREATE TABLE t (x)")
+    with open(path + "-wal", "rb") as wal:
+        header = wal.read(32)
+    connection.close()
+    assert _valid_wal_header(header)
+    for at in range(32):  # any byte changed: a wrong magic, page size or checksum (it covers the rest)
+        changed = header[:at] + bytes([header[at] ^ 0x10]) + header[at + 1:]
+        assert not _valid_wal_header(changed), at
+
+
 def test_read_only_reads_again_when_an_owner_writes_during_a_read_of_the_database_alone(
         path, monkeypatch):
     with SQLitePersistence(path) as store:

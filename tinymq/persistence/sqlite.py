@@ -27,6 +27,7 @@ import logging
 import operator
 import os
 import sqlite3
+import struct
 import threading
 import time
 import urllib.parse
@@ -163,6 +164,7 @@ _WAL_CHECK_INTERVAL = 0.05  # seconds between looks at whether our -wal was remo
 _SIDE_FILES = ("-wal", "-shm", "-journal")  # what SQLite reads beside a database, besides our lock
 _READ_ONLY_SETTLE = 0.5  # seconds a read-only look tries again while an owner opens or closes the file
 _WAL_HEADER = 32  # bytes of a -wal's header (SQLite's WAL format): its frames, the commits, follow it
+_WAL_MAGIC = 0x377F0682  # a -wal header's first word (its low bit: the byte order of its checksums)
 _DEFAULT_MAX_LENGTH = 1_000_000_000  # SQLITE_MAX_LENGTH's default, where getlimit() is missing
 _ROW_OVERHEAD = 512  # bytes a row's header and numbers may add to its text and blobs
 _INT64 = 1 << 63
@@ -249,6 +251,25 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _valid_wal_header(header: bytes) -> bool:
+    """Whether SQLite would read the frames after this -wal header (else it ignores them all).
+
+    Its recovery (walIndexRecover in SQLite's wal.c) ignores a -wal whose magic
+    number, page size or header checksum is wrong: the checksum is SQLite's
+    Fibonacci-weighted sum of the first six 32-bit words, read in the byte
+    order the magic number's low bit names, stored big-endian after them.
+    """
+    magic, _, page_size = struct.unpack(">III", header[:12])
+    if magic & ~1 != _WAL_MAGIC or page_size & (page_size - 1) or not 512 <= page_size <= 65536:
+        return False
+    words = struct.unpack(">6I" if magic & 1 else "<6I", header[:24])
+    first = second = 0
+    for i in range(0, 6, 2):
+        first = (first + words[i] + second) & 0xFFFFFFFF
+        second = (second + words[i + 1] + first) & 0xFFFFFFFF
+    return struct.unpack(">II", header[24:32]) == (first, second)
 
 
 def _release(lock_fd: int, key: Tuple[int, int], pid: int) -> None:
@@ -568,8 +589,9 @@ class SQLitePersistence:
     def _unwritten(self) -> Optional[Tuple[Any, ...]]:
         """The database's and -wal's state when the -wal holds no commit, else None.
 
-        No -wal, or one no longer than its header (an owner killed as it began
-        it), holds no commit: the database file alone is the content. SQLite
+        No -wal, one no longer than its header (an owner killed as it began
+        it), or one whose header SQLite would ignore (garbage: see
+        _valid_wal_header) holds no commit: the database file alone is the content. SQLite
         cannot read a header-only -wal read-only: the index it rebuilds in
         memory lacks the header's salts, so every look fails, up to "locking
         protocol". An owner that starts writing changes this state (a -wal
@@ -586,11 +608,9 @@ class SQLitePersistence:
         database = (db.st_dev, db.st_ino, db.st_size, db.st_mtime_ns)
         if wal is None:
             return database, None
-        if wal.st_size > _WAL_HEADER:
-            return None
         header = _ownership.head(wal_path, wal, _WAL_HEADER + 1)
-        if header is None or len(header) > _WAL_HEADER:
-            return None  # replaced or written since the look at its size: read it the WAL way
+        if header is None or (len(header) > _WAL_HEADER and _valid_wal_header(header)):
+            return None  # frames after a header SQLite reads (or replaced since the look): the WAL way
         return database, (wal.st_dev, wal.st_ino, wal.st_size, wal.st_mtime_ns, header)
 
     def _check_schema(self, conn: sqlite3.Connection) -> None:
