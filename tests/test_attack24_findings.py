@@ -1,0 +1,96 @@
+"""Attack of session 24 (attack24): periodic jobs, rate limits, metrics and the worker command, as an
+outsider would attack them; each finding with its test.
+"""
+import math
+import threading
+import time
+
+import pytest
+
+from tinymq import SQLitePersistence
+from tinymq._periodic import tick_job_id
+
+from _helpers import WAIT, Recorder, make_queue
+
+pytest.importorskip("croniter")
+
+DAY = 86400.0
+
+
+class ShiftedClock:
+    """The wall clock as a schedule sees it: real time plus ``offset`` (settable)."""
+
+    def __init__(self, offset=0.0):
+        self.offset = offset
+
+    def __call__(self):
+        return time.time() + self.offset
+
+
+def just_before_a_minute(ahead=0.0, lead=0.2):
+    """The offset that puts a ShiftedClock ``lead`` seconds before a minute, ``ahead`` seconds from now."""
+    now = time.time() + ahead
+    return math.ceil(now / 60.0 + 1) * 60.0 - now - lead + ahead
+
+
+def schedule_of(q, name):
+    return {s.name: s for s in q.schedules()}[name]
+
+
+def test_a_cron_schedule_goes_on_when_a_clock_set_a_day_ahead_is_set_back():
+    """A wall clock a day ahead (a host booted without NTP) is corrected: a cron schedule went on
+    waiting, silent, for the day-ahead minute after the tick it had fired, for a whole day (cron
+    itself takes a step back of more than 3 hours as a correction)."""
+    runs = Recorder()
+    clock = ShiftedClock(just_before_a_minute(ahead=DAY))
+    with make_queue() as q:
+        q._periodic._wall = clock
+        q.register_executor("minutely", runs.add)
+        q.cron("* * * * *", "minutely", name="m")
+        q.start_dispatcher()
+        assert runs.wait_for(1)
+        clock.offset = just_before_a_minute()  # corrected: back a day, again just before a minute
+        corrected_minute = math.ceil(clock() / 60.0) * 60.0
+        q.every(3600.0, "other", name="wake")  # (a registration wakes the timer: no wait for its recheck)
+        assert runs.wait_for(2), f"next tick at {schedule_of(q, 'm').next_run_at}, the clock reads {clock()}"
+    assert runs.items[1].id == tick_job_id("m", corrected_minute)
+
+
+def test_a_cron_schedule_restarted_with_its_clock_corrected_from_a_day_ahead_goes_on_at_once(tmp_path):
+    """Its tick's job, recovered from the store, marks the day-ahead tick fired: a restart with the
+    clock corrected waited a day for the next tick."""
+    path = str(tmp_path / "jobs.db")
+    clock = ShiftedClock(just_before_a_minute(ahead=DAY))
+    hold = threading.Event()
+    runs = Recorder()
+
+    def held(job):
+        runs.add(job)
+        assert hold.wait(WAIT)
+        raise RuntimeError("cancelled by stop()")
+
+    with SQLitePersistence(path) as store:
+        q = make_queue()
+        q._periodic._wall = clock
+        q.set_persistence(store)
+        q.register_executor("minutely", held)
+        q.cron("* * * * *", "minutely", name="m")
+        q.start_dispatcher()
+        assert runs.wait_for(1)
+        q.stop(wait=False)  # the process stops under the attempt: its job stays stored
+        hold.set()
+        own = q._dispatcher._thread_ids  # (each of the queue's threads, until its target returns)
+        for thread in [thread for thread in threading.enumerate() if thread.ident in own]:
+            thread.join(WAIT)
+            assert not thread.is_alive()
+    clock.offset = just_before_a_minute()
+    with SQLitePersistence(path) as store:
+        q = make_queue()
+        q._periodic._wall = clock
+        q.set_persistence(store)
+        q.register_executor("minutely", runs.add)
+        q.cron("* * * * *", "minutely", name="m")
+        q.start_dispatcher()
+        next_run_at = schedule_of(q, "m").next_run_at
+        q.stop()
+    assert next_run_at - clock() < 60.0, f"next tick {next_run_at - clock():.0f}s away"
