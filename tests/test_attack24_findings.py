@@ -10,7 +10,7 @@ import pytest
 from tinymq import SQLitePersistence
 from tinymq._periodic import tick_job_id
 
-from _helpers import WAIT, Recorder, make_queue
+from _helpers import WAIT, Recorder, make_queue, wait_until
 
 pytest.importorskip("croniter")
 
@@ -94,3 +94,51 @@ def test_a_cron_schedule_restarted_with_its_clock_corrected_from_a_day_ahead_goe
         next_run_at = schedule_of(q, "m").next_run_at
         q.stop()
     assert next_run_at - clock() < 60.0, f"next tick {next_run_at - clock():.0f}s away"
+
+
+def test_over_redis_a_cron_process_a_day_ahead_claims_nothing_and_its_schedule_goes_on_once_corrected(
+        redis_backend):
+    """Its claim of the day-ahead minute was taken as the schedule's latest: once its clock was
+    corrected, every claim (of that process, and of every other) was "taken" for a day."""
+    runs = Recorder()
+    clock = ShiftedClock(just_before_a_minute(ahead=DAY))
+    q = redis_backend.queue()
+    try:
+        q._periodic._wall = clock
+        q.register_executor("minutely", runs.add)
+        q.cron("* * * * *", "minutely", name="m")
+        q.start_dispatcher()
+        assert wait_until(lambda: schedule_of(q, "m").skipped == 1)  # refused by Redis's clock
+        assert runs.items == [] and q.get_stats().jobs_enqueued == 0
+        clock.offset = just_before_a_minute()  # corrected
+        corrected_minute = math.ceil(clock() / 60.0) * 60.0
+        q.every(3600.0, "other", name="wake")
+        assert runs.wait_for(1), f"next tick at {schedule_of(q, 'm').next_run_at}, the clock reads {clock()}"
+        assert runs.items[0].id == tick_job_id("m", corrected_minute)
+    finally:
+        q.stop()
+
+
+def test_a_schedule_claim_far_ahead_of_the_redis_clock_is_no_claim(redis_url):
+    """A claim in Redis more than 3 hours ahead of its clock (left by a wrong clock, or written by
+    hand) held back every later tick of the schedule, in every process, until then."""
+    import redis
+
+    from tinymq.redis._scripts import Scripts
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        scripts = Scripts(client, "s")
+        seconds, micro = client.time()
+        now_us = seconds * 1_000_000 + micro
+        row = ("m@now", "t", 1, 0, "body")
+        client.hset(scripts.key("schedule:m"), mapping={"last": now_us + round(DAY * 1_000_000), "by": "x",
+                                                        "outcome": "fire"})
+        assert scripts.schedule_tick("m", now_us, "c1", 10, 0, row) == ("fire", [])
+        assert scripts.schedule_tick("m", now_us, "c2", 10, 0, row) == ("taken", [])  # claimed once
+        ahead = ("m@ahead", "t", 1, 0, "body")  # a cron tick a day ahead: its process's clock is wrong
+        assert scripts.schedule_tick("m", now_us + round(DAY * 1_000_000), "c3", 10, 0, ahead) == ("ahead", [])
+        assert client.hget(scripts.key("schedule:m"), "last") == str(now_us)
+        assert client.hget(scripts.key("stats"), "enqueued") == "1"
+    finally:
+        client.close()

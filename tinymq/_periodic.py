@@ -244,8 +244,9 @@ class TickBackend(Protocol):
         """The schedule begins; returns its first tick (a broker aligns it with other processes')."""
 
     def fire(self, schedule: _Schedule, tick: _Tick) -> str:
-        """Enqueue the tick's job: "fired", "busy" (the previous job is unfinished), "taken", or
-        "regrid" (a broker: the tick is not on the grid other processes tick on; begin it again)."""
+        """Enqueue the tick's job: "fired", "busy" (the previous job is unfinished), "taken",
+        "regrid" (a broker: the tick is not on the grid other processes tick on; begin it again), or
+        "ahead" (a broker: not claimed, the tick is far ahead of the broker's clock; counted as skipped)."""
 
     def check(self, schedule: _Schedule) -> None:
         """Raise TypeError/ValueError, naming the schedule, when its jobs cannot be enqueued."""
