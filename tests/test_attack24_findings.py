@@ -2,11 +2,17 @@
 outsider would attack them; each finding with its test.
 """
 import math
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+import tinymq
 from tinymq import SQLitePersistence
 from tinymq._periodic import tick_job_id
 
@@ -142,3 +148,23 @@ def test_a_schedule_claim_far_ahead_of_the_redis_clock_is_no_claim(redis_url):
         assert client.hget(scripts.key("stats"), "enqueued") == "1"
     finally:
         client.close()
+
+
+def test_worker_reports_a_bad_target_without_the_modules_import_output_as_the_error(tmp_path):
+    """The check's whole stderr was the error: a module that logs (or warns) at import, as one
+    that registers schedules does at INFO, had that output shown after "error:", and the error
+    itself on a line of its own."""
+    (tmp_path / "logs_at_import.py").write_text(textwrap.dedent("""
+        import sys
+        print("configuring the app", file=sys.stderr)
+        queue = None
+    """))
+    root = str(Path(tinymq.__file__).resolve().parent.parent)
+    result = subprocess.run([sys.executable, "-m", "tinymq", "worker", "logs_at_import:queues"], cwd=tmp_path,
+                            env=dict(os.environ, PYTHONPATH=root), stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [
+        "configuring the app",  # the module's own output, passed on as it came
+        "python -m tinymq worker: error: 'logs_at_import' has no attribute 'queues' (from 'logs_at_import:queues')",
+    ]
