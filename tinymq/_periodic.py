@@ -42,6 +42,10 @@ MIN_INTERVAL = 0.001  # seconds: the shortest every() interval
 SCHEDULE_TAG = "tinymq.schedule"  # the tag naming the schedule that enqueued a job
 # The longest a cron wait relies on the monotonic clock keeping pace with the wall clock.
 _WALL_CLOCK_RECHECK = 60.0
+# A wall clock set back by more than this was wrong and is corrected (cron's own rule): a cron schedule
+# goes on from the corrected time, instead of waiting, silent, until the clock reaches its last tick again.
+# A smaller step back never fires a tick twice.
+_CLOCK_SET_BACK = 3 * 3600.0
 _BEGIN_RETRY = 1.0  # seconds before a schedule whose backend failed to begin it tries again
 _CRON_EXTRA_HINT = "q.cron() needs the croniter package: pip install 'tinymq[cron]'"
 _CRON_FIELDS = 5  # minute hour day-of-month month day-of-week: croniter's extra 6th and 7th are refused
@@ -145,6 +149,7 @@ class _Tick:
     due: float  # monotonic time the timer wakes for it
     wall: float  # the tick as epoch seconds: its job's run_at and id
     index: int  # every: k, the tick's place on the schedule's grid; cron: -1
+    since: float = -math.inf  # cron: the wall time it is the first tick after (the tick fired before, or now)
 
 
 _NO_TICK = _Tick(math.inf, math.inf, -1)  # a schedule's tick once it has no next one: never due
@@ -177,15 +182,26 @@ class _Cron:
         self.tz = tz
         self.description = f"cron {expression!r} ({tz})"
 
-    def _tick(self, wall: float, now_mono: float, now_wall: float) -> _Tick:
-        return _Tick(now_mono + (wall - now_wall), wall, -1)
+    def _next(self, fired_until: float, now_mono: float, now_wall: float) -> _Tick:
+        # Strictly after both the tick fired last and now: a tick is never fired twice, a missed one
+        # not made up; unless the clock was set back far before that tick (see _CLOCK_SET_BACK).
+        since = now_wall if fired_until - now_wall > _CLOCK_SET_BACK else max(fired_until, now_wall)
+        wall = cron_next(self.expression, self.tz, since)
+        return _Tick(now_mono + (wall - now_wall), wall, -1, since)
+
+    def again(self, tick: _Tick, now_mono: float, now_wall: float) -> _Tick:
+        """``tick``, its wait measured again from the wall clock now (a stepped clock moves it)."""
+        return _Tick(now_mono + (tick.wall - now_wall), tick.wall, -1, tick.since)
 
     def first(self, now_mono: float, now_wall: float, fired_until: float) -> _Tick:
-        return self._tick(cron_next(self.expression, self.tz, max(now_wall, fired_until)), now_mono, now_wall)
+        return self._next(fired_until, now_mono, now_wall)
 
     def after(self, tick: _Tick, now_mono: float, now_wall: float) -> _Tick:
-        # Strictly after both the tick and now: a tick is never fired twice, a missed one not made up.
-        return self._tick(cron_next(self.expression, self.tz, max(tick.wall, now_wall)), now_mono, now_wall)
+        return self._next(tick.wall, now_mono, now_wall)
+
+    def set_back(self, tick: _Tick, now_wall: float) -> bool:
+        """The wall clock was set back far before the tick fired before ``tick`` (see _CLOCK_SET_BACK)."""
+        return tick.since - now_wall > _CLOCK_SET_BACK
 
 
 class _Schedule:
@@ -228,8 +244,9 @@ class TickBackend(Protocol):
         """The schedule begins; returns its first tick (a broker aligns it with other processes')."""
 
     def fire(self, schedule: _Schedule, tick: _Tick) -> str:
-        """Enqueue the tick's job: "fired", "busy" (the previous job is unfinished), "taken", or
-        "regrid" (a broker: the tick is not on the grid other processes tick on; begin it again)."""
+        """Enqueue the tick's job: "fired", "busy" (the previous job is unfinished), "taken",
+        "regrid" (a broker: the tick is not on the grid other processes tick on; begin it again), or
+        "ahead" (a broker: not claimed, the tick is far ahead of the broker's clock; counted as skipped)."""
 
     def check(self, schedule: _Schedule) -> None:
         """Raise TypeError/ValueError, naming the schedule, when its jobs cannot be enqueued."""
@@ -537,7 +554,7 @@ class Periodic:
                         due.append(schedule)
                         continue
                     if tick.index < 0:  # cron: due by the wall clock, rechecked now and then
-                        tick = schedule.tick = schedule.trigger._tick(tick.wall, now_mono, now_wall)
+                        tick = schedule.tick = self._cron_again(schedule, tick, now_mono, now_wall)
                         wake_at = min(wake_at, tick.due, now_mono + _WALL_CLOCK_RECHECK)
                     else:
                         wake_at = min(wake_at, tick.due)
@@ -548,6 +565,20 @@ class Periodic:
                 self._changed.wait(None if wake_at == math.inf
                                    else min(threading.TIMEOUT_MAX, max(0.0, wake_at - now_mono)))
             return None
+
+    def _cron_again(self, schedule: _Schedule, tick: _Tick, now_mono: float, now_wall: float) -> _Tick:
+        """A cron schedule's next tick, by the wall clock now: the first from now on once the clock
+        was set back far (logged), else the same tick. Called with _lock held."""
+        trigger = schedule.trigger
+        if not trigger.set_back(tick, now_wall):
+            return trigger.again(tick, now_mono, now_wall)
+        logger.warning("schedule %r: the wall clock was set back by %gs; its ticks go on from the corrected "
+                       "time", schedule.name, tick.since - now_wall)
+        try:
+            return trigger.first(now_mono, now_wall, -math.inf)
+        except Exception:
+            self._no_next_tick(schedule)
+            return _NO_TICK
 
     def _fire(self, schedule: _Schedule) -> None:
         with self._firing:

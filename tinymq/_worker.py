@@ -65,6 +65,9 @@ EXIT_SUPERVISOR_GONE = 4  # the supervisor died while a child was still loading 
 _SAID_LOADED = b"1"
 _SAID_STOPPED_LOADING = b"0"
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Written on stderr by the check just before its error message, its last output: what came before is
+# the output of the import (the module's logs and warnings), passed on as such, not part of the error.
+_ERROR_FOLLOWS = "\x1e"  # (ASCII record separator)
 _FIRST_RESTART_DELAY = 0.5  # seconds before restarting a crashed child
 _MAX_RESTART_DELAY = 5.0  # the cap of the doubling delay of a child that keeps crashing
 _STABLE_AFTER = 30.0  # seconds a child must run for a crash to restart it after the first delay again
@@ -296,7 +299,7 @@ def run_child(target: str, workers: int, check: bool, loaded_fd: Optional[int] =
         queue = load_queue(target)
     except CommandError as exc:
         # The supervisor shows a check's message as its own error; a worker's goes among the logs.
-        print(exc if check else f"tinymq worker: error: {exc}", file=sys.stderr, flush=True)
+        print(f"{_ERROR_FOLLOWS}{exc}" if check else f"tinymq worker: error: {exc}", file=sys.stderr, flush=True)
         _exit_at_once(EXIT_BAD_TARGET)  # nothing of tinymq runs: no queue, or one stopped already
     if wakeup is not None:  # before saying "loaded": from then on, a stop signal must reach us
         wakeup.take_back()
@@ -435,7 +438,10 @@ class Supervisor:
         stdout, stderr = bytes(output[process.stdout]), bytes(output[process.stderr])
         sys.stdout.buffer.write(stdout)  # whatever the user's module printed at import
         if returncode == EXIT_BAD_TARGET:
-            raise CommandError(stderr.decode(errors="replace").strip())
+            imported, _, error = stderr.rpartition(_ERROR_FOLLOWS.encode())
+            sys.stderr.buffer.write(imported)
+            sys.stderr.flush()
+            raise CommandError(error.decode(errors="replace").strip())
         sys.stderr.buffer.write(stderr)
         if returncode != 0:
             raise CommandError(f"loading {self.target!r} failed: the process that checked it "

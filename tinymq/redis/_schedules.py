@@ -13,22 +13,28 @@ clock (``schedule_begin.lua``), tick k at ``anchor + k * interval``, which each
 process maps onto its own monotonic clock when the schedule begins. A tick is claimed
 by its time in microseconds, of either kind: a schedule that changes kind under its
 name (a deploy, a rollback) finds no claim of the other kind "later" than its ticks.
+The server's clock arbitrates the hosts' wall clocks: a ``cron`` tick more than
+``_CLOCK_SET_BACK`` ahead of it is not claimed (its process's clock is wrong; once
+corrected, its claim would have held every process's ticks back for as long).
 An ``every`` tick's claim carries its grid: Redis that lost its data keeps it again, and a
 process whose grid is not the one Redis holds (of the same interval: Redis lost its data, and
 a process that began since set a new one) is told so ("regrid") and joins Redis's.
 """
+import logging
 import math
 import os
 import time
 import weakref
 from typing import Any, Dict, Tuple
 
-from .._periodic import _Tick
+from .._periodic import _CLOCK_SET_BACK, _Tick
 from ..errors import QueueFull, QueueStopped, TinyMQError
 from ._codec import encode_job, unsendable
 from ._link import job_row
 
 __all__ = ["BrokerTicks"]
+
+logger = logging.getLogger("tinymq")
 
 _US = 1_000_000
 
@@ -103,8 +109,12 @@ class BrokerTicks:
             if outcome == "full":  # claimed and skipped: the next tick is claimed as usual
                 raise QueueFull(f"the ready buffer is full ({link.config.buffer_size} jobs); job {job.id} "
                                 f"({job.type!r}) was not enqueued")
+            if outcome == "ahead":  # (not claimed: the other processes fire it, on their clocks)
+                logger.warning("schedule %r: its tick %s is more than %gs ahead of the Redis server's clock: "
+                               "this process's wall clock is wrong, its ticks are not claimed until it is "
+                               "corrected", schedule.name, job.id, _CLOCK_SET_BACK)
             if outcome != "fire":
-                return outcome  # "busy", "taken" or "regrid"
+                return outcome  # "busy", "taken", "regrid" or "ahead"
             schedule.last_job_id = job.id
             link._report_ended(evicted, caller)
         return "fired"

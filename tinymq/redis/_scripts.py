@@ -512,7 +512,7 @@ class Scripts:
                       grid: Optional[Tuple[int, int]] = None) -> Tuple[str, List[Crashed]]:
         """Claim ``tick`` (its time in us) of schedule ``name`` for this call, once across processes, and enqueue
         its ``job`` row (as ``enqueue``'s) in the same call: ``(outcome, evicted)``, the outcome
-        "fire", "busy", "full", "taken" or "regrid", the evicted rows only with "fire" (see
+        "fire", "busy", "full", "taken", "regrid" or "ahead", the evicted rows only with "fire" (see
         schedule_tick.lua; ``caller`` and ``lease_ms`` as ``enqueue``'s; ``grid``: the (anchor us,
         interval us) of an ``every`` tick)."""
         reply = self._call("schedule_tick", [name, tick, token, buffer_size, max_delayed_jobs, caller, lease_ms,

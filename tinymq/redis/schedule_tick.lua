@@ -20,14 +20,24 @@ Returns
   {'regrid'} not claimed: Redis holds another grid of the same interval (it lost its data,
              and a process that began since set a new one); the caller joins it
              (schedule_begin). A grid Redis lost is kept again from the caller's.
+  {'ahead'}  not claimed: a `cron` tick more than CLOCK_SET_BACK ahead of the server's clock
+             (the caller's wall clock is wrong: its claim would hold every later tick back,
+             in every process, once that clock is corrected)
+The server's clock arbitrates, as cron's rule does for one clock: a claim lying more than
+CLOCK_SET_BACK ahead of it (left by a wrong clock before this rule, or written by hand) is
+no claim.
 A skipped tick is counted in `skipped`, a fired one in `fired`; either way the claim is
 the tick's, so the next tick is claimed as usual. A resent call (same token) gets its
 first answer again, 'fire' with what its enqueue evicted (kept with its token). ]]
 refuse_if_full()
+local CLOCK_SET_BACK = 3 * 3600 * 1000000 -- us: tinymq/_periodic.py's _CLOCK_SET_BACK
 local key = P .. 'schedule:' .. ARGV[1]
 local tick, token = tonumber(ARGV[2]), ARGV[3]
+now_ms()
 local s = redis.call('HMGET', key, 'last', 'job', 'by', 'outcome')
-if s[1] and tonumber(s[1]) >= tick then
+local last = tonumber(s[1])
+if last and last > now_us + CLOCK_SET_BACK then last = nil end
+if last and last >= tick then
   if s[3] ~= token then return {'taken'} end
   if s[4] ~= 'fire' then return {s[4]} end
   local span = math.floor(now_ms() / TOKEN_SPAN)
@@ -37,6 +47,7 @@ if s[1] and tonumber(s[1]) >= tick then
   end
   return {'fire', {}}
 end
+if not ARGV[16] and tick > now_us + CLOCK_SET_BACK then return {'ahead'} end -- (`every` ticks: the server's)
 if ARGV[16] then -- an `every` tick: one grid for every process (see the header)
   local g = redis.call('HMGET', key, 'anchor', 'interval')
   if not g[1] then
