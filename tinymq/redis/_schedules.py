@@ -111,8 +111,8 @@ class BrokerTicks:
                                 f"({job.type!r}) was not enqueued")
             if outcome == "ahead":  # (not claimed: the other processes fire it, on their clocks)
                 logger.warning("schedule %r: its tick %s is more than %gs ahead of the Redis server's clock: "
-                               "this process's wall clock is wrong, its ticks are not claimed until it is "
-                               "corrected", schedule.name, job.id, _CLOCK_SET_BACK)
+                               "this process's wall clock (or the server's) is wrong; its ticks are not claimed until "
+                               "the two agree", schedule.name, job.id, _CLOCK_SET_BACK)
             if outcome != "fire":
                 return outcome  # "busy", "taken", "regrid" or "ahead"
             schedule.last_job_id = job.id
