@@ -6,8 +6,8 @@ Reloads the store, records as acknowledged the recovered ids and those that
 started in an earlier process (a kill between an enqueue's return and its
 acknowledgement, with the job run and deleted meanwhile, must not make it enqueued
 twice), enqueues every ``job-0 .. job-{TOTAL-1}`` not yet acknowledged (appending
-each id to ACKED once ``enqueue`` returned), and runs them. Every attempt appends ``start ID RETRIES PID``
-and ``end ID RETRIES PID`` to LOG (one ``os.write`` each, on O_APPEND: a SIGKILL
+each id to ACKED once ``enqueue`` returned), and runs them. Every attempt appends ``start ID CRASHES PID``
+and ``end ID CRASHES PID`` to LOG (CRASHES: the job's crash count as this process loaded it) (one ``os.write`` each, on O_APPEND: a SIGKILL
 never leaves half a line). Prints "done" after join, stop and close.
 """
 import os
@@ -30,15 +30,16 @@ def main() -> None:
     pid = os.getpid()
 
     def work(job: Job) -> None:
-        os.write(log_fd, f"start {job.id} {job.retries} {pid}\n".encode())
+        os.write(log_fd, f"start {job.id} {crashes.get(job.id) or 0} {pid}\n".encode())
         if job.payload % 3 == 0:
             time.sleep(0.0005)  # so that kills land mid-attempt too
-        os.write(log_fd, f"end {job.id} {job.retries} {pid}\n".encode())
+        os.write(log_fd, f"end {job.id} {crashes.get(job.id) or 0} {pid}\n".encode())
 
-    store = SQLitePersistence(db)
+    store = SQLitePersistence(db, max_crash_recoveries=1000)  # every kill may count
     q = tinymq.Queue(config=Config(buffer_size=50))
     q.register_executor("work", work)
     q.set_persistence(store)
+    crashes = dict(store._conn.execute("SELECT id, crashes FROM tinymq_jobs"))  # (no worker runs yet)
     recovered = {job.id for job in store.jobs()}  # before any worker starts: what the store gave back
     with open(log_path) as f:  # jobs that started in an earlier process were enqueued for good, and a
         started = {line.split()[1] for line in f if line.startswith("start ")}  # finished one is gone
@@ -46,7 +47,7 @@ def main() -> None:
         os.write(acked_fd, f"{job_id}\n".encode())
         acked.add(job_id)
     q.start_dispatcher(workers)
-    retry = RetryConfig(max_retries=1000, initial_delay=0.0)  # kills count as attempts
+    retry = RetryConfig(max_retries=0)  # (a kill is no failed attempt)
     for i in range(total):
         job_id = f"job-{i}"
         if job_id not in acked and job_id not in recovered:

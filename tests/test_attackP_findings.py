@@ -199,19 +199,19 @@ def test_sigkill_of_four_switching_workers_counts_each_crash_once_and_reruns_at_
 
     starts, ends = {}, {}
     for line in lines(log):
-        kind, job_id, retries, pid = line.split()
-        (starts if kind == "start" else ends).setdefault(job_id, []).append((int(retries), pid))
+        kind, job_id, crashes, pid = line.split()
+        (starts if kind == "start" else ends).setdefault(job_id, []).append((int(crashes), pid))
     accepted = set(lines(acked))
     assert len(accepted) == total
     assert all(job_id in ends for job_id in accepted), "a job whose enqueue returned never ended"
     processes = killed + 1 + 1  # the killed ones, the final one, and one that may have exited on its own
     for job_id in accepted:
         attempts = starts[job_id]
-        for (retries, pid), (next_retries, next_pid) in zip(attempts, attempts[1:]):
+        for (crashes, pid), (next_crashes, next_pid) in zip(attempts, attempts[1:]):
             # A later attempt comes from a later process, with the crash counted: more than once when
             # a process in between was killed after marking the job running but before its function
             # wrote its start line.
-            assert next_pid != pid and next_retries > retries, (job_id, attempts)
+            assert next_pid != pid and next_crashes > crashes, (job_id, attempts)
         assert attempts[-1][0] < processes, (job_id, attempts)  # at most one crash per process
     reruns = Counter(pid for job_id in accepted for _, pid in ends[job_id][:-1])
     assert max(reruns.values(), default=0) <= workers, reruns

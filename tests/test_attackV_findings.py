@@ -152,7 +152,8 @@ def test_a_running_row_with_the_largest_retries_does_not_block_the_others(path):
         store.save(Job("t", id="worn"))
         store.save(Job("t", id="good"))
     conn = sqlite3.connect(path)
-    conn.execute("UPDATE tinymq_jobs SET state = 'running', retries = ? WHERE id = 'worn'", (2**63 - 1,))
+    conn.execute("UPDATE tinymq_jobs SET state = 'running', retries = ?, crashes = ? WHERE id = 'worn'",
+                 (2**63 - 1, 2**63 - 1))
     conn.commit()
     conn.close()
     with SQLitePersistence(path) as store:

@@ -91,7 +91,7 @@ def test_a_job_that_crashed_its_process_too_often_is_reported_as_crashed(path):
         job = Job("t", id="kills-its-process", retry_config=RetryConfig(max_retries=0))
         store.save(job)
         store.mark_running(job)
-    store = SQLitePersistence(path)
+    store = SQLitePersistence(path, max_crash_recoveries=0)
     q = Queue(10)
     failures = Recorder()
     q.on_failure(lambda job, reason, exc: failures.add((job.id, reason, exc)))

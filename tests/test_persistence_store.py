@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sqlite3
 import stat
 import subprocess
@@ -20,7 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tinymq import PersistenceError, Priority, RetryConfig
+import tinymq
+from tinymq import PersistenceError, Priority, Queue, RetryConfig
 from tinymq.job import Job
 from tinymq.persistence import (
     JSONSerializer, Persistence, PickleSerializer, SQLitePersistence,
@@ -111,14 +113,23 @@ def test_unserialisable_payload_names_job_and_type(store, path):
     assert rows(store) == {}
 
 
+def crashes(store):
+    """Each row's crash count, as another reader sees it."""
+    conn = sqlite3.connect(store.path)
+    try:
+        return dict(conn.execute("SELECT id, crashes FROM tinymq_jobs").fetchall())
+    finally:
+        conn.close()
+
+
 def test_running_row_comes_back_ready_with_the_crash_counted(store, path):
     job = Job("t", id="a")
     store.save(job)
     store.mark_running(job)
     assert rows(store) == {"a": "running"}
     (loaded,) = store.load_all()
-    assert loaded.retries == 1 and "died" in loaded.last_error
-    assert rows(store) == {"a": "ready"}
+    assert loaded.retries == 0 and "died" in loaded.last_error  # the attempt did not fail: its process died
+    assert rows(store) == {"a": "ready"} and crashes(store) == {"a": 1}
 
 
 def test_delete_and_mark_running_ends_one_job_and_starts_the_next_in_one_commit(store, path):
@@ -127,7 +138,7 @@ def test_delete_and_mark_running_ends_one_job_and_starts_the_next_in_one_commit(
     store.delete_and_mark_running("a", started)
     assert rows(store) == {"b": "running"}  # both committed when the call returns
     (loaded,) = store.load_all()  # a crash now: the started job comes back with the crash counted
-    assert loaded.id == "b" and loaded.retries == 1
+    assert loaded.id == "b" and crashes(store) == {"b": 1}
 
 
 def test_delete_and_mark_running_changes_nothing_when_refused(store, path):
@@ -140,30 +151,82 @@ def test_delete_and_mark_running_changes_nothing_when_refused(store, path):
 
 
 def test_a_job_that_keeps_crashing_its_process_ends_dead(store, path, caplog):
-    job = Job("t", id="a").with_max_retries(2)
+    assert store.max_crash_recoveries == 3  # the default, as RedisBroker's
+    job = Job("t", id="a").with_max_retries(0)  # (crashes are not failed attempts: retries do not bound them)
     store.save(job)
-    for expected in (1, 2):
+    for expected in (1, 2, 3):
         store.mark_running(job)
         (job,) = store.load_all()
-        assert job.retries == expected
+        assert crashes(store) == {"a": expected} and job.retries == 0
+        if expected == 2:  # a failed attempt's retry saved between two crashes keeps the count
+            store.save(job)
+            assert crashes(store) == {"a": 2}
     store.mark_running(job)
     with caplog.at_level(logging.ERROR, logger="tinymq"):
         assert store.load_all() == []
-    assert "crashed" in caplog.text
+    assert "crashed its process 4 times" in caplog.text
     # Its row stays as it was until the queue has reported it and marked it dead: a load after a
     # kill in between hands it on again, the same crash counted (not one more).
     assert rows(store) == {"a": "running"} and store.dead_jobs() == []
     (crashed,) = store.take_crashed()
-    assert crashed.id == "a" and crashed.retries == 3 and "died" in crashed.last_error
+    assert crashed.id == "a" and crashed.retries == 0 and "died" in crashed.last_error
     assert store.take_crashed() == []
     assert store.load_all() == [] and store.load_all() == []  # (each load hands on what it found)
     (crashed,) = store.take_crashed()
-    assert crashed.retries == 3 and store.take_crashed() == []
+    assert crashed.id == "a" and store.take_crashed() == []
     store.mark_dead(crashed, "crashed", None)  # what the queue does once it has reported it
     assert rows(store) == {"a": "dead"}
     (dead,) = store.dead_jobs()
-    assert dead.job.id == "a" and dead.reason == "crashed" and dead.job.retries == 3
+    assert dead.job.id == "a" and dead.reason == "crashed"
     assert "died" in dead.error
+    assert store.requeue_dead() == 1  # a requeued job's crashes begin again, as its retries do
+    assert crashes(store) == {"a": None}
+    (again,) = store.load_all()
+    assert again.id == "a"
+
+
+@pytest.mark.parametrize("limit", [0, 1])
+def test_max_crash_recoveries_bounds_the_crashes_a_job_survives(path, limit):
+    with SQLitePersistence(path, max_crash_recoveries=limit) as store:
+        job = Job("t", id="a")
+        store.save(job)
+        for _ in range(limit):
+            store.mark_running(job)
+            (job,) = store.load_all()
+        store.mark_running(job)
+        assert store.load_all() == [] and [j.id for j in store.take_crashed()] == ["a"]
+
+
+def test_a_job_given_back_by_stop_keeps_its_crashes(store, path):
+    job = Job("t", id="a")
+    store.save(job)
+    store.mark_running(job)
+    (job,) = store.load_all()
+    store.mark_running(job)
+    store.give_back(job)  # stop() gave the attempt up: not a crash, and no crash forgotten
+    assert rows(store) == {"a": "ready"} and crashes(store) == {"a": 1}
+
+
+@pytest.mark.parametrize("bad", [-1, 1.0, True, None, "3"])
+def test_max_crash_recoveries_must_be_an_int_of_at_least_zero(path, bad):
+    error = ValueError if bad == -1 else TypeError
+    with pytest.raises(error, match=f"max_crash_recoveries must be .*, got {re.escape(repr(bad))}"):
+        SQLitePersistence(path, max_crash_recoveries=bad)
+    assert not os.path.exists(path)
+
+
+def test_a_file_of_a_tinymq_without_crash_counts_gets_the_column(path):
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE tinymq_jobs (id TEXT PRIMARY KEY NOT NULL, state TEXT NOT NULL, type TEXT, "
+                 "priority INTEGER, run_at REAL, timestamp REAL, retries INTEGER, payload BLOB, "
+                 "retry_config TEXT, tags TEXT, last_error TEXT, reason TEXT, seq INTEGER) WITHOUT ROWID")
+    conn.execute("INSERT INTO tinymq_jobs VALUES ('a', 'running', 't', 1, 1.0, 1.0, 0, NULL, NULL, NULL, "
+                 "NULL, NULL, 1)")
+    conn.commit()
+    conn.close()
+    with SQLitePersistence(path) as store:
+        (job,) = store.load_all()
+        assert job.id == "a" and job.retries == 0 and crashes(store) == {"a": 1}
 
 
 def test_dead_rows_are_kept_listed_and_purged_not_loaded(store):
@@ -928,3 +991,33 @@ def test_saves_over_kept_rows_work_without_sqlite_upsert(path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_a_job_without_retries_whose_process_was_killed_runs_after_the_restart(path):
+    # At-least-once: a kill -9 (a deploy, the OOM killer) is no failure of the job. Its crash was
+    # counted as a failed attempt, so a job with max_retries=0 was reported "crashed", never run again.
+    child = textwrap.dedent(f"""
+        import os, signal
+        from tinymq import Job, Queue, SQLitePersistence
+        q = Queue()
+        q.set_persistence(SQLitePersistence({path!r}))
+        q.register_executor("once", lambda job: os.kill(os.getpid(), signal.SIGKILL))
+        q.enqueue(Job("once", id="a").with_max_retries(0))
+        q.start_dispatcher()
+        q.join(60)
+    """)
+    tinymq_root = os.path.dirname(os.path.dirname(tinymq.__file__))
+    killed = subprocess.run([sys.executable, "-c", child], timeout=60, stdin=subprocess.DEVNULL,
+                            env=dict(os.environ, PYTHONPATH=tinymq_root))
+    assert killed.returncode == -signal.SIGKILL
+    ran, failures = [], []
+    q = Queue()
+    q.on_failure(lambda job, reason, exc: failures.append((job.id, reason)))
+    with SQLitePersistence(path) as store:
+        q.set_persistence(store)
+        q.register_executor("once", lambda job: ran.append((job.id, job.retries)))
+        q.start_dispatcher()
+        assert q.join(WAIT)
+        q.stop()
+        assert ran == [("a", 0)] and failures == []
+        assert store.counts() == dict.fromkeys(("ready", "delayed", "running", "dead", "corrupt"), 0)

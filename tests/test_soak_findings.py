@@ -81,7 +81,7 @@ _KILLED_WHILE_REPORTING = textwrap.dedent("""
 
     q = Queue(10)
     q.on_failure(killed)
-    q.set_persistence(SQLitePersistence(sys.argv[1]))
+    q.set_persistence(SQLitePersistence(sys.argv[1], max_crash_recoveries=0))
     print("not killed", flush=True)
 """)
 
@@ -101,10 +101,10 @@ def test_a_crashed_job_is_reported_even_when_the_loading_process_dies_before_rep
 
     path = str(tmp_path / "jobs.db")
     with SQLitePersistence(path) as store:
-        job = Job("t", id="a").with_max_retries(1)
-        job.retries = 1  # its process died during one attempt already
+        job = Job("t", id="a")
+        job.retries = 1  # (an attempt failed before: a crash leaves retries as they are)
         store.save(job)
-        store.mark_running(job)  # ... and again now: past its retries
+        store.mark_running(job)  # its process dies now: past max_crash_recoveries=0
     script = tmp_path / "killed_while_reporting.py"
     script.write_text(_KILLED_WHILE_REPORTING)
     done = subprocess.run([sys.executable, str(script), path], capture_output=True, text=True,
@@ -116,13 +116,13 @@ def test_a_crashed_job_is_reported_even_when_the_loading_process_dies_before_rep
     failures = []
     q = make_queue()
     q.on_failure(lambda job, reason, exc: failures.append((job.id, reason, job.retries)))
-    with SQLitePersistence(path) as store:
+    with SQLitePersistence(path, max_crash_recoveries=0) as store:
         try:
             q.set_persistence(store)
-            assert failures == [("a", "crashed", 2)] and q.get_stats().jobs_failed == 1
+            assert failures == [("a", "crashed", 1)] and q.get_stats().jobs_failed == 1
             assert all_accounted(q.get_stats())
             assert [(dead.job.id, dead.reason, dead.job.retries) for dead in store.dead_jobs()] == [
-                ("a", "crashed", 2)]  # the crash counted once, not once per load
+                ("a", "crashed", 1)]
             assert store.counts()["running"] == 0
         finally:
             q.stop()

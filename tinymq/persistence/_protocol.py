@@ -27,7 +27,7 @@ so a minimal store stays minimal and a richer one gets better guarantees:
     ``delete``.
 ``take_crashed()``
     After ``load_all``: the jobs it found crashed too often (their process
-    died during more attempts than their retries allow), each returned once,
+    died during more of their attempts than the store allows), each returned once,
     instead of among the jobs ``load_all`` returns. The Queue reports them as
     failures with reason "crashed", then marks each dead (``mark_dead``) or
     deletes it, as any failure. Until then the store keeps their rows as they

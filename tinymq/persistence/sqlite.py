@@ -5,9 +5,10 @@ tells recovery what to do with it:
 
     ready    saved and waiting (``run_at`` in the future for a delayed job)
     running  an attempt started; still "running" at load time means the
-             process died during the attempt, so the crash counts as one
-             (one that uses up the job's retries stays "running" until the
-             queue has reported the job failed, "crashed", and marked it dead)
+             process died during the attempt: the crash is counted in
+             ``crashes`` and the job runs again (one crash past
+             ``max_crash_recoveries`` stays "running" until the queue has
+             reported the job failed, "crashed", and marked it dead)
     dead     failed permanently; kept with ``reason`` until requeued or purged,
              or replaced by a new job of its id that the queue accepts
     corrupt  could not be decoded at load time; quarantined, never run
@@ -37,7 +38,7 @@ from datetime import timedelta
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from .._shield import shield
-from ..config import RetryConfig, _seconds
+from ..config import RetryConfig, _count, _seconds
 from ..errors import PersistenceError, _describe
 from ..job import _DEFAULT_RETRY_CONFIG, Job, Priority, _as_priority, _as_tags, _utf8_text
 from ..job import _is_utf8 as _storable  # (SQLite stores text as UTF-8)
@@ -52,7 +53,7 @@ logger = logging.getLogger("tinymq.persistence")
 
 _TABLE = "tinymq_jobs"
 # The jobs table. What later versions add beside it, an older tinymq ignores, so it keeps
-# version 1: the owner table (created when missing) and the seq column (added when missing).
+# version 1: the owner table (created when missing), the seq and crashes columns (added when missing).
 _SCHEMA_VERSION = 1
 # The columns that are NULL for most jobs come last, so a "lean" row can leave them out.
 _COLUMNS = (
@@ -76,7 +77,8 @@ CREATE TABLE IF NOT EXISTS {_TABLE} (
     tags         TEXT,               -- JSON object, NULL when empty
     last_error   TEXT,
     reason       TEXT,               -- why dead or corrupt
-    seq          INTEGER             -- the order of saves: FIFO within a priority (NULL: saved before it existed)
+    seq          INTEGER,            -- the order of saves: FIFO within a priority (NULL: saved before it existed)
+    crashes      INTEGER             -- deaths of its process during its attempts (NULL: none); only load_all writes it
 ) WITHOUT ROWID
 """
 # WITHOUT ROWID: the id is the key, so a save writes one b-tree instead of two.
@@ -97,10 +99,11 @@ CREATE TABLE IF NOT EXISTS {_OWNER} (
 
 def _give_back_sql() -> str:
     """The INSERT of a full row that keeps the seq of the row it replaces, whatever it is (NULL: a row
-    an older tinymq saved), or takes a new one when there is none."""
+    an older tinymq saved), or takes a new one when there is none, and keeps its crashes."""
     values = ["?"] * len(_COLUMNS)
     values[_COLUMNS.index("seq")] = f"(SELECT CASE WHEN count(*) THEN max(seq) ELSE ? END FROM {_TABLE} WHERE id = ?)"
-    return f"INSERT OR REPLACE INTO {_TABLE} ({', '.join(_COLUMNS)}) SELECT {', '.join(values)}"
+    values.append(f"(SELECT crashes FROM {_TABLE} WHERE id = ?)")
+    return f"INSERT OR REPLACE INTO {_TABLE} ({', '.join(_COLUMNS)}, crashes) SELECT {', '.join(values)}"
 
 
 def _insert(columns: int, rows: int = 1, verb: str = "INSERT OR REPLACE") -> str:
@@ -294,7 +297,8 @@ class SQLitePersistence:
     Opening a file that a live store owns, in this process or another, raises
     PersistenceError naming the owner's pid; a file whose owner exited or died
     is taken over (``load_all`` then brings its running jobs back, each crash
-    counted). ``claim("jobs-{}.db", slots=8)`` opens the first free one of
+    counted: a job whose process died during more than ``max_crash_recoveries``
+    of its attempts fails, "crashed"). ``claim("jobs-{}.db", slots=8)`` opens the first free one of
     several files. ``read_only=True`` inspects a file at any time, owned or
     not, without taking ownership or writing anything.
 
@@ -314,6 +318,7 @@ class SQLitePersistence:
         serializer: Optional[Serializer] = None,
         busy_timeout: Union[float, timedelta] = 5.0,
         read_only: bool = False,
+        max_crash_recoveries: int = 3,
     ) -> None:
         if not isinstance(synchronous, str) or synchronous.upper() not in _SYNCHRONOUS_MODES:
             raise ValueError(f"synchronous must be one of {_SYNCHRONOUS_MODES}, got {synchronous!r}")
@@ -344,6 +349,7 @@ class SQLitePersistence:
         self.read_only = read_only
         self.serializer = serializer
         self.busy_timeout = busy_seconds
+        self.max_crash_recoveries = int(_count("max_crash_recoveries", max_crash_recoveries, 0))
         self._dumps = serializer.dumps
         self._file = os.path.abspath(self.path)  # a chdir() later does not move the store
         self._tags_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -502,8 +508,10 @@ class SQLitePersistence:
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.execute(_CREATE)
             conn.execute(_CREATE_OWNER)
-            if "seq" not in {row[1] for row in conn.execute(f"PRAGMA table_info({_TABLE})")}:
-                conn.execute(f"ALTER TABLE {_TABLE} ADD COLUMN seq INTEGER")  # a file of an older tinymq
+            columns = {row[1] for row in conn.execute(f"PRAGMA table_info({_TABLE})")}
+            for added in ("seq", "crashes"):  # a file of an older tinymq
+                if added not in columns:
+                    conn.execute(f"ALTER TABLE {_TABLE} ADD COLUMN {added} INTEGER")
             # (A seq that is no int, or that leaves no room to count on, was not written by
             # this store: it only moves its row to the end of the order.)
             last = conn.execute(f"SELECT max(seq) FROM {_TABLE} WHERE typeof(seq) = 'integer' "
@@ -1076,7 +1084,7 @@ class SQLitePersistence:
             logger.warning("job %r is given back as it was last saved: %s", job.id, exc)
             self._write([(_GIVE_BACK_AS_SAVED, (job.id,))])
             return
-        self._write([(_GIVE_BACK, row[:_SEQ + 1] + (row[0],) + row[_SEQ + 1:])])
+        self._write([(_GIVE_BACK, row[:_SEQ + 1] + (row[0],) + row[_SEQ + 1:] + (row[0],))])
 
     def delete(self, job_id: str) -> None:
         """Forget a finished job; an unknown id is not an error."""
@@ -1143,8 +1151,10 @@ class SQLitePersistence:
         """Every job to run, in the order of their saves; recovers crashed attempts and quarantines bad rows.
 
         In one write transaction: a row still "running" (its process died
-        during an attempt) has the crash counted as a failed attempt. One whose
-        crash uses up its retries is not returned: it is handed to the Queue by
+        during an attempt) comes back ready, the crash counted in its row (not
+        in ``retries``: the attempt did not fail, its process died). One whose
+        process died during more than ``max_crash_recoveries`` of its attempts
+        is not returned: it is handed to the Queue by
         ``take_crashed``, and its row is left as it was ("running") until the
         Queue has reported it and marked it dead (``mark_dead``, reason
         "crashed"), so a process that dies in between leaves it for the next
@@ -1160,8 +1170,8 @@ class SQLitePersistence:
             return jobs  # type: ignore[no-any-return]
 
     def take_crashed(self) -> List[Job]:
-        """The jobs the last ``load_all`` found crashed too often (their crash counted in ``retries``),
-        each returned once.
+        """The jobs the last ``load_all`` found crashed too often (more than ``max_crash_recoveries``
+        times), each returned once.
 
         The Queue reports them to its failure callbacks (reason "crashed") after
         ``load_all``, then marks each dead (``mark_dead``); until then its row
@@ -1172,7 +1182,8 @@ class SQLitePersistence:
 
     def _recover(self, conn: sqlite3.Connection) -> Tuple[List[Job], List[Job]]:
         # In the order they were saved (rows an older tinymq saved, without a seq, first, by creation).
-        rows = conn.execute(f"{_SELECT} WHERE state IN ('ready', 'running') ORDER BY seq, timestamp").fetchall()
+        rows = conn.execute(f"SELECT {', '.join(_READ_COLUMNS)}, crashes FROM {_TABLE} "
+                            "WHERE state IN ('ready', 'running') ORDER BY seq, timestamp").fetchall()
         jobs: List[Job] = []
         dead: List[Job] = []
         corrupt: List[Tuple[str, Any]] = []
@@ -1183,28 +1194,29 @@ class SQLitePersistence:
             corrupt.append((f"corrupt: unknown state {row[1]!r}", row[0]))
         for row in rows:
             try:
-                job = self._job(row)
+                job = self._job(row[:-1])
             except Exception as exc:
                 logger.error("persistence %s: quarantined corrupt job row %r: %s: %s",
                              self.path, row[0], type(exc).__name__, exc)
                 corrupt.append((f"corrupt: {type(exc).__name__}: {exc}", row[0]))
                 continue
             if row[1] == "running":
-                job.retries = min(job.retries + 1, _INT64 - 1)  # a count SQLite can store: one row fails no load
+                crashes = row[-1] if row[-1].__class__ is int and row[-1] > 0 else 0  # (NULL: none)
+                crashes = min(crashes + 1, _INT64 - 1)  # a count SQLite can store: one row fails no load
                 job.last_error = (f"the process died during an attempt (recovered by pid {os.getpid()} "
                                   f"at {time.strftime('%Y-%m-%dT%H:%M:%S%z')})")
-                if job.retries > job.retry_config.max_retries:  # its row is left as it is: see load_all
+                if crashes > self.max_crash_recoveries:  # its row is left as it is: see load_all
                     logger.error("persistence %s: job %r (type %r) crashed its process %d times; "
                                  "handed to the queue to fail with reason 'crashed'", self.path, job.id,
-                                 job.type, job.retries)
+                                 job.type, crashes)
                     dead.append(job)
                     continue
-                recovered.append((job.retries, job.last_error, job.id))
+                recovered.append((crashes, job.last_error, job.id))
             jobs.append(job)
         if corrupt:
             conn.executemany(f"UPDATE {_TABLE} SET state = 'corrupt', reason = ? WHERE id = ?", corrupt)
         if recovered:
-            conn.executemany(f"UPDATE {_TABLE} SET state = 'ready', reason = NULL, retries = ?, last_error = ? "
+            conn.executemany(f"UPDATE {_TABLE} SET state = 'ready', reason = NULL, crashes = ?, last_error = ? "
                              "WHERE id = ?", recovered)
         return jobs, dead
 
@@ -1288,12 +1300,12 @@ class SQLitePersistence:
     # -- dead and quarantined rows ----------------------------------------------------
 
     def requeue_dead(self, ids: Optional[Iterable[str]] = None) -> int:
-        """Dead jobs (all, or those of ``ids``) back to ready with retries reset; returns how many.
+        """Dead jobs (all, or those of ``ids``) back to ready with retries and crashes reset; returns how many.
 
         They run after the next ``load_all`` (the next start of a queue on this file).
         """
-        return self._change_dead(f"UPDATE {_TABLE} SET state = 'ready', retries = 0, reason = NULL "
-                                 "WHERE state = 'dead'", ids)
+        return self._change_dead(f"UPDATE {_TABLE} SET state = 'ready', retries = 0, crashes = NULL, "
+                                 "reason = NULL WHERE state = 'dead'", ids)
 
     def purge_dead(self, ids: Optional[Iterable[str]] = None) -> int:
         """Delete dead rows (all, or those of ``ids``); returns how many."""
