@@ -585,7 +585,7 @@ def test_recovery_into_a_small_buffer_is_counted_whole(tmp_path, registered):
     q.on_failure(lambda job, reason, exc: failures.append((job.payload, reason)))
     if registered:
         q.register_executor("t", lambda job: ran.append(job.payload))
-    store = SQLitePersistence(path)
+    store = SQLitePersistence(path, max_crash_recoveries=0)  # its crash: past the limit
     q.set_persistence(store)
     before = q.get_stats()
     if not registered:
