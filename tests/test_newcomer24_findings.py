@@ -56,3 +56,27 @@ def test_a_full_buffer_of_one_job_says_1_job():
             q.enqueue(Job("x"))
     finally:
         q.stop()
+
+
+# Fixed: broker.requeue_dead() and broker.purge_dead() (all dead jobs: no ids) raised a bare
+# redis.ConnectionError while Redis was unreachable, where docs/api.md says the dead-job calls
+# raise TinyMQError with the connection error as __cause__ (with ids they did): the list of every
+# dead id was read before the call that wraps the error.
+
+
+def test_requeue_and_purge_of_every_dead_job_raise_tinymq_error_while_redis_is_unreachable():
+    redis = pytest.importorskip("redis")
+    from tinymq.redis import RedisBroker
+
+    url = f"redis://127.0.0.1:{_closed_port()}/0"
+    q = Queue(broker=RedisBroker(url, name="emails"))
+    try:
+        for call in (q.broker.requeue_dead, q.broker.purge_dead):
+            for ids in (None, ["a"]):
+                with pytest.raises(TinyMQError, match=f"dead jobs on {url}") as raised:
+                    call(ids)
+                assert isinstance(raised.value.__cause__, redis.ConnectionError)
+            with pytest.raises(TypeError):  # bad ids are still refused as such, before any call
+                call("a")
+    finally:
+        q.stop(timeout=5)
