@@ -21,10 +21,10 @@ def _closed_port():
 # connecting to localhost:6379. Connection refused.): they may or may not have been enqueued;
 # enqueue the same job(s) again to know". Nothing had been sent: the first look at the server
 # (its version) comes before the enqueue's script, and it is that look that failed. The error
-# now says where it looked, that nothing was enqueued, and what to check.
+# now says where it looked, that nothing was enqueued, and what to check; a cancel likewise.
 
 
-def test_an_enqueue_to_a_redis_never_reached_says_nothing_was_enqueued_and_where_it_looked(caplog):
+def test_an_enqueue_to_a_redis_never_reached_says_nothing_was_enqueued_and_where_it_looked():
     pytest.importorskip("redis")
     from tinymq.redis import RedisBroker
 
@@ -39,6 +39,11 @@ def test_an_enqueue_to_a_redis_never_reached_says_nothing_was_enqueued_and_where
             assert "not enqueued" in message and "may or may not" not in message, message
             assert "is a redis-server running there" in message, message  # what to check
             assert raised.value.__cause__ is not None
+        with pytest.raises(TinyMQError) as raised:  # a cancel, likewise: nothing was sent
+            q.cancel("report-42")
+        message = str(raised.value)
+        assert f"cannot reach Redis at {url} (queue 'emails')" in message, message
+        assert "job 'report-42' not cancelled" in message and "may or may not" not in message, message
     finally:
         q.stop(timeout=5)
 

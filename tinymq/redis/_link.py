@@ -568,6 +568,11 @@ class QueueLink:
         with self._reporting_rows(token) as (caller, lease_ms):
             try:
                 self.broker._check_server(_call_deadline(None))
+            except self._redis_error as exc:  # (before this call sent anything: certainly not cancelled)
+                raise TinyMQError(f"cannot reach Redis at {redacted_url(self.broker.url)} (queue "
+                                  f"{self.broker.name!r}): {exc}; job {job_id!r} not cancelled "
+                                  "(is a redis-server running there, and answering?)") from exc
+            try:
                 reply = self.broker._call_resending(self.scripts.cancel, token, job_id, caller, lease_ms,
                                                     take_back, deadline=_call_deadline(None))
             except self._redis_error as exc:
