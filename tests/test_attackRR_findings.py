@@ -38,7 +38,8 @@ def test_enqueue_with_a_timeout_keeps_it_when_redis_froze_before_the_first_reply
                 try:
                     q.enqueue(Job("t", id=job_id), block=True, timeout=1.0)
                 except TinyMQError as exc:
-                    assert "may or may not have been enqueued" in str(exc)
+                    # (the first look at the server, or the enqueue itself, got no reply in time)
+                    assert "may or may not have been enqueued" in str(exc) or " not enqueued" in str(exc), exc
                 took[job_id] = time.monotonic() - began
 
             threads = [threading.Thread(target=produce, args=(f"p{i}",)) for i in range(3)]

@@ -427,7 +427,7 @@ class Queue:
                 ends = self._dispatcher.push_delayed(job, delay, accept=True)
             elif not self._ready.push(job) and not (block and self._wait_for_room(job, wait, withdrawn)):
                 raise QueueFull(
-                    f"the ready buffer is full ({self.config.buffer_size} jobs); job {job.id} "
+                    f"the ready buffer is full ({counted(self.config.buffer_size, 'job')}); job {job.id} "
                     f"({job.type!r}) was not enqueued"
                 )
         except BaseException:

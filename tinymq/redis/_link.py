@@ -50,11 +50,11 @@ from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set
 from .._pick_core import core
 from .._shield import shield
 from ..config import RateLimit
-from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError, _describe
+from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError, _describe, counted
 from ..stats import ExecutorStats, QueueStats
 from ._codec import decode_job, encode_job, sendable_text, undecodable_job, unsendable
 from ._scripts import Crashed, SettleOp, readable_id, retries_of
-from .broker import reply_wait
+from .broker import redacted_url, reply_wait
 
 __all__ = ["QueueLink"]
 
@@ -252,6 +252,11 @@ class QueueLink:
         while True:
             try:
                 self.broker._check_server(_call_deadline(deadline))
+            except self._redis_error as exc:  # (before this call sent anything: certainly not enqueued)
+                raise TinyMQError(f"cannot reach Redis at {redacted_url(self.broker.url)} (queue "
+                                  f"{self.broker.name!r}): {exc}; {counted(len(rows), 'job')} not enqueued "
+                                  "(is a redis-server running there, and answering?)") from exc
+            try:
                 reply = self.broker._call_resending(self.scripts.enqueue, token, self.config.buffer_size,
                                                    self.config.max_delayed_jobs, rows, caller, lease_ms,
                                                    deadline=_call_deadline(deadline))
@@ -274,7 +279,7 @@ class QueueLink:
             remaining = None if deadline is None else deadline - time.monotonic()
             if not block or (remaining is not None and remaining <= 0.0):
                 if len(rows) == 1:
-                    raise QueueFull(f"the ready buffer is full ({self.config.buffer_size} jobs); job "
+                    raise QueueFull(f"the ready buffer is full ({counted(self.config.buffer_size, 'job')}); job "
                                     f"{rows[0][0]} ({rows[0][1]!r}) was not enqueued")
                 raise QueueFull(f"the ready buffer has no room for {len(rows)} more jobs "
                                 f"(buffer_size={self.config.buffer_size}); none of the batch was enqueued")
@@ -563,6 +568,11 @@ class QueueLink:
         with self._reporting_rows(token) as (caller, lease_ms):
             try:
                 self.broker._check_server(_call_deadline(None))
+            except self._redis_error as exc:  # (before this call sent anything: certainly not cancelled)
+                raise TinyMQError(f"cannot reach Redis at {redacted_url(self.broker.url)} (queue "
+                                  f"{self.broker.name!r}): {exc}; job {job_id!r} not cancelled "
+                                  "(is a redis-server running there, and answering?)") from exc
+            try:
                 reply = self.broker._call_resending(self.scripts.cancel, token, job_id, caller, lease_ms,
                                                     take_back, deadline=_call_deadline(None))
             except self._redis_error as exc:

@@ -198,9 +198,11 @@ class RedisBroker:
             return list(self._client.zrange(self._scripts.key("dead"), 0, -1))
         return _dead_job_ids(ids)
 
-    def _admin(self, what: str, call: Any, ids: List[str]) -> int:
+    def _admin(self, what: str, call: Any, ids: Optional[Iterable[str]]) -> int:
+        given = None if ids is None else _dead_job_ids(ids)  # (bad ids: TypeError, before any call)
         try:
-            return sum(self._call_resending(call, ids[i:i + _PAGE]) for i in range(0, len(ids), _PAGE))
+            dead = self._dead_ids(None) if given is None else given  # (read from Redis: inside the try)
+            return sum(self._call_resending(call, dead[i:i + _PAGE]) for i in range(0, len(dead), _PAGE))
         except _redis().RedisError as exc:
             raise TinyMQError(f"could not {what} on {redacted_url(self.url)}: {exc}") from exc
 
@@ -221,11 +223,11 @@ class RedisBroker:
 
     def requeue_dead(self, ids: Optional[Iterable[str]] = None) -> int:
         """Dead jobs (all, or those of ``ids``) back to ready with retries reset; returns how many."""
-        return self._admin("requeue dead jobs", self._scripts.requeue_dead, self._dead_ids(ids))
+        return self._admin("requeue dead jobs", self._scripts.requeue_dead, ids)
 
     def purge_dead(self, ids: Optional[Iterable[str]] = None) -> int:
         """Delete dead jobs (all, or those of ``ids``); returns how many."""
-        return self._admin("purge dead jobs", self._scripts.purge_dead, self._dead_ids(ids))
+        return self._admin("purge dead jobs", self._scripts.purge_dead, ids)
 
     # --- the fleet -------------------------------------------------------------
 

@@ -399,7 +399,7 @@ end
 
 --[[ A row to report: {id, body, retries, error, reason, key, 1}. Every job ended for good
 whose failure callbacks are still to run is reported by one, and counts as unfinished
-(stats.outstanding, for join: API.md, callbacks run before a job counts as finished) until
+(stats.outstanding, for join: docs/api.md, callbacks run before a job counts as finished) until
 the row is acknowledged (op A, see handed) or handed out by a reply that nothing keeps
 (reported_by_reply): the scripts that end it count it finished no sooner. The 1 says so
 wherever the row goes (reporting:<proc>, `reports`, a reaper's reply). The key is false
