@@ -56,7 +56,7 @@ _NAME_OUTSIDE_STRINGS_AND_COMMENTS = re.compile(
 
 def _names_in(code: str) -> Set[str]:
     """The names that Lua ``code`` mentions, outside its strings and comments."""
-    return set(_NAME_OUTSIDE_STRINGS_AND_COMMENTS.findall(code)) - {""}
+    return set(_NAME_OUTSIDE_STRINGS_AND_COMMENTS.findall(code)) - {""}  # ("": a string or a comment)
 
 
 def _script_text(lib: str, script: str) -> str:
