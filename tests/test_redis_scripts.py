@@ -5,10 +5,11 @@ come back, fencing of late settles, the timeout states, parking and giving back.
 A process "dies" here by having its lease set in the past, as time would.
 """
 import json
+import re
 
 import pytest
 
-from tinymq.redis._scripts import Scripts, SettleOp
+from tinymq.redis._scripts import Scripts, SettleOp, _source
 
 LEASE_MS = 60_000
 
@@ -435,3 +436,50 @@ def test_a_settle_runs_as_many_commands_for_many_attempts_as_for_two(scripts):
 
     assert commands_of_settling(attempts[:2]) == commands_of_settling(attempts[2:59])
     check_invariants(scripts)
+
+
+# --- each script's text: the definitions of lib.lua it uses, in front (_scripts._script_text) ---
+
+def script_texts():
+    """Each script's text as Scripts sends it (a client that never connects: nothing is sent)."""
+    redis = pytest.importorskip("redis")
+    return {name: script.script for name, script in Scripts(redis.Redis(), "s")._script.items()}
+
+
+def defined_names(text):
+    """The names Lua ``text`` defines at its top level."""
+    return set(re.findall(r"^local (?:function )?(\w+)", text, re.MULTILINE))
+
+
+def undefined_lib_names(text):
+    """The names of lib.lua's top-level definitions that Lua ``text`` uses but does not define."""
+    code = re.sub(r"--\[\[.*?\]\]|--[^\n]*", "", text, flags=re.DOTALL)
+    return (set(re.findall(r"[A-Za-z_]\w*", code)) & defined_names(_source("lib"))) - defined_names(code)
+
+
+def test_every_script_text_defines_each_definition_of_lib_lua_it_uses():
+    """A definition it needs left out would fail a call only when it runs (a global Redis refuses)."""
+    assert undefined_lib_names(_source("fetch")) >= {"settle", "reap", "K_FETCHED"}  # (the check sees them)
+    for name, text in script_texts().items():
+        assert undefined_lib_names(text) == set(), name
+
+
+def test_a_script_text_leaves_out_the_definitions_it_does_not_use_keeping_lib_lua_line_numbers():
+    """Redis runs a script's whole text on every call: the definitions it does not use cost each call."""
+    texts = script_texts()
+    assert defined_names(texts["unfinished"]) == {"P", "READY", "K_DELAYED", "K_STATS", "ready_left"}
+    assert "settle" in defined_names(texts["fetch"]) and "enqueue_jobs" not in defined_names(texts["fetch"])
+    lib = _source("lib").split("\n")
+    for name, text in texts.items():
+        lines = text.split("\n")
+        assert lines[len(lib):] == _source(name).split("\n"), name  # (lib.lua, a newline, the script)
+        assert all(line in ("", kept) for line, kept in zip(lines, lib)), name
+
+
+def test_lib_lua_holds_only_definitions_each_from_its_local_line_to_the_next():
+    """What _script_text relies on: a statement of another kind at the top level of lib.lua would
+    be cut off with the definition above it whenever a script does not use that one."""
+    code = re.sub(r"--\[\[.*?\]\]", lambda comment: "\n" * comment.group().count("\n"), _source("lib"), flags=re.DOTALL)
+    for line in code.split("\n"):
+        if line and not line[0].isspace() and not line.startswith("--"):
+            assert re.match(r"local (function \w+\(|\w+ = )|end\b", line), line

@@ -3,15 +3,18 @@
 Each method is one EVALSHA (redis-py's ``Script`` reloads the script on
 NOSCRIPT, after a server restart) and returns the script's reply as plain
 Python values. The scripts themselves (``*.lua`` beside this file, each with
-``lib.lua`` in front) document their keys, arguments, replies and invariants.
+the definitions of ``lib.lua`` it uses in front: see _script_text) document
+their keys, arguments, replies and invariants.
 
 Every script is idempotent against a resend of the same call (the client sends
 a call again when the connection failed before its reply came): enqueue by its
 token, settle ops by attempt id, fetch by (process, fetch id); beat, reap and
 release leave nothing to do twice.
 """
+import functools
 import os
 import queue
+import re
 import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
@@ -43,6 +46,40 @@ def key_prefix(name: str) -> str:
 def _source(name: str) -> str:
     with open(os.path.join(_HERE, f"{name}.lua"), encoding="utf-8") as file:
         return file.read()
+
+
+_DEFINITION_START = re.compile(r"^(?=local )", re.MULTILINE)  # each top-level definition of lib.lua
+_DEFINED_NAME = re.compile(r"local (?:function )?(\w+)")
+_NAME_OUTSIDE_STRINGS_AND_COMMENTS = re.compile(
+    r"""--\[\[.*?\]\]|--[^\n]*|'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*"|([A-Za-z_]\w*)""", re.DOTALL)
+
+
+def _names_in(code: str) -> Set[str]:
+    """The names that Lua ``code`` mentions, outside its strings and comments."""
+    return set(_NAME_OUTSIDE_STRINGS_AND_COMMENTS.findall(code)) - {""}  # ("": a string or a comment)
+
+
+def _script_text(lib: str, script: str) -> str:
+    """``script`` with ``lib`` (lib.lua's text) in front, one chunk, keeping of ``lib`` its header
+    and the top-level definitions (each from a line that starts with ``local`` to the next one)
+    that the script uses, itself or through a definition it keeps: Redis runs the whole chunk
+    on every call, each ``local function`` a closure made anew. A definition left out leaves its
+    lines blank, so that the line numbers in Redis's errors stay those of lib.lua + the script."""
+    header, *definitions = _DEFINITION_START.split(lib)
+    names = [_DEFINED_NAME.match(text).group(1) for text in definitions]
+    used = _names_in(script)
+    for name, text in zip(reversed(names), reversed(definitions)):  # (in Lua, each uses only those above it)
+        if name in used:
+            used |= _names_in(text)
+    kept = [text if name in used else "\n" * text.count("\n") for name, text in zip(names, definitions)]
+    return header + "".join(kept) + "\n" + script
+
+
+@functools.lru_cache(maxsize=None)
+def _script_texts() -> Dict[str, str]:
+    """Every script's text (``_script_text``), made once."""
+    lib = _source("lib")
+    return {script: _script_text(lib, _source(script)) for script in _SCRIPT_NAMES}
 
 
 class SettleOp(NamedTuple):
@@ -313,9 +350,7 @@ class Scripts:
         self._keys = [self.prefix]
         self.client = client
         self.connections = connections
-        lib = _source("lib")
-        self._script = {script: client.register_script(lib + "\n" + _source(script))
-                        for script in _SCRIPT_NAMES}
+        self._script = {script: client.register_script(text) for script, text in _script_texts().items()}
 
     def key(self, suffix: str) -> str:
         return self.prefix + suffix

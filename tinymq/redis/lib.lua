@@ -1,5 +1,7 @@
---[[ lib.lua: definitions shared by every tinymq script; the loader puts this text in
-front of each script, so each one stays a single atomic EVALSHA.
+--[[ lib.lua: definitions shared by every tinymq script; the loader puts this header and
+the definitions a script uses in front of it (_scripts.py's _script_text), so each one stays
+a single atomic EVALSHA. So every top-level statement here is a `local` definition, which
+runs from its `local` line to the next one.
 
 KEYS[1] is the queue's prefix "tmq:{<name>}:". Every key a script touches starts with
 it, so all of a queue's keys share one hash slot (Redis Cluster-safe).
