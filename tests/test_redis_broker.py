@@ -367,6 +367,25 @@ def test_an_evicting_maxmemory_policy_is_warned_about_at_connect(tmp_path, caplo
         server.stop()
 
 
+def test_a_server_without_its_append_only_file_is_warned_about_at_connect(tmp_path, caplog):
+    """at-least-once through a kill of the server holds with appendonly yes (API.md): without it,
+    every job accepted since the last snapshot dies with the server, and nobody was told."""
+    from _redis_server import RedisServer, require_redis
+
+    require_redis()
+    directory = tmp_path / "no-aof"
+    directory.mkdir()
+    server = RedisServer(str(directory), extra=["--appendonly", "no"]).start()
+    try:
+        with caplog.at_level("WARNING", logger="tinymq"):
+            broker = RedisBroker(server.url, name="no-aof")
+        broker.close()
+        (warning,) = [r.getMessage() for r in caplog.records]
+        assert "appendonly no" in warning and "set appendonly yes" in warning and str(server.port) in warning
+    finally:
+        server.stop()
+
+
 def test_noeviction_gives_no_warning(redis_url, caplog):
     with caplog.at_level("WARNING", logger="tinymq"):
         RedisBroker(redis_url, name="quiet").close()

@@ -111,7 +111,8 @@ class RedisBroker:
     # --- connecting ------------------------------------------------------------
 
     def _check_server(self, deadline: Optional[float] = None) -> None:
-        """Once, at the first reply: refuse Redis < 6.2, warn unless maxmemory-policy is noeviction.
+        """Once, at the first reply: refuse Redis < 6.2, warn unless maxmemory-policy is noeviction
+        and appendonly is on (the jobs a server without it accepted die with it).
         ``deadline`` (monotonic; math.inf: the socket timeout's): a caller with a bound of its own
         (see _call_resending) gets redis.TimeoutError by then, were Redis silent or another
         thread's check under way, rather than waiting for it (socket timeout after socket timeout)."""
@@ -129,19 +130,27 @@ class RedisBroker:
             parts = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
             if parts < _MIN_VERSION:
                 raise TinyMQError(f"tinymq needs Redis >= 6.2 (or Valkey); {redacted_url(self.url)} runs {version}")
-            try:
-                reply = self._scripts.command("CONFIG", "GET", "maxmemory-policy", timeout=timeout)
-                pair = [*next(iter(reply.items()))] if isinstance(reply, dict) and reply else reply  # (RESP3: a map)
-                policy = pair[1] if len(pair) > 1 else None  # (text: the connections decode replies)
-            except _redis().ResponseError:  # CONFIG is disabled on some managed services
-                policy = None
+            policy = self._config("maxmemory-policy", timeout)
             if policy is not None and policy != "noeviction":
                 logger.warning(
                     "Redis at %s has maxmemory-policy %r: under memory pressure it may evict "
                     "tinymq's keys and lose jobs; set maxmemory-policy noeviction", redacted_url(self.url), policy)
+            if self._config("appendonly", timeout) == "no":
+                logger.warning(
+                    "Redis at %s runs with appendonly no: if it stops or dies, the jobs it accepted since "
+                    "its last snapshot are lost; set appendonly yes", redacted_url(self.url))
             self._checked = True
         finally:
             self._check_lock.release()
+
+    def _config(self, name: str, timeout: Optional[float]) -> Optional[str]:
+        """The server's setting ``name``; None where CONFIG is disabled (some managed services)."""
+        try:
+            reply = self._scripts.command("CONFIG", "GET", name, timeout=timeout)
+        except _redis().ResponseError:
+            return None
+        pair = [*next(iter(reply.items()))] if isinstance(reply, dict) and reply else reply  # (RESP3: a map)
+        return pair[1] if len(pair) > 1 else None  # (text: the connections decode replies)
 
     def _dedicated_client(self, timeout: float) -> Any:
         """A connection of its own, for one thread at a time (a blocking wait, or fetch rounds)."""
