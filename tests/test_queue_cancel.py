@@ -1,5 +1,6 @@
 """Queue.cancel(job_id): queued, delayed, retrying and running jobs; races; a mixed stress test."""
 import asyncio
+import logging
 import random
 import sys
 import threading
@@ -43,6 +44,17 @@ def test_cancel_a_queued_job(queue):
     assert (stats.jobs_cancelled, stats.jobs_failed, stats.jobs_succeeded) == (1, 0, 5)
     if queue.store is not None:
         assert queue.store.dead_jobs() == []
+
+
+def test_a_cancel_is_logged_at_info_not_as_an_error(queue, caplog):
+    """A cancel was asked for: it was logged at ERROR as "failed permanently (cancelled)", which
+    sets off whatever alerts a service has on ERROR lines, once per cancelled job."""
+    queue.register_executor("a", lambda job: None)
+    job = queue.enqueue(Job("a"))
+    with caplog.at_level(logging.DEBUG, logger="tinymq"):
+        assert queue.cancel(job.id) is True
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", f"job {job.id} (a) was cancelled")]
 
 
 def test_cancel_the_oldest_job_of_a_level_keeps_strict_priority_order(queue):

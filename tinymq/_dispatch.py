@@ -1243,8 +1243,11 @@ class Dispatcher:
         return True
 
     def report_failure(self, job: Any, reason: str, exc: Optional[BaseException]) -> None:
-        """Log a permanent failure and run the failure callbacks (a broker counts it itself)."""
-        if exc is not None:
+        """Log a permanent failure and run the failure callbacks (a broker counts it itself).
+        A cancel is logged at INFO: it was asked for, no alert should fire for it."""
+        if reason == "cancelled":
+            logger.info("job %s (%s) was cancelled", job.id, job.type)
+        elif exc is not None:
             logger.error("job %s (%s) failed permanently (%s): %s", job.id, job.type, reason,
                          _describe(exc))
         else:
