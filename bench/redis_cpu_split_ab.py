@@ -54,8 +54,9 @@ def main() -> None:
         ratios = [y / x for x, y in zip(a, b) if x]
         report[kind] = {"a": statistics.median(a), "b": statistics.median(b),
                         "b_over_a": statistics.median(ratios) if ratios else None}
+        ratio = report[kind]["b_over_a"]  # (None: A measured none of it, as workers in --mode one)
         print(f"{kind:15} A {report[kind]['a']:8.3f}  B {report[kind]['b']:8.3f}   "
-              f"B/A median of pairs {report[kind]['b_over_a']:.3f}")
+              f"B/A median of pairs {'-' if ratio is None else format(ratio, '.3f')}")
     print(json.dumps({"args": vars(args), "report": report, "runs": runs}))
 
 
