@@ -2,15 +2,16 @@
 outsider would attack them; each finding with its test.
 """
 import asyncio
+import math
 import threading
 import time
+from datetime import timedelta
 
 import pytest
 
-from tinymq import Config, ExecutorConfig, Job, Queue
-from tinymq.redis import RedisBroker
+from tinymq import ExecutorConfig, Job, RetryAfter, RetryConfig
 
-from _helpers import WAIT, wait_until
+from _helpers import STORES, WAIT, queue_with_store, record_failures, wait_until
 
 
 def _succeeded_and_ready(q):
@@ -66,3 +67,68 @@ def test_over_a_broker_attempts_that_outlive_a_stop_called_in_an_executor_settle
     observer = redis_backend.queue()
     assert wait_until(lambda: _succeeded_and_ready(observer) == (2, 0)), _succeeded_and_ready(observer)
     assert sorted(ran) == ["other", "stop"]
+
+
+def _retry_after_changed_to(seconds):
+    """A RetryAfter whose ``seconds`` its executor set after construction (attributes are writable)."""
+    exc = RetryAfter(0.01)
+    exc.seconds = seconds
+    return exc
+
+
+@pytest.mark.parametrize("backend", STORES)
+@pytest.mark.parametrize("kind", ["thread", "async"])
+@pytest.mark.parametrize("seconds", [math.nan, math.inf, -5.0, "5", timedelta(days=-1)],
+                         ids=["nan", "inf", "negative", "str", "negative-timedelta"])
+def test_a_retry_after_whose_seconds_were_made_invalid_fails_the_job_instead_of_losing_it(
+        backend, kind, seconds, tmp_path):
+    """docs/api.md, "Telling the queue how a job failed": ``RetryAfter(seconds)`` takes a float or
+    a ``timedelta``, finite, >= 0; its constructor refuses anything else, but ``seconds`` is a plain
+    attribute. Set to NaN after construction, the retry was placed with a NaN delay: the job counted
+    as ready for ever and never ran again (``join()`` never returned, nor did the job end); set to
+    inf it waited in the delayed set for ever. Now the value is checked again when the retry is
+    scheduled, as a ``RetryConfig`` subclass's ``retry_delay`` is: a bad one fails the job
+    (``"retries_exhausted"``, the error naming it), as an unusable retry does, once, in every counter."""
+    with queue_with_store(backend, tmp_path) as q:
+        failures = record_failures(q, key=lambda job: job.id)
+        if kind == "thread":
+            def executor(job):
+                raise _retry_after_changed_to(seconds)
+        else:
+            async def executor(job):
+                raise _retry_after_changed_to(seconds)
+        q.register_executor("t", executor, ExecutorConfig(timeout=None))
+        q.start_dispatcher(1)
+        job = q.enqueue(Job("t", retry_config=RetryConfig(max_retries=3, initial_delay=0.01)))
+        assert q.join(WAIT), q.get_stats()
+        [(job_id, reason, exc)] = failures.items
+        assert (job_id, reason) == (job.id, "retries_exhausted")
+        assert isinstance(exc, (TypeError, ValueError)) and "RetryAfter seconds" in str(exc), exc
+        stats = q.get_stats()
+        assert (stats.jobs_failed, stats.jobs_retried, stats.delayed_jobs_count) == (1, 0, 0)
+        assert (stats.executor_stats["t"].failed, stats.executor_stats["t"].retried) == (1, 0)
+        if q.store is not None:
+            assert list(q.store.load_all()) == []
+            assert [dead.reason for dead in q.store.dead_jobs()] == ["retries_exhausted"]
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("seconds", [math.nan, math.inf], ids=["nan", "inf"])
+def test_over_a_broker_a_retry_after_whose_seconds_were_made_invalid_fails_the_job(redis_backend, seconds):
+    """The finding above over a broker: with NaN the retry ran at once (Redis read the delay as 0),
+    with inf the job waited in the delayed set for ever; now it fails as in-process."""
+    q = redis_backend.queue()
+    failures = record_failures(q, key=lambda job: job.id)
+
+    def executor(job):
+        raise _retry_after_changed_to(seconds)
+
+    q.register_executor("t", executor, ExecutorConfig(timeout=None))
+    q.start_dispatcher(1)
+    job = q.enqueue(Job("t", retry_config=RetryConfig(max_retries=3, initial_delay=0.01)))
+    assert q.join(WAIT), q.get_stats()
+    [(job_id, reason, exc)] = failures.items
+    assert (job_id, reason) == (job.id, "retries_exhausted")
+    assert isinstance(exc, ValueError) and "RetryAfter seconds" in str(exc), exc
+    stats = q.get_stats()
+    assert (stats.jobs_failed, stats.jobs_retried, stats.delayed_jobs_count) == (1, 0, 0)

@@ -43,7 +43,7 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional, Protocol
 from . import _shield
 from ._pick_core import core
 from ._shield import shield
-from .config import Config, ExecutorConfig
+from .config import Config, ExecutorConfig, _seconds
 from ._event_loop import _UNWIND_WAIT, LOOP_LATE, HandedOver, LoopRunner, timeout_error
 from .context import JobContext
 from .errors import JobTimeout, PermanentFailure, QueueStopped, RetryAfter, _describe, counted
@@ -1194,8 +1194,8 @@ class Dispatcher:
             if job.retries > retry_config.max_retries:
                 self.fail(job, "retries_exhausted", exc, release=release)
                 return
-            if isinstance(exc, RetryAfter):
-                delay = exc.seconds
+            if isinstance(exc, RetryAfter):  # checked again: its executor may have set it since
+                delay = _seconds("RetryAfter seconds", exc.seconds)
             else:
                 delay = retry_config.retry_delay(job.retries)
                 if not math.isfinite(delay):  # NaN or inf (a RetryConfig subclass): no run_at to wait for
