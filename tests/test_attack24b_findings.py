@@ -132,3 +132,36 @@ def test_over_a_broker_a_retry_after_whose_seconds_were_made_invalid_fails_the_j
     assert isinstance(exc, ValueError) and "RetryAfter seconds" in str(exc), exc
     stats = q.get_stats()
     assert (stats.jobs_failed, stats.jobs_retried, stats.delayed_jobs_count) == (1, 0, 0)
+
+
+@pytest.mark.parametrize("backend", STORES)
+def test_jobs_the_event_loop_took_before_stop_never_start_after_it(backend, tmp_path):
+    """API.md "Queue": ``stop()`` stops accepting jobs and lets running attempts finish; "Jobs still
+    queued are not run; with a persistence store they stay stored for the next start". A thread
+    worker never starts a job once stop() has closed the queue. The event loop took its jobs in
+    batches, though: when one coroutine held the loop (here until stop() cancelled its context),
+    the jobs taken with it were started one after another once it returned, after stop() (without
+    a store; a store's start write let the loop see the stop first). Now a job the loop holds
+    unstarted when the queue stops is given back, as a worker's is: not run, and stored with a store."""
+    with queue_with_store(backend, tmp_path) as q:
+        ran = []
+        holding = threading.Event()
+
+        async def executor(job, ctx):
+            ran.append(job.payload)
+            if job.payload == 0:
+                holding.set()
+                while not ctx.cancelled:  # holds the loop: the jobs taken with this one wait in its hands
+                    time.sleep(0.001)
+
+        q.register_executor("t", executor, ExecutorConfig(timeout=None))
+        for payload in range(3):
+            q.enqueue(Job("t", payload))
+        q.start_dispatcher()
+        assert holding.wait(WAIT)
+        q.stop(wait=True, timeout=0.1)
+        assert ran == [0]
+        stats = q.get_stats()
+        assert (stats.jobs_succeeded, stats.jobs_failed, stats.executor_stats["t"].active_jobs) == (0, 0, 0)
+        if q.store is not None:
+            assert sorted(job.payload for job in q.store.load_all()) == [0, 1, 2]
