@@ -43,7 +43,7 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional, Protocol
 from . import _shield
 from ._pick_core import core
 from ._shield import shield
-from .config import Config, ExecutorConfig
+from .config import Config, ExecutorConfig, _seconds
 from ._event_loop import _UNWIND_WAIT, LOOP_LATE, HandedOver, LoopRunner, timeout_error
 from .context import JobContext
 from .errors import JobTimeout, PermanentFailure, QueueStopped, RetryAfter, _describe, counted
@@ -420,10 +420,11 @@ class Dispatcher:
             first = not self._stopping
             self._stopping = True
         own_thread = self.waits_for_itself() or own_caller  # it cannot wait for itself
+        released_later = False
         try:
-            self._stop(first, own_thread, wait, timeout, why)
+            released_later = self._stop(first, own_thread, wait, timeout, why)
         finally:
-            if first:
+            if first and not released_later:
                 self._stopped.set()
         if not first and not own_thread:
             # Until the first one has stopped every thread (and a broker's link has given back
@@ -432,7 +433,9 @@ class Dispatcher:
             self._stopped.wait()
 
     def _stop(self, first: bool, own_thread: bool, wait: bool, timeout: Optional[float],
-              why: Optional[str]) -> None:
+              why: Optional[str]) -> bool:
+        """stop()'s work; True when a thread of its own releases the broker's link later (see
+        _release_when_idle), and sets _stopped then."""
         stop_by = None if timeout is None else time.monotonic() + timeout  # (the ledger's bound too)
         self.ready.close()
         self.scheduler_alarm.wake()
@@ -468,9 +471,45 @@ class Dispatcher:
             runner.stop(wait_for_thread=not own_thread, when_idle=wait and own_thread)
         self.watchdog_alarm.wake()  # it leaves once no worker is left to watch
         if self.ledger is not None:
+            if first and wait and own_thread:
+                # The attempts it lets run (its caller's own too) settle first: released now, they
+                # would go back to Redis and run again, their outcomes ignored there.
+                threading.Thread(target=self._release_when_idle, args=(stop_by,),
+                                 name="tinymq-stop", daemon=True).start()
+                return True
             self.ledger.stop(stop_by)
         elif first:
             self._report_unrun(why)
+        return False
+
+    def _release_when_idle(self, stop_by: Optional[float]) -> None:
+        """A stop(wait=True) called in one of the queue's own threads (or its loop), over a broker:
+        wait for the running attempts as stop() does elsewhere (at most until ``stop_by``), cancel
+        those still running, then give back what this process holds."""
+        try:
+            runner = self.loop_runner
+            with self._lock:
+                while self._running_workers() and not self._stop_cancels:
+                    remaining = None if stop_by is None else stop_by - time.monotonic()
+                    if remaining is not None and remaining <= 0.0:
+                        break
+                    self._workers_changed.wait(remaining)
+                slots = self._running_workers()
+                if slots:
+                    self._stop_cancels = True
+                    self._workers_changed.notify_all()
+            if runner is not None:
+                runner.wait_finished(stop_by, undecided_only=True)
+            for slot in slots:
+                self._cancel_for_stop(slot)
+            if runner is not None:
+                for job in runner.cancel_for_stop():
+                    self._stopped_async(job)
+            self.ledger.stop(stop_by)
+        except BaseException:  # (nothing else would see it: the thread ends here)
+            logger.exception("tinymq could not give back what this process holds at stop()")
+        finally:
+            self._stopped.set()
 
     def _running_workers(self) -> List[Any]:
         """The slots of live workers that were not retired. Called with _lock held."""
@@ -1155,8 +1194,8 @@ class Dispatcher:
             if job.retries > retry_config.max_retries:
                 self.fail(job, "retries_exhausted", exc, release=release)
                 return
-            if isinstance(exc, RetryAfter):
-                delay = exc.seconds
+            if isinstance(exc, RetryAfter):  # checked again: its executor may have set it since
+                delay = _seconds("RetryAfter seconds", exc.seconds)
             else:
                 delay = retry_config.retry_delay(job.retries)
                 if not math.isfinite(delay):  # NaN or inf (a RetryConfig subclass): no run_at to wait for

@@ -469,6 +469,13 @@ class LoopRunner:
                     self._report(dispatcher.end_cancelled, job)
                 self._finished(attempt, None, True)  # frees the slot (and tells a broker, returned_late)
                 continue
+            # Taken before stop() closed the queue, not started yet (a coroutine held the loop): given
+            # back unstarted, as a worker thread's job is (saved back as ready with a store).
+            if dispatcher.stopping:
+                if self._decide(attempt, "stopped"):  # else a cancel() decided it: it reports it
+                    self._report(dispatcher._stopped_async, job)
+                self._finished(attempt, None, True)
+                continue
             error: Optional[BaseException] = None
             ours = False  # the CancelledError that ended it came from a decision (timeout, cancel, stop)
             hooked = (dispatcher.ledger is not None or dispatcher.store is not None) and dispatcher.needs_hooks()
