@@ -351,39 +351,33 @@ def test_a_worker_keeps_trying_at_a_short_interval_through_a_long_outage():
     assert max(b - a for a, b in zip(late, late[1:])) < RETRY_GAP, [round(t - start, 3) for t in tries]
 
 
-def test_an_evicting_maxmemory_policy_is_warned_about_at_connect(tmp_path, caplog):
+def warnings_at_connect(tmp_path, caplog, *settings):
+    """The WARNINGs a broker logs connecting to a server of its own started with ``settings``,
+    and that server's port."""
     from _redis_server import RedisServer, require_redis
 
     require_redis()
-    directory = tmp_path / "lru"
+    directory = tmp_path / "server"
     directory.mkdir()
-    server = RedisServer(str(directory), extra=["--maxmemory-policy", "allkeys-lru"]).start()
+    server = RedisServer(str(directory), extra=list(settings)).start()
     try:
         with caplog.at_level("WARNING", logger="tinymq"):
-            broker = RedisBroker(server.url, name="lru")
-        broker.close()
-        assert any("allkeys-lru" in r.getMessage() and "noeviction" in r.getMessage() for r in caplog.records)
+            RedisBroker(server.url, name="checked").close()
+        return [r.getMessage() for r in caplog.records], server.port
     finally:
         server.stop()
+
+
+def test_an_evicting_maxmemory_policy_is_warned_about_at_connect(tmp_path, caplog):
+    (warning,), _ = warnings_at_connect(tmp_path, caplog, "--maxmemory-policy", "allkeys-lru")
+    assert "allkeys-lru" in warning and "noeviction" in warning
 
 
 def test_a_server_without_its_append_only_file_is_warned_about_at_connect(tmp_path, caplog):
     """at-least-once through a kill of the server holds with appendonly yes (API.md): without it,
     every job accepted since the last snapshot dies with the server, and nobody was told."""
-    from _redis_server import RedisServer, require_redis
-
-    require_redis()
-    directory = tmp_path / "no-aof"
-    directory.mkdir()
-    server = RedisServer(str(directory), extra=["--appendonly", "no"]).start()
-    try:
-        with caplog.at_level("WARNING", logger="tinymq"):
-            broker = RedisBroker(server.url, name="no-aof")
-        broker.close()
-        (warning,) = [r.getMessage() for r in caplog.records]
-        assert "appendonly no" in warning and "set appendonly yes" in warning and str(server.port) in warning
-    finally:
-        server.stop()
+    (warning,), port = warnings_at_connect(tmp_path, caplog, "--appendonly", "no")
+    assert "appendonly no" in warning and "set appendonly yes" in warning and str(port) in warning
 
 
 def test_noeviction_gives_no_warning(redis_url, caplog):
