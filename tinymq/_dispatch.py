@@ -441,25 +441,9 @@ class Dispatcher:
         self.scheduler_alarm.wake()
         runner = self.loop_runner
         if wait and not own_thread:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            with self._lock:
-                while self._running_workers() and not self._stop_cancels:
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0.0:
-                        break
-                    self._workers_changed.wait(remaining)
-            if runner is not None:
-                runner.wait_finished(deadline, undecided_only=True)
+            self._wait_for_attempts(stop_by)
         if not (wait and own_thread):
-            with self._lock:
-                self._stop_cancels = True
-                self._workers_changed.notify_all()
-                slots = self._running_workers()
-            for slot in slots:
-                self._cancel_for_stop(slot)
-            if runner is not None:
-                for job in runner.cancel_for_stop():
-                    self._stopped_async(job)
+            self._cancel_attempts()
         if runner is not None and first:
             if not own_thread:  # cancelled coroutines unwind before the loop stops, briefly
                 unwound_by = time.monotonic() + _UNWIND_WAIT
@@ -487,29 +471,37 @@ class Dispatcher:
         wait for the running attempts as stop() does elsewhere (at most until ``stop_by``), cancel
         those still running, then give back what this process holds."""
         try:
-            runner = self.loop_runner
-            with self._lock:
-                while self._running_workers() and not self._stop_cancels:
-                    remaining = None if stop_by is None else stop_by - time.monotonic()
-                    if remaining is not None and remaining <= 0.0:
-                        break
-                    self._workers_changed.wait(remaining)
-                slots = self._running_workers()
-                if slots:
-                    self._stop_cancels = True
-                    self._workers_changed.notify_all()
-            if runner is not None:
-                runner.wait_finished(stop_by, undecided_only=True)
-            for slot in slots:
-                self._cancel_for_stop(slot)
-            if runner is not None:
-                for job in runner.cancel_for_stop():
-                    self._stopped_async(job)
+            self._wait_for_attempts(stop_by)
+            self._cancel_attempts()
             self.ledger.stop(stop_by)
         except BaseException:  # (nothing else would see it: the thread ends here)
             logger.exception("tinymq could not give back what this process holds at stop()")
         finally:
             self._stopped.set()
+
+    def _wait_for_attempts(self, deadline: Optional[float]) -> None:
+        """stop(wait=True): until the running attempts, threads' and coroutines', have ended, at
+        most until ``deadline`` (monotonic; None: no bound)."""
+        with self._lock:
+            while self._running_workers() and not self._stop_cancels:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0.0:
+                    break
+                self._workers_changed.wait(remaining)
+        if self.loop_runner is not None:
+            self.loop_runner.wait_finished(deadline, undecided_only=True)
+
+    def _cancel_attempts(self) -> None:
+        """Cancel the attempts still running (stop's wait is over): saved back, not failures."""
+        with self._lock:
+            self._stop_cancels = True
+            self._workers_changed.notify_all()
+            slots = self._running_workers()
+        for slot in slots:
+            self._cancel_for_stop(slot)
+        if self.loop_runner is not None:
+            for job in self.loop_runner.cancel_for_stop():
+                self._stopped_async(job)
 
     def _running_workers(self) -> List[Any]:
         """The slots of live workers that were not retired. Called with _lock held."""
