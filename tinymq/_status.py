@@ -19,8 +19,7 @@ import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar
 
 from ._cli import CommandError
-from .errors import counted
-from .errors import PersistenceError, TinyMQError
+from .errors import PersistenceError, TinyMQError, counted
 from .job import Job, Priority
 from .persistence._ownership import OwnedError
 from .persistence.sqlite import DeadJob, SQLitePersistence

@@ -38,6 +38,12 @@ class QueueFull(TinyMQError, queue.Full):
     """The ready buffer is full and the caller did not choose to wait for room."""
 
 
+def _buffer_full(buffer_size: int, job_id: str, job_type: str) -> QueueFull:
+    """The QueueFull of one job that the full ready buffer refused (in-process, over Redis, a schedule's tick)."""
+    return QueueFull(f"the ready buffer is full ({counted(buffer_size, 'job')}); job {job_id} ({job_type!r}) "
+                     "was not enqueued")
+
+
 class QueueStopped(TinyMQError):
     """The queue was stopped: it accepts no more jobs."""
 

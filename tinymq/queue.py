@@ -22,7 +22,8 @@ from ._event_loop import is_async_executor
 from ._pick_core import core
 from ._shield import shield
 from .config import Config, ExecutorConfig, RateLimit, RetryConfig, _optional_seconds, _seconds
-from .errors import DuplicateJob, PersistenceError, QueueFull, QueueStopped, _describe, _exception_text, counted
+from .errors import (DuplicateJob, PersistenceError, QueueFull, QueueStopped, _buffer_full, _describe,
+                     _exception_text, counted)
 from .job import Job, Priority, RunAt, _as_priority, _as_type, _validate
 from .stats import ExecutorStats, QueueStats
 
@@ -426,10 +427,7 @@ class Queue:
                 job.priority = _as_priority(job.priority)  # the core reads it only when due
                 ends = self._dispatcher.push_delayed(job, delay, accept=True)
             elif not self._ready.push(job) and not (block and self._wait_for_room(job, wait, withdrawn)):
-                raise QueueFull(
-                    f"the ready buffer is full ({counted(self.config.buffer_size, 'job')}); job {job.id} "
-                    f"({job.type!r}) was not enqueued"
-                )
+                raise _buffer_full(self.config.buffer_size, job.id, job.type)
         except BaseException:
             if store is not None:
                 self._dispatcher.undo_save(store, job.id)

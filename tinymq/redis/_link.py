@@ -50,7 +50,7 @@ from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set
 from .._pick_core import core
 from .._shield import shield
 from ..config import RateLimit
-from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError, _describe, counted
+from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError, _buffer_full, _describe, counted
 from ..stats import ExecutorStats, QueueStats
 from ._codec import decode_job, encode_job, sendable_text, undecodable_job, unsendable
 from ._scripts import Crashed, SettleOp, readable_id, retries_of
@@ -253,9 +253,7 @@ class QueueLink:
             try:
                 self.broker._check_server(_call_deadline(deadline))
             except self._redis_error as exc:  # (before this call sent anything: certainly not enqueued)
-                raise TinyMQError(f"cannot reach Redis at {redacted_url(self.broker.url)} (queue "
-                                  f"{self.broker.name!r}): {exc}; {counted(len(rows), 'job')} not enqueued "
-                                  "(is a redis-server running there, and answering?)") from exc
+                raise self._unreachable(exc, f"{counted(len(rows), 'job')} not enqueued") from exc
             try:
                 reply = self.broker._call_resending(self.scripts.enqueue, token, self.config.buffer_size,
                                                    self.config.max_delayed_jobs, rows, caller, lease_ms,
@@ -279,8 +277,7 @@ class QueueLink:
             remaining = None if deadline is None else deadline - time.monotonic()
             if not block or (remaining is not None and remaining <= 0.0):
                 if len(rows) == 1:
-                    raise QueueFull(f"the ready buffer is full ({counted(self.config.buffer_size, 'job')}); job "
-                                    f"{rows[0][0]} ({rows[0][1]!r}) was not enqueued")
+                    raise _buffer_full(self.config.buffer_size, rows[0][0], rows[0][1])
                 raise QueueFull(f"the ready buffer has no room for {len(rows)} more jobs "
                                 f"(buffer_size={self.config.buffer_size}); none of the batch was enqueued")
             time.sleep(pause if remaining is None else min(pause, remaining))
@@ -569,9 +566,7 @@ class QueueLink:
             try:
                 self.broker._check_server(_call_deadline(None))
             except self._redis_error as exc:  # (before this call sent anything: certainly not cancelled)
-                raise TinyMQError(f"cannot reach Redis at {redacted_url(self.broker.url)} (queue "
-                                  f"{self.broker.name!r}): {exc}; job {job_id!r} not cancelled "
-                                  "(is a redis-server running there, and answering?)") from exc
+                raise self._unreachable(exc, f"job {job_id!r} not cancelled") from exc
             try:
                 reply = self.broker._call_resending(self.scripts.cancel, token, job_id, caller, lease_ms,
                                                     take_back, deadline=_call_deadline(None))
@@ -606,6 +601,12 @@ class QueueLink:
             if self.dispatcher.cancel(job.id):
                 logger.info("job %s (%s) was cancelled through Redis queue %r", job.id, job.type,
                             self.broker.name)
+
+    def _unreachable(self, exc: BaseException, outcome: str) -> TinyMQError:
+        """The error of a call whose first look at the server got no reply: it sent nothing, so
+        ``outcome`` ("1 job not enqueued") is certain."""
+        return TinyMQError(f"cannot reach Redis at {redacted_url(self.broker.url)} (queue {self.broker.name!r}): "
+                           f"{exc}; {outcome} (is a redis-server running there, and answering?)")
 
     def check_type(self, job_type: str) -> None:
         """A type is sent as a job reads it (a byte that is not UTF-8 as a lone surrogate: another

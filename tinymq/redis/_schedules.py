@@ -28,7 +28,7 @@ import weakref
 from typing import Any, Dict, Tuple
 
 from .._periodic import _CLOCK_SET_BACK, _Tick
-from ..errors import QueueFull, QueueStopped, TinyMQError, counted
+from ..errors import QueueStopped, TinyMQError, _buffer_full
 from ._codec import encode_job, unsendable
 from ._link import job_row
 
@@ -107,8 +107,7 @@ class BrokerTicks:
                 raise TinyMQError(f"could not claim a tick of schedule {schedule.name!r} in Redis queue "
                                   f"{link.broker.name!r}: {exc}") from exc
             if outcome == "full":  # claimed and skipped: the next tick is claimed as usual
-                raise QueueFull(f"the ready buffer is full ({counted(link.config.buffer_size, 'job')}); job {job.id} "
-                                f"({job.type!r}) was not enqueued")
+                raise _buffer_full(link.config.buffer_size, job.id, job.type)
             if outcome == "ahead":  # (not claimed: the other processes fire it, on their clocks)
                 logger.warning("schedule %r: its tick %s is more than %gs ahead of the Redis server's clock: "
                                "this process's wall clock (or the server's) is wrong; its ticks are not claimed until "
