@@ -78,7 +78,8 @@ CREATE TABLE IF NOT EXISTS {_TABLE} (
     last_error   TEXT,
     reason       TEXT,               -- why dead or corrupt
     seq          INTEGER,            -- the order of saves: FIFO within a priority (NULL: saved before it existed)
-    crashes      INTEGER             -- deaths of its process during its attempts (NULL: none); only load_all writes it
+    crashes      INTEGER             -- deaths of its process during its attempts (NULL: none): counted by load_all,
+                                     -- kept by saves and give-backs, reset by requeue_dead
 ) WITHOUT ROWID
 """
 # WITHOUT ROWID: the id is the key, so a save writes one b-tree instead of two.
