@@ -20,27 +20,15 @@ from _helpers import WAIT, Recorder, make_queue, wait_until
 
 pytest.importorskip("croniter")
 
+from test_periodic import ShiftedClock, schedule_of  # noqa: E402  (after the skip: it needs croniter)
+
 DAY = 86400.0
-
-
-class ShiftedClock:
-    """The wall clock as a schedule sees it: real time plus ``offset`` (settable)."""
-
-    def __init__(self, offset=0.0):
-        self.offset = offset
-
-    def __call__(self):
-        return time.time() + self.offset
 
 
 def just_before_a_minute(ahead=0.0, lead=0.2):
     """The offset that puts a ShiftedClock ``lead`` seconds before a minute, ``ahead`` seconds from now."""
     now = time.time() + ahead
     return math.ceil(now / 60.0 + 1) * 60.0 - now - lead + ahead
-
-
-def schedule_of(q, name):
-    return {s.name: s for s in q.schedules()}[name]
 
 
 def test_a_cron_schedule_goes_on_when_a_clock_set_a_day_ahead_is_set_back():

@@ -76,6 +76,22 @@ def _retry_after_changed_to(seconds):
     return exc
 
 
+def failed_once_by_its_retry_after(q, executor):
+    """Run one job of type "t" on ``q`` with ``executor``, which raises a spoiled RetryAfter: it
+    fails once, "retries_exhausted", with nothing retried. Its exception, and the stats then."""
+    failures = record_failures(q, key=lambda job: job.id)
+    q.register_executor("t", executor, ExecutorConfig(timeout=None))
+    q.start_dispatcher(1)
+    job = q.enqueue(Job("t", retry_config=RetryConfig(max_retries=3, initial_delay=0.01)))
+    assert q.join(WAIT), q.get_stats()
+    [(job_id, reason, exc)] = failures.items
+    assert (job_id, reason) == (job.id, "retries_exhausted")
+    assert "RetryAfter seconds" in str(exc), exc
+    stats = q.get_stats()
+    assert (stats.jobs_failed, stats.jobs_retried, stats.delayed_jobs_count) == (1, 0, 0)
+    return exc, stats
+
+
 @pytest.mark.parametrize("backend", STORES)
 @pytest.mark.parametrize("kind", ["thread", "async"])
 @pytest.mark.parametrize("seconds", [math.nan, math.inf, -5.0, "5", timedelta(days=-1)],
@@ -90,22 +106,14 @@ def test_a_retry_after_whose_seconds_were_made_invalid_fails_the_job_instead_of_
     scheduled, as a ``RetryConfig`` subclass's ``retry_delay`` is: a bad one fails the job
     (``"retries_exhausted"``, the error naming it), as an unusable retry does, once, in every counter."""
     with queue_with_store(backend, tmp_path) as q:
-        failures = record_failures(q, key=lambda job: job.id)
         if kind == "thread":
             def executor(job):
                 raise _retry_after_changed_to(seconds)
         else:
             async def executor(job):
                 raise _retry_after_changed_to(seconds)
-        q.register_executor("t", executor, ExecutorConfig(timeout=None))
-        q.start_dispatcher(1)
-        job = q.enqueue(Job("t", retry_config=RetryConfig(max_retries=3, initial_delay=0.01)))
-        assert q.join(WAIT), q.get_stats()
-        [(job_id, reason, exc)] = failures.items
-        assert (job_id, reason) == (job.id, "retries_exhausted")
-        assert isinstance(exc, (TypeError, ValueError)) and "RetryAfter seconds" in str(exc), exc
-        stats = q.get_stats()
-        assert (stats.jobs_failed, stats.jobs_retried, stats.delayed_jobs_count) == (1, 0, 0)
+        exc, stats = failed_once_by_its_retry_after(q, executor)
+        assert isinstance(exc, (TypeError, ValueError)), exc
         assert (stats.executor_stats["t"].failed, stats.executor_stats["t"].retried) == (1, 0)
         if q.store is not None:
             assert list(q.store.load_all()) == []
@@ -117,21 +125,11 @@ def test_a_retry_after_whose_seconds_were_made_invalid_fails_the_job_instead_of_
 def test_over_a_broker_a_retry_after_whose_seconds_were_made_invalid_fails_the_job(redis_backend, seconds):
     """The finding above over a broker: with NaN the retry ran at once (Redis read the delay as 0),
     with inf the job waited in the delayed set for ever; now it fails as in-process."""
-    q = redis_backend.queue()
-    failures = record_failures(q, key=lambda job: job.id)
-
     def executor(job):
         raise _retry_after_changed_to(seconds)
 
-    q.register_executor("t", executor, ExecutorConfig(timeout=None))
-    q.start_dispatcher(1)
-    job = q.enqueue(Job("t", retry_config=RetryConfig(max_retries=3, initial_delay=0.01)))
-    assert q.join(WAIT), q.get_stats()
-    [(job_id, reason, exc)] = failures.items
-    assert (job_id, reason) == (job.id, "retries_exhausted")
-    assert isinstance(exc, ValueError) and "RetryAfter seconds" in str(exc), exc
-    stats = q.get_stats()
-    assert (stats.jobs_failed, stats.jobs_retried, stats.delayed_jobs_count) == (1, 0, 0)
+    exc, _ = failed_once_by_its_retry_after(redis_backend.queue(), executor)
+    assert isinstance(exc, ValueError), exc
 
 
 @pytest.mark.parametrize("backend", STORES)
