@@ -37,11 +37,12 @@ def store(path, request):
         yield s
 
 
-def rows(store, where="1"):
-    """The table as another reader sees it: every write is committed when its call returns."""
+def rows(store, where="1", column="state"):
+    """The table as another reader sees it (each id's ``column``): every write is committed when its
+    call returns."""
     conn = sqlite3.connect(store.path)
     try:
-        return dict(conn.execute(f"SELECT id, state FROM tinymq_jobs WHERE {where}").fetchall())
+        return dict(conn.execute(f"SELECT id, {column} FROM tinymq_jobs WHERE {where}").fetchall())
     finally:
         conn.close()
 
@@ -115,11 +116,7 @@ def test_unserialisable_payload_names_job_and_type(store, path):
 
 def crashes(store):
     """Each row's crash count, as another reader sees it."""
-    conn = sqlite3.connect(store.path)
-    try:
-        return dict(conn.execute("SELECT id, crashes FROM tinymq_jobs").fetchall())
-    finally:
-        conn.close()
+    return rows(store, column="crashes")
 
 
 def test_running_row_comes_back_ready_with_the_crash_counted(store, path):
