@@ -4,12 +4,14 @@ import contextlib
 import logging
 import threading
 import time
+from datetime import datetime, timezone
 
 import pytest
 
-from tinymq import Job
+from tinymq import Job, Queue
+from tinymq._periodic import tick_of_job_id
 
-from _helpers import STORES, WAIT, queue_with_store
+from _helpers import STORES, WAIT, Recorder, queue_with_store, wait_until
 
 
 # --- stop(timeout=...) and a coroutine that swallows its cancellation ---------------------------
@@ -66,3 +68,88 @@ def test_stop_returns_near_its_timeout_when_a_coroutine_swallows_its_cancellatio
     finally:
         gate.set()
     assert returned.wait(WAIT)
+
+
+# --- every(first_at=...) far ahead, and a grid in Redis set by it ------------------------------
+
+# Fixed: every(..., first_at=1e300) (a typo) was accepted: in-process its schedule never ticked,
+# and over Redis its grid (tick 0 about 1e300 s ahead) was kept there: a process that began the
+# schedule again after the typo was fixed joined that grid, as every process with the same
+# interval did, and the schedule stayed silent until its key in Redis was deleted. Now a first_at
+# later than a tick's job id can name (9999-12-31 UTC) is refused, naming it; and the grid in
+# Redis records the first_at it was set for: a process that begins the schedule with another one
+# (a corrected typo, a first_at moved) sets a new grid.
+
+FAR_TYPO = 17e9  # 1.7e9 mistyped: a first_at in the year 2508, which a tick's job id can name
+
+
+def _schedule_named(q, name):
+    return {s.name: s for s in q.schedules()}[name]
+
+
+def _begun(q, name):
+    """The schedule's first tick, once the queue (a broker: Redis) has placed it."""
+    assert wait_until(lambda: q._periodic._schedules[name].begun), q.schedules()
+    return _schedule_named(q, name).next_run_at
+
+
+@pytest.mark.parametrize("backend", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def test_every_refuses_a_first_at_no_tick_can_have_naming_it(backend, request):
+    q = request.getfixturevalue("redis_backend").queue() if backend == "redis" else Queue()
+    try:
+        with pytest.raises(ValueError, match=r"^first_at must be no later than 9999-12-31 UTC .*got 1e\+300$"):
+            q.every(60, "report", first_at=1e300)
+        assert q.schedules() == []
+        q.every(60, "report", first_at=datetime(9999, 12, 31, 23, 59, tzinfo=timezone.utc))  # the last minute
+    finally:
+        q.stop(wait=False)
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("corrected", ["none", "near"])
+def test_over_redis_a_grid_set_far_ahead_by_a_wrong_first_at_goes_once_it_is_corrected(
+        redis_backend, corrected):
+    typo = redis_backend.queue()
+    typo.every(3600, "report", first_at=FAR_TYPO)
+    typo.start_dispatcher(1)
+    assert _begun(typo, "report") == pytest.approx(FAR_TYPO, abs=WAIT)
+    typo.stop()
+
+    fixed = redis_backend.queue()  # the next deploy, the typo corrected
+    first_at = None if corrected == "none" else time.time() + 60
+    fixed.every(3600, "report", first_at=first_at)
+    began = time.time()
+    fixed.start_dispatcher(1)
+    try:
+        expected = began + 3600 if first_at is None else first_at
+        assert _begun(fixed, "report") == pytest.approx(expected, abs=WAIT)
+    finally:
+        fixed.stop()
+
+
+@pytest.mark.redis
+def test_over_redis_two_first_ats_never_take_the_grid_from_each_other_at_every_tick(redis_backend):
+    """The last process to begin the schedule sets its grid; one that began before is told
+    'regrid' at its next tick and joins that grid, whatever first_at it was set for: the ticks stay
+    one interval apart, and the grid stays the last one begun."""
+    interval = 0.2
+    ran = Recorder()
+    queues = []
+    for first_at in (time.time() + interval, time.time() + 1.5 * interval):
+        q = redis_backend.queue()
+        q.register_executor("tick", lambda job: ran.add(job.id))
+        q.every(interval, "tick", first_at=first_at)
+        q.start_dispatcher(1)
+        queues.append(q)
+        assert ran.wait_for(len(ran.items) + 2)
+    try:
+        seen = len(ran.items)
+        assert ran.wait_for(seen + 6)
+        ticks = sorted(tick_of_job_id(job_id) for job_id in ran.items[seen:])
+        gaps = [later - earlier for earlier, later in zip(ticks, ticks[1:])]
+        assert min(gaps) > interval * 0.9, gaps
+        key = f"tmq:{{{redis_backend.queue_name}}}:schedule:tick"
+        assert redis_backend.brokers[0]._client.hget(key, "definition") == repr(first_at)
+    finally:
+        for q in queues:
+            q.stop(wait=False)
