@@ -2,6 +2,7 @@
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
 from datetime import datetime, timezone
@@ -12,6 +13,7 @@ from tinymq import Job, Queue
 from tinymq._periodic import tick_of_job_id
 
 from _helpers import STORES, WAIT, Recorder, queue_with_store, wait_until
+from test_cli import cli, project  # noqa: F401 (a fixture)
 
 
 # --- stop(timeout=...) and a coroutine that swallows its cancellation ---------------------------
@@ -153,3 +155,67 @@ def test_over_redis_two_first_ats_never_take_the_grid_from_each_other_at_every_t
     finally:
         for q in queues:
             q.stop(wait=False)
+
+
+# --- python -m tinymq worker: a module that forks when it is imported ---------------------------
+
+# Fixed: a fork made by the target's import went on as the check's process did: both reported the
+# same error, so the supervisor printed it twice (the fork's copy first, as output of the import,
+# with the check's record separator in it), and a module that daemonises (its parent exits 0)
+# gave two errors with two prefixes, the fork's and the supervisor's. Now a fork never repeats
+# its parent's error: it tells the supervisor it was made, and the supervisor says so in its one
+# error (or in a warning, when the check's own process loaded the target).
+
+FORKS_THEN_RAISES = """
+import os
+os.fork()  # both go on
+raise RuntimeError("bad config")
+"""
+
+FORKS_THEN_HAS_NO_BROKER = """
+import os
+os.fork()  # both go on
+from tinymq import Queue
+queue = Queue()
+"""
+
+DAEMONISES_WITHOUT_A_BROKER = """
+import os
+if os.fork():
+    os._exit(0)  # the parent exits, as a daemonising module does; the fork goes on importing
+from tinymq import Queue
+queue = Queue()
+"""
+
+
+def _one_error(result):
+    """The one error line of the supervisor's stderr, checked to be the only thing in it."""
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+    assert "\x1e" not in result.stderr and "\x1d" not in result.stderr, repr(result.stderr)
+    assert result.stderr.startswith("python -m tinymq worker: error: "), result.stderr
+    assert result.stderr.count("error:") == 1, result.stderr
+    return result.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX: fork")
+def test_worker_says_the_error_of_a_module_that_forks_and_raises_at_import_once(project):
+    (project / "app" / "forks.py").write_text(FORKS_THEN_RAISES)
+    stderr = _one_error(cli("worker", "app.forks:queue", cwd=project))
+    assert stderr.count("RuntimeError: bad config") == 1, stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX: fork")
+def test_worker_says_once_that_a_module_that_forks_at_import_has_no_broker(project):
+    (project / "app" / "forks.py").write_text(FORKS_THEN_HAS_NO_BROKER)
+    stderr = _one_error(cli("worker", "app.forks:queue", cwd=project))
+    assert stderr.count("is a tinymq.Queue without a broker") == 1, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX: fork")
+def test_worker_says_in_one_error_that_the_module_daemonises(project):
+    (project / "app" / "daemonises.py").write_text(DAEMONISES_WITHOUT_A_BROKER)
+    stderr = _one_error(cli("worker", "app.daemonises:queue", cwd=project))
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert "importing the module forked the process that checked it" in stderr, stderr
+    assert "exited with code 0 before it had loaded the target" in stderr, stderr
