@@ -3,6 +3,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 from datetime import datetime, timezone
@@ -219,3 +220,79 @@ def test_worker_says_in_one_error_that_the_module_daemonises(project):
     assert len(stderr.strip().splitlines()) == 1, stderr
     assert "importing the module forked the process that checked it" in stderr, stderr
     assert "exited with code 0 before it had loaded the target" in stderr, stderr
+
+
+# --- a Redis that was never reached --------------------------------------------------------------
+
+# Checked: a refused connection (nothing listens at the URL: a wrong port, a server not started)
+# is reported at once, by the constructor (a WARNING), enqueue and cancel (tests/
+# test_newcomer24_findings.py), get_stats() and the worker threads. Fixed: get_stats() and the
+# worker threads' WARNING named the queue, not where they looked; and a server that takes the
+# connection and never answers (a port forwarded to nothing, a frozen Redis) held the
+# constructor, and so the import of the module that builds the broker, for the 10 s socket
+# timeout: its first look now waits for the connect timeout at most (it looks again at first use).
+
+
+def _closed_port():
+    """A loopback port nothing listens on (bound, then closed: a connect there is refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _WarningsSeen(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = Recorder()
+
+    def emit(self, record):
+        self.messages.add(record.getMessage())
+
+
+@pytest.fixture
+def warnings_seen():
+    handler = _WarningsSeen()
+    logger = logging.getLogger("tinymq")
+    logger.addHandler(handler)
+    yield handler.messages
+    logger.removeHandler(handler)
+
+
+def test_a_redis_that_refuses_the_connection_is_reported_at_once_naming_its_url(warnings_seen):
+    pytest.importorskip("redis")
+    from tinymq import TinyMQError
+    from tinymq.redis import RedisBroker
+
+    url = f"redis://127.0.0.1:{_closed_port()}/0"
+    began = time.monotonic()
+    q = Queue(broker=RedisBroker(url, name="emails"))
+    try:
+        assert time.monotonic() - began < WAIT / 2
+        assert any(f"Redis at {url} is not reachable yet" in m for m in warnings_seen.items), warnings_seen.items
+        began = time.monotonic()
+        with pytest.raises(TinyMQError, match=f"could not read the stats of Redis queue 'emails' at {url}: "):
+            q.get_stats()
+        assert time.monotonic() - began < WAIT / 2
+        q.register_executor("send", lambda job: None)
+        q.start_dispatcher(1)  # its threads' first calls find no server
+        assert warnings_seen.wait_until(
+            lambda seen: any(m.startswith(f"Redis queue 'emails' at {url}: ") and "retrying" in m for m in seen))
+    finally:
+        q.stop(timeout=5)
+
+
+def test_the_constructor_waits_for_a_server_that_never_answers_no_longer_than_the_connect_timeout(
+        warnings_seen):
+    pytest.importorskip("redis")
+    from tinymq.redis import RedisBroker
+
+    with socket.socket() as silent:  # takes connections (the kernel does), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        began = time.monotonic()
+        broker = RedisBroker(url, name="emails")
+        took = time.monotonic() - began
+        broker.close()
+    assert took < 6.0, f"RedisBroker() waited {took:.1f}s for a server that never answers"
+    assert any(f"Redis at {url} is not reachable yet" in m for m in warnings_seen.items), warnings_seen.items
