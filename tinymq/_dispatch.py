@@ -44,7 +44,7 @@ from . import _shield
 from ._pick_core import core
 from ._shield import shield
 from .config import Config, ExecutorConfig, _seconds
-from ._event_loop import _UNWIND_WAIT, LOOP_LATE, UNWIND_PAST_TIMEOUT, HandedOver, LoopRunner, timeout_error
+from ._event_loop import _UNWIND_PAST_TIMEOUT, _UNWIND_WAIT, LOOP_LATE, HandedOver, LoopRunner, timeout_error
 from .context import JobContext
 from .errors import JobTimeout, PermanentFailure, QueueStopped, RetryAfter, _describe, counted
 
@@ -108,7 +108,7 @@ def _unwinding_deadline(stop_by: Optional[float]) -> float:
     now = time.monotonic()
     unwound_by = now + _UNWIND_WAIT
     if stop_by is not None:
-        unwound_by = min(unwound_by, max(stop_by, now) + UNWIND_PAST_TIMEOUT)
+        unwound_by = min(unwound_by, max(stop_by, now) + _UNWIND_PAST_TIMEOUT)
     return unwound_by
 
 

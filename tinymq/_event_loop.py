@@ -44,7 +44,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from ._pick_core import core
 from .context import JobContext
-from .errors import JobTimeout
+from .errors import JobTimeout, counted
 
 __all__ = ["HandedOver", "LoopRunner", "is_async_executor", "timeout_error"]
 
@@ -53,7 +53,7 @@ logger = logging.getLogger("tinymq")
 _DRAIN_BATCH = 256  # jobs started per loop callback: the loop runs other callbacks between batches
 _UNWIND_WAIT = 1.0  # seconds stop() waits for cancelled coroutines to unwind before leaving them
 # Seconds past stop(timeout=...)'s end that it still gives them: its timeout bounds the whole stop().
-UNWIND_PAST_TIMEOUT = 0.1
+_UNWIND_PAST_TIMEOUT = 0.1
 _NEVER_WAITED_FOR = ("timed_out", "cancelled")  # decided before stop(): stop() never waits for them
 _NO_DEADLINE = float("inf")
 # Seconds past an attempt's deadline after which another thread decides it (expire_overdue): the
@@ -775,8 +775,8 @@ class LoopRunner:
                 self._left_unwinding = True  # said here, as stop() returns: _end_tasks does not say it again
                 unwinding = self.stopped_attempts() + sum(
                     1 for handed in list(self._handed_over.values()) if not handed.spared)
-                logger.warning("stop() returns with %d coroutines that ignore their cancellation still "
-                               "running; the queue's event loop closes when they have returned", unwinding)
+                logger.warning("stop() returns with %s that ignore their cancellation still running; the "
+                               "queue's event loop closes when they have returned", counted(unwinding, "coroutine"))
 
     def _stop_loop(self) -> None:
         """On the loop: stop it once no attempt runs on it (``stop(when_idle=True)``)."""

@@ -610,8 +610,9 @@ class Periodic:
                                  schedule.name)
             with self._lock:
                 if outcome == "regrid":  # (a broker holds another grid of the schedule: join it)
-                    logger.warning("schedule %r: Redis holds another grid of its ticks (it lost its data "
-                                   "while this process ticked); this process joins it", schedule.name)
+                    logger.warning("schedule %r: Redis holds another grid of its ticks (it lost its data, or "
+                                   "a process began the schedule with another first_at, while this process "
+                                   "ticked); this process joins it", schedule.name)
                     schedule.begun = False
                     schedule.rejoin = True
                     schedule.begin_at = self._monotonic()

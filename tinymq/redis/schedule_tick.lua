@@ -18,8 +18,9 @@ Returns
              tick is skipped
   {'taken'}  the tick (or a later one) was claimed already, by another call
   {'regrid'} not claimed: Redis holds another grid of the same interval (it lost its data,
-             and a process that began since set a new one); the caller joins it
-             (schedule_begin). A grid Redis lost is kept again from the caller's.
+             and a process that began since set a new one; or a process began the
+             schedule with another first_at); the caller joins it (schedule_begin,
+             rejoining). A grid Redis lost is kept again from the caller's.
   {'ahead'}  not claimed: a `cron` tick more than CLOCK_SET_BACK ahead of the server's clock
              (the caller's wall clock is wrong: its claim would hold every later tick back,
              in every process, once that clock is corrected)
