@@ -501,7 +501,8 @@ class Model:
             if ready + ready_added > self.buffer_size:
                 return ("full", [], None, ready)
         evicted = []
-        if self.max_delayed:  # a due job has left `capped` (never evicted), fetched or not
+        if self.max_delayed and ready_added < len(rows):  # a due job has left `capped` (never evicted),
+            # fetched or not, by the time a delayed job may evict
             for job_id in [i for i, due in self.capped.items() if due <= now_us / 1000]:
                 del self.capped[job_id]
         for job_id, job_type, priority, delay, body in rows:

@@ -863,8 +863,10 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
     if ready + ready_added > buffer_size then return {'full', ready} end
   end
   local evicted = {}
-  if max_delayed > 0 then -- a due job no longer counts as delayed, even before a call promotes it:
-    redis.call('ZREMRANGEBYSCORE', K_CAPPED, '-inf', exact_ms()) -- it is never evicted
+  -- A due job no longer counts as delayed, even before a call promotes it: it is never evicted.
+  -- (Only a delayed job evicts: a batch of ready jobs leaves `capped` as it is.)
+  if max_delayed > 0 and ready_added < n then
+    redis.call('ZREMRANGEBYSCORE', K_CAPPED, '-inf', exact_ms())
   end
   local by_level = {[0] = {}, [1] = {}, [2] = {}}
   local order = new_orders(n) -- (delayed jobs get theirs when they come due)
