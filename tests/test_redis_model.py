@@ -852,7 +852,7 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
                                         "signal", "reports", "beaten")}
     known |= {prefix + "seq", prefix + "clock"}  # the FIFO order counter; the outage clock
     out["unknown keys"] = sorted(set(keys) - known - set(dynamic)
-                                 - {k for k in keys if k.startswith((prefix + "tokens:", prefix + "wake:"))})
+                                 - {k for k in keys if k.startswith((prefix + "token:", prefix + "wake:"))})
     return out
 
 
