@@ -296,3 +296,27 @@ def test_the_constructor_waits_for_a_server_that_never_answers_no_longer_than_th
         broker.close()
     assert took < 6.0, f"RedisBroker() waited {took:.1f}s for a server that never answers"
     assert any(f"Redis at {url} is not reachable yet" in m for m in warnings_seen.items), warnings_seen.items
+
+
+# get_stats() against a server that takes the connection and never answers (a frozen Redis)
+# resent its read after each socket timeout: three times the timeout (30 s) before it raised. A
+# read that got no reply within the socket timeout is not sent again: it raises after one.
+def test_get_stats_waits_for_a_server_that_never_answers_one_socket_timeout(monkeypatch, warnings_seen):
+    pytest.importorskip("redis")
+    from tinymq import TinyMQError
+    from tinymq.redis import RedisBroker, broker as broker_module
+
+    monkeypatch.setattr(broker_module, "_SOCKET_TIMEOUT", 1.0)  # (10 s: the test would wait 30 s)
+    with socket.socket() as silent:  # takes connections (the kernel does), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        q = Queue(broker=RedisBroker(url, name="emails"))
+        try:
+            began = time.monotonic()
+            with pytest.raises(TinyMQError, match=f"could not read the stats of Redis queue 'emails' at {url}: "):
+                q.get_stats()
+            took = time.monotonic() - began
+        finally:
+            q.stop(timeout=0)
+    assert took < 2.5, f"get_stats() waited {took:.1f}s for a server that never answers (socket timeout 1 s)"

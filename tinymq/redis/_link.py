@@ -487,7 +487,9 @@ class QueueLink:
         try:
             # One script: a delayed job due on the server's clock counts at its priority, not as
             # delayed, before a script call promotes it, and the two figures are read at one instant.
-            (high, medium, low), delayed, counters = self.broker._call_resending(self.scripts.stats)
+            # A read with no reply within the socket timeout (a frozen server) is not sent again.
+            (high, medium, low), delayed, counters = self.broker._call_resending(self.scripts.stats,
+                                                                                 deadline=math.inf)
         except self._redis_error as exc:
             raise TinyMQError(f"could not read the stats of Redis queue {self.broker.name!r} at "
                               f"{redacted_url(self.broker.url)}: {exc}") from exc
