@@ -866,13 +866,9 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
   end
   if ready_added > 0 then
     promote_due() -- (jobs due by now go ahead of these, and count as ready: see promote_due)
-    local s = redis.call('HMGET', K_STATS, 'outstanding', 'parked:0', 'parked:1', 'parked:2')
-    -- Ready jobs (parked and due ones too) are unfinished jobs: while stats.outstanding leaves
-    -- room, they do, uncounted. (A job another program wrote counts in it only once seen: fetch.lua.)
-    if (tonumber(s[1]) or 0) + ready_added > buffer_size then
-      local ready = ready_left() + due_left() + (tonumber(s[2]) or 0) + (tonumber(s[3]) or 0) + (tonumber(s[4]) or 0)
-      if ready + ready_added > buffer_size then return {'full', ready} end
-    end
+    local s = redis.call('HMGET', K_STATS, 'parked:0', 'parked:1', 'parked:2')
+    local ready = ready_left() + due_left() + (tonumber(s[1]) or 0) + (tonumber(s[2]) or 0) + (tonumber(s[3]) or 0)
+    if ready + ready_added > buffer_size then return {'full', ready} end
   end
   local evicted = {}
   -- A due job no longer counts as delayed, even before a call promotes it: it is never evicted.
