@@ -467,7 +467,8 @@ def test_a_marked_attempt_given_back_at_release_ends_cancelled_and_is_reported_b
     enqueue(scripts, "a")
     attempt = fetched(scripts, "p1", "1").jobs[0].attempt
     assert scripts.cancel("tok", "a").status == "marked"
-    assert scripts.release("p1", [SettleOp("B", attempt)]).stale == 0  # it stopped before it heard
+    released = scripts.release("p1", [SettleOp("B", attempt)])  # it stopped before it heard
+    assert (released.stale, list(released.overruled)) == (0, [(attempt, "t")])  # p1 counts it cancelled
     assert scripts.client.lrange(scripts.key("ready:1"), 0, -1) == []
     # Unfinished for join() while its row waits in `reports`, and until p2 acknowledges it.
     assert script_stats(scripts) == {"enqueued": 1, "cancelled": 1, "outstanding": 1}
