@@ -805,15 +805,17 @@ class QueueLink:
             with self._lock:
                 self._reporting[me] = key  # stop() sends its A if this is its thread
                 failure = self._failing.get(op.attempt)
+                overruled = failure is not None and failure.overruled
                 if failure is not None and failure.overruled is not None:
                     del self._failing[op.attempt]
-            if failure is not None and failure.overruled:
+                    failure = None  # (settled: nothing left to do for it)
+            if overruled:
                 self.ready.recount((core.TIMED_OUT,) if op.op == "z" else (), core.CANCELLED, job.type)
                 yield "cancelled"
             else:
                 yield reason  # (the caller counts the failure here, then runs the callbacks)
-                if failure is not None and failure.overruled is None:
-                    with self._lock:  # (the round that reads the reply moves the count once it is made)
+                if failure is not None:  # its reply is still to come, or came meanwhile
+                    with self._lock:  # (the round that reads it moves the count, now that it is made)
                         failure.counted = True
                         overruled = failure.overruled
                         if overruled is not None:
