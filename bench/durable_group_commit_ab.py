@@ -1,6 +1,7 @@
 """A/B in one process: group commit's followers waiting on the commit lock, or on a lock of their own.
 
     python bench/durable_group_commit_ab.py [--pairs 4] [--variants A,B,C] [--cases one,four,e2e]
+                                            [--synchronous NORMAL]
 
 Not a benchmark of its own (pytest does not collect it). Issue #10 asks for 4 producer
 threads to enqueue durably at least twice as fast as one. This runs durable cases
@@ -27,6 +28,14 @@ Variants:
 - C: B, plus a gather window: when the last batch had other writers, a writer that
   finds no leader waits (at most ``GATHER_WINDOW``) for them to come back, and the
   last of them leads with the others' units in its batch. A lone writer never waits.
+- D: a next leader (``_NextLeader``). The first writer to arrive while a batch commits
+  waits on the commit lock and commits, once it has it, every unit pending; the writers
+  after it wait on locks of their own, which that leader releases. A writer whose unit
+  was committed never takes the commit lock (no convoy), and no lead is handed to a
+  sleeping thread.
+- E: a leader that keeps leading (``_KeepLeading``): writers that find a leader wait on
+  locks of their own, and the leader commits batch after batch while writers keep coming
+  (at most ``KEEP_LEADING``), so their Python runs while it is inside SQLite.
 
 What it showed (2 CPUs shared with other tenants at load 2-5; medians of 12 rounds,
 e2e-busy of 6; CPU / wall us per job, units per commit):
@@ -45,6 +54,26 @@ its blocking hand-off and its wait for the GIL. B loses in the end to end case (
 lead hand-off noted in ``SQLitePersistence._write`` did), and C's window stalls the
 producer whenever a writer of the last batch (a worker busy with a job) does not come
 back at once. The store keeps A.
+
+D and E, later (2 CPUs shared, load about 2; medians of 12 rounds; CPU / wall us per
+job, units per commit; ``--synchronous FULL`` four: medians of 6):
+
+    case       A (shipped)          D (next leader)      E (keeps leading)
+    one         23.7 /  29.9  1.00   22.4 /  32.3  1.00    23.2 /  28.0  1.00
+    four        27.4 /  34.3  1.01   34.8 /  40.8  1.11    35.7 /  37.5  1.37
+    e2e         77.6 /  87.7  1.24   95.1 /  99.9  1.44    96.3 / 101.1  1.49
+    four FULL  115.3 / 341.2  2.08   87.5 / 218.5  2.47   122.3 / 495.0  1.97
+
+Neither beats A under NORMAL: each batches more only by making more writers block on
+a lock of their own (voluntary switches per job, four: A 0.09, D 0.33, E 1.49; e2e: 3.0,
+4.8, 6.4), and a blocking hand-off costs about as much CPU as the commit share it saves
+(``python bench/durable_bounds.py`` prints both). With four producers under NORMAL the
+writers hardly ever meet at the commit lock (durable_bounds.py: a few percent of its
+acquisitions wait), so there is next to nothing to group: a commit is shorter than a
+sleeping thread takes to wake, and four producers lose their time passing the GIL around
+each SQLite call, not at the commit lock. Under FULL (a commit waits for an fsync) writers
+do meet, and D's batches are bigger than A's; the FULL figures vary with the disk's fsync
+time from round to round, and D costs NORMAL more than it gives FULL. The store keeps A.
 """
 
 import argparse
@@ -68,6 +97,7 @@ from tinymq.persistence import sqlite as module  # noqa: E402
 
 ROUNDS = 3  # per store, after one warm-up round
 GATHER_WINDOW = 0.0005  # seconds, variant C
+KEEP_LEADING = 8  # batches a leader commits at most before it hands the lead on, variant E
 
 
 class _Unit(module._Unit):
@@ -187,10 +217,120 @@ class _OwnLocksGathering(_OwnLocks):
     gather_window = GATHER_WINDOW
 
 
+class _NextLeader(SQLitePersistence):
+    """Variant D: the first writer to arrive while a batch commits waits on the commit lock and
+    leads the next batch; the writers after it wait on locks of their own, released by that leader."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._gate = threading.Lock()  # guards _pending and _next
+        self._next: Optional[_Unit] = None  # the unit whose writer leads the pending ones (None: the next to come)
+
+    def _write(self, statements: list) -> None:
+        if self._pid != os.getpid() or self._closed or self.read_only:
+            self._check_usable()
+        unit = _Unit(statements)
+        with shield():
+            with self._gate:
+                self._pending.append(unit)
+                leads = self._next is None
+                if leads:
+                    self._next = unit
+                else:
+                    waker = unit.waker = threading.Lock()
+                    waker.acquire()
+            if leads:
+                batch: List[_Unit] = []
+                try:
+                    with self._commit_lock:
+                        with self._gate:
+                            batch = list(self._pending)
+                            self._pending.clear()
+                            self._next = None
+                        self._commit_batch(batch)
+                finally:
+                    for waiting in batch:
+                        if waiting.waker is not None:
+                            waiting.waker.release()
+            else:
+                waker.acquire()
+        _raise_unless_done(self, unit)
+
+    def _commit_batch(self, batch: List[Any]) -> None:
+        """Commit ``batch`` as ``_write`` does (a closed store fails it). Caller holds _commit_lock."""
+        if self._closed:
+            for waiting in batch:
+                waiting.error = PersistenceError(f"{self!r} was closed")
+            return
+        self._commit(batch)
+        now = time.monotonic()
+        if now >= self._next_wal_check:
+            self._next_wal_check = now + module._WAL_CHECK_INTERVAL
+            if _ownership.identity(self._wal_path) != self._wal:
+                self._rescue_wal(batch)
+
+
+class _KeepLeading(_NextLeader):
+    """Variant E: a writer that finds a leader waits on a lock of its own; the leader commits batch
+    after batch while writers keep coming (at most KEEP_LEADING batches), then hands the lead on."""
+
+    def _write(self, statements: list) -> None:
+        if self._pid != os.getpid() or self._closed or self.read_only:
+            self._check_usable()
+        unit = _Unit(statements)
+        with shield():
+            with self._gate:
+                self._pending.append(unit)
+                leads = self._next is None
+                if leads:
+                    self._next = unit  # (here: a leader is at work)
+                else:
+                    waker = unit.waker = threading.Lock()
+                    waker.acquire()
+            if not leads:
+                waker.acquire()  # our batch is over, or the lead is ours
+            if leads or unit.leads:
+                self._lead()
+        _raise_unless_done(self, unit)
+
+    def _lead(self) -> None:
+        pending = self._pending
+        with self._commit_lock:
+            for _ in range(KEEP_LEADING):
+                with self._gate:
+                    batch = list(pending)
+                    pending.clear()
+                    if not batch:
+                        self._next = None
+                        return
+                try:
+                    self._commit_batch(batch)
+                finally:
+                    for waiting in batch:
+                        if waiting.waker is not None and not waiting.leads:
+                            waiting.waker.release()
+            with self._gate:
+                if pending:  # hand the lead to the oldest writer waiting
+                    pending[0].leads = True
+                    pending[0].waker.release()  # type: ignore[union-attr]
+                else:
+                    self._next = None
+
+
+def _raise_unless_done(store: SQLitePersistence, unit: _Unit) -> None:
+    if not unit.done:
+        error = unit.error
+        if isinstance(error, PersistenceError):
+            raise error
+        raise PersistenceError(f"{store!r}: write failed: {error or 'interrupted before its commit'}") from error
+
+
 VARIANTS: Dict[str, Tuple[str, type]] = {
     "A": ("shipped: followers on the commit lock", SQLitePersistence),
     "B": ("followers on locks of their own", _OwnLocks),
     "C": (f"B + gather <= {GATHER_WINDOW * 1e6:.0f}us", _OwnLocksGathering),
+    "D": ("next leader on the commit lock, others own", _NextLeader),
+    "E": (f"leader keeps leading <= {KEEP_LEADING} batches", _KeepLeading),
 }
 # jobs, producer threads, workers, seconds each job runs
 CASES = {"one": (1000, 1, 0, 0.0), "four": (1000, 4, 0, 0.0), "e2e": (10_000, 1, 4, 0.0),
@@ -220,12 +360,12 @@ def _produce(queue: Queue, payloads: List[dict], producers: int) -> None:
         thread.join()
 
 
-def _rounds(variant: str, case: str) -> List[Tuple[float, ...]]:
+def _rounds(variant: str, case: str, synchronous: str) -> List[Tuple[float, ...]]:
     """(cpu us/job, wall us/job, voluntary switches/job, units/commit) of ROUNDS rounds on a fresh store."""
     jobs, producers, workers, job_seconds = CASES[case]
     store_class = VARIANTS[variant][1]
     with tempfile.TemporaryDirectory() as tmp:
-        store = store_class(os.path.join(tmp, "ab.db"))
+        store = store_class(os.path.join(tmp, "ab.db"), synchronous=synchronous)
         queue = Queue(config=Config(buffer_size=10_000_000))
         queue.set_persistence(store)
         if workers:
@@ -263,14 +403,15 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4, help="rounds of every variant, in alternating order")
     parser.add_argument("--variants", default="A,B,C", help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--cases", default="one,four,e2e", help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--synchronous", default="NORMAL", choices=("NORMAL", "FULL"))
     args = parser.parse_args()
     variants, cases = args.variants.split(","), args.cases.split(",")
     results: Dict[Tuple[str, str], List[Tuple[float, ...]]] = {}
     for pair in range(args.pairs):
         for case in cases:
             for variant in variants if pair % 2 == 0 else variants[::-1]:
-                results.setdefault((case, variant), []).extend(_rounds(variant, case))
-    print(f"{os.cpu_count()} CPUs; synchronous=NORMAL; medians of {ROUNDS * args.pairs} rounds per variant")
+                results.setdefault((case, variant), []).extend(_rounds(variant, case, args.synchronous))
+    print(f"{os.cpu_count()} CPUs; synchronous={args.synchronous}; medians of {ROUNDS * args.pairs} rounds per variant")
     for case in cases:
         jobs, producers, workers, job_seconds = CASES[case]
         print(f"{case}: {jobs} jobs, {producers} producer thread(s), {workers} workers, "

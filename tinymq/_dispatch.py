@@ -44,7 +44,7 @@ from . import _shield
 from ._pick_core import core
 from ._shield import shield
 from .config import Config, ExecutorConfig, _seconds
-from ._event_loop import _UNWIND_WAIT, LOOP_LATE, HandedOver, LoopRunner, timeout_error
+from ._event_loop import _UNWIND_PAST_TIMEOUT, _UNWIND_WAIT, LOOP_LATE, HandedOver, LoopRunner, timeout_error
 from .context import JobContext
 from .errors import JobTimeout, PermanentFailure, QueueStopped, RetryAfter, _describe, counted
 
@@ -100,6 +100,17 @@ class AttemptLedger(Protocol):
     def stop(self, deadline: Optional[float] = None) -> None:
         """The dispatcher stopped: give back what was not started, and leave (by ``deadline``,
         a monotonic time, if given: stop()'s timeout)."""
+
+
+def _unwinding_deadline(stop_by: Optional[float]) -> float:
+    """When stop() stops waiting for the coroutines it cancelled to unwind (time.monotonic): a
+    moment after it cancelled them, and never much past its own timeout's end ``stop_by``: a
+    coroutine that ignores its cancellation keeps its slot and the loop, not the caller of stop()."""
+    now = time.monotonic()
+    unwound_by = now + _UNWIND_WAIT
+    if stop_by is not None:
+        unwound_by = min(unwound_by, max(stop_by, now) + _UNWIND_PAST_TIMEOUT)
+    return unwound_by
 
 
 class NoThreadLeft(RuntimeError):
@@ -446,14 +457,15 @@ class Dispatcher:
         if not (wait and own_thread):
             self._cancel_attempts()
         if runner is not None and first:
+            unwound_by = None
             if not own_thread:  # cancelled coroutines unwind before the loop stops, briefly
-                unwound_by = time.monotonic() + _UNWIND_WAIT
+                unwound_by = _unwinding_deadline(stop_by)
                 runner.wait_finished(unwound_by, undecided_only=False)
                 with self._lock:
                     handed_over = list(self._awaiting.values())
                 for awaiting in handed_over:  # awaitables that worker threads' attempts returned
                     awaiting.wait_unwound(unwound_by)
-            runner.stop(wait_for_thread=not own_thread, when_idle=wait and own_thread)
+            runner.stop(unwound_by, when_idle=wait and own_thread)
         self.watchdog_alarm.wake()  # it leaves once no worker is left to watch
         if self.ledger is not None:
             if first and wait and own_thread:

@@ -44,7 +44,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from ._pick_core import core
 from .context import JobContext
-from .errors import JobTimeout
+from .errors import JobTimeout, counted
 
 __all__ = ["HandedOver", "LoopRunner", "is_async_executor", "timeout_error"]
 
@@ -52,6 +52,8 @@ logger = logging.getLogger("tinymq")
 
 _DRAIN_BATCH = 256  # jobs started per loop callback: the loop runs other callbacks between batches
 _UNWIND_WAIT = 1.0  # seconds stop() waits for cancelled coroutines to unwind before leaving them
+# Seconds past stop(timeout=...)'s end that it still gives them: its timeout bounds the whole stop().
+_UNWIND_PAST_TIMEOUT = 0.1
 _NEVER_WAITED_FOR = ("timed_out", "cancelled")  # decided before stop(): stop() never waits for them
 _NO_DEADLINE = float("inf")
 # Seconds past an attempt's deadline after which another thread decides it (expire_overdue): the
@@ -276,6 +278,7 @@ class LoopRunner:
         # The loop thread has done all that stop() waits for: what is left of it waits only for
         # coroutines that timed out or were cancelled before stop() (_NEVER_WAITED_FOR).
         self._settled = threading.Event()
+        self._left_unwinding = False  # stop() returned before _settled and logged the coroutines it left
         # Loop thread only: the tasks of awaitables handed over by worker threads that have not
         # ended, each with its HandedOver: running attempts, like _attempts, for a loop that stops
         # when idle; those a timeout or a cancel decided (``spared``) stop() never waits for.
@@ -381,6 +384,8 @@ class LoopRunner:
             _, left = loop.run_until_complete(asyncio.wait(pending, timeout=_UNWIND_WAIT))
             if left and not warned:
                 warned = True
+                if self._left_unwinding:  # stop() has said so
+                    continue
                 logger.warning("%d coroutines ignore their cancellation after stop(); the queue's event "
                                "loop closes when they have returned", len(left))
 
@@ -753,9 +758,11 @@ class LoopRunner:
             except RuntimeError:  # shut down: the loop has closed
                 self._report_safely(self.dispatcher.async_timed_out, args)
 
-    def stop(self, wait_for_thread: bool, when_idle: bool = False) -> None:
-        """Stop the loop (after what is queued on it); with ``wait_for_thread``, wait (briefly) for
-        its thread, but not for coroutines that timed out or were cancelled before: never waited for.
+    def stop(self, wait_until: Optional[float], when_idle: bool = False) -> None:
+        """Stop the loop (after what is queued on it); with ``wait_until`` (monotonic), wait until
+        then at most for its thread, but not for coroutines that timed out or were cancelled
+        before: never waited for. A coroutine that ignores its cancellation keeps the thread
+        (``_end_tasks``), so this wait is part of stop()'s moment to unwind, not one of its own.
 
         ``when_idle``: only once no attempt runs (stop() awaited in one of them, which it cannot wait for).
         """
@@ -763,8 +770,13 @@ class LoopRunner:
             self.loop.call_soon_threadsafe(self._stop_loop if when_idle else self._halt)
         except RuntimeError:
             return  # closed already
-        if wait_for_thread:  # not for coroutines that timed out or were cancelled before (_settled)
-            self._settled.wait(_UNWIND_WAIT * 2)
+        if wait_until is not None:  # not for coroutines that timed out or were cancelled before (_settled)
+            if not self._settled.wait(max(0.0, wait_until - monotonic())):
+                self._left_unwinding = True  # said here, as stop() returns: _end_tasks does not say it again
+                unwinding = self.stopped_attempts() + sum(
+                    1 for handed in list(self._handed_over.values()) if not handed.spared)
+                logger.warning("stop() returns with %s that ignore their cancellation still running; the "
+                               "queue's event loop closes when they have returned", counted(unwinding, "coroutine"))
 
     def _stop_loop(self) -> None:
         """On the loop: stop it once no attempt runs on it (``stop(when_idle=True)``)."""

@@ -46,6 +46,9 @@ _WALL_CLOCK_RECHECK = 60.0
 # goes on from the corrected time, instead of waiting, silent, until the clock reaches its last tick again.
 # A smaller step back never fires a tick twice.
 _CLOCK_SET_BACK = 3 * 3600.0
+# The last instant a tick's job id can name (datetime's last year): a later first_at is a typo
+# (1e300), never a tick, and over a broker it would set the grid every process joins.
+_LAST_FIRST_AT = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
 _BEGIN_RETRY = 1.0  # seconds before a schedule whose backend failed to begin it tries again
 _CRON_EXTRA_HINT = "q.cron() needs the croniter package: pip install 'tinymq[cron]'"
 _CRON_FIELDS = 5  # minute hour day-of-month month day-of-week: croniter's extra 6th and 7th are refused
@@ -156,9 +159,10 @@ _NO_TICK = _Tick(math.inf, math.inf, -1)  # a schedule's tick once it has no nex
 
 
 class _Every:
-    def __init__(self, interval: float, first_due: Optional[float]) -> None:
+    def __init__(self, interval: float, first_due: Optional[float], first_at: Optional[float]) -> None:
         self.interval = interval
         self.first_due = first_due  # monotonic time of first_at (from when every() was called), or None
+        self.first_at = first_at  # first_at as given (epoch seconds), or None: with interval, its definition
         self.description = f"every {interval:g}s"
 
     def first(self, now_mono: float, now_wall: float, fired_until: float) -> _Tick:
@@ -207,7 +211,7 @@ class _Cron:
 class _Schedule:
     """One registered schedule.
 
-    ``tick``, ``begun``, ``begin_at`` and the counters are guarded by Periodic._lock;
+    ``tick``, ``begun``, ``rejoin``, ``begin_at`` and the counters are guarded by Periodic._lock;
     ``active`` and ``last_job_id`` change only under Periodic._firing.
     """
 
@@ -219,6 +223,7 @@ class _Schedule:
         self.trigger = trigger
         self.tick: Optional[_Tick] = None  # None until the schedule begins
         self.begun = False  # the backend has placed the first tick (a broker: on the shared grid)
+        self.rejoin = False  # a broker holds another grid of it: it joins that one, whatever it is
         self.begin_at = 0.0  # monotonic time to (try to) begin it
         self.fired = 0
         self.skipped = 0
@@ -240,8 +245,9 @@ class _Schedule:
 class TickBackend(Protocol):
     """How a tick turns into a job: in-process (below) or over a broker (tinymq.redis)."""
 
-    def begin(self, schedule: _Schedule, first: _Tick) -> _Tick:
-        """The schedule begins; returns its first tick (a broker aligns it with other processes')."""
+    def begin(self, schedule: _Schedule, first: _Tick, rejoin: bool) -> _Tick:
+        """The schedule begins; returns its first tick (a broker aligns it with other processes').
+        ``rejoin``: after "regrid", join the broker's grid even if it was set for another definition."""
 
     def fire(self, schedule: _Schedule, tick: _Tick) -> str:
         """Enqueue the tick's job: "fired", "busy" (the previous job is unfinished), "taken",
@@ -272,7 +278,7 @@ class _LocalTicks:
     def __init__(self, queue: Any) -> None:
         self._queue = weakref.ref(queue)
 
-    def begin(self, schedule: _Schedule, first: _Tick) -> _Tick:
+    def begin(self, schedule: _Schedule, first: _Tick, rejoin: bool) -> _Tick:
         return first
 
     def check(self, schedule: _Schedule) -> None:
@@ -333,11 +339,15 @@ class Periodic:
         if seconds < MIN_INTERVAL:  # each tick is a wake-up of the timer thread, even a skipped one
             raise ValueError(f"interval must be at least {MIN_INTERVAL} s, got {interval!r}")
         job_type = _as_type(job_type)
-        first_due = None
+        first_due = first_epoch = None
         if first_at is not None:  # as run_at: a delay from now, on the monotonic clock
-            first_due = self._monotonic() + max(0.0, _as_run_at(first_at, "first_at") - self._wall())
+            first_epoch = _as_run_at(first_at, "first_at")
+            if first_epoch > _LAST_FIRST_AT:
+                raise ValueError(f"first_at must be no later than 9999-12-31 UTC (the last time a tick's job "
+                                 f"id can name), got {first_at!r}")
+            first_due = self._monotonic() + max(0.0, first_epoch - self._wall())
         return self._add(name if name is not None else job_type, job_type, payload, priority,
-                         _Every(seconds, first_due))
+                         _Every(seconds, first_due, first_epoch))
 
     def cron(self, expression: str, job_type: str, payload: Any, name: Optional[str], priority: Any,
              tz: Any) -> str:
@@ -494,7 +504,7 @@ class Periodic:
         """Outside _lock: a broker's backend asks Redis where the shared grid is."""
         first = schedule.tick
         try:
-            tick = self.backend.begin(schedule, first)
+            tick = self.backend.begin(schedule, first, schedule.rejoin)
         except QueueStopped:
             raise
         except Exception:
@@ -505,6 +515,7 @@ class Periodic:
         with self._lock:
             schedule.tick = tick
             schedule.begun = True
+            schedule.rejoin = False
 
     def _ensure_thread(self) -> None:
         """Called with _lock held."""
@@ -599,9 +610,11 @@ class Periodic:
                                  schedule.name)
             with self._lock:
                 if outcome == "regrid":  # (a broker holds another grid of the schedule: join it)
-                    logger.warning("schedule %r: Redis holds another grid of its ticks (it lost its data "
-                                   "while this process ticked); this process joins it", schedule.name)
+                    logger.warning("schedule %r: Redis holds another grid of its ticks (it lost its data, or "
+                                   "a process began the schedule with another first_at, while this process "
+                                   "ticked); this process joins it", schedule.name)
                     schedule.begun = False
+                    schedule.rejoin = True
                     schedule.begin_at = self._monotonic()
                     return
                 if outcome == "fired":

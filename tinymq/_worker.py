@@ -68,6 +68,9 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Written on stderr by the check just before its error message, its last output: what came before is
 # the output of the import (the module's logs and warnings), passed on as such, not part of the error.
 _ERROR_FOLLOWS = "\x1e"  # (ASCII record separator)
+# Written on stderr by a fork that the check's import made, instead of anything else: the check's
+# own process says what went wrong, once (a fork and its parent would each say it).
+_FORKED = "\x1d"  # (ASCII group separator)
 _FIRST_RESTART_DELAY = 0.5  # seconds before restarting a crashed child
 _MAX_RESTART_DELAY = 5.0  # the cap of the doubling delay of a child that keeps crashing
 _STABLE_AFTER = 30.0  # seconds a child must run for a crash to restart it after the first delay again
@@ -283,6 +286,18 @@ class _LoadingWatch:
             self._loading = False
 
 
+def _end_fork(target: str, check: bool) -> NoReturn:
+    """End this process, a fork that importing ``target`` made (a module that daemonises): it never
+    reports the target loaded, nor runs it, nor repeats its parent's error. A check's fork tells the
+    supervisor (``_FORKED``), which says it in its one error or warning; a worker's logs it."""
+    if check:
+        sys.stderr.write(_FORKED)
+    else:
+        logger.warning("importing %s forked this process (pid %d): the fork exits; the worker process the "
+                       "supervisor started (pid %d) goes on", target, os.getpid(), os.getppid())
+    _exit_at_once(EXIT_BAD_TARGET)
+
+
 def run_child(target: str, workers: int, check: bool, loaded_fd: Optional[int] = None) -> int:
     """A worker process: load the queue, run it until told to stop, stop it gracefully.
 
@@ -298,15 +313,15 @@ def run_child(target: str, workers: int, check: bool, loaded_fd: Optional[int] =
     try:
         queue = load_queue(target)
     except CommandError as exc:
+        if os.getpid() != pid:  # a fork: its parent, which failed alike or ended, says what happened
+            _end_fork(target, check)
         # The supervisor shows a check's message as its own error; a worker's goes among the logs.
         print(f"{_ERROR_FOLLOWS}{exc}" if check else f"tinymq worker: error: {exc}", file=sys.stderr, flush=True)
         _exit_at_once(EXIT_BAD_TARGET)  # nothing of tinymq runs: no queue, or one stopped already
+    if os.getpid() != pid:  # the import forked (a module that daemonises) and this is the fork
+        _end_fork(target, check)
     if wakeup is not None:  # before saying "loaded": from then on, a stop signal must reach us
         wakeup.take_back()
-    if os.getpid() != pid:  # the import forked (a module that daemonises) and this is the fork
-        print(f"tinymq worker: error: importing {target} forked this process; only the process the "
-              "supervisor started may report the target loaded or run it", file=sys.stderr, flush=True)
-        _exit_at_once(EXIT_BAD_TARGET)
     watch.said_loaded()
     if wakeup is None:
         _exit_at_once(0)
@@ -436,6 +451,8 @@ class Supervisor:
         returncode = process.wait()
         process.stdin.close()
         stdout, stderr = bytes(output[process.stdout]), bytes(output[process.stderr])
+        forked = _FORKED.encode() in stderr  # (a fork of the check, ended: see _end_fork)
+        stderr = stderr.replace(_FORKED.encode(), b"")
         sys.stdout.buffer.write(stdout)  # whatever the user's module printed at import
         if returncode == EXIT_BAD_TARGET:
             imported, _, error = stderr.rpartition(_ERROR_FOLLOWS.encode())
@@ -452,8 +469,17 @@ class Supervisor:
         except BlockingIOError:  # nothing written, and the write end still open (a process it started has it)
             said_loaded = False
         if not said_loaded:
+            if forked:
+                raise CommandError(f"loading {self.target!r} failed: importing the module forked the process that "
+                                   "checked it, which then exited with code 0 before it had loaded the target (a "
+                                   "module that daemonises at import); the supervisor starts the worker processes "
+                                   "itself: do not fork when the module is imported")
             raise CommandError(f"loading {self.target!r} failed: the process that checked it exited with "
                                "code 0 before it had loaded the target (importing the module ended the process)")
+        if forked:
+            logger.warning("importing %r forked the process that checked it; the fork was ended, as it will be "
+                           "in each worker process: only the processes the supervisor starts run the queue",
+                           self.target)
         return True
 
     def _start(self, slot: _Slot) -> None:

@@ -850,13 +850,15 @@ class SQLitePersistence:
         Returns only once they are committed; raises PersistenceError otherwise.
         Writers queue on the commit lock itself: the one that gets it commits every
         unit pending then, and a writer back at once may take it again (no thread
-        wakes for that). Two other designs were measured and not kept (see
+        wakes for that). Four other designs were measured and not kept (see
         bench/durable_group_commit_ab.py): a leader that wakes each of its batch's
         writers on a lock of their own and hands the lead to the oldest one waiting
-        (bigger batches, but a thread switch per hand-off: slower end to end), and the
+        (bigger batches, but a thread switch per hand-off: slower end to end), the
         same with a short window for the last batch's writers to come back (full
         batches, no CPU saved per job, and a producer stalls while a worker of that
-        batch is busy).
+        batch is busy), a next leader waiting on the commit lock while later writers
+        wait on locks of their own, and a leader that keeps committing while writers
+        come (both: bigger batches for more blocked writers, more CPU per job).
         """
         if self._pid != os.getpid() or self._closed or self.read_only:
             self._check_usable()

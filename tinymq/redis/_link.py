@@ -510,7 +510,8 @@ class QueueLink:
             # delayed, before a script call promotes it, and the two figures are read at one instant.
             (high, medium, low), delayed, counters = self.broker._call_resending(self.scripts.stats)
         except self._redis_error as exc:
-            raise TinyMQError(f"could not read the stats of Redis queue {self.broker.name!r}: {exc}") from exc
+            raise TinyMQError(f"could not read the stats of Redis queue {self.broker.name!r} at "
+                              f"{redacted_url(self.broker.url)}: {exc}") from exc
 
         def counter(name: str) -> int:
             return counters.get(name, 0)
@@ -1128,7 +1129,8 @@ class QueueLink:
         now = time.monotonic()
         if now - self._outage_logged >= _LOG_EVERY:
             self._outage_logged = now
-            logger.warning("Redis queue %r: %s failed (%s); retrying", self.broker.name, what, exc)
+            logger.warning("Redis queue %r at %s: %s failed (%s); retrying", self.broker.name,
+                           redacted_url(self.broker.url), what, exc)
 
     def _pump(self) -> None:
         blocking = self.broker._dedicated_client(_IDLE_WAIT + _SOCKET_TIMEOUT)

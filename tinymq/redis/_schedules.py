@@ -10,7 +10,10 @@ enqueued it.
 Ticks must mean the same instant in every process: a ``cron`` tick is its wall-clock
 time; an ``every`` schedule's ticks lie on a grid kept in Redis on the server's
 clock (``schedule_begin.lua``), tick k at ``anchor + k * interval``, which each
-process maps onto its own monotonic clock when the schedule begins. A tick is claimed
+process maps onto its own monotonic clock when the schedule begins. The grid records what it
+was set for (the interval, and first_at: ``_definition``): a process that begins the schedule
+with another sets a new one, so a grid set far ahead by a wrong first_at goes once it is
+corrected; a process told "regrid" joins the grid Redis holds as it is. A tick is claimed
 by its time in microseconds, of either kind: a schedule that changes kind under its
 name (a deploy, a rollback) finds no claim of the other kind "later" than its ticks.
 The server's clock arbitrates the hosts' wall clocks: a ``cron`` tick more than
@@ -45,23 +48,26 @@ class BrokerTicks:
     def __init__(self, link: Any, queue: Any) -> None:
         self._link = link
         self._queue = weakref.ref(queue)  # the timer never keeps the queue alive
-        self._grids: Dict[str, Tuple[int, int]] = {}  # schedule name -> (anchor, interval), server us
+        # Schedule name -> (anchor, interval: server us; the definition the grid was set for).
+        self._grids: Dict[str, Tuple[int, int, str]] = {}
         self._claims = 0
         self._token_prefix = os.urandom(8).hex()
         self._redis_error = __import__("redis").RedisError
 
-    def begin(self, schedule: Any, first: _Tick) -> _Tick:
+    def begin(self, schedule: Any, first: _Tick, rejoin: bool) -> _Tick:
         trigger = schedule.trigger
         if first.index < 0:  # cron: wall-clock ticks mean the same instant everywhere
             return first
         interval_us = max(1, round(trigger.interval * _US))
         first_delay_us = round((first.due - time.monotonic()) * _US)
+        definition = _definition(trigger)
         monotonic_before = time.monotonic()
         anchor_us, interval_us, server_us = self._link.broker._call_resending(
-            self._link.scripts.schedule_begin, schedule.name, interval_us, max(0, first_delay_us))
+            self._link.scripts.schedule_begin, schedule.name, interval_us, max(0, first_delay_us), definition,
+            rejoin)
         monotonic_now = (monotonic_before + time.monotonic()) / 2  # the reply's instant, give or take
         anchor, interval, server_now = anchor_us / _US, interval_us / _US, server_us / _US
-        self._grids[schedule.name] = (anchor_us, interval_us)
+        self._grids[schedule.name] = (anchor_us, interval_us, definition)
         index = max(0, math.ceil((server_now - anchor) / interval))
         due_server = anchor + index * interval
         return _Tick(monotonic_now + (due_server - server_now), time.time() + (due_server - server_now), index)
@@ -89,7 +95,7 @@ class BrokerTicks:
         if tick.index < 0:
             number, wall = round(tick.wall * _US), tick.wall
         else:
-            grid = anchor_us, interval_us = self._grids[schedule.name]
+            grid = anchor_us, interval_us, _ = self._grids[schedule.name]
             number = anchor_us + tick.index * interval_us
             wall = number / _US
         job = schedule.new_job_at(wall)
@@ -117,3 +123,10 @@ class BrokerTicks:
             schedule.last_job_id = job.id
             link._report_ended(evicted, caller)
         return "fired"
+
+
+def _definition(trigger: Any) -> str:
+    """What an ``every`` schedule's grid in Redis is set for, besides its interval: its first_at as
+    given (epoch seconds, repr), or "" without one. A process that begins the schedule with
+    another one sets a new grid (a first_at changed, or a typo corrected, takes effect)."""
+    return "" if trigger.first_at is None else repr(trigger.first_at)

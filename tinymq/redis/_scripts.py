@@ -544,20 +544,23 @@ class Scripts:
     def purge_dead(self, ids: Sequence[str]) -> int:
         return int(self._call("purge_dead", [_wire(job_id) for job_id in ids])) if ids else 0
 
-    def schedule_begin(self, name: str, interval_us: int, first_delay_us: int) -> Tuple[int, int, int]:
+    def schedule_begin(self, name: str, interval_us: int, first_delay_us: int, definition: str,
+                       rejoin: bool) -> Tuple[int, int, int]:
         """Join (or start) the tick grid of the ``every`` schedule ``name``:
-        ``(anchor us, interval us, server now us)``."""
-        anchor_us, interval_us, now_us = self._call("schedule_begin", [name, interval_us, first_delay_us])
+        ``(anchor us, interval us, server now us)``. ``definition``: its first_at (see
+        tinymq/redis/_schedules.py); ``rejoin``: join a grid of the interval whatever it was set for."""
+        anchor_us, interval_us, now_us = self._call("schedule_begin", [name, interval_us, first_delay_us,
+                                                                       definition, "1" if rejoin else "0"])
         return int(anchor_us), int(interval_us), int(now_us)
 
     def schedule_tick(self, name: str, tick: int, token: str, buffer_size: int, max_delayed_jobs: int,
                       job: Tuple[Any, ...], caller: str = "", lease_ms: int = 0,
-                      grid: Optional[Tuple[int, int]] = None) -> Tuple[str, List[Crashed]]:
+                      grid: Optional[Tuple[int, int, str]] = None) -> Tuple[str, List[Crashed]]:
         """Claim ``tick`` (its time in us) of schedule ``name`` for this call, once across processes, and enqueue
         its ``job`` row (as ``enqueue``'s) in the same call: ``(outcome, evicted)``, the outcome
         "fire", "busy", "full", "taken", "regrid" or "ahead", the evicted rows only with "fire" (see
         schedule_tick.lua; ``caller`` and ``lease_ms`` as ``enqueue``'s; ``grid``: the (anchor us,
-        interval us) of an ``every`` tick)."""
+        interval us, definition) of an ``every`` tick)."""
         reply = self._call("schedule_tick", [name, tick, token, buffer_size, max_delayed_jobs, caller, lease_ms,
                                              *_full_row(job), *(grid or ())])
         if reply[0] == "fire":

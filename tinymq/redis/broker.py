@@ -27,7 +27,11 @@ _MIN_VERSION = (6, 2)
 _POOL_SIZE = 16  # connections shared by the pump, heartbeat, timer, producers and flushing workers
 _POOL_WAIT = 20.0  # seconds a thread waits for a pooled connection before it is an error
 _SOCKET_TIMEOUT = 10.0  # a reply slower than this is a dead connection
-_CONNECT_TIMEOUT = 2.0
+_CONNECT_TIMEOUT = 2.0  # seconds to open a connection (a host that drops it: a firewall, a wrong address)
+# Seconds the constructor waits for the first reply (it checks again at the first use if none came): a
+# server that takes the connection and never answers (a wrong port forwarded to nothing, a frozen Redis)
+# must not hold the program that builds the broker (an import) for the socket timeout.
+_FIRST_LOOK_WAIT = _CONNECT_TIMEOUT
 _RESENDS = 2  # tinymq resends a call whose reply was lost this often (every script is idempotent)
 _RESEND_PAUSE = 0.02  # seconds before the first resend, doubling
 _PAGE = 500  # ids per admin script call: bounded work in Redis
@@ -96,7 +100,7 @@ class RedisBroker:
         self._queue: Any = None  # the one Queue link this broker serves
         self._closed = False
         try:
-            self._check_server()
+            self._check_server(time.monotonic() + _FIRST_LOOK_WAIT)
         except redis.RedisError as exc:  # checked again at the first use that reaches it
             self._not_reachable_yet(exc)
 

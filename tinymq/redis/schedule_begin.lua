@@ -1,20 +1,25 @@
 --[[ schedule_begin: the shared grid of an `every` schedule (q.every over a broker).
-KEYS[1] prefix. ARGV: name, interval us, first delay us.
-Key schedule:<name> HASH: anchor (server us of tick 0), interval (us), last (the last
-claimed tick, as its time in us: see schedule_tick.lua), job (its job id), by/outcome (who
-claimed it, and what it decided).
+KEYS[1] prefix. ARGV: name, interval us, first delay us, definition (its first_at as given, or
+''), rejoin ('1': the caller was told 'regrid' by schedule_tick; else '0').
+Key schedule:<name> HASH: anchor (server us of tick 0), interval (us), definition (what the
+grid was set for besides its interval), last (the last claimed tick, as its time in us: see
+schedule_tick.lua), job (its job id), by/outcome (who claimed it, and what it decided).
 The first process to begin the schedule sets its grid (tick k is due at anchor + k * interval);
-the others join it. A different interval starts a new grid; the claims stay (they are times:
-the new grid's ticks come after them), and the previous job still counts for the no-pile-up
-rule.
+the others join it. A different interval, or a different definition (a first_at changed, or
+a typo in it corrected, or a grid of an older version, which kept none), starts a new grid:
+the schedule's definition is the one last begun, and a grid set far ahead by a wrong first_at
+is not kept. A rejoining process (told 'regrid': another process began a new grid while it
+ticked) joins the grid of its interval whatever it was set for, so that two definitions never
+take the grid from each other at every tick. The claims stay (they are times: the new grid's
+ticks come after them), and the previous job still counts for the no-pile-up rule.
 Returns {anchor us, interval us, server now us}. ]]
 even_if_full()
 local key = P .. 'schedule:' .. ARGV[1]
 now_ms()
-local s = redis.call('HMGET', key, 'anchor', 'interval')
-if not s[1] or s[2] ~= ARGV[2] then
+local s = redis.call('HMGET', key, 'anchor', 'interval', 'definition')
+if not s[1] or s[2] ~= ARGV[2] or (ARGV[5] ~= '1' and s[3] ~= ARGV[4]) then
   local anchor = now_us + tonumber(ARGV[3])
-  redis.call('HSET', key, 'anchor', string.format('%.0f', anchor), 'interval', ARGV[2])
+  redis.call('HSET', key, 'anchor', string.format('%.0f', anchor), 'interval', ARGV[2], 'definition', ARGV[4])
   s = {string.format('%.0f', anchor), ARGV[2]}
 end
 return {s[1], s[2], string.format('%.0f', now_us)}

@@ -7,7 +7,7 @@ compare with a cron tick's time as long claimed), claim token (unique per call, 
 enqueue token of the tick's job), buffer_size, max_delayed_jobs (0: unlimited), caller and
 lease (as enqueue.lua's), then the tick's job as one row of enqueue.lua: id, type, priority
 (0..2), delay ms, body, retries, last error; then, for an `every` tick, the grid the caller
-ticks on: anchor us, interval us (none for `cron`).
+ticks on: anchor us, interval us, definition (as schedule_begin.lua's; none for `cron`).
 Returns
   {'fire', {row, ...}}  this call claimed the tick and enqueued its job, by enqueue.lua's
                         rules; the jobs that enqueue evicted from the delayed set (now
@@ -18,8 +18,9 @@ Returns
              tick is skipped
   {'taken'}  the tick (or a later one) was claimed already, by another call
   {'regrid'} not claimed: Redis holds another grid of the same interval (it lost its data,
-             and a process that began since set a new one); the caller joins it
-             (schedule_begin). A grid Redis lost is kept again from the caller's.
+             and a process that began since set a new one; or a process began the
+             schedule with another first_at); the caller joins it (schedule_begin,
+             rejoining). A grid Redis lost is kept again from the caller's.
   {'ahead'}  not claimed: a `cron` tick more than CLOCK_SET_BACK ahead of the server's clock
              (the caller's wall clock is wrong: its claim would hold every later tick back,
              in every process, once that clock is corrected)
@@ -40,18 +41,15 @@ if last and last > now_us + CLOCK_SET_BACK then last = nil end
 if last and last >= tick then
   if s[3] ~= token then return {'taken'} end
   if s[4] ~= 'fire' then return {s[4]} end
-  local span = math.floor(now_ms() / TOKEN_SPAN)
-  for at = span, span - 2, -1 do
-    local seen = redis.call('HGET', P .. 'tokens:' .. at, token)
-    if seen then return {'fire', cjson.decode(seen)} end
-  end
+  local seen = kept_reply(token)
+  if seen then return {'fire', cjson.decode(seen)} end
   return {'fire', {}}
 end
 if not ARGV[16] and tick > now_us + CLOCK_SET_BACK then return {'ahead'} end -- (`every` ticks: the server's)
 if ARGV[16] then -- an `every` tick: one grid for every process (see the header)
   local g = redis.call('HMGET', key, 'anchor', 'interval')
   if not g[1] then
-    redis.call('HSET', key, 'anchor', ARGV[15], 'interval', ARGV[16])
+    redis.call('HSET', key, 'anchor', ARGV[15], 'interval', ARGV[16], 'definition', ARGV[17])
   elseif g[2] == ARGV[16] and g[1] ~= ARGV[15] then
     return {'regrid'}
   end
