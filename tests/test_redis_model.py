@@ -500,8 +500,11 @@ class Model:
             ready += sum(self.stats[f"parked:{level}"] for level in (0, 1, 2))
             if ready + ready_added > self.buffer_size:
                 return ("full", [], None, ready)
+            if self.stats["outstanding"] + ready_added > self.buffer_size:  # (the script's bound had no room)
+                self.happened.append("an enqueue counted the ready jobs and found room")
         evicted = []
-        if self.max_delayed:  # a due job has left `capped` (never evicted), fetched or not
+        if self.max_delayed and ready_added < len(rows):  # a due job has left `capped` (never evicted),
+            # fetched or not, by the time a delayed job may evict
             for job_id in [i for i, due in self.capped.items() if due <= now_us / 1000]:
                 del self.capped[job_id]
         for job_id, job_type, priority, delay, body in rows:
@@ -849,7 +852,7 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
                                         "signal", "reports", "beaten")}
     known |= {prefix + "seq", prefix + "clock"}  # the FIFO order counter; the outage clock
     out["unknown keys"] = sorted(set(keys) - known - set(dynamic)
-                                 - {k for k in keys if k.startswith((prefix + "tokens:", prefix + "wake:"))})
+                                 - {k for k in keys if k.startswith((prefix + "token:", prefix + "wake:"))})
     return out
 
 
@@ -924,6 +927,10 @@ def check_invariants(held: Dict[str, Any]) -> None:
     kept = [row for row in waiting if is_held(row)]
     unfinished = len(places) - len(held["dead"]) + len(held["moved"]) + len(kept)
     assert held["stats"].get("outstanding", 0) == unfinished, (held["stats"], unfinished)
+    # (enqueue's buffer check counts the ready lists only when outstanding, their bound, leaves no room)
+    waiting_ready = sum(len(ids) for ids in held["ready"].values()) + len(held["delayed"])
+    waiting_ready += sum(len(ids) for ids in held["parked"].values())
+    assert held["stats"].get("outstanding", 0) >= waiting_ready, (held["stats"], waiting_ready)
     assert held["running"] == dict(slots), f"running {held['running']} != slots held {dict(slots)}"
     for job_type, n in slots.items():
         limit = held["limits"].get(job_type)
@@ -1542,7 +1549,8 @@ MUST_COME_UP = ("enqueue ok", "enqueue dup", "enqueue again", "enqueue full", "e
                 "evicted jobs reported by a reply that nothing keeps",
                 "rows a reap's reply handed out, finished as it did",
                 "a failure for good kept for its process to report",
-                "an enqueue promoted due jobs ahead of its own", "an enqueue replaced a dead job")
+                "an enqueue promoted due jobs ahead of its own", "an enqueue replaced a dead job",
+                "an enqueue counted the ready jobs and found room")
 
 
 def test_scripts_follow_the_model(redis_client):

@@ -93,6 +93,16 @@ def test_an_enqueue_resent_with_its_token_changes_nothing(scripts):
     check_invariants(scripts)
 
 
+def test_an_enqueue_resent_after_its_job_finished_changes_nothing_and_its_token_expires_by_itself(scripts):
+    assert scripts.enqueue("tok", 100, 0, rows("a")).status == "ok"
+    taken = scripts.fetch("p1", "1", 1, LEASE_MS, 3, False)
+    assert scripts.settle("p1", [SettleOp("S", taken.jobs[0].attempt)]) == 0
+    assert scripts.enqueue("tok", 100, 0, rows("a")).status == "again"  # (the job's hash is gone)
+    assert ready(scripts) == []
+    assert 0 < scripts.client.pttl(key(scripts, "token:tok")) <= 60_000  # one key per token
+    check_invariants(scripts)
+
+
 def test_an_enqueue_row_brings_its_retries_and_last_error_and_shorter_rows_still_enqueue(scripts):
     scripts.enqueue("tok", 100, 0, [("full", "t", 1, 0, "body", 2, "ValueError: no"),
                                     ("no-error", "t", 1, 0, "body", 1),  # a row of before last_error
@@ -372,8 +382,8 @@ def _state(scripts):
     for name in client.scan_iter(key(scripts, "*")):
         suffix = name[len(key(scripts, "")):]
         kind = client.type(name)
-        if suffix == "clock" or suffix.startswith("tokens:"):
-            continue  # server times
+        if suffix == "clock" or suffix.startswith("token:"):
+            continue  # server times; the calls' tokens
         if kind == "hash":
             state[suffix] = client.hgetall(name)
         elif kind == "list":

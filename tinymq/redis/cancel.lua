@@ -35,17 +35,13 @@ first of them out (it may have been the job let out for that slot), so none wait
 that is free. Removing a waiting job looks through its ready or parked list (O(length)); finding a leased
 one looks through the inflight hashes of the live processes. Cancelling is rare: the hot
 paths (fetch, settle) pay one EXISTS per call for it.
-The reply is kept under the token for 2 to 3 TOKEN_SPANs, as enqueue keeps its tokens. ]]
+The reply is kept under the token (see keep_reply in lib.lua), as enqueue's. ]]
 even_if_full()
-local TOKEN_SPAN = 30000 -- ms (as in enqueue.lua)
 local token, id, caller, lease = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]) or 0
 local take_back = ARGV[5] or ''
 local now = now_ms()
-local span = math.floor(now / TOKEN_SPAN)
-for s = span, span - 2, -1 do
-  local seen = redis.call('HGET', P .. 'tokens:' .. s, token)
-  if seen then return cjson.decode(seen) end
-end
+local seen = kept_reply(token)
+if seen then return cjson.decode(seen) end
 
 local function cancel()
   local jk = job_key(id)
@@ -105,8 +101,6 @@ local function cancel()
 end
 
 local reply = cancel()
-local tokens = P .. 'tokens:' .. span
-redis.call('HSET', tokens, token, cjson.encode(reply))
-if redis.call('TTL', tokens) < 0 then redis.call('PEXPIRE', tokens, 3 * TOKEN_SPAN) end
+keep_reply(token, reply)
 flush_counts()
 return reply

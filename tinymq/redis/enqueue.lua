@@ -24,8 +24,8 @@ jobs moves none: it puts nothing at a tail. A job whose id is dead is replaced.
 The evicted job is the earliest-due one among those
 already in `capped` and not yet due (a due one, even one no call has promoted yet, has left
 `capped`), never one being added; the new job is always added.
-Each accepted token is kept in tokens:<span> for 2 to 3 TOKEN_SPANs, far longer than a
-client resends (its socket timeouts, twice): a resend is then recognised even when its
-jobs have finished since (their hashes, with the token, are gone). ]]
+Each accepted token is kept in token:<token> for TOKEN_KEPT, far longer than a client
+resends (its socket timeouts, twice): a resend is then recognised even when its jobs have
+finished since (their hashes, with the token, are gone). ]]
 refuse_if_full()
 return enqueue_jobs(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), 7, ARGV[5], tonumber(ARGV[6]))

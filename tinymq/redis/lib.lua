@@ -24,8 +24,8 @@ Keys (after the prefix):
                                  its enqueue replaced, w the same once a take-back marked
                                  its attempt (see bring_back_replaced)
   replaced:<token>|<id>    HASH  a dead job's hash that the enqueue <token> replaced (its id
-                                 enqueued again), with d the time it died: kept 2 to 3
-                                 TOKEN_SPANs, or until the end of a taken-back attempt
+                                 enqueued again), with d the time it died: kept
+                                 REPLACED_KEPT, or until the end of a taken-back attempt
   cancelled:<proc>|<attempt> HASH the job hash of an attempt that q.cancel() marked (the
                                  attempt is in cancels:<proc>), moved there from job:<id> by
                                  cancel, so the id is free for a new job at once; whatever
@@ -34,9 +34,9 @@ Keys (after the prefix):
   seq                      STRING the last FIFO order handed out
   clock                    STRING server time (ms) of the last lease-keeping call (fetch,
                                  beat, reap): a longer gap than that is an outage
-  tokens:<n>               HASH  enqueue token -> JSON of the jobs its call evicted, for
-                                 the calls of one TOKEN_SPAN (kept 3 spans): a resend is
-                                 recognised even after its jobs finished
+  token:<token>            STRING the JSON reply that a resend of the call <token> (an
+                                 enqueue, a cancel, a schedule tick) gets, kept TOKEN_KEPT:
+                                 a resend is recognised even after its jobs finished
   procs                    ZSET  process id -> lease expiry ms (the heartbeat table); an id
                                  with "~" is a reporter (see register_reporter): registered
                                  by a cancel, an evicting enqueue or a schedule tick of a
@@ -175,6 +175,17 @@ local function cancels_key(proc) return P .. 'cancels:' .. proc end
 local function marked_key(proc, attempt) return P .. 'cancelled:' .. proc .. '|' .. attempt end
 local function wake_key(proc) return P .. 'wake:' .. proc end -- the list an idle proc also blocks on
 local function reporting_key(proc) return P .. 'reporting:' .. proc end
+
+--[[ A call's token is kept, with what a resend of it gets back, for TOKEN_KEPT: far longer
+than a client resends (its socket timeouts, twice), so that a resend is recognised even when
+its jobs have finished since. One key per token, expiring by itself: one GET to look, one SET
+to keep. ]]
+local TOKEN_KEPT = 60000 -- ms
+local function token_key(token) return P .. 'token:' .. token end
+local function kept_reply(token) return redis.call('GET', token_key(token)) end -- its JSON, or false
+local function keep_reply(token, reply)
+  redis.call('SET', token_key(token), cjson.encode(reply), 'PX', TOKEN_KEPT)
+end
 
 local function id_of(attempt)
   return string.sub(attempt, string.find(attempt, ':', 1, true) + 1)
@@ -820,7 +831,7 @@ local function ready_left()
   return redis.call('LLEN', READY[2]) + redis.call('LLEN', READY[1]) + redis.call('LLEN', READY[0])
 end
 
-local TOKEN_SPAN = 30000 -- ms: how long an enqueue token is kept (see enqueue.lua)
+local REPLACED_KEPT = 90000 -- ms: how long a replaced dead job is kept for a take-back
 local ROW = 7 -- ARGV per job of enqueue.lua: id, type, priority, delay ms, body, retries, last error
 
 -- The body of enqueue.lua (its header documents the rows and replies), shared with
@@ -830,11 +841,8 @@ local ROW = 7 -- ARGV per job of enqueue.lua: id, type, priority, delay ms, body
 -- unfinished until then (held_row), or until this reply if nothing keeps them.
 local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, lease)
   local now = now_ms()
-  local span = math.floor(now / TOKEN_SPAN)
-  for s = span, span - 2, -1 do
-    local seen = redis.call('HGET', P .. 'tokens:' .. s, token)
-    if seen then return {'again', cjson.decode(seen)} end
-  end
+  local seen = kept_reply(token)
+  if seen then return {'again', cjson.decode(seen)} end
   local ready_added = 0
   local keys = {} -- the jobs' hash keys, in ARGV order
   for i = base, base - 1 + n * ROW, ROW do
@@ -858,13 +866,19 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
   end
   if ready_added > 0 then
     promote_due() -- (jobs due by now go ahead of these, and count as ready: see promote_due)
-    local s = redis.call('HMGET', K_STATS, 'parked:0', 'parked:1', 'parked:2')
-    local ready = ready_left() + due_left() + (tonumber(s[1]) or 0) + (tonumber(s[2]) or 0) + (tonumber(s[3]) or 0)
-    if ready + ready_added > buffer_size then return {'full', ready} end
+    local s = redis.call('HMGET', K_STATS, 'outstanding', 'parked:0', 'parked:1', 'parked:2')
+    -- Ready jobs (parked and due ones too) are unfinished jobs: while stats.outstanding leaves
+    -- room, they do, uncounted. (A job another program wrote counts in it only once seen: fetch.lua.)
+    if (tonumber(s[1]) or 0) + ready_added > buffer_size then
+      local ready = ready_left() + due_left() + (tonumber(s[2]) or 0) + (tonumber(s[3]) or 0) + (tonumber(s[4]) or 0)
+      if ready + ready_added > buffer_size then return {'full', ready} end
+    end
   end
   local evicted = {}
-  if max_delayed > 0 then -- a due job no longer counts as delayed, even before a call promotes it:
-    redis.call('ZREMRANGEBYSCORE', K_CAPPED, '-inf', exact_ms()) -- it is never evicted
+  -- A due job no longer counts as delayed, even before a call promotes it: it is never evicted.
+  -- (Only a delayed job evicts: a batch of ready jobs leaves `capped` as it is.)
+  if max_delayed > 0 and ready_added < n then
+    redis.call('ZREMRANGEBYSCORE', K_CAPPED, '-inf', exact_ms())
   end
   local by_level = {[0] = {}, [1] = {}, [2] = {}}
   local order = new_orders(n) -- (delayed jobs get theirs when they come due)
@@ -879,7 +893,7 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
       redis.call('HDEL', jk, 'u', 'w')
       redis.call('HSET', jk, 'd', died)
       redis.call('RENAME', jk, kept)
-      redis.call('PEXPIRE', kept, 3 * TOKEN_SPAN)
+      redis.call('PEXPIRE', kept, REPLACED_KEPT)
     end
     if delay > 0 then
       redis.call('HSET', jk, 't', ARGV[i + 1], 'p', ARGV[i + 2], 'b', ARGV[i + 4], 'r', ARGV[i + 5], 'k', token)
@@ -916,9 +930,7 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
       reported_by_reply(evicted) -- (a resend returns them again, counted here once)
     end
   end
-  local tokens = P .. 'tokens:' .. span
-  redis.call('HSET', tokens, token, cjson.encode(evicted))
-  if redis.call('TTL', tokens) < 0 then redis.call('PEXPIRE', tokens, 3 * TOKEN_SPAN) end
+  keep_reply(token, evicted)
   count('enqueued', n)
   count('outstanding', n)
   flush_counts()

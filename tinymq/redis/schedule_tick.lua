@@ -41,11 +41,8 @@ if last and last > now_us + CLOCK_SET_BACK then last = nil end
 if last and last >= tick then
   if s[3] ~= token then return {'taken'} end
   if s[4] ~= 'fire' then return {s[4]} end
-  local span = math.floor(now_ms() / TOKEN_SPAN)
-  for at = span, span - 2, -1 do
-    local seen = redis.call('HGET', P .. 'tokens:' .. at, token)
-    if seen then return {'fire', cjson.decode(seen)} end
-  end
+  local seen = kept_reply(token)
+  if seen then return {'fire', cjson.decode(seen)} end
   return {'fire', {}}
 end
 if not ARGV[16] and tick > now_us + CLOCK_SET_BACK then return {'ahead'} end -- (`every` ticks: the server's)
