@@ -210,6 +210,33 @@ def test_accept_and_count_and_task_done(core):
     assert q.join(timeout=0) is True
 
 
+def test_recount_moves_one_attempt_from_the_events_counted_to_another_queue_wide_and_per_type(core):
+    """A broker overruled an outcome counted here (a cancel from another process reached it
+    first): its counts move to cancelled in one step, per type only for a registered executor."""
+    q = core.ReadyQueue(10)
+    q.configure("t", lambda job: None, 2, None, False, False, core.THREADS)
+
+    def per_type():
+        return {event: q.snapshot()[2]["t"][2 + core.TYPE_EVENTS.index(event)] for event in core.TYPE_EVENTS}
+
+    for event in (core.SUCCEEDED, core.TIMED_OUT, core.RETRIED):
+        q.count(event, 1, "t")
+    q.count(core.FAILED, 1, "unregistered")
+    q.recount((core.TIMED_OUT, core.RETRIED), core.CANCELLED, "t")
+    q.recount((), core.CANCELLED, "t")  # (an attempt given back uncounted)
+    q.recount((core.FAILED,), core.CANCELLED, "unregistered")  # queue-wide only
+    assert per_type() == {core.SUCCEEDED: 1, core.FAILED: 0, core.RETRIED: 0, core.TIMED_OUT: 0,
+                          core.CANCELLED: 2}
+    counters = q.counters()
+    assert (counters[core.SUCCEEDED], counters[core.FAILED], counters[core.RETRIED], counters[core.TIMED_OUT],
+            counters[core.CANCELLED]) == (1, 0, 0, 0, 3)
+    with pytest.raises(ValueError, match="counter constants, got 99"):
+        q.recount((99,), core.CANCELLED, "t")
+    with pytest.raises(ValueError, match="counter constants, got -1"):
+        q.recount((), -1, "t")
+    assert q.counters() == counters  # (a bad event changes nothing)
+
+
 def test_counter_constants(core):
     assert (core.ENQUEUED, core.SUCCEEDED, core.FAILED, core.RETRIED, core.TIMED_OUT,
             core.EVICTED) == (0, 1, 2, 3, 4, 5)

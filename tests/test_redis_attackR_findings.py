@@ -2,6 +2,7 @@
 from outside (round 6, attackR). Each test states the promise of API.md / docs/redis.md
 that it checks; each was a strict xfail before its fix.
 """
+import json
 import threading
 
 import pytest
@@ -80,32 +81,39 @@ def test_a_failure_its_process_decided_before_a_cancel_reached_it_is_reported_on
 
 
 @pytest.mark.parametrize("op", ["Z", "z"])
-def test_a_marked_attempts_failure_for_good_stands_and_drops_the_mark(scripts, op):
-    """The scripts' side of the test above: a Z (or, at the deadline, z) op of a marked
-    attempt is a failure its process decided and reports; Redis keeps it (dead, counted
-    failed, kept for that process to report, nothing handed back in the reply) and drops the
-    mark, so that a requeued job can be cancelled again."""
+def test_a_marked_attempts_failure_for_good_ends_it_cancelled_and_drops_the_mark(scripts, op):
+    """The scripts' side of the race above: a Z (or, at the deadline, z) op of an attempt
+    that another process's cancel marked first is a failure its process decided before it
+    heard of the mark. cancel() returned True, so the job ends as cancelled (API.md "Async
+    executors and cancellation"): not dead, counted cancelled (not failed, nor timed out),
+    kept for that process to report under the key of its op, and the reply names the op as
+    overruled, so that the process reports (and counts) the cancel, not its failure."""
     scripts.enqueue("tok", 100, 0, [("a", "t", 1, 0, "body-a")])
     attempt = scripts.fetch("p1", "1", 1, LEASE_MS, 3, False, []).jobs[0].attempt
     assert scripts.cancel("c1", "a").status == "marked"
     failure = SettleOp(op, attempt, 1, 0.0, "retries_exhausted", "JobTimeout: late")
     reply = scripts.fetch("p1", "2", 1, LEASE_MS, 3, True, [failure])
-    assert reply.crashed == [] and list(reply.cancels) == []  # reported by p1 when it decided it
-    assert scripts.fetch("p1", "2", 1, LEASE_MS, 3, True, [failure]).crashed == []  # a resend
+    assert reply.crashed == [] and list(reply.cancels) == []  # reported by p1, which decided it
+    assert list(reply.overruled) == [(attempt, "t")]
+    resent = scripts.fetch("p1", "2", 1, LEASE_MS, 3, True, [failure])  # its reply was lost
+    assert (resent.crashed, list(resent.overruled)) == ([], [(attempt, "t")])
     stats = scripts.client.hgetall(scripts.key("stats"))
     # Counted at once; unfinished until p1 says its callbacks ran (the row kept for it).
-    assert (stats.get("failed"), stats.get("cancelled"), stats.get("outstanding")) == ("1", None, "1")
+    assert (stats.get("failed"), stats.get("cancelled"), stats.get("timed_out"),
+            stats.get("outstanding")) == (None, "1", None, "1")
     kept = scripts.client.hgetall(scripts.key("reporting:p1"))
-    assert list(kept) == [f"a|retries_exhausted|p1|{attempt}"]
+    assert list(kept) == [f"a|retries_exhausted|p1|{attempt}"]  # (the key p1 made for its op)
+    assert json.loads(kept[f"a|retries_exhausted|p1|{attempt}"])[4] == "cancelled"
     assert scripts.settle("p1", [SettleOp("A", field) for field in kept]) == 0
     stats = scripts.client.hgetall(scripts.key("stats"))
-    assert (stats.get("failed"), stats.get("cancelled"), stats.get("outstanding")) == ("1", None, "0")
-    assert scripts.client.zrange(scripts.key("dead"), 0, -1) == ["a"]
+    assert (stats.get("failed"), stats.get("cancelled"), stats.get("outstanding")) == (None, "1", "0")
+    assert scripts.client.zrange(scripts.key("dead"), 0, -1) == []
     assert scripts.client.keys(scripts.key("cancels:*")) == []
-    assert scripts.client.hget(scripts.key("job:a"), "z") is None
-    assert scripts.cancel("c2", "a").status == "none"  # dead: nothing to cancel
-    assert scripts.requeue_dead(["a"]) == 1
-    assert scripts.cancel("c3", "a").status == "removed"  # requeued, it can be cancelled again
+    assert scripts.client.keys(scripts.key("cancelled:*")) == []
+    assert scripts.client.exists(scripts.key("job:a")) == 0
+    assert scripts.cancel("c2", "a").status == "none"  # ended: nothing to cancel
+    held = scripts.client.hgetall(scripts.key("inflight:p1"))
+    assert held == ({attempt: "Xt"} if op == "z" else {})  # (z: it still runs, holding its slot)
 
 
 def test_a_reaped_process_leaves_no_wake_list_behind(scripts):

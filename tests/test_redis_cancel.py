@@ -383,7 +383,7 @@ def test_a_resent_cancel_gets_the_first_reply_and_a_second_cancel_finds_nothing(
     only_cancelled_left(scripts)
 
 
-@pytest.mark.parametrize("op", ["S", "Y", "B"])  # (a failure for good stands: test_redis_attackR_findings)
+@pytest.mark.parametrize("op", ["S", "Y", "B"])  # (a failure for good: test_redis_attackR_findings)
 def test_a_marked_attempt_ends_cancelled_whatever_its_settle_says(scripts, op):
     enqueue(scripts, "a")
     attempt = fetched(scripts, "p1", "1").jobs[0].attempt
@@ -397,7 +397,9 @@ def test_a_marked_attempt_ends_cancelled_whatever_its_settle_says(scripts, op):
     # The owner did not cancel it itself: the reply hands the job back to report, once.
     assert [(c.id, c.reason, c.body) for c in reply.crashed] == [("a", "cancelled", "body-a")]
     assert list(reply.cancels) == [] and reply.jobs == []  # not retried, not given back
-    assert fetched(scripts, "p1", "2", 1, [settle]).crashed == reply.crashed  # a resend: the same
+    assert list(reply.overruled) == [(attempt, "t")]  # what p1 counted for its op is counted as cancelled
+    resent = fetched(scripts, "p1", "2", 1, [settle])
+    assert (resent.crashed, resent.overruled) == (reply.crashed, reply.overruled)  # a resend: the same
     # Unfinished for join() until its owner says its failure callbacks ran (op A).
     assert script_stats(scripts) == {"enqueued": 1, "cancelled": 1, "outstanding": 1}
     assert acknowledge(scripts, "p1") == [("a", "body-a", "cancelled")]
@@ -465,7 +467,8 @@ def test_a_marked_attempt_given_back_at_release_ends_cancelled_and_is_reported_b
     enqueue(scripts, "a")
     attempt = fetched(scripts, "p1", "1").jobs[0].attempt
     assert scripts.cancel("tok", "a").status == "marked"
-    assert scripts.release("p1", [SettleOp("B", attempt)]) == 0  # it stopped before it heard
+    released = scripts.release("p1", [SettleOp("B", attempt)])  # it stopped before it heard
+    assert (released.stale, list(released.overruled)) == (0, [(attempt, "t")])  # p1 counts it cancelled
     assert scripts.client.lrange(scripts.key("ready:1"), 0, -1) == []
     # Unfinished for join() while its row waits in `reports`, and until p2 acknowledges it.
     assert script_stats(scripts) == {"enqueued": 1, "cancelled": 1, "outstanding": 1}
@@ -501,7 +504,8 @@ def moved_hashes(scripts):
 
 # How the marked attempt of the old job "a" ends, after a new job "a" was enqueued:
 # (ops its owner p1 sends, whether its reply hands the old job back to report as cancelled,
-#  the counters of the old job's end).
+#  the counters of the old job's end). A failure for good that p1 decided before it heard of the
+#  mark ends it as cancelled too, kept for p1 to report (the reply says its op was overruled).
 LATE_ENDS = {
     "success": ([("S",)], True, {"cancelled": 1}),
     "retry": ([("Y", 1, 0.0, "", "ValueError: boom")], True, {"cancelled": 1}),
@@ -509,9 +513,9 @@ LATE_ENDS = {
         [("y", 1, 0.0, "", "JobTimeout: late"), ("E",)], True, {"cancelled": 1}),
     "late return, then the decision": ([("E",), ("y", 1, 0.0, "", "JobTimeout: late")], True, {"cancelled": 1}),
     "its own cancel": ([("Z", 0, 0.0, "cancelled", "")], False, {"cancelled": 1}),
-    "failure for good": ([("Z", 0, 0.0, "permanent_failure", "PermanentFailure: 404")], False, {"failed": 1}),
+    "failure for good": ([("Z", 0, 0.0, "permanent_failure", "PermanentFailure: 404")], False, {"cancelled": 1}),
     "failure for good at the deadline": (
-        [("z", 0, 0.0, "retries_exhausted", "JobTimeout: late"), ("E",)], False, {"failed": 1, "timed_out": 1}),
+        [("z", 0, 0.0, "retries_exhausted", "JobTimeout: late"), ("E",)], False, {"cancelled": 1}),
     "given back at stop": ([("B",)], True, {"cancelled": 1}),
 }
 
@@ -543,8 +547,9 @@ def test_a_late_outcome_of_a_cancelled_attempt_never_ends_counts_or_deletes_the_
     assert reply.stale == 0
     rows = [(c.id, c.reason, c.body) for c in reply.crashed]
     assert rows == ([("a", "cancelled", "body-a")] if reported else [])  # the old job's body
+    assert list(reply.overruled) == ([] if end == "its own cancel" else [(old, "t")])
     # Handed to p1 by the reply, or ended by p1 itself: kept for p1 until its callbacks ran.
-    assert [row[:2] for row in acknowledge(scripts, "p1")] == [("a", "body-a")]
+    assert acknowledge(scripts, "p1") == [("a", "body-a", "cancelled")]
     assert scripts.client.hget(scripts.key("job:a"), "b") == "body-new"
     assert scripts.client.hget(scripts.key("job:a"), "x") is None
     assert scripts.client.zrange(scripts.key("dead"), 0, -1) == []  # the id is the new job's
@@ -597,7 +602,7 @@ def test_the_owner_of_a_cancelled_attempt_that_dies_or_leaves_ends_only_the_old_
         reaped, crashed = scripts.reap(3)
         assert reaped == 1
     else:
-        assert scripts.release("p1", [SettleOp("B", old)]) == 0
+        assert scripts.release("p1", [SettleOp("B", old)]).stale == 0
         crashed = scripts.heartbeat("p2", LEASE_MS, 3, True, "b1").crashed
     assert [(c.id, c.reason, c.body) for c in crashed] == [("a", "cancelled", "body-a")]
     assert moved_hashes(scripts) == [] and scripts.client.keys(scripts.key("cancels:*")) == []
@@ -612,9 +617,10 @@ def test_the_owner_of_a_cancelled_attempt_that_dies_or_leaves_ends_only_the_old_
     only_cancelled_left(scripts)
 
 
-def test_a_failure_for_good_of_a_cancelled_attempt_is_kept_dead_when_its_id_is_free_again(scripts):
-    """A failure its process decided before it heard of the mark stands (test_redis_attackR_findings);
-    when no newer job has the id by then, the job is kept dead under its id as usual."""
+def test_a_failure_for_good_of_a_cancelled_attempt_ends_it_cancelled_when_its_id_is_free_again(scripts):
+    """A failure its process decided before it heard of the mark ends the job as cancelled
+    (test_redis_attackR_findings), also when no newer job has the id by then: nothing is kept
+    dead under the id, and the row waits for p1 under the key of its op (p1 made it)."""
     enqueue(scripts, "a")
     old = fetched(scripts, "p1", "1").jobs[0].attempt
     assert scripts.cancel("tok-c", "a").status == "marked"
@@ -623,14 +629,14 @@ def test_a_failure_for_good_of_a_cancelled_attempt_is_kept_dead_when_its_id_is_f
     new_attempt = fetched(scripts, "p2", "1").jobs[0].attempt
     assert scripts.settle("p2", [SettleOp("S", new_attempt)]) == 0  # the new one finished first
     failure = SettleOp("Z", old, 2, 0, "permanent_failure", "PermanentFailure: 404")
-    assert fetched(scripts, "p1", "2", 0, [failure]).crashed == []  # p1 reports it, from when it decided it
-    assert acknowledge(scripts, "p1") == [("a", "body-a", "permanent_failure")]
-    assert scripts.client.zrange(scripts.key("dead"), 0, -1) == ["a"]
-    dead = scripts.client.hgetall(scripts.key("job:a"))
-    assert (dead["b"], dead["x"], dead["r"], dead["e"]) == ("body-a", "permanent_failure", "2",
-                                                             "PermanentFailure: 404")
+    reply = fetched(scripts, "p1", "2", 0, [failure])
+    assert reply.crashed == [] and list(reply.overruled) == [(old, "t")]  # p1 reports it, as cancelled
+    assert list(scripts.client.hgetall(scripts.key("reporting:p1"))) == [f"a|permanent_failure|p1|{old}"]
+    assert acknowledge(scripts, "p1") == [("a", "body-a", "cancelled")]
+    assert scripts.client.zrange(scripts.key("dead"), 0, -1) == []
+    assert scripts.client.keys(scripts.key("job:*")) == []
     assert moved_hashes(scripts) == []
-    assert script_stats(scripts) == {"enqueued": 2, "succeeded": 1, "failed": 1}
+    assert script_stats(scripts) == {"enqueued": 2, "succeeded": 1, "cancelled": 1}
 
 
 @pytest.mark.parametrize("outcome", ["return", "raise", "permanent", "timeout"])
@@ -639,7 +645,7 @@ def test_a_cancelled_running_jobs_id_runs_a_new_job_once_whatever_the_old_attemp
     once, then let the old attempt end on its own (its owner, busy, has not heard of the
     cancel: its heartbeat is 10 s away and its pump waits for a free slot): it returns,
     raises (a retry was due), fails for good, or times out. The old job is reported exactly
-    once (as cancelled; a failure for good its owner decided first stands), nothing is
+    once, as cancelled (a failure for good its owner decided first too), nothing is
     retried, and the new job runs exactly once and succeeds; the id is then free again."""
     slow_beat = Redis(redis_url, lease=40.0)
     try:
@@ -683,14 +689,12 @@ def test_a_cancelled_running_jobs_id_runs_a_new_job_once_whatever_the_old_attemp
         worker.stop()
         assert runs.count(("report", "new")) == 1 and runs.count(("report", "old")) == 1
         old_reports = [(key, reason) for key, reason, _ in reports.snapshot() + reports_elsewhere.snapshot()]
-        expected = "permanent_failure" if outcome == "permanent" else "cancelled"
-        assert old_reports == [(("report", "old"), expected)]
+        assert old_reports == [(("report", "old"), "cancelled")]
         stats = producer.get_stats()
         ended = {"cancelled": stats.jobs_cancelled, "failed": stats.jobs_failed, "retried": stats.jobs_retried,
                  "succeeded": stats.jobs_succeeded}
-        assert ended == {"cancelled": int(expected == "cancelled"), "failed": int(expected != "cancelled"),
-                         "retried": 0, "succeeded": 2}
-        assert producer.broker.dead_jobs() == []  # the id was the new job's when the old one failed
+        assert ended == {"cancelled": 1, "failed": 0, "retried": 0, "succeeded": 2}
+        assert producer.broker.dead_jobs() == []
         assert leftover_keys(producer.broker) == []
         producer.enqueue(Job("t", "later", id="report"))  # free again
     finally:

@@ -131,7 +131,8 @@ class Model:
         self.kept: Dict[str, Dict[str, str]] = {}  # replaced:<token>|<id> -> the dead job's hash
         self.inflight: Dict[str, Dict[str, str]] = {}  # in insertion order (HGETALL's order)
         self.procs: Dict[str, int] = {}
-        self.fetched: Dict[str, Tuple[str, List[str], List[Tuple[str, str, int, str]]]] = {}
+        # proc -> its last fetch id, attempts taken, crashed, overruled ops
+        self.fetched: Dict[str, Tuple[str, List[str], List[Tuple[Any, ...]], List[Tuple[str, str]]]] = {}
         self.beaten: Dict[str, Tuple[str, List[Tuple[Any, ...]]]] = {}  # proc -> its last beat id, crashed
         self.tokens: Dict[str, List[Tuple[str, str]]] = {}  # accepted enqueue token -> what it evicted
         self.cancel_tokens: Dict[str, Tuple[Any, ...]] = {}  # cancel token -> its reply
@@ -139,6 +140,7 @@ class Model:
         self.moved: Dict[Tuple[str, str], MJob] = {}  # (proc, marked attempt) -> its job (cancelled:<proc>|<attempt>)
         self.happened: List[str] = []  # this call's rare cases, for the machine's events
         self.ended: List[Tuple[Any, ...]] = []  # this call's rows of jobs ended as cancelled, to report
+        self.overruled: List[Tuple[str, str]] = []  # this call's (attempt, type) of ops a mark made cancels
         self.reports: List[Tuple[Any, ...]] = []  # such rows waiting for a beat (with a beat id)
         self.reporting: Dict[str, Dict[str, Tuple[Any, ...]]] = {}  # proc -> rows handed to it, not acknowledged
         self.limits: Dict[str, int] = {}
@@ -166,6 +168,7 @@ class Model:
         self.placed = {}
         self.promoted: Optional[int] = None  # due jobs this call promoted (None: it did not look)
         self.ended = []
+        self.overruled = []
         self.happened = []
 
     def job_of(self, proc: str, attempt: str) -> Optional[MJob]:
@@ -230,24 +233,18 @@ class Model:
         return attempt in self.cancels.get(proc, ())
 
     def failed_for_good(self, proc: str, op: SettleOp, job_id: str) -> None:
-        """A failure for good stands, a marked attempt's too (its mark goes): the job is dead,
-        kept under its id, unless a newer job has the id by then (then only counted). Either
-        way it waits for proc to report it (keep_report)."""
-        if self.marked(proc, op.attempt):
-            job = self.take_marked(proc, op.attempt)
-            if job_id in self.jobs:
-                self.keep_report(proc, op.attempt, job, op.reason)
-                self.stats["failed"] += 1
-                return
-            self.jobs[job_id] = job
+        """A failure for good of an attempt no cancel marked: the job is dead, kept under its id,
+        and waits for proc to report it (keep_report)."""
         self.job_dead(job_id, op.reason, op.error, str(op.retries))
         self.keep_report(proc, op.attempt, self.jobs[job_id], op.reason)
 
-    def keep_report(self, proc: str, attempt: str, job: "MJob", reason: str) -> None:
+    def keep_report(self, proc: str, attempt: str, job: "MJob", reason: str, op_reason: Optional[str] = None
+                    ) -> None:
         """A job proc ended for good itself (Z, z, its own cancel) waits for proc to report it,
-        under a key proc makes itself, and counts as unfinished until then (its row's 1)."""
+        under a key proc makes itself (from its op's reason), and counts as unfinished until
+        then (its row's 1)."""
         row = (job.id, job.body, int(job.retries), job.error or "", reason, 1)
-        self.handed(proc, [row], [f"{job.id}|{reason}|{proc}|{attempt}"])
+        self.handed(proc, [row], [f"{job.id}|{op_reason or reason}|{proc}|{attempt}"])
         self.happened.append("a failure for good kept for its process to report")
 
     def unmark(self, proc: str, attempt: str) -> None:
@@ -389,9 +386,9 @@ class Model:
             state, job_type = value[0], value[1:]
             job_id = op.attempt.split(":", 1)[1]
             own_cancel = op.op in "Zz" and op.reason == "cancelled"
-            # A mark turns S, Y, y and B into a cancel; a failure for good (Z, z) that the process
-            # decided (and reported) itself stands, and drops the mark.
-            if own_cancel or (op.op in "SYyB" and self.marked(proc, op.attempt)):
+            # A mark turns every outcome into a cancel: a failure for good (Z, z) that the process
+            # decided before it heard of the mark too, kept for it to report (as cancelled).
+            if own_cancel or (op.op in "SYyBZz" and self.marked(proc, op.attempt)):
                 deadline_op = op.op in "yz"
                 if state == "L" or (state == "R" and deadline_op):  # it ends as cancelled, whatever it says
                     if deadline_op and state == "L":
@@ -400,9 +397,14 @@ class Model:
                         del held[op.attempt]
                         if state == "L":
                             released[job_type] += 1
-                    if own_cancel:
-                        self.keep_report(proc, op.attempt, self.job_of(proc, op.attempt), "cancelled")
-                    self.end_cancelled(proc, op.attempt, not own_cancel)
+                    decided = op.op in "Zz"
+                    if decided:
+                        self.keep_report(proc, op.attempt, self.job_of(proc, op.attempt), "cancelled", op.reason)
+                    if not own_cancel:
+                        self.overruled.append((op.attempt, job_type))
+                        if decided:
+                            self.happened.append("a failure for good that a mark made a cancel")
+                    self.end_cancelled(proc, op.attempt, not decided)
                 else:
                     stale += 1
             elif op.op == "S" and state == "L":
@@ -547,13 +549,14 @@ class Model:
         """Returns (reaped, stale, crashed, jobs, next due)."""
         self.begin_call()
         if registered and proc not in self.procs:
-            return (True, 0, [], [], None, [])
+            return (True, 0, [], [], None, [], [])
         self.procs[proc] = now_us // 1000 + LEASE
         last = self.fetched.get(proc)
         if last is not None and last[0] == fetch_id:  # a resend: the same attempts, nothing new
             held = self.inflight.get(proc, {})
             jobs = [self.fetched_row(proc, a) for a in last[1] if held.get(a, "").startswith("L")]
-            return (False, len(ops), wire(last[2]), jobs, self.next_due(), sorted(self.cancels.get(proc, ())))
+            return (False, len(ops), wire(last[2]), jobs, self.next_due(), sorted(self.cancels.get(proc, ())),
+                    sorted(last[3]))
         stale = self.settle(proc, ops, now_us)
         crashed: List[Tuple[Any, ...]] = []
         self.reap(now_us, crashed)
@@ -583,10 +586,10 @@ class Model:
             line[:0] = ids[:front]
             line.extend(ids[front:])
         self.running = Counter(running)
-        self.fetched[proc] = (fetch_id, taken, sorted(crashed))
+        self.fetched[proc] = (fetch_id, taken, sorted(crashed), list(self.overruled))
         self.handed(proc, crashed)
         return (False, stale, wire(crashed), [self.fetched_row(proc, a) for a in taken], self.next_due(),
-                sorted(self.cancels.get(proc, ())))
+                sorted(self.cancels.get(proc, ())), sorted(self.overruled))
 
     def next_due(self) -> Optional[int]:
         return min(self.delayed.values()) if self.delayed else None
@@ -631,7 +634,7 @@ class Model:
         self.keep_ended()
         return stale
 
-    def release(self, proc: str, ops: List[SettleOp], now_us: int) -> int:
+    def release(self, proc: str, ops: List[SettleOp], now_us: int) -> Tuple[int, List[Tuple[str, str]]]:
         self.begin_call()
         stale = self.settle(proc, ops, now_us)
         released: Counter = Counter()
@@ -650,7 +653,7 @@ class Model:
         self.beaten.pop(proc, None)
         self.cancels.pop(proc, None)
         self.keep_ended()
-        return stale
+        return (stale, sorted(self.overruled))
 
     def cancel(self, token: str, job_id: str, caller: str = "", reporter_since_us: Optional[int] = None
                ) -> Tuple[Any, ...]:
@@ -759,8 +762,8 @@ class Model:
             "dead": set(self.dead),
             "inflight": {proc: dict(held) for proc, held in self.inflight.items() if held},
             "procs": dict(self.procs),
-            "fetched": {proc: (fid, list(taken), sorted(crashed))
-                        for proc, (fid, taken, crashed) in self.fetched.items()},
+            "fetched": {proc: (fid, list(taken), sorted(crashed), sorted(overruled))
+                        for proc, (fid, taken, crashed, overruled) in self.fetched.items()},
             "limits": dict(self.limits),
             "running": {t: n for t, n in self.running.items() if n},
             "stats": {k: n for k, n in self.stats.items() if n},
@@ -823,9 +826,10 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
     for name in ("parkedn", "limits", "running", "stats"):
         out[name] = {k: int(v) for k, v in out[name].items() if int(v) != 0}
     fetched = {}
-    for proc, text in out["fetched"].items():  # JSON [fetch id, attempts, crashed] ({} when empty)
-        fid, taken, crashed = json.loads(text)
-        fetched[proc] = (fid, list(taken or []), sorted(crashed_row(c) for c in crashed or []))
+    for proc, text in out["fetched"].items():  # JSON [fetch id, attempts, crashed, overruled] ({} when empty)
+        fid, taken, crashed, overruled = json.loads(text)
+        fetched[proc] = (fid, list(taken or []), sorted(crashed_row(c) for c in crashed or []),
+                         sorted(tuple(o) for o in overruled or []))
     out["fetched"] = fetched
     for k, value in zip(dynamic, replies[15:]):
         rest = k[len(prefix):]
@@ -1143,7 +1147,8 @@ class ScriptsMachine(RuleBasedStateMachine):
 
         if kind == "fetch":
             return (reply.reaped, reply.stale, rows(reply.crashed),
-                    [tuple(j) for j in reply.jobs], reply.next_due_ms, sorted(reply.cancels))
+                    [tuple(j) for j in reply.jobs], reply.next_due_ms, sorted(reply.cancels),
+                    sorted(tuple(o) for o in reply.overruled))
         if kind == "beat":
             return (reply.alive, rows(reply.crashed), sorted(reply.cancels))
         if kind == "reap":
@@ -1151,6 +1156,8 @@ class ScriptsMachine(RuleBasedStateMachine):
         if kind == "cancel":
             return (reply.status, None if reply.removed is None else tuple(reply.removed)[:5], reply.proc,
                     reply.attempt, reply.kept)
+        if kind == "release":
+            return (reply.stale, sorted(tuple(o) for o in reply.overruled))
         return reply
 
     # -- set-up
@@ -1651,7 +1658,7 @@ def test_stop_gives_back_ahead_of_jobs_parked_behind(scripts):
     scripts.enqueue("tok", 10, 0, rows("a", "b"))
     taken = scripts.fetch("p1", "1", 2, LEASE, 3, False).jobs
     assert [j.id for j in taken] == ["a"]  # b parked behind a
-    assert scripts.release("p1", [SettleOp("B", taken[0].attempt)]) == 0
+    assert scripts.release("p1", [SettleOp("B", taken[0].attempt)]).stale == 0
     assert ready_ids(scripts) == ["a", "b"]  # (was ["b", "a"] before the fix)
 
 

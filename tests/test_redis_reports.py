@@ -598,7 +598,7 @@ def test_a_cancelled_row_a_release_left_in_reports_holds_join_until_reported(red
         producer.enqueue(Job("work", None, id="a"))
         attempt = ghost.fetch("ghost", "1", 1, LEASE_MS, 0, False).jobs[0].attempt
         assert producer.cancel("a")  # marked: the ghost holds it
-        assert ghost.release("ghost", [SettleOp("B", attempt)]) == 0  # its stop, before it heard
+        assert ghost.release("ghost", [SettleOp("B", attempt)]).stale == 0  # its stop, before it heard
         assert ghost.client.llen(ghost.key("reports")) == 1
         assert not producer.join(NOT_YET)  # (before the fix: True, no callback had run anywhere)
         worker = _a_reporter_reports(redis_url, name, callback, ("a", "cancelled"), producer)

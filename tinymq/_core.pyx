@@ -1913,6 +1913,28 @@ cdef class ReadyQueue:
         if state is not None and (<TypeState>state).fn is not None:
             (<TypeState>state).counters[event] += n
 
+    def recount(self, tuple counted, int event, job_type=None):
+        """An attempt counted in the events ``counted`` ended as ``event`` instead (its broker
+        overruled the outcome counted here): moved, queue-wide and per type as ``count``
+        counts, in one step (no Python code runs between), so ``snapshot()`` sees it counted once."""
+        cdef int each
+        for each in counted:
+            if not 0 <= each < N_COUNTERS:
+                raise ValueError(f"event must be one of the counter constants, got {each}")
+        if not 0 <= event < N_COUNTERS:
+            raise ValueError(f"event must be one of the counter constants, got {event}")
+        cdef object state = None
+        if PyUnicode_CheckExact(job_type):
+            state = self.types.get(job_type)  # exact str keys: no Python code runs
+        cdef bint per_type = state is not None and (<TypeState>state).fn is not None
+        for each in counted:
+            self._counters[each] -= 1
+            if per_type:
+                (<TypeState>state).counters[each] -= 1
+        self._counters[event] += 1
+        if per_type:
+            (<TypeState>state).counters[event] += 1
+
     cdef inline void _succeeded(self, TypeState state, double seconds) noexcept:
         self._counters[C_SUCCEEDED] += 1
         state.counters[C_SUCCEEDED] += 1

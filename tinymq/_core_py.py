@@ -1258,6 +1258,24 @@ class ReadyQueue:
                 if state is not None and state.fn is not None:
                     state.counters[event] += n
 
+    def recount(self, counted: Tuple[int, ...], event: int, job_type: Optional[str] = None) -> None:
+        """An attempt counted in the events ``counted`` ended as ``event`` instead (its broker
+        overruled the outcome counted here): moved, queue-wide and per type as ``count``
+        counts, in one step, so ``snapshot()`` sees it counted once."""
+        for each in (*counted, event):
+            if not 0 <= each < len(self._counters):
+                raise ValueError(f"event must be one of the counter constants, got {each}")
+        with self._lock:
+            state = self._types.get(job_type) if type(job_type) is str else None
+            per_type = state.counters if state is not None and state.fn is not None else None
+            for each in counted:
+                self._counters[each] -= 1
+                if per_type is not None:
+                    per_type[each] -= 1
+            self._counters[event] += 1
+            if per_type is not None:
+                per_type[event] += 1
+
     def attempt_succeeded(self, state: TypeState, seconds: float, job: Any = None, finish: bool = False,
                           release: bool = False, hand_off: bool = True) -> bool:
         """An attempt of ``state`` succeeded after ``seconds``: count it, queue-wide and per type.

@@ -85,10 +85,11 @@ class AttemptLedger(Protocol):
     def retry(self, job: Any, delay: float) -> None:
         """The attempt failed; the job runs again ``delay`` seconds from now."""
 
-    def failing(self, job: Any, reason: str, exc: Optional[BaseException]) -> ContextManager[bool]:
+    def failing(self, job: Any, reason: str, exc: Optional[BaseException]) -> ContextManager[Optional[str]]:
         """The job failed for good: counted (where the counters are) on entry; the failure
-        callbacks run inside if it yields True (False: the attempt is no longer this
-        process's, its result is ignored)."""
+        callbacks run inside if it yields a reason: ``reason``, or "cancelled" when the broker
+        ended the job as cancelled instead (a cancel reached it first: counted per type by the
+        ledger); None: the attempt is no longer this process's, its result is ignored."""
 
     def not_held(self, job: Any, exc: BaseException) -> bool:
         """True when ``exc`` is the ledger refusing the attempt at its start: not a failure."""
@@ -1258,8 +1259,10 @@ class Dispatcher:
                 self.ready.release_state(release)
             if not counted and counter != core.CANCELLED and self.ready.decide_end(job):
                 reason, exc, counter, counted = "cancelled", None, core.CANCELLED, True
-            with self.ledger.failing(job, reason, exc) as ours:
-                if ours:  # (else the attempt was handed back, or this process reaped: ignored)
+            with self.ledger.failing(job, reason, exc) as ended:
+                if ended is not None:  # (else the attempt was handed back, or this process reaped: ignored)
+                    if ended != reason:  # the broker ended it so (a cancel from elsewhere), counted by the ledger
+                        reason, exc, counted = ended, None, True
                     if not counted:
                         self.ready.count(counter, 1, job.type)
                     self.report_failure(job, reason, exc)

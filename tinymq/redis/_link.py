@@ -103,6 +103,25 @@ class _Attempt:
         self.returned = False  # a timed-out attempt's function came back
 
 
+class _Failure:
+    """A failure for good decided here whose settle may find the attempt marked by another
+    process's cancel (``overruled``): guarded by QueueLink._lock. Whichever of the deciding
+    thread (once it counted the failure) and the round that read the settle's reply comes
+    second moves the count to cancelled (see QueueLink.failing)."""
+
+    __slots__ = ("counted", "overruled")
+
+    def __init__(self) -> None:
+        self.counted = False  # the deciding thread counted it as a failure here
+        self.overruled: Optional[bool] = None  # the settle's verdict: None until its reply is read
+
+
+# What this process counted for an op before the settle's reply came (an op a mark overrules
+# moves these counts to cancelled). A failure for good (Z, z) is counted by its thread: _Failure.
+_COUNTED_FOR = {"S": (core.SUCCEEDED,), "Y": (core.RETRIED,), "y": (core.TIMED_OUT, core.RETRIED), "B": ()}
+_Move = Tuple[Tuple[int, ...], str, Optional[SettleOp]]  # see QueueLink._recount
+
+
 def job_row(job: Any, now: float) -> Tuple[str, str, int, float, str, int, str]:
     """``job`` as a row of enqueue.lua: (id, type, priority, delay ms (0: due now), body, retries,
     last error ('' for none))."""
@@ -178,6 +197,7 @@ class QueueLink:
         self._prefetch = _PREFETCH  # 0 from a give-back of a job stuck here until a worker frees
         self._ops: List[SettleOp] = []  # outcomes not yet sent
         self._ops_since = 0.0  # monotonic time of the oldest unsent op
+        self._failing: Dict[str, _Failure] = {}  # attempt -> its failure for good, until settled
         self._workers = 0  # 0 until start: a producer-only queue fetches nothing
         self._closing = False
         self._pump_idle = False  # the pump is blocked in Redis: workers flush their own ops
@@ -429,10 +449,11 @@ class QueueLink:
             if cancels:
                 self._cancel_marked(cancels)
             for job in undecodable:  # as a failure decided here: dead, counted, then reported
-                with self.failing(job, "permanent_failure", None) as ours:
-                    if ours:
-                        self.ready.count(core.FAILED, 1, job.type)
-                        self.dispatcher.report_failure(job, "permanent_failure", None)
+                with self.failing(job, "permanent_failure", None) as reason:
+                    if reason is not None:
+                        if reason == "permanent_failure":  # (else a cancel overruled it, counted so)
+                            self.ready.count(core.FAILED, 1, job.type)
+                        self.dispatcher.report_failure(job, reason, None)
             self._report_handed(rows)
         except Exception:  # (not a callback's: report_failure keeps those) the rows not yet
             self._crashed("a reporter")  # acknowledged go to whoever reaps the id, as if killed
@@ -554,8 +575,8 @@ class QueueLink:
         A waiting job is removed in Redis and reported here. A leased one is
         marked: the process holding it cancels it when its next fetch or beat
         reply says so (this one at once), and reports it; whatever its attempt
-        does meanwhile, its settle ends the job as cancelled, counted once (but a
-        failure for good it decided, and reported, before it heard of the mark stands).
+        does meanwhile (a failure for good too), its settle ends the job as cancelled,
+        counted once, and its reply tells that process so (see failing).
         """
         if not readable_id(job_id):  # no bytes in Redis read so, so no job has it
             return False
@@ -737,6 +758,8 @@ class QueueLink:
                 retries = _sendable_count(retries)
             decided = SettleOp(op, record.attempt, retries, max(0.0, round(delay * _MS, _DIGITS)),
                                reason, _sent_error(error) if error else "")
+            if op in "Zz" and reason != "cancelled":  # (its settle may find it marked: see failing)
+                self._failing[record.attempt] = _Failure()
             self._queue_op(decided)
             return decided, self._proc
 
@@ -745,11 +768,14 @@ class QueueLink:
         self._flush_if_idle()
 
     @contextlib.contextmanager
-    def failing(self, job: Any, reason: str, exc: Optional[BaseException]) -> Iterator[bool]:
+    def failing(self, job: Any, reason: str, exc: Optional[BaseException]) -> Iterator[Optional[str]]:
         """``job`` failed for good here; its failure callbacks run inside this context, if
-        it yields True: False when the attempt is no longer this process's to end (handed
-        back by stop()'s release, or this process was reaped), whose late result is ignored:
-        the job runs again elsewhere, or is reported there.
+        it yields a reason: ``reason``, or "cancelled" when Redis ended the job as cancelled
+        instead (another process's cancel had marked the attempt before its settle came:
+        counted here as cancelled already, per type, a timeout's count taken back). None
+        when the attempt is no longer this process's to end (handed back by stop()'s
+        release, or this process was reaped), whose late result is ignored: the job runs
+        again elsewhere, or is reported there.
 
         Redis counts the failure before they run (the op is sent first, in a round of
         this thread's own), and keeps the job in reporting:<proc> until they ran (op A,
@@ -762,27 +788,79 @@ class QueueLink:
         counters), so join() never returns before that count; and the thread counts as
         reporting from the decision on: a stop() meanwhile waits for it, or its release
         would hand the kept row on to be reported again by another process, though the
-        callbacks run here too.
+        callbacks run here too. A failure counted here before the reply of its settle came
+        (no callback, or Redis out of reach) that a cancel mark overruled is counted as
+        cancelled once that reply comes (_Failure).
         """
         error = (job.last_error or "") if exc is None else _describe(exc)
         me = threading.get_ident()
         with self._reporting_here():
             decided = self._decide(job, "Z", reason=reason, error=error)
             if decided is None:
-                yield False
+                yield None
                 return
             op, proc = decided
             if self.dispatcher.failure_callbacks:
                 self._send(op)
-            key = _report_key(job.id, reason, proc, op.attempt)
+            key = _report_key(job.id, reason, proc, op.attempt)  # (Redis keeps a cancel's row under it too)
             with self._lock:
                 self._reporting[me] = key  # stop() sends its A if this is its thread
-            yield True  # (the caller counts the failure here, then runs the callbacks)
+                failure = self._failing.get(op.attempt)
+                if failure is not None and failure.overruled is not None:
+                    del self._failing[op.attempt]
+            if failure is not None and failure.overruled:
+                self.ready.recount((core.TIMED_OUT,) if op.op == "z" else (), core.CANCELLED, job.type)
+                yield "cancelled"
+            else:
+                yield reason  # (the caller counts the failure here, then runs the callbacks)
+                if failure is not None and failure.overruled is None:
+                    with self._lock:  # (the round that reads the reply moves the count once it is made)
+                        failure.counted = True
+                        overruled = failure.overruled
+                        if overruled is not None:
+                            self._failing.pop(op.attempt, None)
+                    if overruled:
+                        self._count_overruled(op, job.type)
             with self._lock:
                 if self._released:
                     return
                 self._queue_op(SettleOp("A", key))  # (until it reaches Redis, join() waits)
         self._flush_if_idle()
+
+    def _count_overruled(self, op: SettleOp, job_type: str) -> None:
+        """A failure for good (op Z or z), counted here, that Redis ended as cancelled: another
+        process's cancel had marked the attempt before the op came (see failing)."""
+        self.ready.recount((core.FAILED, core.TIMED_OUT) if op.op == "z" else (core.FAILED,), core.CANCELLED,
+                           job_type)
+        logger.info("job %s (%s) was cancelled: a cancel from another process reached Redis before its "
+                    "failure (%s), counted as cancelled instead", op.attempt.split(":", 1)[1], job_type, op.reason)
+
+    def _settled(self, ops: Sequence[SettleOp], overruled: Sequence[Tuple[str, str]]) -> List[_Move]:
+        """The reply to ``ops`` came, naming those a cancel mark ``overruled`` ((attempt, type): Redis
+        ended their jobs as cancelled): what this process counted for each, to move to cancelled
+        (``_recount``). Called with _lock held."""
+        types = dict(overruled)
+        moves: List[_Move] = []
+        for op in ops:
+            failure = self._failing.get(op.attempt) if op.op in "Zz" else None
+            if failure is not None:
+                failure.overruled = op.attempt in types
+                if failure.counted or not failure.overruled:  # (else its thread, yet to count, sees it)
+                    del self._failing[op.attempt]
+                    if failure.overruled:
+                        moves.append(((), types[op.attempt], op))
+            elif op.attempt in types and op.op in _COUNTED_FOR:
+                moves.append((_COUNTED_FOR[op.op], types[op.attempt], None))
+        return moves
+
+    def _recount(self, moves: Sequence[_Move]) -> None:
+        """Count as cancelled what ``_settled`` found overruled: (the events counted, the job's
+        type, the op if it was a failure for good, which _count_overruled takes back and logs)."""
+        for counted, job_type, failed in moves:
+            if failed is None:
+                self.ready.recount(counted, core.CANCELLED, job_type)
+            else:
+                self._count_overruled(failed, job_type)
 
     def _send(self, op: SettleOp) -> None:
         """Send the ops queued so far, ``op`` among them, and wait for Redis to have run them
@@ -883,6 +961,8 @@ class QueueLink:
             self._registered = True
             with self._lock:
                 self._renewed(sent)
+                moves = self._settled(ops, reply.overruled) if reply.overruled or self._failing else ()
+            self._recount(moves)  # (before a reporter reports their rows)
             if reply.next_due_ms is None:
                 self._next_due = math.inf
             else:
@@ -980,6 +1060,7 @@ class QueueLink:
             self._unsent = None  # a call for the old id: resent, it would register that id again
             self._in_hand = held  # running attempts still occupy their workers
             self._ops = []  # their attempts are no longer ours: every op would be stale
+            self._failing = {}  # (no reply will say what became of their ops)
             old, self._proc = self._proc, self._new_proc_id()
             self._registered = False
             # Sent again before the next fetch, for the types Redis holds none for: it may have lost
@@ -1290,7 +1371,11 @@ class QueueLink:
             return
         by = None if deadline is None else _call_deadline(deadline)
         try:
-            self.broker._call_resending(self.scripts.release, proc, ops, deadline=by)
+            reply = self.broker._call_resending(self.scripts.release, proc, ops, deadline=by)
+            with self._lock:
+                moves = self._settled(ops, reply.overruled)
+                self._failing = {}  # (their threads are done, or past stop()'s wait: they count as they are)
+            self._recount(moves)
             self.scripts.command("DEL", self._wake_key(), timeout=None if by is None else reply_wait(by))
         except self._redis_error as exc:
             logger.warning("Redis queue %r: could not give back %d unstarted job(s) at stop (%s); "

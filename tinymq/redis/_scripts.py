@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Se
 from ..job import _is_utf8
 
 __all__ = ["Scripts", "Connections", "SettleOp", "Crashed", "Fetched", "FetchReply", "EnqueueReply",
-           "BeatReply", "CancelReply", "StatusReply", "key_prefix"]
+           "BeatReply", "CancelReply", "ReleaseReply", "StatusReply", "key_prefix"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SCRIPT_NAMES = ("enqueue", "fetch", "settle", "beat", "reap", "release", "limits",
@@ -136,6 +136,8 @@ class FetchReply(NamedTuple):
     jobs: List[Fetched]
     now_us: int = 0  # the server clock in microseconds (now_ms is it floored)
     cancels: Sequence[str] = ()  # attempts of this process that q.cancel() marked
+    # (attempt, type) of each op of the call that a mark made a cancel (not this process's own)
+    overruled: Sequence[Tuple[str, str]] = ()
 
 
 class BeatReply(NamedTuple):
@@ -151,6 +153,11 @@ class CancelReply(NamedTuple):
     proc: str = ""  # with "marked": the process that holds the attempt
     attempt: str = ""
     kept: bool = False  # with "removed": the row waits in the caller's reporting hash until acknowledged
+
+
+class ReleaseReply(NamedTuple):
+    stale: int  # settle ops that changed nothing
+    overruled: Sequence[Tuple[str, str]] = ()  # as FetchReply's
 
 
 class StatusReply(NamedTuple):
@@ -430,7 +437,7 @@ class Scripts:
             reaped=int(reply[0]) == 0, now_ms=int(reply[1]), next_due_ms=None if due < 0 else due,
             stale=int(reply[3]), crashed=_crashed(reply[4]),
             jobs=[Fetched(row[0], row[1], retries_of(row[2]), row[3] or "") for row in reply[5]],
-            now_us=int(reply[6]), cancels=reply[7],
+            now_us=int(reply[6]), cancels=reply[7], overruled=[(row[0], row[1]) for row in reply[8]],
         )
 
     def settle(self, proc: str, ops: Sequence[SettleOp]) -> int:
@@ -476,9 +483,10 @@ class Scripts:
         reply = self._call("reap", [max_crash_recoveries])
         return int(reply[0]), _crashed(reply[1])
 
-    def release(self, proc: str, ops: Sequence[SettleOp] = (), timeout: Optional[float] = None) -> int:
+    def release(self, proc: str, ops: Sequence[SettleOp] = (), timeout: Optional[float] = None) -> ReleaseReply:
         """Settle ``ops`` and unregister ``proc``, handing back what it still holds."""
-        return int(self._call("release", [proc, len(ops), *_ops_args(ops)], timeout))
+        reply = self._call("release", [proc, len(ops), *_ops_args(ops)], timeout)
+        return ReleaseReply(int(reply[0]), [(row[0], row[1]) for row in reply[1]])
 
     def unfinished(self, timeout: Optional[float] = None) -> bool:
         """Whether join() waits on: a job is unfinished, or waits in Redis (unfinished.lua)."""

@@ -27,9 +27,9 @@ Returns one of
                                           hash moved to cancelled:<proc>|<attempt>, so the id
                                           is free for a new job at once, as in-process; proc
                                           hears of it in its next fetch or beat reply and
-                                          cancels it, and its settle ends the job as cancelled
-                                          (unless proc decided a failure for good first: see
-                                          settle in lib.lua)
+                                          cancels it, and its settle ends the job as cancelled,
+                                          whatever its outcome (a failure for good included:
+                                          see settle in lib.lua)
 A ready job removed while jobs of its type are parked and the type has a free slot lets the
 first of them out (it may have been the job let out for that slot), so none waits for a slot
 that is free. Removing a waiting job looks through its ready or parked list (O(length)); finding a leased

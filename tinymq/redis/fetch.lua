@@ -6,12 +6,14 @@ registered ('1' when proc fetched or beat before), settle count, then settle ops
 Returns {status, server now ms, next due ms (the earliest delayed job or rate window
          opening; fractional, as text; -1: none), stale settles,
          crashed {{id, body, retries, error, reason, key}...}, jobs {{attempt, body, retries, error}...},
-         server now us (to time the next due job), cancels {attempt...}}
+         server now us (to time the next due job), cancels {attempt...},
+         overruled {{attempt, type}...}}
 crashed also holds jobs that ended as cancelled (reason 'cancelled', see settle) for
 this process to report, and the jobs this call failed for good because another program
 wrote their hash without a type or with a p that is no level (see foreign); cancels are
 its attempts that q.cancel() marked: it cancels them locally (the settle already looked
-them up: no extra read when there are none).
+them up: no extra read when there are none); overruled, its attempts whose op of this call a
+mark turned into a cancel (see settle in lib.lua), for it to count as cancelled.
 status 1 = ok; 0 = this process was reaped (nothing else done: it must abandon its
 buffer and register again under a new id).
 Jobs come strictly by level (HIGH first), FIFO within one. A job whose type has no free
@@ -21,18 +23,18 @@ in the reply includes that opening); parked jobs keep their FIFO order (a job gi
 ahead of the ones already parked goes in front of them). Taking a job takes its type's
 slot (and a place in its rate window) and writes the attempt to inflight:<proc> in the
 same step. A resent call (same proc and fetch id) takes nothing new and returns the
-attempts the first call took and the jobs it found crashed (each reported once, by
-whoever gets the reply). ]]
+attempts the first call took, the jobs it found crashed (each reported once, by
+whoever gets the reply) and the ops it found overruled. ]]
 even_if_full()
 local proc, fid, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local lease, max_crash, registered = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local nsettle = tonumber(ARGV[7])
 local now = now_ms()
-if not renew(proc, now, lease, registered) then return {0, now, -1, 0, {}, {}, now_us, {}} end
+if not renew(proc, now, lease, registered) then return {0, now, -1, 0, {}, {}, now_us, {}, {}} end
 local ik = inflight_key(proc)
 local jobs = {}
 local last = redis.call('HGET', K_FETCHED, proc)
-last = last and cjson.decode(last) -- {fetch id, {attempt...}, {crashed...}}: ids may hold any character
+last = last and cjson.decode(last) -- {fetch id, {attempt...}, {crashed...}, {overruled...}}: ids may hold any character
 if last and last[1] == fid then -- a resend of the last fetch
   local cancels = redis.call('SMEMBERS', cancels_key(proc))
   local marked = {}
@@ -45,7 +47,7 @@ if last and last[1] == fid then -- a resend of the last fetch
       table.insert(jobs, {attempt, f[1], f[2] or '0', f[3] or ''})
     end
   end
-  return {1, now, next_due(), nsettle, last[3], jobs, now_us, cancels}
+  return {1, now, next_due(), nsettle, last[3], jobs, now_us, cancels, last[4] or {}}
 end
 -- Why the job hash of an id in a ready list cannot be fetched (t: its type, p: its level),
 -- or nil: a hash that enqueue never writes (another program's).
@@ -63,7 +65,7 @@ local function count_foreign(jk)
   count('outstanding', 1)
   redis.call('HSET', jk, 'k', '')
 end
-local stale = settle(proc, ARGV, 8, nsettle, now)
+local stale, overruled = settle(proc, ARGV, 8, nsettle, now)
 local crashed = {}
 reap(now, max_crash, crashed)
 hand_out_ended(crashed)
@@ -158,7 +160,7 @@ for t, k in pairs(took) do redis.call('HINCRBY', K_RUNNING, t, k) end
 for t, entries in pairs(rate_taken) do redis.call('ZADD', rate_key(t), unpack(entries)) end
 for t in pairs(rate_closed) do rate_wait(t) end
 handed(proc, crashed, 'f' .. fid) -- (first: it gives each row its key, which a resent reply repeats)
-redis.call('HSET', K_FETCHED, proc, cjson.encode({fid, taken, crashed}))
+redis.call('HSET', K_FETCHED, proc, cjson.encode({fid, taken, crashed, overruled}))
 if (#taken >= n or parked_budget == 0) and ready_left() > 0 then signal() end -- chain the wake-up
 flush_counts()
-return {1, now, next_due(), stale, crashed, jobs, now_us, marks_left(proc)}
+return {1, now, next_due(), stale, crashed, jobs, now_us, marks_left(proc), overruled}

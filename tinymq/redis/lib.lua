@@ -46,8 +46,8 @@ Keys (after the prefix):
                                  L live (buffered or running), X timed out and decided
                                  but still running (holds only its type slot),
                                  R returned after its deadline, decision not yet seen
-  fetched                  HASH  proc -> JSON [fetch id, [attempt...], [crashed...] ] of its
-                                 last fetch: a resent fetch returns the same
+  fetched                  HASH  proc -> JSON [fetch id, [attempt...], [crashed...], [overruled...] ]
+                                 of its last fetch: a resent fetch returns the same
   beaten                   HASH  proc -> JSON [beat id, crashed rows] of its last beat (a
                                  resent beat returns the same)
   limits                   HASH  type -> max concurrent attempts (absent: unlimited)
@@ -551,21 +551,21 @@ Every op on an L attempt also ends its rate window entry per from now, at the la
 (an outcome comes after the start; B may be a cancelled running attempt), except a B of
 an attempt whose start was never reported (T): it never started, and counts no start.
 An attempt not in the process's inflight hash (reaped, or settled already: a resend)
-is stale and changes nothing. Returns the number of stale ops.
+is stale and changes nothing. Returns the number of stale ops, and the overruled ops (below).
 An attempt that q.cancel() marked (in cancels:<proc>), or a Z/z op for reason
 "cancelled" (its process cancelled it), ends its job as cancelled whatever the op says
-(never a success, a retry or a death); the slot is freed or kept as the op says. Unless
-the op was the process's own cancel, the job goes to `ended` for the caller to report
-(its own cancel is kept for it to report, as a Z is).
-Except a failure for good (Z/z) that the process decided itself: it reports that failure
-once it decided it, possibly before it heard of the mark, so the failure stands (counted
-failed) and the mark is dropped: a job ends, and is reported, once. Its hash goes back to
-job:<id> to be kept dead, unless a newer job has that id by then (enqueued after the
-cancel): the id is the newer job's, so the old hash is deleted instead.
+(never a success, a retry or a death, nor a timeout); the slot is freed or kept as the op
+says. A success, a retry or a give-back goes to `ended` for the caller to report; a
+failure for good (Z/z: a failure its process decided, maybe before it heard of the mark,
+or its own cancel) is kept for proc to report (keep_report), as cancelled, under the key
+proc made for its op (whatever reason the op names): proc learns from the reply that its
+failure was overruled, and reports the cancel instead (or acknowledges the row as it is).
+settle's second result lists the attempts whose op a mark overruled (not proc's own
+cancels), each with its type, for proc to count as cancelled (docs/redis.md, ExecutorStats).
 A marked attempt's job hash is read from cancelled:<proc>|<attempt> only: an op of the old
 attempt never reads, ends or counts the newer job of its id. ]]
 local SHORT_OPS = {S = true, E = true, B = true, T = true, A = true}
-local MARKABLE_OPS = {S = true, Y = true, y = true, B = true} -- those a mark turns into a cancel
+local MARKABLE_OPS = {S = true, Y = true, y = true, B = true, Z = true, z = true} -- those a mark turns into a cancel
 local marks_seen = false -- settle found marks of its proc: they may be left (marks_left)
 local function settle(proc, argv, first, n, now)
   local ik = inflight_key(proc)
@@ -583,32 +583,18 @@ local function settle(proc, argv, first, n, now)
   -- so (held_row's 1), wherever it is handed on. Its key is one proc makes too:
   -- '<id>|<reason>|<proc>|<attempt>' (the attempt is proc's alone). From the job's hash jk,
   -- as it ends.
-  local function keep_report(jk, id, attempt, reason)
+  -- The row says `reason`; its key, the reason of proc's op (`op_reason`, the same if nil).
+  local function keep_report(jk, id, attempt, reason, op_reason)
     local f = redis.call('HMGET', jk, 'b', 'r', 'e')
-    handed(proc, {held_row(id, f[1], f[2], f[3], reason)}, nil, {table.concat({id, reason, proc, attempt}, '|')})
+    local key = table.concat({id, op_reason or reason, proc, attempt}, '|')
+    handed(proc, {held_row(id, f[1], f[2], f[3], reason)}, nil, {key})
   end
-  local function failed(attempt, id, at) -- a failure for good (op Z or z at argv[at]) stands
+  local function failed(attempt, id, at) -- a failure for good (op Z or z at argv[at]) of an unmarked attempt
     local reason = argv[at + 4]
-    if marks[attempt] then
-      redis.call('SREM', ck, attempt)
-      marks[attempt] = nil
-      local mk = marked_key(proc, attempt)
-      local kept = redis.call('HGET', mk, 'w')
-      if kept then -- (a taken-back job that failed for good first: its own death is the newer)
-        redis.call('DEL', kept)
-        redis.call('HDEL', mk, 'w')
-      end
-      if redis.call('EXISTS', job_key(id)) == 1 or redis.call('EXISTS', mk) == 0 then
-        keep_report(mk, id, attempt, reason)
-        redis.call('DEL', mk) -- a newer job has the id: the failure is counted, the hash not kept
-        count('failed', 1)
-        return
-      end
-      redis.call('RENAME', mk, job_key(id))
-    end
     job_dead(id, reason, argv[at + 5], argv[at + 2], now)
     keep_report(job_key(id), id, attempt, reason)
   end
+  local overruled = {} -- {attempt, type} of each op a mark turned into a cancel
   -- The in-flight entries of the call's attempts, read with one HMGET (per CHUNK) and kept
   -- current here as its ops apply in order (false: none, or removed by an earlier op), so a
   -- later op of the same attempt sees what an earlier one left; removals are one HDEL at the end.
@@ -659,8 +645,10 @@ local function settle(proc, argv, first, n, now)
         end
         redis.call('SREM', ck, attempt)
         marks[attempt] = nil
-        if own_cancel then keep_report(jk, id, attempt, 'cancelled') end
-        end_cancelled(jk, id, not own_cancel)
+        local decided = op == 'Z' or op == 'z' -- by proc, which reports it (as cancelled)
+        if decided then keep_report(jk, id, attempt, 'cancelled', argv[i + 4]) end
+        if not own_cancel then table.insert(overruled, {attempt, t}) end
+        end_cancelled(jk, id, not decided)
       else
         return 1 -- an op that does not fit the attempt's state: a resend
       end
@@ -717,7 +705,7 @@ local function settle(proc, argv, first, n, now)
     redis.call('DEL', unpack(finished, from, math.min(from + CHUNK - 1, #finished)))
   end
   flush_released()
-  return stale
+  return stale, overruled
 end
 
 -- After settle(proc, ...): proc's marked attempts still undecided (none when settle saw none).
