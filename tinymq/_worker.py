@@ -39,6 +39,7 @@ and that its module did not start or stop it at import (each child starts it).
 import atexit
 import importlib
 import logging
+import math
 import os
 import select
 import signal
@@ -76,6 +77,7 @@ _MAX_RESTART_DELAY = 5.0  # the cap of the doubling delay of a child that keeps 
 _STABLE_AFTER = 30.0  # seconds a child must run for a crash to restart it after the first delay again
 _READ_SIZE = 512
 _CHECK_READ_SIZE = 65536  # bytes read at a time of what the check's import prints
+_CHECK_FORK_WAIT = 2.0  # seconds the check's pipes are read after it exited (a fork the import made may hold them)
 _REPR_WIDTH = 80  # characters of an unexpected object shown in an error
 
 
@@ -430,8 +432,13 @@ class Supervisor:
         """Pass on what the check prints; its verdict once it has exited (``loaded``: its --loaded-fd pipe)."""
         output = {process.stdout: bytearray(), process.stderr: bytearray()}
         streams = list(output)
+        exited = math.inf  # monotonic time the check was seen to have exited
         while streams:
-            readable, _, _ = select.select([wakeup, *streams], [], [])
+            # A process that the import forked (a helper that runs on) keeps the pipes open: once the
+            # check has exited, what it printed is in them, and a fork that ends as it should
+            # (_end_fork) has said so within _CHECK_FORK_WAIT; the pipes are not waited for longer.
+            wait = None if exited == math.inf else max(0.0, exited + _CHECK_FORK_WAIT - time.monotonic())
+            readable, _, _ = select.select([wakeup, *streams], [], [], wait)
             if any(number != signal.SIGCHLD for number in wakeup.received()):
                 process.kill()
                 process.wait()
@@ -448,6 +455,12 @@ class Supervisor:
                 else:
                     stream.close()
                     streams.remove(stream)
+            if exited == math.inf and process.poll() is not None:
+                exited = time.monotonic()
+            elif not readable and time.monotonic() >= exited + _CHECK_FORK_WAIT:
+                for stream in streams:
+                    stream.close()
+                break
         returncode = process.wait()
         process.stdin.close()
         stdout, stderr = bytes(output[process.stdout]), bytes(output[process.stderr])
