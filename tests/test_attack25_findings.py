@@ -44,16 +44,12 @@ def test_worker_is_not_held_up_by_a_helper_process_that_the_import_forked(projec
 # Found: since enqueue reads stats.outstanding (the unfinished jobs) to skip counting the ready
 # lists while it leaves room, a stats hash that was deleted (an operator resetting the counters
 # with DEL) lets buffer_size in as many jobs again as were waiting: outstanding starts again from
-# the next enqueue and does not count them. Before, enqueue counted the ready lists every time,
-# and the cap held whatever the stats hash said. docs/redis.md says only that join() may return
-# early then.
+# the next enqueue and does not count them. Fixed by counting the ready lists every time again
+# (b6b1be9 reverted): the cap holds whatever the stats hash says. docs/redis.md says only that
+# join() may return early then.
 
 
 @pytest.mark.redis
-@pytest.mark.xfail(strict=True, reason="attack25: buffer_size trusts stats.outstanding (luacalls, b6b1be9), "
-                                       "which a deleted stats hash no longer counts; not fixed: the fast path "
-                                       "would need a sign that outstanding counts every waiting job (a field of "
-                                       "stats that only a counted check sets, raising outstanding to what it counted)")
 def test_buffer_size_holds_after_the_stats_hash_was_deleted(redis_url):
     import redis as redis_py
 
