@@ -132,6 +132,10 @@ def test_a_parked_job_whose_priority_was_made_invalid_still_runs_at_its_level():
         parked = Job("work", "parked", priority=Priority.HIGH)
         q.enqueue_delayed(parked, 0.001)  # due at once: the scheduler parks it, owed room
         assert wait_until(lambda: q.get_stats().waiting_for_room == 1)
+        # Moved, its level read: stats count a due job still in the heap as waiting for room too,
+        # and a priority made bad before the move fails the job instead (as documented).
+        assert wait_until(lambda: len(q._dispatcher.delayed) == 0)
+        assert q.get_stats().waiting_for_room == 1  # (under the core's lock: a move under way has ended)
         parked.priority = "bogus"
         blocker.release()
         assert q.join(WAIT), "a job vanished"
