@@ -60,6 +60,7 @@ _NO_DEADLINE = float("inf")
 # loop's timer has not, so a coroutine blocks the loop (a call that does not await).
 LOOP_LATE = 0.25
 monotonic = core.monotonic  # the clock of loop.time() and of the core's deadlines
+_COROUTINE = types.CoroutineType
 
 
 class _Attempt:
@@ -494,8 +495,8 @@ class LoopRunner:
                         dispatcher.attempt_starting(job)
                     else:
                         await writing
-                # The timeout bounds the function: its clock starts now, after the store wrote the start.
-                attempt.started = monotonic()
+                    # The timeout bounds the function: its clock starts now, after the store wrote the start.
+                    attempt.started = monotonic()
                 if state.timeout is not None:
                     attempt.deadline = attempt.started + state.timeout
                     if context is not None:
@@ -509,7 +510,7 @@ class LoopRunner:
                     if not attempt.called:
                         raise asyncio.CancelledError  # as if the decision had cancelled the start write
                 awaitable = fn(job) if context is None else fn(job, context)
-                if awaitable.__class__ is types.CoroutineType or inspect.isawaitable(awaitable):
+                if awaitable.__class__ is _COROUTINE or inspect.isawaitable(awaitable):
                     await awaitable
                 elif awaitable is not None or is_async_executor(fn):  # None: a plain function found to
                     raise TypeError(                                   # return awaitables, done at once
@@ -543,14 +544,17 @@ class LoopRunner:
         # Past its deadline without the timer having fired: it blocked the loop; a timeout all the same.
         ended = monotonic()
         late = ended >= attempt.deadline
-        attempts = self._attempts
-        with self._lock:
+        attempts, lock = self._attempts, self._lock
+        lock.acquire()  # (not ``with``: its enter and exit calls cost more, once per attempt)
+        try:
             del attempts[attempt]
             decided = attempt.decided
             if decided is None:
                 attempt.decided = "timed_out" if late else "returned"
             if self._waiting_for_end:
                 self._all_finished.notify_all()
+        finally:
+            lock.release()
         if self._stop_when_idle:  # (not a call per attempt)
             self._halt_if_idle()
         state, job, ready, dispatcher = attempt.state, attempt.job, self.ready, self.dispatcher

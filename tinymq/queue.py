@@ -858,6 +858,11 @@ class Queue:
             except QueueFull:
                 if not block:
                     raise
+        return await self._aenqueue_off_loop(job, block, wait)
+
+    async def _aenqueue_off_loop(self, job: Job, block: bool, wait: Optional[float]) -> Job:
+        """``aenqueue`` with a store or a broker, or a wait for room: placed in the loop's default
+        executor. (Apart from ``aenqueue``: its closures' cells would cost every call, the fast one too.)"""
         loop = asyncio.get_running_loop()
         withdrawn = threading.Event()  # the caller gave up: no new try to place the job
         enqueued = [""]  # with a broker: what names the enqueue that placed it (take_back)
