@@ -1160,6 +1160,10 @@ class QueueLink:
                         if self._ops or self._closing:
                             continue
                         self._pump_idle = True
+                    if taken:
+                        # Give up the GIL: the workers this round woke start now, not once this
+                        # thread blocks in the BLPOP's reply (after it has built and sent it).
+                        time.sleep(0)
                     try:
                         blocking.blpop([signal_key, self._wake_key()], _IDLE_WAIT)
                     except self._redis_error as exc:
