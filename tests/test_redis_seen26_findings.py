@@ -47,6 +47,57 @@ def silent_server():
         yield f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
 
 
+# --- 1. a server that takes the connection and never answers ---------------------------------
+
+# enqueue (and cancel) looked at the server first (its version) with the 10 s socket timeout:
+# against a server that never answers, each call waited 10 s before it said "cannot reach". The
+# first look waits for the connect timeout (2 s) at most, as RedisBroker() does since seen25.
+def test_enqueue_and_cancel_give_up_on_a_server_that_never_answers_within_the_first_look_wait(
+        warnings_seen):
+    pytest.importorskip("redis")
+    from tinymq import TinyMQError
+    from tinymq.redis import RedisBroker
+
+    with silent_server() as url:
+        q = Queue(broker=RedisBroker(url, name="emails"))
+        try:
+            began = time.monotonic()
+            with pytest.raises(TinyMQError, match=f"cannot reach Redis at {url} .*; 1 job not enqueued"):
+                q.enqueue(Job("send", {}))
+            enqueue_took = time.monotonic() - began
+            began = time.monotonic()
+            with pytest.raises(TinyMQError, match=f"cannot reach Redis at {url} .*; job 'x' not cancelled"):
+                q.cancel("x")
+            cancel_took = time.monotonic() - began
+        finally:
+            q.stop(timeout=0)
+    assert enqueue_took < 6.0, f"enqueue waited {enqueue_took:.1f}s for a server that never answers"
+    assert cancel_took < 6.0, f"cancel waited {cancel_took:.1f}s for a server that never answers"
+
+
+# stop() without a timeout took about 37 s against a server that never answers: the wake-up of
+# the pump waited for the socket timeout (10 s), each thread 2 s in turn, and the release waited
+# without bound for the round lock, which the heartbeat held through its call and its two
+# resends (3 x 10 s). Now stop() waits for Redis a few seconds in all, and says what it could
+# not give back and that it returns once the lease runs out.
+def test_stop_without_a_timeout_returns_in_a_few_seconds_from_a_server_that_never_answers(warnings_seen):
+    pytest.importorskip("redis")
+    from tinymq.redis import RedisBroker
+
+    with silent_server() as url:
+        q = Queue(broker=RedisBroker(url, name="emails", lease=0.4))  # a beat every 0.1 s
+        q.register_executor("send", lambda job: None)
+        q.start_dispatcher(2)
+        link = q._link
+        assert wait_until(lambda: link._round_lock.locked())  # a round, or a beat, waits for Redis
+        began = time.monotonic()
+        q.stop()
+        took = time.monotonic() - began
+    assert took < 8.0, f"stop() waited {took:.1f}s for a server that never answers"
+    assert any(f"Redis queue 'emails' at {url}: stop() could not " in m and "lease runs out" in m
+               for m in warnings_seen.items), warnings_seen.items
+
+
 # --- 2. the reply of stop()'s release lost, and the call resent --------------------------------
 
 # release.lua ran a resent call again: it found every op stale and the process gone, and
