@@ -146,3 +146,43 @@ def test_a_resent_release_moves_the_per_type_counts_as_its_lost_first_reply_woul
         assert (per_type.succeeded, per_type.cancelled) == (0, 1)  # this process counts it so too
     finally:
         made.close()
+
+
+# --- 3. an internal exception in failing() after its op was sent ----------------------------
+
+# The failure for good is sent first (with a callback registered), and Redis keeps the job in
+# reporting:<proc>, unfinished for join(), until the process acknowledges it after its
+# callbacks. An exception inside failing() after the send (a bug) left the row there under a
+# live process: join() waited for ever. Now the process goes on as if killed and started again
+# (as a thread that crashes does): whoever reaps its old id reports the job, and join() returns.
+def test_join_does_not_hang_when_failing_raises_after_its_op_was_sent(redis_url, monkeypatch):
+    from tinymq.redis import _link
+
+    made = Redis(redis_url, lease=0.5)
+    try:
+        q = made.queue()
+        failures = record_failures(q, key=lambda job: job.id)
+
+        def broken(job):
+            raise PermanentFailure("HTTP 404")
+
+        q.register_executor("t", broken)
+        real_report_key = _link._report_key
+        raised = []
+
+        def report_key_once(*args):
+            if not raised:
+                raised.append(True)
+                raise RuntimeError("an internal step failed (test)")
+            return real_report_key(*args)
+
+        monkeypatch.setattr(_link, "_report_key", report_key_once)  # (called after the send)
+        job = Job("t", "target")
+        q.enqueue(job)
+        q.start_dispatcher(1)
+        assert q.join(WAIT), "join() hangs: the job's report row stays under the live process"
+        assert raised
+        assert failures.wait_until(lambda seen: any(i == job.id for i, _, _ in seen))
+        assert q.get_stats().jobs_failed == 1
+    finally:
+        made.close()

@@ -803,7 +803,9 @@ class QueueLink:
         would hand the kept row on to be reported again by another process, though the
         callbacks run here too. A failure counted here before the reply of its settle came
         (no callback, or Redis out of reach) that a cancel mark overruled is counted as
-        cancelled once that reply comes (_Failure).
+        cancelled once that reply comes (_Failure). An exception after the decision (a bug)
+        leaves no A to come: the process goes on as if killed (_crashed), and whoever reaps
+        its old id reports the job, which join() waits for until then.
         """
         error = (job.last_error or "") if exc is None else _describe(exc)
         me = threading.get_ident()
@@ -813,33 +815,37 @@ class QueueLink:
                 yield None
                 return
             op, proc = decided
-            if self.dispatcher.failure_callbacks:
-                self._send(op)
-            key = _report_key(job.id, reason, proc, op.attempt)  # (Redis keeps a cancel's row under it too)
-            with self._lock:
-                self._reporting[me] = key  # stop() sends its A if this is its thread
-                failure = self._failing.get(op.attempt)
-                overruled = failure is not None and failure.overruled
-                if failure is not None and failure.overruled is not None:
-                    del self._failing[op.attempt]
-                    failure = None  # (settled: nothing left to do for it)
-            if overruled:
-                self.ready.recount((core.TIMED_OUT,) if op.op == "z" else (), core.CANCELLED, job.type)
-                yield "cancelled"
-            else:
-                yield reason  # (the caller counts the failure here, then runs the callbacks)
-                if failure is not None:  # its reply is still to come, or came meanwhile
-                    with self._lock:  # (the round that reads it moves the count, now that it is made)
-                        failure.counted = True
-                        overruled = failure.overruled
-                        if overruled is not None:
-                            self._failing.pop(op.attempt, None)
-                    if overruled:
-                        self._count_overruled(op, job.type)
-            with self._lock:
-                if self._released:
-                    return
-                self._queue_op(SettleOp("A", key))  # (until it reaches Redis, join() waits)
+            try:
+                if self.dispatcher.failure_callbacks:
+                    self._send(op)
+                key = _report_key(job.id, reason, proc, op.attempt)  # (Redis keeps a cancel's row under it too)
+                with self._lock:
+                    self._reporting[me] = key  # stop() sends its A if this is its thread
+                    failure = self._failing.get(op.attempt)
+                    overruled = failure is not None and failure.overruled
+                    if failure is not None and failure.overruled is not None:
+                        del self._failing[op.attempt]
+                        failure = None  # (settled: nothing left to do for it)
+                if overruled:
+                    self.ready.recount((core.TIMED_OUT,) if op.op == "z" else (), core.CANCELLED, job.type)
+                    yield "cancelled"
+                else:
+                    yield reason  # (the caller counts the failure here, then runs the callbacks)
+                    if failure is not None:  # its reply is still to come, or came meanwhile
+                        with self._lock:  # (the round that reads it moves the count, now that it is made)
+                            failure.counted = True
+                            overruled = failure.overruled
+                            if overruled is not None:
+                                self._failing.pop(op.attempt, None)
+                        if overruled:
+                            self._count_overruled(op, job.type)
+                with self._lock:
+                    if self._released:
+                        return
+                    self._queue_op(SettleOp("A", key))  # (until it reaches Redis, join() waits)
+            except BaseException:  # (a bug) no A would come: the row Redis keeps would hold join() for ever
+                self._crashed(f"ending job {job.id} on {threading.current_thread().name}")  # (reaped: reported)
+                raise
         self._flush_if_idle()
 
     def _count_overruled(self, op: SettleOp, job_type: str) -> None:
