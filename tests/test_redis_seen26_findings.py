@@ -186,3 +186,98 @@ def test_join_does_not_hang_when_failing_raises_after_its_op_was_sent(redis_url,
         assert q.get_stats().jobs_failed == 1
     finally:
         made.close()
+
+
+# --- 4. a server that answers one byte at a time ---------------------------------------------
+
+DRIP_EVERY = 0.3  # seconds between two bytes of a reply: each read gets one well within any timeout
+DRIP_FOR = 6.0  # seconds a dripping reply lasts before the server closes the connection
+
+
+def _commands(sock):
+    """The commands a client sends on ``sock`` (RESP arrays of bulk strings), as lists of bytes."""
+    data = b""
+    while True:
+        while True:  # one whole command in data?
+            lines = data.split(b"\r\n")
+            if not lines[0].startswith(b"*") or len(lines) < 2:
+                break
+            count, parts, at = int(lines[0][1:]), [], 1
+            while len(parts) < count and at + 1 < len(lines):
+                parts.append(lines[at + 1])
+                at += 2
+            if len(parts) < count:
+                break
+            data = b"\r\n".join(lines[at:])
+            yield parts
+        chunk = sock.recv(65536)
+        if not chunk:
+            return
+        data += chunk
+
+
+def _drip_client(sock):
+    """Answer the connection's handshake and first look as Redis 7 would; the reply to a script
+    (EVALSHA) comes one byte every DRIP_EVERY seconds, for DRIP_FOR seconds, then the connection closes."""
+    with sock:
+        try:
+            for command in _commands(sock):
+                name = command[0].upper()
+                if name == b"HELLO":  # (redis-py asks for RESP3)
+                    sock.sendall(b"%%2\r\n$5\r\nproto\r\n:%s\r\n$7\r\nversion\r\n$5\r\n7.0.0\r\n" % command[1])
+                elif name == b"INFO":
+                    text = b"# Server\r\nredis_version:7.0.0\r\n"
+                    sock.sendall(b"$%d\r\n%s\r\n" % (len(text), text))
+                elif name == b"CONFIG":
+                    sock.sendall(b"*0\r\n")
+                elif name == b"EVALSHA":
+                    ends = time.monotonic() + DRIP_FOR
+                    for byte in b"*5\r\n:0\r\n:0\r\n:0\r\n:0\r\n*0\r\n" * 1000:
+                        if time.monotonic() >= ends:
+                            return
+                        sock.sendall(bytes([byte]))
+                        time.sleep(DRIP_EVERY)
+                else:
+                    sock.sendall(b"+OK\r\n")
+        except OSError:  # (the client gave up)
+            return
+
+
+@contextlib.contextmanager
+def drip_server():
+    """The URL of a server that answers each script one byte at a time (see _drip_client)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)
+
+        def serve():
+            while True:
+                try:
+                    client, _ = server.accept()
+                except OSError:  # (closed: the test is over)
+                    return
+                threading.Thread(target=_drip_client, args=(client,), daemon=True).start()
+
+        threading.Thread(target=serve, daemon=True).start()
+        yield f"redis://127.0.0.1:{server.getsockname()[1]}/0"
+
+
+# get_stats() against a server that sends its reply a byte at a time waited as long as the reply
+# lasted (and that again for each resend): redis-py's socket timeout bounds each read, never the
+# whole reply. Its whole reply is now in within the socket timeout, or get_stats() raises.
+def test_get_stats_waits_for_a_reply_sent_a_byte_at_a_time_no_longer_than_the_socket_timeout(monkeypatch):
+    pytest.importorskip("redis")
+    from tinymq import TinyMQError
+    from tinymq.redis import RedisBroker, _link
+
+    monkeypatch.setattr(_link, "_SOCKET_TIMEOUT", 1.0)  # (10 s: the test would wait 10 s)
+    with drip_server() as url:
+        q = Queue(broker=RedisBroker(url, name="emails"))
+        try:
+            began = time.monotonic()
+            with pytest.raises(TinyMQError, match=f"could not read the stats of Redis queue 'emails' at {url}: "):
+                q.get_stats()
+            took = time.monotonic() - began
+        finally:
+            q.stop(timeout=0)
+    assert took < 3.5, f"get_stats() waited {took:.1f}s for a reply sent a byte every {DRIP_EVERY}s"
