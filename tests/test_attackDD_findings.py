@@ -31,6 +31,8 @@ class _WatchedLock:
         return False
 
     def acquire(self, *args, **kwargs):
+        if threading.current_thread().name == self._name:
+            self._arrived.set()
         return self._lock.acquire(*args, **kwargs)
 
     def release(self):

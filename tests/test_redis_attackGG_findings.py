@@ -65,6 +65,13 @@ def test_a_failure_decided_while_stop_releases_is_reported_once_not_here_and_els
             def __exit__(self, *exc):
                 self.lock.release()
 
+            def acquire(self, timeout=-1):  # (stop() waits for it with a timeout)
+                self.__enter__()
+                return True
+
+            def release(self):
+                self.lock.release()
+
         link._round_lock = ReleaseLock(link._round_lock)
         first.stop(wait=False)
         assert decided.is_set(), "the attempt's failure was not decided while stop() released"

@@ -136,6 +136,7 @@ class Model:
         self.beaten: Dict[str, Tuple[str, List[Tuple[Any, ...]]]] = {}  # proc -> its last beat id, crashed
         self.tokens: Dict[str, List[Tuple[str, str]]] = {}  # accepted enqueue token -> what it evicted
         self.cancel_tokens: Dict[str, Tuple[Any, ...]] = {}  # cancel token -> its reply
+        self.released: Dict[str, Tuple[int, List[Tuple[str, str]]]] = {}  # proc that left -> its release's reply
         self.cancels: Dict[str, set] = {}  # proc -> its attempts that cancel marked
         self.moved: Dict[Tuple[str, str], MJob] = {}  # (proc, marked attempt) -> its job (cancelled:<proc>|<attempt>)
         self.happened: List[str] = []  # this call's rare cases, for the machine's events
@@ -634,6 +635,8 @@ class Model:
 
     def release(self, proc: str, ops: List[SettleOp], now_us: int) -> Tuple[int, List[Tuple[str, str]]]:
         self.begin_call()
+        if proc in self.released:  # a resend: the first call's reply, nothing done again
+            return self.released[proc]
         stale = self.settle(proc, ops, now_us)
         released: Counter = Counter()
         for attempt, value in self.inflight.pop(proc, {}).items():
@@ -651,7 +654,8 @@ class Model:
         self.beaten.pop(proc, None)
         self.cancels.pop(proc, None)
         self.keep_ended()
-        return (stale, sorted(self.overruled))
+        self.released[proc] = (stale, sorted(self.overruled))
+        return self.released[proc]
 
     def cancel(self, token: str, job_id: str, caller: str = "", reporter_since_us: Optional[int] = None
                ) -> Tuple[Any, ...]:

@@ -54,7 +54,7 @@ from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError, _buffer
 from ..stats import ExecutorStats, QueueStats
 from ._codec import decode_job, encode_job, sendable_text, undecodable_job, unsendable
 from ._scripts import Crashed, SettleOp, readable_id, retries_of
-from .broker import redacted_url, reply_wait
+from .broker import _FIRST_LOOK_WAIT, redacted_url, reply_wait
 
 __all__ = ["QueueLink"]
 
@@ -81,6 +81,10 @@ _SOCKET_TIMEOUT = 10.0  # beyond the idle wait, a reply slower than this is a de
 _CALL_FLOOR = 0.5
 _RENEWAL_POLL = 0.05  # seconds a worker waiting for a renewal looks again (it is also woken)
 _SEND_TRIES = 3  # rounds a failure for good waits for (one resends a failed call first)
+# Seconds stop() without a timeout waits to give back what this process holds (for a round under
+# way, then for its release call): Redis that does not answer by then is not waited for longer,
+# the lease returns what it holds (a healthy call takes a small part of it).
+_STOP_WAIT = 2.0
 
 _PENDING, _STARTED, _GIVEN_BACK = range(3)
 
@@ -161,6 +165,13 @@ def _call_deadline(deadline: Optional[float]) -> float:
     if deadline is None:
         return math.inf
     return max(deadline, time.monotonic() + _CALL_FLOOR)
+
+
+def _look_deadline(deadline: Optional[float]) -> float:
+    """When a caller's first look at the server (broker._check_server) must have its reply: by
+    the caller's ``deadline`` (_call_deadline), and within _FIRST_LOOK_WAIT, as at construction: a
+    server that takes the connection and never answers is reported as unreachable then."""
+    return min(_call_deadline(deadline), time.monotonic() + _FIRST_LOOK_WAIT)
 
 
 def _report_key(job_id: str, reason: str, proc: str, attempt: str) -> str:
@@ -271,7 +282,7 @@ class QueueLink:
         pause = _ROOM_POLL_MIN
         while True:
             try:
-                self.broker._check_server(_call_deadline(deadline))
+                self.broker._check_server(_look_deadline(deadline))
             except self._redis_error as exc:  # (before this call sent anything: certainly not enqueued)
                 raise self._unreachable(exc, f"{counted(len(rows), 'job')} not enqueued") from exc
             try:
@@ -508,9 +519,14 @@ class QueueLink:
         try:
             # One script: a delayed job due on the server's clock counts at its priority, not as
             # delayed, before a script call promotes it, and the two figures are read at one instant.
-            # A read with no reply within the socket timeout (a frozen server) is not sent again.
-            (high, medium, low), delayed, counters = self.broker._call_resending(self.scripts.stats,
-                                                                                 deadline=math.inf)
+            # A read with no reply within the socket timeout (a frozen server) is not sent again, and
+            # its whole reply is in by then (one that a server sends a byte at a time too), resent or not.
+            by = time.monotonic() + _SOCKET_TIMEOUT
+
+            def read() -> Any:
+                return self.scripts.stats(timeout=max(0.0, by - time.monotonic()))
+
+            (high, medium, low), delayed, counters = self.broker._call_resending(read, deadline=math.inf)
         except self._redis_error as exc:
             raise TinyMQError(f"could not read the stats of Redis queue {self.broker.name!r} at "
                               f"{redacted_url(self.broker.url)}: {exc}") from exc
@@ -588,7 +604,7 @@ class QueueLink:
         # it on). Registered first, so that a stop() this does not wait for is seen as closing.
         with self._reporting_rows(token) as (caller, lease_ms):
             try:
-                self.broker._check_server(_call_deadline(None))
+                self.broker._check_server(_look_deadline(None))
             except self._redis_error as exc:  # (before this call sent anything: certainly not cancelled)
                 raise self._unreachable(exc, f"job {job_id!r} not cancelled") from exc
             try:
@@ -792,7 +808,9 @@ class QueueLink:
         would hand the kept row on to be reported again by another process, though the
         callbacks run here too. A failure counted here before the reply of its settle came
         (no callback, or Redis out of reach) that a cancel mark overruled is counted as
-        cancelled once that reply comes (_Failure).
+        cancelled once that reply comes (_Failure). An exception after the decision (a bug)
+        leaves no A to come: the process goes on as if killed (_crashed), and whoever reaps
+        its old id reports the job, which join() waits for until then.
         """
         error = (job.last_error or "") if exc is None else _describe(exc)
         me = threading.get_ident()
@@ -802,33 +820,37 @@ class QueueLink:
                 yield None
                 return
             op, proc = decided
-            if self.dispatcher.failure_callbacks:
-                self._send(op)
-            key = _report_key(job.id, reason, proc, op.attempt)  # (Redis keeps a cancel's row under it too)
-            with self._lock:
-                self._reporting[me] = key  # stop() sends its A if this is its thread
-                failure = self._failing.get(op.attempt)
-                overruled = failure is not None and failure.overruled
-                if failure is not None and failure.overruled is not None:
-                    del self._failing[op.attempt]
-                    failure = None  # (settled: nothing left to do for it)
-            if overruled:
-                self.ready.recount((core.TIMED_OUT,) if op.op == "z" else (), core.CANCELLED, job.type)
-                yield "cancelled"
-            else:
-                yield reason  # (the caller counts the failure here, then runs the callbacks)
-                if failure is not None:  # its reply is still to come, or came meanwhile
-                    with self._lock:  # (the round that reads it moves the count, now that it is made)
-                        failure.counted = True
-                        overruled = failure.overruled
-                        if overruled is not None:
-                            self._failing.pop(op.attempt, None)
-                    if overruled:
-                        self._count_overruled(op, job.type)
-            with self._lock:
-                if self._released:
-                    return
-                self._queue_op(SettleOp("A", key))  # (until it reaches Redis, join() waits)
+            try:
+                if self.dispatcher.failure_callbacks:
+                    self._send(op)
+                key = _report_key(job.id, reason, proc, op.attempt)  # (Redis keeps a cancel's row under it too)
+                with self._lock:
+                    self._reporting[me] = key  # stop() sends its A if this is its thread
+                    failure = self._failing.get(op.attempt)
+                    overruled = failure is not None and failure.overruled
+                    if failure is not None and failure.overruled is not None:
+                        del self._failing[op.attempt]
+                        failure = None  # (settled: nothing left to do for it)
+                if overruled:
+                    self.ready.recount((core.TIMED_OUT,) if op.op == "z" else (), core.CANCELLED, job.type)
+                    yield "cancelled"
+                else:
+                    yield reason  # (the caller counts the failure here, then runs the callbacks)
+                    if failure is not None:  # its reply is still to come, or came meanwhile
+                        with self._lock:  # (the round that reads it moves the count, now that it is made)
+                            failure.counted = True
+                            overruled = failure.overruled
+                            if overruled is not None:
+                                self._failing.pop(op.attempt, None)
+                        if overruled:
+                            self._count_overruled(op, job.type)
+                with self._lock:
+                    if self._released:
+                        return
+                    self._queue_op(SettleOp("A", key))  # (until it reaches Redis, join() waits)
+            except BaseException:  # (a bug) no A would come: the row Redis keeps would hold join() for ever
+                self._crashed(f"ending job {job.id} on {threading.current_thread().name}")  # (reaped: reported)
+                raise
         self._flush_if_idle()
 
     def _count_overruled(self, op: SettleOp, job_type: str) -> None:
@@ -1300,7 +1322,9 @@ class QueueLink:
 
         ``deadline`` (monotonic; stop()'s timeout): every wait here ends by then, and each call
         to Redis gets what is left (_CALL_FLOOR at least): against a frozen Redis, stop(timeout)
-        returns in about its timeout, what it could not give back returns when the lease runs out."""
+        returns in about its timeout, what it could not give back returns when the lease runs out.
+        Without one, Redis is waited for a few seconds in all: the pump's wake-up _IDLE_WAIT, the
+        threads _IDLE_WAIT + 1 together, the give-back _STOP_WAIT (failure callbacks apart)."""
         def left(most: float) -> float:
             return most if deadline is None else max(0.0, min(most, deadline - time.monotonic()))
 
@@ -1314,13 +1338,15 @@ class QueueLink:
         self._timer_alarm.wake()
         started = [thread for thread in self._threads if thread.is_alive()]
         if started:
-            try:  # out of its BLPOP
-                self.scripts.command("RPUSH", self._wake_key(), "1", timeout=reply_wait(_call_deadline(deadline)))
+            try:  # out of its BLPOP (which ends by itself within _IDLE_WAIT: no use waiting longer)
+                woken_by = min(_call_deadline(deadline), time.monotonic() + _IDLE_WAIT)
+                self.scripts.command("RPUSH", self._wake_key(), "1", timeout=reply_wait(woken_by))
             except self._redis_error:
                 pass
+        joined_by = time.monotonic() + left(_IDLE_WAIT + 1.0)  # (one bound for all: not one each)
         for thread in started:
             if thread is not threading.current_thread():
-                thread.join(left(_IDLE_WAIT + 1.0))
+                thread.join(max(0.0, joined_by - time.monotonic()))
         # Failure callbacks still running (or about to, on a reporter) on rows a reply handed
         # this process: released before they end, the rows would go to `reports` and be
         # reported again by another process (at least once: a callback stuck past
@@ -1345,25 +1371,36 @@ class QueueLink:
             own = self._reporting.get(me)
             if own is not None:
                 self._queue_op(SettleOp("A", own))
-        if deadline is None:
-            with self._round_lock:
-                self._release(None)
-            return
-        # A round still under way (Redis does not answer) holds the lock: waited for until the
-        # deadline (_CALL_FLOOR at least: a healthy round ends well within it).
-        if not self._round_lock.acquire(timeout=max(left(math.inf), _CALL_FLOOR)):
-            logger.warning("Redis queue %r: stop() could not give back what this process holds within "
-                           "its timeout (Redis does not answer); it returns to the queue when this "
-                           "process's %gs lease runs out", self.broker.name, self.broker.lease)
+        # A round still under way (Redis does not answer; the heartbeat's beat, resent, too) holds
+        # the lock: waited for until the deadline (_CALL_FLOOR at least: a healthy round ends well
+        # within it), and the release call gets what is left.
+        released_by = time.monotonic() + _STOP_WAIT if deadline is None else deadline
+        if not self._round_lock.acquire(timeout=max(released_by - time.monotonic(), _CALL_FLOOR)):
+            with self._lock:
+                unstarted = sum(1 for record in self._attempts.values() if record.state == _PENDING)
+                outcomes = len(self._ops) + (0 if self._unsent is None else len(self._unsent[3]))
+            self._not_given_back(unstarted, outcomes, "a call under way holds it up")
             return
         try:
-            self._release(deadline)
+            self._release(released_by)
         finally:
             self._round_lock.release()
 
-    def _release(self, deadline: Optional[float]) -> None:
+    def _not_given_back(self, unstarted: int, outcomes: int, why: object) -> None:
+        """stop() leaves without giving back what this process holds (Redis did not answer)."""
+        where = f"Redis queue {self.broker.name!r} at {redacted_url(self.broker.url)}"
+        if not unstarted and not outcomes:
+            logger.warning("%s: stop() could not unregister this process in time (%s); it held no job, "
+                           "and its %gs lease runs out by itself", where, why, self.broker.lease)
+            return
+        logger.warning("%s: stop() could not give back %d unstarted job(s) and %d outcome(s) in time (%s); "
+                       "nothing is lost: Redis hands the jobs this process holds to another process once "
+                       "its %gs lease runs out (each counted as a crash; one whose outcome was not sent runs "
+                       "again)", where, unstarted, outcomes, why, self.broker.lease)
+
+    def _release(self, deadline: float) -> None:
         """stop()'s last step: give back the unstarted attempts, send the ops left, unregister
-        (each call by ``deadline``, _CALL_FLOOR at least, if given). Called with _round_lock held."""
+        (by ``deadline``, _CALL_FLOOR at least). Called with _round_lock held."""
         with self._lock:
             unstarted = [r for r in self._attempts.values() if r.state == _PENDING]
             for record in unstarted:
@@ -1377,15 +1414,12 @@ class QueueLink:
             proc, registered = self._proc, self._registered
         if not registered and not ops:
             return
-        by = None if deadline is None else _call_deadline(deadline)
-        try:
-            reply = self.broker._call_resending(self.scripts.release, proc, ops, deadline=by)
-            with self._lock:
-                moves = self._settled(ops, reply.overruled)
-                self._failing = {}  # (their threads are done, or past stop()'s wait: they count as they are)
-            self._recount(moves)
-            self.scripts.command("DEL", self._wake_key(), timeout=None if by is None else reply_wait(by))
+        try:  # (it deletes the wake-up list too)
+            reply = self.broker._call_resending(self.scripts.release, proc, ops, deadline=_call_deadline(deadline))
         except self._redis_error as exc:
-            logger.warning("Redis queue %r: could not give back %d unstarted job(s) at stop (%s); "
-                           "they return when this process's lease expires", self.broker.name,
-                           len(unstarted), exc)
+            self._not_given_back(len(unstarted), len(ops) - len(unstarted), exc)
+            return
+        with self._lock:
+            moves = self._settled(ops, reply.overruled)
+            self._failing = {}  # (their threads are done, or past stop()'s wait: they count as they are)
+        self._recount(moves)

@@ -35,8 +35,9 @@ Keys (after the prefix):
   clock                    STRING server time (ms) of the last lease-keeping call (fetch,
                                  beat, reap): a longer gap than that is an outage
   token:<token>            STRING the JSON reply that a resend of the call <token> (an
-                                 enqueue, a cancel, a schedule tick) gets, kept TOKEN_KEPT:
-                                 a resend is recognised even after its jobs finished
+                                 enqueue, a cancel, a schedule tick; a release: its token is
+                                 release|<proc>) gets, kept TOKEN_KEPT: a resend is
+                                 recognised even after its jobs finished
   procs                    ZSET  process id -> lease expiry ms (the heartbeat table); an id
                                  with "~" is a reporter (see register_reporter): registered
                                  by a cancel, an evicting enqueue or a schedule tick of a
