@@ -519,14 +519,9 @@ class QueueLink:
         try:
             # One script: a delayed job due on the server's clock counts at its priority, not as
             # delayed, before a script call promotes it, and the two figures are read at one instant.
-            # A read with no reply within the socket timeout (a frozen server) is not sent again, and
-            # its whole reply is in by then (one that a server sends a byte at a time too), resent or not.
-            by = time.monotonic() + _SOCKET_TIMEOUT
-
-            def read() -> Any:
-                return self.scripts.stats(timeout=max(0.0, by - time.monotonic()))
-
-            (high, medium, low), delayed, counters = self.broker._call_resending(read, deadline=math.inf)
+            # A read with no reply within the socket timeout (a frozen server) is not sent again.
+            (high, medium, low), delayed, counters = self.broker._call_resending(self.scripts.stats,
+                                                                                 deadline=math.inf)
         except self._redis_error as exc:
             raise TinyMQError(f"could not read the stats of Redis queue {self.broker.name!r} at "
                               f"{redacted_url(self.broker.url)}: {exc}") from exc

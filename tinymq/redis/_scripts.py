@@ -15,7 +15,6 @@ import functools
 import os
 import queue
 import re
-import socket
 import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
@@ -250,62 +249,15 @@ def _send(connection: Any, command: Tuple[Any, ...]) -> None:
         connection.send_packed_command([_pack_command(command)])
 
 
-def _reply(connection: Any, by: Optional[float], whole: bool = False) -> Any:
+def _reply(connection: Any, by: Optional[float]) -> Any:
     """The reply to the command just sent; with ``by`` (monotonic), redis.TimeoutError when none
     begins by then (the connection's own socket timeout, 10 s, bounds it otherwise): a caller's
-    bound, for a server that holds the connection open but answers nothing (frozen). ``whole``:
-    the whole reply by then too (_whole_reply)."""
+    bound, for a server that holds the connection open but answers nothing (frozen)."""
     if by is not None and not connection.can_read(max(0.0, by - time.monotonic())):
         import redis
 
         raise redis.TimeoutError("no reply from Redis in time")
-    if whole and by is not None:
-        return _whole_reply(connection, by)
     return connection.read_response()
-
-
-def _whole_reply(connection: Any, by: float) -> Any:
-    """The reply to the command just sent, read whole by ``by`` (monotonic), else redis.TimeoutError:
-    redis-py's timeouts bound each read from the socket, so a server that sends a reply a byte at a
-    time holds the read as long as it likes. At ``by`` a timer shuts the socket (which ends the read)
-    unless the read ended first; a connection so shut is broken (its caller releases it so). A thread
-    per call: for reads that are seldom (get_stats), not for the scripts of every job."""
-    import redis
-
-    lock = threading.Lock()  # the read ends, or the timer shuts the socket: one, then the other
-    reading, cut = [True], []
-
-    def shut() -> None:
-        with lock:
-            sock = getattr(connection, "_sock", None) if reading else None  # (redis-py's socket)
-            if sock is None:
-                return
-            cut.append(True)
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:  # (closed meanwhile)
-                pass
-
-    timer = threading.Timer(max(0.0, by - time.monotonic()), shut)
-    timer.daemon = True
-    try:
-        timer.start()
-    except RuntimeError:  # no new thread (the interpreter is exiting): each read bounded, as before
-        return connection.read_response()
-    try:
-        try:
-            reply = connection.read_response()
-        finally:
-            timer.cancel()
-            with lock:
-                reading.clear()
-    except Exception as exc:
-        if cut:
-            raise redis.TimeoutError("no whole reply from Redis in time") from exc
-        raise
-    if cut:  # (shut just as the read ended)
-        raise redis.TimeoutError("no whole reply from Redis in time")
-    return reply
 
 
 class Connections:
@@ -410,16 +362,14 @@ class Scripts:
     def key(self, suffix: str) -> str:
         return self.prefix + suffix
 
-    def _call(self, script: str, args: List[Any], timeout: Optional[float] = None, whole: bool = False) -> Any:
+    def _call(self, script: str, args: List[Any], timeout: Optional[float] = None) -> Any:
         """Run ``script``; with ``timeout`` (and ``connections``), redis.TimeoutError when no
-        reply begins within it (see _reply; ``whole``: when it is not all in within it), the
-        connection then closed: the script may have run."""
+        reply begins within it (see _reply), the connection then closed: the script may have run."""
         connections = self.connections
         if connections is None:
             return self._script[script](keys=self._keys, args=args)
         registered = self._script[script]
-        return self._on_connection(("EVALSHA", registered.sha, 1, self.prefix, *args), timeout, registered.script,
-                                   whole)
+        return self._on_connection(("EVALSHA", registered.sha, 1, self.prefix, *args), timeout, registered.script)
 
     def command(self, *command: Any, timeout: Optional[float] = None) -> Any:
         """One plain command (``RPUSH``, ``DEL``, ...), bounded by ``timeout`` as ``_call`` is."""
@@ -427,8 +377,7 @@ class Scripts:
             return self.client.execute_command(*command)
         return self._on_connection(command, timeout, None)
 
-    def _on_connection(self, command: Tuple[Any, ...], timeout: Optional[float], script: Optional[str],
-                       whole: bool = False) -> Any:
+    def _on_connection(self, command: Tuple[Any, ...], timeout: Optional[float], script: Optional[str]) -> Any:
         """``command`` on a lent connection (EVALSHA of ``script``, loaded again if the server lost it)."""
         import redis
 
@@ -441,14 +390,14 @@ class Scripts:
         try:
             try:
                 _send(connection, command)
-                reply = _reply(connection, by, whole)
+                reply = _reply(connection, by)
             except redis.exceptions.NoScriptError:  # a restarted server: load it, call it again
                 if script is None:
                     raise
                 connection.send_command("SCRIPT", "LOAD", script)
                 _reply(connection, by)
                 _send(connection, command)
-                reply = _reply(connection, by, whole)
+                reply = _reply(connection, by)
             broken = False
             return reply
         except (redis.exceptions.ResponseError, UnicodeEncodeError):
@@ -566,11 +515,10 @@ class Scripts:
                 args.extend((_wire(job_type), value, 0, 0))  # (a type as a job reads it: see _wire)
         return int(self._call("limits", args))
 
-    def stats(self, timeout: Optional[float] = None) -> Tuple[Tuple[int, int, int], int, Dict[str, int]]:
+    def stats(self) -> Tuple[Tuple[int, int, int], int, Dict[str, int]]:
         """``((high, medium, low), delayed, counters)`` read at one instant (stats.lua): a
-        delayed job due on the server's clock counts at its priority, not as delayed.
-        ``timeout``: the whole reply within it, else redis.TimeoutError (see _whole_reply)."""
-        high, medium, low, delayed, flat = self._call("stats", [], timeout, whole=True)
+        delayed job due on the server's clock counts at its priority, not as delayed."""
+        high, medium, low, delayed, flat = self._call("stats", [])
         counters = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
         return (int(high), int(medium), int(low)), int(delayed), counters
 
