@@ -6,6 +6,7 @@ or when the extension cannot be imported (not built) -- except under
 TINYMQ_REQUIRE_EXTENSIONS=1, where a missing extension is a test failure.
 """
 import importlib
+import logging
 import os
 import sys
 
@@ -110,3 +111,23 @@ def tiny_switch_interval():
     sys.setswitchinterval(1e-6)
     yield
     sys.setswitchinterval(old)
+
+
+@pytest.fixture
+def warnings_seen():
+    """The messages of the WARNINGs (and worse) the ``tinymq`` logger emits during the test (a Recorder)."""
+    from _helpers import Recorder
+
+    class Seen(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.messages = Recorder()
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.add(record.getMessage())
+
+    handler = Seen()
+    logger = logging.getLogger("tinymq")
+    logger.addHandler(handler)
+    yield handler.messages
+    logger.removeHandler(handler)

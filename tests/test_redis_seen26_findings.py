@@ -5,7 +5,6 @@ but does not answer), the ExecutorStats paragraph of "What holds across processe
 worker threads that fail on something other than Redis.
 """
 import contextlib
-import logging
 import socket
 import threading
 import time
@@ -15,27 +14,9 @@ import pytest
 from tinymq import ExecutorConfig, Job, PermanentFailure, Queue
 
 from _backends import Redis
-from _helpers import WAIT, Recorder, record_failures, wait_until
+from _helpers import WAIT, record_failures, wait_until
 
 LEASE = 40.0  # a heartbeat (every lease / 4) that tells the worker of no mark during a test
-
-
-class _WarningsSeen(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = Recorder()
-
-    def emit(self, record):
-        self.messages.add(record.getMessage())
-
-
-@pytest.fixture
-def warnings_seen():
-    handler = _WarningsSeen()
-    logger = logging.getLogger("tinymq")
-    logger.addHandler(handler)
-    yield handler.messages
-    logger.removeHandler(handler)
 
 
 @contextlib.contextmanager

@@ -240,24 +240,6 @@ def _closed_port():
         return sock.getsockname()[1]
 
 
-class _WarningsSeen(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = Recorder()
-
-    def emit(self, record):
-        self.messages.add(record.getMessage())
-
-
-@pytest.fixture
-def warnings_seen():
-    handler = _WarningsSeen()
-    logger = logging.getLogger("tinymq")
-    logger.addHandler(handler)
-    yield handler.messages
-    logger.removeHandler(handler)
-
-
 def test_a_redis_that_refuses_the_connection_is_reported_at_once_naming_its_url(warnings_seen):
     pytest.importorskip("redis")
     from tinymq import TinyMQError
