@@ -3,12 +3,14 @@
 docs/redis.md is the reference ("Delivery guarantee": after a restart of Redis nothing is
 reaped and nothing runs twice; stop() gives back what it holds within its bounds).
 """
+import asyncio
 import logging
 import threading
 
 import pytest
 
 from tinymq import Job, Queue
+from tinymq import SQLitePersistence
 
 from _helpers import WAIT, Recorder, wait_until
 
@@ -80,3 +82,58 @@ def test_stop_gives_back_to_a_redis_restarting_within_its_wait(own_redis_server,
     assert ran.items == ["once"]
     assert stats.jobs_succeeded == 1
 
+
+# --- 2. an aenqueue cancelled twice ---------------------------------------------------------
+
+class _GatedStore(SQLitePersistence):
+    """A SQLite store whose saves, once ``armed``, wait for ``release`` (``saving`` says one began)."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.armed = False
+        self.saving = threading.Event()
+        self.release = threading.Event()
+
+    def save(self, job):
+        if self.armed:
+            self.saving.set()
+            assert self.release.wait(WAIT)
+        super().save(job)
+
+
+# A cancelled aenqueue waits for the try under way (its save, a slice of a wait for room) and
+# takes back a job that got in meanwhile. A second cancel during that wait (a TaskGroup whose
+# sibling failed, then an outer timeout; asyncio.run's cancel of what is left) broke the wait
+# off: the job that got in after it stayed, and ran, though the caller was told it was not
+# enqueued ("A cancelled aenqueue enqueues nothing"). A second cancel no longer breaks it off.
+def test_an_aenqueue_cancelled_twice_as_its_save_runs_enqueues_nothing(tmp_path):
+    store = _GatedStore(str(tmp_path / "jobs.db"))
+    q = Queue(10)
+    q.set_persistence(store)
+    ran, ended = Recorder(), Recorder()
+    q.register_executor("report", lambda job: ran.add(job.id))
+    q.on_failure(lambda job, reason, exc: ended.add((job.id, reason)))
+    store.armed = True
+
+    async def scenario():
+        putter = asyncio.ensure_future(q.aenqueue(Job("report", id="report-1")))
+        while not store.saving.is_set():
+            await asyncio.sleep(0.001)
+        putter.cancel()
+        await asyncio.sleep(0)  # in its wait for the save under way
+        putter.cancel()
+        await asyncio.sleep(0)
+        store.release.set()  # the save ends after the caller gave up twice
+        with pytest.raises(asyncio.CancelledError):
+            await putter
+
+    try:
+        asyncio.run(scenario())
+        q.start_dispatcher(1)
+        assert q.join(WAIT)
+        assert ran.snapshot() == []
+        assert ended.snapshot() == [("report-1", "cancelled")]
+        assert store.jobs() == []
+    finally:
+        q.stop()
+        store.close()
