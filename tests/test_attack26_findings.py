@@ -36,7 +36,7 @@ def warnings_seen():
 # --- 1. stop() while Redis restarts -------------------------------------------------------
 
 # stop()'s release call was sent three times within about 0.06 s (the resends of a lost reply):
-# a Redis being restarted (kill -9 and up again half a second later, its append-only file
+# a Redis being restarted (kill -9 and up again a quarter second later, its append-only file
 # replayed) refused all three, and stop() gave up at once, long before its 2 s give-back
 # bound, logging that it could not give back what it held: the outcome the process had not
 # sent yet ran again elsewhere once the lease ran out (and counted as a crash), though "after
@@ -63,7 +63,7 @@ def test_stop_gives_back_to_a_redis_restarting_within_its_wait(own_redis_server,
     finish.set()
     link = q._link
     assert wait_until(lambda: link._ops or link._unsent is not None)  # its outcome, not sent
-    restart = threading.Timer(0.5, server.start)
+    restart = threading.Timer(0.25, server.start)
     restart.start()
     try:
         q.stop()
