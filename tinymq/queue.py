@@ -211,6 +211,18 @@ def _check_job(job: object) -> Job:
     return job
 
 
+async def _uncancelled(future: "asyncio.Future[Any]") -> None:
+    """Wait until ``future`` is done, whatever cancels the awaiting task meanwhile (its cancel
+    is under way already: the caller raises CancelledError once this returns)."""
+    while not future.done():
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            continue
+        except Exception:
+            return
+
+
 class Queue:
     """An in-process job queue with strict priorities, delayed jobs and per-type limits.
 
@@ -844,7 +856,7 @@ class Queue:
         loop's default executor; a wait for room there ``_WAIT_SLICE`` seconds at a
         time. As with ``enqueue(block=True)``, a store saves the job once, before
         the wait, keeps it while it waits, and deletes it if it is not placed. Cancelled
-        (``asyncio.wait_for``, a task cancel), it enqueues nothing:
+        (``asyncio.wait_for``, a task cancel, once or more), it enqueues nothing:
         a wait for room gives up within a slice, and a job that got in just as the
         caller gave up (its save, or the room, came at that moment) is taken back
         with ``cancel`` (so reported ``"cancelled"``), unless it has run already; a
@@ -900,12 +912,14 @@ class Queue:
             placed = await asyncio.shield(placing)
         except asyncio.CancelledError:
             withdrawn.set()
-            try:
-                placed = await placing  # the try under way ends within a slice (or its save)
-            except Exception:
-                placed = None
+            # The try under way ends within a slice (or its save), waited for whatever else
+            # cancels the caller meanwhile, and so is the take-back of a job that got in.
+            await _uncancelled(placing)
+            placed = None if placing.cancelled() or placing.exception() is not None else placing.result()
             if placed is not None:  # it got in as the caller gave up: the caller was told it did not
-                await loop.run_in_executor(None, self._take_back, job, enqueued[0])
+                taking = loop.run_in_executor(None, self._take_back, job, enqueued[0])
+                await _uncancelled(taking)
+                taking.result()  # (its error, if any, rather than the cancel)
             raise
         return placed  # type: ignore[return-value]  # (None only once withdrawn)
 

@@ -1410,7 +1410,7 @@ class QueueLink:
         if not registered and not ops:
             return
         try:  # (it deletes the wake-up list too)
-            reply = self.broker._call_resending(self.scripts.release, proc, ops, deadline=_call_deadline(deadline))
+            reply = self._release_call(proc, ops, deadline)
         except self._redis_error as exc:
             self._not_given_back(len(unstarted), len(ops) - len(unstarted), exc)
             return
@@ -1418,3 +1418,20 @@ class QueueLink:
             moves = self._settled(ops, reply.overruled)
             self._failing = {}  # (their threads are done, or past stop()'s wait: they count as they are)
         self._recount(moves)
+
+    def _release_call(self, proc: str, ops: Sequence[SettleOp], deadline: float) -> Any:
+        """The release call, tried again (with the pump's backoff) while its connection is
+        refused or breaks, until ``deadline``: a Redis being restarted answers within stop()'s
+        wait, and what this process holds goes back then, not at its lease's end (counted as
+        a crash, an outcome not sent run again). A silent server is not tried again."""
+        connection_error = __import__("redis").ConnectionError
+        pause = _BACKOFF_MIN
+        while True:
+            try:
+                return self.broker._call_resending(self.scripts.release, proc, ops,
+                                                   deadline=_call_deadline(deadline))
+            except connection_error:
+                if time.monotonic() + pause >= deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(2 * pause, _BACKOFF_MAX)
