@@ -224,7 +224,10 @@ def test_a_failure_decided_as_stop_releases_is_not_both_reported_here_and_run_ag
     def not_held(job, exc):
         deciding.set()
         released.wait(GENEROUS)  # descheduled here while stop(wait=False) runs to its end
-        return real_not_held(job, exc)
+        held_not = real_not_held(job, exc)
+        if held_not:  # (handed back by the release: neither failed nor given back by the worker)
+            handled.set()
+        return held_not
 
     def release(*args, **kwargs):
         try:

@@ -237,6 +237,24 @@ def test_recount_moves_one_attempt_from_the_events_counted_to_another_queue_wide
     assert q.counters() == counters  # (a bad event changes nothing)
 
 
+def test_recount_to_none_takes_an_attempt_back_queue_wide_and_per_type(core):
+    """A broker took back an attempt counted here (stop() handed it back while it ran): its
+    count is taken back, and counted as nothing else."""
+    q = core.ReadyQueue(10)
+    q.configure("t", lambda job: None, 2, None, False, False, core.THREADS)
+    q.count(core.SUCCEEDED, 2, "t")
+    q.count(core.TIMED_OUT, 1, "t")
+    q.recount((core.SUCCEEDED,), None, "t")
+    q.recount((core.TIMED_OUT,), None, "t")
+    assert q.snapshot()[2]["t"][2:2 + len(core.TYPE_EVENTS)] == tuple(
+        1 if event == core.SUCCEEDED else 0 for event in core.TYPE_EVENTS)
+    counters = q.counters()
+    assert (counters[core.SUCCEEDED], counters[core.TIMED_OUT], counters[core.CANCELLED]) == (1, 0, 0)
+    with pytest.raises(ValueError, match="counter constants, got 99"):
+        q.recount((99,), None, "t")
+    assert q.counters() == counters
+
+
 def test_counter_constants(core):
     assert (core.ENQUEUED, core.SUCCEEDED, core.FAILED, core.RETRIED, core.TIMED_OUT,
             core.EVICTED) == (0, 1, 2, 3, 4, 5)

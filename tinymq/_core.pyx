@@ -1913,16 +1913,20 @@ cdef class ReadyQueue:
         if state is not None and (<TypeState>state).fn is not None:
             (<TypeState>state).counters[event] += n
 
-    def recount(self, tuple counted, int event, job_type=None):
+    def recount(self, tuple counted, object event, job_type=None):
         """An attempt counted in the events ``counted`` ended as ``event`` instead (its broker
-        overruled the outcome counted here): moved, queue-wide and per type as ``count``
-        counts, in one step (no Python code runs between), so ``snapshot()`` sees it counted once."""
+        overruled the outcome counted here), or counts nowhere here (``event`` None: its broker
+        took the attempt back): moved, queue-wide and per type as ``count`` counts, in one
+        step (no Python code runs between), so ``snapshot()`` sees it counted once (or not at all)."""
         cdef int each
         for each in counted:
             if not 0 <= each < N_COUNTERS:
                 raise ValueError(f"event must be one of the counter constants, got {each}")
-        if not 0 <= event < N_COUNTERS:
-            raise ValueError(f"event must be one of the counter constants, got {event}")
+        cdef int moved_to = -1
+        if event is not None:
+            moved_to = event
+            if not 0 <= moved_to < N_COUNTERS:
+                raise ValueError(f"event must be one of the counter constants, got {event}")
         cdef object state = None
         if PyUnicode_CheckExact(job_type):
             state = self.types.get(job_type)  # exact str keys: no Python code runs
@@ -1931,9 +1935,11 @@ cdef class ReadyQueue:
             self._counters[each] -= 1
             if per_type:
                 (<TypeState>state).counters[each] -= 1
-        self._counters[event] += 1
+        if moved_to < 0:
+            return
+        self._counters[moved_to] += 1
         if per_type:
-            (<TypeState>state).counters[event] += 1
+            (<TypeState>state).counters[moved_to] += 1
 
     cdef inline void _succeeded(self, TypeState state, double seconds) noexcept:
         self._counters[C_SUCCEEDED] += 1

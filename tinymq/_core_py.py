@@ -1258,11 +1258,12 @@ class ReadyQueue:
                 if state is not None and state.fn is not None:
                     state.counters[event] += n
 
-    def recount(self, counted: Tuple[int, ...], event: int, job_type: Optional[str] = None) -> None:
+    def recount(self, counted: Tuple[int, ...], event: Optional[int], job_type: Optional[str] = None) -> None:
         """An attempt counted in the events ``counted`` ended as ``event`` instead (its broker
-        overruled the outcome counted here): moved, queue-wide and per type as ``count``
-        counts, in one step, so ``snapshot()`` sees it counted once."""
-        for each in (*counted, event):
+        overruled the outcome counted here), or counts nowhere here (``event`` None: its broker
+        took the attempt back): moved, queue-wide and per type as ``count`` counts, in one
+        step, so ``snapshot()`` sees it counted once (or not at all)."""
+        for each in counted if event is None else (*counted, event):
             if not 0 <= each < len(self._counters):
                 raise ValueError(f"event must be one of the counter constants, got {each}")
         with self._lock:
@@ -1272,6 +1273,8 @@ class ReadyQueue:
                 self._counters[each] -= 1
                 if per_type is not None:
                     per_type[each] -= 1
+            if event is None:
+                return
             self._counters[event] += 1
             if per_type is not None:
                 per_type[event] += 1

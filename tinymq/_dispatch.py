@@ -74,7 +74,9 @@ class AttemptLedger(Protocol):
     def started(self, job: Any) -> None:
         """Before the executor runs; raises when the attempt is no longer held (it is not run)."""
 
-    def succeeded(self, job: Any) -> None: ...
+    def succeeded(self, job: Any) -> None:
+        """Counted as succeeded already; the ledger takes the count back if the attempt is no
+        longer this process's (stop() handed it back while it ran: it runs again elsewhere)."""
 
     def expired(self, job: Any) -> None:
         """The watchdog (at its deadline) or cancel() decided the attempt; its function may still run."""
@@ -92,7 +94,8 @@ class AttemptLedger(Protocol):
         ledger); None: the attempt is no longer this process's, its result is ignored."""
 
     def not_held(self, job: Any, exc: BaseException) -> bool:
-        """True when ``exc`` is the ledger refusing the attempt at its start: not a failure."""
+        """True when ``exc`` is the ledger refusing the attempt at its start, or the attempt is
+        no longer this process's (stop() handed it back while it ran): not a failure, uncounted."""
 
     def given_back(self, job: Any) -> None:
         """stop() cancelled the attempt: the job goes back, uncounted."""
@@ -1180,7 +1183,7 @@ class Dispatcher:
                 return
         if ledger is not None:
             if ledger.not_held(job, exc):
-                self.ready.task_done(job)  # given back before it started: nothing to count
+                self.ready.task_done(job)  # given back before it started, or by stop(): nothing to count
                 return
             if self.ready.take_cancel(job):  # after stop's give-back and the broker's refusal, as before
                 self.end_cancelled(job)

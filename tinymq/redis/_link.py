@@ -50,7 +50,8 @@ from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set
 from .._pick_core import core
 from .._shield import shield
 from ..config import RateLimit
-from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError, _buffer_full, _describe, counted
+from ..errors import (DuplicateJob, JobTimeout, QueueFull, QueueStopped, TinyMQError, _buffer_full, _describe,
+                      counted)
 from ..stats import ExecutorStats, QueueStats
 from ._codec import decode_job, encode_job, sendable_text, undecodable_job, unsendable
 from ._scripts import Crashed, SettleOp, readable_id, retries_of
@@ -209,6 +210,9 @@ class QueueLink:
         self._ops: List[SettleOp] = []  # outcomes not yet sent
         self._ops_since = 0.0  # monotonic time of the oldest unsent op
         self._failing: Dict[str, _Failure] = {}  # attempt -> its failure for good, until settled
+        # Jobs whose running attempt stop()'s release handed back (it runs on: a plain fn(job)
+        # has no context to cancel): whatever it ends as counts nowhere here (see succeeded).
+        self._handed_back: Dict[Any, _Attempt] = {}
         self._workers = 0  # 0 until start: a producer-only queue fetches nothing
         self._closing = False
         self._pump_idle = False  # the pump is blocked in Redis: workers flush their own ops
@@ -733,12 +737,19 @@ class QueueLink:
                 self._crashed(f"a round on {threading.current_thread().name}")
 
     def succeeded(self, job: Any) -> None:
+        """Counted as succeeded by the core already: taken back for an attempt that stop()'s
+        release handed back while it ran (its job runs again elsewhere, where it counts)."""
         with self._lock:
             record = self._attempts.pop(job, None)
             if record is None:
-                return
-            self._slot_freed()
-            self._queue_op(SettleOp("S", record.attempt))
+                handed_back = self._handed_back.pop(job, None) is not None
+            else:
+                self._slot_freed()
+                self._queue_op(SettleOp("S", record.attempt))
+        if record is None:
+            if handed_back:
+                self.ready.recount((core.SUCCEEDED,), None, job.type)
+            return
         self._flush_if_idle()
 
     def expired(self, job: Any) -> None:
@@ -917,7 +928,15 @@ class QueueLink:
         self._flush_if_idle()
 
     def not_held(self, job: Any, exc: BaseException) -> bool:
-        """Whether a failed attempt was only refused at its start (given back already)."""
+        """Whether a failed attempt was only refused at its start (given back already), or
+        was handed back by stop()'s release while it ran: its failure counts nowhere here (a
+        timeout's count taken back)."""
+        with self._lock:
+            handed_back = self._handed_back.pop(job, None) is not None
+        if handed_back:
+            if isinstance(exc, JobTimeout):  # (counted as it came, see Dispatcher._timed_out)
+                self.ready.recount((core.TIMED_OUT,), None, job.type)
+            return True
         if not isinstance(exc, _NotHeld):
             return False
         with self._lock:
@@ -1363,6 +1382,13 @@ class QueueLink:
             # decided now would go with the release, whose row another process reports, while
             # its callbacks ran here too (stop() no longer waits for them).
             self._released = True
+            # Attempts still running are handed back by the release (or, if it fails, at the
+            # reap): each runs again elsewhere, so what it ends as here counts nowhere.
+            self._handed_back = {job: record for job, record in self._attempts.items()
+                                 if record.state == _STARTED and not record.expired}
+            for job in self._handed_back:
+                del self._attempts[job]
+                self._slot_freed()
             own = self._reporting.get(me)
             if own is not None:
                 self._queue_op(SettleOp("A", own))
@@ -1400,11 +1426,18 @@ class QueueLink:
             unstarted = [r for r in self._attempts.values() if r.state == _PENDING]
             for record in unstarted:
                 record.state = _GIVEN_BACK
+            # Running ones as given_back() gives them back (a start first, unless reported), so
+            # that the reply names those a cancel mark ended (counted here as cancelled, as there).
+            running = []
+            for job, record in self._handed_back.items():
+                if job.type not in self._rate_limited:
+                    running.append(SettleOp("T", record.attempt))
+                running.append(SettleOp("B", record.attempt))
             # A round that failed (the pump resends it no more once closing): its ops go
             # first, in order; those Redis ran already (its reply was lost) are stale.
             failed = [] if self._unsent is None else self._unsent[3]
             self._unsent = None
-            ops = failed + self._ops + [SettleOp("B", r.attempt) for r in reversed(unstarted)]
+            ops = failed + self._ops + running + [SettleOp("B", r.attempt) for r in reversed(unstarted)]
             self._ops = []
             proc, registered = self._proc, self._registered
         if not registered and not ops:
@@ -1412,7 +1445,7 @@ class QueueLink:
         try:  # (it deletes the wake-up list too)
             reply = self._release_call(proc, ops, deadline)
         except self._redis_error as exc:
-            self._not_given_back(len(unstarted), len(ops) - len(unstarted), exc)
+            self._not_given_back(len(unstarted), len(ops) - len(unstarted) - len(running), exc)
             return
         with self._lock:
             moves = self._settled(ops, reply.overruled)
