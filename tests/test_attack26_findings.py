@@ -185,3 +185,43 @@ def test_a_timed_out_async_attempt_that_a_cancel_overtakes_counts_alike_here_and
         q.stop()
     mine = stats.executor_stats["send"]
     assert (mine.timed_out, mine.cancelled) == (stats.jobs_timed_out, stats.jobs_cancelled)
+
+
+# The same in a worker thread (a guard: it passed before the fix too). The watchdog decides the
+# attempt (counting TIMED_OUT) and takes it out of the core, so the cancel, held to come before
+# the replacement worker's report, marks the job in Redis: the retry (op y) is overruled there,
+# and its timeout and retry are counted as cancelled here.
+def test_a_timed_out_thread_attempt_that_a_cancel_overtakes_counts_alike_here_and_in_redis(
+        own_redis_server):
+    pytest.importorskip("redis")
+    from tinymq import ExecutorConfig
+    from tinymq.redis import RedisBroker
+
+    q = Queue(broker=RedisBroker(own_redis_server.url, name="overtaken-thread", lease=30.0))
+    reporting, report, stuck = threading.Event(), threading.Event(), threading.Event()
+    attempt_failed = q._dispatcher.attempt_failed
+
+    def held_report(*args, **kwargs):  # the report of the timeout waits until the cancel came
+        reporting.set()
+        assert report.wait(WAIT)
+        attempt_failed(*args, **kwargs)
+
+    q._dispatcher.attempt_failed = held_report
+
+    def hang(job):
+        stuck.wait(WAIT)
+
+    q.register_executor("send", hang, ExecutorConfig(timeout=0.05))
+    q.enqueue(Job("send", id="overtaken"))
+    q.start_dispatcher(1)
+    try:
+        assert reporting.wait(WAIT)
+        assert q.cancel("overtaken")
+        report.set()
+        assert q.join(WAIT)
+        stats = q.get_stats()
+    finally:
+        stuck.set()
+        q.stop()
+    mine = stats.executor_stats["send"]
+    assert (mine.timed_out, mine.cancelled) == (stats.jobs_timed_out, stats.jobs_cancelled) == (0, 1)
