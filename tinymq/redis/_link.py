@@ -834,7 +834,7 @@ class QueueLink:
                 return
             op, proc, timed_out = decided
             if timed_out and reason == "cancelled":  # a cancel overtook its timeout: Redis counts it cancelled only
-                self.ready.count(core.TIMED_OUT, -1, job.type)
+                self.ready.recount((core.TIMED_OUT,), None, job.type)
             try:
                 if self.dispatcher.failure_callbacks:
                     self._send(op)
