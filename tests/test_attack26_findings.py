@@ -139,21 +139,19 @@ def test_an_aenqueue_cancelled_twice_as_its_save_runs_enqueues_nothing(tmp_path)
         store.close()
 
 
-# --- 3. a timeout that a cancel overtakes: counted here, not in Redis ------------------------
+# --- 3. a timeout that a cancel overtakes: counted alike here and in Redis -------------------
 
 # An async attempt times out (the loop decides it; the dispatcher counts TIMED_OUT, then asks for
 # the retry or the failure); a cancel of the job reaches this process in between (its own cancel,
 # or a mark from another process's). The cancel wins: the job ends as cancelled, sent as op 'z'
 # with reason "cancelled", which Redis counts as cancelled only. This process keeps the timeout
-# counted, so its per-type timed_out is one more than the shared jobs_timed_out ("the per-type
+# counted, so its per-type timed_out was one more than the shared jobs_timed_out ("the per-type
 # counters of all processes add up to the fleet's"; a timeout that a mark overrules in Redis has
 # its count taken back here). Seen about once in ten runs of three processes cancelling async
 # jobs with 5 ms timeouts; here the dispatcher's report of the timeout is held until the cancel
-# came. Not fixed: the dispatcher (which counted the timeout) or the link (which sends the op)
-# must know that this attempt's timeout was counted (ledger.expired is also called by a cancel
-# of a running attempt), for the count to be taken back, or for Redis to count it too.
-@pytest.mark.xfail(strict=True, reason="a timeout that a cancel overtakes is counted as timed_out "
-                                       "in this process's ExecutorStats but not in Redis's counters")
+# came. Fixed: the dispatcher tells the link that the attempt expired by its deadline
+# (ledger.expired(job, timed_out=True); a cancel of a running attempt expires it too), and the
+# link takes the timeout's count back when it sends the op that ends the job as cancelled.
 def test_a_timed_out_async_attempt_that_a_cancel_overtakes_counts_alike_here_and_in_redis(
         own_redis_server):
     pytest.importorskip("redis")
@@ -187,3 +185,43 @@ def test_a_timed_out_async_attempt_that_a_cancel_overtakes_counts_alike_here_and
         q.stop()
     mine = stats.executor_stats["send"]
     assert (mine.timed_out, mine.cancelled) == (stats.jobs_timed_out, stats.jobs_cancelled)
+
+
+# The same in a worker thread (a guard: it passed before the fix too). The watchdog decides the
+# attempt (counting TIMED_OUT) and takes it out of the core, so the cancel, held to come before
+# the replacement worker's report, marks the job in Redis: the retry (op y) is overruled there,
+# and its timeout and retry are counted as cancelled here.
+def test_a_timed_out_thread_attempt_that_a_cancel_overtakes_counts_alike_here_and_in_redis(
+        own_redis_server):
+    pytest.importorskip("redis")
+    from tinymq import ExecutorConfig
+    from tinymq.redis import RedisBroker
+
+    q = Queue(broker=RedisBroker(own_redis_server.url, name="overtaken-thread", lease=30.0))
+    reporting, report, stuck = threading.Event(), threading.Event(), threading.Event()
+    attempt_failed = q._dispatcher.attempt_failed
+
+    def held_report(*args, **kwargs):  # the report of the timeout waits until the cancel came
+        reporting.set()
+        assert report.wait(WAIT)
+        attempt_failed(*args, **kwargs)
+
+    q._dispatcher.attempt_failed = held_report
+
+    def hang(job):
+        stuck.wait(WAIT)
+
+    q.register_executor("send", hang, ExecutorConfig(timeout=0.05))
+    q.enqueue(Job("send", id="overtaken"))
+    q.start_dispatcher(1)
+    try:
+        assert reporting.wait(WAIT)
+        assert q.cancel("overtaken")
+        report.set()
+        assert q.join(WAIT)
+        stats = q.get_stats()
+    finally:
+        stuck.set()
+        q.stop()
+    mine = stats.executor_stats["send"]
+    assert (mine.timed_out, mine.cancelled) == (stats.jobs_timed_out, stats.jobs_cancelled) == (0, 1)

@@ -78,8 +78,10 @@ class AttemptLedger(Protocol):
         """Counted as succeeded already; the ledger takes the count back if the attempt is no
         longer this process's (stop() handed it back while it ran: it runs again elsewhere)."""
 
-    def expired(self, job: Any) -> None:
-        """The watchdog (at its deadline) or cancel() decided the attempt; its function may still run."""
+    def expired(self, job: Any, timed_out: bool = False) -> None:
+        """The watchdog (at its deadline: ``timed_out``, counted TIMED_OUT here) or cancel() decided
+        the attempt; its function may still run. A timed-out attempt whose job a cancel ends
+        (it came before the failure was decided) has that count taken back: it ends as cancelled only."""
 
     def returned_late(self, job: Any) -> None:
         """A timed-out attempt's function returned: its type slot is free."""
@@ -838,11 +840,12 @@ class Dispatcher:
         """The watchdog decided ``slot``'s attempt: fail it now, replace the stuck worker."""
         state = slot.type_state
         exc = timeout_error(job, state)
+        counted = not (self._stopping and job in self._stop_cancelled)  # stop's: not counted
         if self.ledger is not None:
-            self.ledger.expired(job)
+            self.ledger.expired(job, counted)
         self._cancel_awaiting(job)
         try:  # slot.expire() has cancelled the attempt's context already
-            if not (self._stopping and job in self._stop_cancelled):  # stop's: not counted
+            if counted:
                 self.ready.record_duration(state, core.monotonic() - slot.started)
                 self.ready.count(core.TIMED_OUT, 1, job.type)
                 logger.warning("job %s (%s) timed out; its thread is retired and replaced",
@@ -984,7 +987,7 @@ class Dispatcher:
         """An async attempt's deadline, ``seconds`` after its start: its task is being cancelled;
         the slot stays until it unwinds. ``holding``: it has unwound, its slot still taken (see attempt_failed)."""
         if self.ledger is not None:
-            self.ledger.expired(job)
+            self.ledger.expired(job, True)
         self.ready.count(core.TIMED_OUT, 1, job.type)
         self.ready.record_duration(state, seconds)
         logger.warning("job %s (%s) timed out; its task is cancelled", job.id, job.type)

@@ -97,13 +97,14 @@ class _NotHeld(TinyMQError):
 class _Attempt:
     """This process's hold on one job: guarded by QueueLink._lock."""
 
-    __slots__ = ("attempt", "since", "state", "expired", "decided", "returned")
+    __slots__ = ("attempt", "since", "state", "expired", "timed_out", "decided", "returned")
 
     def __init__(self, attempt: str, since: float) -> None:
         self.attempt = attempt
         self.since = since  # monotonic time it was fetched
         self.state = _PENDING
         self.expired = False  # the watchdog decided it at its deadline; it may still run
+        self.timed_out = False  # expired by its deadline (counted TIMED_OUT here), not by a cancel
         self.decided = False  # its retry/dead op was queued
         self.returned = False  # a timed-out attempt's function came back
 
@@ -752,19 +753,22 @@ class QueueLink:
             return
         self._flush_if_idle()
 
-    def expired(self, job: Any) -> None:
-        """The watchdog decided ``job``'s attempt; a replacement worker takes its place."""
+    def expired(self, job: Any, timed_out: bool = False) -> None:
+        """The watchdog (``timed_out``: at its deadline) or a cancel decided ``job``'s attempt;
+        a replacement worker takes its place."""
         with self._lock:
             record = self._attempts.get(job)
             if record is not None and not record.expired:
                 record.expired = True
+                record.timed_out = timed_out
                 self._slot_freed()
                 self._wake_pump()
 
     def _decide(self, job: Any, op: str, delay: float = 0.0, reason: str = "", error: str = ""
-                ) -> Optional[Tuple[SettleOp, str]]:
-        """Queue the op that ends ``job``'s attempt: (the op, this process's id), or None when
-        the attempt is no longer this process's to end (given back, or this process was reaped)."""
+                ) -> Optional[Tuple[SettleOp, str, bool]]:
+        """Queue the op that ends ``job``'s attempt: (the op, this process's id, whether its
+        timeout was counted here), or None when the attempt is no longer this process's to end
+        (given back, or this process was reaped)."""
         with self._lock:
             record = self._attempts.get(job)
             if record is None or self._released:  # (the release handed the attempt back)
@@ -785,7 +789,7 @@ class QueueLink:
             if op in "Zz" and reason != "cancelled":  # (its settle may find it marked: see failing)
                 self._failing[record.attempt] = _Failure()
             self._queue_op(decided)
-            return decided, self._proc
+            return decided, self._proc, record.timed_out
 
     def retry(self, job: Any, delay: float) -> None:
         self._decide(job, "Y", delay=delay, error=job.last_error or "")
@@ -796,7 +800,10 @@ class QueueLink:
         """``job`` failed for good here; its failure callbacks run inside this context, if
         it yields a reason: ``reason``, or "cancelled" when Redis ended the job as cancelled
         instead (another process's cancel had marked the attempt before its settle came:
-        counted here as cancelled already, per type, a timeout's count taken back). None
+        counted here as cancelled already, per type, a timeout's count taken back). A cancel
+        here that overtook the attempt's timeout (it came before the failure was decided) ends
+        it as cancelled, which Redis counts as cancelled only: the timeout's count is taken back
+        here too. None
         when the attempt is no longer this process's to end (handed back by stop()'s
         release, or this process was reaped), whose late result is ignored: the job runs
         again elsewhere, or is reported there.
@@ -825,7 +832,9 @@ class QueueLink:
             if decided is None:
                 yield None
                 return
-            op, proc = decided
+            op, proc, timed_out = decided
+            if timed_out and reason == "cancelled":  # a cancel overtook its timeout: Redis counts it cancelled only
+                self.ready.recount((core.TIMED_OUT,), None, job.type)
             try:
                 if self.dispatcher.failure_callbacks:
                     self._send(op)
