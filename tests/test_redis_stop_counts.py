@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from tinymq import ExecutorConfig, Job, RetryConfig
+from tinymq import ExecutorConfig, Job, JobTimeout, RetryConfig
 
 from _backends import Redis
 from _helpers import WAIT
@@ -56,7 +56,7 @@ def run_and_stop(redis, raises, cancelled_elsewhere=False):
         started.set()
         assert let_go.wait(WAIT)  # a plain function: stop() has no context to cancel
         if raises:
-            raise ValueError("boom")
+            raise raises if isinstance(raises, BaseException) else ValueError("boom")
 
     for q in (producer, worker):
         q.register_executor("t", run)
@@ -74,8 +74,10 @@ def run_and_stop(redis, raises, cancelled_elsewhere=False):
     return producer, worker, job
 
 
-@pytest.mark.parametrize("raises", [False, True], ids=["returns", "raises"])
+@pytest.mark.parametrize("raises", [False, True, JobTimeout("its own")], ids=["returns", "raises", "raises JobTimeout"])
 def test_a_plain_attempt_that_stop_gave_back_counts_nowhere_in_its_process(redis, raises):
+    """(A JobTimeout of the function's own, not its executor's timeout: no timeout was counted
+    here, so none is taken back: before, the count went to -1.)"""
     producer, worker, job = run_and_stop(redis, raises)
     assert per_type(worker) == NOTHING  # (before: succeeded 1, or retried 1)
     assert shared(producer) == NOTHING

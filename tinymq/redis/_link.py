@@ -50,7 +50,7 @@ from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set
 from .._pick_core import core
 from .._shield import shield
 from ..config import RateLimit
-from ..errors import (DuplicateJob, JobTimeout, QueueFull, QueueStopped, TinyMQError, _buffer_full, _describe,
+from ..errors import (DuplicateJob, QueueFull, QueueStopped, TinyMQError, _buffer_full, _describe,
                       counted)
 from ..stats import ExecutorStats, QueueStats
 from ._codec import decode_job, encode_job, sendable_text, undecodable_job, unsendable
@@ -763,6 +763,8 @@ class QueueLink:
                 record.timed_out = timed_out
                 self._slot_freed()
                 self._wake_pump()
+            elif record is None and job in self._handed_back:  # its count taken back as it ends (not_held)
+                self._handed_back[job].timed_out = timed_out
 
     def _decide(self, job: Any, op: str, delay: float = 0.0, reason: str = "", error: str = ""
                 ) -> Optional[Tuple[SettleOp, str, bool]]:
@@ -941,9 +943,9 @@ class QueueLink:
         was handed back by stop()'s release while it ran: its failure counts nowhere here (a
         timeout's count taken back)."""
         with self._lock:
-            handed_back = self._handed_back.pop(job, None) is not None
-        if handed_back:
-            if isinstance(exc, JobTimeout):  # (counted as it came, see Dispatcher._timed_out)
+            handed_back = self._handed_back.pop(job, None)
+        if handed_back is not None:
+            if handed_back.timed_out:  # (counted as it came, see Dispatcher._timed_out)
                 self.ready.recount((core.TIMED_OUT,), None, job.type)
             return True
         if not isinstance(exc, _NotHeld):
