@@ -50,8 +50,7 @@ from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set
 from .._pick_core import core
 from .._shield import shield
 from ..config import RateLimit
-from ..errors import (DuplicateJob, QueueFull, QueueStopped, TinyMQError, _buffer_full, _describe,
-                      counted)
+from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError, _buffer_full, _describe, counted
 from ..stats import ExecutorStats, QueueStats
 from ._codec import decode_job, encode_job, sendable_text, undecodable_job, unsendable
 from ._scripts import Crashed, SettleOp, readable_id, retries_of
@@ -955,20 +954,24 @@ class QueueLink:
         return True
 
     def given_back(self, job: Any) -> None:
-        """An attempt that stop() cancelled: back to Redis, not counted.
-
-        It started: a B op of an attempt whose start Redis never heard of (T) counts no
-        start in a rate window, so a type this process does not rate-limit (another
-        process's registration may) reports the start first."""
+        """An attempt that stop() cancelled: back to Redis, not counted."""
         with self._lock:
             record = self._attempts.pop(job, None)
             if record is None:
                 return
             if not record.expired:
                 self._slot_freed()
-                if record.state == _STARTED and job.type not in self._rate_limited:
-                    self._queue_op(SettleOp("T", record.attempt))
-                self._queue_op(SettleOp("B", record.attempt))
+                for op in self._giving_back(job, record):
+                    self._queue_op(op)
+
+    def _giving_back(self, job: Any, record: _Attempt) -> List[SettleOp]:
+        """The ops that give ``job``'s attempt back to Redis, uncounted. One that started: a B
+        op of an attempt whose start Redis never heard of (T) counts no start in a rate window,
+        so a type this process does not rate-limit (another process's registration may)
+        reports the start first. Called with _lock held."""
+        if record.state == _STARTED and job.type not in self._rate_limited:
+            return [SettleOp("T", record.attempt), SettleOp("B", record.attempt)]
+        return [SettleOp("B", record.attempt)]
 
     # --- fetching ----------------------------------------------------------------
 
@@ -1437,13 +1440,9 @@ class QueueLink:
             unstarted = [r for r in self._attempts.values() if r.state == _PENDING]
             for record in unstarted:
                 record.state = _GIVEN_BACK
-            # Running ones as given_back() gives them back (a start first, unless reported), so
-            # that the reply names those a cancel mark ended (counted here as cancelled, as there).
-            running = []
-            for job, record in self._handed_back.items():
-                if job.type not in self._rate_limited:
-                    running.append(SettleOp("T", record.attempt))
-                running.append(SettleOp("B", record.attempt))
+            # Running ones as given_back() gives them back, so that the reply names those a
+            # cancel mark ended (counted here as cancelled, as there).
+            running = [op for job, record in self._handed_back.items() for op in self._giving_back(job, record)]
             # A round that failed (the pump resends it no more once closing): its ops go
             # first, in order; those Redis ran already (its reply was lost) are stale.
             failed = [] if self._unsent is None else self._unsent[3]
