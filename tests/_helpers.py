@@ -272,3 +272,33 @@ def stored_payloads(path, read_only=False):
     queue would at its start, or with ``read_only`` inspected (every row, dead ones included)."""
     with SQLitePersistence(path, read_only=read_only) as store:
         return sorted(str(job.payload) for job in (store.jobs() if read_only else store.load_all()))
+
+
+class GatedStore(SQLitePersistence):
+    """A SQLite store whose saves, once ``armed``, wait for ``release`` (``saving`` says one began)."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.armed = False
+        self.saving = threading.Event()
+        self.release = threading.Event()
+
+    def save(self, job):
+        if self.armed:
+            self.saving.set()
+            assert self.release.wait(WAIT)
+        super().save(job)
+
+
+def per_type_counts(q, job_type="t"):
+    """This process's counters of ``job_type`` (its ExecutorStats), as a dict."""
+    s = q.get_stats().executor_stats[job_type]
+    return {"succeeded": s.succeeded, "failed": s.failed, "retried": s.retried, "timed_out": s.timed_out,
+            "cancelled": s.cancelled}
+
+
+def shared_counts(q):
+    """The queue-wide counters (with a broker: Redis's, the fleet's), as a dict."""
+    s = q.get_stats()
+    return {"succeeded": s.jobs_succeeded, "failed": s.jobs_failed, "retried": s.jobs_retried,
+            "timed_out": s.jobs_timed_out, "cancelled": s.jobs_cancelled}

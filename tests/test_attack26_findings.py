@@ -10,9 +10,8 @@ import threading
 import pytest
 
 from tinymq import Job, Queue
-from tinymq import SQLitePersistence
 
-from _helpers import WAIT, Recorder, wait_until
+from _helpers import WAIT, GatedStore, Recorder, wait_until
 
 
 class _WarningsSeen(logging.Handler):
@@ -85,29 +84,13 @@ def test_stop_gives_back_to_a_redis_restarting_within_its_wait(own_redis_server,
 
 # --- 2. an aenqueue cancelled twice ---------------------------------------------------------
 
-class _GatedStore(SQLitePersistence):
-    """A SQLite store whose saves, once ``armed``, wait for ``release`` (``saving`` says one began)."""
-
-    def __init__(self, path):
-        super().__init__(path)
-        self.armed = False
-        self.saving = threading.Event()
-        self.release = threading.Event()
-
-    def save(self, job):
-        if self.armed:
-            self.saving.set()
-            assert self.release.wait(WAIT)
-        super().save(job)
-
-
 # A cancelled aenqueue waits for the try under way (its save, a slice of a wait for room) and
 # takes back a job that got in meanwhile. A second cancel during that wait (a TaskGroup whose
 # sibling failed, then an outer timeout; asyncio.run's cancel of what is left) broke the wait
 # off: the job that got in after it stayed, and ran, though the caller was told it was not
 # enqueued ("A cancelled aenqueue enqueues nothing"). A second cancel no longer breaks it off.
 def test_an_aenqueue_cancelled_twice_as_its_save_runs_enqueues_nothing(tmp_path):
-    store = _GatedStore(str(tmp_path / "jobs.db"))
+    store = GatedStore(str(tmp_path / "jobs.db"))
     q = Queue(10)
     q.set_persistence(store)
     ran, ended = Recorder(), Recorder()
@@ -141,6 +124,28 @@ def test_an_aenqueue_cancelled_twice_as_its_save_runs_enqueues_nothing(tmp_path)
 
 # --- 3. a timeout that a cancel overtakes: counted alike here and in Redis -------------------
 
+def _cancelled_as_its_timeout_is_reported(q, report):
+    """Run job "overtaken" (type "send", whose executor times out) on ``q``, holding the
+    dispatcher's ``report`` of its timeout until ``q.cancel`` of the job has returned; the
+    stats once the job has ended."""
+    reporting, go_on = threading.Event(), threading.Event()
+    reported = getattr(q._dispatcher, report)
+
+    def held_report(*args, **kwargs):  # the report of the timeout waits until the cancel came
+        reporting.set()
+        assert go_on.wait(WAIT)
+        reported(*args, **kwargs)
+
+    setattr(q._dispatcher, report, held_report)
+    q.enqueue(Job("send", id="overtaken"))
+    q.start_dispatcher(1)
+    assert reporting.wait(WAIT)
+    assert q.cancel("overtaken")
+    go_on.set()
+    assert q.join(WAIT)
+    return q.get_stats()
+
+
 # An async attempt times out (the loop decides it; the dispatcher counts TIMED_OUT, then asks for
 # the retry or the failure); a cancel of the job reaches this process in between (its own cancel,
 # or a mark from another process's). The cancel wins: the job ends as cancelled, sent as op 'z'
@@ -159,28 +164,13 @@ def test_a_timed_out_async_attempt_that_a_cancel_overtakes_counts_alike_here_and
     from tinymq.redis import RedisBroker
 
     q = Queue(broker=RedisBroker(own_redis_server.url, name="overtaken", lease=30.0))
-    reporting, report = threading.Event(), threading.Event()
-    timed_out = q._dispatcher.async_timed_out
-
-    def held_report(*args, **kwargs):  # the report of the timeout waits until the cancel came
-        reporting.set()
-        assert report.wait(WAIT)
-        timed_out(*args, **kwargs)
-
-    q._dispatcher.async_timed_out = held_report
 
     async def hang(job):
         await asyncio.sleep(WAIT)
 
     q.register_executor("send", hang, ExecutorConfig(timeout=0.05))
-    q.enqueue(Job("send", id="overtaken"))
-    q.start_dispatcher(1)
     try:
-        assert reporting.wait(WAIT)
-        assert q.cancel("overtaken")
-        report.set()
-        assert q.join(WAIT)
-        stats = q.get_stats()
+        stats = _cancelled_as_its_timeout_is_reported(q, "async_timed_out")
     finally:
         q.stop()
     mine = stats.executor_stats["send"]
@@ -198,28 +188,14 @@ def test_a_timed_out_thread_attempt_that_a_cancel_overtakes_counts_alike_here_an
     from tinymq.redis import RedisBroker
 
     q = Queue(broker=RedisBroker(own_redis_server.url, name="overtaken-thread", lease=30.0))
-    reporting, report, stuck = threading.Event(), threading.Event(), threading.Event()
-    attempt_failed = q._dispatcher.attempt_failed
-
-    def held_report(*args, **kwargs):  # the report of the timeout waits until the cancel came
-        reporting.set()
-        assert report.wait(WAIT)
-        attempt_failed(*args, **kwargs)
-
-    q._dispatcher.attempt_failed = held_report
+    stuck = threading.Event()
 
     def hang(job):
         stuck.wait(WAIT)
 
     q.register_executor("send", hang, ExecutorConfig(timeout=0.05))
-    q.enqueue(Job("send", id="overtaken"))
-    q.start_dispatcher(1)
     try:
-        assert reporting.wait(WAIT)
-        assert q.cancel("overtaken")
-        report.set()
-        assert q.join(WAIT)
-        stats = q.get_stats()
+        stats = _cancelled_as_its_timeout_is_reported(q, "attempt_failed")
     finally:
         stuck.set()
         q.stop()

@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 import tinymq
 from tinymq import Config, ExecutorConfig, Job, JobTimeout, Priority, Queue, RetryConfig, SQLitePersistence
 
-from _helpers import QUIET, STORES, WAIT, Recorder, record_failures, wait_until
+from _helpers import QUIET, STORES, WAIT, GatedStore, Recorder, record_failures, wait_until
 
 NO_RETRY = RetryConfig(max_retries=0)
 
@@ -628,22 +628,6 @@ def test_stop_without_waiting_leaves_no_task_pending_when_the_loop_closes():
         asyncio_logger.removeHandler(errors)
 
 
-class _GatedStore(SQLitePersistence):
-    """A SQLite store whose saves, once ``armed``, wait for ``release`` (``saving`` says one began)."""
-
-    def __init__(self, path):
-        super().__init__(path)
-        self.armed = False
-        self.saving = threading.Event()
-        self.release = threading.Event()
-
-    def save(self, job):
-        if self.armed:
-            self.saving.set()
-            assert self.release.wait(WAIT)
-        super().save(job)
-
-
 def test_an_aenqueue_cancelled_as_its_job_got_in_keeps_the_dead_job_of_that_id(tmp_path):
     """A job enqueued with a dead job's id replaces the dead row once it is accepted. An aenqueue
     cancelled while its save ran is taken back (the caller was told it enqueued nothing): the dead
@@ -664,7 +648,7 @@ def test_an_aenqueue_cancelled_as_its_job_got_in_keeps_the_dead_job_of_that_id(t
         [dead] = store.dead_jobs()
         assert (dead.job.id, dead.reason) == ("report-12", "permanent_failure")
 
-    store = _GatedStore(path)
+    store = GatedStore(path)
     q = Queue(10)
     q.set_persistence(store)
     ended = Recorder()

@@ -21,7 +21,7 @@ import pytest
 from tinymq import ExecutorConfig, Job, PermanentFailure, RetryConfig
 
 from _backends import Redis
-from _helpers import WAIT, record_failures
+from _helpers import WAIT, per_type_counts, record_failures, shared_counts
 
 LEASE = 40.0  # the worker's heartbeat (every lease / 4) tells it of no mark during a test
 TIMEOUT = 2.0  # seconds: the deadline comes after the cancel, before the executor returns
@@ -43,18 +43,6 @@ def redis(redis_url):
     made = Redis(redis_url, lease=LEASE)
     yield made
     made.close()
-
-
-def per_type(q):
-    s = q.get_stats().executor_stats["t"]
-    return {"succeeded": s.succeeded, "failed": s.failed, "retried": s.retried, "timed_out": s.timed_out,
-            "cancelled": s.cancelled}
-
-
-def shared(q):
-    s = q.get_stats()
-    return {"succeeded": s.jobs_succeeded, "failed": s.jobs_failed, "retried": s.jobs_retried,
-            "timed_out": s.jobs_timed_out, "cancelled": s.jobs_cancelled}
 
 
 def run_cancelled_elsewhere(redis, outcome, callbacks):
@@ -104,12 +92,12 @@ def test_an_attempt_cancelled_elsewhere_ends_cancelled_whatever_it_did_before_it
     assert [(i, reason) for i, reason, _ in reports[worker].snapshot()] == [(job.id, "cancelled")]
     assert reports[producer].snapshot() == []
     expected = {"succeeded": 1, "failed": 0, "retried": 0, "timed_out": 0, "cancelled": 1}  # (1: the filler)
-    assert shared(producer) == expected
+    assert shared_counts(producer) == expected
     assert producer.broker.dead_jobs() == []  # not dead: cancelled
     assert producer.cancel(job.id) is False
     # The worker's per-type counters count it as cancelled too, so the processes add up.
-    assert per_type(worker) == expected
-    assert per_type(producer) == dict.fromkeys(expected, 0)
+    assert per_type_counts(worker) == expected
+    assert per_type_counts(producer) == dict.fromkeys(expected, 0)
 
 
 @pytest.mark.parametrize("outcome", FAILURES_FOR_GOOD)
@@ -120,8 +108,8 @@ def test_a_failure_for_good_cancelled_elsewhere_counts_as_cancelled_with_no_call
     with caplog.at_level(logging.INFO, logger="tinymq"):
         producer, worker, job, _ = run_cancelled_elsewhere(redis, outcome, callbacks=False)
     expected = {"succeeded": 1, "failed": 0, "retried": 0, "timed_out": 0, "cancelled": 1}
-    assert shared(producer) == expected
+    assert shared_counts(producer) == expected
     assert producer.broker.dead_jobs() == []
-    assert per_type(worker) == expected
+    assert per_type_counts(worker) == expected
     assert any(record.levelno == logging.INFO and f"job {job.id} (t) was cancelled" in record.getMessage()
                for record in caplog.records)

@@ -14,7 +14,7 @@ import pytest
 from tinymq import ExecutorConfig, Job, JobTimeout, RetryConfig
 
 from _backends import Redis
-from _helpers import WAIT
+from _helpers import WAIT, per_type_counts, shared_counts
 
 LEASE = 40.0  # the worker's heartbeat (every lease / 4) tells it of no mark during a test
 
@@ -24,18 +24,6 @@ def redis(redis_url):
     made = Redis(redis_url, lease=LEASE)
     yield made
     made.close()
-
-
-def per_type(q):
-    s = q.get_stats().executor_stats["t"]
-    return {"succeeded": s.succeeded, "failed": s.failed, "retried": s.retried, "timed_out": s.timed_out,
-            "cancelled": s.cancelled}
-
-
-def shared(q):
-    s = q.get_stats()
-    return {"succeeded": s.jobs_succeeded, "failed": s.jobs_failed, "retried": s.jobs_retried,
-            "timed_out": s.jobs_timed_out, "cancelled": s.jobs_cancelled}
 
 
 NOTHING = dict.fromkeys(["succeeded", "failed", "retried", "timed_out", "cancelled"], 0)
@@ -79,22 +67,22 @@ def test_a_plain_attempt_that_stop_gave_back_counts_nowhere_in_its_process(redis
     """(A JobTimeout of the function's own, not its executor's timeout: no timeout was counted
     here, so none is taken back: before, the count went to -1.)"""
     producer, worker, job = run_and_stop(redis, raises)
-    assert per_type(worker) == NOTHING  # (before: succeeded 1, or retried 1)
-    assert shared(producer) == NOTHING
+    assert per_type_counts(worker) == NOTHING  # (before: succeeded 1, or retried 1)
+    assert shared_counts(producer) == NOTHING
     # The job is back in Redis: another process runs it, and the fleet counts one success.
     producer.start_dispatcher(1)
     assert producer.join(WAIT)
     expected = {**NOTHING, "succeeded": 1}
-    assert shared(producer) == expected
-    assert per_type(producer)["succeeded"] + per_type(worker)["succeeded"] == 1
+    assert shared_counts(producer) == expected
+    assert per_type_counts(producer)["succeeded"] + per_type_counts(worker)["succeeded"] == 1
 
 
 @pytest.mark.parametrize("raises", [False, True], ids=["returns", "raises"])
 def test_a_marked_plain_attempt_that_stop_gave_back_counts_as_cancelled_as_in_redis(redis, raises):
     producer, worker, job = run_and_stop(redis, raises, cancelled_elsewhere=True)
     expected = {**NOTHING, "cancelled": 1}
-    assert shared(producer) == expected  # the release ended it as cancelled
-    assert per_type(worker) == expected
+    assert shared_counts(producer) == expected  # the release ended it as cancelled
+    assert per_type_counts(worker) == expected
     assert producer.cancel(job.id) is False  # (reported "cancelled" by the next process's beat)
 
 
@@ -120,8 +108,8 @@ def test_a_marked_unstarted_attempt_that_stop_gave_back_counts_as_cancelled_as_i
     let_go.set()
     worker.stop()
     expected = {**NOTHING, "succeeded": 1, "cancelled": 1}
-    assert shared(producer) == expected
-    assert per_type(worker) == expected
+    assert shared_counts(producer) == expected
+    assert per_type_counts(worker) == expected
 
 
 def test_a_plain_attempt_that_stop_gave_back_then_timed_out_counts_nowhere_in_its_process(redis):
@@ -155,5 +143,5 @@ def test_a_plain_attempt_that_stop_gave_back_then_timed_out_counts_nowhere_in_it
     assert decided.wait(WAIT)  # its deadline came after the release handed it back
     let_go.set()
     ran_on[0].join(WAIT)
-    assert per_type(worker) == NOTHING  # (before: timed_out 1, retried 1)
-    assert shared(producer) == NOTHING
+    assert per_type_counts(worker) == NOTHING  # (before: timed_out 1, retried 1)
+    assert shared_counts(producer) == NOTHING
