@@ -24,6 +24,7 @@ benchmark round measures. Prints one JSON object.
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -202,6 +203,7 @@ def main() -> None:
         print(json.dumps(report, indent=1))
     finally:
         server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 if __name__ == "__main__":
