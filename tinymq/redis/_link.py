@@ -229,7 +229,8 @@ class QueueLink:
         self._lost_limits: Dict[str, Union[int, Tuple[int, int, float]]] = {}
         self._rate_limited: FrozenSet[str] = frozenset()  # types whose starts this process reports (op T)
         self._proc = self._new_proc_id()
-        self._registered = False  # the server knows _proc (a fetch or beat succeeded)
+        # The server time (ms) at which _proc registered (its first fetch or beat that succeeded), or 0.
+        self._registered = 0
         # Guarded by _round_lock: one fetch round at a time, and the round to resend, if any.
         self._round_lock = threading.Lock()
         self._unsent: Optional[Tuple[str, str, int, List[SettleOp]]] = None  # (proc, fetch id, n, ops)
@@ -1010,9 +1011,9 @@ class QueueLink:
                                        self._registered, ops)
             self._unsent = None
             if reply.reaped:
-                self._abandon()
+                self._abandon(reply.lost)
                 return 0
-            self._registered = True
+            self._registered = self._registered or reply.now_ms
             with self._lock:
                 self._renewed(sent)
                 moves = self._settled(ops, reply.overruled) if reply.overruled or self._failing else ()
@@ -1093,9 +1094,20 @@ class QueueLink:
                     self._queue_op(SettleOp("B", record.attempt))
         return len(jobs), [job for job, _ in undecodable]
 
-    def _abandon(self) -> None:
-        """This process was reaped (silent past its lease): drop what it held, register anew."""
+    def _abandon(self, lost: bool) -> None:
+        """This process was reaped (silent past its lease), or Redis lost the queue's state since it
+        registered (``lost``): drop what it held, register anew."""
+        with self._lock:
+            running = sum(1 for r in self._attempts.values() if r.state == _STARTED and not r.expired)
+            buffered = len(self._attempts) - running
         old = self._let_go()
+        if lost:  # (not "given to others": nobody has them, and no process will run them again)
+            logger.error("Redis at %s lost the state of queue %r (it restarted without its data, or its keys "
+                         "were deleted): the jobs queued there are gone, and so are the %d attempt(s) this "
+                         "process (%s) was running, whose outcomes are ignored, and the %d job(s) it had "
+                         "fetched, which it dropped; it registers again as %s", redacted_url(self.broker.url),
+                         self.broker.name, running, old, buffered, self._proc)
+            return
         logger.warning("this process (%s) was silent past its %gs lease and its jobs were given to "
                        "others; it dropped its buffer and registers again as %s", old, self.broker.lease,
                        self._proc)
@@ -1116,7 +1128,7 @@ class QueueLink:
             self._ops = []  # their attempts are no longer ours: every op would be stale
             self._failing = {}  # (no reply will say what became of their ops)
             old, self._proc = self._proc, self._new_proc_id()
-            self._registered = False
+            self._registered = 0
             # Sent again before the next fetch, for the types Redis holds none for: it may have lost
             # them (it restarted without its data: every process finds itself reaped), and would
             # hand out jobs without limits.
@@ -1326,14 +1338,14 @@ class QueueLink:
                     if unanswered is None or unanswered[0] != proc:
                         unanswered = (proc, format(next(self._beat_ids), "x"))
                     sent = time.monotonic()
-                    alive, _, crashed, cancels = self.broker._call_resending(  # (its crashed jobs must
-                        self.scripts.heartbeat, proc, self._lease_ms,               # not be lost)
+                    alive, now_ms, crashed, cancels, lost = self.broker._call_resending(  # (its crashed jobs
+                        self.scripts.heartbeat, proc, self._lease_ms,                        # must not be lost)
                         self.broker.max_crash_recoveries, registered, unanswered[1])
                     unanswered = None
                     if not alive:
-                        self._abandon()
+                        self._abandon(lost)
                     else:
-                        self._registered = True
+                        self._registered = self._registered or now_ms
                         with self._lock:
                             self._renewed(sent)
             except self._redis_error as exc:

@@ -1,0 +1,66 @@
+"""Findings of attack27b (session 27): the Redis broker attacked from outside.
+
+Each test failed on the code before its fix; its docstring says the symptom, how to
+reproduce it, and what API.md or the docs promise.
+"""
+import os
+import shutil
+import threading
+
+from tinymq import Job, Queue
+
+from _helpers import WAIT, wait_until
+
+
+def _restart_without_its_data(server):
+    """kill -9 of Redis, and a start without its append-only file: a Redis run without
+    persistence (or failed over to an empty replica) comes back so."""
+    server.kill()
+    shutil.rmtree(os.path.join(server.directory, "appendonlydir"), ignore_errors=True)
+    server.start()
+
+
+def test_a_worker_says_redis_lost_the_queue_not_that_it_was_silent(own_redis_server, warnings_seen):
+    """Symptom: after Redis restarted without its data, every worker process logged "this process
+    (...) was silent past its 1s lease and its jobs were given to others": it had not been silent,
+    and nobody had its jobs: the running attempt's outcome is ignored, its buffered and queued
+    jobs are gone. Nothing said that Redis had lost the queue.
+    Reproduce: two worker processes on one name, one running a job, a delayed job queued;
+    kill -9 of Redis and a start without its append-only file. docs/redis.md (Redis settings):
+    without `appendonly` a restart loses the queue; a failure is never silent (API.md).
+    Fix: Redis keeps when the queue's state began (the clock hash's e); a process that registered
+    before that and finds itself unknown is told so (status -1), and logs an ERROR that Redis
+    lost the queue's state, with what it held, instead of the reap's WARNING."""
+    from tinymq.redis import RedisBroker
+
+    started = threading.Event()
+    release = threading.Event()
+
+    def hold(job):
+        started.set()
+        release.wait(WAIT)
+
+    queues = [Queue(broker=RedisBroker(own_redis_server.url, name="lost", lease=1.0)) for _ in range(2)]
+    try:
+        for q in queues:
+            q.register_executor("t", hold)
+            q.start_dispatcher(2)
+        queues[0].enqueue(Job("t", id="running"))
+        queues[0].enqueue_delayed(Job("t", id="later"), 3600)
+        assert started.wait(WAIT)
+        _restart_without_its_data(own_redis_server)
+        assert warnings_seen.wait_until(
+            lambda seen: len({m.split("process (")[1].split(")")[0] for m in seen
+                              if "lost the state of queue 'lost'" in m}) >= 2), warnings_seen.items
+        lost = [m for m in warnings_seen.snapshot() if "lost the state of queue 'lost'" in m]
+        assert any("the 1 attempt(s) this process" in m for m in lost), lost
+        assert not [m for m in warnings_seen.snapshot() if "silent past" in m], lost
+        release.set()
+        with own_redis_server.client() as client:  # both registered again, and run new jobs
+            assert wait_until(lambda: client.zcard("tmq:{lost}:procs") >= 2)
+        queues[1].enqueue(Job("t", id="after"))
+        assert queues[1].join(WAIT)
+    finally:
+        release.set()
+        for q in queues:
+            q.stop(wait=False)
