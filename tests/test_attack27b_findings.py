@@ -7,6 +7,8 @@ import os
 import shutil
 import threading
 
+import pytest
+
 from tinymq import Job, Queue
 
 from _helpers import WAIT, wait_until
@@ -64,3 +66,23 @@ def test_a_worker_says_redis_lost_the_queue_not_that_it_was_silent(own_redis_ser
         release.set()
         for q in queues:
             q.stop(wait=False)
+
+
+def test_a_url_urllib_cannot_split_is_refused_by_name_without_a_traceback(capsys):
+    """Symptom: `python -m tinymq status --redis 'redis://:pw@[::1/0' --name q` (an IPv6 host's
+    bracket left open) printed a traceback of tinymq's, three exceptions deep, ending in
+    "ValueError: Invalid IPv6 URL", and `RedisBroker(url)` raised that bare error, naming no URL:
+    the message that names a bad URL hid its password with urllib, which raised on it again.
+    docs/cli.md: a mistake of yours never prints a traceback of tinymq's; a password in the URL
+    is shown as `***`.
+    Fix: redacted_url hides the user and password of a URL that urllib cannot split."""
+    pytest.importorskip("redis")
+    from tinymq.__main__ import main
+    from tinymq.redis import RedisBroker
+
+    with pytest.raises(ValueError, match=r"url 'redis://\*\*\*@\[::1/0' is not a usable Redis URL"):
+        RedisBroker("redis://:s3cret@[::1/0", name="q")
+    assert main(["status", "--redis", "redis://:s3cret@[::1/0", "--name", "q"]) == 1
+    err = capsys.readouterr().err
+    assert "is not a usable Redis URL" in err and "Invalid IPv6 URL" in err, err
+    assert "Traceback" not in err and "s3cret" not in err, err

@@ -374,10 +374,18 @@ def _dead_entries(rows: Iterable[Tuple[str, str, Any, Optional[str], Optional[st
 
 def redacted_url(url: str) -> str:
     """``url`` without its password, fit to print (messages here, and the CLI's output): the one
-    before the host, and a ``password=`` in the query string, which redis-py reads as well."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is not None:
-        hidden = parts.netloc.replace(f":{parts.password}@", ":***@")
-        url = urllib.parse.urlunsplit(parts._replace(netloc=hidden))
+    before the host, and a ``password=`` in the query string, which redis-py reads as well. A URL
+    that urllib cannot split (an IPv6 host's bracket left open) shows no user or password at all."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # (the messages that name such a URL say it is not usable: never raise here)
+        scheme, separator, rest = url.partition("://")
+        _, at, host = rest.rpartition("@")
+        if at:
+            url = f"{scheme}{separator}***@{host}"
+    else:
+        if parts.password is not None:
+            hidden = parts.netloc.replace(f":{parts.password}@", ":***@")
+            url = urllib.parse.urlunsplit(parts._replace(netloc=hidden))
     head, mark, query = url.partition("?")
     return head + mark + re.sub(r"(^|[&;])(password=)[^&;#]*", r"\1\2***", query)
