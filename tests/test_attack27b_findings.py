@@ -86,3 +86,34 @@ def test_a_url_urllib_cannot_split_is_refused_by_name_without_a_traceback(capsys
     err = capsys.readouterr().err
     assert "is not a usable Redis URL" in err and "Invalid IPv6 URL" in err, err
     assert "Traceback" not in err and "s3cret" not in err, err
+
+
+def test_a_worker_warns_of_a_maxmemory_policy_changed_after_it_connected(own_redis_server, warnings_seen,
+                                                                          monkeypatch):
+    """Symptom: `CONFIG SET maxmemory-policy allkeys-lru` (or `appendonly no`) on a Redis that the
+    worker processes had connected to with `noeviction` was never warned of: tinymq looked at the
+    settings once, at connect. Under memory pressure such a Redis then evicts job hashes, which a
+    fetch drops without a word, and join() waits for them for ever.
+    Reproduce: a worker on a noeviction server; CONFIG SET maxmemory-policy allkeys-lru; no
+    WARNING, however long it runs. docs/redis.md (Redis settings): tinymq warns when the policy
+    is anything but noeviction, and when appendonly is off.
+    Fix: each worker process looks at the settings again every minute (beside its heartbeat),
+    and warns when one changed to a value that loses jobs."""
+    from tinymq.redis import RedisBroker, _link
+
+    monkeypatch.setattr(_link, "_SETTINGS_LOOK", 0.2, raising=False)
+    q = Queue(broker=RedisBroker(own_redis_server.url, name="policy", lease=0.4))
+    try:
+        q.register_executor("t", lambda job: None)
+        q.start_dispatcher(1)
+        with own_redis_server.client() as client:
+            client.config_set("maxmemory-policy", "allkeys-lru")
+            assert warnings_seen.wait_until(
+                lambda seen: any("maxmemory-policy 'allkeys-lru'" in m for m in seen)), warnings_seen.snapshot()
+            client.config_set("appendonly", "no")
+            assert warnings_seen.wait_until(
+                lambda seen: any("appendonly no" in m for m in seen)), warnings_seen.snapshot()
+    finally:
+        q.stop(wait=False)
+    said = warnings_seen.snapshot()
+    assert sum("maxmemory-policy" in m for m in said) == 1, said  # once per change, not at every look

@@ -67,6 +67,9 @@ _REPORT_WAIT = 10.0  # seconds stop() waits for failure callbacks on rows handed
 _SETTLE_BATCH = 32  # settle ops that make the pump flush at once
 _SETTLE_DELAY = 0.001  # seconds an op may wait for company before the pump flushes it
 _IDLE_WAIT = 1.0  # seconds an idle pump blocks in Redis before it looks again
+# Seconds between a worker process's looks at Redis's settings (broker._look_at_settings): a
+# maxmemory-policy or appendonly changed after connect is warned of too.
+_SETTINGS_LOOK = 60.0
 _BACKOFF_MIN = 0.05  # seconds before the first retry after Redis failed
 _BACKOFF_MAX = 0.25  # (connecting to a server that is back costs little; waiting costs latency)
 _ROOM_POLL_MIN = 0.001  # enqueue(block=True) and join() look again after this, doubling
@@ -1327,11 +1330,18 @@ class QueueLink:
         # (proc, beat id) of a beat that got no reply: the next one is that beat again, so the
         # rows it handed this process (reporting:<proc>) reach it; a fresh beat id never would.
         unanswered: Optional[Tuple[str, str]] = None
+        next_look = time.monotonic() + _SETTINGS_LOOK
         while not self._stopped.wait(max(0.0, min(next_beat - time.monotonic(), _BUFFERED_MAX))):
             self._give_back_stuck()
             if time.monotonic() < next_beat:
                 continue
             next_beat = time.monotonic() + interval
+            if time.monotonic() >= next_look:  # (between beats, bounded as one: the lease comes first)
+                next_look = time.monotonic() + _SETTINGS_LOOK
+                try:
+                    self.broker._look_at_settings(interval)
+                except self._redis_error:
+                    pass  # (an outage: the beat below says so)
             try:
                 with self._round_lock:  # never beside a round: a reap answer must meet a settled state
                     proc, registered = self._proc, self._registered

@@ -97,6 +97,7 @@ class RedisBroker:
         self._scripts = Scripts(self._client, name, self._connections(_POOL_SIZE, _SOCKET_TIMEOUT))
         self._checked = False
         self._check_lock = threading.Lock()
+        self._settings_seen: Dict[str, Optional[str]] = {}  # (see _look_at_settings)
         self._queue: Any = None  # the one Queue link this broker serves
         self._closed = False
         try:
@@ -134,18 +135,26 @@ class RedisBroker:
             parts = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
             if parts < _MIN_VERSION:
                 raise TinyMQError(f"tinymq needs Redis >= 6.2 (or Valkey); {redacted_url(self.url)} runs {version}")
-            policy = self._config("maxmemory-policy", timeout)
-            if policy is not None and policy != "noeviction":
-                logger.warning(
-                    "Redis at %s has maxmemory-policy %r: under memory pressure it may evict "
-                    "tinymq's keys and lose jobs; set maxmemory-policy noeviction", redacted_url(self.url), policy)
-            if self._config("appendonly", timeout) == "no":
-                logger.warning(
-                    "Redis at %s runs with appendonly no: if it stops or dies, the jobs it accepted since "
-                    "its last snapshot are lost; set appendonly yes", redacted_url(self.url))
+            self._look_at_settings(timeout)
             self._checked = True
         finally:
             self._check_lock.release()
+
+    def _look_at_settings(self, timeout: Optional[float] = None) -> None:
+        """Warn of a setting that loses jobs (an evicting maxmemory-policy, appendonly no): at the first
+        reply, and again whenever a later look (a worker process's heartbeat, every _SETTINGS_LOOK)
+        finds it changed to such a value (a CONFIG SET, a restart with another configuration)."""
+        policy = self._config("maxmemory-policy", timeout)
+        if policy is not None and policy != "noeviction" and policy != self._settings_seen.get("maxmemory-policy"):
+            logger.warning(
+                "Redis at %s has maxmemory-policy %r: under memory pressure it may evict "
+                "tinymq's keys and lose jobs; set maxmemory-policy noeviction", redacted_url(self.url), policy)
+        appendonly = self._config("appendonly", timeout)
+        if appendonly == "no" and self._settings_seen.get("appendonly") != "no":
+            logger.warning(
+                "Redis at %s runs with appendonly no: if it stops or dies, the jobs it accepted since "
+                "its last snapshot are lost; set appendonly yes", redacted_url(self.url))
+        self._settings_seen = {"maxmemory-policy": policy, "appendonly": appendonly}
 
     def _config(self, name: str, timeout: Optional[float]) -> Optional[str]:
         """The server's setting ``name``; None where CONFIG is disabled (some managed services)."""
