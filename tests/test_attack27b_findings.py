@@ -117,3 +117,47 @@ def test_a_worker_warns_of_a_maxmemory_policy_changed_after_it_connected(own_red
         q.stop(wait=False)
     said = warnings_seen.snapshot()
     assert sum("maxmemory-policy" in m for m in said) == 1, said  # once per change, not at every look
+
+
+def test_a_join_waiting_as_redis_loses_the_queue_says_so(own_redis_server, warnings_seen):
+    """Symptom: a producer waiting in join() while Redis restarted without its data returned True
+    without a word, as if every job it waited for had finished: they were gone, never run.
+    Reproduce: a worker running a job; another Queue (a producer, never started) in join();
+    kill -9 of Redis and a start without its append-only file: join() returns True, nothing is
+    logged in the producer. API.md: join() waits until every job enqueued so far has finished;
+    failures are never silent.
+    Fix: join() reads, with each look, when the queue's state began (see the worker's ERROR
+    above), and logs an ERROR when that changed while it waited."""
+    from tinymq.redis import RedisBroker
+
+    started = threading.Event()
+    release = threading.Event()
+    worker = Queue(broker=RedisBroker(own_redis_server.url, name="gone", lease=1.0))
+    producer = Queue(broker=RedisBroker(own_redis_server.url, name="gone", lease=1.0))
+    looked = threading.Event()
+    unfinished = producer.broker._scripts.unfinished
+
+    def look(*args, **kwargs):
+        reply = unfinished(*args, **kwargs)
+        looked.set()
+        return reply
+
+    producer.broker._scripts.unfinished = look
+    joined = []
+    try:
+        worker.register_executor("t", lambda job: (started.set(), release.wait(WAIT)))
+        worker.start_dispatcher(1)
+        producer.enqueue(Job("t", id="lost"))
+        assert started.wait(WAIT)
+        waiter = threading.Thread(target=lambda: joined.append(producer.join(WAIT)))
+        waiter.start()
+        assert looked.wait(WAIT)
+        _restart_without_its_data(own_redis_server)
+        waiter.join(WAIT + 5)
+        assert joined == [True]
+        assert [m for m in warnings_seen.snapshot() if "lost the state of queue 'gone' while join() waited" in m], \
+            warnings_seen.snapshot()
+    finally:
+        release.set()
+        worker.stop(wait=False)
+        producer.stop(wait=False)

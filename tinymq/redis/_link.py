@@ -563,9 +563,16 @@ class QueueLink:
         frozen server costs join(timeout) about its timeout, not the socket's."""
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = _ROOM_POLL_MIN
+        began: Optional[str] = None  # when the queue's state began, as the first look saw it
         while True:
             try:
-                if not self.scripts.unfinished(timeout=reply_wait(_call_deadline(deadline))):
+                waits, now_began = self.scripts.unfinished(timeout=reply_wait(_call_deadline(deadline)))
+                if began and now_began != began:  # (not '' -> a time: a first worker registered)
+                    logger.error("Redis at %s lost the state of queue %r while join() waited (it restarted "
+                                 "without its data, or its keys were deleted): the jobs it waited for are gone, "
+                                 "not run", redacted_url(self.broker.url), self.broker.name)
+                began = now_began
+                if not waits:
                     return True
             except self._redis_error as exc:
                 self._log_outage("join()", exc)

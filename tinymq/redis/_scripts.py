@@ -494,9 +494,11 @@ class Scripts:
         reply = self._call("release", [proc, len(ops), *_ops_args(ops)], timeout)
         return ReleaseReply(int(reply[0]), [(row[0], row[1]) for row in reply[1]])
 
-    def unfinished(self, timeout: Optional[float] = None) -> bool:
-        """Whether join() waits on: a job is unfinished, or waits in Redis (unfinished.lua)."""
-        return int(self._call("unfinished", [], timeout)) == 1
+    def unfinished(self, timeout: Optional[float] = None) -> Tuple[bool, str]:
+        """Whether join() waits on (a job is unfinished, or waits in Redis), and when the queue's
+        state began ('' before a worker process registered): see unfinished.lua."""
+        waits, began = self._call("unfinished", [], timeout)
+        return int(waits) == 1, began
 
     def hold(self, reporter: str, lease_ms: int) -> bool:
         """Renew the lease of ``reporter`` (see cancel): False when it is no longer registered."""
