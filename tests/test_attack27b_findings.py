@@ -161,3 +161,31 @@ def test_a_join_waiting_as_redis_loses_the_queue_says_so(own_redis_server, warni
         release.set()
         worker.stop(wait=False)
         producer.stop(wait=False)
+
+
+def test_an_enqueue_that_redis_answers_with_an_error_does_not_say_it_got_no_answer(redis_url):
+    """Symptom: an enqueue that Redis answered with an error (here a key of the queue that another
+    program wrote with another type; a replica's READONLY is alike) raised "Redis queue 'q' did not
+    answer an enqueue of 1 job(s) (WRONGTYPE ...)": it had answered, and the user looks for a
+    network fault that is not there.
+    Reproduce: SET tmq:{q}:signal to a string; enqueue. docs/cli.md and API.md: errors say what
+    went wrong.
+    Fix: an error reply is told apart: "answered an enqueue of 1 job(s) with an error (...)", still
+    saying that the jobs may or may not have been enqueued (a script that failed part-way keeps
+    its writes up to there)."""
+    import redis
+
+    from tinymq import TinyMQError
+    from tinymq.redis import RedisBroker
+
+    q = Queue(broker=RedisBroker(redis_url, name="foreign"))
+    try:
+        client = redis.Redis.from_url(redis_url)
+        client.set("tmq:{foreign}:signal", "not a list")
+        with pytest.raises(TinyMQError, match=r"answered an enqueue of 1 job\(s\) with an error \(WRONGTYPE.*"
+                                              r"may or may not have been enqueued"):
+            q.enqueue(Job("t", id="x"))
+        client.delete("tmq:{foreign}:signal")
+        client.close()
+    finally:
+        q.stop(wait=False)

@@ -155,6 +155,15 @@ def _sendable_count(retries: Any) -> int:
         return 0
 
 
+def _no_reply(exc: BaseException, call: str) -> str:
+    """How ``call`` (``"a cancel of job 'x'"``), which raised ``exc``, went, for its error: Redis
+    answered it with an error (a script that failed part-way, on a key another program wrote; a
+    replica that takes no writes), or no reply came. Either way it may have run, in part or in full."""
+    if isinstance(exc, __import__("redis").ResponseError):
+        return f"answered {call} with an error"
+    return f"did not answer {call}"
+
+
 def _refused_as_full(exc: BaseException) -> bool:
     """Whether Redis refused a call for its maxmemory (a script that takes new jobs, at its
     first write: lib.lua's refuse_if_full). Redis 7 replies with an OOM error, 6.2 with a
@@ -303,8 +312,9 @@ class QueueLink:
                                       f"enqueued to Redis queue {self.broker.name!r} ({exc})") from exc
                 self._reply_lost(caller, token)
                 # Not "not enqueued": the call may have reached Redis and run, its reply lost.
-                raise TinyMQError(f"Redis queue {self.broker.name!r} did not answer an enqueue of {len(rows)} "
-                                  f"job(s) ({exc}): they may or may not have been enqueued; enqueue the same "
+                went = _no_reply(exc, f"an enqueue of {len(rows)} job(s)")
+                raise TinyMQError(f"Redis queue {self.broker.name!r} {went} ({exc}): they may or may not have "
+                                  "been enqueued; enqueue the same "
                                   "job(s) again to know (DuplicateJob: it got in)") from exc
             if reply.status in ("ok", "again"):
                 break
@@ -623,7 +633,7 @@ class QueueLink:
             except self._redis_error as exc:
                 self._reply_lost(caller, token)
                 # Not "not cancelled": the call may have reached Redis and run, its reply lost.
-                raise TinyMQError(f"Redis queue {self.broker.name!r} did not answer a cancel of job {job_id!r} "
+                raise TinyMQError(f"Redis queue {self.broker.name!r} {_no_reply(exc, f'a cancel of job {job_id!r}')} "
                                   f"({exc}): it may or may not have been cancelled; cancel it again to "
                                   "make sure (False: it had ended, or was cancelled already)") from exc
             if reply.status == "removed":
