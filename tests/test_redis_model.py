@@ -545,17 +545,17 @@ class Model:
         return ("ok", evicted, None, 0)
 
     def fetch(self, proc: str, fetch_id: str, n: int, registered: bool, ops: List[SettleOp], now_us: int):
-        """Returns (reaped, stale, crashed, jobs, next due)."""
+        """Returns (reaped, stale, crashed, jobs, next due, cancels, overruled, lost)."""
         self.begin_call()
-        if registered and proc not in self.procs:
-            return (True, 0, [], [], None, [], [])
+        if registered and proc not in self.procs:  # (Redis never loses its data here: reaped, not lost)
+            return (True, 0, [], [], None, [], [], False)
         self.procs[proc] = now_us // 1000 + LEASE
         last = self.fetched.get(proc)
         if last is not None and last[0] == fetch_id:  # a resend: the same attempts, nothing new
             held = self.inflight.get(proc, {})
             jobs = [self.fetched_row(proc, a) for a in last[1] if held.get(a, "").startswith("L")]
             return (False, len(ops), wire(last[2]), jobs, self.next_due(), sorted(self.cancels.get(proc, ())),
-                    sorted(last[3]))
+                    sorted(last[3]), False)
         stale = self.settle(proc, ops, now_us)
         crashed: List[Tuple[Any, ...]] = []
         self.reap(now_us, crashed)
@@ -588,7 +588,7 @@ class Model:
         self.fetched[proc] = (fetch_id, taken, sorted(crashed), list(self.overruled))
         self.handed(proc, crashed)
         return (False, stale, wire(crashed), [self.fetched_row(proc, a) for a in taken], self.next_due(),
-                sorted(self.cancels.get(proc, ())), sorted(self.overruled))
+                sorted(self.cancels.get(proc, ())), sorted(self.overruled), False)
 
     def next_due(self) -> Optional[int]:
         return min(self.delayed.values()) if self.delayed else None
@@ -600,12 +600,12 @@ class Model:
     def beat(self, proc: str, registered: bool, beat_id: str, now_us: int):
         self.begin_call()
         if registered and proc not in self.procs:
-            return (False, [], [])
+            return (False, [], [], False)
         self.procs[proc] = now_us // 1000 + LEASE
         cancels = sorted(self.cancels.get(proc, ()))
         last = self.beaten.get(proc)
         if beat_id and last is not None and last[0] == beat_id:  # a resend: what the first found
-            return (True, wire(last[1]), cancels)
+            return (True, wire(last[1]), cancels, False)
         crashed: List[Tuple[Any, ...]] = []
         self.reap(now_us, crashed)
         if beat_id:
@@ -615,7 +615,7 @@ class Model:
         else:
             self.reported_by_reply(crashed)
             self.keep_ended()  # (without a beat id a resend could not return them again)
-        return (True, wire(crashed), cancels)
+        return (True, wire(crashed), cancels, False)
 
     def reap_call(self, now_us: int):
         self.begin_call()
@@ -1016,7 +1016,7 @@ class Proc:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.registered = False
+        self.registered = 0  # the server time (ms) of its registration (its first fetch or beat), or 0
         self.fetch_ids = itertools.count(1)
         self.beat_ids = itertools.count(1)
 
@@ -1146,9 +1146,9 @@ class ScriptsMachine(RuleBasedStateMachine):
         if kind == "fetch":
             return (reply.reaped, reply.stale, rows(reply.crashed),
                     [tuple(j) for j in reply.jobs], reply.next_due_ms, sorted(reply.cancels),
-                    sorted(tuple(o) for o in reply.overruled))
+                    sorted(tuple(o) for o in reply.overruled), reply.lost)
         if kind == "beat":
-            return (reply.alive, rows(reply.crashed), sorted(reply.cancels))
+            return (reply.alive, rows(reply.crashed), sorted(reply.cancels), reply.lost)
         if kind == "reap":
             return (reply[0], rows(reply[1]))
         if kind == "cancel":
@@ -1307,8 +1307,8 @@ class ScriptsMachine(RuleBasedStateMachine):
         if proc is not None:
             if reply.reaped:
                 self.reaped(proc)
-            else:
-                proc.registered = True
+            else:  # (the server time of its registration: a reap after it is no loss of Redis's data)
+                proc.registered = proc.registered or reply.now_ms
 
     def remember_attempts_of(self, name):
         proc = self.procs.get(name)
@@ -1356,7 +1356,7 @@ class ScriptsMachine(RuleBasedStateMachine):
             if not reply[0]:
                 self.reaped(proc)
             else:
-                proc.registered = True
+                proc.registered = proc.registered or reply[1]
 
     @precondition(lambda self: self.model is not None and self.model.procs)
     @rule()

@@ -67,6 +67,9 @@ _REPORT_WAIT = 10.0  # seconds stop() waits for failure callbacks on rows handed
 _SETTLE_BATCH = 32  # settle ops that make the pump flush at once
 _SETTLE_DELAY = 0.001  # seconds an op may wait for company before the pump flushes it
 _IDLE_WAIT = 1.0  # seconds an idle pump blocks in Redis before it looks again
+# Seconds between a worker process's looks at Redis's settings (broker._look_at_settings): a
+# maxmemory-policy or appendonly changed after connect is warned of too.
+_SETTINGS_LOOK = 60.0
 _BACKOFF_MIN = 0.05  # seconds before the first retry after Redis failed
 _BACKOFF_MAX = 0.25  # (connecting to a server that is back costs little; waiting costs latency)
 _ROOM_POLL_MIN = 0.001  # enqueue(block=True) and join() look again after this, doubling
@@ -152,6 +155,15 @@ def _sendable_count(retries: Any) -> int:
         return 0
 
 
+def _no_reply(exc: BaseException, call: str) -> str:
+    """How ``call`` (``"a cancel of job 'x'"``), which raised ``exc``, went, for its error: Redis
+    answered it with an error (a script that failed part-way, on a key another program wrote; a
+    replica that takes no writes), or no reply came. Either way it may have run, in part or in full."""
+    if isinstance(exc, __import__("redis").ResponseError):
+        return f"answered {call} with an error"
+    return f"did not answer {call}"
+
+
 def _refused_as_full(exc: BaseException) -> bool:
     """Whether Redis refused a call for its maxmemory (a script that takes new jobs, at its
     first write: lib.lua's refuse_if_full). Redis 7 replies with an OOM error, 6.2 with a
@@ -229,7 +241,8 @@ class QueueLink:
         self._lost_limits: Dict[str, Union[int, Tuple[int, int, float]]] = {}
         self._rate_limited: FrozenSet[str] = frozenset()  # types whose starts this process reports (op T)
         self._proc = self._new_proc_id()
-        self._registered = False  # the server knows _proc (a fetch or beat succeeded)
+        # The server time (ms) at which _proc registered (its first fetch or beat that succeeded), or 0.
+        self._registered = 0
         # Guarded by _round_lock: one fetch round at a time, and the round to resend, if any.
         self._round_lock = threading.Lock()
         self._unsent: Optional[Tuple[str, str, int, List[SettleOp]]] = None  # (proc, fetch id, n, ops)
@@ -299,8 +312,9 @@ class QueueLink:
                                       f"enqueued to Redis queue {self.broker.name!r} ({exc})") from exc
                 self._reply_lost(caller, token)
                 # Not "not enqueued": the call may have reached Redis and run, its reply lost.
-                raise TinyMQError(f"Redis queue {self.broker.name!r} did not answer an enqueue of {len(rows)} "
-                                  f"job(s) ({exc}): they may or may not have been enqueued; enqueue the same "
+                went = _no_reply(exc, f"an enqueue of {len(rows)} job(s)")
+                raise TinyMQError(f"Redis queue {self.broker.name!r} {went} ({exc}): they may or may not have "
+                                  "been enqueued; enqueue the same "
                                   "job(s) again to know (DuplicateJob: it got in)") from exc
             if reply.status in ("ok", "again"):
                 break
@@ -559,9 +573,16 @@ class QueueLink:
         frozen server costs join(timeout) about its timeout, not the socket's."""
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = _ROOM_POLL_MIN
+        began: Optional[str] = None  # when the queue's state began, as the first look saw it
         while True:
             try:
-                if not self.scripts.unfinished(timeout=reply_wait(_call_deadline(deadline))):
+                waits, now_began = self.scripts.unfinished(timeout=reply_wait(_call_deadline(deadline)))
+                if began and now_began != began:  # (not '' -> a time: a first worker registered)
+                    logger.error("Redis at %s lost the state of queue %r while join() waited (it restarted "
+                                 "without its data, or its keys were deleted): the jobs it waited for are gone, "
+                                 "not run", redacted_url(self.broker.url), self.broker.name)
+                began = now_began
+                if not waits:
                     return True
             except self._redis_error as exc:
                 self._log_outage("join()", exc)
@@ -612,7 +633,7 @@ class QueueLink:
             except self._redis_error as exc:
                 self._reply_lost(caller, token)
                 # Not "not cancelled": the call may have reached Redis and run, its reply lost.
-                raise TinyMQError(f"Redis queue {self.broker.name!r} did not answer a cancel of job {job_id!r} "
+                raise TinyMQError(f"Redis queue {self.broker.name!r} {_no_reply(exc, f'a cancel of job {job_id!r}')} "
                                   f"({exc}): it may or may not have been cancelled; cancel it again to "
                                   "make sure (False: it had ended, or was cancelled already)") from exc
             if reply.status == "removed":
@@ -1010,9 +1031,9 @@ class QueueLink:
                                        self._registered, ops)
             self._unsent = None
             if reply.reaped:
-                self._abandon()
+                self._abandon(reply.lost)
                 return 0
-            self._registered = True
+            self._registered = self._registered or reply.now_ms
             with self._lock:
                 self._renewed(sent)
                 moves = self._settled(ops, reply.overruled) if reply.overruled or self._failing else ()
@@ -1093,9 +1114,20 @@ class QueueLink:
                     self._queue_op(SettleOp("B", record.attempt))
         return len(jobs), [job for job, _ in undecodable]
 
-    def _abandon(self) -> None:
-        """This process was reaped (silent past its lease): drop what it held, register anew."""
+    def _abandon(self, lost: bool) -> None:
+        """This process was reaped (silent past its lease), or Redis lost the queue's state since it
+        registered (``lost``): drop what it held, register anew."""
+        with self._lock:
+            running = sum(1 for r in self._attempts.values() if r.state == _STARTED and not r.expired)
+            buffered = len(self._attempts) - running
         old = self._let_go()
+        if lost:  # (not "given to others": nobody has them, and no process will run them again)
+            logger.error("Redis at %s lost the state of queue %r (it restarted without its data, or its keys "
+                         "were deleted): the jobs queued there are gone, and so are the %d attempt(s) this "
+                         "process (%s) was running, whose outcomes are ignored, and the %d job(s) it had "
+                         "fetched, which it dropped; it registers again as %s", redacted_url(self.broker.url),
+                         self.broker.name, running, old, buffered, self._proc)
+            return
         logger.warning("this process (%s) was silent past its %gs lease and its jobs were given to "
                        "others; it dropped its buffer and registers again as %s", old, self.broker.lease,
                        self._proc)
@@ -1116,7 +1148,7 @@ class QueueLink:
             self._ops = []  # their attempts are no longer ours: every op would be stale
             self._failing = {}  # (no reply will say what became of their ops)
             old, self._proc = self._proc, self._new_proc_id()
-            self._registered = False
+            self._registered = 0
             # Sent again before the next fetch, for the types Redis holds none for: it may have lost
             # them (it restarted without its data: every process finds itself reaped), and would
             # hand out jobs without limits.
@@ -1315,25 +1347,32 @@ class QueueLink:
         # (proc, beat id) of a beat that got no reply: the next one is that beat again, so the
         # rows it handed this process (reporting:<proc>) reach it; a fresh beat id never would.
         unanswered: Optional[Tuple[str, str]] = None
+        next_look = time.monotonic() + _SETTINGS_LOOK
         while not self._stopped.wait(max(0.0, min(next_beat - time.monotonic(), _BUFFERED_MAX))):
             self._give_back_stuck()
             if time.monotonic() < next_beat:
                 continue
             next_beat = time.monotonic() + interval
+            if time.monotonic() >= next_look:  # (between beats, bounded as one: the lease comes first)
+                next_look = time.monotonic() + _SETTINGS_LOOK
+                try:
+                    self.broker._look_at_settings(interval)
+                except self._redis_error:
+                    pass  # (an outage: the beat below says so)
             try:
                 with self._round_lock:  # never beside a round: a reap answer must meet a settled state
                     proc, registered = self._proc, self._registered
                     if unanswered is None or unanswered[0] != proc:
                         unanswered = (proc, format(next(self._beat_ids), "x"))
                     sent = time.monotonic()
-                    alive, _, crashed, cancels = self.broker._call_resending(  # (its crashed jobs must
-                        self.scripts.heartbeat, proc, self._lease_ms,               # not be lost)
+                    alive, now_ms, crashed, cancels, lost = self.broker._call_resending(  # (its crashed jobs
+                        self.scripts.heartbeat, proc, self._lease_ms,                        # must not be lost)
                         self.broker.max_crash_recoveries, registered, unanswered[1])
                     unanswered = None
                     if not alive:
-                        self._abandon()
+                        self._abandon(lost)
                     else:
-                        self._registered = True
+                        self._registered = self._registered or now_ms
                         with self._lock:
                             self._renewed(sent)
             except self._redis_error as exc:

@@ -138,6 +138,7 @@ class FetchReply(NamedTuple):
     cancels: Sequence[str] = ()  # attempts of this process that q.cancel() marked
     # (attempt, type) of each op of the call that a mark made a cancel (not this process's own)
     overruled: Sequence[Tuple[str, str]] = ()
+    lost: bool = False  # reaped because Redis lost the queue's state since this process registered
 
 
 class BeatReply(NamedTuple):
@@ -145,6 +146,7 @@ class BeatReply(NamedTuple):
     now_ms: int
     crashed: List[Crashed]
     cancels: Sequence[str]  # attempts of this process that q.cancel() marked
+    lost: bool = False  # not alive because Redis lost the queue's state since this process registered
 
 
 class CancelReply(NamedTuple):
@@ -428,13 +430,16 @@ class Scripts:
         return EnqueueReply(status, [])
 
     def fetch(self, proc: str, fetch_id: str, n: int, lease_ms: int, max_crash_recoveries: int,
-              registered: bool, ops: Sequence[SettleOp] = ()) -> FetchReply:
-        """Settle ``ops``, renew, reap, promote, and take up to ``n`` jobs for ``proc``."""
+              registered: int, ops: Sequence[SettleOp] = ()) -> FetchReply:
+        """Settle ``ops``, renew, reap, promote, and take up to ``n`` jobs for ``proc``.
+        ``registered``: the server time (ms) at which ``proc`` registered, or 0 (a bool: True for
+        "registered", when that time does not matter)."""
         reply = self._call("fetch", [proc, fetch_id, n, lease_ms, max_crash_recoveries,
-                                     "1" if registered else "0", len(ops), *_ops_args(ops)])
+                                     int(registered), len(ops), *_ops_args(ops)])
         due = float(reply[2])
+        status = int(reply[0])
         return FetchReply(
-            reaped=int(reply[0]) == 0, now_ms=int(reply[1]), next_due_ms=None if due < 0 else due,
+            reaped=status <= 0, lost=status < 0, now_ms=int(reply[1]), next_due_ms=None if due < 0 else due,
             stale=int(reply[3]), crashed=_crashed(reply[4]),
             jobs=[Fetched(row[0], row[1], retries_of(row[2]), row[3] or "") for row in reply[5]],
             now_us=int(reply[6]), cancels=reply[7], overruled=[(row[0], row[1]) for row in reply[8]],
@@ -445,7 +450,7 @@ class Scripts:
         return int(self._call("settle", [proc, len(ops), *_ops_args(ops)]))
 
     def beat(self, proc: str, lease_ms: int, max_crash_recoveries: int,
-             registered: bool, beat_id: str = "") -> Tuple[bool, int, List[Crashed]]:
+             registered: int, beat_id: str = "") -> Tuple[bool, int, List[Crashed]]:
         """Renew ``proc``'s lease and reap; ``(alive, server now ms, crashed)``.
 
         With a ``beat_id``, the same call sent again (its reply was lost) returns the
@@ -455,10 +460,11 @@ class Scripts:
         return reply.alive, reply.now_ms, reply.crashed
 
     def heartbeat(self, proc: str, lease_ms: int, max_crash_recoveries: int,
-                  registered: bool, beat_id: str = "") -> BeatReply:
-        """``beat``, with the attempts of ``proc`` that q.cancel() marked."""
-        reply = self._call("beat", [proc, lease_ms, max_crash_recoveries, "1" if registered else "0", beat_id])
-        return BeatReply(int(reply[0]) == 1, int(reply[1]), _crashed(reply[2]), reply[3])
+                  registered: int, beat_id: str = "") -> BeatReply:
+        """``beat``, with the attempts of ``proc`` that q.cancel() marked (``registered``: as fetch's)."""
+        reply = self._call("beat", [proc, lease_ms, max_crash_recoveries, int(registered), beat_id])
+        status = int(reply[0])
+        return BeatReply(status == 1, int(reply[1]), _crashed(reply[2]), reply[3], lost=status < 0)
 
     def cancel(self, token: str, job_id: str, caller: str = "", lease_ms: int = 0, take_back: str = "",
                timeout: Optional[float] = None) -> CancelReply:
@@ -488,9 +494,11 @@ class Scripts:
         reply = self._call("release", [proc, len(ops), *_ops_args(ops)], timeout)
         return ReleaseReply(int(reply[0]), [(row[0], row[1]) for row in reply[1]])
 
-    def unfinished(self, timeout: Optional[float] = None) -> bool:
-        """Whether join() waits on: a job is unfinished, or waits in Redis (unfinished.lua)."""
-        return int(self._call("unfinished", [], timeout)) == 1
+    def unfinished(self, timeout: Optional[float] = None) -> Tuple[bool, str]:
+        """Whether join() waits on (a job is unfinished, or waits in Redis), and when the queue's
+        state began ('' before a worker process registered): see unfinished.lua."""
+        waits, began = self._call("unfinished", [], timeout)
+        return int(waits) == 1, began
 
     def hold(self, reporter: str, lease_ms: int) -> bool:
         """Renew the lease of ``reporter`` (see cancel): False when it is no longer registered."""

@@ -1,16 +1,18 @@
 --[[ beat: renew proc's lease and reap up to two dead processes.
-KEYS[1] prefix. ARGV: proc, lease ms, max crash recoveries, registered ('1' if it
-registered before), beat id (optional: '' or absent for none).
+KEYS[1] prefix. ARGV: proc, lease ms, max crash recoveries, registered (the server time, ms, at
+which it registered: its first fetch or beat; '0' before it), beat id (optional: '' or absent for none).
 Returns {status, server now ms, crashed {{id, body, retries, error, reason, key}...},
          cancels {attempt...}} (crashed also holds jobs ended as cancelled, cancels the
          attempts of proc that q.cancel() marked: see fetch);
-status 0: proc was reaped (not renewed): it must abandon its buffer and register again.
+status 0: proc was reaped (not renewed): it must abandon its buffer and register again;
+-1: the same, because Redis lost the queue's state since it registered (see renew in lib.lua).
 With a beat id, a resent call (the same proc and id) only renews, and returns the jobs
 the first call found crashed: each is reported once, by whoever gets the reply. ]]
 even_if_full()
 local proc, lease, max_crash, bid = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[5] or ''
 local now = now_ms()
-if not renew(proc, now, lease, ARGV[4]) then return {0, now, {}, {}} end
+local renewed, lost = renew(proc, now, lease, ARGV[4])
+if not renewed then return {lost and -1 or 0, now, {}, {}} end
 local cancels = redis.call('SMEMBERS', cancels_key(proc))
 if bid ~= '' then
   local last = redis.call('HGET', K_BEATEN, proc)

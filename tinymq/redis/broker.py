@@ -97,6 +97,7 @@ class RedisBroker:
         self._scripts = Scripts(self._client, name, self._connections(_POOL_SIZE, _SOCKET_TIMEOUT))
         self._checked = False
         self._check_lock = threading.Lock()
+        self._settings_seen: Dict[str, Optional[str]] = {}  # (see _look_at_settings)
         self._queue: Any = None  # the one Queue link this broker serves
         self._closed = False
         try:
@@ -134,18 +135,26 @@ class RedisBroker:
             parts = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
             if parts < _MIN_VERSION:
                 raise TinyMQError(f"tinymq needs Redis >= 6.2 (or Valkey); {redacted_url(self.url)} runs {version}")
-            policy = self._config("maxmemory-policy", timeout)
-            if policy is not None and policy != "noeviction":
-                logger.warning(
-                    "Redis at %s has maxmemory-policy %r: under memory pressure it may evict "
-                    "tinymq's keys and lose jobs; set maxmemory-policy noeviction", redacted_url(self.url), policy)
-            if self._config("appendonly", timeout) == "no":
-                logger.warning(
-                    "Redis at %s runs with appendonly no: if it stops or dies, the jobs it accepted since "
-                    "its last snapshot are lost; set appendonly yes", redacted_url(self.url))
+            self._look_at_settings(timeout)
             self._checked = True
         finally:
             self._check_lock.release()
+
+    def _look_at_settings(self, timeout: Optional[float] = None) -> None:
+        """Warn of a setting that loses jobs (an evicting maxmemory-policy, appendonly no): at the first
+        reply, and again whenever a later look (a worker process's heartbeat, every _SETTINGS_LOOK)
+        finds it changed to such a value (a CONFIG SET, a restart with another configuration)."""
+        policy = self._config("maxmemory-policy", timeout)
+        if policy is not None and policy != "noeviction" and policy != self._settings_seen.get("maxmemory-policy"):
+            logger.warning(
+                "Redis at %s has maxmemory-policy %r: under memory pressure it may evict "
+                "tinymq's keys and lose jobs; set maxmemory-policy noeviction", redacted_url(self.url), policy)
+        appendonly = self._config("appendonly", timeout)
+        if appendonly == "no" and self._settings_seen.get("appendonly") != "no":
+            logger.warning(
+                "Redis at %s runs with appendonly no: if it stops or dies, the jobs it accepted since "
+                "its last snapshot are lost; set appendonly yes", redacted_url(self.url))
+        self._settings_seen = {"maxmemory-policy": policy, "appendonly": appendonly}
 
     def _config(self, name: str, timeout: Optional[float]) -> Optional[str]:
         """The server's setting ``name``; None where CONFIG is disabled (some managed services)."""
@@ -374,10 +383,18 @@ def _dead_entries(rows: Iterable[Tuple[str, str, Any, Optional[str], Optional[st
 
 def redacted_url(url: str) -> str:
     """``url`` without its password, fit to print (messages here, and the CLI's output): the one
-    before the host, and a ``password=`` in the query string, which redis-py reads as well."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is not None:
-        hidden = parts.netloc.replace(f":{parts.password}@", ":***@")
-        url = urllib.parse.urlunsplit(parts._replace(netloc=hidden))
+    before the host, and a ``password=`` in the query string, which redis-py reads as well. A URL
+    that urllib cannot split (an IPv6 host's bracket left open) shows no user or password at all."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # (the messages that name such a URL say it is not usable: never raise here)
+        scheme, separator, rest = url.partition("://")
+        _, at, host = rest.rpartition("@")
+        if at:
+            url = f"{scheme}{separator}***@{host}"
+    else:
+        if parts.password is not None:
+            hidden = parts.netloc.replace(f":{parts.password}@", ":***@")
+            url = urllib.parse.urlunsplit(parts._replace(netloc=hidden))
     head, mark, query = url.partition("?")
     return head + mark + re.sub(r"(^|[&;])(password=)[^&;#]*", r"\1\2***", query)

@@ -1,7 +1,8 @@
 --[[ fetch: settle a batch, renew the lease, reap, promote due jobs (promote_due: at most
 PROMOTE_PER_CALL), take up to n jobs.
 KEYS[1] prefix. ARGV: proc, fetch id, n, lease ms, max crash recoveries,
-registered ('1' when proc fetched or beat before), settle count, then settle ops
+registered (the server time, ms, at which proc registered: its first fetch or beat; '0'
+before it), settle count, then settle ops
 (2 or 6 entries each, see settle in lib.lua).
 Returns {status, server now ms, next due ms (the earliest delayed job or rate window
          opening; fractional, as text; -1: none), stale settles,
@@ -15,7 +16,8 @@ its attempts that q.cancel() marked: it cancels them locally (the settle already
 them up: no extra read when there are none); overruled, its attempts whose op of this call a
 mark turned into a cancel (see settle in lib.lua), for it to count as cancelled.
 status 1 = ok; 0 = this process was reaped (nothing else done: it must abandon its
-buffer and register again under a new id).
+buffer and register again under a new id); -1 = the same, because Redis lost the queue's
+state since it registered (see renew in lib.lua).
 Jobs come strictly by level (HIGH first), FIFO within one. A job whose type has no free
 slot, or whose rate window is full, is parked (so a saturated type never blocks others)
 and comes back when a slot of its type frees or its rate window opens (the next due time
@@ -30,7 +32,8 @@ local proc, fid, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local lease, max_crash, registered = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local nsettle = tonumber(ARGV[7])
 local now = now_ms()
-if not renew(proc, now, lease, registered) then return {0, now, -1, 0, {}, {}, now_us, {}, {}} end
+local renewed, lost = renew(proc, now, lease, registered)
+if not renewed then return {lost and -1 or 0, now, -1, 0, {}, {}, now_us, {}, {}} end
 local ik = inflight_key(proc)
 local jobs = {}
 local last = redis.call('HGET', K_FETCHED, proc)

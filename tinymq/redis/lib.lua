@@ -32,8 +32,10 @@ Keys (after the prefix):
                                  ends the attempt (settle, reap, release) reads and deletes it
                                  here, never job:<id>, which may be that new job's
   seq                      STRING the last FIFO order handed out
-  clock                    STRING server time (ms) of the last lease-keeping call (fetch,
-                                 beat, reap): a longer gap than that is an outage
+  clock                    HASH  t server time (ms) of the last lease-keeping call (fetch,
+                                 beat, reap), g the gap (ms) past which that is an outage
+                                 (see mind_the_gap), e server time (ms) the queue's state
+                                 began (see renew)
   token:<token>            STRING the JSON reply that a resend of the call <token> (an
                                  enqueue, a cancel, a schedule tick; a release: its token is
                                  release|<proc>) gets, kept TOKEN_KEPT: a resend is
@@ -775,11 +777,18 @@ local function mind_the_gap(now, lease)
   end
 end
 
--- Renew proc's lease (registering it, unless `registered` is '1'); false, doing nothing,
--- when proc registered before and was reaped since: it must register again under a new id.
+-- Renew proc's lease (registering it when `registered` is '0'; else it is the server time, ms,
+-- of proc's registration); false, doing nothing, when proc registered before and is not
+-- registered now: it must register again under a new id. Then a second value says why: false,
+-- it was reaped; true, Redis lost the queue's state since (it restarted without its data, or
+-- its keys were deleted): the clock hash's e, when the state began (set by the first renew
+-- after that), is missing, or later than proc's registration.
 local function renew(proc, now, lease, registered)
+  local since = tonumber(registered) or 0
+  local began = tonumber(redis.call('HGET', K_CLOCK, 'e')) -- (before mind_the_gap writes the hash)
   mind_the_gap(now, lease)
-  if registered == '1' and not redis.call('ZSCORE', K_PROCS, proc) then return false end
+  if since > 0 and not redis.call('ZSCORE', K_PROCS, proc) then return false, not began or began > since end
+  if not began then redis.call('HSET', K_CLOCK, 'e', now) end
   redis.call('ZADD', K_PROCS, now + lease, proc)
   return true
 end
