@@ -1,7 +1,13 @@
 """Findings of a newcomer (session 27) who follows README.md on a fresh machine and checks the
 docs against the public contract and the code."""
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 
+import tinymq
 from tinymq import Config, Job, Queue, QueueFull
 
 
@@ -22,3 +28,27 @@ def test_the_config_of_a_queue_can_be_read_but_not_replaced():
         with pytest.raises(QueueFull, match=r"\(1 job\)"):
             q.enqueue(Job("x"))
         assert q.get_stats().max_delayed_jobs == 7
+
+
+# --- an install whose core was not compiled -------------------------------------------------------
+
+# Fixed: where the core could not be compiled (no compiler, no Python headers), importing tinymq
+# warned "tinymq's compiled core is not available (cannot import name '_core' from partially
+# initialized module 'tinymq' (most likely due to a circular import) ...)": Python's text for a
+# submodule missing while its package imports, which sends a newcomer looking for an import
+# cycle. The warning now names the module that is missing.
+
+
+def test_the_warning_of_an_install_without_the_compiled_core_names_what_is_missing(tmp_path):
+    source = os.path.dirname(tinymq.__file__)
+    shutil.copytree(source, tmp_path / "tinymq",
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "*.c", "__pycache__"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TINYMQ_")}
+    env["PYTHONPATH"] = str(tmp_path)
+    result = subprocess.run([sys.executable, "-W", "always", "-c", "import tinymq; print(tinymq.HAS_EXTENSION)"],
+                            env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False"]
+    assert "RuntimeWarning: tinymq's compiled core is not available" in result.stderr
+    assert "circular import" not in result.stderr
+    assert "No module named 'tinymq._core'" in result.stderr
