@@ -4,11 +4,14 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 
 import tinymq
 from tinymq import Config, Job, Queue, QueueFull
+
+from _helpers import wait_until
 
 
 # --- q.config -------------------------------------------------------------------------------------
@@ -55,3 +58,39 @@ def test_the_warning_of_an_install_without_the_compiled_core_names_what_is_missi
     assert "circular import" not in result.stderr
     assert "No module named 'tinymq._core'" in result.stderr
 
+
+# --- attempt durations of an attempt that stop() hands back over Redis -----------------------------
+
+# Not fixed (xfail strict): over Redis, a plain fn(job) attempt that stop() hands back while it runs
+# counts nowhere in its process (its job runs again elsewhere: ReadyQueue.recount takes its count
+# back), yet its duration stays recorded in the process's attempt histogram, which docs/api.md
+# says holds the attempts whose outcome is counted (tinymq_attempt_duration_seconds_count then
+# exceeds the sum of tinymq_jobs_total's succeeded, failed, retried and cancelled). Taking a record
+# back needs the attempt's bucket, which the core does not keep: both cores would change.
+
+
+@pytest.mark.xfail(strict=True, reason="the histogram keeps an attempt that recount() took back")
+def test_a_plain_attempt_that_stop_gave_back_over_redis_is_not_recorded_in_the_histogram(redis_backend):
+    from _helpers import WAIT
+
+    producer, worker = redis_backend.pair()
+    started, let_go, ended = threading.Event(), threading.Event(), threading.Event()
+
+    def run(job):
+        started.set()
+        try:
+            assert let_go.wait(WAIT)  # a plain function: stop() has no context to cancel
+        finally:
+            ended.set()
+
+    worker.register_executor("t", run)
+    producer.enqueue(Job("t"))
+    worker.start_dispatcher(1)
+    assert started.wait(WAIT)
+    worker.stop(wait=False)  # the release hands the running attempt back to Redis
+    let_go.set()
+    assert ended.wait(WAIT)
+    assert wait_until(lambda: worker.get_stats().executor_stats["t"].active_jobs == 0)
+    assert worker.get_stats().executor_stats["t"].succeeded == 0  # counted nowhere here
+    counts, _ = worker._attempt_durations().get("t", ((0,), 0.0))
+    assert sum(counts) == 0
