@@ -1,6 +1,7 @@
 """Findings of a newcomer (session 27) who follows README.md on a fresh machine and checks the
 docs against the public contract and the code."""
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import threading
 import pytest
 
 import tinymq
-from tinymq import Config, Job, Queue, QueueFull
+from tinymq import Config, Job, Queue, QueueFull, SQLitePersistence
 
 from _helpers import wait_until
 
@@ -94,3 +95,20 @@ def test_a_plain_attempt_that_stop_gave_back_over_redis_is_not_recorded_in_the_h
     assert worker.get_stats().executor_stats["t"].succeeded == 0  # counted nowhere here
     counts, _ = worker._attempt_durations().get("t", ((0,), 0.0))
     assert sum(counts) == 0
+
+
+# --- SQLitePersistence.claim's pattern -------------------------------------------------------------
+
+# Fixed: claim() takes a str, bytes or path pattern (docs/persistence.md), but one without its '{}'
+# was refused with "pattern must be a str with one '{}' for the slot number", which sends a
+# newcomer who passed a pathlib.Path to change its type rather than add the '{}'.
+
+
+@pytest.mark.parametrize("pattern", [pathlib.Path("jobs.db"), b"jobs-{x}.db", "jobs-{{}}.db"],
+                         ids=["path", "bytes", "str"])
+def test_claim_refuses_a_pattern_without_its_slot_field_for_that_alone(tmp_path, monkeypatch, pattern):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"pattern must have one '\{\}' for the slot number") as caught:
+        SQLitePersistence.claim(pattern, slots=2)
+    assert "must be a str" not in str(caught.value)
+    assert os.listdir(str(tmp_path)) == []  # refused before any file was made
