@@ -13,9 +13,10 @@ The queue lives as long as the app (FastAPI's lifespan).
 
 Run the demo (in-process, no network; needs ``pip install fastapi httpx``):
     python examples/fastapi_app.py
-or serve it: ``uvicorn examples.fastapi_app:app``. A recent Starlette (FastAPI's base) prints
-``StarletteDeprecationWarning: Using `httpx` with `starlette.testclient` is deprecated; install
-`httpx2` instead.`` first: harmless here, and ``pip install httpx2`` makes it go away.
+or serve it from the checkout's root (``pip install uvicorn``): ``uvicorn examples.fastapi_app:app``.
+A recent Starlette (FastAPI's base) prints ``StarletteDeprecationWarning: Using `httpx` with
+`starlette.testclient` is deprecated; install `httpx2` instead.`` first: harmless here, and
+``pip install httpx2`` makes it go away.
 """
 import asyncio
 import time

@@ -5,6 +5,7 @@ here and at build time) selects the pure twin; so does any interpreter other
 than CPython, or an install where the compiled core was not built (a machine
 without a C compiler).
 """
+import importlib
 import os
 import platform
 import warnings
@@ -19,7 +20,8 @@ if os.environ.get("TINYMQ_NO_EXTENSIONS", "") not in ("", "0") or (
     HAS_EXTENSION = False
 else:
     try:
-        from . import _core as core  # type: ignore[no-redef, attr-defined]
+        # (not "from . import _core": a missing one would be told as a circular import of tinymq)
+        core = importlib.import_module(f"{__package__}._core")  # type: ignore[assignment]
 
         HAS_EXTENSION = True
     except ImportError as exc:  # not built: no compiler at install time

@@ -245,7 +245,7 @@ class Queue:
             raise ValueError(f"give buffer_size or config, not both (got buffer_size={buffer_size!r})")
         elif not isinstance(config, Config):
             raise TypeError(f"config must be a tinymq.Config, got {config!r}")
-        self.config = config
+        self._config = config
         self._dispatcher = Dispatcher(config)
         self._ready = self._dispatcher.ready
         self._store: Any = None
@@ -728,6 +728,11 @@ class Queue:
             self._store_taken = store
 
     # --- observing and stopping ---------------------------------------------
+
+    @property
+    def config(self) -> Config:
+        """The queue's settings, fixed for its whole life (its core and broker keep them)."""
+        return self._config
 
     @property
     def broker(self) -> Any:

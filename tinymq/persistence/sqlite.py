@@ -382,7 +382,8 @@ class SQLitePersistence:
         _live_stores.add(self)
 
     @classmethod
-    def claim(cls, pattern: str, slots: int = 8, **kwargs: Any) -> "SQLitePersistence":
+    def claim(cls, pattern: Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"], slots: int = 8,
+              **kwargs: Any) -> "SQLitePersistence":
         """Open the first of ``pattern.format(0)`` .. ``pattern.format(slots - 1)`` no live store owns.
 
         For several processes of one app: each claims a file of its own, and a
@@ -401,7 +402,7 @@ class SQLitePersistence:
         except (IndexError, KeyError, ValueError, AttributeError):
             distinct = False
         if not distinct:
-            raise ValueError(f"pattern must be a str with one '{{}}' for the slot number, got {pattern!r}")
+            raise ValueError(f"pattern must have one '{{}}' for the slot number, got {pattern!r}")
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ValueError(f"slots must be an int >= 1, got {slots!r}")
         if kwargs.get("read_only"):

@@ -251,6 +251,15 @@ def _send(connection: Any, command: Tuple[Any, ...]) -> None:
         connection.send_packed_command([_pack_command(command)])
 
 
+def _read_timed_out(exc: Exception) -> Exception:
+    """The redis.TimeoutError that a ConnectionError raised by a read's timeout stands for: redis-py's
+    hiredis parser raises the builtin TimeoutError, which on Python 3.9 is not socket.timeout, so
+    redis-py reports it as a broken connection, one that a resend would wait for again."""
+    import redis
+
+    return redis.TimeoutError(str(exc))
+
+
 def _reply(connection: Any, by: Optional[float]) -> Any:
     """The reply to the command just sent; with ``by`` (monotonic), redis.TimeoutError when none
     begins by then (the connection's own socket timeout, 10 s, bounds it otherwise): a caller's
@@ -404,6 +413,10 @@ class Scripts:
             return reply
         except (redis.exceptions.ResponseError, UnicodeEncodeError):
             broken = False  # the server answered with an error, or the text was refused before it went
+            raise
+        except redis.ConnectionError as exc:
+            if isinstance(exc.__context__, TimeoutError):  # a read that timed out: see _read_timed_out
+                raise _read_timed_out(exc) from exc
             raise
         finally:
             connections.release(connection, broken)
