@@ -19,7 +19,7 @@ import threading
 import pytest
 import redis as redis_py
 
-from tinymq import Job, RetryConfig
+from tinymq import ExecutorConfig, Job, RetryConfig
 
 from _backends import Redis
 from _helpers import WAIT, per_type_counts, shared_counts, wait_until
@@ -144,6 +144,39 @@ def test_a_success_counted_before_stop_hands_back_stands_and_goes_with_the_relea
     assert run.runs == 1  # not handed back: it does not run again
 
 
+def test_a_retry_decided_as_stop_hands_the_attempt_back_is_not_counted(quiet):
+    """The attempt raised; stop()'s release hands it back between the check that it is still this
+    process's and its retry's count (before: counted retried here, while Redis had a give-back)."""
+    producer, worker = quiet.pair()
+    run = FirstRunHeld(raises=True)
+    for q in (producer, worker):
+        q.register_executor("t", run)
+    checked, gate = threading.Event(), threading.Event()
+    not_held = worker._link.not_held
+
+    def not_held_gated(job, exc):
+        held_elsewhere = not_held(job, exc)
+        checked.set()
+        assert gate.wait(WAIT)
+        return held_elsewhere
+
+    worker._link.not_held = not_held_gated
+    producer.enqueue(Job("t", "first", retry_config=RetryConfig(max_retries=2, initial_delay=0.0)))
+    worker.start_dispatcher(1)
+    assert run.started.wait(WAIT)
+    run.let_go.set()
+    assert checked.wait(WAIT)  # still this process's attempt when its failure was looked at
+    worker.stop(wait=False)  # the release hands it back
+    gate.set()
+    run.threads[0].join(WAIT)
+    assert not run.threads[0].is_alive()
+    assert per_type_counts(worker) == NOTHING  # (before: retried 1)
+    producer.start_dispatcher(1)
+    assert producer.join(WAIT)
+    assert shared_counts(producer) == ONE_SUCCESS
+    assert per_type_counts(producer) == ONE_SUCCESS
+
+
 # --- 2. A process reaped while silent -----------------------------------------------------------
 
 
@@ -170,6 +203,33 @@ def test_a_reaped_process_counts_nowhere_what_its_attempt_ends_as_after_it_learn
     assert run.runs == 2
     assert shared_counts(producer) == ONE_SUCCESS
     assert per_type_counts(worker) == ONE_SUCCESS  # (before: succeeded 2, or retried 1 too)
+
+
+def test_a_reaped_process_counts_nowhere_the_timeout_of_an_attempt_it_ran_under_its_old_id(short):
+    producer, worker = short.pair()
+    run = FirstRunHeld()
+    worker.register_executor("t", run, ExecutorConfig(timeout=2.0))
+    decided = threading.Event()
+    not_held = worker._link.not_held
+
+    def not_held_then_note(job, exc):
+        try:
+            return not_held(job, exc)
+        finally:
+            decided.set()
+
+    worker._link.not_held = not_held_then_note
+    producer.enqueue(Job("t", "x", retry_config=RetryConfig(max_retries=2, initial_delay=0.0)))
+    worker.start_dispatcher(1)
+    assert run.started.wait(WAIT)
+    proc = worker._link._proc
+    assert expire_and_reap(producer.broker._scripts, proc) == 1
+    assert wait_until(lambda: worker._link._proc != proc)  # learnt well within the attempt's timeout
+    assert decided.wait(WAIT)  # its deadline came, under the id it let go
+    run.let_go.set()
+    assert producer.join(WAIT)  # it ran again in the worker's second life
+    assert shared_counts(producer) == ONE_SUCCESS
+    assert per_type_counts(worker) == ONE_SUCCESS  # (before: timed_out 1, retried 1 too)
 
 
 @pytest.mark.parametrize("raises", [False, True], ids=["returns", "raises"])
