@@ -19,10 +19,10 @@ import threading
 import pytest
 import redis as redis_py
 
-from tinymq import ExecutorConfig, Job, RetryConfig
+from tinymq import ExecutorConfig, Job, PermanentFailure, RetryConfig
 
 from _backends import Redis
-from _helpers import WAIT, per_type_counts, shared_counts, wait_until
+from _helpers import WAIT, per_type_counts, record_failures, shared_counts, wait_until
 
 NOTHING = dict.fromkeys(["succeeded", "failed", "retried", "timed_out", "cancelled"], 0)
 ONE_SUCCESS = {**NOTHING, "succeeded": 1}
@@ -38,8 +38,9 @@ def expire_and_reap(scripts, proc):
 
 
 class FirstRunHeld:
-    """A plain fn(job) whose first run waits for ``let_go`` (then raises, if ``raises``); later
-    runs (its job's run elsewhere, or in a later life) return at once."""
+    """A plain fn(job) whose first run waits for ``let_go`` (then raises ``raises``, an exception
+    class, or ValueError if True); later runs (its job's run elsewhere, or in a later life)
+    return at once."""
 
     def __init__(self, raises=False):
         self.raises = raises
@@ -55,7 +56,7 @@ class FirstRunHeld:
         self.started.set()
         assert self.let_go.wait(WAIT)
         if self.raises:
-            raise ValueError("boom")
+            raise (ValueError if self.raises is True else self.raises)("boom")
 
     def end_first_run(self):
         """(Its worker thread exits then: its queue stopped.)"""
@@ -187,11 +188,16 @@ def short(redis_url):
     made.close()
 
 
-@pytest.mark.parametrize("raises", [False, True], ids=["returns", "raises"])
+ENDINGS = pytest.mark.parametrize("raises", [False, True, PermanentFailure],
+                                  ids=["returns", "raises", "fails for good"])
+
+
+@ENDINGS
 def test_a_reaped_process_counts_nowhere_what_its_attempt_ends_as_after_it_learnt_so(short, raises):
     producer, worker = short.pair()
     run = FirstRunHeld(raises)
     worker.register_executor("t", run)
+    failures = record_failures(worker)
     producer.enqueue(Job("t", "x", retry_config=RetryConfig(max_retries=2, initial_delay=0.0)))
     worker.start_dispatcher(1)
     assert run.started.wait(WAIT)
@@ -202,7 +208,8 @@ def test_a_reaped_process_counts_nowhere_what_its_attempt_ends_as_after_it_learn
     assert producer.join(WAIT)  # the job ran again, in the worker's second life
     assert run.runs == 2
     assert shared_counts(producer) == ONE_SUCCESS
-    assert per_type_counts(worker) == ONE_SUCCESS  # (before: succeeded 2, or retried 1 too)
+    assert per_type_counts(worker) == ONE_SUCCESS  # (before: succeeded 2, or retried 1 too, or failed 1)
+    assert failures.snapshot() == []  # (before: its failure for good reported here too)
 
 
 def test_a_reaped_process_counts_nowhere_the_timeout_of_an_attempt_it_ran_under_its_old_id(short):
@@ -232,13 +239,17 @@ def test_a_reaped_process_counts_nowhere_the_timeout_of_an_attempt_it_ran_under_
     assert per_type_counts(worker) == ONE_SUCCESS  # (before: timed_out 1, retried 1 too)
 
 
-@pytest.mark.parametrize("raises", [False, True], ids=["returns", "raises"])
-def test_a_reaped_process_takes_back_the_outcomes_it_sent_in_the_call_that_found_it_reaped(quiet, raises):
+@ENDINGS
+@pytest.mark.parametrize("callbacks", [False, True], ids=["", "on_failure"])
+def test_a_reaped_process_takes_back_the_outcomes_it_sent_in_the_call_that_found_it_reaped(quiet, raises,
+                                                                                           callbacks):
     """The attempt ends before the process hears of its reap: its op goes in a fetch whose
-    reply says the process was reaped, and Redis runs none of it."""
+    reply says the process was reaped, and Redis runs none of it. (With a failure callback, a
+    failure for good is counted, and its callbacks run, once its op reached Redis: never here.)"""
     producer, worker = quiet.pair()
     run = FirstRunHeld(raises)
     worker.register_executor("t", run)
+    failures = record_failures(worker) if callbacks else None
     producer.enqueue(Job("t", "x", retry_config=RetryConfig(max_retries=2, initial_delay=0.0)))
     worker.start_dispatcher(1)
     assert run.started.wait(WAIT)
@@ -247,13 +258,16 @@ def test_a_reaped_process_takes_back_the_outcomes_it_sent_in_the_call_that_found
     with link._round_lock:  # no round meanwhile: the outcome waits to be sent
         assert expire_and_reap(producer.broker._scripts, proc) == 1
         run.let_go.set()
-        assert wait_until(lambda: link._ops)  # counted here (succeeded, or retried), its op queued
-        assert per_type_counts(worker) != NOTHING
+        assert wait_until(lambda: link._ops)  # its op queued
+        if not (callbacks and raises is PermanentFailure):
+            assert wait_until(lambda: per_type_counts(worker) != NOTHING)  # and counted here
     assert wait_until(lambda: link._proc != proc)  # the next round's reply said it was reaped
     assert producer.join(WAIT)
     assert run.runs == 2
     assert shared_counts(producer) == ONE_SUCCESS
-    assert per_type_counts(worker) == ONE_SUCCESS  # (before: succeeded 2, or retried 1 too)
+    assert per_type_counts(worker) == ONE_SUCCESS  # (before: succeeded 2, or retried 1, or failed 1 too)
+    if callbacks:
+        assert failures.snapshot() == []
 
 
 # --- 3. A release that fails --------------------------------------------------------------------
