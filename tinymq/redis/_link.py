@@ -220,9 +220,9 @@ class QueueLink:
         # as a plain fn(job) has no context to cancel; or it ran under an id this process let go:
         # reaped, or after a crash): it runs on, and whatever it ends as counts nowhere here, as
         # its job runs again elsewhere or was ended by its reaper. One not expired still holds its
-        # worker's place (_in_hand) until it ends. The core's counters are only ever changed with
-        # _lock held by this link's own steps (never the other way round), so that the
-        # decision that an attempt is still this process's and its count are one step for stop().
+        # worker's place (_in_hand) until it ends. Lock order: this link calls the core's
+        # ReadyQueue with _lock held (an outcome counted in the step that decides it is still
+        # this process's, as stop() and _let_go take attempts away under _lock), never the reverse.
         self._disowned: Dict[Any, _Attempt] = {}
         # attempt -> its job's type, for each op counted here (S, Y, y, Z, z) that is queued or in a
         # round under way: what _let_go takes back when it drops the op unsent.
