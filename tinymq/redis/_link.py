@@ -790,6 +790,7 @@ class QueueLink:
         if record is not None:
             if not record.expired:
                 self._slot_freed()
+                self._wake_pump()  # (a reaped process goes on fetching under its new id)
             elif record.timed_out:
                 self.ready.recount((core.TIMED_OUT,), None, job.type)
         return record
