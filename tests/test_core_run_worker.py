@@ -169,6 +169,40 @@ def test_a_successful_attempt_releases_the_slot_counts_and_finishes_the_job(core
     assert dispatcher.names() == []  # the success path calls nothing on the dispatcher
 
 
+def test_on_succeeding_comes_before_the_count_and_false_leaves_the_success_uncounted(core, ready):
+    """A broker's hook: called before the success is counted (with the slot still taken); False
+    (the attempt is no longer this process's) frees the slot and finishes the job, counted nowhere,
+    without on_success."""
+    order = Recorder()
+    dispatcher = FakeDispatcher(ready)
+    configure(ready, "t", lambda job: None, limit=1)
+    slot = core.WorkerSlot()
+
+    def succeeding(job):
+        order.add(("on_succeeding", job.payload, ready.executor_stats()["t"], ready.counters()[core.SUCCEEDED]))
+        return job.payload == "ours"
+
+    slot.on_succeeding = succeeding
+    slot.on_success = lambda job: order.add(("on_success", job.payload, ready.counters()[core.SUCCEEDED]))
+    assert ready.push(Job("t", "ours"))
+    assert ready.push(Job("t", "taken back"))
+    worker = Worker(core, ready, dispatcher, slot)
+    try:
+        assert ready.join(WAIT)
+    finally:
+        ready.close()
+    worker.join()
+    assert order.snapshot() == [
+        ("on_succeeding", "ours", (1, 1), 0),  # not counted yet, the slot still taken
+        ("on_success", "ours", 1),
+        ("on_succeeding", "taken back", (1, 1), 1),
+    ]
+    assert ready.counters()[core.SUCCEEDED] == 1
+    assert ready.executor_stats()["t"] == (0, 1)
+    assert ready.unfinished == 0
+    assert dispatcher.names() == []
+
+
 def test_a_successful_attempt_without_hooks(core, ready):
     ran = Recorder()
     dispatcher = FakeDispatcher(ready)

@@ -2267,6 +2267,9 @@ cdef class WorkerSlot:
     cdef public bint retired  # the worker leaves after this attempt
     cdef public unsigned long thread_id
     cdef public object on_start  # set by the dispatcher
+    # Set by the dispatcher of a broker's queue: called before a success is counted; False when
+    # the attempt is no longer this process's (its broker took it back): it counts nowhere.
+    cdef public object on_succeeding
     cdef public object on_success  # set by the dispatcher
     # Set by the dispatcher when a store commits a finished job's end and the next job's start
     # together: on_switch(finished, job) replaces on_success(finished) and on_start(job).
@@ -2451,6 +2454,11 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
                 ready._release(state)
             continue
         if error is None:
+            succeeding = slot.on_succeeding
+            if succeeding is not None and not succeeding(job):  # not this process's: counted nowhere
+                ready._release(state)
+                ready._task_done(job)
+                continue
             on_success = slot.on_success  # read once: refresh_hooks may change them below
             switch = slot.on_switch
             finish = on_success is None and switch is None

@@ -1534,8 +1534,8 @@ class WorkerSlot:
     """
 
     __slots__ = ("_lock", "job", "type_state", "started", "deadline", "context", "expired",
-                 "interrupted", "retired", "thread_id", "on_start", "on_success", "on_switch",
-                 "shielded", "deferred")
+                 "interrupted", "retired", "thread_id", "on_start", "on_succeeding", "on_success",
+                 "on_switch", "shielded", "deferred")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -1549,6 +1549,9 @@ class WorkerSlot:
         self.retired = False  # the worker leaves after this attempt
         self.thread_id = 0
         self.on_start: Optional[Callable[[Any], None]] = None  # set by the dispatcher
+        # Set by the dispatcher of a broker's queue: called before a success is counted; False when
+        # the attempt is no longer this process's (its broker took it back): it counts nowhere.
+        self.on_succeeding: Optional[Callable[[Any], bool]] = None
         self.on_success: Optional[Callable[[Any], None]] = None  # set by the dispatcher
         # Set by the dispatcher when a store commits a finished job's end and the next job's start
         # together: on_switch(finished, job) replaces on_success(finished) and on_start(job).
@@ -1760,6 +1763,11 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
                 ready.release_state(state)
             continue
         if error is None:
+            succeeding = slot.on_succeeding
+            if succeeding is not None and not succeeding(job):  # not this process's: counted nowhere
+                ready.release_state(state)
+                ready.task_done(job)
+                continue
             on_success = slot.on_success  # read once: refresh_hooks may change them below
             switching = slot.on_switch is not None
             if not ready.attempt_succeeded(state, ended - started, job, on_success is None and not switching,

@@ -74,20 +74,28 @@ class AttemptLedger(Protocol):
     def started(self, job: Any) -> None:
         """Before the executor runs; raises when the attempt is no longer held (it is not run)."""
 
-    def succeeded(self, job: Any) -> None:
-        """Counted as succeeded already; the ledger takes the count back if the attempt is no
-        longer this process's (stop() handed it back while it ran: it runs again elsewhere)."""
+    def succeeding(self, job: Any) -> bool:
+        """The attempt succeeded; called before its success is counted. False when it is no
+        longer this process's (stop() handed it back while it ran, or this process was reaped:
+        its job runs again elsewhere): it counts nowhere, and succeeded() is not called."""
 
-    def expired(self, job: Any, timed_out: bool = False) -> None:
-        """The watchdog (at its deadline: ``timed_out``, counted TIMED_OUT here) or cancel() decided
-        the attempt; its function may still run. A timed-out attempt whose job a cancel ends
-        (it came before the failure was decided) has that count taken back: it ends as cancelled only."""
+    def succeeded(self, job: Any) -> None:
+        """Counted as succeeded already (succeeding() said it is this process's)."""
+
+    def expired(self, job: Any, timed_out: bool = False) -> bool:
+        """The watchdog (at its deadline: ``timed_out``, then counted TIMED_OUT here if this returns
+        True) or cancel() decided the attempt; its function may still run. False when the attempt
+        is no longer this process's: its timeout counts nowhere. A timed-out attempt whose job a
+        cancel ends (it came before the failure was decided) has that count taken back: it ends
+        as cancelled only."""
 
     def returned_late(self, job: Any) -> None:
         """A timed-out attempt's function returned: its type slot is free."""
 
-    def retry(self, job: Any, delay: float) -> None:
-        """The attempt failed; the job runs again ``delay`` seconds from now."""
+    def retry(self, job: Any, delay: float) -> bool:
+        """The attempt failed; the job runs again ``delay`` seconds from now: counted RETRIED by
+        the ledger, in the step that decides it. False when the attempt is no longer this
+        process's: counted nowhere."""
 
     def failing(self, job: Any, reason: str, exc: Optional[BaseException]) -> ContextManager[Optional[str]]:
         """The job failed for good: counted (where the counters are) on entry; the failure
@@ -233,7 +241,9 @@ class Dispatcher:
         ledger = self.ledger
         if ledger is not None:
             slot.on_start, slot.on_success, slot.on_switch = ledger.started, ledger.succeeded, None
+            slot.on_succeeding = ledger.succeeding
             return
+        slot.on_succeeding = None
         store = self.store
         slot.on_start = self._mark_running if getattr(store, "mark_running", None) else None
         debug = logger.isEnabledFor(logging.DEBUG)
@@ -841,8 +851,8 @@ class Dispatcher:
         state = slot.type_state
         exc = timeout_error(job, state)
         counted = not (self._stopping and job in self._stop_cancelled)  # stop's: not counted
-        if self.ledger is not None:
-            self.ledger.expired(job, counted)
+        if self.ledger is not None and not self.ledger.expired(job, counted):
+            counted = False  # no longer this process's attempt: its timeout counts nowhere
         self._cancel_awaiting(job)
         try:  # slot.expire() has cancelled the attempt's context already
             if counted:
@@ -972,6 +982,10 @@ class Dispatcher:
 
     def async_succeeded(self, job: Any, state: Any, seconds: float) -> None:
         """An async attempt succeeded; its slot, still taken, is freed in the step that counts it."""
+        if self.ledger is not None and not self.ledger.succeeding(job):  # not this process's: counted nowhere
+            self.ready.release_state(state)
+            self.ready.task_done(job)
+            return
         if not self.ready.attempt_succeeded(state, seconds, job, False, True):
             self.end_cancelled(job)  # a cancel came as it ended: it wins
             return
@@ -986,9 +1000,8 @@ class Dispatcher:
     def async_timed_out(self, job: Any, state: Any, exc: JobTimeout, seconds: float, holding: bool = False) -> None:
         """An async attempt's deadline, ``seconds`` after its start: its task is being cancelled;
         the slot stays until it unwinds. ``holding``: it has unwound, its slot still taken (see attempt_failed)."""
-        if self.ledger is not None:
-            self.ledger.expired(job, True)
-        self.ready.count(core.TIMED_OUT, 1, job.type)
+        if self.ledger is None or self.ledger.expired(job, True):  # (else not this process's: uncounted)
+            self.ready.count(core.TIMED_OUT, 1, job.type)
         self.ready.record_duration(state, seconds)
         logger.warning("job %s (%s) timed out; its task is cancelled", job.id, job.type)
         self.attempt_failed(job, state, exc, holding)
@@ -1213,13 +1226,15 @@ class Dispatcher:
                     raise ValueError(f"retry_delay({job.retries}) of {retry_config!r} must be a finite "
                                      f"number of seconds, got {delay!r}")
             job.run_at = time.time() + delay  # what the user and a store see; the wait is monotonic
+            if ledger is not None:  # the broker keeps the retry: a crash here never loses it
+                if ledger.retry(job, delay):  # (counted there; else no longer this process's: ignored)
+                    logger.info("job %s (%s) failed (%s); retry %d of %d in %.3gs", job.id, job.type,
+                                job.last_error, job.retries, retry_config.max_retries, delay)
+                self.ready.task_done(job)
+                return
             self.ready.count(core.RETRIED, 1, job.type)
             logger.info("job %s (%s) failed (%s); retry %d of %d in %.3gs", job.id, job.type,
                         job.last_error, job.retries, retry_config.max_retries, delay)
-            if ledger is not None:  # the broker keeps the retry: a crash here never loses it
-                ledger.retry(job, delay)
-                self.ready.task_done(job)
-                return
             if self.store is not None:  # (a cancel meanwhile marks it: the move below ends it, after the save)
                 try:
                     self.call_store("save", self.store.save, job)

@@ -99,7 +99,7 @@ class _NotHeld(TinyMQError):
 class _Attempt:
     """This process's hold on one job: guarded by QueueLink._lock."""
 
-    __slots__ = ("attempt", "since", "state", "expired", "timed_out", "decided", "returned")
+    __slots__ = ("attempt", "since", "state", "expired", "timed_out", "decided", "returned", "ending")
 
     def __init__(self, attempt: str, since: float) -> None:
         self.attempt = attempt
@@ -109,25 +109,31 @@ class _Attempt:
         self.timed_out = False  # expired by its deadline (counted TIMED_OUT here), not by a cancel
         self.decided = False  # its retry/dead op was queued
         self.returned = False  # a timed-out attempt's function came back
+        self.ending = False  # its success is being counted (succeeding): stop() waits for its op
 
 
 class _Failure:
     """A failure for good decided here whose settle may find the attempt marked by another
     process's cancel (``overruled``): guarded by QueueLink._lock. Whichever of the deciding
     thread (once it counted the failure) and the round that read the settle's reply comes
-    second moves the count to cancelled (see QueueLink.failing)."""
+    second moves the count to cancelled (see QueueLink.failing). Its op dropped unsent as this
+    process let its id go (``dropped``, see _let_go), it counts nowhere: whichever of the two
+    comes second takes the count back."""
 
-    __slots__ = ("counted", "overruled")
+    __slots__ = ("counts", "counted", "overruled", "dropped")
 
-    def __init__(self) -> None:
-        self.counted = False  # the deciding thread counted it as a failure here
+    def __init__(self, counts: Tuple[int, ...], counted: bool) -> None:
+        self.counts = counts  # the events it counts here, once counted (a timeout's with it)
+        self.counted = counted  # the deciding thread counted it here (a cancel: the core, before)
         self.overruled: Optional[bool] = None  # the settle's verdict: None until its reply is read
+        self.dropped = False  # its op never reached Redis: this process's id was let go first
 
 
 # What this process counted for an op before the settle's reply came (an op a mark overrules
 # moves these counts to cancelled). A failure for good (Z, z) is counted by its thread: _Failure.
 _COUNTED_FOR = {"S": (core.SUCCEEDED,), "Y": (core.RETRIED,), "y": (core.TIMED_OUT, core.RETRIED), "B": ()}
 _Move = Tuple[Tuple[int, ...], str, Optional[SettleOp]]  # see QueueLink._recount
+_ENDING_OPS = frozenset("SYyZz")  # the op that ends an attempt counted here (one per attempt)
 
 
 def job_row(job: Any, now: float) -> Tuple[str, str, int, float, str, int, str]:
@@ -222,9 +228,18 @@ class QueueLink:
         self._ops: List[SettleOp] = []  # outcomes not yet sent
         self._ops_since = 0.0  # monotonic time of the oldest unsent op
         self._failing: Dict[str, _Failure] = {}  # attempt -> its failure for good, until settled
-        # Jobs whose running attempt stop()'s release handed back (it runs on: a plain fn(job)
-        # has no context to cancel): whatever it ends as counts nowhere here (see succeeded).
-        self._handed_back: Dict[Any, _Attempt] = {}
+        # Jobs whose running attempt is no longer this process's (stop()'s release handed it back,
+        # as a plain fn(job) has no context to cancel; or it ran under an id this process let go:
+        # reaped, or after a crash): it runs on, and whatever it ends as counts nowhere here, as
+        # its job runs again elsewhere or was ended by its reaper. One not expired still holds its
+        # worker's place (_in_hand) until it ends. Lock order: this link calls the core's
+        # ReadyQueue with _lock held (an outcome counted in the step that decides it is still
+        # this process's, as stop() and _let_go take attempts away under _lock), never the reverse.
+        self._disowned: Dict[Any, _Attempt] = {}
+        # attempt -> its job's type, for each op counted here (S, Y, y, Z, z) that is queued or in a
+        # round under way: what _let_go takes back when it drops the op unsent.
+        self._op_types: Dict[str, str] = {}
+        self._handed_back: Dict[Any, _Attempt] = {}  # the running attempts stop()'s release hands back
         self._workers = 0  # 0 until start: a producer-only queue fetches nothing
         self._closing = False
         self._pump_idle = False  # the pump is blocked in Redis: workers flush their own ops
@@ -246,6 +261,7 @@ class QueueLink:
         # Guarded by _round_lock: one fetch round at a time, and the round to resend, if any.
         self._round_lock = threading.Lock()
         self._unsent: Optional[Tuple[str, str, int, List[SettleOp]]] = None  # (proc, fetch id, n, ops)
+        self._unsent_tried = False  # _unsent was sent and got no reply: Redis may have run it
         self._fetch_ids = itertools.count(1)
         self._beat_ids = itertools.count(1)  # (used by the heartbeat only)
         # Fetched jobs whose id the core still holds (a copy this process gave up, still running):
@@ -757,43 +773,89 @@ class QueueLink:
             except Exception:  # (as the pump's round: a worker thread, or a caller's, must not end here)
                 self._crashed(f"a round on {threading.current_thread().name}")
 
+    def succeeding(self, job: Any) -> bool:
+        """A worker's attempt of ``job`` succeeded, not yet counted: whether it is this process's
+        to count (then the core counts it, and succeeded() follows). Not when stop()'s release
+        handed it back while it ran, or this process let the id it ran under go: then it counts
+        nowhere, not even for an instant (its job runs again elsewhere, where it counts). From
+        here on stop() waits for its op before it hands back what runs (see stop)."""
+        with self._lock:
+            record = self._attempts.get(job)
+            if record is not None:
+                record.ending = True
+                return True
+            self._forget(job)
+            return False
+
     def succeeded(self, job: Any) -> None:
-        """Counted as succeeded by the core already: taken back for an attempt that stop()'s
-        release handed back while it ran (its job runs again elsewhere, where it counts)."""
+        """Counted as succeeded by the core already (succeeding() said so): its op is queued. One
+        that this process let go of meanwhile (its id reaped, or stop()'s wait for it ran out)
+        has its count taken back."""
         with self._lock:
             record = self._attempts.pop(job, None)
             if record is None:
-                handed_back = self._handed_back.pop(job, None) is not None
-            else:
-                self._slot_freed()
-                self._queue_op(SettleOp("S", record.attempt))
-        if record is None:
-            if handed_back:
-                self.ready.recount((core.SUCCEEDED,), None, job.type)
-            return
+                if self._forget(job):
+                    self.ready.recount((core.SUCCEEDED,), None, job.type)
+                return
+            self._slot_freed()
+            self._queue_op(SettleOp("S", record.attempt))
+            self._op_types[record.attempt] = job.type
+            self._ended(record)
         self._flush_if_idle()
 
-    def expired(self, job: Any, timed_out: bool = False) -> None:
+    def _forget(self, job: Any) -> Optional[_Attempt]:
+        """An attempt no longer this process's (_disowned) ended: forgotten, the worker's place it
+        held freed, and its timeout's count taken back (counted at its deadline, when it was
+        still this process's). Returns its record, or None (not one). Called with _lock held."""
+        record = self._disowned.pop(job, None)
+        if record is not None:
+            if not record.expired:
+                self._slot_freed()
+                self._wake_pump()  # (a reaped process goes on fetching under its new id)
+            elif record.timed_out:
+                self.ready.recount((core.TIMED_OUT,), None, job.type)
+        return record
+
+    def _ended(self, record: _Attempt) -> None:
+        """``record`` left _attempts with its op queued: a stop() waiting for it goes on. With _lock held."""
+        if record.ending:
+            self._reported.notify_all()
+
+    def expired(self, job: Any, timed_out: bool = False) -> bool:
         """The watchdog (``timed_out``: at its deadline) or a cancel decided ``job``'s attempt;
-        a replacement worker takes its place."""
+        a replacement worker takes its place. False when the attempt is no longer this
+        process's (_disowned): its timeout is not counted."""
         with self._lock:
             record = self._attempts.get(job)
-            if record is not None and not record.expired:
+            if record is None:
+                record = self._disowned.get(job)
+                if record is not None and not record.expired:
+                    record.expired = True
+                    self._slot_freed()
+                    self._wake_pump()
+                return False
+            if not record.expired:
                 record.expired = True
                 record.timed_out = timed_out
                 self._slot_freed()
                 self._wake_pump()
-            elif record is None and job in self._handed_back:  # its count taken back as it ends (not_held)
-                self._handed_back[job].timed_out = timed_out
+            return True
 
-    def _decide(self, job: Any, op: str, delay: float = 0.0, reason: str = "", error: str = ""
-                ) -> Optional[Tuple[SettleOp, str, bool]]:
-        """Queue the op that ends ``job``'s attempt: (the op, this process's id, whether its
-        timeout was counted here), or None when the attempt is no longer this process's to end
-        (given back, or this process was reaped)."""
+    def _decide(self, job: Any, op: str, delay: float = 0.0, reason: str = "", error: str = "",
+                counts: Tuple[int, ...] = ()) -> Optional[Tuple[SettleOp, str, bool, Optional[_Failure]]]:
+        """Queue the op that ends ``job``'s attempt, counting the events ``counts`` in the same
+        step: (the op, this process's id, whether its timeout was counted here, its _Failure if
+        it is a failure for good), or None when the attempt is no longer this process's to end
+        (given back, or this process was reaped), whose timeout then counts nowhere either."""
         with self._lock:
             record = self._attempts.get(job)
-            if record is None or self._released:  # (the release handed the attempt back)
+            if record is None:
+                self._forget(job)
+                return None
+            if self._released:  # (the release hands the attempt back: it runs again elsewhere)
+                if record.timed_out:
+                    record.timed_out = False
+                    self.ready.recount((core.TIMED_OUT,), None, job.type)
                 return None
             if record.expired:
                 record.decided = True
@@ -808,14 +870,27 @@ class QueueLink:
                 retries = _sendable_count(retries)
             decided = SettleOp(op, record.attempt, retries, max(0.0, round(delay * _MS, _DIGITS)),
                                reason, _sent_error(error) if error else "")
-            if op in "Zz" and reason != "cancelled":  # (its settle may find it marked: see failing)
-                self._failing[record.attempt] = _Failure()
+            failure = None
+            if op in "Zz":  # (its settle may find it marked, or its op be dropped: see failing)
+                if reason == "cancelled":  # (counted by the core as its cancel was taken; a timeout's taken back)
+                    failure = _Failure((core.CANCELLED,), True)
+                else:
+                    failure = _Failure((core.FAILED, core.TIMED_OUT) if record.timed_out else (core.FAILED,), False)
+                self._failing[record.attempt] = failure
+            for event in counts:  # (before its op: a reply that overrules it moves the count)
+                self.ready.count(event, 1, job.type)
             self._queue_op(decided)
-            return decided, self._proc, record.timed_out
+            self._op_types[record.attempt] = job.type
+            self._ended(record)
+            return decided, self._proc, record.timed_out, failure
 
-    def retry(self, job: Any, delay: float) -> None:
-        self._decide(job, "Y", delay=delay, error=job.last_error or "")
+    def retry(self, job: Any, delay: float) -> bool:
+        """``job``'s attempt failed and runs again: counted RETRIED here in the step that decides
+        it, so that stop()'s release never hands back an attempt counted so. False when it is no
+        longer this process's: counted nowhere."""
+        decided = self._decide(job, "Y", delay=delay, error=job.last_error or "", counts=(core.RETRIED,))
         self._flush_if_idle()
+        return decided is not None
 
     @contextlib.contextmanager
     def failing(self, job: Any, reason: str, exc: Optional[BaseException]) -> Iterator[Optional[str]]:
@@ -854,7 +929,7 @@ class QueueLink:
             if decided is None:
                 yield None
                 return
-            op, proc, timed_out = decided
+            op, proc, timed_out, failure = decided
             if timed_out and reason == "cancelled":  # a cancel overtook its timeout: Redis counts it cancelled only
                 self.ready.recount((core.TIMED_OUT,), None, job.type)
             try:
@@ -863,23 +938,28 @@ class QueueLink:
                 key = _report_key(job.id, reason, proc, op.attempt)  # (Redis keeps a cancel's row under it too)
                 with self._lock:
                     self._reporting[me] = key  # stop() sends its A if this is its thread
-                    failure = self._failing.get(op.attempt)
-                    overruled = failure is not None and failure.overruled
-                    if failure is not None and failure.overruled is not None:
-                        del self._failing[op.attempt]
-                        failure = None  # (settled: nothing left to do for it)
+                    overruled, dropped = failure.overruled, failure.dropped
+                    if overruled is not None or dropped:
+                        self._failing.pop(op.attempt, None)  # (settled, or never to be: nothing left to do)
+                if dropped:  # its op never reached Redis: this process's id was let go first (reaped)
+                    if timed_out and reason != "cancelled":  # (a cancel's count _let_go took back)
+                        self.ready.recount((core.TIMED_OUT,), None, job.type)
+                    yield None  # the late result of a process declared dead: its reaper ends the job
+                    return
                 if overruled:
                     self.ready.recount((core.TIMED_OUT,) if op.op == "z" else (), core.CANCELLED, job.type)
                     yield "cancelled"
                 else:
                     yield reason  # (the caller counts the failure here, then runs the callbacks)
-                    if failure is not None:  # its reply is still to come, or came meanwhile
+                    if overruled is None:  # its reply is still to come, or came meanwhile
                         with self._lock:  # (the round that reads it moves the count, now that it is made)
-                            failure.counted = True
-                            overruled = failure.overruled
-                            if overruled is not None:
+                            counted_before, failure.counted = failure.counted, True
+                            overruled, dropped = failure.overruled, failure.dropped
+                            if overruled is not None or dropped:
                                 self._failing.pop(op.attempt, None)
-                        if overruled:
+                        if dropped and not counted_before:  # (dropped as the callbacks ran: _let_go left it here)
+                            self.ready.recount(failure.counts, None, job.type)
+                        elif overruled:
                             self._count_overruled(op, job.type)
                 with self._lock:
                     if self._released:
@@ -959,15 +1039,13 @@ class QueueLink:
         self._flush_if_idle()
 
     def not_held(self, job: Any, exc: BaseException) -> bool:
-        """Whether a failed attempt was only refused at its start (given back already), or
-        was handed back by stop()'s release while it ran: its failure counts nowhere here (a
-        timeout's count taken back)."""
+        """Whether a failed attempt was only refused at its start (given back already), or is
+        no longer this process's (_disowned: handed back by stop()'s release while it ran, or
+        run under an id this process let go): its failure counts nowhere here (a timeout's
+        count taken back)."""
         with self._lock:
-            handed_back = self._handed_back.pop(job, None)
-        if handed_back is not None:
-            if handed_back.timed_out:  # (counted as it came, see Dispatcher._timed_out)
-                self.ready.recount((core.TIMED_OUT,), None, job.type)
-            return True
+            if self._forget(job) is not None:
+                return True
         if not isinstance(exc, _NotHeld):
             return False
         with self._lock:
@@ -979,6 +1057,7 @@ class QueueLink:
         with self._lock:
             record = self._attempts.pop(job, None)
             if record is None:
+                self._forget(job)
                 return
             if not record.expired:
                 self._slot_freed()
@@ -1012,6 +1091,7 @@ class QueueLink:
                 if self._unsent is None:  # else resend the failed call as it was: the script knows it
                     ops, self._ops = self._ops, []
                     self._unsent = (self._proc, format(next(self._fetch_ids), "x"), self._free(), ops)
+                    self._unsent_tried = False
                 limits, self._limits = self._limits, {}
                 lost, self._lost_limits = self._lost_limits, {}
             try:  # before the fetch, a resent one too, so that it admits by the current limits
@@ -1027,15 +1107,20 @@ class QueueLink:
             proc, fetch_id, n, ops = self._unsent
             self.broker._check_server()
             sent = time.monotonic()
+            tried, self._unsent_tried = self._unsent_tried, True
             reply = self.scripts.fetch(proc, fetch_id, n, self._lease_ms, self.broker.max_crash_recoveries,
                                        self._registered, ops)
-            self._unsent = None
-            if reply.reaped:
+            if reply.reaped:  # (this call ran none of its ops; a try before it without a reply may have)
+                self._unsent_tried = tried
                 self._abandon(reply.lost)
                 return 0
+            self._unsent = None
             self._registered = self._registered or reply.now_ms
             with self._lock:
                 self._renewed(sent)
+                for op in ops:
+                    if op.op in _ENDING_OPS:
+                        self._op_types.pop(op.attempt, None)
                 moves = self._settled(ops, reply.overruled) if reply.overruled or self._failing else ()
             self._recount(moves)  # (before a reporter reports their rows)
             if reply.next_due_ms is None:
@@ -1141,11 +1226,20 @@ class QueueLink:
                 if record.state == _PENDING:
                     record.state = _GIVEN_BACK  # a worker that pops it refuses it
             held = sum(1 for r in self._attempts.values() if r.state == _STARTED and not r.expired)
-            self._attempts = {job: r for job, r in self._attempts.items() if r.state == _STARTED}
+            # The late result of a process declared dead is ignored: the running attempts run on,
+            # counted nowhere here whatever they end as (their reaper gave their jobs back, or
+            # ended them), and so are the outcomes whose ops never reached Redis (dropped here, or
+            # sent in the call whose reply said this id was reaped: not run), their counts taken back.
+            self._disowned.update((job, r) for job, r in self._attempts.items()
+                                  if r.state == _STARTED and not r.decided)  # (a decided one's op is dropped)
+            self._attempts = {}
             self._held = []  # (called with _round_lock held)
+            # (ops of a call that got no reply may have been run by Redis: their counts stay)
+            dropped = self._ops if self._unsent is None or self._unsent_tried else self._unsent[3] + self._ops
             self._unsent = None  # a call for the old id: resent, it would register that id again
             self._in_hand = held  # running attempts still occupy their workers
             self._ops = []  # their attempts are no longer ours: every op would be stale
+            self._take_back(dropped)
             self._failing = {}  # (no reply will say what became of their ops)
             old, self._proc = self._proc, self._new_proc_id()
             self._registered = 0
@@ -1155,6 +1249,25 @@ class QueueLink:
             self._lost_limits = dict(self._registered_limits)
             self._renewal.notify_all()  # workers waiting to start a job of the old id refuse it
         return old
+
+    def _take_back(self, dropped: Sequence[SettleOp]) -> None:
+        """The counts of ``dropped``, ops that never reached Redis as this process let its id go:
+        taken back (a failure for good not counted yet is left to its thread, see failing).
+        Those of ops that may have reached it (a call without a reply) stay as they are.
+        Called with _lock held."""
+        for op in dropped:
+            job_type = self._op_types.pop(op.attempt, None) if op.op in _ENDING_OPS else None
+            if job_type is None:
+                continue  # (counted nothing here: B, T, E, A)
+            failure = self._failing.get(op.attempt) if op.op in "Zz" else None
+            if failure is None:
+                counted = _COUNTED_FOR.get(op.op, ())
+            else:
+                failure.dropped = True
+                counted = failure.counts if failure.counted else ()
+            if counted:
+                self.ready.recount(counted, None, job_type)
+        self._op_types = {}
 
     # --- threads -----------------------------------------------------------------
 
@@ -1422,8 +1535,11 @@ class QueueLink:
         me = threading.get_ident()
         reports_by = time.monotonic() + left(_REPORT_WAIT)
         with self._lock:
+            # (and for successes being counted, whose ops then go with the release: handed back
+            # now, one would be counted here for an instant, though its job runs again elsewhere)
             while (any(ident != me for ident in self._reporting)
-                   or any(reporter.ident != me for reporter in self._reporters)):
+                   or any(reporter.ident != me for reporter in self._reporters)
+                   or any(record.ending for record in self._attempts.values())):
                 remaining = reports_by - time.monotonic()
                 if remaining <= 0.0:
                     logger.warning("Redis queue %r: stop() did not wait longer than %gs for failure "
@@ -1437,11 +1553,12 @@ class QueueLink:
             self._released = True
             # Attempts still running are handed back by the release (or, if it fails, at the
             # reap): each runs again elsewhere, so what it ends as here counts nowhere.
-            self._handed_back = {job: record for job, record in self._attempts.items()
-                                 if record.state == _STARTED and not record.expired}
-            for job in self._handed_back:
+            handed_back = {job: record for job, record in self._attempts.items()
+                           if record.state == _STARTED and not record.expired}
+            for job in handed_back:
                 del self._attempts[job]
-                self._slot_freed()
+            self._disowned.update(handed_back)
+            self._handed_back = handed_back
             own = self._reporting.get(me)
             if own is not None:
                 self._queue_op(SettleOp("A", own))
@@ -1499,6 +1616,7 @@ class QueueLink:
         with self._lock:
             moves = self._settled(ops, reply.overruled)
             self._failing = {}  # (their threads are done, or past stop()'s wait: they count as they are)
+            self._op_types = {}
         self._recount(moves)
 
     def _release_call(self, proc: str, ops: Sequence[SettleOp], deadline: float) -> Any:
