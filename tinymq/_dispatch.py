@@ -48,12 +48,15 @@ from ._event_loop import _UNWIND_PAST_TIMEOUT, _UNWIND_WAIT, LOOP_LATE, HandedOv
 from .context import JobContext
 from .errors import JobTimeout, PermanentFailure, QueueStopped, RetryAfter, _describe, counted
 
-__all__ = ["Dispatcher", "FailureCallback", "AttemptLedger", "NoThreadLeft"]
+__all__ = ["Dispatcher", "FailureCallback", "AttemptLedger", "MAX_WORKERS", "NoThreadLeft"]
 
 logger = logging.getLogger("tinymq")
 # What a failure callback returns when calling it did not run its body (a coroutine, a generator).
 _BODIES_NEVER_RUN = (types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType)
 
+# Worker threads one queue starts: more would take the system's threads one by one, for minutes
+# (a typo such as 10**9), before failing.
+MAX_WORKERS = 10_000
 # Seconds the watchdog sleeps while no attempt runs: an attempt that starts meanwhile wakes
 # it only if it is due sooner, not at every start.
 _IDLE_WATCH = 1.0

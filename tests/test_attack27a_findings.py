@@ -1,0 +1,35 @@
+"""Defects found by attack27a (session 27: the in-process queue, its store, periodic jobs,
+metrics and the command line, as an outsider would use them), each with its test.
+"""
+import threading
+
+import pytest
+
+from tinymq import Job, Queue
+
+from _helpers import WAIT, Recorder
+
+
+# --- 1. start_dispatcher(workers=<a typo>) ------------------------------------------------
+
+# start_dispatcher(10**9) (a typo, or a count computed wrong) started threads until the system
+# had none left: minutes of a machine brought to its knees (every other process slowed),
+# before NoThreadLeft. The command line has refused more than 10000 threads per process all
+# along ("more would exhaust the system's threads, slowly"); start_dispatcher now refuses
+# them too, with a ValueError naming the count, and the queue stays as it was. Thread.start fails in this test, so a start that was tried
+# (the old behaviour) fails the test at once instead of starting 10,001 threads.
+@pytest.mark.parametrize("workers", [10_001, 10**9])
+def test_start_dispatcher_refuses_more_workers_than_a_process_should_start(workers, monkeypatch):
+    with Queue(10) as q:
+        ran = Recorder()
+        q.register_executor("t", lambda job: ran.add(job.id))
+        with monkeypatch.context() as patched:
+            def no_thread(self):
+                raise RuntimeError("can't start new thread (the test refuses it)")
+
+            patched.setattr(threading.Thread, "start", no_thread)
+            with pytest.raises(ValueError, match=rf"workers must be <= 10000\b.*got {workers}\b"):
+                q.start_dispatcher(workers)
+        job = q.enqueue(Job("t"))  # not stopped: the refused call changed nothing
+        q.start_dispatcher(1)
+        assert ran.wait_for(1, WAIT) and ran.items == [job.id]
