@@ -33,3 +33,48 @@ def test_start_dispatcher_refuses_more_workers_than_a_process_should_start(worke
         job = q.enqueue(Job("t"))  # not stopped: the refused call changed nothing
         q.start_dispatcher(1)
         assert ran.wait_for(1, WAIT) and ran.items == [job.id]
+
+
+# --- 2. A second stop() after the store was closed ------------------------------------------
+
+# stop(timeout=...) gave up an attempt that ignores its context and saved its job back as ready
+# (give_back); the user then closed the store, as the docs show. A second stop() (stop() is
+# idempotent), or the interpreter's exit hook, which stops every queue again, gave the same job
+# back again: on the closed store, an ERROR with a traceback ("give_back failed ... is closed")
+# for a job that was kept as it should be. An attempt given up once is not given back again.
+def test_a_second_stop_does_not_give_back_again_what_the_first_gave_back(tmp_path, caplog):
+    from tinymq import SQLitePersistence
+
+    given_back = Recorder()
+
+    class CountingStore(SQLitePersistence):
+        def give_back(self, job):
+            given_back.add(job.id)
+            return super().give_back(job)
+
+    started, release = threading.Event(), threading.Event()
+
+    def ignores_its_context(job):  # a plain fn(job): nothing tells it to stop
+        started.set()
+        release.wait(WAIT)
+
+    store = CountingStore(str(tmp_path / "jobs.db"))
+    q = Queue(10)
+    q.set_persistence(store)
+    q.register_executor("t", ignores_its_context)
+    q.start_dispatcher(1)
+    try:
+        job = q.enqueue(Job("t"))
+        assert started.wait(WAIT)
+        q.stop(timeout=0.05)
+        assert given_back.items == [job.id]
+        assert store.counts()["ready"] == 1
+        store.close()
+        caplog.clear()
+        with caplog.at_level("ERROR", logger="tinymq"):
+            q.stop()
+            assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+        assert given_back.items == [job.id]
+    finally:
+        release.set()
+        store.close()

@@ -548,6 +548,8 @@ class Dispatcher:
         with self._stop_order:
             if job in self._decided:
                 return  # it ended meanwhile: its own outcome stands
+            if job in self._stop_cancelled:
+                return  # a stop() before this one (or the exit hook's) gave it up and saved it back
             self._stop_cancelled.add(job)
             store = self.store
             if store is not None:
