@@ -1,6 +1,7 @@
 """Defects found by attack27a (session 27: the in-process queue, its store, periodic jobs,
 metrics and the command line, as an outsider would use them), each with its test.
 """
+import re
 import threading
 
 import pytest
@@ -78,3 +79,29 @@ def test_a_second_stop_does_not_give_back_again_what_the_first_gave_back(tmp_pat
     finally:
         release.set()
         store.close()
+
+
+# --- 3. A store's error for a timestamp that is not a number ---------------------------------
+
+# job.timestamp = "x" (or None), then enqueue with a SQLite store: PersistenceError "cannot be
+# stored: could not convert string to float: 'x'", naming neither the field nor what it should
+# be (a NaN there was already named: "its timestamp must be a number"). Same for a store's own
+# save() of a job whose run_at is not a number.
+@pytest.mark.parametrize("bad", ["x", None, [1.0]])
+def test_a_stored_timestamp_or_run_at_that_is_no_number_is_named(tmp_path, bad):
+    from tinymq import PersistenceError, SQLitePersistence
+
+    with SQLitePersistence(str(tmp_path / "jobs.db")) as store:
+        q = Queue(10)
+        q.set_persistence(store)
+        job = Job("t")
+        job.timestamp = bad
+        with pytest.raises(PersistenceError, match=rf"its timestamp must be a number, got {re.escape(repr(bad))}$"):
+            q.enqueue(job)
+        assert q.get_stats().jobs_enqueued == 0
+        q.stop()
+        job = Job("t")
+        job.run_at = bad
+        with pytest.raises(PersistenceError, match=rf"its run_at must be a number, got {re.escape(repr(bad))}$"):
+            store.save(job)
+        assert store.counts() == {"ready": 0, "delayed": 0, "running": 0, "dead": 0, "corrupt": 0}
