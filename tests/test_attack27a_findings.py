@@ -105,3 +105,72 @@ def test_a_stored_timestamp_or_run_at_that_is_no_number_is_named(tmp_path, bad):
         with pytest.raises(PersistenceError, match=rf"its run_at must be a number, got {re.escape(repr(bad))}$"):
             store.save(job)
         assert store.counts() == {"ready": 0, "delayed": 0, "running": 0, "dead": 0, "corrupt": 0}
+
+
+# --- 4. A rate limit's memory --------------------------------------------------------------
+
+# A RateLimit kept a ring of its max_starts latest start times, allocated whole at registration:
+# RateLimit(10**8, per=60) took 0.8 GB (1.5 GB in the pure core) and 5 to 10 s in
+# register_executor, RateLimit(10**9, per=86400) ("a billion a day") 8 GB, for starts that
+# never happen. The ring now begins small and grows (to max_starts at most) only while its
+# oldest start still counts in the window: its memory follows the starts of one window.
+def test_a_rate_limit_takes_memory_for_its_starts_not_for_max_starts(core):
+    import tracemalloc
+
+    from tinymq import RateLimit
+
+    q = core.ReadyQueue(8)
+    tracemalloc.start()
+    try:
+        q.configure("t", lambda job: None, 10, None, False, False, rate_limit=RateLimit(10**7, per=60.0))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, f"registering RateLimit(10**7) took {peak} bytes"
+
+
+# The ring that grows keeps the rule exact: never more than max_starts starts in any window of
+# per seconds, and max_starts of them when jobs wait (the existing tests use max_starts < 16,
+# the ring's first size).
+@pytest.mark.parametrize("max_starts, per, jobs", [(17, 0.3, 60), (40, 0.3, 100), (40, 0.005, 300),
+                                                   (100, 0.02, 400)])
+def test_a_rate_limit_larger_than_the_first_ring_holds_every_window(core, max_starts, per, jobs):
+    from tinymq import RateLimit
+
+    from test_core_rate_limit import Item, MEDIUM, assert_windows_hold, drive, limited
+
+    limits = {"t": RateLimit(max_starts, per=per)}
+    q = limited(core, capacity=jobs, **limits)
+    items = [Item("t", MEDIUM) for _ in range(jobs)]
+    for item in items:
+        assert q.push(item)
+    starts, idle_at = drive(q, core, jobs)
+    assert sorted(id(job) for job, _, _ in starts) == sorted(id(item) for item in items)
+    assert_windows_hold(starts, limits)
+    if per >= 0.3:  # (a window this long outlasts the first max_starts pops)
+        assert idle_at[0] == max_starts
+
+
+def test_a_type_registered_again_keeps_the_starts_its_grown_ring_holds(core):
+    from tinymq import RateLimit
+
+    from test_core_rate_limit import Item, MEDIUM
+
+    q = core.ReadyQueue(100)
+    q.configure("t", lambda job: None, 1000, None, False, False, rate_limit=RateLimit(30, per=WAIT))
+    for _ in range(60):
+        assert q.push(Item("t", MEDIUM))
+    for _ in range(25):  # 25 starts: the ring grew past its first size
+        job, state = q.pop_with_type(timeout=0)
+        q.release_state(state)
+    q.configure("t", lambda job: None, 1000, None, False, False, rate_limit=RateLimit(40, per=WAIT))
+    started = 0
+    while True:
+        taken = q.pop_with_type(timeout=0)
+        if taken is None:
+            break
+        q.release_state(taken[1])
+        started += 1
+    assert started == 15  # the 25 starts still count against 40
+    q.configure("t", lambda job: None, 1000, None, False, False, rate_limit=RateLimit(20, per=WAIT))
+    assert q.pop_with_type(timeout=0) is None  # lowered: its latest 20 starts fill the window
