@@ -1,6 +1,7 @@
 """Defects found by attack27a (session 27: the in-process queue, its store, periodic jobs,
 metrics and the command line, as an outsider would use them), each with its test.
 """
+import logging
 import re
 import threading
 
@@ -174,3 +175,48 @@ def test_a_type_registered_again_keeps_the_starts_its_grown_ring_holds(core):
     assert started == 15  # the 25 starts still count against 40
     q.configure("t", lambda job: None, 1000, None, False, False, rate_limit=RateLimit(20, per=WAIT))
     assert q.pop_with_type(timeout=0) is None  # lowered: its latest 20 starts fill the window
+
+
+# --- 5. A failure whose report raises ---------------------------------------------------------
+
+# fail() logged the failure and ran the callbacks, then deleted (or kept dead) the job's row and
+# marked it finished: when the logging raised, the callbacks did not run and the job stayed
+# unfinished for good (its slot taken), and join() never returned. A logging filter that raises
+# does it (logging guards a handler's emit, not a filter), and so does a failure callback that
+# recurses without bound (evicting as it enqueues) until logging its RecursionError runs out of
+# stack. The report's logging now never raises (what raised goes to stderr, as logging does).
+class _RaisingFilter:
+    def filter(self, record):
+        if "failed permanently" in record.getMessage():
+            raise RuntimeError("a broken logging filter")
+        return True
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+def test_a_failure_whose_logging_raises_still_finishes_its_job(tmp_path, backend):
+    from tinymq import ExecutorConfig, PermanentFailure
+
+    from _helpers import queue_with_store
+
+    broken = _RaisingFilter()
+    logger = logging.getLogger("tinymq")
+    with queue_with_store(backend, tmp_path) as q:
+        failed = Recorder()
+        q.on_failure(lambda job, reason, exc: failed.add((job.id, reason)))
+
+        def fails(job):
+            raise PermanentFailure("HTTP 404")
+
+        q.register_executor("t", fails, ExecutorConfig(max_concurrent_jobs=1))
+        q.start_dispatcher(1)
+        logger.addFilter(broken)
+        try:
+            jobs = [q.enqueue(Job("t")) for _ in range(3)]
+            assert q.join(WAIT), "a job whose failure report raised never finished"
+        finally:
+            logger.removeFilter(broken)
+        stats = q.get_stats()
+        assert (stats.jobs_failed, stats.executor_stats["t"].active_jobs) == (3, 0)
+        if q.store is not None:
+            assert q.store.counts()["dead"] == 3
+        assert sorted(failed.items) == sorted((job.id, "permanent_failure") for job in jobs)  # reported all the same

@@ -36,6 +36,7 @@ import logging
 import math
 import threading
 import time
+import traceback
 import types
 import weakref
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Protocol, Sequence, Set, Tuple
@@ -62,6 +63,19 @@ MAX_WORKERS = 10_000
 _IDLE_WATCH = 1.0
 
 FailureCallback = Callable[[Any, str, Optional[BaseException]], None]
+
+
+def _log_safely(log: Callable[..., None], message: str, *args: Any) -> None:
+    """Log a failed job's report without raising: a logging filter that raises (logging guards a
+    handler's emit, not a filter), or logging out of stack (a RecursionError), would leave the job
+    unfinished for good. What raised goes to stderr, as logging reports an emit that raised."""
+    try:
+        log(message, *args)
+    except Exception:
+        try:
+            traceback.print_exc()
+        except Exception:
+            pass
 # The end of a job decided in a step that decided others too: ``(method, args)`` (see Dispatcher.end_all).
 End = Tuple[Callable[..., None], Tuple[Any, ...]]
 
@@ -1303,12 +1317,12 @@ class Dispatcher:
         """Log a permanent failure and run the failure callbacks (a broker counts it itself).
         A cancel is logged at INFO: it was asked for, no alert should fire for it."""
         if reason == "cancelled":
-            logger.info("job %s (%s) was cancelled", job.id, job.type)
+            _log_safely(logger.info, "job %s (%s) was cancelled", job.id, job.type)
         elif exc is not None:
-            logger.error("job %s (%s) failed permanently (%s): %s", job.id, job.type, reason,
-                         _describe(exc))
+            _log_safely(logger.error, "job %s (%s) failed permanently (%s): %s", job.id, job.type, reason,
+                        _describe(exc))
         else:
-            logger.error("job %s (%s) failed permanently (%s)", job.id, job.type, reason)
+            _log_safely(logger.error, "job %s (%s) failed permanently (%s)", job.id, job.type, reason)
         in_callback = self._in_callback
         in_callback.depth = getattr(in_callback, "depth", 0) + 1
         try:
@@ -1322,6 +1336,6 @@ class Dispatcher:
                                      "register a plain function", callback, result, job.id)
                     result = None
                 except BaseException:  # whatever a callback raises, the queue carries on
-                    logger.exception("failure callback %r raised for job %s", callback, job.id)
+                    _log_safely(logger.exception, "failure callback %r raised for job %s", callback, job.id)
         finally:
             in_callback.depth -= 1
