@@ -220,3 +220,42 @@ def test_a_failure_whose_logging_raises_still_finishes_its_job(tmp_path, backend
         if q.store is not None:
             assert q.store.counts()["dead"] == 3
         assert sorted(failed.items) == sorted((job.id, "permanent_failure") for job in jobs)  # reported all the same
+
+
+# --- 6. The command line on a console that cannot show a job's type -------------------------
+
+# `status` (and requeue-dead/purge-dead, which name the file) printed with stdout's strict
+# encoding: a dead job of type "日本" or "émail" on an ASCII console (PYTHONIOENCODING=ascii, a
+# cp1252 Windows console) ended the command with a UnicodeEncodeError and tinymq's traceback,
+# though the docs promise one clear message and never a traceback of tinymq's. What the console
+# cannot show is now written escaped, as Python writes it (\xe9), like the control characters.
+def test_status_on_a_console_that_cannot_show_a_type_escapes_it(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tinymq import SQLitePersistence
+
+    db = str(tmp_path / "jöbs.db")
+    with SQLitePersistence(db) as store:
+        q = Queue(10)
+        q.set_persistence(store)
+        q.enqueue(Job("émail", 1, id="jöb-1"))
+        q.enqueue(Job("日本", 2, id="job-2"))
+        q.start_dispatcher(1)
+        assert q.join(WAIT)  # both fail as no_executor, kept dead
+        q.stop()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONIOENCODING="ascii",
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+
+    def command(*args):
+        return subprocess.run([sys.executable, "-m", "tinymq", *args], env=env, capture_output=True,
+                              text=True, encoding="ascii", errors="replace", timeout=60)
+
+    shown = command("status", "--db", db)
+    assert (shown.returncode, shown.stderr) == (0, ""), shown.stderr
+    assert "\\xe9mail" in shown.stdout and "\\u65e5\\u672c" in shown.stdout and "j\\xf6b-1" in shown.stdout
+    purged = command("purge-dead", "--db", db, "--all")
+    assert (purged.returncode, purged.stderr) == (0, ""), purged.stderr
+    assert "purged 2 dead jobs from" in purged.stdout and "j\\xf6bs.db" in purged.stdout
