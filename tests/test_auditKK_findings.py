@@ -317,9 +317,9 @@ import asyncio, sys, threading
 from tinymq import ExecutorConfig, Job, PermanentFailure, Queue, SQLitePersistence
 q = Queue(50)
 q.set_persistence(SQLitePersistence(sys.argv[1]))
-started = threading.Event()
+started = threading.Semaphore(0)
 async def work(job):
-    started.set()
+    started.release()
     await asyncio.sleep(0.3)
     print(f"finished {job.payload}", flush=True)  # one write: the callback prints from another thread
     if sys.argv[2] == "fails":
@@ -329,7 +329,7 @@ q.on_failure(lambda job, reason, exc: print(f"reported {job.payload} {reason}", 
 q.start_dispatcher()
 for i in range(4):
     q.enqueue(Job("work", i))
-assert started.wait(10)
+assert started.acquire(timeout=10) and started.acquire(timeout=10)  # both running (2 at a time)
 print("exiting", flush=True)
 '''
 

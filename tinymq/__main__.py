@@ -143,11 +143,21 @@ def _change_dead(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _escape_what_stdout_cannot_show() -> None:
+    """A character that stdout's encoding cannot show (a Japanese job type on an ASCII or cp1252
+    console) is written escaped, as Python writes it (``\\xe9``), not a UnicodeEncodeError."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)  # (a replaced stdout may not have it)
+    if reconfigure is not None:
+        reconfigure(errors="backslashreplace")
+
+
 def run(arguments: argparse.Namespace) -> int:
     command = arguments.command
     if command in (None, "demo"):
         return run_demo()
     configure_logging(arguments.log_level)
+    if command in ("status", "requeue-dead", "purge-dead"):
+        _escape_what_stdout_cannot_show()
     if command == "status":
         _check_queue_options(arguments)
         if arguments.db is not None:

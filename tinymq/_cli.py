@@ -7,6 +7,8 @@ line only: the library itself never configures logging.
 import argparse
 import logging
 
+from ._dispatch import MAX_WORKERS
+
 __all__ = ["CommandError", "LOG_LEVELS", "MAX_PROCESSES", "MAX_WORKERS", "configure_logging", "counted", "positive_int",
            "process_count", "whole_number"]
 
@@ -50,9 +52,6 @@ def _one_to(maximum: int, text: str, what: str, more: str) -> int:
 def process_count(text: str) -> int:
     """An argparse ``type``: 1 .. MAX_PROCESSES."""
     return _one_to(MAX_PROCESSES, text, "worker processes per supervisor", "start more supervisors for more")
-
-
-MAX_WORKERS = 10_000  # worker threads one worker process starts (each a thread of the OS's)
 
 
 def worker_count(text: str) -> int:

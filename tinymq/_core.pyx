@@ -24,7 +24,7 @@ from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF, PyObject
 from cpython.unicode cimport PyUnicode_CheckExact
 from libc.math cimport INFINITY, pow
 from libc.stdint cimport uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memmove
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 import gc
@@ -104,6 +104,9 @@ DURATION_BOUNDS[:] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ATTEMPT_DURATION_BUCKETS = tuple([DURATION_BOUNDS[i] for i in range(N_BUCKETS - 1)])
 cdef Py_ssize_t UNLIMITED = (<Py_ssize_t>1) << 62  # the slot limit of a type with no executor yet
 cdef Py_ssize_t _MAX_RATE_STARTS = PY_SSIZE_T_MAX // <Py_ssize_t>sizeof(double)  # the ring of a rate limit's latest starts
+# Starts a rate limit's ring holds at first: it grows (to max_starts at most) only while its oldest
+# start still counts in the window, so its memory follows the starts of one window, not max_starts.
+cdef Py_ssize_t _RATE_RING_FIRST = 16
 cdef double WAIT_FOREVER = -1.0  # a deadline meaning "no deadline"
 
 
@@ -579,8 +582,10 @@ cdef class TypeState:
     cdef Fifo levels[3]  # LOW, MEDIUM, HIGH
     cdef Py_ssize_t waiting  # jobs in all three levels
     cdef bint listed[3]  # this type has its one entry in the ReadyQueue's runnable heap of that level
-    # The rate limit: a ring of the latest rate_max start times (monotonic); NULL without one.
+    # The rate limit: a ring of the latest rate_size start times (monotonic); NULL without one.
+    # A ring smaller than rate_max (max_starts) holds every start that still counts in the window.
     cdef double *rate_starts
+    cdef Py_ssize_t rate_size
     cdef Py_ssize_t rate_max
     cdef Py_ssize_t rate_oldest  # index of the oldest start, the next to be replaced
     cdef double rate_per
@@ -641,35 +646,63 @@ cdef class TypeState:
         return (self.active < self.limit and self.rate_open_at != -INFINITY
                 and self.rate_open_at > _monotonic())
 
-    cdef void set_rate_limit(self, double *ring, Py_ssize_t max_starts, double per) noexcept:
-        """Take ``ring`` (max_starts doubles, or NULL: no limit); the latest remembered starts still count."""
-        cdef Py_ssize_t i, kept = 0, old = self.rate_max
+    cdef void set_rate_limit(self, double *ring, Py_ssize_t size, Py_ssize_t max_starts, double per) noexcept:
+        """Take ``ring`` (``size`` doubles, at most max_starts, or NULL: no limit); the latest remembered
+        starts still count, as many as it holds."""
+        cdef Py_ssize_t i, kept = 0, old = self.rate_size
         cdef double start
         if ring != NULL:
-            for i in range(max_starts):
+            for i in range(size):
                 ring[i] = -INFINITY
             # The newest old starts fill the new ring from its end, oldest first.
             for i in range(old - 1, -1, -1):
-                if kept == max_starts:
+                if kept == size:
                     break
                 start = self.rate_starts[(self.rate_oldest + i) % old]
                 if start == -INFINITY:
                     break
-                ring[max_starts - 1 - kept] = start
+                ring[size - 1 - kept] = start
                 kept += 1
         PyMem_Free(self.rate_starts)
-        self.rate_starts, self.rate_max, self.rate_oldest, self.rate_per = ring, max_starts, 0, per
-        self.rate_open_at = -INFINITY if ring == NULL else ring[0] + per
+        self.rate_starts, self.rate_size, self.rate_max = ring, size, max_starts
+        self.rate_oldest, self.rate_per = 0, per
+        self.rate_open_at = self._rate_opens_at()
+
+    cdef inline double _rate_opens_at(self) noexcept:
+        """The max_starts-th latest start + per; -inf (always open) while the ring is smaller: the
+        starts it no longer holds opened their window before the ring forgot them."""
+        if self.rate_starts == NULL or self.rate_size < self.rate_max:
+            return -INFINITY
+        return self.rate_starts[self.rate_oldest] + self.rate_per
 
     cdef inline void record_start(self, double now) noexcept:
-        """An attempt starts now: it replaces the oldest start in the rate limit's ring."""
+        """An attempt starts now: it replaces the oldest start in the rate limit's ring, or the ring
+        grows when that start still counts (and the ring is smaller than max_starts)."""
         cdef Py_ssize_t oldest = self.rate_oldest
+        if (self.rate_size < self.rate_max and self.rate_starts[oldest] + self.rate_per > now
+                and not self._grow_rate_ring()):
+            self.rate_max = self.rate_size  # (out of memory: the limit shrinks to what it remembers)
+        oldest = self.rate_oldest
         self.rate_starts[oldest] = now
         oldest += 1
-        if oldest == self.rate_max:
+        if oldest == self.rate_size:
             oldest = 0
         self.rate_oldest = oldest
-        self.rate_open_at = self.rate_starts[oldest] + self.rate_per
+        self.rate_open_at = self._rate_opens_at()
+
+    cdef bint _grow_rate_ring(self) noexcept:
+        """Double the ring (to rate_max at most), its new empty slots just before its oldest start
+        (the next to be replaced); False when there is no memory for it."""
+        cdef Py_ssize_t size = self.rate_size, oldest = self.rate_oldest, i
+        cdef Py_ssize_t grown = size * 2 if size <= self.rate_max // 2 else self.rate_max
+        cdef double *ring = <double *>PyMem_Realloc(self.rate_starts, grown * sizeof(double))
+        if ring == NULL:
+            return False
+        memmove(&ring[oldest + grown - size], &ring[oldest], (size - oldest) * sizeof(double))
+        for i in range(oldest, oldest + grown - size):
+            ring[i] = -INFINITY
+        self.rate_starts, self.rate_size = ring, grown
+        return True
 
     cdef inline void record_duration(self, double seconds) noexcept:
         """An attempt was decided after ``seconds``: one more in its histogram bucket."""
@@ -911,6 +944,7 @@ cdef class ReadyQueue:
         cdef Py_ssize_t max_starts = 0
         cdef double per = 0.0
         cdef double *ring = NULL
+        cdef Py_ssize_t size = 0
         cdef TypeState state
         if runner != THREADS and runner != LOOP:
             raise ValueError(f"runner must be THREADS or LOOP, got {runner!r}")
@@ -922,9 +956,13 @@ cdef class ReadyQueue:
                 raise ValueError(f"rate_limit must allow at most {_MAX_RATE_STARTS} starts per window "
                                  f"(the latest starts are kept), got {rate_limit!r}")
             max_starts = starts
-            ring = <double *>PyMem_Malloc(max_starts * sizeof(double))
+            # As many as it may remember already (a type registered again), to max_starts at most.
+            known = self.types.get(job_type) if PyUnicode_CheckExact(job_type) else None
+            size = max(_RATE_RING_FIRST, 0 if known is None else (<TypeState>known).rate_size)
+            size = min(size, max_starts)
+            ring = <double *>PyMem_Malloc(size * sizeof(double))
             if ring == NULL:
-                raise MemoryError(f"no room for the ring of {max_starts} starts of {rate_limit!r}")
+                raise MemoryError(f"no room for the ring of {size} starts of {rate_limit!r}")
         try:
             state = self._type_state(_exact_type(job_type))
             # A limit that opens the window earlier parks the type again: one stale entry more.
@@ -932,7 +970,7 @@ cdef class ReadyQueue:
         except BaseException:
             PyMem_Free(ring)
             raise
-        state.set_rate_limit(ring, max_starts, per)
+        state.set_rate_limit(ring, size, max_starts, per)
         if state.runner != runner:  # its waiting jobs move to the other runner's heaps
             self._unlist(state)
             state.runner = runner

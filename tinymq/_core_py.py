@@ -73,6 +73,9 @@ _UNLIMITED = 1 << 62  # the slot limit of a type with no executor yet
 _INF = math.inf
 _ALWAYS_OPEN = -math.inf  # TypeState.rate_open_at of a type whose rate window never closes now
 _MAX_RATE_STARTS = sys.maxsize // 8  # the ring of a rate limit's latest starts fits in memory addresses
+# Starts a rate limit's ring holds at first: it grows (to max_starts at most) only while its oldest
+# start still counts in the window, so its memory follows the starts of one window, not max_starts.
+_RATE_RING_FIRST = 16
 monotonic = time.monotonic  # the clock of every deadline in this core
 _REFRESH_EVERY = 1024  # successes between two looks at the log level, off the per-job path
 
@@ -152,7 +155,7 @@ class TypeState:
     """
 
     __slots__ = ("name", "fn", "limit", "active", "timeout", "takes_context", "interrupt", "levels",
-                 "listed", "runner", "rate_starts", "rate_oldest", "rate_per", "rate_open_at",
+                 "listed", "runner", "rate_starts", "rate_max", "rate_oldest", "rate_per", "rate_open_at",
                  "rate_parked_until", "counters", "durations", "duration_sum")
 
     def __init__(self, name: str) -> None:
@@ -167,8 +170,10 @@ class TypeState:
         # listed[level]: this type has its one entry in the ReadyQueue's runnable heap of that level
         self.listed = [False, False, False]
         self.runner = THREADS  # whose runnable heaps list it: THREADS, or LOOP for an async executor
-        # The rate limit: a ring of the latest max_starts start times (monotonic), empty without one.
+        # The rate limit: a ring of the latest start times (monotonic), empty without one. A ring
+        # smaller than rate_max (max_starts) holds every start that still counts in the window.
         self.rate_starts: List[float] = []
+        self.rate_max = 0
         self.rate_oldest = 0  # index in rate_starts of the oldest start, the next to be replaced
         self.rate_per = 0.0
         self.rate_open_at = _ALWAYS_OPEN  # the oldest remembered start + per: no start before it
@@ -201,27 +206,42 @@ class TypeState:
     def set_rate_limit(self, max_starts: int, per: float) -> None:
         """At most ``max_starts`` starts per ``per`` seconds (0: no limit); the latest remembered starts still count."""
         if not max_starts:
-            self.rate_starts, self.rate_oldest, self.rate_per = [], 0, 0.0
+            self.rate_starts, self.rate_max, self.rate_oldest, self.rate_per = [], 0, 0, 0.0
             self.rate_open_at = _ALWAYS_OPEN
             return
         ring = self.rate_starts
+        size = min(max(_RATE_RING_FIRST, len(ring)), max_starts)  # as many as it may remember already
         latest = ring[self.rate_oldest:] + ring[:self.rate_oldest]  # oldest first
-        latest = [t for t in latest if t != _ALWAYS_OPEN][-max_starts:]
-        self.rate_starts = [_ALWAYS_OPEN] * (max_starts - len(latest)) + latest
+        latest = [t for t in latest if t != _ALWAYS_OPEN][-size:]
+        self.rate_starts = [_ALWAYS_OPEN] * (size - len(latest)) + latest
+        self.rate_max = max_starts
         self.rate_oldest = 0
         self.rate_per = per
-        self.rate_open_at = self.rate_starts[0] + per
+        self.rate_open_at = self._rate_opens_at()
+
+    def _rate_opens_at(self) -> float:
+        """The max_starts-th latest start + per; -inf (always open) while the ring is smaller: the
+        starts it no longer holds opened their window before the ring forgot them."""
+        ring = self.rate_starts
+        if len(ring) < self.rate_max:
+            return _ALWAYS_OPEN
+        return ring[self.rate_oldest] + self.rate_per
 
     def record_start(self, now: float) -> None:
-        """An attempt starts now: it replaces the oldest start in the rate limit's ring."""
+        """An attempt starts now: it replaces the oldest start in the rate limit's ring, or the ring
+        grows when that start still counts (and the ring is smaller than max_starts)."""
         ring = self.rate_starts
         oldest = self.rate_oldest
+        size = len(ring)
+        if size < self.rate_max and ring[oldest] + self.rate_per > now:
+            # Doubled (to max_starts at most), its new empty slots just before its oldest start.
+            ring[oldest:oldest] = [_ALWAYS_OPEN] * (min(size * 2, self.rate_max) - size)
         ring[oldest] = now
         oldest += 1
         if oldest == len(ring):
             oldest = 0
         self.rate_oldest = oldest
-        self.rate_open_at = ring[oldest] + self.rate_per
+        self.rate_open_at = self._rate_opens_at()
 
     def record_duration(self, seconds: float) -> None:
         """An attempt was decided after ``seconds``: one more in its histogram bucket."""

@@ -36,6 +36,7 @@ import logging
 import math
 import threading
 import time
+import traceback
 import types
 import weakref
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Protocol, Sequence, Set, Tuple
@@ -48,17 +49,33 @@ from ._event_loop import _UNWIND_PAST_TIMEOUT, _UNWIND_WAIT, LOOP_LATE, HandedOv
 from .context import JobContext
 from .errors import JobTimeout, PermanentFailure, QueueStopped, RetryAfter, _describe, counted
 
-__all__ = ["Dispatcher", "FailureCallback", "AttemptLedger", "NoThreadLeft"]
+__all__ = ["Dispatcher", "FailureCallback", "AttemptLedger", "MAX_WORKERS", "NoThreadLeft"]
 
 logger = logging.getLogger("tinymq")
 # What a failure callback returns when calling it did not run its body (a coroutine, a generator).
 _BODIES_NEVER_RUN = (types.CoroutineType, types.GeneratorType, types.AsyncGeneratorType)
 
+# Worker threads one queue starts: more would take the system's threads one by one, for minutes
+# (a typo such as 10**9), before failing.
+MAX_WORKERS = 10_000
 # Seconds the watchdog sleeps while no attempt runs: an attempt that starts meanwhile wakes
 # it only if it is due sooner, not at every start.
 _IDLE_WATCH = 1.0
 
 FailureCallback = Callable[[Any, str, Optional[BaseException]], None]
+
+
+def _log_safely(log: Callable[..., None], message: str, *args: Any) -> None:
+    """Log a failed job's report without raising: a logging filter that raises (logging guards a
+    handler's emit, not a filter), or logging out of stack (a RecursionError), would leave the job
+    unfinished for good. What raised goes to stderr, as logging reports an emit that raised."""
+    try:
+        log(message, *args)
+    except Exception:
+        try:
+            traceback.print_exc()
+        except Exception:
+            pass
 # The end of a job decided in a step that decided others too: ``(method, args)`` (see Dispatcher.end_all).
 End = Tuple[Callable[..., None], Tuple[Any, ...]]
 
@@ -555,6 +572,8 @@ class Dispatcher:
         with self._stop_order:
             if job in self._decided:
                 return  # it ended meanwhile: its own outcome stands
+            if job in self._stop_cancelled:
+                return  # a stop() before this one (or the exit hook's) gave it up and saved it back
             self._stop_cancelled.add(job)
             store = self.store
             if store is not None:
@@ -1313,12 +1332,12 @@ class Dispatcher:
         """Log a permanent failure and run the failure callbacks (a broker counts it itself).
         A cancel is logged at INFO: it was asked for, no alert should fire for it."""
         if reason == "cancelled":
-            logger.info("job %s (%s) was cancelled", job.id, job.type)
+            _log_safely(logger.info, "job %s (%s) was cancelled", job.id, job.type)
         elif exc is not None:
-            logger.error("job %s (%s) failed permanently (%s): %s", job.id, job.type, reason,
-                         _describe(exc))
+            _log_safely(logger.error, "job %s (%s) failed permanently (%s): %s", job.id, job.type, reason,
+                        _describe(exc))
         else:
-            logger.error("job %s (%s) failed permanently (%s)", job.id, job.type, reason)
+            _log_safely(logger.error, "job %s (%s) failed permanently (%s)", job.id, job.type, reason)
         in_callback = self._in_callback
         in_callback.depth = getattr(in_callback, "depth", 0) + 1
         try:
@@ -1332,6 +1351,6 @@ class Dispatcher:
                                      "register a plain function", callback, result, job.id)
                     result = None
                 except BaseException:  # whatever a callback raises, the queue carries on
-                    logger.exception("failure callback %r raised for job %s", callback, job.id)
+                    _log_safely(logger.exception, "failure callback %r raised for job %s", callback, job.id)
         finally:
             in_callback.depth -= 1

@@ -16,7 +16,7 @@ from datetime import timedelta
 from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union
 
 from . import _shield
-from ._dispatch import AttemptLedger, Dispatcher, FailureCallback, NoThreadLeft
+from ._dispatch import MAX_WORKERS, AttemptLedger, Dispatcher, FailureCallback, NoThreadLeft
 from ._periodic import Periodic, ScheduleStats
 from ._event_loop import is_async_executor
 from ._pick_core import core
@@ -344,6 +344,9 @@ class Queue:
             raise TypeError(f"workers must be an int, got {workers!r}")
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
+        if workers > MAX_WORKERS:
+            raise ValueError(f"workers must be <= {MAX_WORKERS} (worker threads of one queue; more would exhaust "
+                             f"the system's threads), got {workers}")
         try:
             self._dispatcher.start(workers)
         except NoThreadLeft:

@@ -780,12 +780,19 @@ class SQLitePersistence:
         """Job fields someone set to another type, as the plain values a row holds (or PersistenceError)."""
         try:
             job_type = str.__str__(job.type)  # a str subclass (a str Enum, say): its text
-            run_at, timestamp = float(job.run_at), float(job.timestamp)
-        except (TypeError, ValueError) as exc:
+        except TypeError as exc:
             raise PersistenceError(f"job {job.id!r} cannot be stored: {exc}") from exc
-        for name, value in (("run_at", run_at), ("timestamp", timestamp)):
+        times = []
+        for name, given in (("run_at", job.run_at), ("timestamp", job.timestamp)):
+            try:
+                value = float(given)
+            except (TypeError, ValueError) as exc:
+                raise PersistenceError(f"job {job.id!r} cannot be stored: its {name} must be a number, "
+                                       f"got {given!r}") from exc
             if value != value:  # SQLite stores a NaN as NULL: the row would load as corrupt
                 raise PersistenceError(f"job {job.id!r} cannot be stored: its {name} must be a number, got {value!r}")
+            times.append(value)
+        run_at, timestamp = times
         retries = job.retries
         if retries.__class__ is not int or not 0 <= retries < _INT64:
             raise PersistenceError(f"job {job.id!r} cannot be stored: retries must be an int >= 0, got {retries!r}")
