@@ -64,15 +64,13 @@ def test_the_warning_of_an_install_without_the_compiled_core_names_what_is_missi
 
 # --- attempt durations of an attempt that stop() hands back over Redis -----------------------------
 
-# Not fixed (xfail strict): over Redis, a plain fn(job) attempt that stop() hands back while it runs
-# counts nowhere in its process (its job runs again elsewhere: ReadyQueue.recount takes its count
-# back), yet its duration stays recorded in the process's attempt histogram, which docs/api.md
-# says holds the attempts whose outcome is counted (tinymq_attempt_duration_seconds_count then
-# exceeds the sum of tinymq_jobs_total's succeeded, failed, retried and cancelled). Taking a record
-# back needs the attempt's bucket, which the core does not keep: both cores would change.
+# Fixed (by countfix's on_succeeding, which asks the link before the core counts a success): over
+# Redis, a plain fn(job) attempt that stop() hands back while it runs counts nowhere in its process
+# (its job runs again elsewhere), and its duration is not recorded in the process's attempt
+# histogram either, which docs/api.md says holds the attempts whose outcome is counted. Before,
+# the success was counted and taken back, and its duration stayed recorded.
 
 
-@pytest.mark.xfail(strict=True, reason="the histogram keeps an attempt that recount() took back")
 def test_a_plain_attempt_that_stop_gave_back_over_redis_is_not_recorded_in_the_histogram(redis_backend):
     from _helpers import WAIT
 
