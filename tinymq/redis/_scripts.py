@@ -246,9 +246,11 @@ def _crashed(rows: Sequence[Sequence[Any]]) -> List[Crashed]:
 
 _pack_command: Optional[Callable[[Tuple[Any, ...]], bytes]]
 try:  # redis-py's own packing looks at every argument in Python first; hiredis packs in C
-    from hiredis import pack_command as _pack_command
+    import hiredis
 except ImportError:  # pragma: no cover - hiredis is optional
     _pack_command = None
+else:
+    _pack_command = hiredis.pack_command
 
 
 def _send(connection: Any, command: Tuple[Any, ...]) -> None:
