@@ -13,7 +13,8 @@ import time
 import types
 import weakref
 from datetime import timedelta
-from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Set, Tuple,
+                    TypeVar, Union)
 
 from . import _shield
 from ._dispatch import AttemptLedger, Dispatcher, End, FailureCallback, NoThreadLeft
@@ -27,11 +28,15 @@ from .errors import (DuplicateJob, PersistenceError, QueueFull, QueueStopped, _b
 from .job import Job, Priority, RunAt, _as_priority, _as_type, _validate
 from .stats import ExecutorStats, QueueStats
 
+if TYPE_CHECKING:  # (the store modules are imported when a store is set)
+    from .persistence import Persistence
+
 __all__ = ["Queue"]
 
 logger = logging.getLogger("tinymq")
 
 F = TypeVar("F", bound=Callable[..., Any])
+C = TypeVar("C", bound=FailureCallback)
 _now = time.time
 
 
@@ -315,7 +320,7 @@ class Queue:
 
         return decorate
 
-    def on_failure(self, fn: FailureCallback) -> FailureCallback:
+    def on_failure(self, fn: C) -> C:
         """Call ``fn(job, reason, exc)`` for every job that leaves without success; returns ``fn``."""
         if not callable(fn):
             raise TypeError(f"failure callback must be callable, got {fn!r}")
@@ -596,7 +601,7 @@ class Queue:
 
     # --- persistence ---------------------------------------------------------
 
-    def set_persistence(self, store: Any) -> None:
+    def set_persistence(self, store: "Persistence") -> None:
         """Use ``store`` from now on, and enqueue every job it holds (delayed ones keep run_at).
 
         Call it once, before the first enqueue: jobs enqueued earlier would not
