@@ -1706,7 +1706,7 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
                 elif finished is not None:
                     done, finished = finished, None
                     try:
-                        switch(done, job)  # type: ignore[misc]
+                        switch(done, job)  # type: ignore[misc]  # set: finished is kept only when it is
                     finally:
                         ready.task_done(done)
                         done = None

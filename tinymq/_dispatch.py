@@ -150,7 +150,7 @@ def _register_exit_hook() -> None:
         import concurrent.futures.thread  # noqa: F401
         try:
             # Runs before threading joins non-daemon threads and before atexit handlers.
-            threading._register_atexit(_stop_at_exit)  # type: ignore[attr-defined]
+            threading._register_atexit(_stop_at_exit)  # type: ignore[attr-defined]  # private: not in typeshed
         except RuntimeError:  # the interpreter is shutting down already
             return
         _exit_hook_registered = True

@@ -92,7 +92,7 @@ def _as_tags(tags: object) -> Optional[Dict[str, str]]:
     if tags is None:
         return None
     try:
-        items = dict(tags)  # type: ignore[call-overload]
+        items = dict(tags)  # type: ignore[call-overload]  # any value: what dict() refuses is the TypeError below
     except (TypeError, ValueError) as exc:
         raise TypeError(f"tags must be a mapping of str to str, got {tags!r}") from exc
     for key, value in items.items():
