@@ -39,7 +39,7 @@ import threading
 import time
 import types
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from ._unnamed import Unnamed
 from .errors import DuplicateJob, JobTimeout, QueueStopped
@@ -114,7 +114,7 @@ def new_job_id() -> str:
 _first_id_lock = threading.Lock()
 
 
-def first_id(job: Any, job_id: Any = None, unset: Any = None) -> Any:
+def first_id(job: Any, job_id: Any = None, unset: Any = None) -> Union[str, Unnamed]:
     """``job._id``, set first to ``job_id`` (an id, or a queue's ``Unnamed``; None: a new id) when it
     is ``unset``: one step, so threads reading a job's first id at once all get the one made first
     (``Job.id``: "made on first use, then fixed"). Returns the ``_id`` then: a str, or an ``Unnamed``
@@ -674,8 +674,8 @@ class ReadyQueue:
             if current is None:  # finished meanwhile: named as a job that was never queued
                 current = first_id(job, job_id)
         if type(current) is Unnamed:  # queued again, in another queue, meanwhile
-            return current.name(job, job_id)  # type: ignore[no-any-return]
-        return current  # type: ignore[no-any-return]  # named meanwhile
+            return current.name(job, job_id)
+        return current  # named meanwhile
 
     def push(self, job: Any) -> bool:
         """Accept a new ready job; False, with no effect, when the buffer is full."""
@@ -1729,7 +1729,7 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
                 elif finished is not None:
                     done, finished = finished, None
                     try:
-                        switch(done, job)  # type: ignore[misc]
+                        switch(done, job)  # type: ignore[misc]  # set: finished is kept only when it is
                     finally:
                         ready.task_done(done)
                         done = None

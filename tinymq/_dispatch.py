@@ -175,7 +175,7 @@ def _register_exit_hook() -> None:
         import concurrent.futures.thread  # noqa: F401
         try:
             # Runs before threading joins non-daemon threads and before atexit handlers.
-            threading._register_atexit(_stop_at_exit)  # type: ignore[attr-defined]
+            threading._register_atexit(_stop_at_exit)  # type: ignore[attr-defined]  # private: not in typeshed
         except RuntimeError:  # the interpreter is shutting down already
             return
         _exit_hook_registered = True
@@ -503,7 +503,7 @@ class Dispatcher:
             if first and wait and own_thread:
                 # The attempts it lets run (its caller's own too) settle first: released now, they
                 # would go back to Redis and run again, their outcomes ignored there.
-                threading.Thread(target=self._release_when_idle, args=(stop_by,),
+                threading.Thread(target=self._release_when_idle, args=(self.ledger, stop_by),
                                  name="tinymq-stop", daemon=True).start()
                 return True
             self.ledger.stop(stop_by)
@@ -511,14 +511,14 @@ class Dispatcher:
             self._report_unrun(why)
         return False
 
-    def _release_when_idle(self, stop_by: Optional[float]) -> None:
+    def _release_when_idle(self, ledger: AttemptLedger, stop_by: Optional[float]) -> None:
         """A stop(wait=True) called in one of the queue's own threads (or its loop), over a broker:
         wait for the running attempts as stop() does elsewhere (at most until ``stop_by``), cancel
         those still running, then give back what this process holds."""
         try:
             self._wait_for_attempts(stop_by)
             self._cancel_attempts()
-            self.ledger.stop(stop_by)
+            ledger.stop(stop_by)
         except BaseException:  # (nothing else would see it: the thread ends here)
             logger.exception("tinymq could not give back what this process holds at stop()")
         finally:
@@ -858,7 +858,8 @@ class Dispatcher:
                         self._timed_out(slot, job)
                     elif slot.job is not None and not slot.expired and slot.deadline < earliest:
                         earliest = slot.deadline
-                job = slots = None  # the watchdog waiting keeps no job alive
+                job = None  # the watchdog waiting keeps no job alive
+                slots.clear()
                 if earliest == math.inf:
                     earliest = now + _IDLE_WATCH
                 alarm.sleep(earliest - core.monotonic(), earliest)

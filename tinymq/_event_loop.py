@@ -36,6 +36,7 @@ import asyncio
 import concurrent.futures
 import inspect
 import logging
+import sys
 import threading
 import time
 import types
@@ -522,11 +523,9 @@ class LoopRunner:
             except BaseException as exc:  # the attempt's failure, whatever it is
                 error = exc
             attempt.running = False
-            if attempt.cancel_requested:
-                uncancel = getattr(task, "uncancel", None)  # 3.11+: the runner is not being cancelled itself
-                if uncancel is not None:
-                    while task.cancelling():
-                        uncancel()
+            if attempt.cancel_requested and sys.version_info >= (3, 11) and task is not None:
+                while task.cancelling():  # 3.11+: the runner is not being cancelled itself
+                    task.uncancel()
             self._finished(attempt, error, ours)
             in_a_row += 1
             if in_a_row >= _DRAIN_BATCH:  # attempts that never suspend: let the loop breathe

@@ -500,9 +500,9 @@ class Periodic:
                          schedule.trigger.description)
         schedule.tick = _NO_TICK
 
-    def _place_first_tick(self, schedule: _Schedule) -> None:
-        """Outside _lock: a broker's backend asks Redis where the shared grid is."""
-        first = schedule.tick
+    def _place_first_tick(self, schedule: _Schedule, first: _Tick) -> None:
+        """Outside _lock: a broker's backend asks Redis where the shared grid is (``first``: the
+        schedule's tick, read under _lock)."""
         try:
             tick = self.backend.begin(schedule, first, schedule.rejoin)
         except QueueStopped:
@@ -530,8 +530,8 @@ class Periodic:
                 if work is None:
                     return
                 to_begin, due = work
-                for schedule in to_begin:
-                    self._place_first_tick(schedule)
+                for schedule, first in to_begin:
+                    self._place_first_tick(schedule, first)
                 for schedule in due:
                     self._fire(schedule)
             except QueueStopped:
@@ -544,12 +544,13 @@ class Periodic:
     def _is_due(self, tick: _Tick, now_mono: float, now_wall: float) -> bool:
         return tick.due <= now_mono and (tick.index >= 0 or tick.wall <= now_wall)
 
-    def _wait_for_work(self) -> Optional[Tuple[List[_Schedule], List[_Schedule]]]:
-        """Sleep until a schedule is to begin or a tick is due: (to begin, due), or None once stopped."""
+    def _wait_for_work(self) -> Optional[Tuple[List[Tuple[_Schedule, _Tick]], List[_Schedule]]]:
+        """Sleep until a schedule is to begin or a tick is due: (to begin, with its tick; due), or None
+        once stopped."""
         with self._lock:
             while not self._stopped:
                 now_mono, now_wall = self._monotonic(), self._wall()
-                to_begin: List[_Schedule] = []
+                to_begin: List[Tuple[_Schedule, _Tick]] = []
                 due: List[_Schedule] = []
                 wake_at = math.inf
                 for schedule in self._schedules.values():
@@ -558,7 +559,7 @@ class Periodic:
                         continue
                     if not schedule.begun:
                         if schedule.begin_at <= now_mono:
-                            to_begin.append(schedule)
+                            to_begin.append((schedule, tick))
                         else:
                             wake_at = min(wake_at, schedule.begin_at)
                     elif self._is_due(tick, now_mono, now_wall):

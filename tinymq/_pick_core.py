@@ -21,13 +21,13 @@ if os.environ.get("TINYMQ_NO_EXTENSIONS", "") not in ("", "0") or (
 else:
     try:
         # (not "from . import _core": a missing one would be told as a circular import of tinymq)
-        core = importlib.import_module(f"{__package__}._core")  # type: ignore[assignment]
+        core = importlib.import_module(f"{__package__}._core")  # (the checker reads _core_py: see _core.pyi)
 
         HAS_EXTENSION = True
     except ImportError as exc:  # not built: no compiler at install time
         if os.environ.get("TINYMQ_REQUIRE_EXTENSIONS", "") not in ("", "0"):
             raise
-        from . import _core_py as core  # type: ignore[no-redef]
+        from . import _core_py as core
 
         HAS_EXTENSION = False
         warnings.warn(

@@ -10,7 +10,11 @@ one step with whatever moves the job. When the job finishes, the core puts None 
 an id read later is made as for a job that was never queued.
 """
 import weakref
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:  # (imports that would be circular at run time)
+    from ._core_py import ReadyQueue
+    from .job import Job
 
 __all__ = ["Unnamed"]
 
@@ -20,18 +24,18 @@ class Unnamed:
 
     __slots__ = ("_core",)
 
-    def __init__(self, core: Any) -> None:
-        self._core: Callable[[], Any] = weakref.ref(core)  # a kept job never keeps its queue alive
+    def __init__(self, core: "ReadyQueue") -> None:
+        self._core: Callable[[], Optional[ReadyQueue]] = weakref.ref(core)  # a kept job never keeps its queue alive
 
-    def name(self, job: Any, job_id: Optional[str] = None) -> str:
+    def name(self, job: "Job", job_id: Optional[str] = None) -> str:
         """``job``'s id (``job_id``, or a new one), registered with the core while the job is in it."""
         core = self._core()
         if core is not None:
-            return core.name(job, self, job_id)  # type: ignore[no-any-return]
+            return core.name(job, self, job_id)
         from ._pick_core import core as any_core  # the queue is gone: so is the job from it
 
         any_core.first_id(job, job_id, self)  # unless another thread named it, or queued it again, first
-        return job.id  # type: ignore[no-any-return]
+        return job.id
 
     def __reduce__(self) -> Any:
         return type(None), ()  # a copy or a pickle of a queued job is a new job: it has no id

@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, List, NoReturn, Optional, Tuple
+from typing import IO, Any, List, NoReturn, Optional, Tuple, Union
 
 from ._cli import CommandError
 from .errors import counted
@@ -264,7 +264,7 @@ class _LoadingWatch:
                     return
                 if self._pipe in readable and not os.read(self._pipe, _READ_SIZE):
                     os._exit(EXIT_SUPERVISOR_GONE)  # (the supervisor writes nothing: this is the end)
-                if self._wakeup in readable:
+                if self._wakeup is not None and self._wakeup in readable:
                     for number in self._wakeup.received():
                         logger.info("stopping (%s) while loading the target: nothing started, nothing "
                                     "to stop", signal.Signals(number).name)
@@ -430,7 +430,10 @@ class Supervisor:
 
     def _read_check(self, process: "subprocess.Popen[bytes]", loaded: int, wakeup: _SignalWakeup) -> bool:
         """Pass on what the check prints; its verdict once it has exited (``loaded``: its --loaded-fd pipe)."""
-        output = {process.stdout: bytearray(), process.stderr: bytearray()}
+        stdin_pipe, stdout_pipe, stderr_pipe = process.stdin, process.stdout, process.stderr
+        if stdin_pipe is None or stdout_pipe is None or stderr_pipe is None:  # (never: opened as pipes)
+            raise CommandError(f"the process that checks {self.target!r} has no pipes")
+        output = {stdout_pipe: bytearray(), stderr_pipe: bytearray()}
         streams = list(output)
         exited = math.inf  # monotonic time the check was seen to have exited
         while streams:
@@ -438,16 +441,17 @@ class Supervisor:
             # check has exited, what it printed is in them, and a fork that ends as it should
             # (_end_fork) has said so within _CHECK_FORK_WAIT; the pipes are not waited for longer.
             wait = None if exited == math.inf else max(0.0, exited + _CHECK_FORK_WAIT - time.monotonic())
-            readable, _, _ = select.select([wakeup, *streams], [], [], wait)
+            watched: List[Union[_SignalWakeup, IO[bytes]]] = [wakeup, *streams]
+            readable, _, _ = select.select(watched, [], [], wait)
             if any(number != signal.SIGCHLD for number in wakeup.received()):
                 process.kill()
                 process.wait()
-                for stream in (process.stdin, *output):
-                    stream.close()
+                for pipe in (stdin_pipe, *output):
+                    pipe.close()
                 logger.info("stopped while loading %r, before any worker process started", self.target)
                 return False
             for stream in readable:
-                if stream is wakeup:
+                if isinstance(stream, _SignalWakeup):
                     continue
                 chunk = os.read(stream.fileno(), _CHECK_READ_SIZE)
                 if chunk:
@@ -462,8 +466,8 @@ class Supervisor:
                     stream.close()
                 break
         returncode = process.wait()
-        process.stdin.close()
-        stdout, stderr = bytes(output[process.stdout]), bytes(output[process.stderr])
+        stdin_pipe.close()
+        stdout, stderr = bytes(output[stdout_pipe]), bytes(output[stderr_pipe])
         forked = _FORKED.encode() in stderr  # (a fork of the check, ended: see _end_fork)
         stderr = stderr.replace(_FORKED.encode(), b"")
         sys.stdout.buffer.write(stdout)  # whatever the user's module printed at import
@@ -633,10 +637,11 @@ class Supervisor:
                     self._start(slot)
             pending = [slot.restart_at for slot in self.slots if slot.restart_at is not None]
             timeout = max(0.0, min(pending) - now) if pending else None
-            unheard = [slot for slot in self.slots if slot.stop_unheard and slot.loaded is not None]
-            readable = select.select([wakeup] + [slot.loaded for slot in unheard], [], [], timeout)[0]
-            for slot in unheard:
-                if slot.loaded in readable:
+            unheard = [(slot, slot.loaded) for slot in self.slots if slot.stop_unheard and slot.loaded is not None]
+            watched: List[Union[_SignalWakeup, int]] = [wakeup, *(loaded for _, loaded in unheard)]
+            readable = select.select(watched, [], [], timeout)[0]
+            for slot, loaded in unheard:
+                if loaded in readable:
                     self._tell_again(slot)
             for number in wakeup.received():
                 if number == signal.SIGCHLD:

@@ -70,7 +70,7 @@ class JobContext:
         """Sleep up to ``seconds`` (a float or a timedelta); True as soon as the attempt is cancelled."""
         if self._cancelled:
             return True
-        if seconds.__class__ is not float or seconds != seconds:  # (NaN)
+        if type(seconds) is not float or seconds != seconds:  # (NaN)
             seconds = _as_seconds(seconds)
         if self._not_cancelled.acquire(True, min(max(seconds, 0.0), threading.TIMEOUT_MAX)):
             self._not_cancelled.release()  # let every other waiter see it too
@@ -85,7 +85,7 @@ class JobContext:
         """
         if self._cancelled:
             return True
-        if seconds.__class__ is not float or seconds != seconds:  # (NaN)
+        if type(seconds) is not float or seconds != seconds:  # (NaN)
             seconds = _as_seconds(seconds)
         await asyncio.sleep(max(seconds, 0.0))
         return self._cancelled

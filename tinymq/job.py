@@ -92,7 +92,7 @@ def _as_tags(tags: object) -> Optional[Dict[str, str]]:
     if tags is None:
         return None
     try:
-        items = dict(tags)  # type: ignore[call-overload]
+        items = dict(tags)  # type: ignore[call-overload]  # any value: what dict() refuses is the TypeError below
     except (TypeError, ValueError) as exc:
         raise TypeError(f"tags must be a mapping of str to str, got {tags!r}") from exc
     for key, value in items.items():
@@ -169,7 +169,7 @@ class Job:
             type = _as_type(type)
         if id is not None and (id.__class__ is not str or not id):
             raise ValueError(f"id must be a non-empty str or None, got {id!r}")
-        self._id = id
+        self._id: Union[str, Unnamed, None] = id  # an Unnamed while queued without one (see _unnamed)
         self.type = type
         self.payload = payload
         self.priority = priority if priority.__class__ is Priority else _as_priority(priority)
@@ -185,13 +185,13 @@ class Job:
     def id(self) -> str:
         """Unique across threads, processes and restarts; made on first use, then fixed."""
         job_id = self._id
-        if job_id.__class__ is str:
-            return job_id  # type: ignore[no-any-return]
+        if isinstance(job_id, str):  # (never a subclass: the setter and __init__ refuse one)
+            return job_id
         if job_id is None:  # (made in one step: threads reading it at once get one id)
             job_id = core.first_id(self)
-            if job_id.__class__ is str:
-                return job_id  # type: ignore[no-any-return]
-        return job_id.name(self)  # type: ignore[no-any-return]  # queued without one: see _unnamed
+            if isinstance(job_id, str):
+                return job_id
+        return job_id.name(self)  # queued without one: see _unnamed
 
     @id.setter
     def id(self, value: str) -> None:
@@ -200,7 +200,7 @@ class Job:
         job_id = self._id
         if job_id is None:
             job_id = core.first_id(self, value)
-        if job_id.__class__ is not str:  # queued without an id: named in its queue (DuplicateJob if taken)
+        if isinstance(job_id, Unnamed):  # queued without an id: named in its queue (DuplicateJob if taken)
             job_id = job_id.name(self, value)
         if job_id != value:
             # The id names the job in its queue (DuplicateJob) and its store row.

@@ -85,7 +85,7 @@ class PrometheusCollector(Collector):
                 raise TypeError(f"a queue's name (its label) must be a non-empty str, got {name!r}")
             if not isinstance(each, Queue):
                 raise TypeError(f"PrometheusCollector needs tinymq.Queue values, got {each!r} for {name!r}")
-        self._queues = dict(queue)
+        self._queues = {name: each for name, each in queue.items()}
 
     def describe(self) -> Iterator[Any]:
         """The metric families without samples: registering reads nothing from the queues."""

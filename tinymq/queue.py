@@ -13,10 +13,11 @@ import time
 import types
 import weakref
 from datetime import timedelta
-from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Set, Tuple, TypeVar, Union
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Set, Tuple,
+                    TypeVar, Union)
 
 from . import _shield
-from ._dispatch import MAX_WORKERS, AttemptLedger, Dispatcher, FailureCallback, NoThreadLeft
+from ._dispatch import MAX_WORKERS, AttemptLedger, Dispatcher, End, FailureCallback, NoThreadLeft
 from ._periodic import Periodic, ScheduleStats
 from ._event_loop import is_async_executor
 from ._pick_core import core
@@ -27,11 +28,15 @@ from .errors import (DuplicateJob, PersistenceError, QueueFull, QueueStopped, _b
 from .job import Job, Priority, RunAt, _as_priority, _as_type, _validate
 from .stats import ExecutorStats, QueueStats
 
+if TYPE_CHECKING:  # (the store modules are imported when a store is set)
+    from .persistence import Persistence
+
 __all__ = ["Queue"]
 
 logger = logging.getLogger("tinymq")
 
 F = TypeVar("F", bound=Callable[..., Any])
+C = TypeVar("C", bound=FailureCallback)
 _now = time.time
 
 
@@ -315,7 +320,7 @@ class Queue:
 
         return decorate
 
-    def on_failure(self, fn: FailureCallback) -> FailureCallback:
+    def on_failure(self, fn: C) -> C:
         """Call ``fn(job, reason, exc)`` for every job that leaves without success; returns ``fn``."""
         if not callable(fn):
             raise TypeError(f"failure callback must be callable, got {fn!r}")
@@ -392,7 +397,7 @@ class Queue:
                       withdrawn: Optional[threading.Event] = None) -> Job:
         with shield():  # an executor's enqueue is not cut midway by its interruption
             job_id = job._id
-            if self._store is None or job_id.__class__ is not str:
+            if self._store is None or type(job_id) is not str:
                 # No store (the core refuses duplicates), or an id the save makes (unique).
                 return self._save_and_place(job, run_at, block, wait, withdrawn)
             self._claim([job_id])
@@ -505,7 +510,7 @@ class Queue:
 
     def _enqueue_batch(self, batch: List[Job], ready_jobs: List[Job], delayed_jobs: List[Job],
                        delays: List[float]) -> None:
-        job_ids = [job._id for job in batch if job._id.__class__ is str] if self._store is not None else []
+        job_ids = [job._id for job in batch if type(job._id) is str] if self._store is not None else []
         if len(set(job_ids)) < len(job_ids):
             raise DuplicateJob(f"an id is given twice in this batch of {len(batch)} jobs; "
                                "none of the batch was enqueued")
@@ -513,7 +518,7 @@ class Queue:
             try:
                 self._save_and_place_many(batch, ready_jobs, delayed_jobs, delays)
             except DuplicateJob:  # the core's: say so when the batch itself repeats an id (no cost before)
-                given = [job._id for job in batch if job._id.__class__ is str]
+                given = [job._id for job in batch if type(job._id) is str]
                 if len(set(given)) < len(given):
                     raise DuplicateJob(f"an id is given twice in this batch of {len(batch)} jobs; "
                                        "none of the batch was enqueued") from None
@@ -599,7 +604,7 @@ class Queue:
 
     # --- persistence ---------------------------------------------------------
 
-    def set_persistence(self, store: Any) -> None:
+    def set_persistence(self, store: "Persistence") -> None:
         """Use ``store`` from now on, and enqueue every job it holds (delayed ones keep run_at).
 
         Call it once, before the first enqueue: jobs enqueued earlier would not
@@ -657,7 +662,7 @@ class Queue:
         # Every job is placed, or its end counted, before any end runs: a store raising as one ends
         # (end_all) leaves no job unended, nor any unplaced.
         dispatcher = self._dispatcher
-        ends = [(dispatcher.fail, (job, "crashed", None, core.FAILED, True)) for job in crashed]
+        ends: List[End] = [(dispatcher.fail, (job, "crashed", None, core.FAILED, True)) for job in crashed]
         try:
             now = _now()
             for job in jobs:  # one due at its creation (the same float) is due now, whatever the clock did

@@ -32,7 +32,7 @@ from ..errors import PersistenceError
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no flock()
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # (a module or None: every use checks first)
 
 __all__ = ["OwnedError", "LOCK_SUFFIX", "check_file", "identity", "head", "create_private", "lock", "unlock",
            "this_process", "is_alive", "register", "unregister", "owned_here"]

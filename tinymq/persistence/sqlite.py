@@ -29,13 +29,14 @@ import operator
 import os
 import sqlite3
 import struct
+import sys
 import threading
 import time
 import urllib.parse
 import weakref
 from collections import deque
 from datetime import timedelta
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, TypeVar, Union
 
 from .._shield import shield
 from ..config import RetryConfig, _count, _seconds
@@ -50,6 +51,7 @@ from .serializers import JSONSerializer
 __all__ = ["SQLitePersistence", "DeadJob"]
 
 logger = logging.getLogger("tinymq.persistence")
+_T = TypeVar("_T")
 
 _TABLE = "tinymq_jobs"
 # The jobs table. What later versions add beside it, an older tinymq ignores, so it keeps
@@ -223,7 +225,7 @@ def _dead_job_ids(ids: Iterable[str]) -> List[str]:
 
 
 def _check_id(job_id: object) -> None:
-    if job_id.__class__ is not str or not job_id or not _storable(job_id):  # type: ignore[arg-type]
+    if type(job_id) is not str or not job_id or not _storable(job_id):
         raise PersistenceError(f"a job id must be a non-empty str SQLite can store, got {job_id!r}")
 
 
@@ -235,12 +237,12 @@ def _error_text(error: object) -> Optional[str]:
     return str(error)
 
 
-def _utf8_length(value: object) -> int:
+def _utf8_length(value: Union[str, bytes, None]) -> int:
     if value is None:
         return 0
-    if value.__class__ is str:
-        return len(value) if value.isascii() else len(value.encode("utf-8"))  # type: ignore[union-attr]
-    return len(value)  # type: ignore[arg-type]
+    if type(value) is str:
+        return len(value) if value.isascii() else len(value.encode("utf-8"))
+    return len(value)
 
 
 _live_stores: "weakref.WeakSet[SQLitePersistence]" = weakref.WeakSet()
@@ -376,8 +378,10 @@ class SQLitePersistence:
         self._wal_path = self._file + "-wal"
         self._wal = _ownership.identity(self._wal_path)  # the -wal our connection writes
         self._next_wal_check = 0.0  # time.monotonic() of the next look at it (see _rescue_wal)
-        self._max_length = (self._conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)  # type: ignore[attr-defined]
-                            if hasattr(self._conn, "getlimit") else _DEFAULT_MAX_LENGTH)
+        if sys.version_info >= (3, 11) and hasattr(self._conn, "getlimit"):
+            self._max_length = self._conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
+        else:
+            self._max_length = _DEFAULT_MAX_LENGTH
         self._finalizer = weakref.finalize(self, _release, self._lock_fd, self._key, self._pid)
         _live_stores.add(self)
 
@@ -478,8 +482,7 @@ class SQLitePersistence:
         """Remove the side files we made that are still ours and empty."""
         for suffix in suffixes:
             st = made.get(suffix)
-            now = None if st is None else _ownership.identity(self._file + suffix)
-            if now is not None and now == (st.st_dev, st.st_ino):
+            if st is not None and _ownership.identity(self._file + suffix) == (st.st_dev, st.st_ino):
                 try:
                     if os.lstat(self._file + suffix).st_size == 0:
                         os.unlink(self._file + suffix)
@@ -549,7 +552,7 @@ class SQLitePersistence:
         except sqlite3.Error as exc:
             raise PersistenceError(f"cannot open persistence file {self.path!r}: {exc}") from exc
 
-    def _reading(self, work: Any) -> Any:
+    def _reading(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
         """``work(conn)`` on a read-only connection, looked at again for a moment if it fails.
 
         An owner opening or closing the file passes through states a look can
@@ -1024,7 +1027,7 @@ class SQLitePersistence:
                 replaced[job_id] = (row[_SEQ], now)
             cursor.execute(_REPLACE, row)
 
-    def _in_transaction(self, conn: sqlite3.Connection, work: Any, what: str) -> Any:
+    def _in_transaction(self, conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], _T], what: str) -> _T:
         """Run ``work(conn)`` in one write transaction (the caller holds _commit_lock, or is opening)."""
         try:
             try:  # (BEGIN inside: whatever ends this call, the connection never stays in the transaction)
@@ -1178,7 +1181,7 @@ class SQLitePersistence:
             self._check_usable()
             jobs, crashed = self._in_transaction(self._conn, self._recover, "load_all")
             self._crashed = crashed  # (a second load finds the same rows, still "running")
-            return jobs  # type: ignore[no-any-return]
+            return jobs
 
     def take_crashed(self) -> List[Job]:
         """The jobs the last ``load_all`` found crashed too often (more than ``max_crash_recoveries``
@@ -1252,7 +1255,7 @@ class SQLitePersistence:
                         conn.rollback()
                 except sqlite3.Error as exc:
                     raise PersistenceError(f"{self!r}: read failed: {exc}") from exc
-            return self._reading(read)  # type: ignore[no-any-return]
+            return self._reading(read)
         if self._pid != os.getpid() or self._closed:
             self._check_usable()
         with self._commit_lock:
@@ -1333,8 +1336,8 @@ class SQLitePersistence:
         chosen = [(job_id,) for job_id in _dead_job_ids(ids) if job_id and _storable(job_id)]
         return self._change(lambda conn: conn.executemany(sql + " AND id = ?", chosen).rowcount)
 
-    def _change(self, work: Any) -> int:
+    def _change(self, work: Callable[[sqlite3.Connection], int]) -> int:
         self._check_usable()
         with shield(), self._commit_lock:
             self._check_usable()
-            return self._in_transaction(self._conn, work, "changing dead rows")  # type: ignore[no-any-return]
+            return self._in_transaction(self._conn, work, "changing dead rows")

@@ -26,7 +26,7 @@ _UNDECODABLE_TYPE = "undecodable"  # the type of undecodable_job's stand-in when
 _new_job = object.__new__
 # What JSONSerializer's decoder runs at the first character (the same default options), without
 # decode()'s look-ups for whitespace around the value: _fields.
-_scan_value = json.JSONDecoder().scan_once
+_scan_value = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # set by __init__, not in typeshed
 
 
 def _retry_fields(config: RetryConfig) -> Optional[Dict[str, Any]]:
@@ -57,7 +57,7 @@ def unsendable(jobs: Iterable[Job]) -> Optional[ValueError]:
     cannot take (not ``is_utf8``), or None. Looked for only once a send failed on such text."""
     for job in jobs:
         for name, value in (("id", job.id), ("type", job.type), ("payload", job.payload), ("tags", job._tags)):
-            if not is_utf8(value if value.__class__ is str else _serializer.dumps(value)):
+            if not is_utf8(value if type(value) is str else _serializer.dumps(value)):
                 return ValueError(f"job {job.id!r} ({job.type!r}) cannot be sent to Redis: its {name} has "
                                   "text that is not valid Unicode (a lone surrogate?)")
     return None

@@ -62,7 +62,6 @@ logger = logging.getLogger("tinymq")
 
 _PREFETCH = 1  # jobs fetched beyond the free worker slots: the next one is at hand
 _BUFFERED_MAX = 1.0  # seconds a fetched job waits for a worker here before it goes back
-_NOT_REPORTING = object()  # (_reporting_here: the thread was reporting nothing before)
 _REPORT_WAIT = 10.0  # seconds stop() waits for failure callbacks on rows handed to this process
 _SETTLE_BATCH = 32  # settle ops that make the pump flush at once
 _SETTLE_DELAY = 0.001  # seconds an op may wait for company before the pump flushes it
@@ -449,7 +448,7 @@ class QueueLink:
             done.set()
             renewer.join()
 
-    def _report(self, job_id: str, body: str, reason: str, retries: int = 0, error: str = "") -> None:
+    def _report(self, job_id: str, body: str, reason: str, retries: Union[int, str] = 0, error: str = "") -> None:
         """Log and hand to the failure callbacks a job that Redis ended (its counters are there).
         A job that not even a stand-in can be made of is logged as an ERROR and not reported:
         its caller acknowledges it all the same (raising here would kill the reporter, and the
@@ -534,14 +533,15 @@ class QueueLink:
         failure callback's own cancel()), the outer entry is put back afterwards."""
         me = threading.get_ident()
         with self._lock:
-            outer = self._reporting.get(me, _NOT_REPORTING)
-            if outer is _NOT_REPORTING:
+            nested = me in self._reporting
+            outer = self._reporting.get(me)
+            if not nested:
                 self._reporting[me] = None
         try:
             yield
         finally:
             with self._lock:
-                if outer is _NOT_REPORTING:
+                if not nested:
                     self._reporting.pop(me, None)
                 else:
                     self._reporting[me] = outer

@@ -59,6 +59,14 @@ def _names_in(code: str) -> Set[str]:
     return set(_NAME_OUTSIDE_STRINGS_AND_COMMENTS.findall(code)) - {""}  # ("": a string or a comment)
 
 
+def _defined_name(definition: str) -> str:
+    """The name a top-level definition of lib.lua defines (it starts with ``local``: _DEFINITION_START)."""
+    match = _DEFINED_NAME.match(definition)
+    if match is None:
+        raise ValueError(f"lib.lua: a definition that names nothing: {definition[:40]!r}")
+    return match.group(1)
+
+
 def _script_text(lib: str, script: str) -> str:
     """``script`` with ``lib`` (lib.lua's text) in front, one chunk, keeping of ``lib`` its header
     and the top-level definitions (each from a line that starts with ``local`` to the next one)
@@ -66,7 +74,7 @@ def _script_text(lib: str, script: str) -> str:
     on every call, each ``local function`` a closure made anew. A definition left out leaves its
     lines blank, so that the line numbers in Redis's errors stay those of lib.lua + the script."""
     header, *definitions = _DEFINITION_START.split(lib)
-    names = [_DEFINED_NAME.match(text).group(1) for text in definitions]
+    names = [_defined_name(text) for text in definitions]
     used = _names_in(script)
     for name, text in zip(reversed(names), reversed(definitions)):  # (in Lua, each uses only those above it)
         if name in used:
@@ -236,10 +244,13 @@ def _crashed(rows: Sequence[Sequence[Any]]) -> List[Crashed]:
             for row in rows]
 
 
+_pack_command: Optional[Callable[[Tuple[Any, ...]], bytes]]
 try:  # redis-py's own packing looks at every argument in Python first; hiredis packs in C
-    from hiredis import pack_command as _pack_command
+    import hiredis
 except ImportError:  # pragma: no cover - hiredis is optional
     _pack_command = None
+else:
+    _pack_command = hiredis.pack_command
 
 
 def _send(connection: Any, command: Tuple[Any, ...]) -> None:
@@ -322,7 +333,7 @@ class Connections:
             return True
         lock = threading.Lock()
         ended = threading.Event()
-        given_up = []  # (the caller left: the opening thread releases the connection)
+        given_up: List[bool] = []  # (the caller left: the opening thread releases the connection)
 
         def open_it() -> None:
             try:
@@ -380,19 +391,22 @@ class Scripts:
         if connections is None:
             return self._script[script](keys=self._keys, args=args)
         registered = self._script[script]
-        return self._on_connection(("EVALSHA", registered.sha, 1, self.prefix, *args), timeout, registered.script)
+        return self._on_connection(connections, ("EVALSHA", registered.sha, 1, self.prefix, *args), timeout,
+                                   registered.script)
 
     def command(self, *command: Any, timeout: Optional[float] = None) -> Any:
         """One plain command (``RPUSH``, ``DEL``, ...), bounded by ``timeout`` as ``_call`` is."""
-        if self.connections is None:
+        connections = self.connections
+        if connections is None:
             return self.client.execute_command(*command)
-        return self._on_connection(command, timeout, None)
+        return self._on_connection(connections, command, timeout, None)
 
-    def _on_connection(self, command: Tuple[Any, ...], timeout: Optional[float], script: Optional[str]) -> Any:
-        """``command`` on a lent connection (EVALSHA of ``script``, loaded again if the server lost it)."""
+    def _on_connection(self, connections: Connections, command: Tuple[Any, ...], timeout: Optional[float],
+                       script: Optional[str]) -> Any:
+        """``command`` on a connection lent by ``connections`` (EVALSHA of ``script``, loaded again if the
+        server lost it)."""
         import redis
 
-        connections = self.connections
         by = None if timeout is None else time.monotonic() + timeout  # (each step gets what is left)
         connection = connections.acquire(timeout)
         if by is not None and not connections.open_within(connection, max(0.0, by - time.monotonic())):
