@@ -930,6 +930,7 @@ class QueueLink:
                 yield None
                 return
             op, proc, timed_out, failure = decided
+            assert failure is not None  # (a "Z" op always has one)
             if timed_out and reason == "cancelled":  # a cancel overtook its timeout: Redis counts it cancelled only
                 self.ready.recount((core.TIMED_OUT,), None, job.type)
             try:
