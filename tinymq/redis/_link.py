@@ -593,7 +593,9 @@ class QueueLink:
         while True:
             try:
                 waits, now_began = self.scripts.unfinished(timeout=reply_wait(_call_deadline(deadline)))
-                if began and now_began != began:  # (not '' -> a time: a first worker registered)
+                # (not '' -> a time: a first worker registered; nor a time -> an earlier one: one
+                # registered after the server's clock was stepped back, see renew in lib.lua)
+                if began and (not now_began or float(now_began) > float(began)):
                     logger.error("Redis at %s lost the state of queue %r while join() waited (it restarted "
                                  "without its data, or its keys were deleted): the jobs it waited for are gone, "
                                  "not run", redacted_url(self.broker.url), self.broker.name)

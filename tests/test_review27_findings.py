@@ -1,0 +1,91 @@
+"""Findings of review27 (session 27): the Redis link's changes of this session attacked from outside.
+
+Each test failed on the code before its fix; its docstring says the symptom, how to
+reproduce it, and what the docs promise.
+"""
+import threading
+
+import pytest
+
+from tinymq import Job, Queue
+
+from _helpers import WAIT, wait_until
+
+pytestmark = pytest.mark.redis
+
+
+def _clock_stepped_back(client, name):
+    """The queue's state began (the clock hash's e) an hour ahead of the server's clock now, as
+    when the server's clock was stepped back by an hour (NTP, a VM moved) after that."""
+    seconds, micros = client.time()
+    client.hset(f"tmq:{{{name}}}:clock", "e", seconds * 1000 + micros // 1000 + 3_600_000)
+
+
+def test_a_reaped_worker_after_a_clock_step_back_does_not_say_redis_lost_the_queue(own_redis_server,
+                                                                                    warnings_seen):
+    """Symptom: a worker process that registered after the Redis server's clock was stepped back
+    (to before the moment the queue's state began), and was later reaped (silent past its lease),
+    logged the ERROR "Redis ... lost the state of queue 'skew' ...: the jobs queued there are
+    gone": nothing was lost, the queue's jobs were all there. The reply compared the worker's
+    registration time with the state's start on a clock that had gone back.
+    Reproduce: the clock hash's e set an hour ahead of the server's time (a step back by an
+    hour); a worker registers; its id is reaped. docs/redis.md: that ERROR says Redis lost the
+    queue's state (a restart without its data, its keys deleted).
+    Fix: a registration earlier than e (the clock went back) moves e back to it, so every
+    process registered in the queue's state registered no earlier than e."""
+    from tinymq.redis import RedisBroker
+
+    q = Queue(broker=RedisBroker(own_redis_server.url, name="skew", lease=1.0))
+    try:
+        with own_redis_server.client() as client:
+            _clock_stepped_back(client, "skew")
+            q.register_executor("t", lambda job: None)
+            q.start_dispatcher(1)
+            assert wait_until(lambda: client.zcard("tmq:{skew}:procs") == 1)
+            [proc] = client.zrange("tmq:{skew}:procs", 0, -1)
+            client.zrem("tmq:{skew}:procs", proc)  # (reaped: its lease ran out while it was silent)
+            assert warnings_seen.wait_until(lambda seen: any("silent past" in m for m in seen)), \
+                warnings_seen.snapshot()
+        assert not [m for m in warnings_seen.snapshot() if "lost the state" in m], warnings_seen.snapshot()
+        q.enqueue(Job("t", id="still-runs"))
+        assert q.join(WAIT)
+    finally:
+        q.stop(wait=False)
+
+
+def test_a_join_waiting_as_a_worker_registers_after_a_clock_step_back_says_nothing_is_lost(
+        own_redis_server, warnings_seen):
+    """The fix above moves e back as a worker registers after a step back of the server's clock:
+    a join() waiting meanwhile must not take that for a Redis that lost the queue's state."""
+    from tinymq.redis import RedisBroker
+
+    producer = Queue(broker=RedisBroker(own_redis_server.url, name="skew2", lease=1.0))
+    worker = Queue(broker=RedisBroker(own_redis_server.url, name="skew2", lease=1.0))
+    release = threading.Event()
+    looked = threading.Event()
+    unfinished = producer.broker._scripts.unfinished
+
+    def look(*args, **kwargs):
+        reply = unfinished(*args, **kwargs)
+        looked.set()
+        return reply
+
+    producer.broker._scripts.unfinished = look
+    joined = []
+    try:
+        with own_redis_server.client() as client:
+            _clock_stepped_back(client, "skew2")
+        producer.enqueue(Job("t", id="waited-for"))
+        waiter = threading.Thread(target=lambda: joined.append(producer.join(WAIT)))
+        waiter.start()
+        assert looked.wait(WAIT)
+        worker.register_executor("t", lambda job: release.wait(WAIT))
+        worker.start_dispatcher(1)
+        release.set()
+        waiter.join(WAIT + 5)
+        assert joined == [True]
+        assert not [m for m in warnings_seen.snapshot() if "lost the state" in m], warnings_seen.snapshot()
+    finally:
+        release.set()
+        worker.stop(wait=False)
+        producer.stop(wait=False)
