@@ -89,3 +89,55 @@ def test_a_join_waiting_as_a_worker_registers_after_a_clock_step_back_says_nothi
         release.set()
         worker.stop(wait=False)
         producer.stop(wait=False)
+
+
+def test_a_stop_waiting_for_a_success_being_counted_goes_on_when_the_process_is_reaped_meanwhile(redis_url):
+    """Symptom: stop() waits for a success the core is counting (its op then goes with the
+    release); when the process learned meanwhile that it was reaped (a round's reply, a beat's),
+    the success was no longer this process's and nothing was left to wait for, yet stop() slept
+    on until its 10 s bound for failure callbacks (nothing woke it to look again).
+    Reproduce: a success held between the link's succeeding() and succeeded(); stop(); the
+    process reaped (_abandon, as a round does). docs/redis.md: stop() gives back what the
+    process holds at once.
+    Fix: letting the id go wakes a stop() waiting for the successes it took away."""
+    from _backends import Redis
+    from _helpers import per_type_counts
+
+    made = Redis(redis_url, lease=40.0)  # (no heartbeat tells the worker of anything meanwhile)
+    try:
+        producer, worker = made.pair()
+        for q in (producer, worker):
+            q.register_executor("t", lambda job: None)
+        counting, gate = threading.Event(), threading.Event()
+        link = worker._link
+        succeeded = link.succeeded
+
+        def succeeded_gated(job):
+            counting.set()
+            assert gate.wait(WAIT)
+            succeeded(job)
+
+        link.succeeded = succeeded_gated  # (before start_dispatcher: its workers read their hooks then)
+        stop_waits = threading.Event()
+
+        class Watched(threading.Condition):
+            def wait(self, timeout=None):
+                stop_waits.set()
+                return super().wait(timeout)
+
+        link._reported = Watched(link._lock)
+        producer.enqueue(Job("t", "held"))
+        worker.start_dispatcher(1)
+        assert counting.wait(WAIT)
+        stopper = threading.Thread(target=worker.stop, kwargs={"wait": False})
+        stopper.start()
+        assert stop_waits.wait(WAIT)
+        with link._round_lock:
+            link._abandon(False)  # (a round's reply said this process was reaped)
+        gate.set()
+        stopper.join(WAIT / 2)  # (before: it went on only at its 10 s bound)
+        assert not stopper.is_alive()
+        stopper.join(WAIT)
+        assert per_type_counts(worker)["succeeded"] == 0  # (no longer this process's: counted nowhere)
+    finally:
+        made.close()

@@ -1251,6 +1251,7 @@ class QueueLink:
             # hand out jobs without limits.
             self._lost_limits = dict(self._registered_limits)
             self._renewal.notify_all()  # workers waiting to start a job of the old id refuse it
+            self._reported.notify_all()  # a stop() waiting for a success being counted (ending) goes on
         return old
 
     def _take_back(self, dropped: Sequence[SettleOp]) -> None:
