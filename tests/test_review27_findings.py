@@ -141,3 +141,39 @@ def test_a_stop_waiting_for_a_success_being_counted_goes_on_when_the_process_is_
         assert per_type_counts(worker)["succeeded"] == 0  # (no longer this process's: counted nowhere)
     finally:
         made.close()
+
+
+def test_a_join_takes_a_state_start_another_program_wrote_as_none(redis_url):
+    """The clock hash's e that another program wrote (not a number) is taken as missing, as the
+    scripts take it (renew writes a new one): join() compares it with the next one it reads
+    without raising (float() of it raised ValueError out of join())."""
+    import redis as redis_py
+
+    from tinymq.redis import RedisBroker
+
+    producer = Queue(broker=RedisBroker(redis_url, name="junk"))
+    looked = threading.Event()
+    unfinished = producer.broker._scripts.unfinished
+
+    def look(*args, **kwargs):
+        reply = unfinished(*args, **kwargs)
+        looked.set()
+        return reply
+
+    producer.broker._scripts.unfinished = look
+    joined = []
+    try:
+        client = redis_py.Redis.from_url(redis_url)
+        client.hset("tmq:{junk}:clock", "e", "not a time")
+        producer.enqueue(Job("t", id="waited-for"))
+        waiter = threading.Thread(target=lambda: joined.append(producer.join(WAIT)))
+        waiter.start()
+        assert looked.wait(WAIT)
+        looked.clear()
+        client.hset("tmq:{junk}:clock", "e", "12345")
+        assert looked.wait(WAIT)
+        assert producer.cancel("waited-for")
+        waiter.join(WAIT + 5)
+        assert joined == [True]
+    finally:
+        producer.stop(wait=False)
