@@ -1177,7 +1177,8 @@ class Dispatcher:
                        seconds: Optional[float] = None) -> None:
         """An attempt failed: schedule its retry, or fail the job for good.
 
-        ``seconds``: its duration, recorded here unless stop() cancelled it (not counted anywhere).
+        ``seconds``: its duration, recorded here unless stop() cancelled it, or it is no longer this
+        process's (a broker's: not_held): then it is counted nowhere.
 
         An attempt that ``stop()`` cancelled is no failure: nothing is counted,
         retried or reported (``stop()`` saved the job back as ready, so the
@@ -1188,14 +1189,13 @@ class Dispatcher:
         never sees the job in no place. A retry's store save comes before: the slot stays
         taken while it writes. Failure callbacks always run after it is freed.
         """
-        if seconds is not None:
-            if self._stopping:
-                with self._stop_order:
-                    if job in self._stop_cancelled:
-                        seconds = None
-            if seconds is not None:
-                self.ready.record_duration(state, seconds)
+        if seconds is not None and self._stopping:
+            with self._stop_order:
+                if job in self._stop_cancelled:
+                    seconds = None
         ledger = self.ledger
+        if seconds is not None and ledger is None:
+            self.ready.record_duration(state, seconds)
         release = state if holding else None
         if ledger is not None or self._stopping:  # (no stats to keep whole: freed at once)
             if release is not None:
@@ -1221,6 +1221,8 @@ class Dispatcher:
             if ledger.not_held(job, exc):
                 self.ready.task_done(job)  # given back before it started, or by stop(): nothing to count
                 return
+            if seconds is not None:  # (after: an attempt no longer this process's is recorded nowhere)
+                self.ready.record_duration(state, seconds)
             if self.ready.take_cancel(job):  # after stop's give-back and the broker's refusal, as before
                 self.end_cancelled(job)
                 return

@@ -169,6 +169,15 @@ def _no_reply(exc: BaseException, call: str) -> str:
     return f"did not answer {call}"
 
 
+def _state_start(text: str) -> Optional[float]:
+    """When the queue's state began (ms), as unfinished.lua reads it; None when it is missing or
+    not a number (another program wrote it), as the scripts take it (renew writes a new one)."""
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def _refused_as_full(exc: BaseException) -> bool:
     """Whether Redis refused a call for its maxmemory (a script that takes new jobs, at its
     first write: lib.lua's refuse_if_full). Redis 7 replies with an OOM error, 6.2 with a
@@ -589,11 +598,14 @@ class QueueLink:
         frozen server costs join(timeout) about its timeout, not the socket's."""
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = _ROOM_POLL_MIN
-        began: Optional[str] = None  # when the queue's state began, as the first look saw it
+        began: Optional[float] = None  # when the queue's state began (ms), as the last look saw it
         while True:
             try:
-                waits, now_began = self.scripts.unfinished(timeout=reply_wait(_call_deadline(deadline)))
-                if began and now_began != began:  # (not '' -> a time: a first worker registered)
+                waits, start = self.scripts.unfinished(timeout=reply_wait(_call_deadline(deadline)))
+                now_began = _state_start(start)
+                # (not none -> a time: a first worker registered; nor a time -> an earlier one: one
+                # registered after the server's clock was stepped back, see renew in lib.lua)
+                if began is not None and (now_began is None or now_began > began):
                     logger.error("Redis at %s lost the state of queue %r while join() waited (it restarted "
                                  "without its data, or its keys were deleted): the jobs it waited for are gone, "
                                  "not run", redacted_url(self.broker.url), self.broker.name)
@@ -1249,6 +1261,7 @@ class QueueLink:
             # hand out jobs without limits.
             self._lost_limits = dict(self._registered_limits)
             self._renewal.notify_all()  # workers waiting to start a job of the old id refuse it
+            self._reported.notify_all()  # a stop() waiting for a success being counted (ending) goes on
         return old
 
     def _take_back(self, dropped: Sequence[SettleOp]) -> None:

@@ -35,7 +35,7 @@ Keys (after the prefix):
   clock                    HASH  t server time (ms) of the last lease-keeping call (fetch,
                                  beat, reap), g the gap (ms) past which that is an outage
                                  (see mind_the_gap), e server time (ms) the queue's state
-                                 began (see renew)
+                                 began, or of an earlier registration in it (see renew)
   token:<token>            STRING the JSON reply that a resend of the call <token> (an
                                  enqueue, a cancel, a schedule tick; a release: its token is
                                  release|<proc>) gets, kept TOKEN_KEPT: a resend is
@@ -782,13 +782,15 @@ end
 -- registered now: it must register again under a new id. Then a second value says why: false,
 -- it was reaped; true, Redis lost the queue's state since (it restarted without its data, or
 -- its keys were deleted): the clock hash's e, when the state began (set by the first renew
--- after that), is missing, or later than proc's registration.
+-- after that), is missing, or later than proc's registration. A registration earlier than e
+-- (the server's clock was stepped back) moves e back to it: e is never later than the
+-- registration of a process registered in this state, which is never told it was lost.
 local function renew(proc, now, lease, registered)
   local since = tonumber(registered) or 0
   local began = tonumber(redis.call('HGET', K_CLOCK, 'e')) -- (before mind_the_gap writes the hash)
   mind_the_gap(now, lease)
   if since > 0 and not redis.call('ZSCORE', K_PROCS, proc) then return false, not began or began > since end
-  if not began then redis.call('HSET', K_CLOCK, 'e', now) end
+  if not began or (since == 0 and began > now) then redis.call('HSET', K_CLOCK, 'e', now) end
   redis.call('ZADD', K_PROCS, now + lease, proc)
   return true
 end
