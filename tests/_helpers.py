@@ -302,3 +302,18 @@ def shared_counts(q):
     s = q.get_stats()
     return {"succeeded": s.jobs_succeeded, "failed": s.jobs_failed, "retried": s.jobs_retried,
             "timed_out": s.jobs_timed_out, "cancelled": s.jobs_cancelled}
+
+
+def watch_join_looks(q):
+    """An event set after each look of ``q``'s join() at Redis (the unfinished script): a test
+    waits on it (clearing it first) to know that a waiting join() looked again."""
+    looked = threading.Event()
+    unfinished = q.broker._scripts.unfinished
+
+    def look(*args, **kwargs):
+        reply = unfinished(*args, **kwargs)
+        looked.set()
+        return reply
+
+    q.broker._scripts.unfinished = look
+    return looked

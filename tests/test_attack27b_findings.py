@@ -11,7 +11,7 @@ import pytest
 
 from tinymq import Job, Queue
 
-from _helpers import WAIT, wait_until
+from _helpers import WAIT, wait_until, watch_join_looks
 
 
 def _restart_without_its_data(server):
@@ -134,15 +134,7 @@ def test_a_join_waiting_as_redis_loses_the_queue_says_so(own_redis_server, warni
     release = threading.Event()
     worker = Queue(broker=RedisBroker(own_redis_server.url, name="gone", lease=1.0))
     producer = Queue(broker=RedisBroker(own_redis_server.url, name="gone", lease=1.0))
-    looked = threading.Event()
-    unfinished = producer.broker._scripts.unfinished
-
-    def look(*args, **kwargs):
-        reply = unfinished(*args, **kwargs)
-        looked.set()
-        return reply
-
-    producer.broker._scripts.unfinished = look
+    looked = watch_join_looks(producer)
     joined = []
     try:
         worker.register_executor("t", lambda job: (started.set(), release.wait(WAIT)))

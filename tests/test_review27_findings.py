@@ -9,7 +9,7 @@ import pytest
 
 from tinymq import Job, Queue
 
-from _helpers import WAIT, wait_until
+from _helpers import WAIT, wait_until, watch_join_looks
 
 pytestmark = pytest.mark.redis
 
@@ -62,15 +62,7 @@ def test_a_join_waiting_as_a_worker_registers_after_a_clock_step_back_says_nothi
     producer = Queue(broker=RedisBroker(own_redis_server.url, name="skew2", lease=1.0))
     worker = Queue(broker=RedisBroker(own_redis_server.url, name="skew2", lease=1.0))
     release = threading.Event()
-    looked = threading.Event()
-    unfinished = producer.broker._scripts.unfinished
-
-    def look(*args, **kwargs):
-        reply = unfinished(*args, **kwargs)
-        looked.set()
-        return reply
-
-    producer.broker._scripts.unfinished = look
+    looked = watch_join_looks(producer)
     joined = []
     try:
         with own_redis_server.client() as client:
@@ -152,15 +144,7 @@ def test_a_join_takes_a_state_start_another_program_wrote_as_none(redis_url):
     from tinymq.redis import RedisBroker
 
     producer = Queue(broker=RedisBroker(redis_url, name="junk"))
-    looked = threading.Event()
-    unfinished = producer.broker._scripts.unfinished
-
-    def look(*args, **kwargs):
-        reply = unfinished(*args, **kwargs)
-        looked.set()
-        return reply
-
-    producer.broker._scripts.unfinished = look
+    looked = watch_join_looks(producer)
     joined = []
     try:
         client = redis_py.Redis.from_url(redis_url)
