@@ -248,7 +248,7 @@ def test_worker_checks_a_module_that_starts_a_thread_at_import(tmp_path):
                                 env=env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"still running after 20 s: {exc.stderr}")
-    assert_user_error(result, "python -m tinymq worker: error: 'polling:queue' is a int (5), not a tinymq.Queue")
+    assert_user_error(result, "python -m tinymq worker: error: 'polling:queue' is an int (5), not a tinymq.Queue")
 
 
 # Hangs at import (a module waiting for a service that is down), after noting its pid and whether it

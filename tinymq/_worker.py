@@ -158,7 +158,8 @@ def load_queue(target: str) -> Queue:
         kind = type(found).__qualname__
         if type(found).__module__ != "builtins":
             kind = f"{type(found).__module__}.{kind}"
-        raise CommandError(f"{target!r} is a {kind} ({shown}), not a tinymq.Queue")
+        article = "an" if kind[:1].lower() in "aeiou" else "a"
+        raise CommandError(f"{target!r} is {article} {kind} ({shown}), not a tinymq.Queue")
     if getattr(found, "broker", None) is None:
         raise CommandError(f"{target!r} is a tinymq.Queue without a broker: worker processes share a "
                            "queue through Redis; build it with Queue(..., broker=RedisBroker(url, name=...))")
