@@ -304,16 +304,23 @@ def shared_counts(q):
             "timed_out": s.jobs_timed_out, "cancelled": s.jobs_cancelled}
 
 
+def signal_after(owner, name):
+    """An event set after each call of ``owner.<name>`` (replaced by a wrapper that calls it and
+    then sets the event, even if it raised): a test waits on it, clearing it first, to know that
+    the call happened."""
+    called = threading.Event()
+    wrapped = getattr(owner, name)
+
+    def call(*args, **kwargs):
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            called.set()
+
+    setattr(owner, name, call)
+    return called
+
+
 def watch_join_looks(q):
-    """An event set after each look of ``q``'s join() at Redis (the unfinished script): a test
-    waits on it (clearing it first) to know that a waiting join() looked again."""
-    looked = threading.Event()
-    unfinished = q.broker._scripts.unfinished
-
-    def look(*args, **kwargs):
-        reply = unfinished(*args, **kwargs)
-        looked.set()
-        return reply
-
-    q.broker._scripts.unfinished = look
-    return looked
+    """An event set after each look of ``q``'s join() at Redis (the unfinished script)."""
+    return signal_after(q.broker._scripts, "unfinished")

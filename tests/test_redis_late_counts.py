@@ -22,7 +22,7 @@ import redis as redis_py
 from tinymq import ExecutorConfig, Job, PermanentFailure, RetryConfig
 
 from _backends import Redis
-from _helpers import WAIT, per_type_counts, record_failures, shared_counts, wait_until
+from _helpers import WAIT, per_type_counts, record_failures, shared_counts, signal_after, wait_until
 
 NOTHING = dict.fromkeys(["succeeded", "failed", "retried", "timed_out", "cancelled"], 0)
 ONE_SUCCESS = {**NOTHING, "succeeded": 1}
@@ -216,16 +216,7 @@ def test_a_reaped_process_counts_nowhere_the_timeout_of_an_attempt_it_ran_under_
     producer, worker = short.pair()
     run = FirstRunHeld()
     worker.register_executor("t", run, ExecutorConfig(timeout=2.0))
-    decided = threading.Event()
-    not_held = worker._link.not_held
-
-    def not_held_then_note(job, exc):
-        try:
-            return not_held(job, exc)
-        finally:
-            decided.set()
-
-    worker._link.not_held = not_held_then_note
+    decided = signal_after(worker._link, "not_held")
     producer.enqueue(Job("t", "x", retry_config=RetryConfig(max_retries=2, initial_delay=0.0)))
     worker.start_dispatcher(1)
     assert run.started.wait(WAIT)

@@ -14,7 +14,7 @@ import pytest
 from tinymq import ExecutorConfig, Job, JobTimeout, RetryConfig
 
 from _backends import Redis
-from _helpers import WAIT, per_type_counts, shared_counts
+from _helpers import WAIT, per_type_counts, shared_counts, signal_after
 
 LEASE = 40.0  # the worker's heartbeat (every lease / 4) tells it of no mark during a test
 
@@ -114,7 +114,7 @@ def test_a_marked_unstarted_attempt_that_stop_gave_back_counts_as_cancelled_as_i
 
 def test_a_plain_attempt_that_stop_gave_back_then_timed_out_counts_nowhere_in_its_process(redis):
     producer, worker = redis.pair()
-    started, let_go, decided = threading.Event(), threading.Event(), threading.Event()
+    started, let_go = threading.Event(), threading.Event()
     ran_on = []
 
     def run(job):
@@ -126,15 +126,7 @@ def test_a_plain_attempt_that_stop_gave_back_then_timed_out_counts_nowhere_in_it
 
     for q in (producer, worker):
         q.register_executor("t", run, ExecutorConfig(timeout=0.5))
-    not_held = worker._link.not_held
-
-    def not_held_then_note(job, exc):
-        try:
-            return not_held(job, exc)
-        finally:
-            decided.set()
-
-    worker._link.not_held = not_held_then_note
+    decided = signal_after(worker._link, "not_held")
     job = Job("t", "first")
     producer.enqueue(job)
     worker.start_dispatcher(1)
