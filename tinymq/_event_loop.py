@@ -529,8 +529,8 @@ class LoopRunner:
                 while task.cancelling():  # 3.11+: the runner is not being cancelled itself
                     task.uncancel()
             self._finished(attempt, error, ours)
-            if getattr(task, "_must_cancel", False):  # the attempt asked "its task" to cancel, then returned:
-                await self._drop_cancel(task)          # the cancel was its own, never the next job's
+            if task is not None and getattr(task, "_must_cancel", False):  # the attempt asked "its task" to
+                await self._drop_cancel(task)  # cancel, then returned: the cancel was its own, not the next job's
             in_a_row += 1
             if in_a_row >= _DRAIN_BATCH:  # attempts that never suspend: let the loop breathe
                 in_a_row = 0
@@ -540,8 +540,8 @@ class LoopRunner:
     @staticmethod
     async def _drop_cancel(task: "asyncio.Task[Any]") -> None:
         """Between two attempts: take the cancel still pending on the runner's task (a coroutine called
-        ``asyncio.current_task().cancel()`` and returned before it came). In asyncio a cancel asked of
-        a task that then ends reaches no one; this task runs the next job."""
+        ``asyncio.current_task().cancel()`` and returned before it came). In asyncio such a cancel ends
+        that task and nothing else; this task goes on to run the next job."""
         try:
             await asyncio.sleep(0)
         except asyncio.CancelledError:
