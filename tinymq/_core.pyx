@@ -641,10 +641,10 @@ cdef class TypeState:
         return self.active < self.limit and (self.rate_open_at == -INFINITY
                                              or self.rate_open_at <= _monotonic())
 
-    cdef inline bint rate_closed(self) noexcept:
-        """A free slot, but the rate window is closed: only time will readmit this type."""
-        return (self.active < self.limit and self.rate_open_at != -INFINITY
-                and self.rate_open_at > _monotonic())
+    cdef inline bint held_by_rate_limit(self) noexcept:
+        """A free slot and a rate limit: once ``admits()`` said no, its window is what held the type
+        (it may have opened since that look at the clock: a second look would miss the type)."""
+        return self.active < self.limit and self.rate_open_at != -INFINITY
 
     cdef void set_rate_limit(self, double *ring, Py_ssize_t size, Py_ssize_t max_starts, double per) noexcept:
         """Take ``ring`` (``size`` doubles, at most max_starts, or NULL: no limit); the latest remembered
@@ -1152,10 +1152,10 @@ cdef class ReadyQueue:
             self._wait_for_window(state)
 
     cdef void _wait_for_window(self, TypeState state) noexcept:
-        """``state`` has jobs waiting and admits none: if its rate window is what is closed,
-        park it until the window opens (the scheduler reopens it then)."""
+        """``state`` has jobs waiting and admitted none: if its rate window is what was closed,
+        park it until the window opens (the scheduler reopens it then, at once if it opened since)."""
         cdef double open_at = state.rate_open_at
-        if open_at < state.rate_parked_until and state.rate_closed():
+        if open_at < state.rate_parked_until and state.held_by_rate_limit():
             state.rate_parked_until = open_at
             state.ever_parked = True
             _parked_push(&self.parked, open_at, <PyObject *>state)  # room was reserved

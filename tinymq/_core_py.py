@@ -198,10 +198,10 @@ class TypeState:
         open_at = self.rate_open_at
         return self.active < self.limit and (open_at == _ALWAYS_OPEN or open_at <= monotonic())
 
-    def rate_closed(self) -> bool:
-        """A free slot, but the rate window is closed: only time will readmit this type."""
-        open_at = self.rate_open_at
-        return self.active < self.limit and open_at != _ALWAYS_OPEN and open_at > monotonic()
+    def held_by_rate_limit(self) -> bool:
+        """A free slot and a rate limit: once ``admits()`` said no, its window is what held the type
+        (it may have opened since that look at the clock: a second look would miss the type)."""
+        return self.active < self.limit and self.rate_open_at != _ALWAYS_OPEN
 
     def set_rate_limit(self, max_starts: int, per: float) -> None:
         """At most ``max_starts`` starts per ``per`` seconds (0: no limit); the latest remembered starts still count."""
@@ -389,7 +389,7 @@ class ReadyQueue:
     it back when it admits jobs again. An entry's key never goes stale: the
     oldest job of a type at a level only leaves through that very entry.
 
-    Rate limits: a type whose rate window is closed (``TypeState.rate_closed``)
+    Rate limits: a type whose rate window is closed (``TypeState.held_by_rate_limit``)
     is dropped from the runnable heaps like a saturated one, and waits in
     another heap, keyed by when its window opens. The scheduler sleeps until
     ``next_rate_opening()`` and calls ``reopen_rate_limited(now)``, which
@@ -575,10 +575,10 @@ class ReadyQueue:
             self._wait_for_window(state)
 
     def _wait_for_window(self, state: TypeState) -> None:
-        """``state`` has jobs waiting and admits none: if its rate window is what is closed,
-        park it until the window opens (the scheduler reopens it then)."""
+        """``state`` has jobs waiting and admitted none: if its rate window is what was closed,
+        park it until the window opens (the scheduler reopens it then, at once if it opened since)."""
         open_at = state.rate_open_at
-        if open_at < state.rate_parked_until and state.rate_closed():
+        if open_at < state.rate_parked_until and state.held_by_rate_limit():
             state.rate_parked_until = open_at
             heapq.heappush(self._rate_closed, (open_at, next(self._seq), state))
             if self._alarm is not None:

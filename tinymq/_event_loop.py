@@ -20,7 +20,9 @@ an idle runner starts its attempt in that same pass of the loop. Timeouts, cance
 stop cancel the runner's task while it is inside that attempt (``running``,
 checked on the loop); the runner takes the CancelledError as the attempt's end
 and goes on. A runner's context variables carry over from one of its attempts
-to the next, as in any long-lived task.
+to the next, as in any long-lived task. A cancel that an attempt asks of its task
+(``asyncio.current_task()``) and that has not come when it returns is dropped
+before the next attempt (``_drop_cancel``).
 
 Deadlines: one loop timer for all attempts, armed for the earliest deadline
 it knows of; an attempt that starts with an earlier one re-arms it, and when
@@ -527,11 +529,26 @@ class LoopRunner:
                 while task.cancelling():  # 3.11+: the runner is not being cancelled itself
                     task.uncancel()
             self._finished(attempt, error, ours)
+            if task is not None and getattr(task, "_must_cancel", False):  # the attempt asked "its task" to
+                await self._drop_cancel(task)  # cancel, then returned: the cancel was its own, not the next job's
             in_a_row += 1
             if in_a_row >= _DRAIN_BATCH:  # attempts that never suspend: let the loop breathe
                 in_a_row = 0
                 self._quiet = not logger.isEnabledFor(logging.DEBUG)
                 await asyncio.sleep(0)
+
+    @staticmethod
+    async def _drop_cancel(task: "asyncio.Task[Any]") -> None:
+        """Between two attempts: take the cancel still pending on the runner's task (a coroutine called
+        ``asyncio.current_task().cancel()`` and returned before it came). In asyncio such a cancel ends
+        that task and nothing else; this task goes on to run the next job."""
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            pass
+        if sys.version_info >= (3, 11):
+            while task.cancelling():
+                task.uncancel()
 
     def _finished(self, attempt: _Attempt, error: Optional[BaseException], ours: bool) -> None:
         """The attempt has ended (unwound): report what was not decided yet, its slot freed in the
