@@ -61,6 +61,12 @@ def record_failures(q, key=lambda job: job):
     return failed
 
 
+def worker_threads():
+    """The tinymq worker threads alive now, of every queue in the process: snapshot them before
+    a test's ``start_dispatcher`` to tell its own from those another test's queue still ends."""
+    return {thread for thread in threading.enumerate() if thread.name.startswith("tinymq-worker")}
+
+
 def wait_until(predicate, timeout=WAIT, interval=0.002):
     """Poll ``predicate`` until it is true or ``timeout`` passes; return its last value."""
     deadline = time.monotonic() + timeout

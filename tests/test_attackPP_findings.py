@@ -10,11 +10,7 @@ import pytest
 
 from tinymq import ExecutorConfig, Job, RetryConfig
 
-from _helpers import WAIT, Recorder, record_failures
-
-
-def _worker_threads():
-    return {thread for thread in threading.enumerate() if thread.name.startswith("tinymq-worker")}
+from _helpers import WAIT, Recorder, record_failures, worker_threads as _worker_threads
 
 
 def _fails_bad(ran):
