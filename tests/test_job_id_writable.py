@@ -301,3 +301,25 @@ def test_over_redis_an_unfinished_job_refuses_and_a_finished_one_takes_a_new_id(
     assert producer.join(WAIT)
     assert failed.snapshot() == [("r-2", "cancelled")]
     job.id = "r-3"  # cancelled: finished
+
+
+@pytest.mark.redis
+def test_over_redis_a_setter_that_cannot_ask_raises_and_a_closed_broker_is_not_asked(redis_backend, monkeypatch):
+    import redis
+
+    from tinymq import TinyMQError
+
+    producer = redis_backend.queue()
+    broker = producer.broker
+    job = producer.enqueue(Job("t", id="asked"))
+
+    def unreachable(*args, **kwargs):
+        raise redis.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(broker._client, "hmget", unreachable)
+    with pytest.raises(TinyMQError, match="cannot tell whether job 'asked' is unfinished"):
+        job.id = "elsewhere"
+    assert job.id == "asked"
+    producer.stop(wait=False)
+    broker.close()  # this process can no longer reach the queue: the job is nobody's here
+    job.id = "elsewhere"
