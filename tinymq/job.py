@@ -2,15 +2,15 @@
 
 ``Job`` is a ``__slots__`` class shared by both cores. Its id and its tags dict
 are made on first use, so a job that never needs them costs neither. Its id may
-change while no queue holds the job: it names the job in its queue (``cancel``,
-``DuplicateJob``), its store row and Redis while the job is unfinished there.
+change while no queue of this process holds the job: it names the job in its queue
+(``cancel``, ``DuplicateJob``) and its store row while the job is unfinished there.
 """
 import dataclasses
 import sys
 import time
 from datetime import datetime, timedelta
 from enum import IntEnum
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 from ._pick_core import core
 from ._unnamed import Unnamed, held
@@ -118,29 +118,15 @@ def _as_retries(retries: object) -> int:
 
 
 def _unmarked(state: Any, nested: bool = False) -> Any:
-    """A job's copy state without its queue's ``Unnamed`` and without the broker it was sent to:
-    itself, in a dict of attributes, or in a tuple of those (``object``'s ``(__dict__, slots)``)."""
+    """A job's copy state without its queue's ``Unnamed``: itself, in a dict of attributes, or in a
+    tuple of those (``object``'s ``(__dict__, slots)``)."""
     if state.__class__ is Unnamed:
         return None
     if state.__class__ is tuple and not nested:
         return tuple([_unmarked(part, True) for part in state])
-    if isinstance(state, dict) and (state.get("_sent_to") is not None
-                                    or any(value.__class__ is Unnamed for value in state.values())):
-        return {name: None if value.__class__ is Unnamed or name == "_sent_to" else value
-                for name, value in state.items()}
+    if isinstance(state, dict) and any(value.__class__ is Unnamed for value in state.values()):
+        return {name: None if value.__class__ is Unnamed else value for name, value in state.items()}
     return state
-
-
-def _in_use(job: "Job", job_id: str) -> Optional[str]:
-    """Where ``job`` is unfinished under ``job_id``, its id: a queue of this process, or the Redis
-    queue it was last enqueued to (asked: TinyMQError when Redis does not answer); None: nowhere."""
-    if held(job):
-        return "its queue holds the job unfinished (queued, delayed or running)"
-    sent_to = getattr(job, "_sent_to", None)  # (unset in a job made without __init__)
-    broker = None if sent_to is None else sent_to()
-    if broker is not None and broker._holds_id(job_id):
-        return f"Redis queue {broker.name!r} holds the job unfinished"
-    return None
 
 
 def _validate(job: "Job") -> float:
@@ -168,7 +154,6 @@ class Job:
     __slots__ = (
         "_id", "type", "payload", "priority", "_tags", "timestamp", "run_at",
         "retries", "retry_config", "last_error",
-        "_sent_to",  # None, or a weak reference to the broker that last accepted it (see _in_use)
     )
 
     def __init__(
@@ -197,7 +182,6 @@ class Job:
         self.retries = 0
         self.retry_config = _DEFAULT_RETRY_CONFIG if retry_config is None else _as_retry_config(retry_config)
         self.last_error: Optional[str] = None
-        self._sent_to: Optional[Callable[[], Any]] = None
 
     @property
     def id(self) -> str:
@@ -224,13 +208,12 @@ class Job:
         if job_id == value:
             return
         # While the job is unfinished somewhere, its id names it there (cancel, DuplicateJob, its store row).
-        where = _in_use(self, job_id)
-        if where is not None:
-            raise ValueError(f"job id {job_id!r} cannot change to {value!r}: {where} under this id, which "
+        if held(self):
+            raise ValueError(f"job id {job_id!r} cannot change to {value!r}: its queue holds the job unfinished "
+                             "(queued, delayed or running) under this id, which "
                              "cancel() and DuplicateJob go by; set the id before enqueue or once the job has "
                              f"finished, or enqueue a new Job(..., id={value!r}) instead")
         self._id = value
-        self._sent_to = None  # a renamed job is a job of its own: no broker holds it under this id
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # A copy (or a pickle) is a new job: the id its queue would make for this one is not its.

@@ -102,7 +102,7 @@ def decode_job(job_id: str, body: str, retries: Any = 0, last_error: Optional[st
             and tags is None and retry_fields is None):
         job = _new_job(Job)  # the common case, without Job()'s checks: they all hold
         job._id, job.type, job.payload, job.priority, job._tags = job_id, job_type, payload, _PRIORITIES[priority], None
-        job.timestamp, job.run_at, job.retry_config, job._sent_to = timestamp, run_at, _DEFAULT_RETRY_CONFIG, None
+        job.timestamp, job.run_at, job.retry_config = timestamp, run_at, _DEFAULT_RETRY_CONFIG
     else:
         job = Job(job_type, payload, priority=priority, tags=tags, run_at=run_at,
                   retry_config=_retry_config(retry_fields), id=job_id)

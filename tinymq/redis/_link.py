@@ -45,7 +45,6 @@ import os
 import socket
 import threading
 import time
-import weakref
 from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 from .._pick_core import core
@@ -283,7 +282,6 @@ class QueueLink:
         self._threads: List[threading.Thread] = []
         self._outage_logged = 0.0
         self._enqueues = threading.local()  # .token: the token of this thread's last enqueue (take_back)
-        self._broker_ref = weakref.ref(broker)  # in each job it enqueues (Job._sent_to): a job never keeps it alive
 
     @staticmethod
     def _new_proc_id() -> str:
@@ -318,8 +316,6 @@ class QueueLink:
             if error is None:
                 raise
             raise error from exc
-        for job in jobs:  # Job.id's setter asks the broker before the id changes
-            job._sent_to = self._broker_ref
 
     def _enqueue(self, rows: List[Any], token: str, block: bool, timeout: Optional[float],
                  caller: str, lease_ms: int) -> None:

@@ -213,18 +213,6 @@ class RedisBroker:
         self._queue = QueueLink(self, config, dispatcher)
         return self._queue
 
-    def _holds_id(self, job_id: str) -> bool:
-        """Whether a job with ``job_id`` is unfinished in the queue (its hash is there, and not dead):
-        ``Job.id``'s setter asks for a job enqueued through this broker. False once closed."""
-        if self._closed:
-            return False
-        try:
-            job_type, dead = self._client.hmget(self._scripts.key("job:" + job_id), "t", "x")
-        except _redis().RedisError as exc:
-            raise TinyMQError(f"cannot tell whether job {job_id!r} is unfinished in Redis queue {self.name!r} "
-                              f"at {redacted_url(self.url)}, so its id is not changed: {exc}") from exc
-        return job_type is not None and dead is None
-
     # --- dead jobs -------------------------------------------------------------
 
     def _dead_ids(self, ids: Optional[Iterable[str]]) -> List[str]:
