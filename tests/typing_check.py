@@ -182,10 +182,13 @@ def redis_broker(on_failure: Any) -> None:
     broker = RedisBroker("redis://localhost:6379/0", name="emails", lease=30.0, max_crash_recoveries=3)
     q = Queue(config=Config(buffer_size=100_000), broker=broker)
     q.on_failure(on_failure)
+    shared: Optional[RedisBroker] = q.broker
+    print(shared)
     dead = broker.dead_jobs()
     requeued: int = broker.requeue_dead([entry.job.id for entry in dead])
     purged: int = broker.purge_dead()
     print(requeued, purged)
 
     RedisBroker("redis://localhost:6379/0")  # type: ignore[call-arg]
+    Queue(broker="redis://localhost:6379/0")  # type: ignore[arg-type]
     RedisBroker("redis://localhost:6379/0", name="emails", lease="30s")  # type: ignore[arg-type]

@@ -120,7 +120,7 @@ def first_id(job: Any, job_id: Any = None, unset: Any = None) -> Union[str, Unna
     (``Job.id``: "made on first use, then fixed"). Returns the ``_id`` then: a str, or an ``Unnamed``
     (the job was queued meanwhile)."""
     with _first_id_lock:
-        current = job._id
+        current: Union[str, Unnamed] = job._id
         if current is unset:
             job._id = current = new_job_id() if job_id is None else job_id
     return current
@@ -664,7 +664,7 @@ class ReadyQueue:
         if job_id is None:
             job_id = new_job_id()
         with self._lock:
-            current = job._id
+            current: Union[str, Unnamed, None] = job._id
             if current is unnamed:
                 if job_id in self._ids:
                     raise _duplicate(job_id)
@@ -673,7 +673,7 @@ class ReadyQueue:
                 return job_id
             if current is None:  # finished meanwhile: named as a job that was never queued
                 current = first_id(job, job_id)
-        if type(current) is Unnamed:  # queued again, in another queue, meanwhile
+        if isinstance(current, Unnamed):  # queued again, in another queue, meanwhile
             return current.name(job, job_id)
         return current  # named meanwhile
 
@@ -1655,7 +1655,8 @@ class WorkerSlot:
 def interrupt_thread(thread_id: int, exc_type: Optional[type]) -> bool:
     """Raise ``exc_type`` in another thread at its next bytecode (None clears it)."""
     exc = ctypes.py_object(exc_type) if exc_type is not None else None
-    return ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), exc) == 1
+    changed: int = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), exc)
+    return changed == 1
 
 
 _GENERATORS = (types.GeneratorType, types.AsyncGeneratorType)

@@ -581,7 +581,7 @@ class Periodic:
     def _cron_again(self, schedule: _Schedule, tick: _Tick, now_mono: float, now_wall: float) -> _Tick:
         """A cron schedule's next tick, by the wall clock now: the first from now on once the clock
         was set back far (logged), else the same tick. Called with _lock held."""
-        trigger = schedule.trigger
+        trigger: _Cron = schedule.trigger  # (called for cron schedules only)
         if not trigger.set_back(tick, now_wall):
             return trigger.again(tick, now_mono, now_wall)
         logger.warning("schedule %r: the wall clock was set back by %gs; its ticks go on from the corrected "

@@ -126,7 +126,9 @@ def redis_status(url: str, name: str, dead_limit: int = 0) -> Dict[str, Any]:
     shown = _REDIS_DEAD_MAX if dead_limit == 0 else min(dead_limit, _REDIS_DEAD_MAX)
 
     def read(queue: Queue) -> Dict[str, Any]:
-        reply, dead = queue.broker._status(shown)
+        broker = queue.broker
+        assert broker is not None  # (the queue _with_redis_queue built on it)
+        reply, dead = broker._status(shown)
         executors = {}
         for job_type, (taken, limit) in reply.executors.items():
             rate = reply.rate_limits.get(job_type)

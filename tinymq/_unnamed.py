@@ -8,15 +8,31 @@ without an id, it puts its ``Unnamed`` (one per queue, not one per job) in the j
 ``_id``; reading ``job.id`` then asks that core to make the id and register it, in
 one step with whatever moves the job. When the job finishes, the core puts None back:
 an id read later is made as for a job that was never queued.
+
+Every queue core makes one ``Unnamed``, so the live cores are known here too: ``Job.id``'s
+setter asks them whether one holds a job under the id it has (``held``) before it changes.
 """
+import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
 if TYPE_CHECKING:  # (imports that would be circular at run time)
     from ._core_py import ReadyQueue
     from .job import Job
 
-__all__ = ["Unnamed"]
+__all__ = ["Unnamed", "held"]
+
+# Every live queue core of this process (either twin): made in Unnamed(core), guarded by _cores_lock.
+_cores: "weakref.WeakSet[ReadyQueue]" = weakref.WeakSet()
+_cores_lock = threading.Lock()
+
+
+def held(job: "Job") -> bool:
+    """Whether a queue core of this process holds ``job`` unfinished under the id it has (a str):
+    queued, delayed, running, or ending (its failure callbacks run). Asks each live core."""
+    with _cores_lock:
+        cores: List[ReadyQueue] = list(_cores)
+    return any(core.registered(job) for core in cores)
 
 
 class Unnamed:
@@ -26,6 +42,8 @@ class Unnamed:
 
     def __init__(self, core: "ReadyQueue") -> None:
         self._core: Callable[[], Optional[ReadyQueue]] = weakref.ref(core)  # a kept job never keeps its queue alive
+        with _cores_lock:
+            _cores.add(core)
 
     def name(self, job: "Job", job_id: Optional[str] = None) -> str:
         """``job``'s id (``job_id``, or a new one), registered with the core while the job is in it."""

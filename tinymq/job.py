@@ -1,7 +1,9 @@
 """Job and Priority: the plain data every other module passes around.
 
 ``Job`` is a ``__slots__`` class shared by both cores. Its id and its tags dict
-are made on first use, so a job that never needs them costs neither.
+are made on first use, so a job that never needs them costs neither. Its id may
+change while no queue of this process holds the job: it names the job in its queue
+(``cancel``, ``DuplicateJob``) and its store row while the job is unfinished there.
 """
 import dataclasses
 import sys
@@ -11,7 +13,7 @@ from enum import IntEnum
 from typing import Any, Dict, Mapping, Optional, Union
 
 from ._pick_core import core
-from ._unnamed import Unnamed
+from ._unnamed import Unnamed, held
 from .config import RetryConfig, _seconds
 
 __all__ = [
@@ -183,7 +185,8 @@ class Job:
 
     @property
     def id(self) -> str:
-        """Unique across threads, processes and restarts; made on first use, then fixed."""
+        """Unique across threads, processes and restarts; made on first use. It may be set while no
+        queue holds the job (never enqueued, or finished)."""
         job_id = self._id
         if isinstance(job_id, str):  # (never a subclass: the setter and __init__ refuse one)
             return job_id
@@ -202,10 +205,15 @@ class Job:
             job_id = core.first_id(self, value)
         if isinstance(job_id, Unnamed):  # queued without an id: named in its queue (DuplicateJob if taken)
             job_id = job_id.name(self, value)
-        if job_id != value:
-            # The id names the job in its queue (DuplicateJob) and its store row.
-            raise ValueError(f"job id {job_id!r} cannot change to {value!r}: a job keeps its id "
-                             "once it has one; make a new Job instead")
+        if job_id == value:
+            return
+        # While the job is unfinished somewhere, its id names it there (cancel, DuplicateJob, its store row).
+        if held(self):
+            raise ValueError(f"job id {job_id!r} cannot change to {value!r}: its queue holds the job unfinished "
+                             "(queued, delayed or running) under this id, which "
+                             "cancel() and DuplicateJob go by; set the id before enqueue or once the job has "
+                             f"finished, or enqueue a new Job(..., id={value!r}) instead")
+        self._id = value
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # A copy (or a pickle) is a new job: the id its queue would make for this one is not its.

@@ -33,7 +33,7 @@ queue name, as ``os.fsdecode`` makes of bytes that are not UTF-8, is written ``\
   when each attempt's outcome is decided (a timed-out attempt at its deadline), with the
   fixed buckets ``ATTEMPT_DURATION_BUCKETS`` (1 ms to 300 s) and +Inf.
 """
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 try:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -61,10 +61,11 @@ _QUEUE_EVENTS = (("jobs_enqueued", "enqueued"), ("jobs_succeeded", "succeeded"),
                  ("jobs_failed", "failed"), ("jobs_retried", "retried"),
                  ("jobs_timed_out", "timed_out"), ("jobs_evicted", "evicted"),
                  ("jobs_cancelled", "cancelled"))
-_BUCKET_LABELS = [floatToGoString(bound) for bound in ATTEMPT_DURATION_BUCKETS] + ["+Inf"]
+_go_text: Callable[[float], str] = floatToGoString  # (prometheus_client leaves it untyped)
+_BUCKET_LABELS = [_go_text(bound) for bound in ATTEMPT_DURATION_BUCKETS] + ["+Inf"]
 
 
-class PrometheusCollector(Collector):
+class PrometheusCollector(Collector):  # type: ignore[misc, unused-ignore]  # Collector is Any without prometheus_client
     """A ``prometheus_client`` collector of one Queue's stats, or of several queues' by
     name (a ``queue`` label); register it yourself.
 

@@ -28,8 +28,9 @@ from .errors import (DuplicateJob, PersistenceError, QueueFull, QueueStopped, _b
 from .job import Job, Priority, RunAt, _as_priority, _as_type, _validate
 from .stats import ExecutorStats, QueueStats
 
-if TYPE_CHECKING:  # (the store modules are imported when a store is set)
+if TYPE_CHECKING:  # (the store modules are imported when a store is set; tinymq.redis needs redis-py)
     from .persistence import Persistence
+    from .redis import RedisBroker
 
 __all__ = ["Queue"]
 
@@ -238,7 +239,7 @@ class Queue:
     """
 
     def __init__(self, buffer_size: Optional[int] = None, *, config: Optional[Config] = None,
-                 broker: Any = None) -> None:
+                 broker: "Optional[RedisBroker]" = None) -> None:
         if isinstance(buffer_size, (Config, ExecutorConfig)) or callable(getattr(buffer_size, "_attach", None)):
             raise TypeError(_misplaced_in_queue(buffer_size))
         # Invariant (with a store): an id set before enqueue is in _claimed, guarded by
@@ -743,7 +744,7 @@ class Queue:
         return self._config
 
     @property
-    def broker(self) -> Any:
+    def broker(self) -> "Optional[RedisBroker]":
         """The broker this queue's state lives in, or None for an in-process queue."""
         return self._broker
 

@@ -36,7 +36,8 @@ def _one_shot_encoder() -> Optional[Callable[[object, int], Any]]:
     if make is None:
         return None
     try:
-        encode = make(None, _refuse, json.encoder.encode_basestring, None, ":", ",", False, False, True)
+        encode: Callable[[object, int], Any] = make(None, _refuse, json.encoder.encode_basestring, None, ":", ",",
+                                                    False, False, True)
         sample = {"a": [1, 2.5, None, True, "é\n"], "b": {"c": "d"}}
         if "".join(encode(sample, 0)) != json.dumps(sample, separators=(",", ":"), ensure_ascii=False):
             return None  # a Python whose C encoder takes other arguments

@@ -363,7 +363,7 @@ class SQLitePersistence:
         self._closed = False
         # id -> (seq of the save, the row it replaced): a dead or quarantined row a save replaced, for
         # undo_save. Added by the holder of _commit_lock; dropped (one dict call) when the job ends.
-        self._replaced: Dict[str, Tuple[Any, tuple]] = {}
+        self._replaced: Dict[str, Tuple[Any, Tuple[Any, ...]]] = {}
         self._crashed: List[Job] = []  # crashed too often, found by load_all, not yet taken by the Queue
         self._pid = os.getpid()
         self._seq = itertools.count(1).__next__  # each row's place in the order of saves (see _prepare)
@@ -716,7 +716,7 @@ class SQLitePersistence:
         self._row(job)
 
     def _row(self, job: Job, state: str = "ready", reason: Optional[str] = None,
-             last_error: Optional[str] = None) -> tuple:
+             last_error: Optional[str] = None) -> Tuple[Any, ...]:
         payload = job.payload
         if payload is not None:
             try:
@@ -990,7 +990,7 @@ class SQLitePersistence:
             if columns is None or cursor.rowcount * columns >= len(parameters):
                 return
             # A save left a row of its id (a dead job's): again, in a transaction that replaces it.
-        replaced: Dict[str, Tuple[Any, tuple]] = {}
+        replaced: Dict[str, Tuple[Any, Tuple[Any, ...]]] = {}
         try:  # (BEGIN inside: whatever ends this call, the connection never stays in the transaction)
             cursor.execute("BEGIN IMMEDIATE")  # take the write lock now: no deadlock on upgrade
             for sql, parameters in statements:
@@ -1007,7 +1007,7 @@ class SQLitePersistence:
             self._replaced.update(replaced)
 
     def _save_over_kept_rows(self, columns: int, parameters: Sequence[Any],
-                             replaced: Dict[str, Tuple[Any, tuple]]) -> None:
+                             replaced: Dict[str, Tuple[Any, Tuple[Any, ...]]]) -> None:
         """The rows of one save statement that it left (a dead or quarantined row had the id): replace
         them, and remember each row replaced so that ``undo_save`` can put it back. Saves only repeat a
         statement: a row saved already is written again as it is (the statement is idempotent)."""
@@ -1054,7 +1054,7 @@ class SQLitePersistence:
 
     def save_many(self, jobs: Iterable[Job]) -> None:
         """Save every job in one transaction: all of them are stored, or none (PersistenceError)."""
-        last: Dict[str, tuple] = {}  # each id once: the last row wins, as with one save each
+        last: Dict[str, Tuple[Any, ...]] = {}  # each id once: the last row wins, as with one save each
         for job in jobs:
             row = self._row(job)
             last[row[0]] = row

@@ -53,7 +53,7 @@ from ..config import RateLimit
 from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError, _buffer_full, _describe, counted
 from ..stats import ExecutorStats, QueueStats
 from ._codec import decode_job, encode_job, sendable_text, undecodable_job, unsendable
-from ._scripts import Crashed, SettleOp, readable_id, retries_of
+from ._scripts import Crashed, Scripts, SettleOp, readable_id, retries_of
 from .broker import _FIRST_LOOK_WAIT, redacted_url, reply_wait
 
 __all__ = ["QueueLink"]
@@ -214,7 +214,7 @@ class QueueLink:
         self.config = config
         self.dispatcher = dispatcher
         self.ready = dispatcher.ready
-        self.scripts = broker._scripts
+        self.scripts: Scripts = broker._scripts
         self.client = broker._client
         self._redis_error = __import__("redis").RedisError
         self._lease_ms = max(1, int(broker.lease * _MS))
@@ -559,6 +559,7 @@ class QueueLink:
     # --- observing ---------------------------------------------------------------
 
     def stats(self) -> QueueStats:
+        counters: Dict[str, int]  # (Scripts.stats's reply, through _call_resending)
         try:
             # One script: a delayed job due on the server's clock counts at its priority, not as
             # delayed, before a script call promotes it, and the two figures are read at one instant.

@@ -102,6 +102,7 @@ class BrokerTicks:
         row = job_row(job, time.time())
         self._claims += 1
         token = f"{self._token_prefix}:{self._claims}"  # the same when resent
+        outcome: str  # (Scripts.schedule_tick's reply, through _call_resending)
         with link._reporting_rows(token) as (caller, lease_ms):  # (its enqueue may evict)
             try:
                 link.broker._check_server()

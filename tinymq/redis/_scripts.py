@@ -235,7 +235,8 @@ def retries_of(text: Any) -> Union[int, str]:
     try:
         return int(text or 0)
     except (TypeError, ValueError):
-        return text
+        kept: str = text  # (a reply's text: what int() refuses)
+        return kept
 
 
 def _crashed(rows: Sequence[Sequence[Any]]) -> List[Crashed]:
@@ -268,7 +269,8 @@ def _read_timed_out(exc: Exception) -> Exception:
     redis-py reports it as a broken connection, one that a resend would wait for again."""
     import redis
 
-    return redis.TimeoutError(str(exc))
+    timed_out: Exception = redis.TimeoutError(str(exc))  # (redis is Any to a checker without redis-py)
+    return timed_out
 
 
 def _reply(connection: Any, by: Optional[float]) -> Any:

@@ -11,7 +11,7 @@ import threading
 import time
 import urllib.parse
 from datetime import timedelta
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from ..config import _count, _seconds
 from ..errors import TinyMQError
@@ -81,7 +81,7 @@ class RedisBroker:
 
         # redis-py resends nothing by itself: tinymq resends (_call_resending), the same call with
         # the same token or fetch id, which is what makes a resend safe.
-        self._no_retry = lambda: Retry(NoBackoff(), 0)
+        self._no_retry: Callable[[], Any] = lambda: Retry(NoBackoff(), 0)
         try:
             database = urllib.parse.urlsplit(url).path.strip("/")
             if url.startswith(("redis://", "rediss://")) and database and not database.isdigit():
