@@ -31,7 +31,7 @@ class JoinMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.queue = self.core.ReadyQueue(10_000)
-        self.queue.configure("t", lambda job: None, 10_000, None, False, False)
+        self.state = self.queue.configure("t", lambda job: None, 10_000, None, False, False)
         self.heap = self.core.DelayedHeap()
         self.ready = []  # accepted, in the buffer
         self.delayed = []  # accepted, in the heap
@@ -105,10 +105,13 @@ class JoinMachine(RuleBasedStateMachine):
         self.delayed = []
 
     @precondition(lambda self: self.held)
-    @rule(data=st.data())
-    def finish(self, data):
+    @rule(data=st.data(), succeeded=st.booleans())
+    def finish(self, data, succeeded):
         job = self.held.pop(data.draw(st.integers(0, len(self.held) - 1)))
-        self.queue.task_done(job)
+        if succeeded:  # (the workers' and the event loop's way)
+            assert self.queue.attempt_succeeded(self.state, 0.0, job, finish=True)
+        else:
+            self.queue.task_done(job)
 
     @precondition(lambda self: self.ready)
     @rule(data=st.data())
@@ -348,6 +351,35 @@ def test_join_waits_for_retries_and_delayed_jobs_enqueued_before_while_new_jobs_
             held.set()
             stop.set()
             producer.join(WAIT)
+        assert q.join(WAIT)
+
+
+def test_async_executors_jobs_count_as_thread_executors_jobs_do():
+    """Jobs run by async executors are waited for, and a job enqueued after the call is not."""
+    held = threading.Event()
+    may_end = threading.Event()
+    ran = Recorder()
+    with Queue(100) as q:
+        async def run(job):
+            assert await asyncio.get_running_loop().run_in_executor(None, may_end.wait, WAIT)
+            ran.add(job.payload)
+
+        q.register_executor("async", run)
+        q.register_executor("held", lambda job: held.wait(WAIT))
+        q.start_dispatcher(2)
+        for i in range(20):
+            q.enqueue(Job("async", i))
+        try:
+            joining, outcome = _join_in_a_thread(q)
+            q.enqueue(Job("held"))
+            may_end.set()  # (so some job is unfinished at every moment)
+            joining.join(WAIT)
+            assert outcome == [True]
+            assert sorted(ran.items) == list(range(20))
+            assert q.join(0) is False
+        finally:
+            may_end.set()
+            held.set()
         assert q.join(WAIT)
 
 
