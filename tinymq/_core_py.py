@@ -402,6 +402,12 @@ class ReadyQueue:
     The unfinished jobs that have an id are known by it: a second job with the
     same id is refused (DuplicateJob) until ``task_done`` of the first.
 
+    A join (``join_begin``, ``join_wait``, ``join_end``) waits for the jobs
+    unfinished when it began, retried and requeued ones included, and not for
+    the jobs accepted since: while a join is under way, an accepted job is
+    stamped with a generation newer than the join's, and nothing else is
+    stamped, so the per-job path pays for it only then.
+
     Entry points check in one order: the job's own fields (TypeError,
     ValueError), then QueueStopped, then DuplicateJob, then room (False); any
     refusal leaves everything as it was.

@@ -812,6 +812,7 @@ class Queue:
         return self._ready.join_begin()
 
     def _join_end(self, ticket: Optional[int]) -> None:
+        """The join of ``ticket`` is over (its caller returned, or gave up)."""
         if self._link is None:
             self._ready.join_end(ticket)
 
