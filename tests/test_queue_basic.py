@@ -546,7 +546,8 @@ def test_enqueue_and_stats_from_inside_an_executor():
         q.register_executor("child", lambda job: children.add(job.payload))
         q.start_dispatcher(1)  # one worker: the children must not need a second thread
         q.enqueue(Job("parent"))
-        assert q.join(WAIT)
+        assert q.join(WAIT)  # the parent, and nothing enqueued after this call began: its children...
+        assert q.join(WAIT)  # ...enqueued before the parent finished, so before this call
         assert sorted(map(str, children.items)) == ["0", "1", "2", "late"]
         assert stats_seen[0].executor_stats["parent"].active_jobs == 1
         assert q.get_stats().jobs_enqueued == 5

@@ -16,7 +16,7 @@ cimport cython
 from cpython.bool cimport PyBool_Check
 from cpython.dict cimport PyDict_Update
 from cpython.exc cimport PyErr_CheckSignals, PyErr_Clear, PyErr_Occurred
-from cpython.long cimport PyLong_AsLong, PyLong_Check
+from cpython.long cimport PyLong_AsLong, PyLong_Check, PyLong_FromVoidPtr
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.object cimport PyTypeObject, traverseproc, visitproc
 from cpython.pyport cimport PY_SSIZE_T_MAX
@@ -897,6 +897,14 @@ cdef class ReadyQueue:
     cdef uint64_t seq  # insertion order: FIFO within a level
     cdef bint _closed
     cdef Py_ssize_t _unfinished  # accepted jobs not yet succeeded or failed for good
+    # What join() waits for: the base group (jobs accepted while no join was under way, unstamped:
+    # _unfinished - _stamped of them) and the generations (see the pure twin).
+    cdef Py_ssize_t _joins  # join_begin() calls not yet ended: while nonzero, accepted jobs are stamped
+    cdef Py_ssize_t _stamped  # unfinished jobs in stamps
+    cdef dict stamps  # id(job) -> its generation, for the unfinished jobs stamped
+    cdef long long _generation  # what accepted jobs are stamped with
+    cdef Py_ssize_t _generation_size  # unfinished jobs stamped with _generation
+    cdef dict older  # older generation -> its unfinished jobs (> 0), oldest first
     cdef dict ids  # id -> the unfinished job registered under it (exact str keys: no Python runs)
     cdef object unnamed  # the _id of unfinished jobs accepted without one (see the pure twin)
     cdef object __weakref__  # (unnamed's reference to this queue)
@@ -908,7 +916,7 @@ cdef class ReadyQueue:
     # the worker that freed its slot comes back for it (release_state(hand_off=False)).
     cdef list getters
     cdef list putters  # _Waiters: producers waiting for room
-    cdef list joiners  # _Waiters: join() callers waiting for _unfinished == 0
+    cdef list joiners  # _Waiters: join() callers waiting for the base or an older generation to empty
 
     def __cinit__(self, Py_ssize_t capacity, Alarm alarm=None):
         if capacity < 1:
@@ -924,6 +932,8 @@ cdef class ReadyQueue:
         self.getters = []
         self.putters = []
         self.joiners = []
+        self.stamps = {}
+        self.older = {}
 
     def __dealloc__(self):
         for level in range(3 * N_RUNNERS):
@@ -1224,6 +1234,9 @@ cdef class ReadyQueue:
         cdef Py_ssize_t n = len(jobs)
         self._unfinished += n
         self._counters[C_ENQUEUED] += n
+        if self._joins:
+            for job in jobs:
+                self._stamp(job)
         if batch is not None:  # (not ids.update: the call allocates a tuple, and the collector may run)
             PyDict_Update(self.ids, batch)
         return 0
@@ -1231,10 +1244,20 @@ cdef class ReadyQueue:
     cdef inline int _accept_one(self, object job, object job_id) except -1:
         self._unfinished += 1
         self._counters[C_ENQUEUED] += 1
+        if self._joins:
+            self._stamp(job)
         if job_id is not None:
             self.ids[job_id] = job
         else:
             job._id = self.unnamed
+        return 0
+
+    cdef int _stamp(self, object job) except -1:
+        """``job``, accepted now, joins the current generation: a join under way does not wait for it.
+        (Its key and generation are ints: made with no collection, so no Python code runs.)"""
+        self.stamps[PyLong_FromVoidPtr(<void *>job)] = self._generation
+        self._stamped += 1
+        self._generation_size += 1
         return 0
 
     cdef inline object _named_elsewhere(self, object job):
@@ -2065,24 +2088,86 @@ cdef class ReadyQueue:
             del self.ids[job_id]  # not another job's id
             if self.marks:
                 self.marks.pop(job_id, None)
-        if self._unfinished <= 0 and self.joiners:
+        if self._stamped:
+            self._unstamp(job)
+        elif self._unfinished <= 0 and self.joiners:
             _notify_all(self.joiners)
+        return 0
+
+    cdef int _unstamp(self, object job) except -1:
+        """``job`` finished while some unfinished jobs are stamped: out of its group (see the pure twin)."""
+        cdef long long generation
+        cdef Py_ssize_t left
+        stamp = self.stamps.pop(PyLong_FromVoidPtr(<void *>job), None)
+        if stamp is None:  # of the base
+            if self._unfinished == self._stamped and self.joiners:
+                _notify_all(self.joiners)
+            return 0
+        self._stamped -= 1
+        generation = stamp
+        if generation == self._generation:  # (no join waits for the current generation)
+            self._generation_size -= 1
+            return 0
+        left = self.older[stamp] - 1
+        if left:
+            self.older[stamp] = left
+        else:
+            del self.older[stamp]
+            if self.joiners:
+                _notify_all(self.joiners)
         return 0
 
     def task_done(self, object job):
         """``job``, accepted earlier, finished for good: its id is free again."""
         self._task_done(job)
 
-    def join(self, timeout=None):
-        """Wait until every accepted job finished; False on timeout or when closed first."""
+    def join_begin(self):
+        """Begin a join: its ticket, or None when no job is unfinished (see the pure twin)."""
+        if self._unfinished <= 0:
+            return None
+        if self._generation_size:  # jobs were stamped with it: they are older than this join
+            self.older[self._generation] = self._generation_size
+            self._generation += 1
+            self._generation_size = 0
+        self._joins += 1
+        return self._generation - 1
+
+    cdef bint _joined(self, long long ticket) except -1:
+        if self._unfinished != self._stamped:
+            return False  # the base has jobs, all older than every join under way
+        for generation in self.older:  # (oldest first)
+            return generation > ticket
+        return True
+
+    def join_wait(self, ticket, timeout=None):
+        """Wait until every job unfinished at the ``join_begin`` that gave ``ticket`` finished;
+        False on timeout, or when closed first."""
         cdef double deadline = _deadline(timeout)
-        while self._unfinished > 0:
+        cdef long long upto
+        if ticket is None:
+            return True
+        upto = ticket
+        while not self._joined(upto):
             if self._closed:
                 return False
             if deadline != WAIT_FOREVER and _monotonic() >= deadline:
                 return False
             _wait(self.joiners, deadline)
         return True
+
+    def join_end(self, ticket):
+        """The join that ``join_begin`` gave ``ticket`` is over: once no join is, jobs go unstamped."""
+        if ticket is not None:
+            self._joins -= 1
+
+    def join(self, timeout=None):
+        """Wait until every job accepted before this call finished; jobs accepted meanwhile are not
+        waited for. False on timeout or when closed first."""
+        ticket = self.join_begin()
+        try:
+            return self.join_wait(ticket, timeout)
+        finally:
+            self.join_end(ticket)
 
 
 # --- the delayed heap ---------------------------------------------------------

@@ -402,6 +402,12 @@ class ReadyQueue:
     The unfinished jobs that have an id are known by it: a second job with the
     same id is refused (DuplicateJob) until ``task_done`` of the first.
 
+    A join (``join_begin``, ``join_wait``, ``join_end``) waits for the jobs
+    unfinished when it began, retried and requeued ones included, and not for
+    the jobs accepted since: while a join is under way, an accepted job is
+    stamped with a generation newer than the join's, and nothing else is
+    stamped, so the per-job path pays for it only then.
+
     Entry points check in one order: the job's own fields (TypeError,
     ValueError), then QueueStopped, then DuplicateJob, then room (False); any
     refusal leaves everything as it was.
@@ -433,6 +439,20 @@ class ReadyQueue:
         self._seq = itertools.count()  # insertion order: FIFO within a level
         self._closed = False
         self._unfinished = 0  # accepted jobs not yet succeeded or failed for good
+        # What join() waits for (join_begin): the unfinished jobs accepted before it began. Jobs
+        # accepted while no join is under way (_joins == 0) form the base group, with no stamp:
+        # _unfinished - _stamped of them, all older than any join under way. Jobs accepted while one
+        # is are stamped with _generation, in _stamps (id(job) -> generation): _stamped of them,
+        # _generation_size in the current generation, the older ones' sizes in _older (oldest first,
+        # only those with jobs left). A join that finds the current generation with jobs moves it to
+        # _older and begins the next, and waits until the base and every generation up to its own
+        # are empty. Retries and requeues keep a job's stamp: only an accept or an end changes it.
+        self._joins = 0  # join_begin() calls not yet ended (join_end)
+        self._stamped = 0
+        self._stamps: Dict[int, int] = {}
+        self._generation = 0
+        self._generation_size = 0
+        self._older: Dict[int, int] = {}
         self._ids: Dict[str, Any] = {}  # id -> the unfinished job registered under it
         # The _id of the unfinished jobs accepted without an id (see _unnamed): job.id names one
         # (name()); _finish puts None back.
@@ -446,7 +466,7 @@ class ReadyQueue:
         # the worker that freed its slot comes back for it (release_state(hand_off=False)).
         self._getters: List[_Waiter] = []
         self._room = threading.Condition(self._lock)  # the buffer may have room
-        self._all_done = threading.Condition(self._lock)  # _unfinished may be 0
+        self._all_done = threading.Condition(self._lock)  # the base, or an older generation, may be empty
 
     # executors
 
@@ -619,6 +639,9 @@ class ReadyQueue:
     def _accept(self, jobs: List[Any], batch: Dict[str, Any]) -> None:
         self._unfinished += len(jobs)
         self._counters[ENQUEUED] += len(jobs)
+        if self._joins:
+            for job in jobs:
+                self._stamp(job)
         if batch:
             self._ids.update(batch)
         if len(batch) < len(jobs):
@@ -630,10 +653,18 @@ class ReadyQueue:
     def _accept_one(self, job: Any, job_id: Optional[str]) -> None:
         self._unfinished += 1
         self._counters[ENQUEUED] += 1
+        if self._joins:
+            self._stamp(job)
         if job_id is not None:
             self._ids[job_id] = job
         else:
             self._mark_unnamed(job)
+
+    def _stamp(self, job: Any) -> None:
+        """``job``, accepted now, joins the current generation: a join under way does not wait for it."""
+        self._stamps[id(job)] = self._generation
+        self._stamped += 1
+        self._generation_size += 1
 
     def _mark_unnamed(self, job: Any) -> None:
         """Put this queue's ``Unnamed`` in an accepted job that was read without an id. Its id may have
@@ -1383,6 +1414,10 @@ class ReadyQueue:
     def _finish(self, job: Any) -> None:
         """``job`` finished for good: its id is free again. Called with _lock held."""
         self._unfinished -= 1
+        if self._stamped:
+            self._unstamp(job)
+        elif self._unfinished <= 0:
+            self._all_done.notify_all()
         job_id = job._id  # under the lock: name() may have given it one just now
         if job_id is self._unnamed:
             job._id = None  # never named: an id read from now on is not this queue's to register
@@ -1390,14 +1425,56 @@ class ReadyQueue:
             del self._ids[job_id]
             if self._marks:
                 self._marks.pop(job_id, None)
-        if self._unfinished <= 0:
+
+    def _unstamp(self, job: Any) -> None:
+        """``job`` finished while some unfinished jobs are stamped: take it out of its group, and wake
+        the joins when that group is empty now (the base, or an older generation)."""
+        generation = self._stamps.pop(id(job), None)
+        if generation is None:  # of the base
+            if self._unfinished == self._stamped:
+                self._all_done.notify_all()
+            return
+        self._stamped -= 1
+        if generation == self._generation:  # (no join waits for the current generation)
+            self._generation_size -= 1
+            return
+        left = self._older[generation] - 1
+        if left:
+            self._older[generation] = left
+        else:
+            del self._older[generation]
             self._all_done.notify_all()
 
-    def join(self, timeout: Optional[float] = None) -> bool:
-        """Wait until every accepted job finished; False on timeout or when closed first."""
+    def join_begin(self) -> Optional[int]:
+        """Begin a join: what it waits for is the jobs unfinished now (``join_wait``). Returns its
+        ticket, None when no job is unfinished (nothing to wait for); ``join_end(ticket)`` ends it.
+        Until then the jobs accepted are stamped with a later generation than the ticket's."""
+        with self._lock:
+            if self._unfinished <= 0:
+                return None
+            if self._generation_size:  # jobs were stamped with it: they are older than this join
+                self._older[self._generation] = self._generation_size
+                self._generation += 1
+                self._generation_size = 0
+            self._joins += 1
+            return self._generation - 1
+
+    def _joined(self, ticket: int) -> bool:
+        """Whether every job unfinished at the ``join_begin`` that gave ``ticket`` finished."""
+        if self._unfinished != self._stamped:
+            return False  # the base has jobs, all older than every join under way
+        for generation in self._older:  # (oldest first)
+            return generation > ticket
+        return True
+
+    def join_wait(self, ticket: Optional[int], timeout: Optional[float] = None) -> bool:
+        """Wait until every job unfinished at the ``join_begin`` that gave ``ticket`` finished
+        (retried and delayed ones included); False on timeout, or when closed first."""
+        if ticket is None:
+            return True
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            while self._unfinished > 0:
+            while not self._joined(ticket):
                 if self._closed:
                     return False
                 remaining = _remaining(deadline)
@@ -1405,6 +1482,22 @@ class ReadyQueue:
                     return False
                 self._all_done.wait(remaining)
             return True
+
+    def join_end(self, ticket: Optional[int]) -> None:
+        """The join that ``join_begin`` gave ``ticket`` is over: once no join is, jobs go unstamped."""
+        if ticket is None:
+            return
+        with self._lock:
+            self._joins -= 1
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every job accepted before this call finished (``join_begin``, ``join_wait``,
+        ``join_end``); jobs accepted meanwhile are not waited for. False on timeout or when closed first."""
+        ticket = self.join_begin()
+        try:
+            return self.join_wait(ticket, timeout)
+        finally:
+            self.join_end(ticket)
 
 
 # --- the delayed heap ---------------------------------------------------------

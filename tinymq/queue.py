@@ -780,25 +780,47 @@ class Queue:
         return self._ready.attempt_durations()
 
     def join(self, timeout: Union[float, timedelta, None] = None) -> bool:
-        """Wait until every job enqueued so far, retries and delayed jobs included, has finished.
+        """Wait until every job enqueued before this call, retries and delayed jobs included, has finished.
 
-        Returns False on timeout, or when the queue was stopped with jobs left: while
-        a stop() is under way, once it has returned (the attempts it lets finish count).
-        Raises RuntimeError in an executor or a failure callback of this queue,
-        where it would wait for itself.
+        Jobs enqueued meanwhile (by other threads, schedules, or the jobs themselves) are
+        not waited for. Returns False on timeout, or when the queue was stopped with jobs
+        left: while a stop() is under way, once it has returned (the attempts it lets
+        finish count). Raises RuntimeError in an executor or a failure callback of this
+        queue, where it would wait for itself. With a broker: until the shared queue has
+        no unfinished job.
         """
         wait = _optional_seconds("timeout", timeout)
         if self._dispatcher.waits_for_itself():
             raise RuntimeError("join() called from an executor or a failure callback of this queue "
                                "would wait for itself; call it from another thread")
-        deadline = None if wait is None else time.monotonic() + wait
-        if not self._joined_before_start and self._link is None and not self._dispatcher.started:
+        ticket = self._join_begin()
+        try:
+            return self._join_ticket(ticket, wait)
+        finally:
+            self._join_end(ticket)
+
+    def _join_begin(self) -> Optional[int]:
+        """Begin a join: the core's ticket for the jobs unfinished now (None: none are, or a broker
+        joins the shared queue instead); ``_join_end`` ends it."""
+        if self._link is not None:
+            return None
+        if not self._joined_before_start and not self._dispatcher.started:
             unfinished = self._ready.unfinished
             if unfinished and not self._dispatcher.stopping:  # a forgotten start_dispatcher() would hang here
                 self._joined_before_start = True
                 logger.warning("join() called before start_dispatcher(): nothing runs the queue's %s until "
                                "start_dispatcher() is called", counted(unfinished, "unfinished job"))
-        if self._join_unfinished(wait):
+        return self._ready.join_begin()
+
+    def _join_end(self, ticket: Optional[int]) -> None:
+        """The join of ``ticket`` is over (its caller returned, or gave up)."""
+        if self._link is None:
+            self._ready.join_end(ticket)
+
+    def _join_ticket(self, ticket: Optional[int], wait: Optional[float]) -> bool:
+        """``join`` of the jobs ``ticket`` stands for, at most ``wait`` seconds."""
+        deadline = None if wait is None else time.monotonic() + wait
+        if self._join_unfinished(ticket, wait):
             return True
         if not self._dispatcher.stopping:
             return False  # its timeout
@@ -807,13 +829,14 @@ class Queue:
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not self._dispatcher.wait_stopped(remaining):
             return False  # its timeout
-        return self._join_unfinished(0.0)
+        return self._join_unfinished(ticket, 0.0)
 
-    def _join_unfinished(self, wait: Optional[float]) -> bool:
-        """Wait until no job is unfinished; False on timeout or once the queue is closed."""
+    def _join_unfinished(self, ticket: Optional[int], wait: Optional[float]) -> bool:
+        """Wait until the jobs of ``ticket`` have finished (with a broker: until no job of the shared
+        queue is unfinished); False on timeout or once the queue is closed."""
         if self._link is not None:
             return self._link.join(wait)
-        return self._ready.join(wait)
+        return self._ready.join_wait(ticket, wait)
 
     def stop(self, wait: bool = True, timeout: Union[float, timedelta, None] = None) -> None:
         """Accept no more jobs, let running attempts finish (when ``wait``), stop all threads.
@@ -967,14 +990,18 @@ class Queue:
             raise RuntimeError("ajoin() called from an executor or a failure callback of this queue "
                                "would wait for itself; call it from another thread")
         deadline = None if wait is None else time.monotonic() + wait
-        while True:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            step = _WAIT_SLICE if remaining is None else min(remaining, _WAIT_SLICE)
-            stopped = self._dispatcher.wait_stopped(0)  # stop() had returned: join()'s False is final
-            if await loop.run_in_executor(None, self.join, step):
-                return True
-            if (remaining is not None and remaining <= _WAIT_SLICE) or stopped:
-                return False  # its timeout, or stopped with jobs left (join() says False at once)
+        ticket = self._join_begin()  # what it waits for is decided now, not at each slice
+        try:
+            while True:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                step = _WAIT_SLICE if remaining is None else min(remaining, _WAIT_SLICE)
+                stopped = self._dispatcher.wait_stopped(0)  # stop() had returned: join()'s False is final
+                if await loop.run_in_executor(None, self._join_ticket, ticket, step):
+                    return True
+                if (remaining is not None and remaining <= _WAIT_SLICE) or stopped:
+                    return False  # its timeout, or stopped with jobs left (join() says False at once)
+        finally:
+            self._join_end(ticket)
 
     async def astop(self, wait: bool = True, timeout: Union[float, timedelta, None] = None) -> None:
         """``stop`` for async code: waits in the loop's default executor, not on the loop.
