@@ -1145,8 +1145,18 @@ class QueueLink:
                 self._next_due = due
                 self._timer_alarm.wake_before(due)
             jobs, undecodable = self._take(reply.jobs)
+        self._log_gone(reply.gone)
         self._hand_on(reply.crashed, reply.cancels, undecodable)
         return jobs
+
+    def _log_gone(self, ids: Sequence[str]) -> None:
+        """The jobs a reply says Redis lost the data of (lib.lua's job_gone): dropped there, and
+        no longer unfinished; no failure callback can run for them, as nothing of them is left."""
+        for job_id in ids:
+            logger.error("job %s of Redis queue %r is lost: its id waited in Redis but its data (its "
+                         "job:<id> hash) is gone (evicted under a maxmemory-policy other than noeviction, "
+                         "or deleted by another program); it was dropped without running, and no "
+                         "on_failure callback can run for it, as its data is gone", job_id, self.broker.name)
 
     def _place(self, job: Any) -> bool:
         """Into the core; False when a copy of the job is still there. Called with _round_lock held."""
@@ -1492,20 +1502,22 @@ class QueueLink:
                     if unanswered is None or unanswered[0] != proc:
                         unanswered = (proc, format(next(self._beat_ids), "x"))
                     sent = time.monotonic()
-                    alive, now_ms, crashed, cancels, lost = self.broker._call_resending(  # (its crashed jobs
-                        self.scripts.heartbeat, proc, self._lease_ms,                        # must not be lost)
+                    beat = self.broker._call_resending(  # (its crashed jobs must not be lost)
+                        self.scripts.heartbeat, proc, self._lease_ms,
                         self.broker.max_crash_recoveries, registered, unanswered[1])
                     unanswered = None
+                    alive = beat.alive
                     if not alive:
-                        self._abandon(lost)
+                        self._abandon(beat.lost)
                     else:
-                        self._registered = self._registered or now_ms
+                        self._registered = self._registered or beat.now_ms
                         with self._lock:
                             self._renewed(sent)
             except self._redis_error as exc:
                 self._log_outage("heartbeat", exc)
                 continue
-            self._hand_on(crashed, cancels if alive else ())  # (never run here: the lease comes first)
+            self._log_gone(beat.gone)
+            self._hand_on(beat.crashed, beat.cancels if alive else ())  # (never run here: the lease comes first)
             if alive:
                 self._report_lost()
 

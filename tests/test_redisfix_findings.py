@@ -1,0 +1,178 @@
+"""Findings of redisfix (session 28): defects of the Redis broker found earlier and left unfixed.
+
+Each test failed on the code before its fix; its docstring says the symptom, how to
+reproduce it, and what the docs promise.
+"""
+import logging
+import threading
+
+import pytest
+
+from tinymq import ExecutorConfig, Job, Queue
+
+from _helpers import WAIT, wait_until
+
+pytestmark = pytest.mark.redis
+
+LEASE_MS = 60_000
+
+
+@pytest.fixture
+def redis_client(redis_url):
+    import redis
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def scripts(redis_client):
+    from tinymq.redis._scripts import Scripts
+
+    return Scripts(redis_client, "s")
+
+
+def _outstanding(client, name):
+    return int(client.hget(f"tmq:{{{name}}}:stats", "outstanding") or 0)
+
+
+def _gone_errors(caplog, job_id):
+    return [r for r in caplog.records if r.levelno == logging.ERROR and f"job {job_id} " in r.getMessage()
+            and "data" in r.getMessage() and "on_failure" in r.getMessage()]
+
+
+def _rows(*ids, delay_ms=0):
+    return [(job_id, "t", 1, delay_ms, f'{{"id": "{job_id}"}}') for job_id in ids]
+
+
+# --- 1. a job whose hash Redis lost ------------------------------------------------
+
+
+def test_a_ready_job_whose_hash_redis_lost_is_logged_and_join_returns(redis_url, redis_client, caplog):
+    """Symptom: a job whose hash (job:<id>) Redis lost while its id waited in a ready list (an
+    evicting maxmemory-policy, another program deleting it) was dropped by the fetch without a
+    word, and join() waited for it for ever: it still counted as unfinished.
+    Reproduce: enqueue three jobs, delete the middle one's hash, start a worker, join().
+    docs/redis.md: nothing is dropped without the caller or a failure callback hearing of it.
+    Fix: the fetch that meets such an id counts the job finished and names it in its reply; the
+    worker logs an ERROR naming the job, saying its data is gone (no on_failure can run)."""
+    from tinymq.redis import RedisBroker
+
+    q = Queue(broker=RedisBroker(redis_url, name="lost", lease=2.0))
+    ran = []
+    q.register_executor("t", lambda job: ran.append(job.id))
+    try:
+        q.enqueue_many([Job("t", id="a"), Job("t", id="lost-one"), Job("t", id="b")])
+        redis_client.delete("tmq:{lost}:job:lost-one")  # behind the queue's back
+        with caplog.at_level(logging.ERROR, logger="tinymq"):
+            q.start_dispatcher(1)
+            assert q.join(WAIT)
+            assert wait_until(lambda: _gone_errors(caplog, "lost-one"))
+        assert sorted(ran) == ["a", "b"]
+        stats = q.get_stats()
+        assert (stats.jobs_enqueued, stats.jobs_succeeded, stats.jobs_failed) == (3, 2, 0)
+        assert _outstanding(redis_client, "lost") == 0
+        q.enqueue(Job("t", id="after"))  # the queue goes on
+        assert q.join(WAIT) and "after" in ran
+    finally:
+        q.stop()
+
+
+def test_a_delayed_job_whose_hash_redis_lost_is_logged_and_join_returns(redis_url, redis_client, caplog):
+    """As above, for a delayed job: the call that promotes it when it comes due (here a producer's
+    enqueue, whose reply has no room for it) drops it; the next heartbeat's reply names it."""
+    from tinymq.redis import RedisBroker
+
+    q = Queue(broker=RedisBroker(redis_url, name="lostd", lease=1.0))
+    ran = []
+    q.register_executor("t", lambda job: ran.append(job.id))
+    try:
+        q.enqueue_delayed(Job("t", id="later"), 0.05)
+        redis_client.delete("tmq:{lostd}:job:later")
+        assert wait_until(lambda: redis_client.zscore("tmq:{lostd}:delayed", "later") is not None)
+        with caplog.at_level(logging.ERROR, logger="tinymq"):
+            threading.Event().wait(0.1)  # (due by now on the server's clock)
+            q.enqueue(Job("t", id="now"))  # promotes the due job first: its hash is gone
+            assert redis_client.zcard("tmq:{lostd}:delayed") == 0
+            q.start_dispatcher(1)
+            assert q.join(WAIT)
+            assert wait_until(lambda: _gone_errors(caplog, "later"))
+        assert ran == ["now"]
+        assert _outstanding(redis_client, "lostd") == 0
+    finally:
+        q.stop()
+
+
+def test_a_parked_job_whose_hash_redis_lost_is_logged_and_join_returns(redis_url, redis_client, caplog):
+    """As above, for a job parked behind its saturated type: let out as the slot frees, the fetch
+    that meets it drops it and says so."""
+    from tinymq.redis import RedisBroker
+
+    q = Queue(broker=RedisBroker(redis_url, name="lostp", lease=2.0))
+    running, release = threading.Event(), threading.Event()
+    ran = []
+
+    def work(job):
+        ran.append(job.id)
+        if job.id == "first":
+            running.set()
+            release.wait(WAIT)
+
+    q.register_executor("t", work, ExecutorConfig(max_concurrent_jobs=1))
+    try:
+        q.enqueue(Job("t", id="first"))
+        q.start_dispatcher(2)
+        assert running.wait(WAIT)
+        q.enqueue_many([Job("t", id="parked"), Job("t", id="next")])
+        assert wait_until(lambda: redis_client.llen("tmq:{lostp}:parked:1:t") == 2)
+        redis_client.delete("tmq:{lostp}:job:parked")
+        with caplog.at_level(logging.ERROR, logger="tinymq"):
+            release.set()
+            assert q.join(WAIT)
+            assert wait_until(lambda: _gone_errors(caplog, "parked"))
+        assert ran == ["first", "next"]
+        assert _outstanding(redis_client, "lostp") == 0
+    finally:
+        release.set()
+        q.stop()
+
+
+def test_the_scripts_drop_every_id_without_its_hash_and_name_it(scripts):
+    """Every script that reads a job's hash by an id from a ready list, the delayed set, a parked
+    list or an in-flight attempt (fetch, promotion, a give-back, a retry, a reap) counts a job
+    whose hash is gone finished, once, and names it: in its reply (fetch, beat) or for the next
+    beat (the `gone` list)."""
+    client = scripts.client
+    key = scripts.key
+    assert scripts.enqueue("e1", 100, 0, _rows("r1", "r2", "y1", "b1", "c1")).status == "ok"
+    assert scripts.enqueue("e2", 100, 0, _rows("d1", delay_ms=1)).status == "ok"
+    jobs = scripts.fetch("P", "1", 4, LEASE_MS, 3, False).jobs
+    assert [j.id for j in jobs] == ["r1", "r2", "y1", "b1"]
+    attempts = {j.id: j.attempt for j in jobs}
+    threading.Event().wait(0.01)  # (d1 due)
+    client.delete(*(key(f"job:{i}") for i in ("y1", "b1", "c1", "d1", "r1")))
+    from tinymq.redis._scripts import SettleOp
+
+    # A retry and a give-back of attempts whose job is gone; a ready id and a due one without a hash.
+    reply = scripts.fetch("P", "2", 5, LEASE_MS, 3, True, [
+        SettleOp("Y", attempts["y1"], 1, 0, "", "E"), SettleOp("B", attempts["b1"])])
+    assert reply.jobs == []
+    assert sorted(reply.gone) == ["b1", "c1", "d1", "y1"]
+    assert int(client.hget(key("stats"), "outstanding")) == 2  # r1 and r2, still in flight
+    # A reap of P: r1's hash is gone too.
+    client.zadd(key("procs"), {"P": 0})
+    beat = scripts.heartbeat("Q", LEASE_MS, 3, False, "b1")
+    assert beat.gone == ["r1"]
+    assert scripts.heartbeat("Q", LEASE_MS, 3, True, "b1").gone == ["r1"]  # a resend: the same
+    assert int(client.hget(key("stats"), "outstanding")) == 1  # r2, back in ready:1
+    # A settle's give-back (its reply has no room): the next beat hands it out.
+    assert scripts.enqueue("e3", 100, 0, _rows("s1")).status == "ok"
+    taken = scripts.fetch("Q", "3", 5, LEASE_MS, 3, True).jobs
+    assert sorted(j.id for j in taken) == ["r2", "s1"]
+    client.delete(key("job:s1"))
+    assert scripts.settle("Q", [SettleOp("B", j.attempt) for j in taken if j.id == "s1"]) == 0
+    assert scripts.heartbeat("Q", LEASE_MS, 3, True, "b2").gone == ["s1"]
+    assert scripts.heartbeat("Q", LEASE_MS, 3, True, "b3").gone == []  # handed out once
+    assert int(client.hget(key("stats"), "outstanding")) == 1  # r2
+    assert client.keys(key("job:*")) == [key("job:r2")]
