@@ -176,3 +176,63 @@ def test_the_scripts_drop_every_id_without_its_hash_and_name_it(scripts):
     assert scripts.heartbeat("Q", LEASE_MS, 3, True, "b3").gone == []  # handed out once
     assert int(client.hget(key("stats"), "outstanding")) == 1  # r2
     assert client.keys(key("job:*")) == [key("job:r2")]
+
+
+# --- 2. per-type counters never go down ----------------------------------------------
+
+
+@pytest.mark.parametrize("raises", [False, True], ids=["returns", "raises"])
+def test_a_per_type_counter_never_goes_down_when_the_process_learns_it_was_reaped(redis_url, raises):
+    """Symptom: an outcome counted here (ExecutorStats, which PrometheusCollector exports as
+    counters) whose op went in the call whose reply said this process was reaped (Redis ran none
+    of it) was taken back: the counter went down, and Prometheus read a reset.
+    Reproduce: a worker's attempt ends while no round runs, its process reaped meanwhile; read
+    its per-type counters before and after the round that tells it so.
+    Fix: what a process counted stays counted (docs/redis.md, ExecutorStats): the attempts that
+    end once it learnt of the reap count nowhere, as before."""
+    from tinymq import RetryConfig
+
+    from _backends import Redis
+    from _helpers import per_type_counts
+
+    backend = Redis(redis_url, lease=40.0)  # no heartbeat during the test
+    try:
+        producer, worker = backend.pair()
+        started, let_go, again = threading.Event(), threading.Event(), threading.Event()
+        runs = []
+
+        def work(job):
+            runs.append(job.id)
+            if len(runs) == 1:
+                started.set()
+                assert let_go.wait(WAIT)
+                if raises:
+                    raise ValueError("boom")
+            else:  # its run again, in the worker's second life: after the read below
+                assert again.wait(WAIT)
+
+        worker.register_executor("t", work)
+        producer.enqueue(Job("t", "x", retry_config=RetryConfig(max_retries=2, initial_delay=0.0)))
+        worker.start_dispatcher(1)
+        assert started.wait(WAIT)
+        link = worker._link
+        proc = link._proc
+        seen = []
+        with link._round_lock:  # no round meanwhile: the outcome waits to be sent
+            scripts = producer.broker._scripts
+            with scripts.client.pipeline(transaction=True) as pipe:
+                pipe.zadd(scripts.key("procs"), {proc: 0})
+                scripts._script["reap"](keys=[scripts.prefix], args=[1], client=pipe)
+                assert pipe.execute()[1][0] == 1
+            let_go.set()
+            assert wait_until(lambda: link._ops and any(per_type_counts(worker).values()))
+            seen.append(per_type_counts(worker))
+        assert wait_until(lambda: link._proc != proc)  # the round's reply said it was reaped
+        seen.append(per_type_counts(worker))
+        again.set()
+        assert producer.join(WAIT)
+        seen.append(per_type_counts(worker))
+        for before, after in zip(seen, seen[1:]):
+            assert all(after[k] >= before[k] for k in before), seen
+    finally:
+        backend.close()

@@ -116,8 +116,8 @@ class _Failure:
     process's cancel (``overruled``): guarded by QueueLink._lock. Whichever of the deciding
     thread (once it counted the failure) and the round that read the settle's reply comes
     second moves the count to cancelled (see QueueLink.failing). Its op dropped unsent as this
-    process let its id go (``dropped``, see _let_go), it counts nowhere: whichever of the two
-    comes second takes the count back."""
+    process let its id go (``dropped``, see _let_go): not counted yet, it is never counted, and
+    no callback runs for it; counted already, it stays counted (see QueueLink._take_back)."""
 
     __slots__ = ("counts", "counted", "overruled", "dropped")
 
@@ -132,7 +132,6 @@ class _Failure:
 # moves these counts to cancelled). A failure for good (Z, z) is counted by its thread: _Failure.
 _COUNTED_FOR = {"S": (core.SUCCEEDED,), "Y": (core.RETRIED,), "y": (core.TIMED_OUT, core.RETRIED), "B": ()}
 _Move = Tuple[Tuple[int, ...], str, Optional[SettleOp]]  # see QueueLink._recount
-_ENDING_OPS = frozenset("SYyZz")  # the op that ends an attempt counted here (one per attempt)
 
 
 def job_row(job: Any, now: float) -> Tuple[str, str, int, float, str, int, str]:
@@ -244,9 +243,6 @@ class QueueLink:
         # ReadyQueue with _lock held (an outcome counted in the step that decides it is still
         # this process's, as stop() and _let_go take attempts away under _lock), never the reverse.
         self._disowned: Dict[Any, _Attempt] = {}
-        # attempt -> its job's type, for each op counted here (S, Y, y, Z, z) that is queued or in a
-        # round under way: what _let_go takes back when it drops the op unsent.
-        self._op_types: Dict[str, str] = {}
         self._handed_back: Dict[Any, _Attempt] = {}  # the running attempts stop()'s release hands back
         self._workers = 0  # 0 until start: a producer-only queue fetches nothing
         self._closing = False
@@ -802,16 +798,14 @@ class QueueLink:
     def succeeded(self, job: Any) -> None:
         """Counted as succeeded by the core already (succeeding() said so): its op is queued. One
         that this process let go of meanwhile (its id reaped, or stop()'s wait for it ran out)
-        has its count taken back."""
+        stays counted (a counter never goes down: see _take_back), its op unsent."""
         with self._lock:
             record = self._attempts.pop(job, None)
             if record is None:
-                if self._forget(job):
-                    self.ready.recount((core.SUCCEEDED,), None, job.type)
+                self._forget(job)
                 return
             self._slot_freed()
             self._queue_op(SettleOp("S", record.attempt))
-            self._op_types[record.attempt] = job.type
             self._ended(record)
         self._flush_if_idle()
 
@@ -892,7 +886,6 @@ class QueueLink:
             for event in counts:  # (before its op: a reply that overrules it moves the count)
                 self.ready.count(event, 1, job.type)
             self._queue_op(decided)
-            self._op_types[record.attempt] = job.type
             self._ended(record)
             return decided, self._proc, record.timed_out, failure
 
@@ -955,10 +948,8 @@ class QueueLink:
                     if overruled is not None or dropped:
                         self._failing.pop(op.attempt, None)  # (settled, or never to be: nothing left to do)
                 if dropped:  # its op never reached Redis: this process's id was let go first (reaped)
-                    if timed_out and reason != "cancelled":  # (a cancel's count _let_go took back)
-                        self.ready.recount((core.TIMED_OUT,), None, job.type)
                     yield None  # the late result of a process declared dead: its reaper ends the job
-                    return
+                    return  # (its timeout, counted at its deadline, stays: see _take_back)
                 if overruled:
                     self.ready.recount((core.TIMED_OUT,) if op.op == "z" else (), core.CANCELLED, job.type)
                     yield "cancelled"
@@ -966,13 +957,11 @@ class QueueLink:
                     yield reason  # (the caller counts the failure here, then runs the callbacks)
                     if overruled is None:  # its reply is still to come, or came meanwhile
                         with self._lock:  # (the round that reads it moves the count, now that it is made)
-                            counted_before, failure.counted = failure.counted, True
+                            failure.counted = True
                             overruled, dropped = failure.overruled, failure.dropped
                             if overruled is not None or dropped:
                                 self._failing.pop(op.attempt, None)
-                        if dropped and not counted_before:  # (dropped as the callbacks ran: _let_go left it here)
-                            self.ready.recount(failure.counts, None, job.type)
-                        elif overruled:
+                        if overruled and not dropped:  # (dropped as the callbacks ran: it stays counted)
                             self._count_overruled(op, job.type)
                 with self._lock:
                     if self._released:
@@ -1131,9 +1120,6 @@ class QueueLink:
             self._registered = self._registered or reply.now_ms
             with self._lock:
                 self._renewed(sent)
-                for op in ops:
-                    if op.op in _ENDING_OPS:
-                        self._op_types.pop(op.attempt, None)
                 moves = self._settled(ops, reply.overruled) if reply.overruled or self._failing else ()
             self._recount(moves)  # (before a reporter reports their rows)
             if reply.next_due_ms is None:
@@ -1250,11 +1236,14 @@ class QueueLink:
                     record.state = _GIVEN_BACK  # a worker that pops it refuses it
             held = sum(1 for r in self._attempts.values() if r.state == _STARTED and not r.expired)
             # The late result of a process declared dead is ignored: the running attempts run on,
-            # counted nowhere here whatever they end as (their reaper gave their jobs back, or
-            # ended them), and so are the outcomes whose ops never reached Redis (dropped here, or
-            # sent in the call whose reply said this id was reaped: not run), their counts taken back.
-            self._disowned.update((job, r) for job, r in self._attempts.items()
-                                  if r.state == _STARTED and not r.decided)  # (a decided one's op is dropped)
+            # counted nowhere here whatever they end as from now on (their reaper gave their jobs
+            # back, or ended them). What was counted here before stays (see _take_back): a timeout
+            # counted at its deadline, the outcomes whose ops never reached Redis (dropped here, or
+            # sent in the call whose reply said this id was reaped: not run).
+            for job, r in self._attempts.items():
+                if r.state == _STARTED and not r.decided:  # (a decided one's op is dropped)
+                    r.timed_out = False  # (so _forget takes nothing back)
+                    self._disowned[job] = r
             self._attempts = {}
             self._held = []  # (called with _round_lock held)
             # (ops of a call that got no reply may have been run by Redis: their counts stay)
@@ -1275,23 +1264,14 @@ class QueueLink:
         return old
 
     def _take_back(self, dropped: Sequence[SettleOp]) -> None:
-        """The counts of ``dropped``, ops that never reached Redis as this process let its id go:
-        taken back (a failure for good not counted yet is left to its thread, see failing).
-        Those of ops that may have reached it (a call without a reply) stay as they are.
-        Called with _lock held."""
+        """``dropped``, ops that never reached Redis as this process let its id go: what they
+        counted here stays counted, since a counter that goes down reads as a reset to
+        Prometheus (a failure for good is marked, so that its thread runs no callback for it and,
+        not counted yet, never counts it: see failing). Called with _lock held."""
         for op in dropped:
-            job_type = self._op_types.pop(op.attempt, None) if op.op in _ENDING_OPS else None
-            if job_type is None:
-                continue  # (counted nothing here: B, T, E, A)
             failure = self._failing.get(op.attempt) if op.op in "Zz" else None
-            if failure is None:
-                counted = _COUNTED_FOR.get(op.op, ())
-            else:
+            if failure is not None:
                 failure.dropped = True
-                counted = failure.counts if failure.counted else ()
-            if counted:
-                self.ready.recount(counted, None, job_type)
-        self._op_types = {}
 
     # --- threads -----------------------------------------------------------------
 
@@ -1642,7 +1622,6 @@ class QueueLink:
         with self._lock:
             moves = self._settled(ops, reply.overruled)
             self._failing = {}  # (their threads are done, or past stop()'s wait: they count as they are)
-            self._op_types = {}
         self._recount(moves)
 
     def _release_call(self, proc: str, ops: Sequence[SettleOp], deadline: float) -> Any:
