@@ -236,3 +236,56 @@ def test_a_per_type_counter_never_goes_down_when_the_process_learns_it_was_reape
             assert all(after[k] >= before[k] for k in before), seen
     finally:
         backend.close()
+
+
+# --- 3. a late timeout is recorded in the histogram only where it counts ---------------
+
+
+def test_an_async_attempt_timing_out_after_its_process_was_reaped_is_not_recorded(redis_url):
+    """Symptom: an async attempt whose deadline came after its process learnt it was reaped
+    counted nowhere (its timeout not counted, as a thread attempt's), but its duration was
+    recorded in the attempt-duration histogram all the same; a thread attempt's was not.
+    Reproduce: an async attempt running; its process reaped (and told so by its heartbeat);
+    its deadline comes; the job runs again in the process's second life.
+    docs/api.md: an attempt is recorded once its outcome is counted here.
+    Fix: async_timed_out records the duration only where it counts the timeout."""
+    import asyncio
+
+    from tinymq import ExecutorConfig, RetryConfig
+
+    from _backends import Redis
+    from _helpers import per_type_counts, signal_after
+
+    backend = Redis(redis_url, lease=1.0)  # its heartbeat (every lease / 4) learns of the reap at once
+    try:
+        producer, worker = backend.pair()
+        runs = []
+        started = threading.Event()
+
+        async def work(job):
+            runs.append(job.id)
+            if len(runs) == 1:
+                started.set()
+                await asyncio.sleep(WAIT)  # (cancelled at its deadline)
+
+        worker.register_executor("t", work, ExecutorConfig(timeout=2.0))
+        decided = signal_after(worker._link, "expired")
+        producer.enqueue(Job("t", "x", retry_config=RetryConfig(max_retries=2, initial_delay=0.0)))
+        worker.start_dispatcher(1)
+        assert started.wait(WAIT)
+        link = worker._link
+        proc = link._proc
+        scripts = producer.broker._scripts
+        with scripts.client.pipeline(transaction=True) as pipe:
+            pipe.zadd(scripts.key("procs"), {proc: 0})
+            scripts._script["reap"](keys=[scripts.prefix], args=[1], client=pipe)
+            assert pipe.execute()[1][0] == 1
+        assert wait_until(lambda: link._proc != proc)  # learnt well within the attempt's timeout
+        assert decided.wait(WAIT)  # its deadline came, under the id it let go
+        assert producer.join(WAIT)  # it ran again in the worker's second life
+        assert wait_until(lambda: per_type_counts(worker)["succeeded"] == 1)
+        assert per_type_counts(worker)["timed_out"] == 0
+        counts, _ = worker._attempt_durations()["t"]
+        assert sum(counts) == 1  # the success only (before: 2, the uncounted timeout too)
+    finally:
+        backend.close()
