@@ -289,3 +289,48 @@ def test_an_async_attempt_timing_out_after_its_process_was_reaped_is_not_recorde
         assert sum(counts) == 1  # the success only (before: 2, the uncounted timeout too)
     finally:
         backend.close()
+
+
+# --- 4. the look at Redis's settings never holds a beat ------------------------------
+
+
+def test_a_server_slow_to_answer_config_does_not_delay_the_heartbeat(redis_url, monkeypatch):
+    """Symptom: a worker process's look at Redis's settings (CONFIG GET maxmemory-policy and
+    appendonly, every minute) ran on its heartbeat thread: a server slow only on CONFIG held
+    the beat meanwhile, up to half a lease (two calls of a quarter lease each).
+    Reproduce: CONFIG answered only once the test lets it (a wrapper around the CONFIG call
+    alone); count the beats meanwhile. docs/redis.md: a live process renews its lease every
+    lease / 4.
+    Fix: the look runs on a short-lived thread of its own (tinymq-redis-settings)."""
+    from tinymq.redis import RedisBroker, _link
+
+    monkeypatch.setattr(_link, "_SETTINGS_LOOK", 0.2)
+    q = Queue(broker=RedisBroker(redis_url, name="slowconfig", lease=1.0))
+    scripts = q.broker._scripts
+    command, heartbeat = scripts.command, scripts.heartbeat
+    in_config, answer = threading.Event(), threading.Event()
+    beats = []
+
+    def slow_config(*args, **kwargs):
+        if args and args[0] == "CONFIG":
+            in_config.set()
+            answer.wait(3 * WAIT)
+        return command(*args, **kwargs)
+
+    def counted_beat(*args, **kwargs):
+        reply = heartbeat(*args, **kwargs)
+        beats.append(reply.alive)
+        return reply
+
+    scripts.command = slow_config
+    scripts.heartbeat = counted_beat
+    q.register_executor("t", lambda job: None)
+    try:
+        q.start_dispatcher(1)
+        assert in_config.wait(WAIT)
+        seen = len(beats)
+        assert wait_until(lambda: len(beats) >= seen + 4, timeout=WAIT), beats  # one each 0.25 s
+        assert all(beats)
+    finally:
+        answer.set()
+        q.stop()

@@ -17,7 +17,9 @@ Threads (started by ``start``):
 - the heartbeat: renews this process's lease every ``lease / 4`` and reaps
   dead processes; if this process was reaped, it abandons its buffer and
   registers again under a new id. It also looks up the rows that a cancel or an
-  evicting enqueue without a reply kept for this process (``_report_lost``).
+  evicting enqueue without a reply kept for this process (``_report_lost``), and every
+  ``_SETTINGS_LOOK`` starts a short-lived thread (``_look_at_settings``) that looks at
+  Redis's settings: a server slow to answer CONFIG never delays a beat.
 - a reporter (``_hand_on``, one per fetch or beat reply that hands this process rows
   to report or attempts to cancel): runs their failure callbacks, so that no thread
   that renews the lease or fetches ever waits for a callback (one slower than the
@@ -1465,17 +1467,17 @@ class QueueLink:
         # rows it handed this process (reporting:<proc>) reach it; a fresh beat id never would.
         unanswered: Optional[Tuple[str, str]] = None
         next_look = time.monotonic() + _SETTINGS_LOOK
+        look: Optional[threading.Thread] = None  # the last look at the settings (_look_at_settings)
         while not self._stopped.wait(max(0.0, min(next_beat - time.monotonic(), _BUFFERED_MAX))):
             self._give_back_stuck()
             if time.monotonic() < next_beat:
                 continue
             next_beat = time.monotonic() + interval
-            if time.monotonic() >= next_look:  # (between beats, bounded as one: the lease comes first)
+            if time.monotonic() >= next_look and (look is None or not look.is_alive()):
                 next_look = time.monotonic() + _SETTINGS_LOOK
-                try:
-                    self.broker._look_at_settings(interval)
-                except self._redis_error:
-                    pass  # (an outage: the beat below says so)
+                look = threading.Thread(target=self._look_at_settings, args=(interval,),
+                                        name="tinymq-redis-settings", daemon=True)
+                look.start()
             try:
                 with self._round_lock:  # never beside a round: a reap answer must meet a settled state
                     proc, registered = self._proc, self._registered
@@ -1500,6 +1502,16 @@ class QueueLink:
             self._hand_on(beat.crashed, beat.cancels if alive else ())  # (never run here: the lease comes first)
             if alive:
                 self._report_lost()
+
+    def _look_at_settings(self, timeout: float) -> None:
+        """The broker's look at Redis's settings (every _SETTINGS_LOOK), on a thread of its own: a
+        server slow to answer CONFIG (each call waits ``timeout`` at most) never delays a beat."""
+        try:
+            self.broker._look_at_settings(timeout)
+        except self._redis_error:
+            pass  # (an outage: the heartbeat says so)
+        except Exception:  # (a bug: the next look tries again; the lease is not this thread's)
+            logger.exception("Redis queue %r: the look at Redis's settings failed", self.broker.name)
 
     # --- stopping ----------------------------------------------------------------
 
