@@ -38,7 +38,8 @@ if not renewed then return {lost and -1 or 0, now, -1, 0, {}, {}, now_us, {}, {}
 local ik = inflight_key(proc)
 local jobs = {}
 local last = redis.call('HGET', K_FETCHED, proc)
-last = last and cjson.decode(last) -- {fetch id, {attempt...}, {crashed...}, {overruled...}, {gone...}}: ids may hold any character
+-- {fetch id, {attempt...}, {crashed...}, {overruled...}, {gone...}}: ids may hold any character
+last = last and cjson.decode(last)
 if last and last[1] == fid then -- a resend of the last fetch
   local cancels = redis.call('SMEMBERS', cancels_key(proc))
   local marked = {}
@@ -48,8 +49,9 @@ if last and last[1] == fid then -- a resend of the last fetch
     if v and string.sub(v, 1, 1) == 'L' then -- (a marked one's hash was moved: its id may be a newer job's)
       local jk = marked[attempt] and marked_key(proc, attempt) or job_key(id_of(attempt))
       local f = redis.call('HMGET', jk, 'b', 'r', 'e')
-      if f[1] then table.insert(jobs, {attempt, f[1], f[2] or '0', f[3] or ''}) end -- (gone since: its
-    end                                                                            -- give-back finds it so)
+      -- (a job gone since has no body: left out; its give-back or reap finds it gone, see job_gone)
+      if f[1] then table.insert(jobs, {attempt, f[1], f[2] or '0', f[3] or ''}) end
+    end
   end
   return {1, now, next_due(), nsettle, last[3], jobs, now_us, cancels, last[4] or {}, last[5] or {}}
 end
