@@ -334,3 +334,19 @@ def test_a_server_slow_to_answer_config_does_not_delay_the_heartbeat(redis_url, 
     finally:
         answer.set()
         q.stop()
+
+
+def test_a_resent_fetch_leaves_out_an_attempt_whose_hash_is_gone_since(scripts):
+    """A fetch resent (its reply was lost) returns the attempts the first call took: one whose
+    job's hash is gone since is left out (its row would be cut short), and the release that
+    gives it back finds it gone."""
+    from tinymq.redis._scripts import SettleOp
+
+    assert scripts.enqueue("e1", 100, 0, _rows("a", "b")).status == "ok"
+    first = scripts.fetch("P", "1", 2, LEASE_MS, 3, False)
+    scripts.client.delete(scripts.key("job:a"))
+    again = scripts.fetch("P", "1", 2, LEASE_MS, 3, True)
+    assert [j.id for j in again.jobs] == ["b"]
+    assert scripts.release("P", [SettleOp("B", j.attempt) for j in first.jobs]).stale == 0
+    assert scripts.heartbeat("Q", LEASE_MS, 3, False, "b1").gone == ["a"]
+    assert int(scripts.client.hget(scripts.key("stats"), "outstanding")) == 1  # b, back in ready:1
