@@ -819,8 +819,9 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
     out["signal"] = replies[12]
     out["reports"] = sorted(crashed_row(json.loads(text)) for text in replies[13])
     out["beaten"] = {}
-    for proc, text in replies[14].items():  # JSON [beat id, crashed] ({} when empty)
-        bid, crashed = json.loads(text)
+    for proc, text in replies[14].items():  # JSON [beat id, crashed, gone] ({} when empty)
+        bid, crashed, gone = json.loads(text)
+        assert not gone, gone  # (no job's hash is ever lost here: lib.lua's job_gone never runs)
         out["beaten"][proc] = (bid, sorted(crashed_row(c) for c in crashed or []))
     out["cancels"] = {}
     out["reporting"] = {}
@@ -828,8 +829,9 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
     for name in ("parkedn", "limits", "running", "stats"):
         out[name] = {k: int(v) for k, v in out[name].items() if int(v) != 0}
     fetched = {}
-    for proc, text in out["fetched"].items():  # JSON [fetch id, attempts, crashed, overruled] ({} when empty)
-        fid, taken, crashed, overruled = json.loads(text)
+    for proc, text in out["fetched"].items():  # JSON [fetch id, attempts, crashed, overruled, gone] ({} when empty)
+        fid, taken, crashed, overruled, gone = json.loads(text)
+        assert not gone, gone
         fetched[proc] = (fid, list(taken or []), sorted(crashed_row(c) for c in crashed or []),
                          sorted(tuple(o) for o in overruled or []))
     out["fetched"] = fetched

@@ -130,7 +130,9 @@ def test_a_stop_waiting_for_a_success_being_counted_goes_on_when_the_process_is_
         stopper.join(WAIT / 2)  # (before: it went on only at its 10 s bound)
         assert not stopper.is_alive()
         stopper.join(WAIT)
-        assert per_type_counts(worker)["succeeded"] == 0  # (no longer this process's: counted nowhere)
+        # Counted by the core before the process heard of the reap: it stays (redisfix: a counter
+        # never goes down; it was taken back here).
+        assert per_type_counts(worker)["succeeded"] == 1
     finally:
         made.close()
 

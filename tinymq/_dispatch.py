@@ -1020,9 +1020,9 @@ class Dispatcher:
     def async_timed_out(self, job: Any, state: Any, exc: JobTimeout, seconds: float, holding: bool = False) -> None:
         """An async attempt's deadline, ``seconds`` after its start: its task is being cancelled;
         the slot stays until it unwinds. ``holding``: it has unwound, its slot still taken (see attempt_failed)."""
-        if self.ledger is None or self.ledger.expired(job, True):  # (else not this process's: uncounted)
-            self.ready.count(core.TIMED_OUT, 1, job.type)
-        self.ready.record_duration(state, seconds)
+        if self.ledger is None or self.ledger.expired(job, True):  # (else not this process's: uncounted,
+            self.ready.count(core.TIMED_OUT, 1, job.type)            # and not recorded, as a thread's)
+            self.ready.record_duration(state, seconds)
         logger.warning("job %s (%s) timed out; its task is cancelled", job.id, job.type)
         self.attempt_failed(job, state, exc, holding)
 

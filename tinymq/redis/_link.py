@@ -17,7 +17,9 @@ Threads (started by ``start``):
 - the heartbeat: renews this process's lease every ``lease / 4`` and reaps
   dead processes; if this process was reaped, it abandons its buffer and
   registers again under a new id. It also looks up the rows that a cancel or an
-  evicting enqueue without a reply kept for this process (``_report_lost``).
+  evicting enqueue without a reply kept for this process (``_report_lost``), and every
+  ``_SETTINGS_LOOK`` starts a short-lived thread (``_look_at_settings``) that looks at
+  Redis's settings: a server slow to answer CONFIG never delays a beat.
 - a reporter (``_hand_on``, one per fetch or beat reply that hands this process rows
   to report or attempts to cancel): runs their failure callbacks, so that no thread
   that renews the lease or fetches ever waits for a callback (one slower than the
@@ -116,8 +118,8 @@ class _Failure:
     process's cancel (``overruled``): guarded by QueueLink._lock. Whichever of the deciding
     thread (once it counted the failure) and the round that read the settle's reply comes
     second moves the count to cancelled (see QueueLink.failing). Its op dropped unsent as this
-    process let its id go (``dropped``, see _let_go), it counts nowhere: whichever of the two
-    comes second takes the count back."""
+    process let its id go (``dropped``, see _let_go): not counted yet, it is never counted, and
+    no callback runs for it; counted already, it stays counted (see QueueLink._take_back)."""
 
     __slots__ = ("counts", "counted", "overruled", "dropped")
 
@@ -132,7 +134,6 @@ class _Failure:
 # moves these counts to cancelled). A failure for good (Z, z) is counted by its thread: _Failure.
 _COUNTED_FOR = {"S": (core.SUCCEEDED,), "Y": (core.RETRIED,), "y": (core.TIMED_OUT, core.RETRIED), "B": ()}
 _Move = Tuple[Tuple[int, ...], str, Optional[SettleOp]]  # see QueueLink._recount
-_ENDING_OPS = frozenset("SYyZz")  # the op that ends an attempt counted here (one per attempt)
 
 
 def job_row(job: Any, now: float) -> Tuple[str, str, int, float, str, int, str]:
@@ -244,9 +245,6 @@ class QueueLink:
         # ReadyQueue with _lock held (an outcome counted in the step that decides it is still
         # this process's, as stop() and _let_go take attempts away under _lock), never the reverse.
         self._disowned: Dict[Any, _Attempt] = {}
-        # attempt -> its job's type, for each op counted here (S, Y, y, Z, z) that is queued or in a
-        # round under way: what _let_go takes back when it drops the op unsent.
-        self._op_types: Dict[str, str] = {}
         self._handed_back: Dict[Any, _Attempt] = {}  # the running attempts stop()'s release hands back
         self._workers = 0  # 0 until start: a producer-only queue fetches nothing
         self._closing = False
@@ -803,16 +801,14 @@ class QueueLink:
     def succeeded(self, job: Any) -> None:
         """Counted as succeeded by the core already (succeeding() said so): its op is queued. One
         that this process let go of meanwhile (its id reaped, or stop()'s wait for it ran out)
-        has its count taken back."""
+        stays counted (a counter never goes down: see _take_back), its op unsent."""
         with self._lock:
             record = self._attempts.pop(job, None)
             if record is None:
-                if self._forget(job):
-                    self.ready.recount((core.SUCCEEDED,), None, job.type)
+                self._forget(job)
                 return
             self._slot_freed()
             self._queue_op(SettleOp("S", record.attempt))
-            self._op_types[record.attempt] = job.type
             self._ended(record)
         self._flush_if_idle()
 
@@ -893,7 +889,6 @@ class QueueLink:
             for event in counts:  # (before its op: a reply that overrules it moves the count)
                 self.ready.count(event, 1, job.type)
             self._queue_op(decided)
-            self._op_types[record.attempt] = job.type
             self._ended(record)
             return decided, self._proc, record.timed_out, failure
 
@@ -956,10 +951,8 @@ class QueueLink:
                     if overruled is not None or dropped:
                         self._failing.pop(op.attempt, None)  # (settled, or never to be: nothing left to do)
                 if dropped:  # its op never reached Redis: this process's id was let go first (reaped)
-                    if timed_out and reason != "cancelled":  # (a cancel's count _let_go took back)
-                        self.ready.recount((core.TIMED_OUT,), None, job.type)
                     yield None  # the late result of a process declared dead: its reaper ends the job
-                    return
+                    return  # (its timeout, counted at its deadline, stays: see _take_back)
                 if overruled:
                     self.ready.recount((core.TIMED_OUT,) if op.op == "z" else (), core.CANCELLED, job.type)
                     yield "cancelled"
@@ -967,13 +960,11 @@ class QueueLink:
                     yield reason  # (the caller counts the failure here, then runs the callbacks)
                     if overruled is None:  # its reply is still to come, or came meanwhile
                         with self._lock:  # (the round that reads it moves the count, now that it is made)
-                            counted_before, failure.counted = failure.counted, True
+                            failure.counted = True
                             overruled, dropped = failure.overruled, failure.dropped
                             if overruled is not None or dropped:
                                 self._failing.pop(op.attempt, None)
-                        if dropped and not counted_before:  # (dropped as the callbacks ran: _let_go left it here)
-                            self.ready.recount(failure.counts, None, job.type)
-                        elif overruled:
+                        if overruled and not dropped:  # (dropped as the callbacks ran: it stays counted)
                             self._count_overruled(op, job.type)
                 with self._lock:
                     if self._released:
@@ -1132,9 +1123,6 @@ class QueueLink:
             self._registered = self._registered or reply.now_ms
             with self._lock:
                 self._renewed(sent)
-                for op in ops:
-                    if op.op in _ENDING_OPS:
-                        self._op_types.pop(op.attempt, None)
                 moves = self._settled(ops, reply.overruled) if reply.overruled or self._failing else ()
             self._recount(moves)  # (before a reporter reports their rows)
             if reply.next_due_ms is None:
@@ -1146,8 +1134,18 @@ class QueueLink:
                 self._next_due = due
                 self._timer_alarm.wake_before(due)
             jobs, undecodable = self._take(reply.jobs)
+        self._log_gone(reply.gone)
         self._hand_on(reply.crashed, reply.cancels, undecodable)
         return jobs
+
+    def _log_gone(self, ids: Sequence[str]) -> None:
+        """The jobs a reply says Redis lost the data of (lib.lua's job_gone): dropped there, and
+        no longer unfinished; no failure callback can run for them, as nothing of them is left."""
+        for job_id in ids:
+            logger.error("job %s of Redis queue %r is lost: its id waited in Redis but its data (its "
+                         "job:<id> hash) is gone (evicted under a maxmemory-policy other than noeviction, "
+                         "or deleted by another program); it was dropped without running, and no "
+                         "on_failure callback can run for it, as its data is gone", job_id, self.broker.name)
 
     def _place(self, job: Any) -> bool:
         """Into the core; False when a copy of the job is still there. Called with _round_lock held."""
@@ -1241,11 +1239,14 @@ class QueueLink:
                     record.state = _GIVEN_BACK  # a worker that pops it refuses it
             held = sum(1 for r in self._attempts.values() if r.state == _STARTED and not r.expired)
             # The late result of a process declared dead is ignored: the running attempts run on,
-            # counted nowhere here whatever they end as (their reaper gave their jobs back, or
-            # ended them), and so are the outcomes whose ops never reached Redis (dropped here, or
-            # sent in the call whose reply said this id was reaped: not run), their counts taken back.
-            self._disowned.update((job, r) for job, r in self._attempts.items()
-                                  if r.state == _STARTED and not r.decided)  # (a decided one's op is dropped)
+            # counted nowhere here whatever they end as from now on (their reaper gave their jobs
+            # back, or ended them). What was counted here before stays (see _take_back): a timeout
+            # counted at its deadline, the outcomes whose ops never reached Redis (dropped here, or
+            # sent in the call whose reply said this id was reaped: not run).
+            for job, r in self._attempts.items():
+                if r.state == _STARTED and not r.decided:  # (a decided one's op is dropped)
+                    r.timed_out = False  # (so _forget takes nothing back)
+                    self._disowned[job] = r
             self._attempts = {}
             self._held = []  # (called with _round_lock held)
             # (ops of a call that got no reply may have been run by Redis: their counts stay)
@@ -1266,23 +1267,14 @@ class QueueLink:
         return old
 
     def _take_back(self, dropped: Sequence[SettleOp]) -> None:
-        """The counts of ``dropped``, ops that never reached Redis as this process let its id go:
-        taken back (a failure for good not counted yet is left to its thread, see failing).
-        Those of ops that may have reached it (a call without a reply) stay as they are.
-        Called with _lock held."""
+        """``dropped``, ops that never reached Redis as this process let its id go: what they
+        counted here stays counted, since a counter that goes down reads as a reset to
+        Prometheus (a failure for good is marked, so that its thread runs no callback for it and,
+        not counted yet, never counts it: see failing). Called with _lock held."""
         for op in dropped:
-            job_type = self._op_types.pop(op.attempt, None) if op.op in _ENDING_OPS else None
-            if job_type is None:
-                continue  # (counted nothing here: B, T, E, A)
             failure = self._failing.get(op.attempt) if op.op in "Zz" else None
-            if failure is None:
-                counted = _COUNTED_FOR.get(op.op, ())
-            else:
+            if failure is not None:
                 failure.dropped = True
-                counted = failure.counts if failure.counted else ()
-            if counted:
-                self.ready.recount(counted, None, job_type)
-        self._op_types = {}
 
     # --- threads -----------------------------------------------------------------
 
@@ -1476,39 +1468,51 @@ class QueueLink:
         # rows it handed this process (reporting:<proc>) reach it; a fresh beat id never would.
         unanswered: Optional[Tuple[str, str]] = None
         next_look = time.monotonic() + _SETTINGS_LOOK
+        look: Optional[threading.Thread] = None  # the last look at the settings (_look_at_settings)
         while not self._stopped.wait(max(0.0, min(next_beat - time.monotonic(), _BUFFERED_MAX))):
             self._give_back_stuck()
             if time.monotonic() < next_beat:
                 continue
             next_beat = time.monotonic() + interval
-            if time.monotonic() >= next_look:  # (between beats, bounded as one: the lease comes first)
+            if time.monotonic() >= next_look and (look is None or not look.is_alive()):
                 next_look = time.monotonic() + _SETTINGS_LOOK
-                try:
-                    self.broker._look_at_settings(interval)
-                except self._redis_error:
-                    pass  # (an outage: the beat below says so)
+                look = threading.Thread(target=self._look_at_settings, args=(interval,),
+                                        name="tinymq-redis-settings", daemon=True)
+                look.start()
             try:
                 with self._round_lock:  # never beside a round: a reap answer must meet a settled state
                     proc, registered = self._proc, self._registered
                     if unanswered is None or unanswered[0] != proc:
                         unanswered = (proc, format(next(self._beat_ids), "x"))
                     sent = time.monotonic()
-                    alive, now_ms, crashed, cancels, lost = self.broker._call_resending(  # (its crashed jobs
-                        self.scripts.heartbeat, proc, self._lease_ms,                        # must not be lost)
+                    beat = self.broker._call_resending(  # (its crashed jobs must not be lost)
+                        self.scripts.heartbeat, proc, self._lease_ms,
                         self.broker.max_crash_recoveries, registered, unanswered[1])
                     unanswered = None
+                    alive = beat.alive
                     if not alive:
-                        self._abandon(lost)
+                        self._abandon(beat.lost)
                     else:
-                        self._registered = self._registered or now_ms
+                        self._registered = self._registered or beat.now_ms
                         with self._lock:
                             self._renewed(sent)
             except self._redis_error as exc:
                 self._log_outage("heartbeat", exc)
                 continue
-            self._hand_on(crashed, cancels if alive else ())  # (never run here: the lease comes first)
+            self._log_gone(beat.gone)
+            self._hand_on(beat.crashed, beat.cancels if alive else ())  # (never run here: the lease comes first)
             if alive:
                 self._report_lost()
+
+    def _look_at_settings(self, timeout: float) -> None:
+        """The broker's look at Redis's settings (every _SETTINGS_LOOK), on a thread of its own: a
+        server slow to answer CONFIG (each call waits ``timeout`` at most) never delays a beat."""
+        try:
+            self.broker._look_at_settings(timeout)
+        except self._redis_error:
+            pass  # (an outage: the heartbeat says so)
+        except Exception:  # (a bug: the next look tries again; the lease is not this thread's)
+            logger.exception("Redis queue %r: the look at Redis's settings failed", self.broker.name)
 
     # --- stopping ----------------------------------------------------------------
 
@@ -1631,7 +1635,6 @@ class QueueLink:
         with self._lock:
             moves = self._settled(ops, reply.overruled)
             self._failing = {}  # (their threads are done, or past stop()'s wait: they count as they are)
-            self._op_types = {}
         self._recount(moves)
 
     def _release_call(self, proc: str, ops: Sequence[SettleOp], deadline: float) -> Any:

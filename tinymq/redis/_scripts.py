@@ -147,6 +147,7 @@ class FetchReply(NamedTuple):
     # (attempt, type) of each op of the call that a mark made a cancel (not this process's own)
     overruled: Sequence[Tuple[str, str]] = ()
     lost: bool = False  # reaped because Redis lost the queue's state since this process registered
+    gone: Sequence[str] = ()  # ids of jobs whose hash Redis lost, dropped (lib.lua's job_gone)
 
 
 class BeatReply(NamedTuple):
@@ -155,6 +156,7 @@ class BeatReply(NamedTuple):
     crashed: List[Crashed]
     cancels: Sequence[str]  # attempts of this process that q.cancel() marked
     lost: bool = False  # not alive because Redis lost the queue's state since this process registered
+    gone: Sequence[str] = ()  # as FetchReply's, with those other calls found (lib.lua's job_gone)
 
 
 class CancelReply(NamedTuple):
@@ -472,6 +474,7 @@ class Scripts:
             stale=int(reply[3]), crashed=_crashed(reply[4]),
             jobs=[Fetched(row[0], row[1], retries_of(row[2]), row[3] or "") for row in reply[5]],
             now_us=int(reply[6]), cancels=reply[7], overruled=[(row[0], row[1]) for row in reply[8]],
+            gone=reply[9],
         )
 
     def settle(self, proc: str, ops: Sequence[SettleOp]) -> int:
@@ -493,7 +496,7 @@ class Scripts:
         """``beat``, with the attempts of ``proc`` that q.cancel() marked (``registered``: as fetch's)."""
         reply = self._call("beat", [proc, lease_ms, max_crash_recoveries, int(registered), beat_id])
         status = int(reply[0])
-        return BeatReply(status == 1, int(reply[1]), _crashed(reply[2]), reply[3], lost=status < 0)
+        return BeatReply(status == 1, int(reply[1]), _crashed(reply[2]), reply[3], lost=status < 0, gone=reply[4])
 
     def cancel(self, token: str, job_id: str, caller: str = "", lease_ms: int = 0, take_back: str = "",
                timeout: Optional[float] = None) -> CancelReply:

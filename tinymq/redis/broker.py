@@ -142,7 +142,8 @@ class RedisBroker:
 
     def _look_at_settings(self, timeout: Optional[float] = None) -> None:
         """Warn of a setting that loses jobs (an evicting maxmemory-policy, appendonly no): at the first
-        reply, and again whenever a later look (a worker process's heartbeat, every _SETTINGS_LOOK)
+        reply, and again whenever a later look (a worker process's, every _SETTINGS_LOOK, on a thread of
+        its own: QueueLink._look_at_settings)
         finds it changed to such a value (a CONFIG SET, a restart with another configuration)."""
         policy = self._config("maxmemory-policy", timeout)
         if policy is not None and policy != "noeviction" and policy != self._settings_seen.get("maxmemory-policy"):

@@ -8,13 +8,14 @@ Returns {status, server now ms, next due ms (the earliest delayed job or rate wi
          opening; fractional, as text; -1: none), stale settles,
          crashed {{id, body, retries, error, reason, key}...}, jobs {{attempt, body, retries, error}...},
          server now us (to time the next due job), cancels {attempt...},
-         overruled {{attempt, type}...}}
+         overruled {{attempt, type}...}, gone {id...}}
 crashed also holds jobs that ended as cancelled (reason 'cancelled', see settle) for
 this process to report, and the jobs this call failed for good because another program
 wrote their hash without a type or with a p that is no level (see foreign); cancels are
 its attempts that q.cancel() marked: it cancels them locally (the settle already looked
 them up: no extra read when there are none); overruled, its attempts whose op of this call a
-mark turned into a cancel (see settle in lib.lua), for it to count as cancelled.
+mark turned into a cancel (see settle in lib.lua), for it to count as cancelled; gone, the
+jobs this call found without their hash (see job_gone in lib.lua), for it to log.
 status 1 = ok; 0 = this process was reaped (nothing else done: it must abandon its
 buffer and register again under a new id); -1 = the same, because Redis lost the queue's
 state since it registered (see renew in lib.lua).
@@ -26,18 +27,19 @@ ahead of the ones already parked goes in front of them). Taking a job takes its 
 slot (and a place in its rate window) and writes the attempt to inflight:<proc> in the
 same step. A resent call (same proc and fetch id) takes nothing new and returns the
 attempts the first call took, the jobs it found crashed (each reported once, by
-whoever gets the reply) and the ops it found overruled. ]]
+whoever gets the reply), the ops it found overruled and the jobs it found gone. ]]
 even_if_full()
 local proc, fid, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local lease, max_crash, registered = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local nsettle = tonumber(ARGV[7])
 local now = now_ms()
 local renewed, lost = renew(proc, now, lease, registered)
-if not renewed then return {lost and -1 or 0, now, -1, 0, {}, {}, now_us, {}, {}} end
+if not renewed then return {lost and -1 or 0, now, -1, 0, {}, {}, now_us, {}, {}, {}} end
 local ik = inflight_key(proc)
 local jobs = {}
 local last = redis.call('HGET', K_FETCHED, proc)
-last = last and cjson.decode(last) -- {fetch id, {attempt...}, {crashed...}, {overruled...}}: ids may hold any character
+-- {fetch id, {attempt...}, {crashed...}, {overruled...}, {gone...}}: ids may hold any character
+last = last and cjson.decode(last)
 if last and last[1] == fid then -- a resend of the last fetch
   local cancels = redis.call('SMEMBERS', cancels_key(proc))
   local marked = {}
@@ -47,10 +49,11 @@ if last and last[1] == fid then -- a resend of the last fetch
     if v and string.sub(v, 1, 1) == 'L' then -- (a marked one's hash was moved: its id may be a newer job's)
       local jk = marked[attempt] and marked_key(proc, attempt) or job_key(id_of(attempt))
       local f = redis.call('HMGET', jk, 'b', 'r', 'e')
-      table.insert(jobs, {attempt, f[1], f[2] or '0', f[3] or ''})
+      -- (a job gone since has no body: left out; its give-back or reap finds it gone, see job_gone)
+      if f[1] then table.insert(jobs, {attempt, f[1], f[2] or '0', f[3] or ''}) end
     end
   end
-  return {1, now, next_due(), nsettle, last[3], jobs, now_us, cancels, last[4] or {}}
+  return {1, now, next_due(), nsettle, last[3], jobs, now_us, cancels, last[4] or {}, last[5] or {}}
 end
 -- Why the job hash of an id in a ready list cannot be fetched (t: its type, p: its level),
 -- or nil: a hash that enqueue never writes (another program's).
@@ -109,7 +112,10 @@ for p = 2, 0, -1 do
         local err = 'cannot decode: ' .. fault
         job_dead(id, 'permanent_failure', err, f[3] or '0', now)
         table.insert(crashed, held_row(id, f[2], f[3], err, 'permanent_failure'))
-      elseif t then -- (a purged job's id has no hash: dropped)
+      elseif not t then -- no hash at all: its data is gone
+        job_gone(id)
+        parked_budget = parked_budget - 1 -- (looked at, as a parked one: a call's work stays bounded)
+      else
         if not f[6] then count_foreign(jk) end
         if limits[t] == nil then
           limits[t] = tonumber(redis.call('HGET', K_LIMITS, t)) or false
@@ -163,7 +169,8 @@ for t, k in pairs(took) do redis.call('HINCRBY', K_RUNNING, t, k) end
 for t, entries in pairs(rate_taken) do redis.call('ZADD', rate_key(t), unpack(entries)) end
 for t in pairs(rate_closed) do rate_wait(t) end
 handed(proc, crashed, 'f' .. fid) -- (first: it gives each row its key, which a resent reply repeats)
-redis.call('HSET', K_FETCHED, proc, cjson.encode({fid, taken, crashed, overruled}))
+local lost = gone_ids(false)
+redis.call('HSET', K_FETCHED, proc, cjson.encode({fid, taken, crashed, overruled, lost}))
 if (#taken >= n or parked_budget == 0) and ready_left() > 0 then signal() end -- chain the wake-up
 flush_counts()
-return {1, now, next_due(), stale, crashed, jobs, now_us, marks_left(proc), overruled}
+return {1, now, next_due(), stale, crashed, jobs, now_us, marks_left(proc), overruled, lost}

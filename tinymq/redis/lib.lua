@@ -82,6 +82,9 @@ Keys (after the prefix):
                                  cancelled:<proc>|<attempt>): proc hears of them in every fetch
                                  and beat reply until the attempt ends, which ends its job as
                                  cancelled
+  gone                     LIST  ids of jobs whose hash Redis lost while the id waited (see
+                                 job_gone), met by a call whose reply has no room for them:
+                                 the next beat hands them out, for its process to log
   reports                  LIST  JSON rows {id, body, retries, error, reason, key, 1} of
                                  jobs that ended while no caller could report them (a
                                  settle or release call): the next beat (with a beat id)
@@ -135,6 +138,7 @@ local K_CLOCK = P .. 'clock'
 local K_RATE_LIMITS = P .. 'ratelimits'
 local K_RATE_OPEN = P .. 'rateopen'
 local K_REPORTS = P .. 'reports'
+local K_GONE = P .. 'gone'
 local REAP_PER_CALL = 2      -- dead processes reaped per call: bounded work
 local PROMOTE_PER_CALL = 100 -- due delayed jobs promoted per call
 local PARK_PER_CALL = 100    -- jobs parked per fetch before it stops looking
@@ -197,8 +201,35 @@ end
 -- counters are summed per call and written once at the end (flush_counts)
 local counts = {}
 local function count(name, n) counts[name] = (counts[name] or 0) + n end
+
+--[[ A job whose hash (job:<id>) Redis lost while its id waited in a ready list, the delayed
+set, a parked list, or as an attempt in flight: evicted under a maxmemory-policy other than
+noeviction, or deleted by another program. Its data is gone: it can neither run nor be
+handed to a failure callback. The caller has taken the id out of where it was; job_gone counts
+the job finished, so that join() does not wait for it for ever (it was counted unfinished when
+enqueue, requeue_dead, or the first fetch or cancel that saw another program's hash counted
+it; a stats hash lost with it restarts the count, whose floor is 0: flush_counts), and names
+it for a process to log: fetch's and beat's replies carry this call's ids (gone_ids), every other
+call leaves them in `gone` (flush_counts) for the next beat. ]]
+local gone = {} -- ids of the jobs this call found gone, in order
+local function job_gone(id)
+  table.insert(gone, id)
+  count('outstanding', -1)
+end
+local GONE_PER_CALL = 100 -- ids from `gone` handed out per beat
+-- The ids this call found gone, with (`waited`: a beat) those that waited in `gone`.
+local function gone_ids(waited)
+  local ids = gone
+  gone = {}
+  if waited and redis.call('LLEN', K_GONE) > 0 then
+    for _, id in ipairs(redis.call('LPOP', K_GONE, GONE_PER_CALL)) do table.insert(ids, id) end
+  end
+  return ids
+end
+
 -- outstanding never goes below 0: lower, jobs ended that no script counted (a stats hash
--- deleted, or restored apart from the jobs), and 0 is the truest figure left.
+-- deleted, or restored apart from the jobs), and 0 is the truest figure left. The gone ids
+-- that no reply of the call carries (gone_ids) wait in `gone` for the next beat.
 local function flush_counts()
   for name, n in pairs(counts) do
     if n ~= 0 and redis.call('HINCRBY', K_STATS, name, n) < 0 and name == 'outstanding' then
@@ -206,6 +237,10 @@ local function flush_counts()
     end
   end
   counts = {}
+  for from = 1, #gone, CHUNK do
+    redis.call('RPUSH', K_GONE, unpack(gone, from, math.min(from + CHUNK - 1, #gone)))
+  end
+  gone = {}
 end
 
 local function signal()
@@ -336,9 +371,11 @@ local function promote_due()
     redis.call('ZREM', K_CAPPED, id)
     local jk = job_key(id)
     local p = redis.call('HGET', jk, 'p')
-    if p then -- (a job without its hash: dropped)
+    if p then
       redis.call('HSET', jk, 'o', order + k - 1)
       redis.call('RPUSH', READY[level_of(p)], id)
+    else
+      job_gone(id)
     end
   end
 end
@@ -372,14 +409,23 @@ local function flush_head()
   end
 end
 
+-- Let out the first job parked for t (the highest level first): false when none is left. A
+-- parked id whose hash is gone (job_gone) is dropped, and the next one let out in its place:
+-- it must not take the slot that frees for it.
 local function unpark_one(t)
-  for p = 2, 0, -1 do
+  local p = 2
+  while p >= 0 do
     local id = redis.call('LPOP', parked_key(p, t))
     if id then
-      head_later(id, p)
       if redis.call('HINCRBY', K_PARKEDN, t, -1) <= 0 then redis.call('HDEL', K_PARKEDN, t) end
       count('parked:' .. p, -1)
-      return true
+      if redis.call('EXISTS', job_key(id)) == 1 then
+        head_later(id, p)
+        return true
+      end
+      job_gone(id)
+    else
+      p = p - 1
     end
   end
   redis.call('HDEL', K_PARKEDN, t) -- a count without jobs: repair it
@@ -443,6 +489,8 @@ end
 
 local function job_retry(id, retries, err, delay, now)
   local jk = job_key(id)
+  count('retried', 1)
+  if redis.call('EXISTS', jk) == 0 then return job_gone(id) end -- (its hash would be written anew, half)
   redis.call('HSET', jk, 'r', retries, 'e', err)
   if delay <= 0 then
     promote_due() -- (jobs due before this retry go ahead of it)
@@ -452,7 +500,6 @@ local function job_retry(id, retries, err, delay, now)
   else
     add_delayed(id, exact_ms() + delay)
   end
-  count('retried', 1)
 end
 
 --[[ Jobs this call ended as cancelled whose cancellation nobody reported yet (the attempt
@@ -531,7 +578,7 @@ end
 
 local function give_back(id)
   local p = redis.call('HGET', job_key(id), 'p')
-  if p then head_later(id, level_of(p)) end
+  if p then head_later(id, level_of(p)) else job_gone(id) end
 end
 
 --[[ Settle ops. S, E and B take 2 ARGV entries (op, attempt); Y, Z, y and z take 6
@@ -741,7 +788,7 @@ local function drop_proc(proc, now, max_crash, crashed)
         job_dead(id, 'crashed', '', f[2] or '0', now)
         table.insert(crashed, held_row(id, f[1], f[2], f[3], 'crashed'))
       else
-        give_back(id) -- (a job deleted meanwhile has no hash: nothing to give back)
+        give_back(id)
       end
     end
   end
@@ -868,7 +915,10 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
     promote_due() -- (jobs due by now go ahead of these, and count as ready: see promote_due)
     local s = redis.call('HMGET', K_STATS, 'parked:0', 'parked:1', 'parked:2')
     local ready = ready_left() + due_left() + (tonumber(s[1]) or 0) + (tonumber(s[2]) or 0) + (tonumber(s[3]) or 0)
-    if ready + ready_added > buffer_size then return {'full', ready} end
+    if ready + ready_added > buffer_size then
+      flush_counts() -- (promote_due may have found jobs gone)
+      return {'full', ready}
+    end
   end
   local evicted = {}
   -- A due job no longer counts as delayed, even before a call promotes it: it is never evicted.
