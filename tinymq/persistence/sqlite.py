@@ -36,7 +36,7 @@ import urllib.parse
 import weakref
 from collections import deque
 from datetime import timedelta
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple, TypeVar, Union
 
 from .._shield import shield
 from ..config import RetryConfig, _count, _seconds
@@ -1282,6 +1282,10 @@ class SQLitePersistence:
     def dead_jobs(self) -> List[DeadJob]:
         """Permanently failed jobs, oldest job (``timestamp``) first, with their reason and last error."""
         return self._dead_entries(self._read(_SELECT_DEAD))
+
+    def _dead_ids(self) -> Set[str]:
+        """The id of every dead row, decoded or not (``dead_jobs()`` leaves out one it cannot decode)."""
+        return {row[0] for row in self._read(f"SELECT id FROM {_TABLE} WHERE state = 'dead'")}
 
     def _dead_entries(self, rows: List[Any]) -> List[DeadJob]:
         reasons = {row[0]: (row[11], row[10]) for row in rows}
