@@ -4,13 +4,16 @@ line, attacked from outside), each with its test.
 import os
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
 import pytest
 
 import tinymq
-from tinymq import Job, SQLitePersistence
+from tinymq import Job, Queue, SQLitePersistence
+
+from _helpers import WAIT
 
 ROOT = Path(tinymq.__file__).resolve().parent.parent
 TIMEOUT = 60  # seconds for one command: each returns in well under one
@@ -48,3 +51,109 @@ def test_requeue_and_purge_dead_by_id_take_a_dead_job_json_cannot_decode(tmp_pat
     with SQLitePersistence(path, serializer=serializer, read_only=True) as view:
         assert view.dead_jobs() == []
         assert [job.id for job in view.jobs()] == (["d1"] if command == "requeue-dead" else [])
+
+
+# --- 2. A payload nested about as deep as the recursion limit -------------------------------
+
+# JSON's encoder and decoder both recurse once per level of nesting, so how deep a payload they
+# take depends on how deep in the stack they are called. A payload that a save from a shallow
+# stack encoded could not be decoded by a load from a deeper one: the job whose enqueue had
+# returned was quarantined at the next start ("corrupt: RecursionError"), and never ran.
+# JSONSerializer.loads now decodes such a text on a new thread (its depth starts from none), and
+# dumps refuses a value nested too deeply to be decoded even there.
+
+def nested(depth):
+    value = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def depth_of(value):
+    depth = 0
+    while value:
+        value, depth = value[0], depth + 1
+    return depth
+
+
+def deep_in_the_stack(frames, work):
+    return work() if frames == 0 else deep_in_the_stack(frames - 1, work)
+
+
+def on_a_new_thread(work):
+    """``work()`` on a new thread (the shallowest stack a call can have); its result or exception."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(work())
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return outcome[0]
+
+
+def deepest(accepts):
+    """The deepest nesting that ``accepts(depth)`` (True/False) takes, by bisection."""
+    low, high = 1, 4 * sys.getrecursionlimit()
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if accepts(middle) else (low, middle - 1)
+    return low
+
+
+def test_json_loads_whatever_dumps_made_however_deep_in_the_stack_it_is_called():
+    from tinymq.persistence import JSONSerializer
+
+    serializer = JSONSerializer()
+
+    def dumps_on_a_new_thread(depth):
+        return isinstance(on_a_new_thread(lambda: serializer.dumps(nested(depth))), str)
+
+    depth = deepest(dumps_on_a_new_thread)
+    text = on_a_new_thread(lambda: serializer.dumps(nested(depth)))
+    for frames in (0, 100, 300):
+        assert depth_of(deep_in_the_stack(frames, lambda: serializer.loads(text))) == depth
+        assert depth_of(deep_in_the_stack(frames, lambda: serializer.loads(text.encode()))) == depth
+    with pytest.raises(ValueError):  # not RecursionError, whatever the depth (and still not JSON)
+        deep_in_the_stack(300, lambda: serializer.loads(text + "x"))
+
+
+def test_a_deeply_nested_payload_whose_enqueue_returned_runs_after_a_restart_from_a_deeper_stack(tmp_path):
+    path = tmp_path / "jobs.db"
+    with SQLitePersistence(tmp_path / "probe.db") as probe:
+        def saved(depth):
+            try:
+                probe.save(Job("t", nested(depth), id=str(depth)))
+            except tinymq.PersistenceError:
+                return False
+            return True
+
+        depth = deepest(saved)
+    with SQLitePersistence(path) as store:
+        q = Queue(10)
+        q.set_persistence(store)
+        while True:  # the deepest the queue takes (its enqueue is a few frames deeper than a save)
+            try:
+                q.enqueue(Job("t", nested(depth), id="deep"))
+                break
+            except tinymq.PersistenceError:
+                depth -= 1
+        q.stop()
+    ran = []
+
+    def restart():  # a set_persistence deep in some framework's start-up
+        with SQLitePersistence(path) as store:
+            q = Queue(10)
+            q.register_executor("t", lambda job: ran.append((job.id, depth_of(job.payload))))
+            q.set_persistence(store)
+            q.start_dispatcher(1)
+            assert q.join(timeout=WAIT)
+            q.stop()
+            assert store.quarantined() == []
+
+    deep_in_the_stack(300, restart)
+    assert ran == [("deep", depth)]
