@@ -1,7 +1,9 @@
 """Defects found by attack28a (session 28: the durability of the SQLite store and its command
 line, attacked from outside), each with its test.
 """
+import errno
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -157,3 +159,26 @@ def test_a_deeply_nested_payload_whose_enqueue_returned_runs_after_a_restart_fro
 
     deep_in_the_stack(300, restart)
     assert ran == [("deep", depth)]
+
+
+# --- 3. A lock file that cannot be written or locked -----------------------------------------
+
+# On a full disk the first open of a new store created its lock file, and the write of its pid
+# into it failed: the constructor raised a bare OSError ("[Errno 28] No space left on device",
+# naming no file) instead of the PersistenceError docs/persistence.md promises for a file that
+# "cannot be opened"; so did a filesystem whose flock() fails (ENOLCK: NFS without a lock daemon).
+@pytest.mark.parametrize("call, error", [("pwrite", errno.ENOSPC), ("flock", errno.ENOLCK)])
+def test_a_lock_file_that_cannot_be_written_or_locked_is_a_persistence_error_naming_it(tmp_path, monkeypatch,
+                                                                                         call, error):
+    import fcntl
+
+    def fails(*args):
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(os if call == "pwrite" else fcntl, call, fails)
+    path = tmp_path / "jobs.db"
+    with pytest.raises(tinymq.PersistenceError, match=re.escape(repr(f"{path}-tinymq.lock")) + ".*" + os.strerror(error)):
+        SQLitePersistence(path)
+    monkeypatch.undo()
+    with SQLitePersistence(path) as store:  # nothing left behind stands in the way once it works
+        store.save(Job("t", id="j"))

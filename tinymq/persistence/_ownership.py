@@ -187,11 +187,13 @@ def lock(path: str) -> int:
             os.pwrite(fd, f"{os.getpid()}\n".encode().ljust(_PID_BYTES), 0)
             os.ftruncate(fd, _PID_BYTES)
             return fd
-        except BaseException:
+        except BaseException as exc:
             try:
                 os.close(fd)
             except OSError:
                 pass
+            if isinstance(exc, OSError):  # a full disk (the pid's write), a filesystem without flock()
+                raise PersistenceError(f"cannot lock the lock file {path!r}: {exc}") from exc
             raise
     raise PersistenceError(f"the lock file {path!r} kept being replaced while it was being locked")
 
