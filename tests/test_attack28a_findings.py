@@ -182,3 +182,57 @@ def test_a_lock_file_that_cannot_be_written_or_locked_is_a_persistence_error_nam
     monkeypatch.undo()
     with SQLitePersistence(path) as store:  # nothing left behind stands in the way once it works
         store.save(Job("t", id="j"))
+
+
+# --- 4. The owner row kept out of the database file by a reader -----------------------------
+
+# docs/persistence.md: with its lock file and -wal removed under it (`rm jobs.db-*`), a live owner
+# "is still found through the owner row, so no second store gets in": the open copies that row
+# into the database file with a checkpoint. A PASSIVE one, which leaves the frames that a reader
+# of an older state of the file still needs (any program reading it as the owner opens): the row
+# was then in the -wal alone, and after `rm jobs.db-*` a second process took the file over from
+# the live owner. The open's checkpoint now waits for such a reader (up to busy_timeout), and one
+# that held it out longer is copied at a later commit.
+SECOND_OWNER = """
+import sys
+from tinymq import PersistenceError, SQLitePersistence
+try:
+    SQLitePersistence(sys.argv[1])
+except PersistenceError as exc:
+    print(exc)
+else:
+    print("a second owner got in")
+"""
+
+
+@pytest.mark.parametrize("reader_leaves", ["during the open", "after the open"])
+def test_the_owner_row_reaches_the_database_file_whatever_a_reader_held(tmp_path, reader_leaves):
+    import sqlite3
+
+    path = tmp_path / "jobs.db"
+    SQLitePersistence(path).close()
+    reader = sqlite3.connect(path, check_same_thread=False)  # any program reading the file
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM tinymq_jobs").fetchall()  # holds the state before the owner's open
+    if reader_leaves == "during the open":
+        leaves = threading.Timer(0.1, reader.rollback)  # the open waits for it (busy_timeout)
+        leaves.start()
+        owner = SQLitePersistence(path, busy_timeout=WAIT)
+        leaves.join()
+    else:
+        owner = SQLitePersistence(path, busy_timeout=0.1)  # it stays longer than the open waits
+        reader.rollback()
+        owner.save(Job("t", id="j"))  # a commit once it has gone
+    reader.close()
+    try:
+        database_alone = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+        assert database_alone.execute("SELECT pid FROM tinymq_owner").fetchall() == [(os.getpid(),)]
+        database_alone.close()
+        for suffix in ("-wal", "-shm", "-tinymq.lock"):  # rm jobs.db-*: a cleaner
+            os.unlink(f"{path}{suffix}")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        second = subprocess.run([sys.executable, "-c", SECOND_OWNER, str(path)], env=env, capture_output=True,
+                                text=True, timeout=TIMEOUT)
+        assert f"owned by a live store (pid {os.getpid()}" in second.stdout, (second.stdout, second.stderr)
+    finally:
+        owner.close()

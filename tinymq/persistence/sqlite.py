@@ -278,6 +278,12 @@ def _valid_wal_header(header: bytes) -> bool:
     return struct.unpack(">II", header[24:32]) == (first, second)
 
 
+def _checkpointed(conn: sqlite3.Connection, mode: str) -> bool:
+    """Whether ``PRAGMA wal_checkpoint(mode)`` copied every frame of the WAL into the database file."""
+    busy, frames, copied = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+    return not busy and frames == copied
+
+
 def _release(lock_fd: int, key: Tuple[int, int], pid: int) -> None:
     """Give up ownership (close() or garbage collection), in the process that took it only."""
     if os.getpid() != pid:
@@ -373,6 +379,7 @@ class SQLitePersistence:
         # Invariant: only the holder of _commit_lock uses _conn and _cursor.
         self._commit_lock = threading.Lock()
         self._pending: "deque[_Unit]" = deque()  # units waiting for the next committer
+        self._owner_row_in_wal_only = False  # a reader kept the open's checkpoint from copying it (_take_over)
         self._conn, self._lock_fd, self._key = self._open_owned()
         self._cursor = self._conn.cursor()
         self._wal_path = self._file + "-wal"
@@ -547,8 +554,9 @@ class SQLitePersistence:
                          (pid, started, host, lock_id, time.time()))
 
         self._in_transaction(conn, claim, "taking ownership")
-        try:  # into the database file itself: the owner row must outlive a removed -wal
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        try:  # into the database file itself: the owner row must outlive a removed -wal. (FULL: a reader
+            # of an older state, whose frames a checkpoint cannot copy, is waited for up to busy_timeout.)
+            self._owner_row_in_wal_only = not _checkpointed(conn, "FULL")
         except sqlite3.Error as exc:
             raise PersistenceError(f"cannot open persistence file {self.path!r}: {exc}") from exc
 
@@ -891,11 +899,20 @@ class SQLitePersistence:
                             self._next_wal_check = now + _WAL_CHECK_INTERVAL
                             if _ownership.identity(self._wal_path) != self._wal:
                                 self._rescue_wal(batch)
+                            elif self._owner_row_in_wal_only:  # a reader held it out at the open: again
+                                self._checkpoint_owner_row()
         if not unit.done:
             error = unit.error
             if isinstance(error, PersistenceError):
                 raise error
             raise PersistenceError(f"{self!r}: write failed: {error or 'interrupted before its commit'}") from error
+
+    def _checkpoint_owner_row(self) -> None:
+        """Copy the WAL, and so the owner row, into the database file, if no reader keeps it out now."""
+        try:
+            self._owner_row_in_wal_only = not _checkpointed(self._conn, "PASSIVE")
+        except sqlite3.Error as exc:  # the commits stand; the next look tries again
+            logger.warning("persistence %s: could not checkpoint the owner row: %s", self.path, exc)
 
     def _rescue_wal(self, batch: List[_Unit]) -> None:
         """Our -wal was removed or replaced (a cleaner, ``rm jobs.db-*``): what it holds would die with us.
@@ -920,6 +937,7 @@ class SQLitePersistence:
             self._cursor = self._conn.cursor()
             self._conn.execute(f"UPDATE {_OWNER} SET pid = pid")  # a first commit creates the new -wal
             self._wal = _ownership.identity(self._wal_path)
+            self._owner_row_in_wal_only = False  # (the TRUNCATE checkpoint copied it)
         except (sqlite3.Error, PersistenceError) as exc:
             self._closed = True  # every later call refuses: nothing more can be made durable here
             for unit in batch:
