@@ -236,3 +236,21 @@ def test_the_owner_row_reaches_the_database_file_whatever_a_reader_held(tmp_path
         assert f"owned by a live store (pid {os.getpid()}" in second.stdout, (second.stdout, second.stderr)
     finally:
         owner.close()
+
+
+# The same over Redis: a worker process fetching a job whose body (the payload nested in it) it
+# could not decode where its fetch runs, deeper than its producer's encode, found it "undecodable"
+# and kept it dead, never run.
+def test_a_redis_job_body_decodes_however_deep_in_the_stack_the_fetch_runs():
+    from tinymq.redis._codec import decode_job, encode_job
+
+    def encoded(depth):
+        try:
+            return encode_job(Job("t", nested(depth), id="deep"))
+        except TypeError:  # (its payload is not JSON a process can decode again)
+            return None
+
+    depth = deepest(lambda depth: on_a_new_thread(lambda: encoded(depth)) is not None)
+    body = on_a_new_thread(lambda: encoded(depth))
+    job = deep_in_the_stack(300, lambda: decode_job("deep", body))
+    assert depth_of(job.payload) == depth
