@@ -254,3 +254,34 @@ def test_a_redis_job_body_decodes_however_deep_in_the_stack_the_fetch_runs():
     body = on_a_new_thread(lambda: encoded(depth))
     job = deep_in_the_stack(300, lambda: decode_job("deep", body))
     assert depth_of(job.payload) == depth
+
+
+# --- 5. Another program's SQLite database given as the store's path ----------------------------
+
+# A store opened on an SQLite file that is not a tinymq store (a mistyped path: the application's
+# own database) switched it to WAL and created tinymq's tables in it before looking at it: with
+# user_version 0 it set user_version to 1 (which schema migrations of that application read) and
+# adopted the file; with a higher one it refused it as "written by a newer tinymq", after those
+# changes. A file a store refuses is now left as it was, and one holding other tables and no
+# tinymq table is refused as not a tinymq store (as read_only=True and `status` refuse it).
+@pytest.mark.parametrize("tables, version, refusal", [
+    (["users"], 0, "is not a tinymq store"),
+    (["users"], 7, "is not a tinymq store"),
+    (["tinymq_jobs"], 2, "schema version 2, written by a newer tinymq"),
+])
+def test_a_database_a_store_refuses_is_left_as_it_was(tmp_path, tables, version, refusal):
+    import sqlite3
+
+    path = tmp_path / "app.db"
+    connection = sqlite3.connect(path)
+    for table in tables:
+        connection.execute(f"CREATE TABLE {table} (id TEXT)")
+    connection.execute(f"PRAGMA user_version={version}")
+    connection.commit()
+    connection.close()
+    os.chmod(path, 0o600)
+    before = path.read_bytes()
+    with pytest.raises(tinymq.PersistenceError, match=refusal):
+        SQLitePersistence(path)
+    assert path.read_bytes() == before  # its journal mode, tables and user_version as they were
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db", "app.db-tinymq.lock"]

@@ -511,6 +511,15 @@ class SQLitePersistence:
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
         try:
+            # A look before any write: a file refused here is left as it was (its journal mode too).
+            names = [row[0] for row in conn.execute("SELECT name FROM sqlite_master")]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if names and _TABLE not in names:  # another program's database: not ours to change
+                raise PersistenceError(f"{self.path!r} is not a tinymq store: it is an SQLite database that holds "
+                                       f"{', '.join(map(repr, names[:3]))}{' ...' if len(names) > 3 else ''} and no "
+                                       f"{_TABLE} table; refused, and left as it was (a store needs a file of its own)")
+            if version > _SCHEMA_VERSION:
+                raise self._newer_schema(version)
             # Rows are small: 1 KiB pages make each commit append a quarter of the WAL
             # bytes of the default 4 KiB (ignored for an existing file).
             conn.execute("PRAGMA page_size=1024")
@@ -529,11 +538,8 @@ class SQLitePersistence:
             last = conn.execute(f"SELECT max(seq) FROM {_TABLE} WHERE typeof(seq) = 'integer' "
                                 f"AND seq < {_SEQ_LIMIT}").fetchone()[0]
             self._seq = itertools.count((last or 0) + 1).__next__
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
-            elif version > _SCHEMA_VERSION:
-                raise self._newer_schema(version)
         except sqlite3.Error as exc:
             raise PersistenceError(f"cannot open persistence file {self.path!r}: {exc}") from exc
 
