@@ -285,3 +285,30 @@ def test_a_database_a_store_refuses_is_left_as_it_was(tmp_path, tables, version,
         SQLitePersistence(path)
     assert path.read_bytes() == before  # its journal mode, tables and user_version as they were
     assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db", "app.db-tinymq.lock"]
+
+
+# --- 6. A side file that is a hard link to another file -------------------------------------
+
+# docs/persistence.md: "nothing another local user can put in the directory is loaded", and a
+# lock file with a second name (a hard link) is refused, "it may be another store's database".
+# A -wal, -shm or -journal with a second name was used all the same: its mode tightened, and the
+# -wal and -shm overwritten by SQLite, so a hard link to any file of ours put beside a closed
+# store (by anyone, where fs.protected_hardlinks is off) destroyed that file at the next open.
+# SQLite never makes a side file with two names: one is refused and left as it is.
+@pytest.mark.parametrize("suffix", ["-wal", "-shm", "-journal"])
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_side_file_with_a_second_name_is_refused_and_the_other_file_left_whole(tmp_path, suffix, read_only):
+    path = tmp_path / "jobs.db"
+    with SQLitePersistence(path) as store:
+        store.save(Job("t", id="kept"))
+    precious = tmp_path / "precious"
+    content = b"not a -wal, -shm or -journal " * 4096
+    precious.write_bytes(content)
+    os.chmod(precious, 0o644)
+    os.link(precious, f"{path}{suffix}")
+    with pytest.raises(tinymq.PersistenceError, match=re.escape(repr(f"{path}{suffix}")) + " has 2 names"):
+        SQLitePersistence(path, read_only=read_only)
+    assert precious.read_bytes() == content and os.stat(precious).st_mode & 0o777 == 0o644
+    os.unlink(f"{path}{suffix}")
+    with SQLitePersistence(path, read_only=read_only) as store:
+        assert [job.id for job in store.jobs()] == ["kept"]

@@ -439,7 +439,7 @@ class SQLitePersistence:
         try:
             found = _ownership.check_file(db, mode="tighten")
             # A -journal too: SQLite rolls a hot one back into the database when it opens it.
-            beside = [_ownership.check_file(db + suffix, mode="tighten") for suffix in _SIDE_FILES]
+            beside = [_ownership.check_file(db + suffix, mode="tighten", side=True) for suffix in _SIDE_FILES]
             if found is None:
                 if any(beside):
                     raise PersistenceError(f"{db!r} does not exist but its -wal, -shm or -journal file does: "
@@ -604,7 +604,8 @@ class SQLitePersistence:
         content (``immutable``: no lock, no -shm).
         """
         unwritten = self._unwritten()
-        shm, _ = (_ownership.check_file(self._file + suffix, mode="refuse") for suffix in ("-shm", "-journal"))
+        shm, _ = (_ownership.check_file(self._file + suffix, mode="refuse", side=True)
+                  for suffix in ("-shm", "-journal"))
         if unwritten is not None:
             return self._connect("mode=ro&immutable=1"), unwritten
         if shm is None:
@@ -631,7 +632,7 @@ class SQLitePersistence:
         if db is None:
             raise PersistenceError(f"cannot open {self.path!r} read-only: it does not exist")
         wal_path = self._file + "-wal"
-        wal = _ownership.check_file(wal_path, mode="refuse")
+        wal = _ownership.check_file(wal_path, mode="refuse", side=True)
         database = (db.st_dev, db.st_ino, db.st_size, db.st_mtime_ns)
         if wal is None:
             return database, None
@@ -935,7 +936,7 @@ class SQLitePersistence:
             if busy:
                 raise sqlite3.OperationalError("a reader kept the checkpoint from finishing")
             self._conn.close()
-            made = self._make_side_files([_ownership.check_file(self._file + suffix, mode="tighten")
+            made = self._make_side_files([_ownership.check_file(self._file + suffix, mode="tighten", side=True)
                                           for suffix in _SIDE_FILES])
             self._conn = self._connect("mode=rw")
             self._prepare(self._conn)
