@@ -312,3 +312,21 @@ def test_a_side_file_with_a_second_name_is_refused_and_the_other_file_left_whole
     os.unlink(f"{path}{suffix}")
     with SQLitePersistence(path, read_only=read_only) as store:
         assert [job.id for job in store.jobs()] == ["kept"]
+
+
+# --- 7. status --json of a dead job with a deeply nested payload --------------------------------
+
+# `status --db FILE --json` walks every dead job's payload in Python, level by level: one nested a
+# few hundred levels deep (which the store takes) ended the command with a RecursionError and a
+# traceback thousands of lines long, where docs/cli.md promises one clear message on stderr.
+def test_status_json_of_a_dead_payload_too_deep_to_print_is_one_clear_error(tmp_path):
+    path = tmp_path / "jobs.db"
+    with SQLitePersistence(path) as store:
+        job = Job("t", nested(600), id="deep")
+        store.save(job)
+        store.mark_dead(job, "retries_exhausted", "boom")
+    result = cli("status", "--db", path, "--json")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "dead job 'deep' is nested too deeply to print as JSON" in result.stderr
+    result = cli("status", "--db", path)  # the table lists it
+    assert result.returncode == 0 and "deep" in result.stdout

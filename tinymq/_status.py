@@ -326,9 +326,24 @@ def _standard_json(value: Any) -> Any:
     return value
 
 
+def _printable_as_json(payload: Any) -> bool:
+    try:
+        json.dumps(_standard_json(payload), indent=2, default=repr)
+    except RecursionError:
+        return False
+    return True
+
+
 def render_status(report: Dict[str, Any], *, as_json: bool, limit: int) -> str:
     """The text ``status`` prints: one JSON document, or readable tables."""
     if as_json:
-        return json.dumps(_standard_json(report), indent=2, default=repr, allow_nan=False)
+        try:
+            return json.dumps(_standard_json(report), indent=2, default=repr, allow_nan=False)
+        except RecursionError:  # (both walk a payload level by level, in Python)
+            deep = [entry["id"] for entry in report["dead_jobs"] if not _printable_as_json(entry["payload"])]
+            ids = ", ".join(map(repr, deep[:3])) + (" ..." if len(deep) > 3 else "")
+            jobs = f"dead job{'s' if len(deep) > 1 else ''} {ids}"
+            raise CommandError(f"the payload of {jobs} is nested too deeply to print as JSON; "
+                               "status without --json lists it") from None
     lines = _db_lines(report, limit) if report["backend"] == "sqlite" else _redis_lines(report, limit)
     return "\n".join(lines)
