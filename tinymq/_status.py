@@ -160,8 +160,10 @@ def change_dead_in_redis(url: str, name: str, action: str, ids: Optional[Sequenc
 
     def change(queue: Queue) -> str:
         where = f"Redis queue {name!r}"
-        return _change_dead(queue.broker, action, ids, where, where, "workers take them at once",
-                            lambda: {entry.job.id for entry in queue.broker.dead_jobs()})
+        broker = queue.broker
+        assert broker is not None  # (the queue _with_redis_queue built on it)
+        return _change_dead(broker, action, ids, where, where, "workers take them at once",
+                            lambda: {entry.job.id for entry in broker.dead_jobs()})
 
     return _with_redis_queue(url, name, change)
 

@@ -10,7 +10,7 @@ import pickle
 import sys
 import threading
 import warnings
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 __all__ = ["JSONSerializer", "PickleSerializer"]
 
@@ -34,7 +34,7 @@ _SHORTEST_DEEP = 2 * _FRAMES_MARGIN  # characters: a shorter text nests less tha
 def _decoded_on_a_new_thread(decode: Callable[[str], Any], text: str) -> Any:
     """``decode(text)`` on a thread of its own, whose recursion depth starts from none: what it
     reads does not depend on how deep in its caller's stack a load runs (or raises as it raises)."""
-    outcome: list = []
+    outcome: List[Tuple[bool, Any]] = []
 
     def run() -> None:
         try:
