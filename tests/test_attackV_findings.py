@@ -198,8 +198,8 @@ def test_read_only_inspects_while_an_owner_closes_the_file(path, monkeypatch):
     os.chmod(path + "-wal", 0o600)
     check_file = _ownership.check_file
 
-    def the_owner_finishes_closing(name, *, mode):
-        found = check_file(name, mode=mode)
+    def the_owner_finishes_closing(name, **how):
+        found = check_file(name, **how)
         if name == path + "-shm" and found is None and os.path.exists(path + "-wal"):
             os.unlink(path + "-wal")  # ... and removes its -wal just after this look
         return found

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, TypeVar
 
 from ._cli import CommandError
 from .errors import PersistenceError, TinyMQError, counted
@@ -162,7 +162,10 @@ def change_dead_in_redis(url: str, name: str, action: str, ids: Optional[Sequenc
 
     def change(queue: Queue) -> str:
         where = f"Redis queue {name!r}"
-        return _change_dead(queue.broker, action, ids, where, where, "workers take them at once")
+        broker = queue.broker
+        assert broker is not None  # (the queue _with_redis_queue built on it)
+        return _change_dead(broker, action, ids, where, where, "workers take them at once",
+                            lambda: {entry.job.id for entry in broker.dead_jobs()})
 
     return _with_redis_queue(url, name, change)
 
@@ -184,15 +187,18 @@ def change_dead_in_db(path: str, action: str, ids: Optional[Sequence[str]]) -> s
     except PersistenceError as exc:
         raise CommandError(str(exc)) from None
     with store:
-        return _change_dead(store, action, ids, repr(path), path, "the next queue to open the file runs them")
+        # (the ids of every dead row: one the default serializer cannot decode is a dead job all the same)
+        return _change_dead(store, action, ids, repr(path), path, "the next queue to open the file runs them",
+                            store._dead_ids)
 
 
 def _change_dead(store: Any, action: str, ids: Optional[Sequence[str]], named: str, where: str,
-                 then: str) -> str:
+                 then: str, dead_ids: Callable[[], Set[str]]) -> str:
     """Requeue or purge the dead jobs of ``store`` (a RedisBroker or SQLitePersistence: the
-    same three calls), all or nothing; ``named``/``where`` name it in an error/the result."""
+    same two calls), all or nothing; ``named``/``where`` name it in an error/the result,
+    ``dead_ids()`` says which ids are dead jobs in it."""
     if ids is not None:
-        dead = {entry.job.id for entry in store.dead_jobs()}
+        dead = dead_ids()
         missing = [job_id for job_id in ids if job_id not in dead]
         if missing:
             raise CommandError(f"no dead job with id {', '.join(map(repr, missing))} in {named}; nothing changed")
@@ -324,9 +330,24 @@ def _standard_json(value: Any) -> Any:
     return value
 
 
+def _printable_as_json(payload: Any) -> bool:
+    try:
+        json.dumps(_standard_json(payload), indent=2, default=repr)
+    except RecursionError:
+        return False
+    return True
+
+
 def render_status(report: Dict[str, Any], *, as_json: bool, limit: int) -> str:
     """The text ``status`` prints: one JSON document, or readable tables."""
     if as_json:
-        return json.dumps(_standard_json(report), indent=2, default=repr, allow_nan=False)
+        try:
+            return json.dumps(_standard_json(report), indent=2, default=repr, allow_nan=False)
+        except RecursionError:  # (both walk a payload level by level, in Python)
+            deep = [entry["id"] for entry in report["dead_jobs"] if not _printable_as_json(entry["payload"])]
+            ids = ", ".join(map(repr, deep[:3])) + (" ..." if len(deep) > 3 else "")
+            jobs = f"dead job{'s' if len(deep) > 1 else ''} {ids}"
+            raise CommandError(f"the payload of {jobs} is nested too deeply to print as JSON; "
+                               "status without --json lists it") from None
     lines = _db_lines(report, limit) if report["backend"] == "sqlite" else _redis_lines(report, limit)
     return "\n".join(lines)

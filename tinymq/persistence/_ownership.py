@@ -59,10 +59,13 @@ class OwnedError(PersistenceError):
         return type(self), (self.path, self.pid, self.detail), self.__dict__
 
 
-def check_file(path: str, *, mode: str) -> Optional[os.stat_result]:
+def check_file(path: str, *, mode: str, side: bool = False) -> Optional[os.stat_result]:
     """``os.lstat(path)`` of a regular file of ours, or None when it does not exist.
 
-    A symlink, a special file or another uid's file raises PersistenceError.
+    A symlink, a special file or another uid's file raises PersistenceError; so
+    does a ``side`` file (-wal, -shm, -journal) with a second name: SQLite never
+    makes one, and it would overwrite the other file (a hard link to any file
+    of ours that someone put there).
     ``mode`` says what to do with a mode looser than 0600: "tighten" it,
     "refuse" it when others may write the file, or "keep" it (a look before
     the file is ours). ``chmod`` goes by path, never through a descriptor:
@@ -82,6 +85,9 @@ def check_file(path: str, *, mode: str) -> Optional[os.stat_result]:
     if st.st_uid != os.getuid():
         raise PersistenceError(f"{path!r} belongs to uid {st.st_uid}, not to this process's uid "
                                f"{os.getuid()}: refused (another user may have planted it)")
+    if side and st.st_nlink > 1:
+        raise PersistenceError(f"{path!r} has {st.st_nlink} names (a hard link to another file?): refused, "
+                               "that file is left as it is")
     bits = stat.S_IMODE(st.st_mode)
     if bits & 0o077 and mode == "tighten":
         try:
@@ -187,11 +193,13 @@ def lock(path: str) -> int:
             os.pwrite(fd, f"{os.getpid()}\n".encode().ljust(_PID_BYTES), 0)
             os.ftruncate(fd, _PID_BYTES)
             return fd
-        except BaseException:
+        except BaseException as exc:
             try:
                 os.close(fd)
             except OSError:
                 pass
+            if isinstance(exc, OSError):  # a full disk (the pid's write), a filesystem without flock()
+                raise PersistenceError(f"cannot lock the lock file {path!r}: {exc}") from exc
             raise
     raise PersistenceError(f"the lock file {path!r} kept being replaced while it was being locked")
 

@@ -7,8 +7,10 @@ only build plain data; pickle can run arbitrary code.
 """
 import json
 import pickle
+import sys
+import threading
 import warnings
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 __all__ = ["JSONSerializer", "PickleSerializer"]
 
@@ -23,6 +25,30 @@ def _reject(value: object) -> Any:
 
 def _refuse(value: object) -> Any:
     raise TypeError  # not plain JSON: the full encoder says why
+
+
+_FRAMES_MARGIN = 100  # recursion levels a loader's stack may use on top of a payload's nesting
+_SHORTEST_DEEP = 2 * _FRAMES_MARGIN  # characters: a shorter text nests less than _FRAMES_MARGIN levels
+
+
+def _decoded_on_a_new_thread(decode: Callable[[str], Any], text: str) -> Any:
+    """``decode(text)`` on a thread of its own, whose recursion depth starts from none: what it
+    reads does not depend on how deep in its caller's stack a load runs (or raises as it raises)."""
+    outcome: List[Tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, decode(text)))
+        except BaseException as exc:
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, name="tinymq-json-decode", daemon=True)
+    thread.start()
+    thread.join()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
 
 
 def _one_shot_encoder() -> Optional[Callable[[object, int], Any]]:
@@ -60,17 +86,39 @@ class JSONSerializer:
 
     def dumps(self, obj: object) -> str:
         fast = self._fast
+        text = None
         if fast is not None:
             try:
-                return "".join(fast(obj, 0))
+                text = "".join(fast(obj, 0))
             except Exception:
                 pass  # not plain JSON, or a cycle: the full encoder raises the error to show
-        return self._encode(obj)
+            else:
+                if len(text) < _SHORTEST_DEEP:  # (nesting N takes 2N characters)
+                    return text
+        if text is None:
+            text = self._encode(obj)
+        self._check_decodable(obj, text)
+        return text
+
+    def _check_decodable(self, obj: object, text: str) -> None:
+        """A value nested about as deep as the recursion limit lets the encoder go from a shallow
+        stack could not be decoded again, not even on a new thread: refused now (ValueError), not
+        quarantined at the next start."""
+        deepest = sys.getrecursionlimit() - _FRAMES_MARGIN
+        if len(text) >= 2 * deepest and text.count("[") + text.count("{") >= deepest:
+            try:
+                _decoded_on_a_new_thread(self._decode, text)
+            except RecursionError:
+                raise ValueError(f"a value of type {type(obj).__name__} is nested too deeply for JSON to "
+                                 f"decode it again (more than about {deepest} levels)") from None
 
     def loads(self, data: Union[bytes, str]) -> object:
         if isinstance(data, (bytes, bytearray, memoryview)):
             data = bytes(data).decode("utf-8")
-        return self._decode(data)
+        try:
+            return self._decode(data)
+        except RecursionError:  # a caller deep in its stack: anything dumps() made decodes on a new thread
+            return _decoded_on_a_new_thread(self._decode, data)
 
     def __repr__(self) -> str:
         return "JSONSerializer()"

@@ -36,7 +36,7 @@ import urllib.parse
 import weakref
 from collections import deque
 from datetime import timedelta
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple, TypeVar, Union
 
 from .._shield import shield
 from ..config import RetryConfig, _count, _seconds
@@ -278,6 +278,12 @@ def _valid_wal_header(header: bytes) -> bool:
     return struct.unpack(">II", header[24:32]) == (first, second)
 
 
+def _checkpointed(conn: sqlite3.Connection, mode: str) -> bool:
+    """Whether ``PRAGMA wal_checkpoint(mode)`` copied every frame of the WAL into the database file."""
+    busy, frames, copied = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+    return not busy and frames == copied
+
+
 def _release(lock_fd: int, key: Tuple[int, int], pid: int) -> None:
     """Give up ownership (close() or garbage collection), in the process that took it only."""
     if os.getpid() != pid:
@@ -373,6 +379,7 @@ class SQLitePersistence:
         # Invariant: only the holder of _commit_lock uses _conn and _cursor.
         self._commit_lock = threading.Lock()
         self._pending: "deque[_Unit]" = deque()  # units waiting for the next committer
+        self._owner_row_in_wal_only = False  # a reader kept the open's checkpoint from copying it (_take_over)
         self._conn, self._lock_fd, self._key = self._open_owned()
         self._cursor = self._conn.cursor()
         self._wal_path = self._file + "-wal"
@@ -432,7 +439,7 @@ class SQLitePersistence:
         try:
             found = _ownership.check_file(db, mode="tighten")
             # A -journal too: SQLite rolls a hot one back into the database when it opens it.
-            beside = [_ownership.check_file(db + suffix, mode="tighten") for suffix in _SIDE_FILES]
+            beside = [_ownership.check_file(db + suffix, mode="tighten", side=True) for suffix in _SIDE_FILES]
             if found is None:
                 if any(beside):
                     raise PersistenceError(f"{db!r} does not exist but its -wal, -shm or -journal file does: "
@@ -504,6 +511,15 @@ class SQLitePersistence:
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
         try:
+            # A look before any write: a file refused here is left as it was (its journal mode too).
+            names = [row[0] for row in conn.execute("SELECT name FROM sqlite_master")]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if names and _TABLE not in names:  # another program's database: not ours to change
+                raise PersistenceError(f"{self.path!r} is not a tinymq store: it is an SQLite database that holds "
+                                       f"{', '.join(map(repr, names[:3]))}{' ...' if len(names) > 3 else ''} and no "
+                                       f"{_TABLE} table; refused, and left as it was (a store needs a file of its own)")
+            if version > _SCHEMA_VERSION:
+                raise self._newer_schema(version)
             # Rows are small: 1 KiB pages make each commit append a quarter of the WAL
             # bytes of the default 4 KiB (ignored for an existing file).
             conn.execute("PRAGMA page_size=1024")
@@ -522,11 +538,8 @@ class SQLitePersistence:
             last = conn.execute(f"SELECT max(seq) FROM {_TABLE} WHERE typeof(seq) = 'integer' "
                                 f"AND seq < {_SEQ_LIMIT}").fetchone()[0]
             self._seq = itertools.count((last or 0) + 1).__next__
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
-            elif version > _SCHEMA_VERSION:
-                raise self._newer_schema(version)
         except sqlite3.Error as exc:
             raise PersistenceError(f"cannot open persistence file {self.path!r}: {exc}") from exc
 
@@ -547,8 +560,9 @@ class SQLitePersistence:
                          (pid, started, host, lock_id, time.time()))
 
         self._in_transaction(conn, claim, "taking ownership")
-        try:  # into the database file itself: the owner row must outlive a removed -wal
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        try:  # into the database file itself: the owner row must outlive a removed -wal. (FULL: a reader
+            # of an older state, whose frames a checkpoint cannot copy, is waited for up to busy_timeout.)
+            self._owner_row_in_wal_only = not _checkpointed(conn, "FULL")
         except sqlite3.Error as exc:
             raise PersistenceError(f"cannot open persistence file {self.path!r}: {exc}") from exc
 
@@ -590,7 +604,8 @@ class SQLitePersistence:
         content (``immutable``: no lock, no -shm).
         """
         unwritten = self._unwritten()
-        shm, _ = (_ownership.check_file(self._file + suffix, mode="refuse") for suffix in ("-shm", "-journal"))
+        shm, _ = (_ownership.check_file(self._file + suffix, mode="refuse", side=True)
+                  for suffix in ("-shm", "-journal"))
         if unwritten is not None:
             return self._connect("mode=ro&immutable=1"), unwritten
         if shm is None:
@@ -617,7 +632,7 @@ class SQLitePersistence:
         if db is None:
             raise PersistenceError(f"cannot open {self.path!r} read-only: it does not exist")
         wal_path = self._file + "-wal"
-        wal = _ownership.check_file(wal_path, mode="refuse")
+        wal = _ownership.check_file(wal_path, mode="refuse", side=True)
         database = (db.st_dev, db.st_ino, db.st_size, db.st_mtime_ns)
         if wal is None:
             return database, None
@@ -891,11 +906,20 @@ class SQLitePersistence:
                             self._next_wal_check = now + _WAL_CHECK_INTERVAL
                             if _ownership.identity(self._wal_path) != self._wal:
                                 self._rescue_wal(batch)
+                            elif self._owner_row_in_wal_only:  # a reader held it out at the open: again
+                                self._checkpoint_owner_row()
         if not unit.done:
             error = unit.error
             if isinstance(error, PersistenceError):
                 raise error
             raise PersistenceError(f"{self!r}: write failed: {error or 'interrupted before its commit'}") from error
+
+    def _checkpoint_owner_row(self) -> None:
+        """Copy the WAL, and so the owner row, into the database file, if no reader keeps it out now."""
+        try:
+            self._owner_row_in_wal_only = not _checkpointed(self._conn, "PASSIVE")
+        except sqlite3.Error as exc:  # the commits stand; the next look tries again
+            logger.warning("persistence %s: could not checkpoint the owner row: %s", self.path, exc)
 
     def _rescue_wal(self, batch: List[_Unit]) -> None:
         """Our -wal was removed or replaced (a cleaner, ``rm jobs.db-*``): what it holds would die with us.
@@ -912,7 +936,7 @@ class SQLitePersistence:
             if busy:
                 raise sqlite3.OperationalError("a reader kept the checkpoint from finishing")
             self._conn.close()
-            made = self._make_side_files([_ownership.check_file(self._file + suffix, mode="tighten")
+            made = self._make_side_files([_ownership.check_file(self._file + suffix, mode="tighten", side=True)
                                           for suffix in _SIDE_FILES])
             self._conn = self._connect("mode=rw")
             self._prepare(self._conn)
@@ -920,6 +944,7 @@ class SQLitePersistence:
             self._cursor = self._conn.cursor()
             self._conn.execute(f"UPDATE {_OWNER} SET pid = pid")  # a first commit creates the new -wal
             self._wal = _ownership.identity(self._wal_path)
+            self._owner_row_in_wal_only = False  # (the TRUNCATE checkpoint copied it)
         except (sqlite3.Error, PersistenceError) as exc:
             self._closed = True  # every later call refuses: nothing more can be made durable here
             for unit in batch:
@@ -1282,6 +1307,10 @@ class SQLitePersistence:
     def dead_jobs(self) -> List[DeadJob]:
         """Permanently failed jobs, oldest job (``timestamp``) first, with their reason and last error."""
         return self._dead_entries(self._read(_SELECT_DEAD))
+
+    def _dead_ids(self) -> Set[str]:
+        """The id of every dead row, decoded or not (``dead_jobs()`` leaves out one it cannot decode)."""
+        return {row[0] for row in self._read(f"SELECT id FROM {_TABLE} WHERE state = 'dead'")}
 
     def _dead_entries(self, rows: List[Any]) -> List[DeadJob]:
         reasons = {row[0]: (row[11], row[10]) for row in rows}

@@ -82,7 +82,7 @@ def _fields(body: str) -> Any:
     if body.__class__ is str:
         try:
             value, end = _scan_value(body, 0)
-        except (StopIteration, ValueError):
+        except (StopIteration, ValueError, RecursionError):  # (loads decodes a deep one however deep we are)
             pass
         else:
             if end == len(body):
