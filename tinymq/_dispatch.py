@@ -39,7 +39,9 @@ import time
 import traceback
 import types
 import weakref
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Protocol, Sequence, Set, Tuple
+from collections import deque
+from typing import (Any, Callable, ContextManager, Deque, Dict, Iterable, Iterator, List, Optional, Protocol,
+                    Sequence, Set, Tuple)
 
 from . import _shield
 from ._pick_core import core
@@ -61,6 +63,10 @@ MAX_WORKERS = 10_000
 # Seconds the watchdog sleeps while no attempt runs: an attempt that starts meanwhile wakes
 # it only if it is due sooner, not at every start.
 _IDLE_WATCH = 1.0
+# Failure callbacks nested this deep on one thread (a callback's enqueue evicts a job, whose callback
+# enqueues, ...): a failure decided deeper is reported once the callbacks above it return, one after
+# another, so an unbounded chain never reaches Python's recursion limit midway through a job's end.
+_NESTED_REPORTS = 16
 
 FailureCallback = Callable[[Any, str, Optional[BaseException]], None]
 
@@ -78,6 +84,12 @@ def _log_safely(log: Callable[..., None], message: str, *args: Any) -> None:
             pass
 # The end of a job decided in a step that decided others too: ``(method, args)`` (see Dispatcher.end_all).
 End = Tuple[Callable[..., None], Tuple[Any, ...]]
+
+
+def _taken_from(ends: Deque[End]) -> Iterator[End]:
+    """The ends of ``ends`` in order, each taken out as it is run, those appended meanwhile included."""
+    while ends:
+        yield ends.popleft()
 
 
 class AttemptLedger(Protocol):
@@ -221,7 +233,9 @@ class Dispatcher:
         # set operation (atomic), as fail() may run where _lock is held.
         self._taken_back: Set[Any] = set()
         self._workers_changed = threading.Condition(self._lock)  # a worker exited or was retired
-        self._in_callback = threading.local()  # .depth > 0 while a failure callback runs
+        # Per thread: .depth > 0 while a failure callback runs; .later, the ends deferred past
+        # _NESTED_REPORTS (fail), run by the fail() whose callbacks are the deepest allowed.
+        self._in_callback = threading.local()
         # job type -> how it was registered: its retry_on, and to move a thread executor found to
         # return awaitables
         self._registered: Dict[str, Tuple[Callable[..., Any], ExecutorConfig, bool]] = {}
@@ -754,7 +768,7 @@ class Dispatcher:
         ends.append((end, args))
         return ends
 
-    def end_all(self, ends: Sequence[End]) -> None:
+    def end_all(self, ends: Iterable[End]) -> None:
         """Run every end of ``ends``, ``(method, args)`` for jobs decided in one step (``fail``,
         ``end_cancelled``...). Each job counts finished whatever its store raises (see ``fail``); what a
         store raises that is not swallowed (a KeyboardInterrupt) leaves no other job of the step
@@ -1296,6 +1310,22 @@ class Dispatcher:
                     reason, exc, counter = "cancelled", None, decided
             elif release is not None:
                 self.ready.release_state(release)
+            in_callback = self._in_callback
+            depth = getattr(in_callback, "depth", 0)
+            later = getattr(in_callback, "later", None)
+            if depth >= _NESTED_REPORTS and later is not None:  # counted: reported once the callbacks above return
+                later.append((self._report_and_finish, (job, reason, exc)))
+                return
+            if depth == _NESTED_REPORTS - 1 and later is None:  # the ends its callbacks defer run here, in turn
+                in_callback.later = later = deque()
+                try:
+                    self._report_and_finish(job, reason, exc)
+                finally:
+                    try:
+                        self.end_all(_taken_from(later))  # (each one's callbacks may add more)
+                    finally:
+                        in_callback.later = None
+                return
             self.report_failure(job, reason, exc)
         else:
             if release is not None:
@@ -1309,6 +1339,14 @@ class Dispatcher:
                     if not counted:
                         self.ready.count(counter, 1, job.type)
                     self.report_failure(job, reason, exc)
+        self._finish_failed(job, reason, exc)
+
+    def _report_and_finish(self, job: Any, reason: str, exc: Optional[BaseException]) -> None:
+        self.report_failure(job, reason, exc)
+        self._finish_failed(job, reason, exc)
+
+    def _finish_failed(self, job: Any, reason: str, exc: Optional[BaseException]) -> None:
+        """A failed job's store write (deleted, or kept dead), then it is finished, whatever the store raises."""
         store = self.store
         if store is None:
             self.ready.task_done(job)
