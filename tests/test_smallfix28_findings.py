@@ -1,12 +1,14 @@
 """Defects taken up by smallfix (session 28: known defects carried over from session 27), each with its test.
 """
 import sys
+import threading
+import time
 
 import pytest
 
 from tinymq import Config, Job, Queue
 
-from _helpers import STORES, WAIT, queue_with_store
+from _helpers import STORES, WAIT, queue_with_store, wait_until
 
 # Failures reported in one chain: far more than Python's recursion limit allows nested.
 CHAIN = 2000
@@ -91,3 +93,88 @@ def test_an_eviction_in_a_callback_is_still_reported_before_its_enqueue_returns(
         q.enqueue_delayed(Job("t", 0), 3600)
         q.enqueue_delayed(Job("t", 1), 3600)  # evicts 0
         assert (reported, on_return) == ([0, 1], [0, 1])
+
+
+# --- 2. stop() of thousands of idle workers ---------------------------------------------------
+
+# Idle workers wait in the core's pop. close() woke them all at once, and in the compiled core it
+# did so holding the GIL: thousands of threads then waited for the GIL together, waking every few
+# milliseconds, and starved the threads that held it (close() alone took seconds for 4,000, and
+# grew faster than the count). Each worker now wakes the next as it leaves the core.
+IDLE_POPPERS = 5000
+
+
+def test_close_lets_thousands_of_idle_poppers_return_soon(core):
+    q = core.ReadyQueue(10)
+    barrier = threading.Barrier(IDLE_POPPERS + 1)
+    returned = []
+
+    def popper():
+        barrier.wait(WAIT)
+        returned.append(_pop_once(q))
+
+    threads = [threading.Thread(target=popper, daemon=True) for _ in range(IDLE_POPPERS)]
+    for thread in threads:
+        thread.start()
+    barrier.wait(WAIT)
+    assert wait_until(lambda: _all_in_pop(threads)), "the poppers never blocked in pop()"
+    began = time.monotonic()
+    q.close()
+    for thread in threads:
+        thread.join(WAIT)
+    took = time.monotonic() - began
+    assert not any(thread.is_alive() for thread in threads), "close() left a popper blocked"
+    assert returned == [None] * IDLE_POPPERS
+    assert took < WAIT / 2, f"{IDLE_POPPERS} idle poppers took {took:.1f} s to return after close()"
+
+
+def _pop_once(q):
+    return q.pop()
+
+
+def _all_in_pop(threads):
+    """Whether each thread is inside its ``q.pop()`` call, as far as Python frames show (the
+    compiled core's frames are not Python's: its caller's frame stands for it)."""
+    frames = sys._current_frames()
+    for thread in threads:
+        frame = frames.get(thread.ident)
+        while frame is not None and frame.f_code is not _pop_once.__code__:
+            frame = frame.f_back
+        if frame is None:
+            return False
+    return True
+
+
+# stop() waited for the workers by listing, at each wake-up (each worker that exited), every
+# worker left that was not retired, and the watchdog, woken by each exit too, did the same: the
+# looks grew with the square of the workers (with the lock contention of 10,000 exiting workers,
+# start_dispatcher(10000) then stop() took tens of seconds). The workers still running are now
+# listed once; each later look pops those gone off the list's end, and only the last worker out
+# tells stop() and the watchdog.
+STOPPED_WORKERS = 2000
+
+
+def test_stop_of_thousands_of_idle_workers_looks_at_each_a_few_times(monkeypatch):
+    from tinymq import _dispatch
+
+    listed = []
+    running_workers = _dispatch.Dispatcher._running_workers
+
+    def counted(self):
+        listed.append(len(self._slots))
+        return running_workers(self)
+
+    monkeypatch.setattr(_dispatch.Dispatcher, "_running_workers", counted)
+    q = Queue(10)
+    try:
+        q.register_executor("t", lambda job: None)
+        q.start_dispatcher(STOPPED_WORKERS)
+        del listed[:]
+        began = time.monotonic()
+        q.stop()
+        took = time.monotonic() - began
+        assert sum(listed) <= 3 * STOPPED_WORKERS, f"stop() looked at workers {sum(listed)} times"
+        assert took < WAIT, f"stop() of {STOPPED_WORKERS} idle workers took {took:.1f} s"
+        assert not q._dispatcher._slots  # (stop() waited for every worker)
+    finally:
+        q.stop(wait=False)

@@ -233,6 +233,8 @@ class Dispatcher:
         # set operation (atomic), as fail() may run where _lock is held.
         self._taken_back: Set[Any] = set()
         self._workers_changed = threading.Condition(self._lock)  # a worker exited or was retired
+        # Once stopping: the workers that may still be running, as last seen (see _workers_left).
+        self._workers_at_stop: Optional[List[Any]] = None
         # Per thread: .depth > 0 while a failure callback runs; .later, the ends deferred past
         # _NESTED_REPORTS (fail), run by the fail() whose callbacks are the deepest allowed.
         self._in_callback = threading.local()
@@ -458,9 +460,11 @@ class Dispatcher:
             with self._lock:
                 self._slots.discard(slot)
                 self._gave_up_slots.discard(slot)
-                self._workers_changed.notify_all()
-                stopping = self._stopping
-            if stopping:
+                # What stop() waits for, once stopping: told once, by the last, not by each of thousands.
+                last = self._stopping and not self._workers_left()
+                if last:
+                    self._workers_changed.notify_all()
+            if last:  # the watchdog leaves once no worker is left to watch
                 self.watchdog_alarm.wake()
 
     def stop(self, wait: bool = True, timeout: Optional[float] = None, why: Optional[str] = None,
@@ -542,11 +546,7 @@ class Dispatcher:
         """stop(wait=True): until the running attempts, threads' and coroutines', have ended, at
         most until ``deadline`` (monotonic; None: no bound)."""
         with self._lock:
-            while self._running_workers() and not self._stop_cancels:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0.0:
-                    break
-                self._workers_changed.wait(remaining)
+            self._wait_for_workers(deadline, until_cancelled=True)
         if self.loop_runner is not None:
             self.loop_runner.wait_finished(deadline, undecided_only=True)
 
@@ -565,6 +565,37 @@ class Dispatcher:
     def _running_workers(self) -> List[Any]:
         """The slots of live workers that were not retired. Called with _lock held."""
         return [slot for slot in self._slots if not slot.retired]
+
+    def _workers_left(self) -> bool:
+        """Whether a live worker that was not retired is left. Called with _lock held, once stopping
+        (no worker starts then).
+
+        The workers running at the first call are listed once; each call pops those found exited or
+        retired off its end and stops at the first still running: as thousands of workers exit,
+        each asking, a call looks at one or two of them, not at every worker left.
+        """
+        left = self._workers_at_stop
+        if left is None:
+            left = self._workers_at_stop = self._running_workers()
+        while left:
+            slot = left[-1]
+            if not slot.retired and slot in self._slots:
+                return True
+            left.pop()
+        return False
+
+    def _wait_for_workers(self, deadline: Optional[float], until_cancelled: bool = False) -> bool:
+        """Wait until no live worker that was not retired is left (True), at most until ``deadline``
+        (monotonic; None: no bound), or with ``until_cancelled`` until a stop() cancels the attempts.
+        Called with _lock held, once stopping."""
+        while self._workers_left():
+            if until_cancelled and self._stop_cancels:
+                return False
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0.0:
+                return False
+            self._workers_changed.wait(remaining)
+        return True
 
     def _cancel_for_stop(self, slot: Any) -> None:
         """Cancel a running attempt; its job is saved back as ready now, before stop() returns.
@@ -671,11 +702,8 @@ class Dispatcher:
         gave it up, or was called from the queue's own thread and left it running."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            while self._running_workers():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0.0:
-                    return False
-                self._workers_changed.wait(remaining)
+            if not self._wait_for_workers(deadline):
+                return False
         runner = self.loop_runner
         return runner is None or runner.wait_finished(deadline, undecided_only=False)
 
@@ -857,7 +885,7 @@ class Dispatcher:
                 earliest = math.inf
                 with self._lock:
                     slots = list(self._slots)
-                    if self._stopping and not self._running_workers():
+                    if self._stopping and not self._workers_left():
                         return  # timeouts apply until the last attempt has ended
                 runner = self.loop_runner
                 if runner is not None and now - loop_looked >= LOOP_LATE:
