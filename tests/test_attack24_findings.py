@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,10 @@ from _helpers import WAIT, Recorder, make_queue, wait_until
 
 pytest.importorskip("croniter")
 
-from test_periodic import ShiftedClock, schedule_of  # noqa: E402  (after the skip: it needs croniter)
+# (after the skip: it needs croniter)
+from test_periodic import held_just_before_a_minute, just_before_a_minute, schedule_of  # noqa: E402
 
 DAY = 86400.0
-
-
-def just_before_a_minute(ahead=0.0, lead=0.2):
-    """The offset that puts a ShiftedClock ``lead`` seconds before a minute, ``ahead`` seconds from now."""
-    now = time.time() + ahead
-    return math.ceil(now / 60.0 + 1) * 60.0 - now - lead + ahead
 
 
 def test_a_cron_schedule_goes_on_when_a_clock_set_a_day_ahead_is_set_back():
@@ -36,16 +30,21 @@ def test_a_cron_schedule_goes_on_when_a_clock_set_a_day_ahead_is_set_back():
     waiting, silent, for the day-ahead minute after the tick it had fired, for a whole day (cron
     itself takes a step back of more than 3 hours as a correction)."""
     runs = Recorder()
-    clock = ShiftedClock(just_before_a_minute(ahead=DAY))
+    clock = held_just_before_a_minute(ahead=DAY)
     with make_queue() as q:
         q._periodic._wall = clock
         q.register_executor("minutely", runs.add)
         q.cron("* * * * *", "minutely", name="m")
         q.start_dispatcher()
+        clock.release()
         assert runs.wait_for(1)
-        clock.offset = just_before_a_minute()  # corrected: back a day, again just before a minute
+        clock.hold(just_before_a_minute())  # corrected: back a day, again just before a minute
         corrected_minute = math.ceil(clock() / 60.0) * 60.0
         q.every(3600.0, "other", name="wake")  # (a registration wakes the timer: no wait for its recheck)
+        # (held until the timer has taken the correction: a loaded machine does not let the minute pass first)
+        assert wait_until(lambda: schedule_of(q, "m").next_run_at == corrected_minute), \
+            f"next tick at {schedule_of(q, 'm').next_run_at}, the clock reads {clock()}"
+        clock.release()
         assert runs.wait_for(2), f"next tick at {schedule_of(q, 'm').next_run_at}, the clock reads {clock()}"
     assert runs.items[1].id == tick_job_id("m", corrected_minute)
 
@@ -54,7 +53,7 @@ def test_a_cron_schedule_restarted_with_its_clock_corrected_from_a_day_ahead_goe
     """Its tick's job, recovered from the store, marks the day-ahead tick fired: a restart with the
     clock corrected waited a day for the next tick."""
     path = str(tmp_path / "jobs.db")
-    clock = ShiftedClock(just_before_a_minute(ahead=DAY))
+    clock = held_just_before_a_minute(ahead=DAY)
     hold = threading.Event()
     runs = Recorder()
 
@@ -70,6 +69,7 @@ def test_a_cron_schedule_restarted_with_its_clock_corrected_from_a_day_ahead_goe
         q.register_executor("minutely", held)
         q.cron("* * * * *", "minutely", name="m")
         q.start_dispatcher()
+        clock.release()
         assert runs.wait_for(1)
         q.stop(wait=False)  # the process stops under the attempt: its job stays stored
         hold.set()
@@ -77,7 +77,7 @@ def test_a_cron_schedule_restarted_with_its_clock_corrected_from_a_day_ahead_goe
         for thread in [thread for thread in threading.enumerate() if thread.ident in own]:
             thread.join(WAIT)
             assert not thread.is_alive()
-    clock.offset = just_before_a_minute()
+    clock.hold(just_before_a_minute())
     with SQLitePersistence(path) as store:
         q = make_queue()
         q._periodic._wall = clock
@@ -95,18 +95,22 @@ def test_over_redis_a_cron_process_a_day_ahead_claims_nothing_and_its_schedule_g
     """Its claim of the day-ahead minute was taken as the schedule's latest: once its clock was
     corrected, every claim (of that process, and of every other) was "taken" for a day."""
     runs = Recorder()
-    clock = ShiftedClock(just_before_a_minute(ahead=DAY))
+    clock = held_just_before_a_minute(ahead=DAY)
     q = redis_backend.queue()
     try:
         q._periodic._wall = clock
         q.register_executor("minutely", runs.add)
         q.cron("* * * * *", "minutely", name="m")
         q.start_dispatcher()
+        clock.release()
         assert wait_until(lambda: schedule_of(q, "m").skipped == 1)  # refused by Redis's clock
         assert runs.items == [] and q.get_stats().jobs_enqueued == 0
-        clock.offset = just_before_a_minute()  # corrected
+        clock.hold(just_before_a_minute())  # corrected
         corrected_minute = math.ceil(clock() / 60.0) * 60.0
         q.every(3600.0, "other", name="wake")
+        assert wait_until(lambda: schedule_of(q, "m").next_run_at == corrected_minute), \
+            f"next tick at {schedule_of(q, 'm').next_run_at}, the clock reads {clock()}"
+        clock.release()
         assert runs.wait_for(1), f"next tick at {schedule_of(q, 'm').next_run_at}, the clock reads {clock()}"
         assert runs.items[0].id == tick_job_id("m", corrected_minute)
     finally:

@@ -373,31 +373,48 @@ def test_cron_tz_defaults_to_utc_and_accepts_names_and_tzinfo():
     assert "Asia/Tokyo" in stats["b"].trigger
 
 
-class ShiftedClock:
-    """The wall clock as a schedule sees it: real time plus ``offset`` (settable)."""
+class HeldClock:
+    """The wall clock as a schedule sees it: held at a reading until ``release()``, then running on
+    from it at the real pace. A test holds it just before a minute while it sets its queue up and
+    releases it once the queue runs: however slow a loaded machine is meanwhile, the minute does
+    not pass before the timer waits for it (with a clock running all along, it could, and the
+    first tick was then a minute later)."""
 
-    def __init__(self, offset=0.0):
-        self.offset = offset
+    def __init__(self, reading):
+        self.hold(reading)
+
+    def hold(self, reading):
+        self._state = (reading, None)  # (reading, monotonic time of the release): read and set whole
+
+    def release(self):
+        reading, _ = self._state
+        self._state = (reading, time.monotonic())
 
     def __call__(self):
-        return time.time() + self.offset
+        reading, released_at = self._state
+        return reading if released_at is None else reading + (time.monotonic() - released_at)
 
 
-def clock_just_before_a_minute(lead=0.2):
-    now = time.time()
-    return ShiftedClock(math.ceil(now / 60.0 + 1) * 60.0 - now - lead)
+def just_before_a_minute(lead=0.2, ahead=0.0):
+    """A wall-clock reading ``lead`` seconds before a minute, a minute or two after ``ahead`` seconds from now."""
+    return math.ceil((time.time() + ahead) / 60.0 + 1) * 60.0 - lead
+
+
+def held_just_before_a_minute(lead=0.2, ahead=0.0):
+    return HeldClock(just_before_a_minute(lead, ahead))
 
 
 def test_cron_fires_through_the_timer_at_the_wall_clock_minute():
     runs = Runs()
-    clock = clock_just_before_a_minute()
+    clock = held_just_before_a_minute()
     with make_queue() as q:
         q._periodic._wall = clock
         q.register_executor("minutely", runs)
         q.cron("* * * * *", "minutely", name="m")
         q.start_dispatcher()
         minute = schedule_of(q, "m").next_run_at
-        assert minute % 60 == 0 and 0 < minute - clock() <= 0.2 + 0.05
+        assert minute % 60 == 0 and minute - clock() == pytest.approx(0.2)
+        clock.release()
         runs.wait_for(1)
         assert clock() >= minute
         assert runs.jobs[0].id == tick_job_id("m", minute)
@@ -447,7 +464,7 @@ def test_a_recovered_unfinished_job_keeps_its_schedule_from_piling_up(tmp_path):
 
 def test_a_cron_tick_is_not_enqueued_twice_across_a_restart(tmp_path):
     path = str(tmp_path / "jobs.db")
-    clock = clock_just_before_a_minute()
+    clock = held_just_before_a_minute()
     first = Runs(hold=True)
     with SQLitePersistence(path) as store:
         q = make_queue()
@@ -456,13 +473,14 @@ def test_a_cron_tick_is_not_enqueued_twice_across_a_restart(tmp_path):
         q.register_executor("nightly", first)
         q.cron("* * * * *", "nightly", name="n")
         q.start_dispatcher()
+        tick = schedule_of(q, "n").next_run_at
+        clock.release()
         first.wait_for(1)
-        tick = schedule_of(q, "n").next_run_at - 60
         stop_with_the_attempt_cancelled(q, first)
     assert first.jobs[0].id == tick_job_id("n", tick)
     # The next process starts with its clock before that tick again (a step back, a fast restart);
     # the tick's job, given back by the store, says the tick fired: the next one is a minute on.
-    clock.offset -= 0.3
+    clock.hold(tick - 0.3)
     again = Runs()
     with SQLitePersistence(path) as store:
         q = make_queue()
@@ -472,6 +490,7 @@ def test_a_cron_tick_is_not_enqueued_twice_across_a_restart(tmp_path):
         q.cron("* * * * *", "nightly", name="n")
         q.register_executor("witness", again)
         q.start_dispatcher()
+        clock.release()
         assert wait_until(lambda: schedule_of(q, "n").next_run_at == tick + 60)
         assert q.join(WAIT)
         stats = schedule_of(q, "n")
@@ -562,7 +581,7 @@ def test_over_a_broker_no_pile_up_across_processes(redis_backend):
 def test_over_a_broker_a_cron_tick_fires_once(redis_backend):
     runs = Runs()
     queues = redis_backend.pair()
-    clock = clock_just_before_a_minute(lead=0.3)
+    clock = held_just_before_a_minute(lead=0.3)
     for q in queues:
         q._periodic._wall = clock
         q.register_executor("minutely", runs)
@@ -570,6 +589,7 @@ def test_over_a_broker_a_cron_tick_fires_once(redis_backend):
         q.start_dispatcher()
     minute = schedule_of(queues[0], "m").next_run_at
     assert schedule_of(queues[1], "m").next_run_at == minute
+    clock.release()
     runs.wait_for(1)
     assert wait_until(lambda: all(schedule_of(q, "m").next_run_at == minute + 60 for q in queues))
     assert queues[0].join(WAIT)

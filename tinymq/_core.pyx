@@ -1634,6 +1634,12 @@ cdef class ReadyQueue:
             self._hand_off()
         return 0
 
+    cdef int _pass_on_close(self) except -1:
+        """The queue is closed: wake the latest idle worker, which does the same as it returns None."""
+        if self.getters:
+            PyThread_release_lock((<_Waiter>self.getters.pop()).lock)
+        return 0
+
     cdef int _leave(self, _Waiter waiter) except -1:
         """``waiter`` stops waiting: off the list, or take the wake-up sent to it."""
         if waiter in self.getters:
@@ -1661,6 +1667,8 @@ cdef class ReadyQueue:
                 woken = _sleep_on(waiter.lock, deadline)
             except BaseException:  # e.g. KeyboardInterrupt in the main thread
                 self._leave(waiter)
+                if self._closed:  # (its wake-up may have been close()'s)
+                    self._pass_on_close()
                 if waiter.job is not None:
                     self._give_back(waiter)
                 raise
@@ -1671,12 +1679,14 @@ cdef class ReadyQueue:
                 # meanwhile: its worker ends it as cancelled, without calling its function).
                 if self._closed and not (self.marks and self._cancel_requested(waiter.job)):
                     self._give_back(waiter)
+                    self._pass_on_close()
                     return None
                 job = waiter.job
                 taken_state[0] = <PyObject *>waiter.state  # borrowed, as from _take
                 waiter.job = waiter.state = None  # an idle worker keeps no job or type alive
                 return job
             # woken by close(), or timed out: look again
+        self._pass_on_close()
         return None
 
     def pop_with_type(self, timeout=None):
@@ -1954,10 +1964,14 @@ cdef class ReadyQueue:
         return self._closed
 
     def close(self):
-        """Stop: pops return None, pushes raise QueueStopped, every waiter wakes."""
+        """Stop: pops return None, pushes raise QueueStopped, every waiter wakes.
+
+        The idle workers wake one after another, each as the one before returns
+        (``_pass_on_close``): thousands woken at once would all wait for the GIL,
+        and their waits would starve the threads holding it.
+        """
         self._closed = True
-        while self.getters:  # with no job: they see the queue closed
-            PyThread_release_lock((<_Waiter>self.getters.pop()).lock)
+        self._pass_on_close()  # with no job: it sees the queue closed
         _notify_all(self.putters)
         _notify_all(self.joiners)
 

@@ -974,6 +974,7 @@ class ReadyQueue:
         while True:
             with self._lock:
                 if self._closed:
+                    self._pass_on_close()
                     return None
                 taken = self._take()
                 if taken is not None:
@@ -994,6 +995,8 @@ class ReadyQueue:
             except BaseException:  # e.g. KeyboardInterrupt in the main thread, even just after a hand-off
                 with self._lock:
                     self._leave(waiter)
+                    if self._closed:  # (its wake-up may have been close()'s)
+                        self._pass_on_close()
                     if waiter.taken is not None:
                         job, state = waiter.taken
                         waiter.taken = None
@@ -1005,9 +1008,16 @@ class ReadyQueue:
                     with self._lock:
                         if not self._cancel_requested(taken[0]):  # else its worker ends it, cancelled
                             self._give_back(taken[0], taken[1], waiter.level)
+                            self._pass_on_close()
                             return None
                 return taken
             # woken by close(), or timed out: look again
+
+    def _pass_on_close(self) -> None:
+        """The queue is closed: wake the latest idle worker, which does the same as it returns None.
+        Called with _lock held."""
+        if self._getters:
+            self._getters.pop().wake()
 
     def _leave(self, waiter: "_Waiter") -> None:
         """``waiter`` stops waiting: off the list, or take the wake-up sent to it. Called with _lock."""
@@ -1288,11 +1298,15 @@ class ReadyQueue:
         return self._closed
 
     def close(self) -> None:
-        """Stop: pops return None, pushes raise QueueStopped, every waiter wakes."""
+        """Stop: pops return None, pushes raise QueueStopped, every waiter wakes.
+
+        The idle workers wake one after another, each as the one before returns
+        (``_pass_on_close``): thousands woken at once would all wait for the GIL,
+        and their waits would starve the threads holding it.
+        """
         with self._lock:
             self._closed = True
-            while self._getters:
-                self._getters.pop().wake()  # with nothing: they see the queue closed
+            self._pass_on_close()  # with nothing: it sees the queue closed
             self._room.notify_all()
             self._all_done.notify_all()
 

@@ -39,7 +39,9 @@ import time
 import traceback
 import types
 import weakref
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Protocol, Sequence, Set, Tuple
+from collections import deque
+from typing import (Any, Callable, ContextManager, Deque, Dict, Iterable, Iterator, List, Optional, Protocol,
+                    Sequence, Set, Tuple)
 
 from . import _shield
 from ._pick_core import core
@@ -61,6 +63,10 @@ MAX_WORKERS = 10_000
 # Seconds the watchdog sleeps while no attempt runs: an attempt that starts meanwhile wakes
 # it only if it is due sooner, not at every start.
 _IDLE_WATCH = 1.0
+# Failure callbacks nested this deep on one thread (a callback's enqueue evicts a job, whose callback
+# enqueues, ...): a failure decided deeper is reported once the callbacks above it return, one after
+# another, so an unbounded chain never reaches Python's recursion limit midway through a job's end.
+_NESTED_REPORTS = 16
 
 FailureCallback = Callable[[Any, str, Optional[BaseException]], None]
 
@@ -78,6 +84,12 @@ def _log_safely(log: Callable[..., None], message: str, *args: Any) -> None:
             pass
 # The end of a job decided in a step that decided others too: ``(method, args)`` (see Dispatcher.end_all).
 End = Tuple[Callable[..., None], Tuple[Any, ...]]
+
+
+def _taken_from(ends: Deque[End]) -> Iterator[End]:
+    """The ends of ``ends`` in order, each taken out as it is run, those appended meanwhile included."""
+    while ends:
+        yield ends.popleft()
 
 
 class AttemptLedger(Protocol):
@@ -221,7 +233,11 @@ class Dispatcher:
         # set operation (atomic), as fail() may run where _lock is held.
         self._taken_back: Set[Any] = set()
         self._workers_changed = threading.Condition(self._lock)  # a worker exited or was retired
-        self._in_callback = threading.local()  # .depth > 0 while a failure callback runs
+        # Once stopping: the workers that may still be running, as last seen (see _workers_left).
+        self._workers_at_stop: Optional[List[Any]] = None
+        # Per thread: .depth > 0 while a failure callback runs; .later, the ends deferred past
+        # _NESTED_REPORTS (fail), run by the fail() whose callbacks are the deepest allowed.
+        self._in_callback = threading.local()
         # job type -> how it was registered: its retry_on, and to move a thread executor found to
         # return awaitables
         self._registered: Dict[str, Tuple[Callable[..., Any], ExecutorConfig, bool]] = {}
@@ -444,9 +460,11 @@ class Dispatcher:
             with self._lock:
                 self._slots.discard(slot)
                 self._gave_up_slots.discard(slot)
-                self._workers_changed.notify_all()
-                stopping = self._stopping
-            if stopping:
+                # What stop() waits for, once stopping: told once, by the last, not by each of thousands.
+                last = self._stopping and not self._workers_left()
+                if last:
+                    self._workers_changed.notify_all()
+            if last:  # the watchdog leaves once no worker is left to watch
                 self.watchdog_alarm.wake()
 
     def stop(self, wait: bool = True, timeout: Optional[float] = None, why: Optional[str] = None,
@@ -528,11 +546,7 @@ class Dispatcher:
         """stop(wait=True): until the running attempts, threads' and coroutines', have ended, at
         most until ``deadline`` (monotonic; None: no bound)."""
         with self._lock:
-            while self._running_workers() and not self._stop_cancels:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0.0:
-                    break
-                self._workers_changed.wait(remaining)
+            self._wait_for_workers(deadline, until_cancelled=True)
         if self.loop_runner is not None:
             self.loop_runner.wait_finished(deadline, undecided_only=True)
 
@@ -551,6 +565,37 @@ class Dispatcher:
     def _running_workers(self) -> List[Any]:
         """The slots of live workers that were not retired. Called with _lock held."""
         return [slot for slot in self._slots if not slot.retired]
+
+    def _workers_left(self) -> bool:
+        """Whether a live worker that was not retired is left. Called with _lock held, once stopping
+        (no worker starts then).
+
+        The workers running at the first call are listed once; each call pops those found exited or
+        retired off its end and stops at the first still running: as thousands of workers exit,
+        each asking, a call looks at one or two of them, not at every worker left.
+        """
+        left = self._workers_at_stop
+        if left is None:
+            left = self._workers_at_stop = self._running_workers()
+        while left:
+            slot = left[-1]
+            if not slot.retired and slot in self._slots:
+                return True
+            left.pop()
+        return False
+
+    def _wait_for_workers(self, deadline: Optional[float], until_cancelled: bool = False) -> bool:
+        """Wait until no live worker that was not retired is left (True), at most until ``deadline``
+        (monotonic; None: no bound), or with ``until_cancelled`` until a stop() cancels the attempts.
+        Called with _lock held, once stopping."""
+        while self._workers_left():
+            if until_cancelled and self._stop_cancels:
+                return False
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0.0:
+                return False
+            self._workers_changed.wait(remaining)
+        return True
 
     def _cancel_for_stop(self, slot: Any) -> None:
         """Cancel a running attempt; its job is saved back as ready now, before stop() returns.
@@ -657,11 +702,8 @@ class Dispatcher:
         gave it up, or was called from the queue's own thread and left it running."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            while self._running_workers():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0.0:
-                    return False
-                self._workers_changed.wait(remaining)
+            if not self._wait_for_workers(deadline):
+                return False
         runner = self.loop_runner
         return runner is None or runner.wait_finished(deadline, undecided_only=False)
 
@@ -754,7 +796,7 @@ class Dispatcher:
         ends.append((end, args))
         return ends
 
-    def end_all(self, ends: Sequence[End]) -> None:
+    def end_all(self, ends: Iterable[End]) -> None:
         """Run every end of ``ends``, ``(method, args)`` for jobs decided in one step (``fail``,
         ``end_cancelled``...). Each job counts finished whatever its store raises (see ``fail``); what a
         store raises that is not swallowed (a KeyboardInterrupt) leaves no other job of the step
@@ -843,7 +885,7 @@ class Dispatcher:
                 earliest = math.inf
                 with self._lock:
                     slots = list(self._slots)
-                    if self._stopping and not self._running_workers():
+                    if self._stopping and not self._workers_left():
                         return  # timeouts apply until the last attempt has ended
                 runner = self.loop_runner
                 if runner is not None and now - loop_looked >= LOOP_LATE:
@@ -1296,6 +1338,22 @@ class Dispatcher:
                     reason, exc, counter = "cancelled", None, decided
             elif release is not None:
                 self.ready.release_state(release)
+            in_callback = self._in_callback
+            depth = getattr(in_callback, "depth", 0)
+            later = getattr(in_callback, "later", None)
+            if depth >= _NESTED_REPORTS and later is not None:  # counted: reported once the callbacks above return
+                later.append((self._report_and_finish, (job, reason, exc)))
+                return
+            if depth == _NESTED_REPORTS - 1 and later is None:  # the ends its callbacks defer run here, in turn
+                in_callback.later = later = deque()
+                try:
+                    self._report_and_finish(job, reason, exc)
+                finally:
+                    try:
+                        self.end_all(_taken_from(later))  # (each one's callbacks may add more)
+                    finally:
+                        in_callback.later = None
+                return
             self.report_failure(job, reason, exc)
         else:
             if release is not None:
@@ -1309,6 +1367,14 @@ class Dispatcher:
                     if not counted:
                         self.ready.count(counter, 1, job.type)
                     self.report_failure(job, reason, exc)
+        self._finish_failed(job, reason, exc)
+
+    def _report_and_finish(self, job: Any, reason: str, exc: Optional[BaseException]) -> None:
+        self.report_failure(job, reason, exc)
+        self._finish_failed(job, reason, exc)
+
+    def _finish_failed(self, job: Any, reason: str, exc: Optional[BaseException]) -> None:
+        """A failed job's store write (deleted, or kept dead), then it is finished, whatever the store raises."""
         store = self.store
         if store is None:
             self.ready.task_done(job)
