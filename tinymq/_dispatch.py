@@ -100,10 +100,11 @@ class AttemptLedger(Protocol):
         """Counted as succeeded already (succeeding() said it is this process's)."""
 
     def expired(self, job: Any, timed_out: bool = False) -> bool:
-        """The watchdog (at its deadline: ``timed_out``, then counted TIMED_OUT here if this returns
-        True) or cancel() decided the attempt; its function may still run. False when the attempt
-        is no longer this process's: its timeout counts nowhere. A timed-out attempt whose job a
-        cancel ends (it came before the failure was decided) has that count taken back: it ends
+        """The watchdog (at its deadline: ``timed_out``) or cancel() decided the attempt; its
+        function may still run. A timeout is counted (TIMED_OUT) by the ledger where its retry or
+        failure is decided (``retry``, ``failing``), once it stands: a counter never goes down.
+        False when the attempt is no longer this process's: its timeout counts nowhere. A
+        timed-out attempt whose job a cancel ends (it came before the failure was decided) ends
         as cancelled only."""
 
     def returned_late(self, job: Any) -> None:
@@ -877,7 +878,8 @@ class Dispatcher:
         try:  # slot.expire() has cancelled the attempt's context already
             if counted:
                 self.ready.record_duration(state, core.monotonic() - slot.started)
-                self.ready.count(core.TIMED_OUT, 1, job.type)
+                if self.ledger is None:  # (else the ledger counts it as it decides the attempt's end)
+                    self.ready.count(core.TIMED_OUT, 1, job.type)
                 logger.warning("job %s (%s) timed out; its thread is retired and replaced",
                                job.id, job.type)
         finally:  # whatever happened above, the job and the pool are looked after
@@ -1020,9 +1022,11 @@ class Dispatcher:
     def async_timed_out(self, job: Any, state: Any, exc: JobTimeout, seconds: float, holding: bool = False) -> None:
         """An async attempt's deadline, ``seconds`` after its start: its task is being cancelled;
         the slot stays until it unwinds. ``holding``: it has unwound, its slot still taken (see attempt_failed)."""
-        if self.ledger is None or self.ledger.expired(job, True):  # (else not this process's: uncounted,
-            self.ready.count(core.TIMED_OUT, 1, job.type)            # and not recorded, as a thread's)
+        if self.ledger is None:
+            self.ready.count(core.TIMED_OUT, 1, job.type)
             self.ready.record_duration(state, seconds)
+        elif self.ledger.expired(job, True):  # (counted as its end is decided; else not this process's:
+            self.ready.record_duration(state, seconds)  # never counted, and not recorded, as a thread's)
         logger.warning("job %s (%s) timed out; its task is cancelled", job.id, job.type)
         self.attempt_failed(job, state, exc, holding)
 
