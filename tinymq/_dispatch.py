@@ -112,14 +112,17 @@ class AttemptLedger(Protocol):
 
     def retry(self, job: Any, delay: float) -> bool:
         """The attempt failed; the job runs again ``delay`` seconds from now: counted RETRIED by
-        the ledger, in the step that decides it. False when the attempt is no longer this
-        process's: counted nowhere."""
+        the ledger (and TIMED_OUT, if it timed out), in the step that decides it; as CANCELLED
+        only when the ledger knows a cancel marked it (its broker ends it so). False when the
+        attempt is no longer this process's: counted nowhere."""
 
     def failing(self, job: Any, reason: str, exc: Optional[BaseException]) -> ContextManager[Optional[str]]:
-        """The job failed for good: counted (where the counters are) on entry; the failure
-        callbacks run inside if it yields a reason: ``reason``, or "cancelled" when the broker
-        ended the job as cancelled instead (a cancel reached it first: counted per type by the
-        ledger); None: the attempt is no longer this process's, its result is ignored."""
+        """The job failed for good: counted (where the counters are) inside, by the caller, if it
+        yields ``reason`` (its timeout, if it timed out, counted by the ledger just before), then
+        the failure callbacks run; "cancelled" when the broker ended the job as cancelled
+        instead (a cancel reached it first), or the ledger knew a cancel marked it: counted per
+        type by the ledger; None: the attempt is no longer this process's, its result is
+        ignored."""
 
     def not_held(self, job: Any, exc: BaseException) -> bool:
         """True when ``exc`` is the ledger refusing the attempt at its start, or the attempt is
