@@ -178,9 +178,11 @@ def test_a_timed_out_async_attempt_that_a_cancel_overtakes_counts_alike_here_and
 
 
 # The same in a worker thread (a guard: it passed before the fix too). The watchdog decides the
-# attempt (counting TIMED_OUT) and takes it out of the core, so the cancel, held to come before
-# the replacement worker's report, marks the job in Redis: the retry (op y) is overruled there,
-# and its timeout and retry are counted as cancelled here.
+# attempt and takes it out of the core, so the cancel, held to come before the replacement
+# worker's report, marks the job in Redis, and this process hears of its own mark: the retry is
+# decided as cancelled (op y, which Redis ends as cancelled), counted so here and nothing else
+# (its timeout neither: since test_monotone_counts a timeout is counted where the attempt's
+# retry or failure is decided, never at its deadline and taken back).
 def test_a_timed_out_thread_attempt_that_a_cancel_overtakes_counts_alike_here_and_in_redis(
         own_redis_server):
     pytest.importorskip("redis")

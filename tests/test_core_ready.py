@@ -210,49 +210,18 @@ def test_accept_and_count_and_task_done(core):
     assert q.join(timeout=0) is True
 
 
-def test_recount_moves_one_attempt_from_the_events_counted_to_another_queue_wide_and_per_type(core):
-    """A broker overruled an outcome counted here (a cancel from another process reached it
-    first): its counts move to cancelled in one step, per type only for a registered executor."""
-    q = core.ReadyQueue(10)
-    q.configure("t", lambda job: None, 2, None, False, False, core.THREADS)
-
-    def per_type():
-        return {event: q.snapshot()[2]["t"][2 + core.TYPE_EVENTS.index(event)] for event in core.TYPE_EVENTS}
-
-    for event in (core.SUCCEEDED, core.TIMED_OUT, core.RETRIED):
-        q.count(event, 1, "t")
-    q.count(core.FAILED, 1, "unregistered")
-    q.recount((core.TIMED_OUT, core.RETRIED), core.CANCELLED, "t")
-    q.recount((), core.CANCELLED, "t")  # (an attempt given back uncounted)
-    q.recount((core.FAILED,), core.CANCELLED, "unregistered")  # queue-wide only
-    assert per_type() == {core.SUCCEEDED: 1, core.FAILED: 0, core.RETRIED: 0, core.TIMED_OUT: 0,
-                          core.CANCELLED: 2}
-    counters = q.counters()
-    assert (counters[core.SUCCEEDED], counters[core.FAILED], counters[core.RETRIED], counters[core.TIMED_OUT],
-            counters[core.CANCELLED]) == (1, 0, 0, 0, 3)
-    with pytest.raises(ValueError, match="counter constants, got 99"):
-        q.recount((99,), core.CANCELLED, "t")
-    with pytest.raises(ValueError, match="counter constants, got -1"):
-        q.recount((), -1, "t")
-    assert q.counters() == counters  # (a bad event changes nothing)
-
-
-def test_recount_to_none_takes_an_attempt_back_queue_wide_and_per_type(core):
-    """A broker took back an attempt counted here (stop() handed it back while it ran): its
-    count is taken back, and counted as nothing else."""
+def test_count_never_takes_a_count_back(core):
+    """No counter goes down (Prometheus reads that as a reset): a negative ``n`` is refused,
+    and nothing moves a count (the core has no recount since test_monotone_counts)."""
     q = core.ReadyQueue(10)
     q.configure("t", lambda job: None, 2, None, False, False, core.THREADS)
     q.count(core.SUCCEEDED, 2, "t")
-    q.count(core.TIMED_OUT, 1, "t")
-    q.recount((core.SUCCEEDED,), None, "t")
-    q.recount((core.TIMED_OUT,), None, "t")
-    assert q.snapshot()[2]["t"][2:2 + len(core.TYPE_EVENTS)] == tuple(
-        1 if event == core.SUCCEEDED else 0 for event in core.TYPE_EVENTS)
     counters = q.counters()
-    assert (counters[core.SUCCEEDED], counters[core.TIMED_OUT], counters[core.CANCELLED]) == (1, 0, 0)
-    with pytest.raises(ValueError, match="counter constants, got 99"):
-        q.recount((99,), None, "t")
+    with pytest.raises(ValueError, match="never goes down"):
+        q.count(core.SUCCEEDED, -1, "t")
     assert q.counters() == counters
+    assert q.snapshot()[2]["t"][2 + core.TYPE_EVENTS.index(core.SUCCEEDED)] == 2
+    assert not hasattr(q, "recount")
 
 
 def test_counter_constants(core):

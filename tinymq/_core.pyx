@@ -1978,43 +1978,19 @@ cdef class ReadyQueue:
     # accounting
 
     def count(self, int event, long long n=1, job_type=None):
-        """Count ``n`` events; with ``job_type`` (a registered executor's), per type too."""
+        """Count ``n`` events; with ``job_type`` (a registered executor's), per type too. A
+        counter never goes down (Prometheus reads that as a reset): ``n`` is 0 or more, and no
+        count is ever taken back or moved (an event is counted once it is decided)."""
         if not 0 <= event < N_COUNTERS:
             raise ValueError(f"event must be one of the counter constants, got {event}")
+        if n < 0:
+            raise ValueError(f"a counter never goes down: n must be 0 or more, got {n}")
         cdef object state = None
         if PyUnicode_CheckExact(job_type):
             state = self.types.get(job_type)  # exact str keys: no Python code runs
         self._counters[event] += n
         if state is not None and (<TypeState>state).fn is not None:
             (<TypeState>state).counters[event] += n
-
-    def recount(self, tuple counted, object event, job_type=None):
-        """An attempt counted in the events ``counted`` ended as ``event`` instead (its broker
-        overruled the outcome counted here), or counts nowhere here (``event`` None: its broker
-        took the attempt back): moved, queue-wide and per type as ``count`` counts, in one
-        step (no Python code runs between), so ``snapshot()`` sees it counted once (or not at all)."""
-        cdef int each
-        for each in counted:
-            if not 0 <= each < N_COUNTERS:
-                raise ValueError(f"event must be one of the counter constants, got {each}")
-        cdef int moved_to = -1
-        if event is not None:
-            moved_to = event
-            if not 0 <= moved_to < N_COUNTERS:
-                raise ValueError(f"event must be one of the counter constants, got {event}")
-        cdef object state = None
-        if PyUnicode_CheckExact(job_type):
-            state = self.types.get(job_type)  # exact str keys: no Python code runs
-        cdef bint per_type = state is not None and (<TypeState>state).fn is not None
-        for each in counted:
-            self._counters[each] -= 1
-            if per_type:
-                (<TypeState>state).counters[each] -= 1
-        if moved_to < 0:
-            return
-        self._counters[moved_to] += 1
-        if per_type:
-            (<TypeState>state).counters[moved_to] += 1
 
     cdef inline void _succeeded(self, TypeState state, double seconds) noexcept:
         self._counters[C_SUCCEEDED] += 1

@@ -1313,36 +1313,19 @@ class ReadyQueue:
     # accounting
 
     def count(self, event: int, n: int = 1, job_type: Optional[str] = None) -> None:
-        """Count ``n`` events; with ``job_type`` (a registered executor's), per type too."""
+        """Count ``n`` events; with ``job_type`` (a registered executor's), per type too. A
+        counter never goes down (Prometheus reads that as a reset): ``n`` is 0 or more, and no
+        count is ever taken back or moved (an event is counted once it is decided)."""
         if not 0 <= event < len(self._counters):
             raise ValueError(f"event must be one of the counter constants, got {event}")
+        if n < 0:
+            raise ValueError(f"a counter never goes down: n must be 0 or more, got {n}")
         with self._lock:
             self._counters[event] += n
             if type(job_type) is str:
                 state = self._types.get(job_type)
                 if state is not None and state.fn is not None:
                     state.counters[event] += n
-
-    def recount(self, counted: Tuple[int, ...], event: Optional[int], job_type: Optional[str] = None) -> None:
-        """An attempt counted in the events ``counted`` ended as ``event`` instead (its broker
-        overruled the outcome counted here), or counts nowhere here (``event`` None: its broker
-        took the attempt back): moved, queue-wide and per type as ``count`` counts, in one
-        step, so ``snapshot()`` sees it counted once (or not at all)."""
-        for each in counted if event is None else (*counted, event):
-            if not 0 <= each < len(self._counters):
-                raise ValueError(f"event must be one of the counter constants, got {each}")
-        with self._lock:
-            state = self._types.get(job_type) if type(job_type) is str else None
-            per_type = state.counters if state is not None and state.fn is not None else None
-            for each in counted:
-                self._counters[each] -= 1
-                if per_type is not None:
-                    per_type[each] -= 1
-            if event is None:
-                return
-            self._counters[event] += 1
-            if per_type is not None:
-                per_type[event] += 1
 
     def attempt_succeeded(self, state: TypeState, seconds: float, job: Any = None, finish: bool = False,
                           release: bool = False, hand_off: bool = True) -> bool:

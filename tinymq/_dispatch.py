@@ -112,10 +112,11 @@ class AttemptLedger(Protocol):
         """Counted as succeeded already (succeeding() said it is this process's)."""
 
     def expired(self, job: Any, timed_out: bool = False) -> bool:
-        """The watchdog (at its deadline: ``timed_out``, then counted TIMED_OUT here if this returns
-        True) or cancel() decided the attempt; its function may still run. False when the attempt
-        is no longer this process's: its timeout counts nowhere. A timed-out attempt whose job a
-        cancel ends (it came before the failure was decided) has that count taken back: it ends
+        """The watchdog (at its deadline: ``timed_out``) or cancel() decided the attempt; its
+        function may still run. A timeout is counted (TIMED_OUT) by the ledger where its retry or
+        failure is decided (``retry``, ``failing``), once it stands: a counter never goes down.
+        False when the attempt is no longer this process's: its timeout counts nowhere. A
+        timed-out attempt whose job a cancel ends (it came before the failure was decided) ends
         as cancelled only."""
 
     def returned_late(self, job: Any) -> None:
@@ -123,14 +124,17 @@ class AttemptLedger(Protocol):
 
     def retry(self, job: Any, delay: float) -> bool:
         """The attempt failed; the job runs again ``delay`` seconds from now: counted RETRIED by
-        the ledger, in the step that decides it. False when the attempt is no longer this
-        process's: counted nowhere."""
+        the ledger (and TIMED_OUT, if it timed out), in the step that decides it; as CANCELLED
+        only when the ledger knows a cancel marked it (its broker ends it so). False when the
+        attempt is no longer this process's: counted nowhere."""
 
     def failing(self, job: Any, reason: str, exc: Optional[BaseException]) -> ContextManager[Optional[str]]:
-        """The job failed for good: counted (where the counters are) on entry; the failure
-        callbacks run inside if it yields a reason: ``reason``, or "cancelled" when the broker
-        ended the job as cancelled instead (a cancel reached it first: counted per type by the
-        ledger); None: the attempt is no longer this process's, its result is ignored."""
+        """The job failed for good: counted (where the counters are) inside, by the caller, if it
+        yields ``reason`` (its timeout, if it timed out, counted by the ledger just before), then
+        the failure callbacks run; "cancelled" when the broker ended the job as cancelled
+        instead (a cancel reached it first), or the ledger knew a cancel marked it: counted per
+        type by the ledger; None: the attempt is no longer this process's, its result is
+        ignored."""
 
     def not_held(self, job: Any, exc: BaseException) -> bool:
         """True when ``exc`` is the ledger refusing the attempt at its start, or the attempt is
@@ -919,7 +923,8 @@ class Dispatcher:
         try:  # slot.expire() has cancelled the attempt's context already
             if counted:
                 self.ready.record_duration(state, core.monotonic() - slot.started)
-                self.ready.count(core.TIMED_OUT, 1, job.type)
+                if self.ledger is None:  # (else the ledger counts it as it decides the attempt's end)
+                    self.ready.count(core.TIMED_OUT, 1, job.type)
                 logger.warning("job %s (%s) timed out; its thread is retired and replaced",
                                job.id, job.type)
         finally:  # whatever happened above, the job and the pool are looked after
@@ -1062,9 +1067,11 @@ class Dispatcher:
     def async_timed_out(self, job: Any, state: Any, exc: JobTimeout, seconds: float, holding: bool = False) -> None:
         """An async attempt's deadline, ``seconds`` after its start: its task is being cancelled;
         the slot stays until it unwinds. ``holding``: it has unwound, its slot still taken (see attempt_failed)."""
-        if self.ledger is None or self.ledger.expired(job, True):  # (else not this process's: uncounted,
-            self.ready.count(core.TIMED_OUT, 1, job.type)            # and not recorded, as a thread's)
+        if self.ledger is None:
+            self.ready.count(core.TIMED_OUT, 1, job.type)
             self.ready.record_duration(state, seconds)
+        elif self.ledger.expired(job, True):  # (counted as its end is decided; else not this process's:
+            self.ready.record_duration(state, seconds)  # never counted, and not recorded, as a thread's)
         logger.warning("job %s (%s) timed out; its task is cancelled", job.id, job.type)
         self.attempt_failed(job, state, exc, holding)
 

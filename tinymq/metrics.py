@@ -20,7 +20,10 @@ queue name, as ``os.fsdecode`` makes of bytes that are not UTF-8, is written ``\
 
 - ``tinymq_jobs_total{type, outcome}`` (counter): ``outcome`` is ``succeeded``,
   ``failed`` (for good), ``retried``, ``timed_out`` or ``cancelled``: the per-type
-  counters of ``ExecutorStats``;
+  counters of ``ExecutorStats``, which never go down (an outcome is counted once it is
+  decided, and stays counted: over Redis, one that the process counted before it heard
+  that Redis ended the job otherwise, cancelled by another process or handed to another
+  after a reap, stays counted as it was decided; docs/redis.md, ``get_stats()``);
 - ``tinymq_queue_events_total{event}`` (counter): the queue-wide counters of
   ``QueueStats`` (``enqueued``, ``succeeded``, ``failed``, ``retried``, ``timed_out``,
   ``evicted``, ``cancelled``); jobs whose type has no executor count only here;

@@ -100,40 +100,41 @@ class _NotHeld(TinyMQError):
 class _Attempt:
     """This process's hold on one job: guarded by QueueLink._lock."""
 
-    __slots__ = ("attempt", "since", "state", "expired", "timed_out", "decided", "returned", "ending")
+    __slots__ = ("attempt", "since", "state", "expired", "timed_out", "decided", "returned", "ending", "marked")
 
     def __init__(self, attempt: str, since: float) -> None:
         self.attempt = attempt
         self.since = since  # monotonic time it was fetched
         self.state = _PENDING
         self.expired = False  # the watchdog decided it at its deadline; it may still run
-        self.timed_out = False  # expired by its deadline (counted TIMED_OUT here), not by a cancel
+        self.timed_out = False  # expired by its deadline, not by a cancel (counted once its end is decided)
         self.decided = False  # its retry/dead op was queued
         self.returned = False  # a timed-out attempt's function came back
         self.ending = False  # its success is being counted (succeeding): stop() waits for its op
+        self.marked = False  # a cancel marked it in Redis, and this process heard of it (_cancel_marked)
 
 
 class _Failure:
     """A failure for good decided here whose settle may find the attempt marked by another
-    process's cancel (``overruled``): guarded by QueueLink._lock. Whichever of the deciding
-    thread (once it counted the failure) and the round that read the settle's reply comes
-    second moves the count to cancelled (see QueueLink.failing). Its op dropped unsent as this
-    process let its id go (``dropped``, see _let_go): not counted yet, it is never counted, and
-    no callback runs for it; counted already, it stays counted (see QueueLink._take_back)."""
+    process's cancel (``overruled``): guarded by QueueLink._lock. Not counted yet when the
+    settle's reply comes (it waits for that reply when a failure callback is registered), it is
+    counted as cancelled (see QueueLink.failing); counted already, it stays counted, as what it
+    was decided as (a counter never goes down). Its op dropped unsent as this process let its id
+    go (``dropped``, see _let_go): not counted yet, it is never counted, and no callback runs
+    for it; counted already, it stays counted (see QueueLink._take_back)."""
 
-    __slots__ = ("counts", "counted", "overruled", "dropped")
+    __slots__ = ("counted", "overruled", "dropped")
 
-    def __init__(self, counts: Tuple[int, ...], counted: bool) -> None:
-        self.counts = counts  # the events it counts here, once counted (a timeout's with it)
-        self.counted = counted  # the deciding thread counted it here (a cancel: the core, before)
+    def __init__(self, counted: bool) -> None:
+        self.counted = counted  # counted here (by the deciding thread; a cancel: before, as decided)
         self.overruled: Optional[bool] = None  # the settle's verdict: None until its reply is read
         self.dropped = False  # its op never reached Redis: this process's id was let go first
 
 
-# What this process counted for an op before the settle's reply came (an op a mark overrules
-# moves these counts to cancelled). A failure for good (Z, z) is counted by its thread: _Failure.
-_COUNTED_FOR = {"S": (core.SUCCEEDED,), "Y": (core.RETRIED,), "y": (core.TIMED_OUT, core.RETRIED), "B": ()}
-_Move = Tuple[Tuple[int, ...], str, Optional[SettleOp]]  # see QueueLink._recount
+# The ops that end an attempt counted here before their settle's reply came (a success, a
+# retry; a failure for good is counted by its thread: _Failure). A mark that overrules one
+# leaves its count as it is: a counter never goes down (Prometheus reads that as a reset).
+_Overruled = Tuple[SettleOp, str]  # see QueueLink._settled
 
 
 def job_row(job: Any, now: float) -> Tuple[str, str, int, float, str, int, str]:
@@ -682,8 +683,12 @@ class QueueLink:
         """
         wanted = set(attempts)
         with self._lock:
-            jobs = [job for job, record in self._attempts.items()
-                    if record.attempt in wanted and not record.expired and record.state != _GIVEN_BACK]
+            jobs = []
+            for job, record in self._attempts.items():
+                if record.attempt in wanted:
+                    record.marked = True  # (its end, decided from now on, is counted as cancelled: _decide)
+                    if not record.expired and record.state != _GIVEN_BACK:
+                        jobs.append(job)
         for job in jobs:
             if self.dispatcher.cancel(job.id):
                 logger.info("job %s (%s) was cancelled through Redis queue %r", job.id, job.type,
@@ -813,16 +818,14 @@ class QueueLink:
         self._flush_if_idle()
 
     def _forget(self, job: Any) -> Optional[_Attempt]:
-        """An attempt no longer this process's (_disowned) ended: forgotten, the worker's place it
-        held freed, and its timeout's count taken back (counted at its deadline, when it was
-        still this process's). Returns its record, or None (not one). Called with _lock held."""
+        """An attempt no longer this process's (_disowned) ended: forgotten, and the worker's
+        place it held freed. It counts nowhere here (a timeout of its too: counted only where
+        its end is decided, see _decide). Returns its record, or None (not one). Called with
+        _lock held."""
         record = self._disowned.pop(job, None)
-        if record is not None:
-            if not record.expired:
-                self._slot_freed()
-                self._wake_pump()  # (a reaped process goes on fetching under its new id)
-            elif record.timed_out:
-                self.ready.recount((core.TIMED_OUT,), None, job.type)
+        if record is not None and not record.expired:
+            self._slot_freed()
+            self._wake_pump()  # (a reaped process goes on fetching under its new id)
         return record
 
     def _ended(self, record: _Attempt) -> None:
@@ -832,8 +835,9 @@ class QueueLink:
 
     def expired(self, job: Any, timed_out: bool = False) -> bool:
         """The watchdog (``timed_out``: at its deadline) or a cancel decided ``job``'s attempt;
-        a replacement worker takes its place. False when the attempt is no longer this
-        process's (_disowned): its timeout is not counted."""
+        a replacement worker takes its place. Its timeout is counted where its retry or failure
+        is decided (_decide, failing), once it is known to stand. False when the attempt is no
+        longer this process's (_disowned): its timeout is never counted."""
         with self._lock:
             record = self._attempts.get(job)
             if record is None:
@@ -853,18 +857,19 @@ class QueueLink:
     def _decide(self, job: Any, op: str, delay: float = 0.0, reason: str = "", error: str = "",
                 counts: Tuple[int, ...] = ()) -> Optional[Tuple[SettleOp, str, bool, Optional[_Failure]]]:
         """Queue the op that ends ``job``'s attempt, counting the events ``counts`` in the same
-        step: (the op, this process's id, whether its timeout was counted here, its _Failure if
-        it is a failure for good), or None when the attempt is no longer this process's to end
-        (given back, or this process was reaped), whose timeout then counts nowhere either."""
+        step (a retry's timeout with it, if it timed out; a failure's is counted with the failure,
+        by failing): (the op, this process's id, whether it timed out, its _Failure if it is a
+        failure for good), or None when the attempt is no longer
+        this process's to end (given back, or this process was reaped), whose timeout then
+        counts nowhere either. An attempt this process knows marked by a cancel (its own, or
+        one a reply named) ends as cancelled whatever its op says (Redis ends it so): counted
+        so here, and nothing else (a failure for good is sent as the cancel it is)."""
         with self._lock:
             record = self._attempts.get(job)
             if record is None:
                 self._forget(job)
                 return None
             if self._released:  # (the release hands the attempt back: it runs again elsewhere)
-                if record.timed_out:
-                    record.timed_out = False
-                    self.ready.recount((core.TIMED_OUT,), None, job.type)
                 return None
             if record.expired:
                 record.decided = True
@@ -879,14 +884,17 @@ class QueueLink:
                 retries = _sendable_count(retries)
             decided = SettleOp(op, record.attempt, retries, max(0.0, round(delay * _MS, _DIGITS)),
                                reason, _sent_error(error) if error else "")
+            if record.marked and reason != "cancelled":  # (a cancel the core took counted it already)
+                counts = (core.CANCELLED,)
+                if op in "Zz":
+                    decided = decided._replace(reason="cancelled")  # (Redis ends it as its own cancel)
+            elif record.timed_out and op not in "Zz":  # (a failure's: counted with it, by failing)
+                counts = (core.TIMED_OUT, *counts)
             failure = None
             if op in "Zz":  # (its settle may find it marked, or its op be dropped: see failing)
-                if reason == "cancelled":  # (counted by the core as its cancel was taken; a timeout's taken back)
-                    failure = _Failure((core.CANCELLED,), True)
-                else:
-                    failure = _Failure((core.FAILED, core.TIMED_OUT) if record.timed_out else (core.FAILED,), False)
+                failure = _Failure(decided.reason == "cancelled")  # (a cancel is counted as it is decided)
                 self._failing[record.attempt] = failure
-            for event in counts:  # (before its op: a reply that overrules it moves the count)
+            for event in counts:  # (before its op: a mark that overrules it leaves the count as it is)
                 self.ready.count(event, 1, job.type)
             self._queue_op(decided)
             self._ended(record)
@@ -905,10 +913,11 @@ class QueueLink:
         """``job`` failed for good here; its failure callbacks run inside this context, if
         it yields a reason: ``reason``, or "cancelled" when Redis ended the job as cancelled
         instead (another process's cancel had marked the attempt before its settle came:
-        counted here as cancelled already, per type, a timeout's count taken back). A cancel
-        here that overtook the attempt's timeout (it came before the failure was decided) ends
-        it as cancelled, which Redis counts as cancelled only: the timeout's count is taken back
-        here too. None
+        counted here as cancelled already, per type, and nothing else), or this process knew
+        the attempt marked as it decided the failure (then sent as the cancel it is). A
+        cancel here that overtook the attempt's timeout (it came before the failure was
+        decided) ends it as cancelled, which Redis counts as cancelled only: so does this
+        process (a timeout is counted with the failure, once it stands). None
         when the attempt is no longer this process's to end (handed back by stop()'s
         release, or this process was reaped), whose late result is ignored: the job runs
         again elsewhere, or is reported there.
@@ -925,8 +934,8 @@ class QueueLink:
         reporting from the decision on: a stop() meanwhile waits for it, or its release
         would hand the kept row on to be reported again by another process, though the
         callbacks run here too. A failure counted here before the reply of its settle came
-        (no callback, or Redis out of reach) that a cancel mark overruled is counted as
-        cancelled once that reply comes (_Failure). An exception after the decision (a bug)
+        (no callback, or Redis out of reach) that a cancel mark overruled stays counted as
+        what it was decided as (_Failure): a counter never goes down. An exception after the decision (a bug)
         leaves no A to come: the process goes on as if killed (_crashed), and whoever reaps
         its old id reports the job, which join() waits for until then.
         """
@@ -939,12 +948,10 @@ class QueueLink:
                 return
             op, proc, timed_out, failure = decided
             assert failure is not None  # (a "Z" op always has one)
-            if timed_out and reason == "cancelled":  # a cancel overtook its timeout: Redis counts it cancelled only
-                self.ready.recount((core.TIMED_OUT,), None, job.type)
             try:
                 if self.dispatcher.failure_callbacks:
                     self._send(op)
-                key = _report_key(job.id, reason, proc, op.attempt)  # (Redis keeps a cancel's row under it too)
+                key = _report_key(job.id, op.reason, proc, op.attempt)  # (Redis keeps a cancel's row under it too)
                 with self._lock:
                     self._reporting[me] = key  # stop() sends its A if this is its thread
                     overruled, dropped = failure.overruled, failure.dropped
@@ -952,20 +959,24 @@ class QueueLink:
                         self._failing.pop(op.attempt, None)  # (settled, or never to be: nothing left to do)
                 if dropped:  # its op never reached Redis: this process's id was let go first (reaped)
                     yield None  # the late result of a process declared dead: its reaper ends the job
-                    return  # (its timeout, counted at its deadline, stays: see _take_back)
-                if overruled:
-                    self.ready.recount((core.TIMED_OUT,) if op.op == "z" else (), core.CANCELLED, job.type)
+                    return  # (counted nowhere, its timeout neither)
+                if op.reason == "cancelled":  # (counted as its cancel was decided: the core's, or _decide)
+                    yield "cancelled"
+                elif overruled:
+                    self.ready.count(core.CANCELLED, 1, job.type)  # (nothing counted before: a callback waited)
                     yield "cancelled"
                 else:
+                    if timed_out:  # (before the failure: a snapshot sees the timeout before its end)
+                        self.ready.count(core.TIMED_OUT, 1, job.type)
                     yield reason  # (the caller counts the failure here, then runs the callbacks)
                     if overruled is None:  # its reply is still to come, or came meanwhile
-                        with self._lock:  # (the round that reads it moves the count, now that it is made)
+                        with self._lock:  # (a round that reads it now finds it counted)
                             failure.counted = True
                             overruled, dropped = failure.overruled, failure.dropped
                             if overruled is not None or dropped:
                                 self._failing.pop(op.attempt, None)
                         if overruled and not dropped:  # (dropped as the callbacks ran: it stays counted)
-                            self._count_overruled(op, job.type)
+                            self._overruled_after_counted(op.attempt, job.type, op.reason)
                 with self._lock:
                     if self._released:
                         return
@@ -975,40 +986,44 @@ class QueueLink:
                 raise
         self._flush_if_idle()
 
-    def _count_overruled(self, op: SettleOp, job_type: str) -> None:
-        """A failure for good (op Z or z), counted here, that Redis ended as cancelled: another
-        process's cancel had marked the attempt before the op came (see failing)."""
-        self.ready.recount((core.FAILED, core.TIMED_OUT) if op.op == "z" else (core.FAILED,), core.CANCELLED,
-                           job_type)
+    @staticmethod
+    def _overruled_after_counted(attempt: str, job_type: str, reason: str) -> None:
+        """A failure for good counted here (no callback waited for its settle's reply) that Redis
+        ended as cancelled: a cancel had marked the attempt before its op came, unheard of here.
+        It stays counted as a failure (a counter never goes down: Prometheus reads that as a
+        reset): logged."""
         logger.info("job %s (%s) was cancelled: a cancel from another process reached Redis before its "
-                    "failure (%s), counted as cancelled instead", op.attempt.split(":", 1)[1], job_type, op.reason)
+                    "failure (%s), which stays counted here as a failure", attempt.split(":", 1)[1], job_type,
+                    reason)
 
-    def _settled(self, ops: Sequence[SettleOp], overruled: Sequence[Tuple[str, str]]) -> List[_Move]:
+    def _settled(self, ops: Sequence[SettleOp], overruled: Sequence[Tuple[str, str]]) -> List[_Overruled]:
         """The reply to ``ops`` came, naming those a cancel mark ``overruled`` ((attempt, type): Redis
-        ended their jobs as cancelled): what this process counted for each, to move to cancelled
-        (``_recount``). Called with _lock held."""
+        ended their jobs as cancelled): those whose cancel is still to count here, or to log, with
+        their types (``_count_overruled``). An outcome counted before the reply (S, Y, y, and a
+        failure for good without callback) stays counted as it is: a counter never goes down
+        (Prometheus reads that as a reset). Called with _lock held."""
         types = dict(overruled)
-        moves: List[_Move] = []
+        found: List[_Overruled] = []
         for op in ops:
             failure = self._failing.get(op.attempt) if op.op in "Zz" else None
             if failure is not None:
                 failure.overruled = op.attempt in types
                 if failure.counted or not failure.overruled:  # (else its thread, yet to count, sees it)
                     del self._failing[op.attempt]
-                    if failure.overruled:
-                        moves.append(((), types[op.attempt], op))
-            elif op.attempt in types and op.op in _COUNTED_FOR:
-                moves.append((_COUNTED_FOR[op.op], types[op.attempt], None))
-        return moves
+                    if failure.overruled and op.reason != "cancelled":
+                        found.append((op, types[op.attempt]))
+            elif op.attempt in types and op.op == "B":  # (S, Y, y: counted before the reply, they stay)
+                found.append((op, types[op.attempt]))
+        return found
 
-    def _recount(self, moves: Sequence[_Move]) -> None:
-        """Count as cancelled what ``_settled`` found overruled: (the events counted, the job's
-        type, the op if it was a failure for good, which _count_overruled takes back and logs)."""
-        for counted, job_type, failed in moves:
-            if failed is None:
-                self.ready.recount(counted, core.CANCELLED, job_type)
+    def _count_overruled(self, found: Sequence[_Overruled]) -> None:
+        """What ``_settled`` found overruled: an attempt given back (B), counted nowhere, counts as
+        cancelled now; a failure for good counted already stays counted (_overruled_after_counted)."""
+        for op, job_type in found:
+            if op.op == "B":
+                self.ready.count(core.CANCELLED, 1, job_type)
             else:
-                self._count_overruled(failed, job_type)
+                self._overruled_after_counted(op.attempt, job_type, op.reason)
 
     def _send(self, op: SettleOp) -> None:
         """Send the ops queued so far, ``op`` among them, and wait for Redis to have run them
@@ -1046,8 +1061,8 @@ class QueueLink:
     def not_held(self, job: Any, exc: BaseException) -> bool:
         """Whether a failed attempt was only refused at its start (given back already), or is
         no longer this process's (_disowned: handed back by stop()'s release while it ran, or
-        run under an id this process let go): its failure counts nowhere here (a timeout's
-        count taken back)."""
+        run under an id this process let go): its failure counts nowhere here (its timeout
+        neither: a timeout is counted as the attempt's end is decided)."""
         with self._lock:
             if self._forget(job) is not None:
                 return True
@@ -1123,8 +1138,8 @@ class QueueLink:
             self._registered = self._registered or reply.now_ms
             with self._lock:
                 self._renewed(sent)
-                moves = self._settled(ops, reply.overruled) if reply.overruled or self._failing else ()
-            self._recount(moves)  # (before a reporter reports their rows)
+                found = self._settled(ops, reply.overruled) if reply.overruled or self._failing else ()
+            self._count_overruled(found)  # (before a reporter reports their rows)
             if reply.next_due_ms is None:
                 self._next_due = math.inf
             else:
@@ -1240,12 +1255,11 @@ class QueueLink:
             held = sum(1 for r in self._attempts.values() if r.state == _STARTED and not r.expired)
             # The late result of a process declared dead is ignored: the running attempts run on,
             # counted nowhere here whatever they end as from now on (their reaper gave their jobs
-            # back, or ended them). What was counted here before stays (see _take_back): a timeout
-            # counted at its deadline, the outcomes whose ops never reached Redis (dropped here, or
-            # sent in the call whose reply said this id was reaped: not run).
+            # back, or ended them; a timeout not decided yet is never counted). What was counted
+            # here before stays (see _take_back): the outcomes whose ops never reached Redis
+            # (dropped here, or sent in the call whose reply said this id was reaped: not run).
             for job, r in self._attempts.items():
                 if r.state == _STARTED and not r.decided:  # (a decided one's op is dropped)
-                    r.timed_out = False  # (so _forget takes nothing back)
                     self._disowned[job] = r
             self._attempts = {}
             self._held = []  # (called with _round_lock held)
@@ -1633,9 +1647,9 @@ class QueueLink:
             self._not_given_back(len(unstarted), len(ops) - len(unstarted) - len(running), exc)
             return
         with self._lock:
-            moves = self._settled(ops, reply.overruled)
+            found = self._settled(ops, reply.overruled)
             self._failing = {}  # (their threads are done, or past stop()'s wait: they count as they are)
-        self._recount(moves)
+        self._count_overruled(found)
 
     def _release_call(self, proc: str, ops: Sequence[SettleOp], deadline: float) -> Any:
         """The release call, tried again (with the pump's backoff) while its connection is
