@@ -208,7 +208,7 @@ def test_many_types_never_exceed_their_limits_and_every_job_runs_once(core):
     received = [[] for _ in range(CONSUMERS)]
     errors = []
 
-    # Made before the threads start: 100,000 of them took a loaded machine past the start barrier.
+    # Made before the threads start: made by them, they took a loaded machine past the start barrier.
     jobs_of = []
     for producer in range(PRODUCERS):
         rng = random.Random(producer)

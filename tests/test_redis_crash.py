@@ -30,9 +30,8 @@ from tinymq.redis import RedisBroker
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_redis_crash_worker.py")
 LIMIT_D = 2  # _redis_crash_worker.LIMIT_D
-# Seconds a worker process may take to start on a busy machine (a bound on liveness only): its
-# start (interpreter, imports, first connection) takes about 0.3 s of CPU, which at a load
-# average of a few hundred on two cores is a minute or more of wall time.
+# Seconds a worker process may take to start on a busy machine (a bound on liveness only): the
+# CPU its start takes (interpreter, imports, first connection) stretches with the load.
 START_WAIT = 180.0
 DRAIN_WAIT = 60.0  # seconds join() may take after the last kill
 PRIORITIES = (Priority.LOW, Priority.MEDIUM, Priority.HIGH)
