@@ -321,8 +321,8 @@ def test_a_cancel_interrupting_a_redis_worker_as_it_starts_never_loses_jobs_it_f
         q.start_dispatcher(1)
         q.enqueue(Job("limited", id="first"))
         assert starting.wait(WAIT)
-        assert wait_until(lambda: link._pump_idle)  # its start is then sent by the worker itself
         others_wait.set()
+        assert wait_until(lambda: link._pump_idle)  # (a round of the pump under way has ended)
         # Straight into Redis, delayed: neither the pump nor the timer fetches it. (The earliest
         # delayed job, it signals: the pump wakes and waits in round_.)
         link.scripts.enqueue("second", 10, 0, [job_row(Job("later", id="second", run_at=time.time() + 0.05),
