@@ -208,12 +208,16 @@ def test_many_types_never_exceed_their_limits_and_every_job_runs_once(core):
     received = [[] for _ in range(CONSUMERS)]
     errors = []
 
+    # Made before the threads start: made by them, they took a loaded machine past the start barrier.
+    jobs_of = []
+    for producer in range(PRODUCERS):
+        rng = random.Random(producer)
+        jobs_of.append([Item(rng.choice(names), rng.randrange(3), (producer, i)) for i in range(per_producer)])
+
     def produce(producer):
         try:
-            rng = random.Random(producer)
-            jobs = [Item(rng.choice(names), rng.randrange(3), (producer, i)) for i in range(per_producer)]
             barrier.wait(WAIT)
-            for job in jobs:
+            for job in jobs_of[producer]:
                 if not q.put(job, WAIT * 6):
                     raise AssertionError(f"put timed out at {job.origin}")
         except BaseException as exc:

@@ -30,7 +30,9 @@ from tinymq.redis import RedisBroker
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_redis_crash_worker.py")
 LIMIT_D = 2  # _redis_crash_worker.LIMIT_D
-START_WAIT = 30.0  # seconds a worker process may take to start on a busy machine
+# Seconds a worker process may take to start on a busy machine (a bound on liveness only): the
+# CPU its start takes (interpreter, imports, first connection) stretches with the load.
+START_WAIT = 180.0
 DRAIN_WAIT = 60.0  # seconds join() may take after the last kill
 PRIORITIES = (Priority.LOW, Priority.MEDIUM, Priority.HIGH)
 SCAN_COUNT = 1000  # keys per SCAN step: the keyspace holds a hash per unfinished job
@@ -492,6 +494,13 @@ def test_sigkill_of_redis_loses_no_acknowledged_job(own_redis_server, fleet_fact
                 producer.acknowledged.extend(job.id for job in work)
             time.sleep(rng.uniform(0.2, 0.5) if k < SERVER_KILLS_PRODUCING else rng.uniform(0.0, 0.1))
             outstanding = int(client.hget(prefix + "stats", "outstanding") or 0)
+            while k >= SERVER_KILLS_PRODUCING and outstanding == 0:
+                # The fleet ran all the work while this process waited for a CPU (a loaded
+                # machine): more, so that this kill too lands while workers run.
+                work = [Job("a", WORK_MS, id=f"w{k}-{i}") for i in range(WORK_JOBS)]
+                queue.enqueue_many(work)
+                producer.acknowledged.extend(job.id for job in work)
+                outstanding = int(client.hget(prefix + "stats", "outstanding") or 0)
             server.kill()
             kills.append(("enqueue" if producer.is_alive() else "work", producer.offered, outstanding))
             for attempt in (lambda: queue.enqueue(Job("a", 0.0, id="never")),
