@@ -383,6 +383,29 @@ class _Slot:
         self.delay = _FIRST_RESTART_DELAY  # before the next restart, doubling while crashes come soon
 
 
+def _open_closed_standard_fds() -> None:
+    """Open the null device on stdin, stdout or stderr where this process was started without them
+    (a daemon's way): the worker processes inherit them, and run the user's code, with them open."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)
+            if opened != fd:
+                os.dup2(opened, fd)
+                os.close(opened)
+            os.set_inheritable(fd, True)  # (os.open's is not)
+
+
+def _pass_on(stream: Optional[IO[str]], output: bytes) -> None:
+    """Write ``output`` (bytes the check printed) to ``stream``: None when this process was started
+    with that descriptor closed (then, as print() does, nothing is written)."""
+    if stream is not None:
+        stream.flush()
+        stream.buffer.write(output)
+        stream.flush()
+
+
 def _exit_description(code: int) -> str:
     if code < 0:
         try:
@@ -471,13 +494,12 @@ class Supervisor:
         stdout, stderr = bytes(output[stdout_pipe]), bytes(output[stderr_pipe])
         forked = _FORKED.encode() in stderr  # (a fork of the check, ended: see _end_fork)
         stderr = stderr.replace(_FORKED.encode(), b"")
-        sys.stdout.buffer.write(stdout)  # whatever the user's module printed at import
+        _pass_on(sys.stdout, stdout)  # whatever the user's module printed at import
         if returncode == EXIT_BAD_TARGET:
             imported, _, error = stderr.rpartition(_ERROR_FOLLOWS.encode())
-            sys.stderr.buffer.write(imported)
-            sys.stderr.flush()
+            _pass_on(sys.stderr, imported)
             raise CommandError(error.decode(errors="replace").strip())
-        sys.stderr.buffer.write(stderr)
+        _pass_on(sys.stderr, stderr)
         if returncode != 0:
             raise CommandError(f"loading {self.target!r} failed: the process that checked it "
                                f"{_exit_description(returncode)}")
@@ -618,6 +640,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Start the children and supervise them; returns the exit code (0 after a clean stop)."""
+        _open_closed_standard_fds()  # before any pipe or socket of ours could take their numbers
         wakeup = _SignalWakeup(_STOP_SIGNALS + (signal.SIGCHLD,))  # before the check: it may hang
         if not self.check_target(wakeup):
             return 0  # asked to stop before anything started: a clean stop
