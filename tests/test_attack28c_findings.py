@@ -9,11 +9,17 @@ deployment runs them).
 2. ``worker`` started with stdout and stderr closed (``>&- 2>&-``, a daemon's way) exited 1 at
    once, silently: it wrote what the check printed to ``sys.stdout``, which Python sets to None
    then. Its worker processes now get the null device there, not a closed descriptor.
+3. The supervisor waited with ``select()``, which refuses descriptors numbered 1024 or more
+   (the pipes of some 500 worker processes, under a container's descriptor limit): a stop
+   signal while a worker process was still loading the target ended it with a ValueError
+   traceback, exit 1. It now waits with ``poll()``.
 """
 import os
 import signal
 import subprocess
 import sys
+import textwrap
+import threading
 
 import pytest
 
@@ -22,8 +28,8 @@ from tinymq._cli import CommandError
 from tinymq._status import redis_status
 from tinymq.redis import RedisBroker
 
-from test_cli import (LEASE, TIMEOUT, alive, env, eventually, pop, producer, project, record,  # noqa: F401
-                      record_jobs, shared_project)
+from test_cli import (LEASE, TIMEOUT, WorkerCLI, alive, env, eventually, pop, producer, project,  # noqa: F401
+                      record, record_jobs, shared_project)
 
 pytestmark = [pytest.mark.redis, pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="Linux: /proc")]
 
@@ -76,3 +82,69 @@ def test_worker_started_with_stdout_and_stderr_closed_runs_and_stops_gracefully(
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+# --- 3. a supervisor whose pipes have numbers past select()'s limit ---------------------------
+
+# Runs `worker` in this process after taking every descriptor below HIGH_FD (what the pipes of
+# some 500 worker processes would take; a container's limit allows many more): the pipes of the
+# worker processes it starts are numbered from HIGH_FD up.
+HIGH_FD = 1100
+MANY_FDS = textwrap.dedent(f"""
+    import os, resource, sys
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < {HIGH_FD} + 64:
+        sys.exit(77)  # (the test is skipped)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, {HIGH_FD} + 64) if hard == resource.RLIM_INFINITY
+                                                 else min(hard, max(soft, {HIGH_FD} + 64)), hard))
+    taken = [os.open(os.devnull, os.O_RDONLY)]
+    while taken[-1] < {HIGH_FD}:
+        taken.append(os.open(os.devnull, os.O_RDONLY))
+    from tinymq.__main__ import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+# Loads for the check, then hangs at import in the worker processes (a slow import, still going
+# when the stop signal comes).
+HANGS_IN_WORKERS = textwrap.dedent("""
+    import sys, time
+    from app.shared import queue
+    if "--check" not in sys.argv:
+        print("importing", flush=True)
+        time.sleep(600)
+""")
+
+
+def test_a_stop_while_a_worker_process_loads_works_with_pipes_numbered_past_1024(shared_project, project,
+                                                                                  redis_url):
+    """The supervisor waited with select(), which refuses a descriptor numbered 1024 or more:
+    a SIGTERM while a worker process was still loading the target (its pipe then watched) ended
+    the supervisor with a ValueError traceback and exit 1, not a clean stop."""
+    (project / "many_fds.py").write_text(MANY_FDS)
+    (project / "app" / "hangs_in_workers.py").write_text(HANGS_IN_WORKERS)
+    worker = ManyFdsWorkerCLI(project, redis_url, "app.hangs_in_workers:queue")
+    try:
+        worker.wait_for(r"started worker process 0 \(pid \d+\)")
+        worker.wait_for(r"^importing$")
+        if worker.process.poll() == 77:
+            pytest.skip(f"the descriptor limit is below {HIGH_FD}")
+        worker.signal(signal.SIGTERM)
+        assert worker.wait() == 0, worker.log()
+        assert "Traceback" not in worker.log()
+        assert "all worker processes stopped" in worker.log()
+    finally:
+        worker.kill()
+
+
+class ManyFdsWorkerCLI(WorkerCLI):
+    """``worker`` run by many_fds.py (in the project directory), read as WorkerCLI reads it."""
+
+    def __init__(self, project, redis_url, target, *options):  # (WorkerCLI's, but the command)
+        self.process = subprocess.Popen(
+            [sys.executable, "many_fds.py", "worker", target, *map(str, options)], cwd=str(project),
+            env=env(TINYMQ_TEST_REDIS=redis_url, TINYMQ_TEST_LEASE=str(LEASE)),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines = []
+        self.changed = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()

@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import IO, Any, List, NoReturn, Optional, Tuple, Union
+from typing import IO, Any, List, NoReturn, Optional, Sequence, Set, TextIO, Tuple, Union
 
 from ._cli import CommandError
 from .errors import counted
@@ -383,6 +383,17 @@ class _Slot:
         self.delay = _FIRST_RESTART_DELAY  # before the next restart, doubling while crashes come soon
 
 
+def _wait_readable(watched: Sequence[Union[_SignalWakeup, IO[bytes], int]], timeout: Optional[float]) -> Set[int]:
+    """The descriptors of ``watched`` that can be read (or were closed at the other end) within
+    ``timeout`` seconds (None: no limit). poll(), not select(): select() refuses descriptors numbered
+    1024 or more, which the pipes of some hundreds of worker processes reach."""
+    poller = select.poll()
+    for item in watched:
+        poller.register(item, select.POLLIN)
+    milliseconds = None if timeout is None else math.ceil(timeout * 1000)
+    return {fd for fd, _ in poller.poll(milliseconds)}
+
+
 def _open_closed_standard_fds() -> None:
     """Open the null device on stdin, stdout or stderr where this process was started without them
     (a daemon's way): the worker processes inherit them, and run the user's code, with them open."""
@@ -397,7 +408,7 @@ def _open_closed_standard_fds() -> None:
             os.set_inheritable(fd, True)  # (os.open's is not)
 
 
-def _pass_on(stream: Optional[IO[str]], output: bytes) -> None:
+def _pass_on(stream: Optional[TextIO], output: bytes) -> None:
     """Write ``output`` (bytes the check printed) to ``stream``: None when this process was started
     with that descriptor closed (then, as print() does, nothing is written)."""
     if stream is not None:
@@ -465,8 +476,7 @@ class Supervisor:
             # check has exited, what it printed is in them, and a fork that ends as it should
             # (_end_fork) has said so within _CHECK_FORK_WAIT; the pipes are not waited for longer.
             wait = None if exited == math.inf else max(0.0, exited + _CHECK_FORK_WAIT - time.monotonic())
-            watched: List[Union[_SignalWakeup, IO[bytes]]] = [wakeup, *streams]
-            readable, _, _ = select.select(watched, [], [], wait)
+            readable = _wait_readable([wakeup, *streams], wait)
             if any(number != signal.SIGCHLD for number in wakeup.received()):
                 process.kill()
                 process.wait()
@@ -474,8 +484,8 @@ class Supervisor:
                     pipe.close()
                 logger.info("stopped while loading %r, before any worker process started", self.target)
                 return False
-            for stream in readable:
-                if isinstance(stream, _SignalWakeup):
+            for stream in streams[:]:
+                if stream.fileno() not in readable:
                     continue
                 chunk = os.read(stream.fileno(), _CHECK_READ_SIZE)
                 if chunk:
@@ -662,8 +672,7 @@ class Supervisor:
             pending = [slot.restart_at for slot in self.slots if slot.restart_at is not None]
             timeout = max(0.0, min(pending) - now) if pending else None
             unheard = [(slot, slot.loaded) for slot in self.slots if slot.stop_unheard and slot.loaded is not None]
-            watched: List[Union[_SignalWakeup, int]] = [wakeup, *(loaded for _, loaded in unheard)]
-            readable = select.select(watched, [], [], timeout)[0]
+            readable = _wait_readable([wakeup, *(loaded for _, loaded in unheard)], timeout)
             for slot, loaded in unheard:
                 if loaded in readable:
                     self._tell_again(slot)
