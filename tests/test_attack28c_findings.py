@@ -13,6 +13,9 @@ deployment runs them).
    (the pipes of some 500 worker processes, under a container's descriptor limit): a stop
    signal while a worker process was still loading the target ended it with a ValueError
    traceback, exit 1. It now waits with ``poll()``.
+4. ``python -O -X faulthandler -W ... -m tinymq worker``: the worker processes (and the check)
+   were started as ``python -m tinymq``, without the interpreter's options the command was
+   given; they now get them, as multiprocessing's spawned processes do.
 """
 import os
 import signal
@@ -122,7 +125,7 @@ def test_a_stop_while_a_worker_process_loads_works_with_pipes_numbered_past_1024
     the supervisor with a ValueError traceback and exit 1, not a clean stop."""
     (project / "many_fds.py").write_text(MANY_FDS)
     (project / "app" / "hangs_in_workers.py").write_text(HANGS_IN_WORKERS)
-    worker = ManyFdsWorkerCLI(project, redis_url, "app.hangs_in_workers:queue")
+    worker = CommandWorkerCLI(project, redis_url, ["many_fds.py"], "app.hangs_in_workers:queue")
     try:
         worker.wait_for(r"started worker process 0 \(pid \d+\)")
         worker.wait_for(r"^importing$")
@@ -136,15 +139,44 @@ def test_a_stop_while_a_worker_process_loads_works_with_pipes_numbered_past_1024
         worker.kill()
 
 
-class ManyFdsWorkerCLI(WorkerCLI):
-    """``worker`` run by many_fds.py (in the project directory), read as WorkerCLI reads it."""
+class CommandWorkerCLI(WorkerCLI):
+    """``python *arguments worker target *options``, read as WorkerCLI reads ``python -m tinymq``'s."""
 
-    def __init__(self, project, redis_url, target, *options):  # (WorkerCLI's, but the command)
+    def __init__(self, project, redis_url, arguments, target, *options):  # (WorkerCLI's, but the command)
         self.process = subprocess.Popen(
-            [sys.executable, "many_fds.py", "worker", target, *map(str, options)], cwd=str(project),
+            [sys.executable, *arguments, "worker", target, *map(str, options)], cwd=str(project),
             env=env(TINYMQ_TEST_REDIS=redis_url, TINYMQ_TEST_LEASE=str(LEASE)),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines = []
         self.changed = threading.Condition()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
+
+
+# --- 4. the interpreter's options -------------------------------------------------------------
+
+SHOWS_FLAGS = textwrap.dedent("""
+    import sys
+    from app.shared import queue
+    print(f"flags: optimize={sys.flags.optimize} faulthandler={'faulthandler' in sys._xoptions} "
+          f"warnings={sys.warnoptions} in {'check' if '--check' in sys.argv else 'worker'}", flush=True)
+""")
+
+
+def test_worker_processes_run_with_the_interpreter_options_the_command_was_given(shared_project, project,
+                                                                                   redis_url):
+    """``python -O -X faulthandler -W error::ResourceWarning -m tinymq worker ...``: the worker
+    processes, which run the jobs, were started as ``python -m tinymq`` and ran without them
+    (asserts on, no faulthandler to show where a hung worker is)."""
+    (project / "app" / "shows_flags.py").write_text(SHOWS_FLAGS)
+    options = ["-O", "-X", "faulthandler", "-W", "error::ResourceWarning", "-m", "tinymq"]
+    worker = CommandWorkerCLI(project, redis_url, options, "app.shows_flags:queue")
+    try:
+        worker.wait_for(r"^flags: .* in worker$")
+        flags = [line for line in worker.log().splitlines() if line.startswith("flags: ")]
+        assert flags == [f"flags: optimize=1 faulthandler=True warnings=['error::ResourceWarning'] in {where}"
+                         for where in ("check", "worker")]
+        worker.signal(signal.SIGTERM)
+        assert worker.wait() == 0, worker.log()
+    finally:
+        worker.kill()

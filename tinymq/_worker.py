@@ -438,7 +438,9 @@ class Supervisor:
         self.exit_code = 0
 
     def _command(self, *extra: str) -> List[str]:
-        return [sys.executable, "-m", "tinymq", "_worker-child", self.target,
+        # With the interpreter's options this command was given (-O, -X, -W...), as multiprocessing does.
+        options = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]  # private: not in typeshed
+        return [sys.executable, *options, "-m", "tinymq", "_worker-child", self.target,
                 "--workers", str(self.workers), "--log-level", self.log_level, *extra]
 
     def check_target(self, wakeup: _SignalWakeup) -> bool:
