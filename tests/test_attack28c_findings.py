@@ -16,6 +16,10 @@ deployment runs them).
 4. ``python -O -X faulthandler -W ... -m tinymq worker``: the worker processes (and the check)
    were started as ``python -m tinymq``, without the interpreter's options the command was
    given; they now get them, as multiprocessing's spawned processes do.
+5. A hard stop (a second SIGTERM/SIGINT) killed the worker processes but not the programs that
+   their running jobs had started: those ran on, orphaned, while the jobs ran again elsewhere
+   once their leases ran out. Each worker process leads a session of its own; the hard stop now
+   kills its process group.
 """
 import os
 import signal
@@ -180,3 +184,42 @@ def test_worker_processes_run_with_the_interpreter_options_the_command_was_given
         assert worker.wait() == 0, worker.log()
     finally:
         worker.kill()
+
+
+# --- 5. a hard stop and the processes that jobs started ----------------------------------------
+
+# A job that runs a program (a subprocess of the worker process, in its process group) and waits
+# for it: "<pid of the program>" is pushed on the list "programs" once it runs.
+RUNS_A_PROGRAM = textwrap.dedent("""
+    import subprocess
+    from app.shared import queue, record
+
+    @queue.executor("program", timeout=600)
+    def run_program(job):
+        program = subprocess.Popen(["sleep", "600"])
+        record.rpush("programs", program.pid)
+        program.wait()
+""")
+
+
+def test_a_hard_stop_kills_the_programs_that_running_jobs_started(shared_project, project, producer, record):
+    """A second SIGTERM killed the worker processes but not the programs their jobs ran: those
+    ran on, orphaned (a terminal's Ctrl-C no longer reaches them: the worker processes run in
+    sessions of their own), while their jobs ran again elsewhere once their leases ran out."""
+    (project / "app" / "runs_a_program.py").write_text(RUNS_A_PROGRAM)
+    worker = shared_project("app.runs_a_program:queue", "--workers", 1)
+    producer.enqueue(tinymq.Job("program", {}))
+    _, program = record.blpop(["programs"], timeout=TIMEOUT)
+    program = int(program)
+    try:
+        worker.signal(signal.SIGTERM)
+        worker.wait_for(r"stopping \(SIGTERM\)")  # (the worker process waits for its running job)
+        worker.signal(signal.SIGTERM)
+        worker.wait_for(r"second SIGTERM while stopping: hard stop")
+        assert worker.process.wait(TIMEOUT) == 1  # (not worker.wait(): the program, if alive, holds its output)
+        eventually(lambda: not alive(program), "the program that the job ran killed")
+    finally:
+        try:
+            os.kill(program, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

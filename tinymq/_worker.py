@@ -9,8 +9,8 @@ takes the Queue and calls ``start_dispatcher(workers)``.
   and each child stops gracefully with ``queue.stop(wait=True)``: running
   attempts finish, buffered jobs go back to the broker. A child ignores further
   signals while it stops. A second signal to the supervisor while stopping is a
-  hard stop: it kills the children (their leased attempts go back when the
-  leases run out). A stop signal while the target is still being loaded (its
+  hard stop: it kills the children and their process groups (their leased
+  attempts go back when the leases run out). A stop signal while the target is still being loaded (its
   check, before any child starts) kills that check, however long its import
   would take, and the supervisor exits with 0. A child still loading the target
   when the signal comes exits at once: nothing of the queue runs in it yet (one
@@ -643,8 +643,15 @@ class Supervisor:
                 slot.process.send_signal(signal.SIGTERM)
 
     def _kill_all(self) -> None:
+        """The hard stop: SIGKILL to each child's process group, the programs its running jobs started
+        too (it leads a session of its own: nothing else would end them, and their jobs run again)."""
         for slot in self.slots:
             if slot.process is not None:
+                if slot.process.returncode is None:  # (not reaped: its pid is still its own)
+                    try:
+                        os.killpg(slot.process.pid, signal.SIGKILL)
+                    except ProcessLookupError:  # (ended and reaped meanwhile, by no one of ours: never)
+                        pass
                 slot.process.kill()
                 slot.process.wait()
                 slot.process = None
