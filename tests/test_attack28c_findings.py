@@ -20,6 +20,9 @@ deployment runs them).
    their running jobs had started: those ran on, orphaned, while the jobs ran again elsewhere
    once their leases ran out. Each worker process leads a session of its own; the hard stop now
    kills its process group.
+6. The supervisor as a container's PID 1 (no init): the orphans of the programs that jobs ran
+   are handed to it, and it never reaped them: one zombie per such job, for ever. It now reaps
+   every exited process that is not one of its worker processes.
 """
 import os
 import signal
@@ -223,3 +226,60 @@ def test_a_hard_stop_kills_the_programs_that_running_jobs_started(shared_project
             os.kill(program, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+# --- 6. the supervisor as a container's PID 1 -----------------------------------------------
+
+# Runs `worker` in this process as a subreaper (what PID 1 is: the orphans of its descendants
+# are handed to it), without a container.
+SUBREAPER = textwrap.dedent("""
+    import ctypes, sys
+    PR_SET_CHILD_SUBREAPER = 36
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        sys.exit(77)  # (the test is skipped)
+    from tinymq.__main__ import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+# A job that runs a program that leaves a background process behind (as `sh -c "... &"` does):
+# that process, orphaned, ends soon after; "<its pid>" is pushed on the list "orphans".
+LEAVES_AN_ORPHAN = textwrap.dedent("""
+    import subprocess
+    from app.shared import queue, record
+
+    @queue.executor("orphan")
+    def leave_an_orphan(job):
+        shell = subprocess.run(["sh", "-c", "sleep 0.1 & echo $!"], check=True, capture_output=True, text=True)
+        record.rpush("orphans", shell.stdout.strip())
+""")
+
+
+def zombie(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_the_supervisor_as_pid_1_reaps_the_orphans_of_the_programs_that_jobs_ran(shared_project, project,
+                                                                                   producer, record, redis_url):
+    """``CMD ["python", "-m", "tinymq", "worker", ...]`` in a container without an init: the
+    processes that the programs of jobs left behind were handed to the supervisor when they
+    became orphans, and stayed zombies for ever (one per such job, until no pid was left)."""
+    (project / "subreaper.py").write_text(SUBREAPER)
+    (project / "app" / "leaves_an_orphan.py").write_text(LEAVES_AN_ORPHAN)
+    worker = CommandWorkerCLI(project, redis_url, ["subreaper.py"], "app.leaves_an_orphan:queue", "--workers", 1)
+    try:
+        worker.wait_for(r"worker process started")
+        if worker.process.poll() == 77:
+            pytest.skip("prctl(PR_SET_CHILD_SUBREAPER) is refused here")
+        producer.enqueue(tinymq.Job("orphan", {}))
+        _, orphan = record.blpop(["orphans"], timeout=TIMEOUT)
+        orphan = int(orphan)
+        eventually(lambda: not alive(orphan), "the orphan ended")  # (a zombie counts as ended)
+        eventually(lambda: not zombie(orphan), "the orphan reaped")
+        worker.signal(signal.SIGTERM)
+        assert worker.wait() == 0, worker.log()
+    finally:
+        worker.kill()

@@ -642,6 +642,20 @@ class Supervisor:
                 slot.stop_unheard = self._read_loaded(slot) is None
                 slot.process.send_signal(signal.SIGTERM)
 
+    def _reap_orphans(self) -> None:
+        """Reap the exited processes that are not our children's but were handed to us: as PID 1 (a
+        container's entry point) or a subreaper, the orphans of the programs that jobs ran are ours
+        to reap, or they stay zombies for ever. A child of ours is left to _reap."""
+        ours = {slot.process.pid for slot in self.slots if slot.process is not None}
+        while True:
+            try:  # (WNOWAIT: look without reaping, in case it is ours)
+                exited = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if exited is None or exited.si_pid in ours:
+                return  # (one of ours exited since _reap looked: the next round reaps both)
+            os.waitpid(exited.si_pid, 0)
+
     def _kill_all(self) -> None:
         """The hard stop: SIGKILL to each child's process group, the programs its running jobs started
         too (it leads a session of its own: nothing else would end them, and their jobs run again)."""
@@ -671,6 +685,7 @@ class Supervisor:
         while True:
             for slot in self.slots:
                 self._reap(slot)
+            self._reap_orphans()
             if self.stopping and all(slot.process is None for slot in self.slots):
                 logger.info("all worker processes stopped")
                 return self.exit_code
