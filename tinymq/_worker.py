@@ -9,8 +9,8 @@ takes the Queue and calls ``start_dispatcher(workers)``.
   and each child stops gracefully with ``queue.stop(wait=True)``: running
   attempts finish, buffered jobs go back to the broker. A child ignores further
   signals while it stops. A second signal to the supervisor while stopping is a
-  hard stop: it kills the children (their leased attempts go back when the
-  leases run out). A stop signal while the target is still being loaded (its
+  hard stop: it kills the children and their process groups (their leased
+  attempts go back when the leases run out). A stop signal while the target is still being loaded (its
   check, before any child starts) kills that check, however long its import
   would take, and the supervisor exits with 0. A child still loading the target
   when the signal comes exits at once: nothing of the queue runs in it yet (one
@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import IO, Any, List, NoReturn, Optional, Tuple, Union
+from typing import IO, Any, List, NoReturn, Optional, Sequence, Set, TextIO, Tuple, Union
 
 from ._cli import CommandError
 from .errors import counted
@@ -383,6 +383,40 @@ class _Slot:
         self.delay = _FIRST_RESTART_DELAY  # before the next restart, doubling while crashes come soon
 
 
+def _wait_readable(watched: Sequence[Union[_SignalWakeup, IO[bytes], int]], timeout: Optional[float]) -> Set[int]:
+    """The descriptors of ``watched`` that can be read (or were closed at the other end) within
+    ``timeout`` seconds (None: no limit). poll(), not select(): select() refuses descriptors numbered
+    1024 or more, which the pipes of some hundreds of worker processes reach."""
+    poller = select.poll()
+    for item in watched:
+        poller.register(item, select.POLLIN)
+    milliseconds = None if timeout is None else math.ceil(timeout * 1000)
+    return {fd for fd, _ in poller.poll(milliseconds)}
+
+
+def _open_closed_standard_fds() -> None:
+    """Open the null device on stdin, stdout or stderr where this process was started without them
+    (a daemon's way): the worker processes inherit them, and run the user's code, with them open."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)
+            if opened != fd:
+                os.dup2(opened, fd)
+                os.close(opened)
+            os.set_inheritable(fd, True)  # (os.open's is not)
+
+
+def _pass_on(stream: Optional[TextIO], output: bytes) -> None:
+    """Write ``output`` (bytes the check printed) to ``stream``: None when this process was started
+    with that descriptor closed (then, as print() does, nothing is written)."""
+    if stream is not None:
+        stream.flush()
+        stream.buffer.write(output)
+        stream.flush()
+
+
 def _exit_description(code: int) -> str:
     if code < 0:
         try:
@@ -404,7 +438,9 @@ class Supervisor:
         self.exit_code = 0
 
     def _command(self, *extra: str) -> List[str]:
-        return [sys.executable, "-m", "tinymq", "_worker-child", self.target,
+        # With the interpreter's options this command was given (-O, -X, -W...), as multiprocessing does.
+        options = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]  # private: not in typeshed
+        return [sys.executable, *options, "-m", "tinymq", "_worker-child", self.target,
                 "--workers", str(self.workers), "--log-level", self.log_level, *extra]
 
     def check_target(self, wakeup: _SignalWakeup) -> bool:
@@ -442,8 +478,7 @@ class Supervisor:
             # check has exited, what it printed is in them, and a fork that ends as it should
             # (_end_fork) has said so within _CHECK_FORK_WAIT; the pipes are not waited for longer.
             wait = None if exited == math.inf else max(0.0, exited + _CHECK_FORK_WAIT - time.monotonic())
-            watched: List[Union[_SignalWakeup, IO[bytes]]] = [wakeup, *streams]
-            readable, _, _ = select.select(watched, [], [], wait)
+            readable = _wait_readable([wakeup, *streams], wait)
             if any(number != signal.SIGCHLD for number in wakeup.received()):
                 process.kill()
                 process.wait()
@@ -451,8 +486,8 @@ class Supervisor:
                     pipe.close()
                 logger.info("stopped while loading %r, before any worker process started", self.target)
                 return False
-            for stream in readable:
-                if isinstance(stream, _SignalWakeup):
+            for stream in streams[:]:
+                if stream.fileno() not in readable:
                     continue
                 chunk = os.read(stream.fileno(), _CHECK_READ_SIZE)
                 if chunk:
@@ -471,13 +506,12 @@ class Supervisor:
         stdout, stderr = bytes(output[stdout_pipe]), bytes(output[stderr_pipe])
         forked = _FORKED.encode() in stderr  # (a fork of the check, ended: see _end_fork)
         stderr = stderr.replace(_FORKED.encode(), b"")
-        sys.stdout.buffer.write(stdout)  # whatever the user's module printed at import
+        _pass_on(sys.stdout, stdout)  # whatever the user's module printed at import
         if returncode == EXIT_BAD_TARGET:
             imported, _, error = stderr.rpartition(_ERROR_FOLLOWS.encode())
-            sys.stderr.buffer.write(imported)
-            sys.stderr.flush()
+            _pass_on(sys.stderr, imported)
             raise CommandError(error.decode(errors="replace").strip())
-        sys.stderr.buffer.write(stderr)
+        _pass_on(sys.stderr, stderr)
         if returncode != 0:
             raise CommandError(f"loading {self.target!r} failed: the process that checked it "
                                f"{_exit_description(returncode)}")
@@ -608,9 +642,30 @@ class Supervisor:
                 slot.stop_unheard = self._read_loaded(slot) is None
                 slot.process.send_signal(signal.SIGTERM)
 
+    def _reap_orphans(self) -> None:
+        """Reap the exited processes that are not our children's but were handed to us: as PID 1 (a
+        container's entry point) or a subreaper, the orphans of the programs that jobs ran are ours
+        to reap, or they stay zombies for ever. A child of ours is left to _reap."""
+        ours = {slot.process.pid for slot in self.slots if slot.process is not None}
+        while True:
+            try:  # (WNOWAIT: look without reaping, in case it is ours)
+                exited = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if exited is None or exited.si_pid in ours:
+                return  # (one of ours exited since _reap looked: the next round reaps both)
+            os.waitpid(exited.si_pid, 0)
+
     def _kill_all(self) -> None:
+        """The hard stop: SIGKILL to each child's process group, the programs its running jobs started
+        too (it leads a session of its own: nothing else would end them, and their jobs run again)."""
         for slot in self.slots:
             if slot.process is not None:
+                if slot.process.returncode is None:  # (not reaped: its pid is still its own)
+                    try:
+                        os.killpg(slot.process.pid, signal.SIGKILL)
+                    except ProcessLookupError:  # (ended and reaped meanwhile, by no one of ours: never)
+                        pass
                 slot.process.kill()
                 slot.process.wait()
                 slot.process = None
@@ -618,6 +673,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Start the children and supervise them; returns the exit code (0 after a clean stop)."""
+        _open_closed_standard_fds()  # before any pipe or socket of ours could take their numbers
         wakeup = _SignalWakeup(_STOP_SIGNALS + (signal.SIGCHLD,))  # before the check: it may hang
         if not self.check_target(wakeup):
             return 0  # asked to stop before anything started: a clean stop
@@ -629,6 +685,7 @@ class Supervisor:
         while True:
             for slot in self.slots:
                 self._reap(slot)
+            self._reap_orphans()
             if self.stopping and all(slot.process is None for slot in self.slots):
                 logger.info("all worker processes stopped")
                 return self.exit_code
@@ -639,8 +696,7 @@ class Supervisor:
             pending = [slot.restart_at for slot in self.slots if slot.restart_at is not None]
             timeout = max(0.0, min(pending) - now) if pending else None
             unheard = [(slot, slot.loaded) for slot in self.slots if slot.stop_unheard and slot.loaded is not None]
-            watched: List[Union[_SignalWakeup, int]] = [wakeup, *(loaded for _, loaded in unheard)]
-            readable = select.select(watched, [], [], timeout)[0]
+            readable = _wait_readable([wakeup, *(loaded for _, loaded in unheard)], timeout)
             for slot, loaded in unheard:
                 if loaded in readable:
                     self._tell_again(slot)

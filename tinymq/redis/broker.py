@@ -35,6 +35,9 @@ _FIRST_LOOK_WAIT = _CONNECT_TIMEOUT
 _RESENDS = 2  # tinymq resends a call whose reply was lost this often (every script is idempotent)
 _RESEND_PAUSE = 0.02  # seconds before the first resend, doubling
 _PAGE = 500  # ids per admin script call: bounded work in Redis
+# The keys of a queue that say it is in use: counters, workers' leases, limits (a queue whose workers
+# ran and that has no job or counter yet has only these last).
+_IN_USE_KEYS = ("stats", "procs", "limits", "ratelimits")
 # Reads: what is not UTF-8 in Redis (another program wrote it) as lone surrogates, and back as the same
 # bytes; never a UnicodeDecodeError (no RedisError) in a thread that reads (see _scripts._wire).
 _ENCODING_ERRORS = "surrogateescape"
@@ -258,21 +261,25 @@ class RedisBroker:
         """Whether Redis holds anything of this queue name: a job or counter, a worker's lease, a limit."""
         key = self._scripts.key
         try:
-            return bool(self._client.exists(key("stats"), key("procs"), key("limits"), key("ratelimits")))
+            return bool(self._client.exists(*map(key, _IN_USE_KEYS)))
         except _redis().RedisError as exc:
             raise TinyMQError(f"could not read Redis queue {self.name!r}: {exc}") from exc
 
     def names_in_use(self, limit: int = 10) -> List[str]:
-        """Up to ``limit`` names of tinymq queues with jobs or counters on this server (sorted)."""
+        """Up to ``limit`` names of tinymq queues on this server (sorted): those that ``in_use()`` would
+        say are in use (a queue whose workers ran and that has no job or counter yet is one)."""
         if _count("limit", limit, 0) == 0:
             return []
         names = set()
         try:
-            for key in self._client.scan_iter(match="tmq:{*}:stats", count=1000):
+            # (every key in _IN_USE_KEYS ends with "s": one scan of the keyspace, not one per key)
+            for key in self._client.scan_iter(match="tmq:{*}:*s", count=1000):
                 text = key.decode() if isinstance(key, bytes) else key
-                names.add(text[len("tmq:{"):-len("}:stats")])
-                if len(names) >= limit:
-                    break
+                name, _, suffix = text[len("tmq:{"):].partition("}:")  # (a name holds no brace)
+                if suffix in _IN_USE_KEYS:
+                    names.add(name)
+                    if len(names) >= limit:
+                        break
         except _redis().RedisError as exc:
             raise TinyMQError(f"could not list the queues at {redacted_url(self.url)}: {exc}") from exc
         return sorted(names)
