@@ -5,12 +5,16 @@ its live owner kept acknowledging saves that were lost at close.
 import logging
 import os
 import sqlite3
+import subprocess
+import sys
 import warnings
 
 import pytest
 
 from tinymq import Job, PersistenceError, Queue, SQLitePersistence
 from tinymq.persistence import JSONSerializer, PickleSerializer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout whose tinymq is tested
 
 
 def pickle_serializer():
@@ -152,3 +156,34 @@ def test_saves_into_a_database_removed_or_replaced_under_its_owner_fail(path, ca
     os.unlink(path + "-shm")
     with SQLitePersistence(path) as store:
         assert store.load_all() == []
+
+
+OWNER = """
+import sys
+from tinymq import Job, SQLitePersistence
+with SQLitePersistence(sys.argv[1]) as owner:  # an empty file, owned with JSON
+    print("owned", flush=True)
+    sys.stdin.readline()
+    owner.save(Job("t", [1], id="json"))
+"""
+
+
+def test_an_opener_refused_by_a_live_owner_records_no_serializer(path):
+    from tinymq.persistence._ownership import OwnedError
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, path], env=env, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline() == "owned\n"
+        os.unlink(path + "-tinymq.lock")  # the owner is then found through its owner row
+        with pytest.raises(OwnedError):
+            SQLitePersistence(path, serializer=pickle_serializer())
+        owner.stdin.write("go\n")
+        owner.stdin.flush()
+        assert owner.wait(60) == 0
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+    assert loaded_ids(path, JSONSerializer()) == (["json"], 0)

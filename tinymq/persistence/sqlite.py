@@ -558,12 +558,6 @@ class SQLitePersistence:
             conn.execute(_CREATE)
             conn.execute(_CREATE_OWNER)
             conn.execute(_CREATE_SETTINGS)
-            if self._checks_serializer:
-                recorded = conn.execute(f"SELECT value FROM {_SETTINGS} WHERE name = 'serializer'").fetchone()
-                if recorded is None or recorded[0] != self._serializer_name:  # a new file, an older
-                    # tinymq's (its rows are taken as written with ours, as it did), or one with no job
-                    conn.execute(f"INSERT OR REPLACE INTO {_SETTINGS} VALUES ('serializer', ?)",
-                                 (self._serializer_name,))
             columns = {row[1] for row in conn.execute(f"PRAGMA table_info({_TABLE})")}
             for added in ("seq", "crashes"):  # a file of an older tinymq
                 if added not in columns:
@@ -579,7 +573,8 @@ class SQLitePersistence:
             raise PersistenceError(f"cannot open persistence file {self.path!r}: {exc}") from exc
 
     def _take_over(self, conn: sqlite3.Connection, lock_id: str) -> None:
-        """Record this process as the owner, unless a live owner of another lock file is recorded.
+        """Record this process as the owner (and its serializer), unless a live owner of another lock
+        file is recorded.
 
         We hold the lock file, so a recorded owner of *this* lock file is gone.
         A recorded owner of another one had its lock file deleted under it:
@@ -593,6 +588,12 @@ class SQLitePersistence:
                 raise OwnedError(self.path, row[0], ", whose lock file was removed or replaced")
             conn.execute(f"INSERT OR REPLACE INTO {_OWNER} VALUES (0, ?, ?, ?, ?, ?)",
                          (pid, started, host, lock_id, time.time()))
+            if self._checks_serializer:  # (_prepare refused a file of another one that holds a job)
+                recorded = conn.execute(f"SELECT value FROM {_SETTINGS} WHERE name = 'serializer'").fetchone()
+                if recorded is None or recorded[0] != self._serializer_name:  # a new file, an older
+                    # tinymq's (its rows are taken as written with ours, as it did), or one with no job
+                    conn.execute(f"INSERT OR REPLACE INTO {_SETTINGS} VALUES ('serializer', ?)",
+                                 (self._serializer_name,))
 
         self._in_transaction(conn, claim, "taking ownership")
         try:  # into the database file itself: the owner row must outlive a removed -wal. (FULL: a reader
