@@ -39,6 +39,13 @@ _ERROR_WIDTH = 60  # characters of a last error shown in the text table (--json 
 _REDIS_DEAD_MAX = 1000
 
 
+class _CommandStore(SQLitePersistence):
+    """The commands' store: it saves no payload, and decodes one with JSON only to show it, so it opens a
+    file whatever serializer wrote it (a payload JSON cannot decode is logged) and records none."""
+
+    _checks_serializer = False
+
+
 # --- reports ----------------------------------------------------------------------------
 
 
@@ -57,7 +64,7 @@ def _dead_fields(dead: Iterable[DeadJob]) -> List[Dict[str, Any]]:
 def db_status(path: str) -> Dict[str, Any]:
     """The report of ``status --db``, read through a read-only store."""
     try:
-        store = SQLitePersistence(path, read_only=True)
+        store = _CommandStore(path, read_only=True)
         with store:  # (one read of the file: the counts and the tables agree while a queue writes)
             counts, jobs, dead, quarantined = store._inspection()
     except PersistenceError as exc:
@@ -178,8 +185,8 @@ def change_dead_in_db(path: str, action: str, ids: Optional[Sequence[str]]) -> s
     being created by taking ownership.
     """
     try:
-        SQLitePersistence(path, read_only=True).close()
-        store = SQLitePersistence(path)
+        _CommandStore(path, read_only=True).close()
+        store = _CommandStore(path)
     except OwnedError as exc:
         raise CommandError(f"{path!r} is owned by a live store in pid {exc.pid}: {action}-dead changes "
                            "the file, which only its owner may do; stop that process first (`status` "

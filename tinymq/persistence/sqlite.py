@@ -55,7 +55,8 @@ _T = TypeVar("_T")
 
 _TABLE = "tinymq_jobs"
 # The jobs table. What later versions add beside it, an older tinymq ignores, so it keeps
-# version 1: the owner table (created when missing), the seq and crashes columns (added when missing).
+# version 1: the owner and settings tables (created when missing), the seq and crashes columns
+# (added when missing).
 _SCHEMA_VERSION = 1
 # The columns that are NULL for most jobs come last, so a "lean" row can leave them out.
 _COLUMNS = (
@@ -96,6 +97,16 @@ CREATE TABLE IF NOT EXISTS {_OWNER} (
     host    TEXT NOT NULL,           -- host name and boot id
     lock    TEXT NOT NULL,           -- "st_dev:st_ino" of the lock file it holds
     since   REAL NOT NULL            -- Unix epoch seconds
+)
+"""
+
+# What the file says about itself, one row per name. "serializer": the serializer its payloads are
+# written with (see _serializer_name); a file of an older tinymq has none until a store owns it.
+_SETTINGS = "tinymq_settings"
+_CREATE_SETTINGS = f"""
+CREATE TABLE IF NOT EXISTS {_SETTINGS} (
+    name    TEXT PRIMARY KEY NOT NULL,
+    value   TEXT NOT NULL
 )
 """
 
@@ -166,7 +177,7 @@ _SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 # a batch, so a dozen statements serve every batch size from the statement cache. Stay
 # under SQLite's bound-variable limit (32766; 999 before 3.32).
 _ROWS_PER_INSERT = 512 if sqlite3.sqlite_version_info >= (3, 32) else 64
-_WAL_CHECK_INTERVAL = 0.05  # seconds between looks at whether our -wal was removed under us
+_WAL_CHECK_INTERVAL = 0.05  # seconds between looks at whether our database or -wal was removed under us
 _SIDE_FILES = ("-wal", "-shm", "-journal")  # what SQLite reads beside a database, besides our lock
 _READ_ONLY_SETTLE = 0.5  # seconds a read-only look tries again while an owner opens or closes the file
 _WAL_HEADER = 32  # bytes of a -wal's header (SQLite's WAL format): its frames, the commits, follow it
@@ -278,6 +289,12 @@ def _valid_wal_header(header: bytes) -> bool:
     return struct.unpack(">II", header[24:32]) == (first, second)
 
 
+def _serializer_name(serializer: object) -> str:
+    """How a file records the serializer that writes its payloads: its class's module and qualified name."""
+    cls = type(serializer)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _checkpointed(conn: sqlite3.Connection, mode: str) -> bool:
     """Whether ``PRAGMA wal_checkpoint(mode)`` copied every frame of the WAL into the database file."""
     busy, frames, copied = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
@@ -316,8 +333,12 @@ class SQLitePersistence:
     on a local filesystem (ownership relies on ``flock()`` and process ids).
 
     ``serializer`` turns payloads into stored bytes/text (JSON by default;
-    see ``PickleSerializer`` for the opt-in alternative).
+    see ``PickleSerializer`` for the opt-in alternative). The file records
+    which one (by its class, see _serializer_name): a store given another one
+    is refused while the file holds a job, before it reads or changes anything.
     """
+
+    _checks_serializer = True  # False: a store that writes no payload (the commands) opens any file
 
     def __init__(
         self,
@@ -360,6 +381,7 @@ class SQLitePersistence:
         self.busy_timeout = busy_seconds
         self.max_crash_recoveries = int(_count("max_crash_recoveries", max_crash_recoveries, 0))
         self._dumps = serializer.dumps
+        self._serializer_name = _serializer_name(serializer)
         self._file = os.path.abspath(self.path)  # a chdir() later does not move the store
         self._tags_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
         self._retry_json: Dict[int, Tuple[RetryConfig, str]] = {}  # id(config) -> (config, json)
@@ -367,6 +389,7 @@ class SQLitePersistence:
         self._insert_sql: Dict[Tuple[int, int], str] = {}  # (columns, rows) -> multi-row INSERT
         self._merged_sql: Dict[Tuple[str, int], str] = {}  # (single-row statement, rows) -> merged
         self._closed = False
+        self._broken: Optional[str] = None  # why nothing more is acknowledged (the database was removed)
         # id -> (seq of the save, the row it replaced): a dead or quarantined row a save replaced, for
         # undo_save. Added by the holder of _commit_lock; dropped (one dict call) when the job ends.
         self._replaced: Dict[str, Tuple[Any, Tuple[Any, ...]]] = {}
@@ -374,7 +397,9 @@ class SQLitePersistence:
         self._pid = os.getpid()
         self._seq = itertools.count(1).__next__  # each row's place in the order of saves (see _prepare)
         if read_only:
-            self._reading(self._check_schema)  # fail now if it cannot be read
+            other = self._reading(self._check_schema)  # fail now if it cannot be read
+            if other is not None:
+                raise self._other_serializer(other)
             return
         # Invariant: only the holder of _commit_lock uses _conn and _cursor.
         self._commit_lock = threading.Lock()
@@ -520,6 +545,9 @@ class SQLitePersistence:
                                        f"{_TABLE} table; refused, and left as it was (a store needs a file of its own)")
             if version > _SCHEMA_VERSION:
                 raise self._newer_schema(version)
+            other = self._other_serializer_of(conn)
+            if other is not None:  # each row would be quarantined as corrupt at load_all
+                raise self._other_serializer(other)
             # Rows are small: 1 KiB pages make each commit append a quarter of the WAL
             # bytes of the default 4 KiB (ignored for an existing file).
             conn.execute("PRAGMA page_size=1024")
@@ -529,6 +557,7 @@ class SQLitePersistence:
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.execute(_CREATE)
             conn.execute(_CREATE_OWNER)
+            conn.execute(_CREATE_SETTINGS)
             columns = {row[1] for row in conn.execute(f"PRAGMA table_info({_TABLE})")}
             for added in ("seq", "crashes"):  # a file of an older tinymq
                 if added not in columns:
@@ -544,7 +573,8 @@ class SQLitePersistence:
             raise PersistenceError(f"cannot open persistence file {self.path!r}: {exc}") from exc
 
     def _take_over(self, conn: sqlite3.Connection, lock_id: str) -> None:
-        """Record this process as the owner, unless a live owner of another lock file is recorded.
+        """Record this process as the owner (and its serializer), unless a live owner of another lock
+        file is recorded.
 
         We hold the lock file, so a recorded owner of *this* lock file is gone.
         A recorded owner of another one had its lock file deleted under it:
@@ -558,6 +588,12 @@ class SQLitePersistence:
                 raise OwnedError(self.path, row[0], ", whose lock file was removed or replaced")
             conn.execute(f"INSERT OR REPLACE INTO {_OWNER} VALUES (0, ?, ?, ?, ?, ?)",
                          (pid, started, host, lock_id, time.time()))
+            if self._checks_serializer:  # (_prepare refused a file of another one that holds a job)
+                recorded = conn.execute(f"SELECT value FROM {_SETTINGS} WHERE name = 'serializer'").fetchone()
+                if recorded is None or recorded[0] != self._serializer_name:  # a new file, an older
+                    # tinymq's (its rows are taken as written with ours, as it did), or one with no job
+                    conn.execute(f"INSERT OR REPLACE INTO {_SETTINGS} VALUES ('serializer', ?)",
+                                 (self._serializer_name,))
 
         self._in_transaction(conn, claim, "taking ownership")
         try:  # into the database file itself: the owner row must outlive a removed -wal. (FULL: a reader
@@ -641,7 +677,8 @@ class SQLitePersistence:
             return None  # frames after a header SQLite reads (or replaced since the look): the WAL way
         return database, (wal.st_dev, wal.st_ino, wal.st_size, wal.st_mtime_ns, header)
 
-    def _check_schema(self, conn: sqlite3.Connection) -> None:
+    def _check_schema(self, conn: sqlite3.Connection) -> Optional[str]:
+        """PersistenceError if ``conn`` is no store this one reads; else ``_other_serializer_of(conn)``."""
         try:
             found = conn.execute("SELECT count(*) FROM sqlite_master WHERE name = ?", (_TABLE,)).fetchone()[0]
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -651,6 +688,32 @@ class SQLitePersistence:
             raise PersistenceError(f"{self.path!r} is not a tinymq store (no {_TABLE} table)")
         if version > _SCHEMA_VERSION:  # as the owner refuses it: its rows may mean other things
             raise self._newer_schema(version)
+        try:
+            return self._other_serializer_of(conn)
+        except sqlite3.Error as exc:
+            raise PersistenceError(f"cannot read {self.path!r}: {exc}") from exc
+
+    def _other_serializer_of(self, conn: sqlite3.Connection) -> Optional[str]:
+        """The serializer the file records when it is not ours and the file holds a job row; else None.
+
+        A file with no record (new, or an older tinymq's) or no row can be written with any.
+        """
+        if not self._checks_serializer or not conn.execute(
+                "SELECT count(*) FROM sqlite_master WHERE name = ?", (_SETTINGS,)).fetchone()[0]:
+            return None
+        recorded = conn.execute(f"SELECT value FROM {_SETTINGS} WHERE name = 'serializer'").fetchone()
+        if recorded is None or recorded[0] == self._serializer_name:
+            return None
+        if not conn.execute(f"SELECT EXISTS (SELECT 1 FROM {_TABLE})").fetchone()[0]:
+            return None
+        return str(recorded[0])
+
+    def _other_serializer(self, recorded: str) -> PersistenceError:
+        return PersistenceError(
+            f"{self.path!r} holds jobs written with the serializer {recorded}, and this store was given "
+            f"{self._serializer_name} ({self.serializer!r}), which would misread them: refused, the file is "
+            f"left as it was; open it with a {recorded.rpartition('.')[2]} (a serializer is known by its "
+            "class's module and qualified name)")
 
     def _newer_schema(self, version: int) -> PersistenceError:
         return PersistenceError(f"{self.path!r} has schema version {version}, written by a newer tinymq; "
@@ -677,6 +740,8 @@ class SQLitePersistence:
             raise PersistenceError(f"SQLitePersistence({self.path!r}) is closed")
         if self.read_only:
             raise PersistenceError(f"SQLitePersistence({self.path!r}) is read-only")
+        if self._broken:
+            raise PersistenceError(self._broken)
 
     def close(self) -> None:
         """Give up the file: later calls raise PersistenceError. Idempotent.
@@ -694,7 +759,8 @@ class SQLitePersistence:
                 return
             self._closed = True
             try:
-                self._conn.execute(f"DELETE FROM {_OWNER} WHERE pid = ?", (self._pid,))
+                if not self._broken:  # (else a frame for the -wal, emptied for whatever file is put in its place)
+                    self._conn.execute(f"DELETE FROM {_OWNER} WHERE pid = ?", (self._pid,))
             except sqlite3.Error as exc:  # a stale owner row is harmless: the lock file decides
                 logger.warning("persistence %s: could not clear the owner row: %s", self.path, exc)
             _live_stores.discard(self)  # a later fork must not close the released descriptor's number
@@ -886,7 +952,7 @@ class SQLitePersistence:
         wait on locks of their own, and a leader that keeps committing while writers
         come (both: bigger batches for more blocked writers, more CPU per job).
         """
-        if self._pid != os.getpid() or self._closed or self.read_only:
+        if self._pid != os.getpid() or self._closed or self.read_only or self._broken:
             self._check_usable()
         unit = _Unit(statements)
         # A worker thread's interruption (interrupt_on_timeout) waits: this thread may commit other threads' units.
@@ -896,15 +962,18 @@ class SQLitePersistence:
                 if not unit.done:  # nobody committed it for us while we waited: lead a batch
                     pending = self._pending
                     batch = [pending.popleft() for _ in range(len(pending))]
-                    if self._closed:
+                    if self._closed or self._broken:
                         for waiting in batch:
-                            waiting.error = PersistenceError(f"{self!r} was closed")
+                            waiting.error = PersistenceError(self._broken or f"{self!r} was closed")
                     elif batch:
                         self._commit(batch)
                         now = time.monotonic()
                         if now >= self._next_wal_check:  # a stat per commit would cost a user-visible share
                             self._next_wal_check = now + _WAL_CHECK_INTERVAL
-                            if _ownership.identity(self._wal_path) != self._wal:
+                            database = _ownership.identity(self._file)
+                            if database != self._key:
+                                self._refuse_writes(batch, "removed" if database is None else "replaced")
+                            elif _ownership.identity(self._wal_path) != self._wal:
                                 self._rescue_wal(batch)
                             elif self._owner_row_in_wal_only:  # a reader held it out at the open: again
                                 self._checkpoint_owner_row()
@@ -920,6 +989,29 @@ class SQLitePersistence:
             self._owner_row_in_wal_only = not _checkpointed(self._conn, "PASSIVE")
         except sqlite3.Error as exc:  # the commits stand; the next look tries again
             logger.warning("persistence %s: could not checkpoint the owner row: %s", self.path, exc)
+
+    def _refuse_writes(self, batch: List[_Unit], what: str) -> None:
+        """Our database file was removed or replaced: every commit is now in a file nobody will open again.
+
+        Looked for after a commit, at most every _WAL_CHECK_INTERVAL. SQLite
+        reads the old file only through its open descriptor, so what it holds
+        ends with this store: nothing more is acknowledged, from this batch on.
+        Its -wal is emptied into it, so that no later open (after a kill) reads
+        those frames into a file put in its place. Caller holds _commit_lock.
+        """
+        self._broken = (f"{self!r}: its database file was {what} under this store: what the store held is "
+                        "lost when it is closed or the process ends, and no write is saved any more (this "
+                        "one neither)")
+        logger.error("persistence %s: its database file was %s under this store; every later write fails",
+                      self.path, what)
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            logger.warning("persistence %s: could not empty the -wal of the %s file: %s", self.path, what, exc)
+        for unit in batch:
+            if unit.done:
+                unit.done = False
+                unit.error = PersistenceError(self._broken)
 
     def _rescue_wal(self, batch: List[_Unit]) -> None:
         """Our -wal was removed or replaced (a cleaner, ``rm jobs.db-*``): what it holds would die with us.
