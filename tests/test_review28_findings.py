@@ -7,6 +7,10 @@
    by ``id(job)``, the second stamp replaced the first: one stamp counted twice, taken back once,
    and the count of stamped jobs stayed one above the truth: every later join() begun with a job
    unfinished waited for ever for that phantom job.
+2. A Redis worker's look at the server's settings (every minute, on a thread of its own since
+   redisfix) was not waited for by stop(): a look still in its CONFIG call when stop() returned
+   went on past the broker's close(), on a connection that close() leaves open while it is lent
+   (it closes the idle ones), so that socket stayed open.
 """
 import threading
 
@@ -14,6 +18,7 @@ import pytest
 
 from tinymq import DuplicateJob, Job
 
+from _helpers import wait_until
 from conftest import PURE_CORE, load_twin
 from test_core_ready import WAIT, noop
 
@@ -60,3 +65,40 @@ def test_one_job_enqueued_into_one_queue_by_two_threads_at_once_is_accepted_once
     q.task_done(q.pop(timeout=0))
     assert q.join_wait(ticket, WAIT)  # (it waited for ever for the job stamped twice, finished)
     q.join_end(ticket)
+
+
+@pytest.mark.redis
+def test_stop_waits_for_a_look_at_the_redis_settings_under_way(redis_url, monkeypatch):
+    from tinymq import Queue
+    from tinymq.redis import RedisBroker, _link
+
+    monkeypatch.setattr(_link, "_SETTINGS_LOOK", 0.0)  # a look at the first beat
+    q = Queue(broker=RedisBroker(redis_url, name="settingslook", lease=1.0))
+    scripts = q.broker._scripts
+    command = scripts.command
+    in_config, answer, stop_returned = threading.Event(), threading.Event(), threading.Event()
+    answered_after_stop = []
+
+    def slow_config(*args, **kwargs):
+        if args and args[0] == "CONFIG":
+            in_config.set()
+            answer.wait(WAIT)
+            answered_after_stop.append(stop_returned.is_set())
+        return command(*args, **kwargs)
+
+    scripts.command = slow_config
+    q.register_executor("t", lambda job: None)
+    q.start_dispatcher(1)
+    stopper = threading.Thread(target=lambda: (q.stop(), stop_returned.set()))
+    try:
+        assert in_config.wait(WAIT)
+        stopper.start()
+        assert wait_until(q._link._stopped.is_set, timeout=WAIT)
+        # stop() waits for the look (at most its own bound for the threads, 2 s: not this long)
+        assert not stop_returned.wait(0.5)
+    finally:
+        answer.set()
+        if stopper.is_alive():
+            stopper.join(WAIT)
+        q.broker.close()
+    assert answered_after_stop and not any(answered_after_stop)
