@@ -629,12 +629,29 @@ class ReadyQueue:
         if self._closed:
             raise QueueStopped("the queue is stopped")
 
-    def _check_unregistered(self, batch: Dict[str, Any], repeated: Optional[str]) -> None:
+    def _check_unregistered(self, batch: Dict[str, Any], repeated: Optional[str], jobs: List[Any]) -> None:
         if repeated is not None:
             raise _duplicate(repeated)
         for job_id in batch:
             if job_id in self._ids:
                 raise _duplicate(job_id)
+        if len(batch) < len(jobs):
+            for job in jobs:
+                if batch.get(job._id) is not job:
+                    self._check_unheld(job, None)
+
+    def _check_unheld(self, job: Any, job_id: Optional[str]) -> None:
+        """DuplicateJob for a job this queue holds unfinished: by ``job_id`` (read before the lock), or,
+        read without one, by what ``_id`` is now. ``_name_elsewhere`` looked before the lock: another
+        thread may have accepted the same job here since (the compiled core looks and accepts in one
+        step). Called with _lock held."""
+        if job_id is not None:
+            if job_id in self._ids:
+                raise _duplicate(job_id)
+            return
+        current = job._id
+        if current is self._unnamed or (current.__class__ is str and self._ids.get(current) is job):
+            raise _queued_again(job)
 
     def _accept(self, jobs: List[Any], batch: Dict[str, Any]) -> None:
         self._unfinished += len(jobs)
@@ -715,8 +732,7 @@ class ReadyQueue:
         job_id = _id_of(job)
         with self._lock:
             self._check_open()
-            if job_id is not None and job_id in self._ids:
-                raise _duplicate(job_id)
+            self._check_unheld(job, job_id)
             if sum(self._sizes) >= self.capacity:
                 return False
             self._append(job, job_type, level)
@@ -734,10 +750,12 @@ class ReadyQueue:
             while True:
                 self._check_open()
                 has_room = sum(self._sizes) < self.capacity and not self._overflow
-                if job_id is not None and job_id in self._ids:  # again after every wait
+                try:
+                    self._check_unheld(job, job_id)  # again after every wait
+                except DuplicateJob:
                     if has_room:
                         self._room.notify()  # the room we were woken for is the next producer's
-                    raise _duplicate(job_id)
+                    raise
                 if has_room:
                     break
                 remaining = _remaining(deadline)
@@ -773,7 +791,7 @@ class ReadyQueue:
         _check_once(accepted, batch)
         with self._lock:
             self._check_open()
-            self._check_unregistered(batch, repeated)
+            self._check_unregistered(batch, repeated, accepted)
             if sum(self._sizes) + len(placed) > self.capacity:
                 return None
             pushed_out = []
@@ -799,7 +817,7 @@ class ReadyQueue:
         _check_once(jobs, batch)
         with self._lock:
             self._check_open()
-            self._check_unregistered(batch, repeated)
+            self._check_unregistered(batch, repeated, jobs)
             self._accept(jobs, batch)
             if counter is not None:
                 for job in jobs:
@@ -823,8 +841,7 @@ class ReadyQueue:
         job_id = _id_of(job)
         with self._lock:
             self._check_open()
-            if job_id is not None and job_id in self._ids:
-                raise _duplicate(job_id)
+            self._check_unheld(job, job_id)
             self._accept_one(job, job_id)
             if self._place(job, job_type, level):
                 self._hand_off()
@@ -838,7 +855,7 @@ class ReadyQueue:
         batch, repeated = _batch_ids(jobs)
         with self._lock:  # (the heap's lock inside it, as in snapshot(): no heap takes this one)
             self._check_open()
-            self._check_unregistered(batch, repeated)
+            self._check_unregistered(batch, repeated, jobs)
             evicted = heap.push(job, run_at)
             self._accept(jobs, batch)
             return None if evicted is None else (evicted, self._end_evicted(evicted))

@@ -279,6 +279,7 @@ class QueueLink:
         self._timer_alarm = core.Alarm()
         self._stopped = threading.Event()
         self._threads: List[threading.Thread] = []
+        self._settings_look: Optional[threading.Thread] = None  # the heartbeat's last (_look_at_settings)
         self._outage_logged = 0.0
         self._enqueues = threading.local()  # .token: the token of this thread's last enqueue (take_back)
 
@@ -1482,16 +1483,16 @@ class QueueLink:
         # rows it handed this process (reporting:<proc>) reach it; a fresh beat id never would.
         unanswered: Optional[Tuple[str, str]] = None
         next_look = time.monotonic() + _SETTINGS_LOOK
-        look: Optional[threading.Thread] = None  # the last look at the settings (_look_at_settings)
         while not self._stopped.wait(max(0.0, min(next_beat - time.monotonic(), _BUFFERED_MAX))):
             self._give_back_stuck()
             if time.monotonic() < next_beat:
                 continue
             next_beat = time.monotonic() + interval
+            look = self._settings_look
             if time.monotonic() >= next_look and (look is None or not look.is_alive()):
                 next_look = time.monotonic() + _SETTINGS_LOOK
-                look = threading.Thread(target=self._look_at_settings, args=(interval,),
-                                        name="tinymq-redis-settings", daemon=True)
+                look = self._settings_look = threading.Thread(target=self._look_at_settings, args=(interval,),
+                                                              name="tinymq-redis-settings", daemon=True)
                 look.start()
             try:
                 with self._round_lock:  # never beside a round: a reap answer must meet a settled state
@@ -1560,6 +1561,9 @@ class QueueLink:
         for thread in started:
             if thread is not threading.current_thread():
                 thread.join(max(0.0, joined_by - time.monotonic()))
+        look = self._settings_look  # (after the heartbeat's end: it starts no other one)
+        if look is not None:  # a look in a call: no connection of it stays open past the broker's close()
+            look.join(max(0.0, joined_by - time.monotonic()))
         # Failure callbacks still running (or about to, on a reporter) on rows a reply handed
         # this process: released before they end, the rows would go to `reports` and be
         # reported again by another process (at least once: a callback stuck past
