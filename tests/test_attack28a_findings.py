@@ -2,6 +2,7 @@
 line, attacked from outside), each with its test.
 """
 import errno
+import json
 import os
 import re
 import subprocess
@@ -326,7 +327,11 @@ def test_status_json_of_a_dead_payload_too_deep_to_print_is_one_clear_error(tmp_
         store.save(job)
         store.mark_dead(job, "retries_exhausted", "boom")
     result = cli("status", "--db", path, "--json")
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert "dead job 'deep' is nested too deeply to print as JSON" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    if result.returncode == 0:  # (Python 3.12 and later walk 600 levels within the recursion limit)
+        assert [dead["id"] for dead in json.loads(result.stdout)["dead_jobs"]] == ["deep"]
+    else:
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert "dead job 'deep' is nested too deeply to print as JSON" in result.stderr
     result = cli("status", "--db", path)  # the table lists it
     assert result.returncode == 0 and "deep" in result.stdout
