@@ -69,6 +69,16 @@ def redis_url(redis_server):
 
 
 @pytest.fixture
+def redis_client(redis_url):
+    """A client of the session server (emptied before the test) that decodes replies to str."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture
 def redis_backend(redis_url):
     """A fresh queue name on the shared server: ``.queue()``, ``.pair()`` (see _backends.Redis)."""
     from _backends import Redis

@@ -1535,15 +1535,6 @@ class ScriptsMachine(RuleBasedStateMachine):
             assert same_state(expected, {name: held[name] for name in expected}), diff(expected, held)
 
 
-@pytest.fixture
-def redis_client(redis_url):
-    import redis
-
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    client.close()
-
-
 # Cases every run must reach (each comes up many times in a run of the default length),
 # so that a change to the machine that stops exercising one does not pass unnoticed.
 MUST_COME_UP = ("enqueue ok", "enqueue dup", "enqueue again", "enqueue full", "evicted", "fetch took 2+",

@@ -15,15 +15,6 @@ LEASE_MS = 60_000
 
 
 @pytest.fixture
-def redis_client(redis_url):
-    import redis
-
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def scripts(redis_client):
     return Scripts(redis_client, "s")
 

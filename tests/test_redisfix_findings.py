@@ -18,15 +18,6 @@ LEASE_MS = 60_000
 
 
 @pytest.fixture
-def redis_client(redis_url):
-    import redis
-
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def scripts(redis_client):
     from tinymq.redis._scripts import Scripts
 
