@@ -151,6 +151,7 @@ def test_the_scripts_drop_every_id_without_its_hash_and_name_it(scripts):
     assert reply.jobs == []
     assert sorted(reply.gone) == ["b1", "c1", "d1", "y1"]
     assert int(client.hget(key("stats"), "outstanding")) == 2  # r1 and r2, still in flight
+    assert int(client.hget(key("stats"), "retried") or 0) == 0  # y1's retry: of a job that is gone
     # A reap of P: r1's hash is gone too.
     client.zadd(key("procs"), {"P": 0})
     beat = scripts.heartbeat("Q", LEASE_MS, 3, False, "b1")

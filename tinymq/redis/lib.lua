@@ -489,8 +489,8 @@ end
 
 local function job_retry(id, retries, err, delay, now)
   local jk = job_key(id)
-  count('retried', 1)
   if redis.call('EXISTS', jk) == 0 then return job_gone(id) end -- (its hash would be written anew, half)
+  count('retried', 1)
   redis.call('HSET', jk, 'r', retries, 'e', err)
   if delay <= 0 then
     promote_due() -- (jobs due before this retry go ahead of it)
