@@ -588,12 +588,10 @@ class SQLitePersistence:
                 raise OwnedError(self.path, row[0], ", whose lock file was removed or replaced")
             conn.execute(f"INSERT OR REPLACE INTO {_OWNER} VALUES (0, ?, ?, ?, ?, ?)",
                          (pid, started, host, lock_id, time.time()))
-            if self._checks_serializer:  # (_prepare refused a file of another one that holds a job)
-                recorded = conn.execute(f"SELECT value FROM {_SETTINGS} WHERE name = 'serializer'").fetchone()
-                if recorded is None or recorded[0] != self._serializer_name:  # a new file, an older
-                    # tinymq's (its rows are taken as written with ours, as it did), or one with no job
-                    conn.execute(f"INSERT OR REPLACE INTO {_SETTINGS} VALUES ('serializer', ?)",
-                                 (self._serializer_name,))
+            if self._checks_serializer:  # (_prepare refused a file of another one that holds a job: the
+                # record is ours, or the file is new, an older tinymq's (its rows taken as written with ours,
+                # as it did), or one with no job)
+                conn.execute(f"INSERT OR REPLACE INTO {_SETTINGS} VALUES ('serializer', ?)", (self._serializer_name,))
 
         self._in_transaction(conn, claim, "taking ownership")
         try:  # into the database file itself: the owner row must outlive a removed -wal. (FULL: a reader
