@@ -29,7 +29,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 
 import pytest
 
@@ -132,7 +131,7 @@ def test_a_stop_while_a_worker_process_loads_works_with_pipes_numbered_past_1024
     the supervisor with a ValueError traceback and exit 1, not a clean stop."""
     (project / "many_fds.py").write_text(MANY_FDS)
     (project / "app" / "hangs_in_workers.py").write_text(HANGS_IN_WORKERS)
-    worker = CommandWorkerCLI(project, redis_url, ["many_fds.py"], "app.hangs_in_workers:queue")
+    worker = WorkerCLI(project, redis_url, "app.hangs_in_workers:queue", command=["many_fds.py"])
     try:
         worker.wait_for(r"started worker process 0 \(pid \d+\)")
         worker.wait_for(r"^importing$")
@@ -144,20 +143,6 @@ def test_a_stop_while_a_worker_process_loads_works_with_pipes_numbered_past_1024
         assert "all worker processes stopped" in worker.log()
     finally:
         worker.kill()
-
-
-class CommandWorkerCLI(WorkerCLI):
-    """``python *arguments worker target *options``, read as WorkerCLI reads ``python -m tinymq``'s."""
-
-    def __init__(self, project, redis_url, arguments, target, *options):  # (WorkerCLI's, but the command)
-        self.process = subprocess.Popen(
-            [sys.executable, *arguments, "worker", target, *map(str, options)], cwd=str(project),
-            env=env(TINYMQ_TEST_REDIS=redis_url, TINYMQ_TEST_LEASE=str(LEASE)),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines = []
-        self.changed = threading.Condition()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
 
 
 # --- 4. the interpreter's options -------------------------------------------------------------
@@ -177,7 +162,7 @@ def test_worker_processes_run_with_the_interpreter_options_the_command_was_given
     (asserts on, no faulthandler to show where a hung worker is)."""
     (project / "app" / "shows_flags.py").write_text(SHOWS_FLAGS)
     options = ["-O", "-X", "faulthandler", "-W", "error::ResourceWarning", "-m", "tinymq"]
-    worker = CommandWorkerCLI(project, redis_url, options, "app.shows_flags:queue")
+    worker = WorkerCLI(project, redis_url, "app.shows_flags:queue", command=options)
     try:
         worker.wait_for(r"^flags: .* in worker$")
         flags = [line for line in worker.log().splitlines() if line.startswith("flags: ")]
@@ -269,7 +254,7 @@ def test_the_supervisor_as_pid_1_reaps_the_orphans_of_the_programs_that_jobs_ran
     became orphans, and stayed zombies for ever (one per such job, until no pid was left)."""
     (project / "subreaper.py").write_text(SUBREAPER)
     (project / "app" / "leaves_an_orphan.py").write_text(LEAVES_AN_ORPHAN)
-    worker = CommandWorkerCLI(project, redis_url, ["subreaper.py"], "app.leaves_an_orphan:queue", "--workers", 1)
+    worker = WorkerCLI(project, redis_url, "app.leaves_an_orphan:queue", "--workers", 1, command=["subreaper.py"])
     try:
         worker.wait_for(r"worker process started")
         if worker.process.poll() == 77:

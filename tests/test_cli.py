@@ -479,9 +479,11 @@ LEASE = 2.0  # seconds: a killed worker process's attempts go back within about 
 class WorkerCLI:
     """``python -m tinymq worker`` in a subprocess; its log (stdout and stderr) read as it comes."""
 
-    def __init__(self, project, redis_url, target, *options):
+    def __init__(self, project, redis_url, target, *options, command=("-m", "tinymq")):
+        """``command``: what the interpreter is given before ``worker`` (a script that runs tinymq's
+        command line, with interpreter options of its own)."""
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tinymq", "worker", target, *map(str, options)], cwd=str(project),
+            [sys.executable, *command, "worker", target, *map(str, options)], cwd=str(project),
             env=env(TINYMQ_TEST_REDIS=redis_url, TINYMQ_TEST_LEASE=str(LEASE)),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines = []
