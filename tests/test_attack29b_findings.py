@@ -5,8 +5,10 @@ import warnings
 
 import pytest
 
-from tinymq import Job, PersistenceError, SQLitePersistence
+from tinymq import Config, Job, PersistenceError, Queue, SQLitePersistence
 from tinymq.persistence import PickleSerializer
+
+from _helpers import WAIT, wait_until
 
 
 def pickle_serializer():
@@ -34,3 +36,41 @@ def test_a_read_only_look_opened_on_an_empty_file_refuses_once_it_holds_jobs_of_
                 getattr(view, look)()
         assert not caplog.records  # no job read as undecodable
         assert [job.id for job in SQLitePersistence(path, read_only=True).jobs()] == ["a"]
+
+
+# --- an evicting enqueue over Redis that meets a delayed job whose hash is gone ---------------------
+
+# docs/redis.md: a job whose hash Redis lost is dropped by the call that meets its id, counted in no
+# counter but the unfinished one, named in an ERROR ("is lost"), and handed to no on_failure. An
+# enqueue that evicted such a job from a full delayed set did none of that: it reported the job
+# "evicted" to on_failure as a stand-in of type "undecodable" (an ERROR said its body "cannot be
+# decoded"), counted it in jobs_evicted, and wrote a dead hash of its reason alone (dead_jobs() listed
+# it). The lost job leaves the set as it is met, which is room enough: nothing else is evicted.
+@pytest.mark.redis
+def test_an_enqueue_that_would_evict_a_delayed_job_whose_hash_is_gone_drops_it_as_lost(
+        redis_url, redis_client, caplog):
+    from tinymq.redis import RedisBroker
+
+    q = Queue(config=Config(max_delayed_jobs=2), broker=RedisBroker(redis_url, name="evictlost", lease=1.0))
+    failures = []
+    q.on_failure(lambda job, reason, exc: failures.append((job.id, job.type, reason)))
+    q.register_executor("t", lambda job: None)
+    try:
+        q.enqueue_delayed(Job("t", id="first"), 100)
+        q.enqueue_delayed(Job("t", id="second"), 200)
+        redis_client.delete("tmq:{evictlost}:job:first")  # behind the queue's back
+        with caplog.at_level(logging.ERROR, logger="tinymq"):
+            q.enqueue_delayed(Job("t", id="third"), 300)
+            q.start_dispatcher(1)  # (a worker process's heartbeat names the lost job)
+            assert wait_until(lambda: any("job first of Redis queue 'evictlost' is lost" in record.getMessage()
+                                          for record in caplog.records))
+        assert failures == []
+        assert not [record for record in caplog.records if "decoded" in record.getMessage()]
+        stats = q.get_stats()
+        assert (stats.delayed_jobs_count, stats.jobs_evicted, stats.jobs_failed) == (2, 0, 0)
+        assert sorted(redis_client.zrange("tmq:{evictlost}:delayed", 0, -1)) == ["second", "third"]
+        assert q.broker.dead_jobs() == []
+        assert not redis_client.exists("tmq:{evictlost}:job:first")
+        assert int(redis_client.hget("tmq:{evictlost}:stats", "outstanding")) == 2
+    finally:
+        q.stop()
