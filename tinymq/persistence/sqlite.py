@@ -460,12 +460,13 @@ class SQLitePersistence:
         found = _ownership.check_file(db, mode="keep")  # a look, changing nothing: not ours yet
         if found is not None:
             _ownership.owned_here((found.st_dev, found.st_ino), self.path)
-        lock_fd = _ownership.lock(db + LOCK_SUFFIX)
+        lock_fd, lock_made = _ownership.lock(db + LOCK_SUFFIX)
         try:
             found = _ownership.check_file(db, mode="tighten")
             # A -journal too: SQLite rolls a hot one back into the database when it opens it.
             beside = [_ownership.check_file(db + suffix, mode="tighten", side=True) for suffix in _SIDE_FILES]
-            if found is None:
+            made_database = found is None
+            if made_database:
                 if any(beside):
                     raise PersistenceError(f"{db!r} does not exist but its -wal, -shm or -journal file does: "
                                            "refused (they belong to another database); remove them")
@@ -489,9 +490,17 @@ class SQLitePersistence:
             except BaseException:
                 _ownership.unregister(key)
                 self._drop_empty(made, _SIDE_FILES)
+                if made_database and _ownership.identity(db) == key:  # (a refused open leaves nothing it made)
+                    try:
+                        os.unlink(db)
+                    except OSError:
+                        pass
                 raise
         except BaseException:
-            _ownership.unlock(lock_fd)
+            if lock_made:
+                _ownership.discard(db + LOCK_SUFFIX, lock_fd)
+            else:
+                _ownership.unlock(lock_fd)
             raise
         return conn, lock_fd, key
 
