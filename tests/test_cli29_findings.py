@@ -98,3 +98,120 @@ def test_a_new_database_whose_open_fails_is_not_left_behind(tmp_path, monkeypatc
     with pytest.raises(PersistenceError, match="disk I/O error"):
         SQLitePersistence(tmp_path / "jobs.db")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- 2. the -wal and -shm of a database removed under its owner -----------------------------------
+
+def side_files(path):
+    return sorted(name[len(os.path.basename(path)):] for name in os.listdir(os.path.dirname(path))
+                  if name.startswith(os.path.basename(path)))
+
+
+def jobs_in(path):
+    with SQLitePersistence(path) as store:
+        return sorted(job.id for job in store.load_all()), store.counts()
+
+
+def break_store(store, what="removed"):
+    """Remove ``store``'s database file (or put a tinymq store with job "new" in its place) and commit
+    until the store notices it."""
+    os.unlink(store.path)
+    if what == "replaced":
+        other = store.path + ".other"
+        with SQLitePersistence(other) as replacement:
+            replacement.save(Job("t", id="new"))
+        os.replace(other, store.path)
+        os.unlink(other + "-tinymq.lock")
+    store._next_wal_check = 0.0  # the next commit looks (else: the first one 50 ms after the last look)
+    with pytest.raises(PersistenceError, match=f"database file was {what} under this store"):
+        store.save(Job("t", id="found-it"))
+
+
+# When the store found its database file gone, it emptied its -wal into the old file and left the
+# -wal and -shm beside the path: a new store there refused to open ("remove them"), and a database put
+# there meanwhile had the orphans beside it. The store now removes them (its own, by identity) as it
+# notices, so a new store at the path starts clean, with nothing of the old file.
+def test_a_new_store_where_the_database_was_removed_starts_clean(path):
+    store = SQLitePersistence(path)
+    store.save_many([Job("t", id="old-1"), Job("t", id="old-2")])
+    break_store(store)
+    assert side_files(path) == ["-tinymq.lock"]
+    assert {"old-1", "old-2"} <= {job.id for job in store.jobs()}  # reads go on, from the old file
+    store.close()
+    assert side_files(path) == ["-tinymq.lock"]
+    assert jobs_in(path) == ([], {"ready": 0, "delayed": 0, "running": 0, "dead": 0, "corrupt": 0})
+
+
+def test_a_database_put_in_place_of_a_removed_one_gets_nothing_of_it(path):
+    store = SQLitePersistence(path)
+    store.save_many([Job("t", id="old-1"), Job("t", id="old-2")])
+    break_store(store, "replaced")
+    assert side_files(path) == ["", "-tinymq.lock"]
+    store.close()
+    assert jobs_in(path)[0] == ["new"]
+
+
+BREAKS_AND_DIES = """
+import os, sys
+from tinymq import Job, PersistenceError, SQLitePersistence
+store = SQLitePersistence(sys.argv[1])
+store.save_many([Job("t", id="old-%d" % n) for n in range(100)])
+os.unlink(sys.argv[1])
+store._next_wal_check = 0.0
+try:
+    store.save(Job("t", id="found-it"))
+except PersistenceError:
+    os._exit(0)  # killed: no close()
+os._exit(1)
+"""
+
+
+def test_a_store_killed_after_its_database_was_removed_leaves_a_clean_path(path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    assert subprocess.run([sys.executable, "-c", BREAKS_AND_DIES, path], env=env, timeout=60).returncode == 0
+    assert side_files(path) == ["-tinymq.lock"]
+    assert jobs_in(path)[0] == []
+
+
+KILLED_OWNER = """
+import os, sys
+from tinymq import Job, SQLitePersistence
+store = SQLitePersistence(sys.argv[1])
+store.save_many([Job("t", id="old-%d" % n) for n in range(100)])
+os._exit(0)  # killed: its commits are in its -wal only
+"""
+
+
+def killed_owner(path):
+    """A store killed after 100 saves: its database, and its -wal that holds them."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    assert subprocess.run([sys.executable, "-c", KILLED_OWNER, path], env=env, timeout=60).returncode == 0
+    assert os.path.getsize(path + "-wal") > 32
+
+
+@pytest.mark.parametrize("wal", ["empty", "header alone"])
+def test_a_wal_and_shm_that_hold_no_commit_beside_a_missing_database_are_removed(path, wal):
+    # (What an older tinymq left beside a database removed under it, or a store killed as it noticed.)
+    other = os.path.join(os.path.dirname(path), "other.db")
+    killed_owner(other)
+    with open(other + "-wal", "rb") as f:
+        header = f.read(32)
+    for suffix, content in (("-wal", b"" if wal == "empty" else header), ("-shm", b"\0" * 32768)):
+        with open(os.open(path + suffix, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
+            f.write(content)
+    assert jobs_in(path)[0] == []
+    assert side_files(path) == ["", "-tinymq.lock"]
+
+
+def test_a_wal_with_commits_beside_a_missing_database_is_still_refused(path):
+    killed_owner(path)
+    os.rename(path, path + ".moved")  # (with its -wal, it is whole again: the -wal is never removed)
+    with open(path + "-wal", "rb") as f:
+        wal = f.read()
+    with pytest.raises(PersistenceError, match="does not exist but its -wal"):
+        SQLitePersistence(path)
+    with open(path + "-wal", "rb") as f:
+        assert f.read() == wal
+    for suffix in ("-wal", "-shm"):
+        os.rename(path + suffix, path + ".moved" + suffix)
+    assert len(jobs_in(path + ".moved")[0]) == 100

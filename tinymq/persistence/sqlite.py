@@ -409,6 +409,7 @@ class SQLitePersistence:
         self._cursor = self._conn.cursor()
         self._wal_path = self._file + "-wal"
         self._wal = _ownership.identity(self._wal_path)  # the -wal our connection writes
+        self._shm = _ownership.identity(self._file + "-shm")  # and its index
         self._next_wal_check = 0.0  # time.monotonic() of the next look at it (see _rescue_wal)
         if sys.version_info >= (3, 11) and hasattr(self._conn, "getlimit"):
             self._max_length = self._conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
@@ -468,8 +469,7 @@ class SQLitePersistence:
             made_database = found is None
             if made_database:
                 if any(beside):
-                    raise PersistenceError(f"{db!r} does not exist but its -wal, -shm or -journal file does: "
-                                           "refused (they belong to another database); remove them")
+                    beside = self._drop_orphans(beside)
                 found = _ownership.create_private(db)
             key = (found.st_dev, found.st_ino)
             made = self._make_side_files(beside)
@@ -503,6 +503,38 @@ class SQLitePersistence:
                 _ownership.unlock(lock_fd)
             raise
         return conn, lock_fd, key
+
+    def _drop_orphans(self, found: Sequence[Optional[os.stat_result]]) -> List[None]:
+        """Remove the side files of a database that does not exist, if they hold nothing (else refuse).
+
+        An empty -wal, or one with a valid header alone, holds no commit; an
+        empty -journal nothing to roll back; a -shm only indexes the -wal. They
+        are what a store leaves beside a database removed under it if it is
+        killed as it removes them (or what an older tinymq left). Anything else
+        may be all that is left of a database moved away, or not SQLite's at
+        all: kept, and refused. Caller holds the lock file.
+        """
+        wal, _, journal = found
+        if not ((wal is None or self._holds_no_commit(wal)) and (journal is None or journal.st_size == 0)):
+            raise PersistenceError(f"{self._file!r} does not exist but its -wal, -shm or -journal file does: "
+                                   "refused (they belong to another database); remove them")
+        for suffix, st in zip(_SIDE_FILES, found):
+            if st is not None and _ownership.identity(self._file + suffix) == (st.st_dev, st.st_ino):
+                try:
+                    os.unlink(self._file + suffix)
+                except OSError as exc:
+                    raise PersistenceError(f"{self._file!r} does not exist and its {suffix} file cannot be "
+                                           f"removed: {exc}") from exc
+        return [None] * len(found)
+
+    def _holds_no_commit(self, wal: os.stat_result) -> bool:
+        """Whether the -wal ``check_file`` found is empty, or SQLite's header of one and nothing else."""
+        if wal.st_size == 0:
+            return True
+        if wal.st_size != _WAL_HEADER:
+            return False
+        header = _ownership.head(self._file + "-wal", wal, _WAL_HEADER + 1)
+        return header is not None and len(header) == _WAL_HEADER and _valid_wal_header(header)
 
     def _make_side_files(self, found: Sequence[Optional[os.stat_result]]) -> Dict[str, os.stat_result]:
         """Create, empty and 0600, each side file that was not there (O_EXCL): the one SQLite opens is ours.
@@ -1003,8 +1035,10 @@ class SQLitePersistence:
         Looked for after a commit, at most every _WAL_CHECK_INTERVAL. SQLite
         reads the old file only through its open descriptor, so what it holds
         ends with this store: nothing more is acknowledged, from this batch on.
-        Its -wal is emptied into it, so that no later open (after a kill) reads
-        those frames into a file put in its place. Caller holds _commit_lock.
+        Its -wal is emptied into it, and then the -wal and -shm are removed from
+        beside the path (our connection keeps them open, for its reads): a -wal
+        without its database must never be read into a file put in its place,
+        and a new store at the path starts clean. Caller holds _commit_lock.
         """
         self._broken = (f"{self!r}: its database file was {what} under this store: what the store held is "
                         "lost when it is closed or the process ends, and no write is saved any more (this "
@@ -1015,6 +1049,14 @@ class SQLitePersistence:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
             logger.warning("persistence %s: could not empty the -wal of the %s file: %s", self.path, what, exc)
+        # (SQLite leaves them: it neither checkpoints nor removes them when it closes a moved database.)
+        for side, ours in ((self._wal_path, self._wal), (self._file + "-shm", self._shm)):
+            if ours is not None and _ownership.identity(side) == ours:
+                try:
+                    os.unlink(side)
+                except OSError as exc:
+                    logger.warning("persistence %s: could not remove %s of the %s file: %s", self.path, side,
+                                   what, exc)
         for unit in batch:
             if unit.done:
                 unit.done = False
@@ -1043,6 +1085,7 @@ class SQLitePersistence:
             self._cursor = self._conn.cursor()
             self._conn.execute(f"UPDATE {_OWNER} SET pid = pid")  # a first commit creates the new -wal
             self._wal = _ownership.identity(self._wal_path)
+            self._shm = _ownership.identity(self._file + "-shm")
             self._owner_row_in_wal_only = False  # (the TRUNCATE checkpoint copied it)
         except (sqlite3.Error, PersistenceError) as exc:
             self._closed = True  # every later call refuses: nothing more can be made durable here
