@@ -5,14 +5,19 @@
    open now removes the lock file (and the database, side files) it made, and nothing else.
 """
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
+import tinymq
 from tinymq import Job, PersistenceError, SQLitePersistence
 from tinymq.persistence._ownership import OwnedError
+
+from test_cli import TIMEOUT, WorkerCLI, producer, project, record, shared_project  # noqa: F401 (fixtures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout whose tinymq is tested
 
@@ -215,3 +220,57 @@ def test_a_wal_with_commits_beside_a_missing_database_is_still_refused(path):
     for suffix in ("-wal", "-shm"):
         os.rename(path + suffix, path + ".moved" + suffix)
     assert len(jobs_in(path + ".moved")[0]) == 100
+
+
+# --- 3. python -u and the worker processes -------------------------------------------------------
+
+# ``python -u -m tinymq worker ...``: the worker processes were started with the interpreter's options
+# that sys.flags shows (-O, -X, -W ...), and -u is not one of them: a job's print() without flush sat
+# in its process's buffer, and showed when the buffer filled or the process exited.
+PRINTS = textwrap.dedent("""
+    from app.shared import queue, record
+
+    @queue.executor("print", timeout=120)
+    def prints(job):
+        print(f"printing {job.id}")  # no flush
+        record.rpush("printed", job.id)
+        while record.blpop(["release"], timeout=1) is None:  # (short waits: the client's read timeout)
+            pass
+""")
+
+
+@pytest.mark.redis
+def test_a_jobs_print_shows_as_it_runs_under_python_u(shared_project, project, producer, record, redis_url,
+                                                      monkeypatch):
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # (-u alone, not the variable children inherit)
+    (project / "app" / "prints.py").write_text(PRINTS)
+    worker = WorkerCLI(project, redis_url, "app.prints:queue", "--workers", 1, command=["-u", "-m", "tinymq"])
+    try:
+        producer.enqueue(Job("print", {}, id="p-1"))
+        assert record.blpop(["printed"], timeout=TIMEOUT) is not None, worker.log()
+        worker.wait_for(r"^printing p-1$", timeout=10)  # (printed before the push: in the pipe already)
+        record.rpush("release", 1)
+        producer.join(timeout=TIMEOUT)
+        worker.signal(signal.SIGTERM)
+        assert worker.wait() == 0, worker.log()
+    finally:
+        worker.kill()
+
+
+@pytest.mark.parametrize("argv, unbuffered", [
+    (["python", "-u", "-m", "tinymq", "worker"], True),
+    (["python", "-Wd", "-Ou", "script.py"], True),
+    (["python", "-X", "dev", "-W", "error", "-u", "-c", "code"], True),
+    (["python", "-m", "tinymq", "-u"], False),  # the module's argument
+    (["python", "-c", "code", "-u"], False),
+    (["python", "-X", "u", "-m", "tinymq"], False),  # -X's value
+    (["python", "-Xu", "-W", "u", "-m", "tinymq"], False),
+    (["python", "--check-hash-based-pycs", "always", "-u", "script.py"], True),
+    (["python", "script.py", "-u"], False),
+    (["python", "-", "-u"], False),
+    (["python"], False),
+])
+def test_minus_u_is_read_from_the_interpreters_own_arguments(argv, unbuffered):
+    from tinymq._worker import _given_unbuffered
+
+    assert _given_unbuffered(argv) is unbuffered
