@@ -274,3 +274,63 @@ def test_minus_u_is_read_from_the_interpreters_own_arguments(argv, unbuffered):
     from tinymq._worker import _given_unbuffered
 
     assert _given_unbuffered(argv) is unbuffered
+
+
+# --- 4. the C stack of the thread that decodes a deep payload --------------------------------------
+
+# JSONSerializer decodes a deep payload (dumps() checks that it decodes again; loads() from deep in its
+# caller's stack) on a thread of its own, started with whatever threading.stack_size() the process had:
+# the application's setting for its own threads. At the depth dumps() accepts (about 9,998 levels on
+# Python 3.13, whose C recursion limit bounds it; 993 on 3.9 to 3.11), the decode takes some 1.3 MiB
+# of C stack on 3.13, 150 KiB on 3.9: an application whose threads have small stacks crashed there
+# (SIGSEGV). Its thread now has a stack of its own size, and the application's setting is put back.
+DEEPEST = """
+import sys, threading
+from tinymq.persistence.serializers import JSONSerializer
+
+serializer = JSONSerializer()
+
+
+def nested(depth):
+    value = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def accepted(depth):
+    try:
+        serializer.dumps(nested(depth))
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+low, high = 1, 1 << 20  # the deepest payload dumps() accepts, found with the process's own stack size
+while high - low > 1:
+    middle = (low + high) // 2
+    low, high = (middle, high) if accepted(middle) else (low, middle)
+threading.stack_size(SMALL)  # the application's threads: small stacks
+text = serializer.dumps(nested(low))
+
+
+def loaded(levels):  # loads() from deep in its caller's stack
+    return loaded(levels - 1) if levels else serializer.loads(text)
+
+
+value, depth = loaded(sys.getrecursionlimit() - 50), 1
+while value:
+    value, depth = value[0], depth + 1
+assert depth == low, (depth, low)
+assert threading.stack_size() == SMALL
+print("decoded", low, "levels", flush=True)
+"""
+
+
+def test_a_payload_at_the_depth_dumps_accepts_decodes_whatever_stack_size_the_application_set():
+    small = 64 * 1024
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-c", DEEPEST.replace("SMALL", str(small))], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    assert result.stdout.startswith("decoded "), result.stdout
