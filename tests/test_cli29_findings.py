@@ -3,6 +3,14 @@
 1. A store refused on a file that is not its to open (another program's database, one a newer
    tinymq wrote) left the lock file it had created beside it (``app.db-tinymq.lock``): a refused
    open now removes the lock file (and the database, side files) it made, and nothing else.
+2. A store that found its database removed or replaced left its -wal and -shm beside the path: a
+   new store there refused to open ("remove them"). It now removes them (they are its own), and a
+   new store removes side files that hold nothing beside a missing database.
+3. ``python -u -m tinymq worker``: the worker processes ran buffered (-u is not in sys.flags).
+4. JSONSerializer decoded a deep payload on a thread with the process's thread stack size: an
+   application's small one crashed it (SIGSEGV) at the depth dumps() accepts.
+5. A file of an older tinymq (no serializer recorded) first opened with the wrong serializer had
+   every row quarantined, and recorded that serializer; it is now refused.
 """
 import os
 import signal
@@ -10,11 +18,13 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 
 import tinymq
 from tinymq import Job, PersistenceError, SQLitePersistence
+from tinymq.persistence import JSONSerializer, PickleSerializer
 from tinymq.persistence._ownership import OwnedError
 
 from test_cli import TIMEOUT, WorkerCLI, producer, project, record, shared_project  # noqa: F401 (fixtures)
@@ -334,3 +344,70 @@ def test_a_payload_at_the_depth_dumps_accepts_decodes_whatever_stack_size_the_ap
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
     assert result.stdout.startswith("decoded "), result.stdout
+
+
+# --- 5. a file of an older tinymq first opened with the wrong serializer ---------------------------
+
+# A file written by a tinymq that did not record its serializer took the serializer of its first
+# owner: given the wrong one, every row was quarantined as corrupt, and that wrong serializer was
+# recorded, so the right one was then refused. Now a first row that does not decode with the store's
+# serializer refuses the file, as a file recorded with another serializer is refused.
+def pickle_serializer():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its warning about loading untrusted files
+        return PickleSerializer()
+
+
+def older_tinymqs_file(path, serializer):
+    """A file as an older tinymq left it: three jobs (the oldest without a payload), no serializer record."""
+    jobs = [Job("t", None, id="a"), Job("t", {"n": 2}, id="b"), Job("t", [3], id="c"), Job("t", {"n": 4}, id="d")]
+    for created, job in enumerate(jobs, 1):
+        job.timestamp = job.run_at = float(created)  # (an older file's rows load by creation)
+    with SQLitePersistence(path, serializer=serializer) as store:
+        store.save_many(jobs[:3])
+        store.mark_dead(jobs[3], "retries_exhausted", "ValueError: 4")
+    connection = sqlite3.connect(path)
+    with connection:
+        connection.execute("DELETE FROM tinymq_settings WHERE name = 'serializer'")
+    connection.close()
+
+
+def contents(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("written_with, opened_with, written_name, opened_name", [
+    (pickle_serializer, JSONSerializer, "PickleSerializer", "JSONSerializer"),
+    (JSONSerializer, pickle_serializer, "JSONSerializer", "PickleSerializer"),
+])
+@pytest.mark.parametrize("read_only", [False, True])
+def test_an_older_tinymqs_file_opened_with_the_wrong_serializer_is_refused(path, written_with, opened_with,
+                                                                          written_name, opened_name, read_only):
+    older_tinymqs_file(path, written_with())
+    before = contents(path)
+    with pytest.raises(PersistenceError) as refused:
+        SQLitePersistence(path, serializer=opened_with(), read_only=read_only)
+    message = str(refused.value)
+    assert f"tinymq.persistence.serializers.{opened_name}" in message, message
+    assert f"look written with tinymq.persistence.serializers.{written_name}" in message, message
+    assert "job row 'b'" in message, message
+    assert contents(path) == before  # nothing quarantined, no serializer recorded
+    with SQLitePersistence(path, serializer=written_with()) as store:
+        assert sorted(job.id for job in store.load_all()) == ["a", "b", "c"]
+        assert store.counts()["corrupt"] == 0 and [dead.job.id for dead in store.dead_jobs()] == ["d"]
+    with pytest.raises(PersistenceError, match=f"written with the serializer tinymq.persistence.serializers."
+                                               f"{written_name}"):
+        SQLitePersistence(path, serializer=opened_with())  # recorded now, by the right one
+
+
+def test_an_older_tinymqs_file_whose_rows_look_like_no_known_serializer_says_which_one_failed(path):
+    older_tinymqs_file(path, JSONSerializer())
+    connection = sqlite3.connect(path)
+    with connection:
+        connection.execute("UPDATE tinymq_jobs SET payload = ? WHERE id = 'b'", (b"\x00\xffmsgpack?",))
+    connection.close()
+    with pytest.raises(PersistenceError, match=r"job row 'b' .*does not decode with tinymq\.persistence\."
+                                               r"serializers\.JSONSerializer") as refused:
+        SQLitePersistence(path)
+    assert "look written with" not in str(refused.value)
