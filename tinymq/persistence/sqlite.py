@@ -482,7 +482,7 @@ class SQLitePersistence:
             # A -journal too: SQLite rolls a hot one back into the database when it opens it.
             beside = [_ownership.check_file(db + suffix, mode="tighten", side=True) for suffix in _SIDE_FILES]
             made_database = found is None
-            if made_database:
+            if found is None:
                 if any(beside):
                     beside = self._drop_orphans(beside)
                 found = _ownership.create_private(db)
@@ -519,7 +519,7 @@ class SQLitePersistence:
             raise
         return conn, lock_fd, key
 
-    def _drop_orphans(self, found: Sequence[Optional[os.stat_result]]) -> List[None]:
+    def _drop_orphans(self, found: Sequence[Optional[os.stat_result]]) -> List[Optional[os.stat_result]]:
         """Remove the side files of a database that does not exist, if they hold nothing (else refuse).
 
         An empty -wal, or one with a valid header alone, holds no commit; an
@@ -540,7 +540,7 @@ class SQLitePersistence:
                 except OSError as exc:
                     raise PersistenceError(f"{self._file!r} does not exist and its {suffix} file cannot be "
                                            f"removed: {exc}") from exc
-        return [None] * len(found)
+        return [None for _ in found]  # (none is there now)
 
     def _holds_no_commit(self, wal: os.stat_result) -> bool:
         """Whether the -wal ``check_file`` found is empty, or SQLite's header of one and nothing else."""
