@@ -115,6 +115,18 @@ def test_a_new_database_whose_open_fails_is_not_left_behind(tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_lock_file_that_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
+    import errno
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)  # (the pid written into the lock file)
+    with pytest.raises(PersistenceError, match="cannot lock the lock file .*No space left"):
+        SQLitePersistence(tmp_path / "jobs.db")
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- 2. the -wal and -shm of a database removed under its owner -----------------------------------
 
 def side_files(path):

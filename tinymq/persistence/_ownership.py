@@ -197,10 +197,13 @@ def lock(path: str) -> Tuple[int, bool]:
             os.ftruncate(fd, _PID_BYTES)
             return fd, created
         except BaseException as exc:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            if created and not isinstance(exc, OwnedError):  # a file we made, that nobody holds: not left behind
+                discard(path, fd)
+            else:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
             if isinstance(exc, OSError):  # a full disk (the pid's write), a filesystem without flock()
                 raise PersistenceError(f"cannot lock the lock file {path!r}: {exc}") from exc
             raise
@@ -282,7 +285,10 @@ def discard(path: str, fd: int) -> None:
     except OSError:
         pass  # left behind: harmless, the next owner takes it
     finally:
-        os.close(fd)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 # -- who is alive ------------------------------------------------------------------

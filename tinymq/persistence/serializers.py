@@ -6,6 +6,7 @@ serialiser decides what a file's author can make this process do: JSON can
 only build plain data; pickle can run arbitrary code.
 """
 import json
+import os
 import pickle
 import sys
 import threading
@@ -35,6 +36,16 @@ _SHORTEST_DEEP = 2 * _FRAMES_MARGIN  # characters: a shorter text nests less tha
 _DECODE_STACK = 16 * 1024 * 1024
 _DECODE_STACK_PER_LEVEL = 512  # ... and more for a recursion limit raised past what that covers
 _stack_size_lock = threading.Lock()  # one decode thread at a time sets and restores the process's stack size
+
+
+def _forget_after_fork() -> None:
+    """In a forked child: no thread of the parent holds the lock any more."""
+    global _stack_size_lock
+    _stack_size_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def _decode_stack_size() -> int:
