@@ -417,6 +417,57 @@ def _pass_on(stream: Optional[TextIO], output: bytes) -> None:
         stream.flush()
 
 
+_OPTIONS_WITH_VALUE = "WX"  # interpreter options whose value follows, in the same argument or the next
+_LAST_OPTIONS = "cm"  # -c and -m end the interpreter's options: the rest is the program's
+_LONG_OPTIONS_WITH_VALUE = ("--check-hash-based-pycs",)
+
+
+def _given_unbuffered(argv: Sequence[str]) -> bool:
+    """Whether the interpreter's own arguments ``argv`` (``sys.orig_argv``) hold ``-u``.
+
+    Read as CPython reads them: letters grouped (``-Ou``), up to the script,
+    ``-c`` or ``-m``; a value of ``-W`` or ``-X`` is no option.
+    """
+    arguments = iter(argv[1:])
+    for argument in arguments:
+        if argument in _LONG_OPTIONS_WITH_VALUE:
+            next(arguments, None)
+            continue
+        if argument in ("-", "--") or not argument.startswith("-"):
+            return False  # stdin, the end of the options, or the script
+        if argument.startswith("--"):
+            continue
+        for index, letter in enumerate(argument[1:], 1):
+            if letter == "u":
+                return True
+            if letter in _LAST_OPTIONS:
+                return False
+            if letter in _OPTIONS_WITH_VALUE:
+                if index == len(argument) - 1:
+                    next(arguments, None)
+                break
+    return False
+
+
+def _interpreter_options() -> List[str]:
+    """The interpreter's options this process was given, for a child: multiprocessing's, and -u.
+
+    ``sys.flags`` does not show -u (the variable PYTHONUNBUFFERED, which the
+    child inherits anyway, neither): the interpreter's own arguments do, from
+    Python 3.10; before, standard streams that write through do (-u or the
+    variable: either way the child runs unbuffered).
+    """
+    options: List[str] = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]  # private: not in typeshed
+    orig_argv = getattr(sys, "orig_argv", None)
+    if orig_argv is not None:
+        unbuffered = _given_unbuffered(orig_argv)
+    else:  # pragma: no cover - Python 3.9
+        unbuffered = any(getattr(stream, "write_through", False) for stream in (sys.__stdout__, sys.__stderr__))
+    if unbuffered:
+        options.append("-u")
+    return options
+
+
 def _exit_description(code: int) -> str:
     if code < 0:
         try:
@@ -438,9 +489,8 @@ class Supervisor:
         self.exit_code = 0
 
     def _command(self, *extra: str) -> List[str]:
-        # With the interpreter's options this command was given (-O, -X, -W...), as multiprocessing does.
-        options = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]  # private: not in typeshed
-        return [sys.executable, *options, "-m", "tinymq", "_worker-child", self.target,
+        # With the interpreter's options this command was given (-O, -X, -W, -u...), as multiprocessing does.
+        return [sys.executable, *_interpreter_options(), "-m", "tinymq", "_worker-child", self.target,
                 "--workers", str(self.workers), "--log-level", self.log_level, *extra]
 
     def check_target(self, wakeup: _SignalWakeup) -> bool:

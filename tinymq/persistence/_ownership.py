@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - Windows: no flock()
     fcntl = None  # type: ignore[assignment]  # (a module or None: every use checks first)
 
 __all__ = ["OwnedError", "LOCK_SUFFIX", "check_file", "identity", "head", "create_private", "lock", "unlock",
-           "this_process", "is_alive", "register", "unregister", "owned_here"]
+           "discard", "this_process", "is_alive", "register", "unregister", "owned_here"]
 
 LOCK_SUFFIX = "-tinymq.lock"
 PRIVATE_MODE = 0o600
@@ -150,8 +150,9 @@ def create_private(path: str) -> os.stat_result:
         os.close(fd)
 
 
-def lock(path: str) -> int:
-    """Open and flock the lock file ``path``; returns its descriptor. OwnedError if it is held.
+def lock(path: str) -> Tuple[int, bool]:
+    """Open and flock the lock file ``path``; returns its descriptor, and whether this call created
+    the file. OwnedError if it is held.
 
     The standard protocol: create it exclusively (0600, no symlink followed) or
     open the existing one without following a symlink and check it is ours;
@@ -162,9 +163,11 @@ def lock(path: str) -> int:
         raise PersistenceError("SQLitePersistence needs flock() (POSIX) to own a file")
     flags = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | os.O_NONBLOCK
     for _ in range(_LOCK_ATTEMPTS):
+        created = True
         try:
             fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, PRIVATE_MODE)
         except FileExistsError:
+            created = False
             try:
                 fd = os.open(path, flags)
             except FileNotFoundError:
@@ -192,12 +195,15 @@ def lock(path: str) -> int:
             # One write: an opener refused meanwhile reads the previous text or ours, never none.
             os.pwrite(fd, f"{os.getpid()}\n".encode().ljust(_PID_BYTES), 0)
             os.ftruncate(fd, _PID_BYTES)
-            return fd
+            return fd, created
         except BaseException as exc:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            if created and not isinstance(exc, OwnedError):  # a file we made, that nobody holds: not left behind
+                discard(path, fd)
+            else:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
             if isinstance(exc, OSError):  # a full disk (the pid's write), a filesystem without flock()
                 raise PersistenceError(f"cannot lock the lock file {path!r}: {exc}") from exc
             raise
@@ -262,6 +268,27 @@ def _read_pid(fd: int) -> Optional[int]:
 def unlock(fd: int) -> None:
     """Release the lock (the file stays: removing it would race with the next owner)."""
     os.close(fd)
+
+
+def discard(path: str, fd: int) -> None:
+    """Remove the lock file ``path`` that ``lock`` created and that ``fd`` holds, then release it.
+
+    For an open refused before it owned anything: the directory is left as it
+    was found. Removed while locked, so no race: an opener that opened this
+    file meanwhile finds, once it has the lock, that the path no longer names
+    it, and tries again (see ``lock``).
+    """
+    try:
+        held = os.fstat(fd)
+        if identity(path) == (held.st_dev, held.st_ino):
+            os.unlink(path)
+    except OSError:
+        pass  # left behind: harmless, the next owner takes it
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 # -- who is alive ------------------------------------------------------------------

@@ -6,6 +6,7 @@ serialiser decides what a file's author can make this process do: JSON can
 only build plain data; pickle can run arbitrary code.
 """
 import json
+import os
 import pickle
 import sys
 import threading
@@ -29,6 +30,26 @@ def _refuse(value: object) -> Any:
 
 _FRAMES_MARGIN = 100  # recursion levels a loader's stack may use on top of a payload's nesting
 _SHORTEST_DEEP = 2 * _FRAMES_MARGIN  # characters: a shorter text nests less than _FRAMES_MARGIN levels
+# The C stack of a decode thread: many times what the deepest payload dumps() accepts takes (the C
+# recursion limit bounds it from Python 3.12, the recursion limit before), whatever the application
+# set with threading.stack_size() for its own threads (small stacks for many threads) ...
+_DECODE_STACK = 16 * 1024 * 1024
+_DECODE_STACK_PER_LEVEL = 512  # ... and more for a recursion limit raised past what that covers
+_stack_size_lock = threading.Lock()  # one decode thread at a time sets and restores the process's stack size
+
+
+def _forget_after_fork() -> None:
+    """In a forked child: no thread of the parent holds the lock any more."""
+    global _stack_size_lock
+    _stack_size_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def _decode_stack_size() -> int:
+    return max(_DECODE_STACK, sys.getrecursionlimit() * _DECODE_STACK_PER_LEVEL)
 
 
 def _decoded_on_a_new_thread(decode: Callable[[str], Any], text: str) -> Any:
@@ -43,7 +64,16 @@ def _decoded_on_a_new_thread(decode: Callable[[str], Any], text: str) -> Any:
             outcome.append((False, exc))
 
     thread = threading.Thread(target=run, name="tinymq-json-decode", daemon=True)
-    thread.start()
+    with _stack_size_lock:  # (a stack size applies to the threads started while it is set)
+        try:
+            previous: Optional[int] = threading.stack_size(_decode_stack_size())
+        except (ValueError, RuntimeError):  # a platform that cannot set it: its default
+            previous = None
+        try:
+            thread.start()
+        finally:
+            if previous is not None:
+                threading.stack_size(previous)
     thread.join()
     ok, value = outcome[0]
     if not ok:

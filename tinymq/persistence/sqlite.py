@@ -46,7 +46,7 @@ from ..job import _is_utf8 as _storable  # (SQLite stores text as UTF-8)
 from . import _ownership
 from ._ownership import LOCK_SUFFIX, OwnedError
 from ._protocol import Serializer
-from .serializers import JSONSerializer
+from .serializers import JSONSerializer, PickleSerializer
 
 __all__ = ["SQLitePersistence", "DeadJob"]
 
@@ -192,6 +192,7 @@ _CACHE_LIMIT = 256  # retry configs remembered by identity / by text
 _STATEMENT_CACHE = 512  # prepared statements per connection: merged ones come in many sizes
 _CHECKPOINT_PAGES = 10_000  # about 10 MiB of WAL with 1 KiB pages
 _MAX_MERGED_ROWS = 256  # rows per merged statement, well under the bound-variable limit
+_PICKLE_PROTOCOL_OPCODE = b"\x80"  # how a pickle of protocol 2 or later begins
 
 Statement = Tuple[str, Any]  # (sql, parameters)
 
@@ -291,8 +292,22 @@ def _valid_wal_header(header: bytes) -> bool:
 
 def _serializer_name(serializer: object) -> str:
     """How a file records the serializer that writes its payloads: its class's module and qualified name."""
-    cls = type(serializer)
+    return _class_name(type(serializer))
+
+
+def _class_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _written_with(payload: object) -> Optional[str]:
+    """The built-in serializer a stored payload looks written with (never unpickled to tell), or None."""
+    if isinstance(payload, bytes) and payload[:1] == _PICKLE_PROTOCOL_OPCODE:
+        return _class_name(PickleSerializer)
+    try:
+        json.loads(payload)  # type: ignore[arg-type]  # (a str or bytes: what sqlite3 returns)
+    except Exception:  # (RecursionError too: a guess only)
+        return None
+    return _class_name(JSONSerializer)
 
 
 def _checkpointed(conn: sqlite3.Connection, mode: str) -> bool:
@@ -397,9 +412,9 @@ class SQLitePersistence:
         self._pid = os.getpid()
         self._seq = itertools.count(1).__next__  # each row's place in the order of saves (see _prepare)
         if read_only:
-            other = self._reading(self._check_schema)  # fail now if it cannot be read
-            if other is not None:
-                raise self._other_serializer(other)
+            refusal = self._reading(self._check_schema)  # fail now if it cannot be read
+            if refusal is not None:
+                raise refusal
             return
         # Invariant: only the holder of _commit_lock uses _conn and _cursor.
         self._commit_lock = threading.Lock()
@@ -409,6 +424,7 @@ class SQLitePersistence:
         self._cursor = self._conn.cursor()
         self._wal_path = self._file + "-wal"
         self._wal = _ownership.identity(self._wal_path)  # the -wal our connection writes
+        self._shm = _ownership.identity(self._file + "-shm")  # and its index
         self._next_wal_check = 0.0  # time.monotonic() of the next look at it (see _rescue_wal)
         if sys.version_info >= (3, 11) and hasattr(self._conn, "getlimit"):
             self._max_length = self._conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
@@ -460,15 +476,15 @@ class SQLitePersistence:
         found = _ownership.check_file(db, mode="keep")  # a look, changing nothing: not ours yet
         if found is not None:
             _ownership.owned_here((found.st_dev, found.st_ino), self.path)
-        lock_fd = _ownership.lock(db + LOCK_SUFFIX)
+        lock_fd, lock_made = _ownership.lock(db + LOCK_SUFFIX)
         try:
             found = _ownership.check_file(db, mode="tighten")
             # A -journal too: SQLite rolls a hot one back into the database when it opens it.
             beside = [_ownership.check_file(db + suffix, mode="tighten", side=True) for suffix in _SIDE_FILES]
+            made_database = found is None
             if found is None:
                 if any(beside):
-                    raise PersistenceError(f"{db!r} does not exist but its -wal, -shm or -journal file does: "
-                                           "refused (they belong to another database); remove them")
+                    beside = self._drop_orphans(beside)
                 found = _ownership.create_private(db)
             key = (found.st_dev, found.st_ino)
             made = self._make_side_files(beside)
@@ -489,11 +505,51 @@ class SQLitePersistence:
             except BaseException:
                 _ownership.unregister(key)
                 self._drop_empty(made, _SIDE_FILES)
+                if made_database and _ownership.identity(db) == key:  # (a refused open leaves nothing it made)
+                    try:
+                        os.unlink(db)
+                    except OSError:
+                        pass
                 raise
         except BaseException:
-            _ownership.unlock(lock_fd)
+            if lock_made:
+                _ownership.discard(db + LOCK_SUFFIX, lock_fd)
+            else:
+                _ownership.unlock(lock_fd)
             raise
         return conn, lock_fd, key
+
+    def _drop_orphans(self, found: Sequence[Optional[os.stat_result]]) -> List[Optional[os.stat_result]]:
+        """Remove the side files of a database that does not exist, if they hold nothing (else refuse).
+
+        An empty -wal, or one with a valid header alone, holds no commit; an
+        empty -journal nothing to roll back; a -shm only indexes the -wal. They
+        are what a store leaves beside a database removed under it if it is
+        killed as it removes them (or what an older tinymq left). Anything else
+        may be all that is left of a database moved away, or not SQLite's at
+        all: kept, and refused. Caller holds the lock file.
+        """
+        wal, _, journal = found
+        if not ((wal is None or self._holds_no_commit(wal)) and (journal is None or journal.st_size == 0)):
+            raise PersistenceError(f"{self._file!r} does not exist but its -wal, -shm or -journal file does: "
+                                   "refused (they belong to another database); remove them")
+        for suffix, st in zip(_SIDE_FILES, found):
+            if st is not None and _ownership.identity(self._file + suffix) == (st.st_dev, st.st_ino):
+                try:
+                    os.unlink(self._file + suffix)
+                except OSError as exc:
+                    raise PersistenceError(f"{self._file!r} does not exist and its {suffix} file cannot be "
+                                           f"removed: {exc}") from exc
+        return [None for _ in found]  # (none is there now)
+
+    def _holds_no_commit(self, wal: os.stat_result) -> bool:
+        """Whether the -wal ``check_file`` found is empty, or SQLite's header of one and nothing else."""
+        if wal.st_size == 0:
+            return True
+        if wal.st_size != _WAL_HEADER:
+            return False
+        header = _ownership.head(self._file + "-wal", wal, _WAL_HEADER + 1)
+        return header is not None and len(header) == _WAL_HEADER and _valid_wal_header(header)
 
     def _make_side_files(self, found: Sequence[Optional[os.stat_result]]) -> Dict[str, os.stat_result]:
         """Create, empty and 0600, each side file that was not there (O_EXCL): the one SQLite opens is ours.
@@ -545,9 +601,9 @@ class SQLitePersistence:
                                        f"{_TABLE} table; refused, and left as it was (a store needs a file of its own)")
             if version > _SCHEMA_VERSION:
                 raise self._newer_schema(version)
-            other = self._other_serializer_of(conn)
-            if other is not None:  # each row would be quarantined as corrupt at load_all
-                raise self._other_serializer(other)
+            refusal = self._serializer_refusal(conn)
+            if refusal is not None:  # each row would be quarantined as corrupt at load_all
+                raise refusal
             # Rows are small: 1 KiB pages make each commit append a quarter of the WAL
             # bytes of the default 4 KiB (ignored for an existing file).
             conn.execute("PRAGMA page_size=1024")
@@ -675,8 +731,8 @@ class SQLitePersistence:
             return None  # frames after a header SQLite reads (or replaced since the look): the WAL way
         return database, (wal.st_dev, wal.st_ino, wal.st_size, wal.st_mtime_ns, header)
 
-    def _check_schema(self, conn: sqlite3.Connection) -> Optional[str]:
-        """PersistenceError if ``conn`` is no store this one reads; else ``_other_serializer_of(conn)``."""
+    def _check_schema(self, conn: sqlite3.Connection) -> Optional[PersistenceError]:
+        """PersistenceError if ``conn`` is no store this one reads; else ``_serializer_refusal(conn)``."""
         try:
             found = conn.execute("SELECT count(*) FROM sqlite_master WHERE name = ?", (_TABLE,)).fetchone()[0]
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -687,24 +743,38 @@ class SQLitePersistence:
         if version > _SCHEMA_VERSION:  # as the owner refuses it: its rows may mean other things
             raise self._newer_schema(version)
         try:
-            return self._other_serializer_of(conn)
+            return self._serializer_refusal(conn)
         except sqlite3.Error as exc:
             raise PersistenceError(f"cannot read {self.path!r}: {exc}") from exc
 
-    def _other_serializer_of(self, conn: sqlite3.Connection) -> Optional[str]:
-        """The serializer the file records when it is not ours and the file holds a job row; else None.
+    def _serializer_refusal(self, conn: sqlite3.Connection) -> Optional[PersistenceError]:
+        """Why this store's serializer would misread the file's rows, or None. Reads, changes nothing.
 
-        A file with no record (new, or an older tinymq's) or no row can be written with any.
+        The file records another serializer and holds a job row; or it records
+        none (an older tinymq's) and its first row with a payload does not
+        decode with ours. A new file, or one with no row, can be written with any.
         """
-        if not self._checks_serializer or not conn.execute(
-                "SELECT count(*) FROM sqlite_master WHERE name = ?", (_SETTINGS,)).fetchone()[0]:
+        if not self._checks_serializer:
             return None
-        recorded = conn.execute(f"SELECT value FROM {_SETTINGS} WHERE name = 'serializer'").fetchone()
-        if recorded is None or recorded[0] == self._serializer_name:
+        recorded = None
+        if conn.execute("SELECT count(*) FROM sqlite_master WHERE name = ?", (_SETTINGS,)).fetchone()[0]:
+            recorded = conn.execute(f"SELECT value FROM {_SETTINGS} WHERE name = 'serializer'").fetchone()
+        if recorded is not None:
+            if recorded[0] == self._serializer_name or not conn.execute(
+                    f"SELECT EXISTS (SELECT 1 FROM {_TABLE})").fetchone()[0]:
+                return None
+            return self._other_serializer(str(recorded[0]))
+        if not conn.execute("SELECT count(*) FROM sqlite_master WHERE name = ?", (_TABLE,)).fetchone()[0]:
+            return None  # a new file
+        first = conn.execute(f"SELECT id, payload FROM {_TABLE} WHERE payload IS NOT NULL AND state <> 'corrupt' "
+                             "ORDER BY timestamp LIMIT 1").fetchone()
+        if first is None:
             return None
-        if not conn.execute(f"SELECT EXISTS (SELECT 1 FROM {_TABLE})").fetchone()[0]:
-            return None
-        return str(recorded[0])
+        try:
+            self.serializer.loads(first[1])
+        except Exception as exc:
+            return self._unrecorded_serializer(first[0], first[1], exc)
+        return None
 
     def _other_serializer(self, recorded: str) -> PersistenceError:
         return PersistenceError(
@@ -712,6 +782,15 @@ class SQLitePersistence:
             f"{self._serializer_name} ({self.serializer!r}), which would misread them: refused, the file is "
             f"left as it was; open it with a {recorded.rpartition('.')[2]} (a serializer is known by its "
             "class's module and qualified name)")
+
+    def _unrecorded_serializer(self, job_id: object, payload: object, error: Exception) -> PersistenceError:
+        guess = _written_with(payload)
+        looks = "" if guess is None or guess == self._serializer_name else f"; its rows look written with {guess}"
+        return PersistenceError(
+            f"{self.path!r} records no serializer (an older tinymq wrote it), and its first job row {job_id!r} "
+            f"does not decode with {self._serializer_name} ({self.serializer!r}): {type(error).__name__}: "
+            f"{error}{looks}. Refused, nothing quarantined, the file is left as it was: open it with the "
+            "serializer that wrote it (it is recorded then)")
 
     def _newer_schema(self, version: int) -> PersistenceError:
         return PersistenceError(f"{self.path!r} has schema version {version}, written by a newer tinymq; "
@@ -994,8 +1073,10 @@ class SQLitePersistence:
         Looked for after a commit, at most every _WAL_CHECK_INTERVAL. SQLite
         reads the old file only through its open descriptor, so what it holds
         ends with this store: nothing more is acknowledged, from this batch on.
-        Its -wal is emptied into it, so that no later open (after a kill) reads
-        those frames into a file put in its place. Caller holds _commit_lock.
+        Its -wal is emptied into it, and then the -wal and -shm are removed from
+        beside the path (our connection keeps them open, for its reads): a -wal
+        without its database must never be read into a file put in its place,
+        and a new store at the path starts clean. Caller holds _commit_lock.
         """
         self._broken = (f"{self!r}: its database file was {what} under this store: what the store held is "
                         "lost when it is closed or the process ends, and no write is saved any more (this "
@@ -1006,6 +1087,14 @@ class SQLitePersistence:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
             logger.warning("persistence %s: could not empty the -wal of the %s file: %s", self.path, what, exc)
+        # (SQLite leaves them: it neither checkpoints nor removes them when it closes a moved database.)
+        for side, ours in ((self._wal_path, self._wal), (self._file + "-shm", self._shm)):
+            if ours is not None and _ownership.identity(side) == ours:
+                try:
+                    os.unlink(side)
+                except OSError as exc:
+                    logger.warning("persistence %s: could not remove %s of the %s file: %s", self.path, side,
+                                   what, exc)
         for unit in batch:
             if unit.done:
                 unit.done = False
@@ -1034,6 +1123,7 @@ class SQLitePersistence:
             self._cursor = self._conn.cursor()
             self._conn.execute(f"UPDATE {_OWNER} SET pid = pid")  # a first commit creates the new -wal
             self._wal = _ownership.identity(self._wal_path)
+            self._shm = _ownership.identity(self._file + "-shm")
             self._owner_row_in_wal_only = False  # (the TRUNCATE checkpoint copied it)
         except (sqlite3.Error, PersistenceError) as exc:
             self._closed = True  # every later call refuses: nothing more can be made durable here
