@@ -566,6 +566,33 @@ def test_an_attempt_started_on_an_idle_loop_runs_inside_a_task(make):
     assert (stats.jobs_succeeded, stats.jobs_failed) == (3, 0)
 
 
+def test_a_task_whose_attempt_asked_it_to_cancel_ends_cancelled_as_it_returns(make):
+    """In asyncio, a cancel that a task's coroutine asks of that task and that has not come when it
+    returns ends the task, cancelled. The attempt's runner task went on instead, running other jobs
+    (and the cancel was taken from it by reading asyncio's private ``Task._must_cancel``)."""
+    q = make()
+    failed = failures(q)
+    ended = Recorder()
+
+    async def run(job):
+        if job.payload == "first":
+            task = asyncio.current_task()
+            task.add_done_callback(lambda done: ended.add(done.cancelled()))
+            task.cancel()  # and returns before the cancel comes
+            return
+        await asyncio.sleep(0)
+
+    q.register_executor("a", run, ExecutorConfig(max_concurrent_jobs=1))
+    q.enqueue(Job("a", "first", retry_config=NO_RETRY))
+    q.enqueue(Job("a", "second", retry_config=NO_RETRY))
+    q.start_dispatcher()
+    assert q.join(WAIT)
+    assert ended.wait_for(1)
+    assert ended.items == [True]
+    assert failed.items == []
+    assert q.get_stats().jobs_succeeded == 2
+
+
 class _AsyncioErrors(logging.Handler):
     """The records asyncio logs (a task destroyed pending, an exception never retrieved)."""
 
