@@ -20,10 +20,11 @@ an idle runner starts its attempt in that same pass of the loop. Timeouts, cance
 stop cancel the runner's task while it is inside that attempt (``running``,
 checked on the loop); the runner takes the CancelledError as the attempt's end
 and goes on. A runner's context variables carry over from one of its attempts
-to the next, as in any long-lived task. An attempt that asked its task
-(``asyncio.current_task()``) to cancel is its runner's last: the runner ends, and a
-cancel that has not come when the attempt returns ends that task, as in asyncio,
-never a later attempt; a new runner takes the next job (``_RunnerTask``, ``_run``).
+to the next, as in any long-lived task. An attempt that may have left a way to
+cancel its task (``asyncio.current_task()``: a cancel it asked that has not come,
+a timer armed to cancel it, a reference kept) is its runner's last: the runner
+ends, and a cancel still to come ends that task, as in asyncio, never a later
+attempt; a new runner takes the next job (``_RunnerTask``, ``_run``).
 
 Deadlines: one loop timer for all attempts, armed for the earliest deadline
 it knows of; an attempt that starts with an earlier one re-arms it, and when
@@ -43,6 +44,7 @@ import sys
 import threading
 import time
 import types
+import weakref
 from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
@@ -65,6 +67,11 @@ _NO_DEADLINE = float("inf")
 LOOP_LATE = 0.25
 monotonic = core.monotonic  # the clock of loop.time() and of the core's deadlines
 _COROUTINE = types.CoroutineType
+try:
+    from sys import getrefcount
+except ImportError:  # no reference counts (not CPython): no runner's task is known to be held by it alone
+    def getrefcount(obj: Any, /) -> int:
+        return -1
 
 
 class _Attempt:
@@ -467,13 +474,22 @@ class LoopRunner:
         attempt, and the runner takes the CancelledError as the attempt's end.
         The attempt is run here, not in a coroutine of its own: one less per job.
 
-        A cancel of the task an attempt ran on must never reach a later attempt: after an
-        attempt that asked its task to cancel (``cancel_asked``), the runner ends (its task
-        with it, cancelled if the cancel is still to come) and a new runner takes the next job.
+        A cancel of the task an attempt ran on must never reach a later attempt. An attempt
+        can cancel its task only through a cancel asked before it returned (``cancel_asked``)
+        or a reference to the task (``asyncio.current_task()``) kept somewhere, strong or weak:
+        a timer armed to cancel it, a variable. After each attempt the runner looks at both;
+        if either is there, it ends (its task with it, cancelled if a cancel is still to come)
+        and a new runner takes the next job.
         """
         todo, idle, attempts, dispatcher = self._todo, self._idle, self._attempts, self.dispatcher
         marks = self.ready.cancel_marks  # empty unless a cancel waits for a job's holder
         task: _RunnerTask = asyncio.current_task()  # type: ignore[assignment]
+        # Its references while nothing but the runner holds it, as counted here: this frame's, asyncio's
+        # while it runs one of its steps, the count's own; after an attempt, the attempt's too
+        # (_Attempt.task). Its weak ones: asyncio's registry of tasks, on some Pythons. Anything else
+        # that holds it (a debugger too) costs a new runner, never a cancel in the wrong attempt.
+        references, weak_references = getrefcount(task) + 1, weakref.getweakrefcount(task)
+        references_of, weak_references_of = getrefcount, weakref.getweakrefcount
         coming = True  # woken or started for a job in _todo (counted in _coming)
         in_a_row = 0
         while not self._closing:
@@ -554,8 +570,9 @@ class LoopRunner:
                 while task.cancelling():  # 3.11+: the runner is not being cancelled itself
                     task.uncancel()
             self._finished(attempt, error, ours)
-            if task.cancel_asked:
-                # The attempt's cancel may still come: the runner ends, and the next job is
+            if (task.cancel_asked or references_of(task) != references
+                    or weak_references_of(task) != weak_references):
+                # The attempt may cancel this task later: the runner ends, and the next job is
                 # another runner's (one already coming, an idle one woken, or a new one).
                 if not self._closing and (todo or self._take()):
                     self._call_runners()
