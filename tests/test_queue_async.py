@@ -9,6 +9,7 @@ import inspect
 import logging
 import threading
 import time
+import weakref
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -564,6 +565,106 @@ def test_an_attempt_started_on_an_idle_loop_runs_inside_a_task(make):
     assert sorted(seen.items) == [(0, True), (1, True), (2, True)]
     stats = q.get_stats()
     assert (stats.jobs_succeeded, stats.jobs_failed) == (3, 0)
+
+
+@pytest.mark.parametrize("kept", ["a bound method", "a weak reference"])
+def test_a_cancel_of_the_task_an_attempt_ran_on_never_reaches_a_later_attempt(make, kept):
+    """Runner tasks run attempt after attempt. An attempt that keeps a way to cancel "its task" (what
+    a timer armed with ``loop.call_later(t, asyncio.current_task().cancel)`` holds), used once a later
+    job runs: that job ran on the same task, and was cancelled (a failure, CancelledError)."""
+    q = make()
+    failed = failures(q)
+    ran = Recorder()
+    kept_by_the_first = []
+
+    async def run(job):
+        if job.payload == "first":
+            task = asyncio.current_task()
+            kept_by_the_first.append(task.cancel if kept == "a bound method" else weakref.ref(task))
+            return
+        released = asyncio.Event()
+
+        def fire():  # the first attempt's timer, firing while this one runs
+            way = kept_by_the_first[0]
+            if kept == "a bound method":
+                way()
+            elif way() is not None:
+                way().cancel()
+            released.set()
+
+        asyncio.get_running_loop().call_soon(fire)
+        await released.wait()
+        ran.add(job.payload)
+
+    q.register_executor("a", run, ExecutorConfig(max_concurrent_jobs=1))  # one runner: the second job
+    q.enqueue(Job("a", "first", retry_config=NO_RETRY))                    # comes to the first's
+    q.enqueue(Job("a", "second", retry_config=NO_RETRY))
+    q.start_dispatcher()
+    assert q.join(WAIT)
+    assert failed.items == []
+    assert ran.items == ["second"]
+
+
+def test_a_timer_an_attempt_armed_to_cancel_its_own_task_fires_into_no_later_attempt():
+    """``loop.call_later(t, asyncio.current_task().cancel)``, the attempt returning before it fires:
+    the next job, which its runner took at once, was cancelled by it."""
+    q = Queue(10)
+    failed = failures(q)
+    ran = Recorder()
+    released = []
+
+    async def run(job):
+        loop = asyncio.get_running_loop()
+        if job.payload == "first":
+            task = asyncio.current_task()
+            released.append(asyncio.Event())
+
+            def fire():  # a watchdog of the first attempt, left armed: it fires as the second runs
+                task.cancel()
+                released[0].set()
+
+            loop.call_later(0, fire)
+            return
+        await released[0].wait()
+        ran.add(job.payload)
+
+    q.register_executor("a", run, ExecutorConfig(max_concurrent_jobs=1))
+    q.enqueue(Job("a", "first", retry_config=NO_RETRY))
+    q.enqueue(Job("a", "second", retry_config=NO_RETRY))
+    q.start_dispatcher()
+    try:
+        assert q.join(WAIT)
+    finally:
+        q.stop()
+    assert failed.items == []
+    assert ran.items == ["second"]
+
+
+def test_a_task_whose_attempt_asked_it_to_cancel_ends_cancelled_as_it_returns(make):
+    """In asyncio, a cancel that a task's coroutine asks of that task and that has not come when it
+    returns ends the task, cancelled. The attempt's runner task went on instead, running other jobs
+    (and the cancel was taken from it by reading asyncio's private ``Task._must_cancel``)."""
+    q = make()
+    failed = failures(q)
+    ended = Recorder()
+
+    async def run(job):
+        if job.payload == "first":
+            task = asyncio.current_task()
+            task.add_done_callback(lambda done: ended.add(done.cancelled()))
+            task.cancel()  # and returns before the cancel comes
+            return
+        await asyncio.sleep(0)
+
+    q.register_executor("a", run, ExecutorConfig(max_concurrent_jobs=1))
+    q.enqueue(Job("a", "first", retry_config=NO_RETRY))
+    q.enqueue(Job("a", "second", retry_config=NO_RETRY))
+    q.start_dispatcher()
+    assert q.join(WAIT)
+    assert ended.wait_for(1)
+    assert ended.items == [True]
+    assert failed.items == []
+    assert q.get_stats().jobs_succeeded == 2
 
 
 class _AsyncioErrors(logging.Handler):

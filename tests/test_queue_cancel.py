@@ -237,6 +237,54 @@ def test_cancel_races_with_start_success_and_timeout(kind):
         assert stats.jobs_succeeded + stats.jobs_failed + stats.jobs_cancelled == n
 
 
+def test_cancels_coroutines_ask_of_their_own_tasks_never_land_in_another_attempt():
+    """As above, with coroutines that, as they return, ask their task to cancel or arm a timer to
+    cancel it later: runner tasks run attempt after attempt, and such a cancel landed in whatever
+    attempt its runner ran when it came (a job that nothing cancelled failed with CancelledError)."""
+    rng = random.Random(29)
+    n = 400
+    with Queue(config=Config(buffer_size=n)) as q:
+        reports = Counter()
+        reasons = {}
+        lock = threading.Lock()
+
+        def on_failure(job, reason, exc):
+            with lock:
+                reports[job.id] += 1
+                reasons[job.id] = (reason, type(exc).__name__)
+
+        q.on_failure(on_failure)
+
+        async def run(job):
+            how, delay, timer = job.payload
+            await asyncio.sleep(delay)
+            if how == "asks a cancel":
+                asyncio.current_task().cancel()  # and returns before it comes
+            elif how == "arms a timer":
+                asyncio.get_running_loop().call_later(timer, asyncio.current_task().cancel)
+
+        q.register_executor("a", run, ExecutorConfig(max_concurrent_jobs=4, timeout=0.003))
+        q.start_dispatcher(workers=1)
+        jobs = [q.enqueue(Job("a", (rng.choice(["returns", "asks a cancel", "arms a timer"]),
+                                    rng.choice([0.0, 0.001, 0.002, 0.004]), rng.random() * 0.003),
+                              retry_config=RetryConfig(max_retries=0)))
+                for _ in range(n)]
+        cancelled = set()
+        for job in jobs:
+            time.sleep(rng.random() * 0.001)
+            if rng.random() < 0.3 and q.cancel(job.id):
+                cancelled.add(job.id)
+        assert q.join(WAIT * 3)
+        stats = q.get_stats()
+        assert all(count == 1 for count in reports.values())
+        assert {job_id for job_id, (reason, _) in reasons.items() if reason == "cancelled"} == cancelled
+        # what was not cancelled only ever timed out (its coroutine slept past the timeout)
+        assert {why for job_id, why in reasons.items() if job_id not in cancelled} <= {
+            ("retries_exhausted", "JobTimeout")}
+        assert stats.jobs_cancelled == len(cancelled)
+        assert stats.jobs_succeeded + stats.jobs_failed + stats.jobs_cancelled == n
+
+
 def test_stress_threads_and_coroutines_with_cancels_from_other_threads():
     limits = {"t1": 2, "t2": 3, "a1": 4, "a2": 50}
     running = Counter()

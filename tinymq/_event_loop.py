@@ -20,9 +20,11 @@ an idle runner starts its attempt in that same pass of the loop. Timeouts, cance
 stop cancel the runner's task while it is inside that attempt (``running``,
 checked on the loop); the runner takes the CancelledError as the attempt's end
 and goes on. A runner's context variables carry over from one of its attempts
-to the next, as in any long-lived task. A cancel that an attempt asks of its task
-(``asyncio.current_task()``) and that has not come when it returns is dropped
-before the next attempt (``_drop_cancel``).
+to the next, as in any long-lived task. An attempt that may have left a way to
+cancel its task (``asyncio.current_task()``: a cancel it asked that has not come,
+a timer armed to cancel it, a reference kept) is its runner's last: the runner
+ends, and a cancel still to come ends that task, as in asyncio, never a later
+attempt; a new runner takes the next job (``_RunnerTask``, ``_run``).
 
 Deadlines: one loop timer for all attempts, armed for the earliest deadline
 it knows of; an attempt that starts with an earlier one re-arms it, and when
@@ -42,6 +44,7 @@ import sys
 import threading
 import time
 import types
+import weakref
 from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
@@ -64,6 +67,11 @@ _NO_DEADLINE = float("inf")
 LOOP_LATE = 0.25
 monotonic = core.monotonic  # the clock of loop.time() and of the core's deadlines
 _COROUTINE = types.CoroutineType
+try:
+    from sys import getrefcount
+except ImportError:  # no reference counts (not CPython): no runner's task is known to be held by it alone
+    def getrefcount(obj: Any, /) -> int:
+        return -1
 
 
 class _Attempt:
@@ -77,7 +85,7 @@ class _Attempt:
         self.job = job
         self.state = state
         self.context = context
-        self.task = task  # the runner's task that runs it
+        self.task = task  # the runner's task that runs it (a _RunnerTask)
         self.started = started  # monotonic, as loop.time(): its duration is counted per type (from the call)
         self.deadline = deadline  # monotonic; +inf without a timeout, and until the function is called
         self.running = False  # loop thread only: its runner is inside it (awaiting its coroutine)
@@ -87,6 +95,26 @@ class _Attempt:
         self.cancel_requested = False  # loop thread only: the runner's task.cancel() was called for it
         # None while undecided; then "returned", "timed_out", "cancelled" or "stopped"
         self.decided: Optional[str] = None
+
+
+class _RunnerTask(asyncio.Task):  # type: ignore[type-arg]
+    """A runner's task (``LoopRunner._run``), which knows whether anything but its runner asked it to
+    cancel: an attempt that asked "its task" to (``asyncio.current_task().cancel()``), a timer one
+    armed, the loop's shutdown."""
+
+    __slots__ = ("cancel_asked",)
+
+    def __init__(self, coroutine: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.cancel_asked = False
+        super().__init__(coroutine, loop=loop)
+
+    def cancel(self, msg: Any = None) -> bool:
+        self.cancel_asked = True
+        return super().cancel(msg)
+
+    def cancel_attempt(self) -> bool:
+        """The runner's own cancel of the attempt it is inside: a timeout, Queue.cancel(), stop()."""
+        return super().cancel()
 
 
 class _Wakeup:
@@ -436,7 +464,7 @@ class LoopRunner:
                     self.loop.call_soon(waiting.resume)
                     break
             else:
-                self.loop.create_task(self._run())
+                _RunnerTask(self._run(), self.loop)
 
     async def _run(self) -> None:
         """A runner: runs attempts from ``_todo`` one after another; idles on a future when none.
@@ -445,10 +473,23 @@ class LoopRunner:
         timeout or a cancel cancels the runner's task while it awaits that
         attempt, and the runner takes the CancelledError as the attempt's end.
         The attempt is run here, not in a coroutine of its own: one less per job.
+
+        A cancel of the task an attempt ran on must never reach a later attempt. An attempt
+        can cancel its task only through a cancel asked before it returned (``cancel_asked``)
+        or a reference to the task (``asyncio.current_task()``) kept somewhere, strong or weak:
+        a timer armed to cancel it, a variable. After each attempt the runner looks at both;
+        if either is there, it ends (its task with it, cancelled if a cancel is still to come)
+        and a new runner takes the next job.
         """
         todo, idle, attempts, dispatcher = self._todo, self._idle, self._attempts, self.dispatcher
         marks = self.ready.cancel_marks  # empty unless a cancel waits for a job's holder
-        task = asyncio.current_task()
+        task: _RunnerTask = asyncio.current_task()  # type: ignore[assignment]
+        # Its references while nothing but the runner holds it, as counted here: this frame's, asyncio's
+        # while it runs one of its steps, the count's own; after an attempt, the attempt's too
+        # (_Attempt.task). Its weak ones: asyncio's registry of tasks, on some Pythons. Anything else
+        # that holds it (a debugger too) costs a new runner, never a cancel in the wrong attempt.
+        references, weak_references = getrefcount(task) + 1, weakref.getweakrefcount(task)
+        references_of, weak_references_of = getrefcount, weakref.getweakrefcount
         coming = True  # woken or started for a job in _todo (counted in _coming)
         in_a_row = 0
         while not self._closing:
@@ -525,30 +566,22 @@ class LoopRunner:
             except BaseException as exc:  # the attempt's failure, whatever it is
                 error = exc
             attempt.running = False
-            if attempt.cancel_requested and sys.version_info >= (3, 11) and task is not None:
+            if attempt.cancel_requested and sys.version_info >= (3, 11):
                 while task.cancelling():  # 3.11+: the runner is not being cancelled itself
                     task.uncancel()
             self._finished(attempt, error, ours)
-            if task is not None and getattr(task, "_must_cancel", False):  # the attempt asked "its task" to
-                await self._drop_cancel(task)  # cancel, then returned: the cancel was its own, not the next job's
+            if (task.cancel_asked or references_of(task) != references
+                    or weak_references_of(task) != weak_references):
+                # The attempt may cancel this task later: the runner ends, and the next job is
+                # another runner's (one already coming, an idle one woken, or a new one).
+                if not self._closing and (todo or self._take()):
+                    self._call_runners()
+                return
             in_a_row += 1
             if in_a_row >= _DRAIN_BATCH:  # attempts that never suspend: let the loop breathe
                 in_a_row = 0
                 self._quiet = not logger.isEnabledFor(logging.DEBUG)
                 await asyncio.sleep(0)
-
-    @staticmethod
-    async def _drop_cancel(task: "asyncio.Task[Any]") -> None:
-        """Between two attempts: take the cancel still pending on the runner's task (a coroutine called
-        ``asyncio.current_task().cancel()`` and returned before it came). In asyncio such a cancel ends
-        that task and nothing else; this task goes on to run the next job."""
-        try:
-            await asyncio.sleep(0)
-        except asyncio.CancelledError:
-            pass
-        if sys.version_info >= (3, 11):
-            while task.cancelling():
-                task.uncancel()
 
     def _finished(self, attempt: _Attempt, error: Optional[BaseException], ours: bool) -> None:
         """The attempt has ended (unwound): report what was not decided yet, its slot freed in the
@@ -719,7 +752,7 @@ class LoopRunner:
         """On the loop: cancel the runner's task while, and only while, it is inside ``attempt``."""
         if attempt.running and not attempt.cancel_requested:
             attempt.cancel_requested = True
-            attempt.task.cancel()
+            attempt.task.cancel_attempt()
 
     def wait_finished(self, deadline: Optional[float], undecided_only: bool) -> bool:
         """Wait until no undecided attempt runs (not ``undecided_only``: nor one that stop()
