@@ -6,6 +6,13 @@ the Prometheus exporter).
    queues of the collector, and every other collector of the registry (the process's own
    metrics), were lost with it, just while Redis was down. Such a queue is now left out of
    that scrape (logged as a WARNING), and the rest is scraped as usual.
+2. Over Redis, a tick of an ``every`` schedule lying more than 3 hours ahead of the server's
+   clock (the grid is on the server's clock: the server's clock was set back, a wrong clock
+   corrected or a failover to a host whose clock differs) was claimed once by each process:
+   the rule that makes a claim that far ahead count as none (meant for a host's wrong clock
+   claiming ``cron`` ticks) took the claim of that very tick on that very grid as none too, so
+   every process fired it (each tick's job ran once per process). A claim made on the
+   caller's own grid is now a claim, however far ahead.
 """
 import socket
 
@@ -46,3 +53,33 @@ def test_a_queue_whose_redis_is_unreachable_is_left_out_of_the_scrape_not_the_re
     assert 'queue="gone"' not in text
     assert "app_up 1.0" in text
     assert any("'gone'" in message and "left out" in message for message in warnings_seen.snapshot())
+
+
+def test_an_every_tick_far_ahead_of_the_redis_clock_is_claimed_once(redis_url):
+    import redis
+
+    from tinymq.redis._scripts import Scripts
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        scripts = Scripts(client, "a29")
+        seconds, micro = client.time()
+        # The grid was set while the server's clock read 4 hours later than it reads now.
+        anchor, interval = seconds * 1_000_000 + micro + 4 * 3600 * 1_000_000, 1_000_000
+        grid = (anchor, interval, "")
+        row = ("e@0", "t", 1, 0, "body")
+        assert scripts.schedule_tick("e", anchor, "p1", 10, 0, row, grid=grid) == ("fire", [])
+        assert scripts.schedule_tick("e", anchor, "p2", 10, 0, row, grid=grid) == ("taken", [])
+        assert scripts.schedule_tick("e", anchor, "p3", 10, 0, row, grid=grid) == ("taken", [])
+        client.delete(scripts.key("job:e@0"))  # (its job ended: no pile-up rule holds the next tick back)
+        following = ("e@1", "t", 1, 0, "body")
+        assert scripts.schedule_tick("e", anchor + interval, "p2", 10, 0, following, grid=grid) == ("fire", [])
+        assert scripts.schedule_tick("e", anchor + interval, "p1", 10, 0, following, grid=grid) == ("taken", [])
+        assert client.hmget(scripts.key("schedule:e"), "fired", "skipped") == ["2", None]
+        assert client.hget(scripts.key("stats"), "enqueued") == "2"
+        # Another grid's tick is not held back by those claims (they are no claims of its own).
+        client.delete(scripts.key("job:e@1"))
+        other = (anchor - 5 * 3600 * 1_000_000, 2 * interval, "")
+        assert scripts.schedule_tick("e", other[0], "p4", 10, 0, ("e@x", "t", 1, 0, "b"), grid=other)[0] == "fire"
+    finally:
+        client.close()

@@ -3,7 +3,8 @@ KEYS[1] prefix. ARGV: name, interval us, first delay us, definition (its first_a
 ''), rejoin ('1': the caller was told 'regrid' by schedule_tick; else '0').
 Key schedule:<name> HASH: anchor (server us of tick 0), interval (us), definition (what the
 grid was set for besides its interval), last (the last claimed tick, as its time in us: see
-schedule_tick.lua), job (its job id), by/outcome (who claimed it, and what it decided).
+schedule_tick.lua), job (its job id), by/outcome (who claimed it, and what it decided), grid
+(anchor:interval of the `every` grid it was claimed on; '' for `cron`).
 The first process to begin the schedule sets its grid (tick k is due at anchor + k * interval);
 the others join it. A different interval, or a different definition (a first_at changed, or
 a typo in it corrected, or a grid of an older version, which kept none), starts a new grid:
