@@ -13,12 +13,20 @@ the Prometheus exporter).
    claiming ``cron`` ticks) took the claim of that very tick on that very grid as none too, so
    every process fired it (each tick's job ran once per process). A claim made on the
    caller's own grid is now a claim, however far ahead.
+3. Over Redis, an ``every`` schedule without ``first_at`` whose grid in Redis lies more than 3
+   hours ahead of the server's clock (set before the server's clock was set back) was joined as
+   it was by every process that began it: its first tick was the grid's anchor, hours away, so
+   once the processes had restarted the schedule fired nothing for that long, silently. Such a
+   grid can only come from a clock set back (one without ``first_at`` begins an interval from
+   the server's now), and a new one is set.
 """
 import socket
 
 import pytest
 
 from tinymq import Config, Job, Queue
+
+from _helpers import WAIT, Recorder
 
 
 def closed_port():
@@ -83,3 +91,17 @@ def test_an_every_tick_far_ahead_of_the_redis_clock_is_claimed_once(redis_url):
         assert scripts.schedule_tick("e", other[0], "p4", 10, 0, ("e@x", "t", 1, 0, "b"), grid=other)[0] == "fire"
     finally:
         client.close()
+
+
+def test_an_every_grid_left_far_ahead_by_a_server_clock_set_back_is_set_anew(redis_backend, redis_client):
+    seconds, micro = redis_client.time()
+    hours_ahead = seconds * 1_000_000 + micro + 4 * 3600 * 1_000_000
+    # What a process that began every(0.2) left while the server's clock read 4 hours later.
+    redis_client.hset(f"tmq:{{{redis_backend.queue_name}}}:schedule:e",
+                      mapping={"anchor": hours_ahead, "interval": 200_000, "definition": ""})
+    q = redis_backend.queue()
+    runs = Recorder()
+    q.register_executor("t", runs.add)
+    q.every(0.2, "t", name="e")
+    q.start_dispatcher()
+    assert runs.wait_for(1, WAIT), "the schedule waited for the grid hours ahead"
