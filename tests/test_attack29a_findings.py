@@ -19,14 +19,20 @@ the Prometheus exporter).
    once the processes had restarted the schedule fired nothing for that long, silently. Such a
    grid can only come from a clock set back (one without ``first_at`` begins an interval from
    the server's now), and a new one is set.
+4. Over Redis, while the server was unreachable, the timer logged an ERROR with a traceback
+   at every tick of every schedule (every(0.05): about ten a second), and one a second for
+   each schedule that could not begin, where the workers log the outage as a WARNING at
+   most every 30 s. The ticks are still skipped and counted; the outage is now logged as
+   the workers log it.
 """
 import socket
+import time
 
 import pytest
 
 from tinymq import Config, Job, Queue
 
-from _helpers import WAIT, Recorder
+from _helpers import WAIT, Recorder, wait_until
 
 
 def closed_port():
@@ -105,3 +111,29 @@ def test_an_every_grid_left_far_ahead_by_a_server_clock_set_back_is_set_anew(red
     q.every(0.2, "t", name="e")
     q.start_dispatcher()
     assert runs.wait_for(1, WAIT), "the schedule waited for the grid hours ahead"
+
+
+def test_a_redis_outage_is_logged_once_not_at_every_tick(own_redis_server, warnings_seen):
+    from tinymq.redis import RedisBroker
+
+    q = Queue(broker=RedisBroker(own_redis_server.url, name="outage"))
+    try:
+        runs = Recorder()
+        q.register_executor("t", runs.add)
+        q.every(0.05, "t", name="e")
+        q.every(0.05, "t", name="late")
+        q.start_dispatcher()
+        assert runs.wait_for(1, WAIT)
+        q.unschedule("late")
+        own_redis_server.kill()
+        q.every(0.05, "t", name="late")  # it cannot begin while the server is gone: it tries each second
+        gone = time.monotonic()
+        skipped = q.schedules()[0].skipped
+        assert wait_until(lambda: q.schedules()[0].skipped >= skipped + 20)
+        time.sleep(max(0.0, gone + 2.5 - time.monotonic()))  # (what is measured: nothing more is logged)
+        seen = warnings_seen.snapshot()
+        about_schedules = [message for message in seen if "schedule" in message]
+        assert len(about_schedules) <= 2, about_schedules
+        assert any("Redis queue 'outage'" in message for message in seen)  # (the outage is logged)
+    finally:
+        q.stop(timeout=1)

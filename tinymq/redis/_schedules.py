@@ -28,10 +28,10 @@ import math
 import os
 import time
 import weakref
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from .._periodic import _CLOCK_SET_BACK, _Tick
-from ..errors import QueueStopped, TinyMQError, _buffer_full
+from ..errors import QueueStopped, _buffer_full
 from ._codec import encode_job, unsendable
 from ._link import job_row
 
@@ -54,7 +54,7 @@ class BrokerTicks:
         self._token_prefix = os.urandom(8).hex()
         self._redis_error = __import__("redis").RedisError
 
-    def begin(self, schedule: Any, first: _Tick, rejoin: bool) -> _Tick:
+    def begin(self, schedule: Any, first: _Tick, rejoin: bool) -> Optional[_Tick]:
         trigger = schedule.trigger
         if first.index < 0:  # cron: wall-clock ticks mean the same instant everywhere
             return first
@@ -62,9 +62,13 @@ class BrokerTicks:
         first_delay_us = round((first.due - time.monotonic()) * _US)
         definition = _definition(trigger)
         monotonic_before = time.monotonic()
-        anchor_us, interval_us, server_us = self._link.broker._call_resending(
-            self._link.scripts.schedule_begin, schedule.name, interval_us, max(0, first_delay_us), definition,
-            rejoin)
+        try:
+            anchor_us, interval_us, server_us = self._link.broker._call_resending(
+                self._link.scripts.schedule_begin, schedule.name, interval_us, max(0, first_delay_us), definition,
+                rejoin)
+        except self._redis_error as exc:  # (logged as the workers log an outage: not at every try)
+            self._link._log_outage(f"beginning schedule {schedule.name!r}", exc)
+            return None
         monotonic_now = (monotonic_before + time.monotonic()) / 2  # the reply's instant, give or take
         anchor, interval, server_now = anchor_us / _US, interval_us / _US, server_us / _US
         self._grids[schedule.name] = (anchor_us, interval_us, definition)
@@ -109,10 +113,10 @@ class BrokerTicks:
                 outcome, evicted = link.broker._call_resending(
                     link.scripts.schedule_tick, schedule.name, number, token, link.config.buffer_size,
                     link.config.max_delayed_jobs, row, caller, lease_ms, grid)
-            except self._redis_error as exc:
+            except self._redis_error as exc:  # (logged as the workers log an outage: not at every tick)
                 link._reply_lost(caller, token)
-                raise TinyMQError(f"could not claim a tick of schedule {schedule.name!r} in Redis queue "
-                                  f"{link.broker.name!r}: {exc}") from exc
+                link._log_outage(f"claiming a tick of schedule {schedule.name!r} (skipped)", exc)
+                return "unreachable"
             if outcome == "full":  # claimed and skipped: the next tick is claimed as usual
                 raise _buffer_full(link.config.buffer_size, job.id, job.type)
             if outcome == "ahead":  # (not claimed: the other processes fire it, on their clocks)
