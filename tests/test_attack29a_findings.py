@@ -24,6 +24,11 @@ the Prometheus exporter).
    each schedule that could not begin, where the workers log the outage as a WARNING at
    most every 30 s. The ticks are still skipped and counted; the outage is now logged as
    the workers log it.
+5. Over Redis, an ``every`` schedule that could not begin (Redis unreachable when the
+   dispatcher started, or when it was registered) made the timer thread spin: its wait was
+   computed from the schedule's provisional first tick, past after one interval, so it
+   waited 0 s again and again (about 250,000 times a second) until Redis answered. A schedule
+   that has not begun now wakes the timer only when it is to try again.
 """
 import socket
 import time
@@ -135,5 +140,29 @@ def test_a_redis_outage_is_logged_once_not_at_every_tick(own_redis_server, warni
         about_schedules = [message for message in seen if "schedule" in message]
         assert len(about_schedules) <= 2, about_schedules
         assert any("Redis queue 'outage'" in message for message in seen)  # (the outage is logged)
+    finally:
+        q.stop(timeout=1)
+
+
+def test_a_schedule_that_cannot_begin_does_not_spin_the_timer():
+    pytest.importorskip("redis")
+    from tinymq.redis import RedisBroker
+
+    q = Queue(broker=RedisBroker(f"redis://127.0.0.1:{closed_port()}/0", name="gone"))
+    try:
+        q.register_executor("t", lambda job: None)
+        q.every(0.05, "t", name="e")
+        waits = Recorder()
+        changed = q._periodic._changed
+        wait = changed.wait
+
+        def counted(timeout=None):
+            waits.add(timeout)
+            return wait(timeout)
+
+        changed.wait = counted
+        q.start_dispatcher()
+        time.sleep(1.5)  # (what is measured: how often the timer wakes meanwhile)
+        assert len(waits) < 20, f"the timer waited {len(waits)} times in 1.5 s"
     finally:
         q.stop(timeout=1)

@@ -561,12 +561,13 @@ class Periodic:
                     tick = schedule.tick
                     if tick is None:
                         continue
-                    if not schedule.begun:
+                    if not schedule.begun:  # (its tick, provisional, is placed as it begins: not waited for)
                         if schedule.begin_at <= now_mono:
                             to_begin.append((schedule, tick))
                         else:
                             wake_at = min(wake_at, schedule.begin_at)
-                    elif self._is_due(tick, now_mono, now_wall):
+                        continue
+                    if self._is_due(tick, now_mono, now_wall):
                         due.append(schedule)
                         continue
                     if tick.index < 0:  # cron: due by the wall clock, rechecked now and then
