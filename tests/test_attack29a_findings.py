@@ -27,7 +27,7 @@ the Prometheus exporter).
 5. Over Redis, an ``every`` schedule that could not begin (Redis unreachable when the
    dispatcher started, or when it was registered) made the timer thread spin: its wait was
    computed from the schedule's provisional first tick, past after one interval, so it
-   waited 0 s again and again (about 250,000 times a second) until Redis answered. A schedule
+   waited 0 s again and again (over 100,000 times a second) until Redis answered. A schedule
    that has not begun now wakes the timer only when it is to try again.
 """
 import socket
