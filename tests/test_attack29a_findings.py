@@ -29,6 +29,10 @@ the Prometheus exporter).
    computed from the schedule's provisional first tick, past after one interval, so it
    waited 0 s again and again (over 100,000 times a second) until Redis answered. A schedule
    that has not begun now wakes the timer only when it is to try again.
+6. Over Redis, a tick's claim (and a schedule's begin) was sent again after each socket timeout
+   of a frozen server, as no other waiting call is (enqueue and cancel wait for one reply, then
+   raise): ``stop()`` without a timeout, which waits for the tick under way, took 35 s instead
+   of the socket timeout's 10 s and the few seconds of its own wait.
 """
 import socket
 import time
@@ -166,3 +170,32 @@ def test_a_schedule_that_cannot_begin_does_not_spin_the_timer():
         assert len(waits) < 20, f"the timer waited {len(waits)} times in 1.5 s"
     finally:
         q.stop(timeout=1)
+
+
+def test_stop_waits_for_a_tick_claim_to_a_frozen_redis_one_socket_timeout_at_most(own_redis_server):
+    import threading
+
+    from tinymq.redis import RedisBroker
+
+    q = Queue(broker=RedisBroker(own_redis_server.url, name="frozen"))
+    runs = Recorder()
+    q.register_executor("t", runs.add)
+    q.every(0.05, "t", name="e")
+    scripts = q._link.scripts
+    claim = scripts.schedule_tick
+    claiming = threading.Event()
+
+    def watched(*args, **options):
+        claiming.set()
+        return claim(*args, **options)
+
+    scripts.schedule_tick = watched
+    q.start_dispatcher()
+    assert runs.wait_for(1, WAIT)
+    with own_redis_server.frozen():
+        claiming.clear()
+        assert claiming.wait(WAIT)  # a claim is under way, unanswered
+        began = time.monotonic()
+        q.stop()
+        took = time.monotonic() - began
+    assert took < 20.0, f"stop() took {took:.1f} s"  # (the socket timeout, 10 s, and stop()'s own few)

@@ -33,7 +33,7 @@ from typing import Any, Dict, Optional, Tuple
 from .._periodic import _CLOCK_SET_BACK, _Tick
 from ..errors import QueueStopped, _buffer_full
 from ._codec import encode_job, unsendable
-from ._link import job_row
+from ._link import _call_deadline, _look_deadline, job_row
 
 __all__ = ["BrokerTicks"]
 
@@ -63,9 +63,11 @@ class BrokerTicks:
         definition = _definition(trigger)
         monotonic_before = time.monotonic()
         try:
+            # (As enqueue's: a call a frozen server did not answer within the socket timeout is not sent
+            # again, and stop() waits for it.)
             anchor_us, interval_us, server_us = self._link.broker._call_resending(
                 self._link.scripts.schedule_begin, schedule.name, interval_us, max(0, first_delay_us), definition,
-                rejoin)
+                rejoin, deadline=_call_deadline(None))
         except self._redis_error as exc:  # (logged as the workers log an outage: not at every try)
             self._link._log_outage(f"beginning schedule {schedule.name!r}", exc)
             return None
@@ -109,10 +111,10 @@ class BrokerTicks:
         outcome: str  # (Scripts.schedule_tick's reply, through _call_resending)
         with link._reporting_rows(token) as (caller, lease_ms):  # (its enqueue may evict)
             try:
-                link.broker._check_server()
-                outcome, evicted = link.broker._call_resending(
+                link.broker._check_server(_look_deadline(None))
+                outcome, evicted = link.broker._call_resending(  # (not sent again after a socket timeout)
                     link.scripts.schedule_tick, schedule.name, number, token, link.config.buffer_size,
-                    link.config.max_delayed_jobs, row, caller, lease_ms, grid)
+                    link.config.max_delayed_jobs, row, caller, lease_ms, grid, deadline=_call_deadline(None))
             except self._redis_error as exc:  # (logged as the workers log an outage: not at every tick)
                 link._reply_lost(caller, token)
                 link._log_outage(f"claiming a tick of schedule {schedule.name!r} (skipped)", exc)
