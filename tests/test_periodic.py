@@ -648,8 +648,8 @@ def test_over_a_broker_a_tick_claimed_is_already_enqueued(redis_backend):
     link = dying._link
     call_resending = link.broker._call_resending
 
-    def die_after_the_claim(call, *args):
-        reply = call_resending(call, *args)
+    def die_after_the_claim(call, *args, **options):
+        reply = call_resending(call, *args, **options)
         if getattr(call, "__name__", "") == "schedule_tick":
             raise _Killed()
         return reply

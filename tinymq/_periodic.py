@@ -245,14 +245,16 @@ class _Schedule:
 class TickBackend(Protocol):
     """How a tick turns into a job: in-process (below) or over a broker (tinymq.redis)."""
 
-    def begin(self, schedule: _Schedule, first: _Tick, rejoin: bool) -> _Tick:
-        """The schedule begins; returns its first tick (a broker aligns it with other processes').
+    def begin(self, schedule: _Schedule, first: _Tick, rejoin: bool) -> Optional[_Tick]:
+        """The schedule begins; returns its first tick (a broker aligns it with other processes'), or
+        None when the broker could not be reached (it logged that): tried again in _BEGIN_RETRY.
         ``rejoin``: after "regrid", join the broker's grid even if it was set for another definition."""
 
     def fire(self, schedule: _Schedule, tick: _Tick) -> str:
         """Enqueue the tick's job: "fired", "busy" (the previous job is unfinished), "taken",
-        "regrid" (a broker: the tick is not on the grid other processes tick on; begin it again), or
-        "ahead" (a broker: not claimed, the tick is far ahead of the broker's clock; counted as skipped)."""
+        "regrid" (a broker: the tick is not on the grid other processes tick on; begin it again),
+        "ahead" (a broker: not claimed, the tick is far ahead of the broker's clock; counted as skipped),
+        or "unreachable" (a broker it could not reach, which logged that; counted as skipped)."""
 
     def check(self, schedule: _Schedule) -> None:
         """Raise TypeError/ValueError, naming the schedule, when its jobs cannot be enqueued."""
@@ -278,7 +280,7 @@ class _LocalTicks:
     def __init__(self, queue: Any) -> None:
         self._queue = weakref.ref(queue)
 
-    def begin(self, schedule: _Schedule, first: _Tick, rejoin: bool) -> _Tick:
+    def begin(self, schedule: _Schedule, first: _Tick, rejoin: bool) -> Optional[_Tick]:
         return first
 
     def check(self, schedule: _Schedule) -> None:
@@ -509,6 +511,8 @@ class Periodic:
             raise
         except Exception:
             logger.exception("schedule %r could not begin; trying again in %gs", schedule.name, _BEGIN_RETRY)
+            tick = None
+        if tick is None:
             with self._lock:
                 schedule.begin_at = self._monotonic() + _BEGIN_RETRY
             return
@@ -557,12 +561,13 @@ class Periodic:
                     tick = schedule.tick
                     if tick is None:
                         continue
-                    if not schedule.begun:
+                    if not schedule.begun:  # (its tick, provisional, is placed as it begins: not waited for)
                         if schedule.begin_at <= now_mono:
                             to_begin.append((schedule, tick))
                         else:
                             wake_at = min(wake_at, schedule.begin_at)
-                    elif self._is_due(tick, now_mono, now_wall):
+                        continue
+                    if self._is_due(tick, now_mono, now_wall):
                         due.append(schedule)
                         continue
                     if tick.index < 0:  # cron: due by the wall clock, rechecked now and then

@@ -35,7 +35,12 @@ queue name, as ``os.fsdecode`` makes of bytes that are not UTF-8, is written ``\
 - ``tinymq_attempt_duration_seconds{type}`` (histogram): how long attempts ran, measured
   when each attempt's outcome is decided (a timed-out attempt at its deadline), with the
   fixed buckets ``ATTEMPT_DURATION_BUCKETS`` (1 ms to 300 s) and +Inf.
+
+A queue whose stats cannot be read (``TinyMQError``: its Redis unreachable) is left out of
+that scrape, logged as a WARNING: an exception would fail the whole exposition, the other
+queues' samples and the registry's other collectors with it.
 """
+import logging
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 try:
@@ -49,10 +54,13 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
     ) from exc
 
 from ._pick_core import core
+from .errors import TinyMQError
 from .job import _utf8_text
 from .queue import Queue
 
 __all__ = ["PrometheusCollector", "ATTEMPT_DURATION_BUCKETS"]
+
+logger = logging.getLogger("tinymq")
 
 # Upper bounds, in seconds, of the attempt-duration histogram's buckets (then +Inf).
 ATTEMPT_DURATION_BUCKETS: Tuple[float, ...] = tuple(core.ATTEMPT_DURATION_BUCKETS)
@@ -98,7 +106,12 @@ class PrometheusCollector(Collector):  # type: ignore[misc, unused-ignore]  # Co
     def collect(self) -> Iterator[Any]:
         (jobs, events, sizes, delayed, waiting, active, limits, histogram) = families = self._families()
         for name, queue in self._queues.items():
-            stats = queue.get_stats()
+            try:
+                stats = queue.get_stats()
+            except TinyMQError as exc:  # (its Redis unreachable) an exception would fail the whole scrape
+                logger.warning("tinymq metrics: %s is left out of this scrape: %s",
+                               "the queue" if name is None else f"queue {name!r}", exc)
+                continue
             durations = queue._attempt_durations()
             # Label values go out as UTF-8: a lone surrogate (a type from os.fsdecode) would fail the scrape.
             at = [] if name is None else [_utf8_text(name)]  # the queue label's value, first of each sample's

@@ -28,12 +28,12 @@ import math
 import os
 import time
 import weakref
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from .._periodic import _CLOCK_SET_BACK, _Tick
-from ..errors import QueueStopped, TinyMQError, _buffer_full
+from ..errors import QueueStopped, _buffer_full
 from ._codec import encode_job, unsendable
-from ._link import job_row
+from ._link import _call_deadline, _look_deadline, job_row
 
 __all__ = ["BrokerTicks"]
 
@@ -54,7 +54,7 @@ class BrokerTicks:
         self._token_prefix = os.urandom(8).hex()
         self._redis_error = __import__("redis").RedisError
 
-    def begin(self, schedule: Any, first: _Tick, rejoin: bool) -> _Tick:
+    def begin(self, schedule: Any, first: _Tick, rejoin: bool) -> Optional[_Tick]:
         trigger = schedule.trigger
         if first.index < 0:  # cron: wall-clock ticks mean the same instant everywhere
             return first
@@ -62,9 +62,15 @@ class BrokerTicks:
         first_delay_us = round((first.due - time.monotonic()) * _US)
         definition = _definition(trigger)
         monotonic_before = time.monotonic()
-        anchor_us, interval_us, server_us = self._link.broker._call_resending(
-            self._link.scripts.schedule_begin, schedule.name, interval_us, max(0, first_delay_us), definition,
-            rejoin)
+        try:
+            # (As enqueue's: a call a frozen server did not answer within the socket timeout is not sent
+            # again, and stop() waits for it.)
+            anchor_us, interval_us, server_us = self._link.broker._call_resending(
+                self._link.scripts.schedule_begin, schedule.name, interval_us, max(0, first_delay_us), definition,
+                rejoin, deadline=_call_deadline(None))
+        except self._redis_error as exc:  # (logged as the workers log an outage: not at every try)
+            self._link._log_outage(f"beginning schedule {schedule.name!r}", exc)
+            return None
         monotonic_now = (monotonic_before + time.monotonic()) / 2  # the reply's instant, give or take
         anchor, interval, server_now = anchor_us / _US, interval_us / _US, server_us / _US
         self._grids[schedule.name] = (anchor_us, interval_us, definition)
@@ -105,14 +111,14 @@ class BrokerTicks:
         outcome: str  # (Scripts.schedule_tick's reply, through _call_resending)
         with link._reporting_rows(token) as (caller, lease_ms):  # (its enqueue may evict)
             try:
-                link.broker._check_server()
-                outcome, evicted = link.broker._call_resending(
+                link.broker._check_server(_look_deadline(None))
+                outcome, evicted = link.broker._call_resending(  # (not sent again after a socket timeout)
                     link.scripts.schedule_tick, schedule.name, number, token, link.config.buffer_size,
-                    link.config.max_delayed_jobs, row, caller, lease_ms, grid)
-            except self._redis_error as exc:
+                    link.config.max_delayed_jobs, row, caller, lease_ms, grid, deadline=_call_deadline(None))
+            except self._redis_error as exc:  # (logged as the workers log an outage: not at every tick)
                 link._reply_lost(caller, token)
-                raise TinyMQError(f"could not claim a tick of schedule {schedule.name!r} in Redis queue "
-                                  f"{link.broker.name!r}: {exc}") from exc
+                link._log_outage(f"claiming a tick of schedule {schedule.name!r} (skipped)", exc)
+                return "unreachable"
             if outcome == "full":  # claimed and skipped: the next tick is claimed as usual
                 raise _buffer_full(link.config.buffer_size, job.id, job.type)
             if outcome == "ahead":  # (not claimed: the other processes fire it, on their clocks)

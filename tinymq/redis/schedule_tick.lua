@@ -26,7 +26,9 @@ Returns
              in every process, once that clock is corrected)
 The server's clock arbitrates, as cron's rule does for one clock: a claim lying more than
 CLOCK_SET_BACK ahead of it (left by a wrong clock before this rule, or written by hand) is
-no claim.
+no claim; unless it is an `every` tick's claimed on the grid (`grid`: anchor:interval) the
+caller ticks on: those are the server's own times, ahead only once its clock was set back,
+and a tick claimed there stays claimed (otherwise each process would fire it).
 A skipped tick is counted in `skipped`, a fired one in `fired`; either way the claim is
 the tick's, so the next tick is claimed as usual. A resent call (same token) gets its
 first answer again, 'fire' with what its enqueue evicted (kept with its token). ]]
@@ -35,9 +37,12 @@ local CLOCK_SET_BACK = 3 * 3600 * 1000000 -- us: tinymq/_periodic.py's _CLOCK_SE
 local key = P .. 'schedule:' .. ARGV[1]
 local tick, token = tonumber(ARGV[2]), ARGV[3]
 now_ms()
-local s = redis.call('HMGET', key, 'last', 'job', 'by', 'outcome')
+local s = redis.call('HMGET', key, 'last', 'job', 'by', 'outcome', 'grid')
 local last = tonumber(s[1])
-if last and last > now_us + CLOCK_SET_BACK then last = nil end
+local grid = ARGV[16] and (ARGV[15] .. ':' .. ARGV[16]) or '' -- (an `every` tick's grid; '' for `cron`)
+-- A claim far ahead made on the caller's own grid is still a claim: `every` ticks are the server's
+-- times, so they lie ahead only once the server's clock was set back, and each fires once still.
+if last and last > now_us + CLOCK_SET_BACK and (grid == '' or s[5] ~= grid) then last = nil end
 if last and last >= tick then
   if s[3] ~= token then return {'taken'} end
   if s[4] ~= 'fire' then return {s[4]} end
@@ -70,7 +75,7 @@ if outcome == 'fire' then
     evicted = reply[2]
   end
 end
-redis.call('HSET', key, 'last', ARGV[2], 'by', token, 'outcome', outcome)
+redis.call('HSET', key, 'last', ARGV[2], 'by', token, 'outcome', outcome, 'grid', grid)
 if outcome == 'fire' then
   redis.call('HSET', key, 'job', ARGV[8])
   redis.call('HINCRBY', key, 'fired', 1)
