@@ -411,7 +411,13 @@ class QueueLink:
 
     def _report_ended(self, rows: Sequence[Crashed], caller: str) -> None:
         """Report the rows a reply ended for this call (``caller`` as _reporting_rows gave it):
-        those that wait in Redis (a key) are acknowledged after their callbacks ran."""
+        those that wait in Redis (a key) are acknowledged after their callbacks ran. From failure
+        callbacks nested deep (one whose enqueue evicts a job, whose callback enqueues, ...), once
+        the callbacks above return (the dispatcher's report_bounded): the stack stays bounded."""
+        if rows:
+            self.dispatcher.report_bounded(self._report_rows_ended, rows, caller)
+
+    def _report_rows_ended(self, rows: Sequence[Crashed], caller: str) -> None:
         kept = [row for row in rows if row.key]
         for row in rows:
             if not row.key:
