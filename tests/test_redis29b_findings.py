@@ -2,8 +2,11 @@
 each with its test.
 """
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ import tinymq
 from tinymq import Job, SQLitePersistence
 
 from _backends import Redis
-from _helpers import WAIT
+from _helpers import WAIT, wait_until
 
 ROOT = Path(tinymq.__file__).resolve().parent.parent
 
@@ -91,6 +94,122 @@ def test_a_callback_that_cancels_the_next_job_without_bound_over_redis_ends_ever
     assert q.join(WAIT), "a job of the chain never finished"
     stats = q.get_stats()
     assert (stats.jobs_cancelled, stats.delayed_jobs_count) == (CHAIN, 0)
+
+
+# --- 3. A look at the Redis settings stuck past stop() ---------------------------------------
+
+# Every minute a worker process looks at Redis's settings (CONFIG GET) on a short-lived thread of its
+# own, each call waiting up to lease / 4 for its reply. stop() waited for a look under way only within
+# its bound for its threads (about 2 s): a look stuck longer (a server slow to answer CONFIG) ran on
+# past stop() and the broker's close(), on a connection close() leaves open while it is lent, and
+# sent its second CONFIG afterwards. A look now gives up as soon as stop() begins: its connection is
+# closed (a reply may be half read) and its thread has ended when stop() returns.
+
+class StallingProxy:
+    """Forwards 127.0.0.1:<port> to the server; once ``stall()`` is called, a connection that sends a
+    CONFIG command gets no reply any more (the server answered; the proxy holds it back for good)."""
+
+    def __init__(self, server_port):
+        self.server_port = server_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._armed = threading.Event()
+        self.stalled = threading.Event()  # a connection sent CONFIG since stall()
+        self.stalled_closed = threading.Event()  # ... and its client closed it
+        self._sockets = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stall(self):
+        self._armed.set()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.server_port))
+            self._sockets += [client, server]
+            held = threading.Event()
+            threading.Thread(target=self._requests, args=(client, server, held), daemon=True).start()
+            threading.Thread(target=self._replies, args=(server, client, held), daemon=True).start()
+
+    def _requests(self, client, server, held):
+        try:
+            while True:
+                data = client.recv(65536)
+                if not data:
+                    break
+                if self._armed.is_set() and b"CONFIG" in data:
+                    held.set()
+                    self.stalled.set()
+                server.sendall(data)
+        except OSError:
+            pass
+        if held.is_set():
+            self.stalled_closed.set()
+        for sock in (client, server):
+            _close(sock)
+
+    def _replies(self, server, client, held):
+        try:
+            while True:
+                data = server.recv(65536)
+                if not data:
+                    break
+                if not held.is_set():
+                    client.sendall(data)
+        except OSError:
+            pass
+
+    def close(self):
+        self.listener.close()
+        for sock in self._sockets:
+            _close(sock)
+
+
+def _close(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+SETTINGS_LEASE = 12.0  # a look's CONFIG waits lease / 4 for its reply: longer than stop()'s bound for threads
+
+
+@pytest.mark.redis
+def test_a_look_at_the_redis_settings_stuck_in_its_call_ends_before_stop_returns(redis_server, redis_url, monkeypatch):
+    from tinymq.redis import RedisBroker, _link
+
+    monkeypatch.setattr(_link, "_SETTINGS_LOOK", 0.0)  # a look at the first beat (lease / 4 after start)
+    before = set(threading.enumerate())
+    proxy = StallingProxy(redis_server.port)
+    q = tinymq.Queue(broker=RedisBroker(proxy.url, name="settingsstuck", lease=SETTINGS_LEASE))
+    try:
+        q.register_executor("t", lambda job: None)
+        q.start_dispatcher(1)
+        proxy.stall()  # (after the broker's first look, at construction)
+        assert proxy.stalled.wait(SETTINGS_LEASE), "no look at the settings began"
+        look = q._link._settings_look
+        assert look is not None and look.is_alive()
+        began = time.monotonic()
+        q.stop()
+        took = time.monotonic() - began
+        assert not look.is_alive(), "the look at the settings runs on after stop() returned"
+        assert proxy.stalled_closed.is_set(), "the stuck look's connection was left open"
+        assert took < SETTINGS_LEASE / 4, f"stop() took {took:.1f} s"
+        left = [thread.name for thread in threading.enumerate() if thread not in before]
+        assert not [name for name in left if not name.endswith(("(_accept)", "(_requests)", "(_replies)"))]  # (the proxy's)
+    finally:
+        q.stop(wait=False)
+        q.broker.close()
+        proxy.close()
 
 
 # --- 4. A command that prints, started with stdout closed ------------------------------------

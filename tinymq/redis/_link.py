@@ -19,7 +19,8 @@ Threads (started by ``start``):
   registers again under a new id. It also looks up the rows that a cancel or an
   evicting enqueue without a reply kept for this process (``_report_lost``), and every
   ``_SETTINGS_LOOK`` starts a short-lived thread (``_look_at_settings``) that looks at
-  Redis's settings: a server slow to answer CONFIG never delays a beat.
+  Redis's settings: a server slow to answer CONFIG never delays a beat (and a look under
+  way gives up, its connection closed, as soon as stop() begins).
 - a reporter (``_hand_on``, one per fetch or beat reply that hands this process rows
   to report or attempts to cancel): runs their failure callbacks, so that no thread
   that renews the lease or fetches ever waits for a callback (one slower than the
@@ -1527,9 +1528,10 @@ class QueueLink:
 
     def _look_at_settings(self, timeout: float) -> None:
         """The broker's look at Redis's settings (every _SETTINGS_LOOK), on a thread of its own: a
-        server slow to answer CONFIG (each call waits ``timeout`` at most) never delays a beat."""
+        server slow to answer CONFIG (each call waits ``timeout`` at most) never delays a beat. It
+        gives up as soon as stop() begins (its connection closed), so that stop() returns after it."""
         try:
-            self.broker._look_at_settings(timeout)
+            self.broker._look_at_settings(timeout, self._stopped)
         except self._redis_error:
             pass  # (an outage: the heartbeat says so)
         except Exception:  # (a bug: the next look tries again; the lease is not this thread's)
@@ -1568,8 +1570,8 @@ class QueueLink:
             if thread is not threading.current_thread():
                 thread.join(max(0.0, joined_by - time.monotonic()))
         look = self._settings_look  # (after the heartbeat's end: it starts no other one)
-        if look is not None:  # a look in a call: no connection of it stays open past the broker's close()
-            look.join(max(0.0, joined_by - time.monotonic()))
+        if look is not None:  # a look in a call gives up at _stopped: none goes on past stop(), on a connection
+            look.join(max(joined_by - time.monotonic(), _CALL_FLOOR))  # the broker's close() leaves open while lent
         # Failure callbacks still running (or about to, on a reporter) on rows a reply handed
         # this process: released before they end, the rows would go to `reports` and be
         # reported again by another process (at least once: a callback stuck past
