@@ -15,7 +15,7 @@ import tinymq
 from tinymq import Job, SQLitePersistence
 
 from _backends import Redis
-from _helpers import WAIT, wait_until
+from _helpers import WAIT, record_failures, wait_until
 
 ROOT = Path(tinymq.__file__).resolve().parent.parent
 
@@ -107,13 +107,16 @@ def test_a_callback_that_cancels_the_next_job_without_bound_over_redis_ends_ever
 
 class StallingProxy:
     """Forwards 127.0.0.1:<port> to the server; once ``stall()`` is called, a connection that sends a
-    CONFIG command gets no reply any more (the server answered; the proxy holds it back for good)."""
+    CONFIG command gets no reply any more (the server answered; the proxy holds it back for good).
+    ``freeze()`` holds everything either way until ``thaw()`` (a network that stalls for a while)."""
 
     def __init__(self, server_port):
         self.server_port = server_port
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self._armed = threading.Event()
+        self._thawed = threading.Event()
+        self._thawed.set()
         self.stalled = threading.Event()  # a connection sent CONFIG since stall()
         self.stalled_closed = threading.Event()  # ... and its client closed it
         self._sockets = []
@@ -125,6 +128,12 @@ class StallingProxy:
 
     def stall(self):
         self._armed.set()
+
+    def freeze(self):
+        self._thawed.clear()
+
+    def thaw(self):
+        self._thawed.set()
 
     def _accept(self):
         while True:
@@ -147,6 +156,7 @@ class StallingProxy:
                 if self._armed.is_set() and b"CONFIG" in data:
                     held.set()
                     self.stalled.set()
+                self._thawed.wait()
                 server.sendall(data)
         except OSError:
             pass
@@ -161,6 +171,7 @@ class StallingProxy:
                 data = server.recv(65536)
                 if not data:
                     break
+                self._thawed.wait()
                 if not held.is_set():
                     client.sendall(data)
         except OSError:
@@ -209,6 +220,62 @@ def test_a_look_at_the_redis_settings_stuck_in_its_call_ends_before_stop_returns
     finally:
         q.stop(wait=False)
         q.broker.close()
+        proxy.close()
+
+
+
+# --- 1. A cancel marks one attempt: this process cancels that copy of the job -----------------
+
+# Redis marks the attempt a cancel found (its lease, its attempt id); the process holding it cancelled
+# by job id, so the copy the core registered under that id was hit: an older copy of the job still
+# running here (reaped while it ran, this process's id let go: its outcome counts nowhere) rather than
+# the attempt marked, fetched since and waiting for that copy to leave the core. The older copy took
+# the cancel; the marked one then ran in full, though cancel() had returned True before it started.
+# The marked attempt itself is cancelled now: one waiting for an older copy to leave goes back to
+# Redis, which ends it as cancelled (counted once, reported here), and never runs.
+CANCEL_LEASE = 1.0
+
+
+@pytest.mark.redis
+def test_a_cancel_of_an_attempt_fetched_while_an_older_copy_runs_cancels_that_attempt(redis_server, redis_url):
+    from tinymq.redis import RedisBroker
+
+    proxy = StallingProxy(redis_server.port)
+    q = tinymq.Queue(broker=RedisBroker(proxy.url, name="twocopies", lease=CANCEL_LEASE))
+    other = RedisBroker(redis_url, name="twocopies")  # another process, which reaps this one
+    runs, first_in, release_first = [], threading.Event(), threading.Event()
+    failures = record_failures(q, key=lambda job: job.id)
+
+    def run(job):
+        runs.append(job.id)
+        if len(runs) == 1:  # the older copy: it runs on while this process is reaped
+            first_in.set()
+            release_first.wait(WAIT)
+
+    try:
+        q.register_executor("t", run)
+        q.start_dispatcher(2)
+        job = q.enqueue(Job("t"))
+        assert first_in.wait(WAIT)
+        proxy.freeze()  # this process falls silent past its lease: the other process reaps it
+        assert wait_until(lambda: other._scripts.reap(3)[0], WAIT), "this process was never reaped"
+        proxy.thaw()  # it learns it was reaped, registers again and fetches the job again
+        assert wait_until(lambda: q._link._held, WAIT), "the job was not fetched again"
+        assert q.cancel(job.id)
+        release_first.set()
+        assert failures.wait_until(len)
+        assert q.join(WAIT)
+        assert runs == [job.id], "the attempt the cancel marked ran"
+        assert failures.snapshot() == [(job.id, "cancelled", None)]
+        stats = q.get_stats()
+        assert (stats.jobs_cancelled, stats.jobs_succeeded) == (1, 0)
+        assert stats.executor_stats["t"].cancelled == 1
+    finally:
+        release_first.set()
+        proxy.thaw()
+        q.stop(wait=False)
+        q.broker.close()
+        other.close()
         proxy.close()
 
 

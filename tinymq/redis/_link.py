@@ -682,12 +682,16 @@ class QueueLink:
         return False
 
     def _cancel_marked(self, attempts: Sequence[str]) -> None:
-        """Cancel this process's attempts that q.cancel() marked, as the in-process cancel does.
+        """Cancel this process's attempts that q.cancel() marked, as the in-process cancel does:
+        each the copy of its job that the attempt fetched, never another copy of its id.
 
         Not with _round_lock held (cancelling settles, which may call a round). A
         marked attempt that is not found here (it ended meanwhile, or is not yet in
         the core) needs nothing: its settle ends the job as cancelled and the
-        reply hands it back to report, or the next reply names it again.
+        reply hands it back to report, or the next reply names it again. One that
+        waits for an older copy of its id to leave the core (_held: one still running
+        here, no longer this process's) goes back to Redis, which ends it as cancelled
+        (the reply counts it here, and hands it back to report): it never runs.
         """
         wanted = set(attempts)
         with self._lock:
@@ -697,7 +701,22 @@ class QueueLink:
                     record.marked = True  # (its end, decided from now on, is counted as cancelled: _decide)
                     if not record.expired and record.state != _GIVEN_BACK:
                         jobs.append(job)
-        for job in jobs:
+        if not jobs:
+            return
+        with self._round_lock:  # (no copy is placed meanwhile: the core registers the one it holds)
+            held = [job for job in jobs if any(job is other for other in self._held)]
+            in_core = [job for job in jobs if self.ready.registered(job)]
+            if held:
+                self._held = [job for job in self._held if all(job is not other for other in held)]
+                with self._lock:
+                    for job in held:
+                        record = self._attempts.pop(job, None)
+                        if record is not None:
+                            self._in_hand -= 1
+                            self._queue_op(SettleOp("B", record.attempt))
+        if held:
+            self._flush_if_idle()
+        for job in in_core:
             if self.dispatcher.cancel(job.id):
                 logger.info("job %s (%s) was cancelled through Redis queue %r", job.id, job.type,
                             self.broker.name)
