@@ -384,9 +384,11 @@ class Connections:
             self.release(connection, broken)
 
         threading.Thread(target=open_it, name="tinymq-redis-connect", daemon=True).start()
+        import redis
+
         try:
             _waited(ended.wait, time.monotonic() + timeout, abandoned)
-        except Exception:  # (abandoned) as when it did not end in time
+        except redis.ConnectionError:  # abandoned: as when it did not end in time
             pass
         with lock:
             if ended.is_set():
