@@ -701,21 +701,22 @@ class QueueLink:
                     record.marked = True  # (its end, decided from now on, is counted as cancelled: _decide)
                     if not record.expired and record.state != _GIVEN_BACK:
                         jobs.append(job)
-        if not jobs:
-            return
-        with self._round_lock:  # (no copy is placed meanwhile: the core registers the one it holds)
-            held = [job for job in jobs if any(job is other for other in self._held)]
-            in_core = [job for job in jobs if self.ready.registered(job)]
+        in_core = [job for job in jobs if self.ready.registered(job)]  # (the copy the core holds under its id)
+        rest = [job for job in jobs if all(job is not other for other in in_core)]
+        if rest:
+            with self._round_lock:  # (a round placing one ends first: it is then in the core, or held)
+                held = [job for job in rest if any(job is other for other in self._held)]
+                in_core += [job for job in rest if self.ready.registered(job)]
+                if held:
+                    self._held = [job for job in self._held if all(job is not other for other in held)]
+                    with self._lock:
+                        for job in held:
+                            record = self._attempts.pop(job, None)
+                            if record is not None:
+                                self._in_hand -= 1
+                                self._queue_op(SettleOp("B", record.attempt))
             if held:
-                self._held = [job for job in self._held if all(job is not other for other in held)]
-                with self._lock:
-                    for job in held:
-                        record = self._attempts.pop(job, None)
-                        if record is not None:
-                            self._in_hand -= 1
-                            self._queue_op(SettleOp("B", record.attempt))
-        if held:
-            self._flush_if_idle()
+                self._flush_if_idle()
         for job in in_core:
             if self.dispatcher.cancel(job.id):
                 logger.info("job %s (%s) was cancelled through Redis queue %r", job.id, job.type,
