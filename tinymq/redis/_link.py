@@ -711,10 +711,10 @@ class QueueLink:
                     self._held = [job for job in self._held if all(job is not other for other in held)]
                     with self._lock:
                         for job in held:
-                            record = self._attempts.pop(job, None)
-                            if record is not None:
+                            given_back = self._attempts.pop(job, None)
+                            if given_back is not None:
                                 self._in_hand -= 1
-                                self._queue_op(SettleOp("B", record.attempt))
+                                self._queue_op(SettleOp("B", given_back.attempt))
             if held:
                 self._flush_if_idle()
         for job in in_core:
