@@ -137,10 +137,24 @@ def _change_dead(arguments: argparse.Namespace) -> int:
     ids: Optional[List[str]] = None if arguments.all else arguments.ids
     action = arguments.command.split("-")[0]
     if arguments.db is not None:
-        print(change_dead_in_db(arguments.db, action, ids))
+        outcome = change_dead_in_db(arguments.db, action, ids)
     else:
-        print(change_dead_in_redis(arguments.redis, arguments.name, action, ids))
+        outcome = change_dead_in_redis(arguments.redis, arguments.name, action, ids)
+    _print(outcome, f"; the {action} itself was done")
     return 0
+
+
+def _print(text: str, done: str = "") -> None:
+    """Print a command's outcome: stdout that takes no more (a full disk, /dev/full) is one clear
+    error (``done``: what was done all the same), not a traceback. A closed pipe (``| head``)
+    goes on up, and ends the command quietly."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error as Python exits)
+        raise CommandError(f"could not write to stdout ({exc}){done}") from None
 
 
 def _escape_what_stdout_cannot_show() -> None:
@@ -151,8 +165,19 @@ def _escape_what_stdout_cannot_show() -> None:
         reconfigure(errors="backslashreplace")
 
 
+def _check_stdout(command: Optional[str]) -> None:
+    """A command that prints its outcome refuses to run, before it changes anything, when stdout is
+    closed (``>&-``: Python's sys.stdout is None, and print() writes nothing): its exit code would
+    say done though nobody can see what it found."""
+    if sys.stdout is None:
+        raise CommandError(f"stdout is closed: {command or 'the demo'} prints its outcome there, and "
+                           "would show nothing (give it stdout, or >/dev/null to discard it)")
+
+
 def run(arguments: argparse.Namespace) -> int:
     command = arguments.command
+    if command in (None, "demo", "status", "requeue-dead", "purge-dead"):  # (not worker: it logs on stderr)
+        _check_stdout(command)
     if command in (None, "demo"):
         return run_demo()
     configure_logging(arguments.log_level)
@@ -164,7 +189,7 @@ def run(arguments: argparse.Namespace) -> int:
             report = db_status(arguments.db)
         else:  # (the dead jobs it lists, and no more, are read from Redis)
             report = redis_status(arguments.redis, arguments.name, 0 if arguments.json else arguments.limit)
-        print(render_status(report, as_json=arguments.json, limit=arguments.limit))
+        _print(render_status(report, as_json=arguments.json, limit=arguments.limit))
         return 0
     if command in ("requeue-dead", "purge-dead"):
         return _change_dead(arguments)
@@ -184,7 +209,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return run(arguments)
     except CommandError as exc:
-        print(f"{parser.prog} {arguments.command}: error: {exc}", file=sys.stderr)
+        command = parser.prog if arguments.command is None else f"{parser.prog} {arguments.command}"
+        print(f"{command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before the signal handling of `worker` is in place, or in a status
         return 130

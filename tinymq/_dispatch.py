@@ -1345,39 +1345,52 @@ class Dispatcher:
                     reason, exc, counter = "cancelled", None, decided
             elif release is not None:
                 self.ready.release_state(release)
-            in_callback = self._in_callback
-            depth = getattr(in_callback, "depth", 0)
-            later = getattr(in_callback, "later", None)
-            if depth >= _NESTED_REPORTS and later is not None:  # counted: reported once the callbacks above return
-                later.append((self._report_and_finish, (job, reason, exc)))
-                return
-            if depth == _NESTED_REPORTS - 1 and later is None:  # the ends its callbacks defer run here, in turn
-                in_callback.later = later = deque()
-                try:
-                    self._report_and_finish(job, reason, exc)
-                finally:
-                    try:
-                        self.end_all(_taken_from(later))  # (each one's callbacks may add more)
-                    finally:
-                        in_callback.later = None
-                return
-            self.report_failure(job, reason, exc)
+            self.report_bounded(self._report_and_finish, job, reason, exc)  # (counted: reported now or soon)
         else:
             if release is not None:
                 self.ready.release_state(release)
             if not counted and counter != core.CANCELLED and self.ready.decide_end(job):
                 reason, exc, counter, counted = "cancelled", None, core.CANCELLED, True
-            with self.ledger.failing(job, reason, exc) as ended:
-                if ended is not None:  # (else the attempt was handed back, or this process reaped: ignored)
-                    if ended != reason:  # the broker ended it so (a cancel from elsewhere), counted by the ledger
-                        reason, exc, counted = ended, None, True
-                    if not counted:
-                        self.ready.count(counter, 1, job.type)
-                    self.report_failure(job, reason, exc)
-        self._finish_failed(job, reason, exc)
+            self.report_bounded(self._fail_through_ledger, self.ledger, job, reason, exc, counter, counted)
+
+    def report_bounded(self, report: Callable[..., None], *args: Any) -> None:
+        """Run ``report(*args)``, a failure's report (its callbacks, and what follows them: its store
+        write, a broker's acknowledgement), now; or, from failure callbacks nested _NESTED_REPORTS
+        deep on this thread, once the callbacks above it return, after the reports deferred before
+        it, run by the report whose callbacks are the deepest allowed: the stack stays bounded."""
+        in_callback = self._in_callback
+        depth = getattr(in_callback, "depth", 0)
+        later = getattr(in_callback, "later", None)
+        if depth >= _NESTED_REPORTS and later is not None:
+            later.append((report, args))
+            return
+        if depth == _NESTED_REPORTS - 1 and later is None:  # the reports its callbacks defer run here, in turn
+            in_callback.later = later = deque()
+            try:
+                report(*args)
+            finally:
+                try:
+                    self.end_all(_taken_from(later))  # (each one's callbacks may add more)
+                finally:
+                    in_callback.later = None
+            return
+        report(*args)
 
     def _report_and_finish(self, job: Any, reason: str, exc: Optional[BaseException]) -> None:
         self.report_failure(job, reason, exc)
+        self._finish_failed(job, reason, exc)
+
+    def _fail_through_ledger(self, ledger: AttemptLedger, job: Any, reason: str, exc: Optional[BaseException],
+                             counter: int, counted: bool) -> None:
+        """``fail`` of an attempt leased from a broker: its ``ledger`` decides, counts and keeps the job until
+        its callbacks ran (``AttemptLedger.failing``), then it is finished."""
+        with ledger.failing(job, reason, exc) as ended:
+            if ended is not None:  # (else the attempt was handed back, or this process reaped: ignored)
+                if ended != reason:  # the broker ended it so (a cancel from elsewhere), counted by the ledger
+                    reason, exc, counted = ended, None, True
+                if not counted:
+                    self.ready.count(counter, 1, job.type)
+                self.report_failure(job, reason, exc)
         self._finish_failed(job, reason, exc)
 
     def _finish_failed(self, job: Any, reason: str, exc: Optional[BaseException]) -> None:

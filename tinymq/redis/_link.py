@@ -19,7 +19,8 @@ Threads (started by ``start``):
   registers again under a new id. It also looks up the rows that a cancel or an
   evicting enqueue without a reply kept for this process (``_report_lost``), and every
   ``_SETTINGS_LOOK`` starts a short-lived thread (``_look_at_settings``) that looks at
-  Redis's settings: a server slow to answer CONFIG never delays a beat.
+  Redis's settings: a server slow to answer CONFIG never delays a beat (and a look under
+  way gives up, its connection closed, as soon as stop() begins).
 - a reporter (``_hand_on``, one per fetch or beat reply that hands this process rows
   to report or attempts to cancel): runs their failure callbacks, so that no thread
   that renews the lease or fetches ever waits for a callback (one slower than the
@@ -411,7 +412,13 @@ class QueueLink:
 
     def _report_ended(self, rows: Sequence[Crashed], caller: str) -> None:
         """Report the rows a reply ended for this call (``caller`` as _reporting_rows gave it):
-        those that wait in Redis (a key) are acknowledged after their callbacks ran."""
+        those that wait in Redis (a key) are acknowledged after their callbacks ran. From failure
+        callbacks nested deep (one whose enqueue evicts a job, whose callback enqueues, ...), once
+        the callbacks above return (the dispatcher's report_bounded): the stack stays bounded."""
+        if rows:
+            self.dispatcher.report_bounded(self._report_rows_ended, rows, caller)
+
+    def _report_rows_ended(self, rows: Sequence[Crashed], caller: str) -> None:
         kept = [row for row in rows if row.key]
         for row in rows:
             if not row.key:
@@ -675,12 +682,16 @@ class QueueLink:
         return False
 
     def _cancel_marked(self, attempts: Sequence[str]) -> None:
-        """Cancel this process's attempts that q.cancel() marked, as the in-process cancel does.
+        """Cancel this process's attempts that q.cancel() marked, as the in-process cancel does:
+        each the copy of its job that the attempt fetched, never another copy of its id.
 
         Not with _round_lock held (cancelling settles, which may call a round). A
         marked attempt that is not found here (it ended meanwhile, or is not yet in
         the core) needs nothing: its settle ends the job as cancelled and the
-        reply hands it back to report, or the next reply names it again.
+        reply hands it back to report, or the next reply names it again. One that
+        waits for an older copy of its id to leave the core (_held: one still running
+        here, no longer this process's) goes back to Redis, which ends it as cancelled
+        (the reply counts it here, and hands it back to report): it never runs.
         """
         wanted = set(attempts)
         with self._lock:
@@ -690,7 +701,23 @@ class QueueLink:
                     record.marked = True  # (its end, decided from now on, is counted as cancelled: _decide)
                     if not record.expired and record.state != _GIVEN_BACK:
                         jobs.append(job)
-        for job in jobs:
+        in_core = [job for job in jobs if self.ready.registered(job)]  # (the copy the core holds under its id)
+        rest = [job for job in jobs if all(job is not other for other in in_core)]
+        if rest:
+            with self._round_lock:  # (a round placing one ends first: it is then in the core, or held)
+                held = [job for job in rest if any(job is other for other in self._held)]
+                in_core += [job for job in rest if self.ready.registered(job)]
+                if held:
+                    self._held = [job for job in self._held if all(job is not other for other in held)]
+                    with self._lock:
+                        for job in held:
+                            given_back = self._attempts.pop(job, None)
+                            if given_back is not None:
+                                self._in_hand -= 1
+                                self._queue_op(SettleOp("B", given_back.attempt))
+            if held:
+                self._flush_if_idle()
+        for job in in_core:
             if self.dispatcher.cancel(job.id):
                 logger.info("job %s (%s) was cancelled through Redis queue %r", job.id, job.type,
                             self.broker.name)
@@ -1521,9 +1548,10 @@ class QueueLink:
 
     def _look_at_settings(self, timeout: float) -> None:
         """The broker's look at Redis's settings (every _SETTINGS_LOOK), on a thread of its own: a
-        server slow to answer CONFIG (each call waits ``timeout`` at most) never delays a beat."""
+        server slow to answer CONFIG (each call waits ``timeout`` at most) never delays a beat. It
+        gives up as soon as stop() begins (its connection closed), so that stop() returns after it."""
         try:
-            self.broker._look_at_settings(timeout)
+            self.broker._look_at_settings(timeout, self._stopped)
         except self._redis_error:
             pass  # (an outage: the heartbeat says so)
         except Exception:  # (a bug: the next look tries again; the lease is not this thread's)
@@ -1562,8 +1590,8 @@ class QueueLink:
             if thread is not threading.current_thread():
                 thread.join(max(0.0, joined_by - time.monotonic()))
         look = self._settings_look  # (after the heartbeat's end: it starts no other one)
-        if look is not None:  # a look in a call: no connection of it stays open past the broker's close()
-            look.join(max(0.0, joined_by - time.monotonic()))
+        if look is not None:  # a look in a call gives up at _stopped: none goes on past stop(), on a connection
+            look.join(max(joined_by - time.monotonic(), _CALL_FLOOR))  # the broker's close() leaves open while lent
         # Failure callbacks still running (or about to, on a reporter) on rows a reply handed
         # this process: released before they end, the rows would go to `reports` and be
         # reported again by another process (at least once: a callback stuck past

@@ -43,6 +43,10 @@ def key_prefix(name: str) -> str:
     return f"tmq:{{{name}}}:"
 
 
+# Seconds between two looks at whether a call that may be abandoned (see _waited) was: how soon it gives up.
+_ABANDON_POLL = 0.05
+
+
 def _source(name: str) -> str:
     with open(os.path.join(_HERE, f"{name}.lua"), encoding="utf-8") as file:
         return file.read()
@@ -275,15 +279,34 @@ def _read_timed_out(exc: Exception) -> Exception:
     return timed_out
 
 
-def _reply(connection: Any, by: Optional[float]) -> Any:
+def _reply(connection: Any, by: Optional[float], abandoned: Optional[threading.Event] = None) -> Any:
     """The reply to the command just sent; with ``by`` (monotonic), redis.TimeoutError when none
     begins by then (the connection's own socket timeout, 10 s, bounds it otherwise): a caller's
-    bound, for a server that holds the connection open but answers nothing (frozen)."""
-    if by is not None and not connection.can_read(max(0.0, by - time.monotonic())):
+    bound, for a server that holds the connection open but answers nothing (frozen). With
+    ``abandoned`` (and ``by``), redis.ConnectionError once it is set (see _waited)."""
+    if by is not None and not _waited(connection.can_read, by, abandoned):
         import redis
 
         raise redis.TimeoutError("no reply from Redis in time")
     return connection.read_response()
+
+
+def _waited(wait: Callable[[float], bool], by: float, abandoned: Optional[threading.Event]) -> bool:
+    """``wait(seconds)`` until it is True, or False by ``by`` (monotonic); with ``abandoned``, in
+    slices of _ABANDON_POLL, and redis.ConnectionError once it is set: a caller that gives up
+    (stop() ends a look at the settings) is not held until ``by``."""
+    if abandoned is None:
+        return wait(max(0.0, by - time.monotonic()))
+    while True:
+        left = by - time.monotonic()
+        if wait(max(0.0, min(left, _ABANDON_POLL))):
+            return True
+        if abandoned.is_set():
+            import redis
+
+            raise redis.ConnectionError("the call was abandoned (its queue stops)")
+        if left <= _ABANDON_POLL:
+            return False
 
 
 class Connections:
@@ -308,15 +331,23 @@ class Connections:
             self._free.put(connect())
         self._open: Set[int] = set()  # ids of the connections whose last call ended well: open
 
-    def acquire(self, timeout: Optional[float] = None) -> Any:
-        """A free connection, waited for at most ``timeout`` (else the pool's wait)."""
+    def acquire(self, timeout: Optional[float] = None, abandoned: Optional[threading.Event] = None) -> Any:
+        """A free connection, waited for at most ``timeout`` (else the pool's wait); ``abandoned``: see _waited."""
         wait = self._wait if timeout is None else max(0.0, min(timeout, self._wait))
-        try:
-            return self._free.get(True, wait)
-        except queue.Empty:
-            import redis
+        lent: List[Any] = []
 
-            raise redis.ConnectionError(f"no Redis connection became free within {wait:.3g}s") from None
+        def lend(seconds: float) -> bool:
+            try:
+                lent.append(self._free.get(True, seconds))
+            except queue.Empty:
+                return False
+            return True
+
+        if _waited(lend, time.monotonic() + wait, abandoned):
+            return lent[0]
+        import redis
+
+        raise redis.ConnectionError(f"no Redis connection became free within {wait:.3g}s") from None
 
     def release(self, connection: Any, broken: bool) -> None:
         if broken:  # a reply may be half read: never reuse the socket
@@ -326,13 +357,14 @@ class Connections:
             self._open.add(id(connection))
         self._free.put(connection)
 
-    def open_within(self, connection: Any, timeout: float) -> bool:
+    def open_within(self, connection: Any, timeout: float, abandoned: Optional[threading.Event] = None) -> bool:
         """For a call bounded by ``timeout``: open ``connection`` first unless it is known open,
         on a thread of its own, since redis-py's connect waits for the server's handshake replies
         up to the socket timeout (10 s), however soon the call must end. True: the connect ended
         (a failed one fails again, with its error, at the call's send), and the connection is
-        the caller's. False: it did not end within ``timeout`` (a silent server); the
-        connection is then the opening thread's, which gives it back once its connect ends."""
+        the caller's. False: it did not end within ``timeout`` (a silent server), or ``abandoned``
+        was set (see _waited); the connection is then the opening thread's, which gives it back
+        once its connect ends."""
         if id(connection) in self._open:
             return True
         lock = threading.Lock()
@@ -352,7 +384,12 @@ class Connections:
             self.release(connection, broken)
 
         threading.Thread(target=open_it, name="tinymq-redis-connect", daemon=True).start()
-        ended.wait(timeout)
+        import redis
+
+        try:
+            _waited(ended.wait, time.monotonic() + timeout, abandoned)
+        except redis.ConnectionError:  # abandoned: as when it did not end in time
+            pass
         with lock:
             if ended.is_set():
                 return True
@@ -398,28 +435,31 @@ class Scripts:
         return self._on_connection(connections, ("EVALSHA", registered.sha, 1, self.prefix, *args), timeout,
                                    registered.script)
 
-    def command(self, *command: Any, timeout: Optional[float] = None) -> Any:
-        """One plain command (``RPUSH``, ``DEL``, ...), bounded by ``timeout`` as ``_call`` is."""
+    def command(self, *command: Any, timeout: Optional[float] = None,
+                abandoned: Optional[threading.Event] = None) -> Any:
+        """One plain command (``RPUSH``, ``DEL``, ...), bounded by ``timeout`` as ``_call`` is. With
+        ``abandoned`` (and ``timeout``), given up once it is set: redis.ConnectionError, the
+        connection closed (see _waited)."""
         connections = self.connections
         if connections is None:
             return self.client.execute_command(*command)
-        return self._on_connection(connections, command, timeout, None)
+        return self._on_connection(connections, command, timeout, None, abandoned)
 
     def _on_connection(self, connections: Connections, command: Tuple[Any, ...], timeout: Optional[float],
-                       script: Optional[str]) -> Any:
+                       script: Optional[str], abandoned: Optional[threading.Event] = None) -> Any:
         """``command`` on a connection lent by ``connections`` (EVALSHA of ``script``, loaded again if the
         server lost it)."""
         import redis
 
         by = None if timeout is None else time.monotonic() + timeout  # (each step gets what is left)
-        connection = connections.acquire(timeout)
-        if by is not None and not connections.open_within(connection, max(0.0, by - time.monotonic())):
+        connection = connections.acquire(timeout, None if by is None else abandoned)
+        if by is not None and not connections.open_within(connection, max(0.0, by - time.monotonic()), abandoned):
             raise redis.TimeoutError(f"Redis did not answer a new connection within {timeout:.3g}s")
         broken = True
         try:
             try:
                 _send(connection, command)
-                reply = _reply(connection, by)
+                reply = _reply(connection, by, abandoned)
             except redis.exceptions.NoScriptError:  # a restarted server: load it, call it again
                 if script is None:
                     raise

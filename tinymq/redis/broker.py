@@ -143,27 +143,29 @@ class RedisBroker:
         finally:
             self._check_lock.release()
 
-    def _look_at_settings(self, timeout: Optional[float] = None) -> None:
+    def _look_at_settings(self, timeout: Optional[float] = None, abandoned: Optional[threading.Event] = None) -> None:
         """Warn of a setting that loses jobs (an evicting maxmemory-policy, appendonly no): at the first
         reply, and again whenever a later look (a worker process's, every _SETTINGS_LOOK, on a thread of
         its own: QueueLink._look_at_settings)
-        finds it changed to such a value (a CONFIG SET, a restart with another configuration)."""
-        policy = self._config("maxmemory-policy", timeout)
+        finds it changed to such a value (a CONFIG SET, a restart with another configuration).
+        ``abandoned``: once it is set, a call under way gives up (redis.ConnectionError)."""
+        policy = self._config("maxmemory-policy", timeout, abandoned)
         if policy is not None and policy != "noeviction" and policy != self._settings_seen.get("maxmemory-policy"):
             logger.warning(
                 "Redis at %s has maxmemory-policy %r: under memory pressure it may evict "
                 "tinymq's keys and lose jobs; set maxmemory-policy noeviction", redacted_url(self.url), policy)
-        appendonly = self._config("appendonly", timeout)
+        appendonly = self._config("appendonly", timeout, abandoned)
         if appendonly == "no" and self._settings_seen.get("appendonly") != "no":
             logger.warning(
                 "Redis at %s runs with appendonly no: if it stops or dies, the jobs it accepted since "
                 "its last snapshot are lost; set appendonly yes", redacted_url(self.url))
         self._settings_seen = {"maxmemory-policy": policy, "appendonly": appendonly}
 
-    def _config(self, name: str, timeout: Optional[float]) -> Optional[str]:
+    def _config(self, name: str, timeout: Optional[float], abandoned: Optional[threading.Event] = None
+                ) -> Optional[str]:
         """The server's setting ``name``; None where CONFIG is disabled (some managed services)."""
         try:
-            reply = self._scripts.command("CONFIG", "GET", name, timeout=timeout)
+            reply = self._scripts.command("CONFIG", "GET", name, timeout=timeout, abandoned=abandoned)
         except _redis().ResponseError:
             return None
         pair = [*next(iter(reply.items()))] if isinstance(reply, dict) and reply else reply  # (RESP3: a map)
