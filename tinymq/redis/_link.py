@@ -120,8 +120,9 @@ class _Failure:
     settle's reply comes (it waits for that reply when a failure callback is registered), it is
     counted as cancelled (see QueueLink.failing); counted already, it stays counted, as what it
     was decided as (a counter never goes down). Its op dropped unsent as this process let its id
-    go (``dropped``, see _let_go): not counted yet, it is never counted, and no callback runs
-    for it; counted already, it stays counted (see QueueLink._take_back)."""
+    go (``dropped``, see _let_go), or its job found lost as its op ran (Redis lost its hash: see
+    QueueLink._settled): not counted yet, it is never counted, and no callback runs for it;
+    counted already, it stays counted (see QueueLink._take_back)."""
 
     __slots__ = ("counted", "overruled", "dropped")
 
@@ -958,8 +959,8 @@ class QueueLink:
                     overruled, dropped = failure.overruled, failure.dropped
                     if overruled is not None or dropped:
                         self._failing.pop(op.attempt, None)  # (settled, or never to be: nothing left to do)
-                if dropped:  # its op never reached Redis: this process's id was let go first (reaped)
-                    yield None  # the late result of a process declared dead: its reaper ends the job
+                if dropped:  # its op never reached Redis (this process's id was let go first: reaped), or its job was lost
+                    yield None  # the late result of a process declared dead: its reaper ends the job (a lost one: none)
                     return  # (counted nowhere, its timeout neither)
                 if op.reason == "cancelled":  # (counted as its cancel was decided: the core's, or _decide)
                     yield "cancelled"
@@ -997,17 +998,24 @@ class QueueLink:
                     "failure (%s), which stays counted here as a failure", attempt.split(":", 1)[1], job_type,
                     reason)
 
-    def _settled(self, ops: Sequence[SettleOp], overruled: Sequence[Tuple[str, str]]) -> List[_Overruled]:
+    def _settled(self, ops: Sequence[SettleOp], overruled: Sequence[Tuple[str, str]],
+                 gone: Sequence[str] = ()) -> List[_Overruled]:
         """The reply to ``ops`` came, naming those a cancel mark ``overruled`` ((attempt, type): Redis
         ended their jobs as cancelled): those whose cancel is still to count here, or to log, with
         their types (``_count_overruled``). An outcome counted before the reply (S, Y, y, and a
         failure for good without callback) stays counted as it is: a counter never goes down
-        (Prometheus reads that as a reset). Called with _lock held."""
+        (Prometheus reads that as a reset). A failure for good of a job the reply names ``gone``
+        (Redis lost its hash: lib.lua's job_gone) is lost, as its id would be anywhere else: not
+        counted yet, it is never counted, and no callback runs for it (see failing); the reply's
+        gone ids are logged (_log_gone). Called with _lock held."""
         types = dict(overruled)
+        lost = set(gone)
         found: List[_Overruled] = []
         for op in ops:
             failure = self._failing.get(op.attempt) if op.op in "Zz" else None
             if failure is not None:
+                if lost and op.attempt.split(":", 1)[1] in lost:
+                    failure.dropped = True  # (as an op that never reached Redis: nothing to report)
                 failure.overruled = op.attempt in types
                 if failure.counted or not failure.overruled:  # (else its thread, yet to count, sees it)
                     del self._failing[op.attempt]
@@ -1139,7 +1147,7 @@ class QueueLink:
             self._registered = self._registered or reply.now_ms
             with self._lock:
                 self._renewed(sent)
-                found = self._settled(ops, reply.overruled) if reply.overruled or self._failing else ()
+                found = self._settled(ops, reply.overruled, reply.gone) if reply.overruled or self._failing else ()
             self._count_overruled(found)  # (before a reporter reports their rows)
             if reply.next_due_ms is None:
                 self._next_due = math.inf
@@ -1160,7 +1168,7 @@ class QueueLink:
         for job_id in ids:
             logger.error("job %s of Redis queue %r is lost: its id waited in Redis but its data (its "
                          "job:<id> hash) is gone (evicted under a maxmemory-policy other than noeviction, "
-                         "or deleted by another program); it was dropped without running, and no "
+                         "or deleted by another program); it was dropped and runs no more, and no "
                          "on_failure callback can run for it, as its data is gone", job_id, self.broker.name)
 
     def _place(self, job: Any) -> bool:

@@ -639,10 +639,15 @@ local function settle(proc, argv, first, n, now)
     local key = table.concat({id, op_reason or reason, proc, attempt}, '|')
     handed(proc, {held_row(id, f[1], f[2], f[3], reason)}, nil, {key})
   end
-  local function failed(attempt, id, at) -- a failure for good (op Z or z at argv[at]) of an unmarked attempt
+  -- A failure for good (op Z or z at argv[at]) of an unmarked attempt. A job whose hash is gone
+  -- is lost (job_gone): no dead hash is written anew, half, and no row is kept (nothing of the
+  -- job is left to report; proc learns it from the reply's gone, or the next beat's).
+  local function failed(attempt, id, at)
+    local jk = job_key(id)
+    if redis.call('EXISTS', jk) == 0 then return job_gone(id) end
     local reason = argv[at + 4]
     job_dead(id, reason, argv[at + 5], argv[at + 2], now)
-    keep_report(job_key(id), id, attempt, reason)
+    keep_report(jk, id, attempt, reason)
   end
   local overruled = {} -- {attempt, type} of each op a mark turned into a cancel
   -- The in-flight entries of the call's attempts, read with one HMGET (per CHUNK) and kept
@@ -716,7 +721,7 @@ local function settle(proc, argv, first, n, now)
     elseif (op == 'y' or op == 'z') and (state == 'L' or state == 'R') then
       if state == 'L' then set_entry(attempt, 'X' .. t)
       else remove_entry(attempt) end
-      count('timed_out', 1)
+      if redis.call('EXISTS', job_key(id)) == 1 then count('timed_out', 1) end -- (a lost job counts in none)
       if op == 'y' then job_retry(id, argv[i + 2], argv[i + 5], tonumber(argv[i + 3]), now)
       else failed(attempt, id, i) end
     elseif op == 'E' and (state == 'X' or state == 'L') then
@@ -948,10 +953,14 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
         local out = redis.call('ZPOPMIN', K_CAPPED)
         redis.call('ZREM', K_DELAYED, out[1])
         local f = redis.call('HMGET', job_key(out[1]), 'b', 'r')
-        table.insert(evicted, held_row(out[1], f[1], f[2], '', 'evicted'))
-        job_dead(out[1], 'evicted', '', f[2] or '0', now)
-        count('failed', -1) -- evictions have their own counter
-        count('evicted', 1)
+        if redis.call('EXISTS', job_key(out[1])) == 1 then
+          table.insert(evicted, held_row(out[1], f[1], f[2], '', 'evicted'))
+          job_dead(out[1], 'evicted', '', f[2] or '0', now)
+          count('failed', -1) -- evictions have their own counter
+          count('evicted', 1)
+        else
+          job_gone(out[1]) -- (no dead hash written anew, half: see job_gone)
+        end
       end
       redis.call('ZADD', K_CAPPED, add_delayed(id, exact_ms() + delay), id)
       if kept then redis.call('HSET', jk, 'u', kept) end

@@ -1,0 +1,123 @@
+"""Findings of redis29a (session 29): defects of the Redis broker around lost job data, durations
+and logs.
+
+Each test failed on the code before its fix; its docstring says the symptom, how to
+reproduce it, and what the docs promise.
+"""
+import logging
+import threading
+
+import pytest
+
+from tinymq import ExecutorConfig, Job, PermanentFailure, RetryConfig
+
+from _backends import Redis
+from _helpers import WAIT, wait_until
+
+pytestmark = pytest.mark.redis
+
+LEASE_MS = 60_000
+
+
+@pytest.fixture
+def scripts(redis_client):
+    from tinymq.redis._scripts import Scripts
+
+    return Scripts(redis_client, "s")
+
+
+@pytest.fixture
+def quiet(redis_url):
+    """A long lease: no heartbeat tells the worker of anything during a test."""
+    made = Redis(redis_url, lease=40.0)
+    yield made
+    made.close()
+
+
+def _rows(*ids, delay_ms=0):
+    return [(job_id, "t", 1, delay_ms, f'{{"id": "{job_id}"}}') for job_id in ids]
+
+
+def _stats(client, key):
+    return {k: int(v) for k, v in client.hgetall(key("stats")).items()}
+
+
+def _gone_errors(caplog, job_id):
+    return [r for r in caplog.records if r.levelno == logging.ERROR and f"job {job_id} " in r.getMessage()
+            and "data" in r.getMessage() and "on_failure" in r.getMessage()]
+
+
+# --- 1. a failure for good of a job whose hash Redis lost ---------------------------------------
+
+
+@pytest.mark.parametrize("op", ["Z", "z"])
+def test_a_failure_for_good_of_a_job_whose_hash_is_gone_writes_no_dead_hash(scripts, op):
+    """Symptom: a failure for good (Z; z, decided at a timeout) of an attempt whose job hash Redis
+    lost while it ran wrote a dead hash anew, half (no type, body, priority): dead_jobs() listed a
+    stand-in with missing fields, and it counted as failed (and timed out).
+    Reproduce: fetch a job, delete its hash, settle its failure for good.
+    docs/redis.md (Dead jobs): a job whose data Redis lost is lost, counted in no counter but the
+    unfinished one, dropped and named for a worker to log, as job_gone does everywhere else."""
+    from tinymq.redis._scripts import SettleOp
+
+    client, key = scripts.client, scripts.key
+    assert scripts.enqueue("e1", 100, 0, _rows("f1", "kept")).status == "ok"
+    jobs = {j.id: j.attempt for j in scripts.fetch("P", "1", 2, LEASE_MS, 3, False).jobs}
+    client.delete(key("job:f1"))
+    reply = scripts.fetch("P", "2", 0, LEASE_MS, 3, True,
+                          [SettleOp(op, jobs["f1"], 1, 0, "retries_exhausted", "boom")])
+    assert reply.gone == ["f1"]
+    assert client.zcard(key("dead")) == 0
+    assert not client.exists(key("job:f1"))
+    assert client.hlen(key("reporting:P")) == 0  # no row: nothing of the job is left to report
+    stats = _stats(client, key)
+    assert stats["outstanding"] == 1  # "kept", still in flight
+    assert (stats.get("failed", 0), stats.get("timed_out", 0)) == (0, 0)
+    assert int(client.hget(key("running"), "t")) == (2 if op == "z" else 1)  # (z: it may still run)
+
+
+def test_an_eviction_of_a_delayed_job_whose_hash_is_gone_writes_no_dead_hash(scripts):
+    """The same for an eviction (max_delayed_jobs): the evicted job's hash was gone; its dead
+    hash was written anew, half, and it was reported as evicted with an empty body."""
+    client, key = scripts.client, scripts.key
+    assert scripts.enqueue("e1", 100, 1, _rows("old", delay_ms=60_000)).status == "ok"
+    client.delete(key("job:old"))
+    reply = scripts.enqueue("e2", 100, 1, _rows("new", delay_ms=60_000))
+    assert (reply.status, reply.evicted) == ("ok", [])
+    assert client.zcard(key("dead")) == 0 and not client.exists(key("job:old"))
+    stats = _stats(client, key)
+    assert (stats["outstanding"], stats.get("evicted", 0), stats.get("failed", 0)) == (1, 0, 0)
+    assert scripts.heartbeat("Q", LEASE_MS, 3, False, "b1").gone == ["old"]
+
+
+@pytest.mark.parametrize("callback", [True, False], ids=["on_failure", "no-callback"])
+def test_a_job_whose_hash_redis_lost_as_it_failed_for_good_is_lost_not_dead(quiet, callback, caplog):
+    """End to end: a job's hash is deleted while its attempt runs, which then fails for good. It
+    is no dead job (dead_jobs() listed a stand-in without its type or payload), the worker logs
+    the ERROR of a lost job, runs no on_failure callback for it (with one registered, the
+    failure waits for its settle's reply, which says the job is gone), and join() returns."""
+
+    producer, worker = quiet.pair()
+    client = __import__("redis").Redis.from_url(quiet.url, decode_responses=True)
+    key = f"tmq:{{{quiet.queue_name}}}:job:doomed"
+    reported = []
+
+    def work(job):
+        client.delete(key)  # behind the queue's back, as an eviction would
+        raise PermanentFailure("no")
+
+    worker.register_executor("t", work)
+    if callback:
+        worker.on_failure(lambda job, reason, exc: reported.append((job.id, reason)))
+    try:
+        producer.enqueue(Job("t", id="doomed"))
+        with caplog.at_level(logging.ERROR, logger="tinymq"):
+            worker.start_dispatcher(1)
+            assert producer.join(WAIT)
+            assert wait_until(lambda: _gone_errors(caplog, "doomed"))
+        assert quiet.brokers[-1].dead_jobs() == []
+        assert reported == []
+        stats = producer.get_stats()
+        assert (stats.jobs_failed, stats.jobs_succeeded) == (0, 0)
+    finally:
+        client.close()
