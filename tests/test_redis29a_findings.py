@@ -121,3 +121,81 @@ def test_a_job_whose_hash_redis_lost_as_it_failed_for_good_is_lost_not_dead(quie
         assert (stats.jobs_failed, stats.jobs_succeeded) == (0, 0)
     finally:
         client.close()
+
+
+# --- 2. the duration of a timed-out attempt that stop() handed back ---------------------------
+
+
+def _durations(q):
+    counts, total = q._attempt_durations().get("t", ((), 0.0))
+    return sum(counts), total
+
+
+@pytest.mark.parametrize("kind", ["thread", "async"])
+def test_a_timed_out_attempt_stop_handed_back_records_no_duration(quiet, kind):
+    """Symptom: over Redis, an attempt that timed out and that stop() handed back before its
+    retry was decided (it runs again elsewhere: its timeout counts nowhere) still had its duration
+    recorded in its type's histogram (tinymq_attempt_duration_seconds), at its deadline.
+    Reproduce: hold the retry's decision (link.retry) past the deadline, stop(), let it go on.
+    Expected: as in-process, where an attempt stop() gave back records none, and as over Redis
+    its timeout: recorded where its end is decided, once it stands."""
+    import asyncio
+
+    producer, worker = quiet.pair()
+    stuck = threading.Event()
+
+    async def hang(job):
+        await asyncio.sleep(WAIT)
+
+    fn = hang if kind == "async" else (lambda job: stuck.wait(WAIT))
+    worker.register_executor("t", fn, ExecutorConfig(timeout=0.1))
+    link = worker._link
+    holding, go_on = threading.Event(), threading.Event()
+    retry = link.retry
+
+    def held(*args, **kwargs):
+        holding.set()
+        assert go_on.wait(WAIT)
+        return retry(*args, **kwargs)
+
+    link.retry = held
+    producer.enqueue(Job("t", "x", retry_config=RetryConfig(max_retries=2, initial_delay=0.0)))
+    worker.start_dispatcher(1)
+    stopping = threading.Thread(target=worker.stop, kwargs={"wait": False})
+    try:
+        assert holding.wait(WAIT)
+        stopping.start()
+        assert wait_until(lambda: link._released)  # the release hands what it holds back
+        go_on.set()
+        stopping.join(WAIT)
+        assert not stopping.is_alive()
+    finally:
+        go_on.set()
+        stuck.set()
+    assert _durations(worker) == (0, 0.0)
+    assert worker.get_stats().executor_stats["t"].timed_out == 0
+
+
+@pytest.mark.parametrize("kind", ["thread", "async"])
+def test_a_timed_out_attempt_whose_retry_stands_records_its_duration_once(quiet, kind):
+    """A guard: a timed-out attempt whose retry is decided records its duration, once."""
+    import asyncio
+
+    producer, worker = quiet.pair()
+    stuck = threading.Event()
+
+    async def hang(job):
+        if job.retries == 0:
+            await asyncio.sleep(WAIT)
+
+    fn = hang if kind == "async" else (lambda job: job.retries or stuck.wait(WAIT))
+    worker.register_executor("t", fn, ExecutorConfig(timeout=0.1))
+    try:
+        producer.enqueue(Job("t", "x", retry_config=RetryConfig(max_retries=2, initial_delay=0.0)))
+        worker.start_dispatcher(2)
+        assert producer.join(WAIT)
+        assert _durations(worker)[0] == 2  # the timeout and the success
+        assert worker.get_stats().executor_stats["t"].timed_out == 1
+    finally:
+        stuck.set()
+        worker.stop()

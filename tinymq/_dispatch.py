@@ -917,13 +917,16 @@ class Dispatcher:
         state = slot.type_state
         exc = timeout_error(job, state)
         counted = not (self._stopping and job in self._stop_cancelled)  # stop's: not counted
-        if self.ledger is not None and not self.ledger.expired(job, counted):
+        seconds = core.monotonic() - slot.started
+        # A broker records the duration, and counts the timeout, as it decides the attempt's end,
+        # once it stands (not if stop() hands the attempt back first).
+        if self.ledger is not None and not self.ledger.expired(job, counted, (state, seconds) if counted else None):
             counted = False  # no longer this process's attempt: its timeout counts nowhere
         self._cancel_awaiting(job)
         try:  # slot.expire() has cancelled the attempt's context already
             if counted:
-                self.ready.record_duration(state, core.monotonic() - slot.started)
-                if self.ledger is None:  # (else the ledger counts it as it decides the attempt's end)
+                if self.ledger is None:  # (else the ledger records and counts it as it decides the attempt's end)
+                    self.ready.record_duration(state, seconds)
                     self.ready.count(core.TIMED_OUT, 1, job.type)
                 logger.warning("job %s (%s) timed out; its thread is retired and replaced",
                                job.id, job.type)
@@ -1070,8 +1073,8 @@ class Dispatcher:
         if self.ledger is None:
             self.ready.count(core.TIMED_OUT, 1, job.type)
             self.ready.record_duration(state, seconds)
-        elif self.ledger.expired(job, True):  # (counted as its end is decided; else not this process's:
-            self.ready.record_duration(state, seconds)  # never counted, and not recorded, as a thread's)
+        else:  # (recorded and counted as its end is decided, if it stands, as a thread's)
+            self.ledger.expired(job, True, (state, seconds))
         logger.warning("job %s (%s) timed out; its task is cancelled", job.id, job.type)
         self.attempt_failed(job, state, exc, holding)
 

@@ -100,7 +100,8 @@ class _NotHeld(TinyMQError):
 class _Attempt:
     """This process's hold on one job: guarded by QueueLink._lock."""
 
-    __slots__ = ("attempt", "since", "state", "expired", "timed_out", "decided", "returned", "ending", "marked")
+    __slots__ = ("attempt", "since", "state", "expired", "timed_out", "decided", "returned", "ending", "marked",
+                 "duration")
 
     def __init__(self, attempt: str, since: float) -> None:
         self.attempt = attempt
@@ -112,6 +113,7 @@ class _Attempt:
         self.returned = False  # a timed-out attempt's function came back
         self.ending = False  # its success is being counted (succeeding): stop() waits for its op
         self.marked = False  # a cancel marked it in Redis, and this process heard of it (_cancel_marked)
+        self.duration: Optional[Tuple[Any, float]] = None  # (type state, seconds) of a timeout, recorded as decided
 
 
 class _Failure:
@@ -835,11 +837,13 @@ class QueueLink:
         if record.ending:
             self._reported.notify_all()
 
-    def expired(self, job: Any, timed_out: bool = False) -> bool:
+    def expired(self, job: Any, timed_out: bool = False, duration: Optional[Tuple[Any, float]] = None) -> bool:
         """The watchdog (``timed_out``: at its deadline) or a cancel decided ``job``'s attempt;
         a replacement worker takes its place. Its timeout is counted where its retry or failure
-        is decided (_decide, failing), once it is known to stand. False when the attempt is no
-        longer this process's (_disowned): its timeout is never counted."""
+        is decided (_decide, failing), once it is known to stand, and so is its ``duration``
+        ((type state, seconds): recorded in _decide). False when the attempt is no longer this
+        process's (_disowned): its timeout is never counted, nor its duration recorded; nor are
+        they when it stops being this process's before its end is decided (stop()'s release)."""
         with self._lock:
             record = self._attempts.get(job)
             if record is None:
@@ -852,6 +856,7 @@ class QueueLink:
             if not record.expired:
                 record.expired = True
                 record.timed_out = timed_out
+                record.duration = duration
                 self._slot_freed()
                 self._wake_pump()
             return True
@@ -878,6 +883,9 @@ class QueueLink:
                 if record.returned:
                     del self._attempts[job]
                 op = op.lower()
+                if record.duration is not None:  # (its end stands: see expired)
+                    self.ready.record_duration(*record.duration)
+                    record.duration = None
             else:
                 del self._attempts[job]
                 self._slot_freed()
