@@ -199,3 +199,110 @@ def test_a_timed_out_attempt_whose_retry_stands_records_its_duration_once(quiet,
     finally:
         stuck.set()
         worker.stop()
+
+
+# --- 3. the log of a retry that a cancel overtook -----------------------------------------------
+
+
+def _logged(caplog, text):
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+def test_a_retry_a_cancel_of_this_process_overtook_over_redis_is_logged_as_cancelled(quiet, caplog):
+    """Symptom: a retry decided as cancelled (its attempt timed out; this process's cancel came
+    before the retry was decided, so Redis ends it as cancelled and it counts as cancelled only)
+    was logged at INFO as "failed (...); retry 1 of 2", as if it would run again.
+    Reproduce: hold the dispatcher's attempt_failed after a timeout, cancel, let it go on.
+    Expected: the log says it is not retried, ending as cancelled."""
+    producer, worker = quiet.pair()
+    stuck = threading.Event()
+    holding, go_on = threading.Event(), threading.Event()
+    attempt_failed = worker._dispatcher.attempt_failed
+
+    def held(*args, **kwargs):
+        holding.set()
+        assert go_on.wait(WAIT)
+        attempt_failed(*args, **kwargs)
+
+    worker._dispatcher.attempt_failed = held
+    worker.register_executor("t", lambda job: stuck.wait(WAIT), ExecutorConfig(timeout=0.1))
+    try:
+        with caplog.at_level(logging.INFO, logger="tinymq"):
+            producer.enqueue(Job("t", id="overtaken", retry_config=RetryConfig(max_retries=2, initial_delay=0.0)))
+            worker.start_dispatcher(1)
+            assert holding.wait(WAIT)
+            assert worker.cancel("overtaken")
+            go_on.set()
+            assert producer.join(WAIT)
+            assert wait_until(lambda: _logged(caplog, "not retried: a cancel overtook its retry 1 of 2"))
+        assert _logged(caplog, "; retry 1 of") == []
+        assert len(_logged(caplog, "job overtaken (t) failed (")) == 1
+        assert worker.get_stats().executor_stats["t"].retried == 0
+    finally:
+        go_on.set()
+        stuck.set()
+
+
+def test_a_retry_a_cancel_from_elsewhere_overruled_over_redis_is_logged_as_cancelled(quiet, caplog):
+    """The same when this process hears of the cancel only from its settle's reply (a cancel from
+    another process reached Redis first): the retry stays counted here (a counter never goes
+    down), and the reply's news is logged, as it is for a failure for good."""
+    producer, worker = quiet.pair()
+    started, let_go = threading.Event(), threading.Event()
+
+    def run(job):
+        started.set()
+        assert let_go.wait(WAIT)
+        raise ValueError("boom")
+
+    worker.register_executor("t", run)
+    link = worker._link
+    link._cancel_marked = lambda attempts: None  # deaf to marks: only the reply tells it
+    try:
+        with caplog.at_level(logging.INFO, logger="tinymq"):
+            producer.enqueue(Job("t", id="x", retry_config=RetryConfig(max_retries=2, initial_delay=0.0)))
+            worker.start_dispatcher(1)
+            assert started.wait(WAIT)
+            with link._round_lock:  # no round meanwhile: the retry waits to be sent
+                assert producer.cancel("x") is True  # leased: marked in Redis only
+                let_go.set()
+                assert wait_until(lambda: link._ops)
+            assert producer.join(WAIT)
+            assert wait_until(lambda: _logged(caplog, "reached Redis before its retry"))
+        assert _logged(caplog, "job x (t) was cancelled: a cancel from another process reached Redis before "
+                               "its retry, which stays counted here as a retry")
+    finally:
+        let_go.set()
+
+
+@pytest.mark.parametrize("backoff", [0.0, 60.0], ids=["retry_now", "retry_later"])
+def test_a_retry_a_cancel_overtook_in_process_is_logged_as_cancelled(backoff, caplog):
+    """In-process: a cancel that came after the retry was counted, before it was placed, ends the
+    job as cancelled (the move finds its mark); it was logged "retry 1 of 5" all the same."""
+    from tinymq import Queue
+
+    from test_cancel_in_transit import HoldAtRetry
+
+    q = Queue()
+    hold = HoldAtRetry()
+
+    def fail(job):
+        raise RuntimeError("again")
+
+    q.register_executor("t", fail)
+    hold.install(q)
+    try:
+        with caplog.at_level(logging.INFO, logger="tinymq"):
+            q.start_dispatcher(1)
+            q.enqueue(Job("t", id="r", retry_config=RetryConfig(max_retries=5, initial_delay=backoff)))
+            assert hold.reached.wait(WAIT)
+            assert q.cancel("r") is True
+            hold.go_on.set()
+            assert q.join(WAIT)
+        assert _logged(caplog, "; retry 1 of") == []
+        assert len(_logged(caplog, "job r (t) failed (RuntimeError: again); not retried: a cancel overtook "
+                                   "its retry 1 of 5")) == 1
+        assert len(_logged(caplog, "job r (t) was cancelled")) == 1
+    finally:
+        hold.go_on.set()
+        q.stop()

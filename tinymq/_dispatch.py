@@ -122,11 +122,12 @@ class AttemptLedger(Protocol):
     def returned_late(self, job: Any) -> None:
         """A timed-out attempt's function returned: its type slot is free."""
 
-    def retry(self, job: Any, delay: float) -> bool:
+    def retry(self, job: Any, delay: float) -> Optional[str]:
         """The attempt failed; the job runs again ``delay`` seconds from now: counted RETRIED by
-        the ledger (and TIMED_OUT, if it timed out), in the step that decides it; as CANCELLED
-        only when the ledger knows a cancel marked it (its broker ends it so). False when the
-        attempt is no longer this process's: counted nowhere."""
+        the ledger (and TIMED_OUT, if it timed out), in the step that decides it ("retried"); as
+        CANCELLED only when the ledger knows a cancel marked it (its broker ends it so, and
+        reports it): "cancelled". None when the attempt is no longer this process's: counted
+        nowhere."""
 
     def failing(self, job: Any, reason: str, exc: Optional[BaseException]) -> ContextManager[Optional[str]]:
         """The job failed for good: counted (where the counters are) inside, by the caller, if it
@@ -864,14 +865,18 @@ class Dispatcher:
                 ends.append((self.fail, (job, "retries_exhausted", error)))
         return ends
 
-    def make_ready(self, job: Any, release: Any = None) -> None:
+    def make_ready(self, job: Any, release: Any = None, retry: Optional[float] = None) -> None:
         """Move an accepted job into the ready buffer; one that cannot go fails, loudly.
-        ``release``: the type whose slot the job's attempt held, freed in the step that places it."""
+        ``release``: the type whose slot the job's attempt held, freed in the step that places it.
+        ``retry``: it is a retry (its delay, due by now), logged once placed, or as a cancel overtook
+        it (before its end)."""
         try:
             placed = self.ready.requeue(job, release)
         except Exception as exc:  # e.g. a priority made invalid while the job waited (nothing freed yet)
             self.fail(job, "retries_exhausted", exc, release=release)
             return
+        if retry is not None:
+            self._log_retry(job, retry, placed)
         if not placed:  # a cancel of it came on its way here
             self.end_cancelled(job)
 
@@ -1301,14 +1306,12 @@ class Dispatcher:
                                      f"number of seconds, got {delay!r}")
             job.run_at = time.time() + delay  # what the user and a store see; the wait is monotonic
             if ledger is not None:  # the broker keeps the retry: a crash here never loses it
-                if ledger.retry(job, delay):  # (counted there; else no longer this process's: ignored)
-                    logger.info("job %s (%s) failed (%s); retry %d of %d in %.3gs", job.id, job.type,
-                                job.last_error, job.retries, retry_config.max_retries, delay)
+                decided = ledger.retry(job, delay)  # (counted there; None: no longer this process's, ignored)
+                if decided is not None:
+                    self._log_retry(job, delay, decided == "retried")
                 self.ready.task_done(job)
                 return
             self.ready.count(core.RETRIED, 1, job.type)
-            logger.info("job %s (%s) failed (%s); retry %d of %d in %.3gs", job.id, job.type,
-                        job.last_error, job.retries, retry_config.max_retries, delay)
             if self.store is not None:  # (a cancel meanwhile marks it: the move below ends it, after the save)
                 try:
                     self.call_store("save", self.store.save, job)
@@ -1316,9 +1319,11 @@ class Dispatcher:
                     interrupted = error
             placing, release = release, None  # (from here on the move below frees it, or fails the job)
             if delay <= 0.0:
-                self.make_ready(job, placing)
+                self.make_ready(job, placing, retry=delay)
             else:
                 ends = self.push_delayed(job, delay, evictable=False, release=placing)
+                self._log_retry(job, delay, not any(end == self.end_cancelled and args[0] is job
+                                                    for end, args in ends or ()))
         except (Exception, SystemExit) as error:  # a job made unusable (its retry_config, a sys.exit() in it): fail it
             logger.exception("tinymq could not schedule the retry of job %r", job)
             self.fail(job, "retries_exhausted", error, release=release)
@@ -1329,6 +1334,19 @@ class Dispatcher:
                 raise interrupted
             finally:
                 interrupted = None  # (no cycle through this frame)
+
+    @staticmethod
+    def _log_retry(job: Any, delay: float, retried: bool) -> None:
+        """Log a failed attempt whose job runs again: ``retried``; else a cancel overtook its retry
+        (it came as the retry was placed, or its broker ends the attempt so), and the job ends as
+        cancelled (its own report logs that too)."""
+        if retried:
+            logger.info("job %s (%s) failed (%s); retry %d of %d in %.3gs", job.id, job.type,
+                        job.last_error, job.retries, job.retry_config.max_retries, delay)
+        else:
+            logger.info("job %s (%s) failed (%s); not retried: a cancel overtook its retry %d of %d, and it "
+                        "ends as cancelled", job.id, job.type, job.last_error, job.retries,
+                        job.retry_config.max_retries)
 
     def fail(self, job: Any, reason: str, exc: Optional[BaseException], counter: int = core.FAILED,
              counted: bool = False, release: Any = None) -> None:

@@ -862,11 +862,11 @@ class QueueLink:
             return True
 
     def _decide(self, job: Any, op: str, delay: float = 0.0, reason: str = "", error: str = "",
-                counts: Tuple[int, ...] = ()) -> Optional[Tuple[SettleOp, str, bool, Optional[_Failure]]]:
+                counts: Tuple[int, ...] = ()) -> Optional[Tuple[SettleOp, str, bool, Optional[_Failure], bool]]:
         """Queue the op that ends ``job``'s attempt, counting the events ``counts`` in the same
         step (a retry's timeout with it, if it timed out; a failure's is counted with the failure,
         by failing): (the op, this process's id, whether it timed out, its _Failure if it is a
-        failure for good), or None when the attempt is no longer
+        failure for good, whether it is decided as cancelled), or None when the attempt is no longer
         this process's to end (given back, or this process was reaped), whose timeout then
         counts nowhere either. An attempt this process knows marked by a cancel (its own, or
         one a reply named) ends as cancelled whatever its op says (Redis ends it so): counted
@@ -908,15 +908,19 @@ class QueueLink:
                 self.ready.count(event, 1, job.type)
             self._queue_op(decided)
             self._ended(record)
-            return decided, self._proc, record.timed_out, failure
+            return decided, self._proc, record.timed_out, failure, record.marked and reason != "cancelled"
 
-    def retry(self, job: Any, delay: float) -> bool:
+    def retry(self, job: Any, delay: float) -> Optional[str]:
         """``job``'s attempt failed and runs again: counted RETRIED here in the step that decides
-        it, so that stop()'s release never hands back an attempt counted so. False when it is no
-        longer this process's: counted nowhere."""
+        it, so that stop()'s release never hands back an attempt counted so ("retried"); an
+        attempt this process knows marked by a cancel is decided as cancelled ("cancelled": Redis
+        ends it so, and it is reported so). None when it is no longer this process's: counted
+        nowhere."""
         decided = self._decide(job, "Y", delay=delay, error=job.last_error or "", counts=(core.RETRIED,))
         self._flush_if_idle()
-        return decided is not None
+        if decided is None:
+            return None
+        return "cancelled" if decided[4] else "retried"
 
     @contextlib.contextmanager
     def failing(self, job: Any, reason: str, exc: Optional[BaseException]) -> Iterator[Optional[str]]:
@@ -956,7 +960,7 @@ class QueueLink:
             if decided is None:
                 yield None
                 return
-            op, proc, timed_out, failure = decided
+            op, proc, timed_out, failure, _ = decided
             assert failure is not None  # (a "Z" op always has one)
             try:
                 if self.dispatcher.failure_callbacks:
@@ -998,13 +1002,17 @@ class QueueLink:
 
     @staticmethod
     def _overruled_after_counted(attempt: str, job_type: str, reason: str) -> None:
-        """A failure for good counted here (no callback waited for its settle's reply) that Redis
-        ended as cancelled: a cancel had marked the attempt before its op came, unheard of here.
-        It stays counted as a failure (a counter never goes down: Prometheus reads that as a
-        reset): logged."""
+        """A failure for good counted here (no callback waited for its settle's reply), or a retry
+        (``reason`` "retry"), that Redis ended as cancelled: a cancel had marked the attempt before
+        its op came, unheard of here. It stays counted as what it was decided as (a counter never
+        goes down: Prometheus reads that as a reset): logged."""
+        job_id = attempt.split(":", 1)[1]
+        if reason == "retry":
+            logger.info("job %s (%s) was cancelled: a cancel from another process reached Redis before its "
+                        "retry, which stays counted here as a retry", job_id, job_type)
+            return
         logger.info("job %s (%s) was cancelled: a cancel from another process reached Redis before its "
-                    "failure (%s), which stays counted here as a failure", attempt.split(":", 1)[1], job_type,
-                    reason)
+                    "failure (%s), which stays counted here as a failure", job_id, job_type, reason)
 
     def _settled(self, ops: Sequence[SettleOp], overruled: Sequence[Tuple[str, str]],
                  gone: Sequence[str] = ()) -> List[_Overruled]:
@@ -1029,18 +1037,19 @@ class QueueLink:
                     del self._failing[op.attempt]
                     if failure.overruled and op.reason != "cancelled":
                         found.append((op, types[op.attempt]))
-            elif op.attempt in types and op.op == "B":  # (S, Y, y: counted before the reply, they stay)
-                found.append((op, types[op.attempt]))
+            elif op.attempt in types and op.op in "BYy":  # (S, Y, y: counted before the reply, they stay)
+                found.append((op, types[op.attempt]))  # (a retry's: logged)
         return found
 
     def _count_overruled(self, found: Sequence[_Overruled]) -> None:
         """What ``_settled`` found overruled: an attempt given back (B), counted nowhere, counts as
-        cancelled now; a failure for good counted already stays counted (_overruled_after_counted)."""
+        cancelled now; a failure for good or a retry counted already stays counted
+        (_overruled_after_counted)."""
         for op, job_type in found:
             if op.op == "B":
                 self.ready.count(core.CANCELLED, 1, job_type)
             else:
-                self._overruled_after_counted(op.attempt, job_type, op.reason)
+                self._overruled_after_counted(op.attempt, job_type, "retry" if op.op in "Yy" else op.reason)
 
     def _send(self, op: SettleOp) -> None:
         """Send the ops queued so far, ``op`` among them, and wait for Redis to have run them
