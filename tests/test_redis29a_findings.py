@@ -306,3 +306,69 @@ def test_a_retry_a_cancel_overtook_in_process_is_logged_as_cancelled(backoff, ca
     finally:
         hold.go_on.set()
         q.stop()
+
+
+# --- 4. what the model test found once it lost job hashes ---------------------------------------
+
+
+def test_a_lost_job_let_out_for_a_free_slot_lets_the_next_parked_job_out(scripts):
+    """Symptom: a job let out of its parked line for a free slot of its type (its id back in its
+    ready list), whose hash Redis then lost, was dropped by the fetch that met it; the jobs parked
+    behind it stayed parked beside the free slot for ever (no attempt of the type ran to free
+    another). Found by the model test's invariant (no lost wake-up) once it deletes job hashes.
+    Expected: the fetch that drops such an id lets parked jobs out into free slots."""
+    from tinymq.redis._scripts import SettleOp
+
+    client, key = scripts.client, scripts.key
+    scripts.set_limits({"t": 1})
+    assert scripts.enqueue("e1", 100, 0, _rows("a", "b", "c")).status == "ok"
+    first = scripts.fetch("P", "1", 3, LEASE_MS, 3, False).jobs
+    assert [j.id for j in first] == ["a"] and client.lrange(key("parked:1:t"), 0, -1) == ["b", "c"]
+    scripts.fetch("P", "2", 0, LEASE_MS, 3, True, [SettleOp("S", first[0].attempt)])  # b let out
+    client.delete(key("job:b"))
+    reply = scripts.fetch("P", "3", 3, LEASE_MS, 3, True)
+    assert reply.gone == ["b"]
+    taken = reply.jobs or scripts.fetch("P", "4", 3, LEASE_MS, 3, True).jobs
+    assert [j.id for j in taken] == ["c"]
+    assert _stats(client, key)["outstanding"] == 1
+
+
+@pytest.mark.parametrize("op", ["Z", "z"])
+def test_a_cancel_by_its_process_of_a_job_whose_hash_is_gone_keeps_no_row(scripts, op):
+    """Symptom: a process's own cancel of its attempt (a Z or z op for reason "cancelled") whose job
+    hash Redis lost was kept as a row to report with an empty body, and counted cancelled.
+    Expected: the job is lost, as for any other op (job_gone): no row, no counter but the unfinished one."""
+    from tinymq.redis._scripts import SettleOp
+
+    client, key = scripts.client, scripts.key
+    assert scripts.enqueue("e1", 100, 0, _rows("x")).status == "ok"
+    attempt = scripts.fetch("P", "1", 1, LEASE_MS, 3, False).jobs[0].attempt
+    client.delete(key("job:x"))
+    reply = scripts.fetch("P", "2", 0, LEASE_MS, 3, True, [SettleOp(op, attempt, 0, 0, "cancelled", "")])
+    assert reply.gone == ["x"]
+    assert client.hlen(key("reporting:P")) == 0
+    stats = _stats(client, key)
+    assert (stats.get("outstanding", 0), stats.get("cancelled", 0)) == (0, 0)
+
+
+@pytest.mark.parametrize("ends", ["settle", "reap"])
+def test_a_marked_attempt_whose_moved_hash_is_gone_is_lost(scripts, ends):
+    """The same for an attempt that a cancel marked, whose hash (moved to cancelled:<proc>|<attempt>)
+    Redis lost: its settle, or the reap of its process, reported a row with an empty body."""
+    from tinymq.redis._scripts import SettleOp
+
+    client, key = scripts.client, scripts.key
+    assert scripts.enqueue("e1", 100, 0, _rows("x")).status == "ok"
+    attempt = scripts.fetch("P", "1", 1, LEASE_MS, 3, False).jobs[0].attempt
+    assert scripts.cancel("c1", "x").status == "marked"
+    client.delete(key(f"cancelled:P|{attempt}"))
+    if ends == "settle":
+        reply = scripts.fetch("P", "2", 0, LEASE_MS, 3, True, [SettleOp("S", attempt)])
+        assert (reply.gone, reply.crashed, list(reply.overruled)) == (["x"], [], [])
+    else:
+        client.zadd(key("procs"), {"P": 0})
+        beat = scripts.heartbeat("Q", LEASE_MS, 3, False, "b1")
+        assert (beat.gone, beat.crashed) == (["x"], [])
+    assert client.hlen(key("reporting:P")) == 0 and client.llen(key("reports")) == 0
+    stats = _stats(client, key)
+    assert (stats.get("outstanding", 0), stats.get("cancelled", 0)) == (0, 0)

@@ -701,9 +701,13 @@ local function settle(proc, argv, first, n, now)
         redis.call('SREM', ck, attempt)
         marks[attempt] = nil
         local decided = op == 'Z' or op == 'z' -- by proc, which reports it (as cancelled)
-        if decided then keep_report(jk, id, attempt, 'cancelled', argv[i + 4]) end
-        if not own_cancel then table.insert(overruled, {attempt, t}) end
-        end_cancelled(jk, id, not decided)
+        if redis.call('EXISTS', jk) == 0 then -- lost: no row to report, counted in no counter
+          job_gone(id)
+        else
+          if decided then keep_report(jk, id, attempt, 'cancelled', argv[i + 4]) end
+          if not own_cancel then table.insert(overruled, {attempt, t}) end
+          end_cancelled(jk, id, not decided)
+        end
       else
         return 1 -- an op that does not fit the attempt's state: a resend
       end
@@ -787,7 +791,12 @@ local function drop_proc(proc, now, max_crash, crashed)
       local id = id_of(attempt)
       local jk = job_key(id)
       if redis.call('SISMEMBER', cancels_key(proc), attempt) == 1 then
-        end_cancelled(marked_key(proc, attempt), id, true) -- marked: it ends here, never back to ready
+        local mk = marked_key(proc, attempt)
+        if redis.call('EXISTS', mk) == 1 then
+          end_cancelled(mk, id, true) -- marked: it ends here, never back to ready
+        else
+          job_gone(id) -- (its hash lost: nothing to report)
+        end
       elseif max_crash and redis.call('EXISTS', jk) == 1 and redis.call('HINCRBY', jk, 'c', 1) > max_crash then
         local f = redis.call('HMGET', jk, 'b', 'r', 'e')
         job_dead(id, 'crashed', '', f[2] or '0', now)
