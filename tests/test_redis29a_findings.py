@@ -236,6 +236,7 @@ def test_a_retry_a_cancel_of_this_process_overtook_over_redis_is_logged_as_cance
             assert producer.join(WAIT)
             assert wait_until(lambda: _logged(caplog, "not retried: a cancel overtook its retry 1 of 2"))
         assert _logged(caplog, "; retry 1 of") == []
+        assert _logged(caplog, "stays counted here as a retry") == []  # (counted as cancelled here)
         assert len(_logged(caplog, "job overtaken (t) failed (")) == 1
         assert worker.get_stats().executor_stats["t"].retried == 0
     finally:

@@ -896,8 +896,9 @@ class QueueLink:
                                reason, _sent_error(error) if error else "")
             if record.marked and reason != "cancelled":  # (a cancel the core took counted it already)
                 counts = (core.CANCELLED,)
-                if op in "Zz":
-                    decided = decided._replace(reason="cancelled")  # (Redis ends it as its own cancel)
+                # (Redis ends a failure for good as its own cancel; a retry's reason, which Redis
+                # never reads, tells _settled that it was counted as cancelled, not as a retry)
+                decided = decided._replace(reason="cancelled")
             elif record.timed_out and op not in "Zz":  # (a failure's: counted with it, by failing)
                 counts = (core.TIMED_OUT, *counts)
             failure = None
@@ -908,7 +909,7 @@ class QueueLink:
                 self.ready.count(event, 1, job.type)
             self._queue_op(decided)
             self._ended(record)
-            return decided, self._proc, record.timed_out, failure, record.marked and reason != "cancelled"
+            return decided, self._proc, record.timed_out, failure, decided.reason == "cancelled"
 
     def retry(self, job: Any, delay: float) -> Optional[str]:
         """``job``'s attempt failed and runs again: counted RETRIED here in the step that decides
@@ -1037,8 +1038,8 @@ class QueueLink:
                     del self._failing[op.attempt]
                     if failure.overruled and op.reason != "cancelled":
                         found.append((op, types[op.attempt]))
-            elif op.attempt in types and op.op in "BYy":  # (S, Y, y: counted before the reply, they stay)
-                found.append((op, types[op.attempt]))  # (a retry's: logged)
+            elif op.attempt in types and (op.op == "B" or (op.op in "Yy" and op.reason != "cancelled")):
+                found.append((op, types[op.attempt]))  # (S, Y, y: counted before the reply, they stay; a retry's: logged)
         return found
 
     def _count_overruled(self, found: Sequence[_Overruled]) -> None:
