@@ -1361,16 +1361,23 @@ class SQLitePersistence:
             if self._closed:
                 raise PersistenceError(f"SQLitePersistence({self.path!r}) is closed")
 
-            def read(conn: sqlite3.Connection) -> List[List[Any]]:
+            def read(conn: sqlite3.Connection) -> Tuple[Optional[str], List[List[Any]]]:
                 try:
                     conn.execute("BEGIN")
                     try:
-                        return [conn.execute(sql, parameters).fetchall() for sql, parameters in queries]
+                        # (opened while the file held no job, it may hold another serializer's jobs since)
+                        other = self._other_serializer_of(conn)
+                        if other is not None:
+                            return other, []
+                        return None, [conn.execute(sql, parameters).fetchall() for sql, parameters in queries]
                     finally:
                         conn.rollback()
                 except sqlite3.Error as exc:
                     raise PersistenceError(f"{self!r}: read failed: {exc}") from exc
-            return self._reading(read)
+            other, found = self._reading(read)
+            if other is not None:
+                raise self._other_serializer(other)
+            return found
         if self._pid != os.getpid() or self._closed:
             self._check_usable()
         with self._commit_lock:

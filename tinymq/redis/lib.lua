@@ -961,14 +961,14 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
       if max_delayed > 0 and redis.call('ZCARD', K_CAPPED) >= max_delayed then
         local out = redis.call('ZPOPMIN', K_CAPPED)
         redis.call('ZREM', K_DELAYED, out[1])
-        local f = redis.call('HMGET', job_key(out[1]), 'b', 'r')
-        if redis.call('EXISTS', job_key(out[1])) == 1 then
+        if redis.call('EXISTS', job_key(out[1])) == 0 then
+          job_gone(out[1]) -- (nothing to report, nor to keep dead; its place is the room needed)
+        else
+          local f = redis.call('HMGET', job_key(out[1]), 'b', 'r')
           table.insert(evicted, held_row(out[1], f[1], f[2], '', 'evicted'))
           job_dead(out[1], 'evicted', '', f[2] or '0', now)
           count('failed', -1) -- evictions have their own counter
           count('evicted', 1)
-        else
-          job_gone(out[1]) -- (no dead hash written anew, half: see job_gone)
         end
       end
       redis.call('ZADD', K_CAPPED, add_delayed(id, exact_ms() + delay), id)
