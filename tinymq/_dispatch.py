@@ -111,10 +111,11 @@ class AttemptLedger(Protocol):
     def succeeded(self, job: Any) -> None:
         """Counted as succeeded already (succeeding() said it is this process's)."""
 
-    def expired(self, job: Any, timed_out: bool = False) -> bool:
+    def expired(self, job: Any, timed_out: bool = False, duration: Optional[Tuple[Any, float]] = None) -> bool:
         """The watchdog (at its deadline: ``timed_out``) or cancel() decided the attempt; its
         function may still run. A timeout is counted (TIMED_OUT) by the ledger where its retry or
-        failure is decided (``retry``, ``failing``), once it stands: a counter never goes down.
+        failure is decided (``retry``, ``failing``), once it stands: a counter never goes down;
+        so is its ``duration`` (type state, seconds) recorded (not if stop() hands it back first).
         False when the attempt is no longer this process's: its timeout counts nowhere. A
         timed-out attempt whose job a cancel ends (it came before the failure was decided) ends
         as cancelled only."""
