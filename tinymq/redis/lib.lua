@@ -587,7 +587,8 @@ end
   Y  failed, retry after delay ms (fractional) (L) -> slot freed, job delayed (or ready,
        behind the jobs due by then: promote_due)
   Z  failed for good, reason, error   (L)    -> slot freed, job dead, kept for proc to
-       report (reporting:<proc>, see keep_report in settle)
+       report (reporting:<proc>, see keep_report in settle); a job whose hash is gone is
+       lost instead (job_gone), as with every op
   y/z  the same, decided at the attempt's deadline while it may still run:
        (L) -> attempt becomes X and keeps its slot; (R) -> attempt removed
   E  a timed-out attempt returned     (X) -> removed, slot freed; (L) -> R, slot freed
