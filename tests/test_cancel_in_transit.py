@@ -9,7 +9,6 @@ counted once, never run again, and that join() returns. The core-level tests
 check the protocol itself on both cores.
 """
 import asyncio
-import logging
 import threading
 
 import pytest
@@ -162,35 +161,38 @@ def new_job(id_source, job_type, job_id, **fields):
     return Job(job_type, id=job_id if id_source == "given" else None, **fields)
 
 
-class HoldAtLog(logging.Handler):
-    """Blocks the thread that logs a record containing ``text`` until released."""
+class HoldAtRetry:
+    """Blocks the thread that places a retry (``install``: of ``q``'s dispatcher) until released:
+    after it counted the retry, before the move that places it (its log, which says whether a
+    cancel overtook it, comes after)."""
 
-    def __init__(self, text):
-        super().__init__(logging.INFO)
-        self.text = text
+    def __init__(self):
         self.reached = threading.Event()
         self.go_on = threading.Event()
 
-    def emit(self, record):
-        if self.text in record.getMessage() and not self.reached.is_set():
-            self.reached.set()
-            self.go_on.wait(WAIT)
+    def install(self, q):
+        dispatcher = q._dispatcher
+        for name in ("make_ready", "push_delayed"):
+            dispatcher.__dict__[name] = self._held(getattr(dispatcher, name))
+
+    def _held(self, place):
+        def held(job, *args, **kwargs):
+            if job.retries and not self.reached.is_set():
+                self.reached.set()
+                self.go_on.wait(WAIT)
+            return place(job, *args, **kwargs)
+
+        return held
 
 
 @pytest.fixture
 def hold_at_retry():
     """The thread turning a failed attempt into its retry stops after counting it, before placing it."""
-    logger = logging.getLogger("tinymq")
-    hold = HoldAtLog("retry 1 of")
-    level = logger.level
-    logger.addHandler(hold)
-    logger.setLevel(logging.INFO)
+    hold = HoldAtRetry()
     try:
         yield hold
     finally:
         hold.go_on.set()
-        logger.removeHandler(hold)
-        logger.setLevel(level)
 
 
 @pytest.mark.parametrize("id_source", ID_SOURCES)
@@ -211,6 +213,7 @@ def test_a_job_cancelled_while_its_failed_attempt_becomes_a_retry_is_never_run_a
     with queue_with_store(backend, tmp_path) as q:
         failures = record_failures(q, key=lambda job: job.id)
         q.register_executor("t", fail if kind == "thread" else fail_async)
+        hold_at_retry.install(q)
         q.start_dispatcher(workers=2)
         job = q.enqueue(new_job(id_source, "t", "retried",
                                 retry_config=RetryConfig(max_retries=5, initial_delay=backoff)))

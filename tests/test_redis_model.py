@@ -9,14 +9,17 @@ enqueue_many with delays, priorities, types with different global limits, duplic
 ids, ``buffer_size`` and ``max_delayed_jobs`` eviction, raised limits, dead jobs
 requeued or purged, cancel (of a waiting job, or of a leased attempt, whose job hash
 moves to a key of the attempt's own, so that its id is free for a new job at once, and
-which its settle or reap then ends as cancelled), and every script call resent as the
-client resends a call whose reply was lost.
+which its settle or reap then ends as cancelled), a job hash that Redis loses (evicted, or
+deleted by another program) while its id waits or its attempt runs, and every script call
+resent as the client resends a call whose reply was lost.
 
 A plain Python ``Model`` says what each call must reply and what Redis must hold
 afterwards. After EVERY step the whole queue is read back from Redis and compared with
 the model, key by key, and the invariants of the design are checked on what Redis holds
 alone (``check_invariants``): each job in exactly one place, slots = leased attempts
-<= limit, ``outstanding`` = unfinished jobs.
+<= limit, ``outstanding`` = unfinished jobs, no counter negative; and across calls, no
+lifetime counter goes down, and each lost job is in one place still or was named once
+(``check_lost``, docs/redis.md: Dead jobs).
 
 Time. The scripts read the server clock (TIME) and store absolute times (lease expiries,
 due times). The test makes time pass by moving every stored time back by the same
@@ -148,6 +151,9 @@ class Model:
         self.running: Counter = Counter()
         self.stats: Counter = Counter()
         self.orders_given = 0  # a plain int: deepcopy of itertools.count goes away in Python 3.14
+        self.gone: List[str] = []  # the `gone` list: ids of lost jobs a call met, for the next beat
+        self.gone_now: List[str] = []  # this call's (lib.lua's job_gone)
+        self.lost_succeeded: List[str] = []  # ids of lost jobs whose attempt succeeded (S): finished
         self.type_order: Tuple[str, ...] = TYPES
 
     def clone(self) -> "Model":
@@ -171,6 +177,26 @@ class Model:
         self.ended = []
         self.overruled = []
         self.happened = []
+        self.gone_now = []
+
+    def job_gone(self, job_id: str) -> None:
+        """lib.lua's job_gone: a job whose hash Redis lost, met by this call: dropped, counted
+        finished, and named (in a fetch's or beat's reply, else in `gone` for the next beat)."""
+        self.gone_now.append(job_id)
+        self.stats["outstanding"] -= 1
+        self.happened.append("a job whose hash is gone dropped")
+
+    def end_call(self) -> None:
+        """As flush_counts ends a call: the ids no reply named wait in `gone`; outstanding's floor is 0."""
+        self.gone.extend(self.gone_now)
+        self.gone_now = []
+        if self.stats["outstanding"] < 0:
+            self.stats["outstanding"] = 0
+
+    def order_of(self, job_id: str) -> float:
+        """lib.lua's order_of: a job's FIFO order, infinite without its hash."""
+        job = self.jobs.get(job_id)
+        return math.inf if job is None else job.order
 
     def job_of(self, proc: str, attempt: str) -> Optional[MJob]:
         """The job of an attempt: a marked one's moved hash, else job:<id>."""
@@ -235,7 +261,9 @@ class Model:
 
     def failed_for_good(self, proc: str, op: SettleOp, job_id: str) -> None:
         """A failure for good of an attempt no cancel marked: the job is dead, kept under its id,
-        and waits for proc to report it (keep_report)."""
+        and waits for proc to report it (keep_report). A job whose hash is gone is lost."""
+        if job_id not in self.jobs:
+            return self.job_gone(job_id)
         self.job_dead(job_id, op.reason, op.error, str(op.retries))
         self.keep_report(proc, op.attempt, self.jobs[job_id], op.reason)
 
@@ -282,7 +310,11 @@ class Model:
         for _, job_id in due:
             del self.delayed[job_id]
             self.capped.pop(job_id, None)
-            self.push_tail(job_id)
+            if job_id in self.jobs:
+                self.push_tail(job_id)
+            else:
+                self.next_order()  # (its order is taken all the same)
+                self.job_gone(job_id)
         self.promoted = len(due)
 
     def due_left(self, now_us: int) -> int:
@@ -293,7 +325,7 @@ class Model:
         return self.ready[level].pop(0)
 
     def due_key(self, job_id: str, score: int) -> Tuple[int, Any]:
-        return (score, self.jobs[job_id].order if DUE_TIE_FIFO else job_id)
+        return (score, (self.jobs[job_id].order if job_id in self.jobs else -1) if DUE_TIE_FIFO else job_id)
 
     def after_ties(self, due: float) -> float:
         """lib.lua's after_ties: a job due at the same instant as others goes one ulp after the last."""
@@ -324,7 +356,9 @@ class Model:
         self.stats["failed"] += 1
 
     def job_retry(self, job_id: str, retries: str, error: str, delay: int, now_us: int) -> None:
-        job = self.jobs[job_id]
+        job = self.jobs.get(job_id)
+        if job is None:
+            return self.job_gone(job_id)
         job.retries = str(retries)
         job.error = error
         if delay <= 0:
@@ -337,17 +371,21 @@ class Model:
     def give_back(self, job_id: str) -> None:
         if job_id in self.jobs:
             self.push_head(job_id)
+        else:
+            self.job_gone(job_id)
 
     def unpark_one(self, job_type: str) -> bool:
         for level in (2, 1, 0):
-            ids = self.parked.get((level, job_type))
-            if ids:
+            while self.parked.get((level, job_type)):  # (one whose hash is gone: the next in its place)
+                ids = self.parked[(level, job_type)]
                 job_id = ids.pop(0)
                 if not ids:
                     del self.parked[(level, job_type)]
                 self.stats[f"parked:{level}"] -= 1
-                self.push_head(job_id)
-                return True
+                if job_id in self.jobs:
+                    self.push_head(job_id)
+                    return True
+                self.job_gone(job_id)
         return False
 
     def parked_count(self, job_type: str) -> int:
@@ -399,6 +437,10 @@ class Model:
                         if state == "L":
                             released[job_type] += 1
                     decided = op.op in "Zz"
+                    if self.job_of(proc, op.attempt) is None:  # lost (its own cancel's: never marked)
+                        self.happened.append("a cancel of a job whose hash is gone")
+                        self.job_gone(job_id)
+                        continue
                     if decided:
                         self.keep_report(proc, op.attempt, self.job_of(proc, op.attempt), "cancelled", op.reason)
                     if not own_cancel:
@@ -412,6 +454,8 @@ class Model:
                 del held[op.attempt]
                 released[job_type] += 1
                 finished.append(job_id)
+                if job_id not in self.jobs:
+                    self.lost_succeeded.append(job_id)
                 self.stats["succeeded"] += 1
                 self.stats["outstanding"] -= 1
             elif op.op in "YZ" and state == "L":
@@ -426,7 +470,8 @@ class Model:
                     held[op.attempt] = "X" + job_type
                 else:
                     del held[op.attempt]
-                self.stats["timed_out"] += 1
+                if job_id in self.jobs:  # (a lost job counts in no counter)
+                    self.stats["timed_out"] += 1
                 if op.op == "y":
                     self.job_retry(job_id, str(op.retries), op.error, op.delay_ms, now_us)
                 else:
@@ -444,7 +489,7 @@ class Model:
             else:
                 stale += 1
         for job_id in finished:
-            del self.jobs[job_id]
+            self.jobs.pop(job_id, None)
         if proc in self.inflight and not held:
             del self.inflight[proc]
         self.flush_released(released)
@@ -461,6 +506,8 @@ class Model:
                     released[job_type] += 1
                 if state != "X" and self.marked(proc, attempt):
                     self.end_cancelled(proc, attempt, True)  # never back to ready
+                elif state != "X" and attempt.split(":", 1)[1] not in self.jobs:
+                    self.job_gone(attempt.split(":", 1)[1])  # (give_back finds it gone)
                 elif state != "X":
                     job = self.jobs[attempt.split(":", 1)[1]]
                     job.crashes = (job.crashes or 0) + 1
@@ -522,6 +569,10 @@ class Model:
                     out = min(self.capped, key=lambda i: self.due_key(i, self.capped[i]))
                     del self.capped[out]
                     del self.delayed[out]
+                    if out not in self.jobs:
+                        self.job_gone(out)
+                        self.add_delayed(job_id, now_us / 1000 + delay, capped=True)
+                        continue
                     evicted.append((out, self.jobs[out].body, int(self.jobs[out].retries), "", "evicted", 1))
                     self.job_dead(out, "evicted", "", self.jobs[out].retries)
                     self.stats["failed"] -= 1
@@ -548,14 +599,15 @@ class Model:
         """Returns (reaped, stale, crashed, jobs, next due, cancels, overruled, lost)."""
         self.begin_call()
         if registered and proc not in self.procs:  # (Redis never loses its data here: reaped, not lost)
-            return (True, 0, [], [], None, [], [], False)
+            return (True, 0, [], [], None, [], [], False, [])
         self.procs[proc] = now_us // 1000 + LEASE
         last = self.fetched.get(proc)
         if last is not None and last[0] == fetch_id:  # a resend: the same attempts, nothing new
             held = self.inflight.get(proc, {})
-            jobs = [self.fetched_row(proc, a) for a in last[1] if held.get(a, "").startswith("L")]
+            jobs = [self.fetched_row(proc, a) for a in last[1]
+                    if held.get(a, "").startswith("L") and self.job_of(proc, a) is not None]  # (a lost one: left out)
             return (False, len(ops), wire(last[2]), jobs, self.next_due(), sorted(self.cancels.get(proc, ())),
-                    sorted(last[3]), False)
+                    sorted(last[3]), False, sorted(last[4]))
         stale = self.settle(proc, ops, now_us)
         crashed: List[Tuple[Any, ...]] = []
         self.reap(now_us, crashed)
@@ -564,10 +616,15 @@ class Model:
         taken: List[str] = []
         running = dict(self.running)
         parking: Dict[Tuple[int, str], List[str]] = {}
+        met_gone = False
         for level in (2, 1, 0):
             while len(taken) < n and self.ready[level]:
                 job_id = self.pop_head(level)
-                job = self.jobs[job_id]
+                job = self.jobs.get(job_id)
+                if job is None:
+                    self.job_gone(job_id)
+                    met_gone = True
+                    continue
                 limit = self.limits.get(job.type)
                 if limit is not None and running.get(job.type, 0) >= limit:
                     parking.setdefault((level, job.type), []).append(job_id)
@@ -580,15 +637,25 @@ class Model:
         for key, ids in parking.items():  # behind the parked ones, but jobs older than the first in front
             line = self.parked.setdefault(key, [])
             front = 0
-            while line and front < len(ids) and self.jobs[ids[front]].order < self.jobs[line[0]].order:
+            while line and front < len(ids) and self.order_of(ids[front]) < self.order_of(line[0]):
                 front += 1
             line[:0] = ids[:front]
             line.extend(ids[front:])
         self.running = Counter(running)
-        self.fetched[proc] = (fetch_id, taken, sorted(crashed), list(self.overruled))
+        if met_gone:  # (it may have been let out for a free slot: parked ones go in its place)
+            for job_type in self.type_order:
+                limit = self.limits.get(job_type)
+                free = min((math.inf if limit is None else limit) - self.running[job_type], PROMOTE_PER_CALL)
+                let_out = 0
+                while let_out < free and self.parked_count(job_type) and self.unpark_one(job_type):
+                    let_out += 1
+                if let_out:
+                    self.happened.append("a lost ready job's free slot let a parked job out")
+        lost, self.gone_now = self.gone_now, []
+        self.fetched[proc] = (fetch_id, taken, sorted(crashed), list(self.overruled), sorted(lost))
         self.handed(proc, crashed)
         return (False, stale, wire(crashed), [self.fetched_row(proc, a) for a in taken], self.next_due(),
-                sorted(self.cancels.get(proc, ())), sorted(self.overruled), False)
+                sorted(self.cancels.get(proc, ())), sorted(self.overruled), False, sorted(lost))
 
     def next_due(self) -> Optional[int]:
         return min(self.delayed.values()) if self.delayed else None
@@ -600,22 +667,25 @@ class Model:
     def beat(self, proc: str, registered: bool, beat_id: str, now_us: int):
         self.begin_call()
         if registered and proc not in self.procs:
-            return (False, [], [], False)
+            return (False, [], [], False, [])
         self.procs[proc] = now_us // 1000 + LEASE
         cancels = sorted(self.cancels.get(proc, ()))
         last = self.beaten.get(proc)
         if beat_id and last is not None and last[0] == beat_id:  # a resend: what the first found
-            return (True, wire(last[1]), cancels, False)
+            return (True, wire(last[1]), cancels, False, sorted(last[2]))
         crashed: List[Tuple[Any, ...]] = []
         self.reap(now_us, crashed)
         if beat_id:
             self.hand_out_ended(crashed, reports=True)
-            self.beaten[proc] = (beat_id, sorted(crashed))
-            self.handed(proc, crashed)
         else:
             self.reported_by_reply(crashed)
             self.keep_ended()  # (without a beat id a resend could not return them again)
-        return (True, wire(crashed), cancels, False)
+        lost = self.gone_now + self.gone[:100]  # (this call's, and those that waited)
+        self.gone_now, self.gone = [], self.gone[100:]
+        if beat_id:
+            self.beaten[proc] = (beat_id, sorted(crashed), sorted(lost))
+            self.handed(proc, crashed)
+        return (True, wire(crashed), cancels, False, sorted(lost))
 
     def reap_call(self, now_us: int):
         self.begin_call()
@@ -716,7 +786,8 @@ class Model:
             self.limits[job_type] = limit
             free = limit - self.running[job_type]
             while free > 0 and self.parked_count(job_type) and unparked < 100:
-                self.unpark_one(job_type)
+                if not self.unpark_one(job_type):  # (only jobs whose hash is gone were parked)
+                    break
                 free -= 1
                 unparked += 1
         return unparked
@@ -764,8 +835,8 @@ class Model:
             "dead": set(self.dead),
             "inflight": {proc: dict(held) for proc, held in self.inflight.items() if held},
             "procs": dict(self.procs),
-            "fetched": {proc: (fid, list(taken), sorted(crashed), sorted(overruled))
-                        for proc, (fid, taken, crashed, overruled) in self.fetched.items()},
+            "fetched": {proc: (fid, list(taken), sorted(crashed), sorted(overruled), sorted(lost))
+                        for proc, (fid, taken, crashed, overruled, lost) in self.fetched.items()},
             "limits": dict(self.limits),
             "running": {t: n for t, n in self.running.items() if n},
             "stats": {k: n for k, n in self.stats.items() if n},
@@ -773,7 +844,8 @@ class Model:
             "kept": {name: dict(fields) for name, fields in self.kept.items()},
             "cancels": {proc: sorted(marks) for proc, marks in self.cancels.items() if marks},
             "moved": {f"{proc}|{attempt}": job.fields() for (proc, attempt), job in self.moved.items()},
-            "beaten": {proc: (bid, sorted(crashed)) for proc, (bid, crashed) in self.beaten.items()},
+            "beaten": {proc: (bid, sorted(crashed), sorted(lost)) for proc, (bid, crashed, lost) in self.beaten.items()},
+            "gone": sorted(self.gone),
             "reports": sorted(self.reports),
             "reporting": {proc: sorted(rows.values()) for proc, rows in self.reporting.items() if rows},
         }
@@ -799,6 +871,7 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
     pipe.llen(prefix + "signal")
     pipe.lrange(prefix + "reports", 0, -1)
     pipe.hgetall(prefix + "beaten")
+    pipe.lrange(prefix + "gone", 0, -1)
     dynamic = [k for k in keys if k.startswith((prefix + "parked:", prefix + "inflight:", prefix + "job:",
                                                 prefix + "cancels:", prefix + "cancelled:", prefix + "reporting:",
                                                 prefix + "replaced:"))]
@@ -821,8 +894,8 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
     out["beaten"] = {}
     for proc, text in replies[14].items():  # JSON [beat id, crashed, gone] ({} when empty)
         bid, crashed, gone = json.loads(text)
-        assert not gone, gone  # (no job's hash is ever lost here: lib.lua's job_gone never runs)
-        out["beaten"][proc] = (bid, sorted(crashed_row(c) for c in crashed or []))
+        out["beaten"][proc] = (bid, sorted(crashed_row(c) for c in crashed or []), sorted(gone or []))
+    out["gone"] = sorted(replies[15])
     out["cancels"] = {}
     out["reporting"] = {}
     out["reporting keys"] = {}  # (not compared: the model adopts them)
@@ -831,11 +904,10 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
     fetched = {}
     for proc, text in out["fetched"].items():  # JSON [fetch id, attempts, crashed, overruled, gone] ({} when empty)
         fid, taken, crashed, overruled, gone = json.loads(text)
-        assert not gone, gone
         fetched[proc] = (fid, list(taken or []), sorted(crashed_row(c) for c in crashed or []),
-                         sorted(tuple(o) for o in overruled or []))
+                         sorted(tuple(o) for o in overruled or []), sorted(gone or []))
     out["fetched"] = fetched
-    for k, value in zip(dynamic, replies[15:]):
+    for k, value in zip(dynamic, replies[16:]):
         rest = k[len(prefix):]
         if rest.startswith("cancels:"):
             out["cancels"][rest[len("cancels:"):]] = sorted(value)
@@ -857,7 +929,7 @@ def read_redis(scripts: Scripts) -> Dict[str, Any]:
             out["jobs"][rest[len("job:"):]] = unprefixed(prefix, value)
     known = {prefix + name for name in ("ready:0", "ready:1", "ready:2", "delayed", "capped", "procs",
                                         "dead", "parkedn", "fetched", "limits", "running", "stats",
-                                        "signal", "reports", "beaten")}
+                                        "signal", "reports", "beaten", "gone")}
     known |= {prefix + "seq", prefix + "clock"}  # the FIFO order counter; the outage clock
     out["unknown keys"] = sorted(set(keys) - known - set(dynamic)
                                  - {k for k in keys if k.startswith((prefix + "token:", prefix + "wake:"))})
@@ -895,8 +967,10 @@ def crashed_row(row: List[Any]) -> Tuple[Any, ...]:
     return (row[0], row[1], int(row[2]), row[3]) + tuple(row[4:5]) + tuple(row[6:7])
 
 
-def check_invariants(held: Dict[str, Any]) -> None:
-    """The design's invariants, on what Redis holds alone (no model)."""
+def check_invariants(held: Dict[str, Any], lost: frozenset = frozenset()) -> None:
+    """The design's invariants, on what Redis holds alone (no model). ``lost``: ids whose job hash
+    was deleted behind the scripts' back (an eviction, another program): such an id may wait in
+    its place without its hash until a call meets it (lib.lua's job_gone, docs/redis.md: Dead jobs)."""
     places: Dict[str, List[str]] = {}
 
     def put(job_id: str, place: str) -> None:
@@ -908,7 +982,8 @@ def check_invariants(held: Dict[str, Any]) -> None:
     for (level, job_type), ids in held["parked"].items():
         for job_id in ids:
             put(job_id, f"parked:{level}:{job_type}")
-            assert held["jobs"][job_id]["t"] == job_type, (job_id, "parked under another type")
+            if job_id in held["jobs"]:
+                assert held["jobs"][job_id]["t"] == job_type, (job_id, "parked under another type")
     for job_id in held["delayed"]:
         put(job_id, "delayed")
     for job_id in held["dead"]:
@@ -924,7 +999,7 @@ def check_invariants(held: Dict[str, Any]) -> None:
                 put(attempt.split(":", 1)[1], f"in-flight {proc}")
     doubled = {job_id: where for job_id, where in places.items() if len(where) != 1}
     assert not doubled, f"jobs not in exactly one place: {doubled}"
-    assert set(places) == set(held["jobs"]), (
+    assert set(held["jobs"]) <= set(places) and set(places) - set(held["jobs"]) <= lost, (
         f"job hashes without a place: {set(held['jobs']) - set(places)}; "
         f"placed ids without a hash: {set(places) - set(held['jobs'])}")
     assert all(held["jobs"][job_id].get("x") for job_id in held["dead"]), "a dead job without a reason"
@@ -944,10 +1019,14 @@ def check_invariants(held: Dict[str, Any]) -> None:
         parked[job_type] += len(ids)
         assert held["stats"].get(f"parked:{level}", 0) == sum(
             len(i) for (lv, _), i in held["parked"].items() if lv == level), (level, held["stats"])
-    ready_of_type: Counter = Counter(held["jobs"][job_id]["t"] for ids in held["ready"].values() for job_id in ids)
+    ready_of_type: Counter = Counter(held["jobs"][job_id]["t"] for ids in held["ready"].values() for job_id in ids
+                                     if job_id in held["jobs"])
+    # (a ready id without its hash may have been let out for a slot: the call that meets it lets
+    # out another in its place)
+    ready_lost = sum(1 for ids in held["ready"].values() for job_id in ids if job_id not in held["jobs"])
     for job_type in parked:  # no lost wake-up: a free slot has a ready job of its type coming for it
         limit = held["limits"].get(job_type)
-        assert limit is not None and slots[job_type] + ready_of_type[job_type] >= limit, (
+        assert limit is not None and slots[job_type] + ready_of_type[job_type] + ready_lost >= limit, (
             f"{parked[job_type]} parked, but type {job_type} holds {slots[job_type]} slots of {limit} "
             f"and has {ready_of_type[job_type]} ready jobs to take the rest")
     assert held["parkedn"] == dict(parked), (held["parkedn"], dict(parked))
@@ -961,6 +1040,12 @@ def check_invariants(held: Dict[str, Any]) -> None:
         value = held["inflight"].get(proc, {}).get(attempt, "")
         assert value[:1] in ("L", "R"), (proc, attempt, value)
         assert held["moved"][f"{proc}|{attempt}"]["t"] == value[1:], (proc, attempt, "moved hash of another type")
+    # Counters are never negative (outstanding's floor is 0, see flush_counts).
+    assert all(n >= 0 for n in held["stats"].values()), held["stats"]
+
+
+# The stats fields that only count up (Prometheus reads one that goes down as a reset).
+LIFETIME_COUNTERS = ("enqueued", "succeeded", "failed", "retried", "timed_out", "evicted", "cancelled")
 
 
 # Due times are inferred back from the scores a call wrote (now_of) and moved by whole ms
@@ -1045,8 +1130,13 @@ class ScriptsMachine(RuleBasedStateMachine):
         self.bodies = itertools.count()
         self.zombie_attempts: List[Tuple[str, str]] = []  # (identity, an attempt it once held)
         self.last_call: Optional[Tuple[Any, ...]] = None
+        self.last_sent: Tuple[str, str] = ("", "")  # (proc, fetch or beat id) of the last fetch or beat sent
         self.pending_delays: List[Tuple[str, int]] = []  # (job id, delay) this call may write
         self.cancelled_seen = 0
+        self.lost: set = set()  # ids whose job hash the machine deleted (lose_a_job_hash): never enqueued again
+        self.gone_reported: Counter = Counter()  # lost ids named by a reply (a resend's not counted again)
+        self.replies_seen: set = set()  # (kind, proc, call id) of fetches and beats with an id
+        self.counters: Dict[str, int] = {}  # the lifetime counters after the last call
 
     # -- checking one call against the model
 
@@ -1068,6 +1158,7 @@ class ScriptsMachine(RuleBasedStateMachine):
             model = self.model.clone()
             model.type_order = type_order
             expected_reply = expect(model, now)
+            model.end_call()
             expected = model.snapshot()
             actual = {name: held[name] for name in expected}
             if same_reply(kind, expected_reply, self.normalise(kind, reply)) and same_state(expected, actual):
@@ -1081,11 +1172,38 @@ class ScriptsMachine(RuleBasedStateMachine):
             raise AssertionError(
                 f"{kind}: redis replied {self.normalise(kind, reply)!r}, the model expected "
                 f"{expected_reply!r}" + (f"\n state differs:\n{state_diff}" if state_diff else ""))
-        check_invariants(held)
+        check_invariants(held, frozenset(self.lost))
+        counters = {name: held["stats"].get(name, 0) for name in LIFETIME_COUNTERS}
+        down = {name: (self.counters[name], n) for name, n in counters.items() if n < self.counters.get(name, 0)}
+        assert not down, f"{kind}: counters went down: {down}"
+        self.counters = counters
+        if kind in ("fetch", "beat") and reply.gone:
+            call_id = (kind, self.last_sent[0], self.last_sent[1])
+            if not self.last_sent[1] or call_id not in self.replies_seen:  # (a resend returns the same)
+                self.gone_reported.update(reply.gone)
+        if kind in ("fetch", "beat") and self.last_sent[1]:
+            self.replies_seen.add((kind, self.last_sent[0], self.last_sent[1]))
+        self.check_lost(held)
         check_due_promoted(self.model, held, now)
         self.events(kind, reply)
         tick(self.client, after // 1000)
         return reply
+
+    def check_lost(self, held: Dict[str, Any]) -> None:
+        """Each lost job is in exactly one place still (its id, without its hash), or was met and
+        named once (by a fetch's or beat's reply, or in `gone` waiting for the next beat), or its
+        attempt succeeded (docs/redis.md, Dead jobs)."""
+        marks = {(proc, attempt) for proc, attempts in held["cancels"].items() for attempt in attempts}
+        places: Counter = Counter()
+        for ids in [*held["ready"].values(), *held["parked"].values(), list(held["delayed"]), held["gone"]]:
+            places.update(ids)
+        for proc, attempts in held["inflight"].items():
+            places.update(attempt.split(":", 1)[1] for attempt, value in attempts.items()
+                          if value[0] in "LR" and (proc, attempt) not in marks)
+        for job_id in self.lost:
+            seen = places[job_id] + self.gone_reported[job_id] + self.model.lost_succeeded.count(job_id)
+            assert seen == 1, (f"lost job {job_id}: {places[job_id]} place(s), named {self.gone_reported[job_id]} "
+                               f"time(s), succeeded {self.model.lost_succeeded.count(job_id)} time(s)")
 
     def events(self, kind, reply) -> None:
         """Record what the step exercised; the test checks that every case came up."""
@@ -1148,9 +1266,9 @@ class ScriptsMachine(RuleBasedStateMachine):
         if kind == "fetch":
             return (reply.reaped, reply.stale, rows(reply.crashed),
                     [tuple(j) for j in reply.jobs], reply.next_due_ms, sorted(reply.cancels),
-                    sorted(tuple(o) for o in reply.overruled), reply.lost)
+                    sorted(tuple(o) for o in reply.overruled), reply.lost, sorted(reply.gone))
         if kind == "beat":
-            return (reply.alive, rows(reply.crashed), sorted(reply.cancels), reply.lost)
+            return (reply.alive, rows(reply.crashed), sorted(reply.cancels), reply.lost, sorted(reply.gone))
         if kind == "reap":
             return (reply[0], rows(reply[1]))
         if kind == "cancel":
@@ -1188,7 +1306,7 @@ class ScriptsMachine(RuleBasedStateMachine):
                 job_id = data.draw(st.sampled_from(ODD_IDS), label="odd id")
             if self.used_ids and data.draw(st.integers(0, 3), label="reuse an id?") == 0:
                 job_id = data.draw(st.sampled_from(self.used_ids), label="id")
-            if job_id in (row[0] for row in rows):
+            if job_id in (row[0] for row in rows) or job_id in self.lost:  # (see lose_a_job_hash)
                 continue
             if job_id not in self.used_ids:
                 self.used_ids.append(job_id)
@@ -1214,7 +1332,10 @@ class ScriptsMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def enqueue_a_cancelled_running_jobs_id(self, data):
         """q.cancel of a running job returned True: its id is free for a new job at once."""
-        job_id = data.draw(st.sampled_from(sorted(job.id for job in self.model.moved.values())), label="id")
+        ids = sorted(job.id for job in self.model.moved.values() if job.id not in self.lost)
+        if not ids:
+            return
+        job_id = data.draw(st.sampled_from(ids), label="id")
         job_type = data.draw(st.sampled_from(TYPES), label="type")
         priority = data.draw(st.integers(0, 2), label="priority")
         delay = data.draw(st.sampled_from([0, 0, UNIT]), label="delay")
@@ -1301,6 +1422,7 @@ class ScriptsMachine(RuleBasedStateMachine):
         self.pending_delays = [(op.attempt.split(":", 1)[1], op.delay_ms) for op in ops
                                if op.op in "Yy" and op.delay_ms > 0]
         self.remember_attempts_of(name)
+        self.last_sent = (name, fetch_id)
         reply = self.call("fetch", lambda: self.scripts.fetch(name, fetch_id, n, LEASE, max_crash,
                                                               registered, ops),
                           lambda model, now: model.fetch(name, fetch_id, n, registered, ops, now))
@@ -1350,6 +1472,7 @@ class ScriptsMachine(RuleBasedStateMachine):
     def do_beat(self, name, registered, beat_id):
         max_crash = self.model.max_crash
         self.pending_delays = []
+        self.last_sent = (name, beat_id)
         reply = self.call("beat", lambda: self.scripts.heartbeat(name, LEASE, max_crash, registered, beat_id),
                           lambda model, now: model.beat(name, registered, beat_id, now))
         self.last_call = ("beat", name, registered, beat_id)
@@ -1452,6 +1575,25 @@ class ScriptsMachine(RuleBasedStateMachine):
                   lambda model, now: model.set_limits(limits))
         self.last_call = ("limits", limits)
 
+    @precondition(lambda self: self.model is not None and self.model.unfinished())
+    @rule(data=st.data())
+    def lose_a_job_hash(self, data):
+        """Redis loses an unfinished job's hash (job:<id>) while its id waits (ready, delayed,
+        parked) or its attempt runs: evicted under a maxmemory-policy other than noeviction, or
+        deleted by another program. The call that meets the id drops it, counts the job finished
+        and names it (docs/redis.md, Dead jobs): check_lost follows each such id. (Its id is
+        never enqueued again here: a new job of the id, its hash job:<id>, would be taken for
+        the lost one wherever its id still waits.)"""
+        job_id = data.draw(st.sampled_from(sorted(self.model.unfinished())), label="lost job")
+        self.client.delete(self.scripts.key(f"job:{job_id}"))
+        del self.model.jobs[job_id]
+        self.lost.add(job_id)
+        EXERCISED["a job hash lost"] += 1
+        note(f"job:{job_id} lost")
+        held = read_redis(self.scripts)
+        check_invariants(held, frozenset(self.lost))
+        self.check_lost(held)
+
     @precondition(lambda self: self.model is not None and self.model.dead)
     @rule(data=st.data())
     def requeue_or_purge_dead(self, data):
@@ -1499,6 +1641,8 @@ class ScriptsMachine(RuleBasedStateMachine):
     def resend_last_call(self):
         """redis-py resends a call whose reply was lost: nothing may happen twice."""
         kind, *args = self.last_call
+        if kind == "enqueue" and self.lost & {row[0] for row in args[1]}:
+            return  # (a lost job's id is never enqueued again here: see lose_a_job_hash)
         note(f"resend {kind}")
         if kind == "enqueue":
             self.do_enqueue(*args)
@@ -1547,7 +1691,8 @@ MUST_COME_UP = ("enqueue ok", "enqueue dup", "enqueue again", "enqueue full", "e
                 "evicted jobs reported by a reply that nothing keeps",
                 "rows a reap's reply handed out, finished as it did",
                 "a failure for good kept for its process to report",
-                "an enqueue promoted due jobs ahead of its own", "an enqueue replaced a dead job")
+                "an enqueue promoted due jobs ahead of its own", "an enqueue replaced a dead job",
+                "a job hash lost", "a job whose hash is gone dropped")
 
 
 def test_scripts_follow_the_model(redis_client):

@@ -111,10 +111,11 @@ class AttemptLedger(Protocol):
     def succeeded(self, job: Any) -> None:
         """Counted as succeeded already (succeeding() said it is this process's)."""
 
-    def expired(self, job: Any, timed_out: bool = False) -> bool:
+    def expired(self, job: Any, timed_out: bool = False, duration: Optional[Tuple[Any, float]] = None) -> bool:
         """The watchdog (at its deadline: ``timed_out``) or cancel() decided the attempt; its
         function may still run. A timeout is counted (TIMED_OUT) by the ledger where its retry or
-        failure is decided (``retry``, ``failing``), once it stands: a counter never goes down.
+        failure is decided (``retry``, ``failing``), once it stands: a counter never goes down;
+        so is its ``duration`` (type state, seconds) recorded (not if stop() hands it back first).
         False when the attempt is no longer this process's: its timeout counts nowhere. A
         timed-out attempt whose job a cancel ends (it came before the failure was decided) ends
         as cancelled only."""
@@ -122,11 +123,12 @@ class AttemptLedger(Protocol):
     def returned_late(self, job: Any) -> None:
         """A timed-out attempt's function returned: its type slot is free."""
 
-    def retry(self, job: Any, delay: float) -> bool:
+    def retry(self, job: Any, delay: float) -> Optional[str]:
         """The attempt failed; the job runs again ``delay`` seconds from now: counted RETRIED by
-        the ledger (and TIMED_OUT, if it timed out), in the step that decides it; as CANCELLED
-        only when the ledger knows a cancel marked it (its broker ends it so). False when the
-        attempt is no longer this process's: counted nowhere."""
+        the ledger (and TIMED_OUT, if it timed out), in the step that decides it ("retried"); as
+        CANCELLED only when the ledger knows a cancel marked it (its broker ends it so, and
+        reports it): "cancelled". None when the attempt is no longer this process's: counted
+        nowhere."""
 
     def failing(self, job: Any, reason: str, exc: Optional[BaseException]) -> ContextManager[Optional[str]]:
         """The job failed for good: counted (where the counters are) inside, by the caller, if it
@@ -864,14 +866,18 @@ class Dispatcher:
                 ends.append((self.fail, (job, "retries_exhausted", error)))
         return ends
 
-    def make_ready(self, job: Any, release: Any = None) -> None:
+    def make_ready(self, job: Any, release: Any = None, retry: Optional[float] = None) -> None:
         """Move an accepted job into the ready buffer; one that cannot go fails, loudly.
-        ``release``: the type whose slot the job's attempt held, freed in the step that places it."""
+        ``release``: the type whose slot the job's attempt held, freed in the step that places it.
+        ``retry``: it is a retry (its delay, due by now), logged once placed, or as a cancel overtook
+        it (before its end)."""
         try:
             placed = self.ready.requeue(job, release)
         except Exception as exc:  # e.g. a priority made invalid while the job waited (nothing freed yet)
             self.fail(job, "retries_exhausted", exc, release=release)
             return
+        if retry is not None:
+            self._log_retry(job, retry, placed)
         if not placed:  # a cancel of it came on its way here
             self.end_cancelled(job)
 
@@ -917,13 +923,16 @@ class Dispatcher:
         state = slot.type_state
         exc = timeout_error(job, state)
         counted = not (self._stopping and job in self._stop_cancelled)  # stop's: not counted
-        if self.ledger is not None and not self.ledger.expired(job, counted):
+        seconds = core.monotonic() - slot.started
+        # A broker records the duration, and counts the timeout, as it decides the attempt's end,
+        # once it stands (not if stop() hands the attempt back first).
+        if self.ledger is not None and not self.ledger.expired(job, counted, (state, seconds) if counted else None):
             counted = False  # no longer this process's attempt: its timeout counts nowhere
         self._cancel_awaiting(job)
         try:  # slot.expire() has cancelled the attempt's context already
             if counted:
-                self.ready.record_duration(state, core.monotonic() - slot.started)
-                if self.ledger is None:  # (else the ledger counts it as it decides the attempt's end)
+                if self.ledger is None:  # (else the ledger records and counts it as it decides the attempt's end)
+                    self.ready.record_duration(state, seconds)
                     self.ready.count(core.TIMED_OUT, 1, job.type)
                 logger.warning("job %s (%s) timed out; its thread is retired and replaced",
                                job.id, job.type)
@@ -1070,8 +1079,8 @@ class Dispatcher:
         if self.ledger is None:
             self.ready.count(core.TIMED_OUT, 1, job.type)
             self.ready.record_duration(state, seconds)
-        elif self.ledger.expired(job, True):  # (counted as its end is decided; else not this process's:
-            self.ready.record_duration(state, seconds)  # never counted, and not recorded, as a thread's)
+        else:  # (recorded and counted as its end is decided, if it stands, as a thread's)
+            self.ledger.expired(job, True, (state, seconds))
         logger.warning("job %s (%s) timed out; its task is cancelled", job.id, job.type)
         self.attempt_failed(job, state, exc, holding)
 
@@ -1298,14 +1307,12 @@ class Dispatcher:
                                      f"number of seconds, got {delay!r}")
             job.run_at = time.time() + delay  # what the user and a store see; the wait is monotonic
             if ledger is not None:  # the broker keeps the retry: a crash here never loses it
-                if ledger.retry(job, delay):  # (counted there; else no longer this process's: ignored)
-                    logger.info("job %s (%s) failed (%s); retry %d of %d in %.3gs", job.id, job.type,
-                                job.last_error, job.retries, retry_config.max_retries, delay)
+                decided = ledger.retry(job, delay)  # (counted there; None: no longer this process's, ignored)
+                if decided is not None:
+                    self._log_retry(job, delay, decided == "retried")
                 self.ready.task_done(job)
                 return
             self.ready.count(core.RETRIED, 1, job.type)
-            logger.info("job %s (%s) failed (%s); retry %d of %d in %.3gs", job.id, job.type,
-                        job.last_error, job.retries, retry_config.max_retries, delay)
             if self.store is not None:  # (a cancel meanwhile marks it: the move below ends it, after the save)
                 try:
                     self.call_store("save", self.store.save, job)
@@ -1313,9 +1320,11 @@ class Dispatcher:
                     interrupted = error
             placing, release = release, None  # (from here on the move below frees it, or fails the job)
             if delay <= 0.0:
-                self.make_ready(job, placing)
+                self.make_ready(job, placing, retry=delay)
             else:
                 ends = self.push_delayed(job, delay, evictable=False, release=placing)
+                self._log_retry(job, delay, not any(end == self.end_cancelled and args[0] is job
+                                                    for end, args in ends or ()))
         except (Exception, SystemExit) as error:  # a job made unusable (its retry_config, a sys.exit() in it): fail it
             logger.exception("tinymq could not schedule the retry of job %r", job)
             self.fail(job, "retries_exhausted", error, release=release)
@@ -1326,6 +1335,19 @@ class Dispatcher:
                 raise interrupted
             finally:
                 interrupted = None  # (no cycle through this frame)
+
+    @staticmethod
+    def _log_retry(job: Any, delay: float, retried: bool) -> None:
+        """Log a failed attempt whose job runs again: ``retried``; else a cancel overtook its retry
+        (it came as the retry was placed, or its broker ends the attempt so), and the job ends as
+        cancelled (its own report logs that too)."""
+        if retried:
+            logger.info("job %s (%s) failed (%s); retry %d of %d in %.3gs", job.id, job.type,
+                        job.last_error, job.retries, job.retry_config.max_retries, delay)
+        else:
+            logger.info("job %s (%s) failed (%s); not retried: a cancel overtook its retry %d of %d, and it "
+                        "ends as cancelled", job.id, job.type, job.last_error, job.retries,
+                        job.retry_config.max_retries)
 
     def fail(self, job: Any, reason: str, exc: Optional[BaseException], counter: int = core.FAILED,
              counted: bool = False, release: Any = None) -> None:

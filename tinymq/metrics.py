@@ -33,7 +33,8 @@ queue name, as ``os.fsdecode`` makes of bytes that are not UTF-8, is written ``\
   place in the full ready buffer (``QueueStats.waiting_for_room``; always 0 with Redis);
 - ``tinymq_active_jobs{type}`` and ``tinymq_max_concurrent_jobs{type}`` (gauges);
 - ``tinymq_attempt_duration_seconds{type}`` (histogram): how long attempts ran, measured
-  when each attempt's outcome is decided (a timed-out attempt at its deadline), with the
+  when each attempt's outcome is decided (a timed-out attempt at its deadline; over Redis,
+  as its retry or failure is decided, not if stop() handed it back first), with the
   fixed buckets ``ATTEMPT_DURATION_BUCKETS`` (1 ms to 300 s) and +Inf.
 
 A queue whose stats cannot be read (``TinyMQError``: its Redis unreachable) is left out of

@@ -101,7 +101,8 @@ class _NotHeld(TinyMQError):
 class _Attempt:
     """This process's hold on one job: guarded by QueueLink._lock."""
 
-    __slots__ = ("attempt", "since", "state", "expired", "timed_out", "decided", "returned", "ending", "marked")
+    __slots__ = ("attempt", "since", "state", "expired", "timed_out", "decided", "returned", "ending", "marked",
+                 "duration")
 
     def __init__(self, attempt: str, since: float) -> None:
         self.attempt = attempt
@@ -113,6 +114,7 @@ class _Attempt:
         self.returned = False  # a timed-out attempt's function came back
         self.ending = False  # its success is being counted (succeeding): stop() waits for its op
         self.marked = False  # a cancel marked it in Redis, and this process heard of it (_cancel_marked)
+        self.duration: Optional[Tuple[Any, float]] = None  # (type state, seconds) of a timeout, recorded as decided
 
 
 class _Failure:
@@ -121,8 +123,9 @@ class _Failure:
     settle's reply comes (it waits for that reply when a failure callback is registered), it is
     counted as cancelled (see QueueLink.failing); counted already, it stays counted, as what it
     was decided as (a counter never goes down). Its op dropped unsent as this process let its id
-    go (``dropped``, see _let_go): not counted yet, it is never counted, and no callback runs
-    for it; counted already, it stays counted (see QueueLink._take_back)."""
+    go (``dropped``, see _let_go), or its job found lost as its op ran (Redis lost its hash: see
+    QueueLink._settled): not counted yet, it is never counted, and no callback runs for it;
+    counted already, it stays counted (see QueueLink._take_back)."""
 
     __slots__ = ("counted", "overruled", "dropped")
 
@@ -861,11 +864,13 @@ class QueueLink:
         if record.ending:
             self._reported.notify_all()
 
-    def expired(self, job: Any, timed_out: bool = False) -> bool:
+    def expired(self, job: Any, timed_out: bool = False, duration: Optional[Tuple[Any, float]] = None) -> bool:
         """The watchdog (``timed_out``: at its deadline) or a cancel decided ``job``'s attempt;
         a replacement worker takes its place. Its timeout is counted where its retry or failure
-        is decided (_decide, failing), once it is known to stand. False when the attempt is no
-        longer this process's (_disowned): its timeout is never counted."""
+        is decided (_decide, failing), once it is known to stand, and so is its ``duration``
+        ((type state, seconds): recorded in _decide). False when the attempt is no longer this
+        process's (_disowned): its timeout is never counted, nor its duration recorded; nor are
+        they when it stops being this process's before its end is decided (stop()'s release)."""
         with self._lock:
             record = self._attempts.get(job)
             if record is None:
@@ -878,16 +883,17 @@ class QueueLink:
             if not record.expired:
                 record.expired = True
                 record.timed_out = timed_out
+                record.duration = duration
                 self._slot_freed()
                 self._wake_pump()
             return True
 
     def _decide(self, job: Any, op: str, delay: float = 0.0, reason: str = "", error: str = "",
-                counts: Tuple[int, ...] = ()) -> Optional[Tuple[SettleOp, str, bool, Optional[_Failure]]]:
+                counts: Tuple[int, ...] = ()) -> Optional[Tuple[SettleOp, str, bool, Optional[_Failure], bool]]:
         """Queue the op that ends ``job``'s attempt, counting the events ``counts`` in the same
         step (a retry's timeout with it, if it timed out; a failure's is counted with the failure,
         by failing): (the op, this process's id, whether it timed out, its _Failure if it is a
-        failure for good), or None when the attempt is no longer
+        failure for good, whether it is decided as cancelled), or None when the attempt is no longer
         this process's to end (given back, or this process was reaped), whose timeout then
         counts nowhere either. An attempt this process knows marked by a cancel (its own, or
         one a reply named) ends as cancelled whatever its op says (Redis ends it so): counted
@@ -904,6 +910,9 @@ class QueueLink:
                 if record.returned:
                     del self._attempts[job]
                 op = op.lower()
+                if record.duration is not None:  # (its end stands: see expired)
+                    self.ready.record_duration(*record.duration)
+                    record.duration = None
             else:
                 del self._attempts[job]
                 self._slot_freed()
@@ -914,8 +923,9 @@ class QueueLink:
                                reason, _sent_error(error) if error else "")
             if record.marked and reason != "cancelled":  # (a cancel the core took counted it already)
                 counts = (core.CANCELLED,)
-                if op in "Zz":
-                    decided = decided._replace(reason="cancelled")  # (Redis ends it as its own cancel)
+                # (Redis ends a failure for good as its own cancel; a retry's reason, which Redis
+                # never reads, tells _settled that it was counted as cancelled, not as a retry)
+                decided = decided._replace(reason="cancelled")
             elif record.timed_out and op not in "Zz":  # (a failure's: counted with it, by failing)
                 counts = (core.TIMED_OUT, *counts)
             failure = None
@@ -926,15 +936,19 @@ class QueueLink:
                 self.ready.count(event, 1, job.type)
             self._queue_op(decided)
             self._ended(record)
-            return decided, self._proc, record.timed_out, failure
+            return decided, self._proc, record.timed_out, failure, decided.reason == "cancelled"
 
-    def retry(self, job: Any, delay: float) -> bool:
+    def retry(self, job: Any, delay: float) -> Optional[str]:
         """``job``'s attempt failed and runs again: counted RETRIED here in the step that decides
-        it, so that stop()'s release never hands back an attempt counted so. False when it is no
-        longer this process's: counted nowhere."""
+        it, so that stop()'s release never hands back an attempt counted so ("retried"); an
+        attempt this process knows marked by a cancel is decided as cancelled ("cancelled": Redis
+        ends it so, and it is reported so). None when it is no longer this process's: counted
+        nowhere."""
         decided = self._decide(job, "Y", delay=delay, error=job.last_error or "", counts=(core.RETRIED,))
         self._flush_if_idle()
-        return decided is not None
+        if decided is None:
+            return None
+        return "cancelled" if decided[4] else "retried"
 
     @contextlib.contextmanager
     def failing(self, job: Any, reason: str, exc: Optional[BaseException]) -> Iterator[Optional[str]]:
@@ -974,7 +988,7 @@ class QueueLink:
             if decided is None:
                 yield None
                 return
-            op, proc, timed_out, failure = decided
+            op, proc, timed_out, failure, _ = decided
             assert failure is not None  # (a "Z" op always has one)
             try:
                 if self.dispatcher.failure_callbacks:
@@ -985,8 +999,8 @@ class QueueLink:
                     overruled, dropped = failure.overruled, failure.dropped
                     if overruled is not None or dropped:
                         self._failing.pop(op.attempt, None)  # (settled, or never to be: nothing left to do)
-                if dropped:  # its op never reached Redis: this process's id was let go first (reaped)
-                    yield None  # the late result of a process declared dead: its reaper ends the job
+                if dropped:  # its op never reached Redis (this process's id was let go first: reaped), or its job was lost
+                    yield None  # the late result of a process declared dead: its reaper ends the job (a lost one: none)
                     return  # (counted nowhere, its timeout neither)
                 if op.reason == "cancelled":  # (counted as its cancel was decided: the core's, or _decide)
                     yield "cancelled"
@@ -1016,42 +1030,54 @@ class QueueLink:
 
     @staticmethod
     def _overruled_after_counted(attempt: str, job_type: str, reason: str) -> None:
-        """A failure for good counted here (no callback waited for its settle's reply) that Redis
-        ended as cancelled: a cancel had marked the attempt before its op came, unheard of here.
-        It stays counted as a failure (a counter never goes down: Prometheus reads that as a
-        reset): logged."""
+        """A failure for good counted here (no callback waited for its settle's reply), or a retry
+        (``reason`` "retry"), that Redis ended as cancelled: a cancel had marked the attempt before
+        its op came, unheard of here. It stays counted as what it was decided as (a counter never
+        goes down: Prometheus reads that as a reset): logged."""
+        job_id = attempt.split(":", 1)[1]
+        if reason == "retry":
+            logger.info("job %s (%s) was cancelled: a cancel from another process reached Redis before its "
+                        "retry, which stays counted here as a retry", job_id, job_type)
+            return
         logger.info("job %s (%s) was cancelled: a cancel from another process reached Redis before its "
-                    "failure (%s), which stays counted here as a failure", attempt.split(":", 1)[1], job_type,
-                    reason)
+                    "failure (%s), which stays counted here as a failure", job_id, job_type, reason)
 
-    def _settled(self, ops: Sequence[SettleOp], overruled: Sequence[Tuple[str, str]]) -> List[_Overruled]:
+    def _settled(self, ops: Sequence[SettleOp], overruled: Sequence[Tuple[str, str]],
+                 gone: Sequence[str] = ()) -> List[_Overruled]:
         """The reply to ``ops`` came, naming those a cancel mark ``overruled`` ((attempt, type): Redis
         ended their jobs as cancelled): those whose cancel is still to count here, or to log, with
         their types (``_count_overruled``). An outcome counted before the reply (S, Y, y, and a
         failure for good without callback) stays counted as it is: a counter never goes down
-        (Prometheus reads that as a reset). Called with _lock held."""
+        (Prometheus reads that as a reset). A failure for good of a job the reply names ``gone``
+        (Redis lost its hash: lib.lua's job_gone) is lost, as its id would be anywhere else: not
+        counted yet, it is never counted, and no callback runs for it (see failing); the reply's
+        gone ids are logged (_log_gone). Called with _lock held."""
         types = dict(overruled)
+        lost = set(gone)
         found: List[_Overruled] = []
         for op in ops:
             failure = self._failing.get(op.attempt) if op.op in "Zz" else None
             if failure is not None:
+                if lost and op.attempt.split(":", 1)[1] in lost:
+                    failure.dropped = True  # (as an op that never reached Redis: nothing to report)
                 failure.overruled = op.attempt in types
                 if failure.counted or not failure.overruled:  # (else its thread, yet to count, sees it)
                     del self._failing[op.attempt]
                     if failure.overruled and op.reason != "cancelled":
                         found.append((op, types[op.attempt]))
-            elif op.attempt in types and op.op == "B":  # (S, Y, y: counted before the reply, they stay)
-                found.append((op, types[op.attempt]))
+            elif op.attempt in types and (op.op == "B" or (op.op in "Yy" and op.reason != "cancelled")):
+                found.append((op, types[op.attempt]))  # (S, Y, y: counted before the reply, they stay; a retry's: logged)
         return found
 
     def _count_overruled(self, found: Sequence[_Overruled]) -> None:
         """What ``_settled`` found overruled: an attempt given back (B), counted nowhere, counts as
-        cancelled now; a failure for good counted already stays counted (_overruled_after_counted)."""
+        cancelled now; a failure for good or a retry counted already stays counted
+        (_overruled_after_counted)."""
         for op, job_type in found:
             if op.op == "B":
                 self.ready.count(core.CANCELLED, 1, job_type)
             else:
-                self._overruled_after_counted(op.attempt, job_type, op.reason)
+                self._overruled_after_counted(op.attempt, job_type, "retry" if op.op in "Yy" else op.reason)
 
     def _send(self, op: SettleOp) -> None:
         """Send the ops queued so far, ``op`` among them, and wait for Redis to have run them
@@ -1166,7 +1192,7 @@ class QueueLink:
             self._registered = self._registered or reply.now_ms
             with self._lock:
                 self._renewed(sent)
-                found = self._settled(ops, reply.overruled) if reply.overruled or self._failing else ()
+                found = self._settled(ops, reply.overruled, reply.gone) if reply.overruled or self._failing else ()
             self._count_overruled(found)  # (before a reporter reports their rows)
             if reply.next_due_ms is None:
                 self._next_due = math.inf
@@ -1187,7 +1213,7 @@ class QueueLink:
         for job_id in ids:
             logger.error("job %s of Redis queue %r is lost: its id waited in Redis but its data (its "
                          "job:<id> hash) is gone (evicted under a maxmemory-policy other than noeviction, "
-                         "or deleted by another program); it was dropped without running, and no "
+                         "or deleted by another program); it was dropped and runs no more, and no "
                          "on_failure callback can run for it, as its data is gone", job_id, self.broker.name)
 
     def _place(self, job: Any) -> bool:

@@ -92,6 +92,7 @@ local taken, parked_budget = {}, PARK_PER_CALL
 local limits, running, took, fields = {}, {}, {}, {}
 local room, rate_taken, rate_closed = {}, {}, {} -- per rate-limited type: starts left, taken, parked
 local parking, parked_keys = {}, {} -- parked list -> ids this call parks there, in order
+local met_gone = false -- a ready id without its hash was dropped (see below)
 for p = 2, 0, -1 do
   while #taken < n and parked_budget > 0 do
     local ids = redis.call('LPOP', READY[p], n - #taken) -- LPOP with a count: Redis >= 6.2
@@ -114,6 +115,7 @@ for p = 2, 0, -1 do
         table.insert(crashed, held_row(id, f[2], f[3], err, 'permanent_failure'))
       elseif not t then -- no hash at all: its data is gone
         job_gone(id)
+        met_gone = true
         parked_budget = parked_budget - 1 -- (looked at, as a parked one: a call's work stays bounded)
       else
         if not f[6] then count_foreign(jk) end
@@ -168,6 +170,15 @@ if #fields > 0 then redis.call('HSET', ik, unpack(fields)) end
 for t, k in pairs(took) do redis.call('HINCRBY', K_RUNNING, t, k) end
 for t, entries in pairs(rate_taken) do redis.call('ZADD', rate_key(t), unpack(entries)) end
 for t in pairs(rate_closed) do rate_wait(t) end
+-- A ready id without its hash may be a parked job let out for a free slot of its type (its type
+-- unknown now): jobs of every type still parked beside free slots are let out, else they would
+-- wait for an attempt of their type to end, maybe for ever. Rare: only when such an id was met.
+if met_gone then
+  for _, t in ipairs(redis.call('HKEYS', K_PARKEDN)) do
+    unpark_into_free_slots(t, tonumber(redis.call('HGET', K_LIMITS, t)), PARK_PER_CALL)
+  end
+  flush_head()
+end
 handed(proc, crashed, 'f' .. fid) -- (first: it gives each row its key, which a resent reply repeats)
 local lost = gone_ids(false)
 redis.call('HSET', K_FETCHED, proc, cjson.encode({fid, taken, crashed, overruled, lost}))

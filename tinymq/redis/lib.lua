@@ -587,7 +587,8 @@ end
   Y  failed, retry after delay ms (fractional) (L) -> slot freed, job delayed (or ready,
        behind the jobs due by then: promote_due)
   Z  failed for good, reason, error   (L)    -> slot freed, job dead, kept for proc to
-       report (reporting:<proc>, see keep_report in settle)
+       report (reporting:<proc>, see keep_report in settle); a job whose hash is gone is
+       lost instead (job_gone), as with every op
   y/z  the same, decided at the attempt's deadline while it may still run:
        (L) -> attempt becomes X and keeps its slot; (R) -> attempt removed
   E  a timed-out attempt returned     (X) -> removed, slot freed; (L) -> R, slot freed
@@ -639,10 +640,15 @@ local function settle(proc, argv, first, n, now)
     local key = table.concat({id, op_reason or reason, proc, attempt}, '|')
     handed(proc, {held_row(id, f[1], f[2], f[3], reason)}, nil, {key})
   end
-  local function failed(attempt, id, at) -- a failure for good (op Z or z at argv[at]) of an unmarked attempt
+  -- A failure for good (op Z or z at argv[at]) of an unmarked attempt. A job whose hash is gone
+  -- is lost (job_gone): no dead hash is written anew, half, and no row is kept (nothing of the
+  -- job is left to report; proc learns it from the reply's gone, or the next beat's).
+  local function failed(attempt, id, at)
+    local jk = job_key(id)
+    if redis.call('EXISTS', jk) == 0 then return job_gone(id) end
     local reason = argv[at + 4]
     job_dead(id, reason, argv[at + 5], argv[at + 2], now)
-    keep_report(job_key(id), id, attempt, reason)
+    keep_report(jk, id, attempt, reason)
   end
   local overruled = {} -- {attempt, type} of each op a mark turned into a cancel
   -- The in-flight entries of the call's attempts, read with one HMGET (per CHUNK) and kept
@@ -696,9 +702,13 @@ local function settle(proc, argv, first, n, now)
         redis.call('SREM', ck, attempt)
         marks[attempt] = nil
         local decided = op == 'Z' or op == 'z' -- by proc, which reports it (as cancelled)
-        if decided then keep_report(jk, id, attempt, 'cancelled', argv[i + 4]) end
-        if not own_cancel then table.insert(overruled, {attempt, t}) end
-        end_cancelled(jk, id, not decided)
+        if redis.call('EXISTS', jk) == 0 then -- lost: no row to report, counted in no counter
+          job_gone(id)
+        else
+          if decided then keep_report(jk, id, attempt, 'cancelled', argv[i + 4]) end
+          if not own_cancel then table.insert(overruled, {attempt, t}) end
+          end_cancelled(jk, id, not decided)
+        end
       else
         return 1 -- an op that does not fit the attempt's state: a resend
       end
@@ -716,7 +726,7 @@ local function settle(proc, argv, first, n, now)
     elseif (op == 'y' or op == 'z') and (state == 'L' or state == 'R') then
       if state == 'L' then set_entry(attempt, 'X' .. t)
       else remove_entry(attempt) end
-      count('timed_out', 1)
+      if redis.call('EXISTS', job_key(id)) == 1 then count('timed_out', 1) end -- (a lost job counts in none)
       if op == 'y' then job_retry(id, argv[i + 2], argv[i + 5], tonumber(argv[i + 3]), now)
       else failed(attempt, id, i) end
     elseif op == 'E' and (state == 'X' or state == 'L') then
@@ -782,7 +792,12 @@ local function drop_proc(proc, now, max_crash, crashed)
       local id = id_of(attempt)
       local jk = job_key(id)
       if redis.call('SISMEMBER', cancels_key(proc), attempt) == 1 then
-        end_cancelled(marked_key(proc, attempt), id, true) -- marked: it ends here, never back to ready
+        local mk = marked_key(proc, attempt)
+        if redis.call('EXISTS', mk) == 1 then
+          end_cancelled(mk, id, true) -- marked: it ends here, never back to ready
+        else
+          job_gone(id) -- (its hash lost: nothing to report)
+        end
       elseif max_crash and redis.call('EXISTS', jk) == 1 and redis.call('HINCRBY', jk, 'c', 1) > max_crash then
         local f = redis.call('HMGET', jk, 'b', 'r', 'e')
         job_dead(id, 'crashed', '', f[2] or '0', now)
