@@ -1451,22 +1451,22 @@ class SQLitePersistence:
             if self._closed:
                 raise PersistenceError(f"SQLitePersistence({self.path!r}) is closed")
 
-            def read(conn: sqlite3.Connection) -> Tuple[Optional[str], List[List[Any]]]:
+            def read(conn: sqlite3.Connection) -> Tuple[Optional[PersistenceError], List[List[Any]]]:
                 try:
                     conn.execute("BEGIN")
                     try:
                         # (opened while the file held no job, it may hold another serializer's jobs since)
-                        other = self._other_serializer_of(conn)
-                        if other is not None:
-                            return other, []
+                        refusal = self._serializer_refusal(conn)
+                        if refusal is not None:
+                            return refusal, []
                         return None, [conn.execute(sql, parameters).fetchall() for sql, parameters in queries]
                     finally:
                         conn.rollback()
                 except sqlite3.Error as exc:
                     raise PersistenceError(f"{self!r}: read failed: {exc}") from exc
-            other, found = self._reading(read)
-            if other is not None:
-                raise self._other_serializer(other)
+            refusal, found = self._reading(read)
+            if refusal is not None:
+                raise refusal
             return found
         if self._pid != os.getpid() or self._closed:
             self._check_usable()
