@@ -22,6 +22,14 @@ from tinymq import Config, Queue, SQLitePersistence
 WAIT = 10.0
 # How long to watch for something that must NOT happen (a bounded Event.wait).
 QUIET = 0.25
+# TINYMQ_EXAMPLES_DIVISOR=4: each hypothesis test tries a quarter of its examples (CI's runs on the
+# oldest and newest Pythons; the runs on the main one try them all).
+EXAMPLES_DIVISOR = int(os.environ.get("TINYMQ_EXAMPLES_DIVISOR", "1"))
+
+
+def examples(count):
+    """How many examples a hypothesis test that asks for ``count`` tries in this run (see EXAMPLES_DIVISOR)."""
+    return max(1, count // EXAMPLES_DIVISOR)
 
 
 def make_queue(**config):
@@ -199,7 +207,7 @@ def run_model_test(machine_class, core, max_examples, steps):
     """Run the hypothesis state machine ``machine_class`` against ``core`` (a class per twin)."""
     machine = type(f"{machine_class.__name__}[{core.__name__}]", (machine_class,), {"core": core})
     run_state_machine_as_test(machine, settings=settings(
-        max_examples=max_examples, stateful_step_count=steps, deadline=None,
+        max_examples=examples(max_examples), stateful_step_count=steps, deadline=None,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]))
 
 

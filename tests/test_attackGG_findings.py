@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from tinymq import Job, Priority
 
-from _helpers import make_queue, places, record_failures, stats_watched, wait_until
+from _helpers import examples, make_queue, places, record_failures, stats_watched, wait_until
 
 PRIORITIES = [Priority.HIGH, Priority.MEDIUM, Priority.LOW]
 
@@ -148,7 +148,7 @@ def test_a_due_job_made_invalid_while_it_waited_is_counted_until_it_fails(made_i
         assert stats.delayed_jobs_count == 2
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(batches=st.lists(st.lists(st.one_of(st.none(), st.integers(0, 20)), min_size=1, max_size=8),
                         min_size=1, max_size=8),
        cap=st.integers(1, 6))

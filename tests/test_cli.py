@@ -574,7 +574,9 @@ def producer(redis_url):
 def record(redis_url):
     import redis
 
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    # No socket timeout: a BLPOP waits as long as its own timeout says (redis-py's default socket
+    # timeout cut a wait for a worker process starting on a busy machine short).
+    client = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=None)
     yield client
     client.close()
 

@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from tinymq import Config, ExecutorConfig, RetryConfig
 
+from _helpers import examples
+
 
 # --- defaults -----------------------------------------------------------------------------
 
@@ -128,7 +130,7 @@ def test_wrong_types_raise_type_error_naming_field_and_value(cls, field, bad):
 # gaps are tested in test_queue_retries.py. With the default jitter of 0 it must be the
 # contract's formula exactly.
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(
     initial=st.floats(0.0, 100.0, allow_nan=False),
     maximum=st.floats(0.0, 1000.0, allow_nan=False),

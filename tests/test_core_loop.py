@@ -5,6 +5,8 @@ import threading
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from _helpers import examples
+
 
 class Item:
     """A minimal job: what the core reads (type, priority, _id)."""
@@ -86,7 +88,7 @@ def test_a_worker_waiting_is_not_handed_the_loops_jobs(core):
     assert got == [None] and len(q) == 1
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["a", "b", "t"]), st.integers(0, 2)), max_size=40),
        st.integers(1, 3))
 def test_take_for_loop_is_strict_priority_and_fifo_within_limits(jobs, limit):

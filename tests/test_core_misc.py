@@ -15,6 +15,8 @@ import tinymq._core_py
 from tinymq.context import JobContext
 from tinymq.errors import JobTimeout
 
+from _helpers import examples
+
 WAIT = 10.0
 QUIET = 0.25
 
@@ -61,7 +63,7 @@ def test_retry_delay_of_a_huge_k_is_max_delay(core, k):
     assert core.retry_delay(k, 1.0, 300.0, 2.0, 0.5) <= 300.0
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     k=st.integers(1, 80),
     initial=st.floats(1e-3, 100.0),

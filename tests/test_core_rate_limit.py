@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from tinymq import RateLimit
 
+from _helpers import examples
 from test_core_ready import HIGH, LOW, MEDIUM, QUIET, WAIT, Item, noop, start
 
 PER = 0.05  # a short window keeps these tests quick; every bound below is exact or generous
@@ -326,7 +327,7 @@ type_specs = st.lists(
     min_size=1, max_size=4)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(15), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(specs=type_specs, unlimited_jobs=st.integers(0, 10))
 def test_no_window_ever_sees_more_than_max_starts(core, specs, unlimited_jobs):
     limits = {f"t{i}": RateLimit(m, per=per) for i, (m, per, _) in enumerate(specs)}

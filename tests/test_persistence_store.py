@@ -28,7 +28,7 @@ from tinymq.persistence import (
     JSONSerializer, Persistence, PickleSerializer, SQLitePersistence,
 )
 
-from _helpers import WAIT
+from _helpers import WAIT, examples
 
 
 @pytest.fixture(params=["NORMAL", "FULL"])
@@ -561,7 +561,7 @@ def test_save_many_with_a_repeated_id_keeps_the_last(path):
         assert [(job.payload, job.tags) for job in store.load_all()] == [("new", {})]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.sampled_from(["save", "save_many", "delete", "running"]),
                           st.lists(st.integers(0, 5), min_size=1, max_size=3),
                           st.floats(-1e6, 1e6)), max_size=25))

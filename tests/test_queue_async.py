@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 import tinymq
 from tinymq import Config, ExecutorConfig, Job, JobTimeout, Priority, Queue, RetryConfig, SQLitePersistence
 
-from _helpers import QUIET, STORES, WAIT, GatedStore, Recorder, record_failures, wait_until
+from _helpers import QUIET, STORES, WAIT, GatedStore, Recorder, examples, record_failures, wait_until
 
 NO_RETRY = RetryConfig(max_retries=0)
 
@@ -181,7 +181,7 @@ def test_max_concurrent_jobs_bounds_coroutines(make):
     assert q.get_stats().executor_stats["a"].active_jobs == 0
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=examples(15), deadline=None)
 @given(st.lists(st.sampled_from([Priority.LOW, Priority.MEDIUM, Priority.HIGH]), min_size=1, max_size=25))
 def test_strict_priority_and_fifo_when_a_slot_frees(priorities):
     order = []

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from tinymq import Job, Priority, Queue, new_delayed_job
 
-from _helpers import QUIET, WAIT, Blocker, FailureLog, Recorder, make_queue, wait_until
+from _helpers import QUIET, WAIT, Blocker, FailureLog, Recorder, examples, make_queue, wait_until
 
 # A delayed job must not start before its run_at; we allow this much clock slack
 # (time.time() vs the scheduler's monotonic clock, float rounding).
@@ -450,7 +450,7 @@ def test_many_due_jobs_and_a_tiny_buffer():
     assert failures.entries == []
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     capacity=st.integers(1, 5),
     offsets=st.lists(st.integers(1, 1000), unique=True, max_size=25),

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import tinymq
 from tinymq import Config, ExecutorConfig, Job, Queue, RateLimit, RetryConfig
 
-from _helpers import WAIT, Blocker, FailureLog, Recorder
+from _helpers import WAIT, Blocker, FailureLog, Recorder, examples
 
 # Seconds an executor may read the clock after the core recorded its start: a worker's wake-up
 # on a loaded 2-core machine, and more with ten threads contending for the GIL (stress).
@@ -137,7 +137,7 @@ limits_strategy = st.lists(
     min_size=1, max_size=4)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(8), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(specs=limits_strategy, workers=st.integers(1, 4),
        priorities=st.lists(st.sampled_from(list(tinymq.Priority)), min_size=1, max_size=5))
 def test_many_types_keep_to_their_limits(specs, workers, priorities):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from tinymq import ExecutorConfig, Job, Priority, Queue, QueueFull
 
-from _helpers import QUIET, WAIT, Blocker, Recorder, make_queue, wait_until
+from _helpers import QUIET, WAIT, Blocker, Recorder, examples, make_queue, wait_until
 
 H, M, L = Priority.HIGH, Priority.MEDIUM, Priority.LOW
 
@@ -66,7 +66,7 @@ def test_new_helpers_priorities_are_scheduled():
     assert order.items == ["high", "medium", "low"]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.sampled_from(list(Priority)), st.sampled_from("abc")), max_size=40))
 def test_single_worker_order_matches_the_model(jobs):
     order = []
@@ -239,7 +239,7 @@ OPS = st.lists(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(buffer_size=st.integers(1, 8), ops=OPS)
 def test_queue_full_exactly_when_the_model_buffer_is_full(buffer_size, ops):
     ready = {p: 0 for p in Priority}

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from tinymq import Config, ExecutorConfig, ExecutorStats, Job, Queue, QueueStats, RetryConfig
 
-from _helpers import WAIT, FailureLog
+from _helpers import WAIT, FailureLog, examples
 
 MAX_RETRIES = 2
 TIMEOUT = 0.05
@@ -72,7 +72,7 @@ def model(job_plans):
     return expected, no_executor
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(12), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(job_plans=plans)
 def test_per_type_counters_match_the_model(job_plans):
     stats, log, jobs = run_plans(job_plans)

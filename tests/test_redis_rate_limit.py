@@ -28,7 +28,7 @@ from tinymq import ExecutorConfig, Job, Priority, RateLimit, RetryConfig
 from tinymq.redis._scripts import Scripts, SettleOp
 
 from _backends import Redis
-from _helpers import QUIET, WAIT, Recorder
+from _helpers import QUIET, WAIT, Recorder, examples
 from test_redis_scripts import check_invariants
 
 EXAMPLES = int(os.environ.get("TINYMQ_MODEL_EXAMPLES", "60"))
@@ -446,7 +446,7 @@ def test_no_window_ever_holds_more_than_max_starts_hand_outs(redis_url):
     try:
         machine = type("RateMachine", (RateMachine,), {"client": client})
         run_state_machine_as_test(machine, settings=settings(
-            max_examples=EXAMPLES, stateful_step_count=40, deadline=None,
+            max_examples=examples(EXAMPLES), stateful_step_count=40, deadline=None,
             suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]))
     finally:
         client.close()
