@@ -56,6 +56,16 @@ def test_thousands_of_cron_schedules_registered_after_the_start_keep_the_timer_o
         q.stop(wait=False)
 
 
+def test_every_refuses_an_interval_whose_first_tick_falls_after_year_9999():
+    with make_queue() as q:
+        with pytest.raises(ValueError, match="1e\\+300"):
+            q.every(1e300, "t")
+        with pytest.raises(ValueError, match="interval"):
+            q.every(300 * 365 * 86400.0 * 30, "t")
+        q.every(365 * 86400.0, "t")  # a year is fine
+        assert q.unschedule("t")
+
+
 # --- the timer's order, against a model ------------------------------------------------------
 
 NAMES = st.sampled_from(["a", "b", "c", "d"])

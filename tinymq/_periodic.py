@@ -351,6 +351,9 @@ class Periodic:
         seconds = _positive_seconds("interval", interval)
         if seconds < MIN_INTERVAL:  # each tick is a wake-up of the timer thread, even a skipped one
             raise ValueError(f"interval must be at least {MIN_INTERVAL} s, got {interval!r}")
+        if self._wall() + seconds > _LAST_FIRST_AT:  # a tick one interval away, refused as such a first_at is
+            raise ValueError(f"interval must put the first tick no later than 9999-12-31 UTC (the last time a "
+                             f"tick's job id can name), got {interval!r}")
         job_type = _as_type(job_type)
         first_due = first_epoch = None
         if first_at is not None:  # as run_at: a delay from now, on the monotonic clock
