@@ -216,7 +216,7 @@ class _Cron:
 class _Schedule:
     """One registered schedule.
 
-    ``tick``, ``begun``, ``rejoin``, ``begin_at`` and the counters are guarded by Periodic._lock;
+    ``tick``, ``begun``, ``rejoin``, ``begin_at``, ``entry`` and the counters are guarded by Periodic._lock;
     ``active`` and ``last_job_id`` change only under Periodic._firing.
     """
 
@@ -583,8 +583,11 @@ class Periodic:
 
     def _look_at(self, tick: _Tick, now_mono: float) -> float:
         """When the timer is to look at a begun schedule whose next tick is ``tick``: at the tick, and
-        for cron, whose tick is due by the wall clock, no later than a recheck of that clock."""
-        return tick.due if tick.index >= 0 else min(tick.due, now_mono + _WALL_CLOCK_RECHECK)
+        for cron, whose tick is due by the wall clock, no later than a recheck of that clock; never
+        once it has no next tick."""
+        if tick is _NO_TICK or tick.index >= 0:
+            return tick.due
+        return min(tick.due, now_mono + _WALL_CLOCK_RECHECK)
 
     def _wait_for_work(self) -> Optional[Tuple[List[Tuple[_Schedule, _Tick]], List[_Schedule]]]:
         """Sleep until a schedule is to begin or a tick is due: (to begin, with its tick; due), or None
