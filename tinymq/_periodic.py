@@ -606,6 +606,8 @@ class Periodic:
                         continue
                     schedule.entry = -1  # (armed again once begun or fired)
                     tick = schedule.tick
+                    if tick is None:  # (not expected: a schedule has its tick from the moment it is armed)
+                        continue
                     if not schedule.begun:  # (its tick, provisional, is placed as it begins: not waited for)
                         to_begin.append((schedule, tick))
                     elif self._is_due(tick, now_mono, now_wall):
