@@ -23,12 +23,15 @@ pytest.importorskip("croniter")
 from test_periodic import held_just_before_a_minute, just_before_a_minute, schedule_of  # noqa: E402
 
 DAY = 86400.0
+WALL_CLOCK_RECHECK = 0.2  # seconds
 
 
-def test_a_cron_schedule_goes_on_when_a_clock_set_a_day_ahead_is_set_back():
+def test_a_cron_schedule_goes_on_when_a_clock_set_a_day_ahead_is_set_back(monkeypatch):
     """A wall clock a day ahead (a host booted without NTP) is corrected: a cron schedule went on
     waiting, silent, for the day-ahead minute after the tick it had fired, for a whole day (cron
     itself takes a step back of more than 3 hours as a correction)."""
+    # (the timer looks at a cron schedule's wall clock again within this: the test need not wait a minute)
+    monkeypatch.setattr(tinymq._periodic, "_WALL_CLOCK_RECHECK", WALL_CLOCK_RECHECK)
     runs = Recorder()
     clock = held_just_before_a_minute(ahead=DAY)
     with make_queue() as q:
@@ -40,7 +43,6 @@ def test_a_cron_schedule_goes_on_when_a_clock_set_a_day_ahead_is_set_back():
         assert runs.wait_for(1)
         clock.hold(just_before_a_minute())  # corrected: back a day, again just before a minute
         corrected_minute = math.ceil(clock() / 60.0) * 60.0
-        q.every(3600.0, "other", name="wake")  # (a registration wakes the timer: no wait for its recheck)
         # (held until the timer has taken the correction: a loaded machine does not let the minute pass first)
         assert wait_until(lambda: schedule_of(q, "m").next_run_at == corrected_minute), \
             f"next tick at {schedule_of(q, 'm').next_run_at}, the clock reads {clock()}"
@@ -91,9 +93,10 @@ def test_a_cron_schedule_restarted_with_its_clock_corrected_from_a_day_ahead_goe
 
 
 def test_over_redis_a_cron_process_a_day_ahead_claims_nothing_and_its_schedule_goes_on_once_corrected(
-        redis_backend):
+        redis_backend, monkeypatch):
     """Its claim of the day-ahead minute was taken as the schedule's latest: once its clock was
     corrected, every claim (of that process, and of every other) was "taken" for a day."""
+    monkeypatch.setattr(tinymq._periodic, "_WALL_CLOCK_RECHECK", WALL_CLOCK_RECHECK)  # (as above)
     runs = Recorder()
     clock = held_just_before_a_minute(ahead=DAY)
     q = redis_backend.queue()
@@ -107,7 +110,6 @@ def test_over_redis_a_cron_process_a_day_ahead_claims_nothing_and_its_schedule_g
         assert runs.items == [] and q.get_stats().jobs_enqueued == 0
         clock.hold(just_before_a_minute())  # corrected
         corrected_minute = math.ceil(clock() / 60.0) * 60.0
-        q.every(3600.0, "other", name="wake")
         assert wait_until(lambda: schedule_of(q, "m").next_run_at == corrected_minute), \
             f"next tick at {schedule_of(q, 'm').next_run_at}, the clock reads {clock()}"
         clock.release()

@@ -102,13 +102,16 @@ class _Records(logging.Handler):
         self.seen.set()
 
 
+FAR_INTERVAL = 7000 * 365 * 86400.0  # seconds: far beyond threading.TIMEOUT_MAX, before year 9999
+
+
 @pytest.mark.parametrize("kind", ["interval", "first_at"])
 def test_a_schedule_far_in_the_future_waits_quietly(kind):
     """A tick further away than threading.TIMEOUT_MAX (about 292 years) is a plain long wait."""
     queue = Queue()
     queue.register_executor("tick", lambda job: None)
     if kind == "interval":
-        queue.every(1e300, "tick", name="far")
+        queue.every(FAR_INTERVAL, "tick", name="far")  # (1e300, reaching past year 9999, is refused)
     else:
         queue.every(60, "tick", name="far", first_at=datetime(9999, 1, 1, tzinfo=timezone.utc))
     errors = _Records()

@@ -3,6 +3,9 @@
 A schedule enqueues a new job at each of its ticks, from ``start_dispatcher``
 on (a schedule registered later begins at once). The timer thread sleeps until
 the earliest tick of any schedule and is woken by a registration; nothing polls.
+The schedules wait in a heap by the time each is next due (to begin, or to fire), so a
+wake and a registration cost O(log n) in the number of schedules; an entry of a
+schedule removed or re-armed since it was pushed is skipped when it comes up.
 
 - ``every`` ticks on the monotonic clock: tick k is due ``first delay + k * interval``
   after the schedule began, whatever the wall clock does meanwhile.
@@ -20,6 +23,8 @@ Over a broker (``tinymq.redis``) the ticks are claimed in Redis, so each fires
 once across all processes (``tinymq/redis/_schedules.py``).
 """
 import copy
+import heapq
+import itertools
 import logging
 import math
 import re
@@ -211,7 +216,7 @@ class _Cron:
 class _Schedule:
     """One registered schedule.
 
-    ``tick``, ``begun``, ``rejoin``, ``begin_at`` and the counters are guarded by Periodic._lock;
+    ``tick``, ``begun``, ``rejoin``, ``begin_at``, ``entry`` and the counters are guarded by Periodic._lock;
     ``active`` and ``last_job_id`` change only under Periodic._firing.
     """
 
@@ -229,6 +234,7 @@ class _Schedule:
         self.skipped = 0
         self.last_job_id: Optional[str] = None
         self.active = True  # cleared by unschedule, under Periodic._firing
+        self.entry = -1  # the sequence number of its live entry in Periodic._heap (-1: none)
 
     def new_job_at(self, tick_wall: float) -> Job:
         """The job of the tick at ``tick_wall`` (epoch seconds): due now, named after the tick."""
@@ -322,6 +328,11 @@ class Periodic:
         self._changed = threading.Condition(self._lock)  # a schedule was added or removed, or stop
         # Guarded by _lock: the schedules by name, the lifecycle, the timer thread.
         self._schedules: Dict[str, _Schedule] = {}
+        # Guarded by _lock: (due, sequence number, schedule), the monotonic time the timer is to look
+        # at the schedule; an entry whose number is not its schedule's ``entry`` is stale (skipped).
+        self._heap: List[Tuple[float, int, _Schedule]] = []
+        self._sequence = itertools.count()
+        self._stale = 0  # entries left stale by unschedule (the heap is rebuilt when they are most of it)
         self._started = False
         self._stopped = False
         self._thread: Optional[threading.Thread] = None
@@ -340,6 +351,9 @@ class Periodic:
         seconds = _positive_seconds("interval", interval)
         if seconds < MIN_INTERVAL:  # each tick is a wake-up of the timer thread, even a skipped one
             raise ValueError(f"interval must be at least {MIN_INTERVAL} s, got {interval!r}")
+        if self._wall() + seconds > _LAST_FIRST_AT:  # a tick one interval away, refused as such a first_at is
+            raise ValueError(f"interval must put the first tick no later than 9999-12-31 UTC (the last time a "
+                             f"tick's job id can name), got {interval!r}")
         job_type = _as_type(job_type)
         first_due = first_epoch = None
         if first_at is not None:  # as run_at: a delay from now, on the monotonic clock
@@ -425,6 +439,13 @@ class Periodic:
             if schedule is None:
                 return False
             schedule.active = False
+            if schedule.entry >= 0:
+                schedule.entry = -1
+                self._stale += 1
+                if self._stale > len(self._heap) // 2:
+                    self._heap = [entry for entry in self._heap if entry[1] == entry[2].entry]
+                    heapq.heapify(self._heap)
+                    self._stale = 0
             if schedule.last_job_id is not None:
                 self._unscheduled[name] = schedule.last_job_id
             self._changed.notify()
@@ -492,6 +513,16 @@ class Periodic:
         except Exception:
             self._no_next_tick(schedule)
         schedule.begin_at = now_mono
+        self._arm(schedule, now_mono)
+
+    def _arm(self, schedule: _Schedule, at: float) -> None:
+        """The timer looks at ``schedule`` at monotonic time ``at`` (never: inf); its earlier entry,
+        if any, goes stale. Called with _lock held."""
+        schedule.entry = -1
+        if at == math.inf or not schedule.active:
+            return
+        schedule.entry = next(self._sequence)
+        heapq.heappush(self._heap, (at, schedule.entry, schedule))
 
     def _no_next_tick(self, schedule: _Schedule) -> None:
         """Computing the next tick of ``schedule`` raised (a time zone that fails from some date on,
@@ -515,11 +546,13 @@ class Periodic:
         if tick is None:
             with self._lock:
                 schedule.begin_at = self._monotonic() + _BEGIN_RETRY
+                self._arm(schedule, schedule.begin_at)
             return
         with self._lock:
             schedule.tick = tick
             schedule.begun = True
             schedule.rejoin = False
+            self._arm(schedule, self._look_at(tick, self._monotonic()))
 
     def _ensure_thread(self) -> None:
         """Called with _lock held."""
@@ -548,6 +581,14 @@ class Periodic:
     def _is_due(self, tick: _Tick, now_mono: float, now_wall: float) -> bool:
         return tick.due <= now_mono and (tick.index >= 0 or tick.wall <= now_wall)
 
+    def _look_at(self, tick: _Tick, now_mono: float) -> float:
+        """When the timer is to look at a begun schedule whose next tick is ``tick``: at the tick, and
+        for cron, whose tick is due by the wall clock, no later than a recheck of that clock; never
+        once it has no next tick."""
+        if tick is _NO_TICK or tick.index >= 0:
+            return tick.due
+        return min(tick.due, now_mono + _WALL_CLOCK_RECHECK)
+
     def _wait_for_work(self) -> Optional[Tuple[List[Tuple[_Schedule, _Tick]], List[_Schedule]]]:
         """Sleep until a schedule is to begin or a tick is due: (to begin, with its tick; due), or None
         once stopped."""
@@ -556,27 +597,27 @@ class Periodic:
                 now_mono, now_wall = self._monotonic(), self._wall()
                 to_begin: List[Tuple[_Schedule, _Tick]] = []
                 due: List[_Schedule] = []
-                wake_at = math.inf
-                for schedule in self._schedules.values():
+                heap = self._heap
+                while heap and heap[0][0] <= now_mono:
+                    _, entry, schedule = heapq.heappop(heap)
+                    if entry != schedule.entry:
+                        if not schedule.active:
+                            self._stale -= 1
+                        continue
+                    schedule.entry = -1  # (armed again once begun or fired)
                     tick = schedule.tick
-                    if tick is None:
+                    if tick is None:  # (not expected: a schedule has its tick from the moment it is armed)
                         continue
                     if not schedule.begun:  # (its tick, provisional, is placed as it begins: not waited for)
-                        if schedule.begin_at <= now_mono:
-                            to_begin.append((schedule, tick))
-                        else:
-                            wake_at = min(wake_at, schedule.begin_at)
-                        continue
-                    if self._is_due(tick, now_mono, now_wall):
+                        to_begin.append((schedule, tick))
+                    elif self._is_due(tick, now_mono, now_wall):
                         due.append(schedule)
-                        continue
-                    if tick.index < 0:  # cron: due by the wall clock, rechecked now and then
+                    else:  # cron: due by the wall clock, rechecked now and then
                         tick = schedule.tick = self._cron_again(schedule, tick, now_mono, now_wall)
-                        wake_at = min(wake_at, tick.due, now_mono + _WALL_CLOCK_RECHECK)
-                    else:
-                        wake_at = min(wake_at, tick.due)
+                        self._arm(schedule, self._look_at(tick, now_mono))
                 if to_begin or due:
                     return to_begin, due
+                wake_at = heap[0][0] if heap else math.inf
                 # A tick further away than the longest wait a lock takes (about 292 years) is waited
                 # for in steps of that.
                 self._changed.wait(None if wake_at == math.inf
@@ -622,6 +663,7 @@ class Periodic:
                     schedule.begun = False
                     schedule.rejoin = True
                     schedule.begin_at = self._monotonic()
+                    self._arm(schedule, schedule.begin_at)
                     return
                 if outcome == "fired":
                     schedule.fired += 1
@@ -637,6 +679,7 @@ class Periodic:
                 except Exception:
                     self._no_next_tick(schedule)
                     return
+                self._arm(schedule, self._look_at(schedule.tick, self._monotonic()))
                 if schedule.tick.wall == math.inf:  # (croniter found no later instant: not expected)
                     logger.warning("schedule %r has no further tick: %s names no later instant",
                                    schedule.name, schedule.trigger.description)
