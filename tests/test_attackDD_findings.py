@@ -170,18 +170,18 @@ def test_a_kept_failure_handed_by_a_beat_whose_reply_was_lost_is_still_reported_
     beats = []
     lost = threading.Event()
 
-    def heartbeat(proc, *args):
+    def heartbeat(proc, *args, **options):
         beats.append(proc)
         if len(beats) == 1:  # (called with R's round lock held: no fetch of R reaps P meanwhile)
             client.zadd(scripts.key("procs"), {"P": 0})  # P was killed: its lease runs out
-            reply = real_heartbeat(proc, *args)
+            reply = real_heartbeat(proc, *args, **options)
             assert [row.id for row in reply.crashed] == ["doomed"]  # handed to R, in reporting:R
             raise redis_py.ConnectionError("the reply was lost")
         if len(beats) <= 3:  # _call_resending's two resends: Redis is still restarting
             if len(beats) == 3:
                 lost.set()
             raise redis_py.ConnectionError("Redis is restarting")
-        return real_heartbeat(proc, *args)
+        return real_heartbeat(proc, *args, **options)
 
     link.scripts.heartbeat = heartbeat
     reported = []

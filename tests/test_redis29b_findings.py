@@ -107,11 +107,12 @@ def test_a_callback_that_cancels_the_next_job_without_bound_over_redis_ends_ever
 
 class StallingProxy:
     """Forwards 127.0.0.1:<port> to the server; once ``stall()`` is called, a connection that sends a
-    CONFIG command gets no reply any more (the server answered; the proxy holds it back for good).
+    CONFIG command (or ``marker``'s bytes) gets no reply any more (the server answered; the proxy holds it back for good).
     ``freeze()`` holds everything either way until ``thaw()`` (a network that stalls for a while)."""
 
-    def __init__(self, server_port):
+    def __init__(self, server_port, marker=b"CONFIG"):
         self.server_port = server_port
+        self.marker = marker
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self._armed = threading.Event()
@@ -153,7 +154,7 @@ class StallingProxy:
                 data = client.recv(65536)
                 if not data:
                     break
-                if self._armed.is_set() and b"CONFIG" in data:
+                if self._armed.is_set() and self.marker in data:
                     held.set()
                     self.stalled.set()
                 self._thawed.wait()

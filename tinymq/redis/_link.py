@@ -20,7 +20,7 @@ Threads (started by ``start``):
   evicting enqueue without a reply kept for this process (``_report_lost``), and every
   ``_SETTINGS_LOOK`` starts a short-lived thread (``_look_at_settings``) that looks at
   Redis's settings: a server slow to answer CONFIG never delays a beat (and a look under
-  way gives up, its connection closed, as soon as stop() begins).
+  way gives up, its connection closed, as soon as stop() begins, as a beat under way does).
 - a reporter (``_hand_on``, one per fetch or beat reply that hands this process rows
   to report or attempts to cancel): runs their failure callbacks, so that no thread
   that renews the lease or fetches ever waits for a callback (one slower than the
@@ -1555,7 +1555,8 @@ class QueueLink:
                     sent = time.monotonic()
                     beat = self.broker._call_resending(  # (its crashed jobs must not be lost)
                         self.scripts.heartbeat, proc, self._lease_ms,
-                        self.broker.max_crash_recoveries, registered, unanswered[1])
+                        self.broker.max_crash_recoveries, registered, unanswered[1],
+                        abandoned=self._stopped)  # (given up, its connection closed, once stop() begins)
                     unanswered = None
                     alive = beat.alive
                     if not alive:
@@ -1565,7 +1566,8 @@ class QueueLink:
                         with self._lock:
                             self._renewed(sent)
             except self._redis_error as exc:
-                self._log_outage("heartbeat", exc)
+                if not self._stopped.is_set():  # (else abandoned: the beat's reply no longer matters)
+                    self._log_outage("heartbeat", exc)
                 continue
             self._log_gone(beat.gone)
             self._hand_on(beat.crashed, beat.cancels if alive else ())  # (never run here: the lease comes first)
@@ -1662,11 +1664,14 @@ class QueueLink:
                 unstarted = sum(1 for record in self._attempts.values() if record.state == _PENDING)
                 outcomes = len(self._ops) + (0 if self._unsent is None else len(self._unsent[3]))
             self._not_given_back(unstarted, outcomes, "a call under way holds it up")
-            return
-        try:
-            self._release(released_by)
-        finally:
-            self._round_lock.release()
+        else:
+            try:
+                self._release(released_by)
+            finally:
+                self._round_lock.release()
+        connections = self.scripts.connections
+        if connections is not None:  # a connect that a call with a bound (the release's too) gave up on: not
+            connections.drop_opening(_CALL_FLOOR)  # left to run past stop(), up to the socket timeout
 
     def _not_given_back(self, unstarted: int, outcomes: int, why: object) -> None:
         """stop() leaves without giving back what this process holds (Redis did not answer)."""

@@ -45,6 +45,8 @@ def key_prefix(name: str) -> str:
 
 # Seconds between two looks at whether a call that may be abandoned (see _waited) was: how soon it gives up.
 _ABANDON_POLL = 0.05
+# Seconds close() waits for the connects it abandons (drop_opening) to end: their sockets closed, they end at once.
+_DROP_WAIT = 1.0
 
 
 def _source(name: str) -> str:
@@ -330,6 +332,9 @@ class Connections:
         for _ in range(size):
             self._free.put(connect())
         self._open: Set[int] = set()  # ids of the connections whose last call ended well: open
+        # Connects still under way whose caller gave up (open_within): id -> (connection, thread, dropped)
+        self._opening: Dict[int, Tuple[Any, threading.Thread, List[bool]]] = {}
+        self._opening_lock = threading.Lock()
 
     def acquire(self, timeout: Optional[float] = None, abandoned: Optional[threading.Event] = None) -> Any:
         """A free connection, waited for at most ``timeout`` (else the pool's wait); ``abandoned``: see _waited."""
@@ -364,12 +369,13 @@ class Connections:
         (a failed one fails again, with its error, at the call's send), and the connection is
         the caller's. False: it did not end within ``timeout`` (a silent server), or ``abandoned``
         was set (see _waited); the connection is then the opening thread's, which gives it back
-        once its connect ends."""
+        once its connect ends (closed, if drop_opening() abandoned it meanwhile)."""
         if id(connection) in self._open:
             return True
         lock = threading.Lock()
         ended = threading.Event()
         given_up: List[bool] = []  # (the caller left: the opening thread releases the connection)
+        dropped: List[bool] = []  # (drop_opening() closed its socket: it goes back closed)
 
         def open_it() -> None:
             try:
@@ -381,9 +387,12 @@ class Connections:
                 ended.set()
                 if not given_up:
                     return
-            self.release(connection, broken)
+            with self._opening_lock:
+                self._opening.pop(id(connection), None)
+                self.release(connection, broken or bool(dropped))
 
-        threading.Thread(target=open_it, name="tinymq-redis-connect", daemon=True).start()
+        opening = threading.Thread(target=open_it, name="tinymq-redis-connect", daemon=True)
+        opening.start()
         import redis
 
         try:
@@ -394,10 +403,34 @@ class Connections:
             if ended.is_set():
                 return True
             given_up.append(True)
+            with self._opening_lock:
+                self._opening[id(connection)] = (connection, opening, dropped)
             return False
 
+    def drop_opening(self, wait: float) -> None:
+        """Abandon the connects under way whose callers gave up (open_within): their sockets closed,
+        so that each fails at once, and their threads waited for (``wait`` at most in all); a
+        connection goes back closed. A silent server holds such a connect up to the socket
+        timeout otherwise, past stop() and close(), and it gave back an open connection then."""
+        with self._opening_lock:
+            opening = list(self._opening.values())
+            for _, _, dropped in opening:
+                dropped.append(True)
+        by = time.monotonic() + wait
+        for connection, thread, _ in opening:
+            while time.monotonic() < by:  # (again: a socket made after a close)
+                with self._opening_lock:  # (once it is given back, it may be lent: left alone)
+                    opened = self._opening.get(id(connection))
+                    if opened is None or opened[0] is not connection:
+                        break
+                    connection.disconnect()
+                thread.join(_ABANDON_POLL)
+            thread.join(max(0.0, by - time.monotonic()))
+
     def close(self) -> None:
-        """Close the sockets of the connections not lent now (they reopen if used again)."""
+        """Close the sockets of the connections not lent now (they reopen if used again), and of
+        the connects under way that no caller waits for (drop_opening)."""
+        self.drop_opening(_DROP_WAIT)
         idle = []  # taken out while closed, so that no thread is lent one meanwhile
         while True:
             try:
@@ -425,15 +458,17 @@ class Scripts:
     def key(self, suffix: str) -> str:
         return self.prefix + suffix
 
-    def _call(self, script: str, args: List[Any], timeout: Optional[float] = None) -> Any:
+    def _call(self, script: str, args: List[Any], timeout: Optional[float] = None,
+              abandoned: Optional[threading.Event] = None) -> Any:
         """Run ``script``; with ``timeout`` (and ``connections``), redis.TimeoutError when no
-        reply begins within it (see _reply), the connection then closed: the script may have run."""
+        reply begins within it (see _reply), the connection then closed: the script may have run.
+        ``abandoned``: as for ``command``."""
         connections = self.connections
         if connections is None:
             return self._script[script](keys=self._keys, args=args)
         registered = self._script[script]
         return self._on_connection(connections, ("EVALSHA", registered.sha, 1, self.prefix, *args), timeout,
-                                   registered.script)
+                                   registered.script, abandoned)
 
     def command(self, *command: Any, timeout: Optional[float] = None,
                 abandoned: Optional[threading.Event] = None) -> Any:
@@ -532,9 +567,11 @@ class Scripts:
         return reply.alive, reply.now_ms, reply.crashed
 
     def heartbeat(self, proc: str, lease_ms: int, max_crash_recoveries: int,
-                  registered: int, beat_id: str = "") -> BeatReply:
+                  registered: int, beat_id: str = "", timeout: Optional[float] = None,
+                  abandoned: Optional[threading.Event] = None) -> BeatReply:
         """``beat``, with the attempts of ``proc`` that q.cancel() marked (``registered``: as fetch's)."""
-        reply = self._call("beat", [proc, lease_ms, max_crash_recoveries, int(registered), beat_id])
+        reply = self._call("beat", [proc, lease_ms, max_crash_recoveries, int(registered), beat_id], timeout,
+                           abandoned)
         status = int(reply[0])
         return BeatReply(status == 1, int(reply[1]), _crashed(reply[2]), reply[3], lost=status < 0, gone=reply[4])
 

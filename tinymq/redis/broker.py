@@ -186,17 +186,22 @@ class RedisBroker:
             socket_connect_timeout=_CONNECT_TIMEOUT, retry=self._no_retry())
         return Connections(lambda: options.connection_class(**options.connection_kwargs), size, _POOL_WAIT)
 
-    def _call_resending(self, call: Any, *args: Any, deadline: Optional[float] = None) -> Any:
+    def _call_resending(self, call: Any, *args: Any, deadline: Optional[float] = None,
+                        abandoned: Optional[threading.Event] = None) -> Any:
         """``call(*args)``, sent again (up to _RESENDS times) when the connection failed: its
         reply may have been lost after the server ran it, and every script is idempotent.
         With a ``deadline`` (monotonic; math.inf: the socket timeout's own), for a caller that
         waits: its reply is waited for until then at most (``call`` takes ``timeout=``, see
-        reply_wait), and a call that got no reply in time (a frozen server) is not sent again."""
+        reply_wait), and a call that got no reply in time (a frozen server) is not sent again.
+        With ``abandoned`` (``call`` takes ``abandoned=``): given up once it is set (stop() began),
+        redis.ConnectionError, and not sent again."""
         redis = _redis()
         pause = _RESEND_PAUSE
         for resends_left in range(_RESENDS, -1, -1):
             try:
                 wait = None if deadline is None else reply_wait(deadline)
+                if abandoned is not None:  # (its waits sliced: see _scripts._waited)
+                    return call(*args, timeout=_SOCKET_TIMEOUT if wait is None else wait, abandoned=abandoned)
                 if wait is None:  # (the socket timeout bounds it)
                     return call(*args)
                 return call(*args, timeout=wait)
@@ -204,7 +209,8 @@ class RedisBroker:
                 if not resends_left or deadline is not None:
                     raise
             except redis.ConnectionError:
-                if not resends_left or (deadline is not None and time.monotonic() + pause >= deadline):
+                if (not resends_left or (deadline is not None and time.monotonic() + pause >= deadline)
+                        or (abandoned is not None and abandoned.is_set())):
                     raise
             time.sleep(pause)
             pause *= 2
