@@ -8,7 +8,9 @@ TINYMQ_REQUIRE_EXTENSIONS=1, where a missing extension is a test failure.
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 
 import pytest
 
@@ -141,3 +143,42 @@ def warnings_seen():
     logger.addHandler(handler)
     yield handler.messages
     logger.removeHandler(handler)
+
+
+# --- pytest-timeout's signal, past hypothesis ----------------------------------------------
+
+class TestTimedOut(BaseException):
+    """A test ran past pytest-timeout's limit (the signal method).
+
+    pytest-timeout's own handler raises pytest's ``Failed``, which hypothesis catches as the
+    test failing: it shrinks and replays the test with no timer left armed, for minutes, and the
+    run hangs. Hypothesis lets a BaseException that is not ``Failed`` through at once, and pytest
+    reports it as the test's failure: the run goes on to the next test.
+    """
+
+    __test__ = False  # not a test class, whatever its name
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_set_timer(item, settings):
+    """pytest-timeout's signal timer, raising ``TestTimedOut``; the thread method is its own."""
+    if settings.method != "signal" or threading.current_thread() is not threading.main_thread():
+        return None
+    from pytest_timeout import dump_stacks
+
+    def handler(signum, frame):
+        __tracebackhide__ = True
+        terminal = item.config.get_terminal_writer()
+        terminal.sep("+", title="Timeout")
+        dump_stacks(terminal)
+        terminal.sep("+", title="Timeout")
+        raise TestTimedOut(f"Timeout (>{settings.timeout}s) from pytest-timeout.")
+
+    def cancel():
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+    item.cancel_timeout = cancel  # pytest-timeout's pytest_timeout_cancel_timer calls it
+    signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, settings.timeout)
+    return True

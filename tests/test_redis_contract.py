@@ -106,6 +106,20 @@ def _placed(stats):
     return stats.high_queue_size + stats.medium_queue_size + stats.low_queue_size + stats.delayed_jobs_count
 
 
+
+# Fixed (ratehang): worker_count stayed the count start_dispatcher() was given after stop(), when
+# no worker was left. It is the live workers that were not retired (API.md "Stats"; docs/api.md).
+def test_worker_count_is_the_live_workers_and_none_once_stopped(backend):
+    producer, worker = backend.pair()
+    worker.register_executor("t", lambda job: None)
+    assert worker.get_stats().worker_count == 0  # not started
+    worker.start_dispatcher(3)
+    assert worker.get_stats().worker_count == 3
+    producer.enqueue(Job("t"))
+    assert producer.join(WAIT)
+    worker.stop()
+    assert worker.get_stats().worker_count == 0
+
 # Fixed (duecount): a delayed job that had come due counted nowhere until it was moved: not in
 # delayed_jobs_count (smallfix), nor in the ready sizes, over Redis until a fetch promoted it, and
 # in-process until the scheduler moved it (before start_dispatcher: until then). So a backlog

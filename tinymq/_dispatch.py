@@ -219,7 +219,6 @@ class Dispatcher:
         # exited: until then the store is not free for another queue (gave_up_attempts).
         self._gave_up_slots: Set[Any] = set()
         self._thread_ids: Set[int] = set()  # this queue's threads: join() there would wait for itself
-        self._worker_count = 0  # the pool's size: live, non-retired workers
         self._started = False
         self._stopping = False
         self._stopped = threading.Event()  # the first stop() returned: later ones wait for it
@@ -388,7 +387,6 @@ class Dispatcher:
             if self._stopping:
                 raise RuntimeError("the queue is stopped; it cannot be started again")
             self._started = True
-            self._worker_count = workers
             try:
                 for _ in range(workers):
                     self._start_worker()
@@ -402,7 +400,10 @@ class Dispatcher:
 
     @property
     def worker_count(self) -> int:
-        return self._worker_count
+        """The live workers that were not retired: the pool's size while it runs (a retired worker
+        has its replacement), 0 once every worker has exited after stop()."""
+        with self._lock:
+            return len(self._running_workers())
 
     def _start_thread(self, target: Callable[..., None], name: str, *args: Any) -> None:
         """Start a thread of this queue's. Called with _lock held."""
