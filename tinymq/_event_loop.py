@@ -298,6 +298,11 @@ class LoopRunner:
         self._attempts: Dict[_Attempt, None] = {}
         self._all_finished = threading.Condition(self._lock)  # _attempts may have emptied, or one was decided
         self._waiting_for_end = 0  # threads in wait_finished: only then is _all_finished notified
+        # Attempts that ended by themselves whose outcome is being reported off the loop (_report_end;
+        # guarded by _lock): stop() waits for those reports as for the attempts, as a worker thread's
+        # attempt ends with its own report; else stop()'s release over a broker could give back a job
+        # whose success was decided, counted nowhere then and run again elsewhere.
+        self._reporting = 0
         # Loop thread only: jobs taken from the core (slots held) for the runners; idle runners'
         # wake-up futures; runners woken or started and not yet back for a job; shutting down.
         self._todo: Deque[Tuple[Any, Any]] = deque()
@@ -593,33 +598,36 @@ class LoopRunner:
         # Past its deadline without the timer having fired: it blocked the loop; a timeout all the same.
         ended = monotonic()
         late = ended >= attempt.deadline
-        attempts, lock = self._attempts, self._lock
+        attempts, lock, dispatcher = self._attempts, self._lock, self.dispatcher
         lock.acquire()  # (not ``with``: its enter and exit calls cost more, once per attempt)
         try:
             del attempts[attempt]
             decided = attempt.decided
             if decided is None:
                 attempt.decided = "timed_out" if late else "returned"
+                if dispatcher.store is not None or dispatcher.ledger is not None:  # reported off the loop
+                    self._reporting += 1  # (in the step that decides it: no wait_finished sees neither)
             if self._waiting_for_end:
                 self._all_finished.notify_all()
         finally:
             lock.release()
         if self._stop_when_idle:  # (not a call per attempt)
             self._halt_if_idle()
-        state, job, ready, dispatcher = attempt.state, attempt.job, self.ready, self.dispatcher
+        state, job, ready = attempt.state, attempt.job, self.ready
         if (decided is None and error is None and not late and self._quiet
                 and dispatcher.store is None and dispatcher.ledger is None):
             if not ready.loop_attempt_succeeded(state, ended - attempt.started, job):  # nothing else to tell
                 self._report(dispatcher.end_cancelled, job)  # unless a cancel came as it ended: it wins
             return
         if decided is None:  # the slot is freed where the outcome places or ends the job
+            report = self._report if dispatcher.store is None and dispatcher.ledger is None else self._report_end
             seconds = ended - attempt.started
             if late:
-                self._report(dispatcher.async_timed_out, job, state, timeout_error(job, state), seconds, True)
+                report(dispatcher.async_timed_out, job, state, timeout_error(job, state), seconds, True)
             elif error is not None:
-                self._report(dispatcher.attempt_failed, job, state, error, True, seconds)
+                report(dispatcher.attempt_failed, job, state, error, True, seconds)
             else:
-                self._report(dispatcher.async_succeeded, job, state, seconds)
+                report(dispatcher.async_succeeded, job, state, seconds)
             return
         ready.release_state(state, False, core.LOOP)
         if not ours:  # it was cancelled (timeout, cancel, stop) and carried on
@@ -683,6 +691,24 @@ class LoopRunner:
             except RuntimeError:  # no new thread at interpreter exit (Python 3.12), or shut down
                 pass
         self._report_safely(report, args)
+
+    def _report_end(self, report: Any, *args: Any) -> None:
+        """``_report`` of an attempt's own end, counted in ``_reporting`` (a store or a broker: off
+        the loop); uncounted once reported, and a wait_finished told."""
+        try:
+            self._io.submit(self._report_counted, report, args)
+            return
+        except RuntimeError:  # no new thread at interpreter exit (Python 3.12), or shut down
+            pass
+        self._report_counted(report, args)
+
+    def _report_counted(self, report: Any, args: Any) -> None:
+        try:
+            self._report_safely(report, args)
+        finally:
+            with self._lock:
+                self._reporting -= 1
+                self._notify_decided()
 
     @staticmethod
     def _report_safely(report: Any, args: Any) -> None:
@@ -756,7 +782,8 @@ class LoopRunner:
 
     def wait_finished(self, deadline: Optional[float], undecided_only: bool) -> bool:
         """Wait until no undecided attempt runs (not ``undecided_only``: nor one that stop()
-        cancelled, still unwinding); False at ``deadline``.
+        cancelled, still unwinding) and the outcome of each that ended by itself is reported;
+        False at ``deadline``.
 
         An attempt ``LOOP_LATE`` past its deadline that the loop has not decided (a coroutine
         blocks it) is decided here, as timed out: a timed-out attempt is never waited for, nor
@@ -768,8 +795,9 @@ class LoopRunner:
                 try:
                     while True:
                         attempts = list(self._attempts)
-                        if all(a.decided in _NEVER_WAITED_FOR or (undecided_only and a.decided is not None)
-                               for a in attempts):
+                        if not self._reporting and all(
+                                a.decided in _NEVER_WAITED_FOR or (undecided_only and a.decided is not None)
+                                for a in attempts):
                             return True
                         now = core.monotonic()
                         remaining = None if deadline is None else deadline - now
