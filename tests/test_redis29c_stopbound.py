@@ -8,14 +8,12 @@ import pytest
 
 import tinymq
 
-from test_redis29b_findings import StallingProxy
-
-_PROXY_THREADS = ("(_accept)", "(_requests)", "(_replies)")
+from test_redis29b_findings import PROXY_THREAD, StallingProxy
 
 
 def _left(before):
     return [thread.name for thread in threading.enumerate()
-            if thread not in before and thread.is_alive() and not thread.name.endswith(_PROXY_THREADS)]
+            if thread not in before and thread.is_alive() and thread.name != PROXY_THREAD]
 
 
 # --- 1. A connect given up on, left to run past close() --------------------------------------
