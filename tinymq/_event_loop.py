@@ -685,22 +685,23 @@ class LoopRunner:
     def _report(self, report: Any, *args: Any) -> None:
         """Hand an outcome to the dispatcher: on the loop, or off it when a store or broker may block."""
         if self.dispatcher.blocks():
-            try:
-                self._io.submit(self._report_safely, report, args)
-                return
-            except RuntimeError:  # no new thread at interpreter exit (Python 3.12), or shut down
-                pass
-        self._report_safely(report, args)
+            self._off_loop(self._report_safely, report, args)
+        else:
+            self._report_safely(report, args)
 
     def _report_end(self, report: Any, *args: Any) -> None:
         """``_report`` of an attempt's own end, counted in ``_reporting`` (a store or a broker: off
         the loop); uncounted once reported, and a wait_finished told."""
+        self._off_loop(self._report_counted, report, args)
+
+    def _off_loop(self, run: Any, report: Any, args: Any) -> None:
+        """``run(report, args)`` on the reporting thread, or here if no thread can start."""
         try:
-            self._io.submit(self._report_counted, report, args)
+            self._io.submit(run, report, args)
             return
         except RuntimeError:  # no new thread at interpreter exit (Python 3.12), or shut down
             pass
-        self._report_counted(report, args)
+        run(report, args)
 
     def _report_counted(self, report: Any, args: Any) -> None:
         try:
