@@ -338,3 +338,14 @@ def signal_after(owner, name):
 def watch_join_looks(q):
     """An event set after each look of ``q``'s join() at Redis (the unfinished script)."""
     return signal_after(q.broker._scripts, "unfinished")
+
+
+def another_programs_database(path, tables=("users",), version=0):
+    """A SQLite file of another program at ``path`` (mode 0600): ``tables`` of one column, ``user_version``."""
+    connection = sqlite3.connect(path)
+    for table in tables:
+        connection.execute(f"CREATE TABLE {table} (id TEXT)")
+    connection.execute(f"PRAGMA user_version={version}")
+    connection.commit()
+    connection.close()
+    os.chmod(path, 0o600)

@@ -16,7 +16,7 @@ import pytest
 import tinymq
 from tinymq import Job, Queue, SQLitePersistence
 
-from _helpers import WAIT
+from _helpers import WAIT, another_programs_database
 
 ROOT = Path(tinymq.__file__).resolve().parent.parent
 TIMEOUT = 60  # seconds for one command: each returns in well under one
@@ -271,16 +271,8 @@ def test_a_redis_job_body_decodes_however_deep_in_the_stack_the_fetch_runs():
     (["tinymq_jobs"], 2, "schema version 2, written by a newer tinymq"),
 ])
 def test_a_database_a_store_refuses_is_left_as_it_was(tmp_path, tables, version, refusal):
-    import sqlite3
-
     path = tmp_path / "app.db"
-    connection = sqlite3.connect(path)
-    for table in tables:
-        connection.execute(f"CREATE TABLE {table} (id TEXT)")
-    connection.execute(f"PRAGMA user_version={version}")
-    connection.commit()
-    connection.close()
-    os.chmod(path, 0o600)
+    another_programs_database(path, tables, version)
     before = path.read_bytes()
     with pytest.raises(tinymq.PersistenceError, match=refusal):
         SQLitePersistence(path)

@@ -27,22 +27,13 @@ from tinymq import Job, PersistenceError, SQLitePersistence
 from tinymq.persistence import JSONSerializer, PickleSerializer
 from tinymq.persistence._ownership import OwnedError
 
+from _helpers import another_programs_database
 from test_cli import TIMEOUT, WorkerCLI, producer, project, record, shared_project  # noqa: F401 (fixtures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout whose tinymq is tested
 
 
 # --- 1. a refused open leaves the directory as it found it ----------------------------------------
-
-def another_programs_database(path, tables=("users",), version=0):
-    connection = sqlite3.connect(path)
-    for table in tables:
-        connection.execute(f"CREATE TABLE {table} (id TEXT)")
-    connection.execute(f"PRAGMA user_version={version}")
-    connection.commit()
-    connection.close()
-    os.chmod(path, 0o600)
-
 
 @pytest.mark.parametrize("tables, version, refusal", [
     (["users"], 0, "is not a tinymq store"),
