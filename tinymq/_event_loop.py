@@ -872,10 +872,15 @@ def timeout_error(job: Any, state: Any) -> JobTimeout:
 
 
 def is_async_executor(fn: Any) -> bool:
-    """Whether ``fn`` is run on the loop: an ``async def`` function, a ``functools.partial`` of
-    one, a function wrapping one (``functools.wraps``), or an object whose ``__call__`` is one."""
+    """Whether ``fn`` is run on the loop from its first attempt: an ``async def`` function, a
+    ``functools.partial`` of one, a function wrapping one (``functools.wraps``), an object whose
+    ``__call__`` is one (or a partial of such an object), or one marked
+    (``inspect.markcoroutinefunction``). Anything else is known to return awaitables only
+    once called (see ``Dispatcher.returned``)."""
     if fn.__class__ is types.FunctionType and not fn.__dict__:  # a plain function: its code says
         return bool(fn.__code__.co_flags & inspect.CO_COROUTINE)
+    while isinstance(fn, functools.partial):  # (iscoroutinefunction sees through partials of functions only)
+        fn = fn.func
     for target in (fn, getattr(fn, "__call__", None), inspect.unwrap(fn) if callable(fn) else None):
         if inspect.iscoroutinefunction(target):
             return True
