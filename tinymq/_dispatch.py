@@ -700,8 +700,8 @@ class Dispatcher:
 
     def attempts_ended(self, timeout: float) -> bool:
         """Wait at most ``timeout`` seconds until no attempt of this stopped queue may still run: no
-        worker that was not retired is left (a worker exits once its attempt's end is written, and
-        one that a coroutine handed over waits for it), and no attempt runs on the loop but those
+        worker that was not retired is left (a worker exits once its attempt's end is written, or
+        once it has handed the attempt over to the loop), and no attempt runs on the loop but those
         never waited for (timed out, cancelled). Any such attempt keeps the store this queue's:
         another queue's reload would run its job a second time, whether stop() waited for it,
         gave it up, or was called from the queue's own thread and left it running."""
