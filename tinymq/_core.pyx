@@ -2471,7 +2471,8 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
 
     The fast path (success) stays here; everything else goes to ``dispatcher``:
     ``refresh_hooks(slot)``, ``new_context(job)``, ``returned(job, state,
-    result)`` (a function returned an awaitable or a generator), ``attempt_failed(job,
+    result, slot)`` (a function returned an awaitable or a generator; True when the rest of the
+    attempt, with its slot, went to the event loop: see the pure twin), ``attempt_failed(job,
     state, exc, holding, seconds)`` (it frees the attempt's slot where it places or ends the job,
     and records ``seconds``, the attempt's duration),
     ``no_executor(job, state)``, ``after_expired(slot, exc)`` and
@@ -2480,7 +2481,7 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
     cdef PyObject *taken = NULL
     cdef TypeState state
     cdef double started, ended, deadline
-    cdef bint expired, decided, cancelled, finish, succeeded_now
+    cdef bint expired, decided, cancelled, finish, succeeded_now, handed_over
     cdef long succeeded = 0
     cdef _Waiter waiter = _Waiter()  # this worker's, for every wait
     finished = None  # a success whose on_success and task_done wait for the next start (on_switch)
@@ -2511,6 +2512,7 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
         decided = False  # cancelled while the store wrote its start: fn is not called
         cancelled = False  # a cancel was requested on its way here (after begin: a later one finds the slot)
         started = 0.0  # monotonic: the function's call (0.0 until then)
+        handed_over = False  # the rest of the attempt is the event loop's (dispatcher.returned)
         try:
             if ready.marks and ready._cancel_requested(job):
                 decided = cancelled = True
@@ -2545,10 +2547,13 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
                 else:
                     result = fn(job, context)
                 if result is not None and _awaitable_or_generator(result):  # a function returning a coroutine
-                    dispatcher.returned(job, state, result)
+                    handed_over = dispatcher.returned(job, state, result, slot)
                 result = None
         except BaseException as exc:  # the attempt's failure, whatever it is
             error = exc
+        if handed_over:  # the loop's attempt holds the type's slot now, and frees it as it ends
+            context = None
+            continue
         ended = _monotonic()
         if started == 0.0:  # it failed before its function was called: no time of its own
             started = ended

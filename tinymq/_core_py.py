@@ -1783,8 +1783,10 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
     """Run attempts until the queue closes or the watchdog retires this worker.
 
     The fast path (success) stays here; everything else goes to ``dispatcher``:
-    ``refresh_hooks(slot)``, ``new_context(job)``, ``returned(job, state, result)``
-    (a function returned an awaitable or a generator: ``_awaitable_or_generator``),
+    ``refresh_hooks(slot)``, ``new_context(job)``, ``returned(job, state, result, slot)``
+    (a function returned an awaitable or a generator: ``_awaitable_or_generator``; True when it
+    emptied ``slot`` and handed the rest of the attempt, with the type's slot, to the event loop:
+    the worker goes on at once, and counts and frees nothing of it),
     ``attempt_failed(job, state, exc, holding, seconds)`` (``holding``: it frees the attempt's slot
     where it places or ends the job; ``seconds``: the attempt's duration, which it records),
     ``no_executor(job, state)``, ``after_expired(slot, exc)`` and ``end_cancelled(job)`` (a cancel
@@ -1824,6 +1826,7 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
         slot_kept = False  # the attempt ended, not timed out: its slot is freed where its job is counted or placed
         started = ended = 0.0  # monotonic: the function's call and return (started stays 0.0 until the call)
         cancelled = False  # a cancel was requested on its way here (after begin: a later one finds the slot)
+        handed_over = False  # the rest of the attempt is the event loop's (dispatcher.returned)
         try:  # from begin() on, an interruption may land anywhere: the slot is released below
             slot.begin(job, state, _INF, context)  # no deadline yet: a slow start write is not the function's time
             try:
@@ -1858,10 +1861,14 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
                     else:
                         result = fn(job, context)
                     if result is not None and _awaitable_or_generator(result):  # a function returning a coroutine
-                        dispatcher.returned(job, state, result)
+                        handed_over = dispatcher.returned(job, state, result, slot)
                     result = None
             except BaseException as exc:  # the attempt's failure, whatever it is
                 error = exc
+            if handed_over:  # the loop's attempt holds the type's slot now, and frees it as it ends
+                slot_kept = True
+                context = None
+                continue
             ended = monotonic()
             if not started:  # it failed before its function was called: no time of its own
                 started = ended
