@@ -476,7 +476,7 @@ class SQLitePersistence:
         found = _ownership.check_file(db, mode="keep")  # a look, changing nothing: not ours yet
         if found is not None:
             _ownership.owned_here((found.st_dev, found.st_ino), self.path)
-        lock_fd, lock_made = _ownership.lock(db + LOCK_SUFFIX)
+        lock_fd, lock_held = _ownership.lock(db + LOCK_SUFFIX)
         try:
             found = _ownership.check_file(db, mode="tighten")
             # A -journal too: SQLite rolls a hot one back into the database when it opens it.
@@ -512,10 +512,10 @@ class SQLitePersistence:
                         pass
                 raise
         except BaseException:
-            if lock_made:
+            if lock_held is None:  # made by this open: removed
                 _ownership.discard(db + LOCK_SUFFIX, lock_fd)
-            else:
-                _ownership.unlock(lock_fd)
+            else:  # found: it names its last owner again
+                _ownership.give_back(lock_fd, lock_held)
             raise
         return conn, lock_fd, key
 
