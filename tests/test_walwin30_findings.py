@@ -2,14 +2,29 @@
 
 1. A lock file that already existed, left by an earlier owner, kept the pid of an open refused on
    the file (another program's database): it now names its last owner again.
+2. The store looked by path at its database and -wal at most every 50 ms after a commit: a save in
+   that window after either was removed or replaced was acknowledged, and lost at a kill (and a
+   replaced database had the -wal of the old one beside it). Each commit is now checked before it
+   is acknowledged: a poll of an inotify watch on Linux, a look by path elsewhere.
 """
 import os
+import subprocess
+import sys
 
 import pytest
 
-from tinymq import PersistenceError, SQLitePersistence
+from tinymq import Job, PersistenceError, SQLitePersistence
 
 from _helpers import another_programs_database
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout whose tinymq is tested
+posix = pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX: kill -9")
+
+
+def run_child(script, *args):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
+                          timeout=120)
 
 # --- 1. a refused open leaves a lock file it found as it was -------------------------------------
 
@@ -24,3 +39,55 @@ def test_a_refused_open_leaves_the_lock_file_it_found_naming_its_last_owner(path
         SQLitePersistence(path)
     with open(path + "-tinymq.lock", "rb") as f:
         assert f.read() == last_owner
+
+
+# --- 2. each commit checked before it is acknowledged ----------------------------------------------
+
+# argv: the database, what is done to it ("wal-removed", "replaced"), "watch" or "no-watch" (inotify
+# left out: the look by path after every commit). The look every 50 ms never comes: only the check
+# of each commit can find it.
+CHANGED_THEN_SAVE = """
+import os, sys
+import tinymq.persistence.sqlite as sqlite
+from tinymq import Job, PersistenceError
+path, what, how = sys.argv[1:]
+sqlite._WAL_CHECK_INTERVAL = 3600.0
+if how == "no-watch":
+    import tinymq.persistence._watch as watch
+    watch._INOTIFY = None
+store = sqlite.SQLitePersistence(path)
+store.save_many([Job("t", id="before-%d" % n) for n in range(50)])
+store.save(Job("t", id="before"))  # (the first commit looks by path: the files are ours)
+if what == "wal-removed":
+    os.unlink(path + "-wal")  # a cleaner, `rm jobs.db-*`
+else:
+    os.replace(path + ".backup", path)  # a backup put in its place
+try:
+    store.save(Job("t", id="after"))
+    print("acknowledged", flush=True)
+except PersistenceError as exc:
+    print("refused:", exc, flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+@posix
+@pytest.mark.parametrize("how", ["watch", "no-watch"])
+def test_a_save_right_after_the_wal_was_removed_is_acknowledged_only_once_it_is_safe(path, how):
+    child = run_child(CHANGED_THEN_SAVE, path, "wal-removed", how)
+    assert child.stdout == "acknowledged\n", child.stderr
+    with SQLitePersistence(path) as store:
+        assert {job.id for job in store.load_all()} == {f"before-{n}" for n in range(50)} | {"before", "after"}
+
+
+@posix
+@pytest.mark.parametrize("how", ["watch", "no-watch"])
+def test_a_save_right_after_the_database_was_replaced_is_refused_and_leaves_no_wal_beside_it(path, how):
+    with SQLitePersistence(path + ".backup") as backup:
+        backup.save(Job("t", id="restored"))
+    os.unlink(path + ".backup-tinymq.lock")
+    child = run_child(CHANGED_THEN_SAVE, path, "replaced", how)
+    assert child.stdout.startswith("refused:") and "database file was replaced" in child.stdout, child.stderr
+    assert not os.path.exists(path + "-wal")  # (else read into the backup at the next open)
+    with SQLitePersistence(path) as store:
+        assert [job.id for job in store.load_all()] == ["restored"]
