@@ -6,6 +6,9 @@
    that window after either was removed or replaced was acknowledged, and lost at a kill (and a
    replaced database had the -wal of the old one beside it). Each commit is now checked before it
    is acknowledged: a poll of an inotify watch on Linux, a look by path elsewhere.
+3. A database file removed under its live owner (a cleaner, ``rm jobs.db*``) failed every later
+   write, and what it held (every acknowledged job) was lost when the store closed or its process
+   ended. The store now writes what it holds into a new file at the path, and goes on there.
 """
 import os
 import subprocess
@@ -91,3 +94,53 @@ def test_a_save_right_after_the_database_was_replaced_is_refused_and_leaves_no_w
     assert not os.path.exists(path + "-wal")  # (else read into the backup at the next open)
     with SQLitePersistence(path) as store:
         assert [job.id for job in store.load_all()] == ["restored"]
+
+
+# --- 3. a database removed under its owner is written anew ------------------------------------------
+
+# argv: the database, what is removed ("database", or "all": `rm jobs.db*`, its side files and lock
+# file too). Saves after the removal, then kill -9.
+REMOVED_THEN_SAVE = """
+import logging, os, sys
+from tinymq import Job, SQLitePersistence
+path, what = sys.argv[1:]
+logging.basicConfig()
+store = SQLitePersistence(path)
+store.save_many([Job("t", id="before-%d" % n) for n in range(50)])
+store.delete("before-0")
+for suffix in ("", "-wal", "-shm", "-tinymq.lock") if what == "all" else ("",):
+    os.unlink(path + suffix)
+store.save(Job("t", id="after"))
+store.delete("before-1")
+store.save_many([Job("t", id="later-%d" % n) for n in range(3)])
+print("acknowledged", flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+@posix
+@pytest.mark.parametrize("what", ["database", "all"])
+def test_a_database_removed_under_its_owner_is_written_anew_with_every_acknowledged_job(path, what):
+    child = run_child(REMOVED_THEN_SAVE, path, what)
+    assert child.stdout == "acknowledged\n", child.stderr
+    assert "its database file was removed under this store" in child.stderr
+    expected = {f"before-{n}" for n in range(2, 50)} | {"after"} | {f"later-{n}" for n in range(3)}
+    with SQLitePersistence(path) as store:
+        assert {job.id for job in store.load_all()} == expected
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_a_store_goes_on_in_the_new_file_and_a_later_store_owns_it(path):
+    store = SQLitePersistence(path)
+    store.save(Job("t", id="before"))
+    os.unlink(path)
+    store.save(Job("t", id="after"))
+    with pytest.raises(PersistenceError, match="owned by a live store"):
+        SQLitePersistence(path)  # the new file is the store's: its owner row came along
+    os.unlink(path + "-wal")  # and its -wal is the new file's, looked after as before
+    store.save(Job("t", id="later"))
+    assert sorted(job.id for job in store.jobs()) == ["after", "before", "later"]
+    store.close()
+    assert sorted(os.listdir(os.path.dirname(path))) == ["jobs.db", "jobs.db-tinymq.lock"]
+    with SQLitePersistence(path) as again:
+        assert sorted(job.id for job in again.load_all()) == ["after", "before", "later"]

@@ -319,12 +319,13 @@ def _checkpointed(conn: sqlite3.Connection, mode: str) -> bool:
     return not busy and frames == copied
 
 
-def _release(lock_fd: int, key: Tuple[int, int], pid: int, watch: FileWatch) -> None:
-    """Give up ownership (close() or garbage collection), in the process that took it only."""
+def _release(lock_fd: int, owned: List[Tuple[int, int]], pid: int, watch: FileWatch) -> None:
+    """Give up ownership (close() or garbage collection), in the process that took it only.
+    ``owned``: the database file's identity, one item (changed by _rescue_database)."""
     if os.getpid() != pid:
         return
     watch.close()
-    _ownership.unregister(key)
+    _ownership.unregister(owned[0])
     try:
         _ownership.unlock(lock_fd)
     except OSError:
@@ -438,7 +439,8 @@ class SQLitePersistence:
             self._max_length = self._conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
         else:
             self._max_length = _DEFAULT_MAX_LENGTH
-        self._finalizer = weakref.finalize(self, _release, self._lock_fd, self._key, self._pid, self._watch)
+        self._owned = [self._key]  # (for _release: the key of the file owned now)
+        self._finalizer = weakref.finalize(self, _release, self._lock_fd, self._owned, self._pid, self._watch)
         _live_stores.add(self)
 
     @classmethod
@@ -1070,8 +1072,10 @@ class SQLitePersistence:
         if not. Caller holds _commit_lock, and has just committed ``batch``, not acknowledged yet."""
         self._watch.drain()  # (first: a change during the look is found at the next commit)
         database = _ownership.identity(self._file)
-        if database != self._key:
-            self._refuse_writes(batch, "removed" if database is None else "replaced")
+        if database is None:
+            self._rescue_database(batch)
+        elif database != self._key:
+            self._refuse_writes(batch, "replaced")
         elif _ownership.identity(self._wal_path) != self._wal:
             self._rescue_wal(batch)
         elif self._owner_row_in_wal_only:  # a reader held it out at the open: again
@@ -1083,6 +1087,72 @@ class SQLitePersistence:
             self._owner_row_in_wal_only = not _checkpointed(self._conn, "PASSIVE")
         except sqlite3.Error as exc:  # the commits stand; the next look tries again
             logger.warning("persistence %s: could not checkpoint the owner row: %s", self.path, exc)
+
+    def _rescue_database(self, batch: List[_Unit]) -> None:
+        """Our database file was removed (a cleaner, ``rm jobs.db*``): what it holds would end with this store.
+
+        Found after the commit that follows it, before that commit is
+        acknowledged (see _look_at_files). SQLite still reads the removed file
+        through its open descriptor: copy it, with every commit so far, into a
+        new file at the path (``VACUUM INTO`` a file we create, 0600, never over
+        one put there meanwhile), close our connection (SQLite empties and
+        removes the old -wal and -shm; what it leaves of ours is removed), and
+        go on in the new file with a new connection and -wal. If the copy
+        fails, nothing more is acknowledged, as for a replaced file. Caller
+        holds _commit_lock.
+        """
+        logger.error("persistence %s: its database file was removed under this store; writing what the "
+                     "store holds into a new file at the path", self.path)
+        try:
+            made = _ownership.create_private(self._file)  # (O_EXCL: a file put there meanwhile is not ours)
+        except PersistenceError as exc:
+            logger.error("persistence %s: cannot make a new database file: %s", self.path, exc)
+            self._refuse_writes(batch, "removed")
+            return
+        key = (made.st_dev, made.st_ino)
+        try:
+            self._conn.execute("VACUUM INTO ?", (f"file:{urllib.parse.quote(os.fsencode(self._file))}?mode=rw",))
+            if _ownership.identity(self._file) != key:
+                raise PersistenceError(f"{self._file!r} was replaced while the store wrote it")
+        except (sqlite3.Error, PersistenceError) as exc:
+            logger.error("persistence %s: cannot write what the store holds into a new file: %s", self.path, exc)
+            if _ownership.identity(self._file) == key:
+                try:
+                    os.unlink(self._file)
+                except OSError:
+                    pass
+            self._refuse_writes(batch, "removed")
+            return
+        # From here the path holds every commit: what fails now fails later writes, not this batch.
+        try:
+            old_wal, old_shm = self._wal, self._shm
+            self._conn.close()
+            for side, ours in ((self._wal_path, old_wal), (self._file + "-shm", old_shm)):
+                if ours is not None and _ownership.identity(side) == ours:
+                    os.unlink(side)
+            _ownership.unregister(self._key)
+            self._key = self._owned[0] = key
+            _ownership.register(key, self.path)
+            made_side = self._make_side_files([_ownership.check_file(self._file + suffix, mode="tighten",
+                                                                     side=True) for suffix in _SIDE_FILES])
+            self._conn = self._connect("mode=rw")
+            self._prepare(self._conn)
+            self._drop_empty(made_side, ("-journal",))
+            self._cursor = self._conn.cursor()
+            self._conn.execute(f"UPDATE {_OWNER} SET pid = pid")  # a first commit creates the new -wal
+            self._wal = _ownership.identity(self._wal_path)
+            self._shm = _ownership.identity(self._file + "-shm")
+            self._watch.watch(self._file)
+            self._watch.watch(self._wal_path)
+            self._next_wal_check = 0.0  # the next commit looks again (a change before the watches)
+        except (OSError, sqlite3.Error, PersistenceError) as exc:
+            self._broken = (f"{self!r}: its database file was removed under this store and written anew at "
+                            f"the path, with every job it held, but the store could not go on there ({exc}): "
+                            "open a new store")
+            logger.error("persistence %s: %s", self.path, self._broken)
+            return
+        logger.warning("persistence %s: the new database file holds every job the store held; the store goes "
+                       "on there", self.path)
 
     def _refuse_writes(self, batch: List[_Unit], what: str) -> None:
         """Our database file was removed or replaced: every commit is now in a file nobody will open again.
