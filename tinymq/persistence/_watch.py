@@ -58,7 +58,7 @@ class FileWatch:
     """Watches files for losing their name; ``changed(0)`` is true when one may have since ``drain()``.
 
     ``changed`` is the bound ``poll`` of a ``select.poll`` object (one system
-    call, no allocation when nothing happened), or ``_always`` without inotify.
+    call), or ``_always`` without inotify.
     Not thread-safe: the store's commit lock guards it.
     """
 
@@ -69,8 +69,9 @@ class FileWatch:
             return
         fd = _INOTIFY[0](os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0:
-            logger.debug("persistence: no inotify (%s): a store looks at its files by path after "
-                         "every commit", os.strerror(ctypes.get_errno()))
+            logger.warning("persistence: no inotify instance (%s; see fs.inotify.max_user_instances): this "
+                           "store looks at its files by path after every commit, a slower check",
+                           os.strerror(ctypes.get_errno()))
             return
         self._fd = fd
         poller = select.poll()
@@ -82,8 +83,9 @@ class FileWatch:
         if self._fd < 0:
             return
         if _INOTIFY is None or _INOTIFY[1](self._fd, os.fsencode(path), _MASK) < 0:
-            logger.debug("persistence: cannot watch %r (%s): its store looks at its files by path after "
-                         "every commit", path, os.strerror(ctypes.get_errno()))
+            logger.warning("persistence: cannot watch %r (%s; see fs.inotify.max_user_watches): its store "
+                           "looks at its files by path after every commit, a slower check", path,
+                           os.strerror(ctypes.get_errno()))
             self.close()
 
     def drain(self) -> None:
