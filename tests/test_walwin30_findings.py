@@ -144,3 +144,22 @@ def test_a_store_goes_on_in_the_new_file_and_a_later_store_owns_it(path):
     assert sorted(os.listdir(os.path.dirname(path))) == ["jobs.db", "jobs.db-tinymq.lock"]
     with SQLitePersistence(path) as again:
         assert sorted(job.id for job in again.load_all()) == ["after", "before", "later"]
+
+
+def test_a_removed_database_that_cannot_be_written_anew_fails_the_commit_that_found_it(path, monkeypatch):
+    from tinymq.persistence import _ownership
+
+    store = SQLitePersistence(path)
+    store.save(Job("t", id="before"))
+    os.unlink(path)
+
+    def full_disk(name):
+        raise PersistenceError(f"cannot create {name!r}: [Errno 28] No space left on device")
+
+    monkeypatch.setattr(_ownership, "create_private", full_disk)
+    with pytest.raises(PersistenceError, match="database file was removed under this store"):
+        store.save(Job("t", id="found-it"))
+    with pytest.raises(PersistenceError, match="was removed"):
+        store.save(Job("t", id="later"))
+    store.close()
+    assert not os.path.exists(path + "-wal")

@@ -1107,7 +1107,7 @@ class SQLitePersistence:
             made = _ownership.create_private(self._file)  # (O_EXCL: a file put there meanwhile is not ours)
         except PersistenceError as exc:
             logger.error("persistence %s: cannot make a new database file: %s", self.path, exc)
-            self._refuse_writes(batch, "removed")
+            self._refuse_writes(batch, "replaced" if os.path.lexists(self._file) else "removed")
             return
         key = (made.st_dev, made.st_ino)
         try:
