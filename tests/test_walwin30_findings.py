@@ -29,8 +29,8 @@ def run_child(script, *args):
     return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
                           timeout=120)
 
-# --- 1. a refused open leaves a lock file it found as it was -------------------------------------
 
+# --- 1. a refused open leaves a lock file it found as it was -------------------------------------
 
 def test_a_refused_open_leaves_the_lock_file_it_found_naming_its_last_owner(path):
     another_programs_database(path)
