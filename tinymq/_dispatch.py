@@ -34,6 +34,7 @@ import concurrent.futures
 import inspect
 import logging
 import math
+import os
 import threading
 import time
 import traceback
@@ -220,6 +221,7 @@ class Dispatcher:
         self._gave_up_slots: Set[Any] = set()
         self._thread_ids: Set[int] = set()  # this queue's threads: join() there would wait for itself
         self._started = False
+        self._started_in: Optional[int] = None  # the pid whose threads serve the queue (see forked_copy)
         self._stopping = False
         self._stopped = threading.Event()  # the first stop() returned: later ones wait for it
         self._stop_cancels = False  # a stop() cancels the running attempts: no stop() waits for them
@@ -387,6 +389,7 @@ class Dispatcher:
             if self._stopping:
                 raise RuntimeError("the queue is stopped; it cannot be started again")
             self._started = True
+            self._started_in = os.getpid()
             try:
                 for _ in range(workers):
                     self._start_worker()
@@ -418,6 +421,11 @@ class Dispatcher:
         finally:
             with self._lock:
                 self._thread_ids.discard(ident)
+
+    def forked_copy(self) -> bool:
+        """True in a process fork()ed from the one that started the queue, where none of its threads runs."""
+        started_in = self._started_in
+        return started_in is not None and started_in != os.getpid()
 
     def waits_for_itself(self) -> bool:
         """True in this queue's own threads and in its failure callbacks, where join() cannot return."""
@@ -485,6 +493,12 @@ class Dispatcher:
         the caller, which runs this in another thread (``astop``), is one of this queue's
         threads, its loop or a failure callback, as its own thread decided.
         """
+        if self.forked_copy():
+            # Its threads, attempts and store are the parent's: waiting for them would never end, and
+            # saving back or reporting its jobs is the parent's work. Only this copy stops accepting.
+            self._stopping = True
+            self.ready.close()
+            return
         with self._lock:
             first = not self._stopping
             self._stopping = True

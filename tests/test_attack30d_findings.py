@@ -1,0 +1,89 @@
+"""Defects found by an outside attack (session 30) on the in-process queue with a SQLite store:
+exit paths (fork), files planted beside the database, and bad input."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tinymq
+
+ROOT = Path(tinymq.__file__).resolve().parent.parent
+TIMEOUT = 60  # seconds for a script whose work takes about one
+
+
+def run_python(script, *args):
+    """``python -c script *args`` with this checkout's tinymq; the finished process (text output)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+
+
+# --- 1. A process forked from one that runs a queue -------------------------------------------------
+
+# A process fork()ed while a started queue ran an attempt (a web server's workers forked after the app
+# module started its queue, a daemon's double fork, a plain os.fork()) never ended: at its interpreter
+# exit the queue's exit hook stopped the child's copy of the queue like stop(wait=True), which waited
+# for the running attempt of a worker thread that exists only in the parent. A stop() in the child
+# hung the same way. The copy's threads, attempts and store are the parent's: in the child, stop()
+# (and so the exit hook and the copy's collection) only makes the copy refuse jobs, and the parent's
+# jobs run and stay stored as before.
+FORK_WHILE_AN_ATTEMPT_RUNS = r"""
+import os, sys, threading, time
+import tinymq
+from tinymq import Job, Queue, SQLitePersistence
+
+store = SQLitePersistence(sys.argv[1])
+q = Queue(100)
+q.set_persistence(store)
+started, release = threading.Event(), threading.Event()
+
+@q.executor("slow")
+def slow(job):
+    started.set()
+    release.wait(30)
+
+q.start_dispatcher(1)
+q.enqueue(Job("slow", id="running"))
+q.enqueue(Job("slow", id="queued"))
+started.wait(30)
+pid = os.fork()
+if pid == 0:  # the child
+    if sys.argv[2] == "stop":
+        q.stop()
+        try:
+            q.enqueue(Job("slow", id="child"))
+        except tinymq.QueueStopped:
+            print("child refused", flush=True)
+    sys.exit(0)  # the interpreter's exit: the queue's exit hook runs here too
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        print("child exited", os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode")
+              else status, flush=True)
+        break
+    time.sleep(0.01)
+else:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    print("child hung", flush=True)
+release.set()
+print("parent joined", q.join(timeout=20), flush=True)
+q.stop()
+print("left", [job.id for job in store.jobs()], flush=True)
+store.close()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+@pytest.mark.parametrize("child_does", ["exit", "stop"])
+def test_a_process_forked_while_an_attempt_runs_ends_and_leaves_the_parents_queue_whole(tmp_path, child_does):
+    done = run_python(FORK_WHILE_AN_ATTEMPT_RUNS, tmp_path / "jobs.db", child_does)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert "child exited 0" in lines, (done.stdout, done.stderr[-3000:])
+    if child_does == "stop":
+        assert "child refused" in lines
+    assert "parent joined True" in lines and "left []" in lines, (done.stdout, done.stderr[-3000:])
