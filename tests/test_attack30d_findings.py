@@ -1,6 +1,7 @@
 """Defects found by an outside attack (session 30) on the in-process queue with a SQLite store:
 exit paths (fork), files planted beside the database, and bad input."""
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import tinymq
+from tinymq import SQLitePersistence
 
 ROOT = Path(tinymq.__file__).resolve().parent.parent
 TIMEOUT = 60  # seconds for a script whose work takes about one
@@ -32,6 +34,7 @@ def run_python(script, *args):
 FORK_WHILE_AN_ATTEMPT_RUNS = r"""
 import os, sys, threading, time
 import tinymq
+from tinymq import SQLitePersistence
 from tinymq import Job, Queue, SQLitePersistence
 
 store = SQLitePersistence(sys.argv[1])
@@ -87,3 +90,47 @@ def test_a_process_forked_while_an_attempt_runs_ends_and_leaves_the_parents_queu
     if child_does == "stop":
         assert "child refused" in lines
     assert "parent joined True" in lines and "left []" in lines, (done.stdout, done.stderr[-3000:])
+
+
+# --- 2. The mode of a file a store refuses ----------------------------------------------------------
+
+# docs/persistence.md: "a file refused is left as it was". The store made the database, and its -wal
+# and -shm, 0600 before it looked at what the file was: another program's database (readable by its
+# group, say), one a newer tinymq wrote, a file that is no database at all, refused with a clear
+# error, had lost the permissions its own program relies on. A refused open now gives each file it
+# tightened its mode back.
+def _mode(path):
+    return os.stat(path).st_mode & 0o777
+
+
+@pytest.mark.parametrize("kind, journal", [("another_program", "delete"), ("another_program", "wal"),
+                                           ("newer_tinymq", "delete"), ("newer_tinymq", "wal"),
+                                           ("not_a_database", None)])
+def test_a_file_a_store_refuses_keeps_its_mode_and_that_of_its_side_files(tmp_path, kind, journal):
+    path = tmp_path / "app.db"
+    keep_open = None
+    if kind == "not_a_database":
+        path.write_bytes(b"a text file, not SQLite's " * 100)
+    else:
+        connection = sqlite3.connect(path)
+        connection.execute(f"PRAGMA journal_mode={journal}")
+        connection.execute("CREATE TABLE users (id TEXT)" if kind == "another_program"
+                           else "CREATE TABLE tinymq_jobs (id TEXT PRIMARY KEY)")
+        connection.execute("INSERT INTO " + ("users" if kind == "another_program" else "tinymq_jobs") + " VALUES ('a')")
+        connection.execute("PRAGMA user_version=" + ("0" if kind == "another_program" else "99"))
+        connection.commit()
+        if journal == "wal":
+            keep_open = connection  # its -wal and -shm stay while the program runs
+        else:
+            connection.close()
+    files = sorted(p for p in tmp_path.iterdir())
+    for name in files:
+        os.chmod(name, 0o640)
+    try:
+        with pytest.raises(tinymq.PersistenceError):
+            SQLitePersistence(path)
+        assert {p.name: _mode(p) for p in files} == {p.name: 0o640 for p in files}
+        assert sorted(p for p in tmp_path.iterdir()) == files
+    finally:
+        if keep_open is not None:
+            keep_open.close()

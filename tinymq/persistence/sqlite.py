@@ -477,10 +477,15 @@ class SQLitePersistence:
         if found is not None:
             _ownership.owned_here((found.st_dev, found.st_ino), self.path)
         lock_fd, lock_made = _ownership.lock(db + LOCK_SUFFIX)
+        checked: List[Tuple[str, Optional[os.stat_result]]] = []  # each file as found: a refusal puts its mode back
         try:
             found = _ownership.check_file(db, mode="tighten")
+            checked.append((db, found))
             # A -journal too: SQLite rolls a hot one back into the database when it opens it.
-            beside = [_ownership.check_file(db + suffix, mode="tighten", side=True) for suffix in _SIDE_FILES]
+            beside = []
+            for suffix in _SIDE_FILES:
+                beside.append(_ownership.check_file(db + suffix, mode="tighten", side=True))
+                checked.append((db + suffix, beside[-1]))
             made_database = found is None
             if found is None:
                 if any(beside):
@@ -512,6 +517,7 @@ class SQLitePersistence:
                         pass
                 raise
         except BaseException:
+            _ownership.loosen_again(checked)  # a file refused is left as it was: another program's, its mode too
             if lock_made:
                 _ownership.discard(db + LOCK_SUFFIX, lock_fd)
             else:
