@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import tinymq
-from tinymq import SQLitePersistence
+from tinymq import Job, SQLitePersistence
 
 ROOT = Path(tinymq.__file__).resolve().parent.parent
 TIMEOUT = 60  # seconds for a script whose work takes about one
@@ -34,7 +34,7 @@ def run_python(script, *args):
 FORK_WHILE_AN_ATTEMPT_RUNS = r"""
 import os, sys, threading, time
 import tinymq
-from tinymq import SQLitePersistence
+from tinymq import Job, SQLitePersistence
 from tinymq import Job, Queue, SQLitePersistence
 
 store = SQLitePersistence(sys.argv[1])
@@ -134,3 +134,45 @@ def test_a_file_a_store_refuses_keeps_its_mode_and_that_of_its_side_files(tmp_pa
     finally:
         if keep_open is not None:
             keep_open.close()
+
+
+# --- 3. A database with a second name (a hard link) ----------------------------------------------
+
+# The lock file and the -wal are named after the name a store opens the database by. With a hard link
+# to the file (copy.db beside jobs.db), a store opened by one name committed its saves to copy.db-wal,
+# and after its process died a store opened by the other name read jobs.db without that -wal: the
+# acknowledged jobs were gone (and two stores opened by the two names at once could both own the file:
+# one's saves overwrote the other's). SQLite itself warns of this ("multiple links to file"). A
+# database with more than one name is refused for writing, by every name.
+SAVE_THEN_DIE = r"""
+import os, signal, sys
+from tinymq import Job, PersistenceError, SQLitePersistence
+try:
+    store = SQLitePersistence(sys.argv[1])
+except PersistenceError as exc:
+    print("refused:", exc, flush=True)
+    sys.exit(0)
+store.save(Job("t", id="acknowledged"))
+print("acknowledged", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_database_with_a_second_name_is_refused_so_no_acknowledged_save_is_lost(tmp_path):
+    path, other = tmp_path / "jobs.db", tmp_path / "copy.db"
+    with SQLitePersistence(path) as store:
+        store.save(Job("t", id="first"))
+    os.link(path, other)
+    done = run_python(SAVE_THEN_DIE, other)
+    try:
+        with SQLitePersistence(path) as store:
+            found = [job.id for job in store.load_all()]
+    except tinymq.PersistenceError as exc:
+        found = str(exc)
+    if "acknowledged" in done.stdout.splitlines():
+        assert "acknowledged" in found, found  # an acknowledged save is never lost
+    assert f"{str(other)!r} has 2 names (hard links): refused" in done.stdout, (done.stdout, done.stderr[-2000:])
+    assert f"{str(path)!r} has 2 names (hard links): refused" in found
+    os.unlink(other)
+    with SQLitePersistence(path) as store:  # by its one name again
+        assert [job.id for job in store.load_all()] == ["first"]

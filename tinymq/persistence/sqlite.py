@@ -476,11 +476,14 @@ class SQLitePersistence:
         found = _ownership.check_file(db, mode="keep")  # a look, changing nothing: not ours yet
         if found is not None:
             _ownership.owned_here((found.st_dev, found.st_ino), self.path)
+            self._refuse_second_name(found)
         lock_fd, lock_made = _ownership.lock(db + LOCK_SUFFIX)
         checked: List[Tuple[str, Optional[os.stat_result]]] = []  # each file as found: a refusal puts its mode back
         try:
             found = _ownership.check_file(db, mode="tighten")
             checked.append((db, found))
+            if found is not None:
+                self._refuse_second_name(found)
             # A -journal too: SQLite rolls a hot one back into the database when it opens it.
             beside = []
             for suffix in _SIDE_FILES:
@@ -524,6 +527,16 @@ class SQLitePersistence:
                 _ownership.unlock(lock_fd)
             raise
         return conn, lock_fd, key
+
+    def _refuse_second_name(self, found: os.stat_result) -> None:
+        """PersistenceError if the database has another name (a hard link): its lock file and its -wal
+        are named after the name it is opened by, so two stores opened by two names would both own it,
+        each committing to a -wal of its own that the other never reads."""
+        if found.st_nlink > 1:
+            raise PersistenceError(f"{self.path!r} has {found.st_nlink} names (hard links): refused, as SQLite "
+                                   "advises: its lock file and -wal go by the name it is opened by, so stores "
+                                   "opened by two names would both own it and lose each other's commits; "
+                                   "remove the other names")
 
     def _drop_orphans(self, found: Sequence[Optional[os.stat_result]]) -> List[Optional[os.stat_result]]:
         """Remove the side files of a database that does not exist, if they hold nothing (else refuse).
