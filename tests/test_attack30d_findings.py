@@ -176,3 +176,42 @@ def test_a_database_with_a_second_name_is_refused_so_no_acknowledged_save_is_los
     os.unlink(other)
     with SQLitePersistence(path) as store:  # by its one name again
         assert [job.id for job in store.load_all()] == ["first"]
+
+
+# --- 4. What a store's load_all() returns ---------------------------------------------------------
+
+# set_persistence placed the jobs load_all() returned one by one. An item that is no Job raised an
+# AttributeError ("'int' object has no attribute '_tags'") that named nothing of the store, and a
+# second job of one id a DuplicateJob; either way midway, with the store installed, the jobs before it
+# placed and those after it never placed (nor could set_persistence be called again). Both are now a
+# PersistenceError naming what the store returned, raised before anything is placed: the queue is as
+# it was, and takes a store again.
+class _ListStore:
+    def __init__(self, jobs):
+        self.jobs, self.deleted = jobs, []
+
+    def save(self, job):
+        pass
+
+    def delete(self, job_id):
+        self.deleted.append(job_id)
+
+    def load_all(self):
+        return list(self.jobs)
+
+
+@pytest.mark.parametrize("bad, refusal", [(5, r"load_all\(\) returned 5, not a tinymq.Job"),
+                                          ("duplicate", r"load_all\(\) returned two jobs with id 'a'")])
+def test_a_store_whose_load_all_returns_what_no_queue_can_place_is_refused_before_any_is_placed(bad, refusal):
+    with tinymq.Queue(10) as q:
+        ran = []
+        q.register_executor("t", lambda job: ran.append(job.id))
+        jobs = [Job("t", id="a"), Job("t", id="a") if bad == "duplicate" else bad, Job("t", id="c")]
+        with pytest.raises(tinymq.PersistenceError, match=refusal):
+            q.set_persistence(_ListStore(jobs))
+        assert q.get_stats().jobs_enqueued == 0
+        good = _ListStore([Job("t", id="a"), Job("t", id="c")])
+        q.set_persistence(good)  # the queue takes a store again
+        q.start_dispatcher(1)
+        assert q.join(timeout=10)
+        assert sorted(ran) == ["a", "c"] and sorted(good.deleted) == ["a", "c"]
