@@ -215,3 +215,73 @@ def test_a_store_whose_load_all_returns_what_no_queue_can_place_is_refused_befor
         q.start_dispatcher(1)
         assert q.join(timeout=10)
         assert sorted(ran) == ["a", "c"] and sorted(good.deleted) == ["a", "c"]
+
+
+# --- 5. A job whose function forks ------------------------------------------------------------------
+
+# A job's function that fork()ed (a library that forks without exec, a daemon's fork) and whose child
+# returned from it, or ended it with sys.exit(), as a child of a plain script would: the child, whose
+# only thread is the worker's, went on in tinymq's worker loop. It ran its parent's queued jobs a
+# second time (each ran in both processes) and then waited for more, never exiting; with sys.exit()
+# it hung at once on a lock another thread of the parent held at the fork. The worker now ends such a
+# child when the function returns there, touching nothing of the queue: with the code of its
+# sys.exit(), 0 for a return (logged), 1 for another exception.
+FORK_IN_A_JOB = r"""
+import logging, os, sys, time
+from tinymq import Job, Queue, SQLitePersistence
+
+logging.basicConfig()
+ran = os.open(sys.argv[1] + ".ran", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+q = Queue(100)
+if sys.argv[2] == "sqlite":
+    store = SQLitePersistence(sys.argv[1])
+    q.set_persistence(store)
+children = []
+
+@q.executor("forks")
+def forks(job):
+    pid = os.fork()
+    if pid == 0:  # the child
+        if sys.argv[3] == "exit":
+            sys.exit(3)
+        if sys.argv[3] == "raise":
+            raise ValueError("in the child")
+        return
+    children.append(pid)
+
+@q.executor("work")
+def work(job):
+    os.write(ran, f"{os.getpid()} {job.id}\n".encode())
+
+q.enqueue(Job("forks", id="forks"))
+q.enqueue_many([Job("work", id=f"w{i}") for i in range(20)])
+q.start_dispatcher(2)
+print("joined", q.join(timeout=20), flush=True)
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    done, status = os.waitpid(children[0], os.WNOHANG)
+    if done:
+        print("child exited", os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status), flush=True)
+        break
+    time.sleep(0.01)
+else:
+    os.kill(children[0], 9)
+    os.waitpid(children[0], 0)
+    print("child hung", flush=True)
+q.stop()
+runs = open(sys.argv[1] + ".ran").read().split()
+print("runs", sorted(set(runs[0::2])) == [str(os.getpid())], len(runs[1::2]), len(set(runs[1::2])), flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+@pytest.mark.parametrize("child_does, code", [("return", 0), ("exit", 3), ("raise", 1)])
+def test_a_child_that_a_jobs_function_forks_ends_instead_of_running_the_queue(tmp_path, backend, child_does, code):
+    done = run_python(FORK_IN_A_JOB, tmp_path / "jobs.db", backend, child_does)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and "joined True" in lines, (done.stdout, done.stderr[-3000:])
+    assert f"child exited {code}" in lines, (done.stdout, done.stderr[-3000:])
+    assert "runs True 20 20" in lines, (done.stdout, done.stderr[-3000:])  # each job once, in the parent
+    if child_does != "exit":
+        assert "the child exits" in done.stderr
