@@ -1,6 +1,7 @@
 """Defects found by an outside attack (session 30) on the in-process queue with a SQLite store:
 exit paths (fork), files planted beside the database, and bad input."""
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -285,3 +286,25 @@ def test_a_child_that_a_jobs_function_forks_ends_instead_of_running_the_queue(tm
     assert "runs True 20 20" in lines, (done.stdout, done.stderr[-3000:])  # each job once, in the parent
     if child_does != "exit":
         assert "the child exits" in done.stderr
+
+
+# --- 6. Another program's table named tinymq_jobs -------------------------------------------------
+
+# A file whose tinymq_jobs table is another program's (other columns) was refused with SQLite's
+# words, "cannot open persistence file ...: no such column: id", which say neither what the file is
+# nor that it was left alone. It is refused as another program's database is.
+@pytest.mark.parametrize("read_only", [False, True])
+def test_another_programs_table_named_tinymq_jobs_is_refused_as_no_tinymq_store(tmp_path, read_only):
+    path = tmp_path / "app.db"
+    connection = sqlite3.connect(path)
+    connection.execute("CREATE TABLE tinymq_jobs (name TEXT, queued_at REAL)")
+    connection.execute("INSERT INTO tinymq_jobs VALUES ('mail', 1.0)")
+    connection.commit()
+    connection.close()
+    os.chmod(path, 0o600)
+    before = path.read_bytes()
+    with pytest.raises(tinymq.PersistenceError, match=re.escape(f"{str(path)!r} is not a tinymq store: its "
+                                                                "tinymq_jobs table has no id, state, type")):
+        SQLitePersistence(path, read_only=read_only)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]

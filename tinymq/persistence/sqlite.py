@@ -86,6 +86,9 @@ CREATE TABLE IF NOT EXISTS {_TABLE} (
 ) WITHOUT ROWID
 """
 # WITHOUT ROWID: the id is the key, so a save writes one b-tree instead of two.
+# The columns of the first schema, which every tinymq wrote (later ones are added when missing).
+_FIRST_COLUMNS = ("id", "state", "type", "priority", "run_at", "timestamp", "retries", "payload",
+                  "retry_config", "tags", "last_error", "reason")
 
 # The owner of the file (one row): see _ownership.py for why a lock file is not enough.
 _OWNER = "tinymq_owner"
@@ -620,6 +623,8 @@ class SQLitePersistence:
                                        f"{_TABLE} table; refused, and left as it was (a store needs a file of its own)")
             if version > _SCHEMA_VERSION:
                 raise self._newer_schema(version)
+            if names:
+                self._check_columns(conn)
             refusal = self._serializer_refusal(conn)
             if refusal is not None:  # each row would be quarantined as corrupt at load_all
                 raise refusal
@@ -762,9 +767,20 @@ class SQLitePersistence:
         if version > _SCHEMA_VERSION:  # as the owner refuses it: its rows may mean other things
             raise self._newer_schema(version)
         try:
+            self._check_columns(conn)
             return self._serializer_refusal(conn)
         except sqlite3.Error as exc:
             raise PersistenceError(f"cannot read {self.path!r}: {exc}") from exc
+
+    def _check_columns(self, conn: sqlite3.Connection) -> None:
+        """PersistenceError if the file's jobs table lacks a column every tinymq wrote (another
+        program's table of that name): its first read would fail with "no such column"."""
+        columns = [row[1] for row in conn.execute(f"PRAGMA table_info({_TABLE})")]
+        missing = [column for column in _FIRST_COLUMNS if column not in columns]
+        if missing:
+            raise PersistenceError(f"{self.path!r} is not a tinymq store: its {_TABLE} table has no "
+                                   f"{', '.join(missing)} column{'s' if len(missing) > 1 else ''} (another "
+                                   "program's table of that name?); refused, and left as it was")
 
     def _serializer_refusal(self, conn: sqlite3.Connection) -> Optional[PersistenceError]:
         """Why this store's serializer would misread the file's rows, or None. Reads, changes nothing.
