@@ -2389,6 +2389,8 @@ cdef class WorkerSlot:
     cdef public object on_switch
     cdef public int shielded  # nested ``with slot:`` blocks the worker's thread is in
     cdef public bint deferred  # an interruption came while shielded: JobTimeout is raised as it ends
+    # Set in a fork()ed child whose only thread is this worker's (its function forked): see run_worker.
+    cdef public bint forked
 
     def __cinit__(self):
         self.deadline = INFINITY
@@ -2551,6 +2553,8 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
                 result = None
         except BaseException as exc:  # the attempt's failure, whatever it is
             error = exc
+        if slot.forked:  # its function fork()ed and returned in the child: the queue is the parent's
+            dispatcher.leave_forked_child(error)  # (ends the child: no lock of the queue is touched)
         if handed_over:  # the loop's attempt holds the type's slot now, and frees it as it ends
             context = None
             continue

@@ -1662,7 +1662,7 @@ class WorkerSlot:
 
     __slots__ = ("_lock", "job", "type_state", "started", "deadline", "context", "expired",
                  "interrupted", "retired", "thread_id", "on_start", "on_succeeding", "on_success",
-                 "on_switch", "shielded", "deferred")
+                 "on_switch", "shielded", "deferred", "forked")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -1675,6 +1675,8 @@ class WorkerSlot:
         self.interrupted = False  # JobTimeout was raised into the thread
         self.retired = False  # the worker leaves after this attempt
         self.thread_id = 0
+        # Set in a fork()ed child whose only thread is this worker's (its function forked): see run_worker.
+        self.forked = False
         self.on_start: Optional[Callable[[Any], None]] = None  # set by the dispatcher
         # Set by the dispatcher of a broker's queue: called before a success is counted; False when
         # the attempt is no longer this process's (its broker took it back): it counts nowhere.
@@ -1865,6 +1867,8 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
                     result = None
             except BaseException as exc:  # the attempt's failure, whatever it is
                 error = exc
+            if slot.forked:  # its function fork()ed and returned in the child: the queue is the parent's
+                dispatcher.leave_forked_child(error)  # (ends the child: no lock of the queue is touched)
             if handed_over:  # the loop's attempt holds the type's slot now, and frees it as it ends
                 slot_kept = True
                 context = None

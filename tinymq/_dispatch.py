@@ -33,14 +33,16 @@ can never hold the interpreter open.
 import inspect
 import logging
 import math
+import os
+import sys
 import threading
 import time
 import traceback
 import types
 import weakref
 from collections import deque
-from typing import (Any, Callable, ContextManager, Deque, Dict, Iterable, Iterator, List, Optional, Protocol,
-                    Sequence, Set, Tuple)
+from typing import (Any, Callable, ContextManager, Deque, Dict, Iterable, Iterator, List, NoReturn, Optional,
+                    Protocol, Sequence, Set, Tuple)
 
 from . import _shield
 from ._pick_core import core
@@ -186,6 +188,19 @@ def _stop_at_exit() -> None:
             logger.exception("tinymq could not stop a queue at interpreter exit")
 
 
+def _after_fork_in_child() -> None:
+    """In a fork()ed child the one thread is the one that forked: a worker of a queue whose function
+    forked ends the child when that function returns there (see run_worker), instead of running its
+    parent's jobs a second time."""
+    forking_thread = threading.get_ident()
+    for dispatcher in list(_live):
+        dispatcher.mark_forked_worker(forking_thread)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _register_exit_hook() -> None:
     global _exit_hook_registered
     with _exit_hook_lock:
@@ -226,6 +241,7 @@ class Dispatcher:
         self._gave_up_slots: Set[Any] = set()
         self._thread_ids: Set[int] = set()  # this queue's threads: join() there would wait for itself
         self._started = False
+        self._started_in: Optional[int] = None  # the pid whose threads serve the queue (see forked_copy)
         self._stopping = False
         self._stopped = threading.Event()  # the first stop() returned: later ones wait for it
         self._stop_cancels = False  # a stop() cancels the running attempts: no stop() waits for them
@@ -392,6 +408,7 @@ class Dispatcher:
             if self._stopping:
                 raise RuntimeError("the queue is stopped; it cannot be started again")
             self._started = True
+            self._started_in = os.getpid()
             try:
                 for _ in range(workers):
                     self._start_worker()
@@ -423,6 +440,41 @@ class Dispatcher:
         finally:
             with self._lock:
                 self._thread_ids.discard(ident)
+
+    def mark_forked_worker(self, thread_id: int) -> None:
+        """In a fork()ed child: mark the slot of the worker whose thread forked, if it is one of ours.
+        (No lock: no other thread runs in the child, and one held at the fork would never be released.)"""
+        for slot in list(self._slots) + list(self._gave_up_slots):
+            if slot.thread_id == thread_id:
+                slot.forked = True
+
+    def leave_forked_child(self, error: Optional[BaseException]) -> NoReturn:
+        """A job's function fork()ed, and returned (or raised) in the child, whose only thread is the
+        worker's: end the child as its own code would have, touching nothing of the queue, whose
+        threads, locks and store are the parent's (its jobs would run a second time there)."""
+        code = 0
+        if isinstance(error, SystemExit):
+            if isinstance(error.code, int):
+                code = error.code
+            elif error.code is not None:  # sys.exit("message"), as the interpreter shows it
+                print(error.code, file=sys.stderr)
+                code = 1
+        else:
+            logger.warning("a job's function fork()ed and %s in the child (pid %d): the child exits, "
+                           "as the queue that ran the job is its parent's (end a child with os._exit())",
+                           "returned" if error is None else f"raised {_describe(error)}", os.getpid())
+            code = 0 if error is None else 1
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # (closed, or None): nothing more to write
+                pass
+        os._exit(code)
+
+    def forked_copy(self) -> bool:
+        """True in a process fork()ed from the one that started the queue, where none of its threads runs."""
+        started_in = self._started_in
+        return started_in is not None and started_in != os.getpid()
 
     def waits_for_itself(self) -> bool:
         """True in this queue's own threads and in its failure callbacks, where join() cannot return."""
@@ -490,6 +542,12 @@ class Dispatcher:
         the caller, which runs this in another thread (``astop``), is one of this queue's
         threads, its loop or a failure callback, as its own thread decided.
         """
+        if self.forked_copy():
+            # Its threads, attempts and store are the parent's: waiting for them would never end, and
+            # saving back or reporting its jobs is the parent's work. Only this copy stops accepting.
+            self._stopping = True
+            self.ready.close()
+            return
         with self._lock:
             first = not self._stopping
             self._stopping = True

@@ -25,7 +25,7 @@ import socket
 import stat
 import threading
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ..errors import PersistenceError
 
@@ -35,7 +35,8 @@ except ImportError:  # pragma: no cover - Windows: no flock()
     fcntl = None  # type: ignore[assignment]  # (a module or None: every use checks first)
 
 __all__ = ["OwnedError", "LOCK_SUFFIX", "check_file", "identity", "head", "create_private", "lock", "unlock",
-           "give_back", "discard", "this_process", "is_alive", "register", "unregister", "owned_here"]
+           "give_back", "discard", "loosen_again", "this_process", "is_alive", "register", "unregister",
+           "owned_here"]
 
 LOCK_SUFFIX = "-tinymq.lock"
 PRIVATE_MODE = 0o600
@@ -98,6 +99,19 @@ def check_file(path: str, *, mode: str, side: bool = False) -> Optional[os.stat_
         raise PersistenceError(f"{path!r} has mode {bits:o}: others may write it, so it is not "
                                "read; open it once for writing to make it 0600")
     return st
+
+
+def loosen_again(checked: Sequence[Tuple[str, Optional[os.stat_result]]]) -> None:
+    """Give each file ``check_file`` tightened its mode back (a refused open), if it is still that file."""
+    for path, st in checked:
+        if st is None or not stat.S_IMODE(st.st_mode) & 0o077:
+            continue  # (not there, or not tightened)
+        try:
+            now = os.lstat(path)
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino) and stat.S_ISREG(now.st_mode):
+                os.chmod(path, stat.S_IMODE(st.st_mode))
+        except OSError:
+            pass
 
 
 def identity(path: str) -> Optional[Tuple[int, int]]:

@@ -87,6 +87,9 @@ CREATE TABLE IF NOT EXISTS {_TABLE} (
 ) WITHOUT ROWID
 """
 # WITHOUT ROWID: the id is the key, so a save writes one b-tree instead of two.
+# The columns of the first schema, which every tinymq wrote (later ones are added when missing).
+_FIRST_COLUMNS = ("id", "state", "type", "priority", "run_at", "timestamp", "retries", "payload",
+                  "retry_config", "tags", "last_error", "reason")
 
 # The owner of the file (one row): see _ownership.py for why a lock file is not enough.
 _OWNER = "tinymq_owner"
@@ -486,11 +489,19 @@ class SQLitePersistence:
         found = _ownership.check_file(db, mode="keep")  # a look, changing nothing: not ours yet
         if found is not None:
             _ownership.owned_here((found.st_dev, found.st_ino), self.path)
+            self._refuse_second_name(found)
         lock_fd, lock_held = _ownership.lock(db + LOCK_SUFFIX)
+        checked: List[Tuple[str, Optional[os.stat_result]]] = []  # each file as found: a refusal puts its mode back
         try:
             found = _ownership.check_file(db, mode="tighten")
+            checked.append((db, found))
+            if found is not None:
+                self._refuse_second_name(found)
             # A -journal too: SQLite rolls a hot one back into the database when it opens it.
-            beside = [_ownership.check_file(db + suffix, mode="tighten", side=True) for suffix in _SIDE_FILES]
+            beside = []
+            for suffix in _SIDE_FILES:
+                beside.append(_ownership.check_file(db + suffix, mode="tighten", side=True))
+                checked.append((db + suffix, beside[-1]))
             made_database = found is None
             if found is None:
                 if any(beside):
@@ -522,12 +533,23 @@ class SQLitePersistence:
                         pass
                 raise
         except BaseException:
+            _ownership.loosen_again(checked)  # a file refused is left as it was: another program's, its mode too
             if lock_held is None:  # made by this open: removed
                 _ownership.discard(db + LOCK_SUFFIX, lock_fd)
             else:  # found: it names its last owner again
                 _ownership.give_back(lock_fd, lock_held)
             raise
         return conn, lock_fd, key
+
+    def _refuse_second_name(self, found: os.stat_result) -> None:
+        """PersistenceError if the database has another name (a hard link): its lock file and its -wal
+        are named after the name it is opened by, so two stores opened by two names would both own it,
+        each committing to a -wal of its own that the other never reads."""
+        if found.st_nlink > 1:
+            raise PersistenceError(f"{self.path!r} has {found.st_nlink} names (hard links): refused, as SQLite "
+                                   "advises: its lock file and -wal go by the name it is opened by, so stores "
+                                   "opened by two names would both own it and lose each other's commits; "
+                                   "remove the other names")
 
     def _drop_orphans(self, found: Sequence[Optional[os.stat_result]]) -> List[Optional[os.stat_result]]:
         """Remove the side files of a database that does not exist, if they hold nothing (else refuse).
@@ -611,6 +633,8 @@ class SQLitePersistence:
                                        f"{_TABLE} table; refused, and left as it was (a store needs a file of its own)")
             if version > _SCHEMA_VERSION:
                 raise self._newer_schema(version)
+            if names:
+                self._check_columns(conn)
             refusal = self._serializer_refusal(conn)
             if refusal is not None:  # each row would be quarantined as corrupt at load_all
                 raise refusal
@@ -753,9 +777,20 @@ class SQLitePersistence:
         if version > _SCHEMA_VERSION:  # as the owner refuses it: its rows may mean other things
             raise self._newer_schema(version)
         try:
+            self._check_columns(conn)
             return self._serializer_refusal(conn)
         except sqlite3.Error as exc:
             raise PersistenceError(f"cannot read {self.path!r}: {exc}") from exc
+
+    def _check_columns(self, conn: sqlite3.Connection) -> None:
+        """PersistenceError if the file's jobs table lacks a column every tinymq wrote (another
+        program's table of that name): its first read would fail with "no such column"."""
+        columns = [row[1] for row in conn.execute(f"PRAGMA table_info({_TABLE})")]
+        missing = [column for column in _FIRST_COLUMNS if column not in columns]
+        if missing:
+            raise PersistenceError(f"{self.path!r} is not a tinymq store: its {_TABLE} table has no "
+                                   f"{', '.join(missing)} column{'s' if len(missing) > 1 else ''} (another "
+                                   "program's table of that name?); refused, and left as it was")
 
     def _serializer_refusal(self, conn: sqlite3.Connection) -> Optional[PersistenceError]:
         """Why this store's serializer would misread the file's rows, or None. Reads, changes nothing.
