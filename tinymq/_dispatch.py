@@ -34,6 +34,7 @@ import concurrent.futures
 import inspect
 import logging
 import math
+import sys
 import threading
 import time
 import traceback
@@ -67,8 +68,21 @@ _IDLE_WATCH = 1.0
 # enqueues, ...): a failure decided deeper is reported once the callbacks above it return, one after
 # another, so an unbounded chain never reaches Python's recursion limit midway through a job's end.
 _NESTED_REPORTS = 16
+# Frames kept free below Python's recursion limit: a failure decided with fewer left (a chain of
+# callbacks begun deep in the stack) is reported as one decided past _NESTED_REPORTS is.
+_STACK_RESERVE = 150
 
 FailureCallback = Callable[[Any, str, Optional[BaseException]], None]
+
+
+def _near_recursion_limit() -> bool:
+    """Whether this thread's stack is within _STACK_RESERVE frames of Python's recursion limit
+    (a walk of the stack: for the failure path, not a per-job one)."""
+    try:
+        sys._getframe(sys.getrecursionlimit() - _STACK_RESERVE)
+    except ValueError:  # not that deep
+        return False
+    return True
 
 
 def _log_safely(log: Callable[..., None], message: str, *args: Any) -> None:
@@ -1379,15 +1393,17 @@ class Dispatcher:
     def report_bounded(self, report: Callable[..., None], *args: Any) -> None:
         """Run ``report(*args)``, a failure's report (its callbacks, and what follows them: its store
         write, a broker's acknowledgement), now; or, from failure callbacks nested _NESTED_REPORTS
-        deep on this thread, once the callbacks above it return, after the reports deferred before
-        it, run by the report whose callbacks are the deepest allowed: the stack stays bounded."""
+        deep on this thread (or fewer, once the stack is within _STACK_RESERVE frames of the recursion
+        limit), once the callbacks above it return, after the reports deferred before it, run by the
+        report whose callbacks are the deepest allowed: the stack stays bounded, and clear of the limit."""
         in_callback = self._in_callback
         depth = getattr(in_callback, "depth", 0)
         later = getattr(in_callback, "later", None)
-        if depth >= _NESTED_REPORTS and later is not None:
+        if later is not None and (depth >= _NESTED_REPORTS or _near_recursion_limit()):
             later.append((report, args))
             return
-        if depth == _NESTED_REPORTS - 1 and later is None:  # the reports its callbacks defer run here, in turn
+        if later is None and (depth == _NESTED_REPORTS - 1 or _near_recursion_limit()):
+            # the reports its callbacks defer run here, in turn
             in_callback.later = later = deque()
             try:
                 report(*args)
