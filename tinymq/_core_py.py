@@ -1284,9 +1284,11 @@ class ReadyQueue:
         if self._marks and self._take_cancel(job):
             return True
         job_id = job._id
-        if job_id is self._unnamed:  # never named: an id read from now on is not this queue's to
-            job._id = None  # register (a cancel of it loses, as one marked _ENDING below does)
-            return False
+        if job_id is self._unnamed:  # never named: named now, and held under that id until it finishes,
+            job_id = job._id = new_job_id()  # as one enqueued with an id is (its failure callbacks may
+            if job_id in self._ids:          # read the id; it may change only once the job finished)
+                return False
+            self._ids[job_id] = job
         if self._ids and type(job_id) is str and self._ids.get(job_id) is job:
             self._marks[job_id] = _ENDING
         return False
