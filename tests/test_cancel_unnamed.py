@@ -21,7 +21,7 @@ import pytest
 
 from tinymq import DuplicateJob, Job, PermanentFailure
 
-from _helpers import WAIT, Recorder, make_queue, record_failures, wait_until
+from _helpers import WAIT, Recorder, make_queue, record_failures
 
 from test_core_run_worker import configure
 
