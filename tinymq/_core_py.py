@@ -1154,9 +1154,9 @@ class ReadyQueue:
         ``CANCEL_UNKNOWN``: no unfinished job was registered with this id (it
         had none at enqueue: the caller looks for it; job None).
 
-        With ``heaps``, a job that no unfinished job's id names (its id read after its
-        queue's end of it was decided) is looked for in the ready buffer and in ``heaps``
-        too: taken out and counted cancelled in the same step, ``CANCEL_REMOVED``. Not
+        With ``heaps``, a job that no unfinished job's id names (given its id behind the core's
+        back: a Job.id set while another thread enqueues it) is looked for in the ready buffer
+        and in ``heaps`` too: taken out and counted cancelled in the same step, ``CANCEL_REMOVED``. Not
         found there: ``CANCEL_UNKNOWN`` (it may be running: ``take_unregistered_cancel``).
         """
         if type(job_id) is not str:

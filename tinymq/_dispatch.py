@@ -1183,10 +1183,11 @@ class Dispatcher:
         self.fail(job, "cancelled", None, core.CANCELLED, True)
 
     def _cancel_unregistered(self, job_id: str) -> bool:
-        """``cancel`` of a job the core knows by no id, looked for in every place: a job read without an
-        id when its queue's end of it was decided (enqueued again from its failure callback), and
-        named since. (Every other job has its id registered: given, or made through Job.id.) Taken
-        out of its place, or its attempt decided, in the step of the core that counts it cancelled."""
+        """``cancel`` of a job the core knows by no id, looked for in every place: one given its id behind
+        the core's back (a Job.id set while another thread enqueues the job, which docs/api.md rules
+        out). (Every other job has its id registered: given, made through Job.id, or made as its end
+        was decided.) Taken out of its place, or its attempt decided, in the step of the core that
+        counts it cancelled."""
         outcome, job = self.ready.mark_cancel(job_id, self.delayed, self.uncapped)
         if outcome == core.CANCEL_REMOVED:
             self.end_cancelled(job)
