@@ -1915,9 +1915,12 @@ cdef class ReadyQueue:
         if self.marks and self._take_cancel(job):
             return True
         job_id = job._id
-        if job_id is self.unnamed:  # never named: an id read from now on is not this queue's to
-            job._id = None  # register (a cancel of it loses, as one marked ENDING below does)
-            return False
+        if job_id is self.unnamed:  # never named: named now, held under that id until it finishes (see the pure twin)
+            job_id = _new_job_id()
+            job._id = job_id
+            if job_id in self.ids:
+                return False
+            self.ids[job_id] = job
         if self.ids and PyUnicode_CheckExact(job_id) and self.ids.get(job_id) is job:
             self.marks[job_id] = ENDING
         return False

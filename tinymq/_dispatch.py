@@ -68,6 +68,9 @@ _IDLE_WATCH = 1.0
 # enqueues, ...): a failure decided deeper is reported once the callbacks above it return, one after
 # another, so an unbounded chain never reaches Python's recursion limit midway through a job's end.
 _NESTED_REPORTS = 16
+# Frames kept free below Python's recursion limit: a failure decided with fewer left (a chain of
+# callbacks begun deep in the stack) is reported as one decided past _NESTED_REPORTS is.
+_STACK_RESERVE = 150
 
 FailureCallback = Callable[[Any, str, Optional[BaseException]], None]
 
@@ -77,6 +80,16 @@ def _close_unrun(awaitable: Any) -> None:
     awaited" warning). Off the loop: anything else is left alone (a future is the loop's)."""
     if inspect.iscoroutine(awaitable):
         awaitable.close()
+
+
+def _near_recursion_limit() -> bool:
+    """Whether this thread's stack is within _STACK_RESERVE frames of Python's recursion limit
+    (a walk of the stack: for the failure path, not a per-job one)."""
+    try:
+        sys._getframe(sys.getrecursionlimit() - _STACK_RESERVE)
+    except ValueError:  # not that deep
+        return False
+    return True
 
 
 def _log_safely(log: Callable[..., None], message: str, *args: Any) -> None:
@@ -1207,10 +1220,11 @@ class Dispatcher:
         self.fail(job, "cancelled", None, core.CANCELLED, True)
 
     def _cancel_unregistered(self, job_id: str) -> bool:
-        """``cancel`` of a job the core knows by no id, looked for in every place: a job read without an
-        id when its queue's end of it was decided (enqueued again from its failure callback), and
-        named since. (Every other job has its id registered: given, or made through Job.id.) Taken
-        out of its place, or its attempt decided, in the step of the core that counts it cancelled."""
+        """``cancel`` of a job the core knows by no id, looked for in every place: one given its id behind
+        the core's back (a Job.id set while another thread enqueues the job, which docs/api.md rules
+        out). (Every other job has its id registered: given, made through Job.id, or made as its end
+        was decided.) Taken out of its place, or its attempt decided, in the step of the core that
+        counts it cancelled."""
         outcome, job = self.ready.mark_cancel(job_id, self.delayed, self.uncapped)
         if outcome == core.CANCEL_REMOVED:
             self.end_cancelled(job)
@@ -1416,15 +1430,17 @@ class Dispatcher:
     def report_bounded(self, report: Callable[..., None], *args: Any) -> None:
         """Run ``report(*args)``, a failure's report (its callbacks, and what follows them: its store
         write, a broker's acknowledgement), now; or, from failure callbacks nested _NESTED_REPORTS
-        deep on this thread, once the callbacks above it return, after the reports deferred before
-        it, run by the report whose callbacks are the deepest allowed: the stack stays bounded."""
+        deep on this thread (or fewer, once the stack is within _STACK_RESERVE frames of the recursion
+        limit), once the callbacks above it return, after the reports deferred before it, run by the
+        report whose callbacks are the deepest allowed: the stack stays bounded, and clear of the limit."""
         in_callback = self._in_callback
         depth = getattr(in_callback, "depth", 0)
         later = getattr(in_callback, "later", None)
-        if depth >= _NESTED_REPORTS and later is not None:
+        if later is not None and (depth >= _NESTED_REPORTS or _near_recursion_limit()):
             later.append((report, args))
             return
-        if depth == _NESTED_REPORTS - 1 and later is None:  # the reports its callbacks defer run here, in turn
+        if later is None and (depth == _NESTED_REPORTS - 1 or _near_recursion_limit()):
+            # the reports its callbacks defer run here, in turn
             in_callback.later = later = deque()
             try:
                 report(*args)
