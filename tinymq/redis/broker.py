@@ -133,8 +133,7 @@ class RedisBroker:
             if self._checked:
                 return
             timeout = None if deadline is None else reply_wait(deadline)
-            found = re.search(r"redis_version:([^\r\n]*)", str(self._scripts.command("INFO", "server", timeout=timeout)))
-            version = found.group(1) if found else "0"
+            version = self._server_version(timeout)
             parts = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
             if parts < _MIN_VERSION:
                 raise TinyMQError(f"tinymq needs Redis >= 6.2 (or Valkey); {redacted_url(self.url)} runs {version}")
@@ -142,6 +141,24 @@ class RedisBroker:
             self._checked = True
         finally:
             self._check_lock.release()
+
+    def _server_version(self, timeout: Optional[float]) -> str:
+        """The server's version: from ``INFO``, or from ``HELLO`` (Redis >= 6) for an ACL user denied
+        ``INFO`` (in the ``@dangerous`` category, which ``+@all -@dangerous`` leaves out); "0" when
+        neither says (such a user on a Redis without HELLO without arguments: older than 6.2)."""
+        redis = _redis()
+        try:
+            info = self._scripts.command("INFO", "server", timeout=timeout)
+        except redis.ResponseError:
+            try:
+                hello = self._scripts.command("HELLO", timeout=timeout)
+            except redis.ResponseError:
+                return "0"
+            if not isinstance(hello, dict):  # (RESP2: a flat list of names and values; RESP3: a map)
+                hello = dict(zip(hello[::2], hello[1::2]))
+            return str(hello.get("version", "0"))
+        found = re.search(r"redis_version:([^\r\n]*)", str(info))
+        return found.group(1) if found else "0"
 
     def _look_at_settings(self, timeout: Optional[float] = None, abandoned: Optional[threading.Event] = None) -> None:
         """Warn of a setting that loses jobs (an evicting maxmemory-policy, appendonly no): at the first

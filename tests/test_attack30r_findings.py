@@ -1,0 +1,78 @@
+"""Defects found by attack30r (session 30: the Redis broker and its command line attacked as an outsider
+would: URLs and settings a user writes, other programs at the queue's keys, bad input), each with its test.
+"""
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+import tinymq
+from tinymq import Config, Job, Queue
+from tinymq.redis import RedisBroker
+
+from _helpers import WAIT
+
+ROOT = Path(tinymq.__file__).resolve().parent.parent
+
+
+def _as_user(url, user, password):
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{user}:{password}@{parts.hostname}:{parts.port}"))
+
+
+@pytest.fixture
+def acl_user(redis_client):
+    """A Redis user of the session server, as a server shared with others would offer: every command
+    but the ``@dangerous`` ones (INFO, CONFIG, KEYS, ...), which ``+@all -@dangerous`` leaves out."""
+    redis_client.execute_command("ACL", "SETUSER", "attack30r", "on", ">s3cret", "~*", "&*", "+@all", "-@dangerous")
+    yield "attack30r", "s3cret"
+    redis_client.execute_command("ACL", "DELUSER", "attack30r")
+
+
+# --- 1. A user denied INFO (+@all -@dangerous) could not use the queue at all -------------------------
+
+# The first look at the server read its version with INFO, which Redis files under @dangerous: for such
+# a user enqueue raised "cannot reach Redis ... (is a redis-server running there, and answering?)", the
+# workers retried for ever, and `status --redis` failed. HELLO says the version too (Redis >= 6).
+
+@pytest.mark.redis
+def test_a_user_denied_info_by_its_acl_runs_jobs_and_reads_the_status(redis_url, acl_user):
+    url = _as_user(redis_url, *acl_user)
+    broker = RedisBroker(url, name="acl", lease=2.0)
+    q = Queue(config=Config(), broker=broker)
+    ran = threading.Event()
+    q.register_executor("t", lambda job: ran.set())
+    q.start_dispatcher(1)
+    try:
+        q.enqueue(Job("t", {}))
+        assert ran.wait(WAIT)
+        assert q.join(timeout=WAIT)
+    finally:
+        q.stop(timeout=WAIT)
+        broker.close()
+    status = subprocess.run([sys.executable, "-m", "tinymq", "status", "--redis", url, "--name", "acl", "--json"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert '"jobs_succeeded": 1' in status.stdout
+
+
+@pytest.mark.redis
+def test_a_server_whose_version_no_command_tells_is_refused_saying_so(redis_url, monkeypatch):
+    # (a user denied INFO on a Redis without HELLO: older than 6.2)
+    import redis as redis_py
+
+    from tinymq.redis import _scripts
+
+    real = _scripts.Scripts.command
+
+    def command(self, *args, **kwargs):
+        if args[0] in ("INFO", "HELLO"):
+            raise redis_py.ResponseError(f"unknown command '{args[0]}'")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(_scripts.Scripts, "command", command)
+    with pytest.raises(tinymq.TinyMQError, match="needs Redis >= 6.2"):
+        RedisBroker(redis_url, name="old", lease=2.0)
