@@ -76,3 +76,19 @@ def test_a_server_whose_version_no_command_tells_is_refused_saying_so(redis_url,
     monkeypatch.setattr(_scripts.Scripts, "command", command)
     with pytest.raises(tinymq.TinyMQError, match="needs Redis >= 6.2"):
         RedisBroker(redis_url, name="old", lease=2.0)
+
+
+# --- 2. A URL with an option redis-py's connections do not take ----------------------------------------
+
+# A typo in a query option (`?socket_timout=3`), or one of another scheme (`?ssl_cert_reqs=none` on
+# redis://), raised a TypeError from inside redis-py (AbstractConnection.__init__() got an unexpected
+# keyword argument), not naming the URL, where every other unusable URL is a ValueError naming it.
+
+@pytest.mark.redis
+@pytest.mark.parametrize("option", ["socket_timout=3", "ssl_cert_reqs=none"])
+def test_a_url_with_an_option_no_connection_takes_is_refused_naming_it(redis_url, option):
+    url = redis_url.replace("127.0.0.1", "user:s3cret@127.0.0.1") + "?" + option
+    with pytest.raises(ValueError, match="is not a usable Redis URL") as refused:
+        RedisBroker(url, name="opt", lease=2.0)
+    assert option.partition("=")[0] in str(refused.value)
+    assert "s3cret" not in str(refused.value) and "***" in str(refused.value)

@@ -93,11 +93,12 @@ class RedisBroker:
                 url, max_connections=_POOL_SIZE, timeout=_POOL_WAIT, decode_responses=True,
                 encoding_errors=_ENCODING_ERRORS,
                 socket_timeout=_SOCKET_TIMEOUT, socket_connect_timeout=_CONNECT_TIMEOUT, retry=self._no_retry())
-        except ValueError as exc:
+            connections = self._connections(_POOL_SIZE, _SOCKET_TIMEOUT)  # (made now: an option they refuse)
+        except (ValueError, TypeError) as exc:  # (TypeError: a query option no connection takes, a typo)
             raise ValueError(f"url {redacted_url(url)!r} is not a usable Redis URL "
                              f"(redis://[:password@]host[:port][/db], rediss://..., unix://path): {exc}") from exc
         self._client = redis.Redis(connection_pool=self._pool)  # reads (stats, join, dead jobs)
-        self._scripts = Scripts(self._client, name, self._connections(_POOL_SIZE, _SOCKET_TIMEOUT))
+        self._scripts = Scripts(self._client, name, connections)
         self._checked = False
         self._check_lock = threading.Lock()
         self._settings_seen: Dict[str, Optional[str]] = {}  # (see _look_at_settings)
