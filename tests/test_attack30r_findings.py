@@ -69,8 +69,10 @@ def test_a_server_whose_version_no_command_tells_is_refused_saying_so(redis_url,
     real = _scripts.Scripts.command
 
     def command(self, *args, **kwargs):
-        if args[0] in ("INFO", "HELLO"):
-            raise redis_py.ResponseError(f"unknown command '{args[0]}'")
+        if args[0] == "INFO":
+            raise redis_py.exceptions.NoPermissionError("this user has no permissions to run the 'info' command")
+        if args[0] == "HELLO":
+            raise redis_py.ResponseError("unknown command 'HELLO'")
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(_scripts.Scripts, "command", command)
@@ -92,3 +94,28 @@ def test_a_url_with_an_option_no_connection_takes_is_refused_naming_it(redis_url
         RedisBroker(url, name="opt", lease=2.0)
     assert option.partition("=")[0] in str(refused.value)
     assert "s3cret" not in str(refused.value) and "***" in str(refused.value)
+
+
+# --- 3. A wrong password or database was reported as a server that does not run --------------------
+
+# A server that answered the first look with an error (invalid password, DB index out of range) made
+# enqueue and cancel say "cannot reach Redis ... (is a redis-server running there, and answering?)",
+# sending the user to look for a server that runs fine.
+
+@pytest.mark.redis
+@pytest.mark.parametrize("wrong", ["password", "database"])
+def test_a_wrong_password_or_database_is_named_as_refused_not_as_unreachable(redis_url, acl_user, wrong):
+    url = _as_user(redis_url, acl_user[0], "wrong") if wrong == "password" else redis_url[:-1] + "99"
+    broker = RedisBroker(url, name="refused", lease=2.0)
+    q = Queue(config=Config(), broker=broker)
+    try:
+        with pytest.raises(tinymq.TinyMQError) as refused:
+            q.enqueue(Job("t", {}))
+        assert "refused the connection" in str(refused.value)
+        assert "1 job not enqueued" in str(refused.value)
+        assert "is a redis-server running there" not in str(refused.value)
+        with pytest.raises(tinymq.TinyMQError, match="refused the connection.*job 'x' not cancelled"):
+            q.cancel("x")
+    finally:
+        q.stop(timeout=WAIT)
+        broker.close()

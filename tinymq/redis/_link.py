@@ -727,7 +727,12 @@ class QueueLink:
 
     def _unreachable(self, exc: BaseException, outcome: str) -> TinyMQError:
         """The error of a call whose first look at the server got no reply: it sent nothing, so
-        ``outcome`` ("1 job not enqueued") is certain."""
+        ``outcome`` ("1 job not enqueued") is certain. A server that answered with an error (a wrong
+        password, a database out of range) is not asked whether it runs."""
+        redis = __import__("redis")
+        if isinstance(exc, (redis.AuthenticationError, redis.ResponseError)):
+            return TinyMQError(f"Redis at {redacted_url(self.broker.url)} (queue {self.broker.name!r}) refused "
+                               f"the connection: {exc}; {outcome} (are the URL's user, password and database right?)")
         return TinyMQError(f"cannot reach Redis at {redacted_url(self.broker.url)} (queue {self.broker.name!r}): "
                            f"{exc}; {outcome} (is a redis-server running there, and answering?)")
 

@@ -146,11 +146,12 @@ class RedisBroker:
     def _server_version(self, timeout: Optional[float]) -> str:
         """The server's version: from ``INFO``, or from ``HELLO`` (Redis >= 6) for an ACL user denied
         ``INFO`` (in the ``@dangerous`` category, which ``+@all -@dangerous`` leaves out); "0" when
-        neither says (such a user on a Redis without HELLO without arguments: older than 6.2)."""
+        neither says (such a user on a Redis without HELLO without arguments: older than 6.2). Any
+        other error (a wrong password, a database out of range) is raised."""
         redis = _redis()
         try:
             info = self._scripts.command("INFO", "server", timeout=timeout)
-        except redis.ResponseError:
+        except redis.exceptions.NoPermissionError:
             try:
                 hello = self._scripts.command("HELLO", timeout=timeout)
             except redis.ResponseError:
