@@ -119,3 +119,31 @@ def test_a_wrong_password_or_database_is_named_as_refused_not_as_unreachable(red
     finally:
         q.stop(timeout=WAIT)
         broker.close()
+
+
+# --- 4. A URL naming a read-only replica -----------------------------------------------------------
+
+# enqueue and cancel on a replica said only "they may or may not have been enqueued; enqueue the same
+# job(s) again to know", which fails the same way for ever; they say now that the URL names a replica.
+
+@pytest.fixture
+def replica_url(redis_server, tmp_path):
+    from _redis_server import RedisServer
+
+    replica = RedisServer(str(tmp_path), extra=["--replicaof", "127.0.0.1", str(redis_server.port)]).start()
+    yield replica.url
+    replica.stop()
+
+
+@pytest.mark.redis
+def test_enqueue_and_cancel_on_a_read_only_replica_say_to_use_its_primary(redis_url, replica_url):
+    broker = RedisBroker(replica_url, name="replica", lease=2.0)
+    q = Queue(config=Config(), broker=broker)
+    try:
+        with pytest.raises(tinymq.TinyMQError, match="is a read-only replica: give the URL of its primary"):
+            q.enqueue(Job("t", {}))
+        with pytest.raises(tinymq.TinyMQError, match="is a read-only replica: give the URL of its primary"):
+            q.cancel("x")
+    finally:
+        q.stop(timeout=WAIT)
+        broker.close()

@@ -343,7 +343,7 @@ class QueueLink:
                 went = _no_reply(exc, f"an enqueue of {len(rows)} job(s)")
                 raise TinyMQError(f"Redis queue {self.broker.name!r} {went} ({exc}): they may or may not have "
                                   "been enqueued; enqueue the same "
-                                  "job(s) again to know (DuplicateJob: it got in)") from exc
+                                  f"job(s) again to know (DuplicateJob: it got in){self._replica_hint(exc)}") from exc
             if reply.status in ("ok", "again"):
                 break
             if reply.status == "dup":
@@ -674,7 +674,8 @@ class QueueLink:
                 # Not "not cancelled": the call may have reached Redis and run, its reply lost.
                 raise TinyMQError(f"Redis queue {self.broker.name!r} {_no_reply(exc, f'a cancel of job {job_id!r}')} "
                                   f"({exc}): it may or may not have been cancelled; cancel it again to "
-                                  "make sure (False: it had ended, or was cancelled already)") from exc
+                                  f"make sure (False: it had ended, or was cancelled already){self._replica_hint(exc)}"
+                                  ) from exc
             if reply.status == "removed":
                 self._report_ended([reply.removed], caller)  # (kept: with the key it waits under)
                 return True
@@ -724,6 +725,14 @@ class QueueLink:
             if self.dispatcher.cancel(job.id):
                 logger.info("job %s (%s) was cancelled through Redis queue %r", job.id, job.type,
                             self.broker.name)
+
+    def _replica_hint(self, exc: BaseException) -> str:
+        """What to do about a call refused by a read-only replica (a URL that names one, or a primary
+        demoted by a failover), which no resend to the same URL gets past: "" for any other error.
+        (The call may still have run: a resend after a lost reply can reach a server demoted since.)"""
+        if not isinstance(exc, __import__("redis").exceptions.ReadOnlyError):
+            return ""
+        return f"; Redis at {redacted_url(self.broker.url)} is a read-only replica: give the URL of its primary"
 
     def _unreachable(self, exc: BaseException, outcome: str) -> TinyMQError:
         """The error of a call whose first look at the server got no reply: it sent nothing, so
