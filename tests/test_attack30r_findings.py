@@ -147,3 +147,70 @@ def test_enqueue_and_cancel_on_a_read_only_replica_say_to_use_its_primary(redis_
     finally:
         q.stop(timeout=WAIT)
         broker.close()
+
+
+# --- 5. A job key that another program overwrote with a value of another kind ----------------------
+
+# A string (or a list) at `job:<id>` where a waiting job's hash was made every call that met its id
+# fail with WRONGTYPE: the fetch (the pump retried it for ever: no job of the queue ran again), the
+# move of a due delayed job (every enqueue and fetch failed), the letting out of a parked one, and a
+# cancel of it. Such a job is lost now, as one whose hash was deleted: dropped, logged, counted ended.
+
+def _overwrite(redis_client, q, job_id):
+    key = q._link.scripts.key("job:" + job_id)
+    redis_client.delete(key)
+    redis_client.set(key, "another program's value")
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("where", ["ready", "delayed", "parked"])
+def test_a_waiting_job_whose_key_another_program_overwrote_is_lost_and_holds_up_no_other(
+        redis_url, redis_client, where, caplog):
+    import time
+
+    from tinymq import ExecutorConfig
+
+    broker = RedisBroker(redis_url, name="overwritten", lease=2.0)
+    q = Queue(config=Config(), broker=broker)
+    ran, gate, blocking = [], threading.Event(), threading.Event()
+
+    def work(job):
+        ran.append(job.id)
+        if job.id == "blocker":
+            blocking.set()
+            gate.wait(WAIT)
+
+    q.register_executor("t", work, ExecutorConfig(max_concurrent_jobs=1))
+    try:
+        if where == "parked":  # (behind a running job of its type, limited to one at a time)
+            q.start_dispatcher(2)
+            q.enqueue(Job("t", {}, id="blocker"))
+            assert blocking.wait(WAIT)
+            q.enqueue(Job("t", {}, id="bad"))
+            q.enqueue(Job("t", {}, id="good"))
+            wait_parked = time.monotonic() + WAIT
+            while not redis_client.exists(q._link.scripts.key("parked:1:t")):
+                assert time.monotonic() < wait_parked
+                time.sleep(0.01)
+            _overwrite(redis_client, q, "bad")
+            gate.set()
+        else:
+            run_at = time.time() + 0.2 if where == "delayed" else None
+            q.enqueue(Job("t", {}, id="bad", run_at=run_at))
+            _overwrite(redis_client, q, "bad")
+            if run_at is not None:
+                time.sleep(max(0.0, run_at - time.time()) + 0.05)
+            q.enqueue(Job("t", {}, id="good"))  # (it moves the due job first)
+            assert q.cancel("bad") is False  # (its id waits for the fetch that drops it)
+            q.start_dispatcher(1)
+        assert q.join(timeout=WAIT)
+        assert "good" in ran and "bad" not in ran
+        assert q.get_stats().jobs_enqueued == len(ran) + 1
+        if where == "ready":  # (the fetch that dropped it logs it; a call without a reply's room, a beat later)
+            assert any("job bad of Redis queue 'overwritten' is lost" in r.getMessage() for r in caplog.records)
+    finally:
+        gate.set()
+        q.stop(timeout=WAIT)
+        broker.close()
+    # the value another program wrote stays as it was
+    assert redis_client.get(q._link.scripts.key("job:bad")) == "another program's value"

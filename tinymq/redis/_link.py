@@ -1227,7 +1227,7 @@ class QueueLink:
         for job_id in ids:
             logger.error("job %s of Redis queue %r is lost: its id waited in Redis but its data (its "
                          "job:<id> hash) is gone (evicted under a maxmemory-policy other than noeviction, "
-                         "or deleted by another program); it was dropped and runs no more, and no "
+                         "or deleted or overwritten by another program); it was dropped and runs no more, and no "
                          "on_failure callback can run for it, as its data is gone", job_id, self.broker.name)
 
     def _place(self, job: Any) -> bool:

@@ -173,6 +173,16 @@ end
 local function exact_ms() return now_us / 1000 end -- after now_ms(): the same instant, in fractional ms
 
 local function job_key(id) return P .. 'job:' .. id end
+-- The fields of the job hash at `jk`, and whether `jk` holds a value of another kind: another
+-- program wrote one there (a string, a list), which makes that job lost, as one whose hash is
+-- gone is (job_gone), instead of failing the call (WRONGTYPE) that meets its id: every fetch or
+-- enqueue after it would fail, holding up every job of the queue.
+local function job_fields(jk, ...)
+  local f = redis.pcall('HMGET', jk, ...)
+  if f.err then return {}, true end
+  return f, false
+end
+local function is_job(jk) return redis.call('TYPE', jk).ok == 'hash' end
 local function inflight_key(proc) return P .. 'inflight:' .. proc end
 local function parked_key(p, t) return P .. 'parked:' .. p .. ':' .. t end
 local function rate_key(t) return P .. 'rate:' .. t end
@@ -370,7 +380,7 @@ local function promote_due()
     redis.call('ZREM', K_DELAYED, id)
     redis.call('ZREM', K_CAPPED, id)
     local jk = job_key(id)
-    local p = redis.call('HGET', jk, 'p')
+    local p = job_fields(jk, 'p')[1]
     if p then
       redis.call('HSET', jk, 'o', order + k - 1)
       redis.call('RPUSH', READY[level_of(p)], id)
@@ -419,7 +429,7 @@ local function unpark_one(t)
     if id then
       if redis.call('HINCRBY', K_PARKEDN, t, -1) <= 0 then redis.call('HDEL', K_PARKEDN, t) end
       count('parked:' .. p, -1)
-      if redis.call('EXISTS', job_key(id)) == 1 then
+      if is_job(job_key(id)) then
         head_later(id, p)
         return true
       end
