@@ -214,3 +214,30 @@ def test_a_waiting_job_whose_key_another_program_overwrote_is_lost_and_holds_up_
         broker.close()
     # the value another program wrote stays as it was
     assert redis_client.get(q._link.scripts.key("job:bad")) == "another program's value"
+
+
+# --- 6. A key of the queue that another program wrote with a value of another kind ------------------
+
+# A string at `stats`, `ready:1`, `procs`... made every call fail with Redis's own "WRONGTYPE Operation
+# against a key holding the wrong kind of value script: <sha>, on @user_script:941.", naming no key:
+# enqueue, get_stats(), status --redis and every worker's fetch (retried for ever). The error names it now.
+
+@pytest.mark.redis
+@pytest.mark.parametrize("suffix, kind", [("stats", "hash"), ("ready:1", "list"), ("delayed", "zset")])
+def test_a_key_of_the_queue_holding_another_kind_of_value_is_named_by_the_error(redis_url, redis_client,
+                                                                                 suffix, kind):
+    broker = RedisBroker(redis_url, name="wrongkind", lease=2.0)
+    q = Queue(config=Config(), broker=broker)
+    key = broker._scripts.key(suffix)
+    redis_client.set(key, "another program's value")
+    named = f"Redis key {key!r} holds a string, not a {kind}: another program wrote it"
+    try:
+        with pytest.raises(tinymq.TinyMQError) as refused:
+            q.enqueue(Job("t", {}))
+        assert named in str(refused.value)
+        with pytest.raises(tinymq.TinyMQError) as refused:
+            q.get_stats()
+        assert named in str(refused.value)
+    finally:
+        q.stop(timeout=WAIT)
+        broker.close()

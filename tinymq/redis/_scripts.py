@@ -443,6 +443,14 @@ class Connections:
             self._free.put(connection)
 
 
+# The queue's keys of a fixed name, with the kind of value tinymq keeps at each (lib.lua's header):
+# an error of a call that met a value of another kind (WRONGTYPE) names those another program wrote.
+_KINDS = {"ready:2": "list", "ready:1": "list", "ready:0": "list", "delayed": "zset", "capped": "zset",
+          "seq": "string", "clock": "hash", "procs": "zset", "fetched": "hash", "beaten": "hash",
+          "limits": "hash", "running": "hash", "parkedn": "hash", "ratelimits": "hash", "rateopen": "zset",
+          "signal": "list", "dead": "zset", "gone": "list", "reports": "list", "stats": "hash"}
+
+
 class Scripts:
     """The scripts of the queue ``name``, called through ``client`` (a redis-py client
     created with ``decode_responses=True``), or through ``connections`` when given
@@ -504,8 +512,10 @@ class Scripts:
                 reply = _reply(connection, by)
             broken = False
             return reply
-        except (redis.exceptions.ResponseError, UnicodeEncodeError):
+        except (redis.exceptions.ResponseError, UnicodeEncodeError) as exc:
             broken = False  # the server answered with an error, or the text was refused before it went
+            if str(exc).startswith("WRONGTYPE"):
+                raise type(exc)(f"{exc} ({self.wrong_kinds()})") from exc
             raise
         except redis.ConnectionError as exc:
             if isinstance(exc.__context__, TimeoutError):  # a read that timed out: see _read_timed_out
@@ -513,6 +523,26 @@ class Scripts:
             raise
         finally:
             connections.release(connection, broken)
+
+    def wrong_kinds(self) -> str:
+        """Which keys of the queue hold a value of another kind than tinymq keeps there (another
+        program wrote them), for the error of a call that met one (WRONGTYPE): what to do about it."""
+        import redis
+
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for suffix in _KINDS:
+                pipe.type(self.key(suffix))
+            found = pipe.execute()
+        except redis.RedisError:
+            found = []
+        wrong = [f"{self.key(suffix)!r} holds a {kind}, not a {_KINDS[suffix]}"
+                 for suffix, kind in zip(_KINDS, found) if kind not in ("none", _KINDS[suffix])]
+        if not wrong:
+            return (f"a key under {self.prefix!r} holds a value of another kind than tinymq keeps there: "
+                    "another program wrote it")
+        return (f"Redis key {'; '.join(wrong)}: another program wrote it; delete it, or give the "
+                "queue another name")
 
     def enqueue(self, token: str, buffer_size: int, max_delayed_jobs: int,
                 jobs: Sequence[Tuple[Any, ...]], caller: str = "", lease_ms: int = 0,
