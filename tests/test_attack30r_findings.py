@@ -241,3 +241,20 @@ def test_a_key_of_the_queue_holding_another_kind_of_value_is_named_by_the_error(
     finally:
         q.stop(timeout=WAIT)
         broker.close()
+
+
+# --- 7. rediss:// to a server without TLS ---------------------------------------------------------------
+
+# Its TLS handshake waits for ever on a plain server: enqueue said only "Redis did not answer a new
+# connection within 2s ... (is a redis-server running there, and answering?)", while one runs there.
+
+@pytest.mark.redis
+def test_a_rediss_url_to_a_server_without_tls_asks_whether_it_speaks_tls(redis_url):
+    broker = RedisBroker(redis_url.replace("redis://", "rediss://"), name="tls", lease=2.0)
+    q = Queue(config=Config(), broker=broker)
+    try:
+        with pytest.raises(tinymq.TinyMQError, match=r"answering, with TLS \(rediss://\)\?"):
+            q.enqueue(Job("t", {}))
+    finally:
+        q.stop(timeout=WAIT)
+        broker.close()

@@ -742,8 +742,9 @@ class QueueLink:
         if isinstance(exc, (redis.AuthenticationError, redis.ResponseError)):
             return TinyMQError(f"Redis at {redacted_url(self.broker.url)} (queue {self.broker.name!r}) refused "
                                f"the connection: {exc}; {outcome} (are the URL's user, password and database right?)")
+        tls = ", with TLS (rediss://)" if self.broker.url.startswith("rediss://") else ""
         return TinyMQError(f"cannot reach Redis at {redacted_url(self.broker.url)} (queue {self.broker.name!r}): "
-                           f"{exc}; {outcome} (is a redis-server running there, and answering?)")
+                           f"{exc}; {outcome} (is a redis-server running there, and answering{tls}?)")
 
     def check_type(self, job_type: str) -> None:
         """A type is sent as a job reads it (a byte that is not UTF-8 as a lone surrogate: another
