@@ -258,3 +258,34 @@ def test_a_rediss_url_to_a_server_without_tls_asks_whether_it_speaks_tls(redis_u
     finally:
         q.stop(timeout=WAIT)
         broker.close()
+
+
+@pytest.mark.redis
+def test_a_dead_job_whose_key_another_program_overwrote_holds_up_no_other_dead_job(redis_url, redis_client):
+    from tinymq import PermanentFailure
+
+    broker = RedisBroker(redis_url, name="overwritten-dead", lease=2.0)
+    q = Queue(config=Config(), broker=broker)
+
+    def fail(job):
+        raise PermanentFailure("no")
+
+    q.register_executor("t", fail)
+    q.start_dispatcher(1)
+    try:
+        for job_id in ("bad", "other"):
+            q.enqueue(Job("t", {}, id=job_id))
+        assert q.join(timeout=WAIT)
+        _overwrite(redis_client, q, "bad")
+        assert [dead.job.id for dead in broker.dead_jobs()] == ["other"]
+        status = subprocess.run([sys.executable, "-m", "tinymq", "status", "--redis", redis_url,
+                                 "--name", "overwritten-dead", "--json"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr
+        assert '"id": "other"' in status.stdout and '"id": "bad"' not in status.stdout
+        assert broker.requeue_dead() == 1  # (the other one; "bad" holds no dead job)
+        assert q.join(timeout=WAIT)
+        assert [dead.job.id for dead in broker.dead_jobs()] == ["other"]
+    finally:
+        q.stop(timeout=WAIT)
+        broker.close()

@@ -268,11 +268,16 @@ class RedisBroker:
                 pipe = self._client.pipeline(transaction=False)
                 for job_id in ids[i:i + _PAGE]:
                     pipe.hmget(self._scripts.key("job:" + job_id), "b", "r", "e", "x")
-                rows.extend(pipe.execute())
+                # (an error in a row: another program wrote a value of another kind at its key, which
+                # holds no dead job, as a key without a hash does; status.lua leaves it out alike)
+                rows.extend(pipe.execute(raise_on_error=False))
+            for row in rows:
+                if isinstance(row, Exception) and not str(row).startswith("WRONGTYPE"):
+                    raise row
         except _redis().RedisError as exc:
             raise TinyMQError(f"could not list dead jobs on {redacted_url(self.url)}: {exc}") from exc
-        return _dead_entries((job_id, body, retries, error, reason)
-                             for job_id, (body, retries, error, reason) in zip(ids, rows) if body is not None)
+        return _dead_entries((job_id, row[0], row[1], row[2], row[3]) for job_id, row in zip(ids, rows)
+                             if not isinstance(row, Exception) and row[0] is not None)
 
     def requeue_dead(self, ids: Optional[Iterable[str]] = None) -> int:
         """Dead jobs (all, or those of ``ids``) back to ready with retries reset; returns how many."""
