@@ -289,3 +289,59 @@ def test_a_dead_job_whose_key_another_program_overwrote_holds_up_no_other_dead_j
     finally:
         q.stop(timeout=WAIT)
         broker.close()
+
+
+# --- 8. A value in the queue's bookkeeping that another program wrote --------------------------------
+
+# A field of `stats`, `running`, `limits` that is no number, or a `ratelimits` value that is no
+# "max:per", failed every call with "hash value is not an integer" or a Lua error ("user_script:270:
+# attempt to perform arithmetic on local 'sep'"), and get_stats(), status and shared_executors() with a
+# bare ValueError from int(): none named the key. They name it now.
+
+@pytest.mark.redis
+def test_a_counter_another_program_wrote_as_no_number_is_named_by_the_errors(redis_url, redis_client):
+    broker = RedisBroker(redis_url, name="badvalue", lease=2.0)
+    q = Queue(config=Config(), broker=broker)
+    q.enqueue(Job("t", {}))
+    redis_client.hset(broker._scripts.key("stats"), "outstanding", "abc")
+    redis_client.hset(broker._scripts.key("limits"), "t", "many")
+    try:
+        with pytest.raises(tinymq.TinyMQError, match=r"'tmq:\{badvalue\}:stats' field 'outstanding' holds 'abc', "
+                                                     "not a whole number; .*another program wrote it"):
+            q.enqueue(Job("t", {}))
+        with pytest.raises(tinymq.TinyMQError, match="field 'outstanding' holds 'abc'"):
+            q.get_stats()
+        with pytest.raises(tinymq.TinyMQError, match="field 't' holds 'many'"):
+            broker.shared_executors()
+    finally:
+        q.stop(timeout=WAIT)
+        broker.close()
+
+
+@pytest.mark.redis
+def test_a_rate_limit_another_program_wrote_is_named_by_the_fetch_that_fails_on_it(redis_url, redis_client, caplog):
+    from tinymq import ExecutorConfig, RateLimit
+
+    broker = RedisBroker(redis_url, name="badrate", lease=2.0)
+    q = Queue(config=Config(), broker=broker)
+    ran = threading.Event()
+    q.register_executor("t", lambda job: ran.set(), ExecutorConfig(rate_limit=RateLimit(5, 1.0)))
+    named = "'tmq:{badrate}:ratelimits' field 't' holds 'garbage', not a rate limit: another program wrote it"
+    try:
+        q.start_dispatcher(1)
+        q.enqueue(Job("t", {}))
+        assert ran.wait(WAIT)  # (its limit registered: sent with the first fetch)
+        redis_client.hset(broker._scripts.key("ratelimits"), "t", "garbage")
+        with pytest.raises(tinymq.TinyMQError) as refused:
+            broker.shared_rate_limits()
+        assert named in str(refused.value)
+        q.enqueue(Job("t", {}))
+        import time
+
+        by = time.monotonic() + WAIT
+        while not any(named in r.getMessage() for r in caplog.records if "fetch failed" in r.getMessage()):
+            assert time.monotonic() < by, [r.getMessage() for r in caplog.records]
+            time.sleep(0.05)
+    finally:
+        q.stop(timeout=WAIT)
+        broker.close()

@@ -11,13 +11,14 @@ a call again when the connection failed before its reply came): enqueue by its
 token, settle ops by attempt id, fetch by (process, fetch id); beat, reap and
 release leave nothing to do twice.
 """
+import contextlib
 import functools
 import os
 import queue
 import re
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 from ..job import _is_utf8
 
@@ -449,6 +450,20 @@ _KINDS = {"ready:2": "list", "ready:1": "list", "ready:0": "list", "delayed": "z
           "seq": "string", "clock": "hash", "procs": "zset", "fetched": "hash", "beaten": "hash",
           "limits": "hash", "running": "hash", "parkedn": "hash", "ratelimits": "hash", "rateopen": "zset",
           "signal": "list", "dead": "zset", "gone": "list", "reports": "list", "stats": "hash"}
+# The fixed keys whose values (every field's, for a hash) are whole numbers; ratelimits' are "max:per".
+_WHOLE = ("stats", "running", "limits", "parkedn", "seq")
+_WHOLE_NUMBER = re.compile(r"-?\d+\Z")
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+# An error of a script that met data tinymq did not write: a value of another kind (WRONGTYPE), a
+# number that is none (HINCRBY, INCR), a Lua error on such a value ("user_script:270: attempt to...").
+_FOREIGN_DATA = re.compile(r"^WRONGTYPE|is not an integer|is not a valid float|user_script:\d+: ")
 
 
 class Scripts:
@@ -514,7 +529,7 @@ class Scripts:
             return reply
         except (redis.exceptions.ResponseError, UnicodeEncodeError) as exc:
             broken = False  # the server answered with an error, or the text was refused before it went
-            if str(exc).startswith("WRONGTYPE"):
+            if _FOREIGN_DATA.search(str(exc)):
                 raise type(exc)(f"{exc} ({self.wrong_kinds()})") from exc
             raise
         except redis.ConnectionError as exc:
@@ -534,15 +549,37 @@ class Scripts:
             for suffix in _KINDS:
                 pipe.type(self.key(suffix))
             found = pipe.execute()
+            wrong = [f"{self.key(suffix)!r} holds a {kind}, not a {_KINDS[suffix]}"
+                     for suffix, kind in zip(_KINDS, found) if kind not in ("none", _KINDS[suffix])]
+            if not wrong:
+                wrong = self._wrong_values()
         except redis.RedisError:
-            found = []
-        wrong = [f"{self.key(suffix)!r} holds a {kind}, not a {_KINDS[suffix]}"
-                 for suffix, kind in zip(_KINDS, found) if kind not in ("none", _KINDS[suffix])]
+            wrong = []
         if not wrong:
-            return (f"a key under {self.prefix!r} holds a value of another kind than tinymq keeps there: "
+            return (f"a key under {self.prefix!r} holds a value tinymq did not write there: "
                     "another program wrote it")
         return (f"Redis key {'; '.join(wrong)}: another program wrote it; delete it, or give the "
                 "queue another name")
+
+    def _wrong_values(self) -> List[str]:
+        """The fixed keys of the queue (of the right kind) holding a value that tinymq never writes there."""
+        pipe = self.client.pipeline(transaction=False)
+        for suffix in _WHOLE:
+            (pipe.get if suffix == "seq" else pipe.hgetall)(self.key(suffix))
+        pipe.hgetall(self.key("ratelimits"))
+        *whole, rates = pipe.execute()
+        wrong = []
+        for suffix, value in zip(_WHOLE, whole):
+            fields = {"": value} if suffix == "seq" else value
+            for field, text in (fields or {}).items():
+                if not _WHOLE_NUMBER.match(str(text)):
+                    where = repr(self.key(suffix)) + ("" if suffix == "seq" else f" field {field!r}")
+                    wrong.append(f"{where} holds {text!r}, not a whole number")
+        for field, text in rates.items():
+            max_starts, _, per = text.partition(":")
+            if not (_WHOLE_NUMBER.match(max_starts) and _is_number(per)):
+                wrong.append(f"{self.key('ratelimits')!r} field {field!r} holds {text!r}, not a rate limit")
+        return wrong
 
     def enqueue(self, token: str, buffer_size: int, max_delayed_jobs: int,
                 jobs: Sequence[Tuple[Any, ...]], caller: str = "", lease_ms: int = 0,
@@ -666,21 +703,34 @@ class Scripts:
         """``((high, medium, low), delayed, counters)`` read at one instant (stats.lua): a
         delayed job due on the server's clock counts at its priority, not as delayed."""
         high, medium, low, delayed, flat = self._call("stats", [])
-        counters = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        with self.read_as_numbers():
+            counters = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
         return (int(high), int(medium), int(low)), int(delayed), counters
+
+    @contextlib.contextmanager
+    def read_as_numbers(self) -> Iterator[None]:
+        """Where a reply's numbers are read: one that is none (another program wrote it) is a
+        redis.ResponseError naming its key (wrong_kinds), not a ValueError from deep inside."""
+        try:
+            yield
+        except ValueError as exc:
+            import redis
+
+            raise redis.ResponseError(f"{exc} ({self.wrong_kinds()})") from exc
 
     def status(self, shown: int) -> StatusReply:
         """What ``status --redis`` prints, read at one instant (status.lua), so that its figures agree;
         of the dead jobs, the newest ``shown`` (all are counted)."""
         high, medium, low, delayed, flat, limits, running, processes, rates, dead_count, dead = self._call(
             "status", [shown])
-        counters = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
-        taken = {running[i]: int(running[i + 1]) for i in range(0, len(running), 2)}
-        executors = {limits[i]: (taken.get(limits[i], 0), int(limits[i + 1])) for i in range(0, len(limits), 2)}
-        rate_limits = {}
-        for i in range(0, len(rates), 3):
-            max_starts, per_ms = rates[i + 1].split(":", 1)  # as limits.lua writes it
-            rate_limits[rates[i]] = (int(max_starts), float(per_ms) / 1000.0, int(rates[i + 2]))
+        with self.read_as_numbers():
+            counters = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
+            taken = {running[i]: int(running[i + 1]) for i in range(0, len(running), 2)}
+            executors = {limits[i]: (taken.get(limits[i], 0), int(limits[i + 1])) for i in range(0, len(limits), 2)}
+            rate_limits = {}
+            for i in range(0, len(rates), 3):
+                max_starts, _, per_ms = rates[i + 1].partition(":")  # as limits.lua writes it
+                rate_limits[rates[i]] = (int(max_starts), float(per_ms) / 1000.0, int(rates[i + 2]))
         return StatusReply((int(high), int(medium), int(low)), int(delayed), counters, dict(sorted(executors.items())),
                            int(processes), dict(sorted(rate_limits.items())), int(dead_count),
                            [(row[0], row[1], retries_of(row[2]), row[3], row[4]) for row in dead])

@@ -335,10 +335,11 @@ class RedisBroker:
             now_ms = seconds * 1000 + microseconds // 1000
             live = self._client.zrangebyscore(key("procs"), now_ms, "+inf")
             processes = sum("~" not in proc for proc in live)  # (not a cancel's reporter: see QueueLink.cancel)
+            with self._scripts.read_as_numbers():
+                executors = {job_type: (int(running.get(job_type, 0)), int(limit))
+                             for job_type, limit in sorted(limits.items())}
         except _redis().RedisError as exc:
             raise TinyMQError(f"could not read the executors of Redis queue {self.name!r}: {exc}") from exc
-        executors = {job_type: (int(running.get(job_type, 0)), int(limit))
-                     for job_type, limit in sorted(limits.items())}
         return executors, processes
 
     def shared_rate_limits(self) -> Dict[str, Tuple[int, float, int]]:
@@ -362,12 +363,13 @@ class RedisBroker:
             for job_type in types:
                 pipe.zcount(key("rate:" + job_type), f"({now_ms!r}", "+inf")
             starts = pipe.execute()
+            rate_limits = {}
+            with self._scripts.read_as_numbers():
+                for job_type, counted in zip(types, starts):
+                    max_starts, _, per_ms = limits[job_type].partition(":")  # as limits.lua writes it
+                    rate_limits[job_type] = (int(max_starts), float(per_ms) / 1000.0, int(counted))
         except _redis().RedisError as exc:
             raise TinyMQError(f"could not read the rate limits of Redis queue {self.name!r}: {exc}") from exc
-        rate_limits = {}
-        for job_type, counted in zip(types, starts):
-            max_starts, per_ms = limits[job_type].split(":", 1)  # as limits.lua writes it
-            rate_limits[job_type] = (int(max_starts), float(per_ms) / 1000.0, int(counted))
         return rate_limits
 
     def _status(self, shown: int) -> Tuple[StatusReply, List[DeadJob]]:
