@@ -529,7 +529,7 @@ class Scripts:
             return reply
         except (redis.exceptions.ResponseError, UnicodeEncodeError) as exc:
             broken = False  # the server answered with an error, or the text was refused before it went
-            if _FOREIGN_DATA.search(str(exc)):
+            if isinstance(exc, redis.exceptions.ResponseError) and _FOREIGN_DATA.search(str(exc)):
                 raise type(exc)(f"{exc} ({self.wrong_kinds()})") from exc
             raise
         except redis.ConnectionError as exc:
