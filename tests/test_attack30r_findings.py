@@ -345,3 +345,17 @@ def test_a_rate_limit_another_program_wrote_is_named_by_the_fetch_that_fails_on_
     finally:
         q.stop(timeout=WAIT)
         broker.close()
+
+
+# --- 9. A URL that names two databases ----------------------------------------------------------------
+
+# redis://host/1?db=2 put the queue in database 2, silently (redis-py takes the query's), where the
+# user read 1: its workers on redis://host/1 would never see its jobs.
+
+@pytest.mark.redis
+@pytest.mark.parametrize("tail", ["/1?db=2", "/?db=2&db=3"])
+def test_a_url_that_names_two_databases_is_refused(redis_url, tail):
+    base = redis_url.rsplit("/", 1)[0]
+    with pytest.raises(ValueError, match="is not a usable Redis URL.*names more than one database"):
+        RedisBroker(base + tail, name="twodb", lease=2.0)
+    RedisBroker(base + "/2?db=2", name="twodb", lease=2.0).close()  # (the same one twice: no doubt)

@@ -86,9 +86,14 @@ class RedisBroker:
         # the same token or fetch id, which is what makes a resend safe.
         self._no_retry: Callable[[], Any] = lambda: Retry(NoBackoff(), 0)
         try:
-            database = urllib.parse.urlsplit(url).path.strip("/")
+            parts = urllib.parse.urlsplit(url)
+            database = parts.path.strip("/")
             if url.startswith(("redis://", "rediss://")) and database and not database.isdigit():
                 raise ValueError(f"its database {database!r} is not a number")  # (redis-py: db 0)
+            named = [database] if url.startswith(("redis://", "rediss://")) and database else []
+            named += urllib.parse.parse_qs(parts.query).get("db", [])  # (redis-py takes the query's, silently)
+            if len({int(db) if db.isdigit() else db for db in named}) > 1:
+                raise ValueError(f"it names more than one database: {', '.join(map(repr, named))}")
             self._pool = redis.BlockingConnectionPool.from_url(
                 url, max_connections=_POOL_SIZE, timeout=_POOL_WAIT, decode_responses=True,
                 encoding_errors=_ENCODING_ERRORS,
