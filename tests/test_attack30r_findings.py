@@ -359,3 +359,15 @@ def test_a_url_that_names_two_databases_is_refused(redis_url, tail):
     with pytest.raises(ValueError, match="is not a usable Redis URL.*names more than one database"):
         RedisBroker(base + tail, name="twodb", lease=2.0)
     RedisBroker(base + "/2?db=2", name="twodb", lease=2.0).close()  # (the same one twice: no doubt)
+
+
+@pytest.mark.redis
+def test_status_and_the_broker_name_a_wrong_password_as_refused_not_as_unreachable(redis_url, acl_user, caplog):
+    url = _as_user(redis_url, acl_user[0], "wrong")
+    RedisBroker(url, name="refused", lease=2.0).close()
+    assert any("refused the connection" in r.getMessage() and "not reachable" not in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    status = subprocess.run([sys.executable, "-m", "tinymq", "status", "--redis", url, "--name", "refused"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 1
+    assert "refused the connection" in status.stderr and "cannot reach" not in status.stderr, status.stderr

@@ -57,7 +57,7 @@ from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError, _buffer
 from ..stats import ExecutorStats, QueueStats
 from ._codec import decode_job, encode_job, sendable_text, undecodable_job, unsendable
 from ._scripts import Crashed, Scripts, SettleOp, readable_id, retries_of
-from .broker import _FIRST_LOOK_WAIT, redacted_url, reply_wait
+from .broker import _FIRST_LOOK_WAIT, redacted_url, refused, reply_wait
 
 __all__ = ["QueueLink"]
 
@@ -738,8 +738,7 @@ class QueueLink:
         """The error of a call whose first look at the server got no reply: it sent nothing, so
         ``outcome`` ("1 job not enqueued") is certain. A server that answered with an error (a wrong
         password, a database out of range) is not asked whether it runs."""
-        redis = __import__("redis")
-        if isinstance(exc, (redis.AuthenticationError, redis.ResponseError)):
+        if refused(exc):
             return TinyMQError(f"Redis at {redacted_url(self.broker.url)} (queue {self.broker.name!r}) refused "
                                f"the connection: {exc}; {outcome} (are the URL's user, password and database right?)")
         tls = ", with TLS (rediss://)" if self.broker.url.startswith("rediss://") else ""

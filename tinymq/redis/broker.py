@@ -117,7 +117,11 @@ class RedisBroker:
     def _not_reachable_yet(self, exc: Exception) -> None:
         """Redis did not answer at construction: a long-lived process waits for it (the command line,
         which stops at once, reports it as its error instead)."""
-        logger.warning("Redis at %s is not reachable yet (%s); tinymq will keep trying", redacted_url(self.url), exc)
+        if refused(exc):
+            logger.warning("Redis at %s refused the connection (%s); tinymq will keep trying (are the URL's user, "
+                           "password and database right?)", redacted_url(self.url), exc)
+        else:
+            logger.warning("Redis at %s is not reachable yet (%s); tinymq will keep trying", redacted_url(self.url), exc)
 
     def __repr__(self) -> str:
         return f"RedisBroker({redacted_url(self.url)!r}, name={self.name!r}, lease={self.lease!r})"
@@ -406,6 +410,13 @@ class RedisBroker:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether a server answered the connection with an error (a wrong password, a database out of
+    range): it runs, unlike one that did not answer."""
+    redis = _redis()
+    return isinstance(exc, (redis.AuthenticationError, redis.ResponseError))
 
 
 def reply_wait(deadline: float) -> Optional[float]:
