@@ -414,9 +414,11 @@ class RedisBroker:
 
 def refused(exc: BaseException) -> bool:
     """Whether a server answered the connection with an error (a wrong password, a database out of
-    range): it runs, unlike one that did not answer."""
+    range): it runs, unlike one that did not answer. (Not one busy with a long script: it answers
+    BUSY to all but a few commands, for now.)"""
     redis = _redis()
-    return isinstance(exc, (redis.AuthenticationError, redis.ResponseError))
+    return (isinstance(exc, redis.AuthenticationError)
+            or isinstance(exc, redis.ResponseError) and not str(exc).startswith("BUSY"))
 
 
 def reply_wait(deadline: float) -> Optional[float]:
