@@ -453,17 +453,17 @@ _KINDS = {"ready:2": "list", "ready:1": "list", "ready:0": "list", "delayed": "z
 # The fixed keys whose values (every field's, for a hash) are whole numbers; ratelimits' are "max:per".
 _WHOLE = ("stats", "running", "limits", "parkedn", "seq")
 _WHOLE_NUMBER = re.compile(r"-?\d+\Z")
+# An error of a script that met data tinymq did not write: a value of another kind (WRONGTYPE), a
+# number that is none (HINCRBY, INCR), a Lua error on such a value ("user_script:270: attempt to...").
+_FOREIGN_DATA = re.compile(r"^WRONGTYPE|is not an integer|is not a valid float|user_script:\d+: ")
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
     except ValueError:
         return False
     return True
-
-
-# An error of a script that met data tinymq did not write: a value of another kind (WRONGTYPE), a
-# number that is none (HINCRBY, INCR), a Lua error on such a value ("user_script:270: attempt to...").
-_FOREIGN_DATA = re.compile(r"^WRONGTYPE|is not an integer|is not a valid float|user_script:\d+: ")
 
 
 class Scripts:
@@ -540,8 +540,9 @@ class Scripts:
             connections.release(connection, broken)
 
     def wrong_kinds(self) -> str:
-        """Which keys of the queue hold a value of another kind than tinymq keeps there (another
-        program wrote them), for the error of a call that met one (WRONGTYPE): what to do about it."""
+        """Which keys of the queue hold a value of another kind than tinymq keeps there, or a value it
+        never writes there (another program wrote them), for the error of a call that met one (see
+        _FOREIGN_DATA): what to do about it."""
         import redis
 
         try:

@@ -121,7 +121,8 @@ class RedisBroker:
             logger.warning("Redis at %s refused the connection (%s); tinymq will keep trying (are the URL's user, "
                            "password and database right?)", redacted_url(self.url), exc)
         else:
-            logger.warning("Redis at %s is not reachable yet (%s); tinymq will keep trying", redacted_url(self.url), exc)
+            logger.warning("Redis at %s is not reachable yet (%s); tinymq will keep trying",
+                           redacted_url(self.url), exc)
 
     def __repr__(self) -> str:
         return f"RedisBroker({redacted_url(self.url)!r}, name={self.name!r}, lease={self.lease!r})"
