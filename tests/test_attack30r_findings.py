@@ -371,3 +371,41 @@ def test_status_and_the_broker_name_a_wrong_password_as_refused_not_as_unreachab
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert status.returncode == 1
     assert "refused the connection" in status.stderr and "cannot reach" not in status.stderr, status.stderr
+
+
+# A job whose key another program overwrote while its attempt ran: the settle of its retry or of its
+# failure for good failed with WRONGTYPE, and was sent again with every fetch of its process, for ever:
+# no other job ran there (the reap of a dead process holding such an attempt failed alike, and with it
+# every fetch of every process). Such a job is lost now.
+
+@pytest.mark.redis
+@pytest.mark.parametrize("max_retries", [1, 0], ids=["retry", "failure"])
+def test_a_running_job_whose_key_another_program_overwrote_is_lost_at_its_settle(redis_url, redis_client,
+                                                                                  max_retries):
+    from tinymq import RetryConfig
+
+    broker = RedisBroker(redis_url, name="overwritten-running", lease=2.0)
+    q = Queue(config=Config(), broker=broker)
+    ran, started, go = [], threading.Event(), threading.Event()
+
+    def work(job):
+        ran.append(job.id)
+        if job.id == "bad":
+            started.set()
+            go.wait(WAIT)
+            raise RuntimeError("it fails")
+
+    q.register_executor("t", work)
+    q.start_dispatcher(2)
+    try:
+        q.enqueue(Job("t", {}, id="bad", retry_config=RetryConfig(max_retries=max_retries, initial_delay=0.01)))
+        assert started.wait(WAIT)
+        _overwrite(redis_client, q, "bad")
+        go.set()
+        q.enqueue(Job("t", {}, id="good"))
+        assert q.join(timeout=WAIT)
+        assert ran == ["bad", "good"]
+    finally:
+        go.set()
+        q.stop(timeout=WAIT)
+        broker.close()

@@ -404,7 +404,7 @@ come out as they went in, ahead of what was behind them. Every script that gives
 calls flush_head before it takes jobs or returns. ]]
 local to_head = {[0] = {}, [1] = {}, [2] = {}}
 local function head_later(id, p) table.insert(to_head[p], id) end
-local function order_of(id) return tonumber(redis.call('HGET', job_key(id), 'o')) or math.huge end
+local function order_of(id) return tonumber(job_fields(job_key(id), 'o')[1]) or math.huge end
 local function flush_head()
   for p = 0, 2 do
     local ids = to_head[p]
@@ -499,7 +499,7 @@ end
 
 local function job_retry(id, retries, err, delay, now)
   local jk = job_key(id)
-  if redis.call('EXISTS', jk) == 0 then return job_gone(id) end -- (its hash would be written anew, half)
+  if not is_job(jk) then return job_gone(id) end -- (its hash would be written anew, half)
   count('retried', 1)
   redis.call('HSET', jk, 'r', retries, 'e', err)
   if delay <= 0 then
@@ -587,7 +587,7 @@ local function handed(proc, rows, call, keys) -- call: the handing call's id; ke
 end
 
 local function give_back(id)
-  local p = redis.call('HGET', job_key(id), 'p')
+  local p = job_fields(job_key(id), 'p')[1]
   if p then head_later(id, level_of(p)) else job_gone(id) end
 end
 
@@ -655,7 +655,7 @@ local function settle(proc, argv, first, n, now)
   -- job is left to report; proc learns it from the reply's gone, or the next beat's).
   local function failed(attempt, id, at)
     local jk = job_key(id)
-    if redis.call('EXISTS', jk) == 0 then return job_gone(id) end
+    if not is_job(jk) then return job_gone(id) end
     local reason = argv[at + 4]
     job_dead(id, reason, argv[at + 5], argv[at + 2], now)
     keep_report(jk, id, attempt, reason)
@@ -736,7 +736,7 @@ local function settle(proc, argv, first, n, now)
     elseif (op == 'y' or op == 'z') and (state == 'L' or state == 'R') then
       if state == 'L' then set_entry(attempt, 'X' .. t)
       else remove_entry(attempt) end
-      if redis.call('EXISTS', job_key(id)) == 1 then count('timed_out', 1) end -- (a lost job counts in none)
+      if is_job(job_key(id)) then count('timed_out', 1) end -- (a lost job counts in none)
       if op == 'y' then job_retry(id, argv[i + 2], argv[i + 5], tonumber(argv[i + 3]), now)
       else failed(attempt, id, i) end
     elseif op == 'E' and (state == 'X' or state == 'L') then
@@ -808,7 +808,7 @@ local function drop_proc(proc, now, max_crash, crashed)
         else
           job_gone(id) -- (its hash lost: nothing to report)
         end
-      elseif max_crash and redis.call('EXISTS', jk) == 1 and redis.call('HINCRBY', jk, 'c', 1) > max_crash then
+      elseif max_crash and is_job(jk) and redis.call('HINCRBY', jk, 'c', 1) > max_crash then
         local f = redis.call('HMGET', jk, 'b', 'r', 'e')
         job_dead(id, 'crashed', '', f[2] or '0', now)
         table.insert(crashed, held_row(id, f[1], f[2], f[3], 'crashed'))
