@@ -155,8 +155,8 @@ class RedisBroker:
 
     def _server_version(self, timeout: Optional[float]) -> str:
         """The server's version: from ``INFO``, or from ``HELLO`` (Redis >= 6) for an ACL user denied
-        ``INFO`` (in the ``@dangerous`` category, which ``+@all -@dangerous`` leaves out); "0" when
-        neither says (such a user on a Redis without HELLO without arguments: older than 6.2). Any
+        ``INFO`` (in the ``@dangerous`` category, which ``+@all -@dangerous`` leaves out); text without a
+        number when neither says (such a user on a Redis without HELLO without arguments: older than 6.2). Any
         other error (a wrong password, a database out of range) is raised."""
         redis = _redis()
         try:
@@ -165,7 +165,7 @@ class RedisBroker:
             try:
                 hello = self._scripts.command("HELLO", timeout=timeout)
             except redis.ResponseError:
-                return "0"
+                return "a version it does not tell (INFO and HELLO refused)"
             if not isinstance(hello, dict):  # (RESP2: a flat list of names and values; RESP3: a map)
                 hello = dict(zip(hello[::2], hello[1::2]))
             return str(hello.get("version", "0"))
