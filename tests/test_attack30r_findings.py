@@ -14,6 +14,7 @@ from tinymq import Config, Job, Queue
 from tinymq.redis import RedisBroker
 
 from _helpers import WAIT
+from test_redis_crash import fleet_factory  # noqa: F401 (a fixture)
 
 ROOT = Path(tinymq.__file__).resolve().parent.parent
 
@@ -409,3 +410,30 @@ def test_a_running_job_whose_key_another_program_overwrote_is_lost_at_its_settle
         go.set()
         q.stop(timeout=WAIT)
         broker.close()
+
+
+@pytest.mark.redis
+def test_a_killed_workers_job_whose_key_another_program_overwrote_is_lost_at_the_reap(redis_url, redis_client,
+                                                                                      fleet_factory):
+    import time
+
+    from test_redis_crash import producer_queue
+
+    fleet = fleet_factory(redis_url, "overwritten-reaped", lease=1.0, max_crashes=3)
+    first = fleet.start()
+    q = producer_queue(redis_url, "overwritten-reaped", 1.0, 3)
+    try:
+        q.enqueue(Job("a", 60_000.0, id="bad"))  # (it sleeps a minute)
+        by = time.monotonic() + WAIT
+        while not any(line.kind == "S" and line.id == "bad" for line in fleet.lines()):
+            assert time.monotonic() < by
+            time.sleep(0.02)
+        _overwrite(redis_client, q, "bad")
+        fleet.kill(first)
+        fleet.start()
+        q.enqueue(Job("a", 1.0, id="good"))
+        assert q.join(timeout=3 * WAIT)  # (the reap of the killed worker failed: every fetch with it)
+        assert any(line.kind == "E" and line.id == "good" for line in fleet.lines())
+        fleet.stop()
+    finally:
+        q.stop(timeout=WAIT)
