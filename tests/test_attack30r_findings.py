@@ -131,7 +131,16 @@ def test_a_wrong_password_or_database_is_named_as_refused_not_as_unreachable(red
 def replica_url(redis_server, tmp_path):
     from _redis_server import RedisServer
 
+    import time
+
+    import redis
+
     replica = RedisServer(str(tmp_path), extra=["--replicaof", "127.0.0.1", str(redis_server.port)]).start()
+    with redis.Redis.from_url(replica.url, decode_responses=True) as client:  # (synced: no LOADING reply)
+        by = time.monotonic() + WAIT
+        while client.info("replication").get("master_link_status") != "up":
+            assert time.monotonic() < by, "the replica did not sync with its primary"
+            time.sleep(0.02)
     yield replica.url
     replica.stop()
 
