@@ -530,7 +530,9 @@ class Scripts:
         except (redis.exceptions.ResponseError, UnicodeEncodeError) as exc:
             broken = False  # the server answered with an error, or the text was refused before it went
             if isinstance(exc, redis.exceptions.ResponseError) and _FOREIGN_DATA.search(str(exc)):
-                raise type(exc)(f"{exc} ({self.wrong_kinds()})") from exc
+                named = self.wrong_kinds(str(exc).startswith("WRONGTYPE"))
+                if named:
+                    raise type(exc)(f"{exc} ({named})") from exc
             raise
         except redis.ConnectionError as exc:
             if isinstance(exc.__context__, TimeoutError):  # a read that timed out: see _read_timed_out
@@ -539,10 +541,11 @@ class Scripts:
         finally:
             connections.release(connection, broken)
 
-    def wrong_kinds(self) -> str:
+    def wrong_kinds(self, certain: bool) -> str:
         """Which keys of the queue hold a value of another kind than tinymq keeps there, or a value it
         never writes there (another program wrote them), for the error of a call that met one (see
-        _FOREIGN_DATA): what to do about it."""
+        _FOREIGN_DATA): what to do about it. None found: "" (the error may be of something else), or
+        with ``certain`` (WRONGTYPE: a key whose name is not fixed, a job's) that some key is such."""
         import redis
 
         try:
@@ -557,8 +560,8 @@ class Scripts:
         except redis.RedisError:
             wrong = []
         if not wrong:
-            return (f"a key under {self.prefix!r} holds a value tinymq did not write there: "
-                    "another program wrote it")
+            return (f"a key under {self.prefix!r} holds a value of another kind than tinymq writes there: "
+                    "another program wrote it") if certain else ""
         return (f"Redis key {'; '.join(wrong)}: another program wrote it; delete it, or give the "
                 "queue another name")
 
@@ -717,7 +720,8 @@ class Scripts:
         except ValueError as exc:
             import redis
 
-            raise redis.ResponseError(f"{exc} ({self.wrong_kinds()})") from exc
+            named = self.wrong_kinds(False)
+            raise redis.ResponseError(f"{exc} ({named})" if named else str(exc)) from exc
 
     def status(self, shown: int) -> StatusReply:
         """What ``status --redis`` prints, read at one instant (status.lua), so that its figures agree;
