@@ -173,6 +173,16 @@ end
 local function exact_ms() return now_us / 1000 end -- after now_ms(): the same instant, in fractional ms
 
 local function job_key(id) return P .. 'job:' .. id end
+-- The fields of the job hash at `jk`, and whether `jk` holds a value of another kind: another
+-- program wrote one there (a string, a list), which makes that job lost, as one whose hash is
+-- gone is (job_gone), instead of failing the call (WRONGTYPE) that meets its id: every fetch or
+-- enqueue after it would fail, holding up every job of the queue.
+local function job_fields(jk, ...)
+  local f = redis.pcall('HMGET', jk, ...)
+  if f.err then return {}, true end
+  return f, false
+end
+local function is_job(jk) return redis.call('TYPE', jk).ok == 'hash' end
 local function inflight_key(proc) return P .. 'inflight:' .. proc end
 local function parked_key(p, t) return P .. 'parked:' .. p .. ':' .. t end
 local function rate_key(t) return P .. 'rate:' .. t end
@@ -370,7 +380,7 @@ local function promote_due()
     redis.call('ZREM', K_DELAYED, id)
     redis.call('ZREM', K_CAPPED, id)
     local jk = job_key(id)
-    local p = redis.call('HGET', jk, 'p')
+    local p = job_fields(jk, 'p')[1]
     if p then
       redis.call('HSET', jk, 'o', order + k - 1)
       redis.call('RPUSH', READY[level_of(p)], id)
@@ -394,7 +404,7 @@ come out as they went in, ahead of what was behind them. Every script that gives
 calls flush_head before it takes jobs or returns. ]]
 local to_head = {[0] = {}, [1] = {}, [2] = {}}
 local function head_later(id, p) table.insert(to_head[p], id) end
-local function order_of(id) return tonumber(redis.call('HGET', job_key(id), 'o')) or math.huge end
+local function order_of(id) return tonumber(job_fields(job_key(id), 'o')[1]) or math.huge end
 local function flush_head()
   for p = 0, 2 do
     local ids = to_head[p]
@@ -419,7 +429,7 @@ local function unpark_one(t)
     if id then
       if redis.call('HINCRBY', K_PARKEDN, t, -1) <= 0 then redis.call('HDEL', K_PARKEDN, t) end
       count('parked:' .. p, -1)
-      if redis.call('EXISTS', job_key(id)) == 1 then
+      if is_job(job_key(id)) then
         head_later(id, p)
         return true
       end
@@ -489,7 +499,7 @@ end
 
 local function job_retry(id, retries, err, delay, now)
   local jk = job_key(id)
-  if redis.call('EXISTS', jk) == 0 then return job_gone(id) end -- (its hash would be written anew, half)
+  if not is_job(jk) then return job_gone(id) end -- (its hash would be written anew, half)
   count('retried', 1)
   redis.call('HSET', jk, 'r', retries, 'e', err)
   if delay <= 0 then
@@ -577,7 +587,7 @@ local function handed(proc, rows, call, keys) -- call: the handing call's id; ke
 end
 
 local function give_back(id)
-  local p = redis.call('HGET', job_key(id), 'p')
+  local p = job_fields(job_key(id), 'p')[1]
   if p then head_later(id, level_of(p)) else job_gone(id) end
 end
 
@@ -645,7 +655,7 @@ local function settle(proc, argv, first, n, now)
   -- job is left to report; proc learns it from the reply's gone, or the next beat's).
   local function failed(attempt, id, at)
     local jk = job_key(id)
-    if redis.call('EXISTS', jk) == 0 then return job_gone(id) end
+    if not is_job(jk) then return job_gone(id) end
     local reason = argv[at + 4]
     job_dead(id, reason, argv[at + 5], argv[at + 2], now)
     keep_report(jk, id, attempt, reason)
@@ -726,7 +736,7 @@ local function settle(proc, argv, first, n, now)
     elseif (op == 'y' or op == 'z') and (state == 'L' or state == 'R') then
       if state == 'L' then set_entry(attempt, 'X' .. t)
       else remove_entry(attempt) end
-      if redis.call('EXISTS', job_key(id)) == 1 then count('timed_out', 1) end -- (a lost job counts in none)
+      if is_job(job_key(id)) then count('timed_out', 1) end -- (a lost job counts in none)
       if op == 'y' then job_retry(id, argv[i + 2], argv[i + 5], tonumber(argv[i + 3]), now)
       else failed(attempt, id, i) end
     elseif op == 'E' and (state == 'X' or state == 'L') then
@@ -798,7 +808,7 @@ local function drop_proc(proc, now, max_crash, crashed)
         else
           job_gone(id) -- (its hash lost: nothing to report)
         end
-      elseif max_crash and redis.call('EXISTS', jk) == 1 and redis.call('HINCRBY', jk, 'c', 1) > max_crash then
+      elseif max_crash and is_job(jk) and redis.call('HINCRBY', jk, 'c', 1) > max_crash then
         local f = redis.call('HMGET', jk, 'b', 'r', 'e')
         job_dead(id, 'crashed', '', f[2] or '0', now)
         table.insert(crashed, held_row(id, f[1], f[2], f[3], 'crashed'))
