@@ -9,8 +9,8 @@ are batched into the next script call.
 
 Threads (started by ``start``):
 - the pump: flush settles + fetch; when Redis has nothing, it blocks in BLPOP
-  on the ``signal`` list (its own connection) for at most ``_IDLE_WAIT``;
-  meanwhile a worker that finishes an attempt flushes it itself;
+  on the ``signal`` list (its own connection) for at most ``_IDLE_WAIT``, given up
+  as soon as stop() begins; meanwhile a worker that finishes an attempt flushes it itself;
 - the timer: fetches at the earliest delayed job's due time, measured on the
   local monotonic clock from the server's reply (Redis's blocking timeouts are
   too coarse for this);
@@ -1405,7 +1405,10 @@ class QueueLink:
                            redacted_url(self.broker.url), what, exc)
 
     def _pump(self) -> None:
-        blocking = self.broker._dedicated_client(_IDLE_WAIT + _SOCKET_TIMEOUT)
+        # Its idle wait on a connection of its own, given up (its socket closed) as soon as stop()
+        # begins, as the heartbeat's calls are: a server that holds the reply (frozen) would keep
+        # it up to the socket timeout, past stop().
+        blocking = self.broker._connections(1, _IDLE_WAIT + _SOCKET_TIMEOUT)
         signal_key = self.scripts.key("signal")
         pause = _BACKOFF_MIN
         backlog = False  # the last round filled its batch: Redis has more
@@ -1435,8 +1438,11 @@ class QueueLink:
                         # thread blocks in the BLPOP's reply (after it has built and sent it).
                         time.sleep(0)
                     try:
-                        blocking.blpop([signal_key, self._wake_key()], _IDLE_WAIT)
+                        self.scripts.blocking_pop(blocking, (signal_key, self._wake_key()), _IDLE_WAIT,
+                                                  _IDLE_WAIT + _SOCKET_TIMEOUT, self._stopped)
                     except self._redis_error as exc:
+                        if self._stopped.is_set():
+                            return  # (abandoned: stop() began)
                         self._log_outage("waiting for jobs", exc)
                         self._stopped.wait(pause)
                         pause = min(pause * 2, _BACKOFF_MAX)

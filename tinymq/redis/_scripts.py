@@ -480,6 +480,13 @@ class Scripts:
             return self.client.execute_command(*command)
         return self._on_connection(connections, command, timeout, None, abandoned)
 
+    def blocking_pop(self, connections: Connections, keys: Sequence[str], wait: float, timeout: float,
+                     abandoned: threading.Event) -> Any:
+        """BLPOP of ``keys`` for ``wait`` seconds at most, on ``connections`` (a caller's own: it
+        blocks), its reply waited for ``timeout`` at most; given up once ``abandoned`` is set,
+        redis.ConnectionError, its connection closed (see _waited)."""
+        return self._on_connection(connections, ("BLPOP", *keys, wait), timeout, None, abandoned)
+
     def _on_connection(self, connections: Connections, command: Tuple[Any, ...], timeout: Optional[float],
                        script: Optional[str], abandoned: Optional[threading.Event] = None) -> Any:
         """``command`` on a connection lent by ``connections`` (EVALSHA of ``script``, loaded again if the
