@@ -6,6 +6,7 @@ import pytest
 
 import tinymq
 
+from _helpers import WAIT
 from test_redis29b_findings import PROXY_THREAD, StallingProxy
 
 
@@ -49,3 +50,84 @@ def test_an_idle_wait_whose_reply_is_held_ends_before_stop_returns(redis_server,
         q.stop(wait=False)
         q.broker.close()
         proxy.close()
+
+
+# --- 3. A connect that drop_opening() could not reach, run on past stop() and close() ---------
+
+# Connections.drop_opening() (stop() and the broker's close()) closes the sockets of the connects a
+# caller gave up on, again and again until its wait ends: redis-py sets a connection's socket only
+# once its TCP connect has ended (up to the connect timeout), so a close before then finds none.
+# A connect whose TCP connect ended after the drop's last close, or whose caller gave up only after
+# the drop had looked (and found nothing to drop), then sent its handshake and waited for the reply
+# up to the socket timeout, after stop() or close() had returned. Now a connect checks, once its
+# socket is set, that it was not dropped (every drop closes that socket after marking it), and a
+# caller that gives up after a drop began drops its connect itself: no handshake after a drop.
+
+SOCKET_TIMEOUT = 10.0  # the handshake's wait for a silent server, without the fix
+
+
+def _silent_server():
+    """A listening socket that never accepts: the kernel completes TCP connects, nobody answers."""
+    import socket
+
+    return socket.create_server(("127.0.0.1", 0))
+
+
+def _slow_connection_class(tcp_starts, tcp_may_go):
+    import redis
+
+    class SlowTCP(redis.Connection):
+        """A connection whose TCP connect waits for ``tcp_may_go``: a server slow to accept."""
+
+        def _connect(self):
+            tcp_starts.set()
+            tcp_may_go.wait()
+            return super()._connect()
+
+    return SlowTCP
+
+
+def _connections(port, tcp_starts, tcp_may_go):
+    from tinymq.redis._scripts import Connections
+
+    connection_class = _slow_connection_class(tcp_starts, tcp_may_go)
+    return Connections(lambda: connection_class(host="127.0.0.1", port=port, socket_timeout=SOCKET_TIMEOUT,
+                                                socket_connect_timeout=2.0, decode_responses=True), 1, 1.0)
+
+
+def _connect_threads():
+    return [thread for thread in threading.enumerate() if thread.name == "tinymq-redis-connect"]
+
+
+@pytest.mark.parametrize("given_up", ["before the drop", "after the drop began"])
+def test_a_connect_whose_socket_a_drop_could_not_reach_sends_no_handshake(given_up):
+    server = _silent_server()
+    tcp_starts, tcp_may_go, abandoned = threading.Event(), threading.Event(), threading.Event()
+    connections = _connections(server.getsockname()[1], tcp_starts, tcp_may_go)
+    before = set(_connect_threads())
+    connection = connections.acquire()
+    opened = []
+    caller = threading.Thread(target=lambda: opened.append(connections.open_within(connection, 60.0, abandoned)))
+    try:
+        if given_up == "before the drop":
+            abandoned.set()
+            caller.start()
+            caller.join(WAIT)
+        else:
+            caller.start()
+        assert tcp_starts.wait(WAIT)
+        connect = [thread for thread in _connect_threads() if thread not in before]
+        assert len(connect) == 1
+        connections.drop_opening(0.1)  # its TCP connect still waits: no socket to close yet
+        abandoned.set()
+        caller.join(WAIT)
+        assert opened == [False]
+        tcp_may_go.set()  # the TCP connect ends after the drop: its handshake would wait for a reply
+        connect[0].join(SOCKET_TIMEOUT / 2)
+        assert not connect[0].is_alive(), "the connect sent its handshake after the drop"
+        assert connection._sock is None
+    finally:
+        tcp_may_go.set()
+        abandoned.set()
+        connections.close()
+        server.close()
