@@ -131,3 +131,57 @@ def test_a_connect_whose_socket_a_drop_could_not_reach_sends_no_handshake(given_
         abandoned.set()
         connections.close()
         server.close()
+
+
+# --- 4. A report the nested-callback bound deferred, its reporter's lease left to run out -------
+
+# In a process without a lease (producer-only), a call that ends jobs for it to report (an evicting
+# enqueue, a cancel) registers a reporter under the broker's lease, renewed while the rows' failure
+# callbacks run: reaped, the reporter would have its rows reported again by a worker process. From
+# failure callbacks nested _NESTED_REPORTS deep, the report waits for the callbacks above it to
+# return (the dispatcher's report_bounded), and its renewal began only with its own callbacks: a
+# callback above that took longer than the lease let a worker reap the reporter and report its job
+# a second time. The reporter's lease is now renewed from the reply that registered it on.
+
+LEASE = 1.0
+
+
+@pytest.mark.redis
+def test_a_deferred_report_keeps_its_reporters_lease_while_it_waits(redis_url):
+    from tinymq import Config, Job
+    from tinymq.redis import RedisBroker
+
+    name = "deferredlease"
+    producer = tinymq.Queue(config=Config(max_delayed_jobs=1), broker=RedisBroker(redis_url, name=name, lease=LEASE))
+    worker = tinymq.Queue(broker=RedisBroker(redis_url, name=name, lease=LEASE))
+    reported, again = [], []
+    waiting, go_on = threading.Event(), threading.Event()
+    chain = 40  # deeper than the nesting bound
+
+    @producer.on_failure
+    def enqueue_another(job, reason, exc):
+        reported.append(job.payload)
+        if job.payload + 2 <= chain:  # evicts the one waiting (payload + 1): its report nests in this one
+            producer.enqueue_delayed(Job("t", job.payload + 2), 3600)
+            if job.payload + 1 not in reported and not waiting.is_set():  # its report was deferred
+                waiting.set()
+                go_on.wait(WAIT)  # a slow callback: its deferred report waits for it
+
+    worker.on_failure(lambda job, reason, exc: again.append(job.payload))
+    worker.register_executor("t", lambda job: None)
+    worker.start_dispatcher(1)
+    enqueuer = threading.Thread(target=lambda: [producer.enqueue_delayed(Job("t", n), 3600) for n in (0, 1)])
+    try:
+        enqueuer.start()
+        assert waiting.wait(WAIT), "no report was deferred"
+        deadline = time.monotonic() + 4 * LEASE  # the worker's beats reap a reporter left to expire
+        while time.monotonic() < deadline and not again:
+            time.sleep(0.05)
+        go_on.set()
+        enqueuer.join(WAIT)
+        assert sorted(reported) == list(range(chain)), "a job of the chain was not reported"
+        assert again == [], "a worker reported again the rows of a reporter it reaped"
+    finally:
+        go_on.set()
+        producer.stop()
+        worker.stop()

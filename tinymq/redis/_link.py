@@ -25,10 +25,11 @@ Threads (started by ``start``):
   to report or attempts to cancel): runs their failure callbacks, so that no thread
   that renews the lease or fetches ever waits for a callback (one slower than the
   lease would get this live process reaped, and its attempts run again elsewhere).
-- a reporter's renewer (``_holding``, one per call that registered a reporter: a
+- a reporter's renewer (``_hold``, one per call that registered a reporter: a
   cancel, an evicting enqueue or a tick of a process without a lease, producer-only
-  or stopping): renews that reporter's lease every ``lease / 4`` while the failure
-  callbacks of its rows run.
+  or stopping): renews that reporter's lease every ``lease / 4`` from the call's reply
+  until the failure callbacks of its rows ran (a report deferred by the bound on
+  nested callbacks waits for the callbacks above it first).
 A thread that fails on anything but Redis (a bug, a foreign job that trips it) makes the
 process go on as if killed and started again (``_crashed``): its id is let go for others to
 reap, and the pump, timer or heartbeat starts again under a new id.
@@ -48,7 +49,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 from .._pick_core import core
 from .._shield import shield
@@ -418,22 +419,34 @@ class QueueLink:
         those that wait in Redis (a key) are acknowledged after their callbacks ran. From failure
         callbacks nested deep (one whose enqueue evicts a job, whose callback enqueues, ...), once
         the callbacks above return (the dispatcher's report_bounded): the stack stays bounded."""
-        if rows:
-            self.dispatcher.report_bounded(self._report_rows_ended, rows, caller)
+        if not rows:
+            return
+        # A reporter's lease is renewed from now on, not from when its rows' callbacks start: a
+        # report deferred until the callbacks above it return may wait longer than the lease.
+        held = self._hold(caller) if "~" in caller and any(row.key for row in rows) else None
+        try:
+            self.dispatcher.report_bounded(self._report_rows_ended, rows, caller, held)
+        except BaseException:
+            if held is not None:
+                held()
+            raise
 
-    def _report_rows_ended(self, rows: Sequence[Crashed], caller: str) -> None:
+    def _report_rows_ended(self, rows: Sequence[Crashed], caller: str, held: Optional[Callable[[], None]]
+                           ) -> None:
+        """``held``: ends the renewal of the reporter ``caller`` (_hold), once its rows' callbacks ran."""
+        try:
+            for row in rows:
+                if not row.key or held is not None:
+                    self._report(row.id, row.body, row.reason, row.retries, row.error)
+        finally:
+            if held is not None:
+                held()
         kept = [row for row in rows if row.key]
-        for row in rows:
-            if not row.key:
-                self._report(row.id, row.body, row.reason, row.retries, row.error)
         if not kept:
             return
         if "~" not in caller:  # our own lease: acknowledged with our next call
             self._report_handed(kept)
             return
-        with self._holding(caller):  # (a callback may outlast the lease)
-            for row in kept:
-                self._report(row.id, row.body, row.reason, row.retries, row.error)
         try:  # acknowledged and unregistered in one call
             self.broker._call_resending(self.scripts.release, caller, [SettleOp("A", row.key) for row in kept])
         except self._redis_error as exc:
@@ -441,11 +454,11 @@ class QueueLink:
                            "(%s); they will be reported again once the lease of %s runs out",
                            self.broker.name, len(kept), exc, caller)
 
-    @contextlib.contextmanager
-    def _holding(self, reporter: str) -> Iterator[None]:
-        """Renew the lease of ``reporter`` every lease / 4 while its rows' callbacks run: a
-        reporter reaped meanwhile would have them reported again by a worker, though nothing
-        died. Its first renewal is due a quarter lease after the reply that registered it."""
+    def _hold(self, reporter: str) -> Callable[[], None]:
+        """Renew the lease of ``reporter`` every lease / 4 until the function returned is called
+        (it waits for the renewer to end), from the reply that registered it until its rows'
+        callbacks ran: a reporter reaped meanwhile would have them reported again by a worker,
+        though nothing died. Its first renewal is due a quarter lease after that reply."""
         done = threading.Event()
 
         def renew() -> None:
@@ -461,11 +474,12 @@ class QueueLink:
 
         renewer = threading.Thread(target=renew, name="tinymq-reporter", daemon=True)
         renewer.start()
-        try:
-            yield
-        finally:
+
+        def end() -> None:
             done.set()
             renewer.join()
+
+        return end
 
     def _report(self, job_id: str, body: str, reason: str, retries: Union[int, str] = 0, error: str = "") -> None:
         """Log and hand to the failure callbacks a job that Redis ended (its counters are there).
