@@ -25,11 +25,11 @@ Threads (started by ``start``):
   to report or attempts to cancel): runs their failure callbacks, so that no thread
   that renews the lease or fetches ever waits for a callback (one slower than the
   lease would get this live process reaped, and its attempts run again elsewhere).
-- a reporter's renewer (``_hold``, one per call that registered a reporter: a
+- the reporters' renewer (``_hold``, while any call that registered a reporter, a
   cancel, an evicting enqueue or a tick of a process without a lease, producer-only
-  or stopping): renews that reporter's lease every ``lease / 4`` from the call's reply
-  until the failure callbacks of its rows ran (a report deferred by the bound on
-  nested callbacks waits for the callbacks above it first).
+  or stopping, holds its rows): renews each such reporter's lease every ``lease / 4``
+  from the call's reply until the failure callbacks of its rows ran (a report deferred
+  by the bound on nested callbacks waits for the callbacks above it first).
 A thread that fails on anything but Redis (a bug, a foreign job that trips it) makes the
 process go on as if killed and started again (``_crashed``): its id is let go for others to
 reap, and the pump, timer or heartbeat starts again under a new id.
@@ -236,6 +236,11 @@ class QueueLink:
         # (proc, token) of calls that may have kept rows for this process to report (a cancel's,
         # an evicting enqueue's or tick's) but whose reply never came: looked up at the next beat.
         self._lost_replies: List[Tuple[str, str]] = []  # guarded by _lock
+        # Reporters whose rows this process holds (_hold) -> how many holds, and the one thread
+        # that renews their leases while any is held (None: none runs). Guarded by _lock.
+        self._held_reporters: Dict[str, int] = {}
+        self._reporters_renewer: Optional[threading.Thread] = None
+        self._reporters_held = threading.Condition(self._lock)  # the renewer is no longer wanted
         # Guarded by _lock:
         self._attempts: Dict[Any, _Attempt] = {}  # job -> this process's attempt of it
         self._in_hand = 0  # attempts fetched and not yet decided (buffered or running)
@@ -455,31 +460,52 @@ class QueueLink:
                            self.broker.name, len(kept), exc, caller)
 
     def _hold(self, reporter: str) -> Callable[[], None]:
-        """Renew the lease of ``reporter`` every lease / 4 until the function returned is called
-        (it waits for the renewer to end), from the reply that registered it until its rows'
-        callbacks ran: a reporter reaped meanwhile would have them reported again by a worker,
-        though nothing died. Its first renewal is due a quarter lease after that reply."""
-        done = threading.Event()
+        """Keep the lease of ``reporter`` renewed every lease / 4 until the function returned is
+        called (from the reply that registered it until its rows' callbacks ran): a reporter
+        reaped meanwhile would have them reported again by a worker, though nothing died. One
+        renewer renews every reporter held; the last end waits for it to end."""
+        with self._lock:
+            self._held_reporters[reporter] = self._held_reporters.get(reporter, 0) + 1
+            if self._reporters_renewer is None:
+                renewer = threading.Thread(target=self._renew_reporters, name="tinymq-reporter", daemon=True)
+                self._reporters_renewer = renewer
+                renewer.start()
 
-        def renew() -> None:
-            while not done.wait(self.broker.lease / 4):
+        def end() -> None:
+            with self._lock:
+                holds = self._held_reporters.pop(reporter) - 1
+                if holds:
+                    self._held_reporters[reporter] = holds
+                renewer = self._reporters_renewer
+                if self._held_reporters or renewer is None:
+                    return
+                self._reporters_renewer = None  # (a hold from now on starts another one)
+                self._reporters_held.notify_all()
+            renewer.join()
+
+        return end
+
+    def _renew_reporters(self) -> None:
+        """The renewer of the reporters held (_hold): each one's lease every lease / 4, the first
+        renewal of each within a quarter lease of the reply that registered it."""
+        me = threading.current_thread()
+        interval = self.broker.lease / 4
+        while True:
+            with self._lock:
+                due = time.monotonic() + interval
+                while self._reporters_renewer is me and time.monotonic() < due:
+                    self._reporters_held.wait(due - time.monotonic())
+                if self._reporters_renewer is not me:
+                    return
+                reporters = list(self._held_reporters)
+            for reporter in reporters:  # (one released or reaped meanwhile: hold does nothing)
                 try:
-                    if not self.scripts.hold(reporter, self._lease_ms):
-                        return  # released, or reaped (its reaper reports the rows)
+                    self.scripts.hold(reporter, self._lease_ms)
                 except self._redis_error as exc:
                     self._log_outage("renewing a reporter's lease", exc)
                 except Exception:  # (a bug: it holds no state, so it goes on; ended, it would let
                     logger.exception("Redis queue %r: renewing the lease of reporter %s failed",  # the
                                      self.broker.name, reporter)  # reporter be reaped, its rows reported twice)
-
-        renewer = threading.Thread(target=renew, name="tinymq-reporter", daemon=True)
-        renewer.start()
-
-        def end() -> None:
-            done.set()
-            renewer.join()
-
-        return end
 
     def _report(self, job_id: str, body: str, reason: str, retries: Union[int, str] = 0, error: str = "") -> None:
         """Log and hand to the failure callbacks a job that Redis ended (its counters are there).
