@@ -1583,7 +1583,8 @@ class ScriptsMachine(RuleBasedStateMachine):
         deleted by another program. The call that meets the id drops it, counts the job finished
         and names it (docs/redis.md, Dead jobs): check_lost follows each such id. (Its id is
         never enqueued again here: a new job of the id, its hash job:<id>, would be taken for
-        the lost one wherever its id still waits.)"""
+        the lost one where its id still waits in a ready list or as an attempt, unless the
+        fetch that takes one meets the other too; in the delayed set it is dropped then.)"""
         job_id = data.draw(st.sampled_from(sorted(self.model.unfinished())), label="lost job")
         self.client.delete(self.scripts.key(f"job:{job_id}"))
         del self.model.jobs[job_id]

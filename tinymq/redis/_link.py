@@ -9,8 +9,8 @@ are batched into the next script call.
 
 Threads (started by ``start``):
 - the pump: flush settles + fetch; when Redis has nothing, it blocks in BLPOP
-  on the ``signal`` list (its own connection) for at most ``_IDLE_WAIT``;
-  meanwhile a worker that finishes an attempt flushes it itself;
+  on the ``signal`` list (its own connection) for at most ``_IDLE_WAIT``, given up
+  as soon as stop() begins; meanwhile a worker that finishes an attempt flushes it itself;
 - the timer: fetches at the earliest delayed job's due time, measured on the
   local monotonic clock from the server's reply (Redis's blocking timeouts are
   too coarse for this);
@@ -25,10 +25,11 @@ Threads (started by ``start``):
   to report or attempts to cancel): runs their failure callbacks, so that no thread
   that renews the lease or fetches ever waits for a callback (one slower than the
   lease would get this live process reaped, and its attempts run again elsewhere).
-- a reporter's renewer (``_holding``, one per call that registered a reporter: a
+- the reporters' renewer (``_hold``, while any call that registered a reporter, a
   cancel, an evicting enqueue or a tick of a process without a lease, producer-only
-  or stopping): renews that reporter's lease every ``lease / 4`` while the failure
-  callbacks of its rows run.
+  or stopping, holds its rows): renews each such reporter's lease every ``lease / 4``
+  from the call's reply until the failure callbacks of its rows ran (a report deferred
+  by the bound on nested callbacks waits for the callbacks above it first).
 A thread that fails on anything but Redis (a bug, a foreign job that trips it) makes the
 process go on as if killed and started again (``_crashed``): its id is let go for others to
 reap, and the pump, timer or heartbeat starts again under a new id.
@@ -48,7 +49,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 from .._pick_core import core
 from .._shield import shield
@@ -235,6 +236,11 @@ class QueueLink:
         # (proc, token) of calls that may have kept rows for this process to report (a cancel's,
         # an evicting enqueue's or tick's) but whose reply never came: looked up at the next beat.
         self._lost_replies: List[Tuple[str, str]] = []  # guarded by _lock
+        # Reporters whose rows this process holds (_hold) -> how many holds, and the one thread
+        # that renews their leases while any is held (None: none runs). Guarded by _lock.
+        self._held_reporters: Dict[str, int] = {}
+        self._reporters_renewer: Optional[threading.Thread] = None
+        self._reporters_held = threading.Condition(self._lock)  # the renewer is no longer wanted
         # Guarded by _lock:
         self._attempts: Dict[Any, _Attempt] = {}  # job -> this process's attempt of it
         self._in_hand = 0  # attempts fetched and not yet decided (buffered or running)
@@ -418,22 +424,34 @@ class QueueLink:
         those that wait in Redis (a key) are acknowledged after their callbacks ran. From failure
         callbacks nested deep (one whose enqueue evicts a job, whose callback enqueues, ...), once
         the callbacks above return (the dispatcher's report_bounded): the stack stays bounded."""
-        if rows:
-            self.dispatcher.report_bounded(self._report_rows_ended, rows, caller)
+        if not rows:
+            return
+        # A reporter's lease is renewed from now on, not from when its rows' callbacks start: a
+        # report deferred until the callbacks above it return may wait longer than the lease.
+        held = self._hold(caller) if "~" in caller and any(row.key for row in rows) else None
+        try:
+            self.dispatcher.report_bounded(self._report_rows_ended, rows, caller, held)
+        except BaseException:
+            if held is not None:
+                held()
+            raise
 
-    def _report_rows_ended(self, rows: Sequence[Crashed], caller: str) -> None:
+    def _report_rows_ended(self, rows: Sequence[Crashed], caller: str, held: Optional[Callable[[], None]]
+                           ) -> None:
+        """``held``: ends the renewal of the reporter ``caller`` (_hold), once its rows' callbacks ran."""
+        try:
+            for row in rows:
+                if not row.key or held is not None:
+                    self._report(row.id, row.body, row.reason, row.retries, row.error)
+        finally:
+            if held is not None:
+                held()
         kept = [row for row in rows if row.key]
-        for row in rows:
-            if not row.key:
-                self._report(row.id, row.body, row.reason, row.retries, row.error)
         if not kept:
             return
         if "~" not in caller:  # our own lease: acknowledged with our next call
             self._report_handed(kept)
             return
-        with self._holding(caller):  # (a callback may outlast the lease)
-            for row in kept:
-                self._report(row.id, row.body, row.reason, row.retries, row.error)
         try:  # acknowledged and unregistered in one call
             self.broker._call_resending(self.scripts.release, caller, [SettleOp("A", row.key) for row in kept])
         except self._redis_error as exc:
@@ -441,31 +459,53 @@ class QueueLink:
                            "(%s); they will be reported again once the lease of %s runs out",
                            self.broker.name, len(kept), exc, caller)
 
-    @contextlib.contextmanager
-    def _holding(self, reporter: str) -> Iterator[None]:
-        """Renew the lease of ``reporter`` every lease / 4 while its rows' callbacks run: a
-        reporter reaped meanwhile would have them reported again by a worker, though nothing
-        died. Its first renewal is due a quarter lease after the reply that registered it."""
-        done = threading.Event()
+    def _hold(self, reporter: str) -> Callable[[], None]:
+        """Keep the lease of ``reporter`` renewed every lease / 4 until the function returned is
+        called (from the reply that registered it until its rows' callbacks ran): a reporter
+        reaped meanwhile would have them reported again by a worker, though nothing died. One
+        renewer renews every reporter held; the last end waits for it to end."""
+        with self._lock:
+            self._held_reporters[reporter] = self._held_reporters.get(reporter, 0) + 1
+            if self._reporters_renewer is None:
+                renewer = threading.Thread(target=self._renew_reporters, name="tinymq-reporter", daemon=True)
+                self._reporters_renewer = renewer
+                renewer.start()
 
-        def renew() -> None:
-            while not done.wait(self.broker.lease / 4):
+        def end() -> None:
+            with self._lock:
+                holds = self._held_reporters.pop(reporter) - 1
+                if holds:
+                    self._held_reporters[reporter] = holds
+                renewer = self._reporters_renewer
+                if self._held_reporters or renewer is None:
+                    return
+                self._reporters_renewer = None  # (a hold from now on starts another one)
+                self._reporters_held.notify_all()
+            renewer.join()
+
+        return end
+
+    def _renew_reporters(self) -> None:
+        """The renewer of the reporters held (_hold): each one's lease every lease / 4, the first
+        renewal of each within a quarter lease of the reply that registered it."""
+        me = threading.current_thread()
+        interval = self.broker.lease / 4
+        while True:
+            with self._lock:
+                due = time.monotonic() + interval
+                while self._reporters_renewer is me and time.monotonic() < due:
+                    self._reporters_held.wait(due - time.monotonic())
+                if self._reporters_renewer is not me:
+                    return
+                reporters = list(self._held_reporters)
+            for reporter in reporters:  # (one released or reaped meanwhile: hold does nothing)
                 try:
-                    if not self.scripts.hold(reporter, self._lease_ms):
-                        return  # released, or reaped (its reaper reports the rows)
+                    self.scripts.hold(reporter, self._lease_ms)
                 except self._redis_error as exc:
                     self._log_outage("renewing a reporter's lease", exc)
                 except Exception:  # (a bug: it holds no state, so it goes on; ended, it would let
                     logger.exception("Redis queue %r: renewing the lease of reporter %s failed",  # the
                                      self.broker.name, reporter)  # reporter be reaped, its rows reported twice)
-
-        renewer = threading.Thread(target=renew, name="tinymq-reporter", daemon=True)
-        renewer.start()
-        try:
-            yield
-        finally:
-            done.set()
-            renewer.join()
 
     def _report(self, job_id: str, body: str, reason: str, retries: Union[int, str] = 0, error: str = "") -> None:
         """Log and hand to the failure callbacks a job that Redis ended (its counters are there).
@@ -1419,7 +1459,10 @@ class QueueLink:
                            redacted_url(self.broker.url), what, exc)
 
     def _pump(self) -> None:
-        blocking = self.broker._dedicated_client(_IDLE_WAIT + _SOCKET_TIMEOUT)
+        # Its idle wait on a connection of its own, given up (its socket closed) as soon as stop()
+        # begins, as the heartbeat's calls are: a server that holds the reply (frozen) would keep
+        # it up to the socket timeout, past stop().
+        blocking = self.broker._connections(1, _IDLE_WAIT + _SOCKET_TIMEOUT)
         signal_key = self.scripts.key("signal")
         pause = _BACKOFF_MIN
         backlog = False  # the last round filled its batch: Redis has more
@@ -1449,8 +1492,11 @@ class QueueLink:
                         # thread blocks in the BLPOP's reply (after it has built and sent it).
                         time.sleep(0)
                     try:
-                        blocking.blpop([signal_key, self._wake_key()], _IDLE_WAIT)
+                        self.scripts.blocking_pop(blocking, (signal_key, self._wake_key()), _IDLE_WAIT,
+                                                  _IDLE_WAIT + _SOCKET_TIMEOUT, self._stopped)
                     except self._redis_error as exc:
+                        if self._stopped.is_set():
+                            return  # (abandoned: stop() began)
                         self._log_outage("waiting for jobs", exc)
                         self._stopped.wait(pause)
                         pause = min(pause * 2, _BACKOFF_MAX)

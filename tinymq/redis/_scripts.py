@@ -336,6 +336,9 @@ class Connections:
         # Connects still under way whose caller gave up (open_within): id -> (connection, thread, dropped)
         self._opening: Dict[int, Tuple[Any, threading.Thread, List[bool]]] = {}
         self._opening_lock = threading.Lock()
+        # drop_opening() calls begun so far (under _opening_lock): a caller that gives up once one
+        # began since its connect started is dropped at once, as that call would have dropped it
+        self._drops = 0
 
     def acquire(self, timeout: Optional[float] = None, abandoned: Optional[threading.Event] = None) -> Any:
         """A free connection, waited for at most ``timeout`` (else the pool's wait); ``abandoned``: see _waited."""
@@ -377,13 +380,31 @@ class Connections:
         ended = threading.Event()
         given_up: List[bool] = []  # (the caller left: the opening thread releases the connection)
         dropped: List[bool] = []  # (drop_opening() closed its socket: it goes back closed)
+        drops = self._drops
+        handshake = connection.redis_connect_func  # (None: redis-py's own, on_connect)
+
+        def handshake_unless_dropped(opened: Any) -> None:
+            # Its socket is set by now, and every drop closes it after marking `dropped`: a drop
+            # either is seen here or closes the socket the handshake waits on. Never a handshake
+            # (up to the socket timeout) after a drop, whose disconnect came too soon to close it.
+            if dropped:
+                import redis
+
+                raise redis.ConnectionError("the connect was abandoned (its pool closes)")
+            if handshake is None:
+                opened.on_connect()
+            else:
+                handshake(opened)
 
         def open_it() -> None:
+            connection.redis_connect_func = handshake_unless_dropped
             try:
                 connection.connect()
                 broken = False
             except Exception:
                 broken = True
+            finally:
+                connection.redis_connect_func = handshake
             with lock:
                 ended.set()
                 if not given_up:
@@ -406,14 +427,21 @@ class Connections:
             given_up.append(True)
             with self._opening_lock:
                 self._opening[id(connection)] = (connection, opening, dropped)
+                if self._drops != drops:  # a drop began after this connect did: it missed it
+                    dropped.append(True)
+                    connection.disconnect()
             return False
 
     def drop_opening(self, wait: float) -> None:
         """Abandon the connects under way whose callers gave up (open_within): their sockets closed,
         so that each fails at once, and their threads waited for (``wait`` at most in all); a
         connection goes back closed. A silent server holds such a connect up to the socket
-        timeout otherwise, past stop() and close(), and it gave back an open connection then."""
+        timeout otherwise, past stop() and close(), and it gave back an open connection then.
+        One still opening its TCP connection (its socket not set yet, out of reach) ends as soon
+        as that ends (the connect timeout at most), its handshake never sent; so does one whose
+        caller gives up only after this call began (it was not under way here yet)."""
         with self._opening_lock:
+            self._drops += 1
             opening = list(self._opening.values())
             for _, _, dropped in opening:
                 dropped.append(True)
@@ -502,6 +530,13 @@ class Scripts:
         if connections is None:
             return self.client.execute_command(*command)
         return self._on_connection(connections, command, timeout, None, abandoned)
+
+    def blocking_pop(self, connections: Connections, keys: Sequence[str], wait: float, timeout: float,
+                     abandoned: threading.Event) -> Any:
+        """BLPOP of ``keys`` for ``wait`` seconds at most, on ``connections`` (a caller's own: it
+        blocks), its reply waited for ``timeout`` at most; given up once ``abandoned`` is set,
+        redis.ConnectionError, its connection closed (see _waited)."""
+        return self._on_connection(connections, ("BLPOP", *keys, wait), timeout, None, abandoned)
 
     def _on_connection(self, connections: Connections, command: Tuple[Any, ...], timeout: Optional[float],
                        script: Optional[str], abandoned: Optional[threading.Event] = None) -> Any:

@@ -93,6 +93,11 @@ local limits, running, took, fields = {}, {}, {}, {}
 local room, rate_taken, rate_closed = {}, {}, {} -- per rate-limited type: starts left, taken, parked
 local parking, parked_keys = {}, {} -- parked list -> ids this call parks there, in order
 local met_gone = false -- a ready id without its hash was dropped (see below)
+-- Ids this call met: one met again is a lost job's, whose hash Redis lost before a new job took
+-- the id (both ids stand for the new job's hash): dropped as lost (job_gone), so that the new
+-- job runs once and its one end leaves nothing unfinished. (Met by another call, while the new
+-- job's attempt runs, it is taken for it again: docs/redis.md, Dead jobs.)
+local met = {}
 for p = 2, 0, -1 do
   while #taken < n and parked_budget > 0 do
     local ids = redis.call('LPOP', READY[p], n - #taken) -- LPOP with a count: Redis >= 6.2
@@ -103,10 +108,17 @@ for p = 2, 0, -1 do
         break
       end
       local jk = job_key(id)
-      local f, other = job_fields(jk, 't', 'b', 'r', 'e', 'p', 'k')
+      local again = met[id]
+      met[id] = true
+      local f, other = {}, false
+      if not again then f, other = job_fields(jk, 't', 'b', 'r', 'e', 'p', 'k') end
       local t = f[1]
-      local fault = foreign(t, f[5])
-      if fault and not other and redis.call('EXISTS', jk) == 1 then
+      local fault = not again and foreign(t, f[5])
+      if again then -- (see met)
+        job_gone(id)
+        met_gone = true
+        parked_budget = parked_budget - 1
+      elseif fault and not other and redis.call('EXISTS', jk) == 1 then
         if not f[6] then count_foreign(jk) end
         -- Another program wrote it: never run, dead here and reported by proc, as a job it
         -- cannot decode is (docs/redis.md, Dead jobs).

@@ -343,10 +343,13 @@ local function after_ties(due)
   return score
 end
 
--- Returns the score it was given (after_ties); `capped` jobs use the same one.
+-- Returns the score it was given (after_ties); `capped` jobs use the same one. The id of a job
+-- that waits nowhere yet (a new one, a retry) found waiting already is a lost job's (job_gone),
+-- whose hash Redis lost before this one took the id: the two ids become one member, the lost
+-- job's dropped (ZADD's reply says so: no look of its own at each id).
 local function add_delayed(id, due)
   due = after_ties(due)
-  redis.call('ZADD', K_DELAYED, due, id)
+  if redis.call('ZADD', K_DELAYED, due, id) == 0 then job_gone(id) end
   local first = redis.call('ZRANGE', K_DELAYED, 0, 0)
   if first[1] == id then signal() end -- a new earliest due time: an idle process re-arms its timer
   return due
@@ -972,7 +975,8 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
       if max_delayed > 0 and redis.call('ZCARD', K_CAPPED) >= max_delayed then
         local out = redis.call('ZPOPMIN', K_CAPPED)
         redis.call('ZREM', K_DELAYED, out[1])
-        if redis.call('EXISTS', job_key(out[1])) == 0 then
+        -- (this job's own id: a lost job's, waiting still; the hash is this job's, never evicted)
+        if out[1] == id or redis.call('EXISTS', job_key(out[1])) == 0 then
           job_gone(out[1]) -- (nothing to report, nor to keep dead; its place is the room needed)
         else
           local f = redis.call('HMGET', job_key(out[1]), 'b', 'r')
