@@ -664,7 +664,9 @@ def test_a_resumed_zombie_starts_no_buffered_job_before_it_can_renew(redis_url, 
                             == {"running", "buffered"}, START_WAIT)
             # Redis is slow to answer as the zombie wakes (a loaded server, a flaky link): it cannot
             # renew, so it cannot know it still holds anything
-            with queue.broker._dedicated_client(START_WAIT) as pauser:
+            import redis
+
+            with redis.Redis.from_url(redis_url, socket_timeout=START_WAIT) as pauser:
                 pauser.execute_command("CLIENT", "PAUSE", PAUSE_MS, "ALL")
         finally:
             zombie.process.send_signal(signal.SIGCONT)

@@ -200,13 +200,6 @@ class RedisBroker:
         pair = [*next(iter(reply.items()))] if isinstance(reply, dict) and reply else reply  # (RESP3: a map)
         return pair[1] if len(pair) > 1 else None  # (text: the connections decode replies)
 
-    def _dedicated_client(self, timeout: float) -> Any:
-        """A connection of its own, for one thread at a time (a blocking wait, or fetch rounds)."""
-        redis = _redis()
-        return redis.Redis.from_url(self.url, decode_responses=True, encoding_errors=_ENCODING_ERRORS,
-                                    socket_timeout=timeout, socket_connect_timeout=_CONNECT_TIMEOUT,
-                                    max_connections=1, retry=self._no_retry())
-
     def _connections(self, size: int, timeout: float) -> Connections:
         """Raw connections for script calls (see Connections), set up as the pool's are."""
         redis = _redis()
