@@ -30,6 +30,8 @@ Returns one of
                                           cancels it, and its settle ends the job as cancelled,
                                           whatever its outcome (a failure for good included:
                                           see settle in lib.lua)
+A ready or parked job removed makes room in the buffer: a due job that waited for room
+goes in (promote_due), and an idle process is woken for it.
 A ready job removed while jobs of its type are parked and the type has a free slot lets the
 first of them out (it may have been the job let out for that slot), so none waits for a slot
 that is free. Removing a waiting job looks through its ready or parked list (O(length)); finding a leased

@@ -1,12 +1,13 @@
 --[[ fetch: settle a batch, renew the lease, reap, promote due jobs (promote_due: at most
-PROMOTE_PER_CALL), take up to n jobs.
+PROMOTE_PER_CALL, and as many as the buffer has room for), take up to n jobs, then let in the
+due jobs that waited for the room the take made.
 KEYS[1] prefix. ARGV: proc, fetch id, n, lease ms, max crash recoveries,
 registered (the server time, ms, at which proc registered: its first fetch or beat; '0'
 before it), buffer_size (0: none given, the one kept is used; see cap in lib.lua, which keeps
 this one for the scripts called without it), settle count, then settle ops
 (2 or 6 entries each, see settle in lib.lua).
 Returns {status, server now ms, next due ms (the earliest delayed job or rate window
-         opening; fractional, as text; -1: none), stale settles,
+         opening, leaving out due jobs that wait for room; fractional, as text; -1: none), stale settles,
          crashed {{id, body, retries, error, reason, key}...}, jobs {{attempt, body, retries, error}...},
          server now us (to time the next due job), cancels {attempt...},
          overruled {{attempt, type}...}, gone {id...}}

@@ -10,7 +10,8 @@ Keys (after the prefix):
   ready:2 ready:1 ready:0  LIST  job ids, HIGH / MEDIUM / LOW; RPUSH new, LPOP to take,
                                  LPUSH to give back at the head
   delayed                  ZSET  id -> due time in ms, fractional (server clock): new delayed
-                                 jobs and retries
+                                 jobs and retries; and the jobs owed a place that wait for room
+                                 in the buffer (due: see promote_due, to_tail, make_room)
   capped                   ZSET  the subset of `delayed` that max_delayed_jobs counts
                                  and may evict (new delayed jobs not yet due; never retries;
                                  enqueue drops the due ones before it evicts)
@@ -33,7 +34,8 @@ Keys (after the prefix):
                                  here, never job:<id>, which may be that new job's
   seq                      STRING the last FIFO order handed out
   clock                    HASH  t server time (ms) of the last lease-keeping call (fetch,
-                                 beat, reap), g the gap (ms) past which that is an outage
+                                 beat, reap), b the buffer_size the last fetch sent (see cap),
+                                 g the gap (ms) past which that is an outage
                                  (see mind_the_gap), e server time (ms) the queue's state
                                  began, or of an earlier registration in it (see renew)
   token:<token>            STRING the JSON reply that a resend of the call <token> (an
@@ -93,6 +95,8 @@ Keys (after the prefix):
                                  cancelled outstanding (unfinished jobs, for join) parked:<p>
 
 Invariants (after every script):
+  * the ready and parked jobs are at most buffer_size (cap), or no more than before a call
+    when calls without a cap left more (before any fetch kept one);
   * an unfinished job is in exactly one of ready:*, parked:*, delayed, or as an L/R
     attempt in one inflight hash; a dead job is in `dead`; a finished one is nowhere
     (an X attempt beside it holds only its type slot);
@@ -674,6 +678,7 @@ end
        (L) -> attempt becomes X and keeps its slot; (R) -> attempt removed
   E  a timed-out attempt returned     (X) -> removed, slot freed; (L) -> R, slot freed
   B  give back unstarted / cancelled  (L)    -> slot freed, job at the head of its level
+       (the last ready job waits for room if that fills the buffer past its cap: make_room)
   T  started (sent by a rate-limited type's worker once it started the attempt) (L, X, R)
        -> nothing but its rate window entry: it ends per from now
   A  (op, the row's key instead of an attempt) a row handed to proc to report was
