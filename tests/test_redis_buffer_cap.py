@@ -69,6 +69,25 @@ def test_a_retry_without_delay_at_a_full_buffer_waits_for_room(scripts):
     assert ready(scripts) == ["c", "a"]
 
 
+def test_a_retry_that_waits_for_room_goes_in_when_the_same_fetch_makes_some(scripts):
+    scripts.enqueue("t1", CAP, 0, rows("a"))
+    attempt = fetch(scripts, "p", "1", 1).jobs[0].attempt
+    scripts.enqueue("t2", CAP, 0, rows("b", "c"))
+    reply = fetch(scripts, "p", "2", 1, [SettleOp("Y", attempt, 1, 0, "", "boom")])
+    assert [job.id for job in reply.jobs] == ["b"]
+    assert ready(scripts) == ["c", "a"] and waiting(scripts) == [], "room made, and a job left waiting for it"
+
+
+def test_a_job_a_give_back_made_wait_goes_in_when_the_same_fetch_makes_room(scripts):
+    scripts.enqueue("t1", CAP, 0, rows("a", "b"))
+    attempts = [job.attempt for job in fetch(scripts, "p", "1", 2).jobs]
+    scripts.enqueue("t2", CAP, 0, rows("c"))
+    # a retry without delay looks for room first (none: it waits), then b is given back
+    reply = fetch(scripts, "p", "2", 2, [SettleOp("Y", attempts[0], 1, 0, "", "boom"), SettleOp("B", attempts[1])])
+    assert [job.id for job in reply.jobs] == ["b", "c"]
+    assert ready(scripts) == ["a"] and waiting(scripts) == []
+
+
 @pytest.mark.parametrize("how", ["give-back", "release", "reap"])
 def test_jobs_given_back_keep_their_head_and_the_last_ready_job_waits_for_room(scripts, how):
     scripts.enqueue("t1", CAP, 0, rows("a", "b"))

@@ -351,6 +351,7 @@ class Model:
             self.push_tail(job_id)
             return True
         self.add_delayed(job_id, now_us / 1000, capped=False)
+        self.due_waiting = True
         self.happened.append("a job owed a place waits for room")
         return False
 
@@ -369,6 +370,7 @@ class Model:
             self.head[level] = min(self.head[level], len(ids))
             if job_id in self.jobs:
                 self.delayed[job_id] = self.jobs[job_id].order + 1  # (Redis's seq hands out 1 first)
+                self.due_waiting = True
                 self.happened.append("a give-back made the last ready job wait for room")
             else:
                 self.job_gone(job_id)

@@ -439,6 +439,7 @@ local function to_tail(id, p)
     return true
   end
   add_delayed(id, exact_ms())
+  due_waiting = true -- (a later look in this call must see it)
   return false
 end
 
@@ -469,6 +470,7 @@ local function make_room()
     elseif redis.call('EXISTS', job_key(id)) == 1 then
       local o = tonumber(redis.call('HGET', job_key(id), 'o')) or 0 -- (another program's hash: first)
       redis.call('ZADD', K_DELAYED, o, id)
+      due_waiting = true -- (a later look in this call must see it)
       over = over - 1
     else
       job_gone(id)
