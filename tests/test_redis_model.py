@@ -1800,7 +1800,9 @@ MUST_COME_UP = ("enqueue ok", "enqueue dup", "enqueue again", "enqueue full", "e
                 "rows a reap's reply handed out, finished as it did",
                 "a failure for good kept for its process to report",
                 "an enqueue promoted due jobs ahead of its own", "an enqueue replaced a dead job",
-                "a job hash lost", "a job whose hash is gone dropped")
+                "a job hash lost", "a job whose hash is gone dropped",
+                "due jobs wait for room", "a fetch let due jobs in to the room it made",
+                "a give-back made the last ready job wait for room", "a job owed a place waits for room")
 
 
 def test_scripts_follow_the_model(redis_client):
