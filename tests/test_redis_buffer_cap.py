@@ -20,8 +20,8 @@ def scripts(redis_client):
     return Scripts(redis_client, "cap")
 
 
-def rows(*ids, priority=1, delay_ms=0):
-    return [(job_id, "t", priority, delay_ms, f"body-{job_id}") for job_id in ids]
+def rows(*ids, priority=1, delay_ms=0, job_type="t"):
+    return [(job_id, job_type, priority, delay_ms, f"body-{job_id}") for job_id in ids]
 
 
 def ready(scripts: Scripts, level: int = 1) -> List[str]:
@@ -124,3 +124,19 @@ def test_a_cancel_of_a_ready_job_lets_a_waiting_job_in(scripts):
     assert waiting(scripts) == ["d"]
     assert scripts.cancel("c1", "a").status == "removed"
     assert ready(scripts) == ["b", "d"] and waiting(scripts) == []
+
+
+def test_a_give_back_never_makes_wait_the_job_a_free_slot_of_its_type_waits_for(scripts):
+    """A tail job of a type with parked jobs may be the one a free slot of its type waits for:
+    it stays, and the job given back waits for room itself (it left its slot to the parked job
+    let out for it)."""
+    scripts.set_limits({"a": 1})
+    cap = 3
+    scripts.enqueue("t1", cap, 0, rows("a1", job_type="a"))
+    attempt = scripts.fetch("p", "1", 1, LEASE, 3, False, [], cap).jobs[0].attempt
+    scripts.enqueue("t2", cap, 0, rows("a2", "a3", job_type="a"))
+    assert scripts.fetch("q", "1", 2, LEASE, 3, False, [], cap).jobs == []  # both parked: a's slot is taken
+    scripts.enqueue("t3", cap, 0, rows("x", job_type="a"))
+    assert scripts.settle("p", [SettleOp("B", attempt)]) == 0  # the slot frees: a2 is let out for it
+    assert ready(scripts) == ["a2", "x"] and waiting(scripts) == ["a1"]
+    assert scripts.client.lrange(scripts.key("parked:1:a"), 0, -1) == ["a3"]

@@ -126,6 +126,7 @@ class Model:
         self.cap: float = math.inf  # the cap this call keeps (lib.lua's cap())
         self.due_waiting = False  # due jobs this call's promote_due left in `delayed`
         self.given_back = 0  # jobs this call gave back to a head (lib.lua's make_room)
+        self.given: Dict[str, int] = {}  # their ids -> level
         self.max_delayed = max_delayed
         self.max_crash = max_crash
         self.jobs: Dict[str, MJob] = {}
@@ -179,6 +180,7 @@ class Model:
         self.cap = self.buffer_size if self.cap_kept else math.inf
         self.due_waiting = False
         self.given_back = 0
+        self.given = {}
         self.head = {0: 0, 1: 0, 2: 0}
         self.placed = {}
         self.promoted: Optional[int] = None  # due jobs this call promoted (None: it did not look)
@@ -357,24 +359,44 @@ class Model:
 
     def make_room(self) -> None:
         """lib.lua's make_room: jobs given back keep their head; the tails of the lowest levels
-        wait for room instead, scored by their FIFO order, at most as many as were given back."""
+        wait for room instead, scored by their FIFO order, at most as many as were given back.
+        A tail job of a type with parked jobs stays (the next level's tail instead); when those
+        do not make room enough, the jobs given back wait themselves, the last first."""
         over = min(self.ready_count() - self.cap, self.given_back)
-        self.given_back = 0
+        back, self.given, self.given_back = self.given, {}, 0
+
+        def wait_for_room(job_id: str) -> None:
+            self.delayed[job_id] = self.jobs[job_id].order + 1  # (Redis's seq hands out 1 first)
+            self.due_waiting = True
+
         level = 0
         while over > 0 and level <= 2:
             ids = self.ready[level]
             if not ids:
                 level += 1
                 continue
+            job = self.jobs.get(ids[-1])
+            if job is not None and ids[-1] not in back and self.parked_count(job.type):
+                level += 1  # (it may be the job a free slot of its type waits for)
+                continue
             job_id = ids.pop()
             self.head[level] = min(self.head[level], len(ids))
-            if job_id in self.jobs:
-                self.delayed[job_id] = self.jobs[job_id].order + 1  # (Redis's seq hands out 1 first)
-                self.due_waiting = True
-                self.happened.append("a give-back made the last ready job wait for room")
-            else:
+            if job is None:
                 self.job_gone(job_id)
+            else:
+                wait_for_room(job_id)
+                self.happened.append("a give-back made the last ready job wait for room")
             over -= 1
+        for level in (0, 1, 2):
+            for job_id in sorted((i for i, q in back.items() if q == level), key=self.order_of, reverse=True):
+                if over > 0 and job_id in self.ready[level]:
+                    position = self.ready[level].index(job_id)
+                    del self.ready[level][position]
+                    if position < self.head[level]:
+                        self.head[level] -= 1
+                    wait_for_room(job_id)
+                    self.happened.append("a job given back waits for room itself")
+                    over -= 1
 
     def pop_head(self, level: int) -> str:
         self.head[level] = max(0, self.head[level] - 1)
@@ -425,6 +447,7 @@ class Model:
     def give_back(self, job_id: str) -> None:
         if job_id in self.jobs:
             self.push_head(job_id)
+            self.given[job_id] = self.jobs[job_id].priority
             self.given_back += 1
         else:
             self.job_gone(job_id)
@@ -1349,7 +1372,8 @@ class ScriptsMachine(RuleBasedStateMachine):
             assert before // 1000 * 1000 <= now <= after, f"a lease {registered[0]} that no call between {before} and {after} us gave"
             return now
         written = [(job_id, delay) for job_id, delay in self.pending_delays  # due times this call wrote
-                   if job_id in held["delayed"] and job_id not in self.model.delayed]
+                   if job_id in held["delayed"] and job_id not in self.model.delayed
+                   and held["delayed"][job_id] >= before // 1000 - 1]  # (not a give-back's: see make_room)
         for job_id, delay in written:  # (ops of one batch may offer one job several delays)
             now = round((held["delayed"][job_id] - delay) * 1000)
             if before <= now <= after:

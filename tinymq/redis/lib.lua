@@ -448,7 +448,8 @@ are gathered per level and pushed once, at flush_head, in their FIFO order (fiel
 one call may give back many, in any order (a hash's order, ops' order), and they must
 come out as they went in, ahead of what was behind them. Every script that gives back
 calls flush_head before it takes jobs or returns. ]]
-local given_back = 0 -- jobs of to_head that were not ready before (not let out of a parked line)
+local given = {} -- the ids given back (id -> level) since make_room
+local given_back = 0 -- how many
 local function head_later(id, p) table.insert(to_head[p], id) end
 local function order_of(id) return tonumber(redis.call('HGET', job_key(id), 'o')) or math.huge end
 
@@ -458,23 +459,50 @@ they take it past buffer_size, as many of the jobs last in hand-out order (the t
 lowest levels) wait for room instead, at most as many as were given back. They wait in
 `delayed` scored by their FIFO order (o), which is below any due time: first in the line for
 room, in the order they were queued, and promote_due puts each back at the tail of its level,
-where it was, before any job enqueued later (enqueue counts them as ready: QueueFull). ]]
+where it was, before any job enqueued later (enqueue counts them as ready: QueueFull). A tail
+job of a type with parked jobs stays (it may be the one a free slot of its type waits for:
+see unpark_one), and the next level's tail is looked at instead; when those do not make room
+enough, the jobs given back wait themselves, the last in hand-out order first (each left its
+slot to the parked job let out for it, if any). Work: a few reads per job that waits. ]]
+local function wait_for_room(id)
+  local o = tonumber(redis.call('HGET', job_key(id), 'o')) or 0 -- (another program's hash: first)
+  redis.call('ZADD', K_DELAYED, o, id)
+  due_waiting = true -- (a later look in this call must see it)
+end
 local function make_room()
   local over = math.min(ready_count() - cap(), given_back)
-  given_back = 0
+  local back = given
+  given, given_back = {}, 0
   local p = 0
   while over > 0 and p <= 2 do
-    local id = redis.call('RPOP', READY[p])
+    local id = redis.call('LINDEX', READY[p], -1)
+    local t = id and redis.call('HGET', job_key(id), 't')
     if not id then
       p = p + 1
-    elseif redis.call('EXISTS', job_key(id)) == 1 then
-      local o = tonumber(redis.call('HGET', job_key(id), 'o')) or 0 -- (another program's hash: first)
-      redis.call('ZADD', K_DELAYED, o, id)
-      due_waiting = true -- (a later look in this call must see it)
+    elseif back[id] or not t or redis.call('HEXISTS', K_PARKEDN, t) == 0 then
+      redis.call('RPOP', READY[p])
+      if redis.call('EXISTS', job_key(id)) == 1 then wait_for_room(id) else job_gone(id) end
       over = over - 1
     else
-      job_gone(id)
-      over = over - 1
+      p = p + 1
+    end
+  end
+  for level = 0, 2 do
+    if over <= 0 then break end
+    local ids, order = {}, {}
+    for id, q in pairs(back) do
+      if q == level then
+        table.insert(ids, id)
+        order[id] = order_of(id)
+      end
+    end
+    table.sort(ids, function(a, b) return order[a] > order[b] end)
+    for _, id in ipairs(ids) do
+      if over <= 0 then break end
+      if redis.call('LREM', READY[level], 1, id) == 1 then -- (near the head: given back)
+        wait_for_room(id)
+        over = over - 1
+      end
     end
   end
 end
@@ -662,6 +690,7 @@ local function give_back(id)
   local p = redis.call('HGET', job_key(id), 'p')
   if p then
     head_later(id, level_of(p))
+    given[id] = level_of(p)
     given_back = given_back + 1
   else
     job_gone(id)
