@@ -92,7 +92,6 @@ from test_bench_durable import _payloads  # noqa: E402
 from tinymq import Config, Job, Queue, SQLitePersistence  # noqa: E402
 from tinymq._shield import shield  # noqa: E402
 from tinymq.errors import PersistenceError  # noqa: E402
-from tinymq.persistence import _ownership  # noqa: E402
 from tinymq.persistence import sqlite as module  # noqa: E402
 
 ROUNDS = 3  # per store, after one warm-up round
@@ -165,11 +164,10 @@ class _OwnLocks(SQLitePersistence):
                         waiting.error = PersistenceError(f"{self!r} was closed")
                 elif batch:
                     self._commit(batch)
-                    now = time.monotonic()
-                    if now >= self._next_wal_check:
+                    now = time.monotonic()  # (each commit checked as _write checks it)
+                    if self._watch.changed(0) or now >= self._next_wal_check:
                         self._next_wal_check = now + module._WAL_CHECK_INTERVAL
-                        if _ownership.identity(self._wal_path) != self._wal:
-                            self._rescue_wal(batch)
+                        self._look_at_files(batch)
         finally:
             with self._gate:
                 if not batch:  # interrupted before it took any unit, its own included
@@ -263,11 +261,10 @@ class _NextLeader(SQLitePersistence):
                 waiting.error = PersistenceError(f"{self!r} was closed")
             return
         self._commit(batch)
-        now = time.monotonic()
-        if now >= self._next_wal_check:
+        now = time.monotonic()  # (each commit checked as _write checks it)
+        if self._watch.changed(0) or now >= self._next_wal_check:
             self._next_wal_check = now + module._WAL_CHECK_INTERVAL
-            if _ownership.identity(self._wal_path) != self._wal:
-                self._rescue_wal(batch)
+            self._look_at_files(batch)
 
 
 class _KeepLeading(_NextLeader):

@@ -20,7 +20,7 @@ from tinymq.redis import RedisBroker
 # type -> (max_concurrent_jobs, RateLimit or None)
 RATE_LIMITS = {
     "api": (8, RateLimit(3, per=0.5)),
-    "mail": (2, RateLimit(2, per=0.3)),
+    "mail": (2, RateLimit(2, per=0.5)),
     "free": (4, None),
 }
 OUT = "tmq-test-starts"

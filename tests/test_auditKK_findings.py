@@ -3,7 +3,7 @@
 Each test quotes the sentence it checks and what was observed. Queue-level tests run on
 the core in use: the suite runs once on the compiled core and once with
 TINYMQ_NO_EXTENSIONS=1 on the pure twin (.ci/run); every finding here failed on both before
-its fix, and the one not fixed is a strict xfail naming why.
+its fix.
 Redis tests use the session's redis-server (marked ``redis`` by conftest).
 """
 import asyncio
@@ -32,9 +32,6 @@ def backend(request):
 
 # --- Async executors and cancellation -------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="open: a plain callable is only known to return an awaitable "
-                   "once called, on a worker thread, which then waits for that first awaitable (docs/api.md "
-                   "'Executors' says so); handing the attempt over to the loop is not built")
 def test_a_callable_returning_an_awaitable_never_occupies_a_worker_thread(backend):
     """API.md "Async executors and cancellation": "register_executor ... accepts async def
     functions, and callables that return an awaitable. They run on an event loop that the

@@ -21,7 +21,7 @@ import pytest
 
 from tinymq import DuplicateJob, Job, PermanentFailure
 
-from _helpers import WAIT, Recorder, make_queue, record_failures, wait_until
+from _helpers import WAIT, Recorder, make_queue, record_failures
 
 from test_core_run_worker import configure
 
@@ -169,10 +169,11 @@ def test_a_cancel_returns_false_only_for_a_job_that_has_started(kind):
         assert stats.jobs_succeeded + stats.jobs_cancelled == len(outcomes)
 
 
-def test_a_job_enqueued_again_from_its_failure_callback_is_cancelled_by_the_id_read_later():
-    """Its first end was decided before the callback (no id registered for it then), and done after
-    it: the job waiting again has no id its queue knows, and is found where it rests."""
-    again = []
+def test_a_job_enqueued_again_from_its_failure_callback_is_refused_and_once_finished_is_cancelled_by_its_id():
+    """Its failure callbacks run while it is unfinished: named as its end was decided, it is held
+    under that id until they return, as one enqueued with an id is, so enqueuing it again from one
+    of them raises DuplicateJob; enqueued again once finished, a cancel by that id finds it."""
+    refused = []
     attempts = Recorder()
 
     def fail(job):
@@ -183,16 +184,18 @@ def test_a_job_enqueued_again_from_its_failure_callback_is_cancelled_by_the_id_r
         failures = record_failures(q)
 
         def enqueue_again(job, reason, exc):
-            if not again:
-                again.append(q.enqueue_delayed(job, 60.0))
+            if not refused:
+                with pytest.raises(DuplicateJob):
+                    q.enqueue_delayed(job, 60.0)
+                refused.append(job.id)
 
         q.on_failure(enqueue_again)
         q.register_executor("t", fail)
         job = q.enqueue(Job("t"))
         q.start_dispatcher(1)
-        # (its first end done: the callback returned, the job waits again)
-        assert wait_until(lambda: q.get_stats().delayed_jobs_count == 1 and q._ready.unfinished == 1)
-        assert again == [job]
+        assert q.join(WAIT)
+        assert refused == [job.id]
+        q.enqueue_delayed(job, 60.0)
         assert q.cancel(job.id) is True
         assert q.join(WAIT)
         assert failures.snapshot() == [(job, "permanent_failure", failures.snapshot()[0][2]),

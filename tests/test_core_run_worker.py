@@ -2,7 +2,7 @@
 
 The worker loop keeps the success path to itself and hands everything else to
 its dispatcher through the callbacks named in ``run_worker``'s docstring:
-``refresh_hooks(slot)``, ``new_context(job)``, ``returned(job, state, result)``,
+``refresh_hooks(slot)``, ``new_context(job)``, ``returned(job, state, result, slot)``,
 ``attempt_failed(job, state, exc)``, ``no_executor(job, state)`` and
 ``after_expired(slot, exc)``. A ``FakeDispatcher`` records those calls.
 
@@ -73,8 +73,9 @@ class FakeDispatcher:
     def after_expired(self, slot, exc):
         self.log.add(("after_expired", slot, exc))
 
-    def returned(self, job, state, result):
+    def returned(self, job, state, result, slot):
         self.log.add(("returned", job, state.name, result))
+        return False  # (True: it handed the attempt over, with its slot: see the test of that)
 
     def names(self):
         return [entry[0] for entry in self.log.snapshot()]
@@ -389,6 +390,55 @@ def test_only_awaitables_and_generators_returned_go_to_the_dispatcher(core, read
                                          ("returned", jobs[6], "t", generator)]
     assert ready.counters()[core.SUCCEEDED] == len(results)
     generator.close()
+
+
+class HandingOver(FakeDispatcher):
+    """A dispatcher whose ``returned`` hands every attempt over, as the real one does to its
+    event loop: it empties the slot and keeps the attempt (job, type state) for the test."""
+
+    def __init__(self, ready):
+        super().__init__(ready)
+        self.handed = []
+
+    def returned(self, job, state, result, slot):
+        super().returned(job, state, result, slot)
+        assert not slot.end()  # (not decided by a watchdog in this test)
+        self.handed.append((job, state))
+        return True
+
+
+def test_an_attempt_handed_over_keeps_its_slot_and_frees_the_worker_at_once(core, ready):
+    """``returned`` True: the rest of the attempt is someone else's (the event loop's). The worker
+    goes on to the next job at once; it neither counts nor frees anything of that attempt: the
+    type's slot stays taken until the new holder frees it."""
+    dispatcher = HandingOver(ready)
+    configure(ready, "awaits", lambda job: _Awaitable(), limit=1)
+    ran = Recorder()
+    configure(ready, "plain", lambda job: ran.add(job.payload), limit=1)
+    first, second = Job("awaits", 1), Job("awaits", 2)
+    assert ready.push(first)
+    assert ready.push(Job("plain", 3))
+    assert ready.push(second)
+    worker = Worker(core, ready, dispatcher)
+    try:
+        assert wait_until(lambda: ran.snapshot() == [3])  # the only worker was not held by job 1
+        assert [job for job, _ in dispatcher.handed] == [first]  # job 2 waits for the type's slot
+        assert ready.executor_stats()["awaits"][0] == 1
+        assert ready.counters()[core.SUCCEEDED] == 1
+        assert not ready.join(0.0)
+        job, state = dispatcher.handed[0]
+        ready.attempt_succeeded(state, 0.0, job, True, True)  # the holder ends it: slot freed
+        assert wait_until(lambda: len(dispatcher.handed) == 2)
+        job, state = dispatcher.handed[1]
+        assert job is second
+        ready.attempt_succeeded(state, 0.0, job, True, True)
+        assert ready.join(WAIT)
+    finally:
+        ready.close()
+    worker.join()
+    assert ready.counters()[core.SUCCEEDED] == 3
+    assert ready.executor_stats()["awaits"][0] == 0
+    assert dispatcher.names() == ["returned", "returned"]
 
 
 # --- failure --------------------------------------------------------------------------------

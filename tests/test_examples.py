@@ -81,9 +81,11 @@ def check_retries(out):
     offsets = [int(ms) for ms in re.findall(r"^attempt \d at \+\s*(\d+) ms", out, re.MULTILINE)]
     assert len(offsets) == 4, out
     gaps = [later - earlier for earlier, later in zip(offsets, offsets[1:])]
-    # Retry k waits 50 * 2**(k-1) ms after the failed attempt ended (1 ms of rounding).
+    # Retry k waits 50 * 2**(k-1) ms after the failed attempt ended (1 ms of rounding): no load
+    # makes a gap shorter. The upper bound catches a backoff in the wrong unit or scale; a loaded
+    # machine delayed a print by over 250 ms now and then.
     for gap, planned in zip(gaps, (50, 100, 200)):
-        assert planned - 1 <= gap < planned + 250, f"backoff gaps {gaps}:\n{out}"
+        assert planned - 1 <= gap < planned + 2000, f"backoff gaps {gaps}:\n{out}"
 
 
 def check_monitoring(out):

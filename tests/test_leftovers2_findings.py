@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tinymq import ExecutorConfig, Job, PermanentFailure, Queue
+from tinymq import ExecutorConfig, Job, Queue
 
 from _helpers import WAIT, Blocker, Recorder, all_accounted, make_queue, record_failures, wait_until
 from test_leftovers_core_findings import EndingFailsOnce
@@ -21,14 +21,14 @@ from test_stats_in_transit import books, collections_watched, compiled_only, lin
 # --- 1. a cancel of a job known by no id -----------------------------------------------------------
 
 def known_by_no_id(core, ready, n):
-    """A job of ``ready`` whose id was read after its first end was decided and that was enqueued
-    again before that end was done (from its failure callback): its id is registered nowhere."""
+    """An unfinished job of ``ready`` whose id its core knows nothing of: accepted without one, then
+    given one behind the core's back, as a Job.id set on one thread while another enqueues the job
+    leaves it (a race docs/api.md rules out). (A job's own failure callback enqueuing it again left
+    one so too, until such a job was held under its id until its callbacks returned.)"""
     job = Job("t", n)
     ready.accept([job])
-    assert ready.end(job, core.FAILED) == core.FAILED  # (its end decided: its id is not the core's any more)
-    ready.accept([job])  # enqueued again from its failure callback
-    ready.task_done(job)  # its first end done
-    assert isinstance(job.id, str) and not ready.registered(job) and not ready.has_id(job.id)
+    job._id = f"known-by-no-id-{n}"
+    assert not ready.registered(job) and not ready.has_id(job.id)
     return job
 
 
@@ -94,19 +94,13 @@ def test_a_cancel_of_a_job_known_by_no_id_is_counted_when_it_takes_the_job(where
     """_cancel_unregistered took such a job out of its place (or decided its running attempt, whose
     function then returned and freed its slot), and only then counted the cancel: a get_stats()
     meanwhile saw the job nowhere. Here one is taken as the cancel reports it."""
-    attempts, started = Recorder(), threading.Event()
+    started = threading.Event()
 
     def run(job, ctx):
-        attempts.add(job)
-        if len(attempts.snapshot()) == 1:
-            raise PermanentFailure("not now")
         started.set()
         ctx.wait(WAIT)  # until cancelled: then it returns, and its slot is freed
 
     async def run_async(job, ctx):
-        attempts.add(job)
-        if len(attempts.snapshot()) == 1:
-            raise PermanentFailure("not now")
         started.set()
         await asyncio.sleep(WAIT)  # cancelled: its task unwinds, and its slot is freed
 
@@ -114,26 +108,17 @@ def test_a_cancel_of_a_job_known_by_no_id_is_counted_when_it_takes_the_job(where
         failures = record_failures(q)
         q.register_executor("t", run_async if where == "async" else run)
         q.register_executor("held", blocker.fn, ExecutorConfig(max_concurrent_jobs=1))
-
-        def enqueue_again(job, reason, exc):
-            if reason != "permanent_failure":
-                return
-            if where == "delayed":
-                q.enqueue_delayed(job, 60.0)
-            else:
-                if where == "ready":
-                    job.type = "held"  # (its type's one slot is taken: it waits in the buffer)
-                q.enqueue(job)
-
-        q.on_failure(enqueue_again)
         q.enqueue(Job("held", "holder"))
-        job = q.enqueue(Job("t"))
         q.start_dispatcher(2)
         assert blocker.wait_started(1)
-        # (its first end done: the callback returned, the job waits again, or runs)
-        assert wait_until(lambda: q._ready.unfinished == 2 and failures.snapshot())
+        if where == "delayed":
+            job = q.enqueue_delayed(Job("t"), 60.0)
+        else:  # (of "held", whose one slot is taken: it waits in the buffer)
+            job = q.enqueue(Job("held" if where == "ready" else "t"))
         if where in ("thread", "async"):
             assert started.wait(WAIT)
+        job._id = "known-by-no-id"  # (see known_by_no_id)
+        assert q._ready.unfinished == 2 and not q._ready.registered(job)
         dispatcher, fail, seen = q._dispatcher, q._dispatcher.fail, []
 
         def watched_fail(ended, reason, *args, **kwargs):
@@ -149,10 +134,9 @@ def test_a_cancel_of_a_job_known_by_no_id_is_counted_when_it_takes_the_job(where
                                         f"{seen[0].jobs_failed} failed, {seen[0].jobs_cancelled} cancelled")
         blocker.release()
         assert q.join(WAIT)
-        assert [(ended, reason) for ended, reason, _ in failures.snapshot()] == [
-            (job, "permanent_failure"), (job, "cancelled")]
+        assert [(ended, reason) for ended, reason, _ in failures.snapshot()] == [(job, "cancelled")]
         stats = q.get_stats()
-        assert (stats.jobs_failed, stats.jobs_cancelled, stats.jobs_succeeded) == (1, 1, 1)
+        assert (stats.jobs_failed, stats.jobs_cancelled, stats.jobs_succeeded) == (0, 1, 1)
         assert all_accounted(stats)
 
 

@@ -260,6 +260,7 @@ def test_rate_windows_hold_through_kill_9_of_a_worker_holding_starts(redis_url):
     try:
         producer = shared.queue()
         retry = RetryConfig(max_retries=2, initial_delay=0.0)
+        began = time.monotonic()
         producer.enqueue_many([Job("api", i, retry_config=retry) for i in range(12)]
                               + [Job("mail", "flaky" if i % 2 else i, retry_config=retry) for i in range(8)]
                               + [Job("free", i, priority=Priority.LOW) for i in range(20)])
@@ -285,7 +286,8 @@ def test_rate_windows_hold_through_kill_9_of_a_worker_holding_starts(redis_url):
     out.close()
     assert any(pid == str(killed.pid) for pid, *_ in lines)
     starts = [(job_type, float(when)) for _, job_type, _, _, when in lines]
-    assert_windows_hold(starts, {job_type: limit for job_type, (_, limit) in RATE_LIMITS.items() if limit})
+    assert_windows_hold(starts, {job_type: limit for job_type, (_, limit) in RATE_LIMITS.items() if limit},
+                        began=began)
 
 
 @pytest.mark.parametrize("url, part", [

@@ -1915,9 +1915,12 @@ cdef class ReadyQueue:
         if self.marks and self._take_cancel(job):
             return True
         job_id = job._id
-        if job_id is self.unnamed:  # never named: an id read from now on is not this queue's to
-            job._id = None  # register (a cancel of it loses, as one marked ENDING below does)
-            return False
+        if job_id is self.unnamed:  # never named: named now, held under that id until it finishes (see the pure twin)
+            job_id = _new_job_id()
+            job._id = job_id
+            if job_id in self.ids:
+                return False
+            self.ids[job_id] = job
         if self.ids and PyUnicode_CheckExact(job_id) and self.ids.get(job_id) is job:
             self.marks[job_id] = ENDING
         return False
@@ -2389,6 +2392,8 @@ cdef class WorkerSlot:
     cdef public object on_switch
     cdef public int shielded  # nested ``with slot:`` blocks the worker's thread is in
     cdef public bint deferred  # an interruption came while shielded: JobTimeout is raised as it ends
+    # Set in a fork()ed child whose only thread is this worker's (its function forked): see run_worker.
+    cdef public bint forked
 
     def __cinit__(self):
         self.deadline = INFINITY
@@ -2471,7 +2476,8 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
 
     The fast path (success) stays here; everything else goes to ``dispatcher``:
     ``refresh_hooks(slot)``, ``new_context(job)``, ``returned(job, state,
-    result)`` (a function returned an awaitable or a generator), ``attempt_failed(job,
+    result, slot)`` (a function returned an awaitable or a generator; True when the rest of the
+    attempt, with its slot, went to the event loop: see the pure twin), ``attempt_failed(job,
     state, exc, holding, seconds)`` (it frees the attempt's slot where it places or ends the job,
     and records ``seconds``, the attempt's duration),
     ``no_executor(job, state)``, ``after_expired(slot, exc)`` and
@@ -2480,7 +2486,7 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
     cdef PyObject *taken = NULL
     cdef TypeState state
     cdef double started, ended, deadline
-    cdef bint expired, decided, cancelled, finish, succeeded_now
+    cdef bint expired, decided, cancelled, finish, succeeded_now, handed_over
     cdef long succeeded = 0
     cdef _Waiter waiter = _Waiter()  # this worker's, for every wait
     finished = None  # a success whose on_success and task_done wait for the next start (on_switch)
@@ -2511,6 +2517,7 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
         decided = False  # cancelled while the store wrote its start: fn is not called
         cancelled = False  # a cancel was requested on its way here (after begin: a later one finds the slot)
         started = 0.0  # monotonic: the function's call (0.0 until then)
+        handed_over = False  # the rest of the attempt is the event loop's (dispatcher.returned)
         try:
             if ready.marks and ready._cancel_requested(job):
                 decided = cancelled = True
@@ -2545,10 +2552,15 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
                 else:
                     result = fn(job, context)
                 if result is not None and _awaitable_or_generator(result):  # a function returning a coroutine
-                    dispatcher.returned(job, state, result)
+                    handed_over = dispatcher.returned(job, state, result, slot)
                 result = None
         except BaseException as exc:  # the attempt's failure, whatever it is
             error = exc
+        if slot.forked:  # its function fork()ed and returned in the child: the queue is the parent's
+            dispatcher.leave_forked_child(error)  # (ends the child: no lock of the queue is touched)
+        if handed_over:  # the loop's attempt holds the type's slot now, and frees it as it ends
+            context = None
+            continue
         ended = _monotonic()
         if started == 0.0:  # it failed before its function was called: no time of its own
             started = ended

@@ -2,7 +2,8 @@
 
 Both cores offer the same names with the same behaviour; tests run against
 both. The compiled core keeps the same state in C values and relies on the
-GIL where this one takes ``self._lock``.
+GIL where this one takes ``self._lock`` (one step: ``_step``, which refuses a call
+back into the core from code the garbage collector runs inside a step).
 
 - ``ReadyQueue``: ready jobs in three FIFO levels (HIGH, MEDIUM, LOW) under one
   lock and one capacity, with per-type concurrency slots and rate limits: a job
@@ -80,6 +81,24 @@ monotonic = time.monotonic  # the clock of every deadline in this core
 _REFRESH_EVERY = 1024  # successes between two looks at the log level, off the per-job path
 
 
+def _step(lock: Any) -> Any:
+    """``lock`` (an RLock), to take for one step of this core: ``with _step(self._lock):``.
+
+    A step allocates, so the garbage collector may run in it, and with it Python code (a
+    gc callback, a ``__del__``, a weakref callback; a signal handler may run there too).
+    Such code that calls back into the core on this thread finds the step half done: it
+    is refused (RuntimeError), not left to deadlock on the lock or to act on that state.
+    The compiled core takes such a call: its steps allocate nothing, so the collector
+    only ever runs between two of them.
+    """
+    if lock._is_owned():
+        raise RuntimeError(
+            "tinymq's pure-Python core was called from code that ran inside one of its own steps on this "
+            "thread (a gc callback, __del__ or weakref callback the garbage collector ran there, or a "
+            "signal handler): refused, as the step is half done; hand such work to another thread")
+    return lock
+
+
 def _remaining(deadline: Optional[float]) -> Optional[float]:
     """Seconds left before a monotonic deadline, for Condition.wait (None: no deadline)."""
     if deadline is None:
@@ -111,7 +130,7 @@ def new_job_id() -> str:
     return _id_prefix + format(next(_id_counter), "016x")  # fixed width: ids sort by creation
 
 
-_first_id_lock = threading.Lock()
+_first_id_lock = threading.RLock()  # taken with _step
 
 
 def first_id(job: Any, job_id: Any = None, unset: Any = None) -> Union[str, Unnamed]:
@@ -119,7 +138,7 @@ def first_id(job: Any, job_id: Any = None, unset: Any = None) -> Union[str, Unna
     is ``unset``: one step, so threads reading a job's first id at once all get the one made first
     (``Job.id``: "made on first use, then fixed"). Returns the ``_id`` then: a str, or an ``Unnamed``
     (the job was queued meanwhile)."""
-    with _first_id_lock:
+    with _step(_first_id_lock):
         current: Union[str, Unnamed] = job._id
         if current is unset:
             job._id = current = new_job_id() if job_id is None else job_id
@@ -418,7 +437,7 @@ class ReadyQueue:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
         self._alarm = alarm  # woken (wake_before) at the earliest time a closed rate window opens
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # taken with _step
         # Everything below is guarded by _lock.
         self._types: Dict[str, TypeState] = {}  # job type -> its slots and jobs
         self._sizes = [0, 0, 0]  # ready jobs per level; sum(_sizes) <= capacity
@@ -486,7 +505,7 @@ class ReadyQueue:
         if runner not in (THREADS, LOOP):
             raise ValueError(f"runner must be THREADS or LOOP, got {runner!r}")
         max_starts, per = _rate_fields(rate_limit)
-        with self._lock:
+        with _step(self._lock):
             state = self._type_state(job_type)
             try:
                 state.set_rate_limit(max_starts, per)
@@ -504,7 +523,7 @@ class ReadyQueue:
 
     def executor_stats(self) -> Dict[str, Tuple[int, int]]:
         """``{job_type: (active, limit)}`` for every registered executor."""
-        with self._lock:
+        with _step(self._lock):
             return {s.name: (s.active, s.limit) for s in self._types.values() if s.fn is not None}
 
     def snapshot(self, *heaps: "DelayedHeap", now: float = _INF) -> Tuple[Tuple[int, int, int], Tuple[int, ...],
@@ -520,7 +539,7 @@ class ReadyQueue:
         scheduler moves them (the heaps in the order given, each earliest first); one that moving
         would fail (its type or priority made invalid while it waited) counts as delayed.
         """
-        with self._lock:
+        with _step(self._lock):
             types = {s.name: (s.active, s.limit, *[s.counters[event] for event in TYPE_EVENTS])
                      for s in self._types.values() if s.fn is not None}
             sizes = list(self._sizes)
@@ -548,7 +567,7 @@ class ReadyQueue:
 
         The buckets are ``ATTEMPT_DURATION_BUCKETS`` then +inf, not cumulative.
         """
-        with self._lock:
+        with _step(self._lock):
             return {s.name: (tuple(s.durations), s.duration_sum)
                     for s in self._types.values() if s.fn is not None}
 
@@ -606,12 +625,12 @@ class ReadyQueue:
 
     def next_rate_opening(self) -> Optional[float]:
         """When (monotonic) the earliest closed rate window of a type with jobs waiting opens."""
-        with self._lock:
+        with _step(self._lock):
             return self._rate_closed[0][0] if self._rate_closed else None
 
     def reopen_rate_limited(self, now: float) -> None:
         """Readmit the types whose rate windows opened by ``now``; idle workers take their jobs."""
-        with self._lock:
+        with _step(self._lock):
             self._reopen_due(now)
             self._hand_off()
 
@@ -711,7 +730,7 @@ class ReadyQueue:
         cancel by this id from now on finds it wherever it is."""
         if job_id is None:
             job_id = new_job_id()
-        with self._lock:
+        with _step(self._lock):
             current: Union[str, Unnamed, None] = job._id
             if current is unnamed:
                 if job_id in self._ids:
@@ -730,7 +749,7 @@ class ReadyQueue:
         job_type, level = _ready_fields(job)
         self._name_elsewhere(job)
         job_id = _id_of(job)
-        with self._lock:
+        with _step(self._lock):
             self._check_open()
             self._check_unheld(job, job_id)
             if sum(self._sizes) >= self.capacity:
@@ -746,7 +765,7 @@ class ReadyQueue:
         self._name_elsewhere(job)
         job_id = _id_of(job)
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
+        with _step(self._lock):
             while True:
                 self._check_open()
                 has_room = sum(self._sizes) < self.capacity and not self._overflow
@@ -789,7 +808,7 @@ class ReadyQueue:
             self._name_elsewhere(job)
         batch, repeated = _batch_ids(accepted)
         _check_once(accepted, batch)
-        with self._lock:
+        with _step(self._lock):
             self._check_open()
             self._check_unregistered(batch, repeated, accepted)
             if sum(self._sizes) + len(placed) > self.capacity:
@@ -815,7 +834,7 @@ class ReadyQueue:
             self._name_elsewhere(job)
         batch, repeated = _batch_ids(jobs)
         _check_once(jobs, batch)
-        with self._lock:
+        with _step(self._lock):
             self._check_open()
             self._check_unregistered(batch, repeated, jobs)
             self._accept(jobs, batch)
@@ -839,7 +858,7 @@ class ReadyQueue:
         job_type, level = _ready_fields(job)
         self._name_elsewhere(job)
         job_id = _id_of(job)
-        with self._lock:
+        with _step(self._lock):
             self._check_open()
             self._check_unheld(job, job_id)
             self._accept_one(job, job_id)
@@ -853,7 +872,7 @@ class ReadyQueue:
         jobs = [job]
         self._name_elsewhere(job)
         batch, repeated = _batch_ids(jobs)
-        with self._lock:  # (the heap's lock inside it, as in snapshot(): no heap takes this one)
+        with _step(self._lock):  # (the heap's lock inside it, as in snapshot(): no heap takes this one)
             self._check_open()
             self._check_unregistered(batch, repeated, jobs)
             evicted = heap.push(job, run_at)
@@ -888,7 +907,7 @@ class ReadyQueue:
         ``release``: the type whose slot the job's attempt held, freed in the same step.
         """
         job_type, level = _ready_fields(job)
-        with self._lock:
+        with _step(self._lock):
             if release is not None:
                 self._release(release)
             if self._marks and self._take_cancel(job):
@@ -906,7 +925,7 @@ class ReadyQueue:
         when it cannot go (a priority made invalid while it waited: the caller fails it).
         """
         left: List[Tuple[Any, Optional[Exception]]] = []
-        with self._lock:  # (the heap's lock inside it, as in snapshot(): no heap takes this one)
+        with _step(self._lock):  # (the heap's lock inside it, as in snapshot(): no heap takes this one)
             for job in heap.pop_due(now):
                 try:
                     job_type, level = _ready_fields(job)
@@ -989,7 +1008,7 @@ class ReadyQueue:
         """Take a job and a slot of its type; wait on ``waiter`` (made here when None)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            with self._lock:
+            with _step(self._lock):
                 if self._closed:
                     self._pass_on_close()
                     return None
@@ -1007,10 +1026,10 @@ class ReadyQueue:
                 self._getters.append(waiter)
             try:
                 if not waiter.sleep(remaining):  # timed out; a hand-off may have come meanwhile
-                    with self._lock:
+                    with _step(self._lock):
                         self._leave(waiter)
             except BaseException:  # e.g. KeyboardInterrupt in the main thread, even just after a hand-off
-                with self._lock:
+                with _step(self._lock):
                     self._leave(waiter)
                     if self._closed:  # (its wake-up may have been close()'s)
                         self._pass_on_close()
@@ -1022,7 +1041,7 @@ class ReadyQueue:
             taken, waiter.taken = waiter.taken, None  # an idle worker keeps no job alive
             if taken is not None:
                 if self._closed:  # handed over just before close(): no attempt starts after stop
-                    with self._lock:
+                    with _step(self._lock):
                         if not self._cancel_requested(taken[0]):  # else its worker ends it, cancelled
                             self._give_back(taken[0], taken[1], waiter.level)
                             self._pass_on_close()
@@ -1058,7 +1077,7 @@ class ReadyQueue:
         It is called at most once between two ``take_for_loop`` calls that
         found nothing, so a busy loop is never woken per job. None detaches.
         """
-        with self._lock:
+        with _step(self._lock):
             self._loop_waker = waker
             self._loop_idle = False
             if waker is not None and any(self._runnable[LOOP]):
@@ -1073,7 +1092,7 @@ class ReadyQueue:
         can take wakes it (``set_loop_waker``). Nothing once closed.
         """
         taken: List[Tuple[Any, TypeState]] = []
-        with self._lock:
+        with _step(self._lock):
             if self._closed:
                 return taken
             while len(taken) < max_jobs:
@@ -1094,7 +1113,7 @@ class ReadyQueue:
         """
         if type(job_id) is not str:
             raise _not_a_str("job id", job_id)
-        with self._lock:
+        with _step(self._lock):
             return self._remove(job_id)
 
     def _remove(self, job_id: str) -> Any:
@@ -1135,14 +1154,14 @@ class ReadyQueue:
         ``CANCEL_UNKNOWN``: no unfinished job was registered with this id (it
         had none at enqueue: the caller looks for it; job None).
 
-        With ``heaps``, a job that no unfinished job's id names (its id read after its
-        queue's end of it was decided) is looked for in the ready buffer and in ``heaps``
-        too: taken out and counted cancelled in the same step, ``CANCEL_REMOVED``. Not
+        With ``heaps``, a job that no unfinished job's id names (given its id behind the core's
+        back: a Job.id set while another thread enqueues it) is looked for in the ready buffer
+        and in ``heaps`` too: taken out and counted cancelled in the same step, ``CANCEL_REMOVED``. Not
         found there: ``CANCEL_UNKNOWN`` (it may be running: ``take_unregistered_cancel``).
         """
         if type(job_id) is not str:
             raise _not_a_str("job id", job_id)
-        with self._lock:
+        with _step(self._lock):
             job = self._ids.get(job_id)
             if job is None:
                 if heaps:
@@ -1174,7 +1193,7 @@ class ReadyQueue:
         """Whether a cancel of ``job`` waits for whoever holds it (peek; ``take_cancel`` acts)."""
         if not self._marks:
             return False
-        with self._lock:
+        with _step(self._lock):
             return self._cancel_requested(job)
 
     def _cancel_requested(self, job: Any) -> bool:
@@ -1187,7 +1206,7 @@ class ReadyQueue:
         same step when the cancel is taken (else it stays taken)."""
         if not self._marks:
             return False
-        with self._lock:
+        with _step(self._lock):
             if not self._take_cancel(job):
                 return False
             if release is not None:
@@ -1199,7 +1218,7 @@ class ReadyQueue:
         True, and the caller, deciding the attempt in this step, ends it as cancelled. When ``job``
         was enqueued again with its id since, it is marked as taken (False if a cancel or its end
         was decided there first: that decides it)."""
-        with self._lock:
+        with _step(self._lock):
             return self._take_unregistered_cancel(job)
 
     def _take_unregistered_cancel(self, job: Any) -> bool:
@@ -1216,7 +1235,7 @@ class ReadyQueue:
         one step: True, and the caller ends it as cancelled. False, with nothing changed, else."""
         if not self._marks:
             return False
-        with self._lock:  # (the heap's lock inside it, as in snapshot(): no heap takes this one)
+        with _step(self._lock):  # (the heap's lock inside it, as in snapshot(): no heap takes this one)
             if not self._cancel_requested(job) or heap.remove(job._id, job) is None:
                 return False
             return self._take_cancel(job)
@@ -1233,7 +1252,7 @@ class ReadyQueue:
     def decide_end(self, job: Any) -> bool:
         """The holder of ``job`` decides its end (success, failure for good): from now on a cancel of it
         loses. True when a cancel was requested first (counted): then it ends as cancelled instead."""
-        with self._lock:
+        with _step(self._lock):
             return self._decide_end(job)
 
     def end(self, job: Any, counter: int, release: Optional[TypeState] = None) -> int:
@@ -1243,7 +1262,7 @@ class ReadyQueue:
         ``snapshot()`` sees the job running or ended, never in neither. The caller reports it."""
         if not 0 <= counter < _N_COUNTERS:
             raise ValueError(f"counter must be one of the counter constants, got {counter}")
-        with self._lock:
+        with _step(self._lock):
             if release is not None:
                 self._release(release)
             if counter != CANCELLED and self._decide_end(job):
@@ -1255,7 +1274,7 @@ class ReadyQueue:
                       release: Optional[TypeState] = None) -> Any:
         """``heap.push(job, run_at)`` for an accepted job (a retry, a recovered one), with the slot of
         ``release`` freed in the same step. Returns the job the push evicted, or None."""
-        with self._lock:  # (the heap's lock inside it, as in snapshot(): no heap takes this one)
+        with _step(self._lock):  # (the heap's lock inside it, as in snapshot(): no heap takes this one)
             pushed_out = heap.push(job, run_at)
             if release is not None:
                 self._release(release)
@@ -1265,9 +1284,11 @@ class ReadyQueue:
         if self._marks and self._take_cancel(job):
             return True
         job_id = job._id
-        if job_id is self._unnamed:  # never named: an id read from now on is not this queue's to
-            job._id = None  # register (a cancel of it loses, as one marked _ENDING below does)
-            return False
+        if job_id is self._unnamed:  # never named: named now, and held under that id until it finishes,
+            job_id = job._id = new_job_id()  # as one enqueued with an id is (its failure callbacks may
+            if job_id in self._ids:          # read the id; it may change only once the job finished)
+                return False
+            self._ids[job_id] = job
         if self._ids and type(job_id) is str and self._ids.get(job_id) is job:
             self._marks[job_id] = _ENDING
         return False
@@ -1275,12 +1296,12 @@ class ReadyQueue:
     def release(self, job_type: str) -> None:
         """An attempt of ``job_type`` returned: free its slot."""
         _exact_type(job_type)
-        with self._lock:
+        with _step(self._lock):
             self._release(self._types[job_type])
 
     def release_state(self, state: TypeState, hand_off: bool = True, taker: int = THREADS) -> None:
         """Free a slot of ``state``; ``hand_off=False``: the caller (of runner ``taker``) takes its job itself."""
-        with self._lock:
+        with _step(self._lock):
             self._release(state, hand_off, taker)
 
     def _release(self, state: TypeState, hand_off: bool = True, taker: int = THREADS) -> None:
@@ -1298,16 +1319,16 @@ class ReadyQueue:
 
     def sizes(self) -> Tuple[int, int, int]:
         """Ready jobs per level: (high, medium, low)."""
-        with self._lock:
+        with _step(self._lock):
             return self._sizes[2], self._sizes[1], self._sizes[0]
 
     def __len__(self) -> int:
-        with self._lock:
+        with _step(self._lock):
             return sum(self._sizes)
 
     @property
     def overflow_size(self) -> int:
-        with self._lock:
+        with _step(self._lock):
             return len(self._overflow)
 
     @property
@@ -1321,7 +1342,7 @@ class ReadyQueue:
         (``_pass_on_close``): thousands woken at once would all wait for the GIL,
         and their waits would starve the threads holding it.
         """
-        with self._lock:
+        with _step(self._lock):
             self._closed = True
             self._pass_on_close()  # with nothing: it sees the queue closed
             self._room.notify_all()
@@ -1337,7 +1358,7 @@ class ReadyQueue:
             raise ValueError(f"event must be one of the counter constants, got {event}")
         if n < 0:
             raise ValueError(f"a counter never goes down: n must be 0 or more, got {n}")
-        with self._lock:
+        with _step(self._lock):
             self._counters[event] += n
             if type(job_type) is str:
                 state = self._types.get(job_type)
@@ -1354,7 +1375,7 @@ class ReadyQueue:
         ``release``: the attempt's slot is freed in the same step (``release_state(state,
         hand_off)``), so ``snapshot()`` sees the job running or ended, never in neither.
         """
-        with self._lock:
+        with _step(self._lock):
             if release:
                 self._release(state, hand_off)
             if job is None:
@@ -1369,7 +1390,7 @@ class ReadyQueue:
         seconds, job, finish=True)`` in one step: the loop's per-job path.
         False when a cancel of ``job`` was requested first: only its slot is freed.
         """
-        with self._lock:
+        with _step(self._lock):
             self._release(state, False, LOOP)
             return self._attempt_succeeded(state, seconds, job, True)
 
@@ -1394,11 +1415,11 @@ class ReadyQueue:
 
     def record_duration(self, state: TypeState, seconds: float) -> None:
         """An attempt of ``state`` was decided (failed, timed out, cancelled) after ``seconds``."""
-        with self._lock:
+        with _step(self._lock):
             state.record_duration(seconds)
 
     def counters(self) -> Tuple[int, ...]:
-        with self._lock:
+        with _step(self._lock):
             return tuple(self._counters)
 
     @property
@@ -1409,7 +1430,7 @@ class ReadyQueue:
         """Whether an unfinished job was accepted with this id."""
         if type(job_id) is not str:
             raise _not_a_str("job id", job_id)
-        with self._lock:
+        with _step(self._lock):
             return job_id in self._ids
 
     def registered(self, job: Any) -> bool:
@@ -1417,12 +1438,12 @@ class ReadyQueue:
         job_id = job._id
         if type(job_id) is not str:
             return False
-        with self._lock:
+        with _step(self._lock):
             return self._ids.get(job_id) is job
 
     def task_done(self, job: Any) -> None:
         """``job``, accepted earlier, finished for good: its id is free again."""
-        with self._lock:
+        with _step(self._lock):
             self._finish(job)
 
     def _finish(self, job: Any) -> None:
@@ -1463,7 +1484,7 @@ class ReadyQueue:
         """Begin a join: what it waits for is the jobs unfinished now (``join_wait``). Returns its
         ticket, None when no job is unfinished (nothing to wait for); ``join_end(ticket)`` ends it.
         Until then the jobs accepted are stamped with a later generation than the ticket's."""
-        with self._lock:
+        with _step(self._lock):
             if self._unfinished <= 0:
                 return None
             if self._generation_size:  # jobs were stamped with it: they are older than this join
@@ -1487,7 +1508,7 @@ class ReadyQueue:
         if ticket is None:
             return True
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
+        with _step(self._lock):
             while not self._joined(ticket):
                 if self._closed:
                     return False
@@ -1501,7 +1522,7 @@ class ReadyQueue:
         """The join that ``join_begin`` gave ``ticket`` is over: once no join is, jobs go unstamped."""
         if ticket is None:
             return
-        with self._lock:
+        with _step(self._lock):
             self._joins -= 1
 
     def join(self, timeout: Optional[float] = None) -> bool:
@@ -1540,7 +1561,7 @@ class DelayedHeap:
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0 (0 = unlimited), got {capacity}")
         self.capacity = capacity
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # taken with _step
         self._heap: List[Tuple[float, int, Any]] = []  # guarded by _lock; a heapq
         self._seq = itertools.count()
 
@@ -1549,7 +1570,7 @@ class DelayedHeap:
         if not isinstance(run_at, (int, float)):
             raise TypeError(f"run_at must be a float, got {run_at!r}")
         entry = (float(run_at), next(self._seq), job)
-        with self._lock:
+        with _step(self._lock):
             if self.capacity and len(self._heap) >= self.capacity:
                 return heapq.heapreplace(self._heap, entry)[2]  # pops the earliest, then adds
             heapq.heappush(self._heap, entry)
@@ -1558,7 +1579,7 @@ class DelayedHeap:
     def pop_due(self, now: float) -> List[Any]:
         """Remove and return, earliest first, every job with run_at <= now."""
         due = []
-        with self._lock:
+        with _step(self._lock):
             heap = self._heap
             while heap and heap[0][0] <= now:
                 due.append(heapq.heappop(heap)[2])
@@ -1566,7 +1587,7 @@ class DelayedHeap:
 
     def pop_all(self) -> List[Any]:
         """Remove and return every job, earliest first."""
-        with self._lock:
+        with _step(self._lock):
             jobs = [entry[2] for entry in sorted(self._heap)]
             self._heap.clear()
         return jobs
@@ -1576,7 +1597,7 @@ class DelayedHeap:
 
         With ``job``, only that job (another job may have its id by now).
         """
-        with self._lock:
+        with _step(self._lock):
             for index, entry in enumerate(self._heap):
                 if entry[2]._id == job_id and (job is None or entry[2] is job):
                     self._heap[index] = self._heap[-1]
@@ -1586,14 +1607,14 @@ class DelayedHeap:
         return None
 
     def next_run_at(self) -> Optional[float]:
-        with self._lock:
+        with _step(self._lock):
             return self._heap[0][0] if self._heap else None
 
     def peek_due(self, now: float) -> Tuple[List[Any], int]:
         """``(the jobs with run_at <= now, earliest first, how many are not due)``, read at one
         moment and left in place: only the due entries are visited."""
         due: List[Tuple[float, int, Any]] = []
-        with self._lock:
+        with _step(self._lock):
             _collect_due(self._heap, 0, now, due)
             not_due = len(self._heap) - len(due)
         due.sort(key=_run_at_and_seq)  # (never compares the jobs)
@@ -1662,10 +1683,10 @@ class WorkerSlot:
 
     __slots__ = ("_lock", "job", "type_state", "started", "deadline", "context", "expired",
                  "interrupted", "retired", "thread_id", "on_start", "on_succeeding", "on_success",
-                 "on_switch", "shielded", "deferred")
+                 "on_switch", "shielded", "deferred", "forked")
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # taken with _step
         self.job: Any = None  # the running attempt's job, None between attempts
         self.type_state: Optional[TypeState] = None
         self.started = 0.0  # monotonic: when the running attempt's function was called (0.0 before)
@@ -1675,6 +1696,8 @@ class WorkerSlot:
         self.interrupted = False  # JobTimeout was raised into the thread
         self.retired = False  # the worker leaves after this attempt
         self.thread_id = 0
+        # Set in a fork()ed child whose only thread is this worker's (its function forked): see run_worker.
+        self.forked = False
         self.on_start: Optional[Callable[[Any], None]] = None  # set by the dispatcher
         # Set by the dispatcher of a broker's queue: called before a success is counted; False when
         # the attempt is no longer this process's (its broker took it back): it counts nowhere.
@@ -1687,18 +1710,18 @@ class WorkerSlot:
         self.deferred = False  # an interruption came while shielded: JobTimeout is raised as it ends
 
     def begin(self, job: Any, state: TypeState, deadline: float, context: Any) -> None:
-        with self._lock:
+        with _step(self._lock):
             self.job, self.type_state, self.deadline, self.context = job, state, deadline, context
             self.started = 0.0  # until the function is called
             self.expired = self.interrupted = self.deferred = False
 
     def __enter__(self) -> "WorkerSlot":
-        with self._lock:
+        with _step(self._lock):
             self.shielded += 1
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        with self._lock:
+        with _step(self._lock):
             self.shielded -= 1
             deferred = self.deferred and not self.shielded
             if deferred:
@@ -1708,7 +1731,7 @@ class WorkerSlot:
 
     def raise_deferred(self) -> None:
         """Raise, inside a shielded block, the JobTimeout that an interruption deferred, if one did."""
-        with self._lock:
+        with _step(self._lock):
             deferred, self.deferred = self.deferred, False
         if deferred:
             raise JobTimeout()
@@ -1719,7 +1742,7 @@ class WorkerSlot:
         An expired attempt's record stays for the watchdog, which reads it after
         ``expire`` while this thread may already be here.
         """
-        with self._lock:
+        with _step(self._lock):
             if self.expired:
                 return True
             self.job = self.type_state = self.context = None
@@ -1739,7 +1762,7 @@ class WorkerSlot:
         cancelled before its worker can see the decision and free the slot. ``unregistered``: the
         cancel is of a job registered under no id (``take_unregistered_cancel``).
         """
-        with self._lock:
+        with _step(self._lock):
             if self.job is None or self.expired or self.deadline > now or (job is not None and self.job is not job):
                 return None
             if cancel_in is not None and not (  # (its lock inside this one)
@@ -1783,8 +1806,10 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
     """Run attempts until the queue closes or the watchdog retires this worker.
 
     The fast path (success) stays here; everything else goes to ``dispatcher``:
-    ``refresh_hooks(slot)``, ``new_context(job)``, ``returned(job, state, result)``
-    (a function returned an awaitable or a generator: ``_awaitable_or_generator``),
+    ``refresh_hooks(slot)``, ``new_context(job)``, ``returned(job, state, result, slot)``
+    (a function returned an awaitable or a generator: ``_awaitable_or_generator``; True when it
+    emptied ``slot`` and handed the rest of the attempt, with the type's slot, to the event loop:
+    the worker goes on at once, and counts and frees nothing of it),
     ``attempt_failed(job, state, exc, holding, seconds)`` (``holding``: it frees the attempt's slot
     where it places or ends the job; ``seconds``: the attempt's duration, which it records),
     ``no_executor(job, state)``, ``after_expired(slot, exc)`` and ``end_cancelled(job)`` (a cancel
@@ -1824,6 +1849,7 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
         slot_kept = False  # the attempt ended, not timed out: its slot is freed where its job is counted or placed
         started = ended = 0.0  # monotonic: the function's call and return (started stays 0.0 until the call)
         cancelled = False  # a cancel was requested on its way here (after begin: a later one finds the slot)
+        handed_over = False  # the rest of the attempt is the event loop's (dispatcher.returned)
         try:  # from begin() on, an interruption may land anywhere: the slot is released below
             slot.begin(job, state, _INF, context)  # no deadline yet: a slow start write is not the function's time
             try:
@@ -1858,10 +1884,16 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
                     else:
                         result = fn(job, context)
                     if result is not None and _awaitable_or_generator(result):  # a function returning a coroutine
-                        dispatcher.returned(job, state, result)
+                        handed_over = dispatcher.returned(job, state, result, slot)
                     result = None
             except BaseException as exc:  # the attempt's failure, whatever it is
                 error = exc
+            if slot.forked:  # its function fork()ed and returned in the child: the queue is the parent's
+                dispatcher.leave_forked_child(error)  # (ends the child: no lock of the queue is touched)
+            if handed_over:  # the loop's attempt holds the type's slot now, and frees it as it ends
+                slot_kept = True
+                context = None
+                continue
             ended = monotonic()
             if not started:  # it failed before its function was called: no time of its own
                 started = ended

@@ -30,24 +30,25 @@ handlers (a store's ``close``) run. Worker threads are daemon threads only so
 that one stuck in an attempt that already timed out, which nothing waits for,
 can never hold the interpreter open.
 """
-import concurrent.futures
 import inspect
 import logging
 import math
+import os
+import sys
 import threading
 import time
 import traceback
 import types
 import weakref
 from collections import deque
-from typing import (Any, Callable, ContextManager, Deque, Dict, Iterable, Iterator, List, Optional, Protocol,
-                    Sequence, Set, Tuple)
+from typing import (Any, Callable, ContextManager, Deque, Dict, Iterable, Iterator, List, NoReturn, Optional,
+                    Protocol, Sequence, Set, Tuple)
 
 from . import _shield
 from ._pick_core import core
 from ._shield import shield
 from .config import Config, ExecutorConfig, _seconds
-from ._event_loop import _UNWIND_PAST_TIMEOUT, _UNWIND_WAIT, LOOP_LATE, HandedOver, LoopRunner, timeout_error
+from ._event_loop import _UNWIND_PAST_TIMEOUT, _UNWIND_WAIT, LOOP_LATE, LoopRunner, timeout_error
 from .context import JobContext
 from .errors import JobTimeout, PermanentFailure, QueueStopped, RetryAfter, _describe, counted
 
@@ -67,8 +68,28 @@ _IDLE_WATCH = 1.0
 # enqueues, ...): a failure decided deeper is reported once the callbacks above it return, one after
 # another, so an unbounded chain never reaches Python's recursion limit midway through a job's end.
 _NESTED_REPORTS = 16
+# Frames kept free below Python's recursion limit: a failure decided with fewer left (a chain of
+# callbacks begun deep in the stack) is reported as one decided past _NESTED_REPORTS is.
+_STACK_RESERVE = 150
 
 FailureCallback = Callable[[Any, str, Optional[BaseException]], None]
+
+
+def _close_unrun(awaitable: Any) -> None:
+    """An awaitable whose attempt ended before it could run: a coroutine is closed (no "never
+    awaited" warning). Off the loop: anything else is left alone (a future is the loop's)."""
+    if inspect.iscoroutine(awaitable):
+        awaitable.close()
+
+
+def _near_recursion_limit() -> bool:
+    """Whether this thread's stack is within _STACK_RESERVE frames of Python's recursion limit
+    (a walk of the stack: for the failure path, not a per-job one)."""
+    try:
+        sys._getframe(sys.getrecursionlimit() - _STACK_RESERVE)
+    except ValueError:  # not that deep
+        return False
+    return True
 
 
 def _log_safely(log: Callable[..., None], message: str, *args: Any) -> None:
@@ -180,6 +201,19 @@ def _stop_at_exit() -> None:
             logger.exception("tinymq could not stop a queue at interpreter exit")
 
 
+def _after_fork_in_child() -> None:
+    """In a fork()ed child the one thread is the one that forked: a worker of a queue whose function
+    forked ends the child when that function returns there (see run_worker), instead of running its
+    parent's jobs a second time."""
+    forking_thread = threading.get_ident()
+    for dispatcher in list(_live):
+        dispatcher.mark_forked_worker(forking_thread)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _register_exit_hook() -> None:
     global _exit_hook_registered
     with _exit_hook_lock:
@@ -220,6 +254,7 @@ class Dispatcher:
         self._gave_up_slots: Set[Any] = set()
         self._thread_ids: Set[int] = set()  # this queue's threads: join() there would wait for itself
         self._started = False
+        self._started_in: Optional[int] = None  # the pid whose threads serve the queue (see forked_copy)
         self._stopping = False
         self._stopped = threading.Event()  # the first stop() returned: later ones wait for it
         self._stop_cancels = False  # a stop() cancels the running attempts: no stop() waits for them
@@ -246,7 +281,6 @@ class Dispatcher:
         # job type -> how it was registered: its retry_on, and to move a thread executor found to
         # return awaitables
         self._registered: Dict[str, Tuple[Callable[..., Any], ExecutorConfig, bool]] = {}
-        self._awaiting: Dict[Any, HandedOver] = {}  # guarded by _lock: see returned()
         self.loop_runner: Optional[LoopRunner] = None  # async executors' loop, made by start()
         _live.add(self)
         _register_exit_hook()
@@ -387,6 +421,7 @@ class Dispatcher:
             if self._stopping:
                 raise RuntimeError("the queue is stopped; it cannot be started again")
             self._started = True
+            self._started_in = os.getpid()
             try:
                 for _ in range(workers):
                     self._start_worker()
@@ -418,6 +453,41 @@ class Dispatcher:
         finally:
             with self._lock:
                 self._thread_ids.discard(ident)
+
+    def mark_forked_worker(self, thread_id: int) -> None:
+        """In a fork()ed child: mark the slot of the worker whose thread forked, if it is one of ours.
+        (No lock: no other thread runs in the child, and one held at the fork would never be released.)"""
+        for slot in list(self._slots) + list(self._gave_up_slots):
+            if slot.thread_id == thread_id:
+                slot.forked = True
+
+    def leave_forked_child(self, error: Optional[BaseException]) -> NoReturn:
+        """A job's function fork()ed, and returned (or raised) in the child, whose only thread is the
+        worker's: end the child as its own code would have, touching nothing of the queue, whose
+        threads, locks and store are the parent's (its jobs would run a second time there)."""
+        code = 0
+        if isinstance(error, SystemExit):
+            if isinstance(error.code, int):
+                code = error.code
+            elif error.code is not None:  # sys.exit("message"), as the interpreter shows it
+                print(error.code, file=sys.stderr)
+                code = 1
+        else:
+            logger.warning("a job's function fork()ed and %s in the child (pid %d): the child exits, "
+                           "as the queue that ran the job is its parent's (end a child with os._exit())",
+                           "returned" if error is None else f"raised {_describe(error)}", os.getpid())
+            code = 0 if error is None else 1
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # (closed, or None): nothing more to write
+                pass
+        os._exit(code)
+
+    def forked_copy(self) -> bool:
+        """True in a process fork()ed from the one that started the queue, where none of its threads runs."""
+        started_in = self._started_in
+        return started_in is not None and started_in != os.getpid()
 
     def waits_for_itself(self) -> bool:
         """True in this queue's own threads and in its failure callbacks, where join() cannot return."""
@@ -485,6 +555,12 @@ class Dispatcher:
         the caller, which runs this in another thread (``astop``), is one of this queue's
         threads, its loop or a failure callback, as its own thread decided.
         """
+        if self.forked_copy():
+            # Its threads, attempts and store are the parent's: waiting for them would never end, and
+            # saving back or reporting its jobs is the parent's work. Only this copy stops accepting.
+            self._stopping = True
+            self.ready.close()
+            return
         with self._lock:
             first = not self._stopping
             self._stopping = True
@@ -518,10 +594,6 @@ class Dispatcher:
             if not own_thread:  # cancelled coroutines unwind before the loop stops, briefly
                 unwound_by = _unwinding_deadline(stop_by)
                 runner.wait_finished(unwound_by, undecided_only=False)
-                with self._lock:
-                    handed_over = list(self._awaiting.values())
-                for awaiting in handed_over:  # awaitables that worker threads' attempts returned
-                    awaiting.wait_unwound(unwound_by)
             runner.stop(unwound_by, when_idle=wait and own_thread)
         self.watchdog_alarm.wake()  # it leaves once no worker is left to watch
         if self.ledger is not None:
@@ -618,9 +690,7 @@ class Dispatcher:
         if job is None:
             return
         if context is None and self.ledger is not None:
-            with self._lock:
-                if job not in self._awaiting:  # (an awaitable is cancelled: the loop stops)
-                    return
+            return
         with self._stop_order:
             if job in self._decided:
                 return  # it ended meanwhile: its own outcome stands
@@ -635,7 +705,6 @@ class Dispatcher:
                 self._gave_up_slots.add(slot)
         if context is not None:
             context._cancel("the queue stopped")
-        self._cancel_awaiting(job, by_stop=True)
 
     def _stopped_async(self, job: Any) -> None:
         """stop() cancelled this async attempt: saved back as ready, not a failure."""
@@ -702,8 +771,8 @@ class Dispatcher:
 
     def attempts_ended(self, timeout: float) -> bool:
         """Wait at most ``timeout`` seconds until no attempt of this stopped queue may still run: no
-        worker that was not retired is left (a worker exits once its attempt's end is written, and
-        one that a coroutine handed over waits for it), and no attempt runs on the loop but those
+        worker that was not retired is left (a worker exits once its attempt's end is written, or
+        once it has handed the attempt over to the loop), and no attempt runs on the loop but those
         never waited for (timed out, cancelled). Any such attempt keeps the store this queue's:
         another queue's reload would run its job a second time, whether stop() waited for it,
         gave it up, or was called from the queue's own thread and left it running."""
@@ -929,7 +998,6 @@ class Dispatcher:
         # once it stands (not if stop() hands the attempt back first).
         if self.ledger is not None and not self.ledger.expired(job, counted, (state, seconds) if counted else None):
             counted = False  # no longer this process's attempt: its timeout counts nowhere
-        self._cancel_awaiting(job)
         try:  # slot.expire() has cancelled the attempt's context already
             if counted:
                 if self.ledger is None:  # (else the ledger records and counts it as it decides the attempt's end)
@@ -955,13 +1023,18 @@ class Dispatcher:
         logger.debug("a timed-out attempt returned late (%s); its result is ignored",
                      "ok" if error is None else _describe(error))
 
-    def returned(self, job: Any, state: Any, result: Any) -> None:
-        """A thread executor's function returned ``result``; an awaitable is awaited, on the loop.
+    def returned(self, job: Any, state: Any, result: Any, slot: Any) -> bool:
+        """A thread executor's function returned ``result``, an awaitable or a generator: True
+        when the rest of the attempt, awaiting it, is handed over to the event loop (``slot``
+        emptied; the type's slot is that attempt's until its task has unwound): the worker is
+        free at once, and the attempt is the loop's, as an async def's (its timeout, a cancel and
+        stop() cancel its task there; its outcome is reported there).
 
-        A function that returns a coroutine is an async executor that
-        registration could not tell from a plain one: its later jobs go to the
-        loop like an ``async def``'s, and this attempt's awaitable runs there
-        while this worker waits; a timeout, cancel or stop cancels it.
+        A function that returns an awaitable is an async executor that registration could not
+        tell from a plain one: its later jobs are called on the loop, as an async def's are.
+        False when the watchdog or a cancel decided the attempt first (the awaitable never
+        runs: the worker ends the attempt as one of its own). Raises QueueStopped when stop()
+        gave the attempt up first (the awaitable never runs: no failure, see attempt_failed).
         """
         if isinstance(result, (types.GeneratorType, types.AsyncGeneratorType)):
             if isinstance(result, types.GeneratorType):
@@ -969,7 +1042,7 @@ class Dispatcher:
             raise TypeError(f"executor for {job.type!r} returned a generator ({result!r}): its body "
                             "never runs; a job's function must do its work when called (or return an awaitable)")
         if not inspect.isawaitable(result):
-            return  # a plain function's return value means nothing
+            return False  # a plain function's return value means nothing
         with self._lock:
             registered = self._registered.get(job.type)
         if registered is not None and registered[0] is state.fn:  # not replaced meanwhile
@@ -978,46 +1051,35 @@ class Dispatcher:
                         fn, job.type)
             self.register(job.type, fn, config, takes_context, is_async=True)
         runner = self.loop_runner
-        if runner is None:  # pragma: no cover - workers start after the loop runner exists
+        if runner is None:  # pragma: no cover - start() makes it before a worker can read it (under _lock)
             raise RuntimeError("the queue's event loop is not running")
-        # Registered under _lock with its start: the awaitable may run before this thread goes on,
-        # and a stop() or cancel() meanwhile must find it here.
-        handed_over = HandedOver(runner, result)
-        with self._lock:
-            started = handed_over.start()
-            if started:
-                self._awaiting[job] = handed_over
-        if not started:
-            if inspect.iscoroutine(result):
-                result.close()
-            if not self._given_back_at_stop(job):  # (the loop closes only at stop())
+        started, deadline, context = slot.started, slot.deadline, slot.context
+        with shield():  # no interruption between the slot's end and the hand-over
+            if slot.end():  # decided in the slot first (timed out, cancelled): its awaitable never runs
+                _close_unrun(result)
+                return False
+            if not self._given_up_by_stop(job) and runner.adopt(job, state, context, result, started, deadline):
+                return True
+            # stop() gave the attempt up, or has cancelled the loop's attempts: it never runs.
+            _close_unrun(result)
+            if not self._given_back_at_stop(job):  # (the loop refuses only once stop() began)
                 raise RuntimeError("the queue's event loop is closed")
             raise QueueStopped("the queue stopped before the awaitable its executor returned could run")
-        try:
-            handed_over.wait()  # until its coroutine has ended: unwound, when it was cancelled
-        except concurrent.futures.CancelledError:
-            # Unless a timeout or a cancel of this attempt decided it (this outcome is then ignored),
-            # stop() did: the loop ended the task before it ran, or stop() cancelled it.
-            if not self._given_back_at_stop(job):
-                raise
-            raise QueueStopped("the queue stopped before the awaitable its executor returned "
-                               "could run") from None
-        finally:
-            with self._lock:
-                self._awaiting.pop(job, None)
 
-    def _given_back_at_stop(self, job: Any) -> bool:
-        """The awaitable a worker's attempt returned cannot run, as stop() closed (or is closing)
-        the loop: True when that is all that ended the attempt. Then, like an attempt stop()
-        cancels, it is no failure: noted so (saved back as ready, with a store), and
-        attempt_failed, handed QueueStopped, counts and reports nothing. False when not
-        stopping, or when a timeout or a cancel decided the attempt (its outcome stands: a
-        save here would bring back the row its cancel deleted)."""
+    def _given_up_by_stop(self, job: Any) -> bool:
+        """stop() cancelled the running attempt of ``job`` (saved back as ready, with a store)."""
         if not self._stopping:
             return False
-        with self._lock:
-            if any(slot.job is job and slot.expired for slot in self._slots):
-                return False
+        with self._stop_order:
+            return job in self._stop_cancelled
+
+    def _given_back_at_stop(self, job: Any) -> bool:
+        """The awaitable a worker's attempt returned cannot run, as stop() gave the attempt up or
+        cancelled the loop's attempts: True when stopping. Then, like an attempt stop() cancels,
+        it is no failure: noted so (saved back as ready, with a store), and attempt_failed,
+        handed QueueStopped, counts and reports nothing."""
+        if not self._stopping:
+            return False
         with self._stop_order:
             if job not in self._decided and job not in self._stop_cancelled:
                 self._stop_cancelled.add(job)
@@ -1025,17 +1087,6 @@ class Dispatcher:
                 if store is not None:
                     self._save_back(store, job)
         return True
-
-    def _cancel_awaiting(self, job: Any, by_stop: bool = False) -> None:
-        """A worker's attempt was decided (timeout, cancel, stop): cancel the awaitable it waits for.
-
-        The worker waits on until the awaitable's task has unwound (its slot held until then, as
-        an async def's attempt's); stop() waits for that only if it cancelled it itself (``by_stop``).
-        """
-        with self._lock:
-            handed_over = self._awaiting.get(job)
-        if handed_over is not None:
-            handed_over.cancel(never_waited_for=not by_stop)
 
     def new_context(self, job: Any) -> JobContext:
         """An attempt's context; the worker sets its deadline when it calls the function."""
@@ -1169,10 +1220,11 @@ class Dispatcher:
         self.fail(job, "cancelled", None, core.CANCELLED, True)
 
     def _cancel_unregistered(self, job_id: str) -> bool:
-        """``cancel`` of a job the core knows by no id, looked for in every place: a job read without an
-        id when its queue's end of it was decided (enqueued again from its failure callback), and
-        named since. (Every other job has its id registered: given, or made through Job.id.) Taken
-        out of its place, or its attempt decided, in the step of the core that counts it cancelled."""
+        """``cancel`` of a job the core knows by no id, looked for in every place: one given its id behind
+        the core's back (a Job.id set while another thread enqueues the job, which docs/api.md rules
+        out). (Every other job has its id registered: given, made through Job.id, or made as its end
+        was decided.) Taken out of its place, or its attempt decided, in the step of the core that
+        counts it cancelled."""
         outcome, job = self.ready.mark_cancel(job_id, self.delayed, self.uncapped)
         if outcome == core.CANCEL_REMOVED:
             self.end_cancelled(job)
@@ -1210,7 +1262,6 @@ class Dispatcher:
             started = slot.started
             if started:  # its function was called: decided now, as at a timeout (its return is ignored)
                 self.ready.record_duration(slot.type_state, core.monotonic() - started)
-            self._cancel_awaiting(job)
             return job
         return None
 
@@ -1379,15 +1430,17 @@ class Dispatcher:
     def report_bounded(self, report: Callable[..., None], *args: Any) -> None:
         """Run ``report(*args)``, a failure's report (its callbacks, and what follows them: its store
         write, a broker's acknowledgement), now; or, from failure callbacks nested _NESTED_REPORTS
-        deep on this thread, once the callbacks above it return, after the reports deferred before
-        it, run by the report whose callbacks are the deepest allowed: the stack stays bounded."""
+        deep on this thread (or fewer, once the stack is within _STACK_RESERVE frames of the recursion
+        limit), once the callbacks above it return, after the reports deferred before it, run by the
+        report whose callbacks are the deepest allowed: the stack stays bounded, and clear of the limit."""
         in_callback = self._in_callback
         depth = getattr(in_callback, "depth", 0)
         later = getattr(in_callback, "later", None)
-        if depth >= _NESTED_REPORTS and later is not None:
+        if later is not None and (depth >= _NESTED_REPORTS or _near_recursion_limit()):
             later.append((report, args))
             return
-        if depth == _NESTED_REPORTS - 1 and later is None:  # the reports its callbacks defer run here, in turn
+        if later is None and (depth == _NESTED_REPORTS - 1 or _near_recursion_limit()):
+            # the reports its callbacks defer run here, in turn
             in_callback.later = later = deque()
             try:
                 report(*args)

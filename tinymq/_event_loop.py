@@ -33,11 +33,19 @@ timer per attempt. Every decision about an attempt (success, failure,
 timeout, cancel, stop) is taken once, under ``_lock`` (``_decide``); the
 type's slot is freed only when the attempt has unwound, so
 ``max_concurrent_jobs`` counts coroutines still unwinding. Registering an
-attempt takes no lock: only the loop thread writes ``_attempts``, and other
-threads read a snapshot of it.
+attempt on the loop takes no lock: only the loop thread adds to ``_attempts``
+without it, and other threads read a snapshot of it.
+
+Hand-overs: a plain callable that returns an awaitable is only known to be one
+once called, on a worker thread. The rest of that attempt is handed over
+(``adopt``, under ``_lock``): registered in ``_attempts`` with the deadline and
+context the worker gave it, its awaitable run in a task of its own, its
+outcome taken from that task as it ends; the worker goes on at once, and the
+type's slot stays the attempt's until its task has unwound.
 """
 import asyncio
 import concurrent.futures
+import functools
 import inspect
 import logging
 import sys
@@ -52,7 +60,7 @@ from ._pick_core import core
 from .context import JobContext
 from .errors import JobTimeout, counted
 
-__all__ = ["HandedOver", "LoopRunner", "is_async_executor", "timeout_error"]
+__all__ = ["LoopRunner", "is_async_executor", "timeout_error"]
 
 logger = logging.getLogger("tinymq")
 
@@ -85,7 +93,7 @@ class _Attempt:
         self.job = job
         self.state = state
         self.context = context
-        self.task = task  # the runner's task that runs it (a _RunnerTask)
+        self.task = task  # the runner's task that runs it (a _RunnerTask); adopted: its own, once started
         self.started = started  # monotonic, as loop.time(): its duration is counted per type (from the call)
         self.deadline = deadline  # monotonic; +inf without a timeout, and until the function is called
         self.running = False  # loop thread only: its runner is inside it (awaiting its coroutine)
@@ -185,98 +193,17 @@ class _Wakeup:
 
 
 async def _awaited(awaitable: Any) -> Any:
-    """Await any awaitable in a task of its own (create_task takes coroutines only)."""
+    """Await any awaitable in a task of its own (a task takes coroutines only)."""
     return await awaitable
 
 
-class HandedOver:
-    """An awaitable that a worker thread's attempt returned, run in a task of its own on the loop.
-
-    The worker waits (``wait``) until that task has ended, so its attempt keeps the type's slot
-    while the coroutine unwinds after a timeout, a cancel or a stop, as an ``async def``'s does.
-    """
-
-    __slots__ = ("_runner", "_coroutine", "_lock", "_task", "_cancelled", "_by_stop", "_ended", "_error")
-
-    def __init__(self, runner: "LoopRunner", awaitable: Any) -> None:
-        self._runner = runner
-        self._coroutine = _awaited(awaitable)
-        self._lock = threading.Lock()
-        # Guarded by _lock: the task, once the loop has started it; cancel() was called.
-        self._task: Optional["asyncio.Task[Any]"] = None
-        self._cancelled = False
-        self._by_stop = False  # stop() cancelled it: stop() gives it a moment to unwind (wait_unwound)
-        self._ended = threading.Event()  # the task has ended, or it never will start
-        self._error: Optional[BaseException] = None  # what the task raised: read once _ended is set
-
-    def start(self) -> bool:
-        """Hand it to the loop: False if the loop is closed (then the awaitable never runs)."""
-        try:
-            self._runner.loop.call_soon_threadsafe(self._start)
-        except RuntimeError:  # the loop is closed: the queue stopped
-            self._coroutine.close()
-            return False
-        return True
-
-    def _start(self) -> None:
-        """On the loop."""
-        with self._lock:
-            if not self._cancelled:
-                self._task = self._runner.loop.create_task(self._coroutine)
-        if self._task is None:  # cancelled before it started (cancel() has set _ended)
-            self._coroutine.close()
-            return
-        self._runner._handed_over[self._task] = self  # a running attempt: the loop stops after it too
-        self._task.add_done_callback(self._done)
-
-    def _done(self, task: "asyncio.Task[Any]") -> None:
-        """On the loop: the task has ended, unwound."""
-        runner = self._runner
-        runner._handed_over.pop(task, None)
-        if not task.cancelled():
-            self._error = task.exception()
-        self._ended.set()
-        runner._halt_if_idle()
-
-    def cancel(self, never_waited_for: bool) -> None:
-        """From any thread: cancel the task; the worker's ``wait`` still lasts until it has ended.
-        ``never_waited_for`` (a timeout, a cancel): stop() does not wait for its end either."""
-        with self._lock:
-            if not self._cancelled:  # the first decision says: stop() after a timeout never waits
-                self._by_stop = not never_waited_for
-            self._cancelled = True
-            task = self._task
-        if task is None:  # not started: it never will be
-            self._ended.set()
-            return
-        try:
-            self._runner.loop.call_soon_threadsafe(task.cancel)
-        except RuntimeError:  # the loop is closed: the task ended before it closed
-            pass
-
-    @property
-    def spared(self) -> bool:
-        """A timeout or a cancel decided it first: stop() never waits for its end."""
-        return self._cancelled and not self._by_stop
-
-    def wait_unwound(self, deadline: float) -> None:
-        """stop(): wait until ``deadline`` (time.monotonic) for the task it cancelled to end, as for
-        an async def's attempt; not for one that a timeout or a cancel decided before."""
-        if self._by_stop:
-            self._ended.wait(max(0.0, deadline - time.monotonic()))
-
-    def wait(self) -> None:
-        """Until the task has ended: raise concurrent.futures.CancelledError if it was cancelled
-        (``cancel``, or the loop's shutdown), else what the awaitable raised."""
-        while not self._ended.wait(_UNWIND_WAIT):
-            with self._lock:
-                if self._task is None and self._runner.loop.is_closed():  # queued as the loop closed
-                    self._cancelled = True
-                    break
-        if self._cancelled or (self._task is not None and self._task.cancelled()):
-            raise concurrent.futures.CancelledError()
-        if self._error is not None:
-            raise self._error
+def _discard(awaitable: Any) -> None:
+    """An awaitable that will never be awaited (its attempt was decided first): a coroutine is
+    closed (no "never awaited" warning), an asyncio future cancelled; on the loop."""
+    if awaitable.__class__ is _COROUTINE or inspect.iscoroutine(awaitable):
+        awaitable.close()
+    elif isinstance(awaitable, asyncio.Future):
+        awaitable.cancel()
 
 
 class LoopRunner:
@@ -292,9 +219,9 @@ class LoopRunner:
         # no attempt could start or be reported.
         self._io = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="tinymq-io")
         self._lock = threading.Lock()
-        # The attempts whose coroutines have not unwound (the keys; written by the loop thread only,
-        # removed under _lock; other threads read a snapshot, list(...)), and their decisions
-        # (_Attempt.decided, guarded by _lock).
+        # The attempts whose coroutines have not unwound (the keys; added by the loop thread, or by a
+        # worker thread's adopt() under _lock; removed under _lock; other threads read a snapshot,
+        # list(...)), and their decisions (_Attempt.decided, guarded by _lock).
         self._attempts: Dict[_Attempt, None] = {}
         self._all_finished = threading.Condition(self._lock)  # _attempts may have emptied, or one was decided
         self._waiting_for_end = 0  # threads in wait_finished: only then is _all_finished notified
@@ -316,10 +243,9 @@ class LoopRunner:
         # coroutines that timed out or were cancelled before stop() (_NEVER_WAITED_FOR).
         self._settled = threading.Event()
         self._left_unwinding = False  # stop() returned before _settled and logged the coroutines it left
-        # Loop thread only: the tasks of awaitables handed over by worker threads that have not
-        # ended, each with its HandedOver: running attempts, like _attempts, for a loop that stops
-        # when idle; those a timeout or a cancel decided (``spared``) stop() never waits for.
-        self._handed_over: Dict["asyncio.Task[Any]", HandedOver] = {}
+        # Guarded by _lock: stop() has cancelled the loop's attempts (cancel_for_stop): an attempt a
+        # worker thread hands over from now on is refused (adopt), not started and left running.
+        self._refusing = False
         # Loop thread only: the deadline timer, and the deadline it is armed for (+inf: none).
         self._expiry: Optional[asyncio.TimerHandle] = None
         self._expiry_at = _NO_DEADLINE
@@ -354,7 +280,7 @@ class LoopRunner:
                 self._end_tasks()
                 loop.run_until_complete(loop.shutdown_asyncgens())
                 loop.run_until_complete(loop.shutdown_default_executor())
-                self._end_tasks()  # a task started meanwhile (an awaitable a worker thread handed over)
+                self._end_tasks()  # a task started meanwhile, by a callback run in the two calls above
             except Exception:  # pragma: no cover - a bug; the loop closes all the same
                 logger.exception("tinymq event loop did not shut down cleanly")
             finally:
@@ -412,7 +338,6 @@ class LoopRunner:
             spared = set()
             if spare_never_waited_for:
                 spared = {a.task for a in list(self._attempts) if a.decided in _NEVER_WAITED_FOR}
-                spared.update(task for task, handed in self._handed_over.items() if handed.spared)
             pending = [task for task in asyncio.all_tasks(loop) if not task.done() and task not in spared]
             if not pending:
                 return any(not task.done() for task in spared)
@@ -635,6 +560,48 @@ class LoopRunner:
                            "returned; its slot was held until then", job.id, job.type, decided)
         dispatcher.returned_late(job)
 
+    def _adopt(self, attempt: _Attempt, awaitable: Any) -> None:
+        """On the loop: run the rest of an attempt a worker thread handed over (``adopt``), awaiting
+        ``awaitable`` in a task of its own; or end it at once, decided meanwhile (it never runs)."""
+        job = attempt.job
+        # Cancelled between the worker's slot and _attempts, where the cancel found it in neither:
+        # decided here as cancel() would have (a cancel from adopt() on finds it registered).
+        if self.ready.cancel_marks and self.ready.cancel_requested(job):
+            if self.cancel(job._id, job, take=True) is not None:
+                self._report(self.dispatcher.end_cancelled, job, True)
+        if attempt.decided is not None:  # whoever decided it reported it; the slot is freed here
+            _discard(awaitable)
+            self._finished(attempt, None, True)
+            self._after_own_task()
+            return
+        # Its outcome is taken from the task as it ends, however it ends: a task cancelled before
+        # its first step never runs its coroutine's body.
+        task = _RunnerTask(awaitable if awaitable.__class__ is _COROUTINE else _awaited(awaitable), self.loop)
+        attempt.task = task
+        attempt.running = True  # (a decision from now on cancels the task; one before came first, above)
+        task.add_done_callback(functools.partial(self._adopted_ended, attempt))
+        if attempt.deadline < self._expiry_at:
+            self._arm(attempt.deadline)
+
+    def _adopted_ended(self, attempt: _Attempt, task: "asyncio.Task[Any]") -> None:
+        """On the loop: the task of an adopted attempt has ended (unwound)."""
+        attempt.running = False
+        error: Optional[BaseException] = None
+        ours = False
+        if task.cancelled():
+            ours = attempt.decided is not None
+            if not ours:
+                error = asyncio.CancelledError()
+        else:
+            error = task.exception()
+        self._finished(attempt, error, ours)
+        self._after_own_task()
+
+    def _after_own_task(self) -> None:
+        """An attempt that no runner ran has freed its slot: a runner takes the job it may let start."""
+        if not self._closing and (self._todo or self._take()):
+            self._call_runners()
+
     def _arm(self, deadline: float) -> None:
         """Fire the deadline timer at ``deadline`` (earlier than it was armed for)."""
         if self._expiry is not None:
@@ -749,9 +716,35 @@ class LoopRunner:
         self._cancel_task(attempt, "cancelled")
         return attempt.job
 
+    def adopt(self, job: Any, state: Any, context: Optional[JobContext], awaitable: Any,
+              started: float, deadline: float) -> bool:
+        """From a worker thread: the loop runs the rest of an attempt of ``job`` whose function,
+        called there at ``started``, returned ``awaitable``, its deadline and its context
+        unchanged. The type's slot the worker took is the attempt's until it has unwound, as an
+        async def's; the worker is free at once. False (nothing taken) once stop() has cancelled
+        the loop's attempts.
+
+        The worker has emptied its slot first: a cancel between the two finds the job in neither
+        place and marks it (``_adopt`` looks); from here on cancel(), a timeout and stop() find
+        it registered, as any attempt of the loop's, and only the loop frees its slot."""
+        attempt = _Attempt(job, state, context, None, started, deadline)
+        attempt.called = True
+        with self._lock:  # (registered with its start queued: cancel_for_stop sees both or neither)
+            if self._refusing:
+                return False
+            self._attempts[attempt] = None
+            try:
+                self.loop.call_soon_threadsafe(self._adopt, attempt, awaitable)
+            except RuntimeError:  # the loop is closed: the queue stopped
+                del self._attempts[attempt]
+                return False
+        return True
+
     def cancel_for_stop(self) -> List[Any]:
-        """Decide every undecided attempt as stopped (not a failure) and cancel its task: their jobs."""
+        """Decide every undecided attempt as stopped (not a failure) and cancel its task: their jobs.
+        From now on a worker thread's hand-over is refused (``adopt``)."""
         with self._lock:
+            self._refusing = True
             stopped = [a for a in list(self._attempts) if a.decided is None]
             for attempt in stopped:
                 attempt.decided = "stopped"
@@ -855,8 +848,7 @@ class LoopRunner:
         if wait_until is not None:  # not for coroutines that timed out or were cancelled before (_settled)
             if not self._settled.wait(max(0.0, wait_until - monotonic())):
                 self._left_unwinding = True  # said here, as stop() returns: _end_tasks does not say it again
-                unwinding = self.stopped_attempts() + sum(
-                    1 for handed in list(self._handed_over.values()) if not handed.spared)
+                unwinding = self.stopped_attempts()
                 logger.warning("stop() returns with %s that ignore their cancellation still running; the "
                                "queue's event loop closes when they have returned", counted(unwinding, "coroutine"))
 
@@ -866,9 +858,9 @@ class LoopRunner:
         self._halt_if_idle()
 
     def _halt_if_idle(self) -> None:
-        """On the loop: after ``_stop_loop``, halt it once neither an async attempt nor an
-        awaitable a worker thread handed over (HandedOver) runs; each one's end calls this."""
-        if self._stop_when_idle and not self._halting and not self._attempts and not self._handed_over:
+        """On the loop: after ``_stop_loop``, halt it once no attempt runs on it (those worker
+        threads handed over included); each one's end calls this."""
+        if self._stop_when_idle and not self._halting and not self._attempts:
             self._halt()
 
 
@@ -880,10 +872,15 @@ def timeout_error(job: Any, state: Any) -> JobTimeout:
 
 
 def is_async_executor(fn: Any) -> bool:
-    """Whether ``fn`` is run on the loop: an ``async def`` function, a ``functools.partial`` of
-    one, a function wrapping one (``functools.wraps``), or an object whose ``__call__`` is one."""
+    """Whether ``fn`` is run on the loop from its first attempt: an ``async def`` function, a
+    ``functools.partial`` of one, a function wrapping one (``functools.wraps``), an object whose
+    ``__call__`` is one (or a partial of such an object), or one marked
+    (``inspect.markcoroutinefunction``). Anything else is known to return awaitables only
+    once called (see ``Dispatcher.returned``)."""
     if fn.__class__ is types.FunctionType and not fn.__dict__:  # a plain function: its code says
         return bool(fn.__code__.co_flags & inspect.CO_COROUTINE)
+    while isinstance(fn, functools.partial):  # (iscoroutinefunction sees through partials of functions only)
+        fn = fn.func
     for target in (fn, getattr(fn, "__call__", None), inspect.unwrap(fn) if callable(fn) else None):
         if inspect.iscoroutinefunction(target):
             return True

@@ -24,7 +24,7 @@ from .job import Job, Priority
 from .persistence._ownership import OwnedError
 from .persistence.sqlite import DeadJob, SQLitePersistence
 from .queue import Queue
-from .redis.broker import redacted_url
+from .redis.broker import redacted_url, refused
 
 __all__ = ["db_status", "redis_status", "render_status", "change_dead_in_db", "change_dead_in_redis"]
 
@@ -111,6 +111,9 @@ def _with_redis_queue(url: str, name: str, work: Callable[[Queue], T]) -> T:
         raise CommandError(f"cannot use Redis queue {name!r} at {redacted_url(url)}: {exc}") from None
     if broker.unreachable is not None:  # one error, not a warning that "tinymq will keep trying" first
         broker.close()
+        if refused(broker.unreachable):
+            raise CommandError(f"Redis at {redacted_url(url)} (queue {name!r}) refused the connection: "
+                               f"{broker.unreachable} (are the URL's user, password and database right?)")
         raise CommandError(f"cannot reach Redis at {redacted_url(url)} (queue {name!r}): {broker.unreachable}")
     try:
         if not broker.in_use():  # a mistyped --name would otherwise show an empty queue

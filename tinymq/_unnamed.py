@@ -6,8 +6,10 @@ also one between two places (taken by a worker, not yet running), which only a j
 registered with its queue's core under its id can be. So when a core accepts a job
 without an id, it puts its ``Unnamed`` (one per queue, not one per job) in the job's
 ``_id``; reading ``job.id`` then asks that core to make the id and register it, in
-one step with whatever moves the job. When the job finishes, the core puts None back:
-an id read later is made as for a job that was never queued.
+one step with whatever moves the job. When the job finishes (succeeds) unnamed, the core
+puts None back: an id read later is made as for a job that was never queued. One whose end
+without success is decided is named then, and held under that id until it finishes (its
+failure callbacks, which run before that, read the id; it may change only once it finished).
 
 Every queue core makes one ``Unnamed``, so the live cores are known here too: ``Job.id``'s
 setter asks them whether one holds a job under the id it has (``held``) before it changes.

@@ -229,6 +229,21 @@ async def _uncancelled(future: "asyncio.Future[Any]") -> None:
             return
 
 
+def _check_loaded(store: Any, method: str, jobs: List[Any]) -> None:
+    """PersistenceError, before any of them is placed, if what ``store.<method>()`` returned is not Jobs of
+    distinct ids: one placed after another of its id would be refused midway, the rest left unplaced."""
+    ids: Set[str] = set()
+    for job in jobs:
+        if not isinstance(job, Job):
+            raise PersistenceError(f"{store!r}.{method}() returned {job!r}, not a tinymq.Job; nothing was loaded")
+        job_id = job._id
+        if type(job_id) is str:
+            if job_id in ids:
+                raise PersistenceError(f"{store!r}.{method}() returned two jobs with id {job_id!r}; "
+                                       "nothing was loaded")
+            ids.add(job_id)
+
+
 class Queue:
     """An in-process job queue with strict priorities, delayed jobs and per-type limits.
 
@@ -639,11 +654,13 @@ class Queue:
                 jobs = list(store.load_all())
             except Exception as exc:
                 raise PersistenceError(f"could not load jobs from {store!r}: {_exception_text(exc)}") from exc
+            _check_loaded(store, "load_all", jobs)
             self._refuse_if_enqueued()  # one that saw no store before _StoreLoading was set, and got in
             try:
                 crashed = [] if take_crashed is None else list(take_crashed())
             except Exception as exc:
                 raise PersistenceError(f"could not load jobs from {store!r}: {_exception_text(exc)}") from exc
+            _check_loaded(store, "take_crashed", crashed)
         except BaseException:
             self._store = None
             with _store_users_lock:

@@ -25,7 +25,7 @@ import socket
 import stat
 import threading
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ..errors import PersistenceError
 
@@ -35,7 +35,8 @@ except ImportError:  # pragma: no cover - Windows: no flock()
     fcntl = None  # type: ignore[assignment]  # (a module or None: every use checks first)
 
 __all__ = ["OwnedError", "LOCK_SUFFIX", "check_file", "identity", "head", "create_private", "lock", "unlock",
-           "discard", "this_process", "is_alive", "register", "unregister", "owned_here"]
+           "give_back", "discard", "loosen_again", "this_process", "is_alive", "register", "unregister",
+           "owned_here"]
 
 LOCK_SUFFIX = "-tinymq.lock"
 PRIVATE_MODE = 0o600
@@ -100,6 +101,19 @@ def check_file(path: str, *, mode: str, side: bool = False) -> Optional[os.stat_
     return st
 
 
+def loosen_again(checked: Sequence[Tuple[str, Optional[os.stat_result]]]) -> None:
+    """Give each file ``check_file`` tightened its mode back (a refused open), if it is still that file."""
+    for path, st in checked:
+        if st is None or not stat.S_IMODE(st.st_mode) & 0o077:
+            continue  # (not there, or not tightened)
+        try:
+            now = os.lstat(path)
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino) and stat.S_ISREG(now.st_mode):
+                os.chmod(path, stat.S_IMODE(st.st_mode))
+        except OSError:
+            pass
+
+
 def identity(path: str) -> Optional[Tuple[int, int]]:
     """(st_dev, st_ino) of the file at ``path`` (never followed), or None when there is none."""
     try:
@@ -150,9 +164,9 @@ def create_private(path: str) -> os.stat_result:
         os.close(fd)
 
 
-def lock(path: str) -> Tuple[int, bool]:
-    """Open and flock the lock file ``path``; returns its descriptor, and whether this call created
-    the file. OwnedError if it is held.
+def lock(path: str) -> Tuple[int, Optional[bytes]]:
+    """Open and flock the lock file ``path``; returns its descriptor, and what the file held before
+    this call wrote its pid there (None: this call created it). OwnedError if it is held.
 
     The standard protocol: create it exclusively (0600, no symlink followed) or
     open the existing one without following a symlink and check it is ours;
@@ -192,10 +206,11 @@ def lock(path: str) -> Tuple[int, bool]:
             if current is None or (current.st_dev, current.st_ino) != (locked.st_dev, locked.st_ino):
                 os.close(fd)
                 continue  # we locked a file that is no longer the lock file
+            previous = None if created else os.pread(fd, _PID_BYTES + 1, 0)  # (its last owner's pid)
             # One write: an opener refused meanwhile reads the previous text or ours, never none.
             os.pwrite(fd, f"{os.getpid()}\n".encode().ljust(_PID_BYTES), 0)
             os.ftruncate(fd, _PID_BYTES)
-            return fd, created
+            return fd, previous
         except BaseException as exc:
             if created and not isinstance(exc, OwnedError):  # a file we made, that nobody holds: not left behind
                 discard(path, fd)
@@ -268,6 +283,22 @@ def _read_pid(fd: int) -> Optional[int]:
 def unlock(fd: int) -> None:
     """Release the lock (the file stays: removing it would race with the next owner)."""
     os.close(fd)
+
+
+def give_back(fd: int, previous: bytes) -> None:
+    """Put back what the lock file ``fd`` held before ``lock`` wrote our pid there, then release it.
+
+    For an open refused before it owned anything, of a lock file it found: the
+    file names its last owner again, not a process that never owned the
+    database. Written while locked: nobody else writes it meanwhile.
+    """
+    try:
+        os.pwrite(fd, previous, 0)
+        os.ftruncate(fd, len(previous))
+    except OSError:
+        pass  # our pid stays: harmless, the next owner writes its own
+    finally:
+        unlock(fd)
 
 
 def discard(path: str, fd: int) -> None:

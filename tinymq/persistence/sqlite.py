@@ -46,6 +46,7 @@ from ..job import _is_utf8 as _storable  # (SQLite stores text as UTF-8)
 from . import _ownership
 from ._ownership import LOCK_SUFFIX, OwnedError
 from ._protocol import Serializer
+from ._watch import FileWatch
 from .serializers import JSONSerializer, PickleSerializer
 
 __all__ = ["SQLitePersistence", "DeadJob"]
@@ -86,6 +87,9 @@ CREATE TABLE IF NOT EXISTS {_TABLE} (
 ) WITHOUT ROWID
 """
 # WITHOUT ROWID: the id is the key, so a save writes one b-tree instead of two.
+# The columns of the first schema, which every tinymq wrote (later ones are added when missing).
+_FIRST_COLUMNS = ("id", "state", "type", "priority", "run_at", "timestamp", "retries", "payload",
+                  "retry_config", "tags", "last_error", "reason")
 
 # The owner of the file (one row): see _ownership.py for why a lock file is not enough.
 _OWNER = "tinymq_owner"
@@ -177,7 +181,9 @@ _SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 # a batch, so a dozen statements serve every batch size from the statement cache. Stay
 # under SQLite's bound-variable limit (32766; 999 before 3.32).
 _ROWS_PER_INSERT = 512 if sqlite3.sqlite_version_info >= (3, 32) else 64
-_WAL_CHECK_INTERVAL = 0.05  # seconds between looks at whether our database or -wal was removed under us
+# Seconds between looks by path at the database and -wal when nothing was seen (see _look_at_files):
+# for what a watch cannot see (a directory above them renamed), and where there is no watch.
+_WAL_CHECK_INTERVAL = 0.05
 _SIDE_FILES = ("-wal", "-shm", "-journal")  # what SQLite reads beside a database, besides our lock
 _READ_ONLY_SETTLE = 0.5  # seconds a read-only look tries again while an owner opens or closes the file
 _WAL_HEADER = 32  # bytes of a -wal's header (SQLite's WAL format): its frames, the commits, follow it
@@ -316,11 +322,13 @@ def _checkpointed(conn: sqlite3.Connection, mode: str) -> bool:
     return not busy and frames == copied
 
 
-def _release(lock_fd: int, key: Tuple[int, int], pid: int) -> None:
-    """Give up ownership (close() or garbage collection), in the process that took it only."""
+def _release(lock_fd: int, owned: List[Tuple[int, int]], pid: int, watch: FileWatch) -> None:
+    """Give up ownership (close() or garbage collection), in the process that took it only.
+    ``owned``: the database file's identity, one item (changed by _rescue_database)."""
     if os.getpid() != pid:
         return
-    _ownership.unregister(key)
+    watch.close()
+    _ownership.unregister(owned[0])
     try:
         _ownership.unlock(lock_fd)
     except OSError:
@@ -425,12 +433,17 @@ class SQLitePersistence:
         self._wal_path = self._file + "-wal"
         self._wal = _ownership.identity(self._wal_path)  # the -wal our connection writes
         self._shm = _ownership.identity(self._file + "-shm")  # and its index
-        self._next_wal_check = 0.0  # time.monotonic() of the next look at it (see _rescue_wal)
+        self._next_wal_check = 0.0  # time.monotonic() of the next look by path (see _look_at_files)
+        # Tells, at each commit, whether the database or -wal may have lost its name since the last look.
+        self._watch = FileWatch()
+        self._watch.watch(self._file)
+        self._watch.watch(self._wal_path)  # (what changed before the watches: the first commit looks)
         if sys.version_info >= (3, 11) and hasattr(self._conn, "getlimit"):
             self._max_length = self._conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
         else:
             self._max_length = _DEFAULT_MAX_LENGTH
-        self._finalizer = weakref.finalize(self, _release, self._lock_fd, self._key, self._pid)
+        self._owned = [self._key]  # (for _release: the key of the file owned now)
+        self._finalizer = weakref.finalize(self, _release, self._lock_fd, self._owned, self._pid, self._watch)
         _live_stores.add(self)
 
     @classmethod
@@ -476,11 +489,19 @@ class SQLitePersistence:
         found = _ownership.check_file(db, mode="keep")  # a look, changing nothing: not ours yet
         if found is not None:
             _ownership.owned_here((found.st_dev, found.st_ino), self.path)
-        lock_fd, lock_made = _ownership.lock(db + LOCK_SUFFIX)
+            self._refuse_second_name(found)
+        lock_fd, lock_held = _ownership.lock(db + LOCK_SUFFIX)
+        checked: List[Tuple[str, Optional[os.stat_result]]] = []  # each file as found: a refusal puts its mode back
         try:
             found = _ownership.check_file(db, mode="tighten")
+            checked.append((db, found))
+            if found is not None:
+                self._refuse_second_name(found)
             # A -journal too: SQLite rolls a hot one back into the database when it opens it.
-            beside = [_ownership.check_file(db + suffix, mode="tighten", side=True) for suffix in _SIDE_FILES]
+            beside = []
+            for suffix in _SIDE_FILES:
+                beside.append(_ownership.check_file(db + suffix, mode="tighten", side=True))
+                checked.append((db + suffix, beside[-1]))
             made_database = found is None
             if found is None:
                 if any(beside):
@@ -512,12 +533,23 @@ class SQLitePersistence:
                         pass
                 raise
         except BaseException:
-            if lock_made:
+            _ownership.loosen_again(checked)  # a file refused is left as it was: another program's, its mode too
+            if lock_held is None:  # made by this open: removed
                 _ownership.discard(db + LOCK_SUFFIX, lock_fd)
-            else:
-                _ownership.unlock(lock_fd)
+            else:  # found: it names its last owner again
+                _ownership.give_back(lock_fd, lock_held)
             raise
         return conn, lock_fd, key
+
+    def _refuse_second_name(self, found: os.stat_result) -> None:
+        """PersistenceError if the database has another name (a hard link): its lock file and its -wal
+        are named after the name it is opened by, so two stores opened by two names would both own it,
+        each committing to a -wal of its own that the other never reads."""
+        if found.st_nlink > 1:
+            raise PersistenceError(f"{self.path!r} has {found.st_nlink} names (hard links): refused, as SQLite "
+                                   "advises: its lock file and -wal go by the name it is opened by, so stores "
+                                   "opened by two names would both own it and lose each other's commits; "
+                                   "remove the other names")
 
     def _drop_orphans(self, found: Sequence[Optional[os.stat_result]]) -> List[Optional[os.stat_result]]:
         """Remove the side files of a database that does not exist, if they hold nothing (else refuse).
@@ -601,6 +633,8 @@ class SQLitePersistence:
                                        f"{_TABLE} table; refused, and left as it was (a store needs a file of its own)")
             if version > _SCHEMA_VERSION:
                 raise self._newer_schema(version)
+            if names:
+                self._check_columns(conn)
             refusal = self._serializer_refusal(conn)
             if refusal is not None:  # each row would be quarantined as corrupt at load_all
                 raise refusal
@@ -743,9 +777,20 @@ class SQLitePersistence:
         if version > _SCHEMA_VERSION:  # as the owner refuses it: its rows may mean other things
             raise self._newer_schema(version)
         try:
+            self._check_columns(conn)
             return self._serializer_refusal(conn)
         except sqlite3.Error as exc:
             raise PersistenceError(f"cannot read {self.path!r}: {exc}") from exc
+
+    def _check_columns(self, conn: sqlite3.Connection) -> None:
+        """PersistenceError if the file's jobs table lacks a column every tinymq wrote (another
+        program's table of that name): its first read would fail with "no such column"."""
+        columns = [row[1] for row in conn.execute(f"PRAGMA table_info({_TABLE})")]
+        missing = [column for column in _FIRST_COLUMNS if column not in columns]
+        if missing:
+            raise PersistenceError(f"{self.path!r} is not a tinymq store: its {_TABLE} table has no "
+                                   f"{', '.join(missing)} column{'s' if len(missing) > 1 else ''} (another "
+                                   "program's table of that name?); refused, and left as it was")
 
     def _serializer_refusal(self, conn: sqlite3.Connection) -> Optional[PersistenceError]:
         """Why this store's serializer would misread the file's rows, or None. Reads, changes nothing.
@@ -802,6 +847,7 @@ class SQLitePersistence:
         """In a forked child (at fork): never close the parent's connection, nor pin its lock."""
         _live_stores.discard(self)  # done once: a grandchild must not close this descriptor number again
         _inherited.append(self._conn)  # garbage collection would close it from the child
+        self._watch.close()  # our copy only: the parent's watch goes on
         try:
             os.close(self._lock_fd)  # our copy only: the parent's flock stays held by its own descriptor
         except OSError:
@@ -1044,21 +1090,31 @@ class SQLitePersistence:
                             waiting.error = PersistenceError(self._broken or f"{self!r} was closed")
                     elif batch:
                         self._commit(batch)
+                        # Before any of it is acknowledged: a file that lost its name since the last look
+                        # (a poll; where nothing can watch, always), else a look by path now and then.
                         now = time.monotonic()
-                        if now >= self._next_wal_check:  # a stat per commit would cost a user-visible share
+                        if self._watch.changed(0) or now >= self._next_wal_check:
                             self._next_wal_check = now + _WAL_CHECK_INTERVAL
-                            database = _ownership.identity(self._file)
-                            if database != self._key:
-                                self._refuse_writes(batch, "removed" if database is None else "replaced")
-                            elif _ownership.identity(self._wal_path) != self._wal:
-                                self._rescue_wal(batch)
-                            elif self._owner_row_in_wal_only:  # a reader held it out at the open: again
-                                self._checkpoint_owner_row()
+                            self._look_at_files(batch)
         if not unit.done:
             error = unit.error
             if isinstance(error, PersistenceError):
                 raise error
             raise PersistenceError(f"{self!r}: write failed: {error or 'interrupted before its commit'}") from error
+
+    def _look_at_files(self, batch: List[_Unit]) -> None:
+        """Whether the database and -wal at the path are still those our connection writes; what to do
+        if not. Caller holds _commit_lock, and has just committed ``batch``, not acknowledged yet."""
+        self._watch.drain()  # (first: a change during the look is found at the next commit)
+        database = _ownership.identity(self._file)
+        if database is None:
+            self._rescue_database(batch)
+        elif database != self._key:
+            self._refuse_writes(batch, "replaced")
+        elif _ownership.identity(self._wal_path) != self._wal:
+            self._rescue_wal(batch)
+        elif self._owner_row_in_wal_only:  # a reader held it out at the open: again
+            self._checkpoint_owner_row()
 
     def _checkpoint_owner_row(self) -> None:
         """Copy the WAL, and so the owner row, into the database file, if no reader keeps it out now."""
@@ -1067,16 +1123,83 @@ class SQLitePersistence:
         except sqlite3.Error as exc:  # the commits stand; the next look tries again
             logger.warning("persistence %s: could not checkpoint the owner row: %s", self.path, exc)
 
+    def _rescue_database(self, batch: List[_Unit]) -> None:
+        """Our database file was removed (a cleaner, ``rm jobs.db*``): what it holds would end with this store.
+
+        Found after the commit that follows it, before that commit is
+        acknowledged (see _look_at_files). SQLite still reads the removed file
+        through its open descriptor: copy it, with every commit so far, into a
+        new file at the path (``VACUUM INTO`` a file we create, 0600, never over
+        one put there meanwhile), close our connection (SQLite empties and
+        removes the old -wal and -shm; what it leaves of ours is removed), and
+        go on in the new file with a new connection and -wal. If the copy
+        fails, nothing more is acknowledged, as for a replaced file. Caller
+        holds _commit_lock.
+        """
+        logger.error("persistence %s: its database file was removed under this store; writing what the "
+                     "store holds into a new file at the path", self.path)
+        try:
+            made = _ownership.create_private(self._file)  # (O_EXCL: a file put there meanwhile is not ours)
+        except PersistenceError as exc:
+            logger.error("persistence %s: cannot make a new database file: %s", self.path, exc)
+            self._refuse_writes(batch, "replaced" if os.path.lexists(self._file) else "removed")
+            return
+        key = (made.st_dev, made.st_ino)
+        try:
+            self._conn.execute("VACUUM INTO ?", (f"file:{urllib.parse.quote(os.fsencode(self._file))}?mode=rw",))
+            if _ownership.identity(self._file) != key:
+                raise PersistenceError(f"{self._file!r} was replaced while the store wrote it")
+        except (sqlite3.Error, PersistenceError) as exc:
+            logger.error("persistence %s: cannot write what the store holds into a new file: %s", self.path, exc)
+            if _ownership.identity(self._file) == key:
+                try:
+                    os.unlink(self._file)
+                except OSError:
+                    pass
+            self._refuse_writes(batch, "removed")
+            return
+        # From here the path holds every commit: what fails now fails later writes, not this batch.
+        try:
+            old_wal, old_shm = self._wal, self._shm
+            self._conn.close()
+            for side, ours in ((self._wal_path, old_wal), (self._file + "-shm", old_shm)):
+                if ours is not None and _ownership.identity(side) == ours:
+                    os.unlink(side)
+            _ownership.unregister(self._key)
+            self._key = self._owned[0] = key
+            _ownership.register(key, self.path)
+            made_side = self._make_side_files([_ownership.check_file(self._file + suffix, mode="tighten",
+                                                                     side=True) for suffix in _SIDE_FILES])
+            self._conn = self._connect("mode=rw")
+            self._prepare(self._conn)
+            self._drop_empty(made_side, ("-journal",))
+            self._cursor = self._conn.cursor()
+            self._conn.execute(f"UPDATE {_OWNER} SET pid = pid")  # a first commit creates the new -wal
+            self._wal = _ownership.identity(self._wal_path)
+            self._shm = _ownership.identity(self._file + "-shm")
+            self._watch.watch(self._file)
+            self._watch.watch(self._wal_path)
+            self._next_wal_check = 0.0  # the next commit looks again (a change before the watches)
+        except (OSError, sqlite3.Error, PersistenceError) as exc:
+            self._broken = (f"{self!r}: its database file was removed under this store and written anew at "
+                            f"the path, with every job it held, but the store could not go on there ({exc}): "
+                            "open a new store")
+            logger.error("persistence %s: %s", self.path, self._broken)
+            return
+        logger.warning("persistence %s: the new database file holds every job the store held; the store goes "
+                       "on there", self.path)
+
     def _refuse_writes(self, batch: List[_Unit], what: str) -> None:
         """Our database file was removed or replaced: every commit is now in a file nobody will open again.
 
-        Looked for after a commit, at most every _WAL_CHECK_INTERVAL. SQLite
-        reads the old file only through its open descriptor, so what it holds
-        ends with this store: nothing more is acknowledged, from this batch on.
-        Its -wal is emptied into it, and then the -wal and -shm are removed from
-        beside the path (our connection keeps them open, for its reads): a -wal
-        without its database must never be read into a file put in its place,
-        and a new store at the path starts clean. Caller holds _commit_lock.
+        Found after the commit that follows it, before that commit is
+        acknowledged (see _look_at_files). SQLite reads the old file only
+        through its open descriptor, so what it holds ends with this store:
+        nothing more is acknowledged, from this batch on. Its -wal is emptied
+        into it, and then the -wal and -shm are removed from beside the path
+        (our connection keeps them open, for its reads): a -wal without its
+        database must never be read into a file put in its place, and a new
+        store at the path starts clean. Caller holds _commit_lock.
         """
         self._broken = (f"{self!r}: its database file was {what} under this store: what the store held is "
                         "lost when it is closed or the process ends, and no write is saved any more (this "
@@ -1103,10 +1226,11 @@ class SQLitePersistence:
     def _rescue_wal(self, batch: List[_Unit]) -> None:
         """Our -wal was removed or replaced (a cleaner, ``rm jobs.db-*``): what it holds would die with us.
 
-        Looked for after a commit, at most every _WAL_CHECK_INTERVAL. Copy the
-        WAL into the database file (a checkpoint reads it through SQLite's open
-        descriptor), then continue on a new connection and a new -wal. If that
-        fails, nothing more is acknowledged. Caller holds _commit_lock.
+        Found after the commit that follows it, before that commit is
+        acknowledged (see _look_at_files). Copy the WAL into the database file
+        (a checkpoint reads it through SQLite's open descriptor), then continue
+        on a new connection and a new -wal. If that fails, nothing more is
+        acknowledged. Caller holds _commit_lock.
         """
         logger.error("persistence %s: its -wal file was removed or replaced under this store; "
                      "checkpointing into the database and reopening", self.path)
@@ -1124,6 +1248,8 @@ class SQLitePersistence:
             self._conn.execute(f"UPDATE {_OWNER} SET pid = pid")  # a first commit creates the new -wal
             self._wal = _ownership.identity(self._wal_path)
             self._shm = _ownership.identity(self._file + "-shm")
+            self._watch.watch(self._wal_path)
+            self._next_wal_check = 0.0  # the next commit looks again (a change before the watch)
             self._owner_row_in_wal_only = False  # (the TRUNCATE checkpoint copied it)
         except (sqlite3.Error, PersistenceError) as exc:
             self._closed = True  # every later call refuses: nothing more can be made durable here

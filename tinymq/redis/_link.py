@@ -57,7 +57,7 @@ from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError, _buffer
 from ..stats import ExecutorStats, QueueStats
 from ._codec import decode_job, encode_job, sendable_text, undecodable_job, unsendable
 from ._scripts import Crashed, Scripts, SettleOp, readable_id, retries_of
-from .broker import _FIRST_LOOK_WAIT, redacted_url, reply_wait
+from .broker import _FIRST_LOOK_WAIT, redacted_url, refused, reply_wait
 
 __all__ = ["QueueLink"]
 
@@ -343,7 +343,7 @@ class QueueLink:
                 went = _no_reply(exc, f"an enqueue of {len(rows)} job(s)")
                 raise TinyMQError(f"Redis queue {self.broker.name!r} {went} ({exc}): they may or may not have "
                                   "been enqueued; enqueue the same "
-                                  "job(s) again to know (DuplicateJob: it got in)") from exc
+                                  f"job(s) again to know (DuplicateJob: it got in){self._replica_hint(exc)}") from exc
             if reply.status in ("ok", "again"):
                 break
             if reply.status == "dup":
@@ -676,7 +676,8 @@ class QueueLink:
                 # Not "not cancelled": the call may have reached Redis and run, its reply lost.
                 raise TinyMQError(f"Redis queue {self.broker.name!r} {_no_reply(exc, f'a cancel of job {job_id!r}')} "
                                   f"({exc}): it may or may not have been cancelled; cancel it again to "
-                                  "make sure (False: it had ended, or was cancelled already)") from exc
+                                  f"make sure (False: it had ended, or was cancelled already){self._replica_hint(exc)}"
+                                  ) from exc
             if reply.status == "removed":
                 self._report_ended([reply.removed], caller)  # (kept: with the key it waits under)
                 return True
@@ -727,11 +728,24 @@ class QueueLink:
                 logger.info("job %s (%s) was cancelled through Redis queue %r", job.id, job.type,
                             self.broker.name)
 
+    def _replica_hint(self, exc: BaseException) -> str:
+        """What to do about a call refused by a read-only replica (a URL that names one, or a primary
+        demoted by a failover), which no resend to the same URL gets past: "" for any other error.
+        (The call may still have run: a resend after a lost reply can reach a server demoted since.)"""
+        if not isinstance(exc, __import__("redis").exceptions.ReadOnlyError):
+            return ""
+        return f"; Redis at {redacted_url(self.broker.url)} is a read-only replica: give the URL of its primary"
+
     def _unreachable(self, exc: BaseException, outcome: str) -> TinyMQError:
         """The error of a call whose first look at the server got no reply: it sent nothing, so
-        ``outcome`` ("1 job not enqueued") is certain."""
+        ``outcome`` ("1 job not enqueued") is certain. A server that answered with an error (a wrong
+        password, a database out of range) is not asked whether it runs."""
+        if refused(exc):
+            return TinyMQError(f"Redis at {redacted_url(self.broker.url)} (queue {self.broker.name!r}) refused "
+                               f"the connection: {exc}; {outcome} (are the URL's user, password and database right?)")
+        tls = ", with TLS (rediss://)" if self.broker.url.startswith("rediss://") else ""
         return TinyMQError(f"cannot reach Redis at {redacted_url(self.broker.url)} (queue {self.broker.name!r}): "
-                           f"{exc}; {outcome} (is a redis-server running there, and answering?)")
+                           f"{exc}; {outcome} (is a redis-server running there, and answering{tls}?)")
 
     def check_type(self, job_type: str) -> None:
         """A type is sent as a job reads it (a byte that is not UTF-8 as a lone surrogate: another
@@ -1215,7 +1229,7 @@ class QueueLink:
         for job_id in ids:
             logger.error("job %s of Redis queue %r is lost: its id waited in Redis but its data (its "
                          "job:<id> hash) is gone (evicted under a maxmemory-policy other than noeviction, "
-                         "or deleted by another program); it was dropped and runs no more, and no "
+                         "or deleted or overwritten by another program); it was dropped and runs no more, and no "
                          "on_failure callback can run for it, as its data is gone", job_id, self.broker.name)
 
     def _place(self, job: Any) -> bool:

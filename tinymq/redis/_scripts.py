@@ -11,13 +11,14 @@ a call again when the connection failed before its reply came): enqueue by its
 token, settle ops by attempt id, fetch by (process, fetch id); beat, reap and
 release leave nothing to do twice.
 """
+import contextlib
 import functools
 import os
 import queue
 import re
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 from ..job import _is_utf8
 
@@ -443,6 +444,28 @@ class Connections:
             self._free.put(connection)
 
 
+# The queue's keys of a fixed name, with the kind of value tinymq keeps at each (lib.lua's header):
+# an error of a call that met a value of another kind (WRONGTYPE) names those another program wrote.
+_KINDS = {"ready:2": "list", "ready:1": "list", "ready:0": "list", "delayed": "zset", "capped": "zset",
+          "seq": "string", "clock": "hash", "procs": "zset", "fetched": "hash", "beaten": "hash",
+          "limits": "hash", "running": "hash", "parkedn": "hash", "ratelimits": "hash", "rateopen": "zset",
+          "signal": "list", "dead": "zset", "gone": "list", "reports": "list", "stats": "hash"}
+# The fixed keys whose values (every field's, for a hash) are whole numbers; ratelimits' are "max:per".
+_WHOLE = ("stats", "running", "limits", "parkedn", "seq")
+_WHOLE_NUMBER = re.compile(r"-?\d+\Z")
+# An error of a script that met data tinymq did not write: a value of another kind (WRONGTYPE), a
+# number that is none (HINCRBY, INCR), a Lua error on such a value ("user_script:270: attempt to...").
+_FOREIGN_DATA = re.compile(r"^WRONGTYPE|is not an integer|is not a valid float|user_script:\d+: ")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 class Scripts:
     """The scripts of the queue ``name``, called through ``client`` (a redis-py client
     created with ``decode_responses=True``), or through ``connections`` when given
@@ -504,8 +527,12 @@ class Scripts:
                 reply = _reply(connection, by)
             broken = False
             return reply
-        except (redis.exceptions.ResponseError, UnicodeEncodeError):
+        except (redis.exceptions.ResponseError, UnicodeEncodeError) as exc:
             broken = False  # the server answered with an error, or the text was refused before it went
+            if isinstance(exc, redis.exceptions.ResponseError) and _FOREIGN_DATA.search(str(exc)):
+                named = self.wrong_kinds(str(exc).startswith("WRONGTYPE"))
+                if named:
+                    raise type(exc)(f"{exc} ({named})") from exc
             raise
         except redis.ConnectionError as exc:
             if isinstance(exc.__context__, TimeoutError):  # a read that timed out: see _read_timed_out
@@ -513,6 +540,50 @@ class Scripts:
             raise
         finally:
             connections.release(connection, broken)
+
+    def wrong_kinds(self, certain: bool) -> str:
+        """Which keys of the queue hold a value of another kind than tinymq keeps there, or a value it
+        never writes there (another program wrote them), for the error of a call that met one (see
+        _FOREIGN_DATA): what to do about it. None found: "" (the error may be of something else), or
+        with ``certain`` (WRONGTYPE: a key whose name is not fixed, a job's) that some key is such."""
+        import redis
+
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for suffix in _KINDS:
+                pipe.type(self.key(suffix))
+            found = pipe.execute()
+            wrong = [f"{self.key(suffix)!r} holds a {kind}, not a {_KINDS[suffix]}"
+                     for suffix, kind in zip(_KINDS, found) if kind not in ("none", _KINDS[suffix])]
+            if not wrong:
+                wrong = self._wrong_values()
+        except redis.RedisError:
+            wrong = []
+        if not wrong:
+            return (f"a key under {self.prefix!r} holds a value of another kind than tinymq writes there: "
+                    "another program wrote it") if certain else ""
+        return (f"Redis key {'; '.join(wrong)}: another program wrote it; delete it, or give the "
+                "queue another name")
+
+    def _wrong_values(self) -> List[str]:
+        """The fixed keys of the queue (of the right kind) holding a value that tinymq never writes there."""
+        pipe = self.client.pipeline(transaction=False)
+        for suffix in _WHOLE:
+            (pipe.get if suffix == "seq" else pipe.hgetall)(self.key(suffix))
+        pipe.hgetall(self.key("ratelimits"))
+        *whole, rates = pipe.execute()
+        wrong = []
+        for suffix, value in zip(_WHOLE, whole):
+            fields = {"": value} if suffix == "seq" else value
+            for field, text in (fields or {}).items():
+                if not _WHOLE_NUMBER.match(str(text)):
+                    where = repr(self.key(suffix)) + ("" if suffix == "seq" else f" field {field!r}")
+                    wrong.append(f"{where} holds {text!r}, not a whole number")
+        for field, text in rates.items():
+            max_starts, _, per = text.partition(":")
+            if not (_WHOLE_NUMBER.match(max_starts) and _is_number(per)):
+                wrong.append(f"{self.key('ratelimits')!r} field {field!r} holds {text!r}, not a rate limit")
+        return wrong
 
     def enqueue(self, token: str, buffer_size: int, max_delayed_jobs: int,
                 jobs: Sequence[Tuple[Any, ...]], caller: str = "", lease_ms: int = 0,
@@ -638,21 +709,35 @@ class Scripts:
         (stats.lua): a delayed job due on the server's clock counts at its priority while the
         buffer (``buffer_size``; 0: the one fetch kept) has room for it, else as waiting for room."""
         high, medium, low, delayed, flat, waiting = self._call("stats", [buffer_size])
-        counters = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        with self.read_as_numbers():
+            counters = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
         return (int(high), int(medium), int(low)), int(delayed), counters, int(waiting)
+
+    @contextlib.contextmanager
+    def read_as_numbers(self) -> Iterator[None]:
+        """Where a reply's numbers are read: one that is none (another program wrote it) is a
+        redis.ResponseError naming its key (wrong_kinds), not a ValueError from deep inside."""
+        try:
+            yield
+        except ValueError as exc:
+            import redis
+
+            named = self.wrong_kinds(False)
+            raise redis.ResponseError(f"{exc} ({named})" if named else str(exc)) from exc
 
     def status(self, shown: int) -> StatusReply:
         """What ``status --redis`` prints, read at one instant (status.lua), so that its figures agree;
         of the dead jobs, the newest ``shown`` (all are counted)."""
         high, medium, low, delayed, flat, limits, running, processes, rates, dead_count, dead = self._call(
             "status", [shown])
-        counters = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
-        taken = {running[i]: int(running[i + 1]) for i in range(0, len(running), 2)}
-        executors = {limits[i]: (taken.get(limits[i], 0), int(limits[i + 1])) for i in range(0, len(limits), 2)}
-        rate_limits = {}
-        for i in range(0, len(rates), 3):
-            max_starts, per_ms = rates[i + 1].split(":", 1)  # as limits.lua writes it
-            rate_limits[rates[i]] = (int(max_starts), float(per_ms) / 1000.0, int(rates[i + 2]))
+        with self.read_as_numbers():
+            counters = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
+            taken = {running[i]: int(running[i + 1]) for i in range(0, len(running), 2)}
+            executors = {limits[i]: (taken.get(limits[i], 0), int(limits[i + 1])) for i in range(0, len(limits), 2)}
+            rate_limits = {}
+            for i in range(0, len(rates), 3):
+                max_starts, _, per_ms = rates[i + 1].partition(":")  # as limits.lua writes it
+                rate_limits[rates[i]] = (int(max_starts), float(per_ms) / 1000.0, int(rates[i + 2]))
         return StatusReply((int(high), int(medium), int(low)), int(delayed), counters, dict(sorted(executors.items())),
                            int(processes), dict(sorted(rate_limits.items())), int(dead_count),
                            [(row[0], row[1], retries_of(row[2]), row[3], row[4]) for row in dead])

@@ -86,18 +86,24 @@ class RedisBroker:
         # the same token or fetch id, which is what makes a resend safe.
         self._no_retry: Callable[[], Any] = lambda: Retry(NoBackoff(), 0)
         try:
-            database = urllib.parse.urlsplit(url).path.strip("/")
+            parts = urllib.parse.urlsplit(url)
+            database = parts.path.strip("/")
             if url.startswith(("redis://", "rediss://")) and database and not database.isdigit():
                 raise ValueError(f"its database {database!r} is not a number")  # (redis-py: db 0)
+            named = [database] if url.startswith(("redis://", "rediss://")) and database else []
+            named += urllib.parse.parse_qs(parts.query).get("db", [])  # (redis-py takes the query's, silently)
+            if len({int(db) if db.isdigit() else db for db in named}) > 1:
+                raise ValueError(f"it names more than one database: {', '.join(map(repr, named))}")
             self._pool = redis.BlockingConnectionPool.from_url(
                 url, max_connections=_POOL_SIZE, timeout=_POOL_WAIT, decode_responses=True,
                 encoding_errors=_ENCODING_ERRORS,
                 socket_timeout=_SOCKET_TIMEOUT, socket_connect_timeout=_CONNECT_TIMEOUT, retry=self._no_retry())
-        except ValueError as exc:
+            connections = self._connections(_POOL_SIZE, _SOCKET_TIMEOUT)  # (made now: an option they refuse)
+        except (ValueError, TypeError) as exc:  # (TypeError: a query option no connection takes, a typo)
             raise ValueError(f"url {redacted_url(url)!r} is not a usable Redis URL "
                              f"(redis://[:password@]host[:port][/db], rediss://..., unix://path): {exc}") from exc
         self._client = redis.Redis(connection_pool=self._pool)  # reads (stats, join, dead jobs)
-        self._scripts = Scripts(self._client, name, self._connections(_POOL_SIZE, _SOCKET_TIMEOUT))
+        self._scripts = Scripts(self._client, name, connections)
         self._checked = False
         self._check_lock = threading.Lock()
         self._settings_seen: Dict[str, Optional[str]] = {}  # (see _look_at_settings)
@@ -111,7 +117,12 @@ class RedisBroker:
     def _not_reachable_yet(self, exc: Exception) -> None:
         """Redis did not answer at construction: a long-lived process waits for it (the command line,
         which stops at once, reports it as its error instead)."""
-        logger.warning("Redis at %s is not reachable yet (%s); tinymq will keep trying", redacted_url(self.url), exc)
+        if refused(exc):
+            logger.warning("Redis at %s refused the connection (%s); tinymq will keep trying (are the URL's user, "
+                           "password and database right?)", redacted_url(self.url), exc)
+        else:
+            logger.warning("Redis at %s is not reachable yet (%s); tinymq will keep trying",
+                           redacted_url(self.url), exc)
 
     def __repr__(self) -> str:
         return f"RedisBroker({redacted_url(self.url)!r}, name={self.name!r}, lease={self.lease!r})"
@@ -133,8 +144,7 @@ class RedisBroker:
             if self._checked:
                 return
             timeout = None if deadline is None else reply_wait(deadline)
-            found = re.search(r"redis_version:([^\r\n]*)", str(self._scripts.command("INFO", "server", timeout=timeout)))
-            version = found.group(1) if found else "0"
+            version = self._server_version(timeout)
             parts = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
             if parts < _MIN_VERSION:
                 raise TinyMQError(f"tinymq needs Redis >= 6.2 (or Valkey); {redacted_url(self.url)} runs {version}")
@@ -142,6 +152,25 @@ class RedisBroker:
             self._checked = True
         finally:
             self._check_lock.release()
+
+    def _server_version(self, timeout: Optional[float]) -> str:
+        """The server's version: from ``INFO``, or from ``HELLO`` (Redis >= 6) for an ACL user denied
+        ``INFO`` (in the ``@dangerous`` category, which ``+@all -@dangerous`` leaves out); text without a
+        number when neither says (such a user on a Redis without HELLO without arguments: older than 6.2). Any
+        other error (a wrong password, a database out of range) is raised."""
+        redis = _redis()
+        try:
+            info = self._scripts.command("INFO", "server", timeout=timeout)
+        except redis.exceptions.NoPermissionError:
+            try:
+                hello = self._scripts.command("HELLO", timeout=timeout)
+            except redis.ResponseError:
+                return "a version it does not tell (INFO and HELLO refused)"
+            if not isinstance(hello, dict):  # (RESP2: a flat list of names and values; RESP3: a map)
+                hello = dict(zip(hello[::2], hello[1::2]))
+            return str(hello.get("version", "0"))
+        found = re.search(r"redis_version:([^\r\n]*)", str(info))
+        return found.group(1) if found else "0"
 
     def _look_at_settings(self, timeout: Optional[float] = None, abandoned: Optional[threading.Event] = None) -> None:
         """Warn of a setting that loses jobs (an evicting maxmemory-policy, appendonly no): at the first
@@ -249,11 +278,16 @@ class RedisBroker:
                 pipe = self._client.pipeline(transaction=False)
                 for job_id in ids[i:i + _PAGE]:
                     pipe.hmget(self._scripts.key("job:" + job_id), "b", "r", "e", "x")
-                rows.extend(pipe.execute())
+                # (an error in a row: another program wrote a value of another kind at its key, which
+                # holds no dead job, as a key without a hash does; status.lua leaves it out alike)
+                rows.extend(pipe.execute(raise_on_error=False))
+            for row in rows:
+                if isinstance(row, Exception) and not str(row).startswith("WRONGTYPE"):
+                    raise row
         except _redis().RedisError as exc:
             raise TinyMQError(f"could not list dead jobs on {redacted_url(self.url)}: {exc}") from exc
-        return _dead_entries((job_id, body, retries, error, reason)
-                             for job_id, (body, retries, error, reason) in zip(ids, rows) if body is not None)
+        return _dead_entries((job_id, row[0], row[1], row[2], row[3]) for job_id, row in zip(ids, rows)
+                             if not isinstance(row, Exception) and row[0] is not None)
 
     def requeue_dead(self, ids: Optional[Iterable[str]] = None) -> int:
         """Dead jobs (all, or those of ``ids``) back to ready with retries reset; returns how many."""
@@ -311,10 +345,11 @@ class RedisBroker:
             now_ms = seconds * 1000 + microseconds // 1000
             live = self._client.zrangebyscore(key("procs"), now_ms, "+inf")
             processes = sum("~" not in proc for proc in live)  # (not a cancel's reporter: see QueueLink.cancel)
+            with self._scripts.read_as_numbers():
+                executors = {job_type: (int(running.get(job_type, 0)), int(limit))
+                             for job_type, limit in sorted(limits.items())}
         except _redis().RedisError as exc:
             raise TinyMQError(f"could not read the executors of Redis queue {self.name!r}: {exc}") from exc
-        executors = {job_type: (int(running.get(job_type, 0)), int(limit))
-                     for job_type, limit in sorted(limits.items())}
         return executors, processes
 
     def shared_rate_limits(self) -> Dict[str, Tuple[int, float, int]]:
@@ -338,12 +373,13 @@ class RedisBroker:
             for job_type in types:
                 pipe.zcount(key("rate:" + job_type), f"({now_ms!r}", "+inf")
             starts = pipe.execute()
+            rate_limits = {}
+            with self._scripts.read_as_numbers():
+                for job_type, counted in zip(types, starts):
+                    max_starts, _, per_ms = limits[job_type].partition(":")  # as limits.lua writes it
+                    rate_limits[job_type] = (int(max_starts), float(per_ms) / 1000.0, int(counted))
         except _redis().RedisError as exc:
             raise TinyMQError(f"could not read the rate limits of Redis queue {self.name!r}: {exc}") from exc
-        rate_limits = {}
-        for job_type, counted in zip(types, starts):
-            max_starts, per_ms = limits[job_type].split(":", 1)  # as limits.lua writes it
-            rate_limits[job_type] = (int(max_starts), float(per_ms) / 1000.0, int(counted))
         return rate_limits
 
     def _status(self, shown: int) -> Tuple[StatusReply, List[DeadJob]]:
@@ -375,6 +411,15 @@ class RedisBroker:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether a server answered the connection with an error (a wrong password, a database out of
+    range): it runs, unlike one that did not answer. (Not one busy with a long script: it answers
+    BUSY to all but a few commands, for now.)"""
+    redis = _redis()
+    return (isinstance(exc, redis.AuthenticationError)
+            or isinstance(exc, redis.ResponseError) and not str(exc).startswith("BUSY"))
 
 
 def reply_wait(deadline: float) -> Optional[float]:

@@ -54,7 +54,7 @@ end
 
 local function cancel()
   local jk = job_key(id)
-  local f = redis.call('HMGET', jk, 't', 'p', 'x', 'b', 'r', 'e', 'k', 'u')
+  local f = job_fields(jk, 't', 'p', 'x', 'b', 'r', 'e', 'k', 'u') -- (none: a lost job, see lib.lua)
   local t, p = f[1], f[2] and level_of(f[2])
   if not t or not p or f[3] then return {0} end -- (a marked job's hash is no longer here)
   if take_back ~= '' and f[7] ~= take_back then return {0} end

@@ -106,17 +106,17 @@ for p = 2, 0, -1 do
         break
       end
       local jk = job_key(id)
-      local f = redis.call('HMGET', jk, 't', 'b', 'r', 'e', 'p', 'k')
+      local f, other = job_fields(jk, 't', 'b', 'r', 'e', 'p', 'k')
       local t = f[1]
       local fault = foreign(t, f[5])
-      if fault and redis.call('EXISTS', jk) == 1 then
+      if fault and not other and redis.call('EXISTS', jk) == 1 then
         if not f[6] then count_foreign(jk) end
         -- Another program wrote it: never run, dead here and reported by proc, as a job it
         -- cannot decode is (docs/redis.md, Dead jobs).
         local err = 'cannot decode: ' .. fault
         job_dead(id, 'permanent_failure', err, f[3] or '0', now)
         table.insert(crashed, held_row(id, f[2], f[3], err, 'permanent_failure'))
-      elseif not t then -- no hash at all: its data is gone
+      elseif not t then -- no hash at all (or a value of another kind: job_fields): its data is gone
         job_gone(id)
         met_gone = true
         parked_budget = parked_budget - 1 -- (looked at, as a parked one: a call's work stays bounded)

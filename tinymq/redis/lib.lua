@@ -177,6 +177,16 @@ end
 local function exact_ms() return now_us / 1000 end -- after now_ms(): the same instant, in fractional ms
 
 local function job_key(id) return P .. 'job:' .. id end
+-- The fields of the job hash at `jk`, and whether `jk` holds a value of another kind: another
+-- program wrote one there (a string, a list), which makes that job lost, as one whose hash is
+-- gone is (job_gone), instead of failing the call (WRONGTYPE) that meets its id: every fetch or
+-- enqueue after it would fail, holding up every job of the queue.
+local function job_fields(jk, ...)
+  local f = redis.pcall('HMGET', jk, ...)
+  if f.err then return {}, true end
+  return f, false
+end
+local function is_job(jk) return redis.call('TYPE', jk).ok == 'hash' end
 local function inflight_key(proc) return P .. 'inflight:' .. proc end
 local function parked_key(p, t) return P .. 'parked:' .. p .. ':' .. t end
 local function rate_key(t) return P .. 'rate:' .. t end
@@ -406,7 +416,7 @@ local function promote_due()
       redis.call('ZREM', K_DELAYED, id)
       redis.call('ZREM', K_CAPPED, id)
       local jk = job_key(id)
-      local p = redis.call('HGET', jk, 'p')
+      local p = job_fields(jk, 'p')[1]
       if p then
         redis.call('HSET', jk, 'o', order + k - 1)
         redis.call('RPUSH', READY[level_of(p)], id)
@@ -451,7 +461,7 @@ calls flush_head before it takes jobs or returns. ]]
 local given = {} -- the ids given back (id -> level) since make_room
 local given_back = 0 -- how many
 local function head_later(id, p) table.insert(to_head[p], id) end
-local function order_of(id) return tonumber(redis.call('HGET', job_key(id), 'o')) or math.huge end
+local function order_of(id) return tonumber(job_fields(job_key(id), 'o')[1]) or math.huge end
 
 --[[ Jobs given back (by a stopping process, a buffered job that waited too long, a reaped
 process's attempts) keep their place at the head of their level, and the buffer its cap: when
@@ -465,7 +475,7 @@ see unpark_one), and the next level's tail is looked at instead; when those do n
 enough, the jobs given back wait themselves, the last in hand-out order first (each left its
 slot to the parked job let out for it, if any). Work: a few reads per job that waits. ]]
 local function wait_for_room(id)
-  local o = tonumber(redis.call('HGET', job_key(id), 'o')) or 0 -- (another program's hash: first)
+  local o = tonumber(job_fields(job_key(id), 'o')[1]) or 0 -- (another program's hash: first)
   redis.call('ZADD', K_DELAYED, o, id)
   due_waiting = true -- (a later look in this call must see it)
 end
@@ -476,12 +486,12 @@ local function make_room()
   local p = 0
   while over > 0 and p <= 2 do
     local id = redis.call('LINDEX', READY[p], -1)
-    local t = id and redis.call('HGET', job_key(id), 't')
+    local t = id and job_fields(job_key(id), 't')[1]
     if not id then
       p = p + 1
     elseif back[id] or not t or redis.call('HEXISTS', K_PARKEDN, t) == 0 then
       redis.call('RPOP', READY[p])
-      if redis.call('EXISTS', job_key(id)) == 1 then wait_for_room(id) else job_gone(id) end
+      if is_job(job_key(id)) then wait_for_room(id) else job_gone(id) end
       over = over - 1
     else
       p = p + 1
@@ -532,7 +542,7 @@ local function unpark_one(t)
     if id then
       if redis.call('HINCRBY', K_PARKEDN, t, -1) <= 0 then redis.call('HDEL', K_PARKEDN, t) end
       count('parked:' .. p, -1)
-      if redis.call('EXISTS', job_key(id)) == 1 then
+      if is_job(job_key(id)) then
         head_later(id, p)
         return true
       end
@@ -602,7 +612,7 @@ end
 
 local function job_retry(id, retries, err, delay, now)
   local jk = job_key(id)
-  if redis.call('EXISTS', jk) == 0 then return job_gone(id) end -- (its hash would be written anew, half)
+  if not is_job(jk) then return job_gone(id) end -- (its hash would be written anew, half)
   count('retried', 1)
   redis.call('HSET', jk, 'r', retries, 'e', err)
   if delay <= 0 then
@@ -687,7 +697,7 @@ local function handed(proc, rows, call, keys) -- call: the handing call's id; ke
 end
 
 local function give_back(id)
-  local p = redis.call('HGET', job_key(id), 'p')
+  local p = job_fields(job_key(id), 'p')[1]
   if p then
     head_later(id, level_of(p))
     given[id] = level_of(p)
@@ -762,7 +772,7 @@ local function settle(proc, argv, first, n, now)
   -- job is left to report; proc learns it from the reply's gone, or the next beat's).
   local function failed(attempt, id, at)
     local jk = job_key(id)
-    if redis.call('EXISTS', jk) == 0 then return job_gone(id) end
+    if not is_job(jk) then return job_gone(id) end
     local reason = argv[at + 4]
     job_dead(id, reason, argv[at + 5], argv[at + 2], now)
     keep_report(jk, id, attempt, reason)
@@ -843,7 +853,7 @@ local function settle(proc, argv, first, n, now)
     elseif (op == 'y' or op == 'z') and (state == 'L' or state == 'R') then
       if state == 'L' then set_entry(attempt, 'X' .. t)
       else remove_entry(attempt) end
-      if redis.call('EXISTS', job_key(id)) == 1 then count('timed_out', 1) end -- (a lost job counts in none)
+      if is_job(job_key(id)) then count('timed_out', 1) end -- (a lost job counts in none)
       if op == 'y' then job_retry(id, argv[i + 2], argv[i + 5], tonumber(argv[i + 3]), now)
       else failed(attempt, id, i) end
     elseif op == 'E' and (state == 'X' or state == 'L') then
@@ -915,7 +925,7 @@ local function drop_proc(proc, now, max_crash, crashed)
         else
           job_gone(id) -- (its hash lost: nothing to report)
         end
-      elseif max_crash and redis.call('EXISTS', jk) == 1 and redis.call('HINCRBY', jk, 'c', 1) > max_crash then
+      elseif max_crash and is_job(jk) and redis.call('HINCRBY', jk, 'c', 1) > max_crash then
         local f = redis.call('HMGET', jk, 'b', 'r', 'e')
         job_dead(id, 'crashed', '', f[2] or '0', now)
         table.insert(crashed, held_row(id, f[1], f[2], f[3], 'crashed'))

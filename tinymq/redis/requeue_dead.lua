@@ -13,7 +13,7 @@ local n, went_in = 0, false
 for _, id in ipairs(ARGV) do
   if redis.call('ZREM', K_DEAD, id) == 1 then
     local jk = job_key(id)
-    local p = redis.call('HGET', jk, 'p')
+    local p = job_fields(jk, 'p')[1] -- (none: no hash there, or another program's value of another kind)
     if p then
       redis.call('HDEL', jk, 'x', 'e')
       redis.call('HSET', jk, 'r', 0, 'c', 0)

@@ -29,7 +29,7 @@ local shown = tonumber(ARGV[1])
 local dead = {}
 if shown > 0 then
   for _, id in ipairs(redis.call('ZRANGE', K_DEAD, -shown, -1)) do
-    local row = redis.call('HMGET', job_key(id), 'b', 'r', 'e', 'x')
+    local row = job_fields(job_key(id), 'b', 'r', 'e', 'x') -- (none: another program's value, see lib.lua)
     if row[1] then table.insert(dead, {id, row[1], row[2] or '0', row[3] or '', row[4] or ''}) end
   end
 end
