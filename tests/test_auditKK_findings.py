@@ -3,7 +3,7 @@
 Each test quotes the sentence it checks and what was observed. Queue-level tests run on
 the core in use: the suite runs once on the compiled core and once with
 TINYMQ_NO_EXTENSIONS=1 on the pure twin (.ci/run); every finding here failed on both before
-its fix, and the one not fixed is a strict xfail naming why.
+its fix.
 Redis tests use the session's redis-server (marked ``redis`` by conftest).
 """
 import asyncio
@@ -238,9 +238,6 @@ def test_astop_in_a_thread_executor_does_not_wait_for_its_own_attempt(backend):
 
 # --- Scale-out: buffer_size over a broker -------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="open, documented in docs/redis.md: over a broker, due delayed "
-                   "jobs, retries and given-back jobs go in past buffer_size; waiting for room there needs "
-                   "the cap in every script that promotes due jobs")
 def test_a_due_delayed_job_never_takes_a_full_buffer_past_buffer_size_over_redis(redis_url):
     """API.md "Queue": "``buffer_size`` caps the number of **ready** jobs of all priorities
     together."; "Delayed jobs": "A due job that finds the ready buffer full waits for room";
@@ -253,10 +250,16 @@ def test_a_due_delayed_job_never_takes_a_full_buffer_past_buffer_size_over_redis
     room. docs/redis.md:53-56 describes this as intended ("Due delayed jobs, retries, and
     jobs given back ... always go in, even past the cap"), which API.md does not allow.
     Likely cause: promote_due (tinymq/redis/lib.lua:283) moves every due job to the ready
-    lists whatever their length; stats.lua counts them there."""
+    lists whatever their length; stats.lua counts them there.
+
+    Fixed: every script that moves a job into the ready lists keeps the cap; a due job
+    without room waits in `delayed` and counts in ``waiting_for_room``; the fetch that takes
+    the ready job moves it in (tests/test_redis_buffer_cap.py checks each path)."""
     backend = Redis(redis_url)
     try:
         q = backend.queue(buffer_size=1)
+        ran = []
+        q.register_executor("job", lambda job: ran.append(job.payload))
         q.enqueue(Job("job", "ready"))
         q.enqueue_delayed(Job("job", "due"), 0.05)
         assert wait_until(lambda: q.get_stats().delayed_jobs_count == 0)  # it is due now
@@ -264,6 +267,10 @@ def test_a_due_delayed_job_never_takes_a_full_buffer_past_buffer_size_over_redis
         ready = stats.high_queue_size + stats.medium_queue_size + stats.low_queue_size
         assert ready <= 1, (f"{ready} ready jobs with buffer_size=1 "
                             f"(waiting_for_room={stats.waiting_for_room})")
+        assert stats.waiting_for_room == 1, stats
+        q.start_dispatcher()
+        assert q.join(WAIT)  # the due job waited for room, and ran once there was some
+        assert ran == ["ready", "due"]
     finally:
         backend.close()
 

@@ -6,7 +6,8 @@ A hypothesis state machine drives the scripts through their low-level API
 late return, give back), beat, reap, release on stop, a process that dies (it stops
 calling) or goes silent past its lease and comes back as a zombie, enqueue and
 enqueue_many with delays, priorities, types with different global limits, duplicate
-ids, ``buffer_size`` and ``max_delayed_jobs`` eviction, raised limits, dead jobs
+ids, ``buffer_size`` (which no call moves the ready jobs past: a job owed a place waits for
+room) and ``max_delayed_jobs`` eviction, raised limits, dead jobs
 requeued or purged, cancel (of a waiting job, or of a leased attempt, whose job hash
 moves to a key of the attempt's own, so that its id is free for a new job at once, and
 which its settle or reap then ends as cancelled), a job hash that Redis loses (evicted, or
@@ -121,6 +122,11 @@ class Model:
 
     def __init__(self, buffer_size: int, max_delayed: int, max_crash: int) -> None:
         self.buffer_size = buffer_size
+        self.cap_kept = False  # whether Redis keeps buffer_size (the clock hash's b, kept by a fetch)
+        self.cap: float = math.inf  # the cap this call keeps (lib.lua's cap())
+        self.due_waiting = False  # due jobs this call's promote_due left in `delayed`
+        self.given_back = 0  # jobs this call gave back to a head (lib.lua's make_room)
+        self.given: Dict[str, int] = {}  # their ids -> level
         self.max_delayed = max_delayed
         self.max_crash = max_crash
         self.jobs: Dict[str, MJob] = {}
@@ -171,6 +177,10 @@ class Model:
         return {job_id for job_id in self.jobs if job_id not in self.dead}
 
     def begin_call(self) -> None:
+        self.cap = self.buffer_size if self.cap_kept else math.inf
+        self.due_waiting = False
+        self.given_back = 0
+        self.given = {}
         self.head = {0: 0, 1: 0, 2: 0}
         self.placed = {}
         self.promoted: Optional[int] = None  # due jobs this call promoted (None: it did not look)
@@ -300,25 +310,93 @@ class Model:
             ids.insert(0, job_id)
         self.head[level] += 1
 
+    def ready_count(self) -> int:
+        """What buffer_size caps: the ready and the parked jobs."""
+        return sum(len(ids) for ids in self.ready.values()) + sum(len(ids) for ids in self.parked.values())
+
     def promote_due(self, now_us: int) -> None:
-        """lib.lua's promote_due: once per call, the earliest due jobs (at most
-        PROMOTE_PER_CALL) go to the tail of their level, before anything this call appends."""
-        if self.promoted is not None:
+        """lib.lua's promote_due: the earliest due jobs (at most PROMOTE_PER_CALL a call, and
+        as many as the buffer has room for) go to the tail of their level, before anything this
+        call appends; a second look only when it left due jobs (room may have been made since)."""
+        if self.promoted is not None and not self.due_waiting:
             return
-        due = sorted((self.due_key(i, s), i) for i, s in self.delayed.items() if s <= now_us / 1000)
-        due = due[:PROMOTE_PER_CALL]
-        for _, job_id in due:
-            del self.delayed[job_id]
-            self.capped.pop(job_id, None)
-            if job_id in self.jobs:
-                self.push_tail(job_id)
-            else:
-                self.next_order()  # (its order is taken all the same)
-                self.job_gone(job_id)
-        self.promoted = len(due)
+        if self.promoted is None:
+            self.promoted = 0
+        room = self.cap - self.ready_count()
+        while room > 0 and self.promoted < PROMOTE_PER_CALL:
+            due = sorted((self.due_key(i, s), i) for i, s in self.delayed.items() if s <= now_us / 1000)
+            due = due[:min(room, PROMOTE_PER_CALL - self.promoted)]
+            if not due:
+                break
+            self.promoted += len(due)
+            for _, job_id in due:
+                del self.delayed[job_id]
+                self.capped.pop(job_id, None)
+                if job_id in self.jobs:
+                    self.push_tail(job_id)
+                    room -= 1
+                else:
+                    self.next_order()  # (its order is taken all the same)
+                    self.job_gone(job_id)
+        self.due_waiting = self.due_left(now_us) > 0
+        if self.due_waiting and self.ready_count() >= self.cap:
+            self.happened.append("due jobs wait for room")
 
     def due_left(self, now_us: int) -> int:
         return sum(1 for s in self.delayed.values() if s <= now_us / 1000)
+
+    def to_tail(self, job_id: str, now_us: int) -> bool:
+        """lib.lua's to_tail: in at the tail while there is room and no due job waits, else it
+        waits for room in `delayed`, due now."""
+        self.promote_due(now_us)
+        if not self.due_waiting and self.ready_count() < self.cap:
+            self.push_tail(job_id)
+            return True
+        self.add_delayed(job_id, now_us / 1000, capped=False)
+        self.due_waiting = True
+        self.happened.append("a job owed a place waits for room")
+        return False
+
+    def make_room(self) -> None:
+        """lib.lua's make_room: jobs given back keep their head; the tails of the lowest levels
+        wait for room instead, scored by their FIFO order, at most as many as were given back.
+        A tail job of a type with parked jobs stays (the next level's tail instead); when those
+        do not make room enough, the jobs given back wait themselves, the last first."""
+        over = min(self.ready_count() - self.cap, self.given_back)
+        back, self.given, self.given_back = self.given, {}, 0
+
+        def wait_for_room(job_id: str) -> None:
+            self.delayed[job_id] = self.jobs[job_id].order + 1  # (Redis's seq hands out 1 first)
+            self.due_waiting = True
+
+        level = 0
+        while over > 0 and level <= 2:
+            ids = self.ready[level]
+            if not ids:
+                level += 1
+                continue
+            job = self.jobs.get(ids[-1])
+            if job is not None and ids[-1] not in back and self.parked_count(job.type):
+                level += 1  # (it may be the job a free slot of its type waits for)
+                continue
+            job_id = ids.pop()
+            self.head[level] = min(self.head[level], len(ids))
+            if job is None:
+                self.job_gone(job_id)
+            else:
+                wait_for_room(job_id)
+                self.happened.append("a give-back made the last ready job wait for room")
+            over -= 1
+        for level in (0, 1, 2):
+            for job_id in sorted((i for i, q in back.items() if q == level), key=self.order_of, reverse=True):
+                if over > 0 and job_id in self.ready[level]:
+                    position = self.ready[level].index(job_id)
+                    del self.ready[level][position]
+                    if position < self.head[level]:
+                        self.head[level] -= 1
+                    wait_for_room(job_id)
+                    self.happened.append("a job given back waits for room itself")
+                    over -= 1
 
     def pop_head(self, level: int) -> str:
         self.head[level] = max(0, self.head[level] - 1)
@@ -337,10 +415,9 @@ class Model:
         self.placed[due] = score
         return score
 
-    def add_delayed(self, job_id: str, due: int, capped: bool) -> None:
+    def add_delayed(self, job_id: str, due: float, capped: bool) -> None:
         if DUE_TIE_FIFO:
             due = self.after_ties(due)
-        self.jobs[job_id].order = self.next_order()
         self.delayed[job_id] = due
         if capped:
             self.capped[job_id] = due
@@ -362,8 +439,7 @@ class Model:
         job.retries = str(retries)
         job.error = error
         if delay <= 0:
-            self.promote_due(now_us)
-            self.push_tail(job_id)
+            self.to_tail(job_id, now_us)
         else:
             self.add_delayed(job_id, now_us / 1000 + delay, capped=False)
         self.stats["retried"] += 1
@@ -371,6 +447,8 @@ class Model:
     def give_back(self, job_id: str) -> None:
         if job_id in self.jobs:
             self.push_head(job_id)
+            self.given[job_id] = self.jobs[job_id].priority
+            self.given_back += 1
         else:
             self.job_gone(job_id)
 
@@ -541,13 +619,13 @@ class Model:
                 if self.jobs[job_id].token == token:
                     return ("again", [], None, 0)
                 return ("dup", [], job_id, 0)
+        self.cap = self.buffer_size
         ready_added = sum(1 for row in rows if row[3] <= 0)
         if ready_added:
             self.promote_due(now_us)
             if self.promoted:
                 self.happened.append("an enqueue promoted due jobs ahead of its own")
-            ready = sum(len(ids) for ids in self.ready.values()) + self.due_left(now_us)
-            ready += sum(self.stats[f"parked:{level}"] for level in (0, 1, 2))
+            ready = self.ready_count() + (self.due_left(now_us) if self.due_waiting else 0)
             if ready + ready_added > self.buffer_size:
                 return ("full", [], None, ready)
         evicted = []
@@ -578,8 +656,8 @@ class Model:
                     self.stats["failed"] -= 1
                     self.stats["evicted"] += 1
                 self.add_delayed(job_id, now_us / 1000 + delay, capped=True)
-            else:
-                self.push_tail(job_id)
+            else:  # (its FIFO order is the one it got above, as enqueue's rows get theirs)
+                self.ready[priority].append(job_id)
         self.stats["enqueued"] += len(rows)
         self.stats["outstanding"] += len(rows)
         if evicted and caller and caller not in self.procs and reporter:
@@ -598,6 +676,8 @@ class Model:
     def fetch(self, proc: str, fetch_id: str, n: int, registered: bool, ops: List[SettleOp], now_us: int):
         """Returns (reaped, stale, crashed, jobs, next due, cancels, overruled, lost)."""
         self.begin_call()
+        self.cap_kept = True  # (kept before anything else: a reaped process's fetch keeps it too)
+        self.cap = self.buffer_size
         if registered and proc not in self.procs:  # (Redis never loses its data here: reaped, not lost)
             return (True, 0, [], [], None, [], [], False, [])
         self.procs[proc] = now_us // 1000 + LEASE
@@ -606,12 +686,13 @@ class Model:
             held = self.inflight.get(proc, {})
             jobs = [self.fetched_row(proc, a) for a in last[1]
                     if held.get(a, "").startswith("L") and self.job_of(proc, a) is not None]  # (a lost one: left out)
-            return (False, len(ops), wire(last[2]), jobs, self.next_due(), sorted(self.cancels.get(proc, ())),
+            return (False, len(ops), wire(last[2]), jobs, self.next_due(now_us), sorted(self.cancels.get(proc, ())),
                     sorted(last[3]), False, sorted(last[4]))
         stale = self.settle(proc, ops, now_us)
         crashed: List[Tuple[Any, ...]] = []
         self.reap(now_us, crashed)
         self.hand_out_ended(crashed)
+        self.make_room()
         self.promote_due(now_us)
         taken: List[str] = []
         running = dict(self.running)
@@ -641,6 +722,11 @@ class Model:
                 front += 1
             line[:0] = ids[:front]
             line.extend(ids[front:])
+        if self.due_waiting:  # the jobs taken made room: due jobs that waited for it come in
+            before = self.promoted
+            self.promote_due(now_us)
+            if self.promoted > before:
+                self.happened.append("a fetch let due jobs in to the room it made")
         self.running = Counter(running)
         if met_gone:  # (it may have been let out for a free slot: parked ones go in its place)
             for job_type in self.type_order:
@@ -654,11 +740,15 @@ class Model:
         lost, self.gone_now = self.gone_now, []
         self.fetched[proc] = (fetch_id, taken, sorted(crashed), list(self.overruled), sorted(lost))
         self.handed(proc, crashed)
-        return (False, stale, wire(crashed), [self.fetched_row(proc, a) for a in taken], self.next_due(),
+        return (False, stale, wire(crashed), [self.fetched_row(proc, a) for a in taken], self.next_due(now_us),
                 sorted(self.cancels.get(proc, ())), sorted(self.overruled), False, sorted(lost))
 
-    def next_due(self) -> Optional[int]:
-        return min(self.delayed.values()) if self.delayed else None
+    def next_due(self, now_us: int) -> Optional[float]:
+        """The earliest due time, leaving out due jobs that wait for room (no timer polls for them)."""
+        times = list(self.delayed.values())
+        if self.due_waiting and self.ready_count() >= self.cap:
+            times = [s for s in times if s > now_us / 1000]
+        return min(times) if times else None
 
     def fetched_row(self, proc: str, attempt: str) -> Tuple[str, str, int, str]:
         job = self.job_of(proc, attempt)
@@ -680,6 +770,7 @@ class Model:
         else:
             self.reported_by_reply(crashed)
             self.keep_ended()  # (without a beat id a resend could not return them again)
+        self.make_room()
         lost = self.gone_now + self.gone[:100]  # (this call's, and those that waited)
         self.gone_now, self.gone = [], self.gone[100:]
         if beat_id:
@@ -693,6 +784,7 @@ class Model:
         reaped = self.reap(now_us, crashed)
         self.hand_out_ended(crashed)
         self.reported_by_reply(crashed)
+        self.make_room()
         if crashed:
             self.happened.append("rows a reap's reply handed out, finished as it did")
         return (reaped, wire(crashed))
@@ -701,6 +793,7 @@ class Model:
         self.begin_call()
         stale = self.settle(proc, ops, now_us)
         self.keep_ended()
+        self.make_room()
         return stale
 
     def release(self, proc: str, ops: List[SettleOp], now_us: int) -> Tuple[int, List[Tuple[str, str]]]:
@@ -724,26 +817,28 @@ class Model:
         self.beaten.pop(proc, None)
         self.cancels.pop(proc, None)
         self.keep_ended()
+        self.make_room()
         self.released[proc] = (stale, sorted(self.overruled))
         return self.released[proc]
 
-    def cancel(self, token: str, job_id: str, caller: str = "", reporter_since_us: Optional[int] = None
-               ) -> Tuple[Any, ...]:
+    def cancel(self, token: str, job_id: str, now_us: int, caller: str = "",
+               reporter_since_us: Optional[int] = None) -> Tuple[Any, ...]:
         """``reporter_since_us``: the caller holds no lease and registers for the report (a
         reporter, with the same lease as processes), the server time being this."""
         self.begin_call()
         if token in self.cancel_tokens:  # a resend: the first call's reply
             return self.cancel_tokens[token]
-        reply = self.cancel_job(job_id, caller, token, reporter_since_us)
+        reply = self.cancel_job(job_id, caller, now_us, token, reporter_since_us)
         self.cancel_tokens[token] = reply
         return reply
 
-    def cancel_job(self, job_id: str, caller: str, token: str = "", reporter_since_us: Optional[int] = None
-                   ) -> Tuple[Any, ...]:
+    def cancel_job(self, job_id: str, caller: str, now_us: int, token: str = "",
+                   reporter_since_us: Optional[int] = None) -> Tuple[Any, ...]:
         job = self.jobs.get(job_id)
         if job is None or job.dead_reason is not None:  # (a marked job's hash moved: not here)
             return ("none", None, "", "", False)
         row = (job_id, job.body, int(job.retries), job.error or "", "cancelled")
+        removed_ready = False  # its room goes to a due job waiting for it (cancel.lua's room_made)
         waiting = self.ready[job.priority]
         parked = self.parked.get((job.priority, job.type), [])
         if job_id in waiting or job_id in self.delayed or job_id in parked:
@@ -752,6 +847,7 @@ class Model:
                 limit = self.limits.get(job.type)  # a parked one takes a free slot it may have waited for
                 if self.parked_count(job.type) and (limit is None or self.running[job.type] < limit):
                     self.unpark_one(job.type)
+                removed_ready = True
             elif job_id in self.delayed:
                 del self.delayed[job_id]
                 self.capped.pop(job_id, None)
@@ -760,17 +856,24 @@ class Model:
                 if not parked:
                     del self.parked[(job.priority, job.type)]
                 self.stats[f"parked:{job.priority}"] -= 1
+                removed_ready = True
             del self.jobs[job_id]
             self.stats["cancelled"] += 1
             if caller and caller not in self.procs and reporter_since_us is not None:
                 self.procs[caller] = reporter_since_us // 1000 + LEASE
                 self.happened.append("a reporter registered for a removed job")
+            kept = False
             if caller in self.procs:  # a registered caller: kept (and unfinished) until it acknowledges
                 self.handed(caller, [row + (1,)], [f"{job_id}|cancelled|{token}"])  # (by its token)
                 self.happened.append("a removed job handed to its canceller")
-                return ("removed", row, "", "", True)
-            self.stats["outstanding"] -= 1  # (nothing keeps it: finished as the reply hands it out)
-            return ("removed", row, "", "", False)
+                kept = True
+            else:
+                self.stats["outstanding"] -= 1  # (nothing keeps it: finished as the reply hands it out)
+            if removed_ready:
+                self.promote_due(now_us)
+                if self.promoted:
+                    self.happened.append("a cancel let a due job in to the room it made")
+            return ("removed", row, "", "", kept)
         for proc, held in self.inflight.items():
             for attempt, value in held.items():
                 if value[0] != "X" and attempt.split(":", 1)[1] == job_id and not self.marked(proc, attempt):
@@ -804,7 +907,7 @@ class Model:
                 job.error = None
                 job.retries = "0"
                 job.crashes = 0
-                self.push_tail(job_id)
+                self.to_tail(job_id, now_us)
                 n += 1
         self.stats["enqueued"] += n
         self.stats["outstanding"] += n
@@ -1060,6 +1163,9 @@ def check_due_promoted(model: Model, held: Dict[str, Any], now_us: int) -> None:
     it appended is left behind it in `delayed` (unless PROMOTE_PER_CALL were due at once)."""
     if model.promoted is None or model.promoted >= PROMOTE_PER_CALL:
         return
+    ready = sum(len(ids) for ids in held["ready"].values()) + sum(len(ids) for ids in held["parked"].values())
+    if ready >= model.cap:  # (they wait for room: buffer_size)
+        return
     left = [job_id for job_id, due in held["delayed"].items() if due <= now_us / 1000]
     assert not left, f"due by {now_us / 1000} ms, still in delayed after a call that promoted: {left}"
 
@@ -1137,6 +1243,7 @@ class ScriptsMachine(RuleBasedStateMachine):
         self.gone_reported: Counter = Counter()  # lost ids named by a reply (a resend's not counted again)
         self.replies_seen: set = set()  # (kind, proc, call id) of fetches and beats with an id
         self.counters: Dict[str, int] = {}  # the lifetime counters after the last call
+        self.ready_before = 0  # ready and parked jobs after the last call (check_cap)
 
     # -- checking one call against the model
 
@@ -1173,6 +1280,7 @@ class ScriptsMachine(RuleBasedStateMachine):
                 f"{kind}: redis replied {self.normalise(kind, reply)!r}, the model expected "
                 f"{expected_reply!r}" + (f"\n state differs:\n{state_diff}" if state_diff else ""))
         check_invariants(held, frozenset(self.lost))
+        self.check_cap(kind, held)
         counters = {name: held["stats"].get(name, 0) for name in LIFETIME_COUNTERS}
         down = {name: (self.counters[name], n) for name, n in counters.items() if n < self.counters.get(name, 0)}
         assert not down, f"{kind}: counters went down: {down}"
@@ -1188,6 +1296,22 @@ class ScriptsMachine(RuleBasedStateMachine):
         self.events(kind, reply)
         tick(self.client, after // 1000)
         return reply
+
+    def check_cap(self, kind: str, held: Dict[str, Any]) -> None:
+        """buffer_size (API.md: it caps the ready jobs, across processes): after a call that knew it
+        (enqueue and fetch carry it, the others read the one a fetch kept), the ready jobs (parked
+        ones included) are no more than buffer_size, or no more than before the call when the
+        calls before it, which had none, left more. Every path into the ready lists (due jobs,
+        retries, give-backs, reaps, parked jobs let out, dead jobs requeued) holds to it."""
+        ready = (sum(len(ids) for ids in held["ready"].values())
+                 + sum(len(ids) for ids in held["parked"].values()))
+        cap = self.model.cap
+        if cap != math.inf:
+            assert ready - cap <= max(0, self.ready_before - cap), (
+                f"{kind}: {ready} ready jobs with buffer_size={cap} ({self.ready_before} before the call)")
+        if ready > self.model.buffer_size:
+            EXERCISED["past the cap before a fetch kept it"] += 1
+        self.ready_before = ready
 
     def check_lost(self, held: Dict[str, Any]) -> None:
         """Each lost job is in exactly one place still (its id, without its hash), or was met and
@@ -1248,7 +1372,8 @@ class ScriptsMachine(RuleBasedStateMachine):
             assert before // 1000 * 1000 <= now <= after, f"a lease {registered[0]} that no call between {before} and {after} us gave"
             return now
         written = [(job_id, delay) for job_id, delay in self.pending_delays  # due times this call wrote
-                   if job_id in held["delayed"] and job_id not in self.model.delayed]
+                   if job_id in held["delayed"] and job_id not in self.model.delayed
+                   and held["delayed"][job_id] >= before // 1000 - 1]  # (not a give-back's: see make_room)
         for job_id, delay in written:  # (ops of one batch may offer one job several delays)
             now = round((held["delayed"][job_id] - delay) * 1000)
             if before <= now <= after:
@@ -1282,12 +1407,16 @@ class ScriptsMachine(RuleBasedStateMachine):
 
     @initialize(
         limits=st.fixed_dictionaries({t: st.one_of(st.none(), st.integers(1, 2)) for t in TYPES}),
-        buffer_size=st.integers(2, 10),
+        buffer_size=st.sampled_from([2, 2, 3, 3, 4, 6, 10]),  # (small ones fill: jobs wait for room)
         max_delayed=st.sampled_from([0, 1, 2, 3]),
         max_crash=st.integers(0, 2),
+        cap_kept=st.booleans(),
     )
-    def setup(self, limits, buffer_size, max_delayed, max_crash):
+    def setup(self, limits, buffer_size, max_delayed, max_crash, cap_kept):
         self.model = Model(buffer_size, max_delayed, max_crash)
+        if cap_kept:  # as a fetch keeps it (else the first fetch does; the calls before it have no cap)
+            self.client.hset(self.scripts.key("clock"), "b", buffer_size)
+            self.model.cap_kept = True
         limits = {t: n for t, n in limits.items() if n is not None}
         if limits:
             self.pending_delays = []
@@ -1419,12 +1548,13 @@ class ScriptsMachine(RuleBasedStateMachine):
 
     def do_fetch(self, name, fetch_id, n, registered, ops):
         max_crash = self.model.max_crash
-        self.pending_delays = [(op.attempt.split(":", 1)[1], op.delay_ms) for op in ops
-                               if op.op in "Yy" and op.delay_ms > 0]
+        self.pending_delays = [(op.attempt.split(":", 1)[1], max(op.delay_ms, 0)) for op in ops
+                               if op.op in "Yy"]  # (without delay, a retry may wait for room: due now)
         self.remember_attempts_of(name)
         self.last_sent = (name, fetch_id)
+        buffer_size = self.model.buffer_size
         reply = self.call("fetch", lambda: self.scripts.fetch(name, fetch_id, n, LEASE, max_crash,
-                                                              registered, ops),
+                                                              registered, ops, buffer_size),
                           lambda model, now: model.fetch(name, fetch_id, n, registered, ops, now))
         self.last_call = ("fetch", name, fetch_id, n, registered, ops)
         proc = self.procs.get(name)
@@ -1456,8 +1586,8 @@ class ScriptsMachine(RuleBasedStateMachine):
         self.settle(data)
 
     def do_settle(self, name, ops):
-        self.pending_delays = [(op.attempt.split(":", 1)[1], op.delay_ms) for op in ops
-                               if op.op in "Yy" and op.delay_ms > 0]
+        self.pending_delays = [(op.attempt.split(":", 1)[1], max(op.delay_ms, 0)) for op in ops
+                               if op.op in "Yy"]  # (without delay, a retry may wait for room: due now)
         self.remember_attempts_of(name)
         self.call("settle", lambda: self.scripts.settle(name, ops),
                   lambda model, now: model.settle_call(name, ops, now))
@@ -1507,8 +1637,8 @@ class ScriptsMachine(RuleBasedStateMachine):
         del self.procs[proc.name]
 
     def do_release(self, name, ops):
-        self.pending_delays = [(op.attempt.split(":", 1)[1], op.delay_ms) for op in ops
-                               if op.op in "Yy" and op.delay_ms > 0]
+        self.pending_delays = [(op.attempt.split(":", 1)[1], max(op.delay_ms, 0)) for op in ops
+                               if op.op in "Yy"]  # (without delay, a retry may wait for room: due now)
         self.remember_attempts_of(name)
         self.call("release", lambda: self.scripts.release(name, ops),
                   lambda model, now: model.release(name, ops, now))
@@ -1605,6 +1735,7 @@ class ScriptsMachine(RuleBasedStateMachine):
         if purge:
             self.call("purge", lambda: self.scripts.purge_dead(ids), lambda model, now: model.purge_dead(ids))
         else:
+            self.pending_delays = [(job_id, 0) for job_id in ids]  # (one that finds no room waits, due now)
             self.call("requeue", lambda: self.scripts.requeue_dead(ids),
                       lambda model, now: model.requeue_dead(ids, now))
         self.last_call = ("purge" if purge else "requeue", ids)
@@ -1632,7 +1763,7 @@ class ScriptsMachine(RuleBasedStateMachine):
     def do_cancel(self, token, job_id, caller="", reporter=False):
         self.pending_delays = []
         reply = self.call("cancel", lambda: self.scripts.cancel(token, job_id, caller, LEASE if reporter else 0),
-                          lambda model, now: model.cancel(token, job_id, caller, now if reporter else None))
+                          lambda model, now: model.cancel(token, job_id, now, caller, now if reporter else None))
         EXERCISED[f"cancel {reply.status}"] += 1
         self.last_call = ("cancel", token, job_id, caller, reporter)
         return reply
@@ -1668,6 +1799,7 @@ class ScriptsMachine(RuleBasedStateMachine):
             self.call("purge", lambda: self.scripts.purge_dead(args[0]),
                       lambda model, now: model.purge_dead(args[0]))
         else:
+            self.pending_delays = [(job_id, 0) for job_id in args[0]]
             self.call("requeue", lambda: self.scripts.requeue_dead(args[0]),
                       lambda model, now: model.requeue_dead(args[0], now))
 
@@ -1693,7 +1825,9 @@ MUST_COME_UP = ("enqueue ok", "enqueue dup", "enqueue again", "enqueue full", "e
                 "rows a reap's reply handed out, finished as it did",
                 "a failure for good kept for its process to report",
                 "an enqueue promoted due jobs ahead of its own", "an enqueue replaced a dead job",
-                "a job hash lost", "a job whose hash is gone dropped")
+                "a job hash lost", "a job whose hash is gone dropped",
+                "due jobs wait for room", "a fetch let due jobs in to the room it made",
+                "a give-back made the last ready job wait for room", "a job owed a place waits for room")
 
 
 def test_scripts_follow_the_model(redis_client):

@@ -30,7 +30,7 @@ queue name, as ``os.fsdecode`` makes of bytes that are not UTF-8, is written ``\
 - ``tinymq_queue_size{priority}`` (gauge): ready jobs, ``priority`` is ``high``,
   ``medium`` or ``low``; ``tinymq_delayed_jobs`` (gauge): jobs waiting for their ``run_at``;
   ``tinymq_waiting_for_room_jobs`` (gauge): due jobs, retries and recovered jobs owed a
-  place in the full ready buffer (``QueueStats.waiting_for_room``; always 0 with Redis);
+  place in the full ready buffer (``QueueStats.waiting_for_room``);
 - ``tinymq_active_jobs{type}`` and ``tinymq_max_concurrent_jobs{type}`` (gauges);
 - ``tinymq_attempt_duration_seconds{type}`` (histogram): how long attempts ran, measured
   when each attempt's outcome is decided (a timed-out attempt at its deadline; over Redis,

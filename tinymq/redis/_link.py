@@ -611,11 +611,12 @@ class QueueLink:
     def stats(self) -> QueueStats:
         counters: Dict[str, int]  # (Scripts.stats's reply, through _call_resending)
         try:
-            # One script: a delayed job due on the server's clock counts at its priority, not as
-            # delayed, before a script call promotes it, and the two figures are read at one instant.
-            # A read with no reply within the socket timeout (a frozen server) is not sent again.
-            (high, medium, low), delayed, counters = self.broker._call_resending(self.scripts.stats,
-                                                                                 deadline=math.inf)
+            # One script: a delayed job due on the server's clock counts at its priority (or as
+            # waiting for room, beyond buffer_size), not as delayed, before a script call promotes
+            # it, and the figures are read at one instant. A read with no reply within the socket
+            # timeout (a frozen server) is not sent again.
+            (high, medium, low), delayed, counters, waiting = self.broker._call_resending(
+                self.scripts.stats, self.config.buffer_size, deadline=math.inf)
         except self._redis_error as exc:
             raise TinyMQError(f"could not read the stats of Redis queue {self.broker.name!r} at "
                               f"{redacted_url(self.broker.url)}: {exc}") from exc
@@ -628,6 +629,7 @@ class QueueLink:
             medium_queue_size=medium,
             low_queue_size=low,
             delayed_jobs_count=delayed,
+            waiting_for_room=waiting,
             max_delayed_jobs=self.config.max_delayed_jobs,
             worker_count=self.dispatcher.worker_count,
             # This process's executors: their attempts running here, limits, and the events of
@@ -1237,7 +1239,7 @@ class QueueLink:
             sent = time.monotonic()
             tried, self._unsent_tried = self._unsent_tried, True
             reply = self.scripts.fetch(proc, fetch_id, n, self._lease_ms, self.broker.max_crash_recoveries,
-                                       self._registered, ops)
+                                       self._registered, ops, self.config.buffer_size)
             if reply.reaped:  # (this call ran none of its ops; a try before it without a reply may have)
                 self._unsent_tried = tried
                 self._abandon(reply.lost)

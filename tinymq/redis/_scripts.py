@@ -642,12 +642,13 @@ class Scripts:
         return EnqueueReply(status, [])
 
     def fetch(self, proc: str, fetch_id: str, n: int, lease_ms: int, max_crash_recoveries: int,
-              registered: int, ops: Sequence[SettleOp] = ()) -> FetchReply:
+              registered: int, ops: Sequence[SettleOp] = (), buffer_size: int = 0) -> FetchReply:
         """Settle ``ops``, renew, reap, promote, and take up to ``n`` jobs for ``proc``.
         ``registered``: the server time (ms) at which ``proc`` registered, or 0 (a bool: True for
-        "registered", when that time does not matter)."""
+        "registered", when that time does not matter). ``buffer_size``: the queue's, kept in
+        Redis for the scripts called without it (0: the one kept; none kept: no cap)."""
         reply = self._call("fetch", [proc, fetch_id, n, lease_ms, max_crash_recoveries,
-                                     int(registered), len(ops), *_ops_args(ops)])
+                                     int(registered), buffer_size, len(ops), *_ops_args(ops)])
         due = float(reply[2])
         status = int(reply[0])
         return FetchReply(
@@ -738,13 +739,14 @@ class Scripts:
                 args.extend((_wire(job_type), value, 0, 0))  # (a type as a job reads it: see _wire)
         return int(self._call("limits", args))
 
-    def stats(self) -> Tuple[Tuple[int, int, int], int, Dict[str, int]]:
-        """``((high, medium, low), delayed, counters)`` read at one instant (stats.lua): a
-        delayed job due on the server's clock counts at its priority, not as delayed."""
-        high, medium, low, delayed, flat = self._call("stats", [])
+    def stats(self, buffer_size: int = 0) -> Tuple[Tuple[int, int, int], int, Dict[str, int], int]:
+        """``((high, medium, low), delayed, counters, waiting for room)`` read at one instant
+        (stats.lua): a delayed job due on the server's clock counts at its priority while the
+        buffer (``buffer_size``; 0: the one fetch kept) has room for it, else as waiting for room."""
+        high, medium, low, delayed, flat, waiting = self._call("stats", [buffer_size])
         with self.read_as_numbers():
             counters = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
-        return (int(high), int(medium), int(low)), int(delayed), counters
+        return (int(high), int(medium), int(low)), int(delayed), counters, int(waiting)
 
     @contextlib.contextmanager
     def read_as_numbers(self) -> Iterator[None]:

@@ -30,6 +30,8 @@ Returns one of
                                           cancels it, and its settle ends the job as cancelled,
                                           whatever its outcome (a failure for good included:
                                           see settle in lib.lua)
+A ready or parked job removed makes room in the buffer: a due job that waited for room
+goes in (promote_due), and an idle process is woken for it.
 A ready job removed while jobs of its type are parked and the type has a free slot lets the
 first of them out (it may have been the job let out for that slot), so none waits for a slot
 that is free. Removing a waiting job looks through its ready or parked list (O(length)); finding a leased
@@ -42,6 +44,13 @@ local take_back = ARGV[5] or ''
 local now = now_ms()
 local seen = kept_reply(token)
 if seen then return cjson.decode(seen) end
+
+-- A waiting job removed from the buffer: its room goes to a due job that waited for it, if any
+-- (see promote_due), and an idle process hears of it.
+local function room_made()
+  promote_due()
+  if promoted > 0 then signal() end
+end
 
 local function cancel()
   local jk = job_key(id)
@@ -68,7 +77,9 @@ local function cancel()
     -- of the type stay parked (a raised limit let it out for that slot): let one of them out
     -- instead, else they wait for an attempt of the type to end.
     if unpark_into_free_slots(t, tonumber(redis.call('HGET', K_LIMITS, t)), 1) > 0 then flush_head() end
-    return removed()
+    local reply = removed()
+    room_made()
+    return reply
   end
   if redis.call('ZREM', K_DELAYED, id) == 1 then
     redis.call('ZREM', K_CAPPED, id)
@@ -77,7 +88,9 @@ local function cancel()
   if redis.call('LREM', parked_key(p, t), 1, id) == 1 then
     if redis.call('HINCRBY', K_PARKEDN, t, -1) <= 0 then redis.call('HDEL', K_PARKEDN, t) end
     count('parked:' .. p, -1)
-    return removed()
+    local reply = removed()
+    room_made()
+    return reply
   end
   for _, proc in ipairs(redis.call('ZRANGE', K_PROCS, 0, -1)) do
     local entries = redis.call('HGETALL', inflight_key(proc))

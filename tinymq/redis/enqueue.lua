@@ -19,7 +19,8 @@ Returns one of
 Before ready jobs go to the tail of their level, the delayed jobs due by now go there
 (promote_due: at most PROMOTE_PER_CALL, the earliest first), so a due job keeps its FIFO
 place ahead of jobs enqueued after it came due; the buffer check counts the due jobs beyond
-that bound, still in `delayed`, as ready (as stats.lua does). An enqueue of only delayed
+that bound or the buffer's room, still in `delayed`, as ready (stats.lua counts those beyond
+the room as waiting for room): no job goes in while one owed a place waits for room. An enqueue of only delayed
 jobs moves none: it puts nothing at a tail. A job whose id is dead is replaced.
 The evicted job is the earliest-due one among those
 already in `capped` and not yet due (a due one, even one no call has promoted yet, has left

@@ -1,11 +1,13 @@
 --[[ fetch: settle a batch, renew the lease, reap, promote due jobs (promote_due: at most
-PROMOTE_PER_CALL), take up to n jobs.
+PROMOTE_PER_CALL, and as many as the buffer has room for), take up to n jobs, then let in the
+due jobs that waited for the room the take made.
 KEYS[1] prefix. ARGV: proc, fetch id, n, lease ms, max crash recoveries,
 registered (the server time, ms, at which proc registered: its first fetch or beat; '0'
-before it), settle count, then settle ops
+before it), buffer_size (0: none given, the one kept is used; see cap in lib.lua, which keeps
+this one for the scripts called without it), settle count, then settle ops
 (2 or 6 entries each, see settle in lib.lua).
 Returns {status, server now ms, next due ms (the earliest delayed job or rate window
-         opening; fractional, as text; -1: none), stale settles,
+         opening, leaving out due jobs that wait for room; fractional, as text; -1: none), stale settles,
          crashed {{id, body, retries, error, reason, key}...}, jobs {{attempt, body, retries, error}...},
          server now us (to time the next due job), cancels {attempt...},
          overruled {{attempt, type}...}, gone {id...}}
@@ -31,9 +33,10 @@ whoever gets the reply), the ops it found overruled and the jobs it found gone. 
 even_if_full()
 local proc, fid, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local lease, max_crash, registered = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
-local nsettle = tonumber(ARGV[7])
+local given_cap, nsettle = tonumber(ARGV[7]), tonumber(ARGV[8])
 local now = now_ms()
-local renewed, lost = renew(proc, now, lease, registered)
+if given_cap > 0 then buffer_cap = given_cap end
+local renewed, lost = renew(proc, now, lease, registered, given_cap)
 if not renewed then return {lost and -1 or 0, now, -1, 0, {}, {}, now_us, {}, {}, {}} end
 local ik = inflight_key(proc)
 local jobs = {}
@@ -71,7 +74,7 @@ local function count_foreign(jk)
   count('outstanding', 1)
   redis.call('HSET', jk, 'k', '')
 end
-local stale, overruled = settle(proc, ARGV, 8, nsettle, now)
+local stale, overruled = settle(proc, ARGV, 9, nsettle, now)
 local crashed = {}
 reap(now, max_crash, crashed)
 hand_out_ended(crashed)
@@ -179,6 +182,9 @@ for _, pk in ipairs(parked_keys) do
   for k = front + 1, #ids do redis.call('RPUSH', pk, ids[k]) end
 end
 if #fields > 0 then redis.call('HSET', ik, unpack(fields)) end
+-- The jobs taken made room: due jobs that waited for it come in now (see promote_due).
+local before = promoted
+if due_waiting then promote_due() end
 for t, k in pairs(took) do redis.call('HINCRBY', K_RUNNING, t, k) end
 for t, entries in pairs(rate_taken) do redis.call('ZADD', rate_key(t), unpack(entries)) end
 for t in pairs(rate_closed) do rate_wait(t) end
@@ -194,6 +200,6 @@ end
 handed(proc, crashed, 'f' .. fid) -- (first: it gives each row its key, which a resent reply repeats)
 local lost = gone_ids(false)
 redis.call('HSET', K_FETCHED, proc, cjson.encode({fid, taken, crashed, overruled, lost}))
-if (#taken >= n or parked_budget == 0) and ready_left() > 0 then signal() end -- chain the wake-up
+if (#taken >= n or parked_budget == 0 or promoted > before) and ready_left() > 0 then signal() end -- chain the wake-up
 flush_counts()
 return {1, now, next_due(), stale, crashed, jobs, now_us, marks_left(proc), overruled, lost}

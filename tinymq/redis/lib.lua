@@ -10,7 +10,8 @@ Keys (after the prefix):
   ready:2 ready:1 ready:0  LIST  job ids, HIGH / MEDIUM / LOW; RPUSH new, LPOP to take,
                                  LPUSH to give back at the head
   delayed                  ZSET  id -> due time in ms, fractional (server clock): new delayed
-                                 jobs and retries
+                                 jobs and retries; and the jobs owed a place that wait for room
+                                 in the buffer (due: see promote_due, to_tail, make_room)
   capped                   ZSET  the subset of `delayed` that max_delayed_jobs counts
                                  and may evict (new delayed jobs not yet due; never retries;
                                  enqueue drops the due ones before it evicts)
@@ -33,7 +34,8 @@ Keys (after the prefix):
                                  here, never job:<id>, which may be that new job's
   seq                      STRING the last FIFO order handed out
   clock                    HASH  t server time (ms) of the last lease-keeping call (fetch,
-                                 beat, reap), g the gap (ms) past which that is an outage
+                                 beat, reap), b the buffer_size the last fetch sent (see cap),
+                                 g the gap (ms) past which that is an outage
                                  (see mind_the_gap), e server time (ms) the queue's state
                                  began, or of an earlier registration in it (see renew)
   token:<token>            STRING the JSON reply that a resend of the call <token> (an
@@ -93,6 +95,8 @@ Keys (after the prefix):
                                  cancelled outstanding (unfinished jobs, for join) parked:<p>
 
 Invariants (after every script):
+  * the ready and parked jobs are at most buffer_size (cap), or no more than before a call
+    when calls without a cap left more (before any fetch kept one);
   * an unfinished job is in exactly one of ready:*, parked:*, delayed, or as an L/R
     attempt in one inflight hash; a dead job is in `dead`; a finished one is nowhere
     (an X attempt beside it holds only its type slot);
@@ -358,46 +362,98 @@ end
 -- FIFO orders for n jobs going to the tail of a ready list: the first of n consecutive ones
 local function new_orders(n) return redis.call('INCRBY', K_SEQ, n) - n + 1 end
 
+--[[ buffer_size over a broker: the ready jobs (the ready lists, and the parked lines that
+the stats fields parked:<p> count) never go past it in a script call that moves jobs in. A
+job owed a place that finds no room waits for it in `delayed`, due (see promote_due), and
+enqueue counts it as ready (QueueFull). Scripts called with the cap (enqueue, fetch, stats,
+schedule_tick) use theirs, and fetch keeps it in the clock hash (b) for the others (settle,
+beat, reap, release, cancel, requeue_dead); until a fetch kept one, they have none. ]]
+local buffer_cap = nil
+local function cap()
+  if not buffer_cap then buffer_cap = tonumber(redis.call('HGET', K_CLOCK, 'b')) or math.huge end
+  return buffer_cap
+end
+local function ready_left()
+  return redis.call('LLEN', READY[2]) + redis.call('LLEN', READY[1]) + redis.call('LLEN', READY[0])
+end
+local to_head = {[0] = {}, [1] = {}, [2] = {}} -- (see flush_head)
+-- What buffer_size caps: ready and parked jobs, with this call's parkings and the jobs it
+-- gathered for a head (flush_head) counted already.
+local function ready_count()
+  local s = redis.call('HMGET', K_STATS, 'parked:0', 'parked:1', 'parked:2')
+  local n = ready_left()
+  for p = 0, 2 do n = n + (tonumber(s[p + 1]) or 0) + (counts['parked:' .. p] or 0) + #to_head[p] end
+  return n
+end
+
 --[[ Due delayed jobs (and retries) take their FIFO place at the tail of their level when
 they come due, ahead of any job put there later. Only a script call moves them, so every
 call that appends to a ready tail (enqueue, a retry without delay, requeue_dead) and every
 fetch first promotes the jobs due by now: a job put at a tail never goes ahead of one
 that was due before it. Bounded: at most PROMOTE_PER_CALL per script call, the earliest
-due first; beyond that, the rest wait in `delayed` for the next call (so with more than
-that many due at once, a later job may get ahead of some of them), and enqueue's buffer
-check counts them as ready all the same. Other calls (settle, beat, reap, release) put jobs
-only at a head, where the jobs given back were queued before anything still waiting. ]]
-local promoted = nil -- how many this call promoted (nil: none looked): a second look finds no more
+due first, and only as many as the buffer has room for (cap); the rest wait in `delayed`
+(due_waiting) for the next call, and enqueue's buffer check counts them as ready all the
+same. The calls that make room move them in themselves: a fetch promotes again after it
+took jobs (and its next due time leaves out due jobs that have no room, so no timer polls
+for them), a cancel after it removed a waiting job. Other calls (settle, beat, reap,
+release) put jobs only at a head, where the jobs given back were queued before anything
+still waiting (see make_room). ]]
+local promoted = nil -- how many this call promoted (nil: none looked)
+local due_waiting = false -- jobs due by now that promote_due left in `delayed` (room, or its bound)
 local function promote_due()
-  if promoted then return end
+  if promoted and not due_waiting then return end -- (a second look finds no more, unless room freed)
+  promoted = promoted or 0
   local first = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES') -- (cheaper than the range below,
   if not first[2] or tonumber(first[2]) > exact_ms() then -- which formats now as an argument)
-    promoted = 0 -- none due: the usual case, one cheap look
+    due_waiting = false -- none due: the usual case, one cheap look
     return
   end
-  local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', exact_ms(), 'LIMIT', 0, PROMOTE_PER_CALL)
-  promoted = #due
-  if #due == 0 then return end
-  local order = new_orders(#due)
-  for k, id in ipairs(due) do
-    redis.call('ZREM', K_DELAYED, id)
-    redis.call('ZREM', K_CAPPED, id)
-    local jk = job_key(id)
-    local p = job_fields(jk, 'p')[1]
-    if p then
-      redis.call('HSET', jk, 'o', order + k - 1)
-      redis.call('RPUSH', READY[level_of(p)], id)
-    else
-      job_gone(id)
+  local room = cap() - ready_count()
+  while room > 0 and promoted < PROMOTE_PER_CALL do
+    local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', exact_ms(), 'LIMIT', 0,
+                           math.min(room, PROMOTE_PER_CALL - promoted))
+    if #due == 0 then break end
+    promoted = promoted + #due
+    local order = new_orders(#due)
+    for k, id in ipairs(due) do
+      redis.call('ZREM', K_DELAYED, id)
+      redis.call('ZREM', K_CAPPED, id)
+      local jk = job_key(id)
+      local p = job_fields(jk, 'p')[1]
+      if p then
+        redis.call('HSET', jk, 'o', order + k - 1)
+        redis.call('RPUSH', READY[level_of(p)], id)
+        room = room - 1
+      else
+        job_gone(id) -- (it took no room: the next due job takes its place)
+      end
     end
   end
+  first = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
+  due_waiting = first[2] ~= nil and tonumber(first[2]) <= exact_ms()
 end
 
--- Due jobs not promoted yet (beyond this call's PROMOTE_PER_CALL): ready all the same.
--- After promote_due at the same instant (exact_ms), which found them all unless it hit its bound.
+-- Due jobs not promoted yet (no room, or beyond this call's PROMOTE_PER_CALL): ready all the
+-- same. After promote_due at the same instant (exact_ms), which says whether it left any.
 local function due_left()
-  if promoted and promoted < PROMOTE_PER_CALL then return 0 end
+  if promoted and not due_waiting then return 0 end
   return redis.call('ZCOUNT', K_DELAYED, '-inf', exact_ms())
+end
+
+-- An accepted job going to the tail of its level (a retry without delay, a dead job
+-- requeued): there while the buffer has room and no due job waits for it, else it waits for
+-- room in `delayed`, due now, behind the due jobs waiting (promote_due moves it in its turn).
+-- True when it went in.
+local function to_tail(id, p)
+  promote_due() -- (jobs due by now go ahead of it)
+  if not due_waiting and ready_count() < cap() then
+    redis.call('HSET', job_key(id), 'o', new_orders(1))
+    redis.call('RPUSH', READY[p], id)
+    return true
+  end
+  add_delayed(id, exact_ms())
+  due_waiting = true -- (a later look in this call must see it)
+  return false
 end
 
 --[[ Jobs given back to the head of their level (reaped, released, given back, unparked)
@@ -405,9 +461,65 @@ are gathered per level and pushed once, at flush_head, in their FIFO order (fiel
 one call may give back many, in any order (a hash's order, ops' order), and they must
 come out as they went in, ahead of what was behind them. Every script that gives back
 calls flush_head before it takes jobs or returns. ]]
-local to_head = {[0] = {}, [1] = {}, [2] = {}}
+local given = {} -- the ids given back (id -> level) since make_room
+local given_back = 0 -- how many
 local function head_later(id, p) table.insert(to_head[p], id) end
 local function order_of(id) return tonumber(job_fields(job_key(id), 'o')[1]) or math.huge end
+
+--[[ Jobs given back (by a stopping process, a buffered job that waited too long, a reaped
+process's attempts) keep their place at the head of their level, and the buffer its cap: when
+they take it past buffer_size, as many of the jobs last in hand-out order (the tails of the
+lowest levels) wait for room instead, at most as many as were given back. They wait in
+`delayed` scored by their FIFO order (o), which is below any due time: first in the line for
+room, in the order they were queued, and promote_due puts each back at the tail of its level,
+where it was, before any job enqueued later (enqueue counts them as ready: QueueFull). A tail
+job of a type with parked jobs stays (it may be the one a free slot of its type waits for:
+see unpark_one), and the next level's tail is looked at instead; when those do not make room
+enough, the jobs given back wait themselves, the last in hand-out order first (each left its
+slot to the parked job let out for it, if any). Work: a few reads per job that waits. ]]
+local function wait_for_room(id)
+  local o = tonumber(job_fields(job_key(id), 'o')[1]) or 0 -- (another program's hash: first)
+  redis.call('ZADD', K_DELAYED, o, id)
+  due_waiting = true -- (a later look in this call must see it)
+end
+local function make_room()
+  local over = math.min(ready_count() - cap(), given_back)
+  local back = given
+  given, given_back = {}, 0
+  local p = 0
+  while over > 0 and p <= 2 do
+    local id = redis.call('LINDEX', READY[p], -1)
+    local t = id and job_fields(job_key(id), 't')[1]
+    if not id then
+      p = p + 1
+    elseif back[id] or not t or redis.call('HEXISTS', K_PARKEDN, t) == 0 then
+      redis.call('RPOP', READY[p])
+      if is_job(job_key(id)) then wait_for_room(id) else job_gone(id) end
+      over = over - 1
+    else
+      p = p + 1
+    end
+  end
+  for level = 0, 2 do
+    if over <= 0 then break end
+    local ids, order = {}, {}
+    for id, q in pairs(back) do
+      if q == level then
+        table.insert(ids, id)
+        order[id] = order_of(id)
+      end
+    end
+    table.sort(ids, function(a, b) return order[a] > order[b] end)
+    for _, id in ipairs(ids) do
+      if over <= 0 then break end
+      if redis.call('LREM', READY[level], 1, id) == 1 then -- (near the head: given back)
+        wait_for_room(id)
+        over = over - 1
+      end
+    end
+  end
+end
+
 local function flush_head()
   for p = 0, 2 do
     local ids = to_head[p]
@@ -420,6 +532,7 @@ local function flush_head()
       signal()
     end
   end
+  if given_back > 0 then make_room() end
 end
 
 -- Let out the first job parked for t (the highest level first): false when none is left. A
@@ -506,10 +619,7 @@ local function job_retry(id, retries, err, delay, now)
   count('retried', 1)
   redis.call('HSET', jk, 'r', retries, 'e', err)
   if delay <= 0 then
-    promote_due() -- (jobs due before this retry go ahead of it)
-    redis.call('HSET', jk, 'o', new_orders(1))
-    redis.call('RPUSH', READY[level_of(redis.call('HGET', jk, 'p'))], id)
-    signal()
+    if to_tail(id, level_of(redis.call('HGET', jk, 'p'))) then signal() end -- (else it waits for room)
   else
     add_delayed(id, exact_ms() + delay)
   end
@@ -591,7 +701,13 @@ end
 
 local function give_back(id)
   local p = job_fields(job_key(id), 'p')[1]
-  if p then head_later(id, level_of(p)) else job_gone(id) end
+  if p then
+    head_later(id, level_of(p))
+    given[id] = level_of(p)
+    given_back = given_back + 1
+  else
+    job_gone(id)
+  end
 end
 
 --[[ Settle ops. S, E and B take 2 ARGV entries (op, attempt); Y, Z, y and z take 6
@@ -606,6 +722,7 @@ end
        (L) -> attempt becomes X and keeps its slot; (R) -> attempt removed
   E  a timed-out attempt returned     (X) -> removed, slot freed; (L) -> R, slot freed
   B  give back unstarted / cancelled  (L)    -> slot freed, job at the head of its level
+       (the last ready job waits for room if that fills the buffer past its cap: make_room)
   T  started (sent by a rate-limited type's worker once it started the attempt) (L, X, R)
        -> nothing but its rate window entry: it ends per from now
   A  (op, the row's key instead of an attempt) a row handed to proc to report was
@@ -839,11 +956,15 @@ nobody reached Redis meanwhile; every lease expiry then moves forward by that ga
 anything is reaped. (A fleet that was all frozen at once looks the same, and is treated
 the same.) `lease` is the caller's, in ms; the reap script, which has none, uses the last
 one stored. Work: one write per process registered, and only after a gap. ]]
-local function mind_the_gap(now, lease)
+local function mind_the_gap(now, lease, kept_cap)
   local f = redis.call('HMGET', K_CLOCK, 't', 'g')
   local seen, gap = tonumber(f[1]), tonumber(f[2])
   if lease then gap = math.floor(lease / 2) end
-  if gap then redis.call('HSET', K_CLOCK, 't', now, 'g', gap) end
+  if kept_cap and kept_cap > 0 then -- (fetch's buffer_size, for the scripts called without one: see cap)
+    redis.call('HSET', K_CLOCK, 't', now, 'g', gap, 'b', kept_cap)
+  elseif gap then
+    redis.call('HSET', K_CLOCK, 't', now, 'g', gap)
+  end
   if seen and gap and now - seen > gap then
     local procs = redis.call('ZRANGE', K_PROCS, 0, -1, 'WITHSCORES')
     for i = 1, #procs, 2 do
@@ -860,10 +981,10 @@ end
 -- after that), is missing, or later than proc's registration. A registration earlier than e
 -- (the server's clock was stepped back) moves e back to it: e is never later than the
 -- registration of a process registered in this state, which is never told it was lost.
-local function renew(proc, now, lease, registered)
+local function renew(proc, now, lease, registered, kept_cap)
   local since = tonumber(registered) or 0
   local began = tonumber(redis.call('HGET', K_CLOCK, 'e')) -- (before mind_the_gap writes the hash)
-  mind_the_gap(now, lease)
+  mind_the_gap(now, lease, kept_cap)
   if since > 0 and not redis.call('ZSCORE', K_PROCS, proc) then return false, not began or began > since end
   if not began or (since == 0 and began > now) then redis.call('HSET', K_CLOCK, 'e', now) end
   redis.call('ZADD', K_PROCS, now + lease, proc)
@@ -893,17 +1014,17 @@ local function reap(now, max_crash, crashed)
 end
 
 -- The earliest due time (a delayed job, or a rate window opening for parked jobs) as
--- text (a Lua number would be truncated), or -1
+-- text (a Lua number would be truncated), or -1. Due jobs that promote_due left for want of
+-- room are left out: no timer polls for them (the call that makes room moves them in).
 local function next_due()
   local first = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
+  if due_waiting and ready_count() >= cap() then
+    first = redis.call('ZRANGEBYSCORE', K_DELAYED, '(' .. exact_ms(), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  end
   local opens = redis.call('ZRANGE', K_RATE_OPEN, 0, 0, 'WITHSCORES')
   if opens[2] and not (first[2] and tonumber(first[2]) <= tonumber(opens[2])) then return opens[2] end
   if first[2] then return first[2] end
   return -1
-end
-
-local function ready_left()
-  return redis.call('LLEN', READY[2]) + redis.call('LLEN', READY[1]) + redis.call('LLEN', READY[0])
 end
 
 local REPLACED_KEPT = 90000 -- ms: how long a replaced dead job is kept for a take-back
@@ -918,6 +1039,7 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
   local now = now_ms()
   local seen = kept_reply(token)
   if seen then return {'again', cjson.decode(seen)} end
+  buffer_cap = buffer_size
   local ready_added = 0
   local keys = {} -- the jobs' hash keys, in ARGV order
   for i = base, base - 1 + n * ROW, ROW do
@@ -941,8 +1063,7 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
   end
   if ready_added > 0 then
     promote_due() -- (jobs due by now go ahead of these, and count as ready: see promote_due)
-    local s = redis.call('HMGET', K_STATS, 'parked:0', 'parked:1', 'parked:2')
-    local ready = ready_left() + due_left() + (tonumber(s[1]) or 0) + (tonumber(s[2]) or 0) + (tonumber(s[3]) or 0)
+    local ready = ready_count() + due_left()
     if ready + ready_added > buffer_size then
       flush_counts() -- (promote_due may have found jobs gone)
       return {'full', ready}
@@ -1019,12 +1140,14 @@ end
 
 --[[ The queue's sizes and counters at this instant (stats and status): per level, the jobs
 ready (in ready:<p>, or parked:<p>:<type>, counted by the stats field parked:<p>) and the
-delayed jobs already due on the server's clock that no call has promoted yet (a due job
-counts as ready from its due time on, as in-process: promote_due only moves it); delayed, the
-jobs not due yet. Returns high, medium, low, delayed, counters (HGETALL of stats). Work: one
-read per due job not yet promoted (every fetch and every enqueue of a ready job promotes
-PROMOTE_PER_CALL at a time, so they pile up only while no process fetches or enqueues). ]]
-local function queue_sizes()
+delayed jobs already due on the server's clock that no call has promoted yet, while the
+buffer has room for them (a due job counts as ready from its due time on, as in-process:
+promote_due only moves it, in the same order, as far as room goes); waiting, the due jobs
+beyond that room (with `room` math.huge, none); delayed, the jobs not due yet. Returns high,
+medium, low, delayed, counters (HGETALL of stats), waiting. Work: one read per due job not yet
+promoted (every fetch and every enqueue of a ready job promotes PROMOTE_PER_CALL at a time, so
+they pile up only while no process fetches or enqueues, or while the buffer is full). ]]
+local function queue_sizes(room)
   now_ms()
   local sizes = {[0] = redis.call('LLEN', READY[0]), [1] = redis.call('LLEN', READY[1]),
                  [2] = redis.call('LLEN', READY[2])}
@@ -1033,10 +1156,18 @@ local function queue_sizes()
     local p = string.match(counters[i], '^parked:(%d)$')
     if p then sizes[tonumber(p)] = sizes[tonumber(p)] + tonumber(counters[i + 1]) end
   end
+  room = room - sizes[0] - sizes[1] - sizes[2]
+  local waiting = 0
   local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', exact_ms()) -- (as promote_due moves them)
   for _, id in ipairs(due) do
     local p = redis.call('HGET', job_key(id), 'p')
-    if p then sizes[level_of(p)] = sizes[level_of(p)] + 1 end -- (a job without its hash: promote_due drops it)
+    if not p then -- (a job without its hash: promote_due drops it)
+    elseif room > 0 then
+      sizes[level_of(p)] = sizes[level_of(p)] + 1
+      room = room - 1
+    else
+      waiting = waiting + 1
+    end
   end
-  return sizes[2], sizes[1], sizes[0], redis.call('ZCARD', K_DELAYED) - #due, counters
+  return sizes[2], sizes[1], sizes[0], redis.call('ZCARD', K_DELAYED) - #due, counters, waiting
 end

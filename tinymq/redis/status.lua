@@ -3,7 +3,7 @@ that they agree (a job is counted in exactly one place: ready, delayed, taken or
 KEYS[1] prefix. ARGV: shown, the dead jobs to read, the newest (the others are only counted).
 Reads only.
 Returns {high, medium, low, delayed, counters, limits, running, processes, rates, dead count, dead}:
-  high .. counters  as lib.lua's queue_sizes;
+  high .. counters  as lib.lua's queue_sizes, a due job waiting for room counted in its level's size;
   limits, running   HGETALL of limits (type -> max concurrent attempts) and running
                     (type -> attempts holding a slot);
   processes         worker processes whose lease has not run out (reporters, "~", left out);
@@ -11,7 +11,7 @@ Returns {high, medium, low, delayed, counters, limits, running, processes, rates
   dead count        every dead job;
   dead              {{id, body, retries, error, reason}, ...}: the newest `shown`, oldest death first.
 Work: one read per dead job shown, whatever the number of dead jobs. ]]
-local high, medium, low, delayed, counters = queue_sizes()
+local high, medium, low, delayed, counters = queue_sizes(math.huge) -- (a job waiting for room: in its size)
 local processes = 0
 for _, proc in ipairs(redis.call('ZRANGEBYSCORE', K_PROCS, now_ms(), '+inf')) do
   if not string.find(proc, '~', 1, true) then processes = processes + 1 end
