@@ -1168,18 +1168,8 @@ class SQLitePersistence:
             _ownership.unregister(self._key)
             self._key = self._owned[0] = key
             _ownership.register(key, self.path)
-            made_side = self._make_side_files([_ownership.check_file(self._file + suffix, mode="tighten",
-                                                                     side=True) for suffix in _SIDE_FILES])
-            self._conn = self._connect("mode=rw")
-            self._prepare(self._conn)
-            self._drop_empty(made_side, ("-journal",))
-            self._cursor = self._conn.cursor()
-            self._conn.execute(f"UPDATE {_OWNER} SET pid = pid")  # a first commit creates the new -wal
-            self._wal = _ownership.identity(self._wal_path)
-            self._shm = _ownership.identity(self._file + "-shm")
+            self._reconnect()
             self._watch.watch(self._file)
-            self._watch.watch(self._wal_path)
-            self._next_wal_check = 0.0  # the next commit looks again (a change before the watches)
         except (OSError, sqlite3.Error, PersistenceError) as exc:
             self._broken = (f"{self!r}: its database file was removed under this store and written anew at "
                             f"the path, with every job it held, but the store could not go on there ({exc}): "
@@ -1188,6 +1178,21 @@ class SQLitePersistence:
             return
         logger.warning("persistence %s: the new database file holds every job the store held; the store goes "
                        "on there", self.path)
+
+    def _reconnect(self) -> None:
+        """Go on at the path with a new connection, -wal and -shm, after the old connection was closed
+        (_rescue_database, _rescue_wal). Caller holds _commit_lock."""
+        made = self._make_side_files([_ownership.check_file(self._file + suffix, mode="tighten", side=True)
+                                      for suffix in _SIDE_FILES])
+        self._conn = self._connect("mode=rw")
+        self._prepare(self._conn)
+        self._drop_empty(made, ("-journal",))
+        self._cursor = self._conn.cursor()
+        self._conn.execute(f"UPDATE {_OWNER} SET pid = pid")  # a first commit creates the new -wal
+        self._wal = _ownership.identity(self._wal_path)
+        self._shm = _ownership.identity(self._file + "-shm")
+        self._watch.watch(self._wal_path)
+        self._next_wal_check = 0.0  # the next commit looks again (a change before the watch)
 
     def _refuse_writes(self, batch: List[_Unit], what: str) -> None:
         """Our database file was removed or replaced: every commit is now in a file nobody will open again.
@@ -1239,17 +1244,7 @@ class SQLitePersistence:
             if busy:
                 raise sqlite3.OperationalError("a reader kept the checkpoint from finishing")
             self._conn.close()
-            made = self._make_side_files([_ownership.check_file(self._file + suffix, mode="tighten", side=True)
-                                          for suffix in _SIDE_FILES])
-            self._conn = self._connect("mode=rw")
-            self._prepare(self._conn)
-            self._drop_empty(made, ("-journal",))
-            self._cursor = self._conn.cursor()
-            self._conn.execute(f"UPDATE {_OWNER} SET pid = pid")  # a first commit creates the new -wal
-            self._wal = _ownership.identity(self._wal_path)
-            self._shm = _ownership.identity(self._file + "-shm")
-            self._watch.watch(self._wal_path)
-            self._next_wal_check = 0.0  # the next commit looks again (a change before the watch)
+            self._reconnect()
             self._owner_row_in_wal_only = False  # (the TRUNCATE checkpoint copied it)
         except (sqlite3.Error, PersistenceError) as exc:
             self._closed = True  # every later call refuses: nothing more can be made durable here
