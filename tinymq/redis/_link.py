@@ -807,8 +807,10 @@ class QueueLink:
         """An attempt that held a worker here (or a place on the loop) ended: the next job may be
         fetched ahead again (after a give-back of a stuck one, none was). Called with _lock held."""
         self._freed += 1
-        self._count_out(record)
-        if not record.on_loop:
+        if record.on_loop:
+            self._on_loop -= 1
+        else:
+            self._in_hand -= 1
             self._prefetch = _PREFETCH
 
     def _count_out(self, record: _Attempt) -> None:
