@@ -67,3 +67,59 @@ def test_coroutines_run_while_a_thread_job_holds_the_only_worker(redis_backend):
         release.set()
     assert q.join(WAIT)
     assert q.get_stats().jobs_succeeded == count + 2
+
+
+# --- fetch.lua through its low-level API: n thread jobs and m loop jobs, strictly in order ---------
+
+LEASE_MS = 60_000
+
+
+def _scripts(redis_client):
+    from tinymq.redis._scripts import Scripts
+
+    return Scripts(redis_client, "s")
+
+
+def _ready(scripts, level=1):
+    return scripts.client.lrange(scripts.key(f"ready:{level}"), 0, -1)
+
+
+def _rows(*typed_ids, priority=1):
+    return [(job_id, job_type, priority, 0, f"body-{job_id}") for job_type, job_id in typed_ids]
+
+
+def test_a_fetch_takes_loop_jobs_beyond_n_and_stops_at_the_first_job_it_has_no_place_for(redis_client):
+    """With n=1, the second thread job stops the call: the loop job behind it stays for any process
+    (at most one buffered job may start ahead of a later, higher-priority one)."""
+    scripts = _scripts(redis_client)
+    scripts.enqueue("tok", 100, 0, _rows(("a", "a1"), ("t", "t1"), ("a", "a2"), ("t", "t2"), ("a", "a3")))
+    reply = scripts.fetch("p1", "1", 1, LEASE_MS, 3, False, (), 10, ("a",))
+    assert [j.id for j in reply.jobs] == ["a1", "t1", "a2"]
+    assert reply.stopped
+    assert _ready(scripts) == ["t2", "a3"]
+    # Without a loop type, a fetch of n jobs looks at no job beyond them, as before.
+    reply = scripts.fetch("p2", "1", 1, LEASE_MS, 3, False)
+    assert [j.id for j in reply.jobs] == ["t2"] and not reply.stopped
+    assert _ready(scripts) == ["a3"]
+
+
+def test_a_fetch_for_the_loop_only_stops_at_a_thread_job_and_parks_a_saturated_loop_type(redis_client):
+    """n=0 (every worker busy): loop jobs are taken up to m, a saturated loop type's job is parked
+    (it holds up nothing), and the first thread job stops the call, at any level below it too."""
+    scripts = _scripts(redis_client)
+    scripts.set_limits({"a": 1})
+    scripts.enqueue("tok", 100, 0, _rows(("a", "a1"), ("a", "a2"), ("b", "b1"), ("t", "t1"), ("b", "b2")))
+    scripts.enqueue("tok2", 100, 0, _rows(("b", "low"), priority=0))
+    reply = scripts.fetch("p1", "1", 0, LEASE_MS, 3, False, (), 10, ("a", "b"))
+    assert [j.id for j in reply.jobs] == ["a1", "b1"]
+    assert reply.stopped
+    assert _ready(scripts) == ["t1", "b2"]
+    assert _ready(scripts, 0) == ["low"]
+    assert scripts.client.lrange(scripts.key("parked:1:a"), 0, -1) == ["a2"]
+    # m bounds the loop jobs too: the one beyond it stops the call, before the thread job behind it.
+    scripts.enqueue("tok3", 100, 0, _rows(("b", "b3"), ("b", "b4"), ("t", "t2")))
+    reply = scripts.fetch("p2", "1", 1, LEASE_MS, 3, False, (), 1, ("b",))
+    assert [j.id for j in reply.jobs] == ["t1", "b2"] and not reply.stopped  # (both filled: it looked no further)
+    reply = scripts.fetch("p3", "1", 1, LEASE_MS, 3, False, (), 1, ("b",))
+    assert [j.id for j in reply.jobs] == ["b3"] and reply.stopped
+    assert _ready(scripts) == ["b4", "t2"]
