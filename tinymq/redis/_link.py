@@ -2,8 +2,9 @@
 
 The core (compiled or pure) stays this process's local buffer: the pump fetches leased
 attempts from Redis (``free slots + 1`` per call for the worker threads, and the jobs of
-async executors up to their types' limits, settles of finished attempts in the same call) and hands them to the core's ReadyQueue, where the usual
-workers, local limits and watchdog run them. The dispatcher tells this link
+async executors up to their types' limits, settles of finished attempts in the same call)
+and hands them to the core's ReadyQueue, where the usual workers, the event loop, local
+limits and watchdog run them. The dispatcher tells this link
 every attempt's outcome (it is the dispatcher's ``AttemptLedger``); outcomes
 are batched into the next script call.
 
@@ -1203,8 +1204,9 @@ class QueueLink:
                 self._count_out(record)
                 record.on_loop = True
                 self._on_loop += 1
-            self._freed += 1  # (a round stopped at a job that a worker's place may now take)
-            self._prefetch = _PREFETCH
+            if moved:
+                self._prefetch = _PREFETCH
+            self._freed += 1  # (a round that stopped at one of its jobs, or at a thread job, may go on now)
             self._wake_pump()
 
     def _round(self, unless_sent: Optional[SettleOp] = None) -> int:
@@ -1237,8 +1239,12 @@ class QueueLink:
             self.broker._check_server()
             sent = time.monotonic()
             tried, self._unsent_tried = self._unsent_tried, True
-            reply = self.scripts.fetch(proc, fetch_id, n, self._lease_ms, self.broker.max_crash_recoveries,
-                                       self._registered, ops, loop_room, loop_types)
+            if loop_types:
+                reply = self.scripts.fetch(proc, fetch_id, n, self._lease_ms, self.broker.max_crash_recoveries,
+                                           self._registered, ops, loop_room, loop_types)
+            else:
+                reply = self.scripts.fetch(proc, fetch_id, n, self._lease_ms, self.broker.max_crash_recoveries,
+                                           self._registered, ops)
             if reply.reaped:  # (this call ran none of its ops; a try before it without a reply may have)
                 self._unsent_tried = tried
                 self._abandon(reply.lost)

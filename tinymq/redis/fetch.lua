@@ -21,10 +21,11 @@ jobs this call found without their hash (see job_gone in lib.lua), for it to log
 status 1 = ok; 0 = this process was reaped (nothing else done: it must abandon its
 buffer and register again under a new id); -1 = the same, because Redis lost the queue's
 state since it registered (see renew in lib.lua).
-Jobs come strictly by level (HIGH first), FIFO within one. The first job proc cannot take
-now (a thread job beyond n, a loop job beyond m) stops the call: it stays at the head, and
-every job behind it stays too, so a job proc buffers never starts ahead of it. A job whose type has no free
-slot, or whose rate window is full, is parked (so a saturated type never blocks others)
+Jobs come strictly by level (HIGH first), FIFO within one. The first job proc could run
+but has no place for now (a thread job beyond n, a loop job beyond m) stops the call: it
+stays at the head, and every job behind it stays too (at every level), so no job proc
+buffers starts ahead of it. A job whose type has no free slot, or whose rate window is
+full, is parked (so a saturated type never blocks others)
 and comes back when a slot of its type frees or its rate window opens (the next due time
 in the reply includes that opening); parked jobs keep their FIFO order (a job given back
 ahead of the ones already parked goes in front of them). Taking a job takes its type's
