@@ -153,11 +153,6 @@ def test_callables_known_to_be_async_at_registration_never_touch_a_worker(form):
         q.stop(wait=False)
 
 
-@pytest.mark.parametrize("make", ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.xfail(
-    strict=True, reason="open: over a broker a process holds at most workers + 1 jobs (RedisLink._free: "
-    "workers + _PREFETCH - in hand), its coroutines' included, so with workers=1 two attempts of async "
-    "executors run at once, an async def's as well (docs/redis.md: nothing is fetched 'beyond its free "
-    "workers')"))], indirect=True)
 def test_workers_1_never_serialises_the_awaiting_jobs(make):
     """Many jobs of a callable returning an awaitable wait at once with one worker thread, and a
     thread executor's job runs meanwhile: none of them holds that thread while it awaits."""

@@ -126,7 +126,7 @@ def test_a_fetch_whose_reply_is_lost_hands_out_its_jobs_once(proxy, shared):
     worker.register_executor("t", lambda job: ran.add(job.payload))
     try:
         worker.start_dispatcher(2)
-        proxy.drop_reply(b"*10\r\n:1\r\n")  # the next fetch that succeeded on the server (10 fields)
+        proxy.drop_reply(b"*11\r\n:1\r\n")  # the next fetch that succeeded on the server (11 fields)
         producer.enqueue_many([Job("t", i) for i in range(3)])
         assert proxy.dropped.wait(WAIT)
         assert_each_ran_once(producer, ran, [0, 1, 2])

@@ -166,6 +166,10 @@ class AttemptLedger(Protocol):
     def given_back(self, job: Any) -> None:
         """stop() cancelled the attempt: the job goes back, uncounted."""
 
+    def runs_on(self, job_type: str, on_loop: bool, limit: int) -> None:
+        """``job_type``'s executor was registered: async (``on_loop``, its attempts run on the
+        event loop, holding no worker thread) or not, with ``max_concurrent_jobs`` ``limit``."""
+
     def stop(self, deadline: Optional[float] = None) -> None:
         """The dispatcher stopped: give back what was not started, and leave (by ``deadline``,
         a monotonic time, if given: stop()'s timeout)."""
@@ -296,6 +300,8 @@ class Dispatcher:
         self.ready.configure(job_type, fn, config.max_concurrent_jobs, config.timeout,
                              takes_context, config.interrupt_on_timeout,
                              core.LOOP if is_async else core.THREADS, config.rate_limit)
+        if self.ledger is not None:
+            self.ledger.runs_on(job_type, is_async, config.max_concurrent_jobs)
 
     def _retry_on(self, job_type: str) -> Tuple[type, ...]:
         """The exception classes that ``job_type``'s failures are retried for (``retry_on``)."""

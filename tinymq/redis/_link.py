@@ -1,9 +1,10 @@
 """QueueLink: one Queue's end of the broker — enqueue, the pump, the heartbeat, the timer.
 
 The core (compiled or pure) stays this process's local buffer: the pump fetches leased
-attempts from Redis (``free slots + 1`` per call, settles of finished attempts
-in the same call) and hands them to the core's ReadyQueue, where the usual
-workers, local limits and watchdog run them. The dispatcher tells this link
+attempts from Redis (``free slots + 1`` per call for the worker threads, and the jobs of
+async executors up to their types' limits, settles of finished attempts in the same call)
+and hands them to the core's ReadyQueue, where the usual workers, the event loop, local
+limits and watchdog run them. The dispatcher tells this link
 every attempt's outcome (it is the dispatcher's ``AttemptLedger``); outcomes
 are batched into the next script call.
 
@@ -103,10 +104,11 @@ class _Attempt:
     """This process's hold on one job: guarded by QueueLink._lock."""
 
     __slots__ = ("attempt", "since", "state", "expired", "timed_out", "decided", "returned", "ending", "marked",
-                 "duration")
+                 "duration", "on_loop")
 
-    def __init__(self, attempt: str, since: float) -> None:
+    def __init__(self, attempt: str, since: float, on_loop: bool = False) -> None:
         self.attempt = attempt
+        self.on_loop = on_loop  # its executor is async: it holds no worker's place (_on_loop, not _in_hand)
         self.since = since  # monotonic time it was fetched
         self.state = _PENDING
         self.expired = False  # the watchdog decided it at its deadline; it may still run
@@ -243,7 +245,15 @@ class QueueLink:
         self._reporters_held = threading.Condition(self._lock)  # the renewer is no longer wanted
         # Guarded by _lock:
         self._attempts: Dict[Any, _Attempt] = {}  # job -> this process's attempt of it
-        self._in_hand = 0  # attempts fetched and not yet decided (buffered or running)
+        self._in_hand = 0  # attempts for worker threads fetched and not yet decided (buffered or running)
+        self._on_loop = 0  # the same, for the event loop (their executors are async: _Attempt.on_loop)
+        # type -> max_concurrent_jobs of the types whose executors are async here (runs_on): their
+        # jobs are fetched up to their limits, beyond the worker threads' free places
+        self._loop_types: Dict[str, int] = {}
+        self._freed = 0  # attempts whose place freed so far (_slot_freed)
+        # _freed as the last round stopped at a job this process could not take (FetchReply.stopped):
+        # while no place freed since, asking Redis again for the loop's jobs would stop there again.
+        self._stopped_at = -1
         self._prefetch = _PREFETCH  # 0 from a give-back of a job stuck here until a worker frees
         self._ops: List[SettleOp] = []  # outcomes not yet sent
         self._ops_since = 0.0  # monotonic time of the oldest unsent op
@@ -277,7 +287,8 @@ class QueueLink:
         self._registered = 0
         # Guarded by _round_lock: one fetch round at a time, and the round to resend, if any.
         self._round_lock = threading.Lock()
-        self._unsent: Optional[Tuple[str, str, int, List[SettleOp]]] = None  # (proc, fetch id, n, ops)
+        # (proc, fetch id, n, ops, loop room, loop types, _freed as it was built)
+        self._unsent: Optional[Tuple[str, str, int, List[SettleOp], int, Tuple[str, ...], int]] = None
         self._unsent_tried = False  # _unsent was sent and got no reply: Redis may have run it
         self._fetch_ids = itertools.count(1)
         self._beat_ids = itertools.count(1)  # (used by the heartbeat only)
@@ -759,7 +770,7 @@ class QueueLink:
                         for job in held:
                             given_back = self._attempts.pop(job, None)
                             if given_back is not None:
-                                self._in_hand -= 1
+                                self._count_out(given_back)
                                 self._queue_op(SettleOp("B", given_back.attempt))
             if held:
                 self._flush_if_idle()
@@ -849,11 +860,22 @@ class QueueLink:
             self._renewed_at = sent
             self._renewal.notify_all()
 
-    def _slot_freed(self) -> None:
-        """An attempt that held a worker here ended: the next job may be fetched ahead again
-        (after a give-back of a stuck one, none was). Called with _lock held."""
-        self._in_hand -= 1
-        self._prefetch = _PREFETCH
+    def _slot_freed(self, record: _Attempt) -> None:
+        """An attempt that held a worker here (or a place on the loop) ended: the next job may be
+        fetched ahead again (after a give-back of a stuck one, none was). Called with _lock held."""
+        self._freed += 1
+        if record.on_loop:
+            self._on_loop -= 1
+        else:
+            self._in_hand -= 1
+            self._prefetch = _PREFETCH
+
+    def _count_out(self, record: _Attempt) -> None:
+        """``record`` no longer holds its place here (a worker's, or the loop's). With _lock held."""
+        if record.on_loop:
+            self._on_loop -= 1
+        else:
+            self._in_hand -= 1
 
     def _queue_op(self, op: SettleOp) -> None:
         """Called with _lock held."""
@@ -899,7 +921,7 @@ class QueueLink:
             if record is None:
                 self._forget(job)
                 return
-            self._slot_freed()
+            self._slot_freed(record)
             self._queue_op(SettleOp("S", record.attempt))
             self._ended(record)
         self._flush_if_idle()
@@ -911,7 +933,7 @@ class QueueLink:
         _lock held."""
         record = self._disowned.pop(job, None)
         if record is not None and not record.expired:
-            self._slot_freed()
+            self._slot_freed(record)
             self._wake_pump()  # (a reaped process goes on fetching under its new id)
         return record
 
@@ -933,14 +955,14 @@ class QueueLink:
                 record = self._disowned.get(job)
                 if record is not None and not record.expired:
                     record.expired = True
-                    self._slot_freed()
+                    self._slot_freed(record)
                     self._wake_pump()
                 return False
             if not record.expired:
                 record.expired = True
                 record.timed_out = timed_out
                 record.duration = duration
-                self._slot_freed()
+                self._slot_freed(record)
                 self._wake_pump()
             return True
 
@@ -971,7 +993,7 @@ class QueueLink:
                     record.duration = None
             else:
                 del self._attempts[job]
-                self._slot_freed()
+                self._slot_freed(record)
             retries = job.retries
             if retries.__class__ is not int:  # (set by its executor: an op that cannot be sent would stop the link)
                 retries = _sendable_count(retries)
@@ -1190,7 +1212,7 @@ class QueueLink:
                 self._forget(job)
                 return
             if not record.expired:
-                self._slot_freed()
+                self._slot_freed(record)
                 for op in self._giving_back(job, record):
                     self._queue_op(op)
 
@@ -1206,10 +1228,42 @@ class QueueLink:
     # --- fetching ----------------------------------------------------------------
 
     def _free(self) -> int:
-        """Jobs to ask for. Called with _lock held."""
+        """Jobs to ask for: for the worker threads, and for the loop (_loop_room). None after a
+        round that stopped at a job this process could not take (FetchReply.stopped), until a place
+        here frees: asked again, Redis would stop there again. Called with _lock held."""
         if self._closing or not self._workers:
             return 0
-        return max(0, self._workers + self._prefetch - self._in_hand)
+        free = max(0, self._workers + self._prefetch - self._in_hand)
+        if not self._loop_types:
+            return free
+        return 0 if self._stopped_at == self._freed else free + self._loop_room()
+
+    def _loop_room(self) -> int:
+        """Jobs of async executors to ask for: what their types' limits leave of this process's
+        attempts on the loop (Redis holds each type to its limit across processes). With _lock held."""
+        return max(0, sum(self._loop_types.values()) - self._on_loop)
+
+    def runs_on(self, job_type: str, on_loop: bool, limit: int) -> None:
+        """``job_type``'s executor, registered (again), is async (``on_loop``) or not: its jobs are
+        fetched for the event loop, up to its ``limit``, or for the worker threads. One found async
+        as its function returned an awaitable (its attempt handed over to the loop): its attempts
+        held here hold no worker's place any more."""
+        with self._lock:
+            if not on_loop:
+                self._loop_types.pop(job_type, None)
+                return
+            self._loop_types[job_type] = limit
+            moved = [record for job, record in itertools.chain(self._attempts.items(), self._disowned.items())
+                     if job.type == job_type and not record.on_loop and not record.expired
+                     and record.state != _GIVEN_BACK]
+            for record in moved:
+                self._count_out(record)
+                record.on_loop = True
+                self._on_loop += 1
+            if moved:
+                self._prefetch = _PREFETCH
+            self._freed += 1  # (a round that stopped at one of its jobs, or at a thread job, may go on now)
+            self._wake_pump()
 
     def _round(self, unless_sent: Optional[SettleOp] = None) -> int:
         """One fetch script call: send the unsent ops, take up to the free slots; jobs taken.
@@ -1220,7 +1274,10 @@ class QueueLink:
             with self._lock:
                 if self._unsent is None:  # else resend the failed call as it was: the script knows it
                     ops, self._ops = self._ops, []
-                    self._unsent = (self._proc, format(next(self._fetch_ids), "x"), self._free(), ops)
+                    free = self._free()  # (none after a round that stopped, until a place frees)
+                    loop_room = min(free, self._loop_room()) if self._loop_types else 0
+                    self._unsent = (self._proc, format(next(self._fetch_ids), "x"), free - loop_room, ops,
+                                    loop_room, tuple(self._loop_types), self._freed)
                     self._unsent_tried = False
                 limits, self._limits = self._limits, {}
                 lost, self._lost_limits = self._lost_limits, {}
@@ -1234,12 +1291,12 @@ class QueueLink:
                     self._limits = {**limits, **self._limits}
                     self._lost_limits = {**lost, **self._lost_limits}
                 raise
-            proc, fetch_id, n, ops = self._unsent
+            proc, fetch_id, n, ops, loop_room, loop_types, freed = self._unsent
             self.broker._check_server()
             sent = time.monotonic()
             tried, self._unsent_tried = self._unsent_tried, True
             reply = self.scripts.fetch(proc, fetch_id, n, self._lease_ms, self.broker.max_crash_recoveries,
-                                       self._registered, ops, self.config.buffer_size)
+                                       self._registered, ops, self.config.buffer_size, loop_room, loop_types)
             if reply.reaped:  # (this call ran none of its ops; a try before it without a reply may have)
                 self._unsent_tried = tried
                 self._abandon(reply.lost)
@@ -1248,6 +1305,8 @@ class QueueLink:
             self._registered = self._registered or reply.now_ms
             with self._lock:
                 self._renewed(sent)
+                if reply.stopped:
+                    self._stopped_at = freed
                 found = self._settled(ops, reply.overruled, reply.gone) if reply.overruled or self._failing else ()
             self._count_overruled(found)  # (before a reporter reports their rows)
             if reply.next_due_ms is None:
@@ -1310,9 +1369,14 @@ class QueueLink:
             jobs.append((job, item.attempt))
         now = time.monotonic()
         with self._lock:
+            loop_types = self._loop_types
             for job, attempt in jobs:
-                self._attempts[job] = _Attempt(attempt, now)
-            self._in_hand += len(jobs)
+                if job.type in loop_types:
+                    self._attempts[job] = _Attempt(attempt, now, True)
+                    self._on_loop += 1
+                else:
+                    self._attempts[job] = _Attempt(attempt, now)
+                    self._in_hand += 1
             for job, attempt in undecodable:  # (no worker takes it, nor a give-back: a reporter fails it)
                 record = self._attempts[job] = _Attempt(attempt, now)
                 record.state = _STARTED
@@ -1332,7 +1396,7 @@ class QueueLink:
             with self._lock:
                 for job in give_back:
                     record = self._attempts.pop(job)
-                    self._in_hand -= 1
+                    self._count_out(record)
                     self._queue_op(SettleOp("B", record.attempt))
         return len(jobs), [job for job, _ in undecodable]
 
@@ -1362,7 +1426,7 @@ class QueueLink:
             for record in self._attempts.values():
                 if record.state == _PENDING:
                     record.state = _GIVEN_BACK  # a worker that pops it refuses it
-            held = sum(1 for r in self._attempts.values() if r.state == _STARTED and not r.expired)
+            running = [r for r in self._attempts.values() if r.state == _STARTED and not r.expired]
             # The late result of a process declared dead is ignored: the running attempts run on,
             # counted nowhere here whatever they end as from now on (their reaper gave their jobs
             # back, or ended them; a timeout not decided yet is never counted). What was counted
@@ -1376,7 +1440,10 @@ class QueueLink:
             # (ops of a call that got no reply may have been run by Redis: their counts stay)
             dropped = self._ops if self._unsent is None or self._unsent_tried else self._unsent[3] + self._ops
             self._unsent = None  # a call for the old id: resent, it would register that id again
-            self._in_hand = held  # running attempts still occupy their workers
+            # running attempts still occupy their workers (their places on the loop)
+            self._on_loop = sum(1 for r in running if r.on_loop)
+            self._in_hand = len(running) - self._on_loop
+            self._stopped_at = -1  # (the round that stopped was the old id's)
             self._ops = []  # their attempts are no longer ours: every op would be stale
             self._take_back(dropped)
             self._failing = {}  # (no reply will say what became of their ops)
@@ -1486,7 +1553,8 @@ class QueueLink:
                     continue
                 if asked and taken < asked:  # Redis has nothing more for us now: wait for a signal
                     with self._lock:
-                        if self._ops or self._closing:
+                        # (or it stopped at a job this process cannot take: wait for a place here to free)
+                        if self._ops or self._closing or self._stopped_at == self._freed:
                             continue
                         self._pump_idle = True
                     if taken:
@@ -1576,7 +1644,7 @@ class QueueLink:
                     return
                 for _, record in stuck:
                     record.state = _GIVEN_BACK  # a worker that pops it refuses it
-                    self._in_hand -= 1
+                    self._count_out(record)
                 self._prefetch = 0
                 for _, record in reversed(stuck):  # each goes to the head: the first last
                     self._queue_op(SettleOp("B", record.attempt))

@@ -155,6 +155,7 @@ class FetchReply(NamedTuple):
     overruled: Sequence[Tuple[str, str]] = ()
     lost: bool = False  # reaped because Redis lost the queue's state since this process registered
     gone: Sequence[str] = ()  # ids of jobs whose hash Redis lost, dropped (lib.lua's job_gone)
+    stopped: bool = False  # it stopped at a job this process could not take: Redis has more
 
 
 class BeatReply(NamedTuple):
@@ -642,13 +643,17 @@ class Scripts:
         return EnqueueReply(status, [])
 
     def fetch(self, proc: str, fetch_id: str, n: int, lease_ms: int, max_crash_recoveries: int,
-              registered: int, ops: Sequence[SettleOp] = (), buffer_size: int = 0) -> FetchReply:
-        """Settle ``ops``, renew, reap, promote, and take up to ``n`` jobs for ``proc``.
+              registered: int, ops: Sequence[SettleOp] = (), buffer_size: int = 0, loop_room: int = 0,
+              loop_types: Sequence[str] = ()) -> FetchReply:
+        """Settle ``ops``, renew, reap, promote, and take up to ``n`` jobs for ``proc``'s worker
+        threads and up to ``loop_room`` of ``loop_types`` (run on its event loop), strictly in
+        order: the first job it cannot take stops the call (``FetchReply.stopped``).
         ``registered``: the server time (ms) at which ``proc`` registered, or 0 (a bool: True for
         "registered", when that time does not matter). ``buffer_size``: the queue's, kept in
         Redis for the scripts called without it (0: the one kept; none kept: no cap)."""
         reply = self._call("fetch", [proc, fetch_id, n, lease_ms, max_crash_recoveries,
-                                     int(registered), buffer_size, len(ops), *_ops_args(ops)])
+                                     int(registered), buffer_size, loop_room, len(loop_types),
+                                     *map(_wire, loop_types), len(ops), *_ops_args(ops)])
         due = float(reply[2])
         status = int(reply[0])
         return FetchReply(
@@ -656,7 +661,7 @@ class Scripts:
             stale=int(reply[3]), crashed=_crashed(reply[4]),
             jobs=[Fetched(row[0], row[1], retries_of(row[2]), row[3] or "") for row in reply[5]],
             now_us=int(reply[6]), cancels=reply[7], overruled=[(row[0], row[1]) for row in reply[8]],
-            gone=reply[9],
+            gone=reply[9], stopped=bool(reply[10]),
         )
 
     def settle(self, proc: str, ops: Sequence[SettleOp]) -> int:

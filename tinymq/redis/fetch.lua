@@ -1,16 +1,19 @@
 --[[ fetch: settle a batch, renew the lease, reap, promote due jobs (promote_due: at most
-PROMOTE_PER_CALL, and as many as the buffer has room for), take up to n jobs, then let in the
-due jobs that waited for the room the take made.
+PROMOTE_PER_CALL, and as many as the buffer has room for), take up to n jobs for proc's worker
+threads and up to m for its event loop, then let in the due jobs that waited for the room the
+take made.
 KEYS[1] prefix. ARGV: proc, fetch id, n, lease ms, max crash recoveries,
 registered (the server time, ms, at which proc registered: its first fetch or beat; '0'
 before it), buffer_size (0: none given, the one kept is used; see cap in lib.lua, which keeps
-this one for the scripts called without it), settle count, then settle ops
-(2 or 6 entries each, see settle in lib.lua).
+this one for the scripts called without it), m, the count of proc's loop types, those types
+(their executors are async: their jobs run on proc's event loop, bounded by their types'
+limits only), settle count, then settle ops (2 or 6 entries each, see settle in lib.lua).
 Returns {status, server now ms, next due ms (the earliest delayed job or rate window
          opening, leaving out due jobs that wait for room; fractional, as text; -1: none), stale settles,
          crashed {{id, body, retries, error, reason, key}...}, jobs {{attempt, body, retries, error}...},
          server now us (to time the next due job), cancels {attempt...},
-         overruled {{attempt, type}...}, gone {id...}}
+         overruled {{attempt, type}...}, gone {id...}, stopped (1: it stopped at a job proc
+         could not take, see below; else 0)}
 crashed also holds jobs that ended as cancelled (reason 'cancelled', see settle) for
 this process to report, and the jobs this call failed for good because another program
 wrote their hash without a type or with a p that is no level (see foreign); cancels are
@@ -21,8 +24,11 @@ jobs this call found without their hash (see job_gone in lib.lua), for it to log
 status 1 = ok; 0 = this process was reaped (nothing else done: it must abandon its
 buffer and register again under a new id); -1 = the same, because Redis lost the queue's
 state since it registered (see renew in lib.lua).
-Jobs come strictly by level (HIGH first), FIFO within one. A job whose type has no free
-slot, or whose rate window is full, is parked (so a saturated type never blocks others)
+Jobs come strictly by level (HIGH first), FIFO within one. The first job proc could run
+but has no place for now (a thread job beyond n, a loop job beyond m) stops the call: it
+stays at the head, and every job behind it stays too (at every level), so no job proc
+buffers starts ahead of it. A job whose type has no free slot, or whose rate window is
+full, is parked (so a saturated type never blocks others)
 and comes back when a slot of its type frees or its rate window opens (the next due time
 in the reply includes that opening); parked jobs keep their FIFO order (a job given back
 ahead of the ones already parked goes in front of them). Taking a job takes its type's
@@ -33,11 +39,14 @@ whoever gets the reply), the ops it found overruled and the jobs it found gone. 
 even_if_full()
 local proc, fid, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local lease, max_crash, registered = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
-local given_cap, nsettle = tonumber(ARGV[7]), tonumber(ARGV[8])
+local given_cap, m, nloop = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local on_loop = {} -- type -> true: its jobs run on proc's event loop and count against m
+for i = 10, 9 + nloop do on_loop[ARGV[i]] = true end
+local nsettle = tonumber(ARGV[10 + nloop])
 local now = now_ms()
 if given_cap > 0 then buffer_cap = given_cap end
 local renewed, lost = renew(proc, now, lease, registered, given_cap)
-if not renewed then return {lost and -1 or 0, now, -1, 0, {}, {}, now_us, {}, {}, {}} end
+if not renewed then return {lost and -1 or 0, now, -1, 0, {}, {}, now_us, {}, {}, {}, 0} end
 local ik = inflight_key(proc)
 local jobs = {}
 local last = redis.call('HGET', K_FETCHED, proc)
@@ -56,7 +65,7 @@ if last and last[1] == fid then -- a resend of the last fetch
       if f[1] then table.insert(jobs, {attempt, f[1], f[2] or '0', f[3] or ''}) end
     end
   end
-  return {1, now, next_due(), nsettle, last[3], jobs, now_us, cancels, last[4] or {}, last[5] or {}}
+  return {1, now, next_due(), nsettle, last[3], jobs, now_us, cancels, last[4] or {}, last[5] or {}, 0}
 end
 -- Why the job hash of an id in a ready list cannot be fetched (t: its type, p: its level),
 -- or nil: a hash that enqueue never writes (another program's).
@@ -74,7 +83,7 @@ local function count_foreign(jk)
   count('outstanding', 1)
   redis.call('HSET', jk, 'k', '')
 end
-local stale, overruled = settle(proc, ARGV, 9, nsettle, now)
+local stale, overruled = settle(proc, ARGV, 11 + nloop, nsettle, now)
 local crashed = {}
 reap(now, max_crash, crashed)
 hand_out_ended(crashed)
@@ -101,12 +110,15 @@ local met_gone = false -- a ready id without its hash was dropped (see below)
 -- job runs once and its one end leaves nothing unfinished. (Met by another call, while the new
 -- job's attempt runs, it is taken for it again: docs/redis.md, Dead jobs.)
 local met = {}
+local threads, loops = 0, 0 -- jobs taken for proc's worker threads (at most n), for its loop (at most m)
+local stopped = false -- met a job proc cannot take now: it and the jobs behind it stay
 for p = 2, 0, -1 do
-  while #taken < n and parked_budget > 0 do
-    local ids = redis.call('LPOP', READY[p], n - #taken) -- LPOP with a count: Redis >= 6.2
+  while not stopped and (threads < n or loops < m) and parked_budget > 0 do
+    -- LPOP with a count: Redis >= 6.2. (Loop jobs are looked for a batch at a time: m may be large.)
+    local ids = redis.call('LPOP', READY[p], n - threads + math.min(m - loops, PARK_PER_CALL))
     if not ids then break end
     for k, id in ipairs(ids) do
-      if parked_budget == 0 then -- looked at enough for one call: the rest go back, in order
+      if parked_budget == 0 or stopped then -- looked at enough for one call: the rest go back, in order
         for j = #ids, k, -1 do redis.call('LPUSH', READY[p], ids[j]) end
         break
       end
@@ -133,13 +145,21 @@ for p = 2, 0, -1 do
         met_gone = true
         parked_budget = parked_budget - 1 -- (looked at, as a parked one: a call's work stays bounded)
       else
-        if not f[6] then count_foreign(jk) end
         if limits[t] == nil then
           limits[t] = tonumber(redis.call('HGET', K_LIMITS, t)) or false
           running[t] = tonumber(redis.call('HGET', K_RUNNING, t)) or 0
           room[t] = rate_room(t)
         end
         local closed = room[t] <= 0
+        local loop = on_loop[t]
+        if not (closed or (limits[t] and running[t] >= limits[t]))
+            and ((loop and loops >= m) or (not loop and threads >= n)) then
+          -- proc could run it but has no place for it now: it stays at the head, and the rest with it
+          stopped = true
+          for j = #ids, k, -1 do redis.call('LPUSH', READY[p], ids[j]) end
+          break
+        end
+        if not f[6] then count_foreign(jk) end
         if closed or (limits[t] and running[t] >= limits[t]) then
           if closed then rate_closed[t] = true end
           local pk = parked_key(p, t)
@@ -154,6 +174,7 @@ for p = 2, 0, -1 do
         else
           running[t] = running[t] + 1
           took[t] = (took[t] or 0) + 1
+          if loop then loops = loops + 1 else threads = threads + 1 end
           local attempt = fid .. ':' .. id -- unique in this process: fetch ids never repeat
           if room[t] ~= math.huge then
             room[t] = room[t] - 1
@@ -200,6 +221,7 @@ end
 handed(proc, crashed, 'f' .. fid) -- (first: it gives each row its key, which a resent reply repeats)
 local lost = gone_ids(false)
 redis.call('HSET', K_FETCHED, proc, cjson.encode({fid, taken, crashed, overruled, lost}))
-if (#taken >= n or parked_budget == 0 or promoted > before) and ready_left() > 0 then signal() end -- chain the wake-up
+-- Chain the wake-up: another process may take what this one could not.
+if (stopped or #taken >= n + m or parked_budget == 0 or promoted > before) and ready_left() > 0 then signal() end
 flush_counts()
-return {1, now, next_due(), stale, crashed, jobs, now_us, marks_left(proc), overruled, lost}
+return {1, now, next_due(), stale, crashed, jobs, now_us, marks_left(proc), overruled, lost, stopped and 1 or 0}
