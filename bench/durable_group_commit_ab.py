@@ -164,8 +164,8 @@ class _OwnLocks(SQLitePersistence):
                         waiting.error = PersistenceError(f"{self!r} was closed")
                 elif batch:
                     self._commit(batch)
-                    now = time.monotonic()  # (each commit checked as _write checks it)
-                    if self._watch.changed(0) or now >= self._next_wal_check:
+                    now = time.monotonic()  # (commits looked at as _write does)
+                    if now >= self._next_wal_check:
                         self._next_wal_check = now + module._WAL_CHECK_INTERVAL
                         self._look_at_files(batch)
         finally:
@@ -261,8 +261,8 @@ class _NextLeader(SQLitePersistence):
                 waiting.error = PersistenceError(f"{self!r} was closed")
             return
         self._commit(batch)
-        now = time.monotonic()  # (each commit checked as _write checks it)
-        if self._watch.changed(0) or now >= self._next_wal_check:
+        now = time.monotonic()  # (commits looked at as _write does)
+        if now >= self._next_wal_check:
             self._next_wal_check = now + module._WAL_CHECK_INTERVAL
             self._look_at_files(batch)
 

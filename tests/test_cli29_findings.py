@@ -135,6 +135,7 @@ def break_store(store, what="removed"):
     """Remove ``store``'s database file (or put a tinymq store with job "new" in its place) and commit
     once: the store notices it before it acknowledges that commit."""
     os.unlink(store.path)
+    store._next_wal_check = 0.0  # the next commit looks (else: the first one 50 ms after the last look)
     if what == "removed":  # written anew (test_walwin30_findings.py)
         store.save(Job("t", id="found-it"))
         return
@@ -177,6 +178,7 @@ from tinymq import Job, PersistenceError, SQLitePersistence
 store = SQLitePersistence(sys.argv[1])
 store.save_many([Job("t", id="old-%d" % n) for n in range(100)])
 os.unlink(sys.argv[1])
+store._next_wal_check = 0.0
 try:
     store.save(Job("t", id="found-it"))
 except PersistenceError:

@@ -134,6 +134,7 @@ def test_saves_into_a_database_replaced_under_its_owner_fail(path, caplog, what)
     os.unlink(path)
     with open(path, "wb") as f:
         f.write(replacement)
+    store._next_wal_check = 0.0  # the next commit looks (else: the first one 50 ms after the last look)
     with caplog.at_level(logging.ERROR, logger="tinymq.persistence"):
         with pytest.raises(PersistenceError, match=f"database file was {what} under this store"):
             store.save(Job("t", id="found-it"))

@@ -2,14 +2,17 @@
 
 1. A lock file that already existed, left by an earlier owner, kept the pid of an open refused on
    the file (another program's database): it now names its last owner again.
-2. The store looked by path at its database and -wal at most every 50 ms after a commit: a save in
-   that window after either was removed or replaced was acknowledged, and lost at a kill (and a
-   replaced database had the -wal of the old one beside it). Each commit is now checked before it
-   is acknowledged: a poll of an inotify watch on Linux, a look by path elsewhere.
+2. Open (strict xfails): the store looks by path at its database and -wal at most every 50 ms
+   after a commit: a save in that window after either was removed or replaced is acknowledged,
+   and lost at a kill (and a replaced database has the -wal of the old one beside it). A check of
+   each commit cost a share of every durable job that users would see: an lstat() per commit
+   about a third of one producer's enqueue, a poll of an inotify watch about 8 % end to end.
 3. A database file removed under its live owner (a cleaner, ``rm jobs.db*``) failed every later
    write, and what it held (every acknowledged job) was lost when the store closed or its process
-   ended. The store now writes what it holds into a new file at the path, and goes on there.
+   ended. The store now writes what it holds into a new file at the path, and goes on there. (Its
+   tests look after every commit, _WAL_CHECK_INTERVAL = 0: what the look does is tested here.)
 """
+import tinymq.persistence.sqlite as sqlite_store
 import os
 import subprocess
 import sys
@@ -44,20 +47,16 @@ def test_a_refused_open_leaves_the_lock_file_it_found_naming_its_last_owner(path
         assert f.read() == last_owner
 
 
-# --- 2. each commit checked before it is acknowledged ----------------------------------------------
+# --- 2. open: a commit in the 50 ms after a look is acknowledged unchecked --------------------------
 
-# argv: the database, what is done to it ("wal-removed", "replaced"), "watch" or "no-watch" (inotify
-# left out: the look by path after every commit). The look every 50 ms never comes: only the check
-# of each commit can find it.
+# argv: the database, what is done to it ("wal-removed", "replaced"). The look every 50 ms, widened,
+# never comes: only a check of each commit would find it.
 CHANGED_THEN_SAVE = """
 import os, sys
 import tinymq.persistence.sqlite as sqlite
 from tinymq import Job, PersistenceError
-path, what, how = sys.argv[1:]
+path, what = sys.argv[1:]
 sqlite._WAL_CHECK_INTERVAL = 3600.0
-if how == "no-watch":
-    import tinymq.persistence._watch as watch
-    watch._INOTIFY = None
 store = sqlite.SQLitePersistence(path)
 store.save_many([Job("t", id="before-%d" % n) for n in range(50)])
 store.save(Job("t", id="before"))  # (the first commit looks by path: the files are ours)
@@ -75,21 +74,23 @@ os.kill(os.getpid(), 9)
 
 
 @posix
-@pytest.mark.parametrize("how", ["watch", "no-watch"])
-def test_a_save_right_after_the_wal_was_removed_is_acknowledged_only_once_it_is_safe(path, how):
-    child = run_child(CHANGED_THEN_SAVE, path, "wal-removed", how)
+@pytest.mark.xfail(strict=True, reason="open: the database and -wal are looked at no more than every 50 ms "
+                   "(a check of each commit cost a share of every durable job users would see)")
+def test_a_save_right_after_the_wal_was_removed_is_acknowledged_only_once_it_is_safe(path):
+    child = run_child(CHANGED_THEN_SAVE, path, "wal-removed")
     assert child.stdout == "acknowledged\n", child.stderr
     with SQLitePersistence(path) as store:
         assert {job.id for job in store.load_all()} == {f"before-{n}" for n in range(50)} | {"before", "after"}
 
 
 @posix
-@pytest.mark.parametrize("how", ["watch", "no-watch"])
-def test_a_save_right_after_the_database_was_replaced_is_refused_and_leaves_no_wal_beside_it(path, how):
+@pytest.mark.xfail(strict=True, reason="open: the database and -wal are looked at no more than every 50 ms "
+                   "(a check of each commit cost a share of every durable job users would see)")
+def test_a_save_right_after_the_database_was_replaced_is_refused_and_leaves_no_wal_beside_it(path):
     with SQLitePersistence(path + ".backup") as backup:
         backup.save(Job("t", id="restored"))
     os.unlink(path + ".backup-tinymq.lock")
-    child = run_child(CHANGED_THEN_SAVE, path, "replaced", how)
+    child = run_child(CHANGED_THEN_SAVE, path, "replaced")
     assert child.stdout.startswith("refused:") and "database file was replaced" in child.stdout, child.stderr
     assert not os.path.exists(path + "-wal")  # (else read into the backup at the next open)
     with SQLitePersistence(path) as store:
@@ -102,8 +103,10 @@ def test_a_save_right_after_the_database_was_replaced_is_refused_and_leaves_no_w
 # file too). Saves after the removal, then kill -9.
 REMOVED_THEN_SAVE = """
 import logging, os, sys
+import tinymq.persistence.sqlite as sqlite
 from tinymq import Job, SQLitePersistence
 path, what = sys.argv[1:]
+sqlite._WAL_CHECK_INTERVAL = 0.0  # a look after every commit
 logging.basicConfig()
 store = SQLitePersistence(path)
 store.save_many([Job("t", id="before-%d" % n) for n in range(50)])
@@ -130,7 +133,8 @@ def test_a_database_removed_under_its_owner_is_written_anew_with_every_acknowled
     assert os.stat(path).st_mode & 0o777 == 0o600
 
 
-def test_a_store_goes_on_in_the_new_file_and_a_later_store_owns_it(path):
+def test_a_store_goes_on_in_the_new_file_and_a_later_store_owns_it(path, monkeypatch):
+    monkeypatch.setattr(sqlite_store, "_WAL_CHECK_INTERVAL", 0.0)  # a look after every commit
     store = SQLitePersistence(path)
     store.save(Job("t", id="before"))
     os.unlink(path)
@@ -149,6 +153,7 @@ def test_a_store_goes_on_in_the_new_file_and_a_later_store_owns_it(path):
 def test_a_removed_database_that_cannot_be_written_anew_fails_the_commit_that_found_it(path, monkeypatch):
     from tinymq.persistence import _ownership
 
+    monkeypatch.setattr(sqlite_store, "_WAL_CHECK_INTERVAL", 0.0)  # a look after every commit
     store = SQLitePersistence(path)
     store.save(Job("t", id="before"))
     os.unlink(path)
