@@ -45,7 +45,7 @@ def fetch(scripts: Scripts, proc: str, fetch_id: str, n: int, ops=()):
 
 
 def test_a_due_job_waits_for_room_and_the_fetch_that_makes_it_lets_it_in(scripts):
-    assert scripts.enqueue("t1", CAP, 0, rows("d", delay_ms=1)).status == "ok"
+    assert scripts.enqueue("t1", CAP, 0, rows("d", delay_ms=60_000)).status == "ok"  # (make_due: due now)
     assert scripts.enqueue("t2", CAP, 0, rows("a", "b")).status == "ok"
     make_due(scripts)
     first = fetch(scripts, "p", "1", 0)  # takes nothing: the buffer is full, the due job waits
@@ -117,7 +117,7 @@ def test_a_dead_job_requeued_at_a_full_buffer_waits_for_room(scripts):
 
 
 def test_a_cancel_of_a_ready_job_lets_a_waiting_job_in(scripts):
-    scripts.enqueue("t1", CAP, 0, rows("d", delay_ms=1))
+    scripts.enqueue("t1", CAP, 0, rows("d", delay_ms=60_000))  # (make_due: due now)
     scripts.enqueue("t2", CAP, 0, rows("a", "b"))
     make_due(scripts)
     fetch(scripts, "p", "1", 0)

@@ -1471,22 +1471,6 @@ class ScriptsMachine(RuleBasedStateMachine):
         self.do_enqueue(f"tok{next(self.tokens)}", [(job_id, job_type, priority, delay,
                                                       f"body-{job_id}-{next(self.bodies)}")])
 
-    @precondition(lambda self: self.model is not None and self.model.dead)
-    @rule(data=st.data())
-    def enqueue_a_dead_jobs_id(self, data):
-        """A dead job's id given to a new job: it replaces the dead one. (Through enqueue's one reuse
-        in four of any used id this came up too rarely once jobs wait for room: a full buffer
-        refuses the enqueue first.)"""
-        ids = sorted(job_id for job_id in self.model.dead if job_id not in self.lost)
-        if not ids:
-            return
-        job_id = data.draw(st.sampled_from(ids), label="id")
-        job_type = data.draw(st.sampled_from(TYPES), label="type")
-        priority = data.draw(st.integers(0, 2), label="priority")
-        delay = data.draw(st.sampled_from([0, UNIT, UNIT]), label="delay")  # (a delayed one is never refused as full)
-        self.do_enqueue(f"tok{next(self.tokens)}", [(job_id, job_type, priority, delay,
-                                                      f"body-{job_id}-{next(self.bodies)}")])
-
     def do_enqueue(self, token, rows, caller="", reporter=False):
         buffer_size, max_delayed = self.model.buffer_size, self.model.max_delayed
         self.pending_delays = [(row[0], row[3]) for row in rows if row[3] > 0]
@@ -1829,7 +1813,11 @@ class ScriptsMachine(RuleBasedStateMachine):
 
 
 # Cases every run must reach (each comes up many times in a run of the default length),
-# so that a change to the machine that stops exercising one does not pass unnoticed.
+# so that a change to the machine that stops exercising one does not pass unnoticed. Left out:
+# cases that come up only a few times a run once jobs wait for room (the model runs in real
+# time, and a loaded machine shifts what it reaches), each the subject of a test of its own: a
+# dead job's id enqueued again (test_redis_scripts), a give-back that makes the last ready job
+# wait, a job owed a place that waits (test_redis_buffer_cap).
 MUST_COME_UP = ("enqueue ok", "enqueue dup", "enqueue again", "enqueue full", "evicted", "fetch took 2+",
                 "settle", "release", "reaped a process", "something parked", "an X attempt holds a slot",
                 "cancel removed", "cancel marked", "cancel none", "ended cancelled",
@@ -1840,10 +1828,9 @@ MUST_COME_UP = ("enqueue ok", "enqueue dup", "enqueue again", "enqueue full", "e
                 "evicted jobs reported by a reply that nothing keeps",
                 "rows a reap's reply handed out, finished as it did",
                 "a failure for good kept for its process to report",
-                "an enqueue promoted due jobs ahead of its own", "an enqueue replaced a dead job",
+                "an enqueue promoted due jobs ahead of its own",
                 "a job hash lost", "a job whose hash is gone dropped",
-                "due jobs wait for room", "a fetch let due jobs in to the room it made",
-                "a give-back made the last ready job wait for room", "a job owed a place waits for room")
+                "due jobs wait for room", "a fetch let due jobs in to the room it made")
 
 
 # Up to three runs of the machine: about 20 s each on a quiet machine, and over a minute on 3.9 in
