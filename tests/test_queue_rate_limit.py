@@ -44,20 +44,24 @@ def starts_recorder():
     return fn, recorder
 
 
-def assert_windows_hold(starts, limits, slack=SLACK, began=None):
-    """No window of ``per - slack`` seconds holds more than ``max_starts`` starts of one type; and,
-    given ``began`` (read before the first enqueue), the exact bound of
-    ``assert_no_start_ahead_of_its_window``."""
-    if began is not None:
-        assert_no_start_ahead_of_its_window(starts, limits, began)
+def _limited_times(starts, limits):
+    """``(job type, its RateLimit, its sorted start times)`` for each rate-limited type in ``starts``."""
     by_type = {}
     for job_type, when in starts:
         by_type.setdefault(job_type, []).append(when)
     for job_type, times in by_type.items():
         rate_limit = limits.get(job_type)
-        if rate_limit is None:
-            continue
-        times.sort()
+        if rate_limit is not None:
+            yield job_type, rate_limit, sorted(times)
+
+
+def assert_windows_hold(starts, limits, slack=SLACK, began=None, rounding=CLOCK_ROUNDING):
+    """No window of ``per - slack`` seconds holds more than ``max_starts`` starts of one type; and,
+    given ``began`` (read before the first enqueue), the exact bound of
+    ``assert_no_start_ahead_of_its_window``."""
+    if began is not None:
+        assert_no_start_ahead_of_its_window(starts, limits, began, rounding)
+    for job_type, rate_limit, times in _limited_times(starts, limits):
         m = rate_limit.max_starts
         for i in range(len(times) - m):
             gap = times[i + m] - times[i]
@@ -73,14 +77,7 @@ def assert_no_start_ahead_of_its_window(starts, limits, began, rounding=CLOCK_RO
     core recorded its start, however late, so each sorted reading is no earlier than the core's
     start of the same rank, and those keep to the rule.
     """
-    by_type = {}
-    for job_type, when in starts:
-        by_type.setdefault(job_type, []).append(when)
-    for job_type, times in by_type.items():
-        rate_limit = limits.get(job_type)
-        if rate_limit is None:
-            continue
-        times.sort()
+    for job_type, rate_limit, times in _limited_times(starts, limits):
         for k, when in enumerate(times):
             windows = k // rate_limit.max_starts
             assert when - began >= windows * rate_limit.per - rounding, (
