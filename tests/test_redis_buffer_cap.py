@@ -69,6 +69,20 @@ def test_a_retry_without_delay_at_a_full_buffer_waits_for_room(scripts):
     assert ready(scripts) == ["c", "a"]
 
 
+def test_a_retry_that_waits_for_room_arms_no_timer_at_any_microsecond(redis_client):
+    """The retry waits in `delayed` scored by the fetch's now to the microsecond; the reply's
+    next due time leaves it out. (It once did about every other time: the script wrote that
+    now into its bound as Lua text, which keeps 14 digits, 0.1 ms, and rounded it down.)"""
+    for round_ in range(20):
+        scripts = Scripts(redis_client, f"cap{round_}")
+        scripts.enqueue("t1", CAP, 0, rows("a"))
+        attempt = fetch(scripts, "p", "1", 1).jobs[0].attempt
+        scripts.enqueue("t2", CAP, 0, rows("b", "c"))
+        reply = fetch(scripts, "p", "2", 0, [SettleOp("Y", attempt, 1, 0, "", "boom")])
+        assert waiting(scripts) == ["a"]
+        assert reply.next_due_ms is None, f"a timer armed at {reply.next_due_ms} for a job that has no room"
+
+
 def test_a_retry_that_waits_for_room_goes_in_when_the_same_fetch_makes_some(scripts):
     scripts.enqueue("t1", CAP, 0, rows("a"))
     attempt = fetch(scripts, "p", "1", 1).jobs[0].attempt

@@ -1019,7 +1019,8 @@ end
 local function next_due()
   local first = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
   if due_waiting and ready_count() >= cap() then
-    first = redis.call('ZRANGEBYSCORE', K_DELAYED, '(' .. exact_ms(), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    first = redis.call('ZRANGEBYSCORE', K_DELAYED, string.format('(%.17g', exact_ms()), '+inf', -- (not
+                       'WITHSCORES', 'LIMIT', 0, 1) -- '(' .. exact_ms(): Lua's text keeps 14 digits, 0.1 ms)
   end
   local opens = redis.call('ZRANGE', K_RATE_OPEN, 0, 0, 'WITHSCORES')
   if opens[2] and not (first[2] and tonumber(first[2]) <= tonumber(opens[2])) then return opens[2] end
