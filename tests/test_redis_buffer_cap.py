@@ -59,6 +59,18 @@ def test_a_due_job_waits_for_room_and_the_fetch_that_makes_it_lets_it_in(scripts
     assert ready(scripts) == ["b", "d"] and waiting(scripts) == []
 
 
+def test_a_resent_fetch_arms_no_timer_for_a_job_that_waits_for_room(scripts):
+    """redis-py resends a fetch whose reply was lost: the reply it gets again leaves out the due
+    job that waits for room as the first one did (a timer for it would fetch at once, for nothing)."""
+    scripts.enqueue("t1", CAP, 0, rows("d", delay_ms=60_000))
+    scripts.enqueue("t2", CAP, 0, rows("a", "b"))
+    make_due(scripts)
+    assert fetch(scripts, "p", "1", 0).next_due_ms is None
+    again = fetch(scripts, "p", "1", 0)
+    assert waiting(scripts) == ["d"]
+    assert again.next_due_ms is None, f"a resend armed a timer at {again.next_due_ms} for a job that has no room"
+
+
 def test_a_retry_without_delay_at_a_full_buffer_waits_for_room(scripts):
     scripts.enqueue("t1", CAP, 0, rows("a"))
     attempt = fetch(scripts, "p", "1", 1).jobs[0].attempt

@@ -1014,11 +1014,12 @@ local function reap(now, max_crash, crashed)
 end
 
 -- The earliest due time (a delayed job, or a rate window opening for parked jobs) as
--- text (a Lua number would be truncated), or -1. Due jobs that promote_due left for want of
--- room are left out: no timer polls for them (the call that makes room moves them in).
+-- text (a Lua number would be truncated), or -1. Due jobs that wait for room are left out:
+-- no timer polls for them (the call that makes room moves them in). (Looked at here, not
+-- taken from promote_due: a resent fetch replies without promoting.)
 local function next_due()
   local first = redis.call('ZRANGE', K_DELAYED, 0, 0, 'WITHSCORES')
-  if due_waiting and ready_count() >= cap() then
+  if first[2] and tonumber(first[2]) <= exact_ms() and ready_count() >= cap() then
     first = redis.call('ZRANGEBYSCORE', K_DELAYED, string.format('(%.17g', exact_ms()), '+inf', -- (not
                        'WITHSCORES', 'LIMIT', 0, 1) -- '(' .. exact_ms(): Lua's text keeps 14 digits, 0.1 ms)
   end
