@@ -198,7 +198,7 @@ _STATEMENT_CACHE = 512  # prepared statements per connection: merged ones come i
 # WAL pages between checkpoints, by synchronous mode. NORMAL: about 10 MiB of WAL with 1 KiB pages, as a
 # checkpoint is then the only fsync (two). FULL: SQLite's 1,000, as every commit already waits for an
 # fsync, which costs more while it appends to a growing -wal (the filesystem commits the file's new size
-# too: on ext4, ~1.6x the wait of one that overwrites the -wal's earlier frames in place), and a -wal
+# too: on ext4 here, a median 1.6-1.9x the wait of one that overwrites earlier frames in place), and a -wal
 # reused after ~1 MiB grows for the first ~400 single-job commits after an open, not ~4,000.
 _CHECKPOINT_PAGES = {"NORMAL": 10_000, "FULL": 1_000}
 _MAX_MERGED_ROWS = 256  # rows per merged statement, well under the bound-variable limit
