@@ -4,9 +4,11 @@ Run:  pytest bench/test_bench_durable.py --benchmark-only
 
 Every contender works on a fresh temporary SQLite file with the same JSON-able
 payloads and the same ``PRAGMA synchronous`` (huey's own knob knows only OFF
-and FULL, persist-queue has none: it is set on their connections). A job is
+and FULL, persist-queue has none: it is set on their connections, and each
+contender's connections are checked to run at it, in WAL mode). A job is
 durable (it survives kill -9, or power loss under FULL) when its enqueue
-returns, in every contender: each commits it to SQLite first.
+returns, in every contender: each commits it to SQLite first (under FULL, one
+fdatasync of its -wal per commit in each: strace shows it).
 
 Groups:
 
@@ -16,9 +18,10 @@ Groups:
   ``SQLiteAckQueue.put`` (auto_commit). Neither baseline has a batch API, so the
   batch case compares with what their users would call instead. No worker runs:
   the figure is the cost of making a job durable.
-- ``durable enqueue, 4 producer threads, synchronous=NORMAL``: the same single
-  enqueues from 4 threads at once; tinymq's store commits the writes of
-  concurrent producers together (group commit).
+- ``durable enqueue, 4 producer threads, synchronous=NORMAL`` / ``=FULL``: the
+  same single enqueues from 4 threads at once; tinymq's store commits the
+  writes of concurrent producers together (group commit), which under FULL
+  shares each commit's fsync among them.
 - ``durable end to end, 4 workers, synchronous=NORMAL``: enqueue N jobs and run
   them to completion with 4 worker threads, every step durable: tinymq's
   ``enqueue`` + workers (the store marks each attempt running and deletes the
@@ -44,7 +47,7 @@ WORKERS = 4
 E2E_JOBS = {"tinymq": 10_000, "huey": 2_000, "persist-queue": 2_000}
 E2E_ROUNDS = 3
 GROUP_ONE = "durable enqueue, synchronous={}"
-GROUP_THREADS = f"durable enqueue, {PRODUCERS} producer threads, synchronous=NORMAL"
+GROUP_THREADS = f"durable enqueue, {PRODUCERS} producer threads, synchronous={{}}"
 GROUP_E2E = f"durable end to end, {WORKERS} workers, synchronous=NORMAL"
 _counter = itertools.count()
 
@@ -100,9 +103,14 @@ def _huey(tmp_path: Any, synchronous: str) -> Any:
     return huey
 
 
+def _check_level(conn: Any, synchronous: str) -> None:
+    """That ``conn`` runs in WAL mode at ``synchronous``: the contenders compare like for like."""
+    mode, level = (conn.execute(f"PRAGMA {name}").fetchone()[0] for name in ("journal_mode", "synchronous"))
+    assert (mode, level) == ("wal", {"NORMAL": 1, "FULL": 2}[synchronous]), (mode, level)
+
+
 def _check_huey_level(huey: Any, synchronous: str) -> None:
-    level = huey.storage.conn.execute("PRAGMA synchronous").fetchone()[0]
-    assert level == {"NORMAL": 1, "FULL": 2}[synchronous], level
+    _check_level(huey.storage.conn, synchronous)
 
 
 def _persist_queue(tmp_path: Any, synchronous: str) -> Any:
@@ -112,6 +120,7 @@ def _persist_queue(tmp_path: Any, synchronous: str) -> Any:
     # persist-queue has no synchronous option; set it on its connections for a like-for-like run.
     for conn in (queue._conn, queue._putter):
         conn.execute(f"PRAGMA synchronous={synchronous}")
+        _check_level(conn, synchronous)
     return queue
 
 
@@ -121,11 +130,16 @@ _ONE = [("NORMAL", 30, "enqueue"), ("NORMAL", 30, "enqueue_many(100)"),
         ("FULL", 8, "enqueue"), ("FULL", 8, "enqueue_many(100)")]
 
 
-@pytest.mark.parametrize("synchronous, rounds, mode", _ONE + [("NORMAL", 30, f"enqueue, {PRODUCERS} threads")])
+_THREADED = [("NORMAL", 30, True), ("FULL", 8, True)]
+
+
+@pytest.mark.parametrize("synchronous, rounds, mode",
+                         _ONE + [(sync, rounds, f"enqueue, {PRODUCERS} threads") for sync, rounds, _ in _THREADED])
 def test_tinymq(benchmark: Any, tmp_path: Any, synchronous: str, rounds: int, mode: str) -> None:
     threaded = mode.endswith("threads")
-    benchmark.group = GROUP_THREADS if threaded else GROUP_ONE.format(synchronous)
+    benchmark.group = (GROUP_THREADS if threaded else GROUP_ONE).format(synchronous)
     q, store = _tinymq(tmp_path, synchronous)
+    _check_level(store._conn, synchronous)
     contender(benchmark, f"tinymq {mode}", is_tinymq=True, ops=JOBS, op="job")
     enqueue, enqueue_many = q.enqueue, q.enqueue_many
 
@@ -146,11 +160,10 @@ def test_tinymq(benchmark: Any, tmp_path: Any, synchronous: str, rounds: int, mo
     store.close()
 
 
-@pytest.mark.parametrize("synchronous, rounds, threaded", [("NORMAL", 30, False), ("FULL", 8, False),
-                                                           ("NORMAL", 30, True)])
+@pytest.mark.parametrize("synchronous, rounds, threaded", [("NORMAL", 30, False), ("FULL", 8, False)] + _THREADED)
 def test_huey_sqlite(benchmark: Any, tmp_path: Any, synchronous: str, rounds: int, threaded: bool) -> None:
     huey = _huey(tmp_path, synchronous)
-    benchmark.group = GROUP_THREADS if threaded else GROUP_ONE.format(synchronous)
+    benchmark.group = (GROUP_THREADS if threaded else GROUP_ONE).format(synchronous)
 
     @huey.task()
     def email(payload: dict) -> None:  # pragma: no cover - never consumed
@@ -171,11 +184,10 @@ def test_huey_sqlite(benchmark: Any, tmp_path: Any, synchronous: str, rounds: in
     _check_huey_level(huey, synchronous)
 
 
-@pytest.mark.parametrize("synchronous, rounds, threaded", [("NORMAL", 30, False), ("FULL", 8, False),
-                                                           ("NORMAL", 30, True)])
+@pytest.mark.parametrize("synchronous, rounds, threaded", [("NORMAL", 30, False), ("FULL", 8, False)] + _THREADED)
 def test_persist_queue_ack(benchmark: Any, tmp_path: Any, synchronous: str, rounds: int, threaded: bool) -> None:
     queue = _persist_queue(tmp_path, synchronous)
-    benchmark.group = GROUP_THREADS if threaded else GROUP_ONE.format(synchronous)
+    benchmark.group = (GROUP_THREADS if threaded else GROUP_ONE).format(synchronous)
     suffix = f", {PRODUCERS} threads" if threaded else ""
     contender(benchmark, f"persist-queue SQLiteAckQueue.put{suffix}", is_tinymq=False, ops=JOBS, op="job")
 

@@ -465,6 +465,19 @@ def test_group_commit_under_full_shares_transactions(path):
         assert max(commits) > 1, "no commit ever carried more than one thread's save"
 
 
+def test_under_full_the_wal_is_reused_after_about_a_thousand_pages(path):
+    """Under FULL every commit waits for an fsync, which costs more while it appends to a growing -wal
+    (the filesystem commits the file's new size too): the -wal is checkpointed and written again from
+    its start after about 1,000 pages (1 KiB each), not 10,000 as under NORMAL."""
+    with SQLitePersistence(path, synchronous="FULL") as store:
+        for i in range(1500):  # a page or two of WAL each: some 2,600 pages in all
+            store.save(Job("t", {"n": i}, id=f"job-{i:05d}"))
+        wal = os.path.getsize(path + "-wal")
+        assert len(rows(store)) == 1500
+    # 1,000 frames (a 24-byte header and a 1 KiB page each) and the last commit's few past them
+    assert wal <= 1100 * (24 + 1024), f"the -wal grew to {wal} bytes"
+
+
 def test_workers_ending_and_starting_jobs_at_once_share_transactions_and_each_gets_its_rows(path):
     """delete_and_mark_running from 8 threads under FULL: batched together, each row as its thread left it."""
     with SQLitePersistence(path, synchronous="FULL") as store:
