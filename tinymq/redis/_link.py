@@ -178,6 +178,30 @@ def _no_reply(exc: BaseException, call: str) -> str:
     return f"did not answer {call}"
 
 
+def _refused_busy(exc: BaseException, sends: int) -> bool:
+    """Whether Redis refused a call without running it, on its only send (``sends``: see _Counted):
+    its reply BUSY (a plain ResponseError in redis-py), given to every call while a script (another
+    program's), a function or a module's command runs past its busy-reply-threshold (lua-time-limit
+    before Redis 7). A call sent again after a send without a reply may have run that first time."""
+    return sends == 1 and isinstance(exc, __import__("redis").ResponseError) and str(exc).startswith("BUSY")
+
+
+_BUSY_HINT = ("Redis is busy running a script (another program's, past its busy-reply-threshold, "
+              "lua-time-limit before Redis 7) and refuses every call until it ends or SCRIPT KILL ends it")
+
+
+class _Counted:
+    """``call``, counting its calls: each a send of one call by broker._call_resending."""
+
+    def __init__(self, call: Callable[..., Any]) -> None:
+        self.call = call
+        self.sends = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.sends += 1
+        return self.call(*args, **kwargs)
+
+
 def _state_start(text: str) -> Optional[float]:
     """When the queue's state began (ms), as unfinished.lua reads it; None when it is missing or
     not a number (another program wrote it), as the scripts take it (renew writes a new one)."""
@@ -347,14 +371,19 @@ class QueueLink:
                 self.broker._check_server(_look_deadline(deadline))
             except self._redis_error as exc:  # (before this call sent anything: certainly not enqueued)
                 raise self._unreachable(exc, f"{counted(len(rows), 'job')} not enqueued") from exc
+            enqueue = _Counted(self.scripts.enqueue)
             try:
-                reply = self.broker._call_resending(self.scripts.enqueue, token, self.config.buffer_size,
+                reply = self.broker._call_resending(enqueue, token, self.config.buffer_size,
                                                    self.config.max_delayed_jobs, rows, caller, lease_ms,
                                                    deadline=_call_deadline(deadline))
             except self._redis_error as exc:
                 if _refused_as_full(exc):  # (refuse_if_full: nothing was written)
                     raise TinyMQError(f"Redis is full (its maxmemory is reached): {len(rows)} job(s) were not "
                                       f"enqueued to Redis queue {self.broker.name!r} ({exc})") from exc
+                if _refused_busy(exc, enqueue.sends):  # (refused unrun: nothing was written, nothing kept)
+                    raise TinyMQError(f"Redis queue {self.broker.name!r} refused an enqueue without running it "
+                                      f"({exc}): {counted(len(rows), 'job')} not enqueued; {_BUSY_HINT}: "
+                                      "enqueue again once it answers") from exc
                 self._reply_lost(caller, token)
                 # Not "not enqueued": the call may have reached Redis and run, its reply lost.
                 went = _no_reply(exc, f"an enqueue of {len(rows)} job(s)")
@@ -719,10 +748,15 @@ class QueueLink:
                 self.broker._check_server(_look_deadline(None))
             except self._redis_error as exc:  # (before this call sent anything: certainly not cancelled)
                 raise self._unreachable(exc, f"job {job_id!r} not cancelled") from exc
+            cancel = _Counted(self.scripts.cancel)
             try:
-                reply = self.broker._call_resending(self.scripts.cancel, token, job_id, caller, lease_ms,
+                reply = self.broker._call_resending(cancel, token, job_id, caller, lease_ms,
                                                     take_back, deadline=_call_deadline(None))
             except self._redis_error as exc:
+                if _refused_busy(exc, cancel.sends):  # (refused unrun: nothing was written, nothing kept)
+                    raise TinyMQError(f"Redis queue {self.broker.name!r} refused a cancel without running it "
+                                      f"({exc}): job {job_id!r} not cancelled; {_BUSY_HINT}: cancel again "
+                                      "once it answers") from exc
                 self._reply_lost(caller, token)
                 # Not "not cancelled": the call may have reached Redis and run, its reply lost.
                 raise TinyMQError(f"Redis queue {self.broker.name!r} {_no_reply(exc, f'a cancel of job {job_id!r}')} "
