@@ -152,7 +152,7 @@ def test_a_fetch_whose_reply_is_held_ends_before_stop_returns_and_its_job_runs_e
         q.stop()
         took = time.monotonic() - began
         assert not pump[0].is_alive(), "the pump runs on after stop() returned"
-        assert took < 6.0, f"stop() took {took:.1f} s"
+        assert took < 4.5, f"stop() took {took:.1f} s"  # (about 2 s: its give-back's wait, docs/redis.md)
         assert not [thread for thread in _left(before) if thread.startswith("tinymq")], _left(before)
         assert "fetch failed" not in caplog.text
         if held == "the fetch's reply":
