@@ -13,7 +13,8 @@ on the host):
 Executors: "a", "b", "c" and "d" ("d" limited to ``LIMIT_D`` attempts at a
 time, across all processes) sleep ``job.payload`` milliseconds between S and E;
 "poison" logs S and kills its process (``os._exit``). The ``tinymq`` logger's
-warnings go to stderr, which the tests read.
+warnings go to stderr, which the tests read, each line as ``<pid> <t> <LEVEL> <message>``
+(``t`` on the same clock as the log's lines).
 """
 import logging
 import os
@@ -30,7 +31,14 @@ MS = 1000.0
 
 def main() -> None:
     url, name, lease, max_crashes, log_path, threads = sys.argv[1:7]
-    logging.basicConfig(level=logging.WARNING, format="%(process)d %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(process)d %(monotonic).6f %(levelname)s %(message)s")
+
+    def stamped(record: logging.LogRecord) -> bool:
+        record.monotonic = time.monotonic()
+        return True
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(stamped)
     pid = os.getpid()
     log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 

@@ -83,8 +83,8 @@ def test_stop_during_the_settle_round_of_a_failure_does_not_wait_for_its_callbac
     scripts = link.scripts
     real_fetch, real_release = scripts.fetch, scripts.release
 
-    def fetch(proc, fetch_id, n, lease_ms, max_crash, registered, ops=(), *rest):
-        reply = real_fetch(proc, fetch_id, n, lease_ms, max_crash, registered, ops, *rest)
+    def fetch(proc, fetch_id, n, lease_ms, max_crash, registered, ops=(), *rest, **bounds):
+        reply = real_fetch(proc, fetch_id, n, lease_ms, max_crash, registered, ops, *rest, **bounds)
         if any(op.op == "Z" for op in ops) and not z_sent.is_set():
             z_sent.set()  # Redis settled the Z: counted, and kept in reporting:<proc>
             stopper_waits.wait(GENEROUS)  # the round trip lasts until stop() looked

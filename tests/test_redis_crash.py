@@ -128,6 +128,16 @@ class Fleet:
                     out.append(Line(kind, job_id, int(pid), float(t), rest[0] if rest else ""))
         return sorted(out, key=lambda line: line.t)
 
+    def taken_for_dead(self) -> Dict[int, List[float]]:
+        """pid -> when (``time.monotonic()``) that worker learned it had been taken for dead: silent
+        past its lease, its attempts given to others (its WARNING, see _redis_crash_worker)."""
+        found: Dict[int, List[float]] = defaultdict(list)
+        for text in self.stderr().splitlines():
+            if "was silent past its" in text:
+                pid, t, *_ = text.split()
+                found[int(pid)].append(float(t))
+        return found
+
     def stderr(self) -> str:
         texts = []
         for n in range(len(self.workers)):
@@ -531,13 +541,24 @@ def test_sigkill_of_redis_loses_no_acknowledged_job(own_redis_server, fleet_fact
     for ids in producer.raised:  # a batch whose call failed is all there or not at all
         assert len({job_id in ran for job_id in ids}) == 1, f"batch split by a kill: {ids}"
     recovered_unacknowledged = len(set(ran) - acknowledged)
-    # exactly once: each job ran once and counted once (no worker was taken for dead)
-    assert [job_id for job_id, n in starts.items() if n > 1] == []
+    # Exactly once: each job ran once and counted once, unless a worker that started it was taken for
+    # dead (its lease ran out: a loaded machine, CI's four lanes on two cores, may starve a worker past
+    # its lease around a restart, of which the server's downtime up to half a lease counts, see
+    # mind_the_gap in lib.lua), as that worker says once it hears of it: then the job ran again
+    # elsewhere (at least once), and each earlier start was in a worker that heard so after it. Any
+    # other second start (a fetch's writes lost or run twice by a restart) is a defect.
+    reaped = fleet.taken_for_dead()
+    again = {job_id: [line for line in lines if line.kind == "S" and line.id == job_id]
+             for job_id, n in starts.items() if n > 1}
+    unexplained = {job_id: [(line.pid, line.t) for line in started] for job_id, started in again.items()
+                   if not all(any(t > line.t for t in reaped.get(line.pid, ())) for line in started[:-1])}
+    assert unexplained == {}, f"jobs started again with no worker taken for dead: {unexplained}; {dict(reaped)}"
     assert (stats.jobs_enqueued, stats.jobs_succeeded) == (len(ran), len(ran))
     assert (stats.jobs_failed, stats.jobs_retried) == (0, 0)
     assert left == NOTHING_LEFT  # nothing stays in flight
     print(f"\n(c) {len(kills)} server kills: {len(acknowledged)} acknowledged, {len(producer.raised)} calls "
-          f"raised, of whose jobs {recovered_unacknowledged} were nevertheless enqueued and ran")
+          f"raised, of whose jobs {recovered_unacknowledged} were nevertheless enqueued and ran; "
+          f"{sum(map(len, reaped.values()))} times a worker was taken for dead, {len(again)} jobs started again")
 
 
 # --- (d) a poison job that kills its worker process --------------------------------------------

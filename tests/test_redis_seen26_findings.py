@@ -60,7 +60,9 @@ def test_enqueue_and_cancel_give_up_on_a_server_that_never_answers_within_the_fi
 # the pump waited for the socket timeout (10 s), each thread 2 s in turn, and the release waited
 # without bound for the round lock, which the heartbeat held through its call and its two
 # resends (3 x 10 s). Now stop() waits for Redis a few seconds in all, and says what it could
-# not give back and that it returns once the lease runs out.
+# not give back and that it returns once the lease runs out. (Since redisstop31 the round under way,
+# the first look at the server, gives up as soon as stop() begins: a process that never reached
+# Redis holds nothing there and has nothing to give back, and stop() says nothing of it.)
 def test_stop_without_a_timeout_returns_in_a_few_seconds_from_a_server_that_never_answers(warnings_seen):
     pytest.importorskip("redis")
     from tinymq.redis import RedisBroker
@@ -75,8 +77,8 @@ def test_stop_without_a_timeout_returns_in_a_few_seconds_from_a_server_that_neve
         q.stop()
         took = time.monotonic() - began
     assert took < 8.0, f"stop() waited {took:.1f}s for a server that never answers"
-    assert any(f"Redis queue 'emails' at {url}: stop() could not " in m and "lease runs out" in m
-               for m in warnings_seen.items), warnings_seen.items
+    assert not any(thread.is_alive() for thread in link._threads)
+    assert all(("lease runs out" in m) for m in warnings_seen.items if "stop() could not" in m), warnings_seen.items
 
 
 # --- 2. the reply of stop()'s release lost, and the call resent --------------------------------

@@ -10,8 +10,9 @@ are batched into the next script call.
 
 Threads (started by ``start``):
 - the pump: flush settles + fetch; when Redis has nothing, it blocks in BLPOP
-  on the ``signal`` list (its own connection) for at most ``_IDLE_WAIT``, given up
-  as soon as stop() begins; meanwhile a worker that finishes an attempt flushes it itself;
+  on the ``signal`` list (its own connection) for at most ``_IDLE_WAIT``; both given up
+  as soon as stop() begins (every round is: see _round); meanwhile a worker that finishes
+  an attempt flushes it itself;
 - the timer: fetches at the earliest delayed job's due time, measured on the
   local monotonic clock from the server's reply (Redis's blocking timeouts are
   too coarse for this);
@@ -178,6 +179,30 @@ def _no_reply(exc: BaseException, call: str) -> str:
     return f"did not answer {call}"
 
 
+def _refused_busy(exc: BaseException, sends: int) -> bool:
+    """Whether Redis refused a call without running it, on its only send (``sends``: see _Counted):
+    its reply BUSY (a plain ResponseError in redis-py), given to every call while a script (another
+    program's), a function or a module's command runs past its busy-reply-threshold (lua-time-limit
+    before Redis 7). A call sent again after a send without a reply may have run that first time."""
+    return sends == 1 and isinstance(exc, __import__("redis").ResponseError) and str(exc).startswith("BUSY")
+
+
+_BUSY_HINT = ("Redis is busy running a script (another program's, past its busy-reply-threshold, "
+              "lua-time-limit before Redis 7) and refuses every call until it ends or SCRIPT KILL ends it")
+
+
+class _Counted:
+    """``call``, counting its calls: each a send of one call by broker._call_resending."""
+
+    def __init__(self, call: Callable[..., Any]) -> None:
+        self.call = call
+        self.sends = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.sends += 1
+        return self.call(*args, **kwargs)
+
+
 def _state_start(text: str) -> Optional[float]:
     """When the queue's state began (ms), as unfinished.lua reads it; None when it is missing or
     not a number (another program wrote it), as the scripts take it (renew writes a new one)."""
@@ -285,6 +310,10 @@ class QueueLink:
         self._proc = self._new_proc_id()
         # The server time (ms) at which _proc registered (its first fetch or beat that succeeded), or 0.
         self._registered = 0
+        # The id of a fetch or beat that got no reply in time, or was given up as stop() began (guarded
+        # by _round_lock): it may have registered the id, which stop()'s release then unregisters, and
+        # gives back what it leased, even when _registered is 0 (a connect refused sent nothing: not so).
+        self._registering = ""
         # Guarded by _round_lock: one fetch round at a time, and the round to resend, if any.
         self._round_lock = threading.Lock()
         # (proc, fetch id, n, ops, loop room, loop types, _freed as it was built)
@@ -347,14 +376,19 @@ class QueueLink:
                 self.broker._check_server(_look_deadline(deadline))
             except self._redis_error as exc:  # (before this call sent anything: certainly not enqueued)
                 raise self._unreachable(exc, f"{counted(len(rows), 'job')} not enqueued") from exc
+            enqueue = _Counted(self.scripts.enqueue)
             try:
-                reply = self.broker._call_resending(self.scripts.enqueue, token, self.config.buffer_size,
+                reply = self.broker._call_resending(enqueue, token, self.config.buffer_size,
                                                    self.config.max_delayed_jobs, rows, caller, lease_ms,
                                                    deadline=_call_deadline(deadline))
             except self._redis_error as exc:
                 if _refused_as_full(exc):  # (refuse_if_full: nothing was written)
                     raise TinyMQError(f"Redis is full (its maxmemory is reached): {len(rows)} job(s) were not "
                                       f"enqueued to Redis queue {self.broker.name!r} ({exc})") from exc
+                if _refused_busy(exc, enqueue.sends):  # (refused unrun: nothing was written, nothing kept)
+                    raise TinyMQError(f"Redis queue {self.broker.name!r} refused an enqueue without running it "
+                                      f"({exc}): {counted(len(rows), 'job')} not enqueued; {_BUSY_HINT}: "
+                                      "enqueue again once it answers") from exc
                 self._reply_lost(caller, token)
                 # Not "not enqueued": the call may have reached Redis and run, its reply lost.
                 went = _no_reply(exc, f"an enqueue of {len(rows)} job(s)")
@@ -411,13 +445,16 @@ class QueueLink:
         tokens = {token for owner, token in lost if owner == proc}
         if not tokens:
             return
-        try:
-            kept = self.client.hgetall(self.scripts.key("reporting:" + proc))
+        try:  # (given up, as the beat, once stop() begins: its release hands the rows on)
+            found = self.scripts.command("HGETALL", self.scripts.key("reporting:" + proc), timeout=_SOCKET_TIMEOUT,
+                                         abandoned=self._stopped)
         except self._redis_error as exc:
             with self._lock:
                 self._lost_replies.extend((proc, token) for token in tokens)
-            self._log_outage("looking for rows of calls without a reply", exc)
+            if not self._stopped.is_set():
+                self._log_outage("looking for rows of calls without a reply", exc)
             return
+        kept = found if isinstance(found, dict) else dict(zip(found[::2], found[1::2]))  # (RESP3: a map)
         rows = []
         for key, text in kept.items():
             row = json.loads(text)  # (its key: lib.lua's handed, and cancel.lua's)
@@ -719,10 +756,15 @@ class QueueLink:
                 self.broker._check_server(_look_deadline(None))
             except self._redis_error as exc:  # (before this call sent anything: certainly not cancelled)
                 raise self._unreachable(exc, f"job {job_id!r} not cancelled") from exc
+            cancel = _Counted(self.scripts.cancel)
             try:
-                reply = self.broker._call_resending(self.scripts.cancel, token, job_id, caller, lease_ms,
+                reply = self.broker._call_resending(cancel, token, job_id, caller, lease_ms,
                                                     take_back, deadline=_call_deadline(None))
             except self._redis_error as exc:
+                if _refused_busy(exc, cancel.sends):  # (refused unrun: nothing was written, nothing kept)
+                    raise TinyMQError(f"Redis queue {self.broker.name!r} refused a cancel without running it "
+                                      f"({exc}): job {job_id!r} not cancelled; {_BUSY_HINT}: cancel again "
+                                      "once it answers") from exc
                 self._reply_lost(caller, token)
                 # Not "not cancelled": the call may have reached Redis and run, its reply lost.
                 raise TinyMQError(f"Redis queue {self.broker.name!r} {_no_reply(exc, f'a cancel of job {job_id!r}')} "
@@ -894,7 +936,8 @@ class QueueLink:
             try:
                 self._round()
             except self._redis_error as exc:
-                self._log_outage("settle", exc)
+                if not self._stopped.is_set():  # (else abandoned: its ops go with stop()'s release)
+                    self._log_outage("settle", exc)
             except Exception:  # (as the pump's round: a worker thread, or a caller's, must not end here)
                 self._crashed(f"a round on {threading.current_thread().name}")
 
@@ -1164,7 +1207,8 @@ class QueueLink:
             try:
                 self._round(unless_sent=op)
             except self._redis_error as exc:
-                self._log_outage("settle", exc)
+                if not self._stopped.is_set():  # (else abandoned: its ops go with stop()'s release)
+                    self._log_outage("settle", exc)
                 return
             except Exception:  # (as in _flush_if_idle: the op went with the id let go, whose reaper reports it)
                 self._crashed(f"a round on {threading.current_thread().name}")
@@ -1281,22 +1325,32 @@ class QueueLink:
                     self._unsent_tried = False
                 limits, self._limits = self._limits, {}
                 lost, self._lost_limits = self._lost_limits, {}
+            # Every call of a round gives up as soon as stop() begins (its connection closed), as the
+            # idle wait and the heartbeat's beat do: a server that holds its reply (frozen) would keep
+            # it up to the socket timeout, past stop(), holding _round_lock, which stop()'s release
+            # waits for. A fetch so given up may have run: the release gives back what it leased.
+            stopped = self._stopped
             try:  # before the fetch, a resent one too, so that it admits by the current limits
                 if lost:
-                    self.scripts.set_limits(lost, only_missing=True)
+                    self.scripts.set_limits(lost, only_missing=True, timeout=_SOCKET_TIMEOUT, abandoned=stopped)
                 if limits:
-                    self.scripts.set_limits(limits)
+                    self.scripts.set_limits(limits, timeout=_SOCKET_TIMEOUT, abandoned=stopped)
             except BaseException:
                 with self._lock:  # sent again before the next round's fetch; a newer one wins
                     self._limits = {**limits, **self._limits}
                     self._lost_limits = {**lost, **self._lost_limits}
                 raise
             proc, fetch_id, n, ops, loop_room, loop_types, freed = self._unsent
-            self.broker._check_server()
+            self.broker._check_server(abandoned=stopped)
             sent = time.monotonic()
             tried, self._unsent_tried = self._unsent_tried, True
-            reply = self.scripts.fetch(proc, fetch_id, n, self._lease_ms, self.broker.max_crash_recoveries,
-                                       self._registered, ops, self.config.buffer_size, loop_room, loop_types)
+            try:
+                reply = self.scripts.fetch(proc, fetch_id, n, self._lease_ms, self.broker.max_crash_recoveries,
+                                           self._registered, ops, self.config.buffer_size, loop_room, loop_types,
+                                           timeout=_SOCKET_TIMEOUT, abandoned=stopped)
+            except self._redis_error as exc:
+                self._no_answer(proc, exc)
+                raise
             if reply.reaped:  # (this call ran none of its ops; a try before it without a reply may have)
                 self._unsent_tried = tried
                 self._abandon(reply.lost)
@@ -1321,6 +1375,13 @@ class QueueLink:
         self._log_gone(reply.gone)
         self._hand_on(reply.crashed, reply.cancels, undecodable)
         return jobs
+
+    def _no_answer(self, proc: str, exc: BaseException) -> None:
+        """A fetch or beat of ``proc`` failed with ``exc``: one that got no reply in time, or that
+        stop() made give up, may have run and registered ``proc`` (see _registering). With
+        _round_lock held."""
+        if isinstance(exc, __import__("redis").TimeoutError) or self._stopped.is_set():
+            self._registering = proc
 
     def _log_gone(self, ids: Sequence[str]) -> None:
         """The jobs a reply says Redis lost the data of (lib.lua's job_gone): dropped there, and
@@ -1547,6 +1608,8 @@ class QueueLink:
                     backlog = asked > 0 and taken >= asked
                     pause = _BACKOFF_MIN
                 except self._redis_error as exc:
+                    if self._stopped.is_set():
+                        return  # (abandoned: stop() began, and its release sends the round's ops)
                     self._log_outage("fetch", exc)
                     self._stopped.wait(pause)
                     pause = min(pause * 2, _BACKOFF_MAX)
@@ -1624,6 +1687,8 @@ class QueueLink:
             try:
                 self._round()
             except self._redis_error as exc:
+                if self._stopped.is_set():
+                    return  # (abandoned: stop() began)
                 self._log_outage("fetching due jobs", exc)
                 self._next_due = time.monotonic() + _BACKOFF_MIN
 
@@ -1683,10 +1748,14 @@ class QueueLink:
                     if unanswered is None or unanswered[0] != proc:
                         unanswered = (proc, format(next(self._beat_ids), "x"))
                     sent = time.monotonic()
-                    beat = self.broker._call_resending(  # (its crashed jobs must not be lost)
-                        self.scripts.heartbeat, proc, self._lease_ms,
-                        self.broker.max_crash_recoveries, registered, unanswered[1],
-                        abandoned=self._stopped)  # (given up, its connection closed, once stop() begins)
+                    try:
+                        beat = self.broker._call_resending(  # (its crashed jobs must not be lost)
+                            self.scripts.heartbeat, proc, self._lease_ms,
+                            self.broker.max_crash_recoveries, registered, unanswered[1],
+                            abandoned=self._stopped)  # (given up, its connection closed, once stop() begins)
+                    except self._redis_error as exc:
+                        self._no_answer(proc, exc)
+                        raise
                     unanswered = None
                     alive = beat.alive
                     if not alive:
@@ -1723,8 +1792,11 @@ class QueueLink:
         ``deadline`` (monotonic; stop()'s timeout): every wait here ends by then, and each call
         to Redis gets what is left (_CALL_FLOOR at least): against a frozen Redis, stop(timeout)
         returns in about its timeout, what it could not give back returns when the lease runs out.
-        Without one, Redis is waited for a few seconds in all: the pump's wake-up _IDLE_WAIT, the
-        threads _IDLE_WAIT + 1 together, the give-back _STOP_WAIT (failure callbacks apart)."""
+        Without one, Redis is waited for _STOP_WAIT (the give-back) and a little more, failure
+        callbacks apart: the calls of the pump, the timer and the heartbeat (a fetch round, the idle
+        wait, a beat) give up as soon as stop() begins, so their threads end at once (within
+        _IDLE_WAIT + 1 in all, a bound they never reach); a fetch so given up may have run, and
+        what it leased goes back with the release, or when the lease runs out."""
         def left(most: float) -> float:
             return most if deadline is None else max(0.0, min(most, deadline - time.monotonic()))
 
@@ -1736,13 +1808,9 @@ class QueueLink:
             self._renewal.notify_all()
         self._stopped.set()
         self._timer_alarm.wake()
+        # (the pump's idle wait, as its other calls, gives up at _stopped: no call wakes it, which a
+        # frozen server would hold as long as its bound)
         started = [thread for thread in self._threads if thread.is_alive()]
-        if started:
-            try:  # out of its BLPOP (which ends by itself within _IDLE_WAIT: no use waiting longer)
-                woken_by = min(_call_deadline(deadline), time.monotonic() + _IDLE_WAIT)
-                self.scripts.command("RPUSH", self._wake_key(), "1", timeout=reply_wait(woken_by))
-            except self._redis_error:
-                pass
         joined_by = time.monotonic() + left(_IDLE_WAIT + 1.0)  # (one bound for all: not one each)
         for thread in started:
             if thread is not threading.current_thread():
@@ -1832,7 +1900,7 @@ class QueueLink:
             ops = failed + self._ops + running + [SettleOp("B", r.attempt) for r in reversed(unstarted)]
             self._ops = []
             proc, registered = self._proc, self._registered
-        if not registered and not ops:
+        if not registered and not ops and self._registering != proc:  # (never registered: nothing to release)
             return
         try:  # (it deletes the wake-up list too)
             reply = self._release_call(proc, ops, deadline)

@@ -438,9 +438,11 @@ class Connections:
         so that each fails at once, and their threads waited for (``wait`` at most in all); a
         connection goes back closed. A silent server holds such a connect up to the socket
         timeout otherwise, past stop() and close(), and it gave back an open connection then.
-        One still opening its TCP connection (its socket not set yet, out of reach) ends as soon
-        as that ends (the connect timeout at most), its handshake never sent; so does one whose
-        caller gives up only after this call began (it was not under way here yet)."""
+        One still opening its TCP connection (its socket not set yet, out of reach: a host that
+        drops it holds it up to the connect timeout) is not waited for: marked dropped, it sends
+        nothing once that ends, its handshake never begun, and goes back closed (its thread ends
+        then, sending nothing); so does one whose caller gives up only after this call began (it
+        was not under way here yet)."""
         with self._opening_lock:
             self._drops += 1
             opening = list(self._opening.values())
@@ -448,14 +450,14 @@ class Connections:
                 dropped.append(True)
         by = time.monotonic() + wait
         for connection, thread, _ in opening:
-            while time.monotonic() < by:  # (again: a socket made after a close)
+            while thread.is_alive() and time.monotonic() < by:  # (again: a socket made after a close)
                 with self._opening_lock:  # (once it is given back, it may be lent: left alone)
                     opened = self._opening.get(id(connection))
-                    if opened is None or opened[0] is not connection:
-                        break
-                    connection.disconnect()
+                    if opened is not None and opened[0] is connection:
+                        if connection._sock is None:  # still opening its TCP connection: not waited for
+                            break
+                        connection.disconnect()
                 thread.join(_ABANDON_POLL)
-            thread.join(max(0.0, by - time.monotonic()))
 
     def close(self) -> None:
         """Close the sockets of the connections not lent now (they reopen if used again), and of
@@ -514,7 +516,7 @@ class Scripts:
               abandoned: Optional[threading.Event] = None) -> Any:
         """Run ``script``; with ``timeout`` (and ``connections``), redis.TimeoutError when no
         reply begins within it (see _reply), the connection then closed: the script may have run.
-        ``abandoned``: as for ``command``."""
+        ``abandoned``: as for ``command`` (given up, the script may have run as well)."""
         connections = self.connections
         if connections is None:
             return self._script[script](keys=self._keys, args=args)
@@ -644,16 +646,18 @@ class Scripts:
 
     def fetch(self, proc: str, fetch_id: str, n: int, lease_ms: int, max_crash_recoveries: int,
               registered: int, ops: Sequence[SettleOp] = (), buffer_size: int = 0, loop_room: int = 0,
-              loop_types: Sequence[str] = ()) -> FetchReply:
+              loop_types: Sequence[str] = (), timeout: Optional[float] = None,
+              abandoned: Optional[threading.Event] = None) -> FetchReply:
         """Settle ``ops``, renew, reap, promote, and take up to ``n`` jobs for ``proc``'s worker
         threads and up to ``loop_room`` of ``loop_types`` (run on its event loop), strictly in
         order: the first job it cannot take stops the call (``FetchReply.stopped``).
         ``registered``: the server time (ms) at which ``proc`` registered, or 0 (a bool: True for
         "registered", when that time does not matter). ``buffer_size``: the queue's, kept in
-        Redis for the scripts called without it (0: the one kept; none kept: no cap)."""
+        Redis for the scripts called without it (0: the one kept; none kept: no cap).
+        ``timeout`` and ``abandoned``: as ``_call``'s."""
         reply = self._call("fetch", [proc, fetch_id, n, lease_ms, max_crash_recoveries,
                                      int(registered), buffer_size, loop_room, len(loop_types),
-                                     *map(_wire, loop_types), len(ops), *_ops_args(ops)])
+                                     *map(_wire, loop_types), len(ops), *_ops_args(ops)], timeout, abandoned)
         due = float(reply[2])
         status = int(reply[0])
         return FetchReply(
@@ -725,13 +729,14 @@ class Scripts:
         """Renew the lease of ``reporter`` (see cancel): False when it is no longer registered."""
         return int(self._call("hold", [reporter, lease_ms])) == 1
 
-    def set_limits(self, limits: Dict[str, Union[int, Tuple[int, int, float]]], only_missing: bool = False
-                   ) -> int:
+    def set_limits(self, limits: Dict[str, Union[int, Tuple[int, int, float]]], only_missing: bool = False,
+                   timeout: Optional[float] = None, abandoned: Optional[threading.Event] = None) -> int:
         """Set global per-type limits; returns how many parked jobs were released.
 
         A value is ``max_concurrent_jobs``, or ``(max_concurrent_jobs, max_starts,
         per seconds)`` for a type with a rate limit; a type given without one has none.
         ``only_missing``: only for the types Redis holds no limits for (sent again).
+        ``timeout`` and ``abandoned``: as ``_call``'s.
         """
         if not limits:
             return 0
@@ -742,7 +747,7 @@ class Scripts:
                 args.extend((_wire(job_type), limit, max_starts, round(per * 1000.0, 3)))
             else:
                 args.extend((_wire(job_type), value, 0, 0))  # (a type as a job reads it: see _wire)
-        return int(self._call("limits", args))
+        return int(self._call("limits", args, timeout, abandoned))
 
     def stats(self, buffer_size: int = 0) -> Tuple[Tuple[int, int, int], int, Dict[str, int], int]:
         """``((high, medium, low), delayed, counters, waiting for room)`` read at one instant

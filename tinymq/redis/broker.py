@@ -17,7 +17,7 @@ from ..config import _count, _seconds
 from ..errors import TinyMQError
 from ..persistence.sqlite import DeadJob, _dead_job_ids
 from ._codec import decode_job, undecodable_job
-from ._scripts import Connections, Scripts, StatusReply, key_prefix
+from ._scripts import Connections, Scripts, StatusReply, _waited, key_prefix
 
 __all__ = ["RedisBroker"]
 
@@ -129,41 +129,49 @@ class RedisBroker:
 
     # --- connecting ------------------------------------------------------------
 
-    def _check_server(self, deadline: Optional[float] = None) -> None:
+    def _check_server(self, deadline: Optional[float] = None, abandoned: Optional[threading.Event] = None) -> None:
         """Once, at the first reply: refuse Redis < 6.2, warn unless maxmemory-policy is noeviction
         and appendonly is on (the jobs a server without it accepted die with it).
         ``deadline`` (monotonic; math.inf: the socket timeout's): a caller with a bound of its own
         (see _call_resending) gets redis.TimeoutError by then, were Redis silent or another
-        thread's check under way, rather than waiting for it (socket timeout after socket timeout)."""
+        thread's check under way, rather than waiting for it (socket timeout after socket timeout).
+        ``abandoned``: once it is set, a wait under way gives up (redis.ConnectionError: see _scripts._waited)."""
         if self._checked:
             return
         wait = None if deadline is None else min(max(0.0, deadline - time.monotonic()), _SOCKET_TIMEOUT)
-        if not self._check_lock.acquire(timeout=-1 if wait is None else wait):
+        if abandoned is None:
+            locked = self._check_lock.acquire(timeout=-1 if wait is None else wait)
+        else:  # (its wait sliced: given up once abandoned is set)
+            locked = _waited(lambda seconds: self._check_lock.acquire(timeout=seconds),
+                             time.monotonic() + (_SOCKET_TIMEOUT if wait is None else wait), abandoned)
+        if not locked:
             raise _redis().TimeoutError("Redis has not answered the first look at its version in time")
         try:
             if self._checked:
                 return
             timeout = None if deadline is None else reply_wait(deadline)
-            version = self._server_version(timeout)
+            if abandoned is not None and timeout is None:  # (a call waits in slices with a bound only)
+                timeout = _SOCKET_TIMEOUT
+            version = self._server_version(timeout, abandoned)
             parts = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
             if parts < _MIN_VERSION:
                 raise TinyMQError(f"tinymq needs Redis >= 6.2 (or Valkey); {redacted_url(self.url)} runs {version}")
-            self._look_at_settings(timeout)
+            self._look_at_settings(timeout, abandoned)
             self._checked = True
         finally:
             self._check_lock.release()
 
-    def _server_version(self, timeout: Optional[float]) -> str:
+    def _server_version(self, timeout: Optional[float], abandoned: Optional[threading.Event] = None) -> str:
         """The server's version: from ``INFO``, or from ``HELLO`` (Redis >= 6) for an ACL user denied
         ``INFO`` (in the ``@dangerous`` category, which ``+@all -@dangerous`` leaves out); text without a
         number when neither says (such a user on a Redis without HELLO without arguments: older than 6.2). Any
-        other error (a wrong password, a database out of range) is raised."""
+        other error (a wrong password, a database out of range) is raised. ``abandoned``: as _check_server's."""
         redis = _redis()
         try:
-            info = self._scripts.command("INFO", "server", timeout=timeout)
+            info = self._scripts.command("INFO", "server", timeout=timeout, abandoned=abandoned)
         except redis.exceptions.NoPermissionError:
             try:
-                hello = self._scripts.command("HELLO", timeout=timeout)
+                hello = self._scripts.command("HELLO", timeout=timeout, abandoned=abandoned)
             except redis.ResponseError:
                 return "a version it does not tell (INFO and HELLO refused)"
             if not isinstance(hello, dict):  # (RESP2: a flat list of names and values; RESP3: a map)
