@@ -1098,7 +1098,7 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
         local out = redis.call('ZPOPMIN', K_CAPPED)
         redis.call('ZREM', K_DELAYED, out[1])
         -- (this job's own id: a lost job's, waiting still; the hash is this job's, never evicted)
-        if out[1] == id or redis.call('EXISTS', job_key(out[1])) == 0 then
+        if out[1] == id or not is_job(job_key(out[1])) then -- (or another program's value of another kind)
           job_gone(out[1]) -- (nothing to report, nor to keep dead; its place is the room needed)
         else
           local f = redis.call('HMGET', job_key(out[1]), 'b', 'r')
@@ -1161,8 +1161,8 @@ local function queue_sizes(room)
   local waiting = 0
   local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', exact_ms()) -- (as promote_due moves them)
   for _, id in ipairs(due) do
-    local p = redis.call('HGET', job_key(id), 'p')
-    if not p then -- (a job without its hash: promote_due drops it)
+    local p = job_fields(job_key(id), 'p')[1]
+    if not p then -- (a job without its hash, or another program's value of another kind: promote_due drops it)
     elseif room > 0 then
       sizes[level_of(p)] = sizes[level_of(p)] + 1
       room = room - 1
