@@ -116,3 +116,68 @@ def test_a_retry_owed_a_place_stays_due_when_the_servers_clock_is_set_back(redis
     assert scripts.stats(cap)[3] == 1, "the retry no longer counts as waiting for room"
     assert [job.id for job in fetch("3", 1).jobs] == ["b"]
     assert redis_client.lrange(scripts.key("ready:1"), 0, -1) == ["c", "a"], "room made, and the retry not let in"
+
+
+# --- 4. A resent fetch that meets a job whose key another program overwrote ---------------------------
+
+# A fetch whose reply was lost is sent again as it was (the pump resends it until it gets a reply).
+# The resend read the body of each attempt the first call took with a bare HMGET: one whose job key
+# another program overwrote meanwhile with a string failed it with WRONGTYPE, every time, so the
+# process resent it for ever, its heartbeat renewing the lease of the attempts it never got. The
+# overwritten job is left out of the resent reply now, as a job whose hash is gone is.
+
+@pytest.mark.redis
+def test_a_resent_fetch_leaves_out_a_job_whose_key_another_program_overwrote(redis_client):
+    from tinymq.redis._scripts import Scripts
+
+    scripts = Scripts(redis_client, "resend")
+    scripts.enqueue("t1", 10, 0, [("a", "t", 1, 0, "{}"), ("b", "t", 1, 0, "{}")])
+    first = scripts.fetch("p", "1", 2, 60_000, 3, False, [], 10)
+    assert [job.id for job in first.jobs] == ["a", "b"]
+    redis_client.delete(scripts.key("job:a"))
+    redis_client.set(scripts.key("job:a"), "another program's value")
+    again = scripts.fetch("p", "1", 2, 60_000, 3, True, [], 10)  # its reply was lost: sent again
+    assert [job.id for job in again.jobs] == ["b"]
+
+
+# --- 5. A schedule tick whose previous job's key another program overwrote ----------------------------
+
+# Each tick of an `every`/`cron` schedule looks at the job its previous tick fired (busy while it is
+# unfinished). That look was a bare HMGET: once another program overwrote that job's key with a string
+# (the job is then lost), every later tick of the schedule failed with WRONGTYPE, and the schedule
+# never fired again. Such a job is no job now: the tick fires.
+
+@pytest.mark.redis
+def test_a_tick_fires_after_another_program_overwrote_the_previous_ticks_job(redis_client):
+    from tinymq.redis._scripts import Scripts
+
+    scripts = Scripts(redis_client, "ticks")
+    now_us = int(time.time() * 1e6)
+    assert scripts.schedule_tick("s", now_us - 2_000_000, "k1", 10, 0, ("s1", "t", 1, 0, "{}"))[0] == "fire"
+    redis_client.delete(scripts.key("job:s1"))
+    redis_client.set(scripts.key("job:s1"), "another program's value")
+    assert scripts.schedule_tick("s", now_us - 1_000_000, "k2", 10, 0, ("s2", "t", 1, 0, "{}"))[0] == "fire"
+
+
+# --- 6. The key an error blames, in a queue that has no `seq` yet ---------------------------------------
+
+# A call that met a value of another kind (WRONGTYPE) looks for the queue's key that holds it, to name
+# it. In a queue that had no ready job yet (no `seq` key), that look read the missing `seq` as the text
+# "None" and blamed it: "Redis key 'tmq:{NAME}:seq' holds None, not a whole number", sending the user
+# after a key that is fine. A missing key holds nothing wrong.
+
+@pytest.mark.redis
+def test_an_error_over_another_programs_value_does_not_blame_a_missing_seq(redis_url, redis_client):
+    from tinymq import TinyMQError
+
+    broker = RedisBroker(redis_url, name="noseq", lease=2.0)
+    q = Queue(config=Config(buffer_size=2), broker=broker)
+    try:
+        redis_client.set(q._link.scripts.key("job:x"), "another program's value")
+        with pytest.raises(TinyMQError) as raised:
+            q.enqueue(Job("t", {}, id="x"))
+        assert q._link.scripts.key("seq") not in str(raised.value)
+        assert "another program wrote it" in str(raised.value)
+    finally:
+        q.stop(timeout=WAIT)
+        broker.close()
