@@ -1,5 +1,6 @@
 """An outside attack on the Redis broker's buffer cap and its neighbours (session 31): each test
 is a defect found, failing before its fix. Real redis-server (tests/conftest.py's fixtures)."""
+import re
 import time
 
 import pytest
@@ -167,17 +168,36 @@ def test_a_tick_fires_after_another_program_overwrote_the_previous_ticks_job(red
 # after a key that is fine. A missing key holds nothing wrong.
 
 @pytest.mark.redis
-def test_an_error_over_another_programs_value_does_not_blame_a_missing_seq(redis_url, redis_client):
+def test_an_error_over_another_programs_value_does_not_blame_a_missing_seq(redis_client):
+    from tinymq.redis._scripts import Scripts
+
+    scripts = Scripts(redis_client, "noseq")  # (no job ever went to a ready list: no seq)
+    named = scripts.wrong_kinds(True)  # what a WRONGTYPE over a job's key, say, adds to its error
+    assert scripts.key("seq") not in named
+    assert "another program wrote it" in named
+
+
+# --- 7. An enqueue whose job id's key holds another program's value -------------------------------------
+
+# An enqueue of a job whose id's key (job:<id>) held a value of another kind (another program's) failed
+# with Redis's bare WRONGTYPE, naming no key (and, in a queue without a `seq` yet, blaming that one: 6).
+# It is refused naming the key now, with nothing of the call written; the value is left as it was.
+
+@pytest.mark.redis
+@pytest.mark.parametrize("delayed", [False, True])
+def test_an_enqueue_over_another_programs_value_at_its_jobs_key_names_the_key(redis_url, redis_client, delayed):
     from tinymq import TinyMQError
 
-    broker = RedisBroker(redis_url, name="noseq", lease=2.0)
+    broker = RedisBroker(redis_url, name="planted-id", lease=2.0)
     q = Queue(config=Config(buffer_size=2), broker=broker)
     try:
-        redis_client.set(q._link.scripts.key("job:x"), "another program's value")
-        with pytest.raises(TinyMQError) as raised:
-            q.enqueue(Job("t", {}, id="x"))
-        assert q._link.scripts.key("seq") not in str(raised.value)
-        assert "another program wrote it" in str(raised.value)
+        key = q._link.scripts.key("job:x")
+        redis_client.set(key, "another program's value")
+        with pytest.raises(TinyMQError, match="Redis key " + re.escape(key) + " holds a string"):
+            q.enqueue(Job("t", {}, id="x", run_at=time.time() + 60 if delayed else None))
+        assert redis_client.get(key) == "another program's value"
+        assert q.get_stats().jobs_enqueued == 0
+        q.enqueue(Job("t", {}, id="y"))  # the others go on
     finally:
         q.stop(timeout=WAIT)
         broker.close()
