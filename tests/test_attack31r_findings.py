@@ -201,3 +201,17 @@ def test_an_enqueue_over_another_programs_value_at_its_jobs_key_names_the_key(re
     finally:
         q.stop(timeout=WAIT)
         broker.close()
+
+
+@pytest.mark.redis
+def test_a_tick_whose_jobs_key_holds_another_programs_value_fails_naming_it_and_fires_nothing(redis_client):
+    import redis
+
+    from tinymq.redis._scripts import Scripts
+
+    scripts = Scripts(redis_client, "tickplanted")
+    redis_client.set(scripts.key("job:s1"), "another program's value")
+    with pytest.raises(redis.ResponseError, match="Redis key " + re.escape(scripts.key("job:s1")) + " holds a string"):
+        scripts.schedule_tick("s", int(time.time() * 1e6) - 1_000_000, "k1", 10, 0, ("s1", "t", 1, 0, "{}"))
+    assert redis_client.hget(scripts.key("schedule:s"), "fired") is None
+    assert redis_client.get(scripts.key("job:s1")) == "another program's value"

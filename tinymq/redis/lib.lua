@@ -1056,9 +1056,9 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
     for i = base, base - 1 + n * ROW, ROW do
       local jk = keys[(i - base) / ROW + 1]
       local f, other = job_fields(jk, 'k', 'x')
-      if other then -- (never overwritten: another program's data; nothing of the call is written yet)
-        return redis.error_reply('Redis key ' .. jk .. ' holds a ' .. redis.call('TYPE', jk).ok ..
-                                 ', not a job: another program wrote it; delete it, or enqueue the job under another id')
+      if other then -- (never overwritten: another program's data. Raised, so that schedule_tick fails too)
+        error(redis.error_reply('Redis key ' .. jk .. ' holds a ' .. redis.call('TYPE', jk).ok .. ', not a job: '
+                                .. 'another program wrote it; delete it, or enqueue the job under another id'))
       end
       if f[1] and not f[2] then
         if f[1] == token then return {'again', {}} end -- (accepted before tokens were kept)
