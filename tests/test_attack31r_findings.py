@@ -193,7 +193,7 @@ def test_an_enqueue_over_another_programs_value_at_its_jobs_key_names_the_key(re
     try:
         key = q._link.scripts.key("job:x")
         redis_client.set(key, "another program's value")
-        with pytest.raises(TinyMQError, match="Redis key " + re.escape(key) + " holds a string"):
+        with pytest.raises(TinyMQError, match="Redis key " + re.escape(repr(key)) + " holds a string"):
             q.enqueue(Job("t", {}, id="x", run_at=time.time() + 60 if delayed else None))
         assert redis_client.get(key) == "another program's value"
         assert q.get_stats().jobs_enqueued == 0
@@ -211,7 +211,7 @@ def test_a_tick_whose_jobs_key_holds_another_programs_value_fails_naming_it_and_
 
     scripts = Scripts(redis_client, "tickplanted")
     redis_client.set(scripts.key("job:s1"), "another program's value")
-    with pytest.raises(redis.ResponseError, match="Redis key " + re.escape(scripts.key("job:s1")) + " holds a string"):
+    with pytest.raises(redis.ResponseError, match="Redis key " + re.escape(repr(scripts.key("job:s1"))) + " holds a string"):
         scripts.schedule_tick("s", int(time.time() * 1e6) - 1_000_000, "k1", 10, 0, ("s1", "t", 1, 0, "{}"))
     assert redis_client.hget(scripts.key("schedule:s"), "fired") is None
     assert redis_client.get(scripts.key("job:s1")) == "another program's value"

@@ -1057,7 +1057,7 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
       local jk = keys[(i - base) / ROW + 1]
       local f, other = job_fields(jk, 'k', 'x')
       if other then -- (never overwritten: another program's data. Raised, so that schedule_tick fails too)
-        error(redis.error_reply('Redis key ' .. jk .. ' holds a ' .. redis.call('TYPE', jk).ok .. ', not a job: '
+        error(redis.error_reply("Redis key '" .. jk .. "' holds a " .. redis.call('TYPE', jk).ok .. ', not a job: '
                                 .. 'another program wrote it; delete it, or enqueue the job under another id'))
       end
       if f[1] and not f[2] then
