@@ -211,7 +211,8 @@ def test_a_tick_whose_jobs_key_holds_another_programs_value_fails_naming_it_and_
 
     scripts = Scripts(redis_client, "tickplanted")
     redis_client.set(scripts.key("job:s1"), "another program's value")
-    with pytest.raises(redis.ResponseError, match="Redis key " + re.escape(repr(scripts.key("job:s1"))) + " holds a string"):
+    named = "Redis key " + re.escape(repr(scripts.key("job:s1"))) + " holds a string"
+    with pytest.raises(redis.ResponseError, match=named):
         scripts.schedule_tick("s", int(time.time() * 1e6) - 1_000_000, "k1", 10, 0, ("s1", "t", 1, 0, "{}"))
     assert redis_client.hget(scripts.key("schedule:s"), "fired") is None
     assert redis_client.get(scripts.key("job:s1")) == "another program's value"
