@@ -612,7 +612,7 @@ class Scripts:
         *whole, rates = pipe.execute()
         wrong = []
         for suffix, value in zip(_WHOLE, whole):
-            fields = {"": value} if suffix == "seq" else value
+            fields = ({} if value is None else {"": value}) if suffix == "seq" else value  # (None: no seq yet)
             for field, text in (fields or {}).items():
                 if not _WHOLE_NUMBER.match(str(text)):
                     where = repr(self.key(suffix)) + ("" if suffix == "seq" else f" field {field!r}")

@@ -60,8 +60,9 @@ if last and last[1] == fid then -- a resend of the last fetch
     local v = redis.call('HGET', ik, attempt)
     if v and string.sub(v, 1, 1) == 'L' then -- (a marked one's hash was moved: its id may be a newer job's)
       local jk = marked[attempt] and marked_key(proc, attempt) or job_key(id_of(attempt))
-      local f = redis.call('HMGET', jk, 'b', 'r', 'e')
-      -- (a job gone since has no body: left out; its give-back or reap finds it gone, see job_gone)
+      local f = job_fields(jk, 'b', 'r', 'e')
+      -- (a job gone since, or overwritten with a value of another kind, has no body: left out; its
+      -- give-back or reap finds it gone, see job_gone)
       if f[1] then table.insert(jobs, {attempt, f[1], f[2] or '0', f[3] or ''}) end
     end
   end

@@ -1055,7 +1055,12 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
   local dead = {} -- ids of dead jobs this batch replaces
   if known > 0 then
     for i = base, base - 1 + n * ROW, ROW do
-      local f = redis.call('HMGET', keys[(i - base) / ROW + 1], 'k', 'x')
+      local jk = keys[(i - base) / ROW + 1]
+      local f, other = job_fields(jk, 'k', 'x')
+      if other then -- (never overwritten: another program's data. Raised, so that schedule_tick fails too)
+        error(redis.error_reply("Redis key '" .. jk .. "' holds a " .. redis.call('TYPE', jk).ok .. ', not a job: '
+                                .. 'another program wrote it; delete it, or enqueue the job under another id'))
+      end
       if f[1] and not f[2] then
         if f[1] == token then return {'again', {}} end -- (accepted before tokens were kept)
         return {'dup', ARGV[i]}
@@ -1099,7 +1104,7 @@ local function enqueue_jobs(token, buffer_size, max_delayed, n, base, caller, le
         local out = redis.call('ZPOPMIN', K_CAPPED)
         redis.call('ZREM', K_DELAYED, out[1])
         -- (this job's own id: a lost job's, waiting still; the hash is this job's, never evicted)
-        if out[1] == id or redis.call('EXISTS', job_key(out[1])) == 0 then
+        if out[1] == id or not is_job(job_key(out[1])) then -- (or another program's value of another kind)
           job_gone(out[1]) -- (nothing to report, nor to keep dead; its place is the room needed)
         else
           local f = redis.call('HMGET', job_key(out[1]), 'b', 'r')
@@ -1162,8 +1167,8 @@ local function queue_sizes(room)
   local waiting = 0
   local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', exact_ms()) -- (as promote_due moves them)
   for _, id in ipairs(due) do
-    local p = redis.call('HGET', job_key(id), 'p')
-    if not p then -- (a job without its hash: promote_due drops it)
+    local p = job_fields(job_key(id), 'p')[1]
+    if not p then -- (a job without its hash, or another program's value of another kind: promote_due drops it)
     elseif room > 0 then
       sizes[level_of(p)] = sizes[level_of(p)] + 1
       room = room - 1

@@ -61,7 +61,7 @@ if ARGV[16] then -- an `every` tick: one grid for every process (see the header)
 end
 local outcome, evicted = 'fire', {}
 if s[2] then
-  local f = redis.call('HMGET', job_key(s[2]), 'k', 'x')
+  local f = job_fields(job_key(s[2]), 'k', 'x') -- (another program's value of another kind: no job)
   if f[1] and not f[2] then outcome = 'busy' end
 end
 if outcome == 'fire' then
