@@ -59,7 +59,7 @@ from ..config import RateLimit
 from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError, _buffer_full, _describe, counted
 from ..stats import ExecutorStats, QueueStats
 from ._codec import decode_job, encode_job, sendable_text, undecodable_job, unsendable
-from ._scripts import Crashed, Scripts, SettleOp, readable_id, retries_of
+from ._scripts import IN_FLIGHT, Crashed, Scripts, SettleOp, readable_id, retries_of
 from .broker import _FIRST_LOOK_WAIT, redacted_url, refused, reply_wait
 
 __all__ = ["QueueLink"]
@@ -1807,6 +1807,7 @@ class QueueLink:
             self._changed.notify_all()  # (the pump is the only waiter)
             self._renewal.notify_all()
         self._stopped.set()
+        IN_FLIGHT.abandon(self._stopped)  # (their sockets shut down: the reads waiting end at once)
         self._timer_alarm.wake()
         # (the pump's idle wait, as its other calls, gives up at _stopped: no call wakes it, which a
         # frozen server would hold as long as its bound)
