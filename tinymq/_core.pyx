@@ -1966,6 +1966,12 @@ cdef class ReadyQueue:
     def closed(self):
         return self._closed
 
+    def close_forked(self):
+        """In a fork()ed child of the process whose threads serve this core: refuse every job from
+        now on (pushes raise QueueStopped, join returns), touching no lock and waking no one (none
+        of those threads is there)."""
+        self._closed = True
+
     def close(self):
         """Stop: pops return None, pushes raise QueueStopped, every waiter wakes.
 

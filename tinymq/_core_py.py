@@ -1335,6 +1335,12 @@ class ReadyQueue:
     def closed(self) -> bool:
         return self._closed
 
+    def close_forked(self) -> None:
+        """In a fork()ed child of the process whose threads serve this core: refuse every job from
+        now on (pushes raise QueueStopped, join returns), touching no lock (one held at the fork
+        is never released there) and waking no one (none of those threads is there)."""
+        self._closed = True
+
     def close(self) -> None:
         """Stop: pops return None, pushes raise QueueStopped, every waiter wakes.
 

@@ -1,0 +1,108 @@
+"""Defects found by an outside attack (session 31) on the in-process queue: the hand-over of a
+plain callable's awaitable to the loop, and a process forked from one that runs a queue."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tinymq
+from tinymq import ExecutorConfig, Job, Queue, RetryConfig
+
+from _helpers import WAIT, record_failures
+
+ROOT = Path(tinymq.__file__).resolve().parent.parent
+TIMEOUT = 60  # seconds for a script whose work takes about one
+
+
+def run_python(script):
+    """``python -c script`` with this checkout's tinymq; the finished process (text output)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-c", script], env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+
+
+# --- 1. A job accepted by a forked child's copy of a started queue ---------------------------------
+
+# In a process fork()ed from one whose started queue runs, enqueue() returned and the job never ran:
+# none of the queue's threads is in the child, and stop() there (or its exit) waits for nothing and
+# writes nothing, so the job was dropped without a word, and a join() there waited for it for ever.
+# The copy of a started queue now refuses jobs from the fork on (QueueStopped), as a stopped queue does.
+ENQUEUE_IN_A_FORKED_CHILD = r"""
+import os, sys, time
+from tinymq import Job, Queue, QueueStopped
+q = Queue(100)
+q.register_executor("t", lambda job: None)
+q.start_dispatcher(workers=1)
+q.enqueue(Job("t"))
+assert q.join(30)
+pid = os.fork()
+if pid == 0:
+    for enqueue in (lambda: q.enqueue(Job("t")), lambda: q.enqueue_delayed(Job("t"), 0.01),
+                    lambda: q.enqueue_many([Job("t")])):
+        try:
+            enqueue()
+        except QueueStopped:
+            pass
+        else:
+            print("accepted in the child", flush=True)
+            os._exit(3)
+    started = time.monotonic()
+    q.join(10)
+    os._exit(0 if time.monotonic() - started < 5 else 4)
+_, status = os.waitpid(pid, 0)
+q.enqueue(Job("t"))  # the parent's queue goes on
+assert q.join(30)
+q.stop()
+print("child exit", os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork")
+def test_a_forked_childs_copy_of_a_started_queue_refuses_jobs():
+    done = run_python(ENQUEUE_IN_A_FORKED_CHILD)
+    assert done.returncode == 0, done.stderr
+    assert "child exit 0" in done.stdout, done.stdout + done.stderr
+
+
+# --- 2. A plain callable's return that is no awaitable, once its attempts run on the loop -----------
+
+# A plain function's return value means nothing: returning is success. Once it had returned an
+# awaitable (its type's attempts then called on the loop), a return of anything but None or an
+# awaitable failed the attempt with TypeError ("returned 42, not an awaitable"), retried and reported
+# as retries_exhausted: the same function and the same return value succeeded in a worker thread
+# (its first call) and failed on the loop (every later one). It succeeds there too now; a generator
+# still fails (its body would never run).
+async def _awaited(job):
+    pass
+
+
+def _sometimes_awaitable(job):
+    """A plain function (lambda job: client.send(job) if ... else cache.setdefault(...)) that returns
+    an awaitable for some jobs and a plain value for others."""
+    if job.payload == "awaitable":
+        return _awaited(job)
+    if job.payload == "generator":
+        return (x for x in ())
+    return 42
+
+
+def test_a_plain_callables_plain_return_is_a_success_on_the_loop_too():
+    q = Queue(10)
+    failures = record_failures(q)
+    q.register_executor("t", _sometimes_awaitable, ExecutorConfig(timeout=WAIT))
+    q.start_dispatcher(workers=1)
+    try:
+        for payload in ("value", "awaitable", "value", "awaitable"):  # the first two in a worker thread
+            q.enqueue(Job("t", payload, retry_config=RetryConfig(max_retries=0)))
+            assert q.join(WAIT)
+        stats = q.get_stats()
+        assert (stats.jobs_succeeded, stats.jobs_failed) == (4, 0), failures.snapshot()
+        q.enqueue(Job("t", "generator", retry_config=RetryConfig(max_retries=0)))  # on the loop
+        assert q.join(WAIT)
+        assert q.get_stats().jobs_failed == 1
+        assert [(job.payload, reason, type(exc)) for job, reason, exc in failures.snapshot()] == [
+            ("generator", "retries_exhausted", TypeError)]
+    finally:
+        q.stop()
