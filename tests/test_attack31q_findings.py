@@ -2,6 +2,7 @@
 plain callable's awaitable to the loop, and a process forked from one that runs a queue."""
 import os
 import subprocess
+import types
 import sys
 from pathlib import Path
 
@@ -104,5 +105,52 @@ def test_a_plain_callables_plain_return_is_a_success_on_the_loop_too():
         assert q.get_stats().jobs_failed == 1
         assert [(job.payload, reason, type(exc)) for job, reason, exc in failures.snapshot()] == [
             ("generator", "retries_exhausted", TypeError)]
+    finally:
+        q.stop()
+
+
+# --- 3. A generator-based coroutine returned by a plain callable -----------------------------------
+
+# A generator made by a @types.coroutine function is an awaitable (inspect.isawaitable, ``await``
+# takes it), and on the loop it was awaited; returned by a plain callable's first call, in a worker
+# thread, it failed the attempt with TypeError ("returned a generator ... or return an awaitable").
+@types.coroutine
+def _legacy_coroutine():
+    yield  # (a bare yield inside a coroutine: one pass of the loop)
+    return "done"
+
+
+def test_a_generator_based_coroutine_returned_by_a_plain_callable_is_awaited():
+    q = Queue(10)
+    failures = record_failures(q)
+    q.register_executor("t", lambda job: _legacy_coroutine())
+    q.start_dispatcher(workers=1)
+    try:
+        for _ in range(2):  # in a worker thread, then on the loop
+            q.enqueue(Job("t", retry_config=RetryConfig(max_retries=0)))
+            assert q.join(WAIT)
+        assert q.get_stats().jobs_succeeded == 2, failures.snapshot()
+    finally:
+        q.stop()
+
+
+@types.coroutine
+def _legacy_executor(job):
+    yield
+    job.payload.append("ran")
+
+
+def test_a_types_coroutine_function_is_accepted_as_an_executor():
+    """Registering a @types.coroutine function was refused as "a generator function (calling it
+    would only create a generator, never run its body)": what it makes is an awaitable."""
+    q = Queue(10)
+    q.register_executor("t", _legacy_executor)
+    q.start_dispatcher(workers=1)
+    try:
+        ran = []
+        for _ in range(2):
+            q.enqueue(Job("t", ran, retry_config=RetryConfig(max_retries=0)))
+            assert q.join(WAIT)
+        assert ran == ["ran", "ran"] and q.get_stats().jobs_succeeded == 2
     finally:
         q.stop()

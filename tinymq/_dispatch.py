@@ -1057,8 +1057,8 @@ class Dispatcher:
         runs: the worker ends the attempt as one of its own). Raises QueueStopped when stop()
         gave the attempt up first (the awaitable never runs: no failure, see attempt_failed).
         """
-        if isinstance(result, (types.GeneratorType, types.AsyncGeneratorType)):
-            if isinstance(result, types.GeneratorType):
+        if isinstance(result, (types.GeneratorType, types.AsyncGeneratorType)) and not inspect.isawaitable(result):
+            if isinstance(result, types.GeneratorType):  # (a @types.coroutine generator is an awaitable)
                 result.close()
             raise TypeError(f"executor for {job.type!r} returned a generator ({result!r}): its body "
                             "never runs; a job's function must do its work when called (or return an awaitable)")
