@@ -154,3 +154,62 @@ def test_a_types_coroutine_function_is_accepted_as_an_executor():
         assert ran == ["ran", "ran"] and q.get_stats().jobs_succeeded == 2
     finally:
         q.stop()
+
+
+# --- 4. A process forked while the queue's threads are inside its locks --------------------------
+
+# A lock that a thread of the parent held at the fork (the pure core's, taken by a worker for each
+# job; the dispatcher's) is never released in the child, where that thread does not exist. A child
+# fork()ed from a busy queue then hung, at its interpreter exit (the queue's exit hook: stop(), the
+# pure core's close()), in get_stats(), in join() (after a stop() there: waiting for a stop() that
+# ends only in the parent), or in enqueue(): about one fork in ten with the pure core. The fork
+# hook makes those locks free again in the child; its queue's copy refuses jobs and waits for nothing.
+FORK_A_BUSY_QUEUE = r"""
+import asyncio, faulthandler, os, sys, threading
+from tinymq import Job, Queue, QueueStopped
+q = Queue(1000)
+q.register_executor("t", lambda job: None)
+async def run_async(job):
+    pass
+q.register_executor("a", run_async)
+q.start_dispatcher(workers=3)
+producing = True
+def produce():
+    while producing:
+        q.enqueue(Job("t"), block=True)
+        q.enqueue(Job("a"), block=True)
+        q.enqueue_delayed(Job("t"), 0.001)
+producer = threading.Thread(target=produce)
+producer.start()
+codes = {}
+for _ in range(int(sys.argv[1])):
+    pid = os.fork()
+    if pid == 0:
+        faulthandler.dump_traceback_later(10, exit=True)  # a hung child: exit code 1
+        try:
+            q.enqueue(Job("t"))
+            os._exit(3)
+        except QueueStopped:
+            pass
+        q.get_stats()
+        q.cancel("no such job")
+        q.stop()
+        q.join()
+        sys.exit(0)  # the interpreter's exit (the queue's exit hook)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    codes[code] = codes.get(code, 0) + 1
+producing = False
+producer.join()
+assert q.join(60)
+q.stop()
+print("child exit codes", codes)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork")
+def test_a_child_forked_from_a_busy_queue_ends():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", FORK_A_BUSY_QUEUE, "60"], env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "child exit codes {0: 60}" in done.stdout, done.stdout + done.stderr[-3000:]

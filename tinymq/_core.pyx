@@ -2238,6 +2238,9 @@ cdef class DelayedHeap:
             i = child
         self.entries[i] = item
 
+    def close_forked(self):
+        """In a fork()ed child (see ReadyQueue.close_forked): nothing to do, as no lock is taken here."""
+
     def push(self, object job, double run_at):
         """Add ``job`` due at ``run_at``; return the evicted job, or None."""
         cdef HeapEntry entry

@@ -480,7 +480,16 @@ class Dispatcher:
         threads is there to run one, and join() waits for nothing. (No lock, as above.)"""
         if self._started_in is not None:
             self._stopping = True
+            # Made free again: held at the fork by a thread of the parent, they would never be
+            # released here, where the calls still made (get_stats(), cancel(), stop() at exit) take them.
+            for lock in (self._workers_changed, self._stop_order):  # (the first's lock is _lock)
+                getattr(lock, "_at_fork_reinit")()  # (as threading does for its own locks)
+            runner = self.loop_runner
+            if runner is not None:
+                runner.reinit_in_forked_child()
             self.ready.close_forked()
+            self.delayed.close_forked()
+            self.uncapped.close_forked()
 
     def leave_forked_child(self, error: Optional[BaseException]) -> NoReturn:
         """A job's function fork()ed, and returned (or raised) in the child, whose only thread is the
@@ -580,7 +589,7 @@ class Dispatcher:
             # Its threads, attempts and store are the parent's: waiting for them would never end, and
             # saving back or reporting its jobs is the parent's work. Only this copy stops accepting.
             self._stopping = True
-            self.ready.close()
+            self.ready.close_forked()  # (no lock: one held at the fork is never released here)
             return
         with self._lock:
             first = not self._stopping
@@ -776,7 +785,10 @@ class Dispatcher:
         return self._stopping
 
     def wait_stopped(self, timeout: Optional[float]) -> bool:
-        """Wait until the first stop() has returned (its running attempts finished or cancelled)."""
+        """Wait until the first stop() has returned (its running attempts finished or cancelled).
+        In a fork()ed copy, at once: its attempts and its threads are the parent's."""
+        if self.forked_copy():
+            return True
         return self._stopped.wait(timeout)
 
     def gave_up_attempts(self) -> int:

@@ -719,6 +719,11 @@ class LoopRunner:
         self._cancel_task(attempt, "cancelled")
         return attempt.job
 
+    def reinit_in_forked_child(self) -> None:
+        """In a fork()ed child (no thread of the queue's there): ``_lock`` made free again, as one
+        held at the fork would never be released there (see Dispatcher.refuse_in_forked_child)."""
+        getattr(self._all_finished, "_at_fork_reinit")()  # (its lock is _lock)
+
     def adopt(self, job: Any, state: Any, context: Optional[JobContext], awaitable: Any,
               started: float, deadline: float) -> bool:
         """From a worker thread: the loop runs the rest of an attempt of ``job`` whose function,
