@@ -1966,6 +1966,12 @@ cdef class ReadyQueue:
     def closed(self):
         return self._closed
 
+    def close_forked(self):
+        """In a fork()ed child of the process whose threads serve this core: refuse every job from
+        now on (pushes raise QueueStopped, join returns), touching no lock and waking no one (none
+        of those threads is there)."""
+        self._closed = True
+
     def close(self):
         """Stop: pops return None, pushes raise QueueStopped, every waiter wakes.
 
@@ -2231,6 +2237,9 @@ cdef class DelayedHeap:
             self.entries[i] = self.entries[child]
             i = child
         self.entries[i] = item
+
+    def close_forked(self):
+        """In a fork()ed child (see ReadyQueue.close_forked): nothing to do, as no lock is taken here."""
 
     def push(self, object job, double run_at):
         """Add ``job`` due at ``run_at``; return the evicted job, or None."""

@@ -99,6 +99,13 @@ def _step(lock: Any) -> Any:
     return lock
 
 
+def _at_fork_reinit(lock: Any) -> None:
+    """In a fork()ed child: make ``lock`` (a Lock, an RLock or a Condition, whose waiters it forgets)
+    free again, as ``threading`` does for its own locks. One held at the fork by a thread of the
+    parent would never be released: that thread is not in the child."""
+    getattr(lock, "_at_fork_reinit")()
+
+
 def _remaining(deadline: Optional[float]) -> Optional[float]:
     """Seconds left before a monotonic deadline, for Condition.wait (None: no deadline)."""
     if deadline is None:
@@ -1335,6 +1342,16 @@ class ReadyQueue:
     def closed(self) -> bool:
         return self._closed
 
+    def close_forked(self) -> None:
+        """In a fork()ed child of the process whose threads serve this core: refuse every job from
+        now on (pushes raise QueueStopped, join returns), and wake no one (none of those threads
+        is there). The lock is made free again: one a thread of the parent held at the fork would
+        never be released in the child, where the calls still made (stop() at exit, get_stats())
+        wait for it; only the forking thread runs there, so no step is under way."""
+        self._closed = True
+        for condition in (self._room, self._all_done):  # (their lock is _lock; waiters: the parent's threads)
+            _at_fork_reinit(condition)
+
     def close(self) -> None:
         """Stop: pops return None, pushes raise QueueStopped, every waiter wakes.
 
@@ -1564,6 +1581,10 @@ class DelayedHeap:
         self._lock = threading.RLock()  # taken with _step
         self._heap: List[Tuple[float, int, Any]] = []  # guarded by _lock; a heapq
         self._seq = itertools.count()
+
+    def close_forked(self) -> None:
+        """In a fork()ed child (see ReadyQueue.close_forked): the lock is made free again."""
+        _at_fork_reinit(self._lock)
 
     def push(self, job: Any, run_at: float) -> Any:
         """Add ``job`` due at ``run_at``; return the evicted job, or None."""

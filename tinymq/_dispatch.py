@@ -212,6 +212,7 @@ def _after_fork_in_child() -> None:
     forking_thread = threading.get_ident()
     for dispatcher in list(_live):
         dispatcher.mark_forked_worker(forking_thread)
+        dispatcher.refuse_in_forked_child()
 
 
 if hasattr(os, "register_at_fork"):
@@ -285,6 +286,8 @@ class Dispatcher:
         # job type -> how it was registered: its retry_on, and to move a thread executor found to
         # return awaitables
         self._registered: Dict[str, Tuple[Callable[..., Any], ExecutorConfig, bool]] = {}
+        # The types whose plain function was found to return awaitables (``returned``): that function.
+        self._found_async: Dict[str, Callable[..., Any]] = {}
         self.loop_runner: Optional[LoopRunner] = None  # async executors' loop, made by start()
         _live.add(self)
         _register_exit_hook()
@@ -292,11 +295,16 @@ class Dispatcher:
     # --- executors and persistence ----------------------------------------
 
     def register(self, job_type: str, fn: Callable[..., Any], config: ExecutorConfig,
-                 takes_context: bool, is_async: bool = False) -> None:
+                 takes_context: bool, is_async: bool = False, found: bool = False) -> None:
+        """``found``: ``fn`` is a plain function found to return awaitables (``returned``)."""
         if config.interrupt_on_timeout:
             _shield.interrupting = True  # from now on, shield() protects tinymq's code in worker threads
         with self._lock:
             self._registered[job_type] = (fn, config, takes_context)
+            if found:
+                self._found_async[job_type] = fn
+            else:
+                self._found_async.pop(job_type, None)
         self.ready.configure(job_type, fn, config.max_concurrent_jobs, config.timeout,
                              takes_context, config.interrupt_on_timeout,
                              core.LOOP if is_async else core.THREADS, config.rate_limit)
@@ -467,6 +475,22 @@ class Dispatcher:
             if slot.thread_id == thread_id:
                 slot.forked = True
 
+    def refuse_in_forked_child(self) -> None:
+        """In a fork()ed child: a started queue's copy accepts no job (QueueStopped), as none of its
+        threads is there to run one, and join() waits for nothing. (No lock, as above.)"""
+        if self._started_in is not None:
+            self._stopping = True
+            # Made free again: held at the fork by a thread of the parent, they would never be
+            # released here, where the calls still made (get_stats(), cancel(), stop() at exit) take them.
+            for lock in (self._workers_changed, self._stop_order):  # (the first's lock is _lock)
+                getattr(lock, "_at_fork_reinit")()  # (as threading does for its own locks)
+            runner = self.loop_runner
+            if runner is not None:
+                runner.reinit_in_forked_child()
+            self.ready.close_forked()
+            self.delayed.close_forked()
+            self.uncapped.close_forked()
+
     def leave_forked_child(self, error: Optional[BaseException]) -> NoReturn:
         """A job's function fork()ed, and returned (or raised) in the child, whose only thread is the
         worker's: end the child as its own code would have, touching nothing of the queue, whose
@@ -565,7 +589,7 @@ class Dispatcher:
             # Its threads, attempts and store are the parent's: waiting for them would never end, and
             # saving back or reporting its jobs is the parent's work. Only this copy stops accepting.
             self._stopping = True
-            self.ready.close()
+            self.ready.close_forked()  # (no lock: one held at the fork is never released here)
             return
         with self._lock:
             first = not self._stopping
@@ -761,7 +785,10 @@ class Dispatcher:
         return self._stopping
 
     def wait_stopped(self, timeout: Optional[float]) -> bool:
-        """Wait until the first stop() has returned (its running attempts finished or cancelled)."""
+        """Wait until the first stop() has returned (its running attempts finished or cancelled).
+        In a fork()ed copy, at once: its attempts and its threads are the parent's."""
+        if self.forked_copy():
+            return True
         return self._stopped.wait(timeout)
 
     def gave_up_attempts(self) -> int:
@@ -1042,8 +1069,8 @@ class Dispatcher:
         runs: the worker ends the attempt as one of its own). Raises QueueStopped when stop()
         gave the attempt up first (the awaitable never runs: no failure, see attempt_failed).
         """
-        if isinstance(result, (types.GeneratorType, types.AsyncGeneratorType)):
-            if isinstance(result, types.GeneratorType):
+        if isinstance(result, (types.GeneratorType, types.AsyncGeneratorType)) and not inspect.isawaitable(result):
+            if isinstance(result, types.GeneratorType):  # (a @types.coroutine generator is an awaitable)
                 result.close()
             raise TypeError(f"executor for {job.type!r} returned a generator ({result!r}): its body "
                             "never runs; a job's function must do its work when called (or return an awaitable)")
@@ -1055,7 +1082,7 @@ class Dispatcher:
             fn, config, takes_context = registered
             logger.info("executor %r for %r returned an awaitable: its jobs now run on the event loop",
                         fn, job.type)
-            self.register(job.type, fn, config, takes_context, is_async=True)
+            self.register(job.type, fn, config, takes_context, is_async=True, found=True)
         runner = self.loop_runner
         if runner is None:  # pragma: no cover - start() makes it before a worker can read it (under _lock)
             raise RuntimeError("the queue's event loop is not running")
@@ -1071,6 +1098,11 @@ class Dispatcher:
             if not self._given_back_at_stop(job):  # (the loop refuses only once stop() began)
                 raise RuntimeError("the queue's event loop is closed")
             raise QueueStopped("the queue stopped before the awaitable its executor returned could run")
+
+    def found_async(self, job_type: str, fn: Callable[..., Any]) -> bool:
+        """``fn``, ``job_type``'s executor, is a plain function found to return awaitables: on the
+        loop, a return of anything else is a success, as it is in a worker thread."""
+        return self._found_async.get(job_type) is fn
 
     def _given_up_by_stop(self, job: Any) -> bool:
         """stop() cancelled the running attempt of ``job`` (saved back as ready, with a store)."""

@@ -75,6 +75,7 @@ _NO_DEADLINE = float("inf")
 LOOP_LATE = 0.25
 monotonic = core.monotonic  # the clock of loop.time() and of the core's deadlines
 _COROUTINE = types.CoroutineType
+_GENERATORS = (types.GeneratorType, types.AsyncGeneratorType)  # never awaited: their bodies never run
 try:
     from sys import getrefcount
 except ImportError:  # no reference counts (not CPython): no runner's task is known to be held by it alone
@@ -486,9 +487,11 @@ class LoopRunner:
                 awaitable = fn(job) if context is None else fn(job, context)
                 if awaitable.__class__ is _COROUTINE or inspect.isawaitable(awaitable):
                     await awaitable
-                elif awaitable is not None or is_async_executor(fn):  # None: a plain function found to
-                    raise TypeError(                                   # return awaitables, done at once
+                elif isinstance(awaitable, _GENERATORS) or not dispatcher.found_async(job.type, fn):
+                    raise TypeError(
                         f"async executor for {job.type!r} returned {awaitable!r}, not an awaitable")
+                # Else a plain function found to return awaitables returned something else: done at
+                # once, a success, as its return is in a worker thread.
             except asyncio.CancelledError as exc:
                 ours = attempt.decided is not None
                 if not ours:
@@ -715,6 +718,11 @@ class LoopRunner:
             self.ready.record_duration(attempt.state, monotonic() - attempt.started)
         self._cancel_task(attempt, "cancelled")
         return attempt.job
+
+    def reinit_in_forked_child(self) -> None:
+        """In a fork()ed child (no thread of the queue's there): ``_lock`` made free again, as one
+        held at the fork would never be released there (see Dispatcher.refuse_in_forked_child)."""
+        getattr(self._all_finished, "_at_fork_reinit")()  # (its lock is _lock)
 
     def adopt(self, job: Any, state: Any, context: Optional[JobContext], awaitable: Any,
               started: float, deadline: float) -> bool:

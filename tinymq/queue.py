@@ -149,9 +149,16 @@ def _takes_context(job_type: str, fn: Callable[..., Any]) -> bool:
     return answer
 
 
+def _makes_awaitables(fn: Any) -> bool:
+    """A ``@types.coroutine`` generator function: the generators it makes are awaitables."""
+    code = getattr(inspect.unwrap(fn), "__code__", None)
+    return code is not None and bool(code.co_flags & inspect.CO_ITERABLE_COROUTINE)
+
+
 def _inspect_takes_context(job_type: str, fn: Callable[..., Any]) -> bool:
     for target in (fn, getattr(fn, "__call__", None)):
-        if inspect.isgeneratorfunction(target) or inspect.isasyncgenfunction(target):
+        if ((inspect.isgeneratorfunction(target) and not _makes_awaitables(target))
+                or inspect.isasyncgenfunction(target)):
             raise TypeError(f"executor for {job_type!r} is a generator function ({fn!r}): calling "
                             "it would only create a generator, never run its body")
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
