@@ -193,8 +193,9 @@ def test_an_enqueue_over_another_programs_value_at_its_jobs_key_names_the_key(re
     try:
         key = q._link.scripts.key("job:x")
         redis_client.set(key, "another program's value")
-        with pytest.raises(TinyMQError, match="Redis key " + re.escape(repr(key)) + " holds a string"):
+        with pytest.raises(TinyMQError, match="Redis key " + re.escape(repr(key)) + " holds a string") as refused:
             q.enqueue(Job("t", {}, id="x", run_at=time.time() + 60 if delayed else None))
+        assert "1 job not enqueued" in str(refused.value) and "may or may not" not in str(refused.value)
         assert redis_client.get(key) == "another program's value"
         assert q.get_stats().jobs_enqueued == 0
         q.enqueue(Job("t", {}, id="y"))  # the others go on

@@ -187,6 +187,12 @@ def _refused_busy(exc: BaseException, sends: int) -> bool:
     return sends == 1 and isinstance(exc, __import__("redis").ResponseError) and str(exc).startswith("BUSY")
 
 
+def _refused_foreign(exc: BaseException, sends: int) -> bool:
+    """Whether an enqueue was refused, on its only send, before it wrote anything: a job key it
+    would write holds another program's value (lib.lua's enqueue_jobs raises so, naming the key)."""
+    return sends == 1 and isinstance(exc, __import__("redis").ResponseError) and ", not a job: " in str(exc)
+
+
 _BUSY_HINT = ("Redis is busy running a script (another program's, past its busy-reply-threshold, "
               "lua-time-limit before Redis 7) and refuses every call until it ends or SCRIPT KILL ends it")
 
@@ -389,6 +395,9 @@ class QueueLink:
                     raise TinyMQError(f"Redis queue {self.broker.name!r} refused an enqueue without running it "
                                       f"({exc}): {counted(len(rows), 'job')} not enqueued; {_BUSY_HINT}: "
                                       "enqueue again once it answers") from exc
+                if _refused_foreign(exc, enqueue.sends):  # (refused before any write: nothing kept)
+                    raise TinyMQError(f"Redis queue {self.broker.name!r} refused an enqueue ({exc}): "
+                                      f"{counted(len(rows), 'job')} not enqueued") from exc
                 self._reply_lost(caller, token)
                 # Not "not enqueued": the call may have reached Redis and run, its reply lost.
                 went = _no_reply(exc, f"an enqueue of {len(rows)} job(s)")
