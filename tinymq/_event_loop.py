@@ -528,10 +528,6 @@ class LoopRunner:
 
         The runner takes the type's next job itself (``_take``): the slot is freed without a hand-off.
         """
-        if self._forked_task is not None:  # a fork()ed child's (see mark_forked): nothing reported to the queue
-            if attempt.task is self._forked_task:
-                self.dispatcher.leave_forked_child(error)
-            return
         # Past its deadline without the timer having fired: it blocked the loop; a timeout all the same.
         ended = monotonic()
         late = ended >= attempt.deadline
@@ -713,8 +709,16 @@ class LoopRunner:
             return
         self._forked_task = asyncio.current_task(self.loop)  # (the task running that coroutine)
         # No job of the parent's is taken or started in the child (_run, _adopt), nor decided there
-        # (_expire_due): only the forking attempt goes on, and others' ends report nothing (_finished).
+        # (_expire_due): only the forking attempt goes on, and others' ends report nothing. (An
+        # instance attribute in place of the method: no look on the per-attempt path elsewhere.)
         self._closing = True
+        self._finished = self._finished_in_forked_child  # type: ignore[method-assign]
+
+    def _finished_in_forked_child(self, attempt: _Attempt, error: Optional[BaseException], ours: bool) -> None:
+        """``_finished`` in a fork()ed child (see mark_forked): the forking attempt's end ends the child;
+        another's reports nothing (the queue is the parent's)."""
+        if attempt.task is self._forked_task:
+            self.dispatcher.leave_forked_child(error)
 
     # --- from any thread ----------------------------------------------------
 
