@@ -46,6 +46,7 @@ from typing import (Any, Callable, ContextManager, Deque, Dict, Iterable, Iterat
 
 from . import _shield
 from ._pick_core import core
+from ._sections import owned, refuse, section
 from ._shield import shield
 from .config import Config, ExecutorConfig, _seconds
 from ._event_loop import _UNWIND_PAST_TIMEOUT, _UNWIND_WAIT, LOOP_LATE, LoopRunner, timeout_error
@@ -190,6 +191,8 @@ class NoThreadLeft(RuntimeError):
     """start_dispatcher could not start all its threads: the Queue stops, and this is raised."""
 
 
+# Why a queue garbage-collected without stop() stops (see Dispatcher.stop_unreferenced).
+_UNREFERENCED = "garbage-collected without stop()"
 # Dispatchers that may still have work at interpreter exit (see _stop_at_exit).
 _live: "weakref.WeakSet[Dispatcher]" = weakref.WeakSet()
 _exit_hook_lock = threading.Lock()
@@ -207,8 +210,9 @@ def _stop_at_exit() -> None:
 
 def _after_fork_in_child() -> None:
     """In a fork()ed child the one thread is the one that forked: a worker of a queue whose function
-    forked ends the child when that function returns there (see run_worker), instead of running its
-    parent's jobs a second time."""
+    forked ends the child when that function returns there (see run_worker), and a queue's event loop
+    whose coroutine forked when that attempt ends there (LoopRunner.mark_forked), instead of running
+    their parent's jobs a second time."""
     forking_thread = threading.get_ident()
     for dispatcher in list(_live):
         dispatcher.mark_forked_worker(forking_thread)
@@ -251,8 +255,9 @@ class Dispatcher:
         self.failure_callbacks: List[FailureCallback] = []
         self.store: Any = None
         self.ledger: Optional[AttemptLedger] = None  # set once, before start, by a broker's Queue
-        self._lock = threading.Lock()
-        # Guarded by _lock: the live worker slots, the lifecycle.
+        self._lock = threading.RLock()  # taken with section()
+        # Guarded by _lock: the live worker slots, the lifecycle. Other threads read the sets of slots
+        # without it, through list(...) or len(...): one C call, which no other thread cuts into.
         self._slots: Set[Any] = set()
         # Slots of workers whose attempt stop() gave up on (saved back as ready) and that have not
         # exited: until then the store is not free for another queue (gave_up_attempts).
@@ -266,7 +271,7 @@ class Dispatcher:
         self._worker_number = 0
         # stop() cancelling an attempt and its worker deciding the outcome take _stop_order,
         # so a job's store row ends as the one that came last says, never resurrected.
-        self._stop_order = threading.Lock()
+        self._stop_order = threading.RLock()  # taken with section()
         self._stop_cancelled: Set[Any] = set()  # jobs whose attempt stop() cancelled: not failures
         # Jobs whose end was decided after stop() began, by their attempt's own outcome or by a
         # cancel (end_cancelled): stop() no longer saves them back, their own store write stands.
@@ -299,7 +304,7 @@ class Dispatcher:
         """``found``: ``fn`` is a plain function found to return awaitables (``returned``)."""
         if config.interrupt_on_timeout:
             _shield.interrupting = True  # from now on, shield() protects tinymq's code in worker threads
-        with self._lock:
+        with section(self._lock):
             self._registered[job_type] = (fn, config, takes_context)
             if found:
                 self._found_async[job_type] = fn
@@ -313,12 +318,12 @@ class Dispatcher:
 
     def _retry_on(self, job_type: str) -> Tuple[type, ...]:
         """The exception classes that ``job_type``'s failures are retried for (``retry_on``)."""
-        with self._lock:
+        with section(self._lock):
             registered = self._registered.get(job_type)
         return (Exception,) if registered is None else registered[1].retry_on
 
     def set_store(self, store: Any) -> None:
-        with self._lock:
+        with section(self._lock):
             self.store = store
             for slot in self._slots:
                 self._set_hooks(slot)
@@ -340,7 +345,7 @@ class Dispatcher:
 
     def refresh_hooks(self, slot: Any) -> None:
         """Called by the worker loop now and then: picks up a changed log level."""
-        with self._lock:
+        with section(self._lock):
             self._set_hooks(slot)
 
     def call_store(self, what: str, method: Callable[..., Any], *args: Any) -> None:
@@ -373,7 +378,7 @@ class Dispatcher:
     def _started_after_stop(self, job: Any) -> None:
         """A start was written while stop() began: if stop() cancelled this attempt and saved its job
         back as ready meanwhile, that save must come last (not "running": no crash at the next start)."""
-        with self._stop_order:
+        with section(self._stop_order):
             if job in self._stop_cancelled and job not in self._decided:
                 self._save_back(self.store, job)
 
@@ -395,7 +400,7 @@ class Dispatcher:
         if not self._stopping:
             self.call_store("delete", store.delete, job.id)
             return
-        with self._stop_order:  # after stop()'s save-back of this job, if it made one
+        with section(self._stop_order):  # after stop()'s save-back of this job, if it made one
             self._decided.add(job)
             self.call_store("delete", store.delete, job.id)
 
@@ -410,7 +415,7 @@ class Dispatcher:
                 if self._stopping:
                     self._started_after_stop(job)
                 return
-            with self._stop_order:  # after stop()'s save-back of the finished job, if it made one
+            with section(self._stop_order):  # after stop()'s save-back of the finished job, if it made one
                 self._decided.add(finished)
                 if job in self._stop_cancelled:  # stop() saved the next job back as ready: it stays so
                     self.call_store("delete", store.delete, finished.id)
@@ -429,7 +434,7 @@ class Dispatcher:
     # --- lifecycle ---------------------------------------------------------
 
     def start(self, workers: int) -> None:
-        with self._lock:
+        with section(self._lock):
             if self._started:
                 raise RuntimeError("start_dispatcher() was already called on this queue")
             if self._stopping:
@@ -450,9 +455,9 @@ class Dispatcher:
     @property
     def worker_count(self) -> int:
         """The live workers that were not retired: the pool's size while it runs (a retired worker
-        has its replacement), 0 once every worker has exited after stop()."""
-        with self._lock:
-            return len(self._running_workers())
+        has its replacement), 0 once every worker has exited after stop(). Without the lock (get_stats()
+        from a __del__ the collector runs inside a section of this thread's: answered)."""
+        return sum(1 for slot in list(self._slots) if not slot.retired)
 
     def _start_thread(self, target: Callable[..., None], name: str, *args: Any) -> None:
         """Start a thread of this queue's. Called with _lock held."""
@@ -465,15 +470,19 @@ class Dispatcher:
         try:
             target(*args)
         finally:
-            with self._lock:
+            with section(self._lock):
                 self._thread_ids.discard(ident)
 
     def mark_forked_worker(self, thread_id: int) -> None:
-        """In a fork()ed child: mark the slot of the worker whose thread forked, if it is one of ours.
+        """In a fork()ed child: mark the slot of the worker whose thread forked, if it is one of ours, or
+        the loop's attempt that forked.
         (No lock: no other thread runs in the child, and one held at the fork would never be released.)"""
         for slot in list(self._slots) + list(self._gave_up_slots):
             if slot.thread_id == thread_id:
                 slot.forked = True
+        runner = self.loop_runner
+        if runner is not None:  # or of its loop's thread, whose coroutine forked
+            runner.mark_forked(thread_id)
 
     def refuse_in_forked_child(self) -> None:
         """In a fork()ed child: a started queue's copy accepts no job (QueueStopped), as none of its
@@ -519,6 +528,31 @@ class Dispatcher:
         started_in = self._started_in
         return started_in is not None and started_in != os.getpid()
 
+    def in_section(self) -> bool:
+        """Whether this thread is inside a section of the dispatcher's locks or its loop's: code the
+        garbage collector runs here runs there (see _sections)."""
+        runner = self.loop_runner
+        return owned(self._lock) or owned(self._stop_order) or (runner is not None and runner.in_section())
+
+    def refuse_reentry(self, what: str) -> None:
+        """RuntimeError (saying why) when this thread is inside a section of the dispatcher's or its
+        loop's: ``what`` was called from code the collector ran there, and is refused before it does
+        anything (a section it would take later, refused then, would leave it half done)."""
+        if self.in_section():
+            refuse(what)
+
+    def stop_unreferenced(self) -> None:
+        """Its queue was garbage-collected without stop(): stop like stop(wait=False). When the collector
+        ran inside a section of this thread's (of one of the queue's own threads), on a thread of its own."""
+        if not self.in_section():
+            self.stop(False, None, _UNREFERENCED)
+            return
+        try:
+            threading.Thread(target=self.stop, args=(False, None, _UNREFERENCED), name="tinymq-stop",
+                             daemon=True).start()
+        except RuntimeError:  # no thread at interpreter exit: the exit hook stops it
+            pass
+
     def waits_for_itself(self) -> bool:
         """True in this queue's own threads and in its failure callbacks, where join() cannot return."""
         return threading.get_ident() in self._thread_ids or getattr(self._in_callback, "depth", 0) > 0
@@ -560,11 +594,11 @@ class Dispatcher:
             logger.debug("a retired worker received its interruption late; it exits")
         except BaseException:
             logger.exception("tinymq worker crashed; starting a replacement")
-            with self._lock:
+            with section(self._lock):
                 if not self._stopping and not slot.retired:
                     self._replace_worker()
         finally:
-            with self._lock:
+            with section(self._lock):
                 self._slots.discard(slot)
                 self._gave_up_slots.discard(slot)
                 # What stop() waits for, once stopping: told once, by the last, not by each of thousands.
@@ -591,7 +625,7 @@ class Dispatcher:
             self._stopping = True
             self.ready.close_forked()  # (no lock: one held at the fork is never released here)
             return
-        with self._lock:
+        with section(self._lock):
             first = not self._stopping
             self._stopping = True
         own_thread = self.waits_for_itself() or own_caller  # it cannot wait for itself
@@ -654,14 +688,14 @@ class Dispatcher:
     def _wait_for_attempts(self, deadline: Optional[float]) -> None:
         """stop(wait=True): until the running attempts, threads' and coroutines', have ended, at
         most until ``deadline`` (monotonic; None: no bound)."""
-        with self._lock:
+        with section(self._lock):
             self._wait_for_workers(deadline, until_cancelled=True)
         if self.loop_runner is not None:
             self.loop_runner.wait_finished(deadline, undecided_only=True)
 
     def _cancel_attempts(self) -> None:
         """Cancel the attempts still running (stop's wait is over): saved back, not failures."""
-        with self._lock:
+        with section(self._lock):
             self._stop_cancels = True
             self._workers_changed.notify_all()
             slots = self._running_workers()
@@ -721,7 +755,7 @@ class Dispatcher:
             return
         if context is None and self.ledger is not None:
             return
-        with self._stop_order:
+        with section(self._stop_order):
             if job in self._decided:
                 return  # it ended meanwhile: its own outcome stands
             if job in self._stop_cancelled:
@@ -730,7 +764,7 @@ class Dispatcher:
             store = self.store
             if store is not None:
                 self._save_back(store, job)
-        with self._lock:
+        with section(self._lock):
             if slot in self._slots:  # (its worker has not exited already)
                 self._gave_up_slots.add(slot)
         if context is not None:
@@ -741,7 +775,7 @@ class Dispatcher:
         if self.ledger is None and self.ready.take_cancel(job):  # a cancel() came first: it wins
             self.end_cancelled(job)  # (a broker's given-back job keeps its cancel mark in the broker)
             return
-        with self._stop_order:
+        with section(self._stop_order):
             self._stop_cancelled.add(job)
             store = self.store
             if store is not None:
@@ -758,7 +792,7 @@ class Dispatcher:
         back as ready, with a store), so a cancel() that marks it finds no holder to end it. Noted
         first, then the mark looked for; cancel() marks first, then looks for the note
         (_cancel_marked): one of the two sees the other, and taking the mark is exclusive."""
-        with self._stop_order:
+        with section(self._stop_order):
             self._stop_given_back.add(job)
         if self.ready.take_cancel(job):
             self.end_cancelled(job)
@@ -795,8 +829,7 @@ class Dispatcher:
         """How many attempts that stop() gave up on (their jobs saved back as ready) still run, on a
         worker (until it has written the attempt's end and exited) or on the loop. While one does,
         the store stays this queue's: another queue's reload would run its job a second time."""
-        with self._lock:
-            running = len(self._gave_up_slots)
+        running = len(self._gave_up_slots)
         runner = self.loop_runner
         if runner is not None:
             running += runner.stopped_attempts()
@@ -810,7 +843,7 @@ class Dispatcher:
         another queue's reload would run its job a second time, whether stop() waited for it,
         gave it up, or was called from the queue's own thread and left it running."""
         deadline = time.monotonic() + timeout
-        with self._lock:
+        with section(self._lock):
             if not self._wait_for_workers(deadline):
                 return False
         runner = self.loop_runner
@@ -996,10 +1029,11 @@ class Dispatcher:
             try:
                 now = core.monotonic()
                 earliest = math.inf
-                with self._lock:
-                    slots = list(self._slots)
-                    if self._stopping and not self._workers_left():
-                        return  # timeouts apply until the last attempt has ended
+                slots = list(self._slots)
+                if self._stopping:
+                    with section(self._lock):
+                        if not self._workers_left():
+                            return  # timeouts apply until the last attempt has ended
                 runner = self.loop_runner
                 if runner is not None and now - loop_looked >= LOOP_LATE:
                     # The loop's own timer decides its attempts' deadlines; one it has not decided
@@ -1039,7 +1073,7 @@ class Dispatcher:
                 logger.warning("job %s (%s) timed out; its thread is retired and replaced",
                                job.id, job.type)
         finally:  # whatever happened above, the job and the pool are looked after
-            with self._lock:
+            with section(self._lock):
                 # The pool keeps its size while the old thread is stuck; the replacement
                 # handles the failure first, so a slow callback never delays the watchdog.
                 replaced = not self._stopping and self._replace_worker((job, state, exc))
@@ -1076,7 +1110,7 @@ class Dispatcher:
                             "never runs; a job's function must do its work when called (or return an awaitable)")
         if not inspect.isawaitable(result):
             return False  # a plain function's return value means nothing
-        with self._lock:
+        with section(self._lock):
             registered = self._registered.get(job.type)
         if registered is not None and registered[0] is state.fn:  # not replaced meanwhile
             fn, config, takes_context = registered
@@ -1108,7 +1142,7 @@ class Dispatcher:
         """stop() cancelled the running attempt of ``job`` (saved back as ready, with a store)."""
         if not self._stopping:
             return False
-        with self._stop_order:
+        with section(self._stop_order):
             return job in self._stop_cancelled
 
     def _given_back_at_stop(self, job: Any) -> bool:
@@ -1118,7 +1152,7 @@ class Dispatcher:
         handed QueueStopped, counts and reports nothing."""
         if not self._stopping:
             return False
-        with self._stop_order:
+        with section(self._stop_order):
             if job not in self._decided and job not in self._stop_cancelled:
                 self._stop_cancelled.add(job)
                 store = self.store
@@ -1192,6 +1226,7 @@ class Dispatcher:
         so one of the two sees the other. Taking a job out of a place is
         exclusive, so exactly one ends it.
         """
+        self.refuse_reentry("cancel()")
         outcome, job = self.ready.mark_cancel(job_id)
         if outcome == core.CANCEL_LOST:
             return False
@@ -1224,7 +1259,7 @@ class Dispatcher:
         if taken is not None:
             self.end_cancelled(job, True)
         elif taken is None and self._stopping:
-            with self._stop_order:
+            with section(self._stop_order):
                 given_back = job in self._stop_given_back  # (stop() cancelled its attempt: no holder)
             if given_back and self.ready.take_cancel(job):
                 self.end_cancelled(job)
@@ -1253,7 +1288,7 @@ class Dispatcher:
         if running and self.ledger is not None:
             self.ledger.expired(job)
         if self._stopping:
-            with self._stop_order:
+            with section(self._stop_order):
                 self._decided.add(job)  # after a save-back by stop(), if it made one: the delete comes last
         self.fail(job, "cancelled", None, core.CANCELLED, True)
 
@@ -1283,15 +1318,13 @@ class Dispatcher:
         """Decide a worker's running attempt of ``job_id`` (``only``: of that job) as cancelled;
         retire and replace the worker. ``take``, ``unregistered``: as in ``_cancel_running``."""
         cancel_in = self.ready if take or unregistered else None
-        with self._lock:
-            slots = list(self._slots)
-        for slot in slots:
+        for slot in list(self._slots):
             job = slot.job
             if job is None or job._id != job_id or (only is not None and job is not only):
                 continue
             if slot.expire(math.inf, job, cancel_in, unregistered) is None:  # decided already (it ended, or timed out)
                 continue
-            with self._lock:
+            with section(self._lock):
                 if not self._stopping:  # its thread may run on: the pool keeps its size
                     self._replace_worker()
                 self._workers_changed.notify_all()
@@ -1316,7 +1349,7 @@ class Dispatcher:
         success, as ever)."""
         if not self._stopping:
             return None
-        with self._stop_order:
+        with section(self._stop_order):
             if job not in self._stop_cancelled:
                 return None
         return QueueStopped("its attempt returned after stop() cancelled it")
@@ -1338,7 +1371,7 @@ class Dispatcher:
         taken while it writes. Failure callbacks always run after it is freed.
         """
         if seconds is not None and self._stopping:
-            with self._stop_order:
+            with section(self._stop_order):
                 if job in self._stop_cancelled:
                     seconds = None
         ledger = self.ledger
@@ -1353,7 +1386,7 @@ class Dispatcher:
             self.end_cancelled(job)
             return
         if self._stopping:
-            with self._stop_order:
+            with section(self._stop_order):
                 cancelled = job in self._stop_cancelled
                 if not cancelled:
                     self._decided.add(job)  # a failure of its own: stop() leaves its row alone

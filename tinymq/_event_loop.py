@@ -57,6 +57,7 @@ from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from ._pick_core import core
+from ._sections import owned, section
 from .context import JobContext
 from .errors import JobTimeout, counted
 
@@ -219,7 +220,7 @@ class LoopRunner:
         # hold its threads (awaiting q.aenqueue(block=True), a run_in_executor waiting on the queue),
         # no attempt could start or be reported.
         self._io = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="tinymq-io")
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # taken with section() (but by _finished, on the loop only)
         # The attempts whose coroutines have not unwound (the keys; added by the loop thread, or by a
         # worker thread's adopt() under _lock; removed under _lock; other threads read a snapshot,
         # list(...)), and their decisions (_Attempt.decided, guarded by _lock).
@@ -240,6 +241,10 @@ class LoopRunner:
         self._stop_when_idle = False  # stop() from one of its attempts: the loop stops after the last
         self._halting = False  # the queue stopped the loop (_halt): anything else that ends it is a mishap
         self._thread_done = threading.Event()
+        self._thread_id: Optional[int] = None  # the loop thread's, once it runs
+        # In a fork()ed child whose only thread is the loop's (an attempt's coroutine forked): the task
+        # that forked, whose attempt's end ends the child (see mark_forked); None elsewhere.
+        self._forked_task: Optional["asyncio.Task[Any]"] = None
         # The loop thread has done all that stop() waits for: what is left of it waits only for
         # coroutines that timed out or were cancelled before stop() (_NEVER_WAITED_FOR).
         self._settled = threading.Event()
@@ -259,6 +264,7 @@ class LoopRunner:
     def run(self) -> None:
         """The loop thread's body: runs until ``stop``."""
         loop = self.loop
+        self._thread_id = threading.get_ident()
         asyncio.set_event_loop(loop)
         try:
             self.ready.set_loop_waker(self._wake)  # drains at once if jobs are waiting
@@ -480,7 +486,9 @@ class LoopRunner:
                         self._arm(attempt.deadline)
                 fn = state.fn
                 if hooked:
-                    with self._lock:  # against cancel(): decided during the start write, it never runs
+                    if self._forked_task is not None:  # resumed in a fork()ed child: none of the parent's jobs runs
+                        raise asyncio.CancelledError
+                    with section(self._lock):  # against cancel(): decided during the start write, it never runs
                         attempt.called = attempt.decided is None
                     if not attempt.called:
                         raise asyncio.CancelledError  # as if the decision had cancelled the start write
@@ -527,7 +535,9 @@ class LoopRunner:
         ended = monotonic()
         late = ended >= attempt.deadline
         attempts, lock, dispatcher = self._attempts, self._lock, self.dispatcher
-        lock.acquire()  # (not ``with``: its enter and exit calls cost more, once per attempt)
+        # (not ``with``: its enter and exit calls cost more, once per attempt; nor section(): only the
+        # loop's own code ends an attempt, never a call from code the collector runs)
+        lock.acquire()
         try:
             del attempts[attempt]
             decided = attempt.decided
@@ -567,6 +577,9 @@ class LoopRunner:
         """On the loop: run the rest of an attempt a worker thread handed over (``adopt``), awaiting
         ``awaitable`` in a task of its own; or end it at once, decided meanwhile (it never runs)."""
         job = attempt.job
+        if self._forked_task is not None:  # in a fork()ed child: none of the parent's jobs runs
+            _discard(awaitable)
+            return
         # Cancelled between the worker's slot and _attempts, where the cancel found it in neither:
         # decided here as cancel() would have (a cancel from adopt() on finds it registered).
         if self.ready.cancel_marks and self.ready.cancel_requested(job):
@@ -614,6 +627,8 @@ class LoopRunner:
 
     def _expire_due(self) -> None:
         """The earliest deadline known: expire every undecided attempt that is due, re-arm for the next."""
+        if self._forked_task is not None:  # in a fork()ed child, whose attempts are the parent's
+            return
         self._expiry, self._expiry_at = None, _NO_DEADLINE
         now = monotonic()
         earliest = _NO_DEADLINE
@@ -629,7 +644,7 @@ class LoopRunner:
 
     def _decide(self, attempt: _Attempt, how: str) -> bool:
         """Decide ``attempt`` as ``how``, unless it was decided already: True when this call did."""
-        with self._lock:
+        with section(self._lock):
             if attempt.decided is not None:
                 return False
             attempt.decided = how
@@ -677,7 +692,7 @@ class LoopRunner:
         try:
             self._report_safely(report, args)
         finally:
-            with self._lock:
+            with section(self._lock):
                 self._reporting -= 1
                 self._notify_decided()
 
@@ -688,7 +703,31 @@ class LoopRunner:
         except BaseException:  # (a store's KeyboardInterrupt too: in an io thread nothing else would see it)
             logger.exception("tinymq could not report an async attempt's outcome")
 
+    def mark_forked(self, thread_id: int) -> None:
+        """In a fork()ed child: if the loop's thread forked (an attempt's coroutine called os.fork()),
+        the child runs no more of its parent's jobs, and the end of the forking attempt, when its
+        coroutine returns or raises there, ends the child as a worker's function's does (see
+        Dispatcher.leave_forked_child). (No lock: one held at the fork would never be released.)"""
+        if thread_id != self._thread_id:
+            return
+        self._forked_task = asyncio.current_task(self.loop)  # (the task running that coroutine)
+        # No job of the parent's is taken or started in the child (_run, _adopt), nor decided there
+        # (_expire_due): only the forking attempt goes on, and others' ends report nothing. (An
+        # instance attribute in place of the method: no look on the per-attempt path elsewhere.)
+        self._closing = True
+        self._finished = self._finished_in_forked_child  # type: ignore[method-assign]
+
+    def _finished_in_forked_child(self, attempt: _Attempt, error: Optional[BaseException], ours: bool) -> None:
+        """``_finished`` in a fork()ed child (see mark_forked): the forking attempt's end ends the child;
+        another's reports nothing (the queue is the parent's)."""
+        if attempt.task is self._forked_task:
+            self.dispatcher.leave_forked_child(error)
+
     # --- from any thread ----------------------------------------------------
+
+    def in_section(self) -> bool:
+        """Whether this thread is inside a section of ``_lock`` (see Dispatcher.refuse_reentry)."""
+        return owned(self._lock)
 
     def cancel(self, job_id: str, job: Any = None, take: bool = False,
                unregistered: bool = False) -> Optional[Any]:
@@ -700,7 +739,7 @@ class LoopRunner:
         cancelled before the attempt can end and free its slot (``_finished``).
         ``unregistered``: a cancel of a job registered under no id, counted so in the same step
         (``ReadyQueue.take_unregistered_cancel``)."""
-        with self._lock:
+        with section(self._lock):
             for attempt in list(self._attempts):
                 if attempt.decided is None and attempt.job._id == job_id and (job is None or attempt.job is job):
                     if unregistered:  # (the core's lock inside this one)
@@ -737,7 +776,7 @@ class LoopRunner:
         it registered, as any attempt of the loop's, and only the loop frees its slot."""
         attempt = _Attempt(job, state, context, None, started, deadline)
         attempt.called = True
-        with self._lock:  # (registered with its start queued: cancel_for_stop sees both or neither)
+        with section(self._lock):  # (registered with its start queued: cancel_for_stop sees both or neither)
             if self._refusing:
                 return False
             self._attempts[attempt] = None
@@ -751,7 +790,7 @@ class LoopRunner:
     def cancel_for_stop(self) -> List[Any]:
         """Decide every undecided attempt as stopped (not a failure) and cancel its task: their jobs.
         From now on a worker thread's hand-over is refused (``adopt``)."""
-        with self._lock:
+        with section(self._lock):
             self._refusing = True
             stopped = [a for a in list(self._attempts) if a.decided is None]
             for attempt in stopped:
@@ -765,7 +804,7 @@ class LoopRunner:
     def stopped_attempts(self) -> int:
         """How many attempts that stop() cancelled have not returned yet (a coroutine that ignores
         its cancellation, or one still unwinding)."""
-        with self._lock:
+        with section(self._lock):
             return sum(1 for attempt in self._attempts if attempt.decided == "stopped")
 
     def _cancel_task(self, attempt: _Attempt, reason: str) -> None:
@@ -792,7 +831,7 @@ class LoopRunner:
         one that a cancel() decided.
         """
         while True:
-            with self._lock:
+            with section(self._lock):
                 self._waiting_for_end += 1
                 try:
                     while True:

@@ -22,6 +22,7 @@ from ._periodic import Periodic, ScheduleStats
 from ._event_loop import is_async_executor
 from ._pick_core import core
 from ._shield import shield
+from ._sections import section
 from .config import Config, ExecutorConfig, RateLimit, RetryConfig, _optional_seconds, _seconds
 from .errors import (DuplicateJob, PersistenceError, QueueFull, QueueStopped, _buffer_full, _describe,
                      _exception_text, counted)
@@ -278,7 +279,7 @@ class Queue:
         self._ready = self._dispatcher.ready
         self._store: Any = None
         self._store_taken: Any = None  # the store set_persistence is loading or uses; under _store_users_lock
-        self._claim_lock = threading.Lock()
+        self._claim_lock = threading.RLock()  # taken with section()
         self._claimed: Set[str] = set()
         self._joined_before_start = False  # join() warned, once, that nothing runs jobs yet
         # With a broker (tinymq.redis.RedisBroker) the queue's state lives there: the link
@@ -295,8 +296,7 @@ class Queue:
         if self._link is not None:
             self._periodic.backend = self._link.ticks(self)
         # Dropping the queue without stop() still stops its threads, and says what was left.
-        self._finalizer = weakref.finalize(self, self._dispatcher.stop, False, None,
-                                           "garbage-collected without stop()")
+        self._finalizer = weakref.finalize(self, self._dispatcher.stop_unreferenced)
 
     # --- executors -----------------------------------------------------------
 
@@ -435,7 +435,7 @@ class Queue:
 
     def _claim(self, job_ids: List[str]) -> None:
         """Reserve ids before a store saves them: a duplicate's save would overwrite the unfinished job's row."""
-        with self._claim_lock:
+        with section(self._claim_lock):
             for job_id in job_ids:
                 if job_id in self._claimed or self._ready.has_id(job_id):
                     raise DuplicateJob(f"a job with id {job_id!r} is already queued and unfinished")
@@ -443,7 +443,7 @@ class Queue:
 
     def _unclaim(self, job_ids: List[str]) -> None:
         """The jobs were handed to the core (which knows their ids from now on), or refused."""
-        with self._claim_lock:
+        with section(self._claim_lock):
             self._claimed.difference_update(job_ids)
 
     def _save_and_place(self, job: Job, run_at: float, block: bool, wait: Optional[float],
@@ -878,6 +878,7 @@ class Queue:
     def _stop(self, wait: bool, limit: Optional[float], own_caller: bool) -> None:
         """``stop`` and ``astop``: schedules, then the dispatcher. ``own_caller``: astop's caller
         (not this thread) is one of the queue's threads, loop or failure callbacks."""
+        self._dispatcher.refuse_reentry("stop()")  # (before the schedules stop: refused, it does nothing)
         with shield():  # an executor's stop() of a queue is not cut midway by its interruption
             deadline = None if limit is None else time.monotonic() + limit
             self._periodic.stop(limit if wait else 0.0)  # a tick's slow save is no running attempt
