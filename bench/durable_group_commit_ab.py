@@ -314,6 +314,78 @@ class _KeepLeading(_NextLeader):
                     self._next = None
 
 
+class _FinishedUnit(module._Unit):
+    __slots__ = ("finished",)
+
+    def __init__(self, statements: list) -> None:
+        super().__init__(statements)
+        self.finished = False  # its batch is over (done and error final): its writer may return
+
+
+class _DoneReturns(SQLitePersistence):
+    """Variant F: as A (whoever finds the commit lock free commits every pending unit; a writer back
+    at once takes it again), but a writer that finds a batch being committed waits on a Condition,
+    not on the commit lock: the leader wakes the waiting writers after its batch, and a writer whose
+    unit that batch committed returns without taking the lock; the others try for the lock again."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._gate = threading.Condition(threading.Lock())
+        self._leading = False  # a writer holds the commit lock to commit a batch
+        self._waiting = 0  # writers waiting on _gate
+
+    def _write(self, statements: list) -> None:
+        if self._pid != os.getpid() or self._closed or self.read_only:
+            self._check_usable()
+        unit = _FinishedUnit(statements)
+        with shield():
+            self._pending.append(unit)
+            if self._lock_to_lead(unit):
+                self._lead()
+        _raise_unless_done(self, unit)
+
+    def _lock_to_lead(self, unit: _FinishedUnit) -> bool:
+        """Wait until ``unit``'s batch is over (False), or take the commit lock to commit it (True)."""
+        lock = self._commit_lock
+        while not lock.acquire(False):
+            gate = self._gate
+            with gate:
+                self._waiting += 1
+                try:
+                    while self._leading and not unit.finished:
+                        gate.wait()
+                finally:
+                    self._waiting -= 1
+            if unit.finished:
+                return False
+            if not self._leading:  # held by no writer (close, a read): wait for it on the lock
+                lock.acquire()
+                break
+        if unit.finished:
+            lock.release()
+            return False
+        return True
+
+    def _lead(self) -> None:
+        """Commit every pending unit. Caller holds the commit lock; this releases it."""
+        pending = self._pending
+        batch: List[Any] = []
+        self._leading = True
+        try:
+            batch = [pending.popleft() for _ in range(len(pending))]
+            self._commit_batch(batch)
+        finally:
+            for waiting in batch:
+                waiting.finished = True
+            self._leading = False
+            self._commit_lock.release()
+            if self._waiting:
+                with self._gate:
+                    self._gate.notify_all()
+
+    _commit_batch = _NextLeader._commit_batch
+
+
 def _raise_unless_done(store: SQLitePersistence, unit: _Unit) -> None:
     if not unit.done:
         error = unit.error
@@ -328,6 +400,7 @@ VARIANTS: Dict[str, Tuple[str, type]] = {
     "C": (f"B + gather <= {GATHER_WINDOW * 1e6:.0f}us", _OwnLocksGathering),
     "D": ("next leader on the commit lock, others own", _NextLeader),
     "E": (f"leader keeps leading <= {KEEP_LEADING} batches", _KeepLeading),
+    "F": ("A, but a writer done returns, lock-free", _DoneReturns),
 }
 # jobs, producer threads, workers, seconds each job runs
 CASES = {"one": (1000, 1, 0, 0.0), "four": (1000, 4, 0, 0.0), "e2e": (10_000, 1, 4, 0.0),
