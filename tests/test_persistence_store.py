@@ -758,24 +758,36 @@ def test_a_writer_whose_unit_a_failed_committer_drained_gets_an_error_not_silenc
     import time
 
     with SQLitePersistence(path) as store:
-        outcome = []
+        outcome = {}
 
-        def writer():
+        def writer(name):
             try:
-                store.save(Job("t", id="drained"))
-                outcome.append("returned")
+                store.save(Job("t", id=name))
+                outcome[name] = "returned"
             except PersistenceError as exc:
-                outcome.append(str(exc))
+                outcome[name] = str(exc)
+            except _Killed:
+                outcome[name] = "killed"
 
-        with store._commit_lock:  # as a committer holding the lock
-            thread = threading.Thread(target=writer)
-            thread.start()
-            deadline = time.monotonic() + 10
+        def dies(batch):
+            raise _Killed()
+
+        deadline = time.monotonic() + 10
+        with store._commit_lock:  # as a read holding the lock: the first writer waits for it to lead
+            committer = threading.Thread(target=writer, args=("committer",))
+            committer.start()
+            while store._leader is None and time.monotonic() < deadline:
+                time.sleep(0.001)
+            drained = threading.Thread(target=writer, args=("drained",))
+            drained.start()
             while not store._pending and time.monotonic() < deadline:
-                time.sleep(0.001)  # waiting for the writer to queue its unit
-            store._pending.popleft()  # drained, then the committer dies before committing
-        thread.join(10)
-        assert len(outcome) == 1 and "interrupted before its commit" in outcome[0]
+                time.sleep(0.001)  # waiting for the second writer to queue its unit
+            store._commit = dies  # the committer takes it, then dies before committing
+        committer.join(10)
+        drained.join(10)
+        assert outcome["committer"] == "killed"
+        assert "interrupted before its commit" in outcome["drained"]
+        del store._commit
         assert rows(store) == {}
 
 

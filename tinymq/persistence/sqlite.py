@@ -1083,37 +1083,43 @@ class SQLitePersistence:
         unit = _Unit(statements)
         # A worker thread's interruption (interrupt_on_timeout) waits: this thread may commit other threads' units.
         with shield():
-            with self._gate:
-                self._pending.append(unit)
-                leads = self._leader is None
-                if leads:
-                    self._leader = unit
-                else:
-                    waker = unit.waker = threading.Lock()
-                    waker.acquire()
-            try:
-                if not leads:
-                    waker.acquire()  # our batch is over, or the lead was handed to us
-                if leads or unit.leads:
-                    self._lead(unit)
-            except BaseException:  # (Ctrl-C) no unit may be left pending without a writer to lead it
-                self._resign(unit)
-                raise
+            if self._commit_lock.acquire(False):  # nobody commits now: at once, with any unit waiting
+                self._commit_held([unit], lead=False)
+            else:
+                with self._gate:
+                    leads = self._leader is None
+                    if leads:
+                        self._leader = unit  # (its unit is not pending: only its writer commits it)
+                    else:
+                        self._pending.append(unit)
+                        waker = unit.waker = threading.Lock()
+                        waker.acquire()
+                try:
+                    if not leads:
+                        waker.acquire()  # our batch is over, or the lead was handed to us
+                    if leads or unit.leads:
+                        self._commit_lock.acquire()
+                        self._commit_held([unit], lead=True)
+                except BaseException:  # (Ctrl-C) no unit may be left pending without a writer to lead it
+                    self._resign(unit)
+                    raise
         if not unit.done:
             error = unit.error
             if isinstance(error, PersistenceError):
                 raise error
             raise PersistenceError(f"{self!r}: write failed: {error or 'interrupted before its commit'}") from error
 
-    def _lead(self, unit: _Unit) -> None:
-        """Take the commit lock, commit every pending unit, and release their writers. ``unit``'s writer leads."""
-        batch: List[_Unit] = []
+    def _commit_held(self, batch: List[_Unit], lead: bool) -> None:
+        """Commit ``batch`` with every unit pending (``lead``: as the writer due to lead them), release
+        the commit lock, then the writers waiting for the units committed. Caller holds the commit lock."""
         try:
-            with self._commit_lock:
-                with self._gate:
-                    batch = list(self._pending)
-                    self._pending.clear()
-                    self._leader = None  # the next writer to come leads the next batch
+            try:
+                if lead or self._pending:
+                    with self._gate:
+                        batch.extend(self._pending)
+                        self._pending.clear()
+                        if lead:
+                            self._leader = None  # the next writer to find the lock taken leads the next batch
                 if self._closed or self._broken:
                     for waiting in batch:
                         waiting.error = PersistenceError(self._broken or f"{self!r} was closed")
@@ -1126,9 +1132,11 @@ class SQLitePersistence:
                     if now >= self._next_wal_check:
                         self._next_wal_check = now + _WAL_CHECK_INTERVAL
                         self._look_at_files(batch)
+            finally:
+                self._commit_lock.release()
         finally:
             for waiting in batch:
-                if waiting.waker is not None and waiting is not unit:
+                if waiting.waker is not None:
                     waiting.waker.release()
 
     def _resign(self, unit: _Unit) -> None:
@@ -1138,10 +1146,11 @@ class SQLitePersistence:
             if unit in self._pending:
                 self._pending.remove(unit)
             if self._leader is unit:
-                self._leader = self._pending[0] if self._pending else None
+                self._leader = self._pending.popleft() if self._pending else None
                 if self._leader is not None:
                     self._leader.leads = True
                     self._leader.waker.release()  # type: ignore[union-attr]
+                    self._leader.waker = None  # (released: the batch that commits its unit must not again)
 
     def _look_at_files(self, batch: List[_Unit]) -> None:
         """Whether the database and -wal at the path are still those our connection writes; what to do
