@@ -758,6 +758,33 @@ def test_a_writer_whose_unit_a_failed_committer_drained_gets_an_error_not_silenc
     import time
 
     with SQLitePersistence(path) as store:
+        outcome = []
+
+        def writer():
+            try:
+                store.save(Job("t", id="drained"))
+                outcome.append("returned")
+            except PersistenceError as exc:
+                outcome.append(str(exc))
+
+        with store._commit_lock:  # as a committer holding the lock
+            thread = threading.Thread(target=writer)
+            thread.start()
+            deadline = time.monotonic() + 10
+            while not store._pending and time.monotonic() < deadline:
+                time.sleep(0.001)  # waiting for the writer to queue its unit
+            store._pending.popleft()  # drained, then the committer dies before committing
+        thread.join(10)
+        assert len(outcome) == 1 and "interrupted before its commit" in outcome[0]
+        assert rows(store) == {}
+
+
+def test_a_follower_whose_unit_a_dying_committer_took_gets_an_error_not_silence_under_full(path):
+    """Under FULL a writer that finds a commit under way waits on a lock of its own: if the writer that
+    leads its batch dies (an exception raised into it) after taking the units, their writers raise."""
+    import time
+
+    with SQLitePersistence(path, synchronous="FULL") as store:
         outcome = {}
 
         def writer(name):
@@ -795,11 +822,12 @@ class _Killed(BaseException):
     """An exception raised into a committing thread (as JobTimeout is with interrupt_on_timeout)."""
 
 
-def test_writers_from_many_threads_with_failures_and_a_dying_committer_never_hang(path):
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+def test_writers_from_many_threads_with_failures_and_a_dying_committer_never_hang(path, synchronous):
     """16 threads save, delete and save_many at once; some units are refused by SQLite and now
     and then a committer dies in its commit. Every call returns or raises PersistenceError
     (none waits forever), and the store holds exactly what the calls that returned wrote."""
-    with SQLitePersistence(path) as store:
+    with SQLitePersistence(path, synchronous=synchronous) as store:
         original = store._commit
         rounds = itertools.count()
 

@@ -431,6 +431,7 @@ class SQLitePersistence:
             return
         # Invariant: only the holder of _commit_lock uses _conn and _cursor.
         self._commit_lock = threading.Lock()
+        self._hand_off = self.synchronous == "FULL"  # writers that meet wait on locks of their own (_write)
         self._gate = threading.Lock()  # guards _pending and _leader
         self._pending: "deque[_Unit]" = deque()  # units waiting for the next committer
         self._leader: Optional[_Unit] = None  # the unit whose writer commits the pending ones next
@@ -1085,6 +1086,13 @@ class SQLitePersistence:
         with shield():
             if self._commit_lock.acquire(False):  # nobody commits now: at once, with any unit waiting
                 self._commit_held([unit], lead=False)
+            elif not self._hand_off:  # NORMAL: wait on the commit lock; its next holder commits our unit
+                self._pending.append(unit)
+                self._commit_lock.acquire()
+                if unit.done:
+                    self._commit_lock.release()
+                else:  # nobody committed it for us while we waited: lead a batch
+                    self._commit_held([], lead=False)
             else:
                 with self._gate:
                     leads = self._leader is None
