@@ -99,13 +99,34 @@ GATHER_WINDOW = 0.0005  # seconds, variant C
 KEEP_LEADING = 8  # batches a leader commits at most before it hands the lead on, variant E
 
 
-class _Unit(module._Unit):
-    __slots__ = ("waker", "leads")
+_Unit = module._Unit  # (its waker and leads serve variants B to E too)
 
-    def __init__(self, statements: list) -> None:
-        super().__init__(statements)
-        self.waker: Optional[threading.Lock] = None  # a follower's: released once, when its batch is over or it leads
-        self.leads = False  # the lead was handed to this unit's writer
+
+class _QueueOnLock(SQLitePersistence):
+    """Variant A: the store's group commit before variant G replaced it. A writer queues its unit,
+    then takes the commit lock; the holder commits every unit pending, and each writer woken takes
+    the lock in turn, only to find its unit done."""
+
+    def _write(self, statements: list) -> None:
+        if self._pid != os.getpid() or self._closed or self.read_only or self._broken:
+            self._check_usable()
+        unit = module._Unit(statements)
+        with shield():
+            self._pending.append(unit)
+            with self._commit_lock:
+                if not unit.done:
+                    pending = self._pending
+                    batch = [pending.popleft() for _ in range(len(pending))]
+                    if self._closed or self._broken:
+                        for waiting in batch:
+                            waiting.error = PersistenceError(self._broken or f"{self!r} was closed")
+                    elif batch:
+                        self._commit(batch)
+                        now = time.monotonic()
+                        if now >= self._next_wal_check:
+                            self._next_wal_check = now + module._WAL_CHECK_INTERVAL
+                            self._look_at_files(batch)
+        _raise_unless_done(self, unit)
 
 
 class _OwnLocks(SQLitePersistence):
@@ -395,12 +416,13 @@ def _raise_unless_done(store: SQLitePersistence, unit: _Unit) -> None:
 
 
 VARIANTS: Dict[str, Tuple[str, type]] = {
-    "A": ("shipped: followers on the commit lock", SQLitePersistence),
+    "A": ("before G: followers on the commit lock", _QueueOnLock),
     "B": ("followers on locks of their own", _OwnLocks),
     "C": (f"B + gather <= {GATHER_WINDOW * 1e6:.0f}us", _OwnLocksGathering),
     "D": ("next leader on the commit lock, others own", _NextLeader),
     "E": (f"leader keeps leading <= {KEEP_LEADING} batches", _KeepLeading),
     "F": ("A, but a writer done returns, lock-free", _DoneReturns),
+    "G": ("shipped: D under FULL, A under NORMAL", SQLitePersistence),
 }
 # jobs, producer threads, workers, seconds each job runs
 CASES = {"one": (1000, 1, 0, 0.0), "four": (1000, 4, 0, 0.0), "e2e": (10_000, 1, 4, 0.0),

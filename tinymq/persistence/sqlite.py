@@ -1084,15 +1084,11 @@ class SQLitePersistence:
         unit = _Unit(statements)
         # A worker thread's interruption (interrupt_on_timeout) waits: this thread may commit other threads' units.
         with shield():
-            if self._commit_lock.acquire(False):  # nobody commits now: at once, with any unit waiting
-                self._commit_held([unit], lead=False)
-            elif not self._hand_off:  # NORMAL: wait on the commit lock; its next holder commits our unit
+            if not self._hand_off:
                 self._pending.append(unit)
-                self._commit_lock.acquire()
-                if unit.done:
-                    self._commit_lock.release()
-                else:  # nobody committed it for us while we waited: lead a batch
-                    self._commit_held([], lead=False)
+                with self._commit_lock:
+                    if not unit.done:  # nobody committed it for us while we waited: lead a batch
+                        self._commit_pending([])
             else:
                 with self._gate:
                     leads = self._leader is None
@@ -1106,8 +1102,7 @@ class SQLitePersistence:
                     if not leads:
                         waker.acquire()  # our batch is over, or the lead was handed to us
                     if leads or unit.leads:
-                        self._commit_lock.acquire()
-                        self._commit_held([unit], lead=True)
+                        self._lead(unit)
                 except BaseException:  # (Ctrl-C) no unit may be left pending without a writer to lead it
                     self._resign(unit)
                     raise
@@ -1117,35 +1112,39 @@ class SQLitePersistence:
                 raise error
             raise PersistenceError(f"{self!r}: write failed: {error or 'interrupted before its commit'}") from error
 
-    def _commit_held(self, batch: List[_Unit], lead: bool) -> None:
-        """Commit ``batch`` with every unit pending (``lead``: as the writer due to lead them), release
-        the commit lock, then the writers waiting for the units committed. Caller holds the commit lock."""
+    def _lead(self, unit: _Unit) -> None:
+        """Under FULL: take the commit lock, commit ``unit`` and every unit pending, then release their writers."""
+        batch = [unit]
         try:
-            try:
-                if lead or self._pending:
-                    with self._gate:
-                        batch.extend(self._pending)
-                        self._pending.clear()
-                        if lead:
-                            self._leader = None  # the next writer to find the lock taken leads the next batch
-                if self._closed or self._broken:
-                    for waiting in batch:
-                        waiting.error = PersistenceError(self._broken or f"{self!r} was closed")
-                elif batch:
-                    self._commit(batch)
-                    # Before any of it is acknowledged, now and then: a look per commit (an lstat
-                    # of each file) made one producer's durable enqueue about a third slower, and
-                    # a poll of an inotify watch per commit durable end to end about 8 % slower.
-                    now = time.monotonic()
-                    if now >= self._next_wal_check:
-                        self._next_wal_check = now + _WAL_CHECK_INTERVAL
-                        self._look_at_files(batch)
-            finally:
-                self._commit_lock.release()
+            with self._commit_lock:
+                self._commit_pending(batch)
         finally:
             for waiting in batch:
                 if waiting.waker is not None:
                     waiting.waker.release()
+
+    def _commit_pending(self, batch: List[_Unit]) -> None:
+        """Commit ``batch`` and every unit pending (``batch`` then holds them all). Caller holds the commit lock."""
+        if self._hand_off:
+            with self._gate:
+                batch.extend(self._pending)
+                self._pending.clear()
+                self._leader = None  # the next writer to find a leader missing leads the next batch
+        else:
+            pending = self._pending
+            batch.extend([pending.popleft() for _ in range(len(pending))])
+        if self._closed or self._broken:
+            for waiting in batch:
+                waiting.error = PersistenceError(self._broken or f"{self!r} was closed")
+        elif batch:
+            self._commit(batch)
+            # Before any of it is acknowledged, now and then: a look per commit (an lstat
+            # of each file) made one producer's durable enqueue about a third slower, and
+            # a poll of an inotify watch per commit durable end to end about 8 % slower.
+            now = time.monotonic()
+            if now >= self._next_wal_check:
+                self._next_wal_check = now + _WAL_CHECK_INTERVAL
+                self._look_at_files(batch)
 
     def _resign(self, unit: _Unit) -> None:
         """``unit``'s writer was interrupted: take its unit back unless a batch has it, and if the
