@@ -36,6 +36,11 @@ Variants:
 - E: a leader that keeps leading (``_KeepLeading``): writers that find a leader wait on
   locks of their own, and the leader commits batch after batch while writers keep coming
   (at most ``KEEP_LEADING``), so their Python runs while it is inside SQLite.
+- F: A, but a writer that finds the commit lock taken waits on a Condition the leader
+  notifies after its batch (``_DoneReturns``): one whose unit is done returns; the others
+  try for the lock again (every waiter wakes after every batch).
+- G: the store as shipped: D under ``synchronous="FULL"``, A (``_QueueOnLock``, the
+  store's code before) under NORMAL.
 
 What it showed (2 CPUs shared with other tenants at load 2-5; medians of 12 rounds,
 e2e-busy of 6; CPU / wall us per job, units per commit):
@@ -74,6 +79,28 @@ sleeping thread takes to wake, and four producers lose their time passing the GI
 each SQLite call, not at the commit lock. Under FULL (a commit waits for an fsync) writers
 do meet, and D's batches are bigger than A's; the FULL figures vary with the disk's fsync
 time from round to round, and D costs NORMAL more than it gives FULL. The store keeps A.
+
+Then (session 31; durfull31 had cut FULL's checkpoint interval, so a commit's
+fdatasync is ~150 us), FULL four, A's and D's wall us per job in 11 runs of
+``--pairs`` 2 to 6 (each the medians of 6-18 rounds; load 1-5):
+
+    135.7/108.5  134.5/83.5  106.7/85.4  122.3/80.4  244.1/108.5  129.6/93.4
+    123.7/87.3   122.5/86.1  117.7/83.2  179.6/138.5  119.6/97.5
+
+(the last three: G, which is D under FULL). D runs 4 producers 23-125 % faster than A,
+median +41 % (medians of the runs: 87.3 us, 11.5 k jobs/s, against 123.7 us, 8.1 k;
+one producer 150-190 us), at 2.47-2.48 units per commit against A's 1.41-2.17, and
+4-34 % less CPU per job (median 14 %): in A a writer whose unit was committed waited on the commit
+lock, often through the next writer's whole commit, fsync included; in D it never
+takes the lock. Under NORMAL D still cost more than it gave: four, in 5 runs of 6,
+1.6-3.3x A's voluntary switches per job and 4-20 % more CPU per job (e.g. 2.26
+against 1.27, 46 against 40 us); e2e measured either way (D's CPU per job 0.56-1.28x
+A's), hence G. Two designs measured and not kept:
+F (the same run as D's first: 8.6 k jobs/s against A's 7.4 k and D's 12.0 k, CPU 81 us
+per job against 60 and 42: every waiter wakes after every batch), and D with a free
+commit lock taken at once, as A does (10.2 k jobs/s against D's 11.6 k, 1.96 units per
+commit against 2.47: a writer back from its commit found the lock free before the next
+leader woke, and committed with fewer units).
 """
 
 import argparse

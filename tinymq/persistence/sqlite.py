@@ -15,9 +15,10 @@ tells recovery what to do with it:
 
 Every write is committed before the call returns. Writes from all threads go
 through one connection and one commit lock, with group commit: a thread that
-finds the lock taken queues its statements, and the next lock holder commits
+finds a commit under way queues its statements, and the next committer commits
 everyone's in one transaction (if that fails, each caller's statements are
-retried alone, so one bad write fails only its own call).
+retried alone, so one bad write fails only its own call); under FULL a writer
+whose statements another committed returns without taking the lock.
 
 A file has one live owner (see ``_ownership.py``); ``read_only=True`` opens a
 file for inspection without owning it, and writes nothing.
@@ -1066,18 +1067,23 @@ class SQLitePersistence:
         """Commit ``statements`` atomically, possibly in one transaction with other threads' units.
 
         Returns only once they are committed; raises PersistenceError otherwise.
-        The first writer to come while no other is due to lead waits for the
-        commit lock and, once it has it, commits every unit pending then; the
-        writers that come meanwhile wait on locks of their own, which that
-        leader releases once their batch is over. A writer whose unit another
-        thread committed so never takes the commit lock: formerly every writer
-        queued on it, and one whose unit was committed for it could wait there
-        through another writer's whole commit before it learnt so. Under
-        synchronous=FULL (an fdatasync per commit) that cost 4 producer threads
-        about a third of their rate: bench/durable_group_commit_ab.py, variant D
-        against A, ~12 k jobs/s at ~2.5 units per commit against ~7.5 k at ~2.0.
-        Under NORMAL (no fsync, writers seldom meet) the two measured alike.
-        Other designs measured and not kept are described there.
+        Under NORMAL, writers queue on the commit lock itself: the one that gets
+        it commits every unit pending then, and a writer back at once may take it
+        again (no thread wakes for that). Under FULL (an fdatasync per commit) the
+        first writer to find no leader waits for the commit lock and, once it has
+        it, commits its unit and every unit pending then; the writers that come
+        meanwhile wait on locks of their own, which that leader releases once
+        their batch is over, so a writer whose unit was committed never takes the
+        commit lock. Queued on it as under NORMAL, such a writer often waited
+        through the next writer's whole commit, fsync included, before it learnt
+        its unit was done. Measured with bench/durable_group_commit_ab.py (4
+        producer threads, 11 runs, medians): FULL, 11.5 k jobs/s at 2.5 units per
+        commit against 8.1 k at 1.4-2.2 units (+23 % to +125 %, median +41 %; one
+        producer about 6.6 k). Under NORMAL, where a commit is shorter than a
+        thread takes to wake, the same hand-off made 4 producers block 1.6-3.3x
+        as often and cost 4-20 % more CPU per job in 5 runs of 6 (end to end it
+        measured either way), so NORMAL keeps the queue on the commit lock. Other
+        designs measured and not kept are described there.
         """
         if self._pid != os.getpid() or self._closed or self.read_only or self._broken:
             self._check_usable()
