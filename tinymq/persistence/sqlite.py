@@ -1135,7 +1135,7 @@ class SQLitePersistence:
             with self._gate:
                 batch.extend(self._pending)
                 self._pending.clear()
-                self._leader = None  # the next writer to find a leader missing leads the next batch
+                self._leader = None  # the next writer to come leads the next batch
         else:
             pending = self._pending
             batch.extend([pending.popleft() for _ in range(len(pending))])
