@@ -36,6 +36,11 @@ Variants:
 - E: a leader that keeps leading (``_KeepLeading``): writers that find a leader wait on
   locks of their own, and the leader commits batch after batch while writers keep coming
   (at most ``KEEP_LEADING``), so their Python runs while it is inside SQLite.
+- F: A, but a writer that finds the commit lock taken waits on a Condition the leader
+  notifies after its batch (``_DoneReturns``): one whose unit is done returns; the others
+  try for the lock again (every waiter wakes after every batch).
+- G: the store as shipped: D under ``synchronous="FULL"``, A (``_QueueOnLock``, the
+  store's code before) under NORMAL.
 
 What it showed (2 CPUs shared with other tenants at load 2-5; medians of 12 rounds,
 e2e-busy of 6; CPU / wall us per job, units per commit):
@@ -74,6 +79,28 @@ sleeping thread takes to wake, and four producers lose their time passing the GI
 each SQLite call, not at the commit lock. Under FULL (a commit waits for an fsync) writers
 do meet, and D's batches are bigger than A's; the FULL figures vary with the disk's fsync
 time from round to round, and D costs NORMAL more than it gives FULL. The store keeps A.
+
+Then (session 31; durfull31 had cut FULL's checkpoint interval, so a commit's
+fdatasync is ~150 us), FULL four, A's and D's wall us per job in 11 runs of
+``--pairs`` 2 to 6 (each the medians of 6-18 rounds; load 1-5):
+
+    135.7/108.5  134.5/83.5  106.7/85.4  122.3/80.4  244.1/108.5  129.6/93.4
+    123.7/87.3   122.5/86.1  117.7/83.2  179.6/138.5  119.6/97.5
+
+(the last three: G, which is D under FULL). D runs 4 producers 23-125 % faster than A,
+median +41 % (medians of the runs: 87.3 us, 11.5 k jobs/s, against 123.7 us, 8.1 k;
+one producer 150-190 us), at 2.47-2.48 units per commit against A's 1.41-2.17, and
+4-34 % less CPU per job (median 14 %): in A a writer whose unit was committed waited on the commit
+lock, often through the next writer's whole commit, fsync included; in D it never
+takes the lock. Under NORMAL D still cost more than it gave: four, in 5 runs of 6,
+1.6-3.3x A's voluntary switches per job and 4-20 % more CPU per job (e.g. 2.26
+against 1.27, 46 against 40 us); e2e measured either way (D's CPU per job 0.56-1.28x
+A's), hence G. Two designs measured and not kept:
+F (the same run as D's first: 8.6 k jobs/s against A's 7.4 k and D's 12.0 k, CPU 81 us
+per job against 60 and 42: every waiter wakes after every batch), and D with a free
+commit lock taken at once, as A does (10.2 k jobs/s against D's 11.6 k, 1.96 units per
+commit against 2.47: a writer back from its commit found the lock free before the next
+leader woke, and committed with fewer units).
 """
 
 import argparse
@@ -99,13 +126,34 @@ GATHER_WINDOW = 0.0005  # seconds, variant C
 KEEP_LEADING = 8  # batches a leader commits at most before it hands the lead on, variant E
 
 
-class _Unit(module._Unit):
-    __slots__ = ("waker", "leads")
+_Unit = module._Unit  # (its waker and leads serve variants B to E too)
 
-    def __init__(self, statements: list) -> None:
-        super().__init__(statements)
-        self.waker: Optional[threading.Lock] = None  # a follower's: released once, when its batch is over or it leads
-        self.leads = False  # the lead was handed to this unit's writer
+
+class _QueueOnLock(SQLitePersistence):
+    """Variant A: the store's group commit before variant G replaced it. A writer queues its unit,
+    then takes the commit lock; the holder commits every unit pending, and each writer woken takes
+    the lock in turn, only to find its unit done."""
+
+    def _write(self, statements: list) -> None:
+        if self._pid != os.getpid() or self._closed or self.read_only or self._broken:
+            self._check_usable()
+        unit = module._Unit(statements)
+        with shield():
+            self._pending.append(unit)
+            with self._commit_lock:
+                if not unit.done:
+                    pending = self._pending
+                    batch = [pending.popleft() for _ in range(len(pending))]
+                    if self._closed or self._broken:
+                        for waiting in batch:
+                            waiting.error = PersistenceError(self._broken or f"{self!r} was closed")
+                    elif batch:
+                        self._commit(batch)
+                        now = time.monotonic()
+                        if now >= self._next_wal_check:
+                            self._next_wal_check = now + module._WAL_CHECK_INTERVAL
+                            self._look_at_files(batch)
+        _raise_unless_done(self, unit)
 
 
 class _OwnLocks(SQLitePersistence):
@@ -314,6 +362,78 @@ class _KeepLeading(_NextLeader):
                     self._next = None
 
 
+class _FinishedUnit(module._Unit):
+    __slots__ = ("finished",)
+
+    def __init__(self, statements: list) -> None:
+        super().__init__(statements)
+        self.finished = False  # its batch is over (done and error final): its writer may return
+
+
+class _DoneReturns(SQLitePersistence):
+    """Variant F: as A (whoever finds the commit lock free commits every pending unit; a writer back
+    at once takes it again), but a writer that finds a batch being committed waits on a Condition,
+    not on the commit lock: the leader wakes the waiting writers after its batch, and a writer whose
+    unit that batch committed returns without taking the lock; the others try for the lock again."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._gate = threading.Condition(threading.Lock())
+        self._leading = False  # a writer holds the commit lock to commit a batch
+        self._waiting = 0  # writers waiting on _gate
+
+    def _write(self, statements: list) -> None:
+        if self._pid != os.getpid() or self._closed or self.read_only:
+            self._check_usable()
+        unit = _FinishedUnit(statements)
+        with shield():
+            self._pending.append(unit)
+            if self._lock_to_lead(unit):
+                self._lead()
+        _raise_unless_done(self, unit)
+
+    def _lock_to_lead(self, unit: _FinishedUnit) -> bool:
+        """Wait until ``unit``'s batch is over (False), or take the commit lock to commit it (True)."""
+        lock = self._commit_lock
+        while not lock.acquire(False):
+            gate = self._gate
+            with gate:
+                self._waiting += 1
+                try:
+                    while self._leading and not unit.finished:
+                        gate.wait()
+                finally:
+                    self._waiting -= 1
+            if unit.finished:
+                return False
+            if not self._leading:  # held by no writer (close, a read): wait for it on the lock
+                lock.acquire()
+                break
+        if unit.finished:
+            lock.release()
+            return False
+        return True
+
+    def _lead(self) -> None:
+        """Commit every pending unit. Caller holds the commit lock; this releases it."""
+        pending = self._pending
+        batch: List[Any] = []
+        self._leading = True
+        try:
+            batch = [pending.popleft() for _ in range(len(pending))]
+            self._commit_batch(batch)
+        finally:
+            for waiting in batch:
+                waiting.finished = True
+            self._leading = False
+            self._commit_lock.release()
+            if self._waiting:
+                with self._gate:
+                    self._gate.notify_all()
+
+    _commit_batch = _NextLeader._commit_batch
+
+
 def _raise_unless_done(store: SQLitePersistence, unit: _Unit) -> None:
     if not unit.done:
         error = unit.error
@@ -323,11 +443,13 @@ def _raise_unless_done(store: SQLitePersistence, unit: _Unit) -> None:
 
 
 VARIANTS: Dict[str, Tuple[str, type]] = {
-    "A": ("shipped: followers on the commit lock", SQLitePersistence),
+    "A": ("before G: followers on the commit lock", _QueueOnLock),
     "B": ("followers on locks of their own", _OwnLocks),
     "C": (f"B + gather <= {GATHER_WINDOW * 1e6:.0f}us", _OwnLocksGathering),
     "D": ("next leader on the commit lock, others own", _NextLeader),
     "E": (f"leader keeps leading <= {KEEP_LEADING} batches", _KeepLeading),
+    "F": ("A, but a writer done returns, lock-free", _DoneReturns),
+    "G": ("shipped: D under FULL, A under NORMAL", SQLitePersistence),
 }
 # jobs, producer threads, workers, seconds each job runs
 CASES = {"one": (1000, 1, 0, 0.0), "four": (1000, 4, 0, 0.0), "e2e": (10_000, 1, 4, 0.0),

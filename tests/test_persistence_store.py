@@ -779,15 +779,55 @@ def test_a_writer_whose_unit_a_failed_committer_drained_gets_an_error_not_silenc
         assert rows(store) == {}
 
 
+def test_a_follower_whose_unit_a_dying_committer_took_gets_an_error_not_silence_under_full(path):
+    """Under FULL a writer that finds a commit under way waits on a lock of its own: if the writer that
+    leads its batch dies (an exception raised into it) after taking the units, their writers raise."""
+    import time
+
+    with SQLitePersistence(path, synchronous="FULL") as store:
+        outcome = {}
+
+        def writer(name):
+            try:
+                store.save(Job("t", id=name))
+                outcome[name] = "returned"
+            except PersistenceError as exc:
+                outcome[name] = str(exc)
+            except _Killed:
+                outcome[name] = "killed"
+
+        def dies(batch):
+            raise _Killed()
+
+        deadline = time.monotonic() + 10
+        with store._commit_lock:  # as a read holding the lock: the first writer waits for it to lead
+            committer = threading.Thread(target=writer, args=("committer",))
+            committer.start()
+            while store._leader is None and time.monotonic() < deadline:
+                time.sleep(0.001)
+            drained = threading.Thread(target=writer, args=("drained",))
+            drained.start()
+            while not store._pending and time.monotonic() < deadline:
+                time.sleep(0.001)  # waiting for the second writer to queue its unit
+            store._commit = dies  # the committer takes it, then dies before committing
+        committer.join(10)
+        drained.join(10)
+        assert outcome["committer"] == "killed"
+        assert "interrupted before its commit" in outcome["drained"]
+        del store._commit
+        assert rows(store) == {}
+
+
 class _Killed(BaseException):
     """An exception raised into a committing thread (as JobTimeout is with interrupt_on_timeout)."""
 
 
-def test_writers_from_many_threads_with_failures_and_a_dying_committer_never_hang(path):
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+def test_writers_from_many_threads_with_failures_and_a_dying_committer_never_hang(path, synchronous):
     """16 threads save, delete and save_many at once; some units are refused by SQLite and now
     and then a committer dies in its commit. Every call returns or raises PersistenceError
     (none waits forever), and the store holds exactly what the calls that returned wrote."""
-    with SQLitePersistence(path) as store:
+    with SQLitePersistence(path, synchronous=synchronous) as store:
         original = store._commit
         rounds = itertools.count()
 

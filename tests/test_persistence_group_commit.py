@@ -1,0 +1,217 @@
+"""SQLitePersistence's group commit: many threads' writes, committed together, each acknowledged only
+once committed, each failure raised in its own writer, and the lead of a batch never left unheld."""
+import sqlite3
+import threading
+
+import pytest
+
+from tinymq import PersistenceError
+from tinymq.job import Job
+from tinymq.persistence import SQLitePersistence
+
+from _helpers import WAIT, wait_until
+
+
+class _Killed(BaseException):
+    """An exception raised into a writer's thread (as JobTimeout is with interrupt_on_timeout)."""
+
+
+class _WatchedLock:
+    """The store's commit lock, noting the threads that wait for it (``waiters``) and that take it
+    (``takers``), the test's own thread left out; ``before_waiting`` (if set) runs as a thread waits."""
+
+    def __init__(self, lock):
+        self.lock = lock
+        self.waiters = []
+        self.takers = []
+        self.before_waiting = None
+
+    def acquire(self, blocking=True):
+        if threading.current_thread() is threading.main_thread():  # the test's own thread
+            return self.lock.acquire(blocking)
+        name = threading.current_thread().name
+        if blocking:
+            self.waiters.append(name)
+            if self.before_waiting is not None:
+                self.before_waiting()
+        taken = self.lock.acquire(blocking)
+        if taken:
+            self.takers.append(name)
+        return taken
+
+    def release(self):
+        self.lock.release()
+
+    def locked(self):
+        return self.lock.locked()
+
+    def __enter__(self):
+        self.acquire()
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+
+def _ids_in_file(path):
+    """The ids the file holds, read by a connection of its own after the store was closed."""
+    conn = sqlite3.connect(path)
+    try:
+        return {job_id for (job_id,) in conn.execute("SELECT id FROM tinymq_jobs")}
+    finally:
+        conn.close()
+
+
+def _start(name, target):
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+def test_every_acknowledged_write_of_many_threads_is_in_the_file_and_every_failure_raises_in_its_writer(
+        path, synchronous):
+    """Stress: 8 threads save, save_many, delete and write units SQLite refuses, at once. Each call
+    returns only once committed (the reopened file holds every id a returned call saved, and none it
+    deleted), and a refused unit raises in its own writer, never in the others of its batch."""
+    threads, writes = 8, 120
+    acknowledged, deleted, refused, unexpected = set(), set(), [], []
+    batches = []
+    barrier = threading.Barrier(threads)
+    with SQLitePersistence(path, synchronous=synchronous) as store:
+        commit = store._commit
+
+        def counted(batch):
+            batches.append(len(batch))
+            commit(batch)
+
+        store._commit = counted
+
+        def writer(t):
+            barrier.wait()
+            for i in range(writes):
+                job_id = f"{t}-{i}"
+                try:
+                    if i % 11 == 10:
+                        try:
+                            store._write([("INSERT INTO no_such_table VALUES (1)", ())])
+                        except PersistenceError:
+                            refused.append(job_id)
+                        else:  # pragma: no cover - reported below
+                            unexpected.append(f"{job_id}: a refused unit returned")
+                    elif i % 7 == 6:
+                        store.save_many([Job("t", id=f"{job_id}-{k}") for k in range(3)])
+                        acknowledged.update(f"{job_id}-{k}" for k in range(3))
+                    else:
+                        store.save(Job("t", id=job_id))
+                        acknowledged.add(job_id)
+                        if i % 5 == 0:
+                            store.delete(job_id)
+                            deleted.add(job_id)
+                except BaseException as exc:  # pragma: no cover - reported below
+                    unexpected.append(f"{job_id}: {exc!r}")
+
+        workers = [_start(f"writer-{t}", lambda t=t: writer(t)) for t in range(threads)]
+        for thread in workers:
+            thread.join(WAIT * 6)
+        assert not any(thread.is_alive() for thread in workers), "a writer is waiting forever"
+        assert unexpected == []
+        assert len(refused) == threads * len(range(10, writes, 11))
+        assert sum(batches) >= threads * writes  # (a refused unit of a batch is committed alone after it)
+    assert _ids_in_file(path) == acknowledged - deleted
+
+
+def _queued(store):
+    """Units waiting for a commit: the pending ones, and the one of the writer due to lead them."""
+    return len(store._pending) + (getattr(store, "_leader", None) is not None)
+
+
+def _queue_writers(store, lock, names):
+    """Start a saving thread per name while the test holds the store's commit ``lock``: the first
+    waits for that lock to lead, the others to be committed by it. Returns the threads and outcomes."""
+    outcomes = {}
+
+    def save(name):
+        try:
+            if name.startswith("bad"):
+                store._write([("INSERT INTO no_such_table VALUES (1)", ())])
+            else:
+                store.save(Job("t", id=name))
+            outcomes[name] = "returned"
+        except (PersistenceError, _Killed) as exc:
+            outcomes[name] = exc
+
+    started = []
+    for name in names:
+        started.append(_start(name, lambda name=name: save(name)))
+        if len(started) == 1:
+            assert wait_until(lambda: lock.waiters == [names[0]]), "the first writer did not wait to lead"
+        else:
+            assert wait_until(lambda: _queued(store) == len(started)), f"{name} did not queue"
+    return started, outcomes
+
+
+def test_writers_a_batch_committed_return_without_taking_the_commit_lock(path):
+    """Three writers queue while the commit lock is held: the first commits all three units in one
+    transaction, and the other two return then, without ever taking the lock (under synchronous=FULL
+    a writer waiting for it could wait through another writer's whole commit, fsync included)."""
+    with SQLitePersistence(path, synchronous="FULL") as store:
+        lock = store._commit_lock = _WatchedLock(store._commit_lock)
+        batches = []
+        commit = store._commit
+        store._commit = lambda batch: (batches.append(len(batch)), commit(batch))
+        lock.acquire()  # as a read holds it
+        try:
+            threads, outcomes = _queue_writers(store, lock, ["first", "second", "third"])
+        finally:
+            lock.release()
+        for thread in threads:
+            thread.join(WAIT)
+        assert outcomes == dict.fromkeys(["first", "second", "third"], "returned")
+        assert batches == [3]
+        assert lock.waiters == lock.takers == ["first"]
+    assert _ids_in_file(path) == {"first", "second", "third"}
+
+
+def test_a_refused_unit_of_a_batch_raises_in_its_own_writer_only(path):
+    with SQLitePersistence(path, synchronous="FULL") as store:
+        lock = store._commit_lock = _WatchedLock(store._commit_lock)
+        lock.acquire()
+        try:
+            threads, outcomes = _queue_writers(store, lock, ["first", "bad", "third"])
+        finally:
+            lock.release()
+        for thread in threads:
+            thread.join(WAIT)
+        assert outcomes["first"] == outcomes["third"] == "returned"
+        assert isinstance(outcomes["bad"], PersistenceError) and "no_such_table" in str(outcomes["bad"])
+    assert _ids_in_file(path) == {"first", "third"}
+
+
+def test_a_writer_interrupted_while_it_waits_to_lead_hands_the_lead_on(path):
+    """The writer due to lead the next batch is interrupted while it waits for the commit lock: its
+    unit is not written and its call raises; the oldest writer waiting leads instead, and commits
+    the others' units (none waits forever), and the store goes on."""
+    with SQLitePersistence(path, synchronous="FULL") as store:
+        lock = store._commit_lock = _WatchedLock(store._commit_lock)
+        interrupt = threading.Event()
+
+        def interrupted_if_first():
+            if threading.current_thread().name == "first":
+                assert interrupt.wait(WAIT)
+                raise _Killed()
+
+        lock.before_waiting = interrupted_if_first
+        lock.acquire()  # as a read holds it
+        try:
+            threads, outcomes = _queue_writers(store, lock, ["first", "second", "third"])
+        finally:
+            interrupt.set()
+            lock.release()
+        for thread in threads:
+            thread.join(WAIT)
+        assert not any(thread.is_alive() for thread in threads), "a writer is waiting forever"
+        assert isinstance(outcomes["first"], _Killed)
+        assert outcomes["second"] == outcomes["third"] == "returned"
+        assert lock.waiters == ["first", "second"] and lock.takers == ["second"]
+        store.save(Job("t", id="after"))
+    assert _ids_in_file(path) == {"second", "third", "after"}
