@@ -220,6 +220,29 @@ def test_a_store_whose_load_all_returns_what_no_queue_can_place_is_refused_befor
 
 # --- 5. A job whose function forks ------------------------------------------------------------------
 
+# The parent's side of a fork in a job (FORK_IN_A_JOB, and test_gclock31's in a coroutine): it runs
+# the queue, waits for the child, and prints what the test reads.
+WAIT_FOR_THE_FORKED_CHILD = r"""
+q.enqueue(Job("forks", id="forks"))
+q.enqueue_many([Job("work", id=f"w{i}") for i in range(20)])
+q.start_dispatcher(2)
+print("joined", q.join(timeout=20), flush=True)
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    done, status = os.waitpid(children[0], os.WNOHANG)
+    if done:
+        print("child exited", os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status), flush=True)
+        break
+    time.sleep(0.01)
+else:
+    os.kill(children[0], 9)
+    os.waitpid(children[0], 0)
+    print("child hung", flush=True)
+q.stop()
+runs = open(sys.argv[1] + ".ran").read().split()
+print("runs", sorted(set(runs[0::2])) == [str(os.getpid())], len(runs[1::2]), len(set(runs[1::2])), flush=True)
+"""
+
 # A job's function that fork()ed (a library that forks without exec, a daemon's fork) and whose child
 # returned from it, or ended it with sys.exit(), as a child of a plain script would: the child, whose
 # only thread is the worker's, went on in tinymq's worker loop. It ran its parent's queued jobs a
@@ -254,25 +277,7 @@ def forks(job):
 def work(job):
     os.write(ran, f"{os.getpid()} {job.id}\n".encode())
 
-q.enqueue(Job("forks", id="forks"))
-q.enqueue_many([Job("work", id=f"w{i}") for i in range(20)])
-q.start_dispatcher(2)
-print("joined", q.join(timeout=20), flush=True)
-deadline = time.monotonic() + 20
-while time.monotonic() < deadline:
-    done, status = os.waitpid(children[0], os.WNOHANG)
-    if done:
-        print("child exited", os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status), flush=True)
-        break
-    time.sleep(0.01)
-else:
-    os.kill(children[0], 9)
-    os.waitpid(children[0], 0)
-    print("child hung", flush=True)
-q.stop()
-runs = open(sys.argv[1] + ".ran").read().split()
-print("runs", sorted(set(runs[0::2])) == [str(os.getpid())], len(runs[1::2]), len(set(runs[1::2])), flush=True)
-"""
+""" + WAIT_FOR_THE_FORKED_CHILD
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")

@@ -12,7 +12,7 @@ from tinymq import Config, Job, Queue
 
 from _helpers import WAIT
 from conftest import env_flag
-from test_attack30d_findings import run_python
+from test_attack30d_findings import WAIT_FOR_THE_FORKED_CHILD, run_python
 
 # --- 1. Code the collector runs inside a section of the dispatcher's calls the queue ------------
 #
@@ -266,25 +266,7 @@ async def work(job):
     os.write(ran, f"{os.getpid()} {job.id}\n".encode())
     await asyncio.sleep(0.001)
 
-q.enqueue(Job("forks", id="forks"))
-q.enqueue_many([Job("work", id=f"w{i}") for i in range(20)])
-q.start_dispatcher(2)
-print("joined", q.join(timeout=20), flush=True)
-deadline = time.monotonic() + 20
-while time.monotonic() < deadline:
-    done, status = os.waitpid(children[0], os.WNOHANG)
-    if done:
-        print("child exited", os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status), flush=True)
-        break
-    time.sleep(0.01)
-else:
-    os.kill(children[0], 9)
-    os.waitpid(children[0], 0)
-    print("child hung", flush=True)
-q.stop()
-runs = open(path + ".ran").read().split()
-print("runs", sorted(set(runs[0::2])) == [str(os.getpid())], len(runs[1::2]), len(set(runs[1::2])), flush=True)
-"""
+""" + WAIT_FOR_THE_FORKED_CHILD
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
