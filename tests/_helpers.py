@@ -75,6 +75,18 @@ def worker_threads():
     return {thread for thread in threading.enumerate() if thread.name.startswith("tinymq-worker")}
 
 
+def timed_stop(q, thread_name):
+    """``q.stop()``'s duration in seconds; fails unless the Redis link's thread named ``thread_name``
+    ("pump", "heartbeat") was running before it and has ended when it returns."""
+    threads = [thread for thread in q._link._threads if thread_name in thread.name]
+    assert threads and threads[0].is_alive()
+    began = time.monotonic()
+    q.stop()
+    took = time.monotonic() - began
+    assert not threads[0].is_alive(), f"the {thread_name} runs on after stop() returned"
+    return took
+
+
 def wait_until(predicate, timeout=WAIT, interval=0.002):
     """Poll ``predicate`` until it is true or ``timeout`` passes; return its last value."""
     deadline = time.monotonic() + timeout

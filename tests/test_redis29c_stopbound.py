@@ -8,6 +8,7 @@ import pytest
 
 import tinymq
 
+from _helpers import timed_stop
 from test_redis29b_findings import PROXY_THREAD, StallingProxy
 
 
@@ -95,12 +96,7 @@ def test_a_beat_stuck_in_its_call_ends_before_stop_returns(redis_server, caplog)
         q.start_dispatcher(1)
         proxy.stall()
         assert proxy.stalled.wait(BEAT_LEASE * 2), "no beat was sent"
-        heartbeat = [thread for thread in q._link._threads if "heartbeat" in thread.name]
-        assert heartbeat and heartbeat[0].is_alive()
-        began = time.monotonic()
-        q.stop()
-        took = time.monotonic() - began
-        assert not heartbeat[0].is_alive(), "the heartbeat runs on after stop() returned"
+        took = timed_stop(q, "heartbeat")
         assert proxy.stalled_closed.wait(1.0), "the stuck beat's connection was left open"
         assert took < 3.0, f"stop() took {took:.1f} s"
         assert not [name for name in _left(before) if name.startswith("tinymq")]

@@ -6,7 +6,7 @@ import pytest
 
 import tinymq
 
-from _helpers import WAIT
+from _helpers import WAIT, timed_stop
 from test_redis29b_findings import PROXY_THREAD, StallingProxy
 
 
@@ -35,12 +35,7 @@ def test_an_idle_wait_whose_reply_is_held_ends_before_stop_returns(redis_server,
         q.start_dispatcher(1)
         proxy.stall()
         assert proxy.stalled.wait(10.0), "the pump sent no BLPOP"
-        pump = [thread for thread in q._link._threads if "pump" in thread.name]
-        assert pump and pump[0].is_alive()
-        began = time.monotonic()
-        q.stop()
-        took = time.monotonic() - began
-        assert not pump[0].is_alive(), "the pump runs on after stop() returned"
+        took = timed_stop(q, "pump")
         assert proxy.stalled_closed.wait(1.0), "the held BLPOP's connection was left open"
         assert took < 4.0, f"stop() took {took:.1f} s"
         assert not [name for name in _left(before) if name.startswith("tinymq")]

@@ -8,7 +8,7 @@ import pytest
 import tinymq
 from tinymq import Job, TinyMQError
 
-from _helpers import WAIT, wait_until
+from _helpers import WAIT, timed_stop, wait_until
 from test_redis29b_findings import PROXY_THREAD, StallingProxy
 
 
@@ -146,12 +146,7 @@ def test_a_fetch_whose_reply_is_held_ends_before_stop_returns_and_its_job_runs_e
         assert wait_until(lambda: redis_client.hlen(fetched) == 1 and ready() == 0), "the held fetch did not run"
         if held == "everything":
             proxy.freeze()  # (the release too: the job comes back when the lease runs out)
-        pump = [thread for thread in q._link._threads if "pump" in thread.name]
-        assert pump and pump[0].is_alive()
-        began = time.monotonic()
-        q.stop()
-        took = time.monotonic() - began
-        assert not pump[0].is_alive(), "the pump runs on after stop() returned"
+        took = timed_stop(q, "pump")
         assert took < 4.5, f"stop() took {took:.1f} s"  # (about 2 s: its give-back's wait, docs/redis.md)
         assert not [thread for thread in _left(before) if thread.startswith("tinymq")], _left(before)
         assert "fetch failed" not in caplog.text
