@@ -101,8 +101,9 @@ def test_code_the_collector_runs_in_the_dispatchers_sections_may_call_the_queue_
         pytest.fail("deadlocked: no answer in 120 s")
     assert done.returncode == 0, done.stderr
     answered, refused_stats, cancels, refused_cancels = map(int, done.stdout.split())
-    # (called on the workers' and the loop's threads too; the pure core refuses a call inside a step of its own)
-    assert answered + refused_stats > 300 and cancels + refused_cancels > 300 and answered > 0, done.stdout
+    # The hook ran at many collections, on the workers' and the loop's threads too (the count follows
+    # the collector: about 700 calls on 3.11, 270 on 3.13); the pure core refuses a call inside a step of its own.
+    assert answered + refused_stats >= 100 and cancels + refused_cancels >= 100 and answered > 0, done.stdout
     if not no_extensions:
         assert refused_stats == 0, done.stdout  # get_stats() takes no lock of the dispatcher's
 
