@@ -150,22 +150,32 @@ def _queue_writers(store, lock, names):
     return started, outcomes
 
 
+def _writers_met_at_a_held_lock(store, names, before_waiting=None, before_release=lambda: None):
+    """The store's commit lock, watched (``before_waiting``: see _WatchedLock), held by the test (as
+    a read holds it) while a saving thread per name queues (_queue_writers), then released; the
+    threads joined. Returns the watched lock, the threads and their outcomes."""
+    lock = store._commit_lock = _WatchedLock(store._commit_lock)
+    lock.before_waiting = before_waiting
+    lock.acquire()
+    try:
+        threads, outcomes = _queue_writers(store, lock, names)
+    finally:
+        before_release()
+        lock.release()
+    for thread in threads:
+        thread.join(WAIT)
+    return lock, threads, outcomes
+
+
 def test_writers_a_batch_committed_return_without_taking_the_commit_lock(path):
     """Three writers queue while the commit lock is held: the first commits all three units in one
     transaction, and the other two return then, without ever taking the lock (under synchronous=FULL
     a writer waiting for it could wait through another writer's whole commit, fsync included)."""
     with SQLitePersistence(path, synchronous="FULL") as store:
-        lock = store._commit_lock = _WatchedLock(store._commit_lock)
         batches = []
         commit = store._commit
         store._commit = lambda batch: (batches.append(len(batch)), commit(batch))
-        lock.acquire()  # as a read holds it
-        try:
-            threads, outcomes = _queue_writers(store, lock, ["first", "second", "third"])
-        finally:
-            lock.release()
-        for thread in threads:
-            thread.join(WAIT)
+        lock, _, outcomes = _writers_met_at_a_held_lock(store, ["first", "second", "third"])
         assert outcomes == dict.fromkeys(["first", "second", "third"], "returned")
         assert batches == [3]
         assert lock.waiters == lock.takers == ["first"]
@@ -174,14 +184,7 @@ def test_writers_a_batch_committed_return_without_taking_the_commit_lock(path):
 
 def test_a_refused_unit_of_a_batch_raises_in_its_own_writer_only(path):
     with SQLitePersistence(path, synchronous="FULL") as store:
-        lock = store._commit_lock = _WatchedLock(store._commit_lock)
-        lock.acquire()
-        try:
-            threads, outcomes = _queue_writers(store, lock, ["first", "bad", "third"])
-        finally:
-            lock.release()
-        for thread in threads:
-            thread.join(WAIT)
+        _, _, outcomes = _writers_met_at_a_held_lock(store, ["first", "bad", "third"])
         assert outcomes["first"] == outcomes["third"] == "returned"
         assert isinstance(outcomes["bad"], PersistenceError) and "no_such_table" in str(outcomes["bad"])
     assert _ids_in_file(path) == {"first", "third"}
@@ -192,7 +195,6 @@ def test_a_writer_interrupted_while_it_waits_to_lead_hands_the_lead_on(path):
     unit is not written and its call raises; the oldest writer waiting leads instead, and commits
     the others' units (none waits forever), and the store goes on."""
     with SQLitePersistence(path, synchronous="FULL") as store:
-        lock = store._commit_lock = _WatchedLock(store._commit_lock)
         interrupt = threading.Event()
 
         def interrupted_if_first():
@@ -200,15 +202,8 @@ def test_a_writer_interrupted_while_it_waits_to_lead_hands_the_lead_on(path):
                 assert interrupt.wait(WAIT)
                 raise _Killed()
 
-        lock.before_waiting = interrupted_if_first
-        lock.acquire()  # as a read holds it
-        try:
-            threads, outcomes = _queue_writers(store, lock, ["first", "second", "third"])
-        finally:
-            interrupt.set()
-            lock.release()
-        for thread in threads:
-            thread.join(WAIT)
+        lock, threads, outcomes = _writers_met_at_a_held_lock(store, ["first", "second", "third"],
+                                                              interrupted_if_first, interrupt.set)
         assert not any(thread.is_alive() for thread in threads), "a writer is waiting forever"
         assert isinstance(outcomes["first"], _Killed)
         assert outcomes["second"] == outcomes["third"] == "returned"
