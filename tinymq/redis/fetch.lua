@@ -152,16 +152,16 @@ for p = 2, 0, -1 do
           room[t] = rate_room(t)
         end
         local closed = room[t] <= 0
+        local parks = closed or (limits[t] and running[t] >= limits[t]) -- (no slot of its type, or no rate room)
         local loop = on_loop[t]
-        if not (closed or (limits[t] and running[t] >= limits[t]))
-            and ((loop and loops >= m) or (not loop and threads >= n)) then
+        if not parks and ((loop and loops >= m) or (not loop and threads >= n)) then
           -- proc could run it but has no place for it now: it stays at the head, and the rest with it
           stopped = true
           for j = #ids, k, -1 do redis.call('LPUSH', READY[p], ids[j]) end
           break
         end
         if not f[6] then count_foreign(jk) end
-        if closed or (limits[t] and running[t] >= limits[t]) then
+        if parks then
           if closed then rate_closed[t] = true end
           local pk = parked_key(p, t)
           if not parking[pk] then
