@@ -179,22 +179,24 @@ def _no_reply(exc: BaseException, call: str) -> str:
     return f"did not answer {call}"
 
 
-def _refused_busy(exc: BaseException, sends: int) -> bool:
-    """Whether Redis refused a call without running it, on its only send (``sends``: see _Counted):
-    its reply BUSY (a plain ResponseError in redis-py), given to every call while a script (another
-    program's), a function or a module's command runs past its busy-reply-threshold (lua-time-limit
-    before Redis 7). A call sent again after a send without a reply may have run that first time."""
-    return sends == 1 and isinstance(exc, __import__("redis").ResponseError) and str(exc).startswith("BUSY")
-
-
-def _refused_foreign(exc: BaseException, sends: int) -> bool:
-    """Whether an enqueue was refused, on its only send, before it wrote anything: a job key it
-    would write holds another program's value (lib.lua's enqueue_jobs raises so, naming the key)."""
-    return sends == 1 and isinstance(exc, __import__("redis").ResponseError) and ", not a job: " in str(exc)
-
-
-_BUSY_HINT = ("Redis is busy running a script (another program's, past its busy-reply-threshold, "
-              "lua-time-limit before Redis 7) and refuses every call until it ends or SCRIPT KILL ends it")
+def _refused_unwritten(exc: BaseException, sends: int) -> Optional[str]:
+    """How Redis refused a call on its only send (``sends``: see _Counted) having written nothing:
+    what to do about it ("" when the error says), or None when the call may have run. Two such
+    refusals: BUSY (a plain ResponseError in redis-py), given unrun to every call while a script
+    (another program's), a function or a module's command runs past its busy-reply-threshold
+    (lua-time-limit before Redis 7); and an enqueue of a job whose key holds another program's
+    value (lib.lua's enqueue_jobs raises before any write, naming the key). A call sent again after
+    a send without a reply may have run that first time."""
+    if sends != 1 or not isinstance(exc, __import__("redis").ResponseError):
+        return None
+    text = str(exc)
+    if text.startswith("BUSY"):
+        return ("Redis is busy running a script (another program's, past its busy-reply-threshold, "
+                "lua-time-limit before Redis 7) and refuses every call unrun until it ends or SCRIPT KILL "
+                "ends it: {} again once it answers")
+    if ", not a job: " in text:
+        return ""
+    return None
 
 
 class _Counted:
@@ -391,13 +393,11 @@ class QueueLink:
                 if _refused_as_full(exc):  # (refuse_if_full: nothing was written)
                     raise TinyMQError(f"Redis is full (its maxmemory is reached): {len(rows)} job(s) were not "
                                       f"enqueued to Redis queue {self.broker.name!r} ({exc})") from exc
-                if _refused_busy(exc, enqueue.sends):  # (refused unrun: nothing was written, nothing kept)
-                    raise TinyMQError(f"Redis queue {self.broker.name!r} refused an enqueue without running it "
-                                      f"({exc}): {counted(len(rows), 'job')} not enqueued; {_BUSY_HINT}: "
-                                      "enqueue again once it answers") from exc
-                if _refused_foreign(exc, enqueue.sends):  # (refused before any write: nothing kept)
+                todo = _refused_unwritten(exc, enqueue.sends)
+                if todo is not None:  # (nothing was written, nothing kept)
                     raise TinyMQError(f"Redis queue {self.broker.name!r} refused an enqueue ({exc}): "
-                                      f"{counted(len(rows), 'job')} not enqueued") from exc
+                                      f"{counted(len(rows), 'job')} not enqueued" + (todo and "; " + todo.format(
+                                          "enqueue"))) from exc
                 self._reply_lost(caller, token)
                 # Not "not enqueued": the call may have reached Redis and run, its reply lost.
                 went = _no_reply(exc, f"an enqueue of {len(rows)} job(s)")
@@ -770,10 +770,10 @@ class QueueLink:
                 reply = self.broker._call_resending(cancel, token, job_id, caller, lease_ms,
                                                     take_back, deadline=_call_deadline(None))
             except self._redis_error as exc:
-                if _refused_busy(exc, cancel.sends):  # (refused unrun: nothing was written, nothing kept)
-                    raise TinyMQError(f"Redis queue {self.broker.name!r} refused a cancel without running it "
-                                      f"({exc}): job {job_id!r} not cancelled; {_BUSY_HINT}: cancel again "
-                                      "once it answers") from exc
+                todo = _refused_unwritten(exc, cancel.sends)
+                if todo is not None:  # (nothing was written, nothing kept)
+                    raise TinyMQError(f"Redis queue {self.broker.name!r} refused a cancel ({exc}): job {job_id!r} "
+                                      "not cancelled" + (todo and "; " + todo.format("cancel"))) from exc
                 self._reply_lost(caller, token)
                 # Not "not cancelled": the call may have reached Redis and run, its reply lost.
                 raise TinyMQError(f"Redis queue {self.broker.name!r} {_no_reply(exc, f'a cancel of job {job_id!r}')} "
@@ -915,10 +915,8 @@ class QueueLink:
         """An attempt that held a worker here (or a place on the loop) ended: the next job may be
         fetched ahead again (after a give-back of a stuck one, none was). Called with _lock held."""
         self._freed += 1
-        if record.on_loop:
-            self._on_loop -= 1
-        else:
-            self._in_hand -= 1
+        self._count_out(record)
+        if not record.on_loop:
             self._prefetch = _PREFETCH
 
     def _count_out(self, record: _Attempt) -> None:
