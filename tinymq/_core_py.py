@@ -42,6 +42,7 @@ import types
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+from ._sections import reinit_after_fork
 from ._unnamed import Unnamed
 from .errors import DuplicateJob, JobTimeout, QueueStopped
 
@@ -97,13 +98,6 @@ def _step(lock: Any) -> Any:
             "thread (a gc callback, __del__ or weakref callback the garbage collector ran there, or a "
             "signal handler): refused, as the step is half done; hand such work to another thread")
     return lock
-
-
-def _at_fork_reinit(lock: Any) -> None:
-    """In a fork()ed child: make ``lock`` (a Lock, an RLock or a Condition, whose waiters it forgets)
-    free again, as ``threading`` does for its own locks. One held at the fork by a thread of the
-    parent would never be released: that thread is not in the child."""
-    getattr(lock, "_at_fork_reinit")()
 
 
 def _remaining(deadline: Optional[float]) -> Optional[float]:
@@ -1350,7 +1344,7 @@ class ReadyQueue:
         wait for it; only the forking thread runs there, so no step is under way."""
         self._closed = True
         for condition in (self._room, self._all_done):  # (their lock is _lock; waiters: the parent's threads)
-            _at_fork_reinit(condition)
+            reinit_after_fork(condition)
 
     def close(self) -> None:
         """Stop: pops return None, pushes raise QueueStopped, every waiter wakes.
@@ -1584,7 +1578,7 @@ class DelayedHeap:
 
     def close_forked(self) -> None:
         """In a fork()ed child (see ReadyQueue.close_forked): the lock is made free again."""
-        _at_fork_reinit(self._lock)
+        reinit_after_fork(self._lock)
 
     def push(self, job: Any, run_at: float) -> Any:
         """Add ``job`` due at ``run_at``; return the evicted job, or None."""

@@ -46,7 +46,7 @@ from typing import (Any, Callable, ContextManager, Deque, Dict, Iterable, Iterat
 
 from . import _shield
 from ._pick_core import core
-from ._sections import owned, refuse, section
+from ._sections import owned, refuse, reinit_after_fork, section
 from ._shield import shield
 from .config import Config, ExecutorConfig, _seconds
 from ._event_loop import _UNWIND_PAST_TIMEOUT, _UNWIND_WAIT, LOOP_LATE, LoopRunner, timeout_error
@@ -492,7 +492,7 @@ class Dispatcher:
             # Made free again: held at the fork by a thread of the parent, they would never be
             # released here, where the calls still made (get_stats(), cancel(), stop() at exit) take them.
             for lock in (self._workers_changed, self._stop_order):  # (the first's lock is _lock)
-                getattr(lock, "_at_fork_reinit")()  # (as threading does for its own locks)
+                reinit_after_fork(lock)
             runner = self.loop_runner
             if runner is not None:
                 runner.reinit_in_forked_child()
@@ -621,9 +621,8 @@ class Dispatcher:
         """
         if self.forked_copy():
             # Its threads, attempts and store are the parent's: waiting for them would never end, and
-            # saving back or reporting its jobs is the parent's work. Only this copy stops accepting.
-            self._stopping = True
-            self.ready.close_forked()  # (no lock: one held at the fork is never released here)
+            # saving back or reporting its jobs is the parent's work. This copy stopped accepting at
+            # the fork (refuse_in_forked_child): nothing is left to do here.
             return
         with section(self._lock):
             first = not self._stopping

@@ -57,7 +57,7 @@ from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from ._pick_core import core
-from ._sections import owned, section
+from ._sections import owned, reinit_after_fork, section
 from .context import JobContext
 from .errors import JobTimeout, counted
 
@@ -761,7 +761,7 @@ class LoopRunner:
     def reinit_in_forked_child(self) -> None:
         """In a fork()ed child (no thread of the queue's there): ``_lock`` made free again, as one
         held at the fork would never be released there (see Dispatcher.refuse_in_forked_child)."""
-        getattr(self._all_finished, "_at_fork_reinit")()  # (its lock is _lock)
+        reinit_after_fork(self._all_finished)  # (its lock is _lock)
 
     def adopt(self, job: Any, state: Any, context: Optional[JobContext], awaitable: Any,
               started: float, deadline: float) -> bool:

@@ -11,10 +11,13 @@ core refuses a call back into its own steps alike (``_core_py._step``).
 The calls a user makes from such code most (``get_stats``, ``cancel``) need no section of
 the dispatcher's, or take none before ``refuse_reentry`` has looked: they are either
 answered, or refused before anything is done.
+
+In a fork()ed child the same locks may be held by a thread of the parent, which is not
+there to release them: ``reinit_after_fork`` makes one free again.
 """
 from typing import Any, NoReturn
 
-__all__ = ["section", "owned", "refuse"]
+__all__ = ["section", "owned", "refuse", "reinit_after_fork"]
 
 
 def refuse(what: str) -> NoReturn:
@@ -36,3 +39,10 @@ def section(lock: Any) -> Any:
     if lock._is_owned():
         refuse("the queue")
     return lock
+
+
+def reinit_after_fork(lock: Any) -> None:
+    """In a fork()ed child: make ``lock`` (a Lock, an RLock or a Condition, whose waiters it forgets)
+    free again, as ``threading`` does for its own locks. One held at the fork by a thread of the
+    parent would never be released: that thread is not in the child."""
+    getattr(lock, "_at_fork_reinit")()
