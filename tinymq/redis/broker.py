@@ -150,8 +150,8 @@ class RedisBroker:
             if self._checked:
                 return
             timeout = None if deadline is None else reply_wait(deadline)
-            if abandoned is not None and timeout is None:  # (a call waits in slices with a bound only)
-                timeout = _SOCKET_TIMEOUT
+            if abandoned is not None and timeout is None:  # (its waits for a free connection and for its
+                timeout = _SOCKET_TIMEOUT                 # connect are given up only with a bound: see _waited)
             version = self._server_version(timeout, abandoned)
             parts = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
             if parts < _MIN_VERSION:
