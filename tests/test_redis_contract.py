@@ -68,7 +68,7 @@ def test_a_delayed_job_runs_on_time(backend):
     assert producer.get_stats().delayed_jobs_count == 1
     assert ran.wait_for(1)
     lateness = ran.snapshot()[0] - (start + delay)
-    assert -0.01 <= lateness < 0.25  # generous: a noisy machine; Redis's hz alone would be 0.1
+    assert -0.01 <= lateness < 0.5  # generous: a loaded CI machine; polling once a second (as RQ does) fails it
 
 
 # Fixed (smallfix): over Redis, a delayed job that had come due counted in delayed_jobs_count until
