@@ -1,6 +1,7 @@
 """A/B of two builds of tinymq on issue #12's producer cases, the builds taking turns.
 
     python bench/redis_enqueue_ab.py DIR_A DIR_B [--pairs 10] [--jobs 2000] [--many-jobs 20000] [--rounds 5]
+                                     [--hide-hiredis a|b]
 
 Not a benchmark of its own (pytest does not collect it). Each DIR is a source tree with its
 compiled core in place (see builds_ab.py). A run is this file in ``--child`` mode with
@@ -14,7 +15,9 @@ jobs/s (wall clock) and, less hit by other programs' load, CPU microseconds per 
 producer's (``time.process_time``) plus the server's (``INFO cpu``, its threads and all). A
 pair runs A then B, the next pair B then A, so that neither build always runs first on a
 shared host. Prints, per figure, the median of each build and the median of the pairs' B/A
-ratios, then one JSON line with every run.
+ratios, then one JSON line with every run. ``--hide-hiredis a`` (or ``b``) runs that side as if
+hiredis were not installed (a ``hiredis`` package that raises ImportError, first on its path):
+redis-py's own packing and parsing, as a user without it gets (DIR_A and DIR_B may be one tree).
 """
 import argparse
 import json
@@ -34,8 +37,7 @@ CASES = ("enqueue", f"enqueue_many_{BATCH}")
 
 
 def _child(jobs: int, many_jobs: int, rounds: int) -> None:
-    tree = os.environ["PYTHONPATH"]
-    sys.path.insert(0, os.path.join(tree, "tests"))
+    sys.path.insert(0, os.path.join(os.environ["TINYMQ_AB_TREE"], "tests"))
     import redis
     from _redis_server import RedisServer
 
@@ -79,6 +81,9 @@ def _child(jobs: int, many_jobs: int, rounds: int) -> None:
             figures[case] = statistics.median(rate for rate, _ in measured)
             figures[f"{case}_cpu_us"] = statistics.median(cpu for _, cpu in measured)
         client.close()
+        from tinymq.redis import _scripts
+
+        figures["hiredis"] = float(getattr(_scripts, "_pack_command", None) is not None)  # (which path ran)
         queue.stop(wait=False)
         print(json.dumps(figures))
     finally:
@@ -86,8 +91,9 @@ def _child(jobs: int, many_jobs: int, rounds: int) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _run(tree: str, args: argparse.Namespace) -> Dict[str, float]:
-    env = dict(os.environ, PYTHONPATH=os.path.abspath(tree))
+def _run(tree: str, args: argparse.Namespace, hidden: str) -> Dict[str, float]:
+    tree = os.path.abspath(tree)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (hidden, tree))), TINYMQ_AB_TREE=tree)
     env.pop("TINYMQ_NO_EXTENSIONS", None)
     with tempfile.TemporaryDirectory() as cwd:  # not a checkout's tinymq, via the current directory
         done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "--jobs", str(args.jobs),
@@ -108,6 +114,7 @@ def main() -> None:
     parser.add_argument("--many-jobs", type=int, default=20_000,
                         help=f"enqueue_many({BATCH}): jobs a round (default 20000, as the bench)")
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds a run (default 5)")
+    parser.add_argument("--hide-hiredis", choices=("a", "b"), help="run that side without hiredis")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.many_jobs % BATCH:
@@ -118,9 +125,13 @@ def main() -> None:
     if not (args.a and args.b):
         parser.error("give two source trees, DIR_A and DIR_B")
     runs: Dict[str, List[Dict[str, float]]] = {"a": [], "b": []}
-    for pair in range(args.pairs):
-        for side in ("ab" if pair % 2 == 0 else "ba"):
-            runs[side].append(_run(getattr(args, side), args))
+    with tempfile.TemporaryDirectory() as hidden:
+        os.mkdir(os.path.join(hidden, "hiredis"))
+        with open(os.path.join(hidden, "hiredis", "__init__.py"), "w", encoding="utf-8") as stub:
+            stub.write('raise ImportError("hidden by redis_enqueue_ab.py --hide-hiredis")\n')
+        for pair in range(args.pairs):
+            for side in ("ab" if pair % 2 == 0 else "ba"):
+                runs[side].append(_run(getattr(args, side), args, hidden if args.hide_hiredis == side else ""))
     report: Dict[str, Any] = {}
     for case in (figure for case in CASES for figure in (case, f"{case}_cpu_us")):
         a = [run[case] for run in runs["a"]]

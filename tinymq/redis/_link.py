@@ -145,8 +145,9 @@ class _Failure:
 _Overruled = Tuple[SettleOp, str]  # see QueueLink._settled
 
 
-# The numbers of a row as text: hiredis packs an int argument at several times the cost of a
-# str (~0.25 us against ~0.08 us), and a row has three: priority, delay, retries.
+# The usual numbers of a row as text: hiredis packs an int argument at more cost than a str, and
+# a row has three (priority, delay, retries): ~0.1 us of CPU less per job (pack_command of an
+# enqueue_many(100) call, 57 us with them as ints, 48 us as text).
 _PRIORITY_TEXT = {0: "0", 1: "1", 2: "2"}
 DUE_NOW = "0"  # a row's delay when the job is due now
 
