@@ -29,7 +29,7 @@ _new_job = object.__new__
 _scan_value = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # set by __init__, not in typeshed
 
 
-_text: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[attr-defined]  # (as the serializer's)
+_text: Callable[[str], str] = json.encoder.encode_basestring  # (as the serializer's)
 # The payloads encode_job writes itself, each as JSON text exactly as the serializer writes it:
 # None, an int (not a bool: its class is not int) and a str.
 _PLAIN_PAYLOADS: Dict[type, Callable[[Any], str]] = {type(None): lambda payload: "null", int: int.__repr__, str: _text}
