@@ -1,5 +1,8 @@
 """An outside attack on rate limits, periodic jobs, per-type stats, metrics and the CLI (session 32):
 each test is a defect found, failing before its fix. Real redis-server (tests/conftest.py's fixtures)."""
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -8,6 +11,8 @@ from tinymq import Job
 
 from _backends import Redis
 from _helpers import WAIT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --- 1. a process's own cancel of a job whose success it counted already --------------------------
@@ -50,3 +55,20 @@ def test_own_cancel_of_a_job_whose_success_was_counted_finds_it_ended(redis_url,
         assert reported == []
     finally:
         backend.close()
+
+
+# --- 2. the demo, its stdout full -----------------------------------------------------------------
+
+# docs/cli.md: a command that prints its outcome, the demo among them, whose stdout takes no more (a
+# full disk) is an error, one clear message on stderr and exit 1, never a traceback of tinymq's.
+# `status` was (test_redis29b_findings.py); the demo died with a traceback of OSError [Errno 28].
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+def test_the_demo_to_a_full_stdout_fails_in_one_line():
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "tinymq"], stdout=full, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, env=environment, text=True, timeout=60)
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "python -m tinymq: error: could not write to stdout" in result.stderr, result.stderr
