@@ -1,13 +1,15 @@
 """An outside attack on rate limits, periodic jobs, per-type stats, metrics and the CLI (session 32):
 each test is a defect found, failing before its fix. Real redis-server (tests/conftest.py's fixtures)."""
+import enum
 import os
+import threading
 import subprocess
 import sys
 import time
 
 import pytest
 
-from tinymq import Job
+from tinymq import Job, Queue
 
 from _backends import Redis
 from _helpers import WAIT
@@ -72,3 +74,40 @@ def test_the_demo_to_a_full_stdout_fails_in_one_line():
     assert result.returncode == 1, (result.returncode, result.stderr)
     assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "python -m tinymq: error: could not write to stdout" in result.stderr, result.stderr
+
+
+# --- 3. a schedule named by a str subclass (a str Enum) --------------------------------------------
+
+# A job type given as a str subclass is taken as its text (job._as_type); a schedule's name was kept
+# as given. Named by a ``(str, Enum)`` member, its ticks' job ids read "Schedules.CLEANUP@..." (the
+# member's format()), not "<name>@<tick time>" as docs/api.md says, while their tag (JSON, SQLite,
+# Redis) read "cleanup"; ScheduleStats.name was the member. Now the name is its text, as a type is.
+
+class Schedules(str, enum.Enum):
+    CLEANUP = "cleanup"
+    CRON = "cron-cleanup"
+
+
+def test_a_schedule_named_by_a_str_enum_member_is_named_by_its_text():
+    ran = []
+    fired = threading.Event()
+
+    def run(job):
+        ran.append((job.id, job.tags["tinymq.schedule"]))
+        fired.set()
+
+    q = Queue()
+    try:
+        q.register_executor("t", run)
+        assert q.every(0.01, "t", name=Schedules.CLEANUP) == "cleanup"
+        assert q.cron("* * * * *", "t", name=Schedules.CRON) == "cron-cleanup"
+        assert [(type(stats.name), stats.name) for stats in q.schedules()] == [(str, "cleanup"),
+                                                                               (str, "cron-cleanup")]
+        q.start_dispatcher(1)
+        assert fired.wait(WAIT)
+        job_id, tag = ran[0]
+        assert job_id.startswith("cleanup@") and tag == "cleanup", ran[0]
+        assert type(q.schedules()[0].last_job_id) is str
+        assert q.unschedule(Schedules.CLEANUP) and not q.unschedule("cleanup")
+    finally:
+        q.stop()

@@ -619,7 +619,7 @@ class Queue:
         """
         if not isinstance(name, str):  # (a schedule's name is a str: anything else is a mistake, not "absent")
             raise TypeError(f"schedule name must be a str, got {name!r}")
-        return self._periodic.unschedule(name)
+        return self._periodic.unschedule(str.__str__(name))  # (as every/cron keep it: its text)
 
     def schedules(self) -> List[ScheduleStats]:
         """The registered schedules, with their next tick and fired/skipped counts."""
