@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tinymq import Job, Queue
+from tinymq.redis import RedisBroker
 
 from _backends import Redis
 from _helpers import WAIT
@@ -111,3 +112,30 @@ def test_a_schedule_named_by_a_str_enum_member_is_named_by_its_text():
         assert q.unschedule(Schedules.CLEANUP) and not q.unschedule("cleanup")
     finally:
         q.stop()
+
+
+# --- 4. a broker named by a str subclass (a str Enum) ----------------------------------------------
+
+# RedisBroker(url, name=Queues.MAIL), a ``(str, Enum)`` member whose value is "mail", kept its keys
+# under tmq:{Queues.MAIL}: (the member's format()), not tmq:{mail}:, so it shared nothing with the
+# processes (and `status --redis URL --name mail`) that named the queue "mail": the jobs one
+# enqueued never reached the other's workers, silently. Now the name is its text, as a job type is.
+
+class Queues(str, enum.Enum):
+    MAIL = "attack32-mail"
+
+
+@pytest.mark.redis
+def test_a_broker_named_by_a_str_enum_member_is_the_queue_of_its_text(redis_url):
+    by_member = Queue(broker=RedisBroker(redis_url, name=Queues.MAIL, lease=2.0))
+    by_text = Queue(broker=RedisBroker(redis_url, name="attack32-mail", lease=2.0))
+    try:
+        assert type(by_member.broker.name) is str and by_member.broker.name == "attack32-mail"
+        by_member.enqueue(Job("t", id="from-the-member"))
+        assert by_text.get_stats().medium_queue_size == 1
+        assert by_text.cancel("from-the-member")
+    finally:
+        by_member.stop(wait=False)
+        by_text.stop(wait=False)
+        by_member.broker.close()
+        by_text.broker.close()
