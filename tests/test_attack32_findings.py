@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tinymq import Job, Queue
+from tinymq import Config, ExecutorConfig, Job, Queue, RateLimit, RetryConfig
 from tinymq.redis import RedisBroker
 
 from _backends import Redis
@@ -139,3 +139,44 @@ def test_a_broker_named_by_a_str_enum_member_is_the_queue_of_its_text(redis_url)
         by_text.stop(wait=False)
         by_member.broker.close()
         by_text.broker.close()
+
+
+# --- 5. counts given as int subclasses (an IntEnum) -----------------------------------------------
+
+# The configs take an int subclass (an IntEnum member; a bool is refused) for their counts, and kept
+# it as given. Over Redis those counts go into script calls, whose packing refuses anything but an
+# exact int: enqueue raised TypeError ("A tuple item must be str, int, float or bytes") and the pump
+# thread crashed at each round (as if killed: its id let go, its buffer dropped), so no job ever ran.
+# Now every count is kept as an exact int, as every duration is kept as a float.
+
+class Limits(enum.IntEnum):
+    TWO = 2
+    FIVE = 5
+
+
+def test_configs_keep_their_counts_as_exact_ints():
+    assert type(Config(buffer_size=Limits.FIVE, max_delayed_jobs=Limits.TWO).buffer_size) is int
+    assert type(Config(buffer_size=Limits.FIVE, max_delayed_jobs=Limits.TWO).max_delayed_jobs) is int
+    assert type(ExecutorConfig(max_concurrent_jobs=Limits.FIVE).max_concurrent_jobs) is int
+    assert type(RateLimit(Limits.TWO, per=1.0).max_starts) is int
+    assert type(RetryConfig(max_retries=Limits.TWO).max_retries) is int
+    assert ExecutorConfig(max_concurrent_jobs=Limits.FIVE) == ExecutorConfig(max_concurrent_jobs=5)
+
+
+@pytest.mark.redis
+def test_intenum_counts_work_over_redis(redis_url):
+    broker = RedisBroker(redis_url, name="attack32-intenum", lease=2.0, max_crash_recoveries=Limits.TWO)
+    q = Queue(config=Config(buffer_size=Limits.FIVE, max_delayed_jobs=Limits.TWO), broker=broker)
+    ran = []
+    try:
+        q.register_executor("t", lambda job: ran.append(job.id), ExecutorConfig(
+            max_concurrent_jobs=Limits.FIVE, rate_limit=RateLimit(Limits.FIVE, per=1.0)))
+        q.start_dispatcher(2)
+        for n in range(4):
+            q.enqueue(Job("t", retry_config=RetryConfig(max_retries=Limits.TWO)))
+        assert q.join(WAIT)
+        assert len(ran) == 4
+        assert type(broker.max_crash_recoveries) is int
+    finally:
+        q.stop(wait=False)
+        broker.close()

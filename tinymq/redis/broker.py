@@ -79,7 +79,7 @@ class RedisBroker:
         self.url = url
         self.name = name
         self.lease = lease
-        self.max_crash_recoveries = max_crash_recoveries
+        self.max_crash_recoveries = int(max_crash_recoveries)  # (an IntEnum member: its value; scripts take ints)
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
