@@ -180,3 +180,35 @@ def test_intenum_counts_work_over_redis(redis_url):
     finally:
         q.stop(wait=False)
         broker.close()
+
+
+# --- 6. a schedule's payload, changed by its caller after every() -----------------------------------
+
+# docs/api.md: a schedule enqueues a job "with a copy of payload" at each tick, and a payload the
+# queue could not enqueue is refused at every()/cron() "instead of every tick failing". The schedule
+# kept the caller's object and copied it at each tick: a dict reused to register several schedules
+# (one per region, say) made all of them send the last region, and a value put in it afterwards that
+# cannot be copied (or stored) made every tick fail, logged, and skip. It is copied at registration now.
+
+def test_a_schedule_keeps_the_payload_it_was_registered_with():
+    got = {}
+    both = threading.Event()
+
+    def run(job):
+        got.setdefault(job.tags["tinymq.schedule"], job.payload)
+        if len(got) == 2:
+            both.set()
+
+    q = Queue()
+    try:
+        q.register_executor("report", run)
+        params = {}
+        for region in ("eu", "us"):
+            params["region"] = region
+            q.every(0.01, "report", payload=params, name=f"report-{region}")
+        params["lock"] = threading.Lock()  # (cannot be copied: no tick could enqueue it)
+        q.start_dispatcher(1)
+        assert both.wait(WAIT)
+        assert got == {"report-eu": {"region": "eu"}, "report-us": {"region": "us"}}
+    finally:
+        q.stop()

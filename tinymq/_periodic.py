@@ -398,8 +398,8 @@ class Periodic:
             raise ValueError(f"schedule name must be a non-empty str, got {name!r}")
         name = str.__str__(name)  # its text, as a job type's (a str Enum member: its value, in ids and tags alike)
         priority = _as_priority(priority)
-        try:
-            copy.deepcopy(payload)  # each tick's job gets its own copy: an executor may change it
+        try:  # kept as registered (the caller may change or reuse its object), and copied for each tick
+            payload = copy.deepcopy(payload)
         except Exception as exc:
             raise TypeError(f"payload of schedule {name!r} cannot be copied for each tick: {exc!r}") from exc
         schedule = _Schedule(name, job_type, payload, priority, trigger)
