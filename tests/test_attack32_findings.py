@@ -212,3 +212,39 @@ def test_a_schedule_keeps_the_payload_it_was_registered_with():
         assert got == {"report-eu": {"region": "eu"}, "report-us": {"region": "us"}}
     finally:
         q.stop()
+
+
+# --- 7. `worker` on a target whose attribute raises ----------------------------------------------
+
+# `worker module:app.queue` where reading an attribute of the path raises (a property, a module
+# __getattr__ of lazy settings) printed a traceback through tinymq's own frames (runpy,
+# tinymq/__main__.py, tinymq/_worker.py), then "the process that checked it exited with code 1".
+# docs/cli.md: a mistake of yours never prints a traceback of tinymq's; an import that raises is
+# reported as one error with the user's own frames. Reading the target is now reported the same way.
+
+LAZY = """\
+class App:
+    @property
+    def queue(self):
+        return configure()
+
+
+def configure():
+    raise RuntimeError("settings not configured")
+
+
+app = App()
+"""
+
+
+def test_worker_shows_where_reading_the_users_target_raised(tmp_path):
+    (tmp_path / "lazy32.py").write_text(LAZY)
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-m", "tinymq", "worker", "lazy32:app.queue"], cwd=tmp_path,
+                            env=environment, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("python -m tinymq worker: error: reading 'lazy32:app.queue' raised an "
+                                    "exception:\n"), result.stderr
+    assert 'lazy32.py", line 4, in queue' in result.stderr and 'lazy32.py", line 8, in configure' in result.stderr
+    assert result.stderr.rstrip().endswith("RuntimeError: settings not configured"), result.stderr
+    assert "_worker.py" not in result.stderr and "__main__.py" not in result.stderr, result.stderr
