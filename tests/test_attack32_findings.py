@@ -248,3 +248,27 @@ def test_worker_shows_where_reading_the_users_target_raised(tmp_path):
     assert 'lazy32.py", line 4, in queue' in result.stderr and 'lazy32.py", line 8, in configure' in result.stderr
     assert result.stderr.rstrip().endswith("RuntimeError: settings not configured"), result.stderr
     assert "_worker.py" not in result.stderr and "__main__.py" not in result.stderr, result.stderr
+
+
+# --- 8. a job id given as a str subclass: the error says why ---------------------------------------
+
+# A job id must be an exact str (a str subclass is refused, unlike a job type, which is taken as its
+# text). Refused, a str enum member was told "id must be a non-empty str ..., got <Ids.REPORT:
+# 'report-2026-12'>", which it is: the error now says that a subclass is refused, and what to pass.
+
+class Ids(str, enum.Enum):
+    REPORT = "report-2026-12"
+
+
+def test_a_str_subclass_job_id_is_refused_saying_why():
+    with pytest.raises(ValueError, match=r"id must be a non-empty str or None, got <Ids.REPORT: 'report-2026-12'> "
+                                         r"\(a Ids, a str subclass: an id is an exact str"):
+        Job("t", id=Ids.REPORT)
+    job = Job("t")
+    with pytest.raises(ValueError, match=r"a str subclass: an id is an exact str"):
+        job.id = Ids.REPORT
+    with Queue() as q:
+        with pytest.raises(TypeError, match=r"job_id must be a str, got .* a str subclass: an id is an exact str"):
+            q.cancel(Ids.REPORT)
+    with pytest.raises(ValueError, match=r"got ''$"):  # (no hint for an exact str)
+        Job("t", id="")
