@@ -5,6 +5,8 @@ delayed jobs starting on time, a retry with exponential backoff, a
 concurrency limit at work, a timeout observed through the job context, and
 the queue's own statistics at the end. Every section waits with ``q.join()``.
 """
+import os
+import sys
 import threading
 import time
 from typing import List, Optional
@@ -12,13 +14,27 @@ from typing import List, Optional
 import tinymq
 from tinymq import ExecutorConfig, Job, JobContext, Queue, QueueStats, RetryConfig
 
+from ._cli import CommandError
+
 _print_lock = threading.Lock()
+_unwritable: List[str] = []  # why stdout took no more, once it did (guarded by _print_lock)
 
 
 def say(text: str = "") -> None:
-    """print() from several worker threads without interleaving lines."""
+    """print() from several worker threads without interleaving lines. A stdout that takes no
+    more (a full disk) ends the demo with one clear error, as it ends the other commands (a closed
+    pipe, ``| head``, goes on up: it ends the demo quietly)."""
     with _print_lock:
-        print(text, flush=True)
+        if not _unwritable:
+            try:
+                print(text, flush=True)
+            except BrokenPipeError:
+                raise
+            except OSError as exc:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error at exit)
+                _unwritable.append(str(exc))
+        if _unwritable:  # (a worker thread's say() fails its job; the main thread's next one ends the demo)
+            raise CommandError(f"could not write to stdout ({_unwritable[0]})")
 
 
 def heading(number: int, title: str) -> None:

@@ -369,6 +369,7 @@ class Periodic:
              tz: Any) -> str:
         if not isinstance(expression, str):
             raise TypeError(f"cron expression must be a str like '*/5 * * * *', got {expression!r}")
+        expression = str.__str__(expression)  # (its text, as a name's: in the default name and description)
         croniter = _croniter()
         job_type = _as_type(job_type)
         zone = _as_tz(tz)
@@ -395,9 +396,10 @@ class Periodic:
             raise TypeError(f"schedule name must be a str, got {name!r}")
         if not name:
             raise ValueError(f"schedule name must be a non-empty str, got {name!r}")
+        name = str.__str__(name)  # its text, as a job type's (a str Enum member: its value, in ids and tags alike)
         priority = _as_priority(priority)
-        try:
-            copy.deepcopy(payload)  # each tick's job gets its own copy: an executor may change it
+        try:  # kept as registered (the caller may change or reuse its object), and copied for each tick
+            payload = copy.deepcopy(payload)
         except Exception as exc:
             raise TypeError(f"payload of schedule {name!r} cannot be copied for each tick: {exc!r}") from exc
         schedule = _Schedule(name, job_type, payload, priority, trigger)

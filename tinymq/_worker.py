@@ -125,13 +125,17 @@ def _import_error(module_name: str, target: str, exc: BaseException) -> CommandE
             hint = f"; write {module_name[:-len('.py')]!r} (a module name, without .py)"
         return CommandError(f"cannot import {module_name!r} (from {target!r}): no module named {exc.name!r} "
                             f"(looked in the current directory {os.getcwd()!r} and sys.path){hint}")
-    # The user's module raised: its own frames say where; importlib's frames say nothing.
+    return _raised(f"importing {module_name!r} (from {target!r})", exc)
+
+
+def _raised(what: str, exc: BaseException) -> CommandError:
+    """A CommandError for the user's code that raised while ``what``: its own frames say where;
+    importlib's and tinymq's frames say nothing."""
     frames = [frame for frame in traceback.extract_tb(exc.__traceback__)
               if frame.filename not in (__file__, importlib.__file__)
               and not frame.filename.startswith("<frozen importlib")]
     text = "".join(traceback.format_list(frames) + traceback.format_exception_only(type(exc), exc))
-    return CommandError(f"importing {module_name!r} (from {target!r}) raised an exception:\n"
-                        f"Traceback (most recent call last):\n{text.rstrip()}")
+    return CommandError(f"{what} raised an exception:\nTraceback (most recent call last):\n{text.rstrip()}")
 
 
 def load_queue(target: str) -> Queue:
@@ -150,6 +154,8 @@ def load_queue(target: str) -> Queue:
             found = getattr(found, part)
         except AttributeError:
             raise CommandError(f"{walked!r} has no attribute {part!r} (from {target!r})") from None
+        except (Exception, SystemExit) as exc:  # a property, or a module __getattr__, of the user's raised
+            raise _raised(f"reading {target!r}", exc) from None
         walked = f"{walked}{'.' if walked != module_name else ':'}{part}"
     if not isinstance(found, Queue):
         shown = repr(found)

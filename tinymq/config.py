@@ -3,7 +3,7 @@
 Every duration is seconds as a float and also accepts ``datetime.timedelta``.
 Bad values raise ValueError or TypeError naming the value, at construction.
 
-Each config turns its durations into float seconds when it is built, so its fields
+Each config turns its durations into float seconds (and its counts into exact ints) when it is built, so its fields
 are annotated ``float``; the ``__init__`` declared under ``TYPE_CHECKING`` tells type
 checkers that the constructor also takes a ``Duration`` (at run time the dataclass
 makes ``__init__`` from the fields, as always).
@@ -53,15 +53,15 @@ def _optional_seconds(name: str, value: object) -> Optional[float]:
 
 
 def _count(name: str, value: object, minimum: int) -> int:
-    """Return ``value``, an int from ``minimum`` to ``sys.maxsize`` (the compiled core keeps
-    counts as C integers), or raise naming it."""
+    """Return ``value`` as an exact int (an IntEnum member: its value), from ``minimum`` to
+    ``sys.maxsize`` (the compiled core keeps counts as C integers), or raise naming it."""
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     if value > sys.maxsize:
         raise ValueError(f"{name} must be <= sys.maxsize ({sys.maxsize}), got {value!r}")
-    return value
+    return int(value)  # (a broker's script calls take exact ints only)
 
 
 def _set(instance: object, name: str, value: object) -> None:
@@ -89,7 +89,7 @@ class RetryConfig:
                      backoff_multiple: float = 2.0, jitter: float = 0.0) -> None: ...
 
     def __post_init__(self) -> None:
-        _count("max_retries", self.max_retries, 0)
+        _set(self, "max_retries", _count("max_retries", self.max_retries, 0))
         _set(self, "initial_delay", _seconds("initial_delay", self.initial_delay))
         _set(self, "max_delay", _seconds("max_delay", self.max_delay))
         multiple = self.backoff_multiple
@@ -130,12 +130,12 @@ class Config:
                      max_delayed_jobs: int = 10000) -> None: ...
 
     def __post_init__(self) -> None:
-        _count("buffer_size", self.buffer_size, 1)
+        _set(self, "buffer_size", _count("buffer_size", self.buffer_size, 1))
         interval = _seconds("scheduler_interval", self.scheduler_interval)
         if interval == 0.0:
             raise ValueError(f"scheduler_interval must be > 0, got {self.scheduler_interval!r}")
         _set(self, "scheduler_interval", interval)
-        _count("max_delayed_jobs", self.max_delayed_jobs, 0)
+        _set(self, "max_delayed_jobs", _count("max_delayed_jobs", self.max_delayed_jobs, 0))
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ class RateLimit:
         def __init__(self, max_starts: int, per: Duration) -> None: ...
 
     def __post_init__(self) -> None:
-        _count("max_starts", self.max_starts, 1)
+        _set(self, "max_starts", _count("max_starts", self.max_starts, 1))
         _set(self, "per", _positive_seconds("per", self.per))
 
 
@@ -195,7 +195,7 @@ class ExecutorConfig:
                      rate_limit: Optional[RateLimit] = None) -> None: ...
 
     def __post_init__(self) -> None:
-        _count("max_concurrent_jobs", self.max_concurrent_jobs, 1)
+        _set(self, "max_concurrent_jobs", _count("max_concurrent_jobs", self.max_concurrent_jobs, 1))
         timeout = _optional_seconds("timeout", self.timeout)
         if timeout == 0.0:
             raise ValueError(f"timeout must be > 0 or None, got {self.timeout!r}")

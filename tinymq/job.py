@@ -62,6 +62,14 @@ def _utf8_text(text: str) -> str:
     return text if _is_utf8(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def _exact_hint(value: object) -> str:
+    """For an error about a job id: a ``str`` subclass (a str enum member) is refused, which says so."""
+    if isinstance(value, str) and type(value) is not str:
+        return (f" (a {type(value).__name__}, a str subclass: an id is an exact str; pass str.__str__(value) "
+                "or its .value)")
+    return ""
+
+
 def _as_run_at(value: object, name: str = "run_at") -> float:
     """A point in time as Unix epoch seconds: a number, or an aware datetime (``name`` names it in errors)."""
     if isinstance(value, datetime):
@@ -170,7 +178,7 @@ class Job:
         if type.__class__ is not str or not type:
             type = _as_type(type)
         if id is not None and (id.__class__ is not str or not id):
-            raise ValueError(f"id must be a non-empty str or None, got {id!r}")
+            raise ValueError(f"id must be a non-empty str or None, got {id!r}{_exact_hint(id)}")
         self._id: Union[str, Unnamed, None] = id  # an Unnamed while queued without one (see _unnamed)
         self.type = type
         self.payload = payload
@@ -199,7 +207,7 @@ class Job:
     @id.setter
     def id(self, value: str) -> None:
         if value.__class__ is not str or not value:
-            raise ValueError(f"id must be a non-empty str, got {value!r}")
+            raise ValueError(f"id must be a non-empty str, got {value!r}{_exact_hint(value)}")
         job_id = self._id
         if job_id is None:
             job_id = core.first_id(self, value)

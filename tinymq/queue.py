@@ -26,7 +26,7 @@ from ._sections import section
 from .config import Config, ExecutorConfig, RateLimit, RetryConfig, _optional_seconds, _seconds
 from .errors import (DuplicateJob, PersistenceError, QueueFull, QueueStopped, _buffer_full, _describe,
                      _exception_text, counted)
-from .job import Job, Priority, RunAt, _as_priority, _as_type, _validate
+from .job import Job, Priority, RunAt, _as_priority, _as_type, _exact_hint, _validate
 from .stats import ExecutorStats, QueueStats
 
 if TYPE_CHECKING:  # (the store modules are imported when a store is set; tinymq.redis needs redis-py)
@@ -619,7 +619,7 @@ class Queue:
         """
         if not isinstance(name, str):  # (a schedule's name is a str: anything else is a mistake, not "absent")
             raise TypeError(f"schedule name must be a str, got {name!r}")
-        return self._periodic.unschedule(name)
+        return self._periodic.unschedule(str.__str__(name))  # (as every/cron keep it: its text)
 
     def schedules(self) -> List[ScheduleStats]:
         """The registered schedules, with their next tick and fired/skipped counts."""
@@ -904,7 +904,7 @@ class Queue:
         learns of it at its next fetch or heartbeat), and that process reports it.
         """
         if type(job_id) is not str:
-            raise TypeError(f"job_id must be a str, got {job_id!r}")
+            raise TypeError(f"job_id must be a str, got {job_id!r}{_exact_hint(job_id)}")
         with shield():  # an executor's cancel is not cut midway by its interruption
             if self._link is not None:
                 return self._link.cancel(job_id)

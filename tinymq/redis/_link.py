@@ -756,6 +756,7 @@ class QueueLink:
         """
         if not readable_id(job_id):  # no bytes in Redis read so, so no job has it
             return False
+        self._send_decided(job_id)
         token = "c" + os.urandom(8).hex()  # a resend of this call gets the first one's reply
         # From the call on, stop() waits for this thread as for a running callback: a row the
         # call keeps is reported here, and acknowledged, before the release (which would hand
@@ -788,6 +789,23 @@ class QueueLink:
                 self._cancel_marked([reply.attempt])
             return True
         return False
+
+    def _send_decided(self, job_id: str) -> None:
+        """Before this process's cancel of ``job_id``: the outcome it decided already for its attempt
+        of that job (a success being counted, a retry, a failure) reaches Redis first, as in-process
+        a cancel finds such a job ended (or waiting for its retry). Else the cancel, sent ahead of
+        the op that waits for a round, would end as cancelled a job counted here as a success."""
+        by = time.monotonic() + self.broker.lease
+        with self._lock:  # (a success being counted has its op queued once counted: see stop)
+            while any(record.ending for job, record in self._attempts.items() if job.id == job_id):
+                remaining = by - time.monotonic()
+                if remaining <= 0.0:
+                    break
+                self._reported.wait(remaining)
+            queued = list(self._ops) + (list(self._unsent[3]) if self._unsent is not None else [])
+            ops = [op for op in queued if op.op != "A" and op.attempt.split(":", 1)[1] == job_id]
+        if ops:
+            self._send(ops[-1])
 
     def _cancel_marked(self, attempts: Sequence[str]) -> None:
         """Cancel this process's attempts that q.cancel() marked, as the in-process cancel does:

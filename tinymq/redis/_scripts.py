@@ -43,7 +43,7 @@ def key_prefix(name: str) -> str:
         raise ValueError(f"broker name must not contain '{{' or '}}' (it is a hash tag), got {name!r}")
     if not _is_utf8(name):  # (else every call naming a key would fail, in the pump's thread too)
         raise ValueError(f"broker name must be text Redis can take, without a lone surrogate, got {name!r}")
-    return f"tmq:{{{name}}}:"
+    return f"tmq:{{{str.__str__(name)}}}:"  # (the text of a str subclass, as RedisBroker keeps its name)
 
 
 # Seconds between two looks at whether a wait for a lock or a connection (see _waited) was abandoned.

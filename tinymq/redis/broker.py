@@ -68,6 +68,7 @@ class RedisBroker:
         if not isinstance(url, str):
             raise TypeError(f"url must be a str, got {url!r}")
         key_prefix(name)  # checks the name
+        name = str.__str__(name)  # its text: a str Enum member names the queue its value names, in every process
         lease = _seconds("lease", lease)
         if not lease >= MIN_LEASE:  # renewed every lease / 4: shorter would keep Redis busy beating
             raise ValueError(f"lease must be >= {MIN_LEASE} seconds, got {lease!r}")
@@ -78,7 +79,7 @@ class RedisBroker:
         self.url = url
         self.name = name
         self.lease = lease
-        self.max_crash_recoveries = max_crash_recoveries
+        self.max_crash_recoveries = int(max_crash_recoveries)  # (an IntEnum member: its value; scripts take ints)
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
