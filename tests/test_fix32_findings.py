@@ -106,3 +106,87 @@ def test_a_child_forked_while_a_thread_holds_a_lock_of_the_queue_or_its_store_do
     assert done.returncode == 0, (done.stdout, done.stderr[-3000:])
     assert lines == ["copy refused", "stats 10", "store refused", "own joined True 1", "copy stopped",
                      "child exited 0", "parent joined True"], (done.stdout, done.stderr[-3000:])
+
+
+# --- 3. Code the collector runs inside a section of the SQLite store's or the Redis link's -----------
+#
+# The dispatcher's and the loop's locks refuse a call from code the garbage collector runs inside one
+# of their sections on the same thread (a __del__, a weakref callback; gclock31). The SQLite store's
+# commit lock and gate, and the Redis link's lock, were plain locks held across code that allocates:
+# such code that cancelled a job, stopped the queue or saved to the store waited for its own thread's
+# lock for good. Now those calls are refused with the same RuntimeError, before they do anything. The
+# scripts hold the lock in a thread, as a commit or a round holds it, and drop there the last
+# reference to an object whose __del__ calls the queue, as the collector would run it there.
+REFUSED = "was called from code that ran inside one of tinymq's own locked sections"
+
+CALLED_INSIDE_A_SECTION = r"""
+import os, sys, threading
+import tinymq
+from tinymq import Config, Job, Queue, SQLitePersistence
+
+REFUSED, backend, held, where = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+if backend == "redis":
+    from tinymq.redis import RedisBroker
+    q = Queue(broker=RedisBroker(where, name="fix32-sections", lease=2.0))
+    store = None
+else:
+    store = SQLitePersistence(where, synchronous=backend)
+    q = Queue()
+    q.set_persistence(store)
+q.register_executor("t", lambda job: None)
+q.start_dispatcher(1)
+q.enqueue_delayed(Job("t", id="waiting"), 3600)
+lock = {"commit lock": lambda: store._commit_lock, "gate": lambda: store._gate, "link": lambda: q._link._lock}[held]()
+calls = [("get_stats", lambda: q.get_stats().delayed_jobs_count), ("cancel", lambda: q.cancel("waiting")),
+         ("enqueue", lambda: q.enqueue(Job("t", id="inside"))), ("stop", lambda: q.stop(wait=False))]
+if store is not None:
+    calls.append(("save", lambda: store.save(Job("t", id="saved"))))
+outcomes = []
+
+class CallsTheQueue:
+    def __del__(self):
+        for name, call in calls:
+            try:
+                result = call()
+                outcomes.append(f"{name} {result.id if isinstance(result, Job) else result}")
+            except Exception as error:
+                outcomes.append(f"{name} refused" if REFUSED in str(error) else f"{name} {error!r}")
+
+holder = [CallsTheQueue()]
+def inside_the_section():
+    with lock:
+        holder.clear()  # its __del__ runs here, as the collector would run it there
+thread = threading.Thread(target=inside_the_section, daemon=True)
+thread.start()
+thread.join(30)
+if thread.is_alive():
+    print("deadlocked", flush=True)
+    os._exit(3)
+print(*outcomes, sep="\n", flush=True)
+print("stopping", q._dispatcher.stopping, flush=True)
+if store is not None:
+    print("stored", sorted(job.id for job in store.jobs()), flush=True)
+print("cancelled", q.cancel("waiting"), flush=True)
+print("enqueued", q.enqueue(Job("t", id="after")).id, "joined", q.join(timeout=20), flush=True)
+q.stop()
+"""
+
+
+def _called_inside_a_section(backend, held, where):
+    done = run_python(CALLED_INSIDE_A_SECTION, REFUSED, backend, held, where)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and "deadlocked" not in lines, (done.stdout, done.stderr[-3000:])
+    return lines
+
+
+@pytest.mark.parametrize("synchronous, held", [("NORMAL", "commit lock"), ("FULL", "commit lock"), ("FULL", "gate")])
+def test_inside_a_section_of_the_sqlite_stores_calls_are_refused_having_done_nothing(path, synchronous, held):
+    lines = _called_inside_a_section(synchronous, held, path)
+    assert lines == ["get_stats 1", "cancel refused", "enqueue refused", "stop refused", "save refused",
+                     "stopping False", "stored ['waiting']", "cancelled True", "enqueued after joined True"], lines
+
+
+def test_inside_a_section_of_the_redis_links_calls_are_refused_having_done_nothing(redis_url):
+    lines = _called_inside_a_section("redis", "link", redis_url)
+    assert lines == ["get_stats 1", "cancel refused", "enqueue inside", "stop refused",
+                     "stopping False", "cancelled True", "enqueued after joined True"], lines
