@@ -431,10 +431,11 @@ class SQLitePersistence:
             if refusal is not None:
                 raise refusal
             return
-        # Invariant: only the holder of _commit_lock uses _conn and _cursor. It and _gate are RLocks
-        # taken with section() (see tinymq/_sections.py): a call into the store from code the
-        # garbage collector runs inside one of their sections on the same thread is refused, not
-        # left waiting for its own thread (_write refuses it before it does anything).
+        # Invariant: only the holder of _commit_lock uses _conn and _cursor. It and _gate are RLocks:
+        # a call into the store from code the garbage collector runs inside one of their sections on
+        # the same thread is refused (see tinymq/_sections.py), not left waiting for its own thread.
+        # Taken with section(), except in _write and the calls it makes, which refuses it as it
+        # enters, before it does anything (the lock per write is all the per-job cost).
         self._commit_lock = threading.RLock()
         self._hand_off = self.synchronous == "FULL"  # writers that meet wait on locks of their own (_write)
         self._gate = threading.RLock()  # guards _pending and _leader
@@ -1103,11 +1104,11 @@ class SQLitePersistence:
         with shield():
             if not self._hand_off:
                 self._pending.append(unit)
-                with section(self._commit_lock, "the store"):
+                with self._commit_lock:  # (here and below, a re-entry is refused above, as it enters)
                     if not unit.done:  # nobody committed it for us while we waited: lead a batch
                         self._commit_pending([])
             else:
-                with section(self._gate, "the store"):
+                with self._gate:
                     leads = self._leader is None
                     if leads:
                         self._leader = unit  # (its unit is not pending: only its writer commits it)
@@ -1133,7 +1134,7 @@ class SQLitePersistence:
         """Under FULL: take the commit lock, commit ``unit`` and every unit pending, then release their writers."""
         batch = [unit]
         try:
-            with section(self._commit_lock, "the store"):
+            with self._commit_lock:
                 self._commit_pending(batch)
         finally:
             for waiting in batch:
@@ -1143,7 +1144,7 @@ class SQLitePersistence:
     def _commit_pending(self, batch: List[_Unit]) -> None:
         """Commit ``batch`` and every unit pending (``batch`` then holds them all). Caller holds the commit lock."""
         if self._hand_off:
-            with section(self._gate, "the store"):
+            with self._gate:
                 batch.extend(self._pending)
                 self._pending.clear()
                 self._leader = None  # the next writer to come leads the next batch
@@ -1166,7 +1167,7 @@ class SQLitePersistence:
     def _resign(self, unit: _Unit) -> None:
         """``unit``'s writer was interrupted: take its unit back unless a batch has it, and if the
         writer was to lead, hand the lead to the oldest writer waiting (its own lock wakes it)."""
-        with section(self._gate, "the store"):
+        with self._gate:
             if unit in self._pending:
                 self._pending.remove(unit)
             if self._leader is unit:
