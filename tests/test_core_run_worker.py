@@ -11,6 +11,7 @@ joins it with a timeout. The tests use ``push`` only (not ``push_many``,
 ``accept`` or ``task_done``), so they do not depend on how jobs are counted in.
 """
 import math
+import sys
 import threading
 import time
 
@@ -588,6 +589,32 @@ def test_the_loop_returns_at_once_on_a_closed_queue(core, ready):
     worker = Worker(core, ready, dispatcher)
     worker.join()
     assert dispatcher.names() == []
+
+
+def test_a_job_handed_to_a_worker_as_the_queue_closes_counts_as_ready_not_running(core, ready):
+    """close() takes back, in its own step, a job handed to a worker that has not returned it yet
+    (its worker would give it back unstarted): from then on the stats count it ready, never as an
+    attempt running, which it never is. ``active_jobs`` is "attempts running now" (docs/api.md)."""
+    dispatcher = FakeDispatcher(ready)
+    ran = Recorder()
+    configure(ready, "t", lambda job: ran.add(job), limit=1)
+    worker = Worker(core, ready, dispatcher)
+    wait_idle(ready)
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1000.0)  # this thread keeps the GIL: the woken worker cannot take its job yet
+    try:
+        assert ready.push(Job("t", "handed"))
+        handed = ready.sizes(), ready.executor_stats()
+        ready.close()
+        closed = ready.sizes(), ready.executor_stats()
+    finally:
+        sys.setswitchinterval(switch_interval)
+    worker.join()
+    assert handed == ((0, 0, 0), {"t": (1, 1)}), "the job was not handed to the idle worker"
+    assert closed == ((0, 1, 0), {"t": (0, 1)}), "after close() the stats count the unstarted job as running"
+    assert (ready.sizes(), ready.executor_stats()) == ((0, 1, 0), {"t": (0, 1)})
+    assert ran.snapshot() == [] and dispatcher.names() == []
+    assert ready.unfinished == 1
 
 
 @pytest.mark.parametrize("outcome", ["returns", "raises"])

@@ -30,6 +30,7 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 import gc
 import operator
 import os
+import weakref
 from collections import deque
 
 from ._unnamed import Unnamed
@@ -163,6 +164,7 @@ cdef class _Waiter:
     cdef object job  # handed by a producer with a slot of ``state``; None otherwise
     cdef object state  # a TypeState
     cdef int level  # the handed job's level, to give it back
+    cdef object __weakref__  # (a worker's is in its ReadyQueue's waiters)
 
     def __cinit__(self):
         self.lock = _held_lock()
@@ -915,6 +917,9 @@ cdef class ReadyQueue:
     # _Waiters: idle workers, the latest last. None waits while a job is poppable, except while
     # the worker that freed its slot comes back for it (release_state(hand_off=False)).
     cdef list getters
+    # Every waiter of a worker (and of a pop() that waited), a WeakSet: close() takes back the jobs
+    # handed to those that have not returned them yet (_reclaim_handed).
+    cdef object waiters
     cdef list putters  # _Waiters: producers waiting for room
     cdef list joiners  # _Waiters: join() callers waiting for the base or an older generation to empty
 
@@ -930,6 +935,7 @@ cdef class ReadyQueue:
         self.marks = {}
         self.overflow = deque()
         self.getters = []
+        self.waiters = weakref.WeakSet()
         self.putters = []
         self.joiners = []
         self.stamps = {}
@@ -1623,15 +1629,37 @@ cdef class ReadyQueue:
 
     cdef int _give_back(self, _Waiter waiter) except -1:
         """Undo a hand-off that its worker will not return (interrupted): like a requeue."""
+        self._put_back(waiter)
+        if self.getters or self.loop_idle:
+            self._hand_off()
+        return 0
+
+    cdef int _put_back(self, _Waiter waiter) except -1:
         cdef TypeState state = <TypeState>waiter.state
         job = waiter.job
         owed = (job, state.name, waiter.level)  # made before the decision, as in requeue
+        if waiter.job is not job:  # a collection the allocation ran let its worker in, which returned it
+            return 0
         waiter.job = waiter.state = None
         state.active -= 1
         self._place(owed)
         self._readmit(state)
-        if self.getters or self.loop_idle:
-            self._hand_off()
+        return 0
+
+    def enlist(self, _Waiter waiter):
+        """``waiter`` is a worker's, for all its waits: close() takes back a job handed to it."""
+        self.waiters.add(waiter)
+
+    cdef int _reclaim_handed(self) except -1:
+        """close(): take back the jobs handed to workers that have not returned them yet, in this step
+        (a worker returns one holding the GIL, in _pop, without a call that could let this one in), so
+        that no snapshot from now on counts one as running: its worker would give it back unstarted
+        (no attempt starts after stop). A job whose cancel was requested stays: its worker ends it
+        as cancelled. Once closed."""
+        cdef _Waiter waiter
+        for waiter in list(self.waiters):
+            if waiter.job is not None and not (self.marks and self._cancel_requested(waiter.job)):
+                self._put_back(waiter)
         return 0
 
     cdef int _pass_on_close(self) except -1:
@@ -1662,6 +1690,7 @@ cdef class ReadyQueue:
                 return None
             if waiter is None:
                 waiter = _Waiter()
+                self.waiters.add(waiter)
             self.getters.append(waiter)
             try:
                 woken = _sleep_on(waiter.lock, deadline)
@@ -1980,6 +2009,7 @@ cdef class ReadyQueue:
         and their waits would starve the threads holding it.
         """
         self._closed = True
+        self._reclaim_handed()
         self._pass_on_close()  # with no job: it sees the queue closed
         _notify_all(self.putters)
         _notify_all(self.joiners)
@@ -2498,6 +2528,7 @@ def run_worker(ReadyQueue ready, WorkerSlot slot, Alarm watchdog, dispatcher):
     cdef bint expired, decided, cancelled, finish, succeeded_now, handed_over
     cdef long succeeded = 0
     cdef _Waiter waiter = _Waiter()  # this worker's, for every wait
+    ready.enlist(waiter)
     finished = None  # a success whose on_success and task_done wait for the next start (on_switch)
     switch = None
     slot.thread_id = PyThread_get_thread_ident()

@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 import types
+import weakref
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -374,13 +375,15 @@ class _Waiter:
     worker keeps its waiter, so nothing is allocated between a wake-up and the job.
     """
 
-    __slots__ = ("_lock", "taken", "level")
+    __slots__ = ("_lock", "taken", "level", "reclaimed", "__weakref__")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
         self.taken: Optional[Tuple[Any, TypeState]] = None  # handed by a producer, under the queue's lock
         self.level = 0  # the taken job's level, to give it back
+        # What close() took back of ``taken`` before this worker returned it (under the queue's lock).
+        self.reclaimed: Optional[Tuple[Any, TypeState]] = None
 
     def sleep(self, timeout: Optional[float]) -> bool:
         """Wait for a wake-up (at most ``timeout`` seconds): True when one came."""
@@ -485,6 +488,9 @@ class ReadyQueue:
         # Idle workers in pop, the latest last. None waits while a job is poppable, except while
         # the worker that freed its slot comes back for it (release_state(hand_off=False)).
         self._getters: List[_Waiter] = []
+        # Every waiter of a worker (and of a pop() that waited): close() takes back the jobs handed
+        # to those that have not returned them yet (_reclaim_handed).
+        self._waiters: "weakref.WeakSet[_Waiter]" = weakref.WeakSet()
         self._room = threading.Condition(self._lock)  # the buffer may have room
         self._all_done = threading.Condition(self._lock)  # the base, or an older generation, may be empty
 
@@ -1000,10 +1006,31 @@ class ReadyQueue:
 
     def _give_back(self, job: Any, state: TypeState, level: int) -> None:
         """Undo a hand-off that its worker will not return (interrupted): like a requeue."""
+        self._put_back(job, state, level)
+        self._hand_off()
+
+    def _put_back(self, job: Any, state: TypeState, level: int) -> None:
         state.active -= 1
         self._place(job, state.name, level)
         self._readmit(state)
-        self._hand_off()
+
+    def enlist(self, waiter: "_Waiter") -> None:
+        """``waiter`` is a worker's, for all its waits: close() takes back a job handed to it."""
+        with _step(self._lock):
+            self._waiters.add(waiter)
+
+    def _reclaim_handed(self) -> None:
+        """close(): take back the jobs handed to workers that have not returned them yet, in this step,
+        so that no snapshot from now on counts one as running: its worker would give it back
+        unstarted (no attempt starts after stop). A job whose cancel was requested stays: its
+        worker ends it as cancelled. Called with _lock held, once closed."""
+        for waiter in list(self._waiters):
+            taken = waiter.taken
+            if taken is None or self._cancel_requested(taken[0]):
+                continue
+            waiter.taken = None
+            waiter.reclaimed = taken  # (its worker may have read taken already: see _pop)
+            self._put_back(taken[0], taken[1], waiter.level)
 
     def _pop(self, timeout: Optional[float], waiter: "Optional[_Waiter]") -> Optional[Tuple[Any, TypeState]]:
         """Take a job and a slot of its type; wait on ``waiter`` (made here when None)."""
@@ -1023,6 +1050,7 @@ class ReadyQueue:
                     return None
                 if waiter is None:
                     waiter = _Waiter()
+                    self._waiters.add(waiter)
                 waiter.taken = None
                 self._getters.append(waiter)
             try:
@@ -1043,10 +1071,15 @@ class ReadyQueue:
             if taken is not None:
                 if self._closed:  # handed over just before close(): no attempt starts after stop
                     with _step(self._lock):
-                        if not self._cancel_requested(taken[0]):  # else its worker ends it, cancelled
+                        # close() set _closed before it looked at taken: if it took this job back
+                        # (read before the line above cleared it), it is in place again already.
+                        reclaimed, waiter.reclaimed = waiter.reclaimed, None
+                        if reclaimed is not taken:
+                            if self._cancel_requested(taken[0]):
+                                return taken  # its worker ends it as cancelled, its function not called
                             self._give_back(taken[0], taken[1], waiter.level)
-                            self._pass_on_close()
-                            return None
+                        self._pass_on_close()
+                        return None
                 return taken
             # woken by close(), or timed out: look again
 
@@ -1355,6 +1388,7 @@ class ReadyQueue:
         """
         with _step(self._lock):
             self._closed = True
+            self._reclaim_handed()
             self._pass_on_close()  # with nothing: it sees the queue closed
             self._room.notify_all()
             self._all_done.notify_all()
@@ -1835,6 +1869,7 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
     marks = ready.cancel_marks  # empty unless a cancel waits for a job's holder
     succeeded = 0
     waiter = _Waiter()  # this worker's, for every wait
+    ready.enlist(waiter)
     finished = None  # a success whose on_success and task_done wait for the next start (on_switch)
     switch: Optional[Callable[[Any, Any], None]] = None
     while True:

@@ -122,6 +122,9 @@ class AttemptLedger(Protocol):
     outcome there, and the shared counters live there too.
     """
 
+    def held_here(self) -> bool:
+        """Whether this thread is inside one of the ledger's locked sections (see _sections)."""
+
     def started(self, job: Any) -> None:
         """Before the executor runs; raises when the attempt is no longer held (it is not run)."""
 
@@ -529,10 +532,16 @@ class Dispatcher:
         return started_in is not None and started_in != os.getpid()
 
     def in_section(self) -> bool:
-        """Whether this thread is inside a section of the dispatcher's locks or its loop's: code the
-        garbage collector runs here runs there (see _sections)."""
+        """Whether this thread is inside a section of the dispatcher's locks or its loop's, or its
+        broker link's or its SQLite store's: code the garbage collector runs here runs there (see _sections)."""
         runner = self.loop_runner
-        return owned(self._lock) or owned(self._stop_order) or (runner is not None and runner.in_section())
+        if owned(self._lock) or owned(self._stop_order) or (runner is not None and runner.in_section()):
+            return True
+        ledger = self.ledger
+        if ledger is not None and ledger.held_here():
+            return True
+        store_held = getattr(self.store, "_held_here", None)  # a SQLitePersistence's
+        return store_held is not None and bool(store_held())
 
     def refuse_reentry(self, what: str) -> None:
         """RuntimeError (saying why) when this thread is inside a section of the dispatcher's or its

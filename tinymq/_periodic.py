@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tuple, Union
 
+from ._sections import reinit_after_fork
 from .config import _positive_seconds
 from .errors import DuplicateJob, PersistenceError, QueueFull, QueueStopped
 from .job import Job, Priority, _as_priority, _as_run_at, _as_type
@@ -485,6 +486,12 @@ class Periodic:
                 self._begin(schedule)
             if self._schedules:
                 self._ensure_thread()
+
+    def reinit_in_forked_child(self) -> None:
+        """In a fork()ed child: the locks a thread of the parent (the timer, a caller) may have held at
+        the fork are made free again; it would never release them there, where stop() takes _lock."""
+        reinit_after_fork(self._changed)  # (its lock is _lock)
+        reinit_after_fork(self._firing)
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """No tick fires from now on; wait up to ``timeout`` seconds for the timer thread to end

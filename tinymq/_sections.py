@@ -3,10 +3,11 @@
 A section that allocates may run the garbage collector, and with it Python code: a gc
 callback, a ``__del__``, a weakref callback (a signal handler may run there too). Such
 code that calls the queue on the same thread would wait for a lock its own thread holds,
-forever. So the dispatcher's and the event loop's locks are RLocks taken through
-``section``, which refuses that call (RuntimeError saying why) instead: the section it
-interrupted is half done, and re-entering it would act on that state. The pure-Python
-core refuses a call back into its own steps alike (``_core_py._step``).
+forever. So the dispatcher's and the event loop's locks, the SQLite store's and the Redis
+link's are RLocks taken through ``section``, which refuses that call (RuntimeError saying
+why) instead: the section it interrupted is half done, and re-entering it would act on
+that state. The pure-Python core refuses a call back into its own steps alike
+(``_core_py._step``).
 
 The calls a user makes from such code most (``get_stats``, ``cancel``) need no section of
 the dispatcher's, or take none before ``refuse_reentry`` has looked: they are either
@@ -33,11 +34,11 @@ def owned(lock: Any) -> bool:
     return bool(lock._is_owned())
 
 
-def section(lock: Any) -> Any:
+def section(lock: Any, what: str = "the queue") -> Any:
     """``lock`` (an RLock), to take for one locked section: ``with section(self._lock):``; refused
-    (RuntimeError) on a thread inside a section of that lock already."""
+    (RuntimeError: ``what`` was called from such code) on a thread inside a section of that lock already."""
     if lock._is_owned():
-        refuse("the queue")
+        refuse(what)
     return lock
 
 

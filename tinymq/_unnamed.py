@@ -14,6 +14,7 @@ failure callbacks, which run before that, read the id; it may change only once i
 Every queue core makes one ``Unnamed``, so the live cores are known here too: ``Job.id``'s
 setter asks them whether one holds a job under the id it has (``held``) before it changes.
 """
+import os
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, List, Optional
@@ -27,6 +28,17 @@ __all__ = ["Unnamed", "held"]
 # Every live queue core of this process (either twin): made in Unnamed(core), guarded by _cores_lock.
 _cores: "weakref.WeakSet[ReadyQueue]" = weakref.WeakSet()
 _cores_lock = threading.Lock()
+
+
+def _forget_lock_after_fork() -> None:
+    """In a fork()ed child: no thread of the parent holds _cores_lock any more (a Queue made, or a
+    job named, as it forked); one left held would never be released there."""
+    global _cores_lock
+    _cores_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_lock_after_fork)
 
 
 def held(job: "Job") -> bool:

@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import inspect
 import logging
+import os
 import threading
 import time
 import types
@@ -22,7 +23,7 @@ from ._periodic import Periodic, ScheduleStats
 from ._event_loop import is_async_executor
 from ._pick_core import core
 from ._shield import shield
-from ._sections import section
+from ._sections import reinit_after_fork, section
 from .config import Config, ExecutorConfig, RateLimit, RetryConfig, _optional_seconds, _seconds
 from .errors import (DuplicateJob, PersistenceError, QueueFull, QueueStopped, _buffer_full, _describe,
                      _exception_text, counted)
@@ -56,6 +57,24 @@ _store_users: "weakref.WeakValueDictionary[Any, Queue]" = weakref.WeakValueDicti
 # Its dispatcher, which outlives a queue garbage-collected while an attempt of it runs.
 _store_dispatchers: "weakref.WeakValueDictionary[Any, Dispatcher]" = weakref.WeakValueDictionary()
 _store_users_lock = threading.Lock()
+# Every Queue of this process, for the after-fork hook (_after_fork_in_child).
+_queues: "weakref.WeakSet[Queue]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """In a fork()ed child: the queues' claim locks, their schedules' locks and the store users' lock
+    are made free again. One held at the fork by a thread of the parent would never be released
+    there, where a queue's copy is still called (enqueue, which it refuses; stop()) and new queues
+    take stores (set_persistence)."""
+    global _store_users_lock
+    _store_users_lock = threading.Lock()
+    for queue in list(_queues):
+        reinit_after_fork(queue._claim_lock)
+        queue._periodic.reinit_in_forked_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 # How long set_persistence waits for a stopped queue's last workers to exit before it refuses the
 # store: idle ones exit at once, but may not have yet when stop(wait=False) has just returned.
 _HAND_OVER_WAIT = 0.5
@@ -279,7 +298,8 @@ class Queue:
         self._ready = self._dispatcher.ready
         self._store: Any = None
         self._store_taken: Any = None  # the store set_persistence is loading or uses; under _store_users_lock
-        self._claim_lock = threading.RLock()  # taken with section()
+        self._claim_lock = threading.RLock()  # taken with section(); made free again in a forked child
+        _queues.add(self)
         self._claimed: Set[str] = set()
         self._joined_before_start = False  # join() warned, once, that nothing runs jobs yet
         # With a broker (tinymq.redis.RedisBroker) the queue's state lives there: the link

@@ -10,7 +10,10 @@ class ExecutorStats:
     """One job type: ``active_jobs`` attempts are running now, ``max_jobs`` its ``max_concurrent_jobs``.
 
     ``active_jobs`` stays at most ``max_jobs``, except after the type was registered again
-    with a lower limit: the attempts already running keep their slots until they end.
+    with a lower limit: the attempts already running keep their slots until they end. An
+    attempt counts from the moment a worker takes its job (before a store writes its start and
+    its function is called); a job handed to a worker thread that has not taken it yet as
+    ``stop()`` closes the queue is taken back then, and counts as ready, never as running.
 
     Lifetime event counters of the type, like QueueStats' ``jobs_*``:
     ``succeeded``, ``failed`` (for good), ``retried``, ``timed_out``, ``cancelled``.

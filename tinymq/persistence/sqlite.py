@@ -39,6 +39,7 @@ from collections import deque
 from datetime import timedelta
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set, Tuple, TypeVar, Union
 
+from .._sections import owned, refuse, section
 from .._shield import shield
 from ..config import RetryConfig, _count, _seconds
 from ..errors import PersistenceError, _describe
@@ -430,10 +431,14 @@ class SQLitePersistence:
             if refusal is not None:
                 raise refusal
             return
-        # Invariant: only the holder of _commit_lock uses _conn and _cursor.
-        self._commit_lock = threading.Lock()
+        # Invariant: only the holder of _commit_lock uses _conn and _cursor. It and _gate are RLocks:
+        # a call into the store from code the garbage collector runs inside one of their sections on
+        # the same thread is refused (see tinymq/_sections.py), not left waiting for its own thread.
+        # Taken with section(), except in _write and the calls it makes, which refuses it as it
+        # enters, before it does anything (the lock per write is all the per-job cost).
+        self._commit_lock = threading.RLock()
         self._hand_off = self.synchronous == "FULL"  # writers that meet wait on locks of their own (_write)
-        self._gate = threading.Lock()  # guards _pending and _leader
+        self._gate = threading.RLock()  # guards _pending and _leader
         self._pending: "deque[_Unit]" = deque()  # units waiting for the next committer
         self._leader: Optional[_Unit] = None  # the unit whose writer commits the pending ones next
         self._owner_row_in_wal_only = False  # a reader kept the open's checkpoint from copying it (_take_over)
@@ -857,6 +862,11 @@ class SQLitePersistence:
         except OSError:
             pass
 
+    def _held_here(self) -> bool:
+        """Whether this thread is inside a section of the store's locks (see tinymq/_sections.py): a
+        call from code the garbage collector runs there is refused (Dispatcher.in_section too)."""
+        return not self.read_only and (owned(self._commit_lock) or owned(self._gate))
+
     def _check_usable(self) -> None:
         if self._pid != os.getpid():
             raise PersistenceError(
@@ -881,7 +891,7 @@ class SQLitePersistence:
         if self.read_only or self._pid != os.getpid():
             self._closed = True
             return
-        with self._commit_lock:
+        with section(self._commit_lock, "the store"):
             if self._closed:
                 return
             self._closed = True
@@ -1087,12 +1097,14 @@ class SQLitePersistence:
         """
         if self._pid != os.getpid() or self._closed or self.read_only or self._broken:
             self._check_usable()
+        if self._held_here():  # before its unit is pending: a refused write leaves nothing to commit
+            refuse("the store")
         unit = _Unit(statements)
         # A worker thread's interruption (interrupt_on_timeout) waits: this thread may commit other threads' units.
         with shield():
             if not self._hand_off:
                 self._pending.append(unit)
-                with self._commit_lock:
+                with self._commit_lock:  # (here and below, a re-entry is refused above, as it enters)
                     if not unit.done:  # nobody committed it for us while we waited: lead a batch
                         self._commit_pending([])
             else:
@@ -1515,7 +1527,7 @@ class SQLitePersistence:
             return 0
 
         self._check_usable()
-        with shield(), self._commit_lock:
+        with shield(), section(self._commit_lock, "the store"):
             self._check_usable()
             self._in_transaction(self._conn, restore, f"undoing the save of job {job_id!r}")
             if self._replaced.get(job_id) is entry:
@@ -1563,7 +1575,7 @@ class SQLitePersistence:
         "corrupt", is logged, and is skipped.
         """
         self._check_usable()
-        with self._commit_lock:
+        with section(self._commit_lock, "the store"):
             self._check_usable()
             jobs, crashed = self._in_transaction(self._conn, self._recover, "load_all")
             self._crashed = crashed  # (a second load finds the same rows, still "running")
@@ -1651,7 +1663,7 @@ class SQLitePersistence:
             return found
         if self._pid != os.getpid() or self._closed:
             self._check_usable()
-        with self._commit_lock:
+        with section(self._commit_lock, "the store"):
             if self._closed:
                 self._check_usable()
             try:
@@ -1735,6 +1747,6 @@ class SQLitePersistence:
 
     def _change(self, work: Callable[[sqlite3.Connection], int]) -> int:
         self._check_usable()
-        with shield(), self._commit_lock:
+        with shield(), section(self._commit_lock, "the store"):
             self._check_usable()
             return self._in_transaction(self._conn, work, "changing dead rows")

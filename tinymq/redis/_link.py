@@ -54,6 +54,7 @@ import time
 from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 from .._pick_core import core
+from .._sections import owned, refuse, section
 from .._shield import shield
 from ..config import RateLimit
 from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError, _buffer_full, _describe, counted
@@ -260,7 +261,10 @@ class QueueLink:
         self.client = broker._client
         self._redis_error = __import__("redis").RedisError
         self._lease_ms = max(1, int(broker.lease * _MS))
-        self._lock = threading.Lock()
+        # An RLock taken with section() (see tinymq/_sections.py): a call into the link from code the
+        # garbage collector runs inside one of its sections on the same thread (a __del__ that cancels)
+        # is refused with a RuntimeError saying why, where it waited for its own thread for good.
+        self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)  # slots freed, ops added, closing
         self._renewal = threading.Condition(self._lock)  # the lease was renewed, or lost, or closing
         self._reported = threading.Condition(self._lock)  # a thread finished reporting handed rows
@@ -430,7 +434,7 @@ class QueueLink:
         killed before its callbacks ran, whoever reaps the reporter reports them. stop()
         waits for this thread meanwhile, as for a running callback."""
         with self._reporting_here():
-            with self._lock:  # (once stopping, no row is kept under our own lease)
+            with section(self._lock):  # (once stopping, no row is kept under our own lease)
                 caller = self._proc if self._registered and not self._closing else ""
             yield (caller, 0) if caller else (f"{self._proc}~{token}", self._lease_ms)
 
@@ -440,7 +444,7 @@ class QueueLink:
         process's own lease the heartbeat looks for them (_report_lost); a reporter's rows are
         reported by whoever reaps it once its lease, never renewed, runs out."""
         if caller and "~" not in caller:
-            with self._lock:
+            with section(self._lock):
                 self._lost_replies.append((caller, token))
 
     def _report_lost(self) -> None:
@@ -448,7 +452,7 @@ class QueueLink:
         a reply would have (on a reporter): each holds join() until acknowledged. Called by
         the heartbeat after a beat renewed the lease, outside _round_lock. Rows of an id this
         process no longer has (it was reaped) went to its reaper, which reports them."""
-        with self._lock:
+        with section(self._lock):
             lost, self._lost_replies = self._lost_replies, []
         proc = self._proc
         tokens = {token for owner, token in lost if owner == proc}
@@ -458,7 +462,7 @@ class QueueLink:
             found = self.scripts.command("HGETALL", self.scripts.key("reporting:" + proc), timeout=_SOCKET_TIMEOUT,
                                          abandoned=self._stopped)
         except self._redis_error as exc:
-            with self._lock:
+            with section(self._lock):
                 self._lost_replies.extend((proc, token) for token in tokens)
             if not self._stopped.is_set():
                 self._log_outage("looking for rows of calls without a reply", exc)
@@ -521,7 +525,7 @@ class QueueLink:
         called (from the reply that registered it until its rows' callbacks ran): a reporter
         reaped meanwhile would have them reported again by a worker, though nothing died. One
         renewer renews every reporter held; the last end waits for it to end."""
-        with self._lock:
+        with section(self._lock):
             self._held_reporters[reporter] = self._held_reporters.get(reporter, 0) + 1
             if self._reporters_renewer is None:
                 renewer = threading.Thread(target=self._renew_reporters, name="tinymq-reporter", daemon=True)
@@ -529,7 +533,7 @@ class QueueLink:
                 renewer.start()
 
         def end() -> None:
-            with self._lock:
+            with section(self._lock):
                 holds = self._held_reporters.pop(reporter) - 1
                 if holds:
                     self._held_reporters[reporter] = holds
@@ -548,7 +552,7 @@ class QueueLink:
         me = threading.current_thread()
         interval = self.broker.lease / 4
         while True:
-            with self._lock:
+            with section(self._lock):
                 due = time.monotonic() + interval
                 while self._reporters_renewer is me and time.monotonic() < due:
                     self._reporters_held.wait(due - time.monotonic())
@@ -591,12 +595,12 @@ class QueueLink:
             return
         reporter = threading.Thread(target=self._report_reply, args=(rows, cancels, undecodable),
                                     name="tinymq-redis-reporter", daemon=True)
-        with self._lock:
+        with section(self._lock):
             self._reporters.add(reporter)
         try:
             reporter.start()
         except RuntimeError:  # no new thread (the interpreter is exiting): report on this one
-            with self._lock:
+            with section(self._lock):
                 self._reporters.discard(reporter)
             self._report_reply(rows, cancels, undecodable)
 
@@ -618,7 +622,7 @@ class QueueLink:
         except Exception:  # (not a callback's: report_failure keeps those) the rows not yet
             self._crashed("a reporter")  # acknowledged go to whoever reaps the id, as if killed
         finally:
-            with self._lock:
+            with section(self._lock):
                 self._reporters.discard(threading.current_thread())
                 self._reported.notify_all()
         self._flush_if_idle()
@@ -634,12 +638,12 @@ class QueueLink:
         with self._reporting_here():
             for i, row in enumerate(rows):
                 key = keys[i] if keys else row.key  # (its field in reporting:<proc>)
-                with self._lock:
+                with section(self._lock):
                     if self._released:  # (stop() waits for other threads): a callback here stopped
                         break               # the queue, and the release handed the rest on
                     self._reporting[me] = key  # stop() waits for it, so that its A goes with the release
                 self._report(row.id, row.body, row.reason, row.retries, row.error)
-                with self._lock:
+                with section(self._lock):
                     self._queue_op(SettleOp("A", key))
 
     @contextlib.contextmanager
@@ -648,7 +652,7 @@ class QueueLink:
         row's acknowledgement key, None until it has one): stop() waits for it. Nested (a
         failure callback's own cancel()), the outer entry is put back afterwards."""
         me = threading.get_ident()
-        with self._lock:
+        with section(self._lock):
             nested = me in self._reporting
             outer = self._reporting.get(me)
             if not nested:
@@ -656,7 +660,7 @@ class QueueLink:
         try:
             yield
         finally:
-            with self._lock:
+            with section(self._lock):
                 if not nested:
                     self._reporting.pop(me, None)
                 else:
@@ -745,6 +749,10 @@ class QueueLink:
         """``q.cancel`` over the broker (see ``_cancel``)."""
         return self._cancel(job_id, "")
 
+    def held_here(self) -> bool:
+        """Whether this thread is inside a section of the link's lock (Dispatcher.in_section)."""
+        return owned(self._lock)
+
     def _cancel(self, job_id: str, take_back: str) -> bool:
         """``q.cancel`` over the broker, from any process (see cancel.lua).
 
@@ -754,6 +762,9 @@ class QueueLink:
         does meanwhile (a failure for good too), its settle ends the job as cancelled,
         counted once, and its reply tells that process so (see failing).
         """
+        # Called from code the collector ran inside a section of this link's, or of its dispatcher's:
+        # refused before anything is sent (a section taken later, refused then, would leave it half done).
+        self.dispatcher.refuse_reentry("cancel()")
         if not readable_id(job_id):  # no bytes in Redis read so, so no job has it
             return False
         self._send_decided(job_id)
@@ -820,7 +831,7 @@ class QueueLink:
         (the reply counts it here, and hands it back to report): it never runs.
         """
         wanted = set(attempts)
-        with self._lock:
+        with section(self._lock):
             jobs = []
             for job, record in self._attempts.items():
                 if record.attempt in wanted:
@@ -835,7 +846,7 @@ class QueueLink:
                 in_core += [job for job in rest if self.ready.registered(job)]
                 if held:
                     self._held = [job for job in self._held if all(job is not other for other in held)]
-                    with self._lock:
+                    with section(self._lock):
                         for job in held:
                             given_back = self._attempts.pop(job, None)
                             if given_back is not None:
@@ -877,7 +888,7 @@ class QueueLink:
     def set_limit(self, job_type: str, limit: int, rate_limit: Optional[RateLimit] = None) -> None:
         """A registered executor's ``max_concurrent_jobs`` and ``rate_limit``: sent before
         this process's next fetch. Redis holds the one rate window of the type."""
-        with self._lock:
+        with section(self._lock):
             if rate_limit is None:
                 self._limits[job_type] = limit
                 self._rate_limited = self._rate_limited - {job_type}
@@ -904,7 +915,7 @@ class QueueLink:
         lease = self.broker.lease
         guard = shield()
         with guard:
-            with self._lock:
+            with section(self._lock):
                 while True:
                     record = self._attempts.get(job)
                     if record is None or record.state != _PENDING:
@@ -972,7 +983,7 @@ class QueueLink:
         handed it back while it ran, or this process let the id it ran under go: then it counts
         nowhere, not even for an instant (its job runs again elsewhere, where it counts). From
         here on stop() waits for its op before it hands back what runs (see stop)."""
-        with self._lock:
+        with section(self._lock):
             record = self._attempts.get(job)
             if record is not None:
                 record.ending = True
@@ -984,7 +995,7 @@ class QueueLink:
         """Counted as succeeded by the core already (succeeding() said so): its op is queued. One
         that this process let go of meanwhile (its id reaped, or stop()'s wait for it ran out)
         stays counted (a counter never goes down: see _take_back), its op unsent."""
-        with self._lock:
+        with section(self._lock):
             record = self._attempts.pop(job, None)
             if record is None:
                 self._forget(job)
@@ -1017,7 +1028,7 @@ class QueueLink:
         ((type state, seconds): recorded in _decide). False when the attempt is no longer this
         process's (_disowned): its timeout is never counted, nor its duration recorded; nor are
         they when it stops being this process's before its end is decided (stop()'s release)."""
-        with self._lock:
+        with section(self._lock):
             record = self._attempts.get(job)
             if record is None:
                 record = self._disowned.get(job)
@@ -1044,7 +1055,7 @@ class QueueLink:
         counts nowhere either. An attempt this process knows marked by a cancel (its own, or
         one a reply named) ends as cancelled whatever its op says (Redis ends it so): counted
         so here, and nothing else (a failure for good is sent as the cancel it is)."""
-        with self._lock:
+        with section(self._lock):
             record = self._attempts.get(job)
             if record is None:
                 self._forget(job)
@@ -1140,7 +1151,7 @@ class QueueLink:
                 if self.dispatcher.failure_callbacks:
                     self._send(op)
                 key = _report_key(job.id, op.reason, proc, op.attempt)  # (Redis keeps a cancel's row under it too)
-                with self._lock:
+                with section(self._lock):
                     self._reporting[me] = key  # stop() sends its A if this is its thread
                     overruled, dropped = failure.overruled, failure.dropped
                     if overruled is not None or dropped:
@@ -1158,14 +1169,14 @@ class QueueLink:
                         self.ready.count(core.TIMED_OUT, 1, job.type)
                     yield reason  # (the caller counts the failure here, then runs the callbacks)
                     if overruled is None:  # its reply is still to come, or came meanwhile
-                        with self._lock:  # (a round that reads it now finds it counted)
+                        with section(self._lock):  # (a round that reads it now finds it counted)
                             failure.counted = True
                             overruled, dropped = failure.overruled, failure.dropped
                             if overruled is not None or dropped:
                                 self._failing.pop(op.attempt, None)
                         if overruled and not dropped:  # (dropped as the callbacks ran: it stays counted)
                             self._overruled_after_counted(op.attempt, job.type, op.reason)
-                with self._lock:
+                with section(self._lock):
                     if self._released:
                         return
                     self._queue_op(SettleOp("A", key))  # (until it reaches Redis, join() waits)
@@ -1243,13 +1254,13 @@ class QueueLink:
 
     def _unsent_op(self, op: SettleOp) -> bool:
         """Whether ``op`` still waits to be sent, or to be sent again (its call failed)."""
-        with self._lock:
+        with section(self._lock):
             return not self._released and (any(queued is op for queued in self._ops) or (
                 self._unsent is not None and any(unsent is op for unsent in self._unsent[3])))
 
     def returned_late(self, job: Any) -> None:
         """A timed-out attempt's function returned: its type slot is free."""
-        with self._lock:
+        with section(self._lock):
             record = self._attempts.get(job)
             if record is None:
                 return
@@ -1264,18 +1275,18 @@ class QueueLink:
         no longer this process's (_disowned: handed back by stop()'s release while it ran, or
         run under an id this process let go): its failure counts nowhere here (its timeout
         neither: a timeout is counted as the attempt's end is decided)."""
-        with self._lock:
+        with section(self._lock):
             if self._forget(job) is not None:
                 return True
         if not isinstance(exc, _NotHeld):
             return False
-        with self._lock:
+        with section(self._lock):
             self._attempts.pop(job, None)
         return True
 
     def given_back(self, job: Any) -> None:
         """An attempt that stop() cancelled: back to Redis, not counted."""
-        with self._lock:
+        with section(self._lock):
             record = self._attempts.pop(job, None)
             if record is None:
                 self._forget(job)
@@ -1317,7 +1328,7 @@ class QueueLink:
         fetched for the event loop, up to its ``limit``, or for the worker threads. One found async
         as its function returned an awaitable (its attempt handed over to the loop): its attempts
         held here hold no worker's place any more."""
-        with self._lock:
+        with section(self._lock):
             if not on_loop:
                 self._loop_types.pop(job_type, None)
                 return
@@ -1340,7 +1351,7 @@ class QueueLink:
         with self._round_lock:
             if self._released or (unless_sent is not None and not self._unsent_op(unless_sent)):
                 return 0
-            with self._lock:
+            with section(self._lock):
                 if self._unsent is None:  # else resend the failed call as it was: the script knows it
                     ops, self._ops = self._ops, []
                     free = self._free()  # (none after a round that stopped, until a place frees)
@@ -1361,7 +1372,7 @@ class QueueLink:
                 if limits:
                     self.scripts.set_limits(limits, timeout=_SOCKET_TIMEOUT, abandoned=stopped)
             except BaseException:
-                with self._lock:  # sent again before the next round's fetch; a newer one wins
+                with section(self._lock):  # sent again before the next round's fetch; a newer one wins
                     self._limits = {**limits, **self._limits}
                     self._lost_limits = {**lost, **self._lost_limits}
                 raise
@@ -1382,7 +1393,7 @@ class QueueLink:
                 return 0
             self._unsent = None
             self._registered = self._registered or reply.now_ms
-            with self._lock:
+            with section(self._lock):
                 self._renewed(sent)
                 if reply.stopped:
                     self._stopped_at = freed
@@ -1430,7 +1441,7 @@ class QueueLink:
         """Hand fetched attempts to the core: (how many, and the stand-ins (undecodable_job) of
         those that cannot be decoded, for a reporter to fail). Called with _round_lock held."""
         if self._held:
-            with self._lock:  # one given back while it waited for its copy to leave: no copy is in the core
+            with section(self._lock):  # one given back while it waited for its copy to leave: no copy is in the core
                 for job in self._held:
                     record = self._attempts.get(job)
                     if record is not None and record.state == _GIVEN_BACK:
@@ -1454,7 +1465,7 @@ class QueueLink:
                 continue
             jobs.append((job, item.attempt))
         now = time.monotonic()
-        with self._lock:
+        with section(self._lock):
             loop_types = self._loop_types
             for job, attempt in jobs:
                 if job.type in loop_types:
@@ -1479,7 +1490,7 @@ class QueueLink:
                 except QueueStopped:
                     give_back.append(job)
         if give_back:
-            with self._lock:
+            with section(self._lock):
                 for job in give_back:
                     record = self._attempts.pop(job)
                     self._count_out(record)
@@ -1489,7 +1500,7 @@ class QueueLink:
     def _abandon(self, lost: bool) -> None:
         """This process was reaped (silent past its lease), or Redis lost the queue's state since it
         registered (``lost``): drop what it held, register anew."""
-        with self._lock:
+        with section(self._lock):
             running = sum(1 for r in self._attempts.values() if r.state == _STARTED and not r.expired)
             buffered = len(self._attempts) - running
         old = self._let_go()
@@ -1508,7 +1519,7 @@ class QueueLink:
         """Drop this process's id and what it held under it (its running attempts run on, their
         outcomes stale), for a new id that the next fetch or beat registers; returns the old
         id. Called with _round_lock held."""
-        with self._lock:
+        with section(self._lock):
             for record in self._attempts.values():
                 if record.state == _PENDING:
                     record.state = _GIVEN_BACK  # a worker that pops it refuses it
@@ -1562,7 +1573,7 @@ class QueueLink:
         return BrokerTicks(self, queue)
 
     def start(self, workers: int) -> None:
-        with self._lock:
+        with section(self._lock):
             self._workers = workers
         for target, name in ((self._pump, "tinymq-redis-pump"), (self._timer, "tinymq-redis-timer"),
                              (self._heartbeat, "tinymq-redis-heartbeat")):
@@ -1594,7 +1605,7 @@ class QueueLink:
         each counted as a crash, and reports the rows it was handed; it drops its buffer,
         and registers again under a new id. Called in the except clause. False when stopping."""
         with self._round_lock:
-            with self._lock:
+            with section(self._lock):
                 closing = self._closing
             old = "" if closing else self._let_go()
         if closing:
@@ -1623,7 +1634,7 @@ class QueueLink:
         backlog = False  # the last round filled its batch: Redis has more
         try:  # (another exception ends it: _keep_running)
             while True:
-                with self._lock:
+                with section(self._lock):
                     self._wait_for_a_round(backlog)
                     if self._closing:
                         return
@@ -1640,7 +1651,7 @@ class QueueLink:
                     pause = min(pause * 2, _BACKOFF_MAX)
                     continue
                 if asked and taken < asked:  # Redis has nothing more for us now: wait for a signal
-                    with self._lock:
+                    with section(self._lock):
                         # (or it stopped at a job this process cannot take: wait for a place here to free)
                         if self._ops or self._closing or self._stopped_at == self._freed:
                             continue
@@ -1659,7 +1670,7 @@ class QueueLink:
                         self._stopped.wait(pause)
                         pause = min(pause * 2, _BACKOFF_MAX)
                     finally:
-                        with self._lock:
+                        with section(self._lock):
                             self._pump_idle = False
         finally:
             blocking.close()
@@ -1705,7 +1716,7 @@ class QueueLink:
                 alarm.sleep(min(due - now, _IDLE_WAIT), due)
                 continue
             self._next_due = math.inf  # the round below sets the next one
-            with self._lock:
+            with section(self._lock):
                 free = self._free()
             if not free:
                 continue  # the pump fetches when a slot frees; enqueues promote due jobs meanwhile
@@ -1725,7 +1736,7 @@ class QueueLink:
         fetched again here it is placed at once; one a worker took meanwhile is refused."""
         now = time.monotonic()
         with self._round_lock:  # (_held stays as it is)
-            with self._lock:
+            with section(self._lock):
                 if self._closing:
                     return
                 stuck = [(job, record) for job, record in self._attempts.items()
@@ -1743,7 +1754,7 @@ class QueueLink:
                     continue  # not in the core (an older copy is: refused when a worker pops it)
                 if self.ready.remove(job.id) is job:
                     self.ready.task_done(job)
-                    with self._lock:
+                    with section(self._lock):
                         self._attempts.pop(job, None)
         logger.debug("gave back %d job(s) that waited %gs for a worker here", len(stuck), _BUFFERED_MAX)
         self._flush_if_idle()
@@ -1787,7 +1798,7 @@ class QueueLink:
                         self._abandon(beat.lost)
                     else:
                         self._registered = self._registered or beat.now_ms
-                        with self._lock:
+                        with section(self._lock):
                             self._renewed(sent)
             except self._redis_error as exc:
                 if not self._stopped.is_set():  # (else abandoned: the beat's reply no longer matters)
@@ -1825,7 +1836,7 @@ class QueueLink:
         def left(most: float) -> float:
             return most if deadline is None else max(0.0, min(most, deadline - time.monotonic()))
 
-        with self._lock:
+        with section(self._lock):
             if self._closing:
                 return
             self._closing = True
@@ -1851,7 +1862,7 @@ class QueueLink:
         # does not wait for itself: its row counts as reported.
         me = threading.get_ident()
         reports_by = time.monotonic() + left(_REPORT_WAIT)
-        with self._lock:
+        with section(self._lock):
             # (and for successes being counted, whose ops then go with the release: handed back
             # now, one would be counted here for an instant, though its job runs again elsewhere)
             while (any(ident != me for ident in self._reporting)
@@ -1884,7 +1895,7 @@ class QueueLink:
         # within it), and the release call gets what is left.
         released_by = time.monotonic() + _STOP_WAIT if deadline is None else deadline
         if not self._round_lock.acquire(timeout=max(released_by - time.monotonic(), _CALL_FLOOR)):
-            with self._lock:
+            with section(self._lock):
                 unstarted = sum(1 for record in self._attempts.values() if record.state == _PENDING)
                 outcomes = len(self._ops) + (0 if self._unsent is None else len(self._unsent[3]))
             self._not_given_back(unstarted, outcomes, "a call under way holds it up")
@@ -1912,7 +1923,7 @@ class QueueLink:
     def _release(self, deadline: float) -> None:
         """stop()'s last step: give back the unstarted attempts, send the ops left, unregister
         (by ``deadline``, _CALL_FLOOR at least). Called with _round_lock held."""
-        with self._lock:
+        with section(self._lock):
             unstarted = [r for r in self._attempts.values() if r.state == _PENDING]
             for record in unstarted:
                 record.state = _GIVEN_BACK
@@ -1933,7 +1944,7 @@ class QueueLink:
         except self._redis_error as exc:
             self._not_given_back(len(unstarted), len(ops) - len(unstarted) - len(running), exc)
             return
-        with self._lock:
+        with section(self._lock):
             found = self._settled(ops, reply.overruled)
             self._failing = {}  # (their threads are done, or past stop()'s wait: they count as they are)
         self._count_overruled(found)
