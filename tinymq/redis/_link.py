@@ -807,7 +807,7 @@ class QueueLink:
         a cancel finds such a job ended (or waiting for its retry). Else the cancel, sent ahead of
         the op that waits for a round, would end as cancelled a job counted here as a success."""
         by = time.monotonic() + self.broker.lease
-        with self._lock:  # (a success being counted has its op queued once counted: see stop)
+        with section(self._lock):  # (a success being counted has its op queued once counted: see stop)
             while any(record.ending for job, record in self._attempts.items() if job.id == job_id):
                 remaining = by - time.monotonic()
                 if remaining <= 0.0:
