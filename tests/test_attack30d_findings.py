@@ -25,6 +25,23 @@ def run_python(script, *args):
 
 # --- 1. A process forked from one that runs a queue -------------------------------------------------
 
+# The parent's wait for its forked child ``child``, in a test's script: up to 20 s, then it prints
+# how the child ended ("child exited N"), or kills it and prints "child hung".
+WAIT_FOR_CHILD = r"""
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    done, status = os.waitpid(child, os.WNOHANG)
+    if done:
+        print("child exited", os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status), flush=True)
+        break
+    time.sleep(0.01)
+else:
+    os.kill(child, 9)
+    os.waitpid(child, 0)
+    print("child hung", flush=True)
+"""
+
+
 # A process fork()ed while a started queue ran an attempt (a web server's workers forked after the app
 # module started its queue, a daemon's double fork, a plain os.fork()) never ended: at its interpreter
 # exit the queue's exit hook stopped the child's copy of the queue like stop(wait=True), which waited
@@ -61,19 +78,8 @@ if pid == 0:  # the child
         except tinymq.QueueStopped:
             print("child refused", flush=True)
     sys.exit(0)  # the interpreter's exit: the queue's exit hook runs here too
-deadline = time.monotonic() + 20
-while time.monotonic() < deadline:
-    done, status = os.waitpid(pid, os.WNOHANG)
-    if done:
-        print("child exited", os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode")
-              else status, flush=True)
-        break
-    time.sleep(0.01)
-else:
-    os.kill(pid, 9)
-    os.waitpid(pid, 0)
-    print("child hung", flush=True)
-release.set()
+child = pid
+""" + WAIT_FOR_CHILD + r"""release.set()
 print("parent joined", q.join(timeout=20), flush=True)
 q.stop()
 print("left", [job.id for job in store.jobs()], flush=True)
@@ -227,18 +233,8 @@ q.enqueue(Job("forks", id="forks"))
 q.enqueue_many([Job("work", id=f"w{i}") for i in range(20)])
 q.start_dispatcher(2)
 print("joined", q.join(timeout=20), flush=True)
-deadline = time.monotonic() + 20
-while time.monotonic() < deadline:
-    done, status = os.waitpid(children[0], os.WNOHANG)
-    if done:
-        print("child exited", os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status), flush=True)
-        break
-    time.sleep(0.01)
-else:
-    os.kill(children[0], 9)
-    os.waitpid(children[0], 0)
-    print("child hung", flush=True)
-q.stop()
+child = children[0]
+""" + WAIT_FOR_CHILD + r"""q.stop()
 runs = open(sys.argv[1] + ".ran").read().split()
 print("runs", sorted(set(runs[0::2])) == [str(os.getpid())], len(runs[1::2]), len(set(runs[1::2])), flush=True)
 """
