@@ -50,3 +50,77 @@ def test_close_while_workers_enlist_completes(core):
             assert popped == [None]
     finally:
         sys.setswitchinterval(switch_interval)
+
+
+# --- 2. Code the collector runs inside a Redis link's round ------------------------------------------
+#
+# A round (fetch.lua: settle ops, fetch) holds the link's _round_lock across code that allocates
+# (decoding the fetched jobs, placing them in the core): the garbage collector may run a __del__
+# there. fix32 made the link's _lock refuse such code's calls (RuntimeError) where it waited for its
+# own thread; _round_lock stayed a plain Lock outside that. A cancel() there of a job whose outcome
+# this process had decided, its op waiting for a round (attack32's _send_decided sends it first, in
+# a round of its own), waited for _round_lock, held by its own thread: the pump (or the worker
+# whose round it was) hung for good, and so did stop(). The script holds _round_lock in a thread, as
+# a round does, while a success's op waits, and drops there an object whose __del__ cancels the job.
+REFUSED = "was called from code that ran inside one of tinymq's own locked sections"
+
+CANCEL_INSIDE_A_ROUND = r"""
+import os, sys, threading, time
+from tinymq import Job, Queue
+from tinymq.redis import RedisBroker
+
+REFUSED, url = sys.argv[1], sys.argv[2]
+q = Queue(broker=RedisBroker(url, name="review32-round", lease=2.0))
+running, finish = threading.Event(), threading.Event()
+
+def work(job):
+    running.set()
+    finish.wait(30)
+
+q.register_executor("t", work)
+q.start_dispatcher(1)
+q.enqueue(Job("t", id="done"))
+assert running.wait(30), "the job did not start"
+link = q._link
+outcomes = []
+
+class CancelsTheJob:
+    def __del__(self):
+        try:
+            outcomes.append(f"cancel {q.cancel('done')}")
+        except Exception as error:
+            outcomes.append("cancel refused" if REFUSED in str(error) else f"cancel {error!r}")
+
+holder = [CancelsTheJob()]
+
+def inside_a_round():
+    with link._round_lock:
+        finish.set()  # its success is counted, and its op queued for a round this thread holds off
+        deadline = time.monotonic() + 30
+        while not any(op.op == "S" for op in link._ops) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        outcomes.append(f"queued {[op.op for op in link._ops]}")
+        holder.clear()  # its __del__ runs here, as the collector would run it in a round
+
+thread = threading.Thread(target=inside_a_round, daemon=True)
+thread.start()
+thread.join(30)
+if thread.is_alive():
+    print("deadlocked", flush=True)
+    import faulthandler
+    faulthandler.dump_traceback(all_threads=True)
+    os._exit(3)
+print(*outcomes, sep="\n", flush=True)
+print("joined", q.join(timeout=20), "succeeded", q.get_stats().jobs_succeeded, flush=True)
+q.stop()
+print("stopped", flush=True)
+"""
+
+
+def test_a_cancel_from_code_the_collector_runs_inside_a_round_is_refused_not_deadlocked(redis_url):
+    from test_attack30d_findings import run_python
+
+    done = run_python(CANCEL_INSIDE_A_ROUND, REFUSED, redis_url)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and "deadlocked" not in lines, (done.stdout, done.stderr[-3000:])
+    assert lines == ["queued ['S']", "cancel refused", "joined True succeeded 1", "stopped"], lines
