@@ -124,3 +124,48 @@ def test_a_cancel_from_code_the_collector_runs_inside_a_round_is_refused_not_dea
     lines = done.stdout.splitlines()
     assert done.returncode == 0 and "deadlocked" not in lines, (done.stdout, done.stderr[-3000:])
     assert lines == ["queued ['S']", "cancel refused", "joined True succeeded 1", "stopped"], lines
+
+
+# --- 3. A slot freed after close() handed a ready job to an idle worker ------------------------------
+#
+# fix32: close() takes back the jobs handed to workers that have not returned them, so that no
+# snapshot after it counts as running a job its worker gives back unstarted. But a hand-off could
+# still come after close(): an attempt that ends then frees its type's slot, and the core handed
+# the type's next ready job to a worker still waiting in pop() (close() wakes the idle workers one
+# after another), which counted it as running (active_jobs) until that worker woke and gave it
+# back (handing it to the next idle worker, and so on). The test thread keeps the GIL (as in
+# fix32's test), so the idle workers cannot run between the steps it looks at.
+def test_a_slot_freed_after_close_hands_no_job_to_an_idle_worker(core):
+    from test_core_run_worker import FakeDispatcher, Worker, configure, wait_idle
+
+    ready = core.ReadyQueue(1000)
+    dispatcher = FakeDispatcher(ready)
+    configure(ready, "t", lambda job: None, limit=1)
+    assert ready.push(core_job("running"))
+    job, state = ready.pop_with_type(0)  # an attempt holds the type's only slot
+    assert ready.push(core_job("next"))  # ready, waiting for that slot
+    workers = [Worker(core, ready, dispatcher) for _ in range(2)]
+    if hasattr(ready, "_getters"):
+        from _helpers import wait_until
+        assert wait_until(lambda: len(ready._getters) == 2)
+    else:
+        wait_idle(ready)
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1000.0)  # this thread keeps the GIL: the idle workers cannot run yet
+    try:
+        ready.close()
+        ready.release_state(state)  # the attempt ends after close()
+        after = ready.sizes(), ready.executor_stats()
+    finally:
+        sys.setswitchinterval(switch_interval)
+    for worker in workers:
+        worker.join()
+    assert after == ((0, 1, 0), {"t": (0, 1)}), "a job handed to an idle worker after close() counts as running"
+    assert (ready.sizes(), ready.executor_stats()) == ((0, 1, 0), {"t": (0, 1)})
+    assert dispatcher.names() == []
+
+
+def core_job(job_id):
+    from tinymq import Job
+
+    return Job("t", job_id, id=job_id)

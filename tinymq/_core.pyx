@@ -1611,12 +1611,14 @@ cdef class ReadyQueue:
         """While workers wait and a job is poppable, pop it for the latest idle worker and wake it.
 
         One lock release per job; the woken worker returns the job as soon as
-        it has the GIL back, without looking at the queue again.
+        it has the GIL back, without looking at the queue again. None once closed: no attempt
+        starts after stop, and a job handed to a worker would count as running until it woke
+        (a slot freed after close(), or a job given back then).
         """
         cdef PyObject *state
         cdef int level
         cdef _Waiter waiter
-        while self.getters:
+        while self.getters and not self._closed:
             job = self._take(&state, &level)
             if job is None:
                 break

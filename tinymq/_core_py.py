@@ -993,9 +993,11 @@ class ReadyQueue:
         """While workers wait and a job is poppable, pop it for the latest idle worker and wake it.
 
         One lock release per job, and the woken worker returns the job at
-        once: it never takes ``_lock`` again, as a Condition's waiter would.
+        once: it never takes ``_lock`` again, as a Condition's waiter would. None once closed:
+        no attempt starts after stop, and a job handed to a worker would count as running until
+        it woke (a slot freed after close(), or a job given back then).
         """
-        while self._getters:
+        while self._getters and not self._closed:
             taken = self._take()
             if taken is None:
                 break
