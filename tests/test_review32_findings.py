@@ -22,7 +22,7 @@ def test_close_while_workers_enlist_completes(core):
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-5)  # threads switch often: the enlisting threads run inside close()
     try:
-        for _ in range(20):
+        for _ in range(60):  # (on the compiled core, most runs failed within a few rounds)
             ready = core.ReadyQueue(10)
             kept = [core._Waiter() for _ in range(3000)]  # the waiters of a big pool: a long iteration
             for waiter in kept:
