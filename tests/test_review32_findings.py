@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from _helpers import WAIT
+from _helpers import WAIT, wait_until
 
 
 def test_close_while_workers_enlist_completes(core):
@@ -146,7 +146,6 @@ def test_a_slot_freed_after_close_hands_no_job_to_an_idle_worker(core):
     assert ready.push(core_job("next"))  # ready, waiting for that slot
     workers = [Worker(core, ready, dispatcher) for _ in range(2)]
     if hasattr(ready, "_getters"):
-        from _helpers import wait_until
         assert wait_until(lambda: len(ready._getters) == 2)
     else:
         wait_idle(ready)
@@ -169,3 +168,80 @@ def core_job(job_id):
     from tinymq import Job
 
     return Job("t", job_id, id=job_id)
+
+
+# --- A stress of stop() as jobs are handed to idle workers (what held) -------------------------------
+#
+# Idle workers, a batch handed to them at once, cancels of some, and stop() at that moment (with
+# or without waiting), with threads switching often: every job runs at most once; what ran, what
+# was cancelled and what is left ready add up to the batch; nothing counts as running after stop();
+# and with a store, the jobs left are stored as ready, and a new queue on the store runs each once.
+@pytest.mark.parametrize("with_store", [False, True])
+def test_stop_as_jobs_are_handed_to_idle_workers_runs_each_job_at_most_once(tmp_path, with_store):
+    import collections
+    import random
+    import time
+
+    from tinymq import ExecutorConfig, Job, Queue, SQLitePersistence
+
+    rng = random.Random(32)
+    for round_ in range(6):
+        ran = collections.Counter()
+        lock = threading.Lock()
+
+        def work(job):
+            with lock:
+                ran[job.payload] += 1
+
+        path = str(tmp_path / f"round{round_}.db")
+        q = Queue(1000)
+        q.register_executor("t", work, ExecutorConfig(max_concurrent_jobs=64))
+        store = None
+        if with_store:
+            store = SQLitePersistence(path)
+            q.set_persistence(store)
+        n = rng.choice([8, 32])
+        q.start_dispatcher(n)
+        time.sleep(0.05)  # (the workers wait in pop: not needed for the checks, only for the race)
+        cancelled = []
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(rng.choice([1e-6, 1e-4]))
+        try:
+            q.enqueue_many([Job("t", i, id=f"j{i}") for i in range(n)])
+
+            def cancel_some():
+                for i in rng.sample(range(n), n // 3):
+                    if q.cancel(f"j{i}"):
+                        cancelled.append(i)
+
+            canceller = threading.Thread(target=cancel_some)
+            canceller.start()
+            q.stop(wait=rng.random() < 0.5)
+            canceller.join(WAIT)
+        finally:
+            sys.setswitchinterval(switch_interval)
+        # (after stop(wait=False), the attempts still running end on their own)
+        assert wait_until(lambda: q.get_stats().executor_stats["t"].active_jobs == 0)
+        stats = q.get_stats()
+        with lock:
+            done = dict(ran)
+        left = stats.high_queue_size + stats.medium_queue_size + stats.low_queue_size
+        assert all(count == 1 for count in done.values()), done
+        ran_and_cancelled = [i for i in cancelled if i in done]  # (a running attempt, cancelled)
+        assert stats.jobs_cancelled == len(cancelled)
+        assert stats.jobs_succeeded == len(done) - len(ran_and_cancelled)
+        assert len(done) + len(cancelled) - len(ran_and_cancelled) + left == n
+        if store is not None:
+            again = Queue(1000)
+            again.register_executor("t", work)
+            again.set_persistence(store)  # (taken over once the stopped queue's attempts ended, their ends written)
+            reloaded = again.get_stats()
+            assert reloaded.high_queue_size + reloaded.medium_queue_size + reloaded.low_queue_size == left
+            again.start_dispatcher(2)
+            assert again.join(timeout=WAIT)
+            again.stop()
+            store.close()
+            with lock:
+                final = dict(ran)
+            assert all(count == 1 for count in final.values()), final
+            assert sorted(final) == sorted(set(range(n)) - (set(cancelled) - set(done)))
