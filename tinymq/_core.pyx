@@ -917,9 +917,12 @@ cdef class ReadyQueue:
     # _Waiters: idle workers, the latest last. None waits while a job is poppable, except while
     # the worker that freed its slot comes back for it (release_state(hand_off=False)).
     cdef list getters
-    # Every waiter of a worker (and of a pop() that waited), a WeakSet: close() takes back the jobs
-    # handed to those that have not returned them yet (_reclaim_handed).
-    cdef object waiters
+    # Every waiter of a worker (and of a pop() that waited), a set of weak references (each drops
+    # itself as its waiter dies): close() takes back the jobs handed to those that have not
+    # returned them yet (_reclaim_handed). Not a WeakSet: its iteration is Python code, which lets
+    # a worker that starts meanwhile add to it (RuntimeError, close() half done); a set's copy runs
+    # no Python code.
+    cdef set waiters
     cdef list putters  # _Waiters: producers waiting for room
     cdef list joiners  # _Waiters: join() callers waiting for the base or an older generation to empty
 
@@ -935,7 +938,7 @@ cdef class ReadyQueue:
         self.marks = {}
         self.overflow = deque()
         self.getters = []
-        self.waiters = weakref.WeakSet()
+        self.waiters = set()
         self.putters = []
         self.joiners = []
         self.stamps = {}
@@ -1608,12 +1611,14 @@ cdef class ReadyQueue:
         """While workers wait and a job is poppable, pop it for the latest idle worker and wake it.
 
         One lock release per job; the woken worker returns the job as soon as
-        it has the GIL back, without looking at the queue again.
+        it has the GIL back, without looking at the queue again. None once closed: no attempt
+        starts after stop, and a job handed to a worker would count as running until it woke
+        (a slot freed after close(), or a job given back then).
         """
         cdef PyObject *state
         cdef int level
         cdef _Waiter waiter
-        while self.getters:
+        while self.getters and not self._closed:
             job = self._take(&state, &level)
             if job is None:
                 break
@@ -1648,7 +1653,11 @@ cdef class ReadyQueue:
 
     def enlist(self, _Waiter waiter):
         """``waiter`` is a worker's, for all its waits: close() takes back a job handed to it."""
-        self.waiters.add(waiter)
+        self._enlist(waiter)
+
+    cdef int _enlist(self, _Waiter waiter) except -1:
+        self.waiters.add(weakref.ref(waiter, self.waiters.discard))
+        return 0
 
     cdef int _reclaim_handed(self) except -1:
         """close(): take back the jobs handed to workers that have not returned them yet, in this step
@@ -1657,7 +1666,11 @@ cdef class ReadyQueue:
         (no attempt starts after stop). A job whose cancel was requested stays: its worker ends it
         as cancelled. Once closed."""
         cdef _Waiter waiter
-        for waiter in list(self.waiters):
+        for ref in list(self.waiters):  # (copied in C: no Python code runs, no thread comes in)
+            referent = ref()
+            if referent is None:
+                continue
+            waiter = <_Waiter>referent
             if waiter.job is not None and not (self.marks and self._cancel_requested(waiter.job)):
                 self._put_back(waiter)
         return 0
@@ -1690,7 +1703,7 @@ cdef class ReadyQueue:
                 return None
             if waiter is None:
                 waiter = _Waiter()
-                self.waiters.add(waiter)
+                self._enlist(waiter)
             self.getters.append(waiter)
             try:
                 woken = _sleep_on(waiter.lock, deadline)

@@ -41,7 +41,7 @@ import time
 import types
 import weakref
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 from ._sections import reinit_after_fork
 from ._unnamed import Unnamed
@@ -488,9 +488,11 @@ class ReadyQueue:
         # Idle workers in pop, the latest last. None waits while a job is poppable, except while
         # the worker that freed its slot comes back for it (release_state(hand_off=False)).
         self._getters: List[_Waiter] = []
-        # Every waiter of a worker (and of a pop() that waited): close() takes back the jobs handed
-        # to those that have not returned them yet (_reclaim_handed).
-        self._waiters: "weakref.WeakSet[_Waiter]" = weakref.WeakSet()
+        # Every waiter of a worker (and of a pop() that waited), as weak references that drop
+        # themselves as their waiter dies: close() takes back the jobs handed to those that have not
+        # returned them yet (_reclaim_handed). Not a WeakSet: its iteration is Python code, and a
+        # waiter dying meanwhile on another thread (its callback takes no lock) changes it under it.
+        self._waiters: "Set[weakref.ref[_Waiter]]" = set()
         self._room = threading.Condition(self._lock)  # the buffer may have room
         self._all_done = threading.Condition(self._lock)  # the base, or an older generation, may be empty
 
@@ -991,9 +993,11 @@ class ReadyQueue:
         """While workers wait and a job is poppable, pop it for the latest idle worker and wake it.
 
         One lock release per job, and the woken worker returns the job at
-        once: it never takes ``_lock`` again, as a Condition's waiter would.
+        once: it never takes ``_lock`` again, as a Condition's waiter would. None once closed:
+        no attempt starts after stop, and a job handed to a worker would count as running until
+        it woke (a slot freed after close(), or a job given back then).
         """
-        while self._getters:
+        while self._getters and not self._closed:
             taken = self._take()
             if taken is None:
                 break
@@ -1017,14 +1021,17 @@ class ReadyQueue:
     def enlist(self, waiter: "_Waiter") -> None:
         """``waiter`` is a worker's, for all its waits: close() takes back a job handed to it."""
         with _step(self._lock):
-            self._waiters.add(waiter)
+            self._waiters.add(weakref.ref(waiter, self._waiters.discard))
 
     def _reclaim_handed(self) -> None:
         """close(): take back the jobs handed to workers that have not returned them yet, in this step,
         so that no snapshot from now on counts one as running: its worker would give it back
         unstarted (no attempt starts after stop). A job whose cancel was requested stays: its
         worker ends it as cancelled. Called with _lock held, once closed."""
-        for waiter in list(self._waiters):
+        for ref in list(self._waiters):  # (copied in C: no Python code runs)
+            waiter = ref()
+            if waiter is None:
+                continue
             taken = waiter.taken
             if taken is None or self._cancel_requested(taken[0]):
                 continue
@@ -1050,7 +1057,7 @@ class ReadyQueue:
                     return None
                 if waiter is None:
                     waiter = _Waiter()
-                    self._waiters.add(waiter)
+                    self._waiters.add(weakref.ref(waiter, self._waiters.discard))
                 waiter.taken = None
                 self._getters.append(waiter)
             try:

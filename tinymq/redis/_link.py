@@ -326,8 +326,12 @@ class QueueLink:
         # by _round_lock): it may have registered the id, which stop()'s release then unregisters, and
         # gives back what it leased, even when _registered is 0 (a connect refused sent nothing: not so).
         self._registering = ""
-        # Guarded by _round_lock: one fetch round at a time, and the round to resend, if any.
-        self._round_lock = threading.Lock()
+        # Guarded by _round_lock: one fetch round at a time, and the round to resend, if any. An RLock
+        # taken with section(), as _lock is: a round (and a beat) holds it across code that allocates
+        # (decoding fetched jobs, placing them), where the collector may run a __del__ that cancels or
+        # stops; refused (RuntimeError), where its cancel's round or stop's release waited for its own
+        # thread for good.
+        self._round_lock = threading.RLock()
         # (proc, fetch id, n, ops, loop room, loop types, _freed as it was built)
         self._unsent: Optional[Tuple[str, str, int, List[SettleOp], int, Tuple[str, ...], int]] = None
         self._unsent_tried = False  # _unsent was sent and got no reply: Redis may have run it
@@ -750,8 +754,8 @@ class QueueLink:
         return self._cancel(job_id, "")
 
     def held_here(self) -> bool:
-        """Whether this thread is inside a section of the link's lock (Dispatcher.in_section)."""
-        return owned(self._lock)
+        """Whether this thread is inside a section of the link's locks (Dispatcher.in_section)."""
+        return owned(self._lock) or owned(self._round_lock)
 
     def _cancel(self, job_id: str, take_back: str) -> bool:
         """``q.cancel`` over the broker, from any process (see cancel.lua).
@@ -841,7 +845,7 @@ class QueueLink:
         in_core = [job for job in jobs if self.ready.registered(job)]  # (the copy the core holds under its id)
         rest = [job for job in jobs if all(job is not other for other in in_core)]
         if rest:
-            with self._round_lock:  # (a round placing one ends first: it is then in the core, or held)
+            with section(self._round_lock):  # (a round placing one ends first: it is then in the core, or held)
                 held = [job for job in rest if any(job is other for other in self._held)]
                 in_core += [job for job in rest if self.ready.registered(job)]
                 if held:
@@ -1348,7 +1352,7 @@ class QueueLink:
     def _round(self, unless_sent: Optional[SettleOp] = None) -> int:
         """One fetch script call: send the unsent ops, take up to the free slots; jobs taken.
         With ``unless_sent``: none if the round before this one sent that op."""
-        with self._round_lock:
+        with section(self._round_lock):
             if self._released or (unless_sent is not None and not self._unsent_op(unless_sent)):
                 return 0
             with section(self._lock):
@@ -1604,7 +1608,7 @@ class QueueLink:
         that whoever reaps it (other processes, or this one) gives its attempts to others,
         each counted as a crash, and reports the rows it was handed; it drops its buffer,
         and registers again under a new id. Called in the except clause. False when stopping."""
-        with self._round_lock:
+        with section(self._round_lock):
             with section(self._lock):
                 closing = self._closing
             old = "" if closing else self._let_go()
@@ -1735,7 +1739,7 @@ class QueueLink:
         workers (else it would take them again). Each leaves the core at once, so that
         fetched again here it is placed at once; one a worker took meanwhile is refused."""
         now = time.monotonic()
-        with self._round_lock:  # (_held stays as it is)
+        with section(self._round_lock):  # (_held stays as it is)
             with section(self._lock):
                 if self._closing:
                     return
@@ -1779,7 +1783,7 @@ class QueueLink:
                                                               name="tinymq-redis-settings", daemon=True)
                 look.start()
             try:
-                with self._round_lock:  # never beside a round: a reap answer must meet a settled state
+                with section(self._round_lock):  # never beside a round: a reap answer must meet a settled state
                     proc, registered = self._proc, self._registered
                     if unanswered is None or unanswered[0] != proc:
                         unanswered = (proc, format(next(self._beat_ids), "x"))
