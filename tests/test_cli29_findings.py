@@ -263,7 +263,9 @@ def test_a_jobs_print_shows_as_it_runs_under_python_u(shared_project, project, p
     try:
         producer.enqueue(Job("print", {}, id="p-1"))
         assert record.blpop(["printed"], timeout=TIMEOUT) is not None, worker.log()
-        worker.wait_for(r"^printing p-1$", timeout=10)  # (printed before the push: in the pipe already)
+        # (printed before the push: in the pipe already. Unbuffered, print() writes its text and its
+        # newline apart: a log line of the worker's main thread may come between them.)
+        worker.wait_for(r"^printing p-1", timeout=10)
         record.rpush("release", 1)
         producer.join(timeout=TIMEOUT)
         worker.signal(signal.SIGTERM)

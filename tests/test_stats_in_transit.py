@@ -331,7 +331,9 @@ def test_the_loop_counts_a_success_in_the_step_that_frees_its_slot_even_when_tha
     compiled_only(core, "success")
     ready = core.ReadyQueue(10)
     ready.configure("s", lambda job: None, 1, None, False, False, core.LOOP)
-    ready.configure("r", lambda job: None, 5, None, False, False, core.LOOP, RateLimit(max_starts=1, per=0.05))
+    # (A window long enough that the getter below is idle before it opens: a _take after the opening
+    # reopens it, and then no hand-off does.)
+    ready.configure("r", lambda job: None, 5, None, False, False, core.LOOP, RateLimit(max_starts=1, per=1.0))
     for job in (Job("s", 1), Job("s", 2), Job("r", 1), Job("r", 2)):
         assert ready.push(job)
     (s1, s_state), (r1, r_state) = ready.take_for_loop(8)  # s is saturated, r's window closed
