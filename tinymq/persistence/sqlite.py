@@ -1094,7 +1094,12 @@ class SQLitePersistence:
                 self._pending.append(unit)
                 with self._commit_lock:
                     if not unit.done:  # nobody committed it for us while we waited: lead a batch
-                        self._commit_pending([])
+                        batch: List[_Unit] = []
+                        try:
+                            self._commit_pending(batch)
+                        except BaseException:
+                            self._hand_back(unit, batch)
+                            raise
             else:
                 with self._gate:
                     leads = self._leader is None
@@ -1123,7 +1128,11 @@ class SQLitePersistence:
         batch = [unit]
         try:
             with self._commit_lock:
-                self._commit_pending(batch)
+                try:
+                    self._commit_pending(batch)
+                except BaseException:
+                    self._hand_back(unit, batch)
+                    raise
         finally:
             for waiting in batch:
                 if waiting.waker is not None:
@@ -1151,6 +1160,25 @@ class SQLitePersistence:
             if now >= self._next_wal_check:
                 self._next_wal_check = now + _WAL_CHECK_INTERVAL
                 self._look_at_files(batch)
+
+    def _hand_back(self, unit: _Unit, batch: List[_Unit]) -> None:
+        """``unit``'s writer was interrupted leading ``batch`` (a signal handler raising in the main
+        thread, Ctrl-C): the interruption is its own. The other units of the batch it did not see
+        committed or refused go back to the front of the queue, taken out of ``batch`` (their writers
+        wait on), for the next leader; under FULL the lead goes to the first if nobody has it (else
+        _resign hands it on). Such a unit may have been committed already (an interruption lands after
+        a C call returns: under FULL, a Ctrl-C during the commit's fsync lands just after the COMMIT):
+        committed again, each statement writes the same row or deletes the same one, so the file ends
+        as after one commit. Caller holds the commit lock."""
+        back = [waiting for waiting in batch if waiting is not unit and not waiting.done and waiting.error is None]
+        batch[:] = [waiting for waiting in batch if waiting is unit or waiting.done or waiting.error is not None]
+        with self._gate:
+            self._pending.extendleft(reversed([waiting for waiting in back if waiting not in self._pending]))
+            if self._hand_off and self._leader is None and self._pending:
+                self._leader = self._pending.popleft()
+                self._leader.leads = True
+                self._leader.waker.release()  # type: ignore[union-attr]
+                self._leader.waker = None
 
     def _resign(self, unit: _Unit) -> None:
         """``unit``'s writer was interrupted: take its unit back unless a batch has it, and if the
