@@ -110,3 +110,96 @@ def test_ctrl_c_in_the_main_thread_leading_a_batch_fails_no_other_writer(path, s
     finally:
         signal.signal(signal.SIGINT, previous)
     assert {"second", "third", "after"} <= _ids_in_file(path)
+
+
+class _InterruptingOnce:
+    """A lock (or a waker) that, released by the main thread the first time, releases and then has
+    the main thread's SIGINT handler raise (a Ctrl-C landing just after that release)."""
+
+    def __init__(self, lock):
+        self.lock = lock
+        self.fired = False
+
+    def acquire(self, blocking=True, timeout=-1):
+        return self.lock.acquire(blocking, timeout)
+
+    def release(self):
+        self.lock.release()
+        if threading.current_thread() is threading.main_thread() and not self.fired:
+            self.fired = True
+            signal.raise_signal(signal.SIGINT)
+
+    def locked(self):
+        return self.lock.locked()
+
+    def __enter__(self):
+        self.acquire()
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+
+@pytest.fixture
+def sigint_raises():
+    """SIGINT's handler raises _Interrupted (as the default one raises KeyboardInterrupt) in the main thread."""
+    def handler(signum, frame):
+        raise _Interrupted()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def _save_in_thread(store, name, outcomes):
+    def save():
+        try:
+            store.save(Job("t", id=name))
+            outcomes[name] = "returned"
+        except BaseException as exc:  # pragma: no cover - reported by the assertion
+            outcomes[name] = exc
+
+    thread = threading.Thread(target=save, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_ctrl_c_as_the_leader_wakes_its_batch_leaves_no_writer_waiting(path, sigint_raises):
+    """Under FULL the main thread leads a batch of three units and, having committed it, wakes the
+    other two writers; a Ctrl-C lands just after it woke the first. The second is still woken: both
+    return (before the fix the second waited on its waker forever)."""
+    outcomes, followers = {}, []
+
+    def queue_followers():  # the main thread holds the commit lock, its batch not yet taken
+        for name in ("second", "third"):
+            followers.append(_save_in_thread(store, name, outcomes))
+            assert wait_until(lambda: len(store._pending) == len(followers)), f"{name} did not queue"
+        first = store._pending[0]
+        first.waker = _InterruptingOnce(first.waker)
+
+    with SQLitePersistence(path, synchronous="FULL") as store:
+        store._commit_lock = _LockThatLetsWritersQueue(store._commit_lock, queue_followers)
+        with pytest.raises(_Interrupted):
+            store.save(Job("t", id="first"))
+        for thread in followers:
+            thread.join(WAIT)
+        assert not any(thread.is_alive() for thread in followers), "a writer is waiting forever"
+        assert outcomes == {"second": "returned", "third": "returned"}
+        store.save(Job("t", id="after"))
+    assert _ids_in_file(path) == {"first", "second", "third", "after"}
+
+
+def test_ctrl_c_as_a_writer_takes_the_lead_leaves_the_lead_to_others(path, sigint_raises):
+    """Under FULL a Ctrl-C lands in the main thread's save just as it has made itself the leader of
+    the next batch (as it lets go of the lock that guards the lead). Its save raises, and the lead
+    is not kept by a writer that is gone: another thread's save returns (before the fix it waited
+    forever for that leader, as did every later write)."""
+    with SQLitePersistence(path, synchronous="FULL") as store:
+        store._gate = _InterruptingOnce(store._gate)
+        with pytest.raises(_Interrupted):
+            store.save(Job("t", id="first"))
+        outcomes = {}
+        thread = _save_in_thread(store, "second", outcomes)
+        thread.join(WAIT)
+        assert not thread.is_alive(), "a writer is waiting forever for a leader that is gone"
+        assert outcomes == {"second": "returned"}
+    assert "second" in _ids_in_file(path)

@@ -1101,15 +1101,15 @@ class SQLitePersistence:
                             self._hand_back(unit, batch)
                             raise
             else:
-                with self._gate:
-                    leads = self._leader is None
-                    if leads:
-                        self._leader = unit  # (its unit is not pending: only its writer commits it)
-                    else:
-                        self._pending.append(unit)
-                        waker = unit.waker = threading.Lock()
-                        waker.acquire()
-                try:
+                try:  # (from before the gate: an interruption as it leaves it must not leave _leader set)
+                    with self._gate:
+                        leads = self._leader is None
+                        if leads:
+                            self._leader = unit  # (its unit is not pending: only its writer commits it)
+                        else:
+                            self._pending.append(unit)
+                            waker = unit.waker = threading.Lock()
+                            waker.acquire()
                     if not leads:
                         waker.acquire()  # our batch is over, or the lead was handed to us
                     if leads or unit.leads:
@@ -1134,9 +1134,22 @@ class SQLitePersistence:
                     self._hand_back(unit, batch)
                     raise
         finally:
-            for waiting in batch:
-                if waiting.waker is not None:
+            try:
+                self._wake(batch)
+            except BaseException:  # interrupted halfway (Ctrl-C): the writers not woken yet must be
+                self._wake(batch)
+                raise
+
+    @staticmethod
+    def _wake(batch: List[_Unit]) -> None:
+        """Release the writers of ``batch`` waiting on their wakers. Again after an interrupted pass: a
+        waker released already is left as it is (its writer's, or unlocked: each is used once)."""
+        for waiting in batch:
+            if waiting.waker is not None:
+                try:
                     waiting.waker.release()
+                except RuntimeError:  # (released by the interrupted pass, its writer not awake yet)
+                    pass
 
     def _commit_pending(self, batch: List[_Unit]) -> None:
         """Commit ``batch`` and every unit pending (``batch`` then holds them all). Caller holds the commit lock."""
