@@ -1,5 +1,6 @@
 """Attack session 32 (attack32s): SQLitePersistence's group commit under synchronous="FULL" and
 "NORMAL", attacked as a user and an adversary would (interruptions, kill -9, many writers)."""
+import os
 import signal
 import sqlite3
 import threading
@@ -203,3 +204,18 @@ def test_ctrl_c_as_a_writer_takes_the_lead_leaves_the_lead_to_others(path, sigin
         assert not thread.is_alive(), "a writer is waiting forever for a leader that is gone"
         assert outcomes == {"second": "returned"}
     assert "second" in _ids_in_file(path)
+
+
+def test_a_wal_that_one_large_write_grew_is_cut_back(path):
+    """One save_many of many jobs grows the -wal far past the ~1 MiB between checkpoints under FULL
+    (here over 8 MiB). Once that is checkpointed and the -wal written again from its start, the file
+    is cut back to 2 MiB (twice the checkpoint interval) rather than kept at its largest until the
+    store is closed (before the fix: a 50,000-job enqueue_many left a 57 MiB -wal for good)."""
+    with SQLitePersistence(path, synchronous="FULL") as store:
+        store.save_many([Job("t", "x" * 600, id=f"big-{i}") for i in range(12_000)])
+        grown = os.path.getsize(path + "-wal")
+        assert grown > 8 * 2**20
+        for i in range(20):  # the batch's commit checkpointed it: the next ones write it from its start
+            store.save(Job("t", id=f"after-{i}"))
+        assert os.path.getsize(path + "-wal") <= 2 * 1000 * 1024
+        assert len(store.jobs()) == 12_020

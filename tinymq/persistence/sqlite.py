@@ -649,6 +649,10 @@ class SQLitePersistence:
             conn.execute("PRAGMA journal_mode=WAL")
             # A checkpoint (two fsyncs) every _CHECKPOINT_PAGES pages of WAL: see there.
             conn.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_PAGES[self.synchronous]}")
+            # A -wal that one large write grew (an enqueue_many of many jobs) is cut back to twice that
+            # as it is written again from its start: else it keeps that size until the store is closed.
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            conn.execute(f"PRAGMA journal_size_limit={2 * _CHECKPOINT_PAGES[self.synchronous] * page_size}")
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.execute(_CREATE)
             conn.execute(_CREATE_OWNER)
