@@ -17,8 +17,10 @@ Every write is committed before the call returns. Writes from all threads go
 through one connection and one commit lock, with group commit: a thread that
 finds a commit under way queues its statements, and the next committer commits
 everyone's in one transaction (if that fails, each caller's statements are
-retried alone, so one bad write fails only its own call); under FULL a writer
-whose statements another committed returns without taking the lock.
+retried alone, so one bad write fails only its own call; if the committer is
+interrupted, by a signal handler raising in the main thread, the others' units
+go to the next committer: see _hand_back); under FULL a writer whose statements
+another committed returns without taking the lock.
 
 A file has one live owner (see ``_ownership.py``); ``read_only=True`` opens a
 file for inspection without owning it, and writes nothing.
