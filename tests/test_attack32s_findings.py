@@ -1,8 +1,10 @@
 """Attack session 32 (attack32s): SQLitePersistence's group commit under synchronous="FULL" and
 "NORMAL", attacked as a user and an adversary would (interruptions, kill -9, many writers)."""
+import inspect
 import os
 import signal
 import sqlite3
+import sys
 import threading
 
 import pytest
@@ -219,3 +221,69 @@ def test_a_wal_that_one_large_write_grew_is_cut_back(path):
             store.save(Job("t", id=f"after-{i}"))
         assert os.path.getsize(path + "-wal") <= 2 * 1000 * 1024
         assert len(store.jobs()) == 12_020
+
+
+def _lines_of(function):
+    """The lines of ``function`` where an interruption can land: those with a call (a signal handler
+    runs as a call returns), not a ``with``, ``try``, ``else`` or ``except`` line (no call of its own)."""
+    source, first = inspect.getsourcelines(function)
+    return {first + i for i, line in enumerate(source)
+            if "(" in line and not line.strip().startswith(("with ", "try:", "else:", "except", "def ", '"""'))}
+
+
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+def test_ctrl_c_at_any_line_of_taking_and_committing_a_batch_fails_no_other_writer(tmp_path, synchronous):
+    """The main thread leads a batch with two other threads' saves queued behind it, and an
+    interruption (as a signal handler raises) lands at one line of its taking the pending units and
+    committing them (_commit_pending): each line in turn, a store each time. The two other writers
+    return, their rows in the file, and the store goes on. Before the fix, under NORMAL, one landing
+    as the units were taken out of the queue one by one lost those taken so far (their writers raised
+    PersistenceError "interrupted before its commit")."""
+    lines = _lines_of(SQLitePersistence._commit_pending)
+    code = SQLitePersistence._commit_pending.__code__
+    tried = 0
+    for n in range(1, 40):
+        path = str(tmp_path / f"jobs-{n}.db")
+        outcomes, followers, fired = {}, [], []
+        with SQLitePersistence(path, synchronous=synchronous) as store:
+            def queue_followers():
+                for name in ("second", "third"):
+                    followers.append(_save_in_thread(store, name, outcomes))
+                expected = 3 if synchronous == "NORMAL" else 2
+                assert wait_until(lambda: len(store._pending) == expected), "the other writers did not queue"
+
+            lock = store._commit_lock = _LockThatLetsWritersQueue(store._commit_lock, queue_followers)
+            seen = []
+
+            def tracer(frame, event, arg):
+                if frame.f_code is not code and frame.f_back is not None and frame.f_back.f_code is not code:
+                    return None  # (_commit_pending and what it runs inline: a comprehension)
+
+                def local(frame, event, arg):
+                    if event == "line" and not fired and frame.f_lineno in lines:
+                        seen.append(frame.f_lineno)
+                        if len(seen) == n:
+                            fired.append(frame.f_lineno)
+                            raise _Interrupted()
+                    return local
+                return local
+
+            previous = sys.gettrace()
+            sys.settrace(tracer)
+            try:
+                store.save(Job("t", id="first"))
+            except _Interrupted:
+                pass
+            finally:
+                sys.settrace(previous)
+                lock.queued = None
+            for thread in followers:
+                thread.join(WAIT)
+            assert not any(thread.is_alive() for thread in followers), f"a writer waits forever (line {fired})"
+            assert outcomes == {"second": "returned", "third": "returned"}, f"interrupted at line {fired}"
+            store.save(Job("t", id="after"))
+        assert {"second", "third", "after"} <= _ids_in_file(path)
+        if not fired:
+            break
+        tried += 1
+    assert tried >= 3, "the interruption landed nowhere: the test did not exercise the leader"

@@ -1164,9 +1164,12 @@ class SQLitePersistence:
                 batch.extend(self._pending)
                 self._pending.clear()
                 self._leader = None  # the next writer to come leads the next batch
-        else:
+        else:  # (copied, then taken out: an interruption leaves each unit in one or both, see _hand_back)
             pending = self._pending
-            batch.extend([pending.popleft() for _ in range(len(pending))])
+            count = len(pending)
+            batch.extend(itertools.islice(pending, count))
+            for _ in range(count):
+                pending.popleft()
         if self._closed or self._broken:
             for waiting in batch:
                 waiting.error = PersistenceError(self._broken or f"{self!r} was closed")
