@@ -17,8 +17,10 @@ Every write is committed before the call returns. Writes from all threads go
 through one connection and one commit lock, with group commit: a thread that
 finds a commit under way queues its statements, and the next committer commits
 everyone's in one transaction (if that fails, each caller's statements are
-retried alone, so one bad write fails only its own call); under FULL a writer
-whose statements another committed returns without taking the lock.
+retried alone, so one bad write fails only its own call; if the committer is
+interrupted, by a signal handler raising in the main thread, the others' units
+go to the next committer: see _hand_back); under FULL a writer whose statements
+another committed returns without taking the lock.
 
 A file has one live owner (see ``_ownership.py``); ``read_only=True`` opens a
 file for inspection without owning it, and writes nothing.
@@ -654,6 +656,10 @@ class SQLitePersistence:
             conn.execute("PRAGMA journal_mode=WAL")
             # A checkpoint (two fsyncs) every _CHECKPOINT_PAGES pages of WAL: see there.
             conn.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_PAGES[self.synchronous]}")
+            # A -wal that one large write grew (an enqueue_many of many jobs) is cut back to twice that
+            # as it is written again from its start: else it keeps that size until the store is closed.
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            conn.execute(f"PRAGMA journal_size_limit={2 * _CHECKPOINT_PAGES[self.synchronous] * page_size}")
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.execute(_CREATE)
             conn.execute(_CREATE_OWNER)
@@ -1106,17 +1112,22 @@ class SQLitePersistence:
                 self._pending.append(unit)
                 with self._commit_lock:  # (here and below, a re-entry is refused above, as it enters)
                     if not unit.done:  # nobody committed it for us while we waited: lead a batch
-                        self._commit_pending([])
+                        batch: List[_Unit] = []
+                        try:
+                            self._commit_pending(batch)
+                        except BaseException:
+                            self._hand_back(unit, batch)
+                            raise
             else:
-                with self._gate:
-                    leads = self._leader is None
-                    if leads:
-                        self._leader = unit  # (its unit is not pending: only its writer commits it)
-                    else:
-                        self._pending.append(unit)
-                        waker = unit.waker = threading.Lock()
-                        waker.acquire()
-                try:
+                try:  # (from before the gate: an interruption as it leaves it must not leave _leader set)
+                    with self._gate:
+                        leads = self._leader is None
+                        if leads:
+                            self._leader = unit  # (its unit is not pending: only its writer commits it)
+                        else:
+                            self._pending.append(unit)
+                            waker = unit.waker = threading.Lock()
+                            waker.acquire()
                     if not leads:
                         waker.acquire()  # our batch is over, or the lead was handed to us
                     if leads or unit.leads:
@@ -1135,11 +1146,28 @@ class SQLitePersistence:
         batch = [unit]
         try:
             with self._commit_lock:
-                self._commit_pending(batch)
+                try:
+                    self._commit_pending(batch)
+                except BaseException:
+                    self._hand_back(unit, batch)
+                    raise
         finally:
-            for waiting in batch:
-                if waiting.waker is not None:
+            try:
+                self._wake(batch)
+            except BaseException:  # interrupted halfway (Ctrl-C): the writers not woken yet must be
+                self._wake(batch)
+                raise
+
+    @staticmethod
+    def _wake(batch: List[_Unit]) -> None:
+        """Release the writers of ``batch`` waiting on their wakers. Again after an interrupted pass: a
+        waker released already is left as it is (its writer's, or unlocked: each is used once)."""
+        for waiting in batch:
+            if waiting.waker is not None:
+                try:
                     waiting.waker.release()
+                except RuntimeError:  # (released by the interrupted pass, its writer not awake yet)
+                    pass
 
     def _commit_pending(self, batch: List[_Unit]) -> None:
         """Commit ``batch`` and every unit pending (``batch`` then holds them all). Caller holds the commit lock."""
@@ -1148,9 +1176,12 @@ class SQLitePersistence:
                 batch.extend(self._pending)
                 self._pending.clear()
                 self._leader = None  # the next writer to come leads the next batch
-        else:
+        else:  # (copied, then taken out: an interruption leaves each unit in one or both, see _hand_back)
             pending = self._pending
-            batch.extend([pending.popleft() for _ in range(len(pending))])
+            count = len(pending)
+            batch.extend(itertools.islice(pending, count))
+            for _ in range(count):
+                pending.popleft()
         if self._closed or self._broken:
             for waiting in batch:
                 waiting.error = PersistenceError(self._broken or f"{self!r} was closed")
@@ -1163,6 +1194,25 @@ class SQLitePersistence:
             if now >= self._next_wal_check:
                 self._next_wal_check = now + _WAL_CHECK_INTERVAL
                 self._look_at_files(batch)
+
+    def _hand_back(self, unit: _Unit, batch: List[_Unit]) -> None:
+        """``unit``'s writer was interrupted leading ``batch`` (a signal handler raising in the main
+        thread, Ctrl-C): the interruption is its own. The other units of the batch it did not see
+        committed or refused go back to the front of the queue, taken out of ``batch`` (their writers
+        wait on), for the next leader; under FULL the lead goes to the first if nobody has it (else
+        _resign hands it on). Such a unit may have been committed already (an interruption lands after
+        a C call returns: under FULL, a Ctrl-C during the commit's fsync lands just after the COMMIT):
+        committed again, each statement writes the same row or deletes the same one, so the file ends
+        as after one commit. Caller holds the commit lock."""
+        back = [waiting for waiting in batch if waiting is not unit and not waiting.done and waiting.error is None]
+        batch[:] = [waiting for waiting in batch if waiting is unit or waiting.done or waiting.error is not None]
+        with self._gate:
+            self._pending.extendleft(reversed([waiting for waiting in back if waiting not in self._pending]))
+            if self._hand_off and self._leader is None and self._pending:
+                self._leader = self._pending.popleft()
+                self._leader.leads = True
+                self._leader.waker.release()  # type: ignore[union-attr]
+                self._leader.waker = None
 
     def _resign(self, unit: _Unit) -> None:
         """``unit``'s writer was interrupted: take its unit back unless a batch has it, and if the
