@@ -49,6 +49,9 @@ class _LockThatLetsWritersQueue:
     def locked(self):
         return self.lock.locked()
 
+    def _is_owned(self):  # (the store's locks are RLocks taken with _sections.section)
+        return self.lock._is_owned()
+
     def __enter__(self):
         self.acquire()
 
@@ -134,6 +137,9 @@ class _InterruptingOnce:
 
     def locked(self):
         return self.lock.locked()
+
+    def _is_owned(self):  # (the store's locks are RLocks taken with _sections.section)
+        return self.lock._is_owned()
 
     def __enter__(self):
         self.acquire()
