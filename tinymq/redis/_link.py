@@ -528,7 +528,7 @@ class QueueLink:
         """Keep the lease of ``reporter`` renewed every lease / 4 until the function returned is
         called (from the reply that registered it until its rows' callbacks ran): a reporter
         reaped meanwhile would have them reported again by a worker, though nothing died. One
-        renewer renews every reporter held; the last end waits for it to end."""
+        renewer renews every reporter held, in one call; the last end waits for it to end."""
         with section(self._lock):
             self._held_reporters[reporter] = self._held_reporters.get(reporter, 0) + 1
             if self._reporters_renewer is None:
@@ -563,14 +563,15 @@ class QueueLink:
                 if self._reporters_renewer is not me:
                     return
                 reporters = list(self._held_reporters)
-            for reporter in reporters:  # (one released or reaped meanwhile: hold does nothing)
-                try:
-                    self.scripts.hold(reporter, self._lease_ms)
-                except self._redis_error as exc:
-                    self._log_outage("renewing a reporter's lease", exc)
-                except Exception:  # (a bug: it holds no state, so it goes on; ended, it would let
-                    logger.exception("Redis queue %r: renewing the lease of reporter %s failed",  # the
-                                     self.broker.name, reporter)  # reporter be reaped, its rows reported twice)
+            # All in one call (one released or reaped meanwhile is left as it is): a round trip per
+            # reporter, one after the other, outlasted the lease on a loaded machine with 17 held.
+            try:
+                self.scripts.hold(reporters, self._lease_ms)
+            except self._redis_error as exc:
+                self._log_outage("renewing reporters' leases", exc)
+            except Exception:  # (a bug: it holds no state, so it goes on; ended, it would let the
+                logger.exception("Redis queue %r: renewing the leases of reporters %s failed",  # reporters be
+                                 self.broker.name, ", ".join(reporters))  # reaped, their rows reported twice)
 
     def _report(self, job_id: str, body: str, reason: str, retries: Union[int, str] = 0, error: str = "") -> None:
         """Log and hand to the failure callbacks a job that Redis ended (its counters are there).

@@ -780,9 +780,9 @@ class Scripts:
         waits, began = self._call("unfinished", [], timeout)
         return int(waits) == 1, began
 
-    def hold(self, reporter: str, lease_ms: int) -> bool:
-        """Renew the lease of ``reporter`` (see cancel): False when it is no longer registered."""
-        return int(self._call("hold", [reporter, lease_ms])) == 1
+    def hold(self, reporters: Sequence[str], lease_ms: int) -> int:
+        """Renew the leases of ``reporters`` (see cancel), in one call: how many are still registered."""
+        return int(self._call("hold", [lease_ms, *reporters]))
 
     def set_limits(self, limits: Dict[str, Union[int, Tuple[int, int, float]]], only_missing: bool = False,
                    timeout: Optional[float] = None, abandoned: Optional[threading.Event] = None) -> int:
