@@ -87,6 +87,14 @@ def timed_stop(q, thread_name):
     return took
 
 
+def held_elsewhere(lock):
+    """Whether another thread holds ``lock`` (an RLock, which has no locked() before Python 3.14)."""
+    if lock.acquire(blocking=False):
+        lock.release()
+        return False
+    return True
+
+
 def wait_until(predicate, timeout=WAIT, interval=0.002):
     """Poll ``predicate`` until it is true or ``timeout`` passes; return its last value."""
     deadline = time.monotonic() + timeout

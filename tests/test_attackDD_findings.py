@@ -38,6 +38,9 @@ class _WatchedLock:
     def release(self):
         self._lock.release()
 
+    def _is_owned(self):  # (the link's locks are RLocks taken with _sections.section)
+        return self._lock._is_owned()
+
 
 class _WatchedCondition:
     """A stand-in for QueueLink._reported that says when a thread of a given name waits on it."""

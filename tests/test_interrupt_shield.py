@@ -17,7 +17,7 @@ import pytest
 
 from tinymq import Config, ExecutorConfig, JobTimeout, Job, Queue, RetryConfig, SQLitePersistence
 
-from _helpers import WAIT, LockedStore, stored_payloads, wait_until
+from _helpers import WAIT, LockedStore, held_elsewhere, stored_payloads, wait_until
 
 INTERRUPTING = ExecutorConfig(timeout=0.3, interrupt_on_timeout=True)
 LATER = 3600.0  # seconds: jobs that stay delayed (stored) for the whole test
@@ -61,14 +61,6 @@ def test_raise_deferred_raises_inside_the_block_and_only_once(core):
 
 
 # --- a Queue whose executor enqueues or cancels while the store waits for SQLite ----------------
-
-
-def _held_elsewhere(lock):
-    """Whether another thread holds ``lock`` (an RLock, which has no locked() before Python 3.14)."""
-    if lock.acquire(blocking=False):
-        lock.release()
-        return False
-    return True
 
 
 def _wait_for(condition, what):
@@ -180,7 +172,7 @@ def test_an_interrupted_worker_that_commits_other_threads_saves_acknowledges_the
     producers = [threading.Thread(target=produce, args=(f"producer-{n}",)) for n in range(2)]
     with LockedStore(path):
         producers[0].start()  # leads a commit and waits in SQLite, holding the store's commit lock
-        _wait_for(lambda: _held_elsewhere(store._commit_lock), "the first producer never began its write")
+        _wait_for(lambda: held_elsewhere(store._commit_lock), "the first producer never began its write")
         go.set()  # the executor's save waits for the commit lock, behind it...
         _wait_for(lambda: len(store._pending) >= 1, "the executor never began its write")
         producers[1].start()  # ...and so does the second producer's: one of them commits both

@@ -81,6 +81,9 @@ def test_a_failure_decided_while_stop_releases_is_reported_once_not_here_and_els
             def release(self):
                 self.lock.release()
 
+            def _is_owned(self):  # (the link's locks are RLocks taken with _sections.section)
+                return self.lock._is_owned()
+
         link._round_lock = ReleaseLock(link._round_lock)
         first.stop(wait=False)
         assert decided.is_set(), "the attempt's failure was not decided while stop() released"

@@ -14,7 +14,7 @@ import pytest
 from tinymq import ExecutorConfig, Job, PermanentFailure, Queue
 
 from _backends import Redis
-from _helpers import WAIT, record_failures, wait_until
+from _helpers import WAIT, held_elsewhere, record_failures, wait_until
 
 LEASE = 40.0  # a heartbeat (every lease / 4) that tells the worker of no mark during a test
 
@@ -72,7 +72,7 @@ def test_stop_without_a_timeout_returns_in_a_few_seconds_from_a_server_that_neve
         q.register_executor("send", lambda job: None)
         q.start_dispatcher(2)
         link = q._link
-        assert wait_until(lambda: link._round_lock.locked())  # a round, or a beat, waits for Redis
+        assert wait_until(lambda: held_elsewhere(link._round_lock))  # a round, or a beat, waits for Redis
         began = time.monotonic()
         q.stop()
         took = time.monotonic() - began
