@@ -87,6 +87,31 @@ def timed_stop(q, thread_name):
     return took
 
 
+class LockStandIn:
+    """A stand-in for one of the library's locks that a test puts in its place: it passes every call
+    on to ``lock`` (``_is_owned`` too: the library takes its RLocks with _sections.section, which
+    asks it); a test's subclass overrides ``acquire`` or ``release`` to watch or interrupt."""
+
+    def __init__(self, lock):
+        self.lock = lock
+
+    def acquire(self, blocking=True, timeout=-1):
+        return self.lock.acquire(blocking, timeout)
+
+    def release(self):
+        self.lock.release()
+
+    def _is_owned(self):
+        return self.lock._is_owned()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+
 def held_elsewhere(lock):
     """Whether another thread holds ``lock`` (an RLock, which has no locked() before Python 3.14)."""
     if lock.acquire(blocking=False):

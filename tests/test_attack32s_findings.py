@@ -3,7 +3,6 @@
 import inspect
 import os
 import signal
-import sqlite3
 import sys
 import threading
 
@@ -13,50 +12,28 @@ from tinymq import PersistenceError
 from tinymq.job import Job
 from tinymq.persistence import SQLitePersistence
 
-from _helpers import WAIT, wait_until
+from _helpers import WAIT, LockStandIn, wait_until
+from test_persistence_group_commit import _ids_in_file
 
 
 class _Interrupted(BaseException):
     """What the test's SIGINT handler raises (as the default one raises KeyboardInterrupt)."""
 
 
-def _ids_in_file(path):
-    conn = sqlite3.connect(path)
-    try:
-        return {job_id for (job_id,) in conn.execute("SELECT id FROM tinymq_jobs")}
-    finally:
-        conn.close()
-
-
-class _LockThatLetsWritersQueue:
+class _LockThatLetsWritersQueue(LockStandIn):
     """The store's commit lock: once the main thread has taken it, ``queued()`` runs before the
     main thread goes on (other threads' writers queue behind it then)."""
 
     def __init__(self, lock, queued):
-        self.lock = lock
+        super().__init__(lock)
         self.queued = queued
 
-    def acquire(self, blocking=True):
-        taken = self.lock.acquire(blocking)
+    def acquire(self, blocking=True, timeout=-1):
+        taken = self.lock.acquire(blocking, timeout)
         if taken and threading.current_thread() is threading.main_thread() and self.queued is not None:
             queued, self.queued = self.queued, None
             queued()
         return taken
-
-    def release(self):
-        self.lock.release()
-
-    def locked(self):
-        return self.lock.locked()
-
-    def _is_owned(self):  # (the store's locks are RLocks taken with _sections.section)
-        return self.lock._is_owned()
-
-    def __enter__(self):
-        self.acquire()
-
-    def __exit__(self, *exc_info):
-        self.release()
 
 
 @pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
@@ -118,34 +95,19 @@ def test_ctrl_c_in_the_main_thread_leading_a_batch_fails_no_other_writer(path, s
     assert {"second", "third", "after"} <= _ids_in_file(path)
 
 
-class _InterruptingOnce:
+class _InterruptingOnce(LockStandIn):
     """A lock (or a waker) that, released by the main thread the first time, releases and then has
     the main thread's SIGINT handler raise (a Ctrl-C landing just after that release)."""
 
     def __init__(self, lock):
-        self.lock = lock
+        super().__init__(lock)
         self.fired = False
-
-    def acquire(self, blocking=True, timeout=-1):
-        return self.lock.acquire(blocking, timeout)
 
     def release(self):
         self.lock.release()
         if threading.current_thread() is threading.main_thread() and not self.fired:
             self.fired = True
             signal.raise_signal(signal.SIGINT)
-
-    def locked(self):
-        return self.lock.locked()
-
-    def _is_owned(self):  # (the store's locks are RLocks taken with _sections.section)
-        return self.lock._is_owned()
-
-    def __enter__(self):
-        self.acquire()
-
-    def __exit__(self, *exc_info):
-        self.release()
 
 
 @pytest.fixture

@@ -9,47 +9,35 @@ from tinymq import PersistenceError
 from tinymq.job import Job
 from tinymq.persistence import SQLitePersistence
 
-from _helpers import WAIT, wait_until
+from _helpers import WAIT, LockStandIn, wait_until
 
 
 class _Killed(BaseException):
     """An exception raised into a writer's thread (as JobTimeout is with interrupt_on_timeout)."""
 
 
-class _WatchedLock:
+class _WatchedLock(LockStandIn):
     """The store's commit lock, noting the threads that wait for it (``waiters``) and that take it
     (``takers``), the test's own thread left out; ``before_waiting`` (if set) runs as a thread waits."""
 
     def __init__(self, lock):
-        self.lock = lock
+        super().__init__(lock)
         self.waiters = []
         self.takers = []
         self.before_waiting = None
 
-    def acquire(self, blocking=True):
+    def acquire(self, blocking=True, timeout=-1):
         if threading.current_thread() is threading.main_thread():  # the test's own thread
-            return self.lock.acquire(blocking)
+            return self.lock.acquire(blocking, timeout)
         name = threading.current_thread().name
         if blocking:
             self.waiters.append(name)
             if self.before_waiting is not None:
                 self.before_waiting()
-        taken = self.lock.acquire(blocking)
+        taken = self.lock.acquire(blocking, timeout)
         if taken:
             self.takers.append(name)
         return taken
-
-    def release(self):
-        self.lock.release()
-
-    def _is_owned(self):  # (the store takes it with section(), which asks this)
-        return self.lock._is_owned()
-
-    def __enter__(self):
-        self.acquire()
-
-    def __exit__(self, *exc_info):
-        self.release()
 
 
 def _ids_in_file(path):
