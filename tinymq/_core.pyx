@@ -1717,12 +1717,10 @@ cdef class ReadyQueue:
             if not woken:  # timed out; a hand-off may have come meanwhile
                 self._leave(waiter)
             if waiter.job is not None:
-                # Handed over just before close(): no attempt starts after stop (unless cancelled
-                # meanwhile: its worker ends it as cancelled, without calling its function).
-                if self._closed and not (self.marks and self._cancel_requested(waiter.job)):
-                    self._give_back(waiter)
-                    self._pass_on_close()
-                    return None
+                # Once closed, none is handed over, and close() took back in its own step every job
+                # handed before but one whose cancel was requested: its worker ends that as
+                # cancelled, without calling its function. (The pure core's worker, whose read of
+                # its job is not atomic, gives back one that close() came too late for.)
                 job = waiter.job
                 taken_state[0] = <PyObject *>waiter.state  # borrowed, as from _take
                 waiter.job = waiter.state = None  # an idle worker keeps no job or type alive
