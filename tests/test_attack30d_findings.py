@@ -280,7 +280,13 @@ def work(job):
 @pytest.mark.parametrize("backend", ["memory", "sqlite"])
 @pytest.mark.parametrize("child_does, code", [("return", 0), ("exit", 3), ("raise", 1)])
 def test_a_child_that_a_jobs_function_forks_ends_instead_of_running_the_queue(tmp_path, backend, child_does, code):
-    done = run_python(FORK_IN_A_JOB, tmp_path / "jobs.db", backend, child_does)
+    assert_the_forked_child_ended(run_python(FORK_IN_A_JOB, tmp_path / "jobs.db", backend, child_does),
+                                  child_does, code)
+
+
+def assert_the_forked_child_ended(done, child_does, code):
+    """What a script ending in WAIT_FOR_THE_FORKED_CHILD printed: the parent joined, the child ended
+    with ``code``, each job ran once in the parent, and the child said it exits (unless it exited)."""
     lines = done.stdout.splitlines()
     assert done.returncode == 0 and "joined True" in lines, (done.stdout, done.stderr[-3000:])
     assert f"child exited {code}" in lines, (done.stdout, done.stderr[-3000:])

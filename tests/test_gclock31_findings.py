@@ -12,7 +12,7 @@ from tinymq import Config, Job, Queue
 
 from _helpers import WAIT
 from conftest import env_flag
-from test_attack30d_findings import WAIT_FOR_THE_FORKED_CHILD, run_python
+from test_attack30d_findings import WAIT_FOR_THE_FORKED_CHILD, assert_the_forked_child_ended, run_python
 
 # --- 1. Code the collector runs inside a section of the dispatcher's calls the queue ------------
 #
@@ -276,11 +276,6 @@ async def work(job):
 @pytest.mark.parametrize("child_does, code", [("return", 0), ("exit", 3), ("raise", 1)])
 def test_a_child_that_a_jobs_coroutine_forks_ends_instead_of_running_the_queue(tmp_path, backend, form, child_does,
                                                                                 code):
-    done = run_python(FORK_IN_A_COROUTINE, tmp_path / "jobs.db", backend, child_does, form)
-    lines = done.stdout.splitlines()
-    assert done.returncode == 0 and "joined True" in lines, (done.stdout, done.stderr[-3000:])
-    assert f"child exited {code}" in lines, (done.stdout, done.stderr[-3000:])
-    assert "runs True 20 20" in lines, (done.stdout, done.stderr[-3000:])  # each job once, in the parent
-    if child_does != "exit":
-        assert "the child exits" in done.stderr
+    assert_the_forked_child_ended(run_python(FORK_IN_A_COROUTINE, tmp_path / "jobs.db", backend, child_does, form),
+                                  child_does, code)
 
