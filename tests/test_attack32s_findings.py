@@ -1,5 +1,6 @@
 """Attack session 32 (attack32s): SQLitePersistence's group commit under synchronous="FULL" and
 "NORMAL", attacked as a user and an adversary would (interruptions, kill -9, many writers)."""
+import collections
 import inspect
 import os
 import signal
@@ -11,6 +12,7 @@ import pytest
 from tinymq import PersistenceError
 from tinymq.job import Job
 from tinymq.persistence import SQLitePersistence
+from tinymq.persistence.sqlite import _Unit
 
 from _helpers import WAIT, LockStandIn, wait_until
 from test_persistence_group_commit import _ids_in_file
@@ -255,3 +257,23 @@ def test_ctrl_c_at_any_line_of_taking_and_committing_a_batch_fails_no_other_writ
             break
         tried += 1
     assert tried >= 3, "the interruption landed nowhere: the test did not exercise the leader"
+
+
+class _GrowingWhileIterated(collections.deque):
+    """The store's queue of pending units, to which another writer appends (it does so without the
+    commit lock) while the leader would iterate over it."""
+
+    def __iter__(self):
+        for unit in super().__iter__():
+            self.append(_Unit([]))  # (an empty unit: committed by a later batch, as a late writer's is)
+            yield unit
+
+
+# Fixed (CI, Python 3.13): under NORMAL the leader copied the pending units by iterating the deque,
+# which writers append to without the commit lock: "deque mutated during iteration" failed the save.
+def test_a_unit_queued_while_the_leader_takes_the_batch_fails_no_save(path):
+    with SQLitePersistence(path) as store:
+        store._pending = _GrowingWhileIterated(store._pending)
+        store.save(Job("t", id="first"))
+        store.save(Job("t", id="second"))
+    assert {"first", "second"} <= _ids_in_file(path)

@@ -1176,11 +1176,12 @@ class SQLitePersistence:
                 batch.extend(self._pending)
                 self._pending.clear()
                 self._leader = None  # the next writer to come leads the next batch
-        else:  # (copied, then taken out: an interruption leaves each unit in one or both, see _hand_back)
+        else:  # (each copied, then taken out: an interruption leaves each unit in one or both, see _hand_back)
+            # One at a time, never by iterating the deque: writers append to it without the commit
+            # lock, and an iterator over a deque that grows raises "deque mutated during iteration".
             pending = self._pending
-            count = len(pending)
-            batch.extend(itertools.islice(pending, count))
-            for _ in range(count):
+            for _ in range(len(pending)):
+                batch.append(pending[0])
                 pending.popleft()
         if self._closed or self._broken:
             for waiting in batch:
