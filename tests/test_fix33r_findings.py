@@ -1,5 +1,6 @@
 """Defects of the Redis broker left open by earlier outside attacks (session 33, helper fix33r), each
 with its test against a real redis-server (tests/conftest.py's fixtures), failing before its fix."""
+import contextlib
 import gc
 import threading
 import time
@@ -82,3 +83,137 @@ def test_a_cancel_the_collector_runs_as_the_same_thread_counts_the_jobs_success_
     finally:
         backend.close()
 
+
+# --- 3. A BUSY reply to a resend ---------------------------------------------------------------------
+
+# A call whose reply was lost (its connection broke after the send) is sent again, with the same
+# token: every script is idempotent against a resend. While a script runs past Redis's
+# busy-reply-threshold (another program's slow script), Redis answers every other call BUSY without
+# running it. Answering the first send, that says the call did not run (test_redisstop31_findings);
+# answering a resend, it says nothing of the first send, which may have run: the call raised at once
+# ("they may or may not have been enqueued", "it may or may not have been cancelled"), and a caller
+# that enqueued again to find out met its own job (DuplicateJob) or left it out. Such a resend is now
+# sent again once Redis answers (within the call's bound): the call returns its outcome, applied once.
+
+BUSY_ANSWERS = 2  # BUSY replies to the resends before the busy script is killed
+
+
+@contextlib.contextmanager
+def _lost_then_busy(server, scripts, name, runs=True):
+    """For the ``with`` block, make ``scripts.<name>`` lose the reply of its first call
+    (redis.ConnectionError, as a connection that broke), which ran in Redis (``runs``) or never
+    reached it, with Redis busy in a script from then on; after BUSY_ANSWERS BUSY replies to the
+    resends, the script is killed (at the block's end at the latest). Yields the replies seen."""
+    import redis
+
+    from test_redisstop31_findings import _busy
+
+    real = getattr(scripts, name)
+    busy = _busy(server)
+    seen = []
+    killed = []
+
+    def kill():
+        if seen and not killed:
+            killed.append(True)
+            busy.__exit__(None, None, None)  # Redis answers again
+
+    def call(*args, **kwargs):
+        if not seen:
+            seen.append(("ran", real(*args, **kwargs)) if runs else ("lost", None))
+            busy.__enter__()  # (from now on, until it is killed, every call is answered BUSY)
+            raise redis.ConnectionError("Connection closed by server (the reply was lost)")
+        try:
+            reply = real(*args, **kwargs)
+        except redis.ResponseError as exc:
+            seen.append(("error", str(exc)))
+            if str(exc).startswith("BUSY") and sum(kind == "error" for kind, _ in seen) == BUSY_ANSWERS:
+                kill()
+            raise
+        seen.append(("reply", reply))
+        return reply
+
+    setattr(scripts, name, call)
+    try:
+        yield seen
+    finally:
+        kill()
+        setattr(scripts, name, real)
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("call", ["enqueue", "enqueue_many"])
+def test_an_enqueue_whose_resend_redis_answers_busy_is_sent_again_and_applied_once(redis_server, redis_url, call):
+    backend = Redis(redis_url)
+    try:
+        q = backend.queue()  # (producer only: no beat meanwhile)
+        with _lost_then_busy(redis_server, q._link.scripts, "enqueue") as seen:
+            if call == "enqueue":
+                q.enqueue(Job("t", id="one"))
+            else:
+                q.enqueue_many([Job("t", id="one"), Job("t", id="two")])
+        kinds = [kind for kind, _ in seen]
+        assert kinds[:1 + BUSY_ANSWERS] == ["ran"] + ["error"] * BUSY_ANSWERS, seen
+        assert all(text.startswith("BUSY") for kind, text in seen if kind == "error"), seen
+        assert kinds[-1] == "reply" and seen[-1][1].status == "again", seen  # (the first send had run)
+        stats = q.get_stats()
+        jobs = 1 if call == "enqueue" else 2
+        assert (stats.jobs_enqueued, stats.medium_queue_size) == (jobs, jobs)
+    finally:
+        backend.close()
+
+
+@pytest.mark.redis
+def test_a_cancel_whose_resend_redis_answers_busy_is_sent_again_and_applied_once(redis_server, redis_url):
+    backend = Redis(redis_url)
+    try:
+        q = backend.queue()
+        reported = []
+        q.on_failure(lambda job, reason, exc: reported.append((job.id, reason)))
+        q.enqueue(Job("t", id="waiting"))
+        with _lost_then_busy(redis_server, q._link.scripts, "cancel") as seen:
+            assert q.cancel("waiting") is True
+        assert [kind for kind, _ in seen][:1 + BUSY_ANSWERS] == ["ran"] + ["error"] * BUSY_ANSWERS, seen
+        assert seen[-1][0] == "reply", seen
+        assert reported == [("waiting", "cancelled")]
+        assert q.join(WAIT)
+        stats = q.get_stats()
+        assert (stats.jobs_enqueued, stats.jobs_cancelled, stats.medium_queue_size) == (1, 1, 0)
+    finally:
+        backend.close()
+
+
+@pytest.mark.redis
+def test_a_release_at_stop_whose_resend_redis_answers_busy_is_sent_again_and_gives_back_what_it_held(
+        redis_server, redis_url):
+    """stop()'s release (settle the ops left, give back the buffered jobs, unregister), its first
+    send lost before Redis ran it and its resend answered BUSY: stop() gave up ("could not give
+    back"), and what the process held came back only once its lease ran out, each job counted as
+    a crash, the process counted live meanwhile. Now the release is sent again once Redis answers."""
+    backend = Redis(redis_url, lease=30.0)
+    try:
+        producer, worker = backend.pair(buffer_size=10)
+        running, finish = threading.Event(), threading.Event()
+
+        def run(job):
+            running.set()
+            finish.wait(WAIT)
+
+        worker.register_executor("t", run)
+        worker.start_dispatcher(1)
+        producer.enqueue(Job("t", id="running"))
+        assert running.wait(WAIT)
+        with _lost_then_busy(redis_server, worker._link.scripts, "release", runs=False) as seen:
+            stopping = threading.Thread(target=worker.stop, kwargs={"timeout": WAIT})
+            stopping.start()
+            finish.set()  # (its success is settled by the release)
+            stopping.join(WAIT + 5)
+            assert not stopping.is_alive()
+        assert producer.broker.shared_executors()[1] == 0  # (unregistered: no live worker process)
+        assert producer.join(WAIT)
+        stats = producer.get_stats()
+        assert (stats.jobs_enqueued, stats.jobs_succeeded) == (1, 1)
+        kinds = [kind for kind, _ in seen]
+        assert kinds[:1 + BUSY_ANSWERS] == ["lost"] + ["error"] * BUSY_ANSWERS and kinds[-1] == "reply", seen
+    finally:
+        backend.close()
