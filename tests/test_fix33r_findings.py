@@ -13,6 +13,59 @@ from _backends import Redis
 from _helpers import WAIT
 
 
+
+# --- 1. get_stats() in a loop starved a producer waiting for room -----------------------------------
+
+# A producer's enqueue(block=True) waits while the buffer is full, and while due delayed jobs wait
+# for room before it (they keep their FIFO place: docs/redis.md). Those pile up while the buffer is
+# full, and every get_stats() read each of them in Redis (stats.lua's queue_sizes: one read per due
+# job, 60 ms for 20,000): a thread calling get_stats() in a loop kept Redis busy, each fetch that
+# makes room waited behind one such call, and the producer waited some 30 times as long (96 s here,
+# against 3 s without the loop). Now get_stats() reads only the due jobs the buffer's room takes
+# and counts the rest (one ZCOUNT).
+
+DUE = 20_000
+ROOM_WAIT = 60.0  # seconds: about 3 s here, either way, now; 96 s before the fix
+
+
+@pytest.mark.redis
+def test_get_stats_in_a_loop_does_not_starve_a_producer_waiting_for_room(redis_url):
+    backend = Redis(redis_url)
+    try:
+        q = backend.queue(buffer_size=10, max_delayed_jobs=DUE)
+        due_at = time.time() + 3.0  # (not due before the last batch is in: a due one would need room)
+        for first in range(0, DUE, 1000):
+            q.enqueue_many([Job("t", n, id=f"due-{n}", run_at=due_at) for n in range(first, first + 1000)])
+        by = time.monotonic() + 3.0 + WAIT
+        while q.get_stats().waiting_for_room < DUE - 10:  # (10: the buffer's room)
+            assert time.monotonic() < by
+            time.sleep(0.01)
+        q.register_executor("t", lambda job: None)
+        q.start_dispatcher(2)
+        entered = threading.Event()
+        looks = []
+
+        def looking():
+            while not entered.is_set():
+                q.get_stats()
+                looks.append(1)
+
+        looker = threading.Thread(target=looking)
+        looker.start()
+        try:
+            began = time.monotonic()
+            q.enqueue(Job("t", "after", id="after"), block=True, timeout=ROOM_WAIT)  # (QueueFull: starved)
+            waited = time.monotonic() - began
+        finally:
+            entered.set()
+            looker.join()
+        assert looks, "get_stats() was not called while the producer waited"
+        assert q.join(WAIT), f"the producer got in after {waited:.1f}s"
+        stats = q.get_stats()
+        assert (stats.jobs_enqueued, stats.jobs_succeeded, stats.waiting_for_room) == (DUE + 1, DUE + 1, 0)
+    finally:
+        backend.close()
+
 # --- 2. A cancel the collector runs between succeeding() and succeeded() of the same job ----------
 
 # Over Redis, a process's own cancel() first sends the outcome it decided for its attempt of the job
