@@ -117,7 +117,8 @@ class _Attempt:
         self.timed_out = False  # expired by its deadline, not by a cancel (counted once its end is decided)
         self.decided = False  # its retry/dead op was queued
         self.returned = False  # a timed-out attempt's function came back
-        self.ending = False  # its success is being counted (succeeding): stop() waits for its op
+        # The thread counting its success (succeeding), 0 while none is: stop() waits for its op
+        self.ending = 0
         self.marked = False  # a cancel marked it in Redis, and this process heard of it (_cancel_marked)
         self.duration: Optional[Tuple[Any, float]] = None  # (type state, seconds) of a timeout, recorded as decided
 
@@ -772,7 +773,8 @@ class QueueLink:
         self.dispatcher.refuse_reentry("cancel()")
         if not readable_id(job_id):  # no bytes in Redis read so, so no job has it
             return False
-        self._send_decided(job_id)
+        if self._send_decided(job_id):  # (its success stands: sent, the cancel would overrule it)
+            return False
         token = "c" + os.urandom(8).hex()  # a resend of this call gets the first one's reply
         # From the call on, stop() waits for this thread as for a running callback: a row the
         # call keeps is reported here, and acknowledged, before the release (which would hand
@@ -806,14 +808,24 @@ class QueueLink:
             return True
         return False
 
-    def _send_decided(self, job_id: str) -> None:
+    def _send_decided(self, job_id: str) -> bool:
         """Before this process's cancel of ``job_id``: the outcome it decided already for its attempt
         of that job (a success being counted, a retry, a failure) reaches Redis first, as in-process
         a cancel finds such a job ended (or waiting for its retry). Else the cancel, sent ahead of
-        the op that waits for a round, would end as cancelled a job counted here as a success."""
+        the op that waits for a round, would end as cancelled a job counted here as a success.
+        True when this very thread counts that job's success (a cancel from a __del__ the collector
+        ran between its succeeding() and succeeded()): its op comes only once this call returns, so
+        it is not waited for (it would be, a whole lease), and the cancel finds the job ended."""
+        me = threading.get_ident()
         by = time.monotonic() + self.broker.lease
         with section(self._lock):  # (a success being counted has its op queued once counted: see stop)
-            while any(record.ending for job, record in self._attempts.items() if job.id == job_id):
+            while True:
+                ending = [record.ending for job, record in self._attempts.items()
+                          if job.id == job_id and record.ending]
+                if not ending:
+                    break
+                if me in ending:
+                    return True
                 remaining = by - time.monotonic()
                 if remaining <= 0.0:
                     break
@@ -822,6 +834,7 @@ class QueueLink:
             ops = [op for op in queued if op.op != "A" and op.attempt.split(":", 1)[1] == job_id]
         if ops:
             self._send(ops[-1])
+        return False
 
     def _cancel_marked(self, attempts: Sequence[str]) -> None:
         """Cancel this process's attempts that q.cancel() marked, as the in-process cancel does:
@@ -991,7 +1004,7 @@ class QueueLink:
         with section(self._lock):
             record = self._attempts.get(job)
             if record is not None:
-                record.ending = True
+                record.ending = threading.get_ident()
                 return True
             self._forget(job)
             return False

@@ -6,6 +6,7 @@ pool for the scripts, and the one connection a worker process blocks on while
 idle (made by ``_link``). It also offers the dead-job admin calls.
 """
 import logging
+import math
 import re
 import threading
 import time
@@ -34,6 +35,7 @@ _CONNECT_TIMEOUT = 2.0  # seconds to open a connection (a host that drops it: a 
 _FIRST_LOOK_WAIT = _CONNECT_TIMEOUT
 _RESENDS = 2  # tinymq resends a call whose reply was lost this often (every script is idempotent)
 _RESEND_PAUSE = 0.02  # seconds before the first resend, doubling
+_BUSY_PAUSE_MAX = 0.25  # seconds between two resends that Redis answered BUSY, at most (see _call_resending)
 _PAGE = 500  # ids per admin script call: bounded work in Redis
 # The keys of a queue that say it is in use: counters, workers' leases, limits (a queue whose workers
 # ran and that has no job or counter yet has only these last).
@@ -225,10 +227,18 @@ class RedisBroker:
         waits: its reply is waited for until then at most (``call`` takes ``timeout=``, see
         reply_wait), and a call that got no reply in time (a frozen server) is not sent again.
         With ``abandoned`` (``call`` takes ``abandoned=``): given up once it is set (stop() began),
-        redis.ConnectionError, and not sent again."""
+        redis.ConnectionError, and not sent again.
+
+        A resend that Redis answers BUSY (busy running a script past its busy-reply-threshold:
+        another program's) ran nothing, but the send before it may have: only an answer tells, so it
+        is sent again once Redis answers, until the ``deadline`` (without one, or with math.inf, for
+        _SOCKET_TIMEOUT from the first BUSY, as a silent server's call waits); then the BUSY error is
+        raised. A first send answered BUSY is raised at once: that call certainly did not run."""
         redis = _redis()
         pause = _RESEND_PAUSE
-        for resends_left in range(_RESENDS, -1, -1):
+        resends_left = _RESENDS
+        busy_by: Optional[float] = None  # (monotonic) until when a resend answered BUSY is sent again
+        while True:
             try:
                 wait = None if deadline is None else reply_wait(deadline)
                 if abandoned is not None:  # (its waits sliced: see _scripts._waited)
@@ -243,6 +253,21 @@ class RedisBroker:
                 if (not resends_left or (deadline is not None and time.monotonic() + pause >= deadline)
                         or (abandoned is not None and abandoned.is_set())):
                     raise
+            except redis.ResponseError as exc:
+                if resends_left == _RESENDS or not str(exc).startswith("BUSY"):  # (a first send: it did not run)
+                    raise
+                if busy_by is None:
+                    busy_by = (deadline if deadline is not None and deadline < math.inf
+                               else time.monotonic() + _SOCKET_TIMEOUT)
+                if time.monotonic() + pause >= busy_by or (abandoned is not None and abandoned.is_set()):
+                    raise
+                if abandoned is None:
+                    time.sleep(pause)
+                elif abandoned.wait(pause):
+                    raise
+                pause = min(pause * 2, _BUSY_PAUSE_MAX)
+                continue  # (not a lost reply: no resend of its own is used up)
+            resends_left -= 1
             time.sleep(pause)
             pause *= 2
 

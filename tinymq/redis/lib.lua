@@ -1152,8 +1152,14 @@ buffer has room for them (a due job counts as ready from its due time on, as in-
 promote_due only moves it, in the same order, as far as room goes); waiting, the due jobs
 beyond that room (with `room` math.huge, none); delayed, the jobs not due yet. Returns high,
 medium, low, delayed, counters (HGETALL of stats), waiting. Work: one read per due job not yet
-promoted (every fetch and every enqueue of a ready job promotes PROMOTE_PER_CALL at a time, so
-they pile up only while no process fetches or enqueues, or while the buffer is full). ]]
+promoted that the room takes (every fetch and every enqueue of a ready job promotes
+PROMOTE_PER_CALL at a time, so they pile up only while no process fetches or enqueues, or
+while the buffer is full); those beyond the room are counted, not read: a read of each made
+every get_stats() of a full buffer cost Redis a read per job waiting for room (60 ms for
+20,000), which a caller in a loop kept Redis busy with, and the fetches that make room waited
+behind it. So a lost job among those (its hash gone, or another program's value of another
+kind) counts as waiting, as it counts as unfinished, until the call that moves it drops it;
+one the room takes is left out (promote_due drops it, and it takes no room). ]]
 local function queue_sizes(room)
   now_ms()
   local sizes = {[0] = redis.call('LLEN', READY[0]), [1] = redis.call('LLEN', READY[1]),
@@ -1164,17 +1170,20 @@ local function queue_sizes(room)
     if p then sizes[tonumber(p)] = sizes[tonumber(p)] + tonumber(counters[i + 1]) end
   end
   room = room - sizes[0] - sizes[1] - sizes[2]
-  local waiting = 0
-  local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', exact_ms()) -- (as promote_due moves them)
-  for _, id in ipairs(due) do
-    local p = job_fields(job_key(id), 'p')[1]
-    if not p then -- (a job without its hash, or another program's value of another kind: promote_due drops it)
-    elseif room > 0 then
-      sizes[level_of(p)] = sizes[level_of(p)] + 1
-      room = room - 1
-    else
-      waiting = waiting + 1
+  local due_by = exact_ms()
+  local due = redis.call('ZCOUNT', K_DELAYED, '-inf', due_by)
+  local read = 0 -- due jobs looked at, earliest first (as promote_due moves them)
+  while room > 0 and read < due do
+    local ids = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', due_by, 'LIMIT', read, math.min(room, due - read))
+    if #ids == 0 then break end -- (never: one script sees one set)
+    for _, id in ipairs(ids) do
+      local p = job_fields(job_key(id), 'p')[1]
+      if p then -- (else a job without its hash, or another program's value of another kind: promote_due drops it)
+        sizes[level_of(p)] = sizes[level_of(p)] + 1
+        room = room - 1
+      end
     end
+    read = read + #ids
   end
-  return sizes[2], sizes[1], sizes[0], redis.call('ZCARD', K_DELAYED) - #due, counters, waiting
+  return sizes[2], sizes[1], sizes[0], redis.call('ZCARD', K_DELAYED) - due, counters, due - read
 end
