@@ -1585,7 +1585,7 @@ class SQLitePersistence:
                 del self._replaced[job_id]
 
     def mark_running(self, job: Job) -> None:
-        """An attempt starts: if the process dies now, reloading counts it as failed."""
+        """An attempt starts: if the process dies now, reloading counts a crash (not a failed attempt)."""
         _check_id(job.id)
         self._write([(_MARK_RUNNING, (job.id,))])
 
