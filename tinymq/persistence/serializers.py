@@ -159,6 +159,10 @@ class PickleSerializer:
 
     Loading a pickle runs code chosen by whoever wrote the data: anyone who
     can write the store's file can then run code in this process.
+
+    ``protocol``: the pickle protocol ``dumps`` writes, as ``pickle.dumps`` takes it
+    (None: its default; a negative one: its highest); above ``pickle.HIGHEST_PROTOCOL``,
+    or not an int, it is refused here.
     """
 
     def __init__(self, protocol: Optional[int] = pickle.HIGHEST_PROTOCOL) -> None:

@@ -366,7 +366,7 @@ class SQLitePersistence:
 
     ``serializer`` turns payloads into stored bytes/text (JSON by default;
     see ``PickleSerializer`` for the opt-in alternative). The file records
-    which one (by its class, see _serializer_name): a store given another one
+    which one (by its class's module and qualified name): a store given another one
     is refused while the file holds a job, before it reads or changes anything.
     """
 
