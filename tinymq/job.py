@@ -281,10 +281,12 @@ def new_job(type: str, payload: Any = None) -> Job:
 
 
 def new_high_priority_job(type: str, payload: Any = None) -> Job:
+    """A HIGH-priority job that is ready now."""
     return Job(type, payload, priority=Priority.HIGH)
 
 
 def new_low_priority_job(type: str, payload: Any = None) -> Job:
+    """A LOW-priority job that is ready now."""
     return Job(type, payload, priority=Priority.LOW)
 
 

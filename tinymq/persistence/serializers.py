@@ -159,9 +159,20 @@ class PickleSerializer:
 
     Loading a pickle runs code chosen by whoever wrote the data: anyone who
     can write the store's file can then run code in this process.
+
+    ``protocol``: the pickle protocol ``dumps`` writes, as ``pickle.dumps`` takes it
+    (None: its default; a negative one: its highest); above ``pickle.HIGHEST_PROTOCOL``,
+    or not an int, it is refused here.
     """
 
-    def __init__(self, protocol: int = pickle.HIGHEST_PROTOCOL) -> None:
+    def __init__(self, protocol: Optional[int] = pickle.HIGHEST_PROTOCOL) -> None:
+        # Checked here, as pickle takes it (None: its default; a negative one: its highest), so
+        # that a bad one is refused where it comes in, not by every save that would use it.
+        if protocol is not None and (not isinstance(protocol, int) or isinstance(protocol, bool)):
+            raise TypeError(f"PickleSerializer protocol must be an int or None, got {protocol!r}")
+        if protocol is not None and protocol > pickle.HIGHEST_PROTOCOL:
+            raise ValueError(f"PickleSerializer protocol must be at most pickle.HIGHEST_PROTOCOL "
+                             f"({pickle.HIGHEST_PROTOCOL}), got {protocol!r}")
         warnings.warn(
             "PickleSerializer: anyone who can write the persistence file can run "
             "arbitrary code in this process when it loads; use it only with a "
@@ -180,4 +191,4 @@ class PickleSerializer:
         return pickle.loads(data)
 
     def __repr__(self) -> str:
-        return f"PickleSerializer(protocol={self._protocol})"
+        return f"PickleSerializer(protocol={self._protocol!r})"

@@ -366,7 +366,7 @@ class SQLitePersistence:
 
     ``serializer`` turns payloads into stored bytes/text (JSON by default;
     see ``PickleSerializer`` for the opt-in alternative). The file records
-    which one (by its class, see _serializer_name): a store given another one
+    which one (by its class's module and qualified name): a store given another one
     is refused while the file holds a job, before it reads or changes anything.
     """
 
@@ -1585,7 +1585,7 @@ class SQLitePersistence:
                 del self._replaced[job_id]
 
     def mark_running(self, job: Job) -> None:
-        """An attempt starts: if the process dies now, reloading counts it as failed."""
+        """An attempt starts: if the process dies now, reloading counts a crash (not a failed attempt)."""
         _check_id(job.id)
         self._write([(_MARK_RUNNING, (job.id,))])
 

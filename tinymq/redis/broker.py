@@ -317,7 +317,7 @@ class RedisBroker:
                              if not isinstance(row, Exception) and row[0] is not None)
 
     def requeue_dead(self, ids: Optional[Iterable[str]] = None) -> int:
-        """Dead jobs (all, or those of ``ids``) back to ready with retries reset; returns how many."""
+        """Dead jobs (all, or those of ``ids``) back to ready with retries and crashes reset; returns how many."""
         return self._admin("requeue dead jobs", self._scripts.requeue_dead, ids)
 
     def purge_dead(self, ids: Optional[Iterable[str]] = None) -> int:
