@@ -453,6 +453,10 @@ class ReadyQueue:
         # nothing to take last time and was not woken since. At most one wake-up is in flight.
         self._loop_waker: Optional[Callable[[], None]] = None
         self._loop_idle = False
+        # The loop's deque of (job, type, level) it took (hand_to_loop) and has not started: appended
+        # to under _lock; the loop pops from its left without it (one atomic popleft per job, so each
+        # job is either the loop's or close()'s, which takes back what is left: _reclaim_loop_handed).
+        self._loop_handed: Optional[Deque[Tuple[Any, TypeState, int]]] = None
         # A heapq of (rate_open_at, seq, type): every type with jobs waiting whose rate window is
         # closed while it has a free slot has an entry keyed rate_parked_until, no later than its
         # opening; entries with another key are stale (a later limit parked it earlier): skipped.
@@ -1039,6 +1043,28 @@ class ReadyQueue:
             waiter.reclaimed = taken  # (its worker may have read taken already: see _pop)
             self._put_back(taken[0], taken[1], waiter.level)
 
+    def _reclaim_loop_handed(self) -> None:
+        """close(): take back, in this step, the jobs handed to the event loop that it has not
+        started (still in its deque: hand_to_loop), as _reclaim_handed does a worker's: from now
+        on they count as ready, never as running, however long the loop takes to come to them. A
+        job whose cancel was requested stays: the loop ends it as cancelled. Called with _lock
+        held, once closed (nothing is handed to the loop from then on)."""
+        handed = self._loop_handed
+        if handed is None:
+            return
+        kept = []
+        while True:
+            try:
+                one = handed.popleft()  # (atomic: a job the loop pops meanwhile is the loop's)
+            except IndexError:
+                break
+            job, state, level = one
+            if self._cancel_requested(job):
+                kept.append(one)
+            else:
+                self._put_back(job, state, level)
+        handed.extend(kept)
+
     def _pop(self, timeout: Optional[float], waiter: "Optional[_Waiter]") -> Optional[Tuple[Any, TypeState]]:
         """Take a job and a slot of its type; wait on ``waiter`` (made here when None)."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -1112,13 +1138,18 @@ class ReadyQueue:
         taken = self.pop_with_type(timeout)
         return None if taken is None else taken[0]
 
-    def set_loop_waker(self, waker: Optional[Callable[[], None]]) -> None:
-        """``waker()`` (cheap, never raising) asks the event loop to call ``take_for_loop`` soon.
+    def set_loop_waker(self, waker: Optional[Callable[[], None]],
+                       handed: Optional[Deque[Tuple[Any, TypeState, int]]] = None) -> None:
+        """``waker()`` (cheap, never raising) asks the event loop to call ``take_for_loop`` (or
+        ``hand_to_loop``) soon.
 
-        It is called at most once between two ``take_for_loop`` calls that
-        found nothing, so a busy loop is never woken per job. None detaches.
+        It is called at most once between two such calls that found nothing,
+        so a busy loop is never woken per job. None detaches. ``handed``: the
+        deque ``hand_to_loop`` fills, from which the loop pops (``popleft``)
+        each job as it starts it; close() takes back what is left in it.
         """
         with _step(self._lock):
+            self._loop_handed = handed
             self._loop_waker = waker
             self._loop_idle = False
             if waker is not None and any(self._runnable[LOOP]):
@@ -1132,18 +1163,32 @@ class ReadyQueue:
         Fewer than ``max_jobs`` means there were no more: the next job the loop
         can take wakes it (``set_loop_waker``). Nothing once closed.
         """
-        taken: List[Tuple[Any, TypeState]] = []
         with _step(self._lock):
-            if self._closed:
-                return taken
-            while len(taken) < max_jobs:
-                one = self._take(LOOP)
-                if one is None:
-                    self._loop_idle = self._loop_waker is not None
-                    break
-                taken.append(one[:2])
-            if self._getters:  # _take may have moved a worker thread's job in from the overflow line
-                self._hand_off()
+            return [(job, state) for job, state, _ in self._take_for_loop(max_jobs)]
+
+    def hand_to_loop(self, max_jobs: int) -> int:
+        """``take_for_loop``, into the deque given to ``set_loop_waker`` as ``(job, type, level)``:
+        how many. Until the loop pops one (``popleft``, as it starts it), close() may take it back."""
+        with _step(self._lock):
+            handed = self._loop_handed
+            if handed is None:
+                raise RuntimeError("hand_to_loop() needs the deque given to set_loop_waker(waker, handed)")
+            taken = self._take_for_loop(max_jobs)
+            handed.extend(taken)
+            return len(taken)
+
+    def _take_for_loop(self, max_jobs: int) -> List[Tuple[Any, TypeState, int]]:
+        taken: List[Tuple[Any, TypeState, int]] = []
+        if self._closed:
+            return taken
+        while len(taken) < max_jobs:
+            one = self._take(LOOP)
+            if one is None:
+                self._loop_idle = self._loop_waker is not None
+                break
+            taken.append(one)
+        if self._getters:  # _take may have moved a worker thread's job in from the overflow line
+            self._hand_off()
         return taken
 
     def remove(self, job_id: str) -> Any:
@@ -1396,6 +1441,7 @@ class ReadyQueue:
         with _step(self._lock):
             self._closed = True
             self._reclaim_handed()
+            self._reclaim_loop_handed()
             self._pass_on_close()  # with nothing: it sees the queue closed
             self._room.notify_all()
             self._all_done.notify_all()

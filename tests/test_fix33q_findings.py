@@ -1,0 +1,104 @@
+"""Defects an outside attack found and session 32 left open (fixed by fix33q), one test each or more.
+
+Each test failed before its fix. The queue-level tests run on the core in use (run the file with
+TINYMQ_NO_EXTENSIONS=1 too); the core tests run against both twins (the ``core`` fixture).
+"""
+import asyncio
+import os
+import threading
+
+import pytest
+
+from _helpers import WAIT
+
+
+# --- 1. A job the event loop took, not started as stop() comes, counts as ready, not running --------
+#
+# The loop takes a batch of its jobs from the core (their slots with them) and starts them one after
+# another; a coroutine that blocks the loop (a call that does not await) keeps the rest of the batch
+# taken and unstarted. stop() gave them back only once the loop came to them: until then (after
+# stop() returned too) get_stats() counted them as attempts running (active_jobs), which they never
+# are. close() now takes them back in its own step, as it does a worker thread's handed job.
+@pytest.mark.parametrize("with_store", [False, True])
+def test_jobs_the_loop_took_and_had_not_started_at_stop_count_as_ready_and_stay_unrun(tmp_path, with_store):
+    from tinymq import ExecutorConfig, Job, Queue, SQLitePersistence
+
+    holding, release = threading.Event(), threading.Event()
+    loop_thread = []
+    ran = []
+
+    async def hold(job):
+        loop_thread.append(threading.current_thread())
+        q.enqueue_many([Job("t", 1, id="j1"), Job("t", 2, id="j2")])  # the loop is woken to take them
+        await asyncio.sleep(0)  # back after that wake-up (FIFO): the loop has taken them, their runners not begun
+        holding.set()
+        release.wait(WAIT)  # blocks the loop (no await): they wait, taken and unstarted
+
+    async def work(job):
+        ran.append(job.payload)
+
+    path = str(tmp_path / "jobs.db")
+    q = Queue(100)
+    q.register_executor("hold", hold)
+    q.register_executor("t", work, ExecutorConfig(max_concurrent_jobs=5))
+    store = None
+    if with_store:
+        store = SQLitePersistence(path)
+        q.set_persistence(store)
+    q.enqueue(Job("hold", 0, id="h"))
+    q.start_dispatcher(1)
+    try:
+        assert holding.wait(WAIT)
+        taken = q.get_stats()
+        assert taken.executor_stats["t"].active_jobs == 2 and taken.medium_queue_size == 0, taken
+        q.stop(timeout=0.1)  # "hold" ignores its cancellation: stop() returns with the loop still held
+        stopped = q.get_stats()
+    finally:
+        release.set()
+    assert loop_thread and loop_thread[0].join(WAIT) is None and not loop_thread[0].is_alive()
+    assert stopped.executor_stats["t"].active_jobs == 0, (
+        "after stop() the jobs the loop took and never started count as running")
+    assert stopped.medium_queue_size == 2
+    after = q.get_stats()  # the loop has ended: they never ran, and are still ready
+    assert ran == []
+    assert after.executor_stats["t"].active_jobs == 0 and after.medium_queue_size == 2
+    assert after.jobs_succeeded == after.jobs_failed == after.jobs_cancelled == 0
+    if store is not None:  # stored as ready: a queue taking the store over runs each once
+        again = Queue(100)
+        again.register_executor("hold", lambda job: None)
+        again.register_executor("t", lambda job: ran.append(job.payload))
+        again.set_persistence(store)
+        again.start_dispatcher(1)
+        assert again.join(timeout=WAIT)
+        again.stop()
+        store.close()
+        assert sorted(ran) == [1, 2]
+
+
+def test_a_job_handed_to_the_loop_as_the_core_closes_counts_as_ready_not_running(core):
+    """The core's side: close() takes back, in its own step, what is left in the loop's deque
+    (hand_to_loop); a job the loop popped before is the loop's; one whose cancel was requested stays
+    for the loop to end as cancelled."""
+    from collections import deque
+
+    from tinymq import Job
+
+    ready = core.ReadyQueue(10)
+    ready.configure("a", lambda job: None, 5, None, False, False, core.LOOP)
+    handed = deque()
+    ready.set_loop_waker(lambda: None, handed)
+    for i in range(4):
+        assert ready.push(Job("a", i, id=f"a{i}"))
+    assert ready.hand_to_loop(8) == 4
+    assert [job.payload for job, _, _ in handed] == [0, 1, 2, 3]
+    started = handed.popleft()  # the loop starts this one: it is the loop's
+    assert ready.mark_cancel("a3")[0] == core.CANCEL_MARKED  # in the loop's hands: marked
+    assert ready.executor_stats() == {"a": (4, 5)} and ready.sizes() == (0, 0, 0)
+    ready.close()
+    assert ready.executor_stats() == {"a": (2, 5)}, "close() left the loop's unstarted jobs counted running"
+    assert ready.sizes() == (0, 2, 0)
+    assert [job.payload for job, _, _ in handed] == [3]  # the cancelled one: the loop ends it
+    assert started[0].payload == 0
+    assert ready.hand_to_loop(8) == 0  # nothing is handed once closed
+    assert ready.unfinished == 4
+
