@@ -102,3 +102,24 @@ def test_a_job_handed_to_the_loop_as_the_core_closes_counts_as_ready_not_running
     assert ready.hand_to_loop(8) == 0  # nothing is handed once closed
     assert ready.unfinished == 4
 
+
+# --- 3. --version (and --help) to a full stdout ------------------------------------------------------
+#
+# docs/cli.md: a command whose stdout takes no more (a full disk) is an error, one clear message on
+# stderr and exit 1. argparse writes --version and --help itself, ignores a failed write and exits
+# 0: `python -m tinymq --version >/dev/full` said it had shown the version.
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+@pytest.mark.parametrize("args, prog", [(["--version"], "python -m tinymq"), (["--help"], "python -m tinymq"),
+                                        (["status", "--help"], "python -m tinymq status")])
+def test_version_and_help_to_a_full_stdout_fail_in_one_line(args, prog):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "tinymq", *args], stdout=full, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, env=environment, text=True, timeout=60)
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert result.stderr == f"{prog}: error: could not write to stdout ([Errno 28] No space left on device)\n"
