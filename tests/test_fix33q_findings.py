@@ -123,3 +123,90 @@ def test_version_and_help_to_a_full_stdout_fail_in_one_line(args, prog):
                                 stdin=subprocess.DEVNULL, env=environment, text=True, timeout=60)
     assert result.returncode == 1, (result.returncode, result.stderr)
     assert result.stderr == f"{prog}: error: could not write to stdout ([Errno 28] No space left on device)\n"
+
+
+# --- 2. The pure core's pop() interrupted after the wake-up gives its job back ----------------------
+#
+# A KeyboardInterrupt that a signal handler raises in the main thread lands at any line the thread
+# runs. The pure core's pop() gave back a job handed to it only if the interruption came while it
+# slept: one that came after the wake-up (as it read the job, or returned it through pop()) lost
+# the job, its type's slot held for good. Workers never call it so; a user of the core, or a test,
+# may. A trace function raises it here at each line the core runs after the wake-up in turn: the
+# job must be back in the queue, its slot free. (The compiled core runs no Python line there.)
+
+def _pop_interrupted(core, ready, after, at):
+    """``ready.pop(timeout=WAIT)`` in this thread, a KeyboardInterrupt raised at the ``at``-th line
+    (from 0; None: none) that the core runs once ``after`` (a function of the core) has returned:
+    ``(lines seen, the job popped or the KeyboardInterrupt)``."""
+    import linecache
+    import sys
+
+    seen = []
+    armed = False
+
+    def local(frame, event, arg):
+        nonlocal armed
+        if event == "return" and frame.f_code is after.__code__:
+            armed = True
+        elif event == "line" and armed:
+            if linecache.getline(frame.f_code.co_filename, frame.f_lineno).lstrip().startswith("with "):
+                # A `with` line as its block ends: traced before its __exit__ runs, where no signal is
+                # ever checked (one that comes there is raised as __exit__ returns, the lock released).
+                return local
+            seen.append((frame.f_code.co_name, frame.f_lineno))
+            if len(seen) - 1 == at:
+                raise KeyboardInterrupt
+        return local
+
+    def trace(frame, event, arg):
+        return local if frame.f_code.co_filename == core.__file__ else None
+
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        outcome = ready.pop(timeout=WAIT)
+    except KeyboardInterrupt as interrupt:
+        outcome = interrupt
+    finally:
+        sys.settrace(previous)
+    return seen, outcome
+
+
+@pytest.mark.parametrize("how", ["handed", "ready"])
+def test_the_pure_cores_pop_interrupted_after_the_wake_up_gives_its_job_back(how):
+    from _helpers import wait_until
+
+    from tinymq import Job
+    from tinymq import _core_py as core
+
+    def run(at):
+        ready = core.ReadyQueue(10)
+        ready.configure("t", lambda job: None, 1, None, False, False)
+        job = Job("t", "the job")
+        pusher = None
+        if how == "handed":  # pushed as pop() waits: handed to it, which wakes up
+            def push_once_waiting():
+                assert wait_until(lambda: len(ready._getters) == 1)
+                assert ready.push(job)
+
+            pusher = threading.Thread(target=push_once_waiting)
+            pusher.start()
+            after = core._Waiter.sleep
+        else:  # ready already: pop() takes it at once
+            assert ready.push(job)
+            after = core.ReadyQueue._take
+        seen, outcome = _pop_interrupted(core, ready, after, at)
+        if pusher is not None:
+            pusher.join(WAIT)
+        return ready, job, seen, outcome
+
+    ready, job, lines, outcome = run(None)
+    assert outcome is job and len(lines) >= 2, lines
+    for at in range(len(lines)):
+        ready, job, seen, outcome = run(at)
+        assert isinstance(outcome, KeyboardInterrupt), (at, lines, outcome)
+        assert (ready.sizes(), ready.executor_stats()) == ((0, 1, 0), {"t": (0, 1)}), (
+            f"interrupted at {seen[-1]} of {lines}, pop() lost its job")
+        assert ready.pop(timeout=0) is job  # given back, and poppable again
+        assert ready.unfinished == 1
+
