@@ -210,3 +210,51 @@ def test_the_pure_cores_pop_interrupted_after_the_wake_up_gives_its_job_back(how
         assert ready.pop(timeout=0) is job  # given back, and poppable again
         assert ready.unfinished == 1
 
+
+# --- 4. Prometheus: two job types never share a label -------------------------------------------------
+#
+# A label is the type's (or queue's) text as UTF-8: a lone surrogate was written escaped (``\udcff``),
+# so a type holding that very text (backslash, u, d, c, f, f) got the same label: two types' samples
+# under one label set, the metrics wrong (and the exposition invalid). Now a name holding a lone
+# surrogate or the two characters ``\u`` has each backslash doubled as well (docs/api.md).
+
+def test_a_type_named_like_an_escaped_surrogate_and_the_surrogate_get_different_labels():
+    pytest.importorskip("prometheus_client")
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tinymq import ExecutorConfig, Queue
+    from tinymq.metrics import PrometheusCollector
+
+    text, surrogate = "\\udcff", "\udcff"
+    q = Queue(10)
+    q.register_executor(text, lambda job: None, ExecutorConfig(max_concurrent_jobs=3))
+    q.register_executor(surrogate, lambda job: None, ExecutorConfig(max_concurrent_jobs=5))
+    registry = CollectorRegistry()
+    registry.register(PrometheusCollector({"q\\u": q, "q\udcfe": Queue(10)}))
+    exposed = generate_latest(registry).decode("utf-8")
+    limits = {sample.labels["type"]: sample.value
+              for family in text_string_to_metric_families(exposed) for sample in family.samples
+              if sample.name == "tinymq_max_concurrent_jobs"}
+    assert limits == {"\\\\udcff": 3, "\\udcff": 5}, limits
+    queues = {sample.labels["queue"] for family in text_string_to_metric_families(exposed)
+              for sample in family.samples}
+    assert queues == {"q\\\\u", "q\\udcfe"}
+
+
+def test_labels_are_one_to_one_and_names_without_a_surrogate_or_backslash_u_are_their_own():
+    pytest.importorskip("prometheus_client")
+    import itertools
+
+    from tinymq.metrics import _label
+
+    alphabet = ["\\", "u", "d", "c", "f", "\udcff", "\ud800", "x"]
+    seen = {}
+    for length in range(6):
+        for letters in itertools.product(alphabet, repeat=length):
+            name = "".join(letters)
+            label = _label(name)
+            label.encode("utf-8")  # (a label always goes out)
+            assert seen.setdefault(label, name) == name, f"{name!r} and {seen[label]!r} share {label!r}"
+            if "\\u" not in name and "\udcff" not in name and "\ud800" not in name:
+                assert label == name
