@@ -75,6 +75,50 @@ def test_jobs_the_loop_took_and_had_not_started_at_stop_count_as_ready_and_stay_
         assert sorted(ran) == [1, 2]
 
 
+def test_over_redis_jobs_the_loop_took_and_had_not_started_at_stop_go_back_and_run_once_elsewhere(redis_backend):
+    """The same over a broker: the jobs stop() takes back from the loop are given back to Redis with
+    the rest of what the process holds unstarted, and another process runs each once."""
+    from tinymq import ExecutorConfig, Job
+
+    holding, release = threading.Event(), threading.Event()
+    loop_thread = []
+    ran = []
+    q = redis_backend.queue(buffer_size=100)
+
+    async def hold(job):
+        loop_thread.append(threading.current_thread())
+        q.enqueue_many([Job("t", 1, id="j1"), Job("t", 2, id="j2")])
+        while q._ready.executor_stats()["t"][0] < 2:  # (fetched by the pump, then taken by the loop)
+            await asyncio.sleep(0)  # back after the loop took them, their runners not begun
+        holding.set()
+        release.wait(WAIT)  # blocks the loop (no await): they wait, taken and unstarted
+
+    async def work(job):
+        ran.append(job.payload)
+
+    q.register_executor("hold", hold)
+    q.register_executor("t", work, ExecutorConfig(max_concurrent_jobs=5))
+    q.enqueue(Job("hold", 0, id="h"))
+    q.start_dispatcher(1)
+    try:
+        assert holding.wait(WAIT)
+        q.stop(timeout=0.1)
+        stopped = q.get_stats()
+    finally:
+        release.set()
+    assert loop_thread and loop_thread[0].join(WAIT) is None and not loop_thread[0].is_alive()
+    assert stopped.executor_stats["t"].active_jobs == 0, (
+        "after stop() the jobs the loop took and never started count as running")
+    assert ran == []
+    other = redis_backend.queue(buffer_size=100)
+    other.register_executor("hold", lambda job: None)
+    other.register_executor("t", lambda job: ran.append(job.payload))
+    other.start_dispatcher(1)
+    assert other.join(timeout=WAIT)
+    other.stop()
+    assert sorted(ran) == [1, 2]
+
+
 def test_a_job_handed_to_the_loop_as_the_core_closes_counts_as_ready_not_running(core):
     """The core's side: close() takes back, in its own step, what is left in the loop's deque
     (hand_to_loop); a job the loop popped before is the loop's; one whose cancel was requested stays
