@@ -8,7 +8,10 @@ never takes a thread executor's job, so neither kind waits for the other.
 Hand-off: the core calls ``_wake`` (one ``call_soon_threadsafe``) only when
 the loop had found nothing to take and was not woken since; the loop then
 drains everything the core can give it, a batch at a time, in priority order.
-A busy loop is never woken per job.
+A busy loop is never woken per job. The core puts each batch in ``_todo``
+(``hand_to_loop``), and each runner pops its job from there as it starts it;
+what is left there when stop() closes the core, the core takes back in that
+step: counted ready, never running, however long a coroutine holds the loop.
 
 Runners: attempts run in long-lived runner tasks, one attempt at a time each,
 not in a task per attempt (creating and scheduling a task is most of what a
