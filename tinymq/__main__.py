@@ -7,7 +7,7 @@ usage (argparse).
 import argparse
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence
 
 from . import HAS_EXTENSION, __version__
 from ._cli import (LOG_LEVELS, MAX_PROCESSES, MAX_WORKERS, CommandError, configure_logging, process_count,
@@ -17,6 +17,9 @@ from ._demo import run_demo
 from ._status import (_REDIS_DEAD_MAX, change_dead_in_db, change_dead_in_redis, db_status, redis_status,
                       render_status)
 from ._worker import Supervisor, default_workers, run_child, split_target
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 _CHILD_COMMAND = "_worker-child"  # how `worker` starts each worker process (not a public command)
 _DEAD_LIMIT = 20  # dead jobs that the status table lists by default
@@ -62,13 +65,52 @@ def _target(text: str) -> str:
     return text
 
 
+class _Parser(argparse.ArgumentParser):
+    """The public parser (its commands' too): ``--help`` and ``--version`` to a stdout that takes no
+    more (a full disk, /dev/full) is one clear error and exit 1, as every command's output is;
+    argparse ignores a failed write of them and exits 0, as if the text had been shown."""
+
+    def print_help(self, file: "Optional[SupportsWrite[str]]" = None) -> None:
+        if file is not None:
+            super().print_help(file)
+        else:
+            self.print_out(self.format_help())
+
+    def print_out(self, text: str) -> None:
+        """Write ``text`` to stdout (to stderr if stdout is closed, as argparse does)."""
+        out = sys.stdout if sys.stdout is not None else sys.stderr
+        try:
+            out.write(text)
+            out.flush()
+        except BrokenPipeError:  # (`| head`: goes on up, and ends the command quietly)
+            raise
+        except OSError as exc:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())  # (no second error as Python exits)
+            self.exit(1, f"{self.prog}: error: could not write to stdout ({exc})\n")
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: print ``version`` with ``_Parser.print_out`` and exit 0."""
+
+    def __init__(self, option_strings: Sequence[str], version: str, dest: str = argparse.SUPPRESS,
+                 help: Optional[str] = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+        self.version = version
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: Optional[str] = None) -> None:
+        assert isinstance(parser, _Parser)
+        parser.print_out(self.version + "\n")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m tinymq",
         description="tinymq's command line. With no command, it runs the demo (see `demo --help`).",
     )
     core = "compiled core" if HAS_EXTENSION else "pure-Python core"
-    parser.add_argument("--version", action="version", version=f"tinymq {__version__} ({core})",
+    parser.add_argument("--version", action=_VersionAction, version=f"tinymq {__version__} ({core})",
                         help="print tinymq's version and which core it runs, and exit")
     commands = parser.add_subparsers(dest="command")
 

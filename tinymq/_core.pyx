@@ -890,6 +890,9 @@ cdef class ReadyQueue:
     cdef RunnableHeap runnable[6]
     cdef object loop_waker  # the event loop's wake-up (set_loop_waker), or None
     cdef bint loop_idle  # the loop found nothing last time and was not woken since
+    # The loop's deque of (job, type, level) it took (hand_to_loop) and has not started, or None: the
+    # loop pops from its left (one atomic popleft per job: each job is the loop's or close()'s).
+    cdef object loop_handed
     # Every type with jobs waiting whose rate window is closed while it has a free slot has an
     # entry keyed rate_parked_until, no later than its opening; entries with another key are stale.
     cdef ParkedHeap parked
@@ -1675,6 +1678,33 @@ cdef class ReadyQueue:
                 self._put_back(waiter)
         return 0
 
+    cdef int _reclaim_loop_handed(self) except -1:
+        """close(): take back, in this step, the jobs handed to the event loop that it has not started
+        (still in its deque: hand_to_loop), as _reclaim_handed does a worker's: from now on they count
+        as ready, never as running, however long the loop takes to come to them. A job whose cancel
+        was requested stays: the loop ends it as cancelled. Once closed."""
+        cdef TypeState state
+        handed = self.loop_handed
+        if handed is None:
+            return 0
+        kept = []
+        while True:
+            try:
+                one = handed.popleft()  # (atomic: a job the loop pops meanwhile is the loop's)
+            except IndexError:
+                break
+            job = one[0]
+            if self.marks and self._cancel_requested(job):
+                kept.append(one)
+                continue
+            state = <TypeState>one[1]
+            owed = (job, state.name, one[2])  # made before the decision, as in requeue
+            state.active -= 1
+            self._place(owed)
+            self._readmit(state)
+        handed.extend(kept)
+        return 0
+
     cdef int _pass_on_close(self) except -1:
         """The queue is closed: wake the latest idle worker, which does the same as it returns None."""
         if self.getters:
@@ -1740,12 +1770,16 @@ cdef class ReadyQueue:
         cdef PyObject *state = NULL
         return self._pop(_deadline(timeout), &state, None)
 
-    def set_loop_waker(self, waker):
-        """``waker()`` (cheap, never raising) asks the event loop to call ``take_for_loop`` soon.
+    def set_loop_waker(self, waker, handed=None):
+        """``waker()`` (cheap, never raising) asks the event loop to call ``take_for_loop`` (or
+        ``hand_to_loop``) soon.
 
-        It is called at most once between two ``take_for_loop`` calls that
-        found nothing, so a busy loop is never woken per job. None detaches.
+        It is called at most once between two such calls that found nothing,
+        so a busy loop is never woken per job. None detaches. ``handed``: the
+        deque ``hand_to_loop`` fills, from which the loop pops (``popleft``)
+        each job as it starts it; close() takes back what is left in it.
         """
+        self.loop_handed = handed
         self.loop_waker = waker
         self.loop_idle = False
         if waker is not None and self._loop_has_work():
@@ -1760,19 +1794,34 @@ cdef class ReadyQueue:
         can take wakes it (``set_loop_waker``). Nothing once closed.
         """
         cdef list taken = []
+        self._take_for_loop(max_jobs, taken, False)
+        return taken
+
+    def hand_to_loop(self, Py_ssize_t max_jobs):
+        """``take_for_loop``, into the deque given to ``set_loop_waker`` as ``(job, type, level)``:
+        how many. Until the loop pops one (``popleft``, as it starts it), close() may take it back."""
+        handed = self.loop_handed
+        if handed is None:
+            raise RuntimeError("hand_to_loop() needs the deque given to set_loop_waker(waker, handed)")
+        return self._take_for_loop(max_jobs, handed, True)
+
+    cdef Py_ssize_t _take_for_loop(self, Py_ssize_t max_jobs, object into, bint with_level) except -1:
+        """Append up to ``max_jobs`` of the loop's jobs to ``into``: how many."""
         cdef PyObject *state
         cdef int level
-        if self._closed:
-            return taken
-        while len(taken) < max_jobs:
+        cdef Py_ssize_t n = 0
+        while n < max_jobs and not self._closed:
             job = self._take(&state, &level, LOOP)
             if job is None:
                 self.loop_idle = self.loop_waker is not None
                 break
-            taken.append((job, <TypeState>state))
+            into.append((job, <TypeState>state, level) if with_level else (job, <TypeState>state))
+            n += 1
         if self.getters:  # _take may have moved a worker thread's job in from the overflow line
             self._hand_off()
-        return taken
+        if with_level and self._closed:  # a collection the allocation ran let close() in: given back now
+            self._reclaim_loop_handed()
+        return n
 
     def remove(self, job_id):
         """Take the ready (or overflow) job with this id out of the queue: the job, or None.
@@ -2021,6 +2070,7 @@ cdef class ReadyQueue:
         """
         self._closed = True
         self._reclaim_handed()
+        self._reclaim_loop_handed()
         self._pass_on_close()  # with no job: it sees the queue closed
         _notify_all(self.putters)
         _notify_all(self.joiners)

@@ -375,15 +375,15 @@ class _Waiter:
     worker keeps its waiter, so nothing is allocated between a wake-up and the job.
     """
 
-    __slots__ = ("_lock", "taken", "level", "reclaimed", "__weakref__")
+    __slots__ = ("_lock", "taken", "reclaimed", "__weakref__")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._lock.acquire()
-        self.taken: Optional[Tuple[Any, TypeState]] = None  # handed by a producer, under the queue's lock
-        self.level = 0  # the taken job's level, to give it back
+        # (job, type, level) handed by a producer, under the queue's lock; the level to give it back
+        self.taken: Optional[Tuple[Any, TypeState, int]] = None
         # What close() took back of ``taken`` before this worker returned it (under the queue's lock).
-        self.reclaimed: Optional[Tuple[Any, TypeState]] = None
+        self.reclaimed: Optional[Tuple[Any, TypeState, int]] = None
 
     def sleep(self, timeout: Optional[float]) -> bool:
         """Wait for a wake-up (at most ``timeout`` seconds): True when one came."""
@@ -453,6 +453,10 @@ class ReadyQueue:
         # nothing to take last time and was not woken since. At most one wake-up is in flight.
         self._loop_waker: Optional[Callable[[], None]] = None
         self._loop_idle = False
+        # The loop's deque of (job, type, level) it took (hand_to_loop) and has not started: appended
+        # to under _lock; the loop pops from its left without it (one atomic popleft per job, so each
+        # job is either the loop's or close()'s, which takes back what is left: _reclaim_loop_handed).
+        self._loop_handed: Optional[Deque[Tuple[Any, TypeState, int]]] = None
         # A heapq of (rate_open_at, seq, type): every type with jobs waiting whose rate window is
         # closed while it has a free slot has an entry keyed rate_parked_until, no later than its
         # opening; entries with another key are stale (a later limit parked it earlier): skipped.
@@ -1002,7 +1006,7 @@ class ReadyQueue:
             if taken is None:
                 break
             waiter = self._getters.pop()
-            waiter.taken, waiter.level = taken[:2], taken[2]
+            waiter.taken = taken
             waiter.wake()
         if self._loop_idle and any(self._runnable[LOOP]):  # the loop's jobs: one wake-up, it drains
             self._loop_idle = False
@@ -1037,58 +1041,93 @@ class ReadyQueue:
                 continue
             waiter.taken = None
             waiter.reclaimed = taken  # (its worker may have read taken already: see _pop)
-            self._put_back(taken[0], taken[1], waiter.level)
+            self._put_back(*taken)
 
-    def _pop(self, timeout: Optional[float], waiter: "Optional[_Waiter]") -> Optional[Tuple[Any, TypeState]]:
-        """Take a job and a slot of its type; wait on ``waiter`` (made here when None)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def _reclaim_loop_handed(self) -> None:
+        """close(): take back, in this step, the jobs handed to the event loop that it has not
+        started (still in its deque: hand_to_loop), as _reclaim_handed does a worker's: from now
+        on they count as ready, never as running, however long the loop takes to come to them. A
+        job whose cancel was requested stays: the loop ends it as cancelled. Called with _lock
+        held, once closed (nothing is handed to the loop from then on)."""
+        handed = self._loop_handed
+        if handed is None:
+            return
+        kept = []
         while True:
-            with _step(self._lock):
-                if self._closed:
-                    self._pass_on_close()
-                    return None
-                taken = self._take()
-                if taken is not None:
-                    if self._getters or self._loop_idle:  # _take may have moved an overflow job in
-                        self._hand_off()
-                    return taken[:2]
-                remaining = _remaining(deadline)
-                if remaining is not None and remaining <= 0.0:
-                    return None
-                if waiter is None:
-                    waiter = _Waiter()
-                    self._waiters.add(weakref.ref(waiter, self._waiters.discard))
-                waiter.taken = None
-                self._getters.append(waiter)
             try:
+                one = handed.popleft()  # (atomic: a job the loop pops meanwhile is the loop's)
+            except IndexError:
+                break
+            job, state, level = one
+            if self._cancel_requested(job):
+                kept.append(one)
+            else:
+                self._put_back(job, state, level)
+        handed.extend(kept)
+
+    def _pop(self, timeout: Optional[float], waiter: "Optional[_Waiter]", with_type: bool = True) -> Any:
+        """Take a job and a slot of its type: ``(job, type)``, or the job (not ``with_type``); None
+        when closed or on timeout. Wait on ``waiter`` (made here when None).
+
+        An exception that comes in as it waits or before it returns (a KeyboardInterrupt that a
+        signal handler raises in the main thread, even just after a hand-off) gives back the job
+        it took, as a requeue: never lost with the call. ``owned`` is that job, as (job, type,
+        level), from the statement that takes it to the return.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        owned: Optional[Tuple[Any, TypeState, int]] = None
+        try:
+            while True:
+                with _step(self._lock):
+                    if self._closed:
+                        self._pass_on_close()
+                        return None
+                    owned = self._take()
+                    if owned is not None:
+                        if self._getters or self._loop_idle:  # _take may have moved an overflow job in
+                            self._hand_off()
+                        return owned[:2] if with_type else owned[0]
+                    remaining = _remaining(deadline)
+                    if remaining is not None and remaining <= 0.0:
+                        return None
+                    if waiter is None:
+                        waiter = _Waiter()
+                        self._waiters.add(weakref.ref(waiter, self._waiters.discard))
+                    waiter.taken = None
+                    self._getters.append(waiter)
                 if not waiter.sleep(remaining):  # timed out; a hand-off may have come meanwhile
                     with _step(self._lock):
                         self._leave(waiter)
-            except BaseException:  # e.g. KeyboardInterrupt in the main thread, even just after a hand-off
-                with _step(self._lock):
+                owned, waiter.taken = waiter.taken, None  # an idle worker keeps no job alive
+                if owned is not None:
+                    if self._closed:  # handed over just before close(): no attempt starts after stop
+                        with _step(self._lock):
+                            # close() set _closed before it looked at taken: if it took this job back
+                            # (read before the line above cleared it), it is in place again already.
+                            if waiter.reclaimed is not owned:
+                                if self._cancel_requested(owned[0]):
+                                    return owned[:2] if with_type else owned[0]  # its worker ends it, cancelled
+                                waiter.reclaimed = owned  # (in place again from here: never given back twice)
+                                self._give_back(*owned)
+                            waiter.reclaimed = owned = None
+                            self._pass_on_close()
+                            return None
+                    return owned[:2] if with_type else owned[0]
+                # woken by close(), or timed out: look again
+        except BaseException:
+            with _step(self._lock):
+                if waiter is not None:
                     self._leave(waiter)
-                    if self._closed:  # (its wake-up may have been close()'s)
-                        self._pass_on_close()
-                    if waiter.taken is not None:
-                        job, state = waiter.taken
-                        waiter.taken = None
-                        self._give_back(job, state, waiter.level)
-                raise
-            taken, waiter.taken = waiter.taken, None  # an idle worker keeps no job alive
-            if taken is not None:
-                if self._closed:  # handed over just before close(): no attempt starts after stop
-                    with _step(self._lock):
-                        # close() set _closed before it looked at taken: if it took this job back
-                        # (read before the line above cleared it), it is in place again already.
-                        reclaimed, waiter.reclaimed = waiter.reclaimed, None
-                        if reclaimed is not taken:
-                            if self._cancel_requested(taken[0]):
-                                return taken  # its worker ends it as cancelled, its function not called
-                            self._give_back(taken[0], taken[1], waiter.level)
-                        self._pass_on_close()
-                        return None
-                return taken
-            # woken by close(), or timed out: look again
+                    if owned is None:  # handed over, not read yet
+                        owned = waiter.taken
+                    elif waiter.reclaimed is owned:  # close() (or this call) put it in place again
+                        owned = None
+                    waiter.taken = waiter.reclaimed = None
+                if self._closed:  # (its wake-up may have been close()'s)
+                    self._pass_on_close()
+                if owned is not None:
+                    self._give_back(*owned)
+            raise
 
     def _pass_on_close(self) -> None:
         """The queue is closed: wake the latest idle worker, which does the same as it returns None.
@@ -1105,20 +1144,24 @@ class ReadyQueue:
 
     def pop_with_type(self, timeout: Optional[float] = None) -> Optional[Tuple[Any, TypeState]]:
         """Take a job and a slot of its type; None when closed or on timeout."""
-        return self._pop(timeout, None)
+        return self._pop(timeout, None)  # type: ignore[no-any-return]
 
     def pop(self, timeout: Optional[float] = None) -> Any:
         """Take a job and a slot of its type (give it back with ``release``); None when closed or on timeout."""
-        taken = self.pop_with_type(timeout)
-        return None if taken is None else taken[0]
+        return self._pop(timeout, None, False)  # (nothing after the call: an interruption finds the job there)
 
-    def set_loop_waker(self, waker: Optional[Callable[[], None]]) -> None:
-        """``waker()`` (cheap, never raising) asks the event loop to call ``take_for_loop`` soon.
+    def set_loop_waker(self, waker: Optional[Callable[[], None]],
+                       handed: Optional[Deque[Tuple[Any, TypeState, int]]] = None) -> None:
+        """``waker()`` (cheap, never raising) asks the event loop to call ``take_for_loop`` (or
+        ``hand_to_loop``) soon.
 
-        It is called at most once between two ``take_for_loop`` calls that
-        found nothing, so a busy loop is never woken per job. None detaches.
+        It is called at most once between two such calls that found nothing,
+        so a busy loop is never woken per job. None detaches. ``handed``: the
+        deque ``hand_to_loop`` fills, from which the loop pops (``popleft``)
+        each job as it starts it; close() takes back what is left in it.
         """
         with _step(self._lock):
+            self._loop_handed = handed
             self._loop_waker = waker
             self._loop_idle = False
             if waker is not None and any(self._runnable[LOOP]):
@@ -1132,18 +1175,32 @@ class ReadyQueue:
         Fewer than ``max_jobs`` means there were no more: the next job the loop
         can take wakes it (``set_loop_waker``). Nothing once closed.
         """
-        taken: List[Tuple[Any, TypeState]] = []
         with _step(self._lock):
-            if self._closed:
-                return taken
-            while len(taken) < max_jobs:
-                one = self._take(LOOP)
-                if one is None:
-                    self._loop_idle = self._loop_waker is not None
-                    break
-                taken.append(one[:2])
-            if self._getters:  # _take may have moved a worker thread's job in from the overflow line
-                self._hand_off()
+            return [(job, state) for job, state, _ in self._take_for_loop(max_jobs)]
+
+    def hand_to_loop(self, max_jobs: int) -> int:
+        """``take_for_loop``, into the deque given to ``set_loop_waker`` as ``(job, type, level)``:
+        how many. Until the loop pops one (``popleft``, as it starts it), close() may take it back."""
+        with _step(self._lock):
+            handed = self._loop_handed
+            if handed is None:
+                raise RuntimeError("hand_to_loop() needs the deque given to set_loop_waker(waker, handed)")
+            taken = self._take_for_loop(max_jobs)
+            handed.extend(taken)
+            return len(taken)
+
+    def _take_for_loop(self, max_jobs: int) -> List[Tuple[Any, TypeState, int]]:
+        taken: List[Tuple[Any, TypeState, int]] = []
+        if self._closed:
+            return taken
+        while len(taken) < max_jobs:
+            one = self._take(LOOP)
+            if one is None:
+                self._loop_idle = self._loop_waker is not None
+                break
+            taken.append(one)
+        if self._getters:  # _take may have moved a worker thread's job in from the overflow line
+            self._hand_off()
         return taken
 
     def remove(self, job_id: str) -> Any:
@@ -1396,6 +1453,7 @@ class ReadyQueue:
         with _step(self._lock):
             self._closed = True
             self._reclaim_handed()
+            self._reclaim_loop_handed()
             self._pass_on_close()  # with nothing: it sees the queue closed
             self._room.notify_all()
             self._all_done.notify_all()

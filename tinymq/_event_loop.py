@@ -8,7 +8,10 @@ never takes a thread executor's job, so neither kind waits for the other.
 Hand-off: the core calls ``_wake`` (one ``call_soon_threadsafe``) only when
 the loop had found nothing to take and was not woken since; the loop then
 drains everything the core can give it, a batch at a time, in priority order.
-A busy loop is never woken per job.
+A busy loop is never woken per job. The core puts each batch in ``_todo``
+(``hand_to_loop``), and each runner pops its job from there as it starts it;
+what is left there when stop() closes the core, the core takes back in that
+step: counted ready, never running, however long a coroutine holds the loop.
 
 Runners: attempts run in long-lived runner tasks, one attempt at a time each,
 not in a task per attempt (creating and scheduling a task is most of what a
@@ -232,9 +235,12 @@ class LoopRunner:
         # attempt ends with its own report; else stop()'s release over a broker could give back a job
         # whose success was decided, counted nowhere then and run again elsewhere.
         self._reporting = 0
-        # Loop thread only: jobs taken from the core (slots held) for the runners; idle runners'
-        # wake-up futures; runners woken or started and not yet back for a job; shutting down.
-        self._todo: Deque[Tuple[Any, Any]] = deque()
+        # Jobs taken from the core (slots held) for the runners, as (job, type, level): filled by the
+        # core (hand_to_loop, on the loop thread), each popped from the left by the runner that starts
+        # it; what is left in it when stop() closes the core, the core takes back (counted ready, not
+        # running). Loop thread only: idle runners' wake-up futures; runners woken or started and not
+        # yet back for a job; shutting down.
+        self._todo: Deque[Tuple[Any, Any, int]] = deque()
         self._idle: Deque[_Wakeup] = deque()
         self._coming = 0
         self._closing = False
@@ -267,7 +273,7 @@ class LoopRunner:
         self._thread_id = threading.get_ident()
         asyncio.set_event_loop(loop)
         try:
-            self.ready.set_loop_waker(self._wake)  # drains at once if jobs are waiting
+            self.ready.set_loop_waker(self._wake, self._todo)  # drains at once if jobs are waiting
             self._run_until_halted()
         finally:
             self.ready.set_loop_waker(None)
@@ -277,8 +283,10 @@ class LoopRunner:
                     waiting.cancel()  # idle runners end
                 for job in self.cancel_for_stop():  # stop() from an attempt on this loop waited for none
                     self.dispatcher._stopped_async(job)
-                while self._todo:  # taken from the core, never started: back to the store, uncounted
-                    job, state = self._todo.popleft()
+                # Taken from the core and never started: close() took back all but those whose cancel
+                # was requested (ended so here); saved back to the store, uncounted.
+                while self._todo:
+                    job, state, _ = self._todo.popleft()
                     self.ready.release_state(state, False, core.LOOP)
                     self.dispatcher._stopped_async(job)
                 if self._end_tasks(spare_never_waited_for=True):  # such coroutines are still running:
@@ -375,11 +383,10 @@ class LoopRunner:
 
     def _take(self) -> bool:
         """Move a batch of the core's jobs (their slots taken) into ``_todo``: False when none."""
-        taken = self.ready.take_for_loop(_DRAIN_BATCH)
+        taken = self.ready.hand_to_loop(_DRAIN_BATCH)
         if not taken:
             return False
-        self._todo.extend(taken)
-        if len(taken) == _DRAIN_BATCH:  # maybe more: after the callbacks queued meanwhile
+        if taken == _DRAIN_BATCH:  # maybe more: after the callbacks queued meanwhile
             self.loop.call_soon(self._drain)
         return True
 
@@ -441,7 +448,10 @@ class LoopRunner:
                 continue
             if len(todo) > 1 and self._coming < len(todo) - 1:
                 self._call_runners()  # the others in _todo must not wait for this attempt to end
-            job, state = todo.popleft()
+            try:
+                job, state, _ = todo.popleft()
+            except IndexError:  # stop() closed the core, which took back what was left: none comes
+                continue
             context = JobContext(job, None) if state.takes_context else None  # its deadline: at the call
             # No deadline yet: a slow write of its start (attempt_starting) is not the function's time.
             attempt = _Attempt(job, state, context, task, monotonic(), _NO_DEADLINE)
@@ -456,8 +466,8 @@ class LoopRunner:
                     self._report(dispatcher.end_cancelled, job)
                 self._finished(attempt, None, True)  # frees the slot (and tells a broker, returned_late)
                 continue
-            # Taken before stop() closed the queue, not started yet (a coroutine held the loop): given
-            # back unstarted, as a worker thread's job is (saved back as ready with a store).
+            # Popped as stop() began, before it closed the core (which takes back the jobs still in
+            # _todo): given back unstarted, as a worker thread's job is (saved back as ready with a store).
             if dispatcher.stopping:
                 if self._decide(attempt, "stopped"):  # else a cancel() decided it: it reports it
                     self._report(dispatcher._stopped_async, job)

@@ -15,8 +15,10 @@ metric names in one registry, whatever their labels)::
 
     REGISTRY.register(PrometheusCollector({"mail": mail_queue, "thumbnails": thumbnail_queue}))
 
-Metrics (``type`` is a job type with a registered executor; a lone surrogate in a type or
-queue name, as ``os.fsdecode`` makes of bytes that are not UTF-8, is written ``\\udcff``):
+Metrics (``type`` is a job type with a registered executor; a type or queue name is its own
+label, unless it holds a lone surrogate, as ``os.fsdecode`` makes of bytes that are not UTF-8,
+or the two characters ``\\u``: then each backslash is written ``\\\\`` and each lone surrogate
+``\\udcff``, so no two names share a label; see ``_label``):
 
 - ``tinymq_jobs_total{type, outcome}`` (counter): ``outcome`` is ``succeeded``,
   ``failed`` (for good), ``retried``, ``timed_out`` or ``cancelled``: the per-type
@@ -56,7 +58,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
 
 from ._pick_core import core
 from .errors import TinyMQError
-from .job import _utf8_text
+from .job import _is_utf8
 from .queue import Queue
 
 __all__ = ["PrometheusCollector", "ATTEMPT_DURATION_BUCKETS"]
@@ -114,10 +116,9 @@ class PrometheusCollector(Collector):  # type: ignore[misc, unused-ignore]  # Co
                                "the queue" if name is None else f"queue {name!r}", exc)
                 continue
             durations = queue._attempt_durations()
-            # Label values go out as UTF-8: a lone surrogate (a type from os.fsdecode) would fail the scrape.
-            at = [] if name is None else [_utf8_text(name)]  # the queue label's value, first of each sample's
+            at = [] if name is None else [_label(name)]  # the queue label's value, first of each sample's
             for job_type, executor in sorted(stats.executor_stats.items()):
-                label = _utf8_text(job_type)
+                label = _label(job_type)
                 for outcome in _OUTCOMES:
                     jobs.add_metric(at + [label, outcome], getattr(executor, outcome))
                 active.add_metric(at + [label], executor.active_jobs)
@@ -151,6 +152,18 @@ class PrometheusCollector(Collector):  # type: ignore[misc, unused-ignore]  # Co
                                   "How long attempts ran until their outcome was decided.",
                                   labels=by + ["type"]),
         ]
+
+
+def _label(text: str) -> str:
+    """A job type or queue name as a label value, which goes out as UTF-8 (a lone surrogate, as in a
+    type from os.fsdecode, would fail the scrape): as is, unless it holds a lone surrogate or the
+    two characters ``\\u``; then each backslash is doubled and each lone surrogate written
+    ``\\udcff``. One to one: every label so escaped holds ``\\u`` (an escaped surrogate, or a
+    doubled backslash before ``u``) and no label left as is does, and the escape is undone
+    left to right: the text ``\\udcff`` is labelled ``\\\\udcff``, the lone surrogate U+DCFF ``\\udcff``."""
+    if "\\u" not in text and _is_utf8(text):
+        return text
+    return text.replace("\\", "\\\\").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _cumulative(counts: Tuple[int, ...]) -> List[Tuple[str, float]]:

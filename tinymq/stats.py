@@ -13,7 +13,8 @@ class ExecutorStats:
     with a lower limit: the attempts already running keep their slots until they end. An
     attempt counts from the moment a worker takes its job (before a store writes its start and
     its function is called); a job handed to a worker thread that has not taken it yet as
-    ``stop()`` closes the queue is taken back then, and counts as ready, never as running.
+    ``stop()`` closes the queue is taken back then, and counts as ready, never as running, as
+    is a job the event loop took for an async executor and has not started.
 
     Lifetime event counters of the type, like QueueStats' ``jobs_*``:
     ``succeeded``, ``failed`` (for good), ``retried``, ``timed_out``, ``cancelled``.
