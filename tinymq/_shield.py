@@ -55,7 +55,7 @@ class DroppedInterruption(BaseException):
     """What a worker thread raises into itself to drop its own pending interruption.
 
     Both cores' ``drop_own_interruption`` raise it (never seen outside them): it replaces a
-    JobTimeout still pending and is caught at once, inside ``let_it_land``.
+    JobTimeout still pending, lands at once in ``let_it_land`` and is caught there.
     """
 
 
