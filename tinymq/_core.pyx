@@ -33,6 +33,7 @@ import os
 import weakref
 from collections import deque
 
+from ._shield import DroppedInterruption, let_it_land
 from ._unnamed import Unnamed
 from .errors import DuplicateJob, JobTimeout, QueueStopped
 
@@ -71,7 +72,8 @@ cdef extern from *:
 
 __all__ = [
     "ReadyQueue", "DelayedHeap", "Alarm", "WorkerSlot", "TypeState",
-    "run_worker", "retry_delay", "new_job_id", "first_id", "interrupt_thread", "monotonic",
+    "run_worker", "retry_delay", "new_job_id", "first_id", "interrupt_thread",
+    "drop_own_interruption", "monotonic",
     "ENQUEUED", "SUCCEEDED", "FAILED", "RETRIED", "TIMED_OUT", "EVICTED", "CANCELLED",
     "THREADS", "LOOP", "CANCEL_UNKNOWN", "CANCEL_REMOVED", "CANCEL_MARKED", "CANCEL_LOST",
     "TYPE_EVENTS", "ATTEMPT_DURATION_BUCKETS",
@@ -2455,10 +2457,30 @@ cdef int _traverse_heap(PyObject *o, visitproc visit, void *arg) except -1:
 # --- one worker -------------------------------------------------------------
 
 def interrupt_thread(unsigned long thread_id, exc_type):
-    """Raise ``exc_type`` in another thread at its next bytecode (None clears it)."""
+    """Raise ``exc_type`` in another thread at its next bytecode.
+
+    None clears it, but not for a thread's own: see drop_own_interruption.
+    """
     if exc_type is None:
         return PyThreadState_SetAsyncExc(thread_id, NULL) == 1
     return PyThreadState_SetAsyncExc(thread_id, <PyObject *>exc_type) == 1
+
+
+def drop_own_interruption():
+    """Take back the interruption (JobTimeout) that may still be pending in the calling thread.
+
+    Not by clearing it (``interrupt_thread(thread_id, None)``): on CPython 3.11 that signals
+    the interpreter's eval breaker, which only a thread handling an async exception
+    unsignals, so it stays set, and from then on every function called under
+    ``sys.settrace`` (a debugger, coverage) spins at its first line. The thread raises
+    DroppedInterruption into itself instead, replacing a pending JobTimeout, and handles it
+    at once (in let_it_land, Python bytecode: compiled code never looks), which unsignals the flag.
+    """
+    try:
+        PyThreadState_SetAsyncExc(PyThread_get_thread_ident(), <PyObject *>DroppedInterruption)
+        let_it_land()
+    except DroppedInterruption:
+        pass
 
 
 @cython.final
@@ -2525,11 +2547,12 @@ cdef class WorkerSlot:
         """The function returned: True when the watchdog had already decided the attempt.
 
         An expired attempt's record stays for the watchdog, which reads it after
-        ``expire`` while this thread may already be here.
+        ``expire`` while this thread may already be here. Called in the worker's
+        thread: an interruption still pending there is dropped before any bytecode runs.
         """
         if self.expired:
             if self.interrupted:
-                PyThreadState_SetAsyncExc(self.thread_id, NULL)  # clear one still pending
+                drop_own_interruption()
             return True
         self.job = self.type_state = self.context = None
         self.deadline = INFINITY

@@ -44,12 +44,14 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 from ._sections import reinit_after_fork
+from ._shield import DroppedInterruption, let_it_land
 from ._unnamed import Unnamed
 from .errors import DuplicateJob, JobTimeout, QueueStopped
 
 __all__ = [
     "ReadyQueue", "DelayedHeap", "Alarm", "WorkerSlot", "TypeState",
-    "run_worker", "retry_delay", "new_job_id", "first_id", "interrupt_thread", "monotonic",
+    "run_worker", "retry_delay", "new_job_id", "first_id", "interrupt_thread",
+    "drop_own_interruption", "monotonic",
     "ENQUEUED", "SUCCEEDED", "FAILED", "RETRIED", "TIMED_OUT", "EVICTED", "CANCELLED",
     "THREADS", "LOOP", "CANCEL_UNKNOWN", "CANCEL_REMOVED", "CANCEL_MARKED", "CANCEL_LOST",
     "TYPE_EVENTS", "ATTEMPT_DURATION_BUCKETS",
@@ -1897,10 +1899,31 @@ class WorkerSlot:
 
 
 def interrupt_thread(thread_id: int, exc_type: Optional[type]) -> bool:
-    """Raise ``exc_type`` in another thread at its next bytecode (None clears it)."""
+    """Raise ``exc_type`` in another thread at its next bytecode.
+
+    None clears it, but not for a thread's own: see drop_own_interruption.
+    """
     exc = ctypes.py_object(exc_type) if exc_type is not None else None
     changed: int = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), exc)
     return changed == 1
+
+
+def drop_own_interruption() -> None:
+    """Take back the interruption (JobTimeout) that may still be pending in the calling thread.
+
+    Not by clearing it (``interrupt_thread(thread_id, None)``): on CPython 3.11 that signals
+    the interpreter's eval breaker, which only a thread handling an async exception
+    unsignals, so it stays set, and from then on every function called under
+    ``sys.settrace`` (a debugger, coverage) spins at its first line. The thread raises
+    DroppedInterruption into itself instead, replacing a pending JobTimeout, and handles it
+    at once, which unsignals the flag.
+    """
+    try:
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.get_ident()),
+                                                   ctypes.py_object(DroppedInterruption))
+        let_it_land()
+    except DroppedInterruption:
+        pass
 
 
 _GENERATORS = (types.GeneratorType, types.AsyncGeneratorType)
@@ -2017,7 +2040,7 @@ def run_worker(ready: ReadyQueue, slot: WorkerSlot, watchdog: Alarm, dispatcher:
                 error = dispatcher.cancelled_return(job)  # stop() cancelled it: no success
             context = None
             if expired and slot.interrupted:
-                interrupt_thread(slot.thread_id, None)  # from here on nothing may land
+                drop_own_interruption()  # from here on nothing may land
             straight_back = (error is None and not expired and not cancelled
                              and (slot.on_success is None or slot.on_switch is not None))
             slot_kept = not expired  # (no interruption can land from here on)

@@ -1090,9 +1090,10 @@ class Dispatcher:
                 self.attempt_failed(job, state, exc)
 
     def after_expired(self, slot: Any, error: Optional[BaseException]) -> None:
-        """A timed-out attempt finally returned; its outcome was decided at the deadline."""
-        if slot.interrupted:
-            core.interrupt_thread(slot.thread_id, None)  # clear an interruption still pending
+        """A timed-out attempt finally returned; its outcome was decided at the deadline.
+
+        (run_worker dropped an interruption still pending before: see drop_own_interruption.)
+        """
         if self.ledger is not None and slot.job is not None:
             self.ledger.returned_late(slot.job)
         logger.debug("a timed-out attempt returned late (%s); its result is ignored",

@@ -11,7 +11,7 @@ it ends. Anywhere else nothing can interrupt the thread, and it does nothing.
 import threading
 from typing import Any
 
-__all__ = ["shield", "set_worker_slot", "interrupting"]
+__all__ = ["shield", "set_worker_slot", "interrupting", "DroppedInterruption", "let_it_land"]
 
 _worker = threading.local()  # .slot: the WorkerSlot of a worker thread, set as the thread starts
 # An executor with interrupt_on_timeout=True was registered (in any queue): until then no thread
@@ -49,3 +49,21 @@ def shield() -> Any:
 def set_worker_slot(slot: Any) -> None:
     """Called by a worker thread as it starts: its shield is ``slot``."""
     _worker.slot = slot
+
+
+class DroppedInterruption(BaseException):
+    """What a worker thread raises into itself to drop its own pending interruption.
+
+    Both cores' ``drop_own_interruption`` raise it (never seen outside them): it replaces a
+    JobTimeout still pending, lands at once in ``let_it_land`` and is caught there.
+    """
+
+
+def let_it_land() -> None:
+    """Run a little Python bytecode, so that an exception pending in this thread lands here.
+
+    It must stay in a .py module: CPython looks for one as a Python function starts (3.11+)
+    and at a loop's backward jump (every version); compiled code never looks.
+    """
+    for _ in range(2):
+        pass
