@@ -1116,7 +1116,11 @@ class SQLitePersistence:
                         try:
                             self._commit_pending(batch)
                         except BaseException:
-                            self._hand_back(unit, batch)
+                            try:
+                                self._hand_back(unit, batch)
+                            except BaseException:  # a Ctrl-C again: this pass finishes what that one began
+                                self._hand_back(unit, batch)
+                                raise
                             raise
             else:
                 try:  # (from before the gate: an interruption as it leaves it must not leave _leader set)
@@ -1133,7 +1137,11 @@ class SQLitePersistence:
                     if leads or unit.leads:
                         self._lead(unit)
                 except BaseException:  # (Ctrl-C) no unit may be left pending without a writer to lead it
-                    self._resign(unit)
+                    try:
+                        self._resign(unit)
+                    except BaseException:  # a Ctrl-C again: this pass finishes what that one began
+                        self._resign(unit)
+                        raise
                     raise
         if not unit.done:
             error = unit.error
@@ -1149,7 +1157,11 @@ class SQLitePersistence:
                 try:
                     self._commit_pending(batch)
                 except BaseException:
-                    self._hand_back(unit, batch)
+                    try:
+                        self._hand_back(unit, batch)
+                    except BaseException:  # a Ctrl-C again: this pass finishes what that one began
+                        self._hand_back(unit, batch)
+                        raise
                     raise
         finally:
             try:
@@ -1204,29 +1216,42 @@ class SQLitePersistence:
         _resign hands it on). Such a unit may have been committed already (an interruption lands after
         a C call returns: under FULL, a Ctrl-C during the commit's fsync lands just after the COMMIT):
         committed again, each statement writes the same row or deletes the same one, so the file ends
-        as after one commit. Caller holds the commit lock."""
-        back = [waiting for waiting in batch if waiting is not unit and not waiting.done and waiting.error is None]
-        batch[:] = [waiting for waiting in batch if waiting is unit or waiting.done or waiting.error is not None]
+        as after one commit. Caller holds the commit lock.
+
+        Called again if a second interruption (Ctrl-C again) cuts it short: each step is one call, or
+        finds what a pass before it did, so a second pass finishes what the first began."""
         with self._gate:
-            self._pending.extendleft(reversed([waiting for waiting in back if waiting not in self._pending]))
-            if self._hand_off and self._leader is None and self._pending:
-                self._leader = self._pending.popleft()
-                self._leader.leads = True
-                self._leader.waker.release()  # type: ignore[union-attr]
-                self._leader.waker = None
+            back = [waiting for waiting in batch if waiting is not unit and not waiting.done
+                    and waiting.error is None and waiting not in self._pending]
+            self._pending.extendleft(reversed(back))
+            batch[:] = [waiting for waiting in batch if waiting is unit or waiting.done or waiting.error is not None]
+            if self._hand_off:
+                self._hand_on_lead()
 
     def _resign(self, unit: _Unit) -> None:
         """``unit``'s writer was interrupted: take its unit back unless a batch has it, and if the
-        writer was to lead, hand the lead to the oldest writer waiting (its own lock wakes it)."""
+        writer was to lead, hand the lead to the oldest writer waiting (its own lock wakes it).
+        Called again if a second interruption cuts it short, as _hand_back."""
         with self._gate:
             if unit in self._pending:
                 self._pending.remove(unit)
             if self._leader is unit:
-                self._leader = self._pending.popleft() if self._pending else None
-                if self._leader is not None:
-                    self._leader.leads = True
-                    self._leader.waker.release()  # type: ignore[union-attr]
-                    self._leader.waker = None  # (released: the batch that commits its unit must not again)
+                self._leader = None
+            self._hand_on_lead()
+
+    def _hand_on_lead(self) -> None:
+        """Under FULL, caller holds the gate: if nobody leads while writers wait, the first of them is
+        given the lead, and a writer given it is woken (by its own lock). A leader whose waker is set
+        was given the lead and not woken yet: a pass again after an interruption wakes it."""
+        if self._leader is None and self._pending:
+            self._leader = self._pending[0]
+        leader = self._leader
+        if leader is not None and leader.waker is not None:
+            if leader in self._pending:
+                self._pending.remove(leader)
+            leader.leads = True
+            self._wake([leader])
+            leader.waker = None  # (woken: the batch that commits its unit must not release it again)
 
     def _look_at_files(self, batch: List[_Unit]) -> None:
         """Whether the database and -wal at the path are still those our connection writes; what to do

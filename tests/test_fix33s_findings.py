@@ -1,0 +1,197 @@
+"""Defects taken up by fix33s (left open by attack32s, session 32): a second Ctrl-C (a signal handler
+raising in the main thread) inside the SQLite store's recovery from a first one, one between a
+batch's COMMIT and its dead-row bookkeeping, and one inside ``close()``."""
+import linecache
+import signal
+import sys
+import threading
+
+import pytest
+
+from tinymq.job import Job
+from tinymq.persistence import SQLitePersistence
+
+from _helpers import WAIT, LockStandIn, wait_until
+from test_attack32s_findings import _Interrupted, _LockThatLetsWritersQueue, _save_in_thread
+from test_persistence_group_commit import _ids_in_file
+
+
+def _codes(*names):
+    """The code objects of the store's methods ``names`` (those it has)."""
+    return {getattr(SQLitePersistence, name).__code__ for name in names if hasattr(SQLitePersistence, name)}
+
+
+class _InterruptionAt:
+    """Once ``start()`` is called on the main thread, an interruption lands at the ``n``-th point of
+    the functions of ``codes`` where one can (as one of them begins, or before one of their lines; a
+    comprehension of theirs too): ``interrupt()`` runs there (raises, as a SIGINT handler does).
+    ``fired`` says where, if it did. (A signal handler runs as a function begins, as a call returns,
+    or at a loop's jump back: before a line is at least as often.)"""
+
+    def __init__(self, n, codes, interrupt):
+        self.n, self.codes, self.interrupt = n, codes, interrupt
+        self.seen = 0
+        self.fired = None
+        self.previous = sys.gettrace()
+
+    def start(self):
+        sys.settrace(self._call)
+
+    def stop(self):
+        sys.settrace(self.previous)
+
+    def _ours(self, frame):
+        return frame.f_code in self.codes or (
+            frame.f_code.co_name.startswith("<") and frame.f_back is not None and frame.f_back.f_code in self.codes)
+
+    def _call(self, frame, event, arg):
+        if not self._ours(frame):
+            return None
+        self._point(frame)  # as it begins
+        return self._line
+
+    def _line(self, frame, event, arg):
+        if event == "line" and not linecache.getline(frame.f_code.co_filename, frame.f_lineno).lstrip().startswith("with "):
+            self._point(frame)  # (not a with line: that is also the line of the exit of its block, as it calls
+        return self._line       # __exit__, where nothing lands since Python 3.11; an entry lands at the line before)
+
+    def _point(self, frame):
+        if self.fired is None:
+            self.seen += 1
+            if self.seen == self.n:
+                self.fired = (frame.f_code.co_name, frame.f_lineno)
+                self.interrupt()
+
+
+def _raise_interrupted():
+    raise _Interrupted()
+
+
+# --- 1. A second Ctrl-C inside the recovery from the first ---------------------------------------
+#
+# The main thread leads a batch holding two other threads' saves, or is about to lead one with two
+# writers waiting, and a first interruption lands there: its recovery (_hand_back, _resign, _wake)
+# hands the others' units and the lead on. A second interruption landing at any point of that
+# recovery must not strand them: before the fix, one landing between its statements left a unit out
+# of the queue and out of the batch (its writer raised PersistenceError "interrupted before its
+# commit"), or the lead given to a writer never woken (under FULL it, and every later writer, waited
+# for ever).
+_RECOVERY = ("_hand_back", "_resign", "_wake", "_hand_on_lead", "_hand_back_once")
+
+
+def _sweep(run):
+    """``run(n)`` for n = 1, 2, ... until its second interruption lands nowhere; how many landed."""
+    for n in range(1, 200):
+        if run(n).fired is None:
+            return n - 1
+    raise AssertionError("the recovery has more points than the sweep tries")
+
+
+def _leader_interrupted_twice(path, synchronous, n, interrupt=_raise_interrupted, interruption=_Interrupted):
+    """The main thread's save leads a batch with two other threads' saves queued behind it; its
+    commit is interrupted as it begins, and its recovery at point ``n``."""
+    outcomes, followers, first = {}, [], []
+    second = _InterruptionAt(n, _codes(*_RECOVERY), interrupt)
+
+    def queue_followers():  # the main thread holds the commit lock, its batch not yet taken
+        for name in ("second", "third"):
+            followers.append(_save_in_thread(store, name, outcomes))
+        expected = 3 if synchronous == "NORMAL" else 2  # (under FULL the leader's own unit is not pending)
+        assert wait_until(lambda: len(store._pending) == expected), "the other writers did not queue"
+
+    def interrupted(statements):
+        if threading.current_thread() is threading.main_thread() and not first:
+            first.append(True)
+            second.start()
+            interrupt()
+        return execute(statements)
+
+    with SQLitePersistence(path, synchronous=synchronous) as store:
+        execute = store._execute
+        store._execute = interrupted
+        lock = store._commit_lock = _LockThatLetsWritersQueue(store._commit_lock, queue_followers)
+        try:
+            with pytest.raises(interruption):
+                store.save(Job("t", id="first"))
+        finally:
+            second.stop()
+            lock.queued = None
+        for thread in followers:
+            thread.join(WAIT)
+        where = f"second interruption at {second.fired}"
+        assert not any(thread.is_alive() for thread in followers), f"a writer waits for ever ({where})"
+        assert outcomes == {"second": "returned", "third": "returned"}, where
+        store.save(Job("t", id="after"))  # the store goes on
+    assert {"second", "third", "after"} <= _ids_in_file(path), where
+    return second
+
+
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+def test_a_second_ctrl_c_in_the_leaders_recovery_strands_no_other_writer(tmp_path, synchronous):
+    landed = _sweep(lambda n: _leader_interrupted_twice(str(tmp_path / f"jobs-{n}.db"), synchronous, n))
+    assert landed >= 5, "the second interruption landed nowhere: the test did not exercise the recovery"
+
+
+class _GateInterruptedAsTheLeadIsTaken(LockStandIn):
+    """The store's gate (FULL): as the main thread lets go of it having taken the lead, two other
+    writers queue behind it, then an interruption lands (a Ctrl-C); its recovery is interrupted at
+    point ``second``."""
+
+    def __init__(self, lock, queue_followers, second):
+        super().__init__(lock)
+        self.queue_followers, self.second = queue_followers, second
+
+    def release(self):
+        self.lock.release()
+        if threading.current_thread() is threading.main_thread() and self.queue_followers is not None:
+            queue_followers, self.queue_followers = self.queue_followers, None
+            queue_followers()
+            self.second.start()
+            raise _Interrupted()
+
+
+def test_a_second_ctrl_c_as_the_lead_is_handed_on_strands_no_writer(tmp_path):
+    """Under FULL the main thread takes the lead of the next batch, two writers queue behind it, and
+    a Ctrl-C lands as it leaves the gate: _resign hands the lead to the first of them. A second one
+    landing at any point of that strands neither (before the fix, one after the lead was given and
+    before its writer was woken left both, and every later writer, waiting for ever)."""
+    def run(n):
+        path = str(tmp_path / f"jobs-{n}.db")
+        outcomes, followers = {}, []
+        second = _InterruptionAt(n, _codes(*_RECOVERY), _raise_interrupted)
+        with SQLitePersistence(path, synchronous="FULL") as store:
+            def queue_followers():
+                for name in ("second", "third"):
+                    followers.append(_save_in_thread(store, name, outcomes))
+                    assert wait_until(lambda: len(store._pending) == len(followers)), f"{name} did not queue"
+
+            store._gate = _GateInterruptedAsTheLeadIsTaken(store._gate, queue_followers, second)
+            try:
+                with pytest.raises(_Interrupted):
+                    store.save(Job("t", id="first"))
+            finally:
+                second.stop()
+            for thread in followers:
+                thread.join(WAIT)
+            where = f"second interruption at {second.fired}"
+            assert not any(thread.is_alive() for thread in followers), f"a writer waits for ever ({where})"
+            assert outcomes == {"second": "returned", "third": "returned"}, where
+            store.save(Job("t", id="after"))
+        assert {"second", "third", "after"} <= _ids_in_file(path), where
+        return second
+
+    assert _sweep(run) >= 3, "the second interruption landed nowhere: the test did not exercise _resign"
+
+
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+def test_two_real_sigints_in_the_leader_strand_no_other_writer(tmp_path, synchronous):
+    """As the first test, with real SIGINTs handled by Python's default handler (KeyboardInterrupt):
+    each raised with signal.raise_signal, which runs the handler before it returns."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        landed = _sweep(lambda n: _leader_interrupted_twice(
+            str(tmp_path / f"jobs-{n}.db"), synchronous, n, lambda: signal.raise_signal(signal.SIGINT),
+            KeyboardInterrupt))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert landed >= 5
