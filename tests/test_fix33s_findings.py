@@ -195,3 +195,56 @@ def test_two_real_sigints_in_the_leader_strand_no_other_writer(tmp_path, synchro
     finally:
         signal.signal(signal.SIGINT, previous)
     assert landed >= 5
+
+
+# --- 2. A Ctrl-C between a batch's COMMIT and its dead-row bookkeeping -----------------------------
+
+class _CursorInterruptedAfterCommit:
+    """The store's cursor: the main thread's first COMMIT is interrupted as it returns (a Ctrl-C
+    during it, as during the fsync of a FULL commit)."""
+
+    def __init__(self, cursor):
+        self.cursor = cursor
+        self.fired = False
+
+    @property
+    def rowcount(self):
+        return self.cursor.rowcount
+
+    def execute(self, sql, parameters=()):
+        result = self.cursor.execute(sql, parameters)
+        if sql == "COMMIT" and threading.current_thread() is threading.main_thread() and not self.fired:
+            self.fired = True
+            raise _Interrupted()
+        return result
+
+
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+def test_a_dead_job_a_save_replaced_in_an_interrupted_batch_comes_back_at_undo_save(path, synchronous):
+    """Another thread saves a new job "x" over the dead job "x", in a batch the main thread commits;
+    a Ctrl-C lands just after the batch's COMMIT. That save returns (its unit committed again by the
+    next leader), and the queue then refuses the job (QueueFull): undo_save("x") puts the dead job
+    back, as after a batch nothing interrupted. Before the fix it deleted the row: the dead row it
+    replaced was recorded for undo_save only after the COMMIT, and the commit again found the new
+    row there already (nothing replaced)."""
+    outcomes, followers = {}, []
+
+    def queue_follower():  # the main thread holds the commit lock, its batch not yet taken
+        followers.append(_save_in_thread(store, "x", outcomes))
+        expected = 2 if synchronous == "NORMAL" else 1  # (under FULL the leader's own unit is not pending)
+        assert wait_until(lambda: len(store._pending) == expected), "the other writer did not queue"
+
+    with SQLitePersistence(path, synchronous=synchronous) as store:
+        store.mark_dead(Job("t", {"old": True}, id="x"), "retries_exhausted", "boom")
+        store._cursor = _CursorInterruptedAfterCommit(store._cursor)
+        lock = store._commit_lock = _LockThatLetsWritersQueue(store._commit_lock, queue_follower)
+        with pytest.raises(_Interrupted):
+            store.save(Job("t", id="first"))
+        lock.queued = None
+        followers[0].join(WAIT)
+        assert outcomes == {"x": "returned"}
+        assert store._cursor.fired
+        store.undo_save("x")  # the queue refused the new job
+        assert [(dead.job.id, dead.job.payload, dead.reason, dead.error) for dead in store.dead_jobs()] == [
+            ("x", {"old": True}, "retries_exhausted", "boom")]
+        assert "x" not in {job.id for job in store.jobs()}

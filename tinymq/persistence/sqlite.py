@@ -423,7 +423,8 @@ class SQLitePersistence:
         self._closed = False
         self._broken: Optional[str] = None  # why nothing more is acknowledged (the database was removed)
         # id -> (seq of the save, the row it replaced): a dead or quarantined row a save replaced, for
-        # undo_save. Added by the holder of _commit_lock; dropped (one dict call) when the job ends.
+        # undo_save. Added by the holder of _commit_lock, before that save's COMMIT (see
+        # _save_over_kept_rows); dropped (one dict call) when the job ends.
         self._replaced: Dict[str, Tuple[Any, Tuple[Any, ...]]] = {}
         self._crashed: List[Job] = []  # crashed too often, found by load_all, not yet taken by the Queue
         self._pid = os.getpid()
@@ -1464,27 +1465,28 @@ class SQLitePersistence:
             if columns is None or cursor.rowcount * columns >= len(parameters):
                 return
             # A save left a row of its id (a dead job's): again, in a transaction that replaces it.
-        replaced: Dict[str, Tuple[Any, Tuple[Any, ...]]] = {}
         try:  # (BEGIN inside: whatever ends this call, the connection never stays in the transaction)
             cursor.execute("BEGIN IMMEDIATE")  # take the write lock now: no deadlock on upgrade
             for sql, parameters in statements:
                 cursor.execute(sql, parameters)
                 columns = _SAVES.get(sql)
                 if columns is not None and cursor.rowcount * columns < len(parameters):
-                    self._save_over_kept_rows(columns, parameters, replaced)
+                    self._save_over_kept_rows(columns, parameters)
             cursor.execute("COMMIT")
         except BaseException:
             if self._conn.in_transaction:
                 cursor.execute("ROLLBACK")
             raise
-        if replaced:
-            self._replaced.update(replaced)
 
-    def _save_over_kept_rows(self, columns: int, parameters: Sequence[Any],
-                             replaced: Dict[str, Tuple[Any, Tuple[Any, ...]]]) -> None:
+    def _save_over_kept_rows(self, columns: int, parameters: Sequence[Any]) -> None:
         """The rows of one save statement that it left (a dead or quarantined row had the id): replace
-        them, and remember each row replaced so that ``undo_save`` can put it back. Saves only repeat a
-        statement: a row saved already is written again as it is (the statement is idempotent)."""
+        them, and remember each row replaced (in _replaced) so that ``undo_save`` can put it back. Saves
+        only repeat a statement: a row saved already is written again as it is (the statement is idempotent).
+
+        Remembered before the COMMIT: a Ctrl-C as the COMMIT returns leaves the save committed, and
+        committed again by the next leader (see _hand_back), which finds no row left to replace. One
+        remembered for a save whose transaction rolls back is never used: undo_save restores only over
+        the row that save wrote (its seq), and its save committed again later remembers the same."""
         cursor = self._cursor
         padding = _NULLS[:len(_COLUMNS) - columns]
         last = {}  # each id's last row, as saves one by one would leave it
@@ -1498,7 +1500,7 @@ class SQLitePersistence:
             if now is not None and _same_save(now[_SEQ], row[_SEQ]):
                 continue  # saved by the statement
             if now is not None and now[1] not in ("ready", "running"):
-                replaced[job_id] = (row[_SEQ], now)
+                self._replaced[job_id] = (row[_SEQ], now)
             cursor.execute(_REPLACE, row)
 
     def _in_transaction(self, conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], _T], what: str) -> _T:
