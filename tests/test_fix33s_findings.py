@@ -17,16 +17,22 @@ from test_persistence_group_commit import _ids_in_file
 
 
 def _codes(*names):
-    """The code objects of the store's methods ``names`` (those it has)."""
+    """The code objects of the store's methods ``names`` (those it has): a ``codes`` of _InterruptionAt."""
     return {getattr(SQLitePersistence, name).__code__ for name in names if hasattr(SQLitePersistence, name)}
+
+
+# Lines where nothing lands: a with line (it is also the line of its block's exit, as that calls
+# __exit__), try, else, finally and except lines.
+_NO_CALL_OF_ITS_OWN = ("with ", "try:", "else:", "finally:", "except")
 
 
 class _InterruptionAt:
     """Once ``start()`` is called on the main thread, an interruption lands at the ``n``-th point of
-    the functions of ``codes`` where one can (as one of them begins, or before one of their lines; a
-    comprehension of theirs too): ``interrupt()`` runs there (raises, as a SIGINT handler does).
-    ``fired`` says where, if it did. (A signal handler runs as a function begins, as a call returns,
-    or at a loop's jump back: before a line is at least as often.)"""
+    the functions whose code ``codes`` holds where one can (as one of them begins, or before one of
+    their lines; a comprehension of theirs too): ``interrupt()`` runs there (raises, as a SIGINT handler does).
+    ``fired`` says where, if it did. (Since Python 3.11 a signal handler runs as a Python function
+    begins, as a call returns, or at a loop's jump back: before each line is more often, but for a
+    line that makes no call of its own, where nothing lands.)"""
 
     def __init__(self, n, codes, interrupt):
         self.n, self.codes, self.interrupt = n, codes, interrupt
@@ -51,9 +57,10 @@ class _InterruptionAt:
         return self._line
 
     def _line(self, frame, event, arg):
-        if event == "line" and not linecache.getline(frame.f_code.co_filename, frame.f_lineno).lstrip().startswith("with "):
-            self._point(frame)  # (not a with line: that is also the line of the exit of its block, as it calls
-        return self._line       # __exit__, where nothing lands since Python 3.11; an entry lands at the line before)
+        if event == "line" and not linecache.getline(frame.f_code.co_filename, frame.f_lineno).lstrip().startswith(
+                _NO_CALL_OF_ITS_OWN):
+            self._point(frame)
+        return self._line
 
     def _point(self, frame):
         if self.fired is None:
@@ -248,3 +255,69 @@ def test_a_dead_job_a_save_replaced_in_an_interrupted_batch_comes_back_at_undo_s
         assert [(dead.job.id, dead.job.payload, dead.reason, dead.error) for dead in store.dead_jobs()] == [
             ("x", {"old": True}, "retries_exhausted", "boom")]
         assert "x" not in {job.id for job in store.jobs()}
+
+
+# --- 3. A Ctrl-C inside close() ----------------------------------------------------------------------
+
+class _CodeOf:
+    """The code of the functions of ``modules`` (tinymq's, and those of the standard library that
+    close() runs): a ``codes`` of _InterruptionAt."""
+
+    def __init__(self, *modules):
+        self.files = {module.__file__ for module in modules}
+
+    def __contains__(self, code):
+        return code.co_filename in self.files
+
+
+@pytest.mark.parametrize("interruption", ["exception", "sigint"])
+def test_a_ctrl_c_inside_close_leaves_the_file_to_a_new_store(tmp_path, interruption):
+    """An interruption (a signal handler raising, Ctrl-C) lands at each point of close() in turn,
+    and of what it runs (a store each time). Either it came before close() began, and the store
+    works on; or the store is closed and has given the file up: a new store opens it at once, while
+    the old one is still referenced. A second close() does what is left. Before the fix, one landing
+    after close() marked the store closed left the file owned (its lock held, the file registered as
+    this process's) until the store was garbage-collected, and a second close() did nothing."""
+    import weakref
+    import _weakrefset
+    from tinymq import _sections
+    from tinymq.persistence import _ownership, sqlite as sqlite_module
+
+    if interruption == "sigint":
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        interrupt, raised = (lambda: signal.raise_signal(signal.SIGINT)), KeyboardInterrupt
+    else:
+        previous, interrupt, raised = None, _raise_interrupted, _Interrupted
+    codes = _CodeOf(sqlite_module, _ownership, _sections, weakref, _weakrefset)
+    closed_then = 0
+    try:
+        for n in range(1, 200):
+            path = str(tmp_path / f"jobs-{n}.db")
+            store = SQLitePersistence(path)
+            store.save(Job("t", id="kept"))
+            at = _InterruptionAt(n, codes, interrupt)
+            at.start()
+            try:
+                store.close()
+            except raised:
+                pass
+            finally:
+                at.stop()
+            where = f"interrupted at {at.fired}"
+            if store._closed:
+                closed_then += 1
+                with SQLitePersistence(path) as new:  # (the old store is still referenced: not collected)
+                    assert [job.id for job in new.jobs()] == ["kept"], where
+            else:
+                store.save(Job("t", id="more"))  # it landed before close() began
+            store.close()
+            with SQLitePersistence(path) as new:
+                assert "kept" in {job.id for job in new.jobs()}, where
+            if at.fired is None:
+                break
+        else:
+            raise AssertionError("close() has more points than the test tries")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    assert closed_then >= 5, "the interruption landed nowhere after close() began"

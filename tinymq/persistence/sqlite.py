@@ -25,6 +25,7 @@ another committed returns without taking the lock.
 A file has one live owner (see ``_ownership.py``); ``read_only=True`` opens a
 file for inspection without owning it, and writes nothing.
 """
+import io
 import itertools
 import json
 import logging
@@ -332,14 +333,15 @@ def _checkpointed(conn: sqlite3.Connection, mode: str) -> bool:
     return not busy and frames == copied
 
 
-def _release(lock_fd: int, owned: List[Tuple[int, int]], pid: int) -> None:
-    """Give up ownership (close() or garbage collection), in the process that took it only.
-    ``owned``: the database file's identity, one item (changed by _rescue_database)."""
-    if os.getpid() != pid:
+def _release(held: List[Any], pid: int) -> None:
+    """Give up ownership (close() or garbage collection), in the process that took it only; called again
+    (after an interruption, say), it finishes what is left. ``held``: the database file's identity
+    (changed by _rescue_database), and the lock file open (an io.FileIO: closing it releases the lock)."""
+    if os.getpid() != pid or held[1].closed:
         return
-    _ownership.unregister(owned[0])
+    _ownership.unregister(held[0])  # (done again, harmless: nobody registers it while we hold the lock)
     try:
-        _ownership.unlock(lock_fd)
+        held[1].close()
     except OSError:
         pass
 
@@ -445,7 +447,10 @@ class SQLitePersistence:
         self._pending: "deque[_Unit]" = deque()  # units waiting for the next committer
         self._leader: Optional[_Unit] = None  # the unit whose writer commits the pending ones next
         self._owner_row_in_wal_only = False  # a reader kept the open's checkpoint from copying it (_take_over)
-        self._conn, self._lock_fd, self._key = self._open_owned()
+        self._conn, lock_fd, self._key = self._open_owned()
+        # (for _release: what is owned now) The lock file is held open as a file object: closed once,
+        # however often its close() is called, where a descriptor's number may be another file's by then.
+        self._held: List[Any] = [self._key, io.FileIO(lock_fd, "r")]
         self._cursor = self._conn.cursor()
         self._wal_path = self._file + "-wal"
         self._wal = _ownership.identity(self._wal_path)  # the -wal our connection writes
@@ -455,8 +460,7 @@ class SQLitePersistence:
             self._max_length = self._conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
         else:
             self._max_length = _DEFAULT_MAX_LENGTH
-        self._owned = [self._key]  # (for _release: the key of the file owned now)
-        self._finalizer = weakref.finalize(self, _release, self._lock_fd, self._owned, self._pid)
+        weakref.finalize(self, _release, self._held, self._pid)
         _live_stores.add(self)
 
     @classmethod
@@ -865,7 +869,7 @@ class SQLitePersistence:
         _live_stores.discard(self)  # done once: a grandchild must not close this descriptor number again
         _inherited.append(self._conn)  # garbage collection would close it from the child
         try:
-            os.close(self._lock_fd)  # our copy only: the parent's flock stays held by its own descriptor
+            self._held[1].close()  # our copy only: the parent's flock stays held by its own descriptor
         except OSError:
             pass
 
@@ -891,27 +895,40 @@ class SQLitePersistence:
         """Give up the file: later calls raise PersistenceError. Idempotent.
 
         In a forked child, it only marks this store closed: the connection
-        and the lock are the parent's.
+        and the lock are the parent's. A Ctrl-C (a signal handler raising)
+        landing in it once it has begun, a second one too, leaves the store
+        closed and the file given up; one landing before, open (call it again).
         """
-        if self._closed:
-            return
         if self.read_only or self._pid != os.getpid():
             self._closed = True
             return
+        if self._held[1].closed:  # closed, and the file given up
+            return
         with section(self._commit_lock, "the store"):
-            if self._closed:
-                return
+            # (Closed already: by a close() a Ctrl-C cut short, or by _rescue_wal. A stale owner row is
+            # harmless: the lock file decides. Broken: the DELETE would write a frame for the -wal, emptied
+            # for whatever file is put in its place.)
+            clear_owner_row = not self._closed and not self._broken
             self._closed = True
             try:
-                if not self._broken:  # (else a frame for the -wal, emptied for whatever file is put in its place)
+                if clear_owner_row:
                     self._conn.execute(f"DELETE FROM {_OWNER} WHERE pid = ?", (self._pid,))
-            except sqlite3.Error as exc:  # a stale owner row is harmless: the lock file decides
+            except sqlite3.Error as exc:
                 logger.warning("persistence %s: could not clear the owner row: %s", self.path, exc)
-            _live_stores.discard(self)  # a later fork must not close the released descriptor's number
-            try:
-                self._conn.close()
             finally:
-                self._finalizer()
+                try:
+                    self._give_up()
+                except BaseException:  # a Ctrl-C again: this pass finishes what that one began
+                    self._give_up()
+                    raise
+
+    def _give_up(self) -> None:
+        """close()'s last steps, each harmless done again: the connection closed, the file given up."""
+        _live_stores.discard(self)  # a later fork must not close the released descriptor's number
+        try:
+            self._conn.close()
+        finally:
+            _release(self._held, self._pid)
 
     def __enter__(self) -> "SQLitePersistence":
         return self
@@ -1317,7 +1334,7 @@ class SQLitePersistence:
                 if ours is not None and _ownership.identity(side) == ours:
                     os.unlink(side)
             _ownership.unregister(self._key)
-            self._key = self._owned[0] = key
+            self._key = self._held[0] = key
             _ownership.register(key, self.path)
             self._reconnect()
         except (OSError, sqlite3.Error, PersistenceError) as exc:
