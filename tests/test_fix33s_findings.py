@@ -83,7 +83,7 @@ def _raise_interrupted():
 # of the queue and out of the batch (its writer raised PersistenceError "interrupted before its
 # commit"), or the lead given to a writer never woken (under FULL it, and every later writer, waited
 # for ever).
-_RECOVERY = ("_hand_back", "_resign", "_wake", "_hand_on_lead", "_hand_back_once")
+_RECOVERY = ("_hand_back", "_resign", "_wake", "_hand_on_lead")
 
 
 def _sweep(run):
