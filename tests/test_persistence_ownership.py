@@ -596,7 +596,7 @@ def test_a_forked_child_gets_a_clear_error_and_the_parent_keeps_its_store(path):
 
 def test_a_fork_after_close_leaves_the_child_s_descriptors_alone(path, tmp_path):
     store = SQLitePersistence(path)
-    lock_fd = store._lock_fd
+    lock_fd = store._held[1].fileno()
     store.close()
     with open(tmp_path / "other", "w") as other:  # likely reuses the lock's descriptor number
         fd = other.fileno()

@@ -25,6 +25,7 @@ another committed returns without taking the lock.
 A file has one live owner (see ``_ownership.py``); ``read_only=True`` opens a
 file for inspection without owning it, and writes nothing.
 """
+import io
 import itertools
 import json
 import logging
@@ -332,14 +333,15 @@ def _checkpointed(conn: sqlite3.Connection, mode: str) -> bool:
     return not busy and frames == copied
 
 
-def _release(lock_fd: int, owned: List[Tuple[int, int]], pid: int) -> None:
-    """Give up ownership (close() or garbage collection), in the process that took it only.
-    ``owned``: the database file's identity, one item (changed by _rescue_database)."""
-    if os.getpid() != pid:
+def _release(held: List[Any], pid: int) -> None:
+    """Give up ownership (close() or garbage collection), in the process that took it only; called again
+    (after an interruption, say), it finishes what is left. ``held``: the database file's identity
+    (changed by _rescue_database), and the lock file open (an io.FileIO: closing it releases the lock)."""
+    if os.getpid() != pid or held[1].closed:
         return
-    _ownership.unregister(owned[0])
+    _ownership.unregister(held[0])  # (done again, harmless: nobody registers it while we hold the lock)
     try:
-        _ownership.unlock(lock_fd)
+        held[1].close()
     except OSError:
         pass
 
@@ -423,7 +425,8 @@ class SQLitePersistence:
         self._closed = False
         self._broken: Optional[str] = None  # why nothing more is acknowledged (the database was removed)
         # id -> (seq of the save, the row it replaced): a dead or quarantined row a save replaced, for
-        # undo_save. Added by the holder of _commit_lock; dropped (one dict call) when the job ends.
+        # undo_save. Added by the holder of _commit_lock, before that save's COMMIT (see
+        # _save_over_kept_rows); dropped (one dict call) when the job ends.
         self._replaced: Dict[str, Tuple[Any, Tuple[Any, ...]]] = {}
         self._crashed: List[Job] = []  # crashed too often, found by load_all, not yet taken by the Queue
         self._pid = os.getpid()
@@ -444,7 +447,10 @@ class SQLitePersistence:
         self._pending: "deque[_Unit]" = deque()  # units waiting for the next committer
         self._leader: Optional[_Unit] = None  # the unit whose writer commits the pending ones next
         self._owner_row_in_wal_only = False  # a reader kept the open's checkpoint from copying it (_take_over)
-        self._conn, self._lock_fd, self._key = self._open_owned()
+        self._conn, lock_fd, self._key = self._open_owned()
+        # (for _release: what is owned now) The lock file is held open as a file object: closed once,
+        # however often its close() is called, where a descriptor's number may be another file's by then.
+        self._held: List[Any] = [self._key, io.FileIO(lock_fd, "r")]
         self._cursor = self._conn.cursor()
         self._wal_path = self._file + "-wal"
         self._wal = _ownership.identity(self._wal_path)  # the -wal our connection writes
@@ -454,8 +460,7 @@ class SQLitePersistence:
             self._max_length = self._conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH)
         else:
             self._max_length = _DEFAULT_MAX_LENGTH
-        self._owned = [self._key]  # (for _release: the key of the file owned now)
-        self._finalizer = weakref.finalize(self, _release, self._lock_fd, self._owned, self._pid)
+        weakref.finalize(self, _release, self._held, self._pid)
         _live_stores.add(self)
 
     @classmethod
@@ -864,7 +869,7 @@ class SQLitePersistence:
         _live_stores.discard(self)  # done once: a grandchild must not close this descriptor number again
         _inherited.append(self._conn)  # garbage collection would close it from the child
         try:
-            os.close(self._lock_fd)  # our copy only: the parent's flock stays held by its own descriptor
+            self._held[1].close()  # our copy only: the parent's flock stays held by its own descriptor
         except OSError:
             pass
 
@@ -890,27 +895,40 @@ class SQLitePersistence:
         """Give up the file: later calls raise PersistenceError. Idempotent.
 
         In a forked child, it only marks this store closed: the connection
-        and the lock are the parent's.
+        and the lock are the parent's. A Ctrl-C (a signal handler raising)
+        landing in it once it has begun, a second one too, leaves the store
+        closed and the file given up; one landing before, open (call it again).
         """
-        if self._closed:
-            return
         if self.read_only or self._pid != os.getpid():
             self._closed = True
             return
+        if self._held[1].closed:  # closed, and the file given up
+            return
         with section(self._commit_lock, "the store"):
-            if self._closed:
-                return
+            # (Closed already: by a close() a Ctrl-C cut short, or by _rescue_wal. A stale owner row is
+            # harmless: the lock file decides. Broken: the DELETE would write a frame for the -wal, emptied
+            # for whatever file is put in its place.)
+            clear_owner_row = not self._closed and not self._broken
             self._closed = True
             try:
-                if not self._broken:  # (else a frame for the -wal, emptied for whatever file is put in its place)
+                if clear_owner_row:
                     self._conn.execute(f"DELETE FROM {_OWNER} WHERE pid = ?", (self._pid,))
-            except sqlite3.Error as exc:  # a stale owner row is harmless: the lock file decides
+            except sqlite3.Error as exc:
                 logger.warning("persistence %s: could not clear the owner row: %s", self.path, exc)
-            _live_stores.discard(self)  # a later fork must not close the released descriptor's number
-            try:
-                self._conn.close()
             finally:
-                self._finalizer()
+                try:
+                    self._give_up()
+                except BaseException:  # a Ctrl-C again: this pass finishes what that one began
+                    self._give_up()
+                    raise
+
+    def _give_up(self) -> None:
+        """close()'s last steps, each harmless done again: the connection closed, the file given up."""
+        _live_stores.discard(self)  # a later fork must not close the released descriptor's number
+        try:
+            self._conn.close()
+        finally:
+            _release(self._held, self._pid)
 
     def __enter__(self) -> "SQLitePersistence":
         return self
@@ -1116,7 +1134,11 @@ class SQLitePersistence:
                         try:
                             self._commit_pending(batch)
                         except BaseException:
-                            self._hand_back(unit, batch)
+                            try:
+                                self._hand_back(unit, batch)
+                            except BaseException:  # a Ctrl-C again: this pass finishes what that one began
+                                self._hand_back(unit, batch)
+                                raise
                             raise
             else:
                 try:  # (from before the gate: an interruption as it leaves it must not leave _leader set)
@@ -1133,7 +1155,11 @@ class SQLitePersistence:
                     if leads or unit.leads:
                         self._lead(unit)
                 except BaseException:  # (Ctrl-C) no unit may be left pending without a writer to lead it
-                    self._resign(unit)
+                    try:
+                        self._resign(unit)
+                    except BaseException:  # a Ctrl-C again: this pass finishes what that one began
+                        self._resign(unit)
+                        raise
                     raise
         if not unit.done:
             error = unit.error
@@ -1149,7 +1175,11 @@ class SQLitePersistence:
                 try:
                     self._commit_pending(batch)
                 except BaseException:
-                    self._hand_back(unit, batch)
+                    try:
+                        self._hand_back(unit, batch)
+                    except BaseException:  # a Ctrl-C again: this pass finishes what that one began
+                        self._hand_back(unit, batch)
+                        raise
                     raise
         finally:
             try:
@@ -1204,29 +1234,42 @@ class SQLitePersistence:
         _resign hands it on). Such a unit may have been committed already (an interruption lands after
         a C call returns: under FULL, a Ctrl-C during the commit's fsync lands just after the COMMIT):
         committed again, each statement writes the same row or deletes the same one, so the file ends
-        as after one commit. Caller holds the commit lock."""
-        back = [waiting for waiting in batch if waiting is not unit and not waiting.done and waiting.error is None]
-        batch[:] = [waiting for waiting in batch if waiting is unit or waiting.done or waiting.error is not None]
+        as after one commit. Caller holds the commit lock.
+
+        Called again if a second interruption (Ctrl-C again) cuts it short: each step is one call, or
+        finds what a pass before it did, so a second pass finishes what the first began."""
         with self._gate:
-            self._pending.extendleft(reversed([waiting for waiting in back if waiting not in self._pending]))
-            if self._hand_off and self._leader is None and self._pending:
-                self._leader = self._pending.popleft()
-                self._leader.leads = True
-                self._leader.waker.release()  # type: ignore[union-attr]
-                self._leader.waker = None
+            back = [waiting for waiting in batch if waiting is not unit and not waiting.done
+                    and waiting.error is None and waiting not in self._pending]
+            self._pending.extendleft(reversed(back))
+            batch[:] = [waiting for waiting in batch if waiting is unit or waiting.done or waiting.error is not None]
+            if self._hand_off:
+                self._hand_on_lead()
 
     def _resign(self, unit: _Unit) -> None:
         """``unit``'s writer was interrupted: take its unit back unless a batch has it, and if the
-        writer was to lead, hand the lead to the oldest writer waiting (its own lock wakes it)."""
+        writer was to lead, hand the lead to the oldest writer waiting (its own lock wakes it).
+        Called again if a second interruption cuts it short, as _hand_back."""
         with self._gate:
             if unit in self._pending:
                 self._pending.remove(unit)
             if self._leader is unit:
-                self._leader = self._pending.popleft() if self._pending else None
-                if self._leader is not None:
-                    self._leader.leads = True
-                    self._leader.waker.release()  # type: ignore[union-attr]
-                    self._leader.waker = None  # (released: the batch that commits its unit must not again)
+                self._leader = None
+            self._hand_on_lead()
+
+    def _hand_on_lead(self) -> None:
+        """Under FULL, caller holds the gate: if nobody leads while writers wait, the first of them is
+        given the lead, and a writer given it is woken (by its own lock). A leader whose waker is set
+        was given the lead and not woken yet: a pass again after an interruption wakes it."""
+        if self._leader is None and self._pending:
+            self._leader = self._pending[0]
+        leader = self._leader
+        if leader is not None and leader.waker is not None:
+            if leader in self._pending:
+                self._pending.remove(leader)
+            leader.leads = True
+            self._wake([leader])
+            leader.waker = None  # (woken: the batch that commits its unit must not release it again)
 
     def _look_at_files(self, batch: List[_Unit]) -> None:
         """Whether the database and -wal at the path are still those our connection writes; what to do
@@ -1291,7 +1334,7 @@ class SQLitePersistence:
                 if ours is not None and _ownership.identity(side) == ours:
                     os.unlink(side)
             _ownership.unregister(self._key)
-            self._key = self._owned[0] = key
+            self._key = self._held[0] = key
             _ownership.register(key, self.path)
             self._reconnect()
         except (OSError, sqlite3.Error, PersistenceError) as exc:
@@ -1439,27 +1482,28 @@ class SQLitePersistence:
             if columns is None or cursor.rowcount * columns >= len(parameters):
                 return
             # A save left a row of its id (a dead job's): again, in a transaction that replaces it.
-        replaced: Dict[str, Tuple[Any, Tuple[Any, ...]]] = {}
         try:  # (BEGIN inside: whatever ends this call, the connection never stays in the transaction)
             cursor.execute("BEGIN IMMEDIATE")  # take the write lock now: no deadlock on upgrade
             for sql, parameters in statements:
                 cursor.execute(sql, parameters)
                 columns = _SAVES.get(sql)
                 if columns is not None and cursor.rowcount * columns < len(parameters):
-                    self._save_over_kept_rows(columns, parameters, replaced)
+                    self._save_over_kept_rows(columns, parameters)
             cursor.execute("COMMIT")
         except BaseException:
             if self._conn.in_transaction:
                 cursor.execute("ROLLBACK")
             raise
-        if replaced:
-            self._replaced.update(replaced)
 
-    def _save_over_kept_rows(self, columns: int, parameters: Sequence[Any],
-                             replaced: Dict[str, Tuple[Any, Tuple[Any, ...]]]) -> None:
+    def _save_over_kept_rows(self, columns: int, parameters: Sequence[Any]) -> None:
         """The rows of one save statement that it left (a dead or quarantined row had the id): replace
-        them, and remember each row replaced so that ``undo_save`` can put it back. Saves only repeat a
-        statement: a row saved already is written again as it is (the statement is idempotent)."""
+        them, and remember each row replaced (in _replaced) so that ``undo_save`` can put it back. Saves
+        only repeat a statement: a row saved already is written again as it is (the statement is idempotent).
+
+        Remembered before the COMMIT: a Ctrl-C as the COMMIT returns leaves the save committed, and
+        committed again by the next leader (see _hand_back), which finds no row left to replace. One
+        remembered for a save whose transaction rolls back is never used: undo_save restores only over
+        the row that save wrote (its seq), and its save committed again later remembers the same."""
         cursor = self._cursor
         padding = _NULLS[:len(_COLUMNS) - columns]
         last = {}  # each id's last row, as saves one by one would leave it
@@ -1473,7 +1517,7 @@ class SQLitePersistence:
             if now is not None and _same_save(now[_SEQ], row[_SEQ]):
                 continue  # saved by the statement
             if now is not None and now[1] not in ("ready", "running"):
-                replaced[job_id] = (row[_SEQ], now)
+                self._replaced[job_id] = (row[_SEQ], now)
             cursor.execute(_REPLACE, row)
 
     def _in_transaction(self, conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], _T], what: str) -> _T:
