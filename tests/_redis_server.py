@@ -64,8 +64,9 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> "RedisServer":
-        """Start (or start again, on the same port and directory) and wait until it answers."""
+    def start(self, loaded: bool = True) -> "RedisServer":
+        """Start (or start again, on the same port and directory) and wait until it answers: until it
+        has loaded its data, or (``loaded=False``) until it answers at all (LOADING while it loads)."""
         assert self.process is None or self.process.poll() is not None, "already running"
         for _ in range(5):  # another program may take a free port before we bind it
             if not self.port:
@@ -78,13 +79,13 @@ class RedisServer:
                  *self.extra],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
-            if self._wait_until_up():
+            if self._wait_until_up(loaded):
                 return self
             self.kill()
             self.port = 0
         raise RuntimeError(f"redis-server did not start; see {self.directory}/redis.log")
 
-    def _wait_until_up(self) -> bool:
+    def _wait_until_up(self, loaded: bool = True) -> bool:
         import redis
 
         deadline = time.monotonic() + START_TIMEOUT
@@ -96,7 +97,10 @@ class RedisServer:
                 try:
                     if client.ping() and client.info("persistence").get("loading", 0) == 0:
                         return True
-                except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+                except redis.BusyLoadingError:
+                    if not loaded:
+                        return True
+                except (redis.ConnectionError, redis.TimeoutError):
                     pass
                 time.sleep(0.01)
             return False

@@ -181,15 +181,22 @@ def _no_reply(exc: BaseException, call: str) -> str:
     return f"did not answer {call}"
 
 
-def _refused_unwritten(exc: BaseException, sends: int) -> Optional[str]:
-    """How Redis refused a call on its only send (``sends``: see _Counted) having written nothing:
-    what to do about it ("" when the error says), or None when the call may have run. Two such
-    refusals: BUSY (a plain ResponseError in redis-py), given unrun to every call while a script
-    (another program's), a function or a module's command runs past its busy-reply-threshold
-    (lua-time-limit before Redis 7); and an enqueue of a job whose key holds another program's
-    value (lib.lua's enqueue_jobs raises before any write, naming the key). A call sent again after
-    a send without a reply may have run that first time."""
-    if sends != 1 or not isinstance(exc, __import__("redis").ResponseError):
+def _refused_unwritten(exc: BaseException, lost: int) -> Optional[str]:
+    """How Redis refused a call having written nothing, when no send of it went without a reply
+    (``lost``: see _Counted): what to do about it ("" when the error says), or None when the call may
+    have run. Three such refusals: BUSY (a plain ResponseError in redis-py), given unrun to every call
+    while a script (another program's), a function or a module's command runs past its
+    busy-reply-threshold (lua-time-limit before Redis 7); LOADING (redis.exceptions.BusyLoadingError),
+    given unrun to every call while Redis loads its data after a restart; and an enqueue of a job
+    whose key holds another program's value (lib.lua's enqueue_jobs raises before any write, naming
+    the key). A send without a reply before it may have run."""
+    redis = __import__("redis")
+    if lost:
+        return None
+    if isinstance(exc, redis.exceptions.BusyLoadingError):
+        return ("Redis is still loading its data into memory (after a restart) and refuses every call unrun "
+                "until it is done: {} again once it has loaded")
+    if not isinstance(exc, redis.ResponseError):
         return None
     text = str(exc)
     if text.startswith("BUSY"):
@@ -202,15 +209,22 @@ def _refused_unwritten(exc: BaseException, sends: int) -> Optional[str]:
 
 
 class _Counted:
-    """``call``, counting its calls: each a send of one call by broker._call_resending."""
+    """``call``, counting the sends of one call by broker._call_resending that got no reply (``lost``):
+    each may have run. (One answered with an error, BUSY or LOADING among them, got its reply.)"""
 
     def __init__(self, call: Callable[..., Any]) -> None:
         self.call = call
-        self.sends = 0
+        self.lost = 0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.sends += 1
-        return self.call(*args, **kwargs)
+        redis = __import__("redis")
+        try:
+            return self.call(*args, **kwargs)
+        except (redis.exceptions.BusyLoadingError, redis.ResponseError):
+            raise
+        except BaseException:
+            self.lost += 1
+            raise
 
 
 def _state_start(text: str) -> Optional[float]:
@@ -402,7 +416,7 @@ class QueueLink:
                 if _refused_as_full(exc):  # (refuse_if_full: nothing was written)
                     raise TinyMQError(f"Redis is full (its maxmemory is reached): {len(rows)} job(s) were not "
                                       f"enqueued to Redis queue {self.broker.name!r} ({exc})") from exc
-                todo = _refused_unwritten(exc, enqueue.sends)
+                todo = _refused_unwritten(exc, enqueue.lost)
                 if todo is not None:  # (nothing was written, nothing kept)
                     raise TinyMQError(f"Redis queue {self.broker.name!r} refused an enqueue ({exc}): "
                                       f"{counted(len(rows), 'job')} not enqueued" + (todo and "; " + todo.format(
@@ -789,7 +803,7 @@ class QueueLink:
                 reply = self.broker._call_resending(cancel, token, job_id, caller, lease_ms,
                                                     take_back, deadline=_call_deadline(None))
             except self._redis_error as exc:
-                todo = _refused_unwritten(exc, cancel.sends)
+                todo = _refused_unwritten(exc, cancel.lost)
                 if todo is not None:  # (nothing was written, nothing kept)
                     raise TinyMQError(f"Redis queue {self.broker.name!r} refused a cancel ({exc}): job {job_id!r} "
                                       "not cancelled" + (todo and "; " + todo.format("cancel"))) from exc

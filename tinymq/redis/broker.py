@@ -35,7 +35,7 @@ _CONNECT_TIMEOUT = 2.0  # seconds to open a connection (a host that drops it: a 
 _FIRST_LOOK_WAIT = _CONNECT_TIMEOUT
 _RESENDS = 2  # tinymq resends a call whose reply was lost this often (every script is idempotent)
 _RESEND_PAUSE = 0.02  # seconds before the first resend, doubling
-_BUSY_PAUSE_MAX = 0.25  # seconds between two resends that Redis answered BUSY, at most (see _call_resending)
+_BUSY_PAUSE_MAX = 0.25  # seconds between two sends that Redis answered BUSY or LOADING, at most (see _call_resending)
 _PAGE = 500  # ids per admin script call: bounded work in Redis
 # The keys of a queue that say it is in use: counters, workers' leases, limits (a queue whose workers
 # ran and that has no job or counter yet has only these last).
@@ -233,11 +233,14 @@ class RedisBroker:
         another program's) ran nothing, but the send before it may have: only an answer tells, so it
         is sent again once Redis answers, until the ``deadline`` (without one, or with math.inf, for
         _SOCKET_TIMEOUT from the first BUSY, as a silent server's call waits); then the BUSY error is
-        raised. A first send answered BUSY is raised at once: that call certainly did not run."""
+        raised. A first send answered BUSY is raised at once: that call certainly did not run.
+        Any send that Redis answers LOADING (redis.exceptions.BusyLoadingError: it loads its data after a
+        restart, for a while) ran nothing either, and loading ends by itself: it is sent again, as a
+        resend answered BUSY is, whether it was the first send or not. Neither uses up a resend."""
         redis = _redis()
         pause = _RESEND_PAUSE
         resends_left = _RESENDS
-        busy_by: Optional[float] = None  # (monotonic) until when a resend answered BUSY is sent again
+        busy_by: Optional[float] = None  # (monotonic) until when a send answered BUSY or LOADING is sent again
         while True:
             try:
                 wait = None if deadline is None else reply_wait(deadline)
@@ -246,15 +249,9 @@ class RedisBroker:
                 if wait is None:  # (the socket timeout bounds it)
                     return call(*args)
                 return call(*args, timeout=wait)
-            except redis.TimeoutError:
-                if not resends_left or deadline is not None:
-                    raise
-            except redis.ConnectionError:
-                if (not resends_left or (deadline is not None and time.monotonic() + pause >= deadline)
-                        or (abandoned is not None and abandoned.is_set())):
-                    raise
-            except redis.ResponseError as exc:
-                if resends_left == _RESENDS or not str(exc).startswith("BUSY"):  # (a first send: it did not run)
+            except (redis.exceptions.BusyLoadingError, redis.ResponseError) as exc:  # (before ConnectionError)
+                if not isinstance(exc, redis.exceptions.BusyLoadingError) and (
+                        resends_left == _RESENDS or not str(exc).startswith("BUSY")):  # (a first send: it did not run)
                     raise
                 if busy_by is None:
                     busy_by = (deadline if deadline is not None and deadline < math.inf
@@ -267,6 +264,13 @@ class RedisBroker:
                     raise
                 pause = min(pause * 2, _BUSY_PAUSE_MAX)
                 continue  # (not a lost reply: no resend of its own is used up)
+            except redis.TimeoutError:
+                if not resends_left or deadline is not None:
+                    raise
+            except redis.ConnectionError:
+                if (not resends_left or (deadline is not None and time.monotonic() + pause >= deadline)
+                        or (abandoned is not None and abandoned.is_set())):
+                    raise
             resends_left -= 1
             time.sleep(pause)
             pause *= 2
