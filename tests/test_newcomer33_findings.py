@@ -46,3 +46,26 @@ def test_every_protocol_pickle_takes_still_works(protocol, tmp_path):
             q.set_persistence(store)
             q.enqueue(Job("a", payload, id="one"))
         assert [job.payload for job in store.jobs()] == [payload]
+
+
+class _Index:
+    """An integer as pickle takes one that is not an int: a numpy integer, say (``__index__``)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __index__(self):
+        return self.value
+
+    def __repr__(self):
+        return f"_Index({self.value})"
+
+
+# Fixed (review33): the check above refused what is not an int, though pickle takes any integer with
+# __index__ (numpy.int64(4) as protocol worked before it): TypeError where pickle writes fine.
+def test_a_protocol_given_as_an_index_integer_is_taken_as_pickle_takes_it():
+    serializer = _pickle_serializer(_Index(2))
+    assert serializer.dumps(1)[:2] == b"\x80\x02"  # protocol 2's header
+    assert repr(serializer) == "PickleSerializer(protocol=2)"
+    with pytest.raises(ValueError, match=r"_Index\(99\)"):
+        _pickle_serializer(_Index(99))

@@ -775,3 +775,41 @@ def test_a_store_whose_queue_stopped_without_waiting_and_ran_nothing_is_handed_o
     finally:
         q2.stop()
         store.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_fork_as_close_gives_the_file_up_leaves_no_lock_in_the_child(path):
+    """A process forked (by another thread) while close() gives the file up must not keep the lock
+    file locked: its inherited copy of the lock's descriptor would hold the flock for as long as it
+    lives, and no store could open the file meanwhile. The store stays among those whose copies a
+    child closes until it has given the file up (the lock file is a file object: closing a copy
+    again is nothing)."""
+    store = SQLitePersistence(path)
+    real = store._conn
+    children = []
+    read_end, write_end = os.pipe()
+
+    class ForksAsItCloses:  # the connection, with a fork() landing inside close()'s last steps
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def close(self):
+            pid = os.fork()
+            if pid == 0:  # the child: waits until the parent has looked, touching nothing else
+                os.close(write_end)
+                os.read(read_end, 1)
+                os._exit(0)
+            children.append(pid)
+            real.close()
+
+    store._conn = ForksAsItCloses()
+    try:
+        store.close()
+        assert children
+        with SQLitePersistence(path):  # at once, while the child lives
+            pass
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+        for pid in children:
+            os.waitpid(pid, 0)

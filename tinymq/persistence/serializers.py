@@ -6,12 +6,13 @@ serialiser decides what a file's author can make this process do: JSON can
 only build plain data; pickle can run arbitrary code.
 """
 import json
+import operator
 import os
 import pickle
 import sys
 import threading
 import warnings
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, SupportsIndex, Tuple, Union
 
 __all__ = ["JSONSerializer", "PickleSerializer"]
 
@@ -161,18 +162,22 @@ class PickleSerializer:
     can write the store's file can then run code in this process.
 
     ``protocol``: the pickle protocol ``dumps`` writes, as ``pickle.dumps`` takes it
-    (None: its default; a negative one: its highest); above ``pickle.HIGHEST_PROTOCOL``,
-    or not an int, it is refused here.
+    (None: its default; a negative one: its highest; an integer, or an object with
+    ``__index__`` such as a numpy integer); above ``pickle.HIGHEST_PROTOCOL``, or not an
+    integer (a bool neither), it is refused here.
     """
 
-    def __init__(self, protocol: Optional[int] = pickle.HIGHEST_PROTOCOL) -> None:
+    def __init__(self, protocol: Optional[SupportsIndex] = pickle.HIGHEST_PROTOCOL) -> None:
         # Checked here, as pickle takes it (None: its default; a negative one: its highest), so
         # that a bad one is refused where it comes in, not by every save that would use it.
-        if protocol is not None and (not isinstance(protocol, int) or isinstance(protocol, bool)):
-            raise TypeError(f"PickleSerializer protocol must be an int or None, got {protocol!r}")
-        if protocol is not None and protocol > pickle.HIGHEST_PROTOCOL:
-            raise ValueError(f"PickleSerializer protocol must be at most pickle.HIGHEST_PROTOCOL "
-                             f"({pickle.HIGHEST_PROTOCOL}), got {protocol!r}")
+        chosen: Optional[int] = None
+        if protocol is not None:
+            if isinstance(protocol, bool) or not hasattr(type(protocol), "__index__"):
+                raise TypeError(f"PickleSerializer protocol must be an integer or None, got {protocol!r}")
+            chosen = operator.index(protocol)  # (pickle takes any __index__: a numpy integer too)
+            if chosen > pickle.HIGHEST_PROTOCOL:
+                raise ValueError(f"PickleSerializer protocol must be at most pickle.HIGHEST_PROTOCOL "
+                                 f"({pickle.HIGHEST_PROTOCOL}), got {protocol!r}")
         warnings.warn(
             "PickleSerializer: anyone who can write the persistence file can run "
             "arbitrary code in this process when it loads; use it only with a "
@@ -180,7 +185,7 @@ class PickleSerializer:
             UserWarning,
             stacklevel=2,
         )
-        self._protocol = protocol
+        self._protocol = chosen
 
     def dumps(self, obj: object) -> bytes:
         return pickle.dumps(obj, self._protocol)

@@ -924,11 +924,13 @@ class SQLitePersistence:
 
     def _give_up(self) -> None:
         """close()'s last steps, each harmless done again: the connection closed, the file given up."""
-        _live_stores.discard(self)  # a later fork must not close the released descriptor's number
         try:
             self._conn.close()
         finally:
             _release(self._held, self._pid)
+            # Only now: a child forked until then closes its copy of the lock's descriptor, which would
+            # hold the lock for as long as it lives (closing the file object again is nothing).
+            _live_stores.discard(self)
 
     def __enter__(self) -> "SQLitePersistence":
         return self

@@ -1155,11 +1155,11 @@ medium, low, delayed, counters (HGETALL of stats), waiting. Work: one read per d
 promoted that the room takes (every fetch and every enqueue of a ready job promotes
 PROMOTE_PER_CALL at a time, so they pile up only while no process fetches or enqueues, or
 while the buffer is full); those beyond the room are counted, not read: a read of each made
-every get_stats() of a full buffer cost Redis a read per job waiting for room (60 ms for
-20,000), which a caller in a loop kept Redis busy with, and the fetches that make room waited
-behind it. So a lost job among those (its hash gone, or another program's value of another
-kind) counts as waiting, as it counts as unfinished, until the call that moves it drops it;
-one the room takes is left out (promote_due drops it, and it takes no room). ]]
+every get_stats() of a full buffer cost Redis a read per job waiting for room, which a caller
+in a loop kept Redis busy with, and the fetches that make room waited behind it. So a lost job
+among those (its hash gone, or another program's value of another kind) counts as waiting, as
+it counts as unfinished, until the call that moves it drops it; one the room takes is left out
+(promote_due drops it, and it takes no room). ]]
 local function queue_sizes(room)
   now_ms()
   local sizes = {[0] = redis.call('LLEN', READY[0]), [1] = redis.call('LLEN', READY[1]),
