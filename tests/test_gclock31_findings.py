@@ -102,8 +102,9 @@ def test_code_the_collector_runs_in_the_dispatchers_sections_may_call_the_queue_
     assert done.returncode == 0, done.stderr
     answered, refused_stats, cancels, refused_cancels = map(int, done.stdout.split())
     # The hook ran at many collections, on the workers' and the loop's threads too (the count follows
-    # the collector: about 700 calls on 3.11, 270 on 3.13); the pure core refuses a call inside a step of its own.
-    assert answered + refused_stats >= 100 and cancels + refused_cancels >= 100 and answered > 0, done.stdout
+    # the collector: about 700 calls on 3.11; 210-500 on 3.13 on an idle machine, 93 on a loaded CI
+    # lane); the pure core refuses a call inside a step of its own.
+    assert answered + refused_stats >= 30 and cancels + refused_cancels >= 30 and answered > 0, done.stdout
     if not no_extensions:
         assert refused_stats == 0, done.stdout  # get_stats() takes no lock of the dispatcher's
 
