@@ -81,7 +81,8 @@ def _sends(scripts, name):
 
 @pytest.mark.redis
 def test_an_enqueue_while_redis_loads_waits_for_it_and_gets_in(loaded_dir, tmp_path):
-    with _loading_server(loaded_dir, tmp_path, QUICK_LOAD) as server:
+    # (SLOW_LOAD: on a loaded CI lane a quick load was over before the queue was built)
+    with _loading_server(loaded_dir, tmp_path, SLOW_LOAD) as server:
         backend = Redis(server.url)
         try:
             q = backend.queue()  # (built while Redis loads: its first look at the server is answered)
@@ -139,6 +140,7 @@ def test_an_enqueue_whose_reply_was_lost_to_a_restart_is_sent_again_until_redis_
         backend = Redis(server.url)
         try:
             server.restart()  # (until loaded: the first send runs)
+            server.extra = [*SLOW_LOAD, *EVENTS]  # (the reload: a quick one was over before the resends on a loaded CI lane)
             q = backend.queue()
             real = q._link.scripts.enqueue
             seen = []
