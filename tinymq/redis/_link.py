@@ -217,13 +217,12 @@ class _Counted:
         self.lost = 0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        redis = __import__("redis")
         try:
             return self.call(*args, **kwargs)
-        except (redis.exceptions.BusyLoadingError, redis.ResponseError):
-            raise
-        except BaseException:
-            self.lost += 1
+        except BaseException as exc:
+            redis = __import__("redis")  # (here, not per call: every enqueue and cancel comes through)
+            if not isinstance(exc, (redis.exceptions.BusyLoadingError, redis.ResponseError)):
+                self.lost += 1
             raise
 
 
