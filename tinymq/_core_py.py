@@ -1919,8 +1919,7 @@ def drop_own_interruption() -> None:
     at once, which unsignals the flag.
     """
     try:
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.get_ident()),
-                                                   ctypes.py_object(DroppedInterruption))
+        interrupt_thread(threading.get_ident(), DroppedInterruption)
         let_it_land()
     except DroppedInterruption:
         pass
