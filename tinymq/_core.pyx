@@ -1651,6 +1651,11 @@ cdef class ReadyQueue:
         if waiter.job is not job:  # a collection the allocation ran let its worker in, which returned it
             return 0
         waiter.job = waiter.state = None
+        return self._untake(owed, state)
+
+    cdef int _untake(self, tuple owed, TypeState state) except -1:
+        """A job taken (its type's slot held) and not started is ready again: ``owed`` is its
+        (job, type name, level), made by the caller before its decision, as in requeue."""
         state.active -= 1
         self._place(owed)
         self._readmit(state)
@@ -1700,10 +1705,7 @@ cdef class ReadyQueue:
                 kept.append(one)
                 continue
             state = <TypeState>one[1]
-            owed = (job, state.name, one[2])  # made before the decision, as in requeue
-            state.active -= 1
-            self._place(owed)
-            self._readmit(state)
+            self._untake((job, state.name, one[2]), state)
         handed.extend(kept)
         return 0
 
