@@ -788,6 +788,7 @@ def test_a_fork_as_close_gives_the_file_up_leaves_no_lock_in_the_child(path):
     real = store._conn
     children = []
     read_end, write_end = os.pipe()
+    started_read, started_write = os.pipe()
 
     class ForksAsItCloses:  # the connection, with a fork() landing inside close()'s last steps
         def __getattr__(self, name):
@@ -797,6 +798,7 @@ def test_a_fork_as_close_gives_the_file_up_leaves_no_lock_in_the_child(path):
             pid = os.fork()
             if pid == 0:  # the child: waits until the parent has looked, touching nothing else
                 os.close(write_end)
+                os.write(started_write, b"s")  # (its at-fork handlers have run: they come first)
                 os.read(read_end, 1)
                 os._exit(0)
             children.append(pid)
@@ -806,10 +808,13 @@ def test_a_fork_as_close_gives_the_file_up_leaves_no_lock_in_the_child(path):
     try:
         store.close()
         assert children
+        # Once the child runs (the copies it closes as it starts: os.register_at_fork), not before: a
+        # CI run opened the file while the child had not run yet, its copy of the lock still open.
+        assert os.read(started_read, 1) == b"s"
         with SQLitePersistence(path):  # at once, while the child lives
             pass
     finally:
-        os.close(read_end)
-        os.close(write_end)
+        for end in (read_end, write_end, started_read, started_write):
+            os.close(end)
         for pid in children:
             os.waitpid(pid, 0)
