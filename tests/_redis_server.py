@@ -88,8 +88,13 @@ class RedisServer:
     def _wait_until_up(self, loaded: bool = True) -> bool:
         import redis
 
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
         deadline = time.monotonic() + START_TIMEOUT
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1.0)
+        # (no retries of redis-py's own: by default redis-py 6+ sends a call answered LOADING again,
+        # up to 10 times over about 4 s, which start(loaded=False) is here to see at once)
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1.0, retry=Retry(NoBackoff(), 0))
         try:
             while time.monotonic() < deadline:
                 if self.process is None or self.process.poll() is not None:

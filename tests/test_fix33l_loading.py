@@ -17,9 +17,10 @@ from _backends import Redis
 from _redis_server import RedisServer, require_redis
 
 KEYS = 40_000  # keys Redis loads at a restart, each after key-load-delay
-QUICK_LOAD = ["--key-load-delay", "50"]  # microseconds a key: some 3 s in all here
-SLOW_LOAD = ["--key-load-delay", "300"]  # some 5 s here (a reply every 12 ms): more than an enqueue waits
-SLOWER_LOAD = ["--key-load-delay", "1000"]  # some 18 s here (a reply every 40 ms): more than a cancel waits (10 s)
+# microseconds a key (40,000 sleeps at least, each a little longer): the loads measured here
+QUICK_LOAD = ["--key-load-delay", "50"]  # about 6 s
+SLOW_LOAD = ["--key-load-delay", "300"]  # about 16 s: more than an enqueue waits
+SLOWER_LOAD = ["--key-load-delay", "1000"]  # about 45 s: more than a cancel waits (10 s)
 EVENTS = ["--loading-process-events-interval-bytes", "1024"]  # (it answers, LOADING, while it loads)
 TIMEOUT = 60.0  # seconds an enqueue may wait for the quick load: generous
 
