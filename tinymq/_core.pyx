@@ -1809,6 +1809,13 @@ cdef class ReadyQueue:
             raise RuntimeError("hand_to_loop() needs the deque given to set_loop_waker(waker, handed)")
         return self._take_for_loop(max_jobs, handed, True)
 
+    def take_back_from_loop(self):
+        """Once closed, take back what is left in the loop's deque, as close() did: the loop put a
+        job back there that it popped as stop() began (before the close, or after it), counted
+        running until this step and ready from it. Before close(), nothing: close() takes it back."""
+        if self._closed:
+            self._reclaim_loop_handed()
+
     cdef Py_ssize_t _take_for_loop(self, Py_ssize_t max_jobs, object into, bint with_level) except -1:
         """Append up to ``max_jobs`` of the loop's jobs to ``into``: how many."""
         cdef PyObject *state

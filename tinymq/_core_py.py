@@ -1191,6 +1191,14 @@ class ReadyQueue:
             handed.extend(taken)
             return len(taken)
 
+    def take_back_from_loop(self) -> None:
+        """Once closed, take back what is left in the loop's deque, as close() did: the loop put a
+        job back there that it popped as stop() began (before the close, or after it), counted
+        running until this step and ready from it. Before close(), nothing: close() takes it back."""
+        with _step(self._lock):
+            if self._closed:
+                self._reclaim_loop_handed()
+
     def _take_for_loop(self, max_jobs: int) -> List[Tuple[Any, TypeState, int]]:
         taken: List[Tuple[Any, TypeState, int]] = []
         if self._closed:
