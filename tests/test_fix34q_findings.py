@@ -11,16 +11,7 @@ import threading
 
 import pytest
 
-from _helpers import WAIT
-
-
-def _unaccounted(stats):
-    """jobs_enqueued less every place and every end (docs/api.md, get_stats()): 0 when each accepted
-    job is counted exactly once."""
-    placed = (stats.high_queue_size + stats.medium_queue_size + stats.low_queue_size + stats.waiting_for_room
-              + stats.delayed_jobs_count + sum(s.active_jobs for s in stats.executor_stats.values()))
-    ended = stats.jobs_succeeded + stats.jobs_failed + stats.jobs_cancelled + stats.jobs_evicted
-    return stats.jobs_enqueued - placed - ended
+from _helpers import WAIT, all_accounted, stats_watched
 
 
 # --- 1. A job the event loop popped as stop() began is counted once at every instant -----------------
@@ -130,7 +121,7 @@ def test_a_job_the_loop_popped_as_stop_began_counts_once_then_as_ready_and_stays
         gate.set()
         assert hold.popped.wait(WAIT), "the loop never popped the job"
         popped = q.get_stats()
-        assert popped.executor_stats["x"].active_jobs == 1 and _unaccounted(popped) == 0, popped
+        assert popped.executor_stats["x"].active_jobs == 1 and all_accounted(popped), popped
         stopper = threading.Thread(target=q.stop, kwargs={"timeout": WAIT})
         stopper.start()
         stopper.join(WAIT)
@@ -142,9 +133,9 @@ def test_a_job_the_loop_popped_as_stop_began_counts_once_then_as_ready_and_stays
             q.stop()
     assert ran == []
     for moment, stats in seen.items():
-        assert _unaccounted(stats) == 0, (moment, stats)
+        assert all_accounted(stats), (moment, stats)
     after = q.get_stats()
-    assert _unaccounted(after) == 0, ("after stop() the job the loop popped as it began is counted nowhere", after)
+    assert all_accounted(after), ("after stop() the job the loop popped as it began is counted nowhere", after)
     assert after.executor_stats["x"].active_jobs == 0 and after.medium_queue_size == 1, after
     assert after.jobs_succeeded == 1 and after.jobs_failed == after.jobs_cancelled == 0
     if store is not None:  # stored as ready: a queue taking the store over runs it once
@@ -232,28 +223,14 @@ def test_stats_sampled_while_stop_ends_a_busy_loop_count_every_async_job_once():
     q = Queue(10000)
     q.register_executor("a", work, ExecutorConfig(max_concurrent_jobs=64))
     q.enqueue_many([Job("a", i) for i in range(5000)])
-    samples, bad = [0], []
-    stopped = threading.Event()
-
-    def sample():
-        while not stopped.is_set():
-            stats = q.get_stats()
-            samples[0] += 1
-            if _unaccounted(stats) != 0:
-                bad.append(stats)
-
-    sampler = threading.Thread(target=sample)
     q.start_dispatcher(1)
     try:
         assert done.wait(WAIT)
-        sampler.start()
-        q.stop(timeout=WAIT)
+        with stats_watched(q, all_accounted) as wrong:
+            q.stop(timeout=WAIT)
         final = q.get_stats()
     finally:
-        stopped.set()
-        if sampler.ident is not None:
-            sampler.join(WAIT)
-    assert samples[0] > 0
-    assert bad == [], (len(bad), samples[0], bad[:3])
-    assert _unaccounted(final) == 0, final
+        q.stop()
+    assert wrong == [], (len(wrong), wrong[:3])
+    assert all_accounted(final), final
     assert final.executor_stats["a"].active_jobs == 0
