@@ -234,3 +234,35 @@ def test_stats_sampled_while_stop_ends_a_busy_loop_count_every_async_job_once():
     assert wrong == [], (len(wrong), wrong[:3])
     assert all_accounted(final), final
     assert final.executor_stats["a"].active_jobs == 0
+
+
+# --- 3. --version (and --help) with stdout closed ----------------------------------------------------
+#
+# docs/cli.md: a command that prints its outcome started with stdout closed (`>&-`) is an error, one
+# clear message and exit 1, and --version or --help to a full stdout too. With stdout closed,
+# argparse wrote them to stderr and exited 0: a script checking $? learnt the version was shown.
+
+@pytest.mark.parametrize("args, prog, option", [
+    (["--version"], "python -m tinymq", "--version"),
+    (["--help"], "python -m tinymq", "--help"),
+    (["status", "--help"], "python -m tinymq status", "--help"),
+], ids=["version", "help", "status-help"])
+def test_version_and_help_with_stdout_closed_fail_in_one_line(args, prog, option):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    # (the child's fd 1 closed: its sys.stdout is None, as in a shell's `>&-`)
+    result = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "tinymq", *args],
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=environment, text=True,
+                            timeout=60)
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert result.stderr == (f"{prog}: error: stdout is closed: {option} prints there, and would show nothing "
+                             "(give it stdout, or >/dev/null to discard it)\n")
+
+
+def test_version_with_stdout_open_is_printed_and_exits_0():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-m", "tinymq", "--version"], capture_output=True,
+                            stdin=subprocess.DEVNULL, env=environment, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr == "", result
+    assert result.stdout.startswith("tinymq ") and result.stdout.endswith(" core)\n")
