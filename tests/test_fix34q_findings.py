@@ -236,6 +236,71 @@ def test_stats_sampled_while_stop_ends_a_busy_loop_count_every_async_job_once():
     assert final.executor_stats["a"].active_jobs == 0
 
 
+def test_a_job_the_loop_puts_back_is_taken_back_by_close_or_at_once_once_closed(core):
+    """The core's side: a job the loop popped and put back (stop() began) stays counted running until
+    close() takes it back as ready; once closed, take_back_from_loop() takes it back in its own step.
+    One whose cancel was requested stays for the loop to end as cancelled."""
+    from collections import deque
+
+    from tinymq import Job
+
+    ready = core.ReadyQueue(10)
+    ready.configure("a", lambda job: None, 5, None, False, False, core.LOOP)
+    handed = deque()
+    ready.set_loop_waker(lambda: None, handed)
+    for i in range(4):
+        assert ready.push(Job("a", i, id=f"a{i}"))
+    assert ready.hand_to_loop(8) == 4
+    first = handed.popleft()
+    handed.appendleft(first)  # put back as stop() began: not closed yet, nothing taken back
+    ready.take_back_from_loop()
+    assert ready.executor_stats() == {"a": (4, 5)} and ready.sizes() == (0, 0, 0) and len(handed) == 4
+    ready.close()
+    assert ready.executor_stats() == {"a": (0, 5)} and ready.sizes() == (0, 4, 0) and not handed
+    assert ready.hand_to_loop(8) == 0 and not handed
+
+
+def test_take_back_from_loop_after_close_takes_back_what_the_loop_put_back(core):
+    from collections import deque
+
+    from tinymq import Job
+
+    ready = core.ReadyQueue(10)
+    ready.configure("a", lambda job: None, 5, None, False, False, core.LOOP)
+    handed = deque()
+    ready.set_loop_waker(lambda: None, handed)
+    for i in range(3):
+        assert ready.push(Job("a", i, id=f"a{i}"))
+    assert ready.hand_to_loop(8) == 3
+    popped = [handed.popleft() for _ in range(3)]  # the loop popped them all as stop() began
+    assert ready.mark_cancel("a2")[0] == core.CANCEL_MARKED
+    ready.close()
+    assert ready.executor_stats() == {"a": (3, 5)}  # the loop's: close() found none to take back
+    for one in reversed(popped):
+        handed.appendleft(one)
+    ready.take_back_from_loop()
+    assert ready.executor_stats() == {"a": (1, 5)} and ready.sizes() == (0, 2, 0)
+    assert [job.payload for job, _, _ in handed] == [2]  # the cancelled one: the loop ends it
+    assert ready.unfinished == 3
+
+
+# --- 2. take_for_loop is gone: the event loop's take is hand_to_loop --------------------------------
+#
+# The loop takes its jobs with hand_to_loop (into its deque, which close() empties); take_for_loop, a
+# list the caller keeps, was left for tests only, where close() could not take its jobs back. Both
+# twins offer the same public names.
+
+def test_the_cores_offer_the_same_names_and_no_take_for_loop():
+    from tinymq import _core_py
+
+    compiled = pytest.importorskip("tinymq._core")
+    names = [{name for name in dir(twin.ReadyQueue(10)) if not name.startswith("_")}
+             for twin in (_core_py, compiled)]
+    assert names[0] == names[1]
+    assert "hand_to_loop" in names[0] and "take_back_from_loop" in names[0]
+    assert "take_for_loop" not in names[0]
+
+
 # --- 3. --version (and --help) with stdout closed ----------------------------------------------------
 #
 # docs/cli.md: a command that prints its outcome started with stdout closed (`>&-`) is an error, one
