@@ -25,12 +25,13 @@ from _helpers import WAIT, all_accounted, stats_watched
 # into the core) takes it back as ready, in one step.
 #
 # The holds: the runner is held at its first look at the dispatcher's stopping flag after it popped
-# the job (a patched property, on the loop thread only), and stop()'s close of the core is held (a
-# proxy of the core for the dispatcher) until the runner has gone on: before the close, or after it.
+# the job (the flag made a property, which holds on the loop thread only), and stop()'s close of the
+# core is held (a proxy of the core for the dispatcher) until the runner has gone on: before the
+# close, or after it.
 
 class _HeldLoop:
-    """Holds the loop thread when it looks at ``stopping`` with job ``job_id`` of type ``job_type``
-    popped (taken: its slot counted, and no longer in the loop's deque), until ``go``."""
+    """Holds the loop thread when it looks at the dispatcher's ``_stopping`` with job ``job_id`` of
+    type ``job_type`` popped (taken: its slot counted, and no longer in the loop's deque), until ``go``."""
 
     def __init__(self, q, job_type, job_id):
         self.q, self.job_type, self.job_id = q, job_type, job_id
@@ -42,16 +43,20 @@ class _HeldLoop:
 
         class Held(type(dispatcher)):
             @property
-            def stopping(self):
+            def _stopping(self):
                 if (held.armed and threading.get_ident() == runner._thread_id
                         and held.q._ready.executor_stats()[held.job_type][0] == 1
                         and all(item[0].id != held.job_id for item in list(runner._todo))):
                     held.armed = False
                     held.popped.set()
                     assert held.go.wait(WAIT)
-                return self._stopping
+                return self.__dict__["_stopping"]
 
-        dispatcher.__class__ = Held
+            @_stopping.setter
+            def _stopping(self, value):
+                self.__dict__["_stopping"] = value
+
+        dispatcher.__class__ = Held  # (the flag stays in the instance's __dict__, behind the property)
 
 
 class _HeldClose:

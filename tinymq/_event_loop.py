@@ -431,7 +431,8 @@ class LoopRunner:
         if either is there, it ends (its task with it, cancelled if a cancel is still to come)
         and a new runner takes the next job.
         """
-        todo, idle, attempts, dispatcher, lock = self._todo, self._idle, self._attempts, self.dispatcher, self._lock
+        todo, idle, attempts, dispatcher = self._todo, self._idle, self._attempts, self.dispatcher
+        acquire, release = self._lock.acquire, self._lock.release  # (once per attempt: looked up once)
         marks = self.ready.cancel_marks  # empty unless a cancel waits for a job's holder
         task: _RunnerTask = asyncio.current_task()  # type: ignore[assignment]
         # Its references while nothing but the runner holds it, as counted here: this frame's, asyncio's
@@ -446,17 +447,13 @@ class LoopRunner:
             if coming:
                 coming = False
                 self._coming -= 1
-            if dispatcher.stopping:
-                # stop() began: no attempt starts from now on. What is left in _todo stays there, counted
-                # running, until close() takes it back as ready in its own step; the runner ends.
-                return
             if not todo and not self._take():
                 waiting = _Wakeup(self.loop)
                 idle.append(waiting)
                 await waiting  # cancelled at shutdown: the runner ends
                 coming = True
                 continue
-            if len(todo) > 1 and self._coming < len(todo) - 1:
+            if len(todo) > 1 and self._coming < len(todo) - 1 and not dispatcher._stopping:
                 self._call_runners()  # the others in _todo must not wait for this attempt to end
             try:
                 taken = todo.popleft()
@@ -469,17 +466,18 @@ class LoopRunner:
             # Registered unless stop() began, in one step against stop()'s look at the attempts (which
             # comes after it set stopping and closed the core): it sees this one, or this one sees it.
             # (Not section(): as in _finished.)
-            lock.acquire()
+            acquire()
             try:
-                stopping = dispatcher.stopping
+                stopping = dispatcher._stopping  # (not the property: once per attempt)
                 if not stopping:
                     attempts[attempt] = None
             finally:
-                lock.release()
+                release()
             if stopping:
                 # stop() began as it was popped: unstarted, back where close() takes it back (in this
                 # call if it has closed already), counted running until then and ready from then, as
-                # if the runner had never come to it. Nothing is reported: it never started.
+                # if the runner had never come to it. Nothing is reported: it never started. The runner
+                # ends: no attempt starts once stop() began (nor does a runner call others for _todo).
                 todo.appendleft(taken)
                 self.ready.take_back_from_loop()
                 return
