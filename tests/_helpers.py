@@ -256,6 +256,15 @@ def run_model_test(machine_class, core, max_examples, steps):
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]))
 
 
+def loop_takes(ready, max_jobs, handed):
+    """What the event loop takes from a core: ``ready.hand_to_loop(max_jobs)`` into ``handed`` (the
+    deque given to ``set_loop_waker``, empty before), each job popped from it as a runner starting
+    it does: [(job, type)], in the order the core handed them."""
+    count = ready.hand_to_loop(max_jobs)
+    assert count == len(handed), (count, len(handed))
+    return [handed.popleft()[:2] for _ in range(count)]
+
+
 def places(stats):
     """Where get_stats() puts the unfinished jobs: each one in exactly one place."""
     running = sum(executor.active_jobs for executor in stats.executor_stats.values())

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 
 import pytest
 from hypothesis import strategies as st
@@ -20,7 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import tinymq
 from tinymq import ExecutorConfig, Job, Queue, RetryConfig, SQLitePersistence
 
-from _helpers import STORES, WAIT, queue_with_store, run_model_test
+from _helpers import STORES, WAIT, loop_takes, queue_with_store, run_model_test
 
 
 @pytest.mark.parametrize("backend", STORES)
@@ -304,6 +304,8 @@ class MixedRunnersMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.queue = self.core.ReadyQueue(1000)
+        self.handed = deque()  # the loop's (hand_to_loop)
+        self.queue.set_loop_waker(None, self.handed)
         self.limits = {}
         for job_type in _TYPES:
             self.limits[job_type] = 2
@@ -344,8 +346,8 @@ class MixedRunnersMachine(RuleBasedStateMachine):
             self.took(*taken)
 
     @rule(n=st.integers(1, 4))
-    def take_for_loop(self, n):
-        taken = self.queue.take_for_loop(n)
+    def loop_take(self, n):
+        taken = loop_takes(self.queue, n, self.handed)
         for job, state in taken:
             self.took(job, state)
         if len(taken) < n:
@@ -361,7 +363,7 @@ class MixedRunnersMachine(RuleBasedStateMachine):
         self.queue.task_done(job)
         if straight_back:  # the releaser takes its next job at once
             if loop:
-                self.take_for_loop(1)
+                self.loop_take(1)
             else:
                 self.pop()
 
@@ -372,7 +374,7 @@ class MixedRunnersMachine(RuleBasedStateMachine):
         job, state = self.held.pop(data.draw(st.sampled_from(loops)))
         self.queue.loop_attempt_succeeded(state, 0.001, job)
         self.active[job.type] -= 1
-        self.take_for_loop(1)
+        self.loop_take(1)
 
     @rule(job_type=st.sampled_from(_TYPES), limit=st.integers(1, 3))
     def configure(self, job_type, limit):

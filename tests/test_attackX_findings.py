@@ -6,12 +6,13 @@ returns, and the queue goes on running other jobs.
 """
 import asyncio
 import threading
+from collections import deque
 
 import pytest
 
 from tinymq import DuplicateJob, ExecutorConfig, Job, PermanentFailure, RetryConfig
 
-from _helpers import QUIET, WAIT, Recorder, make_queue, record_failures
+from _helpers import QUIET, WAIT, Recorder, loop_takes, make_queue, record_failures
 
 from test_core_run_worker import configure
 
@@ -172,10 +173,11 @@ def test_a_cancel_that_takes_a_ready_job_owns_it_even_while_it_wakes_the_event_l
             other.start()
             other.join(QUIET)  # the pure core holds its lock here: the other cancel waits for it
 
-    ready.set_loop_waker(waker)
+    handed = deque()
+    ready.set_loop_waker(waker, handed)
     assert ready.push(Job("s", id="running"))
-    assert len(ready.take_for_loop(8)) == 1  # "s" is saturated from now on
-    assert ready.take_for_loop(8) == []  # nothing runnable: the loop waits for a wake-up
+    assert len(loop_takes(ready, 8, handed)) == 1  # "s" is saturated from now on
+    assert loop_takes(ready, 8, handed) == []  # nothing runnable: the loop waits for a wake-up
     assert ready.push(Job("s", id="x")) and ready.push(Job("s", id="w"))
     ready.requeue(Job("b", id="z"))  # the buffer is full: it waits in the overflow line
     armed.append(True)

@@ -10,12 +10,13 @@ check the protocol itself on both cores.
 """
 import asyncio
 import threading
+from collections import deque
 
 import pytest
 
 from tinymq import ExecutorConfig, Job, Priority, RetryConfig
 
-from _helpers import STORES, WAIT, Recorder, make_queue, queue_with_store, record_failures
+from _helpers import STORES, WAIT, Recorder, loop_takes, make_queue, queue_with_store, record_failures
 
 from test_core_run_worker import FakeDispatcher, Worker, configure, ready  # noqa: F401 (a fixture)
 
@@ -87,9 +88,11 @@ def test_a_success_after_a_cancel_was_requested_counts_nothing(core, finish):
 def test_a_loop_success_after_a_cancel_was_requested_only_frees_the_slot(core):
     ready = core.ReadyQueue(10)
     ready.configure("a", lambda job: None, 1, None, False, False, core.LOOP)
+    handed = deque()
+    ready.set_loop_waker(None, handed)
     job = Job("a", id="ending")
     assert ready.push(job)
-    [(taken, state)] = ready.take_for_loop(8)
+    [(taken, state)] = loop_takes(ready, 8, handed)
     assert ready.mark_cancel("ending")[0] == core.CANCEL_MARKED
     assert ready.loop_attempt_succeeded(state, 0.001, job) is False
     assert ready.executor_stats()["a"] == (0, 1)

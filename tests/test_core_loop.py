@@ -1,11 +1,12 @@
 """The core's side of async executors and cancel, on both twins: runners, the loop's
 wake-up and batched take, and removing a waiting job by id."""
 import threading
+from collections import deque
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from _helpers import examples
+from _helpers import examples, loop_takes
 
 
 class Item:
@@ -35,7 +36,8 @@ def test_loop_jobs_are_never_popped_by_workers_and_wake_the_loop_once(core):
     waker = Waker()
     q.configure("a", noop, 10, None, False, False, core.LOOP)
     q.configure("t", noop, 10, None, False, False)
-    q.set_loop_waker(waker)
+    handed = deque()
+    q.set_loop_waker(waker, handed)
     assert waker.calls == 0  # nothing waiting
     for i in range(5):
         q.push(Item("a", 1, i))
@@ -43,11 +45,11 @@ def test_loop_jobs_are_never_popped_by_workers_and_wake_the_loop_once(core):
     q.push(Item("t", 1, "t"))
     assert q.pop(timeout=0).payload == "t"
     assert q.pop(timeout=0) is None  # the loop's jobs are not a worker's
-    taken = q.take_for_loop(3)
+    taken = loop_takes(q, 3, handed)
     assert [job.payload for job, state in taken] == [0, 1, 2] and taken[0][1].name == "a"
     q.push(Item("a", 1, 5))
     assert waker.calls == 1  # the loop has not found the queue empty yet: no wake-up
-    assert [job.payload for job, _ in q.take_for_loop(10)] == [3, 4, 5]  # fewer than asked: idle now
+    assert [job.payload for job, _ in loop_takes(q, 10, handed)] == [3, 4, 5]  # fewer than asked: idle now
     q.push(Item("a", 1, 6))
     assert waker.calls == 2
 
@@ -56,11 +58,12 @@ def test_loop_attempt_succeeded_counts_finishes_and_leaves_the_freed_slot_to_the
     q = core.ReadyQueue(100)
     waker = Waker()
     q.configure("a", noop, 1, None, False, False, core.LOOP)
-    q.set_loop_waker(waker)
+    handed = deque()
+    q.set_loop_waker(waker, handed)
     first, second = Item("a", 1, 0, _id="first"), Item("a", 1, 1, _id="second")
     q.push_many([first, second])
     assert waker.calls == 1
-    (job, state), = q.take_for_loop(10)  # one slot: one job, and the loop counts as idle
+    (job, state), = loop_takes(q, 10, handed)  # one slot: one job, and the loop counts as idle
     assert job is first and q.executor_stats()["a"] == (1, 1)
     q.loop_attempt_succeeded(state, 0.002, job)
     assert waker.calls == 1  # no wake-up for the job the freed slot admits: its runner takes it
@@ -71,7 +74,7 @@ def test_loop_attempt_succeeded_counts_finishes_and_leaves_the_freed_slot_to_the
     buckets, total = q.attempt_durations()["a"]
     assert buckets[core.ATTEMPT_DURATION_BUCKETS.index(0.005)] == 1 and sum(buckets) == 1
     assert total == pytest.approx(0.002)
-    (job, state), = q.take_for_loop(10)
+    (job, state), = loop_takes(q, 10, handed)
     assert job is second
     q.loop_attempt_succeeded(state, 0.5, job)
     assert q.join(timeout=0) and q.unfinished == 0 and q.counters()[core.SUCCEEDED] == 2
@@ -91,7 +94,7 @@ def test_a_worker_waiting_is_not_handed_the_loops_jobs(core):
 @settings(max_examples=examples(40), deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["a", "b", "t"]), st.integers(0, 2)), max_size=40),
        st.integers(1, 3))
-def test_take_for_loop_is_strict_priority_and_fifo_within_limits(jobs, limit):
+def test_the_loops_take_is_strict_priority_and_fifo_within_limits(jobs, limit):
     from tinymq import _core_py
     cores = [_core_py]
     try:
@@ -103,10 +106,12 @@ def test_take_for_loop_is_strict_priority_and_fifo_within_limits(jobs, limit):
         q = core.ReadyQueue(100)
         for name in ("a", "b"):
             q.configure(name, noop, limit, None, False, False, core.LOOP)
+        handed = deque()
+        q.set_loop_waker(None, handed)
         items = [Item(t, p, i) for i, (t, p) in enumerate(jobs)]
         for item in items:
             q.push(item)
-        taken = [job for job, _ in q.take_for_loop(1000)]
+        taken = [job for job, _ in loop_takes(q, 1000, handed)]
         expected = []  # by priority then age, each type up to its limit: the loop takes all it may
         per_type = {"a": 0, "b": 0}
         for item in sorted((i for i in items if i.type != "t"), key=lambda i: (-i.priority, i.payload)):
@@ -122,20 +127,24 @@ def test_changing_runner_moves_waiting_jobs(core):
     for i in range(3):
         q.push(Item("x", i, i))
     q.configure("x", noop, 10, None, False, False, core.LOOP)
+    handed = deque()
+    q.set_loop_waker(None, handed)
     assert q.pop(timeout=0) is None
-    assert [job.payload for job, _ in q.take_for_loop(10)] == [2, 1, 0]
+    assert [job.payload for job, _ in loop_takes(q, 10, handed)] == [2, 1, 0]
     q.push(Item("x", 1, "again"))
     q.configure("x", noop, 10, None, False, False, core.THREADS)
-    assert q.take_for_loop(10) == []
+    assert loop_takes(q, 10, handed) == []
     assert q.pop(timeout=0).payload == "again"
 
 
 def test_closed_queue_gives_the_loop_nothing(core):
     q = core.ReadyQueue(10)
     q.configure("a", noop, 10, None, False, False, core.LOOP)
+    handed = deque()
+    q.set_loop_waker(None, handed)
     q.push(Item("a"))
     q.close()
-    assert q.take_for_loop(10) == []
+    assert q.hand_to_loop(10) == 0 and not handed
 
 
 def test_runner_is_validated(core):

@@ -13,6 +13,7 @@ must hold for every i.
 """
 import threading
 import time
+from collections import deque
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 
 from tinymq import RateLimit
 
-from _helpers import examples
+from _helpers import examples, loop_takes
 from test_core_ready import HIGH, LOW, MEDIUM, QUIET, WAIT, Item, noop, start
 
 PER = 0.05  # a short window keeps these tests quick; every bound below is exact or generous
@@ -202,18 +203,19 @@ def test_the_idle_event_loop_is_woken_when_the_window_of_its_type_opens(core):
     q = core.ReadyQueue(64)
     q.configure("r", noop, 1000, None, False, False, core.LOOP, RateLimit(1, per=PER))
     woken = []
-    q.set_loop_waker(lambda: woken.append(core.monotonic()))
+    handed = deque()
+    q.set_loop_waker(lambda: woken.append(core.monotonic()), handed)
     q.push(Item("r", name=0))
     waiting = Item("r", name=1)
     q.push(waiting)
-    assert [job for job, _ in q.take_for_loop(8)] != [waiting]
-    assert q.take_for_loop(8) == []  # the window is closed: the loop waits for a wake-up
+    assert [job for job, _ in loop_takes(q, 8, handed)] != [waiting]
+    assert loop_takes(q, 8, handed) == []  # the window is closed: the loop waits for a wake-up
     woken.clear()
     opening = q.next_rate_opening()
     sleep_until(core, opening)
     q.reopen_rate_limited(core.monotonic())
     assert len(woken) == 1
-    assert [job for job, _ in q.take_for_loop(8)] == [waiting]
+    assert [job for job, _ in loop_takes(q, 8, handed)] == [waiting]
 
 
 def test_a_popping_worker_reopens_a_due_window_itself(core):

@@ -9,12 +9,13 @@ import contextlib
 import gc
 import threading
 import time
+from collections import deque
 
 import pytest
 
 from tinymq import ExecutorConfig, Job, Priority, RateLimit
 
-from _helpers import WAIT, Blocker, make_queue, places, stats_watched, wait_until
+from _helpers import WAIT, Blocker, loop_takes, make_queue, places, stats_watched, wait_until
 from test_core_run_worker import FakeDispatcher, Worker, configure, wait_idle
 
 PRIORITIES = [Priority.HIGH, Priority.MEDIUM, Priority.LOW]
@@ -334,10 +335,12 @@ def test_the_loop_counts_a_success_in_the_step_that_frees_its_slot_even_when_tha
     # (A window long enough that the getter below is idle before it opens: a _take after the opening
     # reopens it, and then no hand-off does.)
     ready.configure("r", lambda job: None, 5, None, False, False, core.LOOP, RateLimit(max_starts=1, per=1.0))
+    handed = deque()
+    ready.set_loop_waker(None, handed)
     for job in (Job("s", 1), Job("s", 2), Job("r", 1), Job("r", 2)):
         assert ready.push(job)
-    (s1, s_state), (r1, r_state) = ready.take_for_loop(8)  # s is saturated, r's window closed
-    assert ready.take_for_loop(8) == []  # the loop waits for a wake-up
+    (s1, s_state), (r1, r_state) = loop_takes(ready, 8, handed)  # s is saturated, r's window closed
+    assert loop_takes(ready, 8, handed) == []  # the loop waits for a wake-up
     assert ready.loop_attempt_succeeded(r_state, 0.0, r1)
     ready.configure("s", lambda job: None, 1, None, False, False, core.THREADS)
     seen = []

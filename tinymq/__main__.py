@@ -66,19 +66,23 @@ def _target(text: str) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """The public parser (its commands' too): ``--help`` and ``--version`` to a stdout that takes no
-    more (a full disk, /dev/full) is one clear error and exit 1, as every command's output is;
-    argparse ignores a failed write of them and exits 0, as if the text had been shown."""
+    """The public parser (its commands' too): ``--help`` and ``--version`` to a stdout that is closed
+    (``>&-``) or takes no more (a full disk, /dev/full) is one clear error and exit 1, as every
+    command's output is; argparse writes them to stderr when stdout is closed, ignores a failed
+    write, and exits 0 either way, as if the text had been shown."""
 
     def print_help(self, file: "Optional[SupportsWrite[str]]" = None) -> None:
         if file is not None:
             super().print_help(file)
         else:
-            self.print_out(self.format_help())
+            self.print_out(self.format_help(), "--help")
 
-    def print_out(self, text: str) -> None:
-        """Write ``text`` to stdout (to stderr if stdout is closed, as argparse does)."""
-        out = sys.stdout if sys.stdout is not None else sys.stderr
+    def print_out(self, text: str, option: str) -> None:
+        """Write ``text``, what ``option`` prints, to stdout."""
+        out = sys.stdout
+        if out is None:  # (closed: Python's sys.stdout is None)
+            self.exit(1, f"{self.prog}: error: stdout is closed: {option} prints there, and would show "
+                         "nothing (give it stdout, or >/dev/null to discard it)\n")
         try:
             out.write(text)
             out.flush()
@@ -100,7 +104,7 @@ class _VersionAction(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: object, option_string: Optional[str] = None) -> None:
         assert isinstance(parser, _Parser)
-        parser.print_out(self.version + "\n")
+        parser.print_out(self.version + "\n", option_string or "--version")
         parser.exit()
 
 

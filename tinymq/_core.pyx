@@ -960,7 +960,7 @@ cdef class ReadyQueue:
                   int runner=THREADS, rate_limit=None):
         """Register or replace the executor of ``job_type``; running attempts keep their slots.
 
-        ``runner``: THREADS (worker threads pop its jobs) or LOOP (``take_for_loop``).
+        ``runner``: THREADS (worker threads pop its jobs) or LOOP (``hand_to_loop``).
         ``rate_limit``: None, or any object with ``max_starts`` (int >= 1) and
         ``per`` (seconds > 0), such as ``tinymq.RateLimit``; it applies to later
         starts, and the starts the type remembers still count.
@@ -1775,8 +1775,7 @@ cdef class ReadyQueue:
         return self._pop(_deadline(timeout), &state, None)
 
     def set_loop_waker(self, waker, handed=None):
-        """``waker()`` (cheap, never raising) asks the event loop to call ``take_for_loop`` (or
-        ``hand_to_loop``) soon.
+        """``waker()`` (cheap, never raising) asks the event loop to call ``hand_to_loop`` soon.
 
         It is called at most once between two such calls that found nothing,
         so a busy loop is never woken per job. None detaches. ``handed``: the
@@ -1791,25 +1790,27 @@ cdef class ReadyQueue:
         else:
             self.loop_idle = waker is not None
 
-    def take_for_loop(self, Py_ssize_t max_jobs):
-        """Take up to ``max_jobs`` of the loop's jobs (and their slots), in priority order.
+    def hand_to_loop(self, Py_ssize_t max_jobs):
+        """Take up to ``max_jobs`` of the loop's jobs (and their slots), in priority order, into the
+        deque given to ``set_loop_waker``, as ``(job, type, level)``: how many. Until the loop pops
+        one (``popleft``, as it starts it), close() may take it back.
 
         Fewer than ``max_jobs`` means there were no more: the next job the loop
         can take wakes it (``set_loop_waker``). Nothing once closed.
         """
-        cdef list taken = []
-        self._take_for_loop(max_jobs, taken, False)
-        return taken
-
-    def hand_to_loop(self, Py_ssize_t max_jobs):
-        """``take_for_loop``, into the deque given to ``set_loop_waker`` as ``(job, type, level)``:
-        how many. Until the loop pops one (``popleft``, as it starts it), close() may take it back."""
         handed = self.loop_handed
         if handed is None:
             raise RuntimeError("hand_to_loop() needs the deque given to set_loop_waker(waker, handed)")
-        return self._take_for_loop(max_jobs, handed, True)
+        return self._take_for_loop(max_jobs, handed)
 
-    cdef Py_ssize_t _take_for_loop(self, Py_ssize_t max_jobs, object into, bint with_level) except -1:
+    def take_back_from_loop(self):
+        """Once closed, take back what is left in the loop's deque, as close() did: the loop put a
+        job back there that it popped as stop() began (before the close, or after it), counted
+        running until this step and ready from it. Before close(), nothing: close() takes it back."""
+        if self._closed:
+            self._reclaim_loop_handed()
+
+    cdef Py_ssize_t _take_for_loop(self, Py_ssize_t max_jobs, object into) except -1:
         """Append up to ``max_jobs`` of the loop's jobs to ``into``: how many."""
         cdef PyObject *state
         cdef int level
@@ -1819,11 +1820,11 @@ cdef class ReadyQueue:
             if job is None:
                 self.loop_idle = self.loop_waker is not None
                 break
-            into.append((job, <TypeState>state, level) if with_level else (job, <TypeState>state))
+            into.append((job, <TypeState>state, level))
             n += 1
         if self.getters:  # _take may have moved a worker thread's job in from the overflow line
             self._hand_off()
-        if with_level and self._closed:  # a collection the allocation ran let close() in: given back now
+        if self._closed:  # a collection the allocation ran let close() in: given back now
             self._reclaim_loop_handed()
         return n
 

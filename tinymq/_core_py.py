@@ -511,7 +511,7 @@ class ReadyQueue:
     ) -> TypeState:
         """Register or replace the executor of ``job_type``; running attempts keep their slots.
 
-        ``runner``: THREADS (worker threads pop its jobs) or LOOP (``take_for_loop``).
+        ``runner``: THREADS (worker threads pop its jobs) or LOOP (``hand_to_loop``).
         ``rate_limit``: None, or any object with ``max_starts`` (int >= 1) and
         ``per`` (seconds > 0), such as ``tinymq.RateLimit``; it applies to later
         starts, and the starts the type remembers still count.
@@ -1154,8 +1154,7 @@ class ReadyQueue:
 
     def set_loop_waker(self, waker: Optional[Callable[[], None]],
                        handed: Optional[Deque[Tuple[Any, TypeState, int]]] = None) -> None:
-        """``waker()`` (cheap, never raising) asks the event loop to call ``take_for_loop`` (or
-        ``hand_to_loop``) soon.
+        """``waker()`` (cheap, never raising) asks the event loop to call ``hand_to_loop`` soon.
 
         It is called at most once between two such calls that found nothing,
         so a busy loop is never woken per job. None detaches. ``handed``: the
@@ -1171,18 +1170,14 @@ class ReadyQueue:
             else:
                 self._loop_idle = waker is not None
 
-    def take_for_loop(self, max_jobs: int) -> List[Tuple[Any, TypeState]]:
-        """Take up to ``max_jobs`` of the loop's jobs (and their slots), in priority order.
+    def hand_to_loop(self, max_jobs: int) -> int:
+        """Take up to ``max_jobs`` of the loop's jobs (and their slots), in priority order, into the
+        deque given to ``set_loop_waker``, as ``(job, type, level)``: how many. Until the loop pops
+        one (``popleft``, as it starts it), close() may take it back.
 
         Fewer than ``max_jobs`` means there were no more: the next job the loop
         can take wakes it (``set_loop_waker``). Nothing once closed.
         """
-        with _step(self._lock):
-            return [(job, state) for job, state, _ in self._take_for_loop(max_jobs)]
-
-    def hand_to_loop(self, max_jobs: int) -> int:
-        """``take_for_loop``, into the deque given to ``set_loop_waker`` as ``(job, type, level)``:
-        how many. Until the loop pops one (``popleft``, as it starts it), close() may take it back."""
         with _step(self._lock):
             handed = self._loop_handed
             if handed is None:
@@ -1190,6 +1185,14 @@ class ReadyQueue:
             taken = self._take_for_loop(max_jobs)
             handed.extend(taken)
             return len(taken)
+
+    def take_back_from_loop(self) -> None:
+        """Once closed, take back what is left in the loop's deque, as close() did: the loop put a
+        job back there that it popped as stop() began (before the close, or after it), counted
+        running until this step and ready from it. Before close(), nothing: close() takes it back."""
+        with _step(self._lock):
+            if self._closed:
+                self._reclaim_loop_handed()
 
     def _take_for_loop(self, max_jobs: int) -> List[Tuple[Any, TypeState, int]]:
         taken: List[Tuple[Any, TypeState, int]] = []

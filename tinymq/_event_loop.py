@@ -35,9 +35,10 @@ it fires it expires every attempt that is due and re-arms for the next: no
 timer per attempt. Every decision about an attempt (success, failure,
 timeout, cancel, stop) is taken once, under ``_lock`` (``_decide``); the
 type's slot is freed only when the attempt has unwound, so
-``max_concurrent_jobs`` counts coroutines still unwinding. Registering an
-attempt on the loop takes no lock: only the loop thread adds to ``_attempts``
-without it, and other threads read a snapshot of it.
+``max_concurrent_jobs`` counts coroutines still unwinding. A runner registers
+its attempt in ``_attempts`` under ``_lock``, in the step that sees stop() has
+not begun (once it has, the job goes back to ``_todo`` unstarted, where close()
+takes it back as ready); other threads read a snapshot of it.
 
 Hand-overs: a plain callable that returns an awaitable is only known to be one
 once called, on a worker thread. The rest of that attempt is handed over
@@ -284,11 +285,16 @@ class LoopRunner:
                 for job in self.cancel_for_stop():  # stop() from an attempt on this loop waited for none
                     self.dispatcher._stopped_async(job)
                 # Taken from the core and never started: close() took back all but those whose cancel
-                # was requested (ended so here); saved back to the store, uncounted.
+                # was requested, ended so here (counted cancelled in the step that frees the slot:
+                # get_stats() never sees the job in no place; over a broker the mark stays there).
+                dispatcher = self.dispatcher
                 while self._todo:
                     job, state, _ = self._todo.popleft()
+                    if dispatcher.ledger is None and self.ready.take_cancel(job, state):
+                        dispatcher.end_cancelled(job)
+                        continue
                     self.ready.release_state(state, False, core.LOOP)
-                    self.dispatcher._stopped_async(job)
+                    dispatcher._stopped_async(job)
                 if self._end_tasks(spare_never_waited_for=True):  # such coroutines are still running:
                     self._io.shutdown(wait=True)  # stop() returns once the outcomes are reported
                     self._settled.set()
@@ -426,6 +432,7 @@ class LoopRunner:
         and a new runner takes the next job.
         """
         todo, idle, attempts, dispatcher = self._todo, self._idle, self._attempts, self.dispatcher
+        acquire, release = self._lock.acquire, self._lock.release  # (once per attempt: looked up once)
         marks = self.ready.cancel_marks  # empty unless a cancel waits for a job's holder
         task: _RunnerTask = asyncio.current_task()  # type: ignore[assignment]
         # Its references while nothing but the runner holds it, as counted here: this frame's, asyncio's
@@ -446,16 +453,34 @@ class LoopRunner:
                 await waiting  # cancelled at shutdown: the runner ends
                 coming = True
                 continue
-            if len(todo) > 1 and self._coming < len(todo) - 1:
+            if len(todo) > 1 and self._coming < len(todo) - 1 and not dispatcher._stopping:
                 self._call_runners()  # the others in _todo must not wait for this attempt to end
             try:
-                job, state, _ = todo.popleft()
+                taken = todo.popleft()
             except IndexError:  # stop() closed the core, which took back what was left: none comes
                 continue
+            job, state, _ = taken
             context = JobContext(job, None) if state.takes_context else None  # its deadline: at the call
             # No deadline yet: a slow write of its start (attempt_starting) is not the function's time.
             attempt = _Attempt(job, state, context, task, monotonic(), _NO_DEADLINE)
-            attempts[attempt] = None
+            # Registered unless stop() began, in one step against stop()'s look at the attempts (which
+            # comes after it set stopping and closed the core): it sees this one, or this one sees it.
+            # (Not section(): as in _finished.)
+            acquire()
+            try:
+                stopping = dispatcher._stopping  # (not the property: once per attempt)
+                if not stopping:
+                    attempts[attempt] = None
+            finally:
+                release()
+            if stopping:
+                # stop() began as it was popped: unstarted, back where close() takes it back (in this
+                # call if it has closed already), counted running until then and ready from then, as
+                # if the runner had never come to it. Nothing is reported: it never started. The runner
+                # ends: no attempt starts once stop() began (nor does a runner call others for _todo).
+                todo.appendleft(taken)
+                self.ready.take_back_from_loop()
+                return
             # Cancelled on its way here (from the core, through _todo): never run. A cancel from now
             # on finds the attempt registered above.
             if marks and self.ready.cancel_requested(job):
@@ -465,13 +490,6 @@ class LoopRunner:
                         dispatcher.ledger.expired(job)
                     self._report(dispatcher.end_cancelled, job)
                 self._finished(attempt, None, True)  # frees the slot (and tells a broker, returned_late)
-                continue
-            # Popped as stop() began, before it closed the core (which takes back the jobs still in
-            # _todo): given back unstarted, as a worker thread's job is (saved back as ready with a store).
-            if dispatcher.stopping:
-                if self._decide(attempt, "stopped"):  # else a cancel() decided it: it reports it
-                    self._report(dispatcher._stopped_async, job)
-                self._finished(attempt, None, True)
                 continue
             error: Optional[BaseException] = None
             ours = False  # the CancelledError that ended it came from a decision (timeout, cancel, stop)
