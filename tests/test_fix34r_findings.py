@@ -1,5 +1,6 @@
 """Defects of the Redis broker left open by session 33 (session 34, helper fix34r), each with its test
 against a real redis-server (tests/conftest.py's fixtures), failing before its fix."""
+import gc
 import json
 import os
 import subprocess
@@ -114,5 +115,83 @@ def test_status_places_at_most_the_first_1000_due_jobs_before_any_worker_has_fet
         text, reads = _status_and_job_reads(redis_client, redis_url, backend.queue_name)
         assert reads < 1200, reads
         assert "no worker process has fetched yet: the first 1000 due count as ready" in text, text
+    finally:
+        backend.close()
+
+
+# --- 2. A stop() the collector runs between succeeding() and succeeded() of the same job ----------------
+
+# Over Redis, stop() waits for the successes being counted (between a worker's succeeding() and its
+# succeeded(), the link's ledger hooks), so that their ops go with its release rather than the job
+# being handed back while it is counted here as a success. A stop() that the garbage collector ran (a
+# user's __del__ calling q.stop()) on the very thread that counts a success, between the two, waited
+# there for that thread's own op, which comes only once stop() returns: its whole 10 s callback wait
+# (_REPORT_WAIT), with a warning about failure callbacks; then the job was handed back (to run again
+# elsewhere, its success here never sent). Now that stop() does not wait for its own thread's
+# success: it sends it with its release, as that thread would have, and the job ends succeeded.
+# (stop(wait=False), as the queue's own finalizer runs it too: a stop(wait=True) on one of the
+# queue's threads leaves the release to a thread of its own, once the attempts have ended.)
+
+REPORT_WAIT = 10.0  # seconds (_link._REPORT_WAIT): how long the stop() waited before the fix
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("kind", ["thread", "coroutine"])
+def test_a_stop_the_collector_runs_as_the_same_thread_counts_a_success_sends_it_without_waiting(redis_url, kind):
+    backend = Redis(redis_url, lease=REPORT_WAIT * 3)  # (a job handed back is not reaped meanwhile)
+    try:
+        q = backend.queue()
+        reported = []
+        q.on_failure(lambda job, reason, exc: reported.append((job.id, reason)))
+        runs = []
+        if kind == "thread":
+            def run(job):
+                runs.append(job.id)
+        else:
+            async def run(job):
+                runs.append(job.id)
+        q.register_executor("t", run)
+        link = q._link
+        stopped = []
+        collected = threading.Event()
+
+        class StopsTheQueue:
+            """Garbage whose __del__ stops the queue, as a user's finalizer may."""
+
+            def __init__(self):
+                self.cycle = self  # (freed by the collector only)
+
+            def __del__(self):
+                began = time.monotonic()
+                try:
+                    q.stop(wait=False)
+                    stopped.append((None, time.monotonic() - began))
+                except Exception as error:
+                    stopped.append((error, time.monotonic() - began))
+                collected.set()
+
+        succeeding = link.succeeding
+
+        def collected_as_it_succeeds(job):  # (the dispatcher reads the ledger's hooks at start_dispatcher)
+            decided = succeeding(job)
+            if decided and job.id == "done":
+                StopsTheQueue()
+                gc.collect()  # the collector runs the __del__ here, on the thread that counts the success
+            return decided
+
+        link.succeeding = collected_as_it_succeeds
+        q.start_dispatcher(1)
+        q.enqueue(Job("t", id="done"))
+        assert collected.wait(REPORT_WAIT * 2), "the collector's stop() did not return"
+        assert len(stopped) == 1, stopped
+        error, took = stopped[0]
+        assert error is None, stopped
+        assert took < REPORT_WAIT / 2, f"the stop() waited {took:.1f}s for its own thread's success"
+
+        other = backend.queue()  # (never started: it runs nothing) the job's success reached Redis
+        assert other.join(WAIT), "the job is unfinished in Redis (handed back, to run again)"
+        stats = other.get_stats()
+        assert (stats.jobs_succeeded, stats.jobs_cancelled, stats.jobs_failed) == (1, 0, 0)
+        assert runs == ["done"] and reported == []
     finally:
         backend.close()
