@@ -13,9 +13,11 @@ import pytest
 
 import tinymq
 from tinymq import ExecutorConfig, Job, Priority
+from tinymq.errors import TinyMQError
 
 from _backends import Redis
 from _helpers import WAIT
+from test_fix33l_loading import SLOWER_LOAD, _loading, _loading_server, _sends, loaded_dir  # noqa: F401 (a fixture)
 
 ROOT = Path(tinymq.__file__).resolve().parent.parent
 COMMAND_TIMEOUT = 60  # seconds for one `python -m tinymq status`: it returns in well under one
@@ -195,3 +197,39 @@ def test_a_stop_the_collector_runs_as_the_same_thread_counts_a_success_sends_it_
         assert runs == ["done"] and reported == []
     finally:
         backend.close()
+
+
+# --- 3. enqueue_many() while Redis loads its data --------------------------------------------------------
+
+# enqueue_many() takes no timeout (shared API: all or nothing, QueueFull or DuplicateJob). While
+# Redis loads its data after a restart it answers LOADING, having run nothing: the batch is sent
+# again until Redis has loaded, 10 s at most (as an enqueue without a timeout); then it raises,
+# saying that none of the batch was enqueued (not "may or may not"), so the caller knows to send it
+# again. docs/redis.md says so. (Right already when checked, in session 34: the test was missing.)
+
+ENQUEUE_BOUND = 10.0  # seconds an enqueue without a timeout (and enqueue_many) waits for Redis
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("delayed", [False, True], ids=["ready", "with-delayed"])
+def test_an_enqueue_many_that_redis_answers_loading_for_10_s_is_not_enqueued(loaded_dir, tmp_path, delayed):
+    with _loading_server(loaded_dir, tmp_path, SLOWER_LOAD) as server:  # (about 45 s of LOADING)
+        backend = Redis(server.url)
+        try:
+            q = backend.queue()
+            seen = _sends(q._link.scripts, "enqueue")
+            jobs = [Job("t", n, id=f"job-{n}") for n in range(3)]
+            if delayed:  # (a delayed job may evict: the call then registers a reporter first)
+                jobs[2] = Job("t", 2, id="job-2", run_at=time.time() + 3600)
+            began = time.monotonic()
+            with pytest.raises(TinyMQError) as raised:
+                q.enqueue_many(jobs)
+            took = time.monotonic() - began
+            assert _loading(server), "Redis loaded before the call gave up: the test says nothing"
+            assert len(seen) > 1 and set(seen) == {"BusyLoadingError"}, seen  # (sent again, never run)
+            message = str(raised.value)
+            assert "3 jobs not enqueued" in message and "may or may not" not in message, message
+            assert "loading" in message.lower(), message
+            assert ENQUEUE_BOUND - 1.0 <= took < ENQUEUE_BOUND * 3, f"it gave up after {took:.1f}s"
+        finally:
+            backend.close()
