@@ -59,7 +59,7 @@ def test_status_redis_counts_each_job_once_while_another_process_requeues(redis_
     assert moved == [1]
     counts = report["counts"]
     # Read before the requeue: "dead-1" is dead, "ready-1" ready, each counted once.
-    assert counts == {"ready": 1, "delayed": 0, "taken": 0, "dead": 1}
+    assert counts == {"ready": 1, "waiting_for_room": 0, "delayed": 0, "taken": 0, "dead": 1}
     assert sum(level["ready"] for level in report["priorities"].values()) == counts["ready"]
     assert [entry["id"] for entry in report["dead_jobs"]] == ["dead-1"]
     assert report["counters"]["jobs_failed"] == 1 and report["counters"]["jobs_enqueued"] == 2

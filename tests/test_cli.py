@@ -656,7 +656,7 @@ def test_sigterm_lets_started_jobs_finish_and_leaves_the_rest_in_redis(shared_pr
     left = 12 - len(finished)
     assert left >= 8  # 1.5 s each, one at a time per process: most never started
     report = json.loads(redis_status(redis_url, "--json").stdout)
-    assert report["counts"] == {"ready": left, "delayed": 0, "taken": 0, "dead": 0}
+    assert report["counts"] == {"ready": left, "waiting_for_room": 0, "delayed": 0, "taken": 0, "dead": 0}
     assert report["worker_processes"] == 0
     assert report["counters"]["jobs_succeeded"] == len(finished)
 
@@ -849,7 +849,7 @@ def test_status_of_a_redis_queue_and_its_dead_jobs(shared_project, producer, rec
                       "holds no tinymq queue named 'c1i'", "queues there: cli")
     report = json.loads(redis_status(redis_url, "--json").stdout)
     assert report["backend"] == "redis" and report["name"] == "cli" and report["redis"] == redis_url
-    assert report["counts"] == {"ready": 0, "delayed": 1, "taken": 1, "dead": 3}
+    assert report["counts"] == {"ready": 0, "waiting_for_room": 0, "delayed": 1, "taken": 1, "dead": 3}
     assert report["worker_processes"] == 2
     assert report["executors"] == {"fail": {"taken": 0, "max_jobs": 2, "rate_limit": None},
                                    "record": {"taken": 1, "max_jobs": 50, "rate_limit": None}}
@@ -863,7 +863,7 @@ def test_status_of_a_redis_queue_and_its_dead_jobs(shared_project, producer, rec
 
     text = redis_status(redis_url).stdout
     assert text.splitlines()[0] == f"tinymq queue 'cli' on {redis_url}"
-    assert re.search(r"^\s+0\s+1\s+1\s+3\s+2$", text, re.MULTILINE), text
+    assert re.search(r"^\s+0\s+0\s+1\s+1\s+3\s+2$", text, re.MULTILINE), text
     assert re.search(r"^record\s+1\s+50$", text, re.MULTILINE), text  # (no rate limit: no rate columns)
     assert "rate limit" not in text
     assert re.search(r"^fail-1\s+fail\s+MEDIUM\s+1\s+retries_exhausted\s+ValueError: cannot 1$", text,
@@ -964,7 +964,7 @@ def test_status_counts_a_due_delayed_job_as_ready_for_a_broker_and_for_a_file(tm
         shared.broker.close()
     assert on_file["counts"] == {"ready": 2, "delayed": 1, "running": 0, "dead": 0, "corrupt": 0}
     assert on_file["priorities"]["HIGH"] == {"due": 1, "delayed": 0}
-    assert on_redis["counts"] == {"ready": 2, "delayed": 1, "taken": 0, "dead": 0}
+    assert on_redis["counts"] == {"ready": 2, "waiting_for_room": 0, "delayed": 1, "taken": 0, "dead": 0}
     assert on_redis["priorities"] == {"HIGH": {"ready": 1}, "MEDIUM": {"ready": 0}, "LOW": {"ready": 1}}
 
 

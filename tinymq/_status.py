@@ -37,6 +37,10 @@ _ERROR_WIDTH = 60  # characters of a last error shown in the text table (--json 
 # The most dead jobs status --redis reads, the newest: its one script call blocks Redis while it
 # runs (broker.dead_jobs() reads them all, page by page).
 _REDIS_DEAD_MAX = 1000
+# The most due jobs (delayed jobs come due, not yet moved to the ready buffer) status --redis places at
+# their priority while no worker process has fetched, which tells Redis the buffer_size: the rest count
+# as waiting for room. Once one has, it places those the buffer's room takes, as get_stats() does.
+_REDIS_DUE_MAX = 1000
 
 
 class _CommandStore(SQLitePersistence):
@@ -131,14 +135,16 @@ def _with_redis_queue(url: str, name: str, work: Callable[[Queue], T]) -> T:
 
 def redis_status(url: str, name: str, dead_limit: int = 0) -> Dict[str, Any]:
     """The report of ``status --redis URL --name NAME``: its figures are read by one script call,
-    at one instant, so that they agree (each job counted once: ready, delayed, taken or dead).
-    Every dead job is counted; the newest ``dead_limit`` are read (0: all), at most _REDIS_DEAD_MAX."""
+    at one instant, so that they agree (each job counted once: ready, waiting for room, delayed, taken or dead).
+    Every dead job is counted; the newest ``dead_limit`` are read (0: all), at most _REDIS_DEAD_MAX.
+    Every due job is counted; those the buffer's room takes (at most _REDIS_DUE_MAX while the room is
+    unknown) at their priority, the rest in waiting_for_room, their priorities not read."""
     shown = _REDIS_DEAD_MAX if dead_limit == 0 else min(dead_limit, _REDIS_DEAD_MAX)
 
     def read(queue: Queue) -> Dict[str, Any]:
         broker = queue.broker
         assert broker is not None  # (the queue _with_redis_queue built on it)
-        reply, dead = broker._status(shown)
+        reply, dead = broker._status(shown, _REDIS_DUE_MAX)
         executors = {}
         for job_type, (taken, limit) in reply.executors.items():
             rate = reply.rate_limits.get(job_type)
@@ -151,10 +157,13 @@ def redis_status(url: str, name: str, dead_limit: int = 0) -> Dict[str, Any]:
             "backend": "redis",
             "redis": redacted_url(url),
             "name": name,
-            "counts": {"ready": sum(ready.values()), "delayed": reply.delayed,
+            "counts": {"ready": sum(ready.values()), "waiting_for_room": reply.waiting, "delayed": reply.delayed,
                        "taken": sum(executor["taken"] for executor in executors.values()),
                        "dead": reply.dead_count},
             "priorities": {level: {"ready": size} for level, size in ready.items()},
+            # What the worker processes' fetches keep (null before any has fetched): the room that
+            # decides which due jobs count as ready and which wait for room.
+            "buffer_size": reply.buffer_size,
             # Each enqueuing process's Config sets it (the same everywhere, by contract); Redis does
             # not hold it, and this process's own default would be a guess.
             "max_delayed_jobs": None,
@@ -295,9 +304,15 @@ def _db_lines(report: Dict[str, Any], limit: int) -> List[str]:
 def _redis_lines(report: Dict[str, Any], limit: int) -> List[str]:
     counts = report["counts"]
     lines = [f"tinymq queue {report['name']!r} on {report['redis']}", ""]
-    lines += _table(("ready", "delayed", "taken", "dead", "worker processes"),
-                    [[counts["ready"], counts["delayed"], counts["taken"], counts["dead"],
-                      report["worker_processes"]]])
+    lines += _table(("ready", "waiting for room", "delayed", "taken", "dead", "worker processes"),
+                    [[counts["ready"], counts["waiting_for_room"], counts["delayed"], counts["taken"],
+                      counts["dead"], report["worker_processes"]]])
+    if counts["waiting_for_room"]:
+        buffer_size = report["buffer_size"]
+        lines.append("(waiting for room: due jobs beyond the ready buffer's room, "
+                     + (f"buffer_size {buffer_size}" if buffer_size is not None else
+                        f"no worker process has fetched yet: the first {_REDIS_DUE_MAX} due count as ready")
+                     + "; the fetches that make room move them in due order; by priority: not read)")
     lines.append("")
     lines += _table(("priority", "ready"),
                     [(name, sizes["ready"]) for name, sizes in report["priorities"].items()])

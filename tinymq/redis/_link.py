@@ -1895,10 +1895,11 @@ class QueueLink:
         reports_by = time.monotonic() + left(_REPORT_WAIT)
         with section(self._lock):
             # (and for successes being counted, whose ops then go with the release: handed back
-            # now, one would be counted here for an instant, though its job runs again elsewhere)
+            # now, one would be counted here for an instant, though its job runs again elsewhere;
+            # not for one this thread counts, see below)
             while (any(ident != me for ident in self._reporting)
                    or any(reporter.ident != me for reporter in self._reporters)
-                   or any(record.ending for record in self._attempts.values())):
+                   or any(record.ending not in (0, me) for record in self._attempts.values())):
                 remaining = reports_by - time.monotonic()
                 if remaining <= 0.0:
                     logger.warning("Redis queue %r: stop() did not wait longer than %gs for failure "
@@ -1906,6 +1907,16 @@ class QueueLink:
                                    self.broker.name, left(_REPORT_WAIT))
                     break
                 self._reported.wait(remaining)
+            # A success this very thread is counting (a stop() the collector ran between its
+            # succeeding() and succeeded()): its op comes only once this call returns, so it is
+            # not waited for (it was, _REPORT_WAIT, then the job handed back to run again); it is
+            # decided, and its op goes with the release, as succeeded() would have queued it
+            # (succeeded() then finds it gone, and queues nothing).
+            for job, record in list(self._attempts.items()):
+                if record.ending == me:
+                    del self._attempts[job]
+                    self._slot_freed(record)
+                    self._queue_op(SettleOp("S", record.attempt))
             # From here on an attempt is no longer this process's to end (_decide): a failure
             # decided now would go with the release, whose row another process reports, while
             # its callbacks ran here too (stop() no longer waits for them).

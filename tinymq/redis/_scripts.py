@@ -187,7 +187,7 @@ class ReleaseReply(NamedTuple):
 class StatusReply(NamedTuple):
     """Every figure of ``status --redis``, read at one instant (status.lua)."""
 
-    sizes: Tuple[int, int, int]  # ready (parked and due included): high, medium, low
+    sizes: Tuple[int, int, int]  # ready (parked, and due that the buffer's room takes, included): high, medium, low
     delayed: int  # delayed jobs not due yet
     counters: Dict[str, int]  # the stats hash
     executors: Dict[str, Tuple[int, int]]  # type -> (attempts holding a slot, max_concurrent_jobs)
@@ -195,6 +195,8 @@ class StatusReply(NamedTuple):
     rate_limits: Dict[str, Tuple[int, float, int]]  # type -> (max_starts, per seconds, starts in the window)
     dead_count: int  # every dead job
     dead: List[Tuple[str, str, Any, str, str]]  # the newest read: (id, body, retries, error, reason), oldest first
+    waiting: int  # due jobs beyond the buffer's room (while it is unknown, beyond the first unknown_room)
+    buffer_size: Optional[int]  # the one the worker processes' fetches keep (None: no fetch has kept one)
 
 
 class EnqueueReply(NamedTuple):
@@ -825,11 +827,12 @@ class Scripts:
             named = self.wrong_kinds(False)
             raise redis.ResponseError(f"{exc} ({named})" if named else str(exc)) from exc
 
-    def status(self, shown: int) -> StatusReply:
+    def status(self, shown: int, unknown_room: int) -> StatusReply:
         """What ``status --redis`` prints, read at one instant (status.lua), so that its figures agree;
-        of the dead jobs, the newest ``shown`` (all are counted)."""
-        high, medium, low, delayed, flat, limits, running, processes, rates, dead_count, dead = self._call(
-            "status", [shown])
+        of the dead jobs, the newest ``shown`` (all are counted); of the due jobs, at most the buffer's
+        room are placed at their priority (``unknown_room`` while no fetch has kept a buffer_size)."""
+        (high, medium, low, delayed, flat, limits, running, processes, rates, dead_count, dead, waiting,
+         buffer_size) = self._call("status", [shown, unknown_room])
         with self.read_as_numbers():
             counters = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
             taken = {running[i]: int(running[i + 1]) for i in range(0, len(running), 2)}
@@ -840,7 +843,8 @@ class Scripts:
                 rate_limits[rates[i]] = (int(max_starts), float(per_ms) / 1000.0, int(rates[i + 2]))
         return StatusReply((int(high), int(medium), int(low)), int(delayed), counters, dict(sorted(executors.items())),
                            int(processes), dict(sorted(rate_limits.items())), int(dead_count),
-                           [(row[0], row[1], retries_of(row[2]), row[3], row[4]) for row in dead])
+                           [(row[0], row[1], retries_of(row[2]), row[3], row[4]) for row in dead],
+                           int(waiting), int(buffer_size) or None)
 
     def requeue_dead(self, ids: Sequence[str]) -> int:
         return int(self._call("requeue_dead", [_wire(job_id) for job_id in ids])) if ids else 0

@@ -413,12 +413,13 @@ class RedisBroker:
             raise TinyMQError(f"could not read the rate limits of Redis queue {self.name!r}: {exc}") from exc
         return rate_limits
 
-    def _status(self, shown: int) -> Tuple[StatusReply, List[DeadJob]]:
+    def _status(self, shown: int, unknown_room: int) -> Tuple[StatusReply, List[DeadJob]]:
         """Every figure ``status --redis`` prints, read by one script call so that they agree
         (the separate reads above may each see another moment): the reply, and the newest ``shown``
-        dead jobs decoded (all are counted)."""
+        dead jobs decoded (all are counted). Of the due jobs, those the buffer's room takes are placed at
+        their priority, the first ``unknown_room`` while no fetch has kept a buffer_size (Scripts.status)."""
         try:
-            reply = self._call_resending(self._scripts.status, shown)
+            reply = self._call_resending(self._scripts.status, shown, unknown_room)
         except _redis().RedisError as exc:
             raise TinyMQError(f"could not read the status of Redis queue {self.name!r}: {exc}") from exc
         return reply, _dead_entries(reply.dead)

@@ -1159,8 +1159,9 @@ every get_stats() of a full buffer cost Redis a read per job waiting for room, w
 in a loop kept Redis busy with, and the fetches that make room waited behind it. So a lost job
 among those (its hash gone, or another program's value of another kind) counts as waiting, as
 it counts as unfinished, until the call that moves it drops it; one the room takes is left out
-(promote_due drops it, and it takes no room). ]]
-local function queue_sizes(room)
+(promote_due drops it, and it takes no room). `most` (optional): the most due jobs read, those
+beyond it counted in waiting too (status, while the room is unknown). ]]
+local function queue_sizes(room, most)
   now_ms()
   local sizes = {[0] = redis.call('LLEN', READY[0]), [1] = redis.call('LLEN', READY[1]),
                  [2] = redis.call('LLEN', READY[2])}
@@ -1173,8 +1174,9 @@ local function queue_sizes(room)
   local due_by = exact_ms()
   local due = redis.call('ZCOUNT', K_DELAYED, '-inf', due_by)
   local read = 0 -- due jobs looked at, earliest first (as promote_due moves them)
-  while room > 0 and read < due do
-    local ids = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', due_by, 'LIMIT', read, math.min(room, due - read))
+  local readable = math.min(due, most or math.huge)
+  while room > 0 and read < readable do
+    local ids = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', due_by, 'LIMIT', read, math.min(room, readable - read))
     if #ids == 0 then break end -- (never: one script sees one set)
     for _, id in ipairs(ids) do
       local p = job_fields(job_key(id), 'p')[1]
