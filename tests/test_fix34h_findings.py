@@ -77,3 +77,64 @@ def test_a_stop_the_collector_runs_on_the_reporting_thread_with_a_store_returns_
     assert "ignore their cancellation" not in stderr, stderr
     with SQLitePersistence(path) as store:  # the success deleted the job's row: it does not run again
         assert store.jobs() == [] and store.dead_jobs() == []
+
+
+def test_a_stop_the_collector_runs_on_the_reporting_thread_in_process_does_not_wait_for_the_blocked_loop(caplog):
+    # Without a store or a broker, outcomes are reported on the loop, but for one: a coroutine that
+    # blocks the loop past its deadline is decided timed out by another thread, and its failure
+    # reported on the reporting thread. A stop() the collector ran there waited for the blocked loop
+    # (1 s), then said that coroutines ignoring their cancellation were left running ("0 coroutines").
+    import gc
+    import threading
+    import time
+
+    from tinymq import ExecutorConfig, Job, Queue
+
+    q = Queue()
+    release = threading.Event()
+    collected = threading.Event()
+    stopped = []
+
+    async def blocks(job):
+        release.wait(WAIT * 3)  # (does not await: the loop is blocked until the test releases it)
+
+    q.register_executor("t", blocks, ExecutorConfig(timeout=0.2))
+
+    class StopsTheQueue:
+        """Garbage whose __del__ stops the queue, as a user's finalizer may."""
+
+        def __init__(self):
+            self.cycle = self
+
+        def __del__(self):
+            try:
+                q.stop()
+                stopped.append((None, threading.current_thread().name))
+            except Exception as error:
+                stopped.append((error, threading.current_thread().name))
+            collected.set()
+
+    dispatcher = q._dispatcher
+    timed_out = dispatcher.async_timed_out
+
+    def collected_as_it_reports(*args):  # (the loop runner reads it at each report)
+        if not collected.is_set():
+            StopsTheQueue()
+            gc.collect()  # the collector runs the __del__ here, on the thread that reports the timeout
+        return timed_out(*args)
+
+    dispatcher.async_timed_out = collected_as_it_reports
+    try:
+        with caplog.at_level("WARNING", logger="tinymq"):
+            q.start_dispatcher(1)
+            q.enqueue(Job("t", id="blocks"))
+            assert collected.wait(WAIT), "the coroutine blocking the loop was not decided timed out"
+            assert stopped == [(None, stopped[0][1])] and stopped[0][1].startswith("tinymq-io"), stopped
+            assert not release.is_set()  # (the loop was blocked while that stop() ran)
+            release.set()
+            q.stop()
+        assert q.get_stats().jobs_timed_out == 1  # (its retry is left delayed: the queue stopped)
+        assert "ignore their cancellation still running" not in caplog.text
+    finally:
+        release.set()
+        q.stop(wait=False)
