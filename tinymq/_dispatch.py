@@ -476,6 +476,16 @@ class Dispatcher:
             with section(self._lock):
                 self._thread_ids.discard(ident)
 
+    def own_thread_started(self, ident: int) -> None:
+        """A thread that the queue started otherwise (the loop's reporting threads) is one of its own
+        (``waits_for_itself``) until ``own_threads_ended``."""
+        self._thread_ids.add(ident)  # (one set operation: atomic)
+
+    def own_threads_ended(self, idents: List[int]) -> None:
+        """The threads ``idents`` of ``own_thread_started`` have exited (joined)."""
+        with section(self._lock):
+            self._thread_ids.difference_update(idents)
+
     def mark_forked_worker(self, thread_id: int) -> None:
         """In a fork()ed child: mark the slot of the worker whose thread forked, if it is one of ours, or
         the loop's attempt that forked.

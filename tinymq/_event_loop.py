@@ -223,7 +223,11 @@ class LoopRunner:
         # of the queue's own, not the loop's default executor, which the coroutines share: while they
         # hold its threads (awaiting q.aenqueue(block=True), a run_in_executor waiting on the queue),
         # no attempt could start or be reported.
-        self._io = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="tinymq-io")
+        # Each of them is one of the queue's own threads (Dispatcher.waits_for_itself), as a worker's:
+        # a stop() or join() that the collector runs in a report there would wait for that report.
+        self._io_thread_ids: List[int] = []  # (appended in the threads; read once they are joined)
+        self._io = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="tinymq-io",
+                                                         initializer=self._io_thread_started)
         self._lock = threading.RLock()  # taken with section() (but by _finished, on the loop only)
         # The attempts whose coroutines have not unwound (the keys; added by the loop thread, or by a
         # worker thread's adopt() under _lock; removed under _lock; other threads read a snapshot,
@@ -306,9 +310,16 @@ class LoopRunner:
                 logger.exception("tinymq event loop did not shut down cleanly")
             finally:
                 self._io.shutdown(wait=True)  # outcomes reported off the loop
+                self.dispatcher.own_threads_ended(self._io_thread_ids)  # (joined: an ident may be reused)
                 loop.close()
                 self._settled.set()
                 self._thread_done.set()
+
+    def _io_thread_started(self) -> None:
+        """In a reporting thread (``_io``), as it starts: the queue's own thread from now on."""
+        ident = threading.get_ident()
+        self._io_thread_ids.append(ident)
+        self.dispatcher.own_thread_started(ident)
 
     def _run_until_halted(self) -> None:
         """Run the loop until the queue stops it (``_halt``), whatever its executors do to it.
