@@ -138,3 +138,42 @@ def test_a_stop_the_collector_runs_on_the_reporting_thread_in_process_does_not_w
     finally:
         release.set()
         q.stop(wait=False)
+
+
+def test_a_stop_that_times_out_on_a_blocked_loop_says_the_loop_is_blocked(caplog):
+    # Found by fix34h: a stop(timeout=...) from an ordinary thread, with the loop blocked by a coroutine
+    # already decided timed out (so none that stop() cancelled), said "stop() returns with 0 coroutines
+    # that ignore their cancellation still running".
+    import threading
+
+    from tinymq import ExecutorConfig, Job, Queue
+
+    q = Queue()
+    release, timed_out = threading.Event(), threading.Event()
+
+    async def blocks(job):
+        release.wait(WAIT * 3)  # (does not await: the loop is blocked until the test releases it)
+
+    q.register_executor("t", blocks, ExecutorConfig(timeout=0.2))
+    dispatcher = q._dispatcher
+    decided = dispatcher.async_timed_out
+
+    def seen(*args):  # (the loop runner reads it at each report)
+        try:
+            return decided(*args)
+        finally:
+            timed_out.set()
+
+    dispatcher.async_timed_out = seen
+    try:
+        q.start_dispatcher(1)
+        q.enqueue(Job("t").with_max_retries(0))
+        assert timed_out.wait(WAIT), "the coroutine blocking the loop was not decided timed out"
+        with caplog.at_level("WARNING", logger="tinymq"):
+            q.stop(timeout=0.3)
+        warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stop() returns")]
+        assert len(warned) == 1 and "event loop still blocked" in warned[0], warned
+        assert "0 coroutines" not in caplog.text
+    finally:
+        release.set()
+        q.stop(wait=False)

@@ -935,8 +935,12 @@ class LoopRunner:
             if not self._settled.wait(max(0.0, wait_until - monotonic())):
                 self._left_unwinding = True  # said here, as stop() returns: _end_tasks does not say it again
                 unwinding = self.stopped_attempts()
-                logger.warning("stop() returns with %s that ignore their cancellation still running; the "
-                               "queue's event loop closes when they have returned", counted(unwinding, "coroutine"))
+                if unwinding:
+                    logger.warning("stop() returns with %s that ignore their cancellation still running; the "
+                                   "queue's event loop closes when they have returned", counted(unwinding, "coroutine"))
+                else:  # none it cancelled: the loop has not come back from a call that does not await
+                    logger.warning("stop() returns with the queue's event loop still blocked (a coroutine makes "
+                                   "a call that does not await); the loop closes when that call returns")
 
     def _stop_loop(self) -> None:
         """On the loop: stop it once no attempt runs on it (``stop(when_idle=True)``)."""
