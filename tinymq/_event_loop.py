@@ -317,9 +317,8 @@ class LoopRunner:
 
     def _io_thread_started(self) -> None:
         """In a reporting thread (``_io``), as it starts: the queue's own thread from now on."""
-        ident = threading.get_ident()
-        self._io_thread_ids.append(ident)
-        self.dispatcher.own_thread_started(ident)
+        self._io_thread_ids.append(threading.get_ident())
+        self.dispatcher.own_thread_started()
 
     def _run_until_halted(self) -> None:
         """Run the loop until the queue stops it (``_halt``), whatever its executors do to it.

@@ -1,0 +1,75 @@
+"""Defects found by the outside review of session 34's changes (helper review34), each with its
+test, failing before its fix."""
+import asyncio
+import threading
+
+import pytest
+
+from tinymq import ExecutorConfig, Job, Queue
+from tinymq.persistence import SQLitePersistence
+
+from _helpers import WAIT
+
+
+# --- 1. a dead reporting thread's ident made a user's thread one of the queue's own ------------------
+
+# The event loop's reporting threads (tinymq-io) are the queue's own (fix34h): recorded by ident as
+# they start, dropped once the loop's shutdown has joined them. Between their exit and that drop, which
+# waits for the coroutines that ignore their cancellation (decided before stop(): never waited for by
+# it), an ident of theirs may be reused by any new thread of the program (glibc reuses the stack of a
+# thread just joined, so often at once): that thread was taken for one of the queue's own, and its
+# join() raised RuntimeError ("would wait for itself"), its stop() waited for nothing.
+
+def _reusing_thread(idents, call, tries=500):
+    """Start threads one after another until one runs with an ident in ``idents``: what ``call()``
+    returned or raised there (None: no thread reused one)."""
+    for _ in range(tries):
+        outcome = []
+
+        def body():
+            if threading.get_ident() in idents:
+                try:
+                    outcome.append(("returned", call()))
+                except BaseException as exc:
+                    outcome.append(("raised", exc))
+
+        thread = threading.Thread(target=body)
+        thread.start()
+        thread.join()
+        if outcome:
+            return outcome[0]
+    return None
+
+
+def test_a_thread_that_reuses_an_ended_reporting_threads_ident_is_not_one_of_the_queues_own(tmp_path):
+    release, timed_out = threading.Event(), threading.Event()
+
+    async def ignores_its_cancellation(job):
+        while not release.is_set():
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:  # (its timeout)
+                timed_out.set()
+
+    store = SQLitePersistence(str(tmp_path / "jobs.db"))  # (outcomes are reported on tinymq-io threads)
+    q = Queue(10)
+    q.set_persistence(store)
+    q.register_executor("s", ignores_its_cancellation, ExecutorConfig(timeout=0.1))
+    q.enqueue(Job("s", id="s1"))
+    q.start_dispatcher(1)
+    try:
+        assert timed_out.wait(WAIT)
+        io_threads = [thread for thread in threading.enumerate() if thread.name.startswith("tinymq-io")]
+        assert io_threads, "the timeout was reported off the loop"
+        q.stop(timeout=WAIT)  # (returns at once: the timed-out coroutine is never waited for)
+        for thread in io_threads:
+            thread.join(WAIT)  # (the loop's shutdown joined them; it still waits for the coroutine)
+            assert not thread.is_alive()
+        outcome = _reusing_thread({thread.ident for thread in io_threads}, lambda: q.join(0))
+        if outcome is None:
+            pytest.skip("no new thread reused an ident of an ended reporting thread")
+        assert outcome == ("returned", False), outcome  # (stopped with a job left: as in any thread)
+    finally:
+        release.set()
+        q.stop()
+        store.close()
