@@ -73,3 +73,57 @@ def test_a_thread_that_reuses_an_ended_reporting_threads_ident_is_not_one_of_the
         release.set()
         q.stop()
         store.close()
+
+
+# --- 2. stop()'s warning blamed a coroutine for a report that had not returned ------------------------
+
+# A stop(timeout=...) whose loop had not closed by its end, with no coroutine it cancelled still
+# running, said "the queue's event loop still blocked (a coroutine makes a call that does not await)"
+# (219a8ca). But the loop's shutdown waits too for the outcomes being reported off the loop (the
+# tinymq-io threads): a store whose write waits for another connection's lock kept it, with no
+# coroutine blocking anything. The warning now says what the shutdown waits for.
+
+def test_a_stop_that_times_out_on_a_report_under_way_says_so_not_that_a_coroutine_blocks_the_loop(
+        tmp_path, caplog):
+    from _helpers import LockedStore
+
+    path = str(tmp_path / "jobs.db")
+    store = SQLitePersistence(path)
+    q = Queue(10)
+    q.set_persistence(store)
+    started, finish = threading.Event(), threading.Event()
+    writing = threading.Event()
+
+    async def work(job):
+        started.set()
+        while not finish.is_set():
+            await asyncio.sleep(0.005)
+
+    real = q._dispatcher.async_succeeded
+
+    def reported(*args, **kwargs):  # (on the reporting thread: its store write waits for the lock)
+        writing.set()
+        return real(*args, **kwargs)
+
+    q._dispatcher.async_succeeded = reported
+    q.register_executor("a", work)
+    q.enqueue(Job("a", id="a1"))
+    q.start_dispatcher(1)
+    locked = None
+    try:
+        assert started.wait(WAIT)
+        locked = LockedStore(path).__enter__()  # (another program holds the store's write lock)
+        finish.set()
+        assert writing.wait(WAIT)  # (its write waits for the lock: the loop's shutdown waits for it)
+        with caplog.at_level("WARNING", logger="tinymq"):
+            q.stop(timeout=0.3)
+        warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stop() returns")]
+        assert len(warned) == 1, warned
+        assert "does not await" not in warned[0] and "being reported" in warned[0], warned
+    finally:
+        finish.set()
+        if locked is not None:
+            locked.__exit__()
+        q.stop()
+        store.close()
+    assert q.get_stats().jobs_succeeded == 1  # (its report went through once the lock was free)
