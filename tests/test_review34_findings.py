@@ -127,3 +127,42 @@ def test_a_stop_that_times_out_on_a_report_under_way_says_so_not_that_a_coroutin
         q.stop()
         store.close()
     assert q.get_stats().jobs_succeeded == 1  # (its report went through once the lock was free)
+
+
+@pytest.mark.parametrize("left", ["tasks", "executor"])
+def test_a_stop_that_times_out_on_a_task_or_the_default_executor_says_so(left, caplog):
+    # The same for what else the loop's shutdown waits for: a task a coroutine started that ignores its
+    # cancellation, and the loop's default executor (a run_in_executor call that has not returned).
+    q = Queue(10)
+    started, release = threading.Event(), threading.Event()
+
+    async def stubborn():
+        while not release.is_set():
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                pass
+
+    kept = []
+
+    async def work(job):
+        loop = asyncio.get_running_loop()
+        if left == "tasks":
+            kept.append(loop.create_task(stubborn()))
+        else:
+            kept.append(loop.run_in_executor(None, release.wait, WAIT))
+        started.set()
+
+    q.register_executor("a", work)
+    q.enqueue(Job("a"))
+    q.start_dispatcher(1)
+    try:
+        assert started.wait(WAIT)
+        with caplog.at_level("WARNING", logger="tinymq"):
+            q.stop(timeout=0.3)
+        warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stop() returns")]
+        assert len(warned) == 1 and "does not await" not in warned[0], warned
+        assert ("ignore their cancellation" if left == "tasks" else "default executor") in warned[0], warned
+    finally:
+        release.set()
+        q.stop()
