@@ -582,8 +582,10 @@ class Dispatcher:
     def waits_for_itself(self) -> bool:
         """True in this queue's own threads and in its failure callbacks, where join() cannot return."""
         ident = threading.get_ident()
-        return (ident in self._thread_ids or getattr(self._in_callback, "depth", 0) > 0
-                or self._other_threads.get(ident) is threading.current_thread())
+        if ident in self._thread_ids or getattr(self._in_callback, "depth", 0) > 0:
+            return True
+        other = self._other_threads.get(ident)
+        return other is not None and other is threading.current_thread()
 
     def _start_worker(self, failure: Optional[Tuple[Any, Any, BaseException]] = None) -> None:
         """Start one worker thread, which first handles ``failure``. Called with _lock held."""
