@@ -266,6 +266,9 @@ class Dispatcher:
         # exited: until then the store is not free for another queue (gave_up_attempts).
         self._gave_up_slots: Set[Any] = set()
         self._thread_ids: Set[int] = set()  # this queue's threads: join() there would wait for itself
+        # The loop's reporting threads (own_thread_started), by ident: one is this queue's own while it
+        # is the very thread recorded (once it has exited, a new thread of the program may have its ident).
+        self._other_threads: Dict[int, threading.Thread] = {}
         self._started = False
         self._started_in: Optional[int] = None  # the pid whose threads serve the queue (see forked_copy)
         self._stopping = False
@@ -476,15 +479,19 @@ class Dispatcher:
             with section(self._lock):
                 self._thread_ids.discard(ident)
 
-    def own_thread_started(self, ident: int) -> None:
-        """A thread that the queue started otherwise (the loop's reporting threads) is one of its own
-        (``waits_for_itself``) until ``own_threads_ended``."""
-        self._thread_ids.add(ident)  # (one set operation: atomic)
+    def own_thread_started(self) -> None:
+        """Called in a thread that the queue started otherwise (the loop's reporting threads), as it
+        starts: one of its own (``waits_for_itself``) until it exits. Recorded as the thread itself, not
+        its ident alone: those threads exit with no step of their own, and their idents are dropped only
+        once joined (``own_threads_ended``), after the loop's shutdown has waited for the coroutines that
+        ignore their cancellation; meanwhile any new thread may have such an ident."""
+        self._other_threads[threading.get_ident()] = threading.current_thread()  # (one operation: atomic)
 
     def own_threads_ended(self, idents: List[int]) -> None:
         """The threads ``idents`` of ``own_thread_started`` have exited (joined)."""
         with section(self._lock):
-            self._thread_ids.difference_update(idents)
+            for ident in idents:
+                self._other_threads.pop(ident, None)
 
     def mark_forked_worker(self, thread_id: int) -> None:
         """In a fork()ed child: mark the slot of the worker whose thread forked, if it is one of ours, or
@@ -574,7 +581,11 @@ class Dispatcher:
 
     def waits_for_itself(self) -> bool:
         """True in this queue's own threads and in its failure callbacks, where join() cannot return."""
-        return threading.get_ident() in self._thread_ids or getattr(self._in_callback, "depth", 0) > 0
+        ident = threading.get_ident()
+        if ident in self._thread_ids or getattr(self._in_callback, "depth", 0) > 0:
+            return True
+        other = self._other_threads.get(ident)
+        return other is not None and other is threading.current_thread()
 
     def _start_worker(self, failure: Optional[Tuple[Any, Any, BaseException]] = None) -> None:
         """Start one worker thread, which first handles ``failure``. Called with _lock held."""

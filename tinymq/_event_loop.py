@@ -260,6 +260,10 @@ class LoopRunner:
         # coroutines that timed out or were cancelled before stop() (_NEVER_WAITED_FOR).
         self._settled = threading.Event()
         self._left_unwinding = False  # stop() returned before _settled and logged the coroutines it left
+        # Loop thread only (stop() reads it for its warning): what the loop's shutdown waits for, once it
+        # has begun: "tasks" (tasks to end), "executor" (the loop's default executor), "reports"
+        # (outcomes being reported off the loop, _io); "" before (the loop runs, or a call blocks it).
+        self._shutdown_step = ""
         # Guarded by _lock: stop() has cancelled the loop's attempts (cancel_for_stop): an attempt a
         # worker thread hands over from now on is refused (adopt), not started and left running.
         self._refusing = False
@@ -299,16 +303,22 @@ class LoopRunner:
                         continue
                     self.ready.release_state(state, False, core.LOOP)
                     dispatcher._stopped_async(job)
+                self._shutdown_step = "tasks"
                 if self._end_tasks(spare_never_waited_for=True):  # such coroutines are still running:
+                    self._shutdown_step = "reports"
                     self._io.shutdown(wait=True)  # stop() returns once the outcomes are reported
                     self._settled.set()
+                    self._shutdown_step = "tasks"
                 self._end_tasks()
                 loop.run_until_complete(loop.shutdown_asyncgens())
+                self._shutdown_step = "executor"
                 loop.run_until_complete(loop.shutdown_default_executor())
+                self._shutdown_step = "tasks"
                 self._end_tasks()  # a task started meanwhile, by a callback run in the two calls above
             except Exception:  # pragma: no cover - a bug; the loop closes all the same
                 logger.exception("tinymq event loop did not shut down cleanly")
             finally:
+                self._shutdown_step = "reports"
                 self._io.shutdown(wait=True)  # outcomes reported off the loop
                 self.dispatcher.own_threads_ended(self._io_thread_ids)  # (joined: an ident may be reused)
                 loop.close()
@@ -317,9 +327,8 @@ class LoopRunner:
 
     def _io_thread_started(self) -> None:
         """In a reporting thread (``_io``), as it starts: the queue's own thread from now on."""
-        ident = threading.get_ident()
-        self._io_thread_ids.append(ident)
-        self.dispatcher.own_thread_started(ident)
+        self._io_thread_ids.append(threading.get_ident())
+        self.dispatcher.own_thread_started()
 
     def _run_until_halted(self) -> None:
         """Run the loop until the queue stops it (``_halt``), whatever its executors do to it.
@@ -935,9 +944,20 @@ class LoopRunner:
             if not self._settled.wait(max(0.0, wait_until - monotonic())):
                 self._left_unwinding = True  # said here, as stop() returns: _end_tasks does not say it again
                 unwinding = self.stopped_attempts()
+                step = self._shutdown_step
                 if unwinding:
                     logger.warning("stop() returns with %s that ignore their cancellation still running; the "
                                    "queue's event loop closes when they have returned", counted(unwinding, "coroutine"))
+                elif step == "reports" or self._reporting:  # (the shutdown's wait, or stop()'s: wait_finished)
+                    logger.warning("stop() returns with outcomes of async jobs still being reported (a call to "
+                                   "the store or to Redis has not returned); the queue's event loop closes "
+                                   "once they are")
+                elif step == "executor":
+                    logger.warning("stop() returns with the queue's event loop waiting for its default executor "
+                                   "(a loop.run_in_executor call has not returned); the loop closes when it has")
+                elif step == "tasks":
+                    logger.warning("stop() returns with tasks on the queue's event loop that ignore their "
+                                   "cancellation still running; the loop closes when they have returned")
                 else:  # none it cancelled: the loop has not come back from a call that does not await
                     logger.warning("stop() returns with the queue's event loop still blocked (a coroutine makes "
                                    "a call that does not await); the loop closes when that call returns")
