@@ -315,8 +315,10 @@ def test_the_cores_offer_the_same_names_and_no_take_for_loop():
 @pytest.mark.parametrize("args, prog, option", [
     (["--version"], "python -m tinymq", "--version"),
     (["--help"], "python -m tinymq", "--help"),
+    (["-h"], "python -m tinymq", "-h"),  # (the option as typed: review34 saw -h named --help)
     (["status", "--help"], "python -m tinymq status", "--help"),
-], ids=["version", "help", "status-help"])
+    (["worker", "-h"], "python -m tinymq worker", "-h"),
+], ids=["version", "help", "h", "status-help", "worker-h"])
 def test_version_and_help_with_stdout_closed_fail_in_one_line(args, prog, option):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))

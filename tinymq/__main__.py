@@ -7,7 +7,7 @@ usage (argparse).
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 
 from . import HAS_EXTENSION, __version__
 from ._cli import (LOG_LEVELS, MAX_PROCESSES, MAX_WORKERS, CommandError, configure_logging, process_count,
@@ -71,6 +71,11 @@ class _Parser(argparse.ArgumentParser):
     command's output is; argparse writes them to stderr when stdout is closed, ignores a failed
     write, and exits 0 either way, as if the text had been shown."""
 
+    def __init__(self, *, add_help: bool = True, **kwargs: Any) -> None:
+        super().__init__(add_help=False, **kwargs)
+        if add_help:  # (argparse's own, but for the option named in the closed-stdout error: -h or --help)
+            self.add_argument("-h", "--help", action=_HelpAction, help="show this help message and exit")
+
     def print_help(self, file: "Optional[SupportsWrite[str]]" = None) -> None:
         if file is not None:
             super().print_help(file)
@@ -91,6 +96,20 @@ class _Parser(argparse.ArgumentParser):
         except OSError as exc:
             os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())  # (no second error as Python exits)
             self.exit(1, f"{self.prog}: error: could not write to stdout ({exc})\n")
+
+
+class _HelpAction(argparse.Action):
+    """``-h``/``--help``: print the help with ``_Parser.print_out`` and exit 0."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 help: Optional[str] = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: Optional[str] = None) -> None:
+        assert isinstance(parser, _Parser)
+        parser.print_out(parser.format_help(), option_string or "--help")
+        parser.exit()
 
 
 class _VersionAction(argparse.Action):
