@@ -75,7 +75,7 @@ def test_a_cron_schedule_restarted_with_its_clock_corrected_from_a_day_ahead_goe
         assert runs.wait_for(1)
         q.stop(wait=False)  # the process stops under the attempt: its job stays stored
         hold.set()
-        own = q._dispatcher._thread_ids  # (each of the queue's threads, until its target returns)
+        own = q._dispatcher._own_threads  # (each of the queue's threads, until its target returns)
         for thread in [thread for thread in threading.enumerate() if thread.ident in own]:
             thread.join(WAIT)
             assert not thread.is_alive()

@@ -440,7 +440,7 @@ def stop_with_the_attempt_cancelled(q, runs):
     q.stop(wait=False)  # saves the running job back as ready, and cancels the attempt
     runs.crash = True
     runs.release.set()
-    own = q._dispatcher._thread_ids  # (each of the queue's threads, until its target returns)
+    own = q._dispatcher._own_threads  # (each of the queue's threads, until its target returns)
     for thread in [thread for thread in threading.enumerate() if thread.ident in own]:
         thread.join(WAIT)
         assert not thread.is_alive()

@@ -265,10 +265,10 @@ class Dispatcher:
         # Slots of workers whose attempt stop() gave up on (saved back as ready) and that have not
         # exited: until then the store is not free for another queue (gave_up_attempts).
         self._gave_up_slots: Set[Any] = set()
-        self._thread_ids: Set[int] = set()  # this queue's threads: join() there would wait for itself
-        # The loop's reporting threads (own_thread_started), by ident: one is this queue's own while it
-        # is the very thread recorded (once it has exited, a new thread of the program may have its ident).
-        self._other_threads: Dict[int, threading.Thread] = {}
+        # This queue's threads (join() there would wait for itself), by ident: one is this queue's own
+        # while it is the very thread recorded (a reporting thread's ident is dropped only once joined,
+        # and meanwhile a new thread of the program may have it: see own_thread_started).
+        self._own_threads: Dict[int, threading.Thread] = {}
         self._started = False
         self._started_in: Optional[int] = None  # the pid whose threads serve the queue (see forked_copy)
         self._stopping = False
@@ -472,12 +472,12 @@ class Dispatcher:
 
     def _run_thread(self, target: Callable[..., None], *args: Any) -> None:
         ident = threading.get_ident()
-        self._thread_ids.add(ident)
+        self._own_threads[ident] = threading.current_thread()  # (one operation: atomic)
         try:
             target(*args)
         finally:
             with section(self._lock):
-                self._thread_ids.discard(ident)
+                self._own_threads.pop(ident, None)
 
     def own_thread_started(self) -> None:
         """Called in a thread that the queue started otherwise (the loop's reporting threads), as it
@@ -485,13 +485,16 @@ class Dispatcher:
         its ident alone: those threads exit with no step of their own, and their idents are dropped only
         once joined (``own_threads_ended``), after the loop's shutdown has waited for the coroutines that
         ignore their cancellation; meanwhile any new thread may have such an ident."""
-        self._other_threads[threading.get_ident()] = threading.current_thread()  # (one operation: atomic)
+        self._own_threads[threading.get_ident()] = threading.current_thread()  # (one operation: atomic)
 
-    def own_threads_ended(self, idents: List[int]) -> None:
-        """The threads ``idents`` of ``own_thread_started`` have exited (joined)."""
+    def own_threads_ended(self, threads: List[threading.Thread]) -> None:
+        """The ``threads`` of ``own_thread_started`` have exited (joined): each forgotten, unless a
+        worker of this queue's has its ident by now."""
         with section(self._lock):
-            for ident in idents:
-                self._other_threads.pop(ident, None)
+            for thread in threads:
+                ident = thread.ident
+                if ident is not None and self._own_threads.get(ident) is thread:
+                    del self._own_threads[ident]
 
     def mark_forked_worker(self, thread_id: int) -> None:
         """In a fork()ed child: mark the slot of the worker whose thread forked, if it is one of ours, or
@@ -581,11 +584,10 @@ class Dispatcher:
 
     def waits_for_itself(self) -> bool:
         """True in this queue's own threads and in its failure callbacks, where join() cannot return."""
-        ident = threading.get_ident()
-        if ident in self._thread_ids or getattr(self._in_callback, "depth", 0) > 0:
+        if getattr(self._in_callback, "depth", 0) > 0:
             return True
-        other = self._other_threads.get(ident)
-        return other is not None and other is threading.current_thread()
+        own = self._own_threads.get(threading.get_ident())  # (current_thread() only for one of ours:
+        return own is not None and own is threading.current_thread()  # no _DummyThread for a foreign one)
 
     def _start_worker(self, failure: Optional[Tuple[Any, Any, BaseException]] = None) -> None:
         """Start one worker thread, which first handles ``failure``. Called with _lock held."""

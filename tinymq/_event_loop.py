@@ -225,7 +225,7 @@ class LoopRunner:
         # no attempt could start or be reported.
         # Each of them is one of the queue's own threads (Dispatcher.waits_for_itself), as a worker's:
         # a stop() or join() that the collector runs in a report there would wait for that report.
-        self._io_thread_ids: List[int] = []  # (appended in the threads; read once they are joined)
+        self._io_threads: List[threading.Thread] = []  # (appended in the threads; read once they are joined)
         self._io = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="tinymq-io",
                                                          initializer=self._io_thread_started)
         self._lock = threading.RLock()  # taken with section() (but by _finished, on the loop only)
@@ -320,14 +320,14 @@ class LoopRunner:
             finally:
                 self._shutdown_step = "reports"
                 self._io.shutdown(wait=True)  # outcomes reported off the loop
-                self.dispatcher.own_threads_ended(self._io_thread_ids)  # (joined: an ident may be reused)
+                self.dispatcher.own_threads_ended(self._io_threads)  # (joined: an ident may be reused)
                 loop.close()
                 self._settled.set()
                 self._thread_done.set()
 
     def _io_thread_started(self) -> None:
         """In a reporting thread (``_io``), as it starts: the queue's own thread from now on."""
-        self._io_thread_ids.append(threading.get_ident())
+        self._io_threads.append(threading.current_thread())
         self.dispatcher.own_thread_started()
 
     def _run_until_halted(self) -> None:
