@@ -1031,10 +1031,14 @@ class QueueLink:
             if record is None:
                 self._forget(job)
                 return
-            self._slot_freed(record)
-            self._queue_op(SettleOp("S", record.attempt))
+            self._succeeded(record)
             self._ended(record)
         self._flush_if_idle()
+
+    def _succeeded(self, record: _Attempt) -> None:
+        """``record``, taken out of _attempts, succeeded: its slot freed, its op queued. With _lock held."""
+        self._slot_freed(record)
+        self._queue_op(SettleOp("S", record.attempt))
 
     def _forget(self, job: Any) -> Optional[_Attempt]:
         """An attempt no longer this process's (_disowned) ended: forgotten, and the worker's
@@ -1915,8 +1919,7 @@ class QueueLink:
             for job, record in list(self._attempts.items()):
                 if record.ending == me:
                     del self._attempts[job]
-                    self._slot_freed(record)
-                    self._queue_op(SettleOp("S", record.attempt))
+                    self._succeeded(record)
             # From here on an attempt is no longer this process's to end (_decide): a failure
             # decided now would go with the release, whose row another process reports, while
             # its callbacks ran here too (stop() no longer waits for them).
