@@ -7,7 +7,7 @@ usage (argparse).
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from . import HAS_EXTENSION, __version__
 from ._cli import (LOG_LEVELS, MAX_PROCESSES, MAX_WORKERS, CommandError, configure_logging, process_count,
@@ -18,8 +18,6 @@ from ._status import (_REDIS_DEAD_MAX, change_dead_in_db, change_dead_in_redis, 
                       render_status)
 from ._worker import Supervisor, default_workers, run_child, split_target
 
-if TYPE_CHECKING:
-    from _typeshed import SupportsWrite
 
 _CHILD_COMMAND = "_worker-child"  # how `worker` starts each worker process (not a public command)
 _DEAD_LIMIT = 20  # dead jobs that the status table lists by default
@@ -74,13 +72,7 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *, add_help: bool = True, **kwargs: Any) -> None:
         super().__init__(add_help=False, **kwargs)
         if add_help:  # (argparse's own, but for the option named in the closed-stdout error: -h or --help)
-            self.add_argument("-h", "--help", action=_HelpAction, help="show this help message and exit")
-
-    def print_help(self, file: "Optional[SupportsWrite[str]]" = None) -> None:
-        if file is not None:
-            super().print_help(file)
-        else:
-            self.print_out(self.format_help(), "--help")
+            self.add_argument("-h", "--help", action=_PrintAction, help="show this help message and exit")
 
     def print_out(self, text: str, option: str) -> None:
         """Write ``text``, what ``option`` prints, to stdout."""
@@ -98,32 +90,20 @@ class _Parser(argparse.ArgumentParser):
             self.exit(1, f"{self.prog}: error: could not write to stdout ({exc})\n")
 
 
-class _HelpAction(argparse.Action):
-    """``-h``/``--help``: print the help with ``_Parser.print_out`` and exit 0."""
+class _PrintAction(argparse.Action):
+    """``-h``/``--help`` (``text`` None: the parser's help) or ``--version`` (``text``): print it
+    with ``_Parser.print_out``, which names the option as typed if stdout is closed, and exit 0."""
 
     def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
-                 help: Optional[str] = None) -> None:
+                 help: Optional[str] = None, text: Optional[str] = None) -> None:
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+        self.text = text
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: object, option_string: Optional[str] = None) -> None:
         assert isinstance(parser, _Parser)
-        parser.print_out(parser.format_help(), option_string or "--help")
-        parser.exit()
-
-
-class _VersionAction(argparse.Action):
-    """``--version``: print ``version`` with ``_Parser.print_out`` and exit 0."""
-
-    def __init__(self, option_strings: Sequence[str], version: str, dest: str = argparse.SUPPRESS,
-                 help: Optional[str] = None) -> None:
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
-        self.version = version
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: object, option_string: Optional[str] = None) -> None:
-        assert isinstance(parser, _Parser)
-        parser.print_out(self.version + "\n", option_string or "--version")
+        text = parser.format_help() if self.text is None else self.text + "\n"
+        parser.print_out(text, option_string or self.option_strings[-1])
         parser.exit()
 
 
@@ -133,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="tinymq's command line. With no command, it runs the demo (see `demo --help`).",
     )
     core = "compiled core" if HAS_EXTENSION else "pure-Python core"
-    parser.add_argument("--version", action=_VersionAction, version=f"tinymq {__version__} ({core})",
+    parser.add_argument("--version", action=_PrintAction, text=f"tinymq {__version__} ({core})",
                         help="print tinymq's version and which core it runs, and exit")
     commands = parser.add_subparsers(dest="command")
 
