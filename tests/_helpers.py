@@ -265,6 +265,23 @@ def loop_takes(ready, max_jobs, handed):
     return [handed.popleft()[:2] for _ in range(count)]
 
 
+def handed_to_loop(core, jobs):
+    """A core whose type "a" (at most 5 at once) runs on the event loop, with ``jobs`` jobs ``a0``,
+    ``a1``, ... (payload i) pushed and all handed to the loop: (the ReadyQueue, its deque)."""
+    from collections import deque
+
+    from tinymq import Job
+
+    ready = core.ReadyQueue(10)
+    ready.configure("a", lambda job: None, 5, None, False, False, core.LOOP)
+    handed = deque()
+    ready.set_loop_waker(lambda: None, handed)
+    for i in range(jobs):
+        assert ready.push(Job("a", i, id=f"a{i}"))
+    assert ready.hand_to_loop(8) == jobs
+    return ready, handed
+
+
 def places(stats):
     """Where get_stats() puts the unfinished jobs: each one in exactly one place."""
     running = sum(executor.active_jobs for executor in stats.executor_stats.values())

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from _helpers import WAIT
+from _helpers import WAIT, handed_to_loop
 
 
 # --- 1. A job the event loop took, not started as stop() comes, counts as ready, not running --------
@@ -123,17 +123,7 @@ def test_a_job_handed_to_the_loop_as_the_core_closes_counts_as_ready_not_running
     """The core's side: close() takes back, in its own step, what is left in the loop's deque
     (hand_to_loop); a job the loop popped before is the loop's; one whose cancel was requested stays
     for the loop to end as cancelled."""
-    from collections import deque
-
-    from tinymq import Job
-
-    ready = core.ReadyQueue(10)
-    ready.configure("a", lambda job: None, 5, None, False, False, core.LOOP)
-    handed = deque()
-    ready.set_loop_waker(lambda: None, handed)
-    for i in range(4):
-        assert ready.push(Job("a", i, id=f"a{i}"))
-    assert ready.hand_to_loop(8) == 4
+    ready, handed = handed_to_loop(core, 4)
     assert [job.payload for job, _, _ in handed] == [0, 1, 2, 3]
     started = handed.popleft()  # the loop starts this one: it is the loop's
     assert ready.mark_cancel("a3")[0] == core.CANCEL_MARKED  # in the loop's hands: marked

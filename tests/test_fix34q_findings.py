@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from _helpers import WAIT, all_accounted, stats_watched
+from _helpers import WAIT, all_accounted, handed_to_loop, stats_watched
 
 
 # --- 1. A job the event loop popped as stop() began is counted once at every instant -----------------
@@ -245,17 +245,7 @@ def test_a_job_the_loop_puts_back_is_taken_back_by_close_or_at_once_once_closed(
     """The core's side: a job the loop popped and put back (stop() began) stays counted running until
     close() takes it back as ready; once closed, take_back_from_loop() takes it back in its own step.
     One whose cancel was requested stays for the loop to end as cancelled."""
-    from collections import deque
-
-    from tinymq import Job
-
-    ready = core.ReadyQueue(10)
-    ready.configure("a", lambda job: None, 5, None, False, False, core.LOOP)
-    handed = deque()
-    ready.set_loop_waker(lambda: None, handed)
-    for i in range(4):
-        assert ready.push(Job("a", i, id=f"a{i}"))
-    assert ready.hand_to_loop(8) == 4
+    ready, handed = handed_to_loop(core, 4)
     first = handed.popleft()
     handed.appendleft(first)  # put back as stop() began: not closed yet, nothing taken back
     ready.take_back_from_loop()
@@ -266,17 +256,7 @@ def test_a_job_the_loop_puts_back_is_taken_back_by_close_or_at_once_once_closed(
 
 
 def test_take_back_from_loop_after_close_takes_back_what_the_loop_put_back(core):
-    from collections import deque
-
-    from tinymq import Job
-
-    ready = core.ReadyQueue(10)
-    ready.configure("a", lambda job: None, 5, None, False, False, core.LOOP)
-    handed = deque()
-    ready.set_loop_waker(lambda: None, handed)
-    for i in range(3):
-        assert ready.push(Job("a", i, id=f"a{i}"))
-    assert ready.hand_to_loop(8) == 3
+    ready, handed = handed_to_loop(core, 3)
     popped = [handed.popleft() for _ in range(3)]  # the loop popped them all as stop() began
     assert ready.mark_cancel("a2")[0] == core.CANCEL_MARKED
     ready.close()
