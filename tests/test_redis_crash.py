@@ -34,6 +34,10 @@ LIMIT_D = 2  # _redis_crash_worker.LIMIT_D
 # CPU its start takes (interpreter, imports, first connection) stretches with the load.
 START_WAIT = 180.0
 DRAIN_WAIT = 60.0  # seconds join() may take after the last kill
+# Each test may wait START_WAIT for a worker more than once, and the suite's default bound
+# (pyproject's pytest timeout, 120 s) is shorter than one such wait: each test gets room for
+# two, and the drain. Reached only when the host is starved; a hang still ends the test.
+pytestmark = pytest.mark.timeout(2 * START_WAIT + DRAIN_WAIT)
 PRIORITIES = (Priority.LOW, Priority.MEDIUM, Priority.HIGH)
 SCAN_COUNT = 1000  # keys per SCAN step: the keyspace holds a hash per unfinished job
 
