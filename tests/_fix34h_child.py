@@ -8,7 +8,6 @@ long that stop() took and what it raised, once it returned; or exits 3 if it had
 within WAIT seconds (it hung: the process is ended with os._exit, as its threads never would).
 Then it stops the queue from the main thread and exits 0.
 """
-import gc
 import json
 import os
 import sys
@@ -16,6 +15,8 @@ import threading
 import time
 
 from tinymq import Job, Queue
+
+from _helpers import collect_garbage_that  # (this script's folder is tests/)
 
 
 def main() -> None:
@@ -46,27 +47,20 @@ def main() -> None:
     stopped = []
     collected = threading.Event()
 
-    class StopsTheQueue:
-        """Garbage whose __del__ stops the queue, as a user's finalizer may."""
-
-        def __init__(self):
-            self.cycle = self  # (freed by the collector only)
-
-        def __del__(self):
-            began = time.monotonic()
-            try:
-                q.stop()
-                stopped.append((None, time.monotonic() - began, threading.current_thread().name))
-            except Exception as error:
-                stopped.append((repr(error), time.monotonic() - began, threading.current_thread().name))
-            collected.set()
+    def stops_the_queue() -> None:  # (a user's finalizer may)
+        began = time.monotonic()
+        try:
+            q.stop()
+            stopped.append((None, time.monotonic() - began, threading.current_thread().name))
+        except Exception as error:
+            stopped.append((repr(error), time.monotonic() - began, threading.current_thread().name))
+        collected.set()
 
     reporting = getattr(target, method)
 
     def collected_as_it_reports(job_or_id):  # (read at each report: an instance attribute wins)
         if getattr(job_or_id, "id", job_or_id) == "done" and not collected.is_set():
-            StopsTheQueue()
-            gc.collect()  # the collector runs the __del__ here, on the thread that reports the outcome
+            collect_garbage_that(stops_the_queue)  # on the thread that reports the outcome
         return reporting(job_or_id)
 
     setattr(target, method, collected_as_it_reports)

@@ -8,6 +8,7 @@ Executors are plain functions (closures), not bound methods or callable
 instances, so that the single-argument ``fn(job)`` form is what the queue sees.
 """
 import contextlib
+import gc
 import os
 import sqlite3
 import threading
@@ -420,3 +421,18 @@ def another_programs_database(path, tables=("users",), version=0):
     connection.commit()
     connection.close()
     os.chmod(path, 0o600)
+
+
+def collect_garbage_that(call):
+    """Run ``call()`` as the garbage collector runs a user's finalizer: from the ``__del__`` of
+    a reference cycle, collected here, on the calling thread."""
+
+    class Finalized:
+        def __init__(self):
+            self.cycle = self  # (freed by the collector only)
+
+        def __del__(self):
+            call()
+
+    Finalized()
+    gc.collect()

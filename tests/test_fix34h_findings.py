@@ -25,7 +25,7 @@ import tinymq
 from tinymq.persistence import SQLitePersistence
 
 from _backends import Redis
-from _helpers import WAIT
+from _helpers import WAIT, collect_garbage_that
 
 ROOT = Path(tinymq.__file__).resolve().parent.parent
 CHILD = Path(__file__).with_name("_fix34h_child.py")
@@ -84,9 +84,7 @@ def test_a_stop_the_collector_runs_on_the_reporting_thread_in_process_does_not_w
     # blocks the loop past its deadline is decided timed out by another thread, and its failure
     # reported on the reporting thread. A stop() the collector ran there waited for the blocked loop
     # (1 s), then said that coroutines ignoring their cancellation were left running ("0 coroutines").
-    import gc
     import threading
-    import time
 
     from tinymq import ExecutorConfig, Job, Queue
 
@@ -100,27 +98,20 @@ def test_a_stop_the_collector_runs_on_the_reporting_thread_in_process_does_not_w
 
     q.register_executor("t", blocks, ExecutorConfig(timeout=0.2))
 
-    class StopsTheQueue:
-        """Garbage whose __del__ stops the queue, as a user's finalizer may."""
-
-        def __init__(self):
-            self.cycle = self
-
-        def __del__(self):
-            try:
-                q.stop()
-                stopped.append((None, threading.current_thread().name))
-            except Exception as error:
-                stopped.append((error, threading.current_thread().name))
-            collected.set()
+    def stops_the_queue():  # (a user's finalizer may)
+        try:
+            q.stop()
+            stopped.append((None, threading.current_thread().name))
+        except Exception as error:
+            stopped.append((error, threading.current_thread().name))
+        collected.set()
 
     dispatcher = q._dispatcher
     timed_out = dispatcher.async_timed_out
 
     def collected_as_it_reports(*args):  # (the loop runner reads it at each report)
         if not collected.is_set():
-            StopsTheQueue()
-            gc.collect()  # the collector runs the __del__ here, on the thread that reports the timeout
+            collect_garbage_that(stops_the_queue)  # on the thread that reports the timeout
         return timed_out(*args)
 
     dispatcher.async_timed_out = collected_as_it_reports

@@ -1,6 +1,5 @@
 """Defects of the Redis broker left open by session 33 (session 34, helper fix34r), each with its test
 against a real redis-server (tests/conftest.py's fixtures), failing before its fix."""
-import gc
 import json
 import os
 import subprocess
@@ -16,7 +15,7 @@ from tinymq import ExecutorConfig, Job, Priority
 from tinymq.errors import TinyMQError
 
 from _backends import Redis
-from _helpers import WAIT
+from _helpers import WAIT, collect_garbage_that
 from test_fix33l_loading import SLOWER_LOAD, _loading, _loading_server, _sends, loaded_dir  # noqa: F401 (a fixture)
 
 ROOT = Path(tinymq.__file__).resolve().parent.parent
@@ -157,28 +156,21 @@ def test_a_stop_the_collector_runs_as_the_same_thread_counts_a_success_sends_it_
         stopped = []
         collected = threading.Event()
 
-        class StopsTheQueue:
-            """Garbage whose __del__ stops the queue, as a user's finalizer may."""
-
-            def __init__(self):
-                self.cycle = self  # (freed by the collector only)
-
-            def __del__(self):
-                began = time.monotonic()
-                try:
-                    q.stop(wait=False)
-                    stopped.append((None, time.monotonic() - began))
-                except Exception as error:
-                    stopped.append((error, time.monotonic() - began))
-                collected.set()
+        def stops_the_queue():  # (a user's finalizer may)
+            began = time.monotonic()
+            try:
+                q.stop(wait=False)
+                stopped.append((None, time.monotonic() - began))
+            except Exception as error:
+                stopped.append((error, time.monotonic() - began))
+            collected.set()
 
         succeeding = link.succeeding
 
         def collected_as_it_succeeds(job):  # (the dispatcher reads the ledger's hooks at start_dispatcher)
             decided = succeeding(job)
             if decided and job.id == "done":
-                StopsTheQueue()
-                gc.collect()  # the collector runs the __del__ here, on the thread that counts the success
+                collect_garbage_that(stops_the_queue)  # on the thread that counts the success
             return decided
 
         link.succeeding = collected_as_it_succeeds
