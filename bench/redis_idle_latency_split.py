@@ -9,16 +9,19 @@ redis-server of its own (tests/_redis_server.py) with its slow log taking every 
 times each job's way on one clock (``time.perf_counter``: CLOCK_MONOTONIC, one for all the
 processes of a machine), the workers' link patched to note when things happen:
 
-- enqueue: the producer's Python before its EVALSHA is sent (``pre``), the wait for its reply
-  (``wait``), its Python after it (``post``);
+- enqueue: the producer's Python before its EVALSHA is handed to the socket (``pre``), that send
+  (``send``), the wait for its reply (``wait``), its Python after it (``post``);
 - wake: from the enqueue's send until the pump of the process that takes the job has read the
   BLPOP reply (the script's run, Redis serving the blocked client, the reply's way, the pump
   thread waking up and hiredis reading it); ``wake - producer`` compares that read with the
   producer's read of its own reply, which Redis writes in the same pass;
-- pump: from that read until the fetch is sent (the pump's Python: its loop, the round's
-  preparation, packing the call);
-- fetch: the fetch's wait for its reply (sent to read), and from the read until the job is in
-  the core (``take``: the reply parsed, decoded, pushed to the ReadyQueue);
+- pump: from that read until the fetch is sent (the pump's Python), split into the BLPOP
+  call's return (``pop_exit``), the pump's loop until ``_round`` (``loop``), the round's
+  preparation until the fetch is called (``round``), the call until its EVALSHA is packed and handed to the socket (``call``), and that send
+  (``send``: on loopback the syscall delivers the bytes and wakes Redis itself);
+- fetch: the fetch's wait for its reply (sent to read), the reply parsed into a FetchReply
+  (``parse``), and from there until the job is in the core (``take``: the round's bookkeeping,
+  the job decoded and pushed to the ReadyQueue);
 - hand-off: from there until the worker thread calls ``link.started`` (``wake``: a worker
   thread woken, the GIL, the core's pop) and until the executor starts (``start``);
 - the server's own time (slow log): the enqueue and the fetch scripts, and the BLPOP;
@@ -76,6 +79,7 @@ def _patch_wire(stamps: threading.local) -> None:
     send, reply = _scripts._send, _scripts._reply
 
     def timed_send(connection: Any, command: Any) -> None:
+        stamps.sending = time.perf_counter()
         send(connection, command)
         stamps.sent = time.perf_counter()
 
@@ -105,8 +109,13 @@ def _worker(url: str, threads: int, out: str) -> None:
         entered = time.perf_counter()
         reply = fetch_of(self, *args, **kwargs)
         events.append(("fetch", threading.current_thread().name, entered, stamps.sent, stamps.replied,
-                       time.perf_counter(), [item.attempt.split(":", 1)[1] for item in reply.jobs]))
+                       time.perf_counter(), [item.attempt.split(":", 1)[1] for item in reply.jobs],
+                       getattr(stamps, "round", entered), stamps.sending))
         return reply
+
+    def round_(self: Any, *args: Any, **kwargs: Any) -> Any:
+        stamps.round = time.perf_counter()
+        return round_of(self, *args, **kwargs)
 
     def take(self: Any, fetched: Any) -> Any:
         got = take_of(self, fetched)
@@ -119,11 +128,12 @@ def _worker(url: str, threads: int, out: str) -> None:
         started_of(self, job)
 
     blocking_pop, fetch_of = _scripts.Scripts.blocking_pop, _scripts.Scripts.fetch
-    take_of, started_of = _link.QueueLink._take, _link.QueueLink.started
+    take_of, started_of, round_of = _link.QueueLink._take, _link.QueueLink.started, _link.QueueLink._round
     _scripts.Scripts.blocking_pop = pop  # type: ignore[method-assign]
     _scripts.Scripts.fetch = fetch  # type: ignore[method-assign]
     _link.QueueLink._take = take  # type: ignore[method-assign]
     _link.QueueLink.started = started  # type: ignore[method-assign]
+    _link.QueueLink._round = round_  # type: ignore[method-assign]
 
     queue = _build_queue(url, lambda job: events.append(("start", job.id, time.perf_counter())))
     stopping = threading.Event()
@@ -195,7 +205,8 @@ def measure(jobs: int, gap: float, processes: int, threads: int, slowlog: bool =
         time.sleep(SETTLE_PAUSE)
         floors = _floors(client, gap)
         stats_key = f"tmq:{{{QUEUE_NAME}}}:stats"
-        sent: Dict[str, Tuple[float, float, float, float]] = {}  # id -> before, sent, replied, returned
+        # id -> before, sent, replied, returned, sending (handed to the socket)
+        sent: Dict[str, Tuple[float, float, float, float, float]] = {}
         for index in range(WARMUP + jobs):
             if index == WARMUP and slowlog:
                 client.config_set("slowlog-log-slower-than", 0)
@@ -206,7 +217,7 @@ def measure(jobs: int, gap: float, processes: int, threads: int, slowlog: bool =
             producer.enqueue(job)
             returned = time.perf_counter()
             if index >= WARMUP:
-                sent[job.id] = (before, stamps.sent, stamps.replied, returned)
+                sent[job.id] = (before, stamps.sent, stamps.replied, returned, stamps.sending)
             time.sleep(gap)
         deadline = time.monotonic() + DONE_TIMEOUT
         while int(client.hget(stats_key, "outstanding") or 0) > 0:
@@ -234,11 +245,11 @@ def measure(jobs: int, gap: float, processes: int, threads: int, slowlog: bool =
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _report(jobs: int, sent: Dict[str, Tuple[float, float, float, float]], events: List[List[Any]],
+def _report(jobs: int, sent: Dict[str, Tuple[float, float, float, float, float]], events: List[List[Any]],
             slow: List[Dict[str, Any]], shas: Dict[str, str], floors: Dict[str, Optional[float]]) -> Dict[str, Any]:
     steps: Dict[str, List[float]] = {k: [] for k in (
-        "total", "enqueue_pre", "enqueue_wait", "enqueue_post", "wake", "wake_minus_producer_read",
-        "pump", "fetch_wait", "take", "handoff_wake", "handoff_start")}
+        "total", "enqueue_pre", "enqueue_send", "enqueue_wait", "enqueue_post", "wake", "wake_minus_producer_read",
+        "pump", "pump_pop_exit", "pump_loop", "pump_round", "pump_call", "pump_send", "fetch_wait", "fetch_parse", "take", "handoff_wake", "handoff_start")}
     ways = {"woken pump": 0, "pump without a wait": 0, "another thread": 0, "not found": 0}
     totals = []
     for proc_events in events:
@@ -249,16 +260,16 @@ def _report(jobs: int, sent: Dict[str, Tuple[float, float, float, float]], event
                 takes.setdefault(e[1], []).append(e[2])
         started = {e[1]: e[2] for e in proc_events if e[0] == "started"}
         start = {e[1]: e[2] for e in proc_events if e[0] == "start"}
+        totals.extend(at - sent[job_id][0] for job_id, at in start.items() if job_id in sent)
         for e in proc_events:
             if e[0] != "fetch" or not e[6]:
                 continue
-            _, thread, entered, f_sent, f_replied, returned, ids = e
+            _, thread, entered, f_sent, f_replied, returned, ids, rounded, f_sending = e
             took = next((t for t in takes.get(thread, []) if t >= returned), None)
             for job_id in ids:
                 if job_id not in sent or job_id not in start:
                     continue
-                before, p_sent, p_replied, p_returned = sent[job_id]
-                totals.append(start[job_id] - before)
+                before, p_sent, p_replied, p_returned, p_sending = sent[job_id]
                 if thread != "tinymq-redis-pump":
                     ways["another thread"] += 1
                     continue
@@ -268,15 +279,22 @@ def _report(jobs: int, sent: Dict[str, Tuple[float, float, float, float]], event
                     continue
                 ways["woken pump"] += 1
                 steps["total"].append(start[job_id] - before)
-                steps["enqueue_pre"].append(p_sent - before)
+                steps["enqueue_pre"].append(p_sending - before)
+                steps["enqueue_send"].append(p_sent - p_sending)
                 steps["enqueue_wait"].append(p_replied - p_sent)
                 steps["enqueue_post"].append(p_returned - p_replied)
                 steps["wake"].append(pop[3] - p_sent)
                 steps["wake_minus_producer_read"].append(pop[3] - p_replied)
                 steps["pump"].append(f_sent - pop[3])
+                steps["pump_pop_exit"].append(pop[4] - pop[3])
+                steps["pump_loop"].append(rounded - pop[4])
+                steps["pump_round"].append(entered - rounded)
+                steps["pump_call"].append(f_sending - entered)
+                steps["pump_send"].append(f_sent - f_sending)
                 steps["fetch_wait"].append(f_replied - f_sent)
+                steps["fetch_parse"].append(returned - f_replied)
                 if took is not None:
-                    steps["take"].append(took - f_replied)
+                    steps["take"].append(took - returned)
                     if job_id in started:
                         steps["handoff_wake"].append(started[job_id] - took)
                         steps["handoff_start"].append(start[job_id] - took)
