@@ -5,7 +5,8 @@
 Not a benchmark (pytest does not collect it). It runs the shape of test_bench_redis.py's
 "enqueue->start latency, idle" case (worker processes of ``--threads`` threads each, the
 bench's Config and lease, one job every ``--gap`` seconds from this process) against a test
-redis-server of its own (tests/_redis_server.py) with its slow log taking every command, and
+redis-server of its own (tests/_redis_server.py), its slow log taking every command (unless
+``--no-slowlog``), and
 times each job's way on one clock (``time.perf_counter``: CLOCK_MONOTONIC, one for all the
 processes of a machine), the workers' link patched to note when things happen:
 
@@ -17,8 +18,9 @@ processes of a machine), the workers' link patched to note when things happen:
   producer's read of its own reply, which Redis writes in the same pass;
 - pump: from that read until the fetch is sent (the pump's Python), split into the BLPOP
   call's return (``pop_exit``), the pump's loop until ``_round`` (``loop``), the round's
-  preparation until the fetch is called (``round``), the call until its EVALSHA is packed and handed to the socket (``call``), and that send
-  (``send``: on loopback the syscall delivers the bytes and wakes Redis itself);
+  preparation until the fetch is called (``round``), the call until its EVALSHA is packed and
+  handed to the socket (``call``), and that send (``send``: on loopback the syscall delivers the
+  bytes and wakes Redis itself);
 - fetch: the fetch's wait for its reply (sent to read), the reply parsed into a FetchReply
   (``parse``), and from there until the job is in the core (``take``: the round's bookkeeping,
   the job decoded and pushed to the ReadyQueue);
@@ -249,7 +251,8 @@ def _report(jobs: int, sent: Dict[str, Tuple[float, float, float, float, float]]
             slow: List[Dict[str, Any]], shas: Dict[str, str], floors: Dict[str, Optional[float]]) -> Dict[str, Any]:
     steps: Dict[str, List[float]] = {k: [] for k in (
         "total", "enqueue_pre", "enqueue_send", "enqueue_wait", "enqueue_post", "wake", "wake_minus_producer_read",
-        "pump", "pump_pop_exit", "pump_loop", "pump_round", "pump_call", "pump_send", "fetch_wait", "fetch_parse", "take", "handoff_wake", "handoff_start")}
+        "pump", "pump_pop_exit", "pump_loop", "pump_round", "pump_call", "pump_send", "fetch_wait",
+        "fetch_parse", "take", "handoff_wake", "handoff_start")}
     ways = {"woken pump": 0, "pump without a wait": 0, "another thread": 0, "not found": 0}
     totals = []
     for proc_events in events:
