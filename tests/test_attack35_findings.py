@@ -1,0 +1,127 @@
+"""attack35: rate limits, periodic jobs, per-type stats and metrics, attacked as a user would.
+
+1. ``interrupt_on_timeout`` cut ``q.cron()``/``q.every()``/``q.unschedule()`` (and
+   ``register_executor``) in half. An executor's deadline passing while it registered a
+   schedule raised JobTimeout inside tinymq's own code: inside ``Periodic._begin`` the
+   ``except Exception`` meant for a broken time zone caught it, so the schedule stayed
+   registered but dead ("fires no more ticks", its ERROR blaming the zone) while ``cron()``
+   returned normally; earlier or later in the call it left a schedule registered but never
+   armed, or the timer thread created but never started (no schedule of the queue would ever
+   fire again). docs/api.md promises that the interruption never lands inside the calls that
+   change a queue's state: they take effect whole, and JobTimeout is raised as they return.
+   So over a broker an executor lowering its own rate limit (the API said "slow down") as its
+   deadline passed could change it in its own process and never send it to Redis: the old,
+   higher global limit stayed in force.
+"""
+import threading
+from datetime import timedelta, tzinfo
+
+from tinymq import ExecutorConfig, Job, Queue, RateLimit, RetryConfig
+
+from _helpers import WAIT, wait_until
+
+INTERRUPTING = ExecutorConfig(timeout=0.3, interrupt_on_timeout=True)
+
+
+class _ZoneThatBlocksOnce(tzinfo):
+    """UTC+1. Its first conversion in ``thread`` once ``schedule`` is registered in ``queue``
+    blocks until ``released`` is set: the deadline of the executor registering it passes there."""
+
+    def __init__(self, queue, schedule):
+        self.queue, self.schedule = queue, schedule
+        self.thread = None
+        self.arrived, self.released = threading.Event(), threading.Event()
+
+    def utcoffset(self, dt):
+        if (threading.current_thread() is self.thread and not self.arrived.is_set()
+                and any(stats.name == self.schedule for stats in self.queue.schedules())):
+            self.arrived.set()
+            self.released.wait(WAIT)
+        return timedelta(hours=1)
+
+    def dst(self, dt):
+        return timedelta(0)
+
+    def tzname(self, dt):
+        return "UTC+1"
+
+
+def test_an_interrupted_cron_registration_is_whole_or_nothing():
+    q = Queue()
+    zone = _ZoneThatBlocksOnce(q, "nightly")
+    outcome = []
+    done = threading.Event()
+
+    def set_up(job):
+        zone.thread = threading.current_thread()
+        try:
+            outcome.append(("returned", q.cron("0 3 * * *", "report", name="nightly", tz=zone)))
+        except Exception as exc:  # JobTimeout: interrupted as it returned (anything else is a defect)
+            outcome.append((type(exc).__name__, None))
+        finally:
+            done.set()
+
+    q.register_executor("report", lambda job: None)
+    q.register_executor("set-up", set_up, INTERRUPTING)
+    q.start_dispatcher(1)
+    try:
+        q.enqueue(Job("set-up", retry_config=RetryConfig(max_retries=0)))
+        assert zone.arrived.wait(WAIT), "the zone was never converted once the schedule was registered"
+        assert wait_until(lambda: q.get_stats().jobs_timed_out == 1), "the attempt never timed out"
+        zone.released.set()
+        assert done.wait(WAIT)
+        assert outcome in ([("returned", "nightly")], [("JobTimeout", None)])
+        schedules = {stats.name: stats for stats in q.schedules()}
+        # Whole or nothing: no schedule, or one that fires (before the fix: registered, and dead).
+        if "nightly" in schedules:
+            assert schedules["nightly"].next_run_at is not None, schedules["nightly"]
+    finally:
+        zone.released.set()
+        q.stop()
+
+
+def test_an_executor_lowering_its_own_rate_limit_as_its_deadline_passes_lowers_it_in_redis(redis_url):
+    from tinymq.redis import RedisBroker
+
+    broker = RedisBroker(redis_url, name="attack35-lower", lease=5.0)
+    q = Queue(broker=broker)
+    executor_thread = []
+    in_set_limit, released, done = threading.Event(), threading.Event(), threading.Event()
+    outcome = []
+    set_limit = q._link.set_limit
+
+    def slow_set_limit(*args):  # the deadline passes just as the link takes the new limit
+        if threading.current_thread() in executor_thread:
+            in_set_limit.set()
+            released.wait(WAIT)
+        return set_limit(*args)
+
+    q._link.set_limit = slow_set_limit
+
+    def call_api(job):  # told "429 Too Many Requests": one call a minute from now on
+        executor_thread.append(threading.current_thread())
+        try:
+            q.register_executor("api", call_api, ExecutorConfig(timeout=0.3, interrupt_on_timeout=True,
+                                                                rate_limit=RateLimit(1, per=60.0)))
+            outcome.append("returned")
+        except Exception as exc:  # JobTimeout: interrupted as it returned (anything else is a defect)
+            outcome.append(type(exc).__name__)
+        finally:
+            done.set()
+
+    q.register_executor("api", call_api, ExecutorConfig(timeout=0.3, interrupt_on_timeout=True,
+                                                        rate_limit=RateLimit(100, per=60.0)))
+    q.start_dispatcher(1)
+    try:
+        q.enqueue(Job("api", retry_config=RetryConfig(max_retries=0)))
+        assert in_set_limit.wait(WAIT)
+        assert wait_until(lambda: q.get_stats().executor_stats["api"].timed_out == 1), "the attempt never timed out"
+        released.set()
+        assert done.wait(WAIT)
+        assert outcome in (["returned"], ["JobTimeout"])
+        # Registered whole: the lower limit is the global one (before the fix Redis kept 100).
+        assert wait_until(lambda: broker.shared_rate_limits().get("api", (None,))[0] == 1), \
+            broker.shared_rate_limits()
+    finally:
+        released.set()
+        q.stop()
