@@ -12,9 +12,21 @@
    So over a broker an executor lowering its own rate limit (the API said "slow down") as its
    deadline passed could change it in its own process and never send it to Redis: the old,
    higher global limit stayed in force.
+2. In a process fork()ed from one whose queue was started, ``q.every()``/``q.cron()`` accepted a
+   schedule that never fired (the timer thread is the parent's, not there) and ``q.schedules()``
+   showed its next tick, while ``enqueue`` there refuses jobs (QueueStopped, docs/api.md: "the
+   child's copy refuses jobs"). The copy's schedules now count as stopped too.
 """
+import os
+import subprocess
+import sys
 import threading
 from datetime import timedelta, tzinfo
+from pathlib import Path
+
+import pytest
+
+import tinymq
 
 from tinymq import ExecutorConfig, Job, Queue, RateLimit, RetryConfig
 
@@ -125,3 +137,44 @@ def test_an_executor_lowering_its_own_rate_limit_as_its_deadline_passes_lowers_i
     finally:
         released.set()
         q.stop()
+
+
+# --- 2. A schedule registered in a forked child's copy of a started queue ---------------------------
+
+ROOT = Path(tinymq.__file__).resolve().parent.parent
+
+SCHEDULE_IN_A_FORKED_CHILD = r"""
+import os
+from tinymq import Queue, QueueStopped
+q = Queue(100)
+q.register_executor("t", lambda job: None)
+q.every(3600, "t", name="parent")
+q.start_dispatcher(workers=1)
+pid = os.fork()
+if pid == 0:
+    for register in (lambda: q.every(0.01, "t", name="child"), lambda: q.cron("* * * * *", "t", name="cron")):
+        try:
+            register()
+        except QueueStopped:
+            pass
+        else:
+            print("a schedule accepted in the child, that nothing there fires", flush=True)
+            os._exit(3)
+    if any(stats.next_run_at is not None for stats in q.schedules()):
+        print("a next tick shown in the child, that nothing there fires", q.schedules(), flush=True)
+        os._exit(4)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+assert [stats.next_run_at is not None for stats in q.schedules()] == [True]  # the parent's goes on
+q.stop()
+print("child exit", os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork")
+def test_a_forked_childs_copy_of_a_started_queue_refuses_schedules():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", SCHEDULE_IN_A_FORKED_CHILD], env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "child exit 0" in done.stdout, done.stdout + done.stderr

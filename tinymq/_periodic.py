@@ -489,9 +489,13 @@ class Periodic:
 
     def reinit_in_forked_child(self) -> None:
         """In a fork()ed child: the locks a thread of the parent (the timer, a caller) may have held at
-        the fork are made free again; it would never release them there, where stop() takes _lock."""
+        the fork are made free again; it would never release them there, where stop() takes _lock.
+        A started queue's copy fires nothing there (its timer thread is the parent's): it refuses
+        schedules (QueueStopped), as the copy refuses jobs, and shows no next tick."""
         reinit_after_fork(self._changed)  # (its lock is _lock)
         reinit_after_fork(self._firing)
+        if self._started:  # (no lock: only the forking thread runs in the child)
+            self._stopped = True
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """No tick fires from now on; wait up to ``timeout`` seconds for the timer thread to end
