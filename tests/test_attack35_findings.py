@@ -16,6 +16,13 @@
    schedule that never fired (the timer thread is the parent's, not there) and ``q.schedules()``
    showed its next tick, while ``enqueue`` there refuses jobs (QueueStopped, docs/api.md: "the
    child's copy refuses jobs"). The copy's schedules now count as stopped too.
+3. The system had no thread to give the periodic jobs' timer (a container's pids limit): the
+   failed ``threading.Thread`` stayed the queue's timer, never started. ``every()`` raised but kept
+   its schedule (the name taken), no schedule registered later ever fired, and ``stop()`` raised
+   "cannot join thread before it is started" (at exit too). From ``start_dispatcher`` the queue
+   was left half started: workers ran, schedules never fired. Now ``every()``/``cron()`` register
+   nothing when the timer cannot start (a later call tries again), and ``start_dispatcher`` stops
+   the queue and raises NoThreadLeft, as it does for its other threads.
 """
 import os
 import subprocess
@@ -178,3 +185,51 @@ def test_a_forked_childs_copy_of_a_started_queue_refuses_schedules():
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "child exit 0" in done.stdout, done.stdout + done.stderr
+
+
+# --- 3. No thread left for the periodic jobs' timer --------------------------------------------------
+
+def _refuse_the_timer_thread(monkeypatch):
+    """Thread.start raises, as with no thread left, for the next periodic timer thread only."""
+    real_start = threading.Thread.start
+    refused = []
+
+    def start(thread):
+        if thread.name == "tinymq-periodic" and not refused:
+            refused.append(thread)
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    return refused
+
+
+def test_a_schedule_registered_when_no_thread_is_left_is_refused_whole_and_the_next_one_fires(monkeypatch):
+    ran = []
+    q = Queue()
+    q.register_executor("tick", lambda job: ran.append(job.id))
+    q.start_dispatcher(1)
+    refused = _refuse_the_timer_thread(monkeypatch)
+    try:
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            q.every(0.01, "tick", name="first")
+        assert refused and q.schedules() == []  # nothing registered: the name is free
+        q.every(0.01, "tick", name="first")  # threads again: the timer starts now
+        assert wait_until(lambda: len(ran) >= 2), q.schedules()
+    finally:
+        q.stop()  # (before the fix: "cannot join thread before it is started")
+
+
+def test_start_dispatcher_without_a_thread_for_the_timer_stops_the_queue(monkeypatch):
+    from tinymq import QueueStopped
+
+    q = Queue()
+    q.register_executor("tick", lambda job: None)
+    q.every(0.01, "tick")
+    _refuse_the_timer_thread(monkeypatch)
+    with pytest.raises(RuntimeError, match=r"start_dispatcher\(workers=2\).*can't start new thread"):
+        q.start_dispatcher(2)
+    with pytest.raises(QueueStopped):  # not half started: no worker runs jobs that no schedule adds
+        q.enqueue(Job("tick"))
+    assert [stats.next_run_at for stats in q.schedules()] == [None]
+    q.stop()  # still idempotent, and returns

@@ -404,7 +404,12 @@ class Queue:
             raise
         if self._link is not None:
             self._link.start(workers)
-        self._periodic.start()
+        try:
+            self._periodic.start()
+        except RuntimeError as exc:  # no thread left for the schedules' timer: not half started
+            self.stop(wait=False)
+            raise NoThreadLeft(f"could not start the periodic jobs' timer thread of "
+                               f"start_dispatcher(workers={workers}) ({exc}); the queue is stopped") from exc
 
     # --- enqueueing ----------------------------------------------------------
 
