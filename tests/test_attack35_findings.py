@@ -11,7 +11,10 @@
    change a queue's state: they take effect whole, and JobTimeout is raised as they return.
    So over a broker an executor lowering its own rate limit (the API said "slow down") as its
    deadline passed could change it in its own process and never send it to Redis: the old,
-   higher global limit stayed in force.
+   higher global limit stayed in force; or, as the registration sends the limit at once when
+   the pump is idle (a round from the executor's thread), the JobTimeout landing in that round
+   was taken for a crash of the link: the whole process let its id go as if killed (its
+   other jobs reaped, each counted as a crash).
 2. In a process fork()ed from one whose queue was started, ``q.every()``/``q.cron()`` accepted a
    schedule that never fired (the timer thread is the parent's, not there) and ``q.schedules()``
    showed its next tick, while ``enqueue`` there refuses jobs (QueueStopped, docs/api.md: "the
@@ -141,6 +144,49 @@ def test_an_executor_lowering_its_own_rate_limit_as_its_deadline_passes_lowers_i
         # Registered whole: the lower limit is the global one (before the fix Redis kept 100).
         assert wait_until(lambda: broker.shared_rate_limits().get("api", (None,))[0] == 1), \
             broker.shared_rate_limits()
+    finally:
+        released.set()
+        q.stop()
+
+
+def test_an_executor_registering_an_executor_as_its_deadline_passes_does_not_crash_the_redis_link(
+        redis_url, caplog):
+    from tinymq.redis import RedisBroker
+
+    q = Queue(broker=RedisBroker(redis_url, name="attack35-round", lease=5.0))
+    link = q._link
+    executor_thread = []
+    in_round, released, done = threading.Event(), threading.Event(), threading.Event()
+    real_round = link._round
+
+    def slow_round(*args, **kwargs):  # the deadline passes in the round the registration sends
+        if threading.current_thread() in executor_thread and not in_round.is_set():
+            in_round.set()
+            released.wait(WAIT)
+        return real_round(*args, **kwargs)
+
+    link._round = slow_round
+
+    def set_up(job):
+        executor_thread.append(threading.current_thread())
+        try:
+            q.register_executor("report", lambda job: None)
+        finally:
+            done.set()
+
+    q.register_executor("set-up", set_up, INTERRUPTING)
+    q.start_dispatcher(1)
+    try:
+        assert wait_until(lambda: link._pump_idle), "the pump never idled"
+        q.enqueue(Job("set-up", retry_config=RetryConfig(max_retries=0)))
+        assert in_round.wait(WAIT), "the registration sent no round from the executor's thread"
+        assert wait_until(lambda: q.get_stats().executor_stats["set-up"].timed_out == 1)
+        released.set()
+        assert done.wait(WAIT)
+        q.enqueue(Job("report"))
+        assert q.join(WAIT)
+        crashed = [record.getMessage() for record in caplog.records if "crashed" in record.getMessage()]
+        assert crashed == []  # before the fix: "a round on tinymq-worker-1 crashed; this process lets its id go"
     finally:
         released.set()
         q.stop()
