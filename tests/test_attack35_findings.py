@@ -26,11 +26,18 @@
    was left half started: workers ran, schedules never fired. Now ``every()``/``cron()`` register
    nothing when the timer cannot start (a later call tries again), and ``start_dispatcher`` stops
    the queue and raises NoThreadLeft, as it does for its other threads.
+4. Over Redis, the grid of an ``every`` schedule with ``first_at`` was set from the first process's
+   own wall clock (``first_at`` minus its ``time.time()``, as a delay from the server's now): a host
+   whose clock was 5 minutes behind anchored the grid 5 minutes after ``first_at``, and the grid
+   stays in Redis (every process joins it, restarts too) until the schedule's definition changes:
+   a daily job meant for 03:00 ran at 03:05 every day. The server's clock arbitrates the hosts'
+   (docs/api.md): ``first_at`` is now placed on it as given.
 """
 import os
 import subprocess
 import sys
 import threading
+import time
 from datetime import timedelta, tzinfo
 from pathlib import Path
 
@@ -279,3 +286,23 @@ def test_start_dispatcher_without_a_thread_for_the_timer_stops_the_queue(monkeyp
         q.enqueue(Job("tick"))
     assert [stats.next_run_at for stats in q.schedules()] == [None]
     q.stop()  # still idempotent, and returns
+
+
+# --- 4. first_at over Redis, from a host whose wall clock is behind -----------------------------------
+
+def test_over_redis_first_at_anchors_the_grid_on_the_servers_clock_not_the_hosts(redis_url):
+    from tinymq._periodic import tick_job_id
+    from tinymq.redis import RedisBroker
+
+    ran = []
+    q = Queue(broker=RedisBroker(redis_url, name="attack35-first-at", lease=5.0))
+    q.register_executor("report", lambda job: ran.append(job.id))
+    q._periodic._wall = lambda: time.time() - 300.0  # this host's wall clock is 5 minutes behind
+    first_at = round(time.time() + 1.0, 3)
+    q.every(3600.0, "report", name="hourly", first_at=first_at)
+    q.start_dispatcher(1)
+    try:  # (before the fix: its first tick 5 minutes after first_at)
+        assert wait_until(lambda: ran), q.schedules()
+        assert ran == [tick_job_id("hourly", first_at)]
+    finally:
+        q.stop()
