@@ -49,7 +49,8 @@ from tinymq import ExecutorConfig, Job, Queue, RateLimit, RetryConfig
 
 from _helpers import WAIT, wait_until
 
-INTERRUPTING = ExecutorConfig(timeout=0.3, interrupt_on_timeout=True)
+# (the deadline passes while the call blocks in the test's hook; 1 s leaves a loaded machine time to get there)
+INTERRUPTING = ExecutorConfig(timeout=1.0, interrupt_on_timeout=True)
 
 
 class _ZoneThatBlocksOnce(tzinfo):
@@ -130,7 +131,7 @@ def test_an_executor_lowering_its_own_rate_limit_as_its_deadline_passes_lowers_i
     def call_api(job):  # told "429 Too Many Requests": one call a minute from now on
         executor_thread.append(threading.current_thread())
         try:
-            q.register_executor("api", call_api, ExecutorConfig(timeout=0.3, interrupt_on_timeout=True,
+            q.register_executor("api", call_api, ExecutorConfig(timeout=1.0, interrupt_on_timeout=True,
                                                                 rate_limit=RateLimit(1, per=60.0)))
             outcome.append("returned")
         except Exception as exc:  # JobTimeout: interrupted as it returned (anything else is a defect)
@@ -138,7 +139,7 @@ def test_an_executor_lowering_its_own_rate_limit_as_its_deadline_passes_lowers_i
         finally:
             done.set()
 
-    q.register_executor("api", call_api, ExecutorConfig(timeout=0.3, interrupt_on_timeout=True,
+    q.register_executor("api", call_api, ExecutorConfig(timeout=1.0, interrupt_on_timeout=True,
                                                         rate_limit=RateLimit(100, per=60.0)))
     q.start_dispatcher(1)
     try:
