@@ -413,6 +413,8 @@ class Periodic:
             if name in self._schedules:
                 raise ValueError(f"a schedule named {name!r} exists already; pass another name= "
                                  "or unschedule it first")
+            if self._started:  # before anything changes: with no thread left, nothing is registered
+                self._ensure_thread()
             recovered = self._recovered.get(name)
             previous = self._unscheduled.pop(name, None)
             if previous is not None:
@@ -422,7 +424,6 @@ class Periodic:
             self._schedules[name] = schedule
             if self._started:
                 self._begin(schedule)
-                self._ensure_thread()
                 self._changed.notify()
         logger.info("schedule %r: %s enqueues %r jobs", name, trigger.description, job_type)
         return name
@@ -489,9 +490,13 @@ class Periodic:
 
     def reinit_in_forked_child(self) -> None:
         """In a fork()ed child: the locks a thread of the parent (the timer, a caller) may have held at
-        the fork are made free again; it would never release them there, where stop() takes _lock."""
+        the fork are made free again; it would never release them there, where stop() takes _lock.
+        A started queue's copy fires nothing there (its timer thread is the parent's): it refuses
+        schedules (QueueStopped), as the copy refuses jobs, and shows no next tick."""
         reinit_after_fork(self._changed)  # (its lock is _lock)
         reinit_after_fork(self._firing)
+        if self._started:  # (no lock: only the forking thread runs in the child)
+            self._stopped = True
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """No tick fires from now on; wait up to ``timeout`` seconds for the timer thread to end
@@ -564,10 +569,12 @@ class Periodic:
             self._arm(schedule, self._look_at(tick, self._monotonic()))
 
     def _ensure_thread(self) -> None:
-        """Called with _lock held."""
+        """Start the timer thread, unless it runs. The system may have no thread to give (RuntimeError):
+        then there is none still, and a later call tries again. Called with _lock held."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="tinymq-periodic", daemon=True)
-            self._thread.start()
+            thread = threading.Thread(target=self._run, name="tinymq-periodic", daemon=True)
+            thread.start()
+            self._thread = thread
 
     def _run(self) -> None:
         while True:

@@ -342,9 +342,11 @@ class Queue:
         local_config = config
         if self._link is not None and config.rate_limit is not None:  # the broker holds its one rate window
             local_config = dataclasses.replace(config, rate_limit=None)
-        self._dispatcher.register(job_type, fn, local_config, takes_context, is_async_executor(fn))
-        if self._link is not None:
-            self._link.set_limit(job_type, config.max_concurrent_jobs, config.rate_limit)
+        is_async = is_async_executor(fn)
+        with shield():  # an executor registering one (its own, with a new rate limit) is not cut midway
+            self._dispatcher.register(job_type, fn, local_config, takes_context, is_async)
+            if self._link is not None:
+                self._link.set_limit(job_type, config.max_concurrent_jobs, config.rate_limit)
 
     def executor(
         self, job_type: str, *, config: Optional[ExecutorConfig] = None, **options: Any
@@ -402,7 +404,12 @@ class Queue:
             raise
         if self._link is not None:
             self._link.start(workers)
-        self._periodic.start()
+        try:
+            self._periodic.start()
+        except RuntimeError as exc:  # no thread left for the schedules' timer: not half started
+            self.stop(wait=False)
+            raise NoThreadLeft(f"could not start the periodic jobs' timer thread of "
+                               f"start_dispatcher(workers={workers}) ({exc}); the queue is stopped") from exc
 
     # --- enqueueing ----------------------------------------------------------
 
@@ -621,7 +628,8 @@ class Queue:
         ``name`` defaults to ``job_type``; a name in use raises ValueError.
         A tick is skipped, and counted, while the previous tick's job is unfinished.
         """
-        return self._periodic.every(interval, job_type, payload, name, priority, first_at)
+        with shield():  # an executor's every() is not cut midway by its interruption
+            return self._periodic.every(interval, job_type, payload, name, priority, first_at)
 
     def cron(self, expression: str, job_type: str, payload: Any = None, *, name: Optional[str] = None,
              priority: Priority = Priority.MEDIUM, tz: Any = None) -> str:
@@ -630,7 +638,8 @@ class Queue:
         Needs ``croniter`` (``pip install 'tinymq[cron]'``). ``tz``: a tzinfo or an
         IANA name; None means UTC. ``name`` defaults to ``"<job_type> <expression>"``.
         """
-        return self._periodic.cron(expression, job_type, payload, name, priority, tz)
+        with shield():  # (as every)
+            return self._periodic.cron(expression, job_type, payload, name, priority, tz)
 
     def unschedule(self, name: str) -> bool:
         """Stop schedule ``name``: True if it existed, False if not (like ``cancel``).
@@ -639,7 +648,8 @@ class Queue:
         """
         if not isinstance(name, str):  # (a schedule's name is a str: anything else is a mistake, not "absent")
             raise TypeError(f"schedule name must be a str, got {name!r}")
-        return self._periodic.unschedule(str.__str__(name))  # (as every/cron keep it: its text)
+        with shield():  # (as every)
+            return self._periodic.unschedule(str.__str__(name))  # (as every/cron keep it: its text)
 
     def schedules(self) -> List[ScheduleStats]:
         """The registered schedules, with their next tick and fired/skipped counts."""

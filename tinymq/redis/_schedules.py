@@ -10,7 +10,9 @@ enqueued it.
 Ticks must mean the same instant in every process: a ``cron`` tick is its wall-clock
 time; an ``every`` schedule's ticks lie on a grid kept in Redis on the server's
 clock (``schedule_begin.lua``), tick k at ``anchor + k * interval``, which each
-process maps onto its own monotonic clock when the schedule begins. The grid records what it
+process maps onto its own monotonic clock when the schedule begins (a new grid's anchor is
+first_at itself, on the server's clock, or an interval from the server's now without one: no
+host's wall clock enters it). The grid records what it
 was set for (the interval, and first_at: ``_definition``): a process that begins the schedule
 with another sets a new one, so a grid set far ahead by a wrong first_at goes once it is
 corrected; a process told "regrid" joins the grid Redis holds as it is. A tick is claimed
@@ -67,7 +69,7 @@ class BrokerTicks:
             # again, and stop() waits for it.)
             anchor_us, interval_us, server_us = self._link.broker._call_resending(
                 self._link.scripts.schedule_begin, schedule.name, interval_us, max(0, first_delay_us), definition,
-                rejoin, deadline=_call_deadline(None))
+                rejoin, _first_at_us(trigger), deadline=_call_deadline(None))
         except self._redis_error as exc:  # (logged as the workers log an outage: not at every try)
             self._link._log_outage(f"beginning schedule {schedule.name!r}", exc)
             return None
@@ -130,6 +132,13 @@ class BrokerTicks:
             schedule.last_job_id = job.id
             link._report_ended(evicted, caller)
         return "fired"
+
+
+def _first_at_us(trigger: Any) -> Optional[int]:
+    """An ``every`` schedule's first_at as epoch us, or None: a new grid places it on the server's clock,
+    not as a delay this host's wall clock computed (a host whose clock is wrong would move the grid that
+    every process keeps, as long as the schedule's definition stays)."""
+    return None if trigger.first_at is None else round(trigger.first_at * _US)
 
 
 def _definition(trigger: Any) -> str:

@@ -853,12 +853,14 @@ class Scripts:
         return int(self._call("purge_dead", [_wire(job_id) for job_id in ids])) if ids else 0
 
     def schedule_begin(self, name: str, interval_us: int, first_delay_us: int, definition: str,
-                       rejoin: bool) -> Tuple[int, int, int]:
+                       rejoin: bool, first_at_us: Optional[int] = None) -> Tuple[int, int, int]:
         """Join (or start) the tick grid of the ``every`` schedule ``name``:
         ``(anchor us, interval us, server now us)``. ``definition``: its first_at (see
-        tinymq/redis/_schedules.py); ``rejoin``: join a grid of the interval whatever it was set for."""
-        anchor_us, interval_us, now_us = self._call("schedule_begin", [name, interval_us, first_delay_us,
-                                                                       definition, "1" if rejoin else "0"])
+        tinymq/redis/_schedules.py); ``rejoin``: join a grid of the interval whatever it was set for;
+        ``first_at_us``: its first_at (epoch us), placed on the server's clock by a new grid."""
+        anchor_us, interval_us, now_us = self._call("schedule_begin", [
+            name, interval_us, first_delay_us, definition, "1" if rejoin else "0",
+            "" if first_at_us is None else first_at_us])
         return int(anchor_us), int(interval_us), int(now_us)
 
     def schedule_tick(self, name: str, tick: int, token: str, buffer_size: int, max_delayed_jobs: int,

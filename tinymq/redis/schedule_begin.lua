@@ -1,6 +1,9 @@
 --[[ schedule_begin: the shared grid of an `every` schedule (q.every over a broker).
 KEYS[1] prefix. ARGV: name, interval us, first delay us, definition (its first_at as given, or
-''), rejoin ('1': the caller was told 'regrid' by schedule_tick; else '0').
+''), rejoin ('1': the caller was told 'regrid' by schedule_tick; else '0'), then its first_at in
+us (epoch), or '' or nothing without one: a new grid's tick 0 is then first_at on the server's
+clock (the server's clock arbitrates the hosts': a host's wrong clock does not move the grid
+every process keeps), or the server's now once it has passed; else first delay from now.
 Key schedule:<name> HASH: anchor (server us of tick 0), interval (us), definition (what the
 grid was set for besides its interval), last (the last claimed tick, as its time in us: see
 schedule_tick.lua), job (its job id), by/outcome (who claimed it, and what it decided), grid
@@ -25,6 +28,7 @@ local s = redis.call('HMGET', key, 'anchor', 'interval', 'definition')
 local stale = s[1] and s[3] == '' and tonumber(s[1]) > now_us + tonumber(s[2]) + CLOCK_SET_BACK
 if not s[1] or s[2] ~= ARGV[2] or (ARGV[5] ~= '1' and s[3] ~= ARGV[4]) or stale then
   local anchor = now_us + tonumber(ARGV[3])
+  if ARGV[6] and ARGV[6] ~= '' then anchor = math.max(now_us, tonumber(ARGV[6])) end
   redis.call('HSET', key, 'anchor', string.format('%.0f', anchor), 'interval', ARGV[2], 'definition', ARGV[4])
   s = {string.format('%.0f', anchor), ARGV[2]}
 end
