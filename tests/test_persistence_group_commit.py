@@ -279,6 +279,7 @@ def test_a_saver_waits_for_the_others_of_its_batch_only_until_the_window_closes(
     assert _ids_in_file(path) == {"alone", "after"}
 
 
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs signal.pthread_kill")
 def test_ctrl_c_in_a_saver_waiting_for_the_others_of_its_batch_hands_the_lead_on(path):
     """Under FULL the main thread, the first one back of a batch of saves, waits for the others; one
     of them queues behind it, and a Ctrl-C lands in the main thread's wait. Its save raises (its job is
