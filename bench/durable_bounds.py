@@ -54,7 +54,7 @@ class _TimedLock:
     and the time it stays free while a writer that waited for it wakes up to take it."""
 
     def __init__(self, figures: Dict[str, float]) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # (the store's is an RLock: _sections.owned asks it)
         self._figures = figures
         self._since = 0.0
         self._released = 0.0
@@ -76,6 +76,9 @@ class _TimedLock:
         self._released = perf_counter()
         self._figures["held"] += self._released - self._since
         self._lock.release()
+
+    def _is_owned(self) -> bool:
+        return bool(self._lock._is_owned())  # type: ignore[attr-defined]
 
 
 _KINDS = {(module._SAVE_LEAN,): "save", (module._SAVE,): "save", (module._MARK_RUNNING,): "mark",

@@ -40,7 +40,10 @@ Variants:
   notifies after its batch (``_DoneReturns``): one whose unit is done returns; the others
   try for the lock again (every waiter wakes after every batch).
 - G: the store as shipped: D under ``synchronous="FULL"``, A (``_QueueOnLock``, the
-  store's code before) under NORMAL.
+  store's code before) under NORMAL. Since session 35, under FULL, D plus this: writers who
+  saved in one batch and are back at once (producers) wait for each other, the last one back
+  leading, so that the next commit carries them all (``SQLitePersistence._write``); D here
+  is the store before that.
 
 What it showed (2 CPUs shared with other tenants at load 2-5; medians of 12 rounds,
 e2e-busy of 6; CPU / wall us per job, units per commit):
@@ -101,6 +104,12 @@ per job against 60 and 42: every waiter wakes after every batch), and D with a f
 commit lock taken at once, as A does (10.2 k jobs/s against D's 11.6 k, 1.96 units per
 commit against 2.47: a writer back from its commit found the lock free before the next
 leader woke, and committed with fewer units).
+
+Then (session 35), ``--variants D,G --cases four,one --synchronous FULL --pairs 4`` (load
+under 1; medians of 12 rounds): four, D 85.5 us per job (11.7 k jobs/s) at 2.46 units per
+commit, G 73.6 us (13.6 k) at 3.98; one, D 165.4 us, G 157.2 us. D's returning writers
+split into two groups that took turns at the commit lock; in G the first one back waits
+for the others and the last one back leads (see SQLitePersistence._write).
 """
 
 import argparse
@@ -163,7 +172,7 @@ class _OwnLocks(SQLitePersistence):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._gate = threading.Lock()  # guards _pending, _leading, _expected
+        self._gate = threading.RLock()  # guards _pending, _leading, _expected
         self._leading = False  # a thread commits pending units (or was handed the lead): a writer waits
         self._expected = 0  # writers of the last batch not back yet (C)
 
@@ -269,7 +278,7 @@ class _NextLeader(SQLitePersistence):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._gate = threading.Lock()  # guards _pending and _next
+        self._gate = threading.RLock()  # guards _pending and _next
         self._next: Optional[_Unit] = None  # the unit whose writer leads the pending ones (None: the next to come)
 
     def _write(self, statements: list) -> None:
@@ -449,7 +458,7 @@ VARIANTS: Dict[str, Tuple[str, type]] = {
     "D": ("next leader on the commit lock, others own", _NextLeader),
     "E": (f"leader keeps leading <= {KEEP_LEADING} batches", _KeepLeading),
     "F": ("A, but a writer done returns, lock-free", _DoneReturns),
-    "G": ("shipped: D under FULL, A under NORMAL", SQLitePersistence),
+    "G": ("shipped: D+savers gather (FULL), A (NORMAL)", SQLitePersistence),
 }
 # jobs, producer threads, workers, seconds each job runs
 CASES = {"one": (1000, 1, 0, 0.0), "four": (1000, 4, 0, 0.0), "e2e": (10_000, 1, 4, 0.0),

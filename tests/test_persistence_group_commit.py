@@ -1,7 +1,9 @@
 """SQLitePersistence's group commit: many threads' writes, committed together, each acknowledged only
 once committed, each failure raised in its own writer, and the lead of a batch never left unheld."""
+import signal
 import sqlite3
 import threading
+import time
 
 import pytest
 
@@ -198,3 +200,117 @@ def test_a_writer_interrupted_while_it_waits_to_lead_hands_the_lead_on(path):
         assert lock.waiters == ["first", "second"] and lock.takers == ["second"]
         store.save(Job("t", id="after"))
     assert _ids_in_file(path) == {"second", "third", "after"}
+
+
+def _as_if_savers_came_back(store, savers, window=WAIT):
+    """A FULL store as just after a batch of ``savers`` saves was committed, their writers known to
+    come back faster than a commit takes: the first one back may wait ``window`` seconds for the others."""
+    now = time.monotonic()
+    store._returning = savers
+    store._released_at = now
+    store._back_by = now + window
+    store._commit_time = window
+    store._return_time = 0.0
+
+
+def _no_more_gathering(store):
+    """Commits as if instant from now on: nobody waits for the others of its batch (the test's later writes)."""
+    store._returning = 0
+    store._commit_time = 0.0
+
+
+def _saving(store, name, outcomes):
+    def save():
+        try:
+            store.save(Job("t", id=name))
+            outcomes[name] = "returned"
+        except BaseException as exc:  # pragma: no cover - reported by the assertion
+            outcomes[name] = exc
+
+    return _start(name, save)
+
+
+def test_savers_of_a_batch_coming_back_share_the_next_commit_the_last_one_back_leading_it(path):
+    """Under FULL, the writers of a batch of saves come back with their next saves (producer threads
+    enqueueing one job after another): the first one back waits for the others rather than commit its
+    save alone while they queue behind it; the last one back commits the three saves in one
+    transaction (one fsync), and the other two return then, without taking the commit lock."""
+    with SQLitePersistence(path, synchronous="FULL") as store:
+        batches = []
+        commit = store._commit
+        store._commit = lambda batch: (batches.append(len(batch)), commit(batch))
+        lock = store._commit_lock = _WatchedLock(store._commit_lock)
+        _as_if_savers_came_back(store, 3)
+        outcomes = {}
+        threads = [_saving(store, "first", outcomes)]
+        assert wait_until(lambda: store._gathering is not None), "the first one back did not wait for the others"
+        threads.append(_saving(store, "second", outcomes))
+        assert wait_until(lambda: len(store._pending) == 1), "second did not queue"
+        threads.append(_saving(store, "third", outcomes))
+        for thread in threads:
+            thread.join(WAIT)
+        assert not any(thread.is_alive() for thread in threads), "a writer is waiting forever"
+        assert outcomes == dict.fromkeys(["first", "second", "third"], "returned")
+        assert batches == [3]
+        assert lock.takers == ["third"]
+        assert store._gathering is None and store._leader is None
+    assert _ids_in_file(path) == {"first", "second", "third"}
+
+
+def test_a_saver_waits_for_the_others_of_its_batch_only_until_the_window_closes(path):
+    """The first one back commits its save alone once the window closes if the others do not come back
+    (their threads went on to other work); a write that saves nothing (a worker's delete or running
+    mark, whose next write waits for a job to run) waits for nobody."""
+    with SQLitePersistence(path, synchronous="FULL") as store:
+        store.save(Job("t", id="done"))
+        batches = []
+        commit = store._commit
+        store._commit = lambda batch: (batches.append(len(batch)), commit(batch))
+        _as_if_savers_came_back(store, 3, window=WAIT * 3)
+        started = time.monotonic()
+        store.delete("done")
+        assert time.monotonic() - started < WAIT, "a delete waited for the savers of the last batch"
+        _as_if_savers_came_back(store, 3, window=0.2)
+        store.save(Job("t", id="alone"))
+        assert batches == [1, 1]
+        assert store._gathering is None and store._leader is None
+        _no_more_gathering(store)
+        store.save(Job("t", id="after"))
+    assert _ids_in_file(path) == {"alone", "after"}
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs signal.pthread_kill")
+def test_ctrl_c_in_a_saver_waiting_for_the_others_of_its_batch_hands_the_lead_on(path):
+    """Under FULL the main thread, the first one back of a batch of saves, waits for the others; one
+    of them queues behind it, and a Ctrl-C lands in the main thread's wait. Its save raises (its job is
+    not written), the writer queued behind it leads instead and returns, its job saved (none waits for
+    a leader that is gone), and the store goes on."""
+    def handler(signum, frame):
+        raise _Killed()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        with SQLitePersistence(path, synchronous="FULL") as store:
+            _as_if_savers_came_back(store, 3)
+            outcomes, threads, main = {}, [], threading.main_thread().ident
+
+            def queue_then_interrupt():
+                if wait_until(lambda: store._gathering is not None):
+                    threads.append(_saving(store, "second", outcomes))
+                    if wait_until(lambda: len(store._pending) == 1):
+                        signal.pthread_kill(main, signal.SIGINT)
+
+            helper = _start("helper", queue_then_interrupt)
+            with pytest.raises(_Killed):
+                store.save(Job("t", id="first"))
+            helper.join(WAIT)
+            for thread in threads:
+                thread.join(WAIT)
+            assert not any(thread.is_alive() for thread in threads), "a writer is waiting forever"
+            assert outcomes == {"second": "returned"}
+            assert store._gathering is None and store._leader is None
+            _no_more_gathering(store)
+            store.save(Job("t", id="after"))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert _ids_in_file(path) == {"second", "after"}

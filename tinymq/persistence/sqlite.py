@@ -20,7 +20,9 @@ everyone's in one transaction (if that fails, each caller's statements are
 retried alone, so one bad write fails only its own call; if the committer is
 interrupted, by a signal handler raising in the main thread, the others' units
 go to the next committer: see _hand_back); under FULL a writer whose statements
-another committed returns without taking the lock.
+another committed returns without taking the lock, and writers who saved in one
+commit and are back at once with their next saves wait a little for each other,
+to share the next commit too (see _write).
 
 A file has one live owner (see ``_ownership.py``); ``read_only=True`` opens a
 file for inspection without owning it, and writes nothing.
@@ -235,6 +237,11 @@ class _Unit:
 
 
 
+def _saves(statements: List[Statement]) -> bool:
+    """Whether a unit's statements save jobs (save, save_many), as an enqueue's do."""
+    return bool(statements) and statements[0][0] in _SAVES
+
+
 def _dead_job_ids(ids: Iterable[str]) -> List[str]:
     """The ``ids`` given to ``requeue_dead`` or ``purge_dead`` (not None) as a list, or a TypeError naming
     the bad value (RedisBroker's too: a bad argument, not a store failure)."""
@@ -446,6 +453,12 @@ class SQLitePersistence:
         self._gate = threading.RLock()  # guards _pending and _leader
         self._pending: "deque[_Unit]" = deque()  # units waiting for the next committer
         self._leader: Optional[_Unit] = None  # the unit whose writer commits the pending ones next
+        self._returning = 0  # under FULL: writers who saved in the last batch, not back yet (see _back)
+        self._gathering: Optional[_Unit] = None  # the leader, while it waits for them
+        self._released_at = 0.0  # time.monotonic() when the last batch was committed
+        self._back_by = 0.0  # ... and by when its writers count as returning
+        self._commit_time = 0.0  # seconds a commit takes (a moving average)
+        self._return_time = 0.0  # seconds the writers of a batch take to be back, all of them (a moving average)
         self._owner_row_in_wal_only = False  # a reader kept the open's checkpoint from copying it (_take_over)
         self._conn, lock_fd, self._key = self._open_owned()
         # (for _release: what is owned now) The lock file is held open as a file object: closed once,
@@ -1120,6 +1133,22 @@ class SQLitePersistence:
         as often and cost 4-20 % more CPU per job in 5 runs of 6 (end to end it
         measured either way), so NORMAL keeps the queue on the commit lock. Other
         designs measured and not kept are described there.
+
+        Under FULL, writers who saved in one batch and are back at once with their
+        next saves (producer threads enqueueing one job after another) split into
+        two groups that took turns at the commit lock, each commit carrying about
+        half of them (2.5 units per commit from 4 producers) while the other half
+        came back. Instead, the first of them back leads but waits, on its own
+        lock, for the others, and the last one back leads in its place, with their
+        units in its batch: one commit, one fsync, for them all (see _back). It
+        waits only while they have come back faster than a commit takes (moving
+        averages of both, measured as the store runs: on a machine where a thread
+        takes long to wake against its fsync, the groups take turns as before),
+        never past twice a commit's time after their batch's commit, and only for
+        savers: a worker's running mark or delete is back only once its job ran,
+        and waiting for those made the FULL end to end case (one producer, 4
+        workers) 17 % slower (8 pairs). See bench/durable_trees_ab.py ``--case
+        four`` for what it gives 4 producers.
         """
         if self._pid != os.getpid() or self._closed or self.read_only or self._broken:
             self._check_usable()
@@ -1145,14 +1174,34 @@ class SQLitePersistence:
             else:
                 try:  # (from before the gate: an interruption as it leaves it must not leave _leader set)
                     with self._gate:
+                        wait = self._back(statements) if self._returning else -1.0
                         leads = self._leader is None
+                        gathers = leads and wait > 0
                         if leads:
                             self._leader = unit  # (its unit is not pending: only its writer commits it)
+                            if gathers:
+                                self._gathering = unit
+                        elif wait == 0 and self._gathering is not None:  # the last one back leads, with its unit
+                            self._pending.appendleft(self._gathering)
+                            self._gathering = None
+                            self._leader = unit
+                            leads = True
                         else:
                             self._pending.append(unit)
+                        if not leads or gathers:
                             waker = unit.waker = threading.Lock()
                             waker.acquire()
-                    if not leads:
+                    if gathers:  # the first one back: the last one back leads, or this one once the window closes
+                        leads = False
+                        if not waker.acquire(True, wait):
+                            with self._gate:
+                                leads = self._gathering is unit
+                                if leads:
+                                    self._gathering = None
+                                    unit.waker = None
+                            if not leads:
+                                waker.acquire()
+                    elif not leads:
                         waker.acquire()  # our batch is over, or the lead was handed to us
                     if leads or unit.leads:
                         self._lead(unit)
@@ -1168,6 +1217,23 @@ class SQLitePersistence:
             if isinstance(error, PersistenceError):
                 raise error
             raise PersistenceError(f"{self!r}: write failed: {error or 'interrupted before its commit'}") from error
+
+    def _back(self, statements: List[Statement]) -> float:
+        """Under FULL, caller holds the gate and writers who saved in the last batch are not all back
+        (_returning): a writer who saves counts as one of them. Returns the seconds it may wait for the
+        others (> 0), 0.0 if it is the last one back (or they are late), else -1.0 (see _write)."""
+        if not _saves(statements):
+            return -1.0
+        now = time.monotonic()
+        if now >= self._back_by:  # late: none of them is waited for
+            self._returning = 0
+            self._return_time += (self._back_by - self._released_at - self._return_time) / 8
+            return 0.0
+        self._returning -= 1
+        if not self._returning:
+            self._return_time += (now - self._released_at - self._return_time) / 8
+            return 0.0
+        return self._back_by - now if self._return_time < self._commit_time else -1.0
 
     def _lead(self, unit: _Unit) -> None:
         """Under FULL: take the commit lock, commit ``unit`` and every unit pending, then release their writers."""
@@ -1219,14 +1285,31 @@ class SQLitePersistence:
             for waiting in batch:
                 waiting.error = PersistenceError(self._broken or f"{self!r} was closed")
         elif batch:
+            shared = self._hand_off and len(batch) > 1
+            began = time.monotonic() if shared else 0.0
             self._commit(batch)
             # Before any of it is acknowledged, now and then: a look per commit (an lstat
             # of each file) made one producer's durable enqueue about a third slower, and
             # a poll of an inotify watch per commit durable end to end about 8 % slower.
             now = time.monotonic()
+            if shared:
+                self._shared(batch, now - began, now)
             if now >= self._next_wal_check:
                 self._next_wal_check = now + _WAL_CHECK_INTERVAL
                 self._look_at_files(batch)
+
+    def _shared(self, batch: List[_Unit], took: float, now: float) -> None:
+        """Under FULL, ``batch``, of several writers' units, was committed in ``took`` seconds: those of
+        them who saved may be back at once with their next saves (see _back). Caller holds the commit lock."""
+        savers = 0
+        for waiting in batch:
+            if _saves(waiting.statements):
+                savers += 1
+        with self._gate:
+            self._commit_time += (took - self._commit_time) / 8
+            self._returning = savers if savers > 1 else 0
+            self._released_at = now
+            self._back_by = now + 2 * self._commit_time
 
     def _hand_back(self, unit: _Unit, batch: List[_Unit]) -> None:
         """``unit``'s writer was interrupted leading ``batch`` (a signal handler raising in the main
@@ -1267,16 +1350,20 @@ class SQLitePersistence:
                 self._pending.remove(unit)
             if self._leader is unit:
                 self._leader = None
+            if self._gathering is unit:
+                self._gathering = None
             self._hand_on_lead()
 
     def _hand_on_lead(self) -> None:
         """Under FULL, caller holds the gate: if nobody leads while writers wait, the first of them is
         given the lead, and a writer given it is woken (by its own lock). A leader whose waker is set
-        was given the lead and not woken yet: a pass again after an interruption wakes it."""
+        was given the lead and not woken yet (a pass again after an interruption wakes it), or waits
+        for the others of its batch (_gathering): it is woken to lead now."""
         if self._leader is None and self._pending:
             self._leader = self._pending[0]
         leader = self._leader
         if leader is not None and leader.waker is not None:
+            self._gathering = None
             if leader in self._pending:
                 self._pending.remove(leader)
             leader.leads = True
