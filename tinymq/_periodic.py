@@ -15,7 +15,8 @@ schedule removed or re-armed since it was pushed is skipped when it comes up.
 
 No pile-up: a tick is skipped, and counted in the schedule's ``skipped``, while
 the job of the schedule's previous fired tick is unfinished (queued, delayed,
-running or waiting for a retry), or when the queue refuses its job (full).
+running or waiting for a retry), or when the queue refuses its job (full): the refusals
+in a row are logged as a Redis outage is, at most every ``_LOG_EVERY`` with their count.
 A tick's job has a deterministic id, ``"<name>@<tick time, UTC ISO 8601>"``, and
 the tag ``tinymq.schedule = <name>``: with a store, a recovered unfinished job
 of the schedule is its previous job, and the same tick is never enqueued twice.
@@ -56,6 +57,9 @@ _CLOCK_SET_BACK = 3 * 3600.0
 # (1e300), never a tick, and over a broker it would set the grid every process joins.
 _LAST_FIRST_AT = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
 _BEGIN_RETRY = 1.0  # seconds before a schedule whose backend failed to begin it tries again
+# Seconds between two log records of one schedule's ticks refused in a row, as a Redis outage is
+# logged (tinymq/redis/_link.py): a schedule ticking every 10 ms into a full queue floods no log.
+_LOG_EVERY = 30.0
 _CRON_EXTRA_HINT = "q.cron() needs the croniter package: pip install 'tinymq[cron]'"
 _CRON_FIELDS = 5  # minute hour day-of-month month day-of-week: croniter's extra 6th and 7th are refused
 # croniter's random field ("R", "R(0-29)", "R/15"), redrawn by each croniter: a schedule that
@@ -235,6 +239,11 @@ class _Schedule:
         self.skipped = 0
         self.last_job_id: Optional[str] = None
         self.active = True  # cleared by unschedule, under Periodic._firing
+        # Ticks whose job the queue refused: in a row (since a tick fired), and since the last log
+        # record of them, logged at monotonic time ``refused_logged``. Changed only under Periodic._firing.
+        self.refused_in_row = 0
+        self.refused_unlogged = 0
+        self.refused_logged = -math.inf
         self.entry = -1  # the sequence number of its live entry in Periodic._heap (-1: none)
 
     def new_job_at(self, tick_wall: float) -> Job:
@@ -654,6 +663,25 @@ class Periodic:
             self._no_next_tick(schedule)
             return _NO_TICK
 
+    def _log_refused(self, schedule: _Schedule, exc: Exception) -> None:
+        """The queue refused the job of ``schedule``'s tick (skipped, and counted): logged as a Redis
+        outage is, the first refusal in a row at once, then at most once per _LOG_EVERY with the count
+        since the last record. Called with _firing held, in an except clause."""
+        schedule.refused_in_row += 1
+        schedule.refused_unlogged += 1
+        now = self._monotonic()
+        if schedule.refused_in_row > 1 and now - schedule.refused_logged < _LOG_EVERY:
+            return
+        count, schedule.refused_unlogged, schedule.refused_logged = schedule.refused_unlogged, 0, now
+        again = ("" if schedule.refused_in_row == 1 else
+                 f" ({count} ticks skipped so since the last log record, this one included)")
+        if isinstance(exc, QueueFull):
+            logger.warning("schedule %r skipped a tick: %s%s; logged at most every %gs while it lasts",
+                           schedule.name, exc, again, _LOG_EVERY)
+        else:
+            logger.exception("schedule %r could not enqueue its tick's job; the tick is skipped%s; logged at "
+                             "most every %gs while it lasts", schedule.name, again, _LOG_EVERY)
+
     def _fire(self, schedule: _Schedule) -> None:
         with self._firing:
             with self._lock:
@@ -666,11 +694,15 @@ class Periodic:
                 raise
             except QueueFull as exc:
                 outcome = "refused"
-                logger.warning("schedule %r skipped a tick: %s", schedule.name, exc)
-            except Exception:
+                self._log_refused(schedule, exc)
+            except Exception as exc:
                 outcome = "refused"
-                logger.exception("schedule %r could not enqueue its tick's job; the tick is skipped",
-                                 schedule.name)
+                self._log_refused(schedule, exc)
+            if outcome in ("fired", "taken") and schedule.refused_in_row:  # (the queue takes its jobs again)
+                logger.info("schedule %r enqueues its ticks' jobs again, after %d skipped ticks whose job the "
+                            "queue refused (%d since the last log record)", schedule.name,
+                            schedule.refused_in_row, schedule.refused_unlogged)
+                schedule.refused_in_row = schedule.refused_unlogged = 0
             with self._lock:
                 if outcome == "regrid":  # (a broker holds another grid of the schedule: join it)
                     logger.warning("schedule %r: Redis holds another grid of its ticks (it lost its data, or "
