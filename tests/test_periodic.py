@@ -305,6 +305,34 @@ def test_unschedule_while_a_tick_is_being_enqueued_waits_for_it_then_no_more():
     assert [job.type for job in runs.jobs].count("tick") == 1
 
 
+def test_unscheduled_names_leave_nothing_behind_once_their_jobs_finished():
+    # An app that adds and removes a schedule per user: the process remembers an unscheduled
+    # schedule's last job only while it is unfinished (a schedule registered again under the name
+    # skips its ticks meanwhile), not one entry per name ever unscheduled.
+    runs = Runs(hold=True)
+    names = [f"user-{i}" for i in range(40)]
+    with make_queue(buffer_size=1000) as q:
+        q.register_executor("work", runs)
+        q.start_dispatcher()
+        for name in names:
+            q.every(3600.0, "work", name=name, first_at=time.time())
+        assert wait_until(lambda: all(s.fired == 1 for s in q.schedules()))
+        held, done = names[:20], names[20:]
+        for name in held:  # their jobs unfinished: each is remembered, as documented
+            assert q.unschedule(name)
+        assert set(q._periodic._unscheduled) == set(held)
+        q.every(INTERVAL, "work", name=held[0])  # registered again: its ticks wait for that job
+        assert wait_until(lambda: schedule_of(q, held[0]).skipped >= 2)
+        assert schedule_of(q, held[0]).fired == 0
+        assert q.unschedule(held[0])
+        runs.release.set()
+        assert q.join(WAIT)
+        for name in done:  # their jobs finished: nothing needs them, nor the held ones' any more
+            assert q.unschedule(name)
+        assert q._periodic._unscheduled == {}
+        assert q.schedules() == []
+
+
 # --- validation ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("interval, error, text", [

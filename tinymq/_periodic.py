@@ -275,6 +275,11 @@ class TickBackend(Protocol):
     def check(self, schedule: _Schedule) -> None:
         """Raise TypeError/ValueError, naming the schedule, when its jobs cannot be enqueued."""
 
+    def unfinished(self, job_id: str) -> bool:
+        """Whether this process is to remember ``job_id``, an unscheduled schedule's last job, as the
+        previous job of a schedule registered again under its name: while it is unfinished in-process;
+        never with a broker, where the previous job is kept in Redis."""
+
 
 def check_storable(store: Any, schedule: _Schedule) -> None:
     """Raise TypeError/ValueError, naming the schedule, when ``store`` would refuse its ticks' jobs
@@ -303,6 +308,10 @@ class _LocalTicks:
         queue = self._queue()
         if queue is not None:
             check_storable(queue._store, schedule)
+
+    def unfinished(self, job_id: str) -> bool:
+        queue = self._queue()
+        return queue is not None and queue._ready.has_id(job_id)
 
     def fire(self, schedule: _Schedule, tick: _Tick) -> str:
         queue = self._queue()
@@ -350,9 +359,13 @@ class Periodic:
         # Reentrant: a failure callback run by that enqueue (an eviction) may call unschedule().
         self._firing = threading.RLock()
         self._recovered: Dict[str, Job] = {}  # schedule name -> its latest job a store gave back
-        # Schedule name -> the last job of an unscheduled schedule: a schedule registered again under
-        # the name (another interval) takes it as its previous job (no pile-up). Guarded by _lock.
+        # Schedule name -> the last job of an unscheduled schedule, while it is unfinished (backend.unfinished):
+        # a schedule registered again under the name (another interval) takes it as its previous job (no
+        # pile-up). A finished one is needed no more: unschedule drops those, looking at all of them
+        # once per as many calls as it kept last time (amortized O(1)), so an app that adds and removes
+        # a schedule per user keeps no entry per name. Guarded by _lock.
         self._unscheduled: Dict[str, str] = {}
+        self._sweep_in = 1  # unschedule calls until it looks at every entry of _unscheduled again
 
     # --- registering -------------------------------------------------------------
 
@@ -459,8 +472,14 @@ class Periodic:
                     self._heap = [entry for entry in self._heap if entry[1] == entry[2].entry]
                     heapq.heapify(self._heap)
                     self._stale = 0
-            if schedule.last_job_id is not None:
+            if schedule.last_job_id is not None and self.backend.unfinished(schedule.last_job_id):
                 self._unscheduled[name] = schedule.last_job_id
+            self._sweep_in -= 1
+            if self._sweep_in <= 0:
+                unfinished = self.backend.unfinished
+                self._unscheduled = {key: job_id for key, job_id in self._unscheduled.items()
+                                     if unfinished(job_id)}
+                self._sweep_in = max(1, len(self._unscheduled))
             self._changed.notify()
         logger.info("schedule %r removed", name)
         return True
