@@ -222,7 +222,7 @@ def test_refused_ticks_are_logged_at_most_every_30s_with_the_count_and_the_recov
         ticks(1)  # 30 s later: one more record, with the count of the ticks skipped since the last one
         records = _refusals(caplog, "tick")
         assert len(records) == 2 and records[1].levelname == "WARNING"
-        assert "(100 ticks skipped so since the last log record, this one included)" in records[1].getMessage()
+        assert "(100 ticks skipped since the last log record, this one included)" in records[1].getMessage()
         ticks(50)
         assert len(_refusals(caplog, "tick")) == 2
         assert q.cancel(filler.id)  # room again: the next tick fires, and the log says so

@@ -693,7 +693,7 @@ class Periodic:
             return
         count, schedule.refused_unlogged, schedule.refused_logged = schedule.refused_unlogged, 0, now
         again = ("" if schedule.refused_in_row == 1 else
-                 f" ({count} ticks skipped so since the last log record, this one included)")
+                 f" ({count} ticks skipped since the last log record, this one included)")
         if isinstance(exc, QueueFull):
             logger.warning("schedule %r skipped a tick: %s%s; logged at most every %gs while it lasts",
                            schedule.name, exc, again, _LOG_EVERY)
