@@ -5,6 +5,7 @@ checked against croniter (and hand-written instants) for DST edges through
 ``cron_next``, and through the timer with the schedule's wall clock moved to
 just before a minute boundary.
 """
+import logging
 import math
 import re
 import sys
@@ -175,6 +176,65 @@ def test_a_full_buffer_skips_the_tick_and_says_so(caplog):
                for r in caplog.records)
 
 
+def _refusals(caplog, name):
+    return [r for r in caplog.records if r.getMessage().startswith(f"schedule {name!r}")
+            and ("skipped a tick" in r.getMessage() or "again" in r.getMessage())]
+
+
+def test_a_full_buffer_under_a_fast_schedule_logs_one_warning_not_one_per_tick(caplog):
+    # Every 10 ms into a full queue: the first refused tick is logged, the next ones only counted
+    # (as a Redis outage is logged: at most every 30 s), not one WARNING per tick.
+    with make_queue(buffer_size=1) as q:
+        q.enqueue(Job("other"))  # no dispatcher: the buffer stays full
+        began = time.monotonic()
+        q.every(0.01, "tick", first_at=time.time())
+        q._periodic.start()  # the timer alone, without workers to empty the buffer
+        assert wait_until(lambda: schedule_of(q, "tick").skipped >= 100)
+        elapsed = time.monotonic() - began
+    warnings = [r for r in _refusals(caplog, "tick") if r.levelname == "WARNING"]
+    assert 1 <= len(warnings) <= 1 + elapsed // 30.0
+    assert schedule_of(q, "tick").fired == 0
+
+
+def test_refused_ticks_are_logged_at_most_every_30s_with_the_count_and_the_recovery(caplog):
+    caplog.set_level(logging.INFO, logger="tinymq")
+    with make_queue(buffer_size=1) as q:
+        filler = q.enqueue(Job("other"))
+        q.every(0.01, "tick")
+        periodic = q._periodic
+        clock = [1000.0]
+        periodic._monotonic = lambda: clock[0]
+        schedule = periodic._schedules["tick"]
+        schedule.begun = True  # as start_dispatcher would, without a timer thread racing the test
+
+        def ticks(count):
+            for _ in range(count):
+                clock[0] += 0.01
+                schedule.tick = _Tick(clock[0], time.time() + clock[0], 0)
+                periodic._fire(schedule)
+
+        ticks(100)
+        records = _refusals(caplog, "tick")  # the first refused tick only
+        assert [r.levelname for r in records] == ["WARNING"]
+        assert "skipped a tick: the ready buffer is full" in records[0].getMessage()
+        assert "logged at most every 30s while it lasts" in records[0].getMessage()
+        clock[0] += 30.0
+        ticks(1)  # 30 s later: one more record, with the count of the ticks skipped since the last one
+        records = _refusals(caplog, "tick")
+        assert len(records) == 2 and records[1].levelname == "WARNING"
+        assert "(100 ticks skipped since the last log record, this one included)" in records[1].getMessage()
+        ticks(50)
+        assert len(_refusals(caplog, "tick")) == 2
+        assert q.cancel(filler.id)  # room again: the next tick fires, and the log says so
+        ticks(1)
+        records = _refusals(caplog, "tick")
+        assert len(records) == 3 and records[2].levelname == "INFO"
+        assert records[2].getMessage() == ("schedule 'tick' enqueues its ticks' jobs again, after 151 skipped "
+                                           "ticks whose job the queue refused (50 since the last log record)")
+        stats = schedule_of(q, "tick")
+        assert (stats.fired, stats.skipped) == (1, 151)  # every refused tick counted
+
+
 # --- unschedule --------------------------------------------------------------------------------
 
 def test_unschedule_from_the_ticks_own_job_stops_later_ticks():
@@ -243,6 +303,34 @@ def test_unschedule_while_a_tick_is_being_enqueued_waits_for_it_then_no_more():
         q.register_executor("witness", runs)
         runs.wait_for(4)
     assert [job.type for job in runs.jobs].count("tick") == 1
+
+
+def test_unscheduled_names_leave_nothing_behind_once_their_jobs_finished():
+    # An app that adds and removes a schedule per user: the process remembers an unscheduled
+    # schedule's last job only while it is unfinished (a schedule registered again under the name
+    # skips its ticks meanwhile), not one entry per name ever unscheduled.
+    runs = Runs(hold=True)
+    names = [f"user-{i}" for i in range(40)]
+    with make_queue(buffer_size=1000) as q:
+        q.register_executor("work", runs)
+        q.start_dispatcher()
+        for name in names:
+            q.every(3600.0, "work", name=name, first_at=time.time())
+        assert wait_until(lambda: all(s.fired == 1 for s in q.schedules()))
+        held, done = names[:20], names[20:]
+        for name in held:  # their jobs unfinished: each is remembered, as documented
+            assert q.unschedule(name)
+        assert set(q._periodic._unscheduled) == set(held)
+        q.every(INTERVAL, "work", name=held[0])  # registered again: its ticks wait for that job
+        assert wait_until(lambda: schedule_of(q, held[0]).skipped >= 2)
+        assert schedule_of(q, held[0]).fired == 0
+        assert q.unschedule(held[0])
+        runs.release.set()
+        assert q.join(WAIT)
+        for name in done:  # their jobs finished: nothing needs them, nor the held ones' any more
+            assert q.unschedule(name)
+        assert q._periodic._unscheduled == {}
+        assert q.schedules() == []
 
 
 # --- validation ---------------------------------------------------------------------------------

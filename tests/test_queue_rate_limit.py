@@ -10,6 +10,7 @@ each start: ``SLACK`` allows for a worker's wake-up between the two (the core
 tests check the rule exactly). Every other wait is on events and joins.
 """
 import dataclasses
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -112,10 +113,19 @@ def test_rate_limit_is_exported_and_immutable():
     (1, "60", TypeError, "'60'"),
     (1, None, TypeError, "None"),
     (1, timedelta(0), ValueError, "timedelta"),
+    # More starts than any queue can keep (8 bytes each): refused when built, not at register_executor.
+    (sys.maxsize // 8 + 1, 1.0, ValueError, f"max_starts must be <= sys.maxsize // 8 ({sys.maxsize // 8}: "),
+    (sys.maxsize, 1.0, ValueError, f"got {sys.maxsize}"),
 ])
 def test_rate_limit_is_validated_and_errors_name_the_value(max_starts, per, error, shown):
     with pytest.raises(error, match=shown.replace("(", r"\(").replace(".", r"\.")):
         RateLimit(max_starts, per=per)
+
+
+def test_the_largest_rate_limit_is_one_every_queue_takes():
+    limit = RateLimit(sys.maxsize // 8, per=1.0)
+    with Queue() as q:
+        q.register_executor("r", lambda job: None, ExecutorConfig(rate_limit=limit))
 
 
 def test_executor_config_takes_a_rate_limit_or_none():

@@ -15,7 +15,8 @@ schedule removed or re-armed since it was pushed is skipped when it comes up.
 
 No pile-up: a tick is skipped, and counted in the schedule's ``skipped``, while
 the job of the schedule's previous fired tick is unfinished (queued, delayed,
-running or waiting for a retry), or when the queue refuses its job (full).
+running or waiting for a retry), or when the queue refuses its job (full): the refusals
+in a row are logged as a Redis outage is, at most every ``_LOG_EVERY`` with their count.
 A tick's job has a deterministic id, ``"<name>@<tick time, UTC ISO 8601>"``, and
 the tag ``tinymq.schedule = <name>``: with a store, a recovered unfinished job
 of the schedule is its previous job, and the same tick is never enqueued twice.
@@ -56,6 +57,9 @@ _CLOCK_SET_BACK = 3 * 3600.0
 # (1e300), never a tick, and over a broker it would set the grid every process joins.
 _LAST_FIRST_AT = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
 _BEGIN_RETRY = 1.0  # seconds before a schedule whose backend failed to begin it tries again
+# Seconds between two log records of one schedule's ticks refused in a row, as a Redis outage is
+# logged (tinymq/redis/_link.py): a schedule ticking every 10 ms into a full queue floods no log.
+_LOG_EVERY = 30.0
 _CRON_EXTRA_HINT = "q.cron() needs the croniter package: pip install 'tinymq[cron]'"
 _CRON_FIELDS = 5  # minute hour day-of-month month day-of-week: croniter's extra 6th and 7th are refused
 # croniter's random field ("R", "R(0-29)", "R/15"), redrawn by each croniter: a schedule that
@@ -235,6 +239,11 @@ class _Schedule:
         self.skipped = 0
         self.last_job_id: Optional[str] = None
         self.active = True  # cleared by unschedule, under Periodic._firing
+        # Ticks whose job the queue refused: in a row (since a tick fired), and since the last log
+        # record of them, logged at monotonic time ``refused_logged``. Changed only under Periodic._firing.
+        self.refused_in_row = 0
+        self.refused_unlogged = 0
+        self.refused_logged = -math.inf
         self.entry = -1  # the sequence number of its live entry in Periodic._heap (-1: none)
 
     def new_job_at(self, tick_wall: float) -> Job:
@@ -266,6 +275,11 @@ class TickBackend(Protocol):
     def check(self, schedule: _Schedule) -> None:
         """Raise TypeError/ValueError, naming the schedule, when its jobs cannot be enqueued."""
 
+    def unfinished(self, job_id: str) -> bool:
+        """Whether this process is to remember ``job_id``, an unscheduled schedule's last job, as the
+        previous job of a schedule registered again under its name: while it is unfinished in-process;
+        never with a broker, where the previous job is kept in Redis."""
+
 
 def check_storable(store: Any, schedule: _Schedule) -> None:
     """Raise TypeError/ValueError, naming the schedule, when ``store`` would refuse its ticks' jobs
@@ -294,6 +308,10 @@ class _LocalTicks:
         queue = self._queue()
         if queue is not None:
             check_storable(queue._store, schedule)
+
+    def unfinished(self, job_id: str) -> bool:
+        queue = self._queue()
+        return queue is not None and queue._ready.has_id(job_id)
 
     def fire(self, schedule: _Schedule, tick: _Tick) -> str:
         queue = self._queue()
@@ -341,9 +359,13 @@ class Periodic:
         # Reentrant: a failure callback run by that enqueue (an eviction) may call unschedule().
         self._firing = threading.RLock()
         self._recovered: Dict[str, Job] = {}  # schedule name -> its latest job a store gave back
-        # Schedule name -> the last job of an unscheduled schedule: a schedule registered again under
-        # the name (another interval) takes it as its previous job (no pile-up). Guarded by _lock.
+        # Schedule name -> the last job of an unscheduled schedule, while it is unfinished (backend.unfinished):
+        # a schedule registered again under the name (another interval) takes it as its previous job (no
+        # pile-up). A finished one is needed no more: unschedule drops those, looking at all of them
+        # once per as many calls as it kept last time (amortized O(1)), so an app that adds and removes
+        # a schedule per user keeps no entry per name. Guarded by _lock.
         self._unscheduled: Dict[str, str] = {}
+        self._sweep_in = 1  # unschedule calls until it looks at every entry of _unscheduled again
 
     # --- registering -------------------------------------------------------------
 
@@ -450,8 +472,14 @@ class Periodic:
                     self._heap = [entry for entry in self._heap if entry[1] == entry[2].entry]
                     heapq.heapify(self._heap)
                     self._stale = 0
-            if schedule.last_job_id is not None:
+            if schedule.last_job_id is not None and self.backend.unfinished(schedule.last_job_id):
                 self._unscheduled[name] = schedule.last_job_id
+            self._sweep_in -= 1
+            if self._sweep_in <= 0:
+                unfinished = self.backend.unfinished
+                self._unscheduled = {key: job_id for key, job_id in self._unscheduled.items()
+                                     if unfinished(job_id)}
+                self._sweep_in = max(1, len(self._unscheduled))
             self._changed.notify()
         logger.info("schedule %r removed", name)
         return True
@@ -654,6 +682,25 @@ class Periodic:
             self._no_next_tick(schedule)
             return _NO_TICK
 
+    def _log_refused(self, schedule: _Schedule, exc: Exception) -> None:
+        """The queue refused the job of ``schedule``'s tick (skipped, and counted): logged as a Redis
+        outage is, the first refusal in a row at once, then at most once per _LOG_EVERY with the count
+        since the last record. Called with _firing held, in an except clause."""
+        schedule.refused_in_row += 1
+        schedule.refused_unlogged += 1
+        now = self._monotonic()
+        if schedule.refused_in_row > 1 and now - schedule.refused_logged < _LOG_EVERY:
+            return
+        count, schedule.refused_unlogged, schedule.refused_logged = schedule.refused_unlogged, 0, now
+        again = ("" if schedule.refused_in_row == 1 else
+                 f" ({count} ticks skipped since the last log record, this one included)")
+        if isinstance(exc, QueueFull):
+            logger.warning("schedule %r skipped a tick: %s%s; logged at most every %gs while it lasts",
+                           schedule.name, exc, again, _LOG_EVERY)
+        else:
+            logger.exception("schedule %r could not enqueue its tick's job; the tick is skipped%s; logged at "
+                             "most every %gs while it lasts", schedule.name, again, _LOG_EVERY)
+
     def _fire(self, schedule: _Schedule) -> None:
         with self._firing:
             with self._lock:
@@ -666,11 +713,15 @@ class Periodic:
                 raise
             except QueueFull as exc:
                 outcome = "refused"
-                logger.warning("schedule %r skipped a tick: %s", schedule.name, exc)
-            except Exception:
+                self._log_refused(schedule, exc)
+            except Exception as exc:
                 outcome = "refused"
-                logger.exception("schedule %r could not enqueue its tick's job; the tick is skipped",
-                                 schedule.name)
+                self._log_refused(schedule, exc)
+            if outcome in ("fired", "taken") and schedule.refused_in_row:  # (the queue takes its jobs again)
+                logger.info("schedule %r enqueues its ticks' jobs again, after %d skipped ticks whose job the "
+                            "queue refused (%d since the last log record)", schedule.name,
+                            schedule.refused_in_row, schedule.refused_unlogged)
+                schedule.refused_in_row = schedule.refused_unlogged = 0
             with self._lock:
                 if outcome == "regrid":  # (a broker holds another grid of the schedule: join it)
                     logger.warning("schedule %r: Redis holds another grid of its ticks (it lost its data, or "

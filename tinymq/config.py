@@ -64,6 +64,11 @@ def _count(name: str, value: object, minimum: int) -> int:
     return int(value)  # (a broker's script calls take exact ints only)
 
 
+# The most starts a RateLimit allows per window: the in-process core keeps up to max_starts start times
+# of 8 bytes each (its ring's size in bytes must fit in a Py_ssize_t); a broker takes the same.
+_MAX_RATE_STARTS = sys.maxsize // 8
+
+
 def _set(instance: object, name: str, value: object) -> None:
     object.__setattr__(instance, name, value)  # frozen dataclass: normalise once, here
 
@@ -147,7 +152,7 @@ class RateLimit:
     clock). Every attempt counts, retries and attempts that time out included.
     ``RateLimit(100, per=60.0)``: at most 100 starts a minute. ``per`` also
     accepts a ``timedelta``. The in-process core and a broker read the same
-    two fields.
+    two fields. ``max_starts`` is at most ``sys.maxsize // 8``.
     """
 
     max_starts: int
@@ -157,7 +162,11 @@ class RateLimit:
         def __init__(self, max_starts: int, per: Duration) -> None: ...
 
     def __post_init__(self) -> None:
-        _set(self, "max_starts", _count("max_starts", self.max_starts, 1))
+        max_starts = _count("max_starts", self.max_starts, 1)
+        if max_starts > _MAX_RATE_STARTS:
+            raise ValueError(f"max_starts must be <= sys.maxsize // 8 ({_MAX_RATE_STARTS}: a queue keeps up to "
+                             f"max_starts start times of 8 bytes each), got {self.max_starts!r}")
+        _set(self, "max_starts", max_starts)
         _set(self, "per", _positive_seconds("per", self.per))
 
 

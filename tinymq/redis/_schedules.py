@@ -80,6 +80,10 @@ class BrokerTicks:
         due_server = anchor + index * interval
         return _Tick(monotonic_now + (due_server - server_now), time.time() + (due_server - server_now), index)
 
+    def unfinished(self, job_id: str) -> bool:
+        """Never: the schedule's previous job is kept in Redis (its hash), for every process."""
+        return False
+
     def check(self, schedule: Any) -> None:
         """A tick's job goes to Redis as JSON text: refuse a payload that is not JSON, or has text
         Redis cannot take, as enqueue would."""
