@@ -1,7 +1,7 @@
 """A/B of two builds of tinymq on issue #12's producer cases, the builds taking turns.
 
     python bench/redis_enqueue_ab.py DIR_A DIR_B [--pairs 10] [--jobs 2000] [--many-jobs 20000] [--rounds 5]
-                                     [--hide-hiredis a|b]
+                                     [--hide-hiredis a|b] [--placement one-cpu|two-cpus|free]
 
 Not a benchmark of its own (pytest does not collect it). Each DIR is a source tree with its
 compiled core in place (see builds_ab.py). A run is this file in ``--child`` mode with
@@ -18,6 +18,11 @@ shared host. Prints, per figure, the median of each build and the median of the 
 ratios, then one JSON line with every run. ``--hide-hiredis a`` (or ``b``) runs that side as if
 hiredis were not installed (a ``hiredis`` package that raises ImportError, first on its path):
 redis-py's own packing and parsing, as a user without it gets (DIR_A and DIR_B may be one tree).
+``--placement`` (``one-cpu`` by default) puts the run's producer thread and its server's main
+thread on one CPU, as ``test_bench_redis.py`` does for these cases (its ``one_cpu``: on this
+host, whose idle vCPUs halt, a reply to the other CPU costs ~40-50 us more, and left free the
+scheduler picks one CPU or two run by run: 7k or 14k/s for one build); ``two-cpus`` on two,
+``free`` leaves them to the scheduler.
 """
 import argparse
 import json
@@ -36,7 +41,18 @@ LEASE = 30.0  # as the bench's producer
 CASES = ("enqueue", f"enqueue_many_{BATCH}")
 
 
-def _child(jobs: int, many_jobs: int, rounds: int) -> None:
+def _place(server_pid: int, placement: str) -> None:
+    """This thread and the server's main thread on one CPU, on two, or left free (see --placement)."""
+    if placement == "free":
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if placement == "two-cpus" and len(cpus) < 2:
+        sys.exit(f"--placement two-cpus: this process may use only CPU {cpus[0]}")
+    os.sched_setaffinity(0, {cpus[0]})
+    os.sched_setaffinity(server_pid, {cpus[1] if placement == "two-cpus" else cpus[0]})
+
+
+def _child(jobs: int, many_jobs: int, rounds: int, placement: str) -> None:
     sys.path.insert(0, os.path.join(os.environ["TINYMQ_AB_TREE"], "tests"))
     import redis
     from _redis_server import RedisServer
@@ -47,6 +63,8 @@ def _child(jobs: int, many_jobs: int, rounds: int) -> None:
     directory = tempfile.mkdtemp(prefix="tinymq-enqueue-ab-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     server = RedisServer(directory).start()
     try:
+        assert server.process is not None
+        _place(server.process.pid, placement)
         queue = Queue(config=Config(buffer_size=BUFFER_SIZE, max_delayed_jobs=0),
                       broker=RedisBroker(server.url, name="enqueue-ab", lease=LEASE))
         queue.register_executor("noop", lambda job: None)
@@ -97,7 +115,8 @@ def _run(tree: str, args: argparse.Namespace, hidden: str) -> Dict[str, float]:
     env.pop("TINYMQ_NO_EXTENSIONS", None)
     with tempfile.TemporaryDirectory() as cwd:  # not a checkout's tinymq, via the current directory
         done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "--jobs", str(args.jobs),
-                               "--many-jobs", str(args.many_jobs), "--rounds", str(args.rounds)],
+                               "--many-jobs", str(args.many_jobs), "--rounds", str(args.rounds),
+                               "--placement", args.placement],
                               env=env, cwd=cwd, capture_output=True, text=True, check=False)
     if done.returncode:
         sys.exit(done.stderr.strip())
@@ -115,12 +134,14 @@ def main() -> None:
                         help=f"enqueue_many({BATCH}): jobs a round (default 20000, as the bench)")
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds a run (default 5)")
     parser.add_argument("--hide-hiredis", choices=("a", "b"), help="run that side without hiredis")
+    parser.add_argument("--placement", choices=("one-cpu", "two-cpus", "free"), default="one-cpu",
+                        help="the producer and the server on one CPU (default), on two, or left to the scheduler")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.many_jobs % BATCH:
         parser.error(f"--many-jobs must be a multiple of {BATCH}")
     if args.child:
-        _child(args.jobs, args.many_jobs, args.rounds)
+        _child(args.jobs, args.many_jobs, args.rounds, args.placement)
         return
     if not (args.a and args.b):
         parser.error("give two source trees, DIR_A and DIR_B")

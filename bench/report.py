@@ -377,6 +377,8 @@ def _rate(group: str, at_least: float, contender: str = "",
             return None
         floor = find(groups, group, beside) if beside else None
         also = f"; {floor.name}: {fmt_rate(floor.rate)}" if floor is not None else ""
+        if "other_programs_cpus" in ours.metrics:  # (the host's load meanwhile: test_bench_redis.py)
+            also += f"; other programs busy meanwhile: {ours.metrics['other_programs_cpus']:g} CPUs"
         return f"{fmt_rate(ours.rate)} ({ours.name}{also})", ours.rate >= at_least
     return check
 
@@ -582,7 +584,12 @@ def markdown(benches: List[Bench], machine: Dict[str, Any], commands: List[str],
         "End to end: 2 worker processes × 4 threads (RQ: 8 SimpleWorker processes; arq and saq: their "
         "default 10 jobs in flight per process), one producer enqueueing in batches of 100 (bulk APIs "
         "where they exist; what a user writes instead where not, named in the row), time from the "
-        "first enqueue until every job started. Commands per job count those run inside Lua and "
+        "first enqueue until every job started. The cases without workers (`enqueue`, "
+        "`enqueue_many(100)`, the PING floor) run the producer and the server's main thread on one "
+        "CPU (this host's idle vCPUs halt: a reply that wakes the other CPU costs ~40-50 µs more, and "
+        "the scheduler's choice of one CPU or two, left to it, read 7k or 14k/s for one build); "
+        "`other_programs_cpus` is how many CPUs other programs kept busy meanwhile. "
+        "Commands per job count those run inside Lua and "
         "MULTI (`total_commands_processed`); round trips per job count the server's reply writes "
         "(`total_writes_processed`: one per client call, whether one command, a pipeline or a "
         "script; checked by a calibration at start). Latency: one job every ~1 ms into idle "
