@@ -225,10 +225,11 @@ class DeadJob(NamedTuple):
 class _Unit:
     """Statements one caller needs committed together, and how that went."""
 
-    __slots__ = ("statements", "done", "error", "waker", "leads")
+    __slots__ = ("statements", "done", "error", "waker", "leads", "thread")
 
     def __init__(self, statements: List[Statement]) -> None:
         self.statements = statements
+        self.thread = threading.get_ident()  # its writer's
         self.done = False  # committed
         self.error: Optional[BaseException] = None
         self.waker: Optional[threading.Lock] = None  # a follower's, held until its batch is over or it leads
@@ -1172,6 +1173,9 @@ class SQLitePersistence:
                                 raise
                             raise
             else:
+                with self._gate:  # before its unit is pending, as above
+                    if self._waits_here(unit):
+                        refuse("the store")
                 try:  # (from before the gate: an interruption as it leaves it must not leave _leader set)
                     with self._gate:
                         wait = self._back(statements) if self._returning else -1.0
@@ -1217,6 +1221,19 @@ class SQLitePersistence:
             if isinstance(error, PersistenceError):
                 raise error
             raise PersistenceError(f"{self!r}: write failed: {error or 'interrupted before its commit'}") from error
+
+    def _waits_here(self, unit: _Unit) -> bool:
+        """Under FULL, caller holds the gate: whether ``unit``'s thread has a write under way already, its
+        unit leading (waiting for the commit lock, or for the others of its batch) or pending. Only from
+        code that ran inside that write on its thread (a signal handler, the garbage collector): a unit of
+        it would wait for a leader who cannot go on until it returns, maybe forever (see _held_here)."""
+        leader = self._leader
+        if leader is not None and leader.thread == unit.thread:
+            return True
+        for waiting in self._pending:
+            if waiting.thread == unit.thread:
+                return True
+        return False
 
     def _back(self, statements: List[Statement]) -> float:
         """Under FULL, caller holds the gate and writers who saved in the last batch are not all back
