@@ -1173,11 +1173,10 @@ class SQLitePersistence:
                                 raise
                             raise
             else:
-                with self._gate:  # before its unit is pending, as above
-                    if self._waits_here(unit):
-                        refuse("the store")
                 try:  # (from before the gate: an interruption as it leaves it must not leave _leader set)
                     with self._gate:
+                        if self._waits_here(unit):  # (before its unit is pending: _resign finds nothing of it)
+                            refuse("the store")
                         wait = self._back(statements) if self._returning else -1.0
                         leads = self._leader is None
                         gathers = leads and wait > 0
