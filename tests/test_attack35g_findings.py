@@ -6,10 +6,16 @@ import pathlib
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
-from _helpers import WAIT
+import tinymq.persistence.sqlite as sqlite_store
+from tinymq.job import Job
+from tinymq.persistence import SQLitePersistence
+
+from _helpers import WAIT, wait_until
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -81,3 +87,67 @@ def test_a_save_in_a_signal_handler_during_a_full_save_of_its_thread_is_refused_
         pytest.fail("the handler's save waits forever for its own thread's save")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['refused'] ['after', 'main']", done.stdout + done.stderr
+
+
+def _saving(store, name, outcomes):
+    def save():
+        try:
+            store.save(Job("t", id=name))
+            outcomes[name] = "returned"
+        except BaseException as exc:  # pragma: no cover - reported by the assertion
+            outcomes[name] = exc
+
+    thread = threading.Thread(target=save, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+class _Clock:
+    """The store module's ``time``, its monotonic clock moved on by ``offset`` seconds."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def monotonic(self):
+        return time.monotonic() + self.offset
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def test_a_commit_that_took_an_hour_does_not_make_savers_wait_for_each_other_for_minutes(tmp_path, monkeypatch):
+    """Under FULL, a commit of a batch of 3 savers' jobs takes an hour by the store's clock (the process
+    was stopped during it: Ctrl-Z, a debugger, a stalled disk). Then one of them is back, the others not
+    (their threads went on to other work): its save waits for them only a moment, as after any commit,
+    not half of that hour (twice the moving average of the commits' times, an hour weighing 1/8)."""
+    clock = _Clock()
+    monkeypatch.setattr(sqlite_store, "time", clock)
+    with SQLitePersistence(str(tmp_path / "jobs.db"), synchronous="FULL") as store:
+        commit = store._commit
+
+        def an_hour_long(batch):
+            commit(batch)
+            if len(batch) > 1:
+                clock.offset += 3600.0
+
+        store._commit = an_hour_long
+        now = clock.monotonic()  # as just after a batch of 3 savers' commit, their writers quick to come back
+        store._returning, store._released_at, store._back_by = 3, now, now + WAIT
+        store._commit_time, store._return_time = 0.001, 0.0
+        outcomes = {}
+        threads = [_saving(store, "first", outcomes)]
+        assert wait_until(lambda: store._gathering is not None), "the first one back did not wait for the others"
+        threads.append(_saving(store, "second", outcomes))
+        assert wait_until(lambda: len(store._pending) == 1), "second did not queue"
+        threads.append(_saving(store, "third", outcomes))  # the last one back: the three in one commit
+        for thread in threads:
+            thread.join(WAIT)
+        assert outcomes == dict.fromkeys(["first", "second", "third"], "returned")
+        alone = _saving(store, "alone", outcomes)
+        try:
+            alone.join(WAIT)
+            assert outcomes.get("alone") == "returned", "a saver waits for minutes for the others of its batch"
+        finally:
+            with store._gate:  # (before the fix: the saver left waiting leads now)
+                store._hand_on_lead()
+            alone.join(WAIT)
