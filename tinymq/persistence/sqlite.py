@@ -208,6 +208,10 @@ _STATEMENT_CACHE = 512  # prepared statements per connection: merged ones come i
 # too: on ext4 here, a median 1.6-1.9x the wait of one that overwrites earlier frames in place), and a -wal
 # reused after ~1 MiB grows for the first ~400 single-job commits after an open, not ~4,000.
 _CHECKPOINT_PAGES = {"NORMAL": 10_000, "FULL": 1_000}
+# A commit that took longer counts as this long in the moving average of a commit's time (see
+# _shared): a process stopped during it (Ctrl-Z, a debugger) or a disk that stalled once says nothing
+# of the next commits, and savers wait for each other for at most twice that average.
+_LONGEST_COMMIT = 0.1
 _MAX_MERGED_ROWS = 256  # rows per merged statement, well under the bound-variable limit
 _PICKLE_PROTOCOL_OPCODE = b"\x80"  # how a pickle of protocol 2 or later begins
 
@@ -225,10 +229,11 @@ class DeadJob(NamedTuple):
 class _Unit:
     """Statements one caller needs committed together, and how that went."""
 
-    __slots__ = ("statements", "done", "error", "waker", "leads")
+    __slots__ = ("statements", "done", "error", "waker", "leads", "thread")
 
     def __init__(self, statements: List[Statement]) -> None:
         self.statements = statements
+        self.thread = threading.get_ident()  # its writer's
         self.done = False  # committed
         self.error: Optional[BaseException] = None
         self.waker: Optional[threading.Lock] = None  # a follower's, held until its batch is over or it leads
@@ -1144,7 +1149,8 @@ class SQLitePersistence:
         waits only while they have come back faster than a commit takes (moving
         averages of both, measured as the store runs: on a machine where a thread
         takes long to wake against its fsync, the groups take turns as before),
-        never past twice a commit's time after their batch's commit, and only for
+        never past twice a commit's time after their batch's commit (a commit counting
+        for at most _LONGEST_COMMIT there), and only for
         savers: a worker's running mark or delete is back only once its job ran,
         and waiting for those made the FULL end to end case (one producer, 4
         workers) 17 % slower (8 pairs). See bench/durable_trees_ab.py ``--case
@@ -1174,6 +1180,8 @@ class SQLitePersistence:
             else:
                 try:  # (from before the gate: an interruption as it leaves it must not leave _leader set)
                     with self._gate:
+                        if self._waits_here(unit):  # (before its unit is pending: _resign finds nothing of it)
+                            refuse("the store")
                         wait = self._back(statements) if self._returning else -1.0
                         leads = self._leader is None
                         gathers = leads and wait > 0
@@ -1217,6 +1225,19 @@ class SQLitePersistence:
             if isinstance(error, PersistenceError):
                 raise error
             raise PersistenceError(f"{self!r}: write failed: {error or 'interrupted before its commit'}") from error
+
+    def _waits_here(self, unit: _Unit) -> bool:
+        """Under FULL, caller holds the gate: whether ``unit``'s thread has a write under way already, its
+        unit leading (waiting for the commit lock, or for the others of its batch) or pending. Only from
+        code that ran inside that write on its thread (a signal handler, the garbage collector): a unit of
+        it would wait for a leader who cannot go on until it returns, maybe forever (see _held_here)."""
+        leader = self._leader
+        if leader is not None and leader.thread == unit.thread:
+            return True
+        for waiting in self._pending:
+            if waiting.thread == unit.thread:
+                return True
+        return False
 
     def _back(self, statements: List[Statement]) -> float:
         """Under FULL, caller holds the gate and writers who saved in the last batch are not all back
@@ -1306,7 +1327,7 @@ class SQLitePersistence:
             if _saves(waiting.statements):
                 savers += 1
         with self._gate:
-            self._commit_time += (took - self._commit_time) / 8
+            self._commit_time += (min(took, _LONGEST_COMMIT) - self._commit_time) / 8
             self._returning = savers if savers > 1 else 0
             self._released_at = now
             self._back_by = now + 2 * self._commit_time
