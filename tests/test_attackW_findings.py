@@ -37,7 +37,8 @@ def run_python(code, core_name):
 @pytest.mark.parametrize("max_starts", [2**61, 2**62, 2**63, 2**64])
 def test_a_rate_limit_too_large_to_hold_is_refused_naming_it(core_name, max_starts):
     """RateLimit(max_starts) takes any int >= 1; one whose ring of start times cannot exist must be
-    refused at registration with an exception naming the value, never crash the interpreter.
+    refused (since session 35 by RateLimit itself, before registration) with an exception naming the
+    value, never crash the interpreter.
 
     Was: the compiled core sized the ring as ``max_starts * sizeof(double)`` in a Py_ssize_t, so
     2**61 and 2**62 wrapped to a 0-byte ring and the first write segfaulted; the pure core raised
@@ -256,7 +257,7 @@ def test_per_type_counters_and_their_metrics_count_the_jobs_of_a_queue_on_a_brok
 
 # --- shared_rate_limits() of a large max_starts ------------------------------------------------------
 
-@pytest.mark.parametrize("max_starts", [10 ** 14, 2 ** 53 + 1, 2 ** 62])
+@pytest.mark.parametrize("max_starts", [10 ** 14, 2 ** 53 + 1, sys.maxsize // 8])  # (RateLimit's largest)
 def test_shared_rate_limits_reads_back_a_large_max_starts(redis_url, max_starts):
     """Was: limits.lua stored max_starts through Lua's number-to-string (%.14g), so 10**14 became
     '1e+14', which shared_rate_limits() (and status --redis) could not read back: ValueError."""
