@@ -23,6 +23,7 @@ BATCHES = 20
 BATCH_SIZE = 100
 BATCH_GAP = 0.02  # seconds between two batches coming due
 FIRST_DUE = 0.3  # seconds after the last enqueue's start: all are enqueued before any is due
+LATE_DELAY = 0.25  # seconds: the least delay given, however late the loop runs (see the test)
 
 
 @pytest.mark.parametrize("buffer_size", [10_000, 64], ids=["room", "full"])
@@ -35,9 +36,10 @@ def test_due_jobs_moved_by_the_scheduler_are_counted_every_moment(buffer_size, t
         assert blocker.wait_started(1)  # the type is saturated from now on: nothing finishes
         start = time.monotonic()
         for n in range(BATCHES * BATCH_SIZE):
-            # (late, on a loaded machine: due at once, still through the delayed set and the scheduler;
-            # a delay of 0 would go to the ready buffer, which is full)
-            delay = max(1e-6, FIRST_DUE + BATCH_GAP * (n % BATCHES) - (time.monotonic() - start))
+            # (late, on a loaded machine: due soon, still through the delayed set and the scheduler; a
+            # delay that has passed when enqueue_delayed looks at it goes to the ready buffer, which is
+            # full: 1 us did once, on a loaded CI lane)
+            delay = max(LATE_DELAY, FIRST_DUE + BATCH_GAP * (n % BATCHES) - (time.monotonic() - start))
             q.enqueue_delayed(Job("t", n, priority=PRIORITIES[n % 3]), delay)
         with stats_watched(q, lambda stats: places(stats) == stats.jobs_enqueued) as wrong:
             moved = wait_until(lambda: q._dispatcher.delayed_count() == 0)  # the scheduler moved them all
