@@ -17,7 +17,7 @@ import time
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import run_state_machine_as_test
 
-from tinymq import Config, Queue, SQLitePersistence
+from tinymq import Config, Job, Queue, SQLitePersistence
 
 # Generous upper bound for "this should happen soon" on a noisy 2-core machine.
 WAIT = 10.0
@@ -436,3 +436,19 @@ def collect_garbage_that(call):
 
     Finalized()
     gc.collect()
+
+
+def save_in_thread(store, name, outcomes):
+    """Start a thread (named ``name``) that saves job ``name`` in ``store``; ``outcomes[name]`` is then
+    "returned" or what the save raised. Returns the thread."""
+
+    def save():
+        try:
+            store.save(Job("t", id=name))
+            outcomes[name] = "returned"
+        except BaseException as exc:  # pragma: no cover - reported by the assertion
+            outcomes[name] = exc
+
+    thread = threading.Thread(target=save, name=name, daemon=True)
+    thread.start()
+    return thread

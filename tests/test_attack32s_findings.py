@@ -14,7 +14,7 @@ from tinymq.job import Job
 from tinymq.persistence import SQLitePersistence
 from tinymq.persistence.sqlite import _Unit
 
-from _helpers import WAIT, LockStandIn, wait_until
+from _helpers import WAIT, LockStandIn, save_in_thread, wait_until
 from test_persistence_group_commit import _ids_in_file
 
 
@@ -123,19 +123,6 @@ def sigint_raises():
     signal.signal(signal.SIGINT, previous)
 
 
-def _save_in_thread(store, name, outcomes):
-    def save():
-        try:
-            store.save(Job("t", id=name))
-            outcomes[name] = "returned"
-        except BaseException as exc:  # pragma: no cover - reported by the assertion
-            outcomes[name] = exc
-
-    thread = threading.Thread(target=save, name=name, daemon=True)
-    thread.start()
-    return thread
-
-
 def test_ctrl_c_as_the_leader_wakes_its_batch_leaves_no_writer_waiting(path, sigint_raises):
     """Under FULL the main thread leads a batch of three units and, having committed it, wakes the
     other two writers; a Ctrl-C lands just after it woke the first. The second is still woken: both
@@ -144,7 +131,7 @@ def test_ctrl_c_as_the_leader_wakes_its_batch_leaves_no_writer_waiting(path, sig
 
     def queue_followers():  # the main thread holds the commit lock, its batch not yet taken
         for name in ("second", "third"):
-            followers.append(_save_in_thread(store, name, outcomes))
+            followers.append(save_in_thread(store, name, outcomes))
             assert wait_until(lambda: len(store._pending) == len(followers)), f"{name} did not queue"
         first = store._pending[0]
         first.waker = _InterruptingOnce(first.waker)
@@ -171,7 +158,7 @@ def test_ctrl_c_as_a_writer_takes_the_lead_leaves_the_lead_to_others(path, sigin
         with pytest.raises(_Interrupted):
             store.save(Job("t", id="first"))
         outcomes = {}
-        thread = _save_in_thread(store, "second", outcomes)
+        thread = save_in_thread(store, "second", outcomes)
         thread.join(WAIT)
         assert not thread.is_alive(), "a writer is waiting forever for a leader that is gone"
         assert outcomes == {"second": "returned"}
@@ -218,7 +205,7 @@ def test_ctrl_c_at_any_line_of_taking_and_committing_a_batch_fails_no_other_writ
         with SQLitePersistence(path, synchronous=synchronous) as store:
             def queue_followers():
                 for name in ("second", "third"):
-                    followers.append(_save_in_thread(store, name, outcomes))
+                    followers.append(save_in_thread(store, name, outcomes))
                 expected = 3 if synchronous == "NORMAL" else 2
                 assert wait_until(lambda: len(store._pending) == expected), "the other writers did not queue"
 

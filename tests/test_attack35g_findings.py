@@ -6,16 +6,14 @@ import pathlib
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 import tinymq.persistence.sqlite as sqlite_store
-from tinymq.job import Job
 from tinymq.persistence import SQLitePersistence
 
-from _helpers import WAIT, wait_until
+from _helpers import WAIT, save_in_thread, wait_until
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -25,7 +23,6 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # (RuntimeError), and the main thread's save returns, committed; the store goes on.
 SAVE_IN_A_HANDLER = r"""
 import sqlite3, sys, threading, time, signal
-from tinymq.job import Job
 from tinymq.persistence import SQLitePersistence
 
 mode, path = sys.argv[1], sys.argv[2]
@@ -89,19 +86,6 @@ def test_a_save_in_a_signal_handler_during_a_full_save_of_its_thread_is_refused_
     assert done.stdout.strip() == "['refused'] ['after', 'main']", done.stdout + done.stderr
 
 
-def _saving(store, name, outcomes):
-    def save():
-        try:
-            store.save(Job("t", id=name))
-            outcomes[name] = "returned"
-        except BaseException as exc:  # pragma: no cover - reported by the assertion
-            outcomes[name] = exc
-
-    thread = threading.Thread(target=save, name=name, daemon=True)
-    thread.start()
-    return thread
-
-
 class _Clock:
     """The store module's ``time``, its monotonic clock moved on by ``offset`` seconds."""
 
@@ -135,15 +119,15 @@ def test_a_commit_that_took_an_hour_does_not_make_savers_wait_for_each_other_for
         store._returning, store._released_at, store._back_by = 3, now, now + WAIT
         store._commit_time, store._return_time = 0.001, 0.0
         outcomes = {}
-        threads = [_saving(store, "first", outcomes)]
+        threads = [save_in_thread(store, "first", outcomes)]
         assert wait_until(lambda: store._gathering is not None), "the first one back did not wait for the others"
-        threads.append(_saving(store, "second", outcomes))
+        threads.append(save_in_thread(store, "second", outcomes))
         assert wait_until(lambda: len(store._pending) == 1), "second did not queue"
-        threads.append(_saving(store, "third", outcomes))  # the last one back: the three in one commit
+        threads.append(save_in_thread(store, "third", outcomes))  # the last one back: the three in one commit
         for thread in threads:
             thread.join(WAIT)
         assert outcomes == dict.fromkeys(["first", "second", "third"], "returned")
-        alone = _saving(store, "alone", outcomes)
+        alone = save_in_thread(store, "alone", outcomes)
         try:
             alone.join(WAIT)
             assert outcomes.get("alone") == "returned", "a saver waits for minutes for the others of its batch"

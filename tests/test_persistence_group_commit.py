@@ -11,7 +11,7 @@ from tinymq import PersistenceError
 from tinymq.job import Job
 from tinymq.persistence import SQLitePersistence
 
-from _helpers import WAIT, LockStandIn, wait_until
+from _helpers import WAIT, LockStandIn, save_in_thread, wait_until
 
 
 class _Killed(BaseException):
@@ -219,17 +219,6 @@ def _no_more_gathering(store):
     store._commit_time = 0.0
 
 
-def _saving(store, name, outcomes):
-    def save():
-        try:
-            store.save(Job("t", id=name))
-            outcomes[name] = "returned"
-        except BaseException as exc:  # pragma: no cover - reported by the assertion
-            outcomes[name] = exc
-
-    return _start(name, save)
-
-
 def test_savers_of_a_batch_coming_back_share_the_next_commit_the_last_one_back_leading_it(path):
     """Under FULL, the writers of a batch of saves come back with their next saves (producer threads
     enqueueing one job after another): the first one back waits for the others rather than commit its
@@ -242,11 +231,11 @@ def test_savers_of_a_batch_coming_back_share_the_next_commit_the_last_one_back_l
         lock = store._commit_lock = _WatchedLock(store._commit_lock)
         _as_if_savers_came_back(store, 3)
         outcomes = {}
-        threads = [_saving(store, "first", outcomes)]
+        threads = [save_in_thread(store, "first", outcomes)]
         assert wait_until(lambda: store._gathering is not None), "the first one back did not wait for the others"
-        threads.append(_saving(store, "second", outcomes))
+        threads.append(save_in_thread(store, "second", outcomes))
         assert wait_until(lambda: len(store._pending) == 1), "second did not queue"
-        threads.append(_saving(store, "third", outcomes))
+        threads.append(save_in_thread(store, "third", outcomes))
         for thread in threads:
             thread.join(WAIT)
         assert not any(thread.is_alive() for thread in threads), "a writer is waiting forever"
@@ -296,7 +285,7 @@ def test_ctrl_c_in_a_saver_waiting_for_the_others_of_its_batch_hands_the_lead_on
 
             def queue_then_interrupt():
                 if wait_until(lambda: store._gathering is not None):
-                    threads.append(_saving(store, "second", outcomes))
+                    threads.append(save_in_thread(store, "second", outcomes))
                     if wait_until(lambda: len(store._pending) == 1):
                         signal.pthread_kill(main, signal.SIGINT)
 
