@@ -23,6 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # (RuntimeError), and the main thread's save returns, committed; the store goes on.
 SAVE_IN_A_HANDLER = r"""
 import sqlite3, sys, threading, time, signal
+from tinymq.job import Job
 from tinymq.persistence import SQLitePersistence
 
 mode, path = sys.argv[1], sys.argv[2]
