@@ -11,8 +11,8 @@ import pytest
 from tinymq.job import Job
 from tinymq.persistence import SQLitePersistence
 
-from _helpers import WAIT, LockStandIn, wait_until
-from test_attack32s_findings import _Interrupted, _LockThatLetsWritersQueue, _save_in_thread
+from _helpers import WAIT, LockStandIn, save_in_thread, wait_until
+from test_attack32s_findings import _Interrupted, _LockThatLetsWritersQueue
 from test_persistence_group_commit import _ids_in_file
 
 
@@ -102,7 +102,7 @@ def _leader_interrupted_twice(path, synchronous, n, interrupt=_raise_interrupted
 
     def queue_followers():  # the main thread holds the commit lock, its batch not yet taken
         for name in ("second", "third"):
-            followers.append(_save_in_thread(store, name, outcomes))
+            followers.append(save_in_thread(store, name, outcomes))
         expected = 3 if synchronous == "NORMAL" else 2  # (under FULL the leader's own unit is not pending)
         assert wait_until(lambda: len(store._pending) == expected), "the other writers did not queue"
 
@@ -169,7 +169,7 @@ def test_a_second_ctrl_c_as_the_lead_is_handed_on_strands_no_writer(tmp_path):
         with SQLitePersistence(path, synchronous="FULL") as store:
             def queue_followers():
                 for name in ("second", "third"):
-                    followers.append(_save_in_thread(store, name, outcomes))
+                    followers.append(save_in_thread(store, name, outcomes))
                     assert wait_until(lambda: len(store._pending) == len(followers)), f"{name} did not queue"
 
             store._gate = _GateInterruptedAsTheLeadIsTaken(store._gate, queue_followers, second)
@@ -237,7 +237,7 @@ def test_a_dead_job_a_save_replaced_in_an_interrupted_batch_comes_back_at_undo_s
     outcomes, followers = {}, []
 
     def queue_follower():  # the main thread holds the commit lock, its batch not yet taken
-        followers.append(_save_in_thread(store, "x", outcomes))
+        followers.append(save_in_thread(store, "x", outcomes))
         expected = 2 if synchronous == "NORMAL" else 1  # (under FULL the leader's own unit is not pending)
         assert wait_until(lambda: len(store._pending) == expected), "the other writer did not queue"
 
