@@ -233,7 +233,7 @@ class _Unit:
 
     def __init__(self, statements: List[Statement]) -> None:
         self.statements = statements
-        self.thread = threading.get_ident()  # its writer's
+        self.thread = 0  # its writer's ident, under FULL only (see _waits_here)
         self.done = False  # committed
         self.error: Optional[BaseException] = None
         self.waker: Optional[threading.Lock] = None  # a follower's, held until its batch is over or it leads
@@ -1178,6 +1178,7 @@ class SQLitePersistence:
                                 raise
                             raise
             else:
+                unit.thread = threading.get_ident()  # (not under NORMAL: nothing there asks, per write)
                 try:  # (from before the gate: an interruption as it leaves it must not leave _leader set)
                     with self._gate:
                         if self._waits_here(unit):  # (before its unit is pending: _resign finds nothing of it)
