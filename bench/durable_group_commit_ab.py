@@ -44,6 +44,13 @@ Variants:
   saved in one batch and are back at once (producers) wait for each other, the last one back
   leading, so that the next commit carries them all (``SQLitePersistence._write``); D here
   is the store before that.
+- H: A (the shipped store under NORMAL, ``_Shipped``), but a writer that finds the commit
+  lock taken tries it again after each of ``SPINS`` ``time.sleep(0)`` before it waits for it.
+- I: G, a single statement run by ``executemany`` with one row of parameters (CPython's
+  ``execute`` also releases the GIL around ``sqlite3_last_insert_rowid``).
+- J: no group commit: a writer commits its own unit alone once it has the commit lock.
+- K: A, but a writer that finds the commit lock taken waits on a Condition that each release
+  notifies (one waiter), and takes the lock only while it holds the GIL.
 
 What it showed (2 CPUs shared with other tenants at load 2-5; medians of 12 rounds,
 e2e-busy of 6; CPU / wall us per job, units per commit):
@@ -110,6 +117,38 @@ under 1; medians of 12 rounds): four, D 85.5 us per job (11.7 k jobs/s) at 2.46 
 commit, G 73.6 us (13.6 k) at 3.98; one, D 165.4 us, G 157.2 us. D's returning writers
 split into two groups that took turns at the commit lock; in G the first one back waits
 for the others and the last one back leads (see SQLitePersistence._write).
+
+Then (session 36), NORMAL, four. Where the threads sleep, by their native stacks
+(``python bench/durable_sleeps.py``, 4 rounds, load 2-3): tinymq 1.42 switches per job,
+0.78 asleep on the commit lock, 0.38 woken with it and then asleep for the GIL, 0.00
+waiting for the GIL back around a call into sqlite3, 0.24 preempted; persist-queue 1.03
+(0.78, 0.12, 0.00, 0.09). So four producers do not lose their time passing the GIL around
+each SQLite call (as the paragraph above guessed) but at the commit lock: 0.43 of a job's
+acquisitions find it taken (counted), and each of those sleeps about twice (a writer woken
+by a release finds the lock taken again by one that came back first), then often once more
+for the GIL, holding the lock meanwhile. The same code pinned to one CPU (``taskset -c 0``)
+runs four at 30 us per job with 0.09 switches (one producer: 22 us); with both CPUs free,
+56-65 us at 1.6-1.8 switches: whether the other tenants leave a CPU free decides the case
+(a round's switches per job say which). Variants H-K and the rest, measured first with
+stand-ins of them in one process (J's without the store's checks), in the rounds with both
+CPUs free (>= 0.5 switches per job; wall / CPU us per job, switches per job):
+
+    A 56.2 / 57.0 1.64   I 57.1 / 58.8 1.80   J 56.0 / 56.8 1.54   G under NORMAL 64.7 / 68.6 2.73
+    D 62.9 / 65.4 2.75   H 74.6 / 91.0 3.42 (16 tries: 87.4 / 100.7 4.19; 8 sched_yield: 69.4)
+    K 47.7 / 39.0 2.76, but 38 against A's 29 us in rounds with one CPU free
+
+No design here gives a writer that must wait for a commit a cheaper wait than a sleep on a
+lock (Python has no wait that spins with the GIL released: sleep(0) and sched_yield take
+the GIL back each time, and a woken spinner sleeps on the GIL instead), and each sleep costs
+a wake-up of an idle vCPU (tens of us here). With ``--pairs 6`` at load 3 (four's rounds
+all with one CPU free): four G 38.3, H 35.4, I 37.5, J 44.0, K 54.5 us per job; e2e G 89.4,
+H 98.1, I 85.2, J 74.3, K 95.5. J (and I, less) read faster end to end in every such run
+of this script, but not in fresh interpreters taking turns (``durable_trees_ab.py --case e2e``,
+the trees G and J or I): 24 pairs each at load 4-5, J -2.1 % wall and +9.9 % CPU per job, I
+-1.6 % and +1.6 % (shorter runs before had read -7 % to -27 %: two copies of one tree there read
+-50 % to +112 % pair by pair at that load, and rounds in one process 61-199 us per job). Nothing
+kept: this script's end to end figures favour some variants by themselves, and J would also
+drop group commit under NORMAL, which the README promises.
 """
 
 import argparse
@@ -133,6 +172,7 @@ from tinymq.persistence import sqlite as module  # noqa: E402
 ROUNDS = 3  # per store, after one warm-up round
 GATHER_WINDOW = 0.0005  # seconds, variant C
 KEEP_LEADING = 8  # batches a leader commits at most before it hands the lead on, variant E
+SPINS = 4  # tries of a taken commit lock, each after a time.sleep(0), before a writer waits for it: variant H
 
 
 _Unit = module._Unit  # (its waker and leads serve variants B to E too)
@@ -443,6 +483,100 @@ class _DoneReturns(SQLitePersistence):
     _commit_batch = _NextLeader._commit_batch
 
 
+class _Shipped(SQLitePersistence):
+    """The shipped store under NORMAL (writers queue on the commit lock), with its lock taking
+    (``_take``) and its unit's batch (``_batch``) for variants H to K to change."""
+
+    def _write(self, statements: list) -> None:
+        if self._pid != os.getpid() or self._closed or self.read_only or self._broken:
+            self._check_usable()
+        unit = _Unit(statements)
+        with shield():
+            self._take(unit)
+            try:
+                if not unit.done:
+                    self._commit_pending(self._batch(unit))
+            finally:
+                self._give()
+        _raise_unless_done(self, unit)
+
+    def _take(self, unit: _Unit) -> None:
+        self._pending.append(unit)
+        self._commit_lock.acquire()
+
+    def _give(self) -> None:
+        self._commit_lock.release()
+
+    def _batch(self, unit: _Unit) -> List[_Unit]:
+        return []  # (_commit_pending adds every unit pending, this one too)
+
+
+class _Spins(_Shipped):
+    """Variant H: a writer that finds the commit lock taken tries it again after each of SPINS
+    ``time.sleep(0)`` (the GIL released, the thread not asleep), then waits for it."""
+
+    def _take(self, unit: _Unit) -> None:
+        self._pending.append(unit)
+        lock = self._commit_lock
+        if lock.acquire(False):
+            return
+        for _ in range(SPINS):
+            time.sleep(0)
+            if lock.acquire(False):
+                return
+        lock.acquire()
+
+
+class _ExecuteMany(SQLitePersistence):
+    """Variant I: the shipped store, a single statement run by ``executemany`` with one row of
+    parameters (CPython's ``execute`` also releases the GIL around sqlite3_last_insert_rowid)."""
+
+    def _execute(self, statements: list) -> None:
+        if len(statements) == 1:
+            sql, parameters = statements[0]
+            cursor = self._cursor
+            cursor.executemany(sql, (parameters,))
+            columns = module._SAVES.get(sql)
+            if columns is None or cursor.rowcount * columns >= len(parameters):
+                return
+        super()._execute(statements)
+
+
+class _Solo(_Shipped):
+    """Variant J: no group commit: a writer commits its own unit, alone, once it has the commit lock."""
+
+    def _take(self, unit: _Unit) -> None:
+        self._commit_lock.acquire()
+
+    def _batch(self, unit: _Unit) -> List[_Unit]:
+        return [unit]
+
+
+class _WaitsOffTheLock(_Shipped):
+    """Variant K: a writer that finds the commit lock taken waits on a Condition, which each release
+    notifies (one waiter), and takes the lock only while it holds the GIL: no writer holds the
+    commit lock while it waits for the GIL (in the shipped store a writer woken by a release has
+    the lock before it has the GIL back)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._released = threading.Condition(threading.Lock())
+
+    def _take(self, unit: _Unit) -> None:
+        self._pending.append(unit)
+        lock = self._commit_lock
+        while not lock.acquire(False):
+            with self._released:
+                if lock.acquire(False):  # (under the Condition's lock: no release slips by unseen)
+                    return
+                self._released.wait()
+
+    def _give(self) -> None:
+        self._commit_lock.release()
+        with self._released:
+            self._released.notify()
+
+
 def _raise_unless_done(store: SQLitePersistence, unit: _Unit) -> None:
     if not unit.done:
         error = unit.error
@@ -459,6 +593,10 @@ VARIANTS: Dict[str, Tuple[str, type]] = {
     "E": (f"leader keeps leading <= {KEEP_LEADING} batches", _KeepLeading),
     "F": ("A, but a writer done returns, lock-free", _DoneReturns),
     "G": ("shipped: D+savers gather (FULL), A (NORMAL)", SQLitePersistence),
+    "H": (f"A + {SPINS} sleep(0) tries before it waits", _Spins),
+    "I": ("G, one statement by executemany", _ExecuteMany),
+    "J": ("no group commit: own unit only", _Solo),
+    "K": ("A, waiting off the lock (notify one)", _WaitsOffTheLock),
 }
 # jobs, producer threads, workers, seconds each job runs
 CASES = {"one": (1000, 1, 0, 0.0), "four": (1000, 4, 0, 0.0), "e2e": (10_000, 1, 4, 0.0),
