@@ -1,6 +1,6 @@
 """Where the time of one Redis enqueue goes (issue #12's producer goals), part by part.
 
-    python bench/redis_enqueue_split.py [--calls N] [--repeat R]
+    python bench/redis_enqueue_split.py [--calls N] [--repeat R] [--no-aof]
 
 No benchmark: it splits the two producer cases of ``test_bench_redis.py`` (``enqueue`` of one
 job, ``enqueue_many(100)``), one thread, no worker, against this repo's test server
@@ -16,7 +16,10 @@ job, ``enqueue_many(100)``), one thread, no worker, against this repo's test ser
 - the server: the enqueue script's own run (``INFO commandstats``: usec_per_call of
   ``evalsha``) and the main thread's CPU per call (``INFO cpu``: with the arguments' parsing,
   the writes' propagation to the append-only file, the reply), for 1, 10 and 100 jobs a call,
-  beside the same for ``return 1``: what a call costs, and what each job adds.
+  beside the same for ``return 1`` and for the floor (``FLOOR``: the least a script does that
+  leaves the jobs in Redis as enqueue does): what a call costs, and what each job adds. With
+  ``--no-aof`` the server runs with its append-only file off (``extra``): what the writes'
+  propagation to it costs.
 
 Medians per call keep a busy host's preemptions out; sums of them are not the mean a
 benchmark round measures. Prints one JSON object.
@@ -43,6 +46,20 @@ BUFFER_SIZE = 10_000_000  # never QueueFull
 WARM_CALLS = 500
 SCRIPT_BATCHES = (1, 10, BATCH)  # jobs per script call in the server's split
 BODY = '["noop",1,%d,1733356800.123456,1733356800.123456,null,null]'  # as encode_job writes a job
+# The least a script can do that takes the enqueue's arguments and leaves its jobs as enqueue.lua
+# leaves new ready jobs (a hash of 6 fields each, the ids pushed to their ready list in one RPUSH):
+# no resend record, no duplicate or room check, no counts. What enqueue's per job figures have
+# above it is what enqueue.lua itself adds; the floor's own is what the queue's layout costs.
+FLOOR = """
+local n, ids = tonumber(ARGV[4]), {}
+for i = 7, 6 + n * 7, 7 do
+  redis.call('HSET', KEYS[1] .. 'job:' .. ARGV[i], 't', ARGV[i + 1], 'p', ARGV[i + 2], 'b', ARGV[i + 4],
+             'r', ARGV[i + 5], 'k', ARGV[1], 'o', i)
+  ids[#ids + 1] = ARGV[i]
+end
+redis.call('RPUSH', KEYS[1] .. 'ready:1', unpack(ids))
+return {'ok', {}}
+"""
 _NS_PER_US = 1000.0
 _US = 1_000_000.0
 
@@ -140,7 +157,8 @@ def server_split(url: str, calls: int, repeat: int) -> Dict[str, Any]:
     from tinymq.redis._scripts import _script_texts, key_prefix
 
     client = redis.Redis.from_url(url)
-    shas = {"enqueue": client.script_load(_script_texts()["enqueue"]), "return_1": client.script_load("return 1")}
+    shas = {"enqueue": client.script_load(_script_texts()["enqueue"]), "floor": client.script_load(FLOOR),
+            "return_1": client.script_load("return 1")}
     prefix = key_prefix(QUEUE_NAME)
 
     def main_thread_cpu() -> float:
@@ -167,10 +185,11 @@ def server_split(url: str, calls: int, repeat: int) -> Dict[str, Any]:
                                    for what, values in (("script_us", script_us), ("server_cpu_us", cpu_us))
                                    for name in shas}
         first, last = out[f"{SCRIPT_BATCHES[0]}_jobs"], out[f"{BATCH}_jobs"]
-        for what in ("enqueue_script_us", "enqueue_server_cpu_us"):
-            per_job = (last[what] - first[what]) / (BATCH - SCRIPT_BATCHES[0])
-            out[what.replace("enqueue_", "per_job_")] = round(per_job, 2)
-            out[what.replace("enqueue_", "per_call_")] = round(first[what] - per_job, 1)
+        for script, prefix in (("enqueue", ""), ("floor", "floor_")):
+            for what in ("script_us", "server_cpu_us"):
+                per_job = (last[f"{script}_{what}"] - first[f"{script}_{what}"]) / (BATCH - SCRIPT_BATCHES[0])
+                out[f"{prefix}per_job_{what}"] = round(per_job, 2)
+                out[f"{prefix}per_call_{what}"] = round(first[f"{script}_{what}"] - per_job, 1)
         return out
     finally:
         client.close()
@@ -180,13 +199,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=3000, help="enqueue calls per measurement (default 3000)")
     parser.add_argument("--repeat", type=int, default=5, help="runs of the server's split (default 5)")
+    parser.add_argument("--no-aof", action="store_true", help="the server without its append-only file")
     args = parser.parse_args()
     from tinymq import Config, Job, Queue
     from tinymq.redis import RedisBroker
 
     directory = tempfile.mkdtemp(prefix="tinymq-enqueue-split-",
                                  dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    server = RedisServer(directory).start()
+    server = RedisServer(directory, extra=["--appendonly", "no"] if args.no_aof else None).start()
     try:
         queue = Queue(config=Config(buffer_size=BUFFER_SIZE, max_delayed_jobs=0),
                       broker=RedisBroker(server.url, name=QUEUE_NAME))
