@@ -1,0 +1,112 @@
+"""Defects taken up by fix36q (session 36), each with its test."""
+import asyncio
+import threading
+import time
+
+import pytest
+
+import tinymq
+from tinymq import ExecutorConfig, Job
+
+from _helpers import WAIT, wait_until
+
+
+def _new_tinymq_threads(before, but=()):
+    """The threads named tinymq-* alive now that were not in ``before``, but for those in ``but``."""
+    return sorted(thread.name for thread in threading.enumerate()
+                  if thread.name.startswith("tinymq") and thread.is_alive()
+                  and thread not in before and thread not in but)
+
+
+def _spin(seconds):
+    """Python bytecode for ``seconds`` (or until interrupted): a thread interrupt_on_timeout reaches."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+# --- 1. stop() returned with the queue's watchdog (and scheduler) still alive ---------------------
+
+# stop(wait=True) only woke the watchdog, the scheduler and the loop's thread: each left by itself a
+# moment later, or, on a loaded machine, seconds later (a CI run saw the watchdog alive as stop()
+# returned). A program that checks threading.enumerate() after stop(), or forks then, found them.
+# And an attempt that timed out during stop() had its failure reported by the watchdog after stop()
+# had returned. stop(wait=True) now waits for the queue's own threads to leave (not for a worker still
+# in an attempt it gave up on, or one retired by a timeout: those are never waited for).
+
+@pytest.mark.parametrize("callback_stops", [False, True])
+def test_stop_returns_once_the_watchdog_has_reported_a_timeout_decided_meanwhile(callback_stops):
+    before = set(threading.enumerate())
+    stuck = []
+    reported = []
+
+    def spin(job):
+        stuck.append(threading.current_thread())
+        _spin(WAIT)
+
+    def on_failure(job, reason, exc):
+        time.sleep(0.3)  # (a report that takes a moment: a store, a log shipper)
+        if callback_stops:  # on the watchdog's thread: it cannot wait for itself
+            q.stop()
+        reported.append((job.id, reason, threading.current_thread().name))
+
+    q = tinymq.Queue()
+    q.register_executor("spin", spin, ExecutorConfig(timeout=0.3, interrupt_on_timeout=True, retry_on=()))
+    q.on_failure(on_failure)
+    try:
+        q.start_dispatcher(1)
+        q.enqueue(Job("spin", id="spinning"))
+        assert wait_until(lambda: stuck), "the job never started"
+        q.stop()  # (waits for the attempt: the watchdog decides it at its deadline, and reports it)
+        assert reported == [("spinning", "permanent_failure", "tinymq-watchdog")]
+        assert _new_tinymq_threads(before, but=stuck) == []
+        stuck[0].join(WAIT)  # (its interruption ends the retired worker: never waited for by stop())
+        assert not stuck[0].is_alive()
+    finally:
+        q.stop(wait=False)
+
+
+@pytest.mark.parametrize("executors", ["threads", "async"])
+def test_no_thread_of_the_queue_is_left_after_stop_with_timed_out_and_interrupted_attempts(executors):
+    before = set(threading.enumerate())
+    retired = []  # worker threads whose attempt timed out (None: a coroutine's), never waited for by stop()
+
+    def quick(job):
+        pass
+
+    def interrupted(job):
+        retired.append(threading.current_thread())
+        _spin(WAIT)  # (interrupted at its deadline)
+
+    async def async_quick(job):
+        pass
+
+    async def async_timing_out(job):
+        retired.append(None)
+        await asyncio.sleep(WAIT)  # (cancelled at its deadline)
+
+    timing_out = async_timing_out if executors == "async" else interrupted
+    for cycle in range(40):
+        q = tinymq.Queue()
+        q.register_executor("timing_out", timing_out,
+                            ExecutorConfig(timeout=0.02, interrupt_on_timeout=True, retry_on=()))
+        q.register_executor("quick", async_quick if executors == "async" else quick)
+        failed = []
+        q.on_failure(lambda job, reason, exc: failed.append(job.id))
+        try:
+            q.start_dispatcher(3)
+            q.enqueue_many([Job("quick") for _ in range(5)])
+            q.enqueue(Job("timing_out"))
+            assert wait_until(lambda: retired), "the attempt never started"
+            if cycle % 2:  # half of them stopped after the timeout, the others as it is decided
+                assert wait_until(lambda: failed), "the attempt never timed out"
+            q.stop(timeout=WAIT if cycle % 4 == 1 else None)
+            assert _new_tinymq_threads(before, but=retired) == [], f"cycle {cycle}"
+            assert len(failed) == 1, f"cycle {cycle}"
+            for thread in retired:
+                if thread is not None:
+                    thread.join(WAIT)
+            assert _new_tinymq_threads(before) == [], f"cycle {cycle}"
+            del retired[:]
+        finally:
+            q.stop(wait=False)
