@@ -1,5 +1,6 @@
 """Defects taken up by fix36q (session 36), each with its test."""
 import asyncio
+import math
 import threading
 import time
 
@@ -110,3 +111,66 @@ def test_no_thread_of_the_queue_is_left_after_stop_with_timed_out_and_interrupte
             del retired[:]
         finally:
             q.stop(wait=False)
+
+
+# --- 2. Over Redis, a cron tick "ahead" of the server's clock logged at every tick ------------------
+
+# A process whose wall clock is more than 3 h ahead of the Redis server's claims none of its cron
+# ticks, and said so in a WARNING at every tick of every cron schedule, for as long as the clock stays
+# wrong (days, on a host booted without NTP). Now logged as the ticks the queue refuses are: the
+# first at once, then at most every _LOG_EVERY with the count since, and at INFO once a tick is
+# claimed again. (Only cron ticks are ever "ahead": an `every` grid is on the server's clock.)
+
+DAY = 86400.0
+
+
+@pytest.mark.redis
+def test_cron_ticks_ahead_of_the_redis_clock_are_logged_at_most_every_log_period(
+        redis_backend, monkeypatch, caplog):
+    pytest.importorskip("croniter")
+    import logging
+
+    import tinymq._periodic
+    import tinymq.redis._schedules
+    from test_periodic import held_just_before_a_minute, just_before_a_minute, schedule_of
+
+    monkeypatch.setattr(tinymq._periodic, "_WALL_CLOCK_RECHECK", 0.2)  # (a cron tick's wall clock, rechecked)
+    monkeypatch.setattr(tinymq.redis._schedules, "_LOG_EVERY", 3600.0)  # (none passes during the test)
+    caplog.set_level(logging.INFO, logger="tinymq")
+
+    def ahead_records():
+        return [record for record in caplog.records if "ahead of the Redis server's clock" in record.getMessage()]
+
+    runs = []
+    clock = held_just_before_a_minute(ahead=DAY)
+    q = redis_backend.queue()
+    try:
+        q._periodic._wall = clock
+        q.register_executor("minutely", runs.append)
+        q.cron("* * * * *", "minutely", name="m")
+        q.start_dispatcher()
+        clock.release()
+        for skipped in range(1, 5):  # the ticks of four minutes, a day ahead, each refused by Redis's clock
+            if skipped > 1:
+                clock.hold(schedule_of(q, "m").next_run_at + 0.01)
+                clock.release()
+            assert wait_until(lambda: schedule_of(q, "m").skipped == skipped), schedule_of(q, "m")
+        assert [record.levelname for record in ahead_records()] == ["WARNING"]
+        monkeypatch.setattr(tinymq.redis._schedules, "_LOG_EVERY", 0.0)  # (the period has passed)
+        clock.hold(schedule_of(q, "m").next_run_at + 0.01)
+        clock.release()
+        assert wait_until(lambda: schedule_of(q, "m").skipped == 5)
+        assert len(ahead_records()) == 2
+        assert "(4 cron ticks not claimed since the last log record, this one included)" in \
+            ahead_records()[1].getMessage()
+        clock.hold(just_before_a_minute())  # corrected (held until the timer has seen it: as test_attack24)
+        corrected_minute = math.ceil(clock() / 60.0) * 60.0
+        assert wait_until(lambda: schedule_of(q, "m").next_run_at == corrected_minute), schedule_of(q, "m")
+        clock.release()
+        assert wait_until(lambda: runs), "no tick was claimed once the clock was corrected"
+        claimed = [record for record in caplog.records if "no longer ahead" in record.getMessage()]
+        assert [record.levelname for record in claimed] == ["INFO"]
+        assert "after 5 that were not claimed (0 since the last log record)" in claimed[0].getMessage()
+        assert schedule_of(q, "m").skipped == 5
+    finally:
+        q.stop()
