@@ -174,3 +174,48 @@ def test_cron_ticks_ahead_of_the_redis_clock_are_logged_at_most_every_log_period
         assert schedule_of(q, "m").skipped == 5
     finally:
         q.stop()
+
+
+# --- 3. The jobs of schedules a store gave back, held for as long as the queue lived --------------
+
+# set_persistence() noted each schedule's latest stored job (its previous job, and its tick fired
+# last, for the schedule registered under that name): the Job itself, payload and all, kept for the
+# queue's lifetime, though read only as its schedule begins. Now its id is noted, and dropped as the
+# schedule of that name begins.
+
+def test_the_recovered_jobs_of_schedules_are_not_held_once_served(tmp_path):
+    import gc
+
+    from tinymq import SQLitePersistence
+    from tinymq._periodic import SCHEDULE_TAG, tick_job_id
+
+    path = str(tmp_path / "jobs.db")
+    now = time.time()
+    stored = {name: tick_job_id(name, now - 60) for name in ("early", "late", "gone")}
+    with SQLitePersistence(path) as store:
+        q = tinymq.Queue()
+        q.set_persistence(store)
+        for name, job_id in stored.items():
+            q.enqueue(Job("t", {"big": "x" * 1000}, id=job_id, tags={SCHEDULE_TAG: name}))
+        q.stop()
+    ran = []
+    with SQLitePersistence(path) as store:
+        q = tinymq.Queue()
+        q.register_executor("t", lambda job: ran.append(job.id))
+        q.every(3600, "t", name="early")  # registered before the store gives its job back
+        q.set_persistence(store)
+        try:
+            periodic = q._periodic
+            assert sorted(periodic._recovered) == ["early", "gone", "late"]
+            q.start_dispatcher()
+            assert sorted(periodic._recovered) == ["gone", "late"]  # "early" began
+            q.every(3600, "t", name="late")
+            assert sorted(periodic._recovered) == ["gone"]
+            assert {stats.name: stats.last_job_id for stats in q.schedules()} == \
+                {"early": stored["early"], "late": stored["late"]}
+            assert q.join(WAIT)
+            assert sorted(ran) == sorted(stored.values())
+            gc.collect()  # ("gone": no schedule of that name here)
+            assert [job for job in gc.get_objects() if isinstance(job, Job) and job.id in ran] == []
+        finally:
+            q.stop()

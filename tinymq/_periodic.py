@@ -358,7 +358,10 @@ class Periodic:
         # Held while a tick is fired: unschedule() takes it, so no job is enqueued once it returns.
         # Reentrant: a failure callback run by that enqueue (an eviction) may call unschedule().
         self._firing = threading.RLock()
-        self._recovered: Dict[str, Job] = {}  # schedule name -> its latest job a store gave back
+        # Schedule name -> the id of its latest job a store gave back (the id names its tick), until the
+        # schedule registered under that name begins (_begin): its previous job, and its tick fired last.
+        # Guarded by _lock.
+        self._recovered: Dict[str, str] = {}
         # Schedule name -> the last job of an unscheduled schedule, while it is unfinished (backend.unfinished):
         # a schedule registered again under the name (another interval) takes it as its previous job (no
         # pile-up). A finished one is needed no more: unschedule drops those, looking at all of them
@@ -442,7 +445,7 @@ class Periodic:
             if previous is not None:
                 schedule.last_job_id = previous
             elif recovered is not None:
-                schedule.last_job_id = recovered.id
+                schedule.last_job_id = recovered
             self._schedules[name] = schedule
             if self._started:
                 self._begin(schedule)
@@ -489,7 +492,8 @@ class Periodic:
             return [schedule.stats(self._stopped) for schedule in self._schedules.values()]
 
     def recovered(self, jobs: Iterable[Job]) -> None:
-        """Jobs a store gave back: a schedule's latest one is its previous job (no pile-up)."""
+        """Jobs a store gave back: a schedule's latest one is its previous job (no pile-up), and its
+        tick the last one fired. Kept by id until the schedule of that name begins."""
         with self._lock:
             for job in jobs:
                 tags = job._tags
@@ -497,11 +501,13 @@ class Periodic:
                 if name is None:
                     continue
                 known = self._recovered.get(name)
-                if known is None or (tick_of_job_id(job.id) or -math.inf) >= (tick_of_job_id(known.id) or -math.inf):
-                    self._recovered[name] = job
+                if known is None or (tick_of_job_id(job.id) or -math.inf) >= (tick_of_job_id(known) or -math.inf):
+                    self._recovered[name] = job.id
                 schedule = self._schedules.get(name)
                 if schedule is not None and schedule.last_job_id is None:
-                    schedule.last_job_id = self._recovered[name].id
+                    schedule.last_job_id = self._recovered[name]
+                if schedule is not None and self._started:  # it has begun: no later call reads the entry
+                    del self._recovered[name]
 
     # --- running -----------------------------------------------------------------
 
@@ -548,8 +554,10 @@ class Periodic:
         Called with _lock held.
         """
         now_mono = self._monotonic()
-        recovered = self._recovered.get(schedule.name)
-        fired_until = -math.inf if recovered is None else (tick_of_job_id(recovered.id) or -math.inf)
+        # Served once the schedule begins: a schedule registered again under the name later has the
+        # ticks fired since, and its previous job from unschedule (_unscheduled), not this stale one.
+        recovered = self._recovered.pop(schedule.name, None)
+        fired_until = -math.inf if recovered is None else (tick_of_job_id(recovered) or -math.inf)
         try:
             schedule.tick = schedule.trigger.first(now_mono, self._wall(), fired_until)
         except Exception:
