@@ -219,3 +219,49 @@ def test_the_recovered_jobs_of_schedules_are_not_held_once_served(tmp_path):
             assert [job for job in gc.get_objects() if isinstance(job, Job) and job.id in ran] == []
         finally:
             q.stop()
+
+
+# --- 4. A scrape held by a frozen Redis for the socket timeout -----------------------------------
+
+# A scrape of a PrometheusCollector read each queue's get_stats(): against a frozen Redis server
+# (SIGSTOP, a stalled VM: connected, silent) it waited redis-py's socket timeout, 10 s, per queue on
+# it, as long as Prometheus's whole default scrape timeout (the scrape is then lost whole, the
+# registry's other collectors with it), and then left the queue out, its process's own figures too.
+# A scrape now waits for Redis _SCRAPE_WAIT in all; the shared figures it could not read are left
+# out (tinymq_broker_up 0, a WARNING), the process's own per-type figures are still reported.
+
+@pytest.mark.redis
+def test_a_scrape_over_a_frozen_redis_answers_within_its_bound_with_the_local_figures(own_redis_server, caplog):
+    pytest.importorskip("prometheus_client")
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+    from tinymq.metrics import PrometheusCollector
+    from tinymq.redis import RedisBroker
+
+    q = tinymq.Queue(broker=RedisBroker(own_redis_server.url, name="scraped"))
+    registry = CollectorRegistry()
+    registry.register(PrometheusCollector(q))
+    Gauge("app_up", "Another collector of the same registry.", registry=registry).set(1)
+    try:
+        q.register_executor("t", lambda job: None)
+        q.start_dispatcher(1)
+        q.enqueue(Job("t"))
+        assert q.join(WAIT)
+        assert wait_until(lambda: q.get_stats().executor_stats["t"].succeeded == 1)
+        text = generate_latest(registry).decode("utf-8")
+        assert "tinymq_broker_up 1.0" in text and 'tinymq_queue_events_total{event="succeeded"} 1.0' in text
+        with own_redis_server.frozen():
+            began = time.monotonic()
+            text = generate_latest(registry).decode("utf-8")
+            took = time.monotonic() - began
+        assert took < 4.0, f"the scrape took {took:.1f} s"  # (its bound: 2 s)
+        assert 'tinymq_jobs_total{outcome="succeeded",type="t"} 1.0' in text  # this process's own
+        assert 'tinymq_max_concurrent_jobs{type="t"} 10.0' in text
+        assert "tinymq_broker_up 0.0" in text
+        assert "tinymq_queue_events_total{" not in text and "tinymq_queue_size{" not in text
+        assert "app_up 1.0" in text
+        assert any("shared figures of the queue are left out" in record.getMessage()
+                   and record.levelname == "WARNING" for record in caplog.records)
+        assert wait_until(lambda: "tinymq_broker_up 1.0" in generate_latest(registry).decode("utf-8"))
+    finally:
+        q.stop()

@@ -688,15 +688,17 @@ class QueueLink:
 
     # --- observing ---------------------------------------------------------------
 
-    def stats(self) -> QueueStats:
+    def stats(self, deadline: Optional[float] = None) -> QueueStats:
+        """get_stats(); ``deadline`` (monotonic): Redis's reply is waited for until then at most
+        (_CALL_FLOOR at least; None: the socket timeout), TinyMQError after that."""
         counters: Dict[str, int]  # (Scripts.stats's reply, through _call_resending)
         try:
             # One script: a delayed job due on the server's clock counts at its priority (or as
             # waiting for room, beyond buffer_size), not as delayed, before a script call promotes
             # it, and the figures are read at one instant. A read with no reply within the socket
-            # timeout (a frozen server) is not sent again.
+            # timeout (a frozen server), or by the deadline, is not sent again.
             (high, medium, low), delayed, counters, waiting = self.broker._call_resending(
-                self.scripts.stats, self.config.buffer_size, deadline=math.inf)
+                self.scripts.stats, self.config.buffer_size, deadline=_call_deadline(deadline))
         except self._redis_error as exc:
             raise TinyMQError(f"could not read the stats of Redis queue {self.broker.name!r} at "
                               f"{redacted_url(self.broker.url)}: {exc}") from exc
