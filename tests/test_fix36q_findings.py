@@ -265,3 +265,41 @@ def test_a_scrape_over_a_frozen_redis_answers_within_its_bound_with_the_local_fi
         assert wait_until(lambda: "tinymq_broker_up 1.0" in generate_latest(registry).decode("utf-8"))
     finally:
         q.stop()
+
+
+# --- 5. Over Redis, no thread left for the broker link's threads at start_dispatcher -------------
+
+# start_dispatcher stopped the queue and raised NoThreadLeft when the system had no thread for its
+# workers, scheduler, watchdog or loop, or for the periodic timer (two except blocks saying the same),
+# but not for the Redis link's pump, timer or heartbeat: the RuntimeError went out with the queue half
+# started (workers and a pump fetching jobs, no heartbeat renewing their leases), and the thread that
+# never started was kept among those stop() joins: "cannot join thread before it is started".
+
+@pytest.mark.redis
+def test_start_dispatcher_over_redis_without_a_thread_for_the_heartbeat_stops_the_queue(redis_url, monkeypatch):
+    from tinymq import QueueStopped
+    from tinymq.redis import RedisBroker
+
+    before = set(threading.enumerate())
+    real_start = threading.Thread.start
+
+    def start(thread):
+        if thread.name == "tinymq-redis-heartbeat":
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    q = tinymq.Queue(broker=RedisBroker(redis_url, name="fix36q-nothread"))
+    q.register_executor("t", lambda job: None)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    try:
+        with pytest.raises(RuntimeError, match=r"start_dispatcher\(workers=2\).*can't start new thread"):
+            q.start_dispatcher(2)
+        monkeypatch.undo()
+        with pytest.raises(QueueStopped):  # not half started
+            q.enqueue(Job("t"))
+        q.stop()  # (returns: it joins the threads that started only)
+        assert _new_tinymq_threads(before) == []
+    finally:
+        monkeypatch.undo()
+        q.stop(wait=False)
+        q.broker.close()

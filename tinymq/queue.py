@@ -399,18 +399,17 @@ class Queue:
             raise ValueError(f"workers must be <= {MAX_WORKERS} (worker threads of one queue; more would exhaust "
                              f"the system's threads), got {workers}")
         try:
-            self._dispatcher.start(workers)
+            self._dispatcher.start(workers)  # (NoThreadLeft; a RuntimeError of a second call goes out as is)
+            try:
+                if self._link is not None:
+                    self._link.start(workers)
+                self._periodic.start()
+            except RuntimeError as exc:  # the system has no thread to give
+                raise NoThreadLeft(f"could not start the threads of start_dispatcher(workers={workers}) "
+                                   f"({exc}); the queue is stopped") from exc
         except NoThreadLeft:
             self.stop(wait=False)  # (half started, it would accept jobs that some threads never serve)
             raise
-        if self._link is not None:
-            self._link.start(workers)
-        try:
-            self._periodic.start()
-        except RuntimeError as exc:  # no thread left for the schedules' timer: not half started
-            self.stop(wait=False)
-            raise NoThreadLeft(f"could not start the periodic jobs' timer thread of "
-                               f"start_dispatcher(workers={workers}) ({exc}); the queue is stopped") from exc
 
     # --- enqueueing ----------------------------------------------------------
 
