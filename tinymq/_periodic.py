@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tupl
 
 from ._sections import reinit_after_fork
 from .config import _positive_seconds
-from .errors import DuplicateJob, PersistenceError, QueueFull, QueueStopped
+from .errors import _LOG_EVERY, DuplicateJob, PersistenceError, QueueFull, QueueStopped
 from .job import Job, Priority, _as_priority, _as_run_at, _as_type
 
 __all__ = ["Periodic", "ScheduleStats", "SCHEDULE_TAG", "cron_next", "tick_job_id", "tick_of_job_id"]
@@ -57,9 +57,6 @@ _CLOCK_SET_BACK = 3 * 3600.0
 # (1e300), never a tick, and over a broker it would set the grid every process joins.
 _LAST_FIRST_AT = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
 _BEGIN_RETRY = 1.0  # seconds before a schedule whose backend failed to begin it tries again
-# Seconds between two log records of one schedule's ticks refused in a row, as a Redis outage is
-# logged (tinymq/redis/_link.py): a schedule ticking every 10 ms into a full queue floods no log.
-_LOG_EVERY = 30.0
 _CRON_EXTRA_HINT = "q.cron() needs the croniter package: pip install 'tinymq[cron]'"
 _CRON_FIELDS = 5  # minute hour day-of-month month day-of-week: croniter's extra 6th and 7th are refused
 # croniter's random field ("R", "R(0-29)", "R/15"), redrawn by each croniter: a schedule that

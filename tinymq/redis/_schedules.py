@@ -35,8 +35,8 @@ import time
 import weakref
 from typing import Any, Dict, Optional, Tuple
 
-from .._periodic import _CLOCK_SET_BACK, _LOG_EVERY, _Tick
-from ..errors import QueueStopped, _buffer_full
+from .._periodic import _CLOCK_SET_BACK, _Tick
+from ..errors import _LOG_EVERY, QueueStopped, _buffer_full
 from ._codec import encode_job, unsendable
 from ._link import _call_deadline, _look_deadline, job_row
 
