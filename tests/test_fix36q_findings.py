@@ -265,6 +265,7 @@ def test_a_scrape_over_a_frozen_redis_answers_within_its_bound_with_the_local_fi
         assert wait_until(lambda: "tinymq_broker_up 1.0" in generate_latest(registry).decode("utf-8"))
     finally:
         q.stop()
+        q.broker.close()
 
 
 # --- 5. Over Redis, no thread left for the broker link's threads at start_dispatcher -------------
