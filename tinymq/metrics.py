@@ -120,7 +120,7 @@ class PrometheusCollector(Collector):  # type: ignore[misc, unused-ignore]  # Co
     def collect(self) -> Iterator[Any]:
         families = self._families()
         (jobs, events, sizes, delayed, waiting, active, limits, histogram) = families[:8]
-        broker_up = families[-1]  # (read only for a queue with a broker: then it is there)
+        broker_up = families[8] if len(families) > 8 else None  # (there when a queue has a broker)
         read_by = time.monotonic() + _SCRAPE_WAIT
         for name, queue in self._queues.items():
             at = [] if name is None else [_label(name)]  # the queue label's value, first of each sample's
@@ -130,7 +130,7 @@ class PrometheusCollector(Collector):  # type: ignore[misc, unused-ignore]  # Co
             except TinyMQError as exc:  # (its Redis unreachable or silent) an exception would fail the whole scrape
                 logger.warning("tinymq metrics: the shared figures of %s are left out of this scrape: %s",
                                "the queue" if name is None else f"queue {name!r}", exc)
-            if queue.broker is not None:
+            if broker_up is not None and queue.broker is not None:
                 broker_up.add_metric(at, 0 if stats is None else 1)
             durations = queue._attempt_durations()
             executors = queue._executor_stats() if stats is None else stats.executor_stats
