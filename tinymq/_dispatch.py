@@ -269,6 +269,10 @@ class Dispatcher:
         # while it is the very thread recorded (a reporting thread's ident is dropped only once joined,
         # and meanwhile a new thread of the program may have it: see own_thread_started).
         self._own_threads: Dict[int, threading.Thread] = {}
+        # The scheduler's, watchdog's and loop's threads, and the worker threads that exited the pool
+        # once stopping (guarded by _lock): what stop(wait=True) waits for to leave (_join_threads).
+        self._service_threads: Dict[str, threading.Thread] = {}
+        self._exited_workers: List[threading.Thread] = []
         self._started = False
         self._started_in: Optional[int] = None  # the pid whose threads serve the queue (see forked_copy)
         self._stopping = False
@@ -451,9 +455,9 @@ class Dispatcher:
                 for _ in range(workers):
                     self._start_worker()
                 self.loop_runner = LoopRunner(self)
-                self._start_thread(self.loop_runner.run, "tinymq-loop")
-                self._start_thread(self._schedule, "tinymq-scheduler")
-                self._start_thread(self._watch, "tinymq-watchdog")
+                for name, target in (("loop", self.loop_runner.run), ("scheduler", self._schedule),
+                                     ("watchdog", self._watch)):
+                    self._service_threads[name] = self._start_thread(target, "tinymq-" + name)
             except RuntimeError as exc:  # the system has no thread to give
                 raise NoThreadLeft(f"could not start the threads of start_dispatcher(workers={workers}) "
                                    f"({exc}); the queue is stopped") from exc
@@ -465,10 +469,11 @@ class Dispatcher:
         from a __del__ the collector runs inside a section of this thread's: answered)."""
         return sum(1 for slot in list(self._slots) if not slot.retired)
 
-    def _start_thread(self, target: Callable[..., None], name: str, *args: Any) -> None:
+    def _start_thread(self, target: Callable[..., None], name: str, *args: Any) -> threading.Thread:
         """Start a thread of this queue's. Called with _lock held."""
         thread = threading.Thread(target=self._run_thread, name=name, args=(target, *args), daemon=True)
         thread.start()  # (RuntimeError when the system has no thread to give)
+        return thread
 
     def _run_thread(self, target: Callable[..., None], *args: Any) -> None:
         ident = threading.get_ident()
@@ -633,6 +638,8 @@ class Dispatcher:
             with section(self._lock):
                 self._slots.discard(slot)
                 self._gave_up_slots.discard(slot)
+                if self._stopping:
+                    self._exited_workers.append(threading.current_thread())
                 # What stop() waits for, once stopping: told once, by the last, not by each of thousands.
                 last = self._stopping and not self._workers_left()
                 if last:
@@ -701,7 +708,31 @@ class Dispatcher:
             self.ledger.stop(stop_by)
         elif first:
             self._report_unrun(why)
+        if wait and not own_thread:
+            self._join_threads(stop_by)
         return False
+
+    def _join_threads(self, stop_by: Optional[float]) -> None:
+        """stop(wait=True), once the attempts have ended or been given up on: wait (at most until
+        ``stop_by``, and a moment past it) for the queue's threads that are leaving, so that none is
+        left when stop() returns: the scheduler, the workers that have left the pool, the watchdog
+        once no worker is left for it to watch (it decides the timeouts of those still running, and
+        reports the failures it decides), and the loop's thread once it has shut the loop down (not
+        while a coroutine that ignores its cancellation keeps it). Never a worker still in an attempt,
+        nor one retired by a timeout: those are never waited for."""
+        service = self._service_threads  # (any of them missing if start() found no thread to give)
+        with section(self._lock):
+            threads = [service.get("scheduler")]
+            if not self._workers_left():
+                threads.append(service.get("watchdog"))
+            threads += self._exited_workers
+        runner = self.loop_runner
+        if runner is not None and runner.thread_done():
+            threads.append(service.get("loop"))
+        until = None if stop_by is None else max(stop_by, time.monotonic()) + _UNWIND_PAST_TIMEOUT
+        for thread in threads:
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(None if until is None else max(0.0, until - time.monotonic()))
 
     def _release_when_idle(self, ledger: AttemptLedger, stop_by: Optional[float]) -> None:
         """A stop(wait=True) called in one of the queue's own threads (or its loop), over a broker:

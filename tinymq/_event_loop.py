@@ -325,6 +325,10 @@ class LoopRunner:
                 self._settled.set()
                 self._thread_done.set()
 
+    def thread_done(self) -> bool:
+        """Whether the loop's thread has shut the loop down and closed it (it only returns then)."""
+        return self._thread_done.is_set()
+
     def _io_thread_started(self) -> None:
         """In a reporting thread (``_io``), as it starts: the queue's own thread from now on."""
         self._io_threads.append(threading.current_thread())

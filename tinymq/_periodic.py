@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tupl
 
 from ._sections import reinit_after_fork
 from .config import _positive_seconds
-from .errors import DuplicateJob, PersistenceError, QueueFull, QueueStopped
+from .errors import _LOG_EVERY, DuplicateJob, PersistenceError, QueueFull, QueueStopped
 from .job import Job, Priority, _as_priority, _as_run_at, _as_type
 
 __all__ = ["Periodic", "ScheduleStats", "SCHEDULE_TAG", "cron_next", "tick_job_id", "tick_of_job_id"]
@@ -57,9 +57,6 @@ _CLOCK_SET_BACK = 3 * 3600.0
 # (1e300), never a tick, and over a broker it would set the grid every process joins.
 _LAST_FIRST_AT = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
 _BEGIN_RETRY = 1.0  # seconds before a schedule whose backend failed to begin it tries again
-# Seconds between two log records of one schedule's ticks refused in a row, as a Redis outage is
-# logged (tinymq/redis/_link.py): a schedule ticking every 10 ms into a full queue floods no log.
-_LOG_EVERY = 30.0
 _CRON_EXTRA_HINT = "q.cron() needs the croniter package: pip install 'tinymq[cron]'"
 _CRON_FIELDS = 5  # minute hour day-of-month month day-of-week: croniter's extra 6th and 7th are refused
 # croniter's random field ("R", "R(0-29)", "R/15"), redrawn by each croniter: a schedule that
@@ -358,7 +355,10 @@ class Periodic:
         # Held while a tick is fired: unschedule() takes it, so no job is enqueued once it returns.
         # Reentrant: a failure callback run by that enqueue (an eviction) may call unschedule().
         self._firing = threading.RLock()
-        self._recovered: Dict[str, Job] = {}  # schedule name -> its latest job a store gave back
+        # Schedule name -> the id of its latest job a store gave back (the id names its tick), until the
+        # schedule registered under that name begins (_begin): its previous job, and its tick fired last.
+        # Guarded by _lock.
+        self._recovered: Dict[str, str] = {}
         # Schedule name -> the last job of an unscheduled schedule, while it is unfinished (backend.unfinished):
         # a schedule registered again under the name (another interval) takes it as its previous job (no
         # pile-up). A finished one is needed no more: unschedule drops those, looking at all of them
@@ -442,7 +442,7 @@ class Periodic:
             if previous is not None:
                 schedule.last_job_id = previous
             elif recovered is not None:
-                schedule.last_job_id = recovered.id
+                schedule.last_job_id = recovered
             self._schedules[name] = schedule
             if self._started:
                 self._begin(schedule)
@@ -489,7 +489,8 @@ class Periodic:
             return [schedule.stats(self._stopped) for schedule in self._schedules.values()]
 
     def recovered(self, jobs: Iterable[Job]) -> None:
-        """Jobs a store gave back: a schedule's latest one is its previous job (no pile-up)."""
+        """Jobs a store gave back: a schedule's latest one is its previous job (no pile-up), and its
+        tick the last one fired. Kept by id until the schedule of that name begins."""
         with self._lock:
             for job in jobs:
                 tags = job._tags
@@ -497,11 +498,13 @@ class Periodic:
                 if name is None:
                     continue
                 known = self._recovered.get(name)
-                if known is None or (tick_of_job_id(job.id) or -math.inf) >= (tick_of_job_id(known.id) or -math.inf):
-                    self._recovered[name] = job
+                if known is None or (tick_of_job_id(job.id) or -math.inf) >= (tick_of_job_id(known) or -math.inf):
+                    self._recovered[name] = job.id
                 schedule = self._schedules.get(name)
                 if schedule is not None and schedule.last_job_id is None:
-                    schedule.last_job_id = self._recovered[name].id
+                    schedule.last_job_id = self._recovered[name]
+                if schedule is not None and self._started:  # it has begun: no later call reads the entry
+                    del self._recovered[name]
 
     # --- running -----------------------------------------------------------------
 
@@ -548,8 +551,10 @@ class Periodic:
         Called with _lock held.
         """
         now_mono = self._monotonic()
-        recovered = self._recovered.get(schedule.name)
-        fired_until = -math.inf if recovered is None else (tick_of_job_id(recovered.id) or -math.inf)
+        # Served once the schedule begins: a schedule registered again under the name later has the
+        # ticks fired since, and its previous job from unschedule (_unscheduled), not this stale one.
+        recovered = self._recovered.pop(schedule.name, None)
+        fired_until = -math.inf if recovered is None else (tick_of_job_id(recovered) or -math.inf)
         try:
             schedule.tick = schedule.trigger.first(now_mono, self._wall(), fired_until)
         except Exception:

@@ -10,6 +10,10 @@ __all__ = [
 
 
 _STR_FAILED = "<exception str() failed>"  # what traceback prints for such an exception
+# Seconds between two log records of one condition that lasts (a Redis outage, a schedule's ticks
+# the queue refuses, a wall clock ahead of Redis's): the first at once, then at most one per this,
+# with the count since, so a schedule ticking every 10 ms into it floods no log.
+_LOG_EVERY = 30.0
 
 
 def _exception_text(exc: BaseException) -> str:

@@ -37,13 +37,20 @@ or the two characters ``\\u``: then each backslash is written ``\\\\`` and each 
 - ``tinymq_attempt_duration_seconds{type}`` (histogram): how long attempts ran, measured
   when each attempt's outcome is decided (a timed-out attempt at its deadline; over Redis,
   as its retry or failure is decided, not if stop() handed it back first), with the
-  fixed buckets ``ATTEMPT_DURATION_BUCKETS`` (1 ms to 300 s) and +Inf.
+  fixed buckets ``ATTEMPT_DURATION_BUCKETS`` (1 ms to 300 s) and +Inf;
+- ``tinymq_broker_up`` (gauge, queues with a broker only): 1 when the scrape read the shared
+  queue's figures from Redis, 0 when it could not.
 
-A queue whose stats cannot be read (``TinyMQError``: its Redis unreachable) is left out of
-that scrape, logged as a WARNING: an exception would fail the whole exposition, the other
-queues' samples and the registry's other collectors with it.
+A scrape waits for Redis ``_SCRAPE_WAIT`` in all, not redis-py's socket timeout (10 s) per
+queue: a queue whose shared figures are not read by then (a frozen server), or cannot be
+(``TinyMQError``: its Redis unreachable), has them left out of that scrape, its
+``tinymq_broker_up`` 0 and a WARNING logged, and its process's own figures (per type, and the
+durations) still in it: an exception would fail the whole exposition, the other queues'
+samples and the registry's other collectors with it, and a scrape held past Prometheus's
+scrape timeout is lost whole.
 """
 import logging
+import time
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 try:
@@ -60,6 +67,7 @@ from ._pick_core import core
 from .errors import TinyMQError
 from .job import _is_utf8
 from .queue import Queue
+from .stats import QueueStats
 
 __all__ = ["PrometheusCollector", "ATTEMPT_DURATION_BUCKETS"]
 
@@ -76,6 +84,9 @@ _QUEUE_EVENTS = (("jobs_enqueued", "enqueued"), ("jobs_succeeded", "succeeded"),
                  ("jobs_timed_out", "timed_out"), ("jobs_evicted", "evicted"),
                  ("jobs_cancelled", "cancelled"))
 _go_text: Callable[[float], str] = floatToGoString  # (prometheus_client leaves it untyped)
+# Seconds a scrape waits in all for the shared figures of its queues on a broker (each read gets half
+# a second at least): well within Prometheus's default scrape timeout (10 s).
+_SCRAPE_WAIT = 2.0
 _BUCKET_LABELS = [_go_text(bound) for bound in ATTEMPT_DURATION_BUCKETS] + ["+Inf"]
 
 
@@ -107,17 +118,23 @@ class PrometheusCollector(Collector):  # type: ignore[misc, unused-ignore]  # Co
         return iter(self._families())
 
     def collect(self) -> Iterator[Any]:
-        (jobs, events, sizes, delayed, waiting, active, limits, histogram) = families = self._families()
+        families = self._families()
+        (jobs, events, sizes, delayed, waiting, active, limits, histogram) = families[:8]
+        broker_up = families[8] if len(families) > 8 else None  # (there when a queue has a broker)
+        read_by = time.monotonic() + _SCRAPE_WAIT
         for name, queue in self._queues.items():
-            try:
-                stats = queue.get_stats()
-            except TinyMQError as exc:  # (its Redis unreachable) an exception would fail the whole scrape
-                logger.warning("tinymq metrics: %s is left out of this scrape: %s",
-                               "the queue" if name is None else f"queue {name!r}", exc)
-                continue
-            durations = queue._attempt_durations()
             at = [] if name is None else [_label(name)]  # the queue label's value, first of each sample's
-            for job_type, executor in sorted(stats.executor_stats.items()):
+            stats: Optional[QueueStats] = None
+            try:
+                stats = queue._stats_by(read_by)
+            except TinyMQError as exc:  # (its Redis unreachable or silent) an exception would fail the whole scrape
+                logger.warning("tinymq metrics: the shared figures of %s are left out of this scrape: %s",
+                               "the queue" if name is None else f"queue {name!r}", exc)
+            if broker_up is not None and queue.broker is not None:
+                broker_up.add_metric(at, 0 if stats is None else 1)
+            durations = queue._attempt_durations()
+            executors = queue._executor_stats() if stats is None else stats.executor_stats
+            for job_type, executor in sorted(executors.items()):
                 label = _label(job_type)
                 for outcome in _OUTCOMES:
                     jobs.add_metric(at + [label, outcome], getattr(executor, outcome))
@@ -125,6 +142,8 @@ class PrometheusCollector(Collector):  # type: ignore[misc, unused-ignore]  # Co
                 limits.add_metric(at + [label], executor.max_jobs)
                 counts, total_seconds = durations.get(job_type, ((0,) * len(_BUCKET_LABELS), 0.0))
                 histogram.add_metric(at + [label], _cumulative(counts), total_seconds)
+            if stats is None:
+                continue
             for field, event in _QUEUE_EVENTS:
                 events.add_metric(at + [event], getattr(stats, field))
             sizes.add_metric(at + ["high"], stats.high_queue_size)
@@ -136,7 +155,7 @@ class PrometheusCollector(Collector):  # type: ignore[misc, unused-ignore]  # Co
 
     def _families(self) -> List[Any]:
         by = [] if None in self._queues else ["queue"]
-        return [
+        families = [
             CounterMetricFamily("tinymq_jobs", "Jobs by type and outcome (attempts for "
                                 "retried and timed_out).", labels=by + ["type", "outcome"]),
             CounterMetricFamily("tinymq_queue_events", "Queue-wide lifetime event counters.",
@@ -152,6 +171,11 @@ class PrometheusCollector(Collector):  # type: ignore[misc, unused-ignore]  # Co
                                   "How long attempts ran until their outcome was decided.",
                                   labels=by + ["type"]),
         ]
+        if any(queue.broker is not None for queue in self._queues.values()):
+            families.append(GaugeMetricFamily(
+                "tinymq_broker_up", "1 when this scrape read the shared queue's figures from its broker, 0 "
+                "when it could not (they are left out of the scrape).", labels=by))
+        return families
 
 
 def _label(text: str) -> str:

@@ -211,7 +211,8 @@ class BrokerLink(AttemptLedger, Protocol):
     def enqueue(self, jobs: Sequence[Job], block: bool, timeout: Optional[float]) -> None:
         """All of ``jobs`` or none (QueueFull, DuplicateJob, QueueStopped, TinyMQError)."""
 
-    def stats(self) -> QueueStats: ...
+    def stats(self, deadline: Optional[float] = None) -> QueueStats:
+        """``deadline`` (monotonic): waited for the broker until then at most (TinyMQError after)."""
 
     def join(self, timeout: Optional[float]) -> bool: ...
 
@@ -398,18 +399,17 @@ class Queue:
             raise ValueError(f"workers must be <= {MAX_WORKERS} (worker threads of one queue; more would exhaust "
                              f"the system's threads), got {workers}")
         try:
-            self._dispatcher.start(workers)
+            self._dispatcher.start(workers)  # (NoThreadLeft; a RuntimeError of a second call goes out as is)
+            try:
+                if self._link is not None:
+                    self._link.start(workers)
+                self._periodic.start()
+            except RuntimeError as exc:  # the system has no thread to give
+                raise NoThreadLeft(f"could not start the threads of start_dispatcher(workers={workers}) "
+                                   f"({exc}); the queue is stopped") from exc
         except NoThreadLeft:
             self.stop(wait=False)  # (half started, it would accept jobs that some threads never serve)
             raise
-        if self._link is not None:
-            self._link.start(workers)
-        try:
-            self._periodic.start()
-        except RuntimeError as exc:  # no thread left for the schedules' timer: not half started
-            self.stop(wait=False)
-            raise NoThreadLeft(f"could not start the periodic jobs' timer thread of "
-                               f"start_dispatcher(workers={workers}) ({exc}); the queue is stopped") from exc
 
     # --- enqueueing ----------------------------------------------------------
 
@@ -804,8 +804,13 @@ class Queue:
 
     def get_stats(self) -> QueueStats:
         """Sizes, counters and executors; with a broker, the shared queue's sizes and counters."""
+        return self._stats_by(None)
+
+    def _stats_by(self, deadline: Optional[float]) -> QueueStats:
+        """get_stats(); with a broker, its read waits for Redis until ``deadline`` (monotonic) at most
+        (half a second at least; None: the socket timeout), then raises TinyMQError."""
         if self._link is not None:
-            return self._link.stats()
+            return self._link.stats(deadline)
         # One read of the core and the delayed heaps, so the counters and every place agree.
         dispatcher = self._dispatcher
         (high, medium, low), counters, types, waiting_for_room, delayed = self._ready.snapshot(
@@ -828,6 +833,10 @@ class Queue:
             jobs_cancelled=cancelled,
             waiting_for_room=waiting_for_room,
         )
+
+    def _executor_stats(self) -> Dict[str, ExecutorStats]:
+        """get_stats()'s ``executor_stats`` (this process's executors, also with a broker), read here only."""
+        return {job_type: ExecutorStats(*fields) for job_type, fields in self._ready.snapshot()[2].items()}
 
     def _attempt_durations(self) -> Dict[str, Tuple[Tuple[int, ...], float]]:
         """Per registered type: attempts per duration bucket (``ATTEMPT_DURATION_BUCKETS``, +inf) and their sum."""

@@ -57,7 +57,7 @@ from .._pick_core import core
 from .._sections import owned, refuse, section
 from .._shield import shield
 from ..config import RateLimit
-from ..errors import DuplicateJob, QueueFull, QueueStopped, TinyMQError, _buffer_full, _describe, counted
+from ..errors import _LOG_EVERY, DuplicateJob, QueueFull, QueueStopped, TinyMQError, _buffer_full, _describe, counted
 from ..stats import ExecutorStats, QueueStats
 from ._codec import decode_job, encode_job, sendable_text, undecodable_job, unsendable
 from ._scripts import IN_FLIGHT, Crashed, Scripts, SettleOp, readable_id, retries_of
@@ -80,7 +80,6 @@ _BACKOFF_MIN = 0.05  # seconds before the first retry after Redis failed
 _BACKOFF_MAX = 0.25  # (connecting to a server that is back costs little; waiting costs latency)
 _ROOM_POLL_MIN = 0.001  # enqueue(block=True) and join() look again after this, doubling
 _ROOM_POLL_MAX = 0.05
-_LOG_EVERY = 30.0  # seconds between two warnings about the same outage
 _MS = 1000.0
 _US = 1_000_000.0
 _DIGITS = 3  # delays are sent in ms to the microsecond
@@ -688,15 +687,17 @@ class QueueLink:
 
     # --- observing ---------------------------------------------------------------
 
-    def stats(self) -> QueueStats:
+    def stats(self, deadline: Optional[float] = None) -> QueueStats:
+        """get_stats(); ``deadline`` (monotonic): Redis's reply is waited for until then at most
+        (_CALL_FLOOR at least; None: the socket timeout), TinyMQError after that."""
         counters: Dict[str, int]  # (Scripts.stats's reply, through _call_resending)
         try:
             # One script: a delayed job due on the server's clock counts at its priority (or as
             # waiting for room, beyond buffer_size), not as delayed, before a script call promotes
             # it, and the figures are read at one instant. A read with no reply within the socket
-            # timeout (a frozen server) is not sent again.
+            # timeout (a frozen server), or by the deadline, is not sent again.
             (high, medium, low), delayed, counters, waiting = self.broker._call_resending(
-                self.scripts.stats, self.config.buffer_size, deadline=math.inf)
+                self.scripts.stats, self.config.buffer_size, deadline=_call_deadline(deadline))
         except self._redis_error as exc:
             raise TinyMQError(f"could not read the stats of Redis queue {self.broker.name!r} at "
                               f"{redacted_url(self.broker.url)}: {exc}") from exc
@@ -1613,8 +1614,8 @@ class QueueLink:
         for target, name in ((self._pump, "tinymq-redis-pump"), (self._timer, "tinymq-redis-timer"),
                              (self._heartbeat, "tinymq-redis-heartbeat")):
             thread = threading.Thread(target=self._keep_running, args=(target, name), name=name, daemon=True)
-            self._threads.append(thread)
-            thread.start()
+            thread.start()  # (RuntimeError when the system has no thread to give: the queue stops)
+            self._threads.append(thread)  # (stop() joins them: only those started)
 
     def _keep_running(self, loop: Any, name: str) -> None:
         """Run ``loop`` (the pump, the timer or the heartbeat) until stop(); after a crash

@@ -20,7 +20,10 @@ by its time in microseconds, of either kind: a schedule that changes kind under 
 name (a deploy, a rollback) finds no claim of the other kind "later" than its ticks.
 The server's clock arbitrates the hosts' wall clocks: a ``cron`` tick more than
 ``_CLOCK_SET_BACK`` ahead of it is not claimed (its process's clock is wrong; once
-corrected, its claim would have held every process's ticks back for as long).
+corrected, its claim would have held every process's ticks back for as long). That
+wrong clock is the process's, whichever schedule's tick shows it: logged as the
+ticks the queue refuses are, the first at once, then at most every ``_LOG_EVERY``
+with the count since, and at INFO once a cron tick is claimed again.
 An ``every`` tick's claim carries its grid: Redis that lost its data keeps it again, and a
 process whose grid is not the one Redis holds (of the same interval: Redis lost its data, and
 a process that began since set a new one) is told so ("regrid") and joins Redis's.
@@ -33,7 +36,7 @@ import weakref
 from typing import Any, Dict, Optional, Tuple
 
 from .._periodic import _CLOCK_SET_BACK, _Tick
-from ..errors import QueueStopped, _buffer_full
+from ..errors import _LOG_EVERY, QueueStopped, _buffer_full
 from ._codec import encode_job, unsendable
 from ._link import _call_deadline, _look_deadline, job_row
 
@@ -55,6 +58,12 @@ class BrokerTicks:
         self._claims = 0
         self._token_prefix = os.urandom(8).hex()
         self._redis_error = __import__("redis").RedisError
+        # Cron ticks not claimed as "ahead" of the server's clock: in a row (since one was claimed), and
+        # since the last log record of them, logged at monotonic time ``_ahead_logged``. Changed only
+        # in fire(), which Periodic._firing calls for one tick at a time.
+        self._ahead_in_row = 0
+        self._ahead_unlogged = 0
+        self._ahead_logged = -math.inf
 
     def begin(self, schedule: Any, first: _Tick, rejoin: bool) -> Optional[_Tick]:
         trigger = schedule.trigger
@@ -125,17 +134,37 @@ class BrokerTicks:
                 link._reply_lost(caller, token)
                 link._log_outage(f"claiming a tick of schedule {schedule.name!r} (skipped)", exc)
                 return "unreachable"
+            if outcome == "ahead":  # (not claimed: the other processes fire it, on their clocks)
+                self._log_ahead(schedule.name, job.id)
+            elif tick.index < 0 and self._ahead_in_row:
+                logger.info("schedule %r: its tick %s is claimed: this process's cron ticks are no longer ahead "
+                            "of the Redis server's clock, after %d that were not claimed (%d since the last log "
+                            "record)", schedule.name, job.id, self._ahead_in_row, self._ahead_unlogged)
+                self._ahead_in_row = self._ahead_unlogged = 0
             if outcome == "full":  # claimed and skipped: the next tick is claimed as usual
                 raise _buffer_full(link.config.buffer_size, job.id, job.type)
-            if outcome == "ahead":  # (not claimed: the other processes fire it, on their clocks)
-                logger.warning("schedule %r: its tick %s is more than %gs ahead of the Redis server's clock: "
-                               "this process's wall clock (or the server's) is wrong; its ticks are not claimed until "
-                               "the two agree", schedule.name, job.id, _CLOCK_SET_BACK)
             if outcome != "fire":
                 return outcome  # "busy", "taken", "regrid" or "ahead"
             schedule.last_job_id = job.id
             link._report_ended(evicted, caller)
         return "fired"
+
+    def _log_ahead(self, name: str, job_id: str) -> None:
+        """A cron tick was not claimed, as more than _CLOCK_SET_BACK ahead of the server's clock: the
+        first in a row logged at once, then at most once per _LOG_EVERY with the count since the last
+        record (a wrong clock lasts: each of the process's cron schedules meets it at every tick)."""
+        self._ahead_in_row += 1
+        self._ahead_unlogged += 1
+        now = time.monotonic()
+        if self._ahead_in_row > 1 and now - self._ahead_logged < _LOG_EVERY:
+            return
+        count, self._ahead_unlogged, self._ahead_logged = self._ahead_unlogged, 0, now
+        again = ("" if self._ahead_in_row == 1 else
+                 f" ({count} cron ticks not claimed since the last log record, this one included)")
+        logger.warning("schedule %r: its tick %s is more than %gs ahead of the Redis server's clock: this "
+                       "process's wall clock (or the server's) is wrong; its cron ticks are not claimed until the "
+                       "two agree%s; logged at most every %gs while it lasts", name, job_id, _CLOCK_SET_BACK,
+                       again, _LOG_EVERY)
 
 
 def _first_at_us(trigger: Any) -> Optional[int]:

@@ -806,11 +806,13 @@ class Scripts:
                 args.extend((_wire(job_type), value, 0, 0))  # (a type as a job reads it: see _wire)
         return int(self._call("limits", args, timeout, abandoned))
 
-    def stats(self, buffer_size: int = 0) -> Tuple[Tuple[int, int, int], int, Dict[str, int], int]:
+    def stats(self, buffer_size: int = 0, timeout: Optional[float] = None
+              ) -> Tuple[Tuple[int, int, int], int, Dict[str, int], int]:
         """``((high, medium, low), delayed, counters, waiting for room)`` read at one instant
         (stats.lua): a delayed job due on the server's clock counts at its priority while the
-        buffer (``buffer_size``; 0: the one fetch kept) has room for it, else as waiting for room."""
-        high, medium, low, delayed, flat, waiting = self._call("stats", [buffer_size])
+        buffer (``buffer_size``; 0: the one fetch kept) has room for it, else as waiting for room.
+        ``timeout``: as ``_call``'s."""
+        high, medium, low, delayed, flat, waiting = self._call("stats", [buffer_size], timeout)
         with self.read_as_numbers():
             counters = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
         return (int(high), int(medium), int(low)), int(delayed), counters, int(waiting)
