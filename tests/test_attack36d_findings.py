@@ -1,0 +1,116 @@
+"""attack36d: "a job whose enqueue (or enqueue_many) returned is never lost", attacked from outside on
+the SQLite store and over Redis (session 36).
+
+No defect was found. What held, tried by hand (scripts of the session's report): a disk that fills
+up under enqueue, enqueue_many and 4 producers' group commits (NORMAL and FULL), and under the
+workers' running marks and deletes, then freed; kill -9 during the first open, a take-over, close()
+and enqueue_many of 3,000-job batches; three processes opening a new file at once; read_only and
+``status --db`` racing an owner's writes and checkpoints, and its first open; retries and delayed
+jobs across a kill; a poison job whose on_failure callback kills its process; an interpreter exit
+with producers mid-enqueue; recovery of more jobs than the buffer and the delayed cap hold; odd and
+huge ids; explicit ids colliding from two processes over Redis (enqueue and enqueue_many); Redis
+killed under producers and worker processes with ``appendfsync everysec`` (test_redis_crash's (c)
+run so); a FLUSHALL, or a restart without the AOF, under busy and idle workers (each logs the
+ERROR docs/redis.md promises).
+
+The test here keeps the first of these: the file-size limit of its process (RLIMIT_FSIZE, what a
+full disk is to SQLite: every write past it fails) stands in for a full disk, which earlier tests
+only imitated by making one call raise.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tinymq
+from tinymq import SQLitePersistence
+
+ROOT = Path(tinymq.__file__).resolve().parent.parent
+TIMEOUT = 120  # seconds for the child; it takes a few
+
+resource = pytest.importorskip("resource")
+
+# The child fills its disk (a file-size limit of 300 kB) with 4 producer threads, two enqueueing
+# one job at a time and two enqueue_many of 20, each until its 5th refusal. Then, nothing at all
+# writable (a limit of 0), its workers run every job accepted: their running marks and deletes
+# fail. Then the limit is lifted: the store takes a (delayed) job again. It ends as kill -9 ends it.
+CHILD = r"""
+import json, os, resource, signal, sys, threading, time
+from tinymq import Job, PersistenceError, Queue, SQLitePersistence
+
+path, synchronous = sys.argv[1], sys.argv[2]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing us
+store = SQLitePersistence(path, synchronous=synchronous)
+q = Queue(1_000_000)
+ran, lock = [], threading.Lock()
+q.register_executor("t", lambda job: ran.append(job.id))
+q.set_persistence(store)
+resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, resource.RLIM_INFINITY))
+acknowledged, refused, unexpected = [], [], []
+
+def produce(name, many):
+    refusals = 0
+    for i in range(5000):
+        ids = [f"{name}-{i}-{k}" for k in range(20)] if many else [f"{name}-{i}"]
+        try:
+            if many:
+                q.enqueue_many([Job("t", "x" * 1000, id=job_id) for job_id in ids])
+            else:
+                q.enqueue(Job("t", "x" * 1000, id=ids[0]))
+        except PersistenceError:
+            refusals += 1
+            with lock:
+                refused.extend(ids)
+            if refusals == 5:
+                return
+        except BaseException as exc:
+            with lock:
+                unexpected.append(repr(exc))
+            return
+        else:
+            with lock:
+                acknowledged.extend(ids)
+
+producers = [threading.Thread(target=produce, args=(f"p{n}", n % 2 == 1)) for n in range(4)]
+for thread in producers:
+    thread.start()
+for thread in producers:
+    thread.join()
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+q.start_dispatcher(2)
+joined = q.join(timeout=60)
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+try:
+    q.enqueue(Job("t", "x", id="after", run_at=time.time() + 3600))  # (kept: no worker runs it)
+    after = "accepted"
+except BaseException as exc:
+    after = repr(exc)
+print(json.dumps({"acknowledged": acknowledged, "refused": refused, "unexpected": unexpected,
+                  "joined": joined, "ran": ran, "after": after}), flush=True)
+os._exit(9)
+"""
+
+
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+def test_a_full_disk_loses_no_acknowledged_job_and_the_store_works_again_once_it_has_room(tmp_path,
+                                                                                         synchronous):
+    path = tmp_path / "jobs.db"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    child = subprocess.run([sys.executable, "-c", CHILD, str(path), synchronous], env=env, capture_output=True,
+                           text=True, timeout=TIMEOUT)  # (pipes: the limit is on files only)
+    assert child.stdout, child.stderr[-3000:]
+    seen = json.loads(child.stdout)
+    acknowledged = set(seen["acknowledged"])
+    assert seen["unexpected"] == []  # a refused write raised PersistenceError to its caller, nothing else
+    assert len(seen["refused"]) >= 4 * 5 and len(acknowledged) >= 20  # the disk did fill, after a while
+    assert acknowledged.isdisjoint(seen["refused"])
+    assert seen["joined"] and sorted(seen["ran"]) == sorted(acknowledged)  # marks and deletes failing stop no job
+    assert seen["after"] == "accepted"  # space freed: the store takes jobs again
+    with SQLitePersistence(path) as store:  # after the kill: nothing deleted, so every job is there
+        stored = {job.id for job in store.load_all()}
+        assert store.quarantined() == []
+    assert acknowledged | {"after"} <= stored
+    assert stored == acknowledged | {"after"}  # and no job whose enqueue raised
