@@ -13,20 +13,37 @@ killed under producers and worker processes with ``appendfsync everysec`` (test_
 run so); a FLUSHALL, or a restart without the AOF, under busy and idle workers (each logs the
 ERROR docs/redis.md promises).
 
-The test here keeps the first of these: the file-size limit of its process (RLIMIT_FSIZE, what a
-full disk is to SQLite: every write past it fails) stands in for a full disk, which earlier tests
+The first test here keeps the first of these: the file-size limit of its process (RLIMIT_FSIZE, what
+a full disk is to SQLite: every write past it fails) stands in for a full disk, which earlier tests
 only imitated by making one call raise.
+
+Finding (fixed):
+
+1. A payload holding an int of more digits than ``sys.get_int_max_str_digits()`` (4300 by default,
+   Python 3.11 and the fixes of 3.7-3.10) was accepted by a process that had raised that limit
+   (``sys.set_int_max_str_digits(0)``, ``PYTHONINTMAXSTRDIGITS``, ``-X int_max_str_digits``), and
+   then never ran where the limit was the default: after a restart the SQLite store quarantined the
+   job ("corrupt: ValueError: Exceeds the limit (4300 digits) for integer string conversion"), and
+   over Redis the worker process that fetched it failed it for good as undecodable. A process that
+   keeps the default refuses such a payload at enqueue (its JSON cannot be written), so the job the
+   enqueue of another took was lost to every reader but one with the limit raised as well (the
+   ``status``/``requeue-dead`` commands, a worker started without the setting, a Python upgrade).
+   JSON text that the default decoder refuses for that alone is now decoded again with ints of any
+   length (JSONSerializer.loads, which the Redis codec falls back to).
 """
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 import tinymq
-from tinymq import SQLitePersistence
+from tinymq import Job, Queue, SQLitePersistence
+
+from _helpers import WAIT
 
 ROOT = Path(tinymq.__file__).resolve().parent.parent
 TIMEOUT = 120  # seconds for the child; it takes a few
@@ -114,3 +131,50 @@ def test_a_full_disk_loses_no_acknowledged_job_and_the_store_works_again_once_it
         assert store.quarantined() == []
     assert acknowledged | {"after"} <= stored
     assert stored == acknowledged | {"after"}  # and no job whose enqueue raised
+
+
+# --- 1. A payload's long int, written where the int digits limit was raised ------------------
+
+BIG = 7 * 10 ** 5000  # 5001 digits: past the default limit of int() on text (4300)
+needs_the_limit = pytest.mark.skipif(not hasattr(sys, "set_int_max_str_digits"), reason="a Python without the limit")
+
+
+class raised_int_digits_limit:
+    """The process's limit on int <-> text conversions lifted (as the writing process had it) for a ``with``."""
+
+    def __enter__(self):
+        self.before = sys.get_int_max_str_digits()
+        sys.set_int_max_str_digits(0)
+
+    def __exit__(self, *exc_info):
+        sys.set_int_max_str_digits(self.before)
+
+
+@needs_the_limit
+def test_a_long_int_a_process_with_the_limit_raised_stored_runs_after_a_restart(path):
+    with raised_int_digits_limit(), SQLitePersistence(path) as store:  # the process that enqueued it
+        store.save(Job("t", {"n": BIG, "tail": [1, -2]}, id="big"))
+    ran = []
+    with SQLitePersistence(path) as store:  # the next start, with the default limit
+        q = Queue(10)
+        q.register_executor("t", lambda job: ran.append(job.payload))
+        q.set_persistence(store)
+        q.start_dispatcher(1)
+        assert q.join(timeout=WAIT)
+        q.stop()
+        assert store.quarantined() == []
+    assert [payload == {"n": BIG, "tail": [1, -2]} for payload in ran] == [True]  # (no repr: its digits)
+
+
+@needs_the_limit
+def test_a_long_int_a_producer_with_the_limit_raised_sent_runs_in_a_worker_process_over_redis(redis_backend):
+    producer, worker = redis_backend.queue(), redis_backend.queue()
+    with raised_int_digits_limit():
+        producer.enqueue(Job("t", {"n": -BIG}, id="big"))
+    ran, failed, done = [], [], threading.Event()
+    worker.register_executor("t", lambda job: (ran.append(job.payload), done.set()))
+    worker.on_failure(lambda job, *details: (failed.append(details), done.set()))
+    worker.start_dispatcher(1)
+    assert done.wait(WAIT)
+    assert failed == []
+    assert [payload == {"n": -BIG} for payload in ran] == [True]
