@@ -82,6 +82,22 @@ def _decoded_on_a_new_thread(decode: Callable[[str], Any], text: str) -> Any:
     return value
 
 
+_DIGITS_PER_STEP = 500  # under the lowest limit sys.set_int_max_str_digits() takes (640)
+
+
+def _int_of_any_length(text: str) -> int:
+    """``int(text)`` for the text of a JSON int, however many digits it has: ``int()`` refuses more
+    than ``sys.get_int_max_str_digits()`` (4300 by default from Python 3.11, and in the fixes of
+    3.7-3.10), a limit the process that wrote the text may have raised. In steps under any limit."""
+    negative = text.startswith("-")
+    digits = text[1:] if negative else text
+    value = 0
+    for start in range(0, len(digits), _DIGITS_PER_STEP):
+        step = digits[start:start + _DIGITS_PER_STEP]
+        value = value * 10 ** len(step) + int(step)
+    return -value if negative else value
+
+
 def _one_shot_encoder() -> Optional[Callable[[object, int], Any]]:
     """json's C encoder with JSONSerializer's settings, built once, or None where there is none.
 
@@ -114,6 +130,7 @@ class JSONSerializer:
         ).encode
         self._fast = _one_shot_encoder()
         self._decode = json.JSONDecoder().decode
+        self._decode_long_ints = json.JSONDecoder(parse_int=_int_of_any_length).decode
 
     def dumps(self, obj: object) -> str:
         fast = self._fast
@@ -138,7 +155,7 @@ class JSONSerializer:
         deepest = sys.getrecursionlimit() - _FRAMES_MARGIN
         if len(text) >= 2 * deepest and text.count("[") + text.count("{") >= deepest:
             try:
-                _decoded_on_a_new_thread(self._decode, text)
+                _decoded_on_a_new_thread(self._decode_whole, text)  # (as loads decodes it there)
             except RecursionError:
                 raise ValueError(f"a value of type {type(obj).__name__} is nested too deeply for JSON to "
                                  f"decode it again (more than about {deepest} levels)") from None
@@ -149,7 +166,25 @@ class JSONSerializer:
         try:
             return self._decode(data)
         except RecursionError:  # a caller deep in its stack: anything dumps() made decodes on a new thread
-            return _decoded_on_a_new_thread(self._decode, data)
+            return _decoded_on_a_new_thread(self._decode_whole, data)
+        except json.JSONDecodeError:
+            raise
+        except ValueError:  # an int past the int digits limit (anything else raises again, as it did)
+            try:
+                return self._decode_long_ints(data)
+            except RecursionError:
+                return _decoded_on_a_new_thread(self._decode_long_ints, data)
+
+    def _decode_whole(self, text: str) -> object:
+        """The value of ``text``, with its ints of any length. A process with the int digits limit raised
+        (``sys.set_int_max_str_digits``) writes ints that ``int()`` refuses here: such a text is decoded
+        again, each int in steps (only such a text: a Python call per int would cost every decode)."""
+        try:
+            return self._decode(text)
+        except json.JSONDecodeError:
+            raise
+        except ValueError:
+            return self._decode_long_ints(text)
 
     def __repr__(self) -> str:
         return "JSONSerializer()"
