@@ -11,7 +11,9 @@ alternated with the code before a change). Measured over the jobs' run only (sta
 excluded): the producer with ``time.process_time``, each worker process from
 ``/proc/<pid>/stat``, redis-server with ``INFO cpu``; with ``INFO commandstats`` for the
 EVALSHA time, the commands run (those inside scripts included) and the round trips
-(``total_writes_processed``). The server is this repo's test server (tests/_redis_server.py:
+(``total_writes_processed``; both less this script's own calls: its CONFIG RESETSTAT, INFO
+cpu and looks at the outstanding count), with the script calls and the idle waits (BLPOP)
+among them. The server is this repo's test server (tests/_redis_server.py:
 ``appendonly yes``, ``appendfsync everysec``), jobs are no-ops of one type.
 Prints one JSON line.
 """
@@ -117,15 +119,20 @@ def measure(mode: str, jobs: int, threads: int) -> Dict[str, Any]:
             for first in range(0, jobs, BATCH):
                 producer.enqueue_many(batch[first:first + BATCH])
         producer_cpu, enqueued = time.process_time() - cpu_before, time.perf_counter() - started
+        own_calls = 3  # (the reply of CONFIG RESETSTAT, the INFO cpu before and after)
         if mode == "e2e":
             stats_key = f"tmq:{{{QUEUE_NAME}}}:stats"
-            while int(client.hget(stats_key, "outstanding") or 0) > 0:
+            while True:
+                own_calls += 1
+                if int(client.hget(stats_key, "outstanding") or 0) <= 0:
+                    break
                 time.sleep(DRAIN_POLL)
         wall = time.perf_counter() - started
         workers_after = [(_process_cpu(w.pid), _context_switches(w.pid)) for w in workers]
         server_cpu = _server_cpu(client) - server_before
         stats = client.info("stats")
-        evalsha = client.info("commandstats").get("cmdstat_evalsha", {})
+        commandstats = client.info("commandstats")
+        evalsha = commandstats.get("cmdstat_evalsha", {})
         per_job = {
             "producer": producer_cpu / jobs * _US,
             "redis": server_cpu / jobs * _US,
@@ -137,8 +144,9 @@ def measure(mode: str, jobs: int, threads: int) -> Dict[str, Any]:
             "cpu_us_per_job": {**per_job, "total": per_job["producer"] + per_job["redis"] + sum(per_job["workers"])},
             "evalsha_us_per_job": evalsha.get("usec", 0) / jobs,
             "evalsha_calls": evalsha.get("calls", 0),
-            "commands_per_job": stats["total_commands_processed"] / jobs,
-            "round_trips_per_job": stats["total_writes_processed"] / jobs,
+            "blpop_calls": commandstats.get("cmdstat_blpop", {}).get("calls", 0),
+            "commands_per_job": (stats["total_commands_processed"] - own_calls) / jobs,
+            "round_trips_per_job": (stats["total_writes_processed"] - own_calls) / jobs,
             "worker_context_switches_per_job": [(after[1] - before[1]) / jobs
                                                 for before, after in zip(workers_before, workers_after)],
         }

@@ -88,7 +88,7 @@ local stale, overruled = settle(proc, ARGV, 11 + nloop, nsettle, now)
 local crashed = {}
 reap(now, max_crash, crashed)
 hand_out_ended(crashed)
-flush_head()
+flush_head(true) -- (the take below goes first; the wake-up at the end chains what it leaves)
 promote_due()
 -- Rate windows that opened: let out as many of their parked jobs as now fit (the take
 -- below parks again whatever does not).
@@ -100,7 +100,7 @@ for _, t in ipairs(opened) do
   end
   if redis.call('HEXISTS', K_PARKEDN, t) == 1 then rate_wait(t) end
 end
-if #opened > 0 then flush_head() end
+if #opened > 0 then flush_head(true) end
 local taken, parked_budget = {}, PARK_PER_CALL
 local limits, running, took, fields = {}, {}, {}, {}
 local room, rate_taken, rate_closed = {}, {}, {} -- per rate-limited type: starts left, taken, parked

@@ -520,7 +520,10 @@ local function make_room()
   end
 end
 
-local function flush_head()
+-- quiet: no signal (fetch takes first, and signals if it left ready jobs behind: an idle
+-- process woken for the jobs the same call takes would find nothing, again and again while
+-- a busy process holds every slot of their type).
+local function flush_head(quiet)
   for p = 0, 2 do
     local ids = to_head[p]
     if #ids > 0 then
@@ -529,7 +532,7 @@ local function flush_head()
       table.sort(ids, function(a, b) return order[a] < order[b] end)
       for k = #ids, 1, -1 do redis.call('LPUSH', READY[p], ids[k]) end
       to_head[p] = {}
-      signal()
+      if not quiet then signal() end
     end
   end
   if given_back > 0 then make_room() end
