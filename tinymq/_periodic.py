@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tupl
 
 from ._sections import reinit_after_fork
 from .config import _positive_seconds
-from .errors import _LOG_EVERY, DuplicateJob, PersistenceError, QueueFull, QueueStopped
+from .errors import _LOG_EVERY, DuplicateJob, PersistenceError, QueueFull, QueueStopped, _LastingCondition
 from .job import Job, Priority, _as_priority, _as_run_at, _as_type
 
 __all__ = ["Periodic", "ScheduleStats", "SCHEDULE_TAG", "cron_next", "tick_job_id", "tick_of_job_id"]
@@ -236,11 +236,8 @@ class _Schedule:
         self.skipped = 0
         self.last_job_id: Optional[str] = None
         self.active = True  # cleared by unschedule, under Periodic._firing
-        # Ticks whose job the queue refused: in a row (since a tick fired), and since the last log
-        # record of them, logged at monotonic time ``refused_logged``. Changed only under Periodic._firing.
-        self.refused_in_row = 0
-        self.refused_unlogged = 0
-        self.refused_logged = -math.inf
+        # Ticks whose job the queue refused (in a row, since a tick fired). Changed only under Periodic._firing.
+        self.refused = _LastingCondition()
         self.entry = -1  # the sequence number of its live entry in Periodic._heap (-1: none)
 
     def new_job_at(self, tick_wall: float) -> Job:
@@ -691,13 +688,10 @@ class Periodic:
         """The queue refused the job of ``schedule``'s tick (skipped, and counted): logged as a Redis
         outage is, the first refusal in a row at once, then at most once per _LOG_EVERY with the count
         since the last record. Called with _firing held, in an except clause."""
-        schedule.refused_in_row += 1
-        schedule.refused_unlogged += 1
-        now = self._monotonic()
-        if schedule.refused_in_row > 1 and now - schedule.refused_logged < _LOG_EVERY:
+        count = schedule.refused.seen(self._monotonic(), _LOG_EVERY)
+        if count is None:
             return
-        count, schedule.refused_unlogged, schedule.refused_logged = schedule.refused_unlogged, 0, now
-        again = ("" if schedule.refused_in_row == 1 else
+        again = ("" if schedule.refused.in_row == 1 else
                  f" ({count} ticks skipped since the last log record, this one included)")
         if isinstance(exc, QueueFull):
             logger.warning("schedule %r skipped a tick: %s%s; logged at most every %gs while it lasts",
@@ -722,11 +716,11 @@ class Periodic:
             except Exception as exc:
                 outcome = "refused"
                 self._log_refused(schedule, exc)
-            if outcome in ("fired", "taken") and schedule.refused_in_row:  # (the queue takes its jobs again)
+            if outcome in ("fired", "taken") and schedule.refused.in_row:  # (the queue takes its jobs again)
                 logger.info("schedule %r enqueues its ticks' jobs again, after %d skipped ticks whose job the "
                             "queue refused (%d since the last log record)", schedule.name,
-                            schedule.refused_in_row, schedule.refused_unlogged)
-                schedule.refused_in_row = schedule.refused_unlogged = 0
+                            schedule.refused.in_row, schedule.refused.unlogged)
+                schedule.refused.reset()
             with self._lock:
                 if outcome == "regrid":  # (a broker holds another grid of the schedule: join it)
                     logger.warning("schedule %r: Redis holds another grid of its ticks (it lost its data, or "

@@ -1,4 +1,5 @@
 """tinymq's exceptions, defined once and raised by both cores and the façade."""
+import math
 import queue
 from datetime import timedelta
 from typing import Any, Optional, Tuple, Union
@@ -14,6 +15,33 @@ _STR_FAILED = "<exception str() failed>"  # what traceback prints for such an ex
 # the queue refuses, a wall clock ahead of Redis's): the first at once, then at most one per this,
 # with the count since, so a schedule ticking every 10 ms into it floods no log.
 _LOG_EVERY = 30.0
+
+
+class _LastingCondition:
+    """A condition that lasts (a schedule's ticks refused, a clock ahead of the server's), logged the
+    _LOG_EVERY way. Not thread-safe: its owner serialises it."""
+
+    __slots__ = ("in_row", "unlogged", "logged")
+
+    def __init__(self) -> None:
+        self.in_row = 0  # times in a row, since it last ended
+        self.unlogged = 0  # times since the last log record
+        self.logged = -math.inf  # monotonic time of the last log record
+
+    def seen(self, now: float, every: float) -> Optional[int]:
+        """One more time: the count a record written now gives (since the last one, this one
+        included), or None when none is due (the first in a row at once, then one per ``every``
+        seconds: the caller's _LOG_EVERY, which its records name)."""
+        self.in_row += 1
+        self.unlogged += 1
+        if self.in_row > 1 and now - self.logged < every:
+            return None
+        count, self.unlogged, self.logged = self.unlogged, 0, now
+        return count
+
+    def reset(self) -> None:
+        """It ended (the caller logs that, from ``in_row`` and ``unlogged``, first)."""
+        self.in_row = self.unlogged = 0
 
 
 def _exception_text(exc: BaseException) -> str:

@@ -36,7 +36,7 @@ import weakref
 from typing import Any, Dict, Optional, Tuple
 
 from .._periodic import _CLOCK_SET_BACK, _Tick
-from ..errors import _LOG_EVERY, QueueStopped, _buffer_full
+from ..errors import _LOG_EVERY, QueueStopped, _buffer_full, _LastingCondition
 from ._codec import encode_job, unsendable
 from ._link import _call_deadline, _look_deadline, job_row
 
@@ -58,12 +58,9 @@ class BrokerTicks:
         self._claims = 0
         self._token_prefix = os.urandom(8).hex()
         self._redis_error = __import__("redis").RedisError
-        # Cron ticks not claimed as "ahead" of the server's clock: in a row (since one was claimed), and
-        # since the last log record of them, logged at monotonic time ``_ahead_logged``. Changed only
-        # in fire(), which Periodic._firing calls for one tick at a time.
-        self._ahead_in_row = 0
-        self._ahead_unlogged = 0
-        self._ahead_logged = -math.inf
+        # Cron ticks not claimed as "ahead" of the server's clock (in a row, since one was claimed).
+        # Changed only in fire(), which Periodic._firing calls for one tick at a time.
+        self._ahead = _LastingCondition()
 
     def begin(self, schedule: Any, first: _Tick, rejoin: bool) -> Optional[_Tick]:
         trigger = schedule.trigger
@@ -136,11 +133,11 @@ class BrokerTicks:
                 return "unreachable"
             if outcome == "ahead":  # (not claimed: the other processes fire it, on their clocks)
                 self._log_ahead(schedule.name, job.id)
-            elif tick.index < 0 and self._ahead_in_row:
+            elif tick.index < 0 and self._ahead.in_row:
                 logger.info("schedule %r: its tick %s is claimed: this process's cron ticks are no longer ahead "
                             "of the Redis server's clock, after %d that were not claimed (%d since the last log "
-                            "record)", schedule.name, job.id, self._ahead_in_row, self._ahead_unlogged)
-                self._ahead_in_row = self._ahead_unlogged = 0
+                            "record)", schedule.name, job.id, self._ahead.in_row, self._ahead.unlogged)
+                self._ahead.reset()
             if outcome == "full":  # claimed and skipped: the next tick is claimed as usual
                 raise _buffer_full(link.config.buffer_size, job.id, job.type)
             if outcome != "fire":
@@ -153,13 +150,10 @@ class BrokerTicks:
         """A cron tick was not claimed, as more than _CLOCK_SET_BACK ahead of the server's clock: the
         first in a row logged at once, then at most once per _LOG_EVERY with the count since the last
         record (a wrong clock lasts: each of the process's cron schedules meets it at every tick)."""
-        self._ahead_in_row += 1
-        self._ahead_unlogged += 1
-        now = time.monotonic()
-        if self._ahead_in_row > 1 and now - self._ahead_logged < _LOG_EVERY:
+        count = self._ahead.seen(time.monotonic(), _LOG_EVERY)
+        if count is None:
             return
-        count, self._ahead_unlogged, self._ahead_logged = self._ahead_unlogged, 0, now
-        again = ("" if self._ahead_in_row == 1 else
+        again = ("" if self._ahead.in_row == 1 else
                  f" ({count} cron ticks not claimed since the last log record, this one included)")
         logger.warning("schedule %r: its tick %s is more than %gs ahead of the Redis server's clock: this "
                        "process's wall clock (or the server's) is wrong; its cron ticks are not claimed until the "
